@@ -1,0 +1,222 @@
+"""The Qwen2 decoder as Flax modules, with attention served either densely or from KV pages.
+
+Owns the numerics of one forward pass: embeddings, RMSNorm, fused QKV projection with bias,
+RoPE, grouped-query attention, fused gate/up SwiGLU MLP, final norm, tied or untied LM head.
+It never decides which request runs, never allocates pages: the caller hands it the slot
+mapping and page tables (``PagedAttention``) and gets the updated KV pages back.
+
+Weights are stored fused (one ``qkv_proj`` and one ``gate_up_proj`` matrix per layer) because
+each fused matrix is one kernel launch in the decode step instead of three or two; the
+Hugging Face names are restored only at the checkpoint boundary (``weights.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxserve.config import ModelConfig
+
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+"""Per layer ``(k_pages, v_pages)``, each ``[kv_heads, num_pages, page_size, head_dim]``."""
+
+
+@flax.struct.dataclass
+class PagedAttention:
+    """Where this step's tokens live in the KV pages and what they may attend to.
+
+    Shapes (``B`` rows of ``S`` query tokens, ``S == 1`` for decode):
+      slot_mapping ``[B, S]`` physical slot of each new token (negative: padding, not written);
+      block_tables ``[B, max_pages]`` pages of each row; lengths ``[B]`` tokens of each row
+      after this step (0: padding row); q_start ``[B]`` position of each row's first query token.
+    """
+
+    slot_mapping: jax.Array
+    block_tables: jax.Array
+    lengths: jax.Array
+    q_start: jax.Array
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin ``[..., head_dim]`` in float32, in the half-split layout of Hugging Face's Qwen2."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [B, S, heads, D]`` by cos/sin ``[B, S, D]``; computed in float32."""
+    half = x.shape[-1] // 2
+    xf = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Reference attention over the step's own tokens: ``q [B,S,H,D]``, ``k/v [B,S,KVH,D]``.
+
+    Token ``i`` sees tokens ``j <= i`` with ``j < lengths[b]`` (right padding).
+    """
+    b, s, h, d = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(b, s, kvh, h // kvh, d).astype(jnp.float32)
+    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k.astype(jnp.float32)) * (d ** -0.5)
+    idx = jnp.arange(s)
+    mask = (idx[None, :] <= idx[:, None])[None] & (idx[None, None, :] < lengths[:, None, None])
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(jnp.isnan(probs), 0.0, probs)  # fully masked padding rows
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(jnp.float32))
+    return out.reshape(b, s, h, d).astype(q.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        # HF casts back to the activation dtype before the weight multiply; match it for parity.
+        return scale * xf.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, cos, sin, lengths, kv, paged: PagedAttention | None):
+        cfg = self.config
+        h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        b, s, _ = x.shape
+        qkv = nn.Dense((h + 2 * kvh) * d, use_bias=True, dtype=self.dtype, param_dtype=self.dtype,
+                       name="qkv_proj")(x)
+        q = qkv[..., : h * d].reshape(b, s, h, d)
+        k = qkv[..., h * d: (h + kvh) * d].reshape(b, s, kvh, d)
+        v = qkv[..., (h + kvh) * d:].reshape(b, s, kvh, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if paged is None:
+            out = dense_causal_attention(q, k, v, lengths)
+        else:
+            # Imported here so that dense use (training, parity checks) never loads Pallas.
+            from kernels.cache_scatter import cache_scatter
+            from kernels.paged_attention import paged_attention
+            from kernels.prefill_attention import paged_prefill_attention
+
+            k_pages, v_pages = cache_scatter(kv[0], kv[1], k.reshape(b * s, kvh, d).astype(kv[0].dtype),
+                                             v.reshape(b * s, kvh, d).astype(kv[1].dtype),
+                                             paged.slot_mapping.reshape(b * s))
+            kv = (k_pages, v_pages)
+            if s == 1:
+                out = paged_attention(q[:, 0], k_pages, v_pages, paged.block_tables, paged.lengths)[:, None]
+            else:
+                out = paged_prefill_attention(q, k_pages, v_pages, paged.block_tables, paged.q_start,
+                                              paged.lengths)
+        out = nn.Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
+                       name="o_proj")(out.reshape(b, s, h * d).astype(self.dtype))
+        return out, kv
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        inter = self.config.intermediate_size
+        gate_up = nn.Dense(2 * inter, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
+                           name="gate_up_proj")(x)
+        act = nn.silu(gate_up[..., :inter]) * gate_up[..., inter:]
+        return nn.Dense(self.config.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
+                        name="down_proj")(act)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, cos, sin, lengths, kv, paged):
+        eps = self.config.rms_norm_eps
+        attn_out, kv = Attention(self.config, self.dtype, name="self_attn")(
+            RMSNorm(eps, self.dtype, name="input_layernorm")(x), cos, sin, lengths, kv, paged)
+        x = x + attn_out
+        x = x + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x))
+        return x, kv
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """Qwen2 causal LM. ``dtype`` is both the parameter and the activation dtype.
+
+    Dense use (training, reference, tests)::
+
+        model = Qwen2ForCausalLM(cfg)
+        params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+        logits, _ = model.apply({"params": params}, tokens)        # [B, S, vocab]
+
+    Paged use (the engine): pass ``positions``, the ``kv`` pages of every layer and a
+    ``PagedAttention``; the new K/V are scattered into the pages, which come back updated.
+    ``logits_at [B]`` projects only one position per row (the last prompt token in prefill).
+    """
+
+    config: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
+                 lengths: jax.Array | None = None, kv: KVCache | None = None,
+                 paged: PagedAttention | None = None,
+                 logits_at: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        cfg = self.config
+        b, s = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        if lengths is None:
+            lengths = jnp.full((b,), s, jnp.int32)
+        if (kv is None) != (paged is None):
+            raise ValueError("kv and paged must be given together")
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
+                         embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
+        x = embed(tokens)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        new_kv = []
+        for i in range(cfg.num_hidden_layers):
+            x, layer_kv = DecoderLayer(cfg, self.dtype, name=f"layers_{i}")(
+                x, cos, sin, lengths, None if kv is None else kv[i], paged)
+            new_kv.append(layer_kv)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
+        x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
+                              name="lm_head")(x)
+        return logits.astype(jnp.float32), (None if kv is None else tuple(new_kv))
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> dict:
+    """Random parameters with the model's tree structure (for tests and training from scratch)."""
+    return Qwen2ForCausalLM(config, dtype).init(key, jnp.zeros((1, 2), jnp.int32))["params"]
+
+
+def new_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: Any) -> KVCache:
+    """Zeroed KV pages for every layer."""
+    shape = (config.num_key_value_heads, num_pages, page_size, config.head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_hidden_layers))
+
+
+def param_count(params: Any) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+__all__ = ("Qwen2ForCausalLM", "PagedAttention", "KVCache", "init_params", "new_kv_cache",
+                          "dense_causal_attention", "rope_tables", "apply_rope", "param_count")

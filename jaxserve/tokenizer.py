@@ -1,0 +1,65 @@
+"""Text <-> token ids, through the checkpoint's own tokenizer files.
+
+Owns loading ``tokenizer.json``/``tokenizer_config.json`` (chat template included) with
+``transformers`` and incremental detokenization for streaming. It never samples or schedules.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The fast tokenizer of a checkpoint folder (no network: ``local_files_only``)."""
+    return AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+
+
+def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]],
+                        add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a chat, rendered with the checkpoint's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; use a completion prompt instead")
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without splitting a UTF-8 character.
+
+    Byte-level BPE can put half of a multi-byte character in one token; such a tail decodes to
+    U+FFFD and is held back until the next token completes it.
+
+    Example:
+        >>> detok = IncrementalDetokenizer(tokenizer)              # doctest: +SKIP
+        >>> "".join(detok.push(t) for t in ids) + detok.flush()    # doctest: +SKIP
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        # Decode only a short window (vLLM's prefix/read offsets) so streaming stays O(tokens).
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the new, complete text since the last call."""
+        self.ids.append(int(token_id))
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset:])
+        if new_text.endswith("\ufffd") or len(new_text) <= len(prefix_text):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return new_text[len(prefix_text):]
+
+    def flush(self) -> str:
+        """Whatever is still held back (a truly invalid byte sequence comes out as U+FFFD)."""
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return new_text[len(prefix_text):]

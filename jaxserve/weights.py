@@ -1,0 +1,233 @@
+"""Hugging Face Qwen2 checkpoints <-> the Flax params pytree of ``jaxserve.model``.
+
+Owns the name and layout mapping (HF ``[out, in]`` matrices become Flax ``[in, out]``
+kernels; q/k/v and gate/up are fused), checkpoint validation and the converted on-disk
+format. It never runs the model.
+
+Tensors are read one at a time from memory-mapped safetensors shards and placed on the
+device in the target dtype straight away, so the host never holds a second full copy of
+the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.flax
+
+from jaxserve.config import ModelConfig
+
+CONVERTED_FILE = "jaxserve_params.safetensors"
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    """``"bfloat16"``/``jnp.bfloat16``/``None`` (float32) -> a jnp dtype; anything else is refused."""
+    if dtype is None:
+        return jnp.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        return _DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+def _shard_files(path: str) -> list[str]:
+    index_file = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index_file):
+        with open(index_file) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not os.path.exists(os.path.join(path, name)):
+                raise FileNotFoundError(f"checkpoint shard {name} listed in model.safetensors.index.json is missing from {path}")
+        return [os.path.join(path, name) for name in files]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def _expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
+              "model.norm.weight": (cfg.hidden_size,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (cfg.hidden_size,),
+            p + "post_attention_layernorm.weight": (cfg.hidden_size,),
+            p + "self_attn.q_proj.weight": (h * d, cfg.hidden_size),
+            p + "self_attn.q_proj.bias": (h * d,),
+            p + "self_attn.k_proj.weight": (kvh * d, cfg.hidden_size),
+            p + "self_attn.k_proj.bias": (kvh * d,),
+            p + "self_attn.v_proj.weight": (kvh * d, cfg.hidden_size),
+            p + "self_attn.v_proj.bias": (kvh * d,),
+            p + "self_attn.o_proj.weight": (cfg.hidden_size, h * d),
+            p + "mlp.gate_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
+            p + "mlp.up_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
+            p + "mlp.down_proj.weight": (cfg.hidden_size, cfg.intermediate_size),
+        })
+    return shapes
+
+
+def load_hf_params(path: str | os.PathLike, config: ModelConfig | None = None, dtype: Any = None) -> dict:
+    """Read a Hugging Face Qwen2 safetensors checkpoint folder into Flax params.
+
+    Example:
+        >>> params = load_hf_params("/models/Qwen2.5-0.5B", dtype="bfloat16")  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    cfg = config or ModelConfig.from_pretrained(path)
+    dtype = resolve_dtype(dtype)
+    expected = _expected_hf_shapes(cfg)
+    files = _shard_files(path)
+    handles = [safetensors.safe_open(f, framework="flax") for f in files]
+    location: dict[str, Any] = {}
+    for handle in handles:
+        for name in handle.keys():
+            location[name] = handle
+    # Tied checkpoints sometimes still carry lm_head.weight; it duplicates the embedding and is ignored.
+    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    unexpected = sorted(n for n in location if n not in expected and n not in ignorable
+                        and not n.endswith("rotary_emb.inv_freq"))
+    if unexpected:
+        raise ValueError(f"unexpected tensor(s) in checkpoint {path}: {', '.join(unexpected[:5])}")
+    missing = sorted(n for n in expected if n not in location)
+    if missing:
+        raise ValueError(f"missing tensor(s) in checkpoint {path}: {', '.join(missing[:5])}")
+
+    def get(name: str) -> jax.Array:
+        t = location[name].get_tensor(name)
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, expected {expected[name]}")
+        return t.astype(dtype)
+
+    params: dict[str, Any] = {"embed_tokens": {"embedding": get("model.embed_tokens.weight")},
+                              "norm": {"scale": get("model.norm.weight")}}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": get("lm_head.weight").T}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        attn = p + "self_attn."
+        params[f"layers_{i}"] = {
+            "input_layernorm": {"scale": get(p + "input_layernorm.weight")},
+            "post_attention_layernorm": {"scale": get(p + "post_attention_layernorm.weight")},
+            "self_attn": {
+                "qkv_proj": {
+                    "kernel": jnp.concatenate([get(attn + f"{n}_proj.weight") for n in "qkv"], axis=0).T,
+                    "bias": jnp.concatenate([get(attn + f"{n}_proj.bias") for n in "qkv"], axis=0),
+                },
+                "o_proj": {"kernel": get(attn + "o_proj.weight").T},
+            },
+            "mlp": {
+                "gate_up_proj": {"kernel": jnp.concatenate(
+                    [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], axis=0).T},
+                "down_proj": {"kernel": get(p + "mlp.down_proj.weight").T},
+            },
+        }
+    return params
+
+
+def to_hf_tensors(params: dict, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(hf_name, array)`` pairs: the inverse of ``load_hf_params`` (fused weights split)."""
+    h, kvh, d, inter = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size
+    yield "model.embed_tokens.weight", params["embed_tokens"]["embedding"]
+    yield "model.norm.weight", params["norm"]["scale"]
+    if not config.tie_word_embeddings:
+        yield "lm_head.weight", params["lm_head"]["kernel"].T
+    for i in range(config.num_hidden_layers):
+        layer, p = params[f"layers_{i}"], f"model.layers.{i}."
+        qkv = layer["self_attn"]["qkv_proj"]
+        splits = (0, h * d, (h + kvh) * d, (h + 2 * kvh) * d)
+        for j, n in enumerate("qkv"):
+            yield p + f"self_attn.{n}_proj.weight", qkv["kernel"][:, splits[j]:splits[j + 1]].T
+            yield p + f"self_attn.{n}_proj.bias", qkv["bias"][splits[j]:splits[j + 1]]
+        yield p + "self_attn.o_proj.weight", layer["self_attn"]["o_proj"]["kernel"].T
+        gate_up = layer["mlp"]["gate_up_proj"]["kernel"]
+        yield p + "mlp.gate_proj.weight", gate_up[:, :inter].T
+        yield p + "mlp.up_proj.weight", gate_up[:, inter:].T
+        yield p + "mlp.down_proj.weight", layer["mlp"]["down_proj"]["kernel"].T
+        yield p + "input_layernorm.weight", layer["input_layernorm"]["scale"]
+        yield p + "post_attention_layernorm.weight", layer["post_attention_layernorm"]["scale"]
+
+
+def save_hf_checkpoint(params: dict, config: ModelConfig, path: str | os.PathLike) -> None:
+    """Write ``config.json`` and ``model.safetensors`` that ``transformers`` can load (tokenizer not included)."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    tensors = {name: jnp.asarray(t) for name, t in to_hf_tensors(params, config)}
+    dtype_name = str(next(iter(tensors.values())).dtype)
+    safetensors.flax.save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    hf = config.to_hf_dict()
+    hf["torch_dtype"] = dtype_name
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, jax.Array]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def _unflatten(flat: dict[str, jax.Array]) -> dict:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def save_converted(params: dict, config: ModelConfig, path: str | os.PathLike,
+                   extra_files_from: str | os.PathLike | None = None) -> None:
+    """Save converted Flax params (one safetensors file in our own layout) with ``config.json``.
+
+    Tokenizer files are copied from ``extra_files_from`` (the source checkpoint) so the folder
+    loads with ``jaxserve.load`` on its own.
+    """
+    import shutil
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    safetensors.flax.save_file(_flatten(params), os.path.join(path, CONVERTED_FILE))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config.to_hf_dict(), f, indent=2)
+    if extra_files_from is not None:
+        for name in os.listdir(extra_files_from):
+            if name.startswith(("tokenizer", "generation_config", "special_tokens", "vocab", "merges",
+                                "added_tokens", "chat_template")):
+                shutil.copy(os.path.join(extra_files_from, name), os.path.join(path, name))
+
+
+def load_converted(path: str | os.PathLike, dtype: Any = None) -> dict:
+    """Load params written by ``save_converted``; ``dtype`` casts on load (None keeps the saved dtype)."""
+    flat = safetensors.flax.load_file(os.path.join(os.fspath(path), CONVERTED_FILE))
+    if dtype is not None:
+        target = resolve_dtype(dtype)
+        flat = {k: v.astype(target) for k, v in flat.items()}
+    return _unflatten(flat)
+
+
+def load_params(path: str | os.PathLike, config: ModelConfig | None = None, dtype: Any = None) -> dict:
+    """Params from either a converted folder or a Hugging Face checkpoint folder."""
+    if os.path.exists(os.path.join(os.fspath(path), CONVERTED_FILE)):
+        return load_converted(path, dtype)
+    return load_hf_params(path, config, dtype)
+

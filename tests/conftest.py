@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random Qwen2 checkpoints made with transformers, saved with save_pretrained."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import pytest
+
+# Tests compare against float32 references; keep XLA on exact float32 matmuls on every backend.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def make_hf_checkpoint(path: str, *, vocab_size: int = 320, hidden_size: int = 64, intermediate_size: int = 128,
+                       num_hidden_layers: int = 2, num_attention_heads: int = 4, num_key_value_heads: int = 2,
+                       head_dim: int | None = None, rope_theta: float = 10000.0, tie_word_embeddings: bool = False,
+                       max_shard_size: str | None = None, seed: int = 0, with_tokenizer: bool = True,
+                       max_position_embeddings: int = 512):
+    """Save a random ``Qwen2ForCausalLM`` (and a small byte-level tokenizer) to ``path``; return the torch model."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                  num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                  num_key_value_heads=num_key_value_heads, rope_theta=rope_theta,
+                  tie_word_embeddings=tie_word_embeddings, max_position_embeddings=max_position_embeddings,
+                  bos_token_id=1, eos_token_id=2)
+    if head_dim is not None:
+        kwargs["head_dim"] = head_dim
+    config = Qwen2Config(**kwargs)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # random biases too (HF initialises them to zero), so the bias path is tested
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, safe_serialization=True, **save_kwargs)
+    if with_tokenizer:
+        save_test_tokenizer(path, vocab_size)
+    return model
+
+
+def save_test_tokenizer(path: str, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer trained on a few sentences, with a Qwen-style chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b):\n    return a + b\n",
+            "Hello world! Ünïcödé ☃ text — 日本語."]
+    tok.train_from_iterator(text, trainer)
+    chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   chat_template=chat_template)
+    fast.save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A small untied GQA checkpoint shared by the engine and server tests: (path, torch model)."""
+    path = str(tmp_path_factory.mktemp("tiny"))
+    model = make_hf_checkpoint(path, vocab_size=320, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, hidden_size=64)
+    return path, model
+
+
+def files(path: str) -> list[str]:
+    return sorted(os.listdir(path))

@@ -1,0 +1,151 @@
+"""The Flax Qwen2 matches Hugging Face transformers (PyTorch) on the same checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jaxserve
+from jaxserve.config import ModelConfig
+from jaxserve.model import Qwen2ForCausalLM
+from jaxserve.weights import load_converted, load_hf_params, save_converted
+from tests.conftest import make_hf_checkpoint
+
+CASES = [
+    # name, checkpoint kwargs
+    ("untied_gqa2_hd16", dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=64)),
+    ("tied_gqa1_hd32", dict(num_attention_heads=2, num_key_value_heads=2, hidden_size=64, head_dim=32,
+                            tie_word_embeddings=True, rope_theta=1e6)),
+    ("untied_gqa7_hd32_sharded", dict(num_attention_heads=7, num_key_value_heads=1, hidden_size=96, head_dim=32,
+                                      rope_theta=5e5, max_shard_size="100KB")),
+    ("tied_gqa2_hd64", dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=128, head_dim=64,
+                            tie_word_embeddings=True, rope_theta=1e4, num_hidden_layers=3)),
+]
+
+
+def dense_greedy(model: Qwen2ForCausalLM, params, prompt: list[int], steps: int) -> list[int]:
+    """Greedy decoding by recomputing the whole sequence (the dense reference path)."""
+    apply = jax.jit(lambda p, t: model.apply({"params": p}, t)[0][0, -1])
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(jnp.argmax(apply(params, jnp.asarray([ids], jnp.int32)))))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=[c[0] for c in CASES])
+def test_logits_and_greedy_match_transformers(tmp_path, name, kwargs):
+    path = str(tmp_path / name)
+    hf = make_hf_checkpoint(path, seed=hash(name) % 1000, **kwargs)
+    if kwargs.get("max_shard_size"):
+        assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    m = jaxserve.load(path)
+    model = Qwen2ForCausalLM(m.config)
+
+    rng = np.random.default_rng()
+    tokens = rng.integers(0, m.config.vocab_size, size=(3, 17))
+    ours, _ = model.apply({"params": m.params}, jnp.asarray(tokens, jnp.int32))
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
+
+    prompt = rng.integers(3, m.config.vocab_size, size=7).tolist()
+    with torch.no_grad():
+        hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert dense_greedy(model, m.params, prompt, 32) == hf_out
+
+
+def test_bfloat16_load_is_close(tmp_path):
+    path = str(tmp_path / "ck")
+    hf = make_hf_checkpoint(path)
+    params = load_hf_params(path, dtype="bfloat16")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(params))
+    cfg = ModelConfig.from_pretrained(path)
+    tokens = np.random.default_rng().integers(0, cfg.vocab_size, size=(2, 9))
+    ours, _ = Qwen2ForCausalLM(cfg, jnp.bfloat16).apply({"params": params}, jnp.asarray(tokens, jnp.int32))
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    assert np.max(np.abs(np.asarray(ours) - ref)) < 0.1 * np.max(np.abs(ref)) + 0.05
+
+
+def test_converted_params_round_trip(tmp_path):
+    src, dst = str(tmp_path / "hf"), str(tmp_path / "converted")
+    make_hf_checkpoint(src)
+    m = jaxserve.load(src)
+    save_converted(m.params, m.config, dst, extra_files_from=src)
+    again = load_converted(dst)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, m.params, again)
+    loaded = jaxserve.load(dst)
+    assert loaded.config == m.config
+    assert loaded.tokenizer.encode("hello world") == m.tokenizer.encode("hello world")
+
+
+def test_missing_shard_is_named(tmp_path):
+    path = str(tmp_path / "ck")
+    make_hf_checkpoint(path, max_shard_size="100KB")
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        shard = sorted(set(json.load(f)["weight_map"].values()))[-1]
+    os.remove(os.path.join(path, shard))
+    with pytest.raises(FileNotFoundError, match=shard):
+        load_hf_params(path)
+
+
+def test_wrong_shape_is_named(tmp_path):
+    path = str(tmp_path / "ck")
+    make_hf_checkpoint(path)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["intermediate_size"] = 96
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight has shape"):
+        load_hf_params(path)
+
+
+def test_missing_and_unexpected_tensors_are_named(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    path = str(tmp_path / "ck")
+    make_hf_checkpoint(path)
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    tensors["model.layers.0.extra.weight"] = np.zeros(3, np.float32)
+    save_file(tensors, file)
+    with pytest.raises(ValueError, match=r"unexpected tensor\(s\).*model\.layers\.0\.extra\.weight"):
+        load_hf_params(path)
+    del tensors["model.layers.0.extra.weight"], tensors["model.norm.weight"]
+    save_file(tensors, file)
+    with pytest.raises(ValueError, match=r"missing tensor\(s\).*model\.norm\.weight"):
+        load_hf_params(path)
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unsupported architecture.*llama"):
+        ModelConfig.from_hf_dict({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 8,
+                                  "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+                                  "num_attention_heads": 1})
+
+
+def test_config_reads_hf_fields(tmp_path):
+    path = str(tmp_path / "ck")
+    make_hf_checkpoint(path, num_attention_heads=7, num_key_value_heads=1, hidden_size=96, head_dim=32,
+                       rope_theta=123456.0, tie_word_embeddings=True)
+    cfg = ModelConfig.from_pretrained(path)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.q_per_kv) == (7, 1, 32, 7)
+    assert cfg.rope_theta == 123456.0 and cfg.tie_word_embeddings and cfg.eos_token_ids == (2,)
+
+
+def test_chat_template_comes_from_the_checkpoint(tmp_path):
+    from jaxserve.tokenizer import apply_chat_template
+
+    path = str(tmp_path / "ck")
+    make_hf_checkpoint(path)
+    tok = jaxserve.load(path).tokenizer
+    ids = apply_chat_template(tok, [{"role": "user", "content": "hi"}])
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
