@@ -1,0 +1,458 @@
+"""Token selection: per-request sampling parameters and the batched, jit-friendly sampler.
+
+This module owns how one next token per row is chosen from a `[B, V]` logits array:
+`SamplingParams` (one request's knobs, validated once), `SamplingBatch` (the same knobs as
+per-row device arrays), `sample` (penalties -> temperature -> top-k -> top-p -> min-p ->
+draw), the token-history arrays the penalties read (`seen_from_prompts`, `update_counts`)
+and log-probabilities of the chosen tokens.
+
+It never decides when a request stops (stop strings, EOS, `max_tokens` are the scheduler's
+business; only `min_tokens`, which changes which token may be drawn, is enforced here),
+never detokenizes and never touches the model or the KV pool.
+
+Randomness: row b's key at a step is derived from (seed_b, step_b) alone, so a seeded
+request yields the same tokens whatever else shares the batch and wherever it sits in it.
+Draws use the Gumbel-max trick (argmax of logits plus Gumbel noise), which samples exactly
+from softmax(logits) without normalising or a cumulative sum over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# vLLM treats temperatures below this as greedy: dividing by them overflows float32 logits.
+_GREEDY_TEMPERATURE = 1e-5
+MAX_LOGPROBS = 20
+# Rows with min_tokens > 0 carry their stop ids (stop_token_ids plus EOS) in a fixed-width
+# array, so the batch's shapes, and hence the compiled step, do not depend on the requests.
+MAX_BANNED_IDS = 16
+# Top-k/top-p first look at this many best tokens per row (one partial sort) and fall back
+# to a full sort only when some row's answer is not decided inside them; both paths are exact.
+DEFAULT_TOP_CANDIDATES = 1024
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """vLLM-like per-request sampling parameters, validated at construction.
+
+    Every bad value raises ValueError naming the field and its allowed range. `stop` accepts
+    a string or a list of strings and `stop_token_ids` a list; both are stored as tuples.
+    Unseeded requests get a fresh random seed in `make_batch`, so they differ from each other.
+
+    Example:
+        >>> p = SamplingParams(temperature=0.7, top_p=0.9, stop="\\n", seed=0)
+        >>> p.stop, p.greedy
+        (('\\n',), False)
+        >>> SamplingParams.from_dict(p.to_dict()) == p
+        True
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        def set_(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        def check_int(name: str, ok: bool, allowed: str) -> None:
+            value = getattr(self, name)
+            if not _is_int(value) or not ok:
+                raise ValueError(f"{name} must be {allowed}, got {value!r}")
+            set_(name, int(value))
+
+        def check_real(name: str, lo: float, hi: float, allowed: str, lo_open: bool = False) -> None:
+            value = getattr(self, name)
+            if not _is_real(value):
+                raise ValueError(f"{name} must be a number in {allowed}, got {value!r}")
+            value = float(value)
+            above = value > lo if lo_open else value >= lo
+            if not (above and value <= hi):  # also rejects NaN
+                raise ValueError(f"{name} must be in {allowed}, got {value!r}")
+            set_(name, value)
+
+        check_int("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an int >= 1")
+        check_real("temperature", 0.0, math.inf, "[0, inf)")
+        check_real("top_p", 0.0, 1.0, "(0, 1]", lo_open=True)
+        check_int("top_k", _is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "-1 (off) or an int >= 1")
+        check_real("min_p", 0.0, 1.0, "[0, 1]")
+        check_real("repetition_penalty", 0.0, math.inf, "(0, inf)", lo_open=True)
+        check_real("presence_penalty", -2.0, 2.0, "[-2, 2]")
+        check_real("frequency_penalty", -2.0, 2.0, "[-2, 2]")
+        if self.seed is not None:
+            check_int("seed", True, "None or an int")
+        if isinstance(self.stop, str):
+            set_("stop", (self.stop,))
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
+        set_("stop", tuple(self.stop))
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+            _is_int(t) and t >= 0 for t in self.stop_token_ids
+        ):
+            raise ValueError(f"stop_token_ids must be a list of ints >= 0, got {self.stop_token_ids!r}")
+        set_("stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        set_("ignore_eos", bool(self.ignore_eos))
+        if self.logprobs is not None:
+            check_int("logprobs", _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS,
+                      f"None or an int in [0, {MAX_LOGPROBS}]")
+        check_int("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+                  f"an int in [0, max_tokens={self.max_tokens}]")
+
+    @property
+    def greedy(self) -> bool:
+        """True when the token is the argmax of the (penalised) logits."""
+        return self.temperature < _GREEDY_TEMPERATURE or self.top_k == 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-ready dict (tuples become lists); `from_dict` inverts it."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SamplingParams:
+        """Build from a plain dict; unknown keys are an error, missing ones take defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s) {unknown}; allowed: {sorted(names)}")
+        return cls(**d)
+
+
+@flax.struct.dataclass
+class SamplingBatch:
+    """Per-row sampling parameters of a batch as device arrays (all leading dim B).
+
+    temperature: f32, 0 for greedy rows; top_p: f32 (1 = off); top_k: i32 (-1 = off);
+    min_p: f32 (0 = off); repetition_penalty / presence_penalty / frequency_penalty: f32;
+    seeds: u32 [B, 2] (high and low 32 bits of the row's 64-bit seed);
+    min_tokens: i32; banned_ids: i32 [B, MAX_BANNED_IDS], ids masked while
+    step < min_tokens, -1 padded. Build it with `make_batch`.
+    """
+
+    temperature: jax.Array
+    top_p: jax.Array
+    top_k: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+    presence_penalty: jax.Array
+    frequency_penalty: jax.Array
+    seeds: jax.Array
+    min_tokens: jax.Array
+    banned_ids: jax.Array
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    """tokens: i32 [B]; logprobs: f32 [B], log-softmax of the unmodified logits at the token;
+    top_ids: i32 [B, K] and top_logprobs: f32 [B, K], the K most likely tokens (K = num_top_logprobs)."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+def make_batch(
+    params: Sequence[SamplingParams | None], batch_size: int, *, eos_token_ids: Sequence[int] = ()
+) -> SamplingBatch:
+    """Stack per-request parameters into a `SamplingBatch` of `batch_size` rows.
+
+    `None` entries and padding rows past `len(params)` are greedy with no penalties.
+    Unseeded requests draw a 64-bit seed from the OS here. `eos_token_ids` are banned,
+    together with the request's `stop_token_ids`, while it has produced fewer than
+    `min_tokens` tokens (unless `ignore_eos`).
+
+    Example:
+        >>> b = make_batch([SamplingParams(temperature=0.8, seed=1), None], 4)
+        >>> b.temperature.shape
+        (4,)
+    """
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if len(params) > batch_size:
+        raise ValueError(f"params has {len(params)} entries, more than batch_size={batch_size}")
+    temperature = np.zeros(batch_size, np.float32)
+    top_p = np.ones(batch_size, np.float32)
+    top_k = np.full(batch_size, -1, np.int32)
+    min_p = np.zeros(batch_size, np.float32)
+    repetition = np.ones(batch_size, np.float32)
+    presence = np.zeros(batch_size, np.float32)
+    frequency = np.zeros(batch_size, np.float32)
+    seeds = np.zeros((batch_size, 2), np.uint32)
+    min_tokens = np.zeros(batch_size, np.int32)
+    banned = np.full((batch_size, MAX_BANNED_IDS), -1, np.int32)
+    for i, p in enumerate(params):
+        if p is None:
+            continue
+        if not p.greedy:
+            # Greedy rows keep top-k/top-p/min-p off so they never trigger the sort path.
+            temperature[i], top_p[i], top_k[i], min_p[i] = p.temperature, p.top_p, p.top_k, p.min_p
+        repetition[i], presence[i], frequency[i] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
+        seed = (p.seed if p.seed is not None else secrets.randbits(64)) % (1 << 64)
+        seeds[i] = (seed >> 32, seed & 0xFFFFFFFF)
+        if p.min_tokens > 0:
+            ids = list(dict.fromkeys(p.stop_token_ids + (() if p.ignore_eos else tuple(eos_token_ids))))
+            if len(ids) > MAX_BANNED_IDS:
+                raise ValueError(f"stop_token_ids plus EOS ids must number at most {MAX_BANNED_IDS} "
+                                 f"when min_tokens > 0, got {len(ids)}")
+            min_tokens[i] = p.min_tokens
+            banned[i, : len(ids)] = ids
+    return SamplingBatch(
+        temperature=jnp.asarray(temperature), top_p=jnp.asarray(top_p), top_k=jnp.asarray(top_k),
+        min_p=jnp.asarray(min_p), repetition_penalty=jnp.asarray(repetition),
+        presence_penalty=jnp.asarray(presence), frequency_penalty=jnp.asarray(frequency),
+        seeds=jnp.asarray(seeds), min_tokens=jnp.asarray(min_tokens), banned_ids=jnp.asarray(banned),
+    )
+
+
+def needs_sampling(params: Sequence[SamplingParams | None]) -> bool:
+    """False when `jnp.argmax(logits, -1)` picks exactly the tokens `sample` would.
+
+    That holds when every row is greedy, has no penalty and no `min_tokens`. Log-probs are a
+    separate question: `token_logprobs` computes them for any tokens.
+
+    Example:
+        >>> needs_sampling([SamplingParams(temperature=0), None])
+        False
+    """
+    return any(
+        p is not None and (not p.greedy or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                           or p.frequency_penalty != 0.0 or p.min_tokens > 0)
+        for p in params
+    )
+
+
+def seen_from_prompts(prompt_tokens: jax.Array, prompt_lens: jax.Array, vocab_size: int) -> jax.Array:
+    """Bool `[B, V]` mask of the tokens in each row's prompt (for the repetition penalty).
+
+    prompt_tokens: i32 [B, L], right-padded; prompt_lens: i32 [B], only the first
+    prompt_lens[b] tokens of row b count.
+
+    Example:
+        >>> seen_from_prompts(jnp.array([[1, 2, 0]]), jnp.array([2]), 4).astype(int).tolist()
+        [[0, 1, 1, 0]]
+    """
+    b, length = prompt_tokens.shape
+    valid = jnp.arange(length)[None, :] < prompt_lens[:, None]
+    # Index vocab_size is out of bounds, so mode="drop" writes nothing for padding.
+    ids = jnp.where(valid, prompt_tokens, vocab_size)
+    rows = jnp.arange(b)[:, None]
+    return jnp.zeros((b, vocab_size), jnp.bool_).at[rows, ids].set(True, mode="drop")
+
+
+def update_counts(
+    counts: jax.Array, seen: jax.Array, tokens: jax.Array, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Record this step's tokens: counts[b, tokens[b]] += 1 and seen[b, tokens[b]] = True.
+
+    counts: int [B, V] output-token counts; seen: bool [B, V]; tokens: i32 [B];
+    mask: optional bool [B], rows where it is False (padding) are left unchanged.
+
+    Example:
+        >>> c, s = update_counts(jnp.zeros((1, 3), jnp.int32), jnp.zeros((1, 3), bool), jnp.array([2]))
+        >>> c.tolist(), s.tolist()
+        ([[0, 0, 1]], [[False, False, True]])
+    """
+    b, v = counts.shape
+    ids = tokens if mask is None else jnp.where(mask, tokens, v)
+    rows = jnp.arange(b)
+    counts = counts.at[rows, ids].add(jnp.ones((), counts.dtype), mode="drop")
+    seen = seen.at[rows, ids].set(True, mode="drop")
+    return counts, seen
+
+
+def apply_penalties(
+    logits: jax.Array, batch: SamplingBatch, counts: jax.Array | None = None, seen: jax.Array | None = None
+) -> jax.Array:
+    """Repetition, frequency and presence penalties, in vLLM's order, as float32 logits.
+
+    Repetition (HF/vLLM): for tokens in `seen` (prompt or output), positive logits are divided
+    by the penalty and negative ones multiplied. Then (OpenAI) logits -= frequency * count +
+    presence * (count > 0), with `counts` the output-token counts. A missing array means no
+    history, so the penalties that read it do nothing.
+
+    Example:
+        >>> b = make_batch([SamplingParams(repetition_penalty=2.0)], 1)
+        >>> apply_penalties(jnp.array([[2.0, -2.0]]), b, seen=jnp.array([[True, True]])).tolist()
+        [[1.0, -4.0]]
+    """
+    x = logits.astype(jnp.float32)
+    if seen is not None:
+        r = batch.repetition_penalty[:, None]
+        x = jnp.where(seen, jnp.where(x > 0, x / r, x * r), x)
+    if counts is not None:
+        x = (x - batch.frequency_penalty[:, None] * counts.astype(jnp.float32)
+             - batch.presence_penalty[:, None] * (counts > 0).astype(jnp.float32))
+    return x
+
+
+def token_logprobs(
+    logits: jax.Array, tokens: jax.Array, num_top_logprobs: int = 0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-softmax of `logits` at `tokens` ([B]) and the `num_top_logprobs` best (ids, logprobs).
+
+    Example:
+        >>> lp, ids, top = token_logprobs(jnp.log(jnp.array([[0.25, 0.75]])), jnp.array([0]), 1)
+        >>> round(float(jnp.exp(lp[0])), 3), ids.tolist()
+        (0.25, [[1]])
+    """
+    x = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(x, axis=-1)
+    chosen = jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0] - lse
+    if num_top_logprobs == 0:
+        b = x.shape[0]
+        return chosen, jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), jnp.float32)
+    top_vals, top_ids = jax.lax.top_k(x, num_top_logprobs)
+    return chosen, top_ids.astype(jnp.int32), top_vals - lse[:, None]
+
+
+def _thresholds(
+    x: jax.Array, sorted_vals: jax.Array, top_k: jax.Array, top_p: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Per-row keep-threshold (keep x >= it) for top-k then top-p, from the C best values.
+
+    sorted_vals: [B, C] the C largest entries of each row of x, descending. Returns the
+    thresholds and whether each row's answer is decided inside those C values (always true
+    when C == V). Ties with the threshold value are kept, as in vLLM.
+    """
+    v = x.shape[-1]
+    c = sorted_vals.shape[-1]
+    k_on = (top_k > 0) & (top_k < v)
+    kth = jnp.take_along_axis(sorted_vals, (jnp.clip(top_k, 1, c) - 1)[:, None], axis=-1)[:, 0]
+    k_thresh = jnp.where(k_on, kth, -jnp.inf)
+    # Top-p acts on the distribution renormalised after top-k, over the whole row.
+    lse = jax.nn.logsumexp(jnp.where(x >= k_thresh[:, None], x, -jnp.inf), axis=-1)
+    probs = jnp.where(sorted_vals >= k_thresh[:, None], jnp.exp(sorted_vals - lse[:, None]), 0.0)
+    cum = jnp.cumsum(probs, axis=-1)
+    # A token stays in the nucleus while the mass ranked strictly above it is below top_p.
+    n_keep = jnp.sum((cum - probs) < top_p[:, None], axis=-1)
+    p_thresh = jnp.take_along_axis(sorted_vals, (jnp.maximum(n_keep, 1) - 1)[:, None], axis=-1)[:, 0]
+    p_on = top_p < 1.0
+    thresh = jnp.where(p_on, jnp.maximum(p_thresh, k_thresh), k_thresh)
+    decided = (~k_on | (top_k <= c)) & (~p_on | (cum[:, -1] >= top_p))
+    return thresh, decided
+
+
+def _top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array, candidates: int) -> jax.Array:
+    v = x.shape[-1]
+
+    def full_sort() -> jax.Array:
+        return _thresholds(x, -jnp.sort(-x, axis=-1), top_k, top_p)[0]
+
+    if candidates >= v:
+        thresh = full_sort()
+    else:
+        thresh, decided = _thresholds(x, jax.lax.top_k(x, candidates)[0], top_k, top_p)
+        thresh = jax.lax.cond(jnp.all(decided), lambda: thresh, full_sort)
+    return jnp.where(x >= thresh[:, None], x, -jnp.inf)
+
+
+def _min_p(x: jax.Array, min_p: jax.Array) -> jax.Array:
+    # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p); no softmax needed.
+    floor = jnp.max(x, axis=-1) + jnp.log(min_p)
+    return jnp.where(x >= floor[:, None], x, -jnp.inf)
+
+
+def _row_keys(seeds: jax.Array, step: jax.Array) -> jax.Array:
+    base = jax.random.key(0)
+
+    def one(hi: jax.Array, lo: jax.Array, s: jax.Array) -> jax.Array:
+        return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base, hi), lo), s)
+
+    return jax.vmap(one)(seeds[:, 0], seeds[:, 1], step.astype(jnp.uint32))
+
+
+def _ban_until_min_tokens(x: jax.Array, batch: SamplingBatch, step: jax.Array) -> jax.Array:
+    b, v = x.shape
+    active = (step < batch.min_tokens)[:, None] & (batch.banned_ids >= 0)
+    ids = jnp.where(active, batch.banned_ids, v)  # out of bounds: dropped
+    return x.at[jnp.arange(b)[:, None], ids].set(-jnp.inf, mode="drop")
+
+
+@partial(jax.jit, static_argnames=("num_top_logprobs", "top_candidates"))
+def sample(
+    logits: jax.Array,
+    batch: SamplingBatch,
+    step: jax.Array,
+    *,
+    counts: jax.Array | None = None,
+    seen: jax.Array | None = None,
+    num_top_logprobs: int = 0,
+    top_candidates: int = DEFAULT_TOP_CANDIDATES,
+) -> SampleOutput:
+    """Choose one token per row. Jitted; safe to call inside a larger jitted step.
+
+    logits: [B, V]; step: i32 [B], tokens row b generated before (with the row's seed it
+    alone fixes the row's randomness); counts: int [B, V] output-token counts (presence and
+    frequency penalties); seen: bool [B, V] tokens in prompt or output (repetition penalty).
+    Order as vLLM: min_tokens ban -> penalties -> temperature -> top-k -> top-p -> min-p ->
+    draw. Greedy rows take the argmax of the penalised logits. Each stage runs only if some
+    row needs it. Top-k and top-p are exact: they look at the `top_candidates` best tokens
+    per row and sort the whole row only when that does not decide some row's cut-off.
+    Log-probs are of the unmodified logits, like vLLM's default.
+
+    Example:
+        >>> b = make_batch([SamplingParams(temperature=0.0), SamplingParams(seed=3)], 2)
+        >>> out = sample(jnp.array([[0.0, 1.0, 0.5]] * 2), b, jnp.zeros(2, jnp.int32))
+        >>> int(out.tokens[0]), out.tokens.shape
+        (1, (2,))
+    """
+    if num_top_logprobs < 0:
+        raise ValueError(f"num_top_logprobs must be >= 0, got {num_top_logprobs}")
+    if top_candidates < 1:
+        raise ValueError(f"top_candidates must be >= 1, got {top_candidates}")
+    b, v = logits.shape
+    x = logits.astype(jnp.float32)
+    x = jax.lax.cond(jnp.any(step < batch.min_tokens), _ban_until_min_tokens, lambda x, *_: x, x, batch, step)
+    if counts is not None or seen is not None:
+        any_penalty = jnp.any((batch.repetition_penalty != 1.0) | (batch.presence_penalty != 0.0)
+                              | (batch.frequency_penalty != 0.0))
+        x = jax.lax.cond(any_penalty, lambda x: apply_penalties(x, batch, counts, seen), lambda x: x, x)
+    greedy_rows = batch.temperature == 0.0
+    greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
+
+    def draw(x: jax.Array) -> jax.Array:
+        x = x / jnp.where(greedy_rows, 1.0, batch.temperature)[:, None]
+        needs_cut = jnp.any(((batch.top_k > 0) & (batch.top_k < v)) | (batch.top_p < 1.0))
+        x = jax.lax.cond(needs_cut, lambda x: _top_k_top_p(x, batch.top_k, batch.top_p, top_candidates),
+                         lambda x: x, x)
+        x = jax.lax.cond(jnp.any(batch.min_p > 0.0), lambda x: _min_p(x, batch.min_p), lambda x: x, x)
+        keys = _row_keys(batch.seeds, step)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)
+        drawn = jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
+        return jnp.where(greedy_rows, greedy_tokens, drawn)
+
+    tokens = jax.lax.cond(jnp.all(greedy_rows), lambda x: greedy_tokens, draw, x)
+    chosen, top_ids, top_lps = token_logprobs(logits, tokens, num_top_logprobs)
+    return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lps)

@@ -1,0 +1,297 @@
+"""Behaviour of the sampler: parameter validation, greedy/seeded/filtered draws against a
+plain-numpy reference of vLLM's semantics, penalties, log-probs and jit use."""
+
+import dataclasses
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxserve import sampling
+from jaxserve.sampling import (
+    SamplingParams, apply_penalties, make_batch, needs_sampling, sample, seen_from_prompts,
+    token_logprobs, update_counts,
+)
+
+
+def _softmax(x):
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x[np.isfinite(x)].max())
+    return e / e.sum()
+
+
+def ref_distribution(logits, p: SamplingParams):
+    """vLLM's temperature -> top-k -> top-p -> min-p as a probability vector (numpy, float64)."""
+    x = np.asarray(logits, np.float64) / p.temperature
+    if 0 < p.top_k < x.size:
+        x = np.where(x >= np.sort(x)[::-1][p.top_k - 1], x, -np.inf)
+    if p.top_p < 1:
+        probs = _softmax(x)
+        desc = np.sort(probs)[::-1]
+        n_keep = np.sum(np.cumsum(desc) - desc < p.top_p)
+        x = np.where(probs >= desc[n_keep - 1], x, -np.inf)
+    if p.min_p > 0:
+        probs = _softmax(x)
+        x = np.where(probs >= p.min_p * probs.max(), x, -np.inf)
+    return _softmax(x)
+
+
+def ref_penalties(logits, params, counts, seen):
+    out = np.array(logits, np.float64)
+    for b, p in enumerate(params):
+        r = p.repetition_penalty
+        row = out[b]
+        row[seen[b]] = np.where(row[seen[b]] > 0, row[seen[b]] / r, row[seen[b]] * r)
+        row -= p.frequency_penalty * counts[b] + p.presence_penalty * (counts[b] > 0)
+    return out
+
+
+def draws(logits_row, p: SamplingParams, n: int, **kw):
+    """n independent draws of one request: the same seed at steps 0..n-1, one call."""
+    batch = make_batch([p] * n, n)
+    logits = jnp.broadcast_to(jnp.asarray(logits_row, jnp.float32), (n, len(logits_row)))
+    return np.asarray(sample(logits, batch, jnp.arange(n, dtype=jnp.int32), **kw).tokens)
+
+
+def chi_square(tokens, probs):
+    observed = np.bincount(tokens, minlength=probs.size)
+    assert np.all(observed[probs == 0] == 0), "drew a token of probability 0"
+    expected = probs * tokens.size
+    live = probs > 0
+    stat = np.sum((observed[live] - expected[live]) ** 2 / expected[live])
+    return stat, live.sum() - 1
+
+
+# ---------------------------------------------------------------- parameters
+
+@pytest.mark.parametrize("field,value", [
+    ("max_tokens", 0), ("max_tokens", 1.5), ("max_tokens", True),
+    ("temperature", -0.1), ("temperature", float("nan")), ("temperature", "hot"),
+    ("top_p", 0.0), ("top_p", 1.5), ("top_k", 0), ("top_k", -2), ("top_k", 2.0),
+    ("min_p", -0.1), ("min_p", 1.01), ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
+    ("presence_penalty", 2.5), ("presence_penalty", -2.1), ("frequency_penalty", 3.0),
+    ("frequency_penalty", -2.5), ("seed", 1.0), ("seed", "7"), ("stop", 3), ("stop", [""]), ("stop", ["a", 1]),
+    ("stop_token_ids", [-1]), ("stop_token_ids", 5), ("ignore_eos", 1), ("logprobs", -1), ("logprobs", 21),
+    ("min_tokens", -1), ("min_tokens", 17),
+])
+def test_every_bad_value_names_its_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_constructor_normalises_and_round_trips_through_dicts():
+    p = SamplingParams(stop="END", stop_token_ids=[3, 4], temperature=1, seed=5, logprobs=0)
+    assert p.stop == ("END",) and p.stop_token_ids == (3, 4) and isinstance(p.temperature, float)
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+    d = p.to_dict()
+    assert d["stop"] == ["END"] and d["stop_token_ids"] == [3, 4]
+    assert SamplingParams.from_dict(d) == p
+    with pytest.raises(ValueError, match="tempreature"):
+        SamplingParams.from_dict({"tempreature": 0.5})
+
+
+def test_greedy_property_and_needs_sampling():
+    assert SamplingParams(temperature=0).greedy and SamplingParams(temperature=3, top_k=1).greedy
+    assert not SamplingParams().greedy
+    assert not needs_sampling([None, SamplingParams(temperature=0), SamplingParams(top_k=1, top_p=0.5)])
+    assert needs_sampling([SamplingParams(temperature=0), SamplingParams()])
+    assert needs_sampling([SamplingParams(temperature=0, repetition_penalty=1.2)])
+    assert needs_sampling([SamplingParams(temperature=0, min_tokens=2)])
+
+
+def test_make_batch_pads_with_greedy_rows_and_seeds_unseeded_requests_apart():
+    b = make_batch([SamplingParams(temperature=0.5), None, SamplingParams(temperature=0.5)], 5)
+    np.testing.assert_array_equal(np.asarray(b.temperature), [0.5, 0, 0.5, 0, 0])
+    assert not np.array_equal(np.asarray(b.seeds[0]), np.asarray(b.seeds[2]))
+    with pytest.raises(ValueError, match="batch_size"):
+        make_batch([None] * 3, 2)
+    with pytest.raises(ValueError, match="min_tokens"):
+        make_batch([SamplingParams(min_tokens=1, stop_token_ids=list(range(20)))], 1)
+
+
+# ---------------------------------------------------------------- greedy and seeds
+
+def test_greedy_rows_take_the_argmax():
+    logits = jax.random.normal(jax.random.key(0), (6, 300))
+    batch = make_batch([SamplingParams(temperature=0.0)] * 3 + [None], 6)
+    out = sample(logits, batch, jnp.zeros(6, jnp.int32))
+    np.testing.assert_array_equal(out.tokens, jnp.argmax(logits, -1))
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 7.0, 100.0])
+def test_top_k_one_is_greedy_at_any_temperature(temperature):
+    logits = jax.random.normal(jax.random.key(1), (8, 200)) * 0.1
+    params = [SamplingParams(temperature=temperature, top_k=1, seed=s) for s in range(8)]
+    for step in range(3):
+        out = sample(logits, make_batch(params, 8), jnp.full(8, step, jnp.int32))
+        np.testing.assert_array_equal(out.tokens, jnp.argmax(logits, -1))
+
+
+def test_seeded_request_is_reproducible_wherever_it_sits_in_any_batch():
+    v, steps = 100, 25
+    target = SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
+    row = jax.random.normal(jax.random.key(2), (v,)) * 2
+    others = [SamplingParams(top_k=3, seed=1), None, SamplingParams(temperature=2.0, min_p=0.2),
+              SamplingParams(repetition_penalty=1.5, presence_penalty=1.0), SamplingParams(temperature=0)]
+    noise = jax.random.normal(jax.random.key(3), (6, v))
+
+    def run(params, pos, n_rows):
+        logits = noise[:n_rows].at[pos].set(row)
+        batch = make_batch(params, n_rows)
+        counts = jnp.zeros((n_rows, v), jnp.int32)
+        seen = jnp.zeros((n_rows, v), jnp.bool_)
+        got = []
+        for s in range(steps):
+            out = sample(logits, batch, jnp.full(n_rows, s, jnp.int32), counts=counts, seen=seen)
+            got.append(int(out.tokens[pos]))
+        return got
+
+    alone = run([target], 0, 1)
+    assert run([target] + others, 0, 6) == alone
+    assert run(others[:3] + [target] + others[3:], 3, 6) == alone
+    assert len(set(alone)) > 1
+    assert run([dataclasses.replace(target, seed=99)], 0, 1) != alone
+
+
+def test_unseeded_requests_differ():
+    row = np.zeros(50, np.float32)
+    a = draws(row, SamplingParams(), 64)
+    b = draws(row, SamplingParams(), 64)
+    assert not np.array_equal(a, b)
+
+
+# ---------------------------------------------------------------- filters
+
+def test_top_k_never_picks_outside_the_top_k():
+    logits = np.random.default_rng(0).normal(size=80).astype(np.float32)
+    tokens = draws(logits, SamplingParams(temperature=3.0, top_k=5, seed=0), 4000)
+    top5 = set(np.argsort(-logits)[:5].tolist())
+    assert set(tokens.tolist()) == top5
+
+
+@pytest.mark.parametrize("top_p,nucleus", [(0.5, {0}), (0.75, {0, 1}), (0.79, {0, 1}), (0.81, {0, 1, 2})])
+def test_top_p_never_picks_outside_the_nucleus(top_p, nucleus):
+    probs = np.array([0.5, 0.3, 0.1, 0.05, 0.03, 0.02])
+    tokens = draws(np.log(probs), SamplingParams(top_p=top_p, seed=1), 3000)
+    assert set(tokens.tolist()) == nucleus
+
+
+def test_min_p_drops_tokens_below_its_fraction_of_the_best():
+    probs = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
+    tokens = draws(np.log(probs), SamplingParams(min_p=0.3, seed=2), 3000)
+    assert set(tokens.tolist()) == {0, 1, 2}  # 0.1 < 0.3 * 0.4
+
+
+@pytest.mark.parametrize("candidates", [8, 1024])
+@pytest.mark.parametrize("scale,top_k,top_p", [
+    (6.0, -1, 0.9),   # peaked: the nucleus lies inside 8 candidates
+    (0.3, -1, 0.9),   # flat: needs the full sort
+    (0.3, 50, 1.0),   # top_k beyond the candidates
+    (0.3, 40, 0.6), (6.0, 5, 0.5), (1.0, 299, 0.99),
+])
+def test_top_k_top_p_cutoff_is_exact_with_or_without_the_candidate_shortcut(candidates, scale, top_k, top_p):
+    v = 300
+    x = np.random.default_rng(3).normal(size=(4, v)).astype(np.float32) * scale
+    got = sampling._top_k_top_p(jnp.asarray(x), jnp.full(4, top_k, jnp.int32), jnp.full(4, top_p, jnp.float32),
+                                candidates)
+    p = SamplingParams(top_k=top_k, top_p=top_p)
+    for b in range(4):
+        np.testing.assert_array_equal(np.isfinite(np.asarray(got[b])), ref_distribution(x[b], p) > 0)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.7, seed=5),
+    SamplingParams(temperature=1.3, top_k=12, top_p=0.9, min_p=0.02, seed=6),
+])
+def test_empirical_distribution_matches_the_reference(params):
+    logits = np.random.default_rng(4).normal(size=30).astype(np.float32) * 1.5
+    n = 20000
+    stat, dof = chi_square(draws(logits, params, n), ref_distribution(logits, params))
+    # Mean dof, sd sqrt(2 dof): 6 sd is far beyond chance but catches a wrong temperature or cut.
+    assert stat < dof + 6 * np.sqrt(2 * dof), (stat, dof)
+
+
+# ---------------------------------------------------------------- penalties, min_tokens, logprobs
+
+def test_penalties_match_a_numpy_reference():
+    b, v = 4, 60
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(b, v)).astype(np.float32) * 3
+    counts = rng.integers(0, 4, size=(b, v)) * (rng.random((b, v)) < 0.3)
+    seen = (counts > 0) | (rng.random((b, v)) < 0.2)
+    params = [SamplingParams(temperature=0, repetition_penalty=1.3),
+              SamplingParams(temperature=0, presence_penalty=1.5, frequency_penalty=-0.5),
+              SamplingParams(temperature=0, repetition_penalty=0.7, presence_penalty=-2.0, frequency_penalty=2.0),
+              SamplingParams(temperature=0)]
+    batch = make_batch(params, b)
+    want = ref_penalties(logits, params, counts, seen)
+    got = apply_penalties(jnp.asarray(logits), batch, jnp.asarray(counts, jnp.int32), jnp.asarray(seen))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    out = sample(jnp.asarray(logits), batch, jnp.zeros(b, jnp.int32),
+                 counts=jnp.asarray(counts, jnp.int32), seen=jnp.asarray(seen))
+    np.testing.assert_array_equal(out.tokens, np.argmax(want, -1))
+
+
+def test_history_helpers_track_prompt_and_output_tokens():
+    seen = seen_from_prompts(jnp.array([[1, 2, 2, 0], [3, 0, 0, 0]]), jnp.array([3, 1]), 5)
+    np.testing.assert_array_equal(seen, [[0, 1, 1, 0, 0], [0, 0, 0, 1, 0]])
+    counts = jnp.zeros((2, 5), jnp.int32)
+    counts, seen = update_counts(counts, seen, jnp.array([4, 4]), mask=jnp.array([True, False]))
+    counts, seen = update_counts(counts, seen, jnp.array([4, 0]))
+    np.testing.assert_array_equal(counts, [[0, 0, 0, 0, 2], [1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(seen, [[0, 1, 1, 0, 1], [1, 0, 0, 1, 0]])
+
+
+def test_min_tokens_bans_eos_and_stop_ids_until_reached():
+    logits = jnp.array([[0.0, 5.0, 4.0, 3.0, 1.0]] * 3)  # EOS = 1 is the argmax, stop id 2 next
+    params = [SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[2]),
+              SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[2], ignore_eos=True), None]
+    batch = make_batch(params, 3, eos_token_ids=[1])
+    before = sample(logits, batch, jnp.array([1, 1, 0], jnp.int32)).tokens
+    after = sample(logits, batch, jnp.array([2, 2, 0], jnp.int32)).tokens
+    np.testing.assert_array_equal(before, [3, 1, 1])
+    np.testing.assert_array_equal(after, [1, 1, 1])
+
+
+def test_logprobs_are_log_softmax_of_the_unmodified_logits():
+    b, v, k = 5, 120, 4
+    logits = jax.random.normal(jax.random.key(6), (b, v)) * 2
+    params = [SamplingParams(temperature=0.5, top_k=10, seed=1), SamplingParams(temperature=0),
+              SamplingParams(repetition_penalty=2.0, seed=2), SamplingParams(top_p=0.3, min_p=0.1, seed=3), None]
+    seen = jnp.ones((b, v), jnp.bool_)
+    out = sample(logits, make_batch(params, b), jnp.arange(b, dtype=jnp.int32), seen=seen, num_top_logprobs=k)
+    log_softmax = np.asarray(jax.nn.log_softmax(logits, -1))
+    np.testing.assert_allclose(out.logprobs, log_softmax[np.arange(b), np.asarray(out.tokens)], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out.top_ids, np.argsort(-log_softmax, -1)[:, :k])
+    np.testing.assert_allclose(out.top_logprobs, -np.sort(-log_softmax, -1)[:, :k], rtol=1e-5, atol=1e-5)
+    lp, ids, top = token_logprobs(logits, out.tokens)
+    assert ids.shape == (b, 0) and top.shape == (b, 0)
+
+
+def test_sampler_runs_inside_a_jitted_decode_loop_without_retracing():
+    traces = []
+
+    @jax.jit
+    def decode(logits, batch, counts, seen):
+        traces.append(1)
+
+        def body(i, carry):
+            counts, seen, toks = carry
+            out = sample(logits, batch, jnp.full(logits.shape[0], i, jnp.int32), counts=counts, seen=seen)
+            counts, seen = update_counts(counts, seen, out.tokens)
+            return counts, seen, toks.at[:, i].set(out.tokens)
+
+        toks = jnp.zeros((logits.shape[0], 6), jnp.int32)
+        return jax.lax.fori_loop(0, 6, body, (counts, seen, toks))[2]
+
+    b, v = 3, 40
+    logits = jax.random.normal(jax.random.key(7), (b, v))
+    zeros = jnp.zeros((b, v), jnp.int32), jnp.zeros((b, v), jnp.bool_)
+    greedy_penalised = make_batch([SamplingParams(temperature=0, frequency_penalty=2.0, presence_penalty=2.0)] * b, b)
+    toks = np.asarray(decode(logits, greedy_penalised, *zeros))
+    # A strong frequency penalty makes greedy decoding walk down the ranking.
+    assert all(len(set(row)) == 6 for row in toks.tolist())
+    seeded = make_batch([SamplingParams(top_p=0.8, seed=s) for s in range(b)], b)
+    np.testing.assert_array_equal(decode(logits, seeded, *zeros), decode(logits, seeded, *zeros))
+    assert len(traces) == 1
