@@ -1,0 +1,323 @@
+"""Paged attention for decode: each sequence's query heads attend to its KV pages.
+
+Owns: the Pallas attention kernel over a paged KV pool (shared with prefill through
+`attend_query_rows`), the flash-decoding combine step, and the jnp reference. Never
+writes the pool (`kernels.cache_scatter` does) and never decides page placement.
+
+Design (one kernel for decode and prefill):
+- One program per (sequence, KV head, block of query rows, split). The query rows of a
+  program are all query heads of one KV group (and, for prefill, several positions), so
+  every K/V page is loaded once per KV head and used by one matrix product on tensor
+  cores. The rows are padded to at least 16, the MMA's minimum.
+- Each loop iteration gathers `pages_per_block` pages through the block table
+  (`k_ref[page_ids]`), so enough bytes are in flight per program; Triton pipelines the
+  loop (`num_stages`).
+- Online softmax in float32; the loop is bounded by the row block's own key count, so a
+  short sequence does no work for its empty pages, and a length-0 row writes zeros.
+- Flash-decoding: the pages are cut into `num_splits` ranges, sized at run time from the
+  longest length in the batch; each split writes a normalized partial output and its
+  log-sum-exp, and a small XLA step merges them. Small batches fill the GPU this way.
+
+Backend choice: the Pallas Triton lowering. Its ref indexing with an index vector
+(gathering pages named by the block table inside the kernel), masked loads and
+`CompilerParams(num_warps, num_stages)` are what a gather-by-block-table decode kernel
+needs, and it is the path JAX's own paged-attention kernel takes. It is deprecated from
+JAX 0.11 but works on 0.11.2; Mosaic GPU is Hopper-first and still experimental for
+this pattern. `kernels.pallas_compat` hides the API moves between 0.10 and 0.11.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels import pallas_compat as compat
+
+# Finite, so a fully masked row never computes inf - inf; far below any real logit.
+_MASK_VALUE = -1e30
+# Programs wanted on the GPU before splitting stops paying: about two per H100 SM.
+_TARGET_PROGRAMS = 264
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, pages_per_split_ref,
+                   q_ref, k_pages_ref, v_pages_ref, o_ref, *lse_ref,
+                   group: int, query_rows: int, pages_per_block: int, scale: float,
+                   precision):
+    seq, row_block, split = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    block_rows, head_dim = q_ref.shape
+    page_size = k_pages_ref.shape[-2]
+    block_keys = pages_per_block * page_size
+    length = lengths_ref[seq]
+    q_start = q_start_ref[seq]
+    pages_per_split = pages_per_split_ref[0]
+
+    # Row r of the block is query position q_start + r // group, head r % group.
+    rows = row_block * block_rows + jnp.arange(block_rows)
+    positions = q_start + rows // group
+    live = (rows < query_rows) & (positions < length)
+    row_limit = jnp.where(live, jnp.minimum(positions + 1, length), 0)
+    last_row = jnp.minimum(row_block * block_rows + block_rows - 1, query_rows - 1)
+    block_limit = jnp.clip(q_start + last_row // group + 1, 0, length)
+
+    first_page = split * pages_per_split
+    end_page = jnp.minimum(first_page + pages_per_split, pl.cdiv(block_limit, page_size))
+    num_iters = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
+
+    q = q_ref[...]
+
+    def body(i, carry):
+        acc, m, l = carry
+        page0 = first_page + i * pages_per_block
+        page_ids = block_table_ref[pl.ds(page0, pages_per_block)]
+        k = k_pages_ref[page_ids].reshape(block_keys, head_dim)
+        v = v_pages_ref[page_ids].reshape(block_keys, head_dim)
+        s = compat.dot(q, k, trans_b=True, precision=precision) * scale
+        key_pos = page0 * page_size + jnp.arange(block_keys)
+        visible = key_pos[None, :] < row_limit[:, None]
+        s = jnp.where(visible, s, _MASK_VALUE)
+        m_next = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp(m - m_next)
+        p = jnp.where(visible, jnp.exp(s - m_next[:, None]), 0.0)
+        l = l * alpha + p.sum(axis=1)
+        pv = compat.dot(p.astype(v.dtype), v, precision=precision)
+        return acc * alpha[:, None] + pv, m_next, l
+
+    init = (jnp.zeros((block_rows, head_dim), jnp.float32),
+            jnp.full((block_rows,), _MASK_VALUE, jnp.float32),
+            jnp.zeros((block_rows,), jnp.float32))
+    acc, m, l = lax.fori_loop(0, num_iters, body, init)
+    has_keys = l > 0.0
+    out = acc / jnp.where(has_keys, l, 1.0)[:, None]
+    o_ref[...] = jnp.where(has_keys[:, None], out, 0.0).astype(o_ref.dtype)
+    if lse_ref:
+        lse_ref[0][...] = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)),
+                                    -jnp.inf)
+
+
+def _combine_splits(o: jax.Array, lse: jax.Array, out_dtype) -> jax.Array:
+    """Merge per-split normalized outputs `[splits, ...rows, D]` by their log-sum-exp."""
+    m = lse.max(axis=0)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lse - m)  # empty splits have lse = -inf: weight 0
+    total = w.sum(axis=0)
+    out = (w[..., None] * o).sum(axis=0) / jnp.where(total > 0, total, 1.0)[..., None]
+    return out.astype(out_dtype)
+
+
+def default_num_splits(programs: int, table_pages: int, pages_per_block: int,
+                       interpret: bool) -> int:
+    """Splits so that about `_TARGET_PROGRAMS` programs run; 1 in interpret mode."""
+    if interpret:
+        return 1
+    max_splits = max(1, pl.cdiv(table_pages, pages_per_block))
+    return int(min(max_splits, max(1, pl.cdiv(_TARGET_PROGRAMS, programs))))
+
+
+def default_pages_per_block(page_size: int, head_dim: int, table_pages: int) -> int:
+    """Pages per loop iteration: about 128 keys at head_dim 64, 64 keys at 128."""
+    keys = 128 if head_dim <= 64 else 64
+    return max(1, min(_next_pow2(table_pages), keys // page_size)) if keys >= page_size else 1
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "group", "query_rows", "block_rows", "scale", "num_splits", "pages_per_block",
+    "num_warps", "num_stages", "interpret", "out_dtype"))
+def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, *,
+                      group: int, query_rows: int, block_rows: int, scale: float,
+                      num_splits: int, pages_per_block: int, num_warps: int,
+                      num_stages: int, interpret: bool, out_dtype):
+    """Shared core: query rows `[batch, kv_heads, rows, head_dim]` over paged K/V.
+
+    Row r holds query position `q_start[b] + r // group` of head `r % group` of the KV
+    group; it sees keys at positions <= its own and < `lengths[b]`. Rows past
+    `query_rows` or at positions >= `lengths[b]` come back as zeros. `rows` must be a
+    multiple of `block_rows` (a power of two >= 16).
+    """
+    batch, kv_heads, rows, head_dim = q_rows.shape
+    page_size = k_pages.shape[2]
+    table_pages = block_tables.shape[1]
+    row_blocks = rows // block_rows
+    padded_pages = pl.cdiv(table_pages, pages_per_block) * pages_per_block
+    block_tables = jnp.pad(block_tables.astype(jnp.int32),
+                           ((0, 0), (0, padded_pages - table_pages)))
+    # A length past the table would index pages it does not own.
+    lengths = jnp.minimum(lengths.astype(jnp.int32), table_pages * page_size)
+    longest = pl.cdiv(jnp.max(lengths), page_size)
+    pages_per_split = pl.cdiv(pl.cdiv(longest, num_splits), pages_per_block) * pages_per_block
+    pages_per_split = jnp.maximum(pages_per_split, pages_per_block).reshape(1)
+
+    precision = lax.Precision.HIGHEST if q_rows.dtype == jnp.float32 else None
+    kernel = functools.partial(_attend_kernel, group=group, query_rows=query_rows,
+                               pages_per_block=pages_per_block, scale=scale,
+                               precision=precision)
+    whole = pl.no_block_spec
+    pool_spec = pl.BlockSpec((None, k_pages.shape[1], page_size, head_dim),
+                             lambda b, h, r, s: (h, 0, 0, 0))
+    in_specs = [
+        pl.BlockSpec((None, padded_pages), lambda b, h, r, s: (b, 0)),
+        whole, whole, whole,
+        pl.BlockSpec((None, None, block_rows, head_dim), lambda b, h, r, s: (b, h, r, 0)),
+        pool_spec, pool_spec,
+    ]
+    if num_splits == 1:
+        out_specs = pl.BlockSpec((None, None, block_rows, head_dim),
+                                 lambda b, h, r, s: (b, h, r, 0))
+        out_shape = jax.ShapeDtypeStruct(q_rows.shape, out_dtype)
+    else:
+        out_specs = [
+            pl.BlockSpec((None, None, None, block_rows, head_dim),
+                         lambda b, h, r, s: (s, b, h, r, 0)),
+            pl.BlockSpec((None, None, None, block_rows), lambda b, h, r, s: (s, b, h, r)),
+        ]
+        out_shape = [jax.ShapeDtypeStruct((num_splits, *q_rows.shape), jnp.float32),
+                     jax.ShapeDtypeStruct((num_splits, *q_rows.shape[:-1]), jnp.float32)]
+    result = pl.pallas_call(
+        kernel,
+        grid=(batch, kv_heads, row_blocks, num_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
+        name="paged_attention",
+    )(block_tables, lengths, q_start.astype(jnp.int32), pages_per_split, q_rows,
+      k_pages, v_pages)
+    if num_splits == 1:
+        return result
+    return _combine_splits(*result, out_dtype)
+
+
+def check_pool(k_pages: jax.Array, v_pages: jax.Array, num_heads: int, head_dim: int) -> None:
+    """Shape checks shared by the decode and prefill wrappers."""
+    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+        raise ValueError(
+            "k_pages and v_pages must both be [kv_heads, num_pages, page_size, head_dim], "
+            f"got {k_pages.shape} and {v_pages.shape}")
+    kv_heads, _, page_size, pool_head_dim = k_pages.shape
+    if pool_head_dim != head_dim:
+        raise ValueError(f"k_pages head_dim must equal q's {head_dim}, got {pool_head_dim}")
+    if num_heads % kv_heads:
+        raise ValueError(f"num_heads must be a multiple of kv_heads={kv_heads}, got {num_heads}")
+    if page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two, got {page_size}")
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+
+
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                    block_tables: jax.Array, lengths: jax.Array, *,
+                    scale: float | None = None, interpret: bool | None = None,
+                    num_splits: int | None = None, pages_per_block: int | None = None,
+                    num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+    """Decode attention of one new query per sequence over its paged K/V.
+
+    Args:
+        q: `[batch, num_heads, head_dim]`; query head h uses KV head
+            `h // (num_heads // kv_heads)`.
+        k_pages, v_pages: `[kv_heads, num_pages, page_size, head_dim]`.
+        block_tables: `[batch, max_pages]` int32 page ids; entries past a sequence's
+            pages are ignored (0 is fine).
+        lengths: `[batch]` int32 keys per sequence (this step's token included);
+            0 gives a zero output row.
+        scale: logit scale, default `head_dim ** -0.5`.
+        interpret: Pallas interpret mode; None picks it on the CPU backend.
+        num_splits: flash-decoding splits of each sequence; None sizes them to fill
+            the GPU (1 in interpret mode).
+        pages_per_block: pages gathered per loop iteration (power of two); None picks
+            about 128 keys (head_dim 64) or 64 keys (head_dim 128).
+        num_warps, num_stages: Triton launch parameters.
+
+    Returns:
+        `[batch, num_heads, head_dim]` in q's dtype; softmax in float32.
+
+    Example:
+        >>> q = jnp.ones((2, 14, 64), jnp.bfloat16)
+        >>> pages = jnp.ones((2, 8, 16, 64), jnp.bfloat16)
+        >>> table = jnp.array([[0, 1], [2, 3]], jnp.int32)
+        >>> paged_attention(q, pages, pages, table, jnp.array([20, 0], jnp.int32)).shape
+        (2, 14, 64)
+    """
+    batch, num_heads, head_dim = q.shape
+    check_pool(k_pages, v_pages, num_heads, head_dim)
+    if block_tables.ndim != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must be [{batch}, max_pages], got {block_tables.shape}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must be [{batch}], got {lengths.shape}")
+    kv_heads, _, page_size, _ = k_pages.shape
+    group = num_heads // kv_heads
+    table_pages = block_tables.shape[1]
+    interpret = compat.resolve_interpret(interpret)
+    if pages_per_block is None:
+        pages_per_block = default_pages_per_block(page_size, head_dim, table_pages)
+    if pages_per_block < 1 or pages_per_block & (pages_per_block - 1):
+        raise ValueError(f"pages_per_block must be a power of two >= 1, got {pages_per_block}")
+    if num_splits is None:
+        num_splits = default_num_splits(batch * kv_heads, table_pages, pages_per_block,
+                                        interpret)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    block_rows = max(16, _next_pow2(group))
+    q_rows = q.reshape(batch, kv_heads, group, head_dim)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, block_rows - group), (0, 0)))
+    lengths = lengths.astype(jnp.int32)
+    out = attend_query_rows(
+        q_rows, k_pages, v_pages, block_tables, lengths - 1, lengths,
+        group=group, query_rows=group, block_rows=block_rows,
+        scale=float(head_dim ** -0.5 if scale is None else scale),
+        num_splits=num_splits, pages_per_block=pages_per_block, num_warps=num_warps,
+        num_stages=num_stages, interpret=interpret, out_dtype=q.dtype)
+    return out[:, :, :group].reshape(batch, num_heads, head_dim)
+
+
+def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """`[kv_heads, num_pages, page_size, D]` -> contiguous `[batch, kv_heads, keys, D]` f32."""
+    kv_heads, _, page_size, head_dim = pages.shape
+    batch, table_pages = block_tables.shape
+    gathered = pages[:, block_tables].astype(jnp.float32)  # [kv_heads, batch, pages, S, D]
+    gathered = gathered.reshape(kv_heads, batch, table_pages * page_size, head_dim)
+    return jnp.swapaxes(gathered, 0, 1)
+
+
+def masked_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
+                             scale: float) -> jax.Array:
+    """float32 attention `q [b, h, g, n, D]` x `k, v [b, h, keys, D]`; no-key rows give 0."""
+    s = jnp.einsum("bhgnd,bhkd->bhgnk", q.astype(jnp.float32), k,
+                   precision=lax.Precision.HIGHEST) * scale
+    s = jnp.where(visible, s, -jnp.inf)
+    m = s.max(axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    total = p.sum(axis=-1, keepdims=True)
+    p = p / jnp.where(total > 0, total, 1.0)
+    return jnp.einsum("bhgnk,bhkd->bhgnd", p, v, precision=lax.Precision.HIGHEST)
+
+
+def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, scale=None):
+    """jnp reference of `paged_attention`: gather the pages, then masked softmax in f32.
+
+    Example:
+        >>> q = jnp.ones((1, 2, 64)); pages = jnp.ones((1, 4, 16, 64))
+        >>> paged_attention_reference(q, pages, pages, jnp.zeros((1, 2), jnp.int32),
+        ...                           jnp.array([3], jnp.int32)).shape
+        (1, 2, 64)
+    """
+    batch, num_heads, head_dim = q.shape
+    check_pool(k_pages, v_pages, num_heads, head_dim)
+    kv_heads = k_pages.shape[0]
+    group = num_heads // kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    k = gather_pages(k_pages, block_tables)
+    v = gather_pages(v_pages, block_tables)
+    keys = k.shape[2]
+    visible = (jnp.arange(keys)[None, :] < lengths[:, None])[:, None, None, None, :]
+    qg = q.reshape(batch, kv_heads, group, 1, head_dim)
+    out = masked_softmax_attention(qg, k, v, visible, scale)
+    return out.reshape(batch, num_heads, head_dim).astype(q.dtype)

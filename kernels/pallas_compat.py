@@ -1,0 +1,43 @@
+"""Version shim for the Pallas Triton API: one import point for JAX 0.10.x and 0.11.x.
+
+Owns: where `dot`, `load`, `store` and `CompilerParams` of the Pallas Triton backend
+live, and the rule for picking interpret mode. Never holds kernel logic.
+
+JAX 0.10.2 moved `pl.dot` into `jax.experimental.pallas.triton`; 0.11 deprecates the
+Triton backend as a whole (it still works on 0.11.2, the GPU machine's version) and
+warns on import. Kernels import from here so that the move and the warning are handled
+once.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+from jax.experimental import pallas as pl
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from jax.experimental.pallas import triton as plgpu
+
+dot = getattr(plgpu, "dot", None) or pl.dot
+load = plgpu.load
+store = plgpu.store
+CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """Interpret mode when asked, or by default when JAX runs on the CPU.
+
+    Example:
+        >>> resolve_interpret(None) == (jax.default_backend() == "cpu")
+        True
+    """
+    if interpret is None:
+        return jax.default_backend() == "cpu"
+    return bool(interpret)
+
+
+def compiler_params(num_warps: int, num_stages: int):
+    """Triton launch parameters (warps per program, software-pipeline depth)."""
+    return CompilerParams(num_warps=num_warps, num_stages=num_stages)
