@@ -131,7 +131,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """True when the token is the argmax of the (penalised) logits."""
+        """True when the token is the argmax of the (penalised) logits: temperature == 0 (below
+        1e-5, as in vLLM, since dividing by it overflows float32) or top_k == 1."""
         return self.temperature < _GREEDY_TEMPERATURE or self.top_k == 1
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,7 +156,8 @@ class SamplingBatch:
 
     temperature: f32, 0 for greedy rows; top_p: f32 (1 = off); top_k: i32 (-1 = off);
     min_p: f32 (0 = off); repetition_penalty / presence_penalty / frequency_penalty: f32;
-    seeds: u32 [B, 2] (high and low 32 bits of the row's 64-bit seed);
+    seeds: u32 [B, 2] (high and low 32 bits of the row's 64-bit seed; the row's key at a step
+    is fold_in(fold_in(fold_in(key(0), high), low), step));
     min_tokens: i32; banned_ids: i32 [B, MAX_BANNED_IDS], ids masked while
     step < min_tokens, -1 padded. Build it with `make_batch`.
     """
