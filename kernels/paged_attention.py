@@ -78,10 +78,13 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, pages_per_split_re
         acc, m, l = carry
         page0 = first_page + i * pages_per_block
         page_ids = block_table_ref[pl.ds(page0, pages_per_block)]
-        k = k_pages_ref[page_ids].reshape(block_keys, head_dim)
-        v = v_pages_ref[page_ids].reshape(block_keys, head_dim)
-        s = compat.dot(q, k, trans_b=True, precision=precision) * scale
         key_pos = page0 * page_size + jnp.arange(block_keys)
+        k = k_pages_ref[page_ids].reshape(block_keys, head_dim)
+        # Slots past the length may hold anything (stale or never-written pages, even
+        # NaN); zeroing them keeps p = 0 from meeting NaN in the second product.
+        v = v_pages_ref[page_ids].reshape(block_keys, head_dim)
+        v = jnp.where((key_pos < block_limit)[:, None], v, jnp.zeros_like(v))
+        s = compat.dot(q, k, trans_b=True, precision=precision) * scale
         visible = key_pos[None, :] < row_limit[:, None]
         s = jnp.where(visible, s, _MASK_VALUE)
         m_next = jnp.maximum(m, s.max(axis=1))
@@ -278,13 +281,17 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     return out[:, :, :group].reshape(batch, num_heads, head_dim)
 
 
-def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
-    """`[kv_heads, num_pages, page_size, D]` -> contiguous `[batch, kv_heads, keys, D]` f32."""
+def gather_pages(pages: jax.Array, block_tables: jax.Array, lengths: jax.Array) -> jax.Array:
+    """`[kv_heads, num_pages, page_size, D]` -> contiguous `[batch, kv_heads, keys, D]` f32.
+
+    Keys at or past `lengths[b]` are zeroed: unwritten slots may hold anything.
+    """
     kv_heads, _, page_size, head_dim = pages.shape
     batch, table_pages = block_tables.shape
     gathered = pages[:, block_tables].astype(jnp.float32)  # [kv_heads, batch, pages, S, D]
     gathered = gathered.reshape(kv_heads, batch, table_pages * page_size, head_dim)
-    return jnp.swapaxes(gathered, 0, 1)
+    written = jnp.arange(table_pages * page_size)[None, :] < lengths[:, None]
+    return jnp.where(written[:, None, :, None], jnp.swapaxes(gathered, 0, 1), 0.0)
 
 
 def masked_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
@@ -314,8 +321,8 @@ def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, sca
     kv_heads = k_pages.shape[0]
     group = num_heads // kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
-    k = gather_pages(k_pages, block_tables)
-    v = gather_pages(v_pages, block_tables)
+    k = gather_pages(k_pages, block_tables, lengths)
+    v = gather_pages(v_pages, block_tables, lengths)
     keys = k.shape[2]
     visible = (jnp.arange(keys)[None, :] < lengths[:, None])[:, None, None, None, :]
     qg = q.reshape(batch, kv_heads, group, 1, head_dim)

@@ -111,8 +111,8 @@ def paged_prefill_attention_reference(q, k_pages, v_pages, block_tables, q_start
     kv_heads = k_pages.shape[0]
     group = num_heads // kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
-    k = gather_pages(k_pages, block_tables)
-    v = gather_pages(v_pages, block_tables)
+    k = gather_pages(k_pages, block_tables, lengths)
+    v = gather_pages(v_pages, block_tables, lengths)
     positions = q_start[:, None] + jnp.arange(q_len)[None, :]            # [b, n]
     keys = jnp.arange(k.shape[2])
     visible = ((keys[None, None, :] <= positions[:, :, None])

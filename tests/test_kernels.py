@@ -1,0 +1,264 @@
+"""Kernels against their jnp references on fresh random inputs.
+
+CPU runs use Pallas interpret mode; the `gpu`-marked variants compile the same cases with
+Triton (`pytest -m gpu` on the device). Every test draws a new seed and names it on
+failure. Pages a sequence does not own, and slots past its length, are filled with NaN:
+a kernel that reads them into its result fails.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import (cache_scatter, cache_scatter_reference, paged_attention,
+                     paged_attention_reference, paged_prefill_attention,
+                     paged_prefill_attention_reference)
+
+MODES = [pytest.param(None, id="interpret-on-cpu"),
+         pytest.param(False, id="compiled", marks=pytest.mark.gpu)]
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def fresh_rng() -> tuple[np.random.Generator, int]:
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    return np.random.default_rng(seed), seed
+
+
+def relative_error(out, ref) -> float:
+    out = np.asarray(out, np.float32)
+    ref = np.asarray(ref, np.float32)
+    return float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-6))
+
+
+def make_pool(rng, *, kv_heads, head_dim, page_size, num_pages, dtype):
+    shape = (kv_heads, num_pages, page_size, head_dim)
+    return (jnp.asarray(rng.standard_normal(shape), dtype),
+            jnp.asarray(rng.standard_normal(shape), dtype))
+
+
+def make_sequences(rng, *, batch, page_size, table_pages, num_pages, lengths):
+    """Random non-contiguous page tables; every page nobody owns is NaN-poisoned later."""
+    table = rng.permutation(num_pages)[: batch * table_pages].reshape(batch, table_pages)
+    return jnp.asarray(table, jnp.int32), jnp.asarray(lengths, jnp.int32)
+
+
+def poison_unowned(pages, table, lengths, page_size):
+    """NaN in every slot that is not within some sequence's length."""
+    kv_heads, num_pages, _, head_dim = pages.shape
+    owned = np.zeros((num_pages, page_size), bool)
+    for row, length in zip(np.asarray(table), np.asarray(lengths)):
+        for slot in range(int(length)):
+            owned[row[slot // page_size], slot % page_size] = True
+    return jnp.where(jnp.asarray(owned)[None, :, :, None], pages, jnp.nan)
+
+
+def ragged_lengths(rng, batch, page_size, max_len):
+    """0, 1, one page, one page + 1 and the maximum first, then random lengths."""
+    special = [0, 1, page_size, page_size + 1, max_len]
+    rest = rng.integers(0, max_len + 1, size=max(0, batch - len(special)))
+    return np.concatenate([special, rest])[:batch]
+
+
+# (num_heads, kv_heads, head_dim, page_size, dtype, num_splits, pages_per_block): a
+# sample of the sweep (GQA 1/2/7/8, head_dim 64/128, page 8/16/32, splits 1..3), not
+# the full product, to keep interpret mode fast.
+DECODE_CASES = [
+    (14, 2, 64, 16, jnp.bfloat16, 1, 2),
+    (14, 2, 64, 8, jnp.float32, 3, 2),
+    (28, 4, 128, 16, jnp.float32, 2, 1),
+    (8, 1, 64, 32, jnp.bfloat16, 2, 1),
+    (4, 2, 128, 8, jnp.bfloat16, 1, 4),
+    (4, 4, 64, 16, jnp.float32, None, None),
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,dtype,num_splits,ppb",
+                         DECODE_CASES)
+def test_decode_matches_reference_on_ragged_paged_batch(
+        interpret, num_heads, kv_heads, head_dim, page_size, dtype, num_splits, ppb):
+    rng, seed = fresh_rng()
+    batch, table_pages = 6, 5
+    num_pages = batch * table_pages + 3
+    max_len = table_pages * page_size
+    k_pages, v_pages = make_pool(rng, kv_heads=kv_heads, head_dim=head_dim,
+                                 page_size=page_size, num_pages=num_pages, dtype=dtype)
+    table, lengths = make_sequences(rng, batch=batch, page_size=page_size,
+                                    table_pages=table_pages, num_pages=num_pages,
+                                    lengths=ragged_lengths(rng, batch, page_size, max_len))
+    k_pages = poison_unowned(k_pages, table, lengths, page_size)
+    v_pages = poison_unowned(v_pages, table, lengths, page_size)
+    q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), dtype)
+
+    out = paged_attention(q, k_pages, v_pages, table, lengths, interpret=interpret,
+                          num_splits=num_splits, pages_per_block=ppb)
+    ref = paged_attention_reference(q.astype(jnp.float32), k_pages.astype(jnp.float32),
+                                    v_pages.astype(jnp.float32), table, lengths)
+
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
+    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0,
+                                  err_msg=f"length-0 row not zero, seed={seed}")
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_decode_split_combine_inside_jit_with_custom_scale(interpret):
+    rng, seed = fresh_rng()
+    batch, heads, kv_heads, head_dim, page_size, table_pages = 3, 14, 2, 64, 16, 8
+    num_pages = batch * table_pages
+    k_pages, v_pages = make_pool(rng, kv_heads=kv_heads, head_dim=head_dim,
+                                 page_size=page_size, num_pages=num_pages, dtype=jnp.float32)
+    table, lengths = make_sequences(rng, batch=batch, page_size=page_size,
+                                    table_pages=table_pages, num_pages=num_pages,
+                                    lengths=[table_pages * page_size, 37, 0])
+    q = jnp.asarray(rng.standard_normal((batch, heads, head_dim)), jnp.float32)
+    step = jax.jit(functools.partial(paged_attention, scale=0.3, interpret=interpret,
+                                     num_splits=4, pages_per_block=1))
+    out = step(q, k_pages, v_pages, table, lengths)
+    ref = paged_attention_reference(q, k_pages, v_pages, table, lengths, scale=0.3)
+    assert relative_error(out, ref) <= 1e-5, f"seed={seed}"
+
+
+# (num_heads, kv_heads, head_dim, page_size, dtype, q_len, block_rows, num_splits)
+PREFILL_CASES = [
+    (14, 2, 64, 16, jnp.bfloat16, 12, 64, 1),
+    (14, 2, 64, 8, jnp.float32, 9, 16, 2),
+    (16, 2, 128, 16, jnp.float32, 5, 32, 1),
+    (2, 2, 64, 32, jnp.bfloat16, 20, 16, 3),
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,dtype,q_len,block_rows,splits",
+                         PREFILL_CASES)
+def test_prefill_chunk_attends_causally_to_prefix_and_itself(
+        interpret, num_heads, kv_heads, head_dim, page_size, dtype, q_len, block_rows, splits):
+    rng, seed = fresh_rng()
+    table_pages = 4
+    max_len = table_pages * page_size
+    # Rows: a fresh prompt, a chunk after a cached prefix, a chunk padded past its
+    # length, a row that is all padding, a chunk ending exactly at the table's end.
+    q_start = np.array([0, page_size + 1, max_len - q_len // 2, 0, max_len - q_len])
+    lengths = np.array([q_len, page_size + 1 + q_len, max_len, 0, max_len])
+    batch = len(lengths)
+    num_pages = batch * table_pages + 1
+    k_pages, v_pages = make_pool(rng, kv_heads=kv_heads, head_dim=head_dim,
+                                 page_size=page_size, num_pages=num_pages, dtype=dtype)
+    table, lengths = make_sequences(rng, batch=batch, page_size=page_size,
+                                    table_pages=table_pages, num_pages=num_pages,
+                                    lengths=lengths)
+    k_pages = poison_unowned(k_pages, table, lengths, page_size)
+    v_pages = poison_unowned(v_pages, table, lengths, page_size)
+    q = jnp.asarray(rng.standard_normal((batch, q_len, num_heads, head_dim)), dtype)
+    q_start = jnp.asarray(q_start, jnp.int32)
+
+    out = paged_prefill_attention(q, k_pages, v_pages, table, q_start, lengths,
+                                  interpret=interpret, block_rows=block_rows,
+                                  num_splits=splits, pages_per_block=2)
+    ref = paged_prefill_attention_reference(
+        q.astype(jnp.float32), k_pages.astype(jnp.float32), v_pages.astype(jnp.float32),
+        table, q_start, lengths)
+
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
+    padding = np.asarray(q_start)[:, None] + np.arange(q_len)[None] >= np.asarray(lengths)[:, None]
+    np.testing.assert_array_equal(np.asarray(out, np.float32)[padding], 0.0,
+                                  err_msg=f"padding queries not zero, seed={seed}")
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_prefill_of_one_query_equals_decode(interpret):
+    rng, seed = fresh_rng()
+    batch, heads, kv_heads, head_dim, page_size, table_pages = 4, 14, 2, 64, 8, 3
+    num_pages = batch * table_pages
+    k_pages, v_pages = make_pool(rng, kv_heads=kv_heads, head_dim=head_dim,
+                                 page_size=page_size, num_pages=num_pages, dtype=jnp.float32)
+    table, lengths = make_sequences(rng, batch=batch, page_size=page_size,
+                                    table_pages=table_pages, num_pages=num_pages,
+                                    lengths=[1, 8, 9, 24])
+    q = jnp.asarray(rng.standard_normal((batch, heads, head_dim)), jnp.float32)
+    decode = paged_attention(q, k_pages, v_pages, table, lengths, interpret=interpret)
+    prefill = paged_prefill_attention(q[:, None], k_pages, v_pages, table, lengths - 1,
+                                      lengths, interpret=interpret)
+    assert relative_error(prefill[:, 0], decode) <= 1e-5, f"seed={seed}"
+
+
+def scatter_case(rng, *, tokens, kv_heads, head_dim, page_size, num_pages, dtype, padding):
+    k_pages, v_pages = make_pool(rng, kv_heads=kv_heads, head_dim=head_dim,
+                                 page_size=page_size, num_pages=num_pages, dtype=dtype)
+    slots = rng.permutation(num_pages * page_size)[:tokens].astype(np.int32)
+    slots[rng.random(tokens) < padding] = -1
+    k = jnp.asarray(rng.standard_normal((tokens, kv_heads, head_dim)), dtype)
+    v = jnp.asarray(rng.standard_normal((tokens, kv_heads, head_dim)), dtype)
+    return k_pages, v_pages, k, v, jnp.asarray(slots)
+
+
+def assert_scattered(old, new, rows, slots, seed):
+    """Each written slot holds its token's row; every other slot is unchanged."""
+    old, new, rows = (np.asarray(a, np.float32) for a in (old, new, rows))
+    kv_heads, num_pages, page_size, head_dim = old.shape
+    old = old.reshape(kv_heads, -1, head_dim)
+    new = new.reshape(kv_heads, -1, head_dim)
+    slots = np.asarray(slots)
+    written = slots[slots >= 0]
+    np.testing.assert_array_equal(new[:, written], np.swapaxes(rows[slots >= 0], 0, 1),
+                                  err_msg=f"seed={seed}")
+    untouched = np.ones(new.shape[1], bool)
+    untouched[written] = False
+    np.testing.assert_array_equal(new[:, untouched], old[:, untouched],
+                                  err_msg=f"seed={seed}")
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("tokens,kv_heads,head_dim,page_size,dtype,padding", [
+    (5, 2, 64, 16, jnp.bfloat16, 0.3),     # a decode step, some rows padding
+    (200, 4, 128, 8, jnp.float32, 0.1),    # a prefill's worth of tokens
+    (33, 1, 64, 32, jnp.bfloat16, 0.0),
+])
+def test_scatter_writes_each_slot_and_nothing_else(interpret, tokens, kv_heads, head_dim,
+                                                   page_size, dtype, padding):
+    rng, seed = fresh_rng()
+    k_pages, v_pages, k, v, slots = scatter_case(
+        rng, tokens=tokens, kv_heads=kv_heads, head_dim=head_dim, page_size=page_size,
+        num_pages=tokens // page_size + 3, dtype=dtype, padding=padding)
+    new_k, new_v = cache_scatter(k_pages, v_pages, k, v, slots, interpret=interpret)
+    assert_scattered(k_pages, new_k, k, slots, seed)
+    assert_scattered(v_pages, new_v, v, slots, seed)
+    ref_k, ref_v = cache_scatter_reference(k_pages, v_pages, k, v, slots)
+    np.testing.assert_array_equal(np.asarray(new_k, np.float32), np.asarray(ref_k, np.float32))
+    np.testing.assert_array_equal(np.asarray(new_v, np.float32), np.asarray(ref_v, np.float32))
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_scatter_runs_in_place_under_jit_with_donation(interpret):
+    rng, seed = fresh_rng()
+    k_pages, v_pages, k, v, slots = scatter_case(
+        rng, tokens=7, kv_heads=2, head_dim=64, page_size=16, num_pages=6,
+        dtype=jnp.bfloat16, padding=0.2)
+    old_k, old_v = np.asarray(k_pages, np.float32), np.asarray(v_pages, np.float32)
+    step = jax.jit(functools.partial(cache_scatter, interpret=interpret), donate_argnums=(0, 1))
+    hlo = step.lower(k_pages, v_pages, k, v, slots).compile().as_text()
+    assert "input_output_alias" in hlo, "the pools are not aliased to the outputs"
+    k_pointer = k_pages.unsafe_buffer_pointer()
+    new_k, new_v = step(k_pages, v_pages, k, v, slots)
+    assert k_pages.is_deleted(), "the donated pool was not consumed"
+    assert new_k.unsafe_buffer_pointer() == k_pointer, "the pool was copied"
+    assert_scattered(old_k, new_k, k, slots, seed)
+    assert_scattered(old_v, new_v, v, slots, seed)
+
+
+def test_shape_errors_name_the_field():
+    q = jnp.zeros((2, 6, 64))
+    pages = jnp.zeros((4, 3, 16, 64))
+    with pytest.raises(ValueError, match="num_heads"):
+        paged_attention(q, pages, pages, jnp.zeros((2, 2), jnp.int32), jnp.zeros(2, jnp.int32))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        cache_scatter(pages, pages, jnp.zeros((3, 4, 64)), jnp.zeros((3, 4, 64)),
+                      jnp.zeros(2, jnp.int32))
