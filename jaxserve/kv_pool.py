@@ -83,6 +83,13 @@ def _valid_slot(pool: PagePool, seq: Array) -> Array:
     return (seq >= 0) & (seq < pool.max_seqs)
 
 
+def _fit(pages: Array, length: int) -> Array:
+    """Pad with 0 or truncate a page list to a static length (match results come in bucket lengths)."""
+    if pages.shape[0] >= length:
+        return pages[:length]
+    return jnp.pad(pages, (0, length - pages.shape[0]))
+
+
 def num_free(pool: PagePool) -> Array:
     """Number of free pages ([] int32)."""
     return pool.free_count
@@ -191,7 +198,7 @@ def try_attach(pool: PagePool, seq: int | Array, pages: Array, num_tokens: int |
     """`attach` that also reports whether it happened ([] bool); see `attach`."""
     seq = jnp.asarray(seq, jnp.int32)
     num_tokens = jnp.asarray(num_tokens, jnp.int32)
-    pages = jnp.asarray(pages, jnp.int32)
+    pages = _fit(jnp.asarray(pages, jnp.int32), pool.max_pages_per_seq)
     n_pages = _pages_for(num_tokens, pool.page_size)
     j = jnp.arange(pool.max_pages_per_seq)
     mask = j < n_pages
@@ -211,10 +218,10 @@ def try_attach(pool: PagePool, seq: int | Array, pages: Array, num_tokens: int |
 def attach(pool: PagePool, seq: int | Array, pages: Array, num_tokens: int | Array) -> PagePool:
     """Give EMPTY slot `seq` the first ceil(num_tokens / page_size) of `pages` (a cached prefix), refcount += 1.
 
-    `pages` is [max_pages_per_seq] int32 (a radix-index match result fits). `num_tokens` should be a multiple
-    of page_size: the pages are shared, so the slot must not write into the last one. The call is a no-op if
-    the slot is not empty, `seq` is out of range, the pages do not fit, or a page is not held by anyone (a free
-    page cannot be shared); use `try_attach` to learn which.
+    `pages` is int32 of any length (a radix-index match result fits; it is padded or cut to max_pages_per_seq).
+    `num_tokens` should be a multiple of page_size: the pages are shared, so the slot must not write into the
+    last one. The call is a no-op if the slot is not empty, `seq` is out of range, the pages do not fit, or a
+    page is not held by anyone (a free page cannot be shared); use `try_attach` to learn which.
 
     >>> pool, _ = allocate(create(8, 4, 2, 4), 0, 8)
     >>> pool = attach(pool, 1, pool.page_table[0], 8)

@@ -1,0 +1,459 @@
+"""Radix prefix index (SGLang RadixAttention, page-granular) stored as arrays.
+
+Owns a tree of full KV pages keyed by their tokens: node -> parent, physical page, the page's tokens,
+a hash of the prefix up to it, last-use clock, lock count and child count, plus an open-addressing
+hash table (linear probing, backward-shift deletion) for child lookup keyed by (parent, page tokens).
+Lookups always compare the stored tokens, so a hash collision can cost probes but never return a
+wrong page. The index is a holder of the pages it indexes: `insert` takes one pool reference per newly
+indexed page and eviction drops it (the page returns to the free stack only when no sequence holds it).
+
+Never touches K/V data and never decides what to evict beyond LRU order among unlocked leaves: the
+scheduler locks the paths of running sequences and says how many pages it needs.
+
+Node 0 is the root (empty prefix, no page); nodes 1..capacity hold pages. Every function is pure and
+usable under `jax.jit` (the scheduler runs match/insert jitted on the CPU backend with `tokens` padded to a
+bucket length; donate the index and pool so updates happen in place).
+
+The last-use clock advances by one per node touched (match and insert stamp the path root to leaf), so
+ties never happen and deeper nodes are more recent. It is int32: it wraps after 2**31 node touches
+(about 16M requests of 2k tokens); the counters in `stats` are int32 as well.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxserve import kv_pool
+from jaxserve.kv_pool import PagePool
+
+Array = jax.Array
+
+ROOT = 0
+_EMPTY = -1
+_SEARCHING = -2
+_ROOT_HASH = 0x2545F491
+_INT32_MAX = 2**31 - 1
+
+
+@flax.struct.dataclass
+class RadixIndex:
+    """Radix index state (a pytree; sizes are static). N = capacity + 1 nodes, node 0 the root.
+
+    parent: [N] int32 (-1 for the root and unused nodes); page: [N] int32 physical page;
+    tokens: [N, page_size] int32 the page's tokens; prefix_hash: [N] uint32 hash of the prefix up to and
+    including the node's page (the node's hash-table key); last_use: [N] int32; lock_count: [N] int32;
+    num_children: [N] int32; in_use: [N] bool; free_nodes/free_node_count: stack of unused node ids;
+    table: [table_size] int32 node ids, -1 empty; clock, hits, misses, hit_tokens, queried_tokens: [] int32.
+    """
+
+    parent: Array
+    page: Array
+    tokens: Array
+    prefix_hash: Array
+    last_use: Array
+    lock_count: Array
+    num_children: Array
+    in_use: Array
+    free_nodes: Array
+    free_node_count: Array
+    table: Array
+    clock: Array
+    hits: Array
+    misses: Array
+    hit_tokens: Array
+    queried_tokens: Array
+    capacity: int = flax.struct.field(pytree_node=False)
+    page_size: int = flax.struct.field(pytree_node=False)
+    table_size: int = flax.struct.field(pytree_node=False)
+    hash_mask: int = flax.struct.field(pytree_node=False)
+
+
+def _free_node_stack(unused: Array) -> tuple[Array, Array]:
+    """Stack of the unused node ids (root excluded) with the smallest id on top."""
+    n = unused.shape[0]
+    unused = unused & (jnp.arange(n) != ROOT)
+    count = jnp.sum(unused, dtype=jnp.int32)
+    pos = jnp.where(unused, count - jnp.cumsum(unused, dtype=jnp.int32), n)
+    stack = jnp.zeros(n, jnp.int32).at[pos].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+    return stack, count
+
+
+def create(capacity: int, page_size: int, table_size: int | None = None, hash_bits: int = 32) -> RadixIndex:
+    """An empty index holding up to `capacity` pages.
+
+    table_size defaults to the power of two >= 2 * capacity and must exceed capacity. hash_bits < 32 keeps
+    only that many hash bits (tests use it to force collisions).
+
+    >>> index = create(capacity=1024, page_size=16)
+    >>> int(stats(index)["nodes"])
+    0
+    """
+    if not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+    if not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+    if table_size is None:
+        table_size = 1 << (2 * capacity - 1).bit_length()
+    if not isinstance(table_size, int) or table_size <= capacity:
+        raise ValueError(f"table_size must be an int > capacity ({capacity}), got {table_size!r}")
+    if not isinstance(hash_bits, int) or not 0 <= hash_bits <= 32:
+        raise ValueError(f"hash_bits must be an int in [0, 32], got {hash_bits!r}")
+    n = capacity + 1
+    free_nodes, free_count = _free_node_stack(jnp.ones(n, bool))
+    hash_mask = (1 << hash_bits) - 1
+    zero = jnp.zeros((), jnp.int32)
+    return RadixIndex(
+        parent=jnp.full(n, -1, jnp.int32),
+        page=jnp.zeros(n, jnp.int32),
+        tokens=jnp.zeros((n, page_size), jnp.int32),
+        prefix_hash=jnp.zeros(n, jnp.uint32).at[ROOT].set(_ROOT_HASH & hash_mask),
+        last_use=jnp.zeros(n, jnp.int32),
+        lock_count=jnp.zeros(n, jnp.int32),
+        num_children=jnp.zeros(n, jnp.int32),
+        in_use=jnp.zeros(n, bool).at[ROOT].set(True),
+        free_nodes=free_nodes,
+        free_node_count=free_count,
+        table=jnp.full(table_size, _EMPTY, jnp.int32),
+        clock=zero, hits=zero, misses=zero, hit_tokens=zero, queried_tokens=zero,
+        capacity=capacity, page_size=page_size, table_size=table_size, hash_mask=hash_mask,
+    )
+
+
+def _fmix(h: Array) -> Array:
+    """murmur3's 32-bit finaliser: every input bit affects every output bit."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _page_hashes(pages_tokens: Array) -> Array:
+    """Hash of each page's tokens, [P, page_size] -> [P] uint32, all pages at once."""
+    ps = pages_tokens.shape[-1]
+    salt = (jnp.arange(ps, dtype=jnp.uint32) + 1) * jnp.uint32(0x9E3779B9)
+    mixed = _fmix(pages_tokens.astype(jnp.uint32) * jnp.uint32(0x01000193) ^ salt)
+    return _fmix(jnp.sum(mixed, axis=-1, dtype=jnp.uint32))
+
+
+def _child_hash(index: RadixIndex, parent_hash: Array, page_hash: Array) -> Array:
+    h = _fmix(parent_hash * jnp.uint32(0x9E3779B1) + page_hash + jnp.uint32(0x7F4A7C15))
+    return h & jnp.uint32(index.hash_mask)
+
+
+def _home(index: RadixIndex, key: Array) -> Array:
+    return (key % jnp.uint32(index.table_size)).astype(jnp.int32)
+
+
+def _next_slot(index: RadixIndex, slot: Array) -> Array:
+    return jnp.where(slot + 1 == index.table_size, 0, slot + 1)
+
+
+def _find_child(index: RadixIndex, parent: Array, key: Array, page_tokens: Array) -> Array:
+    """Child of `parent` whose page holds `page_tokens` (key is its prefix hash), or -1."""
+    def cond(s: tuple[Array, Array, Array]) -> Array:
+        return s[2] == _SEARCHING
+
+    def body(s: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+        probes, slot, _ = s
+        node = index.table[slot]
+        safe = jnp.maximum(node, 0)
+        same = ((node >= 0) & (index.prefix_hash[safe] == key) & (index.parent[safe] == parent)
+                & jnp.all(index.tokens[safe] == page_tokens))
+        result = jnp.where(node < 0, _EMPTY, jnp.where(same, node, _SEARCHING))
+        result = jnp.where((result == _SEARCHING) & (probes + 1 >= index.table_size), _EMPTY, result)
+        return probes + 1, _next_slot(index, slot), result
+
+    init = (jnp.zeros((), jnp.int32), _home(index, key), jnp.asarray(_SEARCHING, jnp.int32))
+    return jax.lax.while_loop(cond, body, init)[2]
+
+
+def _table_put(index: RadixIndex, node: Array) -> Array:
+    """The table with `node` placed at the first empty slot from its home (one always exists)."""
+    slot = jax.lax.while_loop(lambda s: index.table[s] != _EMPTY, lambda s: _next_slot(index, s),
+                              _home(index, index.prefix_hash[node]))
+    return index.table.at[slot].set(node)
+
+
+def _table_remove(index: RadixIndex, node: Array) -> Array:
+    """The table without `node`; later entries of its probe run shift back so no tombstones are needed."""
+    table = index.table
+    slot = jax.lax.while_loop(lambda s: table[s] != node, lambda s: _next_slot(index, s),
+                              _home(index, index.prefix_hash[node]))
+
+    def cond(s: tuple[Array, Array, Array]) -> Array:
+        return s[2][s[1]] != _EMPTY
+
+    def body(s: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+        hole, j, t = s
+        entry = t[j]
+        home = _home(index, index.prefix_hash[entry])
+        # The entry may fill the hole unless its home lies cyclically in (hole, j].
+        stays = jnp.where(hole <= j, (hole < home) & (home <= j), (hole < home) | (home <= j))
+        t = t.at[hole].set(jnp.where(stays, t[hole], entry))
+        return jnp.where(stays, hole, j), _next_slot(index, j), t
+
+    hole, _, table = jax.lax.while_loop(cond, body, (slot, _next_slot(index, slot), table))
+    return table.at[hole].set(_EMPTY)
+
+
+def _touch(index: RadixIndex, node: Array) -> RadixIndex:
+    clock = index.clock + 1
+    return index.replace(clock=clock, last_use=index.last_use.at[node].set(clock))
+
+
+def _remove_node(index: RadixIndex, pool: PagePool, node: Array) -> tuple[RadixIndex, PagePool]:
+    """Drop leaf `node` and the index's reference to its page."""
+    pool = kv_pool.release(pool, index.page[node][None], jnp.ones(1, bool))
+    index = index.replace(
+        table=_table_remove(index, node),
+        num_children=index.num_children.at[index.parent[node]].add(-1),
+        parent=index.parent.at[node].set(-1),
+        in_use=index.in_use.at[node].set(False),
+        free_nodes=index.free_nodes.at[index.free_node_count].set(node),
+        free_node_count=index.free_node_count + 1,
+    )
+    return index, pool
+
+
+def _evict_one(index: RadixIndex, pool: PagePool, exclude: Array) -> tuple[RadixIndex, PagePool, Array, Array]:
+    """Evict the least recently used unlocked leaf other than `exclude`.
+
+    Returns (index, pool, evicted, pages returned to the free stack (0 or 1)).
+    """
+    ids = jnp.arange(index.capacity + 1)
+    candidate = (index.in_use & (index.num_children == 0) & (index.lock_count == 0) & (ids != ROOT)
+                 & (ids != exclude))
+    found = jnp.any(candidate)
+    victim = jnp.argmin(jnp.where(candidate, index.last_use, _INT32_MAX)).astype(jnp.int32)
+    before = pool.free_count
+    index, pool = jax.lax.cond(found, lambda ip: _remove_node(ip[0], ip[1], victim), lambda ip: ip, (index, pool))
+    return index, pool, found, pool.free_count - before
+
+
+def _split_pages(index: RadixIndex, tokens: Array) -> tuple[Array, Array]:
+    """tokens [L] -> (page tokens [L // page_size, page_size], page hashes [L // page_size])."""
+    num = tokens.shape[0] // index.page_size
+    pages_tokens = jnp.asarray(tokens, jnp.int32)[: num * index.page_size].reshape(num, index.page_size)
+    return pages_tokens, _page_hashes(pages_tokens)
+
+
+def match(index: RadixIndex, tokens: Array, length: int | Array) -> tuple[RadixIndex, Array, Array, Array]:
+    """Longest cached prefix of tokens[:length], in whole pages.
+
+    Returns (index, num_cached_tokens [] int32, pages [L // page_size] int32 padded with 0,
+    node_ids [L // page_size] int32: the matched path root-down, padded with -1). `deepest_node(node_ids)`
+    is the node to `lock`. Stamps the matched path's last use; counts a hit if any page matched, else a miss.
+
+    >>> index = create(8, 2)
+    >>> index, n, pages, nodes = match(index, jnp.array([1, 2, 3, 4]), 4)
+    >>> int(n), pages.tolist(), nodes.tolist()
+    (0, [0, 0], [-1, -1])
+    """
+    pages_tokens, page_hashes = _split_pages(index, tokens)
+    num = pages_tokens.shape[0]
+    length = jnp.asarray(length, jnp.int32)
+    if num == 0:
+        index = index.replace(misses=index.misses + 1, queried_tokens=index.queried_tokens + jnp.maximum(length, 0))
+        return index, jnp.zeros((), jnp.int32), jnp.zeros(0, jnp.int32), jnp.zeros(0, jnp.int32)
+    limit = jnp.clip(length // index.page_size, 0, num)
+
+    def cond(s: tuple[Array, Array, Array, Array]) -> Array:
+        return (s[0] < limit) & ~s[2]
+
+    def body(s: tuple[Array, Array, Array, Array]) -> tuple[Array, Array, Array, Array]:
+        i, node, _, path = s
+        key = _child_hash(index, index.prefix_hash[node], page_hashes[i])
+        child = _find_child(index, node, key, pages_tokens[i])
+        hit = child >= 0
+        return i + hit, jnp.where(hit, child, node), ~hit, path.at[i].set(child)
+
+    init = (jnp.zeros((), jnp.int32), jnp.asarray(ROOT, jnp.int32), jnp.asarray(False),
+            jnp.full(num, _EMPTY, jnp.int32))
+    matched, _, _, path = jax.lax.while_loop(cond, body, init)
+    on_path = jnp.arange(num) < matched
+    path = jnp.where(on_path, path, _EMPTY)
+    stamps = index.clock + 1 + jnp.arange(num, dtype=jnp.int32)
+    hit = matched > 0
+    index = index.replace(
+        last_use=index.last_use.at[jnp.where(on_path, path, index.capacity + 1)].set(stamps, mode="drop"),
+        clock=index.clock + matched,
+        hits=index.hits + hit,
+        misses=index.misses + ~hit,
+        hit_tokens=index.hit_tokens + matched * index.page_size,
+        queried_tokens=index.queried_tokens + jnp.maximum(length, 0),
+    )
+    pages = jnp.where(on_path, index.page[jnp.maximum(path, 0)], 0)
+    return index, matched * index.page_size, pages, path
+
+
+def deepest_node(node_ids: Array) -> Array:
+    """The last node of a `match` path, or ROOT when nothing matched ([] int32)."""
+    count = jnp.sum(node_ids >= 0)
+    return jnp.where(count > 0, node_ids[jnp.maximum(count - 1, 0)], ROOT).astype(jnp.int32)
+
+
+def insert(index: RadixIndex, pool: PagePool, tokens: Array, length: int | Array,
+           pages: Array) -> tuple[RadixIndex, PagePool]:
+    """Index the full pages of tokens[:length], held in `pages` (the sequence's page-table row).
+
+    Pages whose prefix is already indexed are skipped (the existing node keeps its page); the path is
+    stamped as used. Each new node takes a pool reference on its page. When no node is free, the LRU
+    unlocked leaf (never the node being extended) is evicted first; if none can be, insertion stops. It also
+    stops at a page nobody holds (refcount 0), which would otherwise be taken from the free stack's care.
+
+    >>> pool, _ = kv_pool.allocate(kv_pool.create(8, 2, 2, 4), 0, 4)
+    >>> index, pool = insert(create(8, 2), pool, jnp.array([1, 2, 3, 4]), 4, pool.page_table[0])
+    >>> index, n, pages, _ = match(index, jnp.array([1, 2, 3, 9]), 4)
+    >>> int(n), pages.tolist(), pool.refcount[:2].tolist()
+    (2, [0, 0], [2, 2])
+    """
+    pages_tokens, page_hashes = _split_pages(index, tokens)
+    num = pages_tokens.shape[0]
+    if num == 0:
+        return index, pool
+    pages = jnp.asarray(pages, jnp.int32)
+    # The caller passes its page-table row (max_pages_per_seq long); only the first `num` entries can matter.
+    pages = pages[:num] if pages.shape[0] >= num else jnp.pad(pages, (0, num - pages.shape[0]))
+    limit = jnp.clip(jnp.asarray(length, jnp.int32) // index.page_size, 0, num)
+
+    def cond(s: tuple[Array, Array, Array, RadixIndex, PagePool]) -> Array:
+        return (s[0] < limit) & ~s[2]
+
+    def body(s: tuple[Array, Array, Array, RadixIndex, PagePool]) -> tuple[Array, Array, Array, RadixIndex, PagePool]:
+        i, node, _, idx, pl = s
+        key = _child_hash(idx, idx.prefix_hash[node], page_hashes[i])
+        child = _find_child(idx, node, key, pages_tokens[i])
+        page = pages[i]
+
+        def existing(ip: tuple[RadixIndex, PagePool]) -> tuple[RadixIndex, PagePool, Array, Array]:
+            return _touch(ip[0], child), ip[1], child, jnp.asarray(False)
+
+        def new(ip: tuple[RadixIndex, PagePool]) -> tuple[RadixIndex, PagePool, Array, Array]:
+            idx, pl = ip
+            idx, pl = jax.lax.cond(idx.free_node_count == 0, lambda a: _evict_one(a[0], a[1], node)[:2],
+                                   lambda a: a, (idx, pl))
+            held = (page >= 0) & (page < pl.num_pages) & (pl.refcount[jnp.clip(page, 0, pl.num_pages - 1)] > 0)
+            can = (idx.free_node_count > 0) & held
+
+            def add(ip: tuple[RadixIndex, PagePool]) -> tuple[RadixIndex, PagePool, Array]:
+                idx, pl = ip
+                v = idx.free_nodes[idx.free_node_count - 1]
+                idx = idx.replace(
+                    free_node_count=idx.free_node_count - 1,
+                    parent=idx.parent.at[v].set(node),
+                    page=idx.page.at[v].set(page),
+                    tokens=idx.tokens.at[v].set(pages_tokens[i]),
+                    prefix_hash=idx.prefix_hash.at[v].set(key),
+                    lock_count=idx.lock_count.at[v].set(0),
+                    num_children=idx.num_children.at[v].set(0).at[node].add(1),
+                    in_use=idx.in_use.at[v].set(True),
+                )
+                idx = _touch(idx.replace(table=_table_put(idx, v)), v)
+                return idx, kv_pool.retain(pl, page[None], jnp.ones(1, bool)), v
+
+            idx, pl, v = jax.lax.cond(can, add, lambda ip: (ip[0], ip[1], node), (idx, pl))
+            return idx, pl, v, ~can
+
+        idx, pl, node, stop = jax.lax.cond(child >= 0, existing, new, (idx, pl))
+        return i + 1, node, stop, idx, pl
+
+    init = (jnp.zeros((), jnp.int32), jnp.asarray(ROOT, jnp.int32), jnp.asarray(False), index, pool)
+    _, _, _, index, pool = jax.lax.while_loop(cond, body, init)
+    return index, pool
+
+
+def _add_lock(index: RadixIndex, node: int | Array, delta: int) -> RadixIndex:
+    node = jnp.asarray(node, jnp.int32)
+    valid = (node > ROOT) & (node <= index.capacity)
+    start = jnp.where(valid & index.in_use[jnp.clip(node, 0, index.capacity)], node, ROOT)
+
+    def body(s: tuple[Array, Array]) -> tuple[Array, Array]:
+        v, locks = s
+        return index.parent[v], locks.at[v].set(jnp.maximum(locks[v] + delta, 0))
+
+    _, locks = jax.lax.while_loop(lambda s: s[0] > ROOT, body, (start, index.lock_count))
+    return index.replace(lock_count=locks)
+
+
+def lock(index: RadixIndex, node: int | Array) -> RadixIndex:
+    """Pin `node` and its ancestors against eviction (lock count + 1 each). ROOT or -1: no-op.
+
+    >>> index = lock(create(8, 2), ROOT)
+    """
+    return _add_lock(index, node, 1)
+
+
+def unlock(index: RadixIndex, node: int | Array) -> RadixIndex:
+    """Undo one `lock(index, node)` (lock counts never go below 0). ROOT or -1: no-op.
+
+    >>> index = unlock(create(8, 2), ROOT)
+    """
+    return _add_lock(index, node, -1)
+
+
+def evict(index: RadixIndex, pool: PagePool, num_pages: int | Array) -> tuple[RadixIndex, PagePool, Array]:
+    """Evict LRU unlocked leaves (repeatedly, so parents become leaves) until `num_pages` pages are free again.
+
+    Each evicted node drops the index's reference; its page returns to the free stack only if no sequence
+    holds it. Stops once `num_pages` pages went back to the free stack or no unlocked leaf is left; returns
+    that count ([] int32). Leaves whose page a sequence still holds are evicted on the way but do not count
+    (lock the paths of running sequences to keep them).
+
+    >>> pool = kv_pool.create(8, 2, 2, 4)
+    >>> index, pool, freed = evict(create(8, 2), pool, 4)
+    >>> int(freed)
+    0
+    """
+    num_pages = jnp.asarray(num_pages, jnp.int32)
+
+    def body(s: tuple[Array, Array, RadixIndex, PagePool]) -> tuple[Array, Array, RadixIndex, PagePool]:
+        freed, _, idx, pl = s
+        idx, pl, evicted, returned = _evict_one(idx, pl, jnp.asarray(-1, jnp.int32))
+        return freed + returned, evicted, idx, pl
+
+    init = (jnp.zeros((), jnp.int32), jnp.asarray(True), index, pool)
+    freed, _, index, pool = jax.lax.while_loop(lambda s: (s[0] < num_pages) & s[1], body, init)
+    return index, pool, freed
+
+
+def clear(index: RadixIndex, pool: PagePool) -> tuple[RadixIndex, PagePool]:
+    """Drop every unlocked node, releasing its page reference; locked paths stay.
+
+    >>> index, pool = clear(create(8, 2), kv_pool.create(8, 2, 2, 4))
+    """
+    n = index.capacity + 1
+    ids = jnp.arange(n)
+    drop = index.in_use & (index.lock_count == 0) & (ids != ROOT)
+    pool = kv_pool.release(pool, index.page, drop)
+    keep = index.in_use & ~drop
+    free_nodes, free_count = _free_node_stack(~keep)
+    index = index.replace(
+        parent=jnp.where(keep, index.parent, -1),
+        in_use=keep,
+        num_children=jnp.zeros(n, jnp.int32).at[jnp.where(keep & (ids != ROOT), index.parent, n)].add(1, mode="drop"),
+        free_nodes=free_nodes,
+        free_node_count=free_count,
+        table=jnp.full(index.table_size, _EMPTY, jnp.int32),
+    )
+
+    def put(v: Array, idx: RadixIndex) -> RadixIndex:
+        return jax.lax.cond(keep[v] & (v != ROOT), lambda i: i.replace(table=_table_put(i, v)), lambda i: i, idx)
+
+    return jax.lax.fori_loop(0, n, put, index), pool
+
+
+def stats(index: RadixIndex) -> dict[str, Array]:
+    """Counters, all [] int32: nodes (indexed pages), locked_nodes, hits / misses (match calls with / without
+    a matched page), hit_tokens, queried_tokens (sum of match lengths).
+    """
+    return {
+        "nodes": jnp.sum(index.in_use, dtype=jnp.int32) - 1,
+        "locked_nodes": jnp.sum(index.in_use & (index.lock_count > 0), dtype=jnp.int32),
+        "hits": index.hits,
+        "misses": index.misses,
+        "hit_tokens": index.hit_tokens,
+        "queried_tokens": index.queried_tokens,
+    }
