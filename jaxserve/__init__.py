@@ -1,6 +1,14 @@
-"""jaxserve: a JAX/Pallas inference engine for Qwen2/Qwen2.5 models."""
+"""jaxserve: a JAX/Pallas inference engine for Qwen2/Qwen2.5 models.
+
+Example:
+    >>> import jaxserve
+    >>> outs = jaxserve.generate(jaxserve.load(), ["def add(a, b):"], jaxserve.SamplingParams(max_tokens=16))
+"""
 
 from jaxserve.config import ModelConfig
+from jaxserve.engine import Engine, generate
+from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
+from jaxserve.sampling import SamplingParams
 
-__all__ = ["ModelConfig", "LoadedModel", "load"]
+__all__ = ["Engine", "EngineConfig", "LoadedModel", "ModelConfig", "SamplingParams", "generate", "load"]

@@ -39,6 +39,8 @@ class PagedAttention:
     block_tables: jax.Array
     lengths: jax.Array
     q_start: jax.Array
+    # "pallas": the kernels (compiled on GPU, interpreted on CPU); "reference": their jnp twins.
+    impl: str = flax.struct.field(pytree_node=False, default="pallas")
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -75,6 +77,22 @@ def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: ja
     return out.reshape(b, s, h, d).astype(q.dtype)
 
 
+def _paged_ops(impl: str):
+    """(scatter, decode attention, prefill attention) for ``impl``.
+
+    Imported on first paged use so that dense use (training, parity checks) never loads Pallas.
+    """
+    from kernels.cache_scatter import cache_scatter, cache_scatter_reference
+    from kernels.paged_attention import paged_attention, paged_attention_reference
+    from kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_reference
+
+    if impl == "pallas":
+        return cache_scatter, paged_attention, paged_prefill_attention
+    if impl == "reference":
+        return cache_scatter_reference, paged_attention_reference, paged_prefill_attention_reference
+    raise ValueError(f"attention impl must be 'pallas' or 'reference', got {impl!r}")
+
+
 class RMSNorm(nn.Module):
     eps: float
     dtype: Any
@@ -106,20 +124,14 @@ class Attention(nn.Module):
         if paged is None:
             out = dense_causal_attention(q, k, v, lengths)
         else:
-            # Imported here so that dense use (training, parity checks) never loads Pallas.
-            from kernels.cache_scatter import cache_scatter
-            from kernels.paged_attention import paged_attention
-            from kernels.prefill_attention import paged_prefill_attention
-
-            k_pages, v_pages = cache_scatter(kv[0], kv[1], k.reshape(b * s, kvh, d).astype(kv[0].dtype),
-                                             v.reshape(b * s, kvh, d).astype(kv[1].dtype),
-                                             paged.slot_mapping.reshape(b * s))
+            scatter, decode, prefill = _paged_ops(paged.impl)
+            k_pages, v_pages = scatter(kv[0], kv[1], k.reshape(b * s, kvh, d).astype(kv[0].dtype),
+                                       v.reshape(b * s, kvh, d).astype(kv[1].dtype), paged.slot_mapping.reshape(b * s))
             kv = (k_pages, v_pages)
             if s == 1:
-                out = paged_attention(q[:, 0], k_pages, v_pages, paged.block_tables, paged.lengths)[:, None]
+                out = decode(q[:, 0], k_pages, v_pages, paged.block_tables, paged.lengths)[:, None]
             else:
-                out = paged_prefill_attention(q, k_pages, v_pages, paged.block_tables, paged.q_start,
-                                              paged.lengths)
+                out = prefill(q, k_pages, v_pages, paged.block_tables, paged.q_start, paged.lengths)
         out = nn.Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
                        name="o_proj")(out.reshape(b, s, h * d).astype(self.dtype))
         return out, kv

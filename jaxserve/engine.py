@@ -1,0 +1,327 @@
+"""The engine loop and ``jaxserve.generate``: requests in, finished results out.
+
+Owns request validation, the step loop (scheduler plan -> runner call -> tokens appended to
+requests -> finished requests released) and statistics. It never decides admission
+(scheduler), never touches device arrays beyond handing them to the runner, and is not
+thread-safe: one thread (the async engine's loop, or the caller) drives it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.engine_config import EngineConfig
+from jaxserve.loading import LoadedModel, load
+from jaxserve.request import Request, Status
+from jaxserve.runner import Runner, default_attention_impl
+from jaxserve.sampling import SamplingParams, make_batch, needs_sampling
+from jaxserve.scheduler import Scheduler
+from jaxserve.tokenizer import IncrementalDetokenizer
+
+Prompt = str | Sequence[int]
+MAX_TOP_LOGPROBS = 20
+
+
+def _pages_from_memory(config: EngineConfig, bytes_per_page: int) -> int:
+    stats = jax.local_devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return 1024
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return max(16, int(free * config.memory_fraction) // bytes_per_page)
+
+
+class Engine:
+    """Continuous batching over the paged KV pool.
+
+    Example:
+        >>> with Engine(jaxserve.load(), EngineConfig(max_running=8)) as engine:   # doctest: +SKIP
+        ...     rid = engine.add_request("def fib(n):", SamplingParams(max_tokens=16, temperature=0))
+        ...     while engine.has_unfinished():
+        ...         for req in engine.step():
+        ...             print(req.request_id, req.take_delta())
+    """
+
+    def __init__(self, model: LoadedModel | str | os.PathLike | None = None,
+                 config: EngineConfig | None = None) -> None:
+        if not isinstance(model, LoadedModel):
+            model = load(model, dtype=(config or EngineConfig()).dtype)
+        self.config = config or EngineConfig()
+        self.model = model
+        self.tokenizer = model.tokenizer
+        mcfg = model.config
+        target = jnp.dtype(self.config.dtype)
+        params = jax.tree_util.tree_map(lambda x: x.astype(target) if x.dtype != target else x, model.params)
+        self.max_model_len = min(self.config.max_model_len or mcfg.max_position_embeddings,
+                                 mcfg.max_position_embeddings)
+        bytes_per_page = (2 * mcfg.num_hidden_layers * mcfg.num_key_value_heads * self.config.page_size
+                          * mcfg.head_dim * target.itemsize)
+        num_pages = self.config.num_pages or _pages_from_memory(self.config, bytes_per_page)
+        impl = self.config.attention_impl
+        self.runner = Runner(mcfg, params, num_pages=num_pages, page_size=self.config.page_size,
+                             attention_impl=default_attention_impl() if impl == "auto" else impl)
+        self.scheduler = Scheduler(self.config, num_pages, self.max_model_len)
+        eos = set(mcfg.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_ids = tuple(sorted(eos))
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._started = time.perf_counter()
+        self.generated_tokens = 0
+        self.prefill_tokens = 0
+        self.closed = False
+
+    # ----- requests ------------------------------------------------------------------------
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is text but this engine has no tokenizer; pass token ids")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = [int(t) for t in prompt]
+            vocab = self.model.config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        return ids
+
+    def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                     request_id: str | None = None) -> Request:
+        """Validate and build a request without queueing it (raises ``ValueError`` on bad input)."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        ids = self._prompt_ids(prompt)
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_model_len ({self.max_model_len})")
+        if params.logprobs is not None and params.logprobs > MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.logprobs}")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        return Request(request_id, ids, params, detok, self.eos_ids)
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a prompt (text or token ids); returns its request id."""
+        if self.closed:
+            raise RuntimeError("engine is closed")
+        request = self.make_request(prompt, params, request_id)
+        self.requests[request.request_id] = request
+        if self.scheduler.never_fits(request):
+            request.finish("abort", f"prompt + max_tokens needs more KV pages than the pool holds "
+                                    f"({self.scheduler.num_pages} pages of {self.config.page_size})")
+        else:
+            self.scheduler.add(request)
+        return request.request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now; its pages are freed. False if it is unknown or already finished."""
+        request = self.requests.get(request_id)
+        if request is None or request.status is Status.FINISHED:
+            return False
+        self.scheduler.remove(request)
+        request.finish("abort")
+        return True
+
+    def release(self, request_id: str) -> Request | None:
+        """Forget a finished request (the caller has read its result)."""
+        request = self.requests.get(request_id)
+        if request is not None and request.status is Status.FINISHED:
+            del self.requests[request_id]
+        return request
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ----- steps ---------------------------------------------------------------------------
+    def _sampling_inputs(self, reqs: list[Request], batch: int):
+        params = [r.params for r in reqs]
+        sbatch = make_batch(params, batch, eos_token_ids=self.eos_ids)
+        steps = np.zeros(batch, np.int32)
+        steps[: len(reqs)] = [len(r.output_ids) for r in reqs]
+        num_top = MAX_TOP_LOGPROBS if any((p.logprobs or 0) > 0 for p in params) else 0
+        counts = seen = None
+        if needs_sampling(params) and any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                                          or p.frequency_penalty != 0.0 for p in params):
+            vocab = self.model.config.vocab_size
+            counts_np = np.zeros((batch, vocab), np.int32)
+            seen_np = np.zeros((batch, vocab), bool)
+            for i, r in enumerate(reqs):
+                np.add.at(counts_np[i], np.asarray(r.output_ids, np.int64), 1)
+                seen_np[i, np.asarray(r.all_ids, np.int64)] = True
+            counts, seen = jnp.asarray(counts_np), jnp.asarray(seen_np)
+        return sbatch, steps, num_top, counts, seen
+
+    def _append(self, request: Request, out, k: int | None, b: int) -> None:
+        def pick(x):
+            x = np.asarray(x)
+            return x[b] if k is None else x[k, b]
+
+        top = None
+        if request.params.logprobs:
+            ids, lps = pick(out.top_ids), pick(out.top_logprobs)
+            top = {int(i): float(lp) for i, lp in zip(ids[: request.params.logprobs], lps)}
+        request.append(int(pick(out.tokens)), float(pick(out.logprobs)), top)
+        self.generated_tokens += 1
+
+    def _run_prefill(self, rows: list[tuple[Request, int, int]]) -> None:
+        cfg = self.config
+        batch = EngineConfig.bucket(cfg.batch_buckets, len(rows))
+        width = EngineConfig.bucket(cfg.prefill_buckets, max(e - s for _, s, e in rows))
+        tokens = np.zeros((batch, width), np.int32)
+        q_start = np.zeros(batch, np.int32)
+        lengths = np.zeros(batch, np.int32)
+        table = self.scheduler.page_table()
+        block_tables = np.zeros((batch, table.shape[1]), np.int32)
+        for i, (r, s, e) in enumerate(rows):
+            tokens[i, : e - s] = r.all_ids[s:e]
+            q_start[i], lengths[i] = s, e
+            block_tables[i] = table[r.slot]
+        reqs = [r for r, _, _ in rows]
+        sbatch, steps, num_top, counts, seen = self._sampling_inputs(reqs, batch)
+        out = self.runner.prefill(tokens, q_start, lengths, block_tables, sbatch, steps, counts, seen, num_top)
+        out = jax.device_get(out)
+        for i, (r, s, e) in enumerate(rows):
+            r.computed = e
+            self.prefill_tokens += e - s
+            if e == r.prefill_end:
+                self._append(r, out, None, i)
+                self.scheduler.after_prefill(r)
+
+    def _run_decode(self, reqs: list[Request], num_steps: int) -> None:
+        batch = EngineConfig.bucket(self.config.batch_buckets, len(reqs))
+        table = self.scheduler.page_table()
+        tokens = np.zeros(batch, np.int32)
+        positions = np.zeros(batch, np.int32)
+        limits = np.zeros(batch, np.int32)
+        block_tables = np.zeros((batch, table.shape[1]), np.int32)
+        for i, r in enumerate(reqs):
+            tokens[i], positions[i] = r.output_ids[-1], r.computed
+            limits[i] = min(self.scheduler.capacity(r), r.computed + r.remaining)
+            block_tables[i] = table[r.slot]
+        sbatch, steps, num_top, counts, seen = self._sampling_inputs(reqs, batch)
+        out = self.runner.decode(tokens, positions, limits, block_tables, sbatch, steps, num_steps,
+                                 counts, seen, num_top)
+        out = jax.device_get(out)
+        for i, r in enumerate(reqs):
+            for k in range(num_steps):
+                if r.finish_reason is not None or positions[i] + k >= limits[i]:
+                    break
+                r.computed += 1
+                self._append(r, out, k, i)
+
+    def step(self) -> list[Request]:
+        """Run one scheduled step; returns the requests that got new tokens or finished."""
+        plan = self.scheduler.schedule()
+        touched: dict[str, Request] = {}
+        if plan.prefill:
+            self._run_prefill(plan.prefill)
+            touched.update((r.request_id, r) for r, _, e in plan.prefill if e == r.prefill_end)
+        if plan.decode:
+            self._run_decode(plan.decode, plan.decode_steps)
+            touched.update((r.request_id, r) for r in plan.decode)
+        for r in touched.values():
+            if r.finish_reason is not None:
+                self.scheduler.remove(r)
+                r.status = Status.FINISHED
+        return list(touched.values())
+
+    def stream(self) -> Iterator[Request]:
+        """Step until no work is left, yielding every request that progressed."""
+        while self.has_unfinished():
+            yield from self.step()
+
+    # ----- batch API -----------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[dict[str, Any]]:
+        """Run prompts to completion; one result dict per prompt, in order.
+
+        Every prompt is validated before anything runs, so a bad one raises ``ValueError`` and
+        leaves the engine untouched.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts")
+        for p, sp in zip(prompts, params_list):
+            self.make_request(p, sp)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        pending = set(ids)
+        bar = None
+        if use_tqdm and len(ids) > 1:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(ids), desc="generate", unit="req")
+        try:
+            while pending:
+                if not self.has_unfinished():
+                    break
+                for r in self.step():
+                    if r.finish_reason is not None and r.request_id in pending:
+                        pending.discard(r.request_id)
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return [self.release(i).result() for i in ids]
+
+    def stats(self) -> dict[str, Any]:
+        """Running/waiting counts, pages, prefix hit rate, throughput and compiled step shapes."""
+        elapsed = time.perf_counter() - self._started
+        out = self.scheduler.stats()
+        out.update(generated_tokens=self.generated_tokens, prefill_tokens=self.prefill_tokens,
+                   tokens_per_s=self.generated_tokens / max(elapsed, 1e-9),
+                   compilations=len(self.runner.compiled_shapes))
+        return out
+
+    def clear_prefix_cache(self) -> None:
+        self.scheduler.clear_index()
+
+    def close(self) -> None:
+        """Abort everything still queued or running; the engine accepts no new requests."""
+        for rid, r in list(self.requests.items()):
+            if r.status is not Status.FINISHED:
+                self.abort(rid)
+        self.closed = True
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def generate(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Sequence[Prompt],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             engine_config: EngineConfig | None = None, use_tqdm: bool = True) -> list[dict[str, Any]]:
+    """Generate completions for one or many prompts (text or token ids).
+
+    ``model`` is what ``jaxserve.load`` returned, a checkpoint path, or None for the embedded
+    default model. Returns one dict per prompt: text, token_ids, finish_reason, prompt_tokens,
+    cached_tokens, completion_tokens, ttft, tpot, total_time.
+
+    Example:
+        >>> outs = jaxserve.generate(None, ["def add(a, b):"], SamplingParams(max_tokens=16, temperature=0))
+        >>> outs[0]["finish_reason"] in ("stop", "length")
+        True
+    """
+    with Engine(model, engine_config) as engine:
+        return engine.generate(prompts, sampling_params, use_tqdm=use_tqdm)

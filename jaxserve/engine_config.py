@@ -1,0 +1,125 @@
+"""``EngineConfig``: the serving knobs, checked once at construction.
+
+Owns sizes (pages, batch, tokens per step, model length), bucket sizes and the scheduling
+policy. It never holds state; the engine reads it and trusts it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import yaml
+
+POLICIES = ("prefill_first", "time_share", "mixed")
+ATTENTION_IMPLS = ("auto", "pallas", "reference")
+
+
+def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (hi,)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the engine sizes its pool and shapes its steps.
+
+    ``num_pages=None`` sizes the KV pool from ``memory_fraction`` of the accelerator's free
+    memory (1024 pages on the CPU). Batch and prefill-length buckets default to powers of two,
+    so the number of compiled step shapes is ``len(batch_buckets) * (1 + len(prefill_buckets))``
+    at most.
+
+    Example:
+        >>> cfg = EngineConfig(page_size=16, max_running=32, policy="mixed")
+        >>> EngineConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    page_size: int = 16
+    num_pages: int | None = None
+    memory_fraction: float = 0.6
+    max_running: int = 64
+    max_tokens_per_step: int = 2048
+    max_model_len: int | None = None
+    batch_buckets: tuple[int, ...] | None = None
+    prefill_buckets: tuple[int, ...] | None = None
+    prefix_caching: bool = True
+    dtype: str = "float32"
+    policy: str = "prefill_first"
+    time_share_ratio: int = 4
+    decode_steps: int = 4
+    attention_impl: str = "auto"
+    index_capacity: int | None = None
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("page_size", "max_running", "max_tokens_per_step", "time_share_ratio", "decode_steps"):
+            positive(name)
+        for name in ("num_pages", "max_model_len", "index_capacity"):
+            if getattr(self, name) is not None:
+                positive(name)
+        if self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if not 0.0 < self.memory_fraction <= 0.95:
+            raise ValueError(f"memory_fraction must be in (0, 0.95], got {self.memory_fraction}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.max_tokens_per_step < self.max_running:
+            raise ValueError(f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= max_running "
+                             f"({self.max_running}): a mixed step holds one token of every running sequence")
+        for name, default in (("batch_buckets", _pow2_buckets(1, self.max_running)),
+                              ("prefill_buckets", _pow2_buckets(min(16, self.max_tokens_per_step),
+                                                                self.max_tokens_per_step))):
+            buckets = getattr(self, name)
+            buckets = default if buckets is None else tuple(sorted(set(int(b) for b in buckets)))
+            if not buckets or buckets[0] < 1:
+                raise ValueError(f"{name} must be positive integers, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, buckets)
+        if self.batch_buckets[-1] < self.max_running:
+            raise ValueError(f"the largest batch bucket ({self.batch_buckets[-1]}) must be >= max_running ({self.max_running})")
+        if self.prefill_buckets[-1] < self.max_tokens_per_step:
+            raise ValueError(f"the largest prefill bucket ({self.prefill_buckets[-1]}) must be >= "
+                             f"max_tokens_per_step ({self.max_tokens_per_step})")
+
+    @staticmethod
+    def bucket(buckets: tuple[int, ...], n: int) -> int:
+        """The smallest bucket >= n."""
+        for b in buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["batch_buckets"] = list(self.batch_buckets)
+        d["prefill_buckets"] = list(self.prefill_buckets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EngineConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown EngineConfig field(s): {sorted(unknown)}")
+        d = dict(d)
+        for name in ("batch_buckets", "prefill_buckets"):
+            if d.get(name) is not None:
+                d[name] = tuple(d[name])
+        return cls(**d)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "EngineConfig":
+        return cls.from_dict(yaml.safe_load(text) or {})

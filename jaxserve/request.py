@@ -1,0 +1,146 @@
+"""One request's host-side state, from arrival to its finish reason.
+
+Owns the token lists, progress counters (how many tokens already have KV in the pool), stop
+detection (stop ids, EOS, stop strings on the detokenized text) and timings. It never touches
+device arrays or pages: the scheduler assigns it a slot and the runner fills its tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from typing import Any
+
+from jaxserve.sampling import SamplingParams
+from jaxserve.tokenizer import IncrementalDetokenizer
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class Request:
+    """A prompt being served. ``computed`` counts tokens whose K/V are in the pool."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer | None
+    eos_ids: tuple[int, ...]
+    arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    output_logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    text: str = ""
+    status: Status = Status.WAITING
+    slot: int = -1
+    node: int = -1  # deepest radix node locked for this request (-1: none)
+    computed: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix index at (first) admission
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    prefill_end: int = 0  # prefill runs until this many tokens have K/V (set at each admission)
+    emitted_chars: int = 0  # text already handed to a stream
+    new_token_count: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        """Prompt plus generated tokens: what a recompute after preemption must prefill."""
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.computed < self.prefill_end
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_tokens - len(self.output_ids)
+
+    def append(self, token: int, logprob: float, top: dict[int, float] | None) -> None:
+        """Add one sampled token and apply the stop rules; sets ``finish_reason`` when done."""
+        if self.finish_reason is not None:
+            return
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        self.output_ids.append(token)
+        self.output_logprobs.append(logprob)
+        if top is not None:
+            self.top_logprobs.append(top)
+        self.new_token_count += 1
+        stop_id = token in self.params.stop_token_ids or (not self.params.ignore_eos and token in self.eos_ids)
+        if stop_id and len(self.output_ids) > self.params.min_tokens:
+            self.finish("stop")
+            return
+        if self.detokenizer is not None:
+            self._add_text(self.detokenizer.push(token))
+        if self.finish_reason is None and len(self.output_ids) >= self.params.max_tokens:
+            if self.detokenizer is not None:
+                self._add_text(self.detokenizer.flush())
+            if self.finish_reason is None:
+                self.finish("length")
+
+    def _add_text(self, delta: str) -> None:
+        if not delta or self.finish_reason is not None:
+            return
+        before = len(self.text)
+        self.text += delta
+        if self.params.stop and len(self.output_ids) > self.params.min_tokens:
+            # A stop string may straddle deltas: search from just before the new text.
+            start = max(0, before - max(len(s) for s in self.params.stop) + 1)
+            hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.finish("stop")
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            self.error = error
+            self.finish_time = time.perf_counter()
+        self.status = Status.FINISHED
+
+    def take_delta(self) -> tuple[str, int]:
+        """Text and token count produced since the last call (for streaming).
+
+        While running, the last ``len(longest stop string) - 1`` characters are held back: they
+        could turn out to be the start of a stop string, which is never returned.
+        """
+        end = len(self.text)
+        if self.finish_reason is None and self.params.stop:
+            end = max(self.emitted_chars, end - max(len(s) for s in self.params.stop) + 1)
+        delta, n = self.text[self.emitted_chars:end], self.new_token_count
+        self.emitted_chars, self.new_token_count = end, 0
+        return delta, n
+
+    def result(self) -> dict[str, Any]:
+        """The plain-dict result ``generate`` returns."""
+        end = self.finish_time or time.perf_counter()
+        ttft = None if self.first_token_time is None else self.first_token_time - self.arrival
+        n = len(self.output_ids)
+        tpot = None if ttft is None or n < 2 else (end - self.first_token_time) / (n - 1)
+        out = {
+            "request_id": self.request_id,
+            "text": self.text,
+            "token_ids": list(self.output_ids),
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": len(self.prompt_ids),
+            "cached_tokens": self.cached_tokens,
+            "completion_tokens": n,
+            "ttft": ttft,
+            "tpot": tpot,
+            "total_time": end - self.arrival,
+        }
+        if self.params.logprobs is not None:
+            out["logprobs"] = list(self.output_logprobs)
+            if self.params.logprobs > 0:
+                out["top_logprobs"] = list(self.top_logprobs)
+        if self.error:
+            out["error"] = self.error
+        return out

@@ -1,0 +1,118 @@
+"""The jitted device steps: tensors in, sampled tokens out.
+
+Owns the model parameters, the KV pages and the compiled prefill and multi-step decode
+functions. The KV pages are donated to every call, so the cache scatter kernel updates them
+in place and no step ever copies the pool. The runner never decides which request runs,
+never allocates pages and never looks at text: the scheduler hands it page tables and
+lengths.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import ModelConfig
+from jaxserve.model import KVCache, PagedAttention, Qwen2ForCausalLM, new_kv_cache
+from jaxserve.sampling import SamplingBatch, sample, update_counts
+
+
+def slots_for(block_tables: jax.Array, positions: jax.Array, valid: jax.Array, page_size: int) -> jax.Array:
+    """Physical slot of each logical position (``-1`` where ``valid`` is False)."""
+    page = jnp.take_along_axis(block_tables, jnp.clip(positions // page_size, 0, block_tables.shape[1] - 1), axis=1)
+    return jnp.where(valid, page * page_size + positions % page_size, -1).astype(jnp.int32)
+
+
+class Runner:
+    """Runs prefill chunks and decode steps of the model over the paged KV cache.
+
+    Example:
+        >>> runner = Runner(m.config, m.params, num_pages=256, page_size=16)      # doctest: +SKIP
+        >>> out = runner.prefill(tokens, q_start, lengths, block_tables, batch, steps)  # doctest: +SKIP
+    """
+
+    def __init__(self, config: ModelConfig, params: Any, *, num_pages: int, page_size: int,
+                 attention_impl: str = "pallas") -> None:
+        self.config = config
+        self.params = params
+        self.page_size = page_size
+        self.dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        self.model = Qwen2ForCausalLM(config, self.dtype)
+        self.attention_impl = attention_impl
+        self.kv: KVCache = new_kv_cache(config, num_pages, page_size, self.dtype)
+        self.compiled_shapes: set[tuple] = set()
+        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top",))
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,),
+                               static_argnames=("num_steps", "num_top", "penalties"))
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(x.size * x.dtype.itemsize for layer in self.kv for x in layer)
+
+    def _forward(self, params, kv, tokens, positions, paged, logits_at=None):
+        return self.model.apply({"params": params}, tokens, positions, kv=kv, paged=paged, logits_at=logits_at)
+
+    def _prefill_impl(self, params, kv, tokens, q_start, lengths, block_tables, batch: SamplingBatch, steps,
+                      counts, seen, *, num_top: int):
+        b, s = tokens.shape
+        positions = q_start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
+        valid = positions < lengths[:, None]
+        paged = PagedAttention(slots_for(block_tables, positions, valid, self.page_size), block_tables, lengths,
+                               q_start, impl=self.attention_impl)
+        logits_at = jnp.maximum(lengths - q_start - 1, 0)
+        logits, kv = self._forward(params, kv, tokens, positions, paged, logits_at)
+        out = sample(logits[:, 0], batch, steps, counts=counts, seen=seen, num_top_logprobs=num_top)
+        return kv, out
+
+    def _decode_impl(self, params, kv, tokens, positions, limits, block_tables, batch: SamplingBatch, steps,
+                     counts, seen, *, num_steps: int, num_top: int, penalties: bool):
+        def one(carry, k):
+            kv, tokens, counts, seen = carry
+            pos = positions + k
+            active = pos < limits
+            paged = PagedAttention(slots_for(block_tables, pos[:, None], active[:, None], self.page_size),
+                                   block_tables, jnp.where(active, pos + 1, 0), pos, impl=self.attention_impl)
+            logits, kv = self._forward(params, kv, tokens[:, None], pos[:, None], paged)
+            out = sample(logits[:, 0], batch, steps + k, counts=counts if penalties else None,
+                         seen=seen if penalties else None, num_top_logprobs=num_top)
+            if penalties:
+                counts, seen = update_counts(counts, seen, out.tokens, active)
+            return (kv, out.tokens, counts, seen), out
+
+        (kv, _, _, _), outs = jax.lax.scan(one, (kv, tokens, counts, seen), jnp.arange(num_steps, dtype=jnp.int32))
+        return kv, outs
+
+    def prefill(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
+                batch: SamplingBatch, steps: np.ndarray, counts=None, seen=None, num_top: int = 0):
+        """One chunk per row: ``tokens [B, S]`` at positions ``q_start[b]..``; samples after row's last token."""
+        self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, num_top, counts is not None))
+        self.kv, out = self._prefill(self.params, self.kv, jnp.asarray(tokens, jnp.int32), jnp.asarray(q_start, jnp.int32),
+                                     jnp.asarray(lengths, jnp.int32), jnp.asarray(block_tables, jnp.int32), batch,
+                                     jnp.asarray(steps, jnp.int32), counts, seen, num_top=num_top)
+        return out
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, limits: np.ndarray, block_tables: np.ndarray,
+               batch: SamplingBatch, steps: np.ndarray, num_steps: int, counts=None, seen=None, num_top: int = 0):
+        """``num_steps`` decode steps in one device call; row b stops writing at position ``limits[b]``.
+
+        Returns the sampler's outputs stacked ``[num_steps, B]``.
+        """
+        penalties = counts is not None
+        if not penalties:  # placeholders keep one signature; they are never read
+            counts = seen = jnp.zeros((1, 1), jnp.int32)
+        self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, num_steps, num_top, penalties))
+        self.kv, out = self._decode(self.params, self.kv, jnp.asarray(tokens, jnp.int32),
+                                    jnp.asarray(positions, jnp.int32), jnp.asarray(limits, jnp.int32),
+                                    jnp.asarray(block_tables, jnp.int32), batch, jnp.asarray(steps, jnp.int32),
+                                    counts, seen, num_steps=num_steps, num_top=num_top, penalties=penalties)
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def default_attention_impl() -> str:
+    """Compiled Pallas kernels on a GPU; the jnp references on the CPU (interpret mode is for tests)."""
+    return "pallas" if jax.default_backend() == "gpu" else "reference"

@@ -1,0 +1,291 @@
+"""Who runs next: admission, prefix reuse, page growth, preemption.
+
+Owns the waiting queue, the running set, the page pool bookkeeping and the radix prefix
+index (both pure-array state, kept on the host CPU device and updated with jitted pure
+functions, so admission and prefix matching never wait on the accelerator). It never runs the
+model and never samples: it returns a ``Plan`` that the engine hands to the runner.
+
+Rules, in one place:
+- A request is admitted when a sequence slot is free and pages for its whole prompt can be
+  had (evicting unused cached prefixes first). Its longest cached prefix (whole pages, at
+  least one prompt token left to compute) is attached instead of recomputed.
+- Prompts longer than the step's token budget are prefilled in chunks.
+- Before a decode call of ``k`` steps every decoding request gets room for ``k`` more
+  tokens; when pages run out, cached prefixes are evicted, then the most recently admitted
+  request is preempted (its pages freed; it re-enters the queue's front and is recomputed
+  from prompt + output, so nothing is lost).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+
+import jax
+import numpy as np
+
+from jaxserve import kv_pool, radix_index
+from jaxserve.engine_config import EngineConfig
+from jaxserve.request import Request, Status
+
+
+@dataclasses.dataclass
+class Plan:
+    """One engine step: prefill chunks ``(request, start, end)`` and/or ``decode_steps`` decode steps."""
+
+    prefill: list[tuple[Request, int, int]]
+    decode: list[Request]
+    decode_steps: int
+
+
+class _HostState:
+    """The pool and the index, with their pure functions jitted once for the CPU backend."""
+
+    def __init__(self, num_pages: int, page_size: int, max_seqs: int, max_pages_per_seq: int, capacity: int):
+        self.cpu = jax.devices("cpu")[0]
+        with jax.default_device(self.cpu):
+            self.pool = kv_pool.create(num_pages, page_size, max_seqs, max_pages_per_seq)
+            self.index = radix_index.create(capacity, page_size)
+        self._allocate = jax.jit(kv_pool.allocate)
+        self._free = jax.jit(kv_pool.free)
+        self._attach = jax.jit(kv_pool.attach)
+        self._match = jax.jit(radix_index.match)
+        self._insert = jax.jit(radix_index.insert)
+        self._lock = jax.jit(radix_index.lock)
+        self._unlock = jax.jit(radix_index.unlock)
+        self._evict = jax.jit(radix_index.evict)
+        self._clear = jax.jit(radix_index.clear)
+        self._deepest = jax.jit(radix_index.deepest_node)
+
+    def put(self, x) -> jax.Array:
+        return jax.device_put(x, self.cpu)
+
+
+class Scheduler:
+    """Plans steps over a fixed pool of ``num_pages`` pages and ``config.max_running`` slots.
+
+    Example:
+        >>> s = Scheduler(EngineConfig(num_pages=64), num_pages=64, max_model_len=512)  # doctest: +SKIP
+        >>> s.add(request); plan = s.schedule()                                      # doctest: +SKIP
+    """
+
+    def __init__(self, config: EngineConfig, num_pages: int, max_model_len: int) -> None:
+        self.config = config
+        self.page_size = config.page_size
+        self.num_pages = num_pages
+        self.max_model_len = max_model_len
+        self.max_pages_per_seq = math.ceil(max_model_len / self.page_size)
+        capacity = config.index_capacity or num_pages
+        self.state = _HostState(num_pages, self.page_size, config.max_running, self.max_pages_per_seq, capacity)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.free_slots = list(range(config.max_running - 1, -1, -1))
+        self._decodes_since_prefill = 0
+        self.num_preemptions = 0
+
+    # ----- queue -------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Take a request out of the scheduler (finished or aborted), releasing what it holds."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        if request in self.running:
+            self.running.remove(request)
+            self._release(request, index_tokens=True)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ----- pages ---------------------------------------------------------------------------
+    def _token_bucket(self, n: int) -> int:
+        return min(max(self.page_size, 1 << max(n - 1, 0).bit_length()), self.max_pages_per_seq * self.page_size)
+
+    def _padded(self, tokens: list[int]) -> jax.Array:
+        out = np.zeros(self._token_bucket(len(tokens)), np.int32)
+        out[: len(tokens)] = tokens[: out.size]
+        return self.state.put(out)
+
+    def page_table(self) -> np.ndarray:
+        return np.asarray(self.state.pool.page_table)
+
+    def _free_pages(self) -> int:
+        return int(kv_pool.num_free(self.state.pool))
+
+    def _evict(self, pages: int) -> None:
+        if self.config.prefix_caching and pages > 0:
+            st = self.state
+            st.index, st.pool, _ = st._evict(st.index, st.pool, pages)
+
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        """Room for ``num_tokens`` more tokens in the request's slot, evicting cached prefixes if needed."""
+        st = self.state
+        for attempt in range(2):
+            st.pool, ok = st._allocate(st.pool, request.slot, num_tokens)
+            if bool(ok):
+                return True
+            if attempt == 0:
+                cap = int(st.pool.seq_lens[request.slot])
+                need = math.ceil((cap + num_tokens) / self.page_size) - math.ceil(cap / self.page_size)
+                self._evict(need - self._free_pages())
+        return False
+
+    def capacity(self, request: Request) -> int:
+        """Tokens the request's slot has room for."""
+        return int(self.state.pool.seq_lens[request.slot])
+
+    def _insert(self, request: Request) -> None:
+        if not self.config.prefix_caching or request.computed < self.page_size:
+            return
+        st = self.state
+        tokens = request.all_ids[: request.computed]
+        padded = self._padded(tokens)
+        row = st.put(self.page_table()[request.slot][: padded.shape[0] // self.page_size])
+        st.index, st.pool = st._insert(st.index, st.pool, padded, len(tokens), row)
+
+    def _release(self, request: Request, index_tokens: bool) -> None:
+        st = self.state
+        if index_tokens:
+            self._insert(request)
+        if request.node > 0:
+            st.index = st._unlock(st.index, request.node)
+        st.pool = st._free(st.pool, request.slot)
+        self.free_slots.append(request.slot)
+        request.slot, request.node = -1, -1
+
+    def clear_index(self) -> None:
+        """Drop every unlocked cached prefix (their pages return to the pool)."""
+        st = self.state
+        st.index, st.pool = st._clear(st.index, st.pool)
+
+    # ----- admission -----------------------------------------------------------------------
+    def _admit(self, request: Request) -> bool:
+        st = self.state
+        tokens = request.all_ids
+        slot = self.free_slots.pop()
+        request.slot, request.node, cached = slot, -1, 0
+        if self.config.prefix_caching:
+            # Match all but the last token: the last one must be computed to produce logits.
+            st.index, n, pages, nodes = st._match(st.index, self._padded(tokens), len(tokens) - 1)
+            cached = int(n)
+            if cached:
+                st.pool = st._attach(st.pool, slot, pages, cached)
+                request.node = int(st._deepest(nodes))
+                st.index = st._lock(st.index, request.node)
+        if not self._grow(request, len(tokens) - cached):
+            self._release(request, index_tokens=False)
+            return False
+        if request.num_preemptions == 0:
+            request.cached_tokens = cached
+        request.computed, request.prefill_end = cached, len(tokens)
+        request.status = Status.RUNNING
+        self.running.append(request)
+        return True
+
+    def never_fits(self, request: Request) -> bool:
+        """True if the request could not run even alone in an empty pool."""
+        need = math.ceil((len(request.prompt_ids) + request.params.max_tokens) / self.page_size)
+        return need > self.num_pages
+
+    # ----- planning ------------------------------------------------------------------------
+    def _prefill_rows(self, budget: int) -> list[tuple[Request, int, int]]:
+        rows: list[tuple[Request, int, int]] = []
+        max_rows = self.config.batch_buckets[-1]
+
+        def fits(chunk: int) -> bool:  # bound padding: bucketed rows x bucketed length
+            longest = max([chunk] + [e - s for _, s, e in rows])
+            padded = (EngineConfig.bucket(self.config.batch_buckets, len(rows) + 1)
+                      * EngineConfig.bucket(self.config.prefill_buckets, longest))
+            return padded <= 2 * self.config.max_tokens_per_step
+
+        for r in self.running:
+            if r.is_prefilling and budget > 0 and len(rows) < max_rows:
+                chunk = min(r.prefill_end - r.computed, budget)
+                if rows and not fits(chunk):
+                    break
+                rows.append((r, r.computed, r.computed + chunk))
+                budget -= chunk
+        while self.waiting and budget > 0 and self.free_slots and len(rows) < max_rows:
+            r = self.waiting[0]
+            if rows and not fits(min(len(r.all_ids), budget)):
+                break
+            if not self._admit(r):
+                break
+            self.waiting.popleft()
+            chunk = min(r.prefill_end - r.computed, budget)
+            rows.append((r, r.computed, r.computed + chunk))
+            budget -= chunk
+        return rows
+
+    def _reserve_decode(self, steps: int) -> list[Request]:
+        """Room for up to ``steps`` more tokens for every decoding request; preempts when pages run out."""
+        decoding = [r for r in self.running if not r.is_prefilling]
+        ready = []
+        for r in decoding:
+            if r.status is not Status.RUNNING:  # preempted while serving an earlier row
+                continue
+            want = min(steps, r.remaining, self.max_model_len - r.computed)
+            need = r.computed + want - self.capacity(r)
+            while need > 0 and not self._grow(r, need):
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is r:
+                    break
+            if r.status is Status.RUNNING:
+                ready.append(r)
+        return [r for r in ready if r.status is Status.RUNNING]
+
+    def preempt(self, request: Request) -> None:
+        """Free a running request's pages and put it back at the queue's front (recompute later)."""
+        self.running.remove(request)
+        self._release(request, index_tokens=True)
+        request.status = Status.WAITING
+        request.computed = request.prefill_end = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def schedule(self) -> Plan:
+        cfg = self.config
+        pending = bool(self.waiting) or any(r.is_prefilling for r in self.running)
+        decoding = any(not r.is_prefilling for r in self.running)
+        if cfg.policy == "mixed":
+            steps = 1 if pending else cfg.decode_steps
+            decode = self._reserve_decode(steps) if decoding else []
+            prefill = self._prefill_rows(cfg.max_tokens_per_step - len(decode)) if pending else []
+            return Plan(prefill, decode, steps)
+        prefill_turn = pending and (cfg.policy == "prefill_first" or not decoding
+                                    or self._decodes_since_prefill >= cfg.time_share_ratio)
+        if prefill_turn:
+            rows = self._prefill_rows(cfg.max_tokens_per_step)
+            if rows:
+                self._decodes_since_prefill = 0
+                return Plan(rows, [], 0)
+        steps = 1 if pending and cfg.policy == "time_share" else cfg.decode_steps
+        self._decodes_since_prefill += 1
+        return Plan([], self._reserve_decode(steps) if decoding else [], steps)
+
+    def after_prefill(self, request: Request) -> None:
+        """A request's prompt is fully in the pool: index it so later requests can share it."""
+        self._insert(request)
+
+    # ----- accounting ----------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        st = self.state
+        pool_stats = {k: float(v) for k, v in kv_pool.stats(st.pool).items()}
+        index_stats = {k: int(v) for k, v in radix_index.stats(st.index).items()}
+        queried = max(index_stats["queried_tokens"], 1)
+        return {
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "pages_total": self.num_pages,
+            "pages_used": pool_stats["pages_used"],
+            "pages_free": pool_stats["pages_free"],
+            "pages_cached": index_stats["nodes"],
+            "prefix_hit_rate": index_stats["hit_tokens"] / queried,
+            "prefix_hit_tokens": index_stats["hit_tokens"],
+            "preemptions": self.num_preemptions,
+        }
+
