@@ -1,0 +1,194 @@
+"""The engine: continuous batching over the paged pool gives Hugging Face's tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import jaxserve
+from jaxserve import Engine, EngineConfig, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    path, hf = tiny_checkpoint
+    return jaxserve.load(path), hf
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def small_config(**kw) -> EngineConfig:
+    base = dict(num_pages=96, page_size=8, max_running=4, max_tokens_per_step=64, decode_steps=4,
+                batch_buckets=(4,), prefill_buckets=(16, 64))
+    base.update(kw)
+    return EngineConfig(**base)
+
+
+def assert_all_pages_free(engine: Engine) -> None:
+    engine.clear_prefix_cache()
+    stats = engine.stats()
+    assert stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0, stats
+
+
+def random_prompts(vocab: int, lengths) -> list[list[int]]:
+    rng = np.random.default_rng()
+    return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("policy", ["prefill_first", "time_share", "mixed"])
+def test_greedy_batch_matches_transformers_and_running_alone(tiny, policy):
+    m, hf = tiny
+    prompts = random_prompts(m.config.vocab_size, (3, 9, 17, 30, 41))  # 5 prompts > max_running: queueing
+    with Engine(m, small_config(policy=policy)) as engine:
+        outs = engine.generate(prompts, GREEDY, use_tqdm=False)
+        for p, o in zip(prompts, outs):
+            assert o["token_ids"] == hf_greedy(hf, p, 10)
+            assert o["finish_reason"] == "length" and o["prompt_tokens"] == len(p)
+        alone = engine.generate(prompts[3], GREEDY, use_tqdm=False)[0]
+        assert alone["token_ids"] == outs[3]["token_ids"]
+        assert engine.stats()["compilations"] <= 4
+        assert_all_pages_free(engine)
+
+
+def test_pallas_kernels_in_interpret_mode_give_the_same_tokens(tiny):
+    m, hf = tiny
+    prompts = random_prompts(m.config.vocab_size, (5, 12))
+    with Engine(m, small_config(attention_impl="pallas", decode_steps=2)) as engine:
+        outs = engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                               use_tqdm=False)
+        assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 4) for p in prompts]
+        assert_all_pages_free(engine)
+
+
+def test_prefix_hit_skips_prefill_and_keeps_output(tiny):
+    m, hf = tiny
+    shared = random_prompts(m.config.vocab_size, (40,))[0]
+    a, b = shared + [5, 6, 7], shared + [8, 9]
+    with Engine(m, small_config()) as engine:
+        first = engine.generate(a, GREEDY, use_tqdm=False)[0]
+        before = engine.stats()["prefill_tokens"]
+        second = engine.generate(b, GREEDY, use_tqdm=False)[0]
+        computed = engine.stats()["prefill_tokens"] - before
+        assert first["cached_tokens"] == 0
+        assert second["cached_tokens"] == 40 and computed == len(b) - 40
+        assert second["token_ids"] == hf_greedy(hf, b, 10)
+        assert engine.stats()["prefix_hit_rate"] > 0
+        assert_all_pages_free(engine)
+    with Engine(m, small_config(prefix_caching=False)) as engine:
+        assert engine.generate(b, GREEDY, use_tqdm=False)[0]["token_ids"] == second["token_ids"]
+        assert_all_pages_free(engine)
+
+
+def test_small_pool_preempts_and_outputs_still_match(tiny):
+    m, hf = tiny
+    prompts = random_prompts(m.config.vocab_size, (20, 22, 25, 27))
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    # 4 sequences of up to 51 tokens need 28 pages of 8; 14 pages force preemption.
+    with Engine(m, small_config(num_pages=14)) as engine:
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        assert engine.stats()["preemptions"] > 0
+        assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 24) for p in prompts]
+        assert_all_pages_free(engine)
+
+
+def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(tiny):
+    m, _ = tiny
+    prompts = random_prompts(m.config.vocab_size, (6, 11, 14))
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    with Engine(m, small_config()) as engine:
+        batch = engine.generate(prompts, [seeded, GREEDY, seeded], use_tqdm=False)
+        alone = engine.generate(prompts[2], seeded, use_tqdm=False)[0]
+        assert alone["token_ids"] == batch[2]["token_ids"]
+        top1 = SamplingParams(max_tokens=10, temperature=0.7, top_k=1, ignore_eos=True)
+        assert engine.generate(prompts[1], top1, use_tqdm=False)[0]["token_ids"] == batch[1]["token_ids"]
+        assert_all_pages_free(engine)
+
+
+def test_stop_token_ids_and_stop_strings(tiny):
+    m, hf = tiny
+    prompt = random_prompts(m.config.vocab_size, (9,))[0]
+    ref = hf_greedy(hf, prompt, 10)
+    with Engine(m, small_config()) as engine:
+        out = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=[ref[4]],
+                                                     ignore_eos=True), use_tqdm=False)[0]
+        assert out["finish_reason"] == "stop" and out["token_ids"] == ref[: ref.index(ref[4]) + 1]
+        full = engine.generate(prompt, GREEDY, use_tqdm=False)[0]["text"]
+        stop = full[len(full) // 2: len(full) // 2 + 2]
+        if stop:
+            out = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=0.0, stop=[stop],
+                                                         ignore_eos=True), use_tqdm=False)[0]
+            assert out["finish_reason"] == "stop" and out["text"] == full[: full.index(stop)]
+        assert_all_pages_free(engine)
+
+
+def test_bad_inputs_raise_clear_errors_and_engine_keeps_serving(tiny):
+    m, hf = tiny
+    with Engine(m, small_config()) as engine:
+        with pytest.raises(ValueError, match="prompt must not be empty"):
+            engine.generate([[]], GREEDY, use_tqdm=False)
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 320\)"):
+            engine.generate([[1, 2, 999]], GREEDY, use_tqdm=False)
+        with pytest.raises(ValueError, match="exceeds max_model_len"):
+            engine.generate([[5] * 600], GREEDY, use_tqdm=False)
+        with pytest.raises(ValueError, match="temperature"):
+            SamplingParams(temperature=-1)
+        with pytest.raises(ValueError, match="top_p"):
+            SamplingParams(top_p=1.5)
+        with pytest.raises(ValueError, match="top_k"):
+            SamplingParams(top_k=-2)
+        prompt = [7, 8, 9]
+        assert engine.generate(prompt, GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(hf, prompt, 10)
+        assert_all_pages_free(engine)
+
+
+def test_request_larger_than_pool_aborts_with_reason(tiny):
+    m, _ = tiny
+    with Engine(m, small_config(num_pages=4)) as engine:
+        out = engine.generate([[5] * 20], SamplingParams(max_tokens=40), use_tqdm=False)[0]
+        assert out["finish_reason"] == "abort" and "KV pages" in out["error"]
+        assert_all_pages_free(engine)
+
+
+def test_abort_frees_pages(tiny):
+    m, _ = tiny
+    with Engine(m, small_config()) as engine:
+        rid = engine.add_request([4, 5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True))
+        engine.step()
+        engine.step()
+        assert engine.stats()["pages_used"] > 0
+        assert engine.abort(rid)
+        assert engine.release(rid).finish_reason == "abort"
+        assert_all_pages_free(engine)
+
+
+def test_decode_step_donates_the_kv_pool(tiny):
+    m, _ = tiny
+    with Engine(m, small_config()) as engine:
+        engine.add_request([4, 5, 6], SamplingParams(max_tokens=20, ignore_eos=True))
+        engine.step()  # prefill
+        before = engine.runner.kv[0][0]
+        engine.step()  # decode
+        assert before.is_deleted(), "the decode step must reuse (donate) the KV pages, not copy them"
+        engine.close()
+
+
+def test_engine_config_validates_and_round_trips():
+    cfg = EngineConfig(page_size=16, max_running=8, policy="mixed", num_pages=100)
+    assert EngineConfig.from_dict(cfg.to_dict()) == cfg
+    assert EngineConfig.from_yaml(cfg.to_yaml()) == cfg
+    with pytest.raises(ValueError, match="policy must be one of"):
+        EngineConfig(policy="fastest")
+    with pytest.raises(ValueError, match="page_size must be a power of two"):
+        EngineConfig(page_size=12)
+    with pytest.raises(ValueError, match="memory_fraction"):
+        EngineConfig(memory_fraction=2.0)
+    with pytest.raises(ValueError, match="unknown EngineConfig field"):
+        EngineConfig.from_dict({"pages": 3})
