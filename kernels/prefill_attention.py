@@ -92,7 +92,7 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
         block_rows=block_rows, scale=float(head_dim ** -0.5 if scale is None else scale),
         num_splits=num_splits, pages_per_block=pages_per_block, num_warps=num_warps,
         num_stages=num_stages, interpret=interpret, out_dtype=q.dtype)
-    out = out[:, :, :query_rows].reshape(batch, kv_heads, q_len, group, head_dim)
+    out = out.reshape(batch, kv_heads, q_len, group, head_dim)
     return out.transpose(0, 2, 1, 3, 4).reshape(q.shape)
 
 

@@ -1,0 +1,398 @@
+"""Memory-bandwidth benchmark of the paging kernels on the GPU, side by side with baselines.
+
+Owns: timing of our paged decode kernel against XLA attention over a contiguous cache,
+JAX's bundled Pallas `paged_attention` (best of a small tuning sweep), the HBM read and
+copy ceilings; the cache scatter for one decode step and one 32k-token prefill at two
+pool sizes; prefill attention throughput. Prints one markdown table per part and writes
+them to `$OUT/bandwidth.md` (or `--out`). Never asserts correctness (tests do that).
+
+Timing: each measured call runs many times inside one jitted `lax.fori_loop` whose
+output feeds the next call (nothing hoisted, no Python dispatch); the median of several
+repeats, divided by the count. Working sets under 4x the 50 MB L2 rotate among several
+caches (distinct pages) inside each loop step, so reads come from HBM.
+
+    PYTHONPATH=. python3 bench/bandwidth.py [--sweep] [--quick] [--budget-s 420]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kernels import cache_scatter, cache_scatter_reference, paged_attention
+from kernels.prefill_attention import paged_prefill_attention
+
+SPEC_BYTES_PER_S = 3.35e12
+L2_BYTES = 50e6
+PAGE = 16
+DTYPE = jnp.bfloat16
+HEADS = {"0.5B 14q/2kv/64": (14, 2, 64), "7B 28q/4kv/128": (28, 4, 128)}
+
+# (heads, batch, context): the representative subset the table reports.
+DECODE_SHAPES = [
+    ("7B 28q/4kv/128", 1, 512), ("7B 28q/4kv/128", 1, 8192), ("7B 28q/4kv/128", 1, 32768),
+    ("7B 28q/4kv/128", 8, 2048), ("7B 28q/4kv/128", 8, 32768),
+    ("7B 28q/4kv/128", 64, 2048), ("7B 28q/4kv/128", 64, 4096),
+    ("7B 28q/4kv/128", 64, 8192), ("7B 28q/4kv/128", 256, 2048),
+    ("7B 28q/4kv/128", 256, 8192),
+    ("0.5B 14q/2kv/64", 1, 512), ("0.5B 14q/2kv/64", 1, 32768), ("0.5B 14q/2kv/64", 8, 32768),
+    ("0.5B 14q/2kv/64", 64, 2048), ("0.5B 14q/2kv/64", 64, 8192),
+    ("0.5B 14q/2kv/64", 256, 2048), ("0.5B 14q/2kv/64", 256, 8192),
+]
+QUICK_SHAPES = [DECODE_SHAPES[i] for i in (2, 5, 7, 11, 14)]
+SWEEP_SHAPES = [("7B 28q/4kv/128", 64, 4096), ("0.5B 14q/2kv/64", 64, 4096),
+                ("7B 28q/4kv/128", 1, 32768), ("0.5B 14q/2kv/64", 8, 32768)]
+
+
+class Budget:
+    """Wall-clock guard: measurements past the budget are skipped, not started."""
+
+    def __init__(self, seconds: float):
+        self.end = time.perf_counter() + seconds
+
+    def left(self) -> bool:
+        return time.perf_counter() < self.end
+
+
+def timed(step, carry, consts, *, donate: bool = False, target_s: float = 0.04,
+          repeats: int = 5) -> tuple[float, object]:
+    """Median seconds per `carry = step(carry, *consts)`, looped on device."""
+    loop = jax.jit(lambda c, n, *k: lax.fori_loop(0, n, lambda i, c: step(c, *k), c),
+                   donate_argnums=(0,) if donate else ())
+    carry = jax.block_until_ready(loop(carry, 2, *consts))
+    start = time.perf_counter()
+    carry = jax.block_until_ready(loop(carry, 2, *consts))
+    estimate = (time.perf_counter() - start) / 2
+    count = int(min(5000, max(4, target_s / max(estimate, 1e-7))))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        carry = jax.block_until_ready(loop(carry, count, *consts))
+        times.append((time.perf_counter() - start) / count)
+    return statistics.median(times), carry
+
+
+def rotations(kv_bytes: float) -> int:
+    return max(1, min(8, math.ceil(4 * L2_BYTES / kv_bytes)))
+
+
+def make_paged(key, batch, context, kv_heads, head_dim, copies):
+    """One pool holding `copies` disjoint sets of pages; random non-contiguous tables."""
+    pages_per_seq = context // PAGE
+    num_pages = copies * batch * pages_per_seq
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    shape = (kv_heads, num_pages, PAGE, head_dim)
+    k_pages = jax.random.normal(k1, shape, DTYPE)
+    v_pages = jax.random.normal(k2, shape, DTYPE)
+    tables = jax.random.permutation(k3, num_pages).astype(jnp.int32)
+    tables = tables.reshape(copies, batch, pages_per_seq)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    return k_pages, v_pages, tables, lengths, k4
+
+
+def xla_contiguous_attention(q, k, v, lengths):
+    """Plain XLA decode attention over `[batch, kv_heads, T, D]` caches."""
+    batch, num_heads, head_dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    qg = q.reshape(batch, kv_heads, num_heads // kv_heads, head_dim)
+    s = jnp.einsum("bhgd,bhtd->bhgt", qg, k, preferred_element_type=jnp.float32)
+    s = s * head_dim ** -0.5
+    s = jnp.where(jnp.arange(keys)[None, None, None] < lengths[:, None, None, None], s,
+                  -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bhgt,bhtd->bhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o.reshape(q.shape).astype(q.dtype)
+
+
+def bundled_kernel():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from jax.experimental.pallas.ops.gpu import paged_attention as bundled
+    return bundled.paged_attention
+
+
+def ceilings(elements: int = 2**31) -> dict[str, float]:
+    """HBM read ceiling (XLA sum over 4 GiB) and copy bandwidth (negate 2 GiB in place)."""
+    x = jax.random.normal(jax.random.key(0), (elements,), DTYPE)
+    read_s, _ = timed(lambda s, x: jnp.sum(x + s.astype(DTYPE), dtype=jnp.float32) * 1e-9,
+                      jnp.float32(0), (x,))
+    del x
+    y = jax.random.normal(jax.random.key(1), (elements // 2,), DTYPE)
+    copy_s, _ = timed(lambda y: -y, y, (), donate=True)
+    return {"read": 2 * elements / read_s, "copy": 2 * elements / copy_s}
+
+
+def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=True,
+               our_configs=None):
+    """Times ours (default or each of `our_configs`), XLA contiguous and the bundled kernel."""
+    num_heads, kv_heads, head_dim = HEADS[name]
+    kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
+    io_bytes = kv_bytes + 2 * batch * num_heads * head_dim * 2
+    copies = rotations(kv_bytes)
+    k_pages, v_pages, tables, lengths, key = make_paged(
+        jax.random.key(batch * 7 + context), batch, context, kv_heads, head_dim, copies)
+    q = jax.random.normal(key, (batch, num_heads, head_dim), DTYPE)
+    results = {}
+
+    def paged_step(attend):
+        def step(q, k_pages, v_pages, tables, lengths):
+            for j in range(copies):
+                q = attend(q, k_pages, v_pages, tables[j], lengths)
+            return q
+        return step
+
+    def measure(label, step, carry, consts):
+        if not budget.left():
+            results[label] = "skipped (time budget)"
+            return
+        try:
+            seconds, _ = timed(step, carry, consts)
+            results[label] = seconds / copies
+        except Exception as error:  # a config that does not compile is a result too
+            results[label] = f"error: {type(error).__name__}: {str(error)[:160]}"
+
+    for label, config in (our_configs or {"ours": {}}).items():
+        measure(label, paged_step(functools.partial(paged_attention, **config)), q,
+                (k_pages, v_pages, tables, lengths))
+    if with_baselines:
+        bundled = bundled_kernel()
+        pages_per_seq = context // PAGE
+        for splits, per_block in ((1, 8), (4, 8), (16, 8), (16, 4), (4, 16)):
+            if pages_per_seq % splits or (pages_per_seq // splits) % per_block:
+                continue
+            measure(f"bundled k_splits={splits} ppcb={per_block}",
+                    paged_step(functools.partial(bundled, k_splits=splits,
+                                                 pages_per_compute_block=per_block)),
+                    q, (k_pages, v_pages, tables, lengths))
+        del k_pages, v_pages
+        gc.collect()
+        keys = jax.random.split(key, 2 * copies)
+        caches = tuple(jax.random.normal(keys[i], (batch, kv_heads, context, head_dim), DTYPE)
+                       for i in range(2 * copies))
+
+        def xla_step(q, caches, lengths):
+            for j in range(copies):
+                q = xla_contiguous_attention(q, caches[2 * j], caches[2 * j + 1], lengths)
+            return q
+        measure("xla contiguous", xla_step, q, (caches, lengths))
+        del caches
+    gc.collect()
+    row = {"heads": name, "batch": batch, "context": context, "kv_bytes": kv_bytes,
+           "io_bytes": io_bytes, "copies": copies, "results": results}
+    return row
+
+
+def best_bundled(results):
+    timed_ = {k: v for k, v in results.items() if k.startswith("bundled") and isinstance(v, float)}
+    if not timed_:
+        return None, None
+    label = min(timed_, key=timed_.get)
+    return timed_[label], label.removeprefix("bundled ")
+
+
+def fmt_time(seconds) -> str:
+    return f"{seconds * 1e6:.1f}" if isinstance(seconds, float) else "-"
+
+
+def fmt_bw(io_bytes, seconds, read_ceiling) -> str:
+    if not isinstance(seconds, float):
+        return "-"
+    bw = io_bytes / seconds
+    return f"{bw / 1e12:.2f} ({100 * bw / read_ceiling:.0f}% / {100 * bw / SPEC_BYTES_PER_S:.0f}%)"
+
+
+def decode_table(rows, read_ceiling) -> str:
+    lines = [
+        "| heads | batch | ctx | KV MB | ours µs | ours TB/s (% read ceiling / % 3.35) "
+        "| bundled best µs | bundled TB/s | bundled cfg | XLA contiguous µs | XLA TB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        r = row["results"]
+        ours = r.get("ours")
+        b_s, b_cfg = best_bundled(r)
+        x = r.get("xla contiguous")
+        lines.append(
+            f"| {row['heads']} | {row['batch']} | {row['context']} | {row['kv_bytes'] / 1e6:.0f} "
+            f"| {fmt_time(ours)} | {fmt_bw(row['io_bytes'], ours, read_ceiling)} "
+            f"| {fmt_time(b_s)} | {fmt_bw(row['io_bytes'], b_s, read_ceiling)} | {b_cfg or '-'} "
+            f"| {fmt_time(x)} | {fmt_bw(row['io_bytes'], x, read_ceiling)} |")
+        for label, value in r.items():
+            if isinstance(value, str):
+                lines.append(f"|  | | | | {label}: {value} | | | | | | |")
+    return "\n".join(lines)
+
+
+def sweep(budget, read_ceiling) -> tuple[str, list]:
+    """Our kernel's knobs on a few key shapes: pages per block, warps, stages, splits."""
+    lines = ["| heads | batch | ctx | config | µs | TB/s (% read / % 3.35) |",
+             "|---|---|---|---|---|---|"]
+    raw = []
+    for name, batch, context in SWEEP_SHAPES:
+        configs = {}
+        for ppb in (4, 8, 16):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    configs[f"ppb={ppb} w={warps} st={stages}"] = dict(
+                        pages_per_block=ppb, num_warps=warps, num_stages=stages)
+        if batch <= 8:
+            for splits in (8, 16, 32, 64, 128):
+                configs[f"default ppb/w/st, splits={splits}"] = dict(num_splits=splits)
+        configs["default"] = {}
+        row = decode_row(name, batch, context, read_ceiling, budget, with_baselines=False,
+                         our_configs=configs)
+        raw.append(row)
+        for label, seconds in row["results"].items():
+            shown = (fmt_bw(row["io_bytes"], seconds, read_ceiling)
+                     if isinstance(seconds, float) else seconds)
+            lines.append(f"| {name} | {batch} | {context} | {label} | {fmt_time(seconds)} "
+                         f"| {shown} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines), raw
+
+
+def scatter_table(budget, layers=24, token_counts=(256, 32768),
+                  pool_pages=(4096, 65536)) -> str:
+    """24 layers of the 0.5B shape: one decode step (256 tokens) and a 32k prefill."""
+    kv_heads, head_dim = 2, 64
+    lines = ["| tokens/layer | pool pages/layer | pool GB (24 layers, K+V) | kernel µs (24 layers) "
+             "| kernel GB/s (read+write) | XLA scatter µs | XLA GB/s |", "|---|---|---|---|---|---|---|"]
+    for tokens in token_counts:
+        for pages in pool_pages:
+            if not budget.left():
+                lines.append(f"| {tokens} | {pages} | skipped (time budget) | | | | |")
+                continue
+            key = jax.random.key(tokens + pages)
+            shape = (kv_heads, pages, PAGE, head_dim)
+            # The pool's contents are never read by a scatter, so zeros cost nothing.
+            pools = tuple(jnp.zeros(shape, DTYPE) for _ in range(2 * layers))
+            k = jax.random.normal(key, (tokens, kv_heads, head_dim), DTYPE)
+            page_ids = jax.random.permutation(key, pages).astype(jnp.int32)
+            decode = tokens <= 256
+            if decode:  # one token per sequence, each in its own page, walking the page
+                base = page_ids[:tokens] * PAGE
+            else:       # whole pages of one long prompt
+                base = (page_ids[: tokens // PAGE, None] * PAGE + jnp.arange(PAGE)).reshape(-1)
+            moved = 2 * layers * 2 * tokens * kv_heads * head_dim * 2  # K+V, read + write
+            row = [str(tokens), str(pages), f"{2 * layers * math.prod(shape) * 2 / 1e9:.1f}"]
+            for scatter in (cache_scatter, cache_scatter_reference):
+                def step(carry, k, base, scatter=scatter, decode=decode):
+                    pools, i = carry
+                    slots = base + (i % PAGE if decode else 0)
+                    new = []
+                    for layer in range(layers):
+                        new.extend(scatter(pools[2 * layer], pools[2 * layer + 1], k, k, slots))
+                    return tuple(new), i + 1
+                try:
+                    seconds, (pools, _) = timed(step, (pools, jnp.int32(0)), (k, base),
+                                                donate=True, target_s=0.02, repeats=3)
+                    row += [f"{seconds * 1e6:.1f}", f"{moved / seconds / 1e9:.0f}"]
+                except Exception as error:
+                    row += [f"error: {type(error).__name__}: {str(error)[:120]}", "-"]
+                    pools = tuple(jnp.zeros(shape, DTYPE) for _ in range(2 * layers))
+            lines.append("| " + " | ".join(row) + " |")
+            del pools
+            gc.collect()
+    return "\n".join(lines)
+
+
+PREFILL_CASES = (("0.5B 14q/2kv/64", 4096, 0), ("7B 28q/4kv/128", 2048, 14336))
+
+
+def prefill_table(budget, cases=PREFILL_CASES) -> str:
+    """Prefill attention over pages: a fresh 4k prompt and a 2k chunk after a 14k prefix."""
+    lines = ["| heads | q_len | prefix | block_rows | µs | TFLOP/s (causal) |",
+             "|---|---|---|---|---|---|"]
+    for name, q_len, prefix in cases:
+        num_heads, kv_heads, head_dim = HEADS[name]
+        context = prefix + q_len
+        k_pages, v_pages, tables, lengths, key = make_paged(
+            jax.random.key(context), 1, context, kv_heads, head_dim, 1)
+        q = jax.random.normal(key, (1, q_len, num_heads, head_dim), DTYPE)
+        q_start = jnp.array([prefix], jnp.int32)
+        keys_seen = q_len * prefix + q_len * (q_len + 1) / 2
+        flops = 4 * num_heads * head_dim * keys_seen
+        for block_rows in (64, 128):
+            if not budget.left():
+                lines.append(f"| {name} | {q_len} | {prefix} | {block_rows} | skipped | |")
+                continue
+            step = functools.partial(_prefill_step, block_rows=block_rows)
+            try:
+                seconds, _ = timed(step, q, (k_pages, v_pages, tables[0], q_start, lengths),
+                                   repeats=3)
+                lines.append(f"| {name} | {q_len} | {prefix} | {block_rows} "
+                             f"| {seconds * 1e6:.0f} | {flops / seconds / 1e12:.1f} |")
+            except Exception as error:
+                lines.append(f"| {name} | {q_len} | {prefix} | {block_rows} "
+                             f"| error: {type(error).__name__}: {str(error)[:120]} | |")
+        del k_pages, v_pages
+        gc.collect()
+    return "\n".join(lines)
+
+
+def _prefill_step(q, k_pages, v_pages, table, q_start, lengths, *, block_rows):
+    return paged_prefill_attention(q, k_pages, v_pages, table, q_start, lengths,
+                                   block_rows=block_rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also tune our kernel's knobs")
+    parser.add_argument("--quick", action="store_true", help="five decode shapes only")
+    parser.add_argument("--budget-s", type=float, default=420.0)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    budget = Budget(args.budget_s)
+    device = jax.devices()[0]
+    header = [
+        f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}",
+        f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"commit: {os.environ.get('COMMIT', 'unknown')}",
+        f"command: PYTHONPATH=. python3 bench/bandwidth.py {' '.join(sys.argv[1:])}",
+    ]
+    ceil = ceilings()
+    header.append(f"HBM read ceiling (XLA sum, 4 GiB): {ceil['read'] / 1e12:.2f} TB/s; "
+                  f"copy (read+write, 2 GiB): {ceil['copy'] / 1e12:.2f} TB/s; spec 3.35 TB/s")
+    print("\n".join(header), flush=True)
+    sections = []
+    raw = {"ceilings": ceil}
+    rows = []
+    for name, batch, context in (QUICK_SHAPES if args.quick else DECODE_SHAPES):
+        rows.append(decode_row(name, batch, context, ceil["read"], budget))
+        print(decode_table(rows[-1:], ceil["read"]).splitlines()[-1], flush=True)
+    raw["decode"] = rows
+    sections.append("## Paged decode attention (bf16, page 16, all rows at full context)\n\n"
+                    "Effective bandwidth = (K + V bytes read + q + out) / time.\n\n"
+                    + decode_table(rows, ceil["read"]))
+    print(sections[-1], flush=True)
+    sections.append("## Cache scatter (0.5B shape: 24 layers, 2 kv heads, head_dim 64, bf16)\n\n"
+                    + scatter_table(budget))
+    print(sections[-1], flush=True)
+    sections.append("## Prefill attention over pages (bf16, batch 1)\n\n" + prefill_table(budget))
+    print(sections[-1], flush=True)
+    if args.sweep:
+        text, raw["sweep"] = sweep(budget, ceil["read"])
+        sections.append("## Our kernel's knobs\n\n" + text)
+    text = "\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n"
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bandwidth.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out, "bandwidth.json"), "w") as f:
+        json.dump(raw, f, default=str, indent=1)
+
+
+if __name__ == "__main__":
+    main()
