@@ -1,0 +1,347 @@
+"""Offline throughput: jaxserve vs transformers (eager, static+compile) vs a plain JAX static decoder.
+
+One run, side by side, on one random-weight Qwen2-shaped model (default: Qwen2.5-0.5B shape,
+bf16). For each batch size every prompt has the same length and every request generates
+exactly ``--output-len`` tokens (ignore_eos), so all systems do the same work.
+
+Reported per system and batch: output tokens/s (prefill included), mean TTFT, mean TPOT,
+and for jaxserve also the decode step time (one device call of ``decode_steps`` steps over
+the whole batch, divided by the steps), kernels per decode step (from the compiled HLO) and
+the roofline (weight bytes + KV bytes read per step over the copy bandwidth measured here).
+
+    python bench/throughput.py --batches 1 64 256 --prompt-len 128 --output-len 128
+    python bench/throughput.py --tiny --batches 2 --no-hf-compile      # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxserve import Engine, EngineConfig, SamplingParams  # noqa: E402
+from jaxserve.config import ModelConfig  # noqa: E402
+from jaxserve.loading import LoadedModel  # noqa: E402
+from jaxserve.model import apply_rope, rope_tables  # noqa: E402
+from jaxserve.weights import load_hf_params  # noqa: E402
+
+QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+                  max_position_embeddings=32768, rope_theta=1000000.0)
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+            max_position_embeddings=2048, rope_theta=10000.0)
+
+
+@dataclasses.dataclass
+class Row:
+    system: str
+    batch: int
+    prompt_len: int
+    output_len: int
+    tokens_per_s: float
+    ttft_ms: float
+    tpot_ms: float
+    step_ms: float | None = None
+    kernels_per_step: int | None = None
+    roofline_ms: float | None = None
+    note: str = ""
+
+
+def make_checkpoint(shape: dict, path: str):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**shape, bos_token_id=0, eos_token_id=1, torch_dtype="bfloat16")
+    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by an XLA copy of 2 GiB (well above the 50 MB L2)."""
+    n = (1 << 30) // 2 if jax.default_backend() == "gpu" else 1 << 22
+    x = jax.random.normal(jax.random.key(1), (n,), jnp.bfloat16)
+    reps = 20
+
+    @jax.jit
+    def loop(x):
+        return jax.lax.fori_loop(0, reps, lambda i, y: (y * jnp.bfloat16(1.0001)).astype(y.dtype), x)
+
+    loop(x).block_until_ready()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        loop(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * x.nbytes * reps / float(np.median(times))
+
+
+def count_kernels(hlo_text: str) -> int:
+    """Launches per step: instructions of the largest while-loop body of the compiled HLO.
+
+    On the GPU each top-level instruction of the body (a fusion, a custom call such as a GEMM
+    or a Pallas kernel, a copy) is one kernel; bookkeeping opcodes are not counted.
+    """
+    blocks = {m.group(1): m.group(2) for m in re.finditer(r"^(%[\w.\-]+) [^\n]*\{\n(.*?)^\}", hlo_text, re.M | re.S)}
+    bodies = re.findall(r"while\(.*?body=(%[\w.\-]+)", hlo_text)
+    if not bodies:
+        return 0
+    body = max((blocks.get(b, "") for b in bodies), key=len)
+    skip = ("parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all", "partition-id")
+    ops = [re.search(r"=\s.*?\s([a-z][a-z\-]*)\(", line) for line in body.split("\n")]
+    return sum(1 for o in ops if o and o.group(1) not in skip)
+
+
+def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len: int, decode_steps: int,
+                   attention_impl: str, first: bool) -> tuple[Row, float | None]:
+    cfg = EngineConfig(page_size=16, max_running=batch, max_tokens_per_step=max(batch, min(8192, batch * len(prompts[0]))),
+                       dtype="bfloat16", decode_steps=decode_steps, prefix_caching=False, batch_buckets=(batch,),
+                       max_model_len=len(prompts[0]) + out_len + 16, attention_impl=attention_impl,
+                       num_pages=batch * ((len(prompts[0]) + out_len) // 16 + 2) + 64)
+    params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    engine = Engine(m, cfg)
+    first_token = None
+    if first:  # cold: compilation included, as a user sees it
+        engine.add_request(prompts[0], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
+            first_token = first_token or time.perf_counter() - t0
+    engine.generate(prompts, params, use_tqdm=False)  # warm every shape
+    t = time.perf_counter()
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    total = time.perf_counter() - t
+    assert all(len(o["token_ids"]) == out_len for o in outs)
+    # Decode step time: the multi-step call alone, timed with the batch fully running.
+    r = engine.runner
+    decode_fn = r._decode
+    table_w = engine.scheduler.max_pages_per_seq
+    bt = np.arange(batch * table_w, dtype=np.int32).reshape(batch, table_w) % engine.scheduler.num_pages
+    pos = np.full(batch, len(prompts[0]) + out_len // 2, np.int32)
+    from jaxserve.sampling import make_batch
+    sb = make_batch([params] * batch, batch)
+    args = (np.zeros(batch, np.int32), pos, pos + decode_steps, bt, sb, np.zeros(batch, np.int32), decode_steps)
+    r.decode(*args)
+    jax.block_until_ready(r.kv)
+    times = []
+    for _ in range(10):
+        s = time.perf_counter()
+        out = r.decode(*args)
+        jax.block_until_ready(out.tokens)
+        times.append(time.perf_counter() - s)
+    step_ms = float(np.median(times)) / decode_steps * 1e3
+    kernels = None
+    try:
+        zeros = jnp.zeros((1, 1), jnp.int32)
+        lowered = decode_fn.lower(r.params, r.kv, *[jnp.asarray(a) for a in args[:4]], sb,
+                                  jnp.asarray(args[5]), zeros, zeros, num_steps=decode_steps, num_top=0,
+                                  penalties=False)
+        kernels = count_kernels(lowered.compile().as_text())
+    except Exception as exc:  # the count is informative only
+        print("kernel count failed:", exc)
+    ttft = float(np.mean([o["ttft"] for o in outs])) * 1e3
+    tpot = float(np.mean([o["tpot"] for o in outs if o["tpot"]])) * 1e3
+    engine.close()
+    row = Row(f"jaxserve[{attention_impl}]", batch, len(prompts[0]), out_len, batch * out_len / total, ttft, tpot,
+              step_ms, kernels)
+    return row, first_token
+
+
+def bench_hf(model, batch: int, prompts: list[list[int]], out_len: int, compiled: bool) -> Row:
+    import torch
+
+    ids = torch.tensor(prompts, device="cuda" if torch.cuda.is_available() else "cpu")
+    kw = dict(max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False, eos_token_id=None, pad_token_id=0)
+    if compiled:
+        kw["cache_implementation"] = "static"
+    note = ""
+    with torch.no_grad():
+        t = time.perf_counter()
+        model.generate(ids, **kw)  # warm-up (and compilation)
+        if compiled:
+            note = f"compile+first run {time.perf_counter() - t:.0f} s"
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(ids[:, :], max_new_tokens=1, min_new_tokens=1, do_sample=False, eos_token_id=None,
+                       pad_token_id=0, **({"cache_implementation": "static"} if compiled else {}))
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        ttft = time.perf_counter() - t
+        t = time.perf_counter()
+        model.generate(ids, **kw)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        total = time.perf_counter() - t
+    name = "transformers static+compile" if compiled else "transformers eager"
+    return Row(name, batch, len(prompts[0]), out_len, batch * out_len / total, ttft * 1e3,
+               (total - ttft) / max(out_len - 1, 1) * 1e3, note=note)
+
+
+def static_decoder(cfg: ModelConfig, params, prompts: np.ndarray, out_len: int):
+    """What a researcher writes by hand: contiguous static cache, dense prefill, greedy decode in one fori_loop."""
+    b, s = prompts.shape
+    h, kvh, d, n_layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+    max_len = s + out_len
+    layers = [params[f"layers_{i}"] for i in range(n_layers)]
+    emb = params["embed_tokens"]["embedding"]
+
+    def norm(x, w):
+        xf = x.astype(jnp.float32)
+        return w * (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + cfg.rms_norm_eps)).astype(x.dtype)
+
+    def forward(tokens, start, caches):
+        t = tokens.shape[1]
+        x = emb[tokens]
+        pos = start + jnp.arange(t)
+        cos, sin = rope_tables(jnp.broadcast_to(pos, (b, t)), d, cfg.rope_theta)
+        new_caches = []
+        for lp, (kc, vc) in zip(layers, caches):
+            y = norm(x, lp["input_layernorm"]["scale"])
+            qkv = y @ lp["self_attn"]["qkv_proj"]["kernel"] + lp["self_attn"]["qkv_proj"]["bias"]
+            q = apply_rope(qkv[..., : h * d].reshape(b, t, h, d), cos, sin)
+            k = apply_rope(qkv[..., h * d:(h + kvh) * d].reshape(b, t, kvh, d), cos, sin)
+            v = qkv[..., (h + kvh) * d:].reshape(b, t, kvh, d)
+            kc = jax.lax.dynamic_update_slice(kc, k, (0, start, 0, 0))
+            vc = jax.lax.dynamic_update_slice(vc, v, (0, start, 0, 0))
+            qg = q.reshape(b, t, kvh, h // kvh, d)
+            sc = jnp.einsum("btkgd,bskd->bkgts", qg, kc, preferred_element_type=jnp.float32) * d ** -0.5
+            keypos = jnp.arange(max_len)
+            sc = jnp.where(keypos[None, None, None, None, :] <= pos[None, None, None, :, None], sc, -1e30)
+            p = jax.nn.softmax(sc, axis=-1).astype(x.dtype)
+            o = jnp.einsum("bkgts,bskd->btkgd", p, vc).reshape(b, t, h * d)
+            x = x + o @ lp["self_attn"]["o_proj"]["kernel"]
+            y = norm(x, lp["post_attention_layernorm"]["scale"])
+            gu = y @ lp["mlp"]["gate_up_proj"]["kernel"]
+            inter = cfg.intermediate_size
+            x = x + (jax.nn.silu(gu[..., :inter]) * gu[..., inter:]) @ lp["mlp"]["down_proj"]["kernel"]
+            new_caches.append((kc, vc))
+        x = norm(x[:, -1], params["norm"]["scale"])
+        return jnp.argmax((x @ emb.T).astype(jnp.float32), -1).astype(jnp.int32), new_caches
+
+    def empty():
+        return [(jnp.zeros((b, max_len, kvh, d), emb.dtype), jnp.zeros((b, max_len, kvh, d), emb.dtype))
+                for _ in range(n_layers)]
+
+    @jax.jit
+    def prefill(tokens):
+        return forward(tokens, 0, empty())
+
+    @jax.jit
+    def decode(tok, caches):
+        def body(i, carry):
+            tok, caches, out = carry
+            nxt, caches = forward(tok[:, None], s + i, caches)
+            return nxt, caches, out.at[:, i].set(nxt)
+        return jax.lax.fori_loop(0, out_len - 1, body, (tok, caches, jnp.zeros((b, out_len - 1), jnp.int32)))
+
+    return prefill, decode
+
+
+def bench_static(cfg: ModelConfig, params, prompts: list[list[int]], out_len: int) -> Row:
+    tokens = jnp.asarray(prompts, jnp.int32)
+    prefill, decode = static_decoder(cfg, params, np.asarray(prompts), out_len)
+    tok, caches = prefill(tokens)
+    jax.block_until_ready(decode(tok, caches))
+    t = time.perf_counter()
+    tok, caches = prefill(tokens)
+    tok.block_until_ready()
+    ttft = time.perf_counter() - t
+    _, _, out = decode(tok, caches)
+    out.block_until_ready()
+    total = time.perf_counter() - t
+    b = len(prompts)
+    row = Row("plain JAX static", b, len(prompts[0]), out_len, b * out_len / total, ttft * 1e3,
+              (total - ttft) / (out_len - 1) * 1e3, step_ms=(total - ttft) / (out_len - 1) * 1e3)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--long-prompt", type=int, default=1024, help="extra case: this prompt length at --long-batch")
+    ap.add_argument("--long-batch", type=int, default=64)
+    ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--impls", nargs="+", default=["pallas"], help="jaxserve attention impls to time")
+    ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-hf-compile", action="store_true")
+    ap.add_argument("--hf-compile-batches", type=int, nargs="+", default=[256])
+    ap.add_argument("--out", default=None, help="write the table (markdown) and rows (json) here")
+    args = ap.parse_args()
+
+    shape = TINY if args.tiny else QWEN25_05B
+    path = tempfile.mkdtemp()
+    hf = make_checkpoint(shape, path)
+    cfg = ModelConfig.from_pretrained(path)
+    params = load_hf_params(path, cfg, "bfloat16")
+    m = LoadedModel(params, cfg, None, path, "bench")
+    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    bw = copy_bandwidth()
+    print(f"device {jax.devices()[0].device_kind}; weights {weight_bytes / 1e9:.3f} GB; copy bandwidth {bw / 1e12:.3f} TB/s")
+    rng = np.random.default_rng(0)
+    rows: list[Row] = []
+    cases = [(b, args.prompt_len) for b in args.batches] + ([(args.long_batch, args.long_prompt)] if args.long_prompt else [])
+    first_token_s = None
+    for batch, plen in cases:
+        prompts = rng.integers(2, cfg.vocab_size, size=(batch, plen)).tolist()
+        static_row = bench_static(cfg, params, prompts, args.output_len)
+        rows.append(static_row)
+        for impl in args.impls:
+            try:
+                row, ft = bench_jaxserve(m, batch, prompts, args.output_len, args.decode_steps, impl,
+                                         first=first_token_s is None)
+            except Exception as exc:  # keep the other systems' numbers; the failure is reported
+                print(f"jaxserve[{impl}] batch {batch} failed: {exc!r}", flush=True)
+                continue
+            first_token_s = first_token_s or ft
+            kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * batch * (plen + args.output_len // 2)
+            row.roofline_ms = (weight_bytes + kv_bytes) / (bw / 2) * 1e3  # bw/2: read bandwidth of a copy
+            rows.append(row)
+            print(row, flush=True)
+        if not args.no_hf:
+            hf_dev = hf.to("cuda") if jax.default_backend() == "gpu" else hf
+            rows.append(bench_hf(hf_dev, batch, prompts, args.output_len, compiled=False))
+            print(rows[-1], flush=True)
+            if not args.no_hf_compile and batch in args.hf_compile_batches:
+                import torch
+                hf_dev.forward = torch.compile(hf_dev.forward, mode="reduce-overhead", fullgraph=True)
+                rows.append(bench_hf(hf_dev, batch, prompts, args.output_len, compiled=True))
+                print(rows[-1], flush=True)
+    lines = [f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; weights {weight_bytes / 1e9:.3f} GB; "
+             f"copy bandwidth {bw / 1e12:.3f} TB/s (read+write); first token of first request "
+             f"(compilation included): {first_token_s:.1f} s", "",
+             "| system | batch | prompt | output | out tok/s | TTFT ms | TPOT ms | decode step ms | kernels/step | roofline ms | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = lambda v, p=2: "" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))  # noqa: E731
+        lines.append(f"| {r.system} | {r.batch} | {r.prompt_len} | {r.output_len} | {r.tokens_per_s:.0f} | "
+                     f"{f(r.ttft_ms, 1)} | {f(r.tpot_ms)} | {f(r.step_ms, 3)} | {f(r.kernels_per_step)} | "
+                     f"{f(r.roofline_ms, 3)} | {r.note} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "throughput.md"), "w") as f:
+            f.write(table + "\n")
+        with open(os.path.join(args.out, "throughput.json"), "w") as f:
+            json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
