@@ -1,0 +1,337 @@
+"""``AsyncEngine``: the ``Engine`` driven by one background thread, used from asyncio.
+
+Owns the engine thread, the command queue into it and the per-request output queues out of
+it. Exactly one thread, the engine thread, ever touches the ``Engine`` (and so the scheduler,
+the pool and the tokenizer's streaming state): callers only post commands (submit, abort,
+stats, clear, stop) on a thread-safe queue and read chunks from their request's
+``asyncio.Queue``, filled with ``loop.call_soon_threadsafe``. It never speaks HTTP and never
+formats OpenAI responses (``server.py`` does).
+
+A chunk is a dict: ``text`` (new text, never half a character, stop strings held back),
+``token_ids``, ``logprobs`` / ``top_logprobs`` (when asked), ``finish_reason`` (None until
+the last chunk), and on the last chunk ``result``, the dict ``Request.result()`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import Any, AsyncIterator, Callable
+
+from jaxserve.engine import Engine, Prompt
+from jaxserve.request import Request, Status
+from jaxserve.sampling import SamplingParams
+
+log = logging.getLogger("jaxserve.async_engine")
+
+
+class EngineDeadError(RuntimeError):
+    """A request failed because a step raised (the message says why) or the engine stopped."""
+
+
+class _Stop:
+    """Sentinel command: drain for ``drain_s`` seconds, abort the rest, leave the loop."""
+
+    def __init__(self, drain_s: float) -> None:
+        self.deadline = time.monotonic() + drain_s
+
+
+@dataclasses.dataclass
+class _Output:
+    """Where one request's chunks go, on the caller's event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    sent_tokens: int = 0
+
+
+class RequestHandle:
+    """One submitted request: iterate it for chunks, or ``await result()``.
+
+    Example:
+        >>> handle = await engine.submit("def fib(n):", SamplingParams(max_tokens=8))  # doctest: +SKIP
+        >>> async for chunk in handle: print(chunk["text"], end="")                   # doctest: +SKIP
+    """
+
+    def __init__(self, engine: "AsyncEngine", request_id: str, output: _Output) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self._queue = output.queue
+        self.finished = False
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
+        try:
+            while not self.finished:
+                item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                if item["finish_reason"] is not None:
+                    self.finished = True
+                yield item
+        finally:
+            # The consumer went away (closed stream, cancelled task) before the end: free the pages.
+            self.abort()
+
+    async def result(self) -> dict[str, Any]:
+        """Wait for the end; the ``Request.result()`` dict (``EngineDeadError`` if a step failed)."""
+        last = None
+        try:
+            async for chunk in self:
+                last = chunk
+        finally:
+            self.abort()
+        if last is None:
+            raise EngineDeadError(f"request {self.request_id} ended without output")
+        return last["result"]
+
+    def abort(self) -> None:
+        """Stop the request now (no-op once it finished)."""
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    """Continuous batching for many concurrent asyncio callers.
+
+    ``metrics``, if given, gets ``observe_finished(result)`` for every request that ends (from
+    the engine thread); the server passes its Prometheus collectors here.
+
+    Example:
+        >>> engine = AsyncEngine(Engine(jaxserve.load(), EngineConfig(max_running=8)))  # doctest: +SKIP
+        >>> out = await engine.generate_async("def fib(n):", SamplingParams(max_tokens=16))  # doctest: +SKIP
+        >>> async for chunk in engine.stream("Hello", SamplingParams(max_tokens=16)):   # doctest: +SKIP
+        ...     print(chunk["text"], end="")
+        >>> await engine.shutdown()                                                    # doctest: +SKIP
+    """
+
+    def __init__(self, engine: Engine, metrics: Any = None, idle_poll_s: float = 1.0) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.idle_poll_s = idle_poll_s
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._outputs: dict[str, _Output] = {}  # engine thread only
+        self._ids = itertools.count()
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
+        self._thread.start()
+
+    # ----- caller side (any thread / event loop) --------------------------------------------
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def tokenizer(self):
+        """The engine's tokenizer: read its settings only; tokenize with a copy off the engine thread."""
+        return self.engine.tokenizer
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the engine thread between steps and return its result here."""
+        if not self.is_running:
+            raise EngineDeadError("the engine thread is not running")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._commands.put(("call", fn, loop, fut))
+        return await fut
+
+    async def submit(self, prompt: Prompt, params: SamplingParams | None = None,
+                     request_id: str | None = None) -> RequestHandle:
+        """Queue a request; raises ``ValueError`` for bad input (checked on the engine thread)."""
+        if not self._accepting:
+            raise EngineDeadError("the engine is shutting down and accepts no new requests")
+        loop = asyncio.get_running_loop()
+        output = _Output(loop, asyncio.Queue())
+        request_id = request_id or f"async-{next(self._ids)}"
+        try:
+            await self._call(lambda: self._add(prompt, params, request_id, output))
+        except asyncio.CancelledError:  # the caller left while the engine thread was adding it
+            self.abort(request_id)
+            raise
+        return RequestHandle(self, request_id, output)
+
+    async def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+                     request_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Chunks of one request as they are produced; leaving the loop early aborts it."""
+        handle = await self.submit(prompt, params, request_id)
+        try:
+            async for chunk in handle:
+                yield chunk
+        finally:  # an early exit must not wait for the inner generator's garbage collection
+            handle.abort()
+
+    async def generate_async(self, prompt: Prompt, params: SamplingParams | None = None,
+                             request_id: str | None = None) -> dict[str, Any]:
+        """Run one request to the end; the ``Request.result()`` dict."""
+        handle = await self.submit(prompt, params, request_id)
+        try:
+            return await handle.result()
+        finally:
+            handle.abort()
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (thread-safe, returns at once; unknown or finished ids are ignored)."""
+        self._commands.put(("abort", request_id))
+
+    async def stats(self) -> dict[str, Any]:
+        """``Engine.stats()`` taken on the engine thread between steps."""
+        return await self._call(self.engine.stats)
+
+    async def clear_prefix_cache(self) -> None:
+        """Drop unlocked cached prefixes (their pages return to the pool)."""
+        await self._call(self.engine.clear_prefix_cache)
+
+    async def shutdown(self, drain_s: float = 0.0) -> None:
+        """Stop accepting, let running requests finish for up to ``drain_s`` seconds, abort the
+        rest (their streams end with finish_reason "abort"), join the thread, close the engine."""
+        self._accepting = False
+        if self.is_running:
+            self._commands.put(("stop", _Stop(drain_s)))
+            await asyncio.to_thread(self._thread.join)
+
+    # ----- engine thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        stop: _Stop | None = None
+        try:
+            while True:
+                try:
+                    busy = self.engine.has_unfinished()
+                    stop = self._drain_commands(block=not busy and stop is None) or stop
+                    if stop is not None and (not self.engine.has_unfinished()
+                                             or time.monotonic() >= stop.deadline):
+                        break
+                    if self.engine.has_unfinished():
+                        self._step()
+                except Exception as exc:  # a bug outside the step: fail what runs, keep serving
+                    log.exception("engine loop error")
+                    self._fail_running(f"engine loop error: {type(exc).__name__}: {exc}")
+        finally:
+            self._accepting = False
+            self._abort_all("the engine is shutting down")
+            self._refuse_pending_calls()
+            self.engine.close()
+
+    def _refuse_pending_calls(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "call":
+                cmd[2].call_soon_threadsafe(_settle, cmd[3], None, EngineDeadError("the engine has stopped"))
+
+    def _drain_commands(self, block: bool) -> _Stop | None:
+        stop = None
+        try:
+            cmd = self._commands.get(timeout=self.idle_poll_s) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return None
+        while True:
+            kind = cmd[0]
+            if kind == "call":
+                _, fn, loop, fut = cmd
+                try:
+                    value, error = fn(), None
+                except Exception as exc:  # bad input must reach the caller, never kill the loop
+                    value, error = None, exc
+                loop.call_soon_threadsafe(_settle, fut, value, error)
+            elif kind == "abort":
+                request = self.engine.requests.get(cmd[1])
+                if self.engine.abort(cmd[1]) and request is not None:
+                    self._publish(request)
+            elif kind == "stop":
+                stop = cmd[1]
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return stop
+
+    def _add(self, prompt: Prompt, params: SamplingParams | None, request_id: str, output: _Output) -> None:
+        self.engine.add_request(prompt, params, request_id)
+        request = self.engine.requests[request_id]
+        if request.finish_reason is not None:  # refused at once (it could never fit the pool)
+            self.engine.release(request_id)
+            raise ValueError(request.error or f"request {request_id} was refused")
+        self._outputs[request_id] = output
+
+    def _step(self) -> None:
+        try:
+            progressed = self.engine.step()
+        except Exception as exc:
+            log.exception("engine step failed; failing the running requests")
+            self._fail_running(f"engine step failed: {type(exc).__name__}: {exc}")
+            return
+        for request in progressed:
+            self._publish(request)
+
+    def _fail_running(self, message: str) -> None:
+        """Requests a failed step may have touched end with an error instead of hanging."""
+        for request in [r for r in self.engine.requests.values() if r.status is Status.RUNNING]:
+            try:
+                self.engine.abort(request.request_id)
+            except Exception:  # the scheduler may be inconsistent after the failure
+                log.exception("abort after a failed step raised")
+                request.finish("abort")
+            request.error = message
+            self._publish(request)
+
+    def _abort_all(self, message: str) -> None:
+        for request in list(self.engine.requests.values()):
+            if request.status is not Status.FINISHED:
+                try:
+                    self.engine.abort(request.request_id)
+                except Exception:
+                    log.exception("abort during shutdown raised")
+                    request.finish("abort", message)
+            self._publish(request)
+        for output in self._outputs.values():  # nothing should be left; never leave a caller waiting
+            output.loop.call_soon_threadsafe(output.queue.put_nowait, EngineDeadError(message))
+        self._outputs.clear()
+
+    def _publish(self, request: Request) -> None:
+        """Hand a request's new text and tokens to its caller; on finish, the result, then forget it."""
+        output = self._outputs.get(request.request_id)
+        if output is None:
+            return
+        text, _ = request.take_delta()
+        start, end = output.sent_tokens, len(request.output_ids)
+        output.sent_tokens = end
+        finished = request.finish_reason is not None
+        if not text and start == end and not finished:
+            return
+        chunk: dict[str, Any] = {"request_id": request.request_id, "text": text,
+                                 "token_ids": request.output_ids[start:end], "finish_reason": request.finish_reason}
+        if request.params.logprobs is not None:
+            chunk["logprobs"] = request.output_logprobs[start:end]
+            chunk["top_logprobs"] = request.top_logprobs[start:end] if request.params.logprobs > 0 else None
+        if finished:
+            chunk["result"] = request.result()
+            del self._outputs[request.request_id]
+            self.engine.release(request.request_id)
+            if self.metrics is not None:
+                try:
+                    self.metrics.observe_finished(chunk["result"])
+                except Exception:
+                    log.exception("metrics observer raised")
+            if request.error:  # a failed step: the caller gets the error, not a normal-looking end
+                output.loop.call_soon_threadsafe(output.queue.put_nowait, EngineDeadError(request.error))
+                return
+        output.loop.call_soon_threadsafe(output.queue.put_nowait, chunk)
+
+
+def _settle(fut: asyncio.Future, value: Any, error: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)

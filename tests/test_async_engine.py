@@ -1,0 +1,212 @@
+"""AsyncEngine: one engine thread, many asyncio callers; errors reach callers, never the loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from jaxserve import Engine, EngineConfig, SamplingParams, load
+from jaxserve.async_engine import AsyncEngine, EngineDeadError
+
+# One batch bucket and one prefill bucket: two compiled shapes serve every test here.
+CONFIG = EngineConfig(num_pages=128, max_running=8, max_tokens_per_step=64, batch_buckets=(8,),
+                      prefill_buckets=(64,), decode_steps=4, max_model_len=256)
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+PROMPTS = [f"The quick brown fox {i}" for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return load(tiny_checkpoint[0])
+
+
+@pytest.fixture(scope="module")
+def expected(model):
+    """Greedy outputs of the plain synchronous engine, the reference for every async path."""
+    with Engine(model, CONFIG) as engine:
+        return {p: r for p, r in zip(PROMPTS, engine.generate(PROMPTS, GREEDY, use_tqdm=False))}
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def engine(model, loop):
+    engine = AsyncEngine(Engine(model, CONFIG))
+    yield engine
+    loop.run_until_complete(engine.shutdown())
+
+
+def assert_pages_free(engine: AsyncEngine, loop) -> None:
+    async def check():
+        await engine.clear_prefix_cache()
+        stats = await engine.stats()
+        assert stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0, stats
+
+    loop.run_until_complete(check())
+
+
+def test_generate_async_matches_sync_engine(engine, loop, expected):
+    result = loop.run_until_complete(engine.generate_async(PROMPTS[0], GREEDY))
+    assert result["token_ids"] == expected[PROMPTS[0]]["token_ids"]
+    assert result["text"] == expected[PROMPTS[0]]["text"]
+    assert result["finish_reason"] == "length" and result["completion_tokens"] == 12
+    assert_pages_free(engine, loop)
+
+
+def test_stream_deltas_join_to_the_full_text(engine, loop, expected):
+    async def collect():
+        return [chunk async for chunk in engine.stream(PROMPTS[1], GREEDY)]
+
+    chunks = loop.run_until_complete(collect())
+    assert "".join(c["text"] for c in chunks) == expected[PROMPTS[1]]["text"]
+    assert sum((c["token_ids"] for c in chunks), []) == expected[PROMPTS[1]]["token_ids"]
+    assert [c["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1]["finish_reason"] == "length" and chunks[-1]["result"]["completion_tokens"] == 12
+    assert_pages_free(engine, loop)
+
+
+def test_concurrent_callers_get_their_own_outputs(engine, loop, expected):
+    async def run_all():
+        return await asyncio.gather(*(engine.generate_async(p, GREEDY) for p in PROMPTS))
+
+    for prompt, result in zip(PROMPTS, loop.run_until_complete(run_all())):
+        assert result["token_ids"] == expected[prompt]["token_ids"]
+    assert_pages_free(engine, loop)
+
+
+def test_stream_logprobs_come_per_token(engine, loop):
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=2)
+
+    async def collect():
+        return [chunk async for chunk in engine.stream(PROMPTS[2], params)]
+
+    chunks = loop.run_until_complete(collect())
+    tokens = sum((c["token_ids"] for c in chunks), [])
+    assert len(sum((c["logprobs"] for c in chunks), [])) == len(tokens) == 6
+    tops = sum((c["top_logprobs"] for c in chunks), [])
+    assert all(len(t) == 2 and tok in t for t, tok in zip(tops, tokens))  # greedy: the token is the top one
+    assert_pages_free(engine, loop)
+
+
+@pytest.mark.parametrize("prompt, params, match", [
+    ("", GREEDY, "prompt must not be empty"),
+    ("x" * 300, GREEDY, "max_model_len"),
+    ([1, 2, 100000], GREEDY, "prompt token ids"),
+    ("hi", "not params", "SamplingParams"),
+])
+def test_bad_input_raises_value_error_and_loop_keeps_serving(engine, loop, expected, prompt, params, match):
+    with pytest.raises(ValueError, match=match):
+        loop.run_until_complete(engine.generate_async(prompt, params))
+    assert engine.is_running
+    result = loop.run_until_complete(engine.generate_async(PROMPTS[0], GREEDY))
+    assert result["token_ids"] == expected[PROMPTS[0]]["token_ids"]
+
+
+def test_request_that_never_fits_the_pool_is_refused(model):
+    async def run():
+        engine = AsyncEngine(Engine(model, EngineConfig(num_pages=8, max_running=2, max_tokens_per_step=64,
+                                                        max_model_len=256)))
+        try:
+            with pytest.raises(ValueError, match="more KV pages than the pool"):
+                await engine.generate_async([5] * 200, SamplingParams(max_tokens=56))
+            assert (await engine.stats())["pages_used"] == 0
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+
+
+def test_duplicate_request_id_is_refused(engine, loop):
+    async def run():
+        handle = await engine.submit(PROMPTS[0], SamplingParams(max_tokens=50, ignore_eos=True), "dup")
+        with pytest.raises(ValueError, match="already in use"):
+            await engine.submit(PROMPTS[1], GREEDY, "dup")
+        handle.abort()
+
+    loop.run_until_complete(run())
+    assert_pages_free(engine, loop)
+
+
+def test_leaving_a_stream_early_aborts_it_and_frees_pages(engine, loop):
+    async def run():
+        agen = engine.stream(PROMPTS[3], SamplingParams(max_tokens=200, ignore_eos=True))
+        async for _ in agen:
+            break
+        await agen.aclose()
+        # The abort is a command to the engine thread; stats() runs after it, in order.
+        return await engine.stats()
+
+    stats = loop.run_until_complete(run())
+    assert stats["running"] == 0 and stats["waiting"] == 0
+    assert_pages_free(engine, loop)
+
+
+def test_cancelled_task_aborts_its_request(engine, loop):
+    async def run():
+        task = asyncio.ensure_future(engine.generate_async(PROMPTS[4], SamplingParams(max_tokens=200, ignore_eos=True)))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return await engine.stats()
+
+    stats = loop.run_until_complete(run())
+    assert stats["running"] == 0 and stats["waiting"] == 0
+    assert_pages_free(engine, loop)
+
+
+def test_failing_step_fails_running_requests_and_loop_recovers(engine, loop, expected, monkeypatch):
+    real_decode = engine.engine.runner.decode
+    calls = {"n": 0}
+
+    def flaky_decode(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected device failure")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine.engine.runner, "decode", flaky_decode)
+
+    async def run():
+        return await asyncio.gather(*(engine.generate_async(p, GREEDY) for p in PROMPTS[:3]),
+                                    return_exceptions=True)
+
+    results = loop.run_until_complete(run())
+    assert all(isinstance(r, EngineDeadError) and "injected device failure" in str(r) for r in results)
+    assert engine.is_running
+    monkeypatch.setattr(engine.engine.runner, "decode", real_decode)
+    result = loop.run_until_complete(engine.generate_async(PROMPTS[0], GREEDY))
+    assert result["token_ids"] == expected[PROMPTS[0]]["token_ids"]
+    assert_pages_free(engine, loop)
+
+
+def test_shutdown_aborts_running_requests_and_refuses_new_ones(model):
+    async def run():
+        engine = AsyncEngine(Engine(model, CONFIG))
+        handle = await engine.submit(PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True))
+        first = await handle.__aiter__().__anext__()
+        await engine.shutdown(drain_s=0.0)
+        assert not engine.is_running and engine.engine.closed
+        with pytest.raises(EngineDeadError):
+            await engine.submit(PROMPTS[1], GREEDY)
+        return first, handle
+
+    first, handle = asyncio.run(run())
+    assert first["finish_reason"] is None
+
+
+def test_shutdown_with_drain_time_lets_requests_finish(model):
+    async def run():
+        engine = AsyncEngine(Engine(model, CONFIG))
+        task = asyncio.ensure_future(engine.generate_async(PROMPTS[0], GREEDY))
+        await asyncio.sleep(0.05)
+        await engine.shutdown(drain_s=60.0)
+        return await task
+
+    assert asyncio.run(run())["finish_reason"] == "length"
