@@ -33,7 +33,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels import cache_scatter, cache_scatter_reference, paged_attention
-from kernels.prefill_attention import paged_prefill_attention
+from kernels.prefill_attention import (paged_prefill_attention,
+                                       paged_prefill_attention_reference)
 
 SPEC_BYTES_PER_S = 3.35e12
 L2_BYTES = 50e6
@@ -53,8 +54,14 @@ DECODE_SHAPES = [
     ("0.5B 14q/2kv/64", 256, 2048), ("0.5B 14q/2kv/64", 256, 8192),
 ]
 QUICK_SHAPES = [DECODE_SHAPES[i] for i in (2, 5, 7, 11, 14)]
-SWEEP_SHAPES = [("7B 28q/4kv/128", 64, 4096), ("0.5B 14q/2kv/64", 64, 4096),
-                ("7B 28q/4kv/128", 1, 32768), ("0.5B 14q/2kv/64", 8, 32768)]
+SWEEP_SHAPES = [("7B 28q/4kv/128", 64, 4096), ("0.5B 14q/2kv/64", 64, 8192),
+                ("7B 28q/4kv/128", 8, 32768), ("0.5B 14q/2kv/64", 1, 32768)]
+SWEEP_CONFIGS = {
+    "default": {}, "no id prefetch": dict(prefetch_page_ids=False),
+    "ppb=4": dict(pages_per_block=4), "ppb=16": dict(pages_per_block=16),
+    "warps=8": dict(num_warps=8), "stages=3": dict(num_stages=3),
+    "stages=4": dict(num_stages=4),
+}
 
 
 class Budget:
@@ -235,22 +242,25 @@ def decode_table(rows, read_ceiling) -> str:
     return "\n".join(lines)
 
 
+def paged_attention_defaults(name, batch, context) -> int:
+    """The split count our wrapper picks for this shape on the GPU."""
+    from kernels.paged_attention import resolve_tuning
+    kv_heads = HEADS[name][1]
+    return resolve_tuning(PAGE, context // PAGE, batch * kv_heads, None, None, False)[1]
+
+
 def sweep(budget, read_ceiling) -> tuple[str, list]:
-    """Our kernel's knobs on a few key shapes: pages per block, warps, stages, splits."""
+    """Our kernel's knobs on a few key shapes, one at a time from the defaults."""
     lines = ["| heads | batch | ctx | config | µs | TB/s (% read / % 3.35) |",
              "|---|---|---|---|---|---|"]
     raw = []
     for name, batch, context in SWEEP_SHAPES:
-        configs = {}
-        for ppb in (4, 8, 16):
-            for warps in (4, 8):
-                for stages in (2, 3):
-                    configs[f"ppb={ppb} w={warps} st={stages}"] = dict(
-                        pages_per_block=ppb, num_warps=warps, num_stages=stages)
-        if batch <= 8:
-            for splits in (8, 16, 32, 64, 128):
-                configs[f"default ppb/w/st, splits={splits}"] = dict(num_splits=splits)
-        configs["default"] = {}
+        configs = dict(SWEEP_CONFIGS)
+        default = paged_attention_defaults(name, batch, context)
+        for factor in (0.5, 2, 4):
+            splits = max(1, int(default * factor))
+            if splits != default:
+                configs[f"splits={splits} (default {default})"] = dict(num_splits=splits)
         row = decode_row(name, batch, context, read_ceiling, budget, with_baselines=False,
                          our_configs=configs)
         raw.append(row)
@@ -313,7 +323,7 @@ PREFILL_CASES = (("0.5B 14q/2kv/64", 4096, 0), ("7B 28q/4kv/128", 2048, 14336))
 
 def prefill_table(budget, cases=PREFILL_CASES) -> str:
     """Prefill attention over pages: a fresh 4k prompt and a 2k chunk after a 14k prefix."""
-    lines = ["| heads | q_len | prefix | block_rows | µs | TFLOP/s (causal) |",
+    lines = ["| heads | q_len | prefix | block_rows (or path) | µs | TFLOP/s (causal) |",
              "|---|---|---|---|---|---|"]
     for name, q_len, prefix in cases:
         num_heads, kv_heads, head_dim = HEADS[name]
@@ -324,11 +334,12 @@ def prefill_table(budget, cases=PREFILL_CASES) -> str:
         q_start = jnp.array([prefix], jnp.int32)
         keys_seen = q_len * prefix + q_len * (q_len + 1) / 2
         flops = 4 * num_heads * head_dim * keys_seen
-        for block_rows in (64, 128):
+        for block_rows in (64, 128, "jnp reference"):
             if not budget.left():
                 lines.append(f"| {name} | {q_len} | {prefix} | {block_rows} | skipped | |")
                 continue
-            step = functools.partial(_prefill_step, block_rows=block_rows)
+            step = (_prefill_reference_step if block_rows == "jnp reference" else
+                    functools.partial(_prefill_step, block_rows=block_rows))
             try:
                 seconds, _ = timed(step, q, (k_pages, v_pages, tables[0], q_start, lengths),
                                    repeats=3)
@@ -340,6 +351,10 @@ def prefill_table(budget, cases=PREFILL_CASES) -> str:
         del k_pages, v_pages
         gc.collect()
     return "\n".join(lines)
+
+
+def _prefill_reference_step(q, k_pages, v_pages, table, q_start, lengths):
+    return paged_prefill_attention_reference(q, k_pages, v_pages, table, q_start, lengths)
 
 
 def _prefill_step(q, k_pages, v_pages, table, q_start, lengths, *, block_rows):

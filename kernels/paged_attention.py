@@ -48,36 +48,64 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, pages_per_split_ref,
-                   q_ref, k_pages_ref, v_pages_ref, o_ref, *lse_ref,
-                   group: int, query_rows: int, pages_per_block: int, scale: float,
-                   precision):
-    seq, row_block, split = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    block_rows, head_dim = q_ref.shape
+def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref, v_pages_ref,
+                   o_ref, *lse_ref, group: int, start_offset: int, block_rows: int,
+                   num_splits: int,
+                   pages_per_block: int, prefetch_page_ids: bool, scale: float, precision):
+    seq, head = pl.program_id(0), pl.program_id(1)
+    row_block, split = pl.program_id(2), pl.program_id(3)
+    batch, table_pages = lengths_ref.shape[0], block_table_ref.shape[0]
+    query_rows, head_dim = q_ref.shape[2], q_ref.shape[3]
     page_size = k_pages_ref.shape[-2]
     block_keys = pages_per_block * page_size
-    length = lengths_ref[seq]
-    q_start = q_start_ref[seq]
-    pages_per_split = pages_per_split_ref[0]
+    # A length past the table would index pages the sequence does not own.
+    length = jnp.minimum(lengths_ref[seq], table_pages * page_size)
+    q_start = q_start_ref[seq] + start_offset
 
     # Row r of the block is query position q_start + r // group, head r % group.
-    rows = row_block * block_rows + jnp.arange(block_rows)
+    first_row = row_block * block_rows
+    rows = first_row + jnp.arange(block_rows)
     positions = q_start + rows // group
-    live = (rows < query_rows) & (positions < length)
+    real_row = rows < query_rows
+    live = real_row & (positions < length)
     row_limit = jnp.where(live, jnp.minimum(positions + 1, length), 0)
-    last_row = jnp.minimum(row_block * block_rows + block_rows - 1, query_rows - 1)
+    last_row = jnp.minimum(first_row + block_rows - 1, query_rows - 1)
     block_limit = jnp.clip(q_start + last_row // group + 1, 0, length)
+    block_pages = pl.cdiv(block_limit, page_size)
 
-    first_page = split * pages_per_split
-    end_page = jnp.minimum(first_page + pages_per_split, pl.cdiv(block_limit, page_size))
+    if num_splits == 1:
+        first_page, end_page = 0, block_pages
+    else:
+        # Split ranges are sized from the batch's longest sequence (read in-kernel, so
+        # no extra XLA op): short batches in a wide page table still use every split.
+        padded_batch = _next_pow2(batch)
+        all_lengths = compat.load(lengths_ref.at[pl.ds(0, padded_batch)],
+                                  mask=jnp.arange(padded_batch) < batch, other=0)
+        longest = pl.cdiv(jnp.minimum(all_lengths.max(), table_pages * page_size), page_size)
+        per_split = pl.cdiv(pl.cdiv(longest, num_splits), pages_per_block) * pages_per_block
+        per_split = jnp.maximum(per_split, pages_per_block)
+        first_page = split * per_split
+        end_page = jnp.minimum(first_page + per_split, block_pages)
     num_iters = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
 
-    q = q_ref[...]
+    def load_page_ids(page0):
+        # Entries past the table read as page 0 (valid); their keys are masked.
+        offsets = page0 + jnp.arange(pages_per_block)
+        return compat.load(block_table_ref.at[pl.ds(page0, pages_per_block)],
+                           mask=offsets < table_pages, other=0)
+
+    q = compat.load(q_ref.at[seq, head, pl.ds(first_row, block_rows), :],
+                    mask=real_row[:, None], other=0)
 
     def body(i, carry):
-        acc, m, l = carry
+        acc, m, l, page_ids = carry
         page0 = first_page + i * pages_per_block
-        page_ids = block_table_ref[pl.ds(page0, pages_per_block)]
+        if prefetch_page_ids:
+            # The next iteration's ids load now, so its K/V gathers need not wait.
+            next_ids = load_page_ids(page0 + pages_per_block)
+        else:
+            page_ids = load_page_ids(page0)
+            next_ids = page_ids
         key_pos = page0 * page_size + jnp.arange(block_keys)
         k = k_pages_ref[page_ids].reshape(block_keys, head_dim)
         # Slots past the length may hold anything (stale or never-written pages, even
@@ -92,22 +120,25 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, pages_per_split_re
         p = jnp.where(visible, jnp.exp(s - m_next[:, None]), 0.0)
         l = l * alpha + p.sum(axis=1)
         pv = compat.dot(p.astype(v.dtype), v, precision=precision)
-        return acc * alpha[:, None] + pv, m_next, l
+        return acc * alpha[:, None] + pv, m_next, l, next_ids
 
     init = (jnp.zeros((block_rows, head_dim), jnp.float32),
             jnp.full((block_rows,), _MASK_VALUE, jnp.float32),
-            jnp.zeros((block_rows,), jnp.float32))
-    acc, m, l = lax.fori_loop(0, num_iters, body, init)
+            jnp.zeros((block_rows,), jnp.float32),
+            load_page_ids(first_page) if prefetch_page_ids
+            else jnp.zeros((pages_per_block,), jnp.int32))
+    acc, m, l, _ = lax.fori_loop(0, num_iters, body, init)
     has_keys = l > 0.0
     out = acc / jnp.where(has_keys, l, 1.0)[:, None]
-    # Padding rows (past the KV group or the chunk) are never read back: skip their
-    # stores, which are most of the rows when a group of 7 is padded to 16.
-    stored = rows < query_rows
     out = jnp.where(has_keys[:, None], out, 0.0).astype(o_ref.dtype)
-    compat.store(o_ref.at[:, :], out, mask=stored[:, None])
-    if lse_ref:
+    # Rows past the real ones (a group of 7 padded to 16) are neither read nor stored.
+    out_rows = pl.ds(first_row, block_rows)
+    if num_splits == 1:
+        compat.store(o_ref.at[seq, head, out_rows, :], out, mask=real_row[:, None])
+    else:
+        compat.store(o_ref.at[split, seq, head, out_rows, :], out, mask=real_row[:, None])
         lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
-        compat.store(lse_ref[0].at[:], lse, mask=stored)
+        compat.store(lse_ref[0].at[split, seq, head, out_rows], lse, mask=real_row)
 
 
 def _combine_splits(o: jax.Array, lse: jax.Array, out_dtype) -> jax.Array:
@@ -127,69 +158,52 @@ def default_num_splits(programs: int, table_pages: int, pages_per_block: int,
     if interpret:
         return 1
     max_splits = max(1, pl.cdiv(table_pages, pages_per_block))
-    return int(min(max_splits, max(1, pl.cdiv(_TARGET_PROGRAMS, programs))))
+    return int(min(max_splits, max(1, round(_TARGET_PROGRAMS / programs))))
 
 
-def default_pages_per_block(page_size: int, head_dim: int, table_pages: int) -> int:
-    """Pages per loop iteration: about 128 keys at head_dim 64, 64 keys at 128."""
-    keys = 128 if head_dim <= 64 else 64
-    return max(1, min(_next_pow2(table_pages), keys // page_size)) if keys >= page_size else 1
+def default_pages_per_block(page_size: int, table_pages: int) -> int:
+    """Pages per loop iteration: 128 keys (measured best on an H100 at head_dim 64 and
+    128, see bench/results/kernel_notes.md), fewer for a narrower page table."""
+    return max(1, min(_next_pow2(table_pages), 128 // page_size))
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "group", "query_rows", "block_rows", "scale", "num_splits", "pages_per_block",
-    "num_warps", "num_stages", "interpret", "out_dtype"))
+    "group", "start_offset", "block_rows", "scale", "num_splits", "pages_per_block",
+    "prefetch_page_ids",
+    "num_warps", "num_stages", "interpret"))
 def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, *,
-                      group: int, query_rows: int, block_rows: int, scale: float,
-                      num_splits: int, pages_per_block: int, num_warps: int,
-                      num_stages: int, interpret: bool, out_dtype):
+                      group: int, start_offset: int, block_rows: int, scale: float,
+                      num_splits: int,
+                      pages_per_block: int, prefetch_page_ids: bool, num_warps: int,
+                      num_stages: int, interpret: bool):
     """Shared core: query rows `[batch, kv_heads, rows, head_dim]` over paged K/V.
 
-    Row r holds query position `q_start[b] + r // group` of head `r % group` of the KV
+    Row r holds query position `q_start[b] + start_offset + r // group` of head
+    `r % group` of the KV
     group; it sees keys at positions <= its own and < `lengths[b]`; rows at positions
-    >= `lengths[b]` come back as zeros. `rows` (padding included) must be a multiple of
-    `block_rows` (a power of two >= 16); the result has the first `query_rows` rows:
-    `[batch, kv_heads, query_rows, head_dim]`.
+    >= `lengths[b]` come back as zeros. Rows are processed `block_rows` (a power of two
+    >= 16) at a time. The only XLA work besides the kernel is the split combine.
     """
-    batch, kv_heads, rows, head_dim = q_rows.shape
-    page_size = k_pages.shape[2]
-    table_pages = block_tables.shape[1]
-    row_blocks = rows // block_rows
-    padded_pages = pl.cdiv(table_pages, pages_per_block) * pages_per_block
-    block_tables = jnp.pad(block_tables.astype(jnp.int32),
-                           ((0, 0), (0, padded_pages - table_pages)))
-    # A length past the table would index pages it does not own.
-    lengths = jnp.minimum(lengths.astype(jnp.int32), table_pages * page_size)
-    longest = pl.cdiv(jnp.max(lengths), page_size)
-    pages_per_split = pl.cdiv(pl.cdiv(longest, num_splits), pages_per_block) * pages_per_block
-    pages_per_split = jnp.maximum(pages_per_split, pages_per_block).reshape(1)
-
+    batch, kv_heads, query_rows, head_dim = q_rows.shape
+    row_blocks = pl.cdiv(query_rows, block_rows)
     precision = lax.Precision.HIGHEST if q_rows.dtype == jnp.float32 else None
-    kernel = functools.partial(_attend_kernel, group=group, query_rows=query_rows,
-                               pages_per_block=pages_per_block, scale=scale,
-                               precision=precision)
+    kernel = functools.partial(
+        _attend_kernel, group=group, start_offset=start_offset, block_rows=block_rows,
+        num_splits=num_splits,
+        pages_per_block=pages_per_block, prefetch_page_ids=prefetch_page_ids, scale=scale,
+        precision=precision)
     whole = pl.no_block_spec
-    pool_spec = pl.BlockSpec((None, k_pages.shape[1], page_size, head_dim),
-                             lambda b, h, r, s: (h, 0, 0, 0))
-    in_specs = [
-        pl.BlockSpec((None, padded_pages), lambda b, h, r, s: (b, 0)),
-        whole, whole, whole,
-        pl.BlockSpec((None, None, block_rows, head_dim), lambda b, h, r, s: (b, h, r, 0)),
-        pool_spec, pool_spec,
-    ]
+    pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, r, s: (h, 0, 0, 0))
+    in_specs = [pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, r, s: (b, 0)),
+                whole, whole, whole, pool_spec, pool_spec]
     if num_splits == 1:
-        out_specs = pl.BlockSpec((None, None, block_rows, head_dim),
-                                 lambda b, h, r, s: (b, h, r, 0))
-        out_shape = jax.ShapeDtypeStruct(q_rows.shape, out_dtype)
+        out_specs = whole
+        out_shape = jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype)
     else:
-        out_specs = [
-            pl.BlockSpec((None, None, None, block_rows, head_dim),
-                         lambda b, h, r, s: (s, b, h, r, 0)),
-            pl.BlockSpec((None, None, None, block_rows), lambda b, h, r, s: (s, b, h, r)),
-        ]
-        # Partials are normalized (|o| <= max |v|), so out_dtype loses nothing that the
+        out_specs = [whole, whole]
+        # Partials are normalized (|o| <= max |v|), so q's dtype loses nothing that the
         # final cast would keep, and halves their traffic for bf16.
-        out_shape = [jax.ShapeDtypeStruct((num_splits, *q_rows.shape), out_dtype),
+        out_shape = [jax.ShapeDtypeStruct((num_splits, *q_rows.shape), q_rows.dtype),
                      jax.ShapeDtypeStruct((num_splits, *q_rows.shape[:-1]), jnp.float32)]
     result = pl.pallas_call(
         kernel,
@@ -200,12 +214,11 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
         interpret=interpret,
         compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
         name="paged_attention",
-    )(block_tables, lengths, q_start.astype(jnp.int32), pages_per_split, q_rows,
-      k_pages, v_pages)
+    )(block_tables.astype(jnp.int32), lengths.astype(jnp.int32), q_start.astype(jnp.int32),
+      q_rows, k_pages, v_pages)
     if num_splits == 1:
-        return result[..., :query_rows, :]
-    o, lse = result
-    return _combine_splits(o[..., :query_rows, :], lse[..., :query_rows], out_dtype)
+        return result
+    return _combine_splits(*result, q_rows.dtype)
 
 
 def check_pool(k_pages: jax.Array, v_pages: jax.Array, num_heads: int, head_dim: int) -> None:
@@ -229,7 +242,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     block_tables: jax.Array, lengths: jax.Array, *,
                     scale: float | None = None, interpret: bool | None = None,
                     num_splits: int | None = None, pages_per_block: int | None = None,
-                    num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+                    prefetch_page_ids: bool = True, num_warps: int = 4,
+                    num_stages: int = 2) -> jax.Array:
     """Decode attention of one new query per sequence over its paged K/V.
 
     Args:
@@ -245,7 +259,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         num_splits: flash-decoding splits of each sequence; None sizes them to fill
             the GPU (1 in interpret mode).
         pages_per_block: pages gathered per loop iteration (power of two); None picks
-            about 128 keys (head_dim 64) or 64 keys (head_dim 128).
+            128 keys' worth.
+        prefetch_page_ids: load the next iteration's page ids one iteration ahead.
         num_warps, num_stages: Triton launch parameters.
 
     Returns:
@@ -268,26 +283,34 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     group = num_heads // kv_heads
     table_pages = block_tables.shape[1]
     interpret = compat.resolve_interpret(interpret)
+    pages_per_block, num_splits = resolve_tuning(
+        page_size, table_pages, batch * kv_heads, pages_per_block, num_splits, interpret)
+    # The query sits at position length - 1: pass lengths as q_start with offset -1
+    # rather than an XLA subtraction (one kernel launch fewer per step).
+    out = attend_query_rows(
+        q.reshape(batch, kv_heads, group, head_dim), k_pages, v_pages, block_tables,
+        lengths, lengths, group=group, start_offset=-1,
+        block_rows=max(16, _next_pow2(group)),
+        scale=float(head_dim ** -0.5 if scale is None else scale),
+        num_splits=num_splits, pages_per_block=pages_per_block,
+        prefetch_page_ids=prefetch_page_ids, num_warps=num_warps, num_stages=num_stages,
+        interpret=interpret)
+    return out.reshape(batch, num_heads, head_dim)
+
+
+def resolve_tuning(page_size: int, table_pages: int, programs: int,
+                   pages_per_block: int | None, num_splits: int | None,
+                   interpret: bool) -> tuple[int, int]:
+    """Defaults and range checks for the loop's pages per block and the split count."""
     if pages_per_block is None:
-        pages_per_block = default_pages_per_block(page_size, head_dim, table_pages)
+        pages_per_block = default_pages_per_block(page_size, table_pages)
     if pages_per_block < 1 or pages_per_block & (pages_per_block - 1):
         raise ValueError(f"pages_per_block must be a power of two >= 1, got {pages_per_block}")
     if num_splits is None:
-        num_splits = default_num_splits(batch * kv_heads, table_pages, pages_per_block,
-                                        interpret)
+        num_splits = default_num_splits(programs, table_pages, pages_per_block, interpret)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    block_rows = max(16, _next_pow2(group))
-    q_rows = q.reshape(batch, kv_heads, group, head_dim)
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, block_rows - group), (0, 0)))
-    lengths = lengths.astype(jnp.int32)
-    out = attend_query_rows(
-        q_rows, k_pages, v_pages, block_tables, lengths - 1, lengths,
-        group=group, query_rows=group, block_rows=block_rows,
-        scale=float(head_dim ** -0.5 if scale is None else scale),
-        num_splits=num_splits, pages_per_block=pages_per_block, num_warps=num_warps,
-        num_stages=num_stages, interpret=interpret, out_dtype=q.dtype)
-    return out.reshape(batch, num_heads, head_dim)
+    return pages_per_block, num_splits
 
 
 def gather_pages(pages: jax.Array, block_tables: jax.Array, lengths: jax.Array) -> jax.Array:

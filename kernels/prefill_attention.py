@@ -18,8 +18,7 @@ import jax.numpy as jnp
 
 from kernels import pallas_compat as compat
 from kernels.paged_attention import (_next_pow2, attend_query_rows, check_pool,
-                                     default_num_splits, default_pages_per_block,
-                                     gather_pages, masked_softmax_attention)
+                                     gather_pages, masked_softmax_attention, resolve_tuning)
 
 
 def _check_args(q, k_pages, v_pages, block_tables, q_start, lengths) -> None:
@@ -38,7 +37,8 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
                             block_tables: jax.Array, q_start: jax.Array, lengths: jax.Array,
                             *, scale: float | None = None, interpret: bool | None = None,
                             block_rows: int = 64, num_splits: int | None = None,
-                            pages_per_block: int | None = None, num_warps: int = 4,
+                            pages_per_block: int | None = None,
+                            prefetch_page_ids: bool = True, num_warps: int = 4,
                             num_stages: int = 2) -> jax.Array:
     """Causal attention of a chunk of queries over paged K/V (prefix and chunk).
 
@@ -55,7 +55,8 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
         interpret: Pallas interpret mode; None picks it on the CPU backend.
         block_rows: query rows (positions x heads of a KV group) per program, a power
             of two >= 16.
-        num_splits, pages_per_block, num_warps, num_stages: as in `paged_attention`.
+        num_splits, pages_per_block, prefetch_page_ids, num_warps, num_stages: as in
+            `paged_attention`.
 
     Returns:
         `[batch, q_len, num_heads, head_dim]` in q's dtype; softmax in float32.
@@ -73,25 +74,23 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     batch, q_len, num_heads, head_dim = q.shape
     kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // kv_heads
-    table_pages = block_tables.shape[1]
     interpret = compat.resolve_interpret(interpret)
     query_rows = q_len * group
     block_rows = min(block_rows, max(16, _next_pow2(query_rows)))
-    row_blocks = -(-query_rows // block_rows)
-    if pages_per_block is None:
-        pages_per_block = default_pages_per_block(page_size, head_dim, table_pages)
-    if num_splits is None:
-        num_splits = default_num_splits(batch * kv_heads * row_blocks, table_pages,
-                                        pages_per_block, interpret)
+    pages_per_block, num_splits = resolve_tuning(
+        page_size, block_tables.shape[1],
+        batch * kv_heads * -(-query_rows // block_rows), pages_per_block, num_splits,
+        interpret)
+    # Rows ordered (position, head) within a KV group, so a row block is a run of
+    # consecutive positions and the causal bound grows along it.
     rows = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
-    rows = rows.reshape(batch, kv_heads, query_rows, head_dim)
-    rows = jnp.pad(rows, ((0, 0), (0, 0), (0, row_blocks * block_rows - query_rows), (0, 0)))
     out = attend_query_rows(
-        rows, k_pages, v_pages, block_tables, q_start.astype(jnp.int32),
-        lengths.astype(jnp.int32), group=group, query_rows=query_rows,
+        rows.reshape(batch, kv_heads, query_rows, head_dim), k_pages, v_pages,
+        block_tables, q_start, lengths, group=group, start_offset=0,
         block_rows=block_rows, scale=float(head_dim ** -0.5 if scale is None else scale),
-        num_splits=num_splits, pages_per_block=pages_per_block, num_warps=num_warps,
-        num_stages=num_stages, interpret=interpret, out_dtype=q.dtype)
+        num_splits=num_splits, pages_per_block=pages_per_block,
+        prefetch_page_ids=prefetch_page_ids, num_warps=num_warps, num_stages=num_stages,
+        interpret=interpret)
     out = out.reshape(batch, kv_heads, q_len, group, head_dim)
     return out.transpose(0, 2, 1, 3, 4).reshape(q.shape)
 
