@@ -350,6 +350,17 @@ def test_full_index_evicts_lru_leaf_and_stops_when_everything_is_locked():
     assert int(freed) == 0 and int(radix_index.stats(index)["nodes"]) == 4
 
 
+def test_insert_never_evicts_the_node_it_extends():
+    pool = _pool_with([[1, 1, 2, 2, 3, 3]])
+    index = radix_index.create(2, 2)
+    index, pool = radix_index.insert(index, pool, jnp.array([1, 1, 2, 2, 3, 3]), 4, pool.page_table[0])
+    # Full, and the only unlocked leaf is the node the new page would hang from: insertion must stop.
+    index, pool = radix_index.insert(index, pool, jnp.array([1, 1, 2, 2, 3, 3]), 6, pool.page_table[0])
+    index, n, pages, _ = radix_index.match(index, jnp.array([1, 1, 2, 2, 3, 3]), 6)
+    assert int(n) == 4 and pages.tolist() == [0, 1, 0]
+    assert pool.refcount[:3].tolist() == [2, 2, 1]
+
+
 def test_evicted_pages_return_to_free_stack_only_when_no_sequence_holds_them():
     pool = _pool_with([[1, 1, 2, 2]])
     index, pool = radix_index.insert(radix_index.create(4, 2), pool, jnp.array([1, 1, 2, 2]), 4, pool.page_table[0])
