@@ -1,0 +1,83 @@
+"""Prometheus metrics of one server: request outcomes, token counts, latencies, engine gauges.
+
+Owns the collectors, each in a ``CollectorRegistry`` of its own (so two apps in one process,
+as in the tests, never clash), and the text exposition. It never reads the engine itself:
+the async engine reports finished requests (``observe_finished``) and the server hands it
+``Engine.stats()`` at scrape time (``set_engine_stats``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Latency buckets in seconds: CPU tests sit at the top end, a GPU decode step at the bottom.
+_TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class ServingMetrics:
+    """The ``jaxserve_*`` metrics.
+
+    Example:
+        >>> m = ServingMetrics()
+        >>> m.observe_finished({"finish_reason": "stop", "prompt_tokens": 5, "completion_tokens": 3,
+        ...                     "cached_tokens": 0, "ttft": 0.1, "tpot": 0.01, "total_time": 0.2})
+        >>> b"jaxserve_requests_total" in m.exposition()
+        True
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("jaxserve_requests", "Finished requests by finish reason.", ["finish_reason"],
+                                registry=r)
+        self.prompt_tokens = Counter("jaxserve_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.cached_tokens = Counter("jaxserve_cached_prompt_tokens",
+                                     "Prompt tokens served from the prefix cache.", registry=r)
+        self.generation_tokens = Counter("jaxserve_generation_tokens", "Generated tokens.", registry=r)
+        self.ttft = Histogram("jaxserve_time_to_first_token_seconds", "Arrival to first token.",
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("jaxserve_time_per_output_token_seconds",
+                              "Mean time between output tokens of a request.", buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("jaxserve_request_latency_seconds", "Arrival to finish.", buckets=_E2E_BUCKETS,
+                             registry=r)
+        self.running = Gauge("jaxserve_requests_running", "Requests holding a sequence slot.", registry=r)
+        self.waiting = Gauge("jaxserve_requests_waiting", "Requests queued for admission.", registry=r)
+        self.pages_used = Gauge("jaxserve_kv_pages_used", "KV pages in use (requests and cached prefixes).",
+                                registry=r)
+        self.pages_total = Gauge("jaxserve_kv_pages_total", "KV pages in the pool.", registry=r)
+        self.hit_rate = Gauge("jaxserve_prefix_cache_hit_rate",
+                              "Prompt tokens found in the prefix cache / prompt tokens looked up.", registry=r)
+        self.preemptions = Gauge("jaxserve_preemptions", "Requests preempted so far (recomputed later).",
+                                 registry=r)
+
+    def observe_finished(self, result: dict[str, Any]) -> None:
+        """Count one finished request (a ``Request.result()`` dict); safe from any thread."""
+        self.requests.labels(finish_reason=result["finish_reason"] or "unknown").inc()
+        self.prompt_tokens.inc(result["prompt_tokens"])
+        self.cached_tokens.inc(result.get("cached_tokens") or 0)
+        self.generation_tokens.inc(result["completion_tokens"])
+        if result.get("ttft") is not None:
+            self.ttft.observe(result["ttft"])
+        if result.get("tpot") is not None:
+            self.tpot.observe(result["tpot"])
+        if result.get("total_time") is not None:
+            self.e2e.observe(result["total_time"])
+
+    def set_engine_stats(self, stats: dict[str, Any]) -> None:
+        """Copy ``Engine.stats()`` into the gauges."""
+        self.running.set(stats["running"])
+        self.waiting.set(stats["waiting"])
+        self.pages_used.set(stats["pages_used"])
+        self.pages_total.set(stats["pages_total"])
+        self.hit_rate.set(stats["prefix_hit_rate"])
+        self.preemptions.set(stats["preemptions"])
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric."""
+        return generate_latest(self.registry)

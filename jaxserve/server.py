@@ -1,0 +1,683 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one ``AsyncEngine``.
+
+Owns the HTTP surface: request schemas (pydantic, mapped to OpenAI-style 400 errors),
+authentication, body-size and ``max_tokens`` bounds, prompt rendering (chat template) and
+tokenization, response and SSE chunk formatting, client-disconnect aborts, ``/health``,
+``/v1/models`` and ``/metrics``. It never schedules or runs the model: every request goes to
+the async engine, whose thread alone drives the ``Engine``.
+
+Run it with ``jaxserve serve --model PATH`` or ``serve(...)``; tests build ``create_app`` and
+start uvicorn themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jaxserve.async_engine import AsyncEngine, EngineDeadError, RequestHandle
+from jaxserve.engine import Engine
+from jaxserve.engine_config import EngineConfig
+from jaxserve.loading import LoadedModel, load
+from jaxserve.metrics import CONTENT_TYPE, ServingMetrics
+from jaxserve.sampling import MAX_LOGPROBS, SamplingParams
+from jaxserve.tokenizer import apply_chat_template, load_tokenizer
+
+log = logging.getLogger("jaxserve.server")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """HTTP-side limits and identity.
+
+    ``max_tokens_limit`` bounds ``max_tokens`` per choice, ``max_body_bytes`` the request body
+    (413 above it), ``max_choices`` the prompts x ``n`` of one request; ``drain_s`` is how long
+    shutdown lets running requests finish before aborting them.
+
+    Example:
+        >>> ServerConfig(api_key="secret", max_tokens_limit=1024).max_body_bytes
+        1048576
+    """
+
+    model_name: str | None = None
+    api_key: str | None = None
+    max_tokens_limit: int = 4096
+    max_body_bytes: int = 1 << 20
+    max_choices: int = 64
+    max_stop: int = 16
+    drain_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_stop"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.drain_s < 0:
+            raise ValueError(f"drain_s must be >= 0, got {self.drain_s}")
+
+
+# ----- errors ----------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error answered with OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def _bad_params(exc: ValueError) -> APIError:
+    """SamplingParams/engine messages start with the field name; report it as ``param``."""
+    first = str(exc).split(" ", 1)[0]
+    return APIError(400, str(exc), param=first if first in _SAMPLING_FIELDS else None)
+
+
+# ----- request schemas -------------------------------------------------------------------------
+class _Schema(BaseModel):
+    # strict: "5" is not a number and 1.0 is not an int; unknown fields are ignored, as OpenAI does.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Schema):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Schema):
+    model: str
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM's extensions, same names.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ContentPart(_Schema):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Schema):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+# ----- app state ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _State:
+    engine: AsyncEngine
+    metrics: ServingMetrics
+    tokenizer: Any  # the server's own copy: the engine thread's tokenizer is never shared
+    model_name: str
+    max_model_len: int
+    config: ServerConfig
+    created: int
+
+
+def _state(request: Request) -> _State:
+    return request.app.state.jaxserve
+
+
+def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: EngineConfig | None = None,
+               server_config: ServerConfig | None = None) -> FastAPI:
+    """The FastAPI app; the model loads and the engine thread starts in the lifespan startup.
+
+    Example:
+        >>> app = create_app("/models/Qwen2.5-0.5B-Instruct", EngineConfig(dtype="bfloat16"))  # doctest: +SKIP
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000)                                      # doctest: +SKIP
+    """
+    engine_config = engine_config or EngineConfig()
+    server_config = server_config or ServerConfig()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loaded = model if isinstance(model, LoadedModel) else await asyncio.to_thread(
+            load, model, engine_config.dtype)
+        engine = await asyncio.to_thread(Engine, loaded, engine_config)
+        metrics = ServingMetrics()
+        app.state.jaxserve = _State(
+            engine=AsyncEngine(engine, metrics=metrics), metrics=metrics,
+            tokenizer=load_tokenizer(loaded.path), model_name=server_config.model_name or loaded.name,
+            max_model_len=engine.max_model_len, config=server_config, created=int(time.time()))
+        log.info("serving %s (max_model_len %d)", app.state.jaxserve.model_name, engine.max_model_len)
+        try:
+            yield
+        finally:
+            await app.state.jaxserve.engine.shutdown(drain_s=server_config.drain_s)
+
+    app = FastAPI(title="jaxserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.jaxserve_config = server_config
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, str(exc.detail), code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        alive = _state(request).engine.is_running
+        return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        st = _state(request)
+        if st.engine.is_running:
+            st.metrics.set_engine_stats(await st.engine.stats())
+        return Response(st.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        st = _state(request)
+        _authorize(request, st)
+        card = {"id": st.model_name, "object": "model", "created": st.created, "owned_by": "jaxserve",
+                "max_model_len": st.max_model_len}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        st = _state(request)
+        _authorize(request, st)
+        req = _parse(CompletionRequest, await _read_body(request, st.config.max_body_bytes))
+        _check_model(req.model, st)
+        _check_n(req, st)
+        _reject_unsupported(req)
+        if req.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if req.best_of not in (None, 1) and req.best_of != req.n:
+            raise APIError(400, "best_of other than n is not supported", param="best_of")
+        prompts = _completion_prompts(req, st)
+        max_tokens = _max_tokens(req.max_tokens, "max_tokens", st)
+        for ids in prompts:
+            _check_context(len(ids), max_tokens, "prompt", st)
+        params = _sampling_params(req, max_tokens, req.logprobs, len(prompts) * req.n, st)
+        fmt = _CompletionFormat(st, req, prompts)
+        return await _serve(request, st, req, [ids for ids in prompts for _ in range(req.n)], params, fmt)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        st = _state(request)
+        _authorize(request, st)
+        req = _parse(ChatRequest, await _read_body(request, st.config.max_body_bytes))
+        _check_model(req.model, st)
+        _check_n(req, st)
+        _reject_unsupported(req)
+        if req.tools:
+            raise APIError(400, "tools are not supported", param="tools")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        ids = _chat_prompt(req, st)
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        if requested is None:  # OpenAI's default: as much as the context leaves (bounded here)
+            _check_context(len(ids), 1, "messages", st)
+            requested = min(st.config.max_tokens_limit, st.max_model_len - len(ids))
+        max_tokens = _max_tokens(requested, name, st)
+        _check_context(len(ids), max_tokens, "messages", st)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = _sampling_params(req, max_tokens, logprobs, req.n, st)
+        return await _serve(request, st, req, [ids] * req.n, params, _ChatFormat(st, req, len(ids)))
+
+    return app
+
+
+# ----- request handling ----------------------------------------------------------------------------
+def _authorize(request: Request, st: _State) -> None:
+    key = st.config.api_key
+    if key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "incorrect API key", code="invalid_api_key")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    too_big = APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_big
+    body, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_big
+        body.append(part)
+    return b"".join(body)
+
+
+def _parse(schema: type[_Schema], body: bytes) -> Any:
+    try:
+        return schema.model_validate_json(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        if err["type"] == "json_invalid":
+            raise APIError(400, f"malformed JSON body: {err['msg']}") from None
+        loc = [str(x) for x in err["loc"]]
+        param = loc[0] if loc else None
+        where = ".".join(loc) if loc else "body"
+        raise APIError(400, f"{where}: {err['msg']}", param=param) from None
+
+
+def _check_model(name: str, st: _State) -> None:
+    if name != st.model_name:
+        raise APIError(404, f"model {name!r} does not exist; this server serves {st.model_name!r}",
+                       param="model", code="model_not_found")
+
+
+def _reject_unsupported(req: _SamplingFields) -> None:
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+
+
+def _completion_prompts(req: CompletionRequest, st: _State) -> list[list[int]]:
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if len(prompts) * req.n > st.config.max_choices:
+        raise APIError(400, f"prompts x n must be in [1, {st.config.max_choices}], got {len(prompts) * req.n}",
+                       param="n")
+    out = []
+    for p in prompts:
+        ids = st.tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p)
+        if not ids:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        out.append(ids)
+    return out
+
+
+def _chat_prompt(req: ChatRequest, st: _State) -> list[int]:
+    messages = []
+    for m in req.messages:
+        content = m.content
+        if isinstance(content, list):
+            if any(part.type != "text" or part.text is None for part in content):
+                raise APIError(400, "only text content parts are supported", param="messages")
+            content = "".join(part.text for part in content)
+        messages.append({"role": m.role, "content": content or ""})
+    try:
+        return apply_chat_template(st.tokenizer, messages)
+    except Exception as exc:  # the template's own checks (role order, ...) are input errors
+        raise APIError(400, f"messages could not be rendered with the chat template: {exc}",
+                       param="messages") from None
+
+
+def _max_tokens(value: int | None, name: str, st: _State) -> int:
+    limit = st.config.max_tokens_limit
+    if value is None or not 1 <= value <= limit:
+        raise APIError(400, f"{name} must be in [1, {limit}], got {value}", param=name)
+    return value
+
+
+def _check_context(prompt_len: int, max_tokens: int, param: str, st: _State) -> None:
+    if prompt_len + max_tokens > st.max_model_len:
+        raise APIError(400, f"This model's maximum context length is {st.max_model_len} tokens. However, you "
+                            f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the {param}, "
+                            f"{max_tokens} for the completion). Please reduce the length of the {param} "
+                            f"or the completion.", param=param, code="context_length_exceeded")
+
+
+def _check_n(req: _SamplingFields, st: _State) -> None:
+    if not 1 <= req.n <= st.config.max_choices:
+        raise APIError(400, f"n must be in [1, {st.config.max_choices}], got {req.n}", param="n")
+
+
+def _sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None, count: int,
+                     st: _State) -> list[SamplingParams]:
+    stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if len(stop) > st.config.max_stop:
+        raise APIError(400, f"stop must hold at most {st.config.max_stop} strings, got {len(stop)}", param="stop")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        name = "top_logprobs" if isinstance(req, ChatRequest) else "logprobs"
+        raise APIError(400, f"{name} must be in [0, {MAX_LOGPROBS}], got {logprobs}", param=name)
+    given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
+             "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+             "repetition_penalty": req.repetition_penalty, "min_tokens": req.min_tokens,
+             "ignore_eos": req.ignore_eos, "stop_token_ids": req.stop_token_ids}
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    try:
+        # n > 1 with a seed: choice i uses seed + i, so choices differ but the request is reproducible.
+        return [SamplingParams(max_tokens=max_tokens, stop=stop, logprobs=logprobs,
+                               seed=None if req.seed is None else req.seed + i, **kwargs) for i in range(count)]
+    except ValueError as exc:
+        raise _bad_params(exc) from None
+
+
+async def _submit_all(st: _State, prompts: list[list[int]], params: list[SamplingParams],
+                      base_id: str) -> list[RequestHandle]:
+    handles: list[RequestHandle] = []
+    try:
+        for i, (ids, p) in enumerate(zip(prompts, params)):
+            handles.append(await st.engine.submit(ids, p, f"{base_id}-{i}"))
+    except ValueError as exc:
+        raise _bad_params(exc) from None
+    except EngineDeadError as exc:
+        raise APIError(503, str(exc), "server_error", code="engine_unavailable") from None
+    finally:
+        if len(handles) < len(prompts):  # a later one was refused (or we were cancelled): drop the rest
+            for h in handles:
+                h.abort()
+    return handles
+
+
+async def _merge(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    """Chunks of several requests as they come, tagged with the request's index."""
+    if len(handles) == 1:
+        async for chunk in handles[0]:
+            yield 0, chunk
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, handle: RequestHandle) -> None:
+        try:
+            async for chunk in handle:
+                await q.put((i, chunk, None))
+        except Exception as exc:
+            await q.put((i, None, exc))
+        await q.put((i, None, StopAsyncIteration()))
+
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        open_count = len(tasks)
+        while open_count:
+            i, chunk, exc = await q.get()
+            if isinstance(exc, StopAsyncIteration):
+                open_count -= 1
+            elif exc is not None:
+                raise exc
+            else:
+                yield i, chunk
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _serve(request: Request, st: _State, req: _SamplingFields, prompts: list[list[int]],
+                 params: list[SamplingParams], fmt: "_CompletionFormat | _ChatFormat") -> Response:
+    handles = await _submit_all(st, prompts, params, fmt.id)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_sse(handles, fmt, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    results = await _results_unless_disconnected(request, handles)
+    return JSONResponse(fmt.response(results))
+
+
+async def _results_unless_disconnected(request: Request, handles: list[RequestHandle]) -> list[dict[str, Any]]:
+    task = asyncio.ensure_future(asyncio.gather(*(h.result() for h in handles)))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError(499, "client disconnected", code="client_closed_request")
+    except EngineDeadError as exc:
+        raise APIError(500, str(exc), "server_error", code="engine_error") from None
+    finally:
+        task.cancel()
+        for h in handles:
+            h.abort()
+
+
+async def _sse(handles: list[RequestHandle], fmt: "_CompletionFormat | _ChatFormat",
+               include_usage: bool) -> AsyncIterator[str]:
+    results: list[dict[str, Any]] = []
+    try:
+        for i in range(len(handles)):
+            for event in fmt.stream_start(i, include_usage):
+                yield _event(event)
+        async for i, chunk in _merge(handles):
+            event = fmt.stream_chunk(i, chunk, include_usage)
+            if event is not None:
+                yield _event(event)
+            if chunk["finish_reason"] is not None:
+                results.append(chunk["result"])
+        if include_usage:
+            yield _event(fmt.usage_chunk(results))
+    except EngineDeadError as exc:
+        yield _event(APIError(500, str(exc), "server_error", code="engine_error").body())
+    finally:
+        # Runs on normal end and when the client disconnects (the response task is cancelled).
+        for h in handles:
+            h.abort()
+    yield "data: [DONE]\n\n"
+
+
+def _event(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ----- response formats --------------------------------------------------------------------------
+def _usage(results: list[dict[str, Any]], prompt_tokens: int) -> dict[str, Any]:
+    completion = sum(r["completion_tokens"] for r in results)
+    cached = sum(r["cached_tokens"] for r in results)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+class _CompletionFormat:
+    """``/v1/completions`` bodies: choice ``i`` is prompt ``i // n``, sample ``i % n``."""
+
+    def __init__(self, st: _State, req: CompletionRequest, prompts: list[list[int]]) -> None:
+        self.st, self.req = st, req
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.offsets: dict[int, int] = {}
+
+    def _logprobs(self, i: int, token_ids: list[int], logprobs: list[float] | None,
+                  tops: list[dict[int, float]] | None) -> dict[str, Any] | None:
+        if self.req.logprobs is None:
+            return None
+        decode = self.st.tokenizer.decode
+        tokens = [decode([t]) for t in token_ids]
+        offsets = []
+        for tok in tokens:
+            offsets.append(self.offsets.get(i, 0))
+            self.offsets[i] = offsets[-1] + len(tok)
+        top = None
+        if self.req.logprobs > 0 and tops is not None:
+            top = [{decode([k]): v for k, v in sorted(t.items(), key=lambda kv: -kv[1])} for t in tops]
+        return {"tokens": tokens, "token_logprobs": list(logprobs or []), "top_logprobs": top,
+                "text_offset": offsets}
+
+    def response(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"],
+                    "logprobs": self._logprobs(i, r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))}
+                   for i, r in enumerate(results)]
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.st.model_name,
+                "choices": choices, "usage": _usage(results, self.prompt_tokens)}
+
+    def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> dict[str, Any]:
+        out = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.st.model_name,
+               "choices": choices}
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    def stream_start(self, i: int, include_usage: bool) -> list[dict[str, Any]]:
+        return []
+
+    def stream_chunk(self, i: int, chunk: dict[str, Any], include_usage: bool) -> dict[str, Any] | None:
+        has_tokens = self.req.logprobs is not None and chunk["token_ids"]
+        if not chunk["text"] and chunk["finish_reason"] is None and not has_tokens:
+            return None
+        lp = self._logprobs(i, chunk["token_ids"], chunk.get("logprobs"), chunk.get("top_logprobs"))
+        return self._chunk([{"index": i, "text": chunk["text"], "logprobs": lp,
+                             "finish_reason": chunk["finish_reason"]}], include_usage)
+
+    def usage_chunk(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        out = self._chunk([], True)
+        out["usage"] = _usage(results, self.prompt_tokens)
+        return out
+
+
+class _ChatFormat:
+    """``/v1/chat/completions`` bodies and ``chat.completion.chunk`` stream events."""
+
+    def __init__(self, st: _State, req: ChatRequest, prompt_tokens: int) -> None:
+        self.st, self.req = st, req
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.prompt_tokens = prompt_tokens
+
+    def _logprobs(self, token_ids: list[int], logprobs: list[float] | None,
+                  tops: list[dict[int, float]] | None) -> dict[str, Any] | None:
+        if not self.req.logprobs:
+            return None
+        decode = self.st.tokenizer.decode
+
+        def entry(tid: int, lp: float) -> dict[str, Any]:
+            tok = decode([tid])
+            return {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8"))}
+
+        content = []
+        for k, (tid, lp) in enumerate(zip(token_ids, logprobs or [])):
+            item = entry(tid, lp)
+            top = tops[k] if tops else {}
+            item["top_logprobs"] = [entry(t, v) for t, v in sorted(top.items(), key=lambda kv: -kv[1])]
+            content.append(item)
+        return {"content": content}
+
+    def response(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
+                    "finish_reason": r["finish_reason"],
+                    "logprobs": self._logprobs(r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))}
+                   for i, r in enumerate(results)]
+        # n samples of one prompt: OpenAI counts the prompt once.
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.st.model_name,
+                "choices": choices, "usage": _usage(results, self.prompt_tokens)}
+
+    def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> dict[str, Any]:
+        out = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+               "model": self.st.model_name, "choices": choices}
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    def stream_start(self, i: int, include_usage: bool) -> list[dict[str, Any]]:
+        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}], include_usage)]
+
+    def stream_chunk(self, i: int, chunk: dict[str, Any], include_usage: bool) -> dict[str, Any] | None:
+        has_tokens = self.req.logprobs and chunk["token_ids"]
+        if not chunk["text"] and chunk["finish_reason"] is None and not has_tokens:
+            return None
+        delta = {"content": chunk["text"]} if chunk["text"] or chunk["finish_reason"] is None else {}
+        lp = self._logprobs(chunk["token_ids"], chunk.get("logprobs"), chunk.get("top_logprobs"))
+        return self._chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": chunk["finish_reason"]}],
+                           include_usage)
+
+    def usage_chunk(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        out = self._chunk([], True)
+        out["usage"] = _usage(results, self.prompt_tokens)
+        return out
+
+
+# ----- running it ------------------------------------------------------------------------------------
+def build_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
+    """A ``uvicorn.Server`` for an app from ``create_app`` whose shutdown drains the engine first.
+
+    Plain uvicorn waits for open responses and only then runs the lifespan shutdown, so a long
+    stream would be cut when its graceful timeout expires. Here SIGINT/SIGTERM first stops the
+    engine (new requests get 503, running ones finish within ``drain_s`` or end with
+    finish_reason "abort" and ``[DONE]``), so the connections close on their own.
+    """
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            st = getattr(app.state, "jaxserve", None)
+            if st is not None:
+                await st.engine.shutdown(drain_s=st.config.drain_s)
+            await super().shutdown(sockets=sockets)
+
+    drain_s = getattr(getattr(app.state, "jaxserve_config", None), "drain_s", 5.0)
+    return _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                  timeout_graceful_shutdown=int(drain_s) + 5))
+
+
+def serve(model: LoadedModel | str | os.PathLike | None, engine_config: EngineConfig | None = None,
+          server_config: ServerConfig | None = None, host: str = "127.0.0.1", port: int = 8000,
+          log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM (see ``build_server`` for the shutdown order).
+
+    Example:
+        >>> serve("/models/Qwen2.5-0.5B-Instruct", EngineConfig(dtype="bfloat16"), port=8000)  # doctest: +SKIP
+    """
+    build_server(create_app(model, engine_config, server_config), host, port, log_level).run()

@@ -1,0 +1,374 @@
+"""The OpenAI-compatible server, in-process on a free 127.0.0.1 port, driven by the openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from jaxserve import EngineConfig, load
+from jaxserve.server import ServerConfig, build_server, create_app
+
+API_KEY = "test-key"
+MAX_MODEL_LEN = 256
+# One batch and one prefill bucket: every request below shares the same two compiled steps
+# (plus a logprobs and a penalties variant).
+ENGINE_CONFIG = EngineConfig(num_pages=128, max_running=8, max_tokens_per_step=64, batch_buckets=(8,),
+                             prefill_buckets=(64,), decode_steps=4, max_model_len=MAX_MODEL_LEN)
+PROMPT = "The quick brown fox"
+
+
+class LiveServer:
+    """uvicorn serving ``app`` in a background thread on a socket bound to a free port."""
+
+    def __init__(self, app) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.app = app
+        self.server = build_server(app, log_level="warning")
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.time() + 120
+        while not self.server.started:
+            assert self.thread.is_alive() and time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+    def engine_call(self, coro_fn):
+        """Run a coroutine on the app's AsyncEngine (any event loop may call it)."""
+        return asyncio.run(coro_fn(self.app.state.jaxserve.engine))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return load(tiny_checkpoint[0])
+
+
+@pytest.fixture(scope="module")
+def live(model):
+    app = create_app(model, ENGINE_CONFIG, ServerConfig(model_name="tiny", api_key=API_KEY, max_tokens_limit=128))
+    with LiveServer(app) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=live.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture
+def pages_freed(live):
+    """After the test, every KV page is free once the prefix cache is dropped."""
+    yield
+
+    async def check(engine):
+        for _ in range(100):  # aborts of closed streams are commands the engine thread runs in order
+            await engine.clear_prefix_cache()
+            stats = await engine.stats()
+            if stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0:
+                return stats
+            await asyncio.sleep(0.05)
+        return stats
+
+    stats = live.engine_call(check)
+    assert stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0, stats
+
+
+def post(live, path: str, body, key: str | None = API_KEY, timeout=60) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body)
+    return httpx.post(live.url + path, content=body, headers={**headers, "Content-Type": "application/json"},
+                      timeout=timeout)
+
+
+# ----- happy paths ---------------------------------------------------------------------------------
+def test_completion_stream_equals_non_stream_for_greedy(client, pages_freed):
+    full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0)
+    assert full.object == "text_completion" and full.model == "tiny"
+    assert full.choices[0].finish_reason == "length"
+    assert full.usage.completion_tokens == 12 and full.usage.prompt_tokens > 0
+    assert full.usage.total_tokens == full.usage.prompt_tokens + 12
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_stream_equals_non_stream_for_greedy(client, pages_freed):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world!"}]
+    full = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=10,
+                                          temperature=0)
+    assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
+    assert full.usage.completion_tokens == full.usage.total_tokens - full.usage.prompt_tokens
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_chat_prompt_is_the_rendered_chat_template(client, live, pages_freed):
+    tok = live.app.state.jaxserve.tokenizer
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    comp = client.completions.create(model="tiny", prompt=rendered, max_tokens=8, temperature=0)
+    assert chat.choices[0].message.content == comp.choices[0].text
+    assert chat.usage.prompt_tokens == comp.usage.prompt_tokens
+
+
+def test_n_choices_with_seed_are_reproducible(client, pages_freed):
+    kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=7, n=3)
+    a = client.completions.create(**kwargs)
+    b = client.completions.create(**kwargs)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len({tuple(c.text) for c in a.choices}) > 1  # seeds are offset per choice
+    streamed = client.completions.create(**kwargs, stream=True)
+    texts = ["", "", ""]
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [c.text for c in a.choices]
+
+
+def test_stop_string_ends_the_completion(client, pages_freed):
+    full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0)
+    stop = full.choices[0].text[3:5]
+    if not stop.strip("\ufffd"):
+        pytest.skip("greedy text has no usable stop string")
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop])
+    assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text == full.choices[0].text[: full.choices[0].text.index(stop)]
+    streamed = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stop=stop,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
+
+
+def test_logprobs_and_penalties(client, pages_freed):
+    comp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2,
+                                     presence_penalty=0.5, frequency_penalty=0.5)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert all(len(t) <= 2 and v <= 0 for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                          temperature=0, logprobs=True, top_logprobs=2, presence_penalty=0.5)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+
+
+def test_token_id_prompts_and_prompt_lists(client, live, pages_freed):
+    ids = live.app.state.jaxserve.tokenizer.encode(PROMPT, add_special_tokens=False)
+    by_text = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0)
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0)
+    both = client.completions.create(model="tiny", prompt=[PROMPT, "Hello"], max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text == both.choices[0].text
+    assert [c.index for c in both.choices] == [0, 1]
+
+
+# ----- concurrency and cancellation ------------------------------------------------------------------
+def test_32_concurrent_streams_match_their_solo_runs(client, live, pages_freed):
+    prompts = [f"{PROMPT} {i}" for i in range(32)]
+    solo = {p: client.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0).choices[0].text
+            for p in prompts[:4]}
+
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+        async def one(p):
+            stream = await aclient.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0,
+                                                      stream=True)
+            text, reason = "", None
+            async for chunk in stream:
+                text += chunk.choices[0].text
+                reason = chunk.choices[0].finish_reason or reason
+            return text, reason
+
+        try:
+            return await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            await aclient.close()
+
+    start = time.time()
+    results = asyncio.run(run())
+    # 32 requests through 8 slots: the burst queues and still finishes in bounded time.
+    assert time.time() - start < 90
+    assert all(reason == "length" for _, reason in results)
+    for p, (text, _) in zip(prompts, results):
+        if p in solo:
+            assert text == solo[p]
+
+
+def test_closing_a_stream_aborts_the_request_and_frees_pages(client, live, pages_freed):
+    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=120, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+
+    async def wait_idle(engine):
+        for _ in range(200):
+            stats = await engine.stats()
+            if stats["running"] == 0 and stats["waiting"] == 0:
+                return stats
+            await asyncio.sleep(0.05)
+        return stats
+
+    stats = live.engine_call(wait_idle)
+    assert stats["running"] == 0 and stats["waiting"] == 0
+    metrics = httpx.get(live.url + "/metrics").text
+    assert 'jaxserve_requests_total{finish_reason="abort"}' in metrics
+
+
+# ----- bad input ---------------------------------------------------------------------------------------
+GOOD = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
+
+
+@pytest.mark.parametrize("path, body, status, param, code", [
+    ("/v1/completions", {**GOOD, "model": "nope"}, 404, "model", "model_not_found"),
+    ("/v1/completions", '{"model": "tiny", "prompt": ', 400, None, None),
+    ("/v1/completions", "[1, 2]", 400, None, None),
+    ("/v1/completions", {**GOOD, "max_tokens": "3"}, 400, "max_tokens", None),
+    ("/v1/completions", {**GOOD, "temperature": "hot"}, 400, "temperature", None),
+    ("/v1/completions", {**GOOD, "prompt": 5}, 400, "prompt", None),
+    ("/v1/completions", {**GOOD, "n": 1.5}, 400, "n", None),
+    ("/v1/completions", {**GOOD, "stream": "yes"}, 400, "stream", None),
+    ("/v1/completions", {k: v for k, v in GOOD.items() if k != "prompt"}, 400, "prompt", None),
+    ("/v1/completions", {**GOOD, "top_p": 1.5}, 400, "top_p", None),
+    ("/v1/completions", {**GOOD, "temperature": -1}, 400, "temperature", None),
+    ("/v1/completions", {**GOOD, "presence_penalty": 3}, 400, "presence_penalty", None),
+    ("/v1/completions", {**GOOD, "max_tokens": 0}, 400, "max_tokens", None),
+    ("/v1/completions", {**GOOD, "max_tokens": 129}, 400, "max_tokens", None),
+    ("/v1/completions", {**GOOD, "n": 0}, 400, "n", None),
+    ("/v1/completions", {**GOOD, "logprobs": 21}, 400, "logprobs", None),
+    ("/v1/completions", {**GOOD, "stop": [""]}, 400, "stop", None),
+    ("/v1/completions", {**GOOD, "prompt": ""}, 400, "prompt", None),
+    ("/v1/completions", {**GOOD, "prompt": [1, 2, 99999]}, 400, None, None),
+    ("/v1/completions", {**GOOD, "prompt": "fox " * 200, "max_tokens": 100}, 400, "prompt",
+     "context_length_exceeded"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages", None),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400,
+     "messages", None),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+     400, "top_logprobs", None),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "fox " * 300}]}, 400,
+     "messages", "context_length_exceeded"),
+    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model",
+     "model_not_found"),
+])
+def test_bad_request_gets_openai_error_and_server_keeps_serving(live, path, body, status, param, code):
+    r = post(live, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param and err["code"] == code
+    assert post(live, "/v1/completions", GOOD).status_code == 200
+
+
+def test_huge_body_is_413(live):
+    r = post(live, "/v1/completions", {**GOOD, "prompt": "x" * (2 << 20)})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert post(live, "/v1/completions", GOOD).status_code == 200
+
+
+@pytest.mark.parametrize("key", [None, "wrong-key"])
+def test_missing_or_wrong_api_key_is_401(live, key):
+    r = post(live, "/v1/completions", GOOD, key=key)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(live.url + "/v1/models").status_code == 401
+    assert post(live, "/v1/completions", GOOD).status_code == 200
+
+
+def test_unknown_route_is_openai_style_404(live):
+    r = httpx.get(live.url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+# ----- health, models, metrics ------------------------------------------------------------------------
+def test_health_models_and_metrics(client, live):
+    assert httpx.get(live.url + "/health").json() == {"status": "ok"}
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0)
+    r = httpx.get(live.url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for name in ('jaxserve_requests_total{finish_reason="length"}', "jaxserve_prompt_tokens_total",
+                 "jaxserve_generation_tokens_total", "jaxserve_time_to_first_token_seconds_bucket",
+                 "jaxserve_time_per_output_token_seconds_bucket", "jaxserve_requests_running",
+                 "jaxserve_requests_waiting", "jaxserve_kv_pages_used", "jaxserve_prefix_cache_hit_rate"):
+        assert name in text, name
+    generated = [line for line in text.splitlines() if line.startswith("jaxserve_generation_tokens_total")]
+    assert float(generated[0].split()[-1]) >= 4
+
+
+def test_prefix_cache_hits_show_in_usage_and_metrics(client, live, pages_freed):
+    system = "You are a helpful assistant. " * 6  # several full pages of shared prefix
+    first = client.completions.create(model="tiny", prompt=system + "Question one?", max_tokens=2, temperature=0)
+    second = client.completions.create(model="tiny", prompt=system + "Question two?", max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0 or first.usage.prompt_tokens_details.cached_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens >= 16
+    hit = [line for line in httpx.get(live.url + "/metrics").text.splitlines()
+           if line.startswith("jaxserve_prefix_cache_hit_rate")]
+    assert float(hit[0].split()[-1]) > 0
+
+
+def abort_count(live) -> float:
+    lines = [line for line in httpx.get(live.url + "/metrics").text.splitlines()
+             if line.startswith('jaxserve_requests_total{finish_reason="abort"}')]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def test_non_streaming_client_disconnect_aborts(live, pages_freed, monkeypatch):
+    runner = live.app.state.jaxserve.engine.engine.runner
+    real_decode = runner.decode
+
+    def slow_decode(*args, **kwargs):  # keeps the request running well past the client's timeout
+        time.sleep(0.05)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "decode", slow_decode)
+    before = abort_count(live)
+    with pytest.raises(httpx.ReadTimeout):
+        post(live, "/v1/completions", {**GOOD, "max_tokens": 128, "ignore_eos": True},
+             timeout=httpx.Timeout(60, read=0.3))
+    deadline = time.time() + 30
+    while abort_count(live) == before and time.time() < deadline:
+        time.sleep(0.1)
+    assert abort_count(live) == before + 1
+
+
+def test_graceful_shutdown_ends_open_streams(model):
+    app = create_app(model, ENGINE_CONFIG, ServerConfig(model_name="tiny", drain_s=0.0))
+    server = LiveServer(app).__enter__()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=120, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    next(chunks)
+    server.__exit__()  # what SIGINT/SIGTERM trigger: should_exit, then the server's shutdown
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices]  # the stream ends cleanly
+    assert reasons[-1] in ("abort", "length")
+    assert not server.thread.is_alive()
+    assert not app.state.jaxserve.engine.is_running and app.state.jaxserve.engine.engine.closed
