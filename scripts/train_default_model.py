@@ -41,7 +41,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--corpus", default=".corpus")
     p.add_argument("--out", default="jaxserve/default_model")
-    p.add_argument("--summary", default="training_summary.json", help="where the losses, samples and checks go")
+    p.add_argument("--summary", default=None,
+                   help="where the losses, samples and checks go (default: training_summary.json in --corpus)")
     p.add_argument("--seconds", type=float, default=300.0, help="training wall-clock budget (sets the step count)")
     p.add_argument("--steps", type=int, default=0, help="fixed step count instead of --seconds")
     p.add_argument("--batch", type=int, default=32)
@@ -274,7 +275,7 @@ def main() -> None:
         })
     print(json.dumps({k: summary[k] for k in ("params", "steps", "tokens_trained", "heldout_loss_f32",
                                               "heldout_loss_saved_weights_f32", "check", "samples")}, indent=1))
-    with open(args.summary, "w") as f:
+    with open(args.summary or os.path.join(args.corpus, "training_summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
 
