@@ -1,0 +1,224 @@
+"""The ``jaxserve`` command: ``generate``, ``serve``, ``convert`` and ``bench``.
+
+Owns argument parsing and turning arguments into ``EngineConfig``/``ServerConfig``/
+``SamplingParams``. It never implements serving or generation itself: ``generate`` drives an
+``Engine``, ``serve`` calls ``server.serve`` (imported only then, so the server's optional
+dependencies are not needed to generate), ``convert`` calls ``weights.save_converted``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+# CPU defaults keep the first run quick (few pages to allocate, few batch shapes to compile);
+# on an accelerator the pool is sized from free memory instead.
+CPU_NUM_PAGES = 256
+CPU_MAX_RUNNING = 8
+CPU_MAX_TOKENS_PER_STEP = 512
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, metavar="PATH",
+                   help="checkpoint folder (Hugging Face or converted); default: the embedded default model")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype (default: bfloat16 on an accelerator, float32 on the CPU)")
+    g.add_argument("--num-pages", type=int, default=None,
+                   help=f"KV pages in the pool (default: from free accelerator memory; {CPU_NUM_PAGES} on the CPU)")
+    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page, a power of two (default 16)")
+    g.add_argument("--max-running", type=int, default=None,
+                   help=f"sequences decoded together (default 64; {CPU_MAX_RUNNING} on the CPU)")
+    g.add_argument("--max-tokens-per-step", type=int, default=None,
+                   help=f"prefill token budget per step (default 2048; {CPU_MAX_TOKENS_PER_STEP} on the CPU)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + completion (default: the model's max_position_embeddings)")
+    g.add_argument("--policy", choices=("prefill_first", "time_share", "mixed"), default="prefill_first",
+                   help="how prefill and decode steps share the device (default prefill_first)")
+    g.add_argument("--decode-steps", type=int, default=4, help="decode steps per device call (default 4)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn the radix prefix cache off")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> "Any":
+    """An ``EngineConfig`` from the engine arguments, with small defaults on the CPU."""
+    import jax
+
+    from jaxserve.engine_config import EngineConfig
+
+    cpu = jax.default_backend() == "cpu"
+    max_running = args.max_running or (CPU_MAX_RUNNING if cpu else 64)
+    per_step = args.max_tokens_per_step or (CPU_MAX_TOKENS_PER_STEP if cpu else 2048)
+    return EngineConfig(
+        page_size=args.page_size, num_pages=args.num_pages or (CPU_NUM_PAGES if cpu else None),
+        max_running=max_running, max_tokens_per_step=max(per_step, max_running),
+        max_model_len=args.max_model_len, prefix_caching=not args.no_prefix_caching,
+        dtype=args.dtype or ("float32" if cpu else "bfloat16"), policy=args.policy, decode_steps=args.decode_steps)
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompts)
+    if args.file:
+        with open(args.file, encoding="utf-8") if args.file != "-" else sys.stdin as f:
+            for n, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                if line.lstrip().startswith("{"):
+                    try:
+                        prompts.append(json.loads(line)["prompt"])
+                    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                        raise SystemExit(f"{args.file}:{n}: a JSONL line needs a \"prompt\" field ({exc})")
+                else:
+                    prompts.append(line)
+    if not prompts:
+        raise SystemExit("no prompts: pass them as arguments or with --file")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from jaxserve.engine import Engine
+    from jaxserve.sampling import SamplingParams
+
+    prompts = _read_prompts(args)
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                seed=args.seed, stop=args.stop or ())
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
+    with Engine(args.model, engine_config_from_args(args)) as engine:
+        if len(prompts) == 1 and not args.json:
+            return _stream_one(engine, prompts[0], params)
+        results = engine.generate(prompts, params, use_tqdm=not args.json and len(prompts) > 1)
+    for prompt, result in zip(prompts, results):
+        if args.json:
+            print(json.dumps({"prompt": prompt, **result}, ensure_ascii=False), flush=True)
+        else:
+            print(f"--- {prompt}\n{result['text']}", flush=True)
+    return 0
+
+
+def _stream_one(engine: Any, prompt: str, params: Any) -> int:
+    """Print the prompt, then the completion as it is generated."""
+    rid = engine.add_request(prompt, params)
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    request = engine.requests[rid]
+    while engine.has_unfinished():
+        engine.step()
+        text, _ = request.take_delta()
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    text, _ = request.take_delta()
+    sys.stdout.write(text + "\n")
+    if request.error:
+        print(f"error: {request.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from jaxserve.server import ServerConfig, serve
+    except ImportError as exc:
+        raise SystemExit(f"the server needs its extras: pip install 'jaxserve[server]' ({exc})")
+    server_config = ServerConfig(model_name=args.served_model_name, api_key=args.api_key or None,
+                                 max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+                                 drain_s=args.drain_s)
+    serve(args.model, engine_config_from_args(args), server_config, host=args.host, port=args.port,
+          log_level=args.log_level)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from jaxserve.loading import load
+    from jaxserve.weights import save_converted
+
+    model = load(args.src, dtype=args.dtype)
+    save_converted(model.params, model.config, args.dst, extra_files_from=args.src)
+    print(f"converted {args.src} -> {args.dst} ({args.dtype})")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "serving.py")
+    if not os.path.exists(script):
+        raise SystemExit("bench/serving.py is not here: run `jaxserve bench` from a source checkout")
+    import runpy
+
+    sys.argv = [script, *args.bench_args]
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxserve", description="JAX/Pallas inference engine for Qwen2/Qwen2.5.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="complete prompts and print the text",
+                         description="Complete prompts with a model (the embedded default model unless --model). "
+                                     "One prompt streams its completion; several run batched.",
+                         epilog='example: jaxserve generate "def fibonacci(n):" --max-tokens 64')
+    gen.add_argument("prompts", nargs="*", help="prompt texts")
+    gen.add_argument("--file", help="more prompts: one per line, or JSONL lines with a \"prompt\" field ('-': stdin)")
+    gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampled (temperature > 0) output")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object per prompt (prompt, text, token_ids, finish_reason, usage, timings)")
+    _engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                         description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and "
+                                     "/metrics. SIGINT/SIGTERM drain running requests, then stop.",
+                         epilog="example: jaxserve serve --model /models/Qwen2.5-0.5B-Instruct --port 8000")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--api-key", default=os.environ.get("JAXSERVE_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on /v1 (default: $JAXSERVE_API_KEY, else none)")
+    srv.add_argument("--served-model-name", default=None, help="model id clients send (default: folder name)")
+    srv.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted (default 4096)")
+    srv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    srv.add_argument("--drain-s", type=float, default=5.0,
+                     help="on shutdown, seconds running requests get to finish before they are aborted (default 5)")
+    srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    _engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
+
+    conv = sub.add_parser("convert", help="convert a Hugging Face checkpoint to jaxserve's Flax format",
+                          description="Load a Hugging Face Qwen2 checkpoint folder and save its params in the "
+                                      "converted layout (faster to load), with config and tokenizer files.",
+                          epilog="example: jaxserve convert /models/Qwen2.5-0.5B /models/qwen-0.5b-jax --dtype bfloat16")
+    conv.add_argument("src", help="Hugging Face checkpoint folder")
+    conv.add_argument("dst", help="output folder")
+    conv.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="saved dtype (default float32)")
+    conv.set_defaults(func=cmd_convert)
+
+    bench = sub.add_parser("bench", help="run bench/serving.py (source checkout only)",
+                           description="Forward the remaining arguments to bench/serving.py.",
+                           epilog="example: jaxserve bench -- --model /models/qwen --num-requests 200 --rate 8")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for bench/serving.py")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jaxserve`` command."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "bench_args", None) and args.bench_args[0] == "--":
+        args.bench_args = args.bench_args[1:]
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

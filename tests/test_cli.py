@@ -1,0 +1,58 @@
+"""The ``jaxserve`` command, called in-process through ``cli.main``."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxserve import cli, load
+
+SMALL = ["--max-running", "2", "--num-pages", "32", "--max-tokens-per-step", "32"]
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["serve"], ["convert"], ["bench"]])
+def test_help_works_for_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*command, "--help"])
+    assert exc.value.code == 0
+    assert "usage: jaxserve" in capsys.readouterr().out
+
+
+def test_generate_json_lines_from_arguments_and_file(tiny_checkpoint, tmp_path, capsys):
+    path = tiny_checkpoint[0]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def add(a, b):"}) + "\n\n" + "Hello world\n")
+    rc = cli.main(["generate", "The quick brown fox", "--file", str(prompts), "--model", path, "--json",
+                   "--max-tokens", "4", *SMALL])
+    assert rc == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["prompt"] for line in lines] == ["The quick brown fox", "def add(a, b):", "Hello world"]
+    assert all(line["completion_tokens"] == 4 and line["finish_reason"] == "length" for line in lines)
+    greedy = jax.tree_util.tree_leaves([line["token_ids"] for line in lines])
+    assert all(isinstance(t, int) for t in greedy)
+
+
+def test_generate_text_streams_prompt_and_completion(tiny_checkpoint, capsys):
+    rc = cli.main(["generate", "The quick brown fox", "--model", tiny_checkpoint[0], "--max-tokens", "4", *SMALL])
+    assert rc == 0
+    assert capsys.readouterr().out.startswith("The quick brown fox")
+
+
+def test_generate_reports_bad_arguments(tiny_checkpoint, capsys):
+    with pytest.raises(SystemExit, match="top_p must be in"):
+        cli.main(["generate", "x", "--model", tiny_checkpoint[0], "--top-p", "1.5"])
+    assert cli.main(["generate", "x", "--model", "/no/such/folder"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_convert_writes_a_loadable_checkpoint(tiny_checkpoint, tmp_path):
+    src, dst = tiny_checkpoint[0], str(tmp_path / "converted")
+    assert cli.main(["convert", src, dst]) == 0
+    a, b = load(src), load(dst)
+    assert a.config == b.config
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert b.tokenizer.encode("Hello") == a.tokenizer.encode("Hello")
