@@ -1,0 +1,416 @@
+"""Open-loop serving benchmark: Poisson arrivals against an OpenAI-compatible server.
+
+Owns the workload (random token-id prompts of mixed lengths, an optional shared prefix that a
+given share of requests start with, mixed output lengths with ignore_eos so lengths are
+exact), the load generator (httpx async streaming, one task per request, started on a Poisson
+clock that never waits for answers) and the report (throughput, TTFT / TPOT / latency
+p50/p90/p99, success rate, prefix-cache hits). It never changes the server's behaviour.
+
+Against a running server:
+    python bench/serving.py --url http://127.0.0.1:8000 --num-requests 200 --rate 8
+
+Starting the server in-process (one command on the GPU machine), on a random
+Qwen2.5-0.5B-shaped checkpoint, prefix caching on vs off on a long shared system prompt:
+    PYTHONPATH=. python3 bench/serving.py --random-model qwen2.5-0.5b --model /tmp/q05 \\
+        --compare-prefix-caching --shared-prefix-len 1024 --shared-prefix-share 1.0 \\
+        --out bench/results/serving_prefix.md
+
+CPU smoke test (tiny random model, a few requests):
+    python bench/serving.py --random-model tiny --model /tmp/tiny --num-requests 8 --rate 4 \\
+        --input-len 32 --output-len 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# Qwen2.5-0.5B's shapes (config.json of the released model).
+QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                  rope_theta=1000000.0, tie_word_embeddings=True)
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=2048)
+
+
+# ----- workload ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Item:
+    prompt: list[int]
+    max_tokens: int
+    shared: bool
+
+
+def make_workload(args: argparse.Namespace, vocab: int, seed: int) -> list[Item]:
+    """Token-id prompts, so lengths are exact whatever the tokenizer; ids avoid the special ones."""
+    rng = random.Random(seed)
+    lo_id = 16  # below: special tokens in the test tokenizer's layout
+
+    def length(mean: int) -> int:
+        spread = args.len_range * mean
+        return max(1, int(rng.uniform(mean - spread, mean + spread)))
+
+    prefixes = [[rng.randrange(lo_id, vocab) for _ in range(args.shared_prefix_len)]
+                for _ in range(max(1, args.num_prefixes))]
+    items = []
+    for _ in range(args.num_requests):
+        shared = args.shared_prefix_len > 0 and rng.random() < args.shared_prefix_share
+        head = rng.choice(prefixes) if shared else []
+        tail = [rng.randrange(lo_id, vocab) for _ in range(length(args.input_len))]
+        items.append(Item(head + tail, length(args.output_len), shared))
+    return items
+
+
+# ----- load generator ------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Outcome:
+    ok: bool
+    ttft: float | None = None
+    latency: float | None = None
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def tpot(self) -> float | None:
+        if self.ttft is None or self.completion_tokens < 2:
+            return None
+        return (self.latency - self.ttft) / (self.completion_tokens - 1)
+
+
+async def one_request(client, url: str, model: str, item: Item, headers: dict[str, str]) -> Outcome:
+    body = {"model": model, "prompt": item.prompt, "max_tokens": item.max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft, usage = None, None
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+            if r.status_code != 200:
+                return Outcome(False, error=f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    return Outcome(False, error=event["error"]["message"])
+                if ttft is None and event.get("choices") and event["choices"][0].get("text"):
+                    ttft = time.perf_counter() - start
+                if event.get("usage"):
+                    usage = event["usage"]
+    except Exception as exc:  # a failed request is counted, never fatal to the run
+        return Outcome(False, error=f"{type(exc).__name__}: {exc}")
+    latency = time.perf_counter() - start
+    if usage is None:
+        return Outcome(False, error="stream ended without usage")
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return Outcome(True, ttft if ttft is not None else latency, latency, usage["completion_tokens"],
+                   usage["prompt_tokens"], cached)
+
+
+async def run_load(url: str, model: str, items: list[Item], rate: float, api_key: str | None,
+                   seed: int, timeout_s: float) -> tuple[list[Outcome], float]:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    rng = np.random.default_rng(seed)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
+        tasks = []
+        start = time.perf_counter()
+        next_at = start
+        for item in items:
+            # Open loop: the next arrival is on the Poisson clock, whatever is still in flight.
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one_request(client, url, model, item, headers)))
+            if math.isfinite(rate):
+                next_at += rng.exponential(1.0 / rate)
+        outcomes = await asyncio.gather(*tasks)
+        return list(outcomes), time.perf_counter() - start
+
+
+def summarize(outcomes: list[Outcome], duration: float) -> dict[str, Any]:
+    good = [o for o in outcomes if o.ok]
+
+    def pct(values: list[float], q: float) -> float:
+        return float(np.percentile(values, q)) * 1000 if values else float("nan")
+
+    ttft = [o.ttft for o in good]
+    tpot = [o.tpot for o in good if o.tpot is not None]
+    lat = [o.latency for o in good]
+    out_tokens = sum(o.completion_tokens for o in good)
+    in_tokens = sum(o.prompt_tokens for o in good)
+    row = {
+        "requests": len(outcomes), "success_rate": len(good) / max(len(outcomes), 1), "duration_s": duration,
+        "req_per_s": len(good) / duration, "output_tok_per_s": out_tokens / duration,
+        "total_tok_per_s": (in_tokens + out_tokens) / duration,
+        "cached_prompt_share": sum(o.cached_tokens for o in good) / max(in_tokens, 1),
+    }
+    for name, values in (("ttft", ttft), ("tpot", tpot), ("latency", lat)):
+        for q in (50, 90, 99):
+            row[f"{name}_p{q}_ms"] = pct(values, q)
+    errors = sorted({o.error for o in outcomes if not o.ok})
+    row["errors"] = errors[:5]
+    return row
+
+
+# ----- in-process server ------------------------------------------------------------------------------
+def make_random_checkpoint(kind: str, path: str) -> None:
+    """A random Qwen2 checkpoint of the given shapes with the tests' byte-level tokenizer."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tests.conftest import save_test_tokenizer
+
+    shapes = QWEN25_05B if kind == "qwen2.5-0.5b" else TINY
+    torch.manual_seed(0)
+    config = Qwen2Config(**shapes, bos_token_id=1, eos_token_id=2)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16 if kind == "qwen2.5-0.5b" else torch.float32)
+    model.save_pretrained(path, safe_serialization=True)
+    save_test_tokenizer(path, shapes["vocab_size"])
+    print(f"wrote a random {kind} checkpoint to {path}", flush=True)
+
+
+class InProcessServer:
+    """``create_app`` + ``build_server`` on a free 127.0.0.1 port in a background thread."""
+
+    def __init__(self, model_path: str, engine_config, max_tokens_limit: int) -> None:
+        from jaxserve.server import ServerConfig, build_server, create_app
+
+        self.app = create_app(model_path, engine_config,
+                              ServerConfig(model_name="bench", max_tokens_limit=max_tokens_limit, drain_s=0.0))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = build_server(self.app, log_level="warning")
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "InProcessServer":
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server failed to start")
+            time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        self.sock.close()
+
+    def engine_call(self, name: str) -> Any:
+        return asyncio.run(getattr(self.app.state.jaxserve.engine, name)())
+
+
+def engine_config(args: argparse.Namespace, prefix_caching: bool):
+    from jaxserve.engine_config import EngineConfig
+
+    import jax
+
+    cpu = jax.default_backend() == "cpu"
+    return EngineConfig(
+        num_pages=args.num_pages or (512 if cpu else None), page_size=args.page_size,
+        max_running=args.max_running, max_tokens_per_step=args.max_tokens_per_step,
+        max_model_len=args.max_model_len, prefix_caching=prefix_caching,
+        dtype=args.dtype or ("float32" if cpu else "bfloat16"), policy=args.policy, decode_steps=args.decode_steps,
+        batch_buckets=tuple(args.batch_buckets) if args.batch_buckets else None,
+        prefill_buckets=tuple(args.prefill_buckets) if args.prefill_buckets else None)
+
+
+def run_in_process(args: argparse.Namespace, prefix_caching: bool, vocab: int) -> dict[str, Any]:
+    cfg = engine_config(args, prefix_caching)
+    with InProcessServer(args.model, cfg, max_tokens_limit=max(4096, 2 * args.output_len)) as server:
+        # Warm-up, so the step shapes the run needs are compiled before the clock starts: a
+        # burst at every batch bucket, then one of --warmup requests (other tokens, same lengths).
+        t = time.perf_counter()
+        for i, size in enumerate((*cfg.batch_buckets, args.warmup)):
+            warm = make_workload(_with(args, num_requests=size), vocab, args.seed + 1 + i)
+            asyncio.run(run_load(server.url, "bench", warm, math.inf, None, args.seed, args.timeout))
+        server.engine_call("clear_prefix_cache")
+        before = server.engine_call("stats")
+        print(f"warm-up: {time.perf_counter() - t:.1f}s, {before['compilations']} compiled step shapes", flush=True)
+        items = make_workload(args, vocab, args.seed)
+        outcomes, duration = asyncio.run(run_load(server.url, "bench", items, args.rate, None, args.seed,
+                                                  args.timeout))
+        after = server.engine_call("stats")
+    row = summarize(outcomes, duration)
+    row.update(prefix_caching=prefix_caching, compiled_during_run=after["compilations"] - before["compilations"],
+               preemptions=after["preemptions"] - before["preemptions"],
+               engine_prefix_hit_rate=after["prefix_hit_rate"])
+    return row
+
+
+def _with(args: argparse.Namespace, **changes) -> argparse.Namespace:
+    out = argparse.Namespace(**vars(args))
+    for k, v in changes.items():
+        setattr(out, k, v)
+    return out
+
+
+# ----- report ---------------------------------------------------------------------------------------
+COLUMNS = [("prefix_caching", "prefix cache"), ("success_rate", "success"), ("req_per_s", "req/s"),
+           ("output_tok_per_s", "out tok/s"), ("total_tok_per_s", "total tok/s"),
+           ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p90_ms", "TTFT p90"), ("ttft_p99_ms", "TTFT p99"),
+           ("tpot_p50_ms", "TPOT p50 ms"), ("tpot_p90_ms", "TPOT p90"), ("tpot_p99_ms", "TPOT p99"),
+           ("latency_p50_ms", "E2E p50 ms"), ("latency_p99_ms", "E2E p99"),
+           ("cached_prompt_share", "cached prompt share"), ("compiled_during_run", "compiles in run"),
+           ("preemptions", "preemptions")]
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    cols = [(k, h) for k, h in COLUMNS if any(k in r for r in rows)]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k, _ in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def device_name() -> str:
+    try:
+        import jax
+
+        d = jax.devices()[0]
+        return f"{d.platform}: {getattr(d, 'device_kind', d)} (jax {jax.__version__})"
+    except Exception as exc:
+        return f"unknown ({exc})"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "jaxserve", "kernels", "bench"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return (out.stdout.strip() or "unknown") + (" (+uncommitted changes)" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def write_report(path: str, args: argparse.Namespace, rows: list[dict[str, Any]], device: str) -> None:
+    workload = (f"{args.num_requests} requests, Poisson rate {args.rate}/s, prompt ~{args.input_len} tokens "
+                f"(+-{args.len_range:.0%}), output ~{args.output_len} tokens (+-{args.len_range:.0%}, ignore_eos), "
+                f"shared prefix {args.shared_prefix_len} tokens on {args.shared_prefix_share:.0%} of requests "
+                f"({args.num_prefixes} distinct)")
+    text = "\n".join([
+        "# Serving benchmark (bench/serving.py)", "",
+        f"- device: {device}", f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"- git commit: {git_commit()}", f"- host: {platform.node()}, Python {platform.python_version()}",
+        f"- command: `{' '.join(sys.argv)}`", f"- model: {args.model or args.url}", f"- workload: {workload}", "",
+        table(rows), "",
+        "TTFT: request sent to first streamed text; TPOT: (latency - TTFT) / (completion tokens - 1); "
+        "cached prompt share: prompt tokens the server reports as served from its prefix cache.", ""])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"wrote {path}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = p.add_argument_group("target (one of)")
+    target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    target.add_argument("--model", help="checkpoint folder to serve in-process (or the served model id with --url)")
+    target.add_argument("--random-model", choices=("tiny", "qwen2.5-0.5b"),
+                        help="first write a random checkpoint of these shapes to --model (if it is not there)")
+    p.add_argument("--api-key", default=None, help="Bearer key for --url")
+    w = p.add_argument_group("workload")
+    w.add_argument("--num-requests", type=int, default=200)
+    w.add_argument("--rate", type=float, default=8.0, help="mean arrivals per second (inf: all at once)")
+    w.add_argument("--input-len", type=int, default=256, help="mean prompt tokens (after the shared prefix)")
+    w.add_argument("--output-len", type=int, default=128, help="mean output tokens")
+    w.add_argument("--len-range", type=float, default=0.5, help="lengths are uniform in mean*(1 +- this)")
+    w.add_argument("--shared-prefix-len", type=int, default=0, help="tokens of the shared system prompt")
+    w.add_argument("--shared-prefix-share", type=float, default=0.0, help="share of requests that start with it")
+    w.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    e = p.add_argument_group("in-process engine")
+    e.add_argument("--compare-prefix-caching", action="store_true", help="run with prefix caching on, then off")
+    e.add_argument("--no-prefix-caching", action="store_true")
+    e.add_argument("--warmup", type=int, default=64, help="requests of the warm-up burst (compiles the shapes)")
+    e.add_argument("--num-pages", type=int, default=None)
+    e.add_argument("--page-size", type=int, default=16)
+    e.add_argument("--max-running", type=int, default=64)
+    e.add_argument("--max-tokens-per-step", type=int, default=2048)
+    e.add_argument("--max-model-len", type=int, default=4096)
+    e.add_argument("--decode-steps", type=int, default=4)
+    e.add_argument("--policy", default="prefill_first", choices=("prefill_first", "time_share", "mixed"))
+    e.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
+    e.add_argument("--batch-buckets", type=int, nargs="+", default=None)
+    e.add_argument("--prefill-buckets", type=int, nargs="+", default=None)
+    p.add_argument("--out", default=None, help="markdown report path (e.g. bench/results/serving_h100.md)")
+    p.add_argument("--json", action="store_true", help="also print each result row as JSON")
+    args = p.parse_args(argv)
+    if not args.url and not args.model:
+        p.error("give --url (a running server) or --model (serve in-process)")
+    if args.random_model and not args.model:
+        p.error("--random-model needs --model DIR to write the checkpoint to")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.url:
+        import httpx
+
+        models = httpx.get(args.url + "/v1/models", headers={"Authorization": f"Bearer {args.api_key}"}
+                           if args.api_key else {}).json()["data"]
+        model_id = args.model or models[0]["id"]
+        items = make_workload(args, vocab=300, seed=args.seed)  # ids every Qwen vocabulary holds
+        outcomes, duration = asyncio.run(run_load(args.url, model_id, items, args.rate, args.api_key, args.seed,
+                                                  args.timeout))
+        rows, device = [summarize(outcomes, duration)], f"remote server {args.url}"
+    else:
+        if args.random_model:
+            make_random_checkpoint(args.random_model, args.model)
+        from jaxserve.config import ModelConfig
+
+        vocab = ModelConfig.from_pretrained(args.model).vocab_size
+        modes = [True, False] if args.compare_prefix_caching else [not args.no_prefix_caching]
+        rows = [run_in_process(args, mode, vocab) for mode in modes]
+        device = device_name()
+    print(table(rows))
+    for r in rows:
+        if r["errors"]:
+            print("errors:", r["errors"])
+        if args.json:
+            print(json.dumps(r))
+    if args.out:
+        write_report(args.out, args, rows, device)
+    return 0 if all(r["success_rate"] == 1.0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
