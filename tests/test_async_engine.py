@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -133,7 +134,19 @@ def test_duplicate_request_id_is_refused(engine, loop):
     assert_pages_free(engine, loop)
 
 
-def test_leaving_a_stream_early_aborts_it_and_frees_pages(engine, loop):
+@pytest.fixture
+def slow_decode(engine, monkeypatch):
+    """Each decode call takes 20 ms more, so a long request is surely still running when aborted."""
+    real = engine.engine.runner.decode
+
+    def slow(*args, **kwargs):
+        time.sleep(0.02)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.engine.runner, "decode", slow)
+
+
+def test_leaving_a_stream_early_aborts_it_and_frees_pages(engine, loop, slow_decode):
     async def run():
         agen = engine.stream(PROMPTS[3], SamplingParams(max_tokens=200, ignore_eos=True))
         async for _ in agen:
@@ -147,10 +160,11 @@ def test_leaving_a_stream_early_aborts_it_and_frees_pages(engine, loop):
     assert_pages_free(engine, loop)
 
 
-def test_cancelled_task_aborts_its_request(engine, loop):
+def test_cancelled_task_aborts_its_request(engine, loop, slow_decode):
     async def run():
         task = asyncio.ensure_future(engine.generate_async(PROMPTS[4], SamplingParams(max_tokens=200, ignore_eos=True)))
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.2)
+        assert (await engine.stats())["running"] == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
