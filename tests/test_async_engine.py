@@ -23,13 +23,6 @@ def model(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def expected(model):
-    """Greedy outputs of the plain synchronous engine, the reference for every async path."""
-    with Engine(model, CONFIG) as engine:
-        return {p: r for p, r in zip(PROMPTS, engine.generate(PROMPTS, GREEDY, use_tqdm=False))}
-
-
-@pytest.fixture(scope="module")
 def loop():
     loop = asyncio.new_event_loop()
     yield loop
@@ -37,8 +30,21 @@ def loop():
 
 
 @pytest.fixture(scope="module")
-def engine(model, loop):
-    engine = AsyncEngine(Engine(model, CONFIG))
+def sync_engine(model):
+    return Engine(model, CONFIG)
+
+
+@pytest.fixture(scope="module")
+def expected(sync_engine):
+    """Greedy outputs of the plain synchronous engine (run before the async engine takes it over)."""
+    results = sync_engine.generate(PROMPTS, GREEDY, use_tqdm=False)
+    sync_engine.clear_prefix_cache()
+    return dict(zip(PROMPTS, results))
+
+
+@pytest.fixture(scope="module")
+def engine(sync_engine, expected, loop):
+    engine = AsyncEngine(sync_engine)
     yield engine
     loop.run_until_complete(engine.shutdown())
 
@@ -109,18 +115,13 @@ def test_bad_input_raises_value_error_and_loop_keeps_serving(engine, loop, expec
     assert result["token_ids"] == expected[PROMPTS[0]]["token_ids"]
 
 
-def test_request_that_never_fits_the_pool_is_refused(model):
-    async def run():
-        engine = AsyncEngine(Engine(model, EngineConfig(num_pages=8, max_running=2, max_tokens_per_step=64,
-                                                        max_model_len=256)))
-        try:
-            with pytest.raises(ValueError, match="more KV pages than the pool"):
-                await engine.generate_async([5] * 200, SamplingParams(max_tokens=56))
-            assert (await engine.stats())["pages_used"] == 0
-        finally:
-            await engine.shutdown()
-
-    asyncio.run(run())
+def test_request_that_never_fits_the_pool_is_refused(engine, loop, monkeypatch):
+    monkeypatch.setattr(engine.engine.scheduler, "never_fits", lambda request: True)
+    with pytest.raises(ValueError, match="more KV pages than the pool"):
+        loop.run_until_complete(engine.generate_async(PROMPTS[0], GREEDY))
+    monkeypatch.undo()
+    assert loop.run_until_complete(engine.generate_async(PROMPTS[0], GREEDY))["finish_reason"] == "length"
+    assert_pages_free(engine, loop)
 
 
 def test_duplicate_request_id_is_refused(engine, loop):
@@ -200,27 +201,21 @@ def test_failing_step_fails_running_requests_and_loop_recovers(engine, loop, exp
     assert_pages_free(engine, loop)
 
 
-def test_shutdown_aborts_running_requests_and_refuses_new_ones(model):
+def test_shutdown_drains_then_aborts_and_refuses_new_requests(model):
     async def run():
         engine = AsyncEngine(Engine(model, CONFIG))
-        handle = await engine.submit(PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True))
-        first = await handle.__aiter__().__anext__()
-        await engine.shutdown(drain_s=0.0)
+        await engine.generate_async(PROMPTS[0], GREEDY)  # compile first, so the drain time measures serving
+        real = engine.engine.runner.decode
+        engine.engine.runner.decode = lambda *a, **k: (time.sleep(0.02), real(*a, **k))[1]
+        short = asyncio.ensure_future(engine.generate_async(PROMPTS[1], GREEDY))
+        long = asyncio.ensure_future(engine.generate_async(PROMPTS[2], SamplingParams(max_tokens=240, ignore_eos=True)))
+        await asyncio.sleep(0.05)
+        await engine.shutdown(drain_s=1.0)
         assert not engine.is_running and engine.engine.closed
         with pytest.raises(EngineDeadError):
-            await engine.submit(PROMPTS[1], GREEDY)
-        return first, handle
+            await engine.submit(PROMPTS[3], GREEDY)
+        return await short, await long
 
-    first, handle = asyncio.run(run())
-    assert first["finish_reason"] is None
-
-
-def test_shutdown_with_drain_time_lets_requests_finish(model):
-    async def run():
-        engine = AsyncEngine(Engine(model, CONFIG))
-        task = asyncio.ensure_future(engine.generate_async(PROMPTS[0], GREEDY))
-        await asyncio.sleep(0.05)
-        await engine.shutdown(drain_s=60.0)
-        return await task
-
-    assert asyncio.run(run())["finish_reason"] == "length"
+    short, long = asyncio.run(run())
+    assert short["finish_reason"] == "length"  # finished within the drain time
+    assert long["finish_reason"] == "abort" and long["completion_tokens"] < 240
