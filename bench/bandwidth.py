@@ -54,14 +54,20 @@ DECODE_SHAPES = [
     ("0.5B 14q/2kv/64", 256, 2048), ("0.5B 14q/2kv/64", 256, 8192),
 ]
 QUICK_SHAPES = [DECODE_SHAPES[i] for i in (2, 5, 7, 11, 14)]
-SWEEP_SHAPES = [("7B 28q/4kv/128", 64, 4096), ("0.5B 14q/2kv/64", 64, 8192),
-                ("7B 28q/4kv/128", 8, 32768), ("0.5B 14q/2kv/64", 1, 32768)]
-SWEEP_CONFIGS = {
-    "default": {}, "no id prefetch": dict(prefetch_page_ids=False),
-    "ppb=4": dict(pages_per_block=4), "ppb=16": dict(pages_per_block=16),
-    "warps=8": dict(num_warps=8), "stages=3": dict(num_stages=3),
-    "stages=4": dict(num_stages=4),
-}
+# Knobs around the defaults where the last run left the choice open.
+SWEEP = [
+    (("0.5B 14q/2kv/64", 256, 8192), {"splits=2": dict(num_splits=2), "splits=4": dict(num_splits=4),
+                                      "ppb=8": dict(pages_per_block=8)}),
+    (("0.5B 14q/2kv/64", 64, 8192), {"splits=2": dict(num_splits=2), "splits=8": dict(num_splits=8),
+                                     "ppb=8": dict(pages_per_block=8)}),
+    (("7B 28q/4kv/128", 64, 4096), {"splits=1": dict(num_splits=1), "splits=4": dict(num_splits=4),
+                                    "stages=3": dict(num_stages=3)}),
+    (("7B 28q/4kv/128", 8, 2048), {"splits=2": dict(num_splits=2), "splits=8": dict(num_splits=8)}),
+    (("7B 28q/4kv/128", 1, 32768), {"splits=32": dict(num_splits=32),
+                                    "splits=128": dict(num_splits=128)}),
+    (("0.5B 14q/2kv/64", 1, 32768), {"splits=64": dict(num_splits=64),
+                                     "splits=128": dict(num_splits=128)}),
+]
 
 
 class Budget:
@@ -242,27 +248,14 @@ def decode_table(rows, read_ceiling) -> str:
     return "\n".join(lines)
 
 
-def paged_attention_defaults(name, batch, context) -> int:
-    """The split count our wrapper picks for this shape on the GPU."""
-    from kernels.paged_attention import resolve_tuning
-    kv_heads = HEADS[name][1]
-    return resolve_tuning(PAGE, context // PAGE, batch * kv_heads, None, None, False)[1]
-
-
 def sweep(budget, read_ceiling) -> tuple[str, list]:
     """Our kernel's knobs on a few key shapes, one at a time from the defaults."""
     lines = ["| heads | batch | ctx | config | µs | TB/s (% read / % 3.35) |",
              "|---|---|---|---|---|---|"]
     raw = []
-    for name, batch, context in SWEEP_SHAPES:
-        configs = dict(SWEEP_CONFIGS)
-        default = paged_attention_defaults(name, batch, context)
-        for factor in (0.5, 2, 4):
-            splits = max(1, int(default * factor))
-            if splits != default:
-                configs[f"splits={splits} (default {default})"] = dict(num_splits=splits)
+    for (name, batch, context), configs in SWEEP:
         row = decode_row(name, batch, context, read_ceiling, budget, with_baselines=False,
-                         our_configs=configs)
+                         our_configs={"default": {}, **configs})
         raw.append(row)
         for label, seconds in row["results"].items():
             shown = (fmt_bw(row["io_bytes"], seconds, read_ceiling)
@@ -319,11 +312,16 @@ def scatter_table(budget, layers=24, token_counts=(256, 32768),
 
 
 PREFILL_CASES = (("0.5B 14q/2kv/64", 4096, 0), ("7B 28q/4kv/128", 2048, 14336))
+PREFILL_CONFIGS = {
+    "default": {}, "block_rows=64": dict(block_rows=64), "block_rows=128": dict(block_rows=128),
+    "block_rows=128 warps=8": dict(block_rows=128, num_warps=8),
+    "jnp reference (XLA)": None,
+}
 
 
 def prefill_table(budget, cases=PREFILL_CASES) -> str:
     """Prefill attention over pages: a fresh 4k prompt and a 2k chunk after a 14k prefix."""
-    lines = ["| heads | q_len | prefix | block_rows (or path) | µs | TFLOP/s (causal) |",
+    lines = ["| heads | q_len | prefix | config | µs | TFLOP/s (causal) |",
              "|---|---|---|---|---|---|"]
     for name, q_len, prefix in cases:
         num_heads, kv_heads, head_dim = HEADS[name]
@@ -334,19 +332,19 @@ def prefill_table(budget, cases=PREFILL_CASES) -> str:
         q_start = jnp.array([prefix], jnp.int32)
         keys_seen = q_len * prefix + q_len * (q_len + 1) / 2
         flops = 4 * num_heads * head_dim * keys_seen
-        for block_rows in (64, 128, "jnp reference"):
+        for label, config in PREFILL_CONFIGS.items():
             if not budget.left():
-                lines.append(f"| {name} | {q_len} | {prefix} | {block_rows} | skipped | |")
+                lines.append(f"| {name} | {q_len} | {prefix} | {label} | skipped | |")
                 continue
-            step = (_prefill_reference_step if block_rows == "jnp reference" else
-                    functools.partial(_prefill_step, block_rows=block_rows))
+            step = (_prefill_reference_step if config is None else
+                    functools.partial(_prefill_step, **config))
             try:
                 seconds, _ = timed(step, q, (k_pages, v_pages, tables[0], q_start, lengths),
                                    repeats=3)
-                lines.append(f"| {name} | {q_len} | {prefix} | {block_rows} "
+                lines.append(f"| {name} | {q_len} | {prefix} | {label} "
                              f"| {seconds * 1e6:.0f} | {flops / seconds / 1e12:.1f} |")
             except Exception as error:
-                lines.append(f"| {name} | {q_len} | {prefix} | {block_rows} "
+                lines.append(f"| {name} | {q_len} | {prefix} | {label} "
                              f"| error: {type(error).__name__}: {str(error)[:120]} | |")
         del k_pages, v_pages
         gc.collect()
@@ -357,9 +355,8 @@ def _prefill_reference_step(q, k_pages, v_pages, table, q_start, lengths):
     return paged_prefill_attention_reference(q, k_pages, v_pages, table, q_start, lengths)
 
 
-def _prefill_step(q, k_pages, v_pages, table, q_start, lengths, *, block_rows):
-    return paged_prefill_attention(q, k_pages, v_pages, table, q_start, lengths,
-                                   block_rows=block_rows)
+def _prefill_step(q, k_pages, v_pages, table, q_start, lengths, **config):
+    return paged_prefill_attention(q, k_pages, v_pages, table, q_start, lengths, **config)
 
 
 def main() -> None:

@@ -40,8 +40,16 @@ from kernels import pallas_compat as compat
 
 # Finite, so a fully masked row never computes inf - inf; far below any real logit.
 _MASK_VALUE = -1e30
-# Programs wanted on the GPU before splitting stops paying: about two per H100 SM.
-_TARGET_PROGRAMS = 264
+# Programs wanted on the GPU before splitting stops paying: about four per H100 SM
+# (measured: 512 beat 256 and 1024 at 7B heads, bench/results/kernel_notes.md).
+_TARGET_PROGRAMS = 512
+# Fewest loop iterations a split is given; shorter splits cost more in the combine than
+# they gain in parallelism (measured at batch 1, 32k context).
+_MIN_SPLIT_ITERATIONS = 4
+# Bytes of K gathered per loop iteration: 32 KiB (128 keys at head_dim 128, 256 at 64)
+# measured best for decode; prefill, whose q tile is larger, keeps 16 KiB.
+DECODE_KEY_TILE_BYTES = 32 * 1024
+PREFILL_KEY_TILE_BYTES = 16 * 1024
 
 
 def _next_pow2(n: int) -> int:
@@ -51,7 +59,7 @@ def _next_pow2(n: int) -> int:
 def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref, v_pages_ref,
                    o_ref, *lse_ref, group: int, start_offset: int, block_rows: int,
                    num_splits: int,
-                   pages_per_block: int, prefetch_page_ids: bool, scale: float, precision):
+                   pages_per_block: int, scale: float, precision):
     seq, head = pl.program_id(0), pl.program_id(1)
     row_block, split = pl.program_id(2), pl.program_id(3)
     batch, table_pages = lengths_ref.shape[0], block_table_ref.shape[0]
@@ -98,14 +106,9 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
                     mask=real_row[:, None], other=0)
 
     def body(i, carry):
-        acc, m, l, page_ids = carry
+        acc, m, l = carry
         page0 = first_page + i * pages_per_block
-        if prefetch_page_ids:
-            # The next iteration's ids load now, so its K/V gathers need not wait.
-            next_ids = load_page_ids(page0 + pages_per_block)
-        else:
-            page_ids = load_page_ids(page0)
-            next_ids = page_ids
+        page_ids = load_page_ids(page0)
         key_pos = page0 * page_size + jnp.arange(block_keys)
         k = k_pages_ref[page_ids].reshape(block_keys, head_dim)
         # Slots past the length may hold anything (stale or never-written pages, even
@@ -120,14 +123,12 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
         p = jnp.where(visible, jnp.exp(s - m_next[:, None]), 0.0)
         l = l * alpha + p.sum(axis=1)
         pv = compat.dot(p.astype(v.dtype), v, precision=precision)
-        return acc * alpha[:, None] + pv, m_next, l, next_ids
+        return acc * alpha[:, None] + pv, m_next, l
 
     init = (jnp.zeros((block_rows, head_dim), jnp.float32),
             jnp.full((block_rows,), _MASK_VALUE, jnp.float32),
-            jnp.zeros((block_rows,), jnp.float32),
-            load_page_ids(first_page) if prefetch_page_ids
-            else jnp.zeros((pages_per_block,), jnp.int32))
-    acc, m, l, _ = lax.fori_loop(0, num_iters, body, init)
+            jnp.zeros((block_rows,), jnp.float32))
+    acc, m, l = lax.fori_loop(0, num_iters, body, init)
     has_keys = l > 0.0
     out = acc / jnp.where(has_keys, l, 1.0)[:, None]
     out = jnp.where(has_keys[:, None], out, 0.0).astype(o_ref.dtype)
@@ -157,24 +158,24 @@ def default_num_splits(programs: int, table_pages: int, pages_per_block: int,
     """Splits so that about `_TARGET_PROGRAMS` programs run; 1 in interpret mode."""
     if interpret:
         return 1
-    max_splits = max(1, pl.cdiv(table_pages, pages_per_block))
-    return int(min(max_splits, max(1, round(_TARGET_PROGRAMS / programs))))
+    max_splits = max(1, table_pages // (_MIN_SPLIT_ITERATIONS * pages_per_block))
+    return int(min(max_splits, pl.cdiv(_TARGET_PROGRAMS, programs)))
 
 
-def default_pages_per_block(page_size: int, table_pages: int) -> int:
-    """Pages per loop iteration: 128 keys (measured best on an H100 at head_dim 64 and
-    128, see bench/results/kernel_notes.md), fewer for a narrower page table."""
-    return max(1, min(_next_pow2(table_pages), 128 // page_size))
+def default_pages_per_block(page_size: int, head_dim: int, itemsize: int, table_pages: int,
+                            key_tile_bytes: int) -> int:
+    """Pages per loop iteration: `key_tile_bytes` of K, fewer for a narrow page table."""
+    keys = max(page_size, key_tile_bytes // (head_dim * itemsize))
+    return max(1, min(_next_pow2(table_pages), keys // page_size))
 
 
 @functools.partial(jax.jit, static_argnames=(
     "group", "start_offset", "block_rows", "scale", "num_splits", "pages_per_block",
-    "prefetch_page_ids",
     "num_warps", "num_stages", "interpret"))
 def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, *,
                       group: int, start_offset: int, block_rows: int, scale: float,
                       num_splits: int,
-                      pages_per_block: int, prefetch_page_ids: bool, num_warps: int,
+                      pages_per_block: int, num_warps: int,
                       num_stages: int, interpret: bool):
     """Shared core: query rows `[batch, kv_heads, rows, head_dim]` over paged K/V.
 
@@ -190,7 +191,7 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
     kernel = functools.partial(
         _attend_kernel, group=group, start_offset=start_offset, block_rows=block_rows,
         num_splits=num_splits,
-        pages_per_block=pages_per_block, prefetch_page_ids=prefetch_page_ids, scale=scale,
+        pages_per_block=pages_per_block, scale=scale,
         precision=precision)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, r, s: (h, 0, 0, 0))
@@ -242,8 +243,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     block_tables: jax.Array, lengths: jax.Array, *,
                     scale: float | None = None, interpret: bool | None = None,
                     num_splits: int | None = None, pages_per_block: int | None = None,
-                    prefetch_page_ids: bool = True, num_warps: int = 4,
-                    num_stages: int = 2) -> jax.Array:
+                    num_warps: int = 4, num_stages: int = 2) -> jax.Array:
     """Decode attention of one new query per sequence over its paged K/V.
 
     Args:
@@ -259,8 +259,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         num_splits: flash-decoding splits of each sequence; None sizes them to fill
             the GPU (1 in interpret mode).
         pages_per_block: pages gathered per loop iteration (power of two); None picks
-            128 keys' worth.
-        prefetch_page_ids: load the next iteration's page ids one iteration ahead.
+            32 KiB of K (128 keys at head_dim 128 in bf16).
         num_warps, num_stages: Triton launch parameters.
 
     Returns:
@@ -284,7 +283,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     table_pages = block_tables.shape[1]
     interpret = compat.resolve_interpret(interpret)
     pages_per_block, num_splits = resolve_tuning(
-        page_size, table_pages, batch * kv_heads, pages_per_block, num_splits, interpret)
+        k_pages, table_pages, batch * kv_heads, pages_per_block, num_splits, interpret,
+        DECODE_KEY_TILE_BYTES)
     # The query sits at position length - 1: pass lengths as q_start with offset -1
     # rather than an XLA subtraction (one kernel launch fewer per step).
     out = attend_query_rows(
@@ -293,17 +293,19 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         block_rows=max(16, _next_pow2(group)),
         scale=float(head_dim ** -0.5 if scale is None else scale),
         num_splits=num_splits, pages_per_block=pages_per_block,
-        prefetch_page_ids=prefetch_page_ids, num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
         interpret=interpret)
     return out.reshape(batch, num_heads, head_dim)
 
 
-def resolve_tuning(page_size: int, table_pages: int, programs: int,
-                   pages_per_block: int | None, num_splits: int | None,
-                   interpret: bool) -> tuple[int, int]:
+def resolve_tuning(k_pages: jax.Array, table_pages: int, programs: int,
+                   pages_per_block: int | None, num_splits: int | None, interpret: bool,
+                   key_tile_bytes: int) -> tuple[int, int]:
     """Defaults and range checks for the loop's pages per block and the split count."""
+    _, _, page_size, head_dim = k_pages.shape
     if pages_per_block is None:
-        pages_per_block = default_pages_per_block(page_size, table_pages)
+        pages_per_block = default_pages_per_block(page_size, head_dim, k_pages.dtype.itemsize,
+                                                  table_pages, key_tile_bytes)
     if pages_per_block < 1 or pages_per_block & (pages_per_block - 1):
         raise ValueError(f"pages_per_block must be a power of two >= 1, got {pages_per_block}")
     if num_splits is None:

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from kernels import pallas_compat as compat
-from kernels.paged_attention import (_next_pow2, attend_query_rows, check_pool,
-                                     gather_pages, masked_softmax_attention, resolve_tuning)
+from kernels.paged_attention import (PREFILL_KEY_TILE_BYTES, _next_pow2, attend_query_rows,
+                                     check_pool, gather_pages, masked_softmax_attention,
+                                     resolve_tuning)
 
 
 def _check_args(q, k_pages, v_pages, block_tables, q_start, lengths) -> None:
@@ -36,9 +37,9 @@ def _check_args(q, k_pages, v_pages, block_tables, q_start, lengths) -> None:
 def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                             block_tables: jax.Array, q_start: jax.Array, lengths: jax.Array,
                             *, scale: float | None = None, interpret: bool | None = None,
-                            block_rows: int = 64, num_splits: int | None = None,
+                            block_rows: int | None = None, num_splits: int | None = None,
                             pages_per_block: int | None = None,
-                            prefetch_page_ids: bool = True, num_warps: int = 4,
+                            num_warps: int = 4,
                             num_stages: int = 2) -> jax.Array:
     """Causal attention of a chunk of queries over paged K/V (prefix and chunk).
 
@@ -54,9 +55,8 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
         scale: logit scale, default `head_dim ** -0.5`.
         interpret: Pallas interpret mode; None picks it on the CPU backend.
         block_rows: query rows (positions x heads of a KV group) per program, a power
-            of two >= 16.
-        num_splits, pages_per_block, prefetch_page_ids, num_warps, num_stages: as in
-            `paged_attention`.
+            of two >= 16; None picks 128 at head_dim >= 128, else 64 (measured).
+        num_splits, pages_per_block, num_warps, num_stages: as in `paged_attention`.
 
     Returns:
         `[batch, q_len, num_heads, head_dim]` in q's dtype; softmax in float32.
@@ -69,18 +69,19 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
         (1, 4, 14, 64)
     """
     _check_args(q, k_pages, v_pages, block_tables, q_start, lengths)
+    if block_rows is None:
+        block_rows = 128 if q.shape[-1] >= 128 else 64
     if block_rows < 16 or block_rows & (block_rows - 1):
         raise ValueError(f"block_rows must be a power of two >= 16, got {block_rows}")
     batch, q_len, num_heads, head_dim = q.shape
-    kv_heads, _, page_size, _ = k_pages.shape
+    kv_heads = k_pages.shape[0]
     group = num_heads // kv_heads
     interpret = compat.resolve_interpret(interpret)
     query_rows = q_len * group
     block_rows = min(block_rows, max(16, _next_pow2(query_rows)))
     pages_per_block, num_splits = resolve_tuning(
-        page_size, block_tables.shape[1],
-        batch * kv_heads * -(-query_rows // block_rows), pages_per_block, num_splits,
-        interpret)
+        k_pages, block_tables.shape[1], batch * kv_heads * -(-query_rows // block_rows),
+        pages_per_block, num_splits, interpret, PREFILL_KEY_TILE_BYTES)
     # Rows ordered (position, head) within a KV group, so a row block is a run of
     # consecutive positions and the causal bound grows along it.
     rows = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
@@ -89,7 +90,7 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
         block_tables, q_start, lengths, group=group, start_offset=0,
         block_rows=block_rows, scale=float(head_dim ** -0.5 if scale is None else scale),
         num_splits=num_splits, pages_per_block=pages_per_block,
-        prefetch_page_ids=prefetch_page_ids, num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
         interpret=interpret)
     out = out.reshape(batch, kv_heads, q_len, group, head_dim)
     return out.transpose(0, 2, 1, 3, 4).reshape(q.shape)
