@@ -103,7 +103,6 @@ def create(capacity: int, page_size: int, table_size: int | None = None, hash_bi
     n = capacity + 1
     free_nodes, free_count = _free_node_stack(jnp.ones(n, bool))
     hash_mask = (1 << hash_bits) - 1
-    zero = jnp.zeros((), jnp.int32)
     return RadixIndex(
         parent=jnp.full(n, -1, jnp.int32),
         page=jnp.zeros(n, jnp.int32),
@@ -116,7 +115,8 @@ def create(capacity: int, page_size: int, table_size: int | None = None, hash_bi
         free_nodes=free_nodes,
         free_node_count=free_count,
         table=jnp.full(table_size, _EMPTY, jnp.int32),
-        clock=zero, hits=zero, misses=zero, hit_tokens=zero, queried_tokens=zero,
+        # Separate buffers (not one shared zero) so the whole state can be donated to a jitted call.
+        **{name: jnp.zeros((), jnp.int32) for name in ("clock", "hits", "misses", "hit_tokens", "queried_tokens")},
         capacity=capacity, page_size=page_size, table_size=table_size, hash_mask=hash_mask,
     )
 
@@ -170,21 +170,20 @@ def _find_child(index: RadixIndex, parent: Array, key: Array, page_tokens: Array
     return jax.lax.while_loop(cond, body, init)[2]
 
 
-def _table_put(index: RadixIndex, node: Array) -> Array:
-    """The table with `node` placed at the first empty slot from its home (one always exists)."""
-    slot = jax.lax.while_loop(lambda s: index.table[s] != _EMPTY, lambda s: _next_slot(index, s),
-                              _home(index, index.prefix_hash[node]))
-    return index.table.at[slot].set(node)
+def _table_put(index: RadixIndex, table: Array, node: Array, key: Array, do: Array) -> Array:
+    """`table` with `node` (hash `key`) at the first empty slot from its home, if `do` (one always exists)."""
+    slot = jax.lax.while_loop(lambda s: do & (table[s] != _EMPTY), lambda s: _next_slot(index, s), _home(index, key))
+    return table.at[jnp.where(do, slot, index.table_size)].set(node, mode="drop")
 
 
-def _table_remove(index: RadixIndex, node: Array) -> Array:
-    """The table without `node`; later entries of its probe run shift back so no tombstones are needed."""
+def _table_remove(index: RadixIndex, node: Array, do: Array) -> Array:
+    """The table without `node` if `do`; later entries of its probe run shift back, so no tombstones."""
     table = index.table
-    slot = jax.lax.while_loop(lambda s: table[s] != node, lambda s: _next_slot(index, s),
+    slot = jax.lax.while_loop(lambda s: do & (table[s] != node), lambda s: _next_slot(index, s),
                               _home(index, index.prefix_hash[node]))
 
     def cond(s: tuple[Array, Array, Array]) -> Array:
-        return s[2][s[1]] != _EMPTY
+        return do & (s[2][s[1]] != _EMPTY)
 
     def body(s: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
         hole, j, t = s
@@ -196,40 +195,36 @@ def _table_remove(index: RadixIndex, node: Array) -> Array:
         return jnp.where(stays, hole, j), _next_slot(index, j), t
 
     hole, _, table = jax.lax.while_loop(cond, body, (slot, _next_slot(index, slot), table))
-    return table.at[hole].set(_EMPTY)
+    return table.at[jnp.where(do, hole, index.table_size)].set(_EMPTY, mode="drop")
 
 
-def _touch(index: RadixIndex, node: Array) -> RadixIndex:
-    clock = index.clock + 1
-    return index.replace(clock=clock, last_use=index.last_use.at[node].set(clock))
+def _evict_one(index: RadixIndex, pool: PagePool, exclude: Array,
+               index_only: bool) -> tuple[RadixIndex, PagePool, Array, Array]:
+    """Evict the least recently used unlocked leaf other than `exclude`, dropping its page reference.
 
-
-def _remove_node(index: RadixIndex, pool: PagePool, node: Array) -> tuple[RadixIndex, PagePool]:
-    """Drop leaf `node` and the index's reference to its page."""
-    pool = kv_pool.release(pool, index.page[node][None], jnp.ones(1, bool))
-    index = index.replace(
-        table=_table_remove(index, node),
-        num_children=index.num_children.at[index.parent[node]].add(-1),
-        parent=index.parent.at[node].set(-1),
-        in_use=index.in_use.at[node].set(False),
-        free_nodes=index.free_nodes.at[index.free_node_count].set(node),
-        free_node_count=index.free_node_count + 1,
-    )
-    return index, pool
-
-
-def _evict_one(index: RadixIndex, pool: PagePool, exclude: Array) -> tuple[RadixIndex, PagePool, Array, Array]:
-    """Evict the least recently used unlocked leaf other than `exclude`.
-
-    Returns (index, pool, evicted, pages returned to the free stack (0 or 1)).
+    index_only: consider only leaves whose page nobody else holds (evicting those frees a page).
+    Returns (index, pool, evicted, pages returned to the free stack (0 or 1)). Written with masked updates
+    rather than lax.cond: a cond over the whole state makes XLA copy it.
     """
-    ids = jnp.arange(index.capacity + 1)
+    n = index.capacity + 1
+    ids = jnp.arange(n)
     candidate = (index.in_use & (index.num_children == 0) & (index.lock_count == 0) & (ids != ROOT)
                  & (ids != exclude))
+    if index_only:
+        candidate = candidate & (pool.refcount[index.page] == 1)
     found = jnp.any(candidate)
     victim = jnp.argmin(jnp.where(candidate, index.last_use, _INT32_MAX)).astype(jnp.int32)
+    drop_at = jnp.where(found, victim, n)
     before = pool.free_count
-    index, pool = jax.lax.cond(found, lambda ip: _remove_node(ip[0], ip[1], victim), lambda ip: ip, (index, pool))
+    pool = kv_pool.release(pool, index.page[victim][None], found[None])
+    index = index.replace(
+        table=_table_remove(index, victim, found),
+        num_children=index.num_children.at[jnp.where(found, index.parent[victim], n)].add(-1, mode="drop"),
+        parent=index.parent.at[drop_at].set(-1, mode="drop"),
+        in_use=index.in_use.at[drop_at].set(False, mode="drop"),
+        free_nodes=index.free_nodes.at[jnp.where(found, index.free_node_count, n)].set(victim, mode="drop"),
+        free_node_count=index.free_node_count + found.astype(jnp.int32),
+    )
     return index, pool, found, pool.free_count - before
 
 
@@ -238,6 +233,33 @@ def _split_pages(index: RadixIndex, tokens: Array) -> tuple[Array, Array]:
     num = tokens.shape[0] // index.page_size
     pages_tokens = jnp.asarray(tokens, jnp.int32)[: num * index.page_size].reshape(num, index.page_size)
     return pages_tokens, _page_hashes(pages_tokens)
+
+
+def _walk(index: RadixIndex, pages_tokens: Array, page_hashes: Array, limit: Array) -> tuple[Array, Array, Array]:
+    """Follow the cached path of the first `limit` pages: (pages matched, last node, path padded with -1)."""
+    num = pages_tokens.shape[0]
+
+    def cond(s: tuple[Array, Array, Array, Array]) -> Array:
+        return (s[0] < limit) & ~s[2]
+
+    def body(s: tuple[Array, Array, Array, Array]) -> tuple[Array, Array, Array, Array]:
+        i, node, _, path = s
+        key = _child_hash(index, index.prefix_hash[node], page_hashes[i])
+        child = _find_child(index, node, key, pages_tokens[i])
+        hit = child >= 0
+        return i + hit, jnp.where(hit, child, node), ~hit, path.at[i].set(child)
+
+    init = (jnp.zeros((), jnp.int32), jnp.asarray(ROOT, jnp.int32), jnp.asarray(False),
+            jnp.full(num, _EMPTY, jnp.int32))
+    matched, node, _, path = jax.lax.while_loop(cond, body, init)
+    return matched, node, jnp.where(jnp.arange(num) < matched, path, _EMPTY)
+
+
+def _stamp(index: RadixIndex, nodes: Array, count: Array) -> RadixIndex:
+    """Stamp nodes[:count] as used, in order (entries past count are ignored)."""
+    stamps = index.clock + 1 + jnp.arange(nodes.shape[0], dtype=jnp.int32)
+    at = jnp.where(jnp.arange(nodes.shape[0]) < count, nodes, index.capacity + 1)
+    return index.replace(last_use=index.last_use.at[at].set(stamps, mode="drop"), clock=index.clock + count)
 
 
 def match(index: RadixIndex, tokens: Array, length: int | Array) -> tuple[RadixIndex, Array, Array, Array]:
@@ -258,34 +280,15 @@ def match(index: RadixIndex, tokens: Array, length: int | Array) -> tuple[RadixI
     if num == 0:
         index = index.replace(misses=index.misses + 1, queried_tokens=index.queried_tokens + jnp.maximum(length, 0))
         return index, jnp.zeros((), jnp.int32), jnp.zeros(0, jnp.int32), jnp.zeros(0, jnp.int32)
-    limit = jnp.clip(length // index.page_size, 0, num)
-
-    def cond(s: tuple[Array, Array, Array, Array]) -> Array:
-        return (s[0] < limit) & ~s[2]
-
-    def body(s: tuple[Array, Array, Array, Array]) -> tuple[Array, Array, Array, Array]:
-        i, node, _, path = s
-        key = _child_hash(index, index.prefix_hash[node], page_hashes[i])
-        child = _find_child(index, node, key, pages_tokens[i])
-        hit = child >= 0
-        return i + hit, jnp.where(hit, child, node), ~hit, path.at[i].set(child)
-
-    init = (jnp.zeros((), jnp.int32), jnp.asarray(ROOT, jnp.int32), jnp.asarray(False),
-            jnp.full(num, _EMPTY, jnp.int32))
-    matched, _, _, path = jax.lax.while_loop(cond, body, init)
-    on_path = jnp.arange(num) < matched
-    path = jnp.where(on_path, path, _EMPTY)
-    stamps = index.clock + 1 + jnp.arange(num, dtype=jnp.int32)
+    matched, _, path = _walk(index, pages_tokens, page_hashes, jnp.clip(length // index.page_size, 0, num))
     hit = matched > 0
-    index = index.replace(
-        last_use=index.last_use.at[jnp.where(on_path, path, index.capacity + 1)].set(stamps, mode="drop"),
-        clock=index.clock + matched,
+    index = _stamp(index, path, matched).replace(
         hits=index.hits + hit,
         misses=index.misses + ~hit,
         hit_tokens=index.hit_tokens + matched * index.page_size,
         queried_tokens=index.queried_tokens + jnp.maximum(length, 0),
     )
-    pages = jnp.where(on_path, index.page[jnp.maximum(path, 0)], 0)
+    pages = jnp.where(path >= 0, index.page[jnp.maximum(path, 0)], 0)
     return index, matched * index.page_size, pages, path
 
 
@@ -299,10 +302,11 @@ def insert(index: RadixIndex, pool: PagePool, tokens: Array, length: int | Array
            pages: Array) -> tuple[RadixIndex, PagePool]:
     """Index the full pages of tokens[:length], held in `pages` (the sequence's page-table row).
 
-    Pages whose prefix is already indexed are skipped (the existing node keeps its page); the path is
-    stamped as used. Each new node takes a pool reference on its page. When no node is free, the LRU
-    unlocked leaf (never the node being extended) is evicted first; if none can be, insertion stops. It also
-    stops at a page nobody holds (refcount 0), which would otherwise be taken from the free stack's care.
+    Pages whose prefix is already indexed are skipped (the existing node keeps its page); that path is
+    stamped as used, then the new nodes in order. Each new node takes a pool reference on its page. When
+    too few nodes are free, LRU unlocked leaves (never the node the new pages hang from) are evicted first;
+    if that is not enough, only the first pages that fit are indexed. Indexing also stops before a page
+    nobody holds (refcount 0): a free page must stay in the free stack's care.
 
     >>> pool, _ = kv_pool.allocate(kv_pool.create(8, 2, 2, 4), 0, 4)
     >>> index, pool = insert(create(8, 2), pool, jnp.array([1, 2, 3, 4]), 4, pool.page_table[0])
@@ -314,55 +318,53 @@ def insert(index: RadixIndex, pool: PagePool, tokens: Array, length: int | Array
     num = pages_tokens.shape[0]
     if num == 0:
         return index, pool
+    n = index.capacity + 1
     pages = jnp.asarray(pages, jnp.int32)
     # The caller passes its page-table row (max_pages_per_seq long); only the first `num` entries can matter.
     pages = pages[:num] if pages.shape[0] >= num else jnp.pad(pages, (0, num - pages.shape[0]))
     limit = jnp.clip(jnp.asarray(length, jnp.int32) // index.page_size, 0, num)
+    matched, node, path = _walk(index, pages_tokens, page_hashes, limit)
+    index = _stamp(index, path, matched)
 
-    def cond(s: tuple[Array, Array, Array, RadixIndex, PagePool]) -> Array:
-        return (s[0] < limit) & ~s[2]
+    j = jnp.arange(num, dtype=jnp.int32)
+    held = (pages >= 0) & (pages < pool.num_pages) & (pool.refcount[jnp.clip(pages, 0, pool.num_pages - 1)] > 0)
+    wanted = jnp.min(jnp.where((j >= matched) & ~held, j, limit)) - matched
 
-    def body(s: tuple[Array, Array, Array, RadixIndex, PagePool]) -> tuple[Array, Array, Array, RadixIndex, PagePool]:
-        i, node, _, idx, pl = s
-        key = _child_hash(idx, idx.prefix_hash[node], page_hashes[i])
-        child = _find_child(idx, node, key, pages_tokens[i])
-        page = pages[i]
+    def evict_body(s: tuple[RadixIndex, PagePool, Array]) -> tuple[RadixIndex, PagePool, Array]:
+        idx, pl, evicted, _ = _evict_one(s[0], s[1], node, index_only=False)
+        return idx, pl, evicted
 
-        def existing(ip: tuple[RadixIndex, PagePool]) -> tuple[RadixIndex, PagePool, Array, Array]:
-            return _touch(ip[0], child), ip[1], child, jnp.asarray(False)
+    index, pool, _ = jax.lax.while_loop(lambda s: (s[0].free_node_count < wanted) & s[2], evict_body,
+                                        (index, pool, jnp.asarray(True)))
+    count = jnp.maximum(jnp.minimum(wanted, index.free_node_count), 0)
 
-        def new(ip: tuple[RadixIndex, PagePool]) -> tuple[RadixIndex, PagePool, Array, Array]:
-            idx, pl = ip
-            idx, pl = jax.lax.cond(idx.free_node_count == 0, lambda a: _evict_one(a[0], a[1], node)[:2],
-                                   lambda a: a, (idx, pl))
-            held = (page >= 0) & (page < pl.num_pages) & (pl.refcount[jnp.clip(page, 0, pl.num_pages - 1)] > 0)
-            can = (idx.free_node_count > 0) & held
+    # The new nodes form a chain under `node`: page j takes the (j - matched)-th node off the free stack.
+    t = j - matched
+    new = (t >= 0) & (t < count)
+    ids = index.free_nodes[jnp.clip(index.free_node_count - 1 - t, 0, n - 1)]
+    parents = jnp.where(t == 0, node, jnp.roll(ids, 1))
 
-            def add(ip: tuple[RadixIndex, PagePool]) -> tuple[RadixIndex, PagePool, Array]:
-                idx, pl = ip
-                v = idx.free_nodes[idx.free_node_count - 1]
-                idx = idx.replace(
-                    free_node_count=idx.free_node_count - 1,
-                    parent=idx.parent.at[v].set(node),
-                    page=idx.page.at[v].set(page),
-                    tokens=idx.tokens.at[v].set(pages_tokens[i]),
-                    prefix_hash=idx.prefix_hash.at[v].set(key),
-                    lock_count=idx.lock_count.at[v].set(0),
-                    num_children=idx.num_children.at[v].set(0).at[node].add(1),
-                    in_use=idx.in_use.at[v].set(True),
-                )
-                idx = _touch(idx.replace(table=_table_put(idx, v)), v)
-                return idx, kv_pool.retain(pl, page[None], jnp.ones(1, bool)), v
+    def chain(h: Array, x: tuple[Array, Array]) -> tuple[Array, Array]:
+        h = jnp.where(x[0], _child_hash(index, h, x[1]), h)
+        return h, h
 
-            idx, pl, v = jax.lax.cond(can, add, lambda ip: (ip[0], ip[1], node), (idx, pl))
-            return idx, pl, v, ~can
-
-        idx, pl, node, stop = jax.lax.cond(child >= 0, existing, new, (idx, pl))
-        return i + 1, node, stop, idx, pl
-
-    init = (jnp.zeros((), jnp.int32), jnp.asarray(ROOT, jnp.int32), jnp.asarray(False), index, pool)
-    _, _, _, index, pool = jax.lax.while_loop(cond, body, init)
-    return index, pool
+    _, keys = jax.lax.scan(chain, index.prefix_hash[node], (new, page_hashes))
+    at = jnp.where(new, ids, n)
+    last = jnp.where(new & (t == count - 1), ids, n)
+    index = index.replace(
+        free_node_count=index.free_node_count - count,
+        parent=index.parent.at[at].set(parents, mode="drop"),
+        page=index.page.at[at].set(pages, mode="drop"),
+        tokens=index.tokens.at[at].set(pages_tokens, mode="drop"),
+        prefix_hash=index.prefix_hash.at[at].set(keys, mode="drop"),
+        lock_count=index.lock_count.at[at].set(0, mode="drop"),
+        num_children=(index.num_children.at[at].set(1, mode="drop").at[last].set(0, mode="drop")
+                      .at[node].add((count > 0).astype(jnp.int32))),
+        in_use=index.in_use.at[at].set(True, mode="drop"),
+    )
+    table = jax.lax.fori_loop(0, num, lambda i, tb: _table_put(index, tb, ids[i], keys[i], new[i]), index.table)
+    index = _stamp(index.replace(table=table), jnp.roll(ids, -matched), count)
+    return index, kv_pool.retain(pool, pages, new)
 
 
 def _add_lock(index: RadixIndex, node: int | Array, delta: int) -> RadixIndex:
@@ -395,12 +397,11 @@ def unlock(index: RadixIndex, node: int | Array) -> RadixIndex:
 
 
 def evict(index: RadixIndex, pool: PagePool, num_pages: int | Array) -> tuple[RadixIndex, PagePool, Array]:
-    """Evict LRU unlocked leaves (repeatedly, so parents become leaves) until `num_pages` pages are free again.
+    """Free up to `num_pages` pages by evicting LRU unlocked leaves, repeatedly (parents become leaves).
 
-    Each evicted node drops the index's reference; its page returns to the free stack only if no sequence
-    holds it. Stops once `num_pages` pages went back to the free stack or no unlocked leaf is left; returns
-    that count ([] int32). Leaves whose page a sequence still holds are evicted on the way but do not count
-    (lock the paths of running sequences to keep them).
+    Only leaves whose page the index alone holds are candidates: evicting one drops the index's reference
+    and returns the page to the free stack. A leaf whose page a sequence still holds counts as in use (it
+    would free nothing, and the sequence may insert it again). Returns the number of pages freed ([] int32).
 
     >>> pool = kv_pool.create(8, 2, 2, 4)
     >>> index, pool, freed = evict(create(8, 2), pool, 4)
@@ -411,7 +412,7 @@ def evict(index: RadixIndex, pool: PagePool, num_pages: int | Array) -> tuple[Ra
 
     def body(s: tuple[Array, Array, RadixIndex, PagePool]) -> tuple[Array, Array, RadixIndex, PagePool]:
         freed, _, idx, pl = s
-        idx, pl, evicted, returned = _evict_one(idx, pl, jnp.asarray(-1, jnp.int32))
+        idx, pl, evicted, returned = _evict_one(idx, pl, jnp.asarray(-1, jnp.int32), index_only=True)
         return freed + returned, evicted, idx, pl
 
     init = (jnp.zeros((), jnp.int32), jnp.asarray(True), index, pool)
@@ -439,10 +440,10 @@ def clear(index: RadixIndex, pool: PagePool) -> tuple[RadixIndex, PagePool]:
         table=jnp.full(index.table_size, _EMPTY, jnp.int32),
     )
 
-    def put(v: Array, idx: RadixIndex) -> RadixIndex:
-        return jax.lax.cond(keep[v] & (v != ROOT), lambda i: i.replace(table=_table_put(i, v)), lambda i: i, idx)
+    def put(v: Array, table: Array) -> Array:
+        return _table_put(index, table, v, index.prefix_hash[v], keep[v] & (v != ROOT))
 
-    return jax.lax.fori_loop(0, n, put, index), pool
+    return index.replace(table=jax.lax.fori_loop(0, n, put, index.table)), pool
 
 
 def stats(index: RadixIndex) -> dict[str, Array]:
