@@ -203,13 +203,14 @@ class Engine:
     def _run_decode(self, reqs: list[Request], num_steps: int) -> None:
         batch = EngineConfig.bucket(self.config.batch_buckets, len(reqs))
         table = self.scheduler.page_table()
+        caps = self.scheduler.capacities()
         tokens = np.zeros(batch, np.int32)
         positions = np.zeros(batch, np.int32)
         limits = np.zeros(batch, np.int32)
         block_tables = np.zeros((batch, table.shape[1]), np.int32)
         for i, r in enumerate(reqs):
             tokens[i], positions[i] = r.output_ids[-1], r.computed
-            limits[i] = min(self.scheduler.capacity(r), r.computed + r.remaining)
+            limits[i] = min(caps[r.slot], r.computed + r.remaining)
             block_tables[i] = table[r.slot]
         sbatch, steps, num_top, counts, seen = self._sampling_inputs(reqs, batch)
         out = self.runner.decode(tokens, positions, limits, block_tables, sbatch, steps, num_steps,

@@ -22,9 +22,12 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Request:
-    """A prompt being served. ``computed`` counts tokens whose K/V are in the pool."""
+    """A prompt being served. ``computed`` counts tokens whose K/V are in the pool.
+
+    Compared by identity: two requests with the same prompt are still two requests.
+    """
 
     request_id: str
     prompt_ids: list[int]

@@ -48,6 +48,7 @@ class _HostState:
             self.pool = kv_pool.create(num_pages, page_size, max_seqs, max_pages_per_seq)
             self.index = radix_index.create(capacity, page_size)
         self._allocate = jax.jit(kv_pool.allocate)
+        self._allocate_batch = jax.jit(kv_pool.allocate_batch)
         self._free = jax.jit(kv_pool.free)
         self._attach = jax.jit(kv_pool.attach)
         self._match = jax.jit(radix_index.match)
@@ -132,9 +133,9 @@ class Scheduler:
                 self._evict(need - self._free_pages())
         return False
 
-    def capacity(self, request: Request) -> int:
-        """Tokens the request's slot has room for."""
-        return int(self.state.pool.seq_lens[request.slot])
+    def capacities(self) -> np.ndarray:
+        """Tokens each slot has room for (host copy; one transfer, not one per request)."""
+        return np.asarray(self.state.pool.seq_lens)
 
     def _insert(self, request: Request) -> None:
         if not self.config.prefix_caching or request.computed < self.page_size:
@@ -194,10 +195,9 @@ class Scheduler:
         rows: list[tuple[Request, int, int]] = []
         max_rows = self.config.batch_buckets[-1]
 
-        def fits(chunk: int) -> bool:  # bound padding: bucketed rows x bucketed length
+        def fits(chunk: int) -> bool:  # rows are padded to the longest: bound the padded token count
             longest = max([chunk] + [e - s for _, s, e in rows])
-            padded = (EngineConfig.bucket(self.config.batch_buckets, len(rows) + 1)
-                      * EngineConfig.bucket(self.config.prefill_buckets, longest))
+            padded = (len(rows) + 1) * EngineConfig.bucket(self.config.prefill_buckets, longest)
             return padded <= 2 * self.config.max_tokens_per_step
 
         for r in self.running:
@@ -220,22 +220,31 @@ class Scheduler:
         return rows
 
     def _reserve_decode(self, steps: int) -> list[Request]:
-        """Room for up to ``steps`` more tokens for every decoding request; preempts when pages run out."""
+        """Room for up to ``steps`` more tokens for every decoding request; preempts when pages run out.
+
+        One batched allocation serves the common case; only rows it could not serve take the
+        slow path (evict cached prefixes, then preempt the newest request).
+        """
         decoding = [r for r in self.running if not r.is_prefilling]
-        ready = []
-        for r in decoding:
-            if r.status is not Status.RUNNING:  # preempted while serving an earlier row
-                continue
-            want = min(steps, r.remaining, self.max_model_len - r.computed)
-            need = r.computed + want - self.capacity(r)
-            while need > 0 and not self._grow(r, need):
-                victim = self.running[-1]
-                self.preempt(victim)
-                if victim is r:
-                    break
-            if r.status is Status.RUNNING:
-                ready.append(r)
-        return [r for r in ready if r.status is Status.RUNNING]
+        if not decoding:
+            return []
+        caps = self.capacities()
+        slots = np.array([r.slot for r in decoding], np.int32)
+        want = np.array([min(steps, r.remaining, self.max_model_len - r.computed) for r in decoding], np.int32)
+        need = np.maximum(np.array([r.computed for r in decoding], np.int32) + want - caps[slots], 0)
+        if need.any():
+            st = self.state
+            st.pool, ok = st._allocate_batch(st.pool, st.put(slots), st.put(need))
+            ok = np.asarray(ok)
+            for r, n, row_ok in zip(decoding, need, ok):
+                if row_ok or r.status is not Status.RUNNING:
+                    continue
+                while not self._grow(r, int(n)):
+                    victim = self.running[-1]
+                    self.preempt(victim)
+                    if victim is r:
+                        break
+        return [r for r in decoding if r.status is Status.RUNNING]
 
     def preempt(self, request: Request) -> None:
         """Free a running request's pages and put it back at the queue's front (recompute later)."""
