@@ -61,16 +61,21 @@ class Item:
 
 
 def make_workload(args: argparse.Namespace, vocab: int, seed: int) -> list[Item]:
-    """Token-id prompts, so lengths are exact whatever the tokenizer; ids avoid the special ones."""
-    rng = random.Random(seed)
+    """Token-id prompts, so lengths are exact whatever the tokenizer; ids avoid the special ones.
+
+    The shared prefixes depend on ``args.seed`` only, so a warm-up workload (another ``seed``)
+    shares them with the measured one and compiles the same prefix-hit prefill shapes.
+    """
     lo_id = 16  # below: special tokens in the test tokenizer's layout
+    prefix_rng = random.Random(args.seed)
+    prefixes = [[prefix_rng.randrange(lo_id, vocab) for _ in range(args.shared_prefix_len)]
+                for _ in range(max(1, args.num_prefixes))]
+    rng = random.Random(seed)
 
     def length(mean: int) -> int:
         spread = args.len_range * mean
         return max(1, int(rng.uniform(mean - spread, mean + spread)))
 
-    prefixes = [[rng.randrange(lo_id, vocab) for _ in range(args.shared_prefix_len)]
-                for _ in range(max(1, args.num_prefixes))]
     items = []
     for _ in range(args.num_requests):
         shared = args.shared_prefix_len > 0 and rng.random() < args.shared_prefix_share
@@ -99,8 +104,10 @@ class Outcome:
 
 
 async def one_request(client, url: str, model: str, item: Item, headers: dict[str, str]) -> Outcome:
+    # logprobs=0 makes every chunk list its tokens, so the first token is seen even when it
+    # decodes to no text (a random model's ids mostly fall outside the test tokenizer's vocabulary).
     body = {"model": model, "prompt": item.prompt, "max_tokens": item.max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "logprobs": 0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     ttft, usage = None, None
     try:
@@ -116,7 +123,8 @@ async def one_request(client, url: str, model: str, item: Item, headers: dict[st
                 event = json.loads(data)
                 if "error" in event:
                     return Outcome(False, error=event["error"]["message"])
-                if ttft is None and event.get("choices") and event["choices"][0].get("text"):
+                choice = event["choices"][0] if event.get("choices") else {}
+                if ttft is None and (choice.get("text") or (choice.get("logprobs") or {}).get("tokens")):
                     ttft = time.perf_counter() - start
                 if event.get("usage"):
                     usage = event["usage"]
@@ -244,14 +252,22 @@ def engine_config(args: argparse.Namespace, prefix_caching: bool):
 
 
 def run_in_process(args: argparse.Namespace, prefix_caching: bool, vocab: int) -> dict[str, Any]:
+    import jax
+
+    if args.compilation_cache:
+        # The second engine of --compare-prefix-caching compiles the same steps: reuse them.
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     cfg = engine_config(args, prefix_caching)
     with InProcessServer(args.model, cfg, max_tokens_limit=max(4096, 2 * args.output_len)) as server:
         # Warm-up, so the step shapes the run needs are compiled before the clock starts: a
-        # burst at every batch bucket, then one of --warmup requests (other tokens, same lengths).
+        # burst at every batch bucket, then --warmup requests at the measured rate (other
+        # tokens, same lengths and prefixes); the prefix cache is emptied afterwards.
         t = time.perf_counter()
         for i, size in enumerate((*cfg.batch_buckets, args.warmup)):
             warm = make_workload(_with(args, num_requests=size), vocab, args.seed + 1 + i)
-            asyncio.run(run_load(server.url, "bench", warm, math.inf, None, args.seed, args.timeout))
+            rate = args.rate if size == args.warmup else math.inf
+            asyncio.run(run_load(server.url, "bench", warm, rate, None, args.seed, args.timeout))
         server.engine_call("clear_prefix_cache")
         before = server.engine_call("stats")
         print(f"warm-up: {time.perf_counter() - t:.1f}s, {before['compilations']} compiled step shapes", flush=True)
@@ -329,7 +345,7 @@ def write_report(path: str, args: argparse.Namespace, rows: list[dict[str, Any]]
         f"- git commit: {git_commit()}", f"- host: {platform.node()}, Python {platform.python_version()}",
         f"- command: `{' '.join(sys.argv)}`", f"- model: {args.model or args.url}", f"- workload: {workload}", "",
         table(rows), "",
-        "TTFT: request sent to first streamed text; TPOT: (latency - TTFT) / (completion tokens - 1); "
+        "TTFT: request sent to the first streamed token (requests ask logprobs=0 so chunks list their tokens); TPOT: (latency - TTFT) / (completion tokens - 1); "
         "cached prompt share: prompt tokens the server reports as served from its prefix cache.", ""])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -360,6 +376,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--compare-prefix-caching", action="store_true", help="run with prefix caching on, then off")
     e.add_argument("--no-prefix-caching", action="store_true")
     e.add_argument("--warmup", type=int, default=64, help="requests of the warm-up burst (compiles the shapes)")
+    e.add_argument("--compilation-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "jaxserve-bench-xla"),
+                   help="persistent XLA compilation cache folder ('' to disable)")
     e.add_argument("--num-pages", type=int, default=None)
     e.add_argument("--page-size", type=int, default=16)
     e.add_argument("--max-running", type=int, default=64)

@@ -18,6 +18,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -523,6 +524,11 @@ def _event(obj: dict[str, Any]) -> str:
 
 
 # ----- response formats --------------------------------------------------------------------------
+def _finite(logprob: float) -> float:
+    """JSON has no -inf; OpenAI reports impossible tokens as -9999.0."""
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
 def _usage(results: list[dict[str, Any]], prompt_tokens: int) -> dict[str, Any]:
     completion = sum(r["completion_tokens"] for r in results)
     cached = sum(r["cached_tokens"] for r in results)
@@ -552,8 +558,8 @@ class _CompletionFormat:
             self.offsets[i] = offsets[-1] + len(tok)
         top = None
         if self.req.logprobs > 0 and tops is not None:
-            top = [{decode([k]): v for k, v in sorted(t.items(), key=lambda kv: -kv[1])} for t in tops]
-        return {"tokens": tokens, "token_logprobs": list(logprobs or []), "top_logprobs": top,
+            top = [{decode([k]): _finite(v) for k, v in sorted(t.items(), key=lambda kv: -kv[1])} for t in tops]
+        return {"tokens": tokens, "token_logprobs": [_finite(v) for v in logprobs or []], "top_logprobs": top,
                 "text_offset": offsets}
 
     def response(self, results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -604,7 +610,7 @@ class _ChatFormat:
 
         def entry(tid: int, lp: float) -> dict[str, Any]:
             tok = decode([tid])
-            return {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8"))}
+            return {"token": tok, "logprob": _finite(lp), "bytes": list(tok.encode("utf-8"))}
 
         content = []
         for k, (tid, lp) in enumerate(zip(token_ids, logprobs or [])):
