@@ -134,12 +134,13 @@ def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len
     from jaxserve.sampling import make_batch
     sb = make_batch([params] * batch, batch)
     args = (np.zeros(batch, np.int32), pos, pos + decode_steps, bt, sb, np.zeros(batch, np.int32), decode_steps)
-    r.decode(*args)
+    greedy = dict(greedy=True)
+    r.decode(*args, **greedy)
     jax.block_until_ready(r.kv)
     times = []
     for _ in range(10):
         s = time.perf_counter()
-        out = r.decode(*args)
+        out = r.decode(*args, **greedy)
         jax.block_until_ready(out.tokens)
         times.append(time.perf_counter() - s)
     step_ms = float(np.median(times)) / decode_steps * 1e3
@@ -148,7 +149,7 @@ def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len
         zeros = jnp.zeros((1, 1), jnp.int32)
         lowered = decode_fn.lower(r.params, r.kv, *[jnp.asarray(a) for a in args[:4]], sb,
                                   jnp.asarray(args[5]), zeros, zeros, num_steps=decode_steps, num_top=0,
-                                  penalties=False)
+                                  penalties=False, greedy=True)
         kernels = count_kernels(lowered.compile().as_text())
     except Exception as exc:  # the count is informative only
         print("kernel count failed:", exc)

@@ -162,7 +162,7 @@ class Engine:
                 np.add.at(counts_np[i], np.asarray(r.output_ids, np.int64), 1)
                 seen_np[i, np.asarray(r.all_ids, np.int64)] = True
             counts, seen = jnp.asarray(counts_np), jnp.asarray(seen_np)
-        return sbatch, steps, num_top, counts, seen
+        return sbatch, steps, num_top, counts, seen, not needs_sampling(params)
 
     def _append(self, request: Request, out, k: int | None, b: int) -> None:
         def pick(x):
@@ -190,8 +190,9 @@ class Engine:
             q_start[i], lengths[i] = s, e
             block_tables[i] = table[r.slot]
         reqs = [r for r, _, _ in rows]
-        sbatch, steps, num_top, counts, seen = self._sampling_inputs(reqs, batch)
-        out = self.runner.prefill(tokens, q_start, lengths, block_tables, sbatch, steps, counts, seen, num_top)
+        sbatch, steps, num_top, counts, seen, greedy = self._sampling_inputs(reqs, batch)
+        out = self.runner.prefill(tokens, q_start, lengths, block_tables, sbatch, steps, counts, seen, num_top,
+                                  greedy)
         out = jax.device_get(out)
         for i, (r, s, e) in enumerate(rows):
             r.computed = e
@@ -212,9 +213,9 @@ class Engine:
             tokens[i], positions[i] = r.output_ids[-1], r.computed
             limits[i] = min(caps[r.slot], r.computed + r.remaining)
             block_tables[i] = table[r.slot]
-        sbatch, steps, num_top, counts, seen = self._sampling_inputs(reqs, batch)
+        sbatch, steps, num_top, counts, seen, greedy = self._sampling_inputs(reqs, batch)
         out = self.runner.decode(tokens, positions, limits, block_tables, sbatch, steps, num_steps,
-                                 counts, seen, num_top)
+                                 counts, seen, num_top, greedy)
         out = jax.device_get(out)
         for i, r in enumerate(reqs):
             for k in range(num_steps):

@@ -18,13 +18,27 @@ import numpy as np
 
 from jaxserve.config import ModelConfig
 from jaxserve.model import KVCache, PagedAttention, Qwen2ForCausalLM, new_kv_cache
-from jaxserve.sampling import SamplingBatch, sample, update_counts
+from jaxserve.sampling import SampleOutput, SamplingBatch, sample, token_logprobs, update_counts
 
 
 def slots_for(block_tables: jax.Array, positions: jax.Array, valid: jax.Array, page_size: int) -> jax.Array:
     """Physical slot of each logical position (``-1`` where ``valid`` is False)."""
     page = jnp.take_along_axis(block_tables, jnp.clip(positions // page_size, 0, block_tables.shape[1] - 1), axis=1)
     return jnp.where(valid, page * page_size + positions % page_size, -1).astype(jnp.int32)
+
+
+def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, counts, seen, *, num_top: int,
+                  greedy: bool) -> SampleOutput:
+    """The sampler, or plain argmax when the host knows every row is greedy without penalties.
+
+    The greedy path matters on the GPU: the sampler's data-dependent ``lax.cond``s each cost
+    a predicate read-back per step, argmax costs one reduction.
+    """
+    if not greedy:
+        return sample(logits, batch, steps, counts=counts, seen=seen, num_top_logprobs=num_top)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    chosen, top_ids, top_lps = token_logprobs(logits, tokens, num_top)
+    return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lps)
 
 
 class Runner:
@@ -45,9 +59,9 @@ class Runner:
         self.attention_impl = attention_impl
         self.kv: KVCache = new_kv_cache(config, num_pages, page_size, self.dtype)
         self.compiled_shapes: set[tuple] = set()
-        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top",))
+        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top", "greedy"))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1,),
-                               static_argnames=("num_steps", "num_top", "penalties"))
+                               static_argnames=("num_steps", "num_top", "penalties", "greedy"))
 
     @property
     def kv_bytes(self) -> int:
@@ -57,7 +71,7 @@ class Runner:
         return self.model.apply({"params": params}, tokens, positions, kv=kv, paged=paged, logits_at=logits_at)
 
     def _prefill_impl(self, params, kv, tokens, q_start, lengths, block_tables, batch: SamplingBatch, steps,
-                      counts, seen, *, num_top: int):
+                      counts, seen, *, num_top: int, greedy: bool):
         b, s = tokens.shape
         positions = q_start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
         valid = positions < lengths[:, None]
@@ -65,11 +79,10 @@ class Runner:
                                q_start, impl=self.attention_impl)
         logits_at = jnp.maximum(lengths - q_start - 1, 0)
         logits, kv = self._forward(params, kv, tokens, positions, paged, logits_at)
-        out = sample(logits[:, 0], batch, steps, counts=counts, seen=seen, num_top_logprobs=num_top)
-        return kv, out
+        return kv, choose_tokens(logits[:, 0], batch, steps, counts, seen, num_top=num_top, greedy=greedy)
 
     def _decode_impl(self, params, kv, tokens, positions, limits, block_tables, batch: SamplingBatch, steps,
-                     counts, seen, *, num_steps: int, num_top: int, penalties: bool):
+                     counts, seen, *, num_steps: int, num_top: int, penalties: bool, greedy: bool):
         def one(carry, k):
             kv, tokens, counts, seen = carry
             pos = positions + k
@@ -77,8 +90,8 @@ class Runner:
             paged = PagedAttention(slots_for(block_tables, pos[:, None], active[:, None], self.page_size),
                                    block_tables, jnp.where(active, pos + 1, 0), pos, impl=self.attention_impl)
             logits, kv = self._forward(params, kv, tokens[:, None], pos[:, None], paged)
-            out = sample(logits[:, 0], batch, steps + k, counts=counts if penalties else None,
-                         seen=seen if penalties else None, num_top_logprobs=num_top)
+            out = choose_tokens(logits[:, 0], batch, steps + k, counts if penalties else None,
+                                seen if penalties else None, num_top=num_top, greedy=greedy)
             if penalties:
                 counts, seen = update_counts(counts, seen, out.tokens, active)
             return (kv, out.tokens, counts, seen), out
@@ -87,16 +100,18 @@ class Runner:
         return kv, outs
 
     def prefill(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
-                batch: SamplingBatch, steps: np.ndarray, counts=None, seen=None, num_top: int = 0):
+                batch: SamplingBatch, steps: np.ndarray, counts=None, seen=None, num_top: int = 0,
+                greedy: bool = False):
         """One chunk per row: ``tokens [B, S]`` at positions ``q_start[b]..``; samples after row's last token."""
-        self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, num_top, counts is not None))
+        self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, num_top, counts is not None, greedy))
         self.kv, out = self._prefill(self.params, self.kv, jnp.asarray(tokens, jnp.int32), jnp.asarray(q_start, jnp.int32),
                                      jnp.asarray(lengths, jnp.int32), jnp.asarray(block_tables, jnp.int32), batch,
-                                     jnp.asarray(steps, jnp.int32), counts, seen, num_top=num_top)
+                                     jnp.asarray(steps, jnp.int32), counts, seen, num_top=num_top, greedy=greedy)
         return out
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, limits: np.ndarray, block_tables: np.ndarray,
-               batch: SamplingBatch, steps: np.ndarray, num_steps: int, counts=None, seen=None, num_top: int = 0):
+               batch: SamplingBatch, steps: np.ndarray, num_steps: int, counts=None, seen=None, num_top: int = 0,
+               greedy: bool = False):
         """``num_steps`` decode steps in one device call; row b stops writing at position ``limits[b]``.
 
         Returns the sampler's outputs stacked ``[num_steps, B]``.
@@ -104,11 +119,12 @@ class Runner:
         penalties = counts is not None
         if not penalties:  # placeholders keep one signature; they are never read
             counts = seen = jnp.zeros((1, 1), jnp.int32)
-        self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, num_steps, num_top, penalties))
+        self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, num_steps, num_top, penalties, greedy))
         self.kv, out = self._decode(self.params, self.kv, jnp.asarray(tokens, jnp.int32),
                                     jnp.asarray(positions, jnp.int32), jnp.asarray(limits, jnp.int32),
                                     jnp.asarray(block_tables, jnp.int32), batch, jnp.asarray(steps, jnp.int32),
-                                    counts, seen, num_steps=num_steps, num_top=num_top, penalties=penalties)
+                                    counts, seen, num_steps=num_steps, num_top=num_top, penalties=penalties,
+                                    greedy=greedy)
         return out
 
 
