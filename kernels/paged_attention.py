@@ -40,16 +40,13 @@ from kernels import pallas_compat as compat
 
 # Finite, so a fully masked row never computes inf - inf; far below any real logit.
 _MASK_VALUE = -1e30
-# Programs wanted on the GPU before splitting stops paying: about four per H100 SM
-# (measured: 512 beat 256 and 1024 at 7B heads, bench/results/kernel_notes.md).
-_TARGET_PROGRAMS = 512
-# Fewest loop iterations a split is given; shorter splits cost more in the combine than
-# they gain in parallelism (measured at batch 1, 32k context).
-_MIN_SPLIT_ITERATIONS = 4
-# Bytes of K gathered per loop iteration: 32 KiB (128 keys at head_dim 128, 256 at 64)
-# measured best for decode; prefill, whose q tile is larger, keeps 16 KiB.
-DECODE_KEY_TILE_BYTES = 32 * 1024
-PREFILL_KEY_TILE_BYTES = 16 * 1024
+# Programs wanted on the GPU before splitting stops paying: about two per H100 SM
+# (measured: 256 beat 128 and 512 at batch 1-64; bench/results/kernel_notes.md).
+_TARGET_PROGRAMS = 256
+# Keys gathered per loop iteration. Decode: 128 measured best at head_dim 64 and 128
+# (64 and 256 lost). Prefill, whose q tile is larger, keeps 16 KiB of bf16 K.
+DECODE_BLOCK_KEYS = 128
+PREFILL_KEY_TILE_ELEMENTS = 8192
 
 
 def _next_pow2(n: int) -> int:
@@ -155,18 +152,17 @@ def _combine_splits(o: jax.Array, lse: jax.Array, out_dtype) -> jax.Array:
 
 def default_num_splits(programs: int, table_pages: int, pages_per_block: int,
                        interpret: bool) -> int:
-    """Splits so that about `_TARGET_PROGRAMS` programs run; 1 in interpret mode."""
+    """Splits so that about `_TARGET_PROGRAMS` programs run, each split at least one
+    loop iteration long; 1 in interpret mode."""
     if interpret:
         return 1
-    max_splits = max(1, table_pages // (_MIN_SPLIT_ITERATIONS * pages_per_block))
+    max_splits = max(1, pl.cdiv(table_pages, pages_per_block))
     return int(min(max_splits, pl.cdiv(_TARGET_PROGRAMS, programs)))
 
 
-def default_pages_per_block(page_size: int, head_dim: int, itemsize: int, table_pages: int,
-                            key_tile_bytes: int) -> int:
-    """Pages per loop iteration: `key_tile_bytes` of K, fewer for a narrow page table."""
-    keys = max(page_size, key_tile_bytes // (head_dim * itemsize))
-    return max(1, min(_next_pow2(table_pages), keys // page_size))
+def default_pages_per_block(page_size: int, table_pages: int, block_keys: int) -> int:
+    """Pages per loop iteration: `block_keys` keys' worth, fewer for a narrow table."""
+    return max(1, min(_next_pow2(table_pages), block_keys // page_size))
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -259,7 +255,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         num_splits: flash-decoding splits of each sequence; None sizes them to fill
             the GPU (1 in interpret mode).
         pages_per_block: pages gathered per loop iteration (power of two); None picks
-            32 KiB of K (128 keys at head_dim 128 in bf16).
+            128 keys' worth.
         num_warps, num_stages: Triton launch parameters.
 
     Returns:
@@ -283,8 +279,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     table_pages = block_tables.shape[1]
     interpret = compat.resolve_interpret(interpret)
     pages_per_block, num_splits = resolve_tuning(
-        k_pages, table_pages, batch * kv_heads, pages_per_block, num_splits, interpret,
-        DECODE_KEY_TILE_BYTES)
+        page_size, table_pages, batch * kv_heads, pages_per_block, num_splits, interpret,
+        DECODE_BLOCK_KEYS)
     # The query sits at position length - 1: pass lengths as q_start with offset -1
     # rather than an XLA subtraction (one kernel launch fewer per step).
     out = attend_query_rows(
@@ -298,14 +294,12 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     return out.reshape(batch, num_heads, head_dim)
 
 
-def resolve_tuning(k_pages: jax.Array, table_pages: int, programs: int,
+def resolve_tuning(page_size: int, table_pages: int, programs: int,
                    pages_per_block: int | None, num_splits: int | None, interpret: bool,
-                   key_tile_bytes: int) -> tuple[int, int]:
+                   block_keys: int) -> tuple[int, int]:
     """Defaults and range checks for the loop's pages per block and the split count."""
-    _, _, page_size, head_dim = k_pages.shape
     if pages_per_block is None:
-        pages_per_block = default_pages_per_block(page_size, head_dim, k_pages.dtype.itemsize,
-                                                  table_pages, key_tile_bytes)
+        pages_per_block = default_pages_per_block(page_size, table_pages, block_keys)
     if pages_per_block < 1 or pages_per_block & (pages_per_block - 1):
         raise ValueError(f"pages_per_block must be a power of two >= 1, got {pages_per_block}")
     if num_splits is None:

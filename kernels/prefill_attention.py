@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import pallas_compat as compat
-from kernels.paged_attention import (PREFILL_KEY_TILE_BYTES, _next_pow2, attend_query_rows,
+from kernels.paged_attention import (PREFILL_KEY_TILE_ELEMENTS, _next_pow2, attend_query_rows,
                                      check_pool, gather_pages, masked_softmax_attention,
                                      resolve_tuning)
 
@@ -80,8 +80,9 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     query_rows = q_len * group
     block_rows = min(block_rows, max(16, _next_pow2(query_rows)))
     pages_per_block, num_splits = resolve_tuning(
-        k_pages, block_tables.shape[1], batch * kv_heads * -(-query_rows // block_rows),
-        pages_per_block, num_splits, interpret, PREFILL_KEY_TILE_BYTES)
+        k_pages.shape[2], block_tables.shape[1],
+        batch * kv_heads * -(-query_rows // block_rows), pages_per_block, num_splits,
+        interpret, PREFILL_KEY_TILE_ELEMENTS // head_dim)
     # Rows ordered (position, head) within a KV group, so a row block is a run of
     # consecutive positions and the causal bound grows along it.
     rows = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
