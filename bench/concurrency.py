@@ -106,7 +106,8 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=16384, help="arrivals sampled (more than can fit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--out", default=None, help="default bench/results/concurrency.md (concurrency_gpu.md with --device gpu)")
+    parser.add_argument("--out", default=None,
+                        help="default bench/results/concurrency.md (concurrency_gpu.md with --device gpu)")
     args = parser.parse_args()
     if args.device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -120,7 +121,8 @@ def main() -> None:
 
     rows = [("paged (kv_pool)", f"{args.page_size}-token pages", paged_admission(lengths, num_pages, args.page_size))]
     for reserve in (32768, 4096):
-        rows.append((f"contiguous {reserve // 1024}k", f"{reserve} tokens", contiguous_admission(lengths, capacity, reserve)))
+        result = contiguous_admission(lengths, capacity, reserve)
+        rows.append((f"contiguous {reserve // 1024}k", f"{reserve} tokens", result))
     base = rows[1][2]["admitted"]
     lines = ["| allocation | reserved per sequence | sequences admitted | tokens stored | tokens reserved "
              "| memory efficiency (stored / reserved) | budget used by tokens | admitted vs contiguous 32k |",

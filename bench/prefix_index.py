@@ -132,7 +132,8 @@ def main() -> None:
     for r in results:
         m, ins, b, p = r["match"], r["insert"], r["both"], r["pool"]
         lines.append(f"| {'donated' if r['donate'] else 'copied'} | {m[0]:.0f} / {m[1]:.0f} / {m[2]:.0f} "
-                     f"| {ins[0]:.0f} / {ins[1]:.0f} / {ins[2]:.0f} | {b[0]:.0f} / {b[1]:.0f} / {b[2]:.0f} / {b[3]:.0f} "
+                     f"| {ins[0]:.0f} / {ins[1]:.0f} / {ins[2]:.0f} "
+                     f"| {b[0]:.0f} / {b[1]:.0f} / {b[2]:.0f} / {b[3]:.0f} "
                      f"| {p[0]:.0f} | {r['total_s']:.3f} | {r['compile_s']:.1f} |")
     r0 = results[0]
     table = "\n".join(lines)
