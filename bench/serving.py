@@ -191,10 +191,15 @@ def make_random_checkpoint(kind: str, path: str) -> None:
     """A random Qwen2 checkpoint of the given shapes with the tests' byte-level tokenizer."""
     if os.path.exists(os.path.join(path, "config.json")):
         return
+    import jax
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    precision = jax.config.jax_default_matmul_precision
     from tests.conftest import save_test_tokenizer
+
+    # conftest pins float32-exact matmuls for the tests; the benchmark keeps the default.
+    jax.config.update("jax_default_matmul_precision", precision)
 
     shapes = QWEN25_05B if kind == "qwen2.5-0.5b" else TINY
     torch.manual_seed(0)

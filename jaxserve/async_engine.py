@@ -130,11 +130,6 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread.is_alive()
 
-    @property
-    def tokenizer(self):
-        """The engine's tokenizer: read its settings only; tokenize with a copy off the engine thread."""
-        return self.engine.tokenizer
-
     async def _call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine thread between steps and return its result here."""
         if not self.is_running:
