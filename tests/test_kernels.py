@@ -3,7 +3,8 @@
 CPU runs use Pallas interpret mode; the `gpu`-marked variants compile the same cases with
 Triton (`pytest -m gpu` on the device). Every test draws a new seed and names it on
 failure. Pages a sequence does not own, and slots past its length, are filled with NaN:
-a kernel that reads them into its result fails.
+a kernel that reads them into its result fails. Interpret mode starts every kernel
+output as NaN, so an element the kernel forgets to write fails the NaN checks too.
 """
 
 from __future__ import annotations
