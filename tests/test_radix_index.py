@@ -302,6 +302,21 @@ class PoolAndIndex(RuleBasedStateMachine):
         assert_pool_invariants(self.pool, np.asarray(self.index.page)[in_use].tolist())
 
     @invariant()
+    def pool_stats_agree(self):
+        stats = kv_pool.stats(self.pool)
+        seq_pages = {p for row in self.ref_pool.rows for p in row}
+        index_only = {node["page"] for node in self.ref_index.nodes.values()} - seq_pages
+        used = NUM_PAGES - len(self.ref_pool.free)
+        assert int(stats["pages_used"]) == used and int(stats["pages_free"]) == len(self.ref_pool.free)
+        assert int(stats["pages_held_only_by_index"]) == len(index_only)
+        filled = {}
+        for seq, row in enumerate(self.ref_pool.rows):
+            for j, page in enumerate(row):
+                filled[page] = max(filled.get(page, 0), min(PAGE_SIZE, self.ref_pool.lens[seq] - j * PAGE_SIZE))
+        want = (sum(filled.values()) + PAGE_SIZE * len(index_only)) / (used * PAGE_SIZE) if used else 1.0
+        assert float(stats["fragmentation"]) == pytest.approx(want, rel=1e-6)
+
+    @invariant()
     def pages_hold_what_their_holders_say(self):
         for path, node in self.ref_index.nodes.items():
             assert tuple(self.content[node["page"]].tolist()) == path[-1]
@@ -407,6 +422,16 @@ def test_match_counts_hits_misses_and_tokens():
     assert (int(n), int(m)) == (2, 0)
     s = {k: int(v) for k, v in radix_index.stats(index).items()}
     assert (s["nodes"], s["hits"], s["misses"], s["hit_tokens"], s["queried_tokens"]) == (2, 1, 1, 2, 10)
+
+
+def test_state_can_be_donated_to_jitted_calls():
+    pool = _pool_with([[1, 1, 2, 2]])
+    index = radix_index.create(4, 2)
+    index, pool = jax.jit(radix_index.insert, donate_argnums=(0, 1))(index, pool, jnp.array([1, 1, 2, 2]), 4,
+                                                                     jnp.array([0, 1]))
+    index, n, _, _ = jax.jit(radix_index.match, donate_argnums=0)(index, jnp.array([1, 1, 2, 2]), 4)
+    index, pool, _ = jax.jit(radix_index.evict, donate_argnums=(0, 1))(index, pool, 1)
+    assert int(n) == 4 and int(radix_index.stats(index)["nodes"]) == 2
 
 
 def test_create_rejects_table_not_larger_than_capacity():
