@@ -103,8 +103,9 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
         return compat.load(block_table_ref.at[pl.ds(page0, pages_per_block)],
                            mask=offsets < table_pages, other=0)
 
+    # Both products run in the pool's dtype (tensor cores for bf16), whatever q's is.
     q = compat.load(q_ref.at[seq, head, pl.ds(first_row, block_rows), :],
-                    mask=real_row[:, None], other=0)
+                    mask=real_row[:, None], other=0).astype(k_pages_ref.dtype)
 
     def body(i, carry):
         acc, m, l = carry
@@ -187,7 +188,7 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
     """
     batch, kv_heads, query_rows, head_dim = q_rows.shape
     row_blocks = pl.cdiv(query_rows, block_rows)
-    precision = lax.Precision.HIGHEST if q_rows.dtype == jnp.float32 else None
+    precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
     kernel = functools.partial(
         _attend_kernel, group=group, start_offset=start_offset, block_rows=block_rows,
         num_splits=num_splits,

@@ -126,6 +126,24 @@ def test_decode_split_combine_inside_jit_with_custom_scale(interpret):
     assert relative_error(out, ref) <= 1e-5, f"seed={seed}"
 
 
+@pytest.mark.parametrize("interpret", MODES)
+def test_decode_float32_queries_over_bfloat16_pool_return_float32(interpret):
+    rng, seed = fresh_rng()
+    batch, heads, kv_heads, head_dim, page_size, table_pages = 3, 14, 2, 64, 16, 3
+    num_pages = batch * table_pages
+    k_pages, v_pages = make_pool(rng, kv_heads=kv_heads, head_dim=head_dim,
+                                 page_size=page_size, num_pages=num_pages, dtype=jnp.bfloat16)
+    table, lengths = make_sequences(rng, batch=batch, page_size=page_size,
+                                    table_pages=table_pages, num_pages=num_pages,
+                                    lengths=[0, 17, 48])
+    q = jnp.asarray(rng.standard_normal((batch, heads, head_dim)), jnp.float32)
+    out = paged_attention(q, k_pages, v_pages, table, lengths, interpret=interpret)
+    ref = paged_attention_reference(q, k_pages.astype(jnp.float32),
+                                    v_pages.astype(jnp.float32), table, lengths)
+    assert out.dtype == jnp.float32
+    assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
+
+
 # (num_heads, kv_heads, head_dim, page_size, dtype, q_len, block_rows, num_splits)
 PREFILL_CASES = [
     (14, 2, 64, 16, jnp.bfloat16, 12, 64, 1),
