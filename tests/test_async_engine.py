@@ -204,11 +204,13 @@ def test_failing_step_fails_running_requests_and_loop_recovers(engine, loop, exp
 def test_shutdown_drains_then_aborts_and_refuses_new_requests(model):
     async def run():
         engine = AsyncEngine(Engine(model, CONFIG))
-        await engine.generate_async(PROMPTS[0], GREEDY)  # compile first, so the drain time measures serving
+        # Compile first (greedy, like both requests below), so the drain time measures serving.
+        await engine.generate_async(PROMPTS[0], GREEDY)
         real = engine.engine.runner.decode
         engine.engine.runner.decode = lambda *a, **k: (time.sleep(0.02), real(*a, **k))[1]
+        long_params = SamplingParams(max_tokens=240, temperature=0, ignore_eos=True)
         short = asyncio.ensure_future(engine.generate_async(PROMPTS[1], GREEDY))
-        long = asyncio.ensure_future(engine.generate_async(PROMPTS[2], SamplingParams(max_tokens=240, ignore_eos=True)))
+        long = asyncio.ensure_future(engine.generate_async(PROMPTS[2], long_params))
         await asyncio.sleep(0.05)
         await engine.shutdown(drain_s=1.0)
         assert not engine.is_running and engine.engine.closed
