@@ -1,13 +1,10 @@
-"""The OpenAI-compatible HTTP server: FastAPI routes over one ``AsyncEngine``.
+"""The FastAPI app: routes over one ``AsyncEngine``, and the uvicorn server that runs it.
 
-Owns the HTTP surface: request schemas (pydantic, mapped to OpenAI-style 400 errors),
-authentication, body-size and ``max_tokens`` bounds, prompt rendering (chat template) and
-tokenization, response and SSE chunk formatting, client-disconnect aborts, ``/health``,
-``/v1/models`` and ``/metrics``. It never schedules or runs the model: every request goes to
-the async engine, whose thread alone drives the ``Engine``.
-
-Run it with ``jaxserve serve --model PATH`` or ``serve(...)``; tests build ``create_app`` and
-start uvicorn themselves.
+Owns the HTTP surface: authentication, body-size, ``n`` and ``max_tokens`` bounds, prompt
+rendering (chat template) and tokenization with the server's own tokenizer copy, submitting
+to the async engine, SSE streaming, client-disconnect aborts, ``/health``, ``/v1/models``,
+``/metrics`` and the draining shutdown. It never schedules or runs the model: the async
+engine's thread alone drives the ``Engine``.
 """
 
 from __future__ import annotations
@@ -18,15 +15,13 @@ import dataclasses
 import hmac
 import json
 import logging
-import math
 import os
 import time
-import uuid
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxserve.async_engine import AsyncEngine, EngineDeadError, RequestHandle
@@ -35,6 +30,9 @@ from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.metrics import CONTENT_TYPE, ServingMetrics
 from jaxserve.sampling import MAX_LOGPROBS, SamplingParams
+from jaxserve.server.protocol import (APIError, ChatRequest, CompletionRequest, SamplingFields, Schema,
+                                      bad_params)
+from jaxserve.server.responses import ChatFormat, CompletionFormat
 from jaxserve.tokenizer import apply_chat_template, load_tokenizer
 
 log = logging.getLogger("jaxserve.server")
@@ -68,93 +66,6 @@ class ServerConfig:
         if self.drain_s < 0:
             raise ValueError(f"drain_s must be >= 0, got {self.drain_s}")
 
-
-# ----- errors ----------------------------------------------------------------------------------
-class APIError(Exception):
-    """An error answered with OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
-
-
-def _bad_params(exc: ValueError) -> APIError:
-    """SamplingParams/engine messages start with the field name; report it as ``param``."""
-    first = str(exc).split(" ", 1)[0]
-    return APIError(400, str(exc), param=first if first in _SAMPLING_FIELDS else None)
-
-
-# ----- request schemas -------------------------------------------------------------------------
-class _Schema(BaseModel):
-    # strict: "5" is not a number and 1.0 is not an int; unknown fields are ignored, as OpenAI does.
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class StreamOptions(_Schema):
-    include_usage: bool = False
-
-
-class _SamplingFields(_Schema):
-    model: str
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    user: str | None = None
-    logit_bias: dict[str, float] | None = None
-    # vLLM's extensions, same names.
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int | None = None
-    ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
-
-
-class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-
-
-class ContentPart(_Schema):
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(_Schema):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-
-
-class ChatRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
 
 
 # ----- app state ---------------------------------------------------------------------------------
@@ -256,7 +167,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         for ids in prompts:
             _check_context(len(ids), max_tokens, "prompt", st)
         params = _sampling_params(req, max_tokens, req.logprobs, len(prompts) * req.n, st)
-        fmt = _CompletionFormat(st, req, prompts)
+        fmt = CompletionFormat(st.model_name, st.tokenizer, req, prompts)
         return await _serve(request, st, req, [ids for ids in prompts for _ in range(req.n)], params, fmt)
 
     @app.post("/v1/chat/completions")
@@ -283,9 +194,11 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         _check_context(len(ids), max_tokens, "messages", st)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = _sampling_params(req, max_tokens, logprobs, req.n, st)
-        return await _serve(request, st, req, [ids] * req.n, params, _ChatFormat(st, req, len(ids)))
+        return await _serve(request, st, req, [ids] * req.n, params, ChatFormat(st.model_name, st.tokenizer, req, len(ids)))
 
     return app
+
+
 
 
 # ----- request handling ----------------------------------------------------------------------------
@@ -315,7 +228,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(body)
 
 
-def _parse(schema: type[_Schema], body: bytes) -> Any:
+def _parse(schema: type[Schema], body: bytes) -> Any:
     try:
         return schema.model_validate_json(body)
     except ValidationError as exc:
@@ -334,7 +247,7 @@ def _check_model(name: str, st: _State) -> None:
                        param="model", code="model_not_found")
 
 
-def _reject_unsupported(req: _SamplingFields) -> None:
+def _reject_unsupported(req: SamplingFields) -> None:
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
 
@@ -392,12 +305,12 @@ def _check_context(prompt_len: int, max_tokens: int, param: str, st: _State) -> 
                             f"or the completion.", param=param, code="context_length_exceeded")
 
 
-def _check_n(req: _SamplingFields, st: _State) -> None:
+def _check_n(req: SamplingFields, st: _State) -> None:
     if not 1 <= req.n <= st.config.max_choices:
         raise APIError(400, f"n must be in [1, {st.config.max_choices}], got {req.n}", param="n")
 
 
-def _sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None, count: int,
+def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, count: int,
                      st: _State) -> list[SamplingParams]:
     stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if len(stop) > st.config.max_stop:
@@ -415,7 +328,7 @@ def _sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None
         return [SamplingParams(max_tokens=max_tokens, stop=stop, logprobs=logprobs,
                                seed=None if req.seed is None else req.seed + i, **kwargs) for i in range(count)]
     except ValueError as exc:
-        raise _bad_params(exc) from None
+        raise bad_params(exc) from None
 
 
 async def _submit_all(st: _State, prompts: list[list[int]], params: list[SamplingParams],
@@ -425,7 +338,7 @@ async def _submit_all(st: _State, prompts: list[list[int]], params: list[Samplin
         for i, (ids, p) in enumerate(zip(prompts, params)):
             handles.append(await st.engine.submit(ids, p, f"{base_id}-{i}"))
     except ValueError as exc:
-        raise _bad_params(exc) from None
+        raise bad_params(exc) from None
     except EngineDeadError as exc:
         raise APIError(503, str(exc), "server_error", code="engine_unavailable") from None
     finally:
@@ -467,8 +380,8 @@ async def _merge(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, dict[
             t.cancel()
 
 
-async def _serve(request: Request, st: _State, req: _SamplingFields, prompts: list[list[int]],
-                 params: list[SamplingParams], fmt: "_CompletionFormat | _ChatFormat") -> Response:
+async def _serve(request: Request, st: _State, req: SamplingFields, prompts: list[list[int]],
+                 params: list[SamplingParams], fmt: CompletionFormat | ChatFormat) -> Response:
     handles = await _submit_all(st, prompts, params, fmt.id)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -495,7 +408,7 @@ async def _results_unless_disconnected(request: Request, handles: list[RequestHa
             h.abort()
 
 
-async def _sse(handles: list[RequestHandle], fmt: "_CompletionFormat | _ChatFormat",
+async def _sse(handles: list[RequestHandle], fmt: CompletionFormat | ChatFormat,
                include_usage: bool) -> AsyncIterator[str]:
     results: list[dict[str, Any]] = []
     try:
@@ -523,136 +436,6 @@ def _event(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-# ----- response formats --------------------------------------------------------------------------
-def _finite(logprob: float) -> float:
-    """JSON has no -inf; OpenAI reports impossible tokens as -9999.0."""
-    return logprob if math.isfinite(logprob) else -9999.0
-
-
-def _usage(results: list[dict[str, Any]], prompt_tokens: int) -> dict[str, Any]:
-    completion = sum(r["completion_tokens"] for r in results)
-    cached = sum(r["cached_tokens"] for r in results)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-class _CompletionFormat:
-    """``/v1/completions`` bodies: choice ``i`` is prompt ``i // n``, sample ``i % n``."""
-
-    def __init__(self, st: _State, req: CompletionRequest, prompts: list[list[int]]) -> None:
-        self.st, self.req = st, req
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.prompt_tokens = sum(len(p) for p in prompts)
-        self.offsets: dict[int, int] = {}
-
-    def _logprobs(self, i: int, token_ids: list[int], logprobs: list[float] | None,
-                  tops: list[dict[int, float]] | None) -> dict[str, Any] | None:
-        if self.req.logprobs is None:
-            return None
-        decode = self.st.tokenizer.decode
-        tokens = [decode([t]) for t in token_ids]
-        offsets = []
-        for tok in tokens:
-            offsets.append(self.offsets.get(i, 0))
-            self.offsets[i] = offsets[-1] + len(tok)
-        top = None
-        if self.req.logprobs > 0 and tops is not None:
-            top = [{decode([k]): _finite(v) for k, v in sorted(t.items(), key=lambda kv: -kv[1])} for t in tops]
-        return {"tokens": tokens, "token_logprobs": [_finite(v) for v in logprobs or []], "top_logprobs": top,
-                "text_offset": offsets}
-
-    def response(self, results: list[dict[str, Any]]) -> dict[str, Any]:
-        choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"],
-                    "logprobs": self._logprobs(i, r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))}
-                   for i, r in enumerate(results)]
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.st.model_name,
-                "choices": choices, "usage": _usage(results, self.prompt_tokens)}
-
-    def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> dict[str, Any]:
-        out = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.st.model_name,
-               "choices": choices}
-        if include_usage:
-            out["usage"] = None
-        return out
-
-    def stream_start(self, i: int, include_usage: bool) -> list[dict[str, Any]]:
-        return []
-
-    def stream_chunk(self, i: int, chunk: dict[str, Any], include_usage: bool) -> dict[str, Any] | None:
-        has_tokens = self.req.logprobs is not None and chunk["token_ids"]
-        if not chunk["text"] and chunk["finish_reason"] is None and not has_tokens:
-            return None
-        lp = self._logprobs(i, chunk["token_ids"], chunk.get("logprobs"), chunk.get("top_logprobs"))
-        return self._chunk([{"index": i, "text": chunk["text"], "logprobs": lp,
-                             "finish_reason": chunk["finish_reason"]}], include_usage)
-
-    def usage_chunk(self, results: list[dict[str, Any]]) -> dict[str, Any]:
-        out = self._chunk([], True)
-        out["usage"] = _usage(results, self.prompt_tokens)
-        return out
-
-
-class _ChatFormat:
-    """``/v1/chat/completions`` bodies and ``chat.completion.chunk`` stream events."""
-
-    def __init__(self, st: _State, req: ChatRequest, prompt_tokens: int) -> None:
-        self.st, self.req = st, req
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.prompt_tokens = prompt_tokens
-
-    def _logprobs(self, token_ids: list[int], logprobs: list[float] | None,
-                  tops: list[dict[int, float]] | None) -> dict[str, Any] | None:
-        if not self.req.logprobs:
-            return None
-        decode = self.st.tokenizer.decode
-
-        def entry(tid: int, lp: float) -> dict[str, Any]:
-            tok = decode([tid])
-            return {"token": tok, "logprob": _finite(lp), "bytes": list(tok.encode("utf-8"))}
-
-        content = []
-        for k, (tid, lp) in enumerate(zip(token_ids, logprobs or [])):
-            item = entry(tid, lp)
-            top = tops[k] if tops else {}
-            item["top_logprobs"] = [entry(t, v) for t, v in sorted(top.items(), key=lambda kv: -kv[1])]
-            content.append(item)
-        return {"content": content}
-
-    def response(self, results: list[dict[str, Any]]) -> dict[str, Any]:
-        choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
-                    "finish_reason": r["finish_reason"],
-                    "logprobs": self._logprobs(r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))}
-                   for i, r in enumerate(results)]
-        # n samples of one prompt: OpenAI counts the prompt once.
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.st.model_name,
-                "choices": choices, "usage": _usage(results, self.prompt_tokens)}
-
-    def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> dict[str, Any]:
-        out = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-               "model": self.st.model_name, "choices": choices}
-        if include_usage:
-            out["usage"] = None
-        return out
-
-    def stream_start(self, i: int, include_usage: bool) -> list[dict[str, Any]]:
-        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}], include_usage)]
-
-    def stream_chunk(self, i: int, chunk: dict[str, Any], include_usage: bool) -> dict[str, Any] | None:
-        has_tokens = self.req.logprobs and chunk["token_ids"]
-        if not chunk["text"] and chunk["finish_reason"] is None and not has_tokens:
-            return None
-        delta = {"content": chunk["text"]} if chunk["text"] or chunk["finish_reason"] is None else {}
-        lp = self._logprobs(chunk["token_ids"], chunk.get("logprobs"), chunk.get("top_logprobs"))
-        return self._chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": chunk["finish_reason"]}],
-                           include_usage)
-
-    def usage_chunk(self, results: list[dict[str, Any]]) -> dict[str, Any]:
-        out = self._chunk([], True)
-        out["usage"] = _usage(results, self.prompt_tokens)
-        return out
 
 
 # ----- running it ------------------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""The OpenAI wire format coming in: request schemas and the error body.
+
+Owns the pydantic models of ``/v1/completions`` and ``/v1/chat/completions`` requests (strict
+types, unknown fields ignored as OpenAI does) and ``APIError``, answered as
+``{"error": {"message", "type", "param", "code"}}``. It never reads the engine or formats a
+successful response (``responses.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from jaxserve.sampling import SamplingParams
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def bad_params(exc: ValueError) -> APIError:
+    """SamplingParams/engine messages start with the field name; report it as ``param``."""
+    first = str(exc).split(" ", 1)[0]
+    return APIError(400, str(exc), param=first if first in _SAMPLING_FIELDS else None)
+
+
+# ----- request schemas -------------------------------------------------------------------------
+class Schema(BaseModel):
+    """Base of the request models."""
+
+    # strict: "5" is not a number and 1.0 is not an int; unknown fields are ignored, as OpenAI does.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(Schema):
+    include_usage: bool = False
+
+
+class SamplingFields(Schema):
+    model: str
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM's extensions, same names.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ContentPart(Schema):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(Schema):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+

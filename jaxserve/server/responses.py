@@ -1,0 +1,149 @@
+"""The OpenAI wire format going out: response bodies, stream chunks, usage, logprobs.
+
+Owns turning the async engine's results and chunks into ``text_completion`` /
+``chat.completion`` bodies and their ``*.chunk`` stream events. It never talks to the engine
+or reads HTTP: the app hands it results and writes what it returns.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Any
+
+from jaxserve.server.protocol import ChatRequest, CompletionRequest
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no -inf; OpenAI reports impossible tokens as -9999.0."""
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
+def usage(results: list[dict[str, Any]], prompt_tokens: int) -> dict[str, Any]:
+    """OpenAI's ``usage`` object; ``prompt_tokens`` counts each distinct prompt once."""
+    completion = sum(r["completion_tokens"] for r in results)
+    cached = sum(r["cached_tokens"] for r in results)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+class CompletionFormat:
+    """``/v1/completions`` bodies: choice ``i`` is prompt ``i // n``, sample ``i % n``."""
+
+    def __init__(self, model_name: str, tokenizer: Any, req: CompletionRequest, prompts: list[list[int]]) -> None:
+        self.model_name, self.tokenizer, self.req = model_name, tokenizer, req
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.offsets: dict[int, int] = {}
+
+    def _logprobs(self, i: int, token_ids: list[int], logprobs: list[float] | None,
+                  tops: list[dict[int, float]] | None) -> dict[str, Any] | None:
+        if self.req.logprobs is None:
+            return None
+        decode = self.tokenizer.decode
+        tokens = [decode([t]) for t in token_ids]
+        offsets = []
+        for tok in tokens:
+            offsets.append(self.offsets.get(i, 0))
+            self.offsets[i] = offsets[-1] + len(tok)
+        top = None
+        if self.req.logprobs > 0 and tops is not None:
+            top = [{decode([k]): _finite(v) for k, v in sorted(t.items(), key=lambda kv: -kv[1])} for t in tops]
+        return {"tokens": tokens, "token_logprobs": [_finite(v) for v in logprobs or []], "top_logprobs": top,
+                "text_offset": offsets}
+
+    def response(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"],
+                    "logprobs": self._logprobs(i, r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))}
+                   for i, r in enumerate(results)]
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name,
+                "choices": choices, "usage": usage(results, self.prompt_tokens)}
+
+    def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> dict[str, Any]:
+        out = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name,
+               "choices": choices}
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    def stream_start(self, i: int, include_usage: bool) -> list[dict[str, Any]]:
+        return []
+
+    def stream_chunk(self, i: int, chunk: dict[str, Any], include_usage: bool) -> dict[str, Any] | None:
+        has_tokens = self.req.logprobs is not None and chunk["token_ids"]
+        if not chunk["text"] and chunk["finish_reason"] is None and not has_tokens:
+            return None
+        lp = self._logprobs(i, chunk["token_ids"], chunk.get("logprobs"), chunk.get("top_logprobs"))
+        return self._chunk([{"index": i, "text": chunk["text"], "logprobs": lp,
+                             "finish_reason": chunk["finish_reason"]}], include_usage)
+
+    def usage_chunk(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        out = self._chunk([], True)
+        out["usage"] = usage(results, self.prompt_tokens)
+        return out
+
+
+class ChatFormat:
+    """``/v1/chat/completions`` bodies and ``chat.completion.chunk`` stream events."""
+
+    def __init__(self, model_name: str, tokenizer: Any, req: ChatRequest, prompt_tokens: int) -> None:
+        self.model_name, self.tokenizer, self.req = model_name, tokenizer, req
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.prompt_tokens = prompt_tokens
+
+    def _logprobs(self, token_ids: list[int], logprobs: list[float] | None,
+                  tops: list[dict[int, float]] | None) -> dict[str, Any] | None:
+        if not self.req.logprobs:
+            return None
+        decode = self.tokenizer.decode
+
+        def entry(tid: int, lp: float) -> dict[str, Any]:
+            tok = decode([tid])
+            return {"token": tok, "logprob": _finite(lp), "bytes": list(tok.encode("utf-8"))}
+
+        content = []
+        for k, (tid, lp) in enumerate(zip(token_ids, logprobs or [])):
+            item = entry(tid, lp)
+            top = tops[k] if tops else {}
+            item["top_logprobs"] = [entry(t, v) for t, v in sorted(top.items(), key=lambda kv: -kv[1])]
+            content.append(item)
+        return {"content": content}
+
+    def response(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
+                    "finish_reason": r["finish_reason"],
+                    "logprobs": self._logprobs(r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))}
+                   for i, r in enumerate(results)]
+        # n samples of one prompt: OpenAI counts the prompt once.
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
+                "choices": choices, "usage": usage(results, self.prompt_tokens)}
+
+    def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> dict[str, Any]:
+        out = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+               "model": self.model_name, "choices": choices}
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    def stream_start(self, i: int, include_usage: bool) -> list[dict[str, Any]]:
+        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}], include_usage)]
+
+    def stream_chunk(self, i: int, chunk: dict[str, Any], include_usage: bool) -> dict[str, Any] | None:
+        has_tokens = self.req.logprobs and chunk["token_ids"]
+        if not chunk["text"] and chunk["finish_reason"] is None and not has_tokens:
+            return None
+        delta = {"content": chunk["text"]} if chunk["text"] or chunk["finish_reason"] is None else {}
+        lp = self._logprobs(chunk["token_ids"], chunk.get("logprobs"), chunk.get("top_logprobs"))
+        return self._chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": chunk["finish_reason"]}],
+                           include_usage)
+
+    def usage_chunk(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        out = self._chunk([], True)
+        out["usage"] = usage(results, self.prompt_tokens)
+        return out
+
+
