@@ -383,3 +383,20 @@ def test_bench_load_generator_smoke(live):
     assert row["success_rate"] == 1.0, row["errors"]
     assert row["output_tok_per_s"] > 0 and row["ttft_p50_ms"] > 0 and row["tpot_p99_ms"] >= row["tpot_p50_ms"]
     assert "| success |" in serving.table([row])
+
+
+def test_failing_step_answers_500_and_error_event_then_recovers(client, live, pages_freed, monkeypatch):
+    runner = live.app.state.jaxserve.engine.engine.runner
+    real_decode = runner.decode
+
+    def failing_decode(*args, **kwargs):
+        raise RuntimeError("injected device failure")
+
+    monkeypatch.setattr(runner, "decode", failing_decode)
+    r = post(live, "/v1/completions", GOOD)
+    assert r.status_code == 500 and "injected device failure" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "server_error"
+    with pytest.raises(openai.APIError, match="injected device failure"):
+        list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0, stream=True))
+    monkeypatch.setattr(runner, "decode", real_decode)
+    assert post(live, "/v1/completions", GOOD).status_code == 200
