@@ -301,8 +301,8 @@ def main() -> None:
     first_token_s = None
     for batch, plen in cases:
         prompts = rng.integers(2, cfg.vocab_size, size=(batch, plen)).tolist()
-        static_row = bench_static(cfg, params, prompts, args.output_len)
-        rows.append(static_row)
+        rows.append(bench_static(cfg, params, prompts, args.output_len))
+        print(rows[-1], flush=True)
         for impl in args.impls:
             try:
                 row, ft = bench_jaxserve(m, batch, prompts, args.output_len, args.decode_steps, impl,
@@ -312,7 +312,8 @@ def main() -> None:
                 continue
             first_token_s = first_token_s or ft
             kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * batch * (plen + args.output_len // 2)
-            row.roofline_ms = (weight_bytes + kv_bytes) / (bw / 2) * 1e3  # bw/2: read bandwidth of a copy
+            # bw counts a copy's reads + writes: the rate HBM moves bytes, which a step's reads share.
+            row.roofline_ms = (weight_bytes + kv_bytes) / bw * 1e3
             rows.append(row)
             print(row, flush=True)
         if not args.no_hf:
