@@ -47,16 +47,18 @@ class _HostState:
         with jax.default_device(self.cpu):
             self.pool = kv_pool.create(num_pages, page_size, max_seqs, max_pages_per_seq)
             self.index = radix_index.create(capacity, page_size)
-        self._allocate = jax.jit(kv_pool.allocate)
-        self._allocate_batch = jax.jit(kv_pool.allocate_batch)
-        self._free = jax.jit(kv_pool.free)
-        self._attach = jax.jit(kv_pool.attach)
-        self._match = jax.jit(radix_index.match)
-        self._insert = jax.jit(radix_index.insert)
-        self._lock = jax.jit(radix_index.lock)
-        self._unlock = jax.jit(radix_index.unlock)
-        self._evict = jax.jit(radix_index.evict)
-        self._clear = jax.jit(radix_index.clear)
+        # Donated, so each update reuses the state's buffers instead of copying them (about 4x
+        # cheaper per request on the CPU: bench/results/prefix_index.md).
+        self._allocate = jax.jit(kv_pool.allocate, donate_argnums=0)
+        self._allocate_batch = jax.jit(kv_pool.allocate_batch, donate_argnums=0)
+        self._free = jax.jit(kv_pool.free, donate_argnums=0)
+        self._attach = jax.jit(kv_pool.attach, donate_argnums=0)
+        self._match = jax.jit(radix_index.match, donate_argnums=0)
+        self._insert = jax.jit(radix_index.insert, donate_argnums=(0, 1))
+        self._lock = jax.jit(radix_index.lock, donate_argnums=0)
+        self._unlock = jax.jit(radix_index.unlock, donate_argnums=0)
+        self._evict = jax.jit(radix_index.evict, donate_argnums=(0, 1))
+        self._clear = jax.jit(radix_index.clear, donate_argnums=(0, 1))
         self._deepest = jax.jit(radix_index.deepest_node)
 
     def put(self, x) -> jax.Array:
@@ -110,7 +112,8 @@ class Scheduler:
         return self.state.put(out)
 
     def page_table(self) -> np.ndarray:
-        return np.asarray(self.state.pool.page_table)
+        # A copy: the pool's buffers are donated to the next update and may be reused.
+        return np.array(self.state.pool.page_table)
 
     def _free_pages(self) -> int:
         return int(kv_pool.num_free(self.state.pool))
@@ -134,8 +137,8 @@ class Scheduler:
         return False
 
     def capacities(self) -> np.ndarray:
-        """Tokens each slot has room for (host copy; one transfer, not one per request)."""
-        return np.asarray(self.state.pool.seq_lens)
+        """Tokens each slot has room for (one host copy, not one transfer per request)."""
+        return np.array(self.state.pool.seq_lens)
 
     def _insert(self, request: Request) -> None:
         if not self.config.prefix_caching or request.computed < self.page_size:
