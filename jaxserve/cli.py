@@ -85,7 +85,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                seed=args.seed, stop=args.stop or ())
+                                seed=args.seed, stop=args.stop or (),
+                                repetition_penalty=args.repetition_penalty)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
     with Engine(args.model, engine_config_from_args(args)) as engine:
@@ -161,12 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete prompts and print the text",
                          description="Complete prompts with a model (the embedded default model unless --model). "
                                      "One prompt streams its completion; several run batched.",
-                         epilog='example: jaxserve generate "def fibonacci(n):" --max-tokens 64')
+                         epilog='example: jaxserve generate --repetition-penalty 1.2 "import os"')
     gen.add_argument("prompts", nargs="*", help="prompt texts")
     gen.add_argument("--file", help="more prompts: one per line, or JSONL lines with a \"prompt\" field ('-': stdin)")
     gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0,
+                     help="> 1 discourages tokens already in the prompt or output (default 1: off); "
+                          "small models loop without it")
     gen.add_argument("--seed", type=int, default=None, help="seed for sampled (temperature > 0) output")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--json", action="store_true",
