@@ -285,6 +285,35 @@ class Engine:
                 bar.close()
         return [self.release(i).result() for i in ids]
 
+    def warmup(self, sampling: bool = True) -> int:
+        """Compile every step shape the buckets allow, so no request waits on the compiler.
+
+        Runs padding-only batches (length 0: nothing is written, no page is touched) for each
+        decode batch bucket and each prefill (batch, length) bucket pair within the padding
+        bound; ``sampling=False`` compiles only the greedy variants. Returns the number of
+        shapes compiled.
+        """
+        cfg = self.config
+        before = len(self.runner.compiled_shapes)
+        width = self.scheduler.max_pages_per_seq
+        variants = (True, False) if sampling else (True,)
+        step_counts = sorted({1, cfg.decode_steps})
+        fewest_rows = 1  # the scheduler bounds (rows x padded length), and a bucket holds >= this many rows
+        for batch in cfg.batch_buckets:
+            zeros = np.zeros(batch, np.int32)
+            table = np.zeros((batch, width), np.int32)
+            sbatch = make_batch([], batch)
+            for greedy in variants:
+                for steps in step_counts:
+                    self.runner.decode(zeros, zeros, zeros, table, sbatch, zeros, steps, greedy=greedy)
+                for length in cfg.prefill_buckets:
+                    if fewest_rows == 1 or fewest_rows * length <= 2 * cfg.max_tokens_per_step:
+                        self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table, sbatch,
+                                            zeros, greedy=greedy)
+            fewest_rows = batch + 1
+        jax.block_until_ready(self.runner.kv)
+        return len(self.runner.compiled_shapes) - before
+
     def stats(self) -> dict[str, Any]:
         """Running/waiting counts, pages, prefix hit rate, throughput and compiled step shapes."""
         elapsed = time.perf_counter() - self._started

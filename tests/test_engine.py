@@ -192,3 +192,16 @@ def test_engine_config_validates_and_round_trips():
         EngineConfig(memory_fraction=2.0)
     with pytest.raises(ValueError, match="unknown EngineConfig field"):
         EngineConfig.from_dict({"pages": 3})
+
+
+def test_warmup_compiles_every_shape_the_scheduler_uses(tiny):
+    m, _ = tiny
+    cfg = small_config(batch_buckets=(1, 2, 4), prefill_buckets=(16, 32, 64), max_tokens_per_step=64)
+    with Engine(m, cfg) as engine:
+        assert engine.warmup(sampling=False) > 0
+        compiled = engine.stats()["compilations"]
+        assert engine.stats()["pages_used"] == 0
+        prompts = random_prompts(m.config.vocab_size, (3, 20, 50, 64, 9, 33))
+        engine.generate(prompts, GREEDY, use_tqdm=False)
+        assert engine.stats()["compilations"] == compiled
+        assert_all_pages_free(engine)
