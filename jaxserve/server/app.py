@@ -150,12 +150,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        st = _state(request)
-        _authorize(request, st)
-        req = _parse(CompletionRequest, await _read_body(request, st.config.max_body_bytes))
-        _check_model(req.model, st)
-        _check_n(req, st)
-        _reject_unsupported(req)
+        st, req = await _accept(request, CompletionRequest)
         if req.echo:
             raise APIError(400, "echo is not supported", param="echo")
         if req.suffix:
@@ -172,12 +167,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        st = _state(request)
-        _authorize(request, st)
-        req = _parse(ChatRequest, await _read_body(request, st.config.max_body_bytes))
-        _check_model(req.model, st)
-        _check_n(req, st)
-        _reject_unsupported(req)
+        st, req = await _accept(request, ChatRequest)
         if req.tools:
             raise APIError(400, "tools are not supported", param="tools")
         if req.response_format and req.response_format.get("type", "text") != "text":
@@ -202,6 +192,17 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
 
 
 # ----- request handling ----------------------------------------------------------------------------
+async def _accept(request: Request, schema: type[Schema]) -> tuple[_State, Any]:
+    """The checks every generation route makes first: API key, body size, schema, model, n, unsupported fields."""
+    st = _state(request)
+    _authorize(request, st)
+    req = _parse(schema, await _read_body(request, st.config.max_body_bytes))
+    _check_model(req.model, st)
+    _check_n(req, st)
+    _reject_unsupported(req)
+    return st, req
+
+
 def _authorize(request: Request, st: _State) -> None:
     key = st.config.api_key
     if key is None:
