@@ -128,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"the server needs its extras: pip install 'jaxserve[server]' ({exc})")
     server_config = ServerConfig(model_name=args.served_model_name, api_key=args.api_key or None,
                                  max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
-                                 drain_s=args.drain_s)
+                                 drain_s=args.drain_s, warmup=args.warmup)
     serve(args.model, engine_config_from_args(args), server_config, host=args.host, port=args.port,
           log_level=args.log_level)
     return 0
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     srv.add_argument("--drain-s", type=float, default=5.0,
                      help="on shutdown, seconds running requests get to finish before they are aborted (default 5)")
+    srv.add_argument("--warmup", action="store_true",
+                     help="compile every batch/length bucket before answering (slower start, no compile stalls)")
     srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     _engine_args(srv)
     srv.set_defaults(func=cmd_serve)

@@ -44,7 +44,8 @@ class ServerConfig:
 
     ``max_tokens_limit`` bounds ``max_tokens`` per choice, ``max_body_bytes`` the request body
     (413 above it), ``max_choices`` the prompts x ``n`` of one request; ``drain_s`` is how long
-    shutdown lets running requests finish before aborting them.
+    shutdown lets running requests finish before aborting them; ``warmup`` compiles every step
+    shape before the server answers (``Engine.warmup``), so no request waits on the compiler.
 
     Example:
         >>> ServerConfig(api_key="secret", max_tokens_limit=1024).max_body_bytes
@@ -58,6 +59,7 @@ class ServerConfig:
     max_choices: int = 64
     max_stop: int = 16
     drain_s: float = 5.0
+    warmup: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_stop"):
@@ -100,6 +102,9 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         loaded = model if isinstance(model, LoadedModel) else await asyncio.to_thread(
             load, model, engine_config.dtype)
         engine = await asyncio.to_thread(Engine, loaded, engine_config)
+        if server_config.warmup:
+            shapes = await asyncio.to_thread(engine.warmup)
+            log.info("warm-up compiled %d step shapes", shapes)
         metrics = ServingMetrics()
         app.state.jaxserve = _State(
             engine=AsyncEngine(engine, metrics=metrics), metrics=metrics,
