@@ -76,6 +76,8 @@ class Engine:
         self._started = time.perf_counter()
         self.generated_tokens = 0
         self.prefill_tokens = 0
+        # Wall time split: device calls (dispatch to results on the host) vs everything else in step().
+        self.time_s = {"prefill": 0.0, "decode": 0.0, "step": 0.0}
         self.closed = False
 
     # ----- requests ------------------------------------------------------------------------
@@ -191,9 +193,10 @@ class Engine:
             block_tables[i] = table[r.slot]
         reqs = [r for r, _, _ in rows]
         sbatch, steps, num_top, counts, seen, greedy = self._sampling_inputs(reqs, batch)
-        out = self.runner.prefill(tokens, q_start, lengths, block_tables, sbatch, steps, counts, seen, num_top,
-                                  greedy)
-        out = jax.device_get(out)
+        start = time.perf_counter()
+        out = jax.device_get(self.runner.prefill(tokens, q_start, lengths, block_tables, sbatch, steps, counts,
+                                                 seen, num_top, greedy))
+        self.time_s["prefill"] += time.perf_counter() - start
         for i, (r, s, e) in enumerate(rows):
             r.computed = e
             self.prefill_tokens += e - s
@@ -214,9 +217,10 @@ class Engine:
             limits[i] = min(caps[r.slot], r.computed + r.remaining)
             block_tables[i] = table[r.slot]
         sbatch, steps, num_top, counts, seen, greedy = self._sampling_inputs(reqs, batch)
-        out = self.runner.decode(tokens, positions, limits, block_tables, sbatch, steps, num_steps,
-                                 counts, seen, num_top, greedy)
-        out = jax.device_get(out)
+        start = time.perf_counter()
+        out = jax.device_get(self.runner.decode(tokens, positions, limits, block_tables, sbatch, steps, num_steps,
+                                                counts, seen, num_top, greedy))
+        self.time_s["decode"] += time.perf_counter() - start
         for i, r in enumerate(reqs):
             for k in range(num_steps):
                 if r.finish_reason is not None or positions[i] + k >= limits[i]:
@@ -226,6 +230,7 @@ class Engine:
 
     def step(self) -> list[Request]:
         """Run one scheduled step; returns the requests that got new tokens or finished."""
+        start = time.perf_counter()
         plan = self.scheduler.schedule()
         touched: dict[str, Request] = {}
         if plan.prefill:
@@ -238,6 +243,7 @@ class Engine:
             if r.finish_reason is not None:
                 self.scheduler.remove(r)
                 r.status = Status.FINISHED
+        self.time_s["step"] += time.perf_counter() - start
         return list(touched.values())
 
     def stream(self) -> Iterator[Request]:
@@ -315,11 +321,15 @@ class Engine:
         return len(self.runner.compiled_shapes) - before
 
     def stats(self) -> dict[str, Any]:
-        """Running/waiting counts, pages, prefix hit rate, throughput and compiled step shapes."""
+        """Running/waiting counts, pages, prefix hit rate, throughput, compiled step shapes, and the
+        wall time of step() split into prefill calls, decode calls (dispatch until the results are
+        on the host) and host work (scheduling, inputs, bookkeeping)."""
         elapsed = time.perf_counter() - self._started
         out = self.scheduler.stats()
         out.update(generated_tokens=self.generated_tokens, prefill_tokens=self.prefill_tokens,
                    tokens_per_s=self.generated_tokens / max(elapsed, 1e-9),
+                   prefill_call_s=self.time_s["prefill"], decode_call_s=self.time_s["decode"],
+                   host_s=self.time_s["step"] - self.time_s["prefill"] - self.time_s["decode"],
                    compilations=len(self.runner.compiled_shapes))
         return out
 
