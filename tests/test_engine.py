@@ -205,3 +205,27 @@ def test_warmup_compiles_every_shape_the_scheduler_uses(tiny):
         engine.generate(prompts, GREEDY, use_tqdm=False)
         assert engine.stats()["compilations"] == compiled
         assert_all_pages_free(engine)
+
+
+@pytest.mark.parametrize("policy", ["prefill_first", "mixed"])
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_tokens(tiny, policy):
+    m, hf = tiny
+    prompts = random_prompts(m.config.vocab_size, (150, 97, 7))  # > max_tokens_per_step (64): 3 and 2 chunks
+    with Engine(m, small_config(policy=policy, num_pages=64)) as engine:
+        outs = engine.generate(prompts, GREEDY, use_tqdm=False)
+        assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 10) for p in prompts]
+        assert engine.stats()["prefill_tokens"] == sum(map(len, prompts))
+        assert_all_pages_free(engine)
+
+
+def test_identical_prompts_together_and_single_token_requests(tiny):
+    m, hf = tiny
+    prompt = random_prompts(m.config.vocab_size, (37,))[0]
+    with Engine(m, small_config()) as engine:
+        outs = engine.generate([prompt] * 3, GREEDY, use_tqdm=False)
+        assert all(o["token_ids"] == hf_greedy(hf, prompt, 10) for o in outs)
+        one = engine.generate([prompt, prompt[:5]], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+        assert [o["token_ids"] for o in one] == [hf_greedy(hf, prompt, 1), hf_greedy(hf, prompt[:5], 1)]
+        assert all(o["finish_reason"] in ("length", "stop") for o in one)
+        assert one[0]["cached_tokens"] == 32  # the full pages of the earlier identical prompts
+        assert_all_pages_free(engine)
