@@ -8,6 +8,7 @@ thread-safe: one thread (the async engine's loop, or the caller) drives it.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import time
@@ -35,6 +36,18 @@ def _pages_from_memory(config: EngineConfig, bytes_per_page: int) -> int:
         return 1024
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     return max(16, int(free * config.memory_fraction) // bytes_per_page)
+
+
+@dataclasses.dataclass
+class _Decode:
+    """A dispatched multi-step decode call: its rows, device outputs and the positions it covers."""
+
+    reqs: list[Request]
+    out: Any
+    positions: np.ndarray
+    limits: np.ndarray
+    num_steps: int
+    penalties: bool
 
 
 class Engine:
@@ -72,6 +85,8 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = tuple(sorted(eos))
         self.requests: dict[str, Request] = {}
+        self._pending: _Decode | None = None  # a decode call dispatched but not yet read
+        self.chained_calls = 0
         self._ids = itertools.count()
         self._started = time.perf_counter()
         self.generated_tokens = 0
@@ -204,41 +219,91 @@ class Engine:
                 self._append(r, out, None, i)
                 self.scheduler.after_prefill(r)
 
-    def _run_decode(self, reqs: list[Request], num_steps: int) -> None:
+    def _dispatch_decode(self, reqs: list[Request], num_steps: int, chained: "_Decode | None" = None) -> "_Decode":
+        """Start a multi-step decode call without waiting for it.
+
+        ``chained``: the call still in flight for the same rows; this one continues from its
+        last sampled tokens, which stay on the device, so the host can read the earlier call's
+        tokens while the device already runs this one.
+        """
         batch = EngineConfig.bucket(self.config.batch_buckets, len(reqs))
         table = self.scheduler.page_table()
         caps = self.scheduler.capacities()
-        tokens = np.zeros(batch, np.int32)
         positions = np.zeros(batch, np.int32)
         limits = np.zeros(batch, np.int32)
         block_tables = np.zeros((batch, table.shape[1]), np.int32)
+        shift = 0 if chained is None else chained.num_steps
         for i, r in enumerate(reqs):
-            tokens[i], positions[i] = r.output_ids[-1], r.computed
+            # ``computed`` and ``remaining`` are as of before the chained call's tokens are read.
+            positions[i] = r.computed + shift
             limits[i] = min(caps[r.slot], r.computed + r.remaining)
             block_tables[i] = table[r.slot]
         sbatch, steps, num_top, counts, seen, greedy = self._sampling_inputs(reqs, batch)
+        if chained is None:
+            tokens = np.zeros(batch, np.int32)
+            tokens[: len(reqs)] = [r.output_ids[-1] for r in reqs]
+        else:
+            tokens = chained.out.tokens[-1]
+        out = self.runner.decode(tokens, positions, limits, block_tables, sbatch, steps + shift, num_steps,
+                                 counts, seen, num_top, greedy)
+        return _Decode(reqs, out, positions, limits, num_steps, penalties=counts is not None)
+
+    def _collect_decode(self, call: "_Decode") -> None:
+        """Read a decode call's tokens and hand them to their requests (stop rules apply)."""
         start = time.perf_counter()
-        out = jax.device_get(self.runner.decode(tokens, positions, limits, block_tables, sbatch, steps, num_steps,
-                                                counts, seen, num_top, greedy))
+        out = jax.device_get(call.out)
         self.time_s["decode"] += time.perf_counter() - start
-        for i, r in enumerate(reqs):
-            for k in range(num_steps):
-                if r.finish_reason is not None or positions[i] + k >= limits[i]:
+        for i, r in enumerate(call.reqs):
+            for k in range(call.num_steps):
+                # Rows that finished (or were aborted) earlier produced padding tokens: skipped.
+                if r.finish_reason is not None or call.positions[i] + k >= call.limits[i]:
                     break
                 r.computed += 1
                 self._append(r, out, k, i)
 
+    def _can_chain(self, call: "_Decode") -> bool:
+        """Whether the next step may be another call over the same rows, dispatched before reading this one.
+
+        Only in steady decoding: nothing waits or prefills, no penalties (their counts live on the
+        host), every row still runs and gets room for the chained call's tokens without preemption.
+        """
+        if not self.config.overlap or call.penalties or self.scheduler.waiting:
+            return False
+        if any(r.is_prefilling for r in self.scheduler.running) or len(self.scheduler.running) != len(call.reqs):
+            return False
+        if any(r.status is not Status.RUNNING or r.remaining <= call.num_steps for r in call.reqs):
+            return False
+        want = [min(r.computed + r.remaining, self.max_model_len, r.computed + 2 * call.num_steps) for r in call.reqs]
+        return self.scheduler.reserve(call.reqs, want)
+
     def step(self) -> list[Request]:
-        """Run one scheduled step; returns the requests that got new tokens or finished."""
+        """Run one scheduled step; returns the requests that got new tokens or finished.
+
+        With ``EngineConfig.overlap`` a decode call may still run on the device when step()
+        returns; its tokens come back from the next step(), which first chains the following
+        call (same rows, steady decoding) so the device never waits for the host.
+        """
         start = time.perf_counter()
-        plan = self.scheduler.schedule()
         touched: dict[str, Request] = {}
-        if plan.prefill:
-            self._run_prefill(plan.prefill)
-            touched.update((r.request_id, r) for r, _, e in plan.prefill if e == r.prefill_end)
-        if plan.decode:
-            self._run_decode(plan.decode, plan.decode_steps)
-            touched.update((r.request_id, r) for r in plan.decode)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            if self._can_chain(pending):
+                self._pending = self._dispatch_decode(pending.reqs, pending.num_steps, chained=pending)
+                self.chained_calls += 1
+            self._collect_decode(pending)
+            touched.update((r.request_id, r) for r in pending.reqs)
+        else:
+            plan = self.scheduler.schedule()
+            if plan.prefill:
+                self._run_prefill(plan.prefill)
+                touched.update((r.request_id, r) for r, _, e in plan.prefill if e == r.prefill_end)
+            if plan.decode:
+                call = self._dispatch_decode(plan.decode, plan.decode_steps)
+                if self.config.overlap and not plan.prefill:
+                    self._pending = call
+                else:
+                    self._collect_decode(call)
+                    touched.update((r.request_id, r) for r in plan.decode)
         for r in touched.values():
             if r.finish_reason is not None:
                 self.scheduler.remove(r)
@@ -330,7 +395,7 @@ class Engine:
                    tokens_per_s=self.generated_tokens / max(elapsed, 1e-9),
                    prefill_call_s=self.time_s["prefill"], decode_call_s=self.time_s["decode"],
                    host_s=self.time_s["step"] - self.time_s["prefill"] - self.time_s["decode"],
-                   compilations=len(self.runner.compiled_shapes))
+                   compilations=len(self.runner.compiled_shapes), overlapped_decode_calls=self.chained_calls)
         return out
 
     def clear_prefix_cache(self) -> None:

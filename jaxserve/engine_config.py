@@ -30,7 +30,8 @@ class EngineConfig:
     ``num_pages=None`` sizes the KV pool from ``memory_fraction`` of the accelerator's free
     memory (1024 pages on the CPU). Batch and prefill-length buckets default to powers of two,
     so the number of compiled step shapes is ``len(batch_buckets) * (1 + len(prefill_buckets))``
-    at most.
+    at most. ``overlap`` lets a decode call run while the host reads the previous one's tokens
+    (steady decoding only; outputs are the same either way).
 
     Example:
         >>> cfg = EngineConfig(page_size=16, max_running=32, policy="mixed")
@@ -51,6 +52,7 @@ class EngineConfig:
     policy: str = "prefill_first"
     time_share_ratio: int = 4
     decode_steps: int = 4
+    overlap: bool = True
     attention_impl: str = "auto"
     index_capacity: int | None = None
 

@@ -249,6 +249,19 @@ class Scheduler:
                         break
         return [r for r in decoding if r.status is Status.RUNNING]
 
+    def reserve(self, requests: list[Request], upto: list[int]) -> bool:
+        """Room for ``upto[i]`` tokens in each request's slot, in one batched allocation; never preempts.
+
+        False if some row could not get its pages (rows that could keep theirs).
+        """
+        slots = np.array([r.slot for r in requests], np.int32)
+        need = np.maximum(np.asarray(upto, np.int32) - self.capacities()[slots], 0)
+        if not need.any():
+            return True
+        st = self.state
+        st.pool, ok = st._allocate_batch(st.pool, st.put(slots), st.put(need))
+        return bool(np.all(np.asarray(ok)))
+
     def preempt(self, request: Request) -> None:
         """Free a running request's pages and put it back at the queue's front (recompute later)."""
         self.running.remove(request)

@@ -229,3 +229,18 @@ def test_identical_prompts_together_and_single_token_requests(tiny):
         assert all(o["finish_reason"] in ("length", "stop") for o in one)
         assert one[0]["cached_tokens"] == 32  # the full pages of the earlier identical prompts
         assert_all_pages_free(engine)
+
+
+def test_overlapped_decode_gives_the_same_tokens_as_synchronous(tiny):
+    m, hf = tiny
+    prompts = random_prompts(m.config.vocab_size, (5, 13, 21))
+    greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=30, temperature=0.9, top_k=20, seed=7, ignore_eos=True)
+    results = {}
+    for overlap in (True, False):
+        with Engine(m, small_config(overlap=overlap, decode_steps=3)) as engine:
+            results[overlap] = engine.generate(prompts, [greedy, seeded, greedy], use_tqdm=False)
+            assert (engine.stats()["overlapped_decode_calls"] > 0) == overlap
+            assert_all_pages_free(engine)
+    assert [o["token_ids"] for o in results[True]] == [o["token_ids"] for o in results[False]]
+    assert results[True][0]["token_ids"] == hf_greedy(hf, prompts[0], 30)
