@@ -219,7 +219,7 @@ class Engine:
                 self._append(r, out, None, i)
                 self.scheduler.after_prefill(r)
 
-    def _dispatch_decode(self, reqs: list[Request], num_steps: int, chained: "_Decode | None" = None) -> "_Decode":
+    def _dispatch_decode(self, reqs: list[Request], num_steps: int, chained: _Decode | None = None) -> _Decode:
         """Start a multi-step decode call without waiting for it.
 
         ``chained``: the call still in flight for the same rows; this one continues from its
@@ -248,7 +248,7 @@ class Engine:
                                  counts, seen, num_top, greedy)
         return _Decode(reqs, out, positions, limits, num_steps, penalties=counts is not None)
 
-    def _collect_decode(self, call: "_Decode") -> None:
+    def _collect_decode(self, call: _Decode) -> None:
         """Read a decode call's tokens and hand them to their requests (stop rules apply)."""
         start = time.perf_counter()
         out = jax.device_get(call.out)
@@ -261,7 +261,7 @@ class Engine:
                 r.computed += 1
                 self._append(r, out, k, i)
 
-    def _can_chain(self, call: "_Decode") -> bool:
+    def _can_chain(self, call: _Decode) -> bool:
         """Whether the next step may be another call over the same rows, dispatched before reading this one.
 
         Only in steady decoding: nothing waits or prefills, no penalties (their counts live on the
