@@ -284,9 +284,20 @@ def slot_mapping(pool: PagePool, seqs: Array, start: Array, num: Array, width: i
     offs = jnp.arange(width, dtype=jnp.int32)
     pos = start[:, None] + offs[None, :]
     valid = (offs[None, :] < num[:, None]) & (pos >= 0) & (pos < pool.seq_lens[seqs][:, None])
-    logical = jnp.clip(pos // pool.page_size, 0, pool.max_pages_per_seq - 1)
-    page = jnp.take_along_axis(pool.page_table[seqs], logical, axis=1)
-    return jnp.where(valid, page * pool.page_size + pos % pool.page_size, -1)
+    return slots_in_rows(pool.page_table[seqs], pos, valid, pool.page_size)
+
+
+def slots_in_rows(rows: Array, positions: Array, valid: Array, page_size: int) -> Array:
+    """Physical slots of logical `positions` [B, W] in page-table `rows` [B, P]; -1 where not `valid`.
+
+    The pool-free core of `slot_mapping`, for callers that hold page-table rows (the jitted step).
+
+    >>> slots_in_rows(jnp.array([[5, 2]]), jnp.array([[3, 4]]), jnp.array([[True, True]]), 4).tolist()
+    [[23, 8]]
+    """
+    logical = jnp.clip(positions // page_size, 0, rows.shape[1] - 1)
+    page = jnp.take_along_axis(rows, logical, axis=1)
+    return jnp.where(valid, page * page_size + positions % page_size, -1).astype(jnp.int32)
 
 
 def stats(pool: PagePool) -> dict[str, Array]:

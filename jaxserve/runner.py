@@ -16,15 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve import kv_pool
 from jaxserve.config import ModelConfig
 from jaxserve.model import KVCache, PagedAttention, Qwen2ForCausalLM, new_kv_cache
 from jaxserve.sampling import SampleOutput, SamplingBatch, sample, token_logprobs, update_counts
-
-
-def slots_for(block_tables: jax.Array, positions: jax.Array, valid: jax.Array, page_size: int) -> jax.Array:
-    """Physical slot of each logical position (``-1`` where ``valid`` is False)."""
-    page = jnp.take_along_axis(block_tables, jnp.clip(positions // page_size, 0, block_tables.shape[1] - 1), axis=1)
-    return jnp.where(valid, page * page_size + positions % page_size, -1).astype(jnp.int32)
 
 
 def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, counts, seen, *, num_top: int,
@@ -75,7 +70,7 @@ class Runner:
         b, s = tokens.shape
         positions = q_start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
         valid = positions < lengths[:, None]
-        paged = PagedAttention(slots_for(block_tables, positions, valid, self.page_size), block_tables, lengths,
+        paged = PagedAttention(kv_pool.slots_in_rows(block_tables, positions, valid, self.page_size), block_tables, lengths,
                                q_start, impl=self.attention_impl)
         logits_at = jnp.maximum(lengths - q_start - 1, 0)
         logits, kv = self._forward(params, kv, tokens, positions, paged, logits_at)
@@ -87,7 +82,7 @@ class Runner:
             kv, tokens, counts, seen = carry
             pos = positions + k
             active = pos < limits
-            paged = PagedAttention(slots_for(block_tables, pos[:, None], active[:, None], self.page_size),
+            paged = PagedAttention(kv_pool.slots_in_rows(block_tables, pos[:, None], active[:, None], self.page_size),
                                    block_tables, jnp.where(active, pos + 1, 0), pos, impl=self.attention_impl)
             logits, kv = self._forward(params, kv, tokens[:, None], pos[:, None], paged)
             out = choose_tokens(logits[:, 0], batch, steps + k, counts if penalties else None,

@@ -131,9 +131,7 @@ class Scheduler:
             if bool(ok):
                 return True
             if attempt == 0:
-                cap = int(st.pool.seq_lens[request.slot])
-                need = math.ceil((cap + num_tokens) / self.page_size) - math.ceil(cap / self.page_size)
-                self._evict(need - self._free_pages())
+                self._evict(int(kv_pool.pages_needed(st.pool, request.slot, num_tokens)) - self._free_pages())
         return False
 
     def capacities(self) -> np.ndarray:
