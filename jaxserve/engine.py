@@ -134,7 +134,9 @@ class Engine:
         """Queue a prompt (text or token ids); returns its request id."""
         if self.closed:
             raise RuntimeError("engine is closed")
-        request = self.make_request(prompt, params, request_id)
+        return self._queue(self.make_request(prompt, params, request_id))
+
+    def _queue(self, request: Request) -> str:
         self.requests[request.request_id] = request
         if self.scheduler.never_fits(request):
             request.finish("abort", f"prompt + max_tokens needs more KV pages than the pool holds "
@@ -334,9 +336,10 @@ class Engine:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts")
-        for p, sp in zip(prompts, params_list):
-            self.make_request(p, sp)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        if self.closed:
+            raise RuntimeError("engine is closed")
+        requests = [self.make_request(p, sp) for p, sp in zip(prompts, params_list)]
+        ids = [self._queue(r) for r in requests]
         pending = set(ids)
         bar = None
         if use_tqdm and len(ids) > 1:
