@@ -58,10 +58,6 @@ class Runner:
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1,),
                                static_argnames=("num_steps", "num_top", "penalties", "greedy"))
 
-    @property
-    def kv_bytes(self) -> int:
-        return sum(x.size * x.dtype.itemsize for layer in self.kv for x in layer)
-
     def _forward(self, params, kv, tokens, positions, paged, logits_at=None):
         return self.model.apply({"params": params}, tokens, positions, kv=kv, paged=paged, logits_at=logits_at)
 
