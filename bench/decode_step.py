@@ -1,0 +1,181 @@
+"""Decode step time of the engine's jitted multi-step call vs a plain JAX static decoder, per XLA setting.
+
+The decode step of a 0.5B model is bound by kernel launches more than by bytes (~330-420
+kernels a step against a 0.37 ms roofline), so how XLA issues those kernels matters as much as
+the kernels themselves. This script times, for each ``--variant`` (a set of XLA flags, each in
+its own process because XLA reads its flags once), at each batch:
+
+- ``jaxserve``: ``Runner.decode`` (the engine's device call: ``--decode-steps`` steps of the
+  paged model, Pallas kernels, greedy) at context ``--context``, per step;
+- ``static``: the hand-written contiguous-cache decoder of ``bench/throughput.py`` (one
+  ``fori_loop`` over the steps), per step;
+- the kernel count of the compiled loop body and how many CUDA-graph (command buffer)
+  regions XLA formed.
+
+    python bench/decode_step.py --batches 1 64 256 --variants default graphs nographs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# What each variant adds to XLA_FLAGS. "graphs" also captures while loops and custom calls
+# (the Pallas kernels) into CUDA graphs, and forms a graph from a single op.
+VARIANTS = {
+    "default": "",
+    "graphs": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
+              "--xla_gpu_graph_min_graph_size=1",
+    "graphs_nowhile": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN "
+                      "--xla_gpu_graph_min_graph_size=1",
+    "nographs": "--xla_gpu_enable_command_buffer=",
+}
+
+
+def loop_body_histogram(hlo: str) -> dict[str, int]:
+    """Op kinds in the largest while body of a compiled module (what runs once per step)."""
+    blocks, name, cur = {}, None, []
+    for line in hlo.split("\n"):
+        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if m:
+            name, cur = m.group(1), []
+        elif line.startswith("}") and name:
+            blocks[name] = "\n".join(cur)
+            name = None
+        elif name:
+            cur.append(line)
+    bodies = re.findall(r"body=%?([\w.\-]+)", hlo)
+    if not bodies:
+        return {}
+    body = max((blocks.get(b, "") for b in bodies), key=len)
+    hist: dict[str, int] = {}
+    for line in body.split("\n"):
+        m = re.search(r"=\s.*?\s([a-z][a-z\-]*)\(", line)
+        if not m or m.group(1) in ("parameter", "get-tuple-element", "tuple", "constant", "bitcast"):
+            continue
+        kind = m.group(1)
+        if kind == "custom-call":
+            t = re.search(r'custom_call_target="([^"]+)"', line)
+            kind = f"custom-call:{t.group(1) if t else '?'}"
+        elif kind == "fusion":
+            k = re.search(r"kind=(k\w+)", line)
+            kind = f"fusion:{k.group(1) if k else '?'}"
+        hist[kind] = hist.get(kind, 0) + 1
+    return hist
+
+
+def run_variant(args) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bench.throughput import QWEN25_05B, TINY, static_decoder
+    from jaxserve.config import ModelConfig
+    from jaxserve.model import init_params
+    from jaxserve.runner import Runner, default_attention_impl
+    from jaxserve.sampling import SamplingParams, make_batch
+
+    cfg = ModelConfig.from_hf_dict(dict(TINY if args.tiny else QWEN25_05B, model_type="qwen2"))
+    params = jax.jit(lambda k: init_params(cfg, k, jnp.bfloat16))(jax.random.key(0))
+    rows = []
+    for batch in args.batches:
+        steps = args.decode_steps
+        width = (args.context + steps) // 16 + 2
+        runner = Runner(cfg, params, num_pages=batch * width + 8, page_size=16,
+                        attention_impl=default_attention_impl())
+        bt = np.random.default_rng(batch).permutation(batch * width).reshape(batch, width).astype(np.int32)
+        pos = np.full(batch, args.context, np.int32)
+        sb = make_batch([SamplingParams(temperature=0.0)] * batch, batch)
+        call = (np.zeros(batch, np.int32), pos, pos + steps, bt, sb, np.zeros(batch, np.int32), steps)
+        out = runner.decode(*call, greedy=True)
+        jax.block_until_ready(out.tokens)
+        times = []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            out = runner.decode(*call, greedy=True)
+            jax.block_until_ready(out.tokens)
+            times.append(time.perf_counter() - t)
+        step_ms = float(np.median(times)) / steps * 1e3
+        zeros = jnp.zeros((1, 1), jnp.int32)
+        hlo = runner._decode.lower(runner.params, runner.kv, *[jnp.asarray(a) for a in call[:4]], sb,
+                                   jnp.asarray(call[5]), zeros, zeros, num_steps=steps, num_top=0,
+                                   penalties=False, greedy=True).compile().as_text()
+        hist = loop_body_histogram(hlo)
+        del runner
+        rows.append(dict(system="jaxserve", batch=batch, step_ms=step_ms, kernels=sum(hist.values()),
+                         graphs=hlo.count("command_buffer"), hist=hist))
+        print(json.dumps(rows[-1]), flush=True)
+
+        prompts = np.random.default_rng(0).integers(2, cfg.vocab_size, size=(batch, args.context)).astype(np.int32)
+        out_len = steps * 8
+        prefill, decode = static_decoder(cfg, params, prompts, out_len)
+        tok, caches = prefill(jnp.asarray(prompts))
+        jax.block_until_ready(decode(tok, caches))
+        times = []
+        for _ in range(max(3, args.reps // 3)):
+            t = time.perf_counter()
+            jax.block_until_ready(decode(tok, caches))
+            times.append(time.perf_counter() - t)
+        hlo = decode.lower(tok, caches).compile().as_text()
+        hist = loop_body_histogram(hlo)
+        rows.append(dict(system="static", batch=batch, step_ms=float(np.median(times)) / (out_len - 1) * 1e3,
+                         kernels=sum(hist.values()), graphs=hlo.count("command_buffer"), hist=hist))
+        print(json.dumps(rows[-1]), flush=True)
+        del caches, tok
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--variants", nargs="+", default=["default", "graphs"], choices=sorted(VARIANTS))
+    ap.add_argument("--context", type=int, default=192)
+    ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.child:
+        run_variant(args)
+        return
+    results = []
+    for v in args.variants:
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + VARIANTS[v]).strip(),
+                   PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--batches", *map(str, args.batches),
+               "--context", str(args.context), "--decode-steps", str(args.decode_steps), "--reps", str(args.reps)] + (["--tiny"] if args.tiny else [])
+        print(f"== variant {v}: XLA_FLAGS={env['XLA_FLAGS']!r}", flush=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        for line in proc.stdout.splitlines():
+            if line.startswith("{"):
+                results.append(dict(json.loads(line), variant=v))
+                r = results[-1]
+                print(f"{v:16s} {r['system']:9s} batch {r['batch']:4d} step {r['step_ms']:.3f} ms "
+                      f"kernels {r['kernels']} graphs {r['graphs']}", flush=True)
+        if proc.returncode:
+            print(proc.stderr[-3000:], flush=True)
+    lines = ["| variant | system | batch | step ms | kernels in loop body | command_buffer mentions |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['system']} | {r['batch']} | {r['step_ms']:.3f} | {r['kernels']} | {r['graphs']} |"
+              for r in results]
+    print("\n".join(lines))
+    for r in results:
+        print(r["variant"], r["system"], r["batch"], json.dumps(dict(sorted(r["hist"].items(), key=lambda kv: -kv[1]))))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "decode_step.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
