@@ -69,6 +69,9 @@ def loop_body_histogram(hlo: str) -> dict[str, int]:
         elif kind == "fusion":
             k = re.search(r"kind=(k\w+)", line)
             kind = f"fusion:{k.group(1) if k else '?'}"
+        elif kind == "copy":  # a copy of a large buffer (the KV pages) per step would be a bug
+            shape = re.search(r"=\s*(\S+)\s", line)
+            kind = f"copy:{shape.group(1) if shape else '?'}"
         hist[kind] = hist.get(kind, 0) + 1
     return hist
 
@@ -85,7 +88,10 @@ def run_variant(args) -> list[dict]:
     from jaxserve.sampling import SamplingParams, make_batch
 
     cfg = ModelConfig.from_hf_dict(dict(TINY if args.tiny else QWEN25_05B, model_type="qwen2"))
+    t0 = time.perf_counter()
     params = jax.jit(lambda k: init_params(cfg, k, jnp.bfloat16))(jax.random.key(0))
+    jax.block_until_ready(params)
+    print(f"params ready {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     for batch in args.batches:
         steps = args.decode_steps
@@ -98,6 +104,7 @@ def run_variant(args) -> list[dict]:
         call = (np.zeros(batch, np.int32), pos, pos + steps, bt, sb, np.zeros(batch, np.int32), steps)
         out = runner.decode(*call, greedy=True)
         jax.block_until_ready(out.tokens)
+        print(f"batch {batch}: engine decode compiled {time.perf_counter() - t0:.1f} s", flush=True)
         times = []
         for _ in range(args.reps):
             t = time.perf_counter()
@@ -120,6 +127,7 @@ def run_variant(args) -> list[dict]:
         prefill, decode = static_decoder(cfg, params, prompts, out_len)
         tok, caches = prefill(jnp.asarray(prompts))
         jax.block_until_ready(decode(tok, caches))
+        print(f"batch {batch}: static decoder compiled {time.perf_counter() - t0:.1f} s", flush=True)
         times = []
         for _ in range(max(3, args.reps // 3)):
             t = time.perf_counter()
@@ -155,15 +163,17 @@ def main() -> None:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--batches", *map(str, args.batches),
                "--context", str(args.context), "--decode-steps", str(args.decode_steps), "--reps", str(args.reps)] + (["--tiny"] if args.tiny else [])
         print(f"== variant {v}: XLA_FLAGS={env['XLA_FLAGS']!r}", flush=True)
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        for line in proc.stdout.splitlines():
-            if line.startswith("{"):
-                results.append(dict(json.loads(line), variant=v))
-                r = results[-1]
-                print(f"{v:16s} {r['system']:9s} batch {r['batch']:4d} step {r['step_ms']:.3f} ms "
-                      f"kernels {r['kernels']} graphs {r['graphs']}", flush=True)
-        if proc.returncode:
-            print(proc.stderr[-3000:], flush=True)
+        # Relay the child's lines as they come: a variant that hangs must still show how far it got.
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            if not line.startswith("{"):
+                print("   ", line.rstrip()[:300], flush=True)
+                continue
+            results.append(dict(json.loads(line), variant=v))
+            r = results[-1]
+            print(f"{v:16s} {r['system']:9s} batch {r['batch']:4d} step {r['step_ms']:.3f} ms "
+                  f"kernels {r['kernels']} graphs {r['graphs']}", flush=True)
+        proc.wait()
     lines = ["| variant | system | batch | step ms | kernels in loop body | command_buffer mentions |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['system']} | {r['batch']} | {r['step_ms']:.3f} | {r['kernels']} | {r['graphs']} |"
