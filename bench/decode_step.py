@@ -89,7 +89,11 @@ def run_variant(args) -> list[dict]:
 
     cfg = ModelConfig.from_hf_dict(dict(TINY if args.tiny else QWEN25_05B, model_type="qwen2"))
     t0 = time.perf_counter()
-    params = jax.jit(lambda k: init_params(cfg, k, jnp.bfloat16))(jax.random.key(0))
+    # Random weights drawn on the host: jitting Flax's init for 0.5B costs ~40 s on the GPU machine.
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(lambda k: init_params(cfg, k, jnp.bfloat16), jax.random.key(0))
+    params = jax.tree.map(lambda s: jnp.asarray((rng.standard_normal(s.shape, np.float32) * 0.02).astype(s.dtype)),
+                          shapes)
     jax.block_until_ready(params)
     print(f"params ready {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
@@ -122,6 +126,8 @@ def run_variant(args) -> list[dict]:
                          graphs=hlo.count("command_buffer"), hist=hist))
         print(json.dumps(rows[-1]), flush=True)
 
+        if args.no_static:
+            continue
         prompts = np.random.default_rng(0).integers(2, cfg.vocab_size, size=(batch, args.context)).astype(np.int32)
         out_len = steps * 8
         prefill, decode = static_decoder(cfg, params, prompts, out_len)
@@ -149,6 +155,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=192)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--no-static", action="store_true", help="time the engine only (the static decoder compiles slowly)")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
@@ -161,7 +168,7 @@ def main() -> None:
         env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + VARIANTS[v]).strip(),
                    PYTHONUNBUFFERED="1")
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--batches", *map(str, args.batches),
-               "--context", str(args.context), "--decode-steps", str(args.decode_steps), "--reps", str(args.reps)] + (["--tiny"] if args.tiny else [])
+               "--context", str(args.context), "--decode-steps", str(args.decode_steps), "--reps", str(args.reps)] + (["--tiny"] if args.tiny else []) + (["--no-static"] if args.no_static else [])
         print(f"== variant {v}: XLA_FLAGS={env['XLA_FLAGS']!r}", flush=True)
         # Relay the child's lines as they come: a variant that hangs must still show how far it got.
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -173,6 +180,7 @@ def main() -> None:
             r = results[-1]
             print(f"{v:16s} {r['system']:9s} batch {r['batch']:4d} step {r['step_ms']:.3f} ms "
                   f"kernels {r['kernels']} graphs {r['graphs']}", flush=True)
+            print("   ", json.dumps(dict(sorted(r["hist"].items(), key=lambda kv: -kv[1]))), flush=True)
         proc.wait()
     lines = ["| variant | system | batch | step ms | kernels in loop body | command_buffer mentions |",
              "|---|---|---|---|---|---|"]
