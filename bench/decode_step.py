@@ -100,8 +100,8 @@ def run_variant(args) -> list[dict]:
     for batch in args.batches:
         steps = args.decode_steps
         width = (args.context + steps) // 16 + 2
-        runner = Runner(cfg, params, num_pages=batch * width + 8, page_size=16,
-                        attention_impl=default_attention_impl())
+        impl = args.impl or default_attention_impl()
+        runner = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
         bt = np.random.default_rng(batch).permutation(batch * width).reshape(batch, width).astype(np.int32)
         pos = np.full(batch, args.context, np.int32)
         sb = make_batch([SamplingParams(temperature=0.0)] * batch, batch)
@@ -122,7 +122,7 @@ def run_variant(args) -> list[dict]:
                                    penalties=False, greedy=True).compile().as_text()
         hist = loop_body_histogram(hlo)
         del runner
-        rows.append(dict(system="jaxserve", batch=batch, step_ms=step_ms, kernels=sum(hist.values()),
+        rows.append(dict(system=f"jaxserve[{impl}]", batch=batch, step_ms=step_ms, kernels=sum(hist.values()),
                          graphs=hlo.count("command_buffer"), hist=hist))
         print(json.dumps(rows[-1]), flush=True)
 
@@ -155,6 +155,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=192)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--impl", default=None, choices=["pallas", "reference"],
+                    help="attention/scatter implementation of the engine (default: pallas on GPU)")
     ap.add_argument("--no-static", action="store_true", help="time the engine only (the static decoder compiles slowly)")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -168,7 +170,8 @@ def main() -> None:
         env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + VARIANTS[v]).strip(),
                    PYTHONUNBUFFERED="1")
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--batches", *map(str, args.batches),
-               "--context", str(args.context), "--decode-steps", str(args.decode_steps), "--reps", str(args.reps)] + (["--tiny"] if args.tiny else []) + (["--no-static"] if args.no_static else [])
+               "--context", str(args.context), "--decode-steps", str(args.decode_steps), "--reps", str(args.reps)] + (["--tiny"] if args.tiny else []) + (["--no-static"] if args.no_static else []) \
+            + (["--impl", args.impl] if args.impl else [])
         print(f"== variant {v}: XLA_FLAGS={env['XLA_FLAGS']!r}", flush=True)
         # Relay the child's lines as they come: a variant that hangs must still show how far it got.
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -178,7 +181,7 @@ def main() -> None:
                 continue
             results.append(dict(json.loads(line), variant=v))
             r = results[-1]
-            print(f"{v:16s} {r['system']:9s} batch {r['batch']:4d} step {r['step_ms']:.3f} ms "
+            print(f"{v:16s} {r['system']:18s} batch {r['batch']:4d} step {r['step_ms']:.3f} ms "
                   f"kernels {r['kernels']} graphs {r['graphs']}", flush=True)
             print("   ", json.dumps(dict(sorted(r["hist"].items(), key=lambda kv: -kv[1]))), flush=True)
         proc.wait()

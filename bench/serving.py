@@ -284,6 +284,12 @@ def run_in_process(args: argparse.Namespace, prefix_caching: bool, vocab: int) -
     row.update(prefix_caching=prefix_caching, compiled_during_run=after["compilations"] - before["compilations"],
                preemptions=after["preemptions"] - before["preemptions"],
                engine_prefix_hit_rate=after["prefix_hit_rate"])
+    # Where the engine's step() time went during the measured run (seconds of wall time).
+    split = {k: after[k] - before[k] for k in ("prefill_call_s", "decode_call_s", "host_s", "prefix_index_s")}
+    print("engine time during the run: " + ", ".join(f"{k} {v:.3f}" for k, v in split.items())
+          + f"; overlapped decode calls {after['overlapped_decode_calls'] - before['overlapped_decode_calls']}",
+          flush=True)
+    row.update(split)
     return row
 
 
@@ -301,7 +307,8 @@ COLUMNS = [("prefix_caching", "prefix cache"), ("success_rate", "success"), ("re
            ("tpot_p50_ms", "TPOT p50 ms"), ("tpot_p90_ms", "TPOT p90"), ("tpot_p99_ms", "TPOT p99"),
            ("latency_p50_ms", "E2E p50 ms"), ("latency_p99_ms", "E2E p99"),
            ("cached_prompt_share", "cached prompt share"), ("compiled_during_run", "compiles in run"),
-           ("preemptions", "preemptions")]
+           ("preemptions", "preemptions"), ("prefill_call_s", "prefill calls s"),
+           ("decode_call_s", "decode calls s"), ("host_s", "engine host s"), ("prefix_index_s", "of which index s")]
 
 
 def fmt(v: Any) -> str:
@@ -379,6 +386,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     e = p.add_argument_group("in-process engine")
     e.add_argument("--compare-prefix-caching", action="store_true", help="run with prefix caching on, then off")
+    e.add_argument("--repeat-first", action="store_true",
+                   help="with --compare-prefix-caching: on, off, then on again (shows what run order costs)")
     e.add_argument("--no-prefix-caching", action="store_true")
     e.add_argument("--warmup", type=int, default=64, help="requests of the warm-up burst (compiles the shapes)")
     e.add_argument("--compilation-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "jaxserve-bench-xla"),
@@ -421,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         from jaxserve.config import ModelConfig
 
         vocab = ModelConfig.from_pretrained(args.model).vocab_size
-        modes = [True, False] if args.compare_prefix_caching else [not args.no_prefix_caching]
+        modes = ([True, False] + [True] * args.repeat_first) if args.compare_prefix_caching \
+            else [not args.no_prefix_caching]
         rows = [run_in_process(args, mode, vocab) for mode in modes]
         device = device_name()
     print(table(rows))

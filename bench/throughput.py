@@ -345,6 +345,7 @@ def main() -> None:
     ap.add_argument("--impls", nargs="+", default=["pallas"], help="jaxserve attention impls to time")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-static", action="store_true", help="skip the plain JAX static decoder (slow to compile)")
     ap.add_argument("--no-hf-compile", action="store_true")
     ap.add_argument("--hf-compile-batches", type=int, nargs="+", default=[256])
     ap.add_argument("--out", default=None, help="write the table (markdown) and rows (json) here")
@@ -380,8 +381,9 @@ def main() -> None:
     first_token_s = None
     for batch, plen in cases:
         prompts = rng.integers(2, cfg.vocab_size, size=(batch, plen)).tolist()
-        rows.append(bench_static(cfg, params, prompts, args.output_len))
-        print(rows[-1], flush=True)
+        if not args.no_static:
+            rows.append(bench_static(cfg, params, prompts, args.output_len))
+            print(rows[-1], flush=True)
         for impl in args.impls:
             try:
                 row, ft = bench_jaxserve(m, batch, prompts, args.output_len, args.decode_steps, impl,

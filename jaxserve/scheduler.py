@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import time
 
 import jax
 import numpy as np
@@ -86,6 +87,9 @@ class Scheduler:
         self.free_slots = list(range(config.max_running - 1, -1, -1))
         self._decodes_since_prefill = 0
         self.num_preemptions = 0
+        # Host time in radix-index work (match, attach, lock, insert, unlock): on a GPU a step's
+        # device work is a few ms, so this is what prefix caching costs per request.
+        self.index_s = 0.0
 
     # ----- queue -------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -141,11 +145,14 @@ class Scheduler:
     def _insert(self, request: Request) -> None:
         if not self.config.prefix_caching or request.computed < self.page_size:
             return
+        start = time.perf_counter()
         st = self.state
         tokens = request.all_ids[: request.computed]
         padded = self._padded(tokens)
         row = st.put(self.page_table()[request.slot][: padded.shape[0] // self.page_size])
         st.index, st.pool = st._insert(st.index, st.pool, padded, len(tokens), row)
+        jax.block_until_ready(st.index)
+        self.index_s += time.perf_counter() - start
 
     def _release(self, request: Request, index_tokens: bool) -> None:
         st = self.state
@@ -169,6 +176,7 @@ class Scheduler:
         slot = self.free_slots.pop()
         request.slot, request.node, cached = slot, -1, 0
         if self.config.prefix_caching:
+            start = time.perf_counter()
             # Match all but the last token: the last one must be computed to produce logits.
             st.index, n, pages, nodes = st._match(st.index, self._padded(tokens), len(tokens) - 1)
             cached = int(n)
@@ -176,6 +184,7 @@ class Scheduler:
                 st.pool = st._attach(st.pool, slot, pages, cached)
                 request.node = int(st._deepest(nodes))
                 st.index = st._lock(st.index, request.node)
+            self.index_s += time.perf_counter() - start
         if not self._grow(request, len(tokens) - cached):
             self._release(request, index_tokens=False)
             return False
@@ -310,5 +319,6 @@ class Scheduler:
             "prefix_hit_rate": index_stats["hit_tokens"] / queried,
             "prefix_hit_tokens": index_stats["hit_tokens"],
             "preemptions": self.num_preemptions,
+            "prefix_index_s": self.index_s,
         }
 
