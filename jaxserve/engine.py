@@ -183,16 +183,13 @@ class Engine:
             counts, seen = jnp.asarray(counts_np), jnp.asarray(seen_np)
         return sbatch, steps, num_top, counts, seen, not needs_sampling(params)
 
-    def _append(self, request: Request, out, k: int | None, b: int) -> None:
-        def pick(x):
-            x = np.asarray(x)
-            return x[b] if k is None else x[k, b]
-
+    def _append(self, request: Request, token: int, logprob: float, out, index: tuple) -> None:
+        """``out.top_ids/top_logprobs[index]`` hold the row's top tokens (read only if it asked)."""
         top = None
         if request.params.logprobs:
-            ids, lps = pick(out.top_ids), pick(out.top_logprobs)
-            top = {int(i): float(lp) for i, lp in zip(ids[: request.params.logprobs], lps)}
-        request.append(int(pick(out.tokens)), float(pick(out.logprobs)), top)
+            n = request.params.logprobs
+            top = dict(zip(out.top_ids[index][:n].tolist(), out.top_logprobs[index][:n].tolist()))
+        request.append(token, logprob, top)
         self.generated_tokens += 1
 
     def _run_prefill(self, rows: list[tuple[Request, int, int]]) -> None:
@@ -214,11 +211,12 @@ class Engine:
         out = jax.device_get(self.runner.prefill(tokens, q_start, lengths, block_tables, sbatch, steps, counts,
                                                  seen, num_top, greedy))
         self.time_s["prefill"] += time.perf_counter() - start
+        tokens_out, logprobs_out = out.tokens.tolist(), out.logprobs.tolist()
         for i, (r, s, e) in enumerate(rows):
             r.computed = e
             self.prefill_tokens += e - s
             if e == r.prefill_end:
-                self._append(r, out, None, i)
+                self._append(r, tokens_out[i], logprobs_out[i], out, (i,))
                 self.scheduler.after_prefill(r)
 
     def _dispatch_decode(self, reqs: list[Request], num_steps: int, chained: _Decode | None = None) -> _Decode:
@@ -255,13 +253,18 @@ class Engine:
         start = time.perf_counter()
         out = jax.device_get(call.out)
         self.time_s["decode"] += time.perf_counter() - start
+        # Python lists once per call: indexing numpy arrays per token cost ~10 µs a token, most of
+        # the host's time per decode call at batch 256.
+        tokens, logprobs = out.tokens.T.tolist(), out.logprobs.T.tolist()
         for i, r in enumerate(call.reqs):
-            for k in range(call.num_steps):
-                # Rows that finished (or were aborted) earlier produced padding tokens: skipped.
-                if r.finish_reason is not None or call.positions[i] + k >= call.limits[i]:
+            # Rows that finished (or were aborted) earlier produced padding tokens: skipped.
+            n = min(call.num_steps, int(call.limits[i] - call.positions[i]))
+            row_tokens, row_logprobs = tokens[i], logprobs[i]
+            for k in range(n):
+                if r.finish_reason is not None:
                     break
                 r.computed += 1
-                self._append(r, out, k, i)
+                self._append(r, row_tokens[k], row_logprobs[k], out, (k, i))
 
     def _can_chain(self, call: _Decode) -> bool:
         """Whether the next step may be another call over the same rows, dispatched before reading this one.

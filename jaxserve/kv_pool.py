@@ -173,10 +173,39 @@ def allocate_batch(pool: PagePool, seqs: Array, num_tokens: Array) -> tuple[Page
     >>> ok.tolist()
     [True, False, True]
     """
-    def step(p: PagePool, row: tuple[Array, Array]) -> tuple[PagePool, Array]:
-        return allocate(p, row[0], row[1])
+    seqs = jnp.asarray(seqs, jnp.int32)
+    num_tokens = jnp.asarray(num_tokens, jnp.int32)
 
-    return jax.lax.scan(step, pool, (jnp.asarray(seqs, jnp.int32), jnp.asarray(num_tokens, jnp.int32)))
+    def one_by_one(p: PagePool) -> tuple[PagePool, Array]:
+        return jax.lax.scan(lambda q, row: allocate(q, row[0], row[1]), p, (seqs, num_tokens))
+
+    # The common case (every row valid, distinct slots, enough free pages for all) in one
+    # vectorized update: the scan costs ~0.2 ms per row on the host CPU, which at batch 256 was
+    # most of the engine's host time per decode call. Pages are popped in the scan's order, so
+    # both paths give the same pool.
+    old_len = pool.seq_lens[jnp.clip(seqs, 0, pool.max_seqs - 1)]
+    have = _pages_for(old_len, pool.page_size)
+    need = _pages_for(old_len + num_tokens, pool.page_size)
+    take = need - have
+    ordered = jnp.sort(seqs)
+    fast = (jnp.all(_valid_slot(pool, seqs) & (num_tokens >= 0) & (need <= pool.max_pages_per_seq))
+            & jnp.all(ordered[1:] != ordered[:-1]) & (jnp.sum(take) <= pool.free_count))
+
+    def all_at_once(p: PagePool) -> tuple[PagePool, Array]:
+        before = jnp.cumsum(take) - take  # pages popped by earlier rows
+        j = jnp.arange(p.max_pages_per_seq, dtype=jnp.int32)[None, :]
+        fresh = (j >= have[:, None]) & (j < need[:, None])
+        stack_pos = jnp.clip(p.free_count - 1 - before[:, None] - (j - have[:, None]), 0, p.num_pages - 1)
+        new_pages = p.free_stack[stack_pos]
+        rows = jnp.where(fresh, new_pages, p.page_table[seqs])
+        return p.replace(
+            page_table=p.page_table.at[seqs].set(rows),
+            seq_lens=p.seq_lens.at[seqs].set(old_len + num_tokens),
+            free_count=p.free_count - jnp.sum(take),
+            refcount=p.refcount.at[jnp.where(fresh, new_pages, p.num_pages)].set(1, mode="drop"),
+        ), jnp.ones(seqs.shape, bool)
+
+    return jax.lax.cond(fast, all_at_once, one_by_one, pool)
 
 
 def free(pool: PagePool, seq: int | Array) -> PagePool:
