@@ -1,4 +1,5 @@
-"""Prometheus metrics of one server: request outcomes, token counts, latencies, engine gauges.
+"""Prometheus metrics of one server: request outcomes, token counts, latencies, engine gauges and
+the engine's cumulative time split.
 
 Owns the collectors, each in a ``CollectorRegistry`` of its own (so two apps in one process,
 as in the tests, never clash), and the text exposition. It never reads the engine itself:
@@ -8,16 +9,66 @@ the async engine reports finished requests (``observe_finished``) and the server
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Latency buckets in seconds: CPU tests sit at the top end, a GPU decode step at the bottom.
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+# Parts of the engine thread's step() wall time (Engine.stats() keys); they add up to it.
+_STEP_PARTS = (("prefill_call", "prefill_call_s"), ("decode_wait", "decode_call_s"), ("host", "host_s"))
+
+
+class _EngineTotals(Collector):
+    """The engine's cumulative totals from the last ``Engine.stats()``, exposed as counters.
+
+    They are counters, not gauges, because the engine only ever adds to them, so ``rate()``
+    and ``increase()`` are the meaningful queries (a benchmark takes the difference between two
+    scrapes). ``prometheus_client.Counter`` can only ``inc()``, while the engine hands over
+    running totals, so they are yielded from the snapshot at collection time instead.
+    """
+
+    def __init__(self) -> None:
+        self.stats: dict[str, Any] | None = None  # nothing is exposed before the first snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.stats
+        if st is None:
+            return
+        step = CounterMetricFamily(
+            "jaxserve_engine_step_seconds",
+            "Wall time of the engine's step() by part: prefill device calls, waiting for decode results, "
+            "and host work (scheduling, inputs, bookkeeping, decode dispatch); the parts add up to step().",
+            labels=["part"])
+        for part, key in _STEP_PARTS:
+            step.add_metric([part], float(st.get(key, 0.0)))
+        yield step
+        # A separate series, not a fourth part: it is included in part="host", and summing over
+        # `part` must give step()'s wall time.
+        yield CounterMetricFamily("jaxserve_engine_prefix_index_seconds",
+                                  "Radix prefix-index work (match at admission, insert at release); inside step() it "
+                                  "is part of part=\"host\" (aborts between steps add a little outside it).",
+                                  value=float(st.get("prefix_index_s", 0.0)))
+        yield CounterMetricFamily("jaxserve_engine_overlapped_decode_calls",
+                                  "Decode calls dispatched before the previous call's tokens were read.",
+                                  value=float(st.get("overlapped_decode_calls", 0)))
+        yield CounterMetricFamily("jaxserve_engine_generated_tokens",
+                                  "Tokens sampled by the engine (running, finished and aborted requests).",
+                                  value=float(st.get("generated_tokens", 0)))
+        yield CounterMetricFamily("jaxserve_engine_prefill_tokens",
+                                  "Prompt tokens computed by prefill (cached prefixes excluded, recomputation "
+                                  "after preemption included).", value=float(st.get("prefill_tokens", 0)))
+        # A gauge: the number of distinct step shapes compiled so far, a level rather than a flow.
+        yield GaugeMetricFamily("jaxserve_compiled_step_shapes", "Distinct step shapes compiled so far.",
+                                value=float(st.get("compilations", 0)))
 
 
 class ServingMetrics:
@@ -55,6 +106,8 @@ class ServingMetrics:
                               "Prompt tokens found in the prefix cache / prompt tokens looked up.", registry=r)
         self.preemptions = Gauge("jaxserve_preemptions", "Requests preempted so far (recomputed later).",
                                  registry=r)
+        self.engine_totals = _EngineTotals()
+        r.register(self.engine_totals)
 
     def observe_finished(self, result: dict[str, Any]) -> None:
         """Count one finished request (a ``Request.result()`` dict); safe from any thread."""
@@ -70,7 +123,16 @@ class ServingMetrics:
             self.e2e.observe(result["total_time"])
 
     def set_engine_stats(self, stats: dict[str, Any]) -> None:
-        """Copy ``Engine.stats()`` into the gauges."""
+        """Copy ``Engine.stats()`` into the gauges and the engine's cumulative counters.
+
+        Example:
+            >>> m = ServingMetrics()
+            >>> m.set_engine_stats({"running": 1, "waiting": 0, "pages_used": 4, "pages_total": 64,
+            ...                     "prefix_hit_rate": 0.0, "preemptions": 0, "host_s": 0.5, "compilations": 2})
+            >>> b'jaxserve_engine_step_seconds_total{part="host"} 0.5' in m.exposition()
+            True
+        """
+        self.engine_totals.stats = dict(stats)
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
         self.pages_used.set(stats["pages_used"])

@@ -321,6 +321,43 @@ def test_health_models_and_metrics(client, live):
     assert float(generated[0].split()[-1]) >= 4
 
 
+def scrape(live) -> dict[str, float]:
+    """Every /metrics sample by name and labels, e.g. 'x_total{part="host"}' -> 0.5."""
+    samples = {}
+    for line in httpx.get(live.url + "/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+ENGINE_COUNTERS = ['jaxserve_engine_step_seconds_total{part="prefill_call"}',
+                   'jaxserve_engine_step_seconds_total{part="decode_wait"}',
+                   'jaxserve_engine_step_seconds_total{part="host"}', "jaxserve_engine_prefix_index_seconds_total",
+                   "jaxserve_engine_overlapped_decode_calls_total", "jaxserve_engine_generated_tokens_total",
+                   "jaxserve_engine_prefill_tokens_total"]
+
+
+def test_metrics_expose_the_engine_time_split_and_totals(client, live):
+    client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    first = scrape(live)
+    step = {part: first[f'jaxserve_engine_step_seconds_total{{part="{part}"}}']
+            for part in ("prefill_call", "decode_wait", "host")}
+    assert step["prefill_call"] > 0 and step["host"] > 0 and step["decode_wait"] >= 0, step
+    assert 0 <= first["jaxserve_engine_prefix_index_seconds_total"] < step["host"]
+    assert first["jaxserve_compiled_step_shapes"] >= 1
+    assert first["jaxserve_engine_generated_tokens_total"] >= 8
+    assert first["jaxserve_engine_prefill_tokens_total"] >= 1
+    assert first["jaxserve_engine_overlapped_decode_calls_total"] >= 0
+
+    client.completions.create(model="tiny", prompt=PROMPT + " again", max_tokens=8, temperature=0,
+                              extra_body={"ignore_eos": True})
+    second = scrape(live)
+    assert all(second[name] >= first[name] for name in ENGINE_COUNTERS), "engine totals only grow"
+    assert second["jaxserve_engine_generated_tokens_total"] >= first["jaxserve_engine_generated_tokens_total"] + 8
+    assert second['jaxserve_engine_step_seconds_total{part="host"}'] > step["host"]
+
+
 def test_prefix_cache_hits_show_in_usage_and_metrics(client, live, pages_freed):
     system = "You are a helpful assistant. " * 6  # several full pages of shared prefix
     first = client.completions.create(model="tiny", prompt=system + "Question one?", max_tokens=2, temperature=0)
