@@ -4,20 +4,35 @@ Owns the workload (random token-id prompts of mixed lengths, an optional shared 
 given share of requests start with, mixed output lengths with ignore_eos so lengths are
 exact), the load generator (httpx async streaming, one task per request, started on a Poisson
 clock that never waits for answers) and the report (throughput, TTFT / TPOT / latency
-p50/p90/p99, success rate, prefix-cache hits). It never changes the server's behaviour.
+p50/p90/p99, success rate, prefix-cache hits, and the engine's time split read from the
+server's /metrics). It never changes the server's behaviour.
 
-Against a running server:
+Against a running server (the engine columns come from its /metrics when it is jaxserve):
     python bench/serving.py --url http://127.0.0.1:8000 --num-requests 200 --rate 8
 
-Starting the server in-process (one command on the GPU machine), on a random
-Qwen2.5-0.5B-shaped checkpoint, prefix caching on vs off on a long shared system prompt:
+With --model the benchmark starts the server itself, as a separate OS process (this script
+with --serve-child, which calls jaxserve.server.serve, the function `jaxserve serve` runs), so
+the load generator's parsing never competes with the engine thread for the GIL. Per mode: a
+fresh server, a warm-up (a burst at every batch bucket, then --warmup requests at the rate)
+that compiles the step shapes, then the measured run; compilations, preemptions and the
+engine's time split are the difference between two /metrics scrapes around it. The server
+has no HTTP route to empty the prefix cache, so the warm-up uses shared prefixes of its own
+(same lengths, other tokens): the measured run starts with its own prefixes uncached, while
+the warm-up's entries stay in the cache and are evicted when pages run short. --in-process
+keeps the old layout (uvicorn in a thread of this process, with the load generator: they share
+the GIL), which also empties the prefix cache after the warm-up.
+
+On the GPU machine, a random Qwen2.5-0.5B-shaped checkpoint, prefix caching on vs off on a
+long shared system prompt:
     PYTHONPATH=. python3 bench/serving.py --random-model qwen2.5-0.5b --model /tmp/q05 \\
         --compare-prefix-caching --shared-prefix-len 1024 --shared-prefix-share 1.0 \\
         --out bench/results/serving_prefix.md
 
-CPU smoke test (tiny random model, a few requests):
-    python bench/serving.py --random-model tiny --model /tmp/tiny --num-requests 8 --rate 4 \\
-        --input-len 32 --output-len 8
+CPU harness check (tiny random model; bench/results/serving_cpu_smoke.md):
+    python bench/serving.py --random-model tiny --model /tmp/tiny --compare-prefix-caching \\
+        --num-requests 40 --rate 16 --input-len 128 --output-len 32 --shared-prefix-len 512 \\
+        --shared-prefix-share 1.0 --num-pages 2048 --max-running 64 --max-model-len 1024 \\
+        --batch-buckets 1 4 16 64 --prefill-buckets 256 1024 2048 --warmup 8
 """
 
 from __future__ import annotations
@@ -31,9 +46,11 @@ import math
 import os
 import platform
 import random
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -60,14 +77,22 @@ class Item:
     shared: bool
 
 
-def make_workload(args: argparse.Namespace, vocab: int, seed: int) -> list[Item]:
+def make_workload(args: argparse.Namespace, vocab: int, seed: int, prefix_seed: int | str | None = None) -> list[Item]:
     """Token-id prompts, so lengths are exact whatever the tokenizer; ids avoid the special ones.
 
-    The shared prefixes depend on ``args.seed`` only, so a warm-up workload (another ``seed``)
-    shares them with the measured one and compiles the same prefix-hit prefill shapes.
+    ``seed`` draws the requests, ``prefix_seed`` (default ``args.seed``) the shared prefixes.
+    The warm-up passes a prefix seed of its own: same prefix lengths, so it compiles the same
+    prefix-hit prefill shapes, but other tokens, so the measured run finds none of its prefixes
+    cached even where the cache cannot be emptied in between.
+
+    Example:
+        >>> args = parse_args(["--url", "http://x", "--num-requests", "3", "--shared-prefix-len", "8",
+        ...                    "--shared-prefix-share", "1"])
+        >>> [len(i.prompt) > 8 for i in make_workload(args, vocab=300, seed=1)]
+        [True, True, True]
     """
     lo_id = 16  # below: special tokens in the test tokenizer's layout
-    prefix_rng = random.Random(args.seed)
+    prefix_rng = random.Random(args.seed if prefix_seed is None else prefix_seed)
     prefixes = [[prefix_rng.randrange(lo_id, vocab) for _ in range(args.shared_prefix_len)]
                 for _ in range(max(1, args.num_prefixes))]
     rng = random.Random(seed)
@@ -186,7 +211,7 @@ def summarize(outcomes: list[Outcome], duration: float) -> dict[str, Any]:
     return row
 
 
-# ----- in-process server ------------------------------------------------------------------------------
+# ----- the server under test ---------------------------------------------------------------------------
 def make_random_checkpoint(kind: str, path: str) -> None:
     """A random Qwen2 checkpoint of the given shapes with the tests' byte-level tokenizer."""
     if os.path.exists(os.path.join(path, "config.json")):
@@ -210,38 +235,8 @@ def make_random_checkpoint(kind: str, path: str) -> None:
     print(f"wrote a random {kind} checkpoint to {path}", flush=True)
 
 
-class InProcessServer:
-    """``create_app`` + ``build_server`` on a free 127.0.0.1 port in a background thread."""
-
-    def __init__(self, model_path: str, engine_config, max_tokens_limit: int) -> None:
-        from jaxserve.server import ServerConfig, build_server, create_app
-
-        self.app = create_app(model_path, engine_config,
-                              ServerConfig(model_name="bench", max_tokens_limit=max_tokens_limit, drain_s=0.0))
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = build_server(self.app, log_level="warning")
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> "InProcessServer":
-        self.thread.start()
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError("the server failed to start")
-            time.sleep(0.1)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-        self.sock.close()
-
-    def engine_call(self, name: str) -> Any:
-        return asyncio.run(getattr(self.app.state.jaxserve.engine, name)())
-
-
 def engine_config(args: argparse.Namespace, prefix_caching: bool):
+    """The served ``EngineConfig``; call it in the process that runs the engine (it asks JAX for the backend)."""
     from jaxserve.engine_config import EngineConfig
 
     import jax
@@ -256,41 +251,254 @@ def engine_config(args: argparse.Namespace, prefix_caching: bool):
         prefill_buckets=tuple(args.prefill_buckets) if args.prefill_buckets else None)
 
 
-def run_in_process(args: argparse.Namespace, prefix_caching: bool, vocab: int) -> dict[str, Any]:
+def server_config(args: argparse.Namespace):
+    from jaxserve.server import ServerConfig
+
+    # drain_s=0: a stopped benchmark server has nothing worth finishing.
+    return ServerConfig(model_name="bench", max_tokens_limit=max(4096, 2 * args.output_len), drain_s=0.0)
+
+
+def _use_compilation_cache(folder: str) -> None:
     import jax
 
-    if args.compilation_cache:
-        # The second engine of --compare-prefix-caching compiles the same steps: reuse them.
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+    if folder:
+        # Every mode's fresh engine compiles the same steps: later ones (and later runs) reuse them.
+        jax.config.update("jax_compilation_cache_dir", folder)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    cfg = engine_config(args, prefix_caching)
-    with InProcessServer(args.model, cfg, max_tokens_limit=max(4096, 2 * args.output_len)) as server:
-        # Warm-up, so the step shapes the run needs are compiled before the clock starts: a
-        # burst at every batch bucket, then --warmup requests at the measured rate (other
-        # tokens, same lengths and prefixes); the prefix cache is emptied afterwards.
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """The server as its own OS process (``--serve-child``) on a free 127.0.0.1 port.
+
+    ``__enter__`` returns once /health answers; ``__exit__`` (also on errors and Ctrl-C) sends
+    SIGTERM, which drains and stops it like ``jaxserve serve``, and kills it after
+    ``stop_timeout`` seconds. ``device`` and ``engine_config`` are what the child reported.
+
+    Example:
+        >>> with ServerProcess(parse_args(["--model", "/tmp/tiny"]), prefix_caching=True) as server:  # doctest: +SKIP
+        ...     httpx.get(server.url + "/health").json()
+        {'status': 'ok'}
+    """
+
+    def __init__(self, args: argparse.Namespace, prefix_caching: bool, stop_timeout: float = 30.0) -> None:
+        self.args, self.prefix_caching, self.stop_timeout = args, prefix_caching, stop_timeout
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.device, self.engine_config = "unknown", {}
+
+    def __enter__(self) -> "ServerProcess":
+        import httpx
+
+        self._dir = tempfile.TemporaryDirectory(prefix="jaxserve-bench-")
+        spec = {"args": vars(self.args), "prefix_caching": self.prefix_caching, "port": self.port,
+                "info": os.path.join(self._dir.name, "info.json")}
+        spec_path = os.path.join(self._dir.name, "spec.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        # Same working directory as this process, so relative --model / cache paths mean the same there.
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-child", spec_path])
+        try:
+            deadline = time.monotonic() + self.args.server_start_timeout
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"the server process exited with code {self.proc.returncode} before it "
+                                       f"answered /health (its output is above)")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not answer /health within {self.args.server_start_timeout}s")
+                try:
+                    if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass  # not listening yet: the model loads first
+                time.sleep(0.5)
+            with open(spec["info"]) as f:
+                info = json.load(f)
+            self.device, self.engine_config = info["device"], info["engine_config"]
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM, wait, SIGKILL after ``stop_timeout``; safe to call twice."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                print(f"the server process did not stop within {self.stop_timeout}s of SIGTERM: killing it", flush=True)
+                proc.kill()
+                proc.wait()
+        if getattr(self, "_dir", None) is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def clear_prefix_cache(self) -> bool:
+        """False: the server has no HTTP route for it (the warm-up uses other prefixes instead)."""
+        return False
+
+
+def serve_child(spec_path: str) -> None:
+    """The ``--serve-child`` process: build the engine config here, where the engine runs, report it, serve."""
+    with open(spec_path) as f:
+        spec = json.load(f)
+    args = argparse.Namespace(**spec["args"])
+    _use_compilation_cache(args.compilation_cache)
+    from jaxserve.server import serve
+
+    cfg = engine_config(args, spec["prefix_caching"])
+    with open(spec["info"], "w") as f:
+        json.dump({"device": device_name(), "engine_config": cfg.to_dict()}, f)
+    serve(args.model, cfg, server_config(args), host="127.0.0.1", port=spec["port"], log_level="warning")
+
+
+class InProcessServer:
+    """``create_app`` + ``build_server`` on a free 127.0.0.1 port in a background thread of this process."""
+
+    def __init__(self, args: argparse.Namespace, prefix_caching: bool) -> None:
+        from jaxserve.server import build_server, create_app
+
+        _use_compilation_cache(args.compilation_cache)
+        cfg = engine_config(args, prefix_caching)
+        self.device, self.engine_config = device_name(), cfg.to_dict()
+        self.app = create_app(args.model, cfg, server_config(args))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = build_server(self.app, log_level="warning")
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "InProcessServer":
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                self.sock.close()
+                raise RuntimeError("the server failed to start")
+            time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        self.sock.close()
+
+    def clear_prefix_cache(self) -> bool:
+        asyncio.run(self.app.state.jaxserve.engine.clear_prefix_cache())
+        return True
+
+
+# ----- engine totals from /metrics -------------------------------------------------------------------
+# Row key -> the /metrics sample holding its running total (jaxserve.metrics names them).
+ENGINE_SAMPLES = {
+    "prefill_call_s": 'jaxserve_engine_step_seconds_total{part="prefill_call"}',
+    "decode_call_s": 'jaxserve_engine_step_seconds_total{part="decode_wait"}',
+    "host_s": 'jaxserve_engine_step_seconds_total{part="host"}',
+    "prefix_index_s": "jaxserve_engine_prefix_index_seconds_total",
+    "overlapped_decode_calls": "jaxserve_engine_overlapped_decode_calls_total",
+    "engine_prefill_tokens": "jaxserve_engine_prefill_tokens_total",
+    "engine_generated_tokens": "jaxserve_engine_generated_tokens_total",
+    "compilations": "jaxserve_compiled_step_shapes",
+    "preemptions": "jaxserve_preemptions",
+    "prefix_hit_rate": "jaxserve_prefix_cache_hit_rate",
+}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Samples of the Prometheus text format by name and labels.
+
+    Example:
+        >>> parse_metrics('# TYPE x counter\\nx_total{part="host"} 0.5\\ny 2.0\\n')
+        {'x_total{part="host"}': 0.5, 'y': 2.0}
+    """
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def scrape_engine(url: str) -> dict[str, float] | None:
+    """The engine's running totals from ``url``/metrics; None when the server exposes none of them."""
+    import httpx
+
+    try:
+        r = httpx.get(url + "/metrics", timeout=30)
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    samples = parse_metrics(r.text)
+    if any(name not in samples for name in ENGINE_SAMPLES.values()):
+        return None
+    return {key: samples[name] for key, name in ENGINE_SAMPLES.items()}
+
+
+def engine_fields(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What the engine did between two scrapes, as report-row fields; printed as one line."""
+    d = {k: after[k] - before[k] for k in ENGINE_SAMPLES}
+    fields = {k: d[k] for k in ("prefill_call_s", "decode_call_s", "host_s", "prefix_index_s")}
+    fields.update(compiled_during_run=int(d["compilations"]), preemptions=int(d["preemptions"]),
+                  overlapped_decode_calls=int(d["overlapped_decode_calls"]),
+                  engine_prefill_tokens=int(d["engine_prefill_tokens"]),
+                  engine_generated_tokens=int(d["engine_generated_tokens"]),
+                  # The index keeps one running ratio (warm-up included), not a per-run one.
+                  engine_prefix_hit_rate=after["prefix_hit_rate"])
+    print("engine during the run (from /metrics): "
+          + ", ".join(f"{k} {fields[k]:.3f}" for k in ("prefill_call_s", "decode_call_s", "host_s", "prefix_index_s"))
+          + f"; overlapped decode calls {fields['overlapped_decode_calls']}, prefill tokens "
+          f"{fields['engine_prefill_tokens']}, generated tokens {fields['engine_generated_tokens']}, "
+          f"compiled {fields['compiled_during_run']}, preemptions {fields['preemptions']}", flush=True)
+    return fields
+
+
+# ----- one mode: start, warm up, measure -------------------------------------------------------------
+def warm_up(url: str, args: argparse.Namespace, batch_buckets: list[int], vocab: int) -> None:
+    """Compile the step shapes the run needs before the clock starts: a burst at every batch
+    bucket, then --warmup requests at the measured rate; same lengths as the measured run, other
+    tokens and other shared prefixes."""
+    loads = [(size, math.inf) for size in batch_buckets] + [(args.warmup, args.rate)]
+    for i, (size, rate) in enumerate(loads):
+        warm = make_workload(_with(args, num_requests=size), vocab, args.seed + 1 + i,
+                             prefix_seed=f"warm-up {args.seed}")
+        outcomes, _ = asyncio.run(run_load(url, "bench", warm, rate, None, args.seed, args.timeout))
+        failed = [o for o in outcomes if not o.ok]
+        if failed:
+            print(f"warm-up: {len(failed)} of {len(outcomes)} requests failed, e.g. {failed[0].error}", flush=True)
+
+
+def run_served(args: argparse.Namespace, prefix_caching: bool, vocab: int) -> tuple[dict[str, Any], str]:
+    """One measured run against a fresh server; returns the report row and the server's device."""
+    server = InProcessServer(args, prefix_caching) if args.in_process else ServerProcess(args, prefix_caching)
+    with server:
         t = time.perf_counter()
-        for i, size in enumerate((*cfg.batch_buckets, args.warmup)):
-            warm = make_workload(_with(args, num_requests=size), vocab, args.seed + 1 + i)
-            rate = args.rate if size == args.warmup else math.inf
-            asyncio.run(run_load(server.url, "bench", warm, rate, None, args.seed, args.timeout))
-        server.engine_call("clear_prefix_cache")
-        before = server.engine_call("stats")
-        print(f"warm-up: {time.perf_counter() - t:.1f}s, {before['compilations']} compiled step shapes", flush=True)
+        warm_up(server.url, args, server.engine_config["batch_buckets"], vocab)
+        cleared = server.clear_prefix_cache()
+        before = scrape_engine(server.url)
+        if before is None:
+            raise RuntimeError(f"{server.url}/metrics lacks the engine series {sorted(ENGINE_SAMPLES.values())}")
+        print(f"warm-up: {time.perf_counter() - t:.1f}s, {before['compilations']:.0f} compiled step shapes, "
+              f"prefix cache {'emptied' if cleared else 'kept (the measured run uses other prefixes)'}", flush=True)
         items = make_workload(args, vocab, args.seed)
         outcomes, duration = asyncio.run(run_load(server.url, "bench", items, args.rate, None, args.seed,
                                                   args.timeout))
-        after = server.engine_call("stats")
+        after = scrape_engine(server.url)
+        if after is None:
+            raise RuntimeError(f"{server.url}/metrics stopped answering during the run")
     row = summarize(outcomes, duration)
-    row.update(prefix_caching=prefix_caching, compiled_during_run=after["compilations"] - before["compilations"],
-               preemptions=after["preemptions"] - before["preemptions"],
-               engine_prefix_hit_rate=after["prefix_hit_rate"])
-    # Where the engine's step() time went during the measured run (seconds of wall time).
-    split = {k: after[k] - before[k] for k in ("prefill_call_s", "decode_call_s", "host_s", "prefix_index_s")}
-    print("engine time during the run: " + ", ".join(f"{k} {v:.3f}" for k, v in split.items())
-          + f"; overlapped decode calls {after['overlapped_decode_calls'] - before['overlapped_decode_calls']}",
-          flush=True)
-    row.update(split)
-    return row
+    row.update(prefix_caching=prefix_caching, **engine_fields(before, after))
+    return row, server.device
 
 
 def _with(args: argparse.Namespace, **changes) -> argparse.Namespace:
@@ -346,6 +554,17 @@ def git_commit() -> str:
         return "unknown"
 
 
+def server_layout(args: argparse.Namespace) -> str:
+    if args.url:
+        return f"a running server at {args.url} (no warm-up; engine columns from its /metrics when it has them)"
+    if args.in_process:
+        return ("in-process: uvicorn in a thread of the benchmark's process, which also runs the load generator "
+                "(they share the GIL); warm-up, then the prefix cache emptied")
+    return ("a separate OS process per mode (bench/serving.py --serve-child, i.e. jaxserve.server.serve); "
+            "warm-up on shared prefixes of its own, which stay cached (the server has no route to empty "
+            "the cache), so the measured run starts with its own prefixes uncached")
+
+
 def write_report(path: str, args: argparse.Namespace, rows: list[dict[str, Any]], device: str) -> None:
     workload = (f"{args.num_requests} requests, Poisson rate {args.rate}/s, prompt ~{args.input_len} tokens "
                 f"(+-{args.len_range:.0%}), output ~{args.output_len} tokens (+-{args.len_range:.0%}, ignore_eos), "
@@ -355,10 +574,14 @@ def write_report(path: str, args: argparse.Namespace, rows: list[dict[str, Any]]
         "# Serving benchmark (bench/serving.py)", "",
         f"- device: {device}", f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         f"- git commit: {git_commit()}", f"- host: {platform.node()}, Python {platform.python_version()}",
-        f"- command: `{' '.join(sys.argv)}`", f"- model: {args.model or args.url}", f"- workload: {workload}", "",
+        f"- command: `{' '.join(sys.argv)}`", f"- model: {args.model or args.url}", f"- workload: {workload}",
+        f"- server: {server_layout(args)}", "",
         table(rows), "",
         "TTFT: request sent to the first streamed token (requests ask logprobs=0 so chunks list their tokens); TPOT: (latency - TTFT) / (completion tokens - 1); "
-        "cached prompt share: prompt tokens the server reports as served from its prefix cache.", ""])
+        "cached prompt share: prompt tokens the server reports as served from its prefix cache. "
+        "Engine columns: differences between two /metrics scrapes around the measured run; the time split is the "
+        "engine thread's step() wall time in prefill device calls, waiting for decode results, and everything "
+        "else (host), of which radix-index work.", ""])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
@@ -369,7 +592,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = p.add_argument_group("target (one of)")
     target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
-    target.add_argument("--model", help="checkpoint folder to serve in-process (or the served model id with --url)")
+    target.add_argument("--model", help="checkpoint folder to serve (or the served model id with --url)")
     target.add_argument("--random-model", choices=("tiny", "qwen2.5-0.5b"),
                         help="first write a random checkpoint of these shapes to --model (if it is not there)")
     p.add_argument("--api-key", default=None, help="Bearer key for --url")
@@ -384,7 +607,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
-    e = p.add_argument_group("in-process engine")
+    e = p.add_argument_group("served engine (--model)")
+    e.add_argument("--in-process", action="store_true",
+                   help="run the server in a thread of this process (shares the GIL with the load generator)")
+    e.add_argument("--server-start-timeout", type=float, default=900.0,
+                   help="seconds the server process gets to load the model and answer /health")
     e.add_argument("--compare-prefix-caching", action="store_true", help="run with prefix caching on, then off")
     e.add_argument("--repeat-first", action="store_true",
                    help="with --compare-prefix-caching: on, off, then on again (shows what run order costs)")
@@ -406,13 +633,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="also print each result row as JSON")
     args = p.parse_args(argv)
     if not args.url and not args.model:
-        p.error("give --url (a running server) or --model (serve in-process)")
+        p.error("give --url (a running server) or --model (a checkpoint to serve)")
+    if args.url and args.in_process:
+        p.error("--in-process serves --model itself: drop --url")
     if args.random_model and not args.model:
         p.error("--random-model needs --model DIR to write the checkpoint to")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve-child"]:  # internal: the server process that ServerProcess starts
+        serve_child(argv[1])
+        return 0
     args = parse_args(argv)
     if args.url:
         import httpx
@@ -421,10 +654,24 @@ def main(argv: list[str] | None = None) -> int:
                            if args.api_key else {}).json()["data"]
         model_id = args.model or models[0]["id"]
         items = make_workload(args, vocab=300, seed=args.seed)  # ids every Qwen vocabulary holds
+        before = scrape_engine(args.url)
         outcomes, duration = asyncio.run(run_load(args.url, model_id, items, args.rate, args.api_key, args.seed,
                                                   args.timeout))
-        rows, device = [summarize(outcomes, duration)], f"remote server {args.url}"
+        after = scrape_engine(args.url) if before is not None else None
+        row = summarize(outcomes, duration)
+        if after is not None:
+            row.update(engine_fields(before, after))
+        rows, device = [row], f"remote server {args.url}"
     else:
+        # SIGTERM (a job's time limit, kill) unwinds like Ctrl-C, so the server process is stopped
+        # on the way out instead of being left behind holding the accelerator.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        if not args.in_process:
+            # The server process owns the accelerator: a JAX backend started here (say by the
+            # checkpoint writer) would take most of its memory first.
+            import jax
+
+            jax.config.update("jax_platforms", "cpu")
         if args.random_model:
             make_random_checkpoint(args.random_model, args.model)
         from jaxserve.config import ModelConfig
@@ -432,8 +679,8 @@ def main(argv: list[str] | None = None) -> int:
         vocab = ModelConfig.from_pretrained(args.model).vocab_size
         modes = ([True, False] + [True] * args.repeat_first) if args.compare_prefix_caching \
             else [not args.no_prefix_caching]
-        rows = [run_in_process(args, mode, vocab) for mode in modes]
-        device = device_name()
+        rows, devices = zip(*(run_served(args, mode, vocab) for mode in modes))
+        rows, device = list(rows), devices[0]
     print(table(rows))
     for r in rows:
         if r["errors"]:

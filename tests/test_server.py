@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import threading
 import time
@@ -415,11 +416,41 @@ def test_bench_load_generator_smoke(live):
     args = serving.parse_args(["--url", live.url, "--num-requests", "6", "--rate", "20", "--input-len", "24",
                                "--output-len", "6", "--shared-prefix-len", "32", "--shared-prefix-share", "0.5"])
     items = serving.make_workload(args, vocab=320, seed=0)
+    before = serving.scrape_engine(live.url)
     outcomes, duration = asyncio.run(serving.run_load(live.url, "tiny", items, args.rate, API_KEY, 0, 60))
     row = serving.summarize(outcomes, duration)
+    row.update(serving.engine_fields(before, serving.scrape_engine(live.url)))
     assert row["success_rate"] == 1.0, row["errors"]
     assert row["output_tok_per_s"] > 0 and row["ttft_p50_ms"] > 0 and row["tpot_p99_ms"] >= row["tpot_p50_ms"]
-    assert "| success |" in serving.table([row])
+    assert row["host_s"] > 0 and row["engine_generated_tokens"] >= sum(i.max_tokens for i in items)
+    assert "| success |" in serving.table([row]) and "| engine host s |" in serving.table([row])
+
+
+def test_bench_warm_up_prefixes_differ_from_the_measured_ones():
+    from bench import serving
+
+    args = serving.parse_args(["--url", "http://unused", "--num-requests", "4", "--shared-prefix-len", "32",
+                               "--shared-prefix-share", "1"])
+    measured = serving.make_workload(args, vocab=320, seed=0)
+    warm = serving.make_workload(args, vocab=320, seed=1, prefix_seed=f"warm-up {args.seed}")
+    assert len({tuple(i.prompt[:32]) for i in measured}) == 1  # one shared prefix...
+    assert {tuple(i.prompt[:32]) for i in measured}.isdisjoint(tuple(i.prompt[:32]) for i in warm)  # ...not the warm-up's
+
+
+def test_bench_server_process_answers_then_stops_on_sigterm(tiny_checkpoint):
+    from bench import serving
+
+    args = serving.parse_args(["--model", tiny_checkpoint[0], "--num-pages", "64", "--max-running", "2",
+                               "--max-tokens-per-step", "32", "--batch-buckets", "2", "--prefill-buckets", "32",
+                               "--max-model-len", "128", "--compilation-cache", "", "--server-start-timeout", "300"])
+    with serving.ServerProcess(args, prefix_caching=True) as server:
+        assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+        assert server.engine_config["batch_buckets"] == [2] and server.device.startswith("cpu")
+        proc = server.proc
+        start = time.monotonic()
+    # uvicorn re-raises the signal after its graceful shutdown: -SIGTERM is a clean stop, -SIGKILL
+    # would mean stop() had to kill it.
+    assert proc.returncode == -signal.SIGTERM and time.monotonic() - start < server.stop_timeout
 
 
 def test_failing_step_answers_500_and_error_event_then_recovers(client, live, pages_freed, monkeypatch):
