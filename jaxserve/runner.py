@@ -95,9 +95,8 @@ class Runner:
                 greedy: bool = False):
         """One chunk per row: ``tokens [B, S]`` at positions ``q_start[b]..``; samples after row's last token."""
         self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, num_top, counts is not None, greedy))
-        self.kv, out = self._prefill(self.params, self.kv, jnp.asarray(tokens, jnp.int32), jnp.asarray(q_start, jnp.int32),
-                                     jnp.asarray(lengths, jnp.int32), jnp.asarray(block_tables, jnp.int32), batch,
-                                     jnp.asarray(steps, jnp.int32), counts, seen, num_top=num_top, greedy=greedy)
+        self.kv, out = self._prefill(self.params, self.kv, *_int32(tokens, q_start, lengths, block_tables), batch,
+                                     *_int32(steps), counts, seen, num_top=num_top, greedy=greedy)
         return out
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, limits: np.ndarray, block_tables: np.ndarray,
@@ -111,12 +110,18 @@ class Runner:
         if not penalties:  # placeholders keep one signature; they are never read
             counts = seen = jnp.zeros((1, 1), jnp.int32)
         self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, num_steps, num_top, penalties, greedy))
-        self.kv, out = self._decode(self.params, self.kv, jnp.asarray(tokens, jnp.int32),
-                                    jnp.asarray(positions, jnp.int32), jnp.asarray(limits, jnp.int32),
-                                    jnp.asarray(block_tables, jnp.int32), batch, jnp.asarray(steps, jnp.int32),
-                                    counts, seen, num_steps=num_steps, num_top=num_top, penalties=penalties,
-                                    greedy=greedy)
+        self.kv, out = self._decode(self.params, self.kv, *_int32(tokens, positions, limits, block_tables), batch,
+                                    *_int32(steps), counts, seen, num_steps=num_steps, num_top=num_top,
+                                    penalties=penalties, greedy=greedy)
         return out
+
+
+def _int32(*arrays) -> list:
+    """Host arrays as int32 numpy, device arrays untouched (a chained call's tokens stay on the device).
+
+    The jitted call moves numpy arguments itself, cheaper than one ``jnp.asarray`` each.
+    """
+    return [a if isinstance(a, jax.Array) else np.asarray(a, np.int32) for a in arrays]
 
 
 @functools.lru_cache(maxsize=None)

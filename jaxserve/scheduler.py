@@ -46,8 +46,11 @@ class _HostState:
     def __init__(self, num_pages: int, page_size: int, max_seqs: int, max_pages_per_seq: int, capacity: int):
         self.cpu = jax.devices("cpu")[0]
         with jax.default_device(self.cpu):
-            self.pool = kv_pool.create(num_pages, page_size, max_seqs, max_pages_per_seq)
-            self.index = radix_index.create(capacity, page_size)
+            # Committed to the CPU like every later state (outputs of the jitted updates): an
+            # uncommitted first state made each function compile twice, the second time in the
+            # middle of serving.
+            self.pool = jax.device_put(kv_pool.create(num_pages, page_size, max_seqs, max_pages_per_seq), self.cpu)
+            self.index = jax.device_put(radix_index.create(capacity, page_size), self.cpu)
         # Donated, so each update reuses the state's buffers instead of copying them (about 4x
         # cheaper per request on the CPU: bench/results/prefix_index.md).
         self._allocate = jax.jit(kv_pool.allocate, donate_argnums=0)
