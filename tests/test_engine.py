@@ -180,6 +180,36 @@ def test_decode_step_donates_the_kv_pool(tiny):
         engine.close()
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_compiled_decode_loop_never_copies_the_kv_pages(tiny, batch):
+    """Donation alone does not prove it: XLA may still copy a carried buffer inside the loop.
+
+    (At batch 1 the reference scatter once became a dynamic-update-slice that XLA copied, the
+    whole pool per layer and step.) The same check on the GPU's compiled HLO, with the Pallas
+    kernels, is in bench/results/decode_step.md.
+    """
+    import re
+
+    import jax.numpy as jnp
+
+    from jaxserve.runner import Runner
+    from jaxserve.sampling import make_batch
+
+    m, _ = tiny
+    runner = Runner(m.config, m.params, num_pages=64, page_size=8, attention_impl="reference")
+    pool_shape = ",".join(map(str, runner.kv[0][0].shape))
+    table = np.arange(batch * 4, dtype=np.int32).reshape(batch, 4)
+    pos = np.full(batch, 5, np.int32)
+    zeros = jnp.zeros((1, 1), jnp.int32)
+    hlo = runner._decode.lower(runner.params, runner.kv, jnp.zeros(batch, jnp.int32), jnp.asarray(pos),
+                               jnp.asarray(pos + 4), jnp.asarray(table), make_batch([GREEDY] * batch, batch),
+                               jnp.zeros(batch, jnp.int32), zeros, zeros, num_steps=4, num_top=0,
+                               penalties=False, greedy=True).compile().as_text()
+    assert "while" in hlo  # the multi-step loop is there, so the check below looks inside it
+    copies = re.findall(r"= \w+\[%s\]\{[\d,]+\} copy\(" % pool_shape, hlo)
+    assert not copies, f"{len(copies)} copies of a KV page array [{pool_shape}] in the compiled decode step"
+
+
 def test_engine_config_validates_and_round_trips():
     cfg = EngineConfig(page_size=16, max_running=8, policy="mixed", num_pages=100)
     assert EngineConfig.from_dict(cfg.to_dict()) == cfg
