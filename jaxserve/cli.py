@@ -40,6 +40,16 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="how prefill and decode steps share the device (default prefill_first)")
     g.add_argument("--decode-steps", type=int, default=4, help="decode steps per device call (default 4)")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn the radix prefix cache off")
+    g.add_argument("--batch-buckets", type=int, nargs="+", default=None, metavar="N",
+                   help="batch sizes steps are padded to, ascending (default: powers of two up to --max-running)")
+    g.add_argument("--prefill-buckets", type=int, nargs="+", default=None, metavar="N",
+                   help="prefill chunk lengths steps are padded to, ascending, the last >= --max-tokens-per-step")
+    g.add_argument("--memory-fraction", type=float, default=0.6,
+                   help="share of free accelerator memory for KV pages when --num-pages is not given (default 0.6)")
+    g.add_argument("--no-overlap", action="store_true",
+                   help="read each decode call's tokens before starting the next (default: overlap them)")
+    g.add_argument("--attention-impl", choices=("auto", "pallas", "reference"), default="auto",
+                   help="paged attention: Pallas kernels, their jnp references, or auto (Pallas on a GPU)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> "Any":
@@ -55,7 +65,10 @@ def engine_config_from_args(args: argparse.Namespace) -> "Any":
         page_size=args.page_size, num_pages=args.num_pages or (CPU_NUM_PAGES if cpu else None),
         max_running=max_running, max_tokens_per_step=max(per_step, max_running),
         max_model_len=args.max_model_len, prefix_caching=not args.no_prefix_caching,
-        dtype=args.dtype or ("float32" if cpu else "bfloat16"), policy=args.policy, decode_steps=args.decode_steps)
+        dtype=args.dtype or ("float32" if cpu else "bfloat16"), policy=args.policy, decode_steps=args.decode_steps,
+        batch_buckets=tuple(args.batch_buckets) if args.batch_buckets else None,
+        prefill_buckets=tuple(args.prefill_buckets) if args.prefill_buckets else None,
+        memory_fraction=args.memory_fraction, overlap=not args.no_overlap, attention_impl=args.attention_impl)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:

@@ -56,3 +56,19 @@ def test_convert_writes_a_loadable_checkpoint(tiny_checkpoint, tmp_path):
     for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert b.tokenizer.encode("Hello") == a.tokenizer.encode("Hello")
+
+
+def _parse_serve(flags: list[str]):
+    return cli.build_parser().parse_args(["serve", *flags])
+
+
+def test_engine_flags_reach_the_engine_config():
+    args = _parse_serve(["--max-running", "4", "--batch-buckets", "1", "4", "--prefill-buckets", "64", "512", "--max-tokens-per-step", "512",
+                         "--memory-fraction", "0.5", "--no-overlap", "--attention-impl", "reference",
+                         "--decode-steps", "8", "--policy", "mixed"])
+    cfg = cli.engine_config_from_args(args)
+    assert (cfg.batch_buckets, cfg.prefill_buckets) == ((1, 4), (64, 512))
+    assert (cfg.memory_fraction, cfg.overlap, cfg.attention_impl) == (0.5, False, "reference")
+    assert (cfg.decode_steps, cfg.policy) == (8, "mixed")
+    with pytest.raises(ValueError, match="prefill bucket"):
+        cli.engine_config_from_args(_parse_serve(["--prefill-buckets", "64", "--max-tokens-per-step", "512"]))
