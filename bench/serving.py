@@ -15,12 +15,10 @@ with --serve-child, which calls jaxserve.server.serve, the function `jaxserve se
 the load generator's parsing never competes with the engine thread for the GIL. Per mode: a
 fresh server, a warm-up (a burst at every batch bucket, then --warmup requests at the rate)
 that compiles the step shapes, then the measured run; compilations, preemptions and the
-engine's time split are the difference between two /metrics scrapes around it. The server
-has no HTTP route to empty the prefix cache, so the warm-up uses shared prefixes of its own
-(same lengths, other tokens): the measured run starts with its own prefixes uncached, while
-the warm-up's entries stay in the cache and are evicted when pages run short. --in-process
-keeps the old layout (uvicorn in a thread of this process, with the load generator: they share
-the GIL), which also empties the prefix cache after the warm-up.
+engine's time split are the difference between two /metrics scrapes around it. The warm-up
+uses shared prefixes of its own (same lengths, other tokens) and the prefix cache is emptied
+after it (POST /flush_cache), so the measured run starts cold. --in-process keeps the old
+layout (uvicorn in a thread of this process, with the load generator: they share the GIL).
 
 On the GPU machine, a random Qwen2.5-0.5B-shaped checkpoint, prefix caching on vs off on a
 long shared system prompt:
@@ -345,8 +343,12 @@ class ServerProcess:
             self._dir = None
 
     def clear_prefix_cache(self) -> bool:
-        """False: the server has no HTTP route for it (the warm-up uses other prefixes instead)."""
-        return False
+        """``POST /flush_cache``; False if the server has no such route (the warm-up's own prefixes
+        then keep the measured run cold)."""
+        import httpx
+
+        r = httpx.post(self.url + "/flush_cache", timeout=60)
+        return r.status_code == 200
 
 
 def serve_child(spec_path: str) -> None:
@@ -561,8 +563,7 @@ def server_layout(args: argparse.Namespace) -> str:
         return ("in-process: uvicorn in a thread of the benchmark's process, which also runs the load generator "
                 "(they share the GIL); warm-up, then the prefix cache emptied")
     return ("a separate OS process per mode (bench/serving.py --serve-child, i.e. jaxserve.server.serve); "
-            "warm-up on shared prefixes of its own, which stay cached (the server has no route to empty "
-            "the cache), so the measured run starts with its own prefixes uncached")
+            "warm-up on shared prefixes of its own, then the prefix cache emptied (POST /flush_cache)")
 
 
 def write_report(path: str, args: argparse.Namespace, rows: list[dict[str, Any]], device: str) -> None:

@@ -370,6 +370,16 @@ def test_prefix_cache_hits_show_in_usage_and_metrics(client, live, pages_freed):
     assert float(hit[0].split()[-1]) > 0
 
 
+def test_flush_cache_empties_the_prefix_cache(client, live, pages_freed):
+    system = "You are a helpful assistant. " * 6
+    client.completions.create(model="tiny", prompt=system + "Question?", max_tokens=2, temperature=0)
+    assert scrape(live)["jaxserve_kv_pages_used"] > 0  # the finished request's prefix stays cached
+    assert post(live, "/flush_cache", {}, key=None).status_code == 401
+    r = post(live, "/flush_cache", {})
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert scrape(live)["jaxserve_kv_pages_used"] == 0
+
+
 def abort_count(live) -> float:
     lines = [line for line in httpx.get(live.url + "/metrics").text.splitlines()
              if line.startswith('jaxserve_requests_total{finish_reason="abort"}')]

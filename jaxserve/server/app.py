@@ -145,6 +145,15 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             st.metrics.set_engine_stats(await st.engine.stats())
         return Response(st.metrics.exposition(), media_type=CONTENT_TYPE)
 
+    @app.post("/flush_cache")
+    async def flush_cache(request: Request) -> JSONResponse:
+        """Drop every cached prefix not in use (SGLang's route of the same name): benchmarks call it
+        between runs so each starts cold. Needs the API key when one is set."""
+        st = _state(request)
+        _authorize(request, st)
+        await st.engine.clear_prefix_cache()
+        return JSONResponse({"status": "ok"})
+
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         st = _state(request)
