@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -41,47 +40,12 @@ VARIANTS = {
 }
 
 
-def loop_body_histogram(hlo: str) -> dict[str, int]:
-    """Op kinds in the largest while body of a compiled module (what runs once per step)."""
-    blocks, name, cur = {}, None, []
-    for line in hlo.split("\n"):
-        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-        if m:
-            name, cur = m.group(1), []
-        elif line.startswith("}") and name:
-            blocks[name] = "\n".join(cur)
-            name = None
-        elif name:
-            cur.append(line)
-    bodies = re.findall(r"body=%?([\w.\-]+)", hlo)
-    if not bodies:
-        return {}
-    body = max((blocks.get(b, "") for b in bodies), key=len)
-    hist: dict[str, int] = {}
-    for line in body.split("\n"):
-        m = re.search(r"=\s.*?\s([a-z][a-z\-]*)\(", line)
-        if not m or m.group(1) in ("parameter", "get-tuple-element", "tuple", "constant", "bitcast"):
-            continue
-        kind = m.group(1)
-        if kind == "custom-call":
-            t = re.search(r'custom_call_target="([^"]+)"', line)
-            kind = f"custom-call:{t.group(1) if t else '?'}"
-        elif kind == "fusion":
-            k = re.search(r"kind=(k\w+)", line)
-            kind = f"fusion:{k.group(1) if k else '?'}"
-        elif kind == "copy":  # a copy of a large buffer (the KV pages) per step would be a bug
-            shape = re.search(r"=\s*(\S+)\s", line)
-            kind = f"copy:{shape.group(1) if shape else '?'}"
-        hist[kind] = hist.get(kind, 0) + 1
-    return hist
-
-
 def run_variant(args) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from bench.throughput import QWEN25_05B, TINY, static_decoder
+    from bench.throughput import QWEN25_05B, TINY, decode_hlo, loop_body_histogram, static_decoder, time_decode_call
     from jaxserve.config import ModelConfig
     from jaxserve.model import init_params
     from jaxserve.runner import Runner, default_attention_impl
@@ -106,20 +70,9 @@ def run_variant(args) -> list[dict]:
         pos = np.full(batch, args.context, np.int32)
         sb = make_batch([SamplingParams(temperature=0.0)] * batch, batch)
         call = (np.zeros(batch, np.int32), pos, pos + steps, bt, sb, np.zeros(batch, np.int32), steps)
-        out = runner.decode(*call, greedy=True)
-        jax.block_until_ready(out.tokens)
-        print(f"batch {batch}: engine decode compiled {time.perf_counter() - t0:.1f} s", flush=True)
-        times = []
-        for _ in range(args.reps):
-            t = time.perf_counter()
-            out = runner.decode(*call, greedy=True)
-            jax.block_until_ready(out.tokens)
-            times.append(time.perf_counter() - t)
-        step_ms = float(np.median(times)) / steps * 1e3
-        zeros = jnp.zeros((1, 1), jnp.int32)
-        hlo = runner._decode.lower(runner.params, runner.kv, *[jnp.asarray(a) for a in call[:4]], sb,
-                                   jnp.asarray(call[5]), zeros, zeros, num_steps=steps, num_top=0,
-                                   penalties=False, greedy=True).compile().as_text()
+        step_ms = time_decode_call(runner, call, args.reps)
+        print(f"batch {batch}: engine decode compiled and timed {time.perf_counter() - t0:.1f} s", flush=True)
+        hlo = decode_hlo(runner, call)
         hist = loop_body_histogram(hlo)
         del runner
         rows.append(dict(system=f"jaxserve[{impl}]", batch=batch, step_ms=step_ms, kernels=sum(hist.values()),

@@ -89,20 +89,65 @@ def copy_bandwidth() -> float:
     return 2 * x.nbytes * reps / float(np.median(times))
 
 
-def count_kernels(hlo_text: str) -> int:
-    """Launches per step: instructions of the largest while-loop body of the compiled HLO.
+def loop_body_histogram(hlo_text: str) -> dict[str, int]:
+    """Kernels per step by kind: instructions of the largest while-loop body of the compiled HLO.
 
     On the GPU each top-level instruction of the body (a fusion, a custom call such as a GEMM
-    or a Pallas kernel, a copy) is one kernel; bookkeeping opcodes are not counted.
+    or a Pallas kernel, a copy) is one kernel; bookkeeping opcodes are not counted. Fusions are
+    keyed by kind, custom calls by target and copies by shape (a copy of the KV pages in the
+    loop would be a bug).
     """
     blocks = {m.group(1): m.group(2) for m in re.finditer(r"^(%[\w.\-]+) [^\n]*\{\n(.*?)^\}", hlo_text, re.M | re.S)}
     bodies = re.findall(r"while\(.*?body=(%[\w.\-]+)", hlo_text)
     if not bodies:
-        return 0
+        return {}
     body = max((blocks.get(b, "") for b in bodies), key=len)
     skip = ("parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all", "partition-id")
-    ops = [re.search(r"=\s.*?\s([a-z][a-z\-]*)\(", line) for line in body.split("\n")]
-    return sum(1 for o in ops if o and o.group(1) not in skip)
+    hist: dict[str, int] = {}
+    for line in body.split("\n"):
+        m = re.search(r"=\s.*?\s([a-z][a-z\-]*)\(", line)
+        if not m or m.group(1) in skip:
+            continue
+        kind = m.group(1)
+        if kind == "custom-call":
+            t = re.search(r'custom_call_target="([^"]+)"', line)
+            kind = f"custom-call:{t.group(1) if t else '?'}"
+        elif kind == "fusion":
+            k = re.search(r"kind=(k\w+)", line)
+            kind = f"fusion:{k.group(1) if k else '?'}"
+        elif kind == "copy":
+            shape = re.search(r"=\s*(\S+)\s", line)
+            kind = f"copy:{shape.group(1) if shape else '?'}"
+        hist[kind] = hist.get(kind, 0) + 1
+    return hist
+
+
+def count_kernels(hlo_text: str) -> int:
+    """Launches per step (see ``loop_body_histogram``)."""
+    return sum(loop_body_histogram(hlo_text).values())
+
+
+def time_decode_call(runner, call: tuple, reps: int) -> float:
+    """Median ms per decode step of ``runner.decode(*call, greedy=True)``, after a warm-up call,
+    each call blocked on its tokens.
+
+    ``call`` is ``(tokens, positions, limits, block_tables, sampling_batch, steps, num_steps)``.
+    """
+    jax.block_until_ready(runner.decode(*call, greedy=True).tokens)
+    times = []
+    for _ in range(reps):
+        s = time.perf_counter()
+        jax.block_until_ready(runner.decode(*call, greedy=True).tokens)
+        times.append(time.perf_counter() - s)
+    return float(np.median(times)) / call[6] * 1e3
+
+
+def decode_hlo(runner, call: tuple) -> str:
+    """The compiled HLO text of the decode call ``time_decode_call`` times."""
+    zeros = jnp.zeros((1, 1), jnp.int32)
+    return runner._decode.lower(runner.params, runner.kv, *[jnp.asarray(a) for a in call[:4]], call[4],
+                                jnp.asarray(call[5]), zeros, zeros, num_steps=call[6], num_top=0,
+                                penalties=False, greedy=True).compile().as_text()
 
 
 def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len: int, decode_steps: int,
@@ -130,31 +175,16 @@ def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len
     note = "of the run: " + ", ".join(f"{k[:-2].replace('_', ' ')} {after[k] - before[k]:.3f} s" for k in split)
     assert all(len(o["token_ids"]) == out_len for o in outs)
     # Decode step time: the multi-step call alone, timed with the batch fully running.
-    r = engine.runner
-    decode_fn = r._decode
     table_w = engine.scheduler.max_pages_per_seq
     bt = np.arange(batch * table_w, dtype=np.int32).reshape(batch, table_w) % engine.scheduler.num_pages
     pos = np.full(batch, len(prompts[0]) + out_len // 2, np.int32)
     from jaxserve.sampling import make_batch
     sb = make_batch([params] * batch, batch)
-    args = (np.zeros(batch, np.int32), pos, pos + decode_steps, bt, sb, np.zeros(batch, np.int32), decode_steps)
-    greedy = dict(greedy=True)
-    r.decode(*args, **greedy)
-    jax.block_until_ready(r.kv)
-    times = []
-    for _ in range(10):
-        s = time.perf_counter()
-        out = r.decode(*args, **greedy)
-        jax.block_until_ready(out.tokens)
-        times.append(time.perf_counter() - s)
-    step_ms = float(np.median(times)) / decode_steps * 1e3
+    call = (np.zeros(batch, np.int32), pos, pos + decode_steps, bt, sb, np.zeros(batch, np.int32), decode_steps)
+    step_ms = time_decode_call(engine.runner, call, reps=10)
     kernels = None
     try:
-        zeros = jnp.zeros((1, 1), jnp.int32)
-        lowered = decode_fn.lower(r.params, r.kv, *[jnp.asarray(a) for a in args[:4]], sb,
-                                  jnp.asarray(args[5]), zeros, zeros, num_steps=decode_steps, num_top=0,
-                                  penalties=False, greedy=True)
-        kernels = count_kernels(lowered.compile().as_text())
+        kernels = count_kernels(decode_hlo(engine.runner, call))
     except Exception as exc:  # the count is informative only
         print("kernel count failed:", exc)
     ttft = float(np.mean([o["ttft"] for o in outs])) * 1e3
