@@ -37,6 +37,9 @@ VARIANTS = {
     "graphs_nowhile": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN "
                       "--xla_gpu_graph_min_graph_size=1",
     "nographs": "--xla_gpu_enable_command_buffer=",
+    # Keep batch-1 projections as GEMMs: XLA otherwise rewrites a matrix-vector dot as a
+    # multiply (materialized at the weight's size for qkv and o_proj) plus a reduction.
+    "nodotsr": "--xla_gpu_enable_dot_strength_reduction=false",
 }
 
 
@@ -74,6 +77,10 @@ def run_variant(args) -> list[dict]:
         print(f"batch {batch}: engine decode compiled and timed {time.perf_counter() - t0:.1f} s", flush=True)
         hlo = decode_hlo(runner, call)
         hist = loop_body_histogram(hlo)
+        if args.dump_hlo:
+            os.makedirs(args.dump_hlo, exist_ok=True)
+            with open(os.path.join(args.dump_hlo, f"decode_{impl}_b{batch}.hlo.txt"), "w") as f:
+                f.write(hlo)
         del runner
         rows.append(dict(system=f"jaxserve[{impl}]", batch=batch, step_ms=step_ms, kernels=sum(hist.values()),
                          graphs=hlo.count("command_buffer"), hist=hist))
@@ -108,12 +115,13 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=192)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--impl", default=None, choices=["pallas", "reference"],
+    ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")
     ap.add_argument("--no-static", action="store_true", help="time the engine only (the static decoder compiles slowly)")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--dump-hlo", default=None, help="write each engine decode call's compiled HLO text here")
     args = ap.parse_args()
     if args.child:
         run_variant(args)
@@ -124,7 +132,8 @@ def main() -> None:
                    PYTHONUNBUFFERED="1")
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--batches", *map(str, args.batches),
                "--context", str(args.context), "--decode-steps", str(args.decode_steps), "--reps", str(args.reps)] + (["--tiny"] if args.tiny else []) + (["--no-static"] if args.no_static else []) \
-            + (["--impl", args.impl] if args.impl else [])
+            + (["--impl", args.impl] if args.impl else []) \
+            + (["--dump-hlo", args.dump_hlo] if args.dump_hlo else [])
         print(f"== variant {v}: XLA_FLAGS={env['XLA_FLAGS']!r}", flush=True)
         # Relay the child's lines as they come: a variant that hangs must still show how far it got.
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 POLICIES = ("prefill_first", "time_share", "mixed")
-ATTENTION_IMPLS = ("auto", "pallas", "reference")
+ATTENTION_IMPLS = ("auto", "pallas", "pallas-unfused", "reference")
 
 
 def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:

@@ -39,7 +39,9 @@ class PagedAttention:
     block_tables: jax.Array
     lengths: jax.Array
     q_start: jax.Array
-    # "pallas": the kernels (compiled on GPU, interpreted on CPU); "reference": their jnp twins.
+    # "pallas": the kernels (compiled on GPU, interpreted on CPU), decode through the fused
+    # RoPE + cache write + attention kernel; "pallas-unfused": the same with RoPE, scatter and
+    # attention as separate steps (for comparison); "reference": the kernels' jnp twins.
     impl: str = flax.struct.field(pytree_node=False, default="pallas")
 
 
@@ -77,6 +79,9 @@ def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: ja
     return out.reshape(b, s, h, d).astype(q.dtype)
 
 
+ATTENTION_IMPLS = ("pallas", "pallas-unfused", "reference")
+
+
 def _paged_ops(impl: str):
     """(scatter, decode attention, prefill attention) for ``impl``.
 
@@ -86,11 +91,11 @@ def _paged_ops(impl: str):
     from kernels.paged_attention import paged_attention, paged_attention_reference
     from kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_reference
 
-    if impl == "pallas":
+    if impl in ("pallas", "pallas-unfused"):
         return cache_scatter, paged_attention, paged_prefill_attention
     if impl == "reference":
         return cache_scatter_reference, paged_attention_reference, paged_prefill_attention_reference
-    raise ValueError(f"attention impl must be 'pallas' or 'reference', got {impl!r}")
+    raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
 
 
 class RMSNorm(nn.Module):
@@ -117,6 +122,16 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         qkv = nn.Dense((h + 2 * kvh) * d, use_bias=True, dtype=self.dtype, param_dtype=self.dtype,
                        name="qkv_proj")(x)
+        if paged is not None and s == 1 and paged.impl == "pallas":
+            # Decode: RoPE, the cache write and attention are one kernel (launch-bound step).
+            from kernels.decode_attention import fused_decode_attention
+
+            out, k_pages, v_pages = fused_decode_attention(
+                qkv.reshape(b, h + 2 * kvh, d), cos[:, 0], sin[:, 0], kv[0], kv[1],
+                paged.block_tables, paged.lengths, paged.slot_mapping[:, 0])
+            out = nn.Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
+                           name="o_proj")(out.reshape(b, s, h * d).astype(self.dtype))
+            return out, (k_pages, v_pages)
         q = qkv[..., : h * d].reshape(b, s, h, d)
         k = qkv[..., h * d: (h + kvh) * d].reshape(b, s, kvh, d)
         v = qkv[..., (h + kvh) * d:].reshape(b, s, kvh, d)

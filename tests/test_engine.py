@@ -58,10 +58,11 @@ def test_greedy_batch_matches_transformers_and_running_alone(tiny, policy):
         assert_all_pages_free(engine)
 
 
-def test_pallas_kernels_in_interpret_mode_give_the_same_tokens(tiny):
+@pytest.mark.parametrize("impl", ["pallas", "pallas-unfused"])
+def test_pallas_kernels_in_interpret_mode_give_the_same_tokens(tiny, impl):
     m, hf = tiny
     prompts = random_prompts(m.config.vocab_size, (5, 12))
-    with Engine(m, small_config(attention_impl="pallas", decode_steps=2)) as engine:
+    with Engine(m, small_config(attention_impl=impl, decode_steps=2)) as engine:
         outs = engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
                                use_tqdm=False)
         assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 4) for p in prompts]

@@ -1,0 +1,299 @@
+"""Fused decode attention: RoPE, the new token's cache write and paged attention in one kernel.
+
+Owns: the decode step's whole attention block between the QKV projection and the output
+projection, and its jnp reference. Never allocates pages or decides slots.
+
+Why fuse: at Qwen2.5-0.5B size the decode step is bound by kernel launches, not bytes
+(bench/results/decode_step.md: ~17 kernels a layer at batch 1). Unfused, the block between
+the two projections is six launches a layer (slice of K/V, RoPE of K, cache scatter, RoPE
+of Q, attention, split combine); this kernel is one, plus the combine when it splits.
+
+How (one program per sequence, KV head and split, as in `kernels.paged_attention`):
+- The query heads of the KV group are loaded as one tile and rotated in registers:
+  rotate_half(q) is q times a signed permutation matrix built from iotas, one tiny tensor-
+  core product; exact, since each output picks one input (fp32 products use HIGHEST).
+- The new token's K and V come straight from the QKV activations: split 0 rotates K, writes
+  both into the token's slot of the pool (aliased in place, like `kernels.cache_scatter`)
+  and seeds its online softmax with the token's own logit, so no program ever reads the
+  slot being written (the page loop covers keys `< length - 1` only).
+- The cached keys are read page-gathered through the block table, `pages_per_block` pages
+  a loop iteration, online softmax in float32, flash-decoding splits merged by
+  `kernels.paged_attention`'s combine. A length-0 row writes nothing and returns zeros.
+
+Backend: Pallas Triton, for the reasons in `kernels.paged_attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels import pallas_compat as compat
+from kernels.cache_scatter import cache_scatter_reference
+from kernels.paged_attention import (_MASK_VALUE, DECODE_BLOCK_KEYS, _combine_splits, _next_pow2,
+                                     check_pool, paged_attention_reference, resolve_tuning)
+
+
+def _rotate_half_matrix(head_dim: int, dtype) -> jax.Array:
+    """R with x @ R == concat(-x[half:], x[:half]) (Hugging Face's rotate_half)."""
+    half = head_dim // 2
+    i = jnp.arange(head_dim)[:, None]
+    j = jnp.arange(head_dim)[None, :]
+    minus = (j < half) & (i == j + half)
+    plus = (j >= half) & (i == j - half)
+    return jnp.where(minus, -1.0, jnp.where(plus, 1.0, 0.0)).astype(dtype)
+
+
+def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_ref,
+                  k_pages_ref, v_pages_ref, o_ref, *rest, num_heads: int, kv_heads: int,
+                  group: int, block_rows: int, num_splits: int, pages_per_block: int, scale: float,
+                  precision):
+    if num_splits == 1:
+        k_out_ref, v_out_ref = rest
+    else:
+        lse_ref, k_out_ref, v_out_ref = rest
+    seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    batch, table_pages = lengths_ref.shape[0], block_table_ref.shape[0]
+    page_size, head_dim = k_pages_ref.shape[-2], k_pages_ref.shape[-1]
+    pool_dtype = k_pages_ref.dtype
+    block_keys = pages_per_block * page_size
+    length = jnp.minimum(lengths_ref[seq], table_pages * page_size)
+    cached = jnp.maximum(length - 1, 0)  # keys already in the pool; the new one is at `cached`
+    rows = jnp.arange(block_rows)
+    real_row = rows < group
+    cos = cos_ref[seq, :][None, :]
+    sin = sin_ref[seq, :][None, :]
+    rot = _rotate_half_matrix(head_dim, pool_dtype)
+
+    def rope(x):  # x [rows, D] in the activation dtype -> rotated, in the pool dtype
+        swapped = compat.dot(x.astype(pool_dtype), rot, precision=precision).astype(jnp.float32)
+        return (x.astype(jnp.float32) * cos + swapped * sin).astype(pool_dtype)
+
+    q = rope(compat.load(qkv_ref.at[seq, pl.ds(head * group, block_rows), :],
+                         mask=real_row[:, None], other=0))
+    # The new key as row 0 of a tile (the MMA needs 16 rows), then as a vector.
+    k_tile = rope(compat.load(qkv_ref.at[seq, pl.ds(num_heads + head, block_rows), :],
+                              mask=(rows == 0)[:, None], other=0))
+    k_new = k_tile.astype(jnp.float32).sum(axis=0)  # rows 1.. are exact zeros
+    v_new = qkv_ref[seq, num_heads + kv_heads + head, :].astype(pool_dtype)
+    has_new = length >= 1
+    slot = slot_ref[seq]
+
+    num_slots = k_pages_ref.shape[0] * page_size
+    @pl.when((split == 0) & has_new & (slot >= 0) & (slot < num_slots))
+    def _write():
+        page = slot // page_size
+        k_out_ref[page, slot % page_size, :] = k_new.astype(pool_dtype)
+        v_out_ref[page, slot % page_size, :] = v_new
+
+    seeds = (split == 0) & has_new
+    s_new = (q.astype(jnp.float32) * k_new[None, :]).sum(axis=1) * scale
+    m0 = jnp.where(seeds, s_new, _MASK_VALUE)
+    l0 = jnp.where(seeds, jnp.ones_like(s_new), jnp.zeros_like(s_new))
+    acc0 = jnp.where(seeds, jnp.broadcast_to(v_new.astype(jnp.float32)[None, :],
+                                               (block_rows, head_dim)), 0.0)
+
+    cached_pages = pl.cdiv(cached, page_size)
+    if num_splits == 1:
+        first_page, end_page = 0, cached_pages
+    else:
+        padded_batch = _next_pow2(batch)
+        all_lengths = compat.load(lengths_ref.at[pl.ds(0, padded_batch)],
+                                  mask=jnp.arange(padded_batch) < batch, other=0)
+        longest = pl.cdiv(jnp.clip(all_lengths.max() - 1, 0, table_pages * page_size), page_size)
+        per_split = pl.cdiv(pl.cdiv(longest, num_splits), pages_per_block) * pages_per_block
+        per_split = jnp.maximum(per_split, pages_per_block)
+        first_page = split * per_split
+        end_page = jnp.minimum(first_page + per_split, cached_pages)
+    num_iters = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
+
+    def body(i, carry):
+        acc, m, l = carry
+        page0 = first_page + i * pages_per_block
+        offsets = page0 + jnp.arange(pages_per_block)
+        page_ids = compat.load(block_table_ref.at[pl.ds(page0, pages_per_block)],
+                               mask=offsets < table_pages, other=0)
+        key_pos = page0 * page_size + jnp.arange(block_keys)
+        valid = key_pos < cached
+        k = k_pages_ref[page_ids].reshape(block_keys, head_dim)
+        # Unwritten slots may hold anything, even NaN: keep them out of both products.
+        v = v_pages_ref[page_ids].reshape(block_keys, head_dim)
+        v = jnp.where(valid[:, None], v, jnp.zeros_like(v))
+        s = compat.dot(q, k, trans_b=True, precision=precision) * scale
+        s = jnp.where(valid[None, :], s, _MASK_VALUE)
+        m_next = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp(m - m_next)
+        p = jnp.where(valid[None, :], jnp.exp(s - m_next[:, None]), 0.0)
+        l = l * alpha + p.sum(axis=1)
+        pv = compat.dot(p.astype(v.dtype), v, precision=precision)
+        return acc * alpha[:, None] + pv, m_next, l
+
+    acc, m, l = lax.fori_loop(0, num_iters, body, (acc0, m0, l0))
+    has_keys = l > 0.0
+    out = acc / jnp.where(has_keys, l, 1.0)[:, None]
+    out = jnp.where(has_keys[:, None], out, 0.0).astype(o_ref.dtype)
+    if num_splits == 1:
+        compat.store(o_ref.at[seq, head, pl.ds(0, block_rows), :], out, mask=real_row[:, None])
+    else:
+        compat.store(o_ref.at[split, seq, head, pl.ds(0, block_rows), :], out,
+                     mask=real_row[:, None])
+        lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
+        compat.store(lse_ref.at[split, seq, head, pl.ds(0, block_rows)], lse, mask=real_row)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret"))
+def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, *, scale: float,
+           num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
+           interpret: bool):
+    batch, _, head_dim = qkv.shape
+    kv_heads = k_pages.shape[0]
+    num_heads = qkv.shape[1] - 2 * kv_heads
+    group = num_heads // kv_heads
+    block_rows = max(16, _next_pow2(group))
+    precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
+    kernel = functools.partial(
+        _fused_kernel, num_heads=num_heads, kv_heads=kv_heads, group=group,
+        block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
+        scale=scale, precision=precision)
+    whole = pl.no_block_spec
+    pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
+    in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
+                whole, whole, whole, whole, pool_spec, pool_spec]
+    out_rows = (batch, kv_heads, group, head_dim)
+    pool_shapes = [jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
+                   jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)]
+    if num_splits == 1:
+        out_specs = [whole, pool_spec, pool_spec]
+        out_shape = [jax.ShapeDtypeStruct(out_rows, qkv.dtype), *pool_shapes]
+    else:
+        out_specs = [whole, whole, pool_spec, pool_spec]
+        out_shape = [jax.ShapeDtypeStruct((num_splits, *out_rows), qkv.dtype),
+                     jax.ShapeDtypeStruct((num_splits, *out_rows[:-1]), jnp.float32),
+                     *pool_shapes]
+    result = pl.pallas_call(
+        kernel,
+        grid=(batch, kv_heads, num_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases={6: len(out_shape) - 2, 7: len(out_shape) - 1},
+        interpret=interpret,
+        compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
+        name="fused_decode_attention",
+    )(slot_mapping.astype(jnp.int32), block_tables.astype(jnp.int32),
+      lengths.astype(jnp.int32), qkv, cos.astype(jnp.float32), sin.astype(jnp.float32),
+      k_pages, v_pages)
+    if num_splits == 1:
+        out, k_pages, v_pages = result
+    else:
+        out = _combine_splits(result[0], result[1], qkv.dtype)
+        k_pages, v_pages = result[2], result[3]
+    return out.reshape(batch, num_heads, head_dim), k_pages, v_pages
+
+
+def _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping) -> None:
+    if qkv.ndim != 3:
+        raise ValueError(f"qkv must be [batch, num_heads + 2 * kv_heads, head_dim], got {qkv.shape}")
+    batch, heads, head_dim = qkv.shape
+    kv_heads = k_pages.shape[0] if k_pages.ndim == 4 else 0
+    num_heads = heads - 2 * kv_heads
+    if num_heads < 1:
+        raise ValueError(f"qkv has {heads} heads, too few for {kv_heads} KV heads")
+    check_pool(k_pages, v_pages, num_heads, head_dim)
+    for name, arr in (("cos", cos), ("sin", sin)):
+        if arr.shape != (batch, head_dim):
+            raise ValueError(f"{name} must be [{batch}, {head_dim}], got {arr.shape}")
+    if block_tables.ndim != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must be [{batch}, max_pages], got {block_tables.shape}")
+    for name, arr in (("lengths", lengths), ("slot_mapping", slot_mapping)):
+        if arr.shape != (batch,):
+            raise ValueError(f"{name} must be [{batch}], got {arr.shape}")
+
+
+def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
+                           v_pages: jax.Array, block_tables: jax.Array, lengths: jax.Array,
+                           slot_mapping: jax.Array, *, scale: float | None = None,
+                           interpret: bool | None = None, num_splits: int | None = None,
+                           pages_per_block: int | None = None, num_warps: int = 4,
+                           num_stages: int = 2) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decode token per sequence: RoPE on its q and k, k/v into the pool, attention.
+
+    Args:
+        qkv: `[batch, num_heads + 2 * kv_heads, head_dim]`, the QKV projection (bias
+            included) of each sequence's new token, before RoPE: query heads, then key
+            heads, then value heads.
+        cos, sin: `[batch, head_dim]` RoPE tables at each token's position
+            (`jaxserve.model.rope_tables`, half-split layout).
+        k_pages, v_pages: `[kv_heads, num_pages, page_size, head_dim]`; donate them so
+            the write is in place.
+        block_tables: `[batch, max_pages]` int32 pages of each sequence.
+        lengths: `[batch]` keys per sequence including the new token (at position
+            `length - 1`); 0 marks a padding row: nothing written, zeros returned.
+        slot_mapping: `[batch]` pool slot (`page * page_size + offset`) of the new token;
+            negative writes nothing. A row with length >= 1 must name its token's slot.
+        scale, interpret, num_splits, pages_per_block, num_warps, num_stages: as in
+            `kernels.paged_attention.paged_attention`.
+
+    Returns:
+        `(out [batch, num_heads, head_dim] in qkv's dtype, k_pages, v_pages)`.
+
+    Example:
+        >>> qkv = jnp.ones((2, 14 + 4, 64), jnp.bfloat16)
+        >>> cos, sin = jnp.ones((2, 64)), jnp.zeros((2, 64))
+        >>> kp = vp = jnp.zeros((2, 8, 16, 64), jnp.bfloat16)
+        >>> table = jnp.array([[0, 1], [2, 3]], jnp.int32)
+        >>> out, kp, vp = fused_decode_attention(qkv, cos, sin, kp, vp, table,
+        ...     jnp.array([20, 0], jnp.int32), jnp.array([19, -1], jnp.int32))
+        >>> out.shape
+        (2, 14, 64)
+    """
+    _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping)
+    batch, _, head_dim = qkv.shape
+    kv_heads, _, page_size, _ = k_pages.shape
+    interpret = compat.resolve_interpret(interpret)
+    pages_per_block, num_splits = resolve_tuning(
+        page_size, block_tables.shape[1], batch * kv_heads, pages_per_block, num_splits,
+        interpret, DECODE_BLOCK_KEYS)
+    return _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
+                  scale=float(head_dim ** -0.5 if scale is None else scale),
+                  num_splits=num_splits, pages_per_block=pages_per_block,
+                  num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+
+
+def rope_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """`x [batch, heads, D]` rotated by `cos/sin [batch, D]` in float32, back in x's dtype."""
+    half = x.shape[-1] // 2
+    xf = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
+
+
+def fused_decode_attention_reference(qkv, cos, sin, k_pages, v_pages, block_tables, lengths,
+                                     slot_mapping, *, scale=None):
+    """jnp reference of `fused_decode_attention`: RoPE, scatter, then paged attention.
+
+    Example:
+        >>> qkv = jnp.ones((1, 4, 64)); cs = jnp.ones((1, 64))
+        >>> pages = jnp.zeros((1, 2, 16, 64))
+        >>> out, kp, vp = fused_decode_attention_reference(
+        ...     qkv, cs, cs, pages, pages, jnp.zeros((1, 2), jnp.int32),
+        ...     jnp.array([1], jnp.int32), jnp.array([0], jnp.int32))
+    """
+    _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping)
+    kv_heads = k_pages.shape[0]
+    num_heads = qkv.shape[1] - 2 * kv_heads
+    q = rope_reference(qkv[:, :num_heads], cos, sin)
+    k = rope_reference(qkv[:, num_heads:num_heads + kv_heads], cos, sin)
+    v = qkv[:, num_heads + kv_heads:]
+    # Rows without a token write nothing (the kernel's rule), whatever their slot says.
+    slots = jnp.where(lengths >= 1, slot_mapping, -1)
+    k_pages, v_pages = cache_scatter_reference(k_pages, v_pages, k.astype(k_pages.dtype),
+                                               v.astype(v_pages.dtype), slots)
+    out = paged_attention_reference(q.astype(k_pages.dtype), k_pages, v_pages, block_tables,
+                                    lengths, scale=scale)
+    return out.astype(qkv.dtype), k_pages, v_pages

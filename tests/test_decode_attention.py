@@ -1,0 +1,135 @@
+"""The fused decode attention kernel (RoPE + cache write + paged attention) against its
+jnp reference: fresh random inputs, NaN-poisoned pages (the new token's own slot
+included, so reading it before it is written fails), ragged lengths, random page tables.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.model import rope_tables
+from kernels.decode_attention import fused_decode_attention, fused_decode_attention_reference
+from tests.test_kernels import (MODES, TOLERANCE, fresh_rng, make_pool, make_sequences,
+                                poison_unowned, ragged_lengths, relative_error)
+
+
+def fused_case(rng, *, batch, num_heads, kv_heads, head_dim, page_size, table_pages, dtype,
+               lengths=None):
+    num_pages = batch * table_pages + 3
+    max_len = table_pages * page_size
+    if lengths is None:
+        lengths = ragged_lengths(rng, batch, page_size, max_len)
+    k_pages, v_pages = make_pool(rng, kv_heads=kv_heads, head_dim=head_dim,
+                                 page_size=page_size, num_pages=num_pages, dtype=dtype)
+    table, lengths = make_sequences(rng, batch=batch, page_size=page_size,
+                                    table_pages=table_pages, num_pages=num_pages,
+                                    lengths=lengths)
+    cached = jnp.maximum(lengths - 1, 0)
+    # Only the keys before the new token hold data; its own slot is NaN until written.
+    k_pages = poison_unowned(k_pages, table, cached, page_size)
+    v_pages = poison_unowned(v_pages, table, cached, page_size)
+    pos = np.asarray(cached)
+    rows = np.arange(batch)
+    slots = np.asarray(table)[rows, pos // page_size] * page_size + pos % page_size
+    slots = jnp.asarray(np.where(np.asarray(lengths) >= 1, slots, -1), jnp.int32)
+    # Positions far from 0 make RoPE's rotation matter; the tables are the model's own.
+    cos, sin = rope_tables(jnp.asarray(pos + rng.integers(0, 5000)), head_dim, 1e6)
+    qkv = jnp.asarray(rng.standard_normal((batch, num_heads + 2 * kv_heads, head_dim)), dtype)
+    return qkv, cos, sin, k_pages, v_pages, table, lengths, slots
+
+
+def assert_pools_equal(new, ref, seed):
+    np.testing.assert_array_equal(np.asarray(new, np.float32), np.asarray(ref, np.float32),
+                                  err_msg=f"seed={seed}")
+
+
+# (num_heads, kv_heads, head_dim, page_size, dtype, num_splits, pages_per_block): GQA
+# 1/2/7/8, head_dim 64/128, pages 8/16/32, with and without splits.
+FUSED_CASES = [
+    (14, 2, 64, 16, jnp.bfloat16, 1, 2),
+    (14, 2, 64, 8, jnp.float32, 3, 2),
+    (28, 4, 128, 16, jnp.float32, 2, 1),
+    (8, 1, 64, 32, jnp.bfloat16, 2, 1),
+    (4, 2, 128, 8, jnp.bfloat16, 1, 4),
+    (4, 4, 64, 16, jnp.float32, None, None),
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,dtype,num_splits,ppb", FUSED_CASES)
+def test_fused_decode_matches_rope_scatter_attention_reference(
+        interpret, num_heads, kv_heads, head_dim, page_size, dtype, num_splits, ppb):
+    rng, seed = fresh_rng()
+    args = fused_case(rng, batch=6, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim,
+                      page_size=page_size, table_pages=5, dtype=dtype)
+    out, k_new, v_new = fused_decode_attention(*args, interpret=interpret,
+                                               num_splits=num_splits, pages_per_block=ppb)
+    ref, k_ref, v_ref = fused_decode_attention_reference(*args)
+    # The attention reference in float32 over the pool the reference scatter wrote.
+    exact, _, _ = fused_decode_attention_reference(
+        args[0].astype(jnp.float32), *args[1:3], k_ref.astype(jnp.float32),
+        v_ref.astype(jnp.float32), *args[5:7], jnp.full_like(args[7], -1))
+    assert out.shape == (6, num_heads, head_dim) and out.dtype == dtype
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(out, exact) <= TOLERANCE[dtype], f"seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
+    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0,
+                                  err_msg=f"length-0 row not zero, seed={seed}")
+    # The new tokens' rotated K and V are in their slots (bitwise, as the reference's
+    # RoPE in float32 then cast), and nothing else in the pool changed.
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(np.asarray(k_new), np.asarray(k_ref), rtol=1e-6, atol=1e-6,
+                                   err_msg=f"seed={seed}")
+    else:
+        assert_pools_equal(k_new, k_ref, seed)
+    assert_pools_equal(v_new, v_ref, seed)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_fused_decode_in_place_under_jit_and_steps_chain(interpret):
+    """Three decode steps in a row, each reading the keys the last one wrote."""
+    rng, seed = fresh_rng()
+    qkv, cos, sin, k_pages, v_pages, table, lengths, slots = fused_case(
+        rng, batch=3, num_heads=14, kv_heads=2, head_dim=64, page_size=16, table_pages=4,
+        dtype=jnp.bfloat16, lengths=[1, 17, 40])
+    step = jax.jit(functools.partial(fused_decode_attention, interpret=interpret,
+                                     num_splits=2, pages_per_block=1), donate_argnums=(3, 4))
+    hlo = step.lower(qkv, cos, sin, k_pages, v_pages, table, lengths, slots).compile().as_text()
+    assert "input_output_alias" in hlo, "the pools are not aliased to the outputs"
+    ref_k, ref_v = k_pages, v_pages
+    k_pages, v_pages = jnp.array(k_pages), jnp.array(v_pages)
+    page_size = 16
+    for _ in range(3):
+        pointer = k_pages.unsafe_buffer_pointer()
+        out, k_pages, v_pages = step(qkv, cos, sin, k_pages, v_pages, table, lengths, slots)
+        assert k_pages.unsafe_buffer_pointer() == pointer, "the pool was copied"
+        ref, ref_k, ref_v = fused_decode_attention_reference(qkv, cos, sin, ref_k, ref_v, table,
+                                                             lengths, slots)
+        assert relative_error(out, ref) <= 2e-2, f"seed={seed}"
+        assert_pools_equal(k_pages, ref_k, seed)
+        lengths = lengths + 1
+        pos = np.asarray(lengths) - 1
+        slots = jnp.asarray(np.asarray(table)[np.arange(3), pos // page_size] * page_size
+                            + pos % page_size, jnp.int32)
+        qkv = jnp.asarray(rng.standard_normal(qkv.shape), qkv.dtype)
+
+
+def test_fused_decode_shape_errors_name_the_field():
+    qkv = jnp.zeros((2, 18, 64))
+    pages = jnp.zeros((2, 4, 16, 64))
+    table = jnp.zeros((2, 2), jnp.int32)
+    ones = jnp.ones(2, jnp.int32)
+    with pytest.raises(ValueError, match="cos"):
+        fused_decode_attention(qkv, jnp.zeros((2, 32)), jnp.zeros((2, 64)), pages, pages, table,
+                               ones, ones)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        fused_decode_attention(qkv, jnp.zeros((2, 64)), jnp.zeros((2, 64)), pages, pages, table,
+                               ones, jnp.ones(3, jnp.int32))
+    with pytest.raises(ValueError, match="qkv"):
+        fused_decode_attention(jnp.zeros((2, 64)), jnp.zeros((2, 64)), jnp.zeros((2, 64)), pages,
+                               pages, table, ones, ones)
