@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,10 +38,62 @@ VARIANTS = {
     "graphs_nowhile": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN "
                       "--xla_gpu_graph_min_graph_size=1",
     "nographs": "--xla_gpu_enable_command_buffer=",
-    # Keep batch-1 projections as GEMMs: XLA otherwise rewrites a matrix-vector dot as a
-    # multiply (materialized at the weight's size for qkv and o_proj) plus a reduction.
-    "nodotsr": "--xla_gpu_enable_dot_strength_reduction=false",
 }
+
+
+def gpu_kernel_times(trace_dir: str) -> dict[str, tuple[int, float]]:
+    """{kernel name: (launches, total µs)} from the Perfetto trace `jax.profiler` wrote.
+
+    Only events on the GPU's streams count (process names holding "GPU" or "/device:"),
+    so host-side XLA ops and Python are left out.
+    """
+    import glob
+    import gzip
+
+    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True) + \
+        glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        return {}
+    with gzip.open(max(files, key=os.path.getmtime)) as f:
+        events = json.load(f)
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and any(k in str(e.get("args", {}).get("name", "")) for k in ("GPU", "/device:"))}
+    # The device's "XLA Ops"/"XLA Modules" rows repeat the kernels at op level: count streams.
+    threads = {(e["pid"], e.get("tid")): str(e.get("args", {}).get("name", "")) for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in gpu_pids}
+    streams = {k for k, name in threads.items() if "Stream" in name} or set(threads)
+    out: dict[str, tuple[int, float]] = {}
+    for e in events:
+        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams and "dur" in e:
+            n, t = out.get(e["name"], (0, 0.0))
+            out[e["name"]] = (n + 1, t + float(e["dur"]))
+    return out
+
+
+def profile_decode(runner, call: tuple, out_dir: str, tag: str, calls: int = 5) -> None:
+    """Per-kernel GPU time of `calls` decode calls, printed per step, biggest first."""
+    import jax
+
+    trace_dir = os.path.join(out_dir, tag)
+    jax.block_until_ready(runner.decode(*call, greedy=True).tokens)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(calls):
+            jax.block_until_ready(runner.decode(*call, greedy=True).tokens)
+    times = gpu_kernel_times(trace_dir)
+    steps = calls * call[6]
+    total = sum(t for _, t in times.values())
+    print(f"profile {tag}: GPU busy {total / steps:.1f} µs a step over {len(times)} kernel names", flush=True)
+    # Group names that differ only by a numeric suffix (one fusion per layer).
+    groups: dict[str, list[float]] = {}
+    for name, (n, t) in times.items():
+        key = re.sub(r"[._]\d+$", "", name)
+        g = groups.setdefault(key, [0, 0.0])
+        g[0] += n
+        g[1] += t
+    for key, (n, t) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:30]:
+        print(f"   {t / steps:8.1f} µs/step {n / steps:6.1f} launches/step  {t / max(n, 1):7.2f} µs each  {key[:90]}",
+              flush=True)
 
 
 def run_variant(args) -> list[dict]:
@@ -75,6 +128,8 @@ def run_variant(args) -> list[dict]:
         call = (np.zeros(batch, np.int32), pos, pos + steps, bt, sb, np.zeros(batch, np.int32), steps)
         step_ms = time_decode_call(runner, call, args.reps)
         print(f"batch {batch}: engine decode compiled and timed {time.perf_counter() - t0:.1f} s", flush=True)
+        if args.profile:
+            profile_decode(runner, call, args.profile, f"{impl}_b{batch}")
         hlo = decode_hlo(runner, call)
         hist = loop_body_histogram(hlo)
         if args.dump_hlo:
@@ -121,6 +176,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default=None, help="trace the engine's decode calls here and print GPU time per kernel")
     ap.add_argument("--dump-hlo", default=None, help="write each engine decode call's compiled HLO text here")
     args = ap.parse_args()
     if args.child:
@@ -133,7 +189,8 @@ def main() -> None:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--batches", *map(str, args.batches),
                "--context", str(args.context), "--decode-steps", str(args.decode_steps), "--reps", str(args.reps)] + (["--tiny"] if args.tiny else []) + (["--no-static"] if args.no_static else []) \
             + (["--impl", args.impl] if args.impl else []) \
-            + (["--dump-hlo", args.dump_hlo] if args.dump_hlo else [])
+            + (["--dump-hlo", args.dump_hlo] if args.dump_hlo else []) \
+            + (["--profile", args.profile] if args.profile else [])
         print(f"== variant {v}: XLA_FLAGS={env['XLA_FLAGS']!r}", flush=True)
         # Relay the child's lines as they come: a variant that hangs must still show how far it got.
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
