@@ -98,6 +98,34 @@ def _paged_ops(impl: str):
     raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
 
 
+class Linear(nn.Module):
+    """``nn.Dense`` (same parameters, same math) that can run as the skinny-matmul kernel.
+
+    ``fast=True`` (decode under the "pallas" impl) sends inputs of at most
+    ``kernels.skinny_matmul.MAX_ROWS`` rows to the Pallas kernel: XLA streams the weights of
+    a few-row product at a fraction of the HBM bandwidth (see that module).
+    """
+
+    features: int
+    use_bias: bool
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, fast: bool = False) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype) if self.use_bias else None
+        x = x.astype(self.dtype)
+        rows = x.size // x.shape[-1]
+        if fast:
+            from kernels.skinny_matmul import MAX_ROWS, skinny_matmul
+
+            if rows <= MAX_ROWS:
+                out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, bias)
+                return out.reshape(*x.shape[:-1], self.features)
+        out = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return out if bias is None else out + bias
+
+
 class RMSNorm(nn.Module):
     eps: float
     dtype: Any
@@ -120,8 +148,8 @@ class Attention(nn.Module):
         cfg = self.config
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, s, _ = x.shape
-        qkv = nn.Dense((h + 2 * kvh) * d, use_bias=True, dtype=self.dtype, param_dtype=self.dtype,
-                       name="qkv_proj")(x)
+        fast = paged is not None and paged.impl == "pallas"
+        qkv = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")(x, fast)
         if paged is not None and s == 1 and paged.impl == "pallas":
             # Decode: RoPE, the cache write and attention are one kernel (launch-bound step).
             from kernels.decode_attention import fused_decode_attention
@@ -129,8 +157,8 @@ class Attention(nn.Module):
             out, k_pages, v_pages = fused_decode_attention(
                 qkv.reshape(b, h + 2 * kvh, d), cos[:, 0], sin[:, 0], kv[0], kv[1],
                 paged.block_tables, paged.lengths, paged.slot_mapping[:, 0])
-            out = nn.Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
-                           name="o_proj")(out.reshape(b, s, h * d).astype(self.dtype))
+            out = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")(
+                out.reshape(b, s, h * d).astype(self.dtype), fast)
             return out, (k_pages, v_pages)
         q = qkv[..., : h * d].reshape(b, s, h, d)
         k = qkv[..., h * d: (h + kvh) * d].reshape(b, s, kvh, d)
@@ -147,8 +175,8 @@ class Attention(nn.Module):
                 out = decode(q[:, 0], k_pages, v_pages, paged.block_tables, paged.lengths)[:, None]
             else:
                 out = prefill(q, k_pages, v_pages, paged.block_tables, paged.q_start, paged.lengths)
-        out = nn.Dense(cfg.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
-                       name="o_proj")(out.reshape(b, s, h * d).astype(self.dtype))
+        out = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")(
+            out.reshape(b, s, h * d).astype(self.dtype), fast)
         return out, kv
 
 
@@ -157,13 +185,11 @@ class MLP(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, fast: bool = False):
         inter = self.config.intermediate_size
-        gate_up = nn.Dense(2 * inter, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
-                           name="gate_up_proj")(x)
+        gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")(x, fast)
         act = nn.silu(gate_up[..., :inter]) * gate_up[..., inter:]
-        return nn.Dense(self.config.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
-                        name="down_proj")(act)
+        return Linear(self.config.hidden_size, False, self.dtype, name="down_proj")(act, fast)
 
 
 class DecoderLayer(nn.Module):
@@ -176,7 +202,9 @@ class DecoderLayer(nn.Module):
         attn_out, kv = Attention(self.config, self.dtype, name="self_attn")(
             RMSNorm(eps, self.dtype, name="input_layernorm")(x), cos, sin, lengths, kv, paged)
         x = x + attn_out
-        x = x + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x))
+        fast = paged is not None and paged.impl == "pallas"
+        x = x + MLP(self.config, self.dtype, name="mlp")(
+            RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x), fast)
         return x, kv
 
 

@@ -1,0 +1,179 @@
+"""Skinny matmul: a few activation rows times a weight matrix, at weight-streaming speed.
+
+Owns: the decode step's projections (`x [M, K] @ w [K, N] + bias` with M, the batch,
+at most `MAX_ROWS`) and their jnp reference. Never decides when it is used (the model
+does: decode steps of small batches under the "pallas" implementation).
+
+Why: a decode step reads every weight once and does almost no arithmetic on it, so a
+projection should take its weight's bytes over the HBM bandwidth. XLA does not get there
+at small M (H100 profile, Qwen2.5-0.5B, bench/results/decode_step.md): at M = 1 it
+rewrites the dot as a multiply (materialized at the weight's size for two of the four
+projections) plus a reduction, ~790 µs a step for 713 MB of layer weights (~0.9 TB/s);
+at M = 64 its Triton GEMMs reach ~1 TB/s.
+
+How: one program per (block of `block_n` output columns, K split). Each program keeps the
+M rows (padded to 16, the MMA's minimum, by masked loads) and streams its weight columns
+`block_k` rows at a time through a tensor-core product with a float32 accumulator; the
+loop is software-pipelined (`num_stages`) so several weight tiles are in flight. Narrow
+matrices (few column blocks) split K so that enough programs run to fill the GPU; the
+splits write float32 partial sums that one XLA reduction adds (which XLA fuses into the
+consumer when it can). Deterministic: no atomics.
+
+Backend: Pallas Triton, like the other kernels (`kernels.paged_attention` says why).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels import pallas_compat as compat
+
+# Up to this many rows the weight stream dominates; beyond it XLA's GEMMs are the better choice.
+MAX_ROWS = 64
+# Programs wanted in flight: about two per H100 SM.
+_TARGET_PROGRAMS = 264
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _kernel(x_ref, w_ref, *rest, has_bias: bool, num_splits: int, k_per_split: int,
+            block_m: int, block_n: int, block_k: int, precision):
+    if has_bias:
+        b_ref, o_ref = rest
+    else:
+        (o_ref,) = rest
+    col_block, split = pl.program_id(0), pl.program_id(1)
+    rows, k_total = x_ref.shape
+    n_total = w_ref.shape[1]
+    row_ids = jnp.arange(block_m)
+    cols = col_block * block_n + jnp.arange(block_n)
+    col_ok = cols < n_total
+    k_start = split * k_per_split
+    k_end = jnp.minimum(k_start + k_per_split, k_total)
+    num_iters = pl.cdiv(jnp.maximum(k_end - k_start, 0), block_k)
+
+    def body(i, acc):
+        k0 = k_start + i * block_k
+        ks = k0 + jnp.arange(block_k)
+        k_ok = ks < k_end
+        x = compat.load(x_ref.at[pl.ds(0, block_m), pl.ds(k0, block_k)],
+                        mask=(row_ids < rows)[:, None] & k_ok[None, :], other=0)
+        w = compat.load(w_ref.at[pl.ds(k0, block_k), pl.ds(col_block * block_n, block_n)],
+                        mask=k_ok[:, None] & col_ok[None, :], other=0)
+        return acc + compat.dot(x.astype(w.dtype), w, precision=precision)
+
+    acc = lax.fori_loop(0, num_iters, body, jnp.zeros((block_m, block_n), jnp.float32))
+    mask = (row_ids < rows)[:, None] & col_ok[None, :]
+    if num_splits == 1:
+        if has_bias:
+            bias = compat.load(b_ref.at[pl.ds(col_block * block_n, block_n)], mask=col_ok, other=0)
+            acc = acc + bias.astype(jnp.float32)[None, :]
+        compat.store(o_ref.at[pl.ds(0, block_m), pl.ds(col_block * block_n, block_n)],
+                     acc.astype(o_ref.dtype), mask=mask)
+    else:
+        compat.store(o_ref.at[split, pl.ds(0, block_m), pl.ds(col_block * block_n, block_n)],
+                     acc, mask=mask)
+
+
+def default_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
+    """(block_n, block_k, num_splits): 64 columns x 128 rows of weight (16 KiB of bf16) a
+    loop iteration; K split until about `_TARGET_PROGRAMS` programs run."""
+    block_n, block_k = 64, 128
+    col_blocks = pl.cdiv(n, block_n)
+    k_blocks = pl.cdiv(k, block_k)
+    num_splits = max(1, min(k_blocks, _TARGET_PROGRAMS // col_blocks))
+    return block_n, block_k, num_splits
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "num_splits", "num_warps",
+                                             "num_stages", "interpret"))
+def _skinny(x, w, bias, *, block_n: int, block_k: int, num_splits: int, num_warps: int,
+            num_stages: int, interpret: bool):
+    m, k = x.shape
+    n = w.shape[1]
+    block_m = max(16, _next_pow2(m))
+    k_blocks = pl.cdiv(k, block_k)
+    k_per_split = pl.cdiv(k_blocks, num_splits) * block_k
+    precision = lax.Precision.HIGHEST if w.dtype == jnp.float32 else None
+    has_bias = bias is not None
+    kernel = functools.partial(_kernel, has_bias=has_bias and num_splits == 1,
+                               num_splits=num_splits, k_per_split=k_per_split, block_m=block_m,
+                               block_n=block_n, block_k=block_k, precision=precision)
+    whole = pl.no_block_spec
+    args = [x, w] + ([bias] if has_bias and num_splits == 1 else [])
+    if num_splits == 1:
+        out_shape = jax.ShapeDtypeStruct((m, n), x.dtype)
+    else:
+        out_shape = jax.ShapeDtypeStruct((num_splits, m, n), jnp.float32)
+    out = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(n, block_n), num_splits),
+        in_specs=[whole] * len(args),
+        out_specs=whole,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
+        name="skinny_matmul",
+    )(*args)
+    if num_splits == 1:
+        return out
+    out = out.sum(axis=0)
+    if has_bias:
+        out = out + bias.astype(jnp.float32)
+    return out.astype(x.dtype)
+
+
+def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
+                  interpret: bool | None = None, block_n: int | None = None,
+                  block_k: int | None = None, num_splits: int | None = None,
+                  num_warps: int = 4, num_stages: int = 4) -> jax.Array:
+    """`x @ w (+ bias)` for a few rows of `x`, accumulated in float32, in x's dtype.
+
+    Args:
+        x: `[M, K]` activations, M <= `MAX_ROWS`.
+        w: `[K, N]` weights (Flax `Dense` layout).
+        bias: optional `[N]`.
+        interpret: Pallas interpret mode; None picks it on the CPU backend.
+        block_n, block_k, num_splits: tiling; None picks `default_tiling`.
+        num_warps, num_stages: Triton launch parameters.
+
+    Example:
+        >>> x = jnp.ones((2, 256), jnp.bfloat16); w = jnp.ones((256, 384), jnp.bfloat16)
+        >>> skinny_matmul(x, w).shape
+        (2, 384)
+    """
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"x must be [M, K] and w [K, N], got {x.shape} and {w.shape}")
+    if x.shape[0] > MAX_ROWS:
+        raise ValueError(f"x has {x.shape[0]} rows, more than MAX_ROWS={MAX_ROWS}")
+    if bias is not None and bias.shape != (w.shape[1],):
+        raise ValueError(f"bias must be [{w.shape[1]}], got {bias.shape}")
+    dn, dk, ds = default_tiling(*x.shape, w.shape[1])
+    block_n, block_k = block_n or dn, block_k or dk
+    num_splits = num_splits or ds
+    for name, v in (("block_n", block_n), ("block_k", block_k)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+    return _skinny(x, w, bias, block_n=block_n, block_k=block_k, num_splits=num_splits,
+                   num_warps=num_warps, num_stages=num_stages,
+                   interpret=compat.resolve_interpret(interpret))
+
+
+def skinny_matmul_reference(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """jnp reference: float32 product (HIGHEST precision), back in x's dtype.
+
+    Example:
+        >>> skinny_matmul_reference(jnp.ones((1, 4)), jnp.ones((4, 3))).tolist()
+        [[4.0, 4.0, 4.0]]
+    """
+    out = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
+    return out.astype(x.dtype)
