@@ -1,0 +1,91 @@
+"""Tiling sweep of the skinny-matmul kernel against XLA's dot on Qwen2.5-0.5B's projections.
+
+Each timed function runs one projection shape over 24 distinct weight matrices (one per
+layer, ~50-420 MB in all, so the 50 MB L2 cannot hold them) inside one jit; reported is
+the median time per matrix and its weight bytes over that time.
+
+    python bench/skinny_tune.py --rows 1 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from kernels.skinny_matmul import skinny_matmul  # noqa: E402
+
+SHAPES = {"qkv": (896, 1152), "o": (896, 896), "gate_up": (896, 9728), "down": (4864, 896)}
+
+
+def time_fn(fn, *args, reps: int = 30) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--shapes", nargs="+", default=["gate_up", "down", "qkv", "o"])
+    args = ap.parse_args()
+    key = jax.random.key(0)
+    print(f"device {jax.devices()[0].device_kind}", flush=True)
+    for name in args.shapes:
+        k, n = SHAPES[name]
+        ws = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16) * 0.02 for i in range(args.layers)]
+        nbytes = k * n * 2
+        for m in args.rows:
+            x = jax.random.normal(key, (m, k), jnp.bfloat16)
+
+            def run(tile):
+                def f(x, ws):
+                    acc = jnp.zeros((m, n), jnp.float32)
+                    for w in ws:
+                        y = jnp.dot(x, w) if tile is None else skinny_matmul(x, w, **tile)
+                        acc = acc + y.astype(jnp.float32)
+                    return acc
+                return jax.jit(f)
+
+            rows = [("xla", None)]
+            for bn, bk, (st, wp), target in itertools.product((64, 128), (128, 256), ((3, 4), (4, 4), (4, 8)),
+                                                              (264, 528)):
+                kb = -(-k // bk)
+                splits = max(1, min(kb, target // -(-n // bn)))
+                rows.append((f"bn{bn} bk{bk} st{st} w{wp} s{splits}",
+                             dict(block_n=bn, block_k=bk, num_stages=st, num_warps=wp, num_splits=splits)))
+            seen = set()
+            results = []
+            for label, tile in rows:
+                if label in seen:
+                    continue
+                seen.add(label)
+                try:
+                    t = time_fn(run(tile), x, ws) / args.layers
+                except Exception as e:  # a tiling Triton cannot compile (shared memory) is skipped
+                    print(f"  {name} M={m} {label}: failed {type(e).__name__}", flush=True)
+                    continue
+                results.append((t, label))
+            xla = next(t for t, label in results if label == "xla")
+            print(f"{name} [{k}x{n}] M={m}: XLA {xla * 1e6:.2f} µs {nbytes / xla / 1e12:.2f} TB/s", flush=True)
+            for t, label in sorted(results)[:6]:
+                print(f"   {t * 1e6:7.2f} µs {nbytes / t / 1e12:5.2f} TB/s  {label}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
