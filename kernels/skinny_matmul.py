@@ -133,7 +133,7 @@ def _skinny(x, w, bias, *, block_n: int, block_k: int, num_splits: int, num_warp
 def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
                   interpret: bool | None = None, block_n: int | None = None,
                   block_k: int | None = None, num_splits: int | None = None,
-                  num_warps: int = 4, num_stages: int = 4) -> jax.Array:
+                  num_warps: int = 4, num_stages: int = 3) -> jax.Array:
     """`x @ w (+ bias)` for a few rows of `x`, accumulated in float32, in x's dtype.
 
     Args:
