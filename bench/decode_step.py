@@ -119,7 +119,7 @@ def run_variant(args) -> list[dict]:
     rows = []
     for batch in args.batches:
         steps = args.decode_steps
-        width = (args.context + steps) // 16 + 2
+        width = args.table_pages or (args.context + steps) // 16 + 2
         impl = args.impl or default_attention_impl()
         runner = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
         bt = np.random.default_rng(batch).permutation(batch * width).reshape(batch, width).astype(np.int32)
@@ -176,6 +176,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--table-pages", type=int, default=None,
+                    help="block-table width in pages (default: just the context); a server's max_model_len sets it")
     ap.add_argument("--profile", default=None, help="trace the engine's decode calls here and print GPU time per kernel")
     ap.add_argument("--dump-hlo", default=None, help="write each engine decode call's compiled HLO text here")
     args = ap.parse_args()
@@ -190,6 +192,7 @@ def main() -> None:
                "--context", str(args.context), "--decode-steps", str(args.decode_steps), "--reps", str(args.reps)] + (["--tiny"] if args.tiny else []) + (["--no-static"] if args.no_static else []) \
             + (["--impl", args.impl] if args.impl else []) \
             + (["--dump-hlo", args.dump_hlo] if args.dump_hlo else []) \
+            + (["--table-pages", str(args.table_pages)] if args.table_pages else []) \
             + (["--profile", args.profile] if args.profile else [])
         print(f"== variant {v}: XLA_FLAGS={env['XLA_FLAGS']!r}", flush=True)
         # Relay the child's lines as they come: a variant that hangs must still show how far it got.
