@@ -84,6 +84,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     slot = slot_ref[seq]
 
     num_slots = k_pages_ref.shape[0] * page_size
+
     @pl.when((split == 0) & has_new & (slot >= 0) & (slot < num_slots))
     def _write():
         page = slot // page_size
