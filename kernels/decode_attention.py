@@ -35,7 +35,8 @@ from jax.experimental import pallas as pl
 from kernels import pallas_compat as compat
 from kernels.cache_scatter import cache_scatter_reference
 from kernels.paged_attention import (_MASK_VALUE, DECODE_BLOCK_KEYS, _combine_splits, _next_pow2,
-                                     check_pool, paged_attention_reference, resolve_tuning)
+                                     check_pool, paged_attention_reference, resolve_tuning,
+                                     split_page_range)
 
 
 def _rotate_half_matrix(head_dim: int, dtype) -> jax.Array:
@@ -57,7 +58,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     else:
         lse_ref, k_out_ref, v_out_ref = rest
     seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    batch, table_pages = lengths_ref.shape[0], block_table_ref.shape[0]
+    table_pages = block_table_ref.shape[0]
     page_size, head_dim = k_pages_ref.shape[-2], k_pages_ref.shape[-1]
     pool_dtype = k_pages_ref.dtype
     block_keys = pages_per_block * page_size
@@ -98,18 +99,11 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     acc0 = jnp.where(seeds, jnp.broadcast_to(v_new.astype(jnp.float32)[None, :],
                                                (block_rows, head_dim)), 0.0)
 
-    cached_pages = pl.cdiv(cached, page_size)
-    if num_splits == 1:
-        first_page, end_page = 0, cached_pages
-    else:
-        padded_batch = _next_pow2(batch)
-        all_lengths = compat.load(lengths_ref.at[pl.ds(0, padded_batch)],
-                                  mask=jnp.arange(padded_batch) < batch, other=0)
-        longest = pl.cdiv(jnp.clip(all_lengths.max() - 1, 0, table_pages * page_size), page_size)
-        per_split = pl.cdiv(pl.cdiv(longest, num_splits), pages_per_block) * pages_per_block
-        per_split = jnp.maximum(per_split, pages_per_block)
-        first_page = split * per_split
-        end_page = jnp.minimum(first_page + per_split, cached_pages)
+    # The new token is not in the pages yet: the splits cover the cached keys only.
+    first_page, end_page = split_page_range(
+        lengths_ref, split, pl.cdiv(cached, page_size), num_splits=num_splits,
+        pages_per_block=pages_per_block, page_size=page_size, table_pages=table_pages,
+        key_offset=-1)
     num_iters = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
 
     def body(i, carry):

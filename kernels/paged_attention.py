@@ -57,13 +57,36 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def split_page_range(lengths_ref, split, row_pages, *, num_splits: int, pages_per_block: int,
+                     page_size: int, table_pages: int, key_offset: int = 0):
+    """In-kernel: `(first_page, end_page)` of the pages that program `split` reads of a row
+    holding `row_pages` pages.
+
+    Split ranges are sized from the batch's longest sequence (`max(lengths) + key_offset`
+    keys, read in-kernel, so no extra XLA op): short batches in a wide page table still
+    use every split. Each range is a whole number of `pages_per_block` loop iterations.
+    """
+    if num_splits == 1:
+        return 0, row_pages
+    batch = lengths_ref.shape[0]
+    padded_batch = _next_pow2(batch)
+    all_lengths = compat.load(lengths_ref.at[pl.ds(0, padded_batch)],
+                              mask=jnp.arange(padded_batch) < batch, other=0)
+    longest_keys = jnp.clip(all_lengths.max() + key_offset, 0, table_pages * page_size)
+    longest = pl.cdiv(longest_keys, page_size)
+    per_split = pl.cdiv(pl.cdiv(longest, num_splits), pages_per_block) * pages_per_block
+    per_split = jnp.maximum(per_split, pages_per_block)
+    first_page = split * per_split
+    return first_page, jnp.minimum(first_page + per_split, row_pages)
+
+
 def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref, v_pages_ref,
                    o_ref, *lse_ref, group: int, start_offset: int, block_rows: int,
                    num_splits: int,
                    pages_per_block: int, scale: float, precision):
     seq, head = pl.program_id(0), pl.program_id(1)
     row_block, split = pl.program_id(2), pl.program_id(3)
-    batch, table_pages = lengths_ref.shape[0], block_table_ref.shape[0]
+    table_pages = block_table_ref.shape[0]
     query_rows, head_dim = q_ref.shape[2], q_ref.shape[3]
     page_size = k_pages_ref.shape[-2]
     block_keys = pages_per_block * page_size
@@ -82,19 +105,9 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
     block_limit = jnp.clip(q_start + last_row // group + 1, 0, length)
     block_pages = pl.cdiv(block_limit, page_size)
 
-    if num_splits == 1:
-        first_page, end_page = 0, block_pages
-    else:
-        # Split ranges are sized from the batch's longest sequence (read in-kernel, so
-        # no extra XLA op): short batches in a wide page table still use every split.
-        padded_batch = _next_pow2(batch)
-        all_lengths = compat.load(lengths_ref.at[pl.ds(0, padded_batch)],
-                                  mask=jnp.arange(padded_batch) < batch, other=0)
-        longest = pl.cdiv(jnp.minimum(all_lengths.max(), table_pages * page_size), page_size)
-        per_split = pl.cdiv(pl.cdiv(longest, num_splits), pages_per_block) * pages_per_block
-        per_split = jnp.maximum(per_split, pages_per_block)
-        first_page = split * per_split
-        end_page = jnp.minimum(first_page + per_split, block_pages)
+    first_page, end_page = split_page_range(lengths_ref, split, block_pages, num_splits=num_splits,
+                                            pages_per_block=pages_per_block, page_size=page_size,
+                                            table_pages=table_pages)
     num_iters = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
 
     def load_page_ids(page0):

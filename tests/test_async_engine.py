@@ -207,12 +207,14 @@ def test_shutdown_drains_then_aborts_and_refuses_new_requests(model):
         # Compile first (greedy, like both requests below), so the drain time measures serving.
         await engine.generate_async(PROMPTS[0], GREEDY)
         real = engine.engine.runner.decode
-        engine.engine.runner.decode = lambda *a, **k: (time.sleep(0.02), real(*a, **k))[1]
+        # 0.05 s a call: the long request needs >= 60 calls (3 s), past the drain; the short
+        # one 3 calls, well inside it even on a loaded 2-core CI machine.
+        engine.engine.runner.decode = lambda *a, **k: (time.sleep(0.05), real(*a, **k))[1]
         long_params = SamplingParams(max_tokens=240, temperature=0, ignore_eos=True)
         short = asyncio.ensure_future(engine.generate_async(PROMPTS[1], GREEDY))
         long = asyncio.ensure_future(engine.generate_async(PROMPTS[2], long_params))
         await asyncio.sleep(0.05)
-        await engine.shutdown(drain_s=1.0)
+        await engine.shutdown(drain_s=2.5)
         assert not engine.is_running and engine.engine.closed
         with pytest.raises(EngineDeadError):
             await engine.submit(PROMPTS[3], GREEDY)

@@ -14,7 +14,7 @@ import pytest
 
 from jaxserve.model import rope_tables
 from kernels.decode_attention import fused_decode_attention, fused_decode_attention_reference
-from tests.test_kernels import (MODES, TOLERANCE, fresh_rng, make_pool, make_sequences,
+from tests.test_kernels import (DECODE_CASES, MODES, TOLERANCE, fresh_rng, make_pool, make_sequences,
                                 poison_unowned, ragged_lengths, relative_error)
 
 
@@ -48,20 +48,9 @@ def assert_pools_equal(new, ref, seed):
                                   err_msg=f"seed={seed}")
 
 
-# (num_heads, kv_heads, head_dim, page_size, dtype, num_splits, pages_per_block): GQA
-# 1/2/7/8, head_dim 64/128, pages 8/16/32, with and without splits.
-FUSED_CASES = [
-    (14, 2, 64, 16, jnp.bfloat16, 1, 2),
-    (14, 2, 64, 8, jnp.float32, 3, 2),
-    (28, 4, 128, 16, jnp.float32, 2, 1),
-    (8, 1, 64, 32, jnp.bfloat16, 2, 1),
-    (4, 2, 128, 8, jnp.bfloat16, 1, 4),
-    (4, 4, 64, 16, jnp.float32, None, None),
-]
-
-
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,dtype,num_splits,ppb", FUSED_CASES)
+# The decode kernel's sweep (GQA 1/2/7/8, head_dim 64/128, pages 8/16/32, with and without splits).
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,dtype,num_splits,ppb", DECODE_CASES)
 def test_fused_decode_matches_rope_scatter_attention_reference(
         interpret, num_heads, kv_heads, head_dim, page_size, dtype, num_splits, ppb):
     rng, seed = fresh_rng()
