@@ -84,6 +84,7 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = tuple(sorted(eos))
+        self._sampling_cache: tuple | None = None
         self.requests: dict[str, Request] = {}
         self._pending: _Decode | None = None  # a decode call dispatched but not yet read
         self.chained_calls = 0
@@ -166,14 +167,24 @@ class Engine:
 
     # ----- steps ---------------------------------------------------------------------------
     def _sampling_inputs(self, reqs: list[Request], batch: int):
-        params = [r.params for r in reqs]
-        sbatch = make_batch(params, batch, eos_token_ids=self.eos_ids)
+        # The same rows decode call after call: their stacked parameters (and each unseeded
+        # request's drawn seed) are reused until the set of rows changes (~1.5 ms a call at 256).
+        # Keyed by the request objects themselves (held, so no id can be reused meanwhile).
+        cached = self._sampling_cache
+        if cached is None or cached[0][0] != batch or len(cached[0][1]) != len(reqs) or \
+                any(a is not b for a, b in zip(cached[0][1], reqs)):
+            key = (batch, tuple(reqs))
+            params = [r.params for r in reqs]
+            sampled = needs_sampling(params)
+            self._sampling_cache = (key, make_batch(params, batch, eos_token_ids=self.eos_ids),
+                                    MAX_TOP_LOGPROBS if any((p.logprobs or 0) > 0 for p in params) else 0,
+                                    sampled, sampled and any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                                                             or p.frequency_penalty != 0.0 for p in params))
+        _, sbatch, num_top, sampled, penalties = self._sampling_cache
         steps = np.zeros(batch, np.int32)
         steps[: len(reqs)] = [len(r.output_ids) for r in reqs]
-        num_top = MAX_TOP_LOGPROBS if any((p.logprobs or 0) > 0 for p in params) else 0
         counts = seen = None
-        if needs_sampling(params) and any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                                          or p.frequency_penalty != 0.0 for p in params):
+        if penalties:
             vocab = self.model.config.vocab_size
             counts_np = np.zeros((batch, vocab), np.int32)
             seen_np = np.zeros((batch, vocab), bool)
@@ -181,7 +192,7 @@ class Engine:
                 np.add.at(counts_np[i], np.asarray(r.output_ids, np.int64), 1)
                 seen_np[i, np.asarray(r.all_ids, np.int64)] = True
             counts, seen = jnp.asarray(counts_np), jnp.asarray(seen_np)
-        return sbatch, steps, num_top, counts, seen, not needs_sampling(params)
+        return sbatch, steps, num_top, counts, seen, not sampled
 
     def _append(self, request: Request, token: int, logprob: float, out, index: tuple) -> None:
         """``out.top_ids/top_logprobs[index]`` hold the row's top tokens (read only if it asked)."""

@@ -275,3 +275,24 @@ def test_overlapped_decode_gives_the_same_tokens_as_synchronous(tiny):
             assert_all_pages_free(engine)
     assert [o["token_ids"] for o in results[True]] == [o["token_ids"] for o in results[False]]
     assert results[True][0]["token_ids"] == hf_greedy(hf, prompts[0], 30)
+
+
+def test_sampling_batch_is_built_once_per_set_of_rows(tiny, monkeypatch):
+    """Decode calls over the same rows reuse the stacked sampling parameters; a new set of
+    rows (prefill, or a row finishing) builds them again. Outputs stay reproducible."""
+    m, _ = tiny
+    import jaxserve.engine as engine_module
+
+    calls = []
+    real = engine_module.make_batch
+    monkeypatch.setattr(engine_module, "make_batch", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    prompts = random_prompts(m.config.vocab_size, (5, 9, 7))
+    params = SamplingParams(max_tokens=12, temperature=0.8, seed=3, ignore_eos=True)
+    with Engine(m, small_config(decode_steps=2, overlap=False)) as engine:
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        again = engine.generate(prompts, params, use_tqdm=False)
+        assert_all_pages_free(engine)
+    assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in again]
+    # 3 rows x 11 decoded tokens at 2 steps a call: >= 6 decode calls per generate; the
+    # parameters are stacked once for the prefill and once for the decoding rows.
+    assert len(calls) <= 2 * 2, f"make_batch ran {len(calls)} times"
