@@ -151,7 +151,7 @@ class Attention(nn.Module):
         fast = paged is not None and paged.impl == "pallas"
         qkv = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")(x, fast)
         if paged is not None and s == 1 and paged.impl == "pallas":
-            # Decode: RoPE, the cache write and attention are one kernel (launch-bound step).
+            # Decode: RoPE, the cache write and attention in one kernel, not six a layer.
             from kernels.decode_attention import fused_decode_attention
 
             out, k_pages, v_pages = fused_decode_attention(
