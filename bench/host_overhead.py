@@ -58,12 +58,20 @@ class StubRunner:
         return self._out((num_steps, len(positions)), num_top)
 
 
-def tiny_model(vocab_size: int) -> LoadedModel:
+def tiny_model(vocab_size: int, with_tokenizer: bool = False) -> LoadedModel:
+    """A 2-layer model (its forward never runs); ``with_tokenizer``: the embedded default
+    model's tokenizer and vocabulary, so every generated token is also detokenized."""
+    tokenizer = None
+    if with_tokenizer:
+        from jaxserve.loading import load
+
+        tokenizer = load().tokenizer
+        vocab_size = len(tokenizer)
     cfg = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=vocab_size, hidden_size=64,
                                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                         num_key_value_heads=2, max_position_embeddings=4096))
     params = init_params(cfg, jax.random.key(0))
-    return LoadedModel(params, cfg, None, tempfile.gettempdir(), "stub")
+    return LoadedModel(params, cfg, tokenizer, tempfile.gettempdir(), "stub")
 
 
 def measure(m: LoadedModel, batch: int, prompt_len: int, output_len: int, decode_steps: int,
@@ -103,11 +111,14 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=151936)
     ap.add_argument("--prefix-caching", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--tokenizer", action="store_true",
+                    help="detokenize every token with the default model's tokenizer (what a server pays)")
     args = ap.parse_args()
-    m = tiny_model(args.vocab_size)
+    m = tiny_model(args.vocab_size, args.tokenizer)
     print(f"host: {os.cpu_count()} cpus; jax {jax.__version__} ({jax.default_backend()}); "
           f"prompt {args.prompt_len}, output {args.output_len}, {args.decode_steps} decode steps per call, "
-          f"prefix caching {'on' if args.prefix_caching else 'off'}")
+          f"prefix caching {'on' if args.prefix_caching else 'off'}, "
+          f"detokenization {'on' if args.tokenizer else 'off'}")
     print("| batch | host s per run | host µs per token | host ms per decode call |")
     print("|---|---|---|---|")
     for b in args.batches:
