@@ -57,7 +57,12 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """Add one token; return the new, complete text since the last call."""
-        self.ids.append(int(token_id))
+        return self.push_many((token_id,))
+
+    def push_many(self, token_ids: Sequence[int]) -> str:
+        """Add several tokens at once: the same text as pushing them one by one, for two
+        decodes instead of two per token."""
+        self.ids.extend(int(t) for t in token_ids)
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset:])
         if new_text.endswith("\ufffd") or len(new_text) <= len(prefix_text):

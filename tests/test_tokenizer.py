@@ -22,3 +22,39 @@ def test_incremental_text_equals_one_shot_decode_with_and_without_the_rust_fast_
     for detok in (fast, slow):
         text = "".join(detok.push(t) for t in ids) + detok.flush()
         assert text == expected, f"seed={seed}"
+
+
+def test_request_text_is_the_same_read_lazily_or_per_token():
+    """Without stop strings a request detokenizes when its text is read; the text (and
+    every streamed delta joined) equals what per-token detokenization gives."""
+    from jaxserve.request import Request
+    from jaxserve.sampling import SamplingParams
+    from jaxserve.tokenizer import IncrementalDetokenizer
+
+    tokenizer = load().tokenizer
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+    eos = (int(rng.integers(10, len(tokenizer))),)
+    for case in range(20):
+        ids = rng.integers(0, len(tokenizer), int(rng.integers(1, 60))).tolist()
+        if case % 3 == 0:
+            ids[len(ids) // 2] = eos[0]  # finishes by a stop id mid-way
+        params = SamplingParams(max_tokens=int(rng.integers(1, 70)), min_tokens=int(rng.integers(0, 3)))
+        lazy = Request("lazy", [1], params, IncrementalDetokenizer(tokenizer), eos)
+        # The per-token reference: the eager path, as taken by requests with stop strings.
+        expected, detok, text_ids = "", IncrementalDetokenizer(tokenizer), []
+        streamed = ""
+        for i, t in enumerate(ids):
+            lazy.append(t, 0.0, None)
+            if i % 7 == 3:
+                streamed += lazy.take_delta()[0]
+        streamed += lazy.take_delta()[0]
+        for t in lazy.output_ids:
+            stop = t in eos and len(text_ids) + 1 > params.min_tokens
+            if stop:
+                break
+            text_ids.append(t)
+            expected += detok.push(t)
+        if lazy.finish_reason == "length":
+            expected += detok.flush()
+        assert lazy.result()["text"] == expected == streamed, f"seed={seed} case={case}"
