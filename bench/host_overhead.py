@@ -74,8 +74,19 @@ def tiny_model(vocab_size: int, with_tokenizer: bool = False) -> LoadedModel:
     return LoadedModel(params, cfg, tokenizer, tempfile.gettempdir(), "stub")
 
 
+def run_streaming(engine: Engine, prompts, params) -> None:
+    """What the server's engine thread does: step, then read every request's new text."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+        for rid in ids:
+            engine.requests[rid].take_delta()
+    for rid in ids:
+        engine.release(rid)
+
+
 def measure(m: LoadedModel, batch: int, prompt_len: int, output_len: int, decode_steps: int,
-            prefix_caching: bool, profile: bool) -> dict[str, float]:
+            prefix_caching: bool, profile: bool, stream: bool = False) -> dict[str, float]:
     cfg = EngineConfig(page_size=16, max_running=batch, max_tokens_per_step=max(batch, min(8192, batch * prompt_len)),
                        decode_steps=decode_steps, prefix_caching=prefix_caching,
                        max_model_len=prompt_len + output_len + 16,
@@ -91,7 +102,10 @@ def measure(m: LoadedModel, batch: int, prompt_len: int, output_len: int, decode
         start = time.perf_counter()
         if profiler:
             profiler.enable()
-        engine.generate(prompts, params, use_tqdm=False)
+        if stream:
+            run_streaming(engine, prompts, params)
+        else:
+            engine.generate(prompts, params, use_tqdm=False)
         if profiler:
             profiler.disable()
         total = time.perf_counter() - start
@@ -113,16 +127,19 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--tokenizer", action="store_true",
                     help="detokenize every token with the default model's tokenizer (what a server pays)")
+    ap.add_argument("--stream", action="store_true",
+                    help="read every request's new text after each engine step, as the server does")
     args = ap.parse_args()
     m = tiny_model(args.vocab_size, args.tokenizer)
     print(f"host: {os.cpu_count()} cpus; jax {jax.__version__} ({jax.default_backend()}); "
           f"prompt {args.prompt_len}, output {args.output_len}, {args.decode_steps} decode steps per call, "
           f"prefix caching {'on' if args.prefix_caching else 'off'}, "
-          f"detokenization {'on' if args.tokenizer else 'off'}")
+          f"detokenization {'on' if args.tokenizer else 'off'}, {'streamed' if args.stream else 'generate'}")
     print("| batch | host s per run | host µs per token | host ms per decode call |")
     print("|---|---|---|---|")
     for b in args.batches:
-        r = measure(m, b, args.prompt_len, args.output_len, args.decode_steps, args.prefix_caching, args.profile)
+        r = measure(m, b, args.prompt_len, args.output_len, args.decode_steps, args.prefix_caching, args.profile,
+                    args.stream)
         print(f"| {b} | {r['total_s']:.3f} | {r['us_per_token']:.2f} | {r['ms_per_call']:.2f} |", flush=True)
 
 
