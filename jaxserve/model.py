@@ -98,6 +98,11 @@ def _paged_ops(impl: str):
     raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
 
 
+def _fast_kernels(paged: PagedAttention | None) -> bool:
+    """Whether this pass uses the decode-speed kernels (fused attention, skinny matmul)."""
+    return paged is not None and paged.impl == "pallas"
+
+
 class Linear(nn.Module):
     """``nn.Dense`` (same parameters, same math) that can run as the skinny-matmul kernel.
 
@@ -139,6 +144,38 @@ class RMSNorm(nn.Module):
         return scale * xf.astype(x.dtype)
 
 
+def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelConfig):
+    """Decode: RoPE, the cache write and attention in one kernel, not six a layer."""
+    from kernels.decode_attention import fused_decode_attention
+
+    h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    b = qkv.shape[0]
+    out, k_pages, v_pages = fused_decode_attention(
+        qkv.reshape(b, h + 2 * kvh, d), cos[:, 0], sin[:, 0], kv[0], kv[1],
+        paged.block_tables, paged.lengths, paged.slot_mapping[:, 0])
+    return out, (k_pages, v_pages)
+
+
+def _attend(qkv, cos, sin, lengths, kv, paged: PagedAttention | None, cfg: ModelConfig):
+    """RoPE, then dense attention over the step's own tokens, or scatter + paged attention."""
+    h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    b, s, _ = qkv.shape
+    q = qkv[..., : h * d].reshape(b, s, h, d)
+    k = qkv[..., h * d: (h + kvh) * d].reshape(b, s, kvh, d)
+    v = qkv[..., (h + kvh) * d:].reshape(b, s, kvh, d)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if paged is None:
+        return dense_causal_attention(q, k, v, lengths), kv
+    scatter, decode, prefill = _paged_ops(paged.impl)
+    k_pages, v_pages = scatter(kv[0], kv[1], k.reshape(b * s, kvh, d).astype(kv[0].dtype),
+                               v.reshape(b * s, kvh, d).astype(kv[1].dtype), paged.slot_mapping.reshape(b * s))
+    if s == 1:
+        out = decode(q[:, 0], k_pages, v_pages, paged.block_tables, paged.lengths)[:, None]
+    else:
+        out = prefill(q, k_pages, v_pages, paged.block_tables, paged.q_start, paged.lengths)
+    return out, (k_pages, v_pages)
+
+
 class Attention(nn.Module):
     config: ModelConfig
     dtype: Any
@@ -148,33 +185,12 @@ class Attention(nn.Module):
         cfg = self.config
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, s, _ = x.shape
-        fast = paged is not None and paged.impl == "pallas"
+        fast = _fast_kernels(paged)
         qkv = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")(x, fast)
-        if paged is not None and s == 1 and paged.impl == "pallas":
-            # Decode: RoPE, the cache write and attention in one kernel, not six a layer.
-            from kernels.decode_attention import fused_decode_attention
-
-            out, k_pages, v_pages = fused_decode_attention(
-                qkv.reshape(b, h + 2 * kvh, d), cos[:, 0], sin[:, 0], kv[0], kv[1],
-                paged.block_tables, paged.lengths, paged.slot_mapping[:, 0])
-            out = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")(
-                out.reshape(b, s, h * d).astype(self.dtype), fast)
-            return out, (k_pages, v_pages)
-        q = qkv[..., : h * d].reshape(b, s, h, d)
-        k = qkv[..., h * d: (h + kvh) * d].reshape(b, s, kvh, d)
-        v = qkv[..., (h + kvh) * d:].reshape(b, s, kvh, d)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if paged is None:
-            out = dense_causal_attention(q, k, v, lengths)
+        if fast and s == 1:
+            out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg)
         else:
-            scatter, decode, prefill = _paged_ops(paged.impl)
-            k_pages, v_pages = scatter(kv[0], kv[1], k.reshape(b * s, kvh, d).astype(kv[0].dtype),
-                                       v.reshape(b * s, kvh, d).astype(kv[1].dtype), paged.slot_mapping.reshape(b * s))
-            kv = (k_pages, v_pages)
-            if s == 1:
-                out = decode(q[:, 0], k_pages, v_pages, paged.block_tables, paged.lengths)[:, None]
-            else:
-                out = prefill(q, k_pages, v_pages, paged.block_tables, paged.q_start, paged.lengths)
+            out, kv = _attend(qkv, cos, sin, lengths, kv, paged, cfg)
         out = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")(
             out.reshape(b, s, h * d).astype(self.dtype), fast)
         return out, kv
@@ -202,9 +218,8 @@ class DecoderLayer(nn.Module):
         attn_out, kv = Attention(self.config, self.dtype, name="self_attn")(
             RMSNorm(eps, self.dtype, name="input_layernorm")(x), cos, sin, lengths, kv, paged)
         x = x + attn_out
-        fast = paged is not None and paged.impl == "pallas"
         x = x + MLP(self.config, self.dtype, name="mlp")(
-            RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x), fast)
+            RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x), _fast_kernels(paged))
         return x, kv
 
 
