@@ -57,12 +57,24 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """Add one token; return the new, complete text since the last call."""
-        return self.push_many((token_id,))
+        self.ids.append(int(token_id))
+        return self._emit()
 
     def push_many(self, token_ids: Sequence[int]) -> str:
-        """Add several tokens at once: the same text as pushing them one by one, for two
-        decodes instead of two per token."""
+        """Add several tokens at once: the same text as pushing them one by one, usually for
+        two decodes instead of two per token."""
+        start = len(self.ids)
         self.ids.extend(int(t) for t in token_ids)
+        text = self._emit()
+        if text or len(token_ids) <= 1:
+            return text
+        # The run was held back whole, e.g. for a character split at its very end; one token
+        # at a time would have released the complete text before it, so redo it that way (a
+        # request ending by a stop id is never flushed and would otherwise lose that text).
+        del self.ids[start:]
+        return "".join(self.push(t) for t in token_ids)
+
+    def _emit(self) -> str:
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset:])
         if new_text.endswith("\ufffd") or len(new_text) <= len(prefix_text):

@@ -24,6 +24,17 @@ def test_incremental_text_equals_one_shot_decode_with_and_without_the_rust_fast_
         assert text == expected, f"seed={seed}"
 
 
+def test_a_run_ending_inside_a_character_still_releases_the_text_before_it():
+    tokenizer = load().tokenizer
+    ids = tokenizer.encode("the cat 🙂", add_special_tokens=False)
+    split = next(i for i in range(len(ids)) if tokenizer.decode(ids[:i]).endswith("\ufffd"))
+    detok = IncrementalDetokenizer(tokenizer)
+    # Pushed one by one, everything before the split character comes out; so must a run.
+    before = tokenizer.decode(ids[:split - 1])
+    assert detok.push_many(ids[:split]) == before
+    assert detok.push_many(ids[split:]) + detok.flush() == tokenizer.decode(ids)[len(before):]
+
+
 def test_request_text_is_the_same_read_lazily_or_per_token():
     """Without stop strings a request detokenizes when its text is read; the text (and
     every streamed delta joined) equals what per-token detokenization gives."""
@@ -39,7 +50,8 @@ def test_request_text_is_the_same_read_lazily_or_per_token():
         ids = rng.integers(0, len(tokenizer), int(rng.integers(1, 60))).tolist()
         if case % 3 == 0:
             ids[len(ids) // 2] = eos[0]  # finishes by a stop id mid-way
-        params = SamplingParams(max_tokens=int(rng.integers(1, 70)), min_tokens=int(rng.integers(0, 3)))
+        max_tokens = int(rng.integers(1, 70))
+        params = SamplingParams(max_tokens=max_tokens, min_tokens=int(rng.integers(0, min(3, max_tokens + 1))))
         lazy = Request("lazy", [1], params, IncrementalDetokenizer(tokenizer), eos)
         # The per-token reference: the eager path, as taken by requests with stop strings.
         expected, detok, text_ids = "", IncrementalDetokenizer(tokenizer), []
