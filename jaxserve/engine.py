@@ -169,11 +169,10 @@ class Engine:
     def _sampling_inputs(self, reqs: list[Request], batch: int):
         # The same rows decode call after call: their stacked parameters (and each unseeded
         # request's drawn seed) are reused until the set of rows changes (~1.5 ms a call at 256).
-        # Keyed by the request objects themselves (held, so no id can be reused meanwhile).
-        cached = self._sampling_cache
-        if cached is None or cached[0][0] != batch or len(cached[0][1]) != len(reqs) or \
-                any(a is not b for a, b in zip(cached[0][1], reqs)):
-            key = (batch, tuple(reqs))
+        # Keyed by the request objects themselves (Request compares by identity, and the key
+        # holds them, so no object id can be reused meanwhile).
+        key = (batch, tuple(reqs))
+        if self._sampling_cache is None or self._sampling_cache[0] != key:
             params = [r.params for r in reqs]
             sampled = needs_sampling(params)
             self._sampling_cache = (key, make_batch(params, batch, eos_token_ids=self.eos_ids),

@@ -56,8 +56,6 @@ class Request:
     # when read (``take_delta``/``result``), a run of tokens per decode (two tokenizer calls),
     # not two calls per token: at batch 256 that per-token cost exceeded the GPU's step.
     detok_pushed: int = 0  # output tokens already given to the detokenizer
-    text_tokens: int = 0  # output tokens that make text (a stop token does not)
-    flush_text: bool = False  # finished by length: the held-back tail belongs to the text
 
     @property
     def all_ids(self) -> list[int]:
@@ -88,9 +86,7 @@ class Request:
             self.finish("stop")
             return
         if not self.params.stop:
-            self.text_tokens = len(self.output_ids)
             if len(self.output_ids) >= self.params.max_tokens:
-                self.flush_text = True
                 self.finish("length")
             return
         if self.detokenizer is not None:
@@ -105,12 +101,15 @@ class Request:
         """Bring ``text`` up to date with the tokens so far (requests without stop strings)."""
         if self.detokenizer is None or self.params.stop:
             return
-        if self.detok_pushed < self.text_tokens:
-            self.text += self.detokenizer.push_many(self.output_ids[self.detok_pushed:self.text_tokens])
-            self.detok_pushed = self.text_tokens
-        if self.flush_text:
+        # Without stop strings, "stop" can only be a stop id: the last token, which makes no text.
+        text_tokens = len(self.output_ids) - (self.finish_reason == "stop")
+        if self.detok_pushed < text_tokens:
+            self.text += self.detokenizer.push_many(self.output_ids[self.detok_pushed:text_tokens])
+            self.detok_pushed = text_tokens
+        if self.finish_reason == "length":
+            # The held-back tail belongs to the text once max_tokens is reached; flushing again
+            # adds nothing.
             self.text += self.detokenizer.flush()
-            self.flush_text = False
 
     def _add_text(self, delta: str) -> None:
         if not delta or self.finish_reason is not None:
