@@ -36,8 +36,9 @@ from jax.experimental import pallas as pl
 from kernels import pallas_compat as compat
 from kernels.cache_scatter import cache_scatter_reference
 from kernels.paged_attention import (_MASK_VALUE, DECODE_BLOCK_KEYS, _combine_splits, _next_pow2,
-                                     check_pool, paged_attention_reference, resolve_tuning,
-                                     split_page_range)
+                                     check_pool, finish_rows, gather_page_block,
+                                     online_softmax_step, paged_attention_reference,
+                                     resolve_tuning, split_page_range)
 
 
 def _rotate_half_matrix(head_dim: int, dtype) -> jax.Array:
@@ -108,36 +109,19 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     num_iters = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
 
     def body(i, carry):
-        acc, m, l = carry
         page0 = first_page + i * pages_per_block
-        offsets = page0 + jnp.arange(pages_per_block)
-        page_ids = compat.load(block_table_ref.at[pl.ds(page0, pages_per_block)],
-                               mask=offsets < table_pages, other=0)
-        key_pos = page0 * page_size + jnp.arange(block_keys)
-        valid = key_pos < cached
-        k = k_pages_ref[page_ids].reshape(block_keys, head_dim)
-        # Unwritten slots may hold anything, even NaN: keep them out of both products.
-        v = v_pages_ref[page_ids].reshape(block_keys, head_dim)
-        v = jnp.where(valid[:, None], v, jnp.zeros_like(v))
-        s = compat.dot(q, k, trans_b=True, precision=precision) * scale
-        s = jnp.where(valid[None, :], s, _MASK_VALUE)
-        m_next = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp(m - m_next)
-        p = jnp.where(valid[None, :], jnp.exp(s - m_next[:, None]), 0.0)
-        l = l * alpha + p.sum(axis=1)
-        pv = compat.dot(p.astype(v.dtype), v, precision=precision)
-        return acc * alpha[:, None] + pv, m_next, l
+        k, v = gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block)
+        valid = page0 * page_size + jnp.arange(block_keys) < cached
+        return online_softmax_step(carry, q, k, v, valid, valid[None, :], scale=scale,
+                                   precision=precision)
 
-    acc, m, l = lax.fori_loop(0, num_iters, body, (acc0, m0, l0))
-    has_keys = l > 0.0
-    out = acc / jnp.where(has_keys, l, 1.0)[:, None]
-    out = jnp.where(has_keys[:, None], out, 0.0).astype(o_ref.dtype)
+    out, lse = finish_rows(*lax.fori_loop(0, num_iters, body, (acc0, m0, l0)))
+    out = out.astype(o_ref.dtype)
     if num_splits == 1:
         compat.store(o_ref.at[seq, head, pl.ds(0, block_rows), :], out, mask=real_row[:, None])
     else:
         compat.store(o_ref.at[split, seq, head, pl.ds(0, block_rows), :], out,
                      mask=real_row[:, None])
-        lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
         compat.store(lse_ref.at[split, seq, head, pl.ds(0, block_rows)], lse, mask=real_row)
 
 

@@ -80,6 +80,47 @@ def split_page_range(lengths_ref, split, row_pages, *, num_splits: int, pages_pe
     return first_page, jnp.minimum(first_page + per_split, row_pages)
 
 
+def gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block: int):
+    """In-kernel: K and V `[pages_per_block * page_size, head_dim]` of the row's pages
+    `page0 ..` (through the block table); entries past the table read page 0, which is
+    valid, and the caller masks their keys."""
+    offsets = page0 + jnp.arange(pages_per_block)
+    page_ids = compat.load(block_table_ref.at[pl.ds(page0, pages_per_block)],
+                           mask=offsets < block_table_ref.shape[0], other=0)
+    page_size, head_dim = k_pages_ref.shape[-2], k_pages_ref.shape[-1]
+    keys = pages_per_block * page_size
+    return (k_pages_ref[page_ids].reshape(keys, head_dim),
+            v_pages_ref[page_ids].reshape(keys, head_dim))
+
+
+def online_softmax_step(carry, q, k, v, key_ok, visible, *, scale: float, precision):
+    """One block of keys folded into the float32 online-softmax state `(acc, m, l)`.
+
+    `key_ok [keys]`: slots holding written keys; `visible [rows or 1, keys]`: what each
+    query row may attend to.
+    """
+    acc, m, l = carry
+    # Slots past the length may hold anything (stale or never-written pages, even NaN);
+    # zeroing them keeps p = 0 from meeting NaN in the second product.
+    v = jnp.where(key_ok[:, None], v, jnp.zeros_like(v))
+    s = compat.dot(q, k, trans_b=True, precision=precision) * scale
+    s = jnp.where(visible, s, _MASK_VALUE)
+    m_next = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp(m - m_next)
+    p = jnp.where(visible, jnp.exp(s - m_next[:, None]), 0.0)
+    l = l * alpha + p.sum(axis=1)
+    pv = compat.dot(p.astype(v.dtype), v, precision=precision)
+    return acc * alpha[:, None] + pv, m_next, l
+
+
+def finish_rows(acc, m, l):
+    """Normalized float32 rows and their log-sum-exp; rows that saw no key give 0 and -inf."""
+    has_keys = l > 0.0
+    out = acc / jnp.where(has_keys, l, 1.0)[:, None]
+    lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
+    return jnp.where(has_keys[:, None], out, 0.0), lse
+
+
 def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref, v_pages_ref,
                    o_ref, *lse_ref, group: int, start_offset: int, block_rows: int,
                    num_splits: int,
@@ -110,50 +151,29 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
                                             table_pages=table_pages)
     num_iters = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
 
-    def load_page_ids(page0):
-        # Entries past the table read as page 0 (valid); their keys are masked.
-        offsets = page0 + jnp.arange(pages_per_block)
-        return compat.load(block_table_ref.at[pl.ds(page0, pages_per_block)],
-                           mask=offsets < table_pages, other=0)
-
     # Both products run in the pool's dtype (tensor cores for bf16), whatever q's is.
     q = compat.load(q_ref.at[seq, head, pl.ds(first_row, block_rows), :],
                     mask=real_row[:, None], other=0).astype(k_pages_ref.dtype)
 
     def body(i, carry):
-        acc, m, l = carry
         page0 = first_page + i * pages_per_block
-        page_ids = load_page_ids(page0)
+        k, v = gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block)
         key_pos = page0 * page_size + jnp.arange(block_keys)
-        k = k_pages_ref[page_ids].reshape(block_keys, head_dim)
-        # Slots past the length may hold anything (stale or never-written pages, even
-        # NaN); zeroing them keeps p = 0 from meeting NaN in the second product.
-        v = v_pages_ref[page_ids].reshape(block_keys, head_dim)
-        v = jnp.where((key_pos < block_limit)[:, None], v, jnp.zeros_like(v))
-        s = compat.dot(q, k, trans_b=True, precision=precision) * scale
-        visible = key_pos[None, :] < row_limit[:, None]
-        s = jnp.where(visible, s, _MASK_VALUE)
-        m_next = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp(m - m_next)
-        p = jnp.where(visible, jnp.exp(s - m_next[:, None]), 0.0)
-        l = l * alpha + p.sum(axis=1)
-        pv = compat.dot(p.astype(v.dtype), v, precision=precision)
-        return acc * alpha[:, None] + pv, m_next, l
+        return online_softmax_step(carry, q, k, v, key_pos < block_limit,
+                                   key_pos[None, :] < row_limit[:, None],
+                                   scale=scale, precision=precision)
 
     init = (jnp.zeros((block_rows, head_dim), jnp.float32),
             jnp.full((block_rows,), _MASK_VALUE, jnp.float32),
             jnp.zeros((block_rows,), jnp.float32))
-    acc, m, l = lax.fori_loop(0, num_iters, body, init)
-    has_keys = l > 0.0
-    out = acc / jnp.where(has_keys, l, 1.0)[:, None]
-    out = jnp.where(has_keys[:, None], out, 0.0).astype(o_ref.dtype)
+    out, lse = finish_rows(*lax.fori_loop(0, num_iters, body, init))
+    out = out.astype(o_ref.dtype)
     # Rows past the real ones (a group of 7 padded to 16) are neither read nor stored.
     out_rows = pl.ds(first_row, block_rows)
     if num_splits == 1:
         compat.store(o_ref.at[seq, head, out_rows, :], out, mask=real_row[:, None])
     else:
         compat.store(o_ref.at[split, seq, head, out_rows, :], out, mask=real_row[:, None])
-        lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
         compat.store(lse_ref[0].at[split, seq, head, out_rows], lse, mask=real_row)
 
 
