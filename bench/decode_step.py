@@ -41,6 +41,9 @@ VARIANTS = {
     # GEMMs XLA would emit as Triton fusions go to cuBLAS (or cuBLASLt) instead.
     "cublas": "--xla_gpu_enable_triton_gemm=false",
     "cublaslt": "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true",
+    "cublas_graphs": "--xla_gpu_enable_triton_gemm=false "
+                     "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
+                     "--xla_gpu_graph_min_graph_size=1",
 }
 
 
