@@ -54,17 +54,21 @@ DECODE_SHAPES = [
     ("0.5B 14q/2kv/64", 256, 2048), ("0.5B 14q/2kv/64", 256, 8192),
 ]
 QUICK_SHAPES = [DECODE_SHAPES[i] for i in (2, 5, 7, 11, 14)]
-# Knobs around the defaults where the last run left the choice open.
+# Knobs around the defaults where the last run left the choice open: one pipeline stage
+# halves a program's shared memory (more programs resident per SM), which the fused decode
+# kernel's sweep (bench/fused_tune.py) found faster at every large-batch shape.
+_ST1 = {"stages=1": dict(num_stages=1), "stages=1 ppb=16": dict(num_stages=1, pages_per_block=16),
+        "stages=1 warps=8": dict(num_stages=1, num_warps=8)}
 SWEEP = [
-    (("0.5B 14q/2kv/64", 64, 8192), {"splits=4": dict(num_splits=4),
-                                     "ppb=16": dict(pages_per_block=16)}),
-    (("0.5B 14q/2kv/64", 256, 8192), {"splits=2": dict(num_splits=2)}),
-    (("7B 28q/4kv/128", 64, 4096), {"splits=2": dict(num_splits=2),
-                                    "stages=3": dict(num_stages=3)}),
-    (("7B 28q/4kv/128", 1, 32768), {"splits=32": dict(num_splits=32),
-                                    "splits=128": dict(num_splits=128)}),
-    (("0.5B 14q/2kv/64", 1, 32768), {"splits=64": dict(num_splits=64),
-                                     "splits=256": dict(num_splits=256)}),
+    (("7B 28q/4kv/128", 64, 2048), _ST1),
+    (("7B 28q/4kv/128", 64, 4096), _ST1),
+    (("7B 28q/4kv/128", 64, 8192), _ST1),
+    (("7B 28q/4kv/128", 256, 2048), _ST1),
+    (("7B 28q/4kv/128", 1, 32768), {"stages=1": dict(num_stages=1), "stages=3": dict(num_stages=3)}),
+    (("7B 28q/4kv/128", 8, 32768), {"stages=1": dict(num_stages=1), "stages=3": dict(num_stages=3)}),
+    (("0.5B 14q/2kv/64", 64, 2048), _ST1),
+    (("0.5B 14q/2kv/64", 64, 8192), _ST1),
+    (("0.5B 14q/2kv/64", 256, 2048), _ST1),
 ]
 
 
@@ -361,6 +365,7 @@ def _prefill_step(q, k_pages, v_pages, table, q_start, lengths, **config):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also tune our kernel's knobs")
+    parser.add_argument("--sweep-only", action="store_true", help="the knob sweep alone (no tables)")
     parser.add_argument("--quick", action="store_true", help="five decode shapes only")
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -380,7 +385,7 @@ def main() -> None:
     sections = []
     raw = {"ceilings": ceil}
     rows = []
-    for name, batch, context in (QUICK_SHAPES if args.quick else DECODE_SHAPES):
+    for name, batch, context in ([] if args.sweep_only else QUICK_SHAPES if args.quick else DECODE_SHAPES):
         rows.append(decode_row(name, batch, context, ceil["read"], budget))
         print(decode_table(rows[-1:], ceil["read"]).splitlines()[-1], flush=True)
     raw["decode"] = rows
@@ -388,12 +393,13 @@ def main() -> None:
                     "Effective bandwidth = (K + V bytes read + q + out) / time.\n\n"
                     + decode_table(rows, ceil["read"]))
     print(sections[-1], flush=True)
-    sections.append("## Cache scatter (0.5B shape: 24 layers, 2 kv heads, head_dim 64, bf16)\n\n"
-                    + scatter_table(budget))
-    print(sections[-1], flush=True)
-    sections.append("## Prefill attention over pages (bf16, batch 1)\n\n" + prefill_table(budget))
-    print(sections[-1], flush=True)
-    if args.sweep:
+    if not args.sweep_only:
+        sections.append("## Cache scatter (0.5B shape: 24 layers, 2 kv heads, head_dim 64, bf16)\n\n"
+                        + scatter_table(budget))
+        print(sections[-1], flush=True)
+        sections.append("## Prefill attention over pages (bf16, batch 1)\n\n" + prefill_table(budget))
+        print(sections[-1], flush=True)
+    if args.sweep or args.sweep_only:
         text, raw["sweep"] = sweep(budget, ceil["read"])
         sections.append("## Our kernel's knobs\n\n" + text)
     text = "\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n"
