@@ -200,7 +200,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                            slot_mapping: jax.Array, *, scale: float | None = None,
                            interpret: bool | None = None, num_splits: int | None = None,
                            pages_per_block: int | None = None, num_warps: int = 4,
-                           num_stages: int = 2) -> tuple[jax.Array, jax.Array, jax.Array]:
+                           num_stages: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode token per sequence: RoPE on its q and k, k/v into the pool, attention.
 
     Args:
@@ -217,7 +217,11 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
         slot_mapping: `[batch]` pool slot (`page * page_size + offset`) of the new token;
             negative writes nothing. A row with length >= 1 must name its token's slot.
         scale, interpret, num_splits, pages_per_block, num_warps, num_stages: as in
-            `kernels.paged_attention.paged_attention`.
+            `kernels.paged_attention.paged_attention`. One pipeline stage by default: at
+            the engine's decode shapes a program runs few loop iterations, so a second
+            stage buys little overlap and halves the programs resident per SM (H100, 0.5B
+            heads, `bench/fused_tune.py`: batch 256 at 192 / 1024 keys 28.1 -> 21.9 /
+            89.6 -> 65.4 µs a layer, batch 1 11.3 -> 8.8 µs; bench/results/decode_step.md).
 
     Returns:
         `(out [batch, num_heads, head_dim] in qkv's dtype, k_pages, v_pages)`.
