@@ -108,9 +108,7 @@ class Linear(nn.Module):
 
     ``fast=True`` (decode under the "pallas" impl) sends inputs of at most
     ``kernels.skinny_matmul.MAX_ROWS`` rows to the Pallas kernel: XLA streams the weights of
-    a few-row product at a fraction of the HBM bandwidth (see that module). ``prologue``
-    ("rmsnorm" with ``norm=(inv_rms, scale)``, or "swiglu" with ``x = [gate | up]``) is
-    applied to ``x`` first: inside the kernel when it runs, in jnp otherwise.
+    a few-row product at a fraction of the HBM bandwidth (see that module).
     """
 
     features: int
@@ -118,26 +116,17 @@ class Linear(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, fast: bool = False, prologue: str | None = None,
-                 norm: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-        in_features = x.shape[-1] // 2 if prologue == "swiglu" else x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features), self.dtype)
+    def __call__(self, x: jax.Array, fast: bool = False) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype) if self.use_bias else None
         x = x.astype(self.dtype)
-        inv_rms, scale = norm if norm is not None else (None, None)
         rows = x.size // x.shape[-1]
         if fast:
             from kernels.skinny_matmul import MAX_ROWS, skinny_matmul
 
             if rows <= MAX_ROWS:
-                out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, bias, prologue=prologue,
-                                    inv_rms=None if inv_rms is None else inv_rms.reshape(rows),
-                                    norm_weight=scale)
+                out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, bias)
                 return out.reshape(*x.shape[:-1], self.features)
-        if prologue is not None:
-            from kernels.skinny_matmul import apply_prologue
-
-            x = apply_prologue(x, prologue, inv_rms, scale)
         out = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
         return out if bias is None else out + bias
 
@@ -147,16 +136,12 @@ class RMSNorm(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, stats_only: bool = False):
-        """``x`` normalized, or with ``stats_only`` the ``(inv_rms [...], scale)`` that a
-        projection's "rmsnorm" prologue applies itself (no kernel for the norm)."""
+    def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
         xf = x.astype(jnp.float32)
-        inv_rms = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1) + self.eps)
-        if stats_only:
-            return inv_rms, scale
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         # HF casts back to the activation dtype before the weight multiply; match it for parity.
-        return scale * (xf * inv_rms[..., None]).astype(x.dtype)
+        return scale * xf.astype(x.dtype)
 
 
 def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelConfig):
@@ -196,15 +181,12 @@ class Attention(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, lengths, kv, paged: PagedAttention | None, norm=None):
-        """``norm=(inv_rms, scale)``: ``x`` is the un-normalized residual stream and the
-        input RMSNorm runs inside the QKV projection."""
+    def __call__(self, x, cos, sin, lengths, kv, paged: PagedAttention | None):
         cfg = self.config
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, s, _ = x.shape
         fast = _fast_kernels(paged)
-        qkv = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")(
-            x, fast, None if norm is None else "rmsnorm", norm)
+        qkv = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")(x, fast)
         if fast and s == 1:
             out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg)
         else:
@@ -219,24 +201,11 @@ class MLP(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, fast: bool = False, norm=None):
-        """``norm`` as in ``Attention``; SwiGLU runs inside the down projection when ``fast``."""
+    def __call__(self, x, fast: bool = False):
         inter = self.config.intermediate_size
-        gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")(
-            x, fast, None if norm is None else "rmsnorm", norm)
-        if fast:
-            return Linear(self.config.hidden_size, False, self.dtype, name="down_proj")(gate_up, fast, "swiglu")
+        gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")(x, fast)
         act = nn.silu(gate_up[..., :inter]) * gate_up[..., inter:]
         return Linear(self.config.hidden_size, False, self.dtype, name="down_proj")(act, fast)
-
-
-def _fuse_norms(x: jax.Array, paged: PagedAttention | None) -> bool:
-    """Whether the layer's RMSNorms run inside the projections (decode-sized fast passes)."""
-    if not _fast_kernels(paged):
-        return False
-    from kernels.skinny_matmul import MAX_ROWS
-
-    return x.shape[0] * x.shape[1] <= MAX_ROWS
 
 
 class DecoderLayer(nn.Module):
@@ -246,19 +215,11 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, lengths, kv, paged):
         eps = self.config.rms_norm_eps
-        ln1 = RMSNorm(eps, self.dtype, name="input_layernorm")
-        ln2 = RMSNorm(eps, self.dtype, name="post_attention_layernorm")
-        fast = _fast_kernels(paged)
-        if _fuse_norms(x, paged):
-            # Only the norms' statistics are computed here (XLA fuses them with the residual
-            # add); the projections apply them as they load x.
-            attn_out, kv = Attention(self.config, self.dtype, name="self_attn")(
-                x, cos, sin, lengths, kv, paged, norm=ln1(x, stats_only=True))
-            x = x + attn_out
-            return x + MLP(self.config, self.dtype, name="mlp")(x, fast, norm=ln2(x, stats_only=True)), kv
-        attn_out, kv = Attention(self.config, self.dtype, name="self_attn")(ln1(x), cos, sin, lengths, kv, paged)
+        attn_out, kv = Attention(self.config, self.dtype, name="self_attn")(
+            RMSNorm(eps, self.dtype, name="input_layernorm")(x), cos, sin, lengths, kv, paged)
         x = x + attn_out
-        x = x + MLP(self.config, self.dtype, name="mlp")(ln2(x), fast)
+        x = x + MLP(self.config, self.dtype, name="mlp")(
+            RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x), _fast_kernels(paged))
         return x, kv
 
 

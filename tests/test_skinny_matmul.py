@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.skinny_matmul import (MAX_ROWS, apply_prologue, default_tiling, skinny_matmul,
-                                   skinny_matmul_reference)
+from kernels.skinny_matmul import MAX_ROWS, default_tiling, skinny_matmul, skinny_matmul_reference
 from tests.test_kernels import MODES, TOLERANCE, fresh_rng, relative_error
 
 CASES = [  # (M, K, N, dtype, bias, num_splits, block_n, block_k)
@@ -38,51 +37,6 @@ def test_skinny_matmul_matches_reference(interpret, m, k, n, dtype, with_bias, s
     assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
 
 
-PROLOGUE_CASES = [  # (M, K, N, dtype, prologue, num_splits, partials)
-    (1, 896, 1152, jnp.bfloat16, "rmsnorm", None, True),    # input norm -> qkv, partial sums out
-    (5, 200, 130, jnp.float32, "rmsnorm", 3, False),        # ragged K and N
-    (3, 300, 70, jnp.float32, "swiglu", 2, False),          # silu(gate) * up -> down
-    (16, 256, 96, jnp.bfloat16, "swiglu", 1, True),
-    (MAX_ROWS, 130, 40, jnp.float32, "swiglu", None, False),
-]
-
-
-@pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("m,k,n,dtype,prologue,splits,partials", PROLOGUE_CASES)
-def test_skinny_matmul_prologue_matches_reference(interpret, m, k, n, dtype, prologue, splits, partials):
-    rng, seed = fresh_rng()
-    k_in = 2 * k if prologue == "swiglu" else k
-    x = jnp.asarray(rng.standard_normal((m, k_in)) * 3, dtype)
-    w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
-    inv_rms = jnp.asarray(rng.uniform(0.2, 2.0, m), jnp.float32) if prologue == "rmsnorm" else None
-    norm_w = jnp.asarray(rng.standard_normal(k), dtype) if prologue == "rmsnorm" else None
-    out = skinny_matmul(x, w, prologue=prologue, inv_rms=inv_rms, norm_weight=norm_w, partials=partials,
-                        interpret=interpret, num_splits=splits)
-    if partials:
-        assert out.ndim == 3 and out.shape[1:] == (m, n) and out.dtype == jnp.float32
-        out = out.sum(axis=0).astype(dtype)
-    ref = skinny_matmul_reference(x, w, prologue=prologue, inv_rms=inv_rms, norm_weight=norm_w)
-    assert out.shape == (m, n) and out.dtype == dtype
-    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
-    assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
-
-
-def test_prologues_are_the_models_ops():
-    # The jnp prologue is what the model computes without the kernel: its RMSNorm and SwiGLU.
-    from jaxserve.model import RMSNorm
-
-    rng, seed = fresh_rng()
-    x = jnp.asarray(rng.standard_normal((3, 32)), jnp.bfloat16)
-    scale = jnp.asarray(rng.standard_normal(32), jnp.bfloat16)
-    norm = RMSNorm(1e-6, jnp.bfloat16).apply({"params": {"scale": scale}}, x)
-    xf = x.astype(jnp.float32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1) + 1e-6)
-    np.testing.assert_array_equal(np.asarray(apply_prologue(x, "rmsnorm", inv_rms, scale), np.float32),
-                                  np.asarray(norm, np.float32), err_msg=f"seed={seed}")
-    gu = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
-    np.testing.assert_allclose(apply_prologue(gu, "swiglu"), jax.nn.silu(gu[:, :32]) * gu[:, 32:], rtol=1e-6)
-
-
 def test_default_tiling_fills_the_gpu_by_splitting_narrow_matrices():
     # A narrow matrix (few column blocks) is split along K; a wide one is not.
     _, _, narrow = default_tiling(1, 4864, 896)
@@ -95,12 +49,6 @@ def test_skinny_matmul_errors_name_the_field():
         skinny_matmul(jnp.zeros((MAX_ROWS + 1, 8)), jnp.zeros((8, 4)))
     with pytest.raises(ValueError, match="bias"):
         skinny_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4)), jnp.zeros(5))
-    with pytest.raises(ValueError, match="prologue"):
-        skinny_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4)), prologue="gelu")
-    with pytest.raises(ValueError, match="inv_rms"):
-        skinny_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4)), prologue="rmsnorm")
-    with pytest.raises(ValueError, match="swiglu"):
-        skinny_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4)), prologue="swiglu")
     with pytest.raises(ValueError, match="block_k"):
         skinny_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4)), block_k=24)
 
