@@ -24,6 +24,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from kernels.skinny_matmul import skinny_matmul  # noqa: E402
+sm = sys.modules["kernels.skinny_matmul"]
+from kernels.skinny_matmul import skinny_matmul  # noqa: E402
 
 SHAPES = {"qkv": (896, 1152), "o": (896, 896), "gate_up": (896, 9728), "down": (4864, 896)}
 
@@ -43,7 +45,15 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--shapes", nargs="+", default=["gate_up", "down", "qkv", "o"])
+    ap.add_argument("--block-n", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--block-k", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--stages-warps", nargs="+", default=["3x4", "4x4", "4x8"], help="STAGESxWARPS")
+    ap.add_argument("--targets", type=int, nargs="+", default=[264, 528], help="programs wanted (sets the K split)")
     args = ap.parse_args()
+    if max(args.rows) > sm.MAX_ROWS:
+        # Probing whether the kernel would also serve larger batches than the engine gives it.
+        sm.MAX_ROWS = max(args.rows)
+    stages_warps = [tuple(map(int, sw.split("x"))) for sw in args.stages_warps]
     key = jax.random.key(0)
     print(f"device {jax.devices()[0].device_kind}", flush=True)
     for name in args.shapes:
@@ -63,8 +73,8 @@ def main() -> None:
                 return jax.jit(f)
 
             rows = [("xla", None)]
-            for bn, bk, (st, wp), target in itertools.product((64, 128), (128, 256), ((3, 4), (4, 4), (4, 8)),
-                                                              (264, 528)):
+            for bn, bk, (st, wp), target in itertools.product(args.block_n, args.block_k, stages_warps,
+                                                              args.targets):
                 kb = -(-k // bk)
                 splits = max(1, min(kb, target // -(-n // bn)))
                 rows.append((f"bn{bn} bk{bk} st{st} w{wp} s{splits}",
