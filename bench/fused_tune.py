@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--ppb", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--warps", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--splits", type=int, nargs="+", default=[0], help="0: the kernel's default")
     args = ap.parse_args()
     h, kvh, d = map(int, args.heads.split("/"))
     print(f"device {jax.devices()[0].device_kind}; heads {args.heads}; {args.layers} layers a call", flush=True)
@@ -68,9 +69,10 @@ def main() -> None:
         pools, tables, lengths, slots, cos, sin, qkv, kv_bytes = build(batch, ctx, h, kvh, d, args.layers,
                                                                       args.table_pages)
         results = []
-        configs = [None] + list(itertools.product(args.ppb, args.warps, args.stages))
+        configs = [None] + list(itertools.product(args.ppb, args.warps, args.stages, args.splits))
         for cfgt in configs:
-            tune = {} if cfgt is None else dict(pages_per_block=cfgt[0], num_warps=cfgt[1], num_stages=cfgt[2])
+            tune = {} if cfgt is None else dict(pages_per_block=cfgt[0], num_warps=cfgt[1], num_stages=cfgt[2],
+                                                num_splits=cfgt[3] or None)
 
             def one_step(_, carry):
                 x, pools = carry
@@ -86,7 +88,7 @@ def main() -> None:
             # must not turn into a copy of every pool per call.
             step = jax.jit(lambda x, pools: jax.lax.fori_loop(0, args.steps, one_step, (x, pools)),
                            donate_argnums=1)
-            label = "default" if cfgt is None else f"ppb{cfgt[0]} w{cfgt[1]} st{cfgt[2]}"
+            label = "default" if cfgt is None else f"ppb{cfgt[0]} w{cfgt[1]} st{cfgt[2]} s{cfgt[3] or 'def'}"
             try:
                 state = (qkv, pools)
                 times = []
