@@ -12,8 +12,6 @@ Hugging Face names are restored only at the checkpoint boundary (``weights.py``)
 
 from __future__ import annotations
 
-import functools
-import operator
 from typing import Any
 
 import flax.linen as nn
@@ -118,9 +116,7 @@ class Linear(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, fast: bool = False, row_scale: jax.Array | None = None) -> jax.Array:
-        """``row_scale [...]`` (float32, one per row of ``x``): ``row_scale * (x @ kernel) + bias``,
-        the form a folded RMSNorm takes (see ``fold_norms``)."""
+    def __call__(self, x: jax.Array, fast: bool = False) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype) if self.use_bias else None
         x = x.astype(self.dtype)
@@ -128,19 +124,10 @@ class Linear(nn.Module):
         if fast:
             from kernels.skinny_matmul import MAX_ROWS, skinny_matmul
 
-            if rows <= MAX_ROWS and row_scale is None:
+            if rows <= MAX_ROWS:
                 out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, bias)
                 return out.reshape(*x.shape[:-1], self.features)
-            if rows <= MAX_ROWS:
-                parts = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, partials=True)
-                # Elementwise adds, so the sum, the row scale and the bias are one XLA fusion
-                # with whatever consumes the result.
-                acc = functools.reduce(operator.add, [parts[i] for i in range(parts.shape[0])])
-                acc = acc.reshape(*x.shape[:-1], self.features) * row_scale[..., None]
-                return (acc if bias is None else acc + bias.astype(jnp.float32)).astype(self.dtype)
         out = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-        if row_scale is not None:
-            out = (out.astype(jnp.float32) * row_scale[..., None]).astype(out.dtype)
         return out if bias is None else out + bias
 
 
@@ -149,16 +136,12 @@ class RMSNorm(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, inv_rms_only: bool = False) -> jax.Array:
-        """``x`` normalized; with ``inv_rms_only`` just each row's ``1 / rms`` (float32), for
-        a folded norm whose scale lives in the next projection (``fold_norms``)."""
+    def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
         xf = x.astype(jnp.float32)
-        inv_rms = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1) + self.eps)
-        if inv_rms_only:
-            return inv_rms
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         # HF casts back to the activation dtype before the weight multiply; match it for parity.
-        return scale * (xf * inv_rms[..., None]).astype(x.dtype)
+        return scale * xf.astype(x.dtype)
 
 
 def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelConfig):
@@ -198,12 +181,12 @@ class Attention(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, lengths, kv, paged: PagedAttention | None, row_scale=None):
+    def __call__(self, x, cos, sin, lengths, kv, paged: PagedAttention | None):
         cfg = self.config
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, s, _ = x.shape
         fast = _fast_kernels(paged)
-        qkv = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")(x, fast, row_scale)
+        qkv = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")(x, fast)
         if fast and s == 1:
             out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg)
         else:
@@ -218,9 +201,9 @@ class MLP(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, fast: bool = False, row_scale=None):
+    def __call__(self, x, fast: bool = False):
         inter = self.config.intermediate_size
-        gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")(x, fast, row_scale)
+        gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")(x, fast)
         act = nn.silu(gate_up[..., :inter]) * gate_up[..., inter:]
         return Linear(self.config.hidden_size, False, self.dtype, name="down_proj")(act, fast)
 
@@ -228,64 +211,16 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: Any
-    folded_norms: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, lengths, kv, paged):
         eps = self.config.rms_norm_eps
-        ln1 = RMSNorm(eps, self.dtype, name="input_layernorm")
-        ln2 = RMSNorm(eps, self.dtype, name="post_attention_layernorm")
-        fast = _fast_kernels(paged)
-        if self.folded_norms and _skinny_rows(x, paged):
-            # The norms' scales live in the projections' weights (fold_norms): the residual
-            # stream goes into the projection as it is and each row's 1/rms scales the
-            # product, so no kernel normalizes x.
-            attn_out, kv = Attention(self.config, self.dtype, name="self_attn")(
-                x, cos, sin, lengths, kv, paged, row_scale=ln1(x, inv_rms_only=True))
-            x = x + attn_out
-            return x + MLP(self.config, self.dtype, name="mlp")(x, fast, ln2(x, inv_rms_only=True)), kv
-        attn_out, kv = Attention(self.config, self.dtype, name="self_attn")(ln1(x), cos, sin, lengths, kv, paged)
+        attn_out, kv = Attention(self.config, self.dtype, name="self_attn")(
+            RMSNorm(eps, self.dtype, name="input_layernorm")(x), cos, sin, lengths, kv, paged)
         x = x + attn_out
-        x = x + MLP(self.config, self.dtype, name="mlp")(ln2(x), fast)
+        x = x + MLP(self.config, self.dtype, name="mlp")(
+            RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x), _fast_kernels(paged))
         return x, kv
-
-
-def _skinny_rows(x: jax.Array, paged: PagedAttention | None) -> bool:
-    """Whether this pass's projections run as the skinny matmul (decode-sized fast passes)."""
-    if not _fast_kernels(paged):
-        return False
-    from kernels.skinny_matmul import MAX_ROWS
-
-    return x.shape[0] * x.shape[1] <= MAX_ROWS
-
-
-def fold_norms(params: dict) -> dict:
-    """Params with each layer's RMSNorm scales multiplied into the projection that follows
-    (``qkv_proj`` and ``gate_up_proj`` kernels) and the scales set to one.
-
-    The same model on the result computes the same function (up to one rounding of the
-    folded weights in low precision); with ``Qwen2ForCausalLM(folded_norms=True)`` a decode
-    step then needs no kernel that normalizes: ``norm(x) @ W == (x @ (scale * W)) / rms(x)``.
-    The original params are not modified.
-
-    Example:
-        >>> folded = fold_norms(params)                                   # doctest: +SKIP
-        >>> Qwen2ForCausalLM(cfg, jnp.bfloat16, folded_norms=True).apply({"params": folded}, ...)  # doctest: +SKIP
-    """
-    out = dict(params)
-    for name, layer in params.items():
-        if not name.startswith("layers_"):
-            continue
-        layer = jax.tree.map(lambda a: a, layer)  # a new tree; leaves shared until replaced
-        for norm, proj, owner in (("input_layernorm", "qkv_proj", "self_attn"),
-                                  ("post_attention_layernorm", "gate_up_proj", "mlp")):
-            scale = layer[norm]["scale"]
-            w = layer[owner][proj]["kernel"]
-            layer[owner][proj] = dict(layer[owner][proj], kernel=(
-                w.astype(jnp.float32) * scale.astype(jnp.float32)[:, None]).astype(w.dtype))
-            layer[norm] = dict(layer[norm], scale=jnp.ones_like(scale))
-        out[name] = layer
-    return out
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -304,8 +239,6 @@ class Qwen2ForCausalLM(nn.Module):
 
     config: ModelConfig
     dtype: Any = jnp.float32
-    # Params come from ``fold_norms``: decode-sized fast passes skip the normalize kernels.
-    folded_norms: bool = False
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
@@ -326,7 +259,7 @@ class Qwen2ForCausalLM(nn.Module):
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         new_kv = []
         for i in range(cfg.num_hidden_layers):
-            x, layer_kv = DecoderLayer(cfg, self.dtype, self.folded_norms, name=f"layers_{i}")(
+            x, layer_kv = DecoderLayer(cfg, self.dtype, name=f"layers_{i}")(
                 x, cos, sin, lengths, None if kv is None else kv[i], paged)
             new_kv.append(layer_kv)
         if logits_at is not None:
@@ -355,5 +288,5 @@ def param_count(params: Any) -> int:
     return sum(x.size for x in jax.tree_util.tree_leaves(params))
 
 
-__all__ = ("Qwen2ForCausalLM", "PagedAttention", "fold_norms", "KVCache", "init_params", "new_kv_cache",
+__all__ = ("Qwen2ForCausalLM", "PagedAttention", "KVCache", "init_params", "new_kv_cache",
                           "dense_causal_attention", "rope_tables", "apply_rope", "param_count")

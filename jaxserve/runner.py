@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxserve import kv_pool
 from jaxserve.config import ModelConfig
-from jaxserve.model import KVCache, PagedAttention, Qwen2ForCausalLM, fold_norms, new_kv_cache
+from jaxserve.model import KVCache, PagedAttention, Qwen2ForCausalLM, new_kv_cache
 from jaxserve.sampling import SampleOutput, SamplingBatch, sample, token_logprobs, update_counts
 
 
@@ -47,14 +47,10 @@ class Runner:
     def __init__(self, config: ModelConfig, params: Any, *, num_pages: int, page_size: int,
                  attention_impl: str = "pallas") -> None:
         self.config = config
-        # Under the Pallas kernels the RMSNorm scales are folded into the projections that
-        # follow them, so a decode step runs no normalize kernels (model.fold_norms). The
-        # folded matrices are new arrays: the caller's params stay as they were.
-        folded = attention_impl == "pallas"
-        self.params = fold_norms(params) if folded else params
+        self.params = params
         self.page_size = page_size
         self.dtype = jax.tree_util.tree_leaves(params)[0].dtype
-        self.model = Qwen2ForCausalLM(config, self.dtype, folded_norms=folded)
+        self.model = Qwen2ForCausalLM(config, self.dtype)
         self.attention_impl = attention_impl
         self.kv: KVCache = new_kv_cache(config, num_pages, page_size, self.dtype)
         self.compiled_shapes: set[tuple] = set()

@@ -43,7 +43,7 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _kernel(x_ref, w_ref, *rest, has_bias: bool, partials: bool, k_per_split: int,
+def _kernel(x_ref, w_ref, *rest, has_bias: bool, num_splits: int, k_per_split: int,
             block_m: int, block_n: int, block_k: int, precision):
     if has_bias:
         b_ref, o_ref = rest
@@ -71,7 +71,7 @@ def _kernel(x_ref, w_ref, *rest, has_bias: bool, partials: bool, k_per_split: in
 
     acc = lax.fori_loop(0, num_iters, body, jnp.zeros((block_m, block_n), jnp.float32))
     mask = (row_ids < rows)[:, None] & col_ok[None, :]
-    if not partials:
+    if num_splits == 1:
         if has_bias:
             bias = compat.load(b_ref.at[pl.ds(col_block * block_n, block_n)], mask=col_ok, other=0)
             acc = acc + bias.astype(jnp.float32)[None, :]
@@ -93,27 +93,25 @@ def default_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "num_splits", "num_warps",
-                                             "num_stages", "partials", "interpret"))
+                                             "num_stages", "interpret"))
 def _skinny(x, w, bias, *, block_n: int, block_k: int, num_splits: int, num_warps: int,
-            num_stages: int, partials: bool, interpret: bool):
+            num_stages: int, interpret: bool):
     m, k = x.shape
     n = w.shape[1]
     block_m = max(16, _next_pow2(m))
     k_blocks = pl.cdiv(k, block_k)
     k_per_split = pl.cdiv(k_blocks, num_splits) * block_k
     precision = lax.Precision.HIGHEST if w.dtype == jnp.float32 else None
-    # Partial sums whenever K is split or the caller asked; the bias then goes on after the sum.
-    in_kernel_partials = partials or num_splits > 1
-    bias_in_kernel = bias is not None and not in_kernel_partials
-    kernel = functools.partial(_kernel, has_bias=bias_in_kernel, partials=in_kernel_partials,
-                               k_per_split=k_per_split, block_m=block_m,
+    has_bias = bias is not None
+    kernel = functools.partial(_kernel, has_bias=has_bias and num_splits == 1,
+                               num_splits=num_splits, k_per_split=k_per_split, block_m=block_m,
                                block_n=block_n, block_k=block_k, precision=precision)
     whole = pl.no_block_spec
-    args = [x, w] + ([bias] if bias_in_kernel else [])
-    if in_kernel_partials:
-        out_shape = jax.ShapeDtypeStruct((num_splits, m, n), jnp.float32)
-    else:
+    args = [x, w] + ([bias] if has_bias and num_splits == 1 else [])
+    if num_splits == 1:
         out_shape = jax.ShapeDtypeStruct((m, n), x.dtype)
+    else:
+        out_shape = jax.ShapeDtypeStruct((num_splits, m, n), jnp.float32)
     out = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, block_n), num_splits),
@@ -124,10 +122,10 @@ def _skinny(x, w, bias, *, block_n: int, block_k: int, num_splits: int, num_warp
         compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
         name="skinny_matmul",
     )(*args)
-    if partials or not in_kernel_partials:
+    if num_splits == 1:
         return out
     out = out.sum(axis=0)
-    if bias is not None:
+    if has_bias:
         out = out + bias.astype(jnp.float32)
     return out.astype(x.dtype)
 
@@ -135,7 +133,7 @@ def _skinny(x, w, bias, *, block_n: int, block_k: int, num_splits: int, num_warp
 def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
                   interpret: bool | None = None, block_n: int | None = None,
                   block_k: int | None = None, num_splits: int | None = None,
-                  num_warps: int = 4, num_stages: int = 3, partials: bool = False) -> jax.Array:
+                  num_warps: int = 4, num_stages: int = 3) -> jax.Array:
     """`x @ w (+ bias)` for a few rows of `x`, accumulated in float32, in x's dtype.
 
     Args:
@@ -145,9 +143,6 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         interpret: Pallas interpret mode; None picks it on the CPU backend.
         block_n, block_k, num_splits: tiling; None picks `default_tiling`.
         num_warps, num_stages: Triton launch parameters.
-        partials: return the float32 partial sums of the K splits, `[num_splits, M, N]`
-            (bias not added), for a caller that adds them in its own fusion; otherwise
-            `[M, N]` in x's dtype.
 
     Example:
         >>> x = jnp.ones((2, 256), jnp.bfloat16); w = jnp.ones((256, 384), jnp.bfloat16)
@@ -167,7 +162,7 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {v}")
     return _skinny(x, w, bias, block_n=block_n, block_k=block_k, num_splits=num_splits,
-                   num_warps=num_warps, num_stages=num_stages, partials=partials,
+                   num_warps=num_warps, num_stages=num_stages,
                    interpret=compat.resolve_interpret(interpret))
 
 
