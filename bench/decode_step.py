@@ -41,6 +41,11 @@ VARIANTS = {
     # GEMMs XLA would emit as Triton fusions go to cuBLAS (or cuBLASLt) instead.
     "cublas": "--xla_gpu_enable_triton_gemm=false",
     "cublaslt": "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true",
+    # Only the wide (> skinny MAX_ROWS) decode compile gets these, through jit's compiler_options.
+    "wide_cublas": {"JAXSERVE_WIDE_DECODE_OPTIONS": '{"xla_gpu_enable_triton_gemm": false}'},
+    "wide_cublas_graphs": {"JAXSERVE_WIDE_DECODE_OPTIONS":
+                           '{"xla_gpu_enable_triton_gemm": false, "xla_gpu_graph_min_graph_size": 1, '
+                           '"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"}'},
     "cublas_graphs": "--xla_gpu_enable_triton_gemm=false "
                      "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
                      "--xla_gpu_graph_min_graph_size=1",
@@ -192,15 +197,17 @@ def main() -> None:
         return
     results = []
     for v in args.variants:
-        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + VARIANTS[v]).strip(),
-                   PYTHONUNBUFFERED="1")
+        extra = VARIANTS[v]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra if isinstance(extra, dict) else {}))
+        if isinstance(extra, str):
+            env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + extra).strip()
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--batches", *map(str, args.batches),
                "--context", str(args.context), "--decode-steps", str(args.decode_steps), "--reps", str(args.reps)] + (["--tiny"] if args.tiny else []) + (["--no-static"] if args.no_static else []) \
             + (["--impl", args.impl] if args.impl else []) \
             + (["--dump-hlo", args.dump_hlo] if args.dump_hlo else []) \
             + (["--table-pages", str(args.table_pages)] if args.table_pages else []) \
             + (["--profile", args.profile] if args.profile else [])
-        print(f"== variant {v}: XLA_FLAGS={env['XLA_FLAGS']!r}", flush=True)
+        print(f"== variant {v}: {extra!r}", flush=True)
         # Relay the child's lines as they come: a variant that hangs must still show how far it got.
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:

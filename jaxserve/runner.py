@@ -10,6 +10,8 @@ lengths.
 from __future__ import annotations
 
 import functools
+import json
+import os
 from typing import Any
 
 import jax
@@ -20,6 +22,11 @@ from jaxserve import kv_pool
 from jaxserve.config import ModelConfig
 from jaxserve.model import KVCache, PagedAttention, Qwen2ForCausalLM, new_kv_cache
 from jaxserve.sampling import SampleOutput, SamplingBatch, sample, token_logprobs, update_counts
+from kernels.skinny_matmul import MAX_ROWS as SKINNY_MAX_ROWS
+
+# XLA compiler options of decode steps wider than the skinny matmul serves (their projections
+# are XLA GEMMs); JAXSERVE_WIDE_DECODE_OPTIONS (JSON) overrides them for experiments.
+WIDE_DECODE_OPTIONS: dict[str, Any] = json.loads(os.environ.get("JAXSERVE_WIDE_DECODE_OPTIONS", "{}"))
 
 
 def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, counts, seen, *, num_top: int,
@@ -55,8 +62,12 @@ class Runner:
         self.kv: KVCache = new_kv_cache(config, num_pages, page_size, self.dtype)
         self.compiled_shapes: set[tuple] = set()
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top", "greedy"))
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,),
-                               static_argnames=("num_steps", "num_top", "penalties", "greedy"))
+        decode_static = ("num_steps", "num_top", "penalties", "greedy")
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static)
+        # Batches too wide for the skinny matmul project through XLA's GEMMs; for those steps
+        # its own options may differ (see WIDE_DECODE_OPTIONS).
+        self._decode_wide = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static,
+                                    compiler_options=WIDE_DECODE_OPTIONS or None)
 
     def _forward(self, params, kv, tokens, positions, paged, logits_at=None):
         return self.model.apply({"params": params}, tokens, positions, kv=kv, paged=paged, logits_at=logits_at)
@@ -110,9 +121,10 @@ class Runner:
         if not penalties:  # placeholders keep one signature; they are never read
             counts = seen = jnp.zeros((1, 1), jnp.int32)
         self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, num_steps, num_top, penalties, greedy))
-        self.kv, out = self._decode(self.params, self.kv, *_int32(tokens, positions, limits, block_tables), batch,
-                                    *_int32(steps), counts, seen, num_steps=num_steps, num_top=num_top,
-                                    penalties=penalties, greedy=greedy)
+        wide = tokens.shape[0] > SKINNY_MAX_ROWS
+        self.kv, out = (self._decode_wide if wide else self._decode)(
+            self.params, self.kv, *_int32(tokens, positions, limits, block_tables), batch,
+            *_int32(steps), counts, seen, num_steps=num_steps, num_top=num_top, penalties=penalties, greedy=greedy)
         return out
 
 
