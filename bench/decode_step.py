@@ -42,6 +42,7 @@ VARIANTS = {
     "cublas": "--xla_gpu_enable_triton_gemm=false",
     "cublaslt": "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true",
     # Only the wide (> skinny MAX_ROWS) decode compile gets these, through jit's compiler_options.
+    "wide_xla_default": {"JAXSERVE_WIDE_DECODE_OPTIONS": "{}"},
     "wide_cublas": {"JAXSERVE_WIDE_DECODE_OPTIONS": '{"xla_gpu_enable_triton_gemm": false}'},
     "wide_cublas_graphs": {"JAXSERVE_WIDE_DECODE_OPTIONS":
                            '{"xla_gpu_enable_triton_gemm": false, "xla_gpu_graph_min_graph_size": 1, '

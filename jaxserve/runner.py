@@ -24,9 +24,13 @@ from jaxserve.model import KVCache, PagedAttention, Qwen2ForCausalLM, new_kv_cac
 from jaxserve.sampling import SampleOutput, SamplingBatch, sample, token_logprobs, update_counts
 from kernels.skinny_matmul import MAX_ROWS as SKINNY_MAX_ROWS
 
-# XLA compiler options of decode steps wider than the skinny matmul serves (their projections
-# are XLA GEMMs); JAXSERVE_WIDE_DECODE_OPTIONS (JSON) overrides them for experiments.
-WIDE_DECODE_OPTIONS: dict[str, Any] = json.loads(os.environ.get("JAXSERVE_WIDE_DECODE_OPTIONS", "{}"))
+# XLA compiler options of decode steps wider than the skinny matmul serves, whose projections
+# are XLA GEMMs. cuBLAS instead of XLA's Triton GEMMs: cuBLAS takes the residual adds into
+# its epilogue (no separate add kernels); H100, Qwen2.5-0.5B, batch 256: step 2.08 -> 1.81 ms
+# (bench/results/decode_step.md, session 4). Only these compiles get it: at batch <= 64 the
+# same flag process-wide measured no gain. JAXSERVE_WIDE_DECODE_OPTIONS (JSON) overrides.
+WIDE_DECODE_OPTIONS: dict[str, Any] = json.loads(
+    os.environ.get("JAXSERVE_WIDE_DECODE_OPTIONS", '{"xla_gpu_enable_triton_gemm": false}'))
 
 
 def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, counts, seen, *, num_top: int,
@@ -110,6 +114,10 @@ class Runner:
                                      *_int32(steps), counts, seen, num_top=num_top, greedy=greedy)
         return out
 
+    def decode_fn(self, rows: int):
+        """The jitted multi-step decode for a batch of ``rows`` (the wide one past the skinny matmul)."""
+        return self._decode_wide if rows > SKINNY_MAX_ROWS else self._decode
+
     def decode(self, tokens: np.ndarray, positions: np.ndarray, limits: np.ndarray, block_tables: np.ndarray,
                batch: SamplingBatch, steps: np.ndarray, num_steps: int, counts=None, seen=None, num_top: int = 0,
                greedy: bool = False):
@@ -121,8 +129,7 @@ class Runner:
         if not penalties:  # placeholders keep one signature; they are never read
             counts = seen = jnp.zeros((1, 1), jnp.int32)
         self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, num_steps, num_top, penalties, greedy))
-        wide = tokens.shape[0] > SKINNY_MAX_ROWS
-        self.kv, out = (self._decode_wide if wide else self._decode)(
+        self.kv, out = self.decode_fn(tokens.shape[0])(
             self.params, self.kv, *_int32(tokens, positions, limits, block_tables), batch,
             *_int32(steps), counts, seen, num_steps=num_steps, num_top=num_top, penalties=penalties, greedy=greedy)
         return out
