@@ -22,7 +22,6 @@ from jaxserve import kv_pool
 from jaxserve.config import ModelConfig
 from jaxserve.model import KVCache, PagedAttention, Qwen2ForCausalLM, new_kv_cache
 from jaxserve.sampling import SampleOutput, SamplingBatch, sample, token_logprobs, update_counts
-from kernels.skinny_matmul import MAX_ROWS as SKINNY_MAX_ROWS
 
 # XLA compiler options of decode steps wider than the skinny matmul serves, whose projections
 # are XLA GEMMs. cuBLAS instead of XLA's Triton GEMMs: cuBLAS takes the residual adds into
@@ -116,7 +115,9 @@ class Runner:
 
     def decode_fn(self, rows: int):
         """The jitted multi-step decode for a batch of ``rows`` (the wide one past the skinny matmul)."""
-        return self._decode_wide if rows > SKINNY_MAX_ROWS else self._decode
+        from kernels.skinny_matmul import MAX_ROWS  # imported here: the runner alone need not load Pallas
+
+        return self._decode_wide if rows > MAX_ROWS else self._decode
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, limits: np.ndarray, block_tables: np.ndarray,
                batch: SamplingBatch, steps: np.ndarray, num_steps: int, counts=None, seen=None, num_top: int = 0,

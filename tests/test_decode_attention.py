@@ -126,9 +126,9 @@ def test_fused_decode_shape_errors_name_the_field():
 
 @pytest.mark.parametrize("impl", ["pallas", "pallas-unfused"])
 def test_model_decode_step_matches_dense_forward(impl):
-    # One paged decode step of the whole model (fast path: the RMSNorms and SwiGLU inside the
-    # skinny-matmul projections, the fused attention kernel) against a dense forward pass
-    # over the same tokens; the pages are filled by a paged prefill through the references.
+    # One paged decode step of the whole model (under "pallas": the fused attention kernel and
+    # the skinny-matmul projections) against a dense forward pass over the same tokens; the
+    # pages are filled by a paged prefill through the references.
     from jaxserve.config import ModelConfig
     from jaxserve.model import PagedAttention, Qwen2ForCausalLM, init_params, new_kv_cache
 
@@ -137,7 +137,7 @@ def test_model_decode_step_matches_dense_forward(impl):
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
     model = Qwen2ForCausalLM(cfg, jnp.float32)
     params = init_params(cfg, jax.random.key(int(rng.integers(1 << 30))))
-    # Norm scales of 1 would hide a prologue that drops them.
+    # Norm scales of 1 (the init) would hide a fast path that skips them.
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x * jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
         if "layernorm" in jax.tree_util.keystr(p) else x, params)

@@ -10,8 +10,10 @@ import threading
 import time
 
 import httpx
-import openai
 import pytest
+
+# The GPU machine has no openai client; there the server tests are skipped, not a collection error.
+openai = pytest.importorskip("openai")
 
 from jaxserve import EngineConfig, load
 from jaxserve.server import ServerConfig, build_server, create_app
