@@ -313,3 +313,74 @@ def test_wide_decode_batches_compile_with_their_own_options(tiny):
         assert r._decode_wide is not r._decode
     if "JAXSERVE_WIDE_DECODE_OPTIONS" not in os.environ:
         assert runner_mod.WIDE_DECODE_OPTIONS == {"xla_gpu_enable_triton_gemm": False}
+
+
+@pytest.mark.parametrize("policy,overlap", [("prefill_first", True), ("time_share", False), ("mixed", True)])
+def test_random_workload_never_loses_a_request(tiny, policy, overlap):
+    # Requests arrive between steps with mixed parameters (greedy, seeded sampling with
+    # penalties, stop ids), share prompt prefixes, get aborted mid-flight, and overflow a small
+    # pool (preemption): every one must finish with a valid reason, greedy outputs must equal
+    # transformers', seeded ones must equal the same requests run together in a fresh engine,
+    # and no page may stay allocated.
+    m, hf = tiny
+    seed = int(np.random.default_rng().integers(1 << 31))
+    rng = np.random.default_rng(seed)
+    vocab = m.config.vocab_size
+    prefixes = [rng.integers(3, vocab, size=n).tolist() for n in (9, 17)]
+
+    def new_request():
+        prompt = prefixes[rng.integers(2)][: rng.integers(4, 18)] + rng.integers(3, vocab, size=rng.integers(1, 12)).tolist()
+        kind = rng.choice(["greedy", "sampled", "stop"])
+        n = int(rng.integers(1, 13))
+        if kind == "greedy":
+            return prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        if kind == "sampled":
+            return prompt, SamplingParams(max_tokens=n, temperature=0.8, top_k=int(rng.choice([-1, 5, 40])), top_p=0.9,
+                                          repetition_penalty=1.1, seed=int(rng.integers(1 << 20)), ignore_eos=True)
+        return prompt, SamplingParams(max_tokens=n, temperature=0.0, stop_token_ids=tuple(rng.integers(3, vocab, 40)))
+
+    cfg = small_config(num_pages=9, policy=policy, overlap=overlap, prefix_caching=True)
+    added: dict[str, tuple[list[int], SamplingParams]] = {}
+    aborted: set[str] = set()
+    with Engine(m, cfg) as engine:
+        for _ in range(400):
+            for _ in range(rng.poisson(1.0) if len(added) < 24 else 0):
+                prompt, params = new_request()
+                added[engine.add_request(prompt, params)] = (prompt, params)
+            live = [rid for rid in added if rid not in aborted and engine.requests[rid].finish_reason is None]
+            if live and rng.random() < 0.05:
+                rid = live[rng.integers(len(live))]
+                assert engine.abort(rid), f"seed={seed}"
+                aborted.add(rid)
+            if engine.has_unfinished():
+                engine.step()
+            elif len(added) >= 24:
+                break
+        assert not engine.has_unfinished(), f"requests left unfinished after 400 steps, seed={seed}"
+        results = {rid: engine.release(rid) for rid in added}
+        assert engine.stats()["prefix_hit_rate"] > 0, f"no prefix was shared, seed={seed}"
+        assert_all_pages_free(engine)
+
+    seeded = [rid for rid, (_, p) in added.items() if p.seed is not None and rid not in aborted]
+    for rid, (prompt, params) in added.items():
+        r = results[rid]
+        assert r.finish_reason in ("stop", "length", "abort"), f"{rid}: {r.finish_reason}, seed={seed}"
+        if rid in aborted:
+            assert r.finish_reason == "abort", f"seed={seed}"
+            continue
+        assert r.finish_reason != "abort", f"{rid} aborted without being asked: {r.error}, seed={seed}"
+        if r.finish_reason == "length":
+            assert len(r.output_ids) == params.max_tokens, f"seed={seed}"
+        if params.temperature == 0.0:
+            ref = hf_greedy(hf, prompt, params.max_tokens)
+            if params.stop_token_ids:  # the reference up to and including the first stop id
+                cut = next((i for i, t in enumerate(ref) if t in params.stop_token_ids), len(ref) - 1)
+                ref = ref[: cut + 1]
+            assert r.output_ids == ref, f"{rid} greedy output differs, seed={seed}"
+    if seeded:
+        with Engine(m, small_config()) as fresh:
+            again = fresh.generate([added[rid][0] for rid in seeded], [added[rid][1] for rid in seeded],
+                                   use_tqdm=False)
+            assert_all_pages_free(fresh)
+        for rid, out in zip(seeded, again):
+            assert out["token_ids"] == results[rid].output_ids, f"{rid} seeded output differs, seed={seed}"
