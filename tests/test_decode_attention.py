@@ -43,9 +43,15 @@ def fused_case(rng, *, batch, num_heads, kv_heads, head_dim, page_size, table_pa
     return qkv, cos, sin, k_pages, v_pages, table, lengths, slots
 
 
-def assert_pools_equal(new, ref, seed):
-    np.testing.assert_array_equal(np.asarray(new, np.float32), np.asarray(ref, np.float32),
-                                  err_msg=f"seed={seed}")
+# Rotated K is RoPE in float32 then cast: the kernel's and the reference's float32 rounding may
+# differ in the last bit and so, rarely, the bf16 result by one unit (seen once in ~70k elements).
+BF16_ULP = 2.0 ** -7
+
+
+def assert_pools_equal(new, ref, seed, rtol: float = 0.0, atol: float = 0.0):
+    """Equal pools (NaN poison in the same places), values within ``rtol`` / ``atol``."""
+    np.testing.assert_allclose(np.asarray(new, np.float32), np.asarray(ref, np.float32), rtol=rtol, atol=atol,
+                               equal_nan=True, err_msg=f"seed={seed}")
 
 
 @pytest.mark.parametrize("interpret", MODES)
@@ -69,13 +75,12 @@ def test_fused_decode_matches_rope_scatter_attention_reference(
     assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
     np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0,
                                   err_msg=f"length-0 row not zero, seed={seed}")
-    # The new tokens' rotated K and V are in their slots (bitwise, as the reference's
-    # RoPE in float32 then cast), and nothing else in the pool changed.
+    # The new tokens' rotated K and V are in their slots and nothing else in the pool changed
+    # (the NaN poison stays exactly where it was); V is a copy, so bitwise.
     if dtype == jnp.float32:
-        np.testing.assert_allclose(np.asarray(k_new), np.asarray(k_ref), rtol=1e-6, atol=1e-6,
-                                   err_msg=f"seed={seed}")
+        assert_pools_equal(k_new, k_ref, seed, rtol=1e-6, atol=1e-6)
     else:
-        assert_pools_equal(k_new, k_ref, seed)
+        assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP)
     assert_pools_equal(v_new, v_ref, seed)
 
 
@@ -100,7 +105,7 @@ def test_fused_decode_in_place_under_jit_and_steps_chain(interpret):
         ref, ref_k, ref_v = fused_decode_attention_reference(qkv, cos, sin, ref_k, ref_v, table,
                                                              lengths, slots)
         assert relative_error(out, ref) <= 2e-2, f"seed={seed}"
-        assert_pools_equal(k_pages, ref_k, seed)
+        assert_pools_equal(k_pages, ref_k, seed, rtol=BF16_ULP)
         lengths = lengths + 1
         pos = np.asarray(lengths) - 1
         slots = jnp.asarray(np.asarray(table)[np.arange(3), pos // page_size] * page_size
