@@ -1,8 +1,10 @@
 """Tiling sweep of the skinny-matmul kernel against XLA's dot on Qwen2.5-0.5B's projections.
 
 Each timed function runs one projection shape over 24 distinct weight matrices (one per
-layer, ~50-420 MB in all, so the 50 MB L2 cannot hold them) inside one jit; reported is
-the median time per matrix and its weight bytes over that time.
+layer, ~50-420 MB in all, so the 50 MB L2 cannot hold them) inside one jit, every product
+an output; reported is the median time per matrix and its weight bytes over that time.
+(Session 3's and 4's tables in bench/results/decode_step.md were taken with an accumulating
+add per matrix in the timed function, which weighs on the 128- and 256-row times.)
 
     python bench/skinny_tune.py --rows 1 64
 """
@@ -64,12 +66,10 @@ def main() -> None:
             x = jax.random.normal(key, (m, k), jnp.bfloat16)
 
             def run(tile):
+                # Every product is an output, so none is dead code, and nothing but the products
+                # runs (an accumulating add per matrix, as before, dominated the 256-row times).
                 def f(x, ws):
-                    acc = jnp.zeros((m, n), jnp.float32)
-                    for w in ws:
-                        y = jnp.dot(x, w) if tile is None else skinny_matmul(x, w, **tile)
-                        acc = acc + y.astype(jnp.float32)
-                    return acc
+                    return tuple(jnp.dot(x, w) if tile is None else skinny_matmul(x, w, **tile) for w in ws)
                 return jax.jit(f)
 
             rows = [("xla", None)]
