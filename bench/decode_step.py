@@ -29,8 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# What each variant adds to XLA_FLAGS. "graphs" also captures while loops and custom calls
-# (the Pallas kernels) into CUDA graphs, and forms a graph from a single op.
+# What each variant changes in the child process: a string is added to XLA_FLAGS (the whole
+# process), a dict is set as environment variables. "graphs" also captures while loops and
+# custom calls (the Pallas kernels) into CUDA graphs, and forms a graph from a single op.
 VARIANTS = {
     "default": "",
     "graphs": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
