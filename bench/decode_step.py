@@ -42,6 +42,8 @@ VARIANTS = {
     # GEMMs XLA would emit as Triton fusions go to cuBLAS (or cuBLASLt) instead.
     "cublas": "--xla_gpu_enable_triton_gemm=false",
     "cublaslt": "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true",
+    # The decode glue (residual adds, norms, SwiGLU) as XLA fusions instead of kernels.
+    "xla_glue": {"JAXSERVE_DECODE_GLUE": "xla"},
     # Only the wide (> skinny MAX_ROWS) decode compile gets these, through jit's compiler_options.
     "wide_xla_default": {"JAXSERVE_WIDE_DECODE_OPTIONS": "{}"},
     "wide_cublas": {"JAXSERVE_WIDE_DECODE_OPTIONS": '{"xla_gpu_enable_triton_gemm": false}'},

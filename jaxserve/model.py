@@ -12,6 +12,7 @@ Hugging Face names are restored only at the checkpoint boundary (``weights.py``)
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -103,12 +104,35 @@ def _fast_kernels(paged: PagedAttention | None) -> bool:
     return paged is not None and paged.impl == "pallas"
 
 
+# "xla" keeps XLA's fusions for the decode glue: the baseline that bench/decode_step.py's
+# `xla_glue` variant measures the glue kernels against, in the same run.
+DECODE_GLUE = os.environ.get("JAXSERVE_DECODE_GLUE", "kernels")
+
+
+def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
+    """Whether this pass runs the decode glue as kernels: a decode step (one token a row) of
+    at most ``kernels.skinny_matmul.MAX_ROWS`` rows under "pallas".
+
+    Then the projections that add into the residual return their K-split partial sums, and
+    each sublayer starts with one ``kernels.residual_norm.add_rms_norm`` (sum, residual add,
+    RMSNorm) instead of several XLA fusions; the MLP's SwiGLU runs inside the gate_up kernel.
+    Wider steps keep XLA's GEMMs, which fold the residual adds into their epilogues.
+    """
+    if DECODE_GLUE != "kernels" or not _fast_kernels(paged) or x.shape[1] != 1:
+        return False
+    from kernels.skinny_matmul import MAX_ROWS
+
+    return x.shape[0] <= MAX_ROWS
+
+
 class Linear(nn.Module):
     """``nn.Dense`` (same parameters, same math) that can run as the skinny-matmul kernel.
 
     ``fast=True`` (decode under the "pallas" impl) sends inputs of at most
     ``kernels.skinny_matmul.MAX_ROWS`` rows to the Pallas kernel: XLA streams the weights of
-    a few-row product at a fraction of the HBM bandwidth (see that module).
+    a few-row product at a fraction of the HBM bandwidth (see that module). ``epilogue``
+    ("partials", "swiglu"; see ``kernels.skinny_matmul.skinny_matmul``) is for the fused decode
+    glue only, which guarantees the kernel runs.
     """
 
     features: int
@@ -116,7 +140,7 @@ class Linear(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, fast: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, fast: bool = False, epilogue: str = "none") -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype) if self.use_bias else None
         x = x.astype(self.dtype)
@@ -125,19 +149,33 @@ class Linear(nn.Module):
             from kernels.skinny_matmul import MAX_ROWS, skinny_matmul
 
             if rows <= MAX_ROWS:
-                out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, bias)
-                return out.reshape(*x.shape[:-1], self.features)
+                out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue=epilogue)
+                if epilogue == "partials":
+                    return out
+                return out.reshape(*x.shape[:-1], out.shape[-1])
+        if epilogue != "none":
+            raise ValueError(f"epilogue {epilogue!r} needs the skinny-matmul kernel (fast, rows <= MAX_ROWS)")
         out = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
         return out if bias is None else out + bias
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm; with ``fused=True`` it first adds ``partials`` (a projection's float32 K-split
+    sums, ``[S, B, N]``) into ``x [B, 1, N]`` and returns ``(new residual, normed)`` from one
+    kernel (``kernels.residual_norm``)."""
+
     eps: float
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, partials: jax.Array | None = None, fused: bool = False):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        if fused:
+            from kernels.residual_norm import add_rms_norm
+
+            b, s, n = x.shape
+            hidden, normed = add_rms_norm(x.reshape(b * s, n), partials, scale, eps=self.eps)
+            return hidden.reshape(x.shape), normed.reshape(x.shape)
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         # HF casts back to the activation dtype before the weight multiply; match it for parity.
@@ -181,7 +219,9 @@ class Attention(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, lengths, kv, paged: PagedAttention | None):
+    def __call__(self, x, cos, sin, lengths, kv, paged: PagedAttention | None, glue: bool = False):
+        """The attention sublayer's output ``[B, S, hidden]``, or with ``glue`` the o_proj's
+        K-split partial sums ``[splits, B, hidden]``; and the KV pages."""
         cfg = self.config
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, s, _ = x.shape
@@ -192,7 +232,7 @@ class Attention(nn.Module):
         else:
             out, kv = _attend(qkv, cos, sin, lengths, kv, paged, cfg)
         out = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")(
-            out.reshape(b, s, h * d).astype(self.dtype), fast)
+            out.reshape(b, s, h * d).astype(self.dtype), fast, "partials" if glue else "none")
         return out, kv
 
 
@@ -201,26 +241,44 @@ class MLP(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, fast: bool = False):
+    def __call__(self, x, fast: bool = False, glue: bool = False):
+        """``[B, S, hidden]``, or with ``glue`` the down_proj's K-split partials (see Attention)."""
         inter = self.config.intermediate_size
-        gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")(x, fast)
-        act = nn.silu(gate_up[..., :inter]) * gate_up[..., inter:]
-        return Linear(self.config.hidden_size, False, self.dtype, name="down_proj")(act, fast)
+        gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")
+        down = Linear(self.config.hidden_size, False, self.dtype, name="down_proj")
+        if glue:
+            return down(gate_up(x, fast, "swiglu"), fast, "partials")
+        gate_up = gate_up(x, fast)
+        return down(nn.silu(gate_up[..., :inter]) * gate_up[..., inter:], fast)
 
 
 class DecoderLayer(nn.Module):
+    """One decoder layer: ``(x, pending, kv) -> (x, pending, kv)``.
+
+    ``pending`` is None except in the fused decode glue (``_fused_glue``), where the residual
+    add of a layer's MLP is left to the next layer's (or the final) norm kernel: ``x`` is the
+    residual stream before it, ``pending`` the down_proj's partial sums.
+    """
+
     config: ModelConfig
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, lengths, kv, paged):
+    def __call__(self, x, cos, sin, lengths, kv, paged, pending=None):
         eps = self.config.rms_norm_eps
-        attn_out, kv = Attention(self.config, self.dtype, name="self_attn")(
-            RMSNorm(eps, self.dtype, name="input_layernorm")(x), cos, sin, lengths, kv, paged)
+        attn = Attention(self.config, self.dtype, name="self_attn")
+        mlp = MLP(self.config, self.dtype, name="mlp")
+        input_norm = RMSNorm(eps, self.dtype, name="input_layernorm")
+        post_norm = RMSNorm(eps, self.dtype, name="post_attention_layernorm")
+        if _fused_glue(paged, x):
+            x, h = input_norm(x, pending, fused=True)
+            partials, kv = attn(h, cos, sin, lengths, kv, paged, glue=True)
+            x, h = post_norm(x, partials, fused=True)
+            return x, mlp(h, True, glue=True), kv
+        attn_out, kv = attn(input_norm(x), cos, sin, lengths, kv, paged)
         x = x + attn_out
-        x = x + MLP(self.config, self.dtype, name="mlp")(
-            RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x), _fast_kernels(paged))
-        return x, kv
+        x = x + mlp(post_norm(x), _fast_kernels(paged))
+        return x, None, kv
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -258,13 +316,18 @@ class Qwen2ForCausalLM(nn.Module):
         x = embed(tokens)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         new_kv = []
+        pending = None
         for i in range(cfg.num_hidden_layers):
-            x, layer_kv = DecoderLayer(cfg, self.dtype, name=f"layers_{i}")(
-                x, cos, sin, lengths, None if kv is None else kv[i], paged)
+            x, pending, layer_kv = DecoderLayer(cfg, self.dtype, name=f"layers_{i}")(
+                x, cos, sin, lengths, None if kv is None else kv[i], paged, pending)
             new_kv.append(layer_kv)
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
-        x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
+        final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")
+        if _fused_glue(paged, x):  # one token a row: logits_at can only pick it
+            _, x = final_norm(x, pending, fused=True)
+        else:
+            if logits_at is not None:
+                x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
+            x = final_norm(x)
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:

@@ -43,137 +43,184 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _kernel(x_ref, w_ref, *rest, has_bias: bool, num_splits: int, k_per_split: int,
-            block_m: int, block_n: int, block_k: int, precision):
+def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int,
+            block_m: int, block_n: int, block_k: int, n_out: int, precision):
     if has_bias:
         b_ref, o_ref = rest
     else:
         (o_ref,) = rest
     col_block, split = pl.program_id(0), pl.program_id(1)
     rows, k_total = x_ref.shape
-    n_total = w_ref.shape[1]
     row_ids = jnp.arange(block_m)
     cols = col_block * block_n + jnp.arange(block_n)
-    col_ok = cols < n_total
+    col_ok = cols < n_out
     k_start = split * k_per_split
     k_end = jnp.minimum(k_start + k_per_split, k_total)
     num_iters = pl.cdiv(jnp.maximum(k_end - k_start, 0), block_k)
+    # SwiGLU reads the gate columns and the matching up columns (n_out further on) of the
+    # fused gate_up weight, so one program holds both halves of its outputs.
+    halves = (0, n_out) if epilogue == "swiglu" else (0,)
 
-    def body(i, acc):
+    def body(i, accs):
         k0 = k_start + i * block_k
         ks = k0 + jnp.arange(block_k)
         k_ok = ks < k_end
         x = compat.load(x_ref.at[pl.ds(0, block_m), pl.ds(k0, block_k)],
                         mask=(row_ids < rows)[:, None] & k_ok[None, :], other=0)
-        w = compat.load(w_ref.at[pl.ds(k0, block_k), pl.ds(col_block * block_n, block_n)],
-                        mask=k_ok[:, None] & col_ok[None, :], other=0)
-        return acc + compat.dot(x.astype(w.dtype), w, precision=precision)
+        out = []
+        for acc, offset in zip(accs, halves):
+            w = compat.load(w_ref.at[pl.ds(k0, block_k), pl.ds(offset + col_block * block_n, block_n)],
+                            mask=k_ok[:, None] & col_ok[None, :], other=0)
+            out.append(acc + compat.dot(x.astype(w.dtype), w, precision=precision))
+        return tuple(out)
 
-    acc = lax.fori_loop(0, num_iters, body, jnp.zeros((block_m, block_n), jnp.float32))
+    zeros = jnp.zeros((block_m, block_n), jnp.float32)
+    accs = lax.fori_loop(0, num_iters, body, tuple(zeros for _ in halves))
     mask = (row_ids < rows)[:, None] & col_ok[None, :]
-    if num_splits == 1:
-        if has_bias:
-            bias = compat.load(b_ref.at[pl.ds(col_block * block_n, block_n)], mask=col_ok, other=0)
-            acc = acc + bias.astype(jnp.float32)[None, :]
-        compat.store(o_ref.at[pl.ds(0, block_m), pl.ds(col_block * block_n, block_n)],
-                     acc.astype(o_ref.dtype), mask=mask)
-    else:
-        compat.store(o_ref.at[split, pl.ds(0, block_m), pl.ds(col_block * block_n, block_n)],
-                     acc, mask=mask)
+    tile = (pl.ds(0, block_m), pl.ds(col_block * block_n, block_n))
+    if epilogue == "partials":
+        compat.store(o_ref.at[(split,) + tile], accs[0], mask=mask)
+        return
+    dtype = o_ref.dtype
+    if epilogue == "swiglu":
+        # Hugging Face's roundings: both projections in the activation dtype, silu of the
+        # gate rounded, then the product rounded.
+        gate, up = (a.astype(dtype).astype(jnp.float32) for a in accs)
+        act = (gate / (1.0 + jnp.exp(-gate))).astype(dtype).astype(jnp.float32)
+        compat.store(o_ref.at[tile], (act * up).astype(dtype), mask=mask)
+        return
+    acc = accs[0]
+    if has_bias:
+        bias = compat.load(b_ref.at[pl.ds(col_block * block_n, block_n)], mask=col_ok, other=0)
+        acc = acc + bias.astype(jnp.float32)[None, :]
+    compat.store(o_ref.at[tile], acc.astype(dtype), mask=mask)
 
 
-def default_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
+def default_tiling(m: int, k: int, n: int, epilogue: str = "none") -> tuple[int, int, int]:
     """(block_n, block_k, num_splits): 64 columns x 128 rows of weight (16 KiB of bf16) a
-    loop iteration; K split until about `_TARGET_PROGRAMS` programs run."""
-    block_n, block_k = 64, 128
+    loop iteration; K split until about `_TARGET_PROGRAMS` programs run. SwiGLU loads two
+    32-column tiles an iteration (gate and up: the same bytes) and never splits."""
+    block_k = 128
+    if epilogue == "swiglu":
+        return 32, block_k, 1
+    block_n = 64
     col_blocks = pl.cdiv(n, block_n)
     k_blocks = pl.cdiv(k, block_k)
     num_splits = max(1, min(k_blocks, _TARGET_PROGRAMS // col_blocks))
     return block_n, block_k, num_splits
 
 
-@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "num_splits", "num_warps",
-                                             "num_stages", "interpret"))
-def _skinny(x, w, bias, *, block_n: int, block_k: int, num_splits: int, num_warps: int,
-            num_stages: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "block_k", "num_splits",
+                                             "num_warps", "num_stages", "interpret"))
+def _skinny(x, w, bias, *, epilogue: str, block_n: int, block_k: int, num_splits: int,
+            num_warps: int, num_stages: int, interpret: bool):
     m, k = x.shape
-    n = w.shape[1]
+    n_out = w.shape[1] // 2 if epilogue == "swiglu" else w.shape[1]
     block_m = max(16, _next_pow2(m))
     k_blocks = pl.cdiv(k, block_k)
     k_per_split = pl.cdiv(k_blocks, num_splits) * block_k
     precision = lax.Precision.HIGHEST if w.dtype == jnp.float32 else None
-    has_bias = bias is not None
-    kernel = functools.partial(_kernel, has_bias=has_bias and num_splits == 1,
-                               num_splits=num_splits, k_per_split=k_per_split, block_m=block_m,
-                               block_n=block_n, block_k=block_k, precision=precision)
-    whole = pl.no_block_spec
-    args = [x, w] + ([bias] if has_bias and num_splits == 1 else [])
-    if num_splits == 1:
-        out_shape = jax.ShapeDtypeStruct((m, n), x.dtype)
+    # Split programs write float32 partials; the bias joins where they are summed.
+    in_kernel_bias = bias is not None and epilogue == "none" and num_splits == 1
+    kernel = functools.partial(_kernel, epilogue="partials" if num_splits > 1 else epilogue,
+                               has_bias=in_kernel_bias, k_per_split=k_per_split,
+                               block_m=block_m, block_n=block_n, block_k=block_k, n_out=n_out,
+                               precision=precision)
+    args = [x, w] + ([bias] if in_kernel_bias else [])
+    if num_splits > 1 or epilogue == "partials":
+        out_shape = jax.ShapeDtypeStruct((num_splits, m, n_out), jnp.float32)
     else:
-        out_shape = jax.ShapeDtypeStruct((num_splits, m, n), jnp.float32)
+        out_shape = jax.ShapeDtypeStruct((m, n_out), x.dtype)
     out = pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(n, block_n), num_splits),
-        in_specs=[whole] * len(args),
-        out_specs=whole,
+        grid=(pl.cdiv(n_out, block_n), num_splits),
+        in_specs=[pl.no_block_spec] * len(args),
+        out_specs=pl.no_block_spec,
         out_shape=out_shape,
         interpret=interpret,
         compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
         name="skinny_matmul",
     )(*args)
-    if num_splits == 1:
+    if num_splits == 1 or epilogue == "partials":
         return out
     out = out.sum(axis=0)
-    if has_bias:
+    if bias is not None:
         out = out + bias.astype(jnp.float32)
     return out.astype(x.dtype)
 
 
+EPILOGUES = ("none", "partials", "swiglu")
+
+
 def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
-                  interpret: bool | None = None, block_n: int | None = None,
-                  block_k: int | None = None, num_splits: int | None = None,
-                  num_warps: int = 4, num_stages: int = 3) -> jax.Array:
-    """`x @ w (+ bias)` for a few rows of `x`, accumulated in float32, in x's dtype.
+                  epilogue: str = "none", interpret: bool | None = None,
+                  block_n: int | None = None, block_k: int | None = None,
+                  num_splits: int | None = None, num_warps: int = 4,
+                  num_stages: int = 3) -> jax.Array:
+    """`x @ w (+ bias)` for a few rows of `x`, accumulated in float32.
 
     Args:
         x: `[M, K]` activations, M <= `MAX_ROWS`.
         w: `[K, N]` weights (Flax `Dense` layout).
-        bias: optional `[N]`.
+        bias: optional `[N]` (epilogue "none" only).
+        epilogue: what the kernel returns:
+            "none": the product (+ bias) in x's dtype, `[M, N]`;
+            "partials": the float32 partial sums of its K splits, `[S, M, N]`, for a consumer
+            that adds them itself (`kernels.residual_norm.add_rms_norm`), saving a launch;
+            "swiglu": `silu(x @ w[:, :N/2]) * (x @ w[:, N/2:])` in x's dtype, `[M, N/2]` (the
+            fused gate_up projection and its activation; never split along K).
         interpret: Pallas interpret mode; None picks it on the CPU backend.
         block_n, block_k, num_splits: tiling; None picks `default_tiling`.
         num_warps, num_stages: Triton launch parameters.
 
     Example:
         >>> x = jnp.ones((2, 256), jnp.bfloat16); w = jnp.ones((256, 384), jnp.bfloat16)
-        >>> skinny_matmul(x, w).shape
-        (2, 384)
+        >>> skinny_matmul(x, w).shape, skinny_matmul(x, w, epilogue="swiglu").shape
+        ((2, 384), (2, 192))
     """
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"x must be [M, K] and w [K, N], got {x.shape} and {w.shape}")
     if x.shape[0] > MAX_ROWS:
         raise ValueError(f"x has {x.shape[0]} rows, more than MAX_ROWS={MAX_ROWS}")
-    if bias is not None and bias.shape != (w.shape[1],):
-        raise ValueError(f"bias must be [{w.shape[1]}], got {bias.shape}")
-    dn, dk, ds = default_tiling(*x.shape, w.shape[1])
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    if bias is not None and (epilogue != "none" or bias.shape != (w.shape[1],)):
+        raise ValueError(f"bias must be [{w.shape[1]}] with epilogue 'none', got {bias.shape} "
+                         f"with {epilogue!r}")
+    if epilogue == "swiglu":
+        if w.shape[1] % 2:
+            raise ValueError(f"swiglu needs an even number of weight columns, got {w.shape[1]}")
+        if num_splits not in (None, 1):
+            raise ValueError(f"num_splits must be 1 with swiglu, got {num_splits}")
+    dn, dk, ds = default_tiling(x.shape[0], x.shape[1], w.shape[1], epilogue)
     block_n, block_k = block_n or dn, block_k or dk
     num_splits = num_splits or ds
     for name, v in (("block_n", block_n), ("block_k", block_k)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {v}")
-    return _skinny(x, w, bias, block_n=block_n, block_k=block_k, num_splits=num_splits,
-                   num_warps=num_warps, num_stages=num_stages,
+    return _skinny(x, w, bias, epilogue=epilogue, block_n=block_n, block_k=block_k,
+                   num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                    interpret=compat.resolve_interpret(interpret))
 
 
-def skinny_matmul_reference(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """jnp reference: float32 product (HIGHEST precision), back in x's dtype.
+def skinny_matmul_reference(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
+                            epilogue: str = "none") -> jax.Array:
+    """jnp reference: float32 product (HIGHEST precision), with the kernel's roundings.
+
+    "partials" comes back as one split (`[1, M, N]`), a valid split of the same sum.
 
     Example:
         >>> skinny_matmul_reference(jnp.ones((1, 4)), jnp.ones((4, 3))).tolist()
         [[4.0, 4.0, 4.0]]
     """
     out = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    if epilogue == "partials":
+        return out[None]
+    if epilogue == "swiglu":
+        half = w.shape[1] // 2
+        gate, up = (a.astype(x.dtype).astype(jnp.float32) for a in (out[:, :half], out[:, half:]))
+        act = jax.nn.silu(gate).astype(x.dtype).astype(jnp.float32)
+        return (act * up).astype(x.dtype)
     if bias is not None:
         out = out + bias.astype(jnp.float32)
     return out.astype(x.dtype)

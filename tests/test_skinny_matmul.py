@@ -1,6 +1,7 @@
 """The skinny-matmul kernel (decode projections) against its jnp reference on fresh random
 inputs: row counts 1..MAX_ROWS, K and N that are not multiples of the tiles, with and
-without bias and K splits, float32 within 1e-5 and bfloat16 within 2e-2 relative.
+without bias and K splits, and its two epilogues (K-split partials, SwiGLU); float32 within
+1e-5 and bfloat16 within 2e-2 relative.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.skinny_matmul import MAX_ROWS, default_tiling, skinny_matmul, skinny_matmul_reference
+from kernels.skinny_matmul import (MAX_ROWS, default_tiling, skinny_matmul,
+                                   skinny_matmul_reference)
 from tests.test_kernels import MODES, TOLERANCE, fresh_rng, relative_error
 
 CASES = [  # (M, K, N, dtype, bias, num_splits, block_n, block_k)
@@ -37,6 +39,34 @@ def test_skinny_matmul_matches_reference(interpret, m, k, n, dtype, with_bias, s
     assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
 
 
+EPILOGUE_CASES = [  # (epilogue, M, K, N, dtype, num_splits, block_n)
+    ("partials", 1, 4864, 896, jnp.bfloat16, None, None),  # Qwen2.5-0.5B down_proj, 18 splits
+    ("partials", 5, 200, 130, jnp.float32, 1, 32),
+    ("partials", MAX_ROWS, 300, 64, jnp.float32, 3, None),
+    ("swiglu", 1, 896, 2 * 4864, jnp.bfloat16, None, None),  # Qwen2.5-0.5B gate_up
+    ("swiglu", 7, 200, 2 * 90, jnp.float32, None, None),      # ragged K, half not a tile multiple
+    ("swiglu", MAX_ROWS, 64, 2 * 48, jnp.float32, 1, 16),
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("epilogue,m,k,n,dtype,splits,bn", EPILOGUE_CASES)
+def test_skinny_matmul_epilogues_match_reference(interpret, epilogue, m, k, n, dtype, splits, bn):
+    rng, seed = fresh_rng()
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
+    out = skinny_matmul(x, w, epilogue=epilogue, interpret=interpret, num_splits=splits, block_n=bn)
+    ref = skinny_matmul_reference(x.astype(jnp.float32), w.astype(jnp.float32), epilogue=epilogue)
+    if epilogue == "partials":
+        expected_splits = splits or default_tiling(m, k, n)[2]
+        assert out.shape == (expected_splits, m, n) and out.dtype == jnp.float32
+        out, ref = out.sum(axis=0), ref.sum(axis=0)
+    else:
+        assert out.shape == (m, n // 2) and out.dtype == dtype
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
+
+
 def test_default_tiling_fills_the_gpu_by_splitting_narrow_matrices():
     # A narrow matrix (few column blocks) is split along K; a wide one is not.
     _, _, narrow = default_tiling(1, 4864, 896)
@@ -51,6 +81,12 @@ def test_skinny_matmul_errors_name_the_field():
         skinny_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4)), jnp.zeros(5))
     with pytest.raises(ValueError, match="block_k"):
         skinny_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4)), block_k=24)
+    with pytest.raises(ValueError, match="epilogue"):
+        skinny_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4)), epilogue="gelu")
+    with pytest.raises(ValueError, match="bias"):
+        skinny_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4)), jnp.zeros(4), epilogue="partials")
+    with pytest.raises(ValueError, match="num_splits"):
+        skinny_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4)), epilogue="swiglu", num_splits=2)
 
 
 def test_skinny_matmul_inside_jit():

@@ -1,0 +1,134 @@
+"""Residual add + RMSNorm: the glue between two decoder sublayers as one kernel.
+
+Owns: `add_rms_norm` (the residual stream plus a projection's K-split partial sums, then the
+next sublayer's RMSNorm) and its jnp reference. Never decides when it is used (the model
+does: decode steps of at most `kernels.skinny_matmul.MAX_ROWS` rows under "pallas").
+
+Why: between the skinny matmuls of a decode step sit the sum of a projection's K splits, the
+residual add, the norm's statistics and its scale. XLA spreads them over several small
+fusions (about 11 launches a layer with SwiGLU and the qkv bias; ~270 µs of a ~950 µs
+Qwen2.5-0.5B batch-1 step on the H100, bench/results/decode_step.md), and a launch costs more
+than the bytes. Prologues inside the matmul were measured and lost (they stall its weight
+pipeline); this kernel keeps the matmul a pure weight stream and does all the glue in one
+launch instead.
+
+How: one program per row. It sums the row's float32 partials, rounds the sum to the
+activation dtype and adds it to the residual (the rounding Hugging Face does: the
+projection's output is an activation-dtype tensor), writes the new residual, then computes
+the mean square in float32 and writes `scale * round(h * rsqrt(ms + eps))` (again HF's
+order: normalise in float32, round, then the weight multiply).
+
+Backend: Pallas Triton, like the other kernels (`kernels.paged_attention` says why).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels import pallas_compat as compat
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int):
+    if num_parts:
+        p_ref, scale_ref, h_out_ref, norm_out_ref = rest
+    else:  # the residual is unchanged: returned as is by the wrapper, not copied
+        scale_ref, norm_out_ref = rest
+    row = pl.program_id(0)
+    n = h_ref.shape[1]
+    dtype = h_ref.dtype
+    cols = jnp.arange(block_n)
+    ok = cols < n
+    h = compat.load(h_ref.at[row, pl.ds(0, block_n)], mask=ok, other=0)
+    if num_parts:
+        delta = lax.fori_loop(
+            0, num_parts,
+            lambda i, acc: acc + compat.load(p_ref.at[i, row, pl.ds(0, block_n)], mask=ok, other=0),
+            jnp.zeros((block_n,), jnp.float32))
+        h = (h.astype(jnp.float32) + delta.astype(dtype).astype(jnp.float32)).astype(dtype)
+        compat.store(h_out_ref.at[row, pl.ds(0, block_n)], h, mask=ok)
+    hf = h.astype(jnp.float32)
+    mean_square = jnp.sum(hf * hf) / n  # masked columns loaded as 0
+    normed = (hf * lax.rsqrt(mean_square + eps)).astype(dtype)
+    scale = compat.load(scale_ref.at[pl.ds(0, block_n)], mask=ok, other=0)
+    out = (scale.astype(jnp.float32) * normed.astype(jnp.float32)).astype(norm_out_ref.dtype)
+    compat.store(norm_out_ref.at[row, pl.ds(0, block_n)], out, mask=ok)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
+def _add_rms_norm(hidden, partials, scale, *, eps: float, num_warps: int, interpret: bool):
+    m, n = hidden.shape
+    num_parts = 0 if partials is None else partials.shape[0]
+    kernel = functools.partial(_kernel, num_parts=num_parts, eps=eps, block_n=_next_pow2(n))
+    args = [hidden] + ([partials] if num_parts else []) + [scale]
+    norm_shape = jax.ShapeDtypeStruct((m, n), hidden.dtype)
+    out_shape = [jax.ShapeDtypeStruct((m, n), hidden.dtype), norm_shape] if num_parts else [norm_shape]
+    outs = pl.pallas_call(
+        kernel,
+        grid=(m,),
+        in_specs=[pl.no_block_spec] * len(args),
+        out_specs=[pl.no_block_spec] * len(out_shape),
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=1),
+        name="add_rms_norm",
+    )(*args)
+    return tuple(outs) if num_parts else (hidden, outs[0])
+
+
+def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array, *,
+                 eps: float, interpret: bool | None = None,
+                 num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
+    """`h = hidden + sum(partials)`, then `(h, RMSNorm(h) * scale)`, in hidden's dtype.
+
+    Args:
+        hidden: `[M, N]` residual stream.
+        partials: `[S, M, N]` float32 partial sums of the projection that adds into the
+            residual (the K splits of `kernels.skinny_matmul.skinny_matmul_partials`), or None
+            to only normalise.
+        scale: `[N]` the norm's weight.
+        eps: the norm's epsilon.
+        interpret: Pallas interpret mode; None picks it on the CPU backend.
+        num_warps: Triton warps per program (one program per row).
+
+    Example:
+        >>> h, y = add_rms_norm(jnp.ones((2, 8)), jnp.ones((3, 2, 8)), jnp.ones(8), eps=1e-6)
+        >>> h[0, 0].item(), round(y[0, 0].item(), 4)
+        (4.0, 1.0)
+    """
+    if hidden.ndim != 2:
+        raise ValueError(f"hidden must be [M, N], got {hidden.shape}")
+    if partials is not None and (partials.ndim != 3 or partials.shape[1:] != hidden.shape):
+        raise ValueError(f"partials must be [S, {hidden.shape[0]}, {hidden.shape[1]}], got {partials.shape}")
+    if scale.shape != (hidden.shape[1],):
+        raise ValueError(f"scale must be [{hidden.shape[1]}], got {scale.shape}")
+    if partials is not None:
+        partials = partials.astype(jnp.float32)
+    return _add_rms_norm(hidden, partials, scale, eps=float(eps), num_warps=num_warps,
+                         interpret=compat.resolve_interpret(interpret))
+
+
+def add_rms_norm_reference(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array, *,
+                           eps: float) -> tuple[jax.Array, jax.Array]:
+    """jnp reference of `add_rms_norm`, with the same roundings.
+
+    Example:
+        >>> h, y = add_rms_norm_reference(jnp.ones((1, 4)), None, 2 * jnp.ones(4), eps=0.0)
+        >>> y.tolist()
+        [[2.0, 2.0, 2.0, 2.0]]
+    """
+    dtype = hidden.dtype
+    if partials is not None:
+        delta = partials.astype(jnp.float32).sum(axis=0).astype(dtype)
+        hidden = (hidden.astype(jnp.float32) + delta.astype(jnp.float32)).astype(dtype)
+    hf = hidden.astype(jnp.float32)
+    normed = (hf * lax.rsqrt(jnp.mean(hf * hf, axis=-1, keepdims=True) + eps)).astype(dtype)
+    return hidden, (scale.astype(jnp.float32) * normed.astype(jnp.float32)).astype(dtype)
