@@ -49,10 +49,12 @@ def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int):
     ok = cols < n
     h = compat.load(h_ref.at[row, pl.ds(0, block_n)], mask=ok, other=0)
     if num_parts:
-        delta = lax.fori_loop(
-            0, num_parts,
-            lambda i, acc: acc + compat.load(p_ref.at[i, row, pl.ds(0, block_n)], mask=ok, other=0),
-            jnp.zeros((block_n,), jnp.float32))
+        # Unrolled, so every partial's load is in flight at once: a program is one row, and
+        # at batch 1 the only program, so a load-wait-add loop is pure latency (3.6 µs a call
+        # on the H100 with a fori_loop over 18 splits).
+        parts = [compat.load(p_ref.at[jnp.int32(i), row, pl.ds(0, block_n)], mask=ok, other=0)
+                 for i in range(num_parts)]
+        delta = functools.reduce(jnp.add, parts)
         h = (h.astype(jnp.float32) + delta.astype(dtype).astype(jnp.float32)).astype(dtype)
         compat.store(h_out_ref.at[row, pl.ds(0, block_n)], h, mask=ok)
     hf = h.astype(jnp.float32)
