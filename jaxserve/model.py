@@ -132,8 +132,7 @@ class Linear(nn.Module):
     ``kernels.skinny_matmul.MAX_ROWS`` rows to the Pallas kernel: XLA streams the weights of
     a few-row product at a fraction of the HBM bandwidth (see that module). ``epilogue``
     ("partials", "swiglu"; see ``kernels.skinny_matmul.skinny_matmul``) is for the fused decode
-    glue only, which guarantees the kernel runs; "partials" returns ``(partials, bias)`` (the
-    bias, or None, is the consumer's to add).
+    glue only, which guarantees the kernel runs.
     """
 
     features: int
@@ -150,9 +149,9 @@ class Linear(nn.Module):
             from kernels.skinny_matmul import MAX_ROWS, skinny_matmul
 
             if rows <= MAX_ROWS:
-                if epilogue == "partials":
-                    return skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, epilogue=epilogue), bias
                 out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue=epilogue)
+                if epilogue == "partials":
+                    return out
                 return out.reshape(*x.shape[:-1], out.shape[-1])
         if epilogue != "none":
             raise ValueError(f"epilogue {epilogue!r} needs the skinny-matmul kernel (fast, rows <= MAX_ROWS)")
@@ -183,24 +182,15 @@ class RMSNorm(nn.Module):
         return scale * xf.astype(x.dtype)
 
 
-def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelConfig,
-                         partials: bool = False, bias=None, dtype=None):
-    """Decode: RoPE, the cache write and attention in one kernel, not six a layer.
-
-    ``qkv`` is ``[B, 1, features]``, or with the fused glue the projection's K-split partials
-    ``[S, B, features]`` and its ``bias``, which the kernel adds (one launch fewer a layer).
-    """
+def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelConfig):
+    """Decode: RoPE, the cache write and attention in one kernel, not six a layer."""
     from kernels.decode_attention import fused_decode_attention
 
     h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    heads = h + 2 * kvh
-    if partials:  # [S, B, features] -> [S, B, heads, D]
-        qkv = qkv.reshape(qkv.shape[0], qkv.shape[1], heads, d)
-    else:  # [B, 1, features] -> [B, heads, D]
-        qkv = qkv.reshape(qkv.shape[0], heads, d)
+    b = qkv.shape[0]
     out, k_pages, v_pages = fused_decode_attention(
-        qkv, cos[:, 0], sin[:, 0], kv[0], kv[1], paged.block_tables, paged.lengths,
-        paged.slot_mapping[:, 0], qkv_bias=None if bias is None else bias.reshape(heads, d), dtype=dtype)
+        qkv.reshape(b, h + 2 * kvh, d), cos[:, 0], sin[:, 0], kv[0], kv[1],
+        paged.block_tables, paged.lengths, paged.slot_mapping[:, 0])
     return out, (k_pages, v_pages)
 
 
@@ -236,18 +226,13 @@ class Attention(nn.Module):
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, s, _ = x.shape
         fast = _fast_kernels(paged)
-        qkv_proj = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")
-        o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
-        if glue:
-            partials, bias = qkv_proj(x, fast, "partials")
-            out, kv = _attend_fused_decode(partials, cos, sin, kv, paged, cfg, True, bias, self.dtype)
-            return o_proj(out.reshape(b, s, h * d), fast, "partials")[0], kv
-        qkv = qkv_proj(x, fast)
+        qkv = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")(x, fast)
         if fast and s == 1:
             out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg)
         else:
             out, kv = _attend(qkv, cos, sin, lengths, kv, paged, cfg)
-        out = o_proj(out.reshape(b, s, h * d).astype(self.dtype), fast)
+        out = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")(
+            out.reshape(b, s, h * d).astype(self.dtype), fast, "partials" if glue else "none")
         return out, kv
 
 
@@ -262,7 +247,7 @@ class MLP(nn.Module):
         gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")
         down = Linear(self.config.hidden_size, False, self.dtype, name="down_proj")
         if glue:
-            return down(gate_up(x, fast, "swiglu"), fast, "partials")[0]
+            return down(gate_up(x, fast, "swiglu"), fast, "partials")
         gate_up = gate_up(x, fast)
         return down(nn.silu(gate_up[..., :inter]) * gate_up[..., inter:], fast)
 

@@ -27,7 +27,6 @@ Backend: Pallas Triton, for the reasons in `kernels.paged_attention`.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,13 +51,10 @@ def _rotate_half_matrix(head_dim: int, dtype) -> jax.Array:
     return jnp.where(minus, -1.0, jnp.where(plus, 1.0, 0.0)).astype(dtype)
 
 
-def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, *refs, num_heads: int,
-                  kv_heads: int, group: int, block_rows: int, num_splits: int,
-                  pages_per_block: int, scale: float, precision, num_parts: int, has_bias: bool,
-                  act_dtype):
-    if has_bias:
-        bias_ref, *refs = refs
-    cos_ref, sin_ref, k_pages_ref, v_pages_ref, o_ref, *rest = refs
+def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_ref,
+                  k_pages_ref, v_pages_ref, o_ref, *rest, num_heads: int, kv_heads: int,
+                  group: int, block_rows: int, num_splits: int, pages_per_block: int, scale: float,
+                  precision):
     if num_splits == 1:
         k_out_ref, v_out_ref = rest
     else:
@@ -80,26 +76,13 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, *refs, num_he
         swapped = compat.dot(x.astype(pool_dtype), rot, precision=precision).astype(jnp.float32)
         return (x.astype(jnp.float32) * cos + swapped * sin).astype(pool_dtype)
 
-    def load_heads(first, row_ok):
-        """Heads `first..first + block_rows` of the token's QKV, masked rows zero."""
-        mask = row_ok[:, None]
-        if not num_parts:
-            x = compat.load(qkv_ref.at[seq, pl.ds(first, block_rows), :], mask=mask, other=0)
-        else:  # the projection's K splits, summed here (all loads issued at once)
-            x = functools.reduce(jnp.add, [
-                compat.load(qkv_ref.at[jnp.int32(i), seq, pl.ds(first, block_rows), :],
-                            mask=mask, other=0) for i in range(num_parts)])
-        if has_bias:
-            bias = compat.load(bias_ref.at[pl.ds(first, block_rows), :], mask=mask, other=0)
-            x = x.astype(jnp.float32) + bias.astype(jnp.float32)
-        return x.astype(act_dtype)
-
-    q = rope(load_heads(head * group, real_row))
-    # The new key and value as row 0 of a tile (the MMA needs 16 rows), then as vectors;
-    # rows 1.. are exact zeros.
-    k_new = rope(load_heads(num_heads + head, rows == 0)).astype(jnp.float32).sum(axis=0)
-    v_new = load_heads(num_heads + kv_heads + head, rows == 0).astype(jnp.float32).sum(axis=0)
-    v_new = v_new.astype(pool_dtype)
+    q = rope(compat.load(qkv_ref.at[seq, pl.ds(head * group, block_rows), :],
+                         mask=real_row[:, None], other=0))
+    # The new key as row 0 of a tile (the MMA needs 16 rows), then as a vector.
+    k_tile = rope(compat.load(qkv_ref.at[seq, pl.ds(num_heads + head, block_rows), :],
+                              mask=(rows == 0)[:, None], other=0))
+    k_new = k_tile.astype(jnp.float32).sum(axis=0)  # rows 1.. are exact zeros
+    v_new = qkv_ref[seq, num_heads + kv_heads + head, :].astype(pool_dtype)
     has_new = length >= 1
     slot = slot_ref[seq]
 
@@ -143,37 +126,33 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, *refs, num_he
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "dtype", "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret"))
-def _fused(qkv, qkv_bias, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, *,
-           dtype, scale: float, num_splits: int, pages_per_block: int, num_warps: int,
-           num_stages: int, interpret: bool):
-    batch, heads, head_dim = qkv.shape[-3:]
-    num_parts = qkv.shape[0] if qkv.ndim == 4 else 0
-    has_bias = qkv_bias is not None
+    "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret"))
+def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, *, scale: float,
+           num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
+           interpret: bool):
+    batch, _, head_dim = qkv.shape
     kv_heads = k_pages.shape[0]
-    num_heads = heads - 2 * kv_heads
+    num_heads = qkv.shape[1] - 2 * kv_heads
     group = num_heads // kv_heads
     block_rows = max(16, _next_pow2(group))
     precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
     kernel = functools.partial(
         _fused_kernel, num_heads=num_heads, kv_heads=kv_heads, group=group,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
-        scale=scale, precision=precision, num_parts=num_parts, has_bias=has_bias,
-        act_dtype=dtype)
+        scale=scale, precision=precision)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
-                whole, whole] + [whole] * has_bias + [whole, whole, pool_spec, pool_spec]
-    first_pool = len(in_specs) - 2
+                whole, whole, whole, whole, pool_spec, pool_spec]
     out_rows = (batch, kv_heads, group, head_dim)
     pool_shapes = [jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
                    jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)]
     if num_splits == 1:
         out_specs = [whole, pool_spec, pool_spec]
-        out_shape = [jax.ShapeDtypeStruct(out_rows, dtype), *pool_shapes]
+        out_shape = [jax.ShapeDtypeStruct(out_rows, qkv.dtype), *pool_shapes]
     else:
         out_specs = [whole, whole, pool_spec, pool_spec]
-        out_shape = [jax.ShapeDtypeStruct((num_splits, *out_rows), dtype),
+        out_shape = [jax.ShapeDtypeStruct((num_splits, *out_rows), qkv.dtype),
                      jax.ShapeDtypeStruct((num_splits, *out_rows[:-1]), jnp.float32),
                      *pool_shapes]
     result = pl.pallas_call(
@@ -182,29 +161,25 @@ def _fused(qkv, qkv_bias, cos, sin, k_pages, v_pages, block_tables, lengths, slo
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        input_output_aliases={first_pool: len(out_shape) - 2, first_pool + 1: len(out_shape) - 1},
+        input_output_aliases={6: len(out_shape) - 2, 7: len(out_shape) - 1},
         interpret=interpret,
         compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
         name="fused_decode_attention",
     )(slot_mapping.astype(jnp.int32), block_tables.astype(jnp.int32),
-      lengths.astype(jnp.int32), qkv, *([qkv_bias] if has_bias else []), cos.astype(jnp.float32),
-      sin.astype(jnp.float32), k_pages, v_pages)
+      lengths.astype(jnp.int32), qkv, cos.astype(jnp.float32), sin.astype(jnp.float32),
+      k_pages, v_pages)
     if num_splits == 1:
         out, k_pages, v_pages = result
     else:
-        out = _combine_splits(result[0], result[1], dtype)
+        out = _combine_splits(result[0], result[1], qkv.dtype)
         k_pages, v_pages = result[2], result[3]
     return out.reshape(batch, num_heads, head_dim), k_pages, v_pages
 
 
-def _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
-                qkv_bias=None) -> None:
-    if qkv.ndim not in (3, 4):
-        raise ValueError("qkv must be [batch, num_heads + 2 * kv_heads, head_dim] or K-split "
-                         f"partials [splits, batch, heads, head_dim], got {qkv.shape}")
-    batch, heads, head_dim = qkv.shape[-3:]
-    if qkv_bias is not None and qkv_bias.shape != (heads, head_dim):
-        raise ValueError(f"qkv_bias must be [{heads}, {head_dim}], got {qkv_bias.shape}")
+def _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping) -> None:
+    if qkv.ndim != 3:
+        raise ValueError(f"qkv must be [batch, num_heads + 2 * kv_heads, head_dim], got {qkv.shape}")
+    batch, heads, head_dim = qkv.shape
     kv_heads = k_pages.shape[0] if k_pages.ndim == 4 else 0
     num_heads = heads - 2 * kv_heads
     if num_heads < 1:
@@ -222,22 +197,16 @@ def _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_map
 
 def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
                            v_pages: jax.Array, block_tables: jax.Array, lengths: jax.Array,
-                           slot_mapping: jax.Array, *, qkv_bias: jax.Array | None = None,
-                           dtype: Any = None, scale: float | None = None,
+                           slot_mapping: jax.Array, *, scale: float | None = None,
                            interpret: bool | None = None, num_splits: int | None = None,
                            pages_per_block: int | None = None, num_warps: int = 4,
                            num_stages: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode token per sequence: RoPE on its q and k, k/v into the pool, attention.
 
     Args:
-        qkv: `[batch, num_heads + 2 * kv_heads, head_dim]`, the QKV projection of each
-            sequence's new token, before RoPE: query heads, then key heads, then value
-            heads. Or `[splits, batch, heads, head_dim]` float32: the projection's K-split
-            partial sums (`kernels.skinny_matmul`'s "partials"), added here, which saves
-            the decode step a launch a layer.
-        qkv_bias: optional `[heads, head_dim]`, added to qkv (in float32) before RoPE.
-        dtype: the activations' dtype (qkv rounded to it, the output in it); default
-            qkv's dtype, or the pool's for partials.
+        qkv: `[batch, num_heads + 2 * kv_heads, head_dim]`, the QKV projection (bias
+            included) of each sequence's new token, before RoPE: query heads, then key
+            heads, then value heads.
         cos, sin: `[batch, head_dim]` RoPE tables at each token's position
             (`jaxserve.model.rope_tables`, half-split layout).
         k_pages, v_pages: `[kv_heads, num_pages, page_size, head_dim]`; donate them so
@@ -255,7 +224,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
             89.6 -> 65.4 µs a layer, batch 1 11.3 -> 8.8 µs; bench/results/decode_step.md).
 
     Returns:
-        `(out [batch, num_heads, head_dim] in `dtype`, k_pages, v_pages)`.
+        `(out [batch, num_heads, head_dim] in qkv's dtype, k_pages, v_pages)`.
 
     Example:
         >>> qkv = jnp.ones((2, 14 + 4, 64), jnp.bfloat16)
@@ -267,23 +236,17 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
         >>> out.shape
         (2, 14, 64)
     """
-    _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, qkv_bias)
-    batch, _, head_dim = qkv.shape[-3:]
+    _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping)
+    batch, _, head_dim = qkv.shape
     kv_heads, _, page_size, _ = k_pages.shape
     interpret = compat.resolve_interpret(interpret)
     pages_per_block, num_splits = resolve_tuning(
         page_size, block_tables.shape[1], batch * kv_heads, pages_per_block, num_splits,
         interpret, DECODE_BLOCK_KEYS)
-    return _fused(qkv, qkv_bias, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
-                  dtype=jnp.dtype(_activation_dtype(qkv, k_pages, dtype)), scale=float(head_dim ** -0.5 if scale is None else scale),
+    return _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
+                  scale=float(head_dim ** -0.5 if scale is None else scale),
                   num_splits=num_splits, pages_per_block=pages_per_block,
                   num_warps=num_warps, num_stages=num_stages, interpret=interpret)
-
-
-def _activation_dtype(qkv, k_pages, dtype):
-    if dtype is not None:
-        return dtype
-    return k_pages.dtype if qkv.ndim == 4 else qkv.dtype
 
 
 def rope_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -295,7 +258,7 @@ def rope_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def fused_decode_attention_reference(qkv, cos, sin, k_pages, v_pages, block_tables, lengths,
-                                     slot_mapping, *, qkv_bias=None, dtype=None, scale=None):
+                                     slot_mapping, *, scale=None):
     """jnp reference of `fused_decode_attention`: RoPE, scatter, then paged attention.
 
     Example:
@@ -305,13 +268,7 @@ def fused_decode_attention_reference(qkv, cos, sin, k_pages, v_pages, block_tabl
         ...     qkv, cs, cs, pages, pages, jnp.zeros((1, 2), jnp.int32),
         ...     jnp.array([1], jnp.int32), jnp.array([0], jnp.int32))
     """
-    _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, qkv_bias)
-    dtype = _activation_dtype(qkv, k_pages, dtype)
-    if qkv.ndim == 4 or qkv_bias is not None:
-        qkv = qkv.astype(jnp.float32)
-        qkv = qkv.sum(axis=0) if qkv.ndim == 4 else qkv
-        qkv = qkv + (0.0 if qkv_bias is None else qkv_bias.astype(jnp.float32))
-    qkv = qkv.astype(dtype)
+    _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping)
     kv_heads = k_pages.shape[0]
     num_heads = qkv.shape[1] - 2 * kv_heads
     q = rope_reference(qkv[:, :num_heads], cos, sin)

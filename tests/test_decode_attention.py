@@ -142,13 +142,10 @@ def test_model_decode_step_matches_dense_forward(impl):
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
     model = Qwen2ForCausalLM(cfg, jnp.float32)
     params = init_params(cfg, jax.random.key(int(rng.integers(1 << 30))))
-    # Norm scales of 1 and biases of 0 (the init) would hide a fast path that skips them.
+    # Norm scales of 1 (the init) would hide a fast path that skips them.
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x * jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
         if "layernorm" in jax.tree_util.keystr(p) else x, params)
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.asarray(rng.standard_normal(x.shape) * 0.5, x.dtype)
-        if "bias" in jax.tree_util.keystr(p) else x, params)
     batch, page_size, width = 3, 8, 4
     lengths = np.array([5, 17, 9])  # tokens before the decoded one
     tokens = rng.integers(0, cfg.vocab_size, (batch, lengths.max() + 1)).astype(np.int32)
@@ -174,35 +171,3 @@ def test_model_decode_step_matches_dense_forward(impl):
     for b in range(batch):
         dense, _ = model.apply({"params": params}, jnp.asarray(tokens[b: b + 1, : lengths[b] + 1]))
         assert relative_error(logits[b, 0], dense[0, -1]) <= 1e-4, f"row {b}, seed={seed}"
-
-
-@pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("dtype,splits", [(jnp.bfloat16, 7), (jnp.float32, 1), (jnp.float32, 3)])
-def test_fused_decode_sums_the_projections_partials_and_bias(interpret, dtype, splits):
-    # The decode glue hands the QKV projection's K-split partial sums (float32) and its bias to
-    # the kernel instead of a summed activation: the same result as the summed, biased input.
-    rng, seed = fresh_rng()
-    qkv, cos, sin, k_pages, v_pages, table, lengths, slots = fused_case(
-        rng, batch=5, num_heads=14, kv_heads=2, head_dim=64, page_size=16, table_pages=4,
-        dtype=dtype)
-    partials = jnp.asarray(rng.standard_normal((splits,) + qkv.shape), jnp.float32)
-    bias = jnp.asarray(rng.standard_normal(qkv.shape[1:]), dtype)
-    out, k_new, v_new = fused_decode_attention(partials, cos, sin, k_pages, v_pages, table, lengths,
-                                               slots, qkv_bias=bias, dtype=dtype, interpret=interpret,
-                                               num_splits=2, pages_per_block=1)
-    summed = (partials.sum(axis=0) + bias.astype(jnp.float32)).astype(dtype)
-    ref, k_ref, v_ref = fused_decode_attention_reference(summed, cos, sin, k_pages, v_pages, table,
-                                                         lengths, slots)
-    assert out.shape == (5, 14, 64) and out.dtype == dtype
-    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
-    assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
-    # The pool holds the rotated sum: the kernel adds the partials in its own order, so its
-    # input may round one unit apart from the summed one (in bf16 too), hence an absolute bound
-    # at the pool's scale.
-    for new, want in ((k_new, k_ref), (v_new, v_ref)):
-        top = float(np.nanmax(np.abs(np.asarray(want, np.float32))))
-        atol = (1e-6 if dtype == jnp.float32 else 2 * BF16_ULP) * top
-        assert_pools_equal(new, want, seed, atol=atol)
-    with pytest.raises(ValueError, match="qkv_bias"):
-        fused_decode_attention(partials, cos, sin, k_pages, v_pages, table, lengths, slots,
-                               qkv_bias=bias[:3])
