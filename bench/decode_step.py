@@ -117,6 +117,7 @@ def run_variant(args) -> list[dict]:
     import numpy as np
 
     from bench.throughput import QWEN25_05B, TINY, decode_hlo, loop_body_histogram, static_decoder, time_decode_call
+    from jaxserve import model as model_module
     from jaxserve.config import ModelConfig
     from jaxserve.model import init_params
     from jaxserve.runner import Runner, default_attention_impl
@@ -136,25 +137,39 @@ def run_variant(args) -> list[dict]:
         steps = args.decode_steps
         width = args.table_pages or (args.context + steps) // 16 + 2
         impl = args.impl or default_attention_impl()
-        runner = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
         bt = np.random.default_rng(batch).permutation(batch * width).reshape(batch, width).astype(np.int32)
         pos = np.full(batch, args.context, np.int32)
         sb = make_batch([SamplingParams(temperature=0.0)] * batch, batch)
         call = (np.zeros(batch, np.int32), pos, pos + steps, bt, sb, np.zeros(batch, np.int32), steps)
-        step_ms = time_decode_call(runner, call, args.reps)
+        # One runner per glue setting in this process (the model reads DECODE_GLUE when a runner
+        # first traces), timed in alternating rounds: the same code reads +-10% from one process
+        # to the next on the device, so only an interleaved comparison resolves a few percent.
+        runners = {}
+        for glue in args.glue:
+            model_module.DECODE_GLUE = glue
+            runners[glue] = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
+            time_decode_call(runners[glue], call, 2)
+        rounds = {glue: [] for glue in args.glue}
+        for _ in range(args.rounds):
+            for glue, runner in runners.items():
+                rounds[glue].append(time_decode_call(runner, call, args.reps))
         print(f"batch {batch}: engine decode compiled and timed {time.perf_counter() - t0:.1f} s", flush=True)
-        if args.profile:
-            profile_decode(runner, call, args.profile, f"{impl}_b{batch}")
-        hlo = decode_hlo(runner, call)
-        hist = loop_body_histogram(hlo)
-        if args.dump_hlo:
-            os.makedirs(args.dump_hlo, exist_ok=True)
-            with open(os.path.join(args.dump_hlo, f"decode_{impl}_b{batch}.hlo.txt"), "w") as f:
-                f.write(hlo)
-        del runner
-        rows.append(dict(system=f"jaxserve[{impl}]", batch=batch, step_ms=step_ms, kernels=sum(hist.values()),
-                         graphs=hlo.count("command_buffer"), hist=hist))
-        print(json.dumps(rows[-1]), flush=True)
+        for glue, runner in runners.items():
+            tag = f"{impl}_b{batch}" + ("" if len(runners) == 1 else f"_{glue}")
+            if args.profile:
+                profile_decode(runner, call, args.profile, tag)
+            hlo = decode_hlo(runner, call)
+            hist = loop_body_histogram(hlo)
+            if args.dump_hlo:
+                os.makedirs(args.dump_hlo, exist_ok=True)
+                with open(os.path.join(args.dump_hlo, f"decode_{tag}.hlo.txt"), "w") as f:
+                    f.write(hlo)
+            system = f"jaxserve[{impl}]" + ("" if len(runners) == 1 else f"[glue={glue}]")
+            rows.append(dict(system=system, batch=batch, step_ms=float(np.median(rounds[glue])),
+                             rounds=[round(x, 4) for x in rounds[glue]], kernels=sum(hist.values()),
+                             graphs=hlo.count("command_buffer"), hist=hist))
+            print(json.dumps(rows[-1]), flush=True)
+        del runners, runner
 
         if args.no_static:
             continue
@@ -185,6 +200,10 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=192)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternating timing rounds of the --glue runners (the step is their median)")
+    ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla"],
+                    help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")
     ap.add_argument("--no-static", action="store_true", help="time the engine only (the static decoder compiles slowly)")
@@ -206,7 +225,8 @@ def main() -> None:
         if isinstance(extra, str):
             env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + extra).strip()
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--batches", *map(str, args.batches),
-               "--context", str(args.context), "--decode-steps", str(args.decode_steps), "--reps", str(args.reps)] + (["--tiny"] if args.tiny else []) + (["--no-static"] if args.no_static else []) \
+               "--context", str(args.context), "--decode-steps", str(args.decode_steps), "--reps", str(args.reps),
+               "--rounds", str(args.rounds), "--glue", *args.glue] + (["--tiny"] if args.tiny else []) + (["--no-static"] if args.no_static else []) \
             + (["--impl", args.impl] if args.impl else []) \
             + (["--dump-hlo", args.dump_hlo] if args.dump_hlo else []) \
             + (["--table-pages", str(args.table_pages)] if args.table_pages else []) \

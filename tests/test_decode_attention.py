@@ -142,10 +142,13 @@ def test_model_decode_step_matches_dense_forward(impl):
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
     model = Qwen2ForCausalLM(cfg, jnp.float32)
     params = init_params(cfg, jax.random.key(int(rng.integers(1 << 30))))
-    # Norm scales of 1 (the init) would hide a fast path that skips them.
+    # Norm scales of 1 and biases of 0 (the init) would hide a fast path that skips them.
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x * jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
         if "layernorm" in jax.tree_util.keystr(p) else x, params)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(rng.standard_normal(x.shape) * 0.5, x.dtype)
+        if "bias" in jax.tree_util.keystr(p) else x, params)
     batch, page_size, width = 3, 8, 4
     lengths = np.array([5, 17, 9])  # tokens before the decoded one
     tokens = rng.integers(0, cfg.vocab_size, (batch, lengths.max() + 1)).astype(np.int32)
