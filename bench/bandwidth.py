@@ -36,8 +36,19 @@ from kernels import cache_scatter, cache_scatter_reference, paged_attention
 from kernels.prefill_attention import (paged_prefill_attention,
                                        paged_prefill_attention_reference)
 
-SPEC_BYTES_PER_S = 3.35e12
-L2_BYTES = 50e6
+# HBM bandwidth by the vendors' datasheets; the issue's targets are fractions of the H100's.
+SPEC_BY_DEVICE = {"H100": 3.35e12, "H200": 4.8e12}
+
+
+def _spec_bytes_per_s() -> float:
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in SPEC_BY_DEVICE.items() if k in kind), SPEC_BY_DEVICE["H100"])
+
+
+SPEC_BYTES_PER_S = _spec_bytes_per_s()
+SPEC_LABEL = f"{SPEC_BYTES_PER_S / 1e12:.2f}"
+# H100 50 MB; H200 reports 60 MB. The larger keeps both honest (rotation past 4x L2).
+L2_BYTES = 60e6
 PAGE = 16
 DTYPE = jnp.bfloat16
 HEADS = {"0.5B 14q/2kv/64": (14, 2, 64), "7B 28q/4kv/128": (28, 4, 128)}
@@ -231,7 +242,7 @@ def fmt_bw(io_bytes, seconds, read_ceiling) -> str:
 
 def decode_table(rows, read_ceiling) -> str:
     lines = [
-        "| heads | batch | ctx | KV MB | ours µs | ours TB/s (% read ceiling / % 3.35) "
+        "| heads | batch | ctx | KV MB | ours µs | ours TB/s (% read ceiling / % " + SPEC_LABEL + ") "
         "| bundled best µs | bundled TB/s | bundled cfg | XLA contiguous µs | XLA TB/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -252,7 +263,7 @@ def decode_table(rows, read_ceiling) -> str:
 
 def sweep(budget, read_ceiling) -> tuple[str, list]:
     """Our kernel's knobs on a few key shapes, one at a time from the defaults."""
-    lines = ["| heads | batch | ctx | config | µs | TB/s (% read / % 3.35) |",
+    lines = ["| heads | batch | ctx | config | µs | TB/s (% read / % " + SPEC_LABEL + ") |",
              "|---|---|---|---|---|---|"]
     raw = []
     for (name, batch, context), configs in SWEEP:
@@ -380,7 +391,7 @@ def main() -> None:
     ]
     ceil = ceilings()
     header.append(f"HBM read ceiling (XLA sum, 4 GiB): {ceil['read'] / 1e12:.2f} TB/s; "
-                  f"copy (read+write, 2 GiB): {ceil['copy'] / 1e12:.2f} TB/s; spec 3.35 TB/s")
+                  f"copy (read+write, 2 GiB): {ceil['copy'] / 1e12:.2f} TB/s; spec {SPEC_LABEL} TB/s")
     print("\n".join(header), flush=True)
     sections = []
     raw = {"ceilings": ceil}
