@@ -93,16 +93,41 @@ def gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_pe
             v_pages_ref[page_ids].reshape(keys, head_dim))
 
 
+V_MASKS = ("where", "redirect", "none")
+
+
+def gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block: int,
+                     key_limit):
+    """In-kernel: K and V `[pages_per_block * page_size, head_dim]` of the row's keys from
+    page `page0` on, with every key at or past `key_limit` read from the row's first slot.
+
+    Slots past a sequence's length may hold anything (stale pages, even NaN), and p = 0
+    times NaN is NaN in the second product. Pointing those keys at slot 0 of the row's first
+    page (written whenever the loop runs) keeps V finite with no select between V's load and
+    the product, which on Triton keeps the load a plain pipelined copy.
+    """
+    page_size = k_pages_ref.shape[-2]
+    table_pages = block_table_ref.shape[0]
+    keys = jnp.arange(pages_per_block * page_size)
+    ok = page0 * page_size + keys < key_limit
+    entry = jnp.minimum(page0 + keys // page_size, table_pages - 1)
+    page = jnp.where(ok, block_table_ref[entry], block_table_ref[0])
+    offset = jnp.where(ok, keys % page_size, 0)
+    return k_pages_ref[page, offset], v_pages_ref[page, offset]
+
+
 def online_softmax_step(carry, q, k, v, key_ok, visible, *, scale: float, precision):
     """One block of keys folded into the float32 online-softmax state `(acc, m, l)`.
 
-    `key_ok [keys]`: slots holding written keys; `visible [rows or 1, keys]`: what each
+    `key_ok [keys]`: slots holding written keys, or None when V's unwritten slots were
+    already made finite (`gather_key_block`); `visible [rows or 1, keys]`: what each
     query row may attend to.
     """
     acc, m, l = carry
-    # Slots past the length may hold anything (stale or never-written pages, even NaN);
-    # zeroing them keeps p = 0 from meeting NaN in the second product.
-    v = jnp.where(key_ok[:, None], v, jnp.zeros_like(v))
+    if key_ok is not None:
+        # Slots past the length may hold anything (stale or never-written pages, even NaN);
+        # zeroing them keeps p = 0 from meeting NaN in the second product.
+        v = jnp.where(key_ok[:, None], v, jnp.zeros_like(v))
     s = compat.dot(q, k, trans_b=True, precision=precision) * scale
     s = jnp.where(visible, s, _MASK_VALUE)
     m_next = jnp.maximum(m, s.max(axis=1))
@@ -124,7 +149,7 @@ def finish_rows(acc, m, l):
 def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref, v_pages_ref,
                    o_ref, *lse_ref, group: int, start_offset: int, block_rows: int,
                    num_splits: int,
-                   pages_per_block: int, scale: float, precision):
+                   pages_per_block: int, scale: float, precision, v_mask: str):
     seq, head = pl.program_id(0), pl.program_id(1)
     row_block, split = pl.program_id(2), pl.program_id(3)
     table_pages = block_table_ref.shape[0]
@@ -157,9 +182,15 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
 
     def body(i, carry):
         page0 = first_page + i * pages_per_block
-        k, v = gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block)
         key_pos = page0 * page_size + jnp.arange(block_keys)
-        return online_softmax_step(carry, q, k, v, key_pos < block_limit,
+        if v_mask == "redirect":
+            k, v = gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block,
+                                    block_limit)
+            key_ok = None
+        else:
+            k, v = gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block)
+            key_ok = key_pos < block_limit if v_mask == "where" else None
+        return online_softmax_step(carry, q, k, v, key_ok,
                                    key_pos[None, :] < row_limit[:, None],
                                    scale=scale, precision=precision)
 
@@ -205,12 +236,12 @@ def default_pages_per_block(page_size: int, table_pages: int, block_keys: int) -
 
 @functools.partial(jax.jit, static_argnames=(
     "group", "start_offset", "block_rows", "scale", "num_splits", "pages_per_block",
-    "num_warps", "num_stages", "interpret"))
+    "num_warps", "num_stages", "interpret", "v_mask"))
 def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, *,
                       group: int, start_offset: int, block_rows: int, scale: float,
                       num_splits: int,
                       pages_per_block: int, num_warps: int,
-                      num_stages: int, interpret: bool):
+                      num_stages: int, interpret: bool, v_mask: str = "where"):
     """Shared core: query rows `[batch, kv_heads, rows, head_dim]` over paged K/V.
 
     Row r holds query position `q_start[b] + start_offset + r // group` of head
@@ -226,7 +257,7 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
         _attend_kernel, group=group, start_offset=start_offset, block_rows=block_rows,
         num_splits=num_splits,
         pages_per_block=pages_per_block, scale=scale,
-        precision=precision)
+        precision=precision, v_mask=v_mask)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, r, s: (h, 0, 0, 0))
     in_specs = [pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, r, s: (b, 0)),
@@ -277,7 +308,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     block_tables: jax.Array, lengths: jax.Array, *,
                     scale: float | None = None, interpret: bool | None = None,
                     num_splits: int | None = None, pages_per_block: int | None = None,
-                    num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+                    num_warps: int = 4, num_stages: int = 2, v_mask: str = "where") -> jax.Array:
     """Decode attention of one new query per sequence over its paged K/V.
 
     Args:
@@ -295,6 +326,10 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         pages_per_block: pages gathered per loop iteration (power of two); None picks
             128 keys' worth.
         num_warps, num_stages: Triton launch parameters.
+        v_mask: how V's unwritten slots are kept out of the second product: "where"
+            (zeroed after the load), "redirect" (read from the row's first slot instead,
+            `gather_key_block`), or "none" (not at all: wrong when such a slot holds NaN;
+            a measurement of what the other two cost, never for use).
 
     Returns:
         `[batch, num_heads, head_dim]` in q's dtype; softmax in float32.
@@ -312,6 +347,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         raise ValueError(f"block_tables must be [{batch}, max_pages], got {block_tables.shape}")
     if lengths.shape != (batch,):
         raise ValueError(f"lengths must be [{batch}], got {lengths.shape}")
+    if v_mask not in V_MASKS:
+        raise ValueError(f"v_mask must be one of {V_MASKS}, got {v_mask!r}")
     kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // kv_heads
     table_pages = block_tables.shape[1]
@@ -328,7 +365,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         scale=float(head_dim ** -0.5 if scale is None else scale),
         num_splits=num_splits, pages_per_block=pages_per_block,
         num_warps=num_warps, num_stages=num_stages,
-        interpret=interpret)
+        interpret=interpret, v_mask=v_mask)
     return out.reshape(batch, num_heads, head_dim)
 
 

@@ -79,10 +79,11 @@ DECODE_CASES = [
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,dtype,num_splits,ppb",
-                         DECODE_CASES)
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,dtype,num_splits,ppb,v_mask",
+                         [(*case, "where") for case in DECODE_CASES]
+                         + [(*DECODE_CASES[i], "redirect") for i in (0, 1, 3)])
 def test_decode_matches_reference_on_ragged_paged_batch(
-        interpret, num_heads, kv_heads, head_dim, page_size, dtype, num_splits, ppb):
+        interpret, num_heads, kv_heads, head_dim, page_size, dtype, num_splits, ppb, v_mask):
     rng, seed = fresh_rng()
     batch, table_pages = 6, 5
     num_pages = batch * table_pages + 3
@@ -97,7 +98,7 @@ def test_decode_matches_reference_on_ragged_paged_batch(
     q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), dtype)
 
     out = paged_attention(q, k_pages, v_pages, table, lengths, interpret=interpret,
-                          num_splits=num_splits, pages_per_block=ppb)
+                          num_splits=num_splits, pages_per_block=ppb, v_mask=v_mask)
     ref = paged_attention_reference(q.astype(jnp.float32), k_pages.astype(jnp.float32),
                                     v_pages.astype(jnp.float32), table, lengths)
 
