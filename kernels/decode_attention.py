@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from kernels import pallas_compat as compat
 from kernels.cache_scatter import cache_scatter_reference
 from kernels.paged_attention import (_MASK_VALUE, DECODE_BLOCK_KEYS, _combine_splits, _next_pow2,
-                                     check_pool, finish_rows, gather_page_block,
+                                     check_pool, finish_rows, gather_key_block,
                                      online_softmax_step, paged_attention_reference,
                                      resolve_tuning, split_page_range)
 
@@ -110,9 +110,12 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
     def body(i, carry):
         page0 = first_page + i * pages_per_block
-        k, v = gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block)
+        # Keys past `cached` read the row's first slot (see gather_key_block): written
+        # whenever the loop runs, so V stays finite without a select before the product.
+        k, v = gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block,
+                                cached)
         valid = page0 * page_size + jnp.arange(block_keys) < cached
-        return online_softmax_step(carry, q, k, v, valid, valid[None, :], scale=scale,
+        return online_softmax_step(carry, q, k, v, None, valid[None, :], scale=scale,
                                    precision=precision)
 
     out, lse = finish_rows(*lax.fori_loop(0, num_iters, body, (acc0, m0, l0)))
