@@ -16,8 +16,11 @@ M rows (padded to 16, the MMA's minimum, by masked loads) and streams its weight
 `block_k` rows at a time through a tensor-core product with a float32 accumulator; the
 loop is software-pipelined (`num_stages`) so several weight tiles are in flight. Narrow
 matrices (few column blocks) split K so that enough programs run to fill the GPU; the
-splits write float32 partial sums that one XLA reduction adds (which XLA fuses into the
-consumer when it can). Deterministic: no atomics.
+splits write float32 partial sums that one XLA reduction adds, or, with the "partials"
+epilogue, that the caller hands on whole to the next kernel (`kernels.residual_norm`
+sums them with the residual add and the next RMSNorm in one launch). The "swiglu"
+epilogue reads gate and up columns in one program and returns silu(gate) * up, so the
+MLP's activation costs no launch. Deterministic: no atomics.
 
 Backend: Pallas Triton, like the other kernels (`kernels.paged_attention` says why).
 """
