@@ -20,6 +20,7 @@ import argparse
 import datetime
 import functools
 import gc
+import importlib
 import json
 import math
 import os
@@ -37,6 +38,8 @@ from kernels.prefill_attention import (paged_prefill_attention,
                                        paged_prefill_attention_reference)
 
 # HBM bandwidth by the vendors' datasheets; the targets are fractions of the H100's.
+# `kernels.paged_attention` is the function (the package re-exports it); this is the module.
+paged_attention_module = importlib.import_module("kernels.paged_attention")
 SPEC_BY_DEVICE = {"H100": 3.35e12, "H200": 4.8e12}
 
 
@@ -68,17 +71,22 @@ QUICK_SHAPES = [DECODE_SHAPES[i] for i in (2, 5, 7, 11, 14)]
 # Knobs around the defaults. On the H200 (read ceiling 4.4 TB/s) the kernel stalled near
 # 3.1 TB/s where XLA's contiguous attention read faster: what sits between V's load and the
 # product (the select that zeroes unwritten slots) and the pipeline depth are the suspects.
-_V = {"v=redirect": dict(v_mask="redirect"), "v=none (unsafe)": dict(v_mask="none"),
-      "stages=3": dict(num_stages=3), "v=redirect stages=3": dict(v_mask="redirect", num_stages=3),
-      "v=redirect warps=8": dict(v_mask="redirect", num_warps=8)}
+_V = {"v=where": dict(v_mask="where"), "v=none (unsafe)": dict(v_mask="none"),
+      "stages=3": dict(num_stages=3), "warps=8": dict(num_warps=8)}
+# After the per-key gather (session 6): the split count and keys per iteration again.
+_T = {"splits=2": dict(num_splits=2), "splits=4": dict(num_splits=4),
+      "ppb=4": dict(pages_per_block=4), "ppb=16": dict(pages_per_block=16),
+      "ppb=16 warps=8": dict(pages_per_block=16, num_warps=8),
+      "ppb=16 stages=3": dict(pages_per_block=16, num_stages=3)}
+_T_SMALL = {"splits x2": "x2", "splits x4": "x4", "ppb=4": dict(pages_per_block=4),
+            "ppb=16": dict(pages_per_block=16), "ppb=16 warps=8": dict(pages_per_block=16, num_warps=8)}
 SWEEP = [
-    (("7B 28q/4kv/128", 64, 2048), _V),
-    (("7B 28q/4kv/128", 64, 8192), _V),
-    (("7B 28q/4kv/128", 256, 2048), _V),
-    (("7B 28q/4kv/128", 8, 32768), _V),
-    (("7B 28q/4kv/128", 1, 32768), _V),
-    (("0.5B 14q/2kv/64", 64, 2048), _V),
-    (("0.5B 14q/2kv/64", 256, 8192), _V),
+    (("7B 28q/4kv/128", 64, 2048), _T),
+    (("7B 28q/4kv/128", 64, 4096), _T),
+    (("7B 28q/4kv/128", 8, 2048), _T),
+    (("0.5B 14q/2kv/64", 64, 2048), _T),
+    (("7B 28q/4kv/128", 1, 32768), _T_SMALL),
+    (("0.5B 14q/2kv/64", 1, 32768), _T_SMALL),
 ]
 
 
@@ -266,6 +274,12 @@ def sweep(budget, read_ceiling) -> tuple[str, list]:
              "|---|---|---|---|---|---|"]
     raw = []
     for (name, batch, context), configs in SWEEP:
+        kv_heads = HEADS[name][1]
+        default_splits = paged_attention_module.default_num_splits(
+            batch * kv_heads, context // PAGE, 128 // PAGE, False)
+        # "xN": N times the default split count at this shape.
+        configs = {label: (dict(num_splits=default_splits * int(c[1:])) if isinstance(c, str) else c)
+                   for label, c in configs.items()}
         row = decode_row(name, batch, context, read_ceiling, budget, with_baselines=False,
                          our_configs={"default": {}, **configs})
         raw.append(row)
