@@ -107,6 +107,9 @@ def _fast_kernels(paged: PagedAttention | None) -> bool:
 # "xla" keeps XLA's fusions for the decode glue: the baseline that bench/decode_step.py's
 # `xla_glue` variant measures the glue kernels against, in the same run.
 DECODE_GLUE = os.environ.get("JAXSERVE_DECODE_GLUE", "kernels")
+# How the fused decode attention merges its flash-decoding splits: "pallas" (one launch at any
+# split count) or "xla" (XLA's fusions of the jnp merge), read when a step is traced.
+SPLIT_COMBINE = os.environ.get("JAXSERVE_SPLIT_COMBINE", "pallas")
 
 
 def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
@@ -190,7 +193,7 @@ def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelCon
     b = qkv.shape[0]
     out, k_pages, v_pages = fused_decode_attention(
         qkv.reshape(b, h + 2 * kvh, d), cos[:, 0], sin[:, 0], kv[0], kv[1],
-        paged.block_tables, paged.lengths, paged.slot_mapping[:, 0])
+        paged.block_tables, paged.lengths, paged.slot_mapping[:, 0], combine=SPLIT_COMBINE)
     return out, (k_pages, v_pages)
 
 

@@ -1,7 +1,8 @@
 """Pallas kernels of jaxserve, each beside a plain-jnp reference of the same function.
 
 Owns: the cache scatter (new K/V into pages), paged decode and prefill attention, the fused
-decode attention (RoPE + cache write + attention) and the skinny matmul (decode projections).
+decode attention (RoPE + cache write + attention), the flash-decoding split merge, and the
+skinny matmul (decode projections).
 Never holds model or scheduling logic.
 """
 
@@ -11,6 +12,7 @@ from kernels.paged_attention import paged_attention, paged_attention_reference
 from kernels.prefill_attention import (paged_prefill_attention,
                                        paged_prefill_attention_reference)
 from kernels.skinny_matmul import skinny_matmul, skinny_matmul_reference
+from kernels.split_combine import combine_splits, combine_splits_reference
 
 __all__ = [
     "cache_scatter", "cache_scatter_reference",
@@ -18,4 +20,5 @@ __all__ = [
     "paged_attention", "paged_attention_reference",
     "paged_prefill_attention", "paged_prefill_attention_reference",
     "skinny_matmul", "skinny_matmul_reference",
+    "combine_splits", "combine_splits_reference",
 ]

@@ -35,8 +35,8 @@ from jax.experimental import pallas as pl
 
 from kernels import pallas_compat as compat
 from kernels.cache_scatter import cache_scatter_reference
-from kernels.paged_attention import (_MASK_VALUE, DECODE_BLOCK_KEYS, _combine_splits, _next_pow2,
-                                     check_pool, finish_rows, gather_key_block,
+from kernels.paged_attention import (_MASK_VALUE, COMBINES, DECODE_BLOCK_KEYS, _next_pow2,
+                                     check_pool, finish_rows, gather_key_block, merge_splits,
                                      online_softmax_step, paged_attention_reference,
                                      resolve_tuning, split_page_range)
 
@@ -129,10 +129,10 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret"))
+    "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine"))
 def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, *, scale: float,
            num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
-           interpret: bool):
+           interpret: bool, combine: str):
     batch, _, head_dim = qkv.shape
     kv_heads = k_pages.shape[0]
     num_heads = qkv.shape[1] - 2 * kv_heads
@@ -174,7 +174,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     if num_splits == 1:
         out, k_pages, v_pages = result
     else:
-        out = _combine_splits(result[0], result[1], qkv.dtype)
+        out = merge_splits(result[0], result[1], qkv.dtype, combine, interpret)
         k_pages, v_pages = result[2], result[3]
     return out.reshape(batch, num_heads, head_dim), k_pages, v_pages
 
@@ -203,7 +203,8 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                            slot_mapping: jax.Array, *, scale: float | None = None,
                            interpret: bool | None = None, num_splits: int | None = None,
                            pages_per_block: int | None = None, num_warps: int = 4,
-                           num_stages: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+                           num_stages: int = 1, combine: str = "pallas"
+                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode token per sequence: RoPE on its q and k, k/v into the pool, attention.
 
     Args:
@@ -219,7 +220,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
             `length - 1`); 0 marks a padding row: nothing written, zeros returned.
         slot_mapping: `[batch]` pool slot (`page * page_size + offset`) of the new token;
             negative writes nothing. A row with length >= 1 must name its token's slot.
-        scale, interpret, num_splits, pages_per_block, num_warps, num_stages: as in
+        scale, interpret, num_splits, pages_per_block, num_warps, num_stages, combine: as in
             `kernels.paged_attention.paged_attention`. One pipeline stage by default: at
             the engine's decode shapes a program runs few loop iterations, so a second
             stage buys little overlap and halves the programs resident per SM (H100, 0.5B
@@ -240,6 +241,8 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
         (2, 14, 64)
     """
     _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping)
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     batch, _, head_dim = qkv.shape
     kv_heads, _, page_size, _ = k_pages.shape
     interpret = compat.resolve_interpret(interpret)
@@ -249,7 +252,8 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
     return _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
                   scale=float(head_dim ** -0.5 if scale is None else scale),
                   num_splits=num_splits, pages_per_block=pages_per_block,
-                  num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+                  num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                  combine=combine)
 
 
 def rope_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -21,7 +21,8 @@ Design (one kernel for decode and prefill):
   short sequence does no work for its empty pages, and a length-0 row writes zeros.
 - Flash-decoding: the pages are cut into `num_splits` ranges, sized at run time from the
   longest length in the batch; each split writes a normalized partial output and its
-  log-sum-exp, and a small XLA step merges them. Small batches fill the GPU this way.
+  log-sum-exp, and one more small kernel merges them (`kernels.split_combine`). Small
+  batches fill the GPU this way.
   Unsplit, a decode call is one kernel launch and nothing else.
 
 Measured on an H100 and an H200 against JAX's bundled kernel and XLA over a contiguous
@@ -45,6 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import pallas_compat as compat
+from kernels.split_combine import combine_splits, combine_splits_reference
 
 # Finite, so a fully masked row never computes inf - inf; far below any real logit.
 _MASK_VALUE = -1e30
@@ -98,6 +100,7 @@ def gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_pe
 
 
 V_MASKS = ("where", "redirect", "none")
+COMBINES = ("pallas", "xla")
 
 
 def gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block: int,
@@ -212,15 +215,12 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
         compat.store(lse_ref[0].at[split, seq, head, out_rows], lse, mask=real_row)
 
 
-def _combine_splits(o: jax.Array, lse: jax.Array, out_dtype) -> jax.Array:
-    """Merge per-split normalized outputs `[splits, ...rows, D]` by their log-sum-exp."""
-    o = o.astype(jnp.float32)
-    m = lse.max(axis=0)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.exp(lse - m)  # empty splits have lse = -inf: weight 0
-    total = w.sum(axis=0)
-    out = (w[..., None] * o).sum(axis=0) / jnp.where(total > 0, total, 1.0)[..., None]
-    return out.astype(out_dtype)
+def merge_splits(o: jax.Array, lse: jax.Array, out_dtype, combine: str, interpret: bool) -> jax.Array:
+    """The flash-decoding merge by `combine`: "pallas" (one launch, `kernels.split_combine`)
+    or "xla" (the jnp reference, which XLA fuses into one or several kernels)."""
+    if combine == "pallas":
+        return combine_splits(o, lse, out_dtype, interpret=interpret)
+    return combine_splits_reference(o, lse, out_dtype)
 
 
 def default_num_splits(programs: int, table_pages: int, pages_per_block: int,
@@ -240,12 +240,13 @@ def default_pages_per_block(page_size: int, table_pages: int, block_keys: int) -
 
 @functools.partial(jax.jit, static_argnames=(
     "group", "start_offset", "block_rows", "scale", "num_splits", "pages_per_block",
-    "num_warps", "num_stages", "interpret", "v_mask"))
+    "num_warps", "num_stages", "interpret", "v_mask", "combine"))
 def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, *,
                       group: int, start_offset: int, block_rows: int, scale: float,
                       num_splits: int,
                       pages_per_block: int, num_warps: int,
-                      num_stages: int, interpret: bool, v_mask: str = "redirect"):
+                      num_stages: int, interpret: bool, v_mask: str = "redirect",
+                      combine: str = "xla"):
     """Shared core: query rows `[batch, kv_heads, rows, head_dim]` over paged K/V.
 
     Row r holds query position `q_start[b] + start_offset + r // group` of head
@@ -288,7 +289,7 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
       q_rows, k_pages, v_pages)
     if num_splits == 1:
         return result
-    return _combine_splits(*result, q_rows.dtype)
+    return merge_splits(*result, q_rows.dtype, combine, interpret)
 
 
 def check_pool(k_pages: jax.Array, v_pages: jax.Array, num_heads: int, head_dim: int) -> None:
@@ -312,7 +313,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     block_tables: jax.Array, lengths: jax.Array, *,
                     scale: float | None = None, interpret: bool | None = None,
                     num_splits: int | None = None, pages_per_block: int | None = None,
-                    num_warps: int = 4, num_stages: int = 2, v_mask: str = "redirect") -> jax.Array:
+                    num_warps: int = 4, num_stages: int = 2, v_mask: str = "redirect",
+                    combine: str = "pallas") -> jax.Array:
     """Decode attention of one new query per sequence over its paged K/V.
 
     Args:
@@ -335,6 +337,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
             (pages gathered whole, unwritten slots zeroed after the load: 23-30% slower on
             the H200, bench/results/bandwidth.md), or "none" (pages gathered whole, not
             masked: wrong when such a slot holds NaN; kept only to measure the others).
+        combine: how split partials merge: "pallas" (one launch, `kernels.split_combine`)
+            or "xla" (the jnp merge fused by XLA).
 
     Returns:
         `[batch, num_heads, head_dim]` in q's dtype; softmax in float32.
@@ -354,6 +358,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         raise ValueError(f"lengths must be [{batch}], got {lengths.shape}")
     if v_mask not in V_MASKS:
         raise ValueError(f"v_mask must be one of {V_MASKS}, got {v_mask!r}")
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // kv_heads
     table_pages = block_tables.shape[1]
@@ -370,7 +376,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         scale=float(head_dim ** -0.5 if scale is None else scale),
         num_splits=num_splits, pages_per_block=pages_per_block,
         num_warps=num_warps, num_stages=num_stages,
-        interpret=interpret, v_mask=v_mask)
+        interpret=interpret, v_mask=v_mask, combine=combine)
     return out.reshape(batch, num_heads, head_dim)
 
 

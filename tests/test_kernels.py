@@ -282,3 +282,8 @@ def test_shape_errors_name_the_field():
     with pytest.raises(ValueError, match="slot_mapping"):
         cache_scatter(pages, pages, jnp.zeros((3, 4, 64)), jnp.zeros((3, 4, 64)),
                       jnp.zeros(2, jnp.int32))
+    q = jnp.zeros((2, 8, 64))
+    for knob in ("v_mask", "combine"):
+        with pytest.raises(ValueError, match=knob):
+            paged_attention(q, pages, pages, jnp.zeros((2, 2), jnp.int32), jnp.zeros(2, jnp.int32),
+                            **{knob: "fast"})
