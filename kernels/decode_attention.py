@@ -17,9 +17,10 @@ How (one program per sequence, KV head and split, as in `kernels.paged_attention
   both into the token's slot of the pool (aliased in place, like `kernels.cache_scatter`)
   and seeds its online softmax with the token's own logit, so no program ever reads the
   slot being written (the page loop covers keys `< length - 1` only).
-- The cached keys are read page-gathered through the block table, `pages_per_block` pages
-  a loop iteration, online softmax in float32, flash-decoding splits merged by
-  `kernels.paged_attention`'s combine. A length-0 row writes nothing and returns zeros.
+- The cached keys are gathered per key through the block table (`gather_key_block`),
+  `pages_per_block` pages' worth a loop iteration, online softmax in float32,
+  flash-decoding splits merged in one more launch (`kernels.split_combine`). A length-0
+  row writes nothing and returns zeros.
 
 Backend: Pallas Triton, for the reasons in `kernels.paged_attention`.
 """
