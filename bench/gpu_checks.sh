@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU session's standard calls, in the order they paid off: compiled kernel tests, the
+# kernel bandwidth table, end-to-end throughput (with transformers eager and static+compile),
+# and the decode step beside the plain JAX static decoder. Each part has its own time limit so
+# that one device command (10 minutes at most) gives whatever finished; logs and tables land in
+# $OUT/<part>/. Pick parts by name, e.g. `bash bench/gpu_checks.sh tests bandwidth`.
+#
+#   tests       compiled kernel tests + the model's paged decode step (~170 s)
+#   bandwidth   bench/bandwidth.py, all shapes and baselines (~200 s)
+#   throughput  bench/throughput.py at batch 1/64/256 + 1k prompts, transformers eager (~170 s)
+#   hfcompile   bench/throughput.py at batch 256 with transformers static cache + torch.compile (~100 s)
+#   step        bench/decode_step.py at batch 1 beside the static decoder (~150 s: its compile)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_checks}
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(tests bandwidth throughput)
+export PYTHONPATH=.
+for part in "${parts[@]}"; do
+  mkdir -p "$OUT/$part"
+  start=$(date +%s)
+  case $part in
+    tests) timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+             tests/test_kernels.py tests/test_split_combine.py tests/test_decode_attention.py \
+             tests/test_skinny_matmul.py tests/test_residual_norm.py -k "compiled or model" ;;
+    bandwidth) timeout 300 python3 bench/bandwidth.py --budget-s 220 --out "$OUT/$part" ;;
+    throughput) timeout 240 python3 bench/throughput.py --no-static --batches 1 64 256 --long-prompt 1024 \
+                  --long-batch 64 --decode-steps 8 --impls pallas --no-hf-compile --out "$OUT/$part" ;;
+    hfcompile) timeout 240 python3 bench/throughput.py --batches 256 --long-prompt 0 --no-static \
+                 --decode-steps 8 --impls pallas --hf-compile-batches 256 --out "$OUT/$part" ;;
+    step) timeout 330 python3 bench/decode_step.py --batches 1 --variants default --glue kernels xla \
+            --rounds 5 --reps 10 --out "$OUT/$part" ;;
+    *) echo "unknown part: $part" >&2; continue ;;
+  esac > "$OUT/$part/log.txt" 2>&1
+  echo "== $part: rc=$? in $(( $(date +%s) - start )) s"
+  grep -E "passed|failed|^\| (7B|0.5B|jaxserve|transformers|default) " "$OUT/$part/log.txt" | tail -30
+done
