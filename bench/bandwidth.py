@@ -275,8 +275,9 @@ def sweep(budget, read_ceiling) -> tuple[str, list]:
     raw = []
     for (name, batch, context), configs in SWEEP:
         kv_heads = HEADS[name][1]
-        default_splits = paged_attention_module.default_num_splits(
-            batch * kv_heads, context // PAGE, 128 // PAGE, False)
+        _, default_splits = paged_attention_module.resolve_tuning(
+            PAGE, context // PAGE, batch * kv_heads, None, None, False,
+            paged_attention_module.DECODE_BLOCK_KEYS)
         # "xN": N times the default split count at this shape.
         configs = {label: (dict(num_splits=default_splits * int(c[1:])) if isinstance(c, str) else c)
                    for label, c in configs.items()}

@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 
 from kernels import pallas_compat as compat
 from kernels.cache_scatter import cache_scatter_reference
-from kernels.paged_attention import (_MASK_VALUE, COMBINES, DECODE_BLOCK_KEYS, _next_pow2,
+from kernels.paged_attention import (_MASK_VALUE, COMBINES, DECODE_BLOCK_KEYS,
                                      check_pool, finish_rows, gather_key_block, merge_splits,
                                      online_softmax_step, paged_attention_reference,
                                      resolve_tuning, split_page_range)
@@ -111,11 +111,11 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
     def body(i, carry):
         page0 = first_page + i * pages_per_block
-        # Keys past `cached` read the row's first slot (see gather_key_block): written
+        # Keys at or past `cached` read the row's first slot (see gather_key_block): written
         # whenever the loop runs, so V stays finite without a select before the product.
-        k, v = gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block,
-                                cached)
         valid = page0 * page_size + jnp.arange(block_keys) < cached
+        k, v = gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block,
+                                valid)
         return online_softmax_step(carry, q, k, v, None, valid[None, :], scale=scale,
                                    precision=precision)
 
@@ -138,7 +138,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     kv_heads = k_pages.shape[0]
     num_heads = qkv.shape[1] - 2 * kv_heads
     group = num_heads // kv_heads
-    block_rows = max(16, _next_pow2(group))
+    block_rows = max(16, compat.next_pow2(group))
     precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
     kernel = functools.partial(
         _fused_kernel, num_heads=num_heads, kv_heads=kv_heads, group=group,

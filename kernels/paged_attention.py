@@ -59,10 +59,6 @@ DECODE_BLOCK_KEYS = 128
 PREFILL_KEY_TILE_ELEMENTS = 8192
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def split_page_range(lengths_ref, split, row_pages, *, num_splits: int, pages_per_block: int,
                      page_size: int, table_pages: int, key_offset: int = 0):
     """In-kernel: `(first_page, end_page)` of the pages that program `split` reads of a row
@@ -75,7 +71,7 @@ def split_page_range(lengths_ref, split, row_pages, *, num_splits: int, pages_pe
     if num_splits == 1:
         return 0, row_pages
     batch = lengths_ref.shape[0]
-    padded_batch = _next_pow2(batch)
+    padded_batch = compat.next_pow2(batch)
     all_lengths = compat.load(lengths_ref.at[pl.ds(0, padded_batch)],
                               mask=jnp.arange(padded_batch) < batch, other=0)
     longest_keys = jnp.clip(all_lengths.max() + key_offset, 0, table_pages * page_size)
@@ -104,9 +100,9 @@ COMBINES = ("pallas", "xla")
 
 
 def gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block: int,
-                     key_limit):
+                     written):
     """In-kernel: K and V `[pages_per_block * page_size, head_dim]` of the row's keys from
-    page `page0` on, with every key at or past `key_limit` read from the row's first slot.
+    page `page0` on; keys where `written [keys]` is False are read from the row's first slot.
 
     The gather is per key, so the tile comes out 2-D `[keys, head_dim]` as the products want
     it: 21-27% faster on the H200 than gathering whole pages (`gather_page_block`, a 3-D tile
@@ -118,10 +114,9 @@ def gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per
     page_size = k_pages_ref.shape[-2]
     table_pages = block_table_ref.shape[0]
     keys = jnp.arange(pages_per_block * page_size)
-    ok = page0 * page_size + keys < key_limit
     entry = jnp.minimum(page0 + keys // page_size, table_pages - 1)
-    page = jnp.where(ok, block_table_ref[entry], block_table_ref[0])
-    offset = jnp.where(ok, keys % page_size, 0)
+    page = jnp.where(written, block_table_ref[entry], block_table_ref[0])
+    offset = jnp.where(written, keys % page_size, 0)
     return k_pages_ref[page, offset], v_pages_ref[page, offset]
 
 
@@ -192,14 +187,13 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
     def body(i, carry):
         page0 = first_page + i * pages_per_block
         key_pos = page0 * page_size + jnp.arange(block_keys)
+        written = key_pos < block_limit
         if v_mask == "redirect":
             k, v = gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block,
-                                    block_limit)
-            key_ok = None
+                                    written)
         else:
             k, v = gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block)
-            key_ok = key_pos < block_limit if v_mask == "where" else None
-        return online_softmax_step(carry, q, k, v, key_ok,
+        return online_softmax_step(carry, q, k, v, written if v_mask == "where" else None,
                                    key_pos[None, :] < row_limit[:, None],
                                    scale=scale, precision=precision)
 
@@ -237,7 +231,7 @@ def default_num_splits(programs: int, table_pages: int, pages_per_block: int,
 
 def default_pages_per_block(page_size: int, table_pages: int, block_keys: int) -> int:
     """Pages per loop iteration: `block_keys` keys' worth, fewer for a narrow table."""
-    return max(1, min(_next_pow2(table_pages), block_keys // page_size))
+    return max(1, min(compat.next_pow2(table_pages), block_keys // page_size))
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -374,7 +368,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     out = attend_query_rows(
         q.reshape(batch, kv_heads, group, head_dim), k_pages, v_pages, block_tables,
         lengths, lengths, group=group, start_offset=-1,
-        block_rows=max(16, _next_pow2(group)),
+        block_rows=max(16, compat.next_pow2(group)),
         scale=float(head_dim ** -0.5 if scale is None else scale),
         num_splits=num_splits, pages_per_block=pages_per_block,
         num_warps=num_warps, num_stages=num_stages,

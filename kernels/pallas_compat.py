@@ -1,7 +1,8 @@
 """Version shim for the Pallas Triton API: one import point for JAX 0.10.x and 0.11.x.
 
 Owns: where `dot`, `load`, `store` and `CompilerParams` of the Pallas Triton backend
-live, and the rule for picking interpret mode. Never holds kernel logic.
+live, the rule for picking interpret mode, and `next_pow2` (Triton block shapes must be
+powers of two, so every kernel pads to one). Never holds kernel logic.
 
 JAX 0.10.2 moved `pl.dot` into `jax.experimental.pallas.triton`; 0.11 deprecates the
 Triton backend as a whole (it still works on 0.11.2, the GPU machine's version) and
@@ -36,6 +37,16 @@ def resolve_interpret(interpret: bool | None) -> bool:
     if interpret is None:
         return jax.default_backend() == "cpu"
     return bool(interpret)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): a Triton block dimension.
+
+    Example:
+        >>> next_pow2(7), next_pow2(16), next_pow2(1)
+        (8, 16, 1)
+    """
+    return 1 << max(0, (n - 1).bit_length())
 
 
 def compiler_params(num_warps: int, num_stages: int):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import pallas_compat as compat
-from kernels.paged_attention import (PREFILL_KEY_TILE_ELEMENTS, _next_pow2, attend_query_rows,
+from kernels.paged_attention import (PREFILL_KEY_TILE_ELEMENTS, attend_query_rows,
                                      check_pool, gather_pages, masked_softmax_attention,
                                      resolve_tuning)
 
@@ -78,7 +78,7 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     group = num_heads // kv_heads
     interpret = compat.resolve_interpret(interpret)
     query_rows = q_len * group
-    block_rows = min(block_rows, max(16, _next_pow2(query_rows)))
+    block_rows = min(block_rows, max(16, compat.next_pow2(query_rows)))
     pages_per_block, num_splits = resolve_tuning(
         k_pages.shape[2], block_tables.shape[1],
         batch * kv_heads * -(-query_rows // block_rows), pages_per_block, num_splits,

@@ -33,10 +33,6 @@ from jax.experimental import pallas as pl
 from kernels import pallas_compat as compat
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int):
     if num_parts:
         p_ref, scale_ref, h_out_ref, norm_out_ref = rest
@@ -69,7 +65,7 @@ def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int):
 def _add_rms_norm(hidden, partials, scale, *, eps: float, num_warps: int, interpret: bool):
     m, n = hidden.shape
     num_parts = 0 if partials is None else partials.shape[0]
-    kernel = functools.partial(_kernel, num_parts=num_parts, eps=eps, block_n=_next_pow2(n))
+    kernel = functools.partial(_kernel, num_parts=num_parts, eps=eps, block_n=compat.next_pow2(n))
     args = [hidden] + ([partials] if num_parts else []) + [scale]
     norm_shape = jax.ShapeDtypeStruct((m, n), hidden.dtype)
     out_shape = [jax.ShapeDtypeStruct((m, n), hidden.dtype), norm_shape] if num_parts else [norm_shape]

@@ -42,10 +42,6 @@ MAX_ROWS = 64
 _TARGET_PROGRAMS = 264
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int,
             block_m: int, block_n: int, block_k: int, n_out: int, precision):
     if has_bias:
@@ -119,7 +115,7 @@ def _skinny(x, w, bias, *, epilogue: str, block_n: int, block_k: int, num_splits
             num_warps: int, num_stages: int, interpret: bool):
     m, k = x.shape
     n_out = w.shape[1] // 2 if epilogue == "swiglu" else w.shape[1]
-    block_m = max(16, _next_pow2(m))
+    block_m = max(16, compat.next_pow2(m))
     k_blocks = pl.cdiv(k, block_k)
     k_per_split = pl.cdiv(k_blocks, num_splits) * block_k
     precision = lax.Precision.HIGHEST if w.dtype == jnp.float32 else None

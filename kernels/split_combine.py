@@ -34,10 +34,6 @@ from kernels import pallas_compat as compat
 _MAX_TILE_ELEMENTS = 4096
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _combine_kernel(o_ref, lse_ref, out_ref, *, num_splits: int, padded_splits: int, chunk: int):
     seq, head, row, part = (pl.program_id(0), pl.program_id(1), pl.program_id(2),
                             pl.program_id(3))
@@ -58,7 +54,7 @@ def _combine_kernel(o_ref, lse_ref, out_ref, *, num_splits: int, padded_splits: 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "interpret"))
 def _combine(o, lse, *, out_dtype, interpret: bool):
     num_splits, batch, kv_heads, group, head_dim = o.shape
-    padded_splits = _next_pow2(num_splits)
+    padded_splits = compat.next_pow2(num_splits)
     chunk = max(1, min(head_dim, _MAX_TILE_ELEMENTS // padded_splits))
     kernel = functools.partial(_combine_kernel, num_splits=num_splits,
                                padded_splits=padded_splits, chunk=chunk)

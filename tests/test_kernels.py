@@ -80,8 +80,8 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,dtype,num_splits,ppb,v_mask",
-                         [(*case, "where") for case in DECODE_CASES]
-                         + [(*DECODE_CASES[i], "redirect") for i in (0, 1, 3)])
+                         [(*case, "redirect") for case in DECODE_CASES]  # the default
+                         + [(*DECODE_CASES[i], "where") for i in (0, 1, 3)])
 def test_decode_matches_reference_on_ragged_paged_batch(
         interpret, num_heads, kv_heads, head_dim, page_size, dtype, num_splits, ppb, v_mask):
     rng, seed = fresh_rng()
