@@ -6,9 +6,10 @@ copy ceilings; the cache scatter for one decode step and one 32k-token prefill a
 pool sizes; prefill attention throughput. Prints one markdown table per part and writes
 them to `$OUT/bandwidth.md` (or `--out`). Never asserts correctness (tests do that).
 
-Timing: each measured call runs many times inside one jitted `lax.fori_loop` whose
-output feeds the next call (nothing hoisted, no Python dispatch); the median of several
-repeats, divided by the count. Working sets under 4x the 50 MB L2 rotate among several
+Timing: each measured call runs many times inside one jitted `lax.fori_loop` with a
+static trip count whose output feeds the next call (nothing hoisted, no Python dispatch,
+no host round trip between iterations: see `timed`); the median of several repeats,
+divided by the count. Working sets under 4x the 50 MB L2 rotate among several
 caches (distinct pages) inside each loop step, so reads come from HBM.
 
     PYTHONPATH=. python3 bench/bandwidth.py [--sweep] [--quick] [--budget-s 420]
@@ -101,21 +102,49 @@ class Budget:
 
 
 def timed(step, carry, consts, *, donate: bool = False, target_s: float = 0.04,
-          repeats: int = 5) -> tuple[float, object]:
-    """Median seconds per `carry = step(carry, *consts)`, looped on device."""
-    loop = jax.jit(lambda c, n, *k: lax.fori_loop(0, n, lambda i, c: step(c, *k), c),
-                   donate_argnums=(0,) if donate else ())
-    carry = jax.block_until_ready(loop(carry, 2, *consts))
-    start = time.perf_counter()
-    carry = jax.block_until_ready(loop(carry, 2, *consts))
-    estimate = (time.perf_counter() - start) / 2
-    count = int(min(5000, max(4, target_s / max(estimate, 1e-7))))
+          repeats: int = 5, static_count: bool = True,
+          count: int | None = None) -> tuple[float, object]:
+    """Median seconds per `carry = step(carry, *consts)`, looped on device.
+
+    The loop's trip count is a compile-time constant: XLA:GPU runs a while loop whose
+    count it cannot see by copying the predicate to the host after every iteration, and
+    that round trip (~32 µs on the H200, `loop_overhead`) was timed with every call until
+    session 7. So a measurement compiles twice, a short loop for an estimate and then the
+    counted one, unless the caller knows a `count` (one compile). `static_count=False` keeps
+    the old loop, for `loop_overhead` only.
+    """
+    def compiled(n):
+        if static_count:
+            return jax.jit(lambda c, *k: lax.fori_loop(0, n, lambda i, c: step(c, *k), c),
+                           donate_argnums=(0,) if donate else ())
+        loop = jax.jit(lambda c, m, *k: lax.fori_loop(0, m, lambda i, c: step(c, *k), c),
+                       donate_argnums=(0,) if donate else ())
+        return lambda c, *k: loop(c, n, *k)
+
+    if count is None:
+        short = compiled(4)
+        carry = jax.block_until_ready(short(carry, *consts))
+        start = time.perf_counter()
+        carry = jax.block_until_ready(short(carry, *consts))
+        estimate = (time.perf_counter() - start) / 4
+        count = int(min(4096, max(4, 2 ** round(math.log2(max(target_s / max(estimate, 1e-7), 1))))))
+        loop = compiled(count) if count != 4 else short
+    else:
+        loop = compiled(count)
+    carry = jax.block_until_ready(loop(carry, *consts))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        carry = jax.block_until_ready(loop(carry, count, *consts))
+        carry = jax.block_until_ready(loop(carry, *consts))
         times.append((time.perf_counter() - start) / count)
     return statistics.median(times), carry
+
+
+def loop_overhead() -> dict[str, float]:
+    """Seconds per iteration of a trivial loop body, trip count dynamic vs static."""
+    step = lambda c: c * 1.0001 + 1.0  # noqa: E731  (one tiny kernel a call)
+    x = jnp.zeros((1024,), jnp.float32)
+    return {"dynamic": timed(step, x, (), static_count=False)[0], "static": timed(step, x, ())[0]}
 
 
 def rotations(kv_bytes: float) -> int:
@@ -179,6 +208,7 @@ def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=Tru
         jax.random.key(batch * 7 + context), batch, context, kv_heads, head_dim, copies)
     q = jax.random.normal(key, (batch, num_heads, head_dim), DTYPE)
     results = {}
+    calls = int(min(4096, max(8, 0.04 * 3e12 / (io_bytes * copies))))
 
     def paged_step(attend):
         def step(q, k_pages, v_pages, tables, lengths):
@@ -192,7 +222,8 @@ def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=Tru
             results[label] = "skipped (time budget)"
             return
         try:
-            seconds, _ = timed(step, carry, consts)
+            # One compile: the count from the bytes at ~3 TB/s, not from a timed estimate.
+            seconds, _ = timed(step, carry, consts, count=calls)
             results[label] = seconds / copies
         except Exception as error:  # a config that does not compile is a result too
             results[label] = f"error: {type(error).__name__}: {str(error)[:160]}"
@@ -406,6 +437,9 @@ def main() -> None:
     ceil = ceilings()
     header.append(f"HBM read ceiling (XLA sum, 4 GiB): {ceil['read'] / 1e12:.2f} TB/s; "
                   f"copy (read+write, 2 GiB): {ceil['copy'] / 1e12:.2f} TB/s; spec {SPEC_LABEL} TB/s")
+    over = loop_overhead()
+    header.append(f"jitted-loop cost of one iteration of a trivial body: {over['dynamic'] * 1e6:.1f} µs with a "
+                  f"dynamic trip count (host round trip), {over['static'] * 1e6:.1f} µs with a static one (used)")
     print("\n".join(header), flush=True)
     sections = []
     raw = {"ceilings": ceil}

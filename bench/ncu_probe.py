@@ -1,0 +1,79 @@
+"""Run each attention kernel of interest a few times, plainly, for Nsight Compute to read.
+
+Not a timer: `ncu` replays each matching launch and reads the hardware counters
+(occupancy, registers and shared memory per program, DRAM throughput, stall reasons).
+Each case is one call shape of the issue-6 table or of the engine's decode step.
+
+    ncu --clock-control none -k regex:'attend|fused|combine' --set full \\
+        -o $OUT/probe python3 bench/ncu_probe.py --cases 7b_64x2k 7b_64x8k
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from kernels.paged_attention import paged_attention  # noqa: E402
+
+HEADS = {"7b": (28, 4, 128), "05b": (14, 2, 64)}
+PAGE = 16
+
+
+def paged_case(heads: str, batch: int, context: int, **tuning):
+    num_heads, kv_heads, head_dim = HEADS[heads]
+    pages_per_seq = context // PAGE
+    num_pages = batch * pages_per_seq
+    key = jax.random.key(0)
+    shape = (kv_heads, num_pages, PAGE, head_dim)
+    k = jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.bfloat16)
+    v = jax.random.normal(jax.random.fold_in(key, 2), shape, jnp.bfloat16)
+    table = jnp.asarray(np.random.default_rng(0).permutation(num_pages).astype(np.int32)
+                        .reshape(batch, pages_per_seq))
+    lengths = jnp.full((batch,), context, jnp.int32)
+    q = jax.random.normal(key, (batch, num_heads, head_dim), jnp.bfloat16)
+    fn = jax.jit(lambda q, k, v, t, n: paged_attention(q, k, v, t, n, **tuning))
+    return lambda: fn(q, k, v, table, lengths)
+
+
+def fused_case(batch: int, context: int):
+    from bench.fused_tune import build
+    from kernels.decode_attention import fused_decode_attention
+    pools, tables, lengths, slots, cos, sin, qkv, _ = build(batch, context, 14, 2, 64, 1, None)
+    k, v = pools[0]
+    fn = jax.jit(lambda *a: fused_decode_attention(*a)[0])
+    return lambda: fn(qkv, cos, sin, k, v, tables, lengths, slots)
+
+
+CASES = {
+    "7b_64x2k": lambda: paged_case("7b", 64, 2048),
+    "7b_64x8k": lambda: paged_case("7b", 64, 8192),
+    "7b_1x32k": lambda: paged_case("7b", 1, 32768),
+    "05b_1x32k": lambda: paged_case("05b", 1, 32768),
+    "fused_256x192": lambda: fused_case(256, 192),
+    "fused_1x192": lambda: fused_case(1, 192),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--calls", type=int, default=2)
+    args = ap.parse_args()
+    for name in args.cases:
+        call = CASES[name]()
+        for _ in range(args.calls):
+            jax.block_until_ready(call())
+        print(f"ran {name}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
