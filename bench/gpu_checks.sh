@@ -6,10 +6,12 @@
 # $OUT/<part>/. Pick parts by name, e.g. `bash bench/gpu_checks.sh tests bandwidth`.
 #
 #   tests       compiled kernel tests + the model's paged decode step (~170 s)
-#   bandwidth   bench/bandwidth.py, all shapes and baselines (~200 s)
+#   bandwidth   bench/bandwidth.py, all shapes and baselines (~300 s: a static-count loop compiles per shape)
 #   throughput  bench/throughput.py at batch 1/64/256 + 1k prompts, transformers eager (~170 s)
 #   hfcompile   bench/throughput.py at batch 256 with transformers static cache + torch.compile (~100 s)
 #   step        bench/decode_step.py at batch 1 beside the static decoder (~150 s: its compile)
+#   ncu         Nsight Compute on the paged decode (7B 64 x 2k) and fused decode (256 x 192) kernels (~120 s?)
+#   policies    the three scheduling policies, open loop, bf16 then float32 (~210 s each; compile cache shared)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -23,15 +25,26 @@ for part in "${parts[@]}"; do
     tests) timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
              tests/test_kernels.py tests/test_split_combine.py tests/test_decode_attention.py \
              tests/test_skinny_matmul.py tests/test_residual_norm.py -k "compiled or model" ;;
-    bandwidth) timeout 300 python3 bench/bandwidth.py --budget-s 220 --out "$OUT/$part" ;;
+    bandwidth) timeout 360 python3 bench/bandwidth.py --budget-s 300 --out "$OUT/$part" ;;
     throughput) timeout 240 python3 bench/throughput.py --no-static --batches 1 64 256 --long-prompt 1024 \
                   --long-batch 64 --decode-steps 8 --impls pallas --no-hf-compile --out "$OUT/$part" ;;
     hfcompile) timeout 240 python3 bench/throughput.py --batches 256 --long-prompt 0 --no-static \
                  --decode-steps 8 --impls pallas --hf-compile-batches 256 --out "$OUT/$part" ;;
     step) timeout 330 python3 bench/decode_step.py --batches 1 --variants default --glue kernels xla \
             --rounds 5 --reps 10 --out "$OUT/$part" ;;
+    ncu) timeout 240 ncu --clock-control none -k regex:'paged|fused|combine' --section SpeedOfLight \
+           --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+           -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 --cases 7b_64x2k fused_256x192 \
+         && ncu -i "$OUT/$part/probe.ncu-rep" --page details ;;
+    policies) export JAX_COMPILATION_CACHE_DIR=/tmp/jaxserve_jc JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+              for dtype in bfloat16 float32; do
+                timeout 250 python3 bench/throughput.py --policies --num-requests 96 --rate 64 --max-running 16 \
+                  --prompt-len 256 --output-len 32 --decode-steps 4 --dtype $dtype --out "$OUT/$part/$dtype"
+              done ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"
-  grep -E "passed|failed|^\| (7B|0.5B|jaxserve|transformers|default) " "$OUT/$part/log.txt" | tail -30
+  grep -E "passed|failed|^\| (7B|0.5B|jaxserve|transformers|default|prefill_first|time_share|mixed) |Duration|Registers Per|Achieved Occ" \
+    "$OUT/$part/log.txt" | tail -30
 done

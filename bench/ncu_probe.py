@@ -4,8 +4,12 @@ Not a timer: `ncu` replays each matching launch and reads the hardware counters
 (occupancy, registers and shared memory per program, DRAM throughput, stall reasons).
 Each case is one call shape of the issue-6 table or of the engine's decode step.
 
-    ncu --clock-control none -k regex:'attend|fused|combine' --set full \\
-        -o $OUT/probe python3 bench/ncu_probe.py --cases 7b_64x2k 7b_64x8k
+    ncu --clock-control none -k regex:'paged|fused|combine' --section SpeedOfLight \\
+        --section Occupancy --section LaunchStats --section WarpStateStats \\
+        -o $OUT/probe python3 bench/ncu_probe.py --calls 1 --cases 7b_64x2k fused_256x192
+
+Kernel names in the report: `paged_attention`, `fused_decode_attention`, `split_combine`.
+`--set full` (38 passes a kernel) is too slow for more than two or three kernels in one call.
 """
 
 from __future__ import annotations
@@ -14,9 +18,15 @@ import argparse
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# ncu saves and restores the device memory a replayed kernel may write. With JAX's default
+# preallocation (75% of the GPU) that is ~100 GB; the pool-writing fused decode kernel never
+# finished profiling within 200 s in session 7, probably for that reason (ncu warned of the
+# backup). Allocating on demand keeps the backup to the probe's own arrays.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
