@@ -9,8 +9,9 @@ them to `$OUT/bandwidth.md` (or `--out`). Never asserts correctness (tests do th
 Timing: each measured call runs many times inside one jitted `lax.fori_loop` with a
 static trip count whose output feeds the next call (nothing hoisted, no Python dispatch,
 no host round trip between iterations: see `timed`); the median of several repeats,
-divided by the count. Working sets under 4x the 50 MB L2 rotate among several
-caches (distinct pages) inside each loop step, so reads come from HBM.
+divided by the count. Working sets under 4x the L2 rotate among several caches (distinct
+pages) inside each loop step, so reads come from HBM; every decode loop step makes at least 8
+calls, so the loop's own cost per iteration is spread thin.
 
     PYTHONPATH=. python3 bench/bandwidth.py [--sweep] [--quick] [--budget-s 420]
 """
@@ -208,12 +209,17 @@ def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=Tru
         jax.random.key(batch * 7 + context), batch, context, kv_heads, head_dim, copies)
     q = jax.random.normal(key, (batch, num_heads, head_dim), DTYPE)
     results = {}
-    calls = int(min(4096, max(8, 0.04 * 3e12 / (io_bytes * copies))))
+    # At least 8 calls a loop iteration, so the static loop's own ~10 µs an iteration
+    # (bandwidth.md, session 7) is at most ~1 µs a call; rotation already gives 8 to small rows.
+    unroll = -(-8 // copies)
+    per_iteration = copies * unroll
+    calls = int(min(4096, max(2, 0.04 * 3e12 / (io_bytes * per_iteration))))
 
     def paged_step(attend):
         def step(q, k_pages, v_pages, tables, lengths):
-            for j in range(copies):
-                q = attend(q, k_pages, v_pages, tables[j], lengths)
+            for _ in range(unroll):
+                for j in range(copies):
+                    q = attend(q, k_pages, v_pages, tables[j], lengths)
             return q
         return step
 
@@ -224,7 +230,7 @@ def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=Tru
         try:
             # One compile: the count from the bytes at ~3 TB/s, not from a timed estimate.
             seconds, _ = timed(step, carry, consts, count=calls)
-            results[label] = seconds / copies
+            results[label] = seconds / per_iteration
         except Exception as error:  # a config that does not compile is a result too
             results[label] = f"error: {type(error).__name__}: {str(error)[:160]}"
 
@@ -248,14 +254,16 @@ def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=Tru
                        for i in range(2 * copies))
 
         def xla_step(q, caches, lengths):
-            for j in range(copies):
-                q = xla_contiguous_attention(q, caches[2 * j], caches[2 * j + 1], lengths)
+            for _ in range(unroll):
+                for j in range(copies):
+                    q = xla_contiguous_attention(q, caches[2 * j], caches[2 * j + 1], lengths)
             return q
         measure("xla contiguous", xla_step, q, (caches, lengths))
         del caches
     gc.collect()
     row = {"heads": name, "batch": batch, "context": context, "kv_bytes": kv_bytes,
-           "io_bytes": io_bytes, "copies": copies, "results": results}
+           "io_bytes": io_bytes, "copies": copies, "calls_per_iteration": per_iteration,
+           "results": results}
     return row
 
 
