@@ -70,25 +70,20 @@ DECODE_SHAPES = [
     ("0.5B 14q/2kv/64", 256, 2048), ("0.5B 14q/2kv/64", 256, 8192),
 ]
 QUICK_SHAPES = [DECODE_SHAPES[i] for i in (2, 5, 7, 11, 14)]
-# Knobs around the defaults. On the H200 (read ceiling 4.4 TB/s) the kernel stalled near
-# 3.1 TB/s where XLA's contiguous attention read faster: what sits between V's load and the
-# product (the select that zeroes unwritten slots) and the pipeline depth are the suspects.
-_V = {"v=where": dict(v_mask="where"), "v=none (unsafe)": dict(v_mask="none"),
-      "stages=3": dict(num_stages=3), "warps=8": dict(num_warps=8)}
-# After the per-key gather (session 6): the split count and keys per iteration again.
-_T = {"splits=2": dict(num_splits=2), "splits=4": dict(num_splits=4),
-      "ppb=4": dict(pages_per_block=4), "ppb=16": dict(pages_per_block=16),
-      "ppb=16 warps=8": dict(pages_per_block=16, num_warps=8),
-      "ppb=16 stages=3": dict(pages_per_block=16, num_stages=3)}
-_T_SMALL = {"splits x2": "x2", "splits x4": "x4", "ppb=4": dict(pages_per_block=4),
-            "ppb=16": dict(pages_per_block=16), "ppb=16 warps=8": dict(pages_per_block=16, num_warps=8)}
+# Session 7, after the timing fix: the shapes still short of the targets (small
+# batches, 0.5B heads, 7B 8 x 2k against XLA), the split count relative to the default ("xN"),
+# keys per iteration, and the split merge inside the attention kernel ("inkernel": no second
+# launch).
+_T = {"splits x2": "x2", "splits x4": "x4", "ppb=4": dict(pages_per_block=4),
+      "ppb=16": dict(pages_per_block=16), "ppb=16 warps=8": dict(pages_per_block=16, num_warps=8),
+      "merge in kernel": dict(combine="inkernel"), "merge in kernel, splits x2": "x2 inkernel"}
 SWEEP = [
-    (("7B 28q/4kv/128", 64, 2048), _T),
-    (("7B 28q/4kv/128", 64, 4096), _T),
     (("7B 28q/4kv/128", 8, 2048), _T),
     (("0.5B 14q/2kv/64", 64, 2048), _T),
-    (("7B 28q/4kv/128", 1, 32768), _T_SMALL),
-    (("0.5B 14q/2kv/64", 1, 32768), _T_SMALL),
+    (("0.5B 14q/2kv/64", 64, 8192), _T),
+    (("7B 28q/4kv/128", 1, 32768), _T),
+    (("0.5B 14q/2kv/64", 1, 32768), _T),
+    (("0.5B 14q/2kv/64", 8, 32768), _T),
 ]
 
 
@@ -317,8 +312,10 @@ def sweep(budget, read_ceiling) -> tuple[str, list]:
         _, default_splits = paged_attention_module.resolve_tuning(
             PAGE, context // PAGE, batch * kv_heads, None, None, False,
             paged_attention_module.DECODE_BLOCK_KEYS)
-        # "xN": N times the default split count at this shape.
-        configs = {label: (dict(num_splits=default_splits * int(c[1:])) if isinstance(c, str) else c)
+        # "xN": N times the default split count at this shape; "xN inkernel": and merged in the kernel.
+        configs = {label: (c if isinstance(c, dict) else
+                           dict(num_splits=default_splits * int(c.split()[0][1:]),
+                                **({"combine": "inkernel"} if c.endswith("inkernel") else {})))
                    for label, c in configs.items()}
         row = decode_row(name, batch, context, read_ceiling, budget, with_baselines=False,
                          our_configs={"default": {}, **configs})

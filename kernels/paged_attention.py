@@ -22,7 +22,9 @@ Design (one kernel for decode and prefill):
 - Flash-decoding: the pages are cut into `num_splits` ranges, sized at run time from the
   longest length in the batch; each split writes a normalized partial output and its
   log-sum-exp, and one more small kernel merges them (`kernels.split_combine`). Small
-  batches fill the GPU this way.
+  batches fill the GPU this way. `combine="inkernel"` (decode only, experimental) drops
+  that launch: each split takes a ticket from a per-(sequence, KV head) atomic counter
+  after a barrier, and the one that draws the last ticket folds the others' partials in.
   Unsplit, a decode call is one kernel launch and nothing else.
 
 Measured on an H100 and an H200 against JAX's bundled kernel and XLA over a contiguous
@@ -96,7 +98,7 @@ def gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_pe
 
 
 V_MASKS = ("where", "redirect", "none")
-COMBINES = ("pallas", "xla")
+COMBINES = ("pallas", "xla", "inkernel")
 
 
 def gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block: int,
@@ -151,9 +153,14 @@ def finish_rows(acc, m, l):
 
 
 def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref, v_pages_ref,
-                   o_ref, *lse_ref, group: int, start_offset: int, block_rows: int,
+                   *refs, group: int, start_offset: int, block_rows: int,
                    num_splits: int,
-                   pages_per_block: int, scale: float, precision, v_mask: str):
+                   pages_per_block: int, scale: float, precision, v_mask: str,
+                   merge_in_kernel: bool = False, interpret: bool = False):
+    if merge_in_kernel:
+        _, o_ref, lse_ref, out_ref, counter_ref = refs
+    else:
+        o_ref, *lse_ref = refs
     seq, head = pl.program_id(0), pl.program_id(1)
     row_block, split = pl.program_id(2), pl.program_id(3)
     table_pages = block_table_ref.shape[0]
@@ -206,9 +213,41 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
     out_rows = pl.ds(first_row, block_rows)
     if num_splits == 1:
         compat.store(o_ref.at[seq, head, out_rows, :], out, mask=real_row[:, None])
-    else:
+    elif not merge_in_kernel:
         compat.store(o_ref.at[split, seq, head, out_rows, :], out, mask=real_row[:, None])
         compat.store(lse_ref[0].at[split, seq, head, out_rows], lse, mask=real_row)
+    else:
+        compat.store(o_ref.at[split, seq, head, out_rows, :], out, mask=real_row[:, None])
+        compat.store(lse_ref.at[split, seq, head, out_rows], lse, mask=real_row)
+        # Last split to arrive merges. The barrier puts every thread's partial stores before
+        # the (acquire-release, GPU-scope) ticket; the merger's loads bypass L1.
+        compat.barrier(interpret)
+        ticket = compat.atomic_add(counter_ref, (seq, head), jnp.int32(1))
+
+        @pl.when(ticket == num_splits - 1)
+        def _merge():
+            compat.barrier(interpret)
+            per_split = split_page_range(lengths_ref, 1, block_pages, num_splits=num_splits,
+                                         pages_per_block=pages_per_block, page_size=page_size,
+                                         table_pages=table_pages)[0]
+            used = pl.cdiv(block_pages, jnp.maximum(per_split, 1))  # splits holding keys
+
+            def fold(s, carry):
+                acc, m, w = carry
+                part_lse = compat.load(lse_ref.at[s, seq, head, out_rows], mask=real_row,
+                                       other=_MASK_VALUE, cache_modifier=".cg")
+                part = compat.load(o_ref.at[s, seq, head, out_rows, :], mask=real_row[:, None],
+                                   other=0, cache_modifier=".cg").astype(jnp.float32)
+                part_lse = jnp.maximum(part_lse, _MASK_VALUE)
+                m_next = jnp.maximum(m, part_lse)
+                alpha, beta = jnp.exp(m - m_next), jnp.exp(part_lse - m_next)
+                return acc * alpha[:, None] + part * beta[:, None], m_next, w * alpha + beta
+
+            acc, _, w = lax.fori_loop(0, used, fold, init)
+            merged = jnp.where((w > 0)[:, None], acc / jnp.where(w > 0, w, 1.0)[:, None], 0.0)
+            compat.store(out_ref.at[seq, head, out_rows, :], merged.astype(out_ref.dtype),
+                         mask=real_row[:, None])
+            counter_ref[seq, head] = jnp.int32(0)  # every split has counted: ready for the next call
 
 
 def merge_splits(o: jax.Array, lse: jax.Array, out_dtype, combine: str, interpret: bool) -> jax.Array:
@@ -254,15 +293,23 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
     batch, kv_heads, query_rows, head_dim = q_rows.shape
     row_blocks = pl.cdiv(query_rows, block_rows)
     precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
+    merge_in_kernel = combine == "inkernel" and num_splits > 1
+    if merge_in_kernel and row_blocks != 1:
+        raise ValueError("combine='inkernel' merges one block of query rows per (sequence, KV head): "
+                         f"got {query_rows} rows in blocks of {block_rows}")
     kernel = functools.partial(
         _attend_kernel, group=group, start_offset=start_offset, block_rows=block_rows,
         num_splits=num_splits,
         pages_per_block=pages_per_block, scale=scale,
-        precision=precision, v_mask=v_mask)
+        precision=precision, v_mask=v_mask, merge_in_kernel=merge_in_kernel,
+        interpret=interpret)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, r, s: (h, 0, 0, 0))
     in_specs = [pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, r, s: (b, 0)),
                 whole, whole, whole, pool_spec, pool_spec]
+    operands = [block_tables.astype(jnp.int32), lengths.astype(jnp.int32), q_start.astype(jnp.int32),
+                q_rows, k_pages, v_pages]
+    aliases = {}
     if num_splits == 1:
         out_specs = whole
         out_shape = jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype)
@@ -272,19 +319,30 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
         # final cast would keep, and halves their traffic for bf16.
         out_shape = [jax.ShapeDtypeStruct((num_splits, *q_rows.shape), q_rows.dtype),
                      jax.ShapeDtypeStruct((num_splits, *q_rows.shape[:-1]), jnp.float32)]
+    if merge_in_kernel:
+        # One arrival counter per (sequence, KV head), zero on entry and left at zero by the
+        # merging program; the partials become the kernel's scratch.
+        in_specs = in_specs + [whole]
+        operands.append(jnp.zeros((batch, kv_heads), jnp.int32))
+        out_specs = out_specs + [whole, whole]
+        out_shape = out_shape + [jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
+                                 jax.ShapeDtypeStruct((batch, kv_heads), jnp.int32)]
+        aliases = {len(operands) - 1: 3}
     result = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, row_blocks, num_splits),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
+        input_output_aliases=aliases,
         interpret=interpret,
         compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
         name="paged_attention",
-    )(block_tables.astype(jnp.int32), lengths.astype(jnp.int32), q_start.astype(jnp.int32),
-      q_rows, k_pages, v_pages)
+    )(*operands)
     if num_splits == 1:
         return result
+    if merge_in_kernel:
+        return result[2]
     return merge_splits(*result, q_rows.dtype, combine, interpret)
 
 
@@ -333,8 +391,10 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
             (pages gathered whole, unwritten slots zeroed after the load: 23-30% slower on
             the H200, bench/results/bandwidth.md), or "none" (pages gathered whole, not
             masked: wrong when such a slot holds NaN; kept only to measure the others).
-        combine: how split partials merge: "pallas" (one launch, `kernels.split_combine`)
-            or "xla" (the jnp merge fused by XLA).
+        combine: how split partials merge: "pallas" (one launch, `kernels.split_combine`),
+            "xla" (the jnp merge fused by XLA) or "inkernel" (the last split of each
+            sequence and KV head to finish merges, counted with an atomic: one launch in
+            all; experimental, not yet timed on the GPU).
 
     Returns:
         `[batch, num_heads, head_dim]` in q's dtype; softmax in float32.

@@ -24,6 +24,7 @@ with warnings.catch_warnings():
 dot = getattr(plgpu, "dot", None) or pl.dot
 load = plgpu.load
 store = plgpu.store
+atomic_add = plgpu.atomic_add
 CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 
 
@@ -52,3 +53,10 @@ def next_pow2(n: int) -> int:
 def compiler_params(num_warps: int, num_stages: int):
     """Triton launch parameters (warps per program, software-pipeline depth)."""
     return CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def barrier(interpret: bool) -> None:
+    """A program-wide barrier (bar.sync) between its threads' memory operations; nothing in
+    interpret mode, where a program is sequential and the primitive has no rule."""
+    if not interpret:
+        plgpu.debug_barrier()

@@ -110,6 +110,45 @@ def test_decode_matches_reference_on_ragged_paged_batch(
 
 
 @pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case,num_splits", [(1, 3), (2, 2), (3, 2), (0, 5)])
+def test_decode_merge_inside_the_kernel_matches_reference(interpret, case, num_splits):
+    """combine="inkernel": the last split of a (sequence, KV head) merges; more splits than a
+    short row fills leave some empty (never read). Two calls in one jit: the arrival counters
+    must come back to zero."""
+    num_heads, kv_heads, head_dim, page_size, dtype, _, _ = DECODE_CASES[case]
+    rng, seed = fresh_rng()
+    batch, table_pages = 6, 5
+    num_pages = batch * table_pages + 3
+    k_pages, v_pages = make_pool(rng, kv_heads=kv_heads, head_dim=head_dim,
+                                 page_size=page_size, num_pages=num_pages, dtype=dtype)
+    table, lengths = make_sequences(rng, batch=batch, page_size=page_size,
+                                    table_pages=table_pages, num_pages=num_pages,
+                                    lengths=ragged_lengths(rng, batch, page_size, table_pages * page_size))
+    k_pages = poison_unowned(k_pages, table, lengths, page_size)
+    v_pages = poison_unowned(v_pages, table, lengths, page_size)
+    q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), dtype)
+    attend = functools.partial(paged_attention, interpret=interpret, num_splits=num_splits,
+                               pages_per_block=1, combine="inkernel")
+
+    @jax.jit
+    def twice(q):
+        first = attend(q, k_pages, v_pages, table, lengths)
+        return first, attend(first, k_pages, v_pages, table, lengths)
+
+    first, second = twice(q)
+    ref = paged_attention_reference(q.astype(jnp.float32), k_pages.astype(jnp.float32),
+                                    v_pages.astype(jnp.float32), table, lengths)
+    ref2 = paged_attention_reference(first.astype(jnp.float32), k_pages.astype(jnp.float32),
+                                     v_pages.astype(jnp.float32), table, lengths)
+    for out, r in ((first, ref), (second, ref2)):
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+        assert relative_error(out, r) <= TOLERANCE[dtype], f"seed={seed}"
+    np.testing.assert_array_equal(np.asarray(second[0], np.float32), 0.0,
+                                  err_msg=f"length-0 row not zero, seed={seed}")
+
+
+@pytest.mark.parametrize("interpret", MODES)
 def test_decode_split_combine_inside_jit_with_custom_scale(interpret):
     rng, seed = fresh_rng()
     batch, heads, kv_heads, head_dim, page_size, table_pages = 3, 14, 2, 64, 16, 8
