@@ -37,13 +37,10 @@ from jax.experimental import pallas as pl
 from kernels import pallas_compat as compat
 from kernels.cache_scatter import cache_scatter_reference
 from kernels.paged_attention import (_MASK_VALUE, COMBINES, DECODE_BLOCK_KEYS,
-                                     check_pool, finish_rows, gather_key_block, merge_splits,
+                                     check_pool, finish_rows, gather_key_block, merge_last_split,
+                                     merge_splits,
                                      online_softmax_step, paged_attention_reference,
                                      resolve_tuning, split_page_range)
-
-
-# The in-kernel merge of `kernels.paged_attention` is not here yet (it is untimed on the GPU).
-FUSED_COMBINES = tuple(c for c in COMBINES if c != "inkernel")
 
 
 def _rotate_half_matrix(head_dim: int, dtype) -> jax.Array:
@@ -57,13 +54,15 @@ def _rotate_half_matrix(head_dim: int, dtype) -> jax.Array:
 
 
 def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_ref,
-                  k_pages_ref, v_pages_ref, o_ref, *rest, num_heads: int, kv_heads: int,
+                  k_pages_ref, v_pages_ref, *refs, num_heads: int, kv_heads: int,
                   group: int, block_rows: int, num_splits: int, pages_per_block: int, scale: float,
-                  precision):
+                  precision, merge_in_kernel: bool = False, interpret: bool = False):
     if num_splits == 1:
-        k_out_ref, v_out_ref = rest
+        o_ref, k_out_ref, v_out_ref = refs
+    elif merge_in_kernel:
+        _, o_ref, lse_ref, out_ref, counter_ref, k_out_ref, v_out_ref = refs
     else:
-        lse_ref, k_out_ref, v_out_ref = rest
+        o_ref, lse_ref, k_out_ref, v_out_ref = refs
     seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     table_pages = block_table_ref.shape[0]
     page_size, head_dim = k_pages_ref.shape[-2], k_pages_ref.shape[-1]
@@ -127,6 +126,16 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     out = out.astype(o_ref.dtype)
     if num_splits == 1:
         compat.store(o_ref.at[seq, head, pl.ds(0, block_rows), :], out, mask=real_row[:, None])
+    elif merge_in_kernel:
+        # Split 0 holds the new token; split s > 0 holds keys when it starts below `cached`.
+        cached_pages = pl.cdiv(cached, page_size)
+        per_split = split_page_range(lengths_ref, 1, cached_pages, num_splits=num_splits,
+                                     pages_per_block=pages_per_block, page_size=page_size,
+                                     table_pages=table_pages, key_offset=-1)[0]
+        used = jnp.maximum(pl.cdiv(cached_pages, jnp.maximum(per_split, 1)), has_new.astype(jnp.int32))
+        merge_last_split(o_ref, lse_ref, out_ref, counter_ref, out, lse, seq=seq, head=head,
+                         split=split, rows=pl.ds(0, block_rows), real_row=real_row, used=used,
+                         num_splits=num_splits, interpret=interpret)
     else:
         compat.store(o_ref.at[split, seq, head, pl.ds(0, block_rows), :], out,
                      mask=real_row[:, None])
@@ -144,10 +153,11 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     group = num_heads // kv_heads
     block_rows = max(16, compat.next_pow2(group))
     precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
+    merge_in_kernel = combine == "inkernel" and num_splits > 1
     kernel = functools.partial(
         _fused_kernel, num_heads=num_heads, kv_heads=kv_heads, group=group,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
-        scale=scale, precision=precision)
+        scale=scale, precision=precision, merge_in_kernel=merge_in_kernel, interpret=interpret)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -155,32 +165,43 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     out_rows = (batch, kv_heads, group, head_dim)
     pool_shapes = [jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
                    jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)]
+    operands = [slot_mapping.astype(jnp.int32), block_tables.astype(jnp.int32),
+                lengths.astype(jnp.int32), qkv, cos.astype(jnp.float32), sin.astype(jnp.float32),
+                k_pages, v_pages]
     if num_splits == 1:
-        out_specs = [whole, pool_spec, pool_spec]
-        out_shape = [jax.ShapeDtypeStruct(out_rows, qkv.dtype), *pool_shapes]
+        out_specs = [whole]
+        out_shape = [jax.ShapeDtypeStruct(out_rows, qkv.dtype)]
     else:
-        out_specs = [whole, whole, pool_spec, pool_spec]
+        out_specs = [whole, whole]
         out_shape = [jax.ShapeDtypeStruct((num_splits, *out_rows), qkv.dtype),
-                     jax.ShapeDtypeStruct((num_splits, *out_rows[:-1]), jnp.float32),
-                     *pool_shapes]
+                     jax.ShapeDtypeStruct((num_splits, *out_rows[:-1]), jnp.float32)]
+    if merge_in_kernel:  # arrival counters and the merged output (see `merge_last_split`)
+        in_specs.append(whole)
+        operands.append(jnp.zeros((batch, kv_heads), jnp.int32))
+        out_specs += [whole, whole]
+        out_shape += [jax.ShapeDtypeStruct(out_rows, qkv.dtype),
+                      jax.ShapeDtypeStruct((batch, kv_heads), jnp.int32)]
+    aliases = {6: len(out_shape), 7: len(out_shape) + 1}
+    if merge_in_kernel:
+        aliases[8] = len(out_shape) - 1
     result = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, num_splits),
         in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        input_output_aliases={6: len(out_shape) - 2, 7: len(out_shape) - 1},
+        out_specs=out_specs + [pool_spec, pool_spec],
+        out_shape=out_shape + pool_shapes,
+        input_output_aliases=aliases,
         interpret=interpret,
         compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
         name="fused_decode_attention",
-    )(slot_mapping.astype(jnp.int32), block_tables.astype(jnp.int32),
-      lengths.astype(jnp.int32), qkv, cos.astype(jnp.float32), sin.astype(jnp.float32),
-      k_pages, v_pages)
+    )(*operands)
+    k_pages, v_pages = result[-2], result[-1]
     if num_splits == 1:
-        out, k_pages, v_pages = result
+        out = result[0]
+    elif merge_in_kernel:
+        out = result[2]
     else:
         out = merge_splits(result[0], result[1], qkv.dtype, combine, interpret)
-        k_pages, v_pages = result[2], result[3]
     return out.reshape(batch, num_heads, head_dim), k_pages, v_pages
 
 
@@ -226,8 +247,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
         slot_mapping: `[batch]` pool slot (`page * page_size + offset`) of the new token;
             negative writes nothing. A row with length >= 1 must name its token's slot.
         scale, interpret, num_splits, pages_per_block, num_warps, num_stages, combine: as in
-            `kernels.paged_attention.paged_attention` (but no "inkernel" merge yet). One
-            pipeline stage by default: at
+            `kernels.paged_attention.paged_attention`. One pipeline stage by default: at
             the engine's decode shapes a program runs few loop iterations, so a second
             stage buys little overlap and halves the programs resident per SM (H100, 0.5B
             heads, `bench/fused_tune.py`: batch 256 at 192 / 1024 keys 28.1 -> 21.9 /
@@ -247,8 +267,8 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
         (2, 14, 64)
     """
     _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping)
-    if combine not in FUSED_COMBINES:
-        raise ValueError(f"combine must be one of {FUSED_COMBINES}, got {combine!r}")
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     batch, _, head_dim = qkv.shape
     kv_heads, _, page_size, _ = k_pages.shape
     interpret = compat.resolve_interpret(interpret)

@@ -217,37 +217,55 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
         compat.store(o_ref.at[split, seq, head, out_rows, :], out, mask=real_row[:, None])
         compat.store(lse_ref[0].at[split, seq, head, out_rows], lse, mask=real_row)
     else:
-        compat.store(o_ref.at[split, seq, head, out_rows, :], out, mask=real_row[:, None])
-        compat.store(lse_ref.at[split, seq, head, out_rows], lse, mask=real_row)
-        # Last split to arrive merges. The barrier puts every thread's partial stores before
-        # the (acquire-release, GPU-scope) ticket; the merger's loads bypass L1.
+        per_split = split_page_range(lengths_ref, 1, block_pages, num_splits=num_splits,
+                                     pages_per_block=pages_per_block, page_size=page_size,
+                                     table_pages=table_pages)[0]
+        merge_last_split(o_ref, lse_ref, out_ref, counter_ref, out, lse, seq=seq, head=head,
+                         split=split, rows=out_rows, real_row=real_row,
+                         used=pl.cdiv(block_pages, jnp.maximum(per_split, 1)),
+                         num_splits=num_splits, interpret=interpret)
+
+
+def merge_last_split(o_ref, lse_ref, out_ref, counter_ref, out, lse, *, seq, head, split, rows,
+                     real_row, used, num_splits: int, interpret: bool) -> None:
+    """In-kernel flash-decoding merge: store this split's partial, take a ticket, and if it is
+    the last of the (sequence, KV head)'s `num_splits`, fold the first `used` splits' partials
+    (the ones holding keys; the rest were never meant to be read) into `out_ref`.
+
+    `o_ref [S, B, H, rows, D]`, `lse_ref [S, B, H, rows]`: partial scratch; `counter_ref
+    [B, H]` int32, zero on entry, left at zero. The barrier puts every thread's partial stores
+    before the ticket (an acquire-release atomic at GPU scope, drawn once per program); the
+    merger's loads bypass L1, which is not coherent across SMs.
+    """
+    compat.store(o_ref.at[split, seq, head, rows, :], out.astype(o_ref.dtype), mask=real_row[:, None])
+    compat.store(lse_ref.at[split, seq, head, rows], lse, mask=real_row)
+    compat.barrier(interpret)
+    ticket = compat.atomic_add(counter_ref, (seq, head), jnp.int32(1))
+
+    @pl.when(ticket == num_splits - 1)
+    def _merge():
         compat.barrier(interpret)
-        ticket = compat.atomic_add(counter_ref, (seq, head), jnp.int32(1))
+        block_rows, head_dim = out.shape
 
-        @pl.when(ticket == num_splits - 1)
-        def _merge():
-            compat.barrier(interpret)
-            per_split = split_page_range(lengths_ref, 1, block_pages, num_splits=num_splits,
-                                         pages_per_block=pages_per_block, page_size=page_size,
-                                         table_pages=table_pages)[0]
-            used = pl.cdiv(block_pages, jnp.maximum(per_split, 1))  # splits holding keys
+        def fold(s, carry):
+            acc, m, w = carry
+            part_lse = compat.load(lse_ref.at[s, seq, head, rows], mask=real_row,
+                                   other=_MASK_VALUE, cache_modifier=".cg")
+            part = compat.load(o_ref.at[s, seq, head, rows, :], mask=real_row[:, None],
+                               other=0, cache_modifier=".cg").astype(jnp.float32)
+            part_lse = jnp.maximum(part_lse, _MASK_VALUE)
+            m_next = jnp.maximum(m, part_lse)
+            alpha, beta = jnp.exp(m - m_next), jnp.exp(part_lse - m_next)
+            return acc * alpha[:, None] + part * beta[:, None], m_next, w * alpha + beta
 
-            def fold(s, carry):
-                acc, m, w = carry
-                part_lse = compat.load(lse_ref.at[s, seq, head, out_rows], mask=real_row,
-                                       other=_MASK_VALUE, cache_modifier=".cg")
-                part = compat.load(o_ref.at[s, seq, head, out_rows, :], mask=real_row[:, None],
-                                   other=0, cache_modifier=".cg").astype(jnp.float32)
-                part_lse = jnp.maximum(part_lse, _MASK_VALUE)
-                m_next = jnp.maximum(m, part_lse)
-                alpha, beta = jnp.exp(m - m_next), jnp.exp(part_lse - m_next)
-                return acc * alpha[:, None] + part * beta[:, None], m_next, w * alpha + beta
-
-            acc, _, w = lax.fori_loop(0, used, fold, init)
-            merged = jnp.where((w > 0)[:, None], acc / jnp.where(w > 0, w, 1.0)[:, None], 0.0)
-            compat.store(out_ref.at[seq, head, out_rows, :], merged.astype(out_ref.dtype),
-                         mask=real_row[:, None])
-            counter_ref[seq, head] = jnp.int32(0)  # every split has counted: ready for the next call
+        init = (jnp.zeros((block_rows, head_dim), jnp.float32),
+                jnp.full((block_rows,), _MASK_VALUE, jnp.float32),
+                jnp.zeros((block_rows,), jnp.float32))
+        acc, _, w = lax.fori_loop(0, used, fold, init)
+        merged = jnp.where((w > 0)[:, None], acc / jnp.where(w > 0, w, 1.0)[:, None], 0.0)
+        compat.store(out_ref.at[seq, head, rows, :], merged.astype(out_ref.dtype),
+                     mask=real_row[:, None])
+        counter_ref[seq, head] = jnp.int32(0)  # every split has counted: ready for the next call
 
 
 def merge_splits(o: jax.Array, lse: jax.Array, out_dtype, combine: str, interpret: bool) -> jax.Array:

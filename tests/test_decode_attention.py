@@ -56,14 +56,17 @@ def assert_pools_equal(new, ref, seed, rtol: float = 0.0, atol: float = 0.0):
 
 @pytest.mark.parametrize("interpret", MODES)
 # The decode kernel's sweep (GQA 1/2/7/8, head_dim 64/128, pages 8/16/32, with and without splits).
-@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,dtype,num_splits,ppb", DECODE_CASES)
+# The split cases again with the merge inside the kernel (combine="inkernel").
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,dtype,num_splits,ppb,combine",
+                         [(*case, "pallas") for case in DECODE_CASES]
+                         + [(*DECODE_CASES[i], "inkernel") for i in (1, 2, 3)])
 def test_fused_decode_matches_rope_scatter_attention_reference(
-        interpret, num_heads, kv_heads, head_dim, page_size, dtype, num_splits, ppb):
+        interpret, num_heads, kv_heads, head_dim, page_size, dtype, num_splits, ppb, combine):
     rng, seed = fresh_rng()
     args = fused_case(rng, batch=6, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim,
                       page_size=page_size, table_pages=5, dtype=dtype)
-    out, k_new, v_new = fused_decode_attention(*args, interpret=interpret,
-                                               num_splits=num_splits, pages_per_block=ppb)
+    out, k_new, v_new = fused_decode_attention(*args, interpret=interpret, num_splits=num_splits,
+                                               pages_per_block=ppb, combine=combine)
     ref, k_ref, v_ref = fused_decode_attention_reference(*args)
     # The attention reference in float32 over the pool the reference scatter wrote.
     exact, _, _ = fused_decode_attention_reference(
@@ -85,14 +88,16 @@ def test_fused_decode_matches_rope_scatter_attention_reference(
 
 
 @pytest.mark.parametrize("interpret", MODES)
-def test_fused_decode_in_place_under_jit_and_steps_chain(interpret):
+@pytest.mark.parametrize("combine", ["pallas", "inkernel"])
+def test_fused_decode_in_place_under_jit_and_steps_chain(interpret, combine):
     """Three decode steps in a row, each reading the keys the last one wrote."""
     rng, seed = fresh_rng()
     qkv, cos, sin, k_pages, v_pages, table, lengths, slots = fused_case(
         rng, batch=3, num_heads=14, kv_heads=2, head_dim=64, page_size=16, table_pages=4,
         dtype=jnp.bfloat16, lengths=[1, 17, 40])
     step = jax.jit(functools.partial(fused_decode_attention, interpret=interpret,
-                                     num_splits=2, pages_per_block=1), donate_argnums=(3, 4))
+                                     num_splits=2, pages_per_block=1, combine=combine),
+                   donate_argnums=(3, 4))
     hlo = step.lower(qkv, cos, sin, k_pages, v_pages, table, lengths, slots).compile().as_text()
     assert "input_output_alias" in hlo, "the pools are not aliased to the outputs"
     ref_k, ref_v = k_pages, v_pages
