@@ -146,9 +146,10 @@ def run_variant(args) -> list[dict]:
         # to the next on the device, so only an interleaved comparison resolves a few percent.
         runners = {}
         for glue in args.glue:
-            # "xla_combine": the glue kernels, but XLA's fusions for the attention's split merge.
+            # "xla_combine": the glue kernels, but XLA's fusions for the attention's split merge;
+            # "inkernel_combine": the merge inside the fused attention kernel (one launch).
             model_module.DECODE_GLUE = "xla" if glue == "xla" else "kernels"
-            model_module.SPLIT_COMBINE = "xla" if glue == "xla_combine" else "pallas"
+            model_module.SPLIT_COMBINE = {"xla_combine": "xla", "inkernel_combine": "inkernel"}.get(glue, "pallas")
             runners[glue] = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
             time_decode_call(runners[glue], call, 2)
         rounds = {glue: [] for glue in args.glue}
@@ -204,7 +205,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternating timing rounds of the --glue runners (the step is their median)")
-    ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine"],
+    ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")
