@@ -234,8 +234,9 @@ def merge_last_split(o_ref, lse_ref, out_ref, counter_ref, out, lse, *, seq, hea
 
     `o_ref [S, B, H, rows, D]`, `lse_ref [S, B, H, rows]`: partial scratch; `counter_ref
     [B, H]` int32, zero on entry, left at zero. The barrier puts every thread's partial stores
-    before the ticket (an acquire-release atomic at GPU scope, drawn once per program); the
-    merger's loads bypass L1, which is not coherent across SMs.
+    before the ticket (a scalar acquire-release atomic at GPU scope); the merger's loads
+    bypass L1, which is not coherent across SMs. That this ordering holds on the GPU is what
+    the compiled tests check (`pytest -m gpu`); it has not run there yet.
     """
     compat.store(o_ref.at[split, seq, head, rows, :], out.astype(o_ref.dtype), mask=real_row[:, None])
     compat.store(lse_ref.at[split, seq, head, rows], lse, mask=real_row)
