@@ -54,6 +54,8 @@ SPEC_BYTES_PER_S = _spec_bytes_per_s()
 SPEC_LABEL = f"{SPEC_BYTES_PER_S / 1e12:.2f}"
 # H100 50 MB; H200 reports 60 MB. The larger keeps both honest (rotation past 4x L2).
 L2_BYTES = 60e6
+# Decode calls per timed loop iteration (--calls-per-iteration).
+MIN_CALLS = 8
 PAGE = 16
 DTYPE = jnp.bfloat16
 HEADS = {"0.5B 14q/2kv/64": (14, 2, 64), "7B 28q/4kv/128": (28, 4, 128)}
@@ -204,9 +206,9 @@ def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=Tru
         jax.random.key(batch * 7 + context), batch, context, kv_heads, head_dim, copies)
     q = jax.random.normal(key, (batch, num_heads, head_dim), DTYPE)
     results = {}
-    # At least 8 calls a loop iteration, so the static loop's own ~10 µs an iteration
-    # (bandwidth.md, session 7) is at most ~1 µs a call; rotation already gives 8 to small rows.
-    unroll = -(-8 // copies)
+    # At least MIN_CALLS calls a loop iteration, so the static loop's own ~10 µs an iteration
+    # (bandwidth.md, session 7) is ~1 µs a call; rotation already gives 8 to small rows.
+    unroll = -(-MIN_CALLS // copies)
     per_iteration = copies * unroll
     calls = int(min(4096, max(2, 0.04 * 3e12 / (io_bytes * per_iteration))))
 
@@ -427,10 +429,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also tune our kernel's knobs")
     parser.add_argument("--sweep-only", action="store_true", help="the knob sweep alone (no tables)")
+    parser.add_argument("--calls-per-iteration", type=int, default=MIN_CALLS,
+                        help="decode calls per timed loop iteration (1: as measured in session 7)")
     parser.add_argument("--quick", action="store_true", help="five decode shapes only")
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
+    global MIN_CALLS
+    MIN_CALLS = max(1, args.calls_per_iteration)
     budget = Budget(args.budget_s)
     device = jax.devices()[0]
     header = [
