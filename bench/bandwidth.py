@@ -425,6 +425,11 @@ def _prefill_step(q, k_pages, v_pages, table, q_start, lengths, **config):
     return paged_prefill_attention(q, k_pages, v_pages, table, q_start, lengths, **config)
 
 
+def set_calls_per_iteration(calls: int) -> None:
+    global MIN_CALLS
+    MIN_CALLS = max(1, calls)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also tune our kernel's knobs")
@@ -435,8 +440,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
-    global MIN_CALLS
-    MIN_CALLS = max(1, args.calls_per_iteration)
+    set_calls_per_iteration(args.calls_per_iteration)
     budget = Budget(args.budget_s)
     device = jax.devices()[0]
     header = [
