@@ -50,6 +50,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="read each decode call's tokens before starting the next (default: overlap them)")
     g.add_argument("--attention-impl", choices=("auto", "pallas", "pallas-unfused", "reference"), default="auto",
                    help="paged attention: Pallas kernels, their jnp references, or auto (Pallas on a GPU)")
+    g.add_argument("--compile-cache-dir", default=os.environ.get("JAXSERVE_COMPILE_CACHE_DIR"), metavar="PATH",
+                   help="keep compiled steps here so a restart skips most of the warm-up "
+                        "(default: $JAXSERVE_COMPILE_CACHE_DIR, else off)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> "Any":
@@ -68,7 +71,8 @@ def engine_config_from_args(args: argparse.Namespace) -> "Any":
         dtype=args.dtype or ("float32" if cpu else "bfloat16"), policy=args.policy, decode_steps=args.decode_steps,
         batch_buckets=tuple(args.batch_buckets) if args.batch_buckets else None,
         prefill_buckets=tuple(args.prefill_buckets) if args.prefill_buckets else None,
-        memory_fraction=args.memory_fraction, overlap=not args.no_overlap, attention_impl=args.attention_impl)
+        memory_fraction=args.memory_fraction, overlap=not args.no_overlap, attention_impl=args.attention_impl,
+        compile_cache_dir=args.compile_cache_dir)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:

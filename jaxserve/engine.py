@@ -21,7 +21,7 @@ import numpy as np
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.request import Request, Status
-from jaxserve.runner import Runner, default_attention_impl
+from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
 from jaxserve.sampling import SamplingParams, make_batch, needs_sampling
 from jaxserve.scheduler import Scheduler
 from jaxserve.tokenizer import IncrementalDetokenizer
@@ -63,6 +63,8 @@ class Engine:
 
     def __init__(self, model: LoadedModel | str | os.PathLike | None = None,
                  config: EngineConfig | None = None) -> None:
+        if config is not None and config.compile_cache_dir:
+            enable_compile_cache(config.compile_cache_dir)
         if not isinstance(model, LoadedModel):
             model = load(model, dtype=(config or EngineConfig()).dtype)
         self.config = config or EngineConfig()

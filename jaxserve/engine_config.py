@@ -31,7 +31,9 @@ class EngineConfig:
     memory (1024 pages on the CPU). Batch and prefill-length buckets default to powers of two,
     so the number of compiled step shapes is ``len(batch_buckets) * (1 + len(prefill_buckets))``
     at most. ``overlap`` lets a decode call run while the host reads the previous one's tokens
-    (steady decoding only; outputs are the same either way).
+    (steady decoding only; outputs are the same either way). ``compile_cache_dir`` keeps the
+    compiled steps on disk (JAX's persistent cache, process-wide), so a restart skips most of
+    the warm-up.
 
     Example:
         >>> cfg = EngineConfig(page_size=16, max_running=32, policy="mixed")
@@ -55,6 +57,7 @@ class EngineConfig:
     overlap: bool = True
     attention_impl: str = "auto"
     index_capacity: int | None = None
+    compile_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:

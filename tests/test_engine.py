@@ -384,3 +384,42 @@ def test_random_workload_never_loses_a_request(tiny, policy, overlap):
             assert_all_pages_free(fresh)
         for rid, out in zip(seeded, again):
             assert out["token_ids"] == results[rid].output_ids, f"{rid} seeded output differs, seed={seed}"
+
+
+_RESTART = """
+import sys, jax, jaxserve
+from jaxserve import Engine, EngineConfig, SamplingParams
+hits = []
+jax.monitoring.register_event_listener(lambda name, **kw: hits.append(name) if name.endswith("cache_hits") else None)
+cfg = EngineConfig(num_pages=32, page_size=8, max_running=1, max_tokens_per_step=16, decode_steps=1,
+                   batch_buckets=(1,), prefill_buckets=(16,), compile_cache_dir=sys.argv[2])
+with Engine(sys.argv[1], cfg) as engine:
+    out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True),
+                          use_tqdm=False)
+print("TOKENS", out[0]["token_ids"], "HITS", len(hits))
+"""
+
+
+def test_compile_cache_dir_lets_a_restarted_engine_load_its_steps(tiny_checkpoint, tmp_path):
+    """Two processes with the same compile_cache_dir: the first fills it, the second compiles
+    nothing new (cache hits, no new entries) and gives the same tokens."""
+    import subprocess
+    import sys
+
+    path, _ = tiny_checkpoint
+    cache = tmp_path / "xla"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+
+    def run() -> str:
+        done = subprocess.run([sys.executable, "-c", _RESTART, path, str(cache)], capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    first = run()
+    entries = sorted(os.listdir(cache))
+    assert entries, "nothing was written to the compile cache"
+    second = run()
+    assert second.split(" HITS")[0] == first.split(" HITS")[0]
+    assert int(second.split("HITS ")[1]) > 0, second
+    assert sorted(os.listdir(cache)) == entries, "the restart compiled new entries"
