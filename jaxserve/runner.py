@@ -154,8 +154,8 @@ def enable_compile_cache(path: str | os.PathLike) -> None:
     """Keep every compiled step in a persistent cache at ``path`` (process-wide, JAX's own cache).
 
     A restarted engine then loads its step shapes instead of compiling them: on the CPU a
-    warm-up of 50 shapes took 49 s with the cache filled against 160 s without (the tracing
-    and lowering remain). Entries are kept whatever their compile time, because every step
+    warm-up of 50 shapes took 33 s with the cache filled against 113 s without (the tracing
+    and lowering remain; bench/results/warmup_cpu.md). Entries are kept whatever their compile time, because every step
     shape of a server counts, not only the slow ones.
 
     Example:
