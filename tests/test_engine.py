@@ -221,6 +221,10 @@ def test_engine_config_validates_and_round_trips():
         EngineConfig(policy="fastest")
     with pytest.raises(ValueError, match="page_size must be a power of two"):
         EngineConfig(page_size=12)
+    with pytest.raises(ValueError, match="compile_cache_dir"):
+        EngineConfig(compile_cache_dir="")
+    cached = EngineConfig(compile_cache_dir="/tmp/xla-cache")
+    assert EngineConfig.from_yaml(cached.to_yaml()) == cached
     with pytest.raises(ValueError, match="memory_fraction"):
         EngineConfig(memory_fraction=2.0)
     with pytest.raises(ValueError, match="unknown EngineConfig field"):
