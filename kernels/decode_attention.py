@@ -106,7 +106,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                                                (block_rows, head_dim)), 0.0)
 
     # The new token is not in the pages yet: the splits cover the cached keys only.
-    first_page, end_page = split_page_range(
+    first_page, end_page, used_splits = split_page_range(
         lengths_ref, split, pl.cdiv(cached, page_size), num_splits=num_splits,
         pages_per_block=pages_per_block, page_size=page_size, table_pages=table_pages,
         key_offset=-1)
@@ -127,12 +127,8 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     if num_splits == 1:
         compat.store(o_ref.at[seq, head, pl.ds(0, block_rows), :], out, mask=real_row[:, None])
     elif merge_in_kernel:
-        # Split 0 holds the new token; split s > 0 holds keys when it starts below `cached`.
-        cached_pages = pl.cdiv(cached, page_size)
-        per_split = split_page_range(lengths_ref, 1, cached_pages, num_splits=num_splits,
-                                     pages_per_block=pages_per_block, page_size=page_size,
-                                     table_pages=table_pages, key_offset=-1)[0]
-        used = jnp.maximum(pl.cdiv(cached_pages, jnp.maximum(per_split, 1)), has_new.astype(jnp.int32))
+        # Split 0 also holds the new token, so it counts even with no cached page.
+        used = jnp.maximum(used_splits, has_new.astype(jnp.int32))
         merge_last_split(o_ref, lse_ref, out_ref, counter_ref, out, lse, seq=seq, head=head,
                          split=split, rows=pl.ds(0, block_rows), real_row=real_row, used=used,
                          num_splits=num_splits, interpret=interpret)

@@ -63,15 +63,16 @@ PREFILL_KEY_TILE_ELEMENTS = 8192
 
 def split_page_range(lengths_ref, split, row_pages, *, num_splits: int, pages_per_block: int,
                      page_size: int, table_pages: int, key_offset: int = 0):
-    """In-kernel: `(first_page, end_page)` of the pages that program `split` reads of a row
-    holding `row_pages` pages.
+    """In-kernel: `(first_page, end_page, used)`: the pages that program `split` reads of a
+    row holding `row_pages` pages, and how many of the row's splits hold any (the first
+    `used`; the rest are empty).
 
     Split ranges are sized from the batch's longest sequence (`max(lengths) + key_offset`
     keys, read in-kernel, so no extra XLA op): short batches in a wide page table still
     use every split. Each range is a whole number of `pages_per_block` loop iterations.
     """
     if num_splits == 1:
-        return 0, row_pages
+        return 0, row_pages, 1
     batch = lengths_ref.shape[0]
     padded_batch = compat.next_pow2(batch)
     all_lengths = compat.load(lengths_ref.at[pl.ds(0, padded_batch)],
@@ -81,7 +82,7 @@ def split_page_range(lengths_ref, split, row_pages, *, num_splits: int, pages_pe
     per_split = pl.cdiv(pl.cdiv(longest, num_splits), pages_per_block) * pages_per_block
     per_split = jnp.maximum(per_split, pages_per_block)
     first_page = split * per_split
-    return first_page, jnp.minimum(first_page + per_split, row_pages)
+    return first_page, jnp.minimum(first_page + per_split, row_pages), pl.cdiv(row_pages, per_split)
 
 
 def gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block: int):
@@ -157,10 +158,12 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
                    num_splits: int,
                    pages_per_block: int, scale: float, precision, v_mask: str,
                    merge_in_kernel: bool = False, interpret: bool = False):
-    if merge_in_kernel:
+    if num_splits == 1:
+        (o_ref,) = refs
+    elif merge_in_kernel:
         _, o_ref, lse_ref, out_ref, counter_ref = refs
     else:
-        o_ref, *lse_ref = refs
+        o_ref, lse_ref = refs
     seq, head = pl.program_id(0), pl.program_id(1)
     row_block, split = pl.program_id(2), pl.program_id(3)
     table_pages = block_table_ref.shape[0]
@@ -182,9 +185,9 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
     block_limit = jnp.clip(q_start + last_row // group + 1, 0, length)
     block_pages = pl.cdiv(block_limit, page_size)
 
-    first_page, end_page = split_page_range(lengths_ref, split, block_pages, num_splits=num_splits,
-                                            pages_per_block=pages_per_block, page_size=page_size,
-                                            table_pages=table_pages)
+    first_page, end_page, used_splits = split_page_range(
+        lengths_ref, split, block_pages, num_splits=num_splits, pages_per_block=pages_per_block,
+        page_size=page_size, table_pages=table_pages)
     num_iters = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
 
     # Both products run in the pool's dtype (tensor cores for bf16), whatever q's is.
@@ -215,14 +218,10 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
         compat.store(o_ref.at[seq, head, out_rows, :], out, mask=real_row[:, None])
     elif not merge_in_kernel:
         compat.store(o_ref.at[split, seq, head, out_rows, :], out, mask=real_row[:, None])
-        compat.store(lse_ref[0].at[split, seq, head, out_rows], lse, mask=real_row)
+        compat.store(lse_ref.at[split, seq, head, out_rows], lse, mask=real_row)
     else:
-        per_split = split_page_range(lengths_ref, 1, block_pages, num_splits=num_splits,
-                                     pages_per_block=pages_per_block, page_size=page_size,
-                                     table_pages=table_pages)[0]
         merge_last_split(o_ref, lse_ref, out_ref, counter_ref, out, lse, seq=seq, head=head,
-                         split=split, rows=out_rows, real_row=real_row,
-                         used=pl.cdiv(block_pages, jnp.maximum(per_split, 1)),
+                         split=split, rows=out_rows, real_row=real_row, used=used_splits,
                          num_splits=num_splits, interpret=interpret)
 
 
