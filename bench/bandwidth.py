@@ -304,8 +304,9 @@ def decode_table(rows, read_ceiling) -> str:
     return "\n".join(lines)
 
 
-def sweep(budget, read_ceiling) -> tuple[str, list]:
-    """Our kernel's knobs on a few key shapes, one at a time from the defaults."""
+def sweep(budget, read_ceiling, only: tuple[str, ...] = ()) -> tuple[str, list]:
+    """Our kernel's knobs on a few key shapes, one at a time from the defaults (`only`: the
+    knob sets whose label is one of these)."""
     lines = ["| heads | batch | ctx | config | µs | TB/s (% read / % " + SPEC_LABEL + ") |",
              "|---|---|---|---|---|---|"]
     raw = []
@@ -313,12 +314,12 @@ def sweep(budget, read_ceiling) -> tuple[str, list]:
         kv_heads = HEADS[name][1]
         _, default_splits = paged_attention_module.resolve_tuning(
             PAGE, context // PAGE, batch * kv_heads, None, None, False,
-            paged_attention_module.DECODE_BLOCK_KEYS)
+            paged_attention_module.DECODE_BLOCK_KEYS, head_dim=HEADS[name][2])
         # "xN": N times the default split count at this shape; "xN inkernel": and merged in the kernel.
         configs = {label: (c if isinstance(c, dict) else
                            dict(num_splits=default_splits * int(c.split()[0][1:]),
                                 **({"combine": "inkernel"} if c.endswith("inkernel") else {})))
-                   for label, c in configs.items()}
+                   for label, c in configs.items() if not only or label in only}
         row = decode_row(name, batch, context, read_ceiling, budget, with_baselines=False,
                          our_configs={"default": {}, **configs})
         raw.append(row)
@@ -434,6 +435,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also tune our kernel's knobs")
     parser.add_argument("--sweep-only", action="store_true", help="the knob sweep alone (no tables)")
+    parser.add_argument("--sweep-configs", nargs="+", default=(),
+                        help="sweep only these knob sets (labels of _T), beside the default")
     parser.add_argument("--calls-per-iteration", type=int, default=MIN_CALLS,
                         help="decode calls per timed loop iteration (1: as measured in session 7)")
     parser.add_argument("--quick", action="store_true", help="five decode shapes only")
@@ -474,7 +477,7 @@ def main() -> None:
         sections.append("## Prefill attention over pages (bf16, batch 1)\n\n" + prefill_table(budget))
         print(sections[-1], flush=True)
     if args.sweep or args.sweep_only:
-        text, raw["sweep"] = sweep(budget, ceil["read"])
+        text, raw["sweep"] = sweep(budget, ceil["read"], tuple(args.sweep_configs))
         sections.append("## Our kernel's knobs\n\n" + text)
     text = "\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n"
     print(text)

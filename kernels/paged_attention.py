@@ -52,9 +52,12 @@ from kernels.split_combine import combine_splits, combine_splits_reference
 
 # Finite, so a fully masked row never computes inf - inf; far below any real logit.
 _MASK_VALUE = -1e30
-# Programs wanted on the GPU before splitting stops paying: about two per H100 SM
-# (measured: 256 beat 128 and 512 on most shapes; bench/results/kernel_notes.md).
+# Programs wanted on the GPU before splitting stops paying, at head_dim 128: about two per SM
+# (measured: 256 beat 128 and 512 on most shapes; bench/results/kernel_notes.md). A head_dim-64
+# program holds half the tile, twice as many fit an SM, and twice the target won 6-12% at
+# every 0.5B-head shape it split further on the H200 (bandwidth.md, session 8).
 _TARGET_PROGRAMS = 256
+_TARGET_HEAD_DIM = 128
 # Keys gathered per loop iteration. Decode: 128 measured best at head_dim 64 and 128
 # (64 and 256 lost). Prefill, whose q tile is larger, keeps 16 KiB of bf16 K.
 DECODE_BLOCK_KEYS = 128
@@ -234,8 +237,14 @@ def merge_last_split(o_ref, lse_ref, out_ref, counter_ref, out, lse, *, seq, hea
     `o_ref [S, B, H, rows, D]`, `lse_ref [S, B, H, rows]`: partial scratch; `counter_ref
     [B, H]` int32, zero on entry, left at zero. The barrier puts every thread's partial stores
     before the ticket (a scalar acquire-release atomic at GPU scope); the merger's loads
-    bypass L1, which is not coherent across SMs. That this ordering holds on the GPU is what
-    the compiled tests check (`pytest -m gpu`); it has not run there yet.
+    are volatile, so they bypass L1, which is not coherent across SMs (a `.cg` cache modifier
+    would do, but JAX 0.11.2's Triton lowering rejects every modifier but `.ca`).
+
+    Correct compiled on the H200 (the `gpu` tests) but slower than the separate merge launch
+    at every shape measured (bandwidth.md, session 8): the last program folds the splits one
+    after another, its volatile loads (never software-pipelined) waiting on L2 every split, so 128 splits at batch 1 x 32k cost
+    ~30 µs where the launch it saves costs ~4. Kept opt-in as the base for a merge that loads
+    the partials in parallel.
     """
     compat.store(o_ref.at[split, seq, head, rows, :], out.astype(o_ref.dtype), mask=real_row[:, None])
     compat.store(lse_ref.at[split, seq, head, rows], lse, mask=real_row)
@@ -250,9 +259,9 @@ def merge_last_split(o_ref, lse_ref, out_ref, counter_ref, out, lse, *, seq, hea
         def fold(s, carry):
             acc, m, w = carry
             part_lse = compat.load(lse_ref.at[s, seq, head, rows], mask=real_row,
-                                   other=_MASK_VALUE, cache_modifier=".cg")
+                                   other=_MASK_VALUE, volatile=True)
             part = compat.load(o_ref.at[s, seq, head, rows, :], mask=real_row[:, None],
-                               other=0, cache_modifier=".cg").astype(jnp.float32)
+                               other=0, volatile=True).astype(jnp.float32)
             part_lse = jnp.maximum(part_lse, _MASK_VALUE)
             m_next = jnp.maximum(m, part_lse)
             alpha, beta = jnp.exp(m - m_next), jnp.exp(part_lse - m_next)
@@ -277,13 +286,19 @@ def merge_splits(o: jax.Array, lse: jax.Array, out_dtype, combine: str, interpre
 
 
 def default_num_splits(programs: int, table_pages: int, pages_per_block: int,
-                       interpret: bool) -> int:
-    """Splits so that about `_TARGET_PROGRAMS` programs run, each split at least one
-    loop iteration long; 1 in interpret mode."""
+                       interpret: bool, head_dim: int = _TARGET_HEAD_DIM) -> int:
+    """Splits so that about `_TARGET_PROGRAMS` programs run (scaled up for head dims under
+    128), each split at least one loop iteration long; 1 in interpret mode.
+
+    Example:
+        >>> default_num_splits(2 * 64, 128, 8, False, head_dim=64)  # 0.5B heads, batch 64, 2k
+        4
+    """
     if interpret:
         return 1
+    target = _TARGET_PROGRAMS * max(1, _TARGET_HEAD_DIM // head_dim)
     max_splits = max(1, pl.cdiv(table_pages, pages_per_block))
-    return int(min(max_splits, pl.cdiv(_TARGET_PROGRAMS, programs)))
+    return int(min(max_splits, pl.cdiv(target, programs)))
 
 
 def default_pages_per_block(page_size: int, table_pages: int, block_keys: int) -> int:
@@ -440,7 +455,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     interpret = compat.resolve_interpret(interpret)
     pages_per_block, num_splits = resolve_tuning(
         page_size, table_pages, batch * kv_heads, pages_per_block, num_splits, interpret,
-        DECODE_BLOCK_KEYS)
+        DECODE_BLOCK_KEYS, head_dim=k_pages.shape[-1])
     # The query sits at position length - 1: pass lengths as q_start with offset -1
     # rather than an XLA subtraction (one kernel launch fewer per step).
     out = attend_query_rows(
@@ -456,14 +471,16 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
 def resolve_tuning(page_size: int, table_pages: int, programs: int,
                    pages_per_block: int | None, num_splits: int | None, interpret: bool,
-                   block_keys: int) -> tuple[int, int]:
-    """Defaults and range checks for the loop's pages per block and the split count."""
+                   block_keys: int, head_dim: int = _TARGET_HEAD_DIM) -> tuple[int, int]:
+    """Defaults and range checks for the loop's pages per block and the split count
+    (`head_dim` scales the default split count; see `default_num_splits`)."""
     if pages_per_block is None:
         pages_per_block = default_pages_per_block(page_size, table_pages, block_keys)
     if pages_per_block < 1 or pages_per_block & (pages_per_block - 1):
         raise ValueError(f"pages_per_block must be a power of two >= 1, got {pages_per_block}")
     if num_splits is None:
-        num_splits = default_num_splits(programs, table_pages, pages_per_block, interpret)
+        num_splits = default_num_splits(programs, table_pages, pages_per_block, interpret,
+                                        head_dim)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     return pages_per_block, num_splits
