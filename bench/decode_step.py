@@ -18,6 +18,7 @@ its own process because XLA reads its flags once), at each batch:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -118,6 +119,7 @@ def run_variant(args) -> list[dict]:
 
     from bench.throughput import QWEN25_05B, TINY, decode_hlo, loop_body_histogram, static_decoder, time_decode_call
     from jaxserve import model as model_module
+    paged_attention_module = importlib.import_module("kernels.paged_attention")  # kernels.paged_attention is also a function
     from jaxserve.config import ModelConfig
     from jaxserve.model import init_params
     from jaxserve.runner import Runner, default_attention_impl
@@ -133,6 +135,7 @@ def run_variant(args) -> list[dict]:
     jax.block_until_ready(params)
     print(f"params ready {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
+    single_pass_keys = paged_attention_module.SINGLE_PASS_KEYS
     for batch in args.batches:
         steps = args.decode_steps
         width = args.table_pages or (args.context + steps) // 16 + 2
@@ -147,8 +150,10 @@ def run_variant(args) -> list[dict]:
         runners = {}
         for glue in args.glue:
             # "xla_combine": the glue kernels, but XLA's fusions for the attention's split merge;
-            # "inkernel_combine": the merge inside the fused attention kernel (one launch).
+            # "inkernel_combine": the merge inside the fused attention kernel (one launch);
+            # "split_short": short tables split as long ones (no single-pass rule; before session 8).
             model_module.DECODE_GLUE = "xla" if glue == "xla" else "kernels"
+            paged_attention_module.SINGLE_PASS_KEYS = 0 if glue == "split_short" else single_pass_keys
             model_module.SPLIT_COMBINE = {"xla_combine": "xla", "inkernel_combine": "inkernel"}.get(glue, "pallas")
             runners[glue] = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
             time_decode_call(runners[glue], call, 2)
@@ -205,7 +210,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternating timing rounds of the --glue runners (the step is their median)")
-    ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine"],
+    ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine", "split_short"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -62,6 +62,11 @@ _TARGET_HEAD_DIM = 128
 # (64 and 256 lost). Prefill, whose q tile is larger, keeps 16 KiB of bf16 K.
 DECODE_BLOCK_KEYS = 128
 PREFILL_KEY_TILE_ELEMENTS = 8192
+# A decode block table of at most this many keys runs unsplit in one loop iteration: a second
+# split's program and the merge launch cost more than the one longer pass. Fused decode at
+# 1 x 192 keys on the H200: 8.9-10.9 µs a layer unsplit at 256 keys an iteration against
+# 10.9-13.6 split in two (fused_tune, session 8). Read when a step is traced; 0 turns it off.
+SINGLE_PASS_KEYS = 2 * DECODE_BLOCK_KEYS
 
 
 def split_page_range(lengths_ref, split, row_pages, *, num_splits: int, pages_per_block: int,
@@ -455,7 +460,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     interpret = compat.resolve_interpret(interpret)
     pages_per_block, num_splits = resolve_tuning(
         page_size, table_pages, batch * kv_heads, pages_per_block, num_splits, interpret,
-        DECODE_BLOCK_KEYS, head_dim=k_pages.shape[-1])
+        DECODE_BLOCK_KEYS, head_dim=k_pages.shape[-1], single_pass=True)
     # The query sits at position length - 1: pass lengths as q_start with offset -1
     # rather than an XLA subtraction (one kernel launch fewer per step).
     out = attend_query_rows(
@@ -471,9 +476,22 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
 def resolve_tuning(page_size: int, table_pages: int, programs: int,
                    pages_per_block: int | None, num_splits: int | None, interpret: bool,
-                   block_keys: int, head_dim: int = _TARGET_HEAD_DIM) -> tuple[int, int]:
+                   block_keys: int, head_dim: int = _TARGET_HEAD_DIM,
+                   single_pass: bool = False) -> tuple[int, int]:
     """Defaults and range checks for the loop's pages per block and the split count
-    (`head_dim` scales the default split count; see `default_num_splits`)."""
+    (`head_dim` scales the default split count; see `default_num_splits`). With
+    `single_pass` (decode), a table of at most `SINGLE_PASS_KEYS` keys left to the defaults
+    is one unsplit iteration.
+
+    Example:
+        >>> resolve_tuning(16, 13, 2, None, None, False, 128, head_dim=64, single_pass=True)
+        (16, 1)
+        >>> resolve_tuning(16, 13, 2, None, None, False, 128, head_dim=64)
+        (8, 2)
+    """
+    if (single_pass and pages_per_block is None and num_splits is None
+            and table_pages * page_size <= SINGLE_PASS_KEYS):
+        pages_per_block, num_splits = compat.next_pow2(table_pages), 1
     if pages_per_block is None:
         pages_per_block = default_pages_per_block(page_size, table_pages, block_keys)
     if pages_per_block < 1 or pages_per_block & (pages_per_block - 1):

@@ -326,3 +326,19 @@ def test_shape_errors_name_the_field():
         with pytest.raises(ValueError, match=knob):
             paged_attention(q, pages, pages, jnp.zeros((2, 2), jnp.int32), jnp.zeros(2, jnp.int32),
                             **{knob: "fast"})
+
+
+def test_decode_tuning_defaults_short_tables_and_head_dims():
+    """Short decode tables run unsplit in one pass; head_dim 64 splits twice as far as 128;
+    explicit knobs and prefill (no `single_pass`) keep the general rule."""
+    from kernels.paged_attention import SINGLE_PASS_KEYS, resolve_tuning
+
+    pages = SINGLE_PASS_KEYS // 16
+    assert resolve_tuning(16, pages, 2, None, None, False, 128, single_pass=True) == (pages, 1)
+    assert resolve_tuning(16, pages + 1, 2, None, None, False, 128, single_pass=True)[1] > 1
+    assert resolve_tuning(16, pages, 2, None, None, False, 128)[1] == 2
+    assert resolve_tuning(16, pages, 2, None, 2, False, 128, single_pass=True) == (8, 2)
+    wide = dict(page_size=16, table_pages=128, programs=128, pages_per_block=None, num_splits=None,
+                interpret=False, block_keys=128)
+    assert resolve_tuning(**wide, head_dim=128) == (8, 2)
+    assert resolve_tuning(**wide, head_dim=64) == (8, 4)
