@@ -62,10 +62,11 @@ _TARGET_HEAD_DIM = 128
 # (64 and 256 lost). Prefill, whose q tile is larger, keeps 16 KiB of bf16 K.
 DECODE_BLOCK_KEYS = 128
 PREFILL_KEY_TILE_ELEMENTS = 8192
-# A decode block table of at most this many keys runs unsplit in one loop iteration: a second
-# split's program and the merge launch cost more than the one longer pass. Fused decode at
-# 1 x 192 keys on the H200: 8.9-10.9 µs a layer unsplit at 256 keys an iteration against
-# 10.9-13.6 split in two (fused_tune, session 8). Read when a step is traced; 0 turns it off.
+# A decode block table of at most this many keys that the defaults would split runs unsplit in
+# one loop iteration instead: the merge launch costs more than the longer pass saves. H200,
+# session 8: fused decode at 1 x 192 keys 8.9-10.9 µs a layer against 10.9-13.6 split in two
+# (fused_tune); the engine's batch-64 step -3.0 / -3.6% (decode_step.md). Unsplit rows keep
+# 128 keys an iteration (256 cost batch 256's step 3.5%). Read when a step is traced; 0: off.
 SINGLE_PASS_KEYS = 2 * DECODE_BLOCK_KEYS
 
 
@@ -480,8 +481,8 @@ def resolve_tuning(page_size: int, table_pages: int, programs: int,
                    single_pass: bool = False) -> tuple[int, int]:
     """Defaults and range checks for the loop's pages per block and the split count
     (`head_dim` scales the default split count; see `default_num_splits`). With
-    `single_pass` (decode), a table of at most `SINGLE_PASS_KEYS` keys left to the defaults
-    is one unsplit iteration.
+    `single_pass` (decode), a table of at most `SINGLE_PASS_KEYS` keys that the defaults
+    would split is one unsplit iteration instead (unsplit rows keep their iteration size).
 
     Example:
         >>> resolve_tuning(16, 13, 2, None, None, False, 128, head_dim=64, single_pass=True)
@@ -490,7 +491,9 @@ def resolve_tuning(page_size: int, table_pages: int, programs: int,
         (8, 2)
     """
     if (single_pass and pages_per_block is None and num_splits is None
-            and table_pages * page_size <= SINGLE_PASS_KEYS):
+            and table_pages * page_size <= SINGLE_PASS_KEYS
+            and default_num_splits(programs, table_pages, default_pages_per_block(
+                page_size, table_pages, block_keys), interpret, head_dim) > 1):
         pages_per_block, num_splits = compat.next_pow2(table_pages), 1
     if pages_per_block is None:
         pages_per_block = default_pages_per_block(page_size, table_pages, block_keys)

@@ -329,13 +329,15 @@ def test_shape_errors_name_the_field():
 
 
 def test_decode_tuning_defaults_short_tables_and_head_dims():
-    """Short decode tables run unsplit in one pass; head_dim 64 splits twice as far as 128;
+    """Short decode tables that would split run unsplit in one pass; head_dim 64 splits twice as far as 128;
     explicit knobs and prefill (no `single_pass`) keep the general rule."""
     from kernels.paged_attention import SINGLE_PASS_KEYS, resolve_tuning
 
     pages = SINGLE_PASS_KEYS // 16
     assert resolve_tuning(16, pages, 2, None, None, False, 128, single_pass=True) == (pages, 1)
     assert resolve_tuning(16, pages + 1, 2, None, None, False, 128, single_pass=True)[1] > 1
+    # Enough rows that the defaults would not split: the iteration size stays.
+    assert resolve_tuning(16, pages, 512, None, None, False, 128, single_pass=True) == (8, 1)
     assert resolve_tuning(16, pages, 2, None, None, False, 128)[1] == 2
     assert resolve_tuning(16, pages, 2, None, 2, False, 128, single_pass=True) == (8, 2)
     wide = dict(page_size=16, table_pages=128, programs=128, pages_per_block=None, num_splits=None,
