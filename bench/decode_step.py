@@ -154,8 +154,6 @@ def run_variant(args) -> list[dict]:
             # "split_short": short tables split as long ones (no single-pass rule; before session 8).
             model_module.DECODE_GLUE = "xla" if glue == "xla" else "kernels"
             paged_attention_module.SINGLE_PASS_KEYS = 0 if glue == "split_short" else single_pass_keys
-            # "qkv_sum_separate": the QKV partials summed in their own fusion (before session 8).
-            model_module.QKV_SUM = "separate" if glue == "qkv_sum_separate" else "attention"
             model_module.SPLIT_COMBINE = {"xla_combine": "xla", "inkernel_combine": "inkernel"}.get(glue, "pallas")
             runners[glue] = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
             time_decode_call(runners[glue], call, 2)
@@ -212,8 +210,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternating timing rounds of the --glue runners (the step is their median)")
-    ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine", "split_short",
-                                                             "qkv_sum_separate"],
+    ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine", "split_short"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -110,10 +110,6 @@ DECODE_GLUE = os.environ.get("JAXSERVE_DECODE_GLUE", "kernels")
 # How the fused decode attention merges its flash-decoding splits: "pallas" (one launch at any
 # split count) or "xla" (XLA's fusions of the jnp merge), read when a step is traced.
 SPLIT_COMBINE = os.environ.get("JAXSERVE_SPLIT_COMBINE", "pallas")
-# Where the fused decode glue sums the QKV projection's K-split partials (and adds its bias):
-# "attention" (inside the fused attention kernel) or "separate" (its own XLA fusion, one more
-# launch a layer; the baseline bench/decode_step.py's `qkv_sum_separate` measures against).
-QKV_SUM = os.environ.get("JAXSERVE_QKV_SUM", "attention")
 
 
 def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
@@ -156,9 +152,7 @@ class Linear(nn.Module):
             from kernels.skinny_matmul import MAX_ROWS, skinny_matmul
 
             if rows <= MAX_ROWS:
-                # Partial sums leave the bias to whoever adds them up (Attention reads it).
-                out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel,
-                                    None if epilogue == "partials" else bias, epilogue=epilogue)
+                out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue=epilogue)
                 if epilogue == "partials":
                     return out
                 return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -191,18 +185,15 @@ class RMSNorm(nn.Module):
         return scale * xf.astype(x.dtype)
 
 
-def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelConfig, bias=None,
-                         dtype=None):
-    """Decode: RoPE, the cache write and attention in one kernel, not six a layer. ``qkv`` is
-    ``[B, 1, N]``, or with ``bias`` the projection's K-split partials ``[splits, B, N]``."""
+def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelConfig):
+    """Decode: RoPE, the cache write and attention in one kernel, not six a layer."""
     from kernels.decode_attention import fused_decode_attention
 
     h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    shape = (h + 2 * kvh, d)
-    qkv = qkv.reshape(qkv.shape[0], *shape) if bias is None else qkv.reshape(*qkv.shape[:2], *shape)
+    b = qkv.shape[0]
     out, k_pages, v_pages = fused_decode_attention(
-        qkv, cos[:, 0], sin[:, 0], kv[0], kv[1], paged.block_tables, paged.lengths,
-        paged.slot_mapping[:, 0], combine=SPLIT_COMBINE, qkv_bias=bias, dtype=dtype)
+        qkv.reshape(b, h + 2 * kvh, d), cos[:, 0], sin[:, 0], kv[0], kv[1],
+        paged.block_tables, paged.lengths, paged.slot_mapping[:, 0], combine=SPLIT_COMBINE)
     return out, (k_pages, v_pages)
 
 
@@ -238,17 +229,11 @@ class Attention(nn.Module):
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, s, _ = x.shape
         fast = _fast_kernels(paged)
-        qkv_proj = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")
-        if glue and QKV_SUM == "attention":
-            # The projection's partial sums go to the attention kernel, which adds them up.
-            partials = qkv_proj(x, fast, "partials")
-            out, kv = _attend_fused_decode(partials, cos, sin, kv, paged, cfg,
-                                           bias=qkv_proj.variables["params"]["bias"],
-                                           dtype=self.dtype)
-        elif fast and s == 1:
-            out, kv = _attend_fused_decode(qkv_proj(x, fast), cos, sin, kv, paged, cfg)
+        qkv = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")(x, fast)
+        if fast and s == 1:
+            out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg)
         else:
-            out, kv = _attend(qkv_proj(x, fast), cos, sin, lengths, kv, paged, cfg)
+            out, kv = _attend(qkv, cos, sin, lengths, kv, paged, cfg)
         out = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")(
             out.reshape(b, s, h * d).astype(self.dtype), fast, "partials" if glue else "none")
         return out, kv

@@ -56,10 +56,7 @@ def _rotate_half_matrix(head_dim: int, dtype) -> jax.Array:
 def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_ref,
                   k_pages_ref, v_pages_ref, *refs, num_heads: int, kv_heads: int,
                   group: int, block_rows: int, num_splits: int, pages_per_block: int, scale: float,
-                  precision, act_dtype, num_partials: int = 0, has_bias: bool = False,
-                  merge_in_kernel: bool = False, interpret: bool = False):
-    if has_bias:
-        bias_ref, *refs = refs
+                  precision, merge_in_kernel: bool = False, interpret: bool = False):
     if num_splits == 1:
         o_ref, k_out_ref, v_out_ref = refs
     elif merge_in_kernel:
@@ -83,33 +80,13 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         swapped = compat.dot(x.astype(pool_dtype), rot, precision=precision).astype(jnp.float32)
         return (x.astype(jnp.float32) * cos + swapped * sin).astype(pool_dtype)
 
-    def load_heads(first, mask):
-        """Rows `first ..` of the heads axis, `[block_rows, D]` in the activation dtype:
-        loaded, or summed from the projection's K-split partials (+ bias) as
-        `sum_qkv_partials` does, which saves that sum's own launch."""
-        heads = pl.ds(first, block_rows)
-        if not num_partials:
-            return compat.load(qkv_ref.at[seq, heads, :], mask=mask, other=0)
-        parts = [compat.load(qkv_ref.at[jnp.int32(part), seq, heads, :], mask=mask, other=0)
-                 for part in range(num_partials)]  # independent loads, summed in order
-        total = parts[0]
-        for part in parts[1:]:
-            total = total + part
-        if has_bias:
-            total = total + compat.load(bias_ref.at[heads, :], mask=mask,
-                                        other=0).astype(jnp.float32)
-        return total.astype(act_dtype)
-
-    q = rope(load_heads(head * group, real_row[:, None]))
-    # The new key and value as row 0 of a tile (the MMA needs 16 rows), then as vectors.
-    first_row = (rows == 0)[:, None]
-    k_tile = rope(load_heads(num_heads + head, first_row))
+    q = rope(compat.load(qkv_ref.at[seq, pl.ds(head * group, block_rows), :],
+                         mask=real_row[:, None], other=0))
+    # The new key as row 0 of a tile (the MMA needs 16 rows), then as a vector.
+    k_tile = rope(compat.load(qkv_ref.at[seq, pl.ds(num_heads + head, block_rows), :],
+                              mask=(rows == 0)[:, None], other=0))
     k_new = k_tile.astype(jnp.float32).sum(axis=0)  # rows 1.. are exact zeros
-    v_row = num_heads + kv_heads + head
-    if num_partials:
-        v_new = load_heads(v_row, first_row).astype(jnp.float32).sum(axis=0).astype(pool_dtype)
-    else:
-        v_new = qkv_ref[seq, v_row, :].astype(pool_dtype)
+    v_new = qkv_ref[seq, num_heads + kv_heads + head, :].astype(pool_dtype)
     has_new = length >= 1
     slot = slot_ref[seq]
 
@@ -162,14 +139,13 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine",
-    "dtype"))
-def _fused(qkv, qkv_bias, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, *,
-           scale: float, num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
-           interpret: bool, combine: str, dtype):
-    batch, heads, head_dim = qkv.shape[-3:]
+    "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine"))
+def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, *, scale: float,
+           num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
+           interpret: bool, combine: str):
+    batch, _, head_dim = qkv.shape
     kv_heads = k_pages.shape[0]
-    num_heads = heads - 2 * kv_heads
+    num_heads = qkv.shape[1] - 2 * kv_heads
     group = num_heads // kv_heads
     block_rows = max(16, compat.next_pow2(group))
     precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
@@ -177,9 +153,7 @@ def _fused(qkv, qkv_bias, cos, sin, k_pages, v_pages, block_tables, lengths, slo
     kernel = functools.partial(
         _fused_kernel, num_heads=num_heads, kv_heads=kv_heads, group=group,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
-        scale=scale, precision=precision, act_dtype=dtype,
-        num_partials=qkv.shape[0] if qkv.ndim == 4 else 0, has_bias=qkv_bias is not None,
-        merge_in_kernel=merge_in_kernel, interpret=interpret)
+        scale=scale, precision=precision, merge_in_kernel=merge_in_kernel, interpret=interpret)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -190,25 +164,22 @@ def _fused(qkv, qkv_bias, cos, sin, k_pages, v_pages, block_tables, lengths, slo
     operands = [slot_mapping.astype(jnp.int32), block_tables.astype(jnp.int32),
                 lengths.astype(jnp.int32), qkv, cos.astype(jnp.float32), sin.astype(jnp.float32),
                 k_pages, v_pages]
-    if qkv_bias is not None:
-        in_specs.append(whole)
-        operands.append(qkv_bias.reshape(heads, head_dim))
     if num_splits == 1:
         out_specs = [whole]
-        out_shape = [jax.ShapeDtypeStruct(out_rows, dtype)]
+        out_shape = [jax.ShapeDtypeStruct(out_rows, qkv.dtype)]
     else:
         out_specs = [whole, whole]
-        out_shape = [jax.ShapeDtypeStruct((num_splits, *out_rows), dtype),
+        out_shape = [jax.ShapeDtypeStruct((num_splits, *out_rows), qkv.dtype),
                      jax.ShapeDtypeStruct((num_splits, *out_rows[:-1]), jnp.float32)]
     if merge_in_kernel:  # arrival counters and the merged output (see `merge_last_split`)
         in_specs.append(whole)
         operands.append(jnp.zeros((batch, kv_heads), jnp.int32))
         out_specs += [whole, whole]
-        out_shape += [jax.ShapeDtypeStruct(out_rows, dtype),
+        out_shape += [jax.ShapeDtypeStruct(out_rows, qkv.dtype),
                       jax.ShapeDtypeStruct((batch, kv_heads), jnp.int32)]
     aliases = {6: len(out_shape), 7: len(out_shape) + 1}
     if merge_in_kernel:
-        aliases[len(operands) - 1] = len(out_shape) - 1
+        aliases[8] = len(out_shape) - 1
     result = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, num_splits),
@@ -226,20 +197,14 @@ def _fused(qkv, qkv_bias, cos, sin, k_pages, v_pages, block_tables, lengths, slo
     elif merge_in_kernel:
         out = result[2]
     else:
-        out = merge_splits(result[0], result[1], dtype, combine, interpret)
+        out = merge_splits(result[0], result[1], qkv.dtype, combine, interpret)
     return out.reshape(batch, num_heads, head_dim), k_pages, v_pages
 
 
-def _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
-                qkv_bias=None) -> None:
-    if qkv.ndim not in (3, 4):
-        raise ValueError("qkv must be [batch, num_heads + 2 * kv_heads, head_dim] or its K-split "
-                         f"partial sums [splits, batch, heads, head_dim], got {qkv.shape}")
-    if qkv_bias is not None and qkv.ndim != 4:
-        raise ValueError("qkv_bias goes with qkv partial sums (4-D qkv); add it to a 3-D qkv")
-    batch, heads, head_dim = qkv.shape[-3:]
-    if qkv_bias is not None and qkv_bias.size != heads * head_dim:
-        raise ValueError(f"qkv_bias must hold {heads} x {head_dim} values, got {qkv_bias.shape}")
+def _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping) -> None:
+    if qkv.ndim != 3:
+        raise ValueError(f"qkv must be [batch, num_heads + 2 * kv_heads, head_dim], got {qkv.shape}")
+    batch, heads, head_dim = qkv.shape
     kv_heads = k_pages.shape[0] if k_pages.ndim == 4 else 0
     num_heads = heads - 2 * kv_heads
     if num_heads < 1:
@@ -260,18 +225,14 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                            slot_mapping: jax.Array, *, scale: float | None = None,
                            interpret: bool | None = None, num_splits: int | None = None,
                            pages_per_block: int | None = None, num_warps: int = 4,
-                           num_stages: int = 1, combine: str = "pallas",
-                           qkv_bias: jax.Array | None = None, dtype=None
+                           num_stages: int = 1, combine: str = "pallas"
                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode token per sequence: RoPE on its q and k, k/v into the pool, attention.
 
     Args:
         qkv: `[batch, num_heads + 2 * kv_heads, head_dim]`, the QKV projection (bias
             included) of each sequence's new token, before RoPE: query heads, then key
-            heads, then value heads. Or that projection's float32 K-split partial sums
-            `[splits, batch, heads, head_dim]` (`kernels.skinny_matmul`'s "partials"), with
-            `qkv_bias` (`heads * head_dim` values) and the activation `dtype`: the kernel
-            sums them as `sum_qkv_partials` does, one launch fewer than summing outside.
+            heads, then value heads.
         cos, sin: `[batch, head_dim]` RoPE tables at each token's position
             (`jaxserve.model.rope_tables`, half-split layout).
         k_pages, v_pages: `[kv_heads, num_pages, page_size, head_dim]`; donate them so
@@ -289,7 +250,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
             89.6 -> 65.4 µs a layer, batch 1 11.3 -> 8.8 µs; bench/results/decode_step.md).
 
     Returns:
-        `(out [batch, num_heads, head_dim] in qkv's dtype (or `dtype`), k_pages, v_pages)`.
+        `(out [batch, num_heads, head_dim] in qkv's dtype, k_pages, v_pages)`.
 
     Example:
         >>> qkv = jnp.ones((2, 14 + 4, 64), jnp.bfloat16)
@@ -301,36 +262,20 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
         >>> out.shape
         (2, 14, 64)
     """
-    _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, qkv_bias)
+    _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping)
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-    batch, _, head_dim = qkv.shape[-3:]
-    dtype = jnp.dtype(dtype or (k_pages.dtype if qkv.ndim == 4 else qkv.dtype))
+    batch, _, head_dim = qkv.shape
     kv_heads, _, page_size, _ = k_pages.shape
     interpret = compat.resolve_interpret(interpret)
     pages_per_block, num_splits = resolve_tuning(
         page_size, block_tables.shape[1], batch * kv_heads, pages_per_block, num_splits,
         interpret, DECODE_BLOCK_KEYS, head_dim=head_dim, single_pass=True)
-    return _fused(qkv, qkv_bias, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
+    return _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
                   scale=float(head_dim ** -0.5 if scale is None else scale),
                   num_splits=num_splits, pages_per_block=pages_per_block,
                   num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                  combine=combine, dtype=dtype)
-
-
-def sum_qkv_partials(partials: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
-    """The QKV projection from its float32 K-split partial sums `[splits, batch, heads, D]`:
-    summed, plus the bias, rounded once to the activation `dtype` (what the skinny matmul
-    returns when it sums them itself).
-
-    Example:
-        >>> sum_qkv_partials(jnp.ones((7, 1, 4, 64)), jnp.ones(256), jnp.bfloat16)[0, 0, 0]
-        Array(8, dtype=bfloat16)
-    """
-    total = partials.astype(jnp.float32).sum(axis=0)
-    if bias is not None:
-        total = total + bias.astype(jnp.float32).reshape(total.shape[-2:])
-    return total.astype(dtype)
+                  combine=combine)
 
 
 def rope_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -342,7 +287,7 @@ def rope_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def fused_decode_attention_reference(qkv, cos, sin, k_pages, v_pages, block_tables, lengths,
-                                     slot_mapping, *, scale=None, qkv_bias=None, dtype=None):
+                                     slot_mapping, *, scale=None):
     """jnp reference of `fused_decode_attention`: RoPE, scatter, then paged attention.
 
     Example:
@@ -352,9 +297,7 @@ def fused_decode_attention_reference(qkv, cos, sin, k_pages, v_pages, block_tabl
         ...     qkv, cs, cs, pages, pages, jnp.zeros((1, 2), jnp.int32),
         ...     jnp.array([1], jnp.int32), jnp.array([0], jnp.int32))
     """
-    _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, qkv_bias)
-    if qkv.ndim == 4:
-        qkv = sum_qkv_partials(qkv, qkv_bias, dtype or k_pages.dtype)
+    _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping)
     kv_heads = k_pages.shape[0]
     num_heads = qkv.shape[1] - 2 * kv_heads
     q = rope_reference(qkv[:, :num_heads], cos, sin)

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from jaxserve.model import rope_tables
-from kernels.decode_attention import (fused_decode_attention, fused_decode_attention_reference,
-                                      sum_qkv_partials)
+from kernels.decode_attention import fused_decode_attention, fused_decode_attention_reference
 from tests.test_kernels import (DECODE_CASES, MODES, TOLERANCE, fresh_rng, make_pool, make_sequences,
                                 poison_unowned, ragged_lengths, relative_error)
 
@@ -86,46 +85,6 @@ def test_fused_decode_matches_rope_scatter_attention_reference(
     else:
         assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP)
     assert_pools_equal(v_new, v_ref, seed)
-
-
-@pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("num_heads,kv_heads,head_dim,dtype,parts,num_splits,with_bias", [
-    (14, 2, 64, jnp.bfloat16, 7, 2, True),   # the 0.5B step's qkv: 7 K-splits, split attention
-    (4, 2, 128, jnp.float32, 3, 1, True),
-    (8, 1, 64, jnp.bfloat16, 1, 1, False),
-])
-def test_fused_decode_sums_qkv_partials_and_bias(interpret, num_heads, kv_heads, head_dim, dtype,
-                                                 parts, num_splits, with_bias):
-    """qkv given as the projection's float32 K-split partials (+ bias) equals qkv summed first."""
-    rng, seed = fresh_rng()
-    _, *rest = fused_case(rng, batch=5, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim,
-                          page_size=16, table_pages=4, dtype=dtype)
-    heads = num_heads + 2 * kv_heads
-    partials = jnp.asarray(rng.standard_normal((parts, 5, heads, head_dim)) / parts, jnp.float32)
-    bias = jnp.asarray(rng.standard_normal(heads * head_dim), dtype) if with_bias else None
-    out, k_new, v_new = fused_decode_attention(partials, *rest, interpret=interpret, qkv_bias=bias,
-                                               dtype=dtype, num_splits=num_splits)
-    ref, k_ref, v_ref = fused_decode_attention_reference(partials, *rest, qkv_bias=bias, dtype=dtype)
-    summed = sum_qkv_partials(partials, bias, dtype)
-    ref_summed, _, _ = fused_decode_attention_reference(summed, *rest)
-    assert out.dtype == dtype and out.shape == (5, num_heads, head_dim)
-    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
-    assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
-    assert relative_error(ref, ref_summed) == 0.0, f"seed={seed}"
-    # The kernel's sum of the partials may round the last float32 bit differently.
-    rtol = BF16_ULP if dtype == jnp.bfloat16 else 1e-6
-    assert_pools_equal(k_new, k_ref, seed, rtol=rtol, atol=0 if dtype == jnp.bfloat16 else 1e-6)
-    assert_pools_equal(v_new, v_ref, seed, rtol=rtol, atol=0 if dtype == jnp.bfloat16 else 1e-6)
-
-
-def test_fused_decode_rejects_a_bias_without_partials():
-    rng, _ = fresh_rng()
-    args = fused_case(rng, batch=2, num_heads=4, kv_heads=2, head_dim=64, page_size=16,
-                      table_pages=2, dtype=jnp.float32)
-    with pytest.raises(ValueError, match="qkv_bias"):
-        fused_decode_attention(*args, qkv_bias=jnp.zeros(8 * 64), interpret=True)
-    with pytest.raises(ValueError, match="qkv_bias"):
-        fused_decode_attention(args[0][None], *args[1:], qkv_bias=jnp.zeros(3), interpret=True)
 
 
 @pytest.mark.parametrize("interpret", MODES)
