@@ -40,7 +40,7 @@ from kernels.paged_attention import (_MASK_VALUE, COMBINES, DECODE_BLOCK_KEYS,
                                      check_pool, finish_rows, gather_key_block, merge_last_split,
                                      merge_splits,
                                      online_softmax_step, paged_attention_reference,
-                                     resolve_tuning, split_page_range)
+                                     resolve_tuning, split_outputs, split_page_range)
 
 
 def _rotate_half_matrix(head_dim: int, dtype) -> jax.Array:
@@ -158,28 +158,19 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
                 whole, whole, whole, whole, pool_spec, pool_spec]
-    out_rows = (batch, kv_heads, group, head_dim)
     pool_shapes = [jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
                    jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)]
     operands = [slot_mapping.astype(jnp.int32), block_tables.astype(jnp.int32),
                 lengths.astype(jnp.int32), qkv, cos.astype(jnp.float32), sin.astype(jnp.float32),
                 k_pages, v_pages]
-    if num_splits == 1:
-        out_specs = [whole]
-        out_shape = [jax.ShapeDtypeStruct(out_rows, qkv.dtype)]
-    else:
-        out_specs = [whole, whole]
-        out_shape = [jax.ShapeDtypeStruct((num_splits, *out_rows), qkv.dtype),
-                     jax.ShapeDtypeStruct((num_splits, *out_rows[:-1]), jnp.float32)]
-    if merge_in_kernel:  # arrival counters and the merged output (see `merge_last_split`)
+    out_shape, counter = split_outputs((batch, kv_heads, group, head_dim), qkv.dtype, num_splits,
+                                       merge_in_kernel)
+    out_specs = [whole] * len(out_shape)
+    aliases = {6: len(out_shape), 7: len(out_shape) + 1}  # the pools, in place
+    if counter is not None:
         in_specs.append(whole)
-        operands.append(jnp.zeros((batch, kv_heads), jnp.int32))
-        out_specs += [whole, whole]
-        out_shape += [jax.ShapeDtypeStruct(out_rows, qkv.dtype),
-                      jax.ShapeDtypeStruct((batch, kv_heads), jnp.int32)]
-    aliases = {6: len(out_shape), 7: len(out_shape) + 1}
-    if merge_in_kernel:
-        aliases[8] = len(out_shape) - 1
+        operands.append(counter)
+        aliases[len(operands) - 1] = len(out_shape) - 1
     result = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, num_splits),

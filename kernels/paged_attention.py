@@ -22,9 +22,10 @@ Design (one kernel for decode and prefill):
 - Flash-decoding: the pages are cut into `num_splits` ranges, sized at run time from the
   longest length in the batch; each split writes a normalized partial output and its
   log-sum-exp, and one more small kernel merges them (`kernels.split_combine`). Small
-  batches fill the GPU this way. `combine="inkernel"` (decode only, experimental) drops
+  batches fill the GPU this way. `combine="inkernel"` (decode only, opt-in) drops
   that launch: each split takes a ticket from a per-(sequence, KV head) atomic counter
-  after a barrier, and the one that draws the last ticket folds the others' partials in.
+  after a barrier, and the one that draws the last ticket folds the others' partials in;
+  on the H200 that serial fold cost more than the launch at every shape (`merge_last_split`).
   Unsplit, a decode call is one kernel launch and nothing else.
 
 Measured on an H100 and an H200 against JAX's bundled kernel and XLA over a contiguous
@@ -348,30 +349,19 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
                 whole, whole, whole, pool_spec, pool_spec]
     operands = [block_tables.astype(jnp.int32), lengths.astype(jnp.int32), q_start.astype(jnp.int32),
                 q_rows, k_pages, v_pages]
+    out_shape, counter = split_outputs(q_rows.shape, q_rows.dtype, num_splits, merge_in_kernel)
     aliases = {}
+    if counter is not None:
+        in_specs.append(whole)
+        operands.append(counter)
+        aliases = {len(operands) - 1: len(out_shape) - 1}
     if num_splits == 1:
-        out_specs = whole
-        out_shape = jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype)
-    else:
-        out_specs = [whole, whole]
-        # Partials are normalized (|o| <= max |v|), so q's dtype loses nothing that the
-        # final cast would keep, and halves their traffic for bf16.
-        out_shape = [jax.ShapeDtypeStruct((num_splits, *q_rows.shape), q_rows.dtype),
-                     jax.ShapeDtypeStruct((num_splits, *q_rows.shape[:-1]), jnp.float32)]
-    if merge_in_kernel:
-        # One arrival counter per (sequence, KV head), zero on entry and left at zero by the
-        # merging program; the partials become the kernel's scratch.
-        in_specs = in_specs + [whole]
-        operands.append(jnp.zeros((batch, kv_heads), jnp.int32))
-        out_specs = out_specs + [whole, whole]
-        out_shape = out_shape + [jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
-                                 jax.ShapeDtypeStruct((batch, kv_heads), jnp.int32)]
-        aliases = {len(operands) - 1: 3}
+        out_shape = out_shape[0]
     result = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, row_blocks, num_splits),
         in_specs=in_specs,
-        out_specs=out_specs,
+        out_specs=jax.tree.map(lambda _: whole, out_shape),
         out_shape=out_shape,
         input_output_aliases=aliases,
         interpret=interpret,
@@ -383,6 +373,31 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
     if merge_in_kernel:
         return result[2]
     return merge_splits(*result, q_rows.dtype, combine, interpret)
+
+
+def split_outputs(rows_shape: tuple[int, ...], dtype, num_splits: int, merge_in_kernel: bool):
+    """A decode kernel's attention outputs for `rows_shape = (batch, kv_heads, rows, D)`, and
+    the zeroed arrival counters to pass in and alias to the last output, or None.
+
+    Unsplit: the output. Split: the splits' partials and log-sum-exps, for `merge_splits`.
+    Merged in the kernel (`merge_last_split`): those as scratch, then the merged output and
+    the counters (one per sequence and KV head, left at zero by the merging program).
+
+    Example:
+        >>> [s.shape for s in split_outputs((2, 1, 16, 64), jnp.bfloat16, 3, False)[0]]
+        [(3, 2, 1, 16, 64), (3, 2, 1, 16)]
+    """
+    if num_splits == 1:
+        return [jax.ShapeDtypeStruct(rows_shape, dtype)], None
+    # Partials are normalized (|o| <= max |v|), so the output dtype loses nothing that the
+    # final cast would keep, and halves their traffic for bf16.
+    shapes = [jax.ShapeDtypeStruct((num_splits, *rows_shape), dtype),
+              jax.ShapeDtypeStruct((num_splits, *rows_shape[:-1]), jnp.float32)]
+    if not merge_in_kernel:
+        return shapes, None
+    counters = jax.ShapeDtypeStruct(rows_shape[:2], jnp.int32)
+    return (shapes + [jax.ShapeDtypeStruct(rows_shape, dtype), counters],
+            jnp.zeros(counters.shape, counters.dtype))
 
 
 def check_pool(k_pages: jax.Array, v_pages: jax.Array, num_heads: int, head_dim: int) -> None:
