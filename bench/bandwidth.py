@@ -196,7 +196,7 @@ def ceilings(elements: int = 2**31) -> dict[str, float]:
 
 
 def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=True,
-               our_configs=None):
+               our_configs=None, min_calls: int = MIN_CALLS):
     """Times ours (default or each of `our_configs`), XLA contiguous and the bundled kernel."""
     num_heads, kv_heads, head_dim = HEADS[name]
     kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
@@ -206,9 +206,9 @@ def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=Tru
         jax.random.key(batch * 7 + context), batch, context, kv_heads, head_dim, copies)
     q = jax.random.normal(key, (batch, num_heads, head_dim), DTYPE)
     results = {}
-    # At least MIN_CALLS calls a loop iteration, so the static loop's own ~10 µs an iteration
+    # At least `min_calls` calls a loop iteration, so the static loop's own ~10 µs an iteration
     # (bandwidth.md, session 7) is ~1 µs a call; rotation already gives 8 to small rows.
-    unroll = -(-MIN_CALLS // copies)
+    unroll = -(-max(1, min_calls) // copies)
     per_iteration = copies * unroll
     calls = int(min(4096, max(2, 0.04 * 3e12 / (io_bytes * per_iteration))))
 
@@ -304,7 +304,8 @@ def decode_table(rows, read_ceiling) -> str:
     return "\n".join(lines)
 
 
-def sweep(budget, read_ceiling, only: tuple[str, ...] = ()) -> tuple[str, list]:
+def sweep(budget, read_ceiling, only: tuple[str, ...] = (),
+          min_calls: int = MIN_CALLS) -> tuple[str, list]:
     """Our kernel's knobs on a few key shapes, one at a time from the defaults (`only`: the
     knob sets whose label is one of these)."""
     lines = ["| heads | batch | ctx | config | µs | TB/s (% read / % " + SPEC_LABEL + ") |",
@@ -321,6 +322,7 @@ def sweep(budget, read_ceiling, only: tuple[str, ...] = ()) -> tuple[str, list]:
                                 **({"combine": "inkernel"} if c.endswith("inkernel") else {})))
                    for label, c in configs.items() if not only or label in only}
         row = decode_row(name, batch, context, read_ceiling, budget, with_baselines=False,
+                         min_calls=min_calls,
                          our_configs={"default": {}, **configs})
         raw.append(row)
         for label, seconds in row["results"].items():
@@ -426,9 +428,6 @@ def _prefill_step(q, k_pages, v_pages, table, q_start, lengths, **config):
     return paged_prefill_attention(q, k_pages, v_pages, table, q_start, lengths, **config)
 
 
-def set_calls_per_iteration(calls: int) -> None:
-    global MIN_CALLS
-    MIN_CALLS = max(1, calls)
 
 
 def main() -> None:
@@ -443,7 +442,6 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
-    set_calls_per_iteration(args.calls_per_iteration)
     budget = Budget(args.budget_s)
     device = jax.devices()[0]
     header = [
@@ -463,7 +461,8 @@ def main() -> None:
     raw = {"ceilings": ceil}
     rows = []
     for name, batch, context in ([] if args.sweep_only else QUICK_SHAPES if args.quick else DECODE_SHAPES):
-        rows.append(decode_row(name, batch, context, ceil["read"], budget))
+        rows.append(decode_row(name, batch, context, ceil["read"], budget,
+                               min_calls=args.calls_per_iteration))
         print(decode_table(rows[-1:], ceil["read"]).splitlines()[-1], flush=True)
     raw["decode"] = rows
     sections.append("## Paged decode attention (bf16, page 16, all rows at full context)\n\n"
@@ -477,7 +476,8 @@ def main() -> None:
         sections.append("## Prefill attention over pages (bf16, batch 1)\n\n" + prefill_table(budget))
         print(sections[-1], flush=True)
     if args.sweep or args.sweep_only:
-        text, raw["sweep"] = sweep(budget, ceil["read"], tuple(args.sweep_configs))
+        text, raw["sweep"] = sweep(budget, ceil["read"], tuple(args.sweep_configs),
+                              args.calls_per_iteration)
         sections.append("## Our kernel's knobs\n\n" + text)
     text = "\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n"
     print(text)
