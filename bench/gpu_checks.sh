@@ -11,8 +11,8 @@
 #   hfcompile   bench/throughput.py at batch 256 with transformers static cache + torch.compile (~100 s)
 #   step        bench/decode_step.py at batch 1 beside the static decoder (~150 s: its compile)
 #   ncu         Nsight Compute on the paged decode (7B 64 x 2k) and fused decode (256 x 192) kernels (~120 s?)
-#   merge       the decode step with the split merge inside the attention kernel vs its own launch,
-#               at the engine's narrow table and a server's 2048-page one (~150 s)
+#   sweep       bench/bandwidth.py --sweep-only: our decode kernel's knobs at the shapes still short (~60 s)
+#   short       the decode step at batch 1/16/64/256, short tables unsplit (default) vs split (~60 s)
 #   policies    the three scheduling policies, open loop, bf16 then float32 (~210 s each; compile cache shared)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,10 +38,9 @@ for part in "${parts[@]}"; do
            --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
            -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 --cases 7b_64x2k fused_256x192 \
          && ncu -i "$OUT/$part/probe.ncu-rep" --page details ;;
-    merge) for pages in 0 2048; do
-             timeout 200 python3 bench/decode_step.py --batches 1 16 64 --variants default --no-static \
-               --glue kernels inkernel_combine --rounds 5 --reps 10 $([ $pages -gt 0 ] && echo --table-pages $pages)
-           done ;;
+    sweep) timeout 300 python3 bench/bandwidth.py --sweep-only --budget-s 235 --out "$OUT/$part" ;;
+    short) timeout 200 python3 bench/decode_step.py --batches 1 16 64 256 --variants default --no-static \
+             --glue kernels split_short --rounds 5 --reps 10 ;;
     policies) export JAX_COMPILATION_CACHE_DIR=/tmp/jaxserve_jc JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
               for dtype in bfloat16 float32; do
