@@ -249,9 +249,9 @@ def merge_last_split(o_ref, lse_ref, out_ref, counter_ref, out, lse, *, seq, hea
 
     Correct compiled on the H200 (the `gpu` tests) but slower than the separate merge launch
     at every shape measured (bandwidth.md, session 8): the last program folds the splits one
-    after another, its volatile loads (never software-pipelined) waiting on L2 every split, so 128 splits at batch 1 x 32k cost
-    ~30 µs where the launch it saves costs ~4. Kept opt-in as the base for a merge that loads
-    the partials in parallel.
+    after another, its volatile loads (never software-pipelined) waiting on L2 every split,
+    so 128 splits at batch 1 x 32k cost ~30 µs where the launch it saves costs ~4. Kept
+    opt-in as the base for a merge that loads the partials in parallel.
     """
     compat.store(o_ref.at[split, seq, head, rows, :], out.astype(o_ref.dtype), mask=real_row[:, None])
     compat.store(lse_ref.at[split, seq, head, rows], lse, mask=real_row)

@@ -75,6 +75,9 @@ DECODE_CASES = [
     (8, 1, 64, 32, jnp.bfloat16, 2, 1),
     (4, 2, 128, 8, jnp.bfloat16, 1, 4),
     (4, 4, 64, 16, jnp.float32, None, None),
+    # One iteration wider than the 5-page table: the shape of the single-pass rule
+    # (SINGLE_PASS_KEYS), whose table loads and keys past the table's end are masked.
+    (14, 2, 64, 16, jnp.bfloat16, 1, 8),
 ]
 
 
