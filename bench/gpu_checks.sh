@@ -13,7 +13,8 @@
 #   ncu         Nsight Compute on the paged decode (7B 64 x 2k) and fused decode (256 x 192) kernels (~120 s?)
 #   sweep       bench/bandwidth.py --sweep-only: our decode kernel's knobs at the shapes still short (~60 s)
 #   short       the decode step at batch 1/16/64/256, short tables unsplit (default) vs split (~60 s)
-#   policies    the three scheduling policies, open loop, bf16 then float32 (~210 s each; compile cache shared)
+#   policies    the three scheduling policies, open loop, bf16 then float32 (~210 s each; compile cache shared;
+#               POLICY_DTYPES=float32 for one of them: 150 s was too short for it in session 8)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -43,7 +44,7 @@ for part in "${parts[@]}"; do
              --glue kernels split_short --rounds 5 --reps 10 ;;
     policies) export JAX_COMPILATION_CACHE_DIR=/tmp/jaxserve_jc JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
-              for dtype in bfloat16 float32; do
+              for dtype in ${POLICY_DTYPES:-bfloat16 float32}; do
                 timeout 250 python3 bench/throughput.py --policies --num-requests 96 --rate 64 --max-running 16 \
                   --prompt-len 256 --output-len 32 --decode-steps 4 --dtype $dtype --out "$OUT/$part/$dtype"
               done ;;
