@@ -33,6 +33,11 @@ if ROOT not in sys.path:
 # What each variant changes in the child process: a string is added to XLA_FLAGS (the whole
 # process), a dict is set as environment variables. "graphs" also captures while loops and
 # custom calls (the Pallas kernels) into CUDA graphs, and forms a graph from a single op.
+# --glue choices that retile the decode QKV projection (jaxserve.model.QKV_SKINNY_TILING): unsplit,
+# its bias added in the kernel, so the 7-way K split's sum (one launch a layer) goes.
+QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits": 1, "block_n": 32},
+               "qkv_split2": {"num_splits": 2}}
+
 VARIANTS = {
     "default": "",
     "graphs": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
@@ -154,6 +159,8 @@ def run_variant(args) -> list[dict]:
             # "split_short": short tables split as long ones (no single-pass rule; before session 8).
             model_module.DECODE_GLUE = "xla" if glue == "xla" else "kernels"
             paged_attention_module.SINGLE_PASS_KEYS = 0 if glue == "split_short" else single_pass_keys
+            # "qkv_*": the QKV projection's skinny matmul tiled otherwise (QKV_TILINGS).
+            model_module.QKV_SKINNY_TILING = QKV_TILINGS.get(glue, {})
             model_module.SPLIT_COMBINE = {"xla_combine": "xla", "inkernel_combine": "inkernel"}.get(glue, "pallas")
             runners[glue] = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
             time_decode_call(runners[glue], call, 2)
@@ -210,7 +217,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternating timing rounds of the --glue runners (the step is their median)")
-    ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine", "split_short"],
+    ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine", "split_short",
+                                                             *QKV_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

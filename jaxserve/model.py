@@ -12,6 +12,7 @@ Hugging Face names are restored only at the checkpoint boundary (``weights.py``)
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -110,6 +111,11 @@ DECODE_GLUE = os.environ.get("JAXSERVE_DECODE_GLUE", "kernels")
 # How the fused decode attention merges its flash-decoding splits: "pallas" (one launch at any
 # split count) or "xla" (XLA's fusions of the jnp merge), read when a step is traced.
 SPLIT_COMBINE = os.environ.get("JAXSERVE_SPLIT_COMBINE", "pallas")
+# Skinny-matmul tiling of the decode QKV projection (keyword arguments of
+# `kernels.skinny_matmul.skinny_matmul`; empty: its defaults, a 7-way K split whose sum and bias
+# are one more launch a layer). Read when a step is traced, so bench/decode_step.py can compare
+# tilings in one process (`--glue qkv_unsplit ...`).
+QKV_SKINNY_TILING: dict[str, int] = json.loads(os.environ.get("JAXSERVE_QKV_SKINNY_TILING", "{}"))
 
 
 def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
@@ -135,7 +141,8 @@ class Linear(nn.Module):
     ``kernels.skinny_matmul.MAX_ROWS`` rows to the Pallas kernel: XLA streams the weights of
     a few-row product at a fraction of the HBM bandwidth (see that module). ``epilogue``
     ("partials", "swiglu"; see ``kernels.skinny_matmul.skinny_matmul``) is for the fused decode
-    glue only, which guarantees the kernel runs.
+    glue only, which guarantees the kernel runs; ``tiling`` overrides the kernel's tiling
+    (``block_n``, ``block_k``, ``num_splits``, ...).
     """
 
     features: int
@@ -143,7 +150,8 @@ class Linear(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, fast: bool = False, epilogue: str = "none") -> jax.Array:
+    def __call__(self, x: jax.Array, fast: bool = False, epilogue: str = "none",
+                 tiling: dict[str, int] | None = None) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype) if self.use_bias else None
         x = x.astype(self.dtype)
@@ -152,7 +160,8 @@ class Linear(nn.Module):
             from kernels.skinny_matmul import MAX_ROWS, skinny_matmul
 
             if rows <= MAX_ROWS:
-                out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue=epilogue)
+                out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue=epilogue,
+                                    **(tiling or {}))
                 if epilogue == "partials":
                     return out
                 return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -229,7 +238,8 @@ class Attention(nn.Module):
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, s, _ = x.shape
         fast = _fast_kernels(paged)
-        qkv = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")(x, fast)
+        qkv = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")(x, fast,
+                                                                           tiling=QKV_SKINNY_TILING)
         if fast and s == 1:
             out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg)
         else:
