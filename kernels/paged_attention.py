@@ -245,7 +245,8 @@ def merge_last_split(o_ref, lse_ref, out_ref, counter_ref, out, lse, *, seq, hea
     [B, H]` int32, zero on entry, left at zero. The barrier puts every thread's partial stores
     before the ticket (a scalar acquire-release atomic at GPU scope); the merger's loads
     are volatile, so they bypass L1, which is not coherent across SMs (a `.cg` cache modifier
-    would do, but JAX 0.11.2's Triton lowering rejects every modifier but `.ca`).
+    would do, but JAX's Triton lowering, 0.10.2 and 0.11.2, checks for ".ca" / ".cg" and
+    then looks them up without the dot: both raise KeyError).
 
     Correct compiled on the H200 (the `gpu` tests) but slower than the separate merge launch
     at every shape measured (bandwidth.md, session 8): the last program folds the splits one
