@@ -196,7 +196,7 @@ def ceilings(elements: int = 2**31) -> dict[str, float]:
 
 
 def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=True,
-               our_configs=None, min_calls: int = MIN_CALLS):
+               our_configs=None, min_calls: int = MIN_CALLS, mosaic: bool = False):
     """Times ours (default or each of `our_configs`), XLA contiguous and the bundled kernel."""
     num_heads, kv_heads, head_dim = HEADS[name]
     kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
@@ -234,6 +234,12 @@ def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=Tru
     for label, config in (our_configs or {"ours": {}}).items():
         measure(label, paged_step(functools.partial(paged_attention, **config)), q,
                 (k_pages, v_pages, tables, lengths))
+    if mosaic:  # the experimental Mosaic GPU kernel (unsplit), beside the Triton one
+        from kernels.paged_attention_mgpu import paged_attention_mgpu
+        for per_block in (4, 8):
+            measure(f"mosaic ppb={per_block}",
+                    paged_step(functools.partial(paged_attention_mgpu, pages_per_block=per_block)),
+                    q, (k_pages, v_pages, tables, lengths))
     if with_baselines:
         bundled = bundled_kernel()
         pages_per_seq = context // PAGE
@@ -301,6 +307,20 @@ def decode_table(rows, read_ceiling) -> str:
         for label, value in r.items():
             if isinstance(value, str):
                 lines.append(f"|  | | | | {label}: {value} | | | | | | |")
+    return "\n".join(lines)
+
+
+def mosaic_table(rows, read_ceiling) -> str:
+    """Our Triton kernel against the experimental Mosaic GPU one, row by row."""
+    lines = ["| heads | batch | ctx | Triton (ours) µs | Mosaic GPU best µs | config | Mosaic TB/s |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        r = row["results"]
+        timed_ = {k: v for k, v in r.items() if k.startswith("mosaic") and isinstance(v, float)}
+        best = min(timed_, key=timed_.get) if timed_ else None
+        lines.append(f"| {row['heads']} | {row['batch']} | {row['context']} | {fmt_time(r.get('ours'))} "
+                     f"| {fmt_time(timed_.get(best))} | {best or '-'} "
+                     f"| {fmt_bw(row['io_bytes'], timed_.get(best), read_ceiling)} |")
     return "\n".join(lines)
 
 
@@ -436,6 +456,8 @@ def main() -> None:
     parser.add_argument("--sweep-only", action="store_true", help="the knob sweep alone (no tables)")
     parser.add_argument("--sweep-configs", nargs="+", default=(),
                         help="sweep only these knob sets (labels of _T), beside the default")
+    parser.add_argument("--mosaic", action="store_true",
+                        help="also time the experimental Mosaic GPU decode kernel (kernels.paged_attention_mgpu)")
     parser.add_argument("--calls-per-iteration", type=int, default=MIN_CALLS,
                         help="decode calls per timed loop iteration (1: as measured in session 7)")
     parser.add_argument("--quick", action="store_true", help="five decode shapes only")
@@ -462,13 +484,16 @@ def main() -> None:
     rows = []
     for name, batch, context in ([] if args.sweep_only else QUICK_SHAPES if args.quick else DECODE_SHAPES):
         rows.append(decode_row(name, batch, context, ceil["read"], budget,
-                               min_calls=args.calls_per_iteration))
+                               min_calls=args.calls_per_iteration, mosaic=args.mosaic))
         print(decode_table(rows[-1:], ceil["read"]).splitlines()[-1], flush=True)
     raw["decode"] = rows
     sections.append("## Paged decode attention (bf16, page 16, all rows at full context)\n\n"
                     "Effective bandwidth = (K + V bytes read + q + out) / time.\n\n"
                     + decode_table(rows, ceil["read"]))
     print(sections[-1], flush=True)
+    if args.mosaic:
+        sections.append("## Mosaic GPU decode kernel (experimental) vs ours\n\n" + mosaic_table(rows, ceil["read"]))
+        print(sections[-1], flush=True)
     if not args.sweep_only:
         sections.append("## Cache scatter (0.5B shape: 24 layers, 2 kv heads, head_dim 64, bf16)\n\n"
                         + scatter_table(budget))

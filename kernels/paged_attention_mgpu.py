@@ -1,0 +1,220 @@
+"""Experimental: paged decode attention on the Pallas Mosaic GPU backend (TMA + WGMMA).
+
+Owns: a second decode kernel, for measuring Mosaic GPU against the Triton-lowered
+`kernels.paged_attention` (issue 6 asks for both backends). Same contract as
+`kernels.paged_attention.paged_attention` for one unsplit decode token per sequence; its
+reference is that module's `paged_attention_reference`. Never used by the engine.
+
+Why it might be faster: the Triton kernel's programs stall on their gathered loads (Nsight
+Compute: L1TEX scoreboard, 3 programs an SM). Here each page of K and V arrives by one TMA
+copy straight into shared memory, `num_slots` blocks of pages in flight behind mbarriers,
+and the two products run on WGMMA.
+
+How (one program, one warpgroup, per sequence and KV head):
+- The block-table row and the length come in one TMA copy of a row of `meta`
+  (`[batch, 1 + pages]` int32, built by the wrapper); page ids are then scalar reads of
+  shared memory. Pages past the length are redirected to the row's first page and masked.
+- WGMMA wants 64 rows: the KV group's query heads (7 at Qwen2.5-0.5B) are padded to 64 by
+  the wrapper. That is 8x the flops of the group, still far under the compute roof at decode's
+  ~7 flops a byte.
+- Online softmax in float32 over `pages_per_block * page_size` keys a step; the next block's
+  copies are issued before the current block is computed (two slots). The last block's V rows
+  past the length are zeroed in shared memory (whatever the pool holds there).
+
+Not yet: splits (flash-decoding) for small batches, bf16 only (WGMMA), head_dim a multiple
+of 64. Tested in Mosaic GPU's interpret mode on the CPU; not yet compiled on the GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+_MASK_VALUE = -1e30
+_ROWS = 64  # WGMMA's M
+
+
+def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem, o_smem, meta_smem,
+            q_bar, meta_bar, k_bars, v_bars, *, page_size: int, pages_per_block: int,
+            num_slots: int, scale: float, table_pages: int, interpret: bool):
+    seq, head = lax.axis_index("batch"), lax.axis_index("heads")
+    block_keys = pages_per_block * page_size
+    plgpu.copy_gmem_to_smem(meta_ref.at[seq], meta_smem, meta_bar)
+    plgpu.copy_gmem_to_smem(q_ref.at[seq, head], q_smem, q_bar)
+    plgpu.barrier_wait(meta_bar)
+    length = jnp.minimum(meta_smem[0], table_pages * page_size)
+    num_blocks = pl.cdiv(length, block_keys)
+    last_page = jnp.maximum(pl.cdiv(length, page_size) - 1, 0)
+
+    def issue(block, slot):
+        for j in range(pages_per_block):
+            index = jnp.minimum(block * pages_per_block + j, last_page)
+            page = meta_smem[1 + index]
+            rows = pl.ds(j * page_size, page_size)
+            plgpu.copy_gmem_to_smem(k_ref.at[head, page], k_smem.at[slot, rows], k_bars.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[head, page], v_smem.at[slot, rows], v_bars.at[slot])
+
+    for slot in range(num_slots - 1):
+        @pl.when(slot < num_blocks)
+        def _prime(slot=slot):
+            issue(slot, slot)
+
+    plgpu.barrier_wait(q_bar)
+    # Register layouts are a compiler matter: Mosaic GPU's interpreter has no rule for them.
+    def cast(x, layout):
+        return x if interpret else plgpu.layout_cast(x, layout)
+
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    m0 = cast(jnp.full((_ROWS,), _MASK_VALUE, jnp.float32), row_layout)
+    l0 = cast(jnp.zeros((_ROWS,), jnp.float32), row_layout)
+    acc0 = cast(jnp.zeros((_ROWS, q_smem.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
+
+    def body(block, carry):
+        acc, m, l = carry
+        slot = lax.rem(block, num_slots)
+        ahead = block + num_slots - 1
+
+        # The slot `ahead` lands in was read by the products of block - 1, which are done.
+        @pl.when(ahead < num_blocks)
+        def _refill():
+            issue(ahead, lax.rem(ahead, num_slots))
+
+        plgpu.barrier_wait(k_bars.at[slot])
+
+        def scores(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            return acc_ref[...]
+
+        if interpret:  # the interpreter's WGMMA takes no transposed operand: the same product
+            s = lax.dot_general(q_smem[...], k_smem[slot], (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32) * scale
+        else:
+            s = pl.run_scoped(scores, plgpu.ACC((_ROWS, block_keys), jnp.float32)) * scale
+        keys = block * block_keys + (
+            lax.broadcasted_iota(jnp.int32, (_ROWS, block_keys), 1) if interpret else
+            plgpu.broadcasted_iota(jnp.int32, (_ROWS, block_keys), 1, layout=plgpu.Layout.WGMMA))
+        s = jnp.where(keys < length, s, _MASK_VALUE)
+        m_next = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp(m - m_next)
+        p = jnp.exp(s - lax.broadcast_in_dim(m_next, s.shape, [0]))
+        l = l * alpha + p.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        plgpu.barrier_wait(v_bars.at[slot])
+
+        # The last page's slots past the length hold anything (NaN included); p is 0 there,
+        # and 0 x NaN is NaN, so those V rows are zeroed in shared memory first.
+        @pl.when(block == num_blocks - 1)
+        def _zero_tail():
+            if interpret:
+                tile = v_smem[slot]
+                rows = lax.broadcasted_iota(jnp.int32, tile.shape, 0)
+            else:
+                tile = plgpu.load(v_smem.at[slot], (), layout=plgpu.Layout.WGMMA)
+                rows = plgpu.broadcasted_iota(jnp.int32, tile.shape, 0, layout=plgpu.Layout.WGMMA)
+            v_smem[slot] = jnp.where(block * block_keys + rows < length, tile,
+                                     jnp.zeros_like(tile))
+            plgpu.commit_smem()
+
+        def values(acc_ref):
+            plgpu.wgmma(acc_ref, p.astype(v_smem.dtype), v_smem.at[slot])
+            return acc_ref[...]
+
+        # A fresh accumulator, added: Mosaic GPU's interpreter has no rule for `run_state`
+        # (what `attention_mgpu` uses to accumulate into `acc` in place).
+        if interpret:
+            acc = acc + jnp.dot(p.astype(v_smem.dtype), v_smem[slot],
+                                preferred_element_type=jnp.float32)
+        else:
+            acc = acc + pl.run_scoped(values, plgpu.ACC((_ROWS, acc.shape[1]), jnp.float32))
+        return acc, m_next, l
+
+    acc, _, l = lax.fori_loop(0, num_blocks, body, (acc0, m0, l0))
+    safe = jnp.where(l > 0, l, 1.0)
+    o_smem[...] = (acc / lax.broadcast_in_dim(safe, acc.shape, [0])).astype(o_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[seq, head])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def paged_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                         block_tables: jax.Array, lengths: jax.Array, *,
+                         scale: float | None = None, pages_per_block: int = 8,
+                         num_slots: int = 2, interpret: bool | None = None) -> jax.Array:
+    """Decode attention `q [batch, num_heads, D]` over paged bf16 K/V, Mosaic GPU backend.
+
+    Arguments as `kernels.paged_attention.paged_attention` (lengths 0 give zeros);
+    `pages_per_block` pages a step, `num_slots` steps' copies in flight. `interpret`
+    (default: on the CPU) runs Mosaic GPU's interpreter.
+
+    Example:
+        >>> q = jnp.ones((2, 14, 64), jnp.bfloat16)
+        >>> pages = jnp.ones((2, 8, 16, 64), jnp.bfloat16)
+        >>> table = jnp.array([[0, 1, 2, 3], [4, 5, 6, 7]], jnp.int32)
+        >>> paged_attention_mgpu(q, pages, pages, table, jnp.array([20, 0]),
+        ...                      pages_per_block=4).shape
+        (2, 14, 64)
+    """
+    batch, num_heads, head_dim = q.shape
+    kv_heads, _, page_size, _ = k_pages.shape
+    group = num_heads // kv_heads
+    if q.dtype != jnp.bfloat16 or k_pages.dtype != jnp.bfloat16 or v_pages.dtype != jnp.bfloat16:
+        raise ValueError("q, k_pages and v_pages must be bfloat16 (WGMMA operands)")
+    if head_dim % 64 or group > _ROWS or num_heads % kv_heads:
+        raise ValueError(f"head_dim must be a multiple of 64 and the group at most {_ROWS}, got "
+                         f"head_dim {head_dim}, {num_heads} query heads on {kv_heads} KV heads")
+    if (pages_per_block * page_size) % 64:
+        raise ValueError("pages_per_block * page_size must be a multiple of 64 (WGMMA's N)")
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    table_pages = block_tables.shape[1]
+    # A TMA copy moves whole 16-byte units: the meta row is padded to a multiple of 4 ints.
+    width = -(-(1 + table_pages) // 4) * 4
+    meta = jnp.zeros((batch, width), jnp.int32)
+    meta = meta.at[:, 0].set(lengths.astype(jnp.int32)).at[:, 1:1 + table_pages].set(
+        block_tables.astype(jnp.int32))
+    q_rows = jnp.zeros((batch, kv_heads, _ROWS, head_dim), q.dtype).at[:, :, :group].set(
+        q.reshape(batch, kv_heads, group, head_dim))
+    return _call(meta, q_rows, k_pages, v_pages, page_size=page_size, table_pages=table_pages,
+                 pages_per_block=pages_per_block, num_slots=num_slots,
+                 scale=float(head_dim ** -0.5 if scale is None else scale),
+                 interpret=bool(interpret))[:, :, :group].reshape(batch, num_heads, head_dim)
+
+
+@functools.partial(jax.jit, static_argnames=("page_size", "table_pages", "pages_per_block",
+                                             "num_slots", "scale", "interpret"))
+def _call(meta, q_rows, k_pages, v_pages, *, page_size, table_pages, pages_per_block, num_slots,
+          scale, interpret):
+    batch, kv_heads, _, head_dim = q_rows.shape
+    block_keys = pages_per_block * page_size
+    # WGMMA reads 128-byte swizzled tiles of 8 rows x 64 bf16.
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    scratch = [
+        plgpu.SMEM((_ROWS, head_dim), q_rows.dtype, transforms=transforms),
+        plgpu.SMEM((num_slots, block_keys, head_dim), k_pages.dtype, transforms=transforms),
+        plgpu.SMEM((num_slots, block_keys, head_dim), v_pages.dtype, transforms=transforms),
+        plgpu.SMEM((_ROWS, head_dim), q_rows.dtype, transforms=transforms),
+        plgpu.SMEM((meta.shape[1],), jnp.int32),
+        plgpu.Barrier(),
+        plgpu.Barrier(),
+        plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_slots),
+        plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_slots),
+    ]
+    kwargs = {}
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        kwargs["interpret"] = InterpretGPUParams()
+    return plgpu.kernel(
+        functools.partial(_kernel, page_size=page_size, pages_per_block=pages_per_block,
+                          num_slots=num_slots, scale=scale, table_pages=table_pages,
+                          interpret=interpret),
+        out_type=jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
+        scratch_types=scratch,
+        grid=(batch, kv_heads),
+        grid_names=("batch", "heads"),
+        **kwargs,
+    )(meta, q_rows, k_pages, v_pages)
