@@ -122,15 +122,12 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem, o_smem
 
         def values(acc_ref):
             plgpu.wgmma(acc_ref, p.astype(v_smem.dtype), v_smem.at[slot])
-            return acc_ref[...]
 
-        # A fresh accumulator, added: Mosaic GPU's interpreter has no rule for `run_state`
-        # (what `attention_mgpu` uses to accumulate into `acc` in place).
-        if interpret:
+        if interpret:  # nor a rule for `run_state`, which accumulates into `acc` in place
             acc = acc + jnp.dot(p.astype(v_smem.dtype), v_smem[slot],
                                 preferred_element_type=jnp.float32)
         else:
-            acc = acc + pl.run_scoped(values, plgpu.ACC((_ROWS, acc.shape[1]), jnp.float32))
+            acc = pl.run_state(values)(plgpu.ACC.init(acc))
         return acc, m_next, l
 
     acc, _, l = lax.fori_loop(0, num_blocks, body, (acc0, m0, l0))
