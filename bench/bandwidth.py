@@ -448,8 +448,6 @@ def _prefill_step(q, k_pages, v_pages, table, q_start, lengths, **config):
     return paged_prefill_attention(q, k_pages, v_pages, table, q_start, lengths, **config)
 
 
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also tune our kernel's knobs")

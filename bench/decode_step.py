@@ -33,11 +33,6 @@ if ROOT not in sys.path:
 # What each variant changes in the child process: a string is added to XLA_FLAGS (the whole
 # process), a dict is set as environment variables. "graphs" also captures while loops and
 # custom calls (the Pallas kernels) into CUDA graphs, and forms a graph from a single op.
-# --glue choices that retile the decode QKV projection (jaxserve.model.QKV_SKINNY_TILING): unsplit,
-# its bias added in the kernel, so the 7-way K split's sum (one launch a layer) goes.
-QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits": 1, "block_n": 32},
-               "qkv_split2": {"num_splits": 2}}
-
 VARIANTS = {
     "default": "",
     "graphs": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
@@ -60,6 +55,12 @@ VARIANTS = {
                      "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
                      "--xla_gpu_graph_min_graph_size=1",
 }
+
+# --glue choices that retile the decode QKV projection (jaxserve.model.QKV_SKINNY_TILING): unsplit
+# (its bias added in the kernel, so the default 7-way K split's sum, one launch a layer, goes) or
+# split in two.
+QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits": 1, "block_n": 32},
+               "qkv_split2": {"num_splits": 2}}
 
 
 def gpu_kernel_times(trace_dir: str) -> dict[str, tuple[int, float]]:
@@ -217,8 +218,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternating timing rounds of the --glue runners (the step is their median)")
-    ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine", "split_short",
-                                                             *QKV_TILINGS],
+    ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
+                                                             "split_short", *QKV_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -40,7 +40,8 @@ from kernels.paged_attention import (_MASK_VALUE, COMBINES, DECODE_BLOCK_KEYS,
                                      check_pool, finish_rows, gather_key_block, merge_last_split,
                                      merge_splits,
                                      online_softmax_step, paged_attention_reference,
-                                     resolve_tuning, split_outputs, split_page_range)
+                                     resolve_tuning, split_outputs, split_page_range,
+                                     split_refs)
 
 
 def _rotate_half_matrix(head_dim: int, dtype) -> jax.Array:
@@ -57,12 +58,8 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                   k_pages_ref, v_pages_ref, *refs, num_heads: int, kv_heads: int,
                   group: int, block_rows: int, num_splits: int, pages_per_block: int, scale: float,
                   precision, merge_in_kernel: bool = False, interpret: bool = False):
-    if num_splits == 1:
-        o_ref, k_out_ref, v_out_ref = refs
-    elif merge_in_kernel:
-        _, o_ref, lse_ref, out_ref, counter_ref, k_out_ref, v_out_ref = refs
-    else:
-        o_ref, lse_ref, k_out_ref, v_out_ref = refs
+    (o_ref, lse_ref, out_ref, counter_ref), (k_out_ref, v_out_ref) = split_refs(
+        refs, num_splits, merge_in_kernel)
     seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     table_pages = block_table_ref.shape[0]
     page_size, head_dim = k_pages_ref.shape[-2], k_pages_ref.shape[-1]

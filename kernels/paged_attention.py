@@ -168,12 +168,7 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
                    num_splits: int,
                    pages_per_block: int, scale: float, precision, v_mask: str,
                    merge_in_kernel: bool = False, interpret: bool = False):
-    if num_splits == 1:
-        (o_ref,) = refs
-    elif merge_in_kernel:
-        _, o_ref, lse_ref, out_ref, counter_ref = refs
-    else:
-        o_ref, lse_ref = refs
+    (o_ref, lse_ref, out_ref, counter_ref), _ = split_refs(refs, num_splits, merge_in_kernel)
     seq, head = pl.program_id(0), pl.program_id(1)
     row_block, split = pl.program_id(2), pl.program_id(3)
     table_pages = block_table_ref.shape[0]
@@ -401,6 +396,19 @@ def split_outputs(rows_shape: tuple[int, ...], dtype, num_splits: int, merge_in_
             jnp.zeros(counters.shape, counters.dtype))
 
 
+def split_refs(refs, num_splits: int, merge_in_kernel: bool):
+    """In-kernel twin of `split_outputs`: `(o_ref, lse_ref, out_ref, counter_ref)` from the refs
+    that follow a decode kernel's own inputs (None where the case has none; the counter's
+    input ref, aliased to its output, is skipped), and the refs after them."""
+    if num_splits == 1:
+        return (refs[0], None, None, None), refs[1:]
+    if merge_in_kernel:
+        _, o_ref, lse_ref, out_ref, counter_ref, *rest = refs
+        return (o_ref, lse_ref, out_ref, counter_ref), rest
+    o_ref, lse_ref, *rest = refs
+    return (o_ref, lse_ref, None, None), rest
+
+
 def check_pool(k_pages: jax.Array, v_pages: jax.Array, num_heads: int, head_dim: int) -> None:
     """Shape checks shared by the decode and prefill wrappers."""
     if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
@@ -449,7 +457,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         combine: how split partials merge: "pallas" (one launch, `kernels.split_combine`),
             "xla" (the jnp merge fused by XLA) or "inkernel" (the last split of each
             sequence and KV head to finish merges, counted with an atomic: one launch in
-            all; experimental, not yet timed on the GPU).
+            all; opt-in, slower than "pallas" at every shape on the H200, see
+            `merge_last_split`).
 
     Returns:
         `[batch, num_heads, head_dim]` in q's dtype; softmax in float32.

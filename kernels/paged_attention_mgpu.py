@@ -13,7 +13,8 @@ and the two products run on WGMMA.
 How (one program, one warpgroup, per sequence and KV head):
 - The block-table row and the length come in one TMA copy of a row of `meta`
   (`[batch, 1 + pages]` int32, built by the wrapper); page ids are then scalar reads of
-  shared memory. Pages past the length are redirected to the row's first page and masked.
+  shared memory. Pages past the length are redirected to the row's last page holding keys
+  and masked.
 - WGMMA wants 64 rows: the KV group's query heads (7 at Qwen2.5-0.5B) are padded to 64 by
   the wrapper. That is 8x the flops of the group, still far under the compute roof at decode's
   ~7 flops a byte.
@@ -35,7 +36,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-_MASK_VALUE = -1e30
+from kernels.paged_attention import _MASK_VALUE
+
 _ROWS = 64  # WGMMA's M
 
 
