@@ -44,8 +44,8 @@ for part in "${parts[@]}"; do
          && ncu -i "$OUT/$part/probe.ncu-rep" --page details ;;
     sweep) timeout 300 python3 bench/bandwidth.py --sweep-only --budget-s 235 --out "$OUT/$part" ;;
     mosaic) timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-              tests/test_paged_attention_mgpu.py -k compiled
-            timeout 260 python3 bench/bandwidth.py --quick --mosaic --budget-s 220 --out "$OUT/$part" ;;
+              tests/test_paged_attention_mgpu.py -k compiled \
+            && timeout 260 python3 bench/bandwidth.py --quick --mosaic --budget-s 220 --out "$OUT/$part" ;;
     qkv) timeout 200 python3 bench/decode_step.py --batches 1 16 64 --variants default --no-static \
            --glue kernels qkv_unsplit qkv_unsplit_n32 qkv_split2 --rounds 5 --reps 10 ;;
     short) timeout 200 python3 bench/decode_step.py --batches 1 16 64 256 --variants default --no-static \
