@@ -72,6 +72,12 @@ DECODE_SHAPES = [
     ("0.5B 14q/2kv/64", 256, 2048), ("0.5B 14q/2kv/64", 256, 8192),
 ]
 QUICK_SHAPES = [DECODE_SHAPES[i] for i in (2, 5, 7, 11, 14)]
+# --mosaic-only: the quick shapes and the ones still short of the issue's targets.
+MOSAIC_SHAPES = [DECODE_SHAPES[i] for i in (2, 3, 4, 5, 7, 8, 11, 12, 13, 14, 15)]
+# The Mosaic GPU kernel's knobs: keys a step, blocks in flight, splits (x2: twice the default).
+MOSAIC_CONFIGS = {"ppb=4": dict(pages_per_block=4), "ppb=8": dict(pages_per_block=8),
+                  "ppb=4 slots=3": dict(pages_per_block=4, num_slots=3),
+                  "ppb=4 splits x2": dict(pages_per_block=4, splits_x=2)}
 # Session 7, after the timing fix: the shapes still short of the issue's targets (small
 # batches, 0.5B heads, 7B 8 x 2k against XLA), the split count relative to the default ("xN"),
 # keys per iteration, and the split merge inside the attention kernel ("inkernel": no second
@@ -234,11 +240,14 @@ def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=Tru
     for label, config in (our_configs or {"ours": {}}).items():
         measure(label, paged_step(functools.partial(paged_attention, **config)), q,
                 (k_pages, v_pages, tables, lengths))
-    if mosaic:  # the experimental Mosaic GPU kernel (unsplit), beside the Triton one
-        from kernels.paged_attention_mgpu import paged_attention_mgpu
-        for per_block in (4, 8):
-            measure(f"mosaic ppb={per_block}",
-                    paged_step(functools.partial(paged_attention_mgpu, pages_per_block=per_block)),
+    if mosaic:  # the experimental Mosaic GPU kernel, beside the Triton one
+        from kernels.paged_attention_mgpu import default_mgpu_splits, paged_attention_mgpu
+        for label, config in MOSAIC_CONFIGS.items():
+            config = dict(config)
+            if config.pop("splits_x", 1) != 1:
+                config["num_splits"] = 2 * default_mgpu_splits(
+                    batch, kv_heads, context // PAGE, config["pages_per_block"])
+            measure(f"mosaic {label}", paged_step(functools.partial(paged_attention_mgpu, **config)),
                     q, (k_pages, v_pages, tables, lengths))
     if with_baselines:
         bundled = bundled_kernel()
@@ -311,16 +320,21 @@ def decode_table(rows, read_ceiling) -> str:
 
 
 def mosaic_table(rows, read_ceiling) -> str:
-    """Our Triton kernel against the experimental Mosaic GPU one, row by row."""
-    lines = ["| heads | batch | ctx | Triton (ours) µs | Mosaic GPU best µs | config | Mosaic TB/s |",
-             "|---|---|---|---|---|---|---|"]
+    """Our Triton kernel against the experimental Mosaic GPU one, row by row, every config."""
+    labels = [f"mosaic {label}" for label in MOSAIC_CONFIGS]
+    lines = ["| heads | batch | ctx | Triton (ours) µs | " + " | ".join(f"{l} µs" for l in labels)
+             + " | Mosaic best TB/s (% read / % " + SPEC_LABEL + ") | ours / Mosaic best |",
+             "|---|---|---|---|" + "---|" * len(labels) + "---|---|"]
     for row in rows:
         r = row["results"]
-        timed_ = {k: v for k, v in r.items() if k.startswith("mosaic") and isinstance(v, float)}
-        best = min(timed_, key=timed_.get) if timed_ else None
-        lines.append(f"| {row['heads']} | {row['batch']} | {row['context']} | {fmt_time(r.get('ours'))} "
-                     f"| {fmt_time(timed_.get(best))} | {best or '-'} "
-                     f"| {fmt_bw(row['io_bytes'], timed_.get(best), read_ceiling)} |")
+        timed_ = {k: r[k] for k in labels if isinstance(r.get(k), float)}
+        best = min(timed_.values()) if timed_ else None
+        ours = r.get("ours")
+        ratio = f"{ours / best:.2f}" if best and isinstance(ours, float) else "-"
+        cells = [fmt_time(r[k]) if isinstance(r.get(k), float) else str(r.get(k, "-"))[:60]
+                 for k in labels]
+        lines.append(f"| {row['heads']} | {row['batch']} | {row['context']} | {fmt_time(ours)} | "
+                     + " | ".join(cells) + f" | {fmt_bw(row['io_bytes'], best, read_ceiling)} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -456,6 +470,8 @@ def main() -> None:
                         help="sweep only these knob sets (labels of _T), beside the default")
     parser.add_argument("--mosaic", action="store_true",
                         help="also time the experimental Mosaic GPU decode kernel (kernels.paged_attention_mgpu)")
+    parser.add_argument("--mosaic-only", action="store_true",
+                        help="ours against the Mosaic GPU kernel on MOSAIC_SHAPES, nothing else")
     parser.add_argument("--calls-per-iteration", type=int, default=MIN_CALLS,
                         help="decode calls per timed loop iteration (1: as measured in session 7)")
     parser.add_argument("--quick", action="store_true", help="five decode shapes only")
@@ -480,8 +496,12 @@ def main() -> None:
     sections = []
     raw = {"ceilings": ceil}
     rows = []
-    for name, batch, context in ([] if args.sweep_only else QUICK_SHAPES if args.quick else DECODE_SHAPES):
+    args.mosaic |= args.mosaic_only
+    shapes = ([] if args.sweep_only else MOSAIC_SHAPES if args.mosaic_only
+              else QUICK_SHAPES if args.quick else DECODE_SHAPES)
+    for name, batch, context in shapes:
         rows.append(decode_row(name, batch, context, ceil["read"], budget,
+                               with_baselines=not args.mosaic_only,
                                min_calls=args.calls_per_iteration, mosaic=args.mosaic))
         print(decode_table(rows[-1:], ceil["read"]).splitlines()[-1], flush=True)
     raw["decode"] = rows
@@ -492,7 +512,7 @@ def main() -> None:
     if args.mosaic:
         sections.append("## Mosaic GPU decode kernel (experimental) vs ours\n\n" + mosaic_table(rows, ceil["read"]))
         print(sections[-1], flush=True)
-    if not args.sweep_only:
+    if not (args.sweep_only or args.mosaic_only):
         sections.append("## Cache scatter (0.5B shape: 24 layers, 2 kv heads, head_dim 64, bf16)\n\n"
                         + scatter_table(budget))
         print(sections[-1], flush=True)

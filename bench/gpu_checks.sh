@@ -13,8 +13,8 @@
 #   ncu         Nsight Compute on the paged decode (7B 64 x 2k) and fused decode (256 x 192) kernels (~120 s?)
 #   sweep       bench/bandwidth.py --sweep-only: our decode kernel's knobs at the shapes still short (~60 s)
 #   short       the decode step at batch 1/16/64/256, short tables unsplit (default) vs split (~60 s)
-#   mosaic      the experimental Mosaic GPU decode kernel: its compiled tests, then timed beside ours on
-#               the --quick shapes (~250 s)
+#   mosaic      the experimental Mosaic GPU decode kernel: its compiled tests, then each of its configs
+#               timed beside ours on bandwidth.py's MOSAIC_SHAPES (~300 s)
 #   qkv         the decode step at batch 1/16/64 with the QKV skinny matmul retiled (unsplit: no sum launch) (~90 s)
 #   policies    the three scheduling policies, open loop, bf16 then float32 (~210 s each; compile cache shared;
 #               POLICY_DTYPES=float32 for one of them: 150 s was too short for it in session 8)
@@ -45,7 +45,7 @@ for part in "${parts[@]}"; do
     sweep) timeout 300 python3 bench/bandwidth.py --sweep-only --budget-s 235 --out "$OUT/$part" ;;
     mosaic) timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
               tests/test_paged_attention_mgpu.py -k compiled \
-            && timeout 260 python3 bench/bandwidth.py --quick --mosaic --budget-s 220 --out "$OUT/$part" ;;
+            && timeout 280 python3 bench/bandwidth.py --mosaic-only --budget-s 240 --out "$OUT/$part" ;;
     qkv) timeout 200 python3 bench/decode_step.py --batches 1 16 64 --variants default --no-static \
            --glue kernels qkv_unsplit qkv_unsplit_n32 qkv_split2 --rounds 5 --reps 10 ;;
     short) timeout 200 python3 bench/decode_step.py --batches 1 16 64 256 --variants default --no-static \

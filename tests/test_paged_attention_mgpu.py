@@ -18,13 +18,15 @@ from tests.test_kernels import (MODES, TOLERANCE, fresh_rng, make_pool, make_seq
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,ppb,slots", [
-    (14, 2, 64, 16, 4, 2),   # Qwen2.5-0.5B heads
-    (28, 4, 128, 16, 8, 2),  # Qwen2.5-7B heads
-    (8, 1, 64, 32, 2, 3),
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,ppb,slots,splits", [
+    (14, 2, 64, 16, 4, 2, 1),     # Qwen2.5-0.5B heads, unsplit
+    (14, 2, 64, 16, 4, 2, None),  # the default split count (4 here)
+    (28, 4, 128, 16, 8, 2, 3),    # Qwen2.5-7B heads; splits of one 8-page block, some empty
+    (8, 1, 64, 32, 2, 3, 5),
 ])
 def test_mgpu_decode_matches_reference_on_ragged_paged_batch(interpret, num_heads, kv_heads,
-                                                             head_dim, page_size, ppb, slots):
+                                                             head_dim, page_size, ppb, slots,
+                                                             splits):
     rng, seed = fresh_rng()
     batch, table_pages = 6, 13
     num_pages = batch * table_pages + 3
@@ -39,7 +41,8 @@ def test_mgpu_decode_matches_reference_on_ragged_paged_batch(interpret, num_head
     q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), jnp.bfloat16)
 
     out = paged_attention_mgpu(q, k_pages, v_pages, table, lengths, pages_per_block=ppb,
-                               num_slots=slots, interpret=interpret)
+                               num_slots=slots, num_splits=splits,
+                               interpret=interpret)
     ref = paged_attention_reference(q.astype(jnp.float32), k_pages.astype(jnp.float32),
                                     v_pages.astype(jnp.float32), table, lengths)
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -58,3 +61,26 @@ def test_mgpu_decode_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="multiple of 64"):
         paged_attention_mgpu(q.astype(jnp.bfloat16), pages.astype(jnp.bfloat16),
                              pages.astype(jnp.bfloat16), table, lengths, pages_per_block=3)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_mgpu_decode_reads_a_table_wider_than_one_meta_row(interpret):
+    """A row's page ids past entry 127 come from the second row of the staged [rows, 128] meta."""
+    rng, seed = fresh_rng()
+    batch, table_pages, page_size = 2, 300, 8
+    num_pages = batch * table_pages
+    k_pages, v_pages = make_pool(rng, kv_heads=1, head_dim=64, page_size=page_size,
+                                 num_pages=num_pages, dtype=jnp.bfloat16)
+    lengths = [table_pages * page_size, int(rng.integers(130 * page_size, 200 * page_size))]
+    table, lengths = make_sequences(rng, batch=batch, page_size=page_size,
+                                    table_pages=table_pages, num_pages=num_pages, lengths=lengths)
+    k_pages = poison_unowned(k_pages, table, lengths, page_size)
+    v_pages = poison_unowned(v_pages, table, lengths, page_size)
+    q = jnp.asarray(rng.standard_normal((batch, 8, 64)), jnp.bfloat16)
+
+    out = paged_attention_mgpu(q, k_pages, v_pages, table, lengths, pages_per_block=8,
+                               num_splits=4, interpret=interpret)
+    ref = paged_attention_reference(q.astype(jnp.float32), k_pages.astype(jnp.float32),
+                                    v_pages.astype(jnp.float32), table, lengths)
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
