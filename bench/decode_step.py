@@ -63,10 +63,6 @@ QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits
                "qkv_split2": {"num_splits": 2}}
 
 
-# --glue choices that warm projection weights into L2 from the norm kernels (model.L2_WARM).
-WARM_GLUES = ("warm_attn", "warm_mlp", "warm_all", "warm_early")
-
-
 def gpu_kernel_times(trace_dir: str) -> dict[str, tuple[int, float]]:
     """{kernel name: (launches, total µs)} from the Perfetto trace `jax.profiler` wrote.
 
@@ -167,8 +163,6 @@ def run_variant(args) -> list[dict]:
             # "qkv_*": the QKV projection's skinny matmul tiled otherwise (QKV_TILINGS).
             model_module.QKV_SKINNY_TILING = QKV_TILINGS.get(glue, {})
             model_module.SPLIT_COMBINE = {"xla_combine": "xla", "inkernel_combine": "inkernel"}.get(glue, "pallas")
-            # "warm_*": the norm kernels pull projection weights into L2 (jaxserve.model.L2_WARM).
-            model_module.L2_WARM = glue.removeprefix("warm_") if glue.startswith("warm_") else "off"
             runners[glue] = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
             time_decode_call(runners[glue], call, 2)
         rounds = {glue: [] for glue in args.glue}
@@ -225,7 +219,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternating timing rounds of the --glue runners (the step is their median)")
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
-                                                             "split_short", *QKV_TILINGS, *WARM_GLUES],
+                                                             "split_short", *QKV_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

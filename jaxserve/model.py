@@ -116,16 +116,6 @@ SPLIT_COMBINE = os.environ.get("JAXSERVE_SPLIT_COMBINE", "pallas")
 # are one more launch a layer). Read when a step is traced, so bench/decode_step.py can compare
 # tilings in one process (`--glue qkv_unsplit ...`).
 QKV_SKINNY_TILING: dict[str, int] = json.loads(os.environ.get("JAXSERVE_QKV_SKINNY_TILING", "{}"))
-# Experimental, decode glue only: which projection weights the norm kernels pull into L2 beside
-# their own (latency-bound) work, so the skinny matmuls after them read L2 instead of HBM.
-# "off"; "attn": the input norm warms qkv_proj and o_proj; "mlp": the post-attention norm warms
-# gate_up_proj and down_proj; "all": both; "early": the input norm warms all four. Read when a
-# step is traced (bench/decode_step.py --glue warm_*).
-L2_WARM = os.environ.get("JAXSERVE_L2_WARM", "off")
-_L2_WARM_PLAN = {"off": ((), ()), "attn": (("qkv_proj", "o_proj"), ()),
-                 "mlp": ((), ("gate_up_proj", "down_proj")),
-                 "all": (("qkv_proj", "o_proj"), ("gate_up_proj", "down_proj")),
-                 "early": (("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), ())}
 
 
 def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
@@ -184,21 +174,19 @@ class Linear(nn.Module):
 class RMSNorm(nn.Module):
     """RMSNorm; with ``fused=True`` it first adds ``partials`` (a projection's float32 K-split
     sums, ``[S, B, N]``) into ``x [B, 1, N]`` and returns ``(new residual, normed)`` from one
-    kernel (``kernels.residual_norm``), which also pulls the ``warm`` weights into L2."""
+    kernel (``kernels.residual_norm``)."""
 
     eps: float
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, partials: jax.Array | None = None, fused: bool = False,
-                 warm: tuple[jax.Array, ...] = ()):
+    def __call__(self, x: jax.Array, partials: jax.Array | None = None, fused: bool = False):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
         if fused:
             from kernels.residual_norm import add_rms_norm
 
             b, s, n = x.shape
-            hidden, normed = add_rms_norm(x.reshape(b * s, n), partials, scale, eps=self.eps,
-                                          warm=warm)
+            hidden, normed = add_rms_norm(x.reshape(b * s, n), partials, scale, eps=self.eps)
             return hidden.reshape(x.shape), normed.reshape(x.shape)
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
@@ -296,22 +284,14 @@ class DecoderLayer(nn.Module):
         input_norm = RMSNorm(eps, self.dtype, name="input_layernorm")
         post_norm = RMSNorm(eps, self.dtype, name="post_attention_layernorm")
         if _fused_glue(paged, x):
-            before_attn, before_mlp = (self._weights(names) for names in _L2_WARM_PLAN[L2_WARM])
-            x, h = input_norm(x, pending, fused=True, warm=before_attn)
+            x, h = input_norm(x, pending, fused=True)
             partials, kv = attn(h, cos, sin, lengths, kv, paged, glue=True)
-            x, h = post_norm(x, partials, fused=True, warm=before_mlp)
+            x, h = post_norm(x, partials, fused=True)
             return x, mlp(h, True, glue=True), kv
         attn_out, kv = attn(input_norm(x), cos, sin, lengths, kv, paged)
         x = x + attn_out
         x = x + mlp(post_norm(x), _fast_kernels(paged))
         return x, None, kv
-
-    def _weights(self, names: tuple[str, ...]) -> tuple[jax.Array, ...]:
-        """This layer's projection kernels by name (apply time: the params exist)."""
-        params = self.variables["params"]
-        where = {"qkv_proj": "self_attn", "o_proj": "self_attn", "gate_up_proj": "mlp",
-                 "down_proj": "mlp"}
-        return tuple(params[where[name]][name]["kernel"] for name in names)
 
 
 class Qwen2ForCausalLM(nn.Module):

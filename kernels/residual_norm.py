@@ -24,7 +24,6 @@ Backend: Pallas Triton, like the other kernels (`kernels.paged_attention` says w
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,62 +33,12 @@ from jax.experimental import pallas as pl
 from kernels import pallas_compat as compat
 
 
-# L2 warming (`warm=`): weights are read as [rows, _WARM_WIDTH] tiles of _WARM_ROWS rows
-# (32 KiB of bf16, 64 registers a thread at 4 warps) by _WARM_PROGRAMS extra programs, about
-# two per H100 / H200 SM.
-_WARM_WIDTH = 1024
-_WARM_ROWS = 16
-_WARM_PROGRAMS = 264
-
-
-def _kernel(h_ref, *rest, num_parts: int, num_warm: int, eps: float, block_n: int):
-    # Inputs: [partials], scale, warm...; outputs: [new residual], normed, [warm sums].
-    rest = list(rest)
-    p_ref = rest.pop(0) if num_parts else None
-    scale_ref = rest.pop(0)
-    warm_refs, rest = rest[:num_warm], rest[num_warm:]
-    # Without partials the residual is unchanged: returned as is by the wrapper, not copied.
-    h_out_ref = rest.pop(0) if num_parts else None
-    norm_out_ref = rest.pop(0)
-    warm_out_ref = rest.pop(0) if num_warm else None
+def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int):
+    if num_parts:
+        p_ref, scale_ref, h_out_ref, norm_out_ref = rest
+    else:  # the residual is unchanged: returned as is by the wrapper, not copied
+        scale_ref, norm_out_ref = rest
     row = pl.program_id(0)
-    m = h_ref.shape[0]
-
-    @pl.when(row < m)
-    def _norm():
-        _norm_row(h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, row, num_parts=num_parts,
-                  eps=eps, block_n=block_n)
-
-    if num_warm:
-        @pl.when(row >= m)
-        def _warm():
-            _warm_l2(warm_refs, warm_out_ref, row - m)
-
-
-def _warm_l2(warm_refs, out_ref, program) -> None:
-    """Read this program's share of each weight and store a sum of it (so the loads stay):
-    the point is the weights' lines left in L2 for the kernels after this one."""
-    programs = out_ref.shape[0]
-    total = jnp.float32(0)
-    for ref in warm_refs:
-        rows = ref.shape[0]
-        per_program = pl.cdiv(pl.cdiv(rows, programs), _WARM_ROWS) * _WARM_ROWS
-        start = program * per_program
-        count = pl.cdiv(jnp.clip(rows - start, 0, per_program), _WARM_ROWS)
-
-        def body(i, acc, ref=ref, start=start, rows=rows):
-            first = start + i * _WARM_ROWS
-            ok = (first + jnp.arange(_WARM_ROWS)) < rows
-            tile = compat.load(ref.at[pl.ds(first, _WARM_ROWS), pl.ds(0, _WARM_WIDTH)],
-                               mask=ok[:, None], other=0)
-            return acc + tile.astype(jnp.float32).sum()
-
-        total = lax.fori_loop(0, count, body, total)
-    out_ref[program] = total
-
-
-def _norm_row(h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, row, *, num_parts: int,
-              eps: float, block_n: int) -> None:
     n = h_ref.shape[1]
     dtype = h_ref.dtype
     cols = jnp.arange(block_n)
@@ -113,20 +62,16 @@ def _norm_row(h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, row, *, num_part
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
-def _add_rms_norm(hidden, partials, scale, warm, *, eps: float, num_warps: int, interpret: bool):
+def _add_rms_norm(hidden, partials, scale, *, eps: float, num_warps: int, interpret: bool):
     m, n = hidden.shape
     num_parts = 0 if partials is None else partials.shape[0]
-    kernel = functools.partial(_kernel, num_parts=num_parts, num_warm=len(warm), eps=eps,
-                               block_n=compat.next_pow2(n))
-    args = [hidden] + ([partials] if num_parts else []) + [scale] + list(warm)
+    kernel = functools.partial(_kernel, num_parts=num_parts, eps=eps, block_n=compat.next_pow2(n))
+    args = [hidden] + ([partials] if num_parts else []) + [scale]
     norm_shape = jax.ShapeDtypeStruct((m, n), hidden.dtype)
     out_shape = [jax.ShapeDtypeStruct((m, n), hidden.dtype), norm_shape] if num_parts else [norm_shape]
-    warm_programs = _WARM_PROGRAMS if warm else 0
-    if warm:  # one float a warming program; nobody reads it
-        out_shape.append(jax.ShapeDtypeStruct((warm_programs,), jnp.float32))
     outs = pl.pallas_call(
         kernel,
-        grid=(m + warm_programs,),
+        grid=(m,),
         in_specs=[pl.no_block_spec] * len(args),
         out_specs=[pl.no_block_spec] * len(out_shape),
         out_shape=out_shape,
@@ -134,20 +79,12 @@ def _add_rms_norm(hidden, partials, scale, warm, *, eps: float, num_warps: int, 
         compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=1),
         name="add_rms_norm",
     )(*args)
-    return (outs[0], outs[1]) if num_parts else (hidden, outs[0])
-
-
-def warm_view(weight: jax.Array) -> jax.Array | None:
-    """`weight` as `[rows, _WARM_WIDTH]` (a free reshape of a row-major array) for `warm=`,
-    or None when its size is not a multiple of the width."""
-    if weight.size % _WARM_WIDTH:
-        return None
-    return weight.reshape(-1, _WARM_WIDTH)
+    return tuple(outs) if num_parts else (hidden, outs[0])
 
 
 def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array, *,
-                 eps: float, interpret: bool | None = None, num_warps: int = 4,
-                 warm: Sequence[jax.Array] = ()) -> tuple[jax.Array, jax.Array]:
+                 eps: float, interpret: bool | None = None,
+                 num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
     """`h = hidden + sum(partials)`, then `(h, RMSNorm(h) * scale)`, in hidden's dtype.
 
     Args:
@@ -159,9 +96,6 @@ def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array
         eps: the norm's epsilon.
         interpret: Pallas interpret mode; None picks it on the CPU backend.
         num_warps: Triton warps per program (one program per row).
-        warm: weights for extra programs to read beside the norm, so that the kernels after
-            it find them in L2 (arrays of any shape whose size is a multiple of 1024; others
-            are skipped). The result does not depend on them.
 
     Example:
         >>> h, y = add_rms_norm(jnp.ones((2, 8)), jnp.ones((3, 2, 8)), jnp.ones(8), eps=1e-6)
@@ -176,8 +110,7 @@ def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array
         raise ValueError(f"scale must be [{hidden.shape[1]}], got {scale.shape}")
     if partials is not None:
         partials = partials.astype(jnp.float32)
-    views = tuple(v for v in map(warm_view, warm) if v is not None)
-    return _add_rms_norm(hidden, partials, scale, views, eps=float(eps), num_warps=num_warps,
+    return _add_rms_norm(hidden, partials, scale, eps=float(eps), num_warps=num_warps,
                          interpret=compat.resolve_interpret(interpret))
 
 

@@ -134,16 +134,14 @@ def test_fused_decode_shape_errors_name_the_field():
                                pages, table, ones, ones)
 
 
-@pytest.mark.parametrize("impl,qkv_tiling,l2_warm", [
-    ("pallas", {}, "off"), ("pallas-unfused", {}, "off"),
+@pytest.mark.parametrize("impl,qkv_tiling", [
+    ("pallas", {}), ("pallas-unfused", {}),
     # The QKV projection retiled (model.QKV_SKINNY_TILING): unsplit over two K blocks with its
     # bias in the kernel, and split in two with the sum and bias outside.
-    ("pallas", {"num_splits": 1, "block_k": 32, "block_n": 32}, "off"),
-    ("pallas", {"num_splits": 2, "block_k": 32}, "off"),
-    # Both norm kernels also reading weights into L2 (model.L2_WARM): the same logits.
-    ("pallas", {}, "all"),
+    ("pallas", {"num_splits": 1, "block_k": 32, "block_n": 32}),
+    ("pallas", {"num_splits": 2, "block_k": 32}),
 ])
-def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, l2_warm, monkeypatch):
+def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, monkeypatch):
     # One paged decode step of the whole model (under "pallas": the fused attention kernel and
     # the skinny-matmul projections) against a dense forward pass over the same tokens; the
     # pages are filled by a paged prefill through the references.
@@ -152,7 +150,6 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, l2_warm, monk
     from jaxserve.model import PagedAttention, Qwen2ForCausalLM, init_params, new_kv_cache
 
     monkeypatch.setattr(model_module, "QKV_SKINNY_TILING", qkv_tiling)
-    monkeypatch.setattr(model_module, "L2_WARM", l2_warm)
     rng, seed = fresh_rng()
     cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)

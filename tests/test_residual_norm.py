@@ -60,23 +60,3 @@ def test_add_rms_norm_errors_name_the_field():
         add_rms_norm(jnp.zeros((2, 8)), jnp.zeros((3, 2, 9)), jnp.ones(8), eps=1e-6)
     with pytest.raises(ValueError, match="scale"):
         add_rms_norm(jnp.zeros((2, 8)), None, jnp.ones(7), eps=1e-6)
-
-
-@pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("splits", [4, None])
-def test_add_rms_norm_warming_weights_changes_nothing(interpret, splits):
-    # The L2-warming programs (model.L2_WARM) only read: the outputs are those of the plain call.
-    # Weights: one over every warming program's share (4352 rows of 1024), one of a single row,
-    # one whose size is no multiple of 1024 (skipped).
-    rng, seed = fresh_rng()
-    m, n = 3, 896
-    hidden = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
-    partials = None if splits is None else jnp.asarray(rng.standard_normal((splits, m, n)), jnp.float32)
-    scale = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.bfloat16)
-    warm = [jnp.asarray(rng.standard_normal((896, 4973)), jnp.bfloat16).reshape(-1)[:4352 * 1024],
-            jnp.ones((32, 32), jnp.bfloat16), jnp.ones((7, 9), jnp.bfloat16)]
-    plain = add_rms_norm(hidden, partials, scale, eps=1e-6, interpret=interpret)
-    warmed = add_rms_norm(hidden, partials, scale, eps=1e-6, interpret=interpret, warm=warm)
-    for a, b in zip(plain, warmed):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                      err_msg=f"seed={seed}")
