@@ -165,15 +165,16 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_sme
 
 
 def default_mgpu_splits(batch: int, kv_heads: int, table_pages: int, pages_per_block: int) -> int:
-    """Splits so that about two programs run per SM of an H100/H200 (132), at most one block
-    of pages each.
+    """Splits so that about two programs run per SM of an H100/H200 (132), each at least one
+    block of pages; none once the batch alone runs more than half that (rounded down: at 7B
+    batch 64, 256 programs, two splits read 79.8 µs against 74.0 unsplit on the H200).
 
     Example:
-        >>> default_mgpu_splits(1, 4, 2048, 8)  # 7B heads, batch 1, 32k
-        66
+        >>> default_mgpu_splits(1, 4, 2048, 8), default_mgpu_splits(64, 4, 128, 4)
+        (66, 1)
     """
     programs = batch * kv_heads
-    return int(max(1, min(pl.cdiv(table_pages, pages_per_block), pl.cdiv(_TARGET_PROGRAMS, programs))))
+    return int(max(1, min(pl.cdiv(table_pages, pages_per_block), _TARGET_PROGRAMS // programs)))
 
 
 def paged_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
