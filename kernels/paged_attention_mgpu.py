@@ -5,16 +5,19 @@ Owns: a second decode kernel, for measuring Mosaic GPU against the Triton-lowere
 `kernels.paged_attention.paged_attention` for one decode token per sequence; its
 reference is that module's `paged_attention_reference`. Never used by the engine.
 
-Why it might be faster: the Triton kernel's programs stall on their gathered loads (Nsight
+Why it was written: the Triton kernel's programs stall on their gathered loads (Nsight
 Compute: L1TEX scoreboard, 3 programs an SM). Here each page of K and V arrives by one TMA
 copy straight into shared memory, `num_slots` blocks of pages in flight behind mbarriers,
-and the two products run on WGMMA.
+and the two products run on WGMMA. Measured on the H200 (bench/results/bandwidth.md,
+session 9) it is 5-23% slower than the Triton kernel at every shape: the softmax over the
+group padded to 64 rows and the SMEM each program holds (few programs an SM) cost more than
+TMA saves. kernel_notes.md says what would change that.
 
 How (one program, one warpgroup, per sequence and KV head):
 - The block-table row and the length come in one TMA copy of a row of `meta`
   (`[batch, rows, 128]` int32: [length, page ids...], built by the wrapper; a TMA box holds
-  at most 256 elements a dimension); page ids are then scalar reads of shared memory. Pages past the length are redirected to the row's last page holding keys
-  and masked.
+  at most 256 elements a dimension); page ids are then scalar reads of shared memory. Pages
+  past the length are redirected to the row's last page holding keys and masked.
 - WGMMA wants 64 rows: the KV group's query heads (7 at Qwen2.5-0.5B) are padded to 64 by
   the wrapper. That is 8x the flops of the group, still far under the compute roof at decode's
   ~7 flops a byte.
