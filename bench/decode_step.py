@@ -142,6 +142,7 @@ def run_variant(args) -> list[dict]:
     print(f"params ready {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     single_pass_keys = paged_attention_module.SINGLE_PASS_KEYS
+    skinny_rows = model_module.SKINNY_ROWS
     for batch in args.batches:
         steps = args.decode_steps
         width = args.table_pages or (args.context + steps) // 16 + 2
@@ -163,6 +164,9 @@ def run_variant(args) -> list[dict]:
             # "qkv_*": the QKV projection's skinny matmul tiled otherwise (QKV_TILINGS).
             model_module.QKV_SKINNY_TILING = QKV_TILINGS.get(glue, {})
             model_module.SPLIT_COMBINE = {"xla_combine": "xla", "inkernel_combine": "inkernel"}.get(glue, "pallas")
+            # "skinny256": steps of up to 256 rows through the skinny matmul and glue kernels
+            # (row blocks of 64) instead of cuBLAS GEMMs and XLA's glue fusions.
+            model_module.SKINNY_ROWS = 256 if glue == "skinny256" else skinny_rows
             runners[glue] = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
             time_decode_call(runners[glue], call, 2)
         rounds = {glue: [] for glue in args.glue}
@@ -219,7 +223,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternating timing rounds of the --glue runners (the step is their median)")
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
-                                                             "split_short", *QKV_TILINGS],
+                                                             "split_short", "skinny256", *QKV_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

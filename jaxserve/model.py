@@ -116,11 +116,17 @@ SPLIT_COMBINE = os.environ.get("JAXSERVE_SPLIT_COMBINE", "pallas")
 # are one more launch a layer). Read when a step is traced, so bench/decode_step.py can compare
 # tilings in one process (`--glue qkv_unsplit ...`).
 QKV_SKINNY_TILING: dict[str, int] = json.loads(os.environ.get("JAXSERVE_QKV_SKINNY_TILING", "{}"))
+# Decode steps of at most this many rows run their projections as the skinny-matmul kernel (and,
+# with DECODE_GLUE "kernels", the glue kernels); wider ones XLA's GEMMs. Default
+# `kernels.skinny_matmul.MAX_ROWS` (64). Experimental above it: the kernel tiles rows in blocks
+# of 64, and whether that beats cuBLAS at batch 256 is not yet measured (bench/decode_step.py
+# --glue skinny256). Read when a step is traced.
+SKINNY_ROWS = int(os.environ.get("JAXSERVE_SKINNY_ROWS", "64"))
 
 
 def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
     """Whether this pass runs the decode glue as kernels: a decode step (one token a row) of
-    at most ``kernels.skinny_matmul.MAX_ROWS`` rows under "pallas".
+    at most ``SKINNY_ROWS`` rows under "pallas".
 
     Then the projections that add into the residual return their K-split partial sums, and
     each sublayer starts with one ``kernels.residual_norm.add_rms_norm`` (sum, residual add,
@@ -129,16 +135,14 @@ def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
     """
     if DECODE_GLUE != "kernels" or not _fast_kernels(paged) or x.shape[1] != 1:
         return False
-    from kernels.skinny_matmul import MAX_ROWS
-
-    return x.shape[0] <= MAX_ROWS
+    return x.shape[0] <= SKINNY_ROWS
 
 
 class Linear(nn.Module):
     """``nn.Dense`` (same parameters, same math) that can run as the skinny-matmul kernel.
 
     ``fast=True`` (decode under the "pallas" impl) sends inputs of at most
-    ``kernels.skinny_matmul.MAX_ROWS`` rows to the Pallas kernel: XLA streams the weights of
+    ``SKINNY_ROWS`` rows to the Pallas kernel: XLA streams the weights of
     a few-row product at a fraction of the HBM bandwidth (see that module). ``epilogue``
     ("partials", "swiglu"; see ``kernels.skinny_matmul.skinny_matmul``) is for the fused decode
     glue only, which guarantees the kernel runs; ``tiling`` overrides the kernel's tiling
@@ -157,16 +161,16 @@ class Linear(nn.Module):
         x = x.astype(self.dtype)
         rows = x.size // x.shape[-1]
         if fast:
-            from kernels.skinny_matmul import MAX_ROWS, skinny_matmul
+            from kernels.skinny_matmul import skinny_matmul
 
-            if rows <= MAX_ROWS:
+            if rows <= SKINNY_ROWS:
                 out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue=epilogue,
                                     **(tiling or {}))
                 if epilogue == "partials":
                     return out
                 return out.reshape(*x.shape[:-1], out.shape[-1])
         if epilogue != "none":
-            raise ValueError(f"epilogue {epilogue!r} needs the skinny-matmul kernel (fast, rows <= MAX_ROWS)")
+            raise ValueError(f"epilogue {epilogue!r} needs the skinny-matmul kernel (fast, rows <= SKINNY_ROWS)")
         out = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
         return out if bias is None else out + bias
 

@@ -114,10 +114,11 @@ class Runner:
         return out
 
     def decode_fn(self, rows: int):
-        """The jitted multi-step decode for a batch of ``rows`` (the wide one past the skinny matmul)."""
-        from kernels.skinny_matmul import MAX_ROWS  # imported here: the runner alone need not load Pallas
+        """The jitted multi-step decode for a batch of ``rows`` (the wide one past the skinny
+        matmul's rows, ``jaxserve.model.SKINNY_ROWS``)."""
+        from jaxserve import model
 
-        return self._decode_wide if rows > MAX_ROWS else self._decode
+        return self._decode_wide if rows > model.SKINNY_ROWS else self._decode
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, limits: np.ndarray, block_tables: np.ndarray,
                batch: SamplingBatch, steps: np.ndarray, num_steps: int, counts=None, seen=None, num_top: int = 0,

@@ -11,8 +11,9 @@ rewrites the dot as a multiply (materialized at the weight's size for two of the
 projections) plus a reduction, ~790 µs a step for 713 MB of layer weights (~0.9 TB/s);
 at M = 64 its Triton GEMMs reach ~1 TB/s.
 
-How: one program per (block of `block_n` output columns, K split). Each program keeps the
-M rows (padded to 16, the MMA's minimum, by masked loads) and streams its weight columns
+How: one program per (block of `ROW_BLOCK` rows, block of `block_n` output columns, K
+split); a decode step of up to 64 rows is one row block. Each program keeps its rows
+(padded to 16, the MMA's minimum, by masked loads) and streams its weight columns
 `block_k` rows at a time through a tensor-core product with a float32 accumulator; the
 loop is software-pipelined (`num_stages`) so several weight tiles are in flight. Narrow
 matrices (few column blocks) split K so that enough programs run to fill the GPU; the
@@ -36,8 +37,11 @@ from jax.experimental import pallas as pl
 
 from kernels import pallas_compat as compat
 
-# Up to this many rows the weight stream dominates; beyond it XLA's GEMMs are the better choice.
+# Up to this many rows the weight stream dominates; beyond it XLA's GEMMs are the better choice
+# (the model's default routing: `jaxserve.model.SKINNY_ROWS`). The kernel takes any row count,
+# ROW_BLOCK rows a program.
 MAX_ROWS = 64
+ROW_BLOCK = 64
 # Programs wanted in flight: about two per H100 SM.
 _TARGET_PROGRAMS = 264
 
@@ -48,9 +52,12 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
         b_ref, o_ref = rest
     else:
         (o_ref,) = rest
-    col_block, split = pl.program_id(0), pl.program_id(1)
+    # Row blocks vary fastest in launch order, so the programs that read one weight tile run
+    # together and all but the first find it in L2.
+    row_block, col_block, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows, k_total = x_ref.shape
-    row_ids = jnp.arange(block_m)
+    row0 = row_block * block_m
+    row_ids = row0 + jnp.arange(block_m)
     cols = col_block * block_n + jnp.arange(block_n)
     col_ok = cols < n_out
     k_start = split * k_per_split
@@ -64,7 +71,7 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
         k0 = k_start + i * block_k
         ks = k0 + jnp.arange(block_k)
         k_ok = ks < k_end
-        x = compat.load(x_ref.at[pl.ds(0, block_m), pl.ds(k0, block_k)],
+        x = compat.load(x_ref.at[pl.ds(row0, block_m), pl.ds(k0, block_k)],
                         mask=(row_ids < rows)[:, None] & k_ok[None, :], other=0)
         out = []
         for acc, offset in zip(accs, halves):
@@ -76,7 +83,7 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
     zeros = jnp.zeros((block_m, block_n), jnp.float32)
     accs = lax.fori_loop(0, num_iters, body, tuple(zeros for _ in halves))
     mask = (row_ids < rows)[:, None] & col_ok[None, :]
-    tile = (pl.ds(0, block_m), pl.ds(col_block * block_n, block_n))
+    tile = (pl.ds(row0, block_m), pl.ds(col_block * block_n, block_n))
     if epilogue == "partials":
         compat.store(o_ref.at[(split,) + tile], accs[0], mask=mask)
         return
@@ -103,9 +110,9 @@ def default_tiling(m: int, k: int, n: int, epilogue: str = "none") -> tuple[int,
     if epilogue == "swiglu":
         return 32, block_k, 1
     block_n = 64
-    col_blocks = pl.cdiv(n, block_n)
+    blocks = pl.cdiv(n, block_n) * pl.cdiv(m, ROW_BLOCK)
     k_blocks = pl.cdiv(k, block_k)
-    num_splits = max(1, min(k_blocks, _TARGET_PROGRAMS // col_blocks))
+    num_splits = max(1, min(k_blocks, _TARGET_PROGRAMS // blocks))
     return block_n, block_k, num_splits
 
 
@@ -115,7 +122,7 @@ def _skinny(x, w, bias, *, epilogue: str, block_n: int, block_k: int, num_splits
             num_warps: int, num_stages: int, interpret: bool):
     m, k = x.shape
     n_out = w.shape[1] // 2 if epilogue == "swiglu" else w.shape[1]
-    block_m = max(16, compat.next_pow2(m))
+    block_m = max(16, compat.next_pow2(min(m, ROW_BLOCK)))
     k_blocks = pl.cdiv(k, block_k)
     k_per_split = pl.cdiv(k_blocks, num_splits) * block_k
     precision = lax.Precision.HIGHEST if w.dtype == jnp.float32 else None
@@ -132,7 +139,7 @@ def _skinny(x, w, bias, *, epilogue: str, block_n: int, block_k: int, num_splits
         out_shape = jax.ShapeDtypeStruct((m, n_out), x.dtype)
     out = pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(n_out, block_n), num_splits),
+        grid=(pl.cdiv(m, block_m), pl.cdiv(n_out, block_n), num_splits),
         in_specs=[pl.no_block_spec] * len(args),
         out_specs=pl.no_block_spec,
         out_shape=out_shape,
@@ -159,7 +166,7 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
     """`x @ w (+ bias)` for a few rows of `x`, accumulated in float32.
 
     Args:
-        x: `[M, K]` activations, M <= `MAX_ROWS`.
+        x: `[M, K]` activations (any M; the kernel pays off up to about `MAX_ROWS`).
         w: `[K, N]` weights (Flax `Dense` layout).
         bias: optional `[N]` (epilogue "none" only).
         epilogue: what the kernel returns:
@@ -179,8 +186,6 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
     """
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"x must be [M, K] and w [K, N], got {x.shape} and {w.shape}")
-    if x.shape[0] > MAX_ROWS:
-        raise ValueError(f"x has {x.shape[0]} rows, more than MAX_ROWS={MAX_ROWS}")
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     if bias is not None and (epilogue != "none" or bias.shape != (w.shape[1],)):

@@ -307,13 +307,14 @@ def test_sampling_batch_is_built_once_per_set_of_rows(tiny, monkeypatch):
 def test_wide_decode_batches_compile_with_their_own_options(tiny):
     # Batches past the skinny matmul's rows project through XLA GEMMs, compiled with
     # runner.WIDE_DECODE_OPTIONS; narrower ones keep the default compile.
+    from jaxserve import model as model_mod
     from jaxserve import runner as runner_mod
-    from kernels.skinny_matmul import MAX_ROWS
 
     m, _ = tiny
+    rows = model_mod.SKINNY_ROWS
     with Engine(m, small_config()) as engine:
         r = engine.runner
-        assert r.decode_fn(MAX_ROWS) is r._decode and r.decode_fn(MAX_ROWS + 1) is r._decode_wide
+        assert r.decode_fn(rows) is r._decode and r.decode_fn(rows + 1) is r._decode_wide
         assert r._decode_wide is not r._decode
     if "JAXSERVE_WIDE_DECODE_OPTIONS" not in os.environ:
         assert runner_mod.WIDE_DECODE_OPTIONS == {"xla_gpu_enable_triton_gemm": False}

@@ -1,5 +1,5 @@
 """The skinny-matmul kernel (decode projections) against its jnp reference on fresh random
-inputs: row counts 1..MAX_ROWS, K and N that are not multiples of the tiles, with and
+inputs: row counts 1..MAX_ROWS and several row blocks, K and N that are not multiples of the tiles, with and
 without bias and K splits, and its two epilogues (K-split partials, SwiGLU); float32 within
 1e-5 and bfloat16 within 2e-2 relative.
 """
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.skinny_matmul import (MAX_ROWS, default_tiling, skinny_matmul,
+from kernels.skinny_matmul import (MAX_ROWS, ROW_BLOCK, default_tiling, skinny_matmul,
                                    skinny_matmul_reference)
 from tests.test_kernels import MODES, TOLERANCE, fresh_rng, relative_error
 
@@ -21,6 +21,7 @@ CASES = [  # (M, K, N, dtype, bias, num_splits, block_n, block_k)
     (3, 200, 130, jnp.float32, True, 3, 32, 64),            # ragged K and N, uneven splits
     (16, 320, 96, jnp.bfloat16, False, 2, 64, 128),
     (MAX_ROWS, 150, 70, jnp.float32, True, None, None, None),
+    (3 * ROW_BLOCK - 5, 200, 130, jnp.bfloat16, True, 2, 64, 64),  # three row blocks, the last ragged
 ]
 
 
@@ -46,6 +47,8 @@ EPILOGUE_CASES = [  # (epilogue, M, K, N, dtype, num_splits, block_n)
     ("swiglu", 1, 896, 2 * 4864, jnp.bfloat16, None, None),  # Qwen2.5-0.5B gate_up
     ("swiglu", 7, 200, 2 * 90, jnp.float32, None, None),      # ragged K, half not a tile multiple
     ("swiglu", MAX_ROWS, 64, 2 * 48, jnp.float32, 1, 16),
+    ("partials", 4 * ROW_BLOCK, 896, 896, jnp.bfloat16, None, None),  # o_proj at batch 256
+    ("swiglu", ROW_BLOCK + 1, 128, 2 * 96, jnp.float32, None, None),
 ]
 
 
@@ -72,11 +75,13 @@ def test_default_tiling_fills_the_gpu_by_splitting_narrow_matrices():
     _, _, narrow = default_tiling(1, 4864, 896)
     _, _, wide = default_tiling(1, 896, 9728)
     assert narrow > 1 and wide == 1
+    # Row blocks are programs too: four of them (batch 256) need fewer K splits.
+    assert default_tiling(4 * ROW_BLOCK, 4864, 896)[2] < narrow
 
 
 def test_skinny_matmul_errors_name_the_field():
-    with pytest.raises(ValueError, match="rows"):
-        skinny_matmul(jnp.zeros((MAX_ROWS + 1, 8)), jnp.zeros((8, 4)))
+    with pytest.raises(ValueError, match="x must be"):
+        skinny_matmul(jnp.zeros((2, 8)), jnp.zeros((9, 4)))
     with pytest.raises(ValueError, match="bias"):
         skinny_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4)), jnp.zeros(5))
     with pytest.raises(ValueError, match="block_k"):
