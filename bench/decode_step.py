@@ -126,6 +126,7 @@ def run_variant(args) -> list[dict]:
     from bench.throughput import QWEN25_05B, TINY, decode_hlo, loop_body_histogram, static_decoder, time_decode_call
     from jaxserve import model as model_module
     paged_attention_module = importlib.import_module("kernels.paged_attention")  # kernels.paged_attention is also a function
+    decode_attention_module = importlib.import_module("kernels.decode_attention")
     from jaxserve.config import ModelConfig
     from jaxserve.model import init_params
     from jaxserve.runner import Runner, default_attention_impl
@@ -167,6 +168,8 @@ def run_variant(args) -> list[dict]:
             # "skinny256": steps of up to 256 rows through the skinny matmul and glue kernels
             # (row blocks of 64) instead of cuBLAS GEMMs and XLA's glue fusions.
             model_module.SKINNY_ROWS = 256 if glue == "skinny256" else skinny_rows
+            # "early_gather": the fused attention loads its first key block before the QKV.
+            decode_attention_module.EARLY_GATHER = glue == "early_gather"
             runners[glue] = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
             time_decode_call(runners[glue], call, 2)
         rounds = {glue: [] for glue in args.glue}
@@ -223,7 +226,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternating timing rounds of the --glue runners (the step is their median)")
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
-                                                             "split_short", "skinny256", *QKV_TILINGS],
+                                                             "split_short", "skinny256", "early_gather", *QKV_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -16,6 +16,9 @@
 #   mosaic      the experimental Mosaic GPU decode kernel: its compiled tests, then each of its configs
 #               timed beside ours on bandwidth.py's MOSAIC_SHAPES (~300 s)
 #   qkv         the decode step at batch 1/16/64 with the QKV skinny matmul retiled (unsplit: no sum launch) (~90 s)
+#   pending     session 9's untimed engine options against the default, one process per batch set:
+#               the fused attention's early gather (batch 1/64/256) and the skinny matmul at batch
+#               256 instead of cuBLAS (~200 s; run `tests` first: both change compiled kernels)
 #   policies    the three scheduling policies, open loop, bf16 then float32 (~210 s each; compile cache shared;
 #               POLICY_DTYPES=float32 for one of them: 150 s was too short for it in session 8)
 set -uo pipefail
@@ -50,6 +53,10 @@ for part in "${parts[@]}"; do
            --glue kernels qkv_unsplit qkv_unsplit_n32 qkv_split2 --rounds 5 --reps 10 ;;
     short) timeout 200 python3 bench/decode_step.py --batches 1 16 64 256 --variants default --no-static \
              --glue kernels split_short --rounds 5 --reps 10 ;;
+    pending) timeout 150 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
+               --glue kernels early_gather --rounds 5 --reps 10
+             timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \
+               --glue kernels early_gather skinny256 --rounds 5 --reps 10 --profile /tmp/pending ;;
     policies) export JAX_COMPILATION_CACHE_DIR=/tmp/jaxserve_jc JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
               for dtype in ${POLICY_DTYPES:-bfloat16 float32}; do
