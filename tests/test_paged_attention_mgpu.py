@@ -67,11 +67,11 @@ def test_mgpu_decode_refuses_what_it_cannot_run():
 def test_mgpu_decode_reads_a_table_wider_than_one_meta_row(interpret):
     """A row's page ids past entry 127 come from the second row of the staged [rows, 128] meta."""
     rng, seed = fresh_rng()
-    batch, table_pages, page_size = 2, 300, 8
+    batch, table_pages, page_size = 2, 140, 8
     num_pages = batch * table_pages
     k_pages, v_pages = make_pool(rng, kv_heads=1, head_dim=64, page_size=page_size,
                                  num_pages=num_pages, dtype=jnp.bfloat16)
-    lengths = [table_pages * page_size, int(rng.integers(130 * page_size, 200 * page_size))]
+    lengths = [table_pages * page_size, int(rng.integers(129 * page_size, 139 * page_size))]
     table, lengths = make_sequences(rng, batch=batch, page_size=page_size,
                                     table_pages=table_pages, num_pages=num_pages, lengths=lengths)
     k_pages = poison_unowned(k_pages, table, lengths, page_size)
