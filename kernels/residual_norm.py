@@ -2,7 +2,7 @@
 
 Owns: `add_rms_norm` (the residual stream plus a projection's K-split partial sums, then the
 next sublayer's RMSNorm) and its jnp reference. Never decides when it is used (the model
-does: decode steps of at most `kernels.skinny_matmul.MAX_ROWS` rows under "pallas").
+does: decode steps of at most `jaxserve.model.SKINNY_ROWS` rows under "pallas").
 
 Why: between the skinny matmuls of a decode step sit the sum of a projection's K splits, the
 residual add, the norm's statistics and its scale. XLA spreads them over several small
