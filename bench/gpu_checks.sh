@@ -18,7 +18,8 @@
 #   qkv         the decode step at batch 1/16/64 with the QKV skinny matmul retiled (unsplit: no sum launch) (~90 s)
 #   pending     session 9's untimed engine options against the default, one process per batch set:
 #               the fused attention's early gather (batch 1/64/256) and the skinny matmul at batch
-#               256 instead of cuBLAS (~200 s; run `tests` first: both change compiled kernels)
+#               256 instead of cuBLAS, and per projection against cuBLAS (bench/skinny_tune.py)
+#               (~330 s; run `tests` first: both change compiled kernels)
 #   policies    the three scheduling policies, open loop, bf16 then float32 (~210 s each; compile cache shared;
 #               POLICY_DTYPES=float32 for one of them: 150 s was too short for it in session 8)
 set -uo pipefail
@@ -56,7 +57,9 @@ for part in "${parts[@]}"; do
     pending) timeout 150 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels early_gather --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \
-               --glue kernels early_gather skinny256 --rounds 5 --reps 10 --profile /tmp/pending ;;
+               --glue kernels early_gather skinny256 --rounds 5 --reps 10 --profile /tmp/pending
+             timeout 150 python3 bench/skinny_tune.py --rows 256 --block-n 64 --block-k 64 128 \
+               --stages-warps 3x4 4x4 --targets 264 528 ;;
     policies) export JAX_COMPILATION_CACHE_DIR=/tmp/jaxserve_jc JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
               for dtype in ${POLICY_DTYPES:-bfloat16 float32}; do

@@ -7,6 +7,7 @@ an output; reported is the median time per matrix and its weight bytes over that
 add per matrix in the timed function, which weighs on the 128- and 256-row times.)
 
     python bench/skinny_tune.py --rows 1 64
+    python bench/skinny_tune.py --rows 256 --block-n 64 --block-k 64 128   # row blocks vs cuBLAS
 """
 
 from __future__ import annotations
@@ -25,11 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from kernels.skinny_matmul import skinny_matmul  # noqa: E402
-
-# The module itself (`kernels.skinny_matmul` as an attribute is the function, re-exported by
-# the package), so that --rows can raise its MAX_ROWS.
-sm = sys.modules["kernels.skinny_matmul"]
+from jaxserve.runner import WIDE_DECODE_OPTIONS  # noqa: E402
+from kernels.skinny_matmul import MAX_ROWS, ROW_BLOCK, skinny_matmul  # noqa: E402
 
 SHAPES = {"qkv": (896, 1152), "o": (896, 896), "gate_up": (896, 9728), "down": (4864, 896)}
 
@@ -54,9 +52,6 @@ def main() -> None:
     ap.add_argument("--stages-warps", nargs="+", default=["3x4", "4x4", "4x8"], help="STAGESxWARPS")
     ap.add_argument("--targets", type=int, nargs="+", default=[264, 528], help="programs wanted (sets the K split)")
     args = ap.parse_args()
-    if max(args.rows) > sm.MAX_ROWS:
-        # Probing whether the kernel would also serve larger batches than the engine gives it.
-        sm.MAX_ROWS = max(args.rows)
     stages_warps = [tuple(map(int, sw.split("x"))) for sw in args.stages_warps]
     key = jax.random.key(0)
     print(f"device {jax.devices()[0].device_kind}", flush=True)
@@ -72,13 +67,17 @@ def main() -> None:
                 # runs (an accumulating add per matrix, as before, dominated the 256-row times).
                 def f(x, ws):
                     return tuple(jnp.dot(x, w) if tile is None else skinny_matmul(x, w, **tile) for w in ws)
+                if tile is None and m > MAX_ROWS:
+                    # XLA as the engine compiles steps this wide (cuBLAS: runner.WIDE_DECODE_OPTIONS).
+                    return jax.jit(f).lower(x, ws).compile(WIDE_DECODE_OPTIONS or None)
                 return jax.jit(f)
 
             rows = [("xla", None)]
             for bn, bk, (st, wp), target in itertools.product(args.block_n, args.block_k, stages_warps,
                                                               args.targets):
                 kb = -(-k // bk)
-                splits = max(1, min(kb, target // -(-n // bn)))
+                blocks = -(-n // bn) * -(-m // ROW_BLOCK)
+                splits = max(1, min(kb, target // blocks))
                 rows.append((f"bn{bn} bk{bk} st{st} w{wp} s{splits}",
                              dict(block_n=bn, block_k=bk, num_stages=st, num_warps=wp, num_splits=splits)))
             seen = set()
