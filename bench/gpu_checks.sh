@@ -21,7 +21,8 @@
 #               256 instead of cuBLAS, and per projection against cuBLAS (bench/skinny_tune.py)
 #               (~330 s; run `tests` first: both change compiled kernels)
 #   policies    the three scheduling policies, open loop, bf16 then float32 (~210 s each; compile cache shared;
-#               POLICY_DTYPES=float32 for one of them: 150 s was too short for it in session 8)
+#               POLICY_DTYPES=float32 for one of them; float32 needs POLICY_TIMEOUT=550: 250 s ran none
+#               of its policies in session 9, 400 s one of three)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -63,7 +64,7 @@ for part in "${parts[@]}"; do
     policies) export JAX_COMPILATION_CACHE_DIR=/tmp/jaxserve_jc JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
               for dtype in ${POLICY_DTYPES:-bfloat16 float32}; do
-                timeout 250 python3 bench/throughput.py --policies --num-requests 96 --rate 64 --max-running 16 \
+                timeout ${POLICY_TIMEOUT:-250} python3 bench/throughput.py --policies --num-requests 96 --rate 64 --max-running 16 \
                   --prompt-len 256 --output-len 32 --decode-steps 4 --dtype $dtype --out "$OUT/$part/$dtype"
               done ;;
     *) echo "unknown part: $part" >&2; continue ;;
