@@ -21,8 +21,8 @@
 #               256 instead of cuBLAS, and per projection against cuBLAS (bench/skinny_tune.py)
 #               (~330 s; run `tests` first: both change compiled kernels)
 #   policies    the three scheduling policies, open loop, bf16 then float32 (~210 s each; compile cache shared;
-#               POLICY_DTYPES=float32 for one of them; float32 needs POLICY_TIMEOUT=550: 250 s ran none
-#               of its policies in session 9, 400 s one of three)
+#               POLICY_DTYPES=float32 for one of them, with POLICY_TIMEOUT=560: in session 9 250 s ran
+#               none of its policies, 400 s one of three)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
