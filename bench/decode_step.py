@@ -127,6 +127,7 @@ def run_variant(args) -> list[dict]:
     from jaxserve import model as model_module
     paged_attention_module = importlib.import_module("kernels.paged_attention")  # kernels.paged_attention is also a function
     decode_attention_module = importlib.import_module("kernels.decode_attention")
+    residual_norm_module = importlib.import_module("kernels.residual_norm")
     from jaxserve.config import ModelConfig
     from jaxserve.model import init_params
     from jaxserve.runner import Runner, default_attention_impl
@@ -144,6 +145,7 @@ def run_variant(args) -> list[dict]:
     rows = []
     single_pass_keys = paged_attention_module.SINGLE_PASS_KEYS
     skinny_rows = model_module.SKINNY_ROWS
+    norm_warps = residual_norm_module.NUM_WARPS
     for batch in args.batches:
         steps = args.decode_steps
         width = args.table_pages or (args.context + steps) // 16 + 2
@@ -170,6 +172,8 @@ def run_variant(args) -> list[dict]:
             model_module.SKINNY_ROWS = 256 if glue == "skinny256" else skinny_rows
             # "early_gather": the fused attention loads its first key block before the QKV.
             decode_attention_module.EARLY_GATHER = glue == "early_gather"
+            # "norm_warps8": the add + RMSNorm kernel's one program a row runs 8 warps, not 4.
+            residual_norm_module.NUM_WARPS = 8 if glue == "norm_warps8" else norm_warps
             runners[glue] = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
             time_decode_call(runners[glue], call, 2)
         rounds = {glue: [] for glue in args.glue}
@@ -226,7 +230,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternating timing rounds of the --glue runners (the step is their median)")
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
-                                                             "split_short", "skinny256", "early_gather", *QKV_TILINGS],
+                                                             "split_short", "skinny256", "early_gather", "norm_warps8",
+                                                             *QKV_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -17,7 +17,7 @@
 #               timed beside ours on bandwidth.py's MOSAIC_SHAPES (~300 s)
 #   qkv         the decode step at batch 1/16/64 with the QKV skinny matmul retiled (unsplit: no sum launch) (~90 s)
 #   pending     session 9's untimed engine options against the default, one process per batch set:
-#               the fused attention's early gather (batch 1/64/256) and the skinny matmul at batch
+#               the fused attention's early gather (batch 1/64/256), 8-warp norms (1/64), the skinny matmul at batch
 #               256 instead of cuBLAS, and per projection against cuBLAS (bench/skinny_tune.py)
 #               (~330 s; run `tests` first: both change compiled kernels)
 #   policies    the three scheduling policies, open loop, bf16 then float32 (~210 s each; compile cache shared;
@@ -55,8 +55,8 @@ for part in "${parts[@]}"; do
            --glue kernels qkv_unsplit qkv_unsplit_n32 qkv_split2 --rounds 5 --reps 10 ;;
     short) timeout 200 python3 bench/decode_step.py --batches 1 16 64 256 --variants default --no-static \
              --glue kernels split_short --rounds 5 --reps 10 ;;
-    pending) timeout 150 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
-               --glue kernels early_gather --rounds 5 --reps 10
+    pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
+               --glue kernels early_gather norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \
                --glue kernels early_gather skinny256 --rounds 5 --reps 10 --profile /tmp/pending
              timeout 150 python3 bench/skinny_tune.py --rows 256 --block-n 64 --block-k 64 128 \

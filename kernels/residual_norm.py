@@ -33,6 +33,13 @@ from jax.experimental import pallas as pl
 from kernels import pallas_compat as compat
 
 
+# Warps per row's program. At batch 1 the one program loads every K-split partial of the row
+# (18 x 896 floats after the 0.5B down projection): more warps put more of those loads in
+# flight at once. 4 is what was measured; bench/decode_step.py --glue norm_warps8 times 8.
+# Read when a step is traced.
+NUM_WARPS = 4
+
+
 def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int):
     if num_parts:
         p_ref, scale_ref, h_out_ref, norm_out_ref = rest
@@ -84,7 +91,7 @@ def _add_rms_norm(hidden, partials, scale, *, eps: float, num_warps: int, interp
 
 def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array, *,
                  eps: float, interpret: bool | None = None,
-                 num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
+                 num_warps: int | None = None) -> tuple[jax.Array, jax.Array]:
     """`h = hidden + sum(partials)`, then `(h, RMSNorm(h) * scale)`, in hidden's dtype.
 
     Args:
@@ -95,7 +102,7 @@ def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array
         scale: `[N]` the norm's weight.
         eps: the norm's epsilon.
         interpret: Pallas interpret mode; None picks it on the CPU backend.
-        num_warps: Triton warps per program (one program per row).
+        num_warps: Triton warps per program (one program per row); None: `NUM_WARPS`.
 
     Example:
         >>> h, y = add_rms_norm(jnp.ones((2, 8)), jnp.ones((3, 2, 8)), jnp.ones(8), eps=1e-6)
@@ -110,7 +117,8 @@ def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array
         raise ValueError(f"scale must be [{hidden.shape[1]}], got {scale.shape}")
     if partials is not None:
         partials = partials.astype(jnp.float32)
-    return _add_rms_norm(hidden, partials, scale, eps=float(eps), num_warps=num_warps,
+    return _add_rms_norm(hidden, partials, scale, eps=float(eps),
+                         num_warps=NUM_WARPS if num_warps is None else num_warps,
                          interpret=compat.resolve_interpret(interpret))
 
 
