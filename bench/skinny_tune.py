@@ -27,7 +27,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from jaxserve.runner import WIDE_DECODE_OPTIONS  # noqa: E402
-from kernels.skinny_matmul import MAX_ROWS, ROW_BLOCK, skinny_matmul  # noqa: E402
+from kernels.skinny_matmul import MAX_ROWS, skinny_matmul, split_count  # noqa: E402
 
 SHAPES = {"qkv": (896, 1152), "o": (896, 896), "gate_up": (896, 9728), "down": (4864, 896)}
 
@@ -75,9 +75,7 @@ def main() -> None:
             rows = [("xla", None)]
             for bn, bk, (st, wp), target in itertools.product(args.block_n, args.block_k, stages_warps,
                                                               args.targets):
-                kb = -(-k // bk)
-                blocks = -(-n // bn) * -(-m // ROW_BLOCK)
-                splits = max(1, min(kb, target // blocks))
+                splits = split_count(m, k, n, bn, bk, target)
                 rows.append((f"bn{bn} bk{bk} st{st} w{wp} s{splits}",
                              dict(block_n=bn, block_k=bk, num_stages=st, num_warps=wp, num_splits=splits)))
             seen = set()

@@ -110,10 +110,20 @@ def default_tiling(m: int, k: int, n: int, epilogue: str = "none") -> tuple[int,
     if epilogue == "swiglu":
         return 32, block_k, 1
     block_n = 64
+    return block_n, block_k, split_count(m, k, n, block_n, block_k)
+
+
+def split_count(m: int, k: int, n: int, block_n: int, block_k: int,
+                target: int = _TARGET_PROGRAMS) -> int:
+    """K splits so that about `target` programs run over the row and column blocks, each
+    split at least one `block_k` iteration.
+
+    Example:
+        >>> split_count(1, 4864, 896, 64, 128), split_count(256, 4864, 896, 64, 128)
+        (18, 4)
+    """
     blocks = pl.cdiv(n, block_n) * pl.cdiv(m, ROW_BLOCK)
-    k_blocks = pl.cdiv(k, block_k)
-    num_splits = max(1, min(k_blocks, _TARGET_PROGRAMS // blocks))
-    return block_n, block_k, num_splits
+    return max(1, min(pl.cdiv(k, block_k), target // blocks))
 
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "block_k", "num_splits",
