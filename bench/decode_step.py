@@ -172,8 +172,8 @@ def run_variant(args) -> list[dict]:
             model_module.SKINNY_ROWS = 256 if glue == "skinny256" else skinny_rows
             # "early_gather": the fused attention loads its first key block before the QKV.
             decode_attention_module.EARLY_GATHER = glue == "early_gather"
-            # "norm_warps8": the add + RMSNorm kernel's one program a row runs 8 warps, not 4.
-            residual_norm_module.NUM_WARPS = 8 if glue == "norm_warps8" else norm_warps
+            # "norm_warps4" / "norm_warps8": the add + RMSNorm kernel's one program a row runs 4 / 8 warps.
+            residual_norm_module.NUM_WARPS = {"norm_warps4": 4, "norm_warps8": 8}.get(glue, norm_warps)
             runners[glue] = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
             time_decode_call(runners[glue], call, 2)
         rounds = {glue: [] for glue in args.glue}
@@ -230,7 +230,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternating timing rounds of the --glue runners (the step is their median)")
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
-                                                             "split_short", "skinny256", "early_gather", "norm_warps8",
+                                                             "split_short", "skinny256", "early_gather", "norm_warps4", "norm_warps8",
                                                              *QKV_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],

@@ -68,7 +68,13 @@ class Runner:
         decode_static = ("num_steps", "num_top", "penalties", "greedy")
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static)
         # Batches too wide for the skinny matmul project through XLA's GEMMs; for those steps
-        # its own options may differ (see WIDE_DECODE_OPTIONS).
+        # its own options may differ (see WIDE_DECODE_OPTIONS). The row limit is read once here:
+        # the model reads the global when it traces, so a runner built (and traced) under one
+        # value must keep routing by it when the global later changes (bench/decode_step.py
+        # builds runners under several; session 9's batch-256 rows timed the wrong compile).
+        from jaxserve import model as model_module
+
+        self.skinny_rows = model_module.SKINNY_ROWS
         self._decode_wide = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static,
                                     compiler_options=WIDE_DECODE_OPTIONS or None)
 
@@ -116,9 +122,7 @@ class Runner:
     def decode_fn(self, rows: int):
         """The jitted multi-step decode for a batch of ``rows`` (the wide one past the skinny
         matmul's rows, ``jaxserve.model.SKINNY_ROWS``)."""
-        from jaxserve import model
-
-        return self._decode_wide if rows > model.SKINNY_ROWS else self._decode
+        return self._decode_wide if rows > self.skinny_rows else self._decode
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, limits: np.ndarray, block_tables: np.ndarray,
                batch: SamplingBatch, steps: np.ndarray, num_steps: int, counts=None, seen=None, num_top: int = 0,

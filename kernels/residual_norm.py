@@ -35,9 +35,10 @@ from kernels import pallas_compat as compat
 
 # Warps per row's program. At batch 1 the one program loads every K-split partial of the row
 # (18 x 896 floats after the 0.5B down projection): more warps put more of those loads in
-# flight at once. 4 is what was measured; bench/decode_step.py --glue norm_warps8 times 8.
-# Read when a step is traced.
-NUM_WARPS = 4
+# flight at once. 8 measured faster than 4 on the H200 in one process, alternating rounds
+# (bench/decode_step.py --glue norm_warps8, session 10): decode step 0.986 -> 0.959 ms at batch
+# 1, 1.186 -> 1.144 ms at batch 64 (bench/results/decode_step.md). Read when a step is traced.
+NUM_WARPS = 8
 
 
 def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int):

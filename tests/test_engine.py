@@ -316,6 +316,14 @@ def test_wide_decode_batches_compile_with_their_own_options(tiny):
         r = engine.runner
         assert r.decode_fn(rows) is r._decode and r.decode_fn(rows + 1) is r._decode_wide
         assert r._decode_wide is not r._decode
+        # A runner keeps the row limit it was built (and traced) under: bench/decode_step.py
+        # builds runners under several values of the global in one process.
+        saved = model_mod.SKINNY_ROWS
+        try:
+            model_mod.SKINNY_ROWS = 4 * rows
+            assert r.decode_fn(rows + 1) is r._decode_wide
+        finally:
+            model_mod.SKINNY_ROWS = saved
     if "JAXSERVE_WIDE_DECODE_OPTIONS" not in os.environ:
         assert runner_mod.WIDE_DECODE_OPTIONS == {"xla_gpu_enable_triton_gemm": False}
 

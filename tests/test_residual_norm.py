@@ -63,13 +63,14 @@ def test_add_rms_norm_errors_name_the_field():
 
 
 @pytest.mark.parametrize("interpret", MODES)
-def test_add_rms_norm_with_eight_warps(interpret):
-    # NUM_WARPS = 8 is timed by bench/decode_step.py --glue norm_warps8: it must compile and agree.
+def test_add_rms_norm_with_four_warps(interpret):
+    # 4 warps (the default before session 10) stays a choice: bench/decode_step.py --glue
+    # norm_warps4 times it against the default, so it must compile and agree.
     rng, seed = fresh_rng()
     hidden = jnp.asarray(rng.standard_normal((1, 896)), jnp.bfloat16)
     partials = jnp.asarray(rng.standard_normal((18, 1, 896)), jnp.float32)
     scale = jnp.asarray(rng.uniform(0.5, 1.5, 896), jnp.bfloat16)
-    out = add_rms_norm(hidden, partials, scale, eps=1e-6, interpret=interpret, num_warps=8)
+    out = add_rms_norm(hidden, partials, scale, eps=1e-6, interpret=interpret, num_warps=4)
     ref = add_rms_norm_reference(hidden, partials, scale, eps=1e-6)
     for a, b in zip(out, ref):
         assert relative_error(a, b) <= 8e-3, f"seed={seed}"
