@@ -22,7 +22,7 @@
 #               (~330 s; run `tests` first: both change compiled kernels)
 #   policies    the three scheduling policies, open loop, bf16 then float32 (~210 s each; compile cache shared;
 #               POLICY_DTYPES=float32 for one of them, with POLICY_TIMEOUT=560: in session 9 250 s ran
-#               none of its policies, 400 s one of three)
+#               none of its policies, 400 s one of three; POLICY_ARGS="--no-warmup" compiles only the shapes used)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -65,7 +65,8 @@ for part in "${parts[@]}"; do
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
               for dtype in ${POLICY_DTYPES:-bfloat16 float32}; do
                 timeout ${POLICY_TIMEOUT:-250} python3 bench/throughput.py --policies --num-requests 96 --rate 64 --max-running 16 \
-                  --prompt-len 256 --output-len 32 --decode-steps 4 --dtype $dtype --out "$OUT/$part/$dtype"
+                  --prompt-len 256 --output-len 32 --decode-steps 4 --dtype $dtype --out "$OUT/$part/$dtype" \
+                  ${POLICY_ARGS:-}
               done ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1

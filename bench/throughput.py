@@ -339,13 +339,16 @@ def _agreement(tokens: list[list[int]], reference: list[list[int]]) -> str:
 
 
 def bench_policies(m: LoadedModel, num_requests: int, max_running: int, rate: float, out_len: int,
-                   max_prompt: int, decode_steps: int, attention_impl: str, dtype: str = "bfloat16") -> list[str]:
+                   max_prompt: int, decode_steps: int, attention_impl: str, dtype: str = "bfloat16",
+                   warmup: bool = True) -> list[str]:
     """The same open-loop workload under each scheduling policy: TTFT vs token-gap trade-off.
 
     Requests arrive as a Poisson process (wall clock) with prompt lengths uniform in
     [8, max_prompt]. Greedy outputs are compared with prefill_first's: in float32 they should
     agree; in bf16 the policies' different batch buckets and chunking change rounding, and a
     random-weight model's near-tied logits can flip (bench/results/policies_h200.md).
+    ``warmup=False`` compiles shapes as they come (the last column counts them): the timings then
+    include compilation, but a float32 token check finishes where warming every bucket did not.
     """
     rng = np.random.default_rng(1)
     prompts = [rng.integers(2, m.config.vocab_size, size=int(n)).tolist()
@@ -363,7 +366,8 @@ def bench_policies(m: LoadedModel, num_requests: int, max_running: int, rate: fl
                            max_model_len=max_prompt + out_len + 16, prefix_caching=False,
                            num_pages=max_running * ((max_prompt + out_len) // 16 + 2) + 64, dtype=dtype)
         with Engine(m, cfg) as engine:
-            engine.warmup(sampling=False)
+            if warmup:
+                engine.warmup(sampling=False)
             compiled = engine.stats()["compilations"]
             results, gaps, total = _open_loop(engine, prompts, arrivals, params)
             new_shapes = engine.stats()["compilations"] - compiled
@@ -401,6 +405,9 @@ def main() -> None:
     ap.add_argument("--max-running", type=int, default=16, help="(--policies)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="--policies: weights and KV pool (float32 checks that the policies agree token for token)")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="--policies: compile shapes on first use instead of every bucket up front (timings then "
+                         "include compilation; for the float32 token check)")
     args = ap.parse_args()
 
     shape = TINY if args.tiny else QWEN25_05B
@@ -413,7 +420,8 @@ def main() -> None:
     if args.policies:
         lines = [f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; model {'tiny' if args.tiny else 'Qwen2.5-0.5B shape'}"]
         lines += bench_policies(m, args.num_requests, args.max_running, args.rate, args.output_len,
-                                args.prompt_len, args.decode_steps, args.impls[0], args.dtype)
+                                args.prompt_len, args.decode_steps, args.impls[0], args.dtype,
+                                warmup=not args.no_warmup)
         print("\n".join(lines))
         if args.out:
             os.makedirs(args.out, exist_ok=True)
