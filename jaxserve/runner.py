@@ -31,6 +31,11 @@ from jaxserve.sampling import SampleOutput, SamplingBatch, sample, token_logprob
 WIDE_DECODE_OPTIONS: dict[str, Any] = json.loads(
     os.environ.get("JAXSERVE_WIDE_DECODE_OPTIONS", '{"xla_gpu_enable_triton_gemm": false}'))
 
+# XLA compiler options of prefill chunks (JSON in JAXSERVE_PREFILL_OPTIONS; empty: XLA's
+# defaults). bench/prefill_step.py times candidates (cuBLAS instead of XLA's Triton GEMMs) in one
+# process through Runner's ``prefill_options``.
+PREFILL_OPTIONS: dict[str, Any] = json.loads(os.environ.get("JAXSERVE_PREFILL_OPTIONS", "{}"))
+
 
 def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, counts, seen, *, num_top: int,
                   greedy: bool) -> SampleOutput:
@@ -55,7 +60,7 @@ class Runner:
     """
 
     def __init__(self, config: ModelConfig, params: Any, *, num_pages: int, page_size: int,
-                 attention_impl: str = "pallas") -> None:
+                 attention_impl: str = "pallas", prefill_options: dict[str, Any] | None = None) -> None:
         self.config = config
         self.params = params
         self.page_size = page_size
@@ -64,7 +69,9 @@ class Runner:
         self.attention_impl = attention_impl
         self.kv: KVCache = new_kv_cache(config, num_pages, page_size, self.dtype)
         self.compiled_shapes: set[tuple] = set()
-        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top", "greedy"))
+        prefill_options = PREFILL_OPTIONS if prefill_options is None else prefill_options
+        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top", "greedy"),
+                                compiler_options=prefill_options or None)
         decode_static = ("num_steps", "num_top", "penalties", "greedy")
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static)
         # Batches too wide for the skinny matmul project through XLA's GEMMs; for those steps

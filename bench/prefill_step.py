@@ -1,0 +1,99 @@
+"""Prefill call time of the engine's Runner under several XLA compiler options, side by side.
+
+A prefill chunk's projections are XLA GEMMs of thousands of rows (the skinny matmul is for
+decode). Which GEMM backend XLA picks (its Triton GEMMs or cuBLAS, whose epilogues also take
+the residual adds) is a compiler option of the prefill jit (``Runner(prefill_options=...)``,
+``jaxserve.runner.PREFILL_OPTIONS``). Each option gets its own Runner in this one process, and
+their calls are timed in alternating rounds (the same code reads +-10% between processes on
+the device), greedy, random Qwen2.5-0.5B-shaped weights in bf16, a fresh prompt each shape.
+
+    python bench/prefill_step.py --shapes 64x128 8x1024 --options default cublas
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+OPTIONS = {
+    "default": {},
+    "cublas": {"xla_gpu_enable_triton_gemm": False},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["64x128", "8x1024"], help="rows x tokens a prefill call")
+    ap.add_argument("--options", nargs="+", default=["default", "cublas"], choices=list(OPTIONS))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
+    ap.add_argument("--out", default=None, help="write the table (markdown) here")
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bench.throughput import QWEN25_05B, TINY
+    from jaxserve.config import ModelConfig
+    from jaxserve.model import init_params
+    from jaxserve.runner import Runner, default_attention_impl
+    from jaxserve.sampling import SamplingParams, make_batch
+
+    cfg = ModelConfig.from_hf_dict(dict(TINY if args.tiny else QWEN25_05B, model_type="qwen2"))
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(lambda k: init_params(cfg, k, jnp.bfloat16), jax.random.key(0))
+    params = jax.tree.map(lambda s: jnp.asarray((rng.standard_normal(s.shape, np.float32) * 0.02).astype(s.dtype)),
+                          shapes)
+    # Matmul flops a prompt token costs (2 x the non-embedding weights; the LM head runs on one
+    # position per row and attention at these lengths is a few percent).
+    layer_params = sum(x.size for k, x in params.items() if k.startswith("layers_") for x in jax.tree.leaves(x))
+    lines = [f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
+             f"model {'tiny' if args.tiny else 'Qwen2.5-0.5B shape'}, bf16", "",
+             "| rows x tokens | options | call ms (median of rounds) | rounds ms | prompt tok/s | layer TFLOP/s |",
+             "|---|---|---|---|---|---|"]
+    for shape in args.shapes:
+        rows, length = (int(x) for x in shape.split("x"))
+        pages = -(-length // 16) + 1
+        table = rng.permutation(rows * pages).reshape(rows, pages).astype(np.int32)
+        tokens = rng.integers(2, cfg.vocab_size, size=(rows, length)).astype(np.int32)
+        zeros = np.zeros(rows, np.int32)
+        lengths = np.full(rows, length, np.int32)
+        sb = make_batch([SamplingParams(temperature=0.0)] * rows, rows)
+        call = (tokens, zeros, lengths, table, sb, zeros)
+        runners = {}
+        for name in args.options:
+            runners[name] = Runner(cfg, params, num_pages=rows * pages + 8, page_size=16,
+                                   attention_impl=default_attention_impl(), prefill_options=OPTIONS[name])
+            jax.block_until_ready(runners[name].prefill(*call, greedy=True).tokens)
+        rounds: dict[str, list[float]] = {name: [] for name in runners}
+        for _ in range(args.rounds):
+            for name, runner in runners.items():
+                t = time.perf_counter()
+                for _ in range(args.reps):
+                    out = runner.prefill(*call, greedy=True)
+                jax.block_until_ready(out.tokens)
+                rounds[name].append((time.perf_counter() - t) / args.reps * 1e3)
+        for name, ms in rounds.items():
+            med = float(np.median(ms))
+            tflops = 2 * layer_params * rows * length / (med * 1e-3) / 1e12
+            lines.append(f"| {shape} | {name} | {med:.3f} | {' '.join(f'{x:.2f}' for x in ms)} | "
+                         f"{rows * length / med * 1e3:,.0f} | {tflops:.0f} |")
+            print(lines[-1], flush=True)
+        del runners
+    print("\n".join(lines))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "prefill_step.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
