@@ -125,6 +125,7 @@ def run_variant(args) -> list[dict]:
 
     from bench.throughput import QWEN25_05B, TINY, decode_hlo, loop_body_histogram, static_decoder, time_decode_call
     from jaxserve import model as model_module
+    from jaxserve import runner as runner_module
     paged_attention_module = importlib.import_module("kernels.paged_attention")  # kernels.paged_attention is also a function
     decode_attention_module = importlib.import_module("kernels.decode_attention")
     residual_norm_module = importlib.import_module("kernels.residual_norm")
@@ -146,6 +147,7 @@ def run_variant(args) -> list[dict]:
     single_pass_keys = paged_attention_module.SINGLE_PASS_KEYS
     skinny_rows = model_module.SKINNY_ROWS
     norm_warps = residual_norm_module.NUM_WARPS
+    greedy_pick = runner_module.GREEDY_PICK
     for batch in args.batches:
         steps = args.decode_steps
         width = args.table_pages or (args.context + steps) // 16 + 2
@@ -174,6 +176,8 @@ def run_variant(args) -> list[dict]:
             decode_attention_module.EARLY_GATHER = glue == "early_gather"
             # "norm_warps4" / "norm_warps8": the add + RMSNorm kernel's one program a row runs 4 / 8 warps.
             residual_norm_module.NUM_WARPS = {"norm_warps4": 4, "norm_warps8": 8}.get(glue, norm_warps)
+            # "xla_pick": greedy tokens by XLA's argmax + log-softmax, not the greedy_pick kernel.
+            runner_module.GREEDY_PICK = "xla" if glue == "xla_pick" else greedy_pick
             runners[glue] = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
             time_decode_call(runners[glue], call, 2)
         rounds = {glue: [] for glue in args.glue}
@@ -230,7 +234,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternating timing rounds of the --glue runners (the step is their median)")
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
-                                                             "split_short", "skinny256", "early_gather", "norm_warps4", "norm_warps8",
+                                                             "split_short", "skinny256", "early_gather", "norm_warps4", "norm_warps8", "xla_pick",
                                                              *QKV_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],

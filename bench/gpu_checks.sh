@@ -20,6 +20,8 @@
 #               the fused attention's early gather (batch 1/64/256), 8-warp norms (1/64), the skinny matmul at batch
 #               256 instead of cuBLAS, and per projection against cuBLAS (bench/skinny_tune.py)
 #               (~330 s; run `tests` first: both change compiled kernels)
+#   pick        session 10: the greedy pick kernel (compiled tests, its tiling against XLA's reductions, the
+#               decode step with it vs XLA's at batch 1/64/256) and prefill with cuBLAS vs XLA's GEMMs (~420 s)
 #   policies    the three scheduling policies, open loop, bf16 then float32 (~210 s each; compile cache shared;
 #               POLICY_DTYPES=float32 for one of them, with POLICY_TIMEOUT=560: in session 9 250 s ran
 #               none of its policies, 400 s one of three; POLICY_ARGS="--no-warmup" compiles only the shapes used)
@@ -35,7 +37,7 @@ for part in "${parts[@]}"; do
   case $part in
     tests) timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
              tests/test_kernels.py tests/test_split_combine.py tests/test_decode_attention.py \
-             tests/test_skinny_matmul.py tests/test_residual_norm.py -k "compiled or model" ;;
+             tests/test_skinny_matmul.py tests/test_residual_norm.py tests/test_greedy_pick.py -k "compiled or model" ;;
     bandwidth) timeout 360 python3 bench/bandwidth.py --budget-s 300 --out "$OUT/$part" ;;
     throughput) timeout 240 python3 bench/throughput.py --no-static --batches 1 64 256 --long-prompt 1024 \
                   --long-batch 64 --decode-steps 8 --impls pallas --no-hf-compile --out "$OUT/$part" ;;
@@ -61,6 +63,12 @@ for part in "${parts[@]}"; do
                --glue kernels early_gather skinny256 --rounds 5 --reps 10 --profile /tmp/pending
              timeout 150 python3 bench/skinny_tune.py --rows 256 --block-n 64 --block-k 64 128 \
                --stages-warps 3x4 4x4 --targets 264 528 ;;
+    pick) timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+            tests/test_greedy_pick.py -k compiled
+          timeout 150 python3 bench/greedy_pick_tune.py --batches 1 64 256 --out "$OUT/$part"
+          timeout 200 python3 bench/decode_step.py --batches 1 64 256 --variants default --no-static \
+            --glue kernels xla_pick --rounds 5 --reps 10
+          timeout 120 python3 bench/prefill_step.py --shapes 64x128 8x1024 --options default cublas --out "$OUT/$part" ;;
     policies) export JAX_COMPILATION_CACHE_DIR=/tmp/jaxserve_jc JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
               for dtype in ${POLICY_DTYPES:-bfloat16 float32}; do
@@ -71,6 +79,6 @@ for part in "${parts[@]}"; do
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"
-  grep -E "passed|failed|^\| (7B|0.5B|jaxserve|transformers|default|prefill_first|time_share|mixed) |Duration|Registers Per|Achieved Occ" \
+  grep -E "passed|failed|^\| (7B|0.5B|jaxserve|transformers|default|prefill_first|time_share|mixed|1|64|256|64x128|8x1024) |Duration|Registers Per|Achieved Occ" \
     "$OUT/$part/log.txt" | tail -30
 done

@@ -310,6 +310,7 @@ class Qwen2ForCausalLM(nn.Module):
     Paged use (the engine): pass ``positions``, the ``kv`` pages of every layer and a
     ``PagedAttention``; the new K/V are scattered into the pages, which come back updated.
     ``logits_at [B]`` projects only one position per row (the last prompt token in prefill).
+    Logits come back in float32 unless ``logits_dtype`` says otherwise (None: the activation dtype).
     """
 
     config: ModelConfig
@@ -319,7 +320,8 @@ class Qwen2ForCausalLM(nn.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
                  lengths: jax.Array | None = None, kv: KVCache | None = None,
                  paged: PagedAttention | None = None,
-                 logits_at: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 logits_at: jax.Array | None = None,
+                 logits_dtype: Any = jnp.float32) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
         b, s = tokens.shape
         if positions is None:
@@ -350,7 +352,10 @@ class Qwen2ForCausalLM(nn.Module):
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
                               name="lm_head")(x)
-        return logits.astype(jnp.float32), (None if kv is None else tuple(new_kv))
+        # ``logits_dtype=None`` keeps the activation dtype: the engine's greedy pick reads bf16
+        # logits (half the bytes of a float32 copy, which a kernel's input would materialise).
+        logits = logits if logits_dtype is None else logits.astype(logits_dtype)
+        return logits, (None if kv is None else tuple(new_kv))
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> dict:

@@ -37,15 +37,31 @@ WIDE_DECODE_OPTIONS: dict[str, Any] = json.loads(
 PREFILL_OPTIONS: dict[str, Any] = json.loads(os.environ.get("JAXSERVE_PREFILL_OPTIONS", "{}"))
 
 
+# How a greedy step picks its tokens under the "pallas" impl: "kernel" (`kernels.greedy_pick`:
+# argmax and the token's log-probability in one pass over the bf16 logits) or "xla" (jnp argmax
+# and log-softmax: several XLA reductions, each reading all the logits). Read when a Runner is
+# built, so bench/decode_step.py can compare both in one process (`--glue xla_pick`).
+GREEDY_PICK = os.environ.get("JAXSERVE_GREEDY_PICK", "kernel")
+
+
 def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, counts, seen, *, num_top: int,
-                  greedy: bool) -> SampleOutput:
+                  greedy: bool, pick_kernel: bool = False) -> SampleOutput:
     """The sampler, or plain argmax when the host knows every row is greedy without penalties.
 
     The greedy path matters on the GPU: the sampler's data-dependent ``lax.cond``s each cost
-    a predicate read-back per step, argmax costs one reduction.
+    a predicate read-back per step, argmax costs one reduction. ``pick_kernel``: the greedy
+    pick (without top log-probs) runs as `kernels.greedy_pick`, one launch and one read of the
+    logits. ``logits`` may be in any float dtype; log-probs are computed in float32.
     """
     if not greedy:
         return sample(logits, batch, steps, counts=counts, seen=seen, num_top_logprobs=num_top)
+    if pick_kernel and num_top == 0:
+        from kernels.greedy_pick import greedy_pick
+
+        tokens, chosen = greedy_pick(logits)
+        b = logits.shape[0]
+        return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=jnp.zeros((b, 0), jnp.int32),
+                            top_logprobs=jnp.zeros((b, 0), jnp.float32))
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     chosen, top_ids, top_lps = token_logprobs(logits, tokens, num_top)
     return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lps)
@@ -82,11 +98,16 @@ class Runner:
         from jaxserve import model as model_module
 
         self.skinny_rows = model_module.SKINNY_ROWS
+        if GREEDY_PICK not in ("kernel", "xla"):
+            raise ValueError(f"JAXSERVE_GREEDY_PICK must be 'kernel' or 'xla', got {GREEDY_PICK!r}")
+        self.pick_kernel = attention_impl == "pallas" and GREEDY_PICK == "kernel"
         self._decode_wide = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static,
                                     compiler_options=WIDE_DECODE_OPTIONS or None)
 
     def _forward(self, params, kv, tokens, positions, paged, logits_at=None):
-        return self.model.apply({"params": params}, tokens, positions, kv=kv, paged=paged, logits_at=logits_at)
+        # Activation-dtype logits: the samplers widen them to float32 where they read them (exact).
+        return self.model.apply({"params": params}, tokens, positions, kv=kv, paged=paged, logits_at=logits_at,
+                                logits_dtype=None)
 
     def _prefill_impl(self, params, kv, tokens, q_start, lengths, block_tables, batch: SamplingBatch, steps,
                       counts, seen, *, num_top: int, greedy: bool):
@@ -97,7 +118,8 @@ class Runner:
                                q_start, impl=self.attention_impl)
         logits_at = jnp.maximum(lengths - q_start - 1, 0)
         logits, kv = self._forward(params, kv, tokens, positions, paged, logits_at)
-        return kv, choose_tokens(logits[:, 0], batch, steps, counts, seen, num_top=num_top, greedy=greedy)
+        return kv, choose_tokens(logits[:, 0], batch, steps, counts, seen, num_top=num_top, greedy=greedy,
+                                 pick_kernel=self.pick_kernel)
 
     def _decode_impl(self, params, kv, tokens, positions, limits, block_tables, batch: SamplingBatch, steps,
                      counts, seen, *, num_steps: int, num_top: int, penalties: bool, greedy: bool):
@@ -109,7 +131,8 @@ class Runner:
                                    block_tables, jnp.where(active, pos + 1, 0), pos, impl=self.attention_impl)
             logits, kv = self._forward(params, kv, tokens[:, None], pos[:, None], paged)
             out = choose_tokens(logits[:, 0], batch, steps + k, counts if penalties else None,
-                                seen if penalties else None, num_top=num_top, greedy=greedy)
+                                seen if penalties else None, num_top=num_top, greedy=greedy,
+                                pick_kernel=self.pick_kernel)
             if penalties:
                 counts, seen = update_counts(counts, seen, out.tokens, active)
             return (kv, out.tokens, counts, seen), out

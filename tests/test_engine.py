@@ -64,11 +64,18 @@ def test_greedy_batch_matches_transformers_and_running_alone(tiny, policy):
 def test_pallas_kernels_in_interpret_mode_give_the_same_tokens(tiny, impl):
     m, hf = tiny
     prompts = random_prompts(m.config.vocab_size, (5, 12))
+    # logprobs=0: the chosen tokens' log-probabilities, which under "pallas" come from the greedy
+    # pick kernel (one pass over the logits) and must equal the jnp path's.
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0)
     with Engine(m, small_config(attention_impl=impl, decode_steps=2)) as engine:
-        outs = engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
-                               use_tqdm=False)
+        assert engine.runner.pick_kernel == (impl == "pallas")
+        outs = engine.generate(prompts, params, use_tqdm=False)
         assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 4) for p in prompts]
         assert_all_pages_free(engine)
+    with Engine(m, small_config(attention_impl="reference", decode_steps=2)) as engine:
+        ref = engine.generate(prompts, params, use_tqdm=False)
+    for o, r in zip(outs, ref):
+        np.testing.assert_allclose(o["logprobs"], r["logprobs"], rtol=1e-4, atol=1e-5)
 
 
 def test_prefix_hit_skips_prefill_and_keeps_output(tiny):

@@ -1,0 +1,76 @@
+"""The one-pass greedy pick (argmax + its log-probability) against its jnp reference on fresh
+random logits: rows 1..many, vocabularies that are not multiples of the block, ties (lowest
+index wins), -inf entries, bf16 and float32 inputs. The tokens must match exactly; the
+log-probabilities (always float32, over the input's own values) within 1e-5 relative."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.greedy_pick import greedy_pick, greedy_pick_reference
+from tests.test_kernels import MODES, fresh_rng, relative_error
+
+CASES = [  # (rows, vocab, block, dtype)
+    (1, 1000, 256, jnp.bfloat16),     # 4 blocks, the last one partial
+    (5, 151936 // 16, 2048, jnp.float32),
+    (3, 7, 8192, jnp.bfloat16),       # vocab below one block
+    (17, 4096, 512, jnp.bfloat16),    # exact multiple of the block
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("rows,vocab,block,dtype", CASES)
+def test_greedy_pick_matches_reference(interpret, rows, vocab, block, dtype):
+    rng, seed = fresh_rng()
+    logits = jnp.asarray(rng.standard_normal((rows, vocab)) * 4, dtype)
+    ids, lp = greedy_pick(logits, block=block, interpret=interpret)
+    ref_ids, ref_lp = greedy_pick_reference(logits)
+    assert ids.shape == (rows,) and ids.dtype == jnp.int32 and lp.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids), err_msg=f"seed={seed}")
+    assert not np.isnan(np.asarray(lp)).any(), f"seed={seed}"
+    assert relative_error(lp, ref_lp) <= 1e-5, f"seed={seed}"
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_ties_pick_the_lowest_index_across_blocks(interpret):
+    # The maximum appears in several blocks and twice inside one: jnp.argmax's first index.
+    rng, seed = fresh_rng()
+    rows, vocab, block = 4, 1024, 128
+    x = rng.standard_normal((rows, vocab)).astype(np.float32)
+    for r in range(rows):
+        where = np.sort(rng.choice(vocab, size=3, replace=False))
+        x[r, where] = 10.0
+    # Row 0: a tie inside one block (two adjacent positions) and another in a later block.
+    x[0, :] = 0.0
+    x[0, [130, 131, 700]] = 5.0
+    logits = jnp.asarray(x, jnp.bfloat16)
+    ids, _ = greedy_pick(logits, block=block, interpret=interpret)
+    np.testing.assert_array_equal(np.asarray(ids), np.argmax(np.asarray(logits, np.float32), axis=-1),
+                                  err_msg=f"seed={seed}")
+    assert int(ids[0]) == 130
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_minus_infinity_entries_and_rows(interpret):
+    # Banned tokens are -inf; a row of only -inf gives log-probability -inf and token 0, never NaN.
+    rng, seed = fresh_rng()
+    x = rng.standard_normal((3, 600)).astype(np.float32)
+    x[0, : 400] = -np.inf          # whole leading blocks of -inf before the first finite one
+    x[1, rng.choice(600, size=100, replace=False)] = -np.inf
+    x[2, :] = -np.inf
+    ids, lp = greedy_pick(jnp.asarray(x), block=128, interpret=interpret)
+    ref_ids, ref_lp = greedy_pick_reference(jnp.asarray(x[:2]))
+    np.testing.assert_array_equal(np.asarray(ids[:2]), np.asarray(ref_ids), err_msg=f"seed={seed}")
+    assert relative_error(lp[:2], ref_lp) <= 1e-5, f"seed={seed}"
+    assert int(ids[2]) == 0 and float(lp[2]) == -np.inf
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="logits"):
+        greedy_pick(jnp.zeros((4,)))
+    with pytest.raises(ValueError, match="logits"):
+        greedy_pick(jnp.zeros((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match="block"):
+        greedy_pick(jnp.zeros((2, 4)), block=100)
