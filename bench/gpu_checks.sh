@@ -21,7 +21,8 @@
 #               256 instead of cuBLAS, and per projection against cuBLAS (bench/skinny_tune.py)
 #               (~330 s; run `tests` first: both change compiled kernels)
 #   pick        session 10: the greedy pick kernel (compiled tests, its tiling against XLA's reductions, the
-#               decode step with it vs XLA's at batch 1/64/256) and prefill with cuBLAS vs XLA's GEMMs (~420 s)
+#               decode step with it vs XLA's at batch 1/64/256; ~250 s) and, with PICK_PREFILL=1, prefill with
+#               cuBLAS vs XLA's GEMMs (bench/prefill_step.py, ~60 s)
 #   policies    the three scheduling policies, open loop, bf16 then float32 (~210 s each; compile cache shared;
 #               POLICY_DTYPES=float32 for one of them, with POLICY_TIMEOUT=560: in session 9 250 s ran
 #               none of its policies, 400 s one of three; POLICY_ARGS="--no-warmup" compiles only the shapes used)
@@ -68,7 +69,8 @@ for part in "${parts[@]}"; do
           timeout 150 python3 bench/greedy_pick_tune.py --batches 1 64 256 --out "$OUT/$part"
           timeout 200 python3 bench/decode_step.py --batches 1 64 256 --variants default --no-static \
             --glue kernels xla_pick --rounds 5 --reps 10
-          timeout 120 python3 bench/prefill_step.py --shapes 64x128 8x1024 --options default cublas --out "$OUT/$part" ;;
+          [ -n "${PICK_PREFILL:-}" ] && timeout 120 python3 bench/prefill_step.py --shapes 64x128 8x1024 \
+            --options default cublas --out "$OUT/$part" ;;
     policies) export JAX_COMPILATION_CACHE_DIR=/tmp/jaxserve_jc JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
               for dtype in ${POLICY_DTYPES:-bfloat16 float32}; do

@@ -1,9 +1,11 @@
 """The greedy pick kernel (argmax + the token's log-probability, one pass) vs XLA's reductions.
 
-Times `kernels.greedy_pick.greedy_pick` under several (block, warps, stages) against the jnp
+Times `kernels.greedy_pick.greedy_pick` under several (block, warps, target programs) against the jnp
 reference jitted by XLA (what the runner ran before: argmax and log-softmax, several
 reductions), on bf16 logits of a Qwen2.5 vocabulary (151,936) at batch 1 / 64 / 256. Each
-timed call is one of `--calls` inside a jitted `fori_loop` with a static trip count, reading
+timed call is one of `--calls` inside a jitted `fori_loop` with a static trip count, 8 calls an
+iteration (a loop iteration costs ~10 µs of its own on the H200: bench/results/kernel_notes.md,
+session 7), reading
 from `--buffers` logits arrays in turn (at batch 256 four of them are 311 MB, past the 50 MB
 L2; at batch 1 a row is 0.3 MB and stays in L2, as in the decode step, where the LM head has
 just written it), each call's tokens folded into the carry so none is dropped. Median of
@@ -29,10 +31,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--vocab", type=int, default=151936)
-    ap.add_argument("--blocks", type=int, nargs="+", default=[4096, 8192, 16384])
+    ap.add_argument("--blocks", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
-    ap.add_argument("--calls", type=int, default=40)
+    ap.add_argument("--targets", type=int, nargs="+", default=[264, 528, 1056],
+                    help="programs to aim for (rows x chunks; greedy_pick.TARGET_PROGRAMS)")
+    ap.add_argument("--calls", type=int, default=64, help="a multiple of 8")
     ap.add_argument("--buffers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
@@ -44,20 +47,24 @@ def main() -> None:
 
     from kernels.greedy_pick import greedy_pick, greedy_pick_reference
 
+    unroll = 8
+
     def timed(fn, bufs) -> float:
         def loop(bufs):
             def body(i, acc):
-                x = jax.lax.dynamic_index_in_dim(bufs, i % bufs.shape[0], keepdims=False)
-                tokens, lps = fn(x)
-                return acc + tokens.sum() + lps.sum().astype(jnp.int32)
-            return jax.lax.fori_loop(0, args.calls, body, jnp.int32(0))
+                for j in range(unroll):
+                    x = bufs[(i * unroll + j) % bufs.shape[0]]
+                    tokens, lps = fn(x)
+                    acc = acc + tokens.sum() + lps.sum().astype(jnp.int32)
+                return acc
+            return jax.lax.fori_loop(0, args.calls // unroll, body, jnp.int32(0))
         run = jax.jit(loop)
         jax.block_until_ready(run(bufs))
         times = []
         for _ in range(args.repeats):
             t = time.perf_counter()
             jax.block_until_ready(run(bufs))
-            times.append((time.perf_counter() - t) / args.calls * 1e6)
+            times.append((time.perf_counter() - t) / (args.calls // unroll * unroll) * 1e6)
         return float(np.median(times))
 
     lines = [f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; vocab {args.vocab}, bf16 logits, "
@@ -69,10 +76,11 @@ def main() -> None:
         nbytes = batch * args.vocab * 2
         want = np.asarray(jax.jit(greedy_pick_reference)(bufs[0])[0])
         rows = [("xla (argmax + log-softmax)", greedy_pick_reference, True)]
-        for block, warps, stages in itertools.product(args.blocks, args.warps, args.stages):
-            fn = lambda x, b=block, w=warps, s=stages: greedy_pick(x, block=b, num_warps=w, num_stages=s)
+        for block, warps, target in itertools.product(args.blocks, args.warps, args.targets):
+            chunks = -(-target // batch)
+            fn = lambda x, b=block, w=warps, c=chunks: greedy_pick(x, block=b, num_warps=w, chunks=c)
             same = bool((np.asarray(jax.jit(fn)(bufs[0])[0]) == want).all())
-            rows.append((f"kernel block {block} warps {warps} stages {stages}", fn, same))
+            rows.append((f"kernel block {block} warps {warps} chunks {chunks}", fn, same))
         for name, fn, same in rows:
             us = timed(fn, bufs)
             lines.append(f"| {batch} | {name} | {us:.2f} | {nbytes / us / 1e3:.0f} | {same} |")

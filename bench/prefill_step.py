@@ -22,7 +22,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 OPTIONS = {
-    "default": {},
+    "default": {},  # XLA's own defaults (its Triton GEMMs), not the runner's PREFILL_OPTIONS
     "cublas": {"xla_gpu_enable_triton_gemm": False},
 }
 

@@ -31,10 +31,12 @@ from jaxserve.sampling import SampleOutput, SamplingBatch, sample, token_logprob
 WIDE_DECODE_OPTIONS: dict[str, Any] = json.loads(
     os.environ.get("JAXSERVE_WIDE_DECODE_OPTIONS", '{"xla_gpu_enable_triton_gemm": false}'))
 
-# XLA compiler options of prefill chunks (JSON in JAXSERVE_PREFILL_OPTIONS; empty: XLA's
-# defaults). bench/prefill_step.py times candidates (cuBLAS instead of XLA's Triton GEMMs) in one
-# process through Runner's ``prefill_options``.
-PREFILL_OPTIONS: dict[str, Any] = json.loads(os.environ.get("JAXSERVE_PREFILL_OPTIONS", "{}"))
+# XLA compiler options of prefill chunks: cuBLAS instead of XLA's Triton GEMMs here too. H200,
+# Qwen2.5-0.5B, bf16, one process, alternating rounds (bench/prefill_step.py, session 10): a
+# 64 x 128-token chunk 13.57 -> 12.70 ms, 8 x 1024 15.16 -> 14.51 ms (bench/results/decode_step.md).
+# JAXSERVE_PREFILL_OPTIONS (JSON) overrides; "{}" is XLA's defaults.
+PREFILL_OPTIONS: dict[str, Any] = json.loads(
+    os.environ.get("JAXSERVE_PREFILL_OPTIONS", '{"xla_gpu_enable_triton_gemm": false}'))
 
 
 # How a greedy step picks its tokens under the "pallas" impl: "kernel" (`kernels.greedy_pick`:
