@@ -41,9 +41,15 @@ PREFILL_OPTIONS: dict[str, Any] = json.loads(
 
 # How a greedy step picks its tokens under the "pallas" impl: "kernel" (`kernels.greedy_pick`:
 # argmax and the token's log-probability in one pass over the bf16 logits) or "xla" (jnp argmax
-# and log-softmax: several XLA reductions, each reading all the logits). Read when a Runner is
-# built, so bench/decode_step.py can compare both in one process (`--glue xla_pick`).
+# and log-softmax: several XLA reductions, each reading all the logits), the kernel only for
+# steps of at least GREEDY_PICK_MIN_ROWS rows. H200, Qwen2.5-0.5B decode step, one process,
+# alternating rounds (bench/decode_step.py --glue xla_pick, session 10, two runs): batch 256
+# 1.732 -> 1.681 and 1.624 -> 1.590 ms with the kernel, batch 64 1.176 -> 1.212 and 1.098 ->
+# 1.106 ms, batch 1 within 1.5% either way. At 256 rows the bf16 logits (78 MB) outgrow the
+# 50 MB L2 and XLA's three or four passes each come from HBM; at 64 (19 MB) they hit L2 and the
+# kernel's chunk merge is the extra cost. Both read when a Runner is built.
 GREEDY_PICK = os.environ.get("JAXSERVE_GREEDY_PICK", "kernel")
+GREEDY_PICK_MIN_ROWS = int(os.environ.get("JAXSERVE_GREEDY_PICK_MIN_ROWS", "128"))
 
 
 def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, counts, seen, *, num_top: int,
@@ -103,6 +109,7 @@ class Runner:
         if GREEDY_PICK not in ("kernel", "xla"):
             raise ValueError(f"JAXSERVE_GREEDY_PICK must be 'kernel' or 'xla', got {GREEDY_PICK!r}")
         self.pick_kernel = attention_impl == "pallas" and GREEDY_PICK == "kernel"
+        self.pick_min_rows = GREEDY_PICK_MIN_ROWS
         self._decode_wide = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static,
                                     compiler_options=WIDE_DECODE_OPTIONS or None)
 
@@ -110,6 +117,9 @@ class Runner:
         # Activation-dtype logits: the samplers widen them to float32 where they read them (exact).
         return self.model.apply({"params": params}, tokens, positions, kv=kv, paged=paged, logits_at=logits_at,
                                 logits_dtype=None)
+
+    def _pick_kernel(self, logits: jax.Array) -> bool:
+        return self.pick_kernel and logits.shape[0] >= self.pick_min_rows
 
     def _prefill_impl(self, params, kv, tokens, q_start, lengths, block_tables, batch: SamplingBatch, steps,
                       counts, seen, *, num_top: int, greedy: bool):
@@ -121,7 +131,7 @@ class Runner:
         logits_at = jnp.maximum(lengths - q_start - 1, 0)
         logits, kv = self._forward(params, kv, tokens, positions, paged, logits_at)
         return kv, choose_tokens(logits[:, 0], batch, steps, counts, seen, num_top=num_top, greedy=greedy,
-                                 pick_kernel=self.pick_kernel)
+                                 pick_kernel=self._pick_kernel(logits))
 
     def _decode_impl(self, params, kv, tokens, positions, limits, block_tables, batch: SamplingBatch, steps,
                      counts, seen, *, num_steps: int, num_top: int, penalties: bool, greedy: bool):
@@ -134,7 +144,7 @@ class Runner:
             logits, kv = self._forward(params, kv, tokens[:, None], pos[:, None], paged)
             out = choose_tokens(logits[:, 0], batch, steps + k, counts if penalties else None,
                                 seen if penalties else None, num_top=num_top, greedy=greedy,
-                                pick_kernel=self.pick_kernel)
+                                pick_kernel=self._pick_kernel(logits))
             if penalties:
                 counts, seen = update_counts(counts, seen, out.tokens, active)
             return (kv, out.tokens, counts, seen), out
