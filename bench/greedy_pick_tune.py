@@ -45,6 +45,7 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
+    from bench.throughput import write_lines
     from kernels.greedy_pick import greedy_pick, greedy_pick_reference
 
     unroll = 8
@@ -86,11 +87,7 @@ def main() -> None:
             lines.append(f"| {batch} | {name} | {us:.2f} | {nbytes / us / 1e3:.0f} | {same} |")
             print(lines[-1], flush=True)
         del bufs
-    print("\n".join(lines))
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "greedy_pick.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+    write_lines(args.out, "greedy_pick.md", lines)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from bench.throughput import QWEN25_05B, TINY
+    from bench.throughput import QWEN25_05B, TINY, write_lines
     from jaxserve.config import ModelConfig
     from jaxserve.model import init_params
     from jaxserve.runner import Runner, default_attention_impl
@@ -88,11 +88,7 @@ def main() -> None:
                          f"{rows * length / med * 1e3:,.0f} | {tflops:.0f} |")
             print(lines[-1], flush=True)
         del runners
-    print("\n".join(lines))
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "prefill_step.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+    write_lines(args.out, "prefill_step.md", lines)
 
 
 if __name__ == "__main__":

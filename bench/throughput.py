@@ -59,6 +59,15 @@ class Row:
     note: str = ""
 
 
+def write_lines(out_dir: str | None, name: str, lines: list[str]) -> None:
+    """Print a report's lines, and with ``out_dir`` also write them to ``out_dir/name``."""
+    print("\n".join(lines))
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, name), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def make_checkpoint(shape: dict, path: str):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -422,11 +431,7 @@ def main() -> None:
         lines += bench_policies(m, args.num_requests, args.max_running, args.rate, args.output_len,
                                 args.prompt_len, args.decode_steps, args.impls[0], args.dtype,
                                 warmup=not args.no_warmup)
-        print("\n".join(lines))
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "policies.md"), "w") as f:
-                f.write("\n".join(lines) + "\n")
+        write_lines(args.out, "policies.md", lines)
         return
     bw = copy_bandwidth()
     print(f"device {jax.devices()[0].device_kind}; weights {weight_bytes / 1e9:.3f} GB; copy bandwidth {bw / 1e12:.3f} TB/s")
