@@ -174,7 +174,9 @@ class Scheduler:
         st.index, st.pool = st._clear(st.index, st.pool)
 
     # ----- admission -----------------------------------------------------------------------
-    def _admit(self, request: Request) -> bool:
+    def _claim(self, request: Request) -> None:
+        """A slot and the cached prefix for a waiting request; its new pages come later, for all
+        of a step's admissions in one batched allocation (`_allocate_claimed`)."""
         st = self.state
         tokens = request.all_ids
         slot = self.free_slots.pop()
@@ -189,15 +191,41 @@ class Scheduler:
                 request.node = int(st._deepest(nodes))
                 st.index = st._lock(st.index, request.node)
             self.index_s += time.perf_counter() - start
-        if not self._grow(request, len(tokens) - cached):
-            self._release(request, index_tokens=False)
-            return False
-        if request.num_preemptions == 0:
-            request.cached_tokens = cached
         request.computed, request.prefill_end = cached, len(tokens)
+
+    def _unclaim(self, request: Request) -> None:
+        """Undo `_claim` and put the request back at the queue's front."""
+        self._release(request, index_tokens=False)
+        request.computed = request.prefill_end = 0
+        self.waiting.appendleft(request)
+
+    def _admitted(self, request: Request) -> None:
+        if request.num_preemptions == 0:
+            request.cached_tokens = request.computed
         request.status = Status.RUNNING
         self.running.append(request)
-        return True
+
+    def _allocate_claimed(self, claimed: list[Request]) -> int:
+        """Pages for the prompts of ``claimed`` (queue order) in one batched allocation; returns how
+        many of them, from the front, are now admitted. The rest go back to the queue's front.
+
+        One call for the step, not one a request: each host-side allocation is a jitted call and
+        a read-back (~0.1 ms; a prefill step at batch 256 admits 64, bench/results/host_overhead.md).
+        Where the pool runs short, everything from the first row that did not fit is handed back
+        (newest first, so the queue keeps its order, and pages the scan gave later rows return),
+        for the one-by-one path, which evicts cached prefixes before giving up.
+        """
+        st = self.state
+        slots = np.array([r.slot for r in claimed], np.int32)
+        need = np.array([r.prefill_end - r.computed for r in claimed], np.int32)
+        st.pool, ok = st._allocate_batch(st.pool, st.put(slots), st.put(need))
+        ok = np.asarray(ok)
+        kept = len(claimed) if ok.all() else int(np.argmin(ok))
+        for r in reversed(claimed[kept:]):
+            self._unclaim(r)
+        for r in claimed[:kept]:
+            self._admitted(r)
+        return kept
 
     def never_fits(self, request: Request) -> bool:
         """True if the request could not run even alone in an empty pool."""
@@ -221,16 +249,41 @@ class Scheduler:
                     break
                 rows.append((r, r.computed, r.computed + chunk))
                 budget -= chunk
-        while self.waiting and budget > 0 and self.free_slots and len(rows) < max_rows:
-            r = self.waiting[0]
-            if rows and not fits(min(len(r.all_ids), budget)):
-                break
-            if not self._admit(r):
-                break
-            self.waiting.popleft()
-            chunk = min(r.prefill_end - r.computed, budget)
-            rows.append((r, r.computed, r.computed + chunk))
-            budget -= chunk
+
+        def admit(batched: bool) -> list[Request]:
+            """Admit from the queue's front while budget, slots and padding allow. ``batched``:
+            claim only (pages for all of them come from one `_allocate_claimed`); otherwise each
+            gets its pages at once, evicting cached prefixes if needed, and admission stops at
+            the first that cannot."""
+            nonlocal budget
+            claimed: list[Request] = []
+            while self.waiting and budget > 0 and self.free_slots and len(rows) < max_rows:
+                r = self.waiting[0]
+                if rows and not fits(min(len(r.all_ids), budget)):
+                    break
+                self._claim(r)
+                self.waiting.popleft()
+                if not batched:
+                    if not self._grow(r, r.prefill_end - r.computed):
+                        self._unclaim(r)
+                        break
+                    self._admitted(r)
+                claimed.append(r)
+                chunk = min(r.prefill_end - r.computed, budget)
+                rows.append((r, r.computed, r.computed + chunk))
+                budget -= chunk
+            return claimed
+
+        claimed = admit(batched=True)
+        if claimed:
+            kept = self._allocate_claimed(claimed)
+            if kept < len(claimed):
+                # The claimed rows are the last ones: drop those handed back, return their budget,
+                # and go on one by one (their cached prefixes may have changed meanwhile).
+                dropped = rows[len(rows) - len(claimed) + kept:]
+                del rows[len(rows) - len(claimed) + kept:]
+                budget += sum(e - s for _, s, e in dropped)
+                admit(batched=False)
         return rows
 
     def _reserve_decode(self, steps: int) -> list[Request]:
