@@ -321,10 +321,10 @@ class Engine:
                 else:
                     self._collect_decode(call)
                     touched.update((r.request_id, r) for r in plan.decode)
-        for r in touched.values():
-            if r.finish_reason is not None:
-                self.scheduler.remove(r)
-                r.status = Status.FINISHED
+        finished = [r for r in touched.values() if r.finish_reason is not None]
+        self.scheduler.remove_many(finished)
+        for r in finished:
+            r.status = Status.FINISHED
         self.time_s["step"] += time.perf_counter() - start
         return list(touched.values())
 

@@ -223,6 +223,21 @@ def free(pool: PagePool, seq: int | Array) -> PagePool:
                         seq_lens=pool.seq_lens.at[seq].set(0, mode="drop"))
 
 
+def free_batch(pool: PagePool, seqs: Array) -> PagePool:
+    """`free` for each slot of `seqs` in order (slots outside the pool, e.g. padding, are skipped).
+
+    Slots may share pages (prefixes attached from the radix index), so the slots are freed one
+    after another inside one call; on the host CPU one call for many finished requests costs a
+    fraction of one `free` call each (their dispatch and buffer donation dominate).
+
+    >>> pool, _ = allocate_batch(create(8, 4, 3, 4), jnp.array([0, 1]), jnp.array([5, 3]))
+    >>> int(num_free(free_batch(pool, jnp.array([1, 0, 3]))))
+    8
+    """
+    seqs = jnp.asarray(seqs, jnp.int32)
+    return jax.lax.scan(lambda p, seq: (free(p, seq), None), pool, seqs)[0]
+
+
 def try_attach(pool: PagePool, seq: int | Array, pages: Array, num_tokens: int | Array) -> tuple[PagePool, Array]:
     """`attach` that also reports whether it happened ([] bool); see `attach`."""
     seq = jnp.asarray(seq, jnp.int32)

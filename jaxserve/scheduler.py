@@ -56,6 +56,7 @@ class _HostState:
         self._allocate = jax.jit(kv_pool.allocate, donate_argnums=0)
         self._allocate_batch = jax.jit(kv_pool.allocate_batch, donate_argnums=0)
         self._free = jax.jit(kv_pool.free, donate_argnums=0)
+        self._free_batch = jax.jit(kv_pool.free_batch, donate_argnums=0)
         self._attach = jax.jit(kv_pool.attach, donate_argnums=0)
         self._match = jax.jit(radix_index.match, donate_argnums=0)
         self._insert = jax.jit(radix_index.insert, donate_argnums=(0, 1))
@@ -105,6 +106,28 @@ class Scheduler:
         if request in self.running:
             self.running.remove(request)
             self._release(request, index_tokens=True)
+
+    def remove_many(self, requests: list[Request]) -> None:
+        """`remove` for several requests, their slots' pages freed in one call (a batch-256 run
+        finishes 256 requests in one step; one jitted `free` each cost ~13 ms of host time there on
+        the dev machine's CPU, with nothing on the device to hide it)."""
+        freed: list[Request] = []
+        for request in requests:
+            if request in self.waiting:
+                self.waiting.remove(request)
+            if request in self.running:
+                self.running.remove(request)
+                self._release(request, index_tokens=True, free_pages=False)
+                freed.append(request)
+        if freed:
+            st = self.state
+            # Padded to a power of two with a slot past the pool (skipped): few compiled shapes.
+            slots = np.full(1 << (len(freed) - 1).bit_length(), self.config.max_running, np.int32)
+            slots[: len(freed)] = [r.slot for r in freed]
+            st.pool = st._free_batch(st.pool, st.put(slots))
+            for r in freed:
+                self.free_slots.append(r.slot)
+                r.slot = -1
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -158,15 +181,19 @@ class Scheduler:
         # engine thread's time (what this counts) is what prefix caching costs the step.
         self.index_s += time.perf_counter() - start
 
-    def _release(self, request: Request, index_tokens: bool) -> None:
+    def _release(self, request: Request, index_tokens: bool, free_pages: bool = True) -> None:
+        """Give back what a request holds: its prefix lock, its slot's pages (unless
+        ``free_pages`` is False: the caller frees several slots in one call, then the slot)."""
         st = self.state
         if index_tokens:
             self._insert(request)
         if request.node > 0:
             st.index = st._unlock(st.index, request.node)
-        st.pool = st._free(st.pool, request.slot)
-        self.free_slots.append(request.slot)
-        request.slot, request.node = -1, -1
+        request.node = -1
+        if free_pages:
+            st.pool = st._free(st.pool, request.slot)
+            self.free_slots.append(request.slot)
+            request.slot = -1
 
     def clear_index(self) -> None:
         """Drop every unlocked cached prefix (their pages return to the pool)."""

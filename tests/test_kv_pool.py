@@ -161,6 +161,28 @@ def test_allocate_batch_equals_one_allocate_per_row(seed):
     assert_pool_invariants(got)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_free_batch_equals_one_free_per_slot_with_shared_pages(seed):
+    """Slots that share pages (a prefix attached to several) freed in one call: same pool as one
+    `free` after another, padding slots (past the pool) skipped."""
+    rng = np.random.default_rng(seed)
+    pool = kv_pool.create(64, 4, 12, 8)
+    for slot in range(6):
+        pool, _ = kv_pool.allocate(pool, slot, int(rng.integers(1, 20)))
+    for slot in range(6, 10):  # each shares the full pages of one of the first six
+        src = int(rng.integers(0, 6))
+        n = int(pool.seq_lens[src]) // 4 * 4
+        pool = kv_pool.attach(pool, slot, pool.page_table[src], n)
+    seqs = rng.permutation(10)[: int(rng.integers(3, 10))].astype(np.int32)
+    padded = np.concatenate([seqs, np.full(16 - len(seqs), 12, np.int32)])
+    got = jax.jit(kv_pool.free_batch)(pool, jnp.asarray(padded))
+    want = pool
+    for s in seqs:
+        want = kv_pool.free(want, int(s))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    assert_pool_invariants(got)
+
+
 def test_fork_shares_full_pages_and_copies_the_partial_one():
     pool, _ = kv_pool.allocate(kv_pool.create(8, 4, 3, 4), 0, 10)
     pool, src_page, dst_page, ok = kv_pool.fork(pool, 0, 1)
