@@ -25,7 +25,9 @@
 #               cuBLAS vs XLA's GEMMs (bench/prefill_step.py, ~60 s)
 #   policies    the three scheduling policies, open loop, bf16 then float32 (~210 s each; compile cache shared;
 #               POLICY_DTYPES=float32 for one of them, with POLICY_TIMEOUT=560: in session 9 250 s ran
-#               none of its policies, 400 s one of three; POLICY_ARGS="--no-warmup" compiles only the shapes used)
+#               none of its policies, 400 s one of three; POLICY_ARGS="--no-warmup" compiles only the shapes used:
+#               143 s for all three in session 10). Session 10's float32 run differed in 1 request of 96; to
+#               see whether TF32 GEMMs explain it, prefix JAX_DEFAULT_MATMUL_PRECISION=highest)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
