@@ -167,7 +167,10 @@ def allocate(pool: PagePool, seq: int | Array, num_tokens: int | Array) -> tuple
 def allocate_batch(pool: PagePool, seqs: Array, num_tokens: Array) -> tuple[PagePool, Array]:
     """`allocate` for many slots, rows in order, each all-or-nothing; returns ok per row ([B] bool).
 
-    Rows with num_tokens == 0 leave their slot untouched (and report ok=True).
+    Rows with num_tokens == 0 leave their slot untouched (and report ok=True). Rows whose slot is
+    past the pool (`seq >= max_seqs`) with num_tokens == 0 are padding: skipped, ok=True, and they
+    keep the vectorized path; callers pad to a few lengths so that each compiles once (a new
+    length costs ~0.5 s of compilation on the host CPU, in the middle of serving).
 
     >>> pool, ok = allocate_batch(create(2, 4, 3, 4), jnp.array([0, 1, 2]), jnp.array([4, 8, 1]))
     >>> ok.tolist()
@@ -187,8 +190,9 @@ def allocate_batch(pool: PagePool, seqs: Array, num_tokens: Array) -> tuple[Page
     have = _pages_for(old_len, pool.page_size)
     need = _pages_for(old_len + num_tokens, pool.page_size)
     take = need - have
-    ordered = jnp.sort(seqs)
-    fast = (jnp.all(_valid_slot(pool, seqs) & (num_tokens >= 0) & (need <= pool.max_pages_per_seq))
+    pad = (seqs >= pool.max_seqs) & (num_tokens == 0)
+    ordered = jnp.sort(jnp.where(pad, pool.max_seqs + jnp.arange(seqs.shape[0], dtype=jnp.int32), seqs))
+    fast = (jnp.all((_valid_slot(pool, seqs) | pad) & (num_tokens >= 0) & (need <= pool.max_pages_per_seq))
             & jnp.all(ordered[1:] != ordered[:-1]) & (jnp.sum(take) <= pool.free_count))
 
     def all_at_once(p: PagePool) -> tuple[PagePool, Array]:
@@ -199,13 +203,14 @@ def allocate_batch(pool: PagePool, seqs: Array, num_tokens: Array) -> tuple[Page
         new_pages = p.free_stack[stack_pos]
         rows = jnp.where(fresh, new_pages, p.page_table[seqs])
         return p.replace(
-            page_table=p.page_table.at[seqs].set(rows),
-            seq_lens=p.seq_lens.at[seqs].set(old_len + num_tokens),
+            page_table=p.page_table.at[seqs].set(rows, mode="drop"),  # padding rows: dropped
+            seq_lens=p.seq_lens.at[seqs].set(old_len + num_tokens, mode="drop"),
             free_count=p.free_count - jnp.sum(take),
             refcount=p.refcount.at[jnp.where(fresh, new_pages, p.num_pages)].set(1, mode="drop"),
         ), jnp.ones(seqs.shape, bool)
 
-    return jax.lax.cond(fast, all_at_once, one_by_one, pool)
+    pool, ok = jax.lax.cond(fast, all_at_once, one_by_one, pool)
+    return pool, ok | pad
 
 
 def free(pool: PagePool, seq: int | Array) -> PagePool:

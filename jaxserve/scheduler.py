@@ -164,6 +164,19 @@ class Scheduler:
                 self._evict(int(kv_pool.pages_needed(st.pool, request.slot, num_tokens)) - self._free_pages())
         return False
 
+    def _allocate_rows(self, slots: np.ndarray, need: np.ndarray) -> np.ndarray:
+        """`kv_pool.allocate_batch` over ``slots`` (in order); ok per row. Padded to a power of two
+        with no-op rows, so the host-side function compiles once per length class, not once for
+        every count of rows a step happens to have (~0.5 s each on the CPU, while serving)."""
+        st = self.state
+        n = len(slots)
+        width = 1 << max(n - 1, 0).bit_length()
+        padded_slots = np.full(width, self.config.max_running, np.int32)  # past the pool: a no-op row
+        padded_need = np.zeros(width, np.int32)
+        padded_slots[:n], padded_need[:n] = slots, need
+        st.pool, ok = st._allocate_batch(st.pool, st.put(padded_slots), st.put(padded_need))
+        return np.asarray(ok)[:n]
+
     def capacities(self) -> np.ndarray:
         """Tokens each slot has room for (one host copy, not one transfer per request)."""
         return np.array(self.state.pool.seq_lens)
@@ -242,11 +255,9 @@ class Scheduler:
         (newest first, so the queue keeps its order, and pages the scan gave later rows return),
         for the one-by-one path, which evicts cached prefixes before giving up.
         """
-        st = self.state
         slots = np.array([r.slot for r in claimed], np.int32)
         need = np.array([r.prefill_end - r.computed for r in claimed], np.int32)
-        st.pool, ok = st._allocate_batch(st.pool, st.put(slots), st.put(need))
-        ok = np.asarray(ok)
+        ok = self._allocate_rows(slots, need)
         kept = len(claimed) if ok.all() else int(np.argmin(ok))
         for r in reversed(claimed[kept:]):
             self._unclaim(r)
@@ -327,9 +338,7 @@ class Scheduler:
         want = np.array([min(steps, r.remaining, self.max_model_len - r.computed) for r in decoding], np.int32)
         need = np.maximum(np.array([r.computed for r in decoding], np.int32) + want - caps[slots], 0)
         if need.any():
-            st = self.state
-            st.pool, ok = st._allocate_batch(st.pool, st.put(slots), st.put(need))
-            ok = np.asarray(ok)
+            ok = self._allocate_rows(slots, need)
             for r, n, row_ok in zip(decoding, need, ok):
                 if row_ok or r.status is not Status.RUNNING:
                     continue
@@ -349,9 +358,7 @@ class Scheduler:
         need = np.maximum(np.asarray(upto, np.int32) - self.capacities()[slots], 0)
         if not need.any():
             return True
-        st = self.state
-        st.pool, ok = st._allocate_batch(st.pool, st.put(slots), st.put(need))
-        return bool(np.all(np.asarray(ok)))
+        return bool(np.all(self._allocate_rows(slots, need)))
 
     def preempt(self, request: Request) -> None:
         """Free a running request's pages and put it back at the queue's front (recompute later)."""

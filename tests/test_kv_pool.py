@@ -159,6 +159,14 @@ def test_allocate_batch_equals_one_allocate_per_row(seed):
     assert ok.tolist() == want_ok
     jax.tree.map(np.testing.assert_array_equal, got, want)
     assert_pool_invariants(got)
+    # Padding rows (a slot past the pool, no tokens), as the scheduler adds to bound the
+    # compiled lengths: skipped with ok=True, the same pool.
+    pad = 20 - len(seqs)
+    got_padded, ok_padded = jax.jit(kv_pool.allocate_batch)(
+        pool, jnp.asarray(np.concatenate([seqs, np.full(pad, 16, np.int32)])),
+        jnp.asarray(np.concatenate([need, np.zeros(pad, np.int32)])))
+    assert ok_padded.tolist() == want_ok + [True] * pad
+    jax.tree.map(np.testing.assert_array_equal, got_padded, want)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -96,3 +96,19 @@ def test_prompts_sharing_a_cached_prefix_are_admitted_together():
         s.remove(r)
     s.clear_index()
     assert pages_held(s) == 0
+
+
+def test_batched_allocations_compile_one_shape_per_power_of_two():
+    # Admission and decode reservation pad their rows to a power of two, so the host-side
+    # allocation compiles a handful of shapes, not one per count of rows (~0.5 s each, mid-serving).
+    rng = np.random.default_rng()
+    s = make_scheduler(num_pages=200)
+    for count in (1, 2, 3, 5, 6, 7):
+        for i in range(count):
+            s.add(request(f"r{count}-{i}", rng.integers(3, 100, size=int(rng.integers(2, 12))).tolist()))
+        plan = s.schedule()
+        assert len(plan.prefill) == count
+        for r in list(s.running):
+            s.remove(r)
+    assert s.state._allocate_batch._cache_size() <= 4  # counts 1, 2, 3, 5-7 -> lengths 1, 2, 4, 8
+    assert pages_held(s) == 0
