@@ -101,11 +101,7 @@ class Scheduler:
 
     def remove(self, request: Request) -> None:
         """Take a request out of the scheduler (finished or aborted), releasing what it holds."""
-        if request in self.waiting:
-            self.waiting.remove(request)
-        if request in self.running:
-            self.running.remove(request)
-            self._release(request, index_tokens=True)
+        self.remove_many([request])
 
     def remove_many(self, requests: list[Request]) -> None:
         """`remove` for several requests, their slots' pages freed in one call (a batch-256 run
@@ -121,9 +117,7 @@ class Scheduler:
                 freed.append(request)
         if freed:
             st = self.state
-            # Padded to a power of two with a slot past the pool (skipped): few compiled shapes.
-            slots = np.full(1 << (len(freed) - 1).bit_length(), self.config.max_running, np.int32)
-            slots[: len(freed)] = [r.slot for r in freed]
+            (slots,) = self._pow2_rows([r.slot for r in freed])
             st.pool = st._free_batch(st.pool, st.put(slots))
             for r in freed:
                 self.free_slots.append(r.slot)
@@ -164,18 +158,24 @@ class Scheduler:
                 self._evict(int(kv_pool.pages_needed(st.pool, request.slot, num_tokens)) - self._free_pages())
         return False
 
-    def _allocate_rows(self, slots: np.ndarray, need: np.ndarray) -> np.ndarray:
-        """`kv_pool.allocate_batch` over ``slots`` (in order); ok per row. Padded to a power of two
-        with no-op rows, so the host-side function compiles once per length class, not once for
-        every count of rows a step happens to have (~0.5 s each on the CPU, while serving)."""
-        st = self.state
+    def _pow2_rows(self, slots, *columns) -> tuple[np.ndarray, ...]:
+        """``slots`` and per-row ``columns`` as int32 arrays padded to a power of two, with no-op
+        rows (a slot past the pool, zeros): the host-side batched pool functions then compile
+        once per length class, not once for every count of rows a step happens to have (~0.5 s
+        each on the CPU, while serving)."""
         n = len(slots)
         width = 1 << max(n - 1, 0).bit_length()
-        padded_slots = np.full(width, self.config.max_running, np.int32)  # past the pool: a no-op row
-        padded_need = np.zeros(width, np.int32)
-        padded_slots[:n], padded_need[:n] = slots, need
+        out = [np.full(width, self.config.max_running, np.int32)] + [np.zeros(width, np.int32) for _ in columns]
+        for padded, values in zip(out, (slots, *columns)):
+            padded[:n] = values
+        return tuple(out)
+
+    def _allocate_rows(self, slots: np.ndarray, need: np.ndarray) -> np.ndarray:
+        """`kv_pool.allocate_batch` over ``slots`` (in order), padded (`_pow2_rows`); ok per row."""
+        st = self.state
+        padded_slots, padded_need = self._pow2_rows(slots, need)
         st.pool, ok = st._allocate_batch(st.pool, st.put(padded_slots), st.put(padded_need))
-        return np.asarray(ok)[:n]
+        return np.asarray(ok)[: len(slots)]
 
     def capacities(self) -> np.ndarray:
         """Tokens each slot has room for (one host copy, not one transfer per request)."""
@@ -318,9 +318,9 @@ class Scheduler:
             if kept < len(claimed):
                 # The claimed rows are the last ones: drop those handed back, return their budget,
                 # and go on one by one (their cached prefixes may have changed meanwhile).
-                dropped = rows[len(rows) - len(claimed) + kept:]
-                del rows[len(rows) - len(claimed) + kept:]
-                budget += sum(e - s for _, s, e in dropped)
+                cut = len(rows) - len(claimed) + kept
+                budget += sum(e - s for _, s, e in rows[cut:])
+                del rows[cut:]
                 admit(batched=False)
         return rows
 
