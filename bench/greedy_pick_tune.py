@@ -20,7 +20,6 @@ import argparse
 import itertools
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -45,28 +44,24 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
+    from bench.bandwidth import timed as timed_loop
     from bench.throughput import write_lines
     from kernels.greedy_pick import greedy_pick, greedy_pick_reference
 
     unroll = 8
 
     def timed(fn, bufs) -> float:
-        def loop(bufs):
-            def body(i, acc):
-                for j in range(unroll):
-                    x = bufs[(i * unroll + j) % bufs.shape[0]]
-                    tokens, lps = fn(x)
-                    acc = acc + tokens.sum() + lps.sum().astype(jnp.int32)
-                return acc
-            return jax.lax.fori_loop(0, args.calls // unroll, body, jnp.int32(0))
-        run = jax.jit(loop)
-        jax.block_until_ready(run(bufs))
-        times = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            jax.block_until_ready(run(bufs))
-            times.append((time.perf_counter() - t) / (args.calls // unroll * unroll) * 1e6)
-        return float(np.median(times))
+        """µs a call: `unroll` calls a loop iteration, each on the next buffer, folded into the carry."""
+        def step(carry, bufs):
+            i, acc = carry
+            for j in range(unroll):
+                tokens, lps = fn(bufs[(i * unroll + j) % bufs.shape[0]])
+                acc = acc + tokens.sum() + lps.sum().astype(jnp.int32)
+            return i + 1, acc
+
+        seconds, _ = timed_loop(step, (jnp.int32(0), jnp.int32(0)), (bufs,), repeats=args.repeats,
+                                count=args.calls // unroll)
+        return seconds / unroll * 1e6
 
     lines = [f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; vocab {args.vocab}, bf16 logits, "
              f"{args.calls} calls a jitted loop over {args.buffers} buffers, median of {args.repeats}", "",
