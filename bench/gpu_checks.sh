@@ -10,7 +10,8 @@
 #   throughput  bench/throughput.py at batch 1/64/256 + 1k prompts, transformers eager (~170 s)
 #   hfcompile   bench/throughput.py at batch 256 with transformers static cache + torch.compile (~100 s)
 #   step        bench/decode_step.py at batch 1 beside the static decoder (~150 s: its compile)
-#   ncu         Nsight Compute on the paged decode (7B 64 x 2k) and fused decode (256 x 192) kernels (~120 s?)
+#   ncu         Nsight Compute on the paged decode (7B 64 x 2k) and fused decode (256 x 192) kernels (~120 s?);
+#               NCU_CASES picks bench/ncu_probe.py's cases (pick_256: the greedy pick at 256 rows)
 #   sweep       bench/bandwidth.py --sweep-only: our decode kernel's knobs at the shapes still short (~60 s)
 #   short       the decode step at batch 1/16/64/256, short tables unsplit (default) vs split (~60 s)
 #   mosaic      the experimental Mosaic GPU decode kernel: its compiled tests, then each of its configs
@@ -48,9 +49,9 @@ for part in "${parts[@]}"; do
                  --decode-steps 8 --impls pallas --hf-compile-batches 256 --out "$OUT/$part" ;;
     step) timeout 330 python3 bench/decode_step.py --batches 1 --variants default --glue kernels xla \
             --rounds 5 --reps 10 --out "$OUT/$part" ;;
-    ncu) timeout 240 ncu --clock-control none -k regex:'paged|fused|combine' --section SpeedOfLight \
+    ncu) timeout 240 ncu --clock-control none -k regex:'paged|fused|combine|greedy' --section SpeedOfLight \
            --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-           -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 --cases 7b_64x2k fused_256x192 \
+           -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 --cases ${NCU_CASES:-7b_64x2k fused_256x192} \
          && ncu -i "$OUT/$part/probe.ncu-rep" --page details ;;
     sweep) timeout 300 python3 bench/bandwidth.py --sweep-only --budget-s 235 --out "$OUT/$part" ;;
     mosaic) timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \

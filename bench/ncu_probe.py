@@ -8,7 +8,8 @@ Each case is one call shape of the issue-6 table or of the engine's decode step.
         --section Occupancy --section LaunchStats --section WarpStateStats \\
         -o $OUT/probe python3 bench/ncu_probe.py --calls 1 --cases 7b_64x2k fused_256x192
 
-Kernel names in the report: `paged_attention`, `fused_decode_attention`, `split_combine`.
+Kernel names in the report: `paged_attention`, `fused_decode_attention`, `split_combine`,
+`greedy_pick`.
 `--set full` (38 passes a kernel) is too slow for more than two or three kernels in one call.
 """
 
@@ -63,6 +64,13 @@ def fused_case(batch: int, context: int):
     return lambda: fn(qkv, cos, sin, k, v, tables, lengths, slots)
 
 
+def pick_case(rows: int):
+    from kernels.greedy_pick import greedy_pick
+    logits = jax.random.normal(jax.random.key(3), (rows, 151936), jnp.bfloat16)
+    fn = jax.jit(greedy_pick)
+    return lambda: fn(logits)
+
+
 CASES = {
     "7b_64x2k": lambda: paged_case("7b", 64, 2048),
     "7b_64x8k": lambda: paged_case("7b", 64, 8192),
@@ -70,6 +78,7 @@ CASES = {
     "05b_1x32k": lambda: paged_case("05b", 1, 32768),
     "fused_256x192": lambda: fused_case(256, 192),
     "fused_1x192": lambda: fused_case(1, 192),
+    "pick_256": lambda: pick_case(256),
 }
 
 
