@@ -24,6 +24,10 @@
 #   pick        session 10: the greedy pick kernel (compiled tests, its tiling against XLA's reductions, the
 #               decode step with it vs XLA's at batch 1/64/256; ~250 s) and, with PICK_PREFILL=1, prefill with
 #               cuBLAS vs XLA's GEMMs (bench/prefill_step.py, ~60 s)
+#   ab          the decode step at AB_BATCHES (default 1 64 256) with the kernels of AB_BASE against this tree's,
+#               in alternating processes (base, new, base, new): for kernel changes with no switch to flip in
+#               one process. Make the base with `mkdir ab_base && git archive <rev> kernels | tar -x -C ab_base`
+#               (untracked, so it travels to the device; AB_BASE=ab_base). ~45 s a process
 #   policies    the three scheduling policies, open loop, bf16 then float32 (~210 s each; compile cache shared;
 #               POLICY_DTYPES=float32 for one of them, with POLICY_TIMEOUT=560: in session 9 250 s ran
 #               none of its policies, 400 s one of three; POLICY_ARGS="--no-warmup" compiles only the shapes used:
@@ -74,6 +78,14 @@ for part in "${parts[@]}"; do
             --glue kernels xla_pick --rounds 5 --reps 10
           [ -n "${PICK_PREFILL:-}" ] && timeout 120 python3 bench/prefill_step.py --shapes 64x128 8x1024 \
             --options default cublas --out "$OUT/$part" ;;
+    ab) for round in 1 2; do
+          for side in base new; do
+            path=.; [ $side = base ] && path=${AB_BASE:?set AB_BASE to the base kernels folder}:.
+            echo "== ab round $round: $side"
+            PYTHONPATH=$path timeout 150 python3 bench/decode_step.py --batches ${AB_BATCHES:-1 64 256} \
+              --variants default --no-static --glue kernels --rounds 3 --reps 10
+          done
+        done ;;
     policies) export JAX_COMPILATION_CACHE_DIR=/tmp/jaxserve_jc JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
               for dtype in ${POLICY_DTYPES:-bfloat16 float32}; do
@@ -84,6 +96,6 @@ for part in "${parts[@]}"; do
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"
-  grep -E "passed|failed|^\| (7B|0.5B|jaxserve|transformers|default|prefill_first|time_share|mixed|1|64|256|64x128|8x1024) |Duration|Registers Per|Achieved Occ" \
+  grep -E "^== ab|passed|failed|^\| (7B|0.5B|jaxserve|transformers|default|prefill_first|time_share|mixed|1|64|256|64x128|8x1024) |Duration|Registers Per|Achieved Occ" \
     "$OUT/$part/log.txt" | tail -30
 done

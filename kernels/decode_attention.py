@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 
 from kernels import pallas_compat as compat
 from kernels.cache_scatter import cache_scatter_reference
-from kernels.paged_attention import (_MASK_VALUE, COMBINES, DECODE_BLOCK_KEYS,
+from kernels.paged_attention import (_MASK_VALUE, COMBINES, DECODE_BLOCK_KEYS, LOG2E,
                                      check_pool, finish_rows, gather_key_block, merge_last_split,
                                      merge_splits,
                                      online_softmax_step, paged_attention_reference,
@@ -126,7 +126,8 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         v_out_ref[page, slot % page_size, :] = v_new
 
     seeds = (split == 0) & has_new
-    s_new = (q.astype(jnp.float32) * k_new[None, :]).sum(axis=1) * scale
+    # In the online softmax's base-2 units (`online_softmax_step`).
+    s_new = (q.astype(jnp.float32) * k_new[None, :]).sum(axis=1) * (scale * LOG2E)
     m0 = jnp.where(seeds, s_new, _MASK_VALUE)
     l0 = jnp.where(seeds, jnp.ones_like(s_new), jnp.zeros_like(s_new))
     acc0 = jnp.where(seeds, jnp.broadcast_to(v_new.astype(jnp.float32)[None, :],

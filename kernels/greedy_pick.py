@@ -47,6 +47,8 @@ BLOCK = 4096
 NUM_WARPS = 8
 NUM_STAGES = 2
 TARGET_PROGRAMS = 528
+_LOG2E = 1.4426950408889634
+_LOWEST = float(jnp.finfo(jnp.float32).min)
 
 
 def _kernel(x_ref, m_ref, s_ref, idx_ref, *, vocab: int, block: int, blocks_per_chunk: int, chunks: int):
@@ -60,12 +62,16 @@ def _kernel(x_ref, m_ref, s_ref, idx_ref, *, vocab: int, block: int, blocks_per_
         start = (first + i) * block
         pos = start + lanes
         x = compat.load(x_ref.at[row, pl.ds(start, block)], mask=pos < vocab, other=-jnp.inf).astype(jnp.float32)
-        new_m = jnp.maximum(m, x)
-        # A lane still at -inf keeps a zero sum, not NaN.
-        shift = jnp.where(new_m > -jnp.inf, new_m, 0.0)
-        s = s * jnp.exp(m - shift) + jnp.exp(x - shift)
-        idx = jnp.where(x > m, pos, idx)  # strictly greater: a lane keeps its first maximum
-        return new_m, s, idx
+        up = x > m  # strictly greater: a lane keeps its first maximum
+        # One exp an element serves both branches: a new maximum rescales the sum by
+        # exp(m - x) and adds 1, anything else adds exp(x - m). Against a lane still at -inf
+        # the difference is taken from float32's lowest value, so -inf - -inf never makes NaN
+        # (exp2(-inf) = 0 adds nothing). Base 2: `exp` lowers to libdevice's accurate expf,
+        # `exp2` to about one ex2.approx; the kernel is bound by instruction issue, not bytes.
+        d = x - jnp.maximum(m, _LOWEST)
+        e = jnp.exp2(jnp.abs(d) * -_LOG2E)
+        s = jnp.where(up, s * e + 1.0, s + e)
+        return jnp.where(up, x, m), s, jnp.where(up, pos, idx)
 
     init = (jnp.full((block,), -jnp.inf, jnp.float32), jnp.zeros((block,), jnp.float32),
             jnp.full((block,), first * block, jnp.int32))

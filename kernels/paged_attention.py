@@ -53,6 +53,13 @@ from kernels.split_combine import combine_splits, combine_splits_reference
 
 # Finite, so a fully masked row never computes inf - inf; far below any real logit.
 _MASK_VALUE = -1e30
+# The online softmax keeps its running maximum in base-2 units (logits times log2(e)) and
+# exponentiates with exp2: Triton lowers a float32 `exp` to libdevice's accurate `expf` (a
+# range reduction around one `ex2.approx`) and `exp2` to about the `ex2.approx` alone. The fold
+# of log2(e) into the softmax scale is free (a Python float). Split outputs and every lse that
+# leaves a kernel stay natural logs (`finish_rows` converts).
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 # Programs wanted on the GPU before splitting stops paying, at head_dim 128: about two per SM
 # (measured: 256 beat 128 and 512 on most shapes; bench/results/kernel_notes.md). A head_dim-64
 # program holds half the tile, twice as many fit an SM, and twice the target won 6-12% at
@@ -138,28 +145,30 @@ def online_softmax_step(carry, q, k, v, key_ok, visible, *, scale: float, precis
 
     `key_ok [keys]`: slots holding written keys, or None when V's unwritten slots were
     already made finite (`gather_key_block`); `visible [rows or 1, keys]`: what each
-    query row may attend to.
+    query row may attend to. `m` is in base-2 units (`LOG2E` times the scaled logits);
+    `finish_rows` turns the state back into natural logs.
     """
     acc, m, l = carry
     if key_ok is not None:
         # Slots past the length may hold anything (stale or never-written pages, even NaN);
         # zeroing them keeps p = 0 from meeting NaN in the second product.
         v = jnp.where(key_ok[:, None], v, jnp.zeros_like(v))
-    s = compat.dot(q, k, trans_b=True, precision=precision) * scale
+    s = compat.dot(q, k, trans_b=True, precision=precision) * (scale * LOG2E)
     s = jnp.where(visible, s, _MASK_VALUE)
     m_next = jnp.maximum(m, s.max(axis=1))
-    alpha = jnp.exp(m - m_next)
-    p = jnp.where(visible, jnp.exp(s - m_next[:, None]), 0.0)
+    alpha = jnp.exp2(m - m_next)
+    p = jnp.where(visible, jnp.exp2(s - m_next[:, None]), 0.0)
     l = l * alpha + p.sum(axis=1)
     pv = compat.dot(p.astype(v.dtype), v, precision=precision)
     return acc * alpha[:, None] + pv, m_next, l
 
 
 def finish_rows(acc, m, l):
-    """Normalized float32 rows and their log-sum-exp; rows that saw no key give 0 and -inf."""
+    """Normalized float32 rows and their natural log-sum-exp (from `online_softmax_step`'s
+    base-2 state); rows that saw no key give 0 and -inf."""
     has_keys = l > 0.0
     out = acc / jnp.where(has_keys, l, 1.0)[:, None]
-    lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
+    lse = jnp.where(has_keys, m * LN2 + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
     return jnp.where(has_keys[:, None], out, 0.0), lse
 
 

@@ -78,6 +78,20 @@ def test_minus_infinity_entries_and_rows(interpret):
     assert int(ids[2]) == 0 and float(lp[2]) == -np.inf
 
 
+@pytest.mark.parametrize("interpret", MODES)
+def test_lowest_finite_float32_logits(interpret):
+    # The kernel measures a lane still at -inf from float32's lowest value: logits at exactly
+    # that value must still count (exp(0) each) and be found at their own position.
+    low = np.finfo(np.float32).min
+    x = np.full((2, 300), -np.inf, np.float32)
+    x[0, [77, 200]] = low          # only the lowest value, twice: the first is the argmax
+    x[1, 5] = low
+    x[1, 250] = -1.0
+    ids, lp = greedy_pick(jnp.asarray(x), block=64, chunks=2, interpret=interpret)
+    assert ids.tolist() == [77, 250]
+    np.testing.assert_allclose(np.asarray(lp), [-np.log(2.0), 0.0], rtol=1e-6, atol=1e-7)
+
+
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="logits"):
         greedy_pick(jnp.zeros((4,)))
