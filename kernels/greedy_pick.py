@@ -16,16 +16,20 @@ How: the vocabulary is cut into chunks, so rows x chunks programs fill the GPU (
 row measured 730 GB/s at batch 256 on the H200, and one program for batch 1's whole row is a
 long serial walk). A program walks its chunk in blocks keeping per-lane running maxima, the
 position of each lane's first maximum and each lane's sum of `exp(x - max)` (rescaled when the
-lane's maximum grows): no cross-lane reduction inside the loop for the loads to wait on. At the end
+lane's maximum grows; one `exp2` an element serves both cases): no cross-lane reduction inside
+the loop for the loads to wait on. At the end
 it reduces its lanes to one (max, first index, sum) per chunk; a few XLA ops merge the chunks
 (the first chunk holding the maximum gives the index, as `jnp.argmax`'s first-index rule).
 Logits are read in their own dtype (bf16 from the LM head) and widened to float32 in registers,
 so no float32 copy of the logits is written.
 
-Measured (H200, bench/results/decode_step.md, session 10): inside the decode step it beats XLA's
-reductions from 128 rows (-1.3% to -2.9% a step), where the logits outgrow the L2; at 64 rows it
-lost (+0.7%, +3.1%), so the runner uses it from 128 (`runner.GREEDY_PICK_MIN_ROWS`). Alone, in a
-loop over rotating buffers, it reads ~840 GB/s at best, slower than XLA's passes: why is open.
+Measured (H200, bench/results/decode_step.md, sessions 10-11): the kernel is bound by instruction
+issue, not bytes (ncu: 69% SM, 30% DRAM with two accurate `exp` an element); one `exp2` an element
+took it from 92 to 76 µs alone at 256 rows (XLA's passes: 60-67 µs in that loop). Inside the decode
+step it beats XLA's reductions from 128 rows (-1.3% to -2.9% a step), where the logits outgrow the
+L2 and XLA's later passes miss it; at 64 rows the two-exp kernel lost (+0.7%, +3.1%) and the
+one-exp kernel won once (-1.1%), so the runner uses it from 128 (`runner.GREEDY_PICK_MIN_ROWS`)
+until a second run agrees.
 
 Backend: Pallas Triton, like the other kernels (`kernels.paged_attention` says why).
 """

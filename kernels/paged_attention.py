@@ -17,8 +17,10 @@ Design (one kernel for decode and prefill):
   load reshaped to 2-D): on the H200 that alone took 7B heads at batch 64, 8k context
   from 368 to 279 µs (2.9 -> 3.9 TB/s). Keys past the length are pointed at the row's
   first slot, so V needs no select before the product.
-- Online softmax in float32; the loop is bounded by the row block's own key count, so a
-  short sequence does no work for its empty pages, and a length-0 row writes zeros.
+- Online softmax in float32, in base 2 (`exp2`; see `LOG2E`: -1.6% to -4.7% on the H200's
+  0.5B decode step, unchanged at the bandwidth table's long contexts); the loop is bounded by
+  the row block's own key count, so a short sequence does no work for its empty pages, and a
+  length-0 row writes zeros.
 - Flash-decoding: the pages are cut into `num_splits` ranges, sized at run time from the
   longest length in the batch; each split writes a normalized partial output and its
   log-sum-exp, and one more small kernel merges them (`kernels.split_combine`). Small
