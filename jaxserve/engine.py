@@ -272,8 +272,13 @@ class Engine:
         tokens, logprobs = out.tokens.T.tolist(), out.logprobs.T.tolist()
         for i, r in enumerate(call.reqs):
             # Rows that finished (or were aborted) earlier produced padding tokens: skipped.
-            n = min(call.num_steps, int(call.limits[i] - call.positions[i]))
+            n = max(0, min(call.num_steps, int(call.limits[i] - call.positions[i])))
             row_tokens, row_logprobs = tokens[i], logprobs[i]
+            if not r.params.logprobs:
+                taken = r.extend(row_tokens[:n], row_logprobs[:n])
+                r.computed += taken
+                self.generated_tokens += taken
+                continue
             for k in range(n):
                 if r.finish_reason is not None:
                     break

@@ -56,6 +56,7 @@ class Request:
     # when read (``take_delta``/``result``), a run of tokens per decode (two tokenizer calls),
     # not two calls per token: at batch 256 that per-token cost exceeded the GPU's step.
     detok_pushed: int = 0  # output tokens already given to the detokenizer
+    _stops: frozenset[int] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def all_ids(self) -> list[int]:
@@ -96,6 +97,50 @@ class Request:
                 self._add_text(self.detokenizer.flush())
             if self.finish_reason is None:
                 self.finish("length")
+
+    def extend(self, tokens: list[int], logprobs: list[float]) -> int:
+        """``append`` for a run of tokens without top log-probabilities, in order; returns how
+        many were taken (the rest come after the token that finished the request).
+
+        Without stop strings no text is needed while tokens arrive, so the stop rules reduce to
+        the first stop id past ``min_tokens`` and ``max_tokens``: a set test and two list
+        extends a decode call, not a Python call a token (at batch 256 that per-token cost was
+        most of the host's work between device calls).
+        """
+        if self.params.stop:
+            taken = 0
+            for token, logprob in zip(tokens, logprobs):
+                if self.finish_reason is not None:
+                    break
+                self.append(token, logprob, None)
+                taken += 1
+            return taken
+        if self.finish_reason is not None or not tokens:
+            return 0
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        done = len(self.output_ids)
+        room = max(0, self.params.max_tokens - done)
+        take = min(len(tokens), room)
+        reason = "length" if take == room else None
+        stops = self._stop_ids()
+        if not stops.isdisjoint(tokens[:take]):
+            for k in range(take):
+                if tokens[k] in stops and done + k + 1 > self.params.min_tokens:
+                    take, reason = k + 1, "stop"
+                    break
+        self.output_ids.extend(tokens[:take])
+        self.output_logprobs.extend(logprobs[:take])
+        self.new_token_count += take
+        if reason is not None:
+            self.finish(reason)
+        return take
+
+    def _stop_ids(self) -> frozenset[int]:
+        if self._stops is None:
+            eos = () if self.params.ignore_eos else self.eos_ids
+            self._stops = frozenset(self.params.stop_token_ids) | frozenset(eos)
+        return self._stops
 
     def sync_text(self) -> None:
         """Bring ``text`` up to date with the tokens so far (requests without stop strings)."""

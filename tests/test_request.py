@@ -1,0 +1,52 @@
+"""`Request.extend` (a decode call's run of tokens at once) against `Request.append` one token
+at a time: the same tokens kept, log-probabilities, finish reason and count taken, for any mix
+of stop ids, EOS, `ignore_eos`, `min_tokens` and `max_tokens`, over several calls."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxserve.request import Request
+from jaxserve.sampling import SamplingParams
+
+VOCAB = 6  # a small vocabulary, so stop ids and EOS turn up often
+
+
+def make(params: SamplingParams) -> Request:
+    return Request("r", [1, 2], params, None, eos_ids=(0,))
+
+
+@settings(max_examples=300, deadline=None)
+@given(max_tokens=st.integers(1, 12), min_tokens=st.integers(0, 6), ignore_eos=st.booleans(),
+       stop_ids=st.lists(st.integers(0, VOCAB - 1), max_size=2),
+       calls=st.lists(st.lists(st.integers(0, VOCAB - 1), max_size=5), min_size=1, max_size=5))
+def test_extend_equals_one_append_a_token(max_tokens, min_tokens, ignore_eos, stop_ids, calls):
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=min(min_tokens, max_tokens),
+                            ignore_eos=ignore_eos, stop_token_ids=stop_ids)
+    one, run = make(params), make(params)
+    for tokens in calls:
+        logprobs = [-0.5 * t for t in tokens]
+        taken = 0
+        for token, logprob in zip(tokens, logprobs):
+            if one.finish_reason is not None:
+                break
+            one.append(token, logprob, None)
+            taken += 1
+        assert run.extend(tokens, logprobs) == taken
+        assert (run.output_ids, run.output_logprobs, run.finish_reason, run.new_token_count) == (
+            one.output_ids, one.output_logprobs, one.finish_reason, one.new_token_count)
+        assert (run.first_token_time is None) == (one.first_token_time is None)
+
+
+def test_extend_stops_at_the_first_stop_id_past_min_tokens():
+    r = make(SamplingParams(max_tokens=10, min_tokens=2, stop_token_ids=[4]))
+    assert r.extend([4, 3, 4, 5], [0.0] * 4) == 3  # the first 4 is within min_tokens
+    assert r.output_ids == [4, 3, 4] and r.finish_reason == "stop"
+    assert r.extend([1, 2], [0.0, 0.0]) == 0
+
+
+def test_extend_with_stop_strings_takes_the_per_token_path():
+    # No detokenizer here: stop strings never match, so only max_tokens ends the request.
+    r = make(SamplingParams(max_tokens=3, stop=["x"]))
+    assert r.extend([1, 2, 3, 4], [0.0] * 4) == 3 and r.finish_reason == "length"
