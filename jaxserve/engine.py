@@ -50,6 +50,14 @@ class _Decode:
     penalties: bool
 
 
+@dataclasses.dataclass
+class _Prefill:
+    """A dispatched prefill call: its rows ``(request, start, end)`` and device outputs."""
+
+    rows: list[tuple[Request, int, int]]
+    out: Any
+
+
 class Engine:
     """Continuous batching over the paged KV pool.
 
@@ -89,7 +97,9 @@ class Engine:
         self._sampling_cache: tuple | None = None
         self.requests: dict[str, Request] = {}
         self._pending: _Decode | None = None  # a decode call dispatched but not yet read
+        self._pending_prefill: _Prefill | None = None  # likewise, a prefill call
         self.chained_calls = 0
+        self.overlapped_prefill_calls = 0
         self._ids = itertools.count()
         self._started = time.perf_counter()
         self.generated_tokens = 0
@@ -206,7 +216,14 @@ class Engine:
         request.append(token, logprob, top)
         self.generated_tokens += 1
 
-    def _run_prefill(self, rows: list[tuple[Request, int, int]]) -> None:
+    def _dispatch_prefill(self, rows: list[tuple[Request, int, int]]) -> _Prefill:
+        """Start a prefill call without waiting for it; the rows' progress and prefix-index
+        entries are recorded now.
+
+        Their K/V are written by the call in flight, and every later call that could read those
+        pages (a next chunk, a prompt sharing the indexed prefix) runs after it on the device's
+        stream; only the first sampled tokens wait for ``_collect_prefill``.
+        """
         cfg = self.config
         batch = EngineConfig.bucket(cfg.batch_buckets, len(rows))
         width = EngineConfig.bucket(cfg.prefill_buckets, max(e - s for _, s, e in rows))
@@ -221,17 +238,28 @@ class Engine:
             block_tables[i] = table[r.slot]
         reqs = [r for r, _, _ in rows]
         sbatch, steps, num_top, counts, seen, greedy = self._sampling_inputs(reqs, batch)
-        start = time.perf_counter()
-        out = jax.device_get(self.runner.prefill(tokens, q_start, lengths, block_tables, sbatch, steps, counts,
-                                                 seen, num_top, greedy))
-        self.time_s["prefill"] += time.perf_counter() - start
-        tokens_out, logprobs_out = out.tokens.tolist(), out.logprobs.tolist()
-        for i, (r, s, e) in enumerate(rows):
+        out = self.runner.prefill(tokens, q_start, lengths, block_tables, sbatch, steps, counts, seen, num_top,
+                                  greedy)
+        for r, s, e in rows:
             r.computed = e
             self.prefill_tokens += e - s
             if e == r.prefill_end:
-                self._append(r, tokens_out[i], logprobs_out[i], out, (i,))
                 self.scheduler.after_prefill(r)
+        return _Prefill(rows, out)
+
+    def _collect_prefill(self, call: _Prefill) -> list[Request]:
+        """Read a prefill call's first tokens and hand them to the rows whose prompt it finished
+        (those it returns). A row aborted meanwhile takes nothing."""
+        start = time.perf_counter()
+        out = jax.device_get(call.out)
+        self.time_s["prefill"] += time.perf_counter() - start
+        tokens_out, logprobs_out = out.tokens.tolist(), out.logprobs.tolist()
+        done = []
+        for i, (r, _, e) in enumerate(call.rows):
+            if e == r.prefill_end and r.finish_reason is None:
+                self._append(r, tokens_out[i], logprobs_out[i], out, (i,))
+                done.append(r)
+        return done
 
     def _dispatch_decode(self, reqs: list[Request], num_steps: int, chained: _Decode | None = None) -> _Decode:
         """Start a multi-step decode call without waiting for it.
@@ -303,9 +331,10 @@ class Engine:
     def step(self) -> list[Request]:
         """Run one scheduled step; returns the requests that got new tokens or finished.
 
-        With ``EngineConfig.overlap`` a decode call may still run on the device when step()
-        returns; its tokens come back from the next step(), which first chains the following
-        call (same rows, steady decoding) so the device never waits for the host.
+        With ``EngineConfig.overlap`` a decode or prefill call may still run on the device when
+        step() returns; its tokens come back from the next step(), which first chains the
+        following call (a decode over the same rows in steady decoding, or the next prefill) so
+        the device does not wait for the host.
         """
         start = time.perf_counter()
         touched: dict[str, Request] = {}
@@ -317,11 +346,29 @@ class Engine:
             self._collect_decode(pending)
             touched.update((r.request_id, r) for r in pending.reqs)
         else:
-            plan = self.scheduler.schedule()
-            if plan.prefill:
-                self._run_prefill(plan.prefill)
-                touched.update((r.request_id, r) for r, _, e in plan.prefill if e == r.prefill_end)
-            if plan.decode:
+            previous, self._pending_prefill = self._pending_prefill, None
+            plan = None
+            if previous is not None:
+                # Prefill after prefill: the next call goes to the device before the host reads
+                # this one's first tokens (and while it schedules), so the device never waits
+                # between them. Anything else reads the tokens first: a decode needs them.
+                plan = self.scheduler.schedule(prefill_only=True)
+                if plan.prefill:
+                    self._pending_prefill = self._dispatch_prefill(plan.prefill)
+                    self.overlapped_prefill_calls += 1
+                touched.update((r.request_id, r) for r in self._collect_prefill(previous))
+            if plan is None or not plan.prefill:
+                plan = self.scheduler.schedule()
+                if plan.prefill:
+                    call = self._dispatch_prefill(plan.prefill)
+                    if self.config.overlap and not plan.decode:
+                        self._pending_prefill = call
+                    else:
+                        touched.update((r.request_id, r) for r in self._collect_prefill(call))
+            # A row whose first token just finished it (a stop id, max_tokens 1) decodes no more.
+            decode = [r for r in plan.decode if r.finish_reason is None]
+            if decode:
+                plan.decode = decode
                 call = self._dispatch_decode(plan.decode, plan.decode_steps)
                 if self.config.overlap and not plan.prefill:
                     self._pending = call
@@ -420,7 +467,8 @@ class Engine:
                    tokens_per_s=self.generated_tokens / max(elapsed, 1e-9),
                    prefill_call_s=self.time_s["prefill"], decode_call_s=self.time_s["decode"],
                    host_s=self.time_s["step"] - self.time_s["prefill"] - self.time_s["decode"],
-                   compilations=len(self.runner.compiled_shapes), overlapped_decode_calls=self.chained_calls)
+                   compilations=len(self.runner.compiled_shapes), overlapped_decode_calls=self.chained_calls,
+                   overlapped_prefill_calls=self.overlapped_prefill_calls)
         return out
 
     def clear_prefix_cache(self) -> None:

@@ -31,7 +31,8 @@ class EngineConfig:
     memory (1024 pages on the CPU). Batch and prefill-length buckets default to powers of two,
     so the number of compiled step shapes is ``len(batch_buckets) * (1 + len(prefill_buckets))``
     at most. ``overlap`` lets a decode call run while the host reads the previous one's tokens
-    (steady decoding only; outputs are the same either way). ``compile_cache_dir`` keeps the
+    (steady decoding), and a prefill call start before the host reads the previous prefill's
+    first tokens; outputs are the same either way. ``compile_cache_dir`` keeps the
     compiled steps on disk (JAX's persistent cache, process-wide), so a restart skips most of
     the warm-up.
 

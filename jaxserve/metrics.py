@@ -60,6 +60,9 @@ class _EngineTotals(Collector):
         yield CounterMetricFamily("jaxserve_engine_overlapped_decode_calls",
                                   "Decode calls dispatched before the previous call's tokens were read.",
                                   value=float(st.get("overlapped_decode_calls", 0)))
+        yield CounterMetricFamily("jaxserve_engine_overlapped_prefill_calls",
+                                  "Prefill calls dispatched before the previous prefill's first tokens were read.",
+                                  value=float(st.get("overlapped_prefill_calls", 0)))
         yield CounterMetricFamily("jaxserve_engine_generated_tokens",
                                   "Tokens sampled by the engine (running, finished and aborted requests).",
                                   value=float(st.get("generated_tokens", 0)))

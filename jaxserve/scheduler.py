@@ -370,10 +370,18 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def schedule(self) -> Plan:
+    def schedule(self, prefill_only: bool = False) -> Plan:
+        """The next step's work under the configured policy.
+
+        ``prefill_only``: the plan if it would be prefill alone, else an empty plan with nothing
+        reserved or counted (the engine asks this while a prefill call's first tokens are still
+        on the device: a decode step could not start without them).
+        """
         cfg = self.config
         pending = bool(self.waiting) or any(r.is_prefilling for r in self.running)
         decoding = any(not r.is_prefilling for r in self.running)
+        if prefill_only and (not pending or (cfg.policy == "mixed" and decoding)):
+            return Plan([], [], 0)
         if cfg.policy == "mixed":
             steps = 1 if pending else cfg.decode_steps
             decode = self._reserve_decode(steps) if decoding else []
@@ -386,6 +394,8 @@ class Scheduler:
             if rows:
                 self._decodes_since_prefill = 0
                 return Plan(rows, [], 0)
+        if prefill_only:
+            return Plan([], [], 0)
         steps = 1 if pending and cfg.policy == "time_share" else cfg.decode_steps
         self._decodes_since_prefill += 1
         return Plan([], self._reserve_decode(steps) if decoding else [], steps)

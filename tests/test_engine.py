@@ -293,6 +293,41 @@ def test_overlapped_decode_gives_the_same_tokens_as_synchronous(tiny):
     assert results[True][0]["token_ids"] == hf_greedy(hf, prompts[0], 30)
 
 
+@pytest.mark.parametrize("policy", ["prefill_first", "time_share", "mixed"])
+def test_overlapped_prefill_gives_the_same_tokens_as_synchronous(tiny, policy):
+    """Prefill calls dispatched before the previous one's first tokens are read (overlap on)
+    against each read at once (off): prompts over
+    several steps, a prompt in chunks, prefixes shared across steps (indexed at dispatch, so
+    the hits are the same), a request that its first token stops, and one of a single token."""
+    m, hf = tiny
+    shared = random_prompts(m.config.vocab_size, (24,))[0]
+    tails = random_prompts(m.config.vocab_size, (3, 9, 14, 6, 11, 70))
+    prompts = [shared + t for t in tails[:3]] + tails[3:5] + [shared + tails[5]]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=6, temperature=0.9, top_k=20, seed=3, ignore_eos=True)
+    with Engine(m, small_config(overlap=False)) as engine:
+        first = engine.generate([prompts[3]], SamplingParams(max_tokens=1, temperature=0.0),
+                                use_tqdm=False)[0]["token_ids"][0]
+    stop_first = SamplingParams(max_tokens=6, temperature=0.0, stop_token_ids=[first])
+    one_token = SamplingParams(max_tokens=1, temperature=0.0)
+    params = [greedy, seeded, greedy, stop_first, one_token, greedy]
+    results, stats = {}, {}
+    for overlap in (True, False):
+        cfg = small_config(overlap=overlap, policy=policy, max_tokens_per_step=32, prefix_caching=True)
+        with Engine(m, cfg) as engine:
+            results[overlap] = engine.generate(prompts, params, use_tqdm=False)
+            stats[overlap] = engine.stats()
+            assert_all_pages_free(engine)
+    keys = ("token_ids", "finish_reason", "cached_tokens")
+    assert [[o[k] for k in keys] for o in results[True]] == [[o[k] for k in keys] for o in results[False]]
+    # mixed puts decodes in every step once a row decodes, so its prefills rarely follow each other.
+    assert stats[True]["overlapped_prefill_calls"] > 0 or policy == "mixed"
+    assert stats[False]["overlapped_prefill_calls"] == 0
+    assert results[True][3]["token_ids"] == [first] and results[True][3]["finish_reason"] == "stop"
+    assert results[True][0]["token_ids"] == hf_greedy(hf, prompts[0], 6)
+    assert sum(o["cached_tokens"] for o in results[True]) > 0
+
+
 def test_sampling_batch_is_built_once_per_set_of_rows(tiny, monkeypatch):
     """Decode calls over the same rows reuse the stacked sampling parameters; a new set of
     rows (prefill, or a row finishing) builds them again. Outputs stay reproducible."""

@@ -337,7 +337,8 @@ def scrape(live) -> dict[str, float]:
 ENGINE_COUNTERS = ['jaxserve_engine_step_seconds_total{part="prefill_call"}',
                    'jaxserve_engine_step_seconds_total{part="decode_wait"}',
                    'jaxserve_engine_step_seconds_total{part="host"}', "jaxserve_engine_prefix_index_seconds_total",
-                   "jaxserve_engine_overlapped_decode_calls_total", "jaxserve_engine_generated_tokens_total",
+                   "jaxserve_engine_overlapped_decode_calls_total", "jaxserve_engine_overlapped_prefill_calls_total",
+                   "jaxserve_engine_generated_tokens_total",
                    "jaxserve_engine_prefill_tokens_total"]
 
 
