@@ -43,13 +43,14 @@ PREFILL_OPTIONS: dict[str, Any] = json.loads(
 # argmax and the token's log-probability in one pass over the bf16 logits) or "xla" (jnp argmax
 # and log-softmax: several XLA reductions, each reading all the logits), the kernel only for
 # steps of at least GREEDY_PICK_MIN_ROWS rows. H200, Qwen2.5-0.5B decode step, one process,
-# alternating rounds (bench/decode_step.py --glue xla_pick, session 10, two runs): batch 256
-# 1.732 -> 1.681 and 1.624 -> 1.590 ms with the kernel, batch 64 1.176 -> 1.212 and 1.098 ->
-# 1.106 ms, batch 1 within 1.5% either way. At 256 rows the bf16 logits (78 MB) outgrow the
-# 50 MB L2 and XLA's three or four passes each come from HBM; at 64 (19 MB) they hit L2 and the
-# kernel's chunk merge is the extra cost. Both read when a Runner is built.
+# alternating rounds (bench/decode_step.py --glue xla_pick): with the one-exp kernel (session
+# 11, two runs) batch 64 1.153 -> 1.140 and 1.135 -> 1.125 ms, 128 1.354 -> 1.327, 256 1.707 ->
+# 1.674; session 10's two-exp kernel lost at 64 (1.176 -> 1.212, 1.098 -> 1.106) and was within
+# 1.5% either way at batch 1, never timed below 64 since. At 256 rows the bf16 logits (78 MB)
+# outgrow the 50 MB L2 and XLA's three or four passes each come from HBM. Both read when a
+# Runner is built.
 GREEDY_PICK = os.environ.get("JAXSERVE_GREEDY_PICK", "kernel")
-GREEDY_PICK_MIN_ROWS = int(os.environ.get("JAXSERVE_GREEDY_PICK_MIN_ROWS", "128"))
+GREEDY_PICK_MIN_ROWS = int(os.environ.get("JAXSERVE_GREEDY_PICK_MIN_ROWS", "64"))
 
 
 def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, counts, seen, *, num_top: int,

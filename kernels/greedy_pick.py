@@ -28,8 +28,7 @@ issue, not bytes (ncu: 69% SM, 30% DRAM with two accurate `exp` an element); one
 took it from 92 to 76 µs alone at 256 rows (XLA's passes: 60-67 µs in that loop). Inside the decode
 step it beats XLA's reductions from 128 rows (-1.3% to -2.9% a step), where the logits outgrow the
 L2 and XLA's later passes miss it; at 64 rows the two-exp kernel lost (+0.7%, +3.1%) and the
-one-exp kernel won once (-1.1%), so the runner uses it from 128 (`runner.GREEDY_PICK_MIN_ROWS`)
-until a second run agrees.
+one-exp kernel won twice (-1.1%, -0.9%), so the runner uses it from 64 (`runner.GREEDY_PICK_MIN_ROWS`).
 
 Backend: Pallas Triton, like the other kernels (`kernels.paged_attention` says why).
 """
