@@ -127,7 +127,6 @@ def run_variant(args) -> list[dict]:
     from jaxserve import model as model_module
     from jaxserve import runner as runner_module
     paged_attention_module = importlib.import_module("kernels.paged_attention")  # kernels.paged_attention is also a function
-    decode_attention_module = importlib.import_module("kernels.decode_attention")
     residual_norm_module = importlib.import_module("kernels.residual_norm")
     from jaxserve.config import ModelConfig
     from jaxserve.model import init_params
@@ -172,8 +171,6 @@ def run_variant(args) -> list[dict]:
             # "skinny256": steps of up to 256 rows through the skinny matmul and glue kernels
             # (row blocks of 64) instead of cuBLAS GEMMs and XLA's glue fusions.
             model_module.SKINNY_ROWS = 256 if glue == "skinny256" else skinny_rows
-            # "early_gather": the fused attention loads its first key block before the QKV.
-            decode_attention_module.EARLY_GATHER = glue == "early_gather"
             # "norm_warps4" / "norm_warps8": the add + RMSNorm kernel's one program a row runs 4 / 8 warps.
             residual_norm_module.NUM_WARPS = {"norm_warps4": 4, "norm_warps8": 8}.get(glue, norm_warps)
             # "xla_pick": greedy tokens by XLA's argmax + log-softmax, not the greedy_pick kernel.
@@ -234,7 +231,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternating timing rounds of the --glue runners (the step is their median)")
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
-                                                             "split_short", "skinny256", "early_gather", "norm_warps4", "norm_warps8", "xla_pick",
+                                                             "split_short", "skinny256", "norm_warps4", "norm_warps8", "xla_pick",
                                                              *QKV_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],

@@ -17,10 +17,10 @@
 #   mosaic      the experimental Mosaic GPU decode kernel: its compiled tests, then each of its configs
 #               timed beside ours on bandwidth.py's MOSAIC_SHAPES (~300 s)
 #   qkv         the decode step at batch 1/16/64 with the QKV skinny matmul retiled (unsplit: no sum launch) (~90 s)
-#   pending     session 9's untimed engine options against the default, one process per batch set:
-#               the fused attention's early gather (batch 1/64/256), 8-warp norms (1/64), the skinny matmul at batch
-#               256 instead of cuBLAS, and per projection against cuBLAS (bench/skinny_tune.py)
-#               (~330 s; run `tests` first: both change compiled kernels)
+#   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
+#               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
+#               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
+#               1/64, +1.8% at 256) and removed in session 11
 #   pick        session 10: the greedy pick kernel (compiled tests, its tiling against XLA's reductions, the
 #               decode step with it vs XLA's at batch 1/64/256; ~250 s) and, with PICK_PREFILL=1, prefill with
 #               cuBLAS vs XLA's GEMMs (bench/prefill_step.py, ~60 s)
@@ -66,9 +66,9 @@ for part in "${parts[@]}"; do
     short) timeout 200 python3 bench/decode_step.py --batches 1 16 64 256 --variants default --no-static \
              --glue kernels split_short --rounds 5 --reps 10 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
-               --glue kernels early_gather norm_warps8 --rounds 5 --reps 10
+               --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \
-               --glue kernels early_gather skinny256 --rounds 5 --reps 10 --profile /tmp/pending
+               --glue kernels skinny256 --rounds 5 --reps 10 --profile /tmp/pending
              timeout 150 python3 bench/skinny_tune.py --rows 256 --block-n 64 --block-k 64 128 \
                --stages-warps 3x4 4x4 --targets 264 528 ;;
     pick) timeout 60 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \

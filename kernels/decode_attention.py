@@ -44,12 +44,6 @@ from kernels.paged_attention import (_MASK_VALUE, COMBINES, DECODE_BLOCK_KEYS, L
                                      split_refs)
 
 
-# Experimental, off until timed on a GPU: the first key block's gather issued before the QKV
-# load (see `fused_decode_attention`'s early_gather). Read when a step is traced, so
-# bench/decode_step.py --glue early_gather compares both in one process.
-EARLY_GATHER = False
-
-
 def _rotate_half_matrix(head_dim: int, dtype) -> jax.Array:
     """R with x @ R == concat(-x[half:], x[:half]) (Hugging Face's rotate_half)."""
     half = head_dim // 2
@@ -63,8 +57,7 @@ def _rotate_half_matrix(head_dim: int, dtype) -> jax.Array:
 def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_ref,
                   k_pages_ref, v_pages_ref, *refs, num_heads: int, kv_heads: int,
                   group: int, block_rows: int, num_splits: int, pages_per_block: int, scale: float,
-                  precision, merge_in_kernel: bool = False, early_gather: bool = False,
-                  interpret: bool = False):
+                  precision, merge_in_kernel: bool = False, interpret: bool = False):
     (o_ref, lse_ref, out_ref, counter_ref), (k_out_ref, v_out_ref) = split_refs(
         refs, num_splits, merge_in_kernel)
     seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -99,11 +92,6 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     k_raw = compat.load(qkv_ref.at[seq, pl.ds(num_heads + head, block_rows), :],
                         mask=(rows == 0)[:, None], other=0)
     v_new = qkv_ref[seq, num_heads + kv_heads + head, :].astype(pool_dtype)
-    if early_gather:
-        # The first block's table entries and K/V do not depend on this token's QKV: issued
-        # while the QKV loads are in flight, before RoPE and the cache write, instead of
-        # after them (the loop never reads the slot written below, so the order is free).
-        first_block = key_block(0)
     cos = cos_ref[seq, :][None, :]
     sin = sin_ref[seq, :][None, :]
     rot = _rotate_half_matrix(head_dim, pool_dtype)
@@ -138,15 +126,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         return online_softmax_step(carry, q, k, v, None, valid[None, :], scale=scale,
                                    precision=precision)
 
-    carry = (acc0, m0, l0)
-    if early_gather:
-        # Without a block to read (no cached key, an empty split) the early loads may hold
-        # anything, the slot being written included: their step is dropped by a select.
-        stepped = step(carry, first_block)
-        carry = tuple(jnp.where(num_iters > 0, new, old) for new, old in zip(stepped, carry))
-        carry = lax.fori_loop(1, num_iters, lambda i, c: step(c, key_block(i)), carry)
-    else:
-        carry = lax.fori_loop(0, num_iters, lambda i, c: step(c, key_block(i)), carry)
+    carry = lax.fori_loop(0, num_iters, lambda i, c: step(c, key_block(i)), (acc0, m0, l0))
     out, lse = finish_rows(*carry)
     out = out.astype(o_ref.dtype)
     if num_splits == 1:
@@ -164,11 +144,10 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine",
-    "early_gather"))
+    "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine"))
 def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, *, scale: float,
            num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
-           interpret: bool, combine: str, early_gather: bool):
+           interpret: bool, combine: str):
     batch, _, head_dim = qkv.shape
     kv_heads = k_pages.shape[0]
     num_heads = qkv.shape[1] - 2 * kv_heads
@@ -179,8 +158,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     kernel = functools.partial(
         _fused_kernel, num_heads=num_heads, kv_heads=kv_heads, group=group,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
-        scale=scale, precision=precision, merge_in_kernel=merge_in_kernel,
-        early_gather=early_gather, interpret=interpret)
+        scale=scale, precision=precision, merge_in_kernel=merge_in_kernel, interpret=interpret)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -243,8 +221,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                            slot_mapping: jax.Array, *, scale: float | None = None,
                            interpret: bool | None = None, num_splits: int | None = None,
                            pages_per_block: int | None = None, num_warps: int = 4,
-                           num_stages: int = 1, combine: str = "pallas",
-                           early_gather: bool | None = None
+                           num_stages: int = 1, combine: str = "pallas"
                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode token per sequence: RoPE on its q and k, k/v into the pool, attention.
 
@@ -267,8 +244,6 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
             stage buys little overlap and halves the programs resident per SM (H100, 0.5B
             heads, `bench/fused_tune.py`: batch 256 at 192 / 1024 keys 28.1 -> 21.9 /
             89.6 -> 65.4 µs a layer, batch 1 11.3 -> 8.8 µs; bench/results/decode_step.md).
-        early_gather: load the first block of cached keys before the token's QKV, so the
-            two loads overlap (None: `EARLY_GATHER`). Same result either way.
 
     Returns:
         `(out [batch, num_heads, head_dim] in qkv's dtype, k_pages, v_pages)`.
@@ -296,8 +271,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                   scale=float(head_dim ** -0.5 if scale is None else scale),
                   num_splits=num_splits, pages_per_block=pages_per_block,
                   num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                  combine=combine,
-                  early_gather=EARLY_GATHER if early_gather is None else bool(early_gather))
+                  combine=combine)
 
 
 def rope_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -56,22 +56,17 @@ def assert_pools_equal(new, ref, seed, rtol: float = 0.0, atol: float = 0.0):
 
 @pytest.mark.parametrize("interpret", MODES)
 # The decode kernel's sweep (GQA 1/2/7/8, head_dim 64/128, pages 8/16/32, with and without splits).
-# The split cases again with the merge inside the kernel (combine="inkernel"), and some with
-# the first key block gathered before the QKV load (early_gather; splits with no block and
-# rows of length 0 / 1 read the poison and must drop it).
-@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,dtype,num_splits,ppb,combine,early",
-                         [(*case, "pallas", False) for case in DECODE_CASES]
-                         + [(*DECODE_CASES[i], "inkernel", False) for i in (1, 2, 3)]
-                         + [(*DECODE_CASES[i], "pallas", True) for i in (0, 1, 2, 6)])
+# The split cases again with the merge inside the kernel (combine="inkernel").
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,dtype,num_splits,ppb,combine",
+                         [(*case, "pallas") for case in DECODE_CASES]
+                         + [(*DECODE_CASES[i], "inkernel") for i in (1, 2, 3)])
 def test_fused_decode_matches_rope_scatter_attention_reference(
-        interpret, num_heads, kv_heads, head_dim, page_size, dtype, num_splits, ppb, combine,
-        early):
+        interpret, num_heads, kv_heads, head_dim, page_size, dtype, num_splits, ppb, combine):
     rng, seed = fresh_rng()
     args = fused_case(rng, batch=6, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim,
                       page_size=page_size, table_pages=5, dtype=dtype)
     out, k_new, v_new = fused_decode_attention(*args, interpret=interpret, num_splits=num_splits,
-                                               pages_per_block=ppb, combine=combine,
-                                               early_gather=early)
+                                               pages_per_block=ppb, combine=combine)
     ref, k_ref, v_ref = fused_decode_attention_reference(*args)
     # The attention reference in float32 over the pool the reference scatter wrote.
     exact, _, _ = fused_decode_attention_reference(
@@ -139,26 +134,22 @@ def test_fused_decode_shape_errors_name_the_field():
                                pages, table, ones, ones)
 
 
-@pytest.mark.parametrize("impl,qkv_tiling,early_gather", [
-    ("pallas", {}, False), ("pallas-unfused", {}, False),
+@pytest.mark.parametrize("impl,qkv_tiling", [
+    ("pallas", {}), ("pallas-unfused", {}),
     # The QKV projection retiled (model.QKV_SKINNY_TILING): unsplit over two K blocks with its
     # bias in the kernel, and split in two with the sum and bias outside.
-    ("pallas", {"num_splits": 1, "block_k": 32, "block_n": 32}, False),
-    ("pallas", {"num_splits": 2, "block_k": 32}, False),
-    # The fused attention's first key block gathered before the QKV (EARLY_GATHER).
-    ("pallas", {}, True),
+    ("pallas", {"num_splits": 1, "block_k": 32, "block_n": 32}),
+    ("pallas", {"num_splits": 2, "block_k": 32}),
 ])
-def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, early_gather, monkeypatch):
+def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, monkeypatch):
     # One paged decode step of the whole model (under "pallas": the fused attention kernel and
     # the skinny-matmul projections) against a dense forward pass over the same tokens; the
     # pages are filled by a paged prefill through the references.
     from jaxserve import model as model_module
     from jaxserve.config import ModelConfig
-    from kernels import decode_attention as decode_attention_module
     from jaxserve.model import PagedAttention, Qwen2ForCausalLM, init_params, new_kv_cache
 
     monkeypatch.setattr(model_module, "QKV_SKINNY_TILING", qkv_tiling)
-    monkeypatch.setattr(decode_attention_module, "EARLY_GATHER", early_gather)
     rng, seed = fresh_rng()
     cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)

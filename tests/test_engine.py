@@ -305,9 +305,7 @@ def test_overlapped_prefill_gives_the_same_tokens_as_synchronous(tiny, policy):
     prompts = [shared + t for t in tails[:3]] + tails[3:5] + [shared + tails[5]]
     greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     seeded = SamplingParams(max_tokens=6, temperature=0.9, top_k=20, seed=3, ignore_eos=True)
-    with Engine(m, small_config(overlap=False)) as engine:
-        first = engine.generate([prompts[3]], SamplingParams(max_tokens=1, temperature=0.0),
-                                use_tqdm=False)[0]["token_ids"][0]
+    first = hf_greedy(hf, prompts[3], 1)[0]
     stop_first = SamplingParams(max_tokens=6, temperature=0.0, stop_token_ids=[first])
     one_token = SamplingParams(max_tokens=1, temperature=0.0)
     params = [greedy, seeded, greedy, stop_first, one_token, greedy]
