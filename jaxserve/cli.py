@@ -47,7 +47,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-fraction", type=float, default=0.6,
                    help="share of free accelerator memory for KV pages when --num-pages is not given (default 0.6)")
     g.add_argument("--no-overlap", action="store_true",
-                   help="read each decode call's tokens before starting the next (default: overlap them)")
+                   help="read each decode or prefill call's tokens before starting the next (default: overlap them)")
     g.add_argument("--attention-impl", choices=("auto", "pallas", "pallas-unfused", "reference"), default="auto",
                    help="paged attention: Pallas kernels, their jnp references, or auto (Pallas on a GPU)")
     g.add_argument("--compile-cache-dir", default=os.environ.get("JAXSERVE_COMPILE_CACHE_DIR"), metavar="PATH",
