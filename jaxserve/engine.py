@@ -207,14 +207,13 @@ class Engine:
             counts, seen = jnp.asarray(counts_np), jnp.asarray(seen_np)
         return sbatch, steps, num_top, counts, seen, not sampled
 
-    def _append(self, request: Request, token: int, logprob: float, out, index: tuple) -> None:
-        """``out.top_ids/top_logprobs[index]`` hold the row's top tokens (read only if it asked)."""
-        top = None
-        if request.params.logprobs:
-            n = request.params.logprobs
-            top = dict(zip(out.top_ids[index][:n].tolist(), out.top_logprobs[index][:n].tolist()))
-        request.append(token, logprob, top)
-        self.generated_tokens += 1
+    @staticmethod
+    def _top(request: Request, out, index: tuple) -> dict[int, float] | None:
+        """The request's top tokens at ``out.top_ids/top_logprobs[index]``; None if it asked for none."""
+        n = request.params.logprobs
+        if not n:
+            return None
+        return dict(zip(out.top_ids[index][:n].tolist(), out.top_logprobs[index][:n].tolist()))
 
     def _dispatch_prefill(self, rows: list[tuple[Request, int, int]]) -> _Prefill:
         """Start a prefill call without waiting for it; the rows' progress and prefix-index
@@ -257,7 +256,8 @@ class Engine:
         done = []
         for i, (r, _, e) in enumerate(call.rows):
             if e == r.prefill_end and r.finish_reason is None:
-                self._append(r, tokens_out[i], logprobs_out[i], out, (i,))
+                r.append(tokens_out[i], logprobs_out[i], self._top(r, out, (i,)))
+                self.generated_tokens += 1
                 done.append(r)
         return done
 
@@ -301,17 +301,10 @@ class Engine:
         for i, r in enumerate(call.reqs):
             # Rows that finished (or were aborted) earlier produced padding tokens: skipped.
             n = max(0, min(call.num_steps, int(call.limits[i] - call.positions[i])))
-            row_tokens, row_logprobs = tokens[i], logprobs[i]
-            if not r.params.logprobs:
-                taken = r.extend(row_tokens[:n], row_logprobs[:n])
-                r.computed += taken
-                self.generated_tokens += taken
-                continue
-            for k in range(n):
-                if r.finish_reason is not None:
-                    break
-                r.computed += 1
-                self._append(r, row_tokens[k], row_logprobs[k], out, (k, i))
+            tops = [self._top(r, out, (k, i)) for k in range(n)] if r.params.logprobs else None
+            taken = r.extend(tokens[i][:n], logprobs[i][:n], tops)
+            r.computed += taken
+            self.generated_tokens += taken
 
     def _can_chain(self, call: _Decode) -> bool:
         """Whether the next step may be another call over the same rows, dispatched before reading this one.

@@ -82,8 +82,7 @@ class Request:
         if top is not None:
             self.top_logprobs.append(top)
         self.new_token_count += 1
-        stop_id = token in self.params.stop_token_ids or (not self.params.ignore_eos and token in self.eos_ids)
-        if stop_id and len(self.output_ids) > self.params.min_tokens:
+        if token in self._stop_ids() and len(self.output_ids) > self.params.min_tokens:
             self.finish("stop")
             return
         if not self.params.stop:
@@ -98,21 +97,23 @@ class Request:
             if self.finish_reason is None:
                 self.finish("length")
 
-    def extend(self, tokens: list[int], logprobs: list[float]) -> int:
-        """``append`` for a run of tokens without top log-probabilities, in order; returns how
-        many were taken (the rest come after the token that finished the request).
+    def extend(self, tokens: list[int], logprobs: list[float],
+               tops: list[dict[int, float]] | None = None) -> int:
+        """``append`` for a run of tokens, in order (``tops``: each one's top log-probabilities,
+        if asked); returns how many were taken (the rest come after the token that finished the
+        request).
 
-        Without stop strings no text is needed while tokens arrive, so the stop rules reduce to
-        the first stop id past ``min_tokens`` and ``max_tokens``: a set test and two list
-        extends a decode call, not a Python call a token (at batch 256 that per-token cost was
-        most of the host's work between device calls).
+        Without stop strings or top log-probabilities nothing is needed per token, so the stop
+        rules reduce to the first stop id past ``min_tokens`` and ``max_tokens``: a set test and
+        two list extends a decode call, not a Python call a token (at batch 256 that per-token
+        cost was most of the host's work between device calls).
         """
-        if self.params.stop:
+        if self.params.stop or tops is not None:
             taken = 0
-            for token, logprob in zip(tokens, logprobs):
+            for token, logprob, top in zip(tokens, logprobs, tops or [None] * len(tokens)):
                 if self.finish_reason is not None:
                     break
-                self.append(token, logprob, None)
+                self.append(token, logprob, top)
                 taken += 1
             return taken
         if self.finish_reason is not None or not tokens:
@@ -137,6 +138,7 @@ class Request:
         return take
 
     def _stop_ids(self) -> frozenset[int]:
+        """The ids that stop this request: its stop ids, and EOS unless ``ignore_eos``."""
         if self._stops is None:
             eos = () if self.params.ignore_eos else self.eos_ids
             self._stops = frozenset(self.params.stop_token_ids) | frozenset(eos)

@@ -1,6 +1,7 @@
 """`Request.extend` (a decode call's run of tokens at once) against `Request.append` one token
-at a time: the same tokens kept, log-probabilities, finish reason and count taken, for any mix
-of stop ids, EOS, `ignore_eos`, `min_tokens` and `max_tokens`, over several calls."""
+at a time: the same tokens kept, log-probabilities (top ones too, when given), finish reason and
+count taken, for any mix of stop ids, EOS, `ignore_eos`, `min_tokens` and `max_tokens`, over
+several calls."""
 
 from __future__ import annotations
 
@@ -20,22 +21,25 @@ def make(params: SamplingParams) -> Request:
 @settings(max_examples=300, deadline=None)
 @given(max_tokens=st.integers(1, 12), min_tokens=st.integers(0, 6), ignore_eos=st.booleans(),
        stop_ids=st.lists(st.integers(0, VOCAB - 1), max_size=2),
-       calls=st.lists(st.lists(st.integers(0, VOCAB - 1), max_size=5), min_size=1, max_size=5))
-def test_extend_equals_one_append_a_token(max_tokens, min_tokens, ignore_eos, stop_ids, calls):
+       calls=st.lists(st.lists(st.integers(0, VOCAB - 1), max_size=5), min_size=1, max_size=5),
+       with_tops=st.booleans())
+def test_extend_equals_one_append_a_token(max_tokens, min_tokens, ignore_eos, stop_ids, calls, with_tops):
     params = SamplingParams(max_tokens=max_tokens, min_tokens=min(min_tokens, max_tokens),
                             ignore_eos=ignore_eos, stop_token_ids=stop_ids)
     one, run = make(params), make(params)
     for tokens in calls:
         logprobs = [-0.5 * t for t in tokens]
+        tops = [{t: -0.5 * t, t + 1: -1.0} for t in tokens] if with_tops else None
         taken = 0
-        for token, logprob in zip(tokens, logprobs):
+        for k, (token, logprob) in enumerate(zip(tokens, logprobs)):
             if one.finish_reason is not None:
                 break
-            one.append(token, logprob, None)
+            one.append(token, logprob, tops[k] if with_tops else None)
             taken += 1
-        assert run.extend(tokens, logprobs) == taken
-        assert (run.output_ids, run.output_logprobs, run.finish_reason, run.new_token_count) == (
-            one.output_ids, one.output_logprobs, one.finish_reason, one.new_token_count)
+        assert run.extend(tokens, logprobs, tops) == taken
+        assert (run.output_ids, run.output_logprobs, run.top_logprobs, run.finish_reason,
+                run.new_token_count) == (one.output_ids, one.output_logprobs, one.top_logprobs,
+                                         one.finish_reason, one.new_token_count)
         assert (run.first_token_time is None) == (one.first_token_time is None)
 
 
