@@ -180,13 +180,12 @@ def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len
     engine.generate(prompts, params, use_tqdm=False)  # warm every shape
     split = ("prefill_call_s", "decode_call_s", "host_s")
     before = engine.stats()
-    overlapped = before["overlapped_prefill_calls"]
     t = time.perf_counter()
     outs = engine.generate(prompts, params, use_tqdm=False)
     total = time.perf_counter() - t
     after = engine.stats()
     note = "of the run: " + ", ".join(f"{k[:-2].replace('_', ' ')} {after[k] - before[k]:.3f} s" for k in split)
-    note += f", overlapped prefill calls {after['overlapped_prefill_calls'] - overlapped}"
+    note += f", overlapped prefill calls {after['overlapped_prefill_calls'] - before['overlapped_prefill_calls']}"
     assert all(len(o["token_ids"]) == out_len for o in outs)
     # Decode step time: the multi-step call alone, timed with the batch fully running.
     table_w = engine.scheduler.max_pages_per_seq

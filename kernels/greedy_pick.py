@@ -43,6 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels import pallas_compat as compat
+from kernels.paged_attention import LOG2E
 
 # Elements one loop iteration loads (8 KB of bf16 over 8 warps: 16 a thread), pipeline depth,
 # and how many programs (rows x chunks) to aim for: 4 an SM of the H100/H200's 132.
@@ -50,7 +51,6 @@ BLOCK = 4096
 NUM_WARPS = 8
 NUM_STAGES = 2
 TARGET_PROGRAMS = 528
-_LOG2E = 1.4426950408889634
 _LOWEST = float(jnp.finfo(jnp.float32).min)
 
 
@@ -72,7 +72,7 @@ def _kernel(x_ref, m_ref, s_ref, idx_ref, *, vocab: int, block: int, blocks_per_
         # (exp2(-inf) = 0 adds nothing). Base 2: `exp` lowers to libdevice's accurate expf,
         # `exp2` to about one ex2.approx; the kernel is bound by instruction issue, not bytes.
         d = x - jnp.maximum(m, _LOWEST)
-        e = jnp.exp2(jnp.abs(d) * -_LOG2E)
+        e = jnp.exp2(jnp.abs(d) * -LOG2E)
         s = jnp.where(up, s * e + 1.0, s + e)
         return jnp.where(up, x, m), s, jnp.where(up, pos, idx)
 
