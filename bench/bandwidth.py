@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels import cache_scatter, cache_scatter_reference, merge_counters, paged_attention
+from kernels import cache_scatter, cache_scatter_reference, paged_attention
 from kernels.prefill_attention import (paged_prefill_attention,
                                        paged_prefill_attention_reference)
 
@@ -84,8 +84,7 @@ MOSAIC_CONFIGS = {"ppb=4": dict(pages_per_block=4), "ppb=8": dict(pages_per_bloc
 # launch).
 _T = {"splits x2": "x2", "splits x4": "x4", "ppb=4": dict(pages_per_block=4),
       "ppb=16": dict(pages_per_block=16), "ppb=16 warps=8": dict(pages_per_block=16, num_warps=8),
-      "merge in kernel": dict(combine="inkernel"), "merge in kernel, splits x2": "x2 inkernel",
-      "merge in kernel, splits /2": "/2 inkernel", "merge in kernel, splits /4": "/4 inkernel"}
+      "merge in kernel": dict(combine="inkernel"), "merge in kernel, splits x2": "x2 inkernel"}
 SWEEP = [
     (("7B 28q/4kv/128", 8, 2048), _T),
     (("0.5B 14q/2kv/64", 64, 2048), _T),
@@ -227,17 +226,6 @@ def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=Tru
             return q
         return step
 
-    def merged_step(attend):
-        # The in-kernel merge's arrival counters ride in the carry, as the engine threads them
-        # from layer to layer: zeroed once, left at zero by every call.
-        def step(carry, k_pages, v_pages, tables, lengths):
-            q, counters = carry
-            for _ in range(unroll):
-                for j in range(copies):
-                    q, counters = attend(q, k_pages, v_pages, tables[j], lengths, counters=counters)
-            return q, counters
-        return step
-
     def measure(label, step, carry, consts):
         if not budget.left():
             results[label] = "skipped (time budget)"
@@ -250,12 +238,8 @@ def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=Tru
             results[label] = f"error: {type(error).__name__}: {str(error)[:160]}"
 
     for label, config in (our_configs or {"ours": {}}).items():
-        attend = functools.partial(paged_attention, **config)
-        if config.get("combine") == "inkernel":
-            measure(label, merged_step(attend), (q, merge_counters(batch, kv_heads)),
-                    (k_pages, v_pages, tables, lengths))
-        else:
-            measure(label, paged_step(attend), q, (k_pages, v_pages, tables, lengths))
+        measure(label, paged_step(functools.partial(paged_attention, **config)), q,
+                (k_pages, v_pages, tables, lengths))
     if mosaic:  # the experimental Mosaic GPU kernel, beside the Triton one
         from kernels.paged_attention_mgpu import default_mgpu_splits, paged_attention_mgpu
         for label, config in MOSAIC_CONFIGS.items():
@@ -366,13 +350,9 @@ def sweep(budget, read_ceiling, only: tuple[str, ...] = (),
         _, default_splits = paged_attention_module.resolve_tuning(
             PAGE, context // PAGE, batch * kv_heads, None, None, False,
             paged_attention_module.DECODE_BLOCK_KEYS, head_dim=HEADS[name][2])
-        # "xN" / "/N": N times / an N-th of the default split count at this shape; "... inkernel":
-        # and merged in the kernel.
-        def splits(factor: str) -> int:
-            n = int(factor[1:])
-            return default_splits * n if factor[0] == "x" else max(1, default_splits // n)
+        # "xN": N times the default split count at this shape; "xN inkernel": and merged in the kernel.
         configs = {label: (c if isinstance(c, dict) else
-                           dict(num_splits=splits(c.split()[0]),
+                           dict(num_splits=default_splits * int(c.split()[0][1:]),
                                 **({"combine": "inkernel"} if c.endswith("inkernel") else {})))
                    for label, c in configs.items() if not only or label in only}
         row = decode_row(name, batch, context, read_ceiling, budget, with_baselines=False,

@@ -8,7 +8,7 @@ Never holds model or scheduling logic.
 
 from kernels.cache_scatter import cache_scatter, cache_scatter_reference
 from kernels.decode_attention import fused_decode_attention, fused_decode_attention_reference
-from kernels.paged_attention import merge_counters, paged_attention, paged_attention_reference
+from kernels.paged_attention import paged_attention, paged_attention_reference
 from kernels.prefill_attention import (paged_prefill_attention,
                                        paged_prefill_attention_reference)
 from kernels.skinny_matmul import skinny_matmul, skinny_matmul_reference
@@ -17,7 +17,7 @@ from kernels.split_combine import combine_splits, combine_splits_reference
 __all__ = [
     "cache_scatter", "cache_scatter_reference",
     "fused_decode_attention", "fused_decode_attention_reference",
-    "merge_counters", "paged_attention", "paged_attention_reference",
+    "paged_attention", "paged_attention_reference",
     "paged_prefill_attention", "paged_prefill_attention_reference",
     "skinny_matmul", "skinny_matmul_reference",
     "combine_splits", "combine_splits_reference",

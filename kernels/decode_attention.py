@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 from kernels import pallas_compat as compat
 from kernels.cache_scatter import cache_scatter_reference
 from kernels.paged_attention import (_MASK_VALUE, COMBINES, DECODE_BLOCK_KEYS, LOG2E,
-                                     check_counters, check_pool, finish_rows, gather_key_block, merge_last_split,
+                                     check_pool, finish_rows, gather_key_block, merge_last_split,
                                      merge_splits,
                                      online_softmax_step, paged_attention_reference,
                                      resolve_tuning, split_outputs, split_page_range,
@@ -145,8 +145,8 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine"))
-def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, counters, *,
-           scale: float, num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
+def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, *, scale: float,
+           num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
            interpret: bool, combine: str):
     batch, _, head_dim = qkv.shape
     kv_heads = k_pages.shape[0]
@@ -174,7 +174,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     aliases = {6: len(out_shape), 7: len(out_shape) + 1}  # the pools, in place
     if counter is not None:
         in_specs.append(whole)
-        operands.append(counter if counters is None else counters)
+        operands.append(counter)
         aliases[len(operands) - 1] = len(out_shape) - 1
     result = pl.pallas_call(
         kernel,
@@ -192,11 +192,9 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         out = result[0]
     elif merge_in_kernel:
         out = result[2]
-        counters = result[3] if counters is not None else None
     else:
         out = merge_splits(result[0], result[1], qkv.dtype, combine, interpret)
-    out = out.reshape(batch, num_heads, head_dim)
-    return (out, k_pages, v_pages) if counters is None else (out, k_pages, v_pages, counters)
+    return out.reshape(batch, num_heads, head_dim), k_pages, v_pages
 
 
 def _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping) -> None:
@@ -223,8 +221,8 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                            slot_mapping: jax.Array, *, scale: float | None = None,
                            interpret: bool | None = None, num_splits: int | None = None,
                            pages_per_block: int | None = None, num_warps: int = 4,
-                           num_stages: int = 1, combine: str = "pallas",
-                           counters: jax.Array | None = None) -> tuple[jax.Array, ...]:
+                           num_stages: int = 1, combine: str = "pallas"
+                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode token per sequence: RoPE on its q and k, k/v into the pool, attention.
 
     Args:
@@ -246,12 +244,9 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
             stage buys little overlap and halves the programs resident per SM (H100, 0.5B
             heads, `bench/fused_tune.py`: batch 256 at 192 / 1024 keys 28.1 -> 21.9 /
             89.6 -> 65.4 µs a layer, batch 1 11.3 -> 8.8 µs; bench/results/decode_step.md).
-        counters: with combine "inkernel", the arrival counters to thread from call to call
-            (`kernels.paged_attention.merge_counters`); they come back as a fourth result.
 
     Returns:
-        `(out [batch, num_heads, head_dim] in qkv's dtype, k_pages, v_pages)`, and the
-        counters after them when given.
+        `(out [batch, num_heads, head_dim] in qkv's dtype, k_pages, v_pages)`.
 
     Example:
         >>> qkv = jnp.ones((2, 14 + 4, 64), jnp.bfloat16)
@@ -268,12 +263,11 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     batch, _, head_dim = qkv.shape
     kv_heads, _, page_size, _ = k_pages.shape
-    check_counters(counters, combine, batch, kv_heads)
     interpret = compat.resolve_interpret(interpret)
     pages_per_block, num_splits = resolve_tuning(
         page_size, block_tables.shape[1], batch * kv_heads, pages_per_block, num_splits,
         interpret, DECODE_BLOCK_KEYS, head_dim=head_dim, single_pass=True)
-    return _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, counters,
+    return _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
                   scale=float(head_dim ** -0.5 if scale is None else scale),
                   num_splits=num_splits, pages_per_block=pages_per_block,
                   num_warps=num_warps, num_stages=num_stages, interpret=interpret,

@@ -78,9 +78,6 @@ PREFILL_KEY_TILE_ELEMENTS = 8192
 # (fused_tune); the engine's batch-64 step -3.0 / -3.6% (decode_step.md). Unsplit rows keep
 # 128 keys an iteration (256 cost batch 256's step 3.5%). Read when a step is traced; 0: off.
 SINGLE_PASS_KEYS = 2 * DECODE_BLOCK_KEYS
-# Partial values the in-kernel merge loads a wave (`merge_last_split`): 64 float32 a thread
-# of 4 warps, as much as the fold can hold beside its accumulator.
-_MERGE_TILE_ELEMENTS = 8192
 
 
 def split_page_range(lengths_ref, split, row_pages, *, num_splits: int, pages_per_block: int,
@@ -251,18 +248,17 @@ def merge_last_split(o_ref, lse_ref, out_ref, counter_ref, out, lse, *, seq, hea
     (the ones holding keys; the rest were never meant to be read) into `out_ref`.
 
     `o_ref [S, B, H, rows, D]`, `lse_ref [S, B, H, rows]`: partial scratch; `counter_ref
-    [B, H]` int32, zero on entry, left at zero (so a caller may keep one buffer for every
-    call: `merge_counters`). The barrier puts every thread's partial stores before the ticket
-    (a scalar acquire-release atomic at GPU scope); the merger's loads are volatile, so they
-    bypass L1, which is not coherent across SMs (a `.cg` cache modifier would do, but JAX's
-    Triton lowering, 0.10.2 and 0.11.2, checks for ".ca" / ".cg" and then looks them up
-    without the dot: both raise KeyError).
+    [B, H]` int32, zero on entry, left at zero. The barrier puts every thread's partial stores
+    before the ticket (a scalar acquire-release atomic at GPU scope); the merger's loads
+    are volatile, so they bypass L1, which is not coherent across SMs (a `.cg` cache modifier
+    would do, but JAX's Triton lowering, 0.10.2 and 0.11.2, checks for ".ca" / ".cg" and
+    then looks them up without the dot: both raise KeyError).
 
-    The fold is two waves of loads, not one per split: every split's lse at once (their max
-    and weight sum), then the partials `_MERGE_TILE_ELEMENTS` values at a time. Volatile loads
-    are never software-pipelined, so session 8's fold, one split after another, waited on L2
-    once a split and lost to the separate merge launch at every shape (0.5B 1 x 32k, 128
-    splits: 12.7 -> 43.7 µs on the H200, bandwidth.md).
+    Correct compiled on the H200 (the `gpu` tests) but slower than the separate merge launch
+    at every shape measured (bandwidth.md, session 8): the last program folds the splits one
+    after another, its volatile loads (never software-pipelined) waiting on L2 every split,
+    so 128 splits at batch 1 x 32k cost ~30 µs where the launch it saves costs ~4. Kept
+    opt-in as the base for a merge that loads the partials in parallel.
     """
     compat.store(o_ref.at[split, seq, head, rows, :], out.astype(o_ref.dtype), mask=real_row[:, None])
     compat.store(lse_ref.at[split, seq, head, rows], lse, mask=real_row)
@@ -273,29 +269,23 @@ def merge_last_split(o_ref, lse_ref, out_ref, counter_ref, out, lse, *, seq, hea
     def _merge():
         compat.barrier(interpret)
         block_rows, head_dim = out.shape
-        padded = compat.next_pow2(num_splits)
-        all_splits = jnp.arange(padded)
-        all_lse = compat.load(lse_ref.at[pl.ds(0, padded), seq, head, rows],
-                              mask=(all_splits < used)[:, None] & real_row[None, :],
-                              other=-jnp.inf, volatile=True)
-        m = all_lse.max(axis=0)
-        m = jnp.where(m > -jnp.inf, m, 0.0)  # a row no split saw: every weight is 0
-        total = jnp.exp(all_lse - m[None, :]).sum(axis=0)
-        chunk = max(1, min(padded, _MERGE_TILE_ELEMENTS // (block_rows * head_dim)))
 
-        def fold(c, acc):
-            ids = c * chunk + jnp.arange(chunk)
-            ok = (ids < used)[:, None] & real_row[None, :]
-            part_lse = compat.load(lse_ref.at[pl.ds(c * chunk, chunk), seq, head, rows],
-                                   mask=ok, other=-jnp.inf, volatile=True)
-            w = jnp.exp(part_lse - m[None, :])  # [chunk, rows]; 0 for empty or padding
-            part = compat.load(o_ref.at[pl.ds(c * chunk, chunk), seq, head, rows, :],
-                               mask=(w > 0)[:, :, None], other=0, volatile=True)
-            return acc + (w[:, :, None] * part.astype(jnp.float32)).sum(axis=0)
+        def fold(s, carry):
+            acc, m, w = carry
+            part_lse = compat.load(lse_ref.at[s, seq, head, rows], mask=real_row,
+                                   other=_MASK_VALUE, volatile=True)
+            part = compat.load(o_ref.at[s, seq, head, rows, :], mask=real_row[:, None],
+                               other=0, volatile=True).astype(jnp.float32)
+            part_lse = jnp.maximum(part_lse, _MASK_VALUE)
+            m_next = jnp.maximum(m, part_lse)
+            alpha, beta = jnp.exp(m - m_next), jnp.exp(part_lse - m_next)
+            return acc * alpha[:, None] + part * beta[:, None], m_next, w * alpha + beta
 
-        acc = lax.fori_loop(0, pl.cdiv(used, chunk), fold,
-                            jnp.zeros((block_rows, head_dim), jnp.float32))
-        merged = acc / jnp.where(total > 0, total, 1.0)[:, None]
+        init = (jnp.zeros((block_rows, head_dim), jnp.float32),
+                jnp.full((block_rows,), _MASK_VALUE, jnp.float32),
+                jnp.zeros((block_rows,), jnp.float32))
+        acc, _, w = lax.fori_loop(0, used, fold, init)
+        merged = jnp.where((w > 0)[:, None], acc / jnp.where(w > 0, w, 1.0)[:, None], 0.0)
         compat.store(out_ref.at[seq, head, rows, :], merged.astype(out_ref.dtype),
                      mask=real_row[:, None])
         counter_ref[seq, head] = jnp.int32(0)  # every split has counted: ready for the next call
@@ -338,15 +328,14 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
                       num_splits: int,
                       pages_per_block: int, num_warps: int,
                       num_stages: int, interpret: bool, v_mask: str = "redirect",
-                      combine: str = "xla", counters=None):
+                      combine: str = "xla"):
     """Shared core: query rows `[batch, kv_heads, rows, head_dim]` over paged K/V.
 
     Row r holds query position `q_start[b] + start_offset + r // group` of head
     `r % group` of the KV
     group; it sees keys at positions <= its own and < `lengths[b]`; rows at positions
     >= `lengths[b]` come back as zeros. Rows are processed `block_rows` (a power of two
-    >= 16) at a time. The only XLA work besides the kernel is the split combine. With
-    `counters` (combine "inkernel"; see `paged_attention`) returns `(out, counters)`.
+    >= 16) at a time. The only XLA work besides the kernel is the split combine.
     """
     batch, kv_heads, query_rows, head_dim = q_rows.shape
     row_blocks = pl.cdiv(query_rows, block_rows)
@@ -371,7 +360,7 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
     aliases = {}
     if counter is not None:
         in_specs.append(whole)
-        operands.append(counter if counters is None else counters)
+        operands.append(counter)
         aliases = {len(operands) - 1: len(out_shape) - 1}
     if num_splits == 1:
         out_shape = out_shape[0]
@@ -387,12 +376,10 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
         name="paged_attention",
     )(*operands)
     if num_splits == 1:
-        out = result
-    elif merge_in_kernel:
-        out, counters = result[2], result[3] if counters is not None else None
-    else:
-        out = merge_splits(*result, q_rows.dtype, combine, interpret)
-    return out if counters is None else (out, counters)
+        return result
+    if merge_in_kernel:
+        return result[2]
+    return merge_splits(*result, q_rows.dtype, combine, interpret)
 
 
 def split_outputs(rows_shape: tuple[int, ...], dtype, num_splits: int, merge_in_kernel: bool):
@@ -401,8 +388,7 @@ def split_outputs(rows_shape: tuple[int, ...], dtype, num_splits: int, merge_in_
 
     Unsplit: the output. Split: the splits' partials and log-sum-exps, for `merge_splits`.
     Merged in the kernel (`merge_last_split`): those as scratch, then the merged output and
-    the counters (one per sequence and KV head, left at zero by the merging program; the
-    zeros returned here stand in when the caller keeps none, `merge_counters`).
+    the counters (one per sequence and KV head, left at zero by the merging program).
 
     Example:
         >>> [s.shape for s in split_outputs((2, 1, 16, 64), jnp.bfloat16, 3, False)[0]]
@@ -456,8 +442,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     scale: float | None = None, interpret: bool | None = None,
                     num_splits: int | None = None, pages_per_block: int | None = None,
                     num_warps: int = 4, num_stages: int = 2, v_mask: str = "redirect",
-                    combine: str = "pallas", counters: jax.Array | None = None
-                    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+                    combine: str = "pallas") -> jax.Array:
     """Decode attention of one new query per sequence over its paged K/V.
 
     Args:
@@ -483,15 +468,11 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         combine: how split partials merge: "pallas" (one launch, `kernels.split_combine`),
             "xla" (the jnp merge fused by XLA) or "inkernel" (the last split of each
             sequence and KV head to finish merges, counted with an atomic: one launch in
-            all; opt-in, see `merge_last_split`).
-        counters: with "inkernel", the arrival counters to use (`merge_counters`: zeros,
-            which every call leaves at zero). Given, the call returns `(out, counters)`, and
-            the caller threads them to its next call (or layer), as it threads the pool,
-            instead of XLA zeroing a fresh buffer, one more launch, every call.
+            all; opt-in, slower than "pallas" at every shape on the H200, see
+            `merge_last_split`).
 
     Returns:
-        `[batch, num_heads, head_dim]` in q's dtype; softmax in float32. With `counters`,
-        `(out, counters)`.
+        `[batch, num_heads, head_dim]` in q's dtype; softmax in float32.
 
     Example:
         >>> q = jnp.ones((2, 14, 64), jnp.bfloat16)
@@ -511,7 +492,6 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     kv_heads, _, page_size, _ = k_pages.shape
-    check_counters(counters, combine, batch, kv_heads)
     group = num_heads // kv_heads
     table_pages = block_tables.shape[1]
     interpret = compat.resolve_interpret(interpret)
@@ -527,38 +507,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         scale=float(head_dim ** -0.5 if scale is None else scale),
         num_splits=num_splits, pages_per_block=pages_per_block,
         num_warps=num_warps, num_stages=num_stages,
-        interpret=interpret, v_mask=v_mask, combine=combine, counters=counters)
-    if counters is not None:
-        out, counters = out
-        return out.reshape(batch, num_heads, head_dim), counters
+        interpret=interpret, v_mask=v_mask, combine=combine)
     return out.reshape(batch, num_heads, head_dim)
-
-
-def merge_counters(batch: int, kv_heads: int) -> jax.Array:
-    """Arrival counters for `combine="inkernel"`: `[batch, kv_heads]` int32 zeros, which every
-    call leaves at zero, so one buffer serves every call of a batch size (any layer).
-
-    Example:
-        >>> q = jnp.ones((2, 14, 64), jnp.bfloat16)
-        >>> pages = jnp.ones((2, 8, 16, 64), jnp.bfloat16)
-        >>> table = jnp.array([[0, 1, 2, 3], [4, 5, 6, 7]], jnp.int32)
-        >>> out, counters = paged_attention(q, pages, pages, table, jnp.array([60, 9], jnp.int32),
-        ...     num_splits=2, combine="inkernel", counters=merge_counters(2, 2))
-        >>> out.shape, counters.tolist()
-        ((2, 14, 64), [[0, 0], [0, 0]])
-    """
-    return jnp.zeros((batch, kv_heads), jnp.int32)
-
-
-def check_counters(counters: jax.Array | None, combine: str, batch: int, kv_heads: int) -> None:
-    """`counters` only with the in-kernel merge, and shaped as `merge_counters` makes them."""
-    if counters is None:
-        return
-    if combine != "inkernel":
-        raise ValueError(f"counters are for combine='inkernel', got combine={combine!r}")
-    if counters.shape != (batch, kv_heads) or counters.dtype != jnp.int32:
-        raise ValueError(f"counters must be int32 [{batch}, {kv_heads}] (merge_counters), "
-                         f"got {counters.dtype} {counters.shape}")
 
 
 def resolve_tuning(page_size: int, table_pages: int, programs: int,

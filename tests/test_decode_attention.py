@@ -14,7 +14,6 @@ import pytest
 
 from jaxserve.model import rope_tables
 from kernels.decode_attention import fused_decode_attention, fused_decode_attention_reference
-from kernels.paged_attention import merge_counters
 from tests.test_kernels import (DECODE_CASES, MODES, TOLERANCE, fresh_rng, make_pool, make_sequences,
                                 poison_unowned, ragged_lengths, relative_error)
 
@@ -89,12 +88,9 @@ def test_fused_decode_matches_rope_scatter_attention_reference(
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("combine", ["pallas", "inkernel", "inkernel, caller's counters"])
+@pytest.mark.parametrize("combine", ["pallas", "inkernel"])
 def test_fused_decode_in_place_under_jit_and_steps_chain(interpret, combine):
-    """Three decode steps in a row, each reading the keys the last one wrote (and, with the
-    caller's counters, handing them to the next step at zero)."""
-    threaded = combine.endswith("counters")
-    combine = combine.split(",")[0]
+    """Three decode steps in a row, each reading the keys the last one wrote."""
     rng, seed = fresh_rng()
     qkv, cos, sin, k_pages, v_pages, table, lengths, slots = fused_case(
         rng, batch=3, num_heads=14, kv_heads=2, head_dim=64, page_size=16, table_pages=4,
@@ -106,16 +102,10 @@ def test_fused_decode_in_place_under_jit_and_steps_chain(interpret, combine):
     assert "input_output_alias" in hlo, "the pools are not aliased to the outputs"
     ref_k, ref_v = k_pages, v_pages
     k_pages, v_pages = jnp.array(k_pages), jnp.array(v_pages)
-    counters = merge_counters(3, 2)
     page_size = 16
     for _ in range(3):
         pointer = k_pages.unsafe_buffer_pointer()
-        if threaded:
-            out, k_pages, v_pages, counters = step(qkv, cos, sin, k_pages, v_pages, table, lengths,
-                                                   slots, counters=counters)
-            np.testing.assert_array_equal(np.asarray(counters), 0)
-        else:
-            out, k_pages, v_pages = step(qkv, cos, sin, k_pages, v_pages, table, lengths, slots)
+        out, k_pages, v_pages = step(qkv, cos, sin, k_pages, v_pages, table, lengths, slots)
         assert k_pages.unsafe_buffer_pointer() == pointer, "the pool was copied"
         ref, ref_k, ref_v = fused_decode_attention_reference(qkv, cos, sin, ref_k, ref_v, table,
                                                              lengths, slots)

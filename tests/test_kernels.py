@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import (cache_scatter, cache_scatter_reference, merge_counters, paged_attention,
+from kernels import (cache_scatter, cache_scatter_reference, paged_attention,
                      paged_attention_reference, paged_prefill_attention,
                      paged_prefill_attention_reference)
 
@@ -149,49 +149,6 @@ def test_decode_merge_inside_the_kernel_matches_reference(interpret, case, num_s
         assert relative_error(out, r) <= TOLERANCE[dtype], f"seed={seed}"
     np.testing.assert_array_equal(np.asarray(second[0], np.float32), 0.0,
                                   err_msg=f"length-0 row not zero, seed={seed}")
-
-
-@pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("num_heads,kv_heads,head_dim,dtype,num_splits",
-                         [(14, 2, 64, jnp.bfloat16, 13), (28, 4, 128, jnp.float32, 11)])
-def test_decode_merge_inside_the_kernel_threads_caller_counters(interpret, num_heads, kv_heads,
-                                                                head_dim, dtype, num_splits):
-    """Caller-kept counters (`merge_counters`) through three calls in a loop: every call merges
-    right and hands them back at zero. More splits than one merge wave holds
-    (`_MERGE_TILE_ELEMENTS`: 8 at head_dim 64, 4 at 128), ragged rows using only some."""
-    rng, seed = fresh_rng()
-    batch, page_size, table_pages = 5, 8, 14
-    num_pages = batch * table_pages + 2
-    k_pages, v_pages = make_pool(rng, kv_heads=kv_heads, head_dim=head_dim,
-                                 page_size=page_size, num_pages=num_pages, dtype=dtype)
-    table, lengths = make_sequences(rng, batch=batch, page_size=page_size,
-                                    table_pages=table_pages, num_pages=num_pages,
-                                    lengths=ragged_lengths(rng, batch, page_size, table_pages * page_size))
-    k_pages = poison_unowned(k_pages, table, lengths, page_size)
-    v_pages = poison_unowned(v_pages, table, lengths, page_size)
-    q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), dtype)
-    attend = functools.partial(paged_attention, interpret=interpret, num_splits=num_splits,
-                               pages_per_block=1, combine="inkernel")
-
-    @jax.jit
-    def three(q, counters):
-        outs = []
-        for _ in range(3):
-            q, counters = attend(q, k_pages, v_pages, table, lengths, counters=counters)
-            outs.append(q)
-        return outs, counters
-
-    outs, counters = three(q, merge_counters(batch, kv_heads))
-    np.testing.assert_array_equal(np.asarray(counters), 0, err_msg="counters not left at zero")
-    for before, out in zip([q] + outs[:-1], outs):
-        ref = paged_attention_reference(before.astype(jnp.float32), k_pages.astype(jnp.float32),
-                                        v_pages.astype(jnp.float32), table, lengths)
-        assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
-        assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
-    with pytest.raises(ValueError, match="counters"):
-        paged_attention(q, k_pages, v_pages, table, lengths, counters=merge_counters(batch, kv_heads))
-    with pytest.raises(ValueError, match="counters"):
-        attend(q, k_pages, v_pages, table, lengths, counters=merge_counters(batch + 1, kv_heads))
 
 
 @pytest.mark.parametrize("interpret", MODES)
