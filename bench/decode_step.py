@@ -147,6 +147,7 @@ def run_variant(args) -> list[dict]:
     skinny_rows = model_module.SKINNY_ROWS
     norm_warps = residual_norm_module.NUM_WARPS
     greedy_pick = runner_module.GREEDY_PICK
+    wide_options = runner_module.WIDE_DECODE_OPTIONS
     for batch in args.batches:
         steps = args.decode_steps
         width = args.table_pages or (args.context + steps) // 16 + 2
@@ -175,6 +176,9 @@ def run_variant(args) -> list[dict]:
             residual_norm_module.NUM_WARPS = {"norm_warps4": 4, "norm_warps8": 8}.get(glue, norm_warps)
             # "xla_pick": greedy tokens by XLA's argmax + log-softmax, not the greedy_pick kernel.
             runner_module.GREEDY_PICK = "xla" if glue == "xla_pick" else greedy_pick
+            # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
+            runner_module.WIDE_DECODE_OPTIONS = (dict(wide_options, xla_gpu_enable_cublaslt=True)
+                                                 if glue == "wide_cublaslt" else wide_options)
             runners[glue] = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
             time_decode_call(runners[glue], call, 2)
         rounds = {glue: [] for glue in args.glue}
@@ -232,7 +236,7 @@ def main() -> None:
                     help="alternating timing rounds of the --glue runners (the step is their median)")
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
                                                              "split_short", "skinny256", "norm_warps4", "norm_warps8", "xla_pick",
-                                                             *QKV_TILINGS],
+                                                             "wide_cublaslt", *QKV_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -24,6 +24,8 @@ if ROOT not in sys.path:
 OPTIONS = {
     "default": {},  # XLA's own defaults (its Triton GEMMs), not the runner's PREFILL_OPTIONS
     "cublas": {"xla_gpu_enable_triton_gemm": False},
+    # cuBLASLt's algorithms (more tilings, split-K) for the same GEMMs.
+    "cublaslt": {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_cublaslt": True},
 }
 
 
