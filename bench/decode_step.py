@@ -93,15 +93,15 @@ def gpu_kernel_times(trace_dir: str) -> dict[str, tuple[int, float]]:
     return out
 
 
-def profile_decode(runner, call: tuple, out_dir: str, tag: str, calls: int = 5) -> None:
+def profile_decode(runner, call: tuple, out_dir: str, tag: str, calls: int = 5, logprobs: bool = False) -> None:
     """Per-kernel GPU time of `calls` decode calls, printed per step, biggest first."""
     import jax
 
     trace_dir = os.path.join(out_dir, tag)
-    jax.block_until_ready(runner.decode(*call, greedy=True).tokens)
+    jax.block_until_ready(runner.decode(*call, greedy=True, logprobs=logprobs).tokens)
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(calls):
-            jax.block_until_ready(runner.decode(*call, greedy=True).tokens)
+            jax.block_until_ready(runner.decode(*call, greedy=True, logprobs=logprobs).tokens)
     times = gpu_kernel_times(trace_dir)
     steps = calls * call[6]
     total = sum(t for _, t in times.values())
@@ -159,7 +159,7 @@ def run_variant(args) -> list[dict]:
         # One runner per glue setting in this process (the model reads DECODE_GLUE when a runner
         # first traces), timed in alternating rounds: the same code reads +-10% from one process
         # to the next on the device, so only an interleaved comparison resolves a few percent.
-        runners = {}
+        runners, logprobs = {}, {}
         for glue in args.glue:
             # "xla_combine": the glue kernels, but XLA's fusions for the attention's split merge;
             # "inkernel_combine": the merge inside the fused attention kernel (one launch);
@@ -179,18 +179,21 @@ def run_variant(args) -> list[dict]:
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
             runner_module.WIDE_DECODE_OPTIONS = (dict(wide_options, xla_gpu_enable_cublaslt=True)
                                                  if glue == "wide_cublaslt" else wide_options)
+            # "with_logprobs": the chosen tokens' log-probabilities computed (a request asked;
+            # the greedy pick then sums an exponential an element), before session 12 the only step.
+            logprobs[glue] = glue == "with_logprobs"
             runners[glue] = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
-            time_decode_call(runners[glue], call, 2)
+            time_decode_call(runners[glue], call, 2, logprobs[glue])
         rounds = {glue: [] for glue in args.glue}
         for _ in range(args.rounds):
             for glue, runner in runners.items():
-                rounds[glue].append(time_decode_call(runner, call, args.reps))
+                rounds[glue].append(time_decode_call(runner, call, args.reps, logprobs[glue]))
         print(f"batch {batch}: engine decode compiled and timed {time.perf_counter() - t0:.1f} s", flush=True)
         for glue, runner in runners.items():
             tag = f"{impl}_b{batch}" + ("" if len(runners) == 1 else f"_{glue}")
             if args.profile:
-                profile_decode(runner, call, args.profile, tag)
-            hlo = decode_hlo(runner, call)
+                profile_decode(runner, call, args.profile, tag, logprobs=logprobs[glue])
+            hlo = decode_hlo(runner, call, logprobs[glue])
             hist = loop_body_histogram(hlo)
             if args.dump_hlo:
                 os.makedirs(args.dump_hlo, exist_ok=True)
@@ -236,7 +239,7 @@ def main() -> None:
                     help="alternating timing rounds of the --glue runners (the step is their median)")
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
                                                              "split_short", "skinny256", "norm_warps4", "norm_warps8", "xla_pick",
-                                                             "wide_cublaslt", *QKV_TILINGS],
+                                                             "wide_cublaslt", "with_logprobs", *QKV_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -136,28 +136,29 @@ def count_kernels(hlo_text: str) -> int:
     return sum(loop_body_histogram(hlo_text).values())
 
 
-def time_decode_call(runner, call: tuple, reps: int) -> float:
+def time_decode_call(runner, call: tuple, reps: int, logprobs: bool = False) -> float:
     """Median ms per decode step of ``runner.decode(*call, greedy=True)``, after a warm-up call,
-    each call blocked on its tokens.
+    each call blocked on its tokens. Without log-probabilities by default, as the engine runs
+    the benchmark's requests (none asks for them; since session 12).
 
     ``call`` is ``(tokens, positions, limits, block_tables, sampling_batch, steps, num_steps)``.
     """
-    jax.block_until_ready(runner.decode(*call, greedy=True).tokens)
+    jax.block_until_ready(runner.decode(*call, greedy=True, logprobs=logprobs).tokens)
     times = []
     for _ in range(reps):
         s = time.perf_counter()
-        jax.block_until_ready(runner.decode(*call, greedy=True).tokens)
+        jax.block_until_ready(runner.decode(*call, greedy=True, logprobs=logprobs).tokens)
         times.append(time.perf_counter() - s)
     return float(np.median(times)) / call[6] * 1e3
 
 
-def decode_hlo(runner, call: tuple) -> str:
+def decode_hlo(runner, call: tuple, logprobs: bool = False) -> str:
     """The compiled HLO text of the decode call ``time_decode_call`` times."""
     zeros = jnp.zeros((1, 1), jnp.int32)
     decode = runner.decode_fn(len(call[0]))  # the compile that batch width actually uses
     return decode.lower(runner.params, runner.kv, *[jnp.asarray(a) for a in call[:4]], call[4],
                         jnp.asarray(call[5]), zeros, zeros, num_steps=call[6], num_top=0,
-                        penalties=False, greedy=True).compile().as_text()
+                        penalties=False, greedy=True, logprobs=logprobs).compile().as_text()
 
 
 def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len: int, decode_steps: int,

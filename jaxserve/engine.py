@@ -192,8 +192,11 @@ class Engine:
             self._sampling_cache = (key, make_batch(params, batch, eos_token_ids=self.eos_ids),
                                     MAX_TOP_LOGPROBS if any((p.logprobs or 0) > 0 for p in params) else 0,
                                     sampled, sampled and any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                                                             or p.frequency_penalty != 0.0 for p in params))
-        _, sbatch, num_top, sampled, penalties = self._sampling_cache
+                                                             or p.frequency_penalty != 0.0 for p in params),
+                                    # Log-probabilities only when some row asks (vLLM's rule too): the
+                                    # greedy pick is then an argmax without an exponential an element.
+                                    any(p.logprobs is not None for p in params))
+        _, sbatch, num_top, sampled, penalties, logprobs = self._sampling_cache
         steps = np.zeros(batch, np.int32)
         steps[: len(reqs)] = [len(r.output_ids) for r in reqs]
         counts = seen = None
@@ -205,7 +208,7 @@ class Engine:
                 np.add.at(counts_np[i], np.asarray(r.output_ids, np.int64), 1)
                 seen_np[i, np.asarray(r.all_ids, np.int64)] = True
             counts, seen = jnp.asarray(counts_np), jnp.asarray(seen_np)
-        return sbatch, steps, num_top, counts, seen, not sampled
+        return sbatch, steps, num_top, counts, seen, not sampled, logprobs
 
     @staticmethod
     def _top(request: Request, out, index: tuple) -> dict[int, float] | None:
@@ -236,9 +239,9 @@ class Engine:
             q_start[i], lengths[i] = s, e
             block_tables[i] = table[r.slot]
         reqs = [r for r, _, _ in rows]
-        sbatch, steps, num_top, counts, seen, greedy = self._sampling_inputs(reqs, batch)
+        sbatch, steps, num_top, counts, seen, greedy, logprobs = self._sampling_inputs(reqs, batch)
         out = self.runner.prefill(tokens, q_start, lengths, block_tables, sbatch, steps, counts, seen, num_top,
-                                  greedy)
+                                  greedy, logprobs)
         for r, s, e in rows:
             r.computed = e
             self.prefill_tokens += e - s
@@ -280,14 +283,14 @@ class Engine:
             positions[i] = r.computed + shift
             limits[i] = min(caps[r.slot], r.computed + r.remaining)
             block_tables[i] = table[r.slot]
-        sbatch, steps, num_top, counts, seen, greedy = self._sampling_inputs(reqs, batch)
+        sbatch, steps, num_top, counts, seen, greedy, logprobs = self._sampling_inputs(reqs, batch)
         if chained is None:
             tokens = np.zeros(batch, np.int32)
             tokens[: len(reqs)] = [r.output_ids[-1] for r in reqs]
         else:
             tokens = chained.out.tokens[-1]
         out = self.runner.decode(tokens, positions, limits, block_tables, sbatch, steps + shift, num_steps,
-                                 counts, seen, num_top, greedy)
+                                 counts, seen, num_top, greedy, logprobs)
         return _Decode(reqs, out, positions, limits, num_steps, penalties=counts is not None)
 
     def _collect_decode(self, call: _Decode) -> None:
@@ -421,31 +424,35 @@ class Engine:
                 bar.close()
         return [self.release(i).result() for i in ids]
 
-    def warmup(self, sampling: bool = True) -> int:
+    def warmup(self, sampling: bool = True, logprobs: bool = False) -> int:
         """Compile every step shape the buckets allow, so no request waits on the compiler.
 
         Runs padding-only batches (length 0: nothing is written, no page is touched) for each
         decode batch bucket and each prefill (batch, length) bucket pair within the padding
-        bound; ``sampling=False`` compiles only the greedy variants. Returns the number of
-        shapes compiled.
+        bound; ``sampling=False`` compiles only the greedy variants; ``logprobs=True`` also the
+        steps of batches where a request asks for log-probabilities (``SamplingParams.logprobs``
+        set; the top log-probabilities' variants still compile on first use). Returns the
+        number of shapes compiled.
         """
         cfg = self.config
         before = len(self.runner.compiled_shapes)
         width = self.scheduler.max_pages_per_seq
-        variants = (True, False) if sampling else (True,)
+        variants = [(greedy, lps) for greedy in ((True, False) if sampling else (True,))
+                    for lps in ((False, True) if logprobs else (False,))]
         step_counts = sorted({1, cfg.decode_steps})
         fewest_rows = 1  # the scheduler bounds (rows x padded length), and a bucket holds >= this many rows
         for batch in cfg.batch_buckets:
             zeros = np.zeros(batch, np.int32)
             table = np.zeros((batch, width), np.int32)
             sbatch = make_batch([], batch)
-            for greedy in variants:
+            for greedy, lps in variants:
                 for steps in step_counts:
-                    self.runner.decode(zeros, zeros, zeros, table, sbatch, zeros, steps, greedy=greedy)
+                    self.runner.decode(zeros, zeros, zeros, table, sbatch, zeros, steps, greedy=greedy,
+                                       logprobs=lps)
                 for length in cfg.prefill_buckets:
                     if fewest_rows == 1 or fewest_rows * length <= 2 * cfg.max_tokens_per_step:
                         self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table, sbatch,
-                                            zeros, greedy=greedy)
+                                            zeros, greedy=greedy, logprobs=lps)
             fewest_rows = batch + 1
         jax.block_until_ready(self.runner.kv)
         return len(self.runner.compiled_shapes) - before

@@ -21,7 +21,7 @@ import numpy as np
 from jaxserve import kv_pool
 from jaxserve.config import ModelConfig
 from jaxserve.model import KVCache, PagedAttention, Qwen2ForCausalLM, new_kv_cache
-from jaxserve.sampling import SampleOutput, SamplingBatch, sample, token_logprobs, update_counts
+from jaxserve.sampling import SampleOutput, SamplingBatch, no_logprobs, sample, token_logprobs, update_counts
 
 # XLA compiler options of decode steps wider than the skinny matmul serves, whose projections
 # are XLA GEMMs. cuBLAS instead of XLA's Triton GEMMs: cuBLAS takes the residual adds into
@@ -54,24 +54,31 @@ GREEDY_PICK_MIN_ROWS = int(os.environ.get("JAXSERVE_GREEDY_PICK_MIN_ROWS", "64")
 
 
 def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, counts, seen, *, num_top: int,
-                  greedy: bool, pick_kernel: bool = False) -> SampleOutput:
+                  greedy: bool, pick_kernel: bool = False, logprobs: bool = True) -> SampleOutput:
     """The sampler, or plain argmax when the host knows every row is greedy without penalties.
 
     The greedy path matters on the GPU: the sampler's data-dependent ``lax.cond``s each cost
     a predicate read-back per step, argmax costs one reduction. ``pick_kernel``: the greedy
     pick (without top log-probs) runs as `kernels.greedy_pick`, one launch and one read of the
     logits. ``logits`` may be in any float dtype; log-probs are computed in float32.
+    ``logprobs=False`` (no request in the step asked for any): they are NaN, not computed, so
+    the greedy pick is the argmax alone (no exponential of the logits).
     """
     if not greedy:
-        return sample(logits, batch, steps, counts=counts, seen=seen, num_top_logprobs=num_top)
+        return sample(logits, batch, steps, counts=counts, seen=seen, num_top_logprobs=num_top,
+                      logprobs=logprobs)
     if pick_kernel and num_top == 0:
         from kernels.greedy_pick import greedy_pick
 
-        tokens, chosen = greedy_pick(logits)
+        tokens, chosen = greedy_pick(logits, logprobs=logprobs)
+        if not logprobs:
+            return no_logprobs(tokens)
         b = logits.shape[0]
         return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=jnp.zeros((b, 0), jnp.int32),
                             top_logprobs=jnp.zeros((b, 0), jnp.float32))
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not logprobs and num_top == 0:
+        return no_logprobs(tokens)
     chosen, top_ids, top_lps = token_logprobs(logits, tokens, num_top)
     return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lps)
 
@@ -95,9 +102,9 @@ class Runner:
         self.kv: KVCache = new_kv_cache(config, num_pages, page_size, self.dtype)
         self.compiled_shapes: set[tuple] = set()
         prefill_options = PREFILL_OPTIONS if prefill_options is None else prefill_options
-        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top", "greedy"),
+        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top", "greedy", "logprobs"),
                                 compiler_options=prefill_options or None)
-        decode_static = ("num_steps", "num_top", "penalties", "greedy")
+        decode_static = ("num_steps", "num_top", "penalties", "greedy", "logprobs")
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static)
         # Batches too wide for the skinny matmul project through XLA's GEMMs; for those steps
         # its own options may differ (see WIDE_DECODE_OPTIONS). The row limit is read once here:
@@ -123,7 +130,7 @@ class Runner:
         return self.pick_kernel and logits.shape[0] >= self.pick_min_rows
 
     def _prefill_impl(self, params, kv, tokens, q_start, lengths, block_tables, batch: SamplingBatch, steps,
-                      counts, seen, *, num_top: int, greedy: bool):
+                      counts, seen, *, num_top: int, greedy: bool, logprobs: bool = True):
         b, s = tokens.shape
         positions = q_start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
         valid = positions < lengths[:, None]
@@ -132,10 +139,12 @@ class Runner:
         logits_at = jnp.maximum(lengths - q_start - 1, 0)
         logits, kv = self._forward(params, kv, tokens, positions, paged, logits_at)
         return kv, choose_tokens(logits[:, 0], batch, steps, counts, seen, num_top=num_top, greedy=greedy,
+                                 logprobs=logprobs,
                                  pick_kernel=self._pick_kernel(logits))
 
     def _decode_impl(self, params, kv, tokens, positions, limits, block_tables, batch: SamplingBatch, steps,
-                     counts, seen, *, num_steps: int, num_top: int, penalties: bool, greedy: bool):
+                     counts, seen, *, num_steps: int, num_top: int, penalties: bool, greedy: bool,
+                     logprobs: bool = True):
         def one(carry, k):
             kv, tokens, counts, seen = carry
             pos = positions + k
@@ -144,7 +153,7 @@ class Runner:
                                    block_tables, jnp.where(active, pos + 1, 0), pos, impl=self.attention_impl)
             logits, kv = self._forward(params, kv, tokens[:, None], pos[:, None], paged)
             out = choose_tokens(logits[:, 0], batch, steps + k, counts if penalties else None,
-                                seen if penalties else None, num_top=num_top, greedy=greedy,
+                                seen if penalties else None, num_top=num_top, greedy=greedy, logprobs=logprobs,
                                 pick_kernel=self._pick_kernel(logits))
             if penalties:
                 counts, seen = update_counts(counts, seen, out.tokens, active)
@@ -155,11 +164,13 @@ class Runner:
 
     def prefill(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
                 batch: SamplingBatch, steps: np.ndarray, counts=None, seen=None, num_top: int = 0,
-                greedy: bool = False):
-        """One chunk per row: ``tokens [B, S]`` at positions ``q_start[b]..``; samples after row's last token."""
-        self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, num_top, counts is not None, greedy))
+                greedy: bool = False, logprobs: bool = True):
+        """One chunk per row: ``tokens [B, S]`` at positions ``q_start[b]..``; samples after row's last token.
+        ``logprobs=False``: the chosen tokens' log-probabilities are NaN, not computed."""
+        self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, num_top, counts is not None, greedy,
+                                  logprobs))
         self.kv, out = self._prefill(self.params, self.kv, *_int32(tokens, q_start, lengths, block_tables), batch,
-                                     *_int32(steps), counts, seen, num_top=num_top, greedy=greedy)
+                                     *_int32(steps), counts, seen, num_top=num_top, greedy=greedy, logprobs=logprobs)
         return out
 
     def decode_fn(self, rows: int):
@@ -169,18 +180,21 @@ class Runner:
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, limits: np.ndarray, block_tables: np.ndarray,
                batch: SamplingBatch, steps: np.ndarray, num_steps: int, counts=None, seen=None, num_top: int = 0,
-               greedy: bool = False):
+               greedy: bool = False, logprobs: bool = True):
         """``num_steps`` decode steps in one device call; row b stops writing at position ``limits[b]``.
 
-        Returns the sampler's outputs stacked ``[num_steps, B]``.
+        Returns the sampler's outputs stacked ``[num_steps, B]`` (log-probabilities NaN with
+        ``logprobs=False``: no row asked for them, and the greedy pick is then an argmax alone).
         """
         penalties = counts is not None
         if not penalties:  # placeholders keep one signature; they are never read
             counts = seen = jnp.zeros((1, 1), jnp.int32)
-        self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, num_steps, num_top, penalties, greedy))
+        self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, num_steps, num_top, penalties, greedy,
+                                  logprobs))
         self.kv, out = self.decode_fn(tokens.shape[0])(
             self.params, self.kv, *_int32(tokens, positions, limits, block_tables), batch,
-            *_int32(steps), counts, seen, num_steps=num_steps, num_top=num_top, penalties=penalties, greedy=greedy)
+            *_int32(steps), counts, seen, num_steps=num_steps, num_top=num_top, penalties=penalties, greedy=greedy,
+            logprobs=logprobs)
         return out
 
 

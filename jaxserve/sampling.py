@@ -402,7 +402,7 @@ def _ban_until_min_tokens(x: jax.Array, batch: SamplingBatch, step: jax.Array) -
     return x.at[jnp.arange(b)[:, None], ids].set(-jnp.inf, mode="drop")
 
 
-@partial(jax.jit, static_argnames=("num_top_logprobs", "top_candidates"))
+@partial(jax.jit, static_argnames=("num_top_logprobs", "top_candidates", "logprobs"))
 def sample(
     logits: jax.Array,
     batch: SamplingBatch,
@@ -412,6 +412,7 @@ def sample(
     seen: jax.Array | None = None,
     num_top_logprobs: int = 0,
     top_candidates: int = DEFAULT_TOP_CANDIDATES,
+    logprobs: bool = True,
 ) -> SampleOutput:
     """Choose one token per row. Jitted; safe to call inside a larger jitted step.
 
@@ -422,7 +423,9 @@ def sample(
     draw. Greedy rows take the argmax of the penalised logits. Each stage runs only if some
     row needs it. Top-k and top-p are exact: they look at the `top_candidates` best tokens
     per row and sort the whole row only when that does not decide some row's cut-off.
-    Log-probs are of the unmodified logits, like vLLM's default.
+    Log-probs are of the unmodified logits, like vLLM's default; with ``logprobs=False`` (and no
+    top log-probs) they are not computed, NaN in their place (`no_logprobs`), a pass over the
+    logits saved.
 
     Example:
         >>> b = make_batch([SamplingParams(temperature=0.0), SamplingParams(seed=3)], 2)
@@ -456,5 +459,21 @@ def sample(
         return jnp.where(greedy_rows, greedy_tokens, drawn)
 
     tokens = jax.lax.cond(jnp.all(greedy_rows), lambda x: greedy_tokens, draw, x)
+    if not logprobs and num_top_logprobs == 0:
+        return no_logprobs(tokens)
     chosen, top_ids, top_lps = token_logprobs(logits, tokens, num_top_logprobs)
     return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lps)
+
+
+def no_logprobs(tokens: jax.Array) -> SampleOutput:
+    """The chosen `tokens [B]` as a `SampleOutput` whose log-probabilities were not asked for:
+    NaN, with no top tokens (a step where no request wants them skips the log-softmax).
+
+    Example:
+        >>> out = no_logprobs(jnp.array([3, 1], jnp.int32))
+        >>> out.tokens.tolist(), bool(jnp.isnan(out.logprobs).all()), out.top_ids.shape
+        ([3, 1], True, (2, 0))
+    """
+    b = tokens.shape[0]
+    return SampleOutput(tokens=tokens, logprobs=jnp.full((b,), jnp.nan, jnp.float32),
+                        top_ids=jnp.zeros((b, 0), jnp.int32), top_logprobs=jnp.zeros((b, 0), jnp.float32))

@@ -54,7 +54,8 @@ TARGET_PROGRAMS = 528
 _LOWEST = float(jnp.finfo(jnp.float32).min)
 
 
-def _kernel(x_ref, m_ref, s_ref, idx_ref, *, vocab: int, block: int, blocks_per_chunk: int, chunks: int):
+def _kernel(x_ref, *refs, vocab: int, block: int, blocks_per_chunk: int, chunks: int, logprobs: bool):
+    m_ref, s_ref, idx_ref = refs if logprobs else (refs[0], None, refs[1])
     row, chunk = pl.program_id(0), pl.program_id(1)
     lanes = jnp.arange(block, dtype=jnp.int32)
     first = chunk * blocks_per_chunk
@@ -66,6 +67,8 @@ def _kernel(x_ref, m_ref, s_ref, idx_ref, *, vocab: int, block: int, blocks_per_
         pos = start + lanes
         x = compat.load(x_ref.at[row, pl.ds(start, block)], mask=pos < vocab, other=-jnp.inf).astype(jnp.float32)
         up = x > m  # strictly greater: a lane keeps its first maximum
+        if not logprobs:  # the argmax alone: no exp, a compare and two selects an element
+            return jnp.where(up, x, m), s, jnp.where(up, pos, idx)
         # One exp an element serves both branches: a new maximum rescales the sum by
         # exp(m - x) and adds 1, anything else adds exp(x - m). Against a lane still at -inf
         # the difference is taken from float32's lowest value, so -inf - -inf never makes NaN
@@ -80,38 +83,48 @@ def _kernel(x_ref, m_ref, s_ref, idx_ref, *, vocab: int, block: int, blocks_per_
             jnp.full((block,), first * block, jnp.int32))
     m, s, idx = lax.fori_loop(0, num_blocks, body, init)
     chunk_max = jnp.max(m)
-    shift = jnp.where(chunk_max > -jnp.inf, chunk_max, 0.0)
-    chunk_sum = jnp.sum(jnp.where(m > -jnp.inf, s * jnp.exp(m - shift), 0.0))
     # Lowest position among the lanes at the chunk's maximum; a chunk of only -inf: its start.
     chunk_idx = jnp.min(jnp.where(m == chunk_max, idx, jnp.int32(jnp.iinfo(jnp.int32).max)))
     out = pl.ds(row * chunks + chunk, 1)
     m_ref[out] = jnp.full((1,), chunk_max, jnp.float32)
-    s_ref[out] = jnp.full((1,), chunk_sum, jnp.float32)
     idx_ref[out] = jnp.full((1,), chunk_idx, jnp.int32)
+    if logprobs:
+        shift = jnp.where(chunk_max > -jnp.inf, chunk_max, 0.0)
+        chunk_sum = jnp.sum(jnp.where(m > -jnp.inf, s * jnp.exp(m - shift), 0.0))
+        s_ref[out] = jnp.full((1,), chunk_sum, jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "chunks", "num_warps", "num_stages", "interpret"))
-def _greedy_pick(logits, *, block: int, chunks: int, num_warps: int, num_stages: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("block", "chunks", "num_warps", "num_stages", "interpret",
+                                             "logprobs"))
+def _greedy_pick(logits, *, block: int, chunks: int, num_warps: int, num_stages: int, interpret: bool,
+                 logprobs: bool):
     rows, vocab = logits.shape
     total_blocks = pl.cdiv(vocab, block)
     blocks_per_chunk = pl.cdiv(total_blocks, chunks)
     chunks = pl.cdiv(total_blocks, blocks_per_chunk)  # no chunk without a block
-    kernel = functools.partial(_kernel, vocab=vocab, block=block, blocks_per_chunk=blocks_per_chunk, chunks=chunks)
+    kernel = functools.partial(_kernel, vocab=vocab, block=block, blocks_per_chunk=blocks_per_chunk, chunks=chunks,
+                               logprobs=logprobs)
     flat = rows * chunks
-    m, s, idx = pl.pallas_call(
+    maxima = jax.ShapeDtypeStruct((flat,), jnp.float32)
+    out_shape = [maxima, maxima, jax.ShapeDtypeStruct((flat,), jnp.int32)]
+    if not logprobs:
+        del out_shape[1]
+    outs = pl.pallas_call(
         kernel,
         grid=(rows, chunks),
         in_specs=[pl.no_block_spec],
-        out_specs=[pl.no_block_spec] * 3,
-        out_shape=[jax.ShapeDtypeStruct((flat,), jnp.float32), jax.ShapeDtypeStruct((flat,), jnp.float32),
-                   jax.ShapeDtypeStruct((flat,), jnp.int32)],
+        out_specs=[pl.no_block_spec] * len(out_shape),
+        out_shape=out_shape,
         interpret=interpret,
         compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
-        name="greedy_pick",
+        name="greedy_pick" if logprobs else "greedy_argmax",
     )(logits)
-    m, s, idx = m.reshape(rows, chunks), s.reshape(rows, chunks), idx.reshape(rows, chunks)
+    m, idx = outs[0].reshape(rows, chunks), outs[-1].reshape(rows, chunks)
     best = jnp.argmax(m, axis=-1)  # first chunk at the maximum: the lowest index
     tokens = jnp.take_along_axis(idx, best[:, None], axis=-1)[:, 0]
+    if not logprobs:
+        return tokens, None
+    s = outs[1].reshape(rows, chunks)
     row_max = m.max(axis=-1, keepdims=True)
     shift = jnp.where(row_max > -jnp.inf, row_max, 0.0)
     total = jnp.sum(jnp.where(m > -jnp.inf, s * jnp.exp(m - shift), 0.0), axis=-1)
@@ -122,7 +135,7 @@ def _greedy_pick(logits, *, block: int, chunks: int, num_warps: int, num_stages:
 
 def greedy_pick(logits: jax.Array, *, block: int | None = None, chunks: int | None = None,
                 num_warps: int | None = None, num_stages: int | None = None,
-                interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+                interpret: bool | None = None, logprobs: bool = True) -> tuple[jax.Array, jax.Array | None]:
     """Each row's argmax (first index of the maximum) and its log-probability (float32), one pass.
 
     Args:
@@ -132,6 +145,8 @@ def greedy_pick(logits: jax.Array, *, block: int | None = None, chunks: int | No
             chunks reaches `TARGET_PROGRAMS`.
         num_warps, num_stages: Triton launch parameters; None: `NUM_WARPS`, `NUM_STAGES`.
         interpret: Pallas interpret mode; None picks it on the CPU backend.
+        logprobs: False: the argmax alone (no exponential an element; None in place of the
+            log-probabilities), for a step where no request asked for them.
 
     Returns:
         `(tokens [B] int32, logprobs [B] float32)`: `logprobs[b] = log_softmax(logits[b])[tokens[b]]`
@@ -159,7 +174,7 @@ def greedy_pick(logits: jax.Array, *, block: int | None = None, chunks: int | No
     chunks = min(chunks, -(-vocab // block))
     return _greedy_pick(logits, block=block, chunks=chunks, num_warps=NUM_WARPS if num_warps is None else num_warps,
                         num_stages=NUM_STAGES if num_stages is None else num_stages,
-                        interpret=compat.resolve_interpret(interpret))
+                        interpret=compat.resolve_interpret(interpret), logprobs=bool(logprobs))
 
 
 def greedy_pick_reference(logits: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -31,21 +31,26 @@ CASES = [  # (rows, vocab, block, chunks, dtype); chunks None: the default (rows
 
 
 @pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("logprobs", [True, False])
 @pytest.mark.parametrize("rows,vocab,block,chunks,dtype", CASES)
-def test_greedy_pick_matches_reference(interpret, rows, vocab, block, chunks, dtype):
+def test_greedy_pick_matches_reference(interpret, logprobs, rows, vocab, block, chunks, dtype):
     rng, seed = fresh_rng()
     logits = jnp.asarray(rng.standard_normal((rows, vocab)) * 4, dtype)
-    ids, lp = greedy_pick(logits, block=block, chunks=chunks, interpret=interpret)
+    ids, lp = greedy_pick(logits, block=block, chunks=chunks, interpret=interpret, logprobs=logprobs)
     ref_ids, ref_lp = greedy_pick_reference(logits)
-    assert ids.shape == (rows,) and ids.dtype == jnp.int32 and lp.dtype == jnp.float32
+    assert ids.shape == (rows,) and ids.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids), err_msg=f"seed={seed}")
+    if not logprobs:  # the argmax alone
+        assert lp is None
+        return
+    assert lp.dtype == jnp.float32
     assert not np.isnan(np.asarray(lp)).any(), f"seed={seed}"
     assert logprob_error(lp, ref_lp, logits) <= 1e-5, f"seed={seed}"
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("chunks", [1, 3])
-def test_ties_pick_the_lowest_index_across_blocks(interpret, chunks):
+@pytest.mark.parametrize("chunks,logprobs", [(1, True), (3, True), (3, False)])
+def test_ties_pick_the_lowest_index_across_blocks(interpret, chunks, logprobs):
     # The maximum appears in several blocks and twice inside one: jnp.argmax's first index.
     rng, seed = fresh_rng()
     rows, vocab, block = 4, 1024, 128
@@ -57,7 +62,7 @@ def test_ties_pick_the_lowest_index_across_blocks(interpret, chunks):
     x[0, :] = 0.0
     x[0, [130, 131, 700]] = 5.0
     logits = jnp.asarray(x, jnp.bfloat16)
-    ids, _ = greedy_pick(logits, block=block, chunks=chunks, interpret=interpret)
+    ids, _ = greedy_pick(logits, block=block, chunks=chunks, interpret=interpret, logprobs=logprobs)
     np.testing.assert_array_equal(np.asarray(ids), np.argmax(np.asarray(logits, np.float32), axis=-1),
                                   err_msg=f"seed={seed}")
     assert int(ids[0]) == 130
@@ -76,6 +81,8 @@ def test_minus_infinity_entries_and_rows(interpret):
     np.testing.assert_array_equal(np.asarray(ids[:2]), np.asarray(ref_ids), err_msg=f"seed={seed}")
     assert logprob_error(lp[:2], ref_lp, x[:2]) <= 1e-5, f"seed={seed}"
     assert int(ids[2]) == 0 and float(lp[2]) == -np.inf
+    ids, _ = greedy_pick(jnp.asarray(x), block=128, chunks=2, interpret=interpret, logprobs=False)
+    np.testing.assert_array_equal(np.asarray(ids), [*np.asarray(ref_ids), 0], err_msg=f"seed={seed}")
 
 
 @pytest.mark.parametrize("interpret", MODES)

@@ -269,6 +269,21 @@ def test_logprobs_are_log_softmax_of_the_unmodified_logits():
     assert ids.shape == (b, 0) and top.shape == (b, 0)
 
 
+def test_logprobs_off_gives_the_same_tokens_and_nan():
+    b, v = 4, 90
+    logits = jax.random.normal(jax.random.key(8), (b, v)) * 2
+    params = [SamplingParams(temperature=0.7, seed=4), SamplingParams(temperature=0), None,
+              SamplingParams(top_k=5, seed=9)]
+    batch, step = make_batch(params, b), jnp.arange(b, dtype=jnp.int32)
+    full = sample(logits, batch, step)
+    off = sample(logits, batch, step, logprobs=False)
+    np.testing.assert_array_equal(off.tokens, full.tokens)
+    assert np.isnan(np.asarray(off.logprobs)).all() and off.top_ids.shape == (b, 0)
+    # Top log-probabilities asked for: computed whatever the flag says.
+    top = sample(logits, batch, step, num_top_logprobs=2, logprobs=False)
+    np.testing.assert_allclose(top.logprobs, full.logprobs, rtol=1e-6)
+
+
 def test_sampler_runs_inside_a_jitted_decode_loop_without_retracing():
     traces = []
 

@@ -103,7 +103,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             load, model, engine_config.dtype)
         engine = await asyncio.to_thread(Engine, loaded, engine_config)
         if server_config.warmup:
-            shapes = await asyncio.to_thread(engine.warmup)
+            # Clients ask for log-probabilities per request: both step variants, warm.
+            shapes = await asyncio.to_thread(engine.warmup, sampling=True, logprobs=True)
             log.info("warm-up compiled %d step shapes", shapes)
         metrics = ServingMetrics()
         app.state.jaxserve = _State(
