@@ -162,7 +162,7 @@ def decode_hlo(runner, call: tuple, logprobs: bool = False) -> str:
 
 
 def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len: int, decode_steps: int,
-                   attention_impl: str, first: bool) -> tuple[Row, float | None]:
+                   attention_impl: str, first: bool, runs: int = 1) -> tuple[Row, float | None]:
     cfg = EngineConfig(page_size=16, max_running=batch, max_tokens_per_step=max(batch, min(8192, batch * len(prompts[0]))),
                        dtype="bfloat16", decode_steps=decode_steps, prefix_caching=False,
                        max_model_len=len(prompts[0]) + out_len + 16, attention_impl=attention_impl,
@@ -180,14 +180,17 @@ def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len
                 first_token = time.perf_counter() - t0
     engine.generate(prompts, params, use_tqdm=False)  # warm every shape
     split = ("prefill_call_s", "decode_call_s", "host_s")
-    before = engine.stats()
-    t = time.perf_counter()
-    outs = engine.generate(prompts, params, use_tqdm=False)
-    total = time.perf_counter() - t
-    after = engine.stats()
+    timed = []  # (seconds, outputs, stats before, stats after) of each run; the median run reports
+    for _ in range(runs):
+        before = engine.stats()
+        t = time.perf_counter()
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        timed.append((time.perf_counter() - t, outs, before, engine.stats()))
+        assert all(len(o["token_ids"]) == out_len for o in outs)
+    total, outs, before, after = median_run(timed)
     note = "of the run: " + ", ".join(f"{k[:-2].replace('_', ' ')} {after[k] - before[k]:.3f} s" for k in split)
     note += f", overlapped prefill calls {after['overlapped_prefill_calls'] - before['overlapped_prefill_calls']}"
-    assert all(len(o["token_ids"]) == out_len for o in outs)
+    note += runs_note(batch * out_len, [t[0] for t in timed])
     # Decode step time: the multi-step call alone, timed with the batch fully running.
     table_w = engine.scheduler.max_pages_per_seq
     bt = np.arange(batch * table_w, dtype=np.int32).reshape(batch, table_w) % engine.scheduler.num_pages
@@ -209,7 +212,20 @@ def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len
     return row, first_token
 
 
-def bench_hf(model, batch: int, prompts: list[list[int]], out_len: int, compiled: bool) -> Row:
+def median_run(timed: list[tuple]) -> tuple:
+    """The run (a tuple led by its seconds) at the median time: the upper median of an even count."""
+    return sorted(timed, key=lambda t: t[0])[len(timed) // 2]
+
+
+def runs_note(tokens: int, seconds: list[float]) -> str:
+    """", median of N runs (lo-hi tok/s)" for a row timed more than once."""
+    if len(seconds) < 2:
+        return ""
+    rates = sorted(tokens / t for t in seconds)
+    return f"; median of {len(seconds)} runs ({rates[0]:,.0f}-{rates[-1]:,.0f} tok/s)"
+
+
+def bench_hf(model, batch: int, prompts: list[list[int]], out_len: int, compiled: bool, runs: int = 1) -> Row:
     import torch
 
     ids = torch.tensor(prompts, device="cuda" if torch.cuda.is_available() else "cpu")
@@ -232,11 +248,15 @@ def bench_hf(model, batch: int, prompts: list[list[int]], out_len: int, compiled
         if ids.is_cuda:
             torch.cuda.synchronize()
         ttft = time.perf_counter() - t
-        t = time.perf_counter()
-        model.generate(ids, **kw)
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        total = time.perf_counter() - t
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            model.generate(ids, **kw)
+            if ids.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        total = median_run([(t,) for t in times])[0]
+        note = "; ".join(x for x in (note, runs_note(batch * out_len, times).lstrip("; ")) if x)
     name = "transformers static+compile" if compiled else "transformers eager"
     return Row(name, batch, len(prompts[0]), out_len, batch * out_len / total, ttft * 1e3,
                (total - ttft) / max(out_len - 1, 1) * 1e3, note=note)
@@ -404,6 +424,9 @@ def main() -> None:
     ap.add_argument("--long-prompt", type=int, default=1024, help="extra case: this prompt length at --long-batch")
     ap.add_argument("--long-batch", type=int, default=64)
     ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=3,
+                    help="timed runs of each workload, jaxserve's and transformers eager's (the median reports): "
+                         "one run of either moved by 10-15%% from one device call to the next")
     ap.add_argument("--impls", nargs="+", default=["pallas"], help="jaxserve attention impls to time")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
     ap.add_argument("--no-hf", action="store_true")
@@ -451,7 +474,7 @@ def main() -> None:
         for impl in args.impls:
             try:
                 row, ft = bench_jaxserve(m, batch, prompts, args.output_len, args.decode_steps, impl,
-                                         first=first_token_s is None)
+                                         first=first_token_s is None, runs=args.runs)
             except Exception as exc:  # keep the other systems' numbers; the failure is reported
                 print(f"jaxserve[{impl}] batch {batch} failed: {exc!r}", flush=True)
                 continue
@@ -463,7 +486,7 @@ def main() -> None:
             print(row, flush=True)
         if not args.no_hf:
             hf_dev = hf.to("cuda") if jax.default_backend() == "gpu" else hf
-            rows.append(bench_hf(hf_dev, batch, prompts, args.output_len, compiled=False))
+            rows.append(bench_hf(hf_dev, batch, prompts, args.output_len, compiled=False, runs=args.runs))
             print(rows[-1], flush=True)
             if not args.no_hf_compile and batch in args.hf_compile_batches:
                 # transformers compiles the decoding forward itself (torch.compile, mode
