@@ -29,6 +29,28 @@ OPTIONS = {
 }
 
 
+def profile_prefill(runner, call: tuple, trace_dir: str, calls: int = 5) -> None:
+    """Per-kernel GPU time of a prefill call (mean of `calls`), biggest first."""
+    import re
+
+    import jax
+
+    from bench.decode_step import gpu_kernel_times
+
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(calls):
+            jax.block_until_ready(runner.prefill(*call, greedy=True).tokens)
+    groups: dict[str, list[float]] = {}
+    for name, (n, t) in gpu_kernel_times(trace_dir).items():
+        g = groups.setdefault(re.sub(r"[._]\d+$", "", name), [0, 0.0])
+        g[0] += n
+        g[1] += t
+    total = sum(t for _, t in groups.values())
+    print(f"profile {os.path.basename(trace_dir)}: GPU busy {total / calls / 1e3:.3f} ms a call", flush=True)
+    for key, (n, t) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:20]:
+        print(f"   {t / calls:9.1f} µs/call {n / calls:6.1f} launches  {key[:90]}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["64x128", "8x1024"], help="rows x tokens a prefill call")
@@ -37,6 +59,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
     ap.add_argument("--out", default=None, help="write the table (markdown) here")
+    ap.add_argument("--profile", default=None,
+                    help="also trace 5 calls of each runner into this directory and print GPU time per kernel")
     args = ap.parse_args()
 
     import jax
@@ -83,6 +107,9 @@ def main() -> None:
                     out = runner.prefill(*call, greedy=True)
                 jax.block_until_ready(out.tokens)
                 rounds[name].append((time.perf_counter() - t) / args.reps * 1e3)
+        if args.profile:
+            for name, runner in runners.items():
+                profile_prefill(runner, call, os.path.join(args.profile, f"{shape}_{name}"))
         for name, ms in rounds.items():
             med = float(np.median(ms))
             tflops = 2 * layer_params * rows * length / (med * 1e-3) / 1e12
