@@ -178,17 +178,12 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
                    *refs, group: int, start_offset: int, block_rows: int,
                    num_splits: int,
                    pages_per_block: int, scale: float, precision, v_mask: str,
-                   merge_in_kernel: bool = False, interpret: bool = False, num_heads: int = 0):
+                   merge_in_kernel: bool = False, interpret: bool = False):
     (o_ref, lse_ref, out_ref, counter_ref), _ = split_refs(refs, num_splits, merge_in_kernel)
     seq, head = pl.program_id(0), pl.program_id(1)
     row_block, split = pl.program_id(2), pl.program_id(3)
     table_pages = block_table_ref.shape[0]
-    # num_heads > 0: q (and an unsplit output) are token-major, `[batch, tokens * num_heads, D]`.
-    token_major = num_heads > 0
-    if token_major:
-        query_rows, head_dim = q_ref.shape[1] // num_heads * group, q_ref.shape[2]
-    else:
-        query_rows, head_dim = q_ref.shape[2], q_ref.shape[3]
+    query_rows, head_dim = q_ref.shape[2], q_ref.shape[3]
     page_size = k_pages_ref.shape[-2]
     block_keys = pages_per_block * page_size
     # A length past the table would index pages the sequence does not own.
@@ -212,15 +207,8 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
     num_iters = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
 
     # Both products run in the pool's dtype (tensor cores for bf16), whatever q's is.
-    if token_major:
-        # Row r is token r // group, query head head * group + r % group: runs of `group`
-        # adjacent heads a token, gathered in place of a transpose of q before the kernel
-        # and of the output after it (two XLA copies of the chunk's queries a layer).
-        token_rows = jnp.where(real_row, (rows // group) * num_heads + head * group + rows % group, 0)
-        q = jnp.where(real_row[:, None], q_ref[seq, token_rows], 0).astype(k_pages_ref.dtype)
-    else:
-        q = compat.load(q_ref.at[seq, head, pl.ds(first_row, block_rows), :],
-                        mask=real_row[:, None], other=0).astype(k_pages_ref.dtype)
+    q = compat.load(q_ref.at[seq, head, pl.ds(first_row, block_rows), :],
+                    mask=real_row[:, None], other=0).astype(k_pages_ref.dtype)
 
     def body(i, carry):
         page0 = first_page + i * pages_per_block
@@ -242,16 +230,7 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
     out = out.astype(o_ref.dtype)
     # Rows past the real ones (a group of 7 padded to 16) are neither read nor stored.
     out_rows = pl.ds(first_row, block_rows)
-    if num_splits == 1 and token_major:
-        # Every axis indexed by an array (broadcast to the tile): the form Pallas's interpret
-        # mode can also scatter (it rejects arrays mixed with slices in a store). Padding rows
-        # point past the end: masked on the GPU, dropped by interpret mode's scatter (which
-        # would otherwise write row 0's old value back beside its new one).
-        cols = jnp.arange(head_dim)[None, :]
-        store_rows = jnp.where(real_row, token_rows, o_ref.shape[1])[:, None]
-        compat.store(o_ref.at[jnp.full((block_rows, 1), seq), store_rows, cols], out,
-                     mask=jnp.broadcast_to(real_row[:, None], out.shape))
-    elif num_splits == 1:
+    if num_splits == 1:
         compat.store(o_ref.at[seq, head, out_rows, :], out, mask=real_row[:, None])
     elif not merge_in_kernel:
         compat.store(o_ref.at[split, seq, head, out_rows, :], out, mask=real_row[:, None])
@@ -343,13 +322,13 @@ def default_pages_per_block(page_size: int, table_pages: int, block_keys: int) -
 
 @functools.partial(jax.jit, static_argnames=(
     "group", "start_offset", "block_rows", "scale", "num_splits", "pages_per_block",
-    "num_warps", "num_stages", "interpret", "v_mask", "combine", "token_major"))
+    "num_warps", "num_stages", "interpret", "v_mask", "combine"))
 def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, *,
                       group: int, start_offset: int, block_rows: int, scale: float,
                       num_splits: int,
                       pages_per_block: int, num_warps: int,
                       num_stages: int, interpret: bool, v_mask: str = "redirect",
-                      combine: str = "xla", token_major: bool = False):
+                      combine: str = "xla"):
     """Shared core: query rows `[batch, kv_heads, rows, head_dim]` over paged K/V.
 
     Row r holds query position `q_start[b] + start_offset + r // group` of head
@@ -357,18 +336,8 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
     group; it sees keys at positions <= its own and < `lengths[b]`; rows at positions
     >= `lengths[b]` come back as zeros. Rows are processed `block_rows` (a power of two
     >= 16) at a time. The only XLA work besides the kernel is the split combine.
-    `token_major`: `q_rows` (and the result) are `[batch, tokens, num_heads, head_dim]`
-    instead, the same rows read in place (prefill: no transposes around the kernel when
-    unsplit).
     """
-    if token_major:
-        batch, tokens, num_heads, head_dim = q_rows.shape
-        kv_heads, query_rows = num_heads // group, tokens * group
-        rows_shape = (batch, kv_heads, query_rows, head_dim)
-        q_operand = q_rows.reshape(batch, tokens * num_heads, head_dim)
-    else:
-        batch, kv_heads, query_rows, head_dim = rows_shape = q_rows.shape
-        num_heads, q_operand = 0, q_rows
+    batch, kv_heads, query_rows, head_dim = q_rows.shape
     row_blocks = pl.cdiv(query_rows, block_rows)
     precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
     merge_in_kernel = combine == "inkernel" and num_splits > 1
@@ -380,15 +349,14 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
         num_splits=num_splits,
         pages_per_block=pages_per_block, scale=scale,
         precision=precision, v_mask=v_mask, merge_in_kernel=merge_in_kernel,
-        interpret=interpret, num_heads=num_heads)
+        interpret=interpret)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, r, s: (h, 0, 0, 0))
     in_specs = [pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, r, s: (b, 0)),
                 whole, whole, whole, pool_spec, pool_spec]
     operands = [block_tables.astype(jnp.int32), lengths.astype(jnp.int32), q_start.astype(jnp.int32),
-                q_operand, k_pages, v_pages]
-    out_shape, counter = split_outputs(q_operand.shape if token_major and num_splits == 1 else rows_shape,
-                                       q_rows.dtype, num_splits, merge_in_kernel)
+                q_rows, k_pages, v_pages]
+    out_shape, counter = split_outputs(q_rows.shape, q_rows.dtype, num_splits, merge_in_kernel)
     aliases = {}
     if counter is not None:
         in_specs.append(whole)
@@ -408,12 +376,10 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
         name="paged_attention",
     )(*operands)
     if num_splits == 1:
-        return result.reshape(q_rows.shape) if token_major else result
-    out = result[2] if merge_in_kernel else merge_splits(*result, q_rows.dtype, combine, interpret)
-    if token_major:  # split partials stay row-major: back to tokens after their merge
-        out = out.reshape(batch, kv_heads, tokens, group, head_dim).transpose(0, 2, 1, 3, 4)
-        return out.reshape(q_rows.shape)
-    return out
+        return result
+    if merge_in_kernel:
+        return result[2]
+    return merge_splits(*result, q_rows.dtype, combine, interpret)
 
 
 def split_outputs(rows_shape: tuple[int, ...], dtype, num_splits: int, merge_in_kernel: bool):

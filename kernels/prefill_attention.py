@@ -84,14 +84,17 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
         batch * kv_heads * -(-query_rows // block_rows), pages_per_block, num_splits,
         interpret, PREFILL_KEY_TILE_ELEMENTS // head_dim)
     # Rows ordered (position, head) within a KV group, so a row block is a run of
-    # consecutive positions and the causal bound grows along it; the kernel reads them from
-    # q's own token-major layout (no transpose of q or of the output around it).
-    return attend_query_rows(
-        q, k_pages, v_pages, block_tables, q_start, lengths, group=group, start_offset=0,
+    # consecutive positions and the causal bound grows along it.
+    rows = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+    out = attend_query_rows(
+        rows.reshape(batch, kv_heads, query_rows, head_dim), k_pages, v_pages,
+        block_tables, q_start, lengths, group=group, start_offset=0,
         block_rows=block_rows, scale=float(head_dim ** -0.5 if scale is None else scale),
         num_splits=num_splits, pages_per_block=pages_per_block,
         num_warps=num_warps, num_stages=num_stages,
-        interpret=interpret, token_major=True)
+        interpret=interpret)
+    out = out.reshape(batch, kv_heads, q_len, group, head_dim)
+    return out.transpose(0, 2, 1, 3, 4).reshape(q.shape)
 
 
 def paged_prefill_attention_reference(q, k_pages, v_pages, block_tables, q_start, lengths,
