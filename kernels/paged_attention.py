@@ -257,8 +257,10 @@ def merge_last_split(o_ref, lse_ref, out_ref, counter_ref, out, lse, *, seq, hea
     Correct compiled on the H200 (the `gpu` tests) but slower than the separate merge launch
     at every shape measured (bandwidth.md, session 8): the last program folds the splits one
     after another, its volatile loads (never software-pipelined) waiting on L2 every split,
-    so 128 splits at batch 1 x 32k cost ~30 µs where the launch it saves costs ~4. Kept
-    opt-in as the base for a merge that loads the partials in parallel.
+    so 128 splits at batch 1 x 32k cost ~30 µs where the launch it saves costs ~4. A fold in
+    two waves of loads (every lse, then the partials in large tiles) with caller-kept counters
+    was tried in session 12 and tied the launch at best (bandwidth.md): the barrier, atomic and
+    dependent loads every split then ends with cost about what the launch does. Kept opt-in.
     """
     compat.store(o_ref.at[split, seq, head, rows, :], out.astype(o_ref.dtype), mask=real_row[:, None])
     compat.store(lse_ref.at[split, seq, head, rows], lse, mask=real_row)
