@@ -76,12 +76,13 @@ def test_pallas_kernels_in_interpret_mode_give_the_same_tokens(tiny, impl, monke
         assert engine.runner.pick_kernel == (impl == "pallas")
         outs = engine.generate(prompts, params, use_tqdm=False)
         assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 4) for p in prompts]
-        # No request asks for log-probabilities: the steps compiled without them (the pick an
-        # argmax alone) give the same tokens, and the results carry none.
-        plain = engine.generate(prompts, dataclasses.replace(params, logprobs=None), use_tqdm=False)
-        assert [o["token_ids"] for o in plain] == [o["token_ids"] for o in outs]
-        assert all("logprobs" not in o for o in plain)
-        assert {shape[-1] for shape in engine.runner.compiled_shapes} == {True, False}
+        if impl == "pallas":  # where the pick kernel runs (once: interpret-mode compiles are slow)
+            # No request asks for log-probabilities: the steps compiled without them (the pick an
+            # argmax alone) give the same tokens, and the results carry none.
+            plain = engine.generate(prompts, dataclasses.replace(params, logprobs=None), use_tqdm=False)
+            assert [o["token_ids"] for o in plain] == [o["token_ids"] for o in outs]
+            assert all("logprobs" not in o for o in plain)
+            assert {shape[-1] for shape in engine.runner.compiled_shapes} == {True, False}
         assert_all_pages_free(engine)
     with Engine(m, small_config(attention_impl="reference", decode_steps=2)) as engine:
         ref = engine.generate(prompts, params, use_tqdm=False)
