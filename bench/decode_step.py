@@ -93,6 +93,17 @@ def gpu_kernel_times(trace_dir: str) -> dict[str, tuple[int, float]]:
     return out
 
 
+def grouped_kernel_times(times: dict[str, tuple[int, float]]) -> list[tuple[str, tuple[int, float]]]:
+    """`gpu_kernel_times` with names that differ only by a numeric suffix (one fusion per layer)
+    summed: `[(name, (launches, total µs))]`, biggest first."""
+    groups: dict[str, list[float]] = {}
+    for name, (n, t) in times.items():
+        g = groups.setdefault(re.sub(r"[._]\d+$", "", name), [0, 0.0])
+        g[0] += n
+        g[1] += t
+    return sorted(((k, (int(n), t)) for k, (n, t) in groups.items()), key=lambda kv: -kv[1][1])
+
+
 def profile_decode(runner, call: tuple, out_dir: str, tag: str, calls: int = 5, logprobs: bool = False) -> None:
     """Per-kernel GPU time of `calls` decode calls, printed per step, biggest first."""
     import jax
@@ -106,14 +117,7 @@ def profile_decode(runner, call: tuple, out_dir: str, tag: str, calls: int = 5, 
     steps = calls * call[6]
     total = sum(t for _, t in times.values())
     print(f"profile {tag}: GPU busy {total / steps:.1f} µs a step over {len(times)} kernel names", flush=True)
-    # Group names that differ only by a numeric suffix (one fusion per layer).
-    groups: dict[str, list[float]] = {}
-    for name, (n, t) in times.items():
-        key = re.sub(r"[._]\d+$", "", name)
-        g = groups.setdefault(key, [0, 0.0])
-        g[0] += n
-        g[1] += t
-    for key, (n, t) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:30]:
+    for key, (n, t) in grouped_kernel_times(times)[:30]:
         print(f"   {t / steps:8.1f} µs/step {n / steps:6.1f} launches/step  {t / max(n, 1):7.2f} µs each  {key[:90]}",
               flush=True)
 

@@ -31,23 +31,17 @@ OPTIONS = {
 
 def profile_prefill(runner, call: tuple, trace_dir: str, calls: int = 5) -> None:
     """Per-kernel GPU time of a prefill call (mean of `calls`), biggest first."""
-    import re
-
     import jax
 
-    from bench.decode_step import gpu_kernel_times
+    from bench.decode_step import gpu_kernel_times, grouped_kernel_times
 
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(calls):
             jax.block_until_ready(runner.prefill(*call, greedy=True).tokens)
-    groups: dict[str, list[float]] = {}
-    for name, (n, t) in gpu_kernel_times(trace_dir).items():
-        g = groups.setdefault(re.sub(r"[._]\d+$", "", name), [0, 0.0])
-        g[0] += n
-        g[1] += t
-    total = sum(t for _, t in groups.values())
+    groups = grouped_kernel_times(gpu_kernel_times(trace_dir))
+    total = sum(t for _, (_, t) in groups)
     print(f"profile {os.path.basename(trace_dir)}: GPU busy {total / calls / 1e3:.3f} ms a call", flush=True)
-    for key, (n, t) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:20]:
+    for key, (n, t) in groups[:20]:
         print(f"   {t / calls:9.1f} µs/call {n / calls:6.1f} launches  {key[:90]}", flush=True)
 
 

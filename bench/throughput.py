@@ -190,7 +190,7 @@ def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len
     total, outs, before, after = median_run(timed)
     note = "of the run: " + ", ".join(f"{k[:-2].replace('_', ' ')} {after[k] - before[k]:.3f} s" for k in split)
     note += f", overlapped prefill calls {after['overlapped_prefill_calls'] - before['overlapped_prefill_calls']}"
-    note += runs_note(batch * out_len, [t[0] for t in timed])
+    note = "; ".join(x for x in (note, runs_note(batch * out_len, [t[0] for t in timed])) if x)
     # Decode step time: the multi-step call alone, timed with the batch fully running.
     table_w = engine.scheduler.max_pages_per_seq
     bt = np.arange(batch * table_w, dtype=np.int32).reshape(batch, table_w) % engine.scheduler.num_pages
@@ -218,11 +218,11 @@ def median_run(timed: list[tuple]) -> tuple:
 
 
 def runs_note(tokens: int, seconds: list[float]) -> str:
-    """", median of N runs (lo-hi tok/s)" for a row timed more than once."""
+    """"median of N runs (lo-hi tok/s)" for a row timed more than once, else ""."""
     if len(seconds) < 2:
         return ""
     rates = sorted(tokens / t for t in seconds)
-    return f"; median of {len(seconds)} runs ({rates[0]:,.0f}-{rates[-1]:,.0f} tok/s)"
+    return f"median of {len(seconds)} runs ({rates[0]:,.0f}-{rates[-1]:,.0f} tok/s)"
 
 
 def bench_hf(model, batch: int, prompts: list[list[int]], out_len: int, compiled: bool, runs: int = 1) -> Row:
@@ -256,7 +256,7 @@ def bench_hf(model, batch: int, prompts: list[list[int]], out_len: int, compiled
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         total = median_run([(t,) for t in times])[0]
-        note = "; ".join(x for x in (note, runs_note(batch * out_len, times).lstrip("; ")) if x)
+        note = "; ".join(x for x in (note, runs_note(batch * out_len, times)) if x)
     name = "transformers static+compile" if compiled else "transformers eager"
     return Row(name, batch, len(prompts[0]), out_len, batch * out_len / total, ttft * 1e3,
                (total - ttft) / max(out_len - 1, 1) * 1e3, note=note)

@@ -71,11 +71,8 @@ def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, cou
         from kernels.greedy_pick import greedy_pick
 
         tokens, chosen = greedy_pick(logits, logprobs=logprobs)
-        if not logprobs:
-            return no_logprobs(tokens)
-        b = logits.shape[0]
-        return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=jnp.zeros((b, 0), jnp.int32),
-                            top_logprobs=jnp.zeros((b, 0), jnp.float32))
+        out = no_logprobs(tokens)  # no top tokens either way
+        return out if chosen is None else out.replace(logprobs=chosen)
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if not logprobs and num_top == 0:
         return no_logprobs(tokens)
