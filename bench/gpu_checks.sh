@@ -17,6 +17,11 @@
 #   mosaic      the experimental Mosaic GPU decode kernel: its compiled tests, then each of its configs
 #               timed beside ours on bandwidth.py's MOSAIC_SHAPES (~300 s)
 #   qkv         the decode step at batch 1/16/64 with the QKV skinny matmul retiled (unsplit: no sum launch) (~90 s)
+#   qkvsum      session 13: compiled tests of the fused attention and skinny matmul, then the decode step at
+#               batch 1/16/64 with the QKV split sums inside the fused attention (default) vs an XLA fusion,
+#               and with the QKV projection split over 64-row K blocks (~150 s)
+#   wideswiglu  session 13: gate_up + SwiGLU as one skinny-matmul kernel at 128/256 rows against cuBLAS + XLA's
+#               SwiGLU (bench/skinny_tune.py), then in the batch-128/256 decode step (~250 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -63,6 +68,14 @@ for part in "${parts[@]}"; do
             && timeout 280 python3 bench/bandwidth.py --mosaic-only --budget-s 240 --out "$OUT/$part" ;;
     qkv) timeout 200 python3 bench/decode_step.py --batches 1 16 64 --variants default --no-static \
            --glue kernels qkv_unsplit qkv_unsplit_n32 qkv_split2 --rounds 5 --reps 10 ;;
+    qkvsum) timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+              tests/test_decode_attention.py tests/test_skinny_matmul.py -k "compiled or model"
+            timeout 200 python3 bench/decode_step.py --batches 1 16 64 --variants default --no-static \
+              --glue kernels qkv_sum_xla qkv_bk64 --rounds 5 --reps 10 ;;
+    wideswiglu) timeout 130 python3 bench/skinny_tune.py --rows 256 128 --shapes gate_up --epilogue swiglu \
+                  --block-m 64 128 --block-n 32 64 --block-k 64 128 --stages-warps 3x4 3x8 --targets 264
+                timeout 200 python3 bench/decode_step.py --batches 256 128 --variants default --no-static \
+                  --glue kernels wide_swiglu wide_swiglu_m128 wide_swiglu_n64 --rounds 5 --reps 10 ;;
     short) timeout 200 python3 bench/decode_step.py --batches 1 16 64 256 --variants default --no-static \
              --glue kernels split_short --rounds 5 --reps 10 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \

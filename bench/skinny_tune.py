@@ -8,6 +8,8 @@ add per matrix in the timed function, which weighs on the 128- and 256-row times
 
     python bench/skinny_tune.py --rows 1 64
     python bench/skinny_tune.py --rows 256 --block-n 64 --block-k 64 128   # row blocks vs cuBLAS
+    python bench/skinny_tune.py --rows 256 --shapes gate_up --epilogue swiglu --block-m 64 128
+        # gate_up + SwiGLU in one kernel vs cuBLAS gate_up and XLA's SwiGLU fusion
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ def main() -> None:
     ap.add_argument("--block-k", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--stages-warps", nargs="+", default=["3x4", "4x4", "4x8"], help="STAGESxWARPS")
     ap.add_argument("--targets", type=int, nargs="+", default=[264, 528], help="programs wanted (sets the K split)")
+    ap.add_argument("--block-m", type=int, nargs="+", default=[64], help="rows a program")
+    ap.add_argument("--epilogue", default="none", choices=["none", "swiglu"],
+                    help="swiglu: silu(gate) * up from the fused gate_up weight (never split), "
+                         "against XLA's dot and its SwiGLU fusion")
     args = ap.parse_args()
     stages_warps = [tuple(map(int, sw.split("x"))) for sw in args.stages_warps]
     key = jax.random.key(0)
@@ -65,19 +71,28 @@ def main() -> None:
             def run(tile):
                 # Every product is an output, so none is dead code, and nothing but the products
                 # runs (an accumulating add per matrix, as before, dominated the 256-row times).
+                def xla(x, w):
+                    y = jnp.dot(x, w)
+                    if args.epilogue == "swiglu":
+                        half = y.shape[1] // 2
+                        y = jax.nn.silu(y[:, :half]) * y[:, half:]
+                    return y
+
                 def f(x, ws):
-                    return tuple(jnp.dot(x, w) if tile is None else skinny_matmul(x, w, **tile) for w in ws)
+                    return tuple(xla(x, w) if tile is None
+                                 else skinny_matmul(x, w, epilogue=args.epilogue, **tile) for w in ws)
                 if tile is None and m > MAX_ROWS:
                     # XLA as the engine compiles steps this wide (cuBLAS: runner.WIDE_DECODE_OPTIONS).
                     return jax.jit(f).lower(x, ws).compile(WIDE_DECODE_OPTIONS or None)
                 return jax.jit(f)
 
             rows = [("xla", None)]
-            for bn, bk, (st, wp), target in itertools.product(args.block_n, args.block_k, stages_warps,
-                                                              args.targets):
-                splits = split_count(m, k, n, bn, bk, target)
-                rows.append((f"bn{bn} bk{bk} st{st} w{wp} s{splits}",
-                             dict(block_n=bn, block_k=bk, num_stages=st, num_warps=wp, num_splits=splits)))
+            for bm, bn, bk, (st, wp), target in itertools.product(
+                    args.block_m, args.block_n, args.block_k, stages_warps, args.targets):
+                splits = 1 if args.epilogue == "swiglu" else split_count(m, k, n, bn, bk, target)
+                rows.append((f"bm{bm} bn{bn} bk{bk} st{st} w{wp} s{splits}",
+                             dict(block_m=bm, block_n=bn, block_k=bk, num_stages=st, num_warps=wp,
+                                  num_splits=splits)))
             seen = set()
             results = []
             for label, tile in rows:

@@ -126,13 +126,13 @@ def split_count(m: int, k: int, n: int, block_n: int, block_k: int,
     return max(1, min(pl.cdiv(k, block_k), target // blocks))
 
 
-@functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "block_k", "num_splits",
-                                             "num_warps", "num_stages", "interpret"))
-def _skinny(x, w, bias, *, epilogue: str, block_n: int, block_k: int, num_splits: int,
-            num_warps: int, num_stages: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("epilogue", "block_m", "block_n", "block_k",
+                                             "num_splits", "num_warps", "num_stages", "interpret"))
+def _skinny(x, w, bias, *, epilogue: str, block_m: int, block_n: int, block_k: int,
+            num_splits: int, num_warps: int, num_stages: int, interpret: bool):
     m, k = x.shape
     n_out = w.shape[1] // 2 if epilogue == "swiglu" else w.shape[1]
-    block_m = max(16, compat.next_pow2(min(m, ROW_BLOCK)))
+    block_m = max(16, compat.next_pow2(min(m, block_m)))
     k_blocks = pl.cdiv(k, block_k)
     k_per_split = pl.cdiv(k_blocks, num_splits) * block_k
     precision = lax.Precision.HIGHEST if w.dtype == jnp.float32 else None
@@ -172,7 +172,7 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
                   epilogue: str = "none", interpret: bool | None = None,
                   block_n: int | None = None, block_k: int | None = None,
                   num_splits: int | None = None, num_warps: int = 4,
-                  num_stages: int = 3) -> jax.Array:
+                  num_stages: int = 3, block_m: int = ROW_BLOCK) -> jax.Array:
     """`x @ w (+ bias)` for a few rows of `x`, accumulated in float32.
 
     Args:
@@ -187,6 +187,7 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
             fused gate_up projection and its activation; never split along K).
         interpret: Pallas interpret mode; None picks it on the CPU backend.
         block_n, block_k, num_splits: tiling; None picks `default_tiling`.
+        block_m: rows a program (a power of two >= 16; fewer rows round up to 16).
         num_warps, num_stages: Triton launch parameters.
 
     Example:
@@ -209,10 +210,10 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
     dn, dk, ds = default_tiling(x.shape[0], x.shape[1], w.shape[1], epilogue)
     block_n, block_k = block_n or dn, block_k or dk
     num_splits = num_splits or ds
-    for name, v in (("block_n", block_n), ("block_k", block_k)):
+    for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {v}")
-    return _skinny(x, w, bias, epilogue=epilogue, block_n=block_n, block_k=block_k,
+    return _skinny(x, w, bias, epilogue=epilogue, block_m=block_m, block_n=block_n, block_k=block_k,
                    num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                    interpret=compat.resolve_interpret(interpret))
 

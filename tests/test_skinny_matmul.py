@@ -70,6 +70,23 @@ def test_skinny_matmul_epilogues_match_reference(interpret, epilogue, m, k, n, d
     assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
 
 
+@pytest.mark.parametrize("interpret", MODES)
+# Wider row blocks (the batch-256 gate_up + SwiGLU tilings of model.WIDE_SWIGLU_TILING), rows
+# ragged against them.
+@pytest.mark.parametrize("block_m,block_n,block_k", [(128, 32, 64), (256, 16, 64), (128, 64, 64)])
+def test_skinny_swiglu_with_wide_row_blocks(interpret, block_m, block_n, block_k):
+    rng, seed = fresh_rng()
+    m, k, n = 200, 320, 2 * 96
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.bfloat16)
+    out = skinny_matmul(x, w, epilogue="swiglu", interpret=interpret, block_m=block_m,
+                        block_n=block_n, block_k=block_k)
+    ref = skinny_matmul_reference(x.astype(jnp.float32), w.astype(jnp.float32), epilogue="swiglu")
+    assert out.shape == (m, n // 2) and out.dtype == jnp.bfloat16
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
+
+
 def test_default_tiling_fills_the_gpu_by_splitting_narrow_matrices():
     # A narrow matrix (few column blocks) is split along K; a wide one is not.
     _, _, narrow = default_tiling(1, 4864, 896)
