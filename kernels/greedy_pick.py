@@ -63,14 +63,22 @@ def _kernel(x_ref, *refs, vocab: int, block: int, blocks_per_chunk: int, chunks:
     first = chunk * blocks_per_chunk
     num_blocks = jnp.minimum(blocks_per_chunk, pl.cdiv(vocab, block) - first)
 
-    def body(i, carry):
-        m, s, idx = carry
+    def load(i):
         start = (first + i) * block
         pos = start + lanes
         x = compat.load(x_ref.at[row, pl.ds(start, block)], mask=pos < vocab, other=-jnp.inf).astype(jnp.float32)
+        return x, pos
+
+    def argmax_body(i, carry):  # the argmax alone: a compare and two selects an element
+        m, idx = carry
+        x, pos = load(i)
         up = x > m  # strictly greater: a lane keeps its first maximum
-        if not logprobs:  # the argmax alone: no exp, a compare and two selects an element
-            return jnp.where(up, x, m), s, jnp.where(up, pos, idx)
+        return jnp.where(up, x, m), jnp.where(up, pos, idx)
+
+    def body(i, carry):
+        m, s, idx = carry
+        x, pos = load(i)
+        up = x > m
         # One exp an element serves both branches: a new maximum rescales the sum by
         # exp(m - x) and adds 1, anything else adds exp(x - m). Against a lane still at -inf
         # the difference is taken from float32's lowest value, so -inf - -inf never makes NaN
@@ -81,9 +89,12 @@ def _kernel(x_ref, *refs, vocab: int, block: int, blocks_per_chunk: int, chunks:
         s = jnp.where(up, s * e + 1.0, s + e)
         return jnp.where(up, x, m), s, jnp.where(up, pos, idx)
 
-    init = (jnp.full((block,), -jnp.inf, jnp.float32), jnp.zeros((block,), jnp.float32),
-            jnp.full((block,), first * block, jnp.int32))
-    m, s, idx = lax.fori_loop(0, num_blocks, body, init)
+    m0 = jnp.full((block,), -jnp.inf, jnp.float32)
+    idx0 = jnp.full((block,), first * block, jnp.int32)
+    if logprobs:
+        m, s, idx = lax.fori_loop(0, num_blocks, body, (m0, jnp.zeros((block,), jnp.float32), idx0))
+    else:
+        m, idx = lax.fori_loop(0, num_blocks, argmax_body, (m0, idx0))
     chunk_max = jnp.max(m)
     # Lowest position among the lanes at the chunk's maximum; a chunk of only -inf: its start.
     chunk_idx = jnp.min(jnp.where(m == chunk_max, idx, jnp.int32(jnp.iinfo(jnp.int32).max)))
