@@ -61,8 +61,6 @@ VARIANTS = {
 # split in two.
 QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits": 1, "block_n": 32},
                "qkv_split2": {"num_splits": 2}, "qkv_bk64": {"block_k": 64}}
-WIDE_SWIGLU_TILINGS = {"wide_swiglu": {}, "wide_swiglu_m128": {"block_m": 128, "block_k": 64},
-                       "wide_swiglu_n64": {"block_n": 64, "block_k": 64}}
 
 
 def gpu_kernel_times(trace_dir: str) -> dict[str, tuple[int, float]]:
@@ -151,7 +149,6 @@ def run_variant(args) -> list[dict]:
     rows = []
     single_pass_keys = paged_attention_module.SINGLE_PASS_KEYS
     skinny_rows = model_module.SKINNY_ROWS
-    wide_swiglu_rows, wide_swiglu_tiling = model_module.WIDE_SWIGLU_ROWS, model_module.WIDE_SWIGLU_TILING
     norm_warps = residual_norm_module.NUM_WARPS
     greedy_pick = runner_module.GREEDY_PICK
     wide_options = runner_module.WIDE_DECODE_OPTIONS
@@ -182,10 +179,6 @@ def run_variant(args) -> list[dict]:
             # "skinny256": steps of up to 256 rows through the skinny matmul and glue kernels
             # (row blocks of 64) instead of cuBLAS GEMMs and XLA's glue fusions.
             model_module.SKINNY_ROWS = 256 if glue == "skinny256" else skinny_rows
-            # "wide_swiglu*": steps of up to 256 rows run gate_up + SwiGLU as one skinny-matmul
-            # kernel (WIDE_SWIGLU_TILINGS), the other projections as cuBLAS GEMMs.
-            model_module.WIDE_SWIGLU_ROWS = 256 if glue in WIDE_SWIGLU_TILINGS else wide_swiglu_rows
-            model_module.WIDE_SWIGLU_TILING = WIDE_SWIGLU_TILINGS.get(glue, wide_swiglu_tiling)
             # "norm_warps4" / "norm_warps8": the add + RMSNorm kernel's one program a row runs 4 / 8 warps.
             residual_norm_module.NUM_WARPS = {"norm_warps4": 4, "norm_warps8": 8}.get(glue, norm_warps)
             # "xla_pick": greedy tokens by XLA's argmax + log-softmax, not the greedy_pick kernel.
@@ -253,8 +246,7 @@ def main() -> None:
                     help="alternating timing rounds of the --glue runners (the step is their median)")
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
                                                              "split_short", "skinny256", "norm_warps4", "norm_warps8", "xla_pick",
-                                                             "wide_cublaslt", "with_logprobs", "qkv_sum_xla", *QKV_TILINGS,
-                                                             *WIDE_SWIGLU_TILINGS],
+                                                             "wide_cublaslt", "with_logprobs", "qkv_sum_xla", *QKV_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

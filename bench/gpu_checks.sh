@@ -13,6 +13,8 @@
 #   ncu         Nsight Compute on the paged decode (7B 64 x 2k) and fused decode (256 x 192) kernels (~120 s?);
 #               NCU_CASES picks bench/ncu_probe.py's cases (pick_256: the greedy pick at 256 rows)
 #   sweep       bench/bandwidth.py --sweep-only: our decode kernel's knobs at the shapes still short (~60 s)
+#   sweep7b     session 13: bench/bandwidth.py --sweep-only at the 7B shapes a point short (64 x 8k, 8 x 2k):
+#               pipeline stages 3/4, 8 warps, 4 pages a step with 4 stages (~90 s)
 #   short       the decode step at batch 1/16/64/256, short tables unsplit (default) vs split (~60 s)
 #   mosaic      the experimental Mosaic GPU decode kernel: its compiled tests, then each of its configs
 #               timed beside ours on bandwidth.py's MOSAIC_SHAPES (~300 s)
@@ -21,7 +23,8 @@
 #               batch 1/16/64 with the QKV split sums inside the fused attention (default) vs an XLA fusion,
 #               and with the QKV projection split over 64-row K blocks (~150 s)
 #   wideswiglu  session 13: gate_up + SwiGLU as one skinny-matmul kernel at 128/256 rows against cuBLAS + XLA's
-#               SwiGLU (bench/skinny_tune.py), then in the batch-128/256 decode step (~250 s)
+#               SwiGLU (bench/skinny_tune.py; ~95 s). It won there by 16-20% but tied in the decode step
+#               (the model's switch for it was removed: bench/results/decode_step.md, session 13)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -68,14 +71,14 @@ for part in "${parts[@]}"; do
             && timeout 280 python3 bench/bandwidth.py --mosaic-only --budget-s 240 --out "$OUT/$part" ;;
     qkv) timeout 200 python3 bench/decode_step.py --batches 1 16 64 --variants default --no-static \
            --glue kernels qkv_unsplit qkv_unsplit_n32 qkv_split2 --rounds 5 --reps 10 ;;
-    qkvsum) timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-              tests/test_decode_attention.py tests/test_skinny_matmul.py -k "compiled or model"
+    qkvsum) timeout 240 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+              tests/test_decode_attention.py tests/test_skinny_matmul.py -k "(compiled and (partials or wide)) or model"
             timeout 200 python3 bench/decode_step.py --batches 1 16 64 --variants default --no-static \
               --glue kernels qkv_sum_xla qkv_bk64 --rounds 5 --reps 10 ;;
     wideswiglu) timeout 130 python3 bench/skinny_tune.py --rows 256 128 --shapes gate_up --epilogue swiglu \
-                  --block-m 64 128 --block-n 32 64 --block-k 64 128 --stages-warps 3x4 3x8 --targets 264
-                timeout 200 python3 bench/decode_step.py --batches 256 128 --variants default --no-static \
-                  --glue kernels wide_swiglu wide_swiglu_m128 wide_swiglu_n64 --rounds 5 --reps 10 ;;
+                  --block-m 64 128 --block-n 32 64 --block-k 64 128 --stages-warps 3x4 3x8 --targets 264 ;;
+    sweep7b) timeout 200 python3 bench/bandwidth.py --sweep-only --budget-s 170 --out "$OUT/$part" \
+               --sweep-configs "stages=3" "stages=4" "warps=8" "ppb=4 stages=4" ;;
     short) timeout 200 python3 bench/decode_step.py --batches 1 16 64 256 --variants default --no-static \
              --glue kernels split_short --rounds 5 --reps 10 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \

@@ -127,12 +127,6 @@ SKINNY_ROWS = int(os.environ.get("JAXSERVE_SKINNY_ROWS", "64"))
 # fusion a layer before it (a launch more; bench/decode_step.py --glue qkv_sum_xla). Read when a
 # step is traced.
 QKV_SUM = os.environ.get("JAXSERVE_QKV_SUM", "attention")
-# Decode steps wider than SKINNY_ROWS but of at most this many rows run the MLP's gate_up
-# projection and SwiGLU as one skinny-matmul kernel ("swiglu" epilogue, tiled by
-# WIDE_SWIGLU_TILING) instead of a cuBLAS GEMM and an XLA fusion; the other projections stay
-# cuBLAS GEMMs. 0: off. Read when a step is traced (bench/decode_step.py --glue wide_swiglu).
-WIDE_SWIGLU_ROWS = int(os.environ.get("JAXSERVE_WIDE_SWIGLU_ROWS", "0"))
-WIDE_SWIGLU_TILING: dict[str, int] = json.loads(os.environ.get("JAXSERVE_WIDE_SWIGLU_TILING", "{}"))
 
 
 def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
@@ -167,7 +161,7 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, fast: bool = False, epilogue: str = "none",
-                 tiling: dict[str, int] | None = None, max_rows: int | None = None) -> jax.Array:
+                 tiling: dict[str, int] | None = None) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype) if self.use_bias else None
         x = x.astype(self.dtype)
@@ -175,7 +169,7 @@ class Linear(nn.Module):
         if fast:
             from kernels.skinny_matmul import skinny_matmul
 
-            if rows <= (max_rows or SKINNY_ROWS):
+            if rows <= SKINNY_ROWS:
                 if epilogue == "partials":
                     return skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, epilogue=epilogue,
                                          **(tiling or {})), bias
@@ -289,10 +283,6 @@ class MLP(nn.Module):
         down = Linear(self.config.hidden_size, False, self.dtype, name="down_proj")
         if glue:
             return down(gate_up(x, fast, "swiglu"), fast, "partials")[0]
-        rows = x.size // x.shape[-1]
-        if fast and x.shape[1] == 1 and rows <= WIDE_SWIGLU_ROWS:
-            act = gate_up(x, fast, "swiglu", tiling=WIDE_SWIGLU_TILING, max_rows=WIDE_SWIGLU_ROWS)
-            return down(act, fast)
         gate_up = gate_up(x, fast)
         return down(nn.silu(gate_up[..., :inter]) * gate_up[..., inter:], fast)
 

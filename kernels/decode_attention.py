@@ -57,7 +57,7 @@ def _rotate_half_matrix(head_dim: int, dtype) -> jax.Array:
 def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, bias_ref, cos_ref, sin_ref,
                   k_pages_ref, v_pages_ref, *refs, num_heads: int, kv_heads: int,
                   group: int, block_rows: int, num_splits: int, pages_per_block: int, scale: float,
-                  precision, qkv_splits: int, merge_in_kernel: bool = False,
+                  precision, qkv_splits: int, batch: int, merge_in_kernel: bool = False,
                   interpret: bool = False):
     (o_ref, lse_ref, out_ref, counter_ref), (k_out_ref, v_out_ref) = split_refs(
         refs, num_splits, merge_in_kernel)
@@ -93,9 +93,10 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, bias_ref, cos
         if not qkv_splits:
             return compat.load(qkv_ref.at[seq, pl.ds(first, block_rows), :],
                                mask=row_ok[:, None], other=0)
-        # The projection's K-split partials: summed, then the bias, then rounded, as the XLA
-        # sum this replaces did.
-        total = sum(compat.load(qkv_ref.at[s].at[seq, pl.ds(first, block_rows), :],
+        # The projection's K-split partials (flattened to [splits * batch, ...]: one indexer a
+        # load, which the Triton lowering needs): summed, then the bias, then rounded, as the
+        # XLA sum this replaces did.
+        total = sum(compat.load(qkv_ref.at[s * batch + seq, pl.ds(first, block_rows), :],
                                 mask=row_ok[:, None], other=0) for s in range(qkv_splits))
         bias = compat.load(bias_ref.at[pl.ds(first, block_rows), :], mask=row_ok[:, None], other=0)
         return (total + bias.astype(jnp.float32)).astype(act_dtype)
@@ -105,7 +106,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, bias_ref, cos
     k_raw = heads(num_heads + head, rows == 0)
     v_row = num_heads + kv_heads + head
     if qkv_splits:
-        v_new = sum(qkv_ref[s, seq, v_row, :] for s in range(qkv_splits))
+        v_new = sum(qkv_ref[s * batch + seq, v_row, :] for s in range(qkv_splits))
         v_new = (v_new + bias_ref[v_row, :].astype(jnp.float32)).astype(act_dtype)
     else:
         v_new = qkv_ref[seq, v_row, :]
@@ -178,8 +179,8 @@ def _fused(qkv, qkv_bias, cos, sin, k_pages, v_pages, block_tables, lengths, slo
     kernel = functools.partial(
         _fused_kernel, num_heads=num_heads, kv_heads=kv_heads, group=group,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
-        scale=scale, precision=precision, qkv_splits=qkv_splits, merge_in_kernel=merge_in_kernel,
-        interpret=interpret)
+        scale=scale, precision=precision, qkv_splits=qkv_splits, batch=batch,
+        merge_in_kernel=merge_in_kernel, interpret=interpret)
     if qkv_bias is None:
         qkv_bias = jnp.zeros((heads, head_dim), dtype)
     whole = pl.no_block_spec
@@ -188,6 +189,8 @@ def _fused(qkv, qkv_bias, cos, sin, k_pages, v_pages, block_tables, lengths, slo
                 whole, whole, whole, whole, whole, pool_spec, pool_spec]
     pool_shapes = [jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
                    jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)]
+    if qkv_splits:
+        qkv = qkv.reshape(qkv_splits * batch, heads, head_dim)
     operands = [slot_mapping.astype(jnp.int32), block_tables.astype(jnp.int32),
                 lengths.astype(jnp.int32), qkv, qkv_bias, cos.astype(jnp.float32),
                 sin.astype(jnp.float32), k_pages, v_pages]

@@ -175,8 +175,6 @@ def test_fused_decode_shape_errors_name_the_field():
     # an XLA fusion (QKV_SUM "xla").
     ("pallas", {"QKV_SKINNY_TILING": {"num_splits": 1, "block_k": 32, "block_n": 32}}),
     ("pallas", {"QKV_SKINNY_TILING": {"num_splits": 2, "block_k": 32}, "QKV_SUM": "xla"}),
-    # A step wider than SKINNY_ROWS: XLA's projections but gate_up + SwiGLU as one kernel.
-    ("pallas", {"SKINNY_ROWS": 2, "WIDE_SWIGLU_ROWS": 8, "WIDE_SWIGLU_TILING": {"block_m": 16}}),
 ])
 def test_model_decode_step_matches_dense_forward(impl, overrides, monkeypatch):
     # One paged decode step of the whole model (under "pallas": the fused attention kernel and

@@ -71,7 +71,7 @@ def test_skinny_matmul_epilogues_match_reference(interpret, epilogue, m, k, n, d
 
 
 @pytest.mark.parametrize("interpret", MODES)
-# Wider row blocks (the batch-256 gate_up + SwiGLU tilings of model.WIDE_SWIGLU_TILING), rows
+# Wider row blocks (the gate_up + SwiGLU tilings bench/skinny_tune.py times at 128-256 rows), rows
 # ragged against them.
 @pytest.mark.parametrize("block_m,block_n,block_k", [(128, 32, 64), (256, 16, 64), (128, 64, 64)])
 def test_skinny_swiglu_with_wide_row_blocks(interpret, block_m, block_n, block_k):
