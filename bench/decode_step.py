@@ -60,7 +60,7 @@ VARIANTS = {
 # (its bias added in the kernel, so the default 7-way K split's sum, one launch a layer, goes) or
 # split in two.
 QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits": 1, "block_n": 32},
-               "qkv_split2": {"num_splits": 2}, "qkv_bk64": {"block_k": 64}}
+               "qkv_split2": {"num_splits": 2}}
 
 
 def gpu_kernel_times(trace_dir: str) -> dict[str, tuple[int, float]]:
@@ -173,9 +173,6 @@ def run_variant(args) -> list[dict]:
             # "qkv_*": the QKV projection's skinny matmul tiled otherwise (QKV_TILINGS).
             model_module.QKV_SKINNY_TILING = QKV_TILINGS.get(glue, {})
             model_module.SPLIT_COMBINE = {"xla_combine": "xla", "inkernel_combine": "inkernel"}.get(glue, "pallas")
-            # "qkv_sum_xla": the QKV projection's split sums and bias as an XLA fusion before the
-            # fused attention (before session 13), not inside it.
-            model_module.QKV_SUM = "xla" if glue == "qkv_sum_xla" else "attention"
             # "skinny256": steps of up to 256 rows through the skinny matmul and glue kernels
             # (row blocks of 64) instead of cuBLAS GEMMs and XLA's glue fusions.
             model_module.SKINNY_ROWS = 256 if glue == "skinny256" else skinny_rows
@@ -246,7 +243,7 @@ def main() -> None:
                     help="alternating timing rounds of the --glue runners (the step is their median)")
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
                                                              "split_short", "skinny256", "norm_warps4", "norm_warps8", "xla_pick",
-                                                             "wide_cublaslt", "with_logprobs", "qkv_sum_xla", *QKV_TILINGS],
+                                                             "wide_cublaslt", "with_logprobs", *QKV_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -19,9 +19,6 @@
 #   mosaic      the experimental Mosaic GPU decode kernel: its compiled tests, then each of its configs
 #               timed beside ours on bandwidth.py's MOSAIC_SHAPES (~300 s)
 #   qkv         the decode step at batch 1/16/64 with the QKV skinny matmul retiled (unsplit: no sum launch) (~90 s)
-#   qkvsum      session 13: compiled tests of the fused attention and skinny matmul, then the decode step at
-#               batch 1/16/64 with the QKV split sums inside the fused attention (default) vs an XLA fusion,
-#               and with the QKV projection split over 64-row K blocks (~150 s)
 #   wideswiglu  session 13: gate_up + SwiGLU as one skinny-matmul kernel at 128/256 rows against cuBLAS + XLA's
 #               SwiGLU (bench/skinny_tune.py; ~95 s). It won there by 16-20% but tied in the decode step
 #               (the model's switch for it was removed: bench/results/decode_step.md, session 13)
@@ -71,10 +68,6 @@ for part in "${parts[@]}"; do
             && timeout 280 python3 bench/bandwidth.py --mosaic-only --budget-s 240 --out "$OUT/$part" ;;
     qkv) timeout 200 python3 bench/decode_step.py --batches 1 16 64 --variants default --no-static \
            --glue kernels qkv_unsplit qkv_unsplit_n32 qkv_split2 --rounds 5 --reps 10 ;;
-    qkvsum) timeout 240 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-              tests/test_decode_attention.py tests/test_skinny_matmul.py -k "(compiled and (partials or wide)) or model"
-            timeout 200 python3 bench/decode_step.py --batches 1 16 64 --variants default --no-static \
-              --glue kernels qkv_sum_xla qkv_bk64 --rounds 5 --reps 10 ;;
     wideswiglu) timeout 130 python3 bench/skinny_tune.py --rows 256 128 --shapes gate_up --epilogue swiglu \
                   --block-m 64 128 --block-n 32 64 --block-k 64 128 --stages-warps 3x4 3x8 --targets 264 ;;
     sweep7b) timeout 200 python3 bench/bandwidth.py --sweep-only --budget-s 170 --out "$OUT/$part" \

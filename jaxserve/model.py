@@ -122,11 +122,6 @@ QKV_SKINNY_TILING: dict[str, int] = json.loads(os.environ.get("JAXSERVE_QKV_SKIN
 # of 64, and whether that beats cuBLAS at batch 256 is not yet measured (bench/decode_step.py
 # --glue skinny256). Read when a step is traced.
 SKINNY_ROWS = int(os.environ.get("JAXSERVE_SKINNY_ROWS", "64"))
-# Where the decode glue adds the QKV projection's K-split partial sums (and its bias):
-# "attention", inside the fused decode attention kernel as it loads q, k and v; "xla", one XLA
-# fusion a layer before it (a launch more; bench/decode_step.py --glue qkv_sum_xla). Read when a
-# step is traced.
-QKV_SUM = os.environ.get("JAXSERVE_QKV_SUM", "attention")
 
 
 def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
@@ -150,9 +145,8 @@ class Linear(nn.Module):
     ``SKINNY_ROWS`` rows to the Pallas kernel: XLA streams the weights of
     a few-row product at a fraction of the HBM bandwidth (see that module). ``epilogue``
     ("partials", "swiglu"; see ``kernels.skinny_matmul.skinny_matmul``) is for the fused decode
-    glue only, which guarantees the kernel runs; with "partials" it returns ``(partial sums,
-    bias or None)``, the bias left to whichever kernel adds the sums. ``tiling`` overrides the
-    kernel's tiling (``block_n``, ``block_k``, ``num_splits``, ...).
+    glue only, which guarantees the kernel runs; ``tiling`` overrides the kernel's tiling
+    (``block_n``, ``block_k``, ``num_splits``, ...).
     """
 
     features: int
@@ -170,11 +164,10 @@ class Linear(nn.Module):
             from kernels.skinny_matmul import skinny_matmul
 
             if rows <= SKINNY_ROWS:
-                if epilogue == "partials":
-                    return skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, epilogue=epilogue,
-                                         **(tiling or {})), bias
                 out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue=epilogue,
                                     **(tiling or {}))
+                if epilogue == "partials":
+                    return out
                 return out.reshape(*x.shape[:-1], out.shape[-1])
         if epilogue != "none":
             raise ValueError(f"epilogue {epilogue!r} needs the skinny-matmul kernel (fast, rows <= SKINNY_ROWS)")
@@ -205,21 +198,15 @@ class RMSNorm(nn.Module):
         return scale * xf.astype(x.dtype)
 
 
-def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelConfig, *,
-                         partials: bool = False, qkv_bias=None, dtype=None):
-    """Decode: RoPE, the cache write and attention in one kernel, not six a layer. ``qkv`` is
-    the projection ``[B, 1, heads * D]``, or with ``partials`` its K-split partial sums
-    ``[S, B, heads * D]``, which the kernel adds (then ``qkv_bias``, rounding to ``dtype``)."""
+def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelConfig):
+    """Decode: RoPE, the cache write and attention in one kernel, not six a layer."""
     from kernels.decode_attention import fused_decode_attention
 
     h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    b, heads = cos.shape[0], h + 2 * kvh
-    qkv = qkv.reshape((qkv.shape[0], b, heads, d) if partials else (b, heads, d))
-    if qkv_bias is not None:
-        qkv_bias = qkv_bias.reshape(heads, d)
+    b = qkv.shape[0]
     out, k_pages, v_pages = fused_decode_attention(
-        qkv, cos[:, 0], sin[:, 0], kv[0], kv[1], paged.block_tables, paged.lengths,
-        paged.slot_mapping[:, 0], qkv_bias=qkv_bias, dtype=dtype, combine=SPLIT_COMBINE)
+        qkv.reshape(b, h + 2 * kvh, d), cos[:, 0], sin[:, 0], kv[0], kv[1],
+        paged.block_tables, paged.lengths, paged.slot_mapping[:, 0], combine=SPLIT_COMBINE)
     return out, (k_pages, v_pages)
 
 
@@ -255,20 +242,15 @@ class Attention(nn.Module):
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, s, _ = x.shape
         fast = _fast_kernels(paged)
-        qkv_proj = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")
-        if glue and QKV_SUM == "attention":
-            partials, bias = qkv_proj(x, fast, "partials", tiling=QKV_SKINNY_TILING)
-            out, kv = _attend_fused_decode(partials, cos, sin, kv, paged, cfg, partials=True,
-                                           qkv_bias=bias, dtype=self.dtype)
-        elif fast and s == 1:
-            qkv = qkv_proj(x, fast, tiling=QKV_SKINNY_TILING)
+        qkv = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")(x, fast,
+                                                                           tiling=QKV_SKINNY_TILING)
+        if fast and s == 1:
             out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg)
         else:
-            out, kv = _attend(qkv_proj(x, fast, tiling=QKV_SKINNY_TILING), cos, sin, lengths, kv,
-                              paged, cfg)
-        o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
-        out = out.reshape(b, s, h * d).astype(self.dtype)
-        return (o_proj(out, fast, "partials")[0] if glue else o_proj(out, fast)), kv
+            out, kv = _attend(qkv, cos, sin, lengths, kv, paged, cfg)
+        out = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")(
+            out.reshape(b, s, h * d).astype(self.dtype), fast, "partials" if glue else "none")
+        return out, kv
 
 
 class MLP(nn.Module):
@@ -282,7 +264,7 @@ class MLP(nn.Module):
         gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")
         down = Linear(self.config.hidden_size, False, self.dtype, name="down_proj")
         if glue:
-            return down(gate_up(x, fast, "swiglu"), fast, "partials")[0]
+            return down(gate_up(x, fast, "swiglu"), fast, "partials")
         gate_up = gate_up(x, fast)
         return down(nn.silu(gate_up[..., :inter]) * gate_up[..., inter:], fast)
 

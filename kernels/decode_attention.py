@@ -54,11 +54,10 @@ def _rotate_half_matrix(head_dim: int, dtype) -> jax.Array:
     return jnp.where(minus, -1.0, jnp.where(plus, 1.0, 0.0)).astype(dtype)
 
 
-def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, bias_ref, cos_ref, sin_ref,
+def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_ref,
                   k_pages_ref, v_pages_ref, *refs, num_heads: int, kv_heads: int,
                   group: int, block_rows: int, num_splits: int, pages_per_block: int, scale: float,
-                  precision, qkv_splits: int, batch: int, merge_in_kernel: bool = False,
-                  interpret: bool = False):
+                  precision, merge_in_kernel: bool = False, interpret: bool = False):
     (o_ref, lse_ref, out_ref, counter_ref), (k_out_ref, v_out_ref) = split_refs(
         refs, num_splits, merge_in_kernel)
     seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -87,30 +86,12 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, bias_ref, cos
                                 valid)
         return k, v, valid
 
-    act_dtype = o_ref.dtype
-
-    def heads(first, row_ok):  # qkv rows first.. (block_rows of them), in the activation dtype
-        if not qkv_splits:
-            return compat.load(qkv_ref.at[seq, pl.ds(first, block_rows), :],
-                               mask=row_ok[:, None], other=0)
-        # The projection's K-split partials (flattened to [splits * batch, ...]: one indexer a
-        # load, which the Triton lowering needs): summed, then the bias, then rounded, as the
-        # XLA sum this replaces did.
-        total = sum(compat.load(qkv_ref.at[s * batch + seq, pl.ds(first, block_rows), :],
-                                mask=row_ok[:, None], other=0) for s in range(qkv_splits))
-        bias = compat.load(bias_ref.at[pl.ds(first, block_rows), :], mask=row_ok[:, None], other=0)
-        return (total + bias.astype(jnp.float32)).astype(act_dtype)
-
-    q_raw = heads(head * group, real_row)
+    q_raw = compat.load(qkv_ref.at[seq, pl.ds(head * group, block_rows), :],
+                        mask=real_row[:, None], other=0)
     # The new key as row 0 of a tile (the MMA needs 16 rows), then as a vector.
-    k_raw = heads(num_heads + head, rows == 0)
-    v_row = num_heads + kv_heads + head
-    if qkv_splits:
-        v_new = sum(qkv_ref[s * batch + seq, v_row, :] for s in range(qkv_splits))
-        v_new = (v_new + bias_ref[v_row, :].astype(jnp.float32)).astype(act_dtype)
-    else:
-        v_new = qkv_ref[seq, v_row, :]
-    v_new = v_new.astype(pool_dtype)
+    k_raw = compat.load(qkv_ref.at[seq, pl.ds(num_heads + head, block_rows), :],
+                        mask=(rows == 0)[:, None], other=0)
+    v_new = qkv_ref[seq, num_heads + kv_heads + head, :].astype(pool_dtype)
     cos = cos_ref[seq, :][None, :]
     sin = sin_ref[seq, :][None, :]
     rot = _rotate_half_matrix(head_dim, pool_dtype)
@@ -163,15 +144,13 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, bias_ref, cos
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine",
-    "dtype"))
-def _fused(qkv, qkv_bias, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, *,
-           scale: float, num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
-           interpret: bool, combine: str, dtype):
-    batch, heads, head_dim = qkv.shape[-3:]
-    qkv_splits = qkv.shape[0] if qkv.ndim == 4 else 0
+    "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine"))
+def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, *, scale: float,
+           num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
+           interpret: bool, combine: str):
+    batch, _, head_dim = qkv.shape
     kv_heads = k_pages.shape[0]
-    num_heads = heads - 2 * kv_heads
+    num_heads = qkv.shape[1] - 2 * kv_heads
     group = num_heads // kv_heads
     block_rows = max(16, compat.next_pow2(group))
     precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
@@ -179,25 +158,20 @@ def _fused(qkv, qkv_bias, cos, sin, k_pages, v_pages, block_tables, lengths, slo
     kernel = functools.partial(
         _fused_kernel, num_heads=num_heads, kv_heads=kv_heads, group=group,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
-        scale=scale, precision=precision, qkv_splits=qkv_splits, batch=batch,
-        merge_in_kernel=merge_in_kernel, interpret=interpret)
-    if qkv_bias is None:
-        qkv_bias = jnp.zeros((heads, head_dim), dtype)
+        scale=scale, precision=precision, merge_in_kernel=merge_in_kernel, interpret=interpret)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
-                whole, whole, whole, whole, whole, pool_spec, pool_spec]
+                whole, whole, whole, whole, pool_spec, pool_spec]
     pool_shapes = [jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
                    jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)]
-    if qkv_splits:
-        qkv = qkv.reshape(qkv_splits * batch, heads, head_dim)
     operands = [slot_mapping.astype(jnp.int32), block_tables.astype(jnp.int32),
-                lengths.astype(jnp.int32), qkv, qkv_bias, cos.astype(jnp.float32),
-                sin.astype(jnp.float32), k_pages, v_pages]
-    out_shape, counter = split_outputs((batch, kv_heads, group, head_dim), dtype, num_splits,
+                lengths.astype(jnp.int32), qkv, cos.astype(jnp.float32), sin.astype(jnp.float32),
+                k_pages, v_pages]
+    out_shape, counter = split_outputs((batch, kv_heads, group, head_dim), qkv.dtype, num_splits,
                                        merge_in_kernel)
     out_specs = [whole] * len(out_shape)
-    aliases = {7: len(out_shape), 8: len(out_shape) + 1}  # the pools, in place
+    aliases = {6: len(out_shape), 7: len(out_shape) + 1}  # the pools, in place
     if counter is not None:
         in_specs.append(whole)
         operands.append(counter)
@@ -219,22 +193,14 @@ def _fused(qkv, qkv_bias, cos, sin, k_pages, v_pages, block_tables, lengths, slo
     elif merge_in_kernel:
         out = result[2]
     else:
-        out = merge_splits(result[0], result[1], dtype, combine, interpret)
+        out = merge_splits(result[0], result[1], qkv.dtype, combine, interpret)
     return out.reshape(batch, num_heads, head_dim), k_pages, v_pages
 
 
-def _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
-                qkv_bias=None) -> None:
-    if qkv.ndim not in (3, 4):
-        raise ValueError("qkv must be [batch, num_heads + 2 * kv_heads, head_dim] or its "
-                         f"partial sums [splits, batch, num_heads + 2 * kv_heads, head_dim], "
-                         f"got {qkv.shape}")
-    batch, heads, head_dim = qkv.shape[-3:]
-    if qkv.ndim == 4 and qkv.dtype != jnp.float32:
-        raise ValueError(f"qkv partial sums must be float32, got {qkv.dtype}")
-    if qkv_bias is not None and (qkv.ndim != 4 or qkv_bias.shape != (heads, head_dim)):
-        raise ValueError(f"qkv_bias must be [{heads}, {head_dim}] and comes with partial sums "
-                         f"only, got {qkv_bias.shape} with qkv {qkv.shape}")
+def _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping) -> None:
+    if qkv.ndim != 3:
+        raise ValueError(f"qkv must be [batch, num_heads + 2 * kv_heads, head_dim], got {qkv.shape}")
+    batch, heads, head_dim = qkv.shape
     kv_heads = k_pages.shape[0] if k_pages.ndim == 4 else 0
     num_heads = heads - 2 * kv_heads
     if num_heads < 1:
@@ -250,17 +216,9 @@ def _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_map
             raise ValueError(f"{name} must be [{batch}], got {arr.shape}")
 
 
-def _activation_dtype(qkv, qkv_bias, dtype):
-    """The dtype the output (and, from partial sums, the summed projection) comes in."""
-    if dtype is not None:
-        return jnp.dtype(dtype)
-    return jnp.dtype(qkv.dtype if qkv.ndim == 3 or qkv_bias is None else qkv_bias.dtype)
-
-
 def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
                            v_pages: jax.Array, block_tables: jax.Array, lengths: jax.Array,
-                           slot_mapping: jax.Array, *, qkv_bias: jax.Array | None = None,
-                           dtype=None, scale: float | None = None,
+                           slot_mapping: jax.Array, *, scale: float | None = None,
                            interpret: bool | None = None, num_splits: int | None = None,
                            pages_per_block: int | None = None, num_warps: int = 4,
                            num_stages: int = 1, combine: str = "pallas"
@@ -270,10 +228,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
     Args:
         qkv: `[batch, num_heads + 2 * kv_heads, head_dim]`, the QKV projection (bias
             included) of each sequence's new token, before RoPE: query heads, then key
-            heads, then value heads. Or that projection's float32 K-split partial sums,
-            `[splits, batch, heads, head_dim]` (`kernels.skinny_matmul`'s "partials"), which
-            the kernel adds itself, then `qkv_bias`, rounding to `dtype`: the launch the sum
-            would take on its own.
+            heads, then value heads.
         cos, sin: `[batch, head_dim]` RoPE tables at each token's position
             (`jaxserve.model.rope_tables`, half-split layout).
         k_pages, v_pages: `[kv_heads, num_pages, page_size, head_dim]`; donate them so
@@ -283,9 +238,6 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
             `length - 1`); 0 marks a padding row: nothing written, zeros returned.
         slot_mapping: `[batch]` pool slot (`page * page_size + offset`) of the new token;
             negative writes nothing. A row with length >= 1 must name its token's slot.
-        qkv_bias: `[heads, head_dim]`, with partial sums only.
-        dtype: the activation dtype (output, and the summed projection's rounding); default
-            qkv's dtype, or qkv_bias's for partial sums.
         scale, interpret, num_splits, pages_per_block, num_warps, num_stages, combine: as in
             `kernels.paged_attention.paged_attention`. One pipeline stage by default: at
             the engine's decode shapes a program runs few loop iterations, so a second
@@ -294,7 +246,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
             89.6 -> 65.4 µs a layer, batch 1 11.3 -> 8.8 µs; bench/results/decode_step.md).
 
     Returns:
-        `(out [batch, num_heads, head_dim] in dtype, k_pages, v_pages)`.
+        `(out [batch, num_heads, head_dim] in qkv's dtype, k_pages, v_pages)`.
 
     Example:
         >>> qkv = jnp.ones((2, 14 + 4, 64), jnp.bfloat16)
@@ -306,20 +258,20 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
         >>> out.shape
         (2, 14, 64)
     """
-    _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, qkv_bias)
+    _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping)
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-    batch, _, head_dim = qkv.shape[-3:]
+    batch, _, head_dim = qkv.shape
     kv_heads, _, page_size, _ = k_pages.shape
     interpret = compat.resolve_interpret(interpret)
     pages_per_block, num_splits = resolve_tuning(
         page_size, block_tables.shape[1], batch * kv_heads, pages_per_block, num_splits,
         interpret, DECODE_BLOCK_KEYS, head_dim=head_dim, single_pass=True)
-    return _fused(qkv, qkv_bias, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
+    return _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
                   scale=float(head_dim ** -0.5 if scale is None else scale),
                   num_splits=num_splits, pages_per_block=pages_per_block,
                   num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                  combine=combine, dtype=_activation_dtype(qkv, qkv_bias, dtype))
+                  combine=combine)
 
 
 def rope_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -331,7 +283,7 @@ def rope_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def fused_decode_attention_reference(qkv, cos, sin, k_pages, v_pages, block_tables, lengths,
-                                     slot_mapping, *, qkv_bias=None, dtype=None, scale=None):
+                                     slot_mapping, *, scale=None):
     """jnp reference of `fused_decode_attention`: RoPE, scatter, then paged attention.
 
     Example:
@@ -341,11 +293,7 @@ def fused_decode_attention_reference(qkv, cos, sin, k_pages, v_pages, block_tabl
         ...     qkv, cs, cs, pages, pages, jnp.zeros((1, 2), jnp.int32),
         ...     jnp.array([1], jnp.int32), jnp.array([0], jnp.int32))
     """
-    _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, qkv_bias)
-    dtype = _activation_dtype(qkv, qkv_bias, dtype)
-    if qkv.ndim == 4:
-        qkv = qkv.sum(axis=0) + (0.0 if qkv_bias is None else qkv_bias.astype(jnp.float32))
-    qkv = qkv.astype(dtype)
+    _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping)
     kv_heads = k_pages.shape[0]
     num_heads = qkv.shape[1] - 2 * kv_heads
     q = rope_reference(qkv[:, :num_heads], cos, sin)

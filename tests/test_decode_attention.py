@@ -88,40 +88,6 @@ def test_fused_decode_matches_rope_scatter_attention_reference(
 
 
 @pytest.mark.parametrize("interpret", MODES)
-# The QKV projection's K-split partial sums (skinny_matmul's "partials") instead of its output:
-# 0.5B's heads split 7 ways, as the engine's decode runs; GQA 8 in float32 with attention splits.
-@pytest.mark.parametrize("num_heads,kv_heads,head_dim,dtype,qkv_splits,num_splits", [
-    (14, 2, 64, jnp.bfloat16, 7, 1), (8, 1, 128, jnp.float32, 3, 2), (4, 2, 64, jnp.bfloat16, 1, 2)])
-def test_fused_decode_sums_qkv_partials_and_bias(interpret, num_heads, kv_heads, head_dim, dtype,
-                                                 qkv_splits, num_splits):
-    rng, seed = fresh_rng()
-    qkv, *rest = fused_case(rng, batch=5, num_heads=num_heads, kv_heads=kv_heads,
-                            head_dim=head_dim, page_size=16, table_pages=4, dtype=dtype)
-    partials = jnp.asarray(rng.standard_normal((qkv_splits, *qkv.shape)), jnp.float32)
-    bias = jnp.asarray(rng.standard_normal(qkv.shape[1:]), dtype)
-    out, k_new, v_new = fused_decode_attention(partials, *rest, qkv_bias=bias,
-                                               interpret=interpret, num_splits=num_splits,
-                                               pages_per_block=1)
-    ref, k_ref, v_ref = fused_decode_attention_reference(partials, *rest, qkv_bias=bias)
-    # The same as handing the kernel the summed projection.
-    summed = (partials.sum(axis=0) + bias.astype(jnp.float32)).astype(dtype)
-    ref2, _, _ = fused_decode_attention_reference(summed, *rest)
-    assert out.shape == (5, num_heads, head_dim) and out.dtype == dtype
-    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
-    for r in (ref, ref2):
-        assert relative_error(out, r) <= TOLERANCE[dtype], f"seed={seed}"
-    # Summation order may move a float32 sum by its last bit, so the rounded K and V by one unit.
-    tol = 1e-6 if dtype == jnp.float32 else BF16_ULP
-    assert_pools_equal(k_new, k_ref, seed, rtol=tol, atol=tol)
-    assert_pools_equal(v_new, v_ref, seed, rtol=tol, atol=tol)
-    with pytest.raises(ValueError, match="qkv_bias"):
-        fused_decode_attention(summed, *rest, qkv_bias=bias, interpret=interpret)
-    with pytest.raises(ValueError, match="float32"):
-        fused_decode_attention(partials.astype(jnp.bfloat16), *rest, qkv_bias=bias,
-                               interpret=interpret)
-
-
-@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("combine", ["pallas", "inkernel"])
 def test_fused_decode_in_place_under_jit_and_steps_chain(interpret, combine):
     """Three decode steps in a row, each reading the keys the last one wrote."""
@@ -168,15 +134,14 @@ def test_fused_decode_shape_errors_name_the_field():
                                pages, table, ones, ones)
 
 
-@pytest.mark.parametrize("impl,overrides", [
+@pytest.mark.parametrize("impl,qkv_tiling", [
     ("pallas", {}), ("pallas-unfused", {}),
-    # The QKV projection retiled (model.QKV_SKINNY_TILING): unsplit over two K blocks, its one
-    # partial summed with the bias in the attention kernel; split in two with the sum and bias
-    # an XLA fusion (QKV_SUM "xla").
-    ("pallas", {"QKV_SKINNY_TILING": {"num_splits": 1, "block_k": 32, "block_n": 32}}),
-    ("pallas", {"QKV_SKINNY_TILING": {"num_splits": 2, "block_k": 32}, "QKV_SUM": "xla"}),
+    # The QKV projection retiled (model.QKV_SKINNY_TILING): unsplit over two K blocks with its
+    # bias in the kernel, and split in two with the sum and bias outside.
+    ("pallas", {"num_splits": 1, "block_k": 32, "block_n": 32}),
+    ("pallas", {"num_splits": 2, "block_k": 32}),
 ])
-def test_model_decode_step_matches_dense_forward(impl, overrides, monkeypatch):
+def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, monkeypatch):
     # One paged decode step of the whole model (under "pallas": the fused attention kernel and
     # the skinny-matmul projections) against a dense forward pass over the same tokens; the
     # pages are filled by a paged prefill through the references.
@@ -184,8 +149,7 @@ def test_model_decode_step_matches_dense_forward(impl, overrides, monkeypatch):
     from jaxserve.config import ModelConfig
     from jaxserve.model import PagedAttention, Qwen2ForCausalLM, init_params, new_kv_cache
 
-    for name, value in overrides.items():
-        monkeypatch.setattr(model_module, name, value)
+    monkeypatch.setattr(model_module, "QKV_SKINNY_TILING", qkv_tiling)
     rng, seed = fresh_rng()
     cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
