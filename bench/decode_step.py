@@ -160,6 +160,12 @@ def run_variant(args) -> list[dict]:
         pos = np.full(batch, args.context, np.int32)
         sb = make_batch([SamplingParams(temperature=0.0)] * batch, batch)
         call = (np.zeros(batch, np.int32), pos, pos + steps, bt, sb, np.zeros(batch, np.int32), steps)
+        # "table2048": the same rows in a server-wide block table (2048 pages: a 32k max_model_len
+        # at page 16, what an engine with the model's default length hands every decode call);
+        # the entries past the live pages are never read.
+        wide_bt = np.pad(bt, ((0, 0), (0, max(0, 2048 - width))))
+        calls = {glue: call if glue != "table2048" else call[:3] + (wide_bt,) + call[4:]
+                 for glue in args.glue}
         # One runner per glue setting in this process (the model reads DECODE_GLUE when a runner
         # first traces), timed in alternating rounds: the same code reads +-10% from one process
         # to the next on the device, so only an interleaved comparison resolves a few percent.
@@ -187,17 +193,17 @@ def run_variant(args) -> list[dict]:
             # the greedy pick then sums an exponential an element), before session 12 the only step.
             logprobs[glue] = glue == "with_logprobs"
             runners[glue] = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
-            time_decode_call(runners[glue], call, 2, logprobs[glue])
+            time_decode_call(runners[glue], calls[glue], 2, logprobs[glue])
         rounds = {glue: [] for glue in args.glue}
         for _ in range(args.rounds):
             for glue, runner in runners.items():
-                rounds[glue].append(time_decode_call(runner, call, args.reps, logprobs[glue]))
+                rounds[glue].append(time_decode_call(runner, calls[glue], args.reps, logprobs[glue]))
         print(f"batch {batch}: engine decode compiled and timed {time.perf_counter() - t0:.1f} s", flush=True)
         for glue, runner in runners.items():
             tag = f"{impl}_b{batch}" + ("" if len(runners) == 1 else f"_{glue}")
             if args.profile:
-                profile_decode(runner, call, args.profile, tag, logprobs=logprobs[glue])
-            hlo = decode_hlo(runner, call, logprobs[glue])
+                profile_decode(runner, calls[glue], args.profile, tag, logprobs=logprobs[glue])
+            hlo = decode_hlo(runner, calls[glue], logprobs[glue])
             hist = loop_body_histogram(hlo)
             if args.dump_hlo:
                 os.makedirs(args.dump_hlo, exist_ok=True)
@@ -243,7 +249,7 @@ def main() -> None:
                     help="alternating timing rounds of the --glue runners (the step is their median)")
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
                                                              "split_short", "skinny256", "norm_warps4", "norm_warps8", "xla_pick",
-                                                             "wide_cublaslt", "with_logprobs", *QKV_TILINGS],
+                                                             "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")
