@@ -58,6 +58,25 @@ class _Prefill:
     out: Any
 
 
+def _decode_table_widths(page_size: int, max_pages: int) -> tuple[int, ...]:
+    """Block-table widths (pages) of decode calls: a narrow one and the full ``max_pages``.
+
+    A call whose rows all fit in ``kernels.paged_attention.SINGLE_PASS_KEYS`` keys gets a table
+    that narrow, which the decode kernels read in one unsplit pass with no split-merge launch;
+    a table as wide as the model's length (2048 pages at 32k) makes them split even a short
+    row and merge the splits: +3% a step at batch 1 and 16, +6% at 64 on the H200
+    (bench/results/decode_step.md, session 13). One more compiled decode shape per bucket.
+
+    Example:
+        >>> _decode_table_widths(16, 2048), _decode_table_widths(16, 10)
+        ((16, 2048), (10,))
+    """
+    from kernels.paged_attention import SINGLE_PASS_KEYS
+
+    short = max(1, SINGLE_PASS_KEYS // page_size)
+    return (short, max_pages) if short < max_pages else (max_pages,)
+
+
 class Engine:
     """Continuous batching over the paged KV pool.
 
@@ -90,6 +109,7 @@ class Engine:
         self.runner = Runner(mcfg, params, num_pages=num_pages, page_size=self.config.page_size,
                              attention_impl=default_attention_impl() if impl == "auto" else impl)
         self.scheduler = Scheduler(self.config, num_pages, self.max_model_len)
+        self.decode_table_widths = _decode_table_widths(self.config.page_size, self.scheduler.max_pages_per_seq)
         eos = set(mcfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -276,13 +296,17 @@ class Engine:
         caps = self.scheduler.capacities()
         positions = np.zeros(batch, np.int32)
         limits = np.zeros(batch, np.int32)
-        block_tables = np.zeros((batch, table.shape[1]), np.int32)
         shift = 0 if chained is None else chained.num_steps
         for i, r in enumerate(reqs):
             # ``computed`` and ``remaining`` are as of before the chained call's tokens are read.
             positions[i] = r.computed + shift
             limits[i] = min(caps[r.slot], r.computed + r.remaining)
-            block_tables[i] = table[r.slot]
+        # The narrowest table width that holds every page the call can touch (positions < limits).
+        pages = -(-int(limits.max()) // self.config.page_size)
+        width = next(w for w in self.decode_table_widths if w >= pages or w == self.decode_table_widths[-1])
+        block_tables = np.zeros((batch, width), np.int32)
+        for i, r in enumerate(reqs):
+            block_tables[i] = table[r.slot, :width]
         sbatch, steps, num_top, counts, seen, greedy, logprobs = self._sampling_inputs(reqs, batch)
         if chained is None:
             tokens = np.zeros(batch, np.int32)
@@ -436,19 +460,18 @@ class Engine:
         """
         cfg = self.config
         before = len(self.runner.compiled_shapes)
-        width = self.scheduler.max_pages_per_seq
         variants = [(greedy, lps) for greedy in ((True, False) if sampling else (True,))
                     for lps in ((False, True) if logprobs else (False,))]
         step_counts = sorted({1, cfg.decode_steps})
         fewest_rows = 1  # the scheduler bounds (rows x padded length), and a bucket holds >= this many rows
         for batch in cfg.batch_buckets:
             zeros = np.zeros(batch, np.int32)
-            table = np.zeros((batch, width), np.int32)
+            table = np.zeros((batch, self.scheduler.max_pages_per_seq), np.int32)
             sbatch = make_batch([], batch)
             for greedy, lps in variants:
-                for steps in step_counts:
-                    self.runner.decode(zeros, zeros, zeros, table, sbatch, zeros, steps, greedy=greedy,
-                                       logprobs=lps)
+                for steps, width in itertools.product(step_counts, self.decode_table_widths):
+                    self.runner.decode(zeros, zeros, zeros, table[:, :width], sbatch, zeros, steps,
+                                       greedy=greedy, logprobs=lps)
                 for length in cfg.prefill_buckets:
                     if fewest_rows == 1 or fewest_rows * length <= 2 * cfg.max_tokens_per_step:
                         self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table, sbatch,
