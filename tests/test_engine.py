@@ -89,21 +89,6 @@ def test_pallas_kernels_in_interpret_mode_give_the_same_tokens(tiny, impl, monke
         np.testing.assert_allclose(o["logprobs"], r["logprobs"], rtol=1e-4, atol=1e-5)
 
 
-def test_decode_table_narrows_for_short_rows_and_widens_past_them(tiny):
-    # The tiny model's 512 positions at page 8 are 64 pages a table; rows within 256 keys decode
-    # with a 32-page table (the kernels' single-pass width), and this prompt's decode crosses it.
-    m, hf = tiny
-    prompt = random_prompts(m.config.vocab_size, (250,))[0]
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    with Engine(m, small_config()) as engine:
-        assert engine.decode_table_widths == (32, 64)
-        out = engine.generate(prompt, params, use_tqdm=False)[0]
-        assert out["token_ids"] == hf_greedy(hf, prompt, 12)
-        widths = {shape[2][1] for shape in engine.runner.compiled_shapes if shape[0] == "decode"}
-        assert widths == {32, 64}
-        assert_all_pages_free(engine)
-
-
 def test_prefix_hit_skips_prefill_and_keeps_output(tiny):
     m, hf = tiny
     shared = random_prompts(m.config.vocab_size, (40,))[0]
@@ -280,11 +265,17 @@ def test_warmup_compiles_every_shape_the_scheduler_uses(tiny):
 @pytest.mark.parametrize("policy", ["prefill_first", "mixed"])
 def test_long_prompts_are_prefilled_in_chunks_with_the_same_tokens(tiny, policy):
     m, hf = tiny
-    prompts = random_prompts(m.config.vocab_size, (150, 97, 7))  # > max_tokens_per_step (64): 3 and 2 chunks
+    prompts = random_prompts(m.config.vocab_size, (250, 97, 7))  # > max_tokens_per_step (64): 4 and 2 chunks
     with Engine(m, small_config(policy=policy, num_pages=64)) as engine:
         outs = engine.generate(prompts, GREEDY, use_tqdm=False)
         assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 10) for p in prompts]
         assert engine.stats()["prefill_tokens"] == sum(map(len, prompts))
+        # The tiny model's 512 positions at page 8 are 64-page tables; decode calls whose rows fit
+        # in 256 keys (the kernels' single-pass width) get 32 pages, and the first prompt's decode
+        # crosses that.
+        assert engine.decode_table_widths == (32, 64)
+        widths = {shape[2][1] for shape in engine.runner.compiled_shapes if shape[0] == "decode"}
+        assert widths == {32, 64}
         assert_all_pages_free(engine)
 
 
