@@ -193,11 +193,11 @@ def run_variant(args) -> list[dict]:
             # the greedy pick then sums an exponential an element), before session 12 the only step.
             logprobs[glue] = glue == "with_logprobs"
             runners[glue] = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
-            time_decode_call(runners[glue], calls[glue], 2, logprobs[glue])
+            time_decode_call(runners[glue], calls[glue], 2, logprobs[glue], args.blocked)
         rounds = {glue: [] for glue in args.glue}
         for _ in range(args.rounds):
             for glue, runner in runners.items():
-                rounds[glue].append(time_decode_call(runner, calls[glue], args.reps, logprobs[glue]))
+                rounds[glue].append(time_decode_call(runner, calls[glue], args.reps, logprobs[glue], args.blocked))
         print(f"batch {batch}: engine decode compiled and timed {time.perf_counter() - t0:.1f} s", flush=True)
         for glue, runner in runners.items():
             tag = f"{impl}_b{batch}" + ("" if len(runners) == 1 else f"_{glue}")
@@ -247,6 +247,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternating timing rounds of the --glue runners (the step is their median)")
+    ap.add_argument("--blocked", action="store_true",
+                    help="wait on every call (the timing before session 13: adds a call's dispatch and "
+                         "result transfer to its steps); default: calls back to back, one wait")
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
                                                              "split_short", "skinny256", "norm_warps4", "norm_warps8", "xla_pick",
                                                              "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS],
@@ -277,6 +280,7 @@ def main() -> None:
             + (["--impl", args.impl] if args.impl else []) \
             + (["--dump-hlo", args.dump_hlo] if args.dump_hlo else []) \
             + (["--table-pages", str(args.table_pages)] if args.table_pages else []) \
+            + (["--blocked"] if args.blocked else []) \
             + (["--profile", args.profile] if args.profile else [])
         print(f"== variant {v}: {extra!r}", flush=True)
         # Relay the child's lines as they come: a variant that hangs must still show how far it got.

@@ -136,14 +136,26 @@ def count_kernels(hlo_text: str) -> int:
     return sum(loop_body_histogram(hlo_text).values())
 
 
-def time_decode_call(runner, call: tuple, reps: int, logprobs: bool = False) -> float:
-    """Median ms per decode step of ``runner.decode(*call, greedy=True)``, after a warm-up call,
-    each call blocked on its tokens. Without log-probabilities by default, as the engine runs
-    the benchmark's requests (none asks for them; since session 12).
+def time_decode_call(runner, call: tuple, reps: int, logprobs: bool = False, blocked: bool = False) -> float:
+    """Ms per decode step of ``runner.decode(*call, greedy=True)``, after a warm-up call.
+
+    ``reps`` calls dispatched back to back, then one wait: the host's dispatch of a call overlaps
+    the device's previous one, as in the engine (which chains its decode calls), so what is
+    timed is the device's steady state. ``blocked=True``: the median of ``reps`` calls each
+    waited on, which adds a call's dispatch and result transfer to every ``num_steps`` steps
+    (the only timing before session 13: ~0.15 ms a step more at batch 1 on the H200).
+    Without log-probabilities by default, as the engine runs the benchmark's requests (none
+    asks for them; since session 12).
 
     ``call`` is ``(tokens, positions, limits, block_tables, sampling_batch, steps, num_steps)``.
     """
     jax.block_until_ready(runner.decode(*call, greedy=True, logprobs=logprobs).tokens)
+    if not blocked:
+        s = time.perf_counter()
+        for _ in range(reps):
+            out = runner.decode(*call, greedy=True, logprobs=logprobs)
+        jax.block_until_ready(out.tokens)
+        return (time.perf_counter() - s) / (reps * call[6]) * 1e3
     times = []
     for _ in range(reps):
         s = time.perf_counter()
@@ -192,10 +204,11 @@ def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len
     note = "of the run: " + ", ".join(f"{k[:-2].replace('_', ' ')} {after[k] - before[k]:.3f} s" for k in split)
     note += f", overlapped prefill calls {after['overlapped_prefill_calls'] - before['overlapped_prefill_calls']}"
     note = "; ".join(x for x in (note, runs_note(batch * out_len, [t[0] for t in timed])) if x)
-    # Decode step time: the multi-step call alone, timed with the batch fully running.
-    table_w = engine.scheduler.max_pages_per_seq
-    bt = np.arange(batch * table_w, dtype=np.int32).reshape(batch, table_w) % engine.scheduler.num_pages
+    # Decode step time: the multi-step call alone, timed with the batch fully running, the
+    # block table as wide as the engine makes it for these rows.
     pos = np.full(batch, len(prompts[0]) + out_len // 2, np.int32)
+    table_w = engine.decode_table_width(int(pos[0]) + decode_steps)
+    bt = np.arange(batch * table_w, dtype=np.int32).reshape(batch, table_w) % engine.scheduler.num_pages
     from jaxserve.sampling import make_batch
     sb = make_batch([params] * batch, batch)
     call = (np.zeros(batch, np.int32), pos, pos + decode_steps, bt, sb, np.zeros(batch, np.int32), decode_steps)

@@ -301,9 +301,7 @@ class Engine:
             # ``computed`` and ``remaining`` are as of before the chained call's tokens are read.
             positions[i] = r.computed + shift
             limits[i] = min(caps[r.slot], r.computed + r.remaining)
-        # The narrowest table width that holds every page the call can touch (positions < limits).
-        pages = -(-int(limits.max()) // self.config.page_size)
-        width = next(w for w in self.decode_table_widths if w >= pages or w == self.decode_table_widths[-1])
+        width = self.decode_table_width(int(limits.max()))
         block_tables = np.zeros((batch, width), np.int32)
         for i, r in enumerate(reqs):
             block_tables[i] = table[r.slot, :width]
@@ -447,6 +445,12 @@ class Engine:
             if bar is not None:
                 bar.close()
         return [self.release(i).result() for i in ids]
+
+    def decode_table_width(self, max_limit: int) -> int:
+        """Pages in a decode call's block table when no row writes at or past ``max_limit``:
+        the narrowest of ``decode_table_widths`` that holds every page the call can touch."""
+        pages = -(-max_limit // self.config.page_size)
+        return next((w for w in self.decode_table_widths if w >= pages), self.decode_table_widths[-1])
 
     def warmup(self, sampling: bool = True, logprobs: bool = False) -> int:
         """Compile every step shape the buckets allow, so no request waits on the compiler.
