@@ -68,7 +68,7 @@ def engine_config_from_args(args: argparse.Namespace) -> "Any":
         page_size=args.page_size, num_pages=args.num_pages or (CPU_NUM_PAGES if cpu else None),
         max_running=max_running, max_tokens_per_step=max(per_step, max_running),
         max_model_len=args.max_model_len, prefix_caching=not args.no_prefix_caching,
-        dtype=args.dtype or ("float32" if cpu else "bfloat16"), policy=args.policy, decode_steps=args.decode_steps,
+        dtype=args.dtype or "auto", policy=args.policy, decode_steps=args.decode_steps,
         batch_buckets=tuple(args.batch_buckets) if args.batch_buckets else None,
         prefill_buckets=tuple(args.prefill_buckets) if args.prefill_buckets else None,
         memory_fraction=args.memory_fraction, overlap=not args.no_overlap, attention_impl=args.attention_impl,

@@ -93,12 +93,12 @@ class Engine:
         if config is not None and config.compile_cache_dir:
             enable_compile_cache(config.compile_cache_dir)
         if not isinstance(model, LoadedModel):
-            model = load(model, dtype=(config or EngineConfig()).dtype)
+            model = load(model, dtype=(config or EngineConfig()).compute_dtype())
         self.config = config or EngineConfig()
         self.model = model
         self.tokenizer = model.tokenizer
         mcfg = model.config
-        target = jnp.dtype(self.config.dtype)
+        target = jnp.dtype(self.config.compute_dtype())
         params = jax.tree_util.tree_map(lambda x: x.astype(target) if x.dtype != target else x, model.params)
         self.max_model_len = min(self.config.max_model_len or mcfg.max_position_embeddings,
                                  mcfg.max_position_embeddings)

@@ -13,6 +13,7 @@ import yaml
 
 POLICIES = ("prefill_first", "time_share", "mixed")
 ATTENTION_IMPLS = ("auto", "pallas", "pallas-unfused", "reference")
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
@@ -51,7 +52,7 @@ class EngineConfig:
     batch_buckets: tuple[int, ...] | None = None
     prefill_buckets: tuple[int, ...] | None = None
     prefix_caching: bool = True
-    dtype: str = "float32"
+    dtype: str = "auto"
     policy: str = "prefill_first"
     time_share_ratio: int = 4
     decode_steps: int = 4
@@ -83,8 +84,8 @@ class EngineConfig:
                                                    or not self.compile_cache_dir):
             raise ValueError(f"compile_cache_dir must be a non-empty path string or None, "
                              f"got {self.compile_cache_dir!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.max_tokens_per_step < self.max_running:
             raise ValueError(f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= max_running "
                              f"({self.max_running}): a mixed step holds one token of every running sequence")
@@ -101,6 +102,21 @@ class EngineConfig:
         if self.prefill_buckets[-1] < self.max_tokens_per_step:
             raise ValueError(f"the largest prefill bucket ({self.prefill_buckets[-1]}) must be >= "
                              f"max_tokens_per_step ({self.max_tokens_per_step})")
+
+    def compute_dtype(self) -> str:
+        """The dtype the engine computes in: ``dtype``, where "auto" (the default) is bfloat16 on
+        an accelerator, as vLLM runs a bfloat16 checkpoint such as Qwen2.5, and float32 on the CPU,
+        where bfloat16 arithmetic is emulated and slower.
+
+        Example:
+            >>> EngineConfig(dtype="bfloat16").compute_dtype()
+            'bfloat16'
+        """
+        if self.dtype != "auto":
+            return self.dtype
+        import jax
+
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
     @staticmethod
     def bucket(buckets: tuple[int, ...], n: int) -> int:

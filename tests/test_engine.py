@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -245,6 +246,11 @@ def test_engine_config_validates_and_round_trips():
     assert EngineConfig.from_yaml(cached.to_yaml()) == cached
     with pytest.raises(ValueError, match="memory_fraction"):
         EngineConfig(memory_fraction=2.0)
+    # "auto" (the default) computes in bfloat16 on an accelerator, float32 on the CPU.
+    assert cfg.dtype == "auto" and cfg.compute_dtype() == ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    assert EngineConfig(dtype="bfloat16").compute_dtype() == "bfloat16"
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        EngineConfig(dtype="float16")
     with pytest.raises(ValueError, match="unknown EngineConfig field"):
         EngineConfig.from_dict({"pages": 3})
 

@@ -100,7 +100,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         loaded = model if isinstance(model, LoadedModel) else await asyncio.to_thread(
-            load, model, engine_config.dtype)
+            load, model, engine_config.compute_dtype())
         engine = await asyncio.to_thread(Engine, loaded, engine_config)
         if server_config.warmup:
             # Clients ask for log-probabilities per request: both step variants, warm.
