@@ -31,9 +31,10 @@ class EngineConfig:
     ``num_pages=None`` sizes the KV pool from ``memory_fraction`` of the accelerator's free
     memory (1024 pages on the CPU). Batch and prefill-length buckets default to powers of two,
     so the number of compiled step shapes is ``len(batch_buckets) * (2 + len(prefill_buckets))``
-    at most (decode steps take two block-table widths, ``Engine.decode_table_widths``). ``overlap`` lets a decode call run while the host reads the previous one's tokens
-    (steady decoding), and a prefill call start before the host reads the previous prefill's
-    first tokens; outputs are the same either way. ``compile_cache_dir`` keeps the
+    at most (decode steps take two block-table widths, ``Engine.decode_table_widths``).
+    ``overlap`` lets a decode call run while the host reads the previous one's tokens (steady
+    decoding), and a prefill call start before the host reads the previous prefill's first
+    tokens; outputs are the same either way. ``compile_cache_dir`` keeps the
     compiled steps on disk (JAX's persistent cache, process-wide), so a restart skips most of
     the warm-up.
 
