@@ -38,7 +38,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="longest prompt + completion (default: the model's max_position_embeddings)")
     g.add_argument("--policy", choices=("prefill_first", "time_share", "mixed"), default="prefill_first",
                    help="how prefill and decode steps share the device (default prefill_first)")
-    g.add_argument("--decode-steps", type=int, default=4, help="decode steps per device call (default 4)")
+    g.add_argument("--decode-steps", type=int, default=8, help="decode steps per device call (default 8)")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn the radix prefix cache off")
     g.add_argument("--batch-buckets", type=int, nargs="+", default=None, metavar="N",
                    help="batch sizes steps are padded to, ascending (default: powers of two up to --max-running)")
