@@ -89,7 +89,7 @@ def main() -> None:
             rows = [("xla", None)]
             for bm, bn, bk, (st, wp), target in itertools.product(
                     args.block_m, args.block_n, args.block_k, stages_warps, args.targets):
-                splits = 1 if args.epilogue == "swiglu" else split_count(m, k, n, bn, bk, target)
+                splits = 1 if args.epilogue == "swiglu" else split_count(m, k, n, bn, bk, target, bm)
                 rows.append((f"bm{bm} bn{bn} bk{bk} st{st} w{wp} s{splits}",
                              dict(block_m=bm, block_n=bn, block_k=bk, num_stages=st, num_warps=wp,
                                   num_splits=splits)))

@@ -11,8 +11,8 @@ rewrites the dot as a multiply (materialized at the weight's size for two of the
 projections) plus a reduction, ~790 µs a step for 713 MB of layer weights (~0.9 TB/s);
 at M = 64 its Triton GEMMs reach ~1 TB/s.
 
-How: one program per (block of `ROW_BLOCK` rows, block of `block_n` output columns, K
-split); a decode step of up to 64 rows is one row block. Each program keeps its rows
+How: one program per (block of `block_m` rows, `ROW_BLOCK` by default, block of `block_n`
+output columns, K split); a decode step of up to 64 rows is one row block. Each program keeps its rows
 (padded to 16, the MMA's minimum, by masked loads) and streams its weight columns
 `block_k` rows at a time through a tensor-core product with a float32 accumulator; the
 loop is software-pipelined (`num_stages`) so several weight tiles are in flight. Narrow
@@ -102,7 +102,8 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
     compat.store(o_ref.at[tile], acc.astype(dtype), mask=mask)
 
 
-def default_tiling(m: int, k: int, n: int, epilogue: str = "none") -> tuple[int, int, int]:
+def default_tiling(m: int, k: int, n: int, epilogue: str = "none",
+                   block_m: int = ROW_BLOCK) -> tuple[int, int, int]:
     """(block_n, block_k, num_splits): 64 columns x 128 rows of weight (16 KiB of bf16) a
     loop iteration; K split until about `_TARGET_PROGRAMS` programs run. SwiGLU loads two
     32-column tiles an iteration (gate and up: the same bytes) and never splits."""
@@ -110,19 +111,19 @@ def default_tiling(m: int, k: int, n: int, epilogue: str = "none") -> tuple[int,
     if epilogue == "swiglu":
         return 32, block_k, 1
     block_n = 64
-    return block_n, block_k, split_count(m, k, n, block_n, block_k)
+    return block_n, block_k, split_count(m, k, n, block_n, block_k, block_m=block_m)
 
 
 def split_count(m: int, k: int, n: int, block_n: int, block_k: int,
-                target: int = _TARGET_PROGRAMS) -> int:
-    """K splits so that about `target` programs run over the row and column blocks, each
-    split at least one `block_k` iteration.
+                target: int = _TARGET_PROGRAMS, block_m: int = ROW_BLOCK) -> int:
+    """K splits so that about `target` programs run over the row blocks (`block_m` rows) and
+    column blocks, each split at least one `block_k` iteration.
 
     Example:
         >>> split_count(1, 4864, 896, 64, 128), split_count(256, 4864, 896, 64, 128)
         (18, 4)
     """
-    blocks = pl.cdiv(n, block_n) * pl.cdiv(m, ROW_BLOCK)
+    blocks = pl.cdiv(n, block_n) * pl.cdiv(m, block_m)
     return max(1, min(pl.cdiv(k, block_k), target // blocks))
 
 
@@ -207,12 +208,16 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
             raise ValueError(f"swiglu needs an even number of weight columns, got {w.shape[1]}")
         if num_splits not in (None, 1):
             raise ValueError(f"num_splits must be 1 with swiglu, got {num_splits}")
-    dn, dk, ds = default_tiling(x.shape[0], x.shape[1], w.shape[1], epilogue)
-    block_n, block_k = block_n or dn, block_k or dk
-    num_splits = num_splits or ds
-    for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
+    def check_tile(name: str, v: int) -> None:
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+
+    check_tile("block_m", block_m)  # before the default tiling divides by it
+    dn, dk, ds = default_tiling(x.shape[0], x.shape[1], w.shape[1], epilogue, block_m)
+    block_n, block_k = block_n or dn, block_k or dk
+    num_splits = num_splits or ds
+    check_tile("block_n", block_n)
+    check_tile("block_k", block_k)
     return _skinny(x, w, bias, epilogue=epilogue, block_m=block_m, block_n=block_n, block_k=block_k,
                    num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                    interpret=compat.resolve_interpret(interpret))
