@@ -61,6 +61,10 @@ VARIANTS = {
 # split in two.
 QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits": 1, "block_n": 32},
                "qkv_split2": {"num_splits": 2}}
+# --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
+# the params converted once) with the skinny matmul's [N, K] tile (block_n, block_k) set to these.
+NK_TILINGS = {"nk": (16, 256), "nk_n32": (32, 256), "nk_k128": (16, 128), "nk_k512": (16, 512),
+              "nk_n32_k128": (32, 128)}
 
 
 def gpu_kernel_times(trace_dir: str) -> dict[str, tuple[int, float]]:
@@ -132,6 +136,7 @@ def run_variant(args) -> list[dict]:
     from jaxserve import runner as runner_module
     paged_attention_module = importlib.import_module("kernels.paged_attention")  # kernels.paged_attention is also a function
     residual_norm_module = importlib.import_module("kernels.residual_norm")
+    skinny_module = importlib.import_module("kernels.skinny_matmul")
     from jaxserve.config import ModelConfig
     from jaxserve.model import init_params
     from jaxserve.runner import Runner, default_attention_impl
@@ -152,6 +157,10 @@ def run_variant(args) -> list[dict]:
     norm_warps = residual_norm_module.NUM_WARPS
     greedy_pick = runner_module.GREEDY_PICK
     wide_options = runner_module.WIDE_DECODE_OPTIONS
+    nk_params = None
+    if any(glue in NK_TILINGS for glue in args.glue):
+        nk_params = model_module.convert_weight_layout(params, "kn", "nk")
+    nk_tile = (skinny_module.NK_BLOCK_N, skinny_module.NK_BLOCK_K)
     for batch in args.batches:
         steps = args.decode_steps
         width = args.table_pages or (args.context + steps) // 16 + 2
@@ -170,7 +179,8 @@ def run_variant(args) -> list[dict]:
         # first traces), timed in alternating rounds: the same code reads +-10% from one process
         # to the next on the device, so only an interleaved comparison resolves a few percent.
         runners, logprobs = {}, {}
-        for glue in args.glue:
+        def apply_glue(glue: str) -> None:
+            """Set the module knobs a --glue setting changes (read when a runner traces)."""
             # "xla_combine": the glue kernels, but XLA's fusions for the attention's split merge;
             # "inkernel_combine": the merge inside the fused attention kernel (one launch);
             # "split_short": short tables split as long ones (no single-pass rule; before session 8).
@@ -192,7 +202,14 @@ def run_variant(args) -> list[dict]:
             # "with_logprobs": the chosen tokens' log-probabilities computed (a request asked;
             # the greedy pick then sums an exponential an element), before session 12 the only step.
             logprobs[glue] = glue == "with_logprobs"
-            runners[glue] = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
+            # "nk*": projection weights [out, in] through the skinny matmul's [N, K] tiles.
+            model_module.WEIGHT_LAYOUT = "nk" if glue in NK_TILINGS else "kn"
+            skinny_module.NK_BLOCK_N, skinny_module.NK_BLOCK_K = NK_TILINGS.get(glue, nk_tile)
+
+        for glue in args.glue:
+            apply_glue(glue)
+            runners[glue] = Runner(cfg, nk_params if glue in NK_TILINGS else params,
+                                   num_pages=batch * width + 8, page_size=16, attention_impl=impl)
             time_decode_call(runners[glue], calls[glue], 2, logprobs[glue], args.blocked)
         rounds = {glue: [] for glue in args.glue}
         for _ in range(args.rounds):
@@ -200,6 +217,7 @@ def run_variant(args) -> list[dict]:
                 rounds[glue].append(time_decode_call(runner, calls[glue], args.reps, logprobs[glue], args.blocked))
         print(f"batch {batch}: engine decode compiled and timed {time.perf_counter() - t0:.1f} s", flush=True)
         for glue, runner in runners.items():
+            apply_glue(glue)  # a profile or the HLO may trace the runner again
             tag = f"{impl}_b{batch}" + ("" if len(runners) == 1 else f"_{glue}")
             if args.profile:
                 profile_decode(runner, calls[glue], args.profile, tag, logprobs=logprobs[glue])
@@ -252,7 +270,8 @@ def main() -> None:
                          "result transfer to its steps); default: calls back to back, one wait")
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
                                                              "split_short", "skinny256", "norm_warps4", "norm_warps8", "xla_pick",
-                                                             "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS],
+                                                             "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS,
+                                                             *NK_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

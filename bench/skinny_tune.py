@@ -10,6 +10,8 @@ add per matrix in the timed function, which weighs on the 128- and 256-row times
     python bench/skinny_tune.py --rows 256 --block-n 64 --block-k 64 128   # row blocks vs cuBLAS
     python bench/skinny_tune.py --rows 256 --shapes gate_up --epilogue swiglu --block-m 64 128
         # gate_up + SwiGLU in one kernel vs cuBLAS gate_up and XLA's SwiGLU fusion
+    python bench/skinny_tune.py --rows 1 --layouts kn nk --block-n 16 32 64 --block-k 128 256 512
+        # weights [K, N] (Flax) against [N, K] (Hugging Face), XLA's dot on each too
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def main() -> None:
     ap.add_argument("--stages-warps", nargs="+", default=["3x4", "4x4", "4x8"], help="STAGESxWARPS")
     ap.add_argument("--targets", type=int, nargs="+", default=[264, 528], help="programs wanted (sets the K split)")
     ap.add_argument("--block-m", type=int, nargs="+", default=[64], help="rows a program")
+    ap.add_argument("--layouts", nargs="+", default=["kn"], choices=["kn", "nk"],
+                    help="weight layouts timed: kn = [K, N], nk = [N, K] (each with XLA's dot)")
     ap.add_argument("--epilogue", default="none", choices=["none", "swiglu"],
                     help="swiglu: silu(gate) * up from the fused gate_up weight (never split), "
                          "against XLA's dot and its SwiGLU fusion")
@@ -61,9 +65,10 @@ def main() -> None:
     stages_warps = [tuple(map(int, sw.split("x"))) for sw in args.stages_warps]
     key = jax.random.key(0)
     print(f"device {jax.devices()[0].device_kind}", flush=True)
-    for name in args.shapes:
+    for name, layout in itertools.product(args.shapes, args.layouts):
         k, n = SHAPES[name]
-        ws = [jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16) * 0.02 for i in range(args.layers)]
+        shape = (n, k) if layout == "nk" else (k, n)
+        ws = [jax.random.normal(jax.random.fold_in(key, i), shape, jnp.bfloat16) * 0.02 for i in range(args.layers)]
         nbytes = k * n * 2
         for m in args.rows:
             x = jax.random.normal(key, (m, k), jnp.bfloat16)
@@ -72,7 +77,7 @@ def main() -> None:
                 # Every product is an output, so none is dead code, and nothing but the products
                 # runs (an accumulating add per matrix, as before, dominated the 256-row times).
                 def xla(x, w):
-                    y = jnp.dot(x, w)
+                    y = jnp.dot(x, w.T if layout == "nk" else w)
                     if args.epilogue == "swiglu":
                         half = y.shape[1] // 2
                         y = jax.nn.silu(y[:, :half]) * y[:, half:]
@@ -80,7 +85,8 @@ def main() -> None:
 
                 def f(x, ws):
                     return tuple(xla(x, w) if tile is None
-                                 else skinny_matmul(x, w, epilogue=args.epilogue, **tile) for w in ws)
+                                 else skinny_matmul(x, w, epilogue=args.epilogue, layout=layout, **tile)
+                                 for w in ws)
                 if tile is None and m > MAX_ROWS:
                     # XLA as the engine compiles steps this wide (cuBLAS: runner.WIDE_DECODE_OPTIONS).
                     return jax.jit(f).lower(x, ws).compile(WIDE_DECODE_OPTIONS or None)
@@ -102,14 +108,13 @@ def main() -> None:
                 try:
                     t = time_fn(run(tile), x, ws) / args.layers
                 except Exception as e:  # a tiling Triton cannot compile (shared memory) is skipped
-                    print(f"  {name} M={m} {label}: failed {type(e).__name__}", flush=True)
+                    print(f"  {name} {layout} M={m} {label}: failed {type(e).__name__}", flush=True)
                     continue
                 results.append((t, label))
             xla = next(t for t, label in results if label == "xla")
-            print(f"{name} [{k}x{n}] M={m}: XLA {xla * 1e6:.2f} µs {nbytes / xla / 1e12:.2f} TB/s", flush=True)
+            print(f"{name} [{k}x{n}] {layout} M={m}: XLA {xla * 1e6:.2f} µs {nbytes / xla / 1e12:.2f} TB/s", flush=True)
             for t, label in sorted(results)[:6]:
                 print(f"   {t * 1e6:7.2f} µs {nbytes / t / 1e12:5.2f} TB/s  {label}", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -122,6 +122,33 @@ QKV_SKINNY_TILING: dict[str, int] = json.loads(os.environ.get("JAXSERVE_QKV_SKIN
 # of 64, and whether that beats cuBLAS at batch 256 is not yet measured (bench/decode_step.py
 # --glue skinny256). Read when a step is traced.
 SKINNY_ROWS = int(os.environ.get("JAXSERVE_SKINNY_ROWS", "64"))
+# How the decoder layers' projection weights are stored: "kn" (`[in, out]`, Flax's Dense) or
+# "nk" (`[out, in]`, Hugging Face's; each output's weights contiguous, which the skinny matmul
+# streams as long runs). Experimental (bench/decode_step.py --glue nk times it against "kn");
+# params must be converted to match (`convert_weight_layout`). Read when a step is traced.
+WEIGHT_LAYOUT = os.environ.get("JAXSERVE_WEIGHT_LAYOUT", "kn")
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def convert_weight_layout(params: dict, src: str, dst: str) -> dict:
+    """The decoder layers' projection kernels transposed from layout ``src`` to ``dst`` (see
+    ``WEIGHT_LAYOUT``); every other parameter as it is.
+
+    Example:
+        >>> p = {"layers_0": {"mlp": {"down_proj": {"kernel": jnp.zeros((4, 2))}}}}
+        >>> convert_weight_layout(p, "kn", "nk")["layers_0"]["mlp"]["down_proj"]["kernel"].shape
+        (2, 4)
+    """
+    if src == dst:
+        return params
+
+    def convert(tree):
+        if not isinstance(tree, dict):
+            return tree
+        return {k: ({**v, "kernel": v["kernel"].T} if k in PROJECTIONS else convert(v))
+                for k, v in tree.items()}
+
+    return convert(params)
 
 
 def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
@@ -156,7 +183,11 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, fast: bool = False, epilogue: str = "none",
                  tiling: dict[str, int] | None = None) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype)
+        nk = WEIGHT_LAYOUT == "nk"
+        shape = (self.features, x.shape[-1]) if nk else (x.shape[-1], self.features)
+        # lecun_normal's fan-in is the kernel's second-to-last axis: `[in, out]`'s in.
+        init = nn.initializers.lecun_normal(in_axis=-1, out_axis=-2) if nk else nn.initializers.lecun_normal()
+        kernel = self.param("kernel", init, shape, self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype) if self.use_bias else None
         x = x.astype(self.dtype)
         rows = x.size // x.shape[-1]
@@ -165,13 +196,13 @@ class Linear(nn.Module):
 
             if rows <= SKINNY_ROWS:
                 out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue=epilogue,
-                                    **(tiling or {}))
+                                    layout=WEIGHT_LAYOUT, **(tiling or {}))
                 if epilogue == "partials":
                     return out
                 return out.reshape(*x.shape[:-1], out.shape[-1])
         if epilogue != "none":
             raise ValueError(f"epilogue {epilogue!r} needs the skinny-matmul kernel (fast, rows <= SKINNY_ROWS)")
-        out = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        out = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (1 if nk else 0,)), ((), ())))
         return out if bias is None else out + bias
 
 

@@ -44,10 +44,15 @@ MAX_ROWS = 64
 ROW_BLOCK = 64
 # Programs wanted in flight: about two per H100 SM.
 _TARGET_PROGRAMS = 264
+# Default tile of the `[N, K]` weight layout: weight rows a program, and contiguous elements of
+# each row a loop iteration (16 x 256 bf16: 8 KiB in 512-byte runs).
+NK_BLOCK_N = 16
+NK_BLOCK_K = 256
+LAYOUTS = ("kn", "nk")
 
 
 def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int,
-            block_m: int, block_n: int, block_k: int, n_out: int, precision):
+            block_m: int, block_n: int, block_k: int, n_out: int, precision, layout: str):
     if has_bias:
         b_ref, o_ref = rest
     else:
@@ -75,9 +80,16 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
                         mask=(row_ids < rows)[:, None] & k_ok[None, :], other=0)
         out = []
         for acc, offset in zip(accs, halves):
-            w = compat.load(w_ref.at[pl.ds(k0, block_k), pl.ds(offset + col_block * block_n, block_n)],
-                            mask=k_ok[:, None] & col_ok[None, :], other=0)
-            out.append(acc + compat.dot(x.astype(w.dtype), w, precision=precision))
+            cols_at = pl.ds(offset + col_block * block_n, block_n)
+            if layout == "nk":  # block_n weight rows of block_k contiguous elements each
+                w = compat.load(w_ref.at[cols_at, pl.ds(k0, block_k)],
+                                mask=col_ok[:, None] & k_ok[None, :], other=0)
+                prod = compat.dot(x.astype(w.dtype), w, trans_b=True, precision=precision)
+            else:
+                w = compat.load(w_ref.at[pl.ds(k0, block_k), cols_at],
+                                mask=k_ok[:, None] & col_ok[None, :], other=0)
+                prod = compat.dot(x.astype(w.dtype), w, precision=precision)
+            out.append(acc + prod)
         return tuple(out)
 
     zeros = jnp.zeros((block_m, block_n), jnp.float32)
@@ -103,10 +115,18 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
 
 
 def default_tiling(m: int, k: int, n: int, epilogue: str = "none",
-                   block_m: int = ROW_BLOCK) -> tuple[int, int, int]:
+                   block_m: int = ROW_BLOCK, layout: str = "kn") -> tuple[int, int, int]:
     """(block_n, block_k, num_splits): 64 columns x 128 rows of weight (16 KiB of bf16) a
     loop iteration; K split until about `_TARGET_PROGRAMS` programs run. SwiGLU loads two
-    32-column tiles an iteration (gate and up: the same bytes) and never splits."""
+    32-column tiles an iteration (gate and up: the same bytes) and never splits.
+
+    With the `[N, K]` layout a tile is `NK_BLOCK_N` weight rows of `NK_BLOCK_K` contiguous
+    elements, so narrow column blocks still read long runs of memory."""
+    if layout == "nk":
+        block_n, block_k = NK_BLOCK_N, NK_BLOCK_K
+        if epilogue == "swiglu":
+            return block_n, block_k, 1
+        return block_n, block_k, split_count(m, k, n, block_n, block_k, block_m=block_m)
     block_k = 128
     if epilogue == "swiglu":
         return 32, block_k, 1
@@ -128,11 +148,13 @@ def split_count(m: int, k: int, n: int, block_n: int, block_k: int,
 
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_m", "block_n", "block_k",
-                                             "num_splits", "num_warps", "num_stages", "interpret"))
+                                             "num_splits", "num_warps", "num_stages", "interpret",
+                                             "layout"))
 def _skinny(x, w, bias, *, epilogue: str, block_m: int, block_n: int, block_k: int,
-            num_splits: int, num_warps: int, num_stages: int, interpret: bool):
+            num_splits: int, num_warps: int, num_stages: int, interpret: bool, layout: str):
     m, k = x.shape
-    n_out = w.shape[1] // 2 if epilogue == "swiglu" else w.shape[1]
+    n_total = w.shape[0] if layout == "nk" else w.shape[1]
+    n_out = n_total // 2 if epilogue == "swiglu" else n_total
     block_m = max(16, compat.next_pow2(min(m, block_m)))
     k_blocks = pl.cdiv(k, block_k)
     k_per_split = pl.cdiv(k_blocks, num_splits) * block_k
@@ -142,7 +164,7 @@ def _skinny(x, w, bias, *, epilogue: str, block_m: int, block_n: int, block_k: i
     kernel = functools.partial(_kernel, epilogue="partials" if num_splits > 1 else epilogue,
                                has_bias=in_kernel_bias, k_per_split=k_per_split,
                                block_m=block_m, block_n=block_n, block_k=block_k, n_out=n_out,
-                               precision=precision)
+                               precision=precision, layout=layout)
     args = [x, w] + ([bias] if in_kernel_bias else [])
     if num_splits > 1 or epilogue == "partials":
         out_shape = jax.ShapeDtypeStruct((num_splits, m, n_out), jnp.float32)
@@ -173,39 +195,49 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
                   epilogue: str = "none", interpret: bool | None = None,
                   block_n: int | None = None, block_k: int | None = None,
                   num_splits: int | None = None, num_warps: int = 4,
-                  num_stages: int = 3, block_m: int = ROW_BLOCK) -> jax.Array:
+                  num_stages: int = 3, block_m: int = ROW_BLOCK, layout: str = "kn") -> jax.Array:
     """`x @ w (+ bias)` for a few rows of `x`, accumulated in float32.
 
     Args:
         x: `[M, K]` activations (any M; the kernel pays off up to about `MAX_ROWS`).
-        w: `[K, N]` weights (Flax `Dense` layout).
+        w: `[K, N]` weights (Flax `Dense` layout), or `[N, K]` with `layout="nk"` (PyTorch's
+            and Hugging Face's: each output's weights contiguous).
         bias: optional `[N]` (epilogue "none" only).
         epilogue: what the kernel returns:
             "none": the product (+ bias) in x's dtype, `[M, N]`;
             "partials": the float32 partial sums of its K splits, `[S, M, N]`, for a consumer
             that adds them itself (`kernels.residual_norm.add_rms_norm`), saving a launch;
-            "swiglu": `silu(x @ w[:, :N/2]) * (x @ w[:, N/2:])` in x's dtype, `[M, N/2]` (the
-            fused gate_up projection and its activation; never split along K).
+            "swiglu": `silu(x @ w_gate) * (x @ w_up)` in x's dtype, `[M, N/2]`, the gate being
+            the first N/2 outputs of w and up the rest (the fused gate_up projection and its
+            activation; never split along K).
         interpret: Pallas interpret mode; None picks it on the CPU backend.
         block_n, block_k, num_splits: tiling; None picks `default_tiling`.
         block_m: rows a program (a power of two >= 16; fewer rows round up to 16).
         num_warps, num_stages: Triton launch parameters.
+        layout: "kn" or "nk", how `w` is stored (see `w`).
 
     Example:
         >>> x = jnp.ones((2, 256), jnp.bfloat16); w = jnp.ones((256, 384), jnp.bfloat16)
         >>> skinny_matmul(x, w).shape, skinny_matmul(x, w, epilogue="swiglu").shape
         ((2, 384), (2, 192))
+        >>> skinny_matmul(x, w.T, layout="nk").shape
+        (2, 384)
     """
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
-        raise ValueError(f"x must be [M, K] and w [K, N], got {x.shape} and {w.shape}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    k_axis = 1 if layout == "nk" else 0
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[k_axis]:
+        want = "[N, K]" if layout == "nk" else "[K, N]"
+        raise ValueError(f"x must be [M, K] and w {want}, got {x.shape} and {w.shape}")
+    n = w.shape[1 - k_axis]
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
-    if bias is not None and (epilogue != "none" or bias.shape != (w.shape[1],)):
-        raise ValueError(f"bias must be [{w.shape[1]}] with epilogue 'none', got {bias.shape} "
+    if bias is not None and (epilogue != "none" or bias.shape != (n,)):
+        raise ValueError(f"bias must be [{n}] with epilogue 'none', got {bias.shape} "
                          f"with {epilogue!r}")
     if epilogue == "swiglu":
-        if w.shape[1] % 2:
-            raise ValueError(f"swiglu needs an even number of weight columns, got {w.shape[1]}")
+        if n % 2:
+            raise ValueError(f"swiglu needs an even number of weight columns, got {n}")
         if num_splits not in (None, 1):
             raise ValueError(f"num_splits must be 1 with swiglu, got {num_splits}")
     def check_tile(name: str, v: int) -> None:
@@ -213,18 +245,18 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
             raise ValueError(f"{name} must be a power of two >= 16, got {v}")
 
     check_tile("block_m", block_m)  # before the default tiling divides by it
-    dn, dk, ds = default_tiling(x.shape[0], x.shape[1], w.shape[1], epilogue, block_m)
+    dn, dk, ds = default_tiling(x.shape[0], x.shape[1], n, epilogue, block_m, layout)
     block_n, block_k = block_n or dn, block_k or dk
     num_splits = num_splits or ds
     check_tile("block_n", block_n)
     check_tile("block_k", block_k)
     return _skinny(x, w, bias, epilogue=epilogue, block_m=block_m, block_n=block_n, block_k=block_k,
                    num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
-                   interpret=compat.resolve_interpret(interpret))
+                   interpret=compat.resolve_interpret(interpret), layout=layout)
 
 
 def skinny_matmul_reference(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
-                            epilogue: str = "none") -> jax.Array:
+                            epilogue: str = "none", layout: str = "kn") -> jax.Array:
     """jnp reference: float32 product (HIGHEST precision), with the kernel's roundings.
 
     "partials" comes back as one split (`[1, M, N]`), a valid split of the same sum.
@@ -233,6 +265,8 @@ def skinny_matmul_reference(x: jax.Array, w: jax.Array, bias: jax.Array | None =
         >>> skinny_matmul_reference(jnp.ones((1, 4)), jnp.ones((4, 3))).tolist()
         [[4.0, 4.0, 4.0]]
     """
+    if layout == "nk":
+        w = w.T
     out = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     if epilogue == "partials":
         return out[None]

@@ -134,22 +134,26 @@ def test_fused_decode_shape_errors_name_the_field():
                                pages, table, ones, ones)
 
 
-@pytest.mark.parametrize("impl,qkv_tiling", [
-    ("pallas", {}), ("pallas-unfused", {}),
+@pytest.mark.parametrize("impl,qkv_tiling,layout", [
+    ("pallas", {}, "kn"), ("pallas-unfused", {}, "kn"),
     # The QKV projection retiled (model.QKV_SKINNY_TILING): unsplit over two K blocks with its
     # bias in the kernel, and split in two with the sum and bias outside.
-    ("pallas", {"num_splits": 1, "block_k": 32, "block_n": 32}),
-    ("pallas", {"num_splits": 2, "block_k": 32}),
+    ("pallas", {"num_splits": 1, "block_k": 32, "block_n": 32}, "kn"),
+    ("pallas", {"num_splits": 2, "block_k": 32}, "kn"),
+    # Projection weights stored [out, in] (model.WEIGHT_LAYOUT "nk").
+    ("pallas", {}, "nk"),
 ])
-def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, monkeypatch):
+def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, monkeypatch):
     # One paged decode step of the whole model (under "pallas": the fused attention kernel and
     # the skinny-matmul projections) against a dense forward pass over the same tokens; the
     # pages are filled by a paged prefill through the references.
     from jaxserve import model as model_module
     from jaxserve.config import ModelConfig
-    from jaxserve.model import PagedAttention, Qwen2ForCausalLM, init_params, new_kv_cache
+    from jaxserve.model import (PagedAttention, Qwen2ForCausalLM, convert_weight_layout, init_params,
+                                new_kv_cache)
 
     monkeypatch.setattr(model_module, "QKV_SKINNY_TILING", qkv_tiling)
+    monkeypatch.setattr(model_module, "WEIGHT_LAYOUT", layout)
     rng, seed = fresh_rng()
     cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
@@ -187,3 +191,8 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, monkeypatch):
     for b in range(batch):
         dense, _ = model.apply({"params": params}, jnp.asarray(tokens[b: b + 1, : lengths[b] + 1]))
         assert relative_error(logits[b, 0], dense[0, -1]) <= 1e-4, f"row {b}, seed={seed}"
+    if layout != "kn":  # the same weights in the default layout give the same logits
+        monkeypatch.setattr(model_module, "WEIGHT_LAYOUT", "kn")
+        kn_params = convert_weight_layout(params, layout, "kn")
+        dense, _ = model.apply({"params": kn_params}, jnp.asarray(tokens[:1, : lengths[0] + 1]))
+        assert relative_error(logits[0, 0], dense[0, -1]) <= 1e-4, f"seed={seed}"

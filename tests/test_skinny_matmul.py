@@ -87,6 +87,38 @@ def test_skinny_swiglu_with_wide_row_blocks(interpret, block_m, block_n, block_k
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
 
 
+NK_CASES = [  # (epilogue, M, K, N, dtype, bias, num_splits, block_n, block_k): weights [N, K]
+    ("none", 1, 896, 1152, jnp.bfloat16, True, None, None, None),  # 0.5B qkv, default tiling
+    ("none", 3, 200, 130, jnp.float32, True, 3, 32, 64),            # ragged K and N, uneven splits
+    ("partials", 1, 4864, 896, jnp.bfloat16, False, None, None, None),  # 0.5B down
+    ("partials", MAX_ROWS, 300, 64, jnp.float32, False, 3, 16, 128),
+    ("swiglu", 1, 896, 2 * 1024, jnp.bfloat16, False, None, None, None),
+    ("swiglu", 7, 200, 2 * 90, jnp.float32, False, None, 32, 64),   # half not a tile multiple
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("epilogue,m,k,n,dtype,with_bias,splits,bn,bk", NK_CASES)
+def test_skinny_matmul_nk_layout_matches_reference(interpret, epilogue, m, k, n, dtype, with_bias,
+                                                   splits, bn, bk):
+    rng, seed = fresh_rng()
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), dtype)
+    bias = jnp.asarray(rng.standard_normal(n), dtype) if with_bias else None
+    out = skinny_matmul(x, w, bias, epilogue=epilogue, interpret=interpret, num_splits=splits,
+                        block_n=bn, block_k=bk, layout="nk")
+    ref = skinny_matmul_reference(x.astype(jnp.float32), w.astype(jnp.float32),
+                                  None if bias is None else bias.astype(jnp.float32),
+                                  epilogue=epilogue, layout="nk")
+    if epilogue == "partials":
+        assert out.shape[1:] == (m, n) and out.dtype == jnp.float32
+        out, ref = out.sum(axis=0), ref.sum(axis=0)
+    else:
+        assert out.shape == (m, n // 2 if epilogue == "swiglu" else n) and out.dtype == dtype
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
+
+
 def test_default_tiling_fills_the_gpu_by_splitting_narrow_matrices():
     # A narrow matrix (few column blocks) is split along K; a wide one is not.
     _, _, narrow = default_tiling(1, 4864, 896)
@@ -109,6 +141,10 @@ def test_skinny_matmul_errors_name_the_field():
         skinny_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4)), jnp.zeros(4), epilogue="partials")
     with pytest.raises(ValueError, match="num_splits"):
         skinny_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4)), epilogue="swiglu", num_splits=2)
+    with pytest.raises(ValueError, match="layout"):
+        skinny_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4)), layout="kt")
+    with pytest.raises(ValueError, match=r"w \[N, K\]"):
+        skinny_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4)), layout="nk")
 
 
 def test_skinny_matmul_inside_jit():
