@@ -62,9 +62,12 @@ VARIANTS = {
 QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits": 1, "block_n": 32},
                "qkv_split2": {"num_splits": 2}}
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
-# the params converted once) with the skinny matmul's [N, K] tile (block_n, block_k) set to these.
-NK_TILINGS = {"nk": (16, 256), "nk_n32": (32, 256), "nk_k128": (16, 128), "nk_k512": (16, 512),
-              "nk_n32_k128": (32, 128)}
+# the params converted once) with the skinny matmul's [N, K] tile (block_n, block_k) and one-row
+# lane-wise path (gemv) set to these; "nk_xla": XLA's dots and glue fusions on that layout.
+NK_TILINGS = {"nk": (16, 256, False), "nk_n32": (32, 256, False), "nk_k128": (16, 128, False),
+              "nk_k512": (16, 512, False), "nk_n32_k128": (32, 128, False),
+              "gemv": (16, 256, True), "gemv_n32": (32, 256, True), "gemv_k512": (16, 512, True),
+              "gemv_n32_k128": (32, 128, True), "nk_xla": (16, 256, False)}
 
 
 def gpu_kernel_times(trace_dir: str) -> dict[str, tuple[int, float]]:
@@ -160,7 +163,7 @@ def run_variant(args) -> list[dict]:
     nk_params = None
     if any(glue in NK_TILINGS for glue in args.glue):
         nk_params = model_module.convert_weight_layout(params, "kn", "nk")
-    nk_tile = (skinny_module.NK_BLOCK_N, skinny_module.NK_BLOCK_K)
+    nk_tile = (skinny_module.NK_BLOCK_N, skinny_module.NK_BLOCK_K, skinny_module.NK_GEMV)
     for batch in args.batches:
         steps = args.decode_steps
         width = args.table_pages or (args.context + steps) // 16 + 2
@@ -191,7 +194,7 @@ def run_variant(args) -> list[dict]:
             model_module.SPLIT_COMBINE = {"xla_combine": "xla", "inkernel_combine": "inkernel"}.get(glue, "pallas")
             # "skinny256": steps of up to 256 rows through the skinny matmul and glue kernels
             # (row blocks of 64) instead of cuBLAS GEMMs and XLA's glue fusions.
-            model_module.SKINNY_ROWS = 256 if glue == "skinny256" else skinny_rows
+            model_module.SKINNY_ROWS = {"skinny256": 256, "nk_xla": 0}.get(glue, skinny_rows)
             # "norm_warps4" / "norm_warps8": the add + RMSNorm kernel's one program a row runs 4 / 8 warps.
             residual_norm_module.NUM_WARPS = {"norm_warps4": 4, "norm_warps8": 8}.get(glue, norm_warps)
             # "xla_pick": greedy tokens by XLA's argmax + log-softmax, not the greedy_pick kernel.
@@ -204,7 +207,8 @@ def run_variant(args) -> list[dict]:
             logprobs[glue] = glue == "with_logprobs"
             # "nk*": projection weights [out, in] through the skinny matmul's [N, K] tiles.
             model_module.WEIGHT_LAYOUT = "nk" if glue in NK_TILINGS else "kn"
-            skinny_module.NK_BLOCK_N, skinny_module.NK_BLOCK_K = NK_TILINGS.get(glue, nk_tile)
+            skinny_module.NK_BLOCK_N, skinny_module.NK_BLOCK_K, skinny_module.NK_GEMV = \
+                NK_TILINGS.get(glue, nk_tile)
 
         for glue in args.glue:
             apply_glue(glue)

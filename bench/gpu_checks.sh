@@ -25,6 +25,8 @@
 #   nk          session 14: projection weights [out, in] (model.WEIGHT_LAYOUT "nk") through the skinny matmul's
 #               [N, K] tiles: compiled skinny tests, the decode step at batch 1/16/64 against the default
 #               (4 tilings; profile of each) and skinny_tune's per-matrix times of both layouts (~500 s)
+#   gemv        session 14, after nk lost: the one-row lane-wise [N, K] path (4 tilings) and XLA's dots on
+#               [N, K] weights against the default at batch 1 (profiled), XLA's dots at 16 and 64 (~300 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -83,6 +85,12 @@ for part in "${parts[@]}"; do
           --glue kernels nk nk_n32 nk_k128 nk_k512 --rounds 5 --reps 10 --profile /tmp/nk --out "$OUT/$part"
         timeout 140 python3 bench/skinny_tune.py --rows 1 --layouts kn nk --block-n 16 32 64 --block-k 128 256 \
           --stages-warps 3x4 --targets 264 ;;
+    gemv) timeout 90 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+            tests/test_skinny_matmul.py -k "compiled and nk"
+          timeout 220 python3 bench/decode_step.py --batches 1 --variants default --no-static \
+            --glue kernels gemv gemv_n32 gemv_k512 gemv_n32_k128 nk_xla --rounds 5 --reps 10 --profile /tmp/gemv
+          timeout 150 python3 bench/decode_step.py --batches 16 64 --variants default --no-static \
+            --glue kernels nk_xla --rounds 5 --reps 10 --profile /tmp/gemv ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

@@ -49,10 +49,14 @@ _TARGET_PROGRAMS = 264
 NK_BLOCK_N = 16
 NK_BLOCK_K = 256
 LAYOUTS = ("kn", "nk")
+# One row with the "nk" layout: lane-wise multiply-adds (no 16-row padding of a tensor-core
+# product, no per-iteration reduction). Read when a step is traced.
+NK_GEMV = True
 
 
 def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int,
-            block_m: int, block_n: int, block_k: int, n_out: int, precision, layout: str):
+            block_m: int, block_n: int, block_k: int, n_out: int, precision, layout: str,
+            gemv: bool):
     if has_bias:
         b_ref, o_ref = rest
     else:
@@ -84,6 +88,9 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
             if layout == "nk":  # block_n weight rows of block_k contiguous elements each
                 w = compat.load(w_ref.at[cols_at, pl.ds(k0, block_k)],
                                 mask=col_ok[:, None] & k_ok[None, :], other=0)
+                if gemv:  # one row: lane-wise products, reduced once after the loop
+                    out.append(acc + w.astype(jnp.float32) * x.astype(jnp.float32))
+                    continue
                 prod = compat.dot(x.astype(w.dtype), w, trans_b=True, precision=precision)
             else:
                 w = compat.load(w_ref.at[pl.ds(k0, block_k), cols_at],
@@ -92,8 +99,10 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
             out.append(acc + prod)
         return tuple(out)
 
-    zeros = jnp.zeros((block_m, block_n), jnp.float32)
+    zeros = jnp.zeros((block_n, block_k) if gemv else (block_m, block_n), jnp.float32)
     accs = lax.fori_loop(0, num_iters, body, tuple(zeros for _ in halves))
+    if gemv:
+        accs = tuple(jnp.sum(a, axis=1)[None, :] for a in accs)
     mask = (row_ids < rows)[:, None] & col_ok[None, :]
     tile = (pl.ds(row0, block_m), pl.ds(col_block * block_n, block_n))
     if epilogue == "partials":
@@ -149,13 +158,14 @@ def split_count(m: int, k: int, n: int, block_n: int, block_k: int,
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_m", "block_n", "block_k",
                                              "num_splits", "num_warps", "num_stages", "interpret",
-                                             "layout"))
+                                             "layout", "gemv"))
 def _skinny(x, w, bias, *, epilogue: str, block_m: int, block_n: int, block_k: int,
-            num_splits: int, num_warps: int, num_stages: int, interpret: bool, layout: str):
+            num_splits: int, num_warps: int, num_stages: int, interpret: bool, layout: str,
+            gemv: bool):
     m, k = x.shape
     n_total = w.shape[0] if layout == "nk" else w.shape[1]
     n_out = n_total // 2 if epilogue == "swiglu" else n_total
-    block_m = max(16, compat.next_pow2(min(m, block_m)))
+    block_m = 1 if gemv else max(16, compat.next_pow2(min(m, block_m)))
     k_blocks = pl.cdiv(k, block_k)
     k_per_split = pl.cdiv(k_blocks, num_splits) * block_k
     precision = lax.Precision.HIGHEST if w.dtype == jnp.float32 else None
@@ -164,7 +174,7 @@ def _skinny(x, w, bias, *, epilogue: str, block_m: int, block_n: int, block_k: i
     kernel = functools.partial(_kernel, epilogue="partials" if num_splits > 1 else epilogue,
                                has_bias=in_kernel_bias, k_per_split=k_per_split,
                                block_m=block_m, block_n=block_n, block_k=block_k, n_out=n_out,
-                               precision=precision, layout=layout)
+                               precision=precision, layout=layout, gemv=gemv)
     args = [x, w] + ([bias] if in_kernel_bias else [])
     if num_splits > 1 or epilogue == "partials":
         out_shape = jax.ShapeDtypeStruct((num_splits, m, n_out), jnp.float32)
@@ -195,7 +205,8 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
                   epilogue: str = "none", interpret: bool | None = None,
                   block_n: int | None = None, block_k: int | None = None,
                   num_splits: int | None = None, num_warps: int = 4,
-                  num_stages: int = 3, block_m: int = ROW_BLOCK, layout: str = "kn") -> jax.Array:
+                  num_stages: int = 3, block_m: int = ROW_BLOCK, layout: str = "kn",
+                  gemv: bool | None = None) -> jax.Array:
     """`x @ w (+ bias)` for a few rows of `x`, accumulated in float32.
 
     Args:
@@ -215,6 +226,8 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         block_m: rows a program (a power of two >= 16; fewer rows round up to 16).
         num_warps, num_stages: Triton launch parameters.
         layout: "kn" or "nk", how `w` is stored (see `w`).
+        gemv: one row with the "nk" layout as lane-wise products summed once at the end instead
+            of a tensor-core product padded to 16 rows; None: `NK_GEMV`.
 
     Example:
         >>> x = jnp.ones((2, 256), jnp.bfloat16); w = jnp.ones((256, 384), jnp.bfloat16)
@@ -250,9 +263,10 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
     num_splits = num_splits or ds
     check_tile("block_n", block_n)
     check_tile("block_k", block_k)
+    gemv = (NK_GEMV if gemv is None else gemv) and layout == "nk" and x.shape[0] == 1
     return _skinny(x, w, bias, epilogue=epilogue, block_m=block_m, block_n=block_n, block_k=block_k,
                    num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
-                   interpret=compat.resolve_interpret(interpret), layout=layout)
+                   interpret=compat.resolve_interpret(interpret), layout=layout, gemv=gemv)
 
 
 def skinny_matmul_reference(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,

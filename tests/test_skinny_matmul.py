@@ -94,6 +94,10 @@ NK_CASES = [  # (epilogue, M, K, N, dtype, bias, num_splits, block_n, block_k): 
     ("partials", MAX_ROWS, 300, 64, jnp.float32, False, 3, 16, 128),
     ("swiglu", 1, 896, 2 * 1024, jnp.bfloat16, False, None, None, None),
     ("swiglu", 7, 200, 2 * 90, jnp.float32, False, None, 32, 64),   # half not a tile multiple
+    # one row (the lane-wise path, gemv): ragged K and N, split and not
+    ("none", 1, 200, 130, jnp.float32, True, 3, 32, 64),
+    ("partials", 1, 300, 70, jnp.bfloat16, False, 2, 16, 128),
+    ("swiglu", 1, 200, 2 * 90, jnp.float32, False, None, 32, 64),
 ]
 
 
@@ -106,7 +110,7 @@ def test_skinny_matmul_nk_layout_matches_reference(interpret, epilogue, m, k, n,
     w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), dtype)
     bias = jnp.asarray(rng.standard_normal(n), dtype) if with_bias else None
     out = skinny_matmul(x, w, bias, epilogue=epilogue, interpret=interpret, num_splits=splits,
-                        block_n=bn, block_k=bk, layout="nk")
+                        block_n=bn, block_k=bk, layout="nk", gemv=m == 1)
     ref = skinny_matmul_reference(x.astype(jnp.float32), w.astype(jnp.float32),
                                   None if bias is None else bias.astype(jnp.float32),
                                   epilogue=epilogue, layout="nk")
