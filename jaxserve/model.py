@@ -128,6 +128,27 @@ SKINNY_ROWS = int(os.environ.get("JAXSERVE_SKINNY_ROWS", "64"))
 # params must be converted to match (`convert_weight_layout`). Read when a step is traced.
 WEIGHT_LAYOUT = os.environ.get("JAXSERVE_WEIGHT_LAYOUT", "kn")
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# Decode projections of at most SKINNY_ROWS rows: "pallas" (the skinny-matmul kernel) or "xla"
+# (XLA's dot, with the kernel's epilogues in jnp, so the glue kernels still consume them).
+# Experimental (bench/decode_step.py --glue nk_xla_glue). Read when a step is traced.
+DECODE_PROJECTIONS = os.environ.get("JAXSERVE_DECODE_PROJECTIONS", "pallas")
+
+
+def _xla_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, epilogue: str,
+                    nk: bool) -> jax.Array:
+    """``skinny_matmul``'s contract (float32 accumulation, its epilogues and roundings) as XLA ops."""
+    y = jax.lax.dot_general(x, kernel, (((1,), (1 if nk else 0,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    if epilogue == "partials":
+        return y[None]
+    if epilogue == "swiglu":
+        half = y.shape[1] // 2
+        gate, up = (a.astype(x.dtype).astype(jnp.float32) for a in (y[:, :half], y[:, half:]))
+        act = jax.nn.silu(gate).astype(x.dtype).astype(jnp.float32)
+        return (act * up).astype(x.dtype)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
 
 
 def convert_weight_layout(params: dict, src: str, dst: str) -> dict:
@@ -195,8 +216,11 @@ class Linear(nn.Module):
             from kernels.skinny_matmul import skinny_matmul
 
             if rows <= SKINNY_ROWS:
-                out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue=epilogue,
-                                    layout=WEIGHT_LAYOUT, **(tiling or {}))
+                if DECODE_PROJECTIONS == "xla":
+                    out = _xla_projection(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue, nk)
+                else:
+                    out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue=epilogue,
+                                        layout=WEIGHT_LAYOUT, **(tiling or {}))
                 if epilogue == "partials":
                     return out
                 return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -52,6 +52,8 @@ LAYOUTS = ("kn", "nk")
 # One row with the "nk" layout: lane-wise multiply-adds (no 16-row padding of a tensor-core
 # product, no per-iteration reduction). Read when a step is traced.
 NK_GEMV = True
+NK_GEMV_WARPS = 4
+NK_TARGET_PROGRAMS = _TARGET_PROGRAMS
 
 
 def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int,
@@ -135,7 +137,7 @@ def default_tiling(m: int, k: int, n: int, epilogue: str = "none",
         block_n, block_k = NK_BLOCK_N, NK_BLOCK_K
         if epilogue == "swiglu":
             return block_n, block_k, 1
-        return block_n, block_k, split_count(m, k, n, block_n, block_k, block_m=block_m)
+        return block_n, block_k, split_count(m, k, n, block_n, block_k, NK_TARGET_PROGRAMS, block_m)
     block_k = 128
     if epilogue == "swiglu":
         return 32, block_k, 1
@@ -204,7 +206,7 @@ EPILOGUES = ("none", "partials", "swiglu")
 def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
                   epilogue: str = "none", interpret: bool | None = None,
                   block_n: int | None = None, block_k: int | None = None,
-                  num_splits: int | None = None, num_warps: int = 4,
+                  num_splits: int | None = None, num_warps: int | None = None,
                   num_stages: int = 3, block_m: int = ROW_BLOCK, layout: str = "kn",
                   gemv: bool | None = None) -> jax.Array:
     """`x @ w (+ bias)` for a few rows of `x`, accumulated in float32.
@@ -224,7 +226,8 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         interpret: Pallas interpret mode; None picks it on the CPU backend.
         block_n, block_k, num_splits: tiling; None picks `default_tiling`.
         block_m: rows a program (a power of two >= 16; fewer rows round up to 16).
-        num_warps, num_stages: Triton launch parameters.
+        num_warps, num_stages: Triton launch parameters (num_warps None: 4, or `NK_GEMV_WARPS`
+            on the one-row `[N, K]` path).
         layout: "kn" or "nk", how `w` is stored (see `w`).
         gemv: one row with the "nk" layout as lane-wise products summed once at the end instead
             of a tensor-core product padded to 16 rows; None: `NK_GEMV`.
@@ -253,17 +256,21 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
             raise ValueError(f"swiglu needs an even number of weight columns, got {n}")
         if num_splits not in (None, 1):
             raise ValueError(f"num_splits must be 1 with swiglu, got {num_splits}")
-    def check_tile(name: str, v: int) -> None:
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+    gemv = (NK_GEMV if gemv is None else gemv) and layout == "nk" and x.shape[0] == 1
+
+    def check_tile(name: str, v: int, least: int = 16) -> None:
+        if v < least or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two >= {least}, got {v}")
 
     check_tile("block_m", block_m)  # before the default tiling divides by it
     dn, dk, ds = default_tiling(x.shape[0], x.shape[1], n, epilogue, block_m, layout)
     block_n, block_k = block_n or dn, block_k or dk
     num_splits = num_splits or ds
-    check_tile("block_n", block_n)
+    # The lane-wise path has no tensor-core minimum: a few weight rows a program is fine.
+    check_tile("block_n", block_n, 1 if gemv else 16)
     check_tile("block_k", block_k)
-    gemv = (NK_GEMV if gemv is None else gemv) and layout == "nk" and x.shape[0] == 1
+    if num_warps is None:
+        num_warps = NK_GEMV_WARPS if gemv else 4
     return _skinny(x, w, bias, epilogue=epilogue, block_m=block_m, block_n=block_n, block_k=block_k,
                    num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                    interpret=compat.resolve_interpret(interpret), layout=layout, gemv=gemv)

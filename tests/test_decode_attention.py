@@ -134,16 +134,18 @@ def test_fused_decode_shape_errors_name_the_field():
                                pages, table, ones, ones)
 
 
-@pytest.mark.parametrize("impl,qkv_tiling,layout", [
-    ("pallas", {}, "kn"), ("pallas-unfused", {}, "kn"),
+@pytest.mark.parametrize("impl,qkv_tiling,layout,projections", [
+    ("pallas", {}, "kn", "pallas"), ("pallas-unfused", {}, "kn", "pallas"),
     # The QKV projection retiled (model.QKV_SKINNY_TILING): unsplit over two K blocks with its
     # bias in the kernel, and split in two with the sum and bias outside.
-    ("pallas", {"num_splits": 1, "block_k": 32, "block_n": 32}, "kn"),
-    ("pallas", {"num_splits": 2, "block_k": 32}, "kn"),
-    # Projection weights stored [out, in] (model.WEIGHT_LAYOUT "nk").
-    ("pallas", {}, "nk"),
+    ("pallas", {"num_splits": 1, "block_k": 32, "block_n": 32}, "kn", "pallas"),
+    ("pallas", {"num_splits": 2, "block_k": 32}, "kn", "pallas"),
+    # Projection weights stored [out, in] (model.WEIGHT_LAYOUT "nk"), through the skinny matmul
+    # and through XLA's dots feeding the glue kernels (model.DECODE_PROJECTIONS "xla").
+    ("pallas", {}, "nk", "pallas"),
+    ("pallas", {}, "nk", "xla"),
 ])
-def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, monkeypatch):
+def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, projections, monkeypatch):
     # One paged decode step of the whole model (under "pallas": the fused attention kernel and
     # the skinny-matmul projections) against a dense forward pass over the same tokens; the
     # pages are filled by a paged prefill through the references.
@@ -154,6 +156,7 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, monke
 
     monkeypatch.setattr(model_module, "QKV_SKINNY_TILING", qkv_tiling)
     monkeypatch.setattr(model_module, "WEIGHT_LAYOUT", layout)
+    monkeypatch.setattr(model_module, "DECODE_PROJECTIONS", projections)
     rng, seed = fresh_rng()
     cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)

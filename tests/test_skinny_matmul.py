@@ -98,6 +98,8 @@ NK_CASES = [  # (epilogue, M, K, N, dtype, bias, num_splits, block_n, block_k): 
     ("none", 1, 200, 130, jnp.float32, True, 3, 32, 64),
     ("partials", 1, 300, 70, jnp.bfloat16, False, 2, 16, 128),
     ("swiglu", 1, 200, 2 * 90, jnp.float32, False, None, 32, 64),
+    ("none", 1, 900, 37, jnp.float32, True, 1, 8, 1024),  # a few weight rows a program, one K block
+    ("swiglu", 1, 900, 2 * 37, jnp.bfloat16, False, None, 4, 1024),
 ]
 
 
