@@ -62,16 +62,20 @@ VARIANTS = {
 QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits": 1, "block_n": 32},
                "qkv_split2": {"num_splits": 2}}
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
-# the params converted once) with the skinny matmul's [N, K] tile (block_n, block_k), one-row
-# lane-wise path (gemv), its warps and programs wanted set to these; "nk_xla": XLA's dots and glue
+# the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:
+# the tensor-core path's tile (NK_BLOCK_N x NK_BLOCK_K), the one-row lane-wise path (NK_GEMV, its
+# tile, warps) and the programs wanted (NK_TARGET_PROGRAMS). "nk_xla": XLA's dots and glue
 # fusions on that layout; "nk_xla_glue": XLA's dots feeding the glue kernels.
-NK_TILINGS = {"nk": (16, 256, False), "nk_n32": (32, 256, False), "nk_k128": (16, 128, False),
-              "nk_k512": (16, 512, False), "nk_n32_k128": (32, 128, False),
-              "gemv": (16, 256, True), "gemv_n32": (32, 256, True), "gemv_k512": (16, 512, True),
-              "gemv_n32_k128": (32, 128, True), "nk_xla": (16, 256, False), "nk_xla_glue": (16, 256, False),
-              "gemv_n8_k1024": (8, 1024, True), "gemv_n4_k1024": (4, 1024, True),
-              "gemv_n8_k1024_w8": (8, 1024, True, 8), "gemv_n16_k1024_w8": (16, 1024, True, 8),
-              "gemv_n8_k1024_t1k": (8, 1024, True, 4, 1056), "gemv_n8_k512_t1k": (8, 512, True, 4, 1056)}
+_MMA = {"NK_GEMV": False}
+NK_TILINGS = {
+    "nk": {}, "nk_xla": {}, "nk_xla_glue": {},
+    "nk_mma_n16": dict(_MMA, NK_BLOCK_N=16), "nk_mma_n32": dict(_MMA), "nk_mma_n16_k128": dict(_MMA, NK_BLOCK_N=16, NK_BLOCK_K=128),
+    "nk_n32_k128": {"NK_BLOCK_K": 128}, "nk_n64": {"NK_BLOCK_N": 64},
+    "gemv_n16_k256_w4": {"NK_GEMV_BLOCK_N": 16, "NK_GEMV_BLOCK_K": 256, "NK_GEMV_WARPS": 4},
+    "gemv_n4": {"NK_GEMV_BLOCK_N": 4}, "gemv_n4_w4": {"NK_GEMV_BLOCK_N": 4, "NK_GEMV_WARPS": 4},
+    "gemv_n16": {"NK_GEMV_BLOCK_N": 16}, "gemv_t1k": {"NK_TARGET_PROGRAMS": 1056},
+    "gemv_k2048": {"NK_GEMV_BLOCK_K": 2048}, "gemv_w16": {"NK_GEMV_WARPS": 16},
+}
 
 
 def gpu_kernel_times(trace_dir: str) -> dict[str, tuple[int, float]]:
@@ -167,8 +171,9 @@ def run_variant(args) -> list[dict]:
     nk_params = None
     if any(glue in NK_TILINGS for glue in args.glue):
         nk_params = model_module.convert_weight_layout(params, "kn", "nk")
-    nk_tile = (skinny_module.NK_BLOCK_N, skinny_module.NK_BLOCK_K, skinny_module.NK_GEMV,
-               skinny_module.NK_GEMV_WARPS, skinny_module.NK_TARGET_PROGRAMS)
+    nk_defaults = {name: getattr(skinny_module, name) for name in
+                   ("NK_BLOCK_N", "NK_BLOCK_K", "NK_GEMV", "NK_GEMV_BLOCK_N", "NK_GEMV_BLOCK_K",
+                    "NK_GEMV_WARPS", "NK_TARGET_PROGRAMS")}
     for batch in args.batches:
         steps = args.decode_steps
         width = args.table_pages or (args.context + steps) // 16 + 2
@@ -212,10 +217,8 @@ def run_variant(args) -> list[dict]:
             logprobs[glue] = glue == "with_logprobs"
             # "nk*": projection weights [out, in] through the skinny matmul's [N, K] tiles.
             model_module.WEIGHT_LAYOUT = "nk" if glue in NK_TILINGS else "kn"
-            tile = NK_TILINGS.get(glue, nk_tile)
-            tile = tile + nk_tile[len(tile):]
-            (skinny_module.NK_BLOCK_N, skinny_module.NK_BLOCK_K, skinny_module.NK_GEMV,
-             skinny_module.NK_GEMV_WARPS, skinny_module.NK_TARGET_PROGRAMS) = tile
+            for name, value in dict(nk_defaults, **NK_TILINGS.get(glue, {})).items():
+                setattr(skinny_module, name, value)
             model_module.DECODE_PROJECTIONS = "xla" if glue == "nk_xla_glue" else "pallas"
 
         for glue in args.glue:

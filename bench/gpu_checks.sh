@@ -29,6 +29,8 @@
 #               [N, K] weights against the default at batch 1 (profiled), XLA's dots at 16 and 64 (~300 s)
 #   gemv2       session 14: the one-row path with whole-K tiles of 4-16 weight rows, more programs, 8 warps;
 #               XLA's dots on [N, K] feeding the glue kernels (nk_xla_glue); batch 1, profiled (~250 s)
+#   nkall       session 14: [N, K] weights at every batch: batch 1 one-row tilings (profiled), 16/64 tensor-core
+#               tiles, 256 (cuBLAS) and prefill (bench/prefill_step.py, cuBLAS on each layout) (~420 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -98,6 +100,16 @@ for part in "${parts[@]}"; do
            timeout 400 python3 bench/decode_step.py --batches 1 --variants default --no-static \
              --glue kernels gemv nk_xla nk_xla_glue gemv_n8_k1024 gemv_n4_k1024 gemv_n8_k1024_w8 \
              gemv_n16_k1024_w8 gemv_n8_k1024_t1k gemv_n8_k512_t1k --rounds 5 --reps 10 --profile /tmp/gemv2 ;;
+    nkall) timeout 60 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+             tests/test_skinny_matmul.py -k "compiled and nk"
+           timeout 150 python3 bench/decode_step.py --batches 1 --variants default --no-static \
+             --glue kernels nk nk_xla_glue gemv_n4 gemv_n16 gemv_t1k gemv_w16 gemv_k2048 --rounds 5 --reps 10 \
+             --profile /tmp/nkall
+           timeout 150 python3 bench/decode_step.py --batches 16 64 --variants default --no-static \
+             --glue kernels nk nk_n32_k128 nk_n64 nk_mma_n16 --rounds 5 --reps 10
+           timeout 80 python3 bench/decode_step.py --batches 256 --variants default --no-static \
+             --glue kernels nk --rounds 5 --reps 10
+           timeout 90 python3 bench/prefill_step.py --shapes 64x128 8x1024 --options cublas cublas_nk ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

@@ -27,6 +27,9 @@ OPTIONS = {
     # cuBLASLt's algorithms (more tilings, split-K) for the same GEMMs.
     "cublaslt": {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_cublaslt": True},
 }
+# "<option>_nk": the same options with the projection weights stored [out, in]
+# (jaxserve.model.WEIGHT_LAYOUT "nk"; the params converted once).
+OPTIONS.update({f"{name}_nk": opts for name, opts in list(OPTIONS.items())})
 
 
 def profile_prefill(runner, call: tuple, trace_dir: str, calls: int = 5) -> None:
@@ -63,7 +66,8 @@ def main() -> None:
 
     from bench.throughput import QWEN25_05B, TINY, write_lines
     from jaxserve.config import ModelConfig
-    from jaxserve.model import init_params
+    from jaxserve import model as model_module
+    from jaxserve.model import convert_weight_layout, init_params
     from jaxserve.runner import Runner, default_attention_impl
     from jaxserve.sampling import SamplingParams, make_batch
 
@@ -75,6 +79,10 @@ def main() -> None:
     # Matmul flops a prompt token costs (2 x the non-embedding weights; the LM head runs on one
     # position per row and attention at these lengths is a few percent).
     layer_params = sum(x.size for k, x in params.items() if k.startswith("layers_") for x in jax.tree.leaves(x))
+    layouts = {"kn": params}
+    if any(name.endswith("_nk") for name in args.options):
+        layouts["nk"] = convert_weight_layout(params, "kn", "nk")
+    default_layout = model_module.WEIGHT_LAYOUT
     lines = [f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
              f"model {'tiny' if args.tiny else 'Qwen2.5-0.5B shape'}, bf16", "",
              "| rows x tokens | options | call ms (median of rounds) | rounds ms | prompt tok/s | layer TFLOP/s |",
@@ -90,9 +98,12 @@ def main() -> None:
         call = (tokens, zeros, lengths, table, sb, zeros)
         runners = {}
         for name in args.options:
-            runners[name] = Runner(cfg, params, num_pages=rows * pages + 8, page_size=16,
+            layout = "nk" if name.endswith("_nk") else "kn"
+            model_module.WEIGHT_LAYOUT = layout  # read when the runner first traces, just below
+            runners[name] = Runner(cfg, layouts[layout], num_pages=rows * pages + 8, page_size=16,
                                    attention_impl=default_attention_impl(), prefill_options=OPTIONS[name])
             jax.block_until_ready(runners[name].prefill(*call, greedy=True).tokens)
+        model_module.WEIGHT_LAYOUT = default_layout
         rounds: dict[str, list[float]] = {name: [] for name in runners}
         for _ in range(args.rounds):
             for name, runner in runners.items():

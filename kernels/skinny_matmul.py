@@ -44,15 +44,21 @@ MAX_ROWS = 64
 ROW_BLOCK = 64
 # Programs wanted in flight: about two per H100 SM.
 _TARGET_PROGRAMS = 264
-# Default tile of the `[N, K]` weight layout: weight rows a program, and contiguous elements of
-# each row a loop iteration (16 x 256 bf16: 8 KiB in 512-byte runs).
-NK_BLOCK_N = 16
+# Default tile of the `[N, K]` weight layout's tensor-core path (several rows): weight rows a
+# program, and contiguous elements of each row a loop iteration (32 x 256 bf16: 16 KiB in 512-byte
+# runs; the best of four tiles in the decode step at batch 1 and 16, session 14).
+NK_BLOCK_N = 32
 NK_BLOCK_K = 256
 LAYOUTS = ("kn", "nk")
 # One row with the "nk" layout: lane-wise multiply-adds (no 16-row padding of a tensor-core
-# product, no per-iteration reduction). Read when a step is traced.
+# product, no per-iteration reduction), 8 weight rows x 1024 elements a program (a Qwen2.5-0.5B
+# row of 896 in one load, so the QKV projection needs no K split) over 8 warps: decode step 0.689
+# vs 0.759 ms for the [K, N] default at batch 1 on the H200 (bench/results/decode_step.md, session
+# 14). Read when a step is traced.
 NK_GEMV = True
-NK_GEMV_WARPS = 4
+NK_GEMV_BLOCK_N = 8
+NK_GEMV_BLOCK_K = 1024
+NK_GEMV_WARPS = 8
 NK_TARGET_PROGRAMS = _TARGET_PROGRAMS
 
 
@@ -126,15 +132,17 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
 
 
 def default_tiling(m: int, k: int, n: int, epilogue: str = "none",
-                   block_m: int = ROW_BLOCK, layout: str = "kn") -> tuple[int, int, int]:
+                   block_m: int = ROW_BLOCK, layout: str = "kn",
+                   gemv: bool = False) -> tuple[int, int, int]:
     """(block_n, block_k, num_splits): 64 columns x 128 rows of weight (16 KiB of bf16) a
     loop iteration; K split until about `_TARGET_PROGRAMS` programs run. SwiGLU loads two
     32-column tiles an iteration (gate and up: the same bytes) and never splits.
 
     With the `[N, K]` layout a tile is `NK_BLOCK_N` weight rows of `NK_BLOCK_K` contiguous
-    elements, so narrow column blocks still read long runs of memory."""
+    elements (`NK_GEMV_BLOCK_N` x `NK_GEMV_BLOCK_K` on the one-row `gemv` path), so narrow column
+    blocks still read long runs of memory."""
     if layout == "nk":
-        block_n, block_k = NK_BLOCK_N, NK_BLOCK_K
+        block_n, block_k = (NK_GEMV_BLOCK_N, NK_GEMV_BLOCK_K) if gemv else (NK_BLOCK_N, NK_BLOCK_K)
         if epilogue == "swiglu":
             return block_n, block_k, 1
         return block_n, block_k, split_count(m, k, n, block_n, block_k, NK_TARGET_PROGRAMS, block_m)
@@ -263,7 +271,7 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
             raise ValueError(f"{name} must be a power of two >= {least}, got {v}")
 
     check_tile("block_m", block_m)  # before the default tiling divides by it
-    dn, dk, ds = default_tiling(x.shape[0], x.shape[1], n, epilogue, block_m, layout)
+    dn, dk, ds = default_tiling(x.shape[0], x.shape[1], n, epilogue, block_m, layout, gemv)
     block_n, block_k = block_n or dn, block_k or dk
     num_splits = num_splits or ds
     # The lane-wise path has no tensor-core minimum: a few weight rows a program is fine.
