@@ -281,6 +281,10 @@ def static_decoder(cfg: ModelConfig, params, prompts: np.ndarray, out_len: int):
     b, s = prompts.shape
     h, kvh, d, n_layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
     max_len = s + out_len
+    from jaxserve.model import WEIGHT_LAYOUT, convert_weight_layout
+
+    # Written against Flax's [in, out] kernels, as a researcher would; the engine's layout may differ.
+    params = convert_weight_layout(params, WEIGHT_LAYOUT, "kn")
     layers = [params[f"layers_{i}"] for i in range(n_layers)]
     emb = params["embed_tokens"]["embedding"]
 

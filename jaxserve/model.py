@@ -160,6 +160,9 @@ def convert_weight_layout(params: dict, src: str, dst: str) -> dict:
         >>> convert_weight_layout(p, "kn", "nk")["layers_0"]["mlp"]["down_proj"]["kernel"].shape
         (2, 4)
     """
+    for name, layout in (("src", src), ("dst", dst)):
+        if layout not in ("kn", "nk"):
+            raise ValueError(f"{name} must be a weight layout, 'kn' or 'nk', got {layout!r}")
     if src == dst:
         return params
 

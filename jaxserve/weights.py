@@ -111,6 +111,12 @@ def load_hf_params(path: str | os.PathLike, config: ModelConfig | None = None, d
             raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, expected {expected[name]}")
         return t.astype(dtype)
 
+    from jaxserve.model import WEIGHT_LAYOUT
+
+    def proj(w: jax.Array) -> jax.Array:
+        """A projection's Hugging Face `[out, in]` weight in the model's layout."""
+        return w if WEIGHT_LAYOUT == "nk" else w.T
+
     params: dict[str, Any] = {"embed_tokens": {"embedding": get("model.embed_tokens.weight")},
                               "norm": {"scale": get("model.norm.weight")}}
     if not cfg.tie_word_embeddings:
@@ -123,15 +129,15 @@ def load_hf_params(path: str | os.PathLike, config: ModelConfig | None = None, d
             "post_attention_layernorm": {"scale": get(p + "post_attention_layernorm.weight")},
             "self_attn": {
                 "qkv_proj": {
-                    "kernel": jnp.concatenate([get(attn + f"{n}_proj.weight") for n in "qkv"], axis=0).T,
+                    "kernel": proj(jnp.concatenate([get(attn + f"{n}_proj.weight") for n in "qkv"], axis=0)),
                     "bias": jnp.concatenate([get(attn + f"{n}_proj.bias") for n in "qkv"], axis=0),
                 },
-                "o_proj": {"kernel": get(attn + "o_proj.weight").T},
+                "o_proj": {"kernel": proj(get(attn + "o_proj.weight"))},
             },
             "mlp": {
-                "gate_up_proj": {"kernel": jnp.concatenate(
-                    [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], axis=0).T},
-                "down_proj": {"kernel": get(p + "mlp.down_proj.weight").T},
+                "gate_up_proj": {"kernel": proj(jnp.concatenate(
+                    [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], axis=0))},
+                "down_proj": {"kernel": proj(get(p + "mlp.down_proj.weight"))},
             },
         }
     return params
@@ -139,6 +145,9 @@ def load_hf_params(path: str | os.PathLike, config: ModelConfig | None = None, d
 
 def to_hf_tensors(params: dict, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(hf_name, array)`` pairs: the inverse of ``load_hf_params`` (fused weights split)."""
+    from jaxserve.model import WEIGHT_LAYOUT, convert_weight_layout
+
+    params = convert_weight_layout(params, WEIGHT_LAYOUT, "kn")  # the code below reads [in, out]
     h, kvh, d, inter = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size
     yield "model.embed_tokens.weight", params["embed_tokens"]["embedding"]
     yield "model.norm.weight", params["norm"]["scale"]
@@ -206,7 +215,10 @@ def save_converted(params: dict, config: ModelConfig, path: str | os.PathLike,
 
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    safetensors.flax.save_file(_flatten(params), os.path.join(path, CONVERTED_FILE))
+    from jaxserve.model import WEIGHT_LAYOUT
+
+    safetensors.flax.save_file(_flatten(params), os.path.join(path, CONVERTED_FILE),
+                               metadata={"weight_layout": WEIGHT_LAYOUT})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config.to_hf_dict(), f, indent=2)
     if extra_files_from is not None:
@@ -217,12 +229,20 @@ def save_converted(params: dict, config: ModelConfig, path: str | os.PathLike,
 
 
 def load_converted(path: str | os.PathLike, dtype: Any = None) -> dict:
-    """Load params written by ``save_converted``; ``dtype`` casts on load (None keeps the saved dtype)."""
-    flat = safetensors.flax.load_file(os.path.join(os.fspath(path), CONVERTED_FILE))
+    """Load params written by ``save_converted``; ``dtype`` casts on load (None keeps the saved dtype).
+
+    Projection weights come back in the model's layout (``jaxserve.model.WEIGHT_LAYOUT``) whatever
+    layout they were saved in (files without the note predate it: ``[in, out]``)."""
+    from jaxserve.model import WEIGHT_LAYOUT, convert_weight_layout
+
+    file = os.path.join(os.fspath(path), CONVERTED_FILE)
+    with safetensors.safe_open(file, framework="flax") as handle:
+        saved_layout = (handle.metadata() or {}).get("weight_layout", "kn")
+    flat = safetensors.flax.load_file(file)
     if dtype is not None:
         target = resolve_dtype(dtype)
         flat = {k: v.astype(target) for k, v in flat.items()}
-    return _unflatten(flat)
+    return convert_weight_layout(_unflatten(flat), saved_layout, WEIGHT_LAYOUT)
 
 
 def load_params(path: str | os.PathLike, config: ModelConfig | None = None, dtype: Any = None) -> dict:

@@ -93,6 +93,29 @@ def test_converted_params_round_trip(tmp_path):
     assert loaded.tokenizer.encode("hello world") == m.tokenizer.encode("hello world")
 
 
+def test_converted_params_load_in_the_models_weight_layout(tmp_path, monkeypatch):
+    # Saved with projections [in, out], loaded by a model that stores them [out, in] (and back):
+    # the same weights, transposed, and the same logits.
+    from jaxserve import model as model_module
+    from jaxserve.model import convert_weight_layout
+
+    src, dst = str(tmp_path / "hf"), str(tmp_path / "converted")
+    make_hf_checkpoint(src)
+    m = jaxserve.load(src)
+    save_converted(m.params, m.config, dst, extra_files_from=src)
+    tokens = jnp.array([[1, 5, 9, 2]])
+    logits, _ = Qwen2ForCausalLM(m.config).apply({"params": m.params}, tokens)
+    monkeypatch.setattr(model_module, "WEIGHT_LAYOUT", "nk")
+    nk = load_converted(dst)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, convert_weight_layout(m.params, "kn", "nk"), nk)
+    nk_logits, _ = Qwen2ForCausalLM(m.config).apply({"params": nk}, tokens)
+    np.testing.assert_allclose(nk_logits, logits, rtol=1e-5, atol=1e-5)
+    assert nk["layers_0"]["mlp"]["down_proj"]["kernel"].shape == (m.config.hidden_size, m.config.intermediate_size)
+    save_converted(nk, m.config, dst)
+    monkeypatch.setattr(model_module, "WEIGHT_LAYOUT", "kn")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, m.params, load_converted(dst))
+
+
 def test_missing_shard_is_named(tmp_path):
     path = str(tmp_path / "ck")
     make_hf_checkpoint(path, max_shard_size="100KB")
