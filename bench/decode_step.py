@@ -168,9 +168,13 @@ def run_variant(args) -> list[dict]:
     norm_warps = residual_norm_module.NUM_WARPS
     greedy_pick = runner_module.GREEDY_PICK
     wide_options = runner_module.WIDE_DECODE_OPTIONS
-    nk_params = None
-    if any(glue in NK_TILINGS for glue in args.glue):
-        nk_params = model_module.convert_weight_layout(params, "kn", "nk")
+    # The random params come in the model's default layout; the other is converted once if asked.
+    default_layout = model_module.WEIGHT_LAYOUT
+    layouts = {glue: "kn" if glue == "kn" else "nk" if glue in NK_TILINGS else default_layout
+               for glue in args.glue}
+    by_layout = {layout: model_module.convert_weight_layout(params, default_layout, layout)
+                 for layout in set(layouts.values())}
+    static_layout, params = next(iter(by_layout.items()))  # the static decoder's (it converts to [in, out])
     nk_defaults = {name: getattr(skinny_module, name) for name in
                    ("NK_BLOCK_N", "NK_BLOCK_K", "NK_GEMV", "NK_GEMV_BLOCK_N", "NK_GEMV_BLOCK_K",
                     "NK_GEMV_WARPS", "NK_TARGET_PROGRAMS")}
@@ -215,15 +219,16 @@ def run_variant(args) -> list[dict]:
             # "with_logprobs": the chosen tokens' log-probabilities computed (a request asked;
             # the greedy pick then sums an exponential an element), before session 12 the only step.
             logprobs[glue] = glue == "with_logprobs"
-            # "nk*": projection weights [out, in] through the skinny matmul's [N, K] tiles.
-            model_module.WEIGHT_LAYOUT = "nk" if glue in NK_TILINGS else "kn"
+            # "nk*": projection weights [out, in] through the skinny matmul's [N, K] tiles; "kn":
+            # [in, out] (the default before session 14); the rest: the model's default layout.
+            model_module.WEIGHT_LAYOUT = layouts[glue]
             for name, value in dict(nk_defaults, **NK_TILINGS.get(glue, {})).items():
                 setattr(skinny_module, name, value)
             model_module.DECODE_PROJECTIONS = "xla" if glue == "nk_xla_glue" else "pallas"
 
         for glue in args.glue:
             apply_glue(glue)
-            runners[glue] = Runner(cfg, nk_params if glue in NK_TILINGS else params,
+            runners[glue] = Runner(cfg, by_layout[layouts[glue]],
                                    num_pages=batch * width + 8, page_size=16, attention_impl=impl)
             time_decode_call(runners[glue], calls[glue], 2, logprobs[glue], args.blocked)
         rounds = {glue: [] for glue in args.glue}
@@ -253,6 +258,7 @@ def run_variant(args) -> list[dict]:
             continue
         prompts = np.random.default_rng(0).integers(2, cfg.vocab_size, size=(batch, args.context)).astype(np.int32)
         out_len = steps * 8
+        model_module.WEIGHT_LAYOUT = static_layout
         prefill, decode = static_decoder(cfg, params, prompts, out_len)
         tok, caches = prefill(jnp.asarray(prompts))
         jax.block_until_ready(decode(tok, caches))
@@ -286,7 +292,7 @@ def main() -> None:
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
                                                              "split_short", "skinny256", "norm_warps4", "norm_warps8", "xla_pick",
                                                              "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS,
-                                                             *NK_TILINGS],
+                                                             "kn", *NK_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -122,11 +122,13 @@ QKV_SKINNY_TILING: dict[str, int] = json.loads(os.environ.get("JAXSERVE_QKV_SKIN
 # of 64, and whether that beats cuBLAS at batch 256 is not yet measured (bench/decode_step.py
 # --glue skinny256). Read when a step is traced.
 SKINNY_ROWS = int(os.environ.get("JAXSERVE_SKINNY_ROWS", "64"))
-# How the decoder layers' projection weights are stored: "kn" (`[in, out]`, Flax's Dense) or
-# "nk" (`[out, in]`, Hugging Face's; each output's weights contiguous, which the skinny matmul
-# streams as long runs). Experimental (bench/decode_step.py --glue nk times it against "kn");
-# params must be converted to match (`convert_weight_layout`). Read when a step is traced.
-WEIGHT_LAYOUT = os.environ.get("JAXSERVE_WEIGHT_LAYOUT", "kn")
+# How the decoder layers' projection weights are stored: "nk" (`[out, in]`, Hugging Face's and
+# PyTorch's: each output's weights contiguous) or "kn" (`[in, out]`, Flax's Dense). "nk" since
+# session 14: a one-row decode projection then streams whole weight rows (the skinny matmul's
+# lane-wise path), batch-1 step 0.685 vs 0.755 ms on the H200, and wider steps and prefill (cuBLAS)
+# are no slower (bench/results/decode_step.md). Params must match (`convert_weight_layout`;
+# `jaxserve.weights` loads and saves in this layout). Read when a step is traced.
+WEIGHT_LAYOUT = os.environ.get("JAXSERVE_WEIGHT_LAYOUT", "nk")
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # Decode projections of at most SKINNY_ROWS rows: "pallas" (the skinny-matmul kernel) or "xla"
 # (XLA's dot, with the kernel's epilogues in jnp, so the glue kernels still consume them).
@@ -190,7 +192,7 @@ def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
 
 
 class Linear(nn.Module):
-    """``nn.Dense`` (same parameters, same math) that can run as the skinny-matmul kernel.
+    """``nn.Dense``'s math (its kernel stored as ``WEIGHT_LAYOUT`` says) that can run as the skinny-matmul kernel.
 
     ``fast=True`` (decode under the "pallas" impl) sends inputs of at most
     ``SKINNY_ROWS`` rows to the Pallas kernel: XLA streams the weights of

@@ -45,10 +45,11 @@ ROW_BLOCK = 64
 # Programs wanted in flight: about two per H100 SM.
 _TARGET_PROGRAMS = 264
 # Default tile of the `[N, K]` weight layout's tensor-core path (several rows): weight rows a
-# program, and contiguous elements of each row a loop iteration (32 x 256 bf16: 16 KiB in 512-byte
-# runs; the best of four tiles in the decode step at batch 1 and 16, session 14).
+# program, and contiguous elements of each row a loop iteration (32 x 128 bf16: 8 KiB in 256-byte
+# runs; the best of five tiles in the decode step at batch 16, session 14: 0.779 ms vs 0.794 at
+# 32 x 256 and 0.793 for `[K, N]`).
 NK_BLOCK_N = 32
-NK_BLOCK_K = 256
+NK_BLOCK_K = 128
 LAYOUTS = ("kn", "nk")
 # One row with the "nk" layout: lane-wise multiply-adds (no 16-row padding of a tensor-core
 # product, no per-iteration reduction), 8 weight rows x 1024 elements a program (a Qwen2.5-0.5B

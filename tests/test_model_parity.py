@@ -101,6 +101,7 @@ def test_converted_params_load_in_the_models_weight_layout(tmp_path, monkeypatch
 
     src, dst = str(tmp_path / "hf"), str(tmp_path / "converted")
     make_hf_checkpoint(src)
+    monkeypatch.setattr(model_module, "WEIGHT_LAYOUT", "kn")
     m = jaxserve.load(src)
     save_converted(m.params, m.config, dst, extra_files_from=src)
     tokens = jnp.array([[1, 5, 9, 2]])
