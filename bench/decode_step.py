@@ -74,7 +74,7 @@ NK_TILINGS = {
     "gemv_n16_k256_w4": {"NK_GEMV_BLOCK_N": 16, "NK_GEMV_BLOCK_K": 256, "NK_GEMV_WARPS": 4},
     "gemv_n4": {"NK_GEMV_BLOCK_N": 4}, "gemv_n4_w4": {"NK_GEMV_BLOCK_N": 4, "NK_GEMV_WARPS": 4},
     "gemv_n16": {"NK_GEMV_BLOCK_N": 16}, "gemv_t1k": {"NK_TARGET_PROGRAMS": 1056},
-    "gemv_k2048": {"NK_GEMV_BLOCK_K": 2048}, "gemv_w16": {"NK_GEMV_WARPS": 16},
+    "gemv_k2048": {"NK_GEMV_BLOCK_K": 2048}, "gemv_w16": {"NK_GEMV_WARPS": 16}, "nk_k256": {"NK_BLOCK_K": 256},
 }
 
 
@@ -170,6 +170,7 @@ def run_variant(args) -> list[dict]:
     wide_options = runner_module.WIDE_DECODE_OPTIONS
     # The random params come in the model's default layout; the other is converted once if asked.
     default_layout = model_module.WEIGHT_LAYOUT
+    norm_fold = model_module.NORM_IN_PROJECTION
     layouts = {glue: "kn" if glue == "kn" else "nk" if glue in NK_TILINGS else default_layout
                for glue in args.glue}
     by_layout = {layout: model_module.convert_weight_layout(params, default_layout, layout)
@@ -222,6 +223,9 @@ def run_variant(args) -> list[dict]:
             # "nk*": projection weights [out, in] through the skinny matmul's [N, K] tiles; "kn":
             # [in, out] (the default before session 14); the rest: the model's default layout.
             model_module.WEIGHT_LAYOUT = layouts[glue]
+            # "norm_fold" / "no_norm_fold": one-row steps fold each add + RMSNorm into the
+            # projection after it (model.NORM_IN_PROJECTION), or not.
+            model_module.NORM_IN_PROJECTION = {"norm_fold": True, "no_norm_fold": False}.get(glue, norm_fold)
             for name, value in dict(nk_defaults, **NK_TILINGS.get(glue, {})).items():
                 setattr(skinny_module, name, value)
             model_module.DECODE_PROJECTIONS = "xla" if glue == "nk_xla_glue" else "pallas"
@@ -292,7 +296,7 @@ def main() -> None:
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
                                                              "split_short", "skinny256", "norm_warps4", "norm_warps8", "xla_pick",
                                                              "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS,
-                                                             "kn", *NK_TILINGS],
+                                                             "kn", "norm_fold", "no_norm_fold", *NK_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -31,6 +31,8 @@
 #               XLA's dots on [N, K] feeding the glue kernels (nk_xla_glue); batch 1, profiled (~250 s)
 #   nkall       session 14: [N, K] weights at every batch: batch 1 one-row tilings (profiled), 16/64 tensor-core
 #               tiles, 256 (cuBLAS) and prefill (bench/prefill_step.py, cuBLAS on each layout) (~420 s)
+#   fold        session 14: compiled skinny / decode-attention / model tests, then batch 1 with each norm folded
+#               into the projection after it (profiled) vs the [N, K] default vs [K, N], and 16 / 64 (~330 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -110,6 +112,12 @@ for part in "${parts[@]}"; do
            timeout 80 python3 bench/decode_step.py --batches 256 --variants default --no-static \
              --glue kernels nk --rounds 5 --reps 10
            timeout 90 python3 bench/prefill_step.py --shapes 64x128 8x1024 --options cublas cublas_nk ;;
+    fold) timeout 150 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+            tests/test_skinny_matmul.py tests/test_decode_attention.py -k "compiled or model"
+          timeout 100 python3 bench/decode_step.py --batches 1 --variants default --no-static \
+            --glue kn kernels norm_fold --rounds 5 --reps 10 --profile /tmp/fold
+          timeout 150 python3 bench/decode_step.py --batches 16 64 --variants default --no-static \
+            --glue kn kernels nk_k256 --rounds 5 --reps 10 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

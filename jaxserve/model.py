@@ -12,6 +12,7 @@ Hugging Face names are restored only at the checkpoint boundary (``weights.py``)
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from typing import Any
@@ -136,6 +137,20 @@ PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 DECODE_PROJECTIONS = os.environ.get("JAXSERVE_DECODE_PROJECTIONS", "pallas")
 
 
+# One-row decode steps fold each sublayer's add + RMSNorm into the projection after it (qkv,
+# gate_up: `kernels.skinny_matmul.skinny_matmul_norm`), 48 launches a Qwen2.5-0.5B step fewer.
+# Needs the "nk" layout's one-row path. Read when a step is traced.
+NORM_IN_PROJECTION = os.environ.get("JAXSERVE_NORM_IN_PROJECTION", "0") == "1"
+
+
+def _fold_norms(x: jax.Array) -> bool:
+    """Whether this fused-glue step folds its norms into the projections (see NORM_IN_PROJECTION)."""
+    sm = importlib.import_module("kernels.skinny_matmul")  # `kernels` exports a function of that name
+
+    return (NORM_IN_PROJECTION and WEIGHT_LAYOUT == "nk" and DECODE_PROJECTIONS == "pallas" and sm.NK_GEMV
+            and x.shape[0] * x.shape[1] == 1 and x.shape[-1] <= sm.NORM_GEMV_MAX_K)
+
+
 def _xla_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, epilogue: str,
                     nk: bool) -> jax.Array:
     """``skinny_matmul``'s contract (float32 accumulation, its epilogues and roundings) as XLA ops."""
@@ -208,7 +223,7 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, fast: bool = False, epilogue: str = "none",
-                 tiling: dict[str, int] | None = None) -> jax.Array:
+                 tiling: dict[str, int] | None = None, norm: tuple | None = None):
         nk = WEIGHT_LAYOUT == "nk"
         shape = (self.features, x.shape[-1]) if nk else (x.shape[-1], self.features)
         # lecun_normal's fan-in is the kernel's second-to-last axis: `[in, out]`'s in.
@@ -217,6 +232,13 @@ class Linear(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype) if self.use_bias else None
         x = x.astype(self.dtype)
         rows = x.size // x.shape[-1]
+        if norm is not None:  # x is the residual stream; see _fold_norms
+            from kernels.skinny_matmul import skinny_matmul_norm
+
+            partials, scale, eps = norm
+            h, out = skinny_matmul_norm(x.reshape(1, x.shape[-1]), partials, scale, kernel, bias, eps=eps,
+                                        epilogue=epilogue)
+            return h.reshape(x.shape), out.reshape(*x.shape[:-1], out.shape[-1])
         if fast:
             from kernels.skinny_matmul import skinny_matmul
 
@@ -244,8 +266,11 @@ class RMSNorm(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, partials: jax.Array | None = None, fused: bool = False):
+    def __call__(self, x: jax.Array, partials: jax.Array | None = None, fused: bool = False,
+                 folded: bool = False):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        if folded:  # the projection after the norm computes it (_fold_norms): hand it what it needs
+            return partials, scale, self.eps
         if fused:
             from kernels.residual_norm import add_rms_norm
 
@@ -295,22 +320,28 @@ class Attention(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, lengths, kv, paged: PagedAttention | None, glue: bool = False):
+    def __call__(self, x, cos, sin, lengths, kv, paged: PagedAttention | None, glue: bool = False,
+                 norm: tuple | None = None):
         """The attention sublayer's output ``[B, S, hidden]``, or with ``glue`` the o_proj's
-        K-split partial sums ``[splits, B, hidden]``; and the KV pages."""
+        K-split partial sums ``[splits, B, hidden]``; and the KV pages. With ``norm`` (the input
+        norm's ``(partials, scale, eps)``, _fold_norms) ``x`` is the residual stream before that
+        norm, and the new residual comes back third."""
         cfg = self.config
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, s, _ = x.shape
         fast = _fast_kernels(paged)
-        qkv = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")(x, fast,
-                                                                           tiling=QKV_SKINNY_TILING)
+        qkv_proj = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")
+        if norm is not None:
+            x, qkv = qkv_proj(x, fast, norm=norm)
+        else:
+            qkv = qkv_proj(x, fast, tiling=QKV_SKINNY_TILING)
         if fast and s == 1:
             out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg)
         else:
             out, kv = _attend(qkv, cos, sin, lengths, kv, paged, cfg)
         out = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")(
             out.reshape(b, s, h * d).astype(self.dtype), fast, "partials" if glue else "none")
-        return out, kv
+        return (out, kv, x) if norm is not None else (out, kv)
 
 
 class MLP(nn.Module):
@@ -318,11 +349,15 @@ class MLP(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, fast: bool = False, glue: bool = False):
-        """``[B, S, hidden]``, or with ``glue`` the down_proj's K-split partials (see Attention)."""
+    def __call__(self, x, fast: bool = False, glue: bool = False, norm: tuple | None = None):
+        """``[B, S, hidden]``, or with ``glue`` the down_proj's K-split partials (see Attention;
+        with ``norm``, ``(new residual, partials)``)."""
         inter = self.config.intermediate_size
         gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")
         down = Linear(self.config.hidden_size, False, self.dtype, name="down_proj")
+        if norm is not None:
+            x, act = gate_up(x, fast, "swiglu", norm=norm)
+            return x, down(act, fast, "partials")
         if glue:
             return down(gate_up(x, fast, "swiglu"), fast, "partials")
         gate_up = gate_up(x, fast)
@@ -347,6 +382,11 @@ class DecoderLayer(nn.Module):
         mlp = MLP(self.config, self.dtype, name="mlp")
         input_norm = RMSNorm(eps, self.dtype, name="input_layernorm")
         post_norm = RMSNorm(eps, self.dtype, name="post_attention_layernorm")
+        if _fused_glue(paged, x) and _fold_norms(x):
+            partials, kv, x = attn(x, cos, sin, lengths, kv, paged, glue=True,
+                                   norm=input_norm(x, pending, folded=True))
+            x, pending = mlp(x, True, glue=True, norm=post_norm(x, partials, folded=True))
+            return x, pending, kv
         if _fused_glue(paged, x):
             x, h = input_norm(x, pending, fused=True)
             partials, kv = attn(h, cos, sin, lengths, kv, paged, glue=True)

@@ -61,6 +61,8 @@ NK_GEMV_BLOCK_N = 8
 NK_GEMV_BLOCK_K = 1024
 NK_GEMV_WARPS = 8
 NK_TARGET_PROGRAMS = _TARGET_PROGRAMS
+# `[N, K]` weight rows a program in interpret mode (the CPU), when the caller picks no tile.
+INTERPRET_BLOCK_N = 64
 
 
 def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int,
@@ -117,6 +119,12 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
     if epilogue == "partials":
         compat.store(o_ref.at[(split,) + tile], accs[0], mask=mask)
         return
+    _store_output(accs, o_ref, b_ref if has_bias else None, epilogue=epilogue, tile=tile, mask=mask,
+                  cols_at=pl.ds(col_block * block_n, block_n), col_ok=col_ok)
+
+
+def _store_output(accs, o_ref, b_ref, *, epilogue: str, tile, mask, cols_at, col_ok) -> None:
+    """A program's float32 sums to its output tile: SwiGLU of the (gate, up) pair, or bias + round."""
     dtype = o_ref.dtype
     if epilogue == "swiglu":
         # Hugging Face's roundings: both projections in the activation dtype, silu of the
@@ -126,8 +134,8 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
         compat.store(o_ref.at[tile], (act * up).astype(dtype), mask=mask)
         return
     acc = accs[0]
-    if has_bias:
-        bias = compat.load(b_ref.at[pl.ds(col_block * block_n, block_n)], mask=col_ok, other=0)
+    if b_ref is not None:
+        bias = compat.load(b_ref.at[cols_at], mask=col_ok, other=0)
         acc = acc + bias.astype(jnp.float32)[None, :]
     compat.store(o_ref.at[tile], acc.astype(dtype), mask=mask)
 
@@ -272,7 +280,16 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
             raise ValueError(f"{name} must be a power of two >= {least}, got {v}")
 
     check_tile("block_m", block_m)  # before the default tiling divides by it
+    interpret = compat.resolve_interpret(interpret)
+    if interpret and layout == "nk" and block_n is None:
+        # Interpret mode runs programs one after another: the GPU's narrow tiles would make a
+        # CPU decode step ~10x slower than wide ones.
+        block_n = INTERPRET_BLOCK_N
     dn, dk, ds = default_tiling(x.shape[0], x.shape[1], n, epilogue, block_m, layout, gemv)
+    dk = min(dk, max(16, compat.next_pow2(x.shape[1])))  # no tile longer than K's power of two
+    if block_n is not None and num_splits is None and epilogue != "swiglu":
+        ds = split_count(x.shape[0], x.shape[1], n, block_n, block_k or dk,
+                         NK_TARGET_PROGRAMS if layout == "nk" else _TARGET_PROGRAMS, block_m)
     block_n, block_k = block_n or dn, block_k or dk
     num_splits = num_splits or ds
     # The lane-wise path has no tensor-core minimum: a few weight rows a program is fine.
@@ -282,7 +299,7 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         num_warps = NK_GEMV_WARPS if gemv else 4
     return _skinny(x, w, bias, epilogue=epilogue, block_m=block_m, block_n=block_n, block_k=block_k,
                    num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
-                   interpret=compat.resolve_interpret(interpret), layout=layout, gemv=gemv)
+                   interpret=interpret, layout=layout, gemv=gemv)
 
 
 def skinny_matmul_reference(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
@@ -308,3 +325,139 @@ def skinny_matmul_reference(x: jax.Array, w: jax.Array, bias: jax.Array | None =
     if bias is not None:
         out = out + bias.astype(jnp.float32)
     return out.astype(x.dtype)
+
+
+# Widest row the norm-folding one-row path takes in a single load (a Qwen2.5-0.5B row is 896,
+# padded to 1024): each program holds the whole row and its weight rows in registers.
+NORM_GEMV_MAX_K = 2048
+
+
+def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, has_bias: bool,
+                      block_n: int, block_k: int, n_out: int):
+    refs = list(refs)
+    p_ref = refs.pop(0) if num_parts else None
+    scale_ref, w_ref = refs.pop(0), refs.pop(0)
+    b_ref = refs.pop(0) if has_bias else None
+    h_out_ref = refs.pop(0) if num_parts else None
+    (o_ref,) = refs
+    col_block = pl.program_id(0)
+    k_total = h_ref.shape[1]
+    k_ok = jnp.arange(block_k) < k_total
+    cols = col_block * block_n + jnp.arange(block_n)
+    col_ok = cols < n_out
+    halves = (0, n_out) if epilogue == "swiglu" else (0,)
+    # The weight rows first: they do not depend on the norm, so their loads are in flight while
+    # the program sums the residual and its statistics.
+    ws = [compat.load(w_ref.at[pl.ds(offset + col_block * block_n, block_n), pl.ds(0, block_k)],
+                      mask=col_ok[:, None] & k_ok[None, :], other=0) for offset in halves]
+    dtype = h_ref.dtype
+    row = jnp.int32(0)  # a traced index: interpret mode's discharge wants one, not a Python int
+    h = compat.load(h_ref.at[row, pl.ds(0, block_k)], mask=k_ok, other=0)
+    if num_parts:  # add_rms_norm's sum and roundings, redone by every program (an L2-resident row)
+        parts = [compat.load(p_ref.at[jnp.int32(i), row, pl.ds(0, block_k)], mask=k_ok, other=0)
+                 for i in range(num_parts)]
+        delta = functools.reduce(jnp.add, parts)
+        h = (h.astype(jnp.float32) + delta.astype(dtype).astype(jnp.float32)).astype(dtype)
+        compat.store(h_out_ref.at[row, pl.ds(0, block_k)], h, mask=k_ok & (col_block == 0))
+    hf = h.astype(jnp.float32)
+    normed = (hf * lax.rsqrt(jnp.sum(hf * hf) / k_total + eps)).astype(dtype)
+    scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
+    x = (scale.astype(jnp.float32) * normed.astype(jnp.float32)).astype(dtype).astype(jnp.float32)
+    accs = tuple(jnp.sum(w.astype(jnp.float32) * x[None, :], axis=1)[None, :] for w in ws)
+    _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=(pl.ds(0, 1), pl.ds(col_block * block_n, block_n)),
+                  mask=col_ok[None, :], cols_at=pl.ds(col_block * block_n, block_n), col_ok=col_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "epilogue", "block_n", "num_warps", "interpret"))
+def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, block_n: int,
+               num_warps: int, interpret: bool):
+    k = hidden.shape[1]
+    n_out = w.shape[0] // 2 if epilogue == "swiglu" else w.shape[0]
+    num_parts = 0 if partials is None else partials.shape[0]
+    kernel = functools.partial(_norm_gemv_kernel, num_parts=num_parts, eps=eps, epilogue=epilogue,
+                               has_bias=bias is not None, block_n=block_n, block_k=compat.next_pow2(k),
+                               n_out=n_out)
+    args = [hidden] + ([partials] if num_parts else []) + [scale, w] + ([bias] if bias is not None else [])
+    out_shape = ([jax.ShapeDtypeStruct(hidden.shape, hidden.dtype)] if num_parts else []) \
+        + [jax.ShapeDtypeStruct((1, n_out), hidden.dtype)]
+    outs = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(n_out, block_n),),
+        in_specs=[pl.no_block_spec] * len(args),
+        out_specs=[pl.no_block_spec] * len(out_shape),
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=1),
+        name="skinny_matmul_norm",
+    )(*args)
+    return (outs[0], outs[1]) if num_parts else (hidden, outs[0])
+
+
+def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array, w: jax.Array,
+                       bias: jax.Array | None = None, *, eps: float, epilogue: str = "none",
+                       block_n: int | None = None, num_warps: int | None = None,
+                       interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    """`kernels.residual_norm.add_rms_norm` folded into a one-row `[N, K]` skinny matmul.
+
+    `h = hidden + sum(partials)`, `x = RMSNorm(h) * scale` (add_rms_norm's roundings), and returns
+    `(h, skinny_matmul(x, w, bias, epilogue=epilogue, layout="nk"))` from one launch: every
+    program re-derives the row's norm (the row is a few KiB, read from L2) instead of waiting for a
+    norm kernel before it. One row, one K block (`K <= NORM_GEMV_MAX_K`), no K split.
+
+    Args:
+        hidden: `[1, K]` residual stream.
+        partials: `[S, 1, K]` float32 partial sums to add into it first, or None.
+        scale: `[K]` the norm's weight.
+        w: `[N, K]` weights; bias: optional `[N]` (epilogue "none").
+        eps: the norm's epsilon.
+        epilogue: "none" or "swiglu" (as `skinny_matmul`).
+        block_n: weight rows a program (power of two); None: `NK_GEMV_BLOCK_N`.
+        num_warps: None: `NK_GEMV_WARPS`.
+        interpret: Pallas interpret mode; None picks it on the CPU backend.
+
+    Example:
+        >>> h, y = skinny_matmul_norm(jnp.ones((1, 8)), None, jnp.ones(8), jnp.ones((4, 8)), eps=1e-6)
+        >>> y.tolist()
+        [[8.0, 8.0, 8.0, 8.0]]
+    """
+    if hidden.ndim != 2 or hidden.shape[0] != 1:
+        raise ValueError(f"hidden must be [1, K], got {hidden.shape}")
+    k = hidden.shape[1]
+    if k > NORM_GEMV_MAX_K:
+        raise ValueError(f"hidden's K must be at most NORM_GEMV_MAX_K={NORM_GEMV_MAX_K}, got {k}")
+    if partials is not None and (partials.ndim != 3 or partials.shape[1:] != hidden.shape):
+        raise ValueError(f"partials must be [S, 1, {k}], got {partials.shape}")
+    if scale.shape != (k,):
+        raise ValueError(f"scale must be [{k}], got {scale.shape}")
+    if w.ndim != 2 or w.shape[1] != k:
+        raise ValueError(f"w must be [N, {k}], got {w.shape}")
+    if epilogue not in ("none", "swiglu"):
+        raise ValueError(f"epilogue must be 'none' or 'swiglu', got {epilogue!r}")
+    if epilogue == "swiglu" and w.shape[0] % 2:
+        raise ValueError(f"swiglu needs an even number of weight rows, got {w.shape[0]}")
+    if bias is not None and (epilogue != "none" or bias.shape != (w.shape[0],)):
+        raise ValueError(f"bias must be [{w.shape[0]}] with epilogue 'none', got {bias.shape} with {epilogue!r}")
+    interpret = compat.resolve_interpret(interpret)
+    block_n = block_n or (INTERPRET_BLOCK_N if interpret else NK_GEMV_BLOCK_N)
+    if block_n < 1 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two, got {block_n}")
+    if partials is not None:
+        partials = partials.astype(jnp.float32)
+    return _norm_gemv(hidden, partials, scale, w, bias, eps=float(eps), epilogue=epilogue, block_n=block_n,
+                      num_warps=num_warps or NK_GEMV_WARPS, interpret=interpret)
+
+
+def skinny_matmul_norm_reference(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array,
+                                 w: jax.Array, bias: jax.Array | None = None, *, eps: float,
+                                 epilogue: str = "none") -> tuple[jax.Array, jax.Array]:
+    """jnp reference of `skinny_matmul_norm`: the two references it folds together.
+
+    Example:
+        >>> h, y = skinny_matmul_norm_reference(jnp.ones((1, 4)), None, jnp.ones(4), jnp.ones((2, 4)), eps=0.0)
+        >>> y.tolist()
+        [[4.0, 4.0]]
+    """
+    from kernels.residual_norm import add_rms_norm_reference
+
+    h, x = add_rms_norm_reference(hidden, partials, scale, eps=eps)
+    return h, skinny_matmul_reference(x, w, bias, epilogue=epilogue, layout="nk")

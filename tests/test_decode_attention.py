@@ -144,6 +144,8 @@ def test_fused_decode_shape_errors_name_the_field():
     # and through XLA's dots feeding the glue kernels (model.DECODE_PROJECTIONS "xla").
     ("pallas", {}, "nk", "pallas"),
     ("pallas", {}, "nk", "xla"),
+    # Each norm folded into the projection after it (model.NORM_IN_PROJECTION; one-row steps).
+    ("pallas", {}, "nk", "pallas+norm"),
 ])
 def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, projections, monkeypatch):
     # One paged decode step of the whole model (under "pallas": the fused attention kernel and
@@ -156,7 +158,8 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
 
     monkeypatch.setattr(model_module, "QKV_SKINNY_TILING", qkv_tiling)
     monkeypatch.setattr(model_module, "WEIGHT_LAYOUT", layout)
-    monkeypatch.setattr(model_module, "DECODE_PROJECTIONS", projections)
+    monkeypatch.setattr(model_module, "DECODE_PROJECTIONS", projections.split("+")[0])
+    monkeypatch.setattr(model_module, "NORM_IN_PROJECTION", projections.endswith("+norm"))
     rng, seed = fresh_rng()
     cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
@@ -169,8 +172,16 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.asarray(rng.standard_normal(x.shape) * 0.5, x.dtype)
         if "bias" in jax.tree_util.keystr(p) else x, params)
-    batch, page_size, width = 3, 8, 4
-    lengths = np.array([5, 17, 9])  # tokens before the decoded one
+    fold = projections.endswith("+norm")
+    batch, page_size, width = (1 if fold else 3), 8, 4  # norms fold into one-row steps only
+    lengths = np.array([5, 17, 9])[:batch]  # tokens before the decoded one
+    if fold:
+        import importlib
+
+        sm = importlib.import_module("kernels.skinny_matmul")  # the package exports a function of that name
+        folded = []
+        monkeypatch.setattr(sm, "skinny_matmul_norm",
+                            lambda *a, _f=sm.skinny_matmul_norm, **k: folded.append(1) or _f(*a, **k))
     tokens = rng.integers(0, cfg.vocab_size, (batch, lengths.max() + 1)).astype(np.int32)
     table = rng.permutation(batch * width).reshape(batch, width).astype(np.int32)
     kv = new_kv_cache(cfg, batch * width, page_size, jnp.float32)
@@ -191,6 +202,8 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
                          jnp.asarray(lengths + 1, jnp.int32), jnp.asarray(lengths, jnp.int32), impl=impl)
     logits, _ = model.apply({"params": params}, jnp.asarray(new_tok), jnp.asarray(lengths[:, None], jnp.int32),
                             kv=kv, paged=dec)
+    if fold:
+        assert len(folded) == 2 * cfg.num_hidden_layers  # qkv and gate_up of every layer
     for b in range(batch):
         dense, _ = model.apply({"params": params}, jnp.asarray(tokens[b: b + 1, : lengths[b] + 1]))
         assert relative_error(logits[b, 0], dense[0, -1]) <= 1e-4, f"row {b}, seed={seed}"

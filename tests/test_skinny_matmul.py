@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kernels.skinny_matmul import (MAX_ROWS, ROW_BLOCK, default_tiling, skinny_matmul,
+                                   skinny_matmul_norm, skinny_matmul_norm_reference,
                                    skinny_matmul_reference)
 from tests.test_kernels import MODES, TOLERANCE, fresh_rng, relative_error
 
@@ -123,6 +124,46 @@ def test_skinny_matmul_nk_layout_matches_reference(interpret, epilogue, m, k, n,
         assert out.shape == (m, n // 2 if epilogue == "swiglu" else n) and out.dtype == dtype
     assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
     assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
+
+
+NORM_CASES = [  # (epilogue, K, N, dtype, bias, partials, block_n)
+    ("none", 896, 1152, jnp.bfloat16, True, 2, None),    # Qwen2.5-0.5B qkv after the down split's two
+    ("swiglu", 896, 2 * 4864, jnp.bfloat16, False, 1, None),  # gate_up after o_proj
+    ("none", 200, 130, jnp.float32, True, 0, 16),         # the first layer: nothing to add
+    ("swiglu", 72, 2 * 37, jnp.float32, False, 3, 4),     # ragged K and N, a few rows a program
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("epilogue,k,n,dtype,with_bias,parts,bn", NORM_CASES)
+def test_skinny_matmul_norm_matches_reference(interpret, epilogue, k, n, dtype, with_bias, parts, bn):
+    rng, seed = fresh_rng()
+    hidden = jnp.asarray(rng.standard_normal((1, k)), dtype)
+    partials = jnp.asarray(rng.standard_normal((parts, 1, k)), jnp.float32) if parts else None
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, k), dtype)
+    w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), dtype)
+    bias = jnp.asarray(rng.standard_normal(n), dtype) if with_bias else None
+    h, y = skinny_matmul_norm(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue,
+                              block_n=bn, interpret=interpret)
+    h_ref, y_ref = skinny_matmul_norm_reference(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue)
+    assert h.shape == hidden.shape and y.shape == (1, n // 2 if epilogue == "swiglu" else n)
+    assert not np.isnan(np.asarray(y, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(h, h_ref) <= TOLERANCE[dtype], f"seed={seed}"
+    assert relative_error(y, y_ref) <= TOLERANCE[dtype], f"seed={seed}"
+
+
+def test_skinny_matmul_norm_errors_name_the_field():
+    ones = jnp.ones((1, 8))
+    with pytest.raises(ValueError, match="hidden"):
+        skinny_matmul_norm(jnp.ones((2, 8)), None, jnp.ones(8), jnp.ones((4, 8)), eps=1e-6)
+    with pytest.raises(ValueError, match="partials"):
+        skinny_matmul_norm(ones, jnp.ones((2, 8)), jnp.ones(8), jnp.ones((4, 8)), eps=1e-6)
+    with pytest.raises(ValueError, match="scale"):
+        skinny_matmul_norm(ones, None, jnp.ones(7), jnp.ones((4, 8)), eps=1e-6)
+    with pytest.raises(ValueError, match="w must be"):
+        skinny_matmul_norm(ones, None, jnp.ones(8), jnp.ones((8, 4)), eps=1e-6)
+    with pytest.raises(ValueError, match="NORM_GEMV_MAX_K"):
+        skinny_matmul_norm(jnp.ones((1, 4096)), None, jnp.ones(4096), jnp.ones((4, 4096)), eps=1e-6)
 
 
 def test_default_tiling_fills_the_gpu_by_splitting_narrow_matrices():
