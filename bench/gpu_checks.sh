@@ -33,6 +33,8 @@
 #               tiles, 256 (cuBLAS) and prefill (bench/prefill_step.py, cuBLAS on each layout) (~420 s)
 #   fold        session 14: compiled skinny / decode-attention / model tests, then batch 1 with each norm folded
 #               into the projection after it (profiled) vs the [N, K] default vs [K, N], and 16 / 64 (~330 s)
+#   fold2       session 14, norms folded by default: one-row tilings again at batch 1 (4 / 16 rows, 16 warps, no
+#               fold), and batch 64's [N, K] tensor-core tile against [K, N] (~180 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -118,6 +120,10 @@ for part in "${parts[@]}"; do
             --glue kn kernels norm_fold --rounds 5 --reps 10 --profile /tmp/fold
           timeout 150 python3 bench/decode_step.py --batches 16 64 --variants default --no-static \
             --glue kn kernels nk_k256 --rounds 5 --reps 10 ;;
+    fold2) timeout 110 python3 bench/decode_step.py --batches 1 --variants default --no-static \
+             --glue kernels gemv_n4 gemv_n16 gemv_w16 no_norm_fold --rounds 5 --reps 10 --profile /tmp/fold2
+           timeout 80 python3 bench/decode_step.py --batches 64 --variants default --no-static \
+             --glue kn kernels nk_k64 --rounds 5 --reps 10 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

@@ -138,9 +138,10 @@ DECODE_PROJECTIONS = os.environ.get("JAXSERVE_DECODE_PROJECTIONS", "pallas")
 
 
 # One-row decode steps fold each sublayer's add + RMSNorm into the projection after it (qkv,
-# gate_up: `kernels.skinny_matmul.skinny_matmul_norm`), 48 launches a Qwen2.5-0.5B step fewer.
-# Needs the "nk" layout's one-row path. Read when a step is traced.
-NORM_IN_PROJECTION = os.environ.get("JAXSERVE_NORM_IN_PROJECTION", "0") == "1"
+# gate_up: `kernels.skinny_matmul.skinny_matmul_norm`): 132 kernels a Qwen2.5-0.5B step instead of
+# 180, batch-1 step 0.666 vs 0.685 ms on the H200 (bench/results/decode_step.md, session 14). Needs
+# the "nk" layout's one-row path. JAXSERVE_NORM_IN_PROJECTION=0 turns it off. Read when a step is traced.
+NORM_IN_PROJECTION = os.environ.get("JAXSERVE_NORM_IN_PROJECTION", "1") == "1"
 
 
 def _fold_norms(x: jax.Array) -> bool:
