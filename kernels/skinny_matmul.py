@@ -1,27 +1,35 @@
 """Skinny matmul: a few activation rows times a weight matrix, at weight-streaming speed.
 
-Owns: the decode step's projections (`x [M, K] @ w [K, N] + bias` with M, the batch,
-at most `MAX_ROWS`) and their jnp reference. Never decides when it is used (the model
-does: decode steps of small batches under the "pallas" implementation).
+Owns: the decode step's projections (`x [M, K] @ w + bias` with M, the batch, at most
+`MAX_ROWS`; `w` stored `[N, K]`, the engine's layout, or `[K, N]`), the one-row projection with
+the add + RMSNorm before it folded in (`skinny_matmul_norm`), and their jnp references. Never
+decides when it is used (the model does: decode steps of small batches under "pallas").
 
 Why: a decode step reads every weight once and does almost no arithmetic on it, so a
 projection should take its weight's bytes over the HBM bandwidth. XLA does not get there
-at small M (H100 profile, Qwen2.5-0.5B, bench/results/decode_step.md): at M = 1 it
-rewrites the dot as a multiply (materialized at the weight's size for two of the four
-projections) plus a reduction, ~790 µs a step for 713 MB of layer weights (~0.9 TB/s);
-at M = 64 its Triton GEMMs reach ~1 TB/s.
+at small M with `[K, N]` weights (H100 profile, Qwen2.5-0.5B, bench/results/decode_step.md): at
+M = 1 it rewrites the dot as a multiply (materialized at the weight's size for two of the four
+projections) plus a reduction, ~790 µs a step for 713 MB of layer weights (~0.9 TB/s); at M = 64
+its Triton GEMMs reach ~1 TB/s. And between the projections sits glue a launch each.
 
-How: one program per (block of `block_m` rows, `ROW_BLOCK` by default, block of `block_n`
-output columns, K split); a decode step of up to 64 rows is one row block. Each program keeps its rows
-(padded to 16, the MMA's minimum, by masked loads) and streams its weight columns
-`block_k` rows at a time through a tensor-core product with a float32 accumulator; the
-loop is software-pipelined (`num_stages`) so several weight tiles are in flight. Narrow
-matrices (few column blocks) split K so that enough programs run to fill the GPU; the
-splits write float32 partial sums that one XLA reduction adds, or, with the "partials"
-epilogue, that the caller hands on whole to the next kernel (`kernels.residual_norm`
-sums them with the residual add and the next RMSNorm in one launch). The "swiglu"
-epilogue reads gate and up columns in one program and returns silu(gate) * up, so the
-MLP's activation costs no launch. Deterministic: no atomics.
+How, several rows: one program per (block of `block_m` rows, `ROW_BLOCK` by default, block of
+`block_n` outputs, K split); a decode step of up to 64 rows is one row block. Each program keeps
+its rows (padded to 16, the MMA's minimum, by masked loads) and streams its weight tiles `block_k`
+deep through a tensor-core product with a float32 accumulator; the loop is software-pipelined
+(`num_stages`) so several weight tiles are in flight. Narrow matrices (few column blocks) split K
+so that enough programs run to fill the GPU; the splits write float32 partial sums that one XLA
+reduction adds, or, with the "partials" epilogue, that the caller hands on whole to the next
+kernel (`kernels.residual_norm` sums them with the residual add and the next RMSNorm in one
+launch). The "swiglu" epilogue reads gate and up outputs in one program and returns
+silu(gate) * up, so the MLP's activation costs no launch. Deterministic: no atomics.
+
+How, one row (`gemv`, `[N, K]` weights): a program takes a few whole weight rows
+(`NK_GEMV_BLOCK_N` x `NK_GEMV_BLOCK_K`: a Qwen2.5-0.5B row of 896 in one load), multiplies them
+by the activation row lane by lane and sums each row once at the end: no tensor-core product
+padded to 16 rows, many programs with all their bytes in flight at once (session 14: 0.685 vs
+0.757 ms a batch-1 step for the `[K, N]` tensor-core path). `skinny_matmul_norm` also starts
+each program with the residual add and RMSNorm of the row (re-derived per program from a few
+KiB in L2), so a one-row decode layer has no norm launches at all (0.666 ms, 132 kernels).
 
 Backend: Pallas Triton, like the other kernels (`kernels.paged_attention` says why).
 """
@@ -416,7 +424,7 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
         interpret: Pallas interpret mode; None picks it on the CPU backend.
 
     Example:
-        >>> h, y = skinny_matmul_norm(jnp.ones((1, 8)), None, jnp.ones(8), jnp.ones((4, 8)), eps=1e-6)
+        >>> h, y = skinny_matmul_norm(jnp.ones((1, 8)), None, jnp.ones(8), jnp.ones((4, 8)), eps=0.0)
         >>> y.tolist()
         [[8.0, 8.0, 8.0, 8.0]]
     """
