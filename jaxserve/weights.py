@@ -1,8 +1,9 @@
 """Hugging Face Qwen2 checkpoints <-> the Flax params pytree of ``jaxserve.model``.
 
-Owns the name and layout mapping (HF ``[out, in]`` matrices become Flax ``[in, out]``
-kernels; q/k/v and gate/up are fused), checkpoint validation and the converted on-disk
-format. It never runs the model.
+Owns the name and layout mapping (HF ``[out, in]`` matrices stay ``[out, in]`` under the
+model's default ``WEIGHT_LAYOUT`` "nk", or become Flax ``[in, out]`` kernels under "kn"; q/k/v
+and gate/up are fused), checkpoint validation and the converted on-disk format (which notes
+its layout, so a file saved under one loads under the other). It never runs the model.
 
 Tensors are read one at a time from memory-mapped safetensors shards and placed on the
 device in the target dtype straight away, so the host never holds a second full copy of
