@@ -75,7 +75,8 @@ NK_TILINGS = {
     "gemv_n4": {"NK_GEMV_BLOCK_N": 4}, "gemv_n4_w4": {"NK_GEMV_BLOCK_N": 4, "NK_GEMV_WARPS": 4},
     "gemv_n16": {"NK_GEMV_BLOCK_N": 16}, "gemv_t1k": {"NK_TARGET_PROGRAMS": 1056},
     "gemv_k2048": {"NK_GEMV_BLOCK_K": 2048}, "gemv_w16": {"NK_GEMV_WARPS": 16}, "nk_k256": {"NK_BLOCK_K": 256},
-    "nk_k64": {"NK_BLOCK_K": 64},
+    "nk_k64": {"NK_BLOCK_K": 64}, "nk_n64_k128": {"NK_BLOCK_N": 64, "NK_BLOCK_K": 128},
+    "nk_n16_k128": {"NK_BLOCK_N": 16, "NK_BLOCK_K": 128},
 }
 
 
