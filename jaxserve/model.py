@@ -155,18 +155,11 @@ def _fold_norms(x: jax.Array) -> bool:
 def _xla_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, epilogue: str,
                     nk: bool) -> jax.Array:
     """``skinny_matmul``'s contract (float32 accumulation, its epilogues and roundings) as XLA ops."""
+    from kernels.skinny_matmul import apply_epilogue
+
     y = jax.lax.dot_general(x, kernel, (((1,), (1 if nk else 0,)), ((), ())),
                             preferred_element_type=jnp.float32)
-    if epilogue == "partials":
-        return y[None]
-    if epilogue == "swiglu":
-        half = y.shape[1] // 2
-        gate, up = (a.astype(x.dtype).astype(jnp.float32) for a in (y[:, :half], y[:, half:]))
-        act = jax.nn.silu(gate).astype(x.dtype).astype(jnp.float32)
-        return (act * up).astype(x.dtype)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
+    return apply_epilogue(y, x.dtype, bias, epilogue)
 
 
 def convert_weight_layout(params: dict, src: str, dst: str) -> dict:

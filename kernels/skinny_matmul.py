@@ -323,16 +323,27 @@ def skinny_matmul_reference(x: jax.Array, w: jax.Array, bias: jax.Array | None =
     if layout == "nk":
         w = w.T
     out = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    return apply_epilogue(out, x.dtype, bias, epilogue)
+
+
+def apply_epilogue(out: jax.Array, dtype, bias: jax.Array | None, epilogue: str) -> jax.Array:
+    """The kernel's epilogues and roundings in jnp, on a float32 product `[M, N]` (for the
+    reference and for callers that take the product from elsewhere, e.g. XLA's dot).
+
+    Example:
+        >>> apply_epilogue(jnp.ones((1, 2)), jnp.float32, None, "partials").shape
+        (1, 1, 2)
+    """
     if epilogue == "partials":
         return out[None]
     if epilogue == "swiglu":
-        half = w.shape[1] // 2
-        gate, up = (a.astype(x.dtype).astype(jnp.float32) for a in (out[:, :half], out[:, half:]))
-        act = jax.nn.silu(gate).astype(x.dtype).astype(jnp.float32)
-        return (act * up).astype(x.dtype)
+        half = out.shape[1] // 2
+        gate, up = (a.astype(dtype).astype(jnp.float32) for a in (out[:, :half], out[:, half:]))
+        act = jax.nn.silu(gate).astype(dtype).astype(jnp.float32)
+        return (act * up).astype(dtype)
     if bias is not None:
         out = out + bias.astype(jnp.float32)
-    return out.astype(x.dtype)
+    return out.astype(dtype)
 
 
 # Widest row the norm-folding one-row path takes in a single load (a Qwen2.5-0.5B row is 896,
