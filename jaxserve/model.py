@@ -130,7 +130,30 @@ SKINNY_ROWS = int(os.environ.get("JAXSERVE_SKINNY_ROWS", "64"))
 # are no slower (bench/results/decode_step.md). Params must match (`convert_weight_layout`;
 # `jaxserve.weights` loads and saves in this layout). Read when a step is traced.
 WEIGHT_LAYOUT = os.environ.get("JAXSERVE_WEIGHT_LAYOUT", "nk")
+if WEIGHT_LAYOUT not in ("kn", "nk"):
+    raise ValueError(f"JAXSERVE_WEIGHT_LAYOUT must be 'kn' or 'nk', got {WEIGHT_LAYOUT!r}")
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def check_weight_layout(params: dict, config: ModelConfig) -> None:
+    """Refuse params whose projections are stored in the other layout than ``WEIGHT_LAYOUT``
+    (Flax would name only a shape; this names the fix).
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=8, hidden_size=4, intermediate_size=6, num_hidden_layers=1,
+        ...                   num_attention_heads=2, num_key_value_heads=1)
+        >>> check_weight_layout({"layers_0": {"mlp": {"gate_up_proj": {"kernel": jnp.zeros((12, 4))}}}}, cfg)
+    """
+    up = params.get("layers_0", {}).get("mlp", {}).get("gate_up_proj", {}).get("kernel")
+    if up is None:
+        return
+    inter, hidden = 2 * config.intermediate_size, config.hidden_size
+    want = (inter, hidden) if WEIGHT_LAYOUT == "nk" else (hidden, inter)
+    if tuple(up.shape) != want and tuple(up.shape) == want[::-1] and inter != hidden:
+        other = "kn" if WEIGHT_LAYOUT == "nk" else "nk"
+        raise ValueError(f"params' projection weights are stored {other!r} (gate_up kernel {tuple(up.shape)}), "
+                         f"the model's WEIGHT_LAYOUT is {WEIGHT_LAYOUT!r}: convert them with "
+                         f"jaxserve.model.convert_weight_layout(params, {other!r}, {WEIGHT_LAYOUT!r})")
 # Decode projections of at most SKINNY_ROWS rows: "pallas" (the skinny-matmul kernel) or "xla"
 # (XLA's dot, with the kernel's epilogues in jnp, so the glue kernels still consume them).
 # Experimental (bench/decode_step.py --glue nk_xla_glue). Read when a step is traced.

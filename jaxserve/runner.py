@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxserve import kv_pool
 from jaxserve.config import ModelConfig
-from jaxserve.model import KVCache, PagedAttention, Qwen2ForCausalLM, new_kv_cache
+from jaxserve.model import KVCache, PagedAttention, Qwen2ForCausalLM, check_weight_layout, new_kv_cache
 from jaxserve.sampling import SampleOutput, SamplingBatch, no_logprobs, sample, token_logprobs, update_counts
 
 # XLA compiler options of decode steps wider than the skinny matmul serves, whose projections
@@ -90,6 +90,7 @@ class Runner:
 
     def __init__(self, config: ModelConfig, params: Any, *, num_pages: int, page_size: int,
                  attention_impl: str = "pallas", prefill_options: dict[str, Any] | None = None) -> None:
+        check_weight_layout(params, config)
         self.config = config
         self.params = params
         self.page_size = page_size

@@ -117,6 +117,18 @@ def test_converted_params_load_in_the_models_weight_layout(tmp_path, monkeypatch
     jax.tree_util.tree_map(np.testing.assert_array_equal, m.params, load_converted(dst))
 
 
+def test_params_in_the_other_layout_are_refused_with_the_fix_named(tmp_path):
+    from jaxserve.model import convert_weight_layout
+    from jaxserve.runner import Runner
+
+    src = str(tmp_path / "hf")
+    make_hf_checkpoint(src)
+    m = jaxserve.load(src)
+    other = convert_weight_layout(m.params, "nk", "kn")
+    with pytest.raises(ValueError, match="convert_weight_layout"):
+        Runner(m.config, other, num_pages=8, page_size=4)
+
+
 def test_missing_shard_is_named(tmp_path):
     path = str(tmp_path / "ck")
     make_hf_checkpoint(path, max_shard_size="100KB")
