@@ -35,6 +35,8 @@
 #               into the projection after it (profiled) vs the [N, K] default vs [K, N], and 16 / 64 (~330 s)
 #   fold2       session 14, norms folded by default: one-row tilings again at batch 1 (4 / 16 rows, 16 warps, no
 #               fold), and batch 64's [N, K] tensor-core tile against [K, N] (~180 s)
+#   rows        written in session 14 after its device time, untimed: the lane-wise [N, K] path for 2-16 rows
+#               against the tensor-core path (compiled skinny tests first; batch 2 / 4 / 8 / 16) (~200 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -124,6 +126,10 @@ for part in "${parts[@]}"; do
              --glue kernels gemv_n4 gemv_n16 gemv_w16 no_norm_fold --rounds 5 --reps 10 --profile /tmp/fold2
            timeout 80 python3 bench/decode_step.py --batches 64 --variants default --no-static \
              --glue kn kernels nk_k64 --rounds 5 --reps 10 ;;
+    rows) timeout 100 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+            tests/test_skinny_matmul.py -k "compiled and lane_wise"
+          timeout 200 python3 bench/decode_step.py --batches 2 4 8 16 --variants default --no-static \
+            --glue kernels gemv_rows16 gemv_rows16_n4 --rounds 5 --reps 10 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

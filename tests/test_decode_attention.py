@@ -146,6 +146,8 @@ def test_fused_decode_shape_errors_name_the_field():
     ("pallas", {}, "nk", "xla"),
     # Each norm folded into the projection after it (model.NORM_IN_PROJECTION; one-row steps).
     ("pallas", {}, "nk", "pallas+norm"),
+    # The lane-wise skinny matmul for all three rows (skinny_matmul.NK_GEMV_MAX_ROWS raised).
+    ("pallas", {}, "nk", "pallas+rows"),
 ])
 def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, projections, monkeypatch):
     # One paged decode step of the whole model (under "pallas": the fused attention kernel and
@@ -160,6 +162,10 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
     monkeypatch.setattr(model_module, "WEIGHT_LAYOUT", layout)
     monkeypatch.setattr(model_module, "DECODE_PROJECTIONS", projections.split("+")[0])
     monkeypatch.setattr(model_module, "NORM_IN_PROJECTION", projections.endswith("+norm"))
+    if projections.endswith("+rows"):
+        import importlib
+
+        monkeypatch.setattr(importlib.import_module("kernels.skinny_matmul"), "NK_GEMV_MAX_ROWS", 8)
     rng, seed = fresh_rng()
     cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
