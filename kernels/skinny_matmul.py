@@ -382,8 +382,10 @@ def apply_epilogue(out: jax.Array, dtype, bias: jax.Array | None, epilogue: str)
 
 
 # Widest row the norm-folding one-row path takes in a single load (a Qwen2.5-0.5B row is 896,
-# padded to 1024): each program holds the whole row and its weight rows in registers.
-NORM_GEMV_MAX_K = 2048
+# padded to 1024, the only width timed): each program holds the whole row and its weight rows in
+# registers, twice as many a thread at 2048 (Qwen2.5-1.5B / 3B), where it may spill. Wider models
+# keep the norm kernels (`jaxserve.model._fold_norms`).
+NORM_GEMV_MAX_K = 1024
 
 
 def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, has_bias: bool,
