@@ -129,9 +129,10 @@ SKINNY_ROWS = int(os.environ.get("JAXSERVE_SKINNY_ROWS", "64"))
 # lane-wise path), batch-1 step 0.685 vs 0.755 ms on the H200, and wider steps and prefill (cuBLAS)
 # are no slower (bench/results/decode_step.md). Params must match (`convert_weight_layout`;
 # `jaxserve.weights` loads and saves in this layout). Read when a step is traced.
+WEIGHT_LAYOUTS = ("kn", "nk")
 WEIGHT_LAYOUT = os.environ.get("JAXSERVE_WEIGHT_LAYOUT", "nk")
-if WEIGHT_LAYOUT not in ("kn", "nk"):
-    raise ValueError(f"JAXSERVE_WEIGHT_LAYOUT must be 'kn' or 'nk', got {WEIGHT_LAYOUT!r}")
+if WEIGHT_LAYOUT not in WEIGHT_LAYOUTS:
+    raise ValueError(f"JAXSERVE_WEIGHT_LAYOUT must be one of {WEIGHT_LAYOUTS}, got {WEIGHT_LAYOUT!r}")
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
@@ -154,6 +155,8 @@ def check_weight_layout(params: dict, config: ModelConfig) -> None:
         raise ValueError(f"params' projection weights are stored {other!r} (gate_up kernel {tuple(up.shape)}), "
                          f"the model's WEIGHT_LAYOUT is {WEIGHT_LAYOUT!r}: convert them with "
                          f"jaxserve.model.convert_weight_layout(params, {other!r}, {WEIGHT_LAYOUT!r})")
+
+
 # Decode projections of at most SKINNY_ROWS rows: "pallas" (the skinny-matmul kernel) or "xla"
 # (XLA's dot, with the kernel's epilogues in jnp, so the glue kernels still consume them).
 # Experimental (bench/decode_step.py --glue nk_xla_glue). Read when a step is traced.
@@ -195,8 +198,8 @@ def convert_weight_layout(params: dict, src: str, dst: str) -> dict:
         (2, 4)
     """
     for name, layout in (("src", src), ("dst", dst)):
-        if layout not in ("kn", "nk"):
-            raise ValueError(f"{name} must be a weight layout, 'kn' or 'nk', got {layout!r}")
+        if layout not in WEIGHT_LAYOUTS:
+            raise ValueError(f"{name} must be a weight layout, one of {WEIGHT_LAYOUTS}, got {layout!r}")
     if src == dst:
         return params
 

@@ -183,25 +183,28 @@ def _store_output(accs, o_ref, b_ref, *, epilogue: str, tile, mask, cols_at, col
 
 
 def default_tiling(m: int, k: int, n: int, epilogue: str = "none",
-                   block_m: int = ROW_BLOCK, layout: str = "kn",
-                   gemv: bool = False) -> tuple[int, int, int]:
+                   block_m: int = ROW_BLOCK, layout: str = "kn", gemv: bool = False,
+                   block_n: int | None = None, block_k: int | None = None) -> tuple[int, int, int]:
     """(block_n, block_k, num_splits): 64 columns x 128 rows of weight (16 KiB of bf16) a
-    loop iteration; K split until about `_TARGET_PROGRAMS` programs run. SwiGLU loads two
-    32-column tiles an iteration (gate and up: the same bytes) and never splits.
+    loop iteration (never deeper than K's power of two); K split until about
+    `_TARGET_PROGRAMS` programs run. SwiGLU loads two 32-column tiles an iteration (gate and
+    up: the same bytes) and never splits. A `block_n` or `block_k` given replaces the default
+    and the split is counted for the tile that results.
 
     With the `[N, K]` layout a tile is `NK_BLOCK_N` weight rows of `NK_BLOCK_K` contiguous
     elements (`NK_GEMV_BLOCK_N` x `NK_GEMV_BLOCK_K` on the one-row `gemv` path), so narrow column
     blocks still read long runs of memory."""
     if layout == "nk":
-        block_n, block_k = (NK_GEMV_BLOCK_N, NK_GEMV_BLOCK_K) if gemv else (NK_BLOCK_N, NK_BLOCK_K)
-        if epilogue == "swiglu":
-            return block_n, block_k, 1
-        return block_n, block_k, split_count(m, k, n, block_n, block_k, NK_TARGET_PROGRAMS, block_m)
-    block_k = 128
+        dn, dk = (NK_GEMV_BLOCK_N, NK_GEMV_BLOCK_K) if gemv else (NK_BLOCK_N, NK_BLOCK_K)
+        target = NK_TARGET_PROGRAMS
+    else:
+        dn, dk = (32 if epilogue == "swiglu" else 64), 128
+        target = _TARGET_PROGRAMS
+    block_n = block_n or dn
+    block_k = block_k or min(dk, max(16, compat.next_pow2(k)))
     if epilogue == "swiglu":
-        return 32, block_k, 1
-    block_n = 64
-    return block_n, block_k, split_count(m, k, n, block_n, block_k, block_m=block_m)
+        return block_n, block_k, 1
+    return block_n, block_k, split_count(m, k, n, block_n, block_k, target, block_m)
 
 
 def split_count(m: int, k: int, n: int, block_n: int, block_k: int,
@@ -328,13 +331,9 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         # Interpret mode runs programs one after another: the GPU's narrow tiles would make a
         # CPU decode step ~10x slower than wide ones.
         block_n = INTERPRET_BLOCK_N
-    dn, dk, ds = default_tiling(x.shape[0], x.shape[1], n, epilogue, block_m, layout, gemv)
-    dk = min(dk, max(16, compat.next_pow2(x.shape[1])))  # no tile longer than K's power of two
-    if block_n is not None and num_splits is None and epilogue != "swiglu":
-        ds = split_count(x.shape[0], x.shape[1], n, block_n, block_k or dk,
-                         NK_TARGET_PROGRAMS if layout == "nk" else _TARGET_PROGRAMS, block_m)
-    block_n, block_k = block_n or dn, block_k or dk
-    num_splits = num_splits or ds
+    block_n, block_k, splits = default_tiling(x.shape[0], x.shape[1], n, epilogue, block_m, layout, gemv,
+                                              block_n, block_k)
+    num_splits = num_splits or splits
     # The lane-wise path has no tensor-core minimum: a few weight rows a program is fine.
     check_tile("block_n", block_n, 1 if gemv else 16)
     check_tile("block_k", block_k)
