@@ -80,6 +80,16 @@ NK_TILINGS = {
     # the lane-wise path for up to this many rows (each row summed every iteration), untimed yet
     "gemv_rows4": {"NK_GEMV_MAX_ROWS": 4}, "gemv_rows8": {"NK_GEMV_MAX_ROWS": 8},
     "gemv_rows16": {"NK_GEMV_MAX_ROWS": 16}, "gemv_rows16_n4": {"NK_GEMV_MAX_ROWS": 16, "NK_GEMV_BLOCK_N": 4},
+    # session 15: the folded-norm kernel's tiling by epilogue (NORM_GEMV_TILES): "sw" the gate_up
+    # projection (SwiGLU: gate and up rows a block), "qkv" the QKV; n = rows a block, w = warps,
+    # p = programs (each looping over blocks, the next block's rows loaded ahead)
+    **{f"fold_sw_{name}": {"NORM_GEMV_TILES": {"none": {}, "swiglu": tile}} for name, tile in {
+        "n4": dict(block_n=4), "n2": dict(block_n=2), "w16": dict(num_warps=16),
+        "n4_w4": dict(block_n=4, num_warps=4), "n4_p264": dict(block_n=4, num_programs=264),
+        "n2_p264": dict(block_n=2, num_programs=264), "n4_p528": dict(block_n=4, num_programs=528),
+        "n2_p528": dict(block_n=2, num_programs=528), "n4_p132": dict(block_n=4, num_programs=132)}.items()},
+    "fold_qkv_n4": {"NORM_GEMV_TILES": {"none": dict(block_n=4), "swiglu": {}}},
+    "fold_n4": {"NORM_GEMV_TILES": {"none": dict(block_n=4), "swiglu": dict(block_n=4)}},
 }
 
 
@@ -183,7 +193,7 @@ def run_variant(args) -> list[dict]:
     static_layout, params = next(iter(by_layout.items()))  # the static decoder's (it converts to [in, out])
     nk_defaults = {name: getattr(skinny_module, name) for name in
                    ("NK_BLOCK_N", "NK_BLOCK_K", "NK_GEMV", "NK_GEMV_BLOCK_N", "NK_GEMV_BLOCK_K",
-                    "NK_GEMV_WARPS", "NK_TARGET_PROGRAMS", "NK_GEMV_MAX_ROWS")}
+                    "NK_GEMV_WARPS", "NK_TARGET_PROGRAMS", "NK_GEMV_MAX_ROWS", "NORM_GEMV_TILES")}
     for batch in args.batches:
         steps = args.decode_steps
         width = args.table_pages or (args.context + steps) // 16 + 2

@@ -37,6 +37,10 @@
 #               fold), and batch 64's [N, K] tensor-core tile against [K, N] (~180 s)
 #   rows        written in session 14 after its device time, untimed: the lane-wise [N, K] path for 2-16 rows
 #               against the tensor-core path (compiled skinny tests first; batch 2 / 4 / 8 / 16) (~200 s)
+#   fold3       session 15: the folded-norm kernel's tiling per projection (gate_up's SwiGLU blocks hold 16 rows:
+#               64 weights a thread at 8 warps, the regime that was slowest unfolded): compiled norm tests, then
+#               batch 1 with 2 / 4 rows a block, 16 / 4 warps, programs looping over blocks (264 / 528 / 132),
+#               profiled (~250 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -130,6 +134,11 @@ for part in "${parts[@]}"; do
             tests/test_skinny_matmul.py -k "compiled and lane_wise"
           timeout 200 python3 bench/decode_step.py --batches 2 4 8 16 --variants default --no-static \
             --glue kernels gemv_rows16 gemv_rows16_n4 --rounds 5 --reps 10 ;;
+    fold3) timeout 120 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+             tests/test_skinny_matmul.py -k "compiled and norm"
+           timeout 330 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels \
+             fold_sw_n4 fold_sw_n2 fold_sw_w16 fold_sw_n4_w4 fold_sw_n4_p264 fold_sw_n2_p264 fold_sw_n4_p528 \
+             fold_sw_n2_p528 fold_sw_n4_p132 fold_qkv_n4 fold_n4 --rounds 5 --reps 10 --profile /tmp/fold3 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

@@ -385,26 +385,35 @@ def apply_epilogue(out: jax.Array, dtype, bias: jax.Array | None, epilogue: str)
 # registers, twice as many a thread at 2048 (Qwen2.5-1.5B / 3B), where it may spill. Wider models
 # keep the norm kernels (`jaxserve.model._fold_norms`).
 NORM_GEMV_MAX_K = 1024
+# `skinny_matmul_norm`'s tiling by epilogue, over the one-row path's defaults: `block_n` weight
+# rows a program (a half's: SwiGLU loads gate and up rows), `num_warps`, and `num_programs` (0:
+# one block of rows a program; fewer: each program loops over blocks, loading the next while it
+# multiplies the current). Read when a step is traced.
+NORM_GEMV_TILES: dict[str, dict[str, int]] = {"none": {}, "swiglu": {}}
 
 
 def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, has_bias: bool,
-                      block_n: int, block_k: int, n_out: int):
+                      block_n: int, block_k: int, n_out: int, num_programs: int):
     refs = list(refs)
     p_ref = refs.pop(0) if num_parts else None
     scale_ref, w_ref = refs.pop(0), refs.pop(0)
     b_ref = refs.pop(0) if has_bias else None
     h_out_ref = refs.pop(0) if num_parts else None
     (o_ref,) = refs
-    col_block = pl.program_id(0)
+    pid = pl.program_id(0)
     k_total = h_ref.shape[1]
     k_ok = jnp.arange(block_k) < k_total
-    cols = col_block * block_n + jnp.arange(block_n)
-    col_ok = cols < n_out
     halves = (0, n_out) if epilogue == "swiglu" else (0,)
+    num_blocks = pl.cdiv(n_out, block_n)
+
+    def load_rows(block):
+        col_ok = block * block_n + jnp.arange(block_n) < n_out
+        return tuple(compat.load(w_ref.at[pl.ds(offset + block * block_n, block_n), pl.ds(0, block_k)],
+                                 mask=col_ok[:, None] & k_ok[None, :], other=0) for offset in halves)
+
     # The weight rows first: they do not depend on the norm, so their loads are in flight while
     # the program sums the residual and its statistics.
-    ws = [compat.load(w_ref.at[pl.ds(offset + col_block * block_n, block_n), pl.ds(0, block_k)],
-                      mask=col_ok[:, None] & k_ok[None, :], other=0) for offset in halves]
+    ws = load_rows(pid)
     dtype = h_ref.dtype
     row = jnp.int32(0)  # a traced index: interpret mode's discharge wants one, not a Python int
     h = compat.load(h_ref.at[row, pl.ds(0, block_k)], mask=k_ok, other=0)
@@ -413,31 +422,53 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
                  for i in range(num_parts)]
         delta = functools.reduce(jnp.add, parts)
         h = (h.astype(jnp.float32) + delta.astype(dtype).astype(jnp.float32)).astype(dtype)
-        compat.store(h_out_ref.at[row, pl.ds(0, block_k)], h, mask=k_ok & (col_block == 0))
+        compat.store(h_out_ref.at[row, pl.ds(0, block_k)], h, mask=k_ok & (pid == 0))
     hf = h.astype(jnp.float32)
     normed = (hf * lax.rsqrt(jnp.sum(hf * hf) / k_total + eps)).astype(dtype)
     scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
     x = (scale.astype(jnp.float32) * normed.astype(jnp.float32)).astype(dtype).astype(jnp.float32)
-    accs = tuple(jnp.sum(w.astype(jnp.float32) * x[None, :], axis=1)[None, :] for w in ws)
-    _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=(pl.ds(0, 1), pl.ds(col_block * block_n, block_n)),
-                  mask=col_ok[None, :], cols_at=pl.ds(col_block * block_n, block_n), col_ok=col_ok)
+
+    def emit(block, ws):
+        cols_at = pl.ds(block * block_n, block_n)
+        col_ok = block * block_n + jnp.arange(block_n) < n_out
+        accs = tuple(jnp.sum(w.astype(jnp.float32) * x[None, :], axis=1)[None, :] for w in ws)
+        _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=(pl.ds(0, 1), cols_at),
+                      mask=col_ok[None, :], cols_at=cols_at, col_ok=col_ok)
+
+    if num_programs >= num_blocks:  # one block a program
+        emit(pid, ws)
+        return
+
+    # Fewer programs than blocks: program p takes blocks p, p + P, p + 2P, ..., the next block's
+    # rows loaded (into registers) before this one's are multiplied, so every program keeps a
+    # block of weights in flight while it computes, and derives the norm once for all its blocks.
+    def body(i, ws):
+        block = pid + i * num_programs
+        nxt = load_rows(block + num_programs)  # past the last block: masked, loads nothing
+        emit(block, ws)
+        return nxt
+
+    lax.fori_loop(0, pl.cdiv(num_blocks - pid, num_programs), body, ws)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "epilogue", "block_n", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "epilogue", "block_n", "num_warps", "num_programs",
+                                             "interpret"))
 def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, block_n: int,
-               num_warps: int, interpret: bool):
+               num_warps: int, num_programs: int, interpret: bool):
     k = hidden.shape[1]
     n_out = w.shape[0] // 2 if epilogue == "swiglu" else w.shape[0]
     num_parts = 0 if partials is None else partials.shape[0]
+    num_blocks = pl.cdiv(n_out, block_n)
+    num_programs = min(num_programs or num_blocks, num_blocks)
     kernel = functools.partial(_norm_gemv_kernel, num_parts=num_parts, eps=eps, epilogue=epilogue,
                                has_bias=bias is not None, block_n=block_n, block_k=compat.next_pow2(k),
-                               n_out=n_out)
+                               n_out=n_out, num_programs=num_programs)
     args = [hidden] + ([partials] if num_parts else []) + [scale, w] + ([bias] if bias is not None else [])
     out_shape = ([jax.ShapeDtypeStruct(hidden.shape, hidden.dtype)] if num_parts else []) \
         + [jax.ShapeDtypeStruct((1, n_out), hidden.dtype)]
     outs = pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(n_out, block_n),),
+        grid=(num_programs,),
         in_specs=[pl.no_block_spec] * len(args),
         out_specs=[pl.no_block_spec] * len(out_shape),
         out_shape=out_shape,
@@ -451,6 +482,7 @@ def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, b
 def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array, w: jax.Array,
                        bias: jax.Array | None = None, *, eps: float, epilogue: str = "none",
                        block_n: int | None = None, num_warps: int | None = None,
+                       num_programs: int | None = None,
                        interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """`kernels.residual_norm.add_rms_norm` folded into a one-row `[N, K]` skinny matmul.
 
@@ -466,8 +498,10 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
         w: `[N, K]` weights; bias: optional `[N]` (epilogue "none").
         eps: the norm's epsilon.
         epilogue: "none" or "swiglu" (as `skinny_matmul`).
-        block_n: weight rows a program (power of two); None: `NK_GEMV_BLOCK_N`.
-        num_warps: None: `NK_GEMV_WARPS`.
+        block_n: weight rows a block (power of two); None: `NORM_GEMV_TILES`, else `NK_GEMV_BLOCK_N`.
+        num_warps: None: `NORM_GEMV_TILES`, else `NK_GEMV_WARPS`.
+        num_programs: programs launched, each looping over blocks when fewer than the blocks;
+            None: `NORM_GEMV_TILES`, else one block a program.
         interpret: Pallas interpret mode; None picks it on the CPU backend.
 
     Example:
@@ -493,13 +527,18 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
     if bias is not None and (epilogue != "none" or bias.shape != (w.shape[0],)):
         raise ValueError(f"bias must be [{w.shape[0]}] with epilogue 'none', got {bias.shape} with {epilogue!r}")
     interpret = compat.resolve_interpret(interpret)
-    block_n = block_n or (INTERPRET_BLOCK_N if interpret else NK_GEMV_BLOCK_N)
+    tile = NORM_GEMV_TILES.get(epilogue, {})
+    block_n = block_n or (INTERPRET_BLOCK_N if interpret else tile.get("block_n", NK_GEMV_BLOCK_N))
     if block_n < 1 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two, got {block_n}")
+    num_programs = tile.get("num_programs", 0) if num_programs is None else num_programs
+    if num_programs < 0:
+        raise ValueError(f"num_programs must be >= 0, got {num_programs}")
     if partials is not None:
         partials = partials.astype(jnp.float32)
     return _norm_gemv(hidden, partials, scale, w, bias, eps=float(eps), epilogue=epilogue, block_n=block_n,
-                      num_warps=num_warps or NK_GEMV_WARPS, interpret=interpret)
+                      num_warps=num_warps or tile.get("num_warps", NK_GEMV_WARPS), num_programs=num_programs,
+                      interpret=interpret)
 
 
 def skinny_matmul_norm_reference(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array,

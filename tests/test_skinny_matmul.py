@@ -155,17 +155,20 @@ def test_skinny_matmul_lane_wise_rows_match_reference(interpret, epilogue, m, k,
     assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
 
 
-NORM_CASES = [  # (epilogue, K, N, dtype, bias, partials, block_n)
-    ("none", 896, 1152, jnp.bfloat16, True, 2, None),    # Qwen2.5-0.5B qkv after the down split's two
-    ("swiglu", 896, 2 * 4864, jnp.bfloat16, False, 1, None),  # gate_up after o_proj
-    ("none", 200, 130, jnp.float32, True, 0, 16),         # the first layer: nothing to add
-    ("swiglu", 72, 2 * 37, jnp.float32, False, 3, 4),     # ragged K and N, a few rows a program
+NORM_CASES = [  # (epilogue, K, N, dtype, bias, partials, block_n, num_programs)
+    ("none", 896, 1152, jnp.bfloat16, True, 2, None, None),    # Qwen2.5-0.5B qkv after the down split's two
+    ("swiglu", 896, 2 * 4864, jnp.bfloat16, False, 1, None, None),  # gate_up after o_proj
+    ("swiglu", 896, 2 * 4864, jnp.bfloat16, False, 1, 4, 264),  # the same, programs looping over blocks
+    ("none", 200, 130, jnp.float32, True, 0, 16, None),         # the first layer: nothing to add
+    ("none", 200, 130, jnp.float32, True, 2, 16, 4),            # 9 blocks over 4 programs: uneven
+    ("swiglu", 72, 2 * 37, jnp.float32, False, 3, 4, None),     # ragged K and N, a few rows a program
+    ("swiglu", 72, 2 * 37, jnp.float32, False, 3, 4, 3),        # 10 blocks over 3 programs
 ]
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("epilogue,k,n,dtype,with_bias,parts,bn", NORM_CASES)
-def test_skinny_matmul_norm_matches_reference(interpret, epilogue, k, n, dtype, with_bias, parts, bn):
+@pytest.mark.parametrize("epilogue,k,n,dtype,with_bias,parts,bn,programs", NORM_CASES)
+def test_skinny_matmul_norm_matches_reference(interpret, epilogue, k, n, dtype, with_bias, parts, bn, programs):
     rng, seed = fresh_rng()
     hidden = jnp.asarray(rng.standard_normal((1, k)), dtype)
     partials = jnp.asarray(rng.standard_normal((parts, 1, k)), jnp.float32) if parts else None
@@ -173,7 +176,7 @@ def test_skinny_matmul_norm_matches_reference(interpret, epilogue, k, n, dtype, 
     w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), dtype)
     bias = jnp.asarray(rng.standard_normal(n), dtype) if with_bias else None
     h, y = skinny_matmul_norm(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue,
-                              block_n=bn, interpret=interpret)
+                              block_n=bn, num_programs=programs, interpret=interpret)
     h_ref, y_ref = skinny_matmul_norm_reference(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue)
     assert h.shape == hidden.shape and y.shape == (1, n // 2 if epilogue == "swiglu" else n)
     assert not np.isnan(np.asarray(y, np.float32)).any(), f"NaN in output, seed={seed}"
@@ -193,6 +196,8 @@ def test_skinny_matmul_norm_errors_name_the_field():
         skinny_matmul_norm(ones, None, jnp.ones(8), jnp.ones((8, 4)), eps=1e-6)
     with pytest.raises(ValueError, match="NORM_GEMV_MAX_K"):
         skinny_matmul_norm(jnp.ones((1, 4096)), None, jnp.ones(4096), jnp.ones((4, 4096)), eps=1e-6)
+    with pytest.raises(ValueError, match="num_programs"):
+        skinny_matmul_norm(ones, None, jnp.ones(8), jnp.ones((4, 8)), eps=1e-6, num_programs=-1)
 
 
 def test_default_tiling_fills_the_gpu_by_splitting_narrow_matrices():
