@@ -73,6 +73,9 @@ NK_GEMV_MAX_ROWS = 1
 NK_GEMV_BLOCK_N = 8
 NK_GEMV_BLOCK_K = 1024
 NK_GEMV_WARPS = 8
+# One row: load the next K block's tiles before multiplying the current ones (for tilings that
+# loop over K instead of splitting it). Off until timed (session 15).
+NK_GEMV_PREFETCH = False
 NK_TARGET_PROGRAMS = _TARGET_PROGRAMS
 # `[N, K]` weight rows a program in interpret mode (the CPU), when the caller picks no tile.
 INTERPRET_BLOCK_N = 64
@@ -80,7 +83,7 @@ INTERPRET_BLOCK_N = 64
 
 def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int,
             block_m: int, block_n: int, block_k: int, n_out: int, precision, layout: str,
-            gemv: bool):
+            gemv: bool, prefetch: bool = False):
     if has_bias:
         b_ref, o_ref = rest
     else:
@@ -153,7 +156,23 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
                               cols_at=cols_at, col_ok=col_ok)
         return
     zeros = jnp.zeros((block_n, block_k) if gemv else (block_m, block_n), jnp.float32)
-    accs = lax.fori_loop(0, num_iters, body, tuple(zeros for _ in halves))
+    if gemv and prefetch:  # one row, the next iteration's tiles loaded before this one's multiply
+        def tiles(i):
+            k0 = k_start + i * block_k
+            k_ok = k0 + jnp.arange(block_k) < k_end  # past the split's end: masked, loads nothing
+            x = compat.load(x_ref.at[pl.ds(row0, 1), pl.ds(k0, block_k)], mask=k_ok[None, :], other=0)
+            return x, tuple(compat.load(w_ref.at[pl.ds(offset + col_block * block_n, block_n), pl.ds(k0, block_k)],
+                                        mask=col_ok[:, None] & k_ok[None, :], other=0) for offset in halves)
+
+        def step(i, carry):
+            accs, (x, ws) = carry
+            nxt = tiles(i + 1)
+            xf = x.astype(jnp.float32)
+            return tuple(a + w.astype(jnp.float32) * xf for a, w in zip(accs, ws)), nxt
+
+        accs, _ = lax.fori_loop(0, num_iters, step, (tuple(zeros for _ in halves), tiles(0)))
+    else:
+        accs = lax.fori_loop(0, num_iters, body, tuple(zeros for _ in halves))
     if gemv:
         accs = tuple(jnp.sum(a, axis=1)[None, :] for a in accs)
     mask = (row_ids < rows)[:, None] & col_ok[None, :]
@@ -222,10 +241,10 @@ def split_count(m: int, k: int, n: int, block_n: int, block_k: int,
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_m", "block_n", "block_k",
                                              "num_splits", "num_warps", "num_stages", "interpret",
-                                             "layout", "gemv"))
+                                             "layout", "gemv", "prefetch"))
 def _skinny(x, w, bias, *, epilogue: str, block_m: int, block_n: int, block_k: int,
             num_splits: int, num_warps: int, num_stages: int, interpret: bool, layout: str,
-            gemv: bool):
+            gemv: bool, prefetch: bool = False):
     m, k = x.shape
     n_total = w.shape[0] if layout == "nk" else w.shape[1]
     n_out = n_total // 2 if epilogue == "swiglu" else n_total
@@ -238,7 +257,8 @@ def _skinny(x, w, bias, *, epilogue: str, block_m: int, block_n: int, block_k: i
     kernel = functools.partial(_kernel, epilogue="partials" if num_splits > 1 else epilogue,
                                has_bias=in_kernel_bias, k_per_split=k_per_split,
                                block_m=block_m, block_n=block_n, block_k=block_k, n_out=n_out,
-                               precision=precision, layout=layout, gemv=gemv)
+                               precision=precision, layout=layout, gemv=gemv,
+                               prefetch=prefetch and gemv and block_m == 1)
     args = [x, w] + ([bias] if in_kernel_bias else [])
     if num_splits > 1 or epilogue == "partials":
         out_shape = jax.ShapeDtypeStruct((num_splits, m, n_out), jnp.float32)
@@ -270,7 +290,7 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
                   block_n: int | None = None, block_k: int | None = None,
                   num_splits: int | None = None, num_warps: int | None = None,
                   num_stages: int = 3, block_m: int = ROW_BLOCK, layout: str = "kn",
-                  gemv: bool | None = None) -> jax.Array:
+                  gemv: bool | None = None, prefetch: bool | None = None) -> jax.Array:
     """`x @ w (+ bias)` for a few rows of `x`, accumulated in float32.
 
     Args:
@@ -294,6 +314,9 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         gemv: up to `NK_GEMV_MAX_ROWS` rows with the "nk" layout as lane-wise products instead of
             a tensor-core product padded to 16 rows (one row: summed once at the end); None:
             `NK_GEMV`.
+        prefetch: one-row lane-wise path only: each loop iteration loads the next K block's
+            tiles before multiplying its own (a manual software pipeline in registers); None:
+            `NK_GEMV_PREFETCH`.
 
     Example:
         >>> x = jnp.ones((2, 256), jnp.bfloat16); w = jnp.ones((256, 384), jnp.bfloat16)
@@ -341,7 +364,8 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         num_warps = NK_GEMV_WARPS if gemv else 4
     return _skinny(x, w, bias, epilogue=epilogue, block_m=block_m, block_n=block_n, block_k=block_k,
                    num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
-                   interpret=interpret, layout=layout, gemv=gemv)
+                   interpret=interpret, layout=layout, gemv=gemv,
+                   prefetch=NK_GEMV_PREFETCH if prefetch is None else prefetch)
 
 
 def skinny_matmul_reference(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
