@@ -59,6 +59,9 @@ VARIANTS = {
 # --glue choices that retile the decode QKV projection (jaxserve.model.QKV_SKINNY_TILING): unsplit
 # (its bias added in the kernel, so the default 7-way K split's sum, one launch a layer, goes) or
 # split in two.
+# --glue choices with the fused decode attention launched otherwise (model.ATTENTION_TUNING).
+ATTENTION_TUNINGS = {"attn_w2": {"num_warps": 2}, "attn_w8": {"num_warps": 8},
+                     "attn_st2": {"num_stages": 2}}
 QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits": 1, "block_n": 32},
                "qkv_split2": {"num_splits": 2}}
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
@@ -67,6 +70,7 @@ QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits
 # tile, warps) and the programs wanted (NK_TARGET_PROGRAMS). "nk_xla": XLA's dots and glue
 # fusions on that layout; "nk_xla_glue": XLA's dots feeding the glue kernels.
 _MMA = {"NK_GEMV": False}
+FOLD_BEST = {"none": dict(block_n=4), "swiglu": dict(block_n=2, num_programs=528)}
 NK_TILINGS = {
     "nk": {}, "nk_xla": {}, "nk_xla_glue": {},
     "nk_mma_n16": dict(_MMA, NK_BLOCK_N=16), "nk_mma_n32": dict(_MMA), "nk_mma_n16_k128": dict(_MMA, NK_BLOCK_N=16, NK_BLOCK_K=128),
@@ -90,6 +94,23 @@ NK_TILINGS = {
         "n2_p528": dict(block_n=2, num_programs=528), "n4_p132": dict(block_n=4, num_programs=132)}.items()},
     "fold_qkv_n4": {"NORM_GEMV_TILES": {"none": dict(block_n=4), "swiglu": {}}},
     "fold_n4": {"NORM_GEMV_TILES": {"none": dict(block_n=4), "swiglu": dict(block_n=4)}},
+    **{f"fold_sw_{name}": {"NORM_GEMV_TILES": {"none": {}, "swiglu": tile}} for name, tile in {
+        "n2_p792": dict(block_n=2, num_programs=792), "n2_p1056": dict(block_n=2, num_programs=1056),
+        "n1_p528": dict(block_n=1, num_programs=528), "n1_p1056": dict(block_n=1, num_programs=1056),
+        "n4_p1056": dict(block_n=4, num_programs=1056)}.items()},
+    # session 15, call 2: the best of call 1 (gate_up 2 rows a block over 528 programs, QKV 4 rows a
+    # block) and, over it, QKV retiled, or the down / o projections' one-row tiles (the down
+    # projection's K loop with the next block loaded ahead: NK_GEMV_PREFETCH)
+    "fold_best": {"NORM_GEMV_TILES": FOLD_BEST},
+    **{f"fold_qkv_{name}": {"NORM_GEMV_TILES": {"none": tile, "swiglu": FOLD_BEST["swiglu"]}} for name, tile in {
+        "n2": dict(block_n=2), "n2_p264": dict(block_n=2, num_programs=264),
+        "n4_p144": dict(block_n=4, num_programs=144)}.items()},
+    **{f"down_{name}": dict(tile, NORM_GEMV_TILES=FOLD_BEST) for name, tile in {
+        "pf": dict(NK_GEMV_PREFETCH=True), "t528": dict(NK_TARGET_PROGRAMS=528),
+        "t1056": dict(NK_TARGET_PROGRAMS=1056),
+        "n4_pf": dict(NK_GEMV_BLOCK_N=4, NK_GEMV_PREFETCH=True),
+        "n4_pf_t528": dict(NK_GEMV_BLOCK_N=4, NK_GEMV_PREFETCH=True, NK_TARGET_PROGRAMS=528),
+        "n2_pf_t896": dict(NK_GEMV_BLOCK_N=2, NK_GEMV_PREFETCH=True, NK_TARGET_PROGRAMS=896)}.items()},
 }
 
 
@@ -193,7 +214,8 @@ def run_variant(args) -> list[dict]:
     static_layout, params = next(iter(by_layout.items()))  # the static decoder's (it converts to [in, out])
     nk_defaults = {name: getattr(skinny_module, name) for name in
                    ("NK_BLOCK_N", "NK_BLOCK_K", "NK_GEMV", "NK_GEMV_BLOCK_N", "NK_GEMV_BLOCK_K",
-                    "NK_GEMV_WARPS", "NK_TARGET_PROGRAMS", "NK_GEMV_MAX_ROWS", "NORM_GEMV_TILES")}
+                    "NK_GEMV_WARPS", "NK_TARGET_PROGRAMS", "NK_GEMV_MAX_ROWS", "NORM_GEMV_TILES",
+                    "NK_GEMV_PREFETCH")}
     for batch in args.batches:
         steps = args.decode_steps
         width = args.table_pages or (args.context + steps) // 16 + 2
@@ -221,6 +243,8 @@ def run_variant(args) -> list[dict]:
             paged_attention_module.SINGLE_PASS_KEYS = 0 if glue == "split_short" else single_pass_keys
             # "qkv_*": the QKV projection's skinny matmul tiled otherwise (QKV_TILINGS).
             model_module.QKV_SKINNY_TILING = QKV_TILINGS.get(glue, {})
+            # "attn_*": the fused decode attention's launch settings (ATTENTION_TUNINGS).
+            model_module.ATTENTION_TUNING = ATTENTION_TUNINGS.get(glue, {})
             model_module.SPLIT_COMBINE = {"xla_combine": "xla", "inkernel_combine": "inkernel"}.get(glue, "pallas")
             # "skinny256": steps of up to 256 rows through the skinny matmul and glue kernels
             # (row blocks of 64) instead of cuBLAS GEMMs and XLA's glue fusions.
@@ -311,6 +335,7 @@ def main() -> None:
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
                                                              "split_short", "skinny256", "norm_warps4", "norm_warps8", "xla_pick",
                                                              "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS,
+                                                             *ATTENTION_TUNINGS,
                                                              "kn", "norm_fold", "no_norm_fold", *NK_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],

@@ -41,6 +41,9 @@
 #               64 weights a thread at 8 warps, the regime that was slowest unfolded): compiled norm tests, then
 #               batch 1 with 2 / 4 rows a block, 16 / 4 warps, programs looping over blocks (264 / 528 / 132),
 #               profiled (~250 s)
+#   fold4       session 15, after fold3: around its best (gate_up 2 rows a block over 528 programs), QKV retiled,
+#               the down projection's K loop with the next block loaded ahead (prefetch) or split otherwise,
+#               the fused attention over 2 / 8 warps; batch 1, profiled (~200 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -139,6 +142,12 @@ for part in "${parts[@]}"; do
            timeout 330 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels \
              fold_sw_n4 fold_sw_n2 fold_sw_w16 fold_sw_n4_w4 fold_sw_n4_p264 fold_sw_n2_p264 fold_sw_n4_p528 \
              fold_sw_n2_p528 fold_sw_n4_p132 fold_qkv_n4 fold_n4 --rounds 5 --reps 10 --profile /tmp/fold3 ;;
+    fold4) timeout 100 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+             tests/test_skinny_matmul.py -k "compiled and prefetch"
+           timeout 400 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels \
+             fold_sw_n2_p528 fold_best fold_sw_n2_p792 fold_sw_n2_p1056 fold_sw_n1_p528 fold_sw_n1_p1056 \
+             fold_sw_n4_p1056 fold_qkv_n2 fold_qkv_n2_p264 fold_qkv_n4_p144 down_pf down_t528 down_t1056 \
+             down_n4_pf down_n4_pf_t528 down_n2_pf_t896 attn_w2 attn_w8 --rounds 5 --reps 10 --profile /tmp/fold4 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

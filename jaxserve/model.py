@@ -117,6 +117,10 @@ SPLIT_COMBINE = os.environ.get("JAXSERVE_SPLIT_COMBINE", "pallas")
 # are one more launch a layer). Read when a step is traced, so bench/decode_step.py can compare
 # tilings in one process (`--glue qkv_unsplit ...`).
 QKV_SKINNY_TILING: dict[str, int] = json.loads(os.environ.get("JAXSERVE_QKV_SKINNY_TILING", "{}"))
+# Launch settings for the fused decode attention (`num_warps`, `num_stages`, `pages_per_block`,
+# `num_splits`) over its defaults, for experiments (bench/decode_step.py --glue attn_*). Read when a
+# step is traced.
+ATTENTION_TUNING: dict[str, int] = json.loads(os.environ.get("JAXSERVE_ATTENTION_TUNING", "{}"))
 # Decode steps of at most this many rows run their projections as the skinny-matmul kernel (and,
 # with DECODE_GLUE "kernels", the glue kernels); wider ones XLA's GEMMs. Default
 # `kernels.skinny_matmul.MAX_ROWS` (64). Experimental above it: the kernel tiles rows in blocks
@@ -311,7 +315,8 @@ def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelCon
     b = qkv.shape[0]
     out, k_pages, v_pages = fused_decode_attention(
         qkv.reshape(b, h + 2 * kvh, d), cos[:, 0], sin[:, 0], kv[0], kv[1],
-        paged.block_tables, paged.lengths, paged.slot_mapping[:, 0], combine=SPLIT_COMBINE)
+        paged.block_tables, paged.lengths, paged.slot_mapping[:, 0], combine=SPLIT_COMBINE,
+        **ATTENTION_TUNING)
     return out, (k_pages, v_pages)
 
 

@@ -498,7 +498,7 @@ def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, b
         out_shape=out_shape,
         interpret=interpret,
         compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=1),
-        name="skinny_matmul_norm",
+        name=f"skinny_matmul_norm_{epilogue}",  # QKV and gate_up apart in a profile
     )(*args)
     return (outs[0], outs[1]) if num_parts else (hidden, outs[0])
 
