@@ -81,9 +81,6 @@ NK_TILINGS = {
     "gemv_k2048": {"NK_GEMV_BLOCK_K": 2048}, "gemv_w16": {"NK_GEMV_WARPS": 16}, "nk_k256": {"NK_BLOCK_K": 256},
     "nk_k64": {"NK_BLOCK_K": 64}, "nk_n64_k128": {"NK_BLOCK_N": 64, "NK_BLOCK_K": 128},
     "nk_n16_k128": {"NK_BLOCK_N": 16, "NK_BLOCK_K": 128},
-    # the lane-wise path for up to this many rows (each row summed every iteration), untimed yet
-    "gemv_rows4": {"NK_GEMV_MAX_ROWS": 4}, "gemv_rows8": {"NK_GEMV_MAX_ROWS": 8},
-    "gemv_rows16": {"NK_GEMV_MAX_ROWS": 16}, "gemv_rows16_n4": {"NK_GEMV_MAX_ROWS": 16, "NK_GEMV_BLOCK_N": 4},
     # session 15: the folded-norm kernel's tiling by epilogue (NORM_GEMV_TILES): "sw" the gate_up
     # projection (SwiGLU: gate and up rows a block), "qkv" the QKV; n = rows a block, w = warps,
     # p = programs (each looping over blocks, the next block's rows loaded ahead)
@@ -214,7 +211,7 @@ def run_variant(args) -> list[dict]:
     static_layout, params = next(iter(by_layout.items()))  # the static decoder's (it converts to [in, out])
     nk_defaults = {name: getattr(skinny_module, name) for name in
                    ("NK_BLOCK_N", "NK_BLOCK_K", "NK_GEMV", "NK_GEMV_BLOCK_N", "NK_GEMV_BLOCK_K",
-                    "NK_GEMV_WARPS", "NK_TARGET_PROGRAMS", "NK_GEMV_MAX_ROWS", "NORM_GEMV_TILES",
+                    "NK_GEMV_WARPS", "NK_TARGET_PROGRAMS", "NORM_GEMV_TILES",
                     "NK_GEMV_PREFETCH")}
     for batch in args.batches:
         steps = args.decode_steps

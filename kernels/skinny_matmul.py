@@ -30,8 +30,9 @@ padded to 16 rows, many programs with all their bytes in flight at once (session
 0.757 ms a batch-1 step for the `[K, N]` tensor-core path). `skinny_matmul_norm` also starts
 each program with the residual add and RMSNorm of the row (re-derived per program from a few
 KiB in L2), so a one-row decode layer has no norm launches at all (0.666 ms, 132 kernels).
-With `NK_GEMV_MAX_ROWS` raised the lane-wise path takes a few rows too (each row's products summed
-every iteration); written after session 14's device time, not yet timed, so off by default.
+The lane-wise path is for one row only: with 2-16 rows (each row's products summed every iteration)
+it lost to the tensor-core path at every batch (session 15: 0.793 vs 0.757 ms at 2 rows, 3.1 vs
+0.79 at 16; bench/results/decode_step.md) and was removed.
 
 Backend: Pallas Triton, like the other kernels (`kernels.paged_attention` says why).
 """
@@ -67,9 +68,6 @@ LAYOUTS = ("kn", "nk")
 # vs 0.759 ms for the [K, N] default at batch 1 on the H200 (bench/results/decode_step.md, session
 # 14). Read when a step is traced.
 NK_GEMV = True
-# Rows up to which the lane-wise path runs (several rows: each row's products summed every loop
-# iteration). 1 until more rows are timed against the tensor-core path on the GPU.
-NK_GEMV_MAX_ROWS = 1
 NK_GEMV_BLOCK_N = 8
 NK_GEMV_BLOCK_K = 1024
 NK_GEMV_WARPS = 8
@@ -103,32 +101,18 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
     # fused gate_up weight, so one program holds both halves of its outputs.
     halves = (0, n_out) if epilogue == "swiglu" else (0,)
 
-    # Lane-wise (gemv) with several rows: each row's products are summed every iteration (a
-    # [block_n, block_k] accumulator a row would not fit in registers).
-    multirow = gemv and block_m > 1
-
     def body(i, accs):
         k0 = k_start + i * block_k
         ks = k0 + jnp.arange(block_k)
         k_ok = ks < k_end
-        if multirow:
-            xs = [compat.load(x_ref.at[pl.ds(row0 + r, 1), pl.ds(k0, block_k)],
-                              mask=(row0 + r < rows) & k_ok[None, :], other=0).astype(jnp.float32)
-                  for r in range(block_m)]
-        else:
-            x = compat.load(x_ref.at[pl.ds(row0, block_m), pl.ds(k0, block_k)],
-                            mask=(row_ids < rows)[:, None] & k_ok[None, :], other=0)
+        x = compat.load(x_ref.at[pl.ds(row0, block_m), pl.ds(k0, block_k)],
+                        mask=(row_ids < rows)[:, None] & k_ok[None, :], other=0)
         out = list(accs)
         for h, offset in enumerate(halves):
             cols_at = pl.ds(offset + col_block * block_n, block_n)
             if layout == "nk":  # block_n weight rows of block_k contiguous elements each
                 w = compat.load(w_ref.at[cols_at, pl.ds(k0, block_k)],
                                 mask=col_ok[:, None] & k_ok[None, :], other=0)
-                if multirow:
-                    wf = w.astype(jnp.float32)
-                    for r, xr in enumerate(xs):
-                        out[r * len(halves) + h] += jnp.sum(wf * xr, axis=1)
-                    continue
                 if gemv:  # one row: lane-wise products, reduced once after the loop
                     out[h] += w.astype(jnp.float32) * x.astype(jnp.float32)
                     continue
@@ -142,19 +126,6 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
 
     bias_ref = b_ref if has_bias else None
     cols_at = pl.ds(col_block * block_n, block_n)
-    if multirow:
-        accs = lax.fori_loop(0, num_iters, body,
-                             tuple(jnp.zeros((block_n,), jnp.float32) for _ in range(block_m * len(halves))))
-        for r in range(block_m):
-            row_accs = tuple(a[None, :] for a in accs[r * len(halves):(r + 1) * len(halves)])
-            tile = (pl.ds(row0 + r, 1), cols_at)
-            mask = (row0 + r < rows) & col_ok[None, :]
-            if epilogue == "partials":
-                compat.store(o_ref.at[(split,) + tile], row_accs[0], mask=mask)
-            else:
-                _store_output(row_accs, o_ref, bias_ref, epilogue=epilogue, tile=tile, mask=mask,
-                              cols_at=cols_at, col_ok=col_ok)
-        return
     zeros = jnp.zeros((block_n, block_k) if gemv else (block_m, block_n), jnp.float32)
     if gemv and prefetch:  # one row, the next iteration's tiles loaded before this one's multiply
         def tiles(i):
@@ -311,9 +282,8 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         num_warps, num_stages: Triton launch parameters (num_warps None: 4, or `NK_GEMV_WARPS`
             on the one-row `[N, K]` path).
         layout: "kn" or "nk", how `w` is stored (see `w`).
-        gemv: up to `NK_GEMV_MAX_ROWS` rows with the "nk" layout as lane-wise products instead of
-            a tensor-core product padded to 16 rows (one row: summed once at the end); None:
-            `NK_GEMV`.
+        gemv: one row with the "nk" layout as lane-wise products, summed once at the end,
+            instead of a tensor-core product padded to 16 rows; None: `NK_GEMV`.
         prefetch: one-row lane-wise path only: each loop iteration loads the next K block's
             tiles before multiplying its own (a manual software pipeline in registers); None:
             `NK_GEMV_PREFETCH`.
@@ -342,7 +312,7 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
             raise ValueError(f"swiglu needs an even number of weight columns, got {n}")
         if num_splits not in (None, 1):
             raise ValueError(f"num_splits must be 1 with swiglu, got {num_splits}")
-    gemv = (NK_GEMV if gemv is None else gemv) and layout == "nk" and x.shape[0] <= NK_GEMV_MAX_ROWS
+    gemv = (NK_GEMV if gemv is None else gemv) and layout == "nk" and x.shape[0] == 1
 
     def check_tile(name: str, v: int, least: int = 16) -> None:
         if v < least or v & (v - 1):

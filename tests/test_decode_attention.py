@@ -146,8 +146,9 @@ def test_fused_decode_shape_errors_name_the_field():
     ("pallas", {}, "nk", "xla"),
     # Each norm folded into the projection after it (model.NORM_IN_PROJECTION; one-row steps).
     ("pallas", {}, "nk", "pallas+norm"),
-    # The lane-wise skinny matmul for all three rows (skinny_matmul.NK_GEMV_MAX_ROWS raised).
-    ("pallas", {}, "nk", "pallas+rows"),
+    # Folded, with programs looping over weight blocks (skinny_matmul.NORM_GEMV_TILES) and the
+    # one-row projections loading their next K block ahead (NK_GEMV_PREFETCH).
+    ("pallas", {}, "nk", "pallas+norm+loop"),
 ])
 def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, projections, monkeypatch):
     # One paged decode step of the whole model (under "pallas": the fused attention kernel and
@@ -161,11 +162,15 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
     monkeypatch.setattr(model_module, "QKV_SKINNY_TILING", qkv_tiling)
     monkeypatch.setattr(model_module, "WEIGHT_LAYOUT", layout)
     monkeypatch.setattr(model_module, "DECODE_PROJECTIONS", projections.split("+")[0])
-    monkeypatch.setattr(model_module, "NORM_IN_PROJECTION", projections.endswith("+norm"))
-    if projections.endswith("+rows"):
+    fold = "+norm" in projections
+    monkeypatch.setattr(model_module, "NORM_IN_PROJECTION", fold)
+    if projections.endswith("+loop"):
         import importlib
 
-        monkeypatch.setattr(importlib.import_module("kernels.skinny_matmul"), "NK_GEMV_MAX_ROWS", 8)
+        sm = importlib.import_module("kernels.skinny_matmul")
+        # Interpret mode's 64-row blocks: the MLP's 160 gate rows are 3 blocks over 2 programs.
+        monkeypatch.setattr(sm, "NORM_GEMV_TILES", {"none": {"num_programs": 1}, "swiglu": {"num_programs": 2}})
+        monkeypatch.setattr(sm, "NK_GEMV_PREFETCH", True)
     rng, seed = fresh_rng()
     cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
@@ -178,7 +183,6 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.asarray(rng.standard_normal(x.shape) * 0.5, x.dtype)
         if "bias" in jax.tree_util.keystr(p) else x, params)
-    fold = projections.endswith("+norm")
     batch, page_size, width = (1 if fold else 3), 8, 4  # norms fold into one-row steps only
     lengths = np.array([5, 17, 9])[:batch]  # tokens before the decoded one
     if fold:
