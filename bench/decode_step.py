@@ -71,6 +71,17 @@ QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits
 # fusions on that layout; "nk_xla_glue": XLA's dots feeding the glue kernels.
 _MMA = {"NK_GEMV": False}
 FOLD_BEST = {"none": dict(block_n=4), "swiglu": dict(block_n=2, num_programs=528)}
+
+
+def _b2(none=None, swiglu=None, **gemv):
+    """Call 2's best: QKV 4 rows a block, gate_up 2 rows over 528 programs (8 warps each), the o and
+    down projections 4 rows a block with the next K block loaded ahead, ~528 programs; overrides."""
+    tiles = {"none": none or dict(block_n=4, num_warps=8),
+             "swiglu": swiglu or dict(block_n=2, num_programs=528, num_warps=8)}
+    return dict(dict(NK_GEMV_BLOCK_N=4, NK_GEMV_PREFETCH=True, NK_TARGET_PROGRAMS=528), NORM_GEMV_TILES=tiles,
+                **gemv)
+
+
 NK_TILINGS = {
     "nk": {}, "nk_xla": {}, "nk_xla_glue": {},
     "nk_mma_n16": dict(_MMA, NK_BLOCK_N=16), "nk_mma_n32": dict(_MMA), "nk_mma_n16_k128": dict(_MMA, NK_BLOCK_N=16, NK_BLOCK_K=128),
@@ -108,6 +119,15 @@ NK_TILINGS = {
         "n4_pf": dict(NK_GEMV_BLOCK_N=4, NK_GEMV_PREFETCH=True),
         "n4_pf_t528": dict(NK_GEMV_BLOCK_N=4, NK_GEMV_PREFETCH=True, NK_TARGET_PROGRAMS=528),
         "n2_pf_t896": dict(NK_GEMV_BLOCK_N=2, NK_GEMV_PREFETCH=True, NK_TARGET_PROGRAMS=896)}.items()},
+    # session 15, call 3: call 2's best ("b2": fold_best + down_n4_pf_t528) with one projection's
+    # tile changed: sw_nN_wW_pP = gate_up N rows a block over W warps and P programs, qkv_nN_wW,
+    # gemv_nN_wW = the o / down projections' one-row tile
+    "b2": _b2(),
+    **{f"b2_sw_n{n}_w{w}_p{p}": _b2(swiglu=dict(block_n=n, num_warps=w, num_programs=p)) for n, w, p in (
+        (2, 2, 528), (2, 2, 1056), (2, 4, 528), (4, 4, 528), (4, 4, 264), (1, 1, 1056), (1, 2, 1056),
+        (2, 4, 1056))},
+    **{f"b2_qkv_n{n}_w{w}": _b2(none=dict(block_n=n, num_warps=w)) for n, w in ((4, 4), (2, 2), (2, 4))},
+    **{f"b2_gemv_n{n}_w{w}": _b2(NK_GEMV_BLOCK_N=n, NK_GEMV_WARPS=w) for n, w in ((4, 4), (2, 2), (8, 8))},
 }
 
 

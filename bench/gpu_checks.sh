@@ -42,6 +42,8 @@
 #   fold4       session 15, after fold3: around its best (gate_up 2 rows a block over 528 programs), QKV retiled,
 #               the down projection's K loop with the next block loaded ahead (prefetch) or split otherwise,
 #               the fused attention over 2 / 8 warps; batch 1, profiled (~200 s)
+#   fold5       session 15, after fold4: its best ("b2") with the gate_up / QKV / o and down tiles over fewer warps
+#               (rows a block = warps: each row's sum inside one warp?), batch 1, profiled (~120 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -142,6 +144,10 @@ for part in "${parts[@]}"; do
              fold_sw_n2_p528 fold_best fold_sw_n2_p792 fold_sw_n2_p1056 fold_sw_n1_p528 fold_sw_n1_p1056 \
              fold_sw_n4_p1056 fold_qkv_n2 fold_qkv_n2_p264 fold_qkv_n4_p144 down_pf down_t528 down_t1056 \
              down_n4_pf down_n4_pf_t528 down_n2_pf_t896 attn_w2 attn_w8 --rounds 5 --reps 10 --profile /tmp/fold4 ;;
+    fold5) timeout 400 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels \
+             fold_best b2 b2_sw_n2_w2_p528 b2_sw_n2_w2_p1056 b2_sw_n2_w4_p528 b2_sw_n4_w4_p528 b2_sw_n4_w4_p264 \
+             b2_sw_n1_w1_p1056 b2_sw_n1_w2_p1056 b2_sw_n2_w4_p1056 b2_qkv_n4_w4 b2_qkv_n2_w2 b2_qkv_n2_w4 \
+             b2_gemv_n4_w4 b2_gemv_n2_w2 b2_gemv_n8_w8 --rounds 5 --reps 10 --profile /tmp/fold5 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \
