@@ -44,6 +44,9 @@
 #               the fused attention over 2 / 8 warps; batch 1, profiled (~200 s)
 #   fold5       session 15, after fold4: its best ("b2") with the gate_up / QKV / o and down tiles over fewer warps
 #               (rows a block = warps: each row's sum inside one warp?), batch 1, profiled (~120 s)
+#   fold6       session 15, after fold5: gate_up and QKV programs looping over blocks that Triton's pipeliner
+#               overlaps (num_stages 2-4, async copies through shared memory) instead of the register prefetch;
+#               batch 1, profiled (~120 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -148,6 +151,13 @@ for part in "${parts[@]}"; do
              fold_best b2 b2_sw_n2_w2_p528 b2_sw_n2_w2_p1056 b2_sw_n2_w4_p528 b2_sw_n4_w4_p528 b2_sw_n4_w4_p264 \
              b2_sw_n1_w1_p1056 b2_sw_n1_w2_p1056 b2_sw_n2_w4_p1056 b2_qkv_n4_w4 b2_qkv_n2_w2 b2_qkv_n2_w4 \
              b2_gemv_n4_w4 b2_gemv_n2_w2 b2_gemv_n8_w8 --rounds 5 --reps 10 --profile /tmp/fold5 ;;
+    fold6) timeout 120 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+             tests/test_skinny_matmul.py -k "compiled and norm"
+           timeout 400 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels b2 \
+             b2_sw_n2_w4_p1056 b2_sw_n2_w8_p528_st3 b2_sw_n2_w8_p264_st3 b2_sw_n2_w8_p264_st4 b2_sw_n4_w8_p264_st3 \
+             b2_sw_n4_w8_p132_st3 b2_sw_n4_w8_p132_st4 b2_sw_n8_w8_p132_st3 b2_sw_n4_w4_p264_st3 b2_sw_n8_w4_p132_st2 \
+             b2_sw_n2_w4_p528_st3 b2_qkv_n4_w8_p132_st3 b2_qkv_n2_w8_p132_st3 b2_qkv_n2_w8_p264_st3 \
+             --rounds 5 --reps 10 --profile /tmp/fold6 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \
