@@ -67,8 +67,8 @@ QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
 # the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:
 # the tensor-core path's tile (NK_BLOCK_N x NK_BLOCK_K), the one-row lane-wise path (NK_GEMV, its
-# tile, warps) and the programs wanted (NK_TARGET_PROGRAMS). "nk_xla": XLA's dots and glue
-# fusions on that layout; "nk_xla_glue": XLA's dots feeding the glue kernels.
+# tile, warps, programs wanted: NK_GEMV_TARGET_PROGRAMS). "nk_xla": XLA's dots and glue fusions on
+# that layout; "nk_xla_glue": XLA's dots feeding the glue kernels.
 _MMA = {"NK_GEMV": False}
 FOLD_BEST = {"none": dict(block_n=4), "swiglu": dict(block_n=2, num_programs=528)}
 
@@ -78,7 +78,7 @@ def _b2(none=None, swiglu=None, **gemv):
     down projections 4 rows a block with the next K block loaded ahead, ~528 programs; overrides."""
     tiles = {"none": none or dict(block_n=4, num_warps=8),
              "swiglu": swiglu or dict(block_n=2, num_programs=528, num_warps=8)}
-    return dict(dict(NK_GEMV_BLOCK_N=4, NK_GEMV_PREFETCH=True, NK_TARGET_PROGRAMS=528), NORM_GEMV_TILES=tiles,
+    return dict(dict(NK_GEMV_BLOCK_N=4, NK_GEMV_PREFETCH=True, NK_GEMV_TARGET_PROGRAMS=528), NORM_GEMV_TILES=tiles,
                 **gemv)
 
 
@@ -88,7 +88,7 @@ NK_TILINGS = {
     "nk_n32_k128": {"NK_BLOCK_K": 128}, "nk_n64": {"NK_BLOCK_N": 64},
     "gemv_n16_k256_w4": {"NK_GEMV_BLOCK_N": 16, "NK_GEMV_BLOCK_K": 256, "NK_GEMV_WARPS": 4},
     "gemv_n4": {"NK_GEMV_BLOCK_N": 4}, "gemv_n4_w4": {"NK_GEMV_BLOCK_N": 4, "NK_GEMV_WARPS": 4},
-    "gemv_n16": {"NK_GEMV_BLOCK_N": 16}, "gemv_t1k": {"NK_TARGET_PROGRAMS": 1056},
+    "gemv_n16": {"NK_GEMV_BLOCK_N": 16}, "gemv_t1k": {"NK_GEMV_TARGET_PROGRAMS": 1056},
     "gemv_k2048": {"NK_GEMV_BLOCK_K": 2048}, "gemv_w16": {"NK_GEMV_WARPS": 16}, "nk_k256": {"NK_BLOCK_K": 256},
     "nk_k64": {"NK_BLOCK_K": 64}, "nk_n64_k128": {"NK_BLOCK_N": 64, "NK_BLOCK_K": 128},
     "nk_n16_k128": {"NK_BLOCK_N": 16, "NK_BLOCK_K": 128},
@@ -114,11 +114,11 @@ NK_TILINGS = {
         "n2": dict(block_n=2), "n2_p264": dict(block_n=2, num_programs=264),
         "n4_p144": dict(block_n=4, num_programs=144)}.items()},
     **{f"down_{name}": dict(tile, NORM_GEMV_TILES=FOLD_BEST) for name, tile in {
-        "pf": dict(NK_GEMV_PREFETCH=True), "t528": dict(NK_TARGET_PROGRAMS=528),
-        "t1056": dict(NK_TARGET_PROGRAMS=1056),
+        "pf": dict(NK_GEMV_PREFETCH=True), "t528": dict(NK_GEMV_TARGET_PROGRAMS=528),
+        "t1056": dict(NK_GEMV_TARGET_PROGRAMS=1056),
         "n4_pf": dict(NK_GEMV_BLOCK_N=4, NK_GEMV_PREFETCH=True),
-        "n4_pf_t528": dict(NK_GEMV_BLOCK_N=4, NK_GEMV_PREFETCH=True, NK_TARGET_PROGRAMS=528),
-        "n2_pf_t896": dict(NK_GEMV_BLOCK_N=2, NK_GEMV_PREFETCH=True, NK_TARGET_PROGRAMS=896)}.items()},
+        "n4_pf_t528": dict(NK_GEMV_BLOCK_N=4, NK_GEMV_PREFETCH=True, NK_GEMV_TARGET_PROGRAMS=528),
+        "n2_pf_t896": dict(NK_GEMV_BLOCK_N=2, NK_GEMV_PREFETCH=True, NK_GEMV_TARGET_PROGRAMS=896)}.items()},
     # session 15, call 3: call 2's best ("b2": fold_best + down_n4_pf_t528) with one projection's
     # tile changed: sw_nN_wW_pP = gate_up N rows a block over W warps and P programs, qkv_nN_wW,
     # gemv_nN_wW = the o / down projections' one-row tile
@@ -240,7 +240,7 @@ def run_variant(args) -> list[dict]:
     static_layout, params = next(iter(by_layout.items()))  # the static decoder's (it converts to [in, out])
     nk_defaults = {name: getattr(skinny_module, name) for name in
                    ("NK_BLOCK_N", "NK_BLOCK_K", "NK_GEMV", "NK_GEMV_BLOCK_N", "NK_GEMV_BLOCK_K",
-                    "NK_GEMV_WARPS", "NK_TARGET_PROGRAMS", "NORM_GEMV_TILES",
+                    "NK_GEMV_WARPS", "NK_TARGET_PROGRAMS", "NK_GEMV_TARGET_PROGRAMS", "NORM_GEMV_TILES",
                     "NK_GEMV_PREFETCH")}
     for batch in args.batches:
         steps = args.decode_steps

@@ -75,6 +75,8 @@ NK_GEMV_WARPS = 8
 # loop over K instead of splitting it). Off until timed (session 15).
 NK_GEMV_PREFETCH = False
 NK_TARGET_PROGRAMS = _TARGET_PROGRAMS
+# Programs wanted on the one-row lane-wise path (how far a narrow projection's K is split).
+NK_GEMV_TARGET_PROGRAMS = _TARGET_PROGRAMS
 # `[N, K]` weight rows a program in interpret mode (the CPU), when the caller picks no tile.
 INTERPRET_BLOCK_N = 64
 
@@ -186,7 +188,7 @@ def default_tiling(m: int, k: int, n: int, epilogue: str = "none",
     blocks still read long runs of memory."""
     if layout == "nk":
         dn, dk = (NK_GEMV_BLOCK_N, NK_GEMV_BLOCK_K) if gemv else (NK_BLOCK_N, NK_BLOCK_K)
-        target = NK_TARGET_PROGRAMS
+        target = NK_GEMV_TARGET_PROGRAMS if gemv else NK_TARGET_PROGRAMS
     else:
         dn, dk = (32 if epilogue == "swiglu" else 64), 128
         target = _TARGET_PROGRAMS
