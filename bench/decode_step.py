@@ -396,7 +396,7 @@ def main() -> None:
         # Relay the child's lines as they come: a variant that hangs must still show how far it got.
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
-            if not line.startswith("{"):
+            if not line.startswith('{"'):  # a result; a jaxpr in a traceback starts with "{ lambda"
                 print("   ", line.rstrip()[:300], flush=True)
                 continue
             results.append(dict(json.loads(line), variant=v))

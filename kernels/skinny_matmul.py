@@ -437,12 +437,12 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
         emit(pid, ws)
         return
     if not prefetch:  # each iteration loads its own block (Triton's pipeliner may overlap them)
-        def plain(i, _):
+        def plain(i, carry):
             block = pid + i * num_programs
             emit(block, load_rows(block))
-            return 0
+            return carry  # a traced value: Triton's loop must yield one
 
-        lax.fori_loop(0, pl.cdiv(num_blocks - pid, num_programs), plain, 0)
+        lax.fori_loop(0, pl.cdiv(num_blocks - pid, num_programs), plain, jnp.int32(0))
         return
 
     # Fewer programs than blocks: program p takes blocks p, p + P, p + 2P, ..., the next block's
