@@ -1,0 +1,123 @@
+"""Every Pallas kernel lowers to Triton for CUDA, on the CPU.
+
+`jax.export` lowers a jitted function for a platform this machine does not have; with interpret
+mode off, each `pallas_call` then goes through JAX's Triton lowering exactly as on the GPU (the
+Triton-to-PTX compile is XLA's, at GPU compile time, and is not run here). So a kernel that
+lowers in interpret mode but not for Triton (a Python int yielded from a loop, an index form
+Triton has no rule for) fails here in CI instead of in a device call: session 15's first try of
+an unprefetched block loop (`scf.yield` of a Python int) would have.
+
+Inputs are abstract (`jax.ShapeDtypeStruct`): nothing is allocated, so the real Qwen2.5-0.5B
+head and projection shapes cost only tracing time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxserve.config import ModelConfig
+from jaxserve.model import PagedAttention, Qwen2ForCausalLM, init_params, new_kv_cache
+from kernels import cache_scatter, paged_attention, paged_prefill_attention
+from kernels.greedy_pick import greedy_pick
+
+compat = importlib.import_module("kernels.pallas_compat")
+sm = importlib.import_module("kernels.skinny_matmul")  # `kernels` exports a function of that name
+
+# Qwen2.5-0.5B's shapes, two layers.
+CFG = ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=2,
+                  num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6)
+PAGE, PAGES, TABLE = 16, 1024, 16
+
+
+@pytest.fixture
+def compiled_kernels(monkeypatch):
+    """The kernels as the GPU runs them: no interpret mode, whatever the backend."""
+    monkeypatch.setattr(compat, "resolve_interpret", lambda interpret: bool(interpret))
+
+
+def lower_for_cuda(fn, *args) -> str:
+    """`fn(*args)` lowered for CUDA (Triton kernels included); its StableHLO text."""
+    exported = jax.export.export(
+        jax.jit(fn), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    return exported.mlir_module()
+
+
+def decode_step_text(batch: int) -> str:
+    model = Qwen2ForCausalLM(CFG, jnp.bfloat16)
+    params = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0), jnp.bfloat16))
+    kv = jax.eval_shape(lambda: new_kv_cache(CFG, PAGES, PAGE, jnp.bfloat16))
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+
+    def step(params, kv, tokens, positions, slots, tables, lengths):
+        paged = PagedAttention(slots, tables, lengths, lengths - 1, impl="pallas")
+        return model.apply({"params": params}, tokens, positions, kv=kv, paged=paged)
+
+    return lower_for_cuda(step, params, kv, i32(batch, 1), i32(batch, 1), i32(batch, 1), i32(batch, TABLE),
+                          i32(batch))
+
+
+def triton_kernel_names(text: str) -> set[str]:
+    """Names of the Triton kernels in lowered StableHLO (calls of one jitted kernel share a function)."""
+    return {m for line in text.splitlines() if "__gpu$xla.gpu.triton" in line
+            for m in re.findall(r'name = "([^"]*)"', line)}
+
+
+ONE_ROW = {"skinny_matmul_norm_none", "skinny_matmul_norm_swiglu", "fused_decode_attention", "skinny_matmul"}
+ROWS = {"add_rms_norm", "fused_decode_attention", "skinny_matmul"}
+# (batch, skinny_matmul settings, kernels expected): the default one-row path (norms folded into
+# QKV and gate_up), its experimental tilings, and the several-row tensor-core path.
+DECODE_CASES = [
+    (1, {}, ONE_ROW),
+    (1, {"NORM_GEMV_TILES": {"none": dict(block_n=4), "swiglu": dict(block_n=2, num_programs=528)},
+         "NK_GEMV_PREFETCH": True, "NK_GEMV_BLOCK_N": 4}, ONE_ROW),
+    (1, {"NORM_GEMV_TILES": {"swiglu": dict(block_n=4, num_programs=132, prefetch=False, num_stages=3)}}, ONE_ROW),
+    (16, {}, ROWS),
+    (64, {}, ROWS),
+]
+
+
+@pytest.mark.parametrize("batch,settings,expected", DECODE_CASES)
+def test_decode_step_lowers_to_triton_for_cuda(compiled_kernels, monkeypatch, batch, settings, expected):
+    for name, value in settings.items():
+        monkeypatch.setattr(sm, name, value)
+    names = triton_kernel_names(decode_step_text(batch))
+    assert expected <= names, names
+
+
+def test_interpret_mode_does_not_lower_to_triton():
+    # The check above means something only if interpret mode lowers no Triton call.
+    x = jax.ShapeDtypeStruct((1, 896), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((1152, 896), jnp.bfloat16)
+    text = lower_for_cuda(lambda x, w: sm.skinny_matmul(x, w, layout="nk", interpret=True), x, w)
+    assert "__gpu$xla.gpu.triton" not in text
+
+
+def _sds(shape, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+# The kernels outside the decode step (prefill, the unfused decode path, the greedy pick), at
+# Qwen2.5-0.5B heads: (name, function of abstract inputs, inputs).
+POOL = _sds((2, PAGES, PAGE, 64))
+STANDALONE = [
+    ("paged_attention", lambda q, kp, vp, t, n: paged_attention(q, kp, vp, t, n, num_splits=4),
+     (_sds((8, 14, 64)), POOL, POOL, _sds((8, 64), jnp.int32), _sds((8,), jnp.int32))),
+    ("paged_attention_inkernel_merge",
+     lambda q, kp, vp, t, n: paged_attention(q, kp, vp, t, n, num_splits=4, combine="inkernel"),
+     (_sds((8, 14, 64)), POOL, POOL, _sds((8, 64), jnp.int32), _sds((8,), jnp.int32))),
+    ("paged_prefill_attention", paged_prefill_attention,
+     (_sds((2, 128, 14, 64)), POOL, POOL, _sds((2, 64), jnp.int32), _sds((2,), jnp.int32), _sds((2,), jnp.int32))),
+    ("cache_scatter", cache_scatter, (POOL, POOL, _sds((300, 2, 64)), _sds((300, 2, 64)), _sds((300,), jnp.int32))),
+    ("greedy_pick", greedy_pick, (_sds((64, CFG.vocab_size)),)),
+]
+
+
+@pytest.mark.parametrize("name,fn,args", STANDALONE, ids=[case[0] for case in STANDALONE])
+def test_standalone_kernels_lower_to_triton_for_cuda(compiled_kernels, name, fn, args):
+    assert triton_kernel_names(lower_for_cuda(fn, *args)), name
