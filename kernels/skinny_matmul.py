@@ -29,7 +29,12 @@ by the activation row lane by lane and sums each row once at the end: no tensor-
 padded to 16 rows, many programs with all their bytes in flight at once (session 14: 0.685 vs
 0.757 ms a batch-1 step for the `[K, N]` tensor-core path). `skinny_matmul_norm` also starts
 each program with the residual add and RMSNorm of the row (re-derived per program from a few
-KiB in L2), so a one-row decode layer has no norm launches at all (0.666 ms, 132 kernels).
+KiB in L2), so a one-row decode layer has no norm launches at all (0.666 ms, 132 kernels). Its
+programs may loop over blocks of rows, each loading the next block into registers before it
+multiplies the current one, so the norm is derived once per program and a program keeps bytes in
+flight while it computes (gate_up: 8.6 -> 7.0 µs; session 15, with the tiles retiled: 0.618 ms).
+Triton's own software pipeline of that loop (`num_stages`, no register prefetch) was much slower
+(0.68-1.03 ms).
 The lane-wise path is for one row only: with 2-16 rows (each row's products summed every iteration)
 it lost to the tensor-core path at every batch (session 15: 0.793 vs 0.757 ms at 2 rows, 3.1 vs
 0.79 at 16; bench/results/decode_step.md) and was removed.
@@ -63,20 +68,22 @@ NK_BLOCK_N = 32
 NK_BLOCK_K = 128
 LAYOUTS = ("kn", "nk")
 # One row with the "nk" layout: lane-wise multiply-adds (no 16-row padding of a tensor-core
-# product, no per-iteration reduction), 8 weight rows x 1024 elements a program (a Qwen2.5-0.5B
+# product, no per-iteration reduction), a few weight rows x 1024 elements a block (a Qwen2.5-0.5B
 # row of 896 in one load, so the QKV projection needs no K split) over 8 warps: decode step 0.689
 # vs 0.759 ms for the [K, N] default at batch 1 on the H200 (bench/results/decode_step.md, session
-# 14). Read when a step is traced.
+# 14). 4 rows a block, the next K block loaded ahead, ~528 programs (the down projection's K split
+# in two): o 2.12 vs 2.16 µs, down 4.53 vs 4.62 at 8 rows over ~264 programs (session 15). Read
+# when a step is traced.
 NK_GEMV = True
-NK_GEMV_BLOCK_N = 8
+NK_GEMV_BLOCK_N = 4
 NK_GEMV_BLOCK_K = 1024
 NK_GEMV_WARPS = 8
-# One row: load the next K block's tiles before multiplying the current ones (for tilings that
-# loop over K instead of splitting it). Off until timed (session 15).
-NK_GEMV_PREFETCH = False
+# One row: load the next K block's tiles before multiplying the current ones (tilings that loop
+# over K instead of splitting it all the way).
+NK_GEMV_PREFETCH = True
 NK_TARGET_PROGRAMS = _TARGET_PROGRAMS
 # Programs wanted on the one-row lane-wise path (how far a narrow projection's K is split).
-NK_GEMV_TARGET_PROGRAMS = _TARGET_PROGRAMS
+NK_GEMV_TARGET_PROGRAMS = 2 * _TARGET_PROGRAMS
 # `[N, K]` weight rows a program in interpret mode (the CPU), when the caller picks no tile.
 INTERPRET_BLOCK_N = 64
 
@@ -386,7 +393,12 @@ NORM_GEMV_MAX_K = 1024
 # one block of rows a program; fewer: each program loops over blocks, loading the next while it
 # multiplies the current), and for experiments `prefetch` (False: each iteration loads its own
 # block) and `num_stages` (Triton's software pipelining of that loop). Read when a step is traced.
-NORM_GEMV_TILES: dict[str, dict[str, int]] = {"none": {}, "swiglu": {}}
+# Session 15 on the H200 (bench/results/decode_step.md): QKV at 4 rows a block, one block a
+# program (3.0 vs 3.3 µs at 8 rows); gate_up at 2 + 2 rows a block over 1056 programs of 4 warps,
+# each looping over ~2.3 blocks (7.0 vs 8.6 µs at 8 + 8 rows, one block a program): batch-1 step
+# 0.618-0.620 vs 0.665 ms with the one-row defaults above.
+NORM_GEMV_TILES: dict[str, dict[str, int]] = {"none": {"block_n": 4},
+                                              "swiglu": {"block_n": 2, "num_warps": 4, "num_programs": 1056}}
 
 
 def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, has_bias: bool,
