@@ -59,6 +59,11 @@ VARIANTS = {
 # --glue choices that retile the decode QKV projection (jaxserve.model.QKV_SKINNY_TILING): unsplit
 # (its bias added in the kernel, so the default 7-way K split's sum, one launch a layer, goes) or
 # split in two.
+# --glue choices with o_proj inside the fused decode attention at one row (model.O_IN_ATTENTION),
+# with these kernels.decode_attention settings: Wo rows a program, Wo loaded before the attention.
+O_TUNINGS = {"o_attn": {}, "o_attn_pf": {"O_PREFETCH_WO": True}, "o_attn_r4": {"O_ROWS": 4},
+             "o_attn_r16": {"O_ROWS": 16}, "o_attn_r32": {"O_ROWS": 32},
+             "o_attn_r16_pf": {"O_ROWS": 16, "O_PREFETCH_WO": True}}
 # --glue choices with the fused decode attention launched otherwise (model.ATTENTION_TUNING).
 ATTENTION_TUNINGS = {"attn_w2": {"num_warps": 2}, "attn_w8": {"num_warps": 8},
                      "attn_st2": {"num_stages": 2}}
@@ -210,6 +215,8 @@ def run_variant(args) -> list[dict]:
     paged_attention_module = importlib.import_module("kernels.paged_attention")  # kernels.paged_attention is also a function
     residual_norm_module = importlib.import_module("kernels.residual_norm")
     skinny_module = importlib.import_module("kernels.skinny_matmul")
+    decode_attention_module = importlib.import_module("kernels.decode_attention")
+    o_defaults = {name: getattr(decode_attention_module, name) for name in ("O_ROWS", "O_PREFETCH_WO")}
     from jaxserve.config import ModelConfig
     from jaxserve.model import init_params
     from jaxserve.runner import Runner, default_attention_impl
@@ -233,6 +240,7 @@ def run_variant(args) -> list[dict]:
     # The random params come in the model's default layout; the other is converted once if asked.
     default_layout = model_module.WEIGHT_LAYOUT
     norm_fold = model_module.NORM_IN_PROJECTION
+    o_in_attention = model_module.O_IN_ATTENTION
     layouts = {glue: "kn" if glue == "kn" else "nk" if glue in NK_TILINGS else default_layout
                for glue in args.glue}
     by_layout = {layout: model_module.convert_weight_layout(params, default_layout, layout)
@@ -271,6 +279,10 @@ def run_variant(args) -> list[dict]:
             model_module.QKV_SKINNY_TILING = QKV_TILINGS.get(glue, {})
             # "attn_*": the fused decode attention's launch settings (ATTENTION_TUNINGS).
             model_module.ATTENTION_TUNING = ATTENTION_TUNINGS.get(glue, {})
+            # "o_attn*": o_proj inside the fused attention (O_TUNINGS).
+            model_module.O_IN_ATTENTION = glue in O_TUNINGS or o_in_attention
+            for name, value in dict(o_defaults, **O_TUNINGS.get(glue, {})).items():
+                setattr(decode_attention_module, name, value)
             model_module.SPLIT_COMBINE = {"xla_combine": "xla", "inkernel_combine": "inkernel"}.get(glue, "pallas")
             # "skinny256": steps of up to 256 rows through the skinny matmul and glue kernels
             # (row blocks of 64) instead of cuBLAS GEMMs and XLA's glue fusions.
@@ -361,7 +373,7 @@ def main() -> None:
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
                                                              "split_short", "skinny256", "norm_warps4", "norm_warps8", "xla_pick",
                                                              "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS,
-                                                             *ATTENTION_TUNINGS,
+                                                             *ATTENTION_TUNINGS, *O_TUNINGS,
                                                              "kn", "norm_fold", "no_norm_fold", *NK_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],

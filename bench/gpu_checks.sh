@@ -47,6 +47,9 @@
 #   fold6       session 15, after fold5: gate_up and QKV programs looping over blocks that Triton's pipeliner
 #               overlaps (num_stages 2-4, async copies through shared memory) instead of the register prefetch;
 #               batch 1, profiled (~120 s)
+#   oattn       session 15: o_proj inside the fused attention at one row (model.O_IN_ATTENTION; every block
+#               of Wo rows redoes the short attention): compiled tests, then batch 1 against the default over
+#               4-32 Wo rows a program, Wo loaded before or after the attention; profiled (~200 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -158,6 +161,11 @@ for part in "${parts[@]}"; do
              b2_sw_n4_w8_p132_st3 b2_sw_n4_w8_p132_st4 b2_sw_n8_w8_p132_st3 b2_sw_n4_w4_p264_st3 b2_sw_n8_w4_p132_st2 \
              b2_sw_n2_w4_p528_st3 b2_qkv_n4_w8_p132_st3 b2_qkv_n2_w8_p132_st3 b2_qkv_n2_w8_p264_st3 \
              --rounds 5 --reps 10 --profile /tmp/fold6 ;;
+    oattn) timeout 200 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+             tests/test_decode_attention.py -k "(compiled and decode_o) or model_decode_step"
+           timeout 330 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels \
+             o_attn o_attn_pf o_attn_r4 o_attn_r16 o_attn_r32 o_attn_r16_pf --rounds 5 --reps 10 \
+             --profile /tmp/oattn ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
@@ -172,6 +172,9 @@ DECODE_PROJECTIONS = os.environ.get("JAXSERVE_DECODE_PROJECTIONS", "pallas")
 # 180, batch-1 step 0.666 vs 0.685 ms on the H200 (bench/results/decode_step.md, session 14). Needs
 # the "nk" layout's one-row path. JAXSERVE_NORM_IN_PROJECTION=0 turns it off. Read when a step is traced.
 NORM_IN_PROJECTION = os.environ.get("JAXSERVE_NORM_IN_PROJECTION", "1") == "1"
+# With the norms folded, o_proj also runs inside the fused attention kernel for tables of at most
+# `kernels.paged_attention.SINGLE_PASS_KEYS` keys (`_fold_o_proj`). Off until timed (session 15).
+O_IN_ATTENTION = os.environ.get("JAXSERVE_O_IN_ATTENTION", "0") == "1"
 
 
 def _fold_norms(x: jax.Array) -> bool:
@@ -247,13 +250,16 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, fast: bool = False, epilogue: str = "none",
-                 tiling: dict[str, int] | None = None, norm: tuple | None = None):
+                 tiling: dict[str, int] | None = None, norm: tuple | None = None,
+                 fused: Callable[[jax.Array], Any] | None = None):
         nk = WEIGHT_LAYOUT == "nk"
         shape = (self.features, x.shape[-1]) if nk else (x.shape[-1], self.features)
         # lecun_normal's fan-in is the kernel's second-to-last axis: `[in, out]`'s in.
         init = nn.initializers.lecun_normal(in_axis=-1, out_axis=-2) if nk else nn.initializers.lecun_normal()
         kernel = self.param("kernel", init, shape, self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype) if self.use_bias else None
+        if fused is not None:  # a kernel that does this product inside another; x gives only the shape
+            return fused(kernel)
         x = x.astype(self.dtype)
         rows = x.size // x.shape[-1]
         if norm is not None:  # x is the residual stream; see _fold_norms
@@ -320,6 +326,28 @@ def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelCon
     return out, (k_pages, v_pages)
 
 
+def _fold_o_proj(paged: PagedAttention, kv) -> bool:
+    """Whether a norm-folded one-row decode step (_fold_norms) also runs o_proj inside the fused
+    attention kernel (O_IN_ATTENTION): short tables only, since every block of o's rows redoes the
+    attention (`kernels.decode_attention.fused_decode_attention_o`)."""
+    from kernels.paged_attention import SINGLE_PASS_KEYS
+
+    page_size = kv[0].shape[2]
+    return O_IN_ATTENTION and WEIGHT_LAYOUT == "nk" and paged.block_tables.shape[1] * page_size <= SINGLE_PASS_KEYS
+
+
+def _attend_fused_decode_o(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelConfig, wo: jax.Array):
+    """`_attend_fused_decode` with o_proj folded in: its partials `[kv_heads, B, hidden]`, and the pages."""
+    from kernels.decode_attention import fused_decode_attention_o
+
+    h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    b = qkv.shape[0]
+    parts, k_pages, v_pages = fused_decode_attention_o(
+        qkv.reshape(b, h + 2 * kvh, d), cos[:, 0], sin[:, 0], kv[0], kv[1], paged.block_tables,
+        paged.lengths, paged.slot_mapping[:, 0], wo)
+    return parts, (k_pages, v_pages)
+
+
 def _attend(qkv, cos, sin, lengths, kv, paged: PagedAttention | None, cfg: ModelConfig):
     """RoPE, then dense attention over the step's own tokens, or scatter + paged attention."""
     h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -360,12 +388,17 @@ class Attention(nn.Module):
             x, qkv = qkv_proj(x, fast, norm=norm)
         else:
             qkv = qkv_proj(x, fast, tiling=QKV_SKINNY_TILING)
+        o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
+        if norm is not None and _fold_o_proj(paged, kv):
+            # o_proj inside the attention kernel; its per-KV-head partials go to the next norm.
+            partials, kv = o_proj(jax.ShapeDtypeStruct((b, s, h * d), self.dtype),
+                                  fused=lambda wo: _attend_fused_decode_o(qkv, cos, sin, kv, paged, cfg, wo))
+            return partials, kv, x
         if fast and s == 1:
             out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg)
         else:
             out, kv = _attend(qkv, cos, sin, lengths, kv, paged, cfg)
-        out = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")(
-            out.reshape(b, s, h * d).astype(self.dtype), fast, "partials" if glue else "none")
+        out = o_proj(out.reshape(b, s, h * d).astype(self.dtype), fast, "partials" if glue else "none")
         return (out, kv, x) if norm is not None else (out, kv)
 
 

@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 
 from kernels import pallas_compat as compat
 from kernels.cache_scatter import cache_scatter_reference
-from kernels.paged_attention import (_MASK_VALUE, COMBINES, DECODE_BLOCK_KEYS, LOG2E,
+from kernels.paged_attention import (_MASK_VALUE, COMBINES, DECODE_BLOCK_KEYS, LOG2E, SINGLE_PASS_KEYS,
                                      check_pool, finish_rows, gather_key_block, merge_last_split,
                                      merge_splits,
                                      online_softmax_step, paged_attention_reference,
@@ -57,10 +57,15 @@ def _rotate_half_matrix(head_dim: int, dtype) -> jax.Array:
 def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_ref,
                   k_pages_ref, v_pages_ref, *refs, num_heads: int, kv_heads: int,
                   group: int, block_rows: int, num_splits: int, pages_per_block: int, scale: float,
-                  precision, merge_in_kernel: bool = False, interpret: bool = False):
+                  precision, merge_in_kernel: bool = False, interpret: bool = False,
+                  o_rows: int = 0, prefetch_wo: bool = False):
+    wo_ref, refs = (refs[0], refs[1:]) if o_rows else (None, refs)
     (o_ref, lse_ref, out_ref, counter_ref), (k_out_ref, v_out_ref) = split_refs(
         refs, num_splits, merge_in_kernel)
-    seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    seq, head = pl.program_id(0), pl.program_id(1)
+    # With the output projection folded in (`o_rows`), the third grid axis is the block of o's
+    # rows a program computes; each program of a (sequence, KV head) redoes the same attention.
+    split, chunk = (0, pl.program_id(2)) if o_rows else (pl.program_id(2), 0)
     table_pages = block_table_ref.shape[0]
     page_size, head_dim = k_pages_ref.shape[-2], k_pages_ref.shape[-1]
     pool_dtype = k_pages_ref.dtype
@@ -107,7 +112,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
     num_slots = k_pages_ref.shape[0] * page_size
 
-    @pl.when((split == 0) & has_new & (slot >= 0) & (slot < num_slots))
+    @pl.when((split == 0) & (chunk == 0) & has_new & (slot >= 0) & (slot < num_slots))
     def _write():
         page = slot // page_size
         k_out_ref[page, slot % page_size, :] = k_new.astype(pool_dtype)
@@ -126,8 +131,29 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         return online_softmax_step(carry, q, k, v, None, valid[None, :], scale=scale,
                                    precision=precision)
 
+    if o_rows:
+        o_cols = chunk * o_rows + jnp.arange(o_rows)
+        o_ok = o_cols < wo_ref.shape[0]
+
+        def wo_rows(g):  # Wo[chunk's rows, query head (head * group + g)'s columns]: [o_rows, D]
+            return compat.load(wo_ref.at[pl.ds(chunk * o_rows, o_rows), pl.ds((head * group + g) * head_dim, head_dim)],
+                               mask=o_ok[:, None], other=0)
+
+        # Loaded before the attention, the weights are in flight while it runs (registers held).
+        wos = [wo_rows(g) for g in range(group)] if prefetch_wo else None
     carry = lax.fori_loop(0, num_iters, lambda i, c: step(c, key_block(i)), (acc0, m0, l0))
     out, lse = finish_rows(*carry)
+    if o_rows:
+        # o_proj's partial sum over this KV head's query heads, rounded as the unfused path rounds
+        # the attention output (to the activations' dtype) before the product.
+        attn = out.astype(qkv_ref.dtype).astype(jnp.float32)
+        acc = jnp.zeros((o_rows, head_dim), jnp.float32)
+        for g in range(group):
+            row_g = jnp.sum(jnp.where((rows == g)[:, None], attn, 0.0), axis=0)  # attention row g: [D]
+            w = wos[g] if prefetch_wo else wo_rows(g)
+            acc += w.astype(jnp.float32) * row_g[None, :]
+        compat.store(o_ref.at[head, seq, pl.ds(chunk * o_rows, o_rows)], jnp.sum(acc, axis=1), mask=o_ok)
+        return
     out = out.astype(o_ref.dtype)
     if num_splits == 1:
         compat.store(o_ref.at[seq, head, pl.ds(0, block_rows), :], out, mask=real_row[:, None])
@@ -144,10 +170,11 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine"))
-def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, *, scale: float,
+    "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine", "o_rows",
+    "prefetch_wo"))
+def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo=None, *, scale: float,
            num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
-           interpret: bool, combine: str):
+           interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False):
     batch, _, head_dim = qkv.shape
     kv_heads = k_pages.shape[0]
     num_heads = qkv.shape[1] - 2 * kv_heads
@@ -158,7 +185,8 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     kernel = functools.partial(
         _fused_kernel, num_heads=num_heads, kv_heads=kv_heads, group=group,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
-        scale=scale, precision=precision, merge_in_kernel=merge_in_kernel, interpret=interpret)
+        scale=scale, precision=precision, merge_in_kernel=merge_in_kernel, interpret=interpret,
+        o_rows=o_rows, prefetch_wo=prefetch_wo)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -168,8 +196,15 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     operands = [slot_mapping.astype(jnp.int32), block_tables.astype(jnp.int32),
                 lengths.astype(jnp.int32), qkv, cos.astype(jnp.float32), sin.astype(jnp.float32),
                 k_pages, v_pages]
-    out_shape, counter = split_outputs((batch, kv_heads, group, head_dim), qkv.dtype, num_splits,
-                                       merge_in_kernel)
+    if o_rows:  # o_proj's partial sums, one per KV head (the next norm adds them)
+        out_shape, counter = [jax.ShapeDtypeStruct((kv_heads, batch, wo.shape[0]), jnp.float32)], None
+        in_specs.append(whole)
+        operands.append(wo)
+        grid = (batch, kv_heads, pl.cdiv(wo.shape[0], o_rows))
+    else:
+        out_shape, counter = split_outputs((batch, kv_heads, group, head_dim), qkv.dtype, num_splits,
+                                           merge_in_kernel)
+        grid = (batch, kv_heads, num_splits)
     out_specs = [whole] * len(out_shape)
     aliases = {6: len(out_shape), 7: len(out_shape) + 1}  # the pools, in place
     if counter is not None:
@@ -178,7 +213,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         aliases[len(operands) - 1] = len(out_shape) - 1
     result = pl.pallas_call(
         kernel,
-        grid=(batch, kv_heads, num_splits),
+        grid=grid,
         in_specs=in_specs,
         out_specs=out_specs + [pool_spec, pool_spec],
         out_shape=out_shape + pool_shapes,
@@ -188,6 +223,8 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         name="fused_decode_attention",
     )(*operands)
     k_pages, v_pages = result[-2], result[-1]
+    if o_rows:
+        return result[0], k_pages, v_pages
     if num_splits == 1:
         out = result[0]
     elif merge_in_kernel:
@@ -272,6 +309,100 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                   num_splits=num_splits, pages_per_block=pages_per_block,
                   num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                   combine=combine)
+
+
+# `fused_decode_attention_o`: rows of Wo a program (its grid's third axis has N / O_ROWS blocks per
+# sequence and KV head), and whether a program loads its Wo rows before the attention (held in
+# registers through it) or after. Read when a step is traced.
+O_ROWS = 8
+O_PREFETCH_WO = False
+
+
+def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
+                             v_pages: jax.Array, block_tables: jax.Array, lengths: jax.Array,
+                             slot_mapping: jax.Array, wo: jax.Array, *, scale: float | None = None,
+                             interpret: bool | None = None, o_rows: int | None = None,
+                             prefetch_wo: bool | None = None, num_warps: int = 4,
+                             num_stages: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`fused_decode_attention` with the output projection folded in: o_proj's partial sums.
+
+    Why: at batch 1 the attention is two programs (one per KV head) on a latency chain of
+    dependent loads, and o_proj another launch of ~2 µs that streams 1.6 MB. Here each
+    (sequence, KV head) runs `N / o_rows` programs: every one redoes the same attention (its
+    K/V are a few KiB, read from L2 after the first) and multiplies the result by `o_rows` rows
+    of `wo`'s columns for that KV head's query heads, so o_proj costs no launch and its weights
+    stream beside the attention. The attention is repeated per block of rows: meant for short
+    tables at small batch (`jaxserve.model` uses it for one-row steps of short tables).
+
+    Args:
+        qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping: as in
+            `fused_decode_attention`.
+        wo: `[N, num_heads * head_dim]` the output projection, `[out, in]`.
+        o_rows: rows of `wo` a program (None: `O_ROWS`; in interpret mode all of them).
+        prefetch_wo: load them before the attention (None: `O_PREFETCH_WO`).
+        scale, interpret, num_warps, num_stages: as in `fused_decode_attention`; never split.
+
+    Returns:
+        `(partials [kv_heads, batch, N] float32, k_pages, v_pages)`: o_proj's output is
+        `partials.sum(0)` (the attention output rounded to qkv's dtype first, as the unfused
+        path rounds it); `kernels.skinny_matmul.skinny_matmul_norm` takes them as they are.
+
+    Example:
+        >>> qkv = jnp.ones((1, 14 + 4, 64), jnp.bfloat16)
+        >>> cos, sin = jnp.ones((1, 64)), jnp.zeros((1, 64))
+        >>> kp = vp = jnp.zeros((2, 4, 16, 64), jnp.bfloat16)
+        >>> wo = jnp.ones((896, 896), jnp.bfloat16)
+        >>> parts, kp, vp = fused_decode_attention_o(qkv, cos, sin, kp, vp, jnp.array([[0, 1]], jnp.int32),
+        ...     jnp.array([20], jnp.int32), jnp.array([19], jnp.int32), wo)
+        >>> parts.shape
+        (2, 1, 896)
+    """
+    _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping)
+    num_heads = qkv.shape[1] - 2 * k_pages.shape[0]
+    head_dim, page_size = qkv.shape[2], k_pages.shape[2]
+    if wo.ndim != 2 or wo.shape[1] != num_heads * head_dim:
+        raise ValueError(f"wo must be [N, {num_heads * head_dim}] (num_heads * head_dim), got {wo.shape}")
+    interpret = compat.resolve_interpret(interpret)
+    if o_rows is None:
+        # Interpret mode runs programs one after another: one block of rows a KV head, so the
+        # attention is not redone on the CPU.
+        o_rows = max(O_ROWS, compat.next_pow2(wo.shape[0])) if interpret else O_ROWS
+    if o_rows < 1 or o_rows & (o_rows - 1):
+        raise ValueError(f"o_rows must be a power of two >= 1, got {o_rows}")
+    table_pages = block_tables.shape[1]
+    # One loop iteration for a table of up to 256 keys (as the unsplit default), never split.
+    pages_per_block, _ = resolve_tuning(page_size, table_pages, 1, None, 1, interpret, DECODE_BLOCK_KEYS,
+                                        head_dim=head_dim)
+    if table_pages * page_size <= SINGLE_PASS_KEYS:
+        pages_per_block = compat.next_pow2(table_pages)
+    return _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo,
+                  scale=float(head_dim ** -0.5 if scale is None else scale), num_splits=1,
+                  pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages,
+                  interpret=interpret, combine="pallas", o_rows=o_rows,
+                  prefetch_wo=O_PREFETCH_WO if prefetch_wo is None else bool(prefetch_wo))
+
+
+def fused_decode_attention_o_reference(qkv, cos, sin, k_pages, v_pages, block_tables, lengths,
+                                       slot_mapping, wo, *, scale=None):
+    """jnp reference of `fused_decode_attention_o`: the attention reference, its output rounded to
+    qkv's dtype, times each KV head's columns of `wo` in float32.
+
+    Example:
+        >>> qkv = jnp.ones((1, 4, 64)); cs = jnp.ones((1, 64)); pages = jnp.zeros((1, 2, 16, 64))
+        >>> parts, kp, vp = fused_decode_attention_o_reference(
+        ...     qkv, cs, cs, pages, pages, jnp.zeros((1, 2), jnp.int32), jnp.array([1], jnp.int32),
+        ...     jnp.array([0], jnp.int32), jnp.ones((8, 128)))
+        >>> parts.shape  # one KV head
+        (1, 1, 8)
+    """
+    out, k_pages, v_pages = fused_decode_attention_reference(qkv, cos, sin, k_pages, v_pages, block_tables,
+                                                             lengths, slot_mapping, scale=scale)
+    kv_heads = k_pages.shape[0]
+    batch, num_heads, head_dim = out.shape
+    per_head = out.astype(jnp.float32).reshape(batch, kv_heads, (num_heads // kv_heads) * head_dim)
+    w = wo.astype(jnp.float32).reshape(wo.shape[0], kv_heads, -1)
+    parts = jnp.einsum("bhk,nhk->hbn", per_head, w, precision=lax.Precision.HIGHEST)
+    return parts, k_pages, v_pages
 
 
 def rope_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from jaxserve.model import rope_tables
-from kernels.decode_attention import fused_decode_attention, fused_decode_attention_reference
+from kernels.decode_attention import (fused_decode_attention, fused_decode_attention_o,
+                                      fused_decode_attention_o_reference, fused_decode_attention_reference)
 from tests.test_kernels import (DECODE_CASES, MODES, TOLERANCE, fresh_rng, make_pool, make_sequences,
                                 poison_unowned, ragged_lengths, relative_error)
 
@@ -118,6 +119,49 @@ def test_fused_decode_in_place_under_jit_and_steps_chain(interpret, combine):
         qkv = jnp.asarray(rng.standard_normal(qkv.shape), qkv.dtype)
 
 
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,table_pages,dtype,n_out,o_rows,prefetch", [
+    (14, 2, 64, 16, 13, jnp.bfloat16, 896, 8, False),    # Qwen2.5-0.5B at batch-1 decode, 208 keys
+    (14, 2, 64, 16, 13, jnp.bfloat16, 896, 16, True),    # Wo loaded before the attention
+    (8, 1, 128, 8, 5, jnp.float32, 100, 16, False),      # GQA 8, N not a multiple of the rows
+    (4, 4, 64, 32, 3, jnp.float32, 48, 4, True),         # no grouping
+    (14, 2, 64, 16, 40, jnp.bfloat16, 64, 32, False),    # a table past 256 keys: several iterations
+])
+def test_fused_decode_o_matches_reference(interpret, num_heads, kv_heads, head_dim, page_size, table_pages,
+                                          dtype, n_out, o_rows, prefetch):
+    """The output projection folded into the fused attention: o_proj's per-KV-head partials."""
+    rng, seed = fresh_rng()
+    batch = 3
+    args = fused_case(rng, batch=batch, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim,
+                      page_size=page_size, table_pages=table_pages, dtype=dtype,
+                      lengths=[0, 1, int(rng.integers(2, table_pages * page_size + 1))])
+    wo = jnp.asarray(rng.standard_normal((n_out, num_heads * head_dim)) / np.sqrt(num_heads * head_dim), dtype)
+    parts, k_new, v_new = fused_decode_attention_o(*args, wo, interpret=interpret, o_rows=o_rows,
+                                                   prefetch_wo=prefetch)
+    ref, k_ref, v_ref = fused_decode_attention_o_reference(*args, wo)
+    assert parts.shape == (kv_heads, batch, n_out) and parts.dtype == jnp.float32
+    assert not np.isnan(np.asarray(parts)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(parts.sum(0), ref.sum(0)) <= TOLERANCE[dtype], f"seed={seed}"
+    assert relative_error(parts, ref) <= TOLERANCE[dtype], f"seed={seed}"
+    np.testing.assert_array_equal(np.asarray(parts[:, 0]), 0.0, err_msg=f"length-0 row not zero, seed={seed}")
+    if dtype == jnp.float32:
+        assert_pools_equal(k_new, k_ref, seed, rtol=1e-6, atol=1e-6)
+    else:
+        assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP)
+    assert_pools_equal(v_new, v_ref, seed)
+
+
+def test_fused_decode_o_errors_name_the_field():
+    qkv = jnp.zeros((1, 18, 64))
+    pages = jnp.zeros((2, 4, 16, 64))
+    args = (qkv, jnp.zeros((1, 64)), jnp.zeros((1, 64)), pages, pages, jnp.zeros((1, 2), jnp.int32),
+            jnp.ones(1, jnp.int32), jnp.zeros(1, jnp.int32))
+    with pytest.raises(ValueError, match="wo must be"):
+        fused_decode_attention_o(*args, jnp.zeros((896, 64)))
+    with pytest.raises(ValueError, match="o_rows"):
+        fused_decode_attention_o(*args, jnp.zeros((896, 896)), o_rows=3)
+
+
 def test_fused_decode_shape_errors_name_the_field():
     qkv = jnp.zeros((2, 18, 64))
     pages = jnp.zeros((2, 4, 16, 64))
@@ -149,6 +193,8 @@ def test_fused_decode_shape_errors_name_the_field():
     # Folded, with programs looping over weight blocks (skinny_matmul.NORM_GEMV_TILES) and the
     # one-row projections loading their next K block ahead (NK_GEMV_PREFETCH).
     ("pallas", {}, "nk", "pallas+norm+loop"),
+    # Folded, and o_proj inside the fused attention kernel (model.O_IN_ATTENTION).
+    ("pallas", {}, "nk", "pallas+norm+o"),
 ])
 def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, projections, monkeypatch):
     # One paged decode step of the whole model (under "pallas": the fused attention kernel and
@@ -164,6 +210,14 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
     monkeypatch.setattr(model_module, "DECODE_PROJECTIONS", projections.split("+")[0])
     fold = "+norm" in projections
     monkeypatch.setattr(model_module, "NORM_IN_PROJECTION", fold)
+    monkeypatch.setattr(model_module, "O_IN_ATTENTION", projections.endswith("+o"))
+    if projections.endswith("+o"):
+        import importlib
+
+        da = importlib.import_module("kernels.decode_attention")
+        fused_o = []
+        monkeypatch.setattr(da, "fused_decode_attention_o",
+                            lambda *a, _f=da.fused_decode_attention_o, **k: fused_o.append(1) or _f(*a, **k))
     if projections.endswith("+loop"):
         import importlib
 
@@ -214,6 +268,8 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
                             kv=kv, paged=dec)
     if fold:
         assert len(folded) == 2 * cfg.num_hidden_layers  # qkv and gate_up of every layer
+    if projections.endswith("+o"):
+        assert len(fused_o) == cfg.num_hidden_layers
     for b in range(batch):
         dense, _ = model.apply({"params": params}, jnp.asarray(tokens[b: b + 1, : lengths[b] + 1]))
         assert relative_error(logits[b, 0], dense[0, -1]) <= 1e-4, f"row {b}, seed={seed}"

@@ -13,6 +13,7 @@ head and projection shapes cost only tracing time.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 
@@ -23,6 +24,7 @@ import pytest
 from jaxserve.config import ModelConfig
 from jaxserve.model import PagedAttention, Qwen2ForCausalLM, init_params, new_kv_cache
 from kernels import cache_scatter, paged_attention, paged_prefill_attention
+from kernels.decode_attention import fused_decode_attention_o
 from kernels.greedy_pick import greedy_pick
 
 compat = importlib.import_module("kernels.pallas_compat")
@@ -115,9 +117,19 @@ STANDALONE = [
      (_sds((2, 128, 14, 64)), POOL, POOL, _sds((2, 64), jnp.int32), _sds((2,), jnp.int32), _sds((2,), jnp.int32))),
     ("cache_scatter", cache_scatter, (POOL, POOL, _sds((300, 2, 64)), _sds((300, 2, 64)), _sds((300,), jnp.int32))),
     ("greedy_pick", greedy_pick, (_sds((64, CFG.vocab_size)),)),
+    *[(f"fused_decode_attention_o_prefetch{prefetch}",
+       functools.partial(fused_decode_attention_o, prefetch_wo=prefetch),
+       (_sds((1, 18, 64)), _sds((1, 64), jnp.float32), _sds((1, 64), jnp.float32), POOL, POOL,
+        _sds((1, 16), jnp.int32), _sds((1,), jnp.int32), _sds((1,), jnp.int32), _sds((896, 896))))
+      for prefetch in (False, True)],
 ]
 
 
 @pytest.mark.parametrize("name,fn,args", STANDALONE, ids=[case[0] for case in STANDALONE])
 def test_standalone_kernels_lower_to_triton_for_cuda(compiled_kernels, name, fn, args):
     assert triton_kernel_names(lower_for_cuda(fn, *args)), name
+
+
+def test_decode_step_with_o_in_attention_lowers_to_triton_for_cuda(compiled_kernels, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("jaxserve.model"), "O_IN_ATTENTION", True)
+    assert ONE_ROW <= triton_kernel_names(decode_step_text(1))
