@@ -61,9 +61,12 @@ VARIANTS = {
 # split in two.
 # --glue choices with o_proj inside the fused decode attention at one row (model.O_IN_ATTENTION),
 # with these kernels.decode_attention settings: Wo rows a program, Wo loaded before the attention.
-O_TUNINGS = {"o_attn": {}, "o_attn_pf": {"O_PREFETCH_WO": True}, "o_attn_r4": {"O_ROWS": 4},
-             "o_attn_r16": {"O_ROWS": 16}, "o_attn_r32": {"O_ROWS": 32},
-             "o_attn_r16_pf": {"O_ROWS": 16, "O_PREFETCH_WO": True}}
+# "no_o_attn": o_proj apart (its own skinny matmul launch).
+O_TUNINGS = {"o_attn": {}, "o_attn_pf": {"O_ROWS": 8, "O_PREFETCH_WO": True}, "o_attn_r4": {"O_ROWS": 4, "O_PREFETCH_WO": False},
+             "o_attn_r16": {"O_ROWS": 16, "O_PREFETCH_WO": False}, "o_attn_r32": {"O_ROWS": 32, "O_PREFETCH_WO": False},
+             "o_attn_r16_pf": {"O_ROWS": 16, "O_PREFETCH_WO": True},
+             **{f"o_attn_r{r}_pf_w{w}": {"O_ROWS": r, "O_PREFETCH_WO": True, "O_NUM_WARPS": w}
+                for r, w in ((32, 4), (8, 8), (16, 8), (32, 8), (64, 8))}}
 # --glue choices with the fused decode attention launched otherwise (model.ATTENTION_TUNING).
 ATTENTION_TUNINGS = {"attn_w2": {"num_warps": 2}, "attn_w8": {"num_warps": 8},
                      "attn_st2": {"num_stages": 2}}
@@ -216,7 +219,7 @@ def run_variant(args) -> list[dict]:
     residual_norm_module = importlib.import_module("kernels.residual_norm")
     skinny_module = importlib.import_module("kernels.skinny_matmul")
     decode_attention_module = importlib.import_module("kernels.decode_attention")
-    o_defaults = {name: getattr(decode_attention_module, name) for name in ("O_ROWS", "O_PREFETCH_WO")}
+    o_defaults = {name: getattr(decode_attention_module, name) for name in ("O_ROWS", "O_PREFETCH_WO", "O_NUM_WARPS")}
     from jaxserve.config import ModelConfig
     from jaxserve.model import init_params
     from jaxserve.runner import Runner, default_attention_impl
@@ -280,7 +283,7 @@ def run_variant(args) -> list[dict]:
             # "attn_*": the fused decode attention's launch settings (ATTENTION_TUNINGS).
             model_module.ATTENTION_TUNING = ATTENTION_TUNINGS.get(glue, {})
             # "o_attn*": o_proj inside the fused attention (O_TUNINGS).
-            model_module.O_IN_ATTENTION = glue in O_TUNINGS or o_in_attention
+            model_module.O_IN_ATTENTION = {"no_o_attn": False}.get(glue, glue in O_TUNINGS or o_in_attention)
             for name, value in dict(o_defaults, **O_TUNINGS.get(glue, {})).items():
                 setattr(decode_attention_module, name, value)
             model_module.SPLIT_COMBINE = {"xla_combine": "xla", "inkernel_combine": "inkernel"}.get(glue, "pallas")
@@ -373,7 +376,7 @@ def main() -> None:
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
                                                              "split_short", "skinny256", "norm_warps4", "norm_warps8", "xla_pick",
                                                              "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS,
-                                                             *ATTENTION_TUNINGS, *O_TUNINGS,
+                                                             *ATTENTION_TUNINGS, *O_TUNINGS, "no_o_attn",
                                                              "kn", "norm_fold", "no_norm_fold", *NK_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],

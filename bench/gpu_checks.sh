@@ -50,6 +50,8 @@
 #   oattn       session 15: o_proj inside the fused attention at one row (model.O_IN_ATTENTION; every block
 #               of Wo rows redoes the short attention): compiled tests, then batch 1 against the default over
 #               4-32 Wo rows a program, Wo loaded before or after the attention; profiled (~200 s)
+#   oattn2      session 15, o_proj in the attention by default: Wo rows a program 8-64, 4 / 8 warps, against
+#               o_proj apart; batch 1, profiled (~120 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -166,6 +168,9 @@ for part in "${parts[@]}"; do
            timeout 330 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels \
              o_attn o_attn_pf o_attn_r4 o_attn_r16 o_attn_r32 o_attn_r16_pf --rounds 5 --reps 10 \
              --profile /tmp/oattn ;;
+    oattn2) timeout 300 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels \
+              no_o_attn o_attn_r32_pf_w4 o_attn_r8_pf_w8 o_attn_r16_pf_w8 o_attn_r32_pf_w8 o_attn_r64_pf_w8 \
+              --rounds 5 --reps 10 --profile /tmp/oattn2 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

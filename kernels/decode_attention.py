@@ -312,17 +312,20 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
 
 
 # `fused_decode_attention_o`: rows of Wo a program (its grid's third axis has N / O_ROWS blocks per
-# sequence and KV head), and whether a program loads its Wo rows before the attention (held in
-# registers through it) or after. Read when a step is traced.
-O_ROWS = 8
-O_PREFETCH_WO = False
+# sequence and KV head), whether a program loads its Wo rows before the attention (held in
+# registers through it) or after, and its warps. 16 rows loaded first: the Qwen2.5-0.5B batch-1 step
+# 0.604 vs 0.621 ms with o_proj apart (attention + o 6.97 vs 5.89 + 2.15 µs a layer); loaded after
+# the attention 0.679 (H200, session 15, bench/results/decode_step.md). Read when a step is traced.
+O_ROWS = 16
+O_PREFETCH_WO = True
+O_NUM_WARPS = 4
 
 
 def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
                              v_pages: jax.Array, block_tables: jax.Array, lengths: jax.Array,
                              slot_mapping: jax.Array, wo: jax.Array, *, scale: float | None = None,
                              interpret: bool | None = None, o_rows: int | None = None,
-                             prefetch_wo: bool | None = None, num_warps: int = 4,
+                             prefetch_wo: bool | None = None, num_warps: int | None = None,
                              num_stages: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`fused_decode_attention` with the output projection folded in: o_proj's partial sums.
 
@@ -340,7 +343,8 @@ def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_p
         wo: `[N, num_heads * head_dim]` the output projection, `[out, in]`.
         o_rows: rows of `wo` a program (None: `O_ROWS`; in interpret mode all of them).
         prefetch_wo: load them before the attention (None: `O_PREFETCH_WO`).
-        scale, interpret, num_warps, num_stages: as in `fused_decode_attention`; never split.
+        num_warps: None: `O_NUM_WARPS`.
+        scale, interpret, num_stages: as in `fused_decode_attention`; never split.
 
     Returns:
         `(partials [kv_heads, batch, N] float32, k_pages, v_pages)`: o_proj's output is
@@ -377,7 +381,7 @@ def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_p
         pages_per_block = compat.next_pow2(table_pages)
     return _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo,
                   scale=float(head_dim ** -0.5 if scale is None else scale), num_splits=1,
-                  pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages,
+                  pages_per_block=pages_per_block, num_warps=num_warps or O_NUM_WARPS, num_stages=num_stages,
                   interpret=interpret, combine="pallas", o_rows=o_rows,
                   prefetch_wo=O_PREFETCH_WO if prefetch_wo is None else bool(prefetch_wo))
 
