@@ -315,10 +315,11 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
 # sequence and KV head), whether a program loads its Wo rows before the attention (held in
 # registers through it) or after, and its warps. 16 rows loaded first: the Qwen2.5-0.5B batch-1 step
 # 0.604 vs 0.621 ms with o_proj apart (attention + o 6.97 vs 5.89 + 2.15 µs a layer); loaded after
-# the attention 0.679 (H200, session 15, bench/results/decode_step.md). Read when a step is traced.
+# the attention 0.679 (H200, session 15, bench/results/decode_step.md); 8 warps: 6.76 vs 6.94 µs a
+# layer (step 0.601 vs 0.603 ms). Read when a step is traced.
 O_ROWS = 16
 O_PREFETCH_WO = True
-O_NUM_WARPS = 4
+O_NUM_WARPS = 8
 
 
 def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
