@@ -141,11 +141,6 @@ NK_TILINGS = {
                                                        prefetch=False))
        for n, w, p, st in ((2, 8, 528, 3), (2, 8, 264, 3), (2, 8, 264, 4), (4, 8, 264, 3), (4, 8, 132, 3),
                            (4, 8, 132, 4), (8, 8, 132, 3), (4, 4, 264, 3), (8, 4, 132, 2), (2, 4, 528, 3))},
-    # after call 7: the folded-norm kernels' row as a [1, K] tile (x2d), over the session's defaults
-    "fold_x2d": {"NORM_GEMV_TILES": {"none": dict(block_n=4, x2d=True),
-                                     "swiglu": dict(block_n=2, num_warps=4, num_programs=1056, x2d=True)}},
-    "fold_x2d_sw": {"NORM_GEMV_TILES": {"none": dict(block_n=4),
-                                        "swiglu": dict(block_n=2, num_warps=4, num_programs=1056, x2d=True)}},
     **{f"b2_qkv_n{n}_w{w}_p{p}_st{st}": _b2(none=dict(block_n=n, num_warps=w, num_programs=p, num_stages=st,
                                                       prefetch=False))
        for n, w, p, st in ((4, 8, 132, 3), (2, 8, 132, 3), (2, 8, 264, 3))},

@@ -52,8 +52,6 @@
 #               4-32 Wo rows a program, Wo loaded before or after the attention; profiled (~200 s)
 #   oattn2      session 15, o_proj in the attention by default: Wo rows a program 8-64, 4 / 8 warps, against
 #               o_proj apart; batch 1, profiled (~120 s)
-#   x2d         session 15, last: the folded-norm kernels' row as a [1, K] tile (as the plain one-row kernel
-#               loads it) for QKV and gate_up, or gate_up only; batch 1, profiled (~70 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -173,10 +171,6 @@ for part in "${parts[@]}"; do
     oattn2) timeout 300 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels \
               no_o_attn o_attn_r32_pf_w4 o_attn_r8_pf_w8 o_attn_r16_pf_w8 o_attn_r32_pf_w8 o_attn_r64_pf_w8 \
               --rounds 5 --reps 10 --profile /tmp/oattn2 ;;
-    x2d) timeout 60 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-           tests/test_skinny_matmul.py -k "compiled and row_as_2d"
-         timeout 200 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels \
-           fold_x2d fold_x2d_sw --rounds 5 --reps 10 --profile /tmp/x2d ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

@@ -392,8 +392,8 @@ NORM_GEMV_MAX_K = 1024
 # rows a program (a half's: SwiGLU loads gate and up rows), `num_warps`, and `num_programs` (0:
 # one block of rows a program; fewer: each program loops over blocks, loading the next while it
 # multiplies the current), and for experiments `prefetch` (False: each iteration loads its own
-# block), `num_stages` (Triton's software pipelining of that loop) and `x2d` (the row as a [1, K]
-# tile). Read when a step is traced.
+# block) and `num_stages` (Triton's software pipelining of that loop). The row held as a [1, K]
+# tile instead of 1-D was timed and removed (session 15: gate_up unchanged, QKV slower). Read when a step is traced.
 # Session 15 on the H200 (bench/results/decode_step.md): QKV at 4 rows a block, one block a
 # program (3.0 vs 3.3 µs at 8 rows); gate_up at 2 + 2 rows a block over 1056 programs of 4 warps,
 # each looping over ~2.3 blocks (7.0 vs 8.6 µs at 8 + 8 rows, one block a program): batch-1 step
@@ -403,8 +403,7 @@ NORM_GEMV_TILES: dict[str, dict[str, int]] = {"none": {"block_n": 4},
 
 
 def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, has_bias: bool,
-                      block_n: int, block_k: int, n_out: int, num_programs: int, prefetch: bool = True,
-                      x2d: bool = False):
+                      block_n: int, block_k: int, n_out: int, num_programs: int, prefetch: bool = True):
     refs = list(refs)
     p_ref = refs.pop(0) if num_parts else None
     scale_ref, w_ref = refs.pop(0), refs.pop(0)
@@ -427,17 +426,14 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
     looped = num_programs < num_blocks
     ws = load_rows(pid) if prefetch or not looped else None
     dtype = h_ref.dtype
-    # x2d (experimental): the row as a [1, K] tile, as the plain one-row kernel loads it, so it
-    # broadcasts against the weight tiles without a change of layout from a 1-D reduction's.
-    row = pl.ds(0, 1) if x2d else jnp.int32(0)  # a traced index: interpret mode's discharge wants one
-    k_mask = k_ok[None, :] if x2d else k_ok
-    h = compat.load(h_ref.at[row, pl.ds(0, block_k)], mask=k_mask, other=0)
+    row = jnp.int32(0)  # a traced index: interpret mode's discharge wants one, not a Python int
+    h = compat.load(h_ref.at[row, pl.ds(0, block_k)], mask=k_ok, other=0)
     if num_parts:  # add_rms_norm's sum and roundings, redone by every program (an L2-resident row)
-        parts = [compat.load(p_ref.at[jnp.int32(i), row, pl.ds(0, block_k)], mask=k_mask, other=0)
+        parts = [compat.load(p_ref.at[jnp.int32(i), row, pl.ds(0, block_k)], mask=k_ok, other=0)
                  for i in range(num_parts)]
         delta = functools.reduce(jnp.add, parts)
         h = (h.astype(jnp.float32) + delta.astype(dtype).astype(jnp.float32)).astype(dtype)
-        compat.store(h_out_ref.at[row, pl.ds(0, block_k)], h, mask=k_mask & (pid == 0))
+        compat.store(h_out_ref.at[row, pl.ds(0, block_k)], h, mask=k_ok & (pid == 0))
     hf = h.astype(jnp.float32)
     normed = (hf * lax.rsqrt(jnp.sum(hf * hf) / k_total + eps)).astype(dtype)
     scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
@@ -446,7 +442,7 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
     def emit(block, ws):
         cols_at = pl.ds(block * block_n, block_n)
         col_ok = block * block_n + jnp.arange(block_n) < n_out
-        accs = tuple(jnp.sum(w.astype(jnp.float32) * (x if x2d else x[None, :]), axis=1)[None, :] for w in ws)
+        accs = tuple(jnp.sum(w.astype(jnp.float32) * x[None, :], axis=1)[None, :] for w in ws)
         _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=(pl.ds(0, 1), cols_at),
                       mask=col_ok[None, :], cols_at=cols_at, col_ok=col_ok)
 
@@ -475,10 +471,10 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "epilogue", "block_n", "num_warps", "num_programs",
-                                             "num_stages", "prefetch", "x2d", "interpret"))
+                                             "num_stages", "prefetch", "interpret"))
 def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, block_n: int,
                num_warps: int, num_programs: int, interpret: bool, num_stages: int = 1,
-               prefetch: bool = True, x2d: bool = False):
+               prefetch: bool = True):
     k = hidden.shape[1]
     n_out = w.shape[0] // 2 if epilogue == "swiglu" else w.shape[0]
     num_parts = 0 if partials is None else partials.shape[0]
@@ -486,7 +482,7 @@ def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, b
     num_programs = min(num_programs or num_blocks, num_blocks)
     kernel = functools.partial(_norm_gemv_kernel, num_parts=num_parts, eps=eps, epilogue=epilogue,
                                has_bias=bias is not None, block_n=block_n, block_k=compat.next_pow2(k),
-                               n_out=n_out, num_programs=num_programs, prefetch=prefetch, x2d=x2d)
+                               n_out=n_out, num_programs=num_programs, prefetch=prefetch)
     args = [hidden] + ([partials] if num_parts else []) + [scale, w] + ([bias] if bias is not None else [])
     out_shape = ([jax.ShapeDtypeStruct(hidden.shape, hidden.dtype)] if num_parts else []) \
         + [jax.ShapeDtypeStruct((1, n_out), hidden.dtype)]
@@ -563,7 +559,6 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
     return _norm_gemv(hidden, partials, scale, w, bias, eps=float(eps), epilogue=epilogue, block_n=block_n,
                       num_warps=num_warps or tile.get("num_warps", NK_GEMV_WARPS), num_programs=num_programs,
                       num_stages=tile.get("num_stages", 1), prefetch=tile.get("prefetch", True),
-                      x2d=tile.get("x2d", False),
                       interpret=interpret)
 
 

@@ -201,27 +201,6 @@ def test_skinny_matmul_norm_looping_without_prefetch(interpret, monkeypatch):
     assert relative_error(y, y_ref) <= TOLERANCE[jnp.float32], f"seed={seed}"
 
 
-@pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("epilogue,n,programs", [("none", 130, 0), ("swiglu", 2 * 37, 3)])
-def test_skinny_matmul_norm_row_as_2d_tile(interpret, epilogue, n, programs, monkeypatch):
-    # NORM_GEMV_TILES' x2d: the residual row and its norm held as a [1, K] tile.
-    import importlib
-
-    sm = importlib.import_module("kernels.skinny_matmul")
-    monkeypatch.setattr(sm, "NORM_GEMV_TILES", {epilogue: dict(num_programs=programs, x2d=True)})
-    rng, seed = fresh_rng()
-    k = 200
-    hidden = jnp.asarray(rng.standard_normal((1, k)), jnp.float32)
-    partials = jnp.asarray(rng.standard_normal((2, 1, k)), jnp.float32)
-    scale = jnp.asarray(rng.uniform(0.5, 1.5, k), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), jnp.float32)
-    h, y = skinny_matmul_norm(hidden, partials, scale, w, eps=1e-6, epilogue=epilogue, block_n=4,
-                              interpret=interpret)
-    h_ref, y_ref = skinny_matmul_norm_reference(hidden, partials, scale, w, eps=1e-6, epilogue=epilogue)
-    assert relative_error(h, h_ref) <= TOLERANCE[jnp.float32], f"seed={seed}"
-    assert relative_error(y, y_ref) <= TOLERANCE[jnp.float32], f"seed={seed}"
-
-
 def test_skinny_matmul_norm_errors_name_the_field():
     ones = jnp.ones((1, 8))
     with pytest.raises(ValueError, match="hidden"):
