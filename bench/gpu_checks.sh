@@ -52,6 +52,8 @@
 #               4-32 Wo rows a program, Wo loaded before or after the attention; profiled (~200 s)
 #   oattn2      session 15, o_proj in the attention by default: Wo rows a program 8-64, 4 / 8 warps, against
 #               o_proj apart; batch 1, profiled (~120 s)
+#   ncugemv     Nsight Compute on batch 1's gate_up (norm folded, 7.2 µs) against the down projection (4.55 µs
+#               for the same 8.7 MB): bench/ncu_probe.py case gemv_b1 (~90 s?)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -171,6 +173,10 @@ for part in "${parts[@]}"; do
     oattn2) timeout 300 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels \
               no_o_attn o_attn_r32_pf_w4 o_attn_r8_pf_w8 o_attn_r16_pf_w8 o_attn_r32_pf_w8 o_attn_r64_pf_w8 \
               --rounds 5 --reps 10 --profile /tmp/oattn2 ;;
+    ncugemv) timeout 200 ncu --clock-control none -k regex:'skinny' --section SpeedOfLight --section Occupancy \
+               --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats \
+               -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 --cases gemv_b1 \
+             && ncu -i "$OUT/$part/probe.ncu-rep" --page details ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

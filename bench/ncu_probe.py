@@ -9,7 +9,7 @@ Each case is one call shape of the issue-6 table or of the engine's decode step.
         -o $OUT/probe python3 bench/ncu_probe.py --calls 1 --cases 7b_64x2k fused_256x192
 
 Kernel names in the report: `paged_attention`, `fused_decode_attention`, `split_combine`,
-`greedy_pick`.
+`greedy_pick`, `skinny_matmul_norm_swiglu`, `skinny_matmul` (case gemv_b1: `-k regex:skinny`).
 `--set full` (38 passes a kernel) is too slow for more than two or three kernels in one call.
 """
 
@@ -71,6 +71,25 @@ def pick_case(rows: int):
     return lambda: fn(logits)
 
 
+def gemv_case():
+    """Batch 1's slow and fast one-row projections at Qwen2.5-0.5B shapes, default tiles: gate_up
+    with its norm folded (`skinny_matmul_norm_swiglu`, 7.2 µs for 8.7 MB in session 15) and down
+    (`skinny_matmul`, 4.55 µs for the same bytes)."""
+    import importlib
+
+    sm = importlib.import_module("kernels.skinny_matmul")
+    key = jax.random.key(4)
+    hidden = jax.random.normal(key, (1, 896), jnp.bfloat16)
+    partials = jax.random.normal(jax.random.fold_in(key, 1), (1, 1, 896), jnp.float32)
+    scale = jnp.ones((896,), jnp.bfloat16)
+    gate_up = jax.random.normal(jax.random.fold_in(key, 2), (2 * 4864, 896), jnp.bfloat16)
+    down = jax.random.normal(jax.random.fold_in(key, 3), (896, 4864), jnp.bfloat16)
+    act = jax.random.normal(jax.random.fold_in(key, 4), (1, 4864), jnp.bfloat16)
+    up_fn = jax.jit(lambda h, p, s, w: sm.skinny_matmul_norm(h, p, s, w, eps=1e-6, epilogue="swiglu")[1])
+    down_fn = jax.jit(lambda x, w: sm.skinny_matmul(x, w, epilogue="partials", layout="nk"))
+    return lambda: (up_fn(hidden, partials, scale, gate_up), down_fn(act, down))
+
+
 CASES = {
     "7b_64x2k": lambda: paged_case("7b", 64, 2048),
     "7b_64x8k": lambda: paged_case("7b", 64, 8192),
@@ -79,6 +98,7 @@ CASES = {
     "fused_256x192": lambda: fused_case(256, 192),
     "fused_1x192": lambda: fused_case(1, 192),
     "pick_256": lambda: pick_case(256),
+    "gemv_b1": gemv_case,
 }
 
 
