@@ -53,7 +53,8 @@
 #   oattn2      session 15, o_proj in the attention by default: Wo rows a program 8-64, 4 / 8 warps, against
 #               o_proj apart; batch 1, profiled (~120 s)
 #   ncugemv     Nsight Compute on batch 1's gate_up (norm folded, 7.2 µs) against the down projection (4.55 µs
-#               for the same 8.7 MB): bench/ncu_probe.py case gemv_b1 (~90 s?)
+#               for the same 8.7 MB): bench/ncu_probe.py case gemv_b1 (~11 s in session 15; since then with the
+#               instruction mix and source counters, to see where gate_up's ~25 instructions a weight go)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -175,6 +176,7 @@ for part in "${parts[@]}"; do
               --rounds 5 --reps 10 --profile /tmp/oattn2 ;;
     ncugemv) timeout 200 ncu --clock-control none -k regex:'skinny' --section SpeedOfLight --section Occupancy \
                --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats \
+               --section InstructionStats --section SourceCounters \
                -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 --cases gemv_b1 \
              && ncu -i "$OUT/$part/probe.ncu-rep" --page details ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
