@@ -135,15 +135,6 @@ NK_TILINGS = {
         (2, 2, 528), (2, 2, 1056), (2, 4, 528), (4, 4, 528), (4, 4, 264), (1, 1, 1056), (1, 2, 1056),
         (2, 4, 1056))},
     **{f"b2_qkv_n{n}_w{w}": _b2(none=dict(block_n=n, num_warps=w)) for n, w in ((4, 4), (2, 2), (2, 4))},
-    # call 4: each loop iteration loads its own block and Triton's pipeliner overlaps them (num_stages:
-    # async copies through shared memory, no registers held) instead of the register prefetch
-    **{f"b2_sw_n{n}_w{w}_p{p}_st{st}": _b2(swiglu=dict(block_n=n, num_warps=w, num_programs=p, num_stages=st,
-                                                       prefetch=False))
-       for n, w, p, st in ((2, 8, 528, 3), (2, 8, 264, 3), (2, 8, 264, 4), (4, 8, 264, 3), (4, 8, 132, 3),
-                           (4, 8, 132, 4), (8, 8, 132, 3), (4, 4, 264, 3), (8, 4, 132, 2), (2, 4, 528, 3))},
-    **{f"b2_qkv_n{n}_w{w}_p{p}_st{st}": _b2(none=dict(block_n=n, num_warps=w, num_programs=p, num_stages=st,
-                                                      prefetch=False))
-       for n, w, p, st in ((4, 8, 132, 3), (2, 8, 132, 3), (2, 8, 264, 3))},
     **{f"b2_gemv_n{n}_w{w}": _b2(NK_GEMV_BLOCK_N=n, NK_GEMV_WARPS=w) for n, w in ((4, 4), (2, 2), (8, 8))},
 }
 

@@ -44,9 +44,6 @@
 #               the fused attention over 2 / 8 warps; batch 1, profiled (~200 s)
 #   fold5       session 15, after fold4: its best ("b2") with the gate_up / QKV / o and down tiles over fewer warps
 #               (rows a block = warps: each row's sum inside one warp?), batch 1, profiled (~120 s)
-#   fold6       session 15, after fold5: gate_up and QKV programs looping over blocks that Triton's pipeliner
-#               overlaps (num_stages 2-4, async copies through shared memory) instead of the register prefetch;
-#               batch 1, profiled (~120 s)
 #   oattn       session 15: o_proj inside the fused attention at one row (model.O_IN_ATTENTION; every block
 #               of Wo rows redoes the short attention): compiled tests, then batch 1 against the default over
 #               4-32 Wo rows a program, Wo loaded before or after the attention; profiled (~200 s)
@@ -159,13 +156,6 @@ for part in "${parts[@]}"; do
              fold_best b2 b2_sw_n2_w2_p528 b2_sw_n2_w2_p1056 b2_sw_n2_w4_p528 b2_sw_n4_w4_p528 b2_sw_n4_w4_p264 \
              b2_sw_n1_w1_p1056 b2_sw_n1_w2_p1056 b2_sw_n2_w4_p1056 b2_qkv_n4_w4 b2_qkv_n2_w2 b2_qkv_n2_w4 \
              b2_gemv_n4_w4 b2_gemv_n2_w2 b2_gemv_n8_w8 --rounds 5 --reps 10 --profile /tmp/fold5 ;;
-    fold6) timeout 120 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-             tests/test_skinny_matmul.py -k "compiled and norm"
-           timeout 400 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels b2 \
-             b2_sw_n2_w4_p1056 b2_sw_n2_w8_p528_st3 b2_sw_n2_w8_p264_st3 b2_sw_n2_w8_p264_st4 b2_sw_n4_w8_p264_st3 \
-             b2_sw_n4_w8_p132_st3 b2_sw_n4_w8_p132_st4 b2_sw_n8_w8_p132_st3 b2_sw_n4_w4_p264_st3 b2_sw_n8_w4_p132_st2 \
-             b2_sw_n2_w4_p528_st3 b2_qkv_n4_w8_p132_st3 b2_qkv_n2_w8_p132_st3 b2_qkv_n2_w8_p264_st3 \
-             --rounds 5 --reps 10 --profile /tmp/fold6 ;;
     oattn) timeout 200 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
              tests/test_decode_attention.py -k "(compiled and decode_o) or model_decode_step"
            timeout 330 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels \

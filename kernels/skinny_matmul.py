@@ -389,12 +389,11 @@ def apply_epilogue(out: jax.Array, dtype, bias: jax.Array | None, epilogue: str)
 # keep the norm kernels (`jaxserve.model._fold_norms`).
 NORM_GEMV_MAX_K = 1024
 # `skinny_matmul_norm`'s tiling by epilogue, over the one-row path's defaults: `block_n` weight
-# rows a program (a half's: SwiGLU loads gate and up rows), `num_warps`, and `num_programs` (0:
-# one block of rows a program; fewer: each program loops over blocks, loading the next while it
-# multiplies the current), and for experiments `prefetch` (False: each iteration loads its own
-# block) and `num_stages` (Triton's software pipelining of that loop). The row held as a [1, K]
-# tile instead of 1-D was timed and removed (session 15: gate_up unchanged, QKV slower). Read when a step is traced.
-# Session 15 on the H200 (bench/results/decode_step.md): QKV at 4 rows a block, one block a
+# rows a block (a half's: SwiGLU loads gate and up rows), `num_warps`, and `num_programs` (0: one
+# block of rows a program; fewer: each program loops over blocks, loading the next while it
+# multiplies the current). Timed and removed in session 15: Triton's software pipeline of that loop
+# instead of the register prefetch (0.68-1.03 ms a step), the row as a [1, K] tile (no gain).
+# Read when a step is traced. Session 15 on the H200 (bench/results/decode_step.md): QKV at 4 rows a block, one block a
 # program (3.0 vs 3.3 µs at 8 rows); gate_up at 2 + 2 rows a block over 1056 programs of 4 warps,
 # each looping over ~2.3 blocks (7.0 vs 8.6 µs at 8 + 8 rows, one block a program): batch-1 step
 # 0.618-0.620 vs 0.665 ms with the one-row defaults above.
@@ -403,7 +402,7 @@ NORM_GEMV_TILES: dict[str, dict[str, int]] = {"none": {"block_n": 4},
 
 
 def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, has_bias: bool,
-                      block_n: int, block_k: int, n_out: int, num_programs: int, prefetch: bool = True):
+                      block_n: int, block_k: int, n_out: int, num_programs: int):
     refs = list(refs)
     p_ref = refs.pop(0) if num_parts else None
     scale_ref, w_ref = refs.pop(0), refs.pop(0)
@@ -423,8 +422,7 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
 
     # The weight rows first: they do not depend on the norm, so their loads are in flight while
     # the program sums the residual and its statistics.
-    looped = num_programs < num_blocks
-    ws = load_rows(pid) if prefetch or not looped else None
+    ws = load_rows(pid)
     dtype = h_ref.dtype
     row = jnp.int32(0)  # a traced index: interpret mode's discharge wants one, not a Python int
     h = compat.load(h_ref.at[row, pl.ds(0, block_k)], mask=k_ok, other=0)
@@ -446,16 +444,8 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
         _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=(pl.ds(0, 1), cols_at),
                       mask=col_ok[None, :], cols_at=cols_at, col_ok=col_ok)
 
-    if not looped:  # one block a program
+    if num_programs >= num_blocks:  # one block a program
         emit(pid, ws)
-        return
-    if not prefetch:  # each iteration loads its own block (Triton's pipeliner may overlap them)
-        def plain(i, carry):
-            block = pid + i * num_programs
-            emit(block, load_rows(block))
-            return carry  # a traced value: Triton's loop must yield one
-
-        lax.fori_loop(0, pl.cdiv(num_blocks - pid, num_programs), plain, jnp.int32(0))
         return
 
     # Fewer programs than blocks: program p takes blocks p, p + P, p + 2P, ..., the next block's
@@ -471,10 +461,9 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "epilogue", "block_n", "num_warps", "num_programs",
-                                             "num_stages", "prefetch", "interpret"))
+                                             "interpret"))
 def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, block_n: int,
-               num_warps: int, num_programs: int, interpret: bool, num_stages: int = 1,
-               prefetch: bool = True):
+               num_warps: int, num_programs: int, interpret: bool):
     k = hidden.shape[1]
     n_out = w.shape[0] // 2 if epilogue == "swiglu" else w.shape[0]
     num_parts = 0 if partials is None else partials.shape[0]
@@ -482,7 +471,7 @@ def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, b
     num_programs = min(num_programs or num_blocks, num_blocks)
     kernel = functools.partial(_norm_gemv_kernel, num_parts=num_parts, eps=eps, epilogue=epilogue,
                                has_bias=bias is not None, block_n=block_n, block_k=compat.next_pow2(k),
-                               n_out=n_out, num_programs=num_programs, prefetch=prefetch)
+                               n_out=n_out, num_programs=num_programs)
     args = [hidden] + ([partials] if num_parts else []) + [scale, w] + ([bias] if bias is not None else [])
     out_shape = ([jax.ShapeDtypeStruct(hidden.shape, hidden.dtype)] if num_parts else []) \
         + [jax.ShapeDtypeStruct((1, n_out), hidden.dtype)]
@@ -493,7 +482,7 @@ def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, b
         out_specs=[pl.no_block_spec] * len(out_shape),
         out_shape=out_shape,
         interpret=interpret,
-        compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=1),
         name=f"skinny_matmul_norm_{epilogue}",  # QKV and gate_up apart in a profile
     )(*args)
     return (outs[0], outs[1]) if num_parts else (hidden, outs[0])
@@ -558,7 +547,6 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
         partials = partials.astype(jnp.float32)
     return _norm_gemv(hidden, partials, scale, w, bias, eps=float(eps), epilogue=epilogue, block_n=block_n,
                       num_warps=num_warps or tile.get("num_warps", NK_GEMV_WARPS), num_programs=num_programs,
-                      num_stages=tile.get("num_stages", 1), prefetch=tile.get("prefetch", True),
                       interpret=interpret)
 
 

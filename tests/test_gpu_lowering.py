@@ -78,7 +78,6 @@ DECODE_CASES = [
     (1, {}, ONE_ROW),
     (1, {"NORM_GEMV_TILES": {"none": dict(block_n=4), "swiglu": dict(block_n=2, num_programs=528)},
          "NK_GEMV_PREFETCH": True, "NK_GEMV_BLOCK_N": 4}, ONE_ROW),
-    (1, {"NORM_GEMV_TILES": {"swiglu": dict(block_n=4, num_programs=132, prefetch=False, num_stages=3)}}, ONE_ROW),
     (16, {}, ROWS),
     (64, {}, ROWS),
 ]

@@ -180,27 +180,6 @@ def test_skinny_matmul_norm_matches_reference(interpret, epilogue, k, n, dtype, 
     assert relative_error(y, y_ref) <= TOLERANCE[dtype], f"seed={seed}"
 
 
-@pytest.mark.parametrize("interpret", MODES)
-def test_skinny_matmul_norm_looping_without_prefetch(interpret, monkeypatch):
-    # Programs looping over blocks that load each block in its own iteration (NORM_GEMV_TILES'
-    # prefetch=False, pipelined by Triton with num_stages on the GPU).
-    import importlib
-
-    sm = importlib.import_module("kernels.skinny_matmul")
-    monkeypatch.setattr(sm, "NORM_GEMV_TILES", {"swiglu": dict(num_programs=3, prefetch=False, num_stages=3)})
-    rng, seed = fresh_rng()
-    k, n = 72, 2 * 37
-    hidden = jnp.asarray(rng.standard_normal((1, k)), jnp.float32)
-    partials = jnp.asarray(rng.standard_normal((2, 1, k)), jnp.float32)
-    scale = jnp.asarray(rng.uniform(0.5, 1.5, k), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), jnp.float32)
-    h, y = skinny_matmul_norm(hidden, partials, scale, w, eps=1e-6, epilogue="swiglu", block_n=4,
-                              interpret=interpret)
-    h_ref, y_ref = skinny_matmul_norm_reference(hidden, partials, scale, w, eps=1e-6, epilogue="swiglu")
-    assert relative_error(h, h_ref) <= TOLERANCE[jnp.float32], f"seed={seed}"
-    assert relative_error(y, y_ref) <= TOLERANCE[jnp.float32], f"seed={seed}"
-
-
 def test_skinny_matmul_norm_errors_name_the_field():
     ones = jnp.ones((1, 8))
     with pytest.raises(ValueError, match="hidden"):
