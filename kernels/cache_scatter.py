@@ -88,20 +88,13 @@ def _cache_scatter(k_pages, v_pages, k, v, slot_mapping, *, interpret: bool, num
     kv_heads, num_pages, page_size, head_dim = k_pages.shape
     num_slots = num_pages * page_size
     flat_shape = (kv_heads, num_slots, head_dim)
-    whole = pl.no_block_spec
-    k_out, v_out = pl.pallas_call(
+    k_out, v_out = compat.triton_call(
         functools.partial(_scatter_kernel, num_slots=num_slots),
+        slot_mapping.astype(jnp.int32), k, v, k_pages.reshape(flat_shape), v_pages.reshape(flat_shape),
         grid=(k.shape[0],),
-        in_specs=[whole] * 5,
-        out_specs=[whole, whole],
         out_shape=[jax.ShapeDtypeStruct(flat_shape, k_pages.dtype),
                    jax.ShapeDtypeStruct(flat_shape, v_pages.dtype)],
-        input_output_aliases={3: 0, 4: 1},
-        interpret=interpret,
-        compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=1),
-        name="cache_scatter",
-    )(slot_mapping.astype(jnp.int32), k, v, k_pages.reshape(flat_shape),
-      v_pages.reshape(flat_shape))
+        input_output_aliases={3: 0, 4: 1}, interpret=interpret, num_warps=num_warps, name="cache_scatter")
     return k_out.reshape(k_pages.shape), v_out.reshape(v_pages.shape)
 
 

@@ -217,17 +217,10 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         in_specs.append(whole)
         operands.append(counter)
         aliases[len(operands) - 1] = len(out_shape) - 1
-    result = pl.pallas_call(
-        kernel,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs + [pool_spec, pool_spec],
-        out_shape=out_shape + pool_shapes,
-        input_output_aliases=aliases,
-        interpret=interpret,
-        compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
-        name="fused_decode_attention",
-    )(*operands)
+    result = compat.triton_call(
+        kernel, *operands, grid=grid, in_specs=in_specs, out_specs=out_specs + [pool_spec, pool_spec],
+        out_shape=out_shape + pool_shapes, input_output_aliases=aliases, interpret=interpret,
+        num_warps=num_warps, num_stages=num_stages, name="fused_decode_attention")
     k_pages, v_pages = result[-2], result[-1]
     if o_rows:
         return result[0], k_pages, v_pages

@@ -122,16 +122,9 @@ def _greedy_pick(logits, *, block: int, chunks: int, num_warps: int, num_stages:
     out_shape = [maxima, maxima, jax.ShapeDtypeStruct((flat,), jnp.int32)]
     if not logprobs:
         del out_shape[1]
-    outs = pl.pallas_call(
-        kernel,
-        grid=(rows, chunks),
-        in_specs=[pl.no_block_spec],
-        out_specs=[pl.no_block_spec] * len(out_shape),
-        out_shape=out_shape,
-        interpret=interpret,
-        compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
-        name="greedy_pick" if logprobs else "greedy_argmax",
-    )(logits)
+    outs = compat.triton_call(kernel, logits, grid=(rows, chunks), out_shape=out_shape, interpret=interpret,
+                              num_warps=num_warps, num_stages=num_stages,
+                              name="greedy_pick" if logprobs else "greedy_argmax")
     m, idx = outs[0].reshape(rows, chunks), outs[-1].reshape(rows, chunks)
     best = jnp.argmax(m, axis=-1)  # first chunk at the maximum: the lowest index
     tokens = jnp.take_along_axis(idx, best[:, None], axis=-1)[:, 0]

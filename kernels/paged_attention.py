@@ -366,17 +366,10 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
         aliases = {len(operands) - 1: len(out_shape) - 1}
     if num_splits == 1:
         out_shape = out_shape[0]
-    result = pl.pallas_call(
-        kernel,
-        grid=(batch, kv_heads, row_blocks, num_splits),
-        in_specs=in_specs,
-        out_specs=jax.tree.map(lambda _: whole, out_shape),
-        out_shape=out_shape,
-        input_output_aliases=aliases,
-        interpret=interpret,
-        compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
-        name="paged_attention",
-    )(*operands)
+    result = compat.triton_call(
+        kernel, *operands, grid=(batch, kv_heads, row_blocks, num_splits), in_specs=in_specs,
+        out_shape=out_shape, input_output_aliases=aliases, interpret=interpret, num_warps=num_warps,
+        num_stages=num_stages, name="paged_attention")
     if num_splits == 1:
         return result
     if merge_in_kernel:

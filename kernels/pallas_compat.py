@@ -1,8 +1,9 @@
 """Version shim for the Pallas Triton API: one import point for JAX 0.10.x and 0.11.x.
 
 Owns: where `dot`, `load`, `store` and `CompilerParams` of the Pallas Triton backend
-live, the rule for picking interpret mode, and `next_pow2` (Triton block shapes must be
-powers of two, so every kernel pads to one). Never holds kernel logic.
+live, the rule for picking interpret mode, `next_pow2` (Triton block shapes must be
+powers of two, so every kernel pads to one), and `triton_call`, the `pallas_call` every kernel
+makes. Never holds kernel logic.
 
 JAX 0.10.2 moved `pl.dot` into `jax.experimental.pallas.triton`; 0.11 deprecates the
 Triton backend as a whole (it still works on 0.11.2, the GPU machine's version) and
@@ -53,6 +54,35 @@ def next_pow2(n: int) -> int:
 def compiler_params(num_warps: int, num_stages: int):
     """Triton launch parameters (warps per program, software-pipeline depth)."""
     return CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def triton_call(kernel, *operands, grid: tuple[int, ...], out_shape, name: str, interpret: bool,
+                num_warps: int, num_stages: int = 1, in_specs=None, out_specs=None,
+                input_output_aliases: dict[int, int] | None = None):
+    """`pl.pallas_call(kernel, ...)(*operands)` as the kernels here make it: every ref the whole
+    array (the kernels index refs themselves; no scalar prefetch on Triton) unless specs are
+    given, Triton launch parameters, a name for profiles.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> def double(x_ref, o_ref):
+        ...     o_ref[...] = 2 * x_ref[...]
+        >>> triton_call(double, jnp.ones(8), grid=(1,), out_shape=jax.ShapeDtypeStruct((8,), jnp.float32),
+        ...             name="double", interpret=True, num_warps=1).tolist()[:2]
+        [2.0, 2.0]
+    """
+    whole = pl.no_block_spec
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[whole] * len(operands) if in_specs is None else in_specs,
+        out_specs=jax.tree.map(lambda _: whole, out_shape) if out_specs is None else out_specs,
+        out_shape=out_shape,
+        input_output_aliases=input_output_aliases or {},
+        interpret=interpret,
+        compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
+        name=name,
+    )(*operands)
 
 
 def barrier(interpret: bool) -> None:

@@ -77,16 +77,8 @@ def _add_rms_norm(hidden, partials, scale, *, eps: float, num_warps: int, interp
     args = [hidden] + ([partials] if num_parts else []) + [scale]
     norm_shape = jax.ShapeDtypeStruct((m, n), hidden.dtype)
     out_shape = [jax.ShapeDtypeStruct((m, n), hidden.dtype), norm_shape] if num_parts else [norm_shape]
-    outs = pl.pallas_call(
-        kernel,
-        grid=(m,),
-        in_specs=[pl.no_block_spec] * len(args),
-        out_specs=[pl.no_block_spec] * len(out_shape),
-        out_shape=out_shape,
-        interpret=interpret,
-        compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=1),
-        name="add_rms_norm",
-    )(*args)
+    outs = compat.triton_call(kernel, *args, grid=(m,), out_shape=out_shape, interpret=interpret,
+                              num_warps=num_warps, name="add_rms_norm")
     return tuple(outs) if num_parts else (hidden, outs[0])
 
 

@@ -244,16 +244,9 @@ def _skinny(x, w, bias, *, epilogue: str, block_m: int, block_n: int, block_k: i
         out_shape = jax.ShapeDtypeStruct((num_splits, m, n_out), jnp.float32)
     else:
         out_shape = jax.ShapeDtypeStruct((m, n_out), x.dtype)
-    out = pl.pallas_call(
-        kernel,
-        grid=(pl.cdiv(m, block_m), pl.cdiv(n_out, block_n), num_splits),
-        in_specs=[pl.no_block_spec] * len(args),
-        out_specs=pl.no_block_spec,
-        out_shape=out_shape,
-        interpret=interpret,
-        compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
-        name="skinny_matmul",
-    )(*args)
+    out = compat.triton_call(kernel, *args, grid=(pl.cdiv(m, block_m), pl.cdiv(n_out, block_n), num_splits),
+                             out_shape=out_shape, interpret=interpret, num_warps=num_warps,
+                             num_stages=num_stages, name="skinny_matmul")
     if num_splits == 1 or epilogue == "partials":
         return out
     out = out.sum(axis=0)
@@ -475,16 +468,9 @@ def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, b
     args = [hidden] + ([partials] if num_parts else []) + [scale, w] + ([bias] if bias is not None else [])
     out_shape = ([jax.ShapeDtypeStruct(hidden.shape, hidden.dtype)] if num_parts else []) \
         + [jax.ShapeDtypeStruct((1, n_out), hidden.dtype)]
-    outs = pl.pallas_call(
-        kernel,
-        grid=(num_programs,),
-        in_specs=[pl.no_block_spec] * len(args),
-        out_specs=[pl.no_block_spec] * len(out_shape),
-        out_shape=out_shape,
-        interpret=interpret,
-        compiler_params=compat.compiler_params(num_warps=num_warps, num_stages=1),
-        name=f"skinny_matmul_norm_{epilogue}",  # QKV and gate_up apart in a profile
-    )(*args)
+    outs = compat.triton_call(kernel, *args, grid=(num_programs,), out_shape=out_shape, interpret=interpret,
+                              num_warps=num_warps,
+                              name=f"skinny_matmul_norm_{epilogue}")  # QKV and gate_up apart in a profile
     return (outs[0], outs[1]) if num_parts else (hidden, outs[0])
 
 

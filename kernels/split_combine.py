@@ -58,17 +58,9 @@ def _combine(o, lse, *, out_dtype, interpret: bool):
     chunk = max(1, min(head_dim, _MAX_TILE_ELEMENTS // padded_splits))
     kernel = functools.partial(_combine_kernel, num_splits=num_splits,
                                padded_splits=padded_splits, chunk=chunk)
-    whole = pl.no_block_spec
-    return pl.pallas_call(
-        kernel,
-        grid=(batch, kv_heads, group, head_dim // chunk),
-        in_specs=[whole, whole],
-        out_specs=whole,
-        out_shape=jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), out_dtype),
-        interpret=interpret,
-        compiler_params=compat.compiler_params(num_warps=4, num_stages=1),
-        name="split_combine",
-    )(o, lse)
+    return compat.triton_call(kernel, o, lse, grid=(batch, kv_heads, group, head_dim // chunk),
+                              out_shape=jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), out_dtype),
+                              interpret=interpret, num_warps=4, name="split_combine")
 
 
 def combine_splits(o: jax.Array, lse: jax.Array, out_dtype=None, *,
