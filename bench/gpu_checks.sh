@@ -147,7 +147,7 @@ for part in "${parts[@]}"; do
              fold_sw_n4 fold_sw_n2 fold_sw_w16 fold_sw_n4_w4 fold_sw_n4_p264 fold_sw_n2_p264 fold_sw_n4_p528 \
              fold_sw_n2_p528 fold_sw_n4_p132 fold_qkv_n4 fold_n4 --rounds 5 --reps 10 --profile /tmp/fold3 ;;
     fold4) timeout 100 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-             tests/test_skinny_matmul.py -k "compiled and prefetch"
+             tests/test_skinny_matmul.py -k "compiled and k_loop"
            timeout 400 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels \
              fold_sw_n2_p528 fold_best fold_sw_n2_p792 fold_sw_n2_p1056 fold_sw_n1_p528 fold_sw_n1_p1056 \
              fold_sw_n4_p1056 fold_qkv_n2 fold_qkv_n2_p264 fold_qkv_n4_p144 down_pf down_t528 down_t1056 \

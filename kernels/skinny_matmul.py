@@ -110,7 +110,7 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
     # fused gate_up weight, so one program holds both halves of its outputs.
     halves = (0, n_out) if epilogue == "swiglu" else (0,)
 
-    def body(i, accs):
+    def body(i, accs):  # several rows: tensor-core products
         k0 = k_start + i * block_k
         ks = k0 + jnp.arange(block_k)
         k_ok = ks < k_end
@@ -122,9 +122,6 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
             if layout == "nk":  # block_n weight rows of block_k contiguous elements each
                 w = compat.load(w_ref.at[cols_at, pl.ds(k0, block_k)],
                                 mask=col_ok[:, None] & k_ok[None, :], other=0)
-                if gemv:  # one row: lane-wise products, reduced once after the loop
-                    out[h] += w.astype(jnp.float32) * x.astype(jnp.float32)
-                    continue
                 prod = compat.dot(x.astype(w.dtype), w, trans_b=True, precision=precision)
             else:
                 w = compat.load(w_ref.at[pl.ds(k0, block_k), cols_at],
@@ -136,21 +133,28 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
     bias_ref = b_ref if has_bias else None
     cols_at = pl.ds(col_block * block_n, block_n)
     zeros = jnp.zeros((block_n, block_k) if gemv else (block_m, block_n), jnp.float32)
-    if gemv and prefetch:  # one row, the next iteration's tiles loaded before this one's multiply
-        def tiles(i):
+    if gemv:  # one row ([N, K] weights): lane-wise products, reduced once after the loop
+        def tiles(i):  # K block i's activation row and weight rows
             k0 = k_start + i * block_k
             k_ok = k0 + jnp.arange(block_k) < k_end  # past the split's end: masked, loads nothing
             x = compat.load(x_ref.at[pl.ds(row0, 1), pl.ds(k0, block_k)], mask=k_ok[None, :], other=0)
             return x, tuple(compat.load(w_ref.at[pl.ds(offset + col_block * block_n, block_n), pl.ds(k0, block_k)],
                                         mask=col_ok[:, None] & k_ok[None, :], other=0) for offset in halves)
 
-        def step(i, carry):
-            accs, (x, ws) = carry
-            nxt = tiles(i + 1)
+        def lanes(accs, x, ws):
             xf = x.astype(jnp.float32)
-            return tuple(a + w.astype(jnp.float32) * xf for a, w in zip(accs, ws)), nxt
+            return tuple(a + w.astype(jnp.float32) * xf for a, w in zip(accs, ws))
 
-        accs, _ = lax.fori_loop(0, num_iters, step, (tuple(zeros for _ in halves), tiles(0)))
+        def step(i, carry):  # the next iteration's tiles loaded before this one's multiply
+            accs, cur = carry
+            nxt = tiles(i + 1)
+            return lanes(accs, *cur), nxt
+
+        init = tuple(zeros for _ in halves)
+        if prefetch:
+            accs, _ = lax.fori_loop(0, num_iters, step, (init, tiles(0)))
+        else:
+            accs = lax.fori_loop(0, num_iters, lambda i, accs: lanes(accs, *tiles(i)), init)
     else:
         accs = lax.fori_loop(0, num_iters, body, tuple(zeros for _ in halves))
     if gemv:

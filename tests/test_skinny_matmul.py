@@ -127,20 +127,22 @@ def test_skinny_matmul_nk_layout_matches_reference(interpret, epilogue, m, k, n,
 
 
 @pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("epilogue,k,n,dtype,with_bias,splits,bn,bk", [
     ("partials", 4864, 896, jnp.bfloat16, False, 1, 2, 1024),  # 0.5B down unsplit: 5 K blocks, the last short
     ("none", 1000, 70, jnp.float32, True, 2, 8, 256),          # ragged K over splits and blocks
     ("swiglu", 300, 2 * 37, jnp.float32, False, None, 4, 128),
 ])
-def test_skinny_matmul_one_row_prefetch_matches_reference(interpret, epilogue, k, n, dtype, with_bias,
-                                                          splits, bn, bk):
-    # One row, lane-wise, each iteration loading the next K block's tiles ahead (prefetch).
+def test_skinny_matmul_one_row_k_loop_matches_reference(interpret, prefetch, epilogue, k, n, dtype, with_bias,
+                                                        splits, bn, bk):
+    # One row, lane-wise, looping over K blocks, each iteration loading the next block's tiles
+    # ahead (prefetch, the default) or its own.
     rng, seed = fresh_rng()
     x = jnp.asarray(rng.standard_normal((1, k)), dtype)
     w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), dtype)
     bias = jnp.asarray(rng.standard_normal(n), dtype) if with_bias else None
     out = skinny_matmul(x, w, bias, epilogue=epilogue, interpret=interpret, num_splits=splits,
-                        block_n=bn, block_k=bk, layout="nk", gemv=True, prefetch=True)
+                        block_n=bn, block_k=bk, layout="nk", gemv=True, prefetch=prefetch)
     ref = skinny_matmul_reference(x.astype(jnp.float32), w.astype(jnp.float32),
                                   None if bias is None else bias.astype(jnp.float32),
                                   epilogue=epilogue, layout="nk")
