@@ -315,39 +315,30 @@ class RMSNorm(nn.Module):
         return scale * xf.astype(x.dtype)
 
 
-def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelConfig):
-    """Decode: RoPE, the cache write and attention in one kernel, not six a layer."""
-    from kernels.decode_attention import fused_decode_attention
+def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelConfig, wo: jax.Array | None = None):
+    """Decode: RoPE, the cache write and attention in one kernel, not six a layer; with ``wo``
+    (_fold_o_proj) o_proj too, whose per-KV-head partials ``[kv_heads, B, hidden]`` it returns."""
+    from kernels.decode_attention import fused_decode_attention, fused_decode_attention_o
 
     h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     b = qkv.shape[0]
-    out, k_pages, v_pages = fused_decode_attention(
-        qkv.reshape(b, h + 2 * kvh, d), cos[:, 0], sin[:, 0], kv[0], kv[1],
-        paged.block_tables, paged.lengths, paged.slot_mapping[:, 0], combine=SPLIT_COMBINE,
-        **ATTENTION_TUNING)
+    args = (qkv.reshape(b, h + 2 * kvh, d), cos[:, 0], sin[:, 0], kv[0], kv[1], paged.block_tables,
+            paged.lengths, paged.slot_mapping[:, 0])
+    if wo is not None:
+        out, k_pages, v_pages = fused_decode_attention_o(*args, wo)
+    else:
+        out, k_pages, v_pages = fused_decode_attention(*args, combine=SPLIT_COMBINE, **ATTENTION_TUNING)
     return out, (k_pages, v_pages)
 
 
 def _fold_o_proj(paged: PagedAttention, kv) -> bool:
-    """Whether a norm-folded one-row decode step (_fold_norms) also runs o_proj inside the fused
-    attention kernel (O_IN_ATTENTION): short tables only, since every block of o's rows redoes the
-    attention (`kernels.decode_attention.fused_decode_attention_o`)."""
+    """Whether a norm-folded one-row decode step (_fold_norms, so the "nk" layout) also runs o_proj
+    inside the fused attention kernel (O_IN_ATTENTION): short tables only, since every block of o's
+    rows redoes the attention (`kernels.decode_attention.fused_decode_attention_o`)."""
     from kernels.paged_attention import SINGLE_PASS_KEYS
 
     page_size = kv[0].shape[2]
-    return O_IN_ATTENTION and WEIGHT_LAYOUT == "nk" and paged.block_tables.shape[1] * page_size <= SINGLE_PASS_KEYS
-
-
-def _attend_fused_decode_o(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelConfig, wo: jax.Array):
-    """`_attend_fused_decode` with o_proj folded in: its partials `[kv_heads, B, hidden]`, and the pages."""
-    from kernels.decode_attention import fused_decode_attention_o
-
-    h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    b = qkv.shape[0]
-    parts, k_pages, v_pages = fused_decode_attention_o(
-        qkv.reshape(b, h + 2 * kvh, d), cos[:, 0], sin[:, 0], kv[0], kv[1], paged.block_tables,
-        paged.lengths, paged.slot_mapping[:, 0], wo)
-    return parts, (k_pages, v_pages)
+    return O_IN_ATTENTION and paged.block_tables.shape[1] * page_size <= SINGLE_PASS_KEYS
 
 
 def _attend(qkv, cos, sin, lengths, kv, paged: PagedAttention | None, cfg: ModelConfig):
@@ -394,7 +385,7 @@ class Attention(nn.Module):
         if norm is not None and _fold_o_proj(paged, kv):
             # o_proj inside the attention kernel; its per-KV-head partials go to the next norm.
             partials, kv = o_proj(jax.ShapeDtypeStruct((b, s, h * d), self.dtype),
-                                  fused=lambda wo: _attend_fused_decode_o(qkv, cos, sin, kv, paged, cfg, wo))
+                                  fused=lambda wo: _attend_fused_decode(qkv, cos, sin, kv, paged, cfg, wo))
             return partials, kv, x
         if fast and s == 1:
             out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg)
