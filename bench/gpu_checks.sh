@@ -52,6 +52,10 @@
 #   ncugemv     Nsight Compute on batch 1's gate_up (norm folded, 7.2 µs) against the down projection (4.55 µs
 #               for the same 8.7 MB): bench/ncu_probe.py case gemv_b1 (~11 s in session 15; since then with the
 #               instruction mix and source counters, to see where gate_up's ~25 instructions a weight go)
+#   prof64      session 16: where batch 64's and 256's step goes (2.66x / 2.78x their roofline): the decode
+#               step at 64 and 256 profiled per kernel (~150 s)
+#   ncu64       session 16: Nsight Compute on batch 64's projections and norm (bench/ncu_probe.py case gemm_b64:
+#               the tensor-core skinny matmul for QKV / o / gate_up / down, add_rms_norm) (~60 s?)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -169,6 +173,12 @@ for part in "${parts[@]}"; do
                --section InstructionStats --section SourceCounters \
                -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 --cases gemv_b1 \
              && ncu -i "$OUT/$part/probe.ncu-rep" --page details ;;
+    prof64) timeout 300 python3 bench/decode_step.py --batches 64 256 --variants default --no-static --glue kernels \
+              --rounds 3 --reps 10 --profile /tmp/prof64 ;;
+    ncu64) timeout 200 ncu --clock-control none -k regex:'skinny|norm' --section SpeedOfLight --section Occupancy \
+             --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+             -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 --cases gemm_b64 \
+           && ncu -i "$OUT/$part/probe.ncu-rep" --page details ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

@@ -90,6 +90,30 @@ def gemv_case():
     return lambda: (up_fn(hidden, partials, scale, gate_up), down_fn(act, down))
 
 
+def gemm_case(rows: int):
+    """The decode step's projections at ``rows`` rows as the model calls them (Qwen2.5-0.5B shapes,
+    "nk" weights, the tensor-core skinny path, default tiles): QKV with its bias, o and down leaving
+    K-split partials, gate_up with SwiGLU; and the add + RMSNorm between them."""
+    import importlib
+
+    sm = importlib.import_module("kernels.skinny_matmul")
+    from kernels.residual_norm import add_rms_norm
+
+    key = jax.random.key(5)
+    rnd = lambda i, shape, dt=jnp.bfloat16: jax.random.normal(jax.random.fold_in(key, i), shape, dt)  # noqa: E731
+    x, act = rnd(0, (rows, 896)), rnd(1, (rows, 4864))
+    w = {"qkv": rnd(2, (1152, 896)), "o": rnd(3, (896, 896)), "gate_up": rnd(4, (2 * 4864, 896)),
+         "down": rnd(5, (896, 4864))}
+    bias = rnd(6, (1152,))
+    resid, partials, scale = rnd(7, (rows, 896)), rnd(8, (2, rows, 896), jnp.float32), jnp.ones((896,), jnp.bfloat16)
+    mm = jax.jit(lambda x, w, b, epilogue: sm.skinny_matmul(x, w, b, epilogue=epilogue, layout="nk"),
+                 static_argnames="epilogue")
+    norm = jax.jit(lambda r, p, s: add_rms_norm(r, p, s, eps=1e-6))
+    return lambda: (mm(x, w["qkv"], bias, "none"), mm(x, w["o"], None, "partials"),
+                    mm(x, w["gate_up"], None, "swiglu"), mm(act, w["down"], None, "partials"),
+                    norm(resid, partials, scale))
+
+
 CASES = {
     "7b_64x2k": lambda: paged_case("7b", 64, 2048),
     "7b_64x8k": lambda: paged_case("7b", 64, 8192),
@@ -99,6 +123,7 @@ CASES = {
     "fused_1x192": lambda: fused_case(1, 192),
     "pick_256": lambda: pick_case(256),
     "gemv_b1": gemv_case,
+    "gemm_b64": lambda: gemm_case(64),
 }
 
 
