@@ -78,6 +78,16 @@ QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits
 # tile, warps, programs wanted: NK_GEMV_TARGET_PROGRAMS). "nk_xla": XLA's dots and glue fusions on
 # that layout; "nk_xla_glue": XLA's dots feeding the glue kernels.
 _MMA = {"NK_GEMV": False}
+# --glue choices that run the 8-64-row projections on Mosaic GPU (model.SKINNY_BACKEND "mgpu",
+# `kernels.skinny_matmul_mgpu`), with these TILES over its defaults ("partials": o / down / QKV,
+# "swiglu": gate_up): s = slots (steps in flight + 1), t = programs wanted, n = weight rows a program.
+MGPU_TILINGS = {
+    "mgpu": {}, "mgpu_s4": {"partials": {"num_slots": 4}, "swiglu": {"num_slots": 4}},
+    "mgpu_s8": {"partials": {"num_slots": 8}, "swiglu": {"num_slots": 8}},
+    "mgpu_t132": {"partials": {"target_programs": 132}}, "mgpu_t528": {"partials": {"target_programs": 528}},
+    "mgpu_n32": {"partials": {"block_n": 32}}, "mgpu_g16": {"swiglu": {"block_n": 16}},
+    "mgpu_g64": {"swiglu": {"block_n": 64}},
+}
 FOLD_BEST = {"none": dict(block_n=4), "swiglu": dict(block_n=2, num_programs=528)}
 
 
@@ -210,6 +220,7 @@ def run_variant(args) -> list[dict]:
     residual_norm_module = importlib.import_module("kernels.residual_norm")
     skinny_module = importlib.import_module("kernels.skinny_matmul")
     decode_attention_module = importlib.import_module("kernels.decode_attention")
+    mgpu_module = importlib.import_module("kernels.skinny_matmul_mgpu")
     o_defaults = {name: getattr(decode_attention_module, name) for name in ("O_ROWS", "O_PREFETCH_WO", "O_NUM_WARPS")}
     from jaxserve.config import ModelConfig
     from jaxserve.model import init_params
@@ -229,6 +240,8 @@ def run_variant(args) -> list[dict]:
     single_pass_keys = paged_attention_module.SINGLE_PASS_KEYS
     skinny_rows = model_module.SKINNY_ROWS
     norm_warps = residual_norm_module.NUM_WARPS
+    skinny_backend = model_module.SKINNY_BACKEND
+    mgpu_defaults = {ep: dict(tile) for ep, tile in mgpu_module.TILES.items()}
     greedy_pick = runner_module.GREEDY_PICK
     wide_options = runner_module.WIDE_DECODE_OPTIONS
     # The random params come in the model's default layout; the other is converted once if asked.
@@ -300,6 +313,9 @@ def run_variant(args) -> list[dict]:
             for name, value in dict(nk_defaults, **NK_TILINGS.get(glue, {})).items():
                 setattr(skinny_module, name, value)
             model_module.DECODE_PROJECTIONS = "xla" if glue == "nk_xla_glue" else "pallas"
+            model_module.SKINNY_BACKEND = "mgpu" if glue in MGPU_TILINGS else skinny_backend
+            mgpu_module.TILES = {ep: dict(tile, **MGPU_TILINGS.get(glue, {}).get(ep, {}))
+                                 for ep, tile in mgpu_defaults.items()}
 
         for glue in args.glue:
             apply_glue(glue)
@@ -368,7 +384,7 @@ def main() -> None:
                                                              "split_short", "skinny256", "norm_warps4", "norm_warps8", "xla_pick",
                                                              "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS,
                                                              *ATTENTION_TUNINGS, *O_TUNINGS, "no_o_attn",
-                                                             "kn", "norm_fold", "no_norm_fold", *NK_TILINGS],
+                                                             "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -56,6 +56,9 @@
 #               step at 64 and 256 profiled per kernel (~150 s)
 #   ncu64       session 16: Nsight Compute on batch 64's projections and norm (bench/ncu_probe.py case gemm_b64:
 #               the tensor-core skinny matmul for QKV / o / gate_up / down, add_rms_norm) (~60 s?)
+#   mgpu        session 16: the 8-64-row projections on Mosaic GPU (kernels.skinny_matmul_mgpu, TMA + WGMMA):
+#               its compiled tests and the model's step through it, then the decode step at 64 against the
+#               Triton default over its tilings, and at 16 (~400 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -179,6 +182,12 @@ for part in "${parts[@]}"; do
              --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
              -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 --cases gemm_b64 \
            && ncu -i "$OUT/$part/probe.ncu-rep" --page details ;;
+    mgpu) timeout 150 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+            tests/test_skinny_matmul_mgpu.py -k "compiled or model"
+          timeout 330 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
+            mgpu mgpu_s4 mgpu_s8 mgpu_t132 mgpu_t528 mgpu_n32 mgpu_g16 --rounds 5 --reps 10 --profile /tmp/mgpu
+          timeout 120 python3 bench/decode_step.py --batches 16 --variants default --no-static --glue kernels \
+            mgpu --rounds 5 --reps 10 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

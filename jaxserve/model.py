@@ -165,6 +165,14 @@ def check_weight_layout(params: dict, config: ModelConfig) -> None:
 # (XLA's dot, with the kernel's epilogues in jnp, so the glue kernels still consume them).
 # Experimental (bench/decode_step.py --glue nk_xla_glue). Read when a step is traced.
 DECODE_PROJECTIONS = os.environ.get("JAXSERVE_DECODE_PROJECTIONS", "pallas")
+# Which kernel runs the skinny projections of 8-64-row decode steps ("nk" layout, rows a multiple
+# of 8): "triton" (`kernels.skinny_matmul`'s tensor-core path) or "mgpu" (experimental:
+# `kernels.skinny_matmul_mgpu`, TMA copies and WGMMA on Mosaic GPU). Other row counts keep Triton.
+# Read when a step is traced.
+SKINNY_BACKENDS = ("triton", "mgpu")
+SKINNY_BACKEND = os.environ.get("JAXSERVE_SKINNY_BACKEND", "triton")
+if SKINNY_BACKEND not in SKINNY_BACKENDS:
+    raise ValueError(f"JAXSERVE_SKINNY_BACKEND must be one of {SKINNY_BACKENDS}, got {SKINNY_BACKEND!r}")
 
 
 # One-row decode steps fold each sublayer's add + RMSNorm into the projection after it (qkv,
@@ -195,6 +203,15 @@ def _xla_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, epi
     y = jax.lax.dot_general(x, kernel, (((1,), (1 if nk else 0,)), ((), ())),
                             preferred_element_type=jnp.float32)
     return apply_epilogue(y, x.dtype, bias, epilogue)
+
+
+def _mgpu_projection(x: jax.Array, kernel: jax.Array, epilogue: str, nk: bool) -> bool:
+    """Whether this skinny projection runs on Mosaic GPU (SKINNY_BACKEND "mgpu" and a shape it takes)."""
+    from kernels.skinny_matmul_mgpu import supports
+
+    rows = x.size // x.shape[-1]
+    return (SKINNY_BACKEND == "mgpu" and nk and x.dtype == jnp.bfloat16 and kernel.dtype == jnp.bfloat16
+            and supports(rows, x.shape[-1], kernel.shape[0], epilogue))
 
 
 def convert_weight_layout(params: dict, src: str, dst: str) -> dict:
@@ -277,6 +294,10 @@ class Linear(nn.Module):
             if rows <= SKINNY_ROWS:
                 if DECODE_PROJECTIONS == "xla":
                     out = _xla_projection(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue, nk)
+                elif _mgpu_projection(x, kernel, epilogue, nk):
+                    from kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
+
+                    out = skinny_matmul_mgpu(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue=epilogue)
                 else:
                     out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue=epilogue,
                                         layout=WEIGHT_LAYOUT, **(tiling or {}))

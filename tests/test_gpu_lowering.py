@@ -46,7 +46,8 @@ def lower_for_cuda(fn, *args) -> str:
     """`fn(*args)` lowered for CUDA (Triton kernels included); its StableHLO text."""
     exported = jax.export.export(
         jax.jit(fn), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(name)
+                         for name in ("__gpu$xla.gpu.triton", "mosaic_gpu_v2")])(*args)
     return exported.mlir_module()
 
 
@@ -132,3 +133,14 @@ def test_standalone_kernels_lower_to_triton_for_cuda(compiled_kernels, name, fn,
 def test_decode_step_with_o_in_attention_lowers_to_triton_for_cuda(compiled_kernels, monkeypatch):
     monkeypatch.setattr(importlib.import_module("jaxserve.model"), "O_IN_ATTENTION", True)
     assert ONE_ROW <= triton_kernel_names(decode_step_text(1))
+
+
+def test_decode_step_with_mgpu_projections_lowers_for_cuda(compiled_kernels, monkeypatch):
+    # model.SKINNY_BACKEND "mgpu": a 64-row step's four projections as Mosaic GPU kernels (their
+    # lowering to Mosaic GPU's MLIR runs here; its compile to PTX, on the GPU only), the glue
+    # kernels still Triton.
+    monkeypatch.setattr(importlib.import_module("jaxserve.model"), "SKINNY_BACKEND", "mgpu")
+    text = decode_step_text(64)
+    assert text.count("custom_call @mosaic_gpu_v2") >= 4, "the projections did not go to Mosaic GPU"
+    names = triton_kernel_names(text)
+    assert {"add_rms_norm", "fused_decode_attention"} <= names and "skinny_matmul" not in names, names

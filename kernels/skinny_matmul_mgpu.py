@@ -1,0 +1,234 @@
+"""Experimental: the skinny matmul of 8-64-row decode steps on Pallas Mosaic GPU (TMA + WGMMA).
+
+Owns: `skinny_matmul_mgpu`, `x [M, K] @ w[N, K].T` for M a multiple of 8 up to 64, with the
+Triton skinny matmul's "partials" and "swiglu" epilogues (and "none" as partials summed by XLA).
+Its reference is `kernels.skinny_matmul.skinny_matmul_reference`. Never decides when it is used
+(`jaxserve.model.SKINNY_BACKEND` does).
+
+Why: at 64 rows the Triton tensor-core path streams the decode step's projections at ~1.3 TB/s
+(session 16's profile on the H200: 547 of the step's 948 µs). Nsight Compute reads its programs
+as latency-bound: one or two programs an SM, a three-stage `cp.async` pipeline whose every step
+waits at a CTA barrier (42% of the stalls for gate_up), the SMs idle 30-57% of each launch. Here
+one thread issues each tile's TMA copy straight into swizzled shared memory, `num_slots - 1`
+steps ahead behind mbarriers, so a program keeps several weight tiles in flight with almost no
+instructions, and the products run on WGMMA.
+
+How: one program (one warpgroup) per block of `block_n` weight rows (of each half, for SwiGLU)
+and K split; every step copies the activation tile `[M, 64]` and the weight tile
+`[block_n, 64]` (one 128-byte swizzled row each), then `acc [64, block_n] += x @ w.T` on WGMMA,
+whose M is 64: rows past M in shared memory are never written and their sums never stored (the
+rows of a product do not mix). The accumulator leaves through shared memory by a TMA copy of its
+M rows: float32 partial sums `[splits, M, N]` that the next kernel adds
+(`kernels.residual_norm.add_rms_norm`), or SwiGLU's `silu(gate) * up` in the activation dtype.
+
+Limits: bf16, weights `[N, K]` (the engine's layout), K a multiple of 64, M a multiple of 8 up
+to 64, N (of each half) a multiple of `block_n`. On the CPU it runs in Mosaic GPU's interpreter
+(the products as plain dots: the interpreter's WGMMA takes no transposed operand).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels import pallas_compat as compat
+
+_ROWS = 64  # WGMMA's M
+_BLOCK_K = 64  # a 128-byte swizzled row of bf16: one TMA box a step
+EPILOGUES = ("none", "partials", "swiglu")
+# Tiling by epilogue: weight rows a program (`block_n`, of each half for SwiGLU), steps in flight
+# + 1 (`num_slots`), programs wanted (sets the K split; SwiGLU never splits). Read at call time.
+TILES: dict[str, dict[str, int]] = {
+    "partials": {"block_n": 64, "num_slots": 6, "target_programs": 264},
+    "swiglu": {"block_n": 32, "num_slots": 6},
+}
+
+
+def supports(m: int, k: int, n: int, epilogue: str) -> bool:
+    """Whether `skinny_matmul_mgpu` takes an `[m, k] @ [n, k].T` product with this epilogue.
+
+    Example:
+        >>> supports(64, 896, 9728, "swiglu"), supports(12, 896, 896, "partials")
+        (True, False)
+    """
+    tile = TILES["swiglu" if epilogue == "swiglu" else "partials"]
+    n_out = n // 2 if epilogue == "swiglu" else n
+    return (epilogue in EPILOGUES and 8 <= m <= _ROWS and m % 8 == 0 and k % _BLOCK_K == 0
+            and n_out % tile["block_n"] == 0)
+
+
+def _transforms(cols: int, dtype) -> tuple:
+    """Swizzled tiling of a `[rows, cols]` shared-memory tile, as WGMMA and TMA read it."""
+    swizzle = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _kernel(x_ref, w_ref, o_ref, x_smem, w_smem, o_smem, bars, *, epilogue: str, block_n: int,
+            num_slots: int, steps_per_split: int, k_steps: int, n_out: int, interpret: bool):
+    col_block, split = lax.axis_index("cols"), lax.axis_index("splits")
+    rows = x_ref.shape[0]
+    halves = (0, n_out) if epilogue == "swiglu" else (0,)
+    first = split * steps_per_split
+    num_steps = jnp.clip(k_steps - first, 0, steps_per_split)
+
+    def issue(step, slot):
+        k_at = pl.ds((first + step) * _BLOCK_K, _BLOCK_K)
+        plgpu.copy_gmem_to_smem(x_ref.at[:, k_at], x_smem.at[slot, pl.ds(0, rows)], bars.at[slot])
+        for h, offset in enumerate(halves):
+            plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(offset + col_block * block_n, block_n), k_at],
+                                    w_smem.at[slot, h], bars.at[slot])
+
+    for slot in range(num_slots - 1):
+        @pl.when(slot < num_steps)
+        def _prime(slot=slot):
+            issue(slot, slot)
+
+    zeros = jnp.zeros((_ROWS, block_n), jnp.float32)
+    if not interpret:  # register layouts are a compiler matter: the interpreter has no rule for them
+        zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+
+    def body(step, accs):
+        slot = lax.rem(step, num_slots)
+        ahead = step + num_slots - 1
+
+        # The slot `ahead` lands in was read by step - 1's products, which are done.
+        @pl.when(ahead < num_steps)
+        def _refill():
+            issue(ahead, lax.rem(ahead, num_slots))
+
+        plgpu.barrier_wait(bars.at[slot])
+        out = []
+        for h, acc in enumerate(accs):
+            if interpret:
+                acc = acc + lax.dot_general(x_smem[slot], w_smem[slot, h], (((1,), (1,)), ((), ())),
+                                            preferred_element_type=jnp.float32)
+            else:
+                def product(acc_ref, h=h):
+                    plgpu.wgmma(acc_ref, x_smem.at[slot], plgpu.transpose_ref(w_smem.at[slot, h], (1, 0)))
+
+                acc = pl.run_state(product)(plgpu.ACC.init(acc))
+            out.append(acc)
+        return tuple(out)
+
+    accs = lax.fori_loop(0, num_steps, body, tuple(zeros for _ in halves))
+    cols = pl.ds(col_block * block_n, block_n)
+    if epilogue == "swiglu":
+        # Hugging Face's roundings: both projections in the activation dtype, silu of the gate
+        # rounded, then the product rounded.
+        dtype = o_smem.dtype
+        gate, up = (a.astype(dtype).astype(jnp.float32) for a in accs)
+        act = (gate / (1.0 + jnp.exp(-gate))).astype(dtype).astype(jnp.float32)
+        o_smem[...] = (act * up).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[:, cols])
+    else:
+        o_smem[...] = accs[0]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[split, :, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "num_splits", "interpret"))
+def _call(x, w, *, epilogue: str, block_n: int, num_slots: int, num_splits: int, interpret: bool):
+    m, k = x.shape
+    n_out = w.shape[0] // 2 if epilogue == "swiglu" else w.shape[0]
+    k_steps = k // _BLOCK_K
+    steps_per_split = pl.cdiv(k_steps, num_splits)
+    halves = 2 if epilogue == "swiglu" else 1
+    if epilogue == "swiglu":
+        out_type = jax.ShapeDtypeStruct((m, n_out), x.dtype)
+    else:
+        out_type = jax.ShapeDtypeStruct((num_splits, m, n_out), jnp.float32)
+    in_tf = _transforms(_BLOCK_K, x.dtype)
+    scratch = [
+        plgpu.SMEM((num_slots, _ROWS, _BLOCK_K), x.dtype, transforms=in_tf),
+        plgpu.SMEM((num_slots, halves, block_n, _BLOCK_K), w.dtype, transforms=in_tf),
+        plgpu.SMEM((_ROWS, block_n), out_type.dtype, transforms=_transforms(block_n, out_type.dtype)),
+        plgpu.Barrier(num_arrivals=1 + halves, num_barriers=num_slots),
+    ]
+    kwargs = {}
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        kwargs["interpret"] = InterpretGPUParams()
+    return plgpu.kernel(
+        functools.partial(_kernel, epilogue=epilogue, block_n=block_n, num_slots=num_slots,
+                          steps_per_split=steps_per_split, k_steps=k_steps, n_out=n_out,
+                          interpret=interpret),
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=(n_out // block_n, num_splits),
+        grid_names=("cols", "splits"),
+        **kwargs,
+    )(x, w)
+
+
+def split_count(k: int, n: int, block_n: int, target_programs: int) -> int:
+    """K splits so that about `target_programs` programs run, none of them empty.
+
+    Example:
+        >>> split_count(4864, 896, 64, 264), split_count(896, 9728, 64, 264)
+        (16, 1)
+    """
+    k_steps = k // _BLOCK_K
+    splits = max(1, min(k_steps, target_programs // max(1, n // block_n)))
+    return pl.cdiv(k_steps, pl.cdiv(k_steps, splits))
+
+
+def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
+                       epilogue: str = "none", block_n: int | None = None,
+                       num_slots: int | None = None, num_splits: int | None = None,
+                       interpret: bool | None = None) -> jax.Array:
+    """`x @ w.T (+ bias)` for 8-64 rows of `x` on Mosaic GPU, float32 accumulation; the same
+    contract as `kernels.skinny_matmul.skinny_matmul(..., layout="nk")`.
+
+    Args:
+        x: `[M, K]` bf16 activations, M a multiple of 8 up to 64.
+        w: `[N, K]` bf16 weights, K a multiple of 64.
+        bias: optional `[N]` (epilogue "none" only; added where XLA sums the partials).
+        epilogue: "none" (`[M, N]` in x's dtype), "partials" (`[S, M, N]` float32 sums of the K
+            splits) or "swiglu" (`silu(x @ gate.T) * (x @ up.T)`, `[M, N/2]`; gate the first
+            N/2 rows of w).
+        block_n, num_slots, num_splits: tiling (None: `TILES`, `split_count`).
+        interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
+
+    Example:
+        >>> x = jnp.ones((8, 128), jnp.bfloat16); w = jnp.ones((128, 128), jnp.bfloat16)
+        >>> skinny_matmul_mgpu(x, w, epilogue="swiglu").shape
+        (8, 64)
+    """
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"x must be [M, K] and w [N, K], got {x.shape} and {w.shape}")
+    if x.dtype != jnp.bfloat16 or w.dtype != jnp.bfloat16:
+        raise ValueError(f"x and w must be bfloat16 (WGMMA operands), got {x.dtype} and {w.dtype}")
+    n = w.shape[0]
+    if bias is not None and (epilogue != "none" or bias.shape != (n,)):
+        raise ValueError(f"bias must be [{n}] with epilogue 'none', got {bias.shape} with {epilogue!r}")
+    tile = dict(TILES["swiglu" if epilogue == "swiglu" else "partials"])
+    block_n = block_n or tile["block_n"]
+    num_slots = num_slots or tile["num_slots"]
+    m, k = x.shape
+    n_out = n // 2 if epilogue == "swiglu" else n
+    if m % 8 or not 8 <= m <= _ROWS or k % _BLOCK_K or n_out % block_n or block_n % 8 or num_slots < 2:
+        raise ValueError(f"M must be a multiple of 8 up to {_ROWS}, K of {_BLOCK_K}, N of block_n (a multiple "
+                         f"of 8) and num_slots >= 2; got x {x.shape}, w {w.shape}, {epilogue!r}, "
+                         f"block_n {block_n}, num_slots {num_slots}")
+    if epilogue == "swiglu":
+        num_splits = 1
+    elif num_splits is None:
+        num_splits = split_count(k, n, block_n, tile["target_programs"])
+    interpret = compat.resolve_interpret(interpret)
+    out = _call(x, w, epilogue=epilogue, block_n=block_n, num_slots=num_slots, num_splits=num_splits,
+                interpret=bool(interpret))
+    if epilogue != "none":
+        return out
+    out = out.sum(axis=0)
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
+    return out.astype(x.dtype)
