@@ -87,6 +87,14 @@ MGPU_TILINGS = {
     "mgpu_t132": {"partials": {"target_programs": 132}}, "mgpu_t528": {"partials": {"target_programs": 528}},
     "mgpu_n32": {"partials": {"block_n": 32}}, "mgpu_g16": {"swiglu": {"block_n": 16}},
     "mgpu_g64": {"swiglu": {"block_n": 64}},
+    # call 2's best (partials 32 rows a program) with fewer slots, fewer programs, gate_up wider
+    "mgpu_n32_s4": {"partials": {"block_n": 32, "num_slots": 4}, "swiglu": {"num_slots": 4}},
+    "mgpu_n32_t132": {"partials": {"block_n": 32, "target_programs": 132}},
+    "mgpu_n32_s4_t132": {"partials": {"block_n": 32, "num_slots": 4, "target_programs": 132},
+                         "swiglu": {"num_slots": 4}},
+    "mgpu_n32_s3": {"partials": {"block_n": 32, "num_slots": 3}, "swiglu": {"num_slots": 3}},
+    "mgpu_n32_g64_s4": {"partials": {"block_n": 32}, "swiglu": {"block_n": 64, "num_slots": 4}},
+    "mgpu_n128_t132": {"partials": {"block_n": 128, "target_programs": 132}},
 }
 FOLD_BEST = {"none": dict(block_n=4), "swiglu": dict(block_n=2, num_programs=528)}
 

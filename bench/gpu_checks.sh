@@ -59,6 +59,8 @@
 #   mgpu        session 16: the 8-64-row projections on Mosaic GPU (kernels.skinny_matmul_mgpu, TMA + WGMMA):
 #               its compiled tests and the model's step through it, then the decode step at 64 against the
 #               Triton default over its tilings, and at 16 (~400 s)
+#   mgpu2       session 16, after mgpu: Nsight Compute on the Mosaic GPU projections at 64 rows (default tiles and
+#               32-row partials), then the decode step at 64 over tilings around call 2's best (~300 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -188,6 +190,14 @@ for part in "${parts[@]}"; do
             mgpu mgpu_s4 mgpu_s8 mgpu_t132 mgpu_t528 mgpu_n32 mgpu_g16 --rounds 5 --reps 10 --profile /tmp/mgpu
           timeout 120 python3 bench/decode_step.py --batches 16 --variants default --no-static --glue kernels \
             mgpu --rounds 5 --reps 10 ;;
+    mgpu2) timeout 150 ncu --clock-control none -k regex:'mosaic|skinny' --section SpeedOfLight --section Occupancy \
+             --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+             -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 --cases mgpu_b64 mgpu_b64_n32 \
+           && ncu -i "$OUT/$part/probe.ncu-rep" --page details > "$OUT/$part/ncu.txt"; \
+           grep -E "^  [a-z_]+ \(|Duration|DRAM Throughput|L2 Cache Throughput|SM Active|Elapsed Cycles" "$OUT/$part/ncu.txt"
+           timeout 380 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
+             mgpu_n32 mgpu_n32_s4 mgpu_n32_t132 mgpu_n32_s4_t132 mgpu_n32_s3 mgpu_n32_g64_s4 mgpu_n128_t132 \
+             --rounds 5 --reps 10 --profile /tmp/mgpu2 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

@@ -114,6 +114,25 @@ def gemm_case(rows: int):
                     norm(resid, partials, scale))
 
 
+def mgpu_case(rows: int, partials_block_n: int | None = None):
+    """`gemm_case`'s four projections on Mosaic GPU (`kernels.skinny_matmul_mgpu`, default TILES;
+    `partials_block_n` retiles o / down / QKV). Its kernels are all named
+    `anonymous_mosaic_gpu_kernel`, in the order QKV, o, gate_up, down."""
+    from kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
+
+    key = jax.random.key(5)
+    rnd = lambda i, shape: jax.random.normal(jax.random.fold_in(key, i), shape, jnp.bfloat16)  # noqa: E731
+    x, act = rnd(0, (rows, 896)), rnd(1, (rows, 4864))
+    w = {"qkv": rnd(2, (1152, 896)), "o": rnd(3, (896, 896)), "gate_up": rnd(4, (2 * 4864, 896)),
+         "down": rnd(5, (896, 4864))}
+    bn = {"block_n": partials_block_n} if partials_block_n else {}
+    mm = jax.jit(lambda x, w, epilogue, bn: skinny_matmul_mgpu(x, w, epilogue=epilogue, **dict(bn)),
+                 static_argnames=("epilogue", "bn"))
+    pb = tuple(bn.items())
+    return lambda: (mm(x, w["qkv"], "partials", pb), mm(x, w["o"], "partials", pb),
+                    mm(x, w["gate_up"], "swiglu", ()), mm(act, w["down"], "partials", pb))
+
+
 CASES = {
     "7b_64x2k": lambda: paged_case("7b", 64, 2048),
     "7b_64x8k": lambda: paged_case("7b", 64, 8192),
@@ -124,6 +143,8 @@ CASES = {
     "pick_256": lambda: pick_case(256),
     "gemv_b1": gemv_case,
     "gemm_b64": lambda: gemm_case(64),
+    "mgpu_b64": lambda: mgpu_case(64),
+    "mgpu_b64_n32": lambda: mgpu_case(64, 32),
 }
 
 
