@@ -79,22 +79,25 @@ QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits
 # that layout; "nk_xla_glue": XLA's dots feeding the glue kernels.
 _MMA = {"NK_GEMV": False}
 # --glue choices that run the 8-64-row projections on Mosaic GPU (model.SKINNY_BACKEND "mgpu",
-# `kernels.skinny_matmul_mgpu`), with these TILES over its defaults ("partials": o / down / QKV,
-# "swiglu": gate_up): s = slots (steps in flight + 1), t = programs wanted, n = weight rows a program.
+# `kernels.skinny_matmul_mgpu`) with these whole TILES (n = weight rows a program, s = slots: steps
+# in flight + 1, t = programs wanted; "none" is the QKV projection, as "partials" unless given).
+def _mg(n=64, s=6, t=264, gn=32, gs=6, none=None):
+    partials = {"block_n": n, "num_slots": s, "target_programs": t}
+    return {"partials": partials, "none": none or dict(partials), "swiglu": {"block_n": gn, "num_slots": gs}}
+
+
 MGPU_TILINGS = {
-    "mgpu": {}, "mgpu_s4": {"partials": {"num_slots": 4}, "swiglu": {"num_slots": 4}},
-    "mgpu_s8": {"partials": {"num_slots": 8}, "swiglu": {"num_slots": 8}},
-    "mgpu_t132": {"partials": {"target_programs": 132}}, "mgpu_t528": {"partials": {"target_programs": 528}},
-    "mgpu_n32": {"partials": {"block_n": 32}}, "mgpu_g16": {"swiglu": {"block_n": 16}},
-    "mgpu_g64": {"swiglu": {"block_n": 64}},
-    # call 2's best (partials 32 rows a program) with fewer slots, fewer programs, gate_up wider
-    "mgpu_n32_s4": {"partials": {"block_n": 32, "num_slots": 4}, "swiglu": {"num_slots": 4}},
-    "mgpu_n32_t132": {"partials": {"block_n": 32, "target_programs": 132}},
-    "mgpu_n32_s4_t132": {"partials": {"block_n": 32, "num_slots": 4, "target_programs": 132},
-                         "swiglu": {"num_slots": 4}},
-    "mgpu_n32_s3": {"partials": {"block_n": 32, "num_slots": 3}, "swiglu": {"num_slots": 3}},
-    "mgpu_n32_g64_s4": {"partials": {"block_n": 32}, "swiglu": {"block_n": 64, "num_slots": 4}},
-    "mgpu_n128_t132": {"partials": {"block_n": 128, "target_programs": 132}},
+    # session 16, calls 2 and 3 (the kernel's first defaults: n64 s6 t264, gate_up n32 s6)
+    "mgpu_v0": _mg(), "mgpu_s4": _mg(s=4, gs=4), "mgpu_s8": _mg(s=8, gs=8), "mgpu_t132": _mg(t=132),
+    "mgpu_t528": _mg(t=528), "mgpu_n32": _mg(n=32), "mgpu_g16": _mg(gn=16), "mgpu_g64": _mg(gn=64),
+    "mgpu_n32_s4": _mg(n=32, s=4, gs=4), "mgpu_n32_t132": _mg(n=32, t=132),
+    "mgpu_n32_s4_t132": _mg(n=32, s=4, t=132, gs=4), "mgpu_n32_s3": _mg(n=32, s=3, gs=3),
+    "mgpu_n32_g64_s4": _mg(n=32, gn=64, gs=4), "mgpu_n128_t132": _mg(n=128, t=132),
+    # call 4: the defaults since call 3 (n32 s4, gate_up n32 s4), and around them; "qkv1": the QKV
+    # projection unsplit, its bias in the kernel (no sum launch)
+    "mgpu": {}, "mgpu_qkv1": _mg(n=32, s=4, gs=4, none={"block_n": 32, "num_slots": 4, "target_programs": 1}),
+    "mgpu_s5": _mg(n=32, s=5, gs=5), "mgpu_gs3": _mg(n=32, s=4, gs=3), "mgpu_ps3": _mg(n=32, s=3, gs=4),
+    "mgpu_t200": _mg(n=32, s=4, t=200, gs=4),
 }
 FOLD_BEST = {"none": dict(block_n=4), "swiglu": dict(block_n=2, num_programs=528)}
 
@@ -322,8 +325,7 @@ def run_variant(args) -> list[dict]:
                 setattr(skinny_module, name, value)
             model_module.DECODE_PROJECTIONS = "xla" if glue == "nk_xla_glue" else "pallas"
             model_module.SKINNY_BACKEND = "mgpu" if glue in MGPU_TILINGS else skinny_backend
-            mgpu_module.TILES = {ep: dict(tile, **MGPU_TILINGS.get(glue, {}).get(ep, {}))
-                                 for ep, tile in mgpu_defaults.items()}
+            mgpu_module.TILES = {ep: dict(MGPU_TILINGS.get(glue, {}).get(ep, tile)) for ep, tile in mgpu_defaults.items()}
 
         for glue in args.glue:
             apply_glue(glue)

@@ -61,6 +61,9 @@
 #               Triton default over its tilings, and at 16 (~400 s)
 #   mgpu2       session 16, after mgpu: Nsight Compute on the Mosaic GPU projections at 64 rows (default tiles and
 #               32-row partials), then the decode step at 64 over tilings around call 2's best (~300 s)
+#   mgpu3       session 16, Mosaic GPU tiles now 32 rows x 4 slots: compiled tests (the QKV's in-kernel bias is
+#               new), the decode step at 64 around those tiles and with the QKV unsplit, the attention at
+#               8 warps, then 32 and 16 rows against Triton (~450 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -198,6 +201,12 @@ for part in "${parts[@]}"; do
            timeout 380 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
              mgpu_n32 mgpu_n32_s4 mgpu_n32_t132 mgpu_n32_s4_t132 mgpu_n32_s3 mgpu_n32_g64_s4 mgpu_n128_t132 \
              --rounds 5 --reps 10 --profile /tmp/mgpu2 ;;
+    mgpu3) timeout 100 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+             tests/test_skinny_matmul_mgpu.py -k "compiled or model"
+           timeout 300 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
+             mgpu mgpu_qkv1 mgpu_s5 mgpu_gs3 mgpu_ps3 mgpu_t200 attn_w8 --rounds 5 --reps 10 --profile /tmp/mgpu3
+           timeout 150 python3 bench/decode_step.py --batches 32 16 --variants default --no-static --glue kernels \
+             mgpu --rounds 5 --reps 10 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

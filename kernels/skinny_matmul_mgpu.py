@@ -42,10 +42,14 @@ _ROWS = 64  # WGMMA's M
 _BLOCK_K = 64  # a 128-byte swizzled row of bf16: one TMA box a step
 EPILOGUES = ("none", "partials", "swiglu")
 # Tiling by epilogue: weight rows a program (`block_n`, of each half for SwiGLU), steps in flight
-# + 1 (`num_slots`), programs wanted (sets the K split; SwiGLU never splits). Read at call time.
+# + 1 (`num_slots`), programs wanted (sets the K split; SwiGLU never splits; "none" unsplit adds its
+# bias in the kernel, split its partials are summed by XLA). Read at call time. Session 16 on the
+# H200 (bench/results/decode_step.md), batch-64 step: 32 rows and 4 slots 0.868 ms, 64 rows and 6
+# slots 0.929, 8 slots 1.103 (SMEM for one program an SM: a second wave), Triton 0.919-0.925.
 TILES: dict[str, dict[str, int]] = {
-    "partials": {"block_n": 64, "num_slots": 6, "target_programs": 264},
-    "swiglu": {"block_n": 32, "num_slots": 6},
+    "none": {"block_n": 32, "num_slots": 4, "target_programs": 264},
+    "partials": {"block_n": 32, "num_slots": 4, "target_programs": 264},
+    "swiglu": {"block_n": 32, "num_slots": 4},
 }
 
 
@@ -56,10 +60,11 @@ def supports(m: int, k: int, n: int, epilogue: str) -> bool:
         >>> supports(64, 896, 9728, "swiglu"), supports(12, 896, 896, "partials")
         (True, False)
     """
-    tile = TILES["swiglu" if epilogue == "swiglu" else "partials"]
+    if epilogue not in EPILOGUES:
+        return False
     n_out = n // 2 if epilogue == "swiglu" else n
-    return (epilogue in EPILOGUES and 8 <= m <= _ROWS and m % 8 == 0 and k % _BLOCK_K == 0
-            and n_out % tile["block_n"] == 0)
+    return (8 <= m <= _ROWS and m % 8 == 0 and k % _BLOCK_K == 0
+            and n_out % TILES[epilogue]["block_n"] == 0)
 
 
 def _transforms(cols: int, dtype) -> tuple:
@@ -68,9 +73,16 @@ def _transforms(cols: int, dtype) -> tuple:
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _kernel(x_ref, w_ref, o_ref, x_smem, w_smem, o_smem, bars, *, epilogue: str, block_n: int,
-            num_slots: int, steps_per_split: int, k_steps: int, n_out: int, interpret: bool):
+def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, num_slots: int,
+            steps_per_split: int, k_steps: int, n_out: int, interpret: bool):
+    if has_bias:
+        b_ref, o_ref, x_smem, w_smem, o_smem, bars, b_smem, b_bar = refs
+    else:
+        o_ref, x_smem, w_smem, o_smem, bars = refs
     col_block, split = lax.axis_index("cols"), lax.axis_index("splits")
+    cols = pl.ds(col_block * block_n, block_n)
+    if has_bias:
+        plgpu.copy_gmem_to_smem(b_ref.at[cols], b_smem, b_bar)
     rows = x_ref.shape[0]
     halves = (0, n_out) if epilogue == "swiglu" else (0,)
     first = split * steps_per_split
@@ -102,45 +114,50 @@ def _kernel(x_ref, w_ref, o_ref, x_smem, w_smem, o_smem, bars, *, epilogue: str,
             issue(ahead, lax.rem(ahead, num_slots))
 
         plgpu.barrier_wait(bars.at[slot])
-        out = []
-        for h, acc in enumerate(accs):
-            if interpret:
-                acc = acc + lax.dot_general(x_smem[slot], w_smem[slot, h], (((1,), (1,)), ((), ())),
-                                            preferred_element_type=jnp.float32)
-            else:
-                def product(acc_ref, h=h):
-                    plgpu.wgmma(acc_ref, x_smem.at[slot], plgpu.transpose_ref(w_smem.at[slot, h], (1, 0)))
+        if interpret:
+            return tuple(acc + lax.dot_general(x_smem[slot], w_smem[slot, h], (((1,), (1,)), ((), ())),
+                                               preferred_element_type=jnp.float32)
+                         for h, acc in enumerate(accs))
 
-                acc = pl.run_state(product)(plgpu.ACC.init(acc))
-            out.append(acc)
-        return tuple(out)
+        def products(acc_refs):  # SwiGLU's two in one block: one wait for both
+            for h, acc_ref in enumerate(acc_refs):
+                plgpu.wgmma(acc_ref, x_smem.at[slot], plgpu.transpose_ref(w_smem.at[slot, h], (1, 0)))
+
+        return pl.run_state(products)(tuple(plgpu.ACC.init(acc) for acc in accs))
 
     accs = lax.fori_loop(0, num_steps, body, tuple(zeros for _ in halves))
-    cols = pl.ds(col_block * block_n, block_n)
-    if epilogue == "swiglu":
-        # Hugging Face's roundings: both projections in the activation dtype, silu of the gate
-        # rounded, then the product rounded.
-        dtype = o_smem.dtype
-        gate, up = (a.astype(dtype).astype(jnp.float32) for a in accs)
-        act = (gate / (1.0 + jnp.exp(-gate))).astype(dtype).astype(jnp.float32)
-        o_smem[...] = (act * up).astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[:, cols])
-    else:
+    if epilogue == "partials":
         o_smem[...] = accs[0]
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[split, :, cols])
+    else:  # the result itself, in the activation dtype
+        dtype = o_smem.dtype
+        if epilogue == "swiglu":
+            # Hugging Face's roundings: both projections in the activation dtype, silu of the
+            # gate rounded, then the product rounded.
+            gate, up = (a.astype(dtype).astype(jnp.float32) for a in accs)
+            result = (gate / (1.0 + jnp.exp(-gate))).astype(dtype).astype(jnp.float32) * up
+        else:  # "none", one split
+            result = accs[0]
+            if has_bias:
+                plgpu.barrier_wait(b_bar)
+                bias = b_smem[...] if interpret else plgpu.load(b_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
+                result = result + lax.broadcast_in_dim(bias, result.shape, [1])
+        o_smem[...] = result.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[:, cols])
     plgpu.wait_smem_to_gmem(0)
 
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "num_splits", "interpret"))
-def _call(x, w, *, epilogue: str, block_n: int, num_slots: int, num_splits: int, interpret: bool):
+def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, num_splits: int, interpret: bool):
     m, k = x.shape
+    has_bias = bias is not None
     n_out = w.shape[0] // 2 if epilogue == "swiglu" else w.shape[0]
     k_steps = k // _BLOCK_K
     steps_per_split = pl.cdiv(k_steps, num_splits)
     halves = 2 if epilogue == "swiglu" else 1
-    if epilogue == "swiglu":
+    if epilogue in ("swiglu", "none"):
         out_type = jax.ShapeDtypeStruct((m, n_out), x.dtype)
     else:
         out_type = jax.ShapeDtypeStruct((num_splits, m, n_out), jnp.float32)
@@ -150,13 +167,13 @@ def _call(x, w, *, epilogue: str, block_n: int, num_slots: int, num_splits: int,
         plgpu.SMEM((num_slots, halves, block_n, _BLOCK_K), w.dtype, transforms=in_tf),
         plgpu.SMEM((_ROWS, block_n), out_type.dtype, transforms=_transforms(block_n, out_type.dtype)),
         plgpu.Barrier(num_arrivals=1 + halves, num_barriers=num_slots),
-    ]
+    ] + ([plgpu.SMEM((block_n,), jnp.float32), plgpu.Barrier()] if has_bias else [])
     kwargs = {}
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         kwargs["interpret"] = InterpretGPUParams()
     return plgpu.kernel(
-        functools.partial(_kernel, epilogue=epilogue, block_n=block_n, num_slots=num_slots,
+        functools.partial(_kernel, epilogue=epilogue, has_bias=has_bias, block_n=block_n, num_slots=num_slots,
                           steps_per_split=steps_per_split, k_steps=k_steps, n_out=n_out,
                           interpret=interpret),
         out_type=out_type,
@@ -164,7 +181,7 @@ def _call(x, w, *, epilogue: str, block_n: int, num_slots: int, num_splits: int,
         grid=(n_out // block_n, num_splits),
         grid_names=("cols", "splits"),
         **kwargs,
-    )(x, w)
+    )(x, w, *([bias] if has_bias else []))
 
 
 def split_count(k: int, n: int, block_n: int, target_programs: int) -> int:
@@ -210,7 +227,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
     n = w.shape[0]
     if bias is not None and (epilogue != "none" or bias.shape != (n,)):
         raise ValueError(f"bias must be [{n}] with epilogue 'none', got {bias.shape} with {epilogue!r}")
-    tile = dict(TILES["swiglu" if epilogue == "swiglu" else "partials"])
+    tile = TILES[epilogue]
     block_n = block_n or tile["block_n"]
     num_slots = num_slots or tile["num_slots"]
     m, k = x.shape
@@ -224,9 +241,14 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
     elif num_splits is None:
         num_splits = split_count(k, n, block_n, tile["target_programs"])
     interpret = compat.resolve_interpret(interpret)
-    out = _call(x, w, epilogue=epilogue, block_n=block_n, num_slots=num_slots, num_splits=num_splits,
-                interpret=bool(interpret))
-    if epilogue != "none":
+    # "none" in one split leaves the kernel as the product (+ bias); split, as partials summed here.
+    kernel_epilogue = "partials" if epilogue == "none" and num_splits > 1 else epilogue
+    # The bias goes in as float32: a TMA copy moves a multiple of 128 bytes (32 bf16 would be 64).
+    # Converting a parameter is loop-invariant in the engine's decode loop, so XLA hoists it.
+    kernel_bias = bias.astype(jnp.float32) if kernel_epilogue == "none" and bias is not None else None
+    out = _call(x, w, kernel_bias, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots,
+                num_splits=num_splits, interpret=bool(interpret))
+    if epilogue != "none" or kernel_epilogue == "none":
         return out
     out = out.sum(axis=0)
     if bias is not None:

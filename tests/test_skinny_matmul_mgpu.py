@@ -29,6 +29,7 @@ def _operands(rng, m, k, n):
     ("partials", 24, 512, 128, 32, 3, 3),    # uneven splits: 8 steps over 3 (3, 3, 2)
     ("partials", 64, 896, 192, 64, 6, None), # 14 steps; the default split count
     ("none", 16, 384, 192, 64, 4, 2),        # the splits summed outside, with a bias
+    ("none", 24, 256, 128, 32, 3, 1),        # one split: the bias added in the kernel
     ("swiglu", 8, 128, 128, 32, 2, 1),
     ("swiglu", 40, 896, 320, 32, 6, 1),      # M not a power of two, 14 steps over 6 slots
 ])
