@@ -69,7 +69,10 @@ O_TUNINGS = {"o_attn": {}, "o_attn_pf": {"O_ROWS": 8, "O_PREFETCH_WO": True}, "o
                 for r, w in ((32, 4), (8, 8), (16, 8), (32, 8), (64, 8))}}
 # --glue choices with the fused decode attention launched otherwise (model.ATTENTION_TUNING).
 ATTENTION_TUNINGS = {"attn_w2": {"num_warps": 2}, "attn_w8": {"num_warps": 8},
-                     "attn_st2": {"num_stages": 2}}
+                     "attn_st2": {"num_stages": 2},
+                     # session 16: pages gathered an iteration (16: a short table's 256 keys in one)
+                     "attn_ppb16": {"pages_per_block": 16}, "attn_ppb4": {"pages_per_block": 4},
+                     "attn_split2": {"num_splits": 2}}
 QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits": 1, "block_n": 32},
                "qkv_split2": {"num_splits": 2}}
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
@@ -81,9 +84,10 @@ _MMA = {"NK_GEMV": False}
 # --glue choices that run the 8-64-row projections on Mosaic GPU (model.SKINNY_BACKEND "mgpu",
 # `kernels.skinny_matmul_mgpu`) with these whole TILES (n = weight rows a program, s = slots: steps
 # in flight + 1, t = programs wanted; "none" is the QKV projection, as "partials" unless given).
-def _mg(n=64, s=6, t=264, gn=32, gs=6, none=None):
-    partials = {"block_n": n, "num_slots": s, "target_programs": t}
-    return {"partials": partials, "none": none or dict(partials), "swiglu": {"block_n": gn, "num_slots": gs}}
+def _mg(n=64, s=6, t=264, gn=32, gs=6, none=None, b=1, gb=1):
+    partials = {"block_n": n, "num_slots": s, "target_programs": t, "boxes": b}
+    return {"partials": partials, "none": none or dict(partials),
+            "swiglu": {"block_n": gn, "num_slots": gs, "boxes": gb}}
 
 
 MGPU_TILINGS = {
@@ -98,6 +102,9 @@ MGPU_TILINGS = {
     "mgpu": {}, "mgpu_qkv1": _mg(n=32, s=4, gs=4, none={"block_n": 32, "num_slots": 4, "target_programs": 1}),
     "mgpu_s5": _mg(n=32, s=5, gs=5), "mgpu_gs3": _mg(n=32, s=4, gs=3), "mgpu_ps3": _mg(n=32, s=3, gs=4),
     "mgpu_t200": _mg(n=32, s=4, t=200, gs=4),
+    # call 5: steps of two 64-wide boxes (b2: every projection, gb2: gate_up only), fewer slots
+    "mgpu_b2_s3": _mg(n=32, s=3, gs=3, b=2, gb=2), "mgpu_b2_s2": _mg(n=32, s=2, gs=2, b=2, gb=2),
+    "mgpu_gb2_s3": _mg(n=32, s=4, gs=3, gb=2),
 }
 FOLD_BEST = {"none": dict(block_n=4), "swiglu": dict(block_n=2, num_programs=528)}
 
@@ -324,7 +331,10 @@ def run_variant(args) -> list[dict]:
             for name, value in dict(nk_defaults, **NK_TILINGS.get(glue, {})).items():
                 setattr(skinny_module, name, value)
             model_module.DECODE_PROJECTIONS = "xla" if glue == "nk_xla_glue" else "pallas"
-            model_module.SKINNY_BACKEND = "mgpu" if glue in MGPU_TILINGS else skinny_backend
+            # "skinny_triton": the 32-64-row projections on Triton's tensor-core path (the default
+            # before session 16's call 5).
+            model_module.SKINNY_BACKEND = ("mgpu" if glue in MGPU_TILINGS else "triton" if glue == "skinny_triton"
+                                           else skinny_backend)
             mgpu_module.TILES = {ep: dict(MGPU_TILINGS.get(glue, {}).get(ep, tile)) for ep, tile in mgpu_defaults.items()}
 
         for glue in args.glue:
@@ -394,7 +404,8 @@ def main() -> None:
                                                              "split_short", "skinny256", "norm_warps4", "norm_warps8", "xla_pick",
                                                              "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS,
                                                              *ATTENTION_TUNINGS, *O_TUNINGS, "no_o_attn",
-                                                             "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS],
+                                                             "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS,
+                                                             "skinny_triton"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

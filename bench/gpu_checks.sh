@@ -64,6 +64,8 @@
 #   mgpu3       session 16, Mosaic GPU tiles now 32 rows x 4 slots: compiled tests (the QKV's in-kernel bias is
 #               new), the decode step at 64 around those tiles and with the QKV unsplit, the attention at
 #               8 warps, then 32 and 16 rows against Triton (~450 s)
+#   mgpu4       session 16, Mosaic GPU the default at 32-64 rows: compiled tests, then at 64 rows steps of two
+#               64-wide boxes, and the fused attention's pages an iteration / splits, against Triton (~300 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -92,7 +94,8 @@ for part in "${parts[@]}"; do
   case $part in
     tests) timeout 340 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
              tests/test_kernels.py tests/test_split_combine.py tests/test_decode_attention.py \
-             tests/test_skinny_matmul.py tests/test_residual_norm.py tests/test_greedy_pick.py -k "compiled or model" ;;
+             tests/test_skinny_matmul.py tests/test_skinny_matmul_mgpu.py tests/test_residual_norm.py \
+             tests/test_greedy_pick.py -k "compiled or model" ;;
     bandwidth) timeout 360 python3 bench/bandwidth.py --budget-s 300 --out "$OUT/$part" ;;
     throughput) timeout 240 python3 bench/throughput.py --no-static --batches 1 64 256 --long-prompt 1024 \
                   --long-batch 64 --decode-steps 8 --impls pallas --no-hf-compile --out "$OUT/$part" ;;
@@ -207,6 +210,11 @@ for part in "${parts[@]}"; do
              mgpu mgpu_qkv1 mgpu_s5 mgpu_gs3 mgpu_ps3 mgpu_t200 attn_w8 --rounds 5 --reps 10 --profile /tmp/mgpu3
            timeout 150 python3 bench/decode_step.py --batches 32 16 --variants default --no-static --glue kernels \
              mgpu --rounds 5 --reps 10 ;;
+    mgpu4) timeout 100 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+             tests/test_skinny_matmul_mgpu.py -k "compiled or model"
+           timeout 400 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
+             skinny_triton mgpu_b2_s3 mgpu_b2_s2 mgpu_gb2_s3 attn_ppb16 attn_ppb4 attn_split2 --rounds 5 --reps 10 \
+             --profile /tmp/mgpu4 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

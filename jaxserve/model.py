@@ -165,14 +165,16 @@ def check_weight_layout(params: dict, config: ModelConfig) -> None:
 # (XLA's dot, with the kernel's epilogues in jnp, so the glue kernels still consume them).
 # Experimental (bench/decode_step.py --glue nk_xla_glue). Read when a step is traced.
 DECODE_PROJECTIONS = os.environ.get("JAXSERVE_DECODE_PROJECTIONS", "pallas")
-# Which kernel runs the skinny projections of 8-64-row decode steps ("nk" layout, rows a multiple
-# of 8): "triton" (`kernels.skinny_matmul`'s tensor-core path) or "mgpu" (experimental:
-# `kernels.skinny_matmul_mgpu`, TMA copies and WGMMA on Mosaic GPU). Other row counts keep Triton.
-# Read when a step is traced.
+# Which kernel runs the skinny projections of decode steps of MGPU_MIN_ROWS to SKINNY_ROWS rows ("nk"
+# layout, bf16, rows a multiple of 8): "mgpu" (`kernels.skinny_matmul_mgpu`, TMA copies and WGMMA on
+# Mosaic GPU) or "triton" (`kernels.skinny_matmul`'s tensor-core path, which every other row count
+# keeps). Session 16 on the H200 (bench/results/decode_step.md): step 0.860 vs 0.916 ms at 64 rows,
+# 0.819 vs 0.924 at 32, but 0.794 vs 0.767 at 16. Read when a step is traced.
 SKINNY_BACKENDS = ("triton", "mgpu")
-SKINNY_BACKEND = os.environ.get("JAXSERVE_SKINNY_BACKEND", "triton")
+SKINNY_BACKEND = os.environ.get("JAXSERVE_SKINNY_BACKEND", "mgpu")
 if SKINNY_BACKEND not in SKINNY_BACKENDS:
     raise ValueError(f"JAXSERVE_SKINNY_BACKEND must be one of {SKINNY_BACKENDS}, got {SKINNY_BACKEND!r}")
+MGPU_MIN_ROWS = 32
 
 
 # One-row decode steps fold each sublayer's add + RMSNorm into the projection after it (qkv,
@@ -206,11 +208,12 @@ def _xla_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, epi
 
 
 def _mgpu_projection(x: jax.Array, kernel: jax.Array, epilogue: str, nk: bool) -> bool:
-    """Whether this skinny projection runs on Mosaic GPU (SKINNY_BACKEND "mgpu" and a shape it takes)."""
+    """Whether this skinny projection runs on Mosaic GPU (SKINNY_BACKEND "mgpu", at least MGPU_MIN_ROWS
+    rows and a shape it takes)."""
     from kernels.skinny_matmul_mgpu import supports
 
     rows = x.size // x.shape[-1]
-    return (SKINNY_BACKEND == "mgpu" and nk and x.dtype == jnp.bfloat16 and kernel.dtype == jnp.bfloat16
+    return (SKINNY_BACKEND == "mgpu" and rows >= MGPU_MIN_ROWS and nk and x.dtype == jnp.bfloat16 and kernel.dtype == jnp.bfloat16
             and supports(rows, x.shape[-1], kernel.shape[0], epilogue))
 
 

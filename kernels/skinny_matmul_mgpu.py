@@ -1,9 +1,10 @@
-"""Experimental: the skinny matmul of 8-64-row decode steps on Pallas Mosaic GPU (TMA + WGMMA).
+"""The skinny matmul of 32-64-row decode steps on Pallas Mosaic GPU (TMA + WGMMA).
 
 Owns: `skinny_matmul_mgpu`, `x [M, K] @ w[N, K].T` for M a multiple of 8 up to 64, with the
-Triton skinny matmul's "partials" and "swiglu" epilogues (and "none" as partials summed by XLA).
-Its reference is `kernels.skinny_matmul.skinny_matmul_reference`. Never decides when it is used
-(`jaxserve.model.SKINNY_BACKEND` does).
+Triton skinny matmul's "partials", "swiglu" and "none" epilogues. Its reference is
+`kernels.skinny_matmul.skinny_matmul_reference`. Never decides when it is used
+(`jaxserve.model.SKINNY_BACKEND` and `MGPU_MIN_ROWS` do: 32-64 rows by default; at 16 rows
+Triton's tensor-core path was faster).
 
 Why: at 64 rows the Triton tensor-core path streams the decode step's projections at ~1.3 TB/s
 (session 16's profile on the H200: 547 of the step's 948 µs). Nsight Compute reads its programs
@@ -15,7 +16,8 @@ instructions, and the products run on WGMMA.
 
 How: one program (one warpgroup) per block of `block_n` weight rows (of each half, for SwiGLU)
 and K split; every step copies the activation tile `[M, 64]` and the weight tile
-`[block_n, 64]` (one 128-byte swizzled row each), then `acc [64, block_n] += x @ w.T` on WGMMA,
+`[block_n, 64]` (one 128-byte swizzled row each; `boxes` of each a step), then
+`acc [64, block_n] += x @ w.T` on WGMMA,
 whose M is 64: rows past M in shared memory are never written and their sums never stored (the
 rows of a product do not mix). The accumulator leaves through shared memory by a TMA copy of its
 M rows: float32 partial sums `[splits, M, N]` that the next kernel adds
@@ -73,7 +75,7 @@ def _transforms(cols: int, dtype) -> tuple:
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, num_slots: int,
+def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, num_slots: int, boxes: int,
             steps_per_split: int, k_steps: int, n_out: int, interpret: bool):
     if has_bias:
         b_ref, o_ref, x_smem, w_smem, o_smem, bars, b_smem, b_bar = refs
@@ -89,11 +91,12 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
     num_steps = jnp.clip(k_steps - first, 0, steps_per_split)
 
     def issue(step, slot):
-        k_at = pl.ds((first + step) * _BLOCK_K, _BLOCK_K)
-        plgpu.copy_gmem_to_smem(x_ref.at[:, k_at], x_smem.at[slot, pl.ds(0, rows)], bars.at[slot])
-        for h, offset in enumerate(halves):
-            plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(offset + col_block * block_n, block_n), k_at],
-                                    w_smem.at[slot, h], bars.at[slot])
+        for b in range(boxes):  # a step is `boxes` TMA boxes of 64 K-elements an operand
+            k_at = pl.ds(((first + step) * boxes + b) * _BLOCK_K, _BLOCK_K)
+            plgpu.copy_gmem_to_smem(x_ref.at[:, k_at], x_smem.at[slot, b, pl.ds(0, rows)], bars.at[slot])
+            for h, offset in enumerate(halves):
+                plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(offset + col_block * block_n, block_n), k_at],
+                                        w_smem.at[slot, h, b], bars.at[slot])
 
     for slot in range(num_slots - 1):
         @pl.when(slot < num_steps)
@@ -115,13 +118,14 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
 
         plgpu.barrier_wait(bars.at[slot])
         if interpret:
-            return tuple(acc + lax.dot_general(x_smem[slot], w_smem[slot, h], (((1,), (1,)), ((), ())),
-                                               preferred_element_type=jnp.float32)
+            return tuple(acc + sum(lax.dot_general(x_smem[slot, b], w_smem[slot, h, b], (((1,), (1,)), ((), ())),
+                                                   preferred_element_type=jnp.float32) for b in range(boxes))
                          for h, acc in enumerate(accs))
 
-        def products(acc_refs):  # SwiGLU's two in one block: one wait for both
-            for h, acc_ref in enumerate(acc_refs):
-                plgpu.wgmma(acc_ref, x_smem.at[slot], plgpu.transpose_ref(w_smem.at[slot, h], (1, 0)))
+        def products(acc_refs):  # all of a step's products (SwiGLU's two halves) in one block: one wait
+            for b in range(boxes):
+                for h, acc_ref in enumerate(acc_refs):
+                    plgpu.wgmma(acc_ref, x_smem.at[slot, b], plgpu.transpose_ref(w_smem.at[slot, h, b], (1, 0)))
 
         return pl.run_state(products)(tuple(plgpu.ACC.init(acc) for acc in accs))
 
@@ -149,12 +153,12 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
     plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "num_splits", "interpret"))
-def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, num_splits: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "boxes", "num_splits", "interpret"))
+def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, boxes: int, num_splits: int, interpret: bool):
     m, k = x.shape
     has_bias = bias is not None
     n_out = w.shape[0] // 2 if epilogue == "swiglu" else w.shape[0]
-    k_steps = k // _BLOCK_K
+    k_steps = k // (_BLOCK_K * boxes)
     steps_per_split = pl.cdiv(k_steps, num_splits)
     halves = 2 if epilogue == "swiglu" else 1
     if epilogue in ("swiglu", "none"):
@@ -163,10 +167,10 @@ def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, num_splits
         out_type = jax.ShapeDtypeStruct((num_splits, m, n_out), jnp.float32)
     in_tf = _transforms(_BLOCK_K, x.dtype)
     scratch = [
-        plgpu.SMEM((num_slots, _ROWS, _BLOCK_K), x.dtype, transforms=in_tf),
-        plgpu.SMEM((num_slots, halves, block_n, _BLOCK_K), w.dtype, transforms=in_tf),
+        plgpu.SMEM((num_slots, boxes, _ROWS, _BLOCK_K), x.dtype, transforms=in_tf),
+        plgpu.SMEM((num_slots, halves, boxes, block_n, _BLOCK_K), w.dtype, transforms=in_tf),
         plgpu.SMEM((_ROWS, block_n), out_type.dtype, transforms=_transforms(block_n, out_type.dtype)),
-        plgpu.Barrier(num_arrivals=1 + halves, num_barriers=num_slots),
+        plgpu.Barrier(num_arrivals=boxes * (1 + halves), num_barriers=num_slots),
     ] + ([plgpu.SMEM((block_n,), jnp.float32), plgpu.Barrier()] if has_bias else [])
     kwargs = {}
     if interpret:
@@ -174,6 +178,7 @@ def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, num_splits
         kwargs["interpret"] = InterpretGPUParams()
     return plgpu.kernel(
         functools.partial(_kernel, epilogue=epilogue, has_bias=has_bias, block_n=block_n, num_slots=num_slots,
+                          boxes=boxes,
                           steps_per_split=steps_per_split, k_steps=k_steps, n_out=n_out,
                           interpret=interpret),
         out_type=out_type,
@@ -184,14 +189,15 @@ def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, num_splits
     )(x, w, *([bias] if has_bias else []))
 
 
-def split_count(k: int, n: int, block_n: int, target_programs: int) -> int:
-    """K splits so that about `target_programs` programs run, none of them empty.
+def split_count(k: int, n: int, block_n: int, target_programs: int, boxes: int = 1) -> int:
+    """K splits so that about `target_programs` programs run, none of them empty (steps of
+    `boxes` x 64 K-elements).
 
     Example:
         >>> split_count(4864, 896, 64, 264), split_count(896, 9728, 64, 264)
         (16, 1)
     """
-    k_steps = k // _BLOCK_K
+    k_steps = k // (_BLOCK_K * boxes)
     splits = max(1, min(k_steps, target_programs // max(1, n // block_n)))
     return pl.cdiv(k_steps, pl.cdiv(k_steps, splits))
 
@@ -199,7 +205,7 @@ def split_count(k: int, n: int, block_n: int, target_programs: int) -> int:
 def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
                        epilogue: str = "none", block_n: int | None = None,
                        num_slots: int | None = None, num_splits: int | None = None,
-                       interpret: bool | None = None) -> jax.Array:
+                       boxes: int | None = None, interpret: bool | None = None) -> jax.Array:
     """`x @ w.T (+ bias)` for 8-64 rows of `x` on Mosaic GPU, float32 accumulation; the same
     contract as `kernels.skinny_matmul.skinny_matmul(..., layout="nk")`.
 
@@ -211,6 +217,8 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
             splits) or "swiglu" (`silu(x @ gate.T) * (x @ up.T)`, `[M, N/2]`; gate the first
             N/2 rows of w).
         block_n, num_slots, num_splits: tiling (None: `TILES`, `split_count`).
+        boxes: K-elements a step in 64s (one TMA box of each operand per 64; None: `TILES`'
+            where it divides K, else 1).
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
 
     Example:
@@ -231,22 +239,24 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
     block_n = block_n or tile["block_n"]
     num_slots = num_slots or tile["num_slots"]
     m, k = x.shape
+    if boxes is None:
+        boxes = tile.get("boxes", 1) if k % (_BLOCK_K * tile.get("boxes", 1)) == 0 else 1
     n_out = n // 2 if epilogue == "swiglu" else n
-    if m % 8 or not 8 <= m <= _ROWS or k % _BLOCK_K or n_out % block_n or block_n % 8 or num_slots < 2:
-        raise ValueError(f"M must be a multiple of 8 up to {_ROWS}, K of {_BLOCK_K}, N of block_n (a multiple "
-                         f"of 8) and num_slots >= 2; got x {x.shape}, w {w.shape}, {epilogue!r}, "
-                         f"block_n {block_n}, num_slots {num_slots}")
+    if (m % 8 or not 8 <= m <= _ROWS or boxes < 1 or k % (_BLOCK_K * boxes) or n_out % block_n or block_n % 8
+            or num_slots < 2):
+        raise ValueError(f"M must be a multiple of 8 up to {_ROWS}, K of {_BLOCK_K} x boxes, N of block_n (a "
+                         f"multiple of 8) and num_slots >= 2; got x {x.shape}, w {w.shape}, {epilogue!r}, "
+                         f"block_n {block_n}, num_slots {num_slots}, boxes {boxes}")
     if epilogue == "swiglu":
         num_splits = 1
     elif num_splits is None:
-        num_splits = split_count(k, n, block_n, tile["target_programs"])
+        num_splits = split_count(k, n, block_n, tile["target_programs"], boxes)
     interpret = compat.resolve_interpret(interpret)
     # "none" in one split leaves the kernel as the product (+ bias); split, as partials summed here.
     kernel_epilogue = "partials" if epilogue == "none" and num_splits > 1 else epilogue
     # The bias goes in as float32: a TMA copy moves a multiple of 128 bytes (32 bf16 would be 64).
-    # Converting a parameter is loop-invariant in the engine's decode loop, so XLA hoists it.
     kernel_bias = bias.astype(jnp.float32) if kernel_epilogue == "none" and bias is not None else None
-    out = _call(x, w, kernel_bias, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots,
+    out = _call(x, w, kernel_bias, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
                 num_splits=num_splits, interpret=bool(interpret))
     if epilogue != "none" or kernel_epilogue == "none":
         return out

@@ -86,6 +86,8 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("batch,settings,expected", DECODE_CASES)
 def test_decode_step_lowers_to_triton_for_cuda(compiled_kernels, monkeypatch, batch, settings, expected):
+    # Every projection on Triton, 64 rows included (model.SKINNY_BACKEND's Mosaic GPU path: below).
+    monkeypatch.setattr(importlib.import_module("jaxserve.model"), "SKINNY_BACKEND", "triton")
     for name, value in settings.items():
         monkeypatch.setattr(sm, name, value)
     names = triton_kernel_names(decode_step_text(batch))
@@ -136,10 +138,9 @@ def test_decode_step_with_o_in_attention_lowers_to_triton_for_cuda(compiled_kern
 
 
 def test_decode_step_with_mgpu_projections_lowers_for_cuda(compiled_kernels, monkeypatch):
-    # model.SKINNY_BACKEND "mgpu": a 64-row step's four projections as Mosaic GPU kernels (their
-    # lowering to Mosaic GPU's MLIR runs here; its compile to PTX, on the GPU only), the glue
-    # kernels still Triton.
-    monkeypatch.setattr(importlib.import_module("jaxserve.model"), "SKINNY_BACKEND", "mgpu")
+    # model.SKINNY_BACKEND "mgpu" (the default): a 64-row step's four projections as Mosaic GPU
+    # kernels (their lowering to Mosaic GPU's MLIR runs here; its compile to PTX, on the GPU only),
+    # the glue kernels still Triton.
     text = decode_step_text(64)
     assert text.count("custom_call @mosaic_gpu_v2") >= 4, "the projections did not go to Mosaic GPU"
     names = triton_kernel_names(text)

@@ -24,21 +24,23 @@ def _operands(rng, m, k, n):
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("epilogue,m,k,n,block_n,slots,splits", [
-    ("partials", 8, 256, 128, 64, 2, 1),     # fewer steps than slots
-    ("partials", 24, 512, 128, 32, 3, 3),    # uneven splits: 8 steps over 3 (3, 3, 2)
-    ("partials", 64, 896, 192, 64, 6, None), # 14 steps; the default split count
-    ("none", 16, 384, 192, 64, 4, 2),        # the splits summed outside, with a bias
-    ("none", 24, 256, 128, 32, 3, 1),        # one split: the bias added in the kernel
-    ("swiglu", 8, 128, 128, 32, 2, 1),
-    ("swiglu", 40, 896, 320, 32, 6, 1),      # M not a power of two, 14 steps over 6 slots
+@pytest.mark.parametrize("epilogue,m,k,n,block_n,slots,splits,boxes", [
+    ("partials", 8, 256, 128, 64, 2, 1, 1),     # fewer steps than slots
+    ("partials", 24, 512, 128, 32, 3, 3, 1),    # uneven splits: 8 steps over 3 (3, 3, 2)
+    ("partials", 64, 896, 192, 64, 6, None, 1), # 14 steps; the default split count
+    ("partials", 32, 1024, 64, 32, 3, 3, 2),    # steps of two boxes: 8 steps over 3 splits
+    ("none", 16, 384, 192, 64, 4, 2, 1),        # the splits summed outside, with a bias
+    ("none", 24, 256, 128, 32, 3, 1, 1),        # one split: the bias added in the kernel
+    ("swiglu", 8, 128, 128, 32, 2, 1, 1),
+    ("swiglu", 40, 896, 320, 32, 6, 1, 1),      # M not a power of two, 14 steps over 6 slots
+    ("swiglu", 16, 896, 128, 32, 3, 1, 2),      # 7 steps of two boxes
 ])
-def test_mgpu_skinny_matches_reference(interpret, epilogue, m, k, n, block_n, slots, splits):
+def test_mgpu_skinny_matches_reference(interpret, epilogue, m, k, n, block_n, slots, splits, boxes):
     rng, seed = fresh_rng()
     x, w = _operands(rng, m, k, n)
     bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16) if epilogue == "none" else None
     out = skinny_matmul_mgpu(x, w, bias, epilogue=epilogue, block_n=block_n, num_slots=slots,
-                             num_splits=splits, interpret=interpret)
+                             num_splits=splits, boxes=boxes, interpret=interpret)
     ref = skinny_matmul_reference(x, w, bias, epilogue=epilogue, layout="nk")
     if epilogue == "partials":
         want = splits or split_count(k, n, block_n, 264)
@@ -59,6 +61,8 @@ def test_mgpu_skinny_refuses_what_it_cannot_run():
         skinny_matmul_mgpu(x[:12], w)
     with pytest.raises(ValueError, match="K of 64"):
         skinny_matmul_mgpu(x[:, :96], w[:, :96])
+    with pytest.raises(ValueError, match="boxes"):
+        skinny_matmul_mgpu(x[:, :64], w[:, :64], boxes=2)
     with pytest.raises(ValueError, match="epilogue"):
         skinny_matmul_mgpu(x, w, epilogue="gelu")
     with pytest.raises(ValueError, match="bias"):
@@ -80,6 +84,7 @@ def test_model_decode_step_through_mgpu_matches_triton(monkeypatch):
     calls = []
     monkeypatch.setattr(mg, "skinny_matmul_mgpu",
                         lambda *a, _f=mg.skinny_matmul_mgpu, **k: calls.append(k["epilogue"]) or _f(*a, **k))
+    monkeypatch.setattr(model_module, "MGPU_MIN_ROWS", 8)
     rng, seed = fresh_rng()
     cfg = ModelConfig(vocab_size=96, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
