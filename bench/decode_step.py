@@ -73,7 +73,7 @@ ATTENTION_TUNINGS = {"attn_w2": {"num_warps": 2}, "attn_w8": {"num_warps": 8},
                      # session 16: pages gathered an iteration (16: a short table's 256 keys in one)
                      "attn_ppb16": {"pages_per_block": 16}, "attn_ppb4": {"pages_per_block": 4},
                      "attn_split2": {"num_splits": 2}, "attn_ppb16_w8": {"pages_per_block": 16, "num_warps": 8},
-                     "attn_ppb16_w2": {"pages_per_block": 16, "num_warps": 2}}
+                     "attn_ppb16_w2": {"pages_per_block": 16, "num_warps": 2}, "attn_st3": {"num_stages": 3}}
 QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits": 1, "block_n": 32},
                "qkv_split2": {"num_splits": 2}}
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";

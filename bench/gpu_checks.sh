@@ -68,6 +68,8 @@
 #               64-wide boxes, and the fused attention's pages an iteration / splits, against Triton (~300 s)
 #   attn256     session 16: batch 256's fused attention (14.2 µs a layer, the step's biggest item) gathering
 #               all 16 pages of a short table in one iteration, at 2 / 4 / 8 warps, 2 stages (~150 s)
+#   attnst      session 16, after attn256 (2 stages -9% at 256): the fused attention's pipeline stages at 64 and
+#               256 rows (~120 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -219,6 +221,8 @@ for part in "${parts[@]}"; do
              --profile /tmp/mgpu4 ;;
     attn256) timeout 300 python3 bench/decode_step.py --batches 256 --variants default --no-static --glue kernels \
                attn_ppb16 attn_ppb16_w8 attn_ppb16_w2 attn_w8 attn_st2 --rounds 5 --reps 10 --profile /tmp/attn256 ;;
+    attnst) timeout 300 python3 bench/decode_step.py --batches 64 256 --variants default --no-static --glue kernels \
+              attn_st2 attn_st3 --rounds 5 --reps 10 --profile /tmp/attnst ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \
