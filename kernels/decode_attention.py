@@ -252,12 +252,22 @@ def _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_map
             raise ValueError(f"{name} must be [{batch}], got {arr.shape}")
 
 
+# Pipeline stages of `fused_decode_attention`'s key loop: two from this many rows, one below. One
+# stage was the better choice for session 4's kernel at every batch (H100, 0.5B heads,
+# `bench/fused_tune.py`: batch 256 at 192 keys 28.1 -> 21.9 µs a layer, batch 1 11.3 -> 8.8: a
+# program runs few iterations, and a second stage halved the programs resident per SM). Today's
+# kernel reads the other way at 256 rows: 12.9 vs 14.2 µs a layer, step 1.332-1.335 vs 1.365-1.367
+# ms in two calls, and ties at 64 (0.864 vs 0.867; H200, session 16, bench/results/decode_step.md).
+# Below 128 rows it stays at one, since nothing was measured there since session 4.
+TWO_STAGE_ROWS = 128
+
+
 def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
                            v_pages: jax.Array, block_tables: jax.Array, lengths: jax.Array,
                            slot_mapping: jax.Array, *, scale: float | None = None,
                            interpret: bool | None = None, num_splits: int | None = None,
                            pages_per_block: int | None = None, num_warps: int = 4,
-                           num_stages: int = 1, combine: str = "pallas"
+                           num_stages: int | None = None, combine: str = "pallas"
                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode token per sequence: RoPE on its q and k, k/v into the pool, attention.
 
@@ -275,11 +285,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
         slot_mapping: `[batch]` pool slot (`page * page_size + offset`) of the new token;
             negative writes nothing. A row with length >= 1 must name its token's slot.
         scale, interpret, num_splits, pages_per_block, num_warps, num_stages, combine: as in
-            `kernels.paged_attention.paged_attention`. One pipeline stage by default: at
-            the engine's decode shapes a program runs few loop iterations, so a second
-            stage buys little overlap and halves the programs resident per SM (H100, 0.5B
-            heads, `bench/fused_tune.py`: batch 256 at 192 / 1024 keys 28.1 -> 21.9 /
-            89.6 -> 65.4 µs a layer, batch 1 11.3 -> 8.8 µs; bench/results/decode_step.md).
+            `kernels.paged_attention.paged_attention`. `num_stages` None: `TWO_STAGE_ROWS`.
 
     Returns:
         `(out [batch, num_heads, head_dim] in qkv's dtype, k_pages, v_pages)`.
@@ -298,6 +304,8 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     batch, _, head_dim = qkv.shape
+    if num_stages is None:
+        num_stages = 2 if batch >= TWO_STAGE_ROWS else 1
     kv_heads, _, page_size, _ = k_pages.shape
     interpret = compat.resolve_interpret(interpret)
     pages_per_block, num_splits = resolve_tuning(
