@@ -96,7 +96,7 @@ for part in "${parts[@]}"; do
   mkdir -p "$OUT/$part"
   start=$(date +%s)
   case $part in
-    tests) timeout 340 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+    tests) timeout 380 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
              tests/test_kernels.py tests/test_split_combine.py tests/test_decode_attention.py \
              tests/test_skinny_matmul.py tests/test_skinny_matmul_mgpu.py tests/test_residual_norm.py \
              tests/test_greedy_pick.py -k "compiled or model" ;;
