@@ -44,6 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels import mgpu_pipeline as ring
 from kernels.paged_attention import _MASK_VALUE
 from kernels.split_combine import combine_splits
 
@@ -84,10 +85,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_sme
             plgpu.copy_gmem_to_smem(k_ref.at[head, page], k_smem.at[slot, rows], k_bars.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[head, page], v_smem.at[slot, rows], v_bars.at[slot])
 
-    for slot in range(num_slots - 1):
-        @pl.when(slot < num_blocks)
-        def _prime(slot=slot):
-            issue(slot, slot)
+    ring.prime(issue, num_slots, num_blocks)
 
     plgpu.barrier_wait(q_bar)
     # Register layouts are a compiler matter: Mosaic GPU's interpreter has no rule for them.
@@ -101,14 +99,8 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_sme
 
     def body(step, carry):
         acc, m, l = carry
-        slot = lax.rem(step, num_slots)
-        ahead = step + num_slots - 1
-
-        # The slot `ahead` lands in was read by the products of step - 1, which are done.
-        @pl.when(ahead < num_blocks)
-        def _refill():
-            issue(ahead, lax.rem(ahead, num_slots))
-
+        # Step - 1's products are done: their results are this step's carry.
+        slot = ring.advance(issue, step, num_slots, num_blocks)
         plgpu.barrier_wait(k_bars.at[slot])
 
         def scores(acc_ref):

@@ -38,6 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels import mgpu_pipeline as ring
 from kernels import pallas_compat as compat
 
 _ROWS = 64  # WGMMA's M
@@ -98,24 +99,14 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
                 plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(offset + col_block * block_n, block_n), k_at],
                                         w_smem.at[slot, h, b], bars.at[slot])
 
-    for slot in range(num_slots - 1):
-        @pl.when(slot < num_steps)
-        def _prime(slot=slot):
-            issue(slot, slot)
-
+    ring.prime(issue, num_slots, num_steps)
     zeros = jnp.zeros((_ROWS, block_n), jnp.float32)
     if not interpret:  # register layouts are a compiler matter: the interpreter has no rule for them
         zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
 
     def body(step, accs):
-        slot = lax.rem(step, num_slots)
-        ahead = step + num_slots - 1
-
-        # The slot `ahead` lands in was read by step - 1's products, which are done.
-        @pl.when(ahead < num_steps)
-        def _refill():
-            issue(ahead, lax.rem(ahead, num_slots))
-
+        # Step - 1's products are done: run_state below returns their accumulators.
+        slot = ring.advance(issue, step, num_slots, num_steps)
         plgpu.barrier_wait(bars.at[slot])
         if interpret:
             return tuple(acc + sum(lax.dot_general(x_smem[slot, b], w_smem[slot, h, b], (((1,), (1,)), ((), ())),
