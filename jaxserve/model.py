@@ -12,6 +12,7 @@ Hugging Face names are restored only at the checkpoint boundary (``weights.py``)
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -207,13 +208,24 @@ def _xla_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, epi
     return apply_epilogue(y, x.dtype, bias, epilogue)
 
 
+@functools.cache
+def _wgmma_device() -> bool:
+    """Whether the default device runs the Mosaic GPU kernels: a Hopper GPU (compute capability 9.x:
+    WGMMA, which Blackwell replaced) or the CPU, where they run in Mosaic GPU's interpreter."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return True
+    capability = str(getattr(device, "compute_capability", ""))
+    return device.platform == "gpu" and capability.split(".")[0] == "9"
+
+
 def _mgpu_projection(x: jax.Array, kernel: jax.Array, epilogue: str, nk: bool) -> bool:
-    """Whether this skinny projection runs on Mosaic GPU (SKINNY_BACKEND "mgpu", at least MGPU_MIN_ROWS
-    rows and a shape it takes)."""
+    """Whether this skinny projection runs on Mosaic GPU (SKINNY_BACKEND "mgpu", a Hopper GPU, at
+    least MGPU_MIN_ROWS rows and a shape it takes); otherwise Triton's path, which runs anywhere."""
     from kernels.skinny_matmul_mgpu import supports
 
     rows = x.size // x.shape[-1]
-    return (SKINNY_BACKEND == "mgpu" and rows >= MGPU_MIN_ROWS and nk and x.dtype == jnp.bfloat16
+    return (SKINNY_BACKEND == "mgpu" and rows >= MGPU_MIN_ROWS and _wgmma_device() and nk and x.dtype == jnp.bfloat16
             and kernel.dtype == jnp.bfloat16 and supports(rows, x.shape[-1], kernel.shape[0], epilogue))
 
 

@@ -111,3 +111,22 @@ def test_model_decode_step_through_mgpu_matches_triton(monkeypatch):
     out = step("mgpu")
     assert sorted(set(calls)) == ["none", "partials", "swiglu"] and len(calls) == 4 * cfg.num_hidden_layers
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
+
+
+def test_mgpu_projections_only_where_wgmma_runs(monkeypatch):
+    # WGMMA is Hopper's (compute capability 9.x): an Ampere or Blackwell GPU keeps Triton's path;
+    # the CPU runs the kernel in Mosaic GPU's interpreter.
+    from jaxserve import model as model_module
+
+    class Device:
+        def __init__(self, platform, capability):
+            self.platform, self.compute_capability = platform, capability
+
+    try:
+        for platform, capability, want in (("gpu", "9.0", True), ("gpu", "8.0", False), ("gpu", "10.0", False),
+                                           ("gpu", "12.0", False), ("cpu", None, True)):
+            monkeypatch.setattr(model_module.jax, "devices", lambda d=Device(platform, capability): [d])
+            model_module._wgmma_device.cache_clear()
+            assert model_module._wgmma_device() is want, (platform, capability)
+    finally:
+        model_module._wgmma_device.cache_clear()
