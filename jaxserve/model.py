@@ -124,8 +124,9 @@ QKV_SKINNY_TILING: dict[str, int] = json.loads(os.environ.get("JAXSERVE_QKV_SKIN
 ATTENTION_TUNING: dict[str, int] = json.loads(os.environ.get("JAXSERVE_ATTENTION_TUNING", "{}"))
 # Decode steps of at most this many rows run their projections as the skinny-matmul kernel (and,
 # with DECODE_GLUE "kernels", the glue kernels); wider ones XLA's GEMMs. Default
-# `kernels.skinny_matmul.MAX_ROWS` (64). Experimental above it: the kernel tiles rows in blocks
-# of 64, and whether that beats cuBLAS at batch 256 is not yet measured (bench/decode_step.py
+# `kernels.skinny_matmul.MAX_ROWS` (64). Above it the Triton kernel tiles rows in blocks of 64
+# (the Mosaic GPU one takes at most 64 rows); at batch 256 that lost to cuBLAS (session 9 on the
+# H200: launches of 13.7 µs against 10.4 / 10.2 / 4.7 for gate_up / down / o; bench/decode_step.py
 # --glue skinny256). Read when a step is traced.
 SKINNY_ROWS = int(os.environ.get("JAXSERVE_SKINNY_ROWS", "64"))
 # How the decoder layers' projection weights are stored: "nk" (`[out, in]`, Hugging Face's and
