@@ -226,8 +226,9 @@ def _mgpu_projection(x: jax.Array, kernel: jax.Array, epilogue: str, nk: bool) -
     from kernels.skinny_matmul_mgpu import supports
 
     rows = x.size // x.shape[-1]
-    return (SKINNY_BACKEND == "mgpu" and rows >= MGPU_MIN_ROWS and _wgmma_device() and nk and x.dtype == jnp.bfloat16
-            and kernel.dtype == jnp.bfloat16 and supports(rows, x.shape[-1], kernel.shape[0], epilogue))
+    return (SKINNY_BACKEND == "mgpu" and rows >= MGPU_MIN_ROWS and _wgmma_device() and nk
+            and x.dtype == jnp.bfloat16 and kernel.dtype == jnp.bfloat16
+            and supports(rows, x.shape[-1], kernel.shape[0], epilogue))
 
 
 def convert_weight_layout(params: dict, src: str, dst: str) -> dict:

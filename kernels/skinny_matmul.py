@@ -168,15 +168,24 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
                   cols_at=cols_at, col_ok=col_ok)
 
 
+def swiglu_sums(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
+    """In-kernel: `silu(gate) * up` from a program's float32 sums, with Hugging Face's roundings
+    (both projections in the activation `dtype`, silu of the gate rounded; the product is float32,
+    for the caller to round). `apply_epilogue`'s math, written with `exp` for the kernels' lowerings.
+
+    Example:
+        >>> swiglu_sums(jnp.zeros(2), jnp.ones(2), jnp.float32).tolist()
+        [0.0, 0.0]
+    """
+    gate, up = (a.astype(dtype).astype(jnp.float32) for a in (gate, up))
+    return (gate / (1.0 + jnp.exp(-gate))).astype(dtype).astype(jnp.float32) * up
+
+
 def _store_output(accs, o_ref, b_ref, *, epilogue: str, tile, mask, cols_at, col_ok) -> None:
     """A program's float32 sums to its output tile: SwiGLU of the (gate, up) pair, or bias + round."""
     dtype = o_ref.dtype
     if epilogue == "swiglu":
-        # Hugging Face's roundings: both projections in the activation dtype, silu of the
-        # gate rounded, then the product rounded.
-        gate, up = (a.astype(dtype).astype(jnp.float32) for a in accs)
-        act = (gate / (1.0 + jnp.exp(-gate))).astype(dtype).astype(jnp.float32)
-        compat.store(o_ref.at[tile], (act * up).astype(dtype), mask=mask)
+        compat.store(o_ref.at[tile], swiglu_sums(*accs, dtype).astype(dtype), mask=mask)
         return
     acc = accs[0]
     if b_ref is not None:

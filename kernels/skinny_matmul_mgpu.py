@@ -40,6 +40,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import mgpu_pipeline as ring
 from kernels import pallas_compat as compat
+from kernels.skinny_matmul import swiglu_sums
 
 _ROWS = 64  # WGMMA's M
 _BLOCK_K = 64  # a 128-byte swizzled row of bf16: one TMA box a step
@@ -66,8 +67,14 @@ def supports(m: int, k: int, n: int, epilogue: str) -> bool:
     if epilogue not in EPILOGUES:
         return False
     n_out = n // 2 if epilogue == "swiglu" else n
-    return (8 <= m <= _ROWS and m % 8 == 0 and k % _BLOCK_K == 0
-            and n_out % TILES[epilogue]["block_n"] == 0)
+    return _fits(m, k, n_out, TILES[epilogue]["block_n"], boxes=1)
+
+
+def _fits(m: int, k: int, n_out: int, block_n: int, boxes: int) -> bool:
+    """The shapes the kernel takes: M a multiple of 8 up to 64 (one WGMMA M), K whole steps of
+    `boxes` 64-wide TMA boxes, N whole blocks of `block_n` (a multiple of 8, WGMMA's N)."""
+    return (8 <= m <= _ROWS and m % 8 == 0 and boxes >= 1 and k % (_BLOCK_K * boxes) == 0
+            and block_n % 8 == 0 and n_out % block_n == 0)
 
 
 def _transforms(cols: int, dtype) -> tuple:
@@ -128,10 +135,7 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
     else:  # the result itself, in the activation dtype
         dtype = o_smem.dtype
         if epilogue == "swiglu":
-            # Hugging Face's roundings: both projections in the activation dtype, silu of the
-            # gate rounded, then the product rounded.
-            gate, up = (a.astype(dtype).astype(jnp.float32) for a in accs)
-            result = (gate / (1.0 + jnp.exp(-gate))).astype(dtype).astype(jnp.float32) * up
+            result = swiglu_sums(*accs, dtype)
         else:  # "none", one split
             result = accs[0]
             if has_bias:
@@ -233,8 +237,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
     if boxes is None:
         boxes = tile.get("boxes", 1) if k % (_BLOCK_K * tile.get("boxes", 1)) == 0 else 1
     n_out = n // 2 if epilogue == "swiglu" else n
-    if (m % 8 or not 8 <= m <= _ROWS or boxes < 1 or k % (_BLOCK_K * boxes) or n_out % block_n or block_n % 8
-            or num_slots < 2):
+    if not _fits(m, k, n_out, block_n, boxes) or num_slots < 2:
         raise ValueError(f"M must be a multiple of 8 up to {_ROWS}, K of {_BLOCK_K} x boxes, N of block_n (a "
                          f"multiple of 8) and num_slots >= 2; got x {x.shape}, w {w.shape}, {epilogue!r}, "
                          f"block_n {block_n}, num_slots {num_slots}, boxes {boxes}")
