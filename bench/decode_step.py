@@ -59,6 +59,8 @@ VARIANTS = {
 # --glue choices that retile the decode QKV projection (jaxserve.model.QKV_SKINNY_TILING): unsplit
 # (its bias added in the kernel, so the default 7-way K split's sum, one launch a layer, goes) or
 # split in two.
+QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits": 1, "block_n": 32},
+               "qkv_split2": {"num_splits": 2}}
 # --glue choices with o_proj inside the fused decode attention at one row (model.O_IN_ATTENTION),
 # with these kernels.decode_attention settings: Wo rows a program, Wo loaded before the attention.
 # "no_o_attn": o_proj apart (its own skinny matmul launch).
@@ -74,14 +76,6 @@ ATTENTION_TUNINGS = {"attn_w2": {"num_warps": 2}, "attn_w8": {"num_warps": 8},
                      "attn_ppb16": {"pages_per_block": 16}, "attn_ppb4": {"pages_per_block": 4},
                      "attn_split2": {"num_splits": 2}, "attn_ppb16_w8": {"pages_per_block": 16, "num_warps": 8},
                      "attn_ppb16_w2": {"pages_per_block": 16, "num_warps": 2}, "attn_st3": {"num_stages": 3}}
-QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits": 1, "block_n": 32},
-               "qkv_split2": {"num_splits": 2}}
-# --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
-# the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:
-# the tensor-core path's tile (NK_BLOCK_N x NK_BLOCK_K), the one-row lane-wise path (NK_GEMV, its
-# tile, warps, programs wanted: NK_GEMV_TARGET_PROGRAMS). "nk_xla": XLA's dots and glue fusions on
-# that layout; "nk_xla_glue": XLA's dots feeding the glue kernels.
-_MMA = {"NK_GEMV": False}
 # --glue choices that run the 8-64-row projections on Mosaic GPU (model.SKINNY_BACKEND "mgpu",
 # `kernels.skinny_matmul_mgpu`) with these whole TILES (n = weight rows a program, s = slots: steps
 # in flight + 1, t = programs wanted; "none" is the QKV projection, as "partials" unless given).
@@ -107,6 +101,12 @@ MGPU_TILINGS = {
     "mgpu_b2_s3": _mg(n=32, s=3, gs=3, b=2, gb=2), "mgpu_b2_s2": _mg(n=32, s=2, gs=2, b=2, gb=2),
     "mgpu_gb2_s3": _mg(n=32, s=4, gs=3, gb=2),
 }
+# --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
+# the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:
+# the tensor-core path's tile (NK_BLOCK_N x NK_BLOCK_K), the one-row lane-wise path (NK_GEMV, its
+# tile, warps, programs wanted: NK_GEMV_TARGET_PROGRAMS). "nk_xla": XLA's dots and glue fusions on
+# that layout; "nk_xla_glue": XLA's dots feeding the glue kernels.
+_MMA = {"NK_GEMV": False}
 FOLD_BEST = {"none": dict(block_n=4), "swiglu": dict(block_n=2, num_programs=528)}
 
 
