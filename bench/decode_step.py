@@ -101,6 +101,22 @@ MGPU_TILINGS = {
     "mgpu_b2_s3": _mg(n=32, s=3, gs=3, b=2, gb=2), "mgpu_b2_s2": _mg(n=32, s=2, gs=2, b=2, gb=2),
     "mgpu_gb2_s3": _mg(n=32, s=4, gs=3, gb=2),
 }
+# --glue choices that run steps of 65-256 rows through the fused glue (SKINNY_ROWS 256, like
+# "skinny256") with their projections on Mosaic GPU, `kernels.skinny_matmul_mgpu.WIDE_TILES` these
+# (bm = rows a program: 256 all of them, 128 / 64 row blocks; gbm the same for gate_up).
+def _mw(n=32, s=4, t=264, gn=32, gs=4, bm=256, gbm=256):
+    partials = {"block_n": n, "num_slots": s, "target_programs": t, "block_m": bm}
+    return {"partials": partials, "none": dict(partials),
+            "swiglu": {"block_n": gn, "num_slots": gs, "block_m": gbm}}
+
+
+MGPU_WIDE_TILINGS = {
+    # session 17, call 1: the 64-row tiles with every row in one program, then wider weight blocks
+    # (fewer L2 re-reads of the activations), row blocks, fewer programs
+    "mgpu256": _mw(), "mgpu256_n64": _mw(n=64, s=3), "mgpu256_bm128": _mw(bm=128, gbm=128),
+    "mgpu256_bm128_n64": _mw(n=64, bm=128, gn=64, gbm=128), "mgpu256_t132": _mw(t=132),
+    "mgpu256_g16": _mw(gn=16, gs=6), "mgpu256_bm64": _mw(n=64, bm=64, gn=64, gbm=64),
+}
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
 # the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:
 # the tensor-core path's tile (NK_BLOCK_N x NK_BLOCK_K), the one-row lane-wise path (NK_GEMV, its
@@ -261,6 +277,7 @@ def run_variant(args) -> list[dict]:
     norm_warps = residual_norm_module.NUM_WARPS
     skinny_backend = model_module.SKINNY_BACKEND
     mgpu_defaults = {ep: dict(tile) for ep, tile in mgpu_module.TILES.items()}
+    mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
     greedy_pick = runner_module.GREEDY_PICK
     wide_options = runner_module.WIDE_DECODE_OPTIONS
     # The random params come in the model's default layout; the other is converted once if asked.
@@ -312,7 +329,8 @@ def run_variant(args) -> list[dict]:
             model_module.SPLIT_COMBINE = {"xla_combine": "xla", "inkernel_combine": "inkernel"}.get(glue, "pallas")
             # "skinny256": steps of up to 256 rows through the skinny matmul and glue kernels
             # (row blocks of 64) instead of cuBLAS GEMMs and XLA's glue fusions.
-            model_module.SKINNY_ROWS = {"skinny256": 256, "nk_xla": 0}.get(glue, skinny_rows)
+            model_module.SKINNY_ROWS = {"skinny256": 256, "nk_xla": 0, **dict.fromkeys(MGPU_WIDE_TILINGS, 256)}.get(
+                glue, skinny_rows)
             # "norm_warps4" / "norm_warps8": the add + RMSNorm kernel's one program a row runs 4 / 8 warps.
             residual_norm_module.NUM_WARPS = {"norm_warps4": 4, "norm_warps8": 8}.get(glue, norm_warps)
             # "xla_pick": greedy tokens by XLA's argmax + log-softmax, not the greedy_pick kernel.
@@ -334,9 +352,11 @@ def run_variant(args) -> list[dict]:
             model_module.DECODE_PROJECTIONS = "xla" if glue == "nk_xla_glue" else "pallas"
             # "skinny_triton": the 32-64-row projections on Triton's tensor-core path (the default
             # before session 16's call 5).
-            model_module.SKINNY_BACKEND = ("mgpu" if glue in MGPU_TILINGS else "triton" if glue == "skinny_triton"
-                                           else skinny_backend)
+            model_module.SKINNY_BACKEND = ("mgpu" if glue in MGPU_TILINGS or glue in MGPU_WIDE_TILINGS
+                                           else "triton" if glue == "skinny_triton" else skinny_backend)
             mgpu_module.TILES = {ep: dict(MGPU_TILINGS.get(glue, {}).get(ep, tile)) for ep, tile in mgpu_defaults.items()}
+            mgpu_module.WIDE_TILES = {ep: dict(MGPU_WIDE_TILINGS.get(glue, {}).get(ep, tile))
+                                      for ep, tile in mgpu_wide_defaults.items()}
 
         for glue in args.glue:
             apply_glue(glue)
@@ -405,7 +425,7 @@ def main() -> None:
                                                              "split_short", "skinny256", "norm_warps4", "norm_warps8", "xla_pick",
                                                              "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS,
                                                              *ATTENTION_TUNINGS, *O_TUNINGS, "no_o_attn",
-                                                             "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS,
+                                                             "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS,
                                                              "skinny_triton"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],

@@ -70,6 +70,9 @@
 #               all 16 pages of a short table in one iteration, at 2 / 4 / 8 warps, 2 stages (~150 s)
 #   attnst      session 16, after attn256 (2 stages -9% at 256): the fused attention's pipeline stages at 64 and
 #               256 rows (~120 s)
+#   wide        session 17: steps of 65-256 rows through the fused glue with their projections on Mosaic GPU
+#               (kernels.skinny_matmul_mgpu's WIDE_TILES) instead of cuBLAS: compiled tests, then the decode step
+#               at 256 over tilings, profiled (~500 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -223,6 +226,11 @@ for part in "${parts[@]}"; do
                attn_ppb16 attn_ppb16_w8 attn_ppb16_w2 attn_w8 attn_st2 --rounds 5 --reps 10 --profile /tmp/attn256 ;;
     attnst) timeout 300 python3 bench/decode_step.py --batches 64 256 --variants default --no-static --glue kernels \
               attn_st2 attn_st3 --rounds 5 --reps 10 --profile /tmp/attnst ;;
+    wide) timeout 120 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+            tests/test_skinny_matmul_mgpu.py -k "compiled or model"
+          timeout 420 python3 bench/decode_step.py --batches 256 --variants default --no-static --glue kernels \
+            mgpu256 mgpu256_n64 mgpu256_bm128 mgpu256_bm128_n64 mgpu256_t132 mgpu256_g16 mgpu256_bm64 \
+            --rounds 3 --reps 10 --profile /tmp/wide ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

@@ -1,6 +1,6 @@
-"""The skinny matmul of 32-64-row decode steps on Pallas Mosaic GPU (TMA + WGMMA).
+"""The skinny matmul of 32-256-row decode steps on Pallas Mosaic GPU (TMA + WGMMA).
 
-Owns: `skinny_matmul_mgpu`, `x [M, K] @ w[N, K].T` for M a multiple of 8 up to 64, with the
+Owns: `skinny_matmul_mgpu`, `x [M, K] @ w[N, K].T` for M a multiple of 8 up to 256, with the
 Triton skinny matmul's "partials", "swiglu" and "none" epilogues. Its reference is
 `kernels.skinny_matmul.skinny_matmul_reference`. Never decides when it is used
 (`jaxserve.model.SKINNY_BACKEND` and `MGPU_MIN_ROWS` do: 32-64 rows by default; at 16 rows
@@ -14,17 +14,19 @@ one thread issues each tile's TMA copy straight into swizzled shared memory, `nu
 steps ahead behind mbarriers, so a program keeps several weight tiles in flight with almost no
 instructions, and the products run on WGMMA.
 
-How: one program (one warpgroup) per block of `block_n` weight rows (of each half, for SwiGLU)
-and K split; every step copies the activation tile `[M, 64]` and the weight tile
-`[block_n, 64]` (one 128-byte swizzled row each; `boxes` of each a step), then
-`acc [64, block_n] += x @ w.T` on WGMMA,
-whose M is 64: rows past M in shared memory are never written and their sums never stored (the
-rows of a product do not mix). The accumulator leaves through shared memory by a TMA copy of its
-M rows: float32 partial sums `[splits, M, N]` that the next kernel adds
-(`kernels.residual_norm.add_rms_norm`), or SwiGLU's `silu(gate) * up` in the activation dtype.
+How: one program (one warpgroup) per block of `block_m` rows, `block_n` weight rows (of each
+half, for SwiGLU) and K split; every step copies the activation tile `[rows, 64]` and the weight
+tile `[block_n, 64]` (one 128-byte swizzled row each; `boxes` of each a step), then
+`acc [R, block_n] += x @ w.T` on WGMMA, R the rows rounded up to WGMMA's M granule of 64: rows
+past M in shared memory are never written and their sums never stored (the rows of a product do
+not mix). The accumulator leaves through shared memory by a TMA copy of its rows: float32
+partial sums `[splits, M, N]` that the next kernel adds (`kernels.residual_norm.add_rms_norm`),
+or SwiGLU's `silu(gate) * up` in the activation dtype. A program re-reads its activation tile
+from L2 for every `block_n` weight rows it streams, so wide steps want wide weight blocks.
 
 Limits: bf16, weights `[N, K]` (the engine's layout), K a multiple of 64, M a multiple of 8 up
-to 64, N (of each half) a multiple of `block_n`. On the CPU it runs in Mosaic GPU's interpreter
+to 256 (and of `block_m` above it), N (of each half) a multiple of `block_n`, the ring and the
+output tile within shared memory. On the CPU it runs in Mosaic GPU's interpreter
 (the products as plain dots: the interpreter's WGMMA takes no transposed operand).
 """
 
@@ -42,7 +44,9 @@ from kernels import mgpu_pipeline as ring
 from kernels import pallas_compat as compat
 from kernels.skinny_matmul import swiglu_sums
 
-_ROWS = 64  # WGMMA's M
+_ROWS = 64  # WGMMA's M granule
+MAX_ROWS = 256  # a TMA box's rows, and a warpgroup's accumulator registers at block_n 32-64
+_SMEM_BYTES = 227 * 1024  # a Hopper block's shared memory
 _BLOCK_K = 64  # a 128-byte swizzled row of bf16: one TMA box a step
 EPILOGUES = ("none", "partials", "swiglu")
 # Tiling by epilogue: weight rows a program (`block_n`, of each half for SwiGLU), steps in flight
@@ -55,26 +59,65 @@ TILES: dict[str, dict[str, int]] = {
     "partials": {"block_n": 32, "num_slots": 4, "target_programs": 264},
     "swiglu": {"block_n": 32, "num_slots": 4},
 }
+# The same for steps of more than 64 rows (`block_m`: rows a program). Not measured yet: the
+# 64-row tiles with all rows in one program, slots cut to what shared memory holds.
+WIDE_TILES: dict[str, dict[str, int]] = {
+    "none": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 256},
+    "partials": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 256},
+    "swiglu": {"block_n": 32, "num_slots": 4, "block_m": 256},
+}
+
+
+def tile_for(m: int, epilogue: str) -> dict[str, int]:
+    """The tiling `skinny_matmul_mgpu` uses by default for `m` rows (`TILES` or `WIDE_TILES`).
+
+    Example:
+        >>> tile_for(64, "swiglu")["block_n"]
+        32
+    """
+    return (TILES if m <= _ROWS else WIDE_TILES)[epilogue]
 
 
 def supports(m: int, k: int, n: int, epilogue: str) -> bool:
-    """Whether `skinny_matmul_mgpu` takes an `[m, k] @ [n, k].T` product with this epilogue.
+    """Whether `skinny_matmul_mgpu` takes an `[m, k] @ [n, k].T` product with this epilogue and
+    its default tiling.
 
     Example:
         >>> supports(64, 896, 9728, "swiglu"), supports(12, 896, 896, "partials")
         (True, False)
     """
-    if epilogue not in EPILOGUES:
+    if epilogue not in EPILOGUES or not 8 <= m <= MAX_ROWS:
         return False
+    tile = tile_for(m, epilogue)
     n_out = n // 2 if epilogue == "swiglu" else n
-    return _fits(m, k, n_out, TILES[epilogue]["block_n"], boxes=1)
+    return _fits(m, k, n_out, tile["block_n"], 1, tile.get("block_m", _ROWS), tile["num_slots"], epilogue)
 
 
-def _fits(m: int, k: int, n_out: int, block_n: int, boxes: int) -> bool:
-    """The shapes the kernel takes: M a multiple of 8 up to 64 (one WGMMA M), K whole steps of
-    `boxes` 64-wide TMA boxes, N whole blocks of `block_n` (a multiple of 8, WGMMA's N)."""
-    return (8 <= m <= _ROWS and m % 8 == 0 and boxes >= 1 and k % (_BLOCK_K * boxes) == 0
-            and block_n % 8 == 0 and n_out % block_n == 0)
+def _row_tile(m: int, block_m: int) -> int:
+    """Rows of a program's accumulator: its rows rounded up to WGMMA's granule."""
+    return min(block_m, pl.cdiv(m, _ROWS) * _ROWS)
+
+
+def _smem_bytes(m: int, block_n: int, boxes: int, block_m: int, num_slots: int, epilogue: str) -> int:
+    rows = _row_tile(m, block_m)
+    halves = 2 if epilogue == "swiglu" else 1
+    ring = num_slots * boxes * (rows + halves * block_n) * _BLOCK_K * 2
+    out = rows * block_n * (2 if epilogue == "swiglu" else 4)  # float32 partials or sums; bf16 SwiGLU
+    return ring + out + 4 * block_n + 1024  # + the bias, barriers and alignment
+
+
+def _fits(m: int, k: int, n_out: int, block_n: int, boxes: int, block_m: int, num_slots: int,
+          epilogue: str) -> bool:
+    """The shapes and tilings the kernel takes: M a multiple of 8 up to MAX_ROWS, in one block of
+    `block_m` rows (a multiple of 64) or whole ones; K whole steps of `boxes` 64-wide TMA boxes; N
+    whole blocks of `block_n` (a multiple of 8, WGMMA's N); the ring in shared memory; at most 128
+    accumulator registers a thread (beyond, the epilogue's registers spill)."""
+    halves = 2 if epilogue == "swiglu" else 1
+    return (8 <= m <= MAX_ROWS and m % 8 == 0 and block_m % _ROWS == 0 and 0 < block_m <= MAX_ROWS
+            and (m <= block_m or m % block_m == 0) and boxes >= 1 and k % (_BLOCK_K * boxes) == 0
+            and block_n % 8 == 0 and n_out % block_n == 0 and num_slots >= 2
+            and halves * _row_tile(m, block_m) * block_n <= 128 * 128
+            and _smem_bytes(m, block_n, boxes, block_m, num_slots, epilogue) <= _SMEM_BYTES)
 
 
 def _transforms(cols: int, dtype) -> tuple:
@@ -84,16 +127,16 @@ def _transforms(cols: int, dtype) -> tuple:
 
 
 def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, num_slots: int, boxes: int,
-            steps_per_split: int, k_steps: int, n_out: int, interpret: bool):
+            rows: int, row_tile: int, steps_per_split: int, k_steps: int, n_out: int, interpret: bool):
     if has_bias:
         b_ref, o_ref, x_smem, w_smem, o_smem, bars, b_smem, b_bar = refs
     else:
         o_ref, x_smem, w_smem, o_smem, bars = refs
-    col_block, split = lax.axis_index("cols"), lax.axis_index("splits")
+    row_block, col_block, split = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("splits")
     cols = pl.ds(col_block * block_n, block_n)
+    my_rows = pl.ds(row_block * rows, rows)  # `rows` of x a program: all of them, or a block of block_m
     if has_bias:
         plgpu.copy_gmem_to_smem(b_ref.at[cols], b_smem, b_bar)
-    rows = x_ref.shape[0]
     halves = (0, n_out) if epilogue == "swiglu" else (0,)
     first = split * steps_per_split
     num_steps = jnp.clip(k_steps - first, 0, steps_per_split)
@@ -101,13 +144,13 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
     def issue(step, slot):
         for b in range(boxes):  # a step is `boxes` TMA boxes of 64 K-elements an operand
             k_at = pl.ds(((first + step) * boxes + b) * _BLOCK_K, _BLOCK_K)
-            plgpu.copy_gmem_to_smem(x_ref.at[:, k_at], x_smem.at[slot, b, pl.ds(0, rows)], bars.at[slot])
+            plgpu.copy_gmem_to_smem(x_ref.at[my_rows, k_at], x_smem.at[slot, b, pl.ds(0, rows)], bars.at[slot])
             for h, offset in enumerate(halves):
                 plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(offset + col_block * block_n, block_n), k_at],
                                         w_smem.at[slot, h, b], bars.at[slot])
 
     ring.prime(issue, num_slots, num_steps)
-    zeros = jnp.zeros((_ROWS, block_n), jnp.float32)
+    zeros = jnp.zeros((row_tile, block_n), jnp.float32)
     if not interpret:  # register layouts are a compiler matter: the interpreter has no rule for them
         zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
 
@@ -131,7 +174,7 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
     if epilogue == "partials":
         o_smem[...] = accs[0]
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[split, :, cols])
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[split, my_rows, cols])
     else:  # the result itself, in the activation dtype
         dtype = o_smem.dtype
         if epilogue == "swiglu":
@@ -144,13 +187,16 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
                 result = result + lax.broadcast_in_dim(bias, result.shape, [1])
         o_smem[...] = result.astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[:, cols])
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[my_rows, cols])
     plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "boxes", "num_splits", "interpret"))
-def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, boxes: int, num_splits: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "boxes", "block_m", "num_splits",
+                                           "interpret"))
+def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, boxes: int, block_m: int, num_splits: int,
+          interpret: bool):
     m, k = x.shape
+    rows, row_tile = min(m, block_m), _row_tile(m, block_m)
     has_bias = bias is not None
     n_out = w.shape[0] // 2 if epilogue == "swiglu" else w.shape[0]
     k_steps = k // (_BLOCK_K * boxes)
@@ -162,9 +208,9 @@ def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, boxes: int
         out_type = jax.ShapeDtypeStruct((num_splits, m, n_out), jnp.float32)
     in_tf = _transforms(_BLOCK_K, x.dtype)
     scratch = [
-        plgpu.SMEM((num_slots, boxes, _ROWS, _BLOCK_K), x.dtype, transforms=in_tf),
+        plgpu.SMEM((num_slots, boxes, row_tile, _BLOCK_K), x.dtype, transforms=in_tf),
         plgpu.SMEM((num_slots, halves, boxes, block_n, _BLOCK_K), w.dtype, transforms=in_tf),
-        plgpu.SMEM((_ROWS, block_n), out_type.dtype, transforms=_transforms(block_n, out_type.dtype)),
+        plgpu.SMEM((row_tile, block_n), out_type.dtype, transforms=_transforms(block_n, out_type.dtype)),
         plgpu.Barrier(num_arrivals=boxes * (1 + halves), num_barriers=num_slots),
     ] + ([plgpu.SMEM((block_n,), jnp.float32), plgpu.Barrier()] if has_bias else [])
     kwargs = {}
@@ -173,13 +219,15 @@ def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, boxes: int
         kwargs["interpret"] = InterpretGPUParams()
     return plgpu.kernel(
         functools.partial(_kernel, epilogue=epilogue, has_bias=has_bias, block_n=block_n, num_slots=num_slots,
-                          boxes=boxes,
+                          boxes=boxes, rows=rows, row_tile=row_tile,
                           steps_per_split=steps_per_split, k_steps=k_steps, n_out=n_out,
                           interpret=interpret),
         out_type=out_type,
         scratch_types=scratch,
-        grid=(n_out // block_n, num_splits),
-        grid_names=("cols", "splits"),
+        # Row blocks vary fastest: the programs that stream the same weight rows run side by side,
+        # so all but the first read them from L2.
+        grid=(m // rows, n_out // block_n, num_splits),
+        grid_names=("rows", "cols", "splits"),
         **kwargs,
     )(x, w, *([bias] if has_bias else []))
 
@@ -200,18 +248,21 @@ def split_count(k: int, n: int, block_n: int, target_programs: int, boxes: int =
 def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
                        epilogue: str = "none", block_n: int | None = None,
                        num_slots: int | None = None, num_splits: int | None = None,
-                       boxes: int | None = None, interpret: bool | None = None) -> jax.Array:
-    """`x @ w.T (+ bias)` for 8-64 rows of `x` on Mosaic GPU, float32 accumulation; the same
+                       boxes: int | None = None, block_m: int | None = None,
+                       interpret: bool | None = None) -> jax.Array:
+    """`x @ w.T (+ bias)` for 8-256 rows of `x` on Mosaic GPU, float32 accumulation; the same
     contract as `kernels.skinny_matmul.skinny_matmul(..., layout="nk")`.
 
     Args:
-        x: `[M, K]` bf16 activations, M a multiple of 8 up to 64.
+        x: `[M, K]` bf16 activations, M a multiple of 8 up to 256.
         w: `[N, K]` bf16 weights, K a multiple of 64.
         bias: optional `[N]` (epilogue "none" only; added where XLA sums the partials).
         epilogue: "none" (`[M, N]` in x's dtype), "partials" (`[S, M, N]` float32 sums of the K
             splits) or "swiglu" (`silu(x @ gate.T) * (x @ up.T)`, `[M, N/2]`; gate the first
             N/2 rows of w).
-        block_n, num_slots, num_splits: tiling (None: `TILES`, `split_count`).
+        block_n, num_slots, num_splits, block_m: tiling (None: `tile_for(M, epilogue)`,
+            `split_count`); `block_m` rows a program (a multiple of 64), M at most that or whole
+            blocks of it.
         boxes: K-elements a step in 64s (one TMA box of each operand per 64; None: `TILES`'
             where it divides K, else 1).
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
@@ -230,28 +281,32 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
     n = w.shape[0]
     if bias is not None and (epilogue != "none" or bias.shape != (n,)):
         raise ValueError(f"bias must be [{n}] with epilogue 'none', got {bias.shape} with {epilogue!r}")
-    tile = TILES[epilogue]
+    m, k = x.shape
+    tile = tile_for(m, epilogue)
     block_n = block_n or tile["block_n"]
     num_slots = num_slots or tile["num_slots"]
-    m, k = x.shape
+    block_m = block_m or tile.get("block_m", _ROWS)
     if boxes is None:
         boxes = tile.get("boxes", 1) if k % (_BLOCK_K * tile.get("boxes", 1)) == 0 else 1
     n_out = n // 2 if epilogue == "swiglu" else n
-    if not _fits(m, k, n_out, block_n, boxes) or num_slots < 2:
-        raise ValueError(f"M must be a multiple of 8 up to {_ROWS}, K of {_BLOCK_K} x boxes, N of block_n (a "
-                         f"multiple of 8) and num_slots >= 2; got x {x.shape}, w {w.shape}, {epilogue!r}, "
-                         f"block_n {block_n}, num_slots {num_slots}, boxes {boxes}")
+    if not _fits(m, k, n_out, block_n, boxes, block_m, num_slots, epilogue):
+        raise ValueError(f"M must be a multiple of 8 up to {MAX_ROWS} (and of block_m above it), K of {_BLOCK_K} x "
+                         f"boxes, N of block_n (a multiple of 8), num_slots >= 2, the ring within shared memory and "
+                         f"the accumulator within 128 registers a thread; "
+                         f"got x {x.shape}, w {w.shape}, {epilogue!r}, block_n {block_n}, num_slots {num_slots}, "
+                         f"boxes {boxes}, block_m {block_m}")
+    row_blocks = pl.cdiv(m, block_m)
     if epilogue == "swiglu":
         num_splits = 1
     elif num_splits is None:
-        num_splits = split_count(k, n, block_n, tile["target_programs"], boxes)
+        num_splits = split_count(k, n, block_n, max(1, tile["target_programs"] // row_blocks), boxes)
     interpret = compat.resolve_interpret(interpret)
     # "none" in one split leaves the kernel as the product (+ bias); split, as partials summed here.
     kernel_epilogue = "partials" if epilogue == "none" and num_splits > 1 else epilogue
     # The bias goes in as float32: a TMA copy moves a multiple of 128 bytes (32 bf16 would be 64).
     kernel_bias = bias.astype(jnp.float32) if kernel_epilogue == "none" and bias is not None else None
     out = _call(x, w, kernel_bias, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
-                num_splits=num_splits, interpret=bool(interpret))
+                block_m=block_m, num_splits=num_splits, interpret=bool(interpret))
     if epilogue != "none" or kernel_epilogue == "none":
         return out
     out = out.sum(axis=0)

@@ -24,23 +24,29 @@ def _operands(rng, m, k, n):
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("epilogue,m,k,n,block_n,slots,splits,boxes", [
-    ("partials", 8, 256, 128, 64, 2, 1, 1),     # fewer steps than slots
-    ("partials", 24, 512, 128, 32, 3, 3, 1),    # uneven splits: 8 steps over 3 (3, 3, 2)
-    ("partials", 64, 896, 192, 64, 6, None, 1), # 14 steps; the default split count
-    ("partials", 32, 1024, 64, 32, 3, 3, 2),    # steps of two boxes: 8 steps over 3 splits
-    ("none", 16, 384, 192, 64, 4, 2, 1),        # the splits summed outside, with a bias
-    ("none", 24, 256, 128, 32, 3, 1, 1),        # one split: the bias added in the kernel
-    ("swiglu", 8, 128, 128, 32, 2, 1, 1),
-    ("swiglu", 40, 896, 320, 32, 6, 1, 1),      # M not a power of two, 14 steps over 6 slots
-    ("swiglu", 16, 896, 128, 32, 3, 1, 2),      # 7 steps of two boxes
+@pytest.mark.parametrize("epilogue,m,k,n,block_n,slots,splits,boxes,block_m", [
+    ("partials", 8, 256, 128, 64, 2, 1, 1, None),     # fewer steps than slots
+    ("partials", 24, 512, 128, 32, 3, 3, 1, None),    # uneven splits: 8 steps over 3 (3, 3, 2)
+    ("partials", 64, 896, 192, 64, 6, None, 1, None), # 14 steps; the default split count
+    ("partials", 32, 1024, 64, 32, 3, 3, 2, None),    # steps of two boxes: 8 steps over 3 splits
+    ("none", 16, 384, 192, 64, 4, 2, 1, None),        # the splits summed outside, with a bias
+    ("none", 24, 256, 128, 32, 3, 1, 1, None),        # one split: the bias added in the kernel
+    ("swiglu", 8, 128, 128, 32, 2, 1, 1, None),
+    ("swiglu", 40, 896, 320, 32, 6, 1, 1, None),      # M not a power of two, 14 steps over 6 slots
+    ("swiglu", 16, 896, 128, 32, 3, 1, 2, None),      # 7 steps of two boxes
+    # wide steps: one program's rows past 64 (WGMMA's M granule), or row blocks of block_m
+    ("partials", 256, 512, 64, 32, 3, 2, 1, None),    # all 256 rows in one accumulator
+    ("partials", 192, 256, 64, 32, 2, 1, 1, 64),      # three row blocks of 64
+    ("none", 128, 256, 96, 32, 3, 1, 1, 64),          # two row blocks, the bias in the kernel
+    ("none", 96, 384, 64, 32, 4, 2, 1, None),         # 96 rows in a 128-row accumulator, split
+    ("swiglu", 256, 256, 128, 32, 3, 1, 1, 128),      # two row blocks of 128
 ])
-def test_mgpu_skinny_matches_reference(interpret, epilogue, m, k, n, block_n, slots, splits, boxes):
+def test_mgpu_skinny_matches_reference(interpret, epilogue, m, k, n, block_n, slots, splits, boxes, block_m):
     rng, seed = fresh_rng()
     x, w = _operands(rng, m, k, n)
     bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16) if epilogue == "none" else None
     out = skinny_matmul_mgpu(x, w, bias, epilogue=epilogue, block_n=block_n, num_slots=slots,
-                             num_splits=splits, boxes=boxes, interpret=interpret)
+                             num_splits=splits, boxes=boxes, block_m=block_m, interpret=interpret)
     ref = skinny_matmul_reference(x, w, bias, epilogue=epilogue, layout="nk")
     if epilogue == "partials":
         want = splits or split_count(k, n, block_n, 264)
@@ -67,8 +73,13 @@ def test_mgpu_skinny_refuses_what_it_cannot_run():
         skinny_matmul_mgpu(x, w, epilogue="gelu")
     with pytest.raises(ValueError, match="bias"):
         skinny_matmul_mgpu(x, w, jnp.zeros(128, jnp.bfloat16), epilogue="partials")
-    assert not supports(12, 128, 128, "partials") and not supports(72, 128, 128, "partials")
+    with pytest.raises(ValueError, match="block_m"):  # 72 rows are not whole blocks of 64
+        skinny_matmul_mgpu(jnp.zeros((72, 128), jnp.bfloat16), w, block_m=64)
+    with pytest.raises(ValueError, match="shared memory"):  # 6 x (256 + 128) x 64 x 2 bytes of ring
+        skinny_matmul_mgpu(jnp.zeros((256, 128), jnp.bfloat16), w, block_n=128, num_slots=6)
+    assert not supports(12, 128, 128, "partials") and not supports(264, 128, 128, "partials")
     assert supports(64, 896, 896, "partials") and supports(64, 896, 9728, "swiglu")
+    assert supports(72, 128, 128, "partials") and supports(256, 896, 9728, "swiglu")
 
 
 def test_model_decode_step_through_mgpu_matches_triton(monkeypatch):
