@@ -116,6 +116,11 @@ MGPU_WIDE_TILINGS = {
     "mgpu256": _mw(), "mgpu256_n64": _mw(n=64, s=3), "mgpu256_bm128": _mw(bm=128, gbm=128),
     "mgpu256_bm128_n64": _mw(n=64, bm=128, gn=64, gbm=128), "mgpu256_t132": _mw(t=132),
     "mgpu256_g16": _mw(gn=16, gs=6), "mgpu256_bm64": _mw(n=64, bm=64, gn=64, gbm=64),
+    # call 2: around call 1's best (row blocks of 64, 64 weight rows of each half)
+    "mgpu256_bm64_n32": _mw(n=32, bm=64, gn=32, gbm=64), "mgpu256_bm64_t132": _mw(n=64, t=132, bm=64, gn=64, gbm=64),
+    "mgpu256_bm64_n128": _mw(n=128, bm=64, gn=64, gbm=64),
+    "mgpu256_bm64_s6": _mw(n=64, s=6, bm=64, gn=64, gs=6, gbm=64),
+    "mgpu256_bm64_g128": _mw(n=64, bm=64, gn=128, gs=3, gbm=64),
 }
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
 # the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:

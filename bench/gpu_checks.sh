@@ -72,7 +72,9 @@
 #               256 rows (~120 s)
 #   wide        session 17: steps of 65-256 rows through the fused glue with their projections on Mosaic GPU
 #               (kernels.skinny_matmul_mgpu's WIDE_TILES) instead of cuBLAS: compiled tests, then the decode step
-#               at 256 over tilings, profiled (~500 s)
+#               at 256 over tilings, profiled (~140 s)
+#   wide2       session 17, after wide (row blocks of 64 best, 1.424 vs cuBLAS 1.335 ms): around it at 256, and
+#               at 128 rows, each projection named in the profile (~300 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -231,6 +233,11 @@ for part in "${parts[@]}"; do
           timeout 420 python3 bench/decode_step.py --batches 256 --variants default --no-static --glue kernels \
             mgpu256 mgpu256_n64 mgpu256_bm128 mgpu256_bm128_n64 mgpu256_t132 mgpu256_g16 mgpu256_bm64 \
             --rounds 3 --reps 10 --profile /tmp/wide ;;
+    wide2) timeout 300 python3 bench/decode_step.py --batches 256 --variants default --no-static --glue kernels \
+             mgpu256_bm64 mgpu256_bm64_n32 mgpu256_bm64_t132 mgpu256_bm64_n128 mgpu256_bm64_s6 mgpu256_bm64_g128 \
+             --rounds 3 --reps 10 --profile /tmp/wide2
+           timeout 200 python3 bench/decode_step.py --batches 128 --variants default --no-static --glue kernels \
+             mgpu256 mgpu256_bm64 mgpu256_bm128 mgpu256_bm64_n32 --rounds 3 --reps 10 --profile /tmp/wide2b ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

@@ -228,6 +228,8 @@ def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, boxes: int
         # so all but the first read them from L2.
         grid=(m // rows, n_out // block_n, num_splits),
         grid_names=("rows", "cols", "splits"),
+        # Profiles name each projection (Mosaic GPU calls every unnamed kernel "anonymous").
+        kernel_name=f"skinny_mgpu_{epilogue}_{w.shape[0]}x{k}",
         **kwargs,
     )(x, w, *([bias] if has_bias else []))
 
