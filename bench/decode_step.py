@@ -121,6 +121,10 @@ MGPU_WIDE_TILINGS = {
     "mgpu256_bm64_n128": _mw(n=128, bm=64, gn=64, gbm=64),
     "mgpu256_bm64_s6": _mw(n=64, s=6, bm=64, gn=64, gs=6, gbm=64),
     "mgpu256_bm64_g128": _mw(n=64, bm=64, gn=128, gs=3, gbm=64),
+    # call 3, at 128 rows: gate_up in one row block (call 2: 9.58 vs 11.22 µs in two), 6 slots for
+    # the partials (down at 256 rows: 8.8 vs 11.2 µs)
+    "mgpu256_g1": _mw(bm=64, gbm=128), "mgpu256_g1_s6": _mw(s=6, bm=64, gbm=128),
+    "mgpu256_g1_n64s6": _mw(n=64, s=6, bm=64, gbm=128), "mgpu256_s6": _mw(s=6, bm=64, gbm=64),
 }
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
 # the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:
@@ -279,6 +283,7 @@ def run_variant(args) -> list[dict]:
     rows = []
     single_pass_keys = paged_attention_module.SINGLE_PASS_KEYS
     skinny_rows = model_module.SKINNY_ROWS
+    mgpu_max_rows = model_module.MGPU_MAX_ROWS
     norm_warps = residual_norm_module.NUM_WARPS
     skinny_backend = model_module.SKINNY_BACKEND
     mgpu_defaults = {ep: dict(tile) for ep, tile in mgpu_module.TILES.items()}
@@ -336,6 +341,9 @@ def run_variant(args) -> list[dict]:
             # (row blocks of 64) instead of cuBLAS GEMMs and XLA's glue fusions.
             model_module.SKINNY_ROWS = {"skinny256": 256, "nk_xla": 0, **dict.fromkeys(MGPU_WIDE_TILINGS, 256)}.get(
                 glue, skinny_rows)
+            # "cublas128": steps of 65-128 rows on cuBLAS's GEMMs and XLA's glue (the route before
+            # session 17), not the Mosaic GPU projections (model.MGPU_MAX_ROWS).
+            model_module.MGPU_MAX_ROWS = 0 if glue in ("cublas128", "nk_xla") else mgpu_max_rows
             # "norm_warps4" / "norm_warps8": the add + RMSNorm kernel's one program a row runs 4 / 8 warps.
             residual_norm_module.NUM_WARPS = {"norm_warps4": 4, "norm_warps8": 8}.get(glue, norm_warps)
             # "xla_pick": greedy tokens by XLA's argmax + log-softmax, not the greedy_pick kernel.
@@ -430,7 +438,7 @@ def main() -> None:
                                                              "split_short", "skinny256", "norm_warps4", "norm_warps8", "xla_pick",
                                                              "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS,
                                                              *ATTENTION_TUNINGS, *O_TUNINGS, "no_o_attn",
-                                                             "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS,
+                                                             "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, "cublas128",
                                                              "skinny_triton"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],

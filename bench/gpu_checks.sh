@@ -74,7 +74,9 @@
 #               (kernels.skinny_matmul_mgpu's WIDE_TILES) instead of cuBLAS: compiled tests, then the decode step
 #               at 256 over tilings, profiled (~140 s)
 #   wide2       session 17, after wide (row blocks of 64 best, 1.424 vs cuBLAS 1.335 ms): around it at 256, and
-#               at 128 rows, each projection named in the profile (~300 s)
+#               at 128 rows, each projection named in the profile (~100 s)
+#   wide3       session 17, 65-128-row steps on Mosaic GPU by default (model.MGPU_MAX_ROWS): compiled tests, then
+#               the decode step at 128 against cuBLAS and around the default tiles (~300 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -238,6 +240,10 @@ for part in "${parts[@]}"; do
              --rounds 3 --reps 10 --profile /tmp/wide2
            timeout 200 python3 bench/decode_step.py --batches 128 --variants default --no-static --glue kernels \
              mgpu256 mgpu256_bm64 mgpu256_bm128 mgpu256_bm64_n32 --rounds 3 --reps 10 --profile /tmp/wide2b ;;
+    wide3) timeout 150 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+             tests/test_skinny_matmul_mgpu.py -k "compiled or model"
+           timeout 400 python3 bench/decode_step.py --batches 128 --variants default --no-static --glue kernels \
+             cublas128 mgpu256_g1 mgpu256_g1_s6 mgpu256_g1_n64s6 mgpu256_s6 --rounds 5 --reps 10 --profile /tmp/wide3 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

@@ -124,10 +124,10 @@ QKV_SKINNY_TILING: dict[str, int] = json.loads(os.environ.get("JAXSERVE_QKV_SKIN
 ATTENTION_TUNING: dict[str, int] = json.loads(os.environ.get("JAXSERVE_ATTENTION_TUNING", "{}"))
 # Decode steps of at most this many rows run their projections as the skinny-matmul kernel (and,
 # with DECODE_GLUE "kernels", the glue kernels); wider ones XLA's GEMMs. Default
-# `kernels.skinny_matmul.MAX_ROWS` (64). Above it the Triton kernel tiles rows in blocks of 64
-# (the Mosaic GPU one takes at most 64 rows); at batch 256 that lost to cuBLAS (session 9 on the
-# H200: launches of 13.7 µs against 10.4 / 10.2 / 4.7 for gate_up / down / o; bench/decode_step.py
-# --glue skinny256). Read when a step is traced.
+# `kernels.skinny_matmul.MAX_ROWS` (64). Above it the Triton kernel tiles rows in blocks of 64;
+# at batch 256 that lost to cuBLAS (session 9 on the H200: launches of 13.7 µs against 10.4 / 10.2
+# / 4.7 for gate_up / down / o; bench/decode_step.py --glue skinny256). On Hopper in bf16 the
+# Mosaic GPU projections raise the limit to MGPU_MAX_ROWS (`skinny_rows`). Read when a step is traced.
 SKINNY_ROWS = int(os.environ.get("JAXSERVE_SKINNY_ROWS", "64"))
 # How the decoder layers' projection weights are stored: "nk" (`[out, in]`, Hugging Face's and
 # PyTorch's: each output's weights contiguous) or "kn" (`[in, out]`, Flax's Dense). "nk" since
@@ -167,7 +167,7 @@ def check_weight_layout(params: dict, config: ModelConfig) -> None:
 # (XLA's dot, with the kernel's epilogues in jnp, so the glue kernels still consume them).
 # Experimental (bench/decode_step.py --glue nk_xla_glue). Read when a step is traced.
 DECODE_PROJECTIONS = os.environ.get("JAXSERVE_DECODE_PROJECTIONS", "pallas")
-# Which kernel runs the skinny projections of decode steps of MGPU_MIN_ROWS to SKINNY_ROWS rows ("nk"
+# Which kernel runs the skinny projections of decode steps of MGPU_MIN_ROWS to skinny_rows() rows ("nk"
 # layout, bf16, rows a multiple of 8): "mgpu" (`kernels.skinny_matmul_mgpu`, TMA copies and WGMMA on
 # Mosaic GPU) or "triton" (`kernels.skinny_matmul`'s tensor-core path, which every other row count
 # keeps). Session 16 on the H200 (bench/results/decode_step.md): step 0.860 vs 0.916 ms at 64 rows,
@@ -177,6 +177,27 @@ SKINNY_BACKEND = os.environ.get("JAXSERVE_SKINNY_BACKEND", "mgpu")
 if SKINNY_BACKEND not in SKINNY_BACKENDS:
     raise ValueError(f"JAXSERVE_SKINNY_BACKEND must be one of {SKINNY_BACKENDS}, got {SKINNY_BACKEND!r}")
 MGPU_MIN_ROWS = 32
+# Where the Mosaic GPU projections run (SKINNY_BACKEND "mgpu", a Hopper GPU, bf16, "nk" weights), decode
+# steps of up to this many rows also take the skinny path (the fused glue, the projections on Mosaic
+# GPU with `WIDE_TILES` past 64 rows) instead of cuBLAS GEMMs. Session 17 on the H200
+# (bench/results/decode_step.md): batch 128 step 1.043 vs 1.109 ms; at 256 cuBLAS stays (1.345 vs
+# 1.434: our gate_up 17.5 µs a layer against cuBLAS's 10.2). JAXSERVE_MGPU_MAX_ROWS=0 keeps the
+# skinny path to SKINNY_ROWS. Read when a step is traced and when a runner is built.
+MGPU_MAX_ROWS = int(os.environ.get("JAXSERVE_MGPU_MAX_ROWS", "128"))
+
+
+def skinny_rows(dtype: Any) -> int:
+    """The most rows of a decode step that runs the skinny path (the fused decode glue, the
+    skinny-matmul projections) for a model of this dtype; wider steps use XLA's GEMMs.
+
+    Example:
+        >>> skinny_rows(jnp.float32) == SKINNY_ROWS
+        True
+    """
+    if (SKINNY_BACKEND == "mgpu" and WEIGHT_LAYOUT == "nk" and DECODE_PROJECTIONS == "pallas"
+            and jnp.dtype(dtype) == jnp.bfloat16 and _wgmma_device()):
+        return max(SKINNY_ROWS, MGPU_MAX_ROWS)
+    return SKINNY_ROWS
 
 
 # One-row decode steps fold each sublayer's add + RMSNorm into the projection after it (qkv,
@@ -257,7 +278,7 @@ def convert_weight_layout(params: dict, src: str, dst: str) -> dict:
 
 def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
     """Whether this pass runs the decode glue as kernels: a decode step (one token a row) of
-    at most ``SKINNY_ROWS`` rows under "pallas".
+    at most ``skinny_rows(x.dtype)`` rows under "pallas".
 
     Then the projections that add into the residual return their K-split partial sums, and
     each sublayer starts with one ``kernels.residual_norm.add_rms_norm`` (sum, residual add,
@@ -266,14 +287,14 @@ def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
     """
     if DECODE_GLUE != "kernels" or not _fast_kernels(paged) or x.shape[1] != 1:
         return False
-    return x.shape[0] <= SKINNY_ROWS
+    return x.shape[0] <= skinny_rows(x.dtype)
 
 
 class Linear(nn.Module):
     """``nn.Dense``'s math (its kernel stored as ``WEIGHT_LAYOUT`` says) that can run as the skinny-matmul kernel.
 
     ``fast=True`` (decode under the "pallas" impl) sends inputs of at most
-    ``SKINNY_ROWS`` rows to the Pallas kernel: XLA streams the weights of
+    ``skinny_rows(dtype)`` rows to the Pallas kernel: XLA streams the weights of
     a few-row product at a fraction of the HBM bandwidth (see that module). ``epilogue``
     ("partials", "swiglu"; see ``kernels.skinny_matmul.skinny_matmul``) is for the fused decode
     glue only, which guarantees the kernel runs; ``tiling`` overrides the kernel's tiling
@@ -308,7 +329,7 @@ class Linear(nn.Module):
         if fast:
             from kernels.skinny_matmul import skinny_matmul
 
-            if rows <= SKINNY_ROWS:
+            if rows <= skinny_rows(self.dtype):
                 if DECODE_PROJECTIONS == "xla":
                     out = _xla_projection(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue, nk)
                 elif _mgpu_projection(x, kernel, epilogue, nk):
@@ -322,7 +343,7 @@ class Linear(nn.Module):
                     return out
                 return out.reshape(*x.shape[:-1], out.shape[-1])
         if epilogue != "none":
-            raise ValueError(f"epilogue {epilogue!r} needs the skinny-matmul kernel (fast, rows <= SKINNY_ROWS)")
+            raise ValueError(f"epilogue {epilogue!r} needs the skinny-matmul kernel (fast, rows <= skinny_rows(dtype))")
         out = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (1 if nk else 0,)), ((), ())))
         return out if bias is None else out + bias
 

@@ -111,7 +111,7 @@ class Runner:
         # builds runners under several; session 9's batch-256 rows timed the wrong compile).
         from jaxserve import model as model_module
 
-        self.skinny_rows = model_module.SKINNY_ROWS
+        self.skinny_rows = model_module.skinny_rows(self.dtype)
         if GREEDY_PICK not in ("kernel", "xla"):
             raise ValueError(f"JAXSERVE_GREEDY_PICK must be 'kernel' or 'xla', got {GREEDY_PICK!r}")
         self.pick_kernel = attention_impl == "pallas" and GREEDY_PICK == "kernel"
@@ -173,7 +173,7 @@ class Runner:
 
     def decode_fn(self, rows: int):
         """The jitted multi-step decode for a batch of ``rows`` (the wide one past the skinny
-        matmul's rows, ``jaxserve.model.SKINNY_ROWS``)."""
+        matmul's rows, ``jaxserve.model.skinny_rows``)."""
         return self._decode_wide if rows > self.skinny_rows else self._decode
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, limits: np.ndarray, block_tables: np.ndarray,

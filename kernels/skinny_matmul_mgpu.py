@@ -3,8 +3,8 @@
 Owns: `skinny_matmul_mgpu`, `x [M, K] @ w[N, K].T` for M a multiple of 8 up to 256, with the
 Triton skinny matmul's "partials", "swiglu" and "none" epilogues. Its reference is
 `kernels.skinny_matmul.skinny_matmul_reference`. Never decides when it is used
-(`jaxserve.model.SKINNY_BACKEND` and `MGPU_MIN_ROWS` do: 32-64 rows by default; at 16 rows
-Triton's tensor-core path was faster).
+(`jaxserve.model.SKINNY_BACKEND`, `MGPU_MIN_ROWS` and `MGPU_MAX_ROWS` do: 32-128 rows by default;
+at 16 rows Triton's tensor-core path was faster, at 256 cuBLAS).
 
 Why: at 64 rows the Triton tensor-core path streams the decode step's projections at ~1.3 TB/s
 (session 16's profile on the H200: 547 of the step's 948 µs). Nsight Compute reads its programs
@@ -59,12 +59,14 @@ TILES: dict[str, dict[str, int]] = {
     "partials": {"block_n": 32, "num_slots": 4, "target_programs": 264},
     "swiglu": {"block_n": 32, "num_slots": 4},
 }
-# The same for steps of more than 64 rows (`block_m`: rows a program). Not measured yet: the
-# 64-row tiles with all rows in one program, slots cut to what shared memory holds.
+# The same for steps of more than 64 rows (`block_m`: rows a program, in row blocks that vary
+# fastest in the grid). Session 17 on the H200, batch 128 step: row blocks of 64 with the 64-row
+# tiles 1.043 ms, 64 weight rows 1.054, all rows in one program 1.097, cuBLAS 1.109; at 256 rows
+# cuBLAS's 1.345 against 1.424-1.936 over 13 tilings (model.MGPU_MAX_ROWS keeps 256 on cuBLAS).
 WIDE_TILES: dict[str, dict[str, int]] = {
-    "none": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 256},
-    "partials": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 256},
-    "swiglu": {"block_n": 32, "num_slots": 4, "block_m": 256},
+    "none": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64},
+    "partials": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64},
+    "swiglu": {"block_n": 32, "num_slots": 4, "block_m": 64},
 }
 
 

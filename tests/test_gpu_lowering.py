@@ -137,11 +137,12 @@ def test_decode_step_with_o_in_attention_lowers_to_triton_for_cuda(compiled_kern
     assert ONE_ROW <= triton_kernel_names(decode_step_text(1))
 
 
-def test_decode_step_with_mgpu_projections_lowers_for_cuda(compiled_kernels, monkeypatch):
-    # model.SKINNY_BACKEND "mgpu" (the default): a 64-row step's four projections as Mosaic GPU
-    # kernels (their lowering to Mosaic GPU's MLIR runs here; its compile to PTX, on the GPU only),
-    # the glue kernels still Triton.
-    text = decode_step_text(64)
+@pytest.mark.parametrize("batch", [64, 128])
+def test_decode_step_with_mgpu_projections_lowers_for_cuda(compiled_kernels, monkeypatch, batch):
+    # model.SKINNY_BACKEND "mgpu" (the default): a 64- or 128-row step's four projections as Mosaic
+    # GPU kernels (their lowering to Mosaic GPU's MLIR runs here; its compile to PTX, on the GPU
+    # only), the glue kernels still Triton (128 rows: model.MGPU_MAX_ROWS, not cuBLAS).
+    text = decode_step_text(batch)
     assert text.count("custom_call @mosaic_gpu_v2") >= 4, "the projections did not go to Mosaic GPU"
     names = triton_kernel_names(text)
     assert {"add_rms_norm", "fused_decode_attention"} <= names and "skinny_matmul" not in names, names

@@ -124,6 +124,65 @@ def test_model_decode_step_through_mgpu_matches_triton(monkeypatch):
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
 
 
+def test_model_128_row_step_through_mgpu_matches_xla(monkeypatch):
+    # A 128-row bf16 decode step takes the skinny path where the Mosaic GPU projections run
+    # (model.MGPU_MAX_ROWS; two row blocks of 64 in WIDE_TILES): its logits are those of the route
+    # such steps took before, XLA's GEMMs and glue, and every projection went through the kernel.
+    import importlib
+
+    from jaxserve import model as model_module
+    from jaxserve.config import ModelConfig
+    from jaxserve.model import PagedAttention, Qwen2ForCausalLM, init_params, new_kv_cache
+
+    mg = importlib.import_module("kernels.skinny_matmul_mgpu")
+    calls = []
+    monkeypatch.setattr(mg, "skinny_matmul_mgpu",
+                        lambda *a, _f=mg.skinny_matmul_mgpu, **k: calls.append(a[0].shape) or _f(*a, **k))
+    rng, seed = fresh_rng()
+    cfg = ModelConfig(vocab_size=96, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
+    params = init_params(cfg, jax.random.key(int(rng.integers(1 << 30))), jnp.bfloat16)
+    batch, page_size, width = 128, 8, 2
+    lengths = rng.integers(1, page_size * width - 1, batch)
+    table = jnp.asarray(rng.permutation(batch * width).reshape(batch, width), jnp.int32)
+    kv = new_kv_cache(cfg, batch * width, page_size, jnp.bfloat16)
+    kv = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), kv)
+    slots = table[jnp.arange(batch), lengths // page_size] * page_size + lengths % page_size
+    paged = PagedAttention(slots[:, None], table, jnp.asarray(lengths + 1, jnp.int32),
+                           jnp.asarray(lengths, jnp.int32), impl="pallas")
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, 1)), jnp.int32)
+    model = Qwen2ForCausalLM(cfg, jnp.bfloat16)
+
+    def step(max_rows):
+        monkeypatch.setattr(model_module, "MGPU_MAX_ROWS", max_rows)
+        logits, _ = model.apply({"params": params}, tokens, jnp.asarray(lengths[:, None], jnp.int32),
+                                kv=kv, paged=paged)
+        return logits
+
+    assert model_module.skinny_rows(jnp.bfloat16) == model_module.MGPU_MAX_ROWS >= batch
+    ref = step(0)
+    assert not calls
+    out = step(batch)
+    assert len(calls) == 4 * cfg.num_hidden_layers and {rows for rows, _ in calls} == {batch}, calls
+    assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
+
+
+def test_skinny_rows_past_64_only_where_mgpu_runs(monkeypatch):
+    # Steps of 65-MGPU_MAX_ROWS rows leave cuBLAS only for the Mosaic GPU projections: bf16 on a
+    # Hopper GPU (or the CPU's interpreter) with "nk" weights; elsewhere the limit stays SKINNY_ROWS.
+    from jaxserve import model as model_module
+
+    monkeypatch.setattr(model_module, "_wgmma_device", lambda: True)
+    wide = max(model_module.SKINNY_ROWS, model_module.MGPU_MAX_ROWS)
+    assert model_module.skinny_rows(jnp.bfloat16) == wide > 64
+    assert model_module.skinny_rows(jnp.float32) == model_module.SKINNY_ROWS
+    monkeypatch.setattr(model_module, "SKINNY_BACKEND", "triton")
+    assert model_module.skinny_rows(jnp.bfloat16) == model_module.SKINNY_ROWS
+    monkeypatch.setattr(model_module, "SKINNY_BACKEND", "mgpu")
+    monkeypatch.setattr(model_module, "_wgmma_device", lambda: False)
+    assert model_module.skinny_rows(jnp.bfloat16) == model_module.SKINNY_ROWS
+
+
 def test_mgpu_projections_only_where_wgmma_runs(monkeypatch):
     # WGMMA is Hopper's (compute capability 9.x): an Ampere or Blackwell GPU keeps Triton's path;
     # the CPU runs the kernel in Mosaic GPU's interpreter.
