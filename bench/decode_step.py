@@ -100,13 +100,16 @@ MGPU_TILINGS = {
     # call 5: steps of two 64-wide boxes (b2: every projection, gb2: gate_up only), fewer slots
     "mgpu_b2_s3": _mg(n=32, s=3, gs=3, b=2, gb=2), "mgpu_b2_s2": _mg(n=32, s=2, gs=2, b=2, gb=2),
     "mgpu_gb2_s3": _mg(n=32, s=4, gs=3, gb=2),
+    # session 17: down_proj (K >= DEEP_K) with 64 weight rows and 6 slots (its best at 128 rows)
+    "mgpu_deep": dict(_mg(n=32, s=4, gs=4), deep={"block_n": 64, "num_slots": 6, "target_programs": 264}),
 }
 # --glue choices that run steps of 65-256 rows through the fused glue (SKINNY_ROWS 256, like
 # "skinny256") with their projections on Mosaic GPU, `kernels.skinny_matmul_mgpu.WIDE_TILES` these
 # (bm = rows a program: 256 all of them, 128 / 64 row blocks; gbm the same for gate_up).
-def _mw(n=32, s=4, t=264, gn=32, gs=4, bm=256, gbm=256):
+# "deep" (K >= DEEP_K: down_proj) as "partials" unless given.
+def _mw(n=32, s=4, t=264, gn=32, gs=4, bm=256, gbm=256, deep=None):
     partials = {"block_n": n, "num_slots": s, "target_programs": t, "block_m": bm}
-    return {"partials": partials, "none": dict(partials),
+    return {"partials": partials, "none": dict(partials), "deep": deep or dict(partials),
             "swiglu": {"block_n": gn, "num_slots": gs, "block_m": gbm}}
 
 
@@ -125,6 +128,8 @@ MGPU_WIDE_TILINGS = {
     # the partials (down at 256 rows: 8.8 vs 11.2 µs)
     "mgpu256_g1": _mw(bm=64, gbm=128), "mgpu256_g1_s6": _mw(s=6, bm=64, gbm=128),
     "mgpu256_g1_n64s6": _mw(n=64, s=6, bm=64, gbm=128), "mgpu256_s6": _mw(s=6, bm=64, gbm=64),
+    # call 4: the defaults before "deep" (down_proj as the other K-split products)
+    "mgpu256_nodeep": _mw(bm=64, gbm=64),
 }
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
 # the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:
@@ -367,9 +372,9 @@ def run_variant(args) -> list[dict]:
             # before session 16's call 5).
             model_module.SKINNY_BACKEND = ("mgpu" if glue in MGPU_TILINGS or glue in MGPU_WIDE_TILINGS
                                            else "triton" if glue == "skinny_triton" else skinny_backend)
-            mgpu_module.TILES = {ep: dict(MGPU_TILINGS.get(glue, {}).get(ep, tile)) for ep, tile in mgpu_defaults.items()}
-            mgpu_module.WIDE_TILES = {ep: dict(MGPU_WIDE_TILINGS.get(glue, {}).get(ep, tile))
-                                      for ep, tile in mgpu_wide_defaults.items()}
+            mgpu_module.TILES = {ep: dict(tile) for ep, tile in {**mgpu_defaults, **MGPU_TILINGS.get(glue, {})}.items()}
+            mgpu_module.WIDE_TILES = {ep: dict(tile) for ep, tile in
+                                      {**mgpu_wide_defaults, **MGPU_WIDE_TILINGS.get(glue, {})}.items()}
 
         for glue in args.glue:
             apply_glue(glue)

@@ -76,7 +76,9 @@
 #   wide2       session 17, after wide (row blocks of 64 best, 1.424 vs cuBLAS 1.335 ms): around it at 256, and
 #               at 128 rows, each projection named in the profile (~100 s)
 #   wide3       session 17, 65-128-row steps on Mosaic GPU by default (model.MGPU_MAX_ROWS): compiled tests, then
-#               the decode step at 128 against cuBLAS and around the default tiles (~300 s)
+#               the decode step at 128 against cuBLAS and around the default tiles (~90 s)
+#   wide4       session 17, down_proj's "deep" tile: compiled tests, the decode step at 128 (against cuBLAS and the
+#               tiles before "deep") and at 64 (the deep tile there too), then throughput at 1/64/128/256 (~450 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -244,6 +246,14 @@ for part in "${parts[@]}"; do
              tests/test_skinny_matmul_mgpu.py -k "compiled or model"
            timeout 400 python3 bench/decode_step.py --batches 128 --variants default --no-static --glue kernels \
              cublas128 mgpu256_g1 mgpu256_g1_s6 mgpu256_g1_n64s6 mgpu256_s6 --rounds 5 --reps 10 --profile /tmp/wide3 ;;
+    wide4) timeout 120 python3 -m pytest -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+             tests/test_skinny_matmul_mgpu.py -k "compiled or model or tiles"
+           timeout 150 python3 bench/decode_step.py --batches 128 --variants default --no-static --glue kernels \
+             cublas128 mgpu256_nodeep --rounds 5 --reps 10 --profile /tmp/wide4
+           timeout 120 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
+             mgpu_deep --rounds 5 --reps 10 --profile /tmp/wide4b
+           timeout 260 python3 bench/throughput.py --no-static --batches 1 64 128 256 --long-prompt 1024 \
+             --long-batch 64 --decode-steps 8 --impls pallas --no-hf-compile --out "$OUT/$part/throughput" ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

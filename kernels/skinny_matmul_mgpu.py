@@ -60,24 +60,35 @@ TILES: dict[str, dict[str, int]] = {
     "swiglu": {"block_n": 32, "num_slots": 4},
 }
 # The same for steps of more than 64 rows (`block_m`: rows a program, in row blocks that vary
-# fastest in the grid). Session 17 on the H200, batch 128 step: row blocks of 64 with the 64-row
-# tiles 1.043 ms, 64 weight rows 1.054, all rows in one program 1.097, cuBLAS 1.109; at 256 rows
-# cuBLAS's 1.345 against 1.424-1.936 over 13 tilings (model.MGPU_MAX_ROWS keeps 256 on cuBLAS).
+# fastest in the grid; M that is not whole blocks runs in one). Session 17 on the H200, batch 128
+# step: row blocks of 64 with the 64-row tiles 1.038-1.043 ms, 64 weight rows 1.054, all rows in one
+# program 1.097, cuBLAS 1.097-1.109; at 256 rows cuBLAS's 1.345 against 1.424-1.936 over 13 tilings
+# (model.MGPU_MAX_ROWS keeps 256 on cuBLAS). "deep": the K-split products of K >= DEEP_K (down_proj),
+# where a table has it: 64 weight rows and 6 slots, down_proj 5.81 vs 7.09 µs at 128 rows.
 WIDE_TILES: dict[str, dict[str, int]] = {
     "none": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64},
     "partials": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64},
     "swiglu": {"block_n": 32, "num_slots": 4, "block_m": 64},
+    "deep": {"block_n": 64, "num_slots": 6, "target_programs": 264, "block_m": 64},
 }
+DEEP_K = 2048
 
 
-def tile_for(m: int, epilogue: str) -> dict[str, int]:
-    """The tiling `skinny_matmul_mgpu` uses by default for `m` rows (`TILES` or `WIDE_TILES`).
+def tile_for(m: int, k: int, epilogue: str) -> dict[str, int]:
+    """The tiling `skinny_matmul_mgpu` uses by default for an `[m, k]` input: `TILES` or
+    `WIDE_TILES` by rows, their "deep" entry (if any) for K-split products of K >= DEEP_K,
+    `block_m` one block when M is not whole blocks of it, `boxes` 1 where its steps do not divide K.
 
     Example:
-        >>> tile_for(64, "swiglu")["block_n"]
-        32
+        >>> tile_for(64, 896, "swiglu")["block_n"], tile_for(96, 896, "partials")["block_m"]
+        (32, 128)
     """
-    return (TILES if m <= _ROWS else WIDE_TILES)[epilogue]
+    table = TILES if m <= _ROWS else WIDE_TILES
+    tile = dict(table["deep"] if epilogue != "swiglu" and k >= DEEP_K and "deep" in table else table[epilogue])
+    block_m = tile.get("block_m", _ROWS)
+    tile["block_m"] = block_m if m <= block_m or m % block_m == 0 else pl.cdiv(m, _ROWS) * _ROWS
+    tile["boxes"] = tile.get("boxes", 1) if k % (_BLOCK_K * tile.get("boxes", 1)) == 0 else 1
+    return tile
 
 
 def supports(m: int, k: int, n: int, epilogue: str) -> bool:
@@ -90,9 +101,9 @@ def supports(m: int, k: int, n: int, epilogue: str) -> bool:
     """
     if epilogue not in EPILOGUES or not 8 <= m <= MAX_ROWS:
         return False
-    tile = tile_for(m, epilogue)
+    tile = tile_for(m, k, epilogue)
     n_out = n // 2 if epilogue == "swiglu" else n
-    return _fits(m, k, n_out, tile["block_n"], 1, tile.get("block_m", _ROWS), tile["num_slots"], epilogue)
+    return _fits(m, k, n_out, tile["block_n"], tile["boxes"], tile["block_m"], tile["num_slots"], epilogue)
 
 
 def _row_tile(m: int, block_m: int) -> int:
@@ -264,11 +275,10 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         epilogue: "none" (`[M, N]` in x's dtype), "partials" (`[S, M, N]` float32 sums of the K
             splits) or "swiglu" (`silu(x @ gate.T) * (x @ up.T)`, `[M, N/2]`; gate the first
             N/2 rows of w).
-        block_n, num_slots, num_splits, block_m: tiling (None: `tile_for(M, epilogue)`,
+        block_n, num_slots, num_splits, block_m: tiling (None: `tile_for(M, K, epilogue)`,
             `split_count`); `block_m` rows a program (a multiple of 64), M at most that or whole
             blocks of it.
-        boxes: K-elements a step in 64s (one TMA box of each operand per 64; None: `TILES`'
-            where it divides K, else 1).
+        boxes: K-elements a step in 64s (one TMA box of each operand per 64; None: `tile_for`).
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
 
     Example:
@@ -286,12 +296,11 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
     if bias is not None and (epilogue != "none" or bias.shape != (n,)):
         raise ValueError(f"bias must be [{n}] with epilogue 'none', got {bias.shape} with {epilogue!r}")
     m, k = x.shape
-    tile = tile_for(m, epilogue)
+    tile = tile_for(m, k, epilogue)
     block_n = block_n or tile["block_n"]
     num_slots = num_slots or tile["num_slots"]
-    block_m = block_m or tile.get("block_m", _ROWS)
-    if boxes is None:
-        boxes = tile.get("boxes", 1) if k % (_BLOCK_K * tile.get("boxes", 1)) == 0 else 1
+    block_m = block_m or tile["block_m"]
+    boxes = boxes or tile["boxes"]
     n_out = n // 2 if epilogue == "swiglu" else n
     if not _fits(m, k, n_out, block_n, boxes, block_m, num_slots, epilogue):
         raise ValueError(f"M must be a multiple of 8 up to {MAX_ROWS} (and of block_m above it), K of {_BLOCK_K} x "

@@ -59,6 +59,25 @@ def test_mgpu_skinny_matches_reference(interpret, epilogue, m, k, n, block_n, sl
     assert relative_error(out, ref) <= tol, f"seed={seed}"
 
 
+def test_default_tiles_by_rows_and_depth():
+    # Past 64 rows WIDE_TILES; its "deep" tile for the K-split products of K >= DEEP_K (down_proj);
+    # M that is not whole row blocks in one block. A deep product with its default tiling matches.
+    import importlib
+
+    mg = importlib.import_module("kernels.skinny_matmul_mgpu")
+    assert mg.tile_for(64, 4864, "partials") == {**mg.TILES["partials"], "block_m": 64, "boxes": 1}
+    assert mg.tile_for(128, 4864, "partials")["block_n"] == mg.WIDE_TILES["deep"]["block_n"]
+    assert mg.tile_for(128, 896, "partials")["block_n"] == mg.WIDE_TILES["partials"]["block_n"]
+    assert mg.tile_for(128, 4864, "swiglu")["block_n"] == mg.WIDE_TILES["swiglu"]["block_n"]
+    assert mg.tile_for(96, 896, "none")["block_m"] == 128 and mg.tile_for(192, 896, "none")["block_m"] == 64
+    rng, seed = fresh_rng()
+    x, w = _operands(rng, 128, mg.DEEP_K, 128)
+    out = skinny_matmul_mgpu(x, w, epilogue="partials")
+    assert out.shape[1:] == (128, 128) and not np.isnan(np.asarray(out)).any(), f"seed={seed}"
+    ref = skinny_matmul_reference(x, w, None, epilogue="partials", layout="nk").sum(axis=0)
+    assert relative_error(out.sum(axis=0), ref) <= 1e-5, f"seed={seed}"
+
+
 def test_mgpu_skinny_refuses_what_it_cannot_run():
     x, w = jnp.zeros((16, 128), jnp.bfloat16), jnp.zeros((128, 128), jnp.bfloat16)
     with pytest.raises(ValueError, match="bfloat16"):
@@ -75,8 +94,8 @@ def test_mgpu_skinny_refuses_what_it_cannot_run():
         skinny_matmul_mgpu(x, w, jnp.zeros(128, jnp.bfloat16), epilogue="partials")
     with pytest.raises(ValueError, match="block_m"):  # 72 rows are not whole blocks of 64
         skinny_matmul_mgpu(jnp.zeros((72, 128), jnp.bfloat16), w, block_m=64)
-    with pytest.raises(ValueError, match="shared memory"):  # 6 x (256 + 128) x 64 x 2 bytes of ring
-        skinny_matmul_mgpu(jnp.zeros((256, 128), jnp.bfloat16), w, block_n=128, num_slots=6)
+    with pytest.raises(ValueError, match="shared memory"):  # 6 x (256 + 64) x 64 x 2 bytes of ring
+        skinny_matmul_mgpu(jnp.zeros((256, 128), jnp.bfloat16), w, block_n=64, num_slots=6, block_m=256)
     assert not supports(12, 128, 128, "partials") and not supports(264, 128, 128, "partials")
     assert supports(64, 896, 896, "partials") and supports(64, 896, 9728, "swiglu")
     assert supports(72, 128, 128, "partials") and supports(256, 896, 9728, "swiglu")
