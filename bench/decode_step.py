@@ -79,10 +79,10 @@ ATTENTION_TUNINGS = {"attn_w2": {"num_warps": 2}, "attn_w8": {"num_warps": 8},
 # --glue choices that run the 8-64-row projections on Mosaic GPU (model.SKINNY_BACKEND "mgpu",
 # `kernels.skinny_matmul_mgpu`) with these whole TILES (n = weight rows a program, s = slots: steps
 # in flight + 1, t = programs wanted; "none" is the QKV projection, as "partials" unless given).
-def _mg(n=64, s=6, t=264, gn=32, gs=6, none=None, b=1, gb=1, ov=0):
-    partials = {"block_n": n, "num_slots": s, "target_programs": t, "boxes": b, "overlap": ov}
+def _mg(n=64, s=6, t=264, gn=32, gs=6, none=None, b=1, gb=1):
+    partials = {"block_n": n, "num_slots": s, "target_programs": t, "boxes": b}
     return {"partials": partials, "none": none or dict(partials),
-            "swiglu": {"block_n": gn, "num_slots": gs, "boxes": gb, "overlap": ov}}
+            "swiglu": {"block_n": gn, "num_slots": gs, "boxes": gb}}
 
 
 MGPU_TILINGS = {
@@ -102,17 +102,15 @@ MGPU_TILINGS = {
     "mgpu_gb2_s3": _mg(n=32, s=4, gs=3, gb=2),
     # session 17: down_proj (K >= DEEP_K) with 64 weight rows and 6 slots (its best at 128 rows)
     "mgpu_deep": dict(_mg(n=32, s=4, gs=4), deep={"block_n": 64, "num_slots": 6, "target_programs": 264}),
-    # session 17, call 5: each step's WGMMAs left in flight across the loop (the default tiles)
-    "mgpu_ov": _mg(n=32, s=4, gs=4, ov=1),
 }
 # --glue choices that run steps of 65-256 rows through the fused glue (SKINNY_ROWS 256, like
 # "skinny256") with their projections on Mosaic GPU, `kernels.skinny_matmul_mgpu.WIDE_TILES` these
 # (bm = rows a program: 256 all of them, 128 / 64 row blocks; gbm the same for gate_up).
 # "deep" (K >= DEEP_K: down_proj) as "partials" unless given.
-def _mw(n=32, s=4, t=264, gn=32, gs=4, bm=256, gbm=256, deep=None, ov=0):
-    partials = {"block_n": n, "num_slots": s, "target_programs": t, "block_m": bm, "overlap": ov}
+def _mw(n=32, s=4, t=264, gn=32, gs=4, bm=256, gbm=256, deep=None):
+    partials = {"block_n": n, "num_slots": s, "target_programs": t, "block_m": bm}
     return {"partials": partials, "none": dict(partials), "deep": deep or dict(partials),
-            "swiglu": {"block_n": gn, "num_slots": gs, "block_m": gbm, "overlap": ov}}
+            "swiglu": {"block_n": gn, "num_slots": gs, "block_m": gbm}}
 
 
 MGPU_WIDE_TILINGS = {
@@ -132,12 +130,6 @@ MGPU_WIDE_TILINGS = {
     "mgpu256_g1_n64s6": _mw(n=64, s=6, bm=64, gbm=128), "mgpu256_s6": _mw(s=6, bm=64, gbm=64),
     # call 4: the defaults before "deep" (down_proj as the other K-split products)
     "mgpu256_nodeep": _mw(bm=64, gbm=64),
-    # call 5: each step's WGMMAs left in flight (ov): the defaults, and at 256 rows row blocks of
-    # 64 / 128 / all rows (one program an SM: nothing else to fill the WGMMA waits)
-    "mgpu256_ov": _mw(bm=64, gbm=64, ov=1,
-                      deep={"block_n": 64, "num_slots": 6, "target_programs": 264, "block_m": 64, "overlap": 1}),
-    "mgpu256_bm64_ov": _mw(n=64, bm=64, gn=64, gbm=64, ov=1), "mgpu256_ov_bm128": _mw(bm=128, gbm=128, ov=1),
-    "mgpu256_ov_bm256": _mw(ov=1),
 }
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
 # the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:

@@ -78,9 +78,7 @@
 #   wide3       session 17, 65-128-row steps on Mosaic GPU by default (model.MGPU_MAX_ROWS): compiled tests, then
 #               the decode step at 128 against cuBLAS and around the default tiles (~90 s)
 #   wide4       session 17, down_proj's "deep" tile: compiled tests, the decode step at 128 (against cuBLAS and the
-#               tiles before "deep") and at 64 (the deep tile there too), then throughput at 1/64/128/256 (~280 s)
-#   overlap     session 17, the Mosaic GPU projections with each step's WGMMAs in flight across the loop: compiled
-#               tests (both ways), the decode step at 64 / 128 / 256 (~400 s)
+#               tiles before "deep") and at 64 (the deep tile there too), then throughput at 1/64/128/256 (~450 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -256,14 +254,6 @@ for part in "${parts[@]}"; do
              mgpu_deep --rounds 5 --reps 10 --profile /tmp/wide4b
            timeout 260 python3 bench/throughput.py --no-static --batches 1 64 128 256 --long-prompt 1024 \
              --long-batch 64 --decode-steps 8 --impls pallas --no-hf-compile --out "$OUT/$part/throughput" ;;
-    overlap) timeout 120 python3 -m pytest -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-               tests/test_skinny_matmul_mgpu.py -k "compiled or model or tiles"
-             timeout 100 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
-               mgpu_ov --rounds 5 --reps 10 --profile /tmp/ov64
-             timeout 100 python3 bench/decode_step.py --batches 128 --variants default --no-static --glue kernels \
-               mgpu256_ov --rounds 5 --reps 10 --profile /tmp/ov128
-             timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static --glue kernels \
-               mgpu256_bm64 mgpu256_bm64_ov mgpu256_ov_bm128 mgpu256_ov_bm256 --rounds 3 --reps 10 --profile /tmp/ov256 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

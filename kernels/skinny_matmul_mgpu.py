@@ -140,8 +140,7 @@ def _transforms(cols: int, dtype) -> tuple:
 
 
 def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, num_slots: int, boxes: int,
-            rows: int, row_tile: int, steps_per_split: int, k_steps: int, n_out: int, overlap: bool,
-            interpret: bool):
+            rows: int, row_tile: int, steps_per_split: int, k_steps: int, n_out: int, interpret: bool):
     if has_bias:
         b_ref, o_ref, x_smem, w_smem, o_smem, bars, b_smem, b_bar = refs
     else:
@@ -184,27 +183,7 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
 
         return pl.run_state(products)(tuple(plgpu.ACC.init(acc) for acc in accs))
 
-    def overlapped(acc_refs):
-        # The accumulators stay in registers across the loop, each step's products in flight
-        # while the next step waits for its tiles: the wait after a step's WGMMAs leaves just
-        # those outstanding, so step - 1's are done and its slot can be refilled.
-        def step_body(step, carry):
-            slot = lax.rem(step, num_slots)
-            plgpu.barrier_wait(bars.at[slot])
-            for b in range(boxes):
-                for h, acc_ref in enumerate(acc_refs):
-                    plgpu.wgmma(acc_ref, x_smem.at[slot, b], plgpu.transpose_ref(w_smem.at[slot, h, b], (1, 0)))
-            plgpu.wgmma_wait(boxes * len(acc_refs))
-            ring.advance(issue, step, num_slots, num_steps)
-            return carry
-
-        lax.fori_loop(0, num_steps, step_body, 0)
-
-    init = tuple(zeros for _ in halves)
-    if overlap and not interpret:
-        accs = pl.run_state(overlapped)(tuple(plgpu.ACC.init(acc) for acc in init))
-    else:
-        accs = lax.fori_loop(0, num_steps, body, init)
+    accs = lax.fori_loop(0, num_steps, body, tuple(zeros for _ in halves))
     if epilogue == "partials":
         o_smem[...] = accs[0]
         plgpu.commit_smem()
@@ -226,9 +205,9 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
 
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "boxes", "block_m", "num_splits",
-                                           "overlap", "interpret"))
+                                           "interpret"))
 def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, boxes: int, block_m: int, num_splits: int,
-          overlap: bool, interpret: bool):
+          interpret: bool):
     m, k = x.shape
     rows, row_tile = min(m, block_m), _row_tile(m, block_m)
     has_bias = bias is not None
@@ -253,7 +232,7 @@ def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, boxes: int
         kwargs["interpret"] = InterpretGPUParams()
     return plgpu.kernel(
         functools.partial(_kernel, epilogue=epilogue, has_bias=has_bias, block_n=block_n, num_slots=num_slots,
-                          boxes=boxes, rows=rows, row_tile=row_tile, overlap=overlap,
+                          boxes=boxes, rows=rows, row_tile=row_tile,
                           steps_per_split=steps_per_split, k_steps=k_steps, n_out=n_out,
                           interpret=interpret),
         out_type=out_type,
@@ -284,7 +263,7 @@ def split_count(k: int, n: int, block_n: int, target_programs: int, boxes: int =
 def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
                        epilogue: str = "none", block_n: int | None = None,
                        num_slots: int | None = None, num_splits: int | None = None,
-                       boxes: int | None = None, block_m: int | None = None, overlap: bool | None = None,
+                       boxes: int | None = None, block_m: int | None = None,
                        interpret: bool | None = None) -> jax.Array:
     """`x @ w.T (+ bias)` for 8-256 rows of `x` on Mosaic GPU, float32 accumulation; the same
     contract as `kernels.skinny_matmul.skinny_matmul(..., layout="nk")`.
@@ -298,8 +277,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
             N/2 rows of w).
         block_n, num_slots, num_splits, block_m: tiling (None: `tile_for(M, K, epilogue)`,
             `split_count`); `block_m` rows a program (a multiple of 64), M at most that or whole
-            blocks of it. `overlap`: each step's products left in flight while the next waits
-            for its tiles (compiled only; the interpreter runs the steps one after another).
+            blocks of it.
         boxes: K-elements a step in 64s (one TMA box of each operand per 64; None: `tile_for`).
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
 
@@ -341,9 +319,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
     # The bias goes in as float32: a TMA copy moves a multiple of 128 bytes (32 bf16 would be 64).
     kernel_bias = bias.astype(jnp.float32) if kernel_epilogue == "none" and bias is not None else None
     out = _call(x, w, kernel_bias, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
-                block_m=block_m, num_splits=num_splits,
-                overlap=bool(tile.get("overlap", 0) if overlap is None else overlap),
-                interpret=bool(interpret))
+                block_m=block_m, num_splits=num_splits, interpret=bool(interpret))
     if epilogue != "none" or kernel_epilogue == "none":
         return out
     out = out.sum(axis=0)

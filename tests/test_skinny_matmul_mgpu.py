@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import pallas_compat as compat
 from kernels.skinny_matmul import skinny_matmul_reference
 from kernels.skinny_matmul_mgpu import skinny_matmul_mgpu, split_count, supports
 from tests.test_kernels import MODES, TOLERANCE, fresh_rng, relative_error
@@ -42,17 +41,12 @@ def _operands(rng, m, k, n):
     ("none", 96, 384, 64, 32, 4, 2, 1, None),         # 96 rows in a 128-row accumulator, split
     ("swiglu", 256, 256, 128, 32, 3, 1, 1, 128),      # two row blocks of 128
 ])
-@pytest.mark.parametrize("overlap", [False, True])
-def test_mgpu_skinny_matches_reference(interpret, epilogue, m, k, n, block_n, slots, splits, boxes, block_m,
-                                       overlap):
-    if overlap and compat.resolve_interpret(interpret):
-        pytest.skip("the interpreter runs every step's products before the next step")
+def test_mgpu_skinny_matches_reference(interpret, epilogue, m, k, n, block_n, slots, splits, boxes, block_m):
     rng, seed = fresh_rng()
     x, w = _operands(rng, m, k, n)
     bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16) if epilogue == "none" else None
     out = skinny_matmul_mgpu(x, w, bias, epilogue=epilogue, block_n=block_n, num_slots=slots,
-                             num_splits=splits, boxes=boxes, block_m=block_m, overlap=overlap,
-                             interpret=interpret)
+                             num_splits=splits, boxes=boxes, block_m=block_m, interpret=interpret)
     ref = skinny_matmul_reference(x, w, bias, epilogue=epilogue, layout="nk")
     if epilogue == "partials":
         want = splits or split_count(k, n, block_n, 264)
