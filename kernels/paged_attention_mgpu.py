@@ -45,6 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import mgpu_pipeline as ring
+from kernels import pallas_compat as compat
 from kernels.paged_attention import _MASK_VALUE
 from kernels.split_combine import combine_splits
 
@@ -104,7 +105,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_sme
         plgpu.barrier_wait(k_bars.at[slot])
 
         def scores(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
             return acc_ref[...]
 
         if interpret:  # the interpreter's WGMMA takes no transposed operand: the same product
@@ -132,7 +133,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_sme
                 tile = v_smem[slot]
                 rows = lax.broadcasted_iota(jnp.int32, tile.shape, 0)
             else:
-                tile = plgpu.load(v_smem.at[slot], (), layout=plgpu.Layout.WGMMA)
+                tile = compat.mgpu_load(v_smem.at[slot], plgpu.Layout.WGMMA)
                 rows = plgpu.broadcasted_iota(jnp.int32, tile.shape, 0, layout=plgpu.Layout.WGMMA)
             v_smem[slot] = jnp.where(block_start + rows < length, tile, jnp.zeros_like(tile))
             plgpu.commit_smem()
@@ -248,10 +249,6 @@ def _call(meta, q_rows, k_pages, v_pages, *, page_size, table_pages, pages_per_b
         plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_slots),
         plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_slots),
     ]
-    kwargs = {}
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        kwargs["interpret"] = InterpretGPUParams()
     return plgpu.kernel(
         functools.partial(_kernel, page_size=page_size, pages_per_block=pages_per_block,
                           num_slots=num_slots, num_splits=num_splits, scale=scale,
@@ -262,5 +259,5 @@ def _call(meta, q_rows, k_pages, v_pages, *, page_size, table_pages, pages_per_b
         scratch_types=scratch,
         grid=(batch, kv_heads, num_splits),
         grid_names=("batch", "heads", "splits"),
-        **kwargs,
+        **compat.mgpu_interpret_kwargs(interpret),
     )(meta, q_rows, k_pages, v_pages)

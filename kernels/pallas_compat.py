@@ -13,6 +13,7 @@ once.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import jax
@@ -27,6 +28,20 @@ load = plgpu.load
 store = plgpu.store
 atomic_add = plgpu.atomic_add
 CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+
+
+def mgpu_load(ref, layout):
+    """A whole shared-memory ref loaded into registers of `layout` (Mosaic GPU): jax 0.11 takes the
+    ref alone (an index beside it is deprecated); 0.10 requires the index.
+
+    Example (traced inside a Mosaic GPU kernel):
+        bias = mgpu_load(b_smem, plgpu.Layout.WGMMA.reduce(0))
+    """
+    from jax.experimental.pallas import mosaic_gpu
+
+    if inspect.signature(mosaic_gpu.load).parameters["idx"].default is inspect.Parameter.empty:
+        return mosaic_gpu.load(ref, (), layout=layout)
+    return mosaic_gpu.load(ref, layout=layout)
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -90,3 +105,18 @@ def barrier(interpret: bool) -> None:
     interpret mode, where a program is sequential and the primitive has no rule."""
     if not interpret:
         plgpu.debug_barrier()
+
+
+def mgpu_interpret_kwargs(interpret: bool) -> dict:
+    """`plgpu.kernel`'s keyword for Mosaic GPU's interpreter (CPU runs), empty when compiled: its
+    parameters class lives in a private module on both jax versions.
+
+    Example:
+        >>> mgpu_interpret_kwargs(False)
+        {}
+    """
+    if not interpret:
+        return {}
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return {"interpret": InterpretGPUParams()}

@@ -179,7 +179,7 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
         def products(acc_refs):  # all of a step's products (SwiGLU's two halves) in one block: one wait
             for b in range(boxes):
                 for h, acc_ref in enumerate(acc_refs):
-                    plgpu.wgmma(acc_ref, x_smem.at[slot, b], plgpu.transpose_ref(w_smem.at[slot, h, b], (1, 0)))
+                    plgpu.wgmma(acc_ref, x_smem.at[slot, b], w_smem.at[slot, h, b].transpose((1, 0)))
 
         return pl.run_state(products)(tuple(plgpu.ACC.init(acc) for acc in accs))
 
@@ -196,7 +196,7 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
             result = accs[0]
             if has_bias:
                 plgpu.barrier_wait(b_bar)
-                bias = b_smem[...] if interpret else plgpu.load(b_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
+                bias = b_smem[...] if interpret else compat.mgpu_load(b_smem, plgpu.Layout.WGMMA.reduce(0))
                 result = result + lax.broadcast_in_dim(bias, result.shape, [1])
         o_smem[...] = result.astype(dtype)
         plgpu.commit_smem()
@@ -226,10 +226,6 @@ def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, boxes: int
         plgpu.SMEM((row_tile, block_n), out_type.dtype, transforms=_transforms(block_n, out_type.dtype)),
         plgpu.Barrier(num_arrivals=boxes * (1 + halves), num_barriers=num_slots),
     ] + ([plgpu.SMEM((block_n,), jnp.float32), plgpu.Barrier()] if has_bias else [])
-    kwargs = {}
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        kwargs["interpret"] = InterpretGPUParams()
     return plgpu.kernel(
         functools.partial(_kernel, epilogue=epilogue, has_bias=has_bias, block_n=block_n, num_slots=num_slots,
                           boxes=boxes, rows=rows, row_tile=row_tile,
@@ -243,7 +239,7 @@ def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, boxes: int
         grid_names=("rows", "cols", "splits"),
         # Profiles name each projection (Mosaic GPU calls every unnamed kernel "anonymous").
         kernel_name=f"skinny_mgpu_{epilogue}_{w.shape[0]}x{k}",
-        **kwargs,
+        **compat.mgpu_interpret_kwargs(interpret),
     )(x, w, *([bias] if has_bias else []))
 
 
