@@ -79,6 +79,8 @@
 #               the decode step at 128 against cuBLAS and around the default tiles (~90 s)
 #   wide4       session 17, down_proj's "deep" tile: compiled tests, the decode step at 128 (against cuBLAS and the
 #               tiles before "deep") and at 64 (the deep tile there too), then throughput at 1/64/128/256 (~450 s)
+#   final17     session 17's last call: the compiled kernel tests with the Mosaic GPU decode kernel's (jax 0.11's
+#               ref.transpose / load forms), then the decode step at 64 and 128 (~450 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -254,6 +256,12 @@ for part in "${parts[@]}"; do
              mgpu_deep --rounds 5 --reps 10 --profile /tmp/wide4b
            timeout 260 python3 bench/throughput.py --no-static --batches 1 64 128 256 --long-prompt 1024 \
              --long-batch 64 --decode-steps 8 --impls pallas --no-hf-compile --out "$OUT/$part/throughput" ;;
+    final17) timeout 400 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+               tests/test_kernels.py tests/test_split_combine.py tests/test_decode_attention.py \
+               tests/test_skinny_matmul.py tests/test_skinny_matmul_mgpu.py tests/test_residual_norm.py \
+               tests/test_greedy_pick.py tests/test_paged_attention_mgpu.py -k "compiled or model"
+             timeout 140 python3 bench/decode_step.py --batches 64 128 --variants default --no-static --glue kernels \
+               --rounds 3 --reps 10 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \
