@@ -107,10 +107,11 @@ MGPU_TILINGS = {
 # "skinny256") with their projections on Mosaic GPU, `kernels.skinny_matmul_mgpu.WIDE_TILES` these
 # (bm = rows a program: 256 all of them, 128 / 64 row blocks; gbm the same for gate_up).
 # "deep" (K >= DEEP_K: down_proj) as "partials" unless given.
-def _mw(n=32, s=4, t=264, gn=32, gs=4, bm=256, gbm=256, deep=None):
-    partials = {"block_n": n, "num_slots": s, "target_programs": t, "block_m": bm}
+# wg / gwg: warpgroups a CTA (2: the experimental warp-specialized kernel, `_ws_kernel`).
+def _mw(n=32, s=4, t=264, gn=32, gs=4, bm=256, gbm=256, deep=None, wg=1, gwg=1):
+    partials = {"block_n": n, "num_slots": s, "target_programs": t, "block_m": bm, "warpgroups": wg}
     return {"partials": partials, "none": dict(partials), "deep": deep or dict(partials),
-            "swiglu": {"block_n": gn, "num_slots": gs, "block_m": gbm}}
+            "swiglu": {"block_n": gn, "num_slots": gs, "block_m": gbm, "warpgroups": gwg}}
 
 
 MGPU_WIDE_TILINGS = {
@@ -130,6 +131,14 @@ MGPU_WIDE_TILINGS = {
     "mgpu256_g1_n64s6": _mw(n=64, s=6, bm=64, gbm=128), "mgpu256_s6": _mw(s=6, bm=64, gbm=64),
     # call 4: the defaults before "deep" (down_proj as the other K-split products)
     "mgpu256_nodeep": _mw(bm=64, gbm=64),
+    # session 17, written after its GPU time ran out (not yet run): two compute warpgroups a CTA
+    # sharing its tiles (ws128: 2 x 64 rows, ws256: 2 x 128), everywhere or for gate_up only (ws_g*,
+    # the other projections as mgpu256_bm64)
+    "mgpu256_ws128": _mw(bm=128, gbm=128, wg=2, gwg=2),
+    "mgpu256_ws128_n64": _mw(n=64, s=3, bm=128, gn=64, gs=3, gbm=128, wg=2, gwg=2),
+    "mgpu256_ws256": _mw(s=3, gs=3, wg=2, gwg=2),
+    "mgpu256_ws_g": _mw(n=64, bm=64, gn=64, gs=3, gbm=128, gwg=2),
+    "mgpu256_ws_g256": _mw(n=64, bm=64, gs=3, gwg=2),
 }
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
 # the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:

@@ -24,6 +24,14 @@ partial sums `[splits, M, N]` that the next kernel adds (`kernels.residual_norm.
 or SwiGLU's `silu(gate) * up` in the activation dtype. A program re-reads its activation tile
 from L2 for every `block_n` weight rows it streams, so wide steps want wide weight blocks.
 
+Experimental, not yet timed on a GPU (session 17 wrote it after its device time ran out):
+`warpgroups=2`, a warp-specialized CTA (`_ws_kernel`, `plgpu.emit_pipeline_warp_specialized`)
+whose two compute warpgroups share each step's activation and weight tiles. At 256 rows the
+one-warpgroup gate_up re-reads ~139 MB from L2 a layer for 17.4 MB of weights (row blocks of 64 x
+64 weight rows; ~8 TB/s, as at 128 rows) and loses to cuBLAS; a CTA of 128 rows x 64 weight rows
+reads ~104 MB, 128 x 128 ~70 MB. Correct in the interpreter and lowered for CUDA on the CPU;
+`bench/gpu_checks.sh ws` times it.
+
 Limits: bf16, weights `[N, K]` (the engine's layout), K a multiple of 64, M a multiple of 8 up
 to 256 (and of `block_m` above it), N (of each half) a multiple of `block_n`, the ring and the
 output tile within shared memory. On the CPU it runs in Mosaic GPU's interpreter
@@ -86,7 +94,10 @@ def tile_for(m: int, k: int, epilogue: str) -> dict[str, int]:
     table = TILES if m <= _ROWS else WIDE_TILES
     tile = dict(table["deep"] if epilogue != "swiglu" and k >= DEEP_K and "deep" in table else table[epilogue])
     block_m = tile.get("block_m", _ROWS)
-    tile["block_m"] = block_m if m <= block_m or m % block_m == 0 else pl.cdiv(m, _ROWS) * _ROWS
+    if tile.get("warpgroups", 1) == 1 and not (m <= block_m or m % block_m == 0):
+        block_m = pl.cdiv(m, _ROWS) * _ROWS
+    tile["block_m"] = block_m
+    tile["warpgroups"] = tile.get("warpgroups", 1)
     tile["boxes"] = tile.get("boxes", 1) if k % (_BLOCK_K * tile.get("boxes", 1)) == 0 else 1
     return tile
 
@@ -103,7 +114,8 @@ def supports(m: int, k: int, n: int, epilogue: str) -> bool:
         return False
     tile = tile_for(m, k, epilogue)
     n_out = n // 2 if epilogue == "swiglu" else n
-    return _fits(m, k, n_out, tile["block_n"], tile["boxes"], tile["block_m"], tile["num_slots"], epilogue)
+    return _fits(m, k, n_out, tile["block_n"], tile["boxes"], tile["block_m"], tile["num_slots"], epilogue,
+                 tile["warpgroups"])
 
 
 def _row_tile(m: int, block_m: int) -> int:
@@ -111,8 +123,9 @@ def _row_tile(m: int, block_m: int) -> int:
     return min(block_m, pl.cdiv(m, _ROWS) * _ROWS)
 
 
-def _smem_bytes(m: int, block_n: int, boxes: int, block_m: int, num_slots: int, epilogue: str) -> int:
-    rows = _row_tile(m, block_m)
+def _smem_bytes(m: int, block_n: int, boxes: int, block_m: int, num_slots: int, epilogue: str,
+                warpgroups: int = 1) -> int:
+    rows = _row_tile(m, block_m) if warpgroups == 1 else block_m
     halves = 2 if epilogue == "swiglu" else 1
     ring = num_slots * boxes * (rows + halves * block_n) * _BLOCK_K * 2
     out = rows * block_n * (2 if epilogue == "swiglu" else 4)  # float32 partials or sums; bf16 SwiGLU
@@ -120,17 +133,24 @@ def _smem_bytes(m: int, block_n: int, boxes: int, block_m: int, num_slots: int, 
 
 
 def _fits(m: int, k: int, n_out: int, block_n: int, boxes: int, block_m: int, num_slots: int,
-          epilogue: str) -> bool:
+          epilogue: str, warpgroups: int = 1) -> bool:
     """The shapes and tilings the kernel takes: M a multiple of 8 up to MAX_ROWS, in one block of
     `block_m` rows (a multiple of 64) or whole ones; K whole steps of `boxes` 64-wide TMA boxes; N
     whole blocks of `block_n` (a multiple of 8, WGMMA's N); the ring in shared memory; at most 128
-    accumulator registers a thread (beyond, the epilogue's registers spill)."""
+    accumulator registers a thread (beyond, the epilogue's registers spill). Two warpgroups
+    (`_ws_kernel`) take whole blocks of `block_m` rows only, half of them each, one box a step."""
     halves = 2 if epilogue == "swiglu" else 1
-    return (8 <= m <= MAX_ROWS and m % 8 == 0 and block_m % _ROWS == 0 and 0 < block_m <= MAX_ROWS
-            and (m <= block_m or m % block_m == 0) and boxes >= 1 and k % (_BLOCK_K * boxes) == 0
+    if warpgroups == 2:
+        wg_rows = block_m // 2
+        shape_ok = (block_m % (2 * _ROWS) == 0 and m % block_m == 0 and boxes == 1
+                    and halves * wg_rows * block_n <= 128 * 128)
+    else:
+        shape_ok = warpgroups == 1 and (m <= block_m or m % block_m == 0) and (
+            halves * _row_tile(m, block_m) * block_n <= 128 * 128)
+    return (shape_ok and 8 <= m <= MAX_ROWS and m % 8 == 0 and block_m % _ROWS == 0 and 0 < block_m <= MAX_ROWS
+            and boxes >= 1 and k % (_BLOCK_K * boxes) == 0
             and block_n % 8 == 0 and n_out % block_n == 0 and num_slots >= 2
-            and halves * _row_tile(m, block_m) * block_n <= 128 * 128
-            and _smem_bytes(m, block_n, boxes, block_m, num_slots, epilogue) <= _SMEM_BYTES)
+            and _smem_bytes(m, block_n, boxes, block_m, num_slots, epilogue, warpgroups) <= _SMEM_BYTES)
 
 
 def _transforms(cols: int, dtype) -> tuple:
@@ -243,6 +263,83 @@ def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, boxes: int
     )(x, w, *([bias] if has_bias else []))
 
 
+def _ws_kernel(x_ref, w_ref, o_ref, o_smem, *, epilogue: str, block_n: int, num_slots: int, block_m: int,
+               steps: int, n_out: int, interpret: bool):
+    """Two compute warpgroups and a memory warpgroup (`plgpu.emit_pipeline_warp_specialized`): the
+    memory warpgroup streams a `[block_m, 64]` activation tile and the `[block_n, 64]` weight tiles
+    a step into `num_slots` slots; each compute warpgroup multiplies its half of the rows by the
+    shared weight tiles. A CTA thus covers `block_m` rows with one weight read and `block_n` weight
+    rows with one activation read, what one warpgroup's registers cannot hold."""
+    row_block, col_block, split = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("splits")
+    wg_rows = block_m // 2
+    k_at = pl.ds(split * steps * _BLOCK_K, steps * _BLOCK_K)
+    offsets = (0, n_out) if epilogue == "swiglu" else (0,)
+    tf = _transforms(_BLOCK_K, x_ref.dtype)
+    in_specs = [plgpu.BlockSpec((block_m, _BLOCK_K), lambda step: (0, step), transforms=tf)] + [
+        plgpu.BlockSpec((block_n, _BLOCK_K), lambda step: (0, step), transforms=tf) for _ in offsets]
+
+    def body(_, x_smem, *w_smems_and_accs):
+        *w_smems, accs = w_smems_and_accs
+        mine = x_smem.at[pl.ds(lax.axis_index("wg") * wg_rows, wg_rows)]
+        if interpret:  # the interpreter's WGMMA takes no transposed operand
+            return tuple(acc + lax.dot_general(mine[...], w[...], (((1,), (1,)), ((), ())),
+                                               preferred_element_type=jnp.float32)
+                         for acc, w in zip(accs, w_smems))
+
+        def products(acc_refs):  # returning waits for them: the pipeline then frees the slot
+            for acc_ref, w in zip(acc_refs, w_smems):
+                plgpu.wgmma(acc_ref, mine, w.transpose((1, 0)))
+
+        return pl.run_state(products)(tuple(plgpu.ACC.init(acc) for acc in accs))
+
+    def compute(run_pipeline):
+        zeros = jnp.zeros((wg_rows, block_n), jnp.float32)
+        if not interpret:
+            zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+        accs = run_pipeline(tuple(zeros for _ in offsets))
+        wg = lax.axis_index("wg")
+        rows = pl.ds(row_block * block_m + wg * wg_rows, wg_rows)
+        cols = pl.ds(col_block * block_n, block_n)
+        if epilogue == "swiglu":
+            o_smem[wg] = swiglu_sums(*accs, o_smem.dtype).astype(o_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[rows, cols])
+        else:
+            o_smem[wg] = accs[0]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[split, rows, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        body, grid=(steps,), memory_registers=40, in_specs=in_specs, max_concurrent_steps=num_slots,
+        wg_axis="wg", num_compute_wgs=2, compute_context=compute)
+    pipeline(x_ref.at[pl.ds(row_block * block_m, block_m), k_at],
+             *(w_ref.at[pl.ds(offset + col_block * block_n, block_n), k_at] for offset in offsets))
+
+
+@functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "block_m", "num_splits", "interpret"))
+def _ws_call(x, w, *, epilogue: str, block_n: int, num_slots: int, block_m: int, num_splits: int, interpret: bool):
+    m, k = x.shape
+    n_out = w.shape[0] // 2 if epilogue == "swiglu" else w.shape[0]
+    if epilogue == "swiglu":
+        out_type = jax.ShapeDtypeStruct((m, n_out), x.dtype)
+    else:
+        out_type = jax.ShapeDtypeStruct((num_splits, m, n_out), jnp.float32)
+    return plgpu.kernel(
+        functools.partial(_ws_kernel, epilogue=epilogue, block_n=block_n, num_slots=num_slots, block_m=block_m,
+                          steps=k // _BLOCK_K // num_splits, n_out=n_out, interpret=interpret),
+        out_type=out_type,
+        scratch_types=[plgpu.SMEM((2, block_m // 2, block_n), out_type.dtype,
+                                  transforms=_transforms(block_n, out_type.dtype))],
+        grid=(m // block_m, n_out // block_n, num_splits),
+        grid_names=("rows", "cols", "splits"),
+        num_threads=3,  # two compute warpgroups, the memory warpgroup last
+        thread_name="wg",
+        kernel_name=f"skinny_mgpu_ws_{epilogue}_{w.shape[0]}x{k}",
+        **compat.mgpu_interpret_kwargs(interpret),
+    )(x, w)
+
+
 def split_count(k: int, n: int, block_n: int, target_programs: int, boxes: int = 1) -> int:
     """K splits so that about `target_programs` programs run, none of them empty (steps of
     `boxes` x 64 K-elements).
@@ -259,7 +356,7 @@ def split_count(k: int, n: int, block_n: int, target_programs: int, boxes: int =
 def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
                        epilogue: str = "none", block_n: int | None = None,
                        num_slots: int | None = None, num_splits: int | None = None,
-                       boxes: int | None = None, block_m: int | None = None,
+                       boxes: int | None = None, block_m: int | None = None, warpgroups: int | None = None,
                        interpret: bool | None = None) -> jax.Array:
     """`x @ w.T (+ bias)` for 8-256 rows of `x` on Mosaic GPU, float32 accumulation; the same
     contract as `kernels.skinny_matmul.skinny_matmul(..., layout="nk")`.
@@ -275,6 +372,9 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
             `split_count`); `block_m` rows a program (a multiple of 64), M at most that or whole
             blocks of it.
         boxes: K-elements a step in 64s (one TMA box of each operand per 64; None: `tile_for`).
+        warpgroups: 1, or 2 (experimental, not yet timed on a GPU): two compute warpgroups share a
+            CTA's tiles (`_ws_kernel`), whole blocks of `block_m` rows, K splits that divide its
+            steps, no bias inside.
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
 
     Example:
@@ -297,19 +397,29 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
     num_slots = num_slots or tile["num_slots"]
     block_m = block_m or tile["block_m"]
     boxes = boxes or tile["boxes"]
+    warpgroups = warpgroups or tile["warpgroups"]
     n_out = n // 2 if epilogue == "swiglu" else n
-    if not _fits(m, k, n_out, block_n, boxes, block_m, num_slots, epilogue):
+    if not _fits(m, k, n_out, block_n, boxes, block_m, num_slots, epilogue, warpgroups):
         raise ValueError(f"M must be a multiple of 8 up to {MAX_ROWS} (and of block_m above it), K of {_BLOCK_K} x "
                          f"boxes, N of block_n (a multiple of 8), num_slots >= 2, the ring within shared memory and "
                          f"the accumulator within 128 registers a thread; "
                          f"got x {x.shape}, w {w.shape}, {epilogue!r}, block_n {block_n}, num_slots {num_slots}, "
-                         f"boxes {boxes}, block_m {block_m}")
+                         f"boxes {boxes}, block_m {block_m}, warpgroups {warpgroups}")
     row_blocks = pl.cdiv(m, block_m)
     if epilogue == "swiglu":
         num_splits = 1
     elif num_splits is None:
         num_splits = split_count(k, n, block_n, max(1, tile["target_programs"] // row_blocks), boxes)
     interpret = compat.resolve_interpret(interpret)
+    if warpgroups == 2:
+        k_steps = k // _BLOCK_K
+        # Every split the same number of steps (the pipeline's grid is static): the largest divisor.
+        num_splits = max(d for d in range(1, num_splits + 1) if k_steps % d == 0)
+        out = _ws_call(x, w, epilogue="swiglu" if epilogue == "swiglu" else "partials", block_n=block_n,
+                       num_slots=num_slots, block_m=block_m, num_splits=num_splits, interpret=bool(interpret))
+        if epilogue != "none":
+            return out
+        return (out.sum(axis=0) + (0 if bias is None else bias.astype(jnp.float32))).astype(x.dtype)
     # "none" in one split leaves the kernel as the product (+ bias); split, as partials summed here.
     kernel_epilogue = "partials" if epilogue == "none" and num_splits > 1 else epilogue
     # The bias goes in as float32: a TMA copy moves a multiple of 128 bytes (32 bf16 would be 64).

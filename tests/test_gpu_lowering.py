@@ -146,3 +146,15 @@ def test_decode_step_with_mgpu_projections_lowers_for_cuda(compiled_kernels, mon
     assert text.count("custom_call @mosaic_gpu_v2") >= 4, "the projections did not go to Mosaic GPU"
     names = triton_kernel_names(text)
     assert {"add_rms_norm", "fused_decode_attention"} <= names and "skinny_matmul" not in names, names
+
+
+@pytest.mark.parametrize("epilogue,n,k", [("swiglu", 9728, 896), ("partials", 896, 4864), ("none", 1152, 896)])
+def test_two_warpgroup_projection_lowers_for_cuda(compiled_kernels, epilogue, n, k):
+    # kernels.skinny_matmul_mgpu's warp-specialized variant (experimental) at batch 256's 0.5B
+    # shapes: the pipeline's memory and compute warpgroups lower to Mosaic GPU's MLIR here.
+    from kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
+
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+    text = lower_for_cuda(lambda x, w: skinny_matmul_mgpu(x, w, epilogue=epilogue, block_n=32, num_slots=4,
+                                                          block_m=128, warpgroups=2), bf16(256, k), bf16(n, k))
+    assert text.count("custom_call @mosaic_gpu_v2") == 1

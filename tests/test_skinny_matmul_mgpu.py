@@ -59,13 +59,42 @@ def test_mgpu_skinny_matches_reference(interpret, epilogue, m, k, n, block_n, sl
     assert relative_error(out, ref) <= tol, f"seed={seed}"
 
 
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("epilogue,m,k,n,block_n,slots,splits,block_m", [
+    ("partials", 128, 512, 128, 64, 3, 2, 128),   # two warpgroups of 64 rows, 4 steps a split
+    ("partials", 256, 384, 64, 32, 2, 3, 128),    # two row blocks, fewer slots than steps
+    ("none", 256, 256, 96, 32, 4, 2, 256),        # 128 rows a warpgroup, the bias outside
+    ("swiglu", 128, 256, 256, 64, 3, 1, 128),
+    ("swiglu", 256, 896, 128, 32, 4, 1, 256),     # 14 steps over 4 slots
+])
+def test_two_warpgroup_kernel_matches_reference(interpret, epilogue, m, k, n, block_n, slots, splits, block_m):
+    # The warp-specialized variant (warpgroups=2, experimental): a memory warpgroup feeds two
+    # compute warpgroups that share each CTA's activation and weight tiles.
+    rng, seed = fresh_rng()
+    x, w = _operands(rng, m, k, n)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16) if epilogue == "none" else None
+    out = skinny_matmul_mgpu(x, w, bias, epilogue=epilogue, block_n=block_n, num_slots=slots, num_splits=splits,
+                             block_m=block_m, warpgroups=2, interpret=interpret)
+    ref = skinny_matmul_reference(x, w, bias, epilogue=epilogue, layout="nk")
+    if epilogue == "partials":
+        assert out.shape == (splits, m, n) and out.dtype == jnp.float32
+        out, ref = out.sum(axis=0), ref.sum(axis=0)
+    else:
+        assert out.shape == ref.shape and out.dtype == jnp.bfloat16
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"seed={seed}"
+    tol = 1e-5 if epilogue == "partials" else TOLERANCE[jnp.bfloat16]
+    assert relative_error(out, ref) <= tol, f"seed={seed}"
+    with pytest.raises(ValueError, match="warpgroups 2"):  # rows not whole blocks
+        skinny_matmul_mgpu(x[:64], w, epilogue=epilogue, block_m=128, warpgroups=2, interpret=interpret)
+
+
 def test_default_tiles_by_rows_and_depth():
     # Past 64 rows WIDE_TILES; its "deep" tile for the K-split products of K >= DEEP_K (down_proj);
     # M that is not whole row blocks in one block. A deep product with its default tiling matches.
     import importlib
 
     mg = importlib.import_module("kernels.skinny_matmul_mgpu")
-    assert mg.tile_for(64, 4864, "partials") == {**mg.TILES["partials"], "block_m": 64, "boxes": 1}
+    assert mg.tile_for(64, 4864, "partials") == {**mg.TILES["partials"], "block_m": 64, "boxes": 1, "warpgroups": 1}
     assert mg.tile_for(128, 4864, "partials")["block_n"] == mg.WIDE_TILES["deep"]["block_n"]
     assert mg.tile_for(128, 896, "partials")["block_n"] == mg.WIDE_TILES["partials"]["block_n"]
     assert mg.tile_for(128, 4864, "swiglu")["block_n"] == mg.WIDE_TILES["swiglu"]["block_n"]
