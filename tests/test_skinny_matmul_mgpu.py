@@ -42,21 +42,27 @@ def _operands(rng, m, k, n):
     ("swiglu", 256, 256, 128, 32, 3, 1, 1, 128),      # two row blocks of 128
 ])
 def test_mgpu_skinny_matches_reference(interpret, epilogue, m, k, n, block_n, slots, splits, boxes, block_m):
+    _matches_reference(interpret, epilogue, m, k, n, splits or split_count(k, n, block_n, 264), block_n=block_n,
+                       num_slots=slots, num_splits=splits, boxes=boxes, block_m=block_m)
+
+
+def _matches_reference(interpret, epilogue: str, m: int, k: int, n: int, want_splits: int, **tiling):
+    """The kernel with this tiling on fresh random operands against the float32 reference; returns
+    the operands."""
     rng, seed = fresh_rng()
     x, w = _operands(rng, m, k, n)
     bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16) if epilogue == "none" else None
-    out = skinny_matmul_mgpu(x, w, bias, epilogue=epilogue, block_n=block_n, num_slots=slots,
-                             num_splits=splits, boxes=boxes, block_m=block_m, interpret=interpret)
+    out = skinny_matmul_mgpu(x, w, bias, epilogue=epilogue, interpret=interpret, **tiling)
     ref = skinny_matmul_reference(x, w, bias, epilogue=epilogue, layout="nk")
     if epilogue == "partials":
-        want = splits or split_count(k, n, block_n, 264)
-        assert out.shape == (want, m, n) and out.dtype == jnp.float32
+        assert out.shape == (want_splits, m, n) and out.dtype == jnp.float32
         out, ref = out.sum(axis=0), ref.sum(axis=0)
     else:
         assert out.shape == ref.shape and out.dtype == jnp.bfloat16
     assert not np.isnan(np.asarray(out, np.float32)).any(), f"seed={seed}"
     tol = 1e-5 if epilogue == "partials" else TOLERANCE[jnp.bfloat16]
     assert relative_error(out, ref) <= tol, f"seed={seed}"
+    return x, w
 
 
 @pytest.mark.parametrize("interpret", MODES)
@@ -70,20 +76,8 @@ def test_mgpu_skinny_matches_reference(interpret, epilogue, m, k, n, block_n, sl
 def test_two_warpgroup_kernel_matches_reference(interpret, epilogue, m, k, n, block_n, slots, splits, block_m):
     # The warp-specialized variant (warpgroups=2, experimental): a memory warpgroup feeds two
     # compute warpgroups that share each CTA's activation and weight tiles.
-    rng, seed = fresh_rng()
-    x, w = _operands(rng, m, k, n)
-    bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16) if epilogue == "none" else None
-    out = skinny_matmul_mgpu(x, w, bias, epilogue=epilogue, block_n=block_n, num_slots=slots, num_splits=splits,
-                             block_m=block_m, warpgroups=2, interpret=interpret)
-    ref = skinny_matmul_reference(x, w, bias, epilogue=epilogue, layout="nk")
-    if epilogue == "partials":
-        assert out.shape == (splits, m, n) and out.dtype == jnp.float32
-        out, ref = out.sum(axis=0), ref.sum(axis=0)
-    else:
-        assert out.shape == ref.shape and out.dtype == jnp.bfloat16
-    assert not np.isnan(np.asarray(out, np.float32)).any(), f"seed={seed}"
-    tol = 1e-5 if epilogue == "partials" else TOLERANCE[jnp.bfloat16]
-    assert relative_error(out, ref) <= tol, f"seed={seed}"
+    x, w = _matches_reference(interpret, epilogue, m, k, n, splits, block_n=block_n, num_slots=slots,
+                              num_splits=splits, block_m=block_m, warpgroups=2)
     with pytest.raises(ValueError, match="warpgroups 2"):  # rows not whole blocks
         skinny_matmul_mgpu(x[:64], w, epilogue=epilogue, block_m=128, warpgroups=2, interpret=interpret)
 
@@ -130,25 +124,17 @@ def test_mgpu_skinny_refuses_what_it_cannot_run():
     assert supports(72, 128, 128, "partials") and supports(256, 896, 9728, "swiglu")
 
 
-def test_model_decode_step_through_mgpu_matches_triton(monkeypatch):
-    # An 8-row bf16 decode step with the projections on Mosaic GPU (model.SKINNY_BACKEND) gives
-    # the Triton path's logits; every projection of the step went through the new kernel.
-    import importlib
-
-    from jaxserve import model as model_module
+def _tiny_bf16_decode_step(rng, batch: int):
+    """A two-layer bf16 Qwen2's decode step of `batch` rows over random pages (ragged lengths, a
+    shuffled block table), impl "pallas"; returns its config and a function that runs the step
+    (the model's module knobs read when it traces)."""
     from jaxserve.config import ModelConfig
     from jaxserve.model import PagedAttention, Qwen2ForCausalLM, init_params, new_kv_cache
 
-    mg = importlib.import_module("kernels.skinny_matmul_mgpu")
-    calls = []
-    monkeypatch.setattr(mg, "skinny_matmul_mgpu",
-                        lambda *a, _f=mg.skinny_matmul_mgpu, **k: calls.append(k["epilogue"]) or _f(*a, **k))
-    monkeypatch.setattr(model_module, "MGPU_MIN_ROWS", 8)
-    rng, seed = fresh_rng()
     cfg = ModelConfig(vocab_size=96, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
     params = init_params(cfg, jax.random.key(int(rng.integers(1 << 30))), jnp.bfloat16)
-    batch, page_size, width = 8, 8, 2
+    page_size, width = 8, 2
     lengths = rng.integers(1, page_size * width - 1, batch)
     table = jnp.asarray(rng.permutation(batch * width).reshape(batch, width), jnp.int32)
     kv = new_kv_cache(cfg, batch * width, page_size, jnp.bfloat16)
@@ -159,15 +145,39 @@ def test_model_decode_step_through_mgpu_matches_triton(monkeypatch):
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, 1)), jnp.int32)
     model = Qwen2ForCausalLM(cfg, jnp.bfloat16)
 
-    def step(backend):
-        monkeypatch.setattr(model_module, "SKINNY_BACKEND", backend)
+    def run():
         logits, _ = model.apply({"params": params}, tokens, jnp.asarray(lengths[:, None], jnp.int32),
                                 kv=kv, paged=paged)
         return logits
 
-    ref = step("triton")
+    return cfg, run
+
+
+def _count_mgpu_calls(monkeypatch, record) -> list:
+    """Calls of `skinny_matmul_mgpu` from here on, each as `record(args, kwargs)`."""
+    import importlib
+
+    mg = importlib.import_module("kernels.skinny_matmul_mgpu")
+    calls = []
+    monkeypatch.setattr(mg, "skinny_matmul_mgpu",
+                        lambda *a, _f=mg.skinny_matmul_mgpu, **k: calls.append(record(a, k)) or _f(*a, **k))
+    return calls
+
+
+def test_model_decode_step_through_mgpu_matches_triton(monkeypatch):
+    # An 8-row bf16 decode step with the projections on Mosaic GPU (model.SKINNY_BACKEND) gives
+    # the Triton path's logits; every projection of the step went through the new kernel.
+    from jaxserve import model as model_module
+
+    calls = _count_mgpu_calls(monkeypatch, lambda a, k: k["epilogue"])
+    monkeypatch.setattr(model_module, "MGPU_MIN_ROWS", 8)
+    rng, seed = fresh_rng()
+    cfg, run = _tiny_bf16_decode_step(rng, 8)
+    monkeypatch.setattr(model_module, "SKINNY_BACKEND", "triton")
+    ref = run()
     assert not calls
-    out = step("mgpu")
+    monkeypatch.setattr(model_module, "SKINNY_BACKEND", "mgpu")
+    out = run()
     assert sorted(set(calls)) == ["none", "partials", "swiglu"] and len(calls) == 4 * cfg.num_hidden_layers
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
 
@@ -176,42 +186,19 @@ def test_model_128_row_step_through_mgpu_matches_xla(monkeypatch):
     # A 128-row bf16 decode step takes the skinny path where the Mosaic GPU projections run
     # (model.MGPU_MAX_ROWS; two row blocks of 64 in WIDE_TILES): its logits are those of the route
     # such steps took before, XLA's GEMMs and glue, and every projection went through the kernel.
-    import importlib
-
     from jaxserve import model as model_module
-    from jaxserve.config import ModelConfig
-    from jaxserve.model import PagedAttention, Qwen2ForCausalLM, init_params, new_kv_cache
 
-    mg = importlib.import_module("kernels.skinny_matmul_mgpu")
-    calls = []
-    monkeypatch.setattr(mg, "skinny_matmul_mgpu",
-                        lambda *a, _f=mg.skinny_matmul_mgpu, **k: calls.append(a[0].shape) or _f(*a, **k))
+    calls = _count_mgpu_calls(monkeypatch, lambda a, k: a[0].shape[0])
     rng, seed = fresh_rng()
-    cfg = ModelConfig(vocab_size=96, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
-    params = init_params(cfg, jax.random.key(int(rng.integers(1 << 30))), jnp.bfloat16)
-    batch, page_size, width = 128, 8, 2
-    lengths = rng.integers(1, page_size * width - 1, batch)
-    table = jnp.asarray(rng.permutation(batch * width).reshape(batch, width), jnp.int32)
-    kv = new_kv_cache(cfg, batch * width, page_size, jnp.bfloat16)
-    kv = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), kv)
-    slots = table[jnp.arange(batch), lengths // page_size] * page_size + lengths % page_size
-    paged = PagedAttention(slots[:, None], table, jnp.asarray(lengths + 1, jnp.int32),
-                           jnp.asarray(lengths, jnp.int32), impl="pallas")
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, 1)), jnp.int32)
-    model = Qwen2ForCausalLM(cfg, jnp.bfloat16)
-
-    def step(max_rows):
-        monkeypatch.setattr(model_module, "MGPU_MAX_ROWS", max_rows)
-        logits, _ = model.apply({"params": params}, tokens, jnp.asarray(lengths[:, None], jnp.int32),
-                                kv=kv, paged=paged)
-        return logits
-
+    batch = 128
+    cfg, run = _tiny_bf16_decode_step(rng, batch)
     assert model_module.skinny_rows(jnp.bfloat16) == model_module.MGPU_MAX_ROWS >= batch
-    ref = step(0)
+    monkeypatch.setattr(model_module, "MGPU_MAX_ROWS", 0)
+    ref = run()
     assert not calls
-    out = step(batch)
-    assert len(calls) == 4 * cfg.num_hidden_layers and {rows for rows, _ in calls} == {batch}, calls
+    monkeypatch.setattr(model_module, "MGPU_MAX_ROWS", batch)
+    out = run()
+    assert calls == [batch] * (4 * cfg.num_hidden_layers), calls
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
 
 
