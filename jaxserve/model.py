@@ -293,8 +293,8 @@ def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
 class Linear(nn.Module):
     """``nn.Dense``'s math (its kernel stored as ``WEIGHT_LAYOUT`` says) that can run as the skinny-matmul kernel.
 
-    ``fast=True`` (decode under the "pallas" impl) sends inputs of at most
-    ``skinny_rows(dtype)`` rows to the Pallas kernel: XLA streams the weights of
+    ``fast=True`` (a pass under the "pallas" impl) sends inputs of at most ``SKINNY_ROWS`` rows
+    (decode steps: ``skinny_rows(dtype)``) to the Pallas kernel: XLA streams the weights of
     a few-row product at a fraction of the HBM bandwidth (see that module). ``epilogue``
     ("partials", "swiglu"; see ``kernels.skinny_matmul.skinny_matmul``) is for the fused decode
     glue only, which guarantees the kernel runs; ``tiling`` overrides the kernel's tiling
@@ -329,7 +329,9 @@ class Linear(nn.Module):
         if fast:
             from kernels.skinny_matmul import skinny_matmul
 
-            if rows <= skinny_rows(self.dtype):
+            # Prefill chunks keep SKINNY_ROWS: the Mosaic GPU rows past it were measured on decode steps.
+            decode = x.ndim >= 3 and x.shape[-2] == 1
+            if rows <= (skinny_rows(self.dtype) if decode else SKINNY_ROWS):
                 if DECODE_PROJECTIONS == "xla":
                     out = _xla_projection(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue, nk)
                 elif _mgpu_projection(x, kernel, epilogue, nk):

@@ -202,6 +202,22 @@ def test_model_128_row_step_through_mgpu_matches_xla(monkeypatch):
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
 
 
+def test_rows_past_64_on_mgpu_for_decode_steps_only(monkeypatch):
+    # 128 rows of one token each (a decode step) run the Mosaic GPU kernel; a 128-token prefill
+    # chunk keeps XLA's GEMM (SKINNY_ROWS), the route measured for it.
+    from jaxserve import model as model_module
+
+    calls = _count_mgpu_calls(monkeypatch, lambda a, k: a[0].shape)
+    layer = model_module.Linear(192, True, jnp.bfloat16)
+    x = jnp.asarray(fresh_rng()[0].standard_normal((128, 1, 128)), jnp.bfloat16)
+    params = layer.init(jax.random.key(0), x)
+    decode = layer.apply(params, x, fast=True)
+    assert calls == [(128, 128)]
+    prefill = layer.apply(params, x.reshape(1, 128, 128), fast=True)
+    assert calls == [(128, 128)]
+    assert relative_error(decode.reshape(prefill.shape), prefill) <= TOLERANCE[jnp.bfloat16]
+
+
 def test_skinny_rows_past_64_only_where_mgpu_runs(monkeypatch):
     # Steps of 65-MGPU_MAX_ROWS rows leave cuBLAS only for the Mosaic GPU projections: bf16 on a
     # Hopper GPU (or the CPU's interpreter) with "nk" weights; elsewhere the limit stays SKINNY_ROWS.
