@@ -139,6 +139,9 @@ MGPU_WIDE_TILINGS = {
     "mgpu256_ws256": _mw(s=3, gs=3, wg=2, gwg=2),
     "mgpu256_ws_g": _mw(n=64, bm=64, gn=64, gs=3, gbm=128, gwg=2),
     "mgpu256_ws_g256": _mw(n=64, bm=64, gs=3, gwg=2),
+    # the same with 2 slots: shared memory for two CTAs an SM, so all 152 of gate_up's run at once
+    "mgpu256_ws_g_s2": _mw(n=64, bm=64, gn=64, gs=2, gbm=128, gwg=2),
+    "mgpu256_ws_g256_s2": _mw(n=64, bm=64, gs=2, gwg=2),
 }
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
 # the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:

@@ -85,7 +85,7 @@
 #               ref.transpose / load forms), then the decode step at 64 and 128 (~450 s)
 #   ws          session 17, not yet run (written after its GPU time): the warp-specialized projections (two compute
 #               warpgroups a CTA; skinny_matmul_mgpu warpgroups=2): compiled tests, then the decode step at 256
-#               against cuBLAS and the one-warpgroup kernel, and at 128 (~450 s)
+#               against cuBLAS and the one-warpgroup kernel, and at 128 (~400 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -269,11 +269,11 @@ for part in "${parts[@]}"; do
                tests/test_greedy_pick.py tests/test_paged_attention_mgpu.py -k "compiled or model"
              timeout 140 python3 bench/decode_step.py --batches 64 128 --variants default --no-static --glue kernels \
                --rounds 3 --reps 10 ;;
-    ws) timeout 150 python3 -m pytest -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+    ws) timeout 100 python3 -m pytest -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
           tests/test_skinny_matmul_mgpu.py -k "two_warpgroup and compiled"
-        timeout 300 python3 bench/decode_step.py --batches 256 --variants default --no-static --glue kernels \
-          mgpu256_bm64 mgpu256_ws128 mgpu256_ws128_n64 mgpu256_ws256 mgpu256_ws_g mgpu256_ws_g256 --rounds 3 --reps 10 \
-          --profile /tmp/ws
+        timeout 360 python3 bench/decode_step.py --batches 256 --variants default --no-static --glue kernels \
+          mgpu256_bm64 mgpu256_ws128 mgpu256_ws128_n64 mgpu256_ws256 mgpu256_ws_g mgpu256_ws_g_s2 mgpu256_ws_g256 \
+          mgpu256_ws_g256_s2 --rounds 3 --reps 10 --profile /tmp/ws
         timeout 120 python3 bench/decode_step.py --batches 128 --variants default --no-static --glue kernels \
           mgpu256_ws128 mgpu256_ws_g --rounds 3 --reps 10 --profile /tmp/ws128 ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
