@@ -122,8 +122,9 @@ QKV_SKINNY_TILING: dict[str, int] = json.loads(os.environ.get("JAXSERVE_QKV_SKIN
 # `num_splits`) over its defaults, for experiments (bench/decode_step.py --glue attn_*). Read when a
 # step is traced.
 ATTENTION_TUNING: dict[str, int] = json.loads(os.environ.get("JAXSERVE_ATTENTION_TUNING", "{}"))
-# Decode steps of at most this many rows run their projections as the skinny-matmul kernel (and,
-# with DECODE_GLUE "kernels", the glue kernels); wider ones XLA's GEMMs. Default
+# Passes of at most this many rows (decode steps, and prefill chunks under the "pallas" impl) run
+# their projections as the skinny-matmul kernel (and decode steps, with DECODE_GLUE "kernels", the
+# glue kernels); wider ones XLA's GEMMs. Default
 # `kernels.skinny_matmul.MAX_ROWS` (64). Above it the Triton kernel tiles rows in blocks of 64;
 # at batch 256 that lost to cuBLAS (session 9 on the H200: launches of 13.7 µs against 10.4 / 10.2
 # / 4.7 for gate_up / down / o; bench/decode_step.py --glue skinny256). On Hopper in bf16 the
@@ -180,9 +181,10 @@ MGPU_MIN_ROWS = 32
 # Where the Mosaic GPU projections run (SKINNY_BACKEND "mgpu", a Hopper GPU, bf16, "nk" weights), decode
 # steps of up to this many rows also take the skinny path (the fused glue, the projections on Mosaic
 # GPU with `WIDE_TILES` past 64 rows) instead of cuBLAS GEMMs. Session 17 on the H200
-# (bench/results/decode_step.md): batch 128 step 1.043 vs 1.109 ms; at 256 cuBLAS stays (1.345 vs
-# 1.434: our gate_up 17.5 µs a layer against cuBLAS's 10.2). JAXSERVE_MGPU_MAX_ROWS=0 keeps the
-# skinny path to SKINNY_ROWS. Read when a step is traced and when a runner is built.
+# (bench/results/decode_step.md, calls 2-4): batch 128 step 1.018-1.043 vs 1.097-1.109 ms; at 256
+# cuBLAS stays (1.345 vs 1.434: our gate_up 17.4 µs a layer against cuBLAS's 10.3 + 2.6 for SwiGLU).
+# Prefill chunks keep SKINNY_ROWS (not measured past it). JAXSERVE_MGPU_MAX_ROWS=0 keeps the skinny
+# path to SKINNY_ROWS. Read when a step is traced and when a runner is built.
 MGPU_MAX_ROWS = int(os.environ.get("JAXSERVE_MGPU_MAX_ROWS", "128"))
 
 
