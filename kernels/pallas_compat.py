@@ -3,7 +3,8 @@
 Owns: where `dot`, `load`, `store` and `CompilerParams` of the Pallas Triton backend
 live, the rule for picking interpret mode, `next_pow2` (Triton block shapes must be
 powers of two, so every kernel pads to one), and `triton_call`, the `pallas_call` every kernel
-makes. Never holds kernel logic.
+makes; for the Mosaic GPU kernels, `mgpu_load` (a whole ref into registers on either JAX) and
+`mgpu_interpret_kwargs` (the interpreter's keyword). Never holds kernel logic.
 
 JAX 0.10.2 moved `pl.dot` into `jax.experimental.pallas.triton`; 0.11 deprecates the
 Triton backend as a whole (it still works on 0.11.2, the GPU machine's version) and

@@ -415,17 +415,17 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         k_steps = k // _BLOCK_K
         # Every split the same number of steps (the pipeline's grid is static): the largest divisor.
         num_splits = max(d for d in range(1, num_splits + 1) if k_steps % d == 0)
-        out = _ws_call(x, w, epilogue="swiglu" if epilogue == "swiglu" else "partials", block_n=block_n,
-                       num_slots=num_slots, block_m=block_m, num_splits=num_splits, interpret=bool(interpret))
-        if epilogue != "none":
-            return out
-        return (out.sum(axis=0) + (0 if bias is None else bias.astype(jnp.float32))).astype(x.dtype)
-    # "none" in one split leaves the kernel as the product (+ bias); split, as partials summed here.
-    kernel_epilogue = "partials" if epilogue == "none" and num_splits > 1 else epilogue
-    # The bias goes in as float32: a TMA copy moves a multiple of 128 bytes (32 bf16 would be 64).
-    kernel_bias = bias.astype(jnp.float32) if kernel_epilogue == "none" and bias is not None else None
-    out = _call(x, w, kernel_bias, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
-                block_m=block_m, num_splits=num_splits, interpret=bool(interpret))
+        # No bias inside: "none" leaves the kernel as partials, summed below.
+        kernel_epilogue = "swiglu" if epilogue == "swiglu" else "partials"
+        out = _ws_call(x, w, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, block_m=block_m,
+                       num_splits=num_splits, interpret=bool(interpret))
+    else:
+        # "none" in one split leaves the kernel as the product (+ bias); split, as partials summed below.
+        kernel_epilogue = "partials" if epilogue == "none" and num_splits > 1 else epilogue
+        # The bias goes in as float32: a TMA copy moves a multiple of 128 bytes (32 bf16 would be 64).
+        kernel_bias = bias.astype(jnp.float32) if kernel_epilogue == "none" and bias is not None else None
+        out = _call(x, w, kernel_bias, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
+                    block_m=block_m, num_splits=num_splits, interpret=bool(interpret))
     if epilogue != "none" or kernel_epilogue == "none":
         return out
     out = out.sum(axis=0)
