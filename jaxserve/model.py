@@ -196,8 +196,7 @@ def skinny_rows(dtype: Any) -> int:
         >>> skinny_rows(jnp.float32) == SKINNY_ROWS
         True
     """
-    if (SKINNY_BACKEND == "mgpu" and WEIGHT_LAYOUT == "nk" and DECODE_PROJECTIONS == "pallas"
-            and jnp.dtype(dtype) == jnp.bfloat16 and _wgmma_device()):
+    if DECODE_PROJECTIONS == "pallas" and _mgpu_runs(dtype):
         return max(SKINNY_ROWS, MGPU_MAX_ROWS)
     return SKINNY_ROWS
 
@@ -243,14 +242,20 @@ def _wgmma_device() -> bool:
     return device.platform == "gpu" and capability.split(".")[0] == "9"
 
 
-def _mgpu_projection(x: jax.Array, kernel: jax.Array, epilogue: str, nk: bool) -> bool:
-    """Whether this skinny projection runs on Mosaic GPU (SKINNY_BACKEND "mgpu", a Hopper GPU, at
-    least MGPU_MIN_ROWS rows and a shape it takes); otherwise Triton's path, which runs anywhere."""
+def _mgpu_runs(dtype: Any) -> bool:
+    """Whether the Mosaic GPU projections serve a model of this dtype: SKINNY_BACKEND "mgpu", "nk"
+    weights, bf16 (WGMMA operands), a Hopper GPU or the CPU's interpreter."""
+    return (SKINNY_BACKEND == "mgpu" and WEIGHT_LAYOUT == "nk" and jnp.dtype(dtype) == jnp.bfloat16
+            and _wgmma_device())
+
+
+def _mgpu_projection(x: jax.Array, kernel: jax.Array, epilogue: str) -> bool:
+    """Whether this skinny projection runs on Mosaic GPU (`_mgpu_runs`, at least MGPU_MIN_ROWS rows
+    and a shape it takes); otherwise Triton's path, which runs anywhere."""
     from kernels.skinny_matmul_mgpu import supports
 
     rows = x.size // x.shape[-1]
-    return (SKINNY_BACKEND == "mgpu" and rows >= MGPU_MIN_ROWS and _wgmma_device() and nk
-            and x.dtype == jnp.bfloat16 and kernel.dtype == jnp.bfloat16
+    return (rows >= MGPU_MIN_ROWS and _mgpu_runs(x.dtype) and kernel.dtype == jnp.bfloat16
             and supports(rows, x.shape[-1], kernel.shape[0], epilogue))
 
 
@@ -336,7 +341,7 @@ class Linear(nn.Module):
             if rows <= (skinny_rows(self.dtype) if decode else SKINNY_ROWS):
                 if DECODE_PROJECTIONS == "xla":
                     out = _xla_projection(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue, nk)
-                elif _mgpu_projection(x, kernel, epilogue, nk):
+                elif _mgpu_projection(x, kernel, epilogue):
                     from kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
 
                     out = skinny_matmul_mgpu(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue=epilogue)
