@@ -210,11 +210,12 @@ NK_TILINGS = {
 }
 
 
-def gpu_kernel_times(trace_dir: str) -> dict[str, tuple[int, float]]:
-    """{kernel name: (launches, total µs)} from the Perfetto trace `jax.profiler` wrote.
+def gpu_stream_events(trace_dir: str) -> tuple[list[dict], list[dict]]:
+    """(kernel events on the GPU's streams, every event) of the newest Perfetto trace
+    `jax.profiler` wrote under `trace_dir`; ([], []) when there is none.
 
-    Only events on the GPU's streams count (process names holding "GPU" or "/device:"),
-    so host-side XLA ops and Python are left out.
+    Only events on the GPU's streams count as kernels (process names holding "GPU" or
+    "/device:"), so host-side XLA ops and Python are left out.
     """
     import glob
     import gzip
@@ -222,7 +223,7 @@ def gpu_kernel_times(trace_dir: str) -> dict[str, tuple[int, float]]:
     files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True) + \
         glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not files:
-        return {}
+        return [], []
     with gzip.open(max(files, key=os.path.getmtime)) as f:
         events = json.load(f)
     events = events.get("traceEvents", events) if isinstance(events, dict) else events
@@ -232,11 +233,16 @@ def gpu_kernel_times(trace_dir: str) -> dict[str, tuple[int, float]]:
     threads = {(e["pid"], e.get("tid")): str(e.get("args", {}).get("name", "")) for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in gpu_pids}
     streams = {k for k, name in threads.items() if "Stream" in name} or set(threads)
+    kernels = [e for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams and "dur" in e]
+    return kernels, events
+
+
+def gpu_kernel_times(trace_dir: str) -> dict[str, tuple[int, float]]:
+    """{kernel name: (launches, total µs)} from the Perfetto trace `jax.profiler` wrote."""
     out: dict[str, tuple[int, float]] = {}
-    for e in events:
-        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams and "dur" in e:
-            n, t = out.get(e["name"], (0, 0.0))
-            out[e["name"]] = (n + 1, t + float(e["dur"]))
+    for e in gpu_stream_events(trace_dir)[0]:
+        n, t = out.get(e["name"], (0, 0.0))
+        out[e["name"]] = (n + 1, t + float(e["dur"]))
     return out
 
 

@@ -173,13 +173,20 @@ def decode_hlo(runner, call: tuple, logprobs: bool = False) -> str:
                         penalties=False, greedy=True, logprobs=logprobs).compile().as_text()
 
 
+def engine_config(batch: int, prompt_len: int, out_len: int, decode_steps: int, attention_impl: str,
+                  max_model_len: int | None = None) -> EngineConfig:
+    """The engine set-up every jaxserve row of this benchmark runs: the whole batch admitted at
+    once, prefill calls of up to 8192 tokens, pages for every row's prompt and output."""
+    return EngineConfig(page_size=16, max_running=batch, max_tokens_per_step=max(batch, min(8192, batch * prompt_len)),
+                        dtype="bfloat16", decode_steps=decode_steps, prefix_caching=False,
+                        max_model_len=max_model_len or prompt_len + out_len + 16, attention_impl=attention_impl,
+                        num_pages=batch * ((prompt_len + out_len) // 16 + 2) + 64)
+
+
 def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len: int, decode_steps: int,
                    attention_impl: str, first: bool, runs: int = 1,
                    max_model_len: int | None = None) -> tuple[Row, float | None]:
-    cfg = EngineConfig(page_size=16, max_running=batch, max_tokens_per_step=max(batch, min(8192, batch * len(prompts[0]))),
-                       dtype="bfloat16", decode_steps=decode_steps, prefix_caching=False,
-                       max_model_len=max_model_len or len(prompts[0]) + out_len + 16, attention_impl=attention_impl,
-                       num_pages=batch * ((len(prompts[0]) + out_len) // 16 + 2) + 64)
+    cfg = engine_config(batch, len(prompts[0]), out_len, decode_steps, attention_impl, max_model_len)
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
     engine = Engine(m, cfg)

@@ -1,0 +1,164 @@
+"""Where an offline engine run's wall time goes: the GPU's busy time and its idle gaps, each gap
+named by the host work that was running when it opened.
+
+`bench/throughput.py` times the batch-256 run at ~250 ms (H200, session 17) against ~215 ms of
+device work (the decode step alone times 1.41 ms x 128 steps, plus the prefill): this script
+traces one warm run of the same workload with `jax.profiler`, marks the engine's host phases
+(scheduling, dispatching and collecting prefill and decode calls) as trace annotations, and
+reports the device's busy time (the union of its kernels), its idle time split by the host phase
+open at each gap's start, and the longest gaps with the kernels on either side.
+
+    python bench/engine_timeline.py --batch 256 --out /tmp/timeline
+    python bench/engine_timeline.py --tiny --batch 4 --output-len 16   # CPU smoke run (no GPU streams)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.decode_step import gpu_stream_events  # noqa: E402
+from bench.throughput import QWEN25_05B, TINY, engine_config, make_checkpoint, write_lines  # noqa: E402
+from jaxserve import Engine, SamplingParams  # noqa: E402
+from jaxserve.config import ModelConfig  # noqa: E402
+from jaxserve.loading import LoadedModel  # noqa: E402
+from jaxserve.weights import load_hf_params  # noqa: E402
+
+# The engine's host phases, innermost last where they nest (a dispatch or collect runs inside step).
+PHASES = ("step", "schedule", "dispatch_prefill", "collect_prefill", "dispatch_decode", "collect_decode")
+
+
+def annotate(engine: Engine) -> None:
+    """Wrap the engine's phases (on this instance only) in `jax.profiler.TraceAnnotation`s named
+    ``engine.<phase>``, so the trace shows them on the host's clock beside the kernels."""
+    def wrap(owner, attr: str, name: str) -> None:
+        fn = getattr(owner, attr)
+
+        @functools.wraps(fn)
+        def traced(*a, **k):
+            with jax.profiler.TraceAnnotation(f"engine.{name}"):
+                return fn(*a, **k)
+        setattr(owner, attr, traced)
+
+    wrap(engine, "step", "step")
+    wrap(engine.scheduler, "schedule", "schedule")
+    for phase in PHASES[2:]:
+        wrap(engine, f"_{phase}", phase)
+
+
+def merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of [start, end) intervals, sorted and disjoint."""
+    out: list[list[float]] = []
+    for s, e in sorted(intervals):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def host_phase_at(t: float, spans: list[tuple[float, float, str]]) -> str:
+    """The innermost engine phase open at time t (the latest-starting span holding it), or
+    "outside step" (the caller's own loop, `generate`'s bookkeeping)."""
+    best = None
+    for s, e, name in spans:
+        if s <= t < e and (best is None or s >= best[0]):
+            best = (s, e, name)
+    return best[2] if best else "outside step"
+
+
+def summarize(kernels: list[dict], events: list[dict], wall_s: float, min_gap_us: float = 5.0,
+              top: int = 12) -> list[str]:
+    """Markdown lines: busy / idle split of the traced run, idle by host phase, longest gaps."""
+    if not kernels:
+        return ["no GPU stream events in the trace (CPU run?): nothing to summarize"]
+    ks = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"]) for e in kernels)
+    busy = merge([(s, e) for s, e, _ in ks])
+    spans = [(float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"][len("engine."):]) for e in events
+             if e.get("ph") == "X" and str(e.get("name", "")).startswith("engine.") and "dur" in e]
+    first, last = busy[0][0], busy[-1][1]
+    busy_us = sum(e - s for s, e in busy)
+    gaps = [(busy[i][1], busy[i + 1][0]) for i in range(len(busy) - 1) if busy[i + 1][0] - busy[i][1] >= min_gap_us]
+    small_us = (last - first) - busy_us - sum(e - s for s, e in gaps)
+    by_phase: dict[str, list[float]] = {}
+    for s, e in gaps:
+        by_phase.setdefault(host_phase_at(s, spans), []).append(e - s)
+    steps = [s for s in spans if s[2] == "step"]
+    lines = [f"- wall of the run {wall_s * 1e3:.1f} ms; first to last kernel {(last - first) / 1e3:.1f} ms; "
+             f"GPU busy {busy_us / 1e3:.1f} ms ({len(ks)} kernels); engine.step calls {len(steps)}, "
+             f"host time in them {sum(e - s for s, e, _ in steps) / 1e3:.1f} ms",
+             f"- idle between kernels: {len(gaps)} gaps of >= {min_gap_us:g} µs, {sum(e - s for s, e in gaps) / 1e3:.2f} ms; "
+             f"shorter gaps {small_us / 1e3:.2f} ms; before the first kernel / after the last (run's wall, host "
+             f"clock) {(wall_s * 1e6 - (last - first)) / 1e3:.1f} ms", "",
+             "| host phase open when the gap began | gaps | idle ms | longest µs |", "|---|---|---|---|"]
+    for phase, ds in sorted(by_phase.items(), key=lambda kv: -sum(kv[1])):
+        lines.append(f"| {phase} | {len(ds)} | {sum(ds) / 1e3:.2f} | {max(ds):.0f} |")
+    lines += ["", f"Longest {top} gaps (offset from the first kernel):", "",
+              "| at ms | idle µs | host phase | kernel before | kernel after |", "|---|---|---|---|---|"]
+    names = {s: n for s, _, n in ks}
+    ends = {}
+    for s, e, n in ks:
+        ends[e] = n
+    ends_sorted = sorted(ends)
+    for s, e in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+        before = ends[ends_sorted[int(np.searchsorted(ends_sorted, s, side="right")) - 1]]
+        after = names.get(e, "?")
+        lines.append(f"| {(s - first) / 1e3:.2f} | {e - s:.0f} | {host_phase_at(s, spans)} | {before[:60]} | "
+                     f"{after[:60]} |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--impl", default="pallas")
+    ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
+    ap.add_argument("--cpu-as-device", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help="write timeline.md here (the trace stays in a temp folder)")
+    args = ap.parse_args()
+
+    shape = TINY if args.tiny else QWEN25_05B
+    path = tempfile.mkdtemp()
+    make_checkpoint(shape, path)
+    cfg = ModelConfig.from_pretrained(path)
+    m = LoadedModel(load_hf_params(path, cfg, "bfloat16"), cfg, None, path, "bench")
+    prompts = np.random.default_rng(0).integers(2, cfg.vocab_size, size=(args.batch, args.prompt_len)).tolist()
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    engine = Engine(m, engine_config(args.batch, args.prompt_len, args.output_len, args.decode_steps, args.impl))
+    for _ in range(2):  # warm every shape the run takes, then once more untraced
+        engine.generate(prompts, params, use_tqdm=False)
+    annotate(engine)
+    trace_dir = tempfile.mkdtemp()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        t = time.perf_counter()
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - t
+    assert all(len(o["token_ids"]) == args.output_len for o in outs)
+    with contextlib.suppress(Exception):
+        engine.close()
+    kernels, events = gpu_stream_events(trace_dir)
+    if args.cpu_as_device:  # smoke-test the summary on a CPU trace: XLA's host ops stand in for kernels
+        kernels = [e for e in events if e.get("ph") == "X" and "dur" in e and not str(e.get("name", "")).startswith("engine.")
+                   and e.get("name", "").startswith(("fusion", "jit_", "custom-call", "dot", "while"))]
+    lines = [f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; batch {args.batch}, prompt "
+             f"{args.prompt_len}, output {args.output_len}, {args.decode_steps} decode steps a call; "
+             f"{args.batch * args.output_len / wall:,.0f} output tokens/s in the traced run", ""]
+    lines += summarize(kernels, events, wall)
+    write_lines(args.out, "timeline.md", lines)
+
+
+if __name__ == "__main__":
+    main()
