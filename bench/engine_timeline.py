@@ -15,9 +15,11 @@ open at each gap's start, and the longest gaps with the kernels on either side.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import cProfile
 import functools
+import io
 import os
+import pstats
 import sys
 import tempfile
 import time
@@ -34,26 +36,31 @@ from jaxserve.config import ModelConfig  # noqa: E402
 from jaxserve.loading import LoadedModel  # noqa: E402
 from jaxserve.weights import load_hf_params  # noqa: E402
 
-# The engine's host phases, innermost last where they nest (a dispatch or collect runs inside step).
-PHASES = ("step", "schedule", "dispatch_prefill", "collect_prefill", "dispatch_decode", "collect_decode")
+# The engine's host phases (owner path from the engine, method), innermost last where they nest:
+# a dispatch or collect runs inside step, the runner's call and the sampling inputs inside a dispatch.
+PHASES = (("", "step"), ("scheduler", "schedule"), ("", "_dispatch_prefill"), ("", "_collect_prefill"),
+          ("", "_dispatch_decode"), ("", "_collect_decode"), ("", "_can_chain"), ("", "_sampling_inputs"),
+          ("scheduler", "page_table"), ("scheduler", "capacities"), ("scheduler", "reserve"),
+          ("scheduler", "after_prefill"), ("scheduler", "remove_many"), ("runner", "decode"), ("runner", "prefill"))
+
+
+def phase_name(owner: str, attr: str) -> str:
+    return f"{owner + '.' if owner else ''}{attr.lstrip('_')}"
 
 
 def annotate(engine: Engine) -> None:
-    """Wrap the engine's phases (on this instance only) in `jax.profiler.TraceAnnotation`s named
-    ``engine.<phase>``, so the trace shows them on the host's clock beside the kernels."""
-    def wrap(owner, attr: str, name: str) -> None:
+    """Wrap the engine's phases (on this instance and its scheduler and runner only) in
+    `jax.profiler.TraceAnnotation`s named ``engine.<phase>``, so the trace shows them on the
+    host's clock beside the kernels."""
+    for owner_path, attr in PHASES:
+        owner = getattr(engine, owner_path) if owner_path else engine
         fn = getattr(owner, attr)
+        name = f"engine.{phase_name(owner_path, attr)}"
 
-        @functools.wraps(fn)
-        def traced(*a, **k):
-            with jax.profiler.TraceAnnotation(f"engine.{name}"):
-                return fn(*a, **k)
-        setattr(owner, attr, traced)
-
-    wrap(engine, "step", "step")
-    wrap(engine.scheduler, "schedule", "schedule")
-    for phase in PHASES[2:]:
-        wrap(engine, f"_{phase}", phase)
+        def traced(*a, _fn=fn, _name=name, **k):
+            with jax.profiler.TraceAnnotation(_name):
+                return _fn(*a, **k)
+        setattr(owner, attr, functools.wraps(fn)(traced))
 
 
 def merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -94,12 +101,21 @@ def summarize(kernels: list[dict], events: list[dict], wall_s: float, min_gap_us
     for s, e in gaps:
         by_phase.setdefault(host_phase_at(s, spans), []).append(e - s)
     steps = [s for s in spans if s[2] == "step"]
+    run = [s for s in spans if s[2] == "generate"]
     lines = [f"- wall of the run {wall_s * 1e3:.1f} ms; first to last kernel {(last - first) / 1e3:.1f} ms; "
              f"GPU busy {busy_us / 1e3:.1f} ms ({len(ks)} kernels); engine.step calls {len(steps)}, "
              f"host time in them {sum(e - s for s, e, _ in steps) / 1e3:.1f} ms",
              f"- idle between kernels: {len(gaps)} gaps of >= {min_gap_us:g} µs, {sum(e - s for s, e in gaps) / 1e3:.2f} ms; "
              f"shorter gaps {small_us / 1e3:.2f} ms; before the first kernel / after the last (run's wall, host "
-             f"clock) {(wall_s * 1e6 - (last - first)) / 1e3:.1f} ms", "",
+             f"clock) {(wall_s * 1e6 - (last - first)) / 1e3:.1f} ms"
+             + (f" ({(first - run[0][0]) / 1e3:.1f} / {(run[0][1] - last) / 1e3:.1f} ms of engine.generate)" if run else ""),
+             "", "| host phase | calls | ms | mean µs |", "|---|---|---|---|"]
+    totals: dict[str, list[float]] = {}
+    for s, e, name in spans:
+        totals.setdefault(name, []).append(e - s)
+    for name, ds in sorted(totals.items(), key=lambda kv: -sum(kv[1])):
+        lines.append(f"| {name} | {len(ds)} | {sum(ds) / 1e3:.2f} | {np.mean(ds):.0f} |")
+    lines += ["",
              "| host phase open when the gap began | gaps | idle ms | longest µs |", "|---|---|---|---|"]
     for phase, ds in sorted(by_phase.items(), key=lambda kv: -sum(kv[1])):
         lines.append(f"| {phase} | {len(ds)} | {sum(ds) / 1e3:.2f} | {max(ds):.0f} |")
@@ -126,6 +142,7 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--impl", default="pallas")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
+    ap.add_argument("--cprofile", type=int, default=0, help="also profile one more run with cProfile: top N functions")
     ap.add_argument("--cpu-as-device", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="write timeline.md here (the trace stays in a temp folder)")
     args = ap.parse_args()
@@ -144,11 +161,20 @@ def main() -> None:
     trace_dir = tempfile.mkdtemp()
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         t = time.perf_counter()
-        outs = engine.generate(prompts, params, use_tqdm=False)
+        with jax.profiler.TraceAnnotation("engine.generate"):
+            outs = engine.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - t
     assert all(len(o["token_ids"]) == args.output_len for o in outs)
-    with contextlib.suppress(Exception):
-        engine.close()
+    profile_lines = []
+    if args.cprofile:  # Python's view of the same run (untraced; cProfile slows Python ~1.5-2x)
+        prof = cProfile.Profile()
+        t = time.perf_counter()
+        prof.runcall(engine.generate, prompts, params, use_tqdm=False)
+        stream = io.StringIO()
+        pstats.Stats(prof, stream=stream).sort_stats("tottime").print_stats(args.cprofile)
+        profile_lines = ["", f"cProfile of one more run ({time.perf_counter() - t:.3f} s profiled), by own time:", "",
+                         "```", *[ln for ln in stream.getvalue().splitlines() if ln.strip()][-(args.cprofile + 1):], "```"]
+    engine.close()
     kernels, events = gpu_stream_events(trace_dir)
     if args.cpu_as_device:  # smoke-test the summary on a CPU trace: XLA's host ops stand in for kernels
         kernels = [e for e in events if e.get("ph") == "X" and "dur" in e and not str(e.get("name", "")).startswith("engine.")
@@ -156,7 +182,7 @@ def main() -> None:
     lines = [f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; batch {args.batch}, prompt "
              f"{args.prompt_len}, output {args.output_len}, {args.decode_steps} decode steps a call; "
              f"{args.batch * args.output_len / wall:,.0f} output tokens/s in the traced run", ""]
-    lines += summarize(kernels, events, wall)
+    lines += summarize(kernels, events, wall) + profile_lines
     write_lines(args.out, "timeline.md", lines)
 
 

@@ -278,8 +278,8 @@ for part in "${parts[@]}"; do
           mgpu256_ws_g256_s2 --rounds 3 --reps 10 --profile /tmp/ws
         timeout 120 python3 bench/decode_step.py --batches 128 --variants default --no-static --glue kernels \
           mgpu256_ws128 mgpu256_ws_g --rounds 3 --reps 10 --profile /tmp/ws128 ;;
-    timeline) timeout 150 python3 bench/engine_timeline.py --batch 256 --out "$OUT/$part/b256"
-              timeout 90 python3 bench/engine_timeline.py --batch 64 --out "$OUT/$part/b64" ;;
+    timeline) timeout 150 python3 bench/engine_timeline.py --batch 256 --cprofile 40 --out "$OUT/$part/b256"
+              timeout 90 python3 bench/engine_timeline.py --batch 64 --cprofile 25 --out "$OUT/$part/b64" ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

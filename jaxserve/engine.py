@@ -48,6 +48,7 @@ class _Decode:
     limits: np.ndarray
     num_steps: int
     penalties: bool
+    last: Any = None  # the last step's tokens [B], on the device: a chained call's input
 
 
 @dataclasses.dataclass
@@ -310,10 +311,10 @@ class Engine:
             tokens = np.zeros(batch, np.int32)
             tokens[: len(reqs)] = [r.output_ids[-1] for r in reqs]
         else:
-            tokens = chained.out.tokens[-1]
-        out = self.runner.decode(tokens, positions, limits, block_tables, sbatch, steps + shift, num_steps,
-                                 counts, seen, num_top, greedy, logprobs)
-        return _Decode(reqs, out, positions, limits, num_steps, penalties=counts is not None)
+            tokens = chained.last
+        out, last = self.runner.decode(tokens, positions, limits, block_tables, sbatch, steps + shift, num_steps,
+                                       counts, seen, num_top, greedy, logprobs, return_last=True)
+        return _Decode(reqs, out, positions, limits, num_steps, penalties=counts is not None, last=last)
 
     def _collect_decode(self, call: _Decode) -> None:
         """Read a decode call's tokens and hand them to their requests (stop rules apply)."""

@@ -99,6 +99,8 @@ class Runner:
         self.attention_impl = attention_impl
         self.kv: KVCache = new_kv_cache(config, num_pages, page_size, self.dtype)
         self.compiled_shapes: set[tuple] = set()
+        # Made once: a jnp.zeros a call would be one more dispatch (and a kernel) on the host's path.
+        self._no_counts = jnp.zeros((1, 1), jnp.int32)
         prefill_options = PREFILL_OPTIONS if prefill_options is None else prefill_options
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top", "greedy", "logprobs"),
                                 compiler_options=prefill_options or None)
@@ -157,8 +159,8 @@ class Runner:
                 counts, seen = update_counts(counts, seen, out.tokens, active)
             return (kv, out.tokens, counts, seen), out
 
-        (kv, _, _, _), outs = jax.lax.scan(one, (kv, tokens, counts, seen), jnp.arange(num_steps, dtype=jnp.int32))
-        return kv, outs
+        (kv, last, _, _), outs = jax.lax.scan(one, (kv, tokens, counts, seen), jnp.arange(num_steps, dtype=jnp.int32))
+        return kv, outs, last
 
     def prefill(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
                 batch: SamplingBatch, steps: np.ndarray, counts=None, seen=None, num_top: int = 0,
@@ -178,22 +180,24 @@ class Runner:
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, limits: np.ndarray, block_tables: np.ndarray,
                batch: SamplingBatch, steps: np.ndarray, num_steps: int, counts=None, seen=None, num_top: int = 0,
-               greedy: bool = False, logprobs: bool = True):
+               greedy: bool = False, logprobs: bool = True, return_last: bool = False):
         """``num_steps`` decode steps in one device call; row b stops writing at position ``limits[b]``.
 
         Returns the sampler's outputs stacked ``[num_steps, B]`` (log-probabilities NaN with
-        ``logprobs=False``: no row asked for them, and the greedy pick is then an argmax alone).
+        ``logprobs=False``: no row asked for them, and the greedy pick is then an argmax alone);
+        with ``return_last``, ``(outputs, the last step's tokens [B])``: what a chained call starts
+        from, sliced inside this call (an eager slice would be one more dispatch a call).
         """
         penalties = counts is not None
         if not penalties:  # placeholders keep one signature; they are never read
-            counts = seen = jnp.zeros((1, 1), jnp.int32)
+            counts = seen = self._no_counts
         self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, num_steps, num_top, penalties, greedy,
                                   logprobs))
-        self.kv, out = self.decode_fn(tokens.shape[0])(
+        self.kv, out, last = self.decode_fn(tokens.shape[0])(
             self.params, self.kv, *_int32(tokens, positions, limits, block_tables), batch,
             *_int32(steps), counts, seen, num_steps=num_steps, num_top=num_top, penalties=penalties, greedy=greedy,
             logprobs=logprobs)
-        return out
+        return (out, last) if return_last else out
 
 
 def _int32(*arrays) -> list:
