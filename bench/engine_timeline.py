@@ -48,19 +48,60 @@ def phase_name(owner: str, attr: str) -> str:
     return f"{owner + '.' if owner else ''}{attr.lstrip('_')}"
 
 
-def annotate(engine: Engine) -> None:
-    """Wrap the engine's phases (on this instance and its scheduler and runner only) in
-    `jax.profiler.TraceAnnotation`s named ``engine.<phase>``, so the trace shows them on the
-    host's clock beside the kernels."""
-    for owner_path, attr in PHASES:
-        owner = getattr(engine, owner_path) if owner_path else engine
+def annotate(engine: Engine, spans: list[tuple[str, float, float]]) -> None:
+    """Wrap the engine's phases (on this instance and its scheduler and runner only) and
+    `jax.device_get` (the host's waits for the device) in `jax.profiler.TraceAnnotation`s named
+    ``engine.<phase>``, so a trace shows them on the host's clock beside the kernels; every call
+    also appends ``(phase, start s, end s)`` to ``spans`` (perf_counter), traced or not."""
+    def wrap(owner, attr: str, name: str) -> None:
         fn = getattr(owner, attr)
-        name = f"engine.{phase_name(owner_path, attr)}"
 
-        def traced(*a, _fn=fn, _name=name, **k):
-            with jax.profiler.TraceAnnotation(_name):
-                return _fn(*a, **k)
-        setattr(owner, attr, functools.wraps(fn)(traced))
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                with jax.profiler.TraceAnnotation(f"engine.{name}"):
+                    return fn(*a, **k)
+            finally:
+                spans.append((name, t0, time.perf_counter()))
+        setattr(owner, attr, functools.wraps(fn)(timed))
+
+    for owner_path, attr in PHASES:
+        wrap(getattr(engine, owner_path) if owner_path else engine, attr, phase_name(owner_path, attr))
+    wrap(jax, "device_get", "device_get")
+
+
+def host_summary(spans: list[tuple[str, float, float]], start: float, wall_s: float) -> list[str]:
+    """Markdown lines for an untraced run from its phase spans: where the host's time went, how
+    long it waited on the device (`device_get`), and the stretches where the device cannot have
+    been busy because the host had not yet sent, or had already read back, all of its work."""
+    def first(name: str, key=lambda s: s[1]):
+        xs = [s for s in spans if s[0] == name]
+        return min(xs, key=key) if xs else None
+
+    end = start + wall_s
+    waits = [s for s in spans if s[0] == "device_get"]
+    lines = [f"- untraced run: wall {wall_s * 1e3:.1f} ms, host waiting on the device (device_get) "
+             f"{sum(e - s for _, s, e in waits) * 1e3:.1f} ms in {len(waits)} reads"]
+    first_call = first("runner.prefill")
+    if first_call:
+        lines.append(f"- generate's start to the first prefill call's dispatch returning: "
+                     f"{(first_call[2] - start) * 1e3:.1f} ms; the last read of the device's results to "
+                     f"generate's end: {(end - max(e for _, _, e in waits)) * 1e3:.1f} ms" if waits else "")
+    prefill_reads = [s for s in spans if s[0] == "collect_prefill"]
+    decodes = [s for s in spans if s[0] == "runner.decode"]
+    if prefill_reads and decodes:
+        last_prefill = max(prefill_reads, key=lambda s: s[1])
+        after = [d for d in decodes if d[1] >= last_prefill[1]]
+        if after:
+            lines.append(f"- the last prefill call's collect starting to the first decode call's dispatch "
+                         f"returning: {(after[0][2] - last_prefill[1]) * 1e3:.1f} ms")
+    lines += ["", "| host phase (untraced) | calls | ms | mean µs |", "|---|---|---|---|"]
+    totals: dict[str, list[float]] = {}
+    for name, s, e in spans:
+        totals.setdefault(name, []).append((e - s) * 1e6)
+    for name, ds in sorted(totals.items(), key=lambda kv: -sum(kv[1])):
+        lines.append(f"| {name} | {len(ds)} | {sum(ds) / 1e3:.2f} | {np.mean(ds):.0f} |")
+    return lines
 
 
 def merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -157,7 +198,11 @@ def main() -> None:
     engine = Engine(m, engine_config(args.batch, args.prompt_len, args.output_len, args.decode_steps, args.impl))
     for _ in range(2):  # warm every shape the run takes, then once more untraced
         engine.generate(prompts, params, use_tqdm=False)
-    annotate(engine)
+    spans: list[tuple[str, float, float]] = []
+    annotate(engine, spans)
+    t = time.perf_counter()
+    engine.generate(prompts, params, use_tqdm=False)
+    untraced = host_summary(spans, t, time.perf_counter() - t)
     trace_dir = tempfile.mkdtemp()
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         t = time.perf_counter()
@@ -182,7 +227,7 @@ def main() -> None:
     lines = [f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; batch {args.batch}, prompt "
              f"{args.prompt_len}, output {args.output_len}, {args.decode_steps} decode steps a call; "
              f"{args.batch * args.output_len / wall:,.0f} output tokens/s in the traced run", ""]
-    lines += summarize(kernels, events, wall) + profile_lines
+    lines += untraced + ["", "Traced run:", ""] + summarize(kernels, events, wall) + profile_lines
     write_lines(args.out, "timeline.md", lines)
 
 

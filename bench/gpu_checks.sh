@@ -87,7 +87,8 @@
 #               warpgroups a CTA; skinny_matmul_mgpu warpgroups=2): compiled tests, then the decode step at 256
 #               against cuBLAS and the one-warpgroup kernel, and at 128 (~400 s)
 #   timeline    session 18: bench/engine_timeline.py, one traced engine run at batch 256 and 64: the GPU's idle gaps
-#               by the host phase open when each began (~150 s)
+#               by the host phase open when each began, the host's phases untraced (~150 s)
+#   steps16     session 18: bench/throughput.py at batch 64 / 256 with 16 decode steps a call (engine only; ~100 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
 #               cuBLAS (bench/skinny_tune.py) (~300 s). Session 9's early gather was timed here too (no gain at
@@ -280,6 +281,8 @@ for part in "${parts[@]}"; do
           mgpu256_ws128 mgpu256_ws_g --rounds 3 --reps 10 --profile /tmp/ws128 ;;
     timeline) timeout 150 python3 bench/engine_timeline.py --batch 256 --cprofile 40 --out "$OUT/$part/b256"
               timeout 90 python3 bench/engine_timeline.py --batch 64 --cprofile 25 --out "$OUT/$part/b64" ;;
+    steps16) timeout 200 python3 bench/throughput.py --no-static --batches 64 256 --long-prompt 0 --decode-steps 16 \
+               --impls pallas --no-hf --out "$OUT/$part" ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

@@ -54,8 +54,9 @@ class StubRunner:
         return self._out((tokens.shape[0],), num_top)
 
     def decode(self, tokens, positions, limits, block_tables, batch, steps, num_steps, counts=None, seen=None,
-               num_top=0, greedy=False, logprobs=True):
-        return self._out((num_steps, len(positions)), num_top)
+               num_top=0, greedy=False, logprobs=True, return_last=False):
+        out = self._out((num_steps, len(positions)), num_top)
+        return (out, out.tokens[-1]) if return_last else out
 
 
 def tiny_model(vocab_size: int, with_tokenizer: bool = False) -> LoadedModel:
@@ -110,7 +111,7 @@ def measure(m: LoadedModel, batch: int, prompt_len: int, output_len: int, decode
             profiler.disable()
         total = time.perf_counter() - start
     if profiler:
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+        pstats.Stats(profiler).sort_stats(os.environ.get("HOST_PROFILE_SORT", "tottime")).print_stats(int(os.environ.get("HOST_PROFILE_TOP", "15")))
     tokens = batch * output_len
     return dict(batch=batch, total_s=total, us_per_token=total / tokens * 1e6,
                 ms_per_call=total / (output_len / decode_steps) * 1e3)
