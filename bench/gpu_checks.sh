@@ -88,6 +88,8 @@
 #               against cuBLAS and the one-warpgroup kernel, and at 128 (~400 s)
 #   timeline    session 18: bench/engine_timeline.py, one traced engine run at batch 256 and 64: the GPU's idle gaps
 #               by the host phase open when each began, the host's phases untraced (~150 s)
+#   engine18    session 18, the first decode call chained on the last prefill: throughput (8 steps a call, as
+#               the throughput part plus batch 128), then 16 steps at 64 / 256, then the batch-256 timeline (~420 s)
 #   steps16     session 18: bench/throughput.py at batch 64 / 256 with 16 decode steps a call (engine only; ~100 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
@@ -283,6 +285,11 @@ for part in "${parts[@]}"; do
               timeout 90 python3 bench/engine_timeline.py --batch 64 --cprofile 25 --out "$OUT/$part/b64" ;;
     steps16) timeout 200 python3 bench/throughput.py --no-static --batches 64 256 --long-prompt 0 --decode-steps 16 \
                --impls pallas --no-hf --out "$OUT/$part" ;;
+    engine18) timeout 260 python3 bench/throughput.py --no-static --batches 1 64 128 256 --long-prompt 1024 \
+                --long-batch 64 --decode-steps 8 --impls pallas --no-hf-compile --out "$OUT/$part/steps8"
+              timeout 120 python3 bench/throughput.py --no-static --batches 64 256 --long-prompt 0 --decode-steps 16 \
+                --impls pallas --no-hf --out "$OUT/$part/steps16"
+              timeout 120 python3 bench/engine_timeline.py --batch 256 --out "$OUT/$part/timeline" ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

@@ -49,6 +49,9 @@ class _Decode:
     num_steps: int
     penalties: bool
     last: Any = None  # the last step's tokens [B], on the device: a chained call's input
+    # The prefill call whose first tokens this call started from on the device (_can_follow_prefill),
+    # still to be read: the next step() reads it before anything else.
+    after: "_Prefill | None" = None
 
 
 @dataclasses.dataclass
@@ -57,6 +60,13 @@ class _Prefill:
 
     rows: list[tuple[Request, int, int]]
     out: Any
+
+
+@jax.jit
+def _first_tokens(host: jax.Array, prefill_tokens: jax.Array, source: jax.Array, owed: jax.Array) -> jax.Array:
+    """A decode call's input tokens: ``host``'s, but ``prefill_tokens[source]`` where ``owed``
+    (rows whose first token a prefill call in flight samples). One dispatch, no host read."""
+    return jnp.where(owed, prefill_tokens[source], host)
 
 
 def _decode_table_widths(page_size: int, max_pages: int) -> tuple[int, ...]:
@@ -121,6 +131,7 @@ class Engine:
         self._pending_prefill: _Prefill | None = None  # likewise, a prefill call
         self.chained_calls = 0
         self.overlapped_prefill_calls = 0
+        self.decode_calls_after_prefill = 0
         self._ids = itertools.count()
         self._started = time.perf_counter()
         self.generated_tokens = 0
@@ -285,12 +296,14 @@ class Engine:
                 done.append(r)
         return done
 
-    def _dispatch_decode(self, reqs: list[Request], num_steps: int, chained: _Decode | None = None) -> _Decode:
+    def _dispatch_decode(self, reqs: list[Request], num_steps: int, chained: _Decode | None = None,
+                         after: _Prefill | None = None) -> _Decode:
         """Start a multi-step decode call without waiting for it.
 
         ``chained``: the call still in flight for the same rows; this one continues from its
         last sampled tokens, which stay on the device, so the host can read the earlier call's
-        tokens while the device already runs this one.
+        tokens while the device already runs this one. ``after``: the prefill call in flight that
+        samples the first token of some of ``reqs``; those rows start from it on the device.
         """
         batch = EngineConfig.bucket(self.config.batch_buckets, len(reqs))
         table = self.scheduler.page_table()
@@ -298,23 +311,32 @@ class Engine:
         positions = np.zeros(batch, np.int32)
         limits = np.zeros(batch, np.int32)
         shift = 0 if chained is None else chained.num_steps
+        # Rows whose first token is still on the device (in ``after``): its index there.
+        first = {} if after is None else {id(r): i for i, (r, _, e) in enumerate(after.rows) if e == r.prefill_end}
+        owed = np.zeros(batch, np.int32)
         for i, r in enumerate(reqs):
-            # ``computed`` and ``remaining`` are as of before the chained call's tokens are read.
+            # ``computed`` and ``remaining`` are as of before the chained call's tokens are read
+            # (and before ``after``'s first tokens are: ``owed`` counts that one).
+            owed[i] = id(r) in first
             positions[i] = r.computed + shift
-            limits[i] = min(caps[r.slot], r.computed + r.remaining)
+            limits[i] = min(caps[r.slot], r.computed + r.remaining - owed[i])
         width = self.decode_table_width(int(limits.max()))
         block_tables = np.zeros((batch, width), np.int32)
         for i, r in enumerate(reqs):
             block_tables[i] = table[r.slot, :width]
         sbatch, steps, num_top, counts, seen, greedy, logprobs = self._sampling_inputs(reqs, batch)
-        if chained is None:
-            tokens = np.zeros(batch, np.int32)
-            tokens[: len(reqs)] = [r.output_ids[-1] for r in reqs]
-        else:
+        if chained is not None:
             tokens = chained.last
-        out, last = self.runner.decode(tokens, positions, limits, block_tables, sbatch, steps + shift, num_steps,
-                                       counts, seen, num_top, greedy, logprobs, return_last=True)
-        return _Decode(reqs, out, positions, limits, num_steps, penalties=counts is not None, last=last)
+        else:
+            tokens = np.zeros(batch, np.int32)
+            tokens[: len(reqs)] = [0 if owed[i] else r.output_ids[-1] for i, r in enumerate(reqs)]
+            if first:
+                source = np.array([first.get(id(r), 0) for r in reqs] + [0] * (batch - len(reqs)), np.int32)
+                tokens = _first_tokens(tokens, after.out.tokens, source, owed.astype(bool))
+        out, last = self.runner.decode(tokens, positions, limits, block_tables, sbatch, steps + shift + owed,
+                                       num_steps, counts, seen, num_top, greedy, logprobs, return_last=True)
+        return _Decode(reqs, out, positions, limits, num_steps, penalties=counts is not None, last=last,
+                       after=after)
 
     def _collect_decode(self, call: _Decode) -> None:
         """Read a decode call's tokens and hand them to their requests (stop rules apply)."""
@@ -342,10 +364,37 @@ class Engine:
             return False
         if any(r.is_prefilling for r in self.scheduler.running) or len(self.scheduler.running) != len(call.reqs):
             return False
-        if any(r.status is not Status.RUNNING or r.remaining <= call.num_steps for r in call.reqs):
+        if any(r.status is not Status.RUNNING or r.finish_reason is not None or r.remaining <= call.num_steps
+               for r in call.reqs):
             return False
         want = [min(r.computed + r.remaining, self.max_model_len, r.computed + 2 * call.num_steps) for r in call.reqs]
         return self.scheduler.reserve(call.reqs, want)
+
+    def _can_follow_prefill(self, call: _Prefill) -> list[Request] | None:
+        """The rows of a decode call that may start before the host reads ``call``'s first tokens
+        (None if none may): with ``overlap``, once ``call`` is the last prefill (no prompt waits or
+        is partway), nobody asks for penalties (their token counts need the first tokens on the
+        host) and every row gets its pages without preempting. Each of ``call``'s rows starts
+        from its first token on the device, so the device goes from the prefill straight into
+        decoding instead of waiting for the host to read, schedule and dispatch.
+        """
+        if not self.config.overlap or self.scheduler.waiting:
+            return None
+        rows = self.scheduler.running
+        if not rows or any(r.is_prefilling or r.finish_reason is not None for r in rows):
+            return None
+        if any(not r.params.greedy and (r.params.repetition_penalty != 1.0 or r.params.presence_penalty != 0.0
+                                        or r.params.frequency_penalty != 0.0) for r in rows):
+            return None
+        if len(rows) > self.config.batch_buckets[-1]:
+            return None
+        first = {id(r) for r, _, e in call.rows if e == r.prefill_end}
+        # Rows whose first token is on the device owe it: it is not in ``remaining`` yet.
+        want = [min(r.computed + r.remaining - (id(r) in first), self.max_model_len,
+                    r.computed + self.config.decode_steps) for r in rows]
+        if any(w <= r.computed for w, r in zip(want, rows)):
+            return None  # a row the first token finishes by length: read it first
+        return list(rows) if self.scheduler.reserve(rows, want) else None
 
     def step(self) -> list[Request]:
         """Run one scheduled step; returns the requests that got new tokens or finished.
@@ -358,7 +407,13 @@ class Engine:
         start = time.perf_counter()
         touched: dict[str, Request] = {}
         pending, self._pending = self._pending, None
-        if pending is not None:
+        if pending is not None and pending.after is not None:
+            # A decode call that started from a prefill's first tokens on the device: read those
+            # first (the decode stays in flight), so their TTFT is the prefill's, not the decode's.
+            after, pending.after = pending.after, None
+            self._pending = pending
+            touched.update((r.request_id, r) for r in self._collect_prefill(after))
+        elif pending is not None:
             if self._can_chain(pending):
                 self._pending = self._dispatch_decode(pending.reqs, pending.num_steps, chained=pending)
                 self.chained_calls += 1
@@ -375,6 +430,11 @@ class Engine:
                 if plan.prefill:
                     self._pending_prefill = self._dispatch_prefill(plan.prefill)
                     self.overlapped_prefill_calls += 1
+                elif (rows := self._can_follow_prefill(previous)) is not None:
+                    self._pending = self._dispatch_decode(rows, self.config.decode_steps, after=previous)
+                    self.decode_calls_after_prefill += 1
+                    self.time_s["step"] += time.perf_counter() - start
+                    return []
                 touched.update((r.request_id, r) for r in self._collect_prefill(previous))
             if plan is None or not plan.prefill:
                 plan = self.scheduler.schedule()
@@ -469,6 +529,7 @@ class Engine:
                     for lps in ((False, True) if logprobs else (False,))]
         step_counts = sorted({1, cfg.decode_steps})
         fewest_rows = 1  # the scheduler bounds (rows x padded length), and a bucket holds >= this many rows
+        first_tokens: dict[int, jax.Array] = {}  # a prefill call's sampled tokens, by its batch
         for batch in cfg.batch_buckets:
             zeros = np.zeros(batch, np.int32)
             table = np.zeros((batch, self.scheduler.max_pages_per_seq), np.int32)
@@ -479,9 +540,15 @@ class Engine:
                                        greedy=greedy, logprobs=lps)
                 for length in cfg.prefill_buckets:
                     if fewest_rows == 1 or fewest_rows * length <= 2 * cfg.max_tokens_per_step:
-                        self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table, sbatch,
-                                            zeros, greedy=greedy, logprobs=lps)
+                        out = self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table, sbatch,
+                                                  zeros, greedy=greedy, logprobs=lps)
+                        first_tokens[batch] = out.tokens
             fewest_rows = batch + 1
+        if cfg.overlap:  # a decode call that follows a prefill (_can_follow_prefill) picks its first tokens
+            for batch in cfg.batch_buckets:
+                zeros = np.zeros(batch, np.int32)
+                for tokens in (t for b, t in first_tokens.items() if b <= batch):
+                    _first_tokens(zeros, tokens, zeros, zeros.astype(bool))
         jax.block_until_ready(self.runner.kv)
         return len(self.runner.compiled_shapes) - before
 
@@ -496,7 +563,8 @@ class Engine:
                    prefill_call_s=self.time_s["prefill"], decode_call_s=self.time_s["decode"],
                    host_s=self.time_s["step"] - self.time_s["prefill"] - self.time_s["decode"],
                    compilations=len(self.runner.compiled_shapes), overlapped_decode_calls=self.chained_calls,
-                   overlapped_prefill_calls=self.overlapped_prefill_calls)
+                   overlapped_prefill_calls=self.overlapped_prefill_calls,
+                   decode_calls_after_prefill=self.decode_calls_after_prefill)
         return out
 
     def clear_prefix_cache(self) -> None:

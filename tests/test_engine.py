@@ -346,6 +346,36 @@ def test_overlapped_prefill_gives_the_same_tokens_as_synchronous(tiny, policy):
     assert sum(o["cached_tokens"] for o in results[True]) > 0
 
 
+def test_decode_following_a_prefill_gives_the_same_tokens_as_synchronous(tiny):
+    """With overlap, the first decode call after the last prefill starts from that prefill's
+    first tokens on the device (Engine._can_follow_prefill), before the host reads them: the
+    same tokens as reading them first, including a row its first token stops (it decodes for
+    nothing, then its pages are free) and sampled rows (their step counts include the pending
+    first token). Penalties need the first tokens on the host, so they never follow a prefill."""
+    m, hf = tiny
+    prompts = random_prompts(m.config.vocab_size, (9, 30, 17, 40))
+    first = hf_greedy(hf, prompts[3], 1)[0]
+    greedy = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=9, temperature=0.9, top_k=20, seed=5, ignore_eos=True)
+    stop_first = SamplingParams(max_tokens=9, temperature=0.0, stop_token_ids=[first])
+    penalized = SamplingParams(max_tokens=9, temperature=0.9, seed=2, repetition_penalty=1.3, ignore_eos=True)
+    cases = {"plain": [greedy, seeded, greedy, stop_first], "penalties": [greedy, penalized, greedy, greedy]}
+    for name, params in cases.items():
+        results, follows = {}, {}
+        for overlap in (True, False):
+            # 32 tokens a step: the four prompts take three prefill calls, the last one holding the
+            # longest prompt's final chunk.
+            with Engine(m, small_config(overlap=overlap, max_tokens_per_step=32, decode_steps=3)) as engine:
+                results[overlap] = engine.generate(prompts, params, use_tqdm=False)
+                follows[overlap] = engine.stats()["decode_calls_after_prefill"]
+                assert_all_pages_free(engine)
+        keys = ("token_ids", "finish_reason")
+        assert [[o[k] for k in keys] for o in results[True]] == [[o[k] for k in keys] for o in results[False]], name
+        assert follows[False] == 0
+        assert follows[True] == (1 if name == "plain" else 0), name
+    assert results[True][0]["token_ids"] == hf_greedy(hf, prompts[0], 9)
+
+
 def test_sampling_batch_is_built_once_per_set_of_rows(tiny, monkeypatch):
     """Decode calls over the same rows reuse the stacked sampling parameters; a new set of
     rows (prefill, or a row finishing) builds them again. Outputs stay reproducible."""
