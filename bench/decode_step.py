@@ -142,6 +142,11 @@ MGPU_WIDE_TILINGS = {
     # the same with 2 slots: shared memory for two CTAs an SM, so all 152 of gate_up's run at once
     "mgpu256_ws_g_s2": _mw(n=64, bm=64, gn=64, gs=2, gbm=128, gwg=2),
     "mgpu256_ws_g256_s2": _mw(n=64, bm=64, gs=2, gwg=2),
+    # session 18: QKV, o and down as mgpu256_bm64 (down also with 6 slots: "deep"), gate_up + SwiGLU
+    # on cuBLAS and one XLA fusion (model.XLA_GATE_UP_ROWS 128)
+    "mgpu256_xgu": _mw(n=64, bm=64, gn=64, gbm=64),
+    "mgpu256_xgu_deep": _mw(n=64, bm=64, gn=64, gbm=64, deep={"block_n": 64, "num_slots": 6,
+                                                              "target_programs": 264, "block_m": 64}),
 }
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
 # the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:
@@ -307,6 +312,7 @@ def run_variant(args) -> list[dict]:
     single_pass_keys = paged_attention_module.SINGLE_PASS_KEYS
     skinny_rows = model_module.SKINNY_ROWS
     mgpu_max_rows = model_module.MGPU_MAX_ROWS
+    xla_gate_up_rows = model_module.XLA_GATE_UP_ROWS
     norm_warps = residual_norm_module.NUM_WARPS
     skinny_backend = model_module.SKINNY_BACKEND
     mgpu_defaults = {ep: dict(tile) for ep, tile in mgpu_module.TILES.items()}
@@ -367,6 +373,8 @@ def run_variant(args) -> list[dict]:
             # "cublas128": steps of 65-128 rows on cuBLAS's GEMMs and XLA's glue (the route before
             # session 17), not the Mosaic GPU projections (model.MGPU_MAX_ROWS).
             model_module.MGPU_MAX_ROWS = 0 if glue in ("cublas128", "nk_xla") else mgpu_max_rows
+            # "mgpu256_xgu*": gate_up + SwiGLU of steps past 128 rows on cuBLAS and XLA (model.XLA_GATE_UP_ROWS).
+            model_module.XLA_GATE_UP_ROWS = 128 if glue.startswith("mgpu256_xgu") else xla_gate_up_rows
             # "norm_warps4" / "norm_warps8": the add + RMSNorm kernel's one program a row runs 4 / 8 warps.
             residual_norm_module.NUM_WARPS = {"norm_warps4": 4, "norm_warps8": 8}.get(glue, norm_warps)
             # "xla_pick": greedy tokens by XLA's argmax + log-softmax, not the greedy_pick kernel.

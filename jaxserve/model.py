@@ -186,6 +186,12 @@ MGPU_MIN_ROWS = 32
 # Prefill chunks keep SKINNY_ROWS (not measured past it). JAXSERVE_MGPU_MAX_ROWS=0 keeps the skinny
 # path to SKINNY_ROWS. Read when a step is traced and when a runner is built.
 MGPU_MAX_ROWS = int(os.environ.get("JAXSERVE_MGPU_MAX_ROWS", "128"))
+# Experimental, off (0): in fused-glue decode steps of more than this many rows, gate_up (+ SwiGLU)
+# runs as XLA's GEMM (cuBLAS) and one elementwise fusion while QKV, o and down stay on the skinny
+# kernels. Session 18 (bench/results/decode_step.md, call 1): at 256 rows our gate_up took 17.4 µs
+# a layer against cuBLAS's 10.35 + 2.56 for SwiGLU, while our QKV, o and down beat cuBLAS's by
+# ~3.3 µs a layer together. Timed with bench/decode_step.py --glue mgpu256_xgu. Read when a step is traced.
+XLA_GATE_UP_ROWS = int(os.environ.get("JAXSERVE_XLA_GATE_UP_ROWS", "0"))
 
 
 def skinny_rows(dtype: Any) -> int:
@@ -222,13 +228,17 @@ def _fold_norms(x: jax.Array) -> bool:
 
 
 def _xla_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, epilogue: str,
-                    nk: bool) -> jax.Array:
-    """``skinny_matmul``'s contract (float32 accumulation, its epilogues and roundings) as XLA ops."""
+                    nk: bool, round_product: bool = False) -> jax.Array:
+    """``skinny_matmul``'s contract (float32 accumulation, its epilogues and roundings) as XLA ops.
+
+    ``round_product``: the GEMM writes its product in x's dtype (half the bytes of float32 for the
+    epilogue's fusion to read); the same values where the epilogue rounds the product first (SwiGLU).
+    """
     from kernels.skinny_matmul import apply_epilogue
 
     y = jax.lax.dot_general(x, kernel, (((1,), (1 if nk else 0,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-    return apply_epilogue(y, x.dtype, bias, epilogue)
+                            preferred_element_type=x.dtype if round_product else jnp.float32)
+    return apply_epilogue(y.astype(jnp.float32), x.dtype, bias, epilogue)
 
 
 @functools.cache
@@ -341,6 +351,9 @@ class Linear(nn.Module):
             if rows <= (skinny_rows(self.dtype) if decode else SKINNY_ROWS):
                 if DECODE_PROJECTIONS == "xla":
                     out = _xla_projection(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue, nk)
+                elif epilogue == "swiglu" and 0 < XLA_GATE_UP_ROWS < rows:
+                    out = _xla_projection(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue, nk,
+                                          round_product=True)
                 elif _mgpu_projection(x, kernel, epilogue):
                     from kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
 

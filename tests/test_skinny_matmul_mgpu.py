@@ -202,6 +202,24 @@ def test_model_128_row_step_through_mgpu_matches_xla(monkeypatch):
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
 
 
+def test_gate_up_on_xla_past_its_row_limit(monkeypatch):
+    # model.XLA_GATE_UP_ROWS (experimental): a fused-glue step wider than it runs gate_up + SwiGLU
+    # as XLA's GEMM and one fusion, QKV, o and down still on Mosaic GPU; logits as XLA's route.
+    from jaxserve import model as model_module
+
+    calls = _count_mgpu_calls(monkeypatch, lambda a, k: k["epilogue"])
+    rng, seed = fresh_rng()
+    batch = 128
+    cfg, run = _tiny_bf16_decode_step(rng, batch)
+    monkeypatch.setattr(model_module, "MGPU_MAX_ROWS", 0)
+    ref = run()
+    monkeypatch.setattr(model_module, "MGPU_MAX_ROWS", batch)
+    monkeypatch.setattr(model_module, "XLA_GATE_UP_ROWS", batch // 2)
+    out = run()
+    assert sorted(calls) == ["none"] * 2 + ["partials"] * 4, calls
+    assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
+
+
 def test_rows_past_64_on_mgpu_for_decode_steps_only(monkeypatch):
     # 128 rows of one token each (a decode step) run the Mosaic GPU kernel; a 128-token prefill
     # chunk keeps XLA's GEMM (SKINNY_ROWS), the route measured for it.
