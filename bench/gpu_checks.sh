@@ -90,6 +90,8 @@
 #               by the host phase open when each began, the host's phases untraced (~150 s)
 #   engine18    session 18, the first decode call chained on the last prefill: throughput (8 steps a call, as
 #               the throughput part plus batch 128), then 16 steps at 64 / 256, then the batch-256 timeline (~420 s)
+#   xgu         session 18: the decode step at 256 with QKV, o and down on Mosaic GPU and gate_up + SwiGLU on
+#               cuBLAS + XLA (model.XLA_GATE_UP_ROWS) against cuBLAS and the all-Mosaic-GPU route (~130 s)
 #   steps16     session 18: bench/throughput.py at batch 64 / 256 with 16 decode steps a call (engine only; ~100 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
@@ -290,6 +292,8 @@ for part in "${parts[@]}"; do
               timeout 120 python3 bench/throughput.py --no-static --batches 64 256 --long-prompt 0 --decode-steps 16 \
                 --impls pallas --no-hf --out "$OUT/$part/steps16"
               timeout 120 python3 bench/engine_timeline.py --batch 256 --out "$OUT/$part/timeline" ;;
+    xgu) timeout 150 python3 bench/decode_step.py --batches 256 --variants default --no-static --glue kernels \
+           mgpu256_bm64 mgpu256_xgu mgpu256_xgu_deep --rounds 3 --reps 10 --profile /tmp/xgu ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \
