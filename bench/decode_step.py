@@ -145,6 +145,7 @@ MGPU_WIDE_TILINGS = {
     # session 18: QKV, o and down as mgpu256_bm64 (down also with 6 slots: "deep"), gate_up + SwiGLU
     # on cuBLAS and one XLA fusion (model.XLA_GATE_UP_ROWS 128)
     "mgpu256_xgu": _mw(n=64, bm=64, gn=64, gbm=64),
+    "mgpu256_xgu_wt": {},  # the default WIDE_TILES
     "mgpu256_xgu_deep": _mw(n=64, bm=64, gn=64, gbm=64, deep={"block_n": 64, "num_slots": 6,
                                                               "target_programs": 264, "block_m": 64}),
 }

@@ -92,6 +92,8 @@
 #               the throughput part plus batch 128), then 16 steps at 64 / 256, then the batch-256 timeline (~420 s)
 #   xgu         session 18: the decode step at 256 with QKV, o and down on Mosaic GPU and gate_up + SwiGLU on
 #               cuBLAS + XLA (model.XLA_GATE_UP_ROWS) against cuBLAS and the all-Mosaic-GPU route (~130 s)
+#   xgu2        session 18, after xgu: that route's compiled model test, its step at 256 with cuBLAS's gate_up (the
+#               wide compile's options) against cuBLAS, then throughput at 256 with the route off / on (~300 s)
 #   steps16     session 18: bench/throughput.py at batch 64 / 256 with 16 decode steps a call (engine only; ~100 s)
 #   pending     session 9's engine options against the default, one process per batch set: 8-warp norms (1/64,
 #               the default since), the skinny matmul at batch 256 instead of cuBLAS, and per projection against
@@ -294,6 +296,14 @@ for part in "${parts[@]}"; do
               timeout 120 python3 bench/engine_timeline.py --batch 256 --out "$OUT/$part/timeline" ;;
     xgu) timeout 150 python3 bench/decode_step.py --batches 256 --variants default --no-static --glue kernels \
            mgpu256_bm64 mgpu256_xgu mgpu256_xgu_deep --rounds 3 --reps 10 --profile /tmp/xgu ;;
+    xgu2) timeout 100 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+            tests/test_skinny_matmul_mgpu.py -k "model_step_with_gate_up or 128_row"
+          timeout 120 python3 bench/decode_step.py --batches 256 --variants default --no-static --glue kernels \
+            mgpu256_xgu mgpu256_xgu_wt --rounds 5 --reps 10
+          for rows in 128 256; do  # old default (128), then the xgu route for 129-256 rows (256)
+            JAXSERVE_MGPU_MAX_ROWS=$rows JAXSERVE_XLA_GATE_UP_ROWS=128 timeout 100 python3 bench/throughput.py \
+              --no-static --batches 256 --long-prompt 0 --decode-steps 8 --impls pallas --no-hf --out "$OUT/$part/mgpu$rows"
+          done ;;
     pending) timeout 180 python3 bench/decode_step.py --batches 1 64 --variants default --no-static \
                --glue kernels norm_warps8 --rounds 5 --reps 10
              timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

@@ -114,6 +114,10 @@ class Runner:
         from jaxserve import model as model_module
 
         self.skinny_rows = model_module.skinny_rows(self.dtype)
+        # Steps whose gate_up runs as XLA's GEMM (model.XLA_GATE_UP_ROWS) take the wide compile too:
+        # its options give that product to cuBLAS, not XLA's Triton GEMM (11.14 vs 10.30 µs a layer
+        # at 256 rows on the H200, bench/results/decode_step.md session 18).
+        self.xla_gate_up_rows = model_module.XLA_GATE_UP_ROWS
         if GREEDY_PICK not in ("kernel", "xla"):
             raise ValueError(f"JAXSERVE_GREEDY_PICK must be 'kernel' or 'xla', got {GREEDY_PICK!r}")
         self.pick_kernel = attention_impl == "pallas" and GREEDY_PICK == "kernel"
@@ -175,8 +179,9 @@ class Runner:
 
     def decode_fn(self, rows: int):
         """The jitted multi-step decode for a batch of ``rows`` (the wide one past the skinny
-        matmul's rows, ``jaxserve.model.skinny_rows``)."""
-        return self._decode_wide if rows > self.skinny_rows else self._decode
+        matmul's rows, ``jaxserve.model.skinny_rows``, or past ``model.XLA_GATE_UP_ROWS`` when set)."""
+        wide = rows > self.skinny_rows or 0 < self.xla_gate_up_rows < rows
+        return self._decode_wide if wide else self._decode
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, limits: np.ndarray, block_tables: np.ndarray,
                batch: SamplingBatch, steps: np.ndarray, num_steps: int, counts=None, seen=None, num_top: int = 0,

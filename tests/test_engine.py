@@ -417,6 +417,16 @@ def test_wide_decode_batches_compile_with_their_own_options(tiny):
             assert r.decode_fn(rows + 1) is r._decode_wide
         finally:
             model_mod.SKINNY_ROWS = saved
+    # Steps whose gate_up runs as XLA's GEMM (model.XLA_GATE_UP_ROWS, set when the runner is
+    # built) take the wide compile too, whose options give that GEMM to cuBLAS.
+    saved = model_mod.XLA_GATE_UP_ROWS
+    try:
+        model_mod.XLA_GATE_UP_ROWS = 2
+        with Engine(m, small_config()) as engine:
+            r = engine.runner
+            assert r.decode_fn(2) is r._decode and r.decode_fn(3) is r._decode_wide
+    finally:
+        model_mod.XLA_GATE_UP_ROWS = saved
     if "JAXSERVE_WIDE_DECODE_OPTIONS" not in os.environ:
         assert runner_mod.WIDE_DECODE_OPTIONS == {"xla_gpu_enable_triton_gemm": False}
 

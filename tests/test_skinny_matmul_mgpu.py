@@ -202,7 +202,7 @@ def test_model_128_row_step_through_mgpu_matches_xla(monkeypatch):
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
 
 
-def test_gate_up_on_xla_past_its_row_limit(monkeypatch):
+def test_model_step_with_gate_up_on_xla_past_its_row_limit(monkeypatch):
     # model.XLA_GATE_UP_ROWS (experimental): a fused-glue step wider than it runs gate_up + SwiGLU
     # as XLA's GEMM and one fusion, QKV, o and down still on Mosaic GPU; logits as XLA's route.
     from jaxserve import model as model_module
