@@ -190,7 +190,9 @@ MGPU_MAX_ROWS = int(os.environ.get("JAXSERVE_MGPU_MAX_ROWS", "128"))
 # runs as XLA's GEMM (cuBLAS) and one elementwise fusion while QKV, o and down stay on the skinny
 # kernels. Session 18 (bench/results/decode_step.md, call 1): at 256 rows our gate_up took 17.4 µs
 # a layer against cuBLAS's 10.35 + 2.56 for SwiGLU, while our QKV, o and down beat cuBLAS's by
-# ~3.3 µs a layer together. Timed with bench/decode_step.py --glue mgpu256_xgu. Read when a step is traced.
+# ~3.3 µs a layer together; with cuBLAS's gate_up (Runner.decode_fn gives these steps the wide
+# compile) the step was 1.310 vs 1.320 ms and end to end 139.6k vs 140.0k tokens/s (call 7): no gain,
+# so off. bench/decode_step.py --glue mgpu256_xgu*. Read when a step is traced.
 XLA_GATE_UP_ROWS = int(os.environ.get("JAXSERVE_XLA_GATE_UP_ROWS", "0"))
 
 
