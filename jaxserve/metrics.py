@@ -63,6 +63,10 @@ class _EngineTotals(Collector):
         yield CounterMetricFamily("jaxserve_engine_overlapped_prefill_calls",
                                   "Prefill calls dispatched before the previous prefill's first tokens were read.",
                                   value=float(st.get("overlapped_prefill_calls", 0)))
+        yield CounterMetricFamily("jaxserve_engine_decode_calls_after_prefill",
+                                  "Decode calls dispatched before the last prefill's first tokens were read, "
+                                  "starting from them on the device.",
+                                  value=float(st.get("decode_calls_after_prefill", 0)))
         yield CounterMetricFamily("jaxserve_engine_generated_tokens",
                                   "Tokens sampled by the engine (running, finished and aborted requests).",
                                   value=float(st.get("generated_tokens", 0)))

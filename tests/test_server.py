@@ -338,7 +338,7 @@ ENGINE_COUNTERS = ['jaxserve_engine_step_seconds_total{part="prefill_call"}',
                    'jaxserve_engine_step_seconds_total{part="decode_wait"}',
                    'jaxserve_engine_step_seconds_total{part="host"}', "jaxserve_engine_prefix_index_seconds_total",
                    "jaxserve_engine_overlapped_decode_calls_total", "jaxserve_engine_overlapped_prefill_calls_total",
-                   "jaxserve_engine_generated_tokens_total",
+                   "jaxserve_engine_decode_calls_after_prefill_total", "jaxserve_engine_generated_tokens_total",
                    "jaxserve_engine_prefill_tokens_total"]
 
 
