@@ -401,7 +401,8 @@ class Engine:
 
         With ``EngineConfig.overlap`` a decode or prefill call may still run on the device when
         step() returns; its tokens come back from the next step(), which first chains the
-        following call (a decode over the same rows in steady decoding, or the next prefill) so
+        following call (a decode over the same rows in steady decoding, the next prefill, or
+        after the last prefill the first decode, from that prefill's tokens on the device) so
         the device does not wait for the host.
         """
         start = time.perf_counter()
