@@ -22,7 +22,7 @@ from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.request import Request, Status
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
-from jaxserve.sampling import SamplingParams, make_batch, needs_sampling
+from jaxserve.sampling import SamplingParams, make_batch, needs_penalties, needs_sampling
 from jaxserve.scheduler import Scheduler
 from jaxserve.tokenizer import IncrementalDetokenizer
 
@@ -223,8 +223,7 @@ class Engine:
             sampled = needs_sampling(params)
             self._sampling_cache = (key, make_batch(params, batch, eos_token_ids=self.eos_ids),
                                     MAX_TOP_LOGPROBS if any((p.logprobs or 0) > 0 for p in params) else 0,
-                                    sampled, sampled and any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                                                             or p.frequency_penalty != 0.0 for p in params),
+                                    sampled, needs_penalties(params),
                                     # Log-probabilities only when some row asks (vLLM's rule too): the
                                     # greedy pick is then an argmax without an exponential an element.
                                     any(p.logprobs is not None for p in params))
@@ -383,8 +382,7 @@ class Engine:
         rows = self.scheduler.running
         if not rows or any(r.is_prefilling or r.finish_reason is not None for r in rows):
             return None
-        if any(not r.params.greedy and (r.params.repetition_penalty != 1.0 or r.params.presence_penalty != 0.0
-                                        or r.params.frequency_penalty != 0.0) for r in rows):
+        if needs_penalties([r.params for r in rows]):
             return None
         if len(rows) > self.config.batch_buckets[-1]:
             return None

@@ -238,6 +238,18 @@ def make_batch(
     ))
 
 
+def needs_penalties(params: Sequence[SamplingParams | None]) -> bool:
+    """Whether some row asks for a repetition, presence or frequency penalty (greedy rows too):
+    then a step needs each row's token counts, built on the host from its tokens so far.
+
+    Example:
+        >>> needs_penalties([SamplingParams(temperature=0, presence_penalty=0.5), None])
+        True
+    """
+    return any(p is not None and (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                                  or p.frequency_penalty != 0.0) for p in params)
+
+
 def needs_sampling(params: Sequence[SamplingParams | None]) -> bool:
     """False when `jnp.argmax(logits, -1)` picks exactly the tokens `sample` would.
 

@@ -351,7 +351,8 @@ def test_decode_following_a_prefill_gives_the_same_tokens_as_synchronous(tiny):
     first tokens on the device (Engine._can_follow_prefill), before the host reads them: the
     same tokens as reading them first, including a row its first token stops (it decodes for
     nothing, then its pages are free) and sampled rows (their step counts include the pending
-    first token). Penalties need the first tokens on the host, so they never follow a prefill."""
+    first token). Penalties, greedy rows' too, need the first tokens on the host, so they never
+    follow a prefill."""
     m, hf = tiny
     prompts = random_prompts(m.config.vocab_size, (9, 30, 17, 40))
     first = hf_greedy(hf, prompts[3], 1)[0]
@@ -359,7 +360,9 @@ def test_decode_following_a_prefill_gives_the_same_tokens_as_synchronous(tiny):
     seeded = SamplingParams(max_tokens=9, temperature=0.9, top_k=20, seed=5, ignore_eos=True)
     stop_first = SamplingParams(max_tokens=9, temperature=0.0, stop_token_ids=[first])
     penalized = SamplingParams(max_tokens=9, temperature=0.9, seed=2, repetition_penalty=1.3, ignore_eos=True)
-    cases = {"plain": [greedy, seeded, greedy, stop_first], "penalties": [greedy, penalized, greedy, greedy]}
+    greedy_penalized = SamplingParams(max_tokens=9, temperature=0.0, presence_penalty=1.5, ignore_eos=True)
+    cases = {"plain": [greedy, seeded, greedy, stop_first], "penalties": [greedy, penalized, greedy, greedy],
+             "greedy penalties": [greedy, greedy, greedy, greedy_penalized]}
     for name, params in cases.items():
         results, follows = {}, {}
         for overlap in (True, False):
