@@ -24,13 +24,12 @@ partial sums `[splits, M, N]` that the next kernel adds (`kernels.residual_norm.
 or SwiGLU's `silu(gate) * up` in the activation dtype. A program re-reads its activation tile
 from L2 for every `block_n` weight rows it streams, so wide steps want wide weight blocks.
 
-Experimental, not yet timed on a GPU (session 17 wrote it after its device time ran out):
-`warpgroups=2`, a warp-specialized CTA (`_ws_kernel`, `plgpu.emit_pipeline_warp_specialized`)
-whose two compute warpgroups share each step's activation and weight tiles. At 256 rows the
-one-warpgroup gate_up re-reads ~139 MB from L2 a layer for 17.4 MB of weights (row blocks of 64 x
-64 weight rows; ~8 TB/s, as at 128 rows) and loses to cuBLAS; a CTA of 128 rows x 64 weight rows
-reads ~104 MB, 128 x 128 ~70 MB. Correct in the interpreter and lowered for CUDA on the CPU;
-`bench/gpu_checks.sh ws` times it.
+Experimental, opt-in: `warpgroups=2`, a warp-specialized CTA (`_ws_kernel`,
+`plgpu.emit_pipeline_warp_specialized`) whose two compute warpgroups share each step's activation
+and weight tiles, so a CTA of 128 rows x 64 weight rows reads ~104 MB from L2 a 256-row gate_up
+layer against ~139 MB for the one-warpgroup 64 x 64 tiles. Correct compiled, but no faster (H200,
+session 18: gate_up 17.66 against 17.40 µs a layer at 256 rows, every other projection slower;
+bench/results/decode_step.md): L2 reads do not bound that product.
 
 Limits: bf16, weights `[N, K]` (the engine's layout), K a multiple of 64, M a multiple of 8 up
 to 256 (and of `block_m` above it), N (of each half) a multiple of `block_n`, the ring and the
@@ -159,6 +158,14 @@ def _transforms(cols: int, dtype) -> tuple:
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
+def _out_type(x: jax.Array, n_out: int, epilogue: str, num_splits: int) -> jax.ShapeDtypeStruct:
+    """A kernel's output: `[M, n_out]` in x's dtype ("swiglu", "none"), or float32 partial sums
+    `[num_splits, M, n_out]` ("partials")."""
+    if epilogue == "partials":
+        return jax.ShapeDtypeStruct((num_splits, x.shape[0], n_out), jnp.float32)
+    return jax.ShapeDtypeStruct((x.shape[0], n_out), x.dtype)
+
+
 def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, num_slots: int, boxes: int,
             rows: int, row_tile: int, steps_per_split: int, k_steps: int, n_out: int, interpret: bool):
     if has_bias:
@@ -235,10 +242,7 @@ def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, boxes: int
     k_steps = k // (_BLOCK_K * boxes)
     steps_per_split = pl.cdiv(k_steps, num_splits)
     halves = 2 if epilogue == "swiglu" else 1
-    if epilogue in ("swiglu", "none"):
-        out_type = jax.ShapeDtypeStruct((m, n_out), x.dtype)
-    else:
-        out_type = jax.ShapeDtypeStruct((num_splits, m, n_out), jnp.float32)
+    out_type = _out_type(x, n_out, epilogue, num_splits)
     in_tf = _transforms(_BLOCK_K, x.dtype)
     scratch = [
         plgpu.SMEM((num_slots, boxes, row_tile, _BLOCK_K), x.dtype, transforms=in_tf),
@@ -321,10 +325,7 @@ def _ws_kernel(x_ref, w_ref, o_ref, o_smem, *, epilogue: str, block_n: int, num_
 def _ws_call(x, w, *, epilogue: str, block_n: int, num_slots: int, block_m: int, num_splits: int, interpret: bool):
     m, k = x.shape
     n_out = w.shape[0] // 2 if epilogue == "swiglu" else w.shape[0]
-    if epilogue == "swiglu":
-        out_type = jax.ShapeDtypeStruct((m, n_out), x.dtype)
-    else:
-        out_type = jax.ShapeDtypeStruct((num_splits, m, n_out), jnp.float32)
+    out_type = _out_type(x, n_out, epilogue, num_splits)
     return plgpu.kernel(
         functools.partial(_ws_kernel, epilogue=epilogue, block_n=block_n, num_slots=num_slots, block_m=block_m,
                           steps=k // _BLOCK_K // num_splits, n_out=n_out, interpret=interpret),
@@ -372,7 +373,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
             `split_count`); `block_m` rows a program (a multiple of 64), M at most that or whole
             blocks of it.
         boxes: K-elements a step in 64s (one TMA box of each operand per 64; None: `tile_for`).
-        warpgroups: 1, or 2 (experimental, not yet timed on a GPU): two compute warpgroups share a
+        warpgroups: 1, or 2 (experimental, measured no faster): two compute warpgroups share a
             CTA's tiles (`_ws_kernel`), whole blocks of `block_m` rows, K splits that divide its
             steps, no bias inside.
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
