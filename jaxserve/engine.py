@@ -61,6 +61,10 @@ class _Prefill:
     rows: list[tuple[Request, int, int]]
     out: Any
 
+    def finishing(self) -> dict[int, int]:
+        """The rows whose prompt this call finishes (it samples their first token): id -> index."""
+        return {id(r): i for i, (r, _, e) in enumerate(self.rows) if e == r.prefill_end}
+
 
 @jax.jit
 def _first_tokens(host: jax.Array, prefill_tokens: jax.Array, source: jax.Array, owed: jax.Array) -> jax.Array:
@@ -311,7 +315,7 @@ class Engine:
         limits = np.zeros(batch, np.int32)
         shift = 0 if chained is None else chained.num_steps
         # Rows whose first token is still on the device (in ``after``): its index there.
-        first = {} if after is None else {id(r): i for i, (r, _, e) in enumerate(after.rows) if e == r.prefill_end}
+        first = {} if after is None else after.finishing()
         owed = np.zeros(batch, np.int32)
         for i, r in enumerate(reqs):
             # ``computed`` and ``remaining`` are as of before the chained call's tokens are read
@@ -384,9 +388,7 @@ class Engine:
             return None
         if needs_penalties([r.params for r in rows]):
             return None
-        if len(rows) > self.config.batch_buckets[-1]:
-            return None
-        first = {id(r) for r, _, e in call.rows if e == r.prefill_end}
+        first = call.finishing()
         # Rows whose first token is on the device owe it: it is not in ``remaining`` yet.
         want = [min(r.computed + r.remaining - (id(r) in first), self.max_model_len,
                     r.computed + self.config.decode_steps) for r in rows]
