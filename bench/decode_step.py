@@ -131,7 +131,7 @@ MGPU_WIDE_TILINGS = {
     "mgpu256_g1_n64s6": _mw(n=64, s=6, bm=64, gbm=128), "mgpu256_s6": _mw(s=6, bm=64, gbm=64),
     # call 4: the defaults before "deep" (down_proj as the other K-split products)
     "mgpu256_nodeep": _mw(bm=64, gbm=64),
-    # session 17, written after its GPU time ran out (not yet run): two compute warpgroups a CTA
+    # session 17, run in session 18 (call 1: none beat mgpu256_bm64 or cuBLAS): two compute warpgroups a CTA
     # sharing its tiles (ws128: 2 x 64 rows, ws256: 2 x 128), everywhere or for gate_up only (ws_g*,
     # the other projections as mgpu256_bm64)
     "mgpu256_ws128": _mw(bm=128, gbm=128, wg=2, gwg=2),

@@ -93,15 +93,19 @@ def host_summary(spans: list[tuple[str, float, float]], start: float, wall_s: fl
         last_prefill = max(prefill_reads, key=lambda s: s[1])
         after = [d for d in decodes if d[1] >= last_prefill[1]]
         if after:
-            lines.append(f"- the last prefill call's collect starting to the first decode call's dispatch "
+            lines.append(f"- the last prefill call's collect starting to the next decode call's dispatch "
                          f"returning: {(after[0][2] - last_prefill[1]) * 1e3:.1f} ms")
-    lines += ["", "| host phase (untraced) | calls | ms | mean µs |", "|---|---|---|---|"]
+    return lines + [""] + phase_table("host phase (untraced)", ((name, (e - s) * 1e6) for name, s, e in spans))
+
+
+def phase_table(heading: str, durations_us) -> list[str]:
+    """Markdown table of `(phase, µs)` pairs: calls, total ms and mean µs a phase, biggest first."""
     totals: dict[str, list[float]] = {}
-    for name, s, e in spans:
-        totals.setdefault(name, []).append((e - s) * 1e6)
-    for name, ds in sorted(totals.items(), key=lambda kv: -sum(kv[1])):
-        lines.append(f"| {name} | {len(ds)} | {sum(ds) / 1e3:.2f} | {np.mean(ds):.0f} |")
-    return lines
+    for name, us in durations_us:
+        totals.setdefault(name, []).append(us)
+    return [f"| {heading} | calls | ms | mean µs |", "|---|---|---|---|"] + [
+        f"| {name} | {len(ds)} | {sum(ds) / 1e3:.2f} | {np.mean(ds):.0f} |"
+        for name, ds in sorted(totals.items(), key=lambda kv: -sum(kv[1]))]
 
 
 def merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -150,12 +154,7 @@ def summarize(kernels: list[dict], events: list[dict], wall_s: float, min_gap_us
              f"shorter gaps {small_us / 1e3:.2f} ms; before the first kernel / after the last (run's wall, host "
              f"clock) {(wall_s * 1e6 - (last - first)) / 1e3:.1f} ms"
              + (f" ({(first - run[0][0]) / 1e3:.1f} / {(run[0][1] - last) / 1e3:.1f} ms of engine.generate)" if run else ""),
-             "", "| host phase | calls | ms | mean µs |", "|---|---|---|---|"]
-    totals: dict[str, list[float]] = {}
-    for s, e, name in spans:
-        totals.setdefault(name, []).append(e - s)
-    for name, ds in sorted(totals.items(), key=lambda kv: -sum(kv[1])):
-        lines.append(f"| {name} | {len(ds)} | {sum(ds) / 1e3:.2f} | {np.mean(ds):.0f} |")
+             ""] + phase_table("host phase", ((name, e - s) for s, e, name in spans))
     lines += ["",
              "| host phase open when the gap began | gaps | idle ms | longest µs |", "|---|---|---|---|"]
     for phase, ds in sorted(by_phase.items(), key=lambda kv: -sum(kv[1])):
