@@ -51,6 +51,8 @@ VARIANTS = {
     "wide_cublas_graphs": {"JAXSERVE_WIDE_DECODE_OPTIONS":
                            '{"xla_gpu_enable_triton_gemm": false, "xla_gpu_graph_min_graph_size": 1, '
                            '"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"}'},
+    # XLA's programmatic dependent launches off (its own kernels', and custom calls asking for one).
+    "nopdl": "--xla_gpu_enable_pdl=false",
     "cublas_graphs": "--xla_gpu_enable_triton_gemm=false "
                      "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
                      "--xla_gpu_graph_min_graph_size=1",
@@ -252,6 +254,23 @@ def gpu_kernel_times(trace_dir: str) -> dict[str, tuple[int, float]]:
     return out
 
 
+def kernel_overlaps(kernels: list[dict]) -> tuple[float, int, float]:
+    """(span µs: first kernel's start to last kernel's end, kernels that start before the one
+    ahead of them ended, µs of such overlap) over `gpu_stream_events`' kernels: what programmatic
+    dependent launches show (without them a stream runs its kernels one after another)."""
+    if not kernels:
+        return 0.0, 0, 0.0
+    ordered = sorted(kernels, key=lambda e: float(e["ts"]))
+    end = float(ordered[0]["ts"]) + float(ordered[0]["dur"])
+    count, overlap = 0, 0.0
+    for e in ordered[1:]:
+        start = float(e["ts"])
+        if start < end:
+            count, overlap = count + 1, overlap + min(end, start + float(e["dur"])) - start
+        end = max(end, start + float(e["dur"]))
+    return end - float(ordered[0]["ts"]), count, overlap
+
+
 def grouped_kernel_times(times: dict[str, tuple[int, float]]) -> list[tuple[str, tuple[int, float]]]:
     """`gpu_kernel_times` with names that differ only by a numeric suffix (one fusion per layer)
     summed: `[(name, (launches, total µs))]`, biggest first."""
@@ -276,6 +295,9 @@ def profile_decode(runner, call: tuple, out_dir: str, tag: str, calls: int = 5, 
     steps = calls * call[6]
     total = sum(t for _, t in times.values())
     print(f"profile {tag}: GPU busy {total / steps:.1f} µs a step over {len(times)} kernel names", flush=True)
+    span, overlapping, overlap = kernel_overlaps(gpu_stream_events(trace_dir)[0])
+    print(f"profile {tag}: first start to last end {span / steps:.1f} µs a step; {overlapping / steps:.1f} kernels "
+          f"a step start before the one ahead ended, overlapping {overlap / steps:.1f} µs a step", flush=True)
     for key, (n, t) in grouped_kernel_times(times)[:30]:
         print(f"   {t / steps:8.1f} µs/step {n / steps:6.1f} launches/step  {t / max(n, 1):7.2f} µs each  {key[:90]}",
               flush=True)
@@ -317,6 +339,7 @@ def run_variant(args) -> list[dict]:
     norm_warps = residual_norm_module.NUM_WARPS
     skinny_backend = model_module.SKINNY_BACKEND
     mgpu_defaults = {ep: dict(tile) for ep, tile in mgpu_module.TILES.items()}
+    mgpu_pdl = mgpu_module.PDL
     mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
     greedy_pick = runner_module.GREEDY_PICK
     wide_options = runner_module.WIDE_DECODE_OPTIONS
@@ -400,6 +423,9 @@ def run_variant(args) -> list[dict]:
             model_module.SKINNY_BACKEND = ("mgpu" if glue in MGPU_TILINGS or glue in MGPU_WIDE_TILINGS
                                            else "triton" if glue == "skinny_triton" else skinny_backend)
             mgpu_module.TILES = {ep: dict(tile) for ep, tile in {**mgpu_defaults, **MGPU_TILINGS.get(glue, {})}.items()}
+            # "pdl" / "no_pdl": the Mosaic GPU projections as programmatic dependent launches, or not
+            # (kernels.skinny_matmul_mgpu.PDL).
+            mgpu_module.PDL = {"pdl": True, "no_pdl": False}.get(glue, mgpu_pdl)
             mgpu_module.WIDE_TILES = {ep: dict(tile) for ep, tile in
                                       {**mgpu_wide_defaults, **MGPU_WIDE_TILINGS.get(glue, {})}.items()}
 
@@ -471,7 +497,7 @@ def main() -> None:
                                                              "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS,
                                                              *ATTENTION_TUNINGS, *O_TUNINGS, "no_o_attn",
                                                              "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, "cublas128",
-                                                             "skinny_triton"],
+                                                             "skinny_triton", "pdl", "no_pdl"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

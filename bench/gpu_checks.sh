@@ -56,6 +56,9 @@
 #               instruction mix and source counters, to see where gate_up's ~25 instructions a weight go)
 #   prof64      session 16: where batch 64's and 256's step goes (2.66x / 2.78x their roofline): the decode
 #               step at 64 and 256 profiled per kernel (~150 s)
+#   pdl         session 19: the Mosaic GPU projections as programmatic dependent launches (skinny_matmul_mgpu.PDL):
+#               compiled tests, the decode step at 64 / 128 against the default (profiled: kernels that start
+#               before the one ahead ended), and at 64 with XLA's own PDL off (--xla_gpu_enable_pdl=false) (~450 s)
 #   ncu64       session 16: Nsight Compute on batch 64's projections and norm (bench/ncu_probe.py case gemm_b64:
 #               the tensor-core skinny matmul for QKV / o / gate_up / down, add_rms_norm) (~60 s?)
 #   mgpu        session 16: the 8-64-row projections on Mosaic GPU (kernels.skinny_matmul_mgpu, TMA + WGMMA):
@@ -136,7 +139,7 @@ for part in "${parts[@]}"; do
             --rounds 5 --reps 10 --out "$OUT/$part" ;;
     ncu) timeout 240 ncu --clock-control none -k regex:'paged|fused|combine|greedy' --section SpeedOfLight \
            --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-           -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 --cases ${NCU_CASES:-7b_64x2k fused_256x192} \
+           --section SourceCounters -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 --cases ${NCU_CASES:-7b_64x2k fused_256x192} \
          && ncu -i "$OUT/$part/probe.ncu-rep" --page details ;;
     sweep) timeout 300 python3 bench/bandwidth.py --sweep-only --budget-s 235 --out "$OUT/$part" ;;
     mosaic) timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
@@ -332,6 +335,12 @@ for part in "${parts[@]}"; do
                   --prompt-len 256 --output-len 32 --decode-steps 4 --dtype $dtype --out "$OUT/$part/$dtype" \
                   ${POLICY_ARGS:-}
               done ;;
+    pdl) timeout 150 python3 -m pytest -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+           tests/test_skinny_matmul_mgpu.py -k "pdl or through_mgpu_matches_triton"
+         timeout 260 python3 bench/decode_step.py --batches 64 128 --variants default --no-static --glue kernels pdl \
+           --rounds 5 --reps 10 --profile /tmp/pdl
+         timeout 130 python3 bench/decode_step.py --batches 64 --variants nopdl --no-static --glue kernels pdl \
+           --rounds 3 --reps 10 --profile /tmp/nopdl ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

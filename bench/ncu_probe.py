@@ -140,6 +140,7 @@ CASES = {
     "05b_1x32k": lambda: paged_case("05b", 1, 32768),
     "fused_256x192": lambda: fused_case(256, 192),
     "fused_1x192": lambda: fused_case(1, 192),
+    "fused_64x192": lambda: fused_case(64, 192),
     "pick_256": lambda: pick_case(256),
     "gemv_b1": gemv_case,
     "gemm_b64": lambda: gemm_case(64),

@@ -79,6 +79,13 @@ WIDE_TILES: dict[str, dict[str, int]] = {
     "deep": {"block_n": 64, "num_slots": 6, "target_programs": 264, "block_m": 64},
 }
 DEEP_K = 2048
+# Programmatic dependent launch (Hopper): the kernel is launched so that it may start before the
+# kernel ahead of it in the stream has finished; each program issues its first weight tiles (and
+# bias), which no earlier kernel writes, then waits on the grid dependency (`griddepcontrol.wait`:
+# the kernel ahead complete, its writes visible) before its first activation copy, and lets the
+# kernel after it launch early in turn. Whether XLA's command buffers keep the early start is what
+# session 19 measures (bench/results/decode_step.md); read at call time.
+PDL = False
 
 
 def tile_for(m: int, k: int, epilogue: str) -> dict[str, int]:
@@ -167,7 +174,7 @@ def _out_type(x: jax.Array, n_out: int, epilogue: str, num_splits: int) -> jax.S
 
 
 def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, num_slots: int, boxes: int,
-            rows: int, row_tile: int, steps_per_split: int, k_steps: int, n_out: int, interpret: bool):
+            rows: int, row_tile: int, steps_per_split: int, k_steps: int, n_out: int, pdl: bool, interpret: bool):
     if has_bias:
         b_ref, o_ref, x_smem, w_smem, o_smem, bars, b_smem, b_bar = refs
     else:
@@ -181,15 +188,35 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
     first = split * steps_per_split
     num_steps = jnp.clip(k_steps - first, 0, steps_per_split)
 
-    def issue(step, slot):
+    def issue_w(step, slot):
         for b in range(boxes):  # a step is `boxes` TMA boxes of 64 K-elements an operand
             k_at = pl.ds(((first + step) * boxes + b) * _BLOCK_K, _BLOCK_K)
-            plgpu.copy_gmem_to_smem(x_ref.at[my_rows, k_at], x_smem.at[slot, b, pl.ds(0, rows)], bars.at[slot])
             for h, offset in enumerate(halves):
                 plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(offset + col_block * block_n, block_n), k_at],
                                         w_smem.at[slot, h, b], bars.at[slot])
 
-    ring.prime(issue, num_slots, num_steps)
+    def issue_x(step, slot):
+        for b in range(boxes):
+            k_at = pl.ds(((first + step) * boxes + b) * _BLOCK_K, _BLOCK_K)
+            plgpu.copy_gmem_to_smem(x_ref.at[my_rows, k_at], x_smem.at[slot, b, pl.ds(0, rows)], bars.at[slot])
+
+    def issue(step, slot):
+        issue_w(step, slot)
+        issue_x(step, slot)
+
+    if pdl:
+        # The weights need no earlier kernel: their first tiles stream while the kernel ahead
+        # finishes. Every program waits (the empty splits too), so this kernel never completes
+        # before the one ahead of it, and a kernel that waits on this one waits on that one too.
+        # (The interpreter runs kernels one after another and has no rule for either instruction.)
+        ring.prime(issue_w, num_slots, num_steps)
+        if not interpret:
+            plgpu.griddepcontrol_wait()
+        ring.prime(issue_x, num_slots, num_steps)
+        if not interpret:
+            plgpu.griddepcontrol_launch_dependents()
+    else:
+        ring.prime(issue, num_slots, num_steps)
     zeros = jnp.zeros((row_tile, block_n), jnp.float32)
     if not interpret:  # register layouts are a compiler matter: the interpreter has no rule for them
         zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
@@ -232,9 +259,9 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
 
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "boxes", "block_m", "num_splits",
-                                           "interpret"))
+                                           "pdl", "interpret"))
 def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, boxes: int, block_m: int, num_splits: int,
-          interpret: bool):
+          pdl: bool, interpret: bool):
     m, k = x.shape
     rows, row_tile = min(m, block_m), _row_tile(m, block_m)
     has_bias = bias is not None
@@ -253,7 +280,7 @@ def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, boxes: int
     return plgpu.kernel(
         functools.partial(_kernel, epilogue=epilogue, has_bias=has_bias, block_n=block_n, num_slots=num_slots,
                           boxes=boxes, rows=rows, row_tile=row_tile,
-                          steps_per_split=steps_per_split, k_steps=k_steps, n_out=n_out,
+                          steps_per_split=steps_per_split, k_steps=k_steps, n_out=n_out, pdl=pdl,
                           interpret=interpret),
         out_type=out_type,
         scratch_types=scratch,
@@ -358,7 +385,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
                        epilogue: str = "none", block_n: int | None = None,
                        num_slots: int | None = None, num_splits: int | None = None,
                        boxes: int | None = None, block_m: int | None = None, warpgroups: int | None = None,
-                       interpret: bool | None = None) -> jax.Array:
+                       pdl: bool | None = None, interpret: bool | None = None) -> jax.Array:
     """`x @ w.T (+ bias)` for 8-256 rows of `x` on Mosaic GPU, float32 accumulation; the same
     contract as `kernels.skinny_matmul.skinny_matmul(..., layout="nk")`.
 
@@ -376,6 +403,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         warpgroups: 1, or 2 (experimental, measured no faster): two compute warpgroups share a
             CTA's tiles (`_ws_kernel`), whole blocks of `block_m` rows, K splits that divide its
             steps, no bias inside.
+        pdl: launched as a programmatic dependent launch (one warpgroup only; None: `PDL`).
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
 
     Example:
@@ -426,7 +454,8 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         # The bias goes in as float32: a TMA copy moves a multiple of 128 bytes (32 bf16 would be 64).
         kernel_bias = bias.astype(jnp.float32) if kernel_epilogue == "none" and bias is not None else None
         out = _call(x, w, kernel_bias, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
-                    block_m=block_m, num_splits=num_splits, interpret=bool(interpret))
+                    block_m=block_m, num_splits=num_splits, pdl=PDL if pdl is None else pdl,
+                    interpret=bool(interpret))
     if epilogue != "none" or kernel_epilogue == "none":
         return out
     out = out.sum(axis=0)

@@ -34,3 +34,17 @@ def test_engine_timeline_attributes_idle_gaps_to_host_phases():
     assert "1 gaps of >= 5 µs, 0.25 ms" in text and "shorter gaps 0.00 ms" in text
     assert "| collect_decode | 1 | 0.25 | 250 |" in text
     assert "| 0.15 | 250 | collect_decode | b | c |" in text
+
+
+def test_decode_profile_counts_kernels_that_start_early():
+    """decode_step's overlap count on a made-up stream: a kernel that starts before the one ahead
+    of it ended (what a programmatic dependent launch allows) counts, with the µs it overlaps."""
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
+    from bench.decode_step import kernel_overlaps
+
+    kernels = [dict(ts=10, dur=20), dict(ts=25, dur=10),  # starts 5 µs before the first ends
+               dict(ts=40, dur=5), dict(ts=41, dur=2)]     # inside the third: its whole 2 µs
+    assert kernel_overlaps(kernels) == (35.0, 2, 7.0)
+    assert kernel_overlaps([]) == (0.0, 0, 0.0)

@@ -7,6 +7,8 @@ run; tolerance against the float32 reference as for every bf16 kernel.
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +46,20 @@ def _operands(rng, m, k, n):
 def test_mgpu_skinny_matches_reference(interpret, epilogue, m, k, n, block_n, slots, splits, boxes, block_m):
     _matches_reference(interpret, epilogue, m, k, n, splits or split_count(k, n, block_n, 264), block_n=block_n,
                        num_slots=slots, num_splits=splits, boxes=boxes, block_m=block_m)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("epilogue,m,k,n,block_n,slots,splits", [
+    ("partials", 64, 512, 128, 32, 4, 3),   # uneven splits (3, 3, 2 steps)
+    ("partials", 8, 128, 64, 32, 4, 1),     # fewer steps than the weight tiles issued before the wait
+    ("none", 64, 256, 96, 32, 3, 1),        # the bias (loaded before the wait) added in the kernel
+    ("swiglu", 64, 896, 128, 32, 4, 1),
+])
+def test_pdl_launch_matches_reference(interpret, epilogue, m, k, n, block_n, slots, splits):
+    # A programmatic dependent launch (`pdl=True`): the first weight tiles are copied before the
+    # grid-dependency wait, the activations after it; the result must not change.
+    _matches_reference(interpret, epilogue, m, k, n, splits, block_n=block_n, num_slots=slots,
+                       num_splits=splits, pdl=True)
 
 
 def _matches_reference(interpret, epilogue: str, m: int, k: int, n: int, want_splits: int, **tiling):
@@ -164,11 +180,15 @@ def _count_mgpu_calls(monkeypatch, record) -> list:
     return calls
 
 
-def test_model_decode_step_through_mgpu_matches_triton(monkeypatch):
+@pytest.mark.parametrize("pdl", [False, True])
+def test_model_decode_step_through_mgpu_matches_triton(monkeypatch, pdl):
     # An 8-row bf16 decode step with the projections on Mosaic GPU (model.SKINNY_BACKEND) gives
-    # the Triton path's logits; every projection of the step went through the new kernel.
+    # the Triton path's logits; every projection of the step went through the new kernel. With
+    # `PDL` each projection may start before the kernel ahead of it ends (compiled on Hopper: a
+    # missing grid-dependency wait would read stale activations).
     from jaxserve import model as model_module
 
+    monkeypatch.setattr(importlib.import_module("kernels.skinny_matmul_mgpu"), "PDL", pdl)
     calls = _count_mgpu_calls(monkeypatch, lambda a, k: k["epilogue"])
     monkeypatch.setattr(model_module, "MGPU_MIN_ROWS", 8)
     rng, seed = fresh_rng()
