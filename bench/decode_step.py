@@ -104,6 +104,8 @@ MGPU_TILINGS = {
     "mgpu_gb2_s3": _mg(n=32, s=4, gs=3, gb=2),
     # session 17: down_proj (K >= DEEP_K) with 64 weight rows and 6 slots (its best at 128 rows)
     "mgpu_deep": dict(_mg(n=32, s=4, gs=4), deep={"block_n": 64, "num_slots": 6, "target_programs": 264}),
+    # session 19: gate_up (152 programs of 14 steps at 64 rows) with more steps in flight
+    "mgpu_gs5": _mg(n=32, s=4, gs=5), "mgpu_gs6": _mg(n=32, s=4, gs=6),
 }
 # --glue choices that run steps of 65-256 rows through the fused glue (SKINNY_ROWS 256, like
 # "skinny256") with their projections on Mosaic GPU, `kernels.skinny_matmul_mgpu.WIDE_TILES` these

@@ -59,6 +59,9 @@
 #   pdl         session 19: the Mosaic GPU projections as programmatic dependent launches (skinny_matmul_mgpu.PDL):
 #               compiled tests, the decode step at 64 / 128 against the default (profiled: kernels that start
 #               before the one ahead ended), and at 64 with XLA's own PDL off (--xla_gpu_enable_pdl=false) (~450 s)
+#   ncu19       session 19: Nsight Compute with source-level stall sampling (bench/ncu_hotspots.py) on batch 64's
+#               Mosaic GPU projections, the 0.5B 64 x 2k paged decode and the 64-row fused attention; then gate_up
+#               at 64 rows with 5 / 6 slots and two-box steps in the decode step (~400 s)
 #   ncu64       session 16: Nsight Compute on batch 64's projections and norm (bench/ncu_probe.py case gemm_b64:
 #               the tensor-core skinny matmul for QKV / o / gate_up / down, add_rms_norm) (~60 s?)
 #   mgpu        session 16: the 8-64-row projections on Mosaic GPU (kernels.skinny_matmul_mgpu, TMA + WGMMA):
@@ -341,6 +344,16 @@ for part in "${parts[@]}"; do
            --rounds 5 --reps 10 --profile /tmp/pdl
          timeout 130 python3 bench/decode_step.py --batches 64 --variants nopdl --no-static --glue kernels pdl \
            --rounds 3 --reps 10 --profile /tmp/nopdl ;;
+    ncu19) timeout 200 ncu --clock-control none -k regex:'skinny_mgpu|paged|fused' --section SpeedOfLight \
+             --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+             --section SourceCounters -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 \
+             --cases mgpu_b64 05b_64x2k fused_64x192
+           ncu -i "$OUT/$part/probe.ncu-rep" --page details > "$OUT/$part/details.txt"
+           grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|SM Active|Elapsed Cycles|Achieved Occ|Registers Per|Grid Size|Warp Cycles Per Issued" \
+             "$OUT/$part/details.txt"
+           python3 bench/ncu_hotspots.py "$OUT/$part/probe.ncu-rep" --top 15
+           timeout 250 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
+             mgpu_gs5 mgpu_gs6 mgpu_gb2_s3 --rounds 5 --reps 10 --profile /tmp/gs ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

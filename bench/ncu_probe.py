@@ -138,6 +138,7 @@ CASES = {
     "7b_64x8k": lambda: paged_case("7b", 64, 8192),
     "7b_1x32k": lambda: paged_case("7b", 1, 32768),
     "05b_1x32k": lambda: paged_case("05b", 1, 32768),
+    "05b_64x2k": lambda: paged_case("05b", 64, 2048),
     "fused_256x192": lambda: fused_case(256, 192),
     "fused_1x192": lambda: fused_case(1, 192),
     "fused_64x192": lambda: fused_case(64, 192),

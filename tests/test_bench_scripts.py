@@ -48,3 +48,27 @@ def test_decode_profile_counts_kernels_that_start_early():
                dict(ts=40, dur=5), dict(ts=41, dur=2)]     # inside the third: its whole 2 µs
     assert kernel_overlaps(kernels) == (35.0, 2, 7.0)
     assert kernel_overlaps([]) == (0.0, 0, 0.0)
+
+
+def test_ncu_hotspots_ranks_instructions_by_stall_samples():
+    """ncu_hotspots on a made-up source-page CSV: per kernel table, instructions by stall
+    samples with their biggest reasons; rows that do not fit the table end it."""
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
+    from bench.ncu_hotspots import hotspots
+
+    text = "\n".join([
+        '"Kernel Name","skinny_mgpu_swiglu"',
+        '"Address","Source","Warp Stall Sampling (All Samples)","stall_long_sb","stall_barrier"',
+        '"0x10","LDG.E R0, [R2]","30","25","5"',
+        '"0x20","SYNCS.ARRIVE","60","0","60"',
+        '"0x30","FFMA R1, R1, R0","10","0","0"',
+        '',
+        '"not","a row"',
+    ])
+    lines = hotspots(text, top=2)
+    assert lines[0].startswith("== \"Kernel Name\",\"skinny_mgpu_swiglu\": 3 instructions, 100 stall samples")
+    assert "60.0%" in lines[1] and "SYNCS.ARRIVE" in lines[1] and "stall_barrier 60" in lines[1]
+    assert "30.0%" in lines[2] and "stall_long_sb 25, stall_barrier 5" in lines[2]
+    assert len(lines) == 3

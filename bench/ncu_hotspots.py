@@ -1,0 +1,82 @@
+"""The SASS instructions where a kernel's warps stall most, from an Nsight Compute report.
+
+`ncu --section SourceCounters` samples each warp's program counter and stall reason; the "details"
+page sums them per kernel but names no instruction. This reads the report's source page as CSV
+(`ncu -i REPORT --page source --csv --print-source sass`, one table per profiled kernel) and prints,
+per kernel, its instructions ranked by stall samples with the reasons that hold them, so a kernel's
+time can be charged to its loads, barriers or math before any rewrite.
+
+    python3 bench/ncu_hotspots.py $OUT/ncu19/probe.ncu-rep --top 20
+
+Runs where ncu does (the GPU machine); the parsing (`hotspots`) takes the CSV text and is tested
+on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import sys
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return 0.0
+
+
+def hotspots(csv_text: str, top: int = 20) -> list[str]:
+    """Report lines for every table of instructions in `csv_text`: a header line naming the
+    kernel (the line ncu prints before its table, if any), then the `top` instructions by the
+    "Warp Stall Sampling (All Samples)" column, each with its share of the kernel's samples, its
+    SASS and its largest stall-reason columns."""
+    lines = csv_text.splitlines()
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        row = next(csv.reader([lines[i]]), [])
+        stall_col = next((c for c, name in enumerate(row) if name.startswith("Warp Stall Sampling (All")), None)
+        if stall_col is None:
+            i += 1
+            continue
+        header, title = row, next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "kernel")
+        body = []
+        i += 1
+        while i < len(lines):
+            cells = next(csv.reader([lines[i]]), [])
+            if len(cells) != len(header):
+                break
+            body.append(cells)
+            i += 1
+        total = sum(_number(r[stall_col]) for r in body) or 1.0
+        source_col = next((c for c, name in enumerate(header) if name in ("Source", "# Source")), 1)
+        reasons = [c for c, name in enumerate(header) if name.startswith("stall_") or name.startswith("Stall")]
+        out.append(f"== {title.strip()[:120]}: {len(body)} instructions, {int(total)} stall samples")
+        for r in sorted(body, key=lambda r: -_number(r[stall_col]))[:top]:
+            samples = _number(r[stall_col])
+            if not samples:
+                break
+            why = sorted(((_number(r[c]), header[c]) for c in reasons if _number(r[c])), reverse=True)[:3]
+            why_text = ", ".join(f"{name} {int(n)}" for n, name in why)
+            out.append(f"  {100 * samples / total:5.1f}%  {r[source_col].strip()[:70]:70s}  {why_text}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("report", help="an .ncu-rep with the SourceCounters section")
+    ap.add_argument("--top", type=int, default=20)
+    args = ap.parse_args()
+    done = subprocess.run(["ncu", "-i", args.report, "--page", "source", "--csv", "--print-source", "sass"],
+                          capture_output=True, text=True)
+    lines = hotspots(done.stdout, args.top)
+    if not lines:  # an ncu whose source page reads otherwise: show what it printed
+        print(done.stderr[-2000:], file=sys.stderr)
+        print("\n".join(done.stdout.splitlines()[:60]))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
