@@ -83,8 +83,10 @@ DEEP_K = 2048
 # kernel ahead of it in the stream has finished; each program issues its first weight tiles (and
 # bias), which no earlier kernel writes, then waits on the grid dependency (`griddepcontrol.wait`:
 # the kernel ahead complete, its writes visible) before its first activation copy, and lets the
-# kernel after it launch early in turn. Whether XLA's command buffers keep the early start is what
-# session 19 measures (bench/results/decode_step.md); read at call time.
+# kernel after it launch early in turn. Off: correct compiled, but XLA's command buffers capture a
+# Mosaic GPU call into a graph node of its own, where the early start is lost (session 19 on the
+# H200: the 64-row step 0.858 against 0.850 ms, about one more early start a step; decode_step.md).
+# Read at call time.
 PDL = False
 
 
