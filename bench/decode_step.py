@@ -152,6 +152,11 @@ MGPU_WIDE_TILINGS = {
     "mgpu256_xgu_wt": {},  # the default WIDE_TILES
     "mgpu256_xgu_deep": _mw(n=64, bm=64, gn=64, gbm=64, deep={"block_n": 64, "num_slots": 6,
                                                               "target_programs": 264, "block_m": 64}),
+    # session 19: gate_up of 65-128-row steps in steps of two 64-wide boxes, 3 slots (its best at 64 rows)
+    "mgpu256_gb2": {"partials": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64},
+                    "none": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64},
+                    "deep": {"block_n": 64, "num_slots": 6, "target_programs": 264, "block_m": 64},
+                    "swiglu": {"block_n": 32, "num_slots": 3, "block_m": 64, "boxes": 2}},
 }
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
 # the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:
