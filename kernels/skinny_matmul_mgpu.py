@@ -61,10 +61,14 @@ EPILOGUES = ("none", "partials", "swiglu")
 # bias in the kernel, split its partials are summed by XLA). Read at call time. Session 16 on the
 # H200 (bench/results/decode_step.md), batch-64 step: 32 rows and 4 slots 0.868 ms, 64 rows and 6
 # slots 0.929, 8 slots 1.103 (SMEM for one program an SM: a second wave), Triton 0.919-0.925.
+# SwiGLU (gate_up: 14 serial K steps a program, never split) takes steps of two 64-wide boxes with
+# 3 slots: session 19, two calls, gate_up 7.59 against 7.95 µs a layer and the 64-row step -1.0% /
+# -1.1% (32 rows -0.6%); 5 or 6 slots of one box bought nothing (each step waits on its products as
+# long as on its tiles). Past 64 rows (WIDE_TILES) the same ring lost (13.9 against 9.8 µs at 128).
 TILES: dict[str, dict[str, int]] = {
     "none": {"block_n": 32, "num_slots": 4, "target_programs": 264},
     "partials": {"block_n": 32, "num_slots": 4, "target_programs": 264},
-    "swiglu": {"block_n": 32, "num_slots": 4},
+    "swiglu": {"block_n": 32, "num_slots": 3, "boxes": 2},
 }
 # The same for steps of more than 64 rows (`block_m`: rows a program, in row blocks that vary
 # fastest in the grid; M that is not whole blocks runs in one). Session 17 on the H200, batch 128

@@ -109,6 +109,9 @@ def test_default_tiles_by_rows_and_depth():
     assert mg.tile_for(128, 896, "partials")["block_n"] == mg.WIDE_TILES["partials"]["block_n"]
     assert mg.tile_for(128, 4864, "swiglu")["block_n"] == mg.WIDE_TILES["swiglu"]["block_n"]
     assert mg.tile_for(96, 896, "none")["block_m"] == 128 and mg.tile_for(192, 896, "none")["block_m"] == 64
+    # Steps of TILES' boxes where they divide K, one box where they do not.
+    assert mg.tile_for(64, 896, "swiglu")["boxes"] == mg.TILES["swiglu"].get("boxes", 1)
+    assert mg.tile_for(64, 960, "swiglu")["boxes"] == 1
     rng, seed = fresh_rng()
     x, w = _operands(rng, 128, mg.DEEP_K, 128)
     out = skinny_matmul_mgpu(x, w, epilogue="partials")
