@@ -106,6 +106,11 @@ MGPU_TILINGS = {
     "mgpu_deep": dict(_mg(n=32, s=4, gs=4), deep={"block_n": 64, "num_slots": 6, "target_programs": 264}),
     # session 19: gate_up (152 programs of 14 steps at 64 rows) with more steps in flight
     "mgpu_gs5": _mg(n=32, s=4, gs=5), "mgpu_gs6": _mg(n=32, s=4, gs=6),
+    # session 19, after gate_up's two-box steps won: the same for down_proj alone ("deep", K >= DEEP_K:
+    # 9 steps a program -> 5), and for every K-split product (o and down; QKV keeps one box)
+    "mgpu_deep_b2": dict(_mg(n=32, s=4, gs=3, gb=2), deep={"block_n": 32, "num_slots": 3, "target_programs": 264,
+                                                         "boxes": 2}),
+    "mgpu_pb2": dict(_mg(n=32, s=3, b=2, gs=3, gb=2), none={"block_n": 32, "num_slots": 4, "target_programs": 264}),
 }
 # --glue choices that run steps of 65-256 rows through the fused glue (SKINNY_ROWS 256, like
 # "skinny256") with their projections on Mosaic GPU, `kernels.skinny_matmul_mgpu.WIDE_TILES` these
