@@ -110,6 +110,8 @@ MGPU_TILINGS = {
     # 9 steps a program -> 5), and for every K-split product (o and down; QKV keeps one box)
     "mgpu_deep_b2": dict(_mg(n=32, s=4, gs=3, gb=2), deep={"block_n": 32, "num_slots": 3, "target_programs": 264,
                                                          "boxes": 2}),
+    # the 8-64-row default before down_proj's two-box steps (its "deep" tile as "partials")
+    "mgpu_deep_b1": dict(_mg(n=32, s=4, gs=3, gb=2), deep={"block_n": 32, "num_slots": 4, "target_programs": 264}),
     "mgpu_pb2": dict(_mg(n=32, s=3, b=2, gs=3, gb=2), none={"block_n": 32, "num_slots": 4, "target_programs": 264}),
 }
 # --glue choices that run steps of 65-256 rows through the fused glue (SKINNY_ROWS 256, like

@@ -65,6 +65,8 @@
 #   gb2         session 19: gate_up + SwiGLU in steps of two 64-wide boxes (3 slots) at 32 / 64 rows (TILES) and
 #               128 rows (WIDE_TILES) against the default, 7 alternating rounds, profiled (~300 s)
 #   downb2      session 19: down_proj (and o) in two-box steps at 32 / 64 rows against the default (~150 s)
+#   final19     session 19: the 64-row step with down_proj's two-box steps (default) against one box, then the
+#               throughput table at batch 1/64/128/256 + 1k prompts with transformers eager (~380 s)
 #   ncu64       session 16: Nsight Compute on batch 64's projections and norm (bench/ncu_probe.py case gemm_b64:
 #               the tensor-core skinny matmul for QKV / o / gate_up / down, add_rms_norm) (~60 s?)
 #   mgpu        session 16: the 8-64-row projections on Mosaic GPU (kernels.skinny_matmul_mgpu, TMA + WGMMA):
@@ -361,6 +363,10 @@ for part in "${parts[@]}"; do
            mgpu_gb2_s3 mgpu256_gb2 --rounds 7 --reps 10 --profile /tmp/gb2 ;;
     downb2) timeout 200 python3 bench/decode_step.py --batches 32 64 --variants default --no-static --glue kernels \
               mgpu_deep_b2 mgpu_pb2 --rounds 7 --reps 10 --profile /tmp/downb2 ;;
+    final19) timeout 120 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
+               mgpu_deep_b1 --rounds 7 --reps 10 --profile /tmp/final19
+             timeout 280 python3 bench/throughput.py --no-static --batches 1 64 128 256 --long-prompt 1024 \
+               --long-batch 64 --decode-steps 8 --impls pallas --no-hf-compile --out "$OUT/$part/throughput" ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

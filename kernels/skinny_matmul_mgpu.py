@@ -65,10 +65,13 @@ EPILOGUES = ("none", "partials", "swiglu")
 # 3 slots: session 19, two calls, gate_up 7.59 against 7.95 µs a layer and the 64-row step -1.0% /
 # -1.1% (32 rows -0.6%); 5 or 6 slots of one box bought nothing (each step waits on its products as
 # long as on its tiles). Past 64 rows (WIDE_TILES) the same ring lost (13.9 against 9.8 µs at 128).
+# down_proj ("deep", K >= DEEP_K) the same: 5 steps a program instead of 9, 4.74 against 4.88 µs
+# a layer at 64 rows (step -0.7%), 4.56 against 4.62 at 32 (session 19, call 4).
 TILES: dict[str, dict[str, int]] = {
     "none": {"block_n": 32, "num_slots": 4, "target_programs": 264},
     "partials": {"block_n": 32, "num_slots": 4, "target_programs": 264},
     "swiglu": {"block_n": 32, "num_slots": 3, "boxes": 2},
+    "deep": {"block_n": 32, "num_slots": 3, "target_programs": 264, "boxes": 2},
 }
 # The same for steps of more than 64 rows (`block_m`: rows a program, in row blocks that vary
 # fastest in the grid; M that is not whole blocks runs in one). Session 17 on the H200, batch 128

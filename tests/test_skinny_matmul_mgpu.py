@@ -99,12 +99,13 @@ def test_two_warpgroup_kernel_matches_reference(interpret, epilogue, m, k, n, bl
 
 
 def test_default_tiles_by_rows_and_depth():
-    # Past 64 rows WIDE_TILES; its "deep" tile for the K-split products of K >= DEEP_K (down_proj);
-    # M that is not whole row blocks in one block. A deep product with its default tiling matches.
+    # Up to 64 rows TILES, past them WIDE_TILES; each table's "deep" tile for the K-split products of
+    # K >= DEEP_K (down_proj); M that is not whole row blocks in one block. A deep product with its default tiling matches.
     import importlib
 
     mg = importlib.import_module("kernels.skinny_matmul_mgpu")
-    assert mg.tile_for(64, 4864, "partials") == {**mg.TILES["partials"], "block_m": 64, "boxes": 1, "warpgroups": 1}
+    assert mg.tile_for(64, 896, "partials") == {**mg.TILES["partials"], "block_m": 64, "boxes": 1, "warpgroups": 1}
+    assert mg.tile_for(64, 4864, "partials") == {"boxes": 1, **mg.TILES["deep"], "block_m": 64, "warpgroups": 1}
     assert mg.tile_for(128, 4864, "partials")["block_n"] == mg.WIDE_TILES["deep"]["block_n"]
     assert mg.tile_for(128, 896, "partials")["block_n"] == mg.WIDE_TILES["partials"]["block_n"]
     assert mg.tile_for(128, 4864, "swiglu")["block_n"] == mg.WIDE_TILES["swiglu"]["block_n"]
