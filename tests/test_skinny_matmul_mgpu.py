@@ -31,6 +31,7 @@ def _operands(rng, m, k, n):
     ("partials", 24, 512, 128, 32, 3, 3, 1, None),    # uneven splits: 8 steps over 3 (3, 3, 2)
     ("partials", 64, 896, 192, 64, 6, None, 1, None), # 14 steps; the default split count
     ("partials", 32, 1024, 64, 32, 3, 3, 2, None),    # steps of two boxes: 8 steps over 3 splits
+    ("partials", 64, 4864, 64, 32, 3, 8, 2, None),    # down_proj at 64 rows: 38 two-box steps, 5 a split, 3 last
     ("none", 16, 384, 192, 64, 4, 2, 1, None),        # the splits summed outside, with a bias
     ("none", 24, 256, 128, 32, 3, 1, 1, None),        # one split: the bias added in the kernel
     ("swiglu", 8, 128, 128, 32, 2, 1, 1, None),
@@ -44,8 +45,9 @@ def _operands(rng, m, k, n):
     ("swiglu", 256, 256, 128, 32, 3, 1, 1, 128),      # two row blocks of 128
 ])
 def test_mgpu_skinny_matches_reference(interpret, epilogue, m, k, n, block_n, slots, splits, boxes, block_m):
-    _matches_reference(interpret, epilogue, m, k, n, splits or split_count(k, n, block_n, 264), block_n=block_n,
-                       num_slots=slots, num_splits=splits, boxes=boxes, block_m=block_m)
+    want = splits or split_count(k, n, block_n, 264, boxes or 1)
+    _matches_reference(interpret, epilogue, m, k, n, want, block_n=block_n, num_slots=slots, num_splits=splits,
+                       boxes=boxes, block_m=block_m)
 
 
 @pytest.mark.parametrize("interpret", MODES)
@@ -100,7 +102,8 @@ def test_two_warpgroup_kernel_matches_reference(interpret, epilogue, m, k, n, bl
 
 def test_default_tiles_by_rows_and_depth():
     # Up to 64 rows TILES, past them WIDE_TILES; each table's "deep" tile for the K-split products of
-    # K >= DEEP_K (down_proj); M that is not whole row blocks in one block. A deep product with its default tiling matches.
+    # K >= DEEP_K (down_proj); M that is not whole row blocks in one block. A deep product with its
+    # default tiling matches.
     import importlib
 
     mg = importlib.import_module("kernels.skinny_matmul_mgpu")
