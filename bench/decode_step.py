@@ -164,6 +164,16 @@ MGPU_WIDE_TILINGS = {
                     "none": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64},
                     "deep": {"block_n": 64, "num_slots": 6, "target_programs": 264, "block_m": 64},
                     "swiglu": {"block_n": 32, "num_slots": 3, "block_m": 64, "boxes": 2}},
+    # down_proj ("deep") of 65-128-row steps in two-box steps, 3 slots (the same shared memory as its 6
+    # one-box slots); "pb2": QKV, o and down so
+    "mgpu256_deep_b2": {"partials": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64},
+                        "none": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64},
+                        "deep": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 64, "boxes": 2},
+                        "swiglu": {"block_n": 32, "num_slots": 4, "block_m": 64}},
+    "mgpu256_pb2": {"partials": {"block_n": 32, "num_slots": 3, "target_programs": 264, "block_m": 64, "boxes": 2},
+                    "none": {"block_n": 32, "num_slots": 3, "target_programs": 264, "block_m": 64, "boxes": 2},
+                    "deep": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 64, "boxes": 2},
+                    "swiglu": {"block_n": 32, "num_slots": 4, "block_m": 64}},
 }
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
 # the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:
