@@ -110,11 +110,6 @@ MGPU_TILINGS = {
     # 9 steps a program -> 5), and for every K-split product (o and down; QKV keeps one box)
     "mgpu_deep_b2": dict(_mg(n=32, s=4, gs=3, gb=2), deep={"block_n": 32, "num_slots": 3, "target_programs": 264,
                                                          "boxes": 2}),
-    # gate_up split along K (its partials SwiGLU'd by XLA, one launch more): 2 or 4 splits, block_n
-    # weight rows of the whole [gate; up] a program
-    "mgpu_gsplit2": {"swiglu": {"block_n": 32, "num_slots": 3, "num_splits": 2}},
-    "mgpu_gsplit2_n64": {"swiglu": {"block_n": 64, "num_slots": 3, "num_splits": 2}},
-    "mgpu_gsplit4_n64": {"swiglu": {"block_n": 64, "num_slots": 3, "num_splits": 4}},
     # the 8-64-row default before down_proj's two-box steps (its "deep" tile as "partials")
     "mgpu_deep_b1": dict(_mg(n=32, s=4, gs=3, gb=2), deep={"block_n": 32, "num_slots": 4, "target_programs": 264}),
     "mgpu_pb2": dict(_mg(n=32, s=3, b=2, gs=3, gb=2), none={"block_n": 32, "num_slots": 4, "target_programs": 264}),

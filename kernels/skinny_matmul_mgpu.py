@@ -128,8 +128,6 @@ def supports(m: int, k: int, n: int, epilogue: str) -> bool:
     if epilogue not in EPILOGUES or not 8 <= m <= MAX_ROWS:
         return False
     tile = tile_for(m, k, epilogue)
-    if epilogue == "swiglu" and tile.get("num_splits", 1) > 1:  # run as K-split partials of all N rows
-        return _fits(m, k, n, tile["block_n"], tile["boxes"], tile["block_m"], tile["num_slots"], "partials")
     n_out = n // 2 if epilogue == "swiglu" else n
     return _fits(m, k, n_out, tile["block_n"], tile["boxes"], tile["block_m"], tile["num_slots"], epilogue,
                  tile["warpgroups"])
@@ -406,8 +404,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         bias: optional `[N]` (epilogue "none" only; added where XLA sums the partials).
         epilogue: "none" (`[M, N]` in x's dtype), "partials" (`[S, M, N]` float32 sums of the K
             splits) or "swiglu" (`silu(x @ gate.T) * (x @ up.T)`, `[M, N/2]`; gate the first
-            N/2 rows of w; with `num_splits` > 1 (experimental) the K-split partials of all N
-            rows, `block_n` a program, SwiGLU'd by XLA).
+            N/2 rows of w).
         block_n, num_slots, num_splits, block_m: tiling (None: `tile_for(M, K, epilogue)`,
             `split_count`); `block_m` rows a program (a multiple of 64), M at most that or whole
             blocks of it.
@@ -440,15 +437,6 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
     boxes = boxes or tile["boxes"]
     warpgroups = warpgroups or tile["warpgroups"]
     n_out = n // 2 if epilogue == "swiglu" else n
-    swiglu_splits = (num_splits or tile.get("num_splits", 1)) if epilogue == "swiglu" else 1
-    if swiglu_splits > 1 and warpgroups == 1:
-        # SwiGLU split along K: the float32 sums of all N rows (block_n a program), SwiGLU'd where
-        # XLA adds them, one launch more for a program's serial steps divided by the split.
-        parts = skinny_matmul_mgpu(x, w, epilogue="partials", block_n=block_n, num_slots=num_slots,
-                                   num_splits=swiglu_splits, boxes=boxes, block_m=block_m, pdl=pdl,
-                                   interpret=interpret)
-        sums = parts.sum(axis=0)
-        return swiglu_sums(sums[:, :n_out], sums[:, n_out:], x.dtype).astype(x.dtype)
     if not _fits(m, k, n_out, block_n, boxes, block_m, num_slots, epilogue, warpgroups):
         raise ValueError(f"M must be a multiple of 8 up to {MAX_ROWS} (and of block_m above it), K of {_BLOCK_K} x "
                          f"boxes, N of block_n (a multiple of 8), num_slots >= 2, the ring within shared memory and "

@@ -37,7 +37,6 @@ def _operands(rng, m, k, n):
     ("swiglu", 8, 128, 128, 32, 2, 1, 1, None),
     ("swiglu", 40, 896, 320, 32, 6, 1, 1, None),      # M not a power of two, 14 steps over 6 slots
     ("swiglu", 16, 896, 128, 32, 3, 1, 2, None),      # 7 steps of two boxes
-    ("swiglu", 64, 896, 128, 32, 3, 2, 1, None),      # K split in two: partials of all rows, SwiGLU'd by XLA
     # wide steps: one program's rows past 64 (WGMMA's M granule), or row blocks of block_m
     ("partials", 256, 512, 64, 32, 3, 2, 1, None),    # all 256 rows in one accumulator
     ("partials", 192, 256, 64, 32, 2, 1, 1, 64),      # three row blocks of 64
