@@ -363,7 +363,7 @@ def run_variant(args) -> list[dict]:
     norm_warps = residual_norm_module.NUM_WARPS
     skinny_backend = model_module.SKINNY_BACKEND
     mgpu_defaults = {ep: dict(tile) for ep, tile in mgpu_module.TILES.items()}
-    mgpu_pdl, mgpu_stagger = mgpu_module.PDL, mgpu_module.STAGGER
+    mgpu_pdl = mgpu_module.PDL
     mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
     greedy_pick = runner_module.GREEDY_PICK
     wide_options = runner_module.WIDE_DECODE_OPTIONS
@@ -450,9 +450,6 @@ def run_variant(args) -> list[dict]:
             # "pdl" / "no_pdl": the Mosaic GPU projections as programmatic dependent launches, or not
             # (kernels.skinny_matmul_mgpu.PDL).
             mgpu_module.PDL = {"pdl": True, "no_pdl": False}.get(glue, mgpu_pdl)
-            # "stagger" / "no_stagger": the Mosaic GPU projections' programs start their K loops at
-            # staggered steps, or not (kernels.skinny_matmul_mgpu.STAGGER).
-            mgpu_module.STAGGER = {"stagger": True, "no_stagger": False}.get(glue, mgpu_stagger)
             mgpu_module.WIDE_TILES = {ep: dict(tile) for ep, tile in
                                       {**mgpu_wide_defaults, **MGPU_WIDE_TILINGS.get(glue, {})}.items()}
 
@@ -524,8 +521,7 @@ def main() -> None:
                                                              "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS,
                                                              *ATTENTION_TUNINGS, *O_TUNINGS, "no_o_attn",
                                                              "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, "cublas128",
-                                                             "skinny_triton", "pdl", "no_pdl", "stagger",
-                                                             "no_stagger"],
+                                                             "skinny_triton", "pdl", "no_pdl"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -95,9 +95,6 @@ DEEP_K = 2048
 # H200: the 64-row step 0.858 against 0.850 ms, about one more early start a step; decode_step.md).
 # Read at call time.
 PDL = False
-# Programs start their K loops at staggered steps (`_kernel`'s `stagger`): every program of a
-# 64-row gate_up reads the same activation tile at each step otherwise. Session 19 measures it.
-STAGGER = False
 
 
 def tile_for(m: int, k: int, epilogue: str) -> dict[str, int]:
@@ -186,8 +183,7 @@ def _out_type(x: jax.Array, n_out: int, epilogue: str, num_splits: int) -> jax.S
 
 
 def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, num_slots: int, boxes: int,
-            rows: int, row_tile: int, steps_per_split: int, k_steps: int, n_out: int, pdl: bool, stagger: bool,
-            interpret: bool):
+            rows: int, row_tile: int, steps_per_split: int, k_steps: int, n_out: int, pdl: bool, interpret: bool):
     if has_bias:
         b_ref, o_ref, x_smem, w_smem, o_smem, bars, b_smem, b_bar = refs
     else:
@@ -200,23 +196,17 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
     halves = (0, n_out) if epilogue == "swiglu" else (0,)
     first = split * steps_per_split
     num_steps = jnp.clip(k_steps - first, 0, steps_per_split)
-    # With `stagger`, neighbouring programs start their K loops at different steps (wrapping
-    # around), so they do not all read the same activation tile at the same moment.
-    offset = lax.rem(col_block + row_block, jnp.maximum(num_steps, 1)) if stagger else 0
-
-    def k_step(step):
-        return first + (lax.rem(step + offset, jnp.maximum(num_steps, 1)) if stagger else step)
 
     def issue_w(step, slot):
         for b in range(boxes):  # a step is `boxes` TMA boxes of 64 K-elements an operand
-            k_at = pl.ds((k_step(step) * boxes + b) * _BLOCK_K, _BLOCK_K)
+            k_at = pl.ds(((first + step) * boxes + b) * _BLOCK_K, _BLOCK_K)
             for h, offset in enumerate(halves):
                 plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(offset + col_block * block_n, block_n), k_at],
                                         w_smem.at[slot, h, b], bars.at[slot])
 
     def issue_x(step, slot):
         for b in range(boxes):
-            k_at = pl.ds((k_step(step) * boxes + b) * _BLOCK_K, _BLOCK_K)
+            k_at = pl.ds(((first + step) * boxes + b) * _BLOCK_K, _BLOCK_K)
             plgpu.copy_gmem_to_smem(x_ref.at[my_rows, k_at], x_smem.at[slot, b, pl.ds(0, rows)], bars.at[slot])
 
     def issue(step, slot):
@@ -278,9 +268,9 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
 
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "boxes", "block_m", "num_splits",
-                                           "pdl", "stagger", "interpret"))
+                                           "pdl", "interpret"))
 def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, boxes: int, block_m: int, num_splits: int,
-          pdl: bool, stagger: bool, interpret: bool):
+          pdl: bool, interpret: bool):
     m, k = x.shape
     rows, row_tile = min(m, block_m), _row_tile(m, block_m)
     has_bias = bias is not None
@@ -300,7 +290,7 @@ def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, boxes: int
         functools.partial(_kernel, epilogue=epilogue, has_bias=has_bias, block_n=block_n, num_slots=num_slots,
                           boxes=boxes, rows=rows, row_tile=row_tile,
                           steps_per_split=steps_per_split, k_steps=k_steps, n_out=n_out, pdl=pdl,
-                          stagger=stagger, interpret=interpret),
+                          interpret=interpret),
         out_type=out_type,
         scratch_types=scratch,
         # Row blocks vary fastest: the programs that stream the same weight rows run side by side,
@@ -404,8 +394,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
                        epilogue: str = "none", block_n: int | None = None,
                        num_slots: int | None = None, num_splits: int | None = None,
                        boxes: int | None = None, block_m: int | None = None, warpgroups: int | None = None,
-                       pdl: bool | None = None, stagger: bool | None = None,
-                       interpret: bool | None = None) -> jax.Array:
+                       pdl: bool | None = None, interpret: bool | None = None) -> jax.Array:
     """`x @ w.T (+ bias)` for 8-256 rows of `x` on Mosaic GPU, float32 accumulation; the same
     contract as `kernels.skinny_matmul.skinny_matmul(..., layout="nk")`.
 
@@ -424,8 +413,6 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
             CTA's tiles (`_ws_kernel`), whole blocks of `block_m` rows, K splits that divide its
             steps, no bias inside.
         pdl: launched as a programmatic dependent launch (one warpgroup only; None: `PDL`).
-        stagger: each program starts its K steps at its own offset (one warpgroup only; None:
-            `STAGGER`); the float32 sums then add in another order.
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
 
     Example:
@@ -477,7 +464,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         kernel_bias = bias.astype(jnp.float32) if kernel_epilogue == "none" and bias is not None else None
         out = _call(x, w, kernel_bias, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
                     block_m=block_m, num_splits=num_splits, pdl=PDL if pdl is None else pdl,
-                    stagger=STAGGER if stagger is None else stagger, interpret=bool(interpret))
+                    interpret=bool(interpret))
     if epilogue != "none" or kernel_epilogue == "none":
         return out
     out = out.sum(axis=0)

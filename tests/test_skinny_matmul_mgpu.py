@@ -64,18 +64,6 @@ def test_pdl_launch_matches_reference(interpret, epilogue, m, k, n, block_n, slo
                        num_splits=splits, pdl=True)
 
 
-@pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("epilogue,m,k,n,block_n,slots,splits,boxes", [
-    ("partials", 64, 1024, 64, 32, 3, 3, 1),   # 16 steps over 3 splits (6, 6, 4): offsets wrap in each
-    ("none", 40, 512, 96, 32, 4, 1, 1),        # the bias in the kernel
-    ("swiglu", 64, 896, 128, 32, 3, 1, 2),     # gate_up's default ring: 7 two-box steps
-])
-def test_staggered_k_loop_matches_reference(interpret, epilogue, m, k, n, block_n, slots, splits, boxes):
-    # `stagger=True`: each program starts its K steps at its own offset and wraps around.
-    _matches_reference(interpret, epilogue, m, k, n, splits, block_n=block_n, num_slots=slots,
-                       num_splits=splits, boxes=boxes, stagger=True)
-
-
 def _matches_reference(interpret, epilogue: str, m: int, k: int, n: int, want_splits: int, **tiling):
     """The kernel with this tiling on fresh random operands against the float32 reference; returns
     the operands."""
