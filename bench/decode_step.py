@@ -110,8 +110,9 @@ MGPU_TILINGS = {
     # 9 steps a program -> 5), and for every K-split product (o and down; QKV keeps one box)
     "mgpu_deep_b2": dict(_mg(n=32, s=4, gs=3, gb=2), deep={"block_n": 32, "num_slots": 3, "target_programs": 264,
                                                          "boxes": 2}),
-    # gate_up's two-box steps with 16 rows of each half a program (304 programs, ~2.3 an SM) or 64 (76)
-    "mgpu_g16_b2": {"swiglu": {"block_n": 16, "num_slots": 3, "boxes": 2}},
+    # gate_up over 16 rows of each half a program (304 programs, one-box steps, 4 slots: four fit an SM),
+    # or two-box steps over 64 (76 programs, one an SM)
+    "mgpu_g16_s4": {"swiglu": {"block_n": 16, "num_slots": 4}},
     "mgpu_g64_b2": {"swiglu": {"block_n": 64, "num_slots": 3, "boxes": 2}},
     # the 8-64-row default before down_proj's two-box steps (its "deep" tile as "partials")
     "mgpu_deep_b1": dict(_mg(n=32, s=4, gs=3, gb=2), deep={"block_n": 32, "num_slots": 4, "target_programs": 264}),

@@ -69,7 +69,7 @@
 #               throughput table at batch 1/64/128/256 + 1k prompts with transformers eager (~380 s)
 #   wideb2      session 19: 128-row steps with down_proj (or QKV, o and down) in two-box steps; the compiled
 #               test of down's 64-row two-box tile (~200 s)
-#   gwidth      session 19: 64-row gate_up's two-box steps over 16 / 64 rows of each half a program (~100 s)
+#   gwidth      session 19: 64-row gate_up over 16 (one-box steps) / 64 (two-box) rows of each half a program (~100 s)
 #   ncu64       session 16: Nsight Compute on batch 64's projections and norm (bench/ncu_probe.py case gemm_b64:
 #               the tensor-core skinny matmul for QKV / o / gate_up / down, add_rms_norm) (~60 s?)
 #   mgpu        session 16: the 8-64-row projections on Mosaic GPU (kernels.skinny_matmul_mgpu, TMA + WGMMA):
@@ -375,7 +375,7 @@ for part in "${parts[@]}"; do
             timeout 200 python3 bench/decode_step.py --batches 128 --variants default --no-static --glue kernels \
               mgpu256_deep_b2 mgpu256_pb2 --rounds 7 --reps 10 --profile /tmp/wideb2 ;;
     gwidth) timeout 150 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
-              mgpu_g16_b2 mgpu_g64_b2 --rounds 7 --reps 10 --profile /tmp/gwidth ;;
+              mgpu_g16_s4 mgpu_g64_b2 --rounds 7 --reps 10 --profile /tmp/gwidth ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"
