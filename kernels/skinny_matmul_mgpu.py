@@ -197,17 +197,20 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
     first = split * steps_per_split
     num_steps = jnp.clip(k_steps - first, 0, steps_per_split)
 
+    def k_at(step, b):  # a step is `boxes` TMA boxes of 64 K-elements an operand
+        return pl.ds(((first + step) * boxes + b) * _BLOCK_K, _BLOCK_K)
+
     def issue_w(step, slot):
-        for b in range(boxes):  # a step is `boxes` TMA boxes of 64 K-elements an operand
-            k_at = pl.ds(((first + step) * boxes + b) * _BLOCK_K, _BLOCK_K)
+        for b in range(boxes):
+            at = k_at(step, b)
             for h, offset in enumerate(halves):
-                plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(offset + col_block * block_n, block_n), k_at],
+                plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(offset + col_block * block_n, block_n), at],
                                         w_smem.at[slot, h, b], bars.at[slot])
 
     def issue_x(step, slot):
         for b in range(boxes):
-            k_at = pl.ds(((first + step) * boxes + b) * _BLOCK_K, _BLOCK_K)
-            plgpu.copy_gmem_to_smem(x_ref.at[my_rows, k_at], x_smem.at[slot, b, pl.ds(0, rows)], bars.at[slot])
+            plgpu.copy_gmem_to_smem(x_ref.at[my_rows, k_at(step, b)], x_smem.at[slot, b, pl.ds(0, rows)],
+                                    bars.at[slot])
 
     def issue(step, slot):
         issue_w(step, slot)
