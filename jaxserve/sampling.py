@@ -246,8 +246,11 @@ def needs_penalties(params: Sequence[SamplingParams | None]) -> bool:
         >>> needs_penalties([SamplingParams(temperature=0, presence_penalty=0.5), None])
         True
     """
-    return any(p is not None and (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                                  or p.frequency_penalty != 0.0) for p in params)
+    return any(p is not None and _has_penalty(p) for p in params)
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
 def needs_sampling(params: Sequence[SamplingParams | None]) -> bool:
@@ -260,11 +263,7 @@ def needs_sampling(params: Sequence[SamplingParams | None]) -> bool:
         >>> needs_sampling([SamplingParams(temperature=0), None])
         False
     """
-    return any(
-        p is not None and (not p.greedy or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                           or p.frequency_penalty != 0.0 or p.min_tokens > 0)
-        for p in params
-    )
+    return any(p is not None and (not p.greedy or _has_penalty(p) or p.min_tokens > 0) for p in params)
 
 
 def seen_from_prompts(prompt_tokens: jax.Array, prompt_lens: jax.Array, vocab_size: int) -> jax.Array:
