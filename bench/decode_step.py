@@ -108,15 +108,15 @@ MGPU_TILINGS = {
     "mgpu_gs5": _mg(n=32, s=4, gs=5), "mgpu_gs6": _mg(n=32, s=4, gs=6),
     # session 19, after gate_up's two-box steps won: the same for down_proj alone ("deep", K >= DEEP_K:
     # 9 steps a program -> 5), and for every K-split product (o and down; QKV keeps one box)
-    "mgpu_deep_b2": dict(_mg(n=32, s=4, gs=3, gb=2), deep={"block_n": 32, "num_slots": 3, "target_programs": 264,
-                                                         "boxes": 2}),
+    # (from here on only the epilogues named differ from the defaults: apply_glue lays them over TILES)
+    "mgpu_deep_b2": {"deep": {"block_n": 32, "num_slots": 3, "target_programs": 264, "boxes": 2}},
     # gate_up over 16 rows of each half a program (304 programs, one-box steps, 4 slots: four fit an SM),
     # or two-box steps over 64 (76 programs, one an SM)
     "mgpu_g16_s4": {"swiglu": {"block_n": 16, "num_slots": 4}},
     "mgpu_g64_b2": {"swiglu": {"block_n": 64, "num_slots": 3, "boxes": 2}},
     # the 8-64-row default before down_proj's two-box steps (its "deep" tile as "partials")
-    "mgpu_deep_b1": dict(_mg(n=32, s=4, gs=3, gb=2), deep={"block_n": 32, "num_slots": 4, "target_programs": 264}),
-    "mgpu_pb2": dict(_mg(n=32, s=3, b=2, gs=3, gb=2), none={"block_n": 32, "num_slots": 4, "target_programs": 264}),
+    "mgpu_deep_b1": {"deep": {"block_n": 32, "num_slots": 4, "target_programs": 264}},
+    "mgpu_pb2": {"partials": {"block_n": 32, "num_slots": 3, "target_programs": 264, "boxes": 2}},
 }
 # --glue choices that run steps of 65-256 rows through the fused glue (SKINNY_ROWS 256, like
 # "skinny256") with their projections on Mosaic GPU, `kernels.skinny_matmul_mgpu.WIDE_TILES` these
@@ -163,21 +163,15 @@ MGPU_WIDE_TILINGS = {
     "mgpu256_xgu_wt": {},  # the default WIDE_TILES
     "mgpu256_xgu_deep": _mw(n=64, bm=64, gn=64, gbm=64, deep={"block_n": 64, "num_slots": 6,
                                                               "target_programs": 264, "block_m": 64}),
-    # session 19: gate_up of 65-128-row steps in steps of two 64-wide boxes, 3 slots (its best at 64 rows)
-    "mgpu256_gb2": {"partials": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64},
-                    "none": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64},
-                    "deep": {"block_n": 64, "num_slots": 6, "target_programs": 264, "block_m": 64},
-                    "swiglu": {"block_n": 32, "num_slots": 3, "block_m": 64, "boxes": 2}},
+    # session 19 (only the epilogues named differ from WIDE_TILES, which apply_glue lays them over): gate_up of
+    # 65-128-row steps in steps of two 64-wide boxes, 3 slots (its best at 64 rows)
+    "mgpu256_gb2": {"swiglu": {"block_n": 32, "num_slots": 3, "block_m": 64, "boxes": 2}},
     # down_proj ("deep") of 65-128-row steps in two-box steps, 3 slots (the same shared memory as its 6
     # one-box slots); "pb2": QKV, o and down so
-    "mgpu256_deep_b2": {"partials": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64},
-                        "none": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64},
-                        "deep": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 64, "boxes": 2},
-                        "swiglu": {"block_n": 32, "num_slots": 4, "block_m": 64}},
+    "mgpu256_deep_b2": {"deep": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 64, "boxes": 2}},
     "mgpu256_pb2": {"partials": {"block_n": 32, "num_slots": 3, "target_programs": 264, "block_m": 64, "boxes": 2},
                     "none": {"block_n": 32, "num_slots": 3, "target_programs": 264, "block_m": 64, "boxes": 2},
-                    "deep": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 64, "boxes": 2},
-                    "swiglu": {"block_n": 32, "num_slots": 4, "block_m": 64}},
+                    "deep": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 64, "boxes": 2}},
 }
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
 # the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:
