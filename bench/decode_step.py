@@ -267,10 +267,11 @@ def gpu_stream_events(trace_dir: str) -> tuple[list[dict], list[dict]]:
     return kernels, events
 
 
-def gpu_kernel_times(trace_dir: str) -> dict[str, tuple[int, float]]:
-    """{kernel name: (launches, total µs)} from the Perfetto trace `jax.profiler` wrote."""
+def gpu_kernel_times(trace_dir: str, kernels: list[dict] | None = None) -> dict[str, tuple[int, float]]:
+    """{kernel name: (launches, total µs)} from the Perfetto trace `jax.profiler` wrote (or from
+    its `gpu_stream_events` kernels, when the caller has read them already)."""
     out: dict[str, tuple[int, float]] = {}
-    for e in gpu_stream_events(trace_dir)[0]:
+    for e in gpu_stream_events(trace_dir)[0] if kernels is None else kernels:
         n, t = out.get(e["name"], (0, 0.0))
         out[e["name"]] = (n + 1, t + float(e["dur"]))
     return out
@@ -313,11 +314,12 @@ def profile_decode(runner, call: tuple, out_dir: str, tag: str, calls: int = 5, 
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(calls):
             jax.block_until_ready(runner.decode(*call, greedy=True, logprobs=logprobs).tokens)
-    times = gpu_kernel_times(trace_dir)
+    kernels = gpu_stream_events(trace_dir)[0]  # the trace read once, for both summaries below
+    times = gpu_kernel_times(trace_dir, kernels)
     steps = calls * call[6]
     total = sum(t for _, t in times.values())
     print(f"profile {tag}: GPU busy {total / steps:.1f} µs a step over {len(times)} kernel names", flush=True)
-    span, overlapping, overlap = kernel_overlaps(gpu_stream_events(trace_dir)[0])
+    span, overlapping, overlap = kernel_overlaps(kernels)
     print(f"profile {tag}: first start to last end {span / steps:.1f} µs a step; {overlapping / steps:.1f} kernels "
           f"a step start before the one ahead ended, overlapping {overlap / steps:.1f} µs a step", flush=True)
     for key, (n, t) in grouped_kernel_times(times)[:30]:
