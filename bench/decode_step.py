@@ -364,6 +364,7 @@ def run_variant(args) -> list[dict]:
     skinny_backend = model_module.SKINNY_BACKEND
     mgpu_defaults = {ep: dict(tile) for ep, tile in mgpu_module.TILES.items()}
     mgpu_pdl = mgpu_module.PDL
+    accumulate = model_module.ACCUMULATE
     mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
     greedy_pick = runner_module.GREEDY_PICK
     wide_options = runner_module.WIDE_DECODE_OPTIONS
@@ -450,6 +451,9 @@ def run_variant(args) -> list[dict]:
             # "pdl" / "no_pdl": the Mosaic GPU projections as programmatic dependent launches, or not
             # (kernels.skinny_matmul_mgpu.PDL).
             mgpu_module.PDL = {"pdl": True, "no_pdl": False}.get(glue, mgpu_pdl)
+            # "accumulate" / "no_accumulate": o, down and QKV add their K splits into a float32
+            # residual stream / QKV accumulator in place (model.ACCUMULATE), or write partial sums.
+            model_module.ACCUMULATE = {"accumulate": True, "no_accumulate": False}.get(glue, accumulate)
             mgpu_module.WIDE_TILES = {ep: dict(tile) for ep, tile in
                                       {**mgpu_wide_defaults, **MGPU_WIDE_TILINGS.get(glue, {})}.items()}
 
@@ -521,7 +525,8 @@ def main() -> None:
                                                              "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS,
                                                              *ATTENTION_TUNINGS, *O_TUNINGS, "no_o_attn",
                                                              "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, "cublas128",
-                                                             "skinny_triton", "pdl", "no_pdl"],
+                                                             "skinny_triton", "pdl", "no_pdl", "accumulate",
+                                                             "no_accumulate"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -70,6 +70,9 @@
 #   wideb2      session 19: 128-row steps with down_proj (or QKV, o and down) in two-box steps; the compiled
 #               test of down's 64-row two-box tile (~200 s)
 #   gwidth      session 19: 64-row gate_up over 16 (one-box steps) / 64 (two-box) rows of each half a program (~100 s)
+#   acc         session 20: compiled tests of the accumulating glue (TMA-reduction "accumulate" epilogue, the seeded
+#               norm, the fused attention of a float32 QKV), then the decode step at 32/64/128 rows with the
+#               projections adding into a float32 residual stream (model.ACCUMULATE) against partial sums (~300 s)
 #   ncu64       session 16: Nsight Compute on batch 64's projections and norm (bench/ncu_probe.py case gemm_b64:
 #               the tensor-core skinny matmul for QKV / o / gate_up / down, add_rms_norm) (~60 s?)
 #   mgpu        session 16: the 8-64-row projections on Mosaic GPU (kernels.skinny_matmul_mgpu, TMA + WGMMA):
@@ -376,6 +379,11 @@ for part in "${parts[@]}"; do
               mgpu256_deep_b2 mgpu256_pb2 --rounds 7 --reps 10 --profile /tmp/wideb2 ;;
     gwidth) timeout 150 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
               mgpu_g16_s4 mgpu_g64_b2 --rounds 7 --reps 10 --profile /tmp/gwidth ;;
+    acc) timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+           tests/test_skinny_matmul_mgpu.py tests/test_residual_norm.py tests/test_decode_attention.py \
+           -k "accumulat or float32_stream or float32_accumulator" \
+         && timeout 330 python3 bench/decode_step.py --batches 32 64 128 --variants default --no-static --glue \
+              kernels accumulate --rounds 7 --reps 10 --profile /tmp/acc ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

@@ -309,6 +309,43 @@ def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
     return x.shape[0] <= skinny_rows(x.dtype)
 
 
+# Fused-glue decode steps whose every projection runs on Mosaic GPU keep the residual stream in
+# float32, and o_proj and down_proj add their K splits straight into it (`skinny_matmul_mgpu`'s
+# "accumulate" epilogue: a TMA reduction into the stream, in place); QKV adds its splits into an
+# accumulator that its input norm starts at the bias (`add_rms_norm(..., seed=bias)`), which the
+# fused attention reads as is. No norm kernel then reads a projection's partial sums, and no launch
+# sums QKV's (`_accumulate_glue`). The residual in float32 is more exact than Hugging Face's bf16
+# stream; the order of the splits' float32 adds varies from run to run (not bitwise reproducible).
+# Read when a step is traced.
+ACCUMULATE = os.environ.get("JAXSERVE_ACCUMULATE", "0") == "1"
+
+
+def _accumulate_glue(paged: PagedAttention | None, x: jax.Array, cfg: ModelConfig, dtype: Any) -> bool:
+    """Whether this pass runs ACCUMULATE's glue: a fused-glue decode step (``x`` the residual
+    stream, ``dtype`` the model's) of MGPU_MIN_ROWS or more rows whose four projections the Mosaic
+    GPU kernel takes (the norms not folded, gate_up not on XLA)."""
+    from kernels.skinny_matmul_mgpu import supports
+
+    rows = x.shape[0] * x.shape[1]
+    if not (ACCUMULATE and DECODE_PROJECTIONS == "pallas" and _fused_glue(paged, jax.ShapeDtypeStruct(x.shape, dtype))
+            and rows >= MGPU_MIN_ROWS and _mgpu_runs(dtype) and not 0 < XLA_GATE_UP_ROWS < rows):
+        return False
+    hidden, inter, attn = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim
+    qkv = attn + 2 * cfg.num_key_value_heads * cfg.head_dim
+    return (supports(rows, hidden, qkv, "accumulate") and supports(rows, attn, hidden, "accumulate")
+            and supports(rows, hidden, 2 * inter, "swiglu") and supports(rows, inter, hidden, "accumulate"))
+
+
+def _accumulate(x: jax.Array, kernel: jax.Array, acc: jax.Array) -> jax.Array:
+    """``acc + x @ kernel.T`` (float32, in acc's buffer) on Mosaic GPU; ``x [B, 1, K]``, ``acc [B, 1, N]``."""
+    from kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
+
+    rows = x.shape[0] * x.shape[1]
+    out = skinny_matmul_mgpu(x.reshape(rows, x.shape[-1]), kernel, epilogue="accumulate",
+                             acc=acc.reshape(rows, acc.shape[-1]))
+    return out.reshape(*acc.shape)
+
+
 class Linear(nn.Module):
     """``nn.Dense``'s math (its kernel stored as ``WEIGHT_LAYOUT`` says) that can run as the skinny-matmul kernel.
 
@@ -335,7 +372,7 @@ class Linear(nn.Module):
         kernel = self.param("kernel", init, shape, self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype) if self.use_bias else None
         if fused is not None:  # a kernel that does this product inside another; x gives only the shape
-            return fused(kernel)
+            return fused(kernel, bias)
         x = x.astype(self.dtype)
         rows = x.size // x.shape[-1]
         if norm is not None:  # x is the residual stream; see _fold_norms
@@ -390,7 +427,8 @@ class RMSNorm(nn.Module):
             from kernels.residual_norm import add_rms_norm
 
             b, s, n = x.shape
-            hidden, normed = add_rms_norm(x.reshape(b * s, n), partials, scale, eps=self.eps)
+            # A float32 stream (ACCUMULATE) is normed into the model's dtype.
+            hidden, normed = add_rms_norm(x.reshape(b * s, n), partials, scale, eps=self.eps, out_dtype=self.dtype)
             return hidden.reshape(x.shape), normed.reshape(x.shape)
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
@@ -398,7 +436,8 @@ class RMSNorm(nn.Module):
         return scale * xf.astype(x.dtype)
 
 
-def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelConfig, wo: jax.Array | None = None):
+def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelConfig, wo: jax.Array | None = None,
+                         out_dtype: Any = None):
     """Decode: RoPE, the cache write and attention in one kernel, not six a layer; with ``wo``
     (_fold_o_proj) o_proj too, whose per-KV-head partials ``[kv_heads, B, hidden]`` it returns."""
     from kernels.decode_attention import fused_decode_attention, fused_decode_attention_o
@@ -410,7 +449,8 @@ def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelCon
     if wo is not None:
         out, k_pages, v_pages = fused_decode_attention_o(*args, wo)
     else:
-        out, k_pages, v_pages = fused_decode_attention(*args, combine=SPLIT_COMBINE, **ATTENTION_TUNING)
+        out, k_pages, v_pages = fused_decode_attention(*args, combine=SPLIT_COMBINE, out_dtype=out_dtype,
+                                                       **ATTENTION_TUNING)
     return out, (k_pages, v_pages)
 
 
@@ -450,16 +490,31 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, lengths, kv, paged: PagedAttention | None, glue: bool = False,
-                 norm: tuple | None = None):
+                 norm: tuple | None = None, accumulate: tuple | None = None):
         """The attention sublayer's output ``[B, S, hidden]``, or with ``glue`` the o_proj's
         K-split partial sums ``[splits, B, hidden]``; and the KV pages. With ``norm`` (the input
         norm's ``(partials, scale, eps)``, _fold_norms) ``x`` is the residual stream before that
-        norm, and the new residual comes back third."""
+        norm, and the new residual comes back third. With ``accumulate`` (the input norm's
+        ``(None, scale, eps)``, _accumulate_glue) ``x`` is the float32 residual stream before the
+        norm, and ``(x + attention, kv)`` comes back."""
         cfg = self.config
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, s, _ = x.shape
         fast = _fast_kernels(paged)
         qkv_proj = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")
+        if accumulate is not None:
+            from kernels.residual_norm import add_rms_norm
+
+            _, scale, eps = accumulate
+
+            def qkv_of(kernel, bias):  # the norm starts QKV's float32 accumulator at the bias
+                _, normed, acc = add_rms_norm(x.reshape(b * s, -1), None, scale, eps=eps, out_dtype=self.dtype,
+                                              seed=bias)
+                return _accumulate(normed.reshape(b, s, -1), kernel, acc.reshape(b, s, -1))
+
+            out, kv = _attend_fused_decode(qkv_proj(x, fused=qkv_of), cos, sin, kv, paged, cfg, out_dtype=self.dtype)
+            o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
+            return o_proj(out.reshape(b, s, h * d), fused=lambda kernel, _: _accumulate(out.reshape(b, s, -1), kernel, x)), kv
         if norm is not None:
             x, qkv = qkv_proj(x, fast, norm=norm)
         else:
@@ -468,7 +523,7 @@ class Attention(nn.Module):
         if norm is not None and _fold_o_proj(paged, kv):
             # o_proj inside the attention kernel; its per-KV-head partials go to the next norm.
             partials, kv = o_proj(jax.ShapeDtypeStruct((b, s, h * d), self.dtype),
-                                  fused=lambda wo: _attend_fused_decode(qkv, cos, sin, kv, paged, cfg, wo))
+                                  fused=lambda wo, _: _attend_fused_decode(qkv, cos, sin, kv, paged, cfg, wo))
             return partials, kv, x
         if fast and s == 1:
             out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg)
@@ -483,12 +538,20 @@ class MLP(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, fast: bool = False, glue: bool = False, norm: tuple | None = None):
+    def __call__(self, x, fast: bool = False, glue: bool = False, norm: tuple | None = None,
+                 accumulate: tuple | None = None):
         """``[B, S, hidden]``, or with ``glue`` the down_proj's K-split partials (see Attention;
-        with ``norm``, ``(new residual, partials)``)."""
+        with ``norm``, ``(new residual, partials)``; with ``accumulate``, ``x + mlp`` in float32)."""
         inter = self.config.intermediate_size
         gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")
         down = Linear(self.config.hidden_size, False, self.dtype, name="down_proj")
+        if accumulate is not None:
+            from kernels.residual_norm import add_rms_norm
+
+            _, scale, eps = accumulate
+            _, normed = add_rms_norm(x.reshape(-1, x.shape[-1]), None, scale, eps=eps, out_dtype=self.dtype)
+            act = gate_up(normed.reshape(*x.shape[:-1], -1), True, "swiglu")
+            return down(act, fused=lambda kernel, _: _accumulate(act, kernel, x))
         if norm is not None:
             x, act = gate_up(x, fast, "swiglu", norm=norm)
             return x, down(act, fast, "partials")
@@ -503,7 +566,8 @@ class DecoderLayer(nn.Module):
 
     ``pending`` is None except in the fused decode glue (``_fused_glue``), where the residual
     add of a layer's MLP is left to the next layer's (or the final) norm kernel: ``x`` is the
-    residual stream before it, ``pending`` the down_proj's partial sums.
+    residual stream before it, ``pending`` the down_proj's partial sums. Under ACCUMULATE's glue
+    (``_accumulate_glue``) ``x`` is the float32 stream, complete (the projections add into it).
     """
 
     config: ModelConfig
@@ -516,6 +580,9 @@ class DecoderLayer(nn.Module):
         mlp = MLP(self.config, self.dtype, name="mlp")
         input_norm = RMSNorm(eps, self.dtype, name="input_layernorm")
         post_norm = RMSNorm(eps, self.dtype, name="post_attention_layernorm")
+        if _accumulate_glue(paged, x, self.config, self.dtype):  # x: the float32 stream
+            x, kv = attn(x, cos, sin, lengths, kv, paged, accumulate=input_norm(x, folded=True))
+            return mlp(x, accumulate=post_norm(x, folded=True)), None, kv
         if _fused_glue(paged, x) and _fold_norms(x):
             partials, kv, x = attn(x, cos, sin, lengths, kv, paged, glue=True,
                                    norm=input_norm(x, pending, folded=True))
@@ -567,6 +634,9 @@ class Qwen2ForCausalLM(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
         x = embed(tokens)
+        fused_glue, accumulate = _fused_glue(paged, x), _accumulate_glue(paged, x, cfg, self.dtype)
+        if accumulate:
+            x = x.astype(jnp.float32)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         new_kv = []
         pending = None
@@ -575,7 +645,7 @@ class Qwen2ForCausalLM(nn.Module):
                 x, cos, sin, lengths, None if kv is None else kv[i], paged, pending)
             new_kv.append(layer_kv)
         final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")
-        if _fused_glue(paged, x):  # one token a row: logits_at can only pick it
+        if fused_glue:  # one token a row: logits_at can only pick it
             _, x = final_norm(x, pending, fused=True)
         else:
             if logits_at is not None:

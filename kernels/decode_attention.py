@@ -34,6 +34,7 @@ Backend: Pallas Triton, for the reasons in `kernels.paged_attention`.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,7 @@ def _rotate_half_matrix(head_dim: int, dtype) -> jax.Array:
 def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_ref,
                   k_pages_ref, v_pages_ref, *refs, num_heads: int, kv_heads: int,
                   group: int, block_rows: int, num_splits: int, pages_per_block: int, scale: float,
-                  precision, merge_in_kernel: bool = False, interpret: bool = False,
+                  precision, act_dtype, merge_in_kernel: bool = False, interpret: bool = False,
                   o_rows: int = 0, prefetch_wo: bool = False):
     wo_ref, refs = (refs[0], refs[1:]) if o_rows else (None, refs)
     (o_ref, lse_ref, out_ref, counter_ref), (k_out_ref, v_out_ref) = split_refs(
@@ -97,12 +98,14 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                                 valid)
         return k, v, valid
 
+    # A float32 qkv (a projection's accumulator) is rounded to the activations' dtype first, as
+    # a projection's output in that dtype would be.
     q_raw = compat.load(qkv_ref.at[seq, pl.ds(head * group, block_rows), :],
-                        mask=real_row[:, None], other=0)
+                        mask=real_row[:, None], other=0).astype(act_dtype)
     # The new key as row 0 of a tile (the MMA needs 16 rows), then as a vector.
     k_raw = compat.load(qkv_ref.at[seq, pl.ds(num_heads + head, block_rows), :],
-                        mask=(rows == 0)[:, None], other=0)
-    v_new = qkv_ref[seq, num_heads + kv_heads + head, :].astype(pool_dtype)
+                        mask=(rows == 0)[:, None], other=0).astype(act_dtype)
+    v_new = qkv_ref[seq, num_heads + kv_heads + head, :].astype(act_dtype).astype(pool_dtype)
     cos = cos_ref[seq, :][None, :]
     sin = sin_ref[seq, :][None, :]
     rot = _rotate_half_matrix(head_dim, pool_dtype)
@@ -152,7 +155,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     if o_rows:
         # o_proj's partial sum over this KV head's query heads, rounded as the unfused path rounds
         # the attention output (to the activations' dtype) before the product.
-        attn = out.astype(qkv_ref.dtype).astype(jnp.float32)
+        attn = out.astype(act_dtype).astype(jnp.float32)
         acc = jnp.zeros((o_rows, head_dim), jnp.float32)
         for g in range(group):
             row_g = jnp.sum(jnp.where((rows == g)[:, None], attn, 0.0), axis=0)  # attention row g: [D]
@@ -177,10 +180,11 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine", "o_rows",
-    "prefetch_wo"))
+    "prefetch_wo", "out_dtype"))
 def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo=None, *, scale: float,
            num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
-           interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False):
+           interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False, out_dtype=None):
+    out_dtype = qkv.dtype if out_dtype is None else out_dtype
     batch, _, head_dim = qkv.shape
     kv_heads = k_pages.shape[0]
     num_heads = qkv.shape[1] - 2 * kv_heads
@@ -191,8 +195,8 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     kernel = functools.partial(
         _fused_kernel, num_heads=num_heads, kv_heads=kv_heads, group=group,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
-        scale=scale, precision=precision, merge_in_kernel=merge_in_kernel, interpret=interpret,
-        o_rows=o_rows, prefetch_wo=prefetch_wo)
+        scale=scale, precision=precision, act_dtype=out_dtype, merge_in_kernel=merge_in_kernel,
+        interpret=interpret, o_rows=o_rows, prefetch_wo=prefetch_wo)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -208,7 +212,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         operands.append(wo)
         grid = (batch, kv_heads, pl.cdiv(wo.shape[0], o_rows))
     else:
-        out_shape, counter = split_outputs((batch, kv_heads, group, head_dim), qkv.dtype, num_splits,
+        out_shape, counter = split_outputs((batch, kv_heads, group, head_dim), out_dtype, num_splits,
                                            merge_in_kernel)
         grid = (batch, kv_heads, num_splits)
     out_specs = [whole] * len(out_shape)
@@ -229,7 +233,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     elif merge_in_kernel:
         out = result[2]
     else:
-        out = merge_splits(result[0], result[1], qkv.dtype, combine, interpret)
+        out = merge_splits(result[0], result[1], out_dtype, combine, interpret)
     return out.reshape(batch, num_heads, head_dim), k_pages, v_pages
 
 
@@ -267,7 +271,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                            slot_mapping: jax.Array, *, scale: float | None = None,
                            interpret: bool | None = None, num_splits: int | None = None,
                            pages_per_block: int | None = None, num_warps: int = 4,
-                           num_stages: int | None = None, combine: str = "pallas"
+                           num_stages: int | None = None, combine: str = "pallas", out_dtype: Any = None
                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode token per sequence: RoPE on its q and k, k/v into the pool, attention.
 
@@ -286,9 +290,11 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
             negative writes nothing. A row with length >= 1 must name its token's slot.
         scale, interpret, num_splits, pages_per_block, num_warps, num_stages, combine: as in
             `kernels.paged_attention.paged_attention`. `num_stages` None: `TWO_STAGE_ROWS`.
+        out_dtype: the activations' dtype (None: qkv's). A float32 qkv (a projection's
+            accumulator) is rounded to it first, as a projection's output in it would be.
 
     Returns:
-        `(out [batch, num_heads, head_dim] in qkv's dtype, k_pages, v_pages)`.
+        `(out [batch, num_heads, head_dim] in out_dtype, k_pages, v_pages)`.
 
     Example:
         >>> qkv = jnp.ones((2, 14 + 4, 64), jnp.bfloat16)
@@ -315,7 +321,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                   scale=float(head_dim ** -0.5 if scale is None else scale),
                   num_splits=num_splits, pages_per_block=pages_per_block,
                   num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                  combine=combine)
+                  combine=combine, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype))
 
 
 # `fused_decode_attention_o`: rows of Wo a program (its grid's third axis has N / O_ROWS blocks per
@@ -426,8 +432,9 @@ def rope_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def fused_decode_attention_reference(qkv, cos, sin, k_pages, v_pages, block_tables, lengths,
-                                     slot_mapping, *, scale=None):
-    """jnp reference of `fused_decode_attention`: RoPE, scatter, then paged attention.
+                                     slot_mapping, *, scale=None, out_dtype=None):
+    """jnp reference of `fused_decode_attention`: RoPE, scatter, then paged attention (qkv
+    rounded to `out_dtype` first, where given).
 
     Example:
         >>> qkv = jnp.ones((1, 4, 64)); cs = jnp.ones((1, 64))
@@ -437,6 +444,7 @@ def fused_decode_attention_reference(qkv, cos, sin, k_pages, v_pages, block_tabl
         ...     jnp.array([1], jnp.int32), jnp.array([0], jnp.int32))
     """
     _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping)
+    qkv = qkv if out_dtype is None else qkv.astype(out_dtype)
     kv_heads = k_pages.shape[0]
     num_heads = qkv.shape[1] - 2 * kv_heads
     q = rope_reference(qkv[:, :num_heads], cos, sin)

@@ -24,6 +24,7 @@ Backend: Pallas Triton, like the other kernels (`kernels.paged_attention` says w
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,12 +42,21 @@ from kernels import pallas_compat as compat
 NUM_WARPS = 8
 
 
-def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int):
-    if num_parts:
-        p_ref, scale_ref, h_out_ref, norm_out_ref = rest
-    else:  # the residual is unchanged: returned as is by the wrapper, not copied
-        scale_ref, norm_out_ref = rest
+def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: int):
+    rest = list(rest)
+    p_ref = rest.pop(0) if num_parts else None
+    scale_ref = rest.pop(0)
+    seed_ref = rest.pop(0) if seed_block else None  # the next projection's accumulator starts at it
+    # Without partials the residual is unchanged: returned as is by the wrapper, not copied.
+    h_out_ref = rest.pop(0) if num_parts else None
+    norm_out_ref = rest.pop(0)
+    seed_out_ref = rest.pop(0) if seed_block else None
     row = pl.program_id(0)
+    if seed_block:
+        seed_cols = jnp.arange(seed_block)
+        seed_ok = seed_cols < seed_ref.shape[0]
+        seed = compat.load(seed_ref.at[pl.ds(0, seed_block)], mask=seed_ok, other=0)
+        compat.store(seed_out_ref.at[row, pl.ds(0, seed_block)], seed.astype(jnp.float32), mask=seed_ok)
     n = h_ref.shape[1]
     dtype = h_ref.dtype
     cols = jnp.arange(block_n)
@@ -63,29 +73,36 @@ def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int):
         compat.store(h_out_ref.at[row, pl.ds(0, block_n)], h, mask=ok)
     hf = h.astype(jnp.float32)
     mean_square = jnp.sum(hf * hf) / n  # masked columns loaded as 0
-    normed = (hf * lax.rsqrt(mean_square + eps)).astype(dtype)
+    normed = (hf * lax.rsqrt(mean_square + eps)).astype(norm_out_ref.dtype)
     scale = compat.load(scale_ref.at[pl.ds(0, block_n)], mask=ok, other=0)
     out = (scale.astype(jnp.float32) * normed.astype(jnp.float32)).astype(norm_out_ref.dtype)
     compat.store(norm_out_ref.at[row, pl.ds(0, block_n)], out, mask=ok)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
-def _add_rms_norm(hidden, partials, scale, *, eps: float, num_warps: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "num_warps", "interpret"))
+def _add_rms_norm(hidden, partials, scale, seed, *, eps: float, out_dtype, num_warps: int, interpret: bool):
     m, n = hidden.shape
     num_parts = 0 if partials is None else partials.shape[0]
-    kernel = functools.partial(_kernel, num_parts=num_parts, eps=eps, block_n=compat.next_pow2(n))
-    args = [hidden] + ([partials] if num_parts else []) + [scale]
-    norm_shape = jax.ShapeDtypeStruct((m, n), hidden.dtype)
+    seed_block = 0 if seed is None else compat.next_pow2(seed.shape[0])
+    kernel = functools.partial(_kernel, num_parts=num_parts, eps=eps, block_n=compat.next_pow2(n),
+                               seed_block=seed_block)
+    args = [hidden] + ([partials] if num_parts else []) + [scale] + ([seed] if seed_block else [])
+    norm_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
     out_shape = [jax.ShapeDtypeStruct((m, n), hidden.dtype), norm_shape] if num_parts else [norm_shape]
+    if seed_block:
+        out_shape.append(jax.ShapeDtypeStruct((m, seed.shape[0]), jnp.float32))
     outs = compat.triton_call(kernel, *args, grid=(m,), out_shape=out_shape, interpret=interpret,
                               num_warps=num_warps, name="add_rms_norm")
-    return tuple(outs) if num_parts else (hidden, outs[0])
+    if not num_parts:  # the residual is unchanged: returned as is, not copied
+        outs = [hidden, *outs]
+    return tuple(outs)
 
 
 def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array, *,
-                 eps: float, interpret: bool | None = None,
-                 num_warps: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """`h = hidden + sum(partials)`, then `(h, RMSNorm(h) * scale)`, in hidden's dtype.
+                 eps: float, out_dtype: Any = None, seed: jax.Array | None = None,
+                 interpret: bool | None = None, num_warps: int | None = None) -> tuple[jax.Array, ...]:
+    """`h = hidden + sum(partials)`, then `(h, RMSNorm(h) * scale)`, in hidden's dtype; with
+    `seed`, also `seed` broadcast to every row (float32) as a third output.
 
     Args:
         hidden: `[M, N]` residual stream.
@@ -94,6 +111,12 @@ def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array
             to only normalise.
         scale: `[N]` the norm's weight.
         eps: the norm's epsilon.
+        out_dtype: the normed output's dtype (None: hidden's). A float32 residual stream (the
+            decode glue whose projections add into it, `jaxserve.model.ACCUMULATE`) is normed
+            into the activation dtype, rounded where a bf16 stream's norm rounds.
+        seed: `[N2]`, e.g. the next projection's bias: the rows of its float32 accumulator
+            (`kernels.skinny_matmul_mgpu`'s "accumulate" epilogue) written here, so that
+            start costs no launch of its own.
         interpret: Pallas interpret mode; None picks it on the CPU backend.
         num_warps: Triton warps per program (one program per row); None: `NUM_WARPS`.
 
@@ -108,15 +131,19 @@ def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array
         raise ValueError(f"partials must be [S, {hidden.shape[0]}, {hidden.shape[1]}], got {partials.shape}")
     if scale.shape != (hidden.shape[1],):
         raise ValueError(f"scale must be [{hidden.shape[1]}], got {scale.shape}")
+    if seed is not None and seed.ndim != 1:
+        raise ValueError(f"seed must be [N2], got {seed.shape}")
     if partials is not None:
         partials = partials.astype(jnp.float32)
-    return _add_rms_norm(hidden, partials, scale, eps=float(eps),
+    return _add_rms_norm(hidden, partials, scale, seed, eps=float(eps),
+                         out_dtype=jnp.dtype(hidden.dtype if out_dtype is None else out_dtype),
                          num_warps=NUM_WARPS if num_warps is None else num_warps,
                          interpret=compat.resolve_interpret(interpret))
 
 
 def add_rms_norm_reference(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array, *,
-                           eps: float) -> tuple[jax.Array, jax.Array]:
+                           eps: float, out_dtype: Any = None,
+                           seed: jax.Array | None = None) -> tuple[jax.Array, ...]:
     """jnp reference of `add_rms_norm`, with the same roundings.
 
     Example:
@@ -128,6 +155,10 @@ def add_rms_norm_reference(hidden: jax.Array, partials: jax.Array | None, scale:
     if partials is not None:
         delta = partials.astype(jnp.float32).sum(axis=0).astype(dtype)
         hidden = (hidden.astype(jnp.float32) + delta.astype(jnp.float32)).astype(dtype)
+    out_dtype = dtype if out_dtype is None else out_dtype
     hf = hidden.astype(jnp.float32)
-    normed = (hf * lax.rsqrt(jnp.mean(hf * hf, axis=-1, keepdims=True) + eps)).astype(dtype)
-    return hidden, (scale.astype(jnp.float32) * normed.astype(jnp.float32)).astype(dtype)
+    normed = (hf * lax.rsqrt(jnp.mean(hf * hf, axis=-1, keepdims=True) + eps)).astype(out_dtype)
+    out = (hidden, (scale.astype(jnp.float32) * normed.astype(jnp.float32)).astype(out_dtype))
+    if seed is not None:
+        out += (jnp.broadcast_to(seed.astype(jnp.float32), (hidden.shape[0], seed.shape[0])),)
+    return out

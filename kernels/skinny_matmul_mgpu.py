@@ -55,7 +55,7 @@ _ROWS = 64  # WGMMA's M granule
 MAX_ROWS = 256  # a TMA box's rows, and a warpgroup's accumulator registers at block_n 32-64
 _SMEM_BYTES = 227 * 1024  # a Hopper block's shared memory
 _BLOCK_K = 64  # a 128-byte swizzled row of bf16: one TMA box a step
-EPILOGUES = ("none", "partials", "swiglu")
+EPILOGUES = ("none", "partials", "swiglu", "accumulate")
 # Tiling by epilogue: weight rows a program (`block_n`, of each half for SwiGLU), steps in flight
 # + 1 (`num_slots`), programs wanted (sets the K split; SwiGLU never splits; "none" unsplit adds its
 # bias in the kernel, split its partials are summed by XLA). Read at call time. Session 16 on the
@@ -107,7 +107,8 @@ def tile_for(m: int, k: int, epilogue: str) -> dict[str, int]:
         (32, 128)
     """
     table = TILES if m <= _ROWS else WIDE_TILES
-    tile = dict(table["deep"] if epilogue != "swiglu" and k >= DEEP_K and "deep" in table else table[epilogue])
+    entry = "partials" if epilogue == "accumulate" else epilogue  # the same K-split products
+    tile = dict(table["deep"] if epilogue != "swiglu" and k >= DEEP_K and "deep" in table else table[entry])
     block_m = tile.get("block_m", _ROWS)
     if tile.get("warpgroups", 1) == 1 and not (m <= block_m or m % block_m == 0):
         block_m = pl.cdiv(m, _ROWS) * _ROWS
@@ -175,10 +176,12 @@ def _transforms(cols: int, dtype) -> tuple:
 
 
 def _out_type(x: jax.Array, n_out: int, epilogue: str, num_splits: int) -> jax.ShapeDtypeStruct:
-    """A kernel's output: `[M, n_out]` in x's dtype ("swiglu", "none"), or float32 partial sums
-    `[num_splits, M, n_out]` ("partials")."""
+    """A kernel's output: `[M, n_out]` in x's dtype ("swiglu", "none"), float32 partial sums
+    `[num_splits, M, n_out]` ("partials"), or the float32 accumulator `[M, n_out]` ("accumulate")."""
     if epilogue == "partials":
         return jax.ShapeDtypeStruct((num_splits, x.shape[0], n_out), jnp.float32)
+    if epilogue == "accumulate":
+        return jax.ShapeDtypeStruct((x.shape[0], n_out), jnp.float32)
     return jax.ShapeDtypeStruct((x.shape[0], n_out), x.dtype)
 
 
@@ -254,6 +257,13 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
         o_smem[...] = accs[0]
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[split, my_rows, cols])
+    elif epilogue == "accumulate":  # every split adds its sums into o_ref where they land
+        if interpret:  # the interpreter has no TMA reductions; it runs the programs one at a time
+            o_ref[my_rows, cols] = o_ref[my_rows, cols] + accs[0][:rows]
+        else:
+            o_smem[...] = accs[0]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[my_rows, cols], reduction_op="add")
     else:  # the result itself, in the activation dtype
         dtype = o_smem.dtype
         if epilogue == "swiglu":
@@ -272,7 +282,7 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "boxes", "block_m", "num_splits",
                                            "pdl", "interpret"))
-def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, boxes: int, block_m: int, num_splits: int,
+def _call(x, w, bias, acc, *, epilogue: str, block_n: int, num_slots: int, boxes: int, block_m: int, num_splits: int,
           pdl: bool, interpret: bool):
     m, k = x.shape
     rows, row_tile = min(m, block_m), _row_tile(m, block_m)
@@ -289,21 +299,43 @@ def _call(x, w, bias, *, epilogue: str, block_n: int, num_slots: int, boxes: int
         plgpu.SMEM((row_tile, block_n), out_type.dtype, transforms=_transforms(block_n, out_type.dtype)),
         plgpu.Barrier(num_arrivals=boxes * (1 + halves), num_barriers=num_slots),
     ] + ([plgpu.SMEM((block_n,), jnp.float32), plgpu.Barrier()] if has_bias else [])
+    body = functools.partial(_kernel, epilogue=epilogue, has_bias=has_bias, block_n=block_n, num_slots=num_slots,
+                             boxes=boxes, rows=rows, row_tile=row_tile, steps_per_split=steps_per_split,
+                             k_steps=k_steps, n_out=n_out, pdl=pdl, interpret=interpret)
+    # Row blocks vary fastest: the programs that stream the same weight rows run side by side, so
+    # all but the first read them from L2.
+    grid = (m // rows, n_out // block_n, num_splits)
+    # Profiles name each projection (Mosaic GPU calls every unnamed kernel "anonymous").
+    name = f"skinny_mgpu_{epilogue}_{w.shape[0]}x{k}"
+    if epilogue == "accumulate":
+        return _in_place(body, x, w, acc, grid=grid, scratch=scratch, name=name, interpret=interpret)
     return plgpu.kernel(
-        functools.partial(_kernel, epilogue=epilogue, has_bias=has_bias, block_n=block_n, num_slots=num_slots,
-                          boxes=boxes, rows=rows, row_tile=row_tile,
-                          steps_per_split=steps_per_split, k_steps=k_steps, n_out=n_out, pdl=pdl,
-                          interpret=interpret),
+        body,
         out_type=out_type,
         scratch_types=scratch,
-        # Row blocks vary fastest: the programs that stream the same weight rows run side by side,
-        # so all but the first read them from L2.
-        grid=(m // rows, n_out // block_n, num_splits),
+        grid=grid,
         grid_names=("rows", "cols", "splits"),
-        # Profiles name each projection (Mosaic GPU calls every unnamed kernel "anonymous").
-        kernel_name=f"skinny_mgpu_{epilogue}_{w.shape[0]}x{k}",
+        kernel_name=name,
         **compat.mgpu_interpret_kwargs(interpret),
     )(x, w, *([bias] if has_bias else []))
+
+
+def _in_place(body, x: jax.Array, w: jax.Array, acc: jax.Array, *, grid: tuple[int, ...], scratch: list,
+              name: str, interpret: bool) -> jax.Array:
+    """`body(x_ref, w_ref, acc_ref, *scratch_refs)` over `grid` with `acc` as its output, updated in
+    place: `plgpu.kernel` allocates a fresh output, while a core_map over refs (discharged by
+    `pl.run_state`) aliases every ref it writes to its input, so the K splits can add into a
+    buffer that already holds the residual stream or a bias."""
+    mesh = plgpu.Mesh(grid=grid, grid_names=("rows", "cols", "splits"), kernel_name=name)
+
+    def stateful(refs):
+        x_ref, w_ref, acc_ref = refs
+
+        @pl.core_map(mesh, name=name, **compat.mgpu_interpret_kwargs(interpret))
+        def _():
+            pl.run_scoped(functools.partial(body, x_ref, w_ref, acc_ref), *scratch)
+
+    return pl.run_state(stateful)((x, w, acc))[2]
 
 
 def _ws_kernel(x_ref, w_ref, o_ref, o_smem, *, epilogue: str, block_n: int, num_slots: int, block_m: int,
@@ -394,7 +426,7 @@ def split_count(k: int, n: int, block_n: int, target_programs: int, boxes: int =
 
 
 def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
-                       epilogue: str = "none", block_n: int | None = None,
+                       epilogue: str = "none", acc: jax.Array | None = None, block_n: int | None = None,
                        num_slots: int | None = None, num_splits: int | None = None,
                        boxes: int | None = None, block_m: int | None = None, warpgroups: int | None = None,
                        pdl: bool | None = None, interpret: bool | None = None) -> jax.Array:
@@ -406,8 +438,11 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         w: `[N, K]` bf16 weights, K a multiple of 64.
         bias: optional `[N]` (epilogue "none" only; added where XLA sums the partials).
         epilogue: "none" (`[M, N]` in x's dtype), "partials" (`[S, M, N]` float32 sums of the K
-            splits) or "swiglu" (`silu(x @ gate.T) * (x @ up.T)`, `[M, N/2]`; gate the first
-            N/2 rows of w).
+            splits), "swiglu" (`silu(x @ gate.T) * (x @ up.T)`, `[M, N/2]`; gate the first
+            N/2 rows of w) or "accumulate" (`acc + x @ w.T`, float32: each K split adds its sums
+            into `acc` by a TMA reduction, in place where `acc` is donated or an intermediate;
+            the order of the splits' float32 adds varies from run to run).
+        acc: `[M, N]` float32, epilogue "accumulate" only.
         block_n, num_slots, num_splits, block_m: tiling (None: `tile_for(M, K, epilogue)`,
             `split_count`); `block_m` rows a program (a multiple of 64), M at most that or whole
             blocks of it.
@@ -433,6 +468,10 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
     if bias is not None and (epilogue != "none" or bias.shape != (n,)):
         raise ValueError(f"bias must be [{n}] with epilogue 'none', got {bias.shape} with {epilogue!r}")
     m, k = x.shape
+    if (acc is not None) != (epilogue == "accumulate") or (
+            acc is not None and (acc.shape != (m, n) or acc.dtype != jnp.float32)):
+        raise ValueError(f"acc must be a float32 [{m}, {n}] with epilogue 'accumulate' (and only then), got "
+                         f"{None if acc is None else (acc.shape, acc.dtype)} with {epilogue!r}")
     tile = tile_for(m, k, epilogue)
     block_n = block_n or tile["block_n"]
     num_slots = num_slots or tile["num_slots"]
@@ -452,6 +491,8 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
     elif num_splits is None:
         num_splits = split_count(k, n, block_n, max(1, tile["target_programs"] // row_blocks), boxes)
     interpret = compat.resolve_interpret(interpret)
+    if epilogue == "accumulate" and (warpgroups == 2 or pdl):
+        raise ValueError(f"epilogue 'accumulate' runs one warpgroup without PDL, got warpgroups {warpgroups}, pdl {pdl}")
     if warpgroups == 2:
         k_steps = k // _BLOCK_K
         # Every split the same number of steps (the pipeline's grid is static): the largest divisor.
@@ -465,8 +506,9 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         kernel_epilogue = "partials" if epilogue == "none" and num_splits > 1 else epilogue
         # The bias goes in as float32: a TMA copy moves a multiple of 128 bytes (32 bf16 would be 64).
         kernel_bias = bias.astype(jnp.float32) if kernel_epilogue == "none" and bias is not None else None
-        out = _call(x, w, kernel_bias, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
-                    block_m=block_m, num_splits=num_splits, pdl=PDL if pdl is None else pdl,
+        out = _call(x, w, kernel_bias, acc, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
+                    block_m=block_m, num_splits=num_splits,
+                    pdl=(PDL and epilogue != "accumulate") if pdl is None else pdl,
                     interpret=bool(interpret))
     if epilogue != "none" or kernel_epilogue == "none":
         return out

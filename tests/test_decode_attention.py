@@ -89,6 +89,26 @@ def test_fused_decode_matches_rope_scatter_attention_reference(
 
 
 @pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_fused_decode_of_a_float32_accumulator_into_bf16(interpret, num_splits):
+    # The accumulating decode glue (model.ACCUMULATE) hands the kernel the QKV projection's float32
+    # accumulator: rounded to bf16 first, as the bf16 projection output it replaces; out in bf16.
+    rng, seed = fresh_rng()
+    args = fused_case(rng, batch=5, num_heads=14, kv_heads=2, head_dim=64, page_size=16, table_pages=4,
+                      dtype=jnp.bfloat16)
+    qkv32 = jnp.asarray(rng.standard_normal(args[0].shape), jnp.float32)
+    out, k_new, v_new = fused_decode_attention(qkv32, *args[1:], interpret=interpret, num_splits=num_splits,
+                                               pages_per_block=1, out_dtype=jnp.bfloat16)
+    ref, k_ref, v_ref = fused_decode_attention_reference(qkv32.astype(jnp.bfloat16), *args[1:])
+    assert out.dtype == jnp.bfloat16 and not np.isnan(np.asarray(out, np.float32)).any(), f"seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
+    same, _, _ = fused_decode_attention_reference(qkv32, *args[1:], out_dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(same, np.float32), np.asarray(ref, np.float32))
+    assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP)
+    assert_pools_equal(v_new, v_ref, seed)
+
+
+@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("combine", ["pallas", "inkernel"])
 def test_fused_decode_in_place_under_jit_and_steps_chain(interpret, combine):
     """Three decode steps in a row, each reading the keys the last one wrote."""

@@ -74,3 +74,20 @@ def test_add_rms_norm_with_four_warps(interpret):
     ref = add_rms_norm_reference(hidden, partials, scale, eps=1e-6)
     for a, b in zip(out, ref):
         assert relative_error(a, b) <= 8e-3, f"seed={seed}"
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("m,n,seed_n", [(64, 896, 1152), (5, 130, 40)])
+def test_float32_stream_normed_to_bf16_with_a_seeded_accumulator(interpret, m, n, seed_n):
+    # The accumulating decode glue (model.ACCUMULATE): a float32 residual stream, normed into
+    # bf16, and the next projection's accumulator started at its bias (every row of it, bitwise).
+    rng, seed = fresh_rng()
+    hidden = jnp.asarray(rng.standard_normal((m, n)) * 3, jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal(seed_n), jnp.bfloat16)
+    out = add_rms_norm(hidden, None, scale, eps=1e-6, out_dtype=jnp.bfloat16, seed=bias, interpret=interpret)
+    ref = add_rms_norm_reference(hidden, None, scale, eps=1e-6, out_dtype=jnp.bfloat16, seed=bias)
+    assert len(out) == 3 and np.array_equal(np.asarray(out[0]), np.asarray(hidden))
+    assert out[1].dtype == jnp.bfloat16 and out[2].dtype == jnp.float32 and out[2].shape == (m, seed_n)
+    assert relative_error(out[1], ref[1]) <= 8e-3, f"seed={seed}"
+    np.testing.assert_array_equal(np.asarray(out[2]), np.asarray(ref[2]), err_msg=f"seed={seed}")

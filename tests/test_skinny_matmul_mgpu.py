@@ -84,6 +84,47 @@ def _matches_reference(interpret, epilogue: str, m: int, k: int, n: int, want_sp
 
 
 @pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("m,k,n,tiling", [
+    (64, 896, 1152, {}),                                     # QKV at 64 rows: its default 7 splits
+    (64, 4864, 896, {}),                                     # down_proj: the deep tile's two-box steps
+    (24, 512, 128, dict(block_n=32, num_slots=3, num_splits=3)),  # uneven splits (3, 3, 2 steps)
+    (8, 256, 64, dict(block_n=64, num_slots=2, num_splits=1)),    # one split
+    (128, 896, 896, {}),                                     # two row blocks of 64 (WIDE_TILES)
+    (96, 384, 64, dict(block_n=32, num_slots=4, num_splits=2)),   # 96 rows in a 128-row accumulator
+])
+def test_accumulate_adds_into_its_input_in_place(interpret, m, k, n, tiling):
+    # epilogue "accumulate": every K split adds its sums into `acc` (a TMA reduction compiled), so
+    # `acc + x @ w.T` comes back in acc's buffer: under jit with acc donated, no copy.
+    rng, seed = fresh_rng()
+    x, w = _operands(rng, m, k, n)
+    acc = jnp.asarray(rng.standard_normal((m, n)) * 4, jnp.float32)
+    ref = acc + skinny_matmul_reference(x, w, None, epilogue="partials", layout="nk").sum(axis=0)
+    step = jax.jit(lambda x, w, a: skinny_matmul_mgpu(x, w, epilogue="accumulate", acc=a, interpret=interpret,
+                                                      **tiling), donate_argnums=2)
+    assert "input_output_alias" in step.lower(x, w, acc).compile().as_text(), "acc is not aliased to the output"
+    acc = jnp.array(acc)
+    pointer = acc.unsafe_buffer_pointer()
+    out = step(x, w, acc)
+    assert out.unsafe_buffer_pointer() == pointer, "acc was copied"
+    assert out.shape == (m, n) and out.dtype == jnp.float32
+    assert not np.isnan(np.asarray(out)).any(), f"seed={seed}"
+    assert relative_error(out, ref) <= 1e-5, f"seed={seed}"
+
+
+def test_accumulate_refuses_a_missing_or_wrong_acc():
+    x, w = jnp.zeros((16, 128), jnp.bfloat16), jnp.zeros((64, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="acc"):
+        skinny_matmul_mgpu(x, w, epilogue="accumulate")
+    with pytest.raises(ValueError, match="acc"):
+        skinny_matmul_mgpu(x, w, epilogue="accumulate", acc=jnp.zeros((16, 64), jnp.bfloat16))
+    with pytest.raises(ValueError, match="acc"):
+        skinny_matmul_mgpu(x, w, epilogue="partials", acc=jnp.zeros((16, 64), jnp.float32))
+    with pytest.raises(ValueError, match="warpgroups"):
+        skinny_matmul_mgpu(x, w, epilogue="accumulate", acc=jnp.zeros((16, 64), jnp.float32), pdl=True)
+    assert supports(64, 896, 1152, "accumulate") and not supports(12, 128, 128, "accumulate")
+
+
+@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("epilogue,m,k,n,block_n,slots,splits,block_m", [
     ("partials", 128, 512, 128, 64, 3, 2, 128),   # two warpgroups of 64 rows, 4 steps a split
     ("partials", 256, 384, 64, 32, 2, 3, 128),    # two row blocks, fewer slots than steps
@@ -206,6 +247,29 @@ def test_model_decode_step_through_mgpu_matches_triton(monkeypatch, pdl):
     monkeypatch.setattr(model_module, "SKINNY_BACKEND", "mgpu")
     out = run()
     assert sorted(set(calls)) == ["none", "partials", "swiglu"] and len(calls) == 4 * cfg.num_hidden_layers
+    assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
+
+
+@pytest.mark.parametrize("batch", [16, 72])
+def test_model_decode_step_accumulating_in_place_matches_partials(monkeypatch, batch):
+    # model.ACCUMULATE: o, down and QKV add their K splits into the float32 residual stream / a
+    # bias-seeded accumulator ("accumulate"), no partial sums; the logits are the partials glue's
+    # within bf16's tolerance (the stream is float32 there, bf16 here). 72 rows: WIDE_TILES.
+    from jaxserve import model as model_module
+
+    calls = _count_mgpu_calls(monkeypatch, lambda a, k: k["epilogue"])
+    monkeypatch.setattr(model_module, "MGPU_MIN_ROWS", 8)
+    monkeypatch.setattr(model_module, "MGPU_MAX_ROWS", 128)
+    rng, seed = fresh_rng()
+    cfg, run = _tiny_bf16_decode_step(rng, batch)
+    monkeypatch.setattr(model_module, "ACCUMULATE", False)
+    ref = run()
+    assert sorted(set(calls)) == ["none", "partials", "swiglu"]
+    calls.clear()
+    monkeypatch.setattr(model_module, "ACCUMULATE", True)
+    out = jax.jit(run)()
+    assert calls == ["accumulate", "accumulate", "swiglu", "accumulate"] * cfg.num_hidden_layers
+    assert out.dtype == ref.dtype and not np.isnan(np.asarray(out)).any(), f"seed={seed}"
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
 
 
