@@ -117,6 +117,10 @@ MGPU_TILINGS = {
     # the 8-64-row default before down_proj's two-box steps (its "deep" tile as "partials")
     "mgpu_deep_b1": {"deep": {"block_n": 32, "num_slots": 4, "target_programs": 264}},
     "mgpu_pb2": {"partials": {"block_n": 32, "num_slots": 3, "target_programs": 264, "boxes": 2}},
+    # session 20, the K splits adding into one buffer (model.ACCUMULATE): fewer splits, fewer adds to
+    # each element (QKV 7 -> 3 splits, o 7 -> 4; down 9 -> 4)
+    "mgpu_p132": {"partials": {"block_n": 32, "num_slots": 4, "target_programs": 132}},
+    "mgpu_deep_t132": {"deep": {"block_n": 32, "num_slots": 3, "target_programs": 132, "boxes": 2}},
 }
 # --glue choices that run steps of 65-256 rows through the fused glue (SKINNY_ROWS 256, like
 # "skinny256") with their projections on Mosaic GPU, `kernels.skinny_matmul_mgpu.WIDE_TILES` these
@@ -365,6 +369,7 @@ def run_variant(args) -> list[dict]:
     mgpu_defaults = {ep: dict(tile) for ep, tile in mgpu_module.TILES.items()}
     mgpu_pdl = mgpu_module.PDL
     accumulate = model_module.ACCUMULATE
+    exit_read_only = mgpu_module.EXIT_READ_ONLY
     mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
     greedy_pick = runner_module.GREEDY_PICK
     wide_options = runner_module.WIDE_DECODE_OPTIONS
@@ -454,6 +459,9 @@ def run_variant(args) -> list[dict]:
             # "accumulate" / "no_accumulate": o, down and QKV add their K splits into a float32
             # residual stream / QKV accumulator in place (model.ACCUMULATE), or write partial sums.
             model_module.ACCUMULATE = {"accumulate": True, "no_accumulate": False}.get(glue, accumulate)
+            # "exit_full_wait": each Mosaic GPU projection waits for its output's writes before it
+            # exits (the default before session 20), not only for the copy's shared-memory reads.
+            mgpu_module.EXIT_READ_ONLY = False if glue == "exit_full_wait" else exit_read_only
             mgpu_module.WIDE_TILES = {ep: dict(tile) for ep, tile in
                                       {**mgpu_wide_defaults, **MGPU_WIDE_TILINGS.get(glue, {})}.items()}
 
@@ -526,7 +534,7 @@ def main() -> None:
                                                              *ATTENTION_TUNINGS, *O_TUNINGS, "no_o_attn",
                                                              "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, "cublas128",
                                                              "skinny_triton", "pdl", "no_pdl", "accumulate",
-                                                             "no_accumulate"],
+                                                             "no_accumulate", "exit_full_wait"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

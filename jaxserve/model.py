@@ -316,8 +316,10 @@ def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
 # fused attention reads as is. No norm kernel then reads a projection's partial sums, and no launch
 # sums QKV's (`_accumulate_glue`). The residual in float32 is more exact than Hugging Face's bf16
 # stream; the order of the splits' float32 adds varies from run to run (not bitwise reproducible).
-# Read when a step is traced.
-ACCUMULATE = os.environ.get("JAXSERVE_ACCUMULATE", "0") == "1"
+# Session 20 on the H200 (bench/results/decode_step.md): step 0.807 against 0.845 ms at 64 rows,
+# 0.770 / 0.802 at 32, 0.982 / 1.010 at 128 (180 kernels a step against 204). Read when a step is
+# traced; JAXSERVE_ACCUMULATE=0 turns it off.
+ACCUMULATE = os.environ.get("JAXSERVE_ACCUMULATE", "1") == "1"
 
 
 def _accumulate_glue(paged: PagedAttention | None, x: jax.Array, cfg: ModelConfig, dtype: Any) -> bool:

@@ -51,12 +51,28 @@ def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: 
     h_out_ref = rest.pop(0) if num_parts else None
     norm_out_ref = rest.pop(0)
     seed_out_ref = rest.pop(0) if seed_block else None
-    row = pl.program_id(0)
-    if seed_block:
-        seed_cols = jnp.arange(seed_block)
-        seed_ok = seed_cols < seed_ref.shape[0]
+    pid, m = pl.program_id(0), h_ref.shape[0]
+    if not seed_block:
+        _norm_row(pid, h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, num_parts=num_parts, eps=eps,
+                  block_n=block_n)
+        return
+
+    # The seed's rows are programs of their own, past the norm's one a row: on SMs the norm leaves
+    # idle, so the norm's programs take no longer (one program a row doing both, the norm took 2.04
+    # against 1.52 µs at 64 rows; session 20, bench/results/decode_step.md).
+    @pl.when(pid >= m)
+    def _seed():
+        seed_ok = jnp.arange(seed_block) < seed_ref.shape[0]
         seed = compat.load(seed_ref.at[pl.ds(0, seed_block)], mask=seed_ok, other=0)
-        compat.store(seed_out_ref.at[row, pl.ds(0, seed_block)], seed.astype(jnp.float32), mask=seed_ok)
+        compat.store(seed_out_ref.at[pid - m, pl.ds(0, seed_block)], seed.astype(jnp.float32), mask=seed_ok)
+
+    @pl.when(pid < m)
+    def _norm():
+        _norm_row(pid, h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, num_parts=num_parts, eps=eps,
+                  block_n=block_n)
+
+
+def _norm_row(row, h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, *, num_parts: int, eps: float, block_n: int):
     n = h_ref.shape[1]
     dtype = h_ref.dtype
     cols = jnp.arange(block_n)
@@ -91,7 +107,7 @@ def _add_rms_norm(hidden, partials, scale, seed, *, eps: float, out_dtype, num_w
     out_shape = [jax.ShapeDtypeStruct((m, n), hidden.dtype), norm_shape] if num_parts else [norm_shape]
     if seed_block:
         out_shape.append(jax.ShapeDtypeStruct((m, seed.shape[0]), jnp.float32))
-    outs = compat.triton_call(kernel, *args, grid=(m,), out_shape=out_shape, interpret=interpret,
+    outs = compat.triton_call(kernel, *args, grid=(2 * m if seed_block else m,), out_shape=out_shape, interpret=interpret,
                               num_warps=num_warps, name="add_rms_norm")
     if not num_parts:  # the residual is unchanged: returned as is, not copied
         outs = [hidden, *outs]

@@ -95,6 +95,10 @@ DEEP_K = 2048
 # H200: the 64-row step 0.858 against 0.850 ms, about one more early start a step; decode_step.md).
 # Read at call time.
 PDL = False
+# A program's last wait on its output copy (TMA, shared -> global memory): only until the copy has
+# read the shared memory (the writes land before the kernel counts as done, as in JAX's Hopper
+# matmul), or until the writes too (the default before session 20). Read at call time.
+EXIT_READ_ONLY = True
 
 
 def tile_for(m: int, k: int, epilogue: str) -> dict[str, int]:
@@ -186,7 +190,8 @@ def _out_type(x: jax.Array, n_out: int, epilogue: str, num_splits: int) -> jax.S
 
 
 def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, num_slots: int, boxes: int,
-            rows: int, row_tile: int, steps_per_split: int, k_steps: int, n_out: int, pdl: bool, interpret: bool):
+            rows: int, row_tile: int, steps_per_split: int, k_steps: int, n_out: int, pdl: bool, interpret: bool,
+            exit_read_only: bool):
     if has_bias:
         b_ref, o_ref, x_smem, w_smem, o_smem, bars, b_smem, b_bar = refs
     else:
@@ -277,13 +282,13 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
         o_smem[...] = result.astype(dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[my_rows, cols])
-    plgpu.wait_smem_to_gmem(0)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=exit_read_only)
 
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "boxes", "block_m", "num_splits",
-                                           "pdl", "interpret"))
+                                           "pdl", "interpret", "exit_read_only"))
 def _call(x, w, bias, acc, *, epilogue: str, block_n: int, num_slots: int, boxes: int, block_m: int, num_splits: int,
-          pdl: bool, interpret: bool):
+          pdl: bool, interpret: bool, exit_read_only: bool):
     m, k = x.shape
     rows, row_tile = min(m, block_m), _row_tile(m, block_m)
     has_bias = bias is not None
@@ -301,7 +306,8 @@ def _call(x, w, bias, acc, *, epilogue: str, block_n: int, num_slots: int, boxes
     ] + ([plgpu.SMEM((block_n,), jnp.float32), plgpu.Barrier()] if has_bias else [])
     body = functools.partial(_kernel, epilogue=epilogue, has_bias=has_bias, block_n=block_n, num_slots=num_slots,
                              boxes=boxes, rows=rows, row_tile=row_tile, steps_per_split=steps_per_split,
-                             k_steps=k_steps, n_out=n_out, pdl=pdl, interpret=interpret)
+                             k_steps=k_steps, n_out=n_out, pdl=pdl, interpret=interpret,
+                             exit_read_only=exit_read_only)
     # Row blocks vary fastest: the programs that stream the same weight rows run side by side, so
     # all but the first read them from L2.
     grid = (m // rows, n_out // block_n, num_splits)
@@ -509,6 +515,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         out = _call(x, w, kernel_bias, acc, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
                     block_m=block_m, num_splits=num_splits,
                     pdl=(PDL and epilogue != "accumulate") if pdl is None else pdl,
+                    exit_read_only=EXIT_READ_ONLY,
                     interpret=bool(interpret))
     if epilogue != "none" or kernel_epilogue == "none":
         return out
