@@ -370,6 +370,7 @@ def run_variant(args) -> list[dict]:
     mgpu_pdl = mgpu_module.PDL
     accumulate = model_module.ACCUMULATE
     exit_read_only = mgpu_module.EXIT_READ_ONLY
+    seed_programs = residual_norm_module.SEED_PROGRAMS
     mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
     greedy_pick = runner_module.GREEDY_PICK
     wide_options = runner_module.WIDE_DECODE_OPTIONS
@@ -459,9 +460,12 @@ def run_variant(args) -> list[dict]:
             # "accumulate" / "no_accumulate": o, down and QKV add their K splits into a float32
             # residual stream / QKV accumulator in place (model.ACCUMULATE), or write partial sums.
             model_module.ACCUMULATE = {"accumulate": True, "no_accumulate": False}.get(glue, accumulate)
-            # "exit_full_wait": each Mosaic GPU projection waits for its output's writes before it
-            # exits (the default before session 20), not only for the copy's shared-memory reads.
-            mgpu_module.EXIT_READ_ONLY = False if glue == "exit_full_wait" else exit_read_only
+            # "exit_read_only": each Mosaic GPU projection waits only for its output copy's shared-memory
+            # reads before it exits, not for the writes (kernels.skinny_matmul_mgpu.EXIT_READ_ONLY).
+            mgpu_module.EXIT_READ_ONLY = True if glue == "exit_read_only" else exit_read_only
+            # "seed_programs": the seeded norm writes QKV's accumulator from programs of its own
+            # (kernels.residual_norm.SEED_PROGRAMS).
+            residual_norm_module.SEED_PROGRAMS = True if glue == "seed_programs" else seed_programs
             mgpu_module.WIDE_TILES = {ep: dict(tile) for ep, tile in
                                       {**mgpu_wide_defaults, **MGPU_WIDE_TILINGS.get(glue, {})}.items()}
 
@@ -534,7 +538,7 @@ def main() -> None:
                                                              *ATTENTION_TUNINGS, *O_TUNINGS, "no_o_attn",
                                                              "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, "cublas128",
                                                              "skinny_triton", "pdl", "no_pdl", "accumulate",
-                                                             "no_accumulate", "exit_full_wait"],
+                                                             "no_accumulate", "exit_read_only", "seed_programs"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -73,9 +73,10 @@
 #   acc         session 20: compiled tests of the accumulating glue (TMA-reduction "accumulate" epilogue, the seeded
 #               norm, the fused attention of a float32 QKV), then the decode step at 32/64/128 rows with the
 #               projections adding into a float32 residual stream (model.ACCUMULATE) against partial sums (~300 s)
-#   acc2        session 20, ACCUMULATE on: compiled Mosaic GPU tests (every projection now exits on a read-only wait)
-#               and the seeded norm's, then the step at 64/128 rows against partial sums, the full exit wait,
-#               and fewer K splits for the accumulating products (~400 s)
+#   acc2        session 20 (written after the device was withdrawn; not yet run), ACCUMULATE on: compiled Mosaic GPU
+#               and norm tests (the read-only exit wait and the seed's own programs included), then the step at
+#               64/128 rows against partial sums, with each of those two, and with fewer K splits for the
+#               accumulating products (~400 s)
 #   ncu64       session 16: Nsight Compute on batch 64's projections and norm (bench/ncu_probe.py case gemm_b64:
 #               the tensor-core skinny matmul for QKV / o / gate_up / down, add_rms_norm) (~60 s?)
 #   mgpu        session 16: the 8-64-row projections on Mosaic GPU (kernels.skinny_matmul_mgpu, TMA + WGMMA):
@@ -390,7 +391,8 @@ for part in "${parts[@]}"; do
     acc2) timeout 230 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
             tests/test_skinny_matmul_mgpu.py tests/test_residual_norm.py -k "compiled or model" ; \
           timeout 330 python3 bench/decode_step.py --batches 64 128 --variants default --no-static --glue \
-              kernels no_accumulate exit_full_wait mgpu_p132 mgpu_deep_t132 --rounds 7 --reps 10 --profile /tmp/acc2 ;;
+              kernels no_accumulate exit_read_only seed_programs mgpu_p132 mgpu_deep_t132 --rounds 7 --reps 10 \
+              --profile /tmp/acc2 ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

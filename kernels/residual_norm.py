@@ -16,7 +16,10 @@ How: one program per row. It sums the row's float32 partials, rounds the sum to 
 activation dtype and adds it to the residual (the rounding Hugging Face does: the
 projection's output is an activation-dtype tensor), writes the new residual, then computes
 the mean square in float32 and writes `scale * round(h * rsqrt(ms + eps))` (again HF's
-order: normalise in float32, round, then the weight multiply).
+order: normalise in float32, round, then the weight multiply). Where the projections add into a
+float32 stream themselves (`jaxserve.model.ACCUMULATE`) there are no partials: the kernel only
+normalises, into the activation dtype, and the input norm also writes the rows of QKV's float32
+accumulator, started at its bias (`seed`), so that start needs no launch of its own.
 
 Backend: Pallas Triton, like the other kernels (`kernels.paged_attention` says why).
 """
@@ -40,9 +43,15 @@ from kernels import pallas_compat as compat
 # (bench/decode_step.py --glue norm_warps8, session 10): decode step 0.986 -> 0.959 ms at batch
 # 1, 1.186 -> 1.144 ms at batch 64 (bench/results/decode_step.md). Read when a step is traced.
 NUM_WARPS = 8
+# With a seed, write its rows from programs of their own (past the norm's one a row, on SMs the
+# norm leaves idle) instead of from each row's norm program: at 64 rows the seeded norm took 2.04
+# against 1.52 µs without a seed (H200, session 20, bench/results/decode_step.md). Not yet compiled
+# or timed on a GPU (written after the device was withdrawn): bench/decode_step.py --glue
+# seed_programs. Read at call time.
+SEED_PROGRAMS = False
 
 
-def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: int):
+def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: int, seed_programs: bool):
     rest = list(rest)
     p_ref = rest.pop(0) if num_parts else None
     scale_ref = rest.pop(0)
@@ -52,27 +61,25 @@ def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: 
     norm_out_ref = rest.pop(0)
     seed_out_ref = rest.pop(0) if seed_block else None
     pid, m = pl.program_id(0), h_ref.shape[0]
-    if not seed_block:
-        _norm_row(pid, h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, num_parts=num_parts, eps=eps,
-                  block_n=block_n)
-        return
+    norm = functools.partial(_norm_row, h_ref=h_ref, p_ref=p_ref, scale_ref=scale_ref, h_out_ref=h_out_ref,
+                             norm_out_ref=norm_out_ref, num_parts=num_parts, eps=eps, block_n=block_n)
 
-    # The seed's rows are programs of their own, past the norm's one a row: on SMs the norm leaves
-    # idle, so the norm's programs take no longer (one program a row doing both, the norm took 2.04
-    # against 1.52 µs at 64 rows; session 20, bench/results/decode_step.md).
-    @pl.when(pid >= m)
-    def _seed():
+    def seed(row):
         seed_ok = jnp.arange(seed_block) < seed_ref.shape[0]
-        seed = compat.load(seed_ref.at[pl.ds(0, seed_block)], mask=seed_ok, other=0)
-        compat.store(seed_out_ref.at[pid - m, pl.ds(0, seed_block)], seed.astype(jnp.float32), mask=seed_ok)
+        value = compat.load(seed_ref.at[pl.ds(0, seed_block)], mask=seed_ok, other=0)
+        compat.store(seed_out_ref.at[row, pl.ds(0, seed_block)], value.astype(jnp.float32), mask=seed_ok)
 
-    @pl.when(pid < m)
-    def _norm():
-        _norm_row(pid, h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, num_parts=num_parts, eps=eps,
-                  block_n=block_n)
+    if not seed_block:
+        norm(pid)
+    elif seed_programs:  # SEED_PROGRAMS: programs m.. write the seed's rows
+        pl.when(pid >= m)(lambda: seed(pid - m))
+        pl.when(pid < m)(lambda: norm(pid))
+    else:
+        seed(pid)
+        norm(pid)
 
 
-def _norm_row(row, h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, *, num_parts: int, eps: float, block_n: int):
+def _norm_row(row, *, h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, num_parts: int, eps: float, block_n: int):
     n = h_ref.shape[1]
     dtype = h_ref.dtype
     cols = jnp.arange(block_n)
@@ -95,19 +102,21 @@ def _norm_row(row, h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, *, num_part
     compat.store(norm_out_ref.at[row, pl.ds(0, block_n)], out, mask=ok)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "num_warps", "interpret"))
-def _add_rms_norm(hidden, partials, scale, seed, *, eps: float, out_dtype, num_warps: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "num_warps", "interpret", "seed_programs"))
+def _add_rms_norm(hidden, partials, scale, seed, *, eps: float, out_dtype, num_warps: int, interpret: bool,
+                  seed_programs: bool):
     m, n = hidden.shape
     num_parts = 0 if partials is None else partials.shape[0]
     seed_block = 0 if seed is None else compat.next_pow2(seed.shape[0])
+    seed_programs = seed_programs and bool(seed_block)
     kernel = functools.partial(_kernel, num_parts=num_parts, eps=eps, block_n=compat.next_pow2(n),
-                               seed_block=seed_block)
+                               seed_block=seed_block, seed_programs=seed_programs)
     args = [hidden] + ([partials] if num_parts else []) + [scale] + ([seed] if seed_block else [])
     norm_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
     out_shape = [jax.ShapeDtypeStruct((m, n), hidden.dtype), norm_shape] if num_parts else [norm_shape]
     if seed_block:
         out_shape.append(jax.ShapeDtypeStruct((m, seed.shape[0]), jnp.float32))
-    outs = compat.triton_call(kernel, *args, grid=(2 * m if seed_block else m,), out_shape=out_shape, interpret=interpret,
+    outs = compat.triton_call(kernel, *args, grid=(2 * m if seed_programs else m,), out_shape=out_shape, interpret=interpret,
                               num_warps=num_warps, name="add_rms_norm")
     if not num_parts:  # the residual is unchanged: returned as is, not copied
         outs = [hidden, *outs]
@@ -154,7 +163,7 @@ def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array
     return _add_rms_norm(hidden, partials, scale, seed, eps=float(eps),
                          out_dtype=jnp.dtype(hidden.dtype if out_dtype is None else out_dtype),
                          num_warps=NUM_WARPS if num_warps is None else num_warps,
-                         interpret=compat.resolve_interpret(interpret))
+                         interpret=compat.resolve_interpret(interpret), seed_programs=SEED_PROGRAMS)
 
 
 def add_rms_norm_reference(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array, *,

@@ -1,8 +1,9 @@
 """The skinny matmul of 32-256-row decode steps on Pallas Mosaic GPU (TMA + WGMMA).
 
 Owns: `skinny_matmul_mgpu`, `x [M, K] @ w[N, K].T` for M a multiple of 8 up to 256, with the
-Triton skinny matmul's "partials", "swiglu" and "none" epilogues. Its reference is
-`kernels.skinny_matmul.skinny_matmul_reference`. Never decides when it is used
+Triton skinny matmul's "partials", "swiglu" and "none" epilogues, and "accumulate" (`acc + x @ w.T`
+in acc's buffer). Its reference is `kernels.skinny_matmul.skinny_matmul_reference` (for
+"accumulate": acc plus its "partials" summed). Never decides when it is used
 (`jaxserve.model.SKINNY_BACKEND`, `MGPU_MIN_ROWS` and `MGPU_MAX_ROWS` do: 32-128 rows by default;
 at 16 rows Triton's tensor-core path was faster, at 256 cuBLAS).
 
@@ -21,7 +22,9 @@ tile `[block_n, 64]` (one 128-byte swizzled row each; `boxes` of each a step), t
 past M in shared memory are never written and their sums never stored (the rows of a product do
 not mix). The accumulator leaves through shared memory by a TMA copy of its rows: float32
 partial sums `[splits, M, N]` that the next kernel adds (`kernels.residual_norm.add_rms_norm`),
-or SwiGLU's `silu(gate) * up` in the activation dtype. A program re-reads its activation tile
+SwiGLU's `silu(gate) * up` in the activation dtype, or ("accumulate") a TMA reduction that adds
+every split's sums into a float32 `[M, N]` buffer in place (the residual stream, or QKV's
+accumulator started at its bias: `jaxserve.model.ACCUMULATE`), so no kernel reads partials. A program re-reads its activation tile
 from L2 for every `block_n` weight rows it streams, so wide steps want wide weight blocks.
 
 Experimental, opt-in: `warpgroups=2`, a warp-specialized CTA (`_ws_kernel`,
@@ -96,9 +99,11 @@ DEEP_K = 2048
 # Read at call time.
 PDL = False
 # A program's last wait on its output copy (TMA, shared -> global memory): only until the copy has
-# read the shared memory (the writes land before the kernel counts as done, as in JAX's Hopper
-# matmul), or until the writes too (the default before session 20). Read at call time.
-EXIT_READ_ONLY = True
+# read the shared memory (the writes land before the kernel counts as done; JAX's own Hopper matmul
+# exits so), or until the writes too (the default). Not yet compiled or timed on a GPU (written in
+# session 20 after the device was withdrawn): bench/decode_step.py --glue exit_read_only, `bash
+# bench/gpu_checks.sh acc2`. Read at call time.
+EXIT_READ_ONLY = False
 
 
 def tile_for(m: int, k: int, epilogue: str) -> dict[str, int]:

@@ -77,10 +77,16 @@ def test_add_rms_norm_with_four_warps(interpret):
 
 
 @pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("seed_programs", [False, True])
 @pytest.mark.parametrize("m,n,seed_n", [(64, 896, 1152), (5, 130, 40)])
-def test_float32_stream_normed_to_bf16_with_a_seeded_accumulator(interpret, m, n, seed_n):
+def test_float32_stream_normed_to_bf16_with_a_seeded_accumulator(interpret, seed_programs, m, n, seed_n,
+                                                                  monkeypatch):
     # The accumulating decode glue (model.ACCUMULATE): a float32 residual stream, normed into
-    # bf16, and the next projection's accumulator started at its bias (every row of it, bitwise).
+    # bf16, and the next projection's accumulator started at its bias (every row of it, bitwise),
+    # from each row's program or (SEED_PROGRAMS) from programs of its own.
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("kernels.residual_norm"), "SEED_PROGRAMS", seed_programs)
     rng, seed = fresh_rng()
     hidden = jnp.asarray(rng.standard_normal((m, n)) * 3, jnp.float32)
     scale = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.bfloat16)

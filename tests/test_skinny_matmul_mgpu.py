@@ -64,6 +64,16 @@ def test_pdl_launch_matches_reference(interpret, epilogue, m, k, n, block_n, slo
                        num_splits=splits, pdl=True)
 
 
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("epilogue,m,k,n,splits", [
+    ("partials", 64, 896, 128, 7), ("none", 24, 256, 128, 1), ("swiglu", 64, 896, 256, 1)])
+def test_read_only_exit_wait_matches_reference(interpret, epilogue, m, k, n, splits, monkeypatch):
+    # EXIT_READ_ONLY (opt-in): a program waits for its output copy to read shared memory, not for
+    # the writes, before it exits; every output must still land.
+    monkeypatch.setattr(importlib.import_module("kernels.skinny_matmul_mgpu"), "EXIT_READ_ONLY", True)
+    _matches_reference(interpret, epilogue, m, k, n, splits, block_n=32, num_slots=3, num_splits=splits)
+
+
 def _matches_reference(interpret, epilogue: str, m: int, k: int, n: int, want_splits: int, **tiling):
     """The kernel with this tiling on fresh random operands against the float32 reference; returns
     the operands."""
@@ -92,9 +102,12 @@ def _matches_reference(interpret, epilogue: str, m: int, k: int, n: int, want_sp
     (128, 896, 896, {}),                                     # two row blocks of 64 (WIDE_TILES)
     (96, 384, 64, dict(block_n=32, num_slots=4, num_splits=2)),   # 96 rows in a 128-row accumulator
 ])
-def test_accumulate_adds_into_its_input_in_place(interpret, m, k, n, tiling):
+def test_accumulate_adds_into_its_input_in_place(interpret, m, k, n, tiling, monkeypatch):
     # epilogue "accumulate": every K split adds its sums into `acc` (a TMA reduction compiled), so
-    # `acc + x @ w.T` comes back in acc's buffer: under jit with acc donated, no copy.
+    # `acc + x @ w.T` comes back in acc's buffer: under jit with acc donated, no copy. The programs
+    # exit on a read-only wait of their copies (EXIT_READ_ONLY) in half the cases: the sums must
+    # still all land.
+    monkeypatch.setattr(importlib.import_module("kernels.skinny_matmul_mgpu"), "EXIT_READ_ONLY", m % 16 == 0)
     rng, seed = fresh_rng()
     x, w = _operands(rng, m, k, n)
     acc = jnp.asarray(rng.standard_normal((m, n)) * 4, jnp.float32)
