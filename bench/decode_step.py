@@ -165,6 +165,9 @@ MGPU_WIDE_TILINGS = {
     # on cuBLAS and one XLA fusion (model.XLA_GATE_UP_ROWS 128)
     "mgpu256_xgu": _mw(n=64, bm=64, gn=64, gbm=64),
     "mgpu256_xgu_wt": {},  # the default WIDE_TILES
+    # session 20: mgpu256_xgu adds QKV, o and down into the float32 stream (model.ACCUMULATE, the default
+    # since); this one keeps their partial sums (the route as session 18 measured it)
+    "mgpu256_xgu_partials": _mw(n=64, bm=64, gn=64, gbm=64),
     "mgpu256_xgu_deep": _mw(n=64, bm=64, gn=64, gbm=64, deep={"block_n": 64, "num_slots": 6,
                                                               "target_programs": 264, "block_m": 64}),
     # session 19 (only the epilogues named differ from WIDE_TILES, which apply_glue lays them over): gate_up of
@@ -459,7 +462,8 @@ def run_variant(args) -> list[dict]:
             mgpu_module.PDL = {"pdl": True, "no_pdl": False}.get(glue, mgpu_pdl)
             # "accumulate" / "no_accumulate": o, down and QKV add their K splits into a float32
             # residual stream / QKV accumulator in place (model.ACCUMULATE), or write partial sums.
-            model_module.ACCUMULATE = {"accumulate": True, "no_accumulate": False}.get(glue, accumulate)
+            model_module.ACCUMULATE = {"accumulate": True, "no_accumulate": False,
+                                       "mgpu256_xgu_partials": False}.get(glue, accumulate)
             # "exit_read_only": each Mosaic GPU projection waits only for its output copy's shared-memory
             # reads before it exits, not for the writes (kernels.skinny_matmul_mgpu.EXIT_READ_ONLY).
             mgpu_module.EXIT_READ_ONLY = True if glue == "exit_read_only" else exit_read_only

@@ -324,18 +324,19 @@ ACCUMULATE = os.environ.get("JAXSERVE_ACCUMULATE", "1") == "1"
 
 def _accumulate_glue(paged: PagedAttention | None, x: jax.Array, cfg: ModelConfig, dtype: Any) -> bool:
     """Whether this pass runs ACCUMULATE's glue: a fused-glue decode step (``x`` the residual
-    stream, ``dtype`` the model's) of MGPU_MIN_ROWS or more rows whose four projections the Mosaic
-    GPU kernel takes (the norms not folded, gate_up not on XLA)."""
+    stream, ``dtype`` the model's) of MGPU_MIN_ROWS or more rows whose QKV, o and down the Mosaic
+    GPU kernel takes, and gate_up too unless it runs on XLA (XLA_GATE_UP_ROWS); norms not folded."""
     from kernels.skinny_matmul_mgpu import supports
 
     rows = x.shape[0] * x.shape[1]
     if not (ACCUMULATE and DECODE_PROJECTIONS == "pallas" and _fused_glue(paged, jax.ShapeDtypeStruct(x.shape, dtype))
-            and rows >= MGPU_MIN_ROWS and _mgpu_runs(dtype) and not 0 < XLA_GATE_UP_ROWS < rows):
+            and rows >= MGPU_MIN_ROWS and _mgpu_runs(dtype)):
         return False
     hidden, inter, attn = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim
     qkv = attn + 2 * cfg.num_key_value_heads * cfg.head_dim
     return (supports(rows, hidden, qkv, "accumulate") and supports(rows, attn, hidden, "accumulate")
-            and supports(rows, hidden, 2 * inter, "swiglu") and supports(rows, inter, hidden, "accumulate"))
+            and (0 < XLA_GATE_UP_ROWS < rows or supports(rows, hidden, 2 * inter, "swiglu"))
+            and supports(rows, inter, hidden, "accumulate"))
 
 
 def _accumulate(x: jax.Array, kernel: jax.Array, acc: jax.Array) -> jax.Array:
@@ -515,8 +516,9 @@ class Attention(nn.Module):
                 return _accumulate(normed.reshape(b, s, -1), kernel, acc.reshape(b, s, -1))
 
             out, kv = _attend_fused_decode(qkv_proj(x, fused=qkv_of), cos, sin, kv, paged, cfg, out_dtype=self.dtype)
+            out = out.reshape(b, s, h * d)
             o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
-            return o_proj(out.reshape(b, s, h * d), fused=lambda kernel, _: _accumulate(out.reshape(b, s, -1), kernel, x)), kv
+            return o_proj(out, fused=lambda kernel, _: _accumulate(out, kernel, x)), kv
         if norm is not None:
             x, qkv = qkv_proj(x, fast, norm=norm)
         else:

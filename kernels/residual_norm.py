@@ -116,8 +116,8 @@ def _add_rms_norm(hidden, partials, scale, seed, *, eps: float, out_dtype, num_w
     out_shape = [jax.ShapeDtypeStruct((m, n), hidden.dtype), norm_shape] if num_parts else [norm_shape]
     if seed_block:
         out_shape.append(jax.ShapeDtypeStruct((m, seed.shape[0]), jnp.float32))
-    outs = compat.triton_call(kernel, *args, grid=(2 * m if seed_programs else m,), out_shape=out_shape, interpret=interpret,
-                              num_warps=num_warps, name="add_rms_norm")
+    outs = compat.triton_call(kernel, *args, grid=(2 * m if seed_programs else m,), out_shape=out_shape,
+                              interpret=interpret, num_warps=num_warps, name="add_rms_norm")
     if not num_parts:  # the residual is unchanged: returned as is, not copied
         outs = [hidden, *outs]
     return tuple(outs)

@@ -24,8 +24,9 @@ not mix). The accumulator leaves through shared memory by a TMA copy of its rows
 partial sums `[splits, M, N]` that the next kernel adds (`kernels.residual_norm.add_rms_norm`),
 SwiGLU's `silu(gate) * up` in the activation dtype, or ("accumulate") a TMA reduction that adds
 every split's sums into a float32 `[M, N]` buffer in place (the residual stream, or QKV's
-accumulator started at its bias: `jaxserve.model.ACCUMULATE`), so no kernel reads partials. A program re-reads its activation tile
-from L2 for every `block_n` weight rows it streams, so wide steps want wide weight blocks.
+accumulator started at its bias: `jaxserve.model.ACCUMULATE`), so no kernel reads partials. A
+program re-reads its activation tile from L2 for every `block_n` weight rows it streams, so wide
+steps want wide weight blocks.
 
 Experimental, opt-in: `warpgroups=2`, a warp-specialized CTA (`_ws_kernel`,
 `plgpu.emit_pipeline_warp_specialized`) whose two compute warpgroups share each step's activation
@@ -503,7 +504,8 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         num_splits = split_count(k, n, block_n, max(1, tile["target_programs"] // row_blocks), boxes)
     interpret = compat.resolve_interpret(interpret)
     if epilogue == "accumulate" and (warpgroups == 2 or pdl):
-        raise ValueError(f"epilogue 'accumulate' runs one warpgroup without PDL, got warpgroups {warpgroups}, pdl {pdl}")
+        raise ValueError(f"epilogue 'accumulate' runs one warpgroup without PDL, got warpgroups {warpgroups}, "
+                         f"pdl {pdl}")
     if warpgroups == 2:
         k_steps = k // _BLOCK_K
         # Every split the same number of steps (the pipeline's grid is static): the largest divisor.

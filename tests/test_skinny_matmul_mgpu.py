@@ -307,11 +307,14 @@ def test_model_128_row_step_through_mgpu_matches_xla(monkeypatch):
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
 
 
-def test_model_step_with_gate_up_on_xla_past_its_row_limit(monkeypatch):
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_model_step_with_gate_up_on_xla_past_its_row_limit(monkeypatch, accumulate):
     # model.XLA_GATE_UP_ROWS (experimental): a fused-glue step wider than it runs gate_up + SwiGLU
-    # as XLA's GEMM and one fusion, QKV, o and down still on Mosaic GPU; logits as XLA's route.
+    # as XLA's GEMM and one fusion, QKV, o and down still on Mosaic GPU (adding into the float32
+    # stream with ACCUMULATE); logits as XLA's route.
     from jaxserve import model as model_module
 
+    monkeypatch.setattr(model_module, "ACCUMULATE", accumulate)
     calls = _count_mgpu_calls(monkeypatch, lambda a, k: k["epilogue"])
     rng, seed = fresh_rng()
     batch = 128
@@ -321,7 +324,7 @@ def test_model_step_with_gate_up_on_xla_past_its_row_limit(monkeypatch):
     monkeypatch.setattr(model_module, "MGPU_MAX_ROWS", batch)
     monkeypatch.setattr(model_module, "XLA_GATE_UP_ROWS", batch // 2)
     out = run()
-    assert sorted(calls) == ["none"] * 2 + ["partials"] * 4, calls
+    assert sorted(calls) == (["accumulate"] * 6 if accumulate else ["none"] * 2 + ["partials"] * 4), calls
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
 
 
