@@ -373,6 +373,7 @@ def run_variant(args) -> list[dict]:
     mgpu_pdl = mgpu_module.PDL
     accumulate = model_module.ACCUMULATE
     exit_read_only = mgpu_module.EXIT_READ_ONLY
+    mgpu_min_rows = model_module.MGPU_MIN_ROWS
     seed_programs = residual_norm_module.SEED_PROGRAMS
     mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
     greedy_pick = runner_module.GREEDY_PICK
@@ -467,6 +468,9 @@ def run_variant(args) -> list[dict]:
             # "exit_read_only": each Mosaic GPU projection waits only for its output copy's shared-memory
             # reads before it exits, not for the writes (kernels.skinny_matmul_mgpu.EXIT_READ_ONLY).
             mgpu_module.EXIT_READ_ONLY = True if glue == "exit_read_only" else exit_read_only
+            # "mgpu_min8": steps of 8-31 rows on the Mosaic GPU projections too (model.MGPU_MIN_ROWS), so
+            # with ACCUMULATE's glue; at 16 rows Triton's path won before it (session 16: 0.767 vs 0.794 ms).
+            model_module.MGPU_MIN_ROWS = 8 if glue == "mgpu_min8" else mgpu_min_rows
             # "seed_programs": the seeded norm writes QKV's accumulator from programs of its own
             # (kernels.residual_norm.SEED_PROGRAMS).
             residual_norm_module.SEED_PROGRAMS = True if glue == "seed_programs" else seed_programs
@@ -542,7 +546,8 @@ def main() -> None:
                                                              *ATTENTION_TUNINGS, *O_TUNINGS, "no_o_attn",
                                                              "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, "cublas128",
                                                              "skinny_triton", "pdl", "no_pdl", "accumulate",
-                                                             "no_accumulate", "exit_read_only", "seed_programs"],
+                                                             "no_accumulate", "exit_read_only", "seed_programs",
+                                                             "mgpu_min8"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -76,6 +76,8 @@
 #   acc256      session 20 (not yet run): batch 256 with QKV, o and down on Mosaic GPU adding into the float32 stream
 #               and gate_up on cuBLAS (mgpu256_xgu, now accumulating) against cuBLAS everywhere and against the same
 #               route with partial sums (session 18's, -0.8%); the model test of that route compiled first (~200 s)
+#   acc16       session 20 (not yet run): steps of 8 / 16 / 24 rows on the Mosaic GPU projections with ACCUMULATE's
+#               glue (mgpu_min8) against Triton's skinny path and its partial sums (the default below 32 rows) (~150 s)
 #   acc2        session 20 (written after the device was withdrawn; not yet run), ACCUMULATE on: compiled Mosaic GPU
 #               and norm tests (the read-only exit wait and the seed's own programs included), then the step at
 #               64/128 rows against partial sums, with each of those two, and with fewer K splits for the
@@ -395,6 +397,8 @@ for part in "${parts[@]}"; do
               tests/test_skinny_matmul_mgpu.py -k "gate_up_on_xla" ; \
             timeout 300 python3 bench/decode_step.py --batches 256 --variants default --no-static --glue \
               kernels mgpu256_xgu mgpu256_xgu_partials --rounds 7 --reps 10 --profile /tmp/acc256 ;;
+    acc16) timeout 300 python3 bench/decode_step.py --batches 8 16 24 --variants default --no-static --glue \
+             kernels mgpu_min8 --rounds 7 --reps 10 --profile /tmp/acc16 ;;
     acc2) timeout 230 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
             tests/test_skinny_matmul_mgpu.py tests/test_residual_norm.py -k "compiled or model" ; \
           timeout 330 python3 bench/decode_step.py --batches 64 128 --variants default --no-static --glue \
