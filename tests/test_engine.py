@@ -542,3 +542,40 @@ def test_compile_cache_dir_lets_a_restarted_engine_load_its_steps(tiny_checkpoin
     assert second.split(" HITS")[0] == first.split(" HITS")[0]
     assert int(second.split("HITS ")[1]) > 0, second
     assert sorted(os.listdir(cache)) == entries, "the restart compiled new entries"
+
+
+def test_bf16_engine_at_32_rows_adds_into_a_float32_stream(tiny_checkpoint, monkeypatch):
+    # A bf16 engine whose decode steps hold 32 rows runs the Mosaic GPU projections (the CPU runs
+    # them in its interpreter) and so ACCUMULATE's glue: every request completes, every page comes
+    # back, and its greedy tokens are the partial-sums glue's up to near-ties: bf16 rounds the two
+    # glues differently, so where a row's tokens part, each run must rank the other's token among its
+    # top five within a hair of its own (a random tiny model's logits are flat: ties are common).
+    import importlib
+
+    from jaxserve import model as model_module
+
+    m = jaxserve.load(tiny_checkpoint[0], dtype="bfloat16")
+    mg = importlib.import_module("kernels.skinny_matmul_mgpu")
+    epilogues = set()
+    monkeypatch.setattr(mg, "skinny_matmul_mgpu",
+                        lambda *a, _f=mg.skinny_matmul_mgpu, **k: epilogues.add(k["epilogue"]) or _f(*a, **k))
+    prompts = random_prompts(m.config.vocab_size, np.random.default_rng().integers(2, 20, 32))
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=5)
+    cfg = small_config(num_pages=256, max_running=32, max_tokens_per_step=512, decode_steps=2, batch_buckets=(32,),
+                       prefill_buckets=(64, 512), dtype="bfloat16", attention_impl="pallas")
+    runs = {}
+    for accumulate in (True, False):
+        monkeypatch.setattr(model_module, "ACCUMULATE", accumulate)
+        epilogues.clear()
+        with Engine(m, cfg) as engine:
+            runs[accumulate] = engine.generate(prompts, params, use_tqdm=False)
+            assert all(o["finish_reason"] == "length" and len(o["token_ids"]) == 4 for o in runs[accumulate])
+            assert_all_pages_free(engine)
+        assert ("accumulate" in epilogues) == accumulate and "swiglu" in epilogues, epilogues
+    for a, b in zip(runs[True], runs[False]):
+        parted = [j for j, (x, y) in enumerate(zip(a["token_ids"], b["token_ids"])) if x != y]
+        if parted:  # the same context up to step j: a near-tie there
+            j = parted[0]
+            x, y = a["token_ids"][j], b["token_ids"][j]
+            for top in (a["top_logprobs"][j], b["top_logprobs"][j]):
+                assert {x, y} <= set(top) and abs(top[x] - top[y]) < 0.1, (j, x, y, top)
