@@ -96,7 +96,8 @@ def _matches_reference(interpret, epilogue: str, m: int, k: int, n: int, want_sp
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("m,k,n,tiling", [
     (64, 896, 1152, {}),                                     # QKV at 64 rows: its default 7 splits
-    (64, 4864, 896, {}),                                     # down_proj: the deep tile's two-box steps
+    # down_proj's depth: the deep tile's two-box steps, 38 over 8 splits (5 each, 3 in the last)
+    (64, 4864, 128, dict(block_n=32, num_slots=3, num_splits=8, boxes=2)),
     (24, 512, 128, dict(block_n=32, num_slots=3, num_splits=3)),  # uneven splits (3, 3, 2 steps)
     (8, 256, 64, dict(block_n=64, num_slots=2, num_splits=1)),    # one split
     (128, 896, 896, {}),                                     # two row blocks of 64 (WIDE_TILES)
