@@ -118,7 +118,7 @@ MGPU_TILINGS = {
     "mgpu_deep_b1": {"deep": {"block_n": 32, "num_slots": 4, "target_programs": 264}},
     "mgpu_pb2": {"partials": {"block_n": 32, "num_slots": 3, "target_programs": 264, "boxes": 2}},
     # session 20, the K splits adding into one buffer (model.ACCUMULATE): fewer splits, fewer adds to
-    # each element (QKV 7 -> 3 splits, o 7 -> 4; down 9 -> 4)
+    # each element (QKV 7 -> 3 splits, o 7 -> 4; down 8 -> 4)
     "mgpu_p132": {"partials": {"block_n": 32, "num_slots": 4, "target_programs": 132}},
     "mgpu_deep_t132": {"deep": {"block_n": 32, "num_slots": 3, "target_programs": 132, "boxes": 2}},
 }
