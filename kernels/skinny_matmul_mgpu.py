@@ -469,6 +469,8 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         >>> x = jnp.ones((8, 128), jnp.bfloat16); w = jnp.ones((128, 128), jnp.bfloat16)
         >>> skinny_matmul_mgpu(x, w, epilogue="swiglu").shape
         (8, 64)
+        >>> skinny_matmul_mgpu(x, w, epilogue="accumulate", acc=jnp.ones((8, 128)))[0, 0].item()
+        129.0
     """
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
