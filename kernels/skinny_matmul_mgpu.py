@@ -264,17 +264,15 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
         return pl.run_state(products)(tuple(plgpu.ACC.init(acc) for acc in accs))
 
     accs = lax.fori_loop(0, num_steps, body, tuple(zeros for _ in halves))
-    if epilogue == "partials":
+    if epilogue == "accumulate" and interpret:
+        # The interpreter has no TMA reductions; it runs the programs one at a time.
+        o_ref[my_rows, cols] = o_ref[my_rows, cols] + accs[0][:rows]
+    elif epilogue in ("partials", "accumulate"):  # float32 sums: the split's own, or added where they land
         o_smem[...] = accs[0]
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[split, my_rows, cols])
-    elif epilogue == "accumulate":  # every split adds its sums into o_ref where they land
-        if interpret:  # the interpreter has no TMA reductions; it runs the programs one at a time
-            o_ref[my_rows, cols] = o_ref[my_rows, cols] + accs[0][:rows]
-        else:
-            o_smem[...] = accs[0]
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[my_rows, cols], reduction_op="add")
+        add = epilogue == "accumulate"
+        dst = o_ref.at[my_rows, cols] if add else o_ref.at[split, my_rows, cols]
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], dst, reduction_op="add" if add else None)
     else:  # the result itself, in the activation dtype
         dtype = o_smem.dtype
         if epilogue == "swiglu":
