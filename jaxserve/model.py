@@ -339,6 +339,17 @@ def _accumulate_glue(paged: PagedAttention | None, x: jax.Array, cfg: ModelConfi
             and supports(rows, inter, hidden, "accumulate"))
 
 
+def _norm_stream(x: jax.Array, norm: tuple, dtype: Any, seed: jax.Array | None = None) -> tuple[jax.Array, ...]:
+    """The float32 stream ``x [B, S, N]`` normed into ``dtype`` (``norm``: the folded RMSNorm's
+    ``(None, scale, eps)``), and with ``seed`` also QKV's float32 accumulator ``[B, S, N2]`` started
+    at it (ACCUMULATE's glue)."""
+    from kernels.residual_norm import add_rms_norm
+
+    _, scale, eps = norm
+    out = add_rms_norm(x.reshape(-1, x.shape[-1]), None, scale, eps=eps, out_dtype=dtype, seed=seed)
+    return tuple(o.reshape(*x.shape[:-1], -1) for o in out[1:])
+
+
 def _accumulate(x: jax.Array, kernel: jax.Array, acc: jax.Array) -> jax.Array:
     """``acc + x @ kernel.T`` (float32, in acc's buffer) on Mosaic GPU; ``x [B, 1, K]``, ``acc [B, 1, N]``."""
     from kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
@@ -506,14 +517,9 @@ class Attention(nn.Module):
         fast = _fast_kernels(paged)
         qkv_proj = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")
         if accumulate is not None:
-            from kernels.residual_norm import add_rms_norm
-
-            _, scale, eps = accumulate
-
             def qkv_of(kernel, bias):  # the norm starts QKV's float32 accumulator at the bias
-                _, normed, acc = add_rms_norm(x.reshape(b * s, -1), None, scale, eps=eps, out_dtype=self.dtype,
-                                              seed=bias)
-                return _accumulate(normed.reshape(b, s, -1), kernel, acc.reshape(b, s, -1))
+                normed, acc = _norm_stream(x, accumulate, self.dtype, seed=bias)
+                return _accumulate(normed, kernel, acc)
 
             out, kv = _attend_fused_decode(qkv_proj(x, fused=qkv_of), cos, sin, kv, paged, cfg, out_dtype=self.dtype)
             out = out.reshape(b, s, h * d)
@@ -550,11 +556,8 @@ class MLP(nn.Module):
         gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")
         down = Linear(self.config.hidden_size, False, self.dtype, name="down_proj")
         if accumulate is not None:
-            from kernels.residual_norm import add_rms_norm
-
-            _, scale, eps = accumulate
-            _, normed = add_rms_norm(x.reshape(-1, x.shape[-1]), None, scale, eps=eps, out_dtype=self.dtype)
-            act = gate_up(normed.reshape(*x.shape[:-1], -1), True, "swiglu")
+            (normed,) = _norm_stream(x, accumulate, self.dtype)
+            act = gate_up(normed, True, "swiglu")
             return down(act, fused=lambda kernel, _: _accumulate(act, kernel, x))
         if norm is not None:
             x, act = gate_up(x, fast, "swiglu", norm=norm)
