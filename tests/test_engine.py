@@ -550,15 +550,11 @@ def test_bf16_engine_at_32_rows_adds_into_a_float32_stream(tiny_checkpoint, monk
     # back, and its greedy tokens are the partial-sums glue's up to near-ties: bf16 rounds the two
     # glues differently, so where a row's tokens part, each run must rank the other's token among its
     # top five within a hair of its own (a random tiny model's logits are flat: ties are common).
-    import importlib
-
     from jaxserve import model as model_module
+    from tests.test_skinny_matmul_mgpu import _count_mgpu_calls
 
     m = jaxserve.load(tiny_checkpoint[0], dtype="bfloat16")
-    mg = importlib.import_module("kernels.skinny_matmul_mgpu")
-    epilogues = set()
-    monkeypatch.setattr(mg, "skinny_matmul_mgpu",
-                        lambda *a, _f=mg.skinny_matmul_mgpu, **k: epilogues.add(k["epilogue"]) or _f(*a, **k))
+    epilogues = _count_mgpu_calls(monkeypatch, lambda a, k: k["epilogue"])
     prompts = random_prompts(m.config.vocab_size, np.random.default_rng().integers(2, 20, 32))
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=5)
     cfg = small_config(num_pages=256, max_running=32, max_tokens_per_step=512, decode_steps=2, batch_buckets=(32,),
