@@ -376,6 +376,7 @@ def run_variant(args) -> list[dict]:
     mgpu_min_rows = model_module.MGPU_MIN_ROWS
     seed_programs = residual_norm_module.SEED_PROGRAMS
     mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
+    mgpu_widest_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDEST_TILES.items()}
     greedy_pick = runner_module.GREEDY_PICK
     wide_options = runner_module.WIDE_DECODE_OPTIONS
     # The random params come in the model's default layout; the other is converted once if asked.
@@ -431,9 +432,14 @@ def run_variant(args) -> list[dict]:
                 glue, skinny_rows)
             # "cublas128": steps of 65-128 rows on cuBLAS's GEMMs and XLA's glue (the route before
             # session 17), not the Mosaic GPU projections (model.MGPU_MAX_ROWS).
-            model_module.MGPU_MAX_ROWS = 0 if glue in ("cublas128", "nk_xla") else mgpu_max_rows
+            # "cublas256": steps of 129-256 rows so (the default before session 21).
+            # "before21": session 20's defaults (also Triton's path below 32 rows, the seed from each row's program).
+            model_module.MGPU_MAX_ROWS = {"cublas128": 0, "nk_xla": 0, "cublas256": 128, "before21": 128}.get(
+                glue, mgpu_max_rows)
             # "mgpu256_xgu*": gate_up + SwiGLU of steps past 128 rows on cuBLAS and XLA (model.XLA_GATE_UP_ROWS).
-            model_module.XLA_GATE_UP_ROWS = 128 if glue.startswith("mgpu256_xgu") else xla_gate_up_rows
+            # The other MGPU_WIDE_TILINGS: gate_up on Mosaic GPU at every row count (as they were measured).
+            model_module.XLA_GATE_UP_ROWS = (128 if glue.startswith("mgpu256_xgu") else 0 if glue in MGPU_WIDE_TILINGS
+                                             else xla_gate_up_rows)
             # "norm_warps4" / "norm_warps8": the add + RMSNorm kernel's one program a row runs 4 / 8 warps.
             residual_norm_module.NUM_WARPS = {"norm_warps4": 4, "norm_warps8": 8}.get(glue, norm_warps)
             # "xla_pick": greedy tokens by XLA's argmax + log-softmax, not the greedy_pick kernel.
@@ -468,14 +474,19 @@ def run_variant(args) -> list[dict]:
             # "exit_read_only": each Mosaic GPU projection waits only for its output copy's shared-memory
             # reads before it exits, not for the writes (kernels.skinny_matmul_mgpu.EXIT_READ_ONLY).
             mgpu_module.EXIT_READ_ONLY = True if glue == "exit_read_only" else exit_read_only
-            # "mgpu_min8": steps of 8-31 rows on the Mosaic GPU projections too (model.MGPU_MIN_ROWS), so
-            # with ACCUMULATE's glue; at 16 rows Triton's path won before it (session 16: 0.767 vs 0.794 ms).
-            model_module.MGPU_MIN_ROWS = 8 if glue == "mgpu_min8" else mgpu_min_rows
-            # "seed_programs": the seeded norm writes QKV's accumulator from programs of its own
-            # (kernels.residual_norm.SEED_PROGRAMS).
-            residual_norm_module.SEED_PROGRAMS = True if glue == "seed_programs" else seed_programs
+            # "mgpu_min8" / "mgpu_min32": steps of 8-31 rows on the Mosaic GPU projections (model.MGPU_MIN_ROWS,
+            # so with ACCUMULATE's glue; the default since session 21) or on Triton's path.
+            model_module.MGPU_MIN_ROWS = {"mgpu_min8": 8, "mgpu_min32": 32, "before21": 32}.get(glue, mgpu_min_rows)
+            # "seed_programs" / "no_seed_programs": the seeded norm writes QKV's accumulator from programs of
+            # its own (kernels.residual_norm.SEED_PROGRAMS, the default since session 21) or from each row's.
+            residual_norm_module.SEED_PROGRAMS = {"seed_programs": True, "no_seed_programs": False, "before21": False}.get(
+                glue, seed_programs)
             mgpu_module.WIDE_TILES = {ep: dict(tile) for ep, tile in
                                       {**mgpu_wide_defaults, **MGPU_WIDE_TILINGS.get(glue, {})}.items()}
+            # The MGPU_WIDE_TILINGS name tiles for every step past 64 rows, laid over WIDE_TILES (as before
+            # session 21's WIDEST_TILES for steps past 128).
+            mgpu_module.WIDEST_TILES = (dict(mgpu_module.WIDE_TILES) if glue in MGPU_WIDE_TILINGS else
+                                        {ep: dict(tile) for ep, tile in mgpu_widest_defaults.items()})
 
         for glue in args.glue:
             apply_glue(glue)
@@ -547,7 +558,7 @@ def main() -> None:
                                                              "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, "cublas128",
                                                              "skinny_triton", "pdl", "no_pdl", "accumulate",
                                                              "no_accumulate", "exit_read_only", "seed_programs",
-                                                             "mgpu_min8"],
+                                                             "no_seed_programs", "mgpu_min8", "mgpu_min32", "cublas256", "before21"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

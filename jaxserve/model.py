@@ -172,28 +172,32 @@ DECODE_PROJECTIONS = os.environ.get("JAXSERVE_DECODE_PROJECTIONS", "pallas")
 # layout, bf16, rows a multiple of 8): "mgpu" (`kernels.skinny_matmul_mgpu`, TMA copies and WGMMA on
 # Mosaic GPU) or "triton" (`kernels.skinny_matmul`'s tensor-core path, which every other row count
 # keeps). Session 16 on the H200 (bench/results/decode_step.md): step 0.860 vs 0.916 ms at 64 rows,
-# 0.819 vs 0.924 at 32, but 0.794 vs 0.767 at 16. Read when a step is traced.
+# 0.819 vs 0.924 at 32, but 0.794 vs 0.767 at 16 (the partial sums' glue). With ACCUMULATE's glue
+# the Mosaic GPU path wins below 32 rows too (session 21): 0.748 vs 0.767 ms at 8 rows, 0.757 vs
+# 0.777 at 16, 0.762 vs 0.910 at 24. Read when a step is traced.
 SKINNY_BACKENDS = ("triton", "mgpu")
 SKINNY_BACKEND = os.environ.get("JAXSERVE_SKINNY_BACKEND", "mgpu")
 if SKINNY_BACKEND not in SKINNY_BACKENDS:
     raise ValueError(f"JAXSERVE_SKINNY_BACKEND must be one of {SKINNY_BACKENDS}, got {SKINNY_BACKEND!r}")
-MGPU_MIN_ROWS = 32
+MGPU_MIN_ROWS = 8
 # Where the Mosaic GPU projections run (SKINNY_BACKEND "mgpu", a Hopper GPU, bf16, "nk" weights), decode
 # steps of up to this many rows also take the skinny path (the fused glue, the projections on Mosaic
-# GPU with `WIDE_TILES` past 64 rows) instead of cuBLAS GEMMs. Session 17 on the H200
-# (bench/results/decode_step.md, calls 2-4): batch 128 step 1.018-1.043 vs 1.097-1.109 ms; at 256
-# cuBLAS stays (1.345 vs 1.434: our gate_up 17.4 µs a layer against cuBLAS's 10.3 + 2.6 for SwiGLU).
-# Prefill chunks keep SKINNY_ROWS (not measured past it). JAXSERVE_MGPU_MAX_ROWS=0 keeps the skinny
-# path to SKINNY_ROWS. Read when a step is traced and when a runner is built.
-MGPU_MAX_ROWS = int(os.environ.get("JAXSERVE_MGPU_MAX_ROWS", "128"))
-# Experimental, off (0): in fused-glue decode steps of more than this many rows, gate_up (+ SwiGLU)
-# runs as XLA's GEMM (cuBLAS) and one elementwise fusion while QKV, o and down stay on the skinny
-# kernels. Session 18 (bench/results/decode_step.md, call 1): at 256 rows our gate_up took 17.4 µs
-# a layer against cuBLAS's 10.35 + 2.56 for SwiGLU, while our QKV, o and down beat cuBLAS's by
-# ~3.3 µs a layer together; with cuBLAS's gate_up (Runner.decode_fn gives these steps the wide
-# compile) the step was 1.310 vs 1.320 ms and end to end 139.6k vs 140.0k tokens/s (call 7): no gain,
-# so off. bench/decode_step.py --glue mgpu256_xgu*. Read when a step is traced.
-XLA_GATE_UP_ROWS = int(os.environ.get("JAXSERVE_XLA_GATE_UP_ROWS", "0"))
+# GPU with `WIDE_TILES` past 64 rows, `WIDEST_TILES` past 128) instead of cuBLAS GEMMs. Session 17 on
+# the H200 (bench/results/decode_step.md, calls 2-4): batch 128 step 1.018-1.043 vs 1.097-1.109 ms.
+# At 256 rows only with gate_up on cuBLAS (XLA_GATE_UP_ROWS) and ACCUMULATE's glue: session 21, step
+# 1.278 vs 1.327 ms on cuBLAS and XLA's glue everywhere (1.305 with the partial sums' glue; our gate_up
+# alone 17.4 µs a layer against cuBLAS's 10.3 + 2.6 for SwiGLU, session 17). Prefill chunks keep
+# SKINNY_ROWS (not measured past it). JAXSERVE_MGPU_MAX_ROWS=128 keeps 256-row steps on cuBLAS, 0 the
+# skinny path to SKINNY_ROWS. Read when a step is traced and when a runner is built.
+MGPU_MAX_ROWS = int(os.environ.get("JAXSERVE_MGPU_MAX_ROWS", "256"))
+# In fused-glue decode steps of more than this many rows, gate_up (+ SwiGLU) runs as XLA's GEMM
+# (cuBLAS: Runner.decode_fn gives these steps the wide compile) and one elementwise fusion while QKV,
+# o and down stay on the skinny kernels (0: never). Session 18 (bench/results/decode_step.md): at 256
+# rows our gate_up took 17.4 µs a layer against cuBLAS's 10.35 + 2.56 for SwiGLU, while our QKV, o
+# and down beat cuBLAS's by ~3.3 µs a layer together; with the partial sums' glue that was no gain
+# end to end (139.6k vs 140.0k tokens/s), with ACCUMULATE's the step is -3.7% (session 21, above).
+# bench/decode_step.py --glue mgpu256_xgu*. Read when a step is traced and when a runner is built.
+XLA_GATE_UP_ROWS = int(os.environ.get("JAXSERVE_XLA_GATE_UP_ROWS", "128"))
 
 
 def skinny_rows(dtype: Any) -> int:

@@ -44,11 +44,11 @@ from kernels import pallas_compat as compat
 # 1, 1.186 -> 1.144 ms at batch 64 (bench/results/decode_step.md). Read when a step is traced.
 NUM_WARPS = 8
 # With a seed, write its rows from programs of their own (past the norm's one a row, on SMs the
-# norm leaves idle) instead of from each row's norm program: at 64 rows the seeded norm took 2.04
-# against 1.52 µs without a seed (H200, session 20, bench/results/decode_step.md). Not yet compiled
-# or timed on a GPU (written after the device was withdrawn): bench/decode_step.py --glue
-# seed_programs. Read at call time.
-SEED_PROGRAMS = False
+# norm leaves idle) instead of from each row's norm program: at 64 rows the seeded norm had taken
+# 2.04 against 1.52 µs without a seed (session 20). Session 21 on the H200 (bench/results/
+# decode_step.md, --glue seed_programs, one process, alternating rounds): step 0.804 -> 0.793 ms at
+# 64 rows, 0.976 -> 0.965 at 128. Read at call time.
+SEED_PROGRAMS = True
 
 
 def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: int, seed_programs: bool):

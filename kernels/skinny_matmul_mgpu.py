@@ -1,11 +1,11 @@
-"""The skinny matmul of 32-256-row decode steps on Pallas Mosaic GPU (TMA + WGMMA).
+"""The skinny matmul of 8-256-row decode steps on Pallas Mosaic GPU (TMA + WGMMA).
 
 Owns: `skinny_matmul_mgpu`, `x [M, K] @ w[N, K].T` for M a multiple of 8 up to 256, with the
 Triton skinny matmul's "partials", "swiglu" and "none" epilogues, and "accumulate" (`acc + x @ w.T`
 in acc's buffer). Its reference is `kernels.skinny_matmul.skinny_matmul_reference` (for
 "accumulate": acc plus its "partials" summed). Never decides when it is used
-(`jaxserve.model.SKINNY_BACKEND`, `MGPU_MIN_ROWS` and `MGPU_MAX_ROWS` do: 32-128 rows by default;
-at 16 rows Triton's tensor-core path was faster, at 256 cuBLAS).
+(`jaxserve.model.SKINNY_BACKEND`, `MGPU_MIN_ROWS`, `MGPU_MAX_ROWS` and `XLA_GATE_UP_ROWS` do:
+8-256 rows by default, the 256-row steps' gate_up on cuBLAS).
 
 Why: at 64 rows the Triton tensor-core path streams the decode step's projections at ~1.3 TB/s
 (session 16's profile on the H200: 547 of the step's 948 µs). Nsight Compute reads its programs
@@ -89,6 +89,15 @@ WIDE_TILES: dict[str, dict[str, int]] = {
     "swiglu": {"block_n": 32, "num_slots": 4, "block_m": 64},
     "deep": {"block_n": 64, "num_slots": 6, "target_programs": 264, "block_m": 64},
 }
+# The same for steps of more than 128 rows (256 in the engine, whose gate_up runs on cuBLAS there:
+# `jaxserve.model.XLA_GATE_UP_ROWS`): 64 weight rows a program. Session 18 on the H200, batch-256
+# step: 1.310 ms against 1.325 with WIDE_TILES (bench/decode_step.py --glue mgpu256_xgu / _wt).
+WIDEST_TILES: dict[str, dict[str, int]] = {
+    "none": {"block_n": 64, "num_slots": 4, "target_programs": 264, "block_m": 64},
+    "partials": {"block_n": 64, "num_slots": 4, "target_programs": 264, "block_m": 64},
+    "swiglu": {"block_n": 64, "num_slots": 4, "block_m": 64},
+}
+_WIDE_ROWS = 128
 DEEP_K = 2048
 # Programmatic dependent launch (Hopper): the kernel is launched so that it may start before the
 # kernel ahead of it in the stream has finished; each program issues its first weight tiles (and
@@ -109,14 +118,14 @@ EXIT_READ_ONLY = False
 
 def tile_for(m: int, k: int, epilogue: str) -> dict[str, int]:
     """The tiling `skinny_matmul_mgpu` uses by default for an `[m, k]` input: `TILES` or
-    `WIDE_TILES` by rows, their "deep" entry (if any) for K-split products of K >= DEEP_K,
+    `WIDE_TILES` or `WIDEST_TILES` by rows, their "deep" entry (if any) for K-split products of K >= DEEP_K,
     `block_m` one block when M is not whole blocks of it, `boxes` 1 where its steps do not divide K.
 
     Example:
         >>> tile_for(64, 896, "swiglu")["block_n"], tile_for(96, 896, "partials")["block_m"]
         (32, 128)
     """
-    table = TILES if m <= _ROWS else WIDE_TILES
+    table = TILES if m <= _ROWS else WIDE_TILES if m <= _WIDE_ROWS else WIDEST_TILES
     entry = "partials" if epilogue == "accumulate" else epilogue  # the same K-split products
     tile = dict(table["deep"] if epilogue != "swiglu" and k >= DEEP_K and "deep" in table else table[entry])
     block_m = tile.get("block_m", _ROWS)
