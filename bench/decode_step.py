@@ -438,8 +438,9 @@ def run_variant(args) -> list[dict]:
                 glue, mgpu_max_rows)
             # "mgpu256_xgu*": gate_up + SwiGLU of steps past 128 rows on cuBLAS and XLA (model.XLA_GATE_UP_ROWS).
             # The other MGPU_WIDE_TILINGS: gate_up on Mosaic GPU at every row count (as they were measured).
+            # "xgu64": also the 65-128-row steps' gate_up on cuBLAS.
             model_module.XLA_GATE_UP_ROWS = (128 if glue.startswith("mgpu256_xgu") else 0 if glue in MGPU_WIDE_TILINGS
-                                             else xla_gate_up_rows)
+                                             else 64 if glue == "xgu64" else xla_gate_up_rows)
             # "norm_warps4" / "norm_warps8": the add + RMSNorm kernel's one program a row runs 4 / 8 warps.
             residual_norm_module.NUM_WARPS = {"norm_warps4": 4, "norm_warps8": 8}.get(glue, norm_warps)
             # "xla_pick": greedy tokens by XLA's argmax + log-softmax, not the greedy_pick kernel.
@@ -558,7 +559,7 @@ def main() -> None:
                                                              "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, "cublas128",
                                                              "skinny_triton", "pdl", "no_pdl", "accumulate",
                                                              "no_accumulate", "exit_read_only", "seed_programs",
-                                                             "no_seed_programs", "mgpu_min8", "mgpu_min32", "cublas256", "before21"],
+                                                             "no_seed_programs", "mgpu_min8", "mgpu_min32", "cublas256", "before21", "xgu64"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -78,6 +78,8 @@
 #               route with partial sums (session 18's, -0.8%); the model test of that route compiled first (~200 s)
 #   acc16       session 20 (not yet run): steps of 8 / 16 / 24 rows on the Mosaic GPU projections with ACCUMULATE's
 #               glue (mgpu_min8) against Triton's skinny path and its partial sums (the default below 32 rows) (~150 s)
+#   final21     session 21: the 256-row defaults' compiled tests, the 128-row step with gate_up on cuBLAS
+#               (--glue xgu64), batch 128 end to end (~300 s)
 #   defaults21  session 21: the step at 8-256 rows with session 21's defaults (seed programs, Mosaic GPU from 8 rows,
 #               256 rows on Mosaic GPU with cuBLAS's gate_up) against session 20's (--glue before21) (~300 s)
 #   acc2        session 20 (written after the device was withdrawn; not yet run), ACCUMULATE on: compiled Mosaic GPU
@@ -406,6 +408,12 @@ for part in "${parts[@]}"; do
           timeout 330 python3 bench/decode_step.py --batches 64 128 --variants default --no-static --glue \
               kernels no_accumulate exit_read_only seed_programs mgpu_p132 mgpu_deep_t132 --rounds 7 --reps 10 \
               --profile /tmp/acc2 ;;
+    final21) timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+               tests/test_skinny_matmul_mgpu.py -k "256 and (compiled or model)" ; \
+             timeout 150 python3 bench/decode_step.py --batches 128 --variants default --no-static \
+               --glue kernels xgu64 --rounds 7 --reps 10 --profile /tmp/final21 ; \
+             timeout 150 python3 bench/throughput.py --no-static --batches 128 --long-prompt 0 --decode-steps 8 \
+               --impls pallas --no-hf-compile --out "$OUT/$part" ;;
     defaults21) timeout 400 python3 bench/decode_step.py --batches 8 16 24 64 128 256 --variants default --no-static \
                   --glue kernels before21 --rounds 7 --reps 10 ;;
     *) echo "unknown part: $part" >&2; continue ;;

@@ -102,6 +102,7 @@ def _matches_reference(interpret, epilogue: str, m: int, k: int, n: int, want_sp
     (8, 256, 64, dict(block_n=64, num_slots=2, num_splits=1)),    # one split
     (128, 896, 896, {}),                                     # two row blocks of 64 (WIDE_TILES)
     (96, 384, 64, dict(block_n=32, num_slots=4, num_splits=2)),   # 96 rows in a 128-row accumulator
+    (256, 896, 896, {}),                                     # four row blocks, 64 weight rows (WIDEST_TILES)
 ])
 def test_accumulate_adds_into_its_input_in_place(interpret, m, k, n, tiling, monkeypatch):
     # epilogue "accumulate": every K split adds its sums into `acc` (a TMA reduction compiled), so
@@ -326,6 +327,26 @@ def test_model_step_with_gate_up_on_xla_past_its_row_limit(monkeypatch, accumula
     monkeypatch.setattr(model_module, "XLA_GATE_UP_ROWS", batch // 2)
     out = run()
     assert sorted(calls) == (["accumulate"] * 6 if accumulate else ["none"] * 2 + ["partials"] * 4), calls
+    assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
+
+
+def test_model_256_row_step_by_default_matches_xla(monkeypatch):
+    # The defaults at 256 rows (MGPU_MAX_ROWS, XLA_GATE_UP_ROWS, ACCUMULATE, WIDEST_TILES): QKV, o
+    # and down on Mosaic GPU adding into the float32 stream, gate_up on XLA; logits as XLA's route.
+    from jaxserve import model as model_module
+
+    calls = _count_mgpu_calls(monkeypatch, lambda a, k: (a[0].shape[0], k["epilogue"]))
+    rng, seed = fresh_rng()
+    batch = 256
+    cfg, run = _tiny_bf16_decode_step(rng, batch)
+    assert model_module.skinny_rows(jnp.bfloat16) >= batch > model_module.XLA_GATE_UP_ROWS > 0
+    with monkeypatch.context() as patch:
+        patch.setattr(model_module, "MGPU_MAX_ROWS", 0)
+        ref = run()
+    assert not calls
+    out = jax.jit(run)()
+    assert calls == [(batch, "accumulate")] * (3 * cfg.num_hidden_layers), calls
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"seed={seed}"
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
 
 
