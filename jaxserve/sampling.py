@@ -12,7 +12,7 @@ never detokenizes and never touches the model or the KV pool.
 
 Randomness: row b's key at a step is derived from (seed_b, step_b) alone, so a seeded
 request yields the same tokens whatever else shares the batch and wherever it sits in it,
-given the same logits: on a Hopper GPU in bf16, decode steps of 32-128 rows add float32 K-split
+given the same logits: on a Hopper GPU in bf16, decode steps of 8-256 rows add float32 K-split
 sums in an order that varies from run to run (`jaxserve.model.ACCUMULATE`; JAXSERVE_ACCUMULATE=0
 for bitwise-repeatable steps), and other batch sizes round differently, so a near-tie may go
 either way there.
