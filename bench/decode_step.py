@@ -480,8 +480,8 @@ def run_variant(args) -> list[dict]:
             model_module.MGPU_MIN_ROWS = {"mgpu_min8": 8, "mgpu_min32": 32, "before21": 32}.get(glue, mgpu_min_rows)
             # "seed_programs" / "no_seed_programs": the seeded norm writes QKV's accumulator from programs of
             # its own (kernels.residual_norm.SEED_PROGRAMS, the default since session 21) or from each row's.
-            residual_norm_module.SEED_PROGRAMS = {"seed_programs": True, "no_seed_programs": False, "before21": False}.get(
-                glue, seed_programs)
+            residual_norm_module.SEED_PROGRAMS = {"seed_programs": True, "no_seed_programs": False,
+                                                  "before21": False}.get(glue, seed_programs)
             mgpu_module.WIDE_TILES = {ep: dict(tile) for ep, tile in
                                       {**mgpu_wide_defaults, **MGPU_WIDE_TILINGS.get(glue, {})}.items()}
             # The MGPU_WIDE_TILINGS name tiles for every step past 64 rows, laid over WIDE_TILES (as before
@@ -559,7 +559,8 @@ def main() -> None:
                                                              "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, "cublas128",
                                                              "skinny_triton", "pdl", "no_pdl", "accumulate",
                                                              "no_accumulate", "exit_read_only", "seed_programs",
-                                                             "no_seed_programs", "mgpu_min8", "mgpu_min32", "cublas256", "before21", "xgu64"],
+                                                             "no_seed_programs", "mgpu_min8", "mgpu_min32", "cublas256",
+                                                             "before21", "xgu64"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -91,7 +91,8 @@ WIDE_TILES: dict[str, dict[str, int]] = {
 }
 # The same for steps of more than 128 rows (256 in the engine, whose gate_up runs on cuBLAS there:
 # `jaxserve.model.XLA_GATE_UP_ROWS`): 64 weight rows a program. Session 18 on the H200, batch-256
-# step: 1.310 ms against 1.325 with WIDE_TILES (bench/decode_step.py --glue mgpu256_xgu / _wt).
+# step: 1.310 ms against 1.325 with WIDE_TILES (bench/decode_step.py --glue mgpu256_xgu / _wt); with
+# ACCUMULATE's glue 1.278 against cuBLAS's 1.327 (session 21).
 WIDEST_TILES: dict[str, dict[str, int]] = {
     "none": {"block_n": 64, "num_slots": 4, "target_programs": 264, "block_m": 64},
     "partials": {"block_n": 64, "num_slots": 4, "target_programs": 264, "block_m": 64},
