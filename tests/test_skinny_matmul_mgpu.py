@@ -344,7 +344,7 @@ def test_model_256_row_step_by_default_matches_xla(monkeypatch):
         patch.setattr(model_module, "MGPU_MAX_ROWS", 0)
         ref = run()
     assert not calls
-    # Under jit: run eagerly first, in one pytest run here the eager XLA step after it never returned
+    # Under jit: run eagerly first, in two pytest runs here the eager XLA step after it never returned
     # (0% CPU; not reproduced in a plain script, nor with this order).
     out = jax.jit(run)()
     assert calls == [(batch, "accumulate")] * (3 * cfg.num_hidden_layers), calls
