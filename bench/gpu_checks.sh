@@ -73,17 +73,17 @@
 #   acc         session 20: compiled tests of the accumulating glue (TMA-reduction "accumulate" epilogue, the seeded
 #               norm, the fused attention of a float32 QKV), then the decode step at 32/64/128 rows with the
 #               projections adding into a float32 residual stream (model.ACCUMULATE) against partial sums (~300 s)
-#   acc256      session 20 (not yet run): batch 256 with QKV, o and down on Mosaic GPU adding into the float32 stream
-#               and gate_up on cuBLAS (mgpu256_xgu, now accumulating) against cuBLAS everywhere and against the same
+#   acc256      session 20, run in session 21: batch 256 with QKV, o and down on Mosaic GPU adding into the float32
+#               stream and gate_up on cuBLAS (mgpu256_xgu, now accumulating) against cuBLAS everywhere and against the same
 #               route with partial sums (session 18's, -0.8%); the model test of that route compiled first (~200 s)
-#   acc16       session 20 (not yet run): steps of 8 / 16 / 24 rows on the Mosaic GPU projections with ACCUMULATE's
+#   acc16       session 20, run in session 21: steps of 8 / 16 / 24 rows on the Mosaic GPU projections with ACCUMULATE's
 #               glue (mgpu_min8) against Triton's skinny path and its partial sums (the default below 32 rows) (~150 s)
 #   final21     session 21: the 256-row defaults' compiled tests, the 128-row step with gate_up on cuBLAS
 #               (--glue xgu64), batch 128 end to end (~300 s)
 #   defaults21  session 21: the step at 8-256 rows with session 21's defaults (seed programs, Mosaic GPU from 8 rows,
 #               256 rows on Mosaic GPU with cuBLAS's gate_up) against session 20's (--glue before21) (~300 s)
-#   acc2        session 20 (written after the device was withdrawn; not yet run), ACCUMULATE on: compiled Mosaic GPU
-#               and norm tests (the read-only exit wait and the seed's own programs included), then the step at
+#   acc2        session 20 (written after the device was withdrawn; run in session 21), ACCUMULATE on: compiled
+#               Mosaic GPU and norm tests (the read-only exit wait and the seed's own programs included), then the step at
 #               64/128 rows against partial sums, with each of those two, and with fewer K splits for the
 #               accumulating products (~400 s)
 #   ncu64       session 16: Nsight Compute on batch 64's projections and norm (bench/ncu_probe.py case gemm_b64:
@@ -113,8 +113,8 @@
 #               tiles before "deep") and at 64 (the deep tile there too), then throughput at 1/64/128/256 (~450 s)
 #   final17     session 17's last call: the compiled kernel tests with the Mosaic GPU decode kernel's (jax 0.11's
 #               ref.transpose / load forms), then the decode step at 64 and 128 (~450 s)
-#   ws          session 17, not yet run (written after its GPU time): the warp-specialized projections (two compute
-#               warpgroups a CTA; skinny_matmul_mgpu warpgroups=2): compiled tests, then the decode step at 256
+#   ws          session 17, run in session 18 (written after its GPU time): the warp-specialized projections (two
+#               compute warpgroups a CTA; skinny_matmul_mgpu warpgroups=2): compiled tests, then the decode step at 256
 #               against cuBLAS and the one-warpgroup kernel, and at 128 (~400 s)
 #   timeline    session 18: bench/engine_timeline.py, one traced engine run at batch 256 and 64: the GPU's idle gaps
 #               by the host phase open when each began, the host's phases untraced (~150 s)

@@ -81,7 +81,7 @@ TILES: dict[str, dict[str, int]] = {
 # fastest in the grid; M that is not whole blocks runs in one). Session 17 on the H200, batch 128
 # step: row blocks of 64 with the 64-row tiles 1.038-1.043 ms, 64 weight rows 1.054, all rows in one
 # program 1.097, cuBLAS 1.097-1.109; at 256 rows cuBLAS's 1.345 against 1.424-1.936 over 13 tilings
-# (model.MGPU_MAX_ROWS keeps 256 on cuBLAS). "deep": the K-split products of K >= DEEP_K (down_proj),
+# (past 128 rows see WIDEST_TILES). "deep": the K-split products of K >= DEEP_K (down_proj),
 # where a table has it: 64 weight rows and 6 slots, down_proj 5.81 vs 7.09 µs at 128 rows.
 WIDE_TILES: dict[str, dict[str, int]] = {
     "none": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64},
@@ -111,9 +111,9 @@ DEEP_K = 2048
 PDL = False
 # A program's last wait on its output copy (TMA, shared -> global memory): only until the copy has
 # read the shared memory (the writes land before the kernel counts as done; JAX's own Hopper matmul
-# exits so), or until the writes too (the default). Not yet compiled or timed on a GPU (written in
-# session 20 after the device was withdrawn): bench/decode_step.py --glue exit_read_only, `bash
-# bench/gpu_checks.sh acc2`. Read at call time.
+# exits so), or until the writes too (the default). Session 21 on the H200 (bench/decode_step.py
+# --glue exit_read_only, decode_step.md): step 0.805 against 0.804 ms at 64 rows, 0.974 against 0.976
+# at 128: no gain, off. Read at call time.
 EXIT_READ_ONLY = False
 
 
