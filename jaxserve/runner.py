@@ -9,9 +9,15 @@ lengths.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
+import importlib
 import json
 import os
+import pkgutil
+import threading
+import types
 from typing import Any
 
 import jax
@@ -95,17 +101,74 @@ class Runner:
         self.params = params
         self.page_size = page_size
         self.dtype = jax.tree_util.tree_leaves(params)[0].dtype
-        self.model = Qwen2ForCausalLM(config, self.dtype)
         self.attention_impl = attention_impl
         self.kv: KVCache = new_kv_cache(config, num_pages, page_size, self.dtype)
         self.compiled_shapes: set[tuple] = set()
         # Made once: a jnp.zeros a call would be one more dispatch (and a kernel) on the host's path.
         self._no_counts = jnp.zeros((1, 1), jnp.int32)
         prefill_options = PREFILL_OPTIONS if prefill_options is None else prefill_options
-        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top", "greedy", "logprobs"),
-                                compiler_options=prefill_options or None)
+        self.steps = steps_for(config, self.dtype, page_size, attention_impl, prefill_options)
+        self.model = self.steps.model
+        self.skinny_rows = self.steps.skinny_rows
+        self.xla_gate_up_rows = self.steps.xla_gate_up_rows
+        self.pick_kernel = self.steps.pick_kernel
+
+    def prefill(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
+                batch: SamplingBatch, steps: np.ndarray, counts=None, seen=None, num_top: int = 0,
+                greedy: bool = False, logprobs: bool = True):
+        """One chunk per row: ``tokens [B, S]`` at positions ``q_start[b]..``; samples after row's last token.
+        ``logprobs=False``: the chosen tokens' log-probabilities are NaN, not computed."""
+        self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, num_top, counts is not None, greedy,
+                                  logprobs))
+        self.kv, out = self.steps.prefill(self.params, self.kv, *_int32(tokens, q_start, lengths, block_tables), batch,
+                                     *_int32(steps), counts, seen, num_top=num_top, greedy=greedy, logprobs=logprobs)
+        return out
+
+    def decode_fn(self, rows: int):
+        """The jitted multi-step decode for a batch of ``rows`` (the wide one past the skinny
+        matmul's rows, ``jaxserve.model.skinny_rows``, or past ``model.XLA_GATE_UP_ROWS`` when set)."""
+        return self.steps.decode_fn(rows)
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, limits: np.ndarray, block_tables: np.ndarray,
+               batch: SamplingBatch, steps: np.ndarray, num_steps: int, counts=None, seen=None, num_top: int = 0,
+               greedy: bool = False, logprobs: bool = True, return_last: bool = False):
+        """``num_steps`` decode steps in one device call; row b stops writing at position ``limits[b]``.
+
+        Returns the sampler's outputs stacked ``[num_steps, B]`` (log-probabilities NaN with
+        ``logprobs=False``: no row asked for them, and the greedy pick is then an argmax alone);
+        with ``return_last``, ``(outputs, the last step's tokens [B])``: what a chained call starts
+        from, sliced inside this call (an eager slice would be one more dispatch a call).
+        """
+        penalties = counts is not None
+        if not penalties:  # placeholders keep one signature; they are never read
+            counts = seen = self._no_counts
+        self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, num_steps, num_top, penalties, greedy,
+                                  logprobs))
+        self.kv, out, last = self.decode_fn(tokens.shape[0])(
+            self.params, self.kv, *_int32(tokens, positions, limits, block_tables), batch,
+            *_int32(steps), counts, seen, num_steps=num_steps, num_top=num_top, penalties=penalties, greedy=greedy,
+            logprobs=logprobs)
+        return (out, last) if return_last else out
+
+
+class Steps:
+    """The jitted prefill chunk and multi-step decode of one model shape, dtype, page size and
+    attention impl, traced under one setting of jaxserve's and the kernels' module knobs.
+
+    Shared by every Runner that matches (`steps_for`): a second engine in one process, or a
+    second `jaxserve.generate` call, reuses the compiled steps instead of tracing and compiling
+    them again (seconds on the GPU, most of a first token's latency).
+    """
+
+    def __init__(self, config: ModelConfig, dtype: Any, page_size: int, attention_impl: str,
+                 prefill_options: dict[str, Any]) -> None:
+        self.model = Qwen2ForCausalLM(config, dtype)
+        self.page_size = page_size
+        self.attention_impl = attention_impl
+        self.prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top", "greedy", "logprobs"),
+                               compiler_options=prefill_options or None)
         decode_static = ("num_steps", "num_top", "penalties", "greedy", "logprobs")
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static)
+        self.decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static)
         # Batches too wide for the skinny matmul project through XLA's GEMMs; for those steps
         # its own options may differ (see WIDE_DECODE_OPTIONS). The row limit is read once here:
         # the model reads the global when it traces, so a runner built (and traced) under one
@@ -113,7 +176,7 @@ class Runner:
         # builds runners under several; session 9's batch-256 rows timed the wrong compile).
         from jaxserve import model as model_module
 
-        self.skinny_rows = model_module.skinny_rows(self.dtype)
+        self.skinny_rows = model_module.skinny_rows(dtype)
         # Steps whose gate_up runs as XLA's GEMM (model.XLA_GATE_UP_ROWS) take the wide compile too:
         # its options give that product to cuBLAS, not XLA's Triton GEMM (11.14 vs 10.30 µs a layer
         # at 256 rows on the H200, bench/results/decode_step.md session 18).
@@ -122,8 +185,12 @@ class Runner:
             raise ValueError(f"JAXSERVE_GREEDY_PICK must be 'kernel' or 'xla', got {GREEDY_PICK!r}")
         self.pick_kernel = attention_impl == "pallas" and GREEDY_PICK == "kernel"
         self.pick_min_rows = GREEDY_PICK_MIN_ROWS
-        self._decode_wide = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static,
-                                    compiler_options=WIDE_DECODE_OPTIONS or None)
+        self.decode_wide = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static,
+                                   compiler_options=WIDE_DECODE_OPTIONS or None)
+
+    def decode_fn(self, rows: int):
+        wide = rows > self.skinny_rows or 0 < self.xla_gate_up_rows < rows
+        return self.decode_wide if wide else self.decode
 
     def _forward(self, params, kv, tokens, positions, paged, logits_at=None):
         # Activation-dtype logits: the samplers widen them to float32 where they read them (exact).
@@ -166,44 +233,84 @@ class Runner:
         (kv, last, _, _), outs = jax.lax.scan(one, (kv, tokens, counts, seen), jnp.arange(num_steps, dtype=jnp.int32))
         return kv, outs, last
 
-    def prefill(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
-                batch: SamplingBatch, steps: np.ndarray, counts=None, seen=None, num_top: int = 0,
-                greedy: bool = False, logprobs: bool = True):
-        """One chunk per row: ``tokens [B, S]`` at positions ``q_start[b]..``; samples after row's last token.
-        ``logprobs=False``: the chosen tokens' log-probabilities are NaN, not computed."""
-        self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, num_top, counts is not None, greedy,
-                                  logprobs))
-        self.kv, out = self._prefill(self.params, self.kv, *_int32(tokens, q_start, lengths, block_tables), batch,
-                                     *_int32(steps), counts, seen, num_top=num_top, greedy=greedy, logprobs=logprobs)
-        return out
 
-    def decode_fn(self, rows: int):
-        """The jitted multi-step decode for a batch of ``rows`` (the wide one past the skinny
-        matmul's rows, ``jaxserve.model.skinny_rows``, or past ``model.XLA_GATE_UP_ROWS`` when set)."""
-        wide = rows > self.skinny_rows or 0 < self.xla_gate_up_rows < rows
-        return self._decode_wide if wide else self._decode
 
-    def decode(self, tokens: np.ndarray, positions: np.ndarray, limits: np.ndarray, block_tables: np.ndarray,
-               batch: SamplingBatch, steps: np.ndarray, num_steps: int, counts=None, seen=None, num_top: int = 0,
-               greedy: bool = False, logprobs: bool = True, return_last: bool = False):
-        """``num_steps`` decode steps in one device call; row b stops writing at position ``limits[b]``.
+# How many Steps stay compiled (the engine needs one; a benchmark comparing settings, or a test
+# suite, builds several). The least recently built goes first, its compiled programs with it.
+STEPS_CACHE_SIZE = 8
+_steps_cache: collections.OrderedDict[tuple, Steps] = collections.OrderedDict()
+_steps_lock = threading.Lock()
+# Where the model, its sampler and its kernels read their knobs (and the kernels package).
+TRACED_MODULES = ("jaxserve.config", "jaxserve.kv_pool", "jaxserve.model", "jaxserve.runner", "jaxserve.sampling",
+                  "kernels")
 
-        Returns the sampler's outputs stacked ``[num_steps, B]`` (log-probabilities NaN with
-        ``logprobs=False``: no row asked for them, and the greedy pick is then an argmax alone);
-        with ``return_last``, ``(outputs, the last step's tokens [B])``: what a chained call starts
-        from, sliced inside this call (an eager slice would be one more dispatch a call).
-        """
-        penalties = counts is not None
-        if not penalties:  # placeholders keep one signature; they are never read
-            counts = seen = self._no_counts
-        self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, num_steps, num_top, penalties, greedy,
-                                  logprobs))
-        self.kv, out, last = self.decode_fn(tokens.shape[0])(
-            self.params, self.kv, *_int32(tokens, positions, limits, block_tables), batch,
-            *_int32(steps), counts, seen, num_steps=num_steps, num_top=num_top, penalties=penalties, greedy=greedy,
-            logprobs=logprobs)
-        return (out, last) if return_last else out
 
+def steps_for(config: ModelConfig, dtype: Any, page_size: int, attention_impl: str,
+              prefill_options: dict[str, Any]) -> Steps:
+    """The compiled steps for these arguments, shared with every earlier Runner that matched.
+
+    The key holds every module-level value of jaxserve's and the kernels' modules, since the
+    model reads its knobs when it traces (a benchmark sets `model.MGPU_MAX_ROWS`, a test swaps a
+    kernel for a spy): a Runner built under other values never gets steps traced under these.
+
+    Example:
+        >>> steps_for(m.config, jnp.bfloat16, 16, "pallas", {}) is steps_for(m.config, jnp.bfloat16, 16, "pallas", {})  # doctest: +SKIP
+        True
+    """
+    key = (_frozen(dataclasses.asdict(config)), jnp.dtype(dtype).name, page_size, attention_impl,
+           _frozen(prefill_options), module_knobs())
+    with _steps_lock:
+        steps = _steps_cache.get(key)
+        if steps is None:
+            steps = _steps_cache[key] = Steps(config, dtype, page_size, attention_impl, prefill_options)
+            while len(_steps_cache) > STEPS_CACHE_SIZE:
+                _steps_cache.popitem(last=False)
+        _steps_cache.move_to_end(key)
+        return steps
+
+
+def module_knobs() -> tuple:
+    """Every module-level name, with its value, of the modules a step's trace reads."""
+    import kernels
+
+    names = list(TRACED_MODULES) + [f"kernels.{m.name}" for m in pkgutil.iter_modules(kernels.__path__)]
+    knobs = []
+    for name in names:
+        # Imported here, not as the trace first reaches them: a module that appeared after the
+        # first key would change every later one.
+        for attr, value in list(vars(importlib.import_module(name)).items()):
+            if not (attr.startswith("__") or isinstance(value, types.ModuleType) or value is _steps_cache):
+                knobs.append((name, attr, _frozen(value)))
+    return tuple(knobs)
+
+
+class _Same:
+    """Compares by identity and holds its object: an object swapped out and freed could otherwise
+    leave its id to the next one swapped in (a test's second spy), which would match."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+
+def _frozen(value: Any) -> Any:
+    """Plain data by value (a tile table rebuilt equal still matches), anything else by identity."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_frozen(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted(((repr(k), _frozen(v)) for k, v in value.items()), key=lambda kv: kv[0])))
+    if isinstance(value, (set, frozenset)):
+        return ("set", tuple(sorted(repr(v) for v in value)))
+    return _Same(value)
 
 def _int32(*arrays) -> list:
     """Host arrays as int32 numpy, device arrays untouched (a chained call's tokens stay on the device).
