@@ -168,12 +168,13 @@ def _row_tile(m: int, block_m: int) -> int:
 
 
 def _smem_bytes(m: int, block_n: int, boxes: int, block_m: int, num_slots: int, epilogue: str,
-                warpgroups: int = 1, norm: bool = False, k: int = 0) -> int:
+                warpgroups: int = 1, norm: bool = False) -> int:
     rows = _row_tile(m, block_m) if warpgroups == 1 else block_m
     halves = 2 if epilogue == "swiglu" else 1
-    ring = num_slots * boxes * (rows * (4 if norm else 2) + halves * block_n * 2) * _BLOCK_K  # float32 x to norm
+    # float32 rows to norm, and their scale
+    ring = num_slots * boxes * ((rows * (4 if norm else 2) + halves * block_n * 2) * _BLOCK_K + (4 * _BLOCK_K if norm else 0))
     out = rows * block_n * (4 if epilogue in ("partials", "accumulate") else 2)  # float32 sums; bf16 results
-    return ring + out + 4 * block_n + (4 * k if norm else 0) + 1024  # + bias, norm scale, barriers, alignment
+    return ring + out + 4 * block_n + 1024  # + the bias, barriers and alignment
 
 
 def _fits(m: int, k: int, n_out: int, block_n: int, boxes: int, block_m: int, num_slots: int,
@@ -197,7 +198,7 @@ def _fits(m: int, k: int, n_out: int, block_n: int, boxes: int, block_m: int, nu
             and boxes >= 1 and k % (_BLOCK_K * boxes) == 0
             and block_n % 8 == 0 and n_out % block_n == 0 and num_slots >= 2
             and not (norm and (warpgroups != 1 or _row_tile(m, block_m) != _ROWS))
-            and _smem_bytes(m, block_n, boxes, block_m, num_slots, epilogue, warpgroups, norm, k) <= _SMEM_BYTES)
+            and _smem_bytes(m, block_n, boxes, block_m, num_slots, epilogue, warpgroups, norm) <= _SMEM_BYTES)
 
 
 def _transforms(cols: int, dtype) -> tuple:
@@ -225,14 +226,12 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
     g_ref = refs.pop(0) if norm else None
     o_ref, x_smem, w_smem, o_smem, bars, *rest = refs
     b_smem, b_bar = (rest.pop(0), rest.pop(0)) if has_bias else (None, None)
-    g_smem, g_bar = (rest.pop(0), rest.pop(0)) if norm else (None, None)
+    g_smem = rest.pop(0) if norm else None
     row_block, col_block, split = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("splits")
     cols = pl.ds(col_block * block_n, block_n)
     my_rows = pl.ds(row_block * rows, rows)  # `rows` of x a program: all of them, or a block of block_m
     if has_bias:
         plgpu.copy_gmem_to_smem(b_ref.at[cols], b_smem, b_bar)
-    if norm:
-        plgpu.copy_gmem_to_smem(g_ref, g_smem, g_bar)
     halves = (0, n_out) if epilogue == "swiglu" else (0,)
     first = split * steps_per_split
     num_steps = jnp.clip(k_steps - first, 0, steps_per_split)
@@ -246,6 +245,8 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
             for h, offset in enumerate(halves):
                 plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(offset + col_block * block_n, block_n), at],
                                         w_smem.at[slot, h, b], bars.at[slot])
+            if norm:  # the norm's scale for these K (a TMA copy takes at most 256 elements a dimension)
+                plgpu.copy_gmem_to_smem(g_ref.at[at], g_smem.at[slot, b], bars.at[slot])
 
     def issue_x(step, slot):
         for b in range(boxes):
@@ -274,15 +275,12 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
         return a if interpret else plgpu.layout_cast(a, plgpu.Layout.WGMMA)
 
     zeros = wgmma_layout(jnp.zeros((row_tile, block_n), jnp.float32))
-    if norm:
-        plgpu.barrier_wait(g_bar)
 
-    def normed(step, slot, b, squares):
+    def normed(slot, b, squares):
         # The float32 rows times the norm's scale, rounded to bf16 in registers: WGMMA's register
         # operand. The rows' 1 / rms is a factor of each whole row, applied to the sums after.
         x = x_smem[slot, b] if interpret else compat.mgpu_load(x_smem.at[slot, b], plgpu.Layout.WGMMA)
-        at = g_smem.at[k_at(step, b)]
-        scale = at[...] if interpret else compat.mgpu_load(at, plgpu.Layout.WGMMA.reduce(0))
+        scale = g_smem[slot, b] if interpret else compat.mgpu_load(g_smem.at[slot, b], plgpu.Layout.WGMMA.reduce(0))
         scale = lax.broadcast_in_dim(scale, x.shape, [1])
         return (x * scale).astype(w_smem.dtype), squares + x * x
 
@@ -291,14 +289,13 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
         accs, squares = carry if norm else (carry, None)
         slot = ring.advance(issue, step, num_slots, num_steps)
         plgpu.barrier_wait(bars.at[slot])
-        lhs = []
+        lhs = []  # a step's normed rows in registers (norm), or read from shared memory by the products
         for b in range(boxes):
             if norm:
-                a, squares = normed(step, slot, b, squares)
-            else:
-                a = x_smem[slot, b] if interpret else x_smem.at[slot, b]
-            lhs.append(a)
+                a, squares = normed(slot, b, squares)
+                lhs.append(a)
         if interpret:
+            lhs = lhs or [x_smem[slot, b] for b in range(boxes)]
             accs = tuple(acc + sum(lax.dot_general(lhs[b], w_smem[slot, h, b], (((1,), (1,)), ((), ())),
                                                    preferred_element_type=jnp.float32) for b in range(boxes))
                          for h, acc in enumerate(accs))
@@ -306,7 +303,10 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
             def products(acc_refs):  # all of a step's products (SwiGLU's two halves) in one block: one wait
                 for b in range(boxes):
                     for h, acc_ref in enumerate(acc_refs):
-                        plgpu.wgmma(acc_ref, lhs[b], w_smem.at[slot, h, b].transpose((1, 0)))
+                        # (a shared-memory operand's view made here: one made outside this block
+                        # fails to lower)
+                        plgpu.wgmma(acc_ref, lhs[b] if norm else x_smem.at[slot, b],
+                                    w_smem.at[slot, h, b].transpose((1, 0)))
 
             accs = pl.run_state(products)(tuple(plgpu.ACC.init(acc) for acc in accs))
         return (accs, squares) if norm else accs
@@ -361,9 +361,9 @@ def _call(x, w, bias, acc, scale=None, *, epilogue: str, block_n: int, num_slots
         plgpu.SMEM((num_slots, boxes, row_tile, _BLOCK_K), x.dtype, transforms=_transforms(_BLOCK_K, x.dtype)),
         plgpu.SMEM((num_slots, halves, boxes, block_n, _BLOCK_K), w.dtype, transforms=_transforms(_BLOCK_K, w.dtype)),
         plgpu.SMEM((row_tile, block_n), out_type.dtype, transforms=_transforms(block_n, out_type.dtype)),
-        plgpu.Barrier(num_arrivals=boxes * (1 + halves), num_barriers=num_slots),
+        plgpu.Barrier(num_arrivals=boxes * (1 + halves + (norm_eps is not None)), num_barriers=num_slots),
     ] + ([plgpu.SMEM((block_n,), jnp.float32), plgpu.Barrier()] if has_bias else []) + (
-        [plgpu.SMEM((k,), jnp.float32), plgpu.Barrier()] if norm_eps is not None else [])
+        [plgpu.SMEM((num_slots, boxes, _BLOCK_K), jnp.float32)] if norm_eps is not None else [])
     body = functools.partial(_kernel, epilogue=epilogue, has_bias=has_bias, block_n=block_n, num_slots=num_slots,
                              boxes=boxes, rows=rows, row_tile=row_tile, steps_per_split=steps_per_split,
                              k_steps=k_steps, n_out=n_out, pdl=pdl, interpret=interpret,
