@@ -121,9 +121,6 @@ MGPU_TILINGS = {
     # each element (QKV 7 -> 3 splits, o 7 -> 4; down 8 -> 4)
     "mgpu_p132": {"partials": {"block_n": 32, "num_slots": 4, "target_programs": 132}},
     "mgpu_deep_t132": {"deep": {"block_n": 32, "num_slots": 3, "target_programs": 132, "boxes": 2}},
-    # session 22, with QKV computing its input norm (model.NORM_IN_MGPU, apply_glue): its unsplit tile
-    "norm_in_q16": {"normed": {"block_n": 16, "num_slots": 4}},
-    "norm_in_qb2": {"normed": {"block_n": 32, "num_slots": 3, "boxes": 2}},
 }
 # --glue choices that run steps of 65-256 rows through the fused glue (SKINNY_ROWS 256, like
 # "skinny256") with their projections on Mosaic GPU, `kernels.skinny_matmul_mgpu.WIDE_TILES` these
@@ -378,7 +375,6 @@ def run_variant(args) -> list[dict]:
     exit_read_only = mgpu_module.EXIT_READ_ONLY
     mgpu_min_rows = model_module.MGPU_MIN_ROWS
     seed_programs = residual_norm_module.SEED_PROGRAMS
-    norm_in_mgpu = model_module.NORM_IN_MGPU
     mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
     mgpu_widest_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDEST_TILES.items()}
     greedy_pick = runner_module.GREEDY_PICK
@@ -482,10 +478,6 @@ def run_variant(args) -> list[dict]:
             # "mgpu_min8" / "mgpu_min32": steps of 8-31 rows on the Mosaic GPU projections (model.MGPU_MIN_ROWS,
             # so with ACCUMULATE's glue; the default since session 21) or on Triton's path.
             model_module.MGPU_MIN_ROWS = {"mgpu_min8": 8, "mgpu_min32": 32, "before21": 32}.get(glue, mgpu_min_rows)
-            # "norm_in*": QKV and gate_up compute their input RMSNorm from the float32 stream themselves
-            # (model.NORM_IN_MGPU; no norm kernels but the final one); "norm_in_q16" / "norm_in_qb2": QKV's
-            # "normed" tile with 16 weight rows a program (72 programs at Qwen2.5-0.5B's 1152) / two-box steps.
-            model_module.NORM_IN_MGPU = glue.startswith("norm_in") or (norm_in_mgpu and glue != "no_norm_in")
             # "seed_programs" / "no_seed_programs": the seeded norm writes QKV's accumulator from programs of
             # its own (kernels.residual_norm.SEED_PROGRAMS, the default since session 21) or from each row's.
             residual_norm_module.SEED_PROGRAMS = {"seed_programs": True, "no_seed_programs": False,
@@ -568,7 +560,7 @@ def main() -> None:
                                                              "skinny_triton", "pdl", "no_pdl", "accumulate",
                                                              "no_accumulate", "exit_read_only", "seed_programs",
                                                              "no_seed_programs", "mgpu_min8", "mgpu_min32", "cublas256",
-                                                             "before21", "xgu64", "norm_in_mgpu", "no_norm_in"],
+                                                             "before21", "xgu64"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -82,8 +82,6 @@
 #               (--glue xgu64), batch 128 end to end (~300 s)
 #   defaults21  session 21: the step at 8-256 rows with session 21's defaults (seed programs, Mosaic GPU from 8 rows,
 #               256 rows on Mosaic GPU with cuBLAS's gate_up) against session 20's (--glue before21) (~300 s)
-#   norm22      session 22: QKV and gate_up computing their input norm from the float32 stream
-#               (model.NORM_IN_MGPU): compiled tests, the step at 64 / 128 against the default (profiled), QKV tiles
 #   acc2        session 20 (written after the device was withdrawn; run in session 21), ACCUMULATE on: compiled
 #               Mosaic GPU and norm tests (the read-only exit wait and the seed's own programs included), then the step at
 #               64/128 rows against partial sums, with each of those two, and with fewer K splits for the
@@ -418,12 +416,6 @@ for part in "${parts[@]}"; do
                --impls pallas --no-hf-compile --out "$OUT/$part" ;;
     defaults21) timeout 400 python3 bench/decode_step.py --batches 8 16 24 64 128 256 --variants default --no-static \
                   --glue kernels before21 --rounds 7 --reps 10 ;;
-    norm22) timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-              tests/test_skinny_matmul_mgpu.py -k "norm and (compiled or model)" ; \
-            timeout 260 python3 bench/decode_step.py --batches 64 128 --variants default --no-static \
-              --glue kernels norm_in_mgpu norm_in_qb2 norm_warps4 --rounds 7 --reps 10 --profile /tmp/norm22 ; \
-            timeout 100 python3 bench/decode_step.py --batches 64 --variants default --no-static \
-              --glue kernels norm_in_q16 --rounds 5 --reps 10 ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

@@ -324,13 +324,6 @@ def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
 # 0.770 / 0.802 at 32, 0.982 / 1.010 at 128 (180 kernels a step against 204). Read when a step is
 # traced; JAXSERVE_ACCUMULATE=0 turns it off.
 ACCUMULATE = os.environ.get("JAXSERVE_ACCUMULATE", "1") == "1"
-# Under ACCUMULATE's glue, QKV and gate_up (where it runs on Mosaic GPU) compute their input RMSNorm
-# themselves from the float32 stream (`skinny_matmul_mgpu(..., norm=...)`: one K split, each row's
-# 1 / rms applied to its sums), so no norm kernel runs before them: 48 launches fewer a step of 24
-# layers. QKV then writes its bf16 result with the bias, unsplit. Experimental, off until measured
-# (bench/decode_step.py --glue norm_in_mgpu). JAXSERVE_NORM_IN_MGPU=1 turns it on. Read when a step
-# is traced.
-NORM_IN_MGPU = os.environ.get("JAXSERVE_NORM_IN_MGPU", "0") == "1"
 
 
 def _accumulate_glue(paged: PagedAttention | None, x: jax.Array, cfg: ModelConfig, dtype: Any) -> bool:
@@ -359,26 +352,6 @@ def _norm_stream(x: jax.Array, norm: tuple, dtype: Any, seed: jax.Array | None =
     _, scale, eps = norm
     out = add_rms_norm(x.reshape(-1, x.shape[-1]), None, scale, eps=eps, out_dtype=dtype, seed=seed)
     return tuple(o.reshape(*x.shape[:-1], -1) for o in out[1:])
-
-
-def _norm_in_mgpu(x: jax.Array, n: int, epilogue: str) -> bool:
-    """Whether this projection of the float32 stream ``x [B, S, K]`` (ACCUMULATE's glue) computes
-    its input norm inside the Mosaic GPU kernel (NORM_IN_MGPU)."""
-    from kernels.skinny_matmul_mgpu import supports
-
-    return NORM_IN_MGPU and supports(x.shape[0] * x.shape[1], x.shape[-1], n, epilogue, norm=True)
-
-
-def _normed_projection(x: jax.Array, norm: tuple, kernel: jax.Array, bias: jax.Array | None,
-                       epilogue: str) -> jax.Array:
-    """``rms_norm(x) * scale @ kernel.T`` (+ bias, or SwiGLU) from the float32 stream ``x [B, S, K]`` in
-    one Mosaic GPU kernel (`_norm_in_mgpu`); ``norm`` the folded RMSNorm's ``(None, scale, eps)``."""
-    from kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
-
-    _, scale, eps = norm
-    rows = x.shape[0] * x.shape[1]
-    out = skinny_matmul_mgpu(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue=epilogue, norm=(scale, eps))
-    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def _accumulate(x: jax.Array, kernel: jax.Array, acc: jax.Array) -> jax.Array:
@@ -549,8 +522,6 @@ class Attention(nn.Module):
         qkv_proj = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")
         if accumulate is not None:
             def qkv_of(kernel, bias):  # the norm starts QKV's float32 accumulator at the bias
-                if _norm_in_mgpu(x, kernel.shape[0], "none"):
-                    return _normed_projection(x, accumulate, kernel, bias, "none")
                 normed, acc = _norm_stream(x, accumulate, self.dtype, seed=bias)
                 return _accumulate(normed, kernel, acc)
 
@@ -589,11 +560,8 @@ class MLP(nn.Module):
         gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")
         down = Linear(self.config.hidden_size, False, self.dtype, name="down_proj")
         if accumulate is not None:
-            if not 0 < XLA_GATE_UP_ROWS < x.shape[0] * x.shape[1] and _norm_in_mgpu(x, 2 * inter, "swiglu"):
-                act = gate_up(x, fused=lambda kernel, _: _normed_projection(x, accumulate, kernel, None, "swiglu"))
-            else:
-                (normed,) = _norm_stream(x, accumulate, self.dtype)
-                act = gate_up(normed, True, "swiglu")
+            (normed,) = _norm_stream(x, accumulate, self.dtype)
+            act = gate_up(normed, True, "swiglu")
             return down(act, fused=lambda kernel, _: _accumulate(act, kernel, x))
         if norm is not None:
             x, act = gate_up(x, fast, "swiglu", norm=norm)

@@ -53,14 +53,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import mgpu_pipeline as ring
 from kernels import pallas_compat as compat
-from kernels.skinny_matmul import skinny_matmul_reference, swiglu_sums
+from kernels.skinny_matmul import swiglu_sums
 
 _ROWS = 64  # WGMMA's M granule
 MAX_ROWS = 256  # a TMA box's rows, and a warpgroup's accumulator registers at block_n 32-64
 _SMEM_BYTES = 227 * 1024  # a Hopper block's shared memory
 _BLOCK_K = 64  # a 128-byte swizzled row of bf16: one TMA box a step
 EPILOGUES = ("none", "partials", "swiglu", "accumulate")
-NORM_EPILOGUES = ("none", "swiglu")  # those that take `norm`: they see whole rows (one K split)
 # Tiling by epilogue: weight rows a program (`block_n`, of each half for SwiGLU), steps in flight
 # + 1 (`num_slots`), programs wanted (sets the K split; SwiGLU never splits; "none" unsplit adds its
 # bias in the kernel, split its partials are summed by XLA). Read at call time. Session 16 on the
@@ -77,7 +76,6 @@ TILES: dict[str, dict[str, int]] = {
     "partials": {"block_n": 32, "num_slots": 4, "target_programs": 264},
     "swiglu": {"block_n": 32, "num_slots": 3, "boxes": 2},
     "deep": {"block_n": 32, "num_slots": 3, "target_programs": 264, "boxes": 2},
-    "normed": {"block_n": 32, "num_slots": 4},
 }
 # The same for steps of more than 64 rows (`block_m`: rows a program, in row blocks that vary
 # fastest in the grid; M that is not whole blocks runs in one). Session 17 on the H200, batch 128
@@ -90,7 +88,6 @@ WIDE_TILES: dict[str, dict[str, int]] = {
     "partials": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64},
     "swiglu": {"block_n": 32, "num_slots": 4, "block_m": 64},
     "deep": {"block_n": 64, "num_slots": 6, "target_programs": 264, "block_m": 64},
-    "normed": {"block_n": 32, "num_slots": 4, "block_m": 64},
 }
 # The same for steps of more than 128 rows (256 in the engine, whose gate_up runs on cuBLAS there:
 # `jaxserve.model.XLA_GATE_UP_ROWS`): 64 weight rows a program. Session 18 on the H200, batch-256
@@ -100,7 +97,6 @@ WIDEST_TILES: dict[str, dict[str, int]] = {
     "none": {"block_n": 64, "num_slots": 4, "target_programs": 264, "block_m": 64},
     "partials": {"block_n": 64, "num_slots": 4, "target_programs": 264, "block_m": 64},
     "swiglu": {"block_n": 64, "num_slots": 4, "block_m": 64},
-    "normed": {"block_n": 32, "num_slots": 4, "block_m": 64},
 }
 _WIDE_ROWS = 128
 DEEP_K = 2048
@@ -121,10 +117,9 @@ PDL = False
 EXIT_READ_ONLY = False
 
 
-def tile_for(m: int, k: int, epilogue: str, norm: bool = False) -> dict[str, int]:
+def tile_for(m: int, k: int, epilogue: str) -> dict[str, int]:
     """The tiling `skinny_matmul_mgpu` uses by default for an `[m, k]` input: `TILES` or
     `WIDE_TILES` or `WIDEST_TILES` by rows, their "deep" entry (if any) for K-split products of K >= DEEP_K,
-    their "normed" entry for epilogue "none" with ``norm`` (one split: the norm needs whole rows),
     `block_m` one block when M is not whole blocks of it, `boxes` 1 where its steps do not divide K.
 
     Example:
@@ -133,10 +128,7 @@ def tile_for(m: int, k: int, epilogue: str, norm: bool = False) -> dict[str, int
     """
     table = TILES if m <= _ROWS else WIDE_TILES if m <= _WIDE_ROWS else WIDEST_TILES
     entry = "partials" if epilogue == "accumulate" else epilogue  # the same K-split products
-    if norm and epilogue == "none":
-        entry = "normed"
-    tile = dict(table["deep"] if epilogue != "swiglu" and not norm and k >= DEEP_K and "deep" in table
-                else table[entry])
+    tile = dict(table["deep"] if epilogue != "swiglu" and k >= DEEP_K and "deep" in table else table[entry])
     block_m = tile.get("block_m", _ROWS)
     if tile.get("warpgroups", 1) == 1 and not (m <= block_m or m % block_m == 0):
         block_m = pl.cdiv(m, _ROWS) * _ROWS
@@ -146,20 +138,20 @@ def tile_for(m: int, k: int, epilogue: str, norm: bool = False) -> dict[str, int
     return tile
 
 
-def supports(m: int, k: int, n: int, epilogue: str, norm: bool = False) -> bool:
+def supports(m: int, k: int, n: int, epilogue: str) -> bool:
     """Whether `skinny_matmul_mgpu` takes an `[m, k] @ [n, k].T` product with this epilogue and
-    its default tiling (``norm``: with its input RMSNorm, from a float32 `x`).
+    its default tiling.
 
     Example:
         >>> supports(64, 896, 9728, "swiglu"), supports(12, 896, 896, "partials")
         (True, False)
     """
-    if epilogue not in EPILOGUES or not 8 <= m <= MAX_ROWS or (norm and epilogue not in NORM_EPILOGUES):
+    if epilogue not in EPILOGUES or not 8 <= m <= MAX_ROWS:
         return False
-    tile = tile_for(m, k, epilogue, norm)
+    tile = tile_for(m, k, epilogue)
     n_out = n // 2 if epilogue == "swiglu" else n
     return _fits(m, k, n_out, tile["block_n"], tile["boxes"], tile["block_m"], tile["num_slots"], epilogue,
-                 tile["warpgroups"], norm)
+                 tile["warpgroups"])
 
 
 def _row_tile(m: int, block_m: int) -> int:
@@ -168,24 +160,21 @@ def _row_tile(m: int, block_m: int) -> int:
 
 
 def _smem_bytes(m: int, block_n: int, boxes: int, block_m: int, num_slots: int, epilogue: str,
-                warpgroups: int = 1, norm: bool = False) -> int:
+                warpgroups: int = 1) -> int:
     rows = _row_tile(m, block_m) if warpgroups == 1 else block_m
     halves = 2 if epilogue == "swiglu" else 1
-    # float32 rows to norm, and their scale
-    ring = num_slots * boxes * ((rows * (4 if norm else 2) + halves * block_n * 2) * _BLOCK_K + (4 * _BLOCK_K if norm else 0))
-    out = rows * block_n * (4 if epilogue in ("partials", "accumulate") else 2)  # float32 sums; bf16 results
+    ring = num_slots * boxes * (rows + halves * block_n) * _BLOCK_K * 2
+    out = rows * block_n * (2 if epilogue == "swiglu" else 4)  # float32 partials or sums; bf16 SwiGLU
     return ring + out + 4 * block_n + 1024  # + the bias, barriers and alignment
 
 
 def _fits(m: int, k: int, n_out: int, block_n: int, boxes: int, block_m: int, num_slots: int,
-          epilogue: str, warpgroups: int = 1, norm: bool = False) -> bool:
+          epilogue: str, warpgroups: int = 1) -> bool:
     """The shapes and tilings the kernel takes: M a multiple of 8 up to MAX_ROWS, in one block of
     `block_m` rows (a multiple of 64) or whole ones; K whole steps of `boxes` 64-wide TMA boxes; N
     whole blocks of `block_n` (a multiple of 8, WGMMA's N); the ring in shared memory; at most 128
     accumulator registers a thread (beyond, the epilogue's registers spill). Two warpgroups
-    (`_ws_kernel`) take whole blocks of `block_m` rows only, half of them each, one box a step.
-    With ``norm``, one warpgroup and 64-row accumulators only (the normed rows are WGMMA's
-    register operand, one 64-row granule)."""
+    (`_ws_kernel`) take whole blocks of `block_m` rows only, half of them each, one box a step."""
     halves = 2 if epilogue == "swiglu" else 1
     if warpgroups == 2:
         wg_rows = block_m // 2
@@ -197,8 +186,7 @@ def _fits(m: int, k: int, n_out: int, block_n: int, boxes: int, block_m: int, nu
     return (shape_ok and 8 <= m <= MAX_ROWS and m % 8 == 0 and block_m % _ROWS == 0 and 0 < block_m <= MAX_ROWS
             and boxes >= 1 and k % (_BLOCK_K * boxes) == 0
             and block_n % 8 == 0 and n_out % block_n == 0 and num_slots >= 2
-            and not (norm and (warpgroups != 1 or _row_tile(m, block_m) != _ROWS))
-            and _smem_bytes(m, block_n, boxes, block_m, num_slots, epilogue, warpgroups, norm) <= _SMEM_BYTES)
+            and _smem_bytes(m, block_n, boxes, block_m, num_slots, epilogue, warpgroups) <= _SMEM_BYTES)
 
 
 def _transforms(cols: int, dtype) -> tuple:
@@ -207,26 +195,23 @@ def _transforms(cols: int, dtype) -> tuple:
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _out_type(x: jax.Array, n_out: int, epilogue: str, num_splits: int, dtype=None) -> jax.ShapeDtypeStruct:
-    """A kernel's output: `[M, n_out]` in `dtype` (default x's; "swiglu", "none"), float32 partial sums
+def _out_type(x: jax.Array, n_out: int, epilogue: str, num_splits: int) -> jax.ShapeDtypeStruct:
+    """A kernel's output: `[M, n_out]` in x's dtype ("swiglu", "none"), float32 partial sums
     `[num_splits, M, n_out]` ("partials"), or the float32 accumulator `[M, n_out]` ("accumulate")."""
     if epilogue == "partials":
         return jax.ShapeDtypeStruct((num_splits, x.shape[0], n_out), jnp.float32)
     if epilogue == "accumulate":
         return jax.ShapeDtypeStruct((x.shape[0], n_out), jnp.float32)
-    return jax.ShapeDtypeStruct((x.shape[0], n_out), dtype or x.dtype)
+    return jax.ShapeDtypeStruct((x.shape[0], n_out), x.dtype)
 
 
 def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, num_slots: int, boxes: int,
             rows: int, row_tile: int, steps_per_split: int, k_steps: int, n_out: int, pdl: bool, interpret: bool,
-            exit_read_only: bool, norm_eps: float | None = None):
-    norm = norm_eps is not None
-    refs = list(refs)
-    b_ref = refs.pop(0) if has_bias else None
-    g_ref = refs.pop(0) if norm else None
-    o_ref, x_smem, w_smem, o_smem, bars, *rest = refs
-    b_smem, b_bar = (rest.pop(0), rest.pop(0)) if has_bias else (None, None)
-    g_smem = rest.pop(0) if norm else None
+            exit_read_only: bool):
+    if has_bias:
+        b_ref, o_ref, x_smem, w_smem, o_smem, bars, b_smem, b_bar = refs
+    else:
+        o_ref, x_smem, w_smem, o_smem, bars = refs
     row_block, col_block, split = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("splits")
     cols = pl.ds(col_block * block_n, block_n)
     my_rows = pl.ds(row_block * rows, rows)  # `rows` of x a program: all of them, or a block of block_m
@@ -245,8 +230,6 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
             for h, offset in enumerate(halves):
                 plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(offset + col_block * block_n, block_n), at],
                                         w_smem.at[slot, h, b], bars.at[slot])
-            if norm:  # the norm's scale for these K (a TMA copy takes at most 256 elements a dimension)
-                plgpu.copy_gmem_to_smem(g_ref.at[at], g_smem.at[slot, b], bars.at[slot])
 
     def issue_x(step, slot):
         for b in range(boxes):
@@ -270,56 +253,27 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
             plgpu.griddepcontrol_launch_dependents()
     else:
         ring.prime(issue, num_slots, num_steps)
+    zeros = jnp.zeros((row_tile, block_n), jnp.float32)
+    if not interpret:  # register layouts are a compiler matter: the interpreter has no rule for them
+        zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
 
-    def wgmma_layout(a):  # register layouts are a compiler matter: the interpreter has no rule for them
-        return a if interpret else plgpu.layout_cast(a, plgpu.Layout.WGMMA)
-
-    zeros = wgmma_layout(jnp.zeros((row_tile, block_n), jnp.float32))
-
-    def normed(slot, b, squares):
-        # The float32 rows times the norm's scale, rounded to bf16 in registers: WGMMA's register
-        # operand. The rows' 1 / rms is a factor of each whole row, applied to the sums after.
-        x = x_smem[slot, b] if interpret else compat.mgpu_load(x_smem.at[slot, b], plgpu.Layout.WGMMA)
-        scale = g_smem[slot, b] if interpret else compat.mgpu_load(g_smem.at[slot, b], plgpu.Layout.WGMMA.reduce(0))
-        scale = lax.broadcast_in_dim(scale, x.shape, [1])
-        return (x * scale).astype(w_smem.dtype), squares + x * x
-
-    def body(step, carry):
+    def body(step, accs):
         # Step - 1's products are done: run_state below returns their accumulators.
-        accs, squares = carry if norm else (carry, None)
         slot = ring.advance(issue, step, num_slots, num_steps)
         plgpu.barrier_wait(bars.at[slot])
-        lhs = []  # a step's normed rows in registers (norm), or read from shared memory by the products
-        for b in range(boxes):
-            if norm:
-                a, squares = normed(slot, b, squares)
-                lhs.append(a)
         if interpret:
-            lhs = lhs or [x_smem[slot, b] for b in range(boxes)]
-            accs = tuple(acc + sum(lax.dot_general(lhs[b], w_smem[slot, h, b], (((1,), (1,)), ((), ())),
+            return tuple(acc + sum(lax.dot_general(x_smem[slot, b], w_smem[slot, h, b], (((1,), (1,)), ((), ())),
                                                    preferred_element_type=jnp.float32) for b in range(boxes))
                          for h, acc in enumerate(accs))
-        else:
-            def products(acc_refs):  # all of a step's products (SwiGLU's two halves) in one block: one wait
-                for b in range(boxes):
-                    for h, acc_ref in enumerate(acc_refs):
-                        # (a shared-memory operand's view made here: one made outside this block
-                        # fails to lower)
-                        plgpu.wgmma(acc_ref, lhs[b] if norm else x_smem.at[slot, b],
-                                    w_smem.at[slot, h, b].transpose((1, 0)))
 
-            accs = pl.run_state(products)(tuple(plgpu.ACC.init(acc) for acc in accs))
-        return (accs, squares) if norm else accs
+        def products(acc_refs):  # all of a step's products (SwiGLU's two halves) in one block: one wait
+            for b in range(boxes):
+                for h, acc_ref in enumerate(acc_refs):
+                    plgpu.wgmma(acc_ref, x_smem.at[slot, b], w_smem.at[slot, h, b].transpose((1, 0)))
 
-    accs = tuple(zeros for _ in halves)
-    if norm:
-        squares = wgmma_layout(jnp.zeros((row_tile, _BLOCK_K), jnp.float32))
-        accs, squares = lax.fori_loop(0, num_steps, body, (accs, squares))
-        # RMSNorm's 1 / rms of each row, over all K (one split)
-        inv_rms = lax.rsqrt(jnp.sum(squares, axis=1) / (k_steps * boxes * _BLOCK_K) + norm_eps)
-        accs = tuple(acc * lax.broadcast_in_dim(inv_rms, acc.shape, [0]) for acc in accs)
-    else:
-        accs = lax.fori_loop(0, num_steps, body, accs)
+        return pl.run_state(products)(tuple(plgpu.ACC.init(acc) for acc in accs))
+
+    accs = lax.fori_loop(0, num_steps, body, tuple(zeros for _ in halves))
     if epilogue == "accumulate" and interpret:
         # The interpreter has no TMA reductions; it runs the programs one at a time.
         o_ref[my_rows, cols] = o_ref[my_rows, cols] + accs[0][:rows]
@@ -346,9 +300,9 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
 
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "boxes", "block_m", "num_splits",
-                                           "pdl", "interpret", "exit_read_only", "norm_eps"))
-def _call(x, w, bias, acc, scale=None, *, epilogue: str, block_n: int, num_slots: int, boxes: int, block_m: int,
-          num_splits: int, pdl: bool, interpret: bool, exit_read_only: bool, norm_eps: float | None = None):
+                                           "pdl", "interpret", "exit_read_only"))
+def _call(x, w, bias, acc, *, epilogue: str, block_n: int, num_slots: int, boxes: int, block_m: int, num_splits: int,
+          pdl: bool, interpret: bool, exit_read_only: bool):
     m, k = x.shape
     rows, row_tile = min(m, block_m), _row_tile(m, block_m)
     has_bias = bias is not None
@@ -356,18 +310,18 @@ def _call(x, w, bias, acc, scale=None, *, epilogue: str, block_n: int, num_slots
     k_steps = k // (_BLOCK_K * boxes)
     steps_per_split = pl.cdiv(k_steps, num_splits)
     halves = 2 if epilogue == "swiglu" else 1
-    out_type = _out_type(x, n_out, epilogue, num_splits, w.dtype)
+    out_type = _out_type(x, n_out, epilogue, num_splits)
+    in_tf = _transforms(_BLOCK_K, x.dtype)
     scratch = [
-        plgpu.SMEM((num_slots, boxes, row_tile, _BLOCK_K), x.dtype, transforms=_transforms(_BLOCK_K, x.dtype)),
-        plgpu.SMEM((num_slots, halves, boxes, block_n, _BLOCK_K), w.dtype, transforms=_transforms(_BLOCK_K, w.dtype)),
+        plgpu.SMEM((num_slots, boxes, row_tile, _BLOCK_K), x.dtype, transforms=in_tf),
+        plgpu.SMEM((num_slots, halves, boxes, block_n, _BLOCK_K), w.dtype, transforms=in_tf),
         plgpu.SMEM((row_tile, block_n), out_type.dtype, transforms=_transforms(block_n, out_type.dtype)),
-        plgpu.Barrier(num_arrivals=boxes * (1 + halves + (norm_eps is not None)), num_barriers=num_slots),
-    ] + ([plgpu.SMEM((block_n,), jnp.float32), plgpu.Barrier()] if has_bias else []) + (
-        [plgpu.SMEM((num_slots, boxes, _BLOCK_K), jnp.float32)] if norm_eps is not None else [])
+        plgpu.Barrier(num_arrivals=boxes * (1 + halves), num_barriers=num_slots),
+    ] + ([plgpu.SMEM((block_n,), jnp.float32), plgpu.Barrier()] if has_bias else [])
     body = functools.partial(_kernel, epilogue=epilogue, has_bias=has_bias, block_n=block_n, num_slots=num_slots,
                              boxes=boxes, rows=rows, row_tile=row_tile, steps_per_split=steps_per_split,
                              k_steps=k_steps, n_out=n_out, pdl=pdl, interpret=interpret,
-                             exit_read_only=exit_read_only, norm_eps=norm_eps)
+                             exit_read_only=exit_read_only)
     # Row blocks vary fastest: the programs that stream the same weight rows run side by side, so
     # all but the first read them from L2.
     grid = (m // rows, n_out // block_n, num_splits)
@@ -383,7 +337,7 @@ def _call(x, w, bias, acc, scale=None, *, epilogue: str, block_n: int, num_slots
         grid_names=("rows", "cols", "splits"),
         kernel_name=name,
         **compat.mgpu_interpret_kwargs(interpret),
-    )(x, w, *([bias] if has_bias else []), *([scale] if norm_eps is not None else []))
+    )(x, w, *([bias] if has_bias else []))
 
 
 def _in_place(body, x: jax.Array, w: jax.Array, acc: jax.Array, *, grid: tuple[int, ...], scratch: list,
@@ -491,27 +445,11 @@ def split_count(k: int, n: int, block_n: int, target_programs: int, boxes: int =
     return pl.cdiv(k_steps, pl.cdiv(k_steps, splits))
 
 
-
-def normed_matmul_reference(x: jax.Array, scale: jax.Array, eps: float, w: jax.Array, bias: jax.Array | None = None,
-                            *, epilogue: str = "none") -> jax.Array:
-    """jnp reference of `skinny_matmul_mgpu(x, w, bias, epilogue=..., norm=(scale, eps))`: Hugging
-    Face's RMSNorm of the float32 rows (rounded to w's dtype, then times the scale), then
-    `skinny_matmul_reference`'s product and epilogue.
-
-    Example:
-        >>> normed_matmul_reference(jnp.full((1, 4), 2.0), jnp.ones(4), 1e-6, jnp.ones((3, 4), jnp.bfloat16)).tolist()
-        [[4.0, 4.0, 4.0]]
-    """
-    xf = x.astype(jnp.float32)
-    h = (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(w.dtype)
-    return skinny_matmul_reference(scale.astype(w.dtype) * h, w, bias, epilogue=epilogue, layout="nk")
-
 def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
                        epilogue: str = "none", acc: jax.Array | None = None, block_n: int | None = None,
                        num_slots: int | None = None, num_splits: int | None = None,
                        boxes: int | None = None, block_m: int | None = None, warpgroups: int | None = None,
-                       pdl: bool | None = None, norm: tuple[jax.Array, float] | None = None,
-                       interpret: bool | None = None) -> jax.Array:
+                       pdl: bool | None = None, interpret: bool | None = None) -> jax.Array:
     """`x @ w.T (+ bias)` for 8-256 rows of `x` on Mosaic GPU, float32 accumulation; the same
     contract as `kernels.skinny_matmul.skinny_matmul(..., layout="nk")`.
 
@@ -533,11 +471,6 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
             CTA's tiles (`_ws_kernel`), whole blocks of `block_m` rows, K splits that divide its
             steps, no bias inside.
         pdl: launched as a programmatic dependent launch (one warpgroup only; None: `PDL`).
-        norm: ``(scale [K], eps)``: x is float32 (the residual stream) and the product is of its
-            RMSNorm, ``rms_norm(x) * scale`` in bf16 (`normed_matmul_reference`), computed here:
-            each program reads whole rows (one K split; epilogues "none" and "swiglu"), so no norm
-            kernel runs before it. The rows times the scale are rounded to bf16 in registers
-            (WGMMA's register operand) and each row's 1 / rms multiplies its float32 sums.
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
 
     Example:
@@ -546,20 +479,13 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         (8, 64)
         >>> skinny_matmul_mgpu(x, w, epilogue="accumulate", acc=jnp.ones((8, 128)))[0, 0].item()
         129.0
-        >>> skinny_matmul_mgpu(jnp.full((8, 128), 3.0), w, norm=(jnp.ones(128), 1e-6))[0, 0].item()
-        128.0
     """
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x must be [M, K] and w [N, K], got {x.shape} and {w.shape}")
-    x_dtype = jnp.float32 if norm is not None else jnp.bfloat16
-    if x.dtype != x_dtype or w.dtype != jnp.bfloat16:
-        raise ValueError(f"x must be {jnp.dtype(x_dtype).name} ({'the stream to norm' if norm else 'a WGMMA operand'}) "
-                         f"and w bfloat16, got {x.dtype} and {w.dtype}")
-    if norm is not None and (epilogue not in NORM_EPILOGUES or norm[0].shape != (x.shape[1],)):
-        raise ValueError(f"norm takes epilogues {NORM_EPILOGUES} and a scale [{x.shape[1]}], got {epilogue!r} and "
-                         f"{norm[0].shape}")
+    if x.dtype != jnp.bfloat16 or w.dtype != jnp.bfloat16:
+        raise ValueError(f"x and w must be bfloat16 (WGMMA operands), got {x.dtype} and {w.dtype}")
     n = w.shape[0]
     if bias is not None and (epilogue != "none" or bias.shape != (n,)):
         raise ValueError(f"bias must be [{n}] with epilogue 'none', got {bias.shape} with {epilogue!r}")
@@ -568,22 +494,21 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
             acc is not None and (acc.shape != (m, n) or acc.dtype != jnp.float32)):
         raise ValueError(f"acc must be a float32 [{m}, {n}] with epilogue 'accumulate' (and only then), got "
                          f"{None if acc is None else (acc.shape, acc.dtype)} with {epilogue!r}")
-    tile = tile_for(m, k, epilogue, norm is not None)
+    tile = tile_for(m, k, epilogue)
     block_n = block_n or tile["block_n"]
     num_slots = num_slots or tile["num_slots"]
     block_m = block_m or tile["block_m"]
     boxes = boxes or tile["boxes"]
     warpgroups = warpgroups or tile["warpgroups"]
     n_out = n // 2 if epilogue == "swiglu" else n
-    if not _fits(m, k, n_out, block_n, boxes, block_m, num_slots, epilogue, warpgroups, norm is not None):
+    if not _fits(m, k, n_out, block_n, boxes, block_m, num_slots, epilogue, warpgroups):
         raise ValueError(f"M must be a multiple of 8 up to {MAX_ROWS} (and of block_m above it), K of {_BLOCK_K} x "
                          f"boxes, N of block_n (a multiple of 8), num_slots >= 2, the ring within shared memory and "
-                         f"the accumulator within 128 registers a thread (with norm: one warpgroup, 64-row "
-                         f"accumulators); "
+                         f"the accumulator within 128 registers a thread; "
                          f"got x {x.shape}, w {w.shape}, {epilogue!r}, block_n {block_n}, num_slots {num_slots}, "
                          f"boxes {boxes}, block_m {block_m}, warpgroups {warpgroups}")
     row_blocks = pl.cdiv(m, block_m)
-    if epilogue == "swiglu" or norm is not None:
+    if epilogue == "swiglu":
         num_splits = 1
     elif num_splits is None:
         num_splits = split_count(k, n, block_n, max(1, tile["target_programs"] // row_blocks), boxes)
@@ -604,10 +529,8 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         kernel_epilogue = "partials" if epilogue == "none" and num_splits > 1 else epilogue
         # The bias goes in as float32: a TMA copy moves a multiple of 128 bytes (32 bf16 would be 64).
         kernel_bias = bias.astype(jnp.float32) if kernel_epilogue == "none" and bias is not None else None
-        scale = None if norm is None else norm[0].astype(jnp.float32)  # whole 128-byte TMA rows, as the bias
-        out = _call(x, w, kernel_bias, acc, scale, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots,
-                    boxes=boxes, block_m=block_m, num_splits=num_splits,
-                    norm_eps=None if norm is None else float(norm[1]),
+        out = _call(x, w, kernel_bias, acc, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
+                    block_m=block_m, num_splits=num_splits,
                     pdl=(PDL and epilogue != "accumulate") if pdl is None else pdl,
                     exit_read_only=EXIT_READ_ONLY,
                     interpret=bool(interpret))

@@ -74,45 +74,6 @@ def test_read_only_exit_wait_matches_reference(interpret, epilogue, m, k, n, spl
     _matches_reference(interpret, epilogue, m, k, n, splits, block_n=32, num_slots=3, num_splits=splits)
 
 
-
-@pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("epilogue,m,k,n,tiling", [
-    ("none", 64, 512, 192, {}),                                    # QKV's case: the default "normed" tile
-    ("none", 24, 256, 128, dict(block_n=32, num_slots=3)),        # rows past M in the tile never stored
-    ("none", 8, 128, 64, dict(block_n=64, num_slots=4)),          # fewer steps than slots
-    ("swiglu", 40, 896, 320, dict(block_n=32, num_slots=3, boxes=2)),  # gate_up's tile: 7 two-box steps
-    ("swiglu", 128, 256, 128, {}),                                 # two row blocks of 64 (WIDE_TILES)
-])
-def test_norm_in_the_kernel_matches_normed_reference(interpret, epilogue, m, k, n, tiling):
-    # `norm=(scale, eps)`: the kernel reads float32 rows of very different sizes and multiplies their
-    # RMSNorm (times the scale, in bf16) by the weights, as the norm kernel then the product would.
-    from kernels.skinny_matmul_mgpu import normed_matmul_reference
-
-    rng, seed = fresh_rng()
-    x = jnp.asarray(rng.standard_normal((m, k)) * np.exp(rng.uniform(-3, 3, (m, 1))), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((n, k)) * 0.1, jnp.bfloat16)
-    scale = jnp.asarray(rng.uniform(0.5, 2.0, k), jnp.bfloat16)
-    bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16) if epilogue == "none" else None
-    out = skinny_matmul_mgpu(x, w, bias, epilogue=epilogue, norm=(scale, 1e-6), interpret=interpret, **tiling)
-    ref = normed_matmul_reference(x, scale, 1e-6, w, bias, epilogue=epilogue)
-    assert out.shape == ref.shape and out.dtype == jnp.bfloat16
-    assert not np.isnan(np.asarray(out, np.float32)).any(), f"seed={seed}"
-    assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
-
-
-def test_norm_takes_a_float32_stream_and_whole_rows():
-    x, w = jnp.zeros((64, 256), jnp.float32), jnp.zeros((128, 256), jnp.bfloat16)
-    scale = jnp.ones(256, jnp.bfloat16)
-    with pytest.raises(ValueError, match="x must be float32"):
-        skinny_matmul_mgpu(x.astype(jnp.bfloat16), w, norm=(scale, 1e-6))
-    with pytest.raises(ValueError, match="norm takes epilogues"):
-        skinny_matmul_mgpu(x, w, epilogue="partials", norm=(scale, 1e-6))
-    with pytest.raises(ValueError, match="scale"):
-        skinny_matmul_mgpu(x, w, norm=(scale[:128], 1e-6))
-    assert supports(64, 896, 1152, "none", norm=True) and supports(64, 896, 9728, "swiglu", norm=True)
-    assert not supports(64, 896, 1152, "accumulate", norm=True)
-    assert not supports(96, 896, 1152, "none", norm=True)  # a 128-row accumulator: not one register operand
-
 def _matches_reference(interpret, epilogue: str, m: int, k: int, n: int, want_splits: int, **tiling):
     """The kernel with this tiling on fresh random operands against the float32 reference; returns
     the operands."""
@@ -331,38 +292,6 @@ def test_model_decode_step_accumulating_in_place_matches_partials(monkeypatch, b
     assert out.dtype == ref.dtype and not np.isnan(np.asarray(out)).any(), f"seed={seed}"
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
 
-
-
-# 128 rows (two row blocks) compiled only: 18 s in the CPU's interpreter.
-@pytest.mark.parametrize("batch", [16, pytest.param(128, marks=pytest.mark.gpu)])
-def test_model_step_with_norms_in_the_projections_matches_norm_kernels(monkeypatch, batch):
-    # model.NORM_IN_MGPU: under ACCUMULATE's glue QKV ("none", with its bias, unsplit) and gate_up
-    # ("swiglu") read the float32 stream and compute their input norm themselves: the same logits
-    # as the norm kernels' route within bf16's tolerance, and no norm kernel before either.
-    from jaxserve import model as model_module
-
-    calls = _count_mgpu_calls(monkeypatch, lambda a, k: (k["epilogue"], k.get("norm") is not None))
-    norms = _count_norm_calls(monkeypatch)
-    rng, seed = fresh_rng()
-    cfg, run = _tiny_bf16_decode_step(rng, batch)
-    ref = jax.jit(lambda: run())()  # a function of its own each time: jit's cache keys on it
-    assert ("accumulate", False) in calls and len(norms) == 2 * cfg.num_hidden_layers + 1
-    calls.clear(), norms.clear()
-    monkeypatch.setattr(model_module, "NORM_IN_MGPU", True)
-    out = jax.jit(lambda: run())()
-    layer = [("none", True), ("accumulate", False), ("swiglu", True), ("accumulate", False)]
-    assert calls == layer * cfg.num_hidden_layers, calls
-    assert len(norms) == 1  # the final norm only
-    assert out.dtype == ref.dtype and not np.isnan(np.asarray(out)).any(), f"seed={seed}"
-    assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
-
-
-def _count_norm_calls(monkeypatch) -> list:
-    """Calls of `kernels.residual_norm.add_rms_norm` from here on."""
-    rn = importlib.import_module("kernels.residual_norm")
-    calls = []
-    monkeypatch.setattr(rn, "add_rms_norm", lambda *a, _f=rn.add_rms_norm, **k: calls.append(1) or _f(*a, **k))
-    return calls
 
 def test_model_128_row_step_through_mgpu_matches_xla(monkeypatch):
     # A 128-row bf16 decode step takes the skinny path where the Mosaic GPU projections run
