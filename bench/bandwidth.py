@@ -375,6 +375,34 @@ def sweep(budget, read_ceiling, only: tuple[str, ...] = (),
     return "\n".join(lines), raw
 
 
+# Session 22: the shapes short of issue 6's targets, at page 16 (the table's) and 32 (half the
+# gathers a key; the issue lets the page size be ours).
+PAGE_SWEEP_SHAPES = [DECODE_SHAPES[i] for i in (2, 4, 5, 6, 7, 11, 12, 13, 14, 15)]
+
+
+def page_sweep(budget, read_ceiling, page_sizes=(16, 32), min_calls: int = MIN_CALLS) -> tuple[str, list]:
+    """Our kernel (its default tuning for the page size) at each of `page_sizes`, shape by shape."""
+    global PAGE
+    lines = ["| heads | batch | ctx | page | µs | TB/s (% read / % " + SPEC_LABEL + ") |",
+             "|---|---|---|---|---|---|"]
+    raw, saved = [], PAGE
+    try:
+        for name, batch, context in PAGE_SWEEP_SHAPES:
+            for page in page_sizes:
+                PAGE = page  # make_paged and decode_row read it
+                row = decode_row(name, batch, context, read_ceiling, budget, with_baselines=False,
+                                 min_calls=min_calls)
+                row["page"] = page
+                raw.append(row)
+                seconds = row["results"]["ours"]
+                shown = fmt_bw(row["io_bytes"], seconds, read_ceiling) if isinstance(seconds, float) else seconds
+                lines.append(f"| {name} | {batch} | {context} | {page} | {fmt_time(seconds)} | {shown} |")
+                print(lines[-1], flush=True)
+    finally:
+        PAGE = saved
+    return "\n".join(lines), raw
+
+
 def scatter_table(budget, layers=24, token_counts=(256, 32768),
                   pool_pages=(4096, 65536)) -> str:
     """24 layers of the 0.5B shape: one decode step (256 tokens) and a 32k prefill."""
@@ -482,6 +510,8 @@ def main() -> None:
     parser.add_argument("--calls-per-iteration", type=int, default=MIN_CALLS,
                         help="decode calls per timed loop iteration (1: as measured in session 7)")
     parser.add_argument("--quick", action="store_true", help="five decode shapes only")
+    parser.add_argument("--page-sweep", action="store_true",
+                        help="our kernel alone at pages of 16 and 32 on PAGE_SWEEP_SHAPES, nothing else")
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
@@ -504,7 +534,7 @@ def main() -> None:
     raw = {"ceilings": ceil}
     rows = []
     args.mosaic |= args.mosaic_only
-    shapes = ([] if args.sweep_only else MOSAIC_SHAPES if args.mosaic_only
+    shapes = ([] if args.sweep_only or args.page_sweep else MOSAIC_SHAPES if args.mosaic_only
               else QUICK_SHAPES if args.quick else DECODE_SHAPES)
     for name, batch, context in shapes:
         rows.append(decode_row(name, batch, context, ceil["read"], budget,
@@ -519,7 +549,10 @@ def main() -> None:
     if args.mosaic:
         sections.append("## Mosaic GPU decode kernel (experimental) vs ours\n\n" + mosaic_table(rows, ceil["read"]))
         print(sections[-1], flush=True)
-    if not (args.sweep_only or args.mosaic_only):
+    if args.page_sweep:
+        text, raw["page_sweep"] = page_sweep(budget, ceil["read"], min_calls=args.calls_per_iteration)
+        sections.append("## Our kernel at pages of 16 and 32\n\n" + text)
+    if not (args.sweep_only or args.mosaic_only or args.page_sweep):
         sections.append("## Cache scatter (0.5B shape: 24 layers, 2 kv heads, head_dim 64, bf16)\n\n"
                         + scatter_table(budget))
         print(sections[-1], flush=True)

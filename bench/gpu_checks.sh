@@ -82,6 +82,8 @@
 #               (--glue xgu64), batch 128 end to end (~300 s)
 #   defaults21  session 21: the step at 8-256 rows with session 21's defaults (seed programs, Mosaic GPU from 8 rows,
 #               256 rows on Mosaic GPU with cuBLAS's gate_up) against session 20's (--glue before21) (~300 s)
+#   pages22     session 22: our decode kernel at pages of 16 and 32 on the shapes short of issue 6 (~280 s)
+#   gen22       session 22: two jaxserve.generate calls in one process (the second reuses the compiled steps)
 #   acc2        session 20 (written after the device was withdrawn; run in session 21), ACCUMULATE on: compiled
 #               Mosaic GPU and norm tests (the read-only exit wait and the seed's own programs included), then the step at
 #               64/128 rows against partial sums, with each of those two, and with fewer K splits for the
@@ -416,6 +418,8 @@ for part in "${parts[@]}"; do
                --impls pallas --no-hf-compile --out "$OUT/$part" ;;
     defaults21) timeout 400 python3 bench/decode_step.py --batches 8 16 24 64 128 256 --variants default --no-static \
                   --glue kernels before21 --rounds 7 --reps 10 ;;
+    pages22) timeout 330 python3 bench/bandwidth.py --page-sweep --budget-s 280 --out "$OUT/$part" ;;
+    gen22) timeout 200 python3 bench/warmup.py --generate-twice --prompts 8 --max-tokens 32 ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

@@ -554,7 +554,8 @@ class Engine:
         return len(self.runner.compiled_shapes) - before
 
     def stats(self) -> dict[str, Any]:
-        """Running/waiting counts, pages, prefix hit rate, throughput, compiled step shapes, and the
+        """Running/waiting counts, pages, prefix hit rate, throughput, step shapes run ("compilations":
+        compiled once a process, `jaxserve.runner.steps_for`), and the
         wall time of step() split into prefill calls, decode calls (dispatch until the results are
         on the host) and host work (scheduling, inputs, bookkeeping)."""
         elapsed = time.perf_counter() - self._started

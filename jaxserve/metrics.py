@@ -74,7 +74,9 @@ class _EngineTotals(Collector):
                                   "Prompt tokens computed by prefill (cached prefixes excluded, recomputation "
                                   "after preemption included).", value=float(st.get("prefill_tokens", 0)))
         # A gauge: the number of distinct step shapes compiled so far, a level rather than a flow.
-        yield GaugeMetricFamily("jaxserve_compiled_step_shapes", "Distinct step shapes compiled so far.",
+        yield GaugeMetricFamily("jaxserve_compiled_step_shapes",
+                                "Distinct step shapes the engine has run (each compiled once a process: engines "
+                                "alike share them).",
                                 value=float(st.get("compilations", 0)))
 
 
