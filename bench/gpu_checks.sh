@@ -84,6 +84,8 @@
 #               256 rows on Mosaic GPU with cuBLAS's gate_up) against session 20's (--glue before21) (~300 s)
 #   pages22     session 22: our decode kernel at pages of 16 and 32 on the shapes short of issue 6 (~280 s)
 #   gen22       session 22: two jaxserve.generate calls in one process (the second reuses the compiled steps)
+#   pdl22       session 22: every Mosaic GPU projection as a dependent launch (accumulating ones too), with
+#               XLA's command buffers on (default) and off (nographs): compiled tests, the step at 64 / 128 (~500 s)
 #   acc2        session 20 (written after the device was withdrawn; run in session 21), ACCUMULATE on: compiled
 #               Mosaic GPU and norm tests (the read-only exit wait and the seed's own programs included), then the step at
 #               64/128 rows against partial sums, with each of those two, and with fewer K splits for the
@@ -420,6 +422,10 @@ for part in "${parts[@]}"; do
                   --glue kernels before21 --rounds 7 --reps 10 ;;
     pages22) timeout 330 python3 bench/bandwidth.py --page-sweep --budget-s 280 --out "$OUT/$part" ;;
     gen22) timeout 200 python3 bench/warmup.py --generate-twice --prompts 8 --max-tokens 32 ;;
+    pdl22) timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+             tests/test_skinny_matmul_mgpu.py -k "(pdl or accumulat) and (compiled or model)" ; \
+           timeout 380 python3 bench/decode_step.py --batches 64 128 --variants default nographs --no-static \
+             --glue kernels pdl --rounds 5 --reps 10 --profile /tmp/pdl22 ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

@@ -104,10 +104,10 @@ DEEP_K = 2048
 # kernel ahead of it in the stream has finished; each program issues its first weight tiles (and
 # bias), which no earlier kernel writes, then waits on the grid dependency (`griddepcontrol.wait`:
 # the kernel ahead complete, its writes visible) before its first activation copy, and lets the
-# kernel after it launch early in turn. Off: correct compiled, but XLA's command buffers capture a
-# Mosaic GPU call into a graph node of its own, where the early start is lost (session 19 on the
-# H200: the 64-row step 0.858 against 0.850 ms, about one more early start a step; decode_step.md).
-# Read at call time.
+# kernel after it launch early in turn (the "accumulate" epilogue too: its reduction comes after the
+# wait). Off: correct compiled, but XLA's command buffers capture a Mosaic GPU call into a graph
+# node of its own, where the early start is lost (session 19 on the H200: the 64-row step 0.858
+# against 0.850 ms, about one more early start a step; decode_step.md). Read at call time.
 PDL = False
 # A program's last wait on its output copy (TMA, shared -> global memory): only until the copy has
 # read the shared memory (the writes land before the kernel counts as done; JAX's own Hopper matmul
@@ -513,9 +513,8 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
     elif num_splits is None:
         num_splits = split_count(k, n, block_n, max(1, tile["target_programs"] // row_blocks), boxes)
     interpret = compat.resolve_interpret(interpret)
-    if epilogue == "accumulate" and (warpgroups == 2 or pdl):
-        raise ValueError(f"epilogue 'accumulate' runs one warpgroup without PDL, got warpgroups {warpgroups}, "
-                         f"pdl {pdl}")
+    if epilogue == "accumulate" and warpgroups == 2:
+        raise ValueError(f"epilogue 'accumulate' runs one warpgroup, got warpgroups {warpgroups}")
     if warpgroups == 2:
         k_steps = k // _BLOCK_K
         # Every split the same number of steps (the pipeline's grid is static): the largest divisor.
@@ -531,7 +530,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         kernel_bias = bias.astype(jnp.float32) if kernel_epilogue == "none" and bias is not None else None
         out = _call(x, w, kernel_bias, acc, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
                     block_m=block_m, num_splits=num_splits,
-                    pdl=(PDL and epilogue != "accumulate") if pdl is None else pdl,
+                    pdl=PDL if pdl is None else pdl,
                     exit_read_only=EXIT_READ_ONLY,
                     interpret=bool(interpret))
     if epilogue != "none" or kernel_epilogue == "none":
