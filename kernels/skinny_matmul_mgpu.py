@@ -107,7 +107,9 @@ DEEP_K = 2048
 # kernel after it launch early in turn (the "accumulate" epilogue too: its reduction comes after the
 # wait). Off: correct compiled, but XLA's command buffers capture a Mosaic GPU call into a graph
 # node of its own, where the early start is lost (session 19 on the H200: the 64-row step 0.858
-# against 0.850 ms, about one more early start a step; decode_step.md). Read at call time.
+# against 0.850 ms, about one more early start a step; session 22 with every projection 0.808 against
+# 0.791, 0.991 against 0.967 at 128 rows; without command buffers kernels do start early, but the host's
+# launches set a 1.24-1.37 ms step; decode_step.md). Read at call time.
 PDL = False
 # A program's last wait on its output copy (TMA, shared -> global memory): only until the copy has
 # read the shared memory (the writes land before the kernel counts as done; JAX's own Hopper matmul
