@@ -87,7 +87,8 @@ def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, cou
 
 
 class Runner:
-    """Runs prefill chunks and decode steps of the model over the paged KV cache.
+    """Runs prefill chunks and decode steps of the model over the paged KV cache: its own KV pages,
+    the compiled steps (`Steps`) shared with every runner alike in the process.
 
     Example:
         >>> runner = Runner(m.config, m.params, num_pages=256, page_size=16)      # doctest: +SKIP
@@ -107,11 +108,11 @@ class Runner:
         # Made once: a jnp.zeros a call would be one more dispatch (and a kernel) on the host's path.
         self._no_counts = jnp.zeros((1, 1), jnp.int32)
         prefill_options = PREFILL_OPTIONS if prefill_options is None else prefill_options
-        self.steps = steps_for(config, self.dtype, page_size, attention_impl, prefill_options)
-        self.model = self.steps.model
-        self.skinny_rows = self.steps.skinny_rows
-        self.xla_gate_up_rows = self.steps.xla_gate_up_rows
-        self.pick_kernel = self.steps.pick_kernel
+        self.compiled = steps_for(config, self.dtype, page_size, attention_impl, prefill_options)
+        self.model = self.compiled.model
+        self.skinny_rows = self.compiled.skinny_rows
+        self.xla_gate_up_rows = self.compiled.xla_gate_up_rows
+        self.pick_kernel = self.compiled.pick_kernel
 
     def prefill(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
                 batch: SamplingBatch, steps: np.ndarray, counts=None, seen=None, num_top: int = 0,
@@ -120,14 +121,15 @@ class Runner:
         ``logprobs=False``: the chosen tokens' log-probabilities are NaN, not computed."""
         self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, num_top, counts is not None, greedy,
                                   logprobs))
-        self.kv, out = self.steps.prefill(self.params, self.kv, *_int32(tokens, q_start, lengths, block_tables), batch,
-                                     *_int32(steps), counts, seen, num_top=num_top, greedy=greedy, logprobs=logprobs)
+        self.kv, out = self.compiled.prefill(
+            self.params, self.kv, *_int32(tokens, q_start, lengths, block_tables), batch, *_int32(steps), counts,
+            seen, num_top=num_top, greedy=greedy, logprobs=logprobs)
         return out
 
     def decode_fn(self, rows: int):
         """The jitted multi-step decode for a batch of ``rows`` (the wide one past the skinny
         matmul's rows, ``jaxserve.model.skinny_rows``, or past ``model.XLA_GATE_UP_ROWS`` when set)."""
-        return self.steps.decode_fn(rows)
+        return self.compiled.decode_fn(rows)
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, limits: np.ndarray, block_tables: np.ndarray,
                batch: SamplingBatch, steps: np.ndarray, num_steps: int, counts=None, seen=None, num_top: int = 0,
@@ -157,7 +159,13 @@ class Steps:
 
     Shared by every Runner that matches (`steps_for`): a second engine in one process, or a
     second `jaxserve.generate` call, reuses the compiled steps instead of tracing and compiling
-    them again (seconds on the GPU, most of a first token's latency).
+    them again (on the H200 a second `generate` of 8 x 32 tokens took 0.05 s against 7.7 s for the
+    first, bench/results/throughput.md, session 22). A Runner holds its own as ``runner.compiled``.
+
+    Example:
+        >>> runner = Runner(m.config, m.params, num_pages=64, page_size=16)     # doctest: +SKIP
+        >>> runner.compiled.decode_fn(8) is runner.compiled.decode              # doctest: +SKIP
+        True
     """
 
     def __init__(self, config: ModelConfig, dtype: Any, page_size: int, attention_impl: str,
@@ -232,7 +240,6 @@ class Steps:
 
         (kv, last, _, _), outs = jax.lax.scan(one, (kv, tokens, counts, seen), jnp.arange(num_steps, dtype=jnp.int32))
         return kv, outs, last
-
 
 
 # How many Steps stay compiled (the engine needs one; a benchmark comparing settings, or a test
@@ -311,6 +318,7 @@ def _frozen(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return ("set", tuple(sorted(repr(v) for v in value)))
     return _Same(value)
+
 
 def _int32(*arrays) -> list:
     """Host arrays as int32 numpy, device arrays untouched (a chained call's tokens stay on the device).

