@@ -33,6 +33,9 @@ if ROOT not in sys.path:
 # What each variant changes in the child process: a string is added to XLA_FLAGS (the whole
 # process), a dict is set as environment variables. "graphs" also captures while loops and
 # custom calls (the Pallas kernels) into CUDA graphs, and forms a graph from a single op.
+# Session 22: the `graphs` variant's XLA flags as one compile's options (settings compared in one process).
+WHILE_GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
+                "xla_gpu_graph_min_graph_size": 1}
 VARIANTS = {
     "default": "",
     "graphs": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
@@ -379,6 +382,7 @@ def run_variant(args) -> list[dict]:
     mgpu_widest_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDEST_TILES.items()}
     greedy_pick = runner_module.GREEDY_PICK
     wide_options = runner_module.WIDE_DECODE_OPTIONS
+    decode_options = runner_module.DECODE_OPTIONS
     # The random params come in the model's default layout; the other is converted once if asked.
     default_layout = model_module.WEIGHT_LAYOUT
     norm_fold = model_module.NORM_IN_PROJECTION
@@ -447,7 +451,12 @@ def run_variant(args) -> list[dict]:
             runner_module.GREEDY_PICK = "xla" if glue == "xla_pick" else greedy_pick
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
             runner_module.WIDE_DECODE_OPTIONS = (dict(wide_options, xla_gpu_enable_cublaslt=True)
-                                                 if glue == "wide_cublaslt" else wide_options)
+                                                 if glue == "wide_cublaslt" else
+                                                 dict(wide_options, **WHILE_GRAPHS) if glue == "while_graphs"
+                                                 else wide_options)
+            # "while_graphs": XLA's command buffers also over the decode loop itself (one graph a call,
+            # not one a step) and over graphs of any size (runner.DECODE_OPTIONS, WIDE_DECODE_OPTIONS).
+            runner_module.DECODE_OPTIONS = WHILE_GRAPHS if glue == "while_graphs" else decode_options
             # "with_logprobs": the chosen tokens' log-probabilities computed (a request asked;
             # the greedy pick then sums an exponential an element), before session 12 the only step.
             logprobs[glue] = glue == "with_logprobs"
@@ -560,7 +569,7 @@ def main() -> None:
                                                              "skinny_triton", "pdl", "no_pdl", "accumulate",
                                                              "no_accumulate", "exit_read_only", "seed_programs",
                                                              "no_seed_programs", "mgpu_min8", "mgpu_min32", "cublas256",
-                                                             "before21", "xgu64"],
+                                                             "before21", "xgu64", "while_graphs"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -37,6 +37,10 @@ from jaxserve.sampling import SampleOutput, SamplingBatch, no_logprobs, sample, 
 WIDE_DECODE_OPTIONS: dict[str, Any] = json.loads(
     os.environ.get("JAXSERVE_WIDE_DECODE_OPTIONS", '{"xla_gpu_enable_triton_gemm": false}'))
 
+# XLA compiler options of the other decode steps (the skinny path's, up to `model.skinny_rows`); empty:
+# XLA's defaults. Experimental (bench/decode_step.py --glue while_graphs); JAXSERVE_DECODE_OPTIONS (JSON).
+DECODE_OPTIONS: dict[str, Any] = json.loads(os.environ.get("JAXSERVE_DECODE_OPTIONS", "{}"))
+
 # XLA compiler options of prefill chunks: cuBLAS instead of XLA's Triton GEMMs here too. H200,
 # Qwen2.5-0.5B, bf16, one process, alternating rounds (bench/prefill_step.py, session 10): a
 # 64 x 128-token chunk 13.57 -> 12.70 ms, 8 x 1024 15.16 -> 14.51 ms (bench/results/decode_step.md).
@@ -176,7 +180,8 @@ class Steps:
         self.prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top", "greedy", "logprobs"),
                                compiler_options=prefill_options or None)
         decode_static = ("num_steps", "num_top", "penalties", "greedy", "logprobs")
-        self.decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static)
+        self.decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static,
+                              compiler_options=DECODE_OPTIONS or None)
         # Batches too wide for the skinny matmul project through XLA's GEMMs; for those steps
         # its own options may differ (see WIDE_DECODE_OPTIONS). The row limit is read once here:
         # the model reads the global when it traces, so a runner built (and traced) under one
