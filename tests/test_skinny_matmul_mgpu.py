@@ -257,7 +257,7 @@ def test_model_decode_step_through_mgpu_matches_triton(monkeypatch, pdl):
     from jaxserve import model as model_module
 
     monkeypatch.setattr(importlib.import_module("kernels.skinny_matmul_mgpu"), "PDL", pdl)
-    monkeypatch.setattr(model_module, "ACCUMULATE", False)  # the partial sums' glue (PDL runs there only)
+    monkeypatch.setattr(model_module, "ACCUMULATE", False)  # the partial sums' glue (the accumulating one: below)
     calls = _count_mgpu_calls(monkeypatch, lambda a, k: k["epilogue"])
     monkeypatch.setattr(model_module, "MGPU_MIN_ROWS", 8)
     rng, seed = fresh_rng()
