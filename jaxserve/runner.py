@@ -167,6 +167,7 @@ class Steps:
     second `jaxserve.generate` call, reuses the compiled steps instead of tracing and compiling
     them again (on the H200 a second `generate` of 8 x 32 tokens took 0.05 s against 7.7 s for the
     first, bench/results/throughput.md, session 22). A Runner holds its own as ``runner.compiled``.
+    `jax.clear_caches()` frees their compiled programs (the next call compiles again).
 
     Example:
         >>> runner = Runner(m.config, m.params, num_pages=64, page_size=16)     # doctest: +SKIP
