@@ -115,10 +115,6 @@ class Runner:
         self._no_counts = jnp.zeros((1, 1), jnp.int32)
         prefill_options = PREFILL_OPTIONS if prefill_options is None else prefill_options
         self.compiled = steps_for(config, self.dtype, page_size, attention_impl, prefill_options)
-        self.model = self.compiled.model
-        self.skinny_rows = self.compiled.skinny_rows
-        self.xla_gate_up_rows = self.compiled.xla_gate_up_rows
-        self.pick_kernel = self.compiled.pick_kernel
 
     def prefill(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
                 batch: SamplingBatch, steps: np.ndarray, counts=None, seen=None, num_top: int = 0,

@@ -73,7 +73,7 @@ def test_pallas_kernels_in_interpret_mode_give_the_same_tokens(tiny, impl, monke
     # pick kernel (one pass over the logits) and must equal the jnp path's.
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0)
     with Engine(m, small_config(attention_impl=impl, decode_steps=2)) as engine:
-        assert engine.runner.pick_kernel == (impl == "pallas")
+        assert engine.runner.compiled.pick_kernel == (impl == "pallas")
         outs = engine.generate(prompts, params, use_tqdm=False)
         assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 4) for p in prompts]
         if impl == "pallas":  # where the pick kernel runs (once: interpret-mode compiles are slow)
