@@ -33,13 +33,13 @@ if ROOT not in sys.path:
 # What each variant changes in the child process: a string is added to XLA_FLAGS (the whole
 # process), a dict is set as environment variables. "graphs" also captures while loops and
 # custom calls (the Pallas kernels) into CUDA graphs, and forms a graph from a single op.
-# Session 22: the `graphs` variant's XLA flags as one compile's options (settings compared in one process).
+# The "graphs" variant's XLA flags; as one compile's options too (--glue while_graphs, session 22:
+# compared with the default in one process).
 WHILE_GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
                 "xla_gpu_graph_min_graph_size": 1}
 VARIANTS = {
     "default": "",
-    "graphs": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
-              "--xla_gpu_graph_min_graph_size=1",
+    "graphs": " ".join(f"--{flag}={value}" for flag, value in WHILE_GRAPHS.items()),
     "graphs_nowhile": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN "
                       "--xla_gpu_graph_min_graph_size=1",
     "nographs": "--xla_gpu_enable_command_buffer=",
