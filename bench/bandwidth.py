@@ -160,12 +160,12 @@ def rotations(kv_bytes: float) -> int:
     return max(1, min(8, math.ceil(4 * L2_BYTES / kv_bytes)))
 
 
-def make_paged(key, batch, context, kv_heads, head_dim, copies):
-    """One pool holding `copies` disjoint sets of pages; random non-contiguous tables."""
-    pages_per_seq = context // PAGE
+def make_paged(key, batch, context, kv_heads, head_dim, copies, page: int = PAGE):
+    """One pool of `page`-token pages holding `copies` disjoint sets of pages; random non-contiguous tables."""
+    pages_per_seq = context // page
     num_pages = copies * batch * pages_per_seq
     k1, k2, k3, k4 = jax.random.split(key, 4)
-    shape = (kv_heads, num_pages, PAGE, head_dim)
+    shape = (kv_heads, num_pages, page, head_dim)
     k_pages = jax.random.normal(k1, shape, DTYPE)
     v_pages = jax.random.normal(k2, shape, DTYPE)
     tables = jax.random.permutation(k3, num_pages).astype(jnp.int32)
@@ -207,14 +207,15 @@ def ceilings(elements: int = 2**31) -> dict[str, float]:
 
 
 def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=True,
-               our_configs=None, min_calls: int = MIN_CALLS, mosaic: bool = False):
-    """Times ours (default or each of `our_configs`), XLA contiguous and the bundled kernel."""
+               our_configs=None, min_calls: int = MIN_CALLS, mosaic: bool = False, page: int = PAGE):
+    """Times ours (default or each of `our_configs`), XLA contiguous and the bundled kernel, over
+    pages of `page` tokens."""
     num_heads, kv_heads, head_dim = HEADS[name]
     kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
     io_bytes = kv_bytes + 2 * batch * num_heads * head_dim * 2
     copies = rotations(kv_bytes)
     k_pages, v_pages, tables, lengths, key = make_paged(
-        jax.random.key(batch * 7 + context), batch, context, kv_heads, head_dim, copies)
+        jax.random.key(batch * 7 + context), batch, context, kv_heads, head_dim, copies, page)
     q = jax.random.normal(key, (batch, num_heads, head_dim), DTYPE)
     results = {}
     # At least `min_calls` calls a loop iteration, so the static loop's own ~10 µs an iteration
@@ -251,12 +252,12 @@ def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=Tru
             config = dict(config)
             if config.pop("splits_x", 1) != 1:
                 config["num_splits"] = 2 * default_mgpu_splits(
-                    batch, kv_heads, context // PAGE, config["pages_per_block"])
+                    batch, kv_heads, context // page, config["pages_per_block"])
             measure(f"mosaic {label}", paged_step(functools.partial(paged_attention_mgpu, **config)),
                     q, (k_pages, v_pages, tables, lengths))
     if with_baselines:
         bundled = bundled_kernel()
-        pages_per_seq = context // PAGE
+        pages_per_seq = context // page
         for splits, per_block in ((1, 8), (4, 8), (16, 8), (16, 4), (4, 16)):
             if pages_per_seq % splits or (pages_per_seq // splits) % per_block:
                 continue
@@ -382,24 +383,19 @@ PAGE_SWEEP_SHAPES = [DECODE_SHAPES[i] for i in (2, 4, 5, 6, 7, 11, 12, 13, 14, 1
 
 def page_sweep(budget, read_ceiling, page_sizes=(16, 32), min_calls: int = MIN_CALLS) -> tuple[str, list]:
     """Our kernel (its default tuning for the page size) at each of `page_sizes`, shape by shape."""
-    global PAGE
     lines = ["| heads | batch | ctx | page | µs | TB/s (% read / % " + SPEC_LABEL + ") |",
              "|---|---|---|---|---|---|"]
-    raw, saved = [], PAGE
-    try:
-        for name, batch, context in PAGE_SWEEP_SHAPES:
-            for page in page_sizes:
-                PAGE = page  # make_paged and decode_row read it
-                row = decode_row(name, batch, context, read_ceiling, budget, with_baselines=False,
-                                 min_calls=min_calls)
-                row["page"] = page
-                raw.append(row)
-                seconds = row["results"]["ours"]
-                shown = fmt_bw(row["io_bytes"], seconds, read_ceiling) if isinstance(seconds, float) else seconds
-                lines.append(f"| {name} | {batch} | {context} | {page} | {fmt_time(seconds)} | {shown} |")
-                print(lines[-1], flush=True)
-    finally:
-        PAGE = saved
+    raw = []
+    for name, batch, context in PAGE_SWEEP_SHAPES:
+        for page in page_sizes:
+            row = decode_row(name, batch, context, read_ceiling, budget, with_baselines=False,
+                             min_calls=min_calls, page=page)
+            row["page"] = page
+            raw.append(row)
+            seconds = row["results"]["ours"]
+            shown = fmt_bw(row["io_bytes"], seconds, read_ceiling) if isinstance(seconds, float) else seconds
+            lines.append(f"| {name} | {batch} | {context} | {page} | {fmt_time(seconds)} | {shown} |")
+            print(lines[-1], flush=True)
     return "\n".join(lines), raw
 
 
