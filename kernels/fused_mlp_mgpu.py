@@ -55,11 +55,6 @@ MAX_ROWS = 64
 # rows of each half, steps of two boxes, 3 slots).
 BLOCK_N1, SLOTS1, BOXES1 = 32, 3, 2
 _ACC_REGS = 128  # float32 accumulator registers a thread, at most (beyond, the epilogue spills)
-_PAIR_SMEM_BYTES = 113 * 1024  # what each of two programs on one SM may take (228 KB an SM, 1 KB a block kept)
-# Defaults of `fused_mlp_mgpu` (read at call time; bench/decode_step.py's glue sets them): programs
-# launched (None: the SM count) and whether down_proj's weights are issued at the kernel's start.
-PROGRAMS: int | None = None
-PREFETCH = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,13 +74,6 @@ class Plan:
     items1: int
     col_blocks2: int
     splits2: int
-    prefetch: bool = True  # down_proj's weights issued at the start (else when phase 2 starts)
-    halves2: int = 1  # down_proj's products in this many accumulators, each leaving on its own
-
-    @property
-    def cols2(self) -> int:
-        """Columns of one phase-2 accumulator (and of its output tile)."""
-        return self.block_n2 // self.halves2
 
     @property
     def items2(self) -> int:
@@ -101,8 +89,8 @@ class Plan:
         1's ring and output tile or phase 2's h tiles and output tile (scopes that reuse the space)."""
         w2 = self.boxes2 * self.block_n2 * _BOX * 2
         phase1 = self.slots1 * self.boxes1 * (_ROWS + 2 * self.block_n1) * _BOX * 2 + _ROWS * self.block_n1 * 2
-        phase2 = self.boxes2 * _ROWS * _BOX * 2 + _ROWS * self.cols2 * 4 + (0 if self.prefetch else w2)
-        return (w2 if self.prefetch else 0) + max(phase1, phase2) + 2048  # + barriers and alignment
+        phase2 = self.boxes2 * _ROWS * _BOX * 2 + _ROWS * self.block_n2 * 4
+        return w2 + max(phase1, phase2) + 2048  # + barriers and alignment
 
 
 def _sm_count() -> int | None:
@@ -110,14 +98,11 @@ def _sm_count() -> int | None:
     return getattr(device, "core_count", None) if device.platform == "gpu" else None
 
 
-def plan_for(m: int, k: int, inter: int, hidden: int, programs: int | None = None,
-             prefetch: bool = True) -> Plan | None:
+def plan_for(m: int, k: int, inter: int, hidden: int, programs: int | None = None) -> Plan | None:
     """The plan `fused_mlp_mgpu` runs for `x [m, k]`, gate_up `[2 * inter, k]` and down `[hidden,
     inter]`, or None where no plan fits. `programs` defaults to the SM count (on the CPU: one a
-    gate_up item); past the SM count (at most twice it) two programs must fit an SM's shared memory,
-    as every program must be resident at once. Among the down_proj tilings that fit (items <= the
-    programs with one gate_up item, shared memory, accumulator registers) it takes the one with the
-    fewest bytes a program.
+    gate_up item). Among the down_proj tilings that fit (items <= the programs with one gate_up item,
+    shared memory, accumulator registers) it takes the one with the fewest bytes a program.
 
     Example:
         >>> p = plan_for(64, 896, 4864, 896, programs=132)
@@ -132,8 +117,6 @@ def plan_for(m: int, k: int, inter: int, hidden: int, programs: int | None = Non
         programs = min(_sm_count() or items1, items1)
     programs = min(programs, items1)
     singles = 2 * programs - items1  # programs with one gate_up item
-    sms = _sm_count()
-    smem_limit = _SMEM_BYTES if sms is None or programs <= sms else _PAIR_SMEM_BYTES if programs <= 2 * sms else 0
     if singles <= 0:
         return None
     boxes = inter // _BOX
@@ -144,14 +127,13 @@ def plan_for(m: int, k: int, inter: int, hidden: int, programs: int | None = Non
         for boxes2 in range(1, boxes + 1):
             if boxes % boxes2 or (boxes2 * _BOX) % BLOCK_N1:
                 continue
-            for halves2 in (1, 2):
-                plan = Plan(programs, BLOCK_N1, SLOTS1, BOXES1, block_n2, boxes2, items1, hidden // block_n2,
-                            boxes // boxes2, prefetch, halves2)
-                if plan.items2 > singles or plan.smem_bytes() > smem_limit or plan.cols2 % 8:
-                    continue
-                cost = (boxes2 * (block_n2 + _ROWS), halves2)  # K boxes of weights and of h a program reads
-                if best is None or cost < best[0]:
-                    best = (cost, plan)
+            plan = Plan(programs, BLOCK_N1, SLOTS1, BOXES1, block_n2, boxes2, items1, hidden // block_n2,
+                        boxes // boxes2)
+            if plan.items2 > singles or plan.smem_bytes() > _SMEM_BYTES:
+                continue
+            cost = boxes2 * (block_n2 + _ROWS)  # K boxes of weights and of h a program reads in phase 2
+            if best is None or cost < best[0]:
+                best = (cost, plan)
     return None if best is None else best[1]
 
 
@@ -227,17 +209,9 @@ def _gate_up_items(x_ref, wgu_ref, h_ref, sems, x_smem, w_smem, o_smem, bars, *,
             item_at(pid + j * plan.programs)
 
 
-def _issue_w2(wd_ref, w2_smem, w2_bar, plan: Plan, col, split):
-    for b in range(plan.boxes2):
-        plgpu.copy_gmem_to_smem(wd_ref.at[pl.ds(col * plan.block_n2, plan.block_n2),
-                                          pl.ds((split * plan.boxes2 + b) * _BOX, _BOX)], w2_smem.at[b], w2_bar)
-
-
-def _down_item(h_ref, wd_ref, acc_ref, sems, w2_smem, w2_bar, h_smem, h_bar, o_smem, *, plan: Plan, rows: int,
+def _down_item(h_ref, acc_ref, sems, w2_smem, w2_bar, h_smem, h_bar, o_smem, *, plan: Plan, rows: int,
                row_tile: int, col: jax.Array, split: jax.Array, interpret: bool):
     """Phase 2: one down_proj tile, once its K split's SwiGLU columns are all in `h`."""
-    if not plan.prefetch:
-        _issue_w2(wd_ref, w2_smem, w2_bar, plan, col, split)
     if sems is not None:
         plgpu.semaphore_wait(sems.at[split], plan.items_per_split, decrement=False, memory_scope="gpu")
         plgpu.semaphore_signal(sems.at[plan.splits2 + split], 1, memory_scope="gpu")  # passed
@@ -253,23 +227,15 @@ def _down_item(h_ref, wd_ref, acc_ref, sems, w2_smem, w2_bar, h_smem, h_bar, o_s
         # The interpreter has no TMA reductions; it runs the programs one at a time.
         acc_ref[pl.ds(0, rows), cols] = acc_ref[pl.ds(0, rows), cols] + total[:rows]
     else:
-        zeros = plgpu.layout_cast(jnp.zeros((row_tile, plan.cols2), jnp.float32), plgpu.Layout.WGMMA)
+        zeros = plgpu.layout_cast(jnp.zeros((row_tile, plan.block_n2), jnp.float32), plgpu.Layout.WGMMA)
 
-        def products(acc_refs):
+        def products(acc_ref_):
             for b in range(plan.boxes2):
-                for hh, acc_ref_ in enumerate(acc_refs):
-                    plgpu.wgmma(acc_ref_, h_smem.at[b],
-                                w2_smem.at[b, pl.ds(hh * plan.cols2, plan.cols2)].transpose((1, 0)))
+                plgpu.wgmma(acc_ref_, h_smem.at[b], w2_smem.at[b].transpose((1, 0)))
 
-        accs = pl.run_state(products)(tuple(plgpu.ACC.init(zeros) for _ in range(plan.halves2)))
-        for hh, acc in enumerate(accs):
-            if hh:  # the tile's previous sums have been read out of shared memory
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            o_smem[...] = acc
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)],
-                                    acc_ref.at[pl.ds(0, rows), pl.ds(col * plan.block_n2 + hh * plan.cols2, plan.cols2)],
-                                    reduction_op="add")
+        o_smem[...] = pl.run_state(products)(plgpu.ACC.init(zeros))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], acc_ref.at[pl.ds(0, rows), cols], reduction_op="add")
         plgpu.wait_smem_to_gmem(0)
     if sems is not None:
         # Every reader of the split has passed its wait: back to zero for the next launch.
@@ -277,12 +243,6 @@ def _down_item(h_ref, wd_ref, acc_ref, sems, w2_smem, w2_bar, h_smem, h_bar, o_s
         def _reset():
             plgpu.semaphore_wait(sems.at[plan.splits2 + split], plan.col_blocks2, memory_scope="gpu")
             plgpu.semaphore_wait(sems.at[split], plan.items_per_split, memory_scope="gpu")
-
-
-def _w2_scratch(plan: Plan, dtype) -> tuple:
-    """down_proj's weight tiles of one phase-2 item and the barrier their copies arrive on."""
-    return (plgpu.SMEM((plan.boxes2, plan.block_n2, _BOX), dtype, transforms=_transforms(_BOX, dtype)),
-            plgpu.Barrier(num_arrivals=plan.boxes2))
 
 
 def _program(x_ref, wgu_ref, wd_ref, acc_ref, h_ref, w2_smem, w2_bar, *, plan: Plan, rows: int, k: int,
@@ -294,10 +254,13 @@ def _program(x_ref, wgu_ref, wd_ref, acc_ref, h_ref, w2_smem, w2_bar, *, plan: P
     q = jnp.maximum(pid - first2, 0)
     col, split = q % plan.col_blocks2, q // plan.col_blocks2
     sems = None if interpret else pl.get_global(plgpu.SemaphoreType.REGULAR((2 * plan.splits2,)))
-    if 2 in phases and plan.prefetch:  # down_proj's weights first: they need nothing from phase 1
+    if 2 in phases:  # down_proj's weights first: they need nothing from phase 1
         @pl.when(has2)
         def _prefetch():
-            _issue_w2(wd_ref, w2_smem, w2_bar, plan, col, split)
+            for b in range(plan.boxes2):
+                plgpu.copy_gmem_to_smem(wd_ref.at[pl.ds(col * plan.block_n2, plan.block_n2),
+                                                  pl.ds((split * plan.boxes2 + b) * _BOX, _BOX)],
+                                        w2_smem.at[b], w2_bar)
     tf = _transforms(_BOX, x_ref.dtype)
     if 1 in phases:
         pl.run_scoped(
@@ -311,18 +274,12 @@ def _program(x_ref, wgu_ref, wd_ref, acc_ref, h_ref, w2_smem, w2_bar, *, plan: P
     if 2 in phases:
         @pl.when(has2)
         def _phase2():
-            def down(*scratch):
-                own_w2 = () if plan.prefetch else scratch[:2]
-                rest = scratch if plan.prefetch else scratch[2:]
-                _down_item(h_ref, wd_ref, acc_ref, sems, *(own_w2 or (w2_smem, w2_bar)), *rest, plan=plan, rows=rows,
-                           row_tile=row_tile, col=col, split=split, interpret=interpret)
-
             pl.run_scoped(
-                down,
-                *(() if plan.prefetch else _w2_scratch(plan, wd_ref.dtype)),
+                functools.partial(_down_item, h_ref, acc_ref, sems, w2_smem, w2_bar, plan=plan, rows=rows,
+                                  row_tile=row_tile, col=col, split=split, interpret=interpret),
                 plgpu.SMEM((plan.boxes2, row_tile, _BOX), h_ref.dtype, transforms=tf),
                 plgpu.Barrier(num_arrivals=plan.boxes2),
-                plgpu.SMEM((row_tile, plan.cols2), jnp.float32, transforms=_transforms(plan.cols2, jnp.float32)),
+                plgpu.SMEM((row_tile, plan.block_n2), jnp.float32, transforms=_transforms(plan.block_n2, jnp.float32)),
             )
 
 
@@ -342,19 +299,19 @@ def _call(x, w_gate_up, w_down, acc, h, *, plan: Plan, interpret: bool):
 
             @pl.core_map(mesh, name=name, **compat.mgpu_interpret_kwargs(interpret))
             def _(phases=phases):
-                body = functools.partial(_program, x_ref, wgu_ref, wd_ref, acc_ref, h_ref, plan=plan, rows=m, k=k,
-                                         inter=inter, phases=phases, interpret=interpret)
-                if plan.prefetch:  # down_proj's tiles live through both phases
-                    pl.run_scoped(body, *_w2_scratch(plan, w_down.dtype))
-                else:
-                    body(None, None)
+                pl.run_scoped(
+                    functools.partial(_program, x_ref, wgu_ref, wd_ref, acc_ref, h_ref, plan=plan, rows=m, k=k,
+                                      inter=inter, phases=phases, interpret=interpret),
+                    plgpu.SMEM((plan.boxes2, plan.block_n2, _BOX), w_down.dtype, transforms=_transforms(_BOX, w_down.dtype)),
+                    plgpu.Barrier(num_arrivals=plan.boxes2),
+                )
 
     _, _, _, acc, h = pl.run_state(stateful)((x, w_gate_up, w_down, acc, h))
     return acc, h
 
 
 def fused_mlp_mgpu(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, acc: jax.Array, *,
-                   h: jax.Array | None = None, programs: int | None = None, prefetch: bool | None = None,
+                   h: jax.Array | None = None, programs: int | None = None,
                    interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """`acc + swiglu(x @ w_gate_up.T) @ w_down.T` (float32, in acc's buffer) in one launch; see the module.
 
@@ -365,10 +322,7 @@ def fused_mlp_mgpu(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, acc: j
         acc: `[M, N]` float32 (the residual stream), updated in place where donated or an intermediate.
         h: the `[M, F]` bf16 buffer the SwiGLU output passes through (None: a new one); returned, so a
             caller running several MLPs can hand the same buffer to each.
-        programs: programs launched (None: `PROGRAMS`, else the SM count; on the CPU one a gate_up item);
-            past the SM count two must fit an SM.
-        prefetch: down_proj's weights issued at the kernel's start, held in shared memory through
-            gate_up, or (False) when the program's down_proj tile starts (None: `PREFETCH`).
+        programs: programs launched (None: the SM count; on the CPU one a gate_up item).
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
 
     Returns:
@@ -392,12 +346,15 @@ def fused_mlp_mgpu(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, acc: j
     if acc.shape != (m, hidden) or acc.dtype != jnp.float32:
         raise ValueError(f"acc must be float32 [{m}, {hidden}], got {acc.dtype} {acc.shape}")
     interpret = compat.resolve_interpret(interpret)
-    programs = PROGRAMS if programs is None else programs
-    plan = plan_for(m, k, inter, hidden, programs, PREFETCH if prefetch is None else prefetch)
+    plan = plan_for(m, k, inter, hidden, programs)
     if plan is None:
         raise ValueError(f"no fused MLP plan for x {x.shape}, w_gate_up {w_gate_up.shape}, w_down {w_down.shape} "
                          f"over {programs} programs: M a multiple of 8 up to {MAX_ROWS}, K of {_BOX * BOXES1}, "
                          f"F of {BLOCK_N1} and {_BOX}, programs at least half of F / {BLOCK_N1}")
+    sms = None if interpret else _sm_count()
+    if sms is not None and plan.programs > sms:
+        # A program waits for others' outputs: all of them must be resident at once.
+        raise ValueError(f"programs must be at most the GPU's {sms} SMs, got {plan.programs}")
     if h is None:
         h = jnp.zeros((m, inter), x.dtype)
     if h.shape != (m, inter) or h.dtype != x.dtype:
@@ -406,10 +363,10 @@ def fused_mlp_mgpu(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, acc: j
 
 
 def supports(m: int, k: int, inter: int, hidden: int) -> bool:
-    """Whether `fused_mlp_mgpu` takes this MLP with its defaults (`PROGRAMS`, `PREFETCH`).
+    """Whether `fused_mlp_mgpu` takes this MLP with its default programs.
 
     Example:
         >>> supports(64, 896, 4864, 896), supports(12, 896, 4864, 896)
         (True, False)
     """
-    return plan_for(m, k, inter, hidden, PROGRAMS, PREFETCH) is not None
+    return plan_for(m, k, inter, hidden) is not None

@@ -19,18 +19,15 @@ from tests.test_kernels import MODES, TOLERANCE, fresh_rng, relative_error
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("m,k,inter,hidden,programs,prefetch", [
-    (16, 256, 512, 128, None, True),   # one gate_up item a program
-    (16, 256, 512, 128, 10, True),     # six programs run two gate_up items; down_proj on the other four
-    (16, 256, 512, 128, 10, False),    # down_proj's weights issued when its tile starts
-    (8, 128, 384, 96, None, True),     # 8 rows in a 64-row accumulator; 96 = two blocks of 48 columns
-    (64, 128, 256, 64, 5, False),      # 64 rows, three programs with two items
-    # Qwen2.5-0.5B's MLP over the SM count's programs, and over 152 (two an SM, one gate_up item each,
-    # two accumulators of 112 columns): compiled only (50 s in the interpreter)
-    pytest.param(40, 896, 4864, 896, None, True, marks=pytest.mark.gpu),
-    pytest.param(64, 896, 4864, 896, 152, False, marks=pytest.mark.gpu),
+@pytest.mark.parametrize("m,k,inter,hidden,programs", [
+    (16, 256, 512, 128, None),   # one gate_up item a program
+    (16, 256, 512, 128, 10),     # six programs run two gate_up items; down_proj on the other four
+    (8, 128, 384, 96, None),     # 8 rows in a 64-row accumulator; 96 = two blocks of 48 columns
+    (64, 128, 256, 64, 5),       # 64 rows, three programs with two items
+    # Qwen2.5-0.5B's MLP over the SM count's programs: compiled only (50 s in the interpreter)
+    pytest.param(40, 896, 4864, 896, None, marks=pytest.mark.gpu),
 ])
-def test_fused_mlp_matches_reference_in_place(interpret, m, k, inter, hidden, programs, prefetch):
+def test_fused_mlp_matches_reference_in_place(interpret, m, k, inter, hidden, programs):
     if interpret is None and k == 896 and jax.default_backend() != "cpu":
         pytest.skip("the compiled case covers it")
     rng, seed = fresh_rng()
@@ -40,7 +37,7 @@ def test_fused_mlp_matches_reference_in_place(interpret, m, k, inter, hidden, pr
     acc = jnp.asarray(rng.standard_normal((m, hidden)) * 4, jnp.float32)
     ref = fused_mlp_reference(x, w_gate_up, w_down, acc)
     step = jax.jit(lambda x, a, h: fused_mlp_mgpu(x, w_gate_up, w_down, a, h=h, programs=programs,
-                                                  prefetch=prefetch, interpret=interpret), donate_argnums=(1, 2))
+                                                  interpret=interpret), donate_argnums=(1, 2))
     h = jnp.full((m, inter), jnp.nan, jnp.bfloat16)
     assert "input_output_alias" in step.lower(x, acc, h).compile().as_text(), "acc is not aliased"
     acc = jnp.array(acc)
