@@ -324,11 +324,6 @@ def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
 # 0.770 / 0.802 at 32, 0.982 / 1.010 at 128 (180 kernels a step against 204). Read when a step is
 # traced; JAXSERVE_ACCUMULATE=0 turns it off.
 ACCUMULATE = os.environ.get("JAXSERVE_ACCUMULATE", "1") == "1"
-# Under ACCUMULATE's glue, the MLP (gate_up + SwiGLU, then down_proj into the stream) as one Mosaic
-# GPU kernel (`kernels.fused_mlp_mgpu`: down_proj's weights stream while gate_up runs, its products
-# wait on semaphores instead of a launch) for steps it takes (up to 64 rows). Opt-in, experimental.
-# Read when a step is traced; JAXSERVE_FUSED_MLP=1 turns it on.
-FUSED_MLP = os.environ.get("JAXSERVE_FUSED_MLP", "0") == "1"
 
 
 def _accumulate_glue(paged: PagedAttention | None, x: jax.Array, cfg: ModelConfig, dtype: Any) -> bool:
@@ -552,48 +547,20 @@ class Attention(nn.Module):
         return (out, kv, x) if norm is not None else (out, kv)
 
 
-def _fused_mlp(normed: jax.Array, cfg: ModelConfig) -> bool:
-    """Whether this ACCUMULATE-glue MLP runs as one kernel (FUSED_MLP and a shape it takes)."""
-    from kernels.fused_mlp_mgpu import supports
-
-    rows = normed.size // normed.shape[-1]
-    return FUSED_MLP and supports(rows, cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size)
-
-
-def _mlp_in_one_kernel(normed: jax.Array, x: jax.Array, gate_up: nn.Module, down: nn.Module, inter: int,
-                       buffer: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """``(x + mlp(normed), buffer)`` by `kernels.fused_mlp_mgpu` (x the float32 stream, in place)."""
-    from kernels.fused_mlp_mgpu import fused_mlp_mgpu
-
-    rows = normed.size // normed.shape[-1]
-
-    def both(w_gate_up, _):  # the Linear modules own the weights; their hooks hand them over
-        def run(w_down, _):
-            out, h = fused_mlp_mgpu(normed.reshape(rows, -1), w_gate_up, w_down, x.reshape(rows, -1), h=buffer)
-            return out.reshape(x.shape), h
-
-        return down(jax.ShapeDtypeStruct((rows, inter), normed.dtype), fused=run)
-
-    return gate_up(normed, fused=both)
-
-
 class MLP(nn.Module):
     config: ModelConfig
     dtype: Any
 
     @nn.compact
     def __call__(self, x, fast: bool = False, glue: bool = False, norm: tuple | None = None,
-                 accumulate: tuple | None = None, buffer: jax.Array | None = None):
+                 accumulate: tuple | None = None):
         """``[B, S, hidden]``, or with ``glue`` the down_proj's K-split partials (see Attention;
-        with ``norm``, ``(new residual, partials)``; with ``accumulate``, ``x + mlp`` in float32,
-        or under FUSED_MLP ``(x + mlp, buffer)``: the SwiGLU buffer, handed to the next layer's MLP)."""
+        with ``norm``, ``(new residual, partials)``; with ``accumulate``, ``x + mlp`` in float32)."""
         inter = self.config.intermediate_size
         gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")
         down = Linear(self.config.hidden_size, False, self.dtype, name="down_proj")
         if accumulate is not None:
             (normed,) = _norm_stream(x, accumulate, self.dtype)
-            if _fused_mlp(normed, self.config):
-                return _mlp_in_one_kernel(normed, x, gate_up, down, inter, buffer)
             act = gate_up(normed, True, "swiglu")
             return down(act, fused=lambda kernel, _: _accumulate(act, kernel, x))
         if norm is not None:
@@ -626,9 +593,7 @@ class DecoderLayer(nn.Module):
         post_norm = RMSNorm(eps, self.dtype, name="post_attention_layernorm")
         if _accumulate_glue(paged, x, self.config, self.dtype):  # x: the float32 stream
             x, kv = attn(x, cos, sin, lengths, kv, paged, accumulate=input_norm(x, folded=True))
-            out = mlp(x, accumulate=post_norm(x, folded=True), buffer=pending)
-            # Under FUSED_MLP, `pending` carries the MLP's SwiGLU buffer from layer to layer.
-            return (*out, kv) if isinstance(out, tuple) else (out, None, kv)
+            return mlp(x, accumulate=post_norm(x, folded=True)), None, kv
         if _fused_glue(paged, x) and _fold_norms(x):
             partials, kv, x = attn(x, cos, sin, lengths, kv, paged, glue=True,
                                    norm=input_norm(x, pending, folded=True))
@@ -692,7 +657,7 @@ class Qwen2ForCausalLM(nn.Module):
             new_kv.append(layer_kv)
         final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")
         if fused_glue:  # one token a row: logits_at can only pick it
-            _, x = final_norm(x, None if accumulate else pending, fused=True)
+            _, x = final_norm(x, pending, fused=True)
         else:
             if logits_at is not None:
                 x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
