@@ -88,8 +88,6 @@
 #               XLA's command buffers on (default) and off (nographs): compiled tests, the step at 64 / 128 (~500 s)
 #   graphs22    session 22: the decode loop inside XLA's command buffers (WHILE, any graph size) as one
 #               compile's options, against the default, one process, at 64 / 256 rows (~200 s)
-#   l2pf23      session 23: Mosaic GPU projections prefetching later projections' weights into L2
-#               (model.L2_PREFETCH chain / ahead / all): compiled tests, the step at 64 / 128 rows (~500 s)
 #   acc2        session 20 (written after the device was withdrawn; run in session 21), ACCUMULATE on: compiled
 #               Mosaic GPU and norm tests (the read-only exit wait and the seed's own programs included), then the step at
 #               64/128 rows against partial sums, with each of those two, and with fewer K splits for the
@@ -430,10 +428,6 @@ for part in "${parts[@]}"; do
              tests/test_skinny_matmul_mgpu.py -k "(pdl or accumulat) and (compiled or model)" ; \
            timeout 380 python3 bench/decode_step.py --batches 64 128 --variants default nographs --no-static \
              --glue kernels pdl --rounds 5 --reps 10 --profile /tmp/pdl22 ;;
-    l2pf23) timeout 200 python3 -m pytest -x -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-              tests/test_skinny_matmul_mgpu.py -k "prefetch" ; \
-            timeout 380 python3 bench/decode_step.py --batches 64 128 --variants default --no-static \
-              --glue kernels l2pf_chain l2pf_ahead l2pf_all --rounds 7 --reps 10 --profile /tmp/l2pf23 ;;
     graphs22) timeout 300 python3 bench/decode_step.py --batches 64 256 --variants default --no-static \
                 --glue kernels while_graphs --rounds 7 --reps 10 ;;
     *) echo "unknown part: $part" >&2; continue ;;

@@ -324,19 +324,6 @@ def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
 # 0.770 / 0.802 at 32, 0.982 / 1.010 at 128 (180 kernels a step against 204). Read when a step is
 # traced; JAXSERVE_ACCUMULATE=0 turns it off.
 ACCUMULATE = os.environ.get("JAXSERVE_ACCUMULATE", "1") == "1"
-# Under ACCUMULATE's glue, Mosaic GPU projections that prefetch a later projection's weights into L2
-# (`skinny_matmul_mgpu(..., prefetch=...)`), so that projection's first tiles need no HBM round trip
-# and its weights stream while latency-bound kernels (the norms, the attention) run. Modes (which
-# projection prefetches which): "" off; "chain": QKV -> o, o -> gate_up, gate_up -> down; "ahead":
-# QKV -> o and gate_up (across the attention), gate_up -> down; "all": QKV -> o, gate_up and down.
-# Opt-in, experimental (session 23). Read when a step is traced; JAXSERVE_L2_PREFETCH sets it.
-L2_PREFETCH = os.environ.get("JAXSERVE_L2_PREFETCH", "")
-L2_PREFETCH_MODES = {
-    "": {},
-    "chain": {"qkv": ("o",), "o": ("gate_up",), "gate_up": ("down",)},
-    "ahead": {"qkv": ("o", "gate_up"), "gate_up": ("down",)},
-    "all": {"qkv": ("o", "gate_up", "down")},
-}
 
 
 def _accumulate_glue(paged: PagedAttention | None, x: jax.Array, cfg: ModelConfig, dtype: Any) -> bool:
@@ -367,14 +354,13 @@ def _norm_stream(x: jax.Array, norm: tuple, dtype: Any, seed: jax.Array | None =
     return tuple(o.reshape(*x.shape[:-1], -1) for o in out[1:])
 
 
-def _accumulate(x: jax.Array, kernel: jax.Array, acc: jax.Array, prefetch: tuple = ()) -> jax.Array:
-    """``acc + x @ kernel.T`` (float32, in acc's buffer) on Mosaic GPU; ``x [B, 1, K]``, ``acc [B, 1, N]``;
-    ``prefetch``: later weights the kernel prefetches into L2 (L2_PREFETCH)."""
+def _accumulate(x: jax.Array, kernel: jax.Array, acc: jax.Array) -> jax.Array:
+    """``acc + x @ kernel.T`` (float32, in acc's buffer) on Mosaic GPU; ``x [B, 1, K]``, ``acc [B, 1, N]``."""
     from kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
 
     rows = x.shape[0] * x.shape[1]
     out = skinny_matmul_mgpu(x.reshape(rows, x.shape[-1]), kernel, epilogue="accumulate",
-                             acc=acc.reshape(rows, acc.shape[-1]), prefetch=prefetch)
+                             acc=acc.reshape(rows, acc.shape[-1]))
     return out.reshape(*acc.shape)
 
 
@@ -396,7 +382,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, fast: bool = False, epilogue: str = "none",
                  tiling: dict[str, int] | None = None, norm: tuple | None = None,
-                 fused: Callable[[jax.Array], Any] | None = None, prefetch: tuple = ()):
+                 fused: Callable[[jax.Array], Any] | None = None):
         nk = WEIGHT_LAYOUT == "nk"
         shape = (self.features, x.shape[-1]) if nk else (x.shape[-1], self.features)
         # lecun_normal's fan-in is the kernel's second-to-last axis: `[in, out]`'s in.
@@ -428,8 +414,7 @@ class Linear(nn.Module):
                 elif _mgpu_projection(x, kernel, epilogue):
                     from kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
 
-                    out = skinny_matmul_mgpu(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue=epilogue,
-                                             prefetch=prefetch)
+                    out = skinny_matmul_mgpu(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue=epilogue)
                 else:
                     out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue=epilogue,
                                         layout=WEIGHT_LAYOUT, **(tiling or {}))
@@ -523,14 +508,13 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, lengths, kv, paged: PagedAttention | None, glue: bool = False,
-                 norm: tuple | None = None, accumulate: tuple | None = None, prefetch: dict | None = None):
+                 norm: tuple | None = None, accumulate: tuple | None = None):
         """The attention sublayer's output ``[B, S, hidden]``, or with ``glue`` the o_proj's
         K-split partial sums ``[splits, B, hidden]``; and the KV pages. With ``norm`` (the input
         norm's ``(partials, scale, eps)``, _fold_norms) ``x`` is the residual stream before that
         norm, and the new residual comes back third. With ``accumulate`` (the input norm's
         ``(None, scale, eps)``, _accumulate_glue) ``x`` is the float32 residual stream before the
-        norm, and ``(x + attention, kv)`` comes back; ``prefetch`` (L2_PREFETCH) names the weights QKV
-        ("qkv") and o ("o") prefetch."""
+        norm, and ``(x + attention, kv)`` comes back."""
         cfg = self.config
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, s, _ = x.shape
@@ -539,12 +523,12 @@ class Attention(nn.Module):
         if accumulate is not None:
             def qkv_of(kernel, bias):  # the norm starts QKV's float32 accumulator at the bias
                 normed, acc = _norm_stream(x, accumulate, self.dtype, seed=bias)
-                return _accumulate(normed, kernel, acc, (prefetch or {}).get("qkv", ()))
+                return _accumulate(normed, kernel, acc)
 
             out, kv = _attend_fused_decode(qkv_proj(x, fused=qkv_of), cos, sin, kv, paged, cfg, out_dtype=self.dtype)
             out = out.reshape(b, s, h * d)
             o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
-            return o_proj(out, fused=lambda kernel, _: _accumulate(out, kernel, x, (prefetch or {}).get("o", ()))), kv
+            return o_proj(out, fused=lambda kernel, _: _accumulate(out, kernel, x)), kv
         if norm is not None:
             x, qkv = qkv_proj(x, fast, norm=norm)
         else:
@@ -569,18 +553,16 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, fast: bool = False, glue: bool = False, norm: tuple | None = None,
-                 accumulate: tuple | None = None, prefetch: dict | None = None):
+                 accumulate: tuple | None = None):
         """``[B, S, hidden]``, or with ``glue`` the down_proj's K-split partials (see Attention;
-        with ``norm``, ``(new residual, partials)``; with ``accumulate``, ``x + mlp`` in float32,
-        gate_up and down prefetching ``prefetch``'s weights)."""
+        with ``norm``, ``(new residual, partials)``; with ``accumulate``, ``x + mlp`` in float32)."""
         inter = self.config.intermediate_size
         gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")
         down = Linear(self.config.hidden_size, False, self.dtype, name="down_proj")
         if accumulate is not None:
             (normed,) = _norm_stream(x, accumulate, self.dtype)
-            prefetch = prefetch or {}
-            act = gate_up(normed, True, "swiglu", prefetch=prefetch.get("gate_up", ()))
-            return down(act, fused=lambda kernel, _: _accumulate(act, kernel, x, prefetch.get("down", ())))
+            act = gate_up(normed, True, "swiglu")
+            return down(act, fused=lambda kernel, _: _accumulate(act, kernel, x))
         if norm is not None:
             x, act = gate_up(x, fast, "swiglu", norm=norm)
             return x, down(act, fast, "partials")
@@ -588,10 +570,6 @@ class MLP(nn.Module):
             return down(gate_up(x, fast, "swiglu"), fast, "partials")
         gate_up = gate_up(x, fast)
         return down(nn.silu(gate_up[..., :inter]) * gate_up[..., inter:], fast)
-
-
-_PROJECTION_PATHS = {"qkv": ("self_attn", "qkv_proj"), "o": ("self_attn", "o_proj"),
-                     "gate_up": ("mlp", "gate_up_proj"), "down": ("mlp", "down_proj")}
 
 
 class DecoderLayer(nn.Module):
@@ -614,9 +592,8 @@ class DecoderLayer(nn.Module):
         input_norm = RMSNorm(eps, self.dtype, name="input_layernorm")
         post_norm = RMSNorm(eps, self.dtype, name="post_attention_layernorm")
         if _accumulate_glue(paged, x, self.config, self.dtype):  # x: the float32 stream
-            prefetch = self._l2_prefetches()
-            x, kv = attn(x, cos, sin, lengths, kv, paged, accumulate=input_norm(x, folded=True), prefetch=prefetch)
-            return mlp(x, accumulate=post_norm(x, folded=True), prefetch=prefetch), None, kv
+            x, kv = attn(x, cos, sin, lengths, kv, paged, accumulate=input_norm(x, folded=True))
+            return mlp(x, accumulate=post_norm(x, folded=True)), None, kv
         if _fused_glue(paged, x) and _fold_norms(x):
             partials, kv, x = attn(x, cos, sin, lengths, kv, paged, glue=True,
                                    norm=input_norm(x, pending, folded=True))
@@ -631,23 +608,6 @@ class DecoderLayer(nn.Module):
         x = x + attn_out
         x = x + mlp(post_norm(x), _fast_kernels(paged))
         return x, None, kv
-
-    def _l2_prefetches(self) -> dict[str, tuple[jax.Array, ...]]:
-        """For each projection of this layer, the later projections' weights it prefetches into L2
-        (L2_PREFETCH's mode); empty while the parameters are being created."""
-        if L2_PREFETCH not in L2_PREFETCH_MODES:
-            raise ValueError(f"JAXSERVE_L2_PREFETCH must be one of {sorted(L2_PREFETCH_MODES)}, got {L2_PREFETCH!r}")
-        params = self.variables.get("params", {})
-
-        def weight(name):
-            tree = params
-            for key in (*_PROJECTION_PATHS[name], "kernel"):
-                tree = tree.get(key) if isinstance(tree, dict) else None
-            return tree
-
-        plan = {src: tuple(w for w in map(weight, dsts) if w is not None)
-                for src, dsts in L2_PREFETCH_MODES[L2_PREFETCH].items()}
-        return {src: ws for src, ws in plan.items() if ws}
 
 
 class Qwen2ForCausalLM(nn.Module):

@@ -207,40 +207,11 @@ def _out_type(x: jax.Array, n_out: int, epilogue: str, num_splits: int) -> jax.S
     return jax.ShapeDtypeStruct((x.shape[0], n_out), x.dtype)
 
 
-def _prefetch_boxes(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The TMA box `[rows, cols]` an L2 prefetch of a 2-D weight walks it in: the largest power-of-two
-    sides up to 256 elements that divide it (at least 16 bytes a row)."""
-    rows = next((b for b in (256, 128, 64, 32, 16, 8, 4, 2, 1) if shape[0] % b == 0))
-    cols = next((b for b in (256, 128, 64, 32, 16, 8) if shape[1] % b == 0), shape[1])
-    return rows, cols
-
-
-def _issue_prefetches(pf_refs, grid: tuple[int, int, int]) -> None:
-    """Spread L2 prefetches of the whole of each `pf_refs` (weights a later kernel of the step reads)
-    over this launch's programs: each issues its share of TMA boxes, then forgets them."""
-    row_block, col_block, split = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("splits")
-    program = (row_block * grid[1] + col_block) * grid[2] + split
-    programs = grid[0] * grid[1] * grid[2]
-    for ref in pf_refs:
-        box_r, box_c = _prefetch_boxes(ref.shape)
-        per_row = ref.shape[1] // box_c
-        total = ref.shape[0] // box_r * per_row
-        for j in range(pl.cdiv(total, programs)):
-            box = program + j * programs
-
-            @pl.when(box < total)
-            def _prefetch(box=box, ref=ref, box_r=box_r, box_c=box_c, per_row=per_row):
-                plgpu.async_prefetch(ref.at[pl.ds(box // per_row * box_r, box_r), pl.ds(box % per_row * box_c, box_c)])
-
-
 def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, num_slots: int, boxes: int,
             rows: int, row_tile: int, steps_per_split: int, k_steps: int, n_out: int, pdl: bool, interpret: bool,
-            exit_read_only: bool, n_prefetch: int = 0, grid: tuple[int, int, int] = (1, 1, 1)):
-    refs = list(refs)
-    b_ref = refs.pop(0) if has_bias else None
-    pf_refs = [refs.pop(0) for _ in range(n_prefetch)]
+            exit_read_only: bool):
     if has_bias:
-        o_ref, x_smem, w_smem, o_smem, bars, b_smem, b_bar = refs
+        b_ref, o_ref, x_smem, w_smem, o_smem, bars, b_smem, b_bar = refs
     else:
         o_ref, x_smem, w_smem, o_smem, bars = refs
     row_block, col_block, split = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("splits")
@@ -284,8 +255,6 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
             plgpu.griddepcontrol_launch_dependents()
     else:
         ring.prime(issue, num_slots, num_steps)
-    if pf_refs and not interpret:  # a hint: the interpreter has no rule for it, and no cache
-        _issue_prefetches(pf_refs, grid)
     zeros = jnp.zeros((row_tile, block_n), jnp.float32)
     if not interpret:  # register layouts are a compiler matter: the interpreter has no rule for them
         zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
@@ -334,8 +303,8 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "boxes", "block_m", "num_splits",
                                            "pdl", "interpret", "exit_read_only"))
-def _call(x, w, bias, acc, prefetch, *, epilogue: str, block_n: int, num_slots: int, boxes: int, block_m: int,
-          num_splits: int, pdl: bool, interpret: bool, exit_read_only: bool):
+def _call(x, w, bias, acc, *, epilogue: str, block_n: int, num_slots: int, boxes: int, block_m: int, num_splits: int,
+          pdl: bool, interpret: bool, exit_read_only: bool):
     m, k = x.shape
     rows, row_tile = min(m, block_m), _row_tile(m, block_m)
     has_bias = bias is not None
@@ -351,18 +320,17 @@ def _call(x, w, bias, acc, prefetch, *, epilogue: str, block_n: int, num_slots: 
         plgpu.SMEM((row_tile, block_n), out_type.dtype, transforms=_transforms(block_n, out_type.dtype)),
         plgpu.Barrier(num_arrivals=boxes * (1 + halves), num_barriers=num_slots),
     ] + ([plgpu.SMEM((block_n,), jnp.float32), plgpu.Barrier()] if has_bias else [])
-    # Row blocks vary fastest: the programs that stream the same weight rows run side by side, so
-    # all but the first read them from L2.
-    grid = (m // rows, n_out // block_n, num_splits)
     body = functools.partial(_kernel, epilogue=epilogue, has_bias=has_bias, block_n=block_n, num_slots=num_slots,
                              boxes=boxes, rows=rows, row_tile=row_tile, steps_per_split=steps_per_split,
                              k_steps=k_steps, n_out=n_out, pdl=pdl, interpret=interpret,
-                             exit_read_only=exit_read_only, n_prefetch=len(prefetch), grid=grid)
+                             exit_read_only=exit_read_only)
+    # Row blocks vary fastest: the programs that stream the same weight rows run side by side, so
+    # all but the first read them from L2.
+    grid = (m // rows, n_out // block_n, num_splits)
     # Profiles name each projection (Mosaic GPU calls every unnamed kernel "anonymous").
     name = f"skinny_mgpu_{epilogue}_{w.shape[0]}x{k}"
     if epilogue == "accumulate":
-        return _in_place(body, x, w, acc, grid=grid, scratch=scratch, name=name, interpret=interpret,
-                         prefetch=prefetch)
+        return _in_place(body, x, w, acc, grid=grid, scratch=scratch, name=name, interpret=interpret)
     return plgpu.kernel(
         body,
         out_type=out_type,
@@ -371,26 +339,25 @@ def _call(x, w, bias, acc, prefetch, *, epilogue: str, block_n: int, num_slots: 
         grid_names=("rows", "cols", "splits"),
         kernel_name=name,
         **compat.mgpu_interpret_kwargs(interpret),
-    )(x, w, *([bias] if has_bias else []), *prefetch)
+    )(x, w, *([bias] if has_bias else []))
 
 
 def _in_place(body, x: jax.Array, w: jax.Array, acc: jax.Array, *, grid: tuple[int, ...], scratch: list,
-              name: str, interpret: bool, prefetch: tuple = ()) -> jax.Array:
-    """`body(x_ref, w_ref, *prefetch_refs, acc_ref, *scratch_refs)` over `grid` with `acc` as its
-    output, updated in place: `plgpu.kernel` allocates a fresh output, while a core_map over refs
-    (discharged by `pl.run_state`) aliases every ref it writes to its input, so the K splits can add
-    into a buffer that already holds the residual stream or a bias. `prefetch`: arrays the body only
-    prefetches (read, never written: not aliased)."""
+              name: str, interpret: bool) -> jax.Array:
+    """`body(x_ref, w_ref, acc_ref, *scratch_refs)` over `grid` with `acc` as its output, updated in
+    place: `plgpu.kernel` allocates a fresh output, while a core_map over refs (discharged by
+    `pl.run_state`) aliases every ref it writes to its input, so the K splits can add into a
+    buffer that already holds the residual stream or a bias."""
     mesh = plgpu.Mesh(grid=grid, grid_names=("rows", "cols", "splits"), kernel_name=name)
 
     def stateful(refs):
-        x_ref, w_ref, acc_ref, *pf_refs = refs
+        x_ref, w_ref, acc_ref = refs
 
         @pl.core_map(mesh, name=name, **compat.mgpu_interpret_kwargs(interpret))
         def _():
-            pl.run_scoped(functools.partial(body, x_ref, w_ref, *pf_refs, acc_ref), *scratch)
+            pl.run_scoped(functools.partial(body, x_ref, w_ref, acc_ref), *scratch)
 
-    return pl.run_state(stateful)((x, w, acc, *prefetch))[2]
+    return pl.run_state(stateful)((x, w, acc))[2]
 
 
 def _ws_kernel(x_ref, w_ref, o_ref, o_smem, *, epilogue: str, block_n: int, num_slots: int, block_m: int,
@@ -484,8 +451,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
                        epilogue: str = "none", acc: jax.Array | None = None, block_n: int | None = None,
                        num_slots: int | None = None, num_splits: int | None = None,
                        boxes: int | None = None, block_m: int | None = None, warpgroups: int | None = None,
-                       pdl: bool | None = None, prefetch: tuple[jax.Array, ...] = (),
-                       interpret: bool | None = None) -> jax.Array:
+                       pdl: bool | None = None, interpret: bool | None = None) -> jax.Array:
     """`x @ w.T (+ bias)` for 8-256 rows of `x` on Mosaic GPU, float32 accumulation; the same
     contract as `kernels.skinny_matmul.skinny_matmul(..., layout="nk")`.
 
@@ -507,9 +473,6 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
             CTA's tiles (`_ws_kernel`), whole blocks of `block_m` rows, K splits that divide its
             steps, no bias inside.
         pdl: launched as a programmatic dependent launch (one warpgroup only; None: `PDL`).
-        prefetch: 2-D arrays (weights a later kernel of the step reads) that this launch's programs
-            prefetch into L2 after issuing their own first copies, so their first tiles need no HBM
-            round trip (one warpgroup only; compiled only: a hint, nothing in the interpreter).
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
 
     Example:
@@ -552,8 +515,6 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
     elif num_splits is None:
         num_splits = split_count(k, n, block_n, max(1, tile["target_programs"] // row_blocks), boxes)
     interpret = compat.resolve_interpret(interpret)
-    if prefetch and warpgroups == 2:
-        raise ValueError("prefetch runs on the one-warpgroup kernel only (warpgroups=1)")
     if epilogue == "accumulate" and warpgroups == 2:
         raise ValueError(f"epilogue 'accumulate' runs one warpgroup, got warpgroups {warpgroups}")
     if warpgroups == 2:
@@ -569,7 +530,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         kernel_epilogue = "partials" if epilogue == "none" and num_splits > 1 else epilogue
         # The bias goes in as float32: a TMA copy moves a multiple of 128 bytes (32 bf16 would be 64).
         kernel_bias = bias.astype(jnp.float32) if kernel_epilogue == "none" and bias is not None else None
-        out = _call(x, w, kernel_bias, acc, tuple(prefetch), epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
+        out = _call(x, w, kernel_bias, acc, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
                     block_m=block_m, num_splits=num_splits,
                     pdl=PDL if pdl is None else pdl,
                     exit_read_only=EXIT_READ_ONLY,

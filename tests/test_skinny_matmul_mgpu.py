@@ -127,23 +127,6 @@ def test_accumulate_adds_into_its_input_in_place(interpret, m, k, n, tiling, mon
     assert relative_error(out, ref) <= 1e-5, f"seed={seed}"
 
 
-@pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("epilogue,m,k,n", [("accumulate", 64, 256, 256), ("swiglu", 32, 256, 512)])
-def test_l2_prefetch_hint_changes_nothing(interpret, epilogue, m, k, n):
-    # `prefetch=`: the programs also prefetch later weights into L2 (compiled: TMA prefetches spread
-    # over the launch; interpreted: nothing), which must leave the product as it was.
-    rng, seed = fresh_rng()
-    x, w = _operands(rng, m, k, n)
-    later = (jnp.asarray(rng.standard_normal((896, 4864)), jnp.bfloat16),
-             jnp.asarray(rng.standard_normal((1152, 896)), jnp.bfloat16))
-    acc = jnp.asarray(rng.standard_normal((m, n)), jnp.float32) if epilogue == "accumulate" else None
-    run = jax.jit(lambda x, w, a, later: skinny_matmul_mgpu(x, w, epilogue=epilogue, acc=a, prefetch=later,
-                                                           interpret=interpret))
-    out, ref = run(x, w, acc, later), run(x, w, acc, ())
-    assert not np.isnan(np.asarray(out, np.float32)).any(), f"seed={seed}"
-    assert relative_error(out, ref) <= 1e-5, f"seed={seed}"
-
-
 def test_accumulate_refuses_a_missing_or_wrong_acc():
     x, w = jnp.zeros((16, 128), jnp.bfloat16), jnp.zeros((64, 128), jnp.bfloat16)
     with pytest.raises(ValueError, match="acc"):
@@ -311,26 +294,6 @@ def test_model_decode_step_accumulating_in_place_matches_partials(monkeypatch, b
     out = jax.jit(run)()
     assert calls == ["accumulate", "accumulate", "swiglu", "accumulate"] * cfg.num_hidden_layers
     assert out.dtype == ref.dtype and not np.isnan(np.asarray(out)).any(), f"seed={seed}"
-    assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
-
-
-@pytest.mark.parametrize("mode", ["chain", "all"])
-def test_model_step_with_l2_prefetches_matches(monkeypatch, mode):
-    # model.L2_PREFETCH: under ACCUMULATE's glue the projections prefetch later projections' weights
-    # (compiled: into L2; a hint) and the logits stay the glue's own.
-    from jaxserve import model as model_module
-
-    calls = _count_mgpu_calls(monkeypatch, lambda a, k: len(k.get("prefetch", ())))
-    monkeypatch.setattr(model_module, "MGPU_MIN_ROWS", 8)
-    rng, seed = fresh_rng()
-    cfg, run = _tiny_bf16_decode_step(rng, 16)
-    ref = jax.jit(lambda: run())()
-    assert calls and not any(calls)
-    calls.clear()
-    monkeypatch.setattr(model_module, "L2_PREFETCH", mode)
-    out = jax.jit(lambda: run())()
-    want = {"chain": [1, 1, 1, 0], "all": [3, 0, 0, 0]}[mode]  # QKV, o, gate_up, down: weights each prefetches
-    assert calls == want * cfg.num_hidden_layers
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
 
 
