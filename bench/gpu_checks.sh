@@ -88,6 +88,8 @@
 #               XLA's command buffers on (default) and off (nographs): compiled tests, the step at 64 / 128 (~500 s)
 #   graphs22    session 22: the decode loop inside XLA's command buffers (WHILE, any graph size) as one
 #               compile's options, against the default, one process, at 64 / 256 rows (~200 s)
+#   head23      session 23: the greedy LM head as one Mosaic GPU kernel (skinny_matmul_mgpu.argmax_matmul_mgpu):
+#               compiled tests, then bench/lm_head.py at 64 / 128 / 256 rows against XLA's GEMM + the pick (~400 s)
 #   acc2        session 20 (written after the device was withdrawn; run in session 21), ACCUMULATE on: compiled
 #               Mosaic GPU and norm tests (the read-only exit wait and the seed's own programs included), then the step at
 #               64/128 rows against partial sums, with each of those two, and with fewer K splits for the
@@ -428,6 +430,9 @@ for part in "${parts[@]}"; do
              tests/test_skinny_matmul_mgpu.py -k "(pdl or accumulat) and (compiled or model)" ; \
            timeout 380 python3 bench/decode_step.py --batches 64 128 --variants default nographs --no-static \
              --glue kernels pdl --rounds 5 --reps 10 --profile /tmp/pdl22 ;;
+    head23) timeout 150 python3 -m pytest -x -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+              tests/test_skinny_matmul_mgpu.py -k "argmax and compiled" ; \
+            timeout 400 python3 bench/lm_head.py --rows 64 128 256 ;;
     graphs22) timeout 300 python3 bench/decode_step.py --batches 64 256 --variants default --no-static \
                 --glue kernels while_graphs --rounds 7 --reps 10 ;;
     *) echo "unknown part: $part" >&2; continue ;;

@@ -210,7 +210,10 @@ def _out_type(x: jax.Array, n_out: int, epilogue: str, num_splits: int) -> jax.S
 def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, num_slots: int, boxes: int,
             rows: int, row_tile: int, steps_per_split: int, k_steps: int, n_out: int, pdl: bool, interpret: bool,
             exit_read_only: bool):
-    if has_bias:
+    if epilogue == "argmax":  # two outputs, two row vectors for them
+        max_ref, idx_ref, x_smem, w_smem, max_smem, idx_smem, bars = refs
+        o_ref = o_smem = None
+    elif has_bias:
         b_ref, o_ref, x_smem, w_smem, o_smem, bars, b_smem, b_bar = refs
     else:
         o_ref, x_smem, w_smem, o_smem, bars = refs
@@ -276,7 +279,10 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
         return pl.run_state(products)(tuple(plgpu.ACC.init(acc) for acc in accs))
 
     accs = lax.fori_loop(0, num_steps, body, tuple(zeros for _ in halves))
-    if epilogue == "accumulate" and interpret:
+    if epilogue == "argmax":
+        _argmax_epilogue(accs[0], max_ref, idx_ref, max_smem, idx_smem, x_ref.dtype, col_block=col_block,
+                         block_n=block_n, n_out=n_out, rows=my_rows, count=rows, interpret=interpret)
+    elif epilogue == "accumulate" and interpret:
         # The interpreter has no TMA reductions; it runs the programs one at a time.
         o_ref[my_rows, cols] = o_ref[my_rows, cols] + accs[0][:rows]
     elif epilogue in ("partials", "accumulate"):  # float32 sums: the split's own, or added where they land
@@ -299,6 +305,101 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[my_rows, cols])
     plgpu.wait_smem_to_gmem(0, wait_read_only=exit_read_only)
+
+
+def _argmax_epilogue(acc, max_ref, idx_ref, max_smem, idx_smem, dtype, *, col_block, block_n: int, n_out: int,
+                     rows, count: int, interpret: bool) -> None:
+    """Each row's largest product in this program's block of columns, rounded to `dtype` as the
+    logits would be, and the first column holding it (a float32 index: exact below 2^24); columns
+    past `n_out` (the last block's padding) never win."""
+    values = acc.astype(dtype).astype(jnp.float32)
+    shape = values.shape
+    cols = (lax.broadcasted_iota(jnp.int32, shape, 1) if interpret else
+            plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA))
+    cols = (cols + col_block * block_n).astype(jnp.float32)
+    values = jnp.where(cols < n_out, values, -jnp.inf)
+    best = values.max(axis=1)
+    # The first column of the maximum, as a max of negated columns (max is the reduction every
+    # register layout has).
+    first = -jnp.where(values == lax.broadcast_in_dim(best, shape, [0]), -cols, -float(2 ** 24)).max(axis=1)
+    max_smem[...] = best
+    idx_smem[...] = first
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(max_smem.at[pl.ds(0, count)], max_ref.at[col_block, rows])
+    plgpu.copy_smem_to_gmem(idx_smem.at[pl.ds(0, count)], idx_ref.at[col_block, rows])
+
+
+@functools.partial(jax.jit, static_argnames=("n_out", "block_n", "num_slots", "boxes", "interpret"))
+def _argmax_call(x, w, *, n_out: int, block_n: int, num_slots: int, boxes: int, interpret: bool):
+    m, k = x.shape
+    n = n_out
+    rows, row_tile = min(m, _ROWS), _row_tile(m, _ROWS)
+    blocks = pl.cdiv(n, block_n)
+    in_tf = _transforms(_BLOCK_K, x.dtype)
+    part = jax.ShapeDtypeStruct((blocks, m), jnp.float32)
+    maxes, firsts = plgpu.kernel(
+        functools.partial(_kernel, epilogue="argmax", has_bias=False, block_n=block_n, num_slots=num_slots,
+                          boxes=boxes, rows=rows, row_tile=row_tile, steps_per_split=k // (_BLOCK_K * boxes),
+                          k_steps=k // (_BLOCK_K * boxes), n_out=n, pdl=False, interpret=interpret,
+                          exit_read_only=False),
+        out_type=(part, part),
+        scratch_types=[
+            plgpu.SMEM((num_slots, boxes, row_tile, _BLOCK_K), x.dtype, transforms=in_tf),
+            plgpu.SMEM((num_slots, 1, boxes, block_n, _BLOCK_K), w.dtype, transforms=in_tf),
+            plgpu.SMEM((row_tile,), jnp.float32),
+            plgpu.SMEM((row_tile,), jnp.float32),
+            plgpu.Barrier(num_arrivals=2 * boxes, num_barriers=num_slots),
+        ],
+        grid=(m // rows, blocks, 1),
+        grid_names=("rows", "cols", "splits"),
+        kernel_name=f"skinny_mgpu_argmax_{n}x{k}",
+        **compat.mgpu_interpret_kwargs(interpret),
+    )(x, w)
+    # The first block holding a row's maximum has its first column (argmax's rule).
+    block = jnp.argmax(maxes, axis=0)
+    return jnp.take_along_axis(firsts, block[None, :], axis=0)[0].astype(jnp.int32)
+
+
+# Tiling of `argmax_matmul_mgpu` (weight rows a program, slots, boxes a step). Read at call time.
+ARGMAX_TILE = {"block_n": 128, "num_slots": 4, "boxes": 1}
+
+
+def argmax_matmul_mgpu(x: jax.Array, w: jax.Array, *, block_n: int | None = None, num_slots: int | None = None,
+                       boxes: int | None = None, interpret: bool | None = None) -> jax.Array:
+    """Each row's argmax of `x @ w.T` rounded to x's dtype (the greedy token of a bf16 LM head),
+    without writing the products: every program keeps its block's row maxima and their first
+    columns, and one small XLA reduction picks across blocks. Ties go to the first column, as
+    `jnp.argmax` on the rounded products.
+
+    Args:
+        x: `[M, K]` bf16, M a multiple of 8 up to 256; K a multiple of 64 x boxes.
+        w: `[N, K]` bf16 (N need not be a multiple of block_n: the last block's padding never wins).
+        block_n, num_slots, boxes: tiling (None: `ARGMAX_TILE`).
+        interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
+
+    Example:
+        >>> x = jnp.ones((8, 64), jnp.bfloat16); w = jnp.eye(200, 64, k=-3, dtype=jnp.bfloat16)
+        >>> argmax_matmul_mgpu(x, w, block_n=64)[:2].tolist()
+        [3, 3]
+    """
+    tile = dict(ARGMAX_TILE, **{k: v for k, v in (("block_n", block_n), ("num_slots", num_slots),
+                                                  ("boxes", boxes)) if v is not None})
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"x must be [M, K] and w [N, K], got {x.shape} and {w.shape}")
+    if x.dtype != jnp.bfloat16 or w.dtype != jnp.bfloat16:
+        raise ValueError(f"x and w must be bfloat16 (WGMMA operands), got {x.dtype} and {w.dtype}")
+    m, k = x.shape
+    if not (8 <= m <= MAX_ROWS and m % 8 == 0 and (m <= _ROWS or m % _ROWS == 0)
+            and k % (_BLOCK_K * tile["boxes"]) == 0 and tile["block_n"] % 8 == 0 and tile["num_slots"] >= 2
+            and _ROWS * tile["block_n"] <= 128 * 128):
+        raise ValueError(f"M must be a multiple of 8 up to {MAX_ROWS} (of 64 past 64), K of 64 x boxes, block_n of 8 "
+                         f"(at most 256); got x {x.shape}, tile {tile}")
+    interpret = bool(compat.resolve_interpret(interpret))
+    n = w.shape[0]
+    if interpret and n % tile["block_n"]:
+        # Compiled, the last block's TMA copies read zeros past N; the interpreter refuses such reads.
+        w = jnp.pad(w, ((0, -n % tile["block_n"]), (0, 0)))
+    return _argmax_call(x, w, n_out=n, interpret=interpret, **tile)
 
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "boxes", "block_m", "num_splits",

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from kernels.skinny_matmul import skinny_matmul_reference
-from kernels.skinny_matmul_mgpu import skinny_matmul_mgpu, split_count, supports
+from kernels.skinny_matmul_mgpu import argmax_matmul_mgpu, skinny_matmul_mgpu, split_count, supports
 from tests.test_kernels import MODES, TOLERANCE, fresh_rng, relative_error
 
 
@@ -125,6 +125,28 @@ def test_accumulate_adds_into_its_input_in_place(interpret, m, k, n, tiling, mon
     assert out.shape == (m, n) and out.dtype == jnp.float32
     assert not np.isnan(np.asarray(out)).any(), f"seed={seed}"
     assert relative_error(out, ref) <= 1e-5, f"seed={seed}"
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("m,k,n,tile", [
+    (8, 128, 1000, dict(block_n=128)),                          # 8 rows; the last block 104 of 128 columns
+    (64, 256, 1536, dict(block_n=256, num_slots=3, boxes=2)),   # whole blocks, two-box steps
+    (128, 128, 777, dict(block_n=64)),                          # two row blocks of 64
+])
+def test_argmax_matmul_is_argmax_of_the_rounded_products(interpret, m, k, n, tile):
+    # The greedy LM head without logits: each row's first column of the maximum of x @ w.T rounded to
+    # bf16, as jnp.argmax on bf16 logits; rows 0-1 have their maximum three times (weight rows 5, 6 and
+    # the last are equal: in one block and in another), where the first column must win.
+    rng, seed = fresh_rng()
+    x, w = _operands(rng, m, k, n)
+    w = w.at[n - 1].set(w[5]).at[6].set(w[5])
+    x = x.at[0].set(w[5] * 4).at[1].set(w[6] * 4)
+    got = argmax_matmul_mgpu(x, w, interpret=interpret, **tile)
+    logits = jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+    want = jnp.argmax(logits, axis=-1)
+    assert got.dtype == jnp.int32 and got.shape == (m,)
+    assert int(got[0]) == 5 and int(got[1]) == 5, f"seed={seed}"
+    assert np.array_equal(np.asarray(got), np.asarray(want)), f"seed={seed}"
 
 
 def test_accumulate_refuses_a_missing_or_wrong_acc():
