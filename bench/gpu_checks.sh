@@ -90,6 +90,8 @@
 #               compile's options, against the default, one process, at 64 / 256 rows (~200 s)
 #   head23      session 23: the greedy LM head as one Mosaic GPU kernel (skinny_matmul_mgpu.argmax_matmul_mgpu):
 #               compiled tests, then bench/lm_head.py at 64 / 128 / 256 rows against XLA's GEMM + the pick (~400 s)
+#   head23b     session 23: the same in the model (model.GREEDY_HEAD): compiled tests (the engine's among them),
+#               the step at 32 / 64 rows against XLA's GEMM + the greedy pick (~400 s)
 #   acc2        session 20 (written after the device was withdrawn; run in session 21), ACCUMULATE on: compiled
 #               Mosaic GPU and norm tests (the read-only exit wait and the seed's own programs included), then the step at
 #               64/128 rows against partial sums, with each of those two, and with fewer K splits for the
@@ -433,6 +435,10 @@ for part in "${parts[@]}"; do
     head23) timeout 150 python3 -m pytest -x -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
               tests/test_skinny_matmul_mgpu.py -k "argmax and compiled" ; \
             timeout 400 python3 bench/lm_head.py --rows 64 128 256 ;;
+    head23b) timeout 200 python3 -m pytest -x -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+               tests/test_skinny_matmul_mgpu.py tests/test_engine.py -k "(argmax and compiled) or greedy_tokens" ; \
+             timeout 300 python3 bench/decode_step.py --batches 32 64 --variants default --no-static \
+               --glue kernels greedy_head --rounds 7 --reps 10 --profile /tmp/head23b ;;
     graphs22) timeout 300 python3 bench/decode_step.py --batches 64 256 --variants default --no-static \
                 --glue kernels while_graphs --rounds 7 --reps 10 ;;
     *) echo "unknown part: $part" >&2; continue ;;

@@ -75,7 +75,7 @@ def time_variant(fn, x, e, reps: int, rounds: int) -> tuple[float, np.ndarray]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[64, 128, 256])
-    ap.add_argument("--tiles", nargs="+", default=["128x4x1", "128x3x2", "256x4x1", "256x3x2", "64x4x1"],
+    ap.add_argument("--tiles", nargs="+", default=["128x4x1", "128x3x2", "256x4x1", "256x2x2", "64x4x1"],
                     help="argmax kernel tiles BLOCK_NxSLOTSxBOXES")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=7)

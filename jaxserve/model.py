@@ -326,6 +326,28 @@ def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
 ACCUMULATE = os.environ.get("JAXSERVE_ACCUMULATE", "1") == "1"
 
 
+# Greedy steps of 8-GREEDY_HEAD_ROWS rows (a multiple of 8) in which no request wants log-probabilities
+# take their tokens from the tied LM head directly (`kernels.skinny_matmul_mgpu.argmax_matmul_mgpu`:
+# each program keeps its block's row maxima; no logits written, no pick launch). Session 23 on the
+# H200 (bench/lm_head.py, bench/results/decode_step.md): 96.6 against 103.6 µs a call at 64 rows;
+# at 128 and 256 rows (64-row blocks: the 272 MB table streamed once a block) it loses. Read when a
+# step is traced; JAXSERVE_GREEDY_HEAD=1 turns it on.
+GREEDY_HEAD = os.environ.get("JAXSERVE_GREEDY_HEAD", "0") == "1"
+GREEDY_HEAD_ROWS = 64
+
+
+def greedy_head_applies(config: ModelConfig, dtype: Any, rows: int) -> bool:
+    """Whether a step of ``rows`` rows can take greedy tokens from the LM head (``greedy_tokens=True``):
+    GREEDY_HEAD, tied embeddings (the table is the head's ``[N, K]`` weight), bf16 on Mosaic GPU.
+
+    Example:
+        >>> greedy_head_applies(ModelConfig(), jnp.float32, 64)
+        False
+    """
+    return (GREEDY_HEAD and config.tie_word_embeddings and DECODE_PROJECTIONS == "pallas" and _mgpu_runs(dtype)
+            and 8 <= rows <= GREEDY_HEAD_ROWS and rows % 8 == 0)
+
+
 def _accumulate_glue(paged: PagedAttention | None, x: jax.Array, cfg: ModelConfig, dtype: Any) -> bool:
     """Whether this pass runs ACCUMULATE's glue: a fused-glue decode step (``x`` the residual
     stream, ``dtype`` the model's) of MGPU_MIN_ROWS or more rows whose QKV, o and down the Mosaic
@@ -623,6 +645,8 @@ class Qwen2ForCausalLM(nn.Module):
     ``PagedAttention``; the new K/V are scattered into the pages, which come back updated.
     ``logits_at [B]`` projects only one position per row (the last prompt token in prefill).
     Logits come back in float32 unless ``logits_dtype`` says otherwise (None: the activation dtype).
+    ``greedy_tokens=True`` (where ``greedy_head_applies``): each position's argmax token ``[B, S]``
+    int32 instead, from the LM head itself.
     """
 
     config: ModelConfig
@@ -633,7 +657,8 @@ class Qwen2ForCausalLM(nn.Module):
                  lengths: jax.Array | None = None, kv: KVCache | None = None,
                  paged: PagedAttention | None = None,
                  logits_at: jax.Array | None = None,
-                 logits_dtype: Any = jnp.float32) -> tuple[jax.Array, KVCache | None]:
+                 logits_dtype: Any = jnp.float32,
+                 greedy_tokens: bool = False) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
         b, s = tokens.shape
         if positions is None:
@@ -662,6 +687,11 @@ class Qwen2ForCausalLM(nn.Module):
             if logits_at is not None:
                 x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
             x = final_norm(x)
+        if greedy_tokens:  # the caller checked greedy_head_applies: each row's argmax, no logits
+            from kernels.skinny_matmul_mgpu import argmax_matmul_mgpu
+
+            tokens = argmax_matmul_mgpu(x.reshape(-1, x.shape[-1]).astype(self.dtype), embed.embedding)
+            return tokens.reshape(x.shape[:-1]), (None if kv is None else tuple(new_kv))
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:

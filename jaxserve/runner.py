@@ -26,7 +26,8 @@ import numpy as np
 
 from jaxserve import kv_pool
 from jaxserve.config import ModelConfig
-from jaxserve.model import KVCache, PagedAttention, Qwen2ForCausalLM, check_weight_layout, new_kv_cache
+from jaxserve.model import (KVCache, PagedAttention, Qwen2ForCausalLM, check_weight_layout, greedy_head_applies,
+                            new_kv_cache)
 from jaxserve.sampling import SampleOutput, SamplingBatch, no_logprobs, sample, token_logprobs, update_counts
 
 # XLA compiler options of decode steps wider than the skinny matmul serves, whose projections
@@ -204,10 +205,15 @@ class Steps:
         wide = rows > self.skinny_rows or 0 < self.xla_gate_up_rows < rows
         return self.decode_wide if wide else self.decode
 
-    def _forward(self, params, kv, tokens, positions, paged, logits_at=None):
+    def _forward(self, params, kv, tokens, positions, paged, logits_at=None, greedy_tokens: bool = False):
         # Activation-dtype logits: the samplers widen them to float32 where they read them (exact).
         return self.model.apply({"params": params}, tokens, positions, kv=kv, paged=paged, logits_at=logits_at,
-                                logits_dtype=None)
+                                logits_dtype=None, greedy_tokens=greedy_tokens)
+
+    def _greedy_head(self, rows: int, greedy: bool, num_top: int, logprobs: bool) -> bool:
+        """Whether a step's tokens come from the LM head's argmax kernel (`model.greedy_head_applies`):
+        every row greedy without penalties, no log-probabilities asked for."""
+        return greedy and not logprobs and num_top == 0 and greedy_head_applies(self.model.config, self.model.dtype, rows)
 
     def _pick_kernel(self, logits: jax.Array) -> bool:
         return self.pick_kernel and logits.shape[0] >= self.pick_min_rows
@@ -220,6 +226,9 @@ class Steps:
         paged = PagedAttention(kv_pool.slots_in_rows(block_tables, positions, valid, self.page_size), block_tables, lengths,
                                q_start, impl=self.attention_impl)
         logits_at = jnp.maximum(lengths - q_start - 1, 0)
+        if self._greedy_head(b, greedy, num_top, logprobs):
+            picked, kv = self._forward(params, kv, tokens, positions, paged, logits_at, greedy_tokens=True)
+            return kv, no_logprobs(picked[:, 0])
         logits, kv = self._forward(params, kv, tokens, positions, paged, logits_at)
         return kv, choose_tokens(logits[:, 0], batch, steps, counts, seen, num_top=num_top, greedy=greedy,
                                  logprobs=logprobs,
@@ -234,6 +243,9 @@ class Steps:
             active = pos < limits
             paged = PagedAttention(kv_pool.slots_in_rows(block_tables, pos[:, None], active[:, None], self.page_size),
                                    block_tables, jnp.where(active, pos + 1, 0), pos, impl=self.attention_impl)
+            if self._greedy_head(tokens.shape[0], greedy, num_top, logprobs) and not penalties:
+                picked, kv = self._forward(params, kv, tokens[:, None], pos[:, None], paged, greedy_tokens=True)
+                return (kv, picked[:, 0], counts, seen), no_logprobs(picked[:, 0])
             logits, kv = self._forward(params, kv, tokens[:, None], pos[:, None], paged)
             out = choose_tokens(logits[:, 0], batch, steps + k, counts if penalties else None,
                                 seen if penalties else None, num_top=num_top, greedy=greedy, logprobs=logprobs,

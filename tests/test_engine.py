@@ -577,6 +577,44 @@ def test_bf16_engine_at_32_rows_adds_into_a_float32_stream(tiny_checkpoint, monk
                 assert {x, y} <= set(top) and abs(top[x] - top[y]) < 0.1, (j, x, y, top)
 
 
+def test_bf16_tied_engine_takes_greedy_tokens_from_the_lm_head(tmp_path, monkeypatch):
+    # model.GREEDY_HEAD: greedy steps that want no log-probabilities take their tokens from the LM
+    # head's argmax kernel (no logits). Every request completes, every page comes back, and the tokens
+    # are the logits path's up to near-ties (bf16 rounds the two differently), which the logits run's
+    # top-5 log-probabilities show.
+    import importlib
+
+    from jaxserve import model as model_module
+    from tests.conftest import make_hf_checkpoint
+
+    make_hf_checkpoint(str(tmp_path), vocab_size=320, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, hidden_size=64, tie_word_embeddings=True)
+    m = jaxserve.load(str(tmp_path), dtype="bfloat16")
+    mg = importlib.import_module("kernels.skinny_matmul_mgpu")
+    heads = []
+    monkeypatch.setattr(mg, "argmax_matmul_mgpu", lambda *a, _f=mg.argmax_matmul_mgpu, **k: heads.append(1) or _f(*a, **k))
+    prompts = random_prompts(m.config.vocab_size, np.random.default_rng().integers(2, 20, 16))
+    cfg = small_config(num_pages=128, max_running=16, max_tokens_per_step=512, decode_steps=2, batch_buckets=(16,),
+                       prefill_buckets=(64, 512), dtype="bfloat16", attention_impl="pallas")
+    runs = {}
+    for head, logprobs in ((True, None), (False, 5)):
+        monkeypatch.setattr(model_module, "GREEDY_HEAD", head)
+        heads.clear()
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=logprobs)
+        with Engine(m, cfg) as engine:
+            runs[head] = engine.generate(prompts, params, use_tqdm=False)
+            assert all(o["finish_reason"] == "length" and len(o["token_ids"]) == 4 for o in runs[head])
+            assert_all_pages_free(engine)
+        assert bool(heads) == head
+    for a, b in zip(runs[True], runs[False]):
+        parted = [j for j, (x, y) in enumerate(zip(a["token_ids"], b["token_ids"])) if x != y]
+        if parted:  # the same context up to step j: a near-tie there
+            j = parted[0]
+            x, y = a["token_ids"][j], b["token_ids"][j]
+            top = b["top_logprobs"][j]
+            assert x in top and abs(top[x] - top[y]) < 0.1, (j, x, y, top)
+
+
 def test_engines_alike_share_their_compiled_steps_and_a_changed_knob_does_not(tiny, monkeypatch):
     # A second engine (or jaxserve.generate call) in one process reuses the steps the first traced
     # and compiled; one built under another value of a module knob the trace reads, or with a

@@ -130,7 +130,7 @@ def test_accumulate_adds_into_its_input_in_place(interpret, m, k, n, tiling, mon
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("m,k,n,tile", [
     (8, 128, 1000, dict(block_n=128)),                          # 8 rows; the last block 104 of 128 columns
-    (64, 256, 1536, dict(block_n=256, num_slots=3, boxes=2)),   # whole blocks, two-box steps
+    (64, 256, 1536, dict(block_n=256, num_slots=2, boxes=2)),   # whole blocks, two-box steps
     (128, 128, 777, dict(block_n=64)),                          # two row blocks of 64
 ])
 def test_argmax_matmul_is_argmax_of_the_rounded_products(interpret, m, k, n, tile):
@@ -230,15 +230,15 @@ def test_mgpu_skinny_refuses_what_it_cannot_run():
     assert supports(72, 128, 128, "partials") and supports(256, 896, 9728, "swiglu")
 
 
-def _tiny_bf16_decode_step(rng, batch: int):
+def _tiny_bf16_decode_step(rng, batch: int, tie: bool = False):
     """A two-layer bf16 Qwen2's decode step of `batch` rows over random pages (ragged lengths, a
     shuffled block table), impl "pallas"; returns its config and a function that runs the step
     (the model's module knobs read when it traces)."""
     from jaxserve.config import ModelConfig
     from jaxserve.model import PagedAttention, Qwen2ForCausalLM, init_params, new_kv_cache
 
-    cfg = ModelConfig(vocab_size=96, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
+    cfg = ModelConfig(vocab_size=300 if tie else 96, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=tie)
     params = init_params(cfg, jax.random.key(int(rng.integers(1 << 30))), jnp.bfloat16)
     page_size, width = 8, 2
     lengths = rng.integers(1, page_size * width - 1, batch)
@@ -251,9 +251,9 @@ def _tiny_bf16_decode_step(rng, batch: int):
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, 1)), jnp.int32)
     model = Qwen2ForCausalLM(cfg, jnp.bfloat16)
 
-    def run():
+    def run(greedy_tokens: bool = False, logits_dtype=jnp.float32):
         logits, _ = model.apply({"params": params}, tokens, jnp.asarray(lengths[:, None], jnp.int32),
-                                kv=kv, paged=paged)
+                                kv=kv, paged=paged, logits_dtype=logits_dtype, greedy_tokens=greedy_tokens)
         return logits
 
     return cfg, run
@@ -317,6 +317,28 @@ def test_model_decode_step_accumulating_in_place_matches_partials(monkeypatch, b
     assert calls == ["accumulate", "accumulate", "swiglu", "accumulate"] * cfg.num_hidden_layers
     assert out.dtype == ref.dtype and not np.isnan(np.asarray(out)).any(), f"seed={seed}"
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
+
+
+def test_model_greedy_tokens_from_the_lm_head(monkeypatch):
+    # model.GREEDY_HEAD: a tied bf16 model's decode step hands back each row's argmax token from the
+    # LM head's kernel (no logits): argmax of the step's own bf16 logits, or, where the two roundings
+    # part, a token whose logit is within one bf16 step of the maximum.
+    from jaxserve import model as model_module
+
+    monkeypatch.setattr(model_module, "MGPU_MIN_ROWS", 8)
+    monkeypatch.setattr(model_module, "GREEDY_HEAD", True)
+    rng, seed = fresh_rng()
+    cfg, run = _tiny_bf16_decode_step(rng, 16, tie=True)
+    assert model_module.greedy_head_applies(cfg, jnp.bfloat16, 16)
+    assert not model_module.greedy_head_applies(cfg, jnp.bfloat16, 72) and not model_module.greedy_head_applies(
+        cfg, jnp.float32, 16)
+    logits = np.asarray(jax.jit(lambda: run(logits_dtype=None))()[:, 0], np.float32)  # bf16, as the engine's
+    tokens = np.asarray(jax.jit(lambda: run(greedy_tokens=True))())
+    assert tokens.shape == (16, 1) and tokens.dtype == np.int32
+    best = logits.max(axis=1)
+    chosen = logits[np.arange(16), tokens[:, 0]]
+    assert (chosen >= best - np.abs(best) * 2 ** -7).all(), f"seed={seed}"
+    assert (tokens[:, 0] == logits.argmax(axis=1)).mean() >= 0.75, f"seed={seed}"
 
 
 def test_model_128_row_step_through_mgpu_matches_xla(monkeypatch):
