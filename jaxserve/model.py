@@ -326,26 +326,31 @@ def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
 ACCUMULATE = os.environ.get("JAXSERVE_ACCUMULATE", "1") == "1"
 
 
-# Greedy steps of 8-GREEDY_HEAD_ROWS rows (a multiple of 8) in which no request wants log-probabilities
-# take their tokens from the tied LM head directly (`kernels.skinny_matmul_mgpu.argmax_matmul_mgpu`:
-# each program keeps its block's row maxima; no logits written, no pick launch). Session 23 on the
-# H200 (bench/lm_head.py, bench/results/decode_step.md): 96.6 against 103.6 µs a call at 64 rows;
-# at 128 and 256 rows (64-row blocks: the 272 MB table streamed once a block) it loses. Read when a
-# step is traced; JAXSERVE_GREEDY_HEAD=1 turns it on.
-GREEDY_HEAD = os.environ.get("JAXSERVE_GREEDY_HEAD", "0") == "1"
+# Greedy steps of GREEDY_HEAD_MIN_ROWS-GREEDY_HEAD_ROWS rows (a multiple of 8) in which no request
+# wants log-probabilities take their tokens from the tied LM head directly
+# (`kernels.skinny_matmul_mgpu.argmax_matmul_mgpu`: each program keeps its block's row maxima; no logits
+# written, no pick launch). Session 23 on the H200 (bench/results/decode_step.md): the 64-row step
+# 0.785 against 0.791 ms (head 68.7 µs against the GEMM's 71.6 + the pick's 6.9); at 32 rows, where
+# the logits path ends in XLA's argmax, not the pick kernel, 0.768 against 0.758; at 128 and 256 rows
+# (64-row blocks: the 272 MB table streamed once a block) 5-80% slower in bench/lm_head.py. Read when a
+# step is traced; JAXSERVE_GREEDY_HEAD=0 turns it off.
+GREEDY_HEAD = os.environ.get("JAXSERVE_GREEDY_HEAD", "1") == "1"
+GREEDY_HEAD_MIN_ROWS = 64
 GREEDY_HEAD_ROWS = 64
 
 
 def greedy_head_applies(config: ModelConfig, dtype: Any, rows: int) -> bool:
     """Whether a step of ``rows`` rows can take greedy tokens from the LM head (``greedy_tokens=True``):
-    GREEDY_HEAD, tied embeddings (the table is the head's ``[N, K]`` weight), bf16 on Mosaic GPU.
+    GREEDY_HEAD and its row range, tied embeddings (the table is the head's ``[N, K]`` weight, its
+    rows a multiple of 8 for TMA), bf16 on Mosaic GPU.
 
     Example:
         >>> greedy_head_applies(ModelConfig(), jnp.float32, 64)
         False
     """
-    return (GREEDY_HEAD and config.tie_word_embeddings and DECODE_PROJECTIONS == "pallas" and _mgpu_runs(dtype)
-            and 8 <= rows <= GREEDY_HEAD_ROWS and rows % 8 == 0)
+    return (GREEDY_HEAD and config.tie_word_embeddings and config.vocab_size % 8 == 0
+            and DECODE_PROJECTIONS == "pallas" and _mgpu_runs(dtype)
+            and max(8, GREEDY_HEAD_MIN_ROWS) <= rows <= GREEDY_HEAD_ROWS and rows % 8 == 0)
 
 
 def _accumulate_glue(paged: PagedAttention | None, x: jax.Array, cfg: ModelConfig, dtype: Any) -> bool:

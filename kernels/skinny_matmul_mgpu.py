@@ -373,7 +373,7 @@ def argmax_matmul_mgpu(x: jax.Array, w: jax.Array, *, block_n: int | None = None
 
     Args:
         x: `[M, K]` bf16, M a multiple of 8 up to 256; K a multiple of 64 x boxes.
-        w: `[N, K]` bf16 (N need not be a multiple of block_n: the last block's padding never wins).
+        w: `[N, K]` bf16, N a multiple of 8 (not of block_n: the last block's padding never wins).
         block_n, num_slots, boxes: tiling (None: `ARGMAX_TILE`).
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
 
@@ -396,6 +396,8 @@ def argmax_matmul_mgpu(x: jax.Array, w: jax.Array, *, block_n: int | None = None
                          f"(at most 256); got x {x.shape}, tile {tile}")
     interpret = bool(compat.resolve_interpret(interpret))
     n = w.shape[0]
+    if n % 8 and not interpret:
+        raise ValueError(f"w's rows must be a multiple of 8 (a TMA copy's tiling), got {n}")
     if interpret and n % tile["block_n"]:
         # Compiled, the last block's TMA copies read zeros past N; the interpreter refuses such reads.
         w = jnp.pad(w, ((0, -n % tile["block_n"]), (0, 0)))

@@ -597,6 +597,7 @@ def test_bf16_tied_engine_takes_greedy_tokens_from_the_lm_head(tmp_path, monkeyp
     cfg = small_config(num_pages=128, max_running=16, max_tokens_per_step=512, decode_steps=2, batch_buckets=(16,),
                        prefill_buckets=(64, 512), dtype="bfloat16", attention_impl="pallas")
     runs = {}
+    monkeypatch.setattr(model_module, "GREEDY_HEAD_MIN_ROWS", 16)  # the default's 64 rows, at 16 here
     for head, logprobs in ((True, None), (False, 5)):
         monkeypatch.setattr(model_module, "GREEDY_HEAD", head)
         heads.clear()

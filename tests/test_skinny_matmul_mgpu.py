@@ -131,7 +131,7 @@ def test_accumulate_adds_into_its_input_in_place(interpret, m, k, n, tiling, mon
 @pytest.mark.parametrize("m,k,n,tile", [
     (8, 128, 1000, dict(block_n=128)),                          # 8 rows; the last block 104 of 128 columns
     (64, 256, 1536, dict(block_n=256, num_slots=2, boxes=2)),   # whole blocks, two-box steps
-    (128, 128, 777, dict(block_n=64)),                          # two row blocks of 64
+    (128, 128, 776, dict(block_n=64)),                          # two row blocks of 64; 8 of 64 in the last block
 ])
 def test_argmax_matmul_is_argmax_of_the_rounded_products(interpret, m, k, n, tile):
     # The greedy LM head without logits: each row's first column of the maximum of x @ w.T rounded to
@@ -237,7 +237,7 @@ def _tiny_bf16_decode_step(rng, batch: int, tie: bool = False):
     from jaxserve.config import ModelConfig
     from jaxserve.model import PagedAttention, Qwen2ForCausalLM, init_params, new_kv_cache
 
-    cfg = ModelConfig(vocab_size=300 if tie else 96, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+    cfg = ModelConfig(vocab_size=296 if tie else 96, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=tie)
     params = init_params(cfg, jax.random.key(int(rng.integers(1 << 30))), jnp.bfloat16)
     page_size, width = 8, 2
@@ -327,9 +327,10 @@ def test_model_greedy_tokens_from_the_lm_head(monkeypatch):
 
     monkeypatch.setattr(model_module, "MGPU_MIN_ROWS", 8)
     monkeypatch.setattr(model_module, "GREEDY_HEAD", True)
+    monkeypatch.setattr(model_module, "GREEDY_HEAD_MIN_ROWS", 8)
     rng, seed = fresh_rng()
     cfg, run = _tiny_bf16_decode_step(rng, 16, tie=True)
-    assert model_module.greedy_head_applies(cfg, jnp.bfloat16, 16)
+    assert model_module.greedy_head_applies(cfg, jnp.bfloat16, 16) and not model_module.greedy_head_applies(cfg, jnp.bfloat16, 12)
     assert not model_module.greedy_head_applies(cfg, jnp.bfloat16, 72) and not model_module.greedy_head_applies(
         cfg, jnp.float32, 16)
     logits = np.asarray(jax.jit(lambda: run(logits_dtype=None))()[:, 0], np.float32)  # bf16, as the engine's
