@@ -345,8 +345,9 @@ def greedy_head_applies(config: ModelConfig, dtype: Any, rows: int) -> bool:
     rows a multiple of 8 for TMA), bf16 on Mosaic GPU.
 
     Example:
-        >>> greedy_head_applies(ModelConfig(), jnp.float32, 64)
-        False
+        >>> cfg = ModelConfig(64, 64, 128, 1, 2, 1, tie_word_embeddings=True)
+        >>> greedy_head_applies(cfg, jnp.float32, 64), greedy_head_applies(cfg, jnp.bfloat16, 12)
+        (False, False)
     """
     return (GREEDY_HEAD and config.tie_word_embeddings and config.vocab_size % 8 == 0
             and DECODE_PROJECTIONS == "pallas" and _mgpu_runs(dtype)
