@@ -375,7 +375,7 @@ def run_variant(args) -> list[dict]:
     mgpu_defaults = {ep: dict(tile) for ep, tile in mgpu_module.TILES.items()}
     mgpu_pdl = mgpu_module.PDL
     accumulate = model_module.ACCUMULATE
-    greedy_head = model_module.GREEDY_HEAD
+    greedy_head = (model_module.GREEDY_HEAD, model_module.GREEDY_HEAD_ROWS)
     exit_read_only = mgpu_module.EXIT_READ_ONLY
     mgpu_min_rows = model_module.MGPU_MIN_ROWS
     seed_programs = residual_norm_module.SEED_PROGRAMS
@@ -483,8 +483,11 @@ def run_variant(args) -> list[dict]:
             model_module.ACCUMULATE = {"accumulate": True, "no_accumulate": False,
                                        "mgpu256_xgu_partials": False}.get(glue, accumulate)
             # "greedy_head" / "no_greedy_head": greedy steps' tokens from the LM head's argmax kernel, no
-            # logits (model.GREEDY_HEAD, session 23), or XLA's GEMM + the greedy pick.
-            model_module.GREEDY_HEAD = {"greedy_head": True, "no_greedy_head": False}.get(glue, greedy_head)
+            # logits (model.GREEDY_HEAD, session 23), or XLA's GEMM + the greedy pick; "greedy_head256": the
+            # head up to 256 rows (model.GREEDY_HEAD_ROWS; all rows in one program a weight block).
+            model_module.GREEDY_HEAD, model_module.GREEDY_HEAD_ROWS = {
+                "greedy_head": (True, greedy_head[1]), "no_greedy_head": (False, greedy_head[1]),
+                "greedy_head256": (True, 256)}.get(glue, greedy_head)
             # "exit_read_only": each Mosaic GPU projection waits only for its output copy's shared-memory
             # reads before it exits, not for the writes (kernels.skinny_matmul_mgpu.EXIT_READ_ONLY).
             mgpu_module.EXIT_READ_ONLY = True if glue == "exit_read_only" else exit_read_only
@@ -573,7 +576,8 @@ def main() -> None:
                                                              "skinny_triton", "pdl", "no_pdl", "accumulate",
                                                              "no_accumulate", "exit_read_only", "seed_programs",
                                                              "no_seed_programs", "mgpu_min8", "mgpu_min32", "cublas256",
-                                                             "before21", "xgu64", "while_graphs", "greedy_head", "no_greedy_head"],
+                                                             "before21", "xgu64", "while_graphs", "greedy_head", "no_greedy_head",
+                                                             "greedy_head256"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -92,6 +92,9 @@
 #               compiled tests, then bench/lm_head.py at 64 / 128 / 256 rows against XLA's GEMM + the pick (~400 s)
 #   head23b     session 23: the same in the model (model.GREEDY_HEAD): compiled tests (the engine's among them),
 #               the step at 32 / 64 rows against XLA's GEMM + the greedy pick (~400 s)
+#   headwide    session 23, written after the device time was spent: the greedy head past 64 rows (all rows
+#               a program): compiled tests, bench/lm_head.py at 128 / 256, the step at 128 / 256 rows with the
+#               head (greedy_head256) and with XLA's argmax for the pick (xla_pick) against the default (~550 s)
 #   acc2        session 20 (written after the device was withdrawn; run in session 21), ACCUMULATE on: compiled
 #               Mosaic GPU and norm tests (the read-only exit wait and the seed's own programs included), then the step at
 #               64/128 rows against partial sums, with each of those two, and with fewer K splits for the
@@ -439,6 +442,11 @@ for part in "${parts[@]}"; do
                tests/test_skinny_matmul_mgpu.py tests/test_engine.py -k "(argmax and compiled) or greedy_tokens" ; \
              timeout 300 python3 bench/decode_step.py --batches 32 64 --variants default --no-static \
                --glue kernels greedy_head --rounds 7 --reps 10 --profile /tmp/head23b ;;
+    headwide) timeout 150 python3 -m pytest -x -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+                tests/test_skinny_matmul_mgpu.py -k "argmax and compiled" ; \
+              timeout 200 python3 bench/lm_head.py --rows 128 256 ; \
+              timeout 240 python3 bench/decode_step.py --batches 128 256 --variants default --no-static \
+                --glue kernels greedy_head256 xla_pick --rounds 5 --reps 10 --profile /tmp/headwide ;;
     graphs22) timeout 300 python3 bench/decode_step.py --batches 64 256 --variants default --no-static \
                 --glue kernels while_graphs --rounds 7 --reps 10 ;;
     *) echo "unknown part: $part" >&2; continue ;;

@@ -6,7 +6,8 @@ normed hidden states, then each row's argmax. Compared in one process:
 - `xla+pick`: XLA's dot writing bf16 logits, then `kernels.greedy_pick` (the engine's greedy path);
 - `xla+argmax`: the same dot, then `jnp.argmax`;
 - `mgpu none+pick`: `skinny_matmul_mgpu` writing the logits (does our kernel stream the head as fast?);
-- `argmax b<block_n> s<slots> x<boxes>`: `skinny_matmul_mgpu.argmax_matmul_mgpu`, no logits written.
+- `argmax b<block_n> s<slots> x<boxes> m<block_m>`: `skinny_matmul_mgpu.argmax_matmul_mgpu`, no logits
+  written (`block_m` rows a program: past 64, one accumulator over more rows streams the table once).
 
 Each is timed as `--reps` calls inside one jitted loop (a static trip count; each call's x depends on
 the previous tokens), median of `--rounds` loops, per call. The tokens of every variant are checked
@@ -46,9 +47,11 @@ def variants(tiles: list[tuple[int, int, int]]) -> dict:
         "mgpu none+pick": lambda x, e: greedy_pick(skinny_matmul_mgpu(x, e, block_n=128, num_slots=4),
                                                    logprobs=False)[0],
     }
-    for block_n, slots, boxes in tiles:
-        out[f"argmax b{block_n} s{slots} x{boxes}"] = (
-            lambda x, e, b=block_n, s=slots, bx=boxes: argmax_matmul_mgpu(x, e, block_n=b, num_slots=s, boxes=bx))
+    for block_n, slots, boxes, *block_m in tiles:
+        bm = block_m[0] if block_m else 64
+        out[f"argmax b{block_n} s{slots} x{boxes} m{bm}"] = (
+            lambda x, e, b=block_n, s=slots, bx=boxes, bm=bm: argmax_matmul_mgpu(x, e, block_n=b, num_slots=s,
+                                                                                   boxes=bx, block_m=bm))
     return out
 
 
@@ -75,8 +78,10 @@ def time_variant(fn, x, e, reps: int, rounds: int) -> tuple[float, np.ndarray]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[64, 128, 256])
-    ap.add_argument("--tiles", nargs="+", default=["128x4x1", "128x3x2", "256x4x1", "256x2x2", "64x4x1"],
-                    help="argmax kernel tiles BLOCK_NxSLOTSxBOXES")
+    ap.add_argument("--tiles", nargs="+", default=["128x4x1", "64x4x1", "128x4x1x128", "64x4x1x128", "64x3x1x256",
+                                                   "32x4x1x256"],
+                    help="argmax kernel tiles BLOCK_NxSLOTSxBOXES[xBLOCK_M] (rows a program; default 64); "
+                         "a tile that does not fit the rows is reported as failed")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--vocab", type=int, default=VOCAB, help="rows of the embedding (smaller for a CPU smoke run)")

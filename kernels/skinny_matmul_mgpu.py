@@ -329,11 +329,11 @@ def _argmax_epilogue(acc, max_ref, idx_ref, max_smem, idx_smem, dtype, *, col_bl
     plgpu.copy_smem_to_gmem(idx_smem.at[pl.ds(0, count)], idx_ref.at[col_block, rows])
 
 
-@functools.partial(jax.jit, static_argnames=("n_out", "block_n", "num_slots", "boxes", "interpret"))
-def _argmax_call(x, w, *, n_out: int, block_n: int, num_slots: int, boxes: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("n_out", "block_n", "num_slots", "boxes", "block_m", "interpret"))
+def _argmax_call(x, w, *, n_out: int, block_n: int, num_slots: int, boxes: int, block_m: int, interpret: bool):
     m, k = x.shape
     n = n_out
-    rows, row_tile = min(m, _ROWS), _row_tile(m, _ROWS)
+    rows, row_tile = min(m, block_m), _row_tile(m, block_m)
     blocks = pl.cdiv(n, block_n)
     in_tf = _transforms(_BLOCK_K, x.dtype)
     part = jax.ShapeDtypeStruct((blocks, m), jnp.float32)
@@ -360,12 +360,16 @@ def _argmax_call(x, w, *, n_out: int, block_n: int, num_slots: int, boxes: int, 
     return jnp.take_along_axis(firsts, block[None, :], axis=0)[0].astype(jnp.int32)
 
 
-# Tiling of `argmax_matmul_mgpu` (weight rows a program, slots, boxes a step). Read at call time.
+# Tiling of `argmax_matmul_mgpu`: weight rows a program, slots, boxes a step; rows a program
+# (`block_m`) are all of M (one accumulator of up to 256 rows streams the table once, not once per
+# 64 rows), with `block_n` cut to keep it within 128 registers a thread past 128 rows. Measured on the
+# H200 at 64 rows (session 23, bench/lm_head.py); the wider programs not yet. Read at call time.
 ARGMAX_TILE = {"block_n": 128, "num_slots": 4, "boxes": 1}
 
 
 def argmax_matmul_mgpu(x: jax.Array, w: jax.Array, *, block_n: int | None = None, num_slots: int | None = None,
-                       boxes: int | None = None, interpret: bool | None = None) -> jax.Array:
+                       boxes: int | None = None, block_m: int | None = None,
+                       interpret: bool | None = None) -> jax.Array:
     """Each row's argmax of `x @ w.T` rounded to x's dtype (the greedy token of a bf16 LM head),
     without writing the products: every program keeps its block's row maxima and their first
     columns, and one small XLA reduction picks across blocks. Ties go to the first column, as
@@ -374,7 +378,9 @@ def argmax_matmul_mgpu(x: jax.Array, w: jax.Array, *, block_n: int | None = None
     Args:
         x: `[M, K]` bf16, M a multiple of 8 up to 256; K a multiple of 64 x boxes.
         w: `[N, K]` bf16, N a multiple of 8 (not of block_n: the last block's padding never wins).
-        block_n, num_slots, boxes: tiling (None: `ARGMAX_TILE`).
+        block_n, num_slots, boxes, block_m: tiling (None: `ARGMAX_TILE`, all rows in one program);
+            `block_m` rows a program (a multiple of 64 up to 256; M at most that or whole blocks of it),
+            its accumulator `[block_m, block_n]` within 128 registers a thread.
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
 
     Example:
@@ -382,18 +388,23 @@ def argmax_matmul_mgpu(x: jax.Array, w: jax.Array, *, block_n: int | None = None
         >>> argmax_matmul_mgpu(x, w, block_n=64)[:2].tolist()
         [3, 3]
     """
-    tile = dict(ARGMAX_TILE, **{k: v for k, v in (("block_n", block_n), ("num_slots", num_slots),
-                                                  ("boxes", boxes)) if v is not None})
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x must be [M, K] and w [N, K], got {x.shape} and {w.shape}")
     if x.dtype != jnp.bfloat16 or w.dtype != jnp.bfloat16:
         raise ValueError(f"x and w must be bfloat16 (WGMMA operands), got {x.dtype} and {w.dtype}")
     m, k = x.shape
-    if not (8 <= m <= MAX_ROWS and m % 8 == 0 and (m <= _ROWS or m % _ROWS == 0)
+    tile = dict(ARGMAX_TILE, block_m=min(pl.cdiv(m, _ROWS) * _ROWS, MAX_ROWS))
+    tile["block_n"] = min(tile["block_n"], 128 * 128 // tile["block_m"])
+    tile.update({name: v for name, v in (("block_n", block_n), ("num_slots", num_slots), ("boxes", boxes),
+                                         ("block_m", block_m)) if v is not None})
+    bm = tile["block_m"]
+    if not (8 <= m <= MAX_ROWS and m % 8 == 0 and bm % _ROWS == 0 and 0 < bm <= MAX_ROWS and (m <= bm or m % bm == 0)
             and k % (_BLOCK_K * tile["boxes"]) == 0 and tile["block_n"] % 8 == 0 and tile["num_slots"] >= 2
-            and _ROWS * tile["block_n"] <= 128 * 128):
-        raise ValueError(f"M must be a multiple of 8 up to {MAX_ROWS} (of 64 past 64), K of 64 x boxes, block_n of 8 "
-                         f"(at most 256); got x {x.shape}, tile {tile}")
+            and _row_tile(m, bm) * tile["block_n"] <= 128 * 128
+            and tile["num_slots"] * tile["boxes"] * (_row_tile(m, bm) + tile["block_n"]) * _BLOCK_K * 2 <= _SMEM_BYTES):
+        raise ValueError(f"M must be a multiple of 8 up to {MAX_ROWS} (at most block_m, or whole blocks of it), K of "
+                         f"64 x boxes, block_n of 8, block_m of 64, the accumulator within 128 registers a thread and "
+                         f"the ring within shared memory; got x {x.shape}, tile {tile}")
     interpret = bool(compat.resolve_interpret(interpret))
     n = w.shape[0]
     if n % 8 and not interpret:

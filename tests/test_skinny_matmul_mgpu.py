@@ -131,7 +131,8 @@ def test_accumulate_adds_into_its_input_in_place(interpret, m, k, n, tiling, mon
 @pytest.mark.parametrize("m,k,n,tile", [
     (8, 128, 1000, dict(block_n=128)),                          # 8 rows; the last block 104 of 128 columns
     (64, 256, 1536, dict(block_n=256, num_slots=2, boxes=2)),   # whole blocks, two-box steps
-    (128, 128, 776, dict(block_n=64)),                          # two row blocks of 64; 8 of 64 in the last block
+    (128, 128, 776, dict(block_n=64, block_m=64)),              # two row blocks of 64; 8 of 64 in the last block
+    (256, 128, 520, {}),                                        # the default: all 256 rows a program, 64 columns
 ])
 def test_argmax_matmul_is_argmax_of_the_rounded_products(interpret, m, k, n, tile):
     # The greedy LM head without logits: each row's first column of the maximum of x @ w.T rounded to
