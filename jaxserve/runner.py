@@ -213,7 +213,8 @@ class Steps:
     def _greedy_head(self, rows: int, greedy: bool, num_top: int, logprobs: bool) -> bool:
         """Whether a step's tokens come from the LM head's argmax kernel (`model.greedy_head_applies`):
         every row greedy without penalties, no log-probabilities asked for."""
-        return greedy and not logprobs and num_top == 0 and greedy_head_applies(self.model.config, self.model.dtype, rows)
+        return (greedy and not logprobs and num_top == 0
+                and greedy_head_applies(self.model.config, self.model.dtype, rows))
 
     def _pick_kernel(self, logits: jax.Array) -> bool:
         return self.pick_kernel and logits.shape[0] >= self.pick_min_rows

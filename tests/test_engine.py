@@ -592,7 +592,8 @@ def test_bf16_tied_engine_takes_greedy_tokens_from_the_lm_head(tmp_path, monkeyp
     m = jaxserve.load(str(tmp_path), dtype="bfloat16")
     mg = importlib.import_module("kernels.skinny_matmul_mgpu")
     heads = []
-    monkeypatch.setattr(mg, "argmax_matmul_mgpu", lambda *a, _f=mg.argmax_matmul_mgpu, **k: heads.append(1) or _f(*a, **k))
+    monkeypatch.setattr(mg, "argmax_matmul_mgpu",
+                        lambda *a, _f=mg.argmax_matmul_mgpu, **k: heads.append(1) or _f(*a, **k))
     prompts = random_prompts(m.config.vocab_size, np.random.default_rng().integers(2, 20, 16))
     cfg = small_config(num_pages=128, max_running=16, max_tokens_per_step=512, decode_steps=2, batch_buckets=(16,),
                        prefill_buckets=(64, 512), dtype="bfloat16", attention_impl="pallas")

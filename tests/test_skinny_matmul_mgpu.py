@@ -331,9 +331,9 @@ def test_model_greedy_tokens_from_the_lm_head(monkeypatch):
     monkeypatch.setattr(model_module, "GREEDY_HEAD_MIN_ROWS", 8)
     rng, seed = fresh_rng()
     cfg, run = _tiny_bf16_decode_step(rng, 16, tie=True)
-    assert model_module.greedy_head_applies(cfg, jnp.bfloat16, 16) and not model_module.greedy_head_applies(cfg, jnp.bfloat16, 12)
-    assert not model_module.greedy_head_applies(cfg, jnp.bfloat16, 72) and not model_module.greedy_head_applies(
-        cfg, jnp.float32, 16)
+    applies = model_module.greedy_head_applies
+    assert applies(cfg, jnp.bfloat16, 16) and not applies(cfg, jnp.bfloat16, 12)  # rows a multiple of 8
+    assert not applies(cfg, jnp.bfloat16, 72) and not applies(cfg, jnp.float32, 16)  # past the rows; bf16 only
     logits = np.asarray(jax.jit(lambda: run(logits_dtype=None))()[:, 0], np.float32)  # bf16, as the engine's
     tokens = np.asarray(jax.jit(lambda: run(greedy_tokens=True))())
     assert tokens.shape == (16, 1) and tokens.dtype == np.int32
