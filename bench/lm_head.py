@@ -37,7 +37,7 @@ from kernels.skinny_matmul_mgpu import argmax_matmul_mgpu, skinny_matmul_mgpu  #
 VOCAB, HIDDEN = 151936, 896
 
 
-def variants(tiles: list[tuple[int, int, int]]) -> dict:
+def variants(tiles: list[tuple[int, ...]]) -> dict:
     def logits_xla(x, e):
         return jnp.dot(x, e.T, preferred_element_type=jnp.bfloat16)
 

@@ -693,11 +693,12 @@ class Qwen2ForCausalLM(nn.Module):
             if logits_at is not None:
                 x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
             x = final_norm(x)
+        new_kv = None if kv is None else tuple(new_kv)
         if greedy_tokens:  # the caller checked greedy_head_applies: each row's argmax, no logits
             from kernels.skinny_matmul_mgpu import argmax_matmul_mgpu
 
             tokens = argmax_matmul_mgpu(x.reshape(-1, x.shape[-1]).astype(self.dtype), embed.embedding)
-            return tokens.reshape(x.shape[:-1]), (None if kv is None else tuple(new_kv))
+            return tokens.reshape(x.shape[:-1]), new_kv
         if cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
@@ -706,7 +707,7 @@ class Qwen2ForCausalLM(nn.Module):
         # ``logits_dtype=None`` keeps the activation dtype: the engine's greedy pick reads bf16
         # logits (half the bytes of a float32 copy, which a kernel's input would materialise).
         logits = logits if logits_dtype is None else logits.astype(logits_dtype)
-        return logits, (None if kv is None else tuple(new_kv))
+        return logits, new_kv
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> dict:

@@ -166,7 +166,8 @@ def _smem_bytes(m: int, block_n: int, boxes: int, block_m: int, num_slots: int, 
     rows = _row_tile(m, block_m) if warpgroups == 1 else block_m
     halves = 2 if epilogue == "swiglu" else 1
     ring = num_slots * boxes * (rows + halves * block_n) * _BLOCK_K * 2
-    out = rows * block_n * (2 if epilogue == "swiglu" else 4)  # float32 partials or sums; bf16 SwiGLU
+    # float32 partials or sums; bf16 SwiGLU; argmax's two float32 row vectors
+    out = 2 * rows * 4 if epilogue == "argmax" else rows * block_n * (2 if epilogue == "swiglu" else 4)
     return ring + out + 4 * block_n + 1024  # + the bias, barriers and alignment
 
 
@@ -174,7 +175,8 @@ def _fits(m: int, k: int, n_out: int, block_n: int, boxes: int, block_m: int, nu
           epilogue: str, warpgroups: int = 1) -> bool:
     """The shapes and tilings the kernel takes: M a multiple of 8 up to MAX_ROWS, in one block of
     `block_m` rows (a multiple of 64) or whole ones; K whole steps of `boxes` 64-wide TMA boxes; N
-    whole blocks of `block_n` (a multiple of 8, WGMMA's N); the ring in shared memory; at most 128
+    whole blocks of `block_n` (a multiple of 8, WGMMA's N; any N for "argmax", whose padding never
+    wins); the ring in shared memory; at most 128
     accumulator registers a thread (beyond, the epilogue's registers spill). Two warpgroups
     (`_ws_kernel`) take whole blocks of `block_m` rows only, half of them each, one box a step."""
     halves = 2 if epilogue == "swiglu" else 1
@@ -187,7 +189,7 @@ def _fits(m: int, k: int, n_out: int, block_n: int, boxes: int, block_m: int, nu
             halves * _row_tile(m, block_m) * block_n <= 128 * 128)
     return (shape_ok and 8 <= m <= MAX_ROWS and m % 8 == 0 and block_m % _ROWS == 0 and 0 < block_m <= MAX_ROWS
             and boxes >= 1 and k % (_BLOCK_K * boxes) == 0
-            and block_n % 8 == 0 and n_out % block_n == 0 and num_slots >= 2
+            and block_n % 8 == 0 and (epilogue == "argmax" or n_out % block_n == 0) and num_slots >= 2
             and _smem_bytes(m, block_n, boxes, block_m, num_slots, epilogue, warpgroups) <= _SMEM_BYTES)
 
 
@@ -397,16 +399,13 @@ def argmax_matmul_mgpu(x: jax.Array, w: jax.Array, *, block_n: int | None = None
     tile["block_n"] = min(tile["block_n"], 128 * 128 // tile["block_m"])
     tile.update({name: v for name, v in (("block_n", block_n), ("num_slots", num_slots), ("boxes", boxes),
                                          ("block_m", block_m)) if v is not None})
-    bm = tile["block_m"]
-    if not (8 <= m <= MAX_ROWS and m % 8 == 0 and bm % _ROWS == 0 and 0 < bm <= MAX_ROWS and (m <= bm or m % bm == 0)
-            and k % (_BLOCK_K * tile["boxes"]) == 0 and tile["block_n"] % 8 == 0 and tile["num_slots"] >= 2
-            and _row_tile(m, bm) * tile["block_n"] <= 128 * 128
-            and tile["num_slots"] * tile["boxes"] * (_row_tile(m, bm) + tile["block_n"]) * _BLOCK_K * 2 <= _SMEM_BYTES):
+    n = w.shape[0]
+    # The skinny kernel's own limits (its argmax epilogue: any N, two row vectors out).
+    if not _fits(m, k, n, tile["block_n"], tile["boxes"], tile["block_m"], tile["num_slots"], "argmax"):
         raise ValueError(f"M must be a multiple of 8 up to {MAX_ROWS} (at most block_m, or whole blocks of it), K of "
                          f"64 x boxes, block_n of 8, block_m of 64, the accumulator within 128 registers a thread and "
                          f"the ring within shared memory; got x {x.shape}, tile {tile}")
     interpret = bool(compat.resolve_interpret(interpret))
-    n = w.shape[0]
     if n % 8 and not interpret:
         raise ValueError(f"w's rows must be a multiple of 8 (a TMA copy's tiling), got {n}")
     if interpret and n % tile["block_n"]:
