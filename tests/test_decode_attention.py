@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxserve.model import rope_tables
+from kernels import decode_attention
 from kernels.decode_attention import (fused_decode_attention, fused_decode_attention_o,
                                       fused_decode_attention_o_reference, fused_decode_attention_reference)
 from tests.test_kernels import (DECODE_CASES, MODES, TOLERANCE, fresh_rng, make_pool, make_sequences,
@@ -168,6 +169,39 @@ def test_fused_decode_o_matches_reference(interpret, num_heads, kv_heads, head_d
         assert_pools_equal(k_new, k_ref, seed, rtol=1e-6, atol=1e-6)
     else:
         assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP)
+    assert_pools_equal(v_new, v_ref, seed)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("straight", [False, True], ids=["key-loop", "straight"])
+@pytest.mark.parametrize("o_proj", [False, True], ids=["attention", "with-o"])
+def test_fused_decode_of_a_one_block_table_ignores_entries_past_each_row(interpret, straight, o_proj,
+                                                                        monkeypatch):
+    """A short table read as one block (straight-line, or the key loop's one iteration): entries past
+    a row's pages name no page (huge or negative ids) and change nothing; rows of length 0 and 1 too."""
+    monkeypatch.setattr(decode_attention, "STRAIGHT_SINGLE_BLOCK", straight)
+    rng, seed = fresh_rng()
+    page_size, table_pages, batch = 16, 13, 7
+    args = fused_case(rng, batch=batch, num_heads=14, kv_heads=2, head_dim=64, page_size=page_size,
+                      table_pages=table_pages, dtype=jnp.bfloat16)
+    table, lengths = np.asarray(args[5]), np.asarray(args[6])
+    owned = np.arange(table_pages)[None, :] < -(-lengths[:, None] // page_size)
+    garbage = np.where(rng.random(table.shape) < 0.5, 10**6 + 7, -5)
+    bad_table = jnp.asarray(np.where(owned, table, garbage), jnp.int32)
+    bad_args = (*args[:5], bad_table, *args[6:])
+    if o_proj:
+        wo = jnp.asarray(rng.standard_normal((128, 14 * 64)) / 30.0, jnp.bfloat16)
+        out, k_new, v_new = fused_decode_attention_o(*bad_args, wo, interpret=interpret)
+        ref, k_ref, v_ref = fused_decode_attention_o_reference(*args, wo)
+        zero_row = np.asarray(out[:, lengths == 0])
+    else:
+        out, k_new, v_new = fused_decode_attention(*bad_args, interpret=interpret)
+        ref, k_ref, v_ref = fused_decode_attention_reference(*args)
+        zero_row = np.asarray(out[lengths == 0], np.float32)
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
+    np.testing.assert_array_equal(zero_row, 0.0, err_msg=f"length-0 row not zero, seed={seed}")
+    assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP)
     assert_pools_equal(v_new, v_ref, seed)
 
 
