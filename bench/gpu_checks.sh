@@ -92,9 +92,6 @@
 #               compiled tests, then bench/lm_head.py at 64 / 128 / 256 rows against XLA's GEMM + the pick (~400 s)
 #   head23b     session 23: the same in the model (model.GREEDY_HEAD): compiled tests (the engine's among them),
 #               the step at 32 / 64 rows against XLA's GEMM + the greedy pick (~400 s)
-#   straight24  session 24: compiled decode-attention tests (the one-block table read without the key loop
-#               among them), the decode step at 1 / 64 / 256 rows with it (attn_straight) against the key loop,
-#               then bench/bandwidth.py's batch-1 x 32k split counts (~420 s)
 #   headwide    session 23, written after the device time was spent: the greedy head past 64 rows (all rows
 #               a program): compiled tests, bench/lm_head.py at 128 / 256, the step at 128 / 256 rows with the
 #               head (greedy_head256) and with XLA's argmax for the pick (xla_pick) against the default (~550 s)
@@ -445,12 +442,6 @@ for part in "${parts[@]}"; do
                tests/test_skinny_matmul_mgpu.py tests/test_engine.py -k "(argmax and compiled) or greedy_tokens" ; \
              timeout 300 python3 bench/decode_step.py --batches 32 64 --variants default --no-static \
                --glue kernels greedy_head --rounds 7 --reps 10 --profile /tmp/head23b ;;
-    straight24) timeout 120 python3 -m pytest -x -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-                  tests/test_decode_attention.py -k "compiled and (one_block or matches_rope or o_matches)" ; \
-                timeout 200 python3 bench/decode_step.py --batches 1 64 256 --variants default --no-static \
-                  --glue attn_loop attn_straight --rounds 7 --reps 10 --profile /tmp/straight24 ; \
-                timeout 100 python3 bench/bandwidth.py --sweep-only --budget-s 80 --sweep-configs splits=64 \
-                  splits=96 "splits=96 stages=3" splits=128 "splits=128 ppb=16" ;;
     headwide) timeout 150 python3 -m pytest -x -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
                 tests/test_skinny_matmul_mgpu.py -k "argmax and compiled" ; \
               timeout 200 python3 bench/lm_head.py --rows 128 256 ; \

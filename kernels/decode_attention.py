@@ -34,7 +34,6 @@ Backend: Pallas Triton, for the reasons in `kernels.paged_attention`.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import jax
@@ -66,7 +65,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                   k_pages_ref, v_pages_ref, *refs, num_heads: int, kv_heads: int,
                   group: int, block_rows: int, num_splits: int, pages_per_block: int, scale: float,
                   precision, act_dtype, merge_in_kernel: bool = False, interpret: bool = False,
-                  o_rows: int = 0, prefetch_wo: bool = False, straight: bool = False):
+                  o_rows: int = 0, prefetch_wo: bool = False):
     wo_ref, refs = (refs[0], refs[1:]) if o_rows else (None, refs)
     (o_ref, lse_ref, out_ref, counter_ref), (k_out_ref, v_out_ref) = split_refs(
         refs, num_splits, merge_in_kernel)
@@ -95,10 +94,8 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         # Keys at or past `cached` read the row's first slot (see gather_key_block): written
         # whenever the loop runs, so V stays finite without a select before the product.
         valid = page0 * page_size + jnp.arange(block_keys) < cached
-        # Straight-line, the block is read even for a row with nothing cached, whose first entry
-        # may name no page: clamped into the pool, its keys are discarded below.
         k, v = gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block,
-                                valid, clamp=straight)
+                                valid)
         return k, v, valid
 
     # A float32 qkv (a projection's accumulator) is rounded to the activations' dtype first, as
@@ -153,14 +150,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
         # Loaded before the attention, the weights are in flight while it runs (registers held).
         wos = [wo_rows(g) for g in range(group)] if prefetch_wo else None
-    if straight:
-        # The whole table is one block: no loop whose trip count waits on the length's load, so
-        # the block table's loads go out beside it and the K/V gather follows one round trip
-        # later. A row with no cached key read slots that may hold NaN: its state stays the seed.
-        stepped = step((acc0, m0, l0), key_block(0))
-        carry = tuple(jnp.where(num_iters > 0, a, b) for a, b in zip(stepped, (acc0, m0, l0)))
-    else:
-        carry = lax.fori_loop(0, num_iters, lambda i, c: step(c, key_block(i)), (acc0, m0, l0))
+    carry = lax.fori_loop(0, num_iters, lambda i, c: step(c, key_block(i)), (acc0, m0, l0))
     out, lse = finish_rows(*carry)
     if o_rows:
         # o_proj's partial sum over this KV head's query heads, rounded as the unfused path rounds
@@ -190,11 +180,10 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine", "o_rows",
-    "prefetch_wo", "out_dtype", "straight"))
+    "prefetch_wo", "out_dtype"))
 def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo=None, *, scale: float,
            num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
-           interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False, out_dtype=None,
-           straight: bool = False):
+           interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False, out_dtype=None):
     out_dtype = qkv.dtype if out_dtype is None else out_dtype
     batch, _, head_dim = qkv.shape
     kv_heads = k_pages.shape[0]
@@ -207,8 +196,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         _fused_kernel, num_heads=num_heads, kv_heads=kv_heads, group=group,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
         scale=scale, precision=precision, act_dtype=out_dtype, merge_in_kernel=merge_in_kernel,
-        interpret=interpret, o_rows=o_rows, prefetch_wo=prefetch_wo,
-        straight=straight and num_splits == 1 and block_tables.shape[1] <= pages_per_block)
+        interpret=interpret, o_rows=o_rows, prefetch_wo=prefetch_wo)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -276,12 +264,6 @@ def _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_map
 # ms in two calls, and ties at 64 (0.864 vs 0.867; H200, session 16, bench/results/decode_step.md).
 # Below 128 rows it stays at one, since nothing was measured there since session 4.
 TWO_STAGE_ROWS = 128
-# A table that is one block of pages (a short context, unsplit) read without the key loop
-# (`_fused_kernel`'s `straight`): the loop's trip count comes from the row's length, so its loads
-# wait on that load; straight-line, the length, the block table and the queries load together.
-# Written in session 24, opt-in until timed on the GPU (bench/decode_step.py --glue attn_straight).
-# Read when a step is traced.
-STRAIGHT_SINGLE_BLOCK = os.environ.get("JAXSERVE_ATTN_STRAIGHT", "0") == "1"
 
 
 def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
@@ -339,8 +321,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                   scale=float(head_dim ** -0.5 if scale is None else scale),
                   num_splits=num_splits, pages_per_block=pages_per_block,
                   num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                  combine=combine, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
-                  straight=STRAIGHT_SINGLE_BLOCK)
+                  combine=combine, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype))
 
 
 # `fused_decode_attention_o`: rows of Wo a program (its grid's third axis has N / O_ROWS blocks per
@@ -416,8 +397,7 @@ def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_p
                   scale=float(head_dim ** -0.5 if scale is None else scale), num_splits=1,
                   pages_per_block=pages_per_block, num_warps=num_warps or O_NUM_WARPS, num_stages=num_stages,
                   interpret=interpret, combine="pallas", o_rows=o_rows,
-                  prefetch_wo=O_PREFETCH_WO if prefetch_wo is None else bool(prefetch_wo),
-                  straight=STRAIGHT_SINGLE_BLOCK)
+                  prefetch_wo=O_PREFETCH_WO if prefetch_wo is None else bool(prefetch_wo))
 
 
 def fused_decode_attention_o_reference(qkv, cos, sin, k_pages, v_pages, block_tables, lengths,

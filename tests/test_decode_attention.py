@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from jaxserve.model import rope_tables
-from kernels import decode_attention
 from kernels.decode_attention import (fused_decode_attention, fused_decode_attention_o,
                                       fused_decode_attention_o_reference, fused_decode_attention_reference)
 from tests.test_kernels import (DECODE_CASES, MODES, TOLERANCE, fresh_rng, make_pool, make_sequences,
@@ -173,13 +172,10 @@ def test_fused_decode_o_matches_reference(interpret, num_heads, kv_heads, head_d
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("straight", [False, True], ids=["key-loop", "straight"])
 @pytest.mark.parametrize("o_proj", [False, True], ids=["attention", "with-o"])
-def test_fused_decode_of_a_one_block_table_ignores_entries_past_each_row(interpret, straight, o_proj,
-                                                                        monkeypatch):
-    """A short table read as one block (straight-line, or the key loop's one iteration): entries past
-    a row's pages name no page (huge or negative ids) and change nothing; rows of length 0 and 1 too."""
-    monkeypatch.setattr(decode_attention, "STRAIGHT_SINGLE_BLOCK", straight)
+def test_fused_decode_of_a_one_block_table_ignores_entries_past_each_row(interpret, o_proj):
+    """A short table read in one iteration: entries past a row's pages name no page (huge or negative
+    ids) and change nothing; rows of length 0 and 1 too."""
     rng, seed = fresh_rng()
     page_size, table_pages, batch = 16, 13, 7
     args = fused_case(rng, batch=batch, num_heads=14, kv_heads=2, head_dim=64, page_size=page_size,
