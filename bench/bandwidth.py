@@ -95,10 +95,15 @@ _T7B = {"stages=3": dict(num_stages=3), "stages=4": dict(num_stages=4), "warps=8
 _T24 = {"splits=64": dict(num_splits=64), "splits=96": dict(num_splits=96),
         "splits=96 stages=3": dict(num_splits=96, num_stages=3), "splits=128": dict(num_splits=128),
         "splits=128 ppb=16": dict(num_splits=128, pages_per_block=16)}
+# Session 24: 0.5B 64 x 2k (60% of spec for 66%): session 19's ncu had it latency-bound at 108
+# registers (4 programs an SM, one wave of 512); warps and stages were swept there at 7B heads only.
+_T24B = {"warps=8": dict(num_warps=8), "warps=2": dict(num_warps=2), "stages=1": dict(num_stages=1),
+         "stages=3": dict(num_stages=3), "splits=8 warps=8": dict(num_splits=8, num_warps=8),
+         "splits=8 stages=3": dict(num_splits=8, num_stages=3)}
 SWEEP = [
     (("7B 28q/4kv/128", 64, 8192), _T7B),
     (("7B 28q/4kv/128", 8, 2048), {**_T, **_T7B}),
-    (("0.5B 14q/2kv/64", 64, 2048), _T),
+    (("0.5B 14q/2kv/64", 64, 2048), {**_T, **_T24B}),
     (("0.5B 14q/2kv/64", 64, 8192), _T),
     (("7B 28q/4kv/128", 1, 32768), {**_T, **_T24}),
     (("0.5B 14q/2kv/64", 1, 32768), {**_T, **_T24}),
