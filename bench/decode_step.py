@@ -377,6 +377,7 @@ def run_variant(args) -> list[dict]:
     accumulate = model_module.ACCUMULATE
     greedy_head = (model_module.GREEDY_HEAD, model_module.GREEDY_HEAD_ROWS)
     exit_read_only = mgpu_module.EXIT_READ_ONLY
+    rope_flags = (decode_attention_module.ROPE_ROT_INPUT, decode_attention_module.ROPE_JOINT)
     mgpu_min_rows = model_module.MGPU_MIN_ROWS
     seed_programs = residual_norm_module.SEED_PROGRAMS
     mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
@@ -491,6 +492,12 @@ def run_variant(args) -> list[dict]:
             # "exit_read_only": each Mosaic GPU projection waits only for its output copy's shared-memory
             # reads before it exits, not for the writes (kernels.skinny_matmul_mgpu.EXIT_READ_ONLY).
             mgpu_module.EXIT_READ_ONLY = True if glue == "exit_read_only" else exit_read_only
+            # "rope_rot_input": the fused attention loads RoPE's rotation matrix instead of building it in
+            # every program; "rope_joint": and rotates the new key in the queries' product
+            # (kernels.decode_attention.ROPE_ROT_INPUT / ROPE_JOINT, session 24); "rope_default": neither.
+            (decode_attention_module.ROPE_ROT_INPUT, decode_attention_module.ROPE_JOINT) = {
+                "rope_rot_input": (True, False), "rope_joint": (True, True),
+                "rope_default": (False, False)}.get(glue, rope_flags)
             # "mgpu_min8" / "mgpu_min32": steps of 8-31 rows on the Mosaic GPU projections (model.MGPU_MIN_ROWS,
             # so with ACCUMULATE's glue; the default since session 21) or on Triton's path.
             model_module.MGPU_MIN_ROWS = {"mgpu_min8": 8, "mgpu_min32": 32, "before21": 32}.get(glue, mgpu_min_rows)
@@ -577,7 +584,8 @@ def main() -> None:
                                                              "no_accumulate", "exit_read_only", "seed_programs",
                                                              "no_seed_programs", "mgpu_min8", "mgpu_min32", "cublas256",
                                                              "before21", "xgu64", "while_graphs", "greedy_head", "no_greedy_head",
-                                                             "greedy_head256"],
+                                                             "greedy_head256", "rope_rot_input", "rope_joint",
+                                                             "rope_default"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

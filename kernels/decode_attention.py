@@ -34,6 +34,7 @@ Backend: Pallas Triton, for the reasons in `kernels.paged_attention`.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import jax
@@ -65,8 +66,10 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                   k_pages_ref, v_pages_ref, *refs, num_heads: int, kv_heads: int,
                   group: int, block_rows: int, num_splits: int, pages_per_block: int, scale: float,
                   precision, act_dtype, merge_in_kernel: bool = False, interpret: bool = False,
-                  o_rows: int = 0, prefetch_wo: bool = False):
+                  o_rows: int = 0, prefetch_wo: bool = False, rot_input: bool = False,
+                  joint_rope: bool = False):
     wo_ref, refs = (refs[0], refs[1:]) if o_rows else (None, refs)
+    rot_ref, refs = (refs[0], refs[1:]) if rot_input else (None, refs)
     (o_ref, lse_ref, out_ref, counter_ref), (k_out_ref, v_out_ref) = split_refs(
         refs, num_splits, merge_in_kernel)
     seq, head = pl.program_id(0), pl.program_id(1)
@@ -98,24 +101,34 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                                 valid)
         return k, v, valid
 
-    # A float32 qkv (a projection's accumulator) is rounded to the activations' dtype first, as
-    # a projection's output in that dtype would be.
-    q_raw = compat.load(qkv_ref.at[seq, pl.ds(head * group, block_rows), :],
-                        mask=real_row[:, None], other=0).astype(act_dtype)
-    # The new key as row 0 of a tile (the MMA needs 16 rows), then as a vector.
-    k_raw = compat.load(qkv_ref.at[seq, pl.ds(num_heads + head, block_rows), :],
-                        mask=(rows == 0)[:, None], other=0).astype(act_dtype)
     v_new = qkv_ref[seq, num_heads + kv_heads + head, :].astype(act_dtype).astype(pool_dtype)
     cos = cos_ref[seq, :][None, :]
     sin = sin_ref[seq, :][None, :]
-    rot = _rotate_half_matrix(head_dim, pool_dtype)
+    # `rot_input`: the rotation matrix is loaded (a constant the caller passes) rather than built
+    # from iotas in every program, where it is ~32 elements a thread of compares and selects.
+    rot = rot_ref[...] if rot_input else _rotate_half_matrix(head_dim, pool_dtype)
 
     def rope(x):  # x [rows, D] in the activation dtype -> rotated, in the pool dtype
         swapped = compat.dot(x.astype(pool_dtype), rot, precision=precision).astype(jnp.float32)
         return (x.astype(jnp.float32) * cos + swapped * sin).astype(pool_dtype)
 
-    q = rope(q_raw)
-    k_new = rope(k_raw).astype(jnp.float32).sum(axis=0)  # rows 1.. are exact zeros
+    # A float32 qkv (a projection's accumulator) is rounded to the activations' dtype first, as
+    # a projection's output in that dtype would be.
+    if joint_rope:
+        # The new key rides in row `group` of the queries' tile (a row the group leaves free), so
+        # one product rotates both; rows past the group are never stored.
+        src = jnp.where(rows < group, head * group + rows, num_heads + head)
+        both = rope(qkv_ref[seq, src, :].astype(act_dtype))
+        q = both
+        k_new = jnp.sum(jnp.where((rows == group)[:, None], both.astype(jnp.float32), 0.0), axis=0)
+    else:
+        q_raw = compat.load(qkv_ref.at[seq, pl.ds(head * group, block_rows), :],
+                            mask=real_row[:, None], other=0).astype(act_dtype)
+        # The new key as row 0 of a tile (the MMA needs 16 rows), then as a vector.
+        k_raw = compat.load(qkv_ref.at[seq, pl.ds(num_heads + head, block_rows), :],
+                            mask=(rows == 0)[:, None], other=0).astype(act_dtype)
+        q = rope(q_raw)
+        k_new = rope(k_raw).astype(jnp.float32).sum(axis=0)  # rows 1.. are exact zeros
     has_new = length >= 1
     slot = slot_ref[seq]
 
@@ -180,23 +193,26 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine", "o_rows",
-    "prefetch_wo", "out_dtype"))
+    "prefetch_wo", "out_dtype", "rot_input", "joint_rope"))
 def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo=None, *, scale: float,
            num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
-           interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False, out_dtype=None):
+           interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False, out_dtype=None,
+           rot_input: bool = False, joint_rope: bool = False):
     out_dtype = qkv.dtype if out_dtype is None else out_dtype
     batch, _, head_dim = qkv.shape
     kv_heads = k_pages.shape[0]
     num_heads = qkv.shape[1] - 2 * kv_heads
     group = num_heads // kv_heads
     block_rows = max(16, compat.next_pow2(group))
+    joint_rope = joint_rope and group < block_rows
     precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
     merge_in_kernel = combine == "inkernel" and num_splits > 1
     kernel = functools.partial(
         _fused_kernel, num_heads=num_heads, kv_heads=kv_heads, group=group,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
         scale=scale, precision=precision, act_dtype=out_dtype, merge_in_kernel=merge_in_kernel,
-        interpret=interpret, o_rows=o_rows, prefetch_wo=prefetch_wo)
+        interpret=interpret, o_rows=o_rows, prefetch_wo=prefetch_wo, rot_input=rot_input,
+        joint_rope=joint_rope)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -215,6 +231,9 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         out_shape, counter = split_outputs((batch, kv_heads, group, head_dim), out_dtype, num_splits,
                                            merge_in_kernel)
         grid = (batch, kv_heads, num_splits)
+    if rot_input:
+        in_specs.append(whole)
+        operands.append(_rotate_half_matrix(head_dim, k_pages.dtype))
     out_specs = [whole] * len(out_shape)
     aliases = {6: len(out_shape), 7: len(out_shape) + 1}  # the pools, in place
     if counter is not None:
@@ -264,6 +283,12 @@ def _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_map
 # ms in two calls, and ties at 64 (0.864 vs 0.867; H200, session 16, bench/results/decode_step.md).
 # Below 128 rows it stays at one, since nothing was measured there since session 4.
 TWO_STAGE_ROWS = 128
+# RoPE inside the fused kernels (session 24, opt-in until timed: bench/decode_step.py --glue
+# rope_rot_input rope_joint): `ROPE_ROT_INPUT` loads rotate_half's matrix, a constant, instead of
+# building it from iotas in every program; `ROPE_JOINT` also rotates the new key in the queries'
+# product (a free row of the group's tile) instead of a second one. Read when a step is traced.
+ROPE_ROT_INPUT = os.environ.get("JAXSERVE_ROPE_ROT_INPUT", "0") == "1"
+ROPE_JOINT = os.environ.get("JAXSERVE_ROPE_JOINT", "0") == "1"
 
 
 def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
@@ -321,7 +346,8 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                   scale=float(head_dim ** -0.5 if scale is None else scale),
                   num_splits=num_splits, pages_per_block=pages_per_block,
                   num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                  combine=combine, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype))
+                  combine=combine, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
+                  rot_input=ROPE_ROT_INPUT, joint_rope=ROPE_JOINT)
 
 
 # `fused_decode_attention_o`: rows of Wo a program (its grid's third axis has N / O_ROWS blocks per
@@ -397,7 +423,8 @@ def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_p
                   scale=float(head_dim ** -0.5 if scale is None else scale), num_splits=1,
                   pages_per_block=pages_per_block, num_warps=num_warps or O_NUM_WARPS, num_stages=num_stages,
                   interpret=interpret, combine="pallas", o_rows=o_rows,
-                  prefetch_wo=O_PREFETCH_WO if prefetch_wo is None else bool(prefetch_wo))
+                  prefetch_wo=O_PREFETCH_WO if prefetch_wo is None else bool(prefetch_wo),
+                  rot_input=ROPE_ROT_INPUT, joint_rope=ROPE_JOINT)
 
 
 def fused_decode_attention_o_reference(qkv, cos, sin, k_pages, v_pages, block_tables, lengths,

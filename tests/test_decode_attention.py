@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxserve.model import rope_tables
+from kernels import decode_attention
 from kernels.decode_attention import (fused_decode_attention, fused_decode_attention_o,
                                       fused_decode_attention_o_reference, fused_decode_attention_reference)
 from tests.test_kernels import (DECODE_CASES, MODES, TOLERANCE, fresh_rng, make_pool, make_sequences,
@@ -199,6 +200,40 @@ def test_fused_decode_of_a_one_block_table_ignores_entries_past_each_row(interpr
     np.testing.assert_array_equal(zero_row, 0.0, err_msg=f"length-0 row not zero, seed={seed}")
     assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP)
     assert_pools_equal(v_new, v_ref, seed)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("rope", ["rot_input", "joint"])
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,dtype,o_proj", [
+    (14, 2, 64, jnp.bfloat16, False),    # Qwen2.5-0.5B: the key rides in row 7 of 16
+    (14, 2, 64, jnp.bfloat16, True),     # the same with o_proj folded in
+    (28, 4, 128, jnp.float32, False),    # 7B heads in float32
+    (4, 4, 64, jnp.bfloat16, False),     # no grouping: the key in row 1
+    (16, 1, 64, jnp.bfloat16, False),    # a group that fills the tile: no free row, two products
+])
+def test_fused_decode_rope_variants_equal_the_default_bitwise(interpret, rope, num_heads, kv_heads, head_dim,
+                                                              dtype, o_proj, monkeypatch):
+    """RoPE's matrix loaded (`ROPE_ROT_INPUT`) or the new key rotated in the queries' product
+    (`ROPE_JOINT`, which loads it too): the same rows and products, so the same bits as the default."""
+    rng, seed = fresh_rng()
+    args = fused_case(rng, batch=5, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, page_size=16,
+                      table_pages=4, dtype=dtype)
+    wo = jnp.asarray(rng.standard_normal((96, num_heads * head_dim)) / 30.0, dtype)
+
+    def run():
+        if o_proj:
+            return fused_decode_attention_o(*args, wo, interpret=interpret)
+        return fused_decode_attention(*args, interpret=interpret)
+
+    base = run()
+    monkeypatch.setattr(decode_attention, "ROPE_ROT_INPUT", True)
+    monkeypatch.setattr(decode_attention, "ROPE_JOINT", rope == "joint")
+    variant = run()
+    for name, got, want in zip(("out", "k_pages", "v_pages"), variant, base):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                      err_msg=f"{name}, seed={seed}")
+    ref = (fused_decode_attention_o_reference(*args, wo) if o_proj else fused_decode_attention_reference(*args))[0]
+    assert relative_error(variant[0], ref) <= TOLERANCE[dtype], f"seed={seed}"
 
 
 def test_fused_decode_o_errors_name_the_field():
