@@ -39,6 +39,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -233,7 +234,12 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         grid = (batch, kv_heads, num_splits)
     if rot_input:
         in_specs.append(whole)
-        operands.append(_rotate_half_matrix(head_dim, k_pages.dtype))
+        # Built in numpy, so XLA holds it as a constant; a jnp build would run as a kernel each step.
+        half = head_dim // 2
+        rot = np.zeros((head_dim, head_dim), np.float32)
+        rot[np.arange(half) + half, np.arange(half)] = -1.0   # as _rotate_half_matrix
+        rot[np.arange(half), np.arange(half) + half] = 1.0
+        operands.append(jnp.asarray(rot, k_pages.dtype))
     out_specs = [whole] * len(out_shape)
     aliases = {6: len(out_shape), 7: len(out_shape) + 1}  # the pools, in place
     if counter is not None:
