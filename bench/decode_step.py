@@ -377,8 +377,7 @@ def run_variant(args) -> list[dict]:
     accumulate = model_module.ACCUMULATE
     greedy_head = (model_module.GREEDY_HEAD, model_module.GREEDY_HEAD_ROWS)
     exit_read_only = mgpu_module.EXIT_READ_ONLY
-    rope_flags = (decode_attention_module.ROPE_ROT_INPUT, decode_attention_module.ROPE_JOINT)
-    merge_group = mgpu_module.ARGMAX_MERGE_GROUP
+    rope_joint = decode_attention_module.ROPE_JOINT
     mgpu_min_rows = model_module.MGPU_MIN_ROWS
     seed_programs = residual_norm_module.SEED_PROGRAMS
     mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
@@ -493,19 +492,10 @@ def run_variant(args) -> list[dict]:
             # "exit_read_only": each Mosaic GPU projection waits only for its output copy's shared-memory
             # reads before it exits, not for the writes (kernels.skinny_matmul_mgpu.EXIT_READ_ONLY).
             mgpu_module.EXIT_READ_ONLY = True if glue == "exit_read_only" else exit_read_only
-            # "rope_rot_input": the fused attention loads RoPE's rotation matrix instead of building it in
-            # every program; "rope_joint": and rotates the new key in the queries' product
-            # (kernels.decode_attention.ROPE_ROT_INPUT / ROPE_JOINT, session 24); "rope_default": neither.
-            (decode_attention_module.ROPE_ROT_INPUT, decode_attention_module.ROPE_JOINT) = {
-                "rope_rot_input": (True, False), "rope_joint": (True, True),
-                "rope_default": (False, False)}.get(glue, rope_flags)
-            # "argmax_merge<G>": the greedy head's block maxima merged in two stages, groups of G blocks
-            # (kernels.skinny_matmul_mgpu.ARGMAX_MERGE_GROUP, session 24; 0: one argmax over the blocks).
-            # "rope_joint_merge32": that and rope_joint.
-            mgpu_module.ARGMAX_MERGE_GROUP = {"argmax_merge0": 0, "argmax_merge16": 16, "argmax_merge32": 32,
-                                              "rope_joint_merge32": 32}.get(glue, merge_group)
-            if glue == "rope_joint_merge32":
-                decode_attention_module.ROPE_ROT_INPUT = decode_attention_module.ROPE_JOINT = True
+            # "rope_joint" / "rope_default": the fused attention's RoPE with its matrix loaded and the new key
+            # rotated in the queries' product (kernels.decode_attention.ROPE_JOINT, session 24: the default
+            # below TWO_STAGE_ROWS), or the matrix built in each program and two products.
+            decode_attention_module.ROPE_JOINT = {"rope_joint": True, "rope_default": False}.get(glue, rope_joint)
             # "mgpu_min8" / "mgpu_min32": steps of 8-31 rows on the Mosaic GPU projections (model.MGPU_MIN_ROWS,
             # so with ACCUMULATE's glue; the default since session 21) or on Triton's path.
             model_module.MGPU_MIN_ROWS = {"mgpu_min8": 8, "mgpu_min32": 32, "before21": 32}.get(glue, mgpu_min_rows)
@@ -592,9 +582,7 @@ def main() -> None:
                                                              "no_accumulate", "exit_read_only", "seed_programs",
                                                              "no_seed_programs", "mgpu_min8", "mgpu_min32", "cublas256",
                                                              "before21", "xgu64", "while_graphs", "greedy_head", "no_greedy_head",
-                                                             "greedy_head256", "rope_rot_input", "rope_joint",
-                                                             "rope_default", "argmax_merge0", "argmax_merge16",
-                                                             "argmax_merge32", "rope_joint_merge32"],
+                                                             "greedy_head256", "rope_joint", "rope_default"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

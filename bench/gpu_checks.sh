@@ -93,11 +93,6 @@
 #   head23b     session 23: the same in the model (model.GREEDY_HEAD): compiled tests (the engine's among them),
 #               the step at 32 / 64 rows against XLA's GEMM + the greedy pick (~400 s)
 #   sweep24     session 24: bench/bandwidth.py --sweep-only at 0.5B 64 x 2k: warps 2/8, stages 1/3, 8 splits (~60 s)
-#   rope24      session 24: compiled decode-attention tests (RoPE's matrix loaded, the new key rotated in the
-#               queries' product), then the decode step at 1 / 64 / 256 rows with each against the default (~300 s)
-#   merge24     session 24: compiled argmax-head tests (the two-stage merge) and RoPE-variant tests, bench/lm_head.py
-#               at 64 rows over merge groups, the decode step at 64 with the merge, rope_joint and both, and at
-#               256 with rope_joint (~330 s)
 #   headwide    session 23, written after the device time was spent: the greedy head past 64 rows (all rows
 #               a program): compiled tests, bench/lm_head.py at 128 / 256, the step at 128 / 256 rows with the
 #               head (greedy_head256) and with XLA's argmax for the pick (xla_pick) against the default (~550 s)
@@ -450,18 +445,6 @@ for part in "${parts[@]}"; do
                --glue kernels greedy_head --rounds 7 --reps 10 --profile /tmp/head23b ;;
     sweep24) timeout 100 python3 bench/bandwidth.py --sweep-only --budget-s 80 --sweep-configs warps=8 warps=2 \
                stages=1 stages=3 "splits=8 warps=8" "splits=8 stages=3" ;;
-    rope24) timeout 150 python3 -m pytest -x -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-              tests/test_decode_attention.py -k "compiled and (rope_variants or one_block or matches_rope)" ; \
-            timeout 300 python3 bench/decode_step.py --batches 1 64 256 --variants default --no-static \
-              --glue rope_default rope_rot_input rope_joint --rounds 7 --reps 10 --profile /tmp/rope24 ;;
-    merge24) timeout 150 python3 -m pytest -x -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-               tests/test_skinny_matmul_mgpu.py tests/test_decode_attention.py \
-               -k "compiled and (argmax or rope_variants)" ; \
-             timeout 100 python3 bench/lm_head.py --rows 64 --tiles 128x4x1 --merge-groups 0 16 32 64 ; \
-             timeout 200 python3 bench/decode_step.py --batches 64 --variants default --no-static \
-               --glue kernels argmax_merge32 rope_joint rope_joint_merge32 --rounds 7 --reps 10 --profile /tmp/merge24 ; \
-             timeout 120 python3 bench/decode_step.py --batches 256 --variants default --no-static \
-               --glue kernels rope_joint --rounds 7 --reps 10 ;;
     headwide) timeout 150 python3 -m pytest -x -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
                 tests/test_skinny_matmul_mgpu.py -k "argmax and compiled" ; \
               timeout 200 python3 bench/lm_head.py --rows 128 256 ; \

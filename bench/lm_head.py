@@ -19,7 +19,6 @@ against `xla+argmax`'s.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import time
@@ -35,23 +34,10 @@ if ROOT not in sys.path:
 from kernels.greedy_pick import greedy_pick  # noqa: E402
 from kernels.skinny_matmul_mgpu import argmax_matmul_mgpu, skinny_matmul_mgpu  # noqa: E402
 
-mgpu = importlib.import_module("kernels.skinny_matmul_mgpu")
-
 VOCAB, HIDDEN = 151936, 896
 
 
-def _grouped(group: int, fn):
-    """`fn` traced with `ARGMAX_MERGE_GROUP` = group (the module global is read at call time)."""
-    def run(x, e):
-        saved, mgpu.ARGMAX_MERGE_GROUP = mgpu.ARGMAX_MERGE_GROUP, group
-        try:
-            return fn(x, e)
-        finally:
-            mgpu.ARGMAX_MERGE_GROUP = saved
-    return run
-
-
-def variants(tiles: list[tuple[int, ...]], merge_groups: tuple[int, ...] = ()) -> dict:
+def variants(tiles: list[tuple[int, ...]]) -> dict:
     def logits_xla(x, e):
         return jnp.dot(x, e.T, preferred_element_type=jnp.bfloat16)
 
@@ -66,9 +52,6 @@ def variants(tiles: list[tuple[int, ...]], merge_groups: tuple[int, ...] = ()) -
         out[f"argmax b{block_n} s{slots} x{boxes} m{bm}"] = (
             lambda x, e, b=block_n, s=slots, bx=boxes, bm=bm: argmax_matmul_mgpu(x, e, block_n=b, num_slots=s,
                                                                                    boxes=bx, block_m=bm))
-    # The default tile with its blocks' maxima merged in two stages (groups of g blocks; g0: one argmax).
-    for g in merge_groups:
-        out[f"argmax default merge g{g}"] = _grouped(g, lambda x, e: argmax_matmul_mgpu(x, e))
     return out
 
 
@@ -99,8 +82,6 @@ def main() -> None:
                                                    "32x4x1x256"],
                     help="argmax kernel tiles BLOCK_NxSLOTSxBOXES[xBLOCK_M] (rows a program; default 64); "
                          "a tile that does not fit the rows is reported as failed")
-    ap.add_argument("--merge-groups", type=int, nargs="*", default=[],
-                    help="also the default tile with kernels.skinny_matmul_mgpu.ARGMAX_MERGE_GROUP at these")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--vocab", type=int, default=VOCAB, help="rows of the embedding (smaller for a CPU smoke run)")
@@ -114,7 +95,7 @@ def main() -> None:
     for rows in args.rows:
         x = jnp.asarray(rng.standard_normal((rows, HIDDEN), np.float32), jnp.bfloat16)
         results = {}
-        for name, fn in variants(tiles, tuple(args.merge_groups)).items():
+        for name, fn in variants(tiles).items():
             try:
                 results[name] = time_variant(fn, x, e, args.reps, args.rounds)
             except Exception as err:  # noqa: BLE001 - a tile that does not compile is reported, not fatal

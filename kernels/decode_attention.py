@@ -106,7 +106,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     cos = cos_ref[seq, :][None, :]
     sin = sin_ref[seq, :][None, :]
     # `rot_input`: the rotation matrix is loaded (a constant the caller passes) rather than built
-    # from iotas in every program, where it is ~32 elements a thread of compares and selects.
+    # from iotas in every program, ~32 elements a thread of compares and selects (`ROPE_JOINT`).
     rot = rot_ref[...] if rot_input else _rotate_half_matrix(head_dim, pool_dtype)
 
     def rope(x):  # x [rows, D] in the activation dtype -> rotated, in the pool dtype
@@ -289,12 +289,13 @@ def _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_map
 # ms in two calls, and ties at 64 (0.864 vs 0.867; H200, session 16, bench/results/decode_step.md).
 # Below 128 rows it stays at one, since nothing was measured there since session 4.
 TWO_STAGE_ROWS = 128
-# RoPE inside the fused kernels (session 24, opt-in until timed: bench/decode_step.py --glue
-# rope_rot_input rope_joint): `ROPE_ROT_INPUT` loads rotate_half's matrix, a constant, instead of
-# building it from iotas in every program; `ROPE_JOINT` also rotates the new key in the queries'
-# product (a free row of the group's tile) instead of a second one. Read when a step is traced.
-ROPE_ROT_INPUT = os.environ.get("JAXSERVE_ROPE_ROT_INPUT", "0") == "1"
-ROPE_JOINT = os.environ.get("JAXSERVE_ROPE_JOINT", "0") == "1"
+# RoPE inside the fused kernels of one pipeline stage (steps under TWO_STAGE_ROWS): rotate_half's
+# matrix loaded, a constant, instead of built from iotas in every program, and the new key rotated in
+# the queries' product (a free row of the group's tile) instead of a second one. Qwen2.5-0.5B at 64
+# rows: step 0.783 vs 0.786-0.788 ms, attention 7.01-7.03 vs 7.14-7.15 µs in two calls; at 1 row a tie
+# (0.590); at 256 rows (two stages) 1.266 vs 1.262 and 1.289 vs 1.286, so not there (H200, session 24,
+# bench/results/decode_step.md). JAXSERVE_ROPE_JOINT=0 turns it off. Read when a step is traced.
+ROPE_JOINT = os.environ.get("JAXSERVE_ROPE_JOINT", "1") == "1"
 
 
 def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
@@ -353,7 +354,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                   num_splits=num_splits, pages_per_block=pages_per_block,
                   num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                   combine=combine, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
-                  rot_input=ROPE_ROT_INPUT, joint_rope=ROPE_JOINT)
+                  rot_input=ROPE_JOINT and num_stages == 1, joint_rope=ROPE_JOINT and num_stages == 1)
 
 
 # `fused_decode_attention_o`: rows of Wo a program (its grid's third axis has N / O_ROWS blocks per
@@ -430,7 +431,7 @@ def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_p
                   pages_per_block=pages_per_block, num_warps=num_warps or O_NUM_WARPS, num_stages=num_stages,
                   interpret=interpret, combine="pallas", o_rows=o_rows,
                   prefetch_wo=O_PREFETCH_WO if prefetch_wo is None else bool(prefetch_wo),
-                  rot_input=ROPE_ROT_INPUT, joint_rope=ROPE_JOINT)
+                  rot_input=ROPE_JOINT and num_stages == 1, joint_rope=ROPE_JOINT and num_stages == 1)
 
 
 def fused_decode_attention_o_reference(qkv, cos, sin, k_pages, v_pages, block_tables, lengths,

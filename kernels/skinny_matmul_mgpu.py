@@ -44,7 +44,6 @@ output tile within shared memory. On the CPU it runs in Mosaic GPU's interpreter
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -358,40 +357,8 @@ def _argmax_call(x, w, *, n_out: int, block_n: int, num_slots: int, boxes: int, 
         kernel_name=f"skinny_mgpu_argmax_{n}x{k}",
         **compat.mgpu_interpret_kwargs(interpret),
     )(x, w)
-    return merge_block_maxima(maxes, firsts)
-
-
-# Blocks a group in `merge_block_maxima`'s first stage; 0 merges in one `jnp.argmax` over the blocks.
-# XLA runs that as a column reduction of [blocks, rows] with few outputs to spread (7.5 µs a step at
-# 64 rows over Qwen's 1,187 blocks of 128, H200, session 23's profile). Session 24, opt-in until timed
-# (bench/lm_head.py --merge-groups, bench/decode_step.py --glue argmax_merge32). Read at call time.
-ARGMAX_MERGE_GROUP = int(os.environ.get("JAXSERVE_ARGMAX_MERGE_GROUP", "0"))
-
-
-def merge_block_maxima(maxes: jax.Array, firsts: jax.Array, group: int | None = None) -> jax.Array:
-    """Each row's argmax from per-block `maxes [blocks, rows]` and the first column holding each
-    (`firsts`): the first block with the row's maximum, as `jnp.argmax` would pick over the columns.
-
-    With `group` (None: `ARGMAX_MERGE_GROUP`) > 1 the blocks are reduced in two stages, within groups
-    of `group` consecutive blocks and then across groups; the first maximum of the first group holding
-    the maximum is the first block overall, so the result is the same.
-
-    Example:
-        >>> maxes = jnp.array([[1.0], [3.0], [3.0], [2.0], [0.0]])
-        >>> firsts = jnp.array([[0.0], [10.0], [20.0], [30.0], [40.0]])
-        >>> merge_block_maxima(maxes, firsts, group=2).tolist()
-        [10]
-    """
-    group = ARGMAX_MERGE_GROUP if group is None else group
-    blocks, rows = maxes.shape
-    if group <= 1 or blocks <= group:
-        block = jnp.argmax(maxes, axis=0)
-    else:
-        # -inf padding never wins over a finite maximum and, first max winning, never over -inf either.
-        grouped = jnp.pad(maxes, ((0, -blocks % group), (0, 0)), constant_values=-jnp.inf).reshape(-1, group, rows)
-        inner = jnp.argmax(grouped, axis=1)                       # [groups, rows]
-        outer = jnp.argmax(jnp.max(grouped, axis=1), axis=0)      # [rows]
-        block = outer * group + jnp.take_along_axis(inner, outer[None, :], axis=0)[0]
+    # The first block holding a row's maximum has its first column (argmax's rule).
+    block = jnp.argmax(maxes, axis=0)
     return jnp.take_along_axis(firsts, block[None, :], axis=0)[0].astype(jnp.int32)
 
 

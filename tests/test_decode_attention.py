@@ -203,7 +203,6 @@ def test_fused_decode_of_a_one_block_table_ignores_entries_past_each_row(interpr
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("rope", ["rot_input", "joint"])
 @pytest.mark.parametrize("num_heads,kv_heads,head_dim,dtype,o_proj", [
     (14, 2, 64, jnp.bfloat16, False),    # Qwen2.5-0.5B: the key rides in row 7 of 16
     (14, 2, 64, jnp.bfloat16, True),     # the same with o_proj folded in
@@ -211,29 +210,27 @@ def test_fused_decode_of_a_one_block_table_ignores_entries_past_each_row(interpr
     (4, 4, 64, jnp.bfloat16, False),     # no grouping: the key in row 1
     (16, 1, 64, jnp.bfloat16, False),    # a group that fills the tile: no free row, two products
 ])
-def test_fused_decode_rope_variants_equal_the_default_bitwise(interpret, rope, num_heads, kv_heads, head_dim,
-                                                              dtype, o_proj, monkeypatch):
-    """RoPE's matrix loaded (`ROPE_ROT_INPUT`) or the new key rotated in the queries' product
-    (`ROPE_JOINT`, which loads it too): the same rows and products, so the same bits as the default."""
+def test_fused_decode_joint_rope_equals_two_products_bitwise(interpret, num_heads, kv_heads, head_dim, dtype,
+                                                             o_proj, monkeypatch):
+    """`ROPE_JOINT` (RoPE's matrix loaded, the new key rotated in the queries' product) against the
+    matrix built in each program and two products: the same rows and products, so the same bits."""
     rng, seed = fresh_rng()
     args = fused_case(rng, batch=5, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, page_size=16,
                       table_pages=4, dtype=dtype)
     wo = jnp.asarray(rng.standard_normal((96, num_heads * head_dim)) / 30.0, dtype)
 
-    def run():
+    def run(joint):
+        monkeypatch.setattr(decode_attention, "ROPE_JOINT", joint)
         if o_proj:
             return fused_decode_attention_o(*args, wo, interpret=interpret)
-        return fused_decode_attention(*args, interpret=interpret)
+        return fused_decode_attention(*args, interpret=interpret, num_stages=1)
 
-    base = run()
-    monkeypatch.setattr(decode_attention, "ROPE_ROT_INPUT", True)
-    monkeypatch.setattr(decode_attention, "ROPE_JOINT", rope == "joint")
-    variant = run()
-    for name, got, want in zip(("out", "k_pages", "v_pages"), variant, base):
+    joint, two = run(True), run(False)
+    for name, got, want in zip(("out", "k_pages", "v_pages"), joint, two):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                       err_msg=f"{name}, seed={seed}")
     ref = (fused_decode_attention_o_reference(*args, wo) if o_proj else fused_decode_attention_reference(*args))[0]
-    assert relative_error(variant[0], ref) <= TOLERANCE[dtype], f"seed={seed}"
+    assert relative_error(joint[0], ref) <= TOLERANCE[dtype], f"seed={seed}"
 
 
 def test_fused_decode_o_errors_name_the_field():

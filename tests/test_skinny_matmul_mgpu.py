@@ -13,14 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from kernels.skinny_matmul import skinny_matmul_reference
 from kernels.skinny_matmul_mgpu import argmax_matmul_mgpu, skinny_matmul_mgpu, split_count, supports
 from tests.test_kernels import MODES, TOLERANCE, fresh_rng, relative_error
-
-mgpu = importlib.import_module("kernels.skinny_matmul_mgpu")  # the module (kernels exports functions by its names)
 
 
 def _operands(rng, m, k, n):
@@ -152,35 +148,6 @@ def test_argmax_matmul_is_argmax_of_the_rounded_products(interpret, m, k, n, til
     assert got.dtype == jnp.int32 and got.shape == (m,)
     assert int(got[0]) == 5 and int(got[1]) == 5, f"seed={seed}"
     assert np.array_equal(np.asarray(got), np.asarray(want)), f"seed={seed}"
-
-
-@pytest.mark.parametrize("interpret", MODES)
-def test_argmax_matmul_with_a_two_stage_merge(interpret, monkeypatch):
-    # ARGMAX_MERGE_GROUP: the blocks' maxima merged within groups of 3 blocks, then across groups (8
-    # blocks: the last group padded); the tie between weight rows 5 and 999 spans two groups.
-    monkeypatch.setattr(mgpu, "ARGMAX_MERGE_GROUP", 3)
-    rng, seed = fresh_rng()
-    m, k, n = 8, 128, 1000
-    x, w = _operands(rng, m, k, n)
-    w = w.at[n - 1].set(w[5]).at[6].set(w[5])
-    x = x.at[0].set(w[5] * 4).at[1].set(w[6] * 4)
-    got = argmax_matmul_mgpu(x, w, interpret=interpret, block_n=128)
-    want = jnp.argmax(jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(jnp.bfloat16), axis=-1)
-    assert int(got[0]) == 5 and int(got[1]) == 5, f"seed={seed}"
-    assert np.array_equal(np.asarray(got), np.asarray(want)), f"seed={seed}"
-
-
-@settings(max_examples=60, deadline=None)
-@given(blocks=st.integers(1, 70), rows=st.integers(1, 9), group=st.integers(0, 12), seed=st.integers(0, 2**31 - 1))
-def test_merge_block_maxima_is_argmax_over_the_blocks(blocks, rows, group, seed):
-    # Few distinct values, so ties across blocks and groups are common; the first block must win.
-    rng = np.random.default_rng(seed)
-    maxes = rng.integers(-3, 3, size=(blocks, rows)).astype(np.float32)
-    firsts = (np.arange(blocks)[:, None] * 128 + rng.integers(0, 128, size=(blocks, rows))).astype(np.float32)
-    got = mgpu.merge_block_maxima(jnp.asarray(maxes), jnp.asarray(firsts), group=group)
-    want = firsts[np.argmax(maxes, axis=0), np.arange(rows)]
-    assert got.dtype == jnp.int32
-    np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_accumulate_refuses_a_missing_or_wrong_acc():
