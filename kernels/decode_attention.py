@@ -53,14 +53,15 @@ from kernels.paged_attention import (_MASK_VALUE, COMBINES, DECODE_BLOCK_KEYS, L
                                      split_refs)
 
 
-def _rotate_half_matrix(head_dim: int, dtype) -> jax.Array:
-    """R with x @ R == concat(-x[half:], x[:half]) (Hugging Face's rotate_half)."""
+def _rotate_half_matrix(head_dim: int, dtype, xp: Any = jnp) -> jax.Array:
+    """R with x @ R == concat(-x[half:], x[:half]) (Hugging Face's rotate_half); `xp=np` for a
+    constant built outside a trace."""
     half = head_dim // 2
-    i = jnp.arange(head_dim)[:, None]
-    j = jnp.arange(head_dim)[None, :]
+    i = xp.arange(head_dim)[:, None]
+    j = xp.arange(head_dim)[None, :]
     minus = (j < half) & (i == j + half)
     plus = (j >= half) & (i == j - half)
-    return jnp.where(minus, -1.0, jnp.where(plus, 1.0, 0.0)).astype(dtype)
+    return xp.where(minus, -1.0, xp.where(plus, 1.0, 0.0)).astype(dtype)
 
 
 def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_ref,
@@ -235,11 +236,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     if rot_input:
         in_specs.append(whole)
         # Built in numpy, so XLA holds it as a constant; a jnp build would run as a kernel each step.
-        half = head_dim // 2
-        rot = np.zeros((head_dim, head_dim), np.float32)
-        rot[np.arange(half) + half, np.arange(half)] = -1.0   # as _rotate_half_matrix
-        rot[np.arange(half), np.arange(half) + half] = 1.0
-        operands.append(jnp.asarray(rot, k_pages.dtype))
+        operands.append(jnp.asarray(_rotate_half_matrix(head_dim, np.float32, xp=np), k_pages.dtype))
     out_specs = [whole] * len(out_shape)
     aliases = {6: len(out_shape), 7: len(out_shape) + 1}  # the pools, in place
     if counter is not None:
