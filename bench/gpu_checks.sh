@@ -93,6 +93,9 @@
 #   head23b     session 23: the same in the model (model.GREEDY_HEAD): compiled tests (the engine's among them),
 #               the step at 32 / 64 rows against XLA's GEMM + the greedy pick (~400 s)
 #   sweep24     session 24: bench/bandwidth.py --sweep-only at 0.5B 64 x 2k: warps 2/8, stages 1/3, 8 splits (~60 s)
+#   reduce25    session 24, for the next session: which computation is the 7.5 µs `input_reduce_fusion` of the
+#               64-row greedy step (bench/results/kernel_notes.md, session 24): the step's optimized HLO dumped
+#               and the fusion printed (~120 s)
 #   headwide    session 23, written after the device time was spent: the greedy head past 64 rows (all rows
 #               a program): compiled tests, bench/lm_head.py at 128 / 256, the step at 128 / 256 rows with the
 #               head (greedy_head256) and with XLA's argmax for the pick (xla_pick) against the default (~550 s)
@@ -445,6 +448,11 @@ for part in "${parts[@]}"; do
                --glue kernels greedy_head --rounds 7 --reps 10 --profile /tmp/head23b ;;
     sweep24) timeout 100 python3 bench/bandwidth.py --sweep-only --budget-s 80 --sweep-configs warps=8 warps=2 \
                stages=1 stages=3 "splits=8 warps=8" "splits=8 stages=3" ;;
+    reduce25) rm -rf /tmp/hlo25; XLA_FLAGS="--xla_dump_to=/tmp/hlo25 --xla_dump_hlo_as_text" timeout 200 \
+                python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
+                --rounds 1 --reps 2 ; \
+              for f in $(grep -l 'input_reduce_fusion' /tmp/hlo25/*after_optimizations.txt); do \
+                echo "== $f"; grep -n -B2 -A12 '^%fused_reduce\|input_reduce_fusion' "$f" | head -80; done ;;
     headwide) timeout 150 python3 -m pytest -x -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
                 tests/test_skinny_matmul_mgpu.py -k "argmax and compiled" ; \
               timeout 200 python3 bench/lm_head.py --rows 128 256 ; \
