@@ -172,6 +172,10 @@ class Engine:
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"max_model_len ({self.max_model_len})")
+        vocab = self.model.config.vocab_size
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # pairs sorted by id
+            bad = [t for t, _ in params.logit_bias if t >= vocab]
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab}), got {bad[:5]}")
         if params.logprobs is not None and params.logprobs > MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.logprobs}")
         request_id = request_id or f"req-{next(self._ids)}"

@@ -40,6 +40,11 @@ MAX_LOGPROBS = 20
 # Rows with min_tokens > 0 carry their stop ids (stop_token_ids plus EOS) in a fixed-width
 # array, so the batch's shapes, and hence the compiled step, do not depend on the requests.
 MAX_BANNED_IDS = 16
+# logit_bias: at most this many tokens a request, each biased by a value in this range (OpenAI's).
+# A batch in which some row has a bias carries [B, MAX_LOGIT_BIAS] ids and values (none: width 0),
+# so the step compiles for two widths at most.
+MAX_LOGIT_BIAS = 300
+LOGIT_BIAS_RANGE = 100.0
 # Top-k/top-p first look at this many best tokens per row (one partial sort) and fall back
 # to a full sort only when some row's answer is not decided inside them; both paths are exact.
 DEFAULT_TOP_CANDIDATES = 1024
@@ -59,7 +64,10 @@ class SamplingParams:
 
     Every bad value raises ValueError naming the field and its allowed range. `stop` accepts
     a string or a list of strings and `stop_token_ids` a list; both are stored as tuples.
-    Unseeded requests get a fresh random seed in `make_batch`, so they differ from each other.
+    `logit_bias` maps token ids (ints, or their decimal strings as JSON keys are) to a value in
+    [-100, 100] added to their logits before penalties and sampling (OpenAI's and vLLM's meaning);
+    it is stored as sorted `(id, bias)` pairs. Unseeded requests get a fresh random seed in
+    `make_batch`, so they differ from each other.
 
     Example:
         >>> p = SamplingParams(temperature=0.7, top_p=0.9, stop="\\n", seed=0)
@@ -67,6 +75,8 @@ class SamplingParams:
         (('\\n',), False)
         >>> SamplingParams.from_dict(p.to_dict()) == p
         True
+        >>> SamplingParams(temperature=0, logit_bias={"42": -100}).logit_bias
+        ((42, -100.0),)
     """
 
     max_tokens: int = 16
@@ -83,6 +93,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     min_tokens: int = 0
+    logit_bias: Any = ()
 
     def __post_init__(self) -> None:
         def set_(name: str, value: Any) -> None:
@@ -132,6 +143,7 @@ class SamplingParams:
                       f"None or an int in [0, {MAX_LOGPROBS}]")
         check_int("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
                   f"an int in [0, max_tokens={self.max_tokens}]")
+        set_("logit_bias", _logit_bias_pairs(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -140,9 +152,11 @@ class SamplingParams:
         return self.temperature < _GREEDY_TEMPERATURE or self.top_k == 1
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-ready dict (tuples become lists); `from_dict` inverts it."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
+        """Plain, JSON-ready dict (tuples become lists, `logit_bias` a dict); `from_dict` inverts it."""
+        out = {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+               for f in dataclasses.fields(self)}
+        out["logit_bias"] = dict(self.logit_bias)
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SamplingParams:
@@ -154,6 +168,31 @@ class SamplingParams:
         return cls(**d)
 
 
+def _logit_bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as sorted `(token id, bias)` pairs, from a mapping or pairs; ValueError naming it."""
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in value):
+        items = [tuple(x) for x in value]
+    else:
+        raise ValueError(f"logit_bias must map token ids to numbers, got {value!r}")
+    pairs = {}
+    for key, bias in items:
+        if isinstance(key, str) and key.strip().isdigit():
+            key = int(key)
+        if not _is_int(key) or key < 0:
+            raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {key!r}")
+        if not _is_real(bias) or not -LOGIT_BIAS_RANGE <= float(bias) <= LOGIT_BIAS_RANGE:
+            raise ValueError(f"logit_bias values must be numbers in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}], "
+                             f"got {bias!r} for token {key}")
+        pairs[int(key)] = float(bias)
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias must hold at most {MAX_LOGIT_BIAS} tokens, got {len(pairs)}")
+    return tuple(sorted(pairs.items()))
+
+
 @flax.struct.dataclass
 class SamplingBatch:
     """Per-row sampling parameters of a batch as device arrays (all leading dim B).
@@ -163,7 +202,9 @@ class SamplingBatch:
     seeds: u32 [B, 2] (high and low 32 bits of the row's 64-bit seed; the row's key at a step
     is fold_in(fold_in(fold_in(key(0), high), low), step));
     min_tokens: i32; banned_ids: i32 [B, MAX_BANNED_IDS], ids masked while
-    step < min_tokens, -1 padded. Build it with `make_batch`.
+    step < min_tokens, -1 padded; bias_ids: i32 [B, W] and bias_values: f32 [B, W], each row's
+    `logit_bias` (W = MAX_LOGIT_BIAS when some row has one, else 0; ids past the vocabulary pad).
+    Build it with `make_batch`.
     """
 
     temperature: jax.Array
@@ -176,6 +217,8 @@ class SamplingBatch:
     seeds: jax.Array
     min_tokens: jax.Array
     banned_ids: jax.Array
+    bias_ids: jax.Array
+    bias_values: jax.Array
 
 
 @flax.struct.dataclass
@@ -218,6 +261,10 @@ def make_batch(
     seeds = np.zeros((batch_size, 2), np.uint32)
     min_tokens = np.zeros(batch_size, np.int32)
     banned = np.full((batch_size, MAX_BANNED_IDS), -1, np.int32)
+    width = MAX_LOGIT_BIAS if any(p is not None and p.logit_bias for p in params) else 0
+    # Padding ids are past any vocabulary (int32 max), so the scatter drops them.
+    bias_ids = np.full((batch_size, width), np.iinfo(np.int32).max, np.int32)
+    bias_values = np.zeros((batch_size, width), np.float32)
     for i, p in enumerate(params):
         if p is None:
             continue
@@ -234,11 +281,13 @@ def make_batch(
                                  f"when min_tokens > 0, got {len(ids)}")
             min_tokens[i] = p.min_tokens
             banned[i, : len(ids)] = ids
+        if p.logit_bias:
+            bias_ids[i, : len(p.logit_bias)], bias_values[i, : len(p.logit_bias)] = zip(*p.logit_bias)
     # One batched transfer: ten jnp.asarray calls cost ~1 ms of host time per engine step.
     return jax.device_put(SamplingBatch(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition,
         presence_penalty=presence, frequency_penalty=frequency, seeds=seeds, min_tokens=min_tokens,
-        banned_ids=banned,
+        banned_ids=banned, bias_ids=bias_ids, bias_values=bias_values,
     ))
 
 
@@ -260,14 +309,15 @@ def _has_penalty(p: SamplingParams) -> bool:
 def needs_sampling(params: Sequence[SamplingParams | None]) -> bool:
     """False when `jnp.argmax(logits, -1)` picks exactly the tokens `sample` would.
 
-    That holds when every row is greedy, has no penalty and no `min_tokens`. Log-probs are a
-    separate question: `token_logprobs` computes them for any tokens.
+    That holds when every row is greedy, has no penalty, no `min_tokens` and no `logit_bias`.
+    Log-probs are a separate question: `token_logprobs` computes them for any tokens.
 
     Example:
         >>> needs_sampling([SamplingParams(temperature=0), None])
         False
     """
-    return any(p is not None and (not p.greedy or _has_penalty(p) or p.min_tokens > 0) for p in params)
+    return any(p is not None and (not p.greedy or _has_penalty(p) or p.min_tokens > 0 or bool(p.logit_bias))
+               for p in params)
 
 
 def seen_from_prompts(prompt_tokens: jax.Array, prompt_lens: jax.Array, vocab_size: int) -> jax.Array:
@@ -434,8 +484,8 @@ def sample(
     logits: [B, V]; step: i32 [B], tokens row b generated before (with the row's seed it
     alone fixes the row's randomness); counts: int [B, V] output-token counts (presence and
     frequency penalties); seen: bool [B, V] tokens in prompt or output (repetition penalty).
-    Order as vLLM: min_tokens ban -> penalties -> temperature -> top-k -> top-p -> min-p ->
-    draw. Greedy rows take the argmax of the penalised logits. Each stage runs only if some
+    Order as vLLM: logit bias -> min_tokens ban -> penalties -> temperature -> top-k -> top-p ->
+    min-p -> draw. Greedy rows take the argmax of the penalised logits. Each stage runs only if some
     row needs it. Top-k and top-p are exact: they look at the `top_candidates` best tokens
     per row and sort the whole row only when that does not decide some row's cut-off.
     Log-probs are of the unmodified logits, like vLLM's default; with ``logprobs=False`` (and no
@@ -454,6 +504,8 @@ def sample(
         raise ValueError(f"top_candidates must be >= 1, got {top_candidates}")
     b, v = logits.shape
     x = logits.astype(jnp.float32)
+    if batch.bias_ids.shape[1]:  # some row has a logit_bias (the width is static)
+        x = x.at[jnp.arange(b)[:, None], batch.bias_ids].add(batch.bias_values, mode="drop")
     x = jax.lax.cond(jnp.any(step < batch.min_tokens), _ban_until_min_tokens, lambda x, *_: x, x, batch, step)
     if counts is not None or seen is not None:
         any_penalty = jnp.any((batch.repetition_penalty != 1.0) | (batch.presence_penalty != 0.0)

@@ -171,6 +171,25 @@ def test_bad_inputs_raise_clear_errors_and_engine_keeps_serving(tiny):
         assert_all_pages_free(engine)
 
 
+def test_logit_bias_steers_its_request_and_leaves_the_others(tiny):
+    m, hf = tiny
+    vocab = m.config.vocab_size
+    prompts = random_prompts(vocab, (7, 12))
+    forced = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logit_bias={"17": 100})
+    banned_ref = hf_greedy(hf, prompts[1], 6)
+    # Ban the plain run's first token: the biased request must take another one there.
+    banned = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logit_bias={banned_ref[0]: -100})
+    with Engine(m, small_config()) as engine:
+        out = engine.generate(prompts + [prompts[1]], [forced, GREEDY, banned], use_tqdm=False)
+        assert out[0]["token_ids"] == [17] * 6
+        assert out[1]["token_ids"] == hf_greedy(hf, prompts[1], 10)  # a row without a bias is unchanged
+        assert out[2]["token_ids"][0] != banned_ref[0]
+        with pytest.raises(ValueError, match=rf"logit_bias keys must be token ids in \[0, {vocab}\)"):
+            engine.generate(prompts[0], SamplingParams(logit_bias={vocab: 1.0}), use_tqdm=False)
+        assert engine.generate(prompts[1], GREEDY, use_tqdm=False)[0]["token_ids"] == out[1]["token_ids"]
+        assert_all_pages_free(engine)
+
+
 def test_request_larger_than_pool_aborts_with_reason(tiny):
     m, _ = tiny
     with Engine(m, small_config(num_pages=4)) as engine:

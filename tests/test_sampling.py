@@ -2,6 +2,7 @@
 plain-numpy reference of vLLM's semantics, penalties, log-probs and jit use."""
 
 import dataclasses
+import json
 
 import numpy as np
 import jax
@@ -74,6 +75,9 @@ def chi_square(tokens, probs):
     ("frequency_penalty", -2.5), ("seed", 1.0), ("seed", "7"), ("stop", 3), ("stop", [""]), ("stop", ["a", 1]),
     ("stop_token_ids", [-1]), ("stop_token_ids", 5), ("ignore_eos", 1), ("logprobs", -1), ("logprobs", 21),
     ("min_tokens", -1), ("min_tokens", 17),
+    ("logit_bias", {-1: 1.0}), ("logit_bias", {"x": 1.0}), ("logit_bias", {1.5: 1.0}), ("logit_bias", {3: 101}),
+    ("logit_bias", {3: float("nan")}), ("logit_bias", {3: "1"}), ("logit_bias", [1, 2]),
+    ("logit_bias", {i: 1.0 for i in range(sampling.MAX_LOGIT_BIAS + 1)}),
 ])
 def test_every_bad_value_names_its_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -89,6 +93,29 @@ def test_constructor_normalises_and_round_trips_through_dicts():
     assert SamplingParams.from_dict(d) == p
     with pytest.raises(ValueError, match="tempreature"):
         SamplingParams.from_dict({"tempreature": 0.5})
+
+
+def test_logit_bias_is_stored_sorted_and_round_trips_through_json():
+    p = SamplingParams(logit_bias={"9": -100, 2: 0.5})
+    assert p.logit_bias == ((2, 0.5), (9, -100.0))
+    assert SamplingParams(logit_bias=None).logit_bias == () == SamplingParams().logit_bias
+    assert SamplingParams.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    assert needs_sampling([SamplingParams(temperature=0, logit_bias={1: 1.0})])
+
+
+def test_logit_bias_moves_greedy_and_sampled_rows_and_no_other():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((4, 50)), jnp.float32)
+    order = np.argsort(-np.asarray(logits), axis=1)
+    params = [SamplingParams(temperature=0, logit_bias={int(order[0, -1]): 100}),   # the worst token wins
+              SamplingParams(temperature=0, logit_bias={int(order[1, 0]): -100}),   # the best one is banned
+              SamplingParams(temperature=1.0, seed=3, logit_bias={t: -100 for t in range(50) if t != 7}),
+              None]
+    batch = make_batch(params, 4)
+    assert batch.bias_ids.shape == (4, sampling.MAX_LOGIT_BIAS)
+    tokens = np.asarray(sample(logits, batch, jnp.zeros(4, jnp.int32)).tokens)
+    np.testing.assert_array_equal(tokens, [order[0, -1], order[1, 1], 7, order[3, 0]])
+    assert make_batch([SamplingParams(temperature=0), None], 2).bias_ids.shape == (2, 0)
 
 
 def test_greedy_property_and_needs_sampling():

@@ -181,6 +181,12 @@ def test_logprobs_and_penalties(client, pages_freed):
     assert all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
 
 
+def test_logit_bias_forces_a_token(client, live, pages_freed):
+    comp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0,
+                                     logit_bias={"17": 100})
+    assert comp.choices[0].text == live.app.state.jaxserve.tokenizer.decode([17] * 4)
+
+
 def test_token_id_prompts_and_prompt_lists(client, live, pages_freed):
     ids = live.app.state.jaxserve.tokenizer.encode(PROMPT, add_special_tokens=False)
     by_text = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0)
@@ -263,6 +269,9 @@ GOOD = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
     ("/v1/completions", {**GOOD, "n": 0}, 400, "n", None),
     ("/v1/completions", {**GOOD, "logprobs": 21}, 400, "logprobs", None),
     ("/v1/completions", {**GOOD, "stop": [""]}, 400, "stop", None),
+    ("/v1/completions", {**GOOD, "logit_bias": {"x": 1}}, 400, "logit_bias", None),
+    ("/v1/completions", {**GOOD, "logit_bias": {"5": 101}}, 400, "logit_bias", None),
+    ("/v1/completions", {**GOOD, "logit_bias": {"99999": 1}}, 400, "logit_bias", None),
     ("/v1/completions", {**GOOD, "prompt": ""}, 400, "prompt", None),
     ("/v1/completions", {**GOOD, "prompt": [1, 2, 99999]}, 400, None, None),
     ("/v1/completions", {**GOOD, "prompt": "fox " * 200, "max_tokens": 100}, 400, "prompt",

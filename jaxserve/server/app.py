@@ -208,13 +208,12 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
 
 # ----- request handling ----------------------------------------------------------------------------
 async def _accept(request: Request, schema: type[Schema]) -> tuple[_State, Any]:
-    """The checks every generation route makes first: API key, body size, schema, model, n, unsupported fields."""
+    """The checks every generation route makes first: API key, body size, schema, model, n."""
     st = _state(request)
     _authorize(request, st)
     req = _parse(schema, await _read_body(request, st.config.max_body_bytes))
     _check_model(req.model, st)
     _check_n(req, st)
-    _reject_unsupported(req)
     return st, req
 
 
@@ -261,11 +260,6 @@ def _check_model(name: str, st: _State) -> None:
     if name != st.model_name:
         raise APIError(404, f"model {name!r} does not exist; this server serves {st.model_name!r}",
                        param="model", code="model_not_found")
-
-
-def _reject_unsupported(req: SamplingFields) -> None:
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
 
 
 def _completion_prompts(req: CompletionRequest, st: _State) -> list[list[int]]:
@@ -337,7 +331,7 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
     given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
              "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
              "repetition_penalty": req.repetition_penalty, "min_tokens": req.min_tokens,
-             "ignore_eos": req.ignore_eos, "stop_token_ids": req.stop_token_ids}
+             "ignore_eos": req.ignore_eos, "stop_token_ids": req.stop_token_ids, "logit_bias": req.logit_bias}
     kwargs = {k: v for k, v in given.items() if v is not None}
     try:
         # n > 1 with a seed: choice i uses seed + i, so choices differ but the request is reproducible.
