@@ -102,7 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                seed=args.seed, stop=args.stop or (),
+                                top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop or (),
                                 repetition_penalty=args.repetition_penalty)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
+    gen.add_argument("--top-k", type=int, default=-1, help="sample among the k most likely tokens (default -1: off)")
+    gen.add_argument("--min-p", type=float, default=0.0,
+                     help="drop tokens below this fraction of the best one's probability (default 0: off)")
     gen.add_argument("--repetition-penalty", type=float, default=1.0,
                      help="> 1 discourages tokens already in the prompt or output (default 1: off); "
                           "small models loop without it")

@@ -122,8 +122,8 @@ class Runner:
                 greedy: bool = False, logprobs: bool = True):
         """One chunk per row: ``tokens [B, S]`` at positions ``q_start[b]..``; samples after row's last token.
         ``logprobs=False``: the chosen tokens' log-probabilities are NaN, not computed."""
-        self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, num_top, counts is not None, greedy,
-                                  logprobs, batch.bias_ids.shape[1]))
+        self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, batch.bias_ids.shape[1], num_top,
+                                  counts is not None, greedy, logprobs))
         self.kv, out = self.compiled.prefill(
             self.params, self.kv, *_int32(tokens, q_start, lengths, block_tables), batch, *_int32(steps), counts,
             seen, num_top=num_top, greedy=greedy, logprobs=logprobs)
@@ -147,8 +147,8 @@ class Runner:
         penalties = counts is not None
         if not penalties:  # placeholders keep one signature; they are never read
             counts = seen = self._no_counts
-        self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, num_steps, num_top, penalties, greedy,
-                                  logprobs, batch.bias_ids.shape[1]))
+        self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, batch.bias_ids.shape[1], num_steps,
+                                  num_top, penalties, greedy, logprobs))
         self.kv, out, last = self.decode_fn(tokens.shape[0])(
             self.params, self.kv, *_int32(tokens, positions, limits, block_tables), batch,
             *_int32(steps), counts, seen, num_steps=num_steps, num_top=num_top, penalties=penalties, greedy=greedy,

@@ -33,6 +33,10 @@ def test_generate_json_lines_from_arguments_and_file(tiny_checkpoint, tmp_path, 
     assert all(line["completion_tokens"] == 4 and line["finish_reason"] == "length" for line in lines)
     greedy = jax.tree_util.tree_leaves([line["token_ids"] for line in lines])
     assert all(isinstance(t, int) for t in greedy)
+    # --top-k reaches the sampler: top-k 1 at temperature 0.9 is the greedy output.
+    rc = cli.main(["generate", "The quick brown fox", "--model", path, "--json", "--max-tokens", "4",
+                   "--temperature", "0.9", "--top-k", "1", "--min-p", "0.05", *SMALL])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["token_ids"] == lines[0]["token_ids"]
 
 
 def test_generate_text_streams_prompt_and_completion(tiny_checkpoint, capsys):
@@ -44,6 +48,10 @@ def test_generate_text_streams_prompt_and_completion(tiny_checkpoint, capsys):
 def test_generate_reports_bad_arguments(tiny_checkpoint, capsys):
     with pytest.raises(SystemExit, match="top_p must be in"):
         cli.main(["generate", "x", "--model", tiny_checkpoint[0], "--top-p", "1.5"])
+    with pytest.raises(SystemExit, match="top_k must be"):
+        cli.main(["generate", "x", "--model", tiny_checkpoint[0], "--top-k", "0"])
+    with pytest.raises(SystemExit, match="min_p must be in"):
+        cli.main(["generate", "x", "--model", tiny_checkpoint[0], "--min-p", "2"])
     assert cli.main(["generate", "x", "--model", "/no/such/folder"]) == 2
     assert "is not a folder" in capsys.readouterr().err
 
