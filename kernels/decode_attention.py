@@ -120,9 +120,8 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         # The new key rides in row `group` of the queries' tile (a row the group leaves free), so
         # one product rotates both; rows past the group are never stored.
         src = jnp.where(rows < group, head * group + rows, num_heads + head)
-        both = rope(qkv_ref[seq, src, :].astype(act_dtype))
-        q = both
-        k_new = jnp.sum(jnp.where((rows == group)[:, None], both.astype(jnp.float32), 0.0), axis=0)
+        q = rope(qkv_ref[seq, src, :].astype(act_dtype))
+        k_new = jnp.sum(jnp.where((rows == group)[:, None], q.astype(jnp.float32), 0.0), axis=0)
     else:
         q_raw = compat.load(qkv_ref.at[seq, pl.ds(head * group, block_rows), :],
                             mask=real_row[:, None], other=0).astype(act_dtype)
@@ -195,18 +194,19 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine", "o_rows",
-    "prefetch_wo", "out_dtype", "rot_input", "joint_rope"))
+    "prefetch_wo", "out_dtype", "rope_joint"))
 def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo=None, *, scale: float,
            num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
            interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False, out_dtype=None,
-           rot_input: bool = False, joint_rope: bool = False):
+           rope_joint: bool = False):
     out_dtype = qkv.dtype if out_dtype is None else out_dtype
     batch, _, head_dim = qkv.shape
     kv_heads = k_pages.shape[0]
     num_heads = qkv.shape[1] - 2 * kv_heads
     group = num_heads // kv_heads
     block_rows = max(16, compat.next_pow2(group))
-    joint_rope = joint_rope and group < block_rows
+    # ROPE_JOINT's regime: one-stage steps; the key's row needs a group that leaves one free.
+    rot_input = rope_joint and num_stages == 1
     precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
     merge_in_kernel = combine == "inkernel" and num_splits > 1
     kernel = functools.partial(
@@ -214,7 +214,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
         scale=scale, precision=precision, act_dtype=out_dtype, merge_in_kernel=merge_in_kernel,
         interpret=interpret, o_rows=o_rows, prefetch_wo=prefetch_wo, rot_input=rot_input,
-        joint_rope=joint_rope)
+        joint_rope=rot_input and group < block_rows)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -351,7 +351,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                   num_splits=num_splits, pages_per_block=pages_per_block,
                   num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                   combine=combine, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
-                  rot_input=ROPE_JOINT and num_stages == 1, joint_rope=ROPE_JOINT and num_stages == 1)
+                  rope_joint=ROPE_JOINT)
 
 
 # `fused_decode_attention_o`: rows of Wo a program (its grid's third axis has N / O_ROWS blocks per
@@ -428,7 +428,7 @@ def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_p
                   pages_per_block=pages_per_block, num_warps=num_warps or O_NUM_WARPS, num_stages=num_stages,
                   interpret=interpret, combine="pallas", o_rows=o_rows,
                   prefetch_wo=O_PREFETCH_WO if prefetch_wo is None else bool(prefetch_wo),
-                  rot_input=ROPE_JOINT and num_stages == 1, joint_rope=ROPE_JOINT and num_stages == 1)
+                  rope_joint=ROPE_JOINT)
 
 
 def fused_decode_attention_o_reference(qkv, cos, sin, k_pages, v_pages, block_tables, lengths,
