@@ -378,6 +378,7 @@ def run_variant(args) -> list[dict]:
     greedy_head = (model_module.GREEDY_HEAD, model_module.GREEDY_HEAD_ROWS)
     exit_read_only = mgpu_module.EXIT_READ_ONLY
     rope_joint = decode_attention_module.ROPE_JOINT
+    early_gather = decode_attention_module.EARLY_GATHER
     mgpu_min_rows = model_module.MGPU_MIN_ROWS
     seed_programs = residual_norm_module.SEED_PROGRAMS
     mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
@@ -496,6 +497,10 @@ def run_variant(args) -> list[dict]:
             # rotated in the queries' product (kernels.decode_attention.ROPE_JOINT, session 24: the default
             # below TWO_STAGE_ROWS), or the matrix built in each program and two products.
             decode_attention_module.ROPE_JOINT = {"rope_joint": True, "rope_default": False}.get(glue, rope_joint)
+            # "early_gather" / "no_early_gather": the fused attention's first key block gathered before its QKV
+            # loads, RoPE and cache write (kernels.decode_attention.EARLY_GATHER), or in the loop after them.
+            decode_attention_module.EARLY_GATHER = {"early_gather": True, "no_early_gather": False}.get(
+                glue, early_gather)
             # "mgpu_min8" / "mgpu_min32": steps of 8-31 rows on the Mosaic GPU projections (model.MGPU_MIN_ROWS,
             # so with ACCUMULATE's glue; the default since session 21) or on Triton's path.
             model_module.MGPU_MIN_ROWS = {"mgpu_min8": 8, "mgpu_min32": 32, "before21": 32}.get(glue, mgpu_min_rows)
@@ -582,7 +587,8 @@ def main() -> None:
                                                              "no_accumulate", "exit_read_only", "seed_programs",
                                                              "no_seed_programs", "mgpu_min8", "mgpu_min32", "cublas256",
                                                              "before21", "xgu64", "while_graphs", "greedy_head", "no_greedy_head",
-                                                             "greedy_head256", "rope_joint", "rope_default"],
+                                                             "greedy_head256", "rope_joint", "rope_default",
+                                                             "early_gather", "no_early_gather"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -93,6 +93,9 @@
 #   head23b     session 23: the same in the model (model.GREEDY_HEAD): compiled tests (the engine's among them),
 #               the step at 32 / 64 rows against XLA's GEMM + the greedy pick (~400 s)
 #   sweep24     session 24: bench/bandwidth.py --sweep-only at 0.5B 64 x 2k: warps 2/8, stages 1/3, 8 splits (~60 s)
+#   early25     session 25: the fused attention's first key block gathered before its QKV loads, RoPE and cache
+#               write (kernels.decode_attention.EARLY_GATHER): its compiled tests, then the step at 1 / 64 / 256 rows
+#               against the default, alternating rounds, with a profile (~400 s)
 #   reduce25    session 24, for the next session: which computation is the 7.5 µs `input_reduce_fusion` of the
 #               64-row greedy step (bench/results/kernel_notes.md, session 24): the step's optimized HLO dumped
 #               and the fusion printed (~120 s)
@@ -448,6 +451,10 @@ for part in "${parts[@]}"; do
                --glue kernels greedy_head --rounds 7 --reps 10 --profile /tmp/head23b ;;
     sweep24) timeout 100 python3 bench/bandwidth.py --sweep-only --budget-s 80 --sweep-configs warps=8 warps=2 \
                stages=1 stages=3 "splits=8 warps=8" "splits=8 stages=3" ;;
+    early25) timeout 150 python3 -m pytest -x -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+                tests/test_decode_attention.py -k "early_gather and compiled" ; \
+              timeout 330 python3 bench/decode_step.py --batches 1 64 256 --variants default --no-static \
+                --glue kernels early_gather --rounds 7 --reps 10 --profile /tmp/early25 ;;
     reduce25) rm -rf /tmp/hlo25; XLA_FLAGS="--xla_dump_to=/tmp/hlo25 --xla_dump_hlo_as_text" timeout 200 \
                 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
                 --rounds 1 --reps 2 ; \

@@ -69,7 +69,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                   group: int, block_rows: int, num_splits: int, pages_per_block: int, scale: float,
                   precision, act_dtype, merge_in_kernel: bool = False, interpret: bool = False,
                   o_rows: int = 0, prefetch_wo: bool = False, rot_input: bool = False,
-                  joint_rope: bool = False):
+                  joint_rope: bool = False, early_gather: bool = False):
     wo_ref, refs = (refs[0], refs[1:]) if o_rows else (None, refs)
     rot_ref, refs = (refs[0], refs[1:]) if rot_input else (None, refs)
     (o_ref, lse_ref, out_ref, counter_ref), (k_out_ref, v_out_ref) = split_refs(
@@ -94,14 +94,22 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         key_offset=-1)
     num_iters = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
 
-    def key_block(i):
+    def key_block(i, clamp_pages=False):
         page0 = first_page + i * pages_per_block
         # Keys at or past `cached` read the row's first slot (see gather_key_block): written
         # whenever the loop runs, so V stays finite without a select before the product.
         valid = page0 * page_size + jnp.arange(block_keys) < cached
         k, v = gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block,
-                                valid)
+                                valid, clamp_pages=clamp_pages)
         return k, v, valid
+
+    if early_gather:
+        # `EARLY_GATHER`: the first block's DRAM gather is issued before the QKV loads, RoPE and the
+        # new token's write, which it does not depend on, so their latency runs under its own. It
+        # reads only keys < `cached`, written by earlier steps, never the slot written below. A row
+        # with no cached key (the loop would not run) reads its first slot too, possibly never
+        # written (NaN): that block is computed and then discarded by a select.
+        first_block = key_block(0, clamp_pages=True)
 
     v_new = qkv_ref[seq, num_heads + kv_heads + head, :].astype(act_dtype).astype(pool_dtype)
     cos = cos_ref[seq, :][None, :]
@@ -164,7 +172,11 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
         # Loaded before the attention, the weights are in flight while it runs (registers held).
         wos = [wo_rows(g) for g in range(group)] if prefetch_wo else None
-    carry = lax.fori_loop(0, num_iters, lambda i, c: step(c, key_block(i)), (acc0, m0, l0))
+    carry = (acc0, m0, l0)
+    if early_gather:
+        has_first = num_iters >= 1
+        carry = tuple(jnp.where(has_first, after, before) for after, before in zip(step(carry, first_block), carry))
+    carry = lax.fori_loop(int(early_gather), num_iters, lambda i, c: step(c, key_block(i)), carry)
     out, lse = finish_rows(*carry)
     if o_rows:
         # o_proj's partial sum over this KV head's query heads, rounded as the unfused path rounds
@@ -194,11 +206,11 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine", "o_rows",
-    "prefetch_wo", "out_dtype", "rope_joint"))
+    "prefetch_wo", "out_dtype", "rope_joint", "early_gather"))
 def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo=None, *, scale: float,
            num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
            interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False, out_dtype=None,
-           rope_joint: bool = False):
+           rope_joint: bool = False, early_gather: bool = False):
     out_dtype = qkv.dtype if out_dtype is None else out_dtype
     batch, _, head_dim = qkv.shape
     kv_heads = k_pages.shape[0]
@@ -214,7 +226,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
         scale=scale, precision=precision, act_dtype=out_dtype, merge_in_kernel=merge_in_kernel,
         interpret=interpret, o_rows=o_rows, prefetch_wo=prefetch_wo, rot_input=rot_input,
-        joint_rope=rot_input and group < block_rows)
+        joint_rope=rot_input and group < block_rows, early_gather=early_gather)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -293,6 +305,10 @@ TWO_STAGE_ROWS = 128
 # (0.590); at 256 rows (two stages) 1.266 vs 1.262 and 1.289 vs 1.286, so not there (H200, session 24,
 # bench/results/decode_step.md). JAXSERVE_ROPE_JOINT=0 turns it off. Read when a step is traced.
 ROPE_JOINT = os.environ.get("JAXSERVE_ROPE_JOINT", "1") == "1"
+# The first key block's gather issued at the top of the fused kernels, ahead of the QKV loads, RoPE and
+# the cache write (`_fused_kernel`), instead of in the loop after them. Opt-in until measured
+# (JAXSERVE_EARLY_GATHER=1). Read when a step is traced.
+EARLY_GATHER = os.environ.get("JAXSERVE_EARLY_GATHER", "0") == "1"
 
 
 def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
@@ -351,7 +367,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                   num_splits=num_splits, pages_per_block=pages_per_block,
                   num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                   combine=combine, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
-                  rope_joint=ROPE_JOINT)
+                  rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER)
 
 
 # `fused_decode_attention_o`: rows of Wo a program (its grid's third axis has N / O_ROWS blocks per
@@ -428,7 +444,7 @@ def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_p
                   pages_per_block=pages_per_block, num_warps=num_warps or O_NUM_WARPS, num_stages=num_stages,
                   interpret=interpret, combine="pallas", o_rows=o_rows,
                   prefetch_wo=O_PREFETCH_WO if prefetch_wo is None else bool(prefetch_wo),
-                  rope_joint=ROPE_JOINT)
+                  rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER)
 
 
 def fused_decode_attention_o_reference(qkv, cos, sin, k_pages, v_pages, block_tables, lengths,

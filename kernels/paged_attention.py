@@ -122,7 +122,7 @@ COMBINES = ("pallas", "xla", "inkernel")
 
 
 def gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block: int,
-                     written):
+                     written, clamp_pages: bool = False):
     """In-kernel: K and V `[pages_per_block * page_size, head_dim]` of the row's keys from
     page `page0` on; keys where `written [keys]` is False are read from the row's first slot.
 
@@ -131,13 +131,17 @@ def gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per
     reshaped), bench/results/bandwidth.md. Slots past a sequence's length may hold anything
     (stale pages, even NaN), and p = 0 times NaN is NaN in the second product; pointing those
     keys at slot 0 of the row's first page (written whenever the loop runs) keeps V finite
-    with no select after the load.
+    with no select after the load. `clamp_pages`: page ids kept inside the pool, for a caller
+    that gathers before it knows the row holds any page (a padding row's table may hold
+    anything).
     """
     page_size = k_pages_ref.shape[-2]
     table_pages = block_table_ref.shape[0]
     keys = jnp.arange(pages_per_block * page_size)
     entry = jnp.minimum(page0 + keys // page_size, table_pages - 1)
     page = jnp.where(written, block_table_ref[entry], block_table_ref[0])
+    if clamp_pages:
+        page = jnp.clip(page, 0, k_pages_ref.shape[0] - 1)
     offset = jnp.where(written, keys % page_size, 0)
     return k_pages_ref[page, offset], v_pages_ref[page, offset]
 

@@ -233,6 +233,35 @@ def test_fused_decode_joint_rope_equals_two_products_bitwise(interpret, num_head
     assert relative_error(joint[0], ref) <= TOLERANCE[dtype], f"seed={seed}"
 
 
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("num_stages,num_splits,o_proj", [(1, 1, False), (2, 2, False), (1, 1, True)])
+def test_fused_decode_early_gather_equals_the_loop_bitwise(interpret, num_stages, num_splits, o_proj, monkeypatch):
+    """`EARLY_GATHER` (the first key block gathered before RoPE and the cache write) against the plain
+    loop: the same blocks folded in the same order, so the same bits; a padding row whose table holds
+    ids outside the pool (gathered early, then discarded) changes nothing."""
+    rng, seed = fresh_rng()
+    qkv, cos, sin, k_pages, v_pages, table, lengths, slots = fused_case(
+        rng, batch=6, num_heads=14, kv_heads=2, head_dim=64, page_size=16, table_pages=5, dtype=jnp.bfloat16)
+    assert int(lengths[0]) == 0  # ragged_lengths starts with a padding row
+    table = table.at[0].set(jnp.asarray([-7, 10 ** 6, 3, -1, 2], jnp.int32))
+    args = (qkv, cos, sin, k_pages, v_pages, table, lengths, slots)
+    wo = jnp.asarray(rng.standard_normal((64, 14 * 64)) / 30.0, jnp.bfloat16)
+
+    def run(early):
+        monkeypatch.setattr(decode_attention, "EARLY_GATHER", early)
+        if o_proj:
+            return fused_decode_attention_o(*args, wo, interpret=interpret)
+        return fused_decode_attention(*args, interpret=interpret, num_stages=num_stages, num_splits=num_splits,
+                                      pages_per_block=2)
+
+    early, plain = run(True), run(False)
+    for name, got, want in zip(("out", "k_pages", "v_pages"), early, plain):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                      err_msg=f"{name}, seed={seed}")
+    ref = (fused_decode_attention_o_reference(*args, wo) if o_proj else fused_decode_attention_reference(*args))[0]
+    assert relative_error(early[0], ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
+
+
 def test_fused_decode_o_errors_name_the_field():
     qkv = jnp.zeros((1, 18, 64))
     pages = jnp.zeros((2, 4, 16, 64))
