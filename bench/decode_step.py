@@ -80,7 +80,9 @@ ATTENTION_TUNINGS = {"attn_w2": {"num_warps": 2}, "attn_w8": {"num_warps": 8},
                      # session 16: pages gathered an iteration (16: a short table's 256 keys in one)
                      "attn_ppb16": {"pages_per_block": 16}, "attn_ppb4": {"pages_per_block": 4},
                      "attn_split2": {"num_splits": 2}, "attn_ppb16_w8": {"pages_per_block": 16, "num_warps": 8},
-                     "attn_ppb16_w2": {"pages_per_block": 16, "num_warps": 2}, "attn_st3": {"num_stages": 3}}
+                     "attn_ppb16_w2": {"pages_per_block": 16, "num_warps": 2}, "attn_st3": {"num_stages": 3},
+                     # session 25: one stage at 128-256 rows, where EARLY_GATHER then applies
+                     "attn_st1": {"num_stages": 1}}
 # --glue choices that run the 8-64-row projections on Mosaic GPU (model.SKINNY_BACKEND "mgpu",
 # `kernels.skinny_matmul_mgpu`) with these whole TILES (n = weight rows a program, s = slots: steps
 # in flight + 1, t = programs wanted; "none" is the QKV projection, as "partials" unless given).
@@ -379,6 +381,7 @@ def run_variant(args) -> list[dict]:
     exit_read_only = mgpu_module.EXIT_READ_ONLY
     rope_joint = decode_attention_module.ROPE_JOINT
     early_gather = decode_attention_module.EARLY_GATHER
+    argmax_merge = mgpu_module.ARGMAX_MERGE
     mgpu_min_rows = model_module.MGPU_MIN_ROWS
     seed_programs = residual_norm_module.SEED_PROGRAMS
     mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
@@ -501,6 +504,9 @@ def run_variant(args) -> list[dict]:
             # loads, RoPE and cache write (kernels.decode_attention.EARLY_GATHER), or in the loop after them.
             decode_attention_module.EARLY_GATHER = {"early_gather": True, "no_early_gather": False}.get(
                 glue, early_gather)
+            # "argmax_merge" / "argmax_merge_xla": the greedy head's block maxima merged by
+            # kernels.greedy_pick.pick_blocks or by XLA's argmax (kernels.skinny_matmul_mgpu.ARGMAX_MERGE).
+            mgpu_module.ARGMAX_MERGE = {"argmax_merge": "pallas", "argmax_merge_xla": "xla"}.get(glue, argmax_merge)
             # "mgpu_min8" / "mgpu_min32": steps of 8-31 rows on the Mosaic GPU projections (model.MGPU_MIN_ROWS,
             # so with ACCUMULATE's glue; the default since session 21) or on Triton's path.
             model_module.MGPU_MIN_ROWS = {"mgpu_min8": 8, "mgpu_min32": 32, "before21": 32}.get(glue, mgpu_min_rows)
@@ -588,7 +594,8 @@ def main() -> None:
                                                              "no_seed_programs", "mgpu_min8", "mgpu_min32", "cublas256",
                                                              "before21", "xgu64", "while_graphs", "greedy_head", "no_greedy_head",
                                                              "greedy_head256", "rope_joint", "rope_default",
-                                                             "early_gather", "no_early_gather"],
+                                                             "early_gather", "no_early_gather", "argmax_merge",
+                                                             "argmax_merge_xla"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

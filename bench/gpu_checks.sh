@@ -96,6 +96,10 @@
 #   early25     session 25: the fused attention's first key block gathered before its QKV loads, RoPE and cache
 #               write (kernels.decode_attention.EARLY_GATHER): its compiled tests, then the step at 1 / 64 / 256 rows
 #               against the default, alternating rounds, with a profile (~400 s)
+#   merge25     session 25: compiled tests of pick_blocks, the argmax head and the early gather; the 64-row step
+#               with the greedy head's maxima merged by pick_blocks and without the early gather against the
+#               default; the 128 / 256-row steps with the fused attention at one stage (the early gather then on)
+#               (~300 s)
 #   reduce25    session 24, for the next session: which computation is the 7.5 µs `input_reduce_fusion` of the
 #               64-row greedy step (bench/results/kernel_notes.md, session 24): the step's optimized HLO dumped
 #               and the fusion printed (~120 s)
@@ -455,6 +459,13 @@ for part in "${parts[@]}"; do
                 tests/test_decode_attention.py -k "early_gather and compiled" ; \
               timeout 330 python3 bench/decode_step.py --batches 1 64 256 --variants default --no-static \
                 --glue kernels early_gather --rounds 7 --reps 10 --profile /tmp/early25 ;;
+    merge25) timeout 150 python3 -m pytest -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+                tests/test_greedy_pick.py tests/test_skinny_matmul_mgpu.py tests/test_decode_attention.py \
+                -k "compiled and (pick_blocks or argmax or early_gather)" ; \
+              timeout 200 python3 bench/decode_step.py --batches 64 --variants default --no-static \
+                --glue kernels argmax_merge no_early_gather --rounds 7 --reps 10 --profile /tmp/merge25 ; \
+              timeout 220 python3 bench/decode_step.py --batches 128 256 --variants default --no-static \
+                --glue kernels attn_st1 --rounds 7 --reps 10 --profile /tmp/merge25b ;;
     reduce25) rm -rf /tmp/hlo25; XLA_FLAGS="--xla_dump_to=/tmp/hlo25 --xla_dump_hlo_as_text" timeout 200 \
                 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
                 --rounds 1 --reps 2 ; \

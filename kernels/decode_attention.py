@@ -21,7 +21,8 @@ How (one program per sequence, KV head and split, as in `kernels.paged_attention
 - The cached keys are gathered per key through the block table (`gather_key_block`),
   `pages_per_block` pages' worth a loop iteration, online softmax in float32,
   flash-decoding splits merged in one more launch (`kernels.split_combine`). A length-0
-  row writes nothing and returns zeros.
+  row writes nothing and returns zeros. With one pipeline stage the first block's gather is
+  issued before everything above (`EARLY_GATHER`): it reads only keys earlier steps wrote.
 
 With the output projection (`fused_decode_attention_o`, one-row steps of short tables): the third
 grid axis becomes blocks of Wo's rows; each program loads its rows of Wo first, redoes the
@@ -217,8 +218,9 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     num_heads = qkv.shape[1] - 2 * kv_heads
     group = num_heads // kv_heads
     block_rows = max(16, compat.next_pow2(group))
-    # ROPE_JOINT's regime: one-stage steps; the key's row needs a group that leaves one free.
+    # ROPE_JOINT's and EARLY_GATHER's regime: one-stage steps; the key's row needs a group that leaves one free.
     rot_input = rope_joint and num_stages == 1
+    early_gather = early_gather and num_stages == 1
     precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
     merge_in_kernel = combine == "inkernel" and num_splits > 1
     kernel = functools.partial(
@@ -305,10 +307,14 @@ TWO_STAGE_ROWS = 128
 # (0.590); at 256 rows (two stages) 1.266 vs 1.262 and 1.289 vs 1.286, so not there (H200, session 24,
 # bench/results/decode_step.md). JAXSERVE_ROPE_JOINT=0 turns it off. Read when a step is traced.
 ROPE_JOINT = os.environ.get("JAXSERVE_ROPE_JOINT", "1") == "1"
-# The first key block's gather issued at the top of the fused kernels, ahead of the QKV loads, RoPE and
-# the cache write (`_fused_kernel`), instead of in the loop after them. Opt-in until measured
-# (JAXSERVE_EARLY_GATHER=1). Read when a step is traced.
-EARLY_GATHER = os.environ.get("JAXSERVE_EARLY_GATHER", "0") == "1"
+# The first key block's gather issued at the top of the fused kernels of one pipeline stage (steps under
+# TWO_STAGE_ROWS), ahead of the QKV loads, RoPE and the cache write it does not depend on, instead of in
+# the loop after them: their latency runs under the gather's. Qwen2.5-0.5B on the H200 (session 25,
+# bench/results/decode_step.md, one process, alternating rounds): attention 6.71 -> 5.95 µs a layer and
+# the step 0.589 -> 0.572 ms at 1 row; 6.98 -> 6.57 µs and 0.782 -> 0.774 ms at 64 rows. At 256 rows (two
+# stages, the pipeline's own prologue gathers ahead) 13.11 -> 14.56 µs, so not there.
+# JAXSERVE_EARLY_GATHER=0 turns it off. Read when a step is traced.
+EARLY_GATHER = os.environ.get("JAXSERVE_EARLY_GATHER", "1") == "1"
 
 
 def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,

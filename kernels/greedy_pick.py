@@ -183,6 +183,68 @@ def greedy_pick(logits: jax.Array, *, block: int | None = None, chunks: int | No
                         interpret=compat.resolve_interpret(interpret), logprobs=bool(logprobs))
 
 
+def _blocks_kernel(maxes_ref, firsts_ref, out_ref, *, blocks: int, padded: int):
+    row = pl.program_id(0)
+    idx = jnp.arange(padded, dtype=jnp.int32)
+    ok = idx < blocks
+    # Row `row`'s column of the block maxima: strided, but a few KB from L2 a program.
+    v = compat.load(maxes_ref.at[pl.ds(0, padded), row], mask=ok, other=-jnp.inf)
+    nan = v != v
+    key = jnp.where(nan, jnp.inf, v)
+    # `jnp.argmax`'s rules: a NaN is the maximum (its first), ties go to the first block, and a row
+    # of only -inf picks block 0.
+    any_nan = jnp.max(nan.astype(jnp.int32)) > 0
+    hit = jnp.where(any_nan, nan, key == jnp.max(key)) & ok
+    block = jnp.min(jnp.where(hit, idx, padded))
+    block = jnp.minimum(block, blocks - 1)
+    first = compat.load(firsts_ref.at[pl.ds(block, 1), row])
+    out_ref[pl.ds(row, 1)] = first.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def _pick_blocks(maxes, firsts, *, interpret: bool):
+    blocks, rows = maxes.shape
+    kernel = functools.partial(_blocks_kernel, blocks=blocks, padded=compat.next_pow2(blocks))
+    return compat.triton_call(kernel, maxes, firsts, grid=(rows,), out_shape=jax.ShapeDtypeStruct((rows,), jnp.int32),
+                              interpret=interpret, num_warps=4, name="pick_blocks")
+
+
+def pick_blocks(maxes: jax.Array, firsts: jax.Array, *, interpret: bool | None = None) -> jax.Array:
+    """Each row's token from per-block maxima: `firsts[b, row]` of the first block `b` holding the
+    row's maximum of `maxes[:, row]` (`jnp.argmax`'s rules across blocks), one program a row.
+
+    Why: an LM head that keeps each weight block's row maxima (`kernels.skinny_matmul_mgpu.
+    argmax_matmul_mgpu`) leaves them as `[blocks, rows]`; XLA's argmax over that leading axis is a
+    column reduction of 64 columns, which its emitter runs on a couple of thread blocks walking the
+    1,187 blocks in turn (7.5 µs at 64 rows on the H200, session 25), plus two small fusions to take
+    the column. Here each row's program loads its column at once.
+
+    Args:
+        maxes: `[blocks, rows]` float32 maxima.
+        firsts: `[blocks, rows]` the column of each maximum (any dtype holding integers exactly).
+        interpret: Pallas interpret mode; None picks it on the CPU backend.
+
+    Example:
+        >>> maxes = jnp.array([[1.0, 5.0], [3.0, 5.0]]); firsts = jnp.array([[7, 8], [9, 10]])
+        >>> pick_blocks(maxes, firsts).tolist()
+        [9, 8]
+    """
+    if maxes.ndim != 2 or firsts.shape != maxes.shape:
+        raise ValueError(f"maxes and firsts must both be [blocks, rows], got {maxes.shape} and {firsts.shape}")
+    return _pick_blocks(maxes.astype(jnp.float32), firsts, interpret=compat.resolve_interpret(interpret))
+
+
+def pick_blocks_reference(maxes: jax.Array, firsts: jax.Array) -> jax.Array:
+    """jnp reference of `pick_blocks`.
+
+    Example:
+        >>> pick_blocks_reference(jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])).tolist()
+        [6]
+    """
+    block = jnp.argmax(maxes, axis=0)
+    return jnp.take_along_axis(firsts, block[None, :], axis=0)[0].astype(jnp.int32)
+
+
 def greedy_pick_reference(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
     """jnp reference of `greedy_pick` (what XLA runs as separate reductions).
 

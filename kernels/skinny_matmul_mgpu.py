@@ -53,6 +53,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import mgpu_pipeline as ring
 from kernels import pallas_compat as compat
+from kernels.greedy_pick import pick_blocks, pick_blocks_reference
 from kernels.skinny_matmul import swiglu_sums
 
 _ROWS = 64  # WGMMA's M granule
@@ -331,8 +332,9 @@ def _argmax_epilogue(acc, max_ref, idx_ref, max_smem, idx_smem, dtype, *, col_bl
     plgpu.copy_smem_to_gmem(idx_smem.at[pl.ds(0, count)], idx_ref.at[col_block, rows])
 
 
-@functools.partial(jax.jit, static_argnames=("n_out", "block_n", "num_slots", "boxes", "block_m", "interpret"))
-def _argmax_call(x, w, *, n_out: int, block_n: int, num_slots: int, boxes: int, block_m: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("n_out", "block_n", "num_slots", "boxes", "block_m", "interpret", "merge"))
+def _argmax_call(x, w, *, n_out: int, block_n: int, num_slots: int, boxes: int, block_m: int, interpret: bool,
+                 merge: str):
     m, k = x.shape
     n = n_out
     rows, row_tile = min(m, block_m), _row_tile(m, block_m)
@@ -358,8 +360,9 @@ def _argmax_call(x, w, *, n_out: int, block_n: int, num_slots: int, boxes: int, 
         **compat.mgpu_interpret_kwargs(interpret),
     )(x, w)
     # The first block holding a row's maximum has its first column (argmax's rule).
-    block = jnp.argmax(maxes, axis=0)
-    return jnp.take_along_axis(firsts, block[None, :], axis=0)[0].astype(jnp.int32)
+    if merge == "pallas":
+        return pick_blocks(maxes, firsts, interpret=interpret)
+    return pick_blocks_reference(maxes, firsts)
 
 
 # Tiling of `argmax_matmul_mgpu`: weight rows a program, slots, boxes a step; rows a program
@@ -367,6 +370,10 @@ def _argmax_call(x, w, *, n_out: int, block_n: int, num_slots: int, boxes: int, 
 # 64 rows), with `block_n` cut to keep it within 128 registers a thread past 128 rows. Measured on the
 # H200 at 64 rows (session 23, bench/lm_head.py); the wider programs not yet. Read at call time.
 ARGMAX_TILE = {"block_n": 128, "num_slots": 4, "boxes": 1}
+# How the blocks' maxima become tokens: "pallas" (`kernels.greedy_pick.pick_blocks`, one program a row)
+# or "xla" (`jnp.argmax` over the blocks: a column reduction, 7.5 µs at 64 rows on the H200, plus two
+# small fusions; session 25). Opt-in until measured. Read at call time.
+ARGMAX_MERGE = "xla"
 
 
 def argmax_matmul_mgpu(x: jax.Array, w: jax.Array, *, block_n: int | None = None, num_slots: int | None = None,
@@ -411,7 +418,7 @@ def argmax_matmul_mgpu(x: jax.Array, w: jax.Array, *, block_n: int | None = None
     if interpret and n % tile["block_n"]:
         # Compiled, the last block's TMA copies read zeros past N; the interpreter refuses such reads.
         w = jnp.pad(w, ((0, -n % tile["block_n"]), (0, 0)))
-    return _argmax_call(x, w, n_out=n, interpret=interpret, **tile)
+    return _argmax_call(x, w, n_out=n, interpret=interpret, merge=ARGMAX_MERGE, **tile)
 
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "boxes", "block_m", "num_splits",

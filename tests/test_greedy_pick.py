@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.greedy_pick import greedy_pick, greedy_pick_reference
+from kernels.greedy_pick import greedy_pick, greedy_pick_reference, pick_blocks, pick_blocks_reference
 from tests.test_kernels import MODES, fresh_rng
 
 
@@ -108,3 +108,20 @@ def test_bad_inputs_are_refused():
         greedy_pick(jnp.zeros((2, 4)), block=100)
     with pytest.raises(ValueError, match="chunks"):
         greedy_pick(jnp.zeros((2, 4)), chunks=0)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("blocks,rows", [(1187, 64), (5, 8), (1, 3)])
+def test_pick_blocks_matches_argmax_over_the_blocks(interpret, blocks, rows):
+    """Per-block maxima to tokens as `jnp.argmax` over the blocks: few distinct values (ties across
+    blocks: the first wins), a row of only -inf (block 0), a row with NaNs (the first NaN)."""
+    rng, seed = fresh_rng()
+    maxes = rng.integers(-3, 3, (blocks, rows)).astype(np.float32)
+    maxes[:, 0] = -np.inf
+    if rows > 1:
+        maxes[rng.integers(0, blocks, 2), 1] = np.nan
+    firsts = rng.permutation(blocks * rows).reshape(blocks, rows).astype(np.float32)
+    got = pick_blocks(jnp.asarray(maxes), jnp.asarray(firsts), interpret=interpret)
+    want = pick_blocks_reference(jnp.asarray(maxes), jnp.asarray(firsts))
+    assert got.dtype == jnp.int32 and got.shape == (rows,)
+    assert np.array_equal(np.asarray(got), np.asarray(want)), f"seed={seed}"

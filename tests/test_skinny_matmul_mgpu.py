@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from kernels.skinny_matmul import skinny_matmul_reference
+import kernels.skinny_matmul_mgpu as skinny_matmul_mgpu_module
 from kernels.skinny_matmul_mgpu import argmax_matmul_mgpu, skinny_matmul_mgpu, split_count, supports
 from tests.test_kernels import MODES, TOLERANCE, fresh_rng, relative_error
 
@@ -134,10 +135,12 @@ def test_accumulate_adds_into_its_input_in_place(interpret, m, k, n, tiling, mon
     (128, 128, 776, dict(block_n=64, block_m=64)),              # two row blocks of 64; 8 of 64 in the last block
     (256, 128, 520, {}),                                        # the default: all 256 rows a program, 64 columns
 ])
-def test_argmax_matmul_is_argmax_of_the_rounded_products(interpret, m, k, n, tile):
+def test_argmax_matmul_is_argmax_of_the_rounded_products(interpret, m, k, n, tile, monkeypatch):
     # The greedy LM head without logits: each row's first column of the maximum of x @ w.T rounded to
     # bf16, as jnp.argmax on bf16 logits; rows 0-1 have their maximum three times (weight rows 5, 6 and
-    # the last are equal: in one block and in another), where the first column must win.
+    # the last are equal: in one block and in another), where the first column must win. The blocks'
+    # maxima merged by either route (ARGMAX_MERGE), alternating by case.
+    monkeypatch.setattr(skinny_matmul_mgpu_module, "ARGMAX_MERGE", "pallas" if m in (8, 128) else "xla")
     rng, seed = fresh_rng()
     x, w = _operands(rng, m, k, n)
     w = w.at[n - 1].set(w[5]).at[6].set(w[5])
