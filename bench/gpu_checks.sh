@@ -100,6 +100,9 @@
 #               with the greedy head's maxima merged by pick_blocks and without the early gather against the
 #               default; the 128 / 256-row steps with the fused attention at one stage (the early gather then on)
 #               (~300 s)
+#   warps25     session 25, at its defaults (early gather and one stage up to 128 rows, pick_blocks): compiled tests
+#               of pick_blocks, the argmax head, the early gather and the model's decode steps; the fused attention
+#               with 8 warps against 4 at 64 / 128 / 256 rows (~330 s)
 #   reduce25    session 24, for the next session: which computation is the 7.5 µs `input_reduce_fusion` of the
 #               64-row greedy step (bench/results/kernel_notes.md, session 24): the step's optimized HLO dumped
 #               and the fusion printed (~120 s)
@@ -466,6 +469,11 @@ for part in "${parts[@]}"; do
                 --glue kernels argmax_merge no_early_gather --rounds 7 --reps 10 --profile /tmp/merge25 ; \
               timeout 220 python3 bench/decode_step.py --batches 128 256 --variants default --no-static \
                 --glue kernels attn_st1 --rounds 7 --reps 10 --profile /tmp/merge25b ;;
+    warps25) timeout 200 python3 -m pytest -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+                tests/test_greedy_pick.py tests/test_skinny_matmul_mgpu.py tests/test_decode_attention.py \
+                -k "compiled and (pick_blocks or argmax or early_gather or model)" ; \
+              timeout 260 python3 bench/decode_step.py --batches 64 128 256 --variants default --no-static \
+                --glue kernels attn_w8 --rounds 7 --reps 10 --profile /tmp/warps25 ;;
     reduce25) rm -rf /tmp/hlo25; XLA_FLAGS="--xla_dump_to=/tmp/hlo25 --xla_dump_hlo_as_text" timeout 200 \
                 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
                 --rounds 1 --reps 2 ; \

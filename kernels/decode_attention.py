@@ -298,8 +298,11 @@ def _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_map
 # program runs few iterations, and a second stage halved the programs resident per SM). Today's
 # kernel reads the other way at 256 rows: 12.9 vs 14.2 µs a layer, step 1.332-1.335 vs 1.365-1.367
 # ms in two calls, and ties at 64 (0.864 vs 0.867; H200, session 16, bench/results/decode_step.md).
-# Below 128 rows it stays at one, since nothing was measured there since session 4.
-TWO_STAGE_ROWS = 128
+# Below 128 rows it stays at one, since nothing was measured there since session 4. With EARLY_GATHER
+# (one-stage kernels only) one stage wins at 128 rows too: attention 9.66 -> 8.90 µs a layer, step 0.969 ->
+# 0.951 ms; at 256 it loses (13.11 -> 14.61 µs, 1.259 -> 1.293 ms; H200, session 25, decode_step.md). The
+# engine's batch buckets are powers of two, so nothing between the two was measured.
+TWO_STAGE_ROWS = 256
 # RoPE inside the fused kernels of one pipeline stage (steps under TWO_STAGE_ROWS): rotate_half's
 # matrix loaded, a constant, instead of built from iotas in every program, and the new key rotated in
 # the queries' product (a free row of the group's tile) instead of a second one. Qwen2.5-0.5B at 64

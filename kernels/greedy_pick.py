@@ -189,7 +189,8 @@ def _blocks_kernel(maxes_ref, firsts_ref, out_ref, *, blocks: int, padded: int):
     ok = idx < blocks
     # Row `row`'s column of the block maxima: strided, but a few KB from L2 a program.
     v = compat.load(maxes_ref.at[pl.ds(0, padded), row], mask=ok, other=-jnp.inf)
-    nan = v != v
+    # Not `v != v`: Triton lowers a float `!=` to an ordered compare, false for NaN.
+    nan = jnp.logical_not(v == v)
     key = jnp.where(nan, jnp.inf, v)
     # `jnp.argmax`'s rules: a NaN is the maximum (its first), ties go to the first block, and a row
     # of only -inf picks block 0.

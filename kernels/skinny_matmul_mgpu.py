@@ -371,9 +371,11 @@ def _argmax_call(x, w, *, n_out: int, block_n: int, num_slots: int, boxes: int, 
 # H200 at 64 rows (session 23, bench/lm_head.py); the wider programs not yet. Read at call time.
 ARGMAX_TILE = {"block_n": 128, "num_slots": 4, "boxes": 1}
 # How the blocks' maxima become tokens: "pallas" (`kernels.greedy_pick.pick_blocks`, one program a row)
-# or "xla" (`jnp.argmax` over the blocks: a column reduction, 7.5 µs at 64 rows on the H200, plus two
-# small fusions; session 25). Opt-in until measured. Read at call time.
-ARGMAX_MERGE = "xla"
+# or "xla" (`jnp.argmax` over the blocks: a column reduction, 7.5 µs at 64 rows, plus two small fusions).
+# H200, session 25 (bench/results/decode_step.md, one process, alternating rounds): pick_blocks 4.25 µs in
+# place of 7.47 + 2 x 1.48 + 2 x 1.08 µs of XLA's launches, the 64-row greedy step 0.770 against 0.774 ms.
+# Read at call time.
+ARGMAX_MERGE = "pallas"
 
 
 def argmax_matmul_mgpu(x: jax.Array, w: jax.Array, *, block_n: int | None = None, num_slots: int | None = None,
