@@ -21,8 +21,8 @@ How (one program per sequence, KV head and split, as in `kernels.paged_attention
 - The cached keys are gathered per key through the block table (`gather_key_block`),
   `pages_per_block` pages' worth a loop iteration, online softmax in float32,
   flash-decoding splits merged in one more launch (`kernels.split_combine`). A length-0
-  row writes nothing and returns zeros. With one pipeline stage the first block's gather is
-  issued before everything above (`EARLY_GATHER`): it reads only keys earlier steps wrote.
+  row writes nothing and returns zeros. Unsplit with one pipeline stage, the first block's gather
+  is issued before everything above (`EARLY_GATHER`): it reads only keys earlier steps wrote.
 
 With the output projection (`fused_decode_attention_o`, one-row steps of short tables): the third
 grid axis becomes blocks of Wo's rows; each program loads its rows of Wo first, redoes the
@@ -220,7 +220,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     block_rows = max(16, compat.next_pow2(group))
     # ROPE_JOINT's and EARLY_GATHER's regime: one-stage steps; the key's row needs a group that leaves one free.
     rot_input = rope_joint and num_stages == 1
-    early_gather = early_gather and num_stages == 1
+    early_gather = early_gather and num_stages == 1 and num_splits == 1
     precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
     merge_in_kernel = combine == "inkernel" and num_splits > 1
     kernel = functools.partial(
@@ -298,11 +298,13 @@ def _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_map
 # program runs few iterations, and a second stage halved the programs resident per SM). Today's
 # kernel reads the other way at 256 rows: 12.9 vs 14.2 µs a layer, step 1.332-1.335 vs 1.365-1.367
 # ms in two calls, and ties at 64 (0.864 vs 0.867; H200, session 16, bench/results/decode_step.md).
-# Below 128 rows it stays at one, since nothing was measured there since session 4. With EARLY_GATHER
-# (one-stage kernels only) one stage wins at 128 rows too: attention 9.66 -> 8.90 µs a layer, step 0.969 ->
-# 0.951 ms; at 256 it loses (13.11 -> 14.61 µs, 1.259 -> 1.293 ms; H200, session 25, decode_step.md). The
-# engine's batch buckets are powers of two, so nothing between the two was measured.
-TWO_STAGE_ROWS = 256
+# Below 128 rows it stays at one, since nothing was measured there since session 4.
+TWO_STAGE_ROWS = 128
+# The same for unsplit kernels with EARLY_GATHER (which needs one stage): one stage wins at 128 rows
+# too, attention 9.66 -> 8.90 µs a layer, step 0.969 -> 0.951 ms; at 256 it loses (13.11 -> 14.61 µs,
+# 1.259 -> 1.293 ms; H200, session 25, decode_step.md). The engine's batch buckets are powers of two,
+# so nothing between the two was measured.
+UNSPLIT_TWO_STAGE_ROWS = 256
 # RoPE inside the fused kernels of one pipeline stage (steps under TWO_STAGE_ROWS): rotate_half's
 # matrix loaded, a constant, instead of built from iotas in every program, and the new key rotated in
 # the queries' product (a free row of the group's tile) instead of a second one. Qwen2.5-0.5B at 64
@@ -314,8 +316,10 @@ ROPE_JOINT = os.environ.get("JAXSERVE_ROPE_JOINT", "1") == "1"
 # TWO_STAGE_ROWS), ahead of the QKV loads, RoPE and the cache write it does not depend on, instead of in
 # the loop after them: their latency runs under the gather's. Qwen2.5-0.5B on the H200 (session 25,
 # bench/results/decode_step.md, one process, alternating rounds): attention 6.71 -> 5.95 µs a layer and
-# the step 0.589 -> 0.572 ms at 1 row; 6.98 -> 6.57 µs and 0.782 -> 0.774 ms at 64 rows. At 256 rows (two
-# stages, the pipeline's own prologue gathers ahead) 13.11 -> 14.56 µs, so not there.
+# the step 0.589 -> 0.572 ms at 1 row; 6.98 -> 6.57 µs and 0.782 -> 0.774 ms at 64 rows. Where several
+# programs share an SM it loses (its block's registers held through RoPE): 13.11 -> 14.56 µs at 256 rows
+# (two stages, whose prologue gathers ahead anyway), 16.66 -> 17.12 µs at 64 rows of 1,088 keys (4
+# splits, 512 programs), so only unsplit one-stage kernels take it.
 # JAXSERVE_EARLY_GATHER=0 turns it off. Read when a step is traced.
 EARLY_GATHER = os.environ.get("JAXSERVE_EARLY_GATHER", "1") == "1"
 
@@ -364,13 +368,14 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     batch, _, head_dim = qkv.shape
-    if num_stages is None:
-        num_stages = 2 if batch >= TWO_STAGE_ROWS else 1
     kv_heads, _, page_size, _ = k_pages.shape
     interpret = compat.resolve_interpret(interpret)
     pages_per_block, num_splits = resolve_tuning(
         page_size, block_tables.shape[1], batch * kv_heads, pages_per_block, num_splits,
         interpret, DECODE_BLOCK_KEYS, head_dim=head_dim, single_pass=True)
+    if num_stages is None:
+        unsplit_early = EARLY_GATHER and num_splits == 1
+        num_stages = 2 if batch >= (UNSPLIT_TWO_STAGE_ROWS if unsplit_early else TWO_STAGE_ROWS) else 1
     return _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
                   scale=float(head_dim ** -0.5 if scale is None else scale),
                   num_splits=num_splits, pages_per_block=pages_per_block,
