@@ -382,6 +382,7 @@ def run_variant(args) -> list[dict]:
     rope_joint = decode_attention_module.ROPE_JOINT
     early_gather = decode_attention_module.EARLY_GATHER
     argmax_merge = mgpu_module.ARGMAX_MERGE
+    scale_first = residual_norm_module.SCALE_FIRST
     mgpu_min_rows = model_module.MGPU_MIN_ROWS
     seed_programs = residual_norm_module.SEED_PROGRAMS
     mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
@@ -507,6 +508,9 @@ def run_variant(args) -> list[dict]:
             # "argmax_merge" / "argmax_merge_xla": the greedy head's block maxima merged by
             # kernels.greedy_pick.pick_blocks or by XLA's argmax (kernels.skinny_matmul_mgpu.ARGMAX_MERGE).
             mgpu_module.ARGMAX_MERGE = {"argmax_merge": "pallas", "argmax_merge_xla": "xla"}.get(glue, argmax_merge)
+            # "norm_scale_first" / "norm_scale_late": the add + RMSNorm kernel loads its weight before the row
+            # or after the mean square (kernels.residual_norm.SCALE_FIRST).
+            residual_norm_module.SCALE_FIRST = {"norm_scale_first": True, "norm_scale_late": False}.get(glue, scale_first)
             # "mgpu_min8" / "mgpu_min32": steps of 8-31 rows on the Mosaic GPU projections (model.MGPU_MIN_ROWS,
             # so with ACCUMULATE's glue; the default since session 21) or on Triton's path.
             model_module.MGPU_MIN_ROWS = {"mgpu_min8": 8, "mgpu_min32": 32, "before21": 32}.get(glue, mgpu_min_rows)
@@ -595,7 +599,7 @@ def main() -> None:
                                                              "before21", "xgu64", "while_graphs", "greedy_head", "no_greedy_head",
                                                              "greedy_head256", "rope_joint", "rope_default",
                                                              "early_gather", "no_early_gather", "argmax_merge",
-                                                             "argmax_merge_xla"],
+                                                             "argmax_merge_xla", "norm_scale_first", "norm_scale_late"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -105,6 +105,8 @@
 #               with 8 warps against 4 at 64 / 128 / 256 rows (~330 s)
 #   ppb25       session 25: the model's compiled decode-step tests, then the 64 / 128-row steps with the fused
 #               attention gathering 16 pages (a 256-key table whole, early) an iteration, 4 and 8 warps (~250 s)
+#   scale25     session 25: the add + RMSNorm kernel's weight loaded first: its compiled bitwise test, then the
+#               64-row step against the default (~150 s)
 #   reduce25    session 24, for the next session: which computation is the 7.5 µs `input_reduce_fusion` of the
 #               64-row greedy step (bench/results/kernel_notes.md, session 24): the step's optimized HLO dumped
 #               and the fusion printed (~120 s)
@@ -480,6 +482,10 @@ for part in "${parts[@]}"; do
                 tests/test_decode_attention.py -k model ; \
               timeout 200 python3 bench/decode_step.py --batches 64 128 --variants default --no-static \
                 --glue kernels attn_ppb16 attn_ppb16_w8 --rounds 7 --reps 10 --profile /tmp/ppb25 ;;
+    scale25) timeout 60 python3 -m pytest -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+                tests/test_residual_norm.py -k "compiled and scale_loaded" ; \
+              timeout 150 python3 bench/decode_step.py --batches 64 --variants default --no-static \
+                --glue kernels norm_scale_first --rounds 5 --reps 10 --profile /tmp/scale25 ;;
     reduce25) rm -rf /tmp/hlo25; XLA_FLAGS="--xla_dump_to=/tmp/hlo25 --xla_dump_hlo_as_text" timeout 200 \
                 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
                 --rounds 1 --reps 2 ; \

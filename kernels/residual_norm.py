@@ -49,9 +49,15 @@ NUM_WARPS = 8
 # decode_step.md, --glue seed_programs, one process, alternating rounds): step 0.804 -> 0.793 ms at
 # 64 rows, 0.976 -> 0.965 at 128. Read at call time.
 SEED_PROGRAMS = True
+# The norm's weight loaded at the top of a row's program, before the row (so its L2 round trip runs
+# under the row's), instead of after the mean square, where it waited behind the cross-warp reduction
+# (the fused attention's early gather, session 25, is the same move). Opt-in until measured. Read when
+# a step is traced.
+SCALE_FIRST = False
 
 
-def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: int, seed_programs: bool):
+def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: int, seed_programs: bool,
+            scale_first: bool = False):
     rest = list(rest)
     p_ref = rest.pop(0) if num_parts else None
     scale_ref = rest.pop(0)
@@ -62,7 +68,8 @@ def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: 
     seed_out_ref = rest.pop(0) if seed_block else None
     pid, m = pl.program_id(0), h_ref.shape[0]
     norm = functools.partial(_norm_row, h_ref=h_ref, p_ref=p_ref, scale_ref=scale_ref, h_out_ref=h_out_ref,
-                             norm_out_ref=norm_out_ref, num_parts=num_parts, eps=eps, block_n=block_n)
+                             norm_out_ref=norm_out_ref, num_parts=num_parts, eps=eps, block_n=block_n,
+                             scale_first=scale_first)
 
     def seed(row):
         seed_ok = jnp.arange(seed_block) < seed_ref.shape[0]
@@ -79,11 +86,14 @@ def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: 
         norm(pid)
 
 
-def _norm_row(row, *, h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, num_parts: int, eps: float, block_n: int):
+def _norm_row(row, *, h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, num_parts: int, eps: float, block_n: int,
+              scale_first: bool = False):
     n = h_ref.shape[1]
     dtype = h_ref.dtype
     cols = jnp.arange(block_n)
     ok = cols < n
+    if scale_first:
+        scale = compat.load(scale_ref.at[pl.ds(0, block_n)], mask=ok, other=0)
     h = compat.load(h_ref.at[row, pl.ds(0, block_n)], mask=ok, other=0)
     if num_parts:
         # Unrolled, so every partial's load is in flight at once: a program is one row, and
@@ -97,20 +107,22 @@ def _norm_row(row, *, h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, num_part
     hf = h.astype(jnp.float32)
     mean_square = jnp.sum(hf * hf) / n  # masked columns loaded as 0
     normed = (hf * lax.rsqrt(mean_square + eps)).astype(norm_out_ref.dtype)
-    scale = compat.load(scale_ref.at[pl.ds(0, block_n)], mask=ok, other=0)
+    if not scale_first:
+        scale = compat.load(scale_ref.at[pl.ds(0, block_n)], mask=ok, other=0)
     out = (scale.astype(jnp.float32) * normed.astype(jnp.float32)).astype(norm_out_ref.dtype)
     compat.store(norm_out_ref.at[row, pl.ds(0, block_n)], out, mask=ok)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "num_warps", "interpret", "seed_programs"))
+@functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "num_warps", "interpret", "seed_programs",
+                                             "scale_first"))
 def _add_rms_norm(hidden, partials, scale, seed, *, eps: float, out_dtype, num_warps: int, interpret: bool,
-                  seed_programs: bool):
+                  seed_programs: bool, scale_first: bool = False):
     m, n = hidden.shape
     num_parts = 0 if partials is None else partials.shape[0]
     seed_block = 0 if seed is None else compat.next_pow2(seed.shape[0])
     seed_programs = seed_programs and bool(seed_block)
     kernel = functools.partial(_kernel, num_parts=num_parts, eps=eps, block_n=compat.next_pow2(n),
-                               seed_block=seed_block, seed_programs=seed_programs)
+                               seed_block=seed_block, seed_programs=seed_programs, scale_first=scale_first)
     args = [hidden] + ([partials] if num_parts else []) + [scale] + ([seed] if seed_block else [])
     norm_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
     out_shape = [jax.ShapeDtypeStruct((m, n), hidden.dtype), norm_shape] if num_parts else [norm_shape]
@@ -163,7 +175,8 @@ def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array
     return _add_rms_norm(hidden, partials, scale, seed, eps=float(eps),
                          out_dtype=jnp.dtype(hidden.dtype if out_dtype is None else out_dtype),
                          num_warps=NUM_WARPS if num_warps is None else num_warps,
-                         interpret=compat.resolve_interpret(interpret), seed_programs=SEED_PROGRAMS)
+                         interpret=compat.resolve_interpret(interpret), seed_programs=SEED_PROGRAMS,
+                         scale_first=SCALE_FIRST)
 
 
 def add_rms_norm_reference(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array, *,

@@ -97,3 +97,25 @@ def test_float32_stream_normed_to_bf16_with_a_seeded_accumulator(interpret, seed
     assert out[1].dtype == jnp.bfloat16 and out[2].dtype == jnp.float32 and out[2].shape == (m, seed_n)
     assert relative_error(out[1], ref[1]) <= 8e-3, f"seed={seed}"
     np.testing.assert_array_equal(np.asarray(out[2]), np.asarray(ref[2]), err_msg=f"seed={seed}")
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("with_partials", [False, True])
+def test_scale_loaded_first_gives_the_same_bits(interpret, with_partials, monkeypatch):
+    # SCALE_FIRST only moves the norm weight's load to the top of a row's program.
+    import importlib
+
+    module = importlib.import_module("kernels.residual_norm")
+    rng, seed = fresh_rng()
+    dtype = jnp.bfloat16 if with_partials else jnp.float32
+    hidden = jnp.asarray(rng.standard_normal((6, 200)) * 3, dtype)
+    partials = jnp.asarray(rng.standard_normal((3, 6, 200)), jnp.float32) if with_partials else None
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, 200), jnp.bfloat16)
+    outs = []
+    for first in (False, True):
+        monkeypatch.setattr(module, "SCALE_FIRST", first)
+        outs.append(add_rms_norm(hidden, partials, scale, eps=1e-6, out_dtype=jnp.bfloat16, interpret=interpret))
+    for late, early in zip(*outs):
+        np.testing.assert_array_equal(np.asarray(late, np.float32), np.asarray(early, np.float32), err_msg=f"seed={seed}")
+    ref = add_rms_norm_reference(hidden, partials, scale, eps=1e-6, out_dtype=jnp.bfloat16)
+    assert relative_error(outs[1][1], ref[1]) <= 8e-3, f"seed={seed}"
