@@ -51,9 +51,10 @@ NUM_WARPS = 8
 SEED_PROGRAMS = True
 # The norm's weight loaded at the top of a row's program, before the row (so its L2 round trip runs
 # under the row's), instead of after the mean square, where it waited behind the cross-warp reduction
-# (the fused attention's early gather, session 25, is the same move). Opt-in until measured. Read when
-# a step is traced.
-SCALE_FIRST = False
+# (the fused attention's early gather is the same move). Same bits. H200, session 25 (decode_step.md,
+# --glue norm_scale_first, one process): at 64 rows 1.64 -> 1.57 and 1.52 -> 1.44 µs a launch, GPU busy
+# 753.8 -> 748.0 µs a step, the step 0.767 -> 0.766 ms. Read when a step is traced.
+SCALE_FIRST = True
 
 
 def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: int, seed_programs: bool,
