@@ -383,6 +383,7 @@ def run_variant(args) -> list[dict]:
     early_gather = decode_attention_module.EARLY_GATHER
     argmax_merge = mgpu_module.ARGMAX_MERGE
     scale_first = residual_norm_module.SCALE_FIRST
+    norm_gemv_hoist = skinny_module.NORM_GEMV_HOIST
     mgpu_min_rows = model_module.MGPU_MIN_ROWS
     seed_programs = residual_norm_module.SEED_PROGRAMS
     mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
@@ -511,6 +512,9 @@ def run_variant(args) -> list[dict]:
             # "norm_scale_first" / "norm_scale_late": the add + RMSNorm kernel loads its weight before the row
             # or after the mean square (kernels.residual_norm.SCALE_FIRST).
             residual_norm_module.SCALE_FIRST = {"norm_scale_first": True, "norm_scale_late": False}.get(glue, scale_first)
+            # "gemv_hoist" / "no_gemv_hoist": the one-row folded-norm projections load the norm's weight and
+            # bias with their weight rows (kernels.skinny_matmul.NORM_GEMV_HOIST), or after the norm / products.
+            skinny_module.NORM_GEMV_HOIST = {"gemv_hoist": True, "no_gemv_hoist": False}.get(glue, norm_gemv_hoist)
             # "mgpu_min8" / "mgpu_min32": steps of 8-31 rows on the Mosaic GPU projections (model.MGPU_MIN_ROWS,
             # so with ACCUMULATE's glue; the default since session 21) or on Triton's path.
             model_module.MGPU_MIN_ROWS = {"mgpu_min8": 8, "mgpu_min32": 32, "before21": 32}.get(glue, mgpu_min_rows)
@@ -599,7 +603,8 @@ def main() -> None:
                                                              "before21", "xgu64", "while_graphs", "greedy_head", "no_greedy_head",
                                                              "greedy_head256", "rope_joint", "rope_default",
                                                              "early_gather", "no_early_gather", "argmax_merge",
-                                                             "argmax_merge_xla", "norm_scale_first", "norm_scale_late"],
+                                                             "argmax_merge_xla", "norm_scale_first", "norm_scale_late",
+                                                             "gemv_hoist", "no_gemv_hoist"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

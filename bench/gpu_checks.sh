@@ -107,6 +107,9 @@
 #               attention gathering 16 pages (a 256-key table whole, early) an iteration, 4 and 8 warps (~250 s)
 #   scale25     session 25: the add + RMSNorm kernel's weight loaded first: its compiled bitwise test, then the
 #               64-row step against the default (~150 s)
+#   hoist26     session 25, for the next session: the one-row folded-norm projections with the norm's weight and
+#               bias loaded at the top (kernels.skinny_matmul.NORM_GEMV_HOIST): compiled bitwise test, then the
+#               batch-1 step against the default (~150 s)
 #   reduce25    session 24, for the next session: which computation is the 7.5 µs `input_reduce_fusion` of the
 #               64-row greedy step (bench/results/kernel_notes.md, session 24): the step's optimized HLO dumped
 #               and the fusion printed (~120 s)
@@ -486,6 +489,10 @@ for part in "${parts[@]}"; do
                 tests/test_residual_norm.py -k "compiled and scale_loaded" ; \
               timeout 150 python3 bench/decode_step.py --batches 64 --variants default --no-static \
                 --glue kernels norm_scale_first --rounds 5 --reps 10 --profile /tmp/scale25 ;;
+    hoist26) timeout 60 python3 -m pytest -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+                tests/test_skinny_matmul.py -k "compiled and hoisted" ; \
+              timeout 150 python3 bench/decode_step.py --batches 1 --variants default --no-static \
+                --glue kernels gemv_hoist --rounds 7 --reps 10 --profile /tmp/hoist26 ;;
     reduce25) rm -rf /tmp/hlo25; XLA_FLAGS="--xla_dump_to=/tmp/hlo25 --xla_dump_hlo_as_text" timeout 200 \
                 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
                 --rounds 1 --reps 2 ; \

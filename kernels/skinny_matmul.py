@@ -181,15 +181,17 @@ def swiglu_sums(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
     return (gate / (1.0 + jnp.exp(-gate))).astype(dtype).astype(jnp.float32) * up
 
 
-def _store_output(accs, o_ref, b_ref, *, epilogue: str, tile, mask, cols_at, col_ok) -> None:
-    """A program's float32 sums to its output tile: SwiGLU of the (gate, up) pair, or bias + round."""
+def _store_output(accs, o_ref, b_ref, *, epilogue: str, tile, mask, cols_at, col_ok, bias=None) -> None:
+    """A program's float32 sums to its output tile: SwiGLU of the (gate, up) pair, or bias + round
+    (`bias`: its columns already loaded, else read from `b_ref` here)."""
     dtype = o_ref.dtype
     if epilogue == "swiglu":
         compat.store(o_ref.at[tile], swiglu_sums(*accs, dtype).astype(dtype), mask=mask)
         return
     acc = accs[0]
     if b_ref is not None:
-        bias = compat.load(b_ref.at[cols_at], mask=col_ok, other=0)
+        if bias is None:
+            bias = compat.load(b_ref.at[cols_at], mask=col_ok, other=0)
         acc = acc + bias.astype(jnp.float32)[None, :]
     compat.store(o_ref.at[tile], acc.astype(dtype), mask=mask)
 
@@ -405,10 +407,15 @@ NORM_GEMV_MAX_K = 1024
 # 0.618-0.620 vs 0.665 ms with the one-row defaults above.
 NORM_GEMV_TILES: dict[str, dict[str, int]] = {"none": {"block_n": 4},
                                               "swiglu": {"block_n": 2, "num_warps": 4, "num_programs": 1056}}
+# The norm's weight (and, one block a program, the bias) loaded with the weight rows at the top of
+# `skinny_matmul_norm`'s programs, not after the row's statistics and the products: as the add +
+# RMSNorm kernel's `SCALE_FIRST` (session 25: -0.07 µs a launch there). Same bits; not yet timed on
+# the GPU (`bash bench/gpu_checks.sh hoist26`), so off. Read when a step is traced.
+NORM_GEMV_HOIST = False
 
 
 def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, has_bias: bool,
-                      block_n: int, block_k: int, n_out: int, num_programs: int):
+                      block_n: int, block_k: int, n_out: int, num_programs: int, hoist: bool = False):
     refs = list(refs)
     p_ref = refs.pop(0) if num_parts else None
     scale_ref, w_ref = refs.pop(0), refs.pop(0)
@@ -429,6 +436,13 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
     # The weight rows first: they do not depend on the norm, so their loads are in flight while
     # the program sums the residual and its statistics.
     ws = load_rows(pid)
+    one_block = num_programs >= num_blocks
+    if hoist:
+        scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
+    bias = None
+    if hoist and has_bias and one_block:
+        bias_ok = pid * block_n + jnp.arange(block_n) < n_out
+        bias = compat.load(b_ref.at[pl.ds(pid * block_n, block_n)], mask=bias_ok, other=0)
     dtype = h_ref.dtype
     row = jnp.int32(0)  # a traced index: interpret mode's discharge wants one, not a Python int
     h = compat.load(h_ref.at[row, pl.ds(0, block_k)], mask=k_ok, other=0)
@@ -440,18 +454,19 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
         compat.store(h_out_ref.at[row, pl.ds(0, block_k)], h, mask=k_ok & (pid == 0))
     hf = h.astype(jnp.float32)
     normed = (hf * lax.rsqrt(jnp.sum(hf * hf) / k_total + eps)).astype(dtype)
-    scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
+    if not hoist:
+        scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
     x = (scale.astype(jnp.float32) * normed.astype(jnp.float32)).astype(dtype).astype(jnp.float32)
 
-    def emit(block, ws):
+    def emit(block, ws, bias=None):
         cols_at = pl.ds(block * block_n, block_n)
         col_ok = block * block_n + jnp.arange(block_n) < n_out
         accs = tuple(jnp.sum(w.astype(jnp.float32) * x[None, :], axis=1)[None, :] for w in ws)
         _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=(pl.ds(0, 1), cols_at),
-                      mask=col_ok[None, :], cols_at=cols_at, col_ok=col_ok)
+                      mask=col_ok[None, :], cols_at=cols_at, col_ok=col_ok, bias=bias)
 
-    if num_programs >= num_blocks:  # one block a program
-        emit(pid, ws)
+    if one_block:  # one block a program
+        emit(pid, ws, bias)
         return
 
     # Fewer programs than blocks: program p takes blocks p, p + P, p + 2P, ..., the next block's
@@ -467,9 +482,9 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "epilogue", "block_n", "num_warps", "num_programs",
-                                             "interpret"))
+                                             "interpret", "hoist"))
 def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, block_n: int,
-               num_warps: int, num_programs: int, interpret: bool):
+               num_warps: int, num_programs: int, interpret: bool, hoist: bool = False):
     k = hidden.shape[1]
     n_out = w.shape[0] // 2 if epilogue == "swiglu" else w.shape[0]
     num_parts = 0 if partials is None else partials.shape[0]
@@ -477,7 +492,7 @@ def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, b
     num_programs = min(num_programs or num_blocks, num_blocks)
     kernel = functools.partial(_norm_gemv_kernel, num_parts=num_parts, eps=eps, epilogue=epilogue,
                                has_bias=bias is not None, block_n=block_n, block_k=compat.next_pow2(k),
-                               n_out=n_out, num_programs=num_programs)
+                               n_out=n_out, num_programs=num_programs, hoist=hoist)
     args = [hidden] + ([partials] if num_parts else []) + [scale, w] + ([bias] if bias is not None else [])
     out_shape = ([jax.ShapeDtypeStruct(hidden.shape, hidden.dtype)] if num_parts else []) \
         + [jax.ShapeDtypeStruct((1, n_out), hidden.dtype)]
@@ -546,7 +561,7 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
         partials = partials.astype(jnp.float32)
     return _norm_gemv(hidden, partials, scale, w, bias, eps=float(eps), epilogue=epilogue, block_n=block_n,
                       num_warps=num_warps or tile.get("num_warps", NK_GEMV_WARPS), num_programs=num_programs,
-                      interpret=interpret)
+                      interpret=interpret, hoist=NORM_GEMV_HOIST)
 
 
 def skinny_matmul_norm_reference(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array,

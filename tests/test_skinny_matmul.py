@@ -182,6 +182,30 @@ def test_skinny_matmul_norm_matches_reference(interpret, epilogue, k, n, dtype, 
     assert relative_error(y, y_ref) <= TOLERANCE[dtype], f"seed={seed}"
 
 
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("epilogue,k,n,dtype,with_bias,parts,bn,programs", [NORM_CASES[4], NORM_CASES[6]])
+def test_skinny_matmul_norm_hoisted_loads_give_the_same_bits(interpret, epilogue, k, n, dtype, with_bias, parts, bn,
+                                                             programs, monkeypatch):
+    # NORM_GEMV_HOIST only moves the norm weight's and the bias's loads to the top of each program.
+    import importlib
+
+    rng, seed = fresh_rng()
+    hidden = jnp.asarray(rng.standard_normal((1, k)), dtype)
+    partials = jnp.asarray(rng.standard_normal((parts, 1, k)), jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, k), dtype)
+    w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), dtype)
+    bias = jnp.asarray(rng.standard_normal(n), dtype) if with_bias else None
+    outs = []
+    for hoist in (False, True):
+        monkeypatch.setattr(importlib.import_module("kernels.skinny_matmul"), "NORM_GEMV_HOIST", hoist)
+        # programs None: one block a program, where the bias is hoisted too
+        for num_programs in (None, programs):
+            outs.append(skinny_matmul_norm(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue, block_n=bn,
+                                           num_programs=num_programs, interpret=interpret)[1])
+    for late, early in zip(outs[:2], outs[2:]):
+        np.testing.assert_array_equal(np.asarray(late, np.float32), np.asarray(early, np.float32), err_msg=f"seed={seed}")
+
+
 def test_skinny_matmul_norm_errors_name_the_field():
     ones = jnp.ones((1, 8))
     with pytest.raises(ValueError, match="hidden"):
