@@ -218,7 +218,8 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     num_heads = qkv.shape[1] - 2 * kv_heads
     group = num_heads // kv_heads
     block_rows = max(16, compat.next_pow2(group))
-    # ROPE_JOINT's and EARLY_GATHER's regime: one-stage steps; the key's row needs a group that leaves one free.
+    # ROPE_JOINT's regime: one-stage steps, the key's row in a group that leaves one free; EARLY_GATHER's:
+    # one-stage unsplit steps.
     rot_input = rope_joint and num_stages == 1
     early_gather = early_gather and num_stages == 1 and num_splits == 1
     precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
@@ -305,15 +306,15 @@ TWO_STAGE_ROWS = 128
 # 1.259 -> 1.293 ms; H200, session 25, decode_step.md). The engine's batch buckets are powers of two,
 # so nothing between the two was measured.
 UNSPLIT_TWO_STAGE_ROWS = 256
-# RoPE inside the fused kernels of one pipeline stage (steps under TWO_STAGE_ROWS): rotate_half's
+# RoPE inside the fused kernels of one pipeline stage (see the two above): rotate_half's
 # matrix loaded, a constant, instead of built from iotas in every program, and the new key rotated in
 # the queries' product (a free row of the group's tile) instead of a second one. Qwen2.5-0.5B at 64
 # rows: step 0.783 vs 0.786-0.788 ms, attention 7.01-7.03 vs 7.14-7.15 µs in two calls; at 1 row a tie
 # (0.590); at 256 rows (two stages) 1.266 vs 1.262 and 1.289 vs 1.286, so not there (H200, session 24,
 # bench/results/decode_step.md). JAXSERVE_ROPE_JOINT=0 turns it off. Read when a step is traced.
 ROPE_JOINT = os.environ.get("JAXSERVE_ROPE_JOINT", "1") == "1"
-# The first key block's gather issued at the top of the fused kernels of one pipeline stage (steps under
-# TWO_STAGE_ROWS), ahead of the QKV loads, RoPE and the cache write it does not depend on, instead of in
+# The first key block's gather issued at the top of the unsplit fused kernels of one pipeline stage
+# (steps under UNSPLIT_TWO_STAGE_ROWS), ahead of the QKV loads, RoPE and the cache write it does not depend on, instead of in
 # the loop after them: their latency runs under the gather's. Qwen2.5-0.5B on the H200 (session 25,
 # bench/results/decode_step.md, one process, alternating rounds): attention 6.71 -> 5.95 µs a layer and
 # the step 0.589 -> 0.572 ms at 1 row; 6.98 -> 6.57 µs and 0.782 -> 0.774 ms at 64 rows. Where several
@@ -347,7 +348,8 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
         slot_mapping: `[batch]` pool slot (`page * page_size + offset`) of the new token;
             negative writes nothing. A row with length >= 1 must name its token's slot.
         scale, interpret, num_splits, pages_per_block, num_warps, num_stages, combine: as in
-            `kernels.paged_attention.paged_attention`. `num_stages` None: `TWO_STAGE_ROWS`.
+            `kernels.paged_attention.paged_attention`. `num_stages` None: by `TWO_STAGE_ROWS`, or
+            `UNSPLIT_TWO_STAGE_ROWS` for an unsplit call with `EARLY_GATHER`.
         out_dtype: the activations' dtype (None: qkv's). A float32 qkv (a projection's
             accumulator) is rounded to it first, as a projection's output in it would be.
 
