@@ -384,6 +384,8 @@ def run_variant(args) -> list[dict]:
     argmax_merge = mgpu_module.ARGMAX_MERGE
     scale_first = residual_norm_module.SCALE_FIRST
     norm_gemv_hoist = skinny_module.NORM_GEMV_HOIST
+    combine_module = importlib.import_module("kernels.split_combine")
+    early_partials = combine_module.EARLY_PARTIALS
     mgpu_min_rows = model_module.MGPU_MIN_ROWS
     seed_programs = residual_norm_module.SEED_PROGRAMS
     mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
@@ -515,6 +517,8 @@ def run_variant(args) -> list[dict]:
             # "gemv_hoist" / "no_gemv_hoist": the one-row folded-norm projections load the norm's weight and
             # bias with their weight rows (kernels.skinny_matmul.NORM_GEMV_HOIST), or after the norm / products.
             skinny_module.NORM_GEMV_HOIST = {"gemv_hoist": True, "no_gemv_hoist": False}.get(glue, norm_gemv_hoist)
+            # "early_partials": the split merge loads its partials with the lse's (kernels.split_combine.EARLY_PARTIALS).
+            combine_module.EARLY_PARTIALS = {"early_partials": True, "no_early_partials": False}.get(glue, early_partials)
             # "mgpu_min8" / "mgpu_min32": steps of 8-31 rows on the Mosaic GPU projections (model.MGPU_MIN_ROWS,
             # so with ACCUMULATE's glue; the default since session 21) or on Triton's path.
             model_module.MGPU_MIN_ROWS = {"mgpu_min8": 8, "mgpu_min32": 32, "before21": 32}.get(glue, mgpu_min_rows)
@@ -604,7 +608,8 @@ def main() -> None:
                                                              "greedy_head256", "rope_joint", "rope_default",
                                                              "early_gather", "no_early_gather", "argmax_merge",
                                                              "argmax_merge_xla", "norm_scale_first", "norm_scale_late",
-                                                             "gemv_hoist", "no_gemv_hoist"],
+                                                             "gemv_hoist", "no_gemv_hoist", "early_partials",
+                                                             "no_early_partials"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

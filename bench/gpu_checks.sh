@@ -110,6 +110,10 @@
 #   hoist26     session 25, for the next session: the one-row folded-norm projections with the norm's weight and
 #               bias loaded at the top (kernels.skinny_matmul.NORM_GEMV_HOIST): compiled bitwise test, then the
 #               batch-1 step against the default (~150 s)
+#   combine26   session 25, for the next session: the split merge with its partials loaded beside the lse's
+#               (kernels.split_combine.EARLY_PARTIALS): compiled tests, the 64-row step at 1,088 keys (4 splits, a
+#               merge a layer) against the default in one process, then bandwidth.py's batch-1 32k rows in two
+#               processes, off and on (~300 s)
 #   reduce25    session 24, for the next session: which computation is the 7.5 µs `input_reduce_fusion` of the
 #               64-row greedy step (bench/results/kernel_notes.md, session 24): the step's optimized HLO dumped
 #               and the fusion printed (~120 s)
@@ -493,6 +497,12 @@ for part in "${parts[@]}"; do
                 tests/test_skinny_matmul.py -k "compiled and hoisted" ; \
               timeout 150 python3 bench/decode_step.py --batches 1 --variants default --no-static \
                 --glue kernels gemv_hoist --rounds 7 --reps 10 --profile /tmp/hoist26 ;;
+    combine26) timeout 60 python3 -m pytest -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+                tests/test_split_combine.py -k compiled ; \
+              timeout 120 python3 bench/decode_step.py --batches 64 --context 1088 --variants default --no-static \
+                --glue kernels early_partials --rounds 7 --reps 10 --profile /tmp/combine26 ; \
+              for on in 0 1; do JAXSERVE_EARLY_PARTIALS=$on timeout 50 python3 bench/bandwidth.py --sweep-only \
+                --budget-s 40 --sweep-configs splits=128; done ;;
     reduce25) rm -rf /tmp/hlo25; XLA_FLAGS="--xla_dump_to=/tmp/hlo25 --xla_dump_hlo_as_text" timeout 200 \
                 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
                 --rounds 1 --reps 2 ; \

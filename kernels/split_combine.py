@@ -13,8 +13,9 @@ weighted-sum over so many splits as several reduction kernels a layer (H100: 328
 kernels a batch-1 step of Qwen2.5-0.5B at a 2048-page table, +5.7% step time); this is one.
 
 How: one program per (sequence, KV head, query row of the group, chunk of head_dim). It
-loads every split's lse of its row and the matching `[splits, chunk]` slice of `o` at
-once (no loop: nothing waits on a previous load), subtracts the max, and reduces. Splits
+loads every split's lse of its row and the matching `[splits, chunk]` slice of `o` (no
+loop; the slice is masked by the splits' weights, so it waits on the lse's load, unless
+`EARLY_PARTIALS`), subtracts the max, and reduces. Splits
 that saw no key have lse = -inf and weigh 0; a row with no key at all gives 0. The chunk
 of head_dim shrinks as the split count grows, so a program holds at most
 `_MAX_TILE_ELEMENTS` values.
@@ -23,6 +24,7 @@ of head_dim shrinks as the split count grows, so a program holds at most
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -32,32 +34,45 @@ from kernels import pallas_compat as compat
 
 # Values of `o` one program holds: 4096 f32 over 4 warps is 32 registers a thread.
 _MAX_TILE_ELEMENTS = 4096
+# The partials loaded at once with the lse's (masked by the split count only; empty splits' values are
+# dropped by a select after the load), not masked by their weights, which made that load wait on the
+# lse's round trip. Same bits. The merge is one of batch 1 x 32k's two launches (bandwidth.md), where
+# its dependent L2 round trips are the launch's cost. Not yet timed on the GPU (`bash
+# bench/gpu_checks.sh combine26`), so off; JAXSERVE_EARLY_PARTIALS=1 turns it on. Read at call time.
+EARLY_PARTIALS = os.environ.get("JAXSERVE_EARLY_PARTIALS", "0") == "1"
 
 
-def _combine_kernel(o_ref, lse_ref, out_ref, *, num_splits: int, padded_splits: int, chunk: int):
+def _combine_kernel(o_ref, lse_ref, out_ref, *, num_splits: int, padded_splits: int, chunk: int,
+                    early_partials: bool = False):
     seq, head, row, part = (pl.program_id(0), pl.program_id(1), pl.program_id(2),
                             pl.program_id(3))
     splits = jnp.arange(padded_splits)
     real = splits < num_splits
+    cols = pl.ds(part * chunk, chunk)
+    if early_partials:
+        o = compat.load(o_ref.at[pl.ds(0, padded_splits), seq, head, row, cols], mask=real[:, None], other=0)
     lse = compat.load(lse_ref.at[pl.ds(0, padded_splits), seq, head, row], mask=real,
                       other=-jnp.inf)
     m = lse.max()
     w = jnp.exp(lse - jnp.where(m > -jnp.inf, m, 0.0))  # -inf (empty or padding) -> 0
     total = w.sum()
-    cols = pl.ds(part * chunk, chunk)
-    o = compat.load(o_ref.at[pl.ds(0, padded_splits), seq, head, row, cols],
-                    mask=(w > 0)[:, None], other=0).astype(jnp.float32)
+    if early_partials:
+        # An empty split's partial never enters the sum (0 x NaN would be NaN): selected away.
+        o = jnp.where((w > 0)[:, None], o.astype(jnp.float32), 0.0)
+    else:
+        o = compat.load(o_ref.at[pl.ds(0, padded_splits), seq, head, row, cols],
+                        mask=(w > 0)[:, None], other=0).astype(jnp.float32)
     out = (w[:, None] * o).sum(axis=0) / jnp.where(total > 0, total, 1.0)
     out_ref[seq, head, row, cols] = out.astype(out_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret"))
-def _combine(o, lse, *, out_dtype, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "early_partials"))
+def _combine(o, lse, *, out_dtype, interpret: bool, early_partials: bool = False):
     num_splits, batch, kv_heads, group, head_dim = o.shape
     padded_splits = compat.next_pow2(num_splits)
     chunk = max(1, min(head_dim, _MAX_TILE_ELEMENTS // padded_splits))
     kernel = functools.partial(_combine_kernel, num_splits=num_splits,
-                               padded_splits=padded_splits, chunk=chunk)
+                               padded_splits=padded_splits, chunk=chunk, early_partials=early_partials)
     return compat.triton_call(kernel, o, lse, grid=(batch, kv_heads, group, head_dim // chunk),
                               out_shape=jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), out_dtype),
                               interpret=interpret, num_warps=4, name="split_combine")
@@ -92,7 +107,7 @@ def combine_splits(o: jax.Array, lse: jax.Array, out_dtype=None, *,
     if head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two, got {head_dim}")
     return _combine(o, lse.astype(jnp.float32), out_dtype=jnp.dtype(out_dtype or o.dtype),
-                    interpret=compat.resolve_interpret(interpret))
+                    interpret=compat.resolve_interpret(interpret), early_partials=EARLY_PARTIALS)
 
 
 def combine_splits_reference(o: jax.Array, lse: jax.Array, out_dtype=None) -> jax.Array:
