@@ -1,7 +1,8 @@
 """Greedy pick: each row's argmax and that token's log-probability, in one pass over the logits.
 
 Owns: `greedy_pick` (`[B, V]` logits -> the first index of each row's maximum and its
-log-softmax value) and its jnp reference. Never decides when it is used (the runner's greedy
+log-softmax value), `pick_blocks` (per-block maxima of an LM head that writes no logits -> each
+row's token) and their jnp references. Never decides when it is used (the runner's greedy
 path does; the sampler keeps its own jnp code).
 
 Why: a greedy decode step wants the argmax and, for the chosen token's log-probability, the
