@@ -73,6 +73,15 @@ def _first_tokens(host: jax.Array, prefill_tokens: jax.Array, source: jax.Array,
     return jnp.where(owed, prefill_tokens[source], host)
 
 
+def _check_in_vocab(ids: Sequence[int], vocab: int, what: str) -> None:
+    """ValueError `"{what} in [0, vocab), got <the first bad ids>"` when some id is outside the vocabulary.
+    min/max first: the per-id scan only when something is out of range (a batch-256 generate validates
+    32k prompt ids before its first step, with nothing on the device yet)."""
+    if ids and (min(ids) < 0 or max(ids) >= vocab):
+        bad = [t for t in ids if not 0 <= t < vocab]
+        raise ValueError(f"{what} in [0, {vocab}), got {bad[:5]}")
+
+
 def _decode_table_widths(page_size: int, max_pages: int) -> tuple[int, ...]:
     """Block-table widths (pages) of decode calls: a narrow one and the full ``max_pages``.
 
@@ -152,12 +161,7 @@ class Engine:
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         else:
             ids = list(map(int, prompt))  # ~20% under a comprehension: 32k ids before a batch-256 run starts
-            vocab = self.model.config.vocab_size
-            # min/max first: the per-token scan only when something is out of range (a batch-256
-            # generate validates 32k ids before its first step, with nothing on the device yet).
-            if ids and (min(ids) < 0 or max(ids) >= vocab):
-                bad = [t for t in ids if not 0 <= t < vocab]
-                raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+            _check_in_vocab(ids, self.model.config.vocab_size, "prompt token ids must be")
         if not ids:
             raise ValueError("prompt must not be empty")
         return ids
@@ -172,10 +176,8 @@ class Engine:
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"max_model_len ({self.max_model_len})")
-        vocab = self.model.config.vocab_size
-        if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # pairs sorted by id
-            bad = [t for t, _ in params.logit_bias if t >= vocab]
-            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab}), got {bad[:5]}")
+        _check_in_vocab([t for t, _ in params.logit_bias], self.model.config.vocab_size,
+                        "logit_bias keys must be token ids")
         if params.logprobs is not None and params.logprobs > MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.logprobs}")
         request_id = request_id or f"req-{next(self._ids)}"
