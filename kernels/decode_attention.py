@@ -314,8 +314,8 @@ UNSPLIT_TWO_STAGE_ROWS = 256
 # bench/results/decode_step.md). JAXSERVE_ROPE_JOINT=0 turns it off. Read when a step is traced.
 ROPE_JOINT = os.environ.get("JAXSERVE_ROPE_JOINT", "1") == "1"
 # The first key block's gather issued at the top of the unsplit fused kernels of one pipeline stage
-# (steps under UNSPLIT_TWO_STAGE_ROWS), ahead of the QKV loads, RoPE and the cache write it does not depend on, instead of in
-# the loop after them: their latency runs under the gather's. Qwen2.5-0.5B on the H200 (session 25,
+# (steps under UNSPLIT_TWO_STAGE_ROWS), ahead of the QKV loads, RoPE and the cache write it does not
+# depend on, instead of in the loop after them: their latency runs under the gather's. Qwen2.5-0.5B on the H200 (session 25,
 # bench/results/decode_step.md, one process, alternating rounds): attention 6.71 -> 5.95 µs a layer and
 # the step 0.589 -> 0.572 ms at 1 row; 6.98 -> 6.57 µs and 0.782 -> 0.774 ms at 64 rows. Where several
 # programs share an SM it loses (its block's registers held through RoPE): 13.11 -> 14.56 µs at 256 rows
