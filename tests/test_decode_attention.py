@@ -202,6 +202,19 @@ def test_fused_decode_of_a_one_block_table_ignores_entries_past_each_row(interpr
     assert_pools_equal(v_new, v_ref, seed)
 
 
+def outputs_with_flag_on_and_off(monkeypatch, flag: str, run, seed):
+    """`run()` with `decode_attention.<flag>` on, then off: the same bits in every output (a flag that
+    only reorders work); returns the outputs with it on."""
+    outs = []
+    for value in (True, False):
+        monkeypatch.setattr(decode_attention, flag, value)
+        outs.append(run())
+    for name, got, want in zip(("out", "k_pages", "v_pages"), *outs):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                      err_msg=f"{flag} {name}, seed={seed}")
+    return outs[0]
+
+
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("num_heads,kv_heads,head_dim,dtype,o_proj", [
     (14, 2, 64, jnp.bfloat16, False),    # Qwen2.5-0.5B: the key rides in row 7 of 16
@@ -219,16 +232,12 @@ def test_fused_decode_joint_rope_equals_two_products_bitwise(interpret, num_head
                       table_pages=4, dtype=dtype)
     wo = jnp.asarray(rng.standard_normal((96, num_heads * head_dim)) / 30.0, dtype)
 
-    def run(joint):
-        monkeypatch.setattr(decode_attention, "ROPE_JOINT", joint)
+    def run():
         if o_proj:
             return fused_decode_attention_o(*args, wo, interpret=interpret)
         return fused_decode_attention(*args, interpret=interpret, num_stages=1)
 
-    joint, two = run(True), run(False)
-    for name, got, want in zip(("out", "k_pages", "v_pages"), joint, two):
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                                      err_msg=f"{name}, seed={seed}")
+    joint = outputs_with_flag_on_and_off(monkeypatch, "ROPE_JOINT", run, seed)
     ref = (fused_decode_attention_o_reference(*args, wo) if o_proj else fused_decode_attention_reference(*args))[0]
     assert relative_error(joint[0], ref) <= TOLERANCE[dtype], f"seed={seed}"
 
@@ -247,16 +256,12 @@ def test_fused_decode_early_gather_equals_the_loop_bitwise(interpret, o_proj, mo
     args = (qkv, cos, sin, k_pages, v_pages, table, lengths, slots)
     wo = jnp.asarray(rng.standard_normal((64, 14 * 64)) / 30.0, jnp.bfloat16)
 
-    def run(early):
-        monkeypatch.setattr(decode_attention, "EARLY_GATHER", early)
+    def run():
         if o_proj:
             return fused_decode_attention_o(*args, wo, interpret=interpret)
         return fused_decode_attention(*args, interpret=interpret, num_stages=1, num_splits=1, pages_per_block=2)
 
-    early, plain = run(True), run(False)
-    for name, got, want in zip(("out", "k_pages", "v_pages"), early, plain):
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                                      err_msg=f"{name}, seed={seed}")
+    early = outputs_with_flag_on_and_off(monkeypatch, "EARLY_GATHER", run, seed)
     ref = (fused_decode_attention_o_reference(*args, wo) if o_proj else fused_decode_attention_reference(*args))[0]
     assert relative_error(early[0], ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
 
