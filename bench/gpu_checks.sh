@@ -107,10 +107,10 @@
 #               attention gathering 16 pages (a 256-key table whole, early) an iteration, 4 and 8 warps (~250 s)
 #   scale25     session 25: the add + RMSNorm kernel's weight loaded first: its compiled bitwise test, then the
 #               64-row step against the default (~150 s)
-#   hoist26     session 25, for the next session: the one-row folded-norm projections with the norm's weight and
+#   hoist26     session 25 (run in 26: won, default on): the one-row folded-norm projections with the norm's weight and
 #               bias loaded at the top (kernels.skinny_matmul.NORM_GEMV_HOIST): compiled bitwise test, then the
 #               batch-1 step against the default (~150 s)
-#   combine26   session 25, for the next session: the split merge with its partials loaded beside the lse's
+#   combine26   session 25 (run in 26: kept on): the split merge with its partials loaded beside the lse's
 #               (kernels.split_combine.EARLY_PARTIALS): compiled tests, the 64-row step at 1,088 keys (4 splits, a
 #               merge a layer) against the default in one process, then bandwidth.py's batch-1 32k rows in two
 #               processes, off and on (~300 s)

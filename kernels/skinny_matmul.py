@@ -409,9 +409,9 @@ NORM_GEMV_TILES: dict[str, dict[str, int]] = {"none": {"block_n": 4},
                                               "swiglu": {"block_n": 2, "num_warps": 4, "num_programs": 1056}}
 # The norm's weight (and, one block a program, the bias) loaded with the weight rows at the top of
 # `skinny_matmul_norm`'s programs, not after the row's statistics and the products: as the add +
-# RMSNorm kernel's `SCALE_FIRST` (session 25: -0.07 µs a launch there). Same bits; not yet timed on
-# the GPU (`bash bench/gpu_checks.sh hoist26`), so off. Read when a step is traced.
-NORM_GEMV_HOIST = False
+# RMSNorm kernel's `SCALE_FIRST`. Same bits. H200, session 26 (`bash bench/gpu_checks.sh hoist26`, one
+# process): batch-1 step 0.556 vs 0.566 ms, GPU busy 565.0 vs 577.8 µs. Read when a step is traced.
+NORM_GEMV_HOIST = True
 
 
 def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, has_bias: bool,

@@ -14,8 +14,8 @@ kernels a batch-1 step of Qwen2.5-0.5B at a 2048-page table, +5.7% step time); t
 
 How: one program per (sequence, KV head, query row of the group, chunk of head_dim). It
 loads every split's lse of its row and the matching `[splits, chunk]` slice of `o` (no
-loop; the slice is masked by the splits' weights, so it waits on the lse's load, unless
-`EARLY_PARTIALS`), subtracts the max, and reduces. Splits
+loop; with `EARLY_PARTIALS` the slice is loaded beside the lse's, masked by the split count
+only, and empty splits are dropped by a select), subtracts the max, and reduces. Splits
 that saw no key have lse = -inf and weigh 0; a row with no key at all gives 0. The chunk
 of head_dim shrinks as the split count grows, so a program holds at most
 `_MAX_TILE_ELEMENTS` values.
@@ -37,9 +37,10 @@ _MAX_TILE_ELEMENTS = 4096
 # The partials loaded at once with the lse's (masked by the split count only; empty splits' values are
 # dropped by a select after the load), not masked by their weights, which made that load wait on the
 # lse's round trip. Same bits. The merge is one of batch 1 x 32k's two launches (bandwidth.md), where
-# its dependent L2 round trips are the launch's cost. Not yet timed on the GPU (`bash
-# bench/gpu_checks.sh combine26`), so off; JAXSERVE_EARLY_PARTIALS=1 turns it on. Read at call time.
-EARLY_PARTIALS = os.environ.get("JAXSERVE_EARLY_PARTIALS", "0") == "1"
+# its dependent L2 round trips are the launch's cost. H200, session 26 (`bash bench/gpu_checks.sh
+# combine26`): bandwidth.py batch 1 x 32k 0.5B 11.9 vs 12.3 µs, 7B 24.3 vs 24.6 µs (two processes);
+# the 64-row step at 1,088 keys ties (1.052 ms both). JAXSERVE_EARLY_PARTIALS=0 turns it off.
+EARLY_PARTIALS = os.environ.get("JAXSERVE_EARLY_PARTIALS", "1") == "1"
 
 
 def _combine_kernel(o_ref, lse_ref, out_ref, *, num_splits: int, padded_splits: int, chunk: int,
