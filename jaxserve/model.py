@@ -49,10 +49,30 @@ class PagedAttention:
     impl: str = flax.struct.field(pytree_node=False, default="pallas")
 
 
+# How `rope_tables` repeats its half tables: "concat" (cos and sin of the angles concatenated with
+# themselves: XLA runs each as a concatenate fusion, two launches a decode step, 1.3-1.4 µs each on the
+# H200) or "broadcast" (cos and sin of the half angles broadcast into both halves: two loop fusions
+# reading the same positions, which XLA may run as one). Same values either way. Not yet timed on the
+# GPU (`bash bench/gpu_checks.sh early26`), so "concat". Read when a step is traced.
+ROPE_REPEAT = os.environ.get("JAXSERVE_ROPE_REPEAT", "concat")
+
+
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin ``[..., head_dim]`` in float32, in the half-split layout of Hugging Face's Qwen2."""
+    """cos/sin ``[..., head_dim]`` in float32, in the half-split layout of Hugging Face's Qwen2.
+
+    Example:
+        >>> cos, sin = rope_tables(jnp.array([0, 3]), 8, 10000.0)
+        >>> cos.shape, float(cos[0, 5]), float(sin[0, 1])
+        ((2, 8), 1.0, 0.0)
+    """
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    if ROPE_REPEAT == "broadcast":
+        def repeat(half: jax.Array) -> jax.Array:
+            lead = half.shape[:-1]
+            return jnp.broadcast_to(half[..., None, :], (*lead, 2, half.shape[-1])).reshape(*lead, head_dim)
+
+        return repeat(jnp.cos(freqs)), repeat(jnp.sin(freqs))
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 

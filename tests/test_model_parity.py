@@ -192,3 +192,23 @@ def test_chat_template_comes_from_the_checkpoint(tmp_path):
     tok = jaxserve.load(path).tokenizer
     ids = apply_chat_template(tok, [{"role": "user", "content": "hi"}])
     assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_rope_tables_repeat_modes_give_the_same_bits(head_dim, monkeypatch):
+    """`model.ROPE_REPEAT` only changes how the half tables fill both halves: the same bits, and the layout Hugging
+    Face's Qwen2 uses (each half the other's copy), at fresh positions of a [batch, tokens] grid and of a decode row."""
+    from jaxserve import model as model_module
+
+    rng = np.random.default_rng()
+    for positions in (rng.integers(0, 40000, size=(3, 5)), rng.integers(0, 40000, size=(7,))):
+        tables = {}
+        for mode in ("concat", "broadcast"):
+            monkeypatch.setattr(model_module, "ROPE_REPEAT", mode)
+            # A new function a mode: jit's cache would hand back the first mode's trace.
+            tables[mode] = jax.jit(lambda p: model_module.rope_tables(p, head_dim, 1e6))(
+                jnp.asarray(positions, jnp.int32))
+        for got, want in zip(tables["broadcast"], tables["concat"]):
+            assert got.shape == (*positions.shape, head_dim) and got.dtype == jnp.float32
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"positions={positions}")
+            np.testing.assert_array_equal(np.asarray(got)[..., :head_dim // 2], np.asarray(got)[..., head_dim // 2:])
