@@ -381,7 +381,6 @@ def run_variant(args) -> list[dict]:
     exit_read_only = mgpu_module.EXIT_READ_ONLY
     rope_joint = decode_attention_module.ROPE_JOINT
     early_gather = decode_attention_module.EARLY_GATHER
-    early_blocks = decode_attention_module.EARLY_BLOCKS
     rope_repeat = model_module.ROPE_REPEAT
     argmax_merge = mgpu_module.ARGMAX_MERGE
     scale_first = residual_norm_module.SCALE_FIRST
@@ -510,9 +509,6 @@ def run_variant(args) -> list[dict]:
             # loads, RoPE and cache write (kernels.decode_attention.EARLY_GATHER), or in the loop after them.
             decode_attention_module.EARLY_GATHER = {"early_gather": True, "no_early_gather": False}.get(
                 glue, early_gather)
-            # "early_blocks2" / "early_blocks1": two key blocks of half the size gathered early, the first folded
-            # in while the second arrives (kernels.decode_attention.EARLY_BLOCKS), or one.
-            decode_attention_module.EARLY_BLOCKS = {"early_blocks2": 2, "early_blocks1": 1}.get(glue, early_blocks)
             # "rope_broadcast" / "rope_concat": how the RoPE tables fill both halves (jaxserve.model.ROPE_REPEAT).
             model_module.ROPE_REPEAT = {"rope_broadcast": "broadcast", "rope_concat": "concat"}.get(glue, rope_repeat)
             # "argmax_merge" / "argmax_merge_xla": the greedy head's block maxima merged by
@@ -616,8 +612,7 @@ def main() -> None:
                                                              "early_gather", "no_early_gather", "argmax_merge",
                                                              "argmax_merge_xla", "norm_scale_first", "norm_scale_late",
                                                              "gemv_hoist", "no_gemv_hoist", "early_partials",
-                                                             "no_early_partials", "early_blocks2", "early_blocks1",
-                                                             "rope_broadcast", "rope_concat"],
+                                                             "no_early_partials", "rope_broadcast", "rope_concat"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

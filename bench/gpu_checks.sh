@@ -114,10 +114,9 @@
 #               (kernels.split_combine.EARLY_PARTIALS): compiled tests, the 64-row step at 1,088 keys (4 splits, a
 #               merge a layer) against the default in one process, then bandwidth.py's batch-1 32k rows in two
 #               processes, off and on (~300 s)
-#   early26     session 26: the fused attention's first two key blocks (half the default size) gathered early,
-#               the first folded in while the second arrives (kernels.decode_attention.EARLY_BLOCKS): compiled
-#               bitwise tests, then the 1 / 64 / 128-row steps against one early block, and the RoPE tables
-#               as broadcast half tables (jaxserve.model.ROPE_REPEAT, rope_broadcast) (~300 s)
+#   early26     session 26: the 1 / 64 / 128-row steps with the RoPE tables as broadcast half tables
+#               (jaxserve.model.ROPE_REPEAT) against concatenated ones (rope_concat); its run in session 26 also
+#               timed two early key blocks of half the size (EARLY_BLOCKS: lost, removed) (~250 s)
 #   reduce25    session 24, for the next session: which computation is the 7.5 µs `input_reduce_fusion` of the
 #               64-row greedy step (bench/results/kernel_notes.md, session 24): the step's optimized HLO dumped
 #               and the fusion printed (~120 s)
@@ -507,10 +506,8 @@ for part in "${parts[@]}"; do
                 --glue kernels early_partials --rounds 7 --reps 10 --profile /tmp/combine26 ; \
               for on in 0 1; do JAXSERVE_EARLY_PARTIALS=$on timeout 50 python3 bench/bandwidth.py --sweep-only \
                 --budget-s 40 --sweep-configs splits=128; done ;;
-    early26) timeout 90 python3 -m pytest -q --tb=short -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-               tests/test_decode_attention.py -k "early and compiled" ; \
-             timeout 330 python3 bench/decode_step.py --batches 1 64 128 --variants default --no-static \
-               --glue kernels early_blocks2 rope_broadcast --rounds 7 --reps 10 --profile /tmp/early26 ;;
+    early26) timeout 330 python3 bench/decode_step.py --batches 1 64 128 --variants default --no-static \
+               --glue kernels rope_concat --rounds 7 --reps 10 --profile /tmp/early26 ;;
     reduce25) rm -rf /tmp/hlo25; XLA_FLAGS="--xla_dump_to=/tmp/hlo25 --xla_dump_hlo_as_text" timeout 200 \
                 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
                 --rounds 1 --reps 2 ; \

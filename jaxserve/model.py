@@ -49,12 +49,12 @@ class PagedAttention:
     impl: str = flax.struct.field(pytree_node=False, default="pallas")
 
 
-# How `rope_tables` repeats its half tables: "concat" (cos and sin of the angles concatenated with
-# themselves: XLA runs each as a concatenate fusion, two launches a decode step, 1.3-1.4 µs each on the
-# H200) or "broadcast" (cos and sin of the half angles broadcast into both halves: two loop fusions
-# reading the same positions, which XLA may run as one). Same values either way. Not yet timed on the
-# GPU (`bash bench/gpu_checks.sh early26`), so "concat". Read when a step is traced.
-ROPE_REPEAT = os.environ.get("JAXSERVE_ROPE_REPEAT", "concat")
+# How `rope_tables` fills both halves from its half tables: "broadcast" (cos and sin of the half angles
+# broadcast into both: XLA runs the two as one loop fusion) or "concat" (the angles concatenated with
+# themselves first: two concatenate fusions, 1.4 µs each). Same bits. H200, session 26 (one process,
+# bench/results/decode_step.md): one launch fewer a step, GPU busy -2 to -3 µs a step, the 64-row step
+# 0.824 against 0.827 ms, 1 and 128 rows a tie. Read when a step is traced.
+ROPE_REPEAT = os.environ.get("JAXSERVE_ROPE_REPEAT", "broadcast")
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:

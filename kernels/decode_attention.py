@@ -70,7 +70,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                   group: int, block_rows: int, num_splits: int, pages_per_block: int, scale: float,
                   precision, act_dtype, merge_in_kernel: bool = False, interpret: bool = False,
                   o_rows: int = 0, prefetch_wo: bool = False, rot_input: bool = False,
-                  joint_rope: bool = False, early_gather: bool = False, early_blocks: int = 1):
+                  joint_rope: bool = False, early_gather: bool = False):
     wo_ref, refs = (refs[0], refs[1:]) if o_rows else (None, refs)
     rot_ref, refs = (refs[0], refs[1:]) if rot_input else (None, refs)
     (o_ref, lse_ref, out_ref, counter_ref), (k_out_ref, v_out_ref) = split_refs(
@@ -104,13 +104,13 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                                 valid, clamp_pages=clamp_pages)
         return k, v, valid
 
-    # `EARLY_GATHER`: the first blocks' DRAM gathers (`early_blocks` of them, `EARLY_BLOCKS`) are
-    # issued before the QKV loads, RoPE and the new token's write, which they do not depend on, so
-    # their latency runs under their own. They read only keys < `cached`, written by earlier steps,
-    # never the slot written below. A block the row does not reach (a row with no cached key: the
-    # loop would not run) reads the row's first slot, possibly never written (NaN): it is computed
-    # and then discarded by a select.
-    early = [key_block(i, clamp_pages=True) for i in range(early_blocks)] if early_gather else []
+    if early_gather:
+        # `EARLY_GATHER`: the first block's DRAM gather is issued before the QKV loads, RoPE and the
+        # new token's write, which it does not depend on, so their latency runs under its own. It
+        # reads only keys < `cached`, written by earlier steps, never the slot written below. A row
+        # with no cached key (the loop would not run) reads its first slot too, possibly never
+        # written (NaN): that block is computed and then discarded by a select.
+        first_block = key_block(0, clamp_pages=True)
 
     v_new = qkv_ref[seq, num_heads + kv_heads + head, :].astype(act_dtype).astype(pool_dtype)
     cos = cos_ref[seq, :][None, :]
@@ -174,9 +174,10 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         # Loaded before the attention, the weights are in flight while it runs (registers held).
         wos = [wo_rows(g) for g in range(group)] if prefetch_wo else None
     carry = (acc0, m0, l0)
-    for i, block in enumerate(early):  # block i+1 still in flight while block i is folded in
-        carry = tuple(jnp.where(num_iters > i, after, before) for after, before in zip(step(carry, block), carry))
-    carry = lax.fori_loop(len(early), num_iters, lambda i, c: step(c, key_block(i)), carry)
+    if early_gather:
+        has_first = num_iters >= 1
+        carry = tuple(jnp.where(has_first, after, before) for after, before in zip(step(carry, first_block), carry))
+    carry = lax.fori_loop(int(early_gather), num_iters, lambda i, c: step(c, key_block(i)), carry)
     out, lse = finish_rows(*carry)
     if o_rows:
         # o_proj's partial sum over this KV head's query heads, rounded as the unfused path rounds
@@ -206,11 +207,11 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine", "o_rows",
-    "prefetch_wo", "out_dtype", "rope_joint", "early_gather", "early_blocks"))
+    "prefetch_wo", "out_dtype", "rope_joint", "early_gather"))
 def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo=None, *, scale: float,
            num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
            interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False, out_dtype=None,
-           rope_joint: bool = False, early_gather: bool = False, early_blocks: int = 1):
+           rope_joint: bool = False, early_gather: bool = False):
     out_dtype = qkv.dtype if out_dtype is None else out_dtype
     batch, _, head_dim = qkv.shape
     kv_heads = k_pages.shape[0]
@@ -228,7 +229,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
         scale=scale, precision=precision, act_dtype=out_dtype, merge_in_kernel=merge_in_kernel,
         interpret=interpret, o_rows=o_rows, prefetch_wo=prefetch_wo, rot_input=rot_input,
-        joint_rope=rot_input and group < block_rows, early_gather=early_gather, early_blocks=early_blocks)
+        joint_rope=rot_input and group < block_rows, early_gather=early_gather)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -322,20 +323,6 @@ ROPE_JOINT = os.environ.get("JAXSERVE_ROPE_JOINT", "1") == "1"
 # splits, 512 programs), so only unsplit one-stage kernels take it.
 # JAXSERVE_EARLY_GATHER=0 turns it off. Read when a step is traced.
 EARLY_GATHER = os.environ.get("JAXSERVE_EARLY_GATHER", "1") == "1"
-# Key blocks gathered at the top under EARLY_GATHER. Above 1, the default block size is cut by as much,
-# so the same keys are in flight at the top but the first block is folded in while the next still
-# arrives (a 192-key table at 64 rows: two blocks of 128 keys instead of one of 256). A caller's own
-# `pages_per_block` is kept. Not yet timed on the GPU (`bash bench/gpu_checks.sh early26`), so 1.
-# JAXSERVE_EARLY_BLOCKS sets it. Read when a step is traced.
-EARLY_BLOCKS = int(os.environ.get("JAXSERVE_EARLY_BLOCKS", "1"))
-
-
-def _early_tiling(pages_per_block: int, *, explicit: bool, early: bool) -> tuple[int, int]:
-    """`(pages_per_block, early_blocks)` of a call in EARLY_GATHER's regime (`early`: unsplit, one
-    stage) by EARLY_BLOCKS; one early block elsewhere."""
-    if not (early and EARLY_GATHER) or EARLY_BLOCKS <= 1:
-        return pages_per_block, 1
-    return (pages_per_block if explicit else max(1, pages_per_block // EARLY_BLOCKS)), EARLY_BLOCKS
 
 
 def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
@@ -385,21 +372,18 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
     batch, _, head_dim = qkv.shape
     kv_heads, _, page_size, _ = k_pages.shape
     interpret = compat.resolve_interpret(interpret)
-    explicit_block = pages_per_block is not None
     pages_per_block, num_splits = resolve_tuning(
         page_size, block_tables.shape[1], batch * kv_heads, pages_per_block, num_splits,
         interpret, DECODE_BLOCK_KEYS, head_dim=head_dim, single_pass=True)
     if num_stages is None:
         unsplit_early = EARLY_GATHER and num_splits == 1
         num_stages = 2 if batch >= (UNSPLIT_TWO_STAGE_ROWS if unsplit_early else TWO_STAGE_ROWS) else 1
-    pages_per_block, early_blocks = _early_tiling(pages_per_block, explicit=explicit_block,
-                                                  early=num_splits == 1 and num_stages == 1)
     return _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
                   scale=float(head_dim ** -0.5 if scale is None else scale),
                   num_splits=num_splits, pages_per_block=pages_per_block,
                   num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                   combine=combine, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
-                  rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER, early_blocks=early_blocks)
+                  rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER)
 
 
 # `fused_decode_attention_o`: rows of Wo a program (its grid's third axis has N / O_ROWS blocks per
@@ -471,13 +455,12 @@ def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_p
                                         head_dim=head_dim)
     if table_pages * page_size <= SINGLE_PASS_KEYS:
         pages_per_block = compat.next_pow2(table_pages)
-    pages_per_block, early_blocks = _early_tiling(pages_per_block, explicit=False, early=num_stages == 1)
     return _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo,
                   scale=float(head_dim ** -0.5 if scale is None else scale), num_splits=1,
                   pages_per_block=pages_per_block, num_warps=num_warps or O_NUM_WARPS, num_stages=num_stages,
                   interpret=interpret, combine="pallas", o_rows=o_rows,
                   prefetch_wo=O_PREFETCH_WO if prefetch_wo is None else bool(prefetch_wo),
-                  rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER, early_blocks=early_blocks)
+                  rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER)
 
 
 def fused_decode_attention_o_reference(qkv, cos, sin, k_pages, v_pages, block_tables, lengths,

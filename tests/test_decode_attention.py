@@ -243,13 +243,11 @@ def test_fused_decode_joint_rope_equals_two_products_bitwise(interpret, num_head
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("o_proj,early_blocks", [(False, 1), (True, 1), (False, 2), (False, 3)])
-def test_fused_decode_early_gather_equals_the_loop_bitwise(interpret, o_proj, early_blocks, monkeypatch):
-    """`EARLY_GATHER` (unsplit one-stage steps: the first `EARLY_BLOCKS` key blocks gathered before RoPE and the
-    cache write) against the plain loop: the same blocks folded in the same order, so the same bits; a padding row whose
-    table holds ids outside the pool (gathered early, then discarded) changes nothing. Three pages a block over a
-    five-page table: rows of one block and of two, and with three early blocks one the table never reaches."""
-    monkeypatch.setattr(decode_attention, "EARLY_BLOCKS", early_blocks)
+@pytest.mark.parametrize("o_proj", [False, True])
+def test_fused_decode_early_gather_equals_the_loop_bitwise(interpret, o_proj, monkeypatch):
+    """`EARLY_GATHER` (unsplit one-stage steps: the first key block gathered before RoPE and the cache write)
+    against the plain loop: the same blocks folded in the same order, so the same bits; a padding row whose table holds
+    ids outside the pool (gathered early, then discarded) changes nothing."""
     rng, seed = fresh_rng()
     qkv, cos, sin, k_pages, v_pages, table, lengths, slots = fused_case(
         rng, batch=6, num_heads=14, kv_heads=2, head_dim=64, page_size=16, table_pages=5, dtype=jnp.bfloat16)
@@ -266,30 +264,6 @@ def test_fused_decode_early_gather_equals_the_loop_bitwise(interpret, o_proj, ea
     early = outputs_with_flag_on_and_off(monkeypatch, "EARLY_GATHER", run, seed)
     ref = (fused_decode_attention_o_reference(*args, wo) if o_proj else fused_decode_attention_reference(*args))[0]
     assert relative_error(early[0], ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
-
-
-@pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("o_proj", [False, True])
-def test_fused_decode_early_blocks_default_tiling_matches_reference(interpret, o_proj, monkeypatch):
-    """With `EARLY_BLOCKS` 2 and the default tiling, a single-pass table's block is cut in two (other blocks, so
-    other roundings than one block: checked against the reference, not bitwise)."""
-    monkeypatch.setattr(decode_attention, "EARLY_BLOCKS", 2)
-    assert decode_attention._early_tiling(8, explicit=False, early=True) == (4, 2)
-    assert decode_attention._early_tiling(8, explicit=True, early=True) == (8, 2)
-    assert decode_attention._early_tiling(8, explicit=False, early=False) == (8, 1)
-    rng, seed = fresh_rng()
-    args = fused_case(rng, batch=6, num_heads=14, kv_heads=2, head_dim=64, page_size=16, table_pages=5,
-                      dtype=jnp.bfloat16)
-    wo = jnp.asarray(rng.standard_normal((64, 14 * 64)) / 30.0, jnp.bfloat16)
-    if o_proj:
-        got = fused_decode_attention_o(*args, wo, interpret=interpret)
-        ref = fused_decode_attention_o_reference(*args, wo)
-    else:
-        got = fused_decode_attention(*args, interpret=interpret, num_stages=1)
-        ref = fused_decode_attention_reference(*args)
-    assert relative_error(got[0], ref[0]) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
-    assert_pools_equal(got[1], ref[1], seed, rtol=BF16_ULP)
-    assert_pools_equal(got[2], ref[2], seed)
 
 
 def test_fused_decode_o_errors_name_the_field():
