@@ -117,6 +117,9 @@
 #   early26     session 26: the 1 / 64 / 128-row steps with the RoPE tables as broadcast half tables
 #               (jaxserve.model.ROPE_REPEAT) against concatenated ones (rope_concat); its run in session 26 also
 #               timed two early key blocks of half the size (EARLY_BLOCKS: lost, removed) (~250 s)
+#   final26     session 26, the session's last call: after `tests` ran past its limit in test_kernels.py, the
+#               compiled tests of the files this session changed (fused attention, skinny matmul, norms, pick)
+#               and the Mosaic GPU files' model steps (~500 s)
 #   reduce25    session 24, for the next session: which computation is the 7.5 µs `input_reduce_fusion` of the
 #               64-row greedy step (bench/results/kernel_notes.md, session 24): the step's optimized HLO dumped
 #               and the fusion printed (~120 s)
@@ -508,6 +511,11 @@ for part in "${parts[@]}"; do
                 --budget-s 40 --sweep-configs splits=128; done ;;
     early26) timeout 330 python3 bench/decode_step.py --batches 1 64 128 --variants default --no-static \
                --glue kernels rope_concat --rounds 7 --reps 10 --profile /tmp/early26 ;;
+    final26) timeout 330 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+               tests/test_decode_attention.py tests/test_skinny_matmul.py tests/test_residual_norm.py \
+               tests/test_greedy_pick.py -k "compiled or model" ; \
+             timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+               tests/test_skinny_matmul_mgpu.py -k model ;;
     reduce25) rm -rf /tmp/hlo25; XLA_FLAGS="--xla_dump_to=/tmp/hlo25 --xla_dump_hlo_as_text" timeout 200 \
                 python3 bench/decode_step.py --batches 64 --variants default --no-static --glue kernels \
                 --rounds 1 --reps 2 ; \
