@@ -239,11 +239,17 @@ def pick_blocks(maxes: jax.Array, firsts: jax.Array, *, interpret: bool | None =
 def pick_blocks_reference(maxes: jax.Array, firsts: jax.Array) -> jax.Array:
     """jnp reference of `pick_blocks`.
 
+    A row's NaNs are found first: `jnp.argmax` itself keeps whichever NaN its reduction meets last, and
+    XLA's GPU column reduction meets them out of order (H200, session 26: block 605 of a column with
+    NaNs at 239 and 605), where NumPy's rule, and `pick_blocks`'s, is the first.
+
     Example:
         >>> pick_blocks_reference(jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])).tolist()
         [6]
     """
-    block = jnp.argmax(maxes, axis=0)
+    nan = jnp.isnan(maxes)
+    # argmax over booleans and over NaN-free values: ties go to the first index on every backend.
+    block = jnp.where(nan.any(axis=0), jnp.argmax(nan, axis=0), jnp.argmax(jnp.where(nan, 0.0, maxes), axis=0))
     return jnp.take_along_axis(firsts, block[None, :], axis=0)[0].astype(jnp.int32)
 
 

@@ -118,10 +118,13 @@ def test_pick_blocks_matches_argmax_over_the_blocks(interpret, blocks, rows):
     rng, seed = fresh_rng()
     maxes = rng.integers(-3, 3, (blocks, rows)).astype(np.float32)
     maxes[:, 0] = -np.inf
-    if rows > 1:
+    if rows > 1:  # one NaN or two: the first wins
         maxes[rng.integers(0, blocks, 2), 1] = np.nan
     firsts = rng.permutation(blocks * rows).reshape(blocks, rows).astype(np.float32)
     got = pick_blocks(jnp.asarray(maxes), jnp.asarray(firsts), interpret=interpret)
     want = pick_blocks_reference(jnp.asarray(maxes), jnp.asarray(firsts))
     assert got.dtype == jnp.int32 and got.shape == (rows,)
     assert np.array_equal(np.asarray(got), np.asarray(want)), f"seed={seed}"
+    # NumPy's argmax on the host: the rule itself, whatever the backend's reductions do with two NaNs.
+    host = np.take_along_axis(firsts, np.argmax(maxes, axis=0)[None, :], axis=0)[0].astype(np.int32)
+    assert np.array_equal(np.asarray(want), host), f"reference, seed={seed}"
