@@ -602,7 +602,9 @@ def generate(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Se
     cached_tokens, completion_tokens, ttft, tpot, total_time.
 
     Example:
-        >>> outs = jaxserve.generate(None, ["def add(a, b):"], SamplingParams(max_tokens=16, temperature=0))
+        >>> import jaxserve
+        >>> outs = jaxserve.generate(None, ["def add(a, b):"], jaxserve.SamplingParams(max_tokens=16, temperature=0),
+        ...                          use_tqdm=False)
         >>> outs[0]["finish_reason"] in ("stop", "length")
         True
     """
