@@ -371,10 +371,11 @@ def _argmax_call(x, w, *, n_out: int, block_n: int, num_slots: int, boxes: int, 
 # H200 at 64 rows (session 23, bench/lm_head.py); the wider programs not yet. Read at call time.
 ARGMAX_TILE = {"block_n": 128, "num_slots": 4, "boxes": 1}
 # How the blocks' maxima become tokens: "pallas" (`kernels.greedy_pick.pick_blocks`, one program a row)
-# or "xla" (`jnp.argmax` over the blocks: a column reduction, 7.5 µs at 64 rows, plus two small fusions).
-# H200, session 25 (bench/results/decode_step.md, one process, alternating rounds): pick_blocks 4.25 µs in
-# place of 7.47 + 2 x 1.48 + 2 x 1.08 µs of XLA's launches, the 64-row greedy step 0.770 against 0.774 ms.
-# Read at call time.
+# or "xla" (`greedy_pick.pick_blocks_reference`: column reductions over the blocks). H200, session 25
+# (bench/results/decode_step.md, one process, alternating rounds): pick_blocks 4.25 µs in place of 7.47 +
+# 2 x 1.48 + 2 x 1.08 µs of XLA's launches, the 64-row greedy step 0.770 against 0.774 ms. That "xla" was a
+# plain `jnp.argmax`; since session 26 the reference finds NaNs first (an any and a second argmax more),
+# which was not timed. Read at call time.
 ARGMAX_MERGE = "pallas"
 
 
