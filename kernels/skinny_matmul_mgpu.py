@@ -384,7 +384,7 @@ def argmax_matmul_mgpu(x: jax.Array, w: jax.Array, *, block_n: int | None = None
                        interpret: bool | None = None) -> jax.Array:
     """Each row's argmax of `x @ w.T` rounded to x's dtype (the greedy token of a bf16 LM head),
     without writing the products: every program keeps its block's row maxima and their first
-    columns, and one small XLA reduction picks across blocks. Ties go to the first column, as
+    columns, and a small merge picks across blocks (`ARGMAX_MERGE`). Ties go to the first column, as
     `jnp.argmax` on the rounded products.
 
     Args:
