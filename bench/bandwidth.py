@@ -100,21 +100,14 @@ _T24 = {"splits=64": dict(num_splits=64), "splits=96": dict(num_splits=96),
 _T24B = {"warps=8": dict(num_warps=8), "warps=2": dict(num_warps=2), "stages=1": dict(num_stages=1),
          "stages=3": dict(num_stages=3), "splits=8 warps=8": dict(num_splits=8, num_warps=8),
          "splits=8 stages=3": dict(num_splits=8, num_stages=3)}
-# Session 27: two KV heads a program (`kv_pack`), one softmax for both heads' query rows: at 0.5B
-# heads 14 real rows of 16 instead of 7, half the softmax a byte. The packed default split count is
-# that of one head of twice the dims (256 programs wanted); "x2" here is twice that.
-_T27 = {"pack=2": dict(kv_pack=2), "pack=2 splits x2": "x2 pack", "pack=2 warps=8": dict(kv_pack=2, num_warps=8),
-        "pack=2 stages=3": dict(kv_pack=2, num_stages=3), "pack=2 ppb=4 splits x2": "x2 pack ppb=4"}
 SWEEP = [
     (("7B 28q/4kv/128", 64, 8192), _T7B),
-    (("7B 28q/4kv/128", 8, 2048), {**_T, **_T7B, **_T27}),
-    (("0.5B 14q/2kv/64", 64, 2048), {**_T, **_T24B, **_T27}),
-    (("0.5B 14q/2kv/64", 64, 8192), {**_T, **_T27}),
-    (("0.5B 14q/2kv/64", 256, 2048), _T27),
-    (("7B 28q/4kv/128", 1, 32768), {**_T, **_T24, **_T27}),
-    (("0.5B 14q/2kv/64", 1, 32768), {**_T, **_T24, **_T27}),
-    (("0.5B 14q/2kv/64", 8, 32768), {**_T, **_T27}),
-    (("7B 28q/4kv/128", 64, 2048), _T27),
+    (("7B 28q/4kv/128", 8, 2048), {**_T, **_T7B}),
+    (("0.5B 14q/2kv/64", 64, 2048), {**_T, **_T24B}),
+    (("0.5B 14q/2kv/64", 64, 8192), _T),
+    (("7B 28q/4kv/128", 1, 32768), {**_T, **_T24}),
+    (("0.5B 14q/2kv/64", 1, 32768), {**_T, **_T24}),
+    (("0.5B 14q/2kv/64", 8, 32768), _T),
 ]
 
 
@@ -374,22 +367,10 @@ def sweep(budget, read_ceiling, only: tuple[str, ...] = (),
         _, default_splits = paged_attention_module.resolve_tuning(
             PAGE, context // PAGE, batch * kv_heads, None, None, False,
             paged_attention_module.DECODE_BLOCK_KEYS, head_dim=HEADS[name][2])
-        _, packed_splits = paged_attention_module.resolve_tuning(
-            PAGE, context // PAGE, batch * kv_heads // 2, None, None, False,
-            paged_attention_module.DECODE_BLOCK_KEYS, head_dim=2 * HEADS[name][2], single_pass=True)
-
-        def knobs(c: str) -> dict:
-            """"xN": N times the default split count at this shape; "xN inkernel": and merged in the
-            kernel; "xN pack [ppb=P]": N times the packed default, two KV heads a program."""
-            words = c.split()
-            factor = int(words[0][1:])
-            if "pack" in words:
-                extra = {w.split("=")[0].replace("ppb", "pages_per_block"): int(w.split("=")[1])
-                         for w in words[2:]}
-                return dict(num_splits=packed_splits * factor, kv_pack=2, **extra)
-            return dict(num_splits=default_splits * factor,
-                        **({"combine": "inkernel"} if c.endswith("inkernel") else {}))
-        configs = {label: (c if isinstance(c, dict) else knobs(c))
+        # "xN": N times the default split count at this shape; "xN inkernel": and merged in the kernel.
+        configs = {label: (c if isinstance(c, dict) else
+                           dict(num_splits=default_splits * int(c.split()[0][1:]),
+                                **({"combine": "inkernel"} if c.endswith("inkernel") else {})))
                    for label, c in configs.items() if not only or label in only}
         if only and not configs:  # none of the asked knob sets is tried at this shape
             continue

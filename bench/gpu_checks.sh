@@ -122,8 +122,8 @@
 #   final26     session 26, the session's last call: after `tests` ran past its limit in test_kernels.py, the
 #               compiled tests of the files this session changed (fused attention, skinny matmul, norms, pick)
 #               and the Mosaic GPU files' model steps (~500 s)
-#   pack27      session 27: the decode kernel with two KV heads a program (paged_attention's kv_pack): its
-#               compiled tests, then bandwidth.py's sweep of the packed configs beside the default (~330 s)
+#   pack27      session 27 (ran at 79e7c5b + a fix; lost everywhere, removed, so the part is gone): the decode
+#               kernel with two KV heads a program (kv_pack) swept in bandwidth.py (bandwidth.md, session 27)
 #   reduce25    session 24, for the next session: which computation is the 7.5 µs `input_reduce_fusion` of the
 #               64-row greedy step (bench/results/kernel_notes.md, session 24): the step's optimized HLO dumped
 #               and the fusion printed (~120 s)
@@ -517,10 +517,6 @@ for part in "${parts[@]}"; do
                 --budget-s 40 --sweep-configs splits=128; done ;;
     early26) timeout 330 python3 bench/decode_step.py --batches 1 64 128 --variants default --no-static \
                --glue kernels rope_concat --rounds 7 --reps 10 --profile /tmp/early26 ;;
-    pack27) timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-              tests/test_kernels.py -k "packed and compiled" ; \
-            timeout 330 python3 bench/bandwidth.py --sweep-only --budget-s 290 --out "$OUT/$part" --sweep-configs \
-              pack=2 "pack=2 splits x2" "pack=2 warps=8" "pack=2 stages=3" "pack=2 ppb=4 splits x2" ;;
     final26) timeout 330 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
                tests/test_decode_attention.py tests/test_skinny_matmul.py tests/test_residual_norm.py \
                tests/test_greedy_pick.py -k "compiled or model" ; \

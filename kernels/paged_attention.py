@@ -245,110 +245,6 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
                          num_splits=num_splits, interpret=interpret)
 
 
-def _attend_packed_kernel(block_table_ref, lengths_ref, q_ref, k_pages_ref, v_pages_ref,
-                          *refs, group: int, pack: int, num_splits: int, pages_per_block: int,
-                          scale: float, precision):
-    """Decode with `pack` KV heads a program (`paged_attention(kv_pack=...)`).
-
-    The block's rows are the query heads of `pack` consecutive KV heads (row r of KV head
-    `r // group`). Each KV head's K tile meets the queries with the other heads' rows zeroed,
-    and the products add up to each row's own logits, so one online softmax of
-    `[rows, keys]` serves every packed head: at Qwen2.5-0.5B's 2 x 7 heads of 64 dims, 14
-    real rows of 16 instead of 7, half the softmax and key-index work a byte, and the block
-    table read once for both heads.
-    """
-    o_ref, lse_ref = (refs[0], None) if num_splits == 1 else refs[:2]
-    seq, head_block, split = pl.program_id(0), pl.program_id(1), pl.program_id(3)
-    table_pages = block_table_ref.shape[0]
-    query_rows, head_dim = q_ref.shape[2], q_ref.shape[3]
-    block_rows = max(16, compat.next_pow2(query_rows))
-    page_size = k_pages_ref.shape[-2]
-    block_keys = pages_per_block * page_size
-    length = jnp.minimum(lengths_ref[seq], table_pages * page_size)
-    block_pages = pl.cdiv(length, page_size)
-    first_page, end_page, _ = split_page_range(
-        lengths_ref, split, block_pages, num_splits=num_splits, pages_per_block=pages_per_block,
-        page_size=page_size, table_pages=table_pages)
-    num_iters = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
-
-    rows = jnp.arange(block_rows)
-    real_row = rows < query_rows
-    row_head = rows // group
-    q = compat.load(q_ref.at[seq, head_block, pl.ds(0, block_rows), :],
-                    mask=real_row[:, None], other=0).astype(k_pages_ref.dtype)
-    qs = [jnp.where((row_head == j)[:, None], q, jnp.zeros_like(q)) for j in range(pack)]
-
-    def body(i, carry):
-        accs, m, l = carry
-        page0 = first_page + i * pages_per_block
-        key_pos = page0 * page_size + jnp.arange(block_keys)
-        written = key_pos < length
-        entry = jnp.minimum(page0 + jnp.arange(block_keys) // page_size, table_pages - 1)
-        page = jnp.where(written, block_table_ref[entry], block_table_ref[0])
-        offset = jnp.where(written, jnp.arange(block_keys) % page_size, 0)
-        ks = [k_pages_ref.at[j][page, offset] for j in range(pack)]
-        vs = [v_pages_ref.at[j][page, offset] for j in range(pack)]
-        s = compat.dot(qs[0], ks[0], trans_b=True, precision=precision)
-        for j in range(1, pack):
-            s = s + compat.dot(qs[j], ks[j], trans_b=True, precision=precision)
-        s = s * (scale * LOG2E)
-        visible = written[None, :]
-        s = jnp.where(visible, s, _MASK_VALUE)
-        m_next = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp2(m - m_next)
-        p = jnp.where(visible, jnp.exp2(s - m_next[:, None]), 0.0)
-        l = l * alpha + p.sum(axis=1)
-        p = p.astype(vs[0].dtype)
-        accs = tuple(acc * alpha[:, None] + compat.dot(p, v, precision=precision)
-                     for acc, v in zip(accs, vs))
-        return accs, m_next, l
-
-    init = (tuple(jnp.zeros((block_rows, head_dim), jnp.float32) for _ in range(pack)),
-            jnp.full((block_rows,), _MASK_VALUE, jnp.float32),
-            jnp.zeros((block_rows,), jnp.float32))
-    accs, m, l = lax.fori_loop(0, num_iters, body, init)
-    acc = accs[0]
-    for j in range(1, pack):
-        acc = jnp.where((row_head == j)[:, None], accs[j], acc)
-    out, lse = finish_rows(acc, m, l)
-    out = out.astype(o_ref.dtype)
-    out_rows = pl.ds(0, block_rows)
-    if num_splits == 1:
-        compat.store(o_ref.at[seq, head_block, out_rows, :], out, mask=real_row[:, None])
-    else:
-        compat.store(o_ref.at[split, seq, head_block, out_rows, :], out, mask=real_row[:, None])
-        compat.store(lse_ref.at[split, seq, head_block, out_rows], lse, mask=real_row)
-
-
-@functools.partial(jax.jit, static_argnames=(
-    "group", "pack", "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret",
-    "combine"))
-def attend_packed(q_rows, k_pages, v_pages, block_tables, lengths, *, group: int, pack: int,
-                  scale: float, num_splits: int, pages_per_block: int, num_warps: int,
-                  num_stages: int, interpret: bool, combine: str = "pallas"):
-    """Decode rows `[batch, kv_heads // pack, pack * group, head_dim]` (one query position,
-    `lengths - 1`) over paged K/V, `pack` KV heads a program; split partials merged by
-    `kernels.split_combine`."""
-    batch, head_blocks, _, _ = q_rows.shape
-    precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
-    kernel = functools.partial(
-        _attend_packed_kernel, group=group, pack=pack, num_splits=num_splits,
-        pages_per_block=pages_per_block, scale=scale, precision=precision)
-    whole = pl.no_block_spec
-    pool_spec = pl.BlockSpec((pack, *k_pages.shape[1:]), lambda b, h, r, s: (h, 0, 0, 0))
-    in_specs = [pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, r, s: (b, 0)),
-                whole, whole, pool_spec, pool_spec]
-    out_shape, _ = split_outputs(q_rows.shape, q_rows.dtype, num_splits, False)
-    result = compat.triton_call(
-        kernel, block_tables.astype(jnp.int32), lengths.astype(jnp.int32), q_rows, k_pages, v_pages,
-        grid=(batch, head_blocks, 1, num_splits), in_specs=in_specs,
-        out_shape=out_shape[0] if num_splits == 1 else out_shape, interpret=interpret,
-        num_warps=num_warps, num_stages=num_stages, name="paged_attention_packed")
-    if num_splits == 1:
-        return result
-    return merge_splits(*result, q_rows.dtype, combine, interpret)
-
-
 def merge_last_split(o_ref, lse_ref, out_ref, counter_ref, out, lse, *, seq, head, split, rows,
                      real_row, used, num_splits: int, interpret: bool) -> None:
     """In-kernel flash-decoding merge: store this split's partial, take a ticket, and if it is
@@ -545,7 +441,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     scale: float | None = None, interpret: bool | None = None,
                     num_splits: int | None = None, pages_per_block: int | None = None,
                     num_warps: int = 4, num_stages: int = 2, v_mask: str = "redirect",
-                    combine: str = "pallas", kv_pack: int = 1) -> jax.Array:
+                    combine: str = "pallas") -> jax.Array:
     """Decode attention of one new query per sequence over its paged K/V.
 
     Args:
@@ -573,9 +469,6 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
             sequence and KV head to finish merges, counted with an atomic: one launch in
             all; opt-in, slower than "pallas" at every shape on the H200, see
             `merge_last_split`).
-        kv_pack: KV heads a program (a divisor of kv_heads; `_attend_packed_kernel`): their
-            query heads share one softmax over the keys. Takes v_mask "redirect" and combine
-            "pallas" or "xla".
 
     Returns:
         `[batch, num_heads, head_dim]` in q's dtype; softmax in float32.
@@ -601,23 +494,6 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     group = num_heads // kv_heads
     table_pages = block_tables.shape[1]
     interpret = compat.resolve_interpret(interpret)
-    if kv_pack != 1:
-        if kv_pack < 1 or kv_heads % kv_pack:
-            raise ValueError(f"kv_pack must divide kv_heads={kv_heads}, got {kv_pack}")
-        if v_mask != "redirect" or combine == "inkernel":
-            raise ValueError(f"kv_pack={kv_pack} takes v_mask='redirect' and combine 'pallas' or 'xla', "
-                             f"got v_mask={v_mask!r}, combine={combine!r}")
-        # A packed program holds kv_pack heads' tiles: split as for one head of kv_pack x head_dim.
-        pages_per_block, num_splits = resolve_tuning(
-            page_size, table_pages, batch * kv_heads // kv_pack, pages_per_block, num_splits,
-            interpret, DECODE_BLOCK_KEYS, head_dim=kv_pack * head_dim, single_pass=True)
-        out = attend_packed(
-            q.reshape(batch, kv_heads // kv_pack, kv_pack * group, head_dim), k_pages, v_pages,
-            block_tables, lengths, group=group, pack=kv_pack,
-            scale=float(head_dim ** -0.5 if scale is None else scale), num_splits=num_splits,
-            pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages,
-            interpret=interpret, combine=combine)
-        return out.reshape(batch, num_heads, head_dim)
     pages_per_block, num_splits = resolve_tuning(
         page_size, table_pages, batch * kv_heads, pages_per_block, num_splits, interpret,
         DECODE_BLOCK_KEYS, head_dim=k_pages.shape[-1], single_pass=True)

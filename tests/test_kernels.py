@@ -112,46 +112,6 @@ def test_decode_matches_reference_on_ragged_paged_batch(
                                   err_msg=f"length-0 row not zero, seed={seed}")
 
 
-# (num_heads, kv_heads, head_dim, page_size, dtype, num_splits, pages_per_block, kv_pack).
-PACKED_CASES = [
-    (14, 2, 64, 16, jnp.bfloat16, 1, 2, 2),
-    (14, 2, 64, 8, jnp.float32, 3, 2, 2),
-    (28, 4, 128, 16, jnp.float32, 2, 1, 4),
-    (16, 4, 64, 32, jnp.bfloat16, None, None, 2),
-    (8, 8, 64, 16, jnp.float32, 2, 1, 2),  # group 1: pack rows of different heads only
-]
-
-
-@pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,dtype,num_splits,ppb,kv_pack", PACKED_CASES)
-def test_decode_with_kv_heads_packed_matches_reference(
-        interpret, num_heads, kv_heads, head_dim, page_size, dtype, num_splits, ppb, kv_pack):
-    """kv_pack > 1: one softmax over the packed heads' rows; each row must see its own head's
-    keys only (other heads' pages hold other numbers, and NaN where nobody owns them)."""
-    rng, seed = fresh_rng()
-    batch, table_pages = 6, 5
-    num_pages = batch * table_pages + 3
-    k_pages, v_pages = make_pool(rng, kv_heads=kv_heads, head_dim=head_dim,
-                                 page_size=page_size, num_pages=num_pages, dtype=dtype)
-    table, lengths = make_sequences(rng, batch=batch, page_size=page_size,
-                                    table_pages=table_pages, num_pages=num_pages,
-                                    lengths=ragged_lengths(rng, batch, page_size, table_pages * page_size))
-    k_pages = poison_unowned(k_pages, table, lengths, page_size)
-    v_pages = poison_unowned(v_pages, table, lengths, page_size)
-    q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), dtype)
-
-    out = paged_attention(q, k_pages, v_pages, table, lengths, interpret=interpret,
-                          num_splits=num_splits, pages_per_block=ppb, kv_pack=kv_pack)
-    ref = paged_attention_reference(q.astype(jnp.float32), k_pages.astype(jnp.float32),
-                                    v_pages.astype(jnp.float32), table, lengths)
-
-    assert out.shape == q.shape and out.dtype == q.dtype
-    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
-    assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
-    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0,
-                                  err_msg=f"length-0 row not zero, seed={seed}")
-
-
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("case,num_splits", [(1, 3), (2, 2), (3, 2), (0, 5)])
 def test_decode_merge_inside_the_kernel_matches_reference(interpret, case, num_splits):
@@ -369,9 +329,6 @@ def test_shape_errors_name_the_field():
         with pytest.raises(ValueError, match=knob):
             paged_attention(q, pages, pages, jnp.zeros((2, 2), jnp.int32), jnp.zeros(2, jnp.int32),
                             **{knob: "fast"})
-    for bad in ({"kv_pack": 3}, {"kv_pack": 2, "combine": "inkernel"}, {"kv_pack": 2, "v_mask": "where"}):
-        with pytest.raises(ValueError, match="kv_pack"):
-            paged_attention(q, pages, pages, jnp.zeros((2, 2), jnp.int32), jnp.zeros(2, jnp.int32), **bad)
 
 
 def test_decode_tuning_defaults_short_tables_and_head_dims():
