@@ -126,6 +126,8 @@
 #               kernel with two KV heads a program (kv_pack) swept in bandwidth.py (bandwidth.md, session 27)
 #   ahead27     session 27: the decode kernel's key loop loading the next block's page ids ("table") or K/V
 #               ("kv") by hand: compiled tests, then bandwidth.py's sweep of those configs (~330 s)
+#   short27     session 27: the 64-row step with its short tables split in two + the merge launch (split_short)
+#               against the single pass, re-measured since early gathers and one-stage attention (~100 s)
 #   reduce25    session 24, for the next session: which computation is the 7.5 µs `input_reduce_fusion` of the
 #               64-row greedy step (bench/results/kernel_notes.md, session 24): the step's optimized HLO dumped
 #               and the fusion printed (~120 s)
@@ -523,6 +525,8 @@ for part in "${parts[@]}"; do
                tests/test_kernels.py -k "ragged_paged_batch and compiled" ; \
              timeout 330 python3 bench/bandwidth.py --sweep-only --budget-s 290 --out "$OUT/$part" --sweep-configs \
                prefetch=table "prefetch=table stages=3" "prefetch=kv stages=1" prefetch=kv "prefetch=kv stages=1 ppb=4" ;;
+    short27) timeout 200 python3 bench/decode_step.py --batches 64 --variants default --no-static \
+               --glue kernels split_short --rounds 7 --reps 10 --profile /tmp/short27 ;;
     final26) timeout 330 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
                tests/test_decode_attention.py tests/test_skinny_matmul.py tests/test_residual_norm.py \
                tests/test_greedy_pick.py -k "compiled or model" ; \
