@@ -523,7 +523,7 @@ for part in "${parts[@]}"; do
                --glue kernels rope_concat --rounds 7 --reps 10 --profile /tmp/early26 ;;
     ahead27) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
                tests/test_kernels.py -k "ragged_paged_batch and compiled and (table or kv)" ; \
-             timeout 280 python3 bench/bandwidth.py --sweep-only --budget-s 230 --out "$OUT/$part" --sweep-configs \
+             timeout 250 python3 bench/bandwidth.py --sweep-only --budget-s 200 --out "$OUT/$part" --sweep-configs \
                prefetch=table "prefetch=table stages=3" "prefetch=kv stages=1" "prefetch=kv stages=1 ppb=4" ;;
     short27) timeout 200 python3 bench/decode_step.py --batches 64 --variants default --no-static \
                --glue kernels split_short --rounds 7 --reps 10 --profile /tmp/short27 ;;
