@@ -100,21 +100,14 @@ _T24 = {"splits=64": dict(num_splits=64), "splits=96": dict(num_splits=96),
 _T24B = {"warps=8": dict(num_warps=8), "warps=2": dict(num_warps=2), "stages=1": dict(num_stages=1),
          "stages=3": dict(num_stages=3), "splits=8 warps=8": dict(num_splits=8, num_warps=8),
          "splits=8 stages=3": dict(num_splits=8, num_stages=3)}
-# Session 27: 0.5B 64 x 2k is latency-bound on its gathers (session 19): the next block's page ids,
-# or its K/V themselves (a register double buffer, one Triton stage), loaded a block ahead by hand.
-_T27 = {"prefetch=table": dict(prefetch="table"), "prefetch=table stages=3": dict(prefetch="table", num_stages=3),
-        "prefetch=kv stages=1": dict(prefetch="kv", num_stages=1), "prefetch=kv": dict(prefetch="kv"),
-        "prefetch=kv stages=1 ppb=4": dict(prefetch="kv", num_stages=1, pages_per_block=4)}
 SWEEP = [
     (("7B 28q/4kv/128", 64, 8192), _T7B),
     (("7B 28q/4kv/128", 8, 2048), {**_T, **_T7B}),
-    (("0.5B 14q/2kv/64", 64, 2048), {**_T, **_T24B, **_T27}),
-    (("0.5B 14q/2kv/64", 64, 8192), {**_T, **_T27}),
-    (("7B 28q/4kv/128", 64, 2048), _T27),
-    (("0.5B 14q/2kv/64", 256, 2048), _T27),
-    (("7B 28q/4kv/128", 1, 32768), {**_T, **_T24, **_T27}),
+    (("0.5B 14q/2kv/64", 64, 2048), {**_T, **_T24B}),
+    (("0.5B 14q/2kv/64", 64, 8192), _T),
+    (("7B 28q/4kv/128", 1, 32768), {**_T, **_T24}),
     (("0.5B 14q/2kv/64", 1, 32768), {**_T, **_T24}),
-    (("0.5B 14q/2kv/64", 8, 32768), {**_T, **_T27}),
+    (("0.5B 14q/2kv/64", 8, 32768), _T),
 ]
 
 

@@ -124,8 +124,8 @@
 #               and the Mosaic GPU files' model steps (~500 s)
 #   pack27      session 27 (ran at 79e7c5b + a fix; lost everywhere, removed, so the part is gone): the decode
 #               kernel with two KV heads a program (kv_pack) swept in bandwidth.py (bandwidth.md, session 27)
-#   ahead27     session 27: the decode kernel's key loop loading the next block's page ids ("table") or K/V
-#               ("kv") by hand: compiled tests, then bandwidth.py's sweep of those configs (~330 s)
+#   ahead27     session 27 (ran in reduced form at baeb1dd; tied or lost, removed, so the part is gone): the decode
+#               kernel's key loop loading the next block's page ids or K/V by hand (bandwidth.md, session 27)
 #   short27     session 27: the 64-row step with its short tables split in two + the merge launch (split_short)
 #               against the single pass, re-measured since early gathers and one-stage attention (~100 s)
 #   reduce25    session 24, for the next session: which computation is the 7.5 µs `input_reduce_fusion` of the
@@ -521,10 +521,6 @@ for part in "${parts[@]}"; do
                 --budget-s 40 --sweep-configs splits=128; done ;;
     early26) timeout 330 python3 bench/decode_step.py --batches 1 64 128 --variants default --no-static \
                --glue kernels rope_concat --rounds 7 --reps 10 --profile /tmp/early26 ;;
-    ahead27) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-               tests/test_kernels.py -k "ragged_paged_batch and compiled and (table or kv)" ; \
-             timeout 250 python3 bench/bandwidth.py --sweep-only --budget-s 200 --out "$OUT/$part" --sweep-configs \
-               prefetch=table "prefetch=table stages=3" "prefetch=kv stages=1" "prefetch=kv stages=1 ppb=4" ;;
     short27) timeout 200 python3 bench/decode_step.py --batches 64 --variants default --no-static \
                --glue kernels split_short --rounds 7 --reps 10 --profile /tmp/short27 ;;
     final26) timeout 330 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \

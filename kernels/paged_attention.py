@@ -118,7 +118,6 @@ def gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_pe
 
 
 V_MASKS = ("where", "redirect", "none")
-PREFETCHES = ("none", "table", "kv")
 COMBINES = ("pallas", "xla", "inkernel")
 
 
@@ -183,7 +182,7 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
                    *refs, group: int, start_offset: int, block_rows: int,
                    num_splits: int,
                    pages_per_block: int, scale: float, precision, v_mask: str,
-                   merge_in_kernel: bool = False, interpret: bool = False, prefetch: str = "none"):
+                   merge_in_kernel: bool = False, interpret: bool = False):
     (o_ref, lse_ref, out_ref, counter_ref), _ = split_refs(refs, num_splits, merge_in_kernel)
     seq, head = pl.program_id(0), pl.program_id(1)
     row_block, split = pl.program_id(2), pl.program_id(3)
@@ -215,14 +214,10 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
     q = compat.load(q_ref.at[seq, head, pl.ds(first_row, block_rows), :],
                     mask=real_row[:, None], other=0).astype(k_pages_ref.dtype)
 
-    def block_slots(i):
+    def body(i, carry):
         page0 = first_page + i * pages_per_block
         key_pos = page0 * page_size + jnp.arange(block_keys)
-        return key_pos, key_pos < block_limit
-
-    def body(i, carry):
-        key_pos, written = block_slots(i)
-        page0 = first_page + i * pages_per_block
+        written = key_pos < block_limit
         if v_mask == "redirect":
             k, v = gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block,
                                     written)
@@ -232,47 +227,10 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
                                    key_pos[None, :] < row_limit[:, None],
                                    scale=scale, precision=precision)
 
-    def slot_ids(i):
-        """Block i's page ids and in-page offsets (`gather_key_block`'s redirect), clamped into
-        the table and the pool, so a block past the row's end reads a valid slot."""
-        _, written = block_slots(i)
-        keys = jnp.arange(block_keys)
-        entry = jnp.minimum(first_page + i * pages_per_block + keys // page_size, table_pages - 1)
-        page = jnp.clip(jnp.where(written, block_table_ref[entry], block_table_ref[0]),
-                        0, k_pages_ref.shape[0] - 1)
-        return page, jnp.where(written, keys % page_size, 0)
-
-    def table_ahead_body(i, carry):
-        # The next block's page ids load before this block's gather waits on its own.
-        state, (page, offset) = carry
-        ahead = slot_ids(i + 1)
-        key_pos, _ = block_slots(i)
-        state = online_softmax_step(state, q, k_pages_ref[page, offset], v_pages_ref[page, offset], None,
-                                    key_pos[None, :] < row_limit[:, None], scale=scale, precision=precision)
-        return state, ahead
-
-    def kv_ahead_body(i, carry):
-        # The next block's K/V gathers issue before this block's products (a register double buffer).
-        state, (k, v) = carry
-        page, offset = slot_ids(i + 1)
-        ahead = (k_pages_ref[page, offset], v_pages_ref[page, offset])
-        key_pos, _ = block_slots(i)
-        state = online_softmax_step(state, q, k, v, None, key_pos[None, :] < row_limit[:, None],
-                                    scale=scale, precision=precision)
-        return state, ahead
-
     init = (jnp.zeros((block_rows, head_dim), jnp.float32),
             jnp.full((block_rows,), _MASK_VALUE, jnp.float32),
             jnp.zeros((block_rows,), jnp.float32))
-    if prefetch == "table":
-        state, _ = lax.fori_loop(0, num_iters, table_ahead_body, (init, slot_ids(0)))
-    elif prefetch == "kv":
-        page, offset = slot_ids(0)
-        state, _ = lax.fori_loop(0, num_iters, kv_ahead_body,
-                                 (init, (k_pages_ref[page, offset], v_pages_ref[page, offset])))
-    else:
-        state = lax.fori_loop(0, num_iters, body, init)
-    out, lse = finish_rows(*state)
+    out, lse = finish_rows(*lax.fori_loop(0, num_iters, body, init))
     out = out.astype(o_ref.dtype)
     # Rows past the real ones (a group of 7 padded to 16) are neither read nor stored.
     out_rows = pl.ds(first_row, block_rows)
@@ -370,13 +328,13 @@ def default_pages_per_block(page_size: int, table_pages: int, block_keys: int) -
 
 @functools.partial(jax.jit, static_argnames=(
     "group", "start_offset", "block_rows", "scale", "num_splits", "pages_per_block",
-    "num_warps", "num_stages", "interpret", "v_mask", "combine", "prefetch"))
+    "num_warps", "num_stages", "interpret", "v_mask", "combine"))
 def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, *,
                       group: int, start_offset: int, block_rows: int, scale: float,
                       num_splits: int,
                       pages_per_block: int, num_warps: int,
                       num_stages: int, interpret: bool, v_mask: str = "redirect",
-                      combine: str = "xla", prefetch: str = "none"):
+                      combine: str = "xla"):
     """Shared core: query rows `[batch, kv_heads, rows, head_dim]` over paged K/V.
 
     Row r holds query position `q_start[b] + start_offset + r // group` of head
@@ -397,7 +355,7 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
         num_splits=num_splits,
         pages_per_block=pages_per_block, scale=scale,
         precision=precision, v_mask=v_mask, merge_in_kernel=merge_in_kernel,
-        interpret=interpret, prefetch=prefetch)
+        interpret=interpret)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, r, s: (h, 0, 0, 0))
     in_specs = [pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, r, s: (b, 0)),
@@ -483,7 +441,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     scale: float | None = None, interpret: bool | None = None,
                     num_splits: int | None = None, pages_per_block: int | None = None,
                     num_warps: int = 4, num_stages: int = 2, v_mask: str = "redirect",
-                    combine: str = "pallas", prefetch: str = "none") -> jax.Array:
+                    combine: str = "pallas") -> jax.Array:
     """Decode attention of one new query per sequence over its paged K/V.
 
     Args:
@@ -511,9 +469,6 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
             sequence and KV head to finish merges, counted with an atomic: one launch in
             all; opt-in, slower than "pallas" at every shape on the H200, see
             `merge_last_split`).
-        prefetch: what the key loop loads one block ahead by hand (v_mask "redirect" only):
-            "none" (Triton's own pipelining), "table" (the next block's page ids) or "kv"
-            (the next block's K and V, a register double buffer; pair with num_stages=1).
 
     Returns:
         `[batch, num_heads, head_dim]` in q's dtype; softmax in float32.
@@ -535,9 +490,6 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         raise ValueError(f"v_mask must be one of {V_MASKS}, got {v_mask!r}")
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-    if prefetch not in PREFETCHES or (prefetch != "none" and v_mask != "redirect"):
-        raise ValueError(f"prefetch must be one of {PREFETCHES} ('none' unless v_mask='redirect'), "
-                         f"got {prefetch!r} with v_mask={v_mask!r}")
     kv_heads, _, page_size, _ = k_pages.shape
     group = num_heads // kv_heads
     table_pages = block_tables.shape[1]
@@ -554,7 +506,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         scale=float(head_dim ** -0.5 if scale is None else scale),
         num_splits=num_splits, pages_per_block=pages_per_block,
         num_warps=num_warps, num_stages=num_stages,
-        interpret=interpret, v_mask=v_mask, combine=combine, prefetch=prefetch)
+        interpret=interpret, v_mask=v_mask, combine=combine)
     return out.reshape(batch, num_heads, head_dim)
 
 

@@ -82,13 +82,11 @@ DECODE_CASES = [
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,dtype,num_splits,ppb,v_mask,prefetch",
-                         [(*case, "redirect", "none") for case in DECODE_CASES]  # the default
-                         + [(*DECODE_CASES[i], "where", "none") for i in (0, 1, 3)]
-                         # several loop iterations a program: the block ahead is carried
-                         + [(*DECODE_CASES[i], "redirect", p) for i in (2, 3) for p in ("table", "kv")])
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,dtype,num_splits,ppb,v_mask",
+                         [(*case, "redirect") for case in DECODE_CASES]  # the default
+                         + [(*DECODE_CASES[i], "where") for i in (0, 1, 3)])
 def test_decode_matches_reference_on_ragged_paged_batch(
-        interpret, num_heads, kv_heads, head_dim, page_size, dtype, num_splits, ppb, v_mask, prefetch):
+        interpret, num_heads, kv_heads, head_dim, page_size, dtype, num_splits, ppb, v_mask):
     rng, seed = fresh_rng()
     batch, table_pages = 6, 5
     num_pages = batch * table_pages + 3
@@ -103,7 +101,7 @@ def test_decode_matches_reference_on_ragged_paged_batch(
     q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), dtype)
 
     out = paged_attention(q, k_pages, v_pages, table, lengths, interpret=interpret,
-                          num_splits=num_splits, pages_per_block=ppb, v_mask=v_mask, prefetch=prefetch)
+                          num_splits=num_splits, pages_per_block=ppb, v_mask=v_mask)
     ref = paged_attention_reference(q.astype(jnp.float32), k_pages.astype(jnp.float32),
                                     v_pages.astype(jnp.float32), table, lengths)
 
@@ -327,7 +325,7 @@ def test_shape_errors_name_the_field():
         cache_scatter(pages, pages, jnp.zeros((3, 4, 64)), jnp.zeros((3, 4, 64)),
                       jnp.zeros(2, jnp.int32))
     q = jnp.zeros((2, 8, 64))
-    for knob in ("v_mask", "combine", "prefetch"):
+    for knob in ("v_mask", "combine"):
         with pytest.raises(ValueError, match=knob):
             paged_attention(q, pages, pages, jnp.zeros((2, 2), jnp.int32), jnp.zeros(2, jnp.int32),
                             **{knob: "fast"})
