@@ -126,6 +126,9 @@
 #               kernel with two KV heads a program (kv_pack) swept in bandwidth.py (bandwidth.md, session 27)
 #   ahead27     session 27 (ran in reduced form at baeb1dd; tied or lost, removed, so the part is gone): the decode
 #               kernel's key loop loading the next block's page ids or K/V by hand (bandwidth.md, session 27)
+#   mix28       session 28: Nsight Compute on the fused attention at 64 and 256 rows x 192 keys (the engine's
+#               defaults), its warp instructions executed by SASS opcode (bench/ncu_hotspots.py --opcodes) and
+#               its stall hotspots: where the ~2,000 instructions a warp go (~120 s)
 #   short27     session 27: the 64-row step with its short tables split in two + the merge launch (split_short)
 #               against the single pass, re-measured since early gathers and one-stage attention (~100 s)
 #   reduce25    session 24, for the next session: which computation is the 7.5 µs `input_reduce_fusion` of the
@@ -521,6 +524,14 @@ for part in "${parts[@]}"; do
                 --budget-s 40 --sweep-configs splits=128; done ;;
     early26) timeout 330 python3 bench/decode_step.py --batches 1 64 128 --variants default --no-static \
                --glue kernels rope_concat --rounds 7 --reps 10 --profile /tmp/early26 ;;
+    mix28) timeout 240 ncu --clock-control none -k regex:'fused' --section SpeedOfLight --section LaunchStats \
+             --section Occupancy --section WarpStateStats --section InstructionStats --section SourceCounters \
+             -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 --cases fused_64x192 fused_256x192
+           ncu -i "$OUT/$part/probe.ncu-rep" --page details > "$OUT/$part/details.txt"
+           grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Registers Per|Achieved Occ|Warp Cycles Per Issued|Executed Ipc|Executed Instructions " \
+             "$OUT/$part/details.txt"
+           python3 bench/ncu_hotspots.py "$OUT/$part/probe.ncu-rep" --opcodes --top 25
+           python3 bench/ncu_hotspots.py "$OUT/$part/probe.ncu-rep" --top 12 ;;
     short27) timeout 200 python3 bench/decode_step.py --batches 64 --variants default --no-static \
                --glue kernels split_short --rounds 7 --reps 10 --profile /tmp/short27 ;;
     final26) timeout 330 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \

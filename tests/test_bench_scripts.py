@@ -72,3 +72,28 @@ def test_ncu_hotspots_ranks_instructions_by_stall_samples():
     assert "60.0%" in lines[1] and "SYNCS.ARRIVE" in lines[1] and "stall_barrier 60" in lines[1]
     assert "30.0%" in lines[2] and "stall_long_sb 25, stall_barrier 5" in lines[2]
     assert len(lines) == 3
+
+
+def test_ncu_opcode_mix_sums_instructions_by_opcode():
+    """opcode_mix on a made-up source-page CSV: executed warp instructions summed by opcode,
+    predicates and modifiers dropped, ranked by share."""
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
+    from bench.ncu_hotspots import opcode_mix
+
+    text = "\n".join([
+        '"Kernel Name","fused_decode_attention"',
+        '"Address","Source","Instructions Executed","Warp Stall Sampling (All Samples)"',
+        '"0x10","LDG.E.128 R0, [R2.64]","300","5"',
+        '"0x20","@P0 LDG.E R4, [R2.64]","100","1"',
+        '"0x30","HMMA.16816.F32.BF16 R8, R4, R6, R8","500","2"',
+        '"0x40","FFMA R1, R1, R0","100","0"',
+        '',
+    ])
+    lines = opcode_mix(text)
+    assert lines[0].endswith(": 1000 warp instructions executed")
+    assert lines[1].split() == ["50.0%", "HMMA", "500"]
+    assert lines[2].split() == ["40.0%", "LDG", "400"]
+    assert lines[3].split() == ["10.0%", "FFMA", "100"]
+    assert len(lines) == 4
