@@ -100,14 +100,20 @@ _T24 = {"splits=64": dict(num_splits=64), "splits=96": dict(num_splits=96),
 _T24B = {"warps=8": dict(num_warps=8), "warps=2": dict(num_warps=2), "stages=1": dict(num_stages=1),
          "stages=3": dict(num_stages=3), "splits=8 warps=8": dict(num_splits=8, num_warps=8),
          "splits=8 stages=3": dict(num_splits=8, num_stages=3)}
+# Session 28: the softmax's instruction cuts (kernels.paged_attention.FTZ_EXP2 / LEAN_SOFTMAX), at every
+# sweep shape (`--sweep-configs ftz lean "lean ftz"`).
+_T28 = {"ftz": dict(ftz_exp2=True), "lean": dict(lean_softmax=True),
+        "lean ftz": dict(ftz_exp2=True, lean_softmax=True)}
 SWEEP = [
-    (("7B 28q/4kv/128", 64, 8192), _T7B),
-    (("7B 28q/4kv/128", 8, 2048), {**_T, **_T7B}),
-    (("0.5B 14q/2kv/64", 64, 2048), {**_T, **_T24B}),
-    (("0.5B 14q/2kv/64", 64, 8192), _T),
-    (("7B 28q/4kv/128", 1, 32768), {**_T, **_T24}),
-    (("0.5B 14q/2kv/64", 1, 32768), {**_T, **_T24}),
-    (("0.5B 14q/2kv/64", 8, 32768), _T),
+    (("7B 28q/4kv/128", 64, 8192), {**_T7B, **_T28}),
+    (("7B 28q/4kv/128", 8, 2048), {**_T, **_T7B, **_T28}),
+    (("0.5B 14q/2kv/64", 64, 2048), {**_T, **_T24B, **_T28}),
+    (("0.5B 14q/2kv/64", 64, 8192), {**_T, **_T28}),
+    (("7B 28q/4kv/128", 1, 32768), {**_T, **_T24, **_T28}),
+    (("0.5B 14q/2kv/64", 1, 32768), {**_T, **_T24, **_T28}),
+    (("0.5B 14q/2kv/64", 8, 32768), {**_T, **_T28}),
+    (("0.5B 14q/2kv/64", 256, 2048), _T28),
+    (("7B 28q/4kv/128", 64, 2048), _T28),
 ]
 
 

@@ -387,6 +387,7 @@ def run_variant(args) -> list[dict]:
     norm_gemv_hoist = skinny_module.NORM_GEMV_HOIST
     combine_module = importlib.import_module("kernels.split_combine")
     early_partials = combine_module.EARLY_PARTIALS
+    ftz_exp2, lean_softmax = paged_attention_module.FTZ_EXP2, paged_attention_module.LEAN_SOFTMAX
     mgpu_min_rows = model_module.MGPU_MIN_ROWS
     seed_programs = residual_norm_module.SEED_PROGRAMS
     mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
@@ -522,6 +523,13 @@ def run_variant(args) -> list[dict]:
             skinny_module.NORM_GEMV_HOIST = {"gemv_hoist": True, "no_gemv_hoist": False}.get(glue, norm_gemv_hoist)
             # "early_partials": the split merge loads its partials with the lse's (kernels.split_combine.EARLY_PARTIALS).
             combine_module.EARLY_PARTIALS = {"early_partials": True, "no_early_partials": False}.get(glue, early_partials)
+            # "ftz_exp2" / "lean_softmax" / "lean_ftz" / "no_lean_ftz": the decode kernels' softmax with one
+            # ex2.approx.ftz an exponential, without the logit multiply and the select after the exponential,
+            # both, or neither (kernels.paged_attention.FTZ_EXP2, LEAN_SOFTMAX; session 28).
+            paged_attention_module.FTZ_EXP2 = {"ftz_exp2": True, "lean_ftz": True, "lean_softmax": False,
+                                               "no_lean_ftz": False}.get(glue, ftz_exp2)
+            paged_attention_module.LEAN_SOFTMAX = {"lean_softmax": True, "lean_ftz": True, "ftz_exp2": False,
+                                                   "no_lean_ftz": False}.get(glue, lean_softmax)
             # "mgpu_min8" / "mgpu_min32": steps of 8-31 rows on the Mosaic GPU projections (model.MGPU_MIN_ROWS,
             # so with ACCUMULATE's glue; the default since session 21) or on Triton's path.
             model_module.MGPU_MIN_ROWS = {"mgpu_min8": 8, "mgpu_min32": 32, "before21": 32}.get(glue, mgpu_min_rows)
@@ -612,7 +620,8 @@ def main() -> None:
                                                              "early_gather", "no_early_gather", "argmax_merge",
                                                              "argmax_merge_xla", "norm_scale_first", "norm_scale_late",
                                                              "gemv_hoist", "no_gemv_hoist", "early_partials",
-                                                             "no_early_partials", "rope_broadcast", "rope_concat"],
+                                                             "no_early_partials", "rope_broadcast", "rope_concat",
+                                                             "ftz_exp2", "lean_softmax", "lean_ftz", "no_lean_ftz"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

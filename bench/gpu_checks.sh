@@ -126,6 +126,9 @@
 #               kernel with two KV heads a program (kv_pack) swept in bandwidth.py (bandwidth.md, session 27)
 #   ahead27     session 27 (ran in reduced form at baeb1dd; tied or lost, removed, so the part is gone): the decode
 #               kernel's key loop loading the next block's page ids or K/V by hand (bandwidth.md, session 27)
+#   lean28      session 28: the decode kernels' softmax with one ex2.approx.ftz an exponential (FTZ_EXP2) and
+#               without the logit multiply and the select after the exponential (LEAN_SOFTMAX): compiled
+#               tests, the step at 1 / 64 / 256 rows with each and both, the bandwidth sweep (~450 s)
 #   mix28       session 28: Nsight Compute on the fused attention at 64 and 256 rows x 192 keys (the engine's
 #               defaults), its warp instructions executed by SASS opcode (bench/ncu_hotspots.py --opcodes) and
 #               its stall hotspots: where the ~2,000 instructions a warp go (~120 s)
@@ -524,6 +527,11 @@ for part in "${parts[@]}"; do
                 --budget-s 40 --sweep-configs splits=128; done ;;
     early26) timeout 330 python3 bench/decode_step.py --batches 1 64 128 --variants default --no-static \
                --glue kernels rope_concat --rounds 7 --reps 10 --profile /tmp/early26 ;;
+    lean28) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+              tests/test_decode_attention.py tests/test_kernels.py -k "lean and compiled" ; \
+            timeout 250 python3 bench/decode_step.py --batches 1 64 256 --variants default --no-static \
+              --glue kernels ftz_exp2 lean_softmax lean_ftz --rounds 7 --reps 10 --profile /tmp/lean28 ; \
+            timeout 140 python3 bench/bandwidth.py --sweep-only --budget-s 120 --sweep-configs ftz lean "lean ftz" ;;
     mix28) timeout 240 ncu --clock-control none -k regex:'fused' --section SpeedOfLight --section LaunchStats \
              --section Occupancy --section WarpStateStats --section InstructionStats --section SourceCounters \
              -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 --cases fused_64x192 fused_256x192

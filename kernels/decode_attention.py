@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 
 from kernels import pallas_compat as compat
 from kernels.cache_scatter import cache_scatter_reference
+from kernels import paged_attention as _paged
 from kernels.paged_attention import (_MASK_VALUE, COMBINES, DECODE_BLOCK_KEYS, LOG2E, SINGLE_PASS_KEYS,
                                      check_pool, finish_rows, gather_key_block, merge_last_split,
                                      merge_splits,
@@ -70,7 +71,8 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                   group: int, block_rows: int, num_splits: int, pages_per_block: int, scale: float,
                   precision, act_dtype, merge_in_kernel: bool = False, interpret: bool = False,
                   o_rows: int = 0, prefetch_wo: bool = False, rot_input: bool = False,
-                  joint_rope: bool = False, early_gather: bool = False):
+                  joint_rope: bool = False, early_gather: bool = False, ftz: bool = False,
+                  lean: bool = False):
     wo_ref, refs = (refs[0], refs[1:]) if o_rows else (None, refs)
     rot_ref, refs = (refs[0], refs[1:]) if rot_input else (None, refs)
     (o_ref, lse_ref, out_ref, counter_ref), (k_out_ref, v_out_ref) = split_refs(
@@ -119,9 +121,16 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     # from iotas in every program, ~32 elements a thread of compares and selects (`ROPE_JOINT`).
     rot = rot_ref[...] if rot_input else _rotate_half_matrix(head_dim, pool_dtype)
 
-    def rope(x):  # x [rows, D] in the activation dtype -> rotated, in the pool dtype
+    def rope(x, row_scale=None):  # x [rows, D] in the activation dtype -> rotated, in the pool dtype
         swapped = compat.dot(x.astype(pool_dtype), rot, precision=precision).astype(jnp.float32)
-        return (x.astype(jnp.float32) * cos + swapped * sin).astype(pool_dtype)
+        rotated = x.astype(jnp.float32) * cos + swapped * sin
+        if row_scale is not None:  # `lean`: q's rows carry the logits' scale, rounded once with it
+            rotated = rotated * row_scale[:, None]
+        return rotated.astype(pool_dtype)
+
+    # `lean` (`LEAN_SOFTMAX`): the queries carry scale * log2(e), so no logit is multiplied.
+    q_scale = scale * LOG2E if lean else 1.0
+    logit_scale = None if lean else scale
 
     # A float32 qkv (a projection's accumulator) is rounded to the activations' dtype first, as
     # a projection's output in that dtype would be.
@@ -129,7 +138,8 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         # The new key rides in row `group` of the queries' tile (a row the group leaves free), so
         # one product rotates both; rows past the group are never stored.
         src = jnp.where(rows < group, head * group + rows, num_heads + head)
-        q = rope(qkv_ref[seq, src, :].astype(act_dtype))
+        q = rope(qkv_ref[seq, src, :].astype(act_dtype),
+                 jnp.where(rows == group, 1.0, q_scale).astype(jnp.float32) if lean else None)
         k_new = jnp.sum(jnp.where((rows == group)[:, None], q.astype(jnp.float32), 0.0), axis=0)
     else:
         q_raw = compat.load(qkv_ref.at[seq, pl.ds(head * group, block_rows), :],
@@ -137,7 +147,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         # The new key as row 0 of a tile (the MMA needs 16 rows), then as a vector.
         k_raw = compat.load(qkv_ref.at[seq, pl.ds(num_heads + head, block_rows), :],
                             mask=(rows == 0)[:, None], other=0).astype(act_dtype)
-        q = rope(q_raw)
+        q = rope(q_raw, jnp.full((block_rows,), q_scale, jnp.float32) if lean else None)
         k_new = rope(k_raw).astype(jnp.float32).sum(axis=0)  # rows 1.. are exact zeros
     has_new = length >= 1
     slot = slot_ref[seq]
@@ -152,7 +162,9 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
     seeds = (split == 0) & has_new
     # In the online softmax's base-2 units (`online_softmax_step`).
-    s_new = (q.astype(jnp.float32) * k_new[None, :]).sum(axis=1) * (scale * LOG2E)
+    s_new = (q.astype(jnp.float32) * k_new[None, :]).sum(axis=1)
+    if not lean:
+        s_new = s_new * (scale * LOG2E)
     m0 = jnp.where(seeds, s_new, _MASK_VALUE)
     l0 = jnp.where(seeds, jnp.ones_like(s_new), jnp.zeros_like(s_new))
     acc0 = jnp.where(seeds, jnp.broadcast_to(v_new.astype(jnp.float32)[None, :],
@@ -160,8 +172,12 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
     def step(carry, block):
         k, v, valid = block
-        return online_softmax_step(carry, q, k, v, None, valid[None, :], scale=scale,
-                                   precision=precision)
+        # `lean`: no select after the exponential. Every row's running maximum is finite before
+        # any key is folded (split 0: the new token's logit) or after its first block (a split's
+        # first block holds a cached key; an early block without one is dropped below), and all
+        # rows see the same keys, so a hidden key's exp2(-1e30 - m) is 0 already.
+        return online_softmax_step(carry, q, k, v, None, valid[None, :], scale=logit_scale,
+                                   precision=precision, select_p=not lean, ftz=ftz, interpret=interpret)
 
     if o_rows:
         o_cols = chunk * o_rows + jnp.arange(o_rows)
@@ -207,11 +223,11 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine", "o_rows",
-    "prefetch_wo", "out_dtype", "rope_joint", "early_gather"))
+    "prefetch_wo", "out_dtype", "rope_joint", "early_gather", "ftz", "lean"))
 def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo=None, *, scale: float,
            num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
            interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False, out_dtype=None,
-           rope_joint: bool = False, early_gather: bool = False):
+           rope_joint: bool = False, early_gather: bool = False, ftz: bool = False, lean: bool = False):
     out_dtype = qkv.dtype if out_dtype is None else out_dtype
     batch, _, head_dim = qkv.shape
     kv_heads = k_pages.shape[0]
@@ -229,7 +245,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
         scale=scale, precision=precision, act_dtype=out_dtype, merge_in_kernel=merge_in_kernel,
         interpret=interpret, o_rows=o_rows, prefetch_wo=prefetch_wo, rot_input=rot_input,
-        joint_rope=rot_input and group < block_rows, early_gather=early_gather)
+        joint_rope=rot_input and group < block_rows, early_gather=early_gather, ftz=ftz, lean=lean)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -383,7 +399,8 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                   num_splits=num_splits, pages_per_block=pages_per_block,
                   num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                   combine=combine, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
-                  rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER)
+                  rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER, ftz=_paged.FTZ_EXP2,
+                  lean=_paged.LEAN_SOFTMAX)
 
 
 # `fused_decode_attention_o`: rows of Wo a program (its grid's third axis has N / O_ROWS blocks per
@@ -460,7 +477,8 @@ def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_p
                   pages_per_block=pages_per_block, num_warps=num_warps or O_NUM_WARPS, num_stages=num_stages,
                   interpret=interpret, combine="pallas", o_rows=o_rows,
                   prefetch_wo=O_PREFETCH_WO if prefetch_wo is None else bool(prefetch_wo),
-                  rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER)
+                  rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER, ftz=_paged.FTZ_EXP2,
+                  lean=_paged.LEAN_SOFTMAX)
 
 
 def fused_decode_attention_o_reference(qkv, cos, sin, k_pages, v_pages, block_tables, lengths,

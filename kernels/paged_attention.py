@@ -44,6 +44,7 @@ this pattern. `kernels.pallas_compat` hides the API moves between 0.10 and 0.11.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,18 @@ PREFILL_KEY_TILE_ELEMENTS = 8192
 # (fused_tune); the engine's batch-64 step -3.0 / -3.6% (decode_step.md). Unsplit rows keep
 # 128 keys an iteration (256 cost batch 256's step 3.5%). Read when a step is traced; 0: off.
 SINGLE_PASS_KEYS = 2 * DECODE_BLOCK_KEYS
+# The decode kernels' online softmax in fewer instructions a logit. Why: Nsight Compute on the H200
+# (session 28, bench/results/kernel_notes.md) reads the fused attention at 64 rows x 192 keys as
+# ~1,170 warp instructions a warp, one warp a scheduler, bound by that stream (FMUL 14%, FADD 10%,
+# FSEL 8%), and the 256-row one as bound by instruction issue (four programs an SM). `FTZ_EXP2`: each
+# exponential one `ex2.approx.ftz.f32` (`compat.exp2`) instead of libdevice's denormal-guarded one (a
+# compare and two multiplies more). `LEAN_SOFTMAX`: no select after the exponential in decode, where
+# every row's running maximum is finite once a block is folded (a hidden key's exp2(-1e30 - m) is
+# 0 already), and, in the fused kernel, q rounded with `scale * LOG2E` in it (it is rounded to the
+# pool's dtype there anyway), so the logits need no multiply. Read when a kernel is traced;
+# JAXSERVE_FTZ_EXP2 / JAXSERVE_LEAN_SOFTMAX = 1 turn them on.
+FTZ_EXP2 = os.environ.get("JAXSERVE_FTZ_EXP2", "0") == "1"
+LEAN_SOFTMAX = os.environ.get("JAXSERVE_LEAN_SOFTMAX", "0") == "1"
 
 
 def split_page_range(lengths_ref, split, row_pages, *, num_splits: int, pages_per_block: int,
@@ -146,24 +159,34 @@ def gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per
     return k_pages_ref[page, offset], v_pages_ref[page, offset]
 
 
-def online_softmax_step(carry, q, k, v, key_ok, visible, *, scale: float, precision):
+def online_softmax_step(carry, q, k, v, key_ok, visible, *, scale: float | None, precision,
+                        select_p: bool = True, ftz: bool = False, interpret: bool = True):
     """One block of keys folded into the float32 online-softmax state `(acc, m, l)`.
 
     `key_ok [keys]`: slots holding written keys, or None when V's unwritten slots were
     already made finite (`gather_key_block`); `visible [rows or 1, keys]`: what each
     query row may attend to. `m` is in base-2 units (`LOG2E` times the scaled logits);
-    `finish_rows` turns the state back into natural logs.
+    `finish_rows` turns the state back into natural logs. `scale` None: q already carries
+    `scale * LOG2E` (folded in where q is rounded anyway, one multiply a query element
+    instead of one a logit). `select_p` False: the caller guarantees that every row's `m`
+    is finite after this block (a seed logit, or a visible key in every block it folds),
+    so a hidden key's `exp2(-1e30 - m)` is already 0 and the select after the exponential
+    is dropped. `ftz`: the exponentials as `compat.exp2(ftz=True)`.
     """
     acc, m, l = carry
     if key_ok is not None:
         # Slots past the length may hold anything (stale or never-written pages, even NaN);
         # zeroing them keeps p = 0 from meeting NaN in the second product.
         v = jnp.where(key_ok[:, None], v, jnp.zeros_like(v))
-    s = compat.dot(q, k, trans_b=True, precision=precision) * (scale * LOG2E)
+    s = compat.dot(q, k, trans_b=True, precision=precision)
+    if scale is not None:
+        s = s * (scale * LOG2E)
     s = jnp.where(visible, s, _MASK_VALUE)
     m_next = jnp.maximum(m, s.max(axis=1))
-    alpha = jnp.exp2(m - m_next)
-    p = jnp.where(visible, jnp.exp2(s - m_next[:, None]), 0.0)
+    alpha = compat.exp2(m - m_next, ftz=ftz, interpret=interpret)
+    p = compat.exp2(s - m_next[:, None], ftz=ftz, interpret=interpret)
+    if select_p:
+        p = jnp.where(visible, p, 0.0)
     l = l * alpha + p.sum(axis=1)
     pv = compat.dot(p.astype(v.dtype), v, precision=precision)
     return acc * alpha[:, None] + pv, m_next, l
@@ -182,7 +205,8 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
                    *refs, group: int, start_offset: int, block_rows: int,
                    num_splits: int,
                    pages_per_block: int, scale: float, precision, v_mask: str,
-                   merge_in_kernel: bool = False, interpret: bool = False):
+                   merge_in_kernel: bool = False, interpret: bool = False, ftz: bool = False,
+                   lean: bool = False):
     (o_ref, lse_ref, out_ref, counter_ref), _ = split_refs(refs, num_splits, merge_in_kernel)
     seq, head = pl.program_id(0), pl.program_id(1)
     row_block, split = pl.program_id(2), pl.program_id(3)
@@ -223,9 +247,12 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
                                     written)
         else:
             k, v = gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block)
+        # `lean` (decode): a split's first block holds a key every live row sees, so no select
+        # after the exponential; rows that see none are padding, never stored.
         return online_softmax_step(carry, q, k, v, written if v_mask == "where" else None,
                                    key_pos[None, :] < row_limit[:, None],
-                                   scale=scale, precision=precision)
+                                   scale=scale, precision=precision, select_p=not lean, ftz=ftz,
+                                   interpret=interpret)
 
     init = (jnp.zeros((block_rows, head_dim), jnp.float32),
             jnp.full((block_rows,), _MASK_VALUE, jnp.float32),
@@ -328,20 +355,21 @@ def default_pages_per_block(page_size: int, table_pages: int, block_keys: int) -
 
 @functools.partial(jax.jit, static_argnames=(
     "group", "start_offset", "block_rows", "scale", "num_splits", "pages_per_block",
-    "num_warps", "num_stages", "interpret", "v_mask", "combine"))
+    "num_warps", "num_stages", "interpret", "v_mask", "combine", "ftz", "lean"))
 def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, *,
                       group: int, start_offset: int, block_rows: int, scale: float,
                       num_splits: int,
                       pages_per_block: int, num_warps: int,
                       num_stages: int, interpret: bool, v_mask: str = "redirect",
-                      combine: str = "xla"):
+                      combine: str = "xla", ftz: bool = False, lean: bool = False):
     """Shared core: query rows `[batch, kv_heads, rows, head_dim]` over paged K/V.
 
     Row r holds query position `q_start[b] + start_offset + r // group` of head
     `r % group` of the KV
     group; it sees keys at positions <= its own and < `lengths[b]`; rows at positions
     >= `lengths[b]` come back as zeros. Rows are processed `block_rows` (a power of two
-    >= 16) at a time. The only XLA work besides the kernel is the split combine.
+    >= 16) at a time. The only XLA work besides the kernel is the split combine. `ftz`,
+    `lean`: `FTZ_EXP2` and `LEAN_SOFTMAX` (`lean` for decode rows only: one position a row block).
     """
     batch, kv_heads, query_rows, head_dim = q_rows.shape
     row_blocks = pl.cdiv(query_rows, block_rows)
@@ -355,7 +383,7 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
         num_splits=num_splits,
         pages_per_block=pages_per_block, scale=scale,
         precision=precision, v_mask=v_mask, merge_in_kernel=merge_in_kernel,
-        interpret=interpret)
+        interpret=interpret, ftz=ftz, lean=lean)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, r, s: (h, 0, 0, 0))
     in_specs = [pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, r, s: (b, 0)),
@@ -441,7 +469,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     scale: float | None = None, interpret: bool | None = None,
                     num_splits: int | None = None, pages_per_block: int | None = None,
                     num_warps: int = 4, num_stages: int = 2, v_mask: str = "redirect",
-                    combine: str = "pallas") -> jax.Array:
+                    combine: str = "pallas", ftz_exp2: bool | None = None,
+                    lean_softmax: bool | None = None) -> jax.Array:
     """Decode attention of one new query per sequence over its paged K/V.
 
     Args:
@@ -469,6 +498,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
             sequence and KV head to finish merges, counted with an atomic: one launch in
             all; opt-in, slower than "pallas" at every shape on the H200, see
             `merge_last_split`).
+        ftz_exp2, lean_softmax: the softmax's instruction cuts (`FTZ_EXP2`, `LEAN_SOFTMAX`;
+            None: those module defaults).
 
     Returns:
         `[batch, num_heads, head_dim]` in q's dtype; softmax in float32.
@@ -506,7 +537,9 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         scale=float(head_dim ** -0.5 if scale is None else scale),
         num_splits=num_splits, pages_per_block=pages_per_block,
         num_warps=num_warps, num_stages=num_stages,
-        interpret=interpret, v_mask=v_mask, combine=combine)
+        interpret=interpret, v_mask=v_mask, combine=combine,
+        ftz=FTZ_EXP2 if ftz_exp2 is None else bool(ftz_exp2),
+        lean=LEAN_SOFTMAX if lean_softmax is None else bool(lean_softmax))
     return out.reshape(batch, num_heads, head_dim)
 
 

@@ -6,6 +6,7 @@ included, so reading it before it is written fails), ragged lengths, random page
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -393,3 +394,56 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
         kn_params = convert_weight_layout(params, layout, "kn")
         dense, _ = model.apply({"params": kn_params}, jnp.asarray(tokens[:1, : lengths[0] + 1]))
         assert relative_error(logits[0, 0], dense[0, -1]) <= 1e-4, f"seed={seed}"
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case,combine,stages", [
+    (0, "pallas", 1),      # 0.5B heads, unsplit, one stage: the early gather and the joint RoPE
+    (1, "pallas", 2),      # float32, three splits
+    (1, "inkernel", 2),    # the same merged in the kernel
+    (2, "pallas", 1),      # 7B heads in float32, two splits
+    (3, "pallas", 1),      # a group of 8 filling the tile: two products for RoPE
+    (6, "pallas", 1),      # the single-pass table
+])
+def test_fused_decode_lean_softmax_matches_reference(interpret, case, combine, stages, monkeypatch):
+    """`LEAN_SOFTMAX` (q rounded with the logits' scale in it, no select after the exponential) and
+    `FTZ_EXP2` on: the reference's tolerance, no NaN from the poisoned pool (the new token's slot
+    included), length-0 rows zero, the cache written as without them."""
+    pa = importlib.import_module("kernels.paged_attention")
+    monkeypatch.setattr(pa, "LEAN_SOFTMAX", True)
+    monkeypatch.setattr(pa, "FTZ_EXP2", True)
+    num_heads, kv_heads, head_dim, page_size, dtype, num_splits, ppb = DECODE_CASES[case]
+    rng, seed = fresh_rng()
+    args = fused_case(rng, batch=6, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim,
+                      page_size=page_size, table_pages=5, dtype=dtype)
+    args = (args[0] * 3.0, *args[1:])  # logits of a few units: the scale matters
+    out, k_new, v_new = fused_decode_attention(*args, interpret=interpret, num_splits=num_splits,
+                                               pages_per_block=ppb, combine=combine, num_stages=stages)
+    ref, k_ref, v_ref = fused_decode_attention_reference(*args)
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
+    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0,
+                                  err_msg=f"length-0 row not zero, seed={seed}")
+    if dtype == jnp.float32:
+        assert_pools_equal(k_new, k_ref, seed, rtol=1e-6, atol=1e-6)
+    else:
+        assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP)
+    assert_pools_equal(v_new, v_ref, seed)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_fused_decode_o_lean_softmax_matches_reference(interpret, monkeypatch):
+    """The one-row fused attention with o_proj folded in, `LEAN_SOFTMAX` and `FTZ_EXP2` on."""
+    pa = importlib.import_module("kernels.paged_attention")
+    monkeypatch.setattr(pa, "LEAN_SOFTMAX", True)
+    monkeypatch.setattr(pa, "FTZ_EXP2", True)
+    rng, seed = fresh_rng()
+    args = fused_case(rng, batch=3, num_heads=14, kv_heads=2, head_dim=64, page_size=16, table_pages=5,
+                      dtype=jnp.bfloat16)
+    wo = jnp.asarray(rng.standard_normal((128, 14 * 64)) / 30.0, jnp.bfloat16)
+    out, k_new, v_new = fused_decode_attention_o(*args, wo, interpret=interpret)
+    ref, k_ref, v_ref = fused_decode_attention_o_reference(*args, wo)
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
+    assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP)
+    assert_pools_equal(v_new, v_ref, seed)

@@ -10,6 +10,7 @@ output as NaN, so an element the kernel forgets to write fails the NaN checks to
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -347,3 +348,35 @@ def test_decode_tuning_defaults_short_tables_and_head_dims():
                 interpret=False, block_keys=128)
     assert resolve_tuning(**wide, head_dim=128) == (8, 2)
     assert resolve_tuning(**wide, head_dim=64) == (8, 4)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case,v_mask", [(0, "redirect"), (1, "redirect"), (2, "redirect"), (3, "where"),
+                                         (5, "redirect"), (6, "redirect")])
+def test_decode_lean_softmax_matches_reference(interpret, case, v_mask, monkeypatch):
+    """`LEAN_SOFTMAX` (no select after the exponential) and `FTZ_EXP2` (one ex2.approx.ftz an
+    exponential, compiled) on: the same tolerance against the float32 reference, no NaN from the
+    poisoned slots, length-0 rows still zero, splits and the single-pass table included."""
+    pa = importlib.import_module("kernels.paged_attention")
+    monkeypatch.setattr(pa, "LEAN_SOFTMAX", True)
+    monkeypatch.setattr(pa, "FTZ_EXP2", True)
+    num_heads, kv_heads, head_dim, page_size, dtype, num_splits, ppb = DECODE_CASES[case]
+    rng, seed = fresh_rng()
+    batch, table_pages = 6, 5
+    num_pages = batch * table_pages + 3
+    k_pages, v_pages = make_pool(rng, kv_heads=kv_heads, head_dim=head_dim,
+                                 page_size=page_size, num_pages=num_pages, dtype=dtype)
+    table, lengths = make_sequences(rng, batch=batch, page_size=page_size,
+                                    table_pages=table_pages, num_pages=num_pages,
+                                    lengths=ragged_lengths(rng, batch, page_size, table_pages * page_size))
+    k_pages = poison_unowned(k_pages, table, lengths, page_size)
+    v_pages = poison_unowned(v_pages, table, lengths, page_size)
+    q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)) * 3.0, dtype)
+    out = paged_attention(q, k_pages, v_pages, table, lengths, interpret=interpret,
+                          num_splits=num_splits, pages_per_block=ppb, v_mask=v_mask)
+    ref = paged_attention_reference(q.astype(jnp.float32), k_pages.astype(jnp.float32),
+                                    v_pages.astype(jnp.float32), table, lengths)
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
+    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0,
+                                  err_msg=f"length-0 row not zero, seed={seed}")
