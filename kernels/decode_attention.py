@@ -128,8 +128,11 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
             rotated = rotated * row_scale[:, None]
         return rotated.astype(pool_dtype)
 
-    # `lean` (`LEAN_SOFTMAX`): the queries carry scale * log2(e), so no logit is multiplied.
+    # `lean` (`LEAN_SOFTMAX`): the queries carry scale * log2(e), so no logit is multiplied. Row
+    # `group` (the new key's under joint RoPE, else padding) keeps scale 1; one expression for both
+    # layouts keeps them bitwise equal.
     q_scale = scale * LOG2E if lean else 1.0
+    row_scale = jnp.where(rows == group, 1.0, q_scale).astype(jnp.float32) if lean else None
     logit_scale = None if lean else scale
 
     # A float32 qkv (a projection's accumulator) is rounded to the activations' dtype first, as
@@ -138,8 +141,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         # The new key rides in row `group` of the queries' tile (a row the group leaves free), so
         # one product rotates both; rows past the group are never stored.
         src = jnp.where(rows < group, head * group + rows, num_heads + head)
-        q = rope(qkv_ref[seq, src, :].astype(act_dtype),
-                 jnp.where(rows == group, 1.0, q_scale).astype(jnp.float32) if lean else None)
+        q = rope(qkv_ref[seq, src, :].astype(act_dtype), row_scale)
         k_new = jnp.sum(jnp.where((rows == group)[:, None], q.astype(jnp.float32), 0.0), axis=0)
     else:
         q_raw = compat.load(qkv_ref.at[seq, pl.ds(head * group, block_rows), :],
@@ -147,7 +149,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         # The new key as row 0 of a tile (the MMA needs 16 rows), then as a vector.
         k_raw = compat.load(qkv_ref.at[seq, pl.ds(num_heads + head, block_rows), :],
                             mask=(rows == 0)[:, None], other=0).astype(act_dtype)
-        q = rope(q_raw, jnp.full((block_rows,), q_scale, jnp.float32) if lean else None)
+        q = rope(q_raw, row_scale)
         k_new = rope(k_raw).astype(jnp.float32).sum(axis=0)  # rows 1.. are exact zeros
     has_new = length >= 1
     slot = slot_ref[seq]

@@ -18,7 +18,8 @@ Design (one kernel for decode and prefill):
   from 368 to 279 µs (2.9 -> 3.9 TB/s). Keys past the length are pointed at the row's
   first slot, so V needs no select before the product.
 - Online softmax in float32, in base 2 (`exp2`; see `LOG2E`: -1.6% to -4.7% on the H200's
-  0.5B decode step, unchanged at the bandwidth table's long contexts); the loop is bounded by
+  0.5B decode step, unchanged at the bandwidth table's long contexts), each exponential one
+  `ex2.approx.ftz`, no select after it in decode (`FTZ_EXP2`, `LEAN_SOFTMAX`); the loop is bounded by
   the row block's own key count, so a short sequence does no work for its empty pages, and a
   length-0 row writes zeros.
 - Flash-decoding: the pages are cut into `num_splits` ranges, sized at run time from the
@@ -87,10 +88,14 @@ SINGLE_PASS_KEYS = 2 * DECODE_BLOCK_KEYS
 # compare and two multiplies more). `LEAN_SOFTMAX`: no select after the exponential in decode, where
 # every row's running maximum is finite once a block is folded (a hidden key's exp2(-1e30 - m) is
 # 0 already), and, in the fused kernel, q rounded with `scale * LOG2E` in it (it is rounded to the
-# pool's dtype there anyway), so the logits need no multiply. Read when a kernel is traced;
-# JAXSERVE_FTZ_EXP2 / JAXSERVE_LEAN_SOFTMAX = 1 turn them on.
-FTZ_EXP2 = os.environ.get("JAXSERVE_FTZ_EXP2", "0") == "1"
-LEAN_SOFTMAX = os.environ.get("JAXSERVE_LEAN_SOFTMAX", "0") == "1"
+# pool's dtype there anyway), so the logits need no multiply. H200, session 28 (decode_step.md,
+# bandwidth.md; one process, alternating rounds): the 64-row fused attention 6.58 -> 6.05 µs a layer
+# (either cut alone 6.05-6.07), GPU busy 747.7 -> 734.7 µs a step, step -1.7%; 1 row 6.03 -> 5.85 µs;
+# 256 rows 13.12 -> 12.84; the bandwidth sweep gains 0.2-0.8% at every shape (0.5B 64 x 2k 23.7 ->
+# 23.2 µs). On by default; read when a kernel is traced; JAXSERVE_FTZ_EXP2 / JAXSERVE_LEAN_SOFTMAX = 0
+# turn them off.
+FTZ_EXP2 = os.environ.get("JAXSERVE_FTZ_EXP2", "1") == "1"
+LEAN_SOFTMAX = os.environ.get("JAXSERVE_LEAN_SOFTMAX", "1") == "1"
 
 
 def split_page_range(lengths_ref, split, row_pages, *, num_splits: int, pages_per_block: int,
