@@ -388,6 +388,7 @@ def run_variant(args) -> list[dict]:
     combine_module = importlib.import_module("kernels.split_combine")
     early_partials = combine_module.EARLY_PARTIALS
     ftz_exp2, lean_softmax = paged_attention_module.FTZ_EXP2, paged_attention_module.LEAN_SOFTMAX
+    swiglu_approx = mgpu_module.SWIGLU_APPROX
     mgpu_min_rows = model_module.MGPU_MIN_ROWS
     seed_programs = residual_norm_module.SEED_PROGRAMS
     mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
@@ -530,6 +531,9 @@ def run_variant(args) -> list[dict]:
                                                "no_lean_ftz": False}.get(glue, ftz_exp2)
             paged_attention_module.LEAN_SOFTMAX = {"lean_softmax": True, "lean_ftz": True, "ftz_exp2": False,
                                                    "no_lean_ftz": False}.get(glue, lean_softmax)
+            # "swiglu_approx" / "swiglu_exact": the Mosaic GPU gate_up's SwiGLU with approximate exp and
+            # rsqrt or the accurate ones (kernels.skinny_matmul_mgpu.SWIGLU_APPROX; session 28).
+            mgpu_module.SWIGLU_APPROX = {"swiglu_approx": True, "swiglu_exact": False}.get(glue, swiglu_approx)
             # "mgpu_min8" / "mgpu_min32": steps of 8-31 rows on the Mosaic GPU projections (model.MGPU_MIN_ROWS,
             # so with ACCUMULATE's glue; the default since session 21) or on Triton's path.
             model_module.MGPU_MIN_ROWS = {"mgpu_min8": 8, "mgpu_min32": 32, "before21": 32}.get(glue, mgpu_min_rows)
@@ -621,7 +625,8 @@ def main() -> None:
                                                              "argmax_merge_xla", "norm_scale_first", "norm_scale_late",
                                                              "gemv_hoist", "no_gemv_hoist", "early_partials",
                                                              "no_early_partials", "rope_broadcast", "rope_concat",
-                                                             "ftz_exp2", "lean_softmax", "lean_ftz", "no_lean_ftz"],
+                                                             "ftz_exp2", "lean_softmax", "lean_ftz", "no_lean_ftz",
+                                                             "swiglu_approx", "swiglu_exact"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -118,6 +118,12 @@ PDL = False
 # --glue exit_read_only, decode_step.md): step 0.805 against 0.804 ms at 64 rows, 0.974 against 0.976
 # at 128: no gain, off. Read at call time.
 EXIT_READ_ONLY = False
+# SwiGLU's epilogue with approximate math: `exp` as one `ex2.approx.ftz` after a multiply (Mosaic GPU's
+# `approx_math`) and the sigmoid's division as a squared approximate reciprocal square root, in place of
+# the accurate `expf` and an IEEE division (each ~10 instructions an element; 16 elements a thread at 64
+# rows, one warp a scheduler). Both approximations err by ~2^-22 relative, far under the bf16 rounding
+# that follows. Opt-in until measured (session 28); read at call time.
+SWIGLU_APPROX = False
 
 
 def tile_for(m: int, k: int, epilogue: str) -> dict[str, int]:
@@ -212,7 +218,7 @@ def _out_type(x: jax.Array, n_out: int, epilogue: str, num_splits: int) -> jax.S
 
 def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, num_slots: int, boxes: int,
             rows: int, row_tile: int, steps_per_split: int, k_steps: int, n_out: int, pdl: bool, interpret: bool,
-            exit_read_only: bool):
+            exit_read_only: bool, swiglu_approx: bool = False):
     if epilogue == "argmax":  # two outputs, two row vectors for them
         max_ref, idx_ref, x_smem, w_smem, max_smem, idx_smem, bars = refs
         o_ref = o_smem = None
@@ -297,7 +303,7 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
     else:  # the result itself, in the activation dtype
         dtype = o_smem.dtype
         if epilogue == "swiglu":
-            result = swiglu_sums(*accs, dtype)
+            result = (_swiglu_sums_approx if swiglu_approx else swiglu_sums)(*accs, dtype)
         else:  # "none", one split
             result = accs[0]
             if has_bias:
@@ -308,6 +314,14 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[my_rows, cols])
     plgpu.wait_smem_to_gmem(0, wait_read_only=exit_read_only)
+
+
+def _swiglu_sums_approx(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
+    """`swiglu_sums` (Hugging Face's roundings) with the sigmoid as rsqrt(1 + exp(-gate)) ** 2: under
+    `approx_math` both are single approximate instructions (`SWIGLU_APPROX`); exp(-gate) = inf gives 0."""
+    gate, up = (a.astype(dtype).astype(jnp.float32) for a in (gate, up))
+    r = lax.rsqrt(1.0 + jnp.exp(-gate))
+    return (gate * (r * r)).astype(dtype).astype(jnp.float32) * up
 
 
 def _argmax_epilogue(acc, max_ref, idx_ref, max_smem, idx_smem, dtype, *, col_block, block_n: int, n_out: int,
@@ -425,9 +439,9 @@ def argmax_matmul_mgpu(x: jax.Array, w: jax.Array, *, block_n: int | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "boxes", "block_m", "num_splits",
-                                           "pdl", "interpret", "exit_read_only"))
+                                           "pdl", "interpret", "exit_read_only", "swiglu_approx"))
 def _call(x, w, bias, acc, *, epilogue: str, block_n: int, num_slots: int, boxes: int, block_m: int, num_splits: int,
-          pdl: bool, interpret: bool, exit_read_only: bool):
+          pdl: bool, interpret: bool, exit_read_only: bool, swiglu_approx: bool = False):
     m, k = x.shape
     rows, row_tile = min(m, block_m), _row_tile(m, block_m)
     has_bias = bias is not None
@@ -446,7 +460,7 @@ def _call(x, w, bias, acc, *, epilogue: str, block_n: int, num_slots: int, boxes
     body = functools.partial(_kernel, epilogue=epilogue, has_bias=has_bias, block_n=block_n, num_slots=num_slots,
                              boxes=boxes, rows=rows, row_tile=row_tile, steps_per_split=steps_per_split,
                              k_steps=k_steps, n_out=n_out, pdl=pdl, interpret=interpret,
-                             exit_read_only=exit_read_only)
+                             exit_read_only=exit_read_only, swiglu_approx=swiglu_approx)
     # Row blocks vary fastest: the programs that stream the same weight rows run side by side, so
     # all but the first read them from L2.
     grid = (m // rows, n_out // block_n, num_splits)
@@ -461,6 +475,8 @@ def _call(x, w, bias, acc, *, epilogue: str, block_n: int, num_slots: int, boxes
         grid=grid,
         grid_names=("rows", "cols", "splits"),
         kernel_name=name,
+        # approx_math: the approximate exp and rsqrt of `SWIGLU_APPROX` (no other math in these kernels).
+        **({"compiler_params": plgpu.CompilerParams(approx_math=True)} if swiglu_approx and not interpret else {}),
         **compat.mgpu_interpret_kwargs(interpret),
     )(x, w, *([bias] if has_bias else []))
 
@@ -656,7 +672,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         out = _call(x, w, kernel_bias, acc, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
                     block_m=block_m, num_splits=num_splits,
                     pdl=PDL if pdl is None else pdl,
-                    exit_read_only=EXIT_READ_ONLY,
+                    exit_read_only=EXIT_READ_ONLY, swiglu_approx=SWIGLU_APPROX and epilogue == "swiglu",
                     interpret=bool(interpret))
     if epilogue != "none" or kernel_epilogue == "none":
         return out
