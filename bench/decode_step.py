@@ -458,8 +458,9 @@ def run_variant(args) -> list[dict]:
             # "xgu64": also the 65-128-row steps' gate_up on cuBLAS.
             model_module.XLA_GATE_UP_ROWS = (128 if glue.startswith("mgpu256_xgu") else 0 if glue in MGPU_WIDE_TILINGS
                                              else 64 if glue == "xgu64" else xla_gate_up_rows)
-            # "norm_warps4" / "norm_warps8": the add + RMSNorm kernel's one program a row runs 4 / 8 warps.
-            residual_norm_module.NUM_WARPS = {"norm_warps4": 4, "norm_warps8": 8}.get(glue, norm_warps)
+            # "norm_warps1" ... "norm_warps8": the add + RMSNorm kernel's one program a row runs 1-8 warps.
+            residual_norm_module.NUM_WARPS = {"norm_warps1": 1, "norm_warps2": 2, "norm_warps4": 4,
+                                              "norm_warps8": 8}.get(glue, norm_warps)
             # "xla_pick": greedy tokens by XLA's argmax + log-softmax, not the greedy_pick kernel.
             runner_module.GREEDY_PICK = "xla" if glue == "xla_pick" else greedy_pick
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
@@ -612,7 +613,7 @@ def main() -> None:
                     help="wait on every call (the timing before session 13: adds a call's dispatch and "
                          "result transfer to its steps); default: calls back to back, one wait")
     ap.add_argument("--glue", nargs="+", default=["kernels"], choices=["kernels", "xla", "xla_combine", "inkernel_combine",
-                                                             "split_short", "skinny256", "norm_warps4", "norm_warps8", "xla_pick",
+                                                             "split_short", "skinny256", "norm_warps1", "norm_warps2", "norm_warps4", "norm_warps8", "xla_pick",
                                                              "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS,
                                                              *ATTENTION_TUNINGS, *O_TUNINGS, "no_o_attn",
                                                              "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, "cublas128",

@@ -126,6 +126,8 @@
 #               kernel with two KV heads a program (kv_pack) swept in bandwidth.py (bandwidth.md, session 27)
 #   ahead27     session 27 (ran in reduced form at baeb1dd; tied or lost, removed, so the part is gone): the decode
 #               kernel's key loop loading the next block's page ids or K/V by hand (bandwidth.md, session 27)
+#   warps28     session 28: compiled norm tests on 1-2 warps, then the step at 64 / 256 rows with the add + RMSNorm
+#               kernel's program on 1 / 2 / 4 warps against 8 (~200 s)
 #   swiglu28    session 28: compiled tests of SWIGLU_APPROX, then the step at 64 / 128 rows with it (~150 s)
 #   tests28     session 28's defaults compiled: test_decode_attention.py's compiled and model cases (~250 s?)
 #   lean28      session 28: the decode kernels' softmax with one ex2.approx.ftz an exponential (FTZ_EXP2) and
@@ -529,6 +531,10 @@ for part in "${parts[@]}"; do
                 --budget-s 40 --sweep-configs splits=128; done ;;
     early26) timeout 330 python3 bench/decode_step.py --batches 1 64 128 --variants default --no-static \
                --glue kernels rope_concat --rounds 7 --reps 10 --profile /tmp/early26 ;;
+    warps28) timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+               tests/test_residual_norm.py -k "one_or_two and compiled" ; \
+             timeout 280 python3 bench/decode_step.py --batches 64 256 --variants default --no-static \
+               --glue kernels norm_warps1 norm_warps2 norm_warps4 --rounds 7 --reps 10 --profile /tmp/warps28 ;;
     swiglu28) timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
                 tests/test_skinny_matmul_mgpu.py -k "swiglu_approx and compiled" ; \
               timeout 200 python3 bench/decode_step.py --batches 64 128 --variants default --no-static \

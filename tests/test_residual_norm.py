@@ -119,3 +119,20 @@ def test_scale_loaded_first_gives_the_same_bits(interpret, with_partials, monkey
         np.testing.assert_array_equal(np.asarray(late, np.float32), np.asarray(early, np.float32), err_msg=f"seed={seed}")
     ref = add_rms_norm_reference(hidden, partials, scale, eps=1e-6, out_dtype=jnp.bfloat16)
     assert relative_error(outs[1][1], ref[1]) <= 8e-3, f"seed={seed}"
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("num_warps", [1, 2])
+def test_seeded_float32_stream_on_one_or_two_warps(interpret, num_warps):
+    # bench/decode_step.py --glue norm_warps1 / norm_warps2 (session 28): the 64-row step's norm (a float32
+    # stream, QKV's accumulator seeded) with its row's reduction inside one or two warps.
+    rng, seed = fresh_rng()
+    hidden = jnp.asarray(rng.standard_normal((64, 896)) * 3, jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, 896), jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal(1152), jnp.bfloat16)
+    out = add_rms_norm(hidden, None, scale, eps=1e-6, out_dtype=jnp.bfloat16, seed=bias, interpret=interpret,
+                       num_warps=num_warps)
+    ref = add_rms_norm_reference(hidden, None, scale, eps=1e-6, out_dtype=jnp.bfloat16, seed=bias)
+    assert np.array_equal(np.asarray(out[0]), np.asarray(hidden))
+    assert relative_error(out[1], ref[1]) <= 8e-3, f"seed={seed}"
+    np.testing.assert_array_equal(np.asarray(out[2]), np.asarray(ref[2]), err_msg=f"seed={seed}")

@@ -467,12 +467,13 @@ def test_mgpu_projections_only_where_wgmma_runs(monkeypatch):
     (256, 256, 128, dict(block_n=32, num_slots=3, block_m=128)),  # two row blocks of 128
 ])
 def test_swiglu_approx_matches_reference(interpret, m, k, n, tiling, monkeypatch):
-    # SWIGLU_APPROX (opt-in): the sigmoid as rsqrt(1 + exp(-gate)) ** 2 with Mosaic GPU's approximate
+    # SWIGLU_APPROX (the default): the sigmoid as rsqrt(1 + exp(-gate)) ** 2 with Mosaic GPU's approximate
     # math; against the float32 reference to bf16's tolerance, and bf16 products equal to the exact
     # epilogue's but for rare roundings (at most 1% of elements one bf16 unit apart).
     rng, seed = fresh_rng()
     x, w = _operands(rng, m, k, n)
     x = x * 4  # gates of several units: exp(-gate) from ~1e-4 to ~1e4
+    monkeypatch.setattr(skinny_matmul_mgpu_module, "SWIGLU_APPROX", False)
     exact = skinny_matmul_mgpu(x, w, epilogue="swiglu", interpret=interpret, **tiling)
     monkeypatch.setattr(skinny_matmul_mgpu_module, "SWIGLU_APPROX", True)
     out = skinny_matmul_mgpu(x, w, epilogue="swiglu", interpret=interpret, **tiling)
