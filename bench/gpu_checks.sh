@@ -126,6 +126,8 @@
 #               kernel with two KV heads a program (kv_pack) swept in bandwidth.py (bandwidth.md, session 27)
 #   ahead27     session 27 (ran in reduced form at baeb1dd; tied or lost, removed, so the part is gone): the decode
 #               kernel's key loop loading the next block's page ids or K/V by hand (bandwidth.md, session 27)
+#   final28     session 28's defaults compiled: test_kernels.py's decode and lean cases, the Mosaic GPU swiglu and
+#               model cases; then the fused attention's warps at 64 rows and one stage at 256 again (~430 s)
 #   warps28     session 28: compiled norm tests on 1-2 warps, then the step at 64 / 256 rows with the add + RMSNorm
 #               kernel's program on 1 / 2 / 4 warps against 8 (~200 s)
 #   swiglu28    session 28: compiled tests of SWIGLU_APPROX, then the step at 64 / 128 rows with it (~150 s)
@@ -531,6 +533,14 @@ for part in "${parts[@]}"; do
                 --budget-s 40 --sweep-configs splits=128; done ;;
     early26) timeout 330 python3 bench/decode_step.py --batches 1 64 128 --variants default --no-static \
                --glue kernels rope_concat --rounds 7 --reps 10 --profile /tmp/early26 ;;
+    final28) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+               tests/test_kernels.py -k "compiled and (decode or lean)" ; \
+             timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+               tests/test_skinny_matmul_mgpu.py -k "compiled and (swiglu or model)" ; \
+             timeout 100 python3 bench/decode_step.py --batches 64 --variants default --no-static \
+               --glue kernels attn_w8 attn_w2 --rounds 7 --reps 10 --profile /tmp/final28a ; \
+             timeout 100 python3 bench/decode_step.py --batches 256 --variants default --no-static \
+               --glue kernels attn_st1 --rounds 7 --reps 10 --profile /tmp/final28b ;;
     warps28) timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
                tests/test_residual_norm.py -k "one_or_two and compiled" ; \
              timeout 280 python3 bench/decode_step.py --batches 64 256 --variants default --no-static \
