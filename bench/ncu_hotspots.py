@@ -32,6 +32,19 @@ def _number(text: str) -> float:
         return 0.0
 
 
+def _table_rows(lines: list[str], i: int, header: list[str]) -> tuple[list[list[str]], int]:
+    """The rows of the table whose header is `header`, from line `i` to the first line that does not fit it;
+    returns them and the index of that line."""
+    body = []
+    while i < len(lines):
+        cells = next(csv.reader([lines[i]]), [])
+        if len(cells) != len(header):
+            break
+        body.append(cells)
+        i += 1
+    return body, i
+
+
 def hotspots(csv_text: str, top: int = 20) -> list[str]:
     """Report lines for every table of instructions in `csv_text`: a header line naming the
     kernel (the line ncu prints before its table, if any), then the `top` instructions by the
@@ -47,14 +60,7 @@ def hotspots(csv_text: str, top: int = 20) -> list[str]:
             i += 1
             continue
         header, title = row, next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "kernel")
-        body = []
-        i += 1
-        while i < len(lines):
-            cells = next(csv.reader([lines[i]]), [])
-            if len(cells) != len(header):
-                break
-            body.append(cells)
-            i += 1
+        body, i = _table_rows(lines, i + 1, header)
         total = sum(_number(r[stall_col]) for r in body) or 1.0
         source_col = next((c for c, name in enumerate(header) if name in ("Source", "# Source")), 1)
         reasons = [c for c, name in enumerate(header) if name.startswith("stall_") or name.startswith("Stall")]
@@ -67,17 +73,6 @@ def hotspots(csv_text: str, top: int = 20) -> list[str]:
             why_text = ", ".join(f"{name} {int(n)}" for n, name in why)
             out.append(f"  {100 * samples / total:5.1f}%  {r[source_col].strip()[:70]:70s}  {why_text}")
     return out
-
-
-def _table_rows(lines: list[str], i: int, header: list[str]) -> tuple[list[list[str]], int]:
-    body = []
-    while i < len(lines):
-        cells = next(csv.reader([lines[i]]), [])
-        if len(cells) != len(header):
-            break
-        body.append(cells)
-        i += 1
-    return body, i
 
 
 def opcode_mix(csv_text: str, top: int = 20) -> list[str]:

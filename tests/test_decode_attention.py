@@ -57,6 +57,16 @@ def assert_pools_equal(new, ref, seed, rtol: float = 0.0, atol: float = 0.0):
                                equal_nan=True, err_msg=f"seed={seed}")
 
 
+def assert_cache_written(k_new, v_new, k_ref, v_ref, dtype, seed) -> None:
+    """The new tokens' rotated K and V are in their slots and nothing else in the pool changed (the NaN
+    poison stays exactly where it was); K within RoPE's float32 rounding, V a copy, so bitwise."""
+    if dtype == jnp.float32:
+        assert_pools_equal(k_new, k_ref, seed, rtol=1e-6, atol=1e-6)
+    else:
+        assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP)
+    assert_pools_equal(v_new, v_ref, seed)
+
+
 @pytest.mark.parametrize("interpret", MODES)
 # The decode kernel's sweep (GQA 1/2/7/8, head_dim 64/128, pages 8/16/32, with and without splits).
 # The split cases again with the merge inside the kernel (combine="inkernel").
@@ -81,13 +91,7 @@ def test_fused_decode_matches_rope_scatter_attention_reference(
     assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
     np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0,
                                   err_msg=f"length-0 row not zero, seed={seed}")
-    # The new tokens' rotated K and V are in their slots and nothing else in the pool changed
-    # (the NaN poison stays exactly where it was); V is a copy, so bitwise.
-    if dtype == jnp.float32:
-        assert_pools_equal(k_new, k_ref, seed, rtol=1e-6, atol=1e-6)
-    else:
-        assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP)
-    assert_pools_equal(v_new, v_ref, seed)
+    assert_cache_written(k_new, v_new, k_ref, v_ref, dtype, seed)
 
 
 @pytest.mark.parametrize("interpret", MODES)
@@ -166,11 +170,7 @@ def test_fused_decode_o_matches_reference(interpret, num_heads, kv_heads, head_d
     assert relative_error(parts.sum(0), ref.sum(0)) <= TOLERANCE[dtype], f"seed={seed}"
     assert relative_error(parts, ref) <= TOLERANCE[dtype], f"seed={seed}"
     np.testing.assert_array_equal(np.asarray(parts[:, 0]), 0.0, err_msg=f"length-0 row not zero, seed={seed}")
-    if dtype == jnp.float32:
-        assert_pools_equal(k_new, k_ref, seed, rtol=1e-6, atol=1e-6)
-    else:
-        assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP)
-    assert_pools_equal(v_new, v_ref, seed)
+    assert_cache_written(k_new, v_new, k_ref, v_ref, dtype, seed)
 
 
 @pytest.mark.parametrize("interpret", MODES)
@@ -429,11 +429,7 @@ def test_fused_decode_lean_softmax_matches_reference(interpret, case, combine, s
     assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
     np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0,
                                   err_msg=f"length-0 row not zero, seed={seed}")
-    if dtype == jnp.float32:
-        assert_pools_equal(k_new, k_ref, seed, rtol=1e-6, atol=1e-6)
-    else:
-        assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP)
-    assert_pools_equal(v_new, v_ref, seed)
+    assert_cache_written(k_new, v_new, k_ref, v_ref, dtype, seed)
 
 
 @pytest.mark.parametrize("interpret", MODES)

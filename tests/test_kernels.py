@@ -113,13 +113,11 @@ def test_decode_matches_reference_on_ragged_paged_batch(
                                   err_msg=f"length-0 row not zero, seed={seed}")
 
 
-@pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("case,num_splits", [(1, 3), (2, 2), (3, 2), (0, 5)])
-def test_decode_merge_inside_the_kernel_matches_reference(interpret, case, num_splits):
-    """combine="inkernel": the last split of a (sequence, KV head) merges; more splits than a
-    short row fills leave some empty (never read). Two calls in one jit: the arrival counters
-    must come back to zero."""
-    num_heads, kv_heads, head_dim, page_size, dtype, _, _ = DECODE_CASES[case]
+def ragged_decode_case(case: int, q_scale: float = 1.0):
+    """A decode batch of `DECODE_CASES[case]`'s shape: 6 ragged rows (the first of length 0) over 5-page
+    tables in a NaN-poisoned pool; returns `(q, k_pages, v_pages, table, lengths)`, the seed and the case's
+    splits and pages an iteration."""
+    num_heads, kv_heads, head_dim, page_size, dtype, num_splits, ppb = DECODE_CASES[case]
     rng, seed = fresh_rng()
     batch, table_pages = 6, 5
     num_pages = batch * table_pages + 3
@@ -130,7 +128,18 @@ def test_decode_merge_inside_the_kernel_matches_reference(interpret, case, num_s
                                     lengths=ragged_lengths(rng, batch, page_size, table_pages * page_size))
     k_pages = poison_unowned(k_pages, table, lengths, page_size)
     v_pages = poison_unowned(v_pages, table, lengths, page_size)
-    q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), dtype)
+    q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)) * q_scale, dtype)
+    return (q, k_pages, v_pages, table, lengths), seed, num_splits, ppb
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case,num_splits", [(1, 3), (2, 2), (3, 2), (0, 5)])
+def test_decode_merge_inside_the_kernel_matches_reference(interpret, case, num_splits):
+    """combine="inkernel": the last split of a (sequence, KV head) merges; more splits than a
+    short row fills leave some empty (never read). Two calls in one jit: the arrival counters
+    must come back to zero."""
+    (q, k_pages, v_pages, table, lengths), seed, _, _ = ragged_decode_case(case)
+    dtype = DECODE_CASES[case][4]
     attend = functools.partial(paged_attention, interpret=interpret, num_splits=num_splits,
                                pages_per_block=1, combine="inkernel")
 
@@ -360,18 +369,8 @@ def test_decode_lean_softmax_matches_reference(interpret, case, v_mask, monkeypa
     pa = importlib.import_module("kernels.paged_attention")
     monkeypatch.setattr(pa, "LEAN_SOFTMAX", True)
     monkeypatch.setattr(pa, "FTZ_EXP2", True)
-    num_heads, kv_heads, head_dim, page_size, dtype, num_splits, ppb = DECODE_CASES[case]
-    rng, seed = fresh_rng()
-    batch, table_pages = 6, 5
-    num_pages = batch * table_pages + 3
-    k_pages, v_pages = make_pool(rng, kv_heads=kv_heads, head_dim=head_dim,
-                                 page_size=page_size, num_pages=num_pages, dtype=dtype)
-    table, lengths = make_sequences(rng, batch=batch, page_size=page_size,
-                                    table_pages=table_pages, num_pages=num_pages,
-                                    lengths=ragged_lengths(rng, batch, page_size, table_pages * page_size))
-    k_pages = poison_unowned(k_pages, table, lengths, page_size)
-    v_pages = poison_unowned(v_pages, table, lengths, page_size)
-    q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)) * 3.0, dtype)
+    (q, k_pages, v_pages, table, lengths), seed, num_splits, ppb = ragged_decode_case(case, q_scale=3.0)
+    dtype = DECODE_CASES[case][4]
     out = paged_attention(q, k_pages, v_pages, table, lengths, interpret=interpret,
                           num_splits=num_splits, pages_per_block=ppb, v_mask=v_mask)
     ref = paged_attention_reference(q.astype(jnp.float32), k_pages.astype(jnp.float32),
