@@ -23,6 +23,9 @@ How (one program per sequence, KV head and split, as in `kernels.paged_attention
   flash-decoding splits merged in one more launch (`kernels.split_combine`). A length-0
   row writes nothing and returns zeros. Unsplit with one pipeline stage, the first block's gather
   is issued before everything above (`EARLY_GATHER`): it reads only keys earlier steps wrote.
+- The rotated queries are rounded with `scale * log2(e)` in them, so the logits need no multiply,
+  and no select follows the exponential (`kernels.paged_attention.LEAN_SOFTMAX`; each exponential
+  one `ex2.approx.ftz`, `FTZ_EXP2`): the softmax is most of a short program's instructions.
 
 With the output projection (`fused_decode_attention_o`, one-row steps of short tables): the third
 grid axis becomes blocks of Wo's rows; each program loads its rows of Wo first, redoes the
