@@ -10,6 +10,35 @@ import pytest
 # Tests compare against float32 references; keep XLA on exact float32 matmuls on every backend.
 jax.config.update("jax_default_matmul_precision", "highest")
 
+_XLA_CACHE_ENV = "JAXSERVE_TEST_XLA_CACHE"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # XLA's compiles of interpret-mode kernels are a good part of the suite's time, and many tests
+    # build the same programs again (every Engine jits its own steps, both xdist workers compile the
+    # shared kernels): one persistent cache for the run lets the later ones load them (~13% of
+    # test_engine.py on the 2-core CI machine). The controller makes the directory before xdist
+    # starts its workers, which inherit the variable; a run-local directory keeps runs independent.
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return  # the user's own cache
+    if not hasattr(config, "workerinput") and _XLA_CACHE_ENV not in os.environ:
+        import tempfile
+
+        os.environ[_XLA_CACHE_ENV] = tempfile.mkdtemp(prefix="jaxserve-test-xla-cache-")
+        config._jaxserve_xla_cache = os.environ[_XLA_CACHE_ENV]
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_dir", os.environ[_XLA_CACHE_ENV])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    path = getattr(config, "_jaxserve_xla_cache", None)
+    if path:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+        os.environ.pop(_XLA_CACHE_ENV, None)
+
 
 def make_hf_checkpoint(path: str, *, vocab_size: int = 320, hidden_size: int = 64, intermediate_size: int = 128,
                        num_hidden_layers: int = 2, num_attention_heads: int = 4, num_key_value_heads: int = 2,
