@@ -33,6 +33,12 @@ if ROOT not in sys.path:
 # What each variant changes in the child process: a string is added to XLA_FLAGS (the whole
 # process), a dict is set as environment variables. "graphs" also captures while loops and
 # custom calls (the Pallas kernels) into CUDA graphs, and forms a graph from a single op.
+# Compile options of the --glue settings that change how XLA schedules the step's command buffer.
+CB_OPTIONS = {"cb_serialize": {"xla_gpu_command_buffer_scheduling_mode": "SERIALIZE"},
+              "cb_concurrent": {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"},
+              "cb_lhs": {"xla_gpu_command_buffer_scheduling_mode": "LHS"},
+              "xla_pdl_off": {"xla_gpu_enable_pdl": False}}
+
 # The "graphs" variant's XLA flags; as one compile's options too (--glue while_graphs, session 22:
 # compared with the default in one process).
 WHILE_GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
@@ -471,6 +477,12 @@ def run_variant(args) -> list[dict]:
             # "while_graphs": XLA's command buffers also over the decode loop itself (one graph a call,
             # not one a step) and over graphs of any size (runner.DECODE_OPTIONS, WIDE_DECODE_OPTIONS).
             runner_module.DECODE_OPTIONS = WHILE_GRAPHS if glue == "while_graphs" else decode_options
+            # "cb_*": how XLA orders a command buffer's kernels (xla_gpu_command_buffer_scheduling_mode:
+            # serialized, concurrent where the data allows, or the latency-hiding scheduler's order);
+            # "xla_pdl_off": XLA's programmatic dependent launches off. Both compiles get them.
+            if glue in CB_OPTIONS:
+                runner_module.DECODE_OPTIONS = dict(decode_options, **CB_OPTIONS[glue])
+                runner_module.WIDE_DECODE_OPTIONS = dict(wide_options, **CB_OPTIONS[glue])
             # "with_logprobs": the chosen tokens' log-probabilities computed (a request asked;
             # the greedy pick then sums an exponential an element), before session 12 the only step.
             logprobs[glue] = glue == "with_logprobs"
@@ -627,7 +639,7 @@ def main() -> None:
                                                              "gemv_hoist", "no_gemv_hoist", "early_partials",
                                                              "no_early_partials", "rope_broadcast", "rope_concat",
                                                              "ftz_exp2", "lean_softmax", "lean_ftz", "no_lean_ftz",
-                                                             "swiglu_approx", "swiglu_exact"],
+                                                             "swiglu_approx", "swiglu_exact", *CB_OPTIONS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")
