@@ -128,6 +128,9 @@
 #               kernel's key loop loading the next block's page ids or K/V by hand (bandwidth.md, session 27)
 #   cb29        session 29: the 64- and 256-row steps with XLA's command buffer scheduled serially, concurrently
 #               where the data allows, or in the latency-hiding scheduler's order, and with XLA's PDL off (~300 s)
+#   pick29      session 29: the greedy pick's argmax alone (logprobs=False, 29 µs of the 256-row step) over
+#               block / warps / stages / programs at 128 and 256 rows (bench/greedy_pick_tune.py; ~150 s)
+#   kernels29   session 29: test_kernels.py's compiled cases that final28 left out (prefill, scatter) (~250 s?)
 #   final28     session 28's defaults compiled: test_kernels.py's decode and lean cases, the Mosaic GPU swiglu and
 #               model cases; then the fused attention's warps at 64 rows and one stage at 256 again (~430 s)
 #   warps28     session 28: compiled norm tests on 1-2 warps, then the step at 64 / 256 rows with the add + RMSNorm
@@ -535,6 +538,10 @@ for part in "${parts[@]}"; do
                 --budget-s 40 --sweep-configs splits=128; done ;;
     early26) timeout 330 python3 bench/decode_step.py --batches 1 64 128 --variants default --no-static \
                --glue kernels rope_concat --rounds 7 --reps 10 --profile /tmp/early26 ;;
+    pick29) timeout 200 python3 bench/greedy_pick_tune.py --batches 256 128 --argmax-only --blocks 4096 8192 \
+              --warps 4 8 --stages 2 3 4 --targets 528 1056 --out "$OUT/$part" ;;
+    kernels29) timeout 330 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+                 tests/test_kernels.py -k "compiled and not (decode or lean)" ;;
     cb29) timeout 420 python3 bench/decode_step.py --batches 64 256 --variants default --no-static \
             --glue kernels cb_serialize cb_concurrent cb_lhs xla_pdl_off --rounds 7 --reps 10 --profile /tmp/cb29 ;;
     final28) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \

@@ -34,6 +34,9 @@ def main() -> None:
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--targets", type=int, nargs="+", default=[264, 528, 1056],
                     help="programs to aim for (rows x chunks; greedy_pick.TARGET_PROGRAMS)")
+    ap.add_argument("--stages", type=int, nargs="+", default=[2], help="Triton pipeline stages")
+    ap.add_argument("--argmax-only", action="store_true",
+                    help="the argmax alone (logprobs=False: a step where no request asked for them)")
     ap.add_argument("--calls", type=int, default=64, help="a multiple of 8")
     ap.add_argument("--buffers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
@@ -56,7 +59,7 @@ def main() -> None:
             i, acc = carry
             for j in range(unroll):
                 tokens, lps = fn(bufs[(i * unroll + j) % bufs.shape[0]])
-                acc = acc + tokens.sum() + lps.sum().astype(jnp.int32)
+                acc = acc + tokens.sum() + (0 if lps is None else lps.sum().astype(jnp.int32))
             return i + 1, acc
 
         seconds, _ = timed_loop(step, (jnp.int32(0), jnp.int32(0)), (bufs,), repeats=args.repeats,
@@ -64,19 +67,23 @@ def main() -> None:
         return seconds / unroll * 1e6
 
     lines = [f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; vocab {args.vocab}, bf16 logits, "
-             f"{args.calls} calls a jitted loop over {args.buffers} buffers, median of {args.repeats}", "",
+             f"{args.calls} calls a jitted loop over {args.buffers} buffers, median of {args.repeats}"
+             + ("; the argmax alone (logprobs=False)" if args.argmax_only else ""), "",
              "| batch | config | µs a call | GB/s (logits read once) | tokens equal XLA's |", "|---|---|---|---|---|"]
     rng = np.random.default_rng(0)
     for batch in args.batches:
         bufs = jnp.asarray(rng.standard_normal((args.buffers, batch, args.vocab), np.float32), jnp.bfloat16)
         nbytes = batch * args.vocab * 2
         want = np.asarray(jax.jit(greedy_pick_reference)(bufs[0])[0])
-        rows = [("xla (argmax + log-softmax)", greedy_pick_reference, True)]
-        for block, warps, target in itertools.product(args.blocks, args.warps, args.targets):
+        xla_argmax = lambda x: (jnp.argmax(x.astype(jnp.float32), axis=-1).astype(jnp.int32), None)
+        rows = [("xla (argmax)", xla_argmax, True) if args.argmax_only else
+                ("xla (argmax + log-softmax)", greedy_pick_reference, True)]
+        for block, warps, stages, target in itertools.product(args.blocks, args.warps, args.stages, args.targets):
             chunks = -(-target // batch)
-            fn = lambda x, b=block, w=warps, c=chunks: greedy_pick(x, block=b, num_warps=w, chunks=c)
+            fn = lambda x, b=block, w=warps, st=stages, c=chunks: greedy_pick(
+                x, block=b, num_warps=w, num_stages=st, chunks=c, logprobs=not args.argmax_only)
             same = bool((np.asarray(jax.jit(fn)(bufs[0])[0]) == want).all())
-            rows.append((f"kernel block {block} warps {warps} chunks {chunks}", fn, same))
+            rows.append((f"kernel block {block} warps {warps} stages {stages} chunks {chunks}", fn, same))
         for name, fn, same in rows:
             us = timed(fn, bufs)
             lines.append(f"| {batch} | {name} | {us:.2f} | {nbytes / us / 1e3:.0f} | {same} |")
