@@ -104,13 +104,20 @@ _T24B = {"warps=8": dict(num_warps=8), "warps=2": dict(num_warps=2), "stages=1":
 # sweep shape (`--sweep-configs ftz lean "lean ftz"`).
 _T28 = {"ftz": dict(ftz_exp2=True), "lean": dict(lean_softmax=True),
         "lean ftz": dict(ftz_exp2=True, lean_softmax=True)}
+# Session 29: 7B 8 x 2k, the one shape of >= 2k context where XLA's contiguous attention is ahead (15.3 against
+# 16.1 µs), and the batch-1 rows: the split merge as XLA's fusions of the jnp merge (`combine="xla"`) rather than
+# `kernels.split_combine`'s launch (3.6-4.4 µs for ~1 µs of work under ncu, session 7), and fewer splits with it.
+_T29 = {"combine=xla": dict(combine="xla"), "splits=4": dict(num_splits=4),
+        "splits=4 combine=xla": dict(num_splits=4, combine="xla"),
+        "splits=16 combine=xla": dict(num_splits=16, combine="xla")}
+_T29_1 = {"combine=xla": dict(combine="xla")}
 SWEEP = [
     (("7B 28q/4kv/128", 64, 8192), {**_T7B, **_T28}),
-    (("7B 28q/4kv/128", 8, 2048), {**_T, **_T7B, **_T28}),
-    (("0.5B 14q/2kv/64", 64, 2048), {**_T, **_T24B, **_T28}),
+    (("7B 28q/4kv/128", 8, 2048), {**_T, **_T7B, **_T28, **_T29}),
+    (("0.5B 14q/2kv/64", 64, 2048), {**_T, **_T24B, **_T28, **_T29_1}),
     (("0.5B 14q/2kv/64", 64, 8192), {**_T, **_T28}),
-    (("7B 28q/4kv/128", 1, 32768), {**_T, **_T24, **_T28}),
-    (("0.5B 14q/2kv/64", 1, 32768), {**_T, **_T24, **_T28}),
+    (("7B 28q/4kv/128", 1, 32768), {**_T, **_T24, **_T28, **_T29_1}),
+    (("0.5B 14q/2kv/64", 1, 32768), {**_T, **_T24, **_T28, **_T29_1}),
     (("0.5B 14q/2kv/64", 8, 32768), {**_T, **_T28}),
     (("0.5B 14q/2kv/64", 256, 2048), _T28),
     (("7B 28q/4kv/128", 64, 2048), _T28),
