@@ -109,7 +109,9 @@ _T28 = {"ftz": dict(ftz_exp2=True), "lean": dict(lean_softmax=True),
 # `kernels.split_combine`'s launch (3.6-4.4 µs for ~1 µs of work under ncu, session 7), and fewer splits with it.
 _T29 = {"combine=xla": dict(combine="xla"), "splits=4": dict(num_splits=4),
         "splits=4 combine=xla": dict(num_splits=4, combine="xla"),
-        "splits=16 combine=xla": dict(num_splits=16, combine="xla")}
+        "splits=16 combine=xla": dict(num_splits=16, combine="xla"),
+        # 8 splits are 256 programs at 3 an SM (396 resident): 10-12 fill the wave more evenly.
+        "splits=6": dict(num_splits=6), "splits=10": dict(num_splits=10), "splits=12": dict(num_splits=12)}
 _T29_1 = {"combine=xla": dict(combine="xla")}
 SWEEP = [
     (("7B 28q/4kv/128", 64, 8192), {**_T7B, **_T28}),
