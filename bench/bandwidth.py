@@ -112,7 +112,7 @@ _T29 = {"combine=xla": dict(combine="xla"), "splits=4": dict(num_splits=4),
         "splits=16 combine=xla": dict(num_splits=16, combine="xla"),
         # 8 splits are 256 programs at 3 an SM (396 resident): 10-12 fill the wave more evenly.
         "splits=6": dict(num_splits=6), "splits=10": dict(num_splits=10), "splits=12": dict(num_splits=12)}
-_T29_1 = {"combine=xla": dict(combine="xla")}
+_T29_1 = {"combine=xla": _T29["combine=xla"]}
 SWEEP = [
     (("7B 28q/4kv/128", 64, 8192), {**_T7B, **_T28}),
     (("7B 28q/4kv/128", 8, 2048), {**_T, **_T7B, **_T28, **_T29}),

@@ -30,15 +30,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# What each variant changes in the child process: a string is added to XLA_FLAGS (the whole
-# process), a dict is set as environment variables. "graphs" also captures while loops and
-# custom calls (the Pallas kernels) into CUDA graphs, and forms a graph from a single op.
 # Compile options of the --glue settings that change how XLA schedules the step's command buffer.
 CB_OPTIONS = {"cb_serialize": {"xla_gpu_command_buffer_scheduling_mode": "SERIALIZE"},
               "cb_concurrent": {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"},
               "cb_lhs": {"xla_gpu_command_buffer_scheduling_mode": "LHS"},
               "xla_pdl_off": {"xla_gpu_enable_pdl": False}}
 
+# What each variant changes in the child process: a string is added to XLA_FLAGS (the whole
+# process), a dict is set as environment variables. "graphs" also captures while loops and
+# custom calls (the Pallas kernels) into CUDA graphs, and forms a graph from a single op.
 # The "graphs" variant's XLA flags; as one compile's options too (--glue while_graphs, session 22:
 # compared with the default in one process).
 WHILE_GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
@@ -470,19 +470,18 @@ def run_variant(args) -> list[dict]:
             # "xla_pick": greedy tokens by XLA's argmax + log-softmax, not the greedy_pick kernel.
             runner_module.GREEDY_PICK = "xla" if glue == "xla_pick" else greedy_pick
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
-            runner_module.WIDE_DECODE_OPTIONS = (dict(wide_options, xla_gpu_enable_cublaslt=True)
-                                                 if glue == "wide_cublaslt" else
-                                                 dict(wide_options, **WHILE_GRAPHS) if glue == "while_graphs"
-                                                 else wide_options)
-            # "while_graphs": XLA's command buffers also over the decode loop itself (one graph a call,
-            # not one a step) and over graphs of any size (runner.DECODE_OPTIONS, WIDE_DECODE_OPTIONS).
-            runner_module.DECODE_OPTIONS = WHILE_GRAPHS if glue == "while_graphs" else decode_options
             # "cb_*": how XLA orders a command buffer's kernels (xla_gpu_command_buffer_scheduling_mode:
             # serialized, concurrent where the data allows, or the latency-hiding scheduler's order);
             # "xla_pdl_off": XLA's programmatic dependent launches off. Both compiles get them.
-            if glue in CB_OPTIONS:
-                runner_module.DECODE_OPTIONS = dict(decode_options, **CB_OPTIONS[glue])
-                runner_module.WIDE_DECODE_OPTIONS = dict(wide_options, **CB_OPTIONS[glue])
+            cb_options = CB_OPTIONS.get(glue, {})
+            runner_module.WIDE_DECODE_OPTIONS = (dict(wide_options, xla_gpu_enable_cublaslt=True)
+                                                 if glue == "wide_cublaslt" else
+                                                 dict(wide_options, **WHILE_GRAPHS) if glue == "while_graphs"
+                                                 else dict(wide_options, **cb_options))
+            # "while_graphs": XLA's command buffers also over the decode loop itself (one graph a call,
+            # not one a step) and over graphs of any size (runner.DECODE_OPTIONS, WIDE_DECODE_OPTIONS).
+            runner_module.DECODE_OPTIONS = (WHILE_GRAPHS if glue == "while_graphs"
+                                            else dict(decode_options, **cb_options))
             # "with_logprobs": the chosen tokens' log-probabilities computed (a request asked;
             # the greedy pick then sums an exponential an element), before session 12 the only step.
             logprobs[glue] = glue == "with_logprobs"

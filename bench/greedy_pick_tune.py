@@ -70,12 +70,12 @@ def main() -> None:
              f"{args.calls} calls a jitted loop over {args.buffers} buffers, median of {args.repeats}"
              + ("; the argmax alone (logprobs=False)" if args.argmax_only else ""), "",
              "| batch | config | µs a call | GB/s (logits read once) | tokens equal XLA's |", "|---|---|---|---|---|"]
+    xla_argmax = lambda x: (jnp.argmax(x.astype(jnp.float32), axis=-1).astype(jnp.int32), None)  # noqa: E731
     rng = np.random.default_rng(0)
     for batch in args.batches:
         bufs = jnp.asarray(rng.standard_normal((args.buffers, batch, args.vocab), np.float32), jnp.bfloat16)
         nbytes = batch * args.vocab * 2
         want = np.asarray(jax.jit(greedy_pick_reference)(bufs[0])[0])
-        xla_argmax = lambda x: (jnp.argmax(x.astype(jnp.float32), axis=-1).astype(jnp.int32), None)
         rows = [("xla (argmax)", xla_argmax, True) if args.argmax_only else
                 ("xla (argmax + log-softmax)", greedy_pick_reference, True)]
         for block, warps, stages, target in itertools.product(args.blocks, args.warps, args.stages, args.targets):

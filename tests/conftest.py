@@ -26,9 +26,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
         os.environ[_XLA_CACHE_ENV] = tempfile.mkdtemp(prefix="jaxserve-test-xla-cache-")
         config._jaxserve_xla_cache = os.environ[_XLA_CACHE_ENV]
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_compilation_cache_dir", os.environ[_XLA_CACHE_ENV])
+    from jaxserve.runner import enable_compile_cache
+
+    enable_compile_cache(os.environ[_XLA_CACHE_ENV])
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
