@@ -132,6 +132,10 @@ MGPU_TILINGS = {
     # each element (QKV 7 -> 3 splits, o 7 -> 4; down 8 -> 4)
     "mgpu_p132": {"partials": {"block_n": 32, "num_slots": 4, "target_programs": 132}},
     "mgpu_deep_t132": {"deep": {"block_n": 32, "num_slots": 3, "target_programs": 132, "boxes": 2}},
+    # session 30: gate_up's grid against the 132 SMs (4,864 columns a half: blocks of 32 are 152 programs, so 20
+    # SMs run two; 40 -> 122 programs and 48 -> 102, one an SM, the last block ragged; 24 -> 203)
+    **{f"mgpu_g{n}": {"swiglu": {"block_n": n, "num_slots": 3, "boxes": 2}} for n in (24, 40, 48)},
+    "mgpu_g40_s4": {"swiglu": {"block_n": 40, "num_slots": 4, "boxes": 2}},
 }
 # --glue choices that run steps of 65-256 rows through the fused glue (SKINNY_ROWS 256, like
 # "skinny256") with their projections on Mosaic GPU, `kernels.skinny_matmul_mgpu.WIDE_TILES` these

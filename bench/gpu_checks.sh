@@ -126,6 +126,11 @@
 #               kernel with two KV heads a program (kv_pack) swept in bandwidth.py (bandwidth.md, session 27)
 #   ahead27     session 27 (ran in reduced form at baeb1dd; tied or lost, removed, so the part is gone): the decode
 #               kernel's key loop loading the next block's page ids or K/V by hand (bandwidth.md, session 27)
+#   g30         session 30: gate_up's block width against the SMs (blocks of 24 / 40 / 48 columns, the last
+#               ragged) in the 64-row step, after the compiled SwiGLU tests (ragged cases included)
+#   head30      session 30: the greedy LM head's block width at 64 rows (bench/lm_head.py)
+#   sass30      session 30: ncu source-level stall samples of batch 64's Mosaic GPU projections, the SASS
+#               page as CSV (where `CCTL.IVALL` sits)
 #   cb29        session 29: the 64- and 256-row steps with XLA's command buffer scheduled serially, concurrently
 #               where the data allows, or in the latency-hiding scheduler's order, and with XLA's PDL off (~300 s)
 #   pick29      session 29: the greedy pick's argmax alone (logprobs=False, 29 µs of the 256-row step) over
@@ -542,6 +547,17 @@ for part in "${parts[@]}"; do
               --warps 4 8 --stages 2 3 4 --targets 528 1056 --out "$OUT/$part" ;;
     kernels29) timeout 330 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
                  tests/test_kernels.py -k "compiled and not (decode or lean)" ;;
+    g30) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+           tests/test_skinny_matmul_mgpu.py -k "compiled and swiglu" ; \
+         timeout 300 python3 bench/decode_step.py --batches 64 --variants default --no-static \
+           --glue kernels mgpu_g24 mgpu_g40 mgpu_g48 mgpu_g40_s4 --rounds 7 --reps 10 --profile /tmp/g30 ;;
+    head30) timeout 150 python3 bench/lm_head.py --rows 64 --tiles 128x4x1 112x4x1 120x4x1 136x4x1 144x4x1 \
+              128x3x2 192x3x1 256x3x1 --rounds 7 ;;
+    sass30) timeout 200 ncu --clock-control none -k regex:'skinny_mgpu' --section SpeedOfLight \
+              --section SourceCounters -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 \
+              --cases mgpu_b64 ; \
+            python3 bench/ncu_hotspots.py "$OUT/$part/probe.ncu-rep" --top 12 ; \
+            ncu -i "$OUT/$part/probe.ncu-rep" --page source --csv --print-source sass > "$OUT/$part/source.csv" ;;
     cb29) timeout 420 python3 bench/decode_step.py --batches 64 256 --variants default --no-static \
             --glue kernels cb_serialize cb_concurrent cb_lhs xla_pdl_off --rounds 7 --reps 10 --profile /tmp/cb29 ;;
     final28) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \

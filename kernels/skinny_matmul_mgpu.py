@@ -101,6 +101,13 @@ WIDEST_TILES: dict[str, dict[str, int]] = {
 }
 _WIDE_ROWS = 128
 DEEP_K = 2048
+# Epilogues whose N need not be whole blocks of `block_n`: compiled, the last block's TMA copies read
+# zeros past the weights' end (SwiGLU's gate half reads the up half's first rows, products whose
+# columns the output copy, clipped at the array's end, never stores); interpreted, the weights (each
+# half) and the output are padded to whole blocks. A block width that does not divide N lets the grid
+# fit the SMs: at 64 rows gate_up's 4,864 columns in blocks of 32 are 152 programs on 132 SMs (20 of
+# them run two), in blocks of 40 122 programs (one an SM).
+RAGGED_EPILOGUES = ("argmax", "swiglu")
 # Programmatic dependent launch (Hopper): the kernel is launched so that it may start before the
 # kernel ahead of it in the stream has finished; each program issues its first weight tiles (and
 # bias), which no earlier kernel writes, then waits on the grid dependency (`griddepcontrol.wait`:
@@ -184,26 +191,28 @@ def _fits(m: int, k: int, n_out: int, block_n: int, boxes: int, block_m: int, nu
     """The shapes and tilings the kernel takes: M a multiple of 8 up to MAX_ROWS, in one block of
     `block_m` rows (a multiple of 64) or whole ones; K whole steps of `boxes` 64-wide TMA boxes; N
     whole blocks of `block_n` (a multiple of 8, WGMMA's N; any N for "argmax", whose padding never
-    wins); the ring in shared memory; at most 128
+    wins, and "swiglu", whose last block's padding is never stored); the ring in shared memory; at most 128
     accumulator registers a thread (beyond, the epilogue's registers spill). Two warpgroups
     (`_ws_kernel`) take whole blocks of `block_m` rows only, half of them each, one box a step."""
     halves = 2 if epilogue == "swiglu" else 1
     if warpgroups == 2:
         wg_rows = block_m // 2
-        shape_ok = (block_m % (2 * _ROWS) == 0 and m % block_m == 0 and boxes == 1
+        shape_ok = (block_m % (2 * _ROWS) == 0 and m % block_m == 0 and boxes == 1 and n_out % block_n == 0
                     and halves * wg_rows * block_n <= 128 * 128)
     else:
         shape_ok = warpgroups == 1 and (m <= block_m or m % block_m == 0) and (
             halves * _row_tile(m, block_m) * block_n <= 128 * 128)
     return (shape_ok and 8 <= m <= MAX_ROWS and m % 8 == 0 and block_m % _ROWS == 0 and 0 < block_m <= MAX_ROWS
             and boxes >= 1 and k % (_BLOCK_K * boxes) == 0
-            and block_n % 8 == 0 and (epilogue == "argmax" or n_out % block_n == 0) and num_slots >= 2
+            and block_n % 8 == 0 and (epilogue in RAGGED_EPILOGUES or n_out % block_n == 0) and num_slots >= 2
             and _smem_bytes(m, block_n, boxes, block_m, num_slots, epilogue, warpgroups) <= _SMEM_BYTES)
 
 
 def _transforms(cols: int, dtype) -> tuple:
     """Swizzled tiling of a `[rows, cols]` shared-memory tile, as WGMMA and TMA read it."""
     swizzle = plgpu.find_swizzle(cols * jnp.dtype(dtype).itemsize * 8)
+    if swizzle < 32:  # rows of 16-byte multiples (40 bf16 columns): Mosaic GPU swizzles 32 bytes and up
+        return ()
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
@@ -464,7 +473,7 @@ def _call(x, w, bias, acc, *, epilogue: str, block_n: int, num_slots: int, boxes
                              exit_read_only=exit_read_only, swiglu_approx=swiglu_approx)
     # Row blocks vary fastest: the programs that stream the same weight rows run side by side, so
     # all but the first read them from L2.
-    grid = (m // rows, n_out // block_n, num_splits)
+    grid = (m // rows, pl.cdiv(n_out, block_n), num_splits)
     # Profiles name each projection (Mosaic GPU calls every unnamed kernel "anonymous").
     name = f"skinny_mgpu_{epilogue}_{w.shape[0]}x{k}"
     if epilogue == "accumulate":
@@ -650,11 +659,18 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
                          f"got x {x.shape}, w {w.shape}, {epilogue!r}, block_n {block_n}, num_slots {num_slots}, "
                          f"boxes {boxes}, block_m {block_m}, warpgroups {warpgroups}")
     row_blocks = pl.cdiv(m, block_m)
+    interpret = compat.resolve_interpret(interpret)
+    if epilogue == "swiglu" and n_out % block_n and interpret and warpgroups == 1:
+        # The interpreter refuses reads and writes past an array's end (`RAGGED_EPILOGUES`): each half
+        # padded to whole blocks, the padding's columns dropped after.
+        pad = -n_out % block_n
+        w = jnp.pad(w.reshape(2, n_out, k), ((0, 0), (0, pad), (0, 0))).reshape(2 * (n_out + pad), k)
+        return skinny_matmul_mgpu(x, w, epilogue=epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
+                                  block_m=block_m, warpgroups=warpgroups, pdl=pdl, interpret=interpret)[:, :n_out]
     if epilogue == "swiglu":
         num_splits = 1
     elif num_splits is None:
         num_splits = split_count(k, n, block_n, max(1, tile["target_programs"] // row_blocks), boxes)
-    interpret = compat.resolve_interpret(interpret)
     if epilogue == "accumulate" and warpgroups == 2:
         raise ValueError(f"epilogue 'accumulate' runs one warpgroup, got warpgroups {warpgroups}")
     if warpgroups == 2:

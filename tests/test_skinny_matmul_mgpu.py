@@ -38,6 +38,9 @@ def _operands(rng, m, k, n):
     ("swiglu", 8, 128, 128, 32, 2, 1, 1, None),
     ("swiglu", 40, 896, 320, 32, 6, 1, 1, None),      # M not a power of two, 14 steps over 6 slots
     ("swiglu", 16, 896, 128, 32, 3, 1, 2, None),      # 7 steps of two boxes
+    ("swiglu", 64, 256, 224, 40, 3, 1, 2, None),      # 112 columns in blocks of 40 (80-byte output rows,
+                                                      # unswizzled): the last block 32 wide
+    ("swiglu", 16, 128, 208, 48, 2, 1, 1, None),      # 104 in blocks of 48: the last 8 wide
     # wide steps: one program's rows past 64 (WGMMA's M granule), or row blocks of block_m
     ("partials", 256, 512, 64, 32, 3, 2, 1, None),    # all 256 rows in one accumulator
     ("partials", 192, 256, 64, 32, 2, 1, 1, 64),      # three row blocks of 64
