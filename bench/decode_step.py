@@ -136,6 +136,9 @@ MGPU_TILINGS = {
     # SMs run two; 40 -> 122 programs and 48 -> 102, one an SM, the last block ragged; 24 -> 203)
     **{f"mgpu_g{n}": {"swiglu": {"block_n": n, "num_slots": 3, "boxes": 2}} for n in (24, 40, 48)},
     "mgpu_g40_s4": {"swiglu": {"block_n": 40, "num_slots": 4, "boxes": 2}},
+    "mgpu_g32": {"swiglu": {"block_n": 32, "num_slots": 3, "boxes": 2}},  # the default before session 30
+    # all K-split products in one-step programs (QKV 504, o 392: o's 196 programs ran two on 64 SMs)
+    "mgpu_p528": {"partials": {"block_n": 32, "num_slots": 4, "target_programs": 528}},
 }
 # --glue choices that run steps of 65-256 rows through the fused glue (SKINNY_ROWS 256, like
 # "skinny256") with their projections on Mosaic GPU, `kernels.skinny_matmul_mgpu.WIDE_TILES` these
@@ -393,6 +396,8 @@ def run_variant(args) -> list[dict]:
     early_gather = decode_attention_module.EARLY_GATHER
     rope_repeat = model_module.ROPE_REPEAT
     argmax_merge = mgpu_module.ARGMAX_MERGE
+    argmax_tile = dict(mgpu_module.ARGMAX_TILE)
+    balanced = (mgpu_module.BALANCED, mgpu_module.BALANCED_PROGRAMS)
     scale_first = residual_norm_module.SCALE_FIRST
     norm_gemv_hoist = skinny_module.NORM_GEMV_HOIST
     combine_module = importlib.import_module("kernels.split_combine")
@@ -516,6 +521,14 @@ def run_variant(args) -> list[dict]:
             model_module.GREEDY_HEAD, model_module.GREEDY_HEAD_ROWS = {
                 "greedy_head": (True, greedy_head[1]), "no_greedy_head": (False, greedy_head[1]),
                 "greedy_head256": (True, 256)}.get(glue, greedy_head)
+            # "balanced" / "balanced_p<N>": the accumulating projections (QKV, o, down) with their steps dealt
+            # out evenly over the tile's target_programs / N programs (skinny_matmul_mgpu.BALANCED, stream-K)
+            mgpu_module.BALANCED, mgpu_module.BALANCED_PROGRAMS = (
+                (True, int(glue[10:])) if glue.startswith("balanced_p") else (True, None) if glue == "balanced"
+                else balanced)
+            # "head_b<N>": the greedy LM head's programs over N vocabulary rows (skinny_matmul_mgpu.ARGMAX_TILE)
+            mgpu_module.ARGMAX_TILE = dict(argmax_tile, **({"block_n": int(glue[6:])} if glue.startswith("head_b")
+                                                           else {}))
             # "exit_read_only": each Mosaic GPU projection waits only for its output copy's shared-memory
             # reads before it exits, not for the writes (kernels.skinny_matmul_mgpu.EXIT_READ_ONLY).
             mgpu_module.EXIT_READ_ONLY = True if glue == "exit_read_only" else exit_read_only
@@ -642,7 +655,9 @@ def main() -> None:
                                                              "gemv_hoist", "no_gemv_hoist", "early_partials",
                                                              "no_early_partials", "rope_broadcast", "rope_concat",
                                                              "ftz_exp2", "lean_softmax", "lean_ftz", "no_lean_ftz",
-                                                             "swiglu_approx", "swiglu_exact", *CB_OPTIONS],
+                                                             "swiglu_approx", "swiglu_exact", *CB_OPTIONS,
+                                                             "head_b112", "head_b120", "head_b136", "head_b256",
+                                                             "balanced", "balanced_p132", "balanced_p396"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

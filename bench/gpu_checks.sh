@@ -129,6 +129,9 @@
 #   g30         session 30: gate_up's block width against the SMs (blocks of 24 / 40 / 48 columns, the last
 #               ragged) in the 64-row step, after the compiled SwiGLU tests (ragged cases included)
 #   head30      session 30: the greedy LM head's block width at 64 rows (bench/lm_head.py)
+#   bal30       session 30: compiled SwiGLU / balanced / accumulate tests and the model steps on the GPU; the
+#               64-row step with gate_up's old blocks, balanced (stream-K) accumulating projections, the head's
+#               block width, one-step K splits; the 256-row step balanced
 #   sass30      session 30: ncu source-level stall samples of batch 64's Mosaic GPU projections, the SASS
 #               page as CSV (where `CCTL.IVALL` sits)
 #   cb29        session 29: the 64- and 256-row steps with XLA's command buffer scheduled serially, concurrently
@@ -551,6 +554,15 @@ for part in "${parts[@]}"; do
            tests/test_skinny_matmul_mgpu.py -k "compiled and swiglu" ; \
          timeout 300 python3 bench/decode_step.py --batches 64 --variants default --no-static \
            --glue kernels mgpu_g24 mgpu_g40 mgpu_g48 mgpu_g40_s4 --rounds 7 --reps 10 --profile /tmp/g30 ;;
+    bal30) timeout 240 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+             tests/test_skinny_matmul_mgpu.py -k "compiled and (swiglu or balanced or accumulat)" ; \
+           timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+             tests/test_skinny_matmul_mgpu.py -k "model and not compiled" ; \
+           timeout 300 python3 bench/decode_step.py --batches 64 --variants default --no-static \
+             --glue kernels mgpu_g32 balanced balanced_p132 balanced_p396 head_b120 head_b112 mgpu_p528 \
+             --rounds 7 --reps 10 --profile /tmp/bal30a ; \
+           timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \
+             --glue kernels balanced balanced_p132 balanced_p396 --rounds 7 --reps 10 --profile /tmp/bal30b ;;
     head30) timeout 150 python3 bench/lm_head.py --rows 64 --tiles 128x4x1 112x4x1 120x4x1 136x4x1 144x4x1 \
               128x3x2 192x3x1 256x3x1 --rounds 7 ;;
     sass30) timeout 200 ncu --clock-control none -k regex:'skinny_mgpu' --section SpeedOfLight \
