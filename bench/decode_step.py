@@ -191,6 +191,9 @@ MGPU_WIDE_TILINGS = {
     # session 19 (only the epilogues named differ from WIDE_TILES, which apply_glue lays them over): gate_up of
     # 65-128-row steps in steps of two 64-wide boxes, 3 slots (its best at 64 rows)
     "mgpu256_gb2": {"swiglu": {"block_n": 32, "num_slots": 3, "block_m": 64, "boxes": 2}},
+    # session 30: gate_up's 128-row programs over 40 columns (2 x 122 = 244 programs, two an SM; 32 columns
+    # made 304, a third program on 40 SMs)
+    "mgpu256_g40": {"swiglu": {"block_n": 40, "num_slots": 4, "block_m": 64}},
     # down_proj ("deep") of 65-128-row steps in two-box steps, 3 slots (the same shared memory as its 6
     # one-box slots); "pb2": QKV, o and down so
     "mgpu256_deep_b2": {"deep": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 64, "boxes": 2}},
@@ -397,7 +400,6 @@ def run_variant(args) -> list[dict]:
     rope_repeat = model_module.ROPE_REPEAT
     argmax_merge = mgpu_module.ARGMAX_MERGE
     argmax_tile = dict(mgpu_module.ARGMAX_TILE)
-    balanced = (mgpu_module.BALANCED, mgpu_module.BALANCED_PROGRAMS)
     scale_first = residual_norm_module.SCALE_FIRST
     norm_gemv_hoist = skinny_module.NORM_GEMV_HOIST
     combine_module = importlib.import_module("kernels.split_combine")
@@ -521,11 +523,6 @@ def run_variant(args) -> list[dict]:
             model_module.GREEDY_HEAD, model_module.GREEDY_HEAD_ROWS = {
                 "greedy_head": (True, greedy_head[1]), "no_greedy_head": (False, greedy_head[1]),
                 "greedy_head256": (True, 256)}.get(glue, greedy_head)
-            # "balanced" / "balanced_p<N>": the accumulating projections (QKV, o, down) with their steps dealt
-            # out evenly over the tile's target_programs / N programs (skinny_matmul_mgpu.BALANCED, stream-K)
-            mgpu_module.BALANCED, mgpu_module.BALANCED_PROGRAMS = (
-                (True, int(glue[10:])) if glue.startswith("balanced_p") else (True, None) if glue == "balanced"
-                else balanced)
             # "head_b<N>": the greedy LM head's programs over N vocabulary rows (skinny_matmul_mgpu.ARGMAX_TILE)
             mgpu_module.ARGMAX_TILE = dict(argmax_tile, **({"block_n": int(glue[6:])} if glue.startswith("head_b")
                                                            else {}))
@@ -656,8 +653,7 @@ def main() -> None:
                                                              "no_early_partials", "rope_broadcast", "rope_concat",
                                                              "ftz_exp2", "lean_softmax", "lean_ftz", "no_lean_ftz",
                                                              "swiglu_approx", "swiglu_exact", *CB_OPTIONS,
-                                                             "head_b112", "head_b120", "head_b136", "head_b256",
-                                                             "balanced", "balanced_p132", "balanced_p396"],
+                                                             "head_b112", "head_b120", "head_b136", "head_b192", "head_b256"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

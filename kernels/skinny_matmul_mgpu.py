@@ -512,103 +512,6 @@ def _in_place(body, x: jax.Array, w: jax.Array, acc: jax.Array, *, grid: tuple[i
     return pl.run_state(stateful)((x, w, acc))[2]
 
 
-# "accumulate" products with their work dealt out evenly (`_balanced_kernel`, stream-K): every program
-# takes an equal run of the flattened (row block, column block, K step) space, which may end one tile
-# part-way through K and start the next, each part added into the output by its own TMA reduction. The
-# K-split grid leaves SMs unevenly loaded where its programs do not come in whole waves (at 64 rows o_proj's
-# 196 programs run two on 64 SMs, one on the rest). `BALANCED_PROGRAMS` programs (None: the tile's
-# `target_programs`). Read at call time.
-BALANCED = False
-BALANCED_PROGRAMS: int | None = None
-
-
-def _balanced_kernel(x_ref, w_ref, o_ref, x_smem, w_smem, o_smem, bars, *, block_n: int, num_slots: int,
-                     boxes: int, rows: int, row_tile: int, row_blocks: int, col_blocks: int, k_steps: int,
-                     programs: int, segments: int, interpret: bool):
-    """`o += x @ w.T` over this program's run of steps: `_kernel`'s ring and products, one accumulator a
-    tile it touches (`segments` at most, a static bound), each added into `o_ref` where its run ends."""
-    total = row_blocks * col_blocks * k_steps
-    p = lax.axis_index("splits")
-    start = p * total // programs
-    n = (p + 1) * total // programs - start
-
-    def locate(i):  # the program's i-th step: its tile's row block and column block (row blocks vary
-        g = start + i  # fastest, so programs side by side read the same weights), and its K step
-        tile = g // k_steps
-        return tile % row_blocks, tile // row_blocks, g % k_steps
-
-    def issue(i, slot):
-        row_block, col_block, k = locate(i)
-        for b in range(boxes):
-            at = pl.ds((k * boxes + b) * _BLOCK_K, _BLOCK_K)
-            plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(col_block * block_n, block_n), at], w_smem.at[slot, 0, b],
-                                    bars.at[slot])
-            plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(row_block * rows, rows), at], x_smem.at[slot, b, pl.ds(0, rows)],
-                                    bars.at[slot])
-
-    ring.prime(issue, num_slots, n)
-    zeros = jnp.zeros((row_tile, block_n), jnp.float32)
-    if not interpret:
-        zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-
-    def body(i, acc):
-        slot = ring.advance(issue, i, num_slots, n)
-        plgpu.barrier_wait(bars.at[slot])
-        if interpret:
-            return acc + sum(lax.dot_general(x_smem[slot, b], w_smem[slot, 0, b], (((1,), (1,)), ((), ())),
-                                             preferred_element_type=jnp.float32) for b in range(boxes))
-
-        def products(acc_ref):
-            for b in range(boxes):
-                plgpu.wgmma(acc_ref, x_smem.at[slot, b], w_smem.at[slot, 0, b].transpose((1, 0)))
-
-        return pl.run_state(products)(plgpu.ACC.init(acc))
-
-    done = jnp.int32(0)
-    for _ in range(segments):
-        # This segment: from step `done` to the end of its tile's K steps or of the run.
-        tile_end = ((start + done) // k_steps + 1) * k_steps - start
-        count = jnp.maximum(jnp.minimum(n, tile_end) - done, 0)
-        acc = lax.fori_loop(done, done + count, body, zeros)
-        row_block, col_block, _ = locate(done)
-
-        @pl.when(count > 0)
-        def _add(acc=acc, row_block=row_block, col_block=col_block):
-            dst = o_ref.at[pl.ds(row_block * rows, rows), pl.ds(col_block * block_n, block_n)]
-            if interpret:  # no TMA reductions in the interpreter; it runs one program at a time
-                dst[...] = dst[...] + acc[:rows]
-                return
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last segment's copy has read o_smem
-            o_smem[...] = acc
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], dst, reduction_op="add")
-
-        done = done + count
-    plgpu.wait_smem_to_gmem(0)
-
-
-@functools.partial(jax.jit, static_argnames=("block_n", "num_slots", "boxes", "block_m", "programs", "interpret"))
-def _balanced_call(x, w, acc, *, block_n: int, num_slots: int, boxes: int, block_m: int, programs: int,
-                   interpret: bool):
-    m, k = x.shape
-    rows, row_tile = min(m, block_m), _row_tile(m, block_m)
-    row_blocks, col_blocks, k_steps = m // rows, w.shape[0] // block_n, k // (_BLOCK_K * boxes)
-    programs = max(1, min(programs, row_blocks * col_blocks * k_steps))
-    most = pl.cdiv(row_blocks * col_blocks * k_steps, programs)  # a program's longest run
-    in_tf = _transforms(_BLOCK_K, x.dtype)
-    scratch = [
-        plgpu.SMEM((num_slots, boxes, row_tile, _BLOCK_K), x.dtype, transforms=in_tf),
-        plgpu.SMEM((num_slots, 1, boxes, block_n, _BLOCK_K), w.dtype, transforms=in_tf),
-        plgpu.SMEM((row_tile, block_n), jnp.float32, transforms=_transforms(block_n, jnp.float32)),
-        plgpu.Barrier(num_arrivals=2 * boxes, num_barriers=num_slots),
-    ]
-    body = functools.partial(_balanced_kernel, block_n=block_n, num_slots=num_slots, boxes=boxes, rows=rows,
-                             row_tile=row_tile, row_blocks=row_blocks, col_blocks=col_blocks, k_steps=k_steps,
-                             programs=programs, segments=pl.cdiv(most - 1, k_steps) + 1, interpret=interpret)
-    return _in_place(body, x, w, acc, grid=(1, 1, programs), scratch=scratch,
-                     name=f"skinny_mgpu_balanced_{w.shape[0]}x{k}", interpret=interpret)
-
-
 def _ws_kernel(x_ref, w_ref, o_ref, o_smem, *, epilogue: str, block_n: int, num_slots: int, block_m: int,
                steps: int, n_out: int, interpret: bool):
     """Two compute warpgroups and a memory warpgroup (`plgpu.emit_pipeline_warp_specialized`): the
@@ -772,9 +675,6 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         num_splits = split_count(k, n, block_n, max(1, tile["target_programs"] // row_blocks), boxes)
     if epilogue == "accumulate" and warpgroups == 2:
         raise ValueError(f"epilogue 'accumulate' runs one warpgroup, got warpgroups {warpgroups}")
-    if epilogue == "accumulate" and BALANCED and warpgroups == 1:
-        return _balanced_call(x, w, acc, block_n=block_n, num_slots=num_slots, boxes=boxes, block_m=block_m,
-                              programs=BALANCED_PROGRAMS or tile["target_programs"], interpret=bool(interpret))
     if warpgroups == 2:
         k_steps = k // _BLOCK_K
         # Every split the same number of steps (the pipeline's grid is static): the largest divisor.

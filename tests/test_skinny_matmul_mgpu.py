@@ -301,42 +301,9 @@ def test_model_decode_step_through_mgpu_matches_triton(monkeypatch, pdl):
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
 
 
-@pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("m,k,n,tiling,programs", [
-    (64, 896, 896, {}, None),            # o_proj at 64 rows: 392 steps over 264 programs (1-2 each)
-    (64, 4864, 128, dict(block_n=32, num_slots=3, boxes=2), 20),  # 4 x 38 two-box steps, runs of 7-8
-    (16, 512, 128, dict(block_n=32, num_slots=3), 3),  # runs of 10-11 steps over 8-step tiles: 3 segments
-    (256, 896, 896, {}, None),           # four row blocks of 64, 64 weight rows (WIDEST_TILES)
-    (8, 256, 64, dict(block_n=64, num_slots=2), 64),   # fewer steps (4) than programs asked for
-])
-def test_balanced_accumulate_adds_into_its_input_in_place(interpret, m, k, n, tiling, programs, monkeypatch):
-    # BALANCED: every program takes an equal run of the (row block, column block, K step) space, ending
-    # tiles part-way through K; each tile part is added by its own reduction. The sum must be whole, in
-    # acc's buffer (donated: no copy).
-    mg = importlib.import_module("kernels.skinny_matmul_mgpu")
-    monkeypatch.setattr(mg, "BALANCED", True)
-    monkeypatch.setattr(mg, "BALANCED_PROGRAMS", programs)
-    rng, seed = fresh_rng()
-    x, w = _operands(rng, m, k, n)
-    acc = jnp.asarray(rng.standard_normal((m, n)) * 4, jnp.float32)
-    ref = acc + skinny_matmul_reference(x, w, None, epilogue="partials", layout="nk").sum(axis=0)
-    step = jax.jit(lambda x, w, a: skinny_matmul_mgpu(x, w, epilogue="accumulate", acc=a, interpret=interpret,
-                                                      **tiling), donate_argnums=2)
-    calls, balanced_call = [], mg._balanced_call
-    monkeypatch.setattr(mg, "_balanced_call", lambda *a, **kw: calls.append(kw["programs"]) or balanced_call(*a, **kw))
-    acc = jnp.array(acc)
-    pointer = acc.unsafe_buffer_pointer()
-    out = step(x, w, acc)
-    assert out.unsafe_buffer_pointer() == pointer, "acc was copied"
-    assert calls == [programs or mg.tile_for(m, k, "accumulate")["target_programs"]]
-    assert not np.isnan(np.asarray(out)).any(), f"seed={seed}"
-    assert relative_error(out, ref) <= 1e-5, f"seed={seed}"
-
-
-@pytest.mark.parametrize("balanced", [False, True])
 @pytest.mark.parametrize("pdl", [False, pytest.param(True, marks=pytest.mark.gpu)])  # PDL is compiled-only
 @pytest.mark.parametrize("batch", [16, 72])
-def test_model_decode_step_accumulating_in_place_matches_partials(monkeypatch, batch, pdl, balanced):
+def test_model_decode_step_accumulating_in_place_matches_partials(monkeypatch, batch, pdl):
     # model.ACCUMULATE: o, down and QKV add their K splits into the float32 residual stream / a
     # bias-seeded accumulator ("accumulate"), no partial sums; the logits are the partials glue's
     # within bf16's tolerance (the stream is float32 there, bf16 here). 72 rows: WIDE_TILES.
@@ -354,7 +321,6 @@ def test_model_decode_step_accumulating_in_place_matches_partials(monkeypatch, b
     monkeypatch.setattr(model_module, "ACCUMULATE", True)
     # With PDL every projection may start before the kernel ahead ends (its weights first).
     monkeypatch.setattr(importlib.import_module("kernels.skinny_matmul_mgpu"), "PDL", pdl)
-    monkeypatch.setattr(importlib.import_module("kernels.skinny_matmul_mgpu"), "BALANCED", balanced)
     out = jax.jit(run)()
     assert calls == ["accumulate", "accumulate", "swiglu", "accumulate"] * cfg.num_hidden_layers
     assert out.dtype == ref.dtype and not np.isnan(np.asarray(out)).any(), f"seed={seed}"
