@@ -137,6 +137,10 @@ MGPU_TILINGS = {
     **{f"mgpu_g{n}": {"swiglu": {"block_n": n, "num_slots": 3, "boxes": 2}} for n in (24, 40, 48)},
     "mgpu_g40_s4": {"swiglu": {"block_n": 40, "num_slots": 4, "boxes": 2}},
     "mgpu_g32": {"swiglu": {"block_n": 32, "num_slots": 3, "boxes": 2}},  # the default before session 30
+    # down_proj over 56 columns a program: 16 x 8 splits = 128 programs, one an SM (the default's 28 x 8 = 224 run
+    # two on 92 SMs), or 16 x 13 = 208 of 3 steps
+    "mgpu_deep_n56": {"deep": {"block_n": 56, "num_slots": 3, "target_programs": 132, "boxes": 2}},
+    "mgpu_deep_n56_t264": {"deep": {"block_n": 56, "num_slots": 3, "target_programs": 264, "boxes": 2}},
     # all K-split products in one-step programs (QKV 504, o 392: o's 196 programs ran two on 64 SMs)
     "mgpu_p528": {"partials": {"block_n": 32, "num_slots": 4, "target_programs": 528}},
 }

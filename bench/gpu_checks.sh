@@ -133,8 +133,8 @@
 #               64-row step with gate_up's old blocks, balanced (stream-K) accumulating projections, the head's
 #               block width, one-step K splits; the 256-row step balanced
 #               (the balanced glue settings were removed after this call: they lost)
-#   more30      session 30: the 64-row step with the greedy head over 192 / 256 vocabulary rows a program (its
-#               HLO dumped), the 128-row step with gate_up over 40 columns a program
+#   more30      session 30: the 64-row step with the greedy head over 192 / 256 vocabulary rows a program and
+#               down_proj over 56 columns (its HLO dumped), the 128-row step with gate_up over 40 columns a program
 #   sass30      session 30: ncu source-level stall samples of batch 64's Mosaic GPU projections, the SASS
 #               page as CSV (where `CCTL.IVALL` sits)
 #   cb29        session 29: the 64- and 256-row steps with XLA's command buffer scheduled serially, concurrently
@@ -567,7 +567,7 @@ for part in "${parts[@]}"; do
            timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \
              --glue kernels balanced balanced_p132 balanced_p396 --rounds 7 --reps 10 --profile /tmp/bal30b ;;
     more30) timeout 150 python3 bench/decode_step.py --batches 64 --variants default --no-static \
-              --glue kernels head_b192 head_b256 --rounds 7 --reps 10 --profile /tmp/more30a \
+              --glue kernels head_b192 head_b256 mgpu_deep_n56 mgpu_deep_n56_t264 --rounds 7 --reps 10 --profile /tmp/more30a \
               --dump-hlo "$OUT/$part/hlo" ; \
             timeout 120 python3 bench/decode_step.py --batches 128 --variants default --no-static \
               --glue kernels mgpu256_g40 --rounds 7 --reps 10 --profile /tmp/more30b ;;
