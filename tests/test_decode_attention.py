@@ -49,6 +49,10 @@ def fused_case(rng, *, batch, num_heads, kv_heads, head_dim, page_size, table_pa
 # Rotated K is RoPE in float32 then cast: the kernel's and the reference's float32 rounding may
 # differ in the last bit and so, rarely, the bf16 result by one unit (seen once in ~70k elements).
 BF16_ULP = 2.0 ** -7
+# ... and where x * cos - y * sin nearly cancels (inputs ~N(0, 1), a result ~3e-7), a float32 rounding
+# apart is many bf16 units of the small result: an absolute allowance of a few float32 units at the
+# inputs' scale (seen once: 2.906e-7 against 2.980e-7, session 30's CI).
+ROPE_ATOL = 2.0 ** -19
 
 
 def assert_pools_equal(new, ref, seed, rtol: float = 0.0, atol: float = 0.0):
@@ -63,7 +67,7 @@ def assert_cache_written(k_new, v_new, k_ref, v_ref, dtype, seed) -> None:
     if dtype == jnp.float32:
         assert_pools_equal(k_new, k_ref, seed, rtol=1e-6, atol=1e-6)
     else:
-        assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP)
+        assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP, atol=ROPE_ATOL)
     assert_pools_equal(v_new, v_ref, seed)
 
 
@@ -110,7 +114,7 @@ def test_fused_decode_of_a_float32_accumulator_into_bf16(interpret, num_splits):
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
     same, _, _ = fused_decode_attention_reference(qkv32, *args[1:], out_dtype=jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(same, np.float32), np.asarray(ref, np.float32))
-    assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP)
+    assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP, atol=ROPE_ATOL)
     assert_pools_equal(v_new, v_ref, seed)
 
 
@@ -137,7 +141,7 @@ def test_fused_decode_in_place_under_jit_and_steps_chain(interpret, combine):
         ref, ref_k, ref_v = fused_decode_attention_reference(qkv, cos, sin, ref_k, ref_v, table,
                                                              lengths, slots)
         assert relative_error(out, ref) <= 2e-2, f"seed={seed}"
-        assert_pools_equal(k_pages, ref_k, seed, rtol=BF16_ULP)
+        assert_pools_equal(k_pages, ref_k, seed, rtol=BF16_ULP, atol=ROPE_ATOL)
         lengths = lengths + 1
         pos = np.asarray(lengths) - 1
         slots = jnp.asarray(np.asarray(table)[np.arange(3), pos // page_size] * page_size
@@ -199,7 +203,7 @@ def test_fused_decode_of_a_one_block_table_ignores_entries_past_each_row(interpr
     assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
     np.testing.assert_array_equal(zero_row, 0.0, err_msg=f"length-0 row not zero, seed={seed}")
-    assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP)
+    assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP, atol=ROPE_ATOL)
     assert_pools_equal(v_new, v_ref, seed)
 
 
@@ -446,5 +450,5 @@ def test_fused_decode_o_lean_softmax_matches_reference(interpret, monkeypatch):
     ref, k_ref, v_ref = fused_decode_attention_o_reference(*args, wo)
     assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
-    assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP)
+    assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP, atol=ROPE_ATOL)
     assert_pools_equal(v_new, v_ref, seed)
