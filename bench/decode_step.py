@@ -417,6 +417,7 @@ def run_variant(args) -> list[dict]:
     greedy_pick = runner_module.GREEDY_PICK
     wide_options = runner_module.WIDE_DECODE_OPTIONS
     decode_options = runner_module.DECODE_OPTIONS
+    decode_unroll = runner_module.DECODE_UNROLL
     # The random params come in the model's default layout; the other is converted once if asked.
     default_layout = model_module.WEIGHT_LAYOUT
     norm_fold = model_module.NORM_IN_PROJECTION
@@ -484,6 +485,8 @@ def run_variant(args) -> list[dict]:
                                               "norm_warps8": 8}.get(glue, norm_warps)
             # "xla_pick": greedy tokens by XLA's argmax + log-softmax, not the greedy_pick kernel.
             runner_module.GREEDY_PICK = "xla" if glue == "xla_pick" else greedy_pick
+            # "unroll<N>": N decode steps unrolled in the call's loop (runner.DECODE_UNROLL)
+            runner_module.DECODE_UNROLL = int(glue[6:]) if glue.startswith("unroll") else decode_unroll
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
             # "cb_*": how XLA orders a command buffer's kernels (xla_gpu_command_buffer_scheduling_mode:
             # serialized, concurrent where the data allows, or the latency-hiding scheduler's order);
@@ -657,7 +660,8 @@ def main() -> None:
                                                              "no_early_partials", "rope_broadcast", "rope_concat",
                                                              "ftz_exp2", "lean_softmax", "lean_ftz", "no_lean_ftz",
                                                              "swiglu_approx", "swiglu_exact", *CB_OPTIONS,
-                                                             "head_b112", "head_b120", "head_b136", "head_b192", "head_b256"],
+                                                             "head_b112", "head_b120", "head_b136", "head_b192", "head_b256",
+                                                             "unroll2", "unroll4", "unroll8"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

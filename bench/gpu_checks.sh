@@ -135,6 +135,9 @@
 #               (the balanced glue settings were removed after this call: they lost)
 #   more30      session 30: the 64-row step with the greedy head over 192 / 256 vocabulary rows a program and
 #               down_proj over 56 columns (its HLO dumped), the 128-row step with gate_up over 40 columns a program
+#   final30     session 30: end to end with no per-step log-probability writes and gate_up's 40-column blocks at
+#               65-128 rows (no transformers); the decode loop unrolled 2 / 8 steps against the while loop; end to
+#               end again unrolled 8; the compiled SwiGLU and 128-row model tests
 #   sass30      session 30: ncu source-level stall samples of batch 64's Mosaic GPU projections, the SASS
 #               page as CSV (where `CCTL.IVALL` sits)
 #   cb29        session 29: the 64- and 256-row steps with XLA's command buffer scheduled serially, concurrently
@@ -571,6 +574,14 @@ for part in "${parts[@]}"; do
               --dump-hlo "$OUT/$part/hlo" ; \
             timeout 120 python3 bench/decode_step.py --batches 128 --variants default --no-static \
               --glue kernels mgpu256_g40 --rounds 7 --reps 10 --profile /tmp/more30b ;;
+    final30) timeout 150 python3 bench/throughput.py --no-static --batches 1 64 256 --long-prompt 1024 \
+               --long-batch 64 --decode-steps 8 --impls pallas --no-hf --out "$OUT/$part/default" ; \
+             timeout 200 python3 bench/decode_step.py --batches 64 256 --variants default --no-static \
+               --glue kernels unroll2 unroll8 --rounds 7 --reps 10 --profile /tmp/final30 ; \
+             JAXSERVE_DECODE_UNROLL=8 timeout 150 python3 bench/throughput.py --no-static --batches 1 64 256 \
+               --long-prompt 1024 --long-batch 64 --decode-steps 8 --impls pallas --no-hf --out "$OUT/$part/unroll8" ; \
+             timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+               tests/test_skinny_matmul_mgpu.py -k "(compiled and swiglu) or 128_row" ;;
     head30) timeout 150 python3 bench/lm_head.py --rows 64 --tiles 128x4x1 112x4x1 120x4x1 136x4x1 144x4x1 \
               128x3x2 192x3x1 256x3x1 --rounds 7 ;;
     sass30) timeout 200 ncu --clock-control none -k regex:'skinny_mgpu' --section SpeedOfLight \

@@ -44,6 +44,11 @@ WIDE_DECODE_OPTIONS: dict[str, Any] = json.loads(
 # (JSON) sets it.
 DECODE_OPTIONS: dict[str, Any] = json.loads(os.environ.get("JAXSERVE_DECODE_OPTIONS", "{}"))
 
+# Decode steps a call unrolled in the compiled loop (`lax.scan(unroll=...)`): 1 keeps XLA's while loop (its
+# induction variable is a kernel a step); `num_steps` or more unrolls the call whole. Compile time grows with
+# it. JAXSERVE_DECODE_UNROLL sets it.
+DECODE_UNROLL = int(os.environ.get("JAXSERVE_DECODE_UNROLL", "1"))
+
 # XLA compiler options of prefill chunks: cuBLAS instead of XLA's Triton GEMMs here too. H200,
 # Qwen2.5-0.5B, bf16, one process, alternating rounds (bench/prefill_step.py, session 10): a
 # 64 x 128-token chunk 13.57 -> 12.70 ms, 8 x 1024 15.16 -> 14.51 ms (bench/results/decode_step.md).
@@ -238,6 +243,10 @@ class Steps:
     def _decode_impl(self, params, kv, tokens, positions, limits, block_tables, batch: SamplingBatch, steps,
                      counts, seen, *, num_steps: int, num_top: int, penalties: bool, greedy: bool,
                      logprobs: bool = True):
+        # Without log-probabilities a step's outputs are its tokens: the NaN log-probabilities are made once
+        # after the loop, not written into the stacked outputs by a kernel every step.
+        tokens_only = not logprobs and num_top == 0
+
         def one(carry, k):
             kv, tokens, counts, seen = carry
             pos = positions + k
@@ -246,17 +255,18 @@ class Steps:
                                    block_tables, jnp.where(active, pos + 1, 0), pos, impl=self.attention_impl)
             if self._greedy_head(tokens.shape[0], greedy, num_top, logprobs) and not penalties:
                 picked, kv = self._forward(params, kv, tokens[:, None], pos[:, None], paged, greedy_tokens=True)
-                return (kv, picked[:, 0], counts, seen), no_logprobs(picked[:, 0])
+                return (kv, picked[:, 0], counts, seen), picked[:, 0] if tokens_only else no_logprobs(picked[:, 0])
             logits, kv = self._forward(params, kv, tokens[:, None], pos[:, None], paged)
             out = choose_tokens(logits[:, 0], batch, steps + k, counts if penalties else None,
                                 seen if penalties else None, num_top=num_top, greedy=greedy, logprobs=logprobs,
                                 pick_kernel=self._pick_kernel(logits))
             if penalties:
                 counts, seen = update_counts(counts, seen, out.tokens, active)
-            return (kv, out.tokens, counts, seen), out
+            return (kv, out.tokens, counts, seen), out.tokens if tokens_only else out
 
-        (kv, last, _, _), outs = jax.lax.scan(one, (kv, tokens, counts, seen), jnp.arange(num_steps, dtype=jnp.int32))
-        return kv, outs, last
+        (kv, last, _, _), outs = jax.lax.scan(one, (kv, tokens, counts, seen), jnp.arange(num_steps, dtype=jnp.int32),
+                                              unroll=max(1, min(DECODE_UNROLL, num_steps)))
+        return kv, no_logprobs(outs) if tokens_only else outs, last
 
 
 # How many Steps stay compiled (the engine needs one; a benchmark comparing settings, or a test

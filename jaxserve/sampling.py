@@ -533,14 +533,15 @@ def sample(
 
 
 def no_logprobs(tokens: jax.Array) -> SampleOutput:
-    """The chosen `tokens [B]` as a `SampleOutput` whose log-probabilities were not asked for:
-    NaN, with no top tokens (a step where no request wants them skips the log-softmax).
+    """The chosen `tokens` (`[B]`, or `[steps, B]` of a multi-step call) as a `SampleOutput` whose
+    log-probabilities were not asked for: NaN, with no top tokens (a step where no request wants them
+    skips the log-softmax).
 
     Example:
         >>> out = no_logprobs(jnp.array([3, 1], jnp.int32))
         >>> out.tokens.tolist(), bool(jnp.isnan(out.logprobs).all()), out.top_ids.shape
         ([3, 1], True, (2, 0))
     """
-    b = tokens.shape[0]
-    return SampleOutput(tokens=tokens, logprobs=jnp.full((b,), jnp.nan, jnp.float32),
-                        top_ids=jnp.zeros((b, 0), jnp.int32), top_logprobs=jnp.zeros((b, 0), jnp.float32))
+    shape = tokens.shape
+    return SampleOutput(tokens=tokens, logprobs=jnp.full(shape, jnp.nan, jnp.float32),
+                        top_ids=jnp.zeros(shape + (0,), jnp.int32), top_logprobs=jnp.zeros(shape + (0,), jnp.float32))
