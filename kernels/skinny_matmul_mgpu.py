@@ -36,8 +36,8 @@ session 18: gate_up 17.66 against 17.40 µs a layer at 256 rows, every other pro
 bench/results/decode_step.md): L2 reads do not bound that product.
 
 Limits: bf16, weights `[N, K]` (the engine's layout), K a multiple of 64, M a multiple of 8 up
-to 256 (and of `block_m` above it), N (of each half) a multiple of `block_n`, the ring and the
-output tile within shared memory. On the CPU it runs in Mosaic GPU's interpreter
+to 256 (and of `block_m` above it), N a multiple of `block_n` (SwiGLU's halves and the argmax head
+take a ragged last block: `RAGGED_EPILOGUES`), the ring and the output tile within shared memory. On the CPU it runs in Mosaic GPU's interpreter
 (the products as plain dots: the interpreter's WGMMA takes no transposed operand).
 """
 

@@ -246,7 +246,11 @@ def test_compiled_decode_loop_never_copies_the_kv_pages(tiny, batch):
                                jnp.asarray(pos + 4), jnp.asarray(table), make_batch([GREEDY] * batch, batch),
                                jnp.zeros(batch, jnp.int32), zeros, zeros, num_steps=4, num_top=0,
                                penalties=False, greedy=True).compile().as_text()
-    assert "while" in hlo  # the multi-step loop is there, so the check below looks inside it
+    # The multi-step loop is there (unless JAXSERVE_DECODE_UNROLL unrolls it whole), so the check below
+    # looks inside it.
+    from jaxserve import runner as runner_module
+
+    assert "while" in hlo or runner_module.DECODE_UNROLL >= 4
     copies = re.findall(r"= \w+\[%s\]\{[\d,]+\} copy\(" % pool_shape, hlo)
     assert not copies, f"{len(copies)} copies of a KV page array [{pool_shape}] in the compiled decode step"
 
