@@ -36,9 +36,10 @@ session 18: gate_up 17.66 against 17.40 µs a layer at 256 rows, every other pro
 bench/results/decode_step.md): L2 reads do not bound that product.
 
 Limits: bf16, weights `[N, K]` (the engine's layout), K a multiple of 64, M a multiple of 8 up
-to 256 (and of `block_m` above it), N a multiple of `block_n` (SwiGLU's halves and the argmax head
-take a ragged last block: `RAGGED_EPILOGUES`), the ring and the output tile within shared memory. On the CPU it runs in Mosaic GPU's interpreter
-(the products as plain dots: the interpreter's WGMMA takes no transposed operand).
+to 256 (and of `block_m` above it), N a multiple of `block_n` (SwiGLU's halves and the argmax
+head take a ragged last block: `RAGGED_EPILOGUES`), the ring and the output tile within shared
+memory. On the CPU it runs in Mosaic GPU's interpreter (the products as plain dots: the
+interpreter's WGMMA takes no transposed operand).
 """
 
 from __future__ import annotations
@@ -211,6 +212,14 @@ def _fits(m: int, k: int, n_out: int, block_n: int, boxes: int, block_m: int, nu
             and boxes >= 1 and k % (_BLOCK_K * boxes) == 0
             and block_n % 8 == 0 and (epilogue in RAGGED_EPILOGUES or n_out % block_n == 0) and num_slots >= 2
             and _smem_bytes(m, block_n, boxes, block_m, num_slots, epilogue, warpgroups) <= _SMEM_BYTES)
+
+
+def _pad_halves(w: jax.Array, halves: int, block_n: int) -> jax.Array:
+    """`w [halves * n, K]` with each half's rows padded with zeros to whole blocks of `block_n`: a ragged
+    last block for the interpreter, which refuses the reads past an array's end that TMA fills with zeros
+    (`RAGGED_EPILOGUES`)."""
+    n, k = w.shape[0] // halves, w.shape[1]
+    return jnp.pad(w.reshape(halves, n, k), ((0, 0), (0, -n % block_n), (0, 0))).reshape(-1, k)
 
 
 def _transforms(cols: int, dtype) -> tuple:
@@ -448,8 +457,7 @@ def argmax_matmul_mgpu(x: jax.Array, w: jax.Array, *, block_n: int | None = None
     if n % 8 and not interpret:
         raise ValueError(f"w's rows must be a multiple of 8 (a TMA copy's tiling), got {n}")
     if interpret and n % tile["block_n"]:
-        # Compiled, the last block's TMA copies read zeros past N; the interpreter refuses such reads.
-        w = jnp.pad(w, ((0, -n % tile["block_n"]), (0, 0)))
+        w = _pad_halves(w, 1, tile["block_n"])
     return _argmax_call(x, w, n_out=n, interpret=interpret, merge=ARGMAX_MERGE, **tile)
 
 
@@ -665,12 +673,8 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
                          f"boxes {boxes}, block_m {block_m}, warpgroups {warpgroups}")
     row_blocks = pl.cdiv(m, block_m)
     interpret = compat.resolve_interpret(interpret)
-    stored = n_out  # columns returned
-    if epilogue == "swiglu" and n_out % block_n and interpret and warpgroups == 1:
-        # The interpreter refuses reads and writes past an array's end (`RAGGED_EPILOGUES`): each half
-        # padded to whole blocks, the padding's columns dropped after.
-        n_out += -n_out % block_n
-        w = jnp.pad(w.reshape(2, n // 2, k), ((0, 0), (0, n_out - n // 2), (0, 0))).reshape(2 * n_out, k)
+    if epilogue == "swiglu" and n_out % block_n and interpret:
+        w = _pad_halves(w, 2, block_n)  # the padding's output columns are dropped below
     if epilogue == "swiglu":
         num_splits = 1
     elif num_splits is None:
@@ -696,7 +700,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
                     exit_read_only=EXIT_READ_ONLY, swiglu_approx=SWIGLU_APPROX and epilogue == "swiglu",
                     interpret=bool(interpret))
     if epilogue != "none" or kernel_epilogue == "none":
-        return out[:, :stored] if epilogue == "swiglu" else out
+        return out[:, :n_out] if epilogue == "swiglu" else out
     out = out.sum(axis=0)
     if bias is not None:
         out = out + bias.astype(jnp.float32)
