@@ -143,6 +143,10 @@ MGPU_TILINGS = {
     "mgpu_deep_n56_t264": {"deep": {"block_n": 56, "num_slots": 3, "target_programs": 264, "boxes": 2}},
     # all K-split products in one-step programs (QKV 504, o 392: o's 196 programs ran two on 64 SMs)
     "mgpu_p528": {"partials": {"block_n": 32, "num_slots": 4, "target_programs": 528}},
+    # session 31: gate_up's two halves as one WGMMA of N = 2 x block_n ("joint": each activation tile read from
+    # shared memory once a box, not once a half)
+    **{f"mgpu_j{n}": {"swiglu": {"block_n": n, "num_slots": 4, "boxes": 2, "joint": 1}} for n in (32, 40, 48)},
+    "mgpu_j40_s3": {"swiglu": {"block_n": 40, "num_slots": 3, "boxes": 2, "joint": 1}},
 }
 # --glue choices that run steps of 65-256 rows through the fused glue (SKINNY_ROWS 256, like
 # "skinny256") with their projections on Mosaic GPU, `kernels.skinny_matmul_mgpu.WIDE_TILES` these
@@ -198,6 +202,11 @@ MGPU_WIDE_TILINGS = {
     # session 30: gate_up's 128-row programs over 40 columns (2 x 122 = 244 programs, two an SM; 32 columns
     # made 304, a third program on 40 SMs)
     "mgpu256_g40": {"swiglu": {"block_n": 40, "num_slots": 4, "block_m": 64}},
+    # session 31: the same as one WGMMA of N = 2 x block_n ("joint"); row blocks of 64 or 128
+    "mgpu256_j40": {"swiglu": {"block_n": 40, "num_slots": 4, "block_m": 64, "joint": 1}},
+    "mgpu256_j64": {"swiglu": {"block_n": 64, "num_slots": 4, "block_m": 64, "joint": 1}},
+    "mgpu256_j40_bm128": {"swiglu": {"block_n": 40, "num_slots": 3, "block_m": 128, "joint": 1}},
+    "mgpu256_j64_bm128": {"swiglu": {"block_n": 64, "num_slots": 3, "block_m": 128, "joint": 1}},
     # down_proj ("deep") of 65-128-row steps in two-box steps, 3 slots (the same shared memory as its 6
     # one-box slots); "pb2": QKV, o and down so
     "mgpu256_deep_b2": {"deep": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 64, "boxes": 2}},

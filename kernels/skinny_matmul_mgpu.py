@@ -157,6 +157,7 @@ def tile_for(m: int, k: int, epilogue: str) -> dict[str, int]:
         block_m = pl.cdiv(m, _ROWS) * _ROWS
     tile["block_m"] = block_m
     tile["warpgroups"] = tile.get("warpgroups", 1)
+    tile["joint"] = tile.get("joint", 0)
     tile["boxes"] = tile.get("boxes", 1) if k % (_BLOCK_K * tile.get("boxes", 1)) == 0 else 1
     return tile
 
@@ -242,7 +243,7 @@ def _out_type(x: jax.Array, n_out: int, epilogue: str, num_splits: int) -> jax.S
 
 def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, num_slots: int, boxes: int,
             rows: int, row_tile: int, steps_per_split: int, k_steps: int, n_out: int, pdl: bool, interpret: bool,
-            exit_read_only: bool, swiglu_approx: bool = False):
+            exit_read_only: bool, swiglu_approx: bool = False, joint: bool = False):
     if epilogue == "argmax":  # two outputs, two row vectors for them
         max_ref, idx_ref, x_smem, w_smem, max_smem, idx_smem, bars = refs
         o_ref = o_smem = None
@@ -266,8 +267,10 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
         for b in range(boxes):
             at = k_at(step, b)
             for h, offset in enumerate(halves):
-                plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(offset + col_block * block_n, block_n), at],
-                                        w_smem.at[slot, h, b], bars.at[slot])
+                # joint: both halves' rows side by side in one tile, one product of N = 2 x block_n
+                dst = w_smem.at[slot, 0, b, pl.ds(h * block_n, block_n)] if joint else w_smem.at[slot, h, b]
+                plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(offset + col_block * block_n, block_n), at], dst,
+                                        bars.at[slot])
 
     def issue_x(step, slot):
         for b in range(boxes):
@@ -291,7 +294,8 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
             plgpu.griddepcontrol_launch_dependents()
     else:
         ring.prime(issue, num_slots, num_steps)
-    zeros = jnp.zeros((row_tile, block_n), jnp.float32)
+    products = 1 if joint else len(halves)
+    zeros = jnp.zeros((row_tile, block_n * len(halves) // products), jnp.float32)
     if not interpret:  # register layouts are a compiler matter: the interpreter has no rule for them
         zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
 
@@ -311,7 +315,7 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
 
         return pl.run_state(products)(tuple(plgpu.ACC.init(acc) for acc in accs))
 
-    accs = lax.fori_loop(0, num_steps, body, tuple(zeros for _ in halves))
+    accs = lax.fori_loop(0, num_steps, body, tuple(zeros for _ in range(products)))
     if epilogue == "argmax":
         _argmax_epilogue(accs[0], max_ref, idx_ref, max_smem, idx_smem, x_ref.dtype, col_block=col_block,
                          block_n=block_n, n_out=n_out, rows=my_rows, count=rows, interpret=interpret)
@@ -327,7 +331,9 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
     else:  # the result itself, in the activation dtype
         dtype = o_smem.dtype
         if epilogue == "swiglu":
-            result = (_swiglu_sums_approx if swiglu_approx else swiglu_sums)(*accs, dtype)
+            # The joint product's columns: gate's block, then up's (whole WGMMA register tiles of 8 columns).
+            halves_acc = (accs[0][:, :block_n], accs[0][:, block_n:]) if joint else accs
+            result = (_swiglu_sums_approx if swiglu_approx else swiglu_sums)(*halves_acc, dtype)
         else:  # "none", one split
             result = accs[0]
             if has_bias:
@@ -462,9 +468,9 @@ def argmax_matmul_mgpu(x: jax.Array, w: jax.Array, *, block_n: int | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "boxes", "block_m", "num_splits",
-                                           "pdl", "interpret", "exit_read_only", "swiglu_approx"))
+                                           "pdl", "interpret", "exit_read_only", "swiglu_approx", "joint"))
 def _call(x, w, bias, acc, *, epilogue: str, block_n: int, num_slots: int, boxes: int, block_m: int, num_splits: int,
-          pdl: bool, interpret: bool, exit_read_only: bool, swiglu_approx: bool = False):
+          pdl: bool, interpret: bool, exit_read_only: bool, swiglu_approx: bool = False, joint: bool = False):
     m, k = x.shape
     rows, row_tile = min(m, block_m), _row_tile(m, block_m)
     has_bias = bias is not None
@@ -476,14 +482,15 @@ def _call(x, w, bias, acc, *, epilogue: str, block_n: int, num_slots: int, boxes
     in_tf = _transforms(_BLOCK_K, x.dtype)
     scratch = [
         plgpu.SMEM((num_slots, boxes, row_tile, _BLOCK_K), x.dtype, transforms=in_tf),
-        plgpu.SMEM((num_slots, halves, boxes, block_n, _BLOCK_K), w.dtype, transforms=in_tf),
+        plgpu.SMEM((num_slots, 1, boxes, halves * block_n, _BLOCK_K) if joint else
+                   (num_slots, halves, boxes, block_n, _BLOCK_K), w.dtype, transforms=in_tf),
         plgpu.SMEM((row_tile, block_n), out_type.dtype, transforms=_transforms(block_n, out_type.dtype)),
         plgpu.Barrier(num_arrivals=boxes * (1 + halves), num_barriers=num_slots),
     ] + ([plgpu.SMEM((block_n,), jnp.float32), plgpu.Barrier()] if has_bias else [])
     body = functools.partial(_kernel, epilogue=epilogue, has_bias=has_bias, block_n=block_n, num_slots=num_slots,
                              boxes=boxes, rows=rows, row_tile=row_tile, steps_per_split=steps_per_split,
                              k_steps=k_steps, n_out=n_out, pdl=pdl, interpret=interpret,
-                             exit_read_only=exit_read_only, swiglu_approx=swiglu_approx)
+                             exit_read_only=exit_read_only, swiglu_approx=swiglu_approx, joint=joint)
     # Row blocks vary fastest: the programs that stream the same weight rows run side by side, so
     # all but the first read them from L2.
     grid = (m // rows, pl.cdiv(n_out, block_n), num_splits)
@@ -613,7 +620,8 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
                        epilogue: str = "none", acc: jax.Array | None = None, block_n: int | None = None,
                        num_slots: int | None = None, num_splits: int | None = None,
                        boxes: int | None = None, block_m: int | None = None, warpgroups: int | None = None,
-                       pdl: bool | None = None, interpret: bool | None = None) -> jax.Array:
+                       joint: bool | None = None, pdl: bool | None = None,
+                       interpret: bool | None = None) -> jax.Array:
     """`x @ w.T (+ bias)` for 8-256 rows of `x` on Mosaic GPU, float32 accumulation; the same
     contract as `kernels.skinny_matmul.skinny_matmul(..., layout="nk")`.
 
@@ -634,6 +642,10 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         warpgroups: 1, or 2 (experimental, measured no faster): two compute warpgroups share a
             CTA's tiles (`_ws_kernel`), whole blocks of `block_m` rows, K splits that divide its
             steps, no bias inside.
+        joint: "swiglu" with one warpgroup only: gate's and up's weight rows side by side in one
+            shared-memory tile, one WGMMA of N = 2 x block_n (at most 256) a box instead of one a
+            half, so each activation tile is read from shared memory once a box, not twice
+            (None: `tile_for`'s "joint", off unless a table sets it).
         pdl: launched as a programmatic dependent launch (one warpgroup only; None: `PDL`).
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
 
@@ -664,6 +676,10 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
     block_m = block_m or tile["block_m"]
     boxes = boxes or tile["boxes"]
     warpgroups = warpgroups or tile["warpgroups"]
+    joint = bool(tile["joint"] if joint is None else joint) and epilogue == "swiglu"
+    if joint and (warpgroups != 1 or 2 * block_n > 256):
+        raise ValueError(f"joint runs one warpgroup and a WGMMA of N = 2 x block_n <= 256, got warpgroups "
+                         f"{warpgroups}, block_n {block_n}")
     n_out = n // 2 if epilogue == "swiglu" else n
     if not _fits(m, k, n_out, block_n, boxes, block_m, num_slots, epilogue, warpgroups):
         raise ValueError(f"M must be a multiple of 8 up to {MAX_ROWS} (and of block_m above it), K of {_BLOCK_K} x "
@@ -698,7 +714,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
                     block_m=block_m, num_splits=num_splits,
                     pdl=PDL if pdl is None else pdl,
                     exit_read_only=EXIT_READ_ONLY, swiglu_approx=SWIGLU_APPROX and epilogue == "swiglu",
-                    interpret=bool(interpret))
+                    joint=joint, interpret=bool(interpret))
     if epilogue != "none" or kernel_epilogue == "none":
         return out[:, :n_out] if epilogue == "swiglu" else out
     out = out.sum(axis=0)

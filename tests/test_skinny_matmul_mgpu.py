@@ -486,3 +486,31 @@ def test_swiglu_approx_matches_reference(interpret, m, k, n, tiling, monkeypatch
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
     apart = np.asarray(out, np.float32) != np.asarray(exact, np.float32)
     assert apart.mean() <= 0.01, f"{apart.mean():.4f} of elements apart, seed={seed}"
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("m,k,n,tiling", [
+    (64, 896, 224, dict(block_n=40, num_slots=4, boxes=2)),       # gate_up's 64-row tile, the last block ragged
+    (8, 128, 128, dict(block_n=32, num_slots=2)),
+    (128, 256, 256, dict(block_n=64, num_slots=3, block_m=64)),   # two row blocks, N = 128 a product
+    (256, 256, 160, dict(block_n=40, num_slots=3, block_m=128)),  # two row blocks of 128, ragged
+])
+def test_joint_swiglu_matches_reference(interpret, m, k, n, tiling):
+    # joint: gate's and up's weight rows in one shared-memory tile, one WGMMA of N = 2 x block_n; the
+    # accumulator's two column blocks are the halves. The same sums as two products of N = block_n.
+    rng, seed = fresh_rng()
+    x, w = _operands(rng, m, k, n)
+    out = skinny_matmul_mgpu(x, w, epilogue="swiglu", joint=True, interpret=interpret, **tiling)
+    apart_from = skinny_matmul_mgpu(x, w, epilogue="swiglu", joint=False, interpret=interpret, **tiling)
+    ref = skinny_matmul_reference(x, w, None, epilogue="swiglu", layout="nk")
+    assert out.shape == ref.shape and out.dtype == jnp.bfloat16, f"seed={seed}"
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
+    apart = np.asarray(out, np.float32) != np.asarray(apart_from, np.float32)
+    assert apart.mean() <= 0.01, f"{apart.mean():.4f} of elements apart from the two-product kernel, seed={seed}"
+
+
+def test_joint_refuses_what_one_wgmma_cannot_hold():
+    x, w = _operands(np.random.default_rng(0), 64, 128, 512)
+    with pytest.raises(ValueError, match="joint"):
+        skinny_matmul_mgpu(x, w, epilogue="swiglu", joint=True, block_n=256 // 2 + 8, num_slots=2, interpret=True)
