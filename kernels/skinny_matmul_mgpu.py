@@ -157,7 +157,6 @@ def tile_for(m: int, k: int, epilogue: str) -> dict[str, int]:
         block_m = pl.cdiv(m, _ROWS) * _ROWS
     tile["block_m"] = block_m
     tile["warpgroups"] = tile.get("warpgroups", 1)
-    tile["joint"] = tile.get("joint", 0)
     tile["boxes"] = tile.get("boxes", 1) if k % (_BLOCK_K * tile.get("boxes", 1)) == 0 else 1
     return tile
 
@@ -676,7 +675,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
     block_m = block_m or tile["block_m"]
     boxes = boxes or tile["boxes"]
     warpgroups = warpgroups or tile["warpgroups"]
-    joint = bool(tile["joint"] if joint is None else joint) and epilogue == "swiglu"
+    joint = bool(tile.get("joint", 0) if joint is None else joint) and epilogue == "swiglu"
     if joint and (warpgroups != 1 or 2 * block_n > 256):
         raise ValueError(f"joint runs one warpgroup and a WGMMA of N = 2 x block_n <= 256, got warpgroups "
                          f"{warpgroups}, block_n {block_n}")
