@@ -141,7 +141,8 @@
 #   sass30      session 30: ncu source-level stall samples of batch 64's Mosaic GPU projections, the SASS
 #               page as CSV (where `CCTL.IVALL` sits)
 #   j31         session 31: gate_up's two halves as one WGMMA of N = 2 x block_n ("joint"): compiled tests, the
-#               64-row step over 32-48 columns, the 256-row step with gate_up on Mosaic GPU joint or not (~500 s)
+#               64-row step over 32-48 columns, the 256-row step with gate_up on Mosaic GPU joint or not and the fused
+#               attention over 4 pages an iteration (~550 s)
 #   cb29        session 29: the 64- and 256-row steps with XLA's command buffer scheduled serially, concurrently
 #               where the data allows, or in the latency-hiding scheduler's order, and with XLA's PDL off (~300 s)
 #   pick29      session 29: the greedy pick's argmax alone (logprobs=False, 29 µs of the 256-row step) over
@@ -591,12 +592,12 @@ for part in "${parts[@]}"; do
               --cases mgpu_b64 ; \
             python3 bench/ncu_hotspots.py "$OUT/$part/probe.ncu-rep" --top 12 ; \
             ncu -i "$OUT/$part/probe.ncu-rep" --page source --csv --print-source sass > "$OUT/$part/source.csv" ;;
-    j31) timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+    j31) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
            tests/test_skinny_matmul_mgpu.py -k "compiled and (joint or swiglu)" ; \
          timeout 200 python3 bench/decode_step.py --batches 64 --variants default --no-static \
-           --glue kernels mgpu_j40 mgpu_j32 mgpu_j48 mgpu_j40_s3 --rounds 7 --reps 10 --profile /tmp/j31a ; \
-         timeout 240 python3 bench/decode_step.py --batches 256 --variants default --no-static \
-           --glue kernels mgpu256_g40 mgpu256_j40 mgpu256_j40_bm128 mgpu256_j64_bm128 --rounds 5 --reps 10 \
+           --glue kernels mgpu_j40 mgpu_j32 mgpu_j48 --rounds 7 --reps 10 --profile /tmp/j31a ; \
+         timeout 270 python3 bench/decode_step.py --batches 256 --variants default --no-static \
+           --glue kernels attn_ppb4 mgpu256_g40 mgpu256_j40 mgpu256_j40_bm128 mgpu256_j64_bm128 --rounds 5 --reps 10 \
            --profile /tmp/j31b ;;
     cb29) timeout 420 python3 bench/decode_step.py --batches 64 256 --variants default --no-static \
             --glue kernels cb_serialize cb_concurrent cb_lhs xla_pdl_off --rounds 7 --reps 10 --profile /tmp/cb29 ;;
