@@ -214,6 +214,17 @@ MGPU_WIDE_TILINGS = {
                     "none": {"block_n": 32, "num_slots": 3, "target_programs": 264, "block_m": 64, "boxes": 2},
                     "deep": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 64, "boxes": 2}},
 }
+# --glue choices (session 31) that change only gate_up's tile past 64 rows: (WIDE_TILES["swiglu"] for 65-128
+# rows, WIDEST_TILES["swiglu"] for 129-256, whose gate_up then leaves cuBLAS); None keeps the default. "joint":
+# gate's and up's weight rows as one WGMMA of N = 2 x block_n.
+JOINT_SWIGLU_TILINGS = {
+    "widest_j40": (None, {"block_n": 40, "num_slots": 3, "block_m": 128, "joint": 1}),
+    "widest_j48": (None, {"block_n": 48, "num_slots": 3, "block_m": 128, "joint": 1}),
+    "widest_j56": (None, {"block_n": 56, "num_slots": 3, "block_m": 128, "joint": 1}),
+    "wide_j40": ({"block_n": 40, "num_slots": 4, "block_m": 64, "joint": 1}, None),
+    "wide_j40_bm128": ({"block_n": 40, "num_slots": 3, "block_m": 128, "joint": 1}, None),
+    "wide_j40_bm128_s4": ({"block_n": 40, "num_slots": 4, "block_m": 128, "joint": 1}, None),
+}
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
 # the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:
 # the tensor-core path's tile (NK_BLOCK_N x NK_BLOCK_K), the one-row lane-wise path (NK_GEMV, its
@@ -589,6 +600,15 @@ def run_variant(args) -> list[dict]:
             # session 21's WIDEST_TILES for steps past 128).
             mgpu_module.WIDEST_TILES = (dict(mgpu_module.WIDE_TILES) if glue in MGPU_WIDE_TILINGS else
                                         {ep: dict(tile) for ep, tile in mgpu_widest_defaults.items()})
+            # JOINT_SWIGLU_TILINGS: only gate_up's tile past 64 rows changes (the other projections keep
+            # WIDE_TILES / WIDEST_TILES); 129-256-row steps then run gate_up on Mosaic GPU, not cuBLAS.
+            if glue in JOINT_SWIGLU_TILINGS:
+                wide, widest = JOINT_SWIGLU_TILINGS[glue]
+                if wide:
+                    mgpu_module.WIDE_TILES["swiglu"] = dict(wide)
+                if widest:
+                    mgpu_module.WIDEST_TILES["swiglu"] = dict(widest)
+                    model_module.XLA_GATE_UP_ROWS = 0
 
         for glue in args.glue:
             apply_glue(glue)
@@ -657,7 +677,7 @@ def main() -> None:
                                                              "split_short", "skinny256", "norm_warps1", "norm_warps2", "norm_warps4", "norm_warps8", "xla_pick",
                                                              "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS,
                                                              *ATTENTION_TUNINGS, *O_TUNINGS, "no_o_attn",
-                                                             "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, "cublas128",
+                                                             "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, *JOINT_SWIGLU_TILINGS, "cublas128",
                                                              "skinny_triton", "pdl", "no_pdl", "accumulate",
                                                              "no_accumulate", "exit_read_only", "seed_programs",
                                                              "no_seed_programs", "mgpu_min8", "mgpu_min32", "cublas256",
