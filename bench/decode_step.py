@@ -498,7 +498,9 @@ def run_variant(args) -> list[dict]:
             # "mgpu256_xgu*": gate_up + SwiGLU of steps past 128 rows on cuBLAS and XLA (model.XLA_GATE_UP_ROWS).
             # The other MGPU_WIDE_TILINGS: gate_up on Mosaic GPU at every row count (as they were measured).
             # "xgu64": also the 65-128-row steps' gate_up on cuBLAS.
-            model_module.XLA_GATE_UP_ROWS = (128 if glue.startswith("mgpu256_xgu") else 0 if glue in MGPU_WIDE_TILINGS
+            # "gate_up_cublas256": the 256-row steps' gate_up on cuBLAS (the default before session 31).
+            model_module.XLA_GATE_UP_ROWS = (128 if glue.startswith("mgpu256_xgu") or glue == "gate_up_cublas256"
+                                             else 0 if glue in MGPU_WIDE_TILINGS
                                              else 64 if glue == "xgu64" else xla_gate_up_rows)
             # "norm_warps1" ... "norm_warps8": the add + RMSNorm kernel's one program a row runs 1-8 warps.
             residual_norm_module.NUM_WARPS = {"norm_warps1": 1, "norm_warps2": 2, "norm_warps4": 4,
@@ -677,7 +679,7 @@ def main() -> None:
                                                              "split_short", "skinny256", "norm_warps1", "norm_warps2", "norm_warps4", "norm_warps8", "xla_pick",
                                                              "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS,
                                                              *ATTENTION_TUNINGS, *O_TUNINGS, "no_o_attn",
-                                                             "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, *JOINT_SWIGLU_TILINGS, "cublas128",
+                                                             "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, *JOINT_SWIGLU_TILINGS, "gate_up_cublas256", "cublas128",
                                                              "skinny_triton", "pdl", "no_pdl", "accumulate",
                                                              "no_accumulate", "exit_read_only", "seed_programs",
                                                              "no_seed_programs", "mgpu_min8", "mgpu_min32", "cublas256",

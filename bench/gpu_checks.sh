@@ -143,8 +143,9 @@
 #   j31         session 31: gate_up's two halves as one WGMMA of N = 2 x block_n ("joint"): compiled tests, the
 #               64-row step over 32-48 columns, the 256-row step with gate_up on Mosaic GPU joint or not and the fused
 #               attention over 4 pages an iteration (~550 s)
-#   j31b        session 31: the joint gate_up at 128 / 256 rows with the other projections' default tiles (256-row
-#               steps' gate_up then off cuBLAS), and again at 64 rows (~520 s)
+#   j31b        session 31: the joint 128-row gate_up tile as the 256-row default (gate_up off cuBLAS) against the
+#               route before and two wider tiles, throughput at 64 / 256, the compiled 256-row model test, and the
+#               joint tile at 128 rows (~580 s)
 #   cb29        session 29: the 64- and 256-row steps with XLA's command buffer scheduled serially, concurrently
 #               where the data allows, or in the latency-hiding scheduler's order, and with XLA's PDL off (~300 s)
 #   pick29      session 29: the greedy pick's argmax alone (logprobs=False, 29 µs of the 256-row step) over
@@ -601,12 +602,14 @@ for part in "${parts[@]}"; do
          timeout 270 python3 bench/decode_step.py --batches 256 --variants default --no-static \
            --glue kernels attn_ppb4 mgpu256_g40 mgpu256_j40 mgpu256_j40_bm128 mgpu256_j64_bm128 --rounds 5 --reps 10 \
            --profile /tmp/j31b ;;
-    j31b) timeout 250 python3 bench/decode_step.py --batches 256 --variants default --no-static \
-            --glue kernels widest_j40 widest_j48 widest_j56 --rounds 7 --reps 10 --profile /tmp/j31c ; \
-          timeout 150 python3 bench/decode_step.py --batches 128 --variants default --no-static \
-            --glue kernels wide_j40 wide_j40_bm128 wide_j40_bm128_s4 --rounds 7 --reps 10 --profile /tmp/j31d ; \
-          timeout 120 python3 bench/decode_step.py --batches 64 --variants default --no-static \
-            --glue kernels mgpu_j40 --rounds 9 --reps 10 --profile /tmp/j31e ;;
+    j31b) timeout 230 python3 bench/decode_step.py --batches 256 --variants default --no-static \
+            --glue kernels gate_up_cublas256 widest_j48 widest_j56 --rounds 7 --reps 10 --profile /tmp/j31c ; \
+          timeout 150 python3 bench/throughput.py --no-static --batches 64 256 --long-prompt 0 \
+            --decode-steps 8 --impls pallas --no-hf --out "$OUT/$part/throughput" ; \
+          timeout 90 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+            tests/test_skinny_matmul_mgpu.py -k "256_row_step or (joint and compiled)" ; \
+          timeout 110 python3 bench/decode_step.py --batches 128 --variants default --no-static \
+            --glue kernels wide_j40_bm128 wide_j40 --rounds 5 --reps 10 --profile /tmp/j31d ;;
     cb29) timeout 420 python3 bench/decode_step.py --batches 64 256 --variants default --no-static \
             --glue kernels cb_serialize cb_concurrent cb_lhs xla_pdl_off --rounds 7 --reps 10 --profile /tmp/cb29 ;;
     final28) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \

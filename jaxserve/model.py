@@ -204,7 +204,7 @@ MGPU_MIN_ROWS = 8
 # steps of up to this many rows also take the skinny path (the fused glue, the projections on Mosaic
 # GPU with `WIDE_TILES` past 64 rows, `WIDEST_TILES` past 128) instead of cuBLAS GEMMs. Session 17 on
 # the H200 (bench/results/decode_step.md, calls 2-4): batch 128 step 1.018-1.043 vs 1.097-1.109 ms.
-# At 256 rows only with gate_up on cuBLAS (XLA_GATE_UP_ROWS) and ACCUMULATE's glue: session 21, step
+# At 256 rows with ACCUMULATE's glue (until session 31 with gate_up on cuBLAS, XLA_GATE_UP_ROWS): session 21, step
 # 1.278 vs 1.327 ms on cuBLAS and XLA's glue everywhere (1.305 with the partial sums' glue; our gate_up
 # alone 17.4 µs a layer against cuBLAS's 10.3 + 2.6 for SwiGLU, session 17). Prefill chunks keep
 # SKINNY_ROWS (not measured past it). JAXSERVE_MGPU_MAX_ROWS=128 keeps 256-row steps on cuBLAS, 0 the
@@ -214,10 +214,11 @@ MGPU_MAX_ROWS = int(os.environ.get("JAXSERVE_MGPU_MAX_ROWS", "256"))
 # (cuBLAS: Runner.decode_fn gives these steps the wide compile) and one elementwise fusion while QKV,
 # o and down stay on the skinny kernels (0: never). Session 18 (bench/results/decode_step.md): at 256
 # rows our gate_up took 17.4 µs a layer against cuBLAS's 10.35 + 2.56 for SwiGLU, while our QKV, o
-# and down beat cuBLAS's by ~3.3 µs a layer together; with the partial sums' glue that was no gain
-# end to end (139.6k vs 140.0k tokens/s), with ACCUMULATE's the step is -3.7% (session 21, above).
-# bench/decode_step.py --glue mgpu256_xgu*. Read when a step is traced and when a runner is built.
-XLA_GATE_UP_ROWS = int(os.environ.get("JAXSERVE_XLA_GATE_UP_ROWS", "128"))
+# and down beat cuBLAS's by ~3.3 µs a layer together; with ACCUMULATE's glue the step was -3.7%
+# (session 21, above), so this was 128 until session 31, whose joint 128-row gate_up tile
+# (`skinny_matmul_mgpu.WIDEST_TILES`) took 11.02 µs against cuBLAS's 9.69 + 2.60. bench/decode_step.py
+# --glue gate_up_cublas256 is the route before. Read when a step is traced and when a runner is built.
+XLA_GATE_UP_ROWS = int(os.environ.get("JAXSERVE_XLA_GATE_UP_ROWS", "0"))
 
 
 def skinny_rows(dtype: Any) -> int:

@@ -5,7 +5,7 @@ Triton skinny matmul's "partials", "swiglu" and "none" epilogues, and "accumulat
 in acc's buffer). Its reference is `kernels.skinny_matmul.skinny_matmul_reference` (for
 "accumulate": acc plus its "partials" summed). Never decides when it is used
 (`jaxserve.model.SKINNY_BACKEND`, `MGPU_MIN_ROWS`, `MGPU_MAX_ROWS` and `XLA_GATE_UP_ROWS` do:
-8-256 rows by default, the 256-row steps' gate_up on cuBLAS).
+8-256 rows by default).
 
 Why: at 64 rows the Triton tensor-core path streams the decode step's projections at ~1.3 TB/s
 (session 16's profile on the H200: 547 of the step's 948 µs). Nsight Compute reads its programs
@@ -96,14 +96,16 @@ WIDE_TILES: dict[str, dict[str, int]] = {
     "swiglu": {"block_n": 40, "num_slots": 4, "block_m": 64},
     "deep": {"block_n": 64, "num_slots": 6, "target_programs": 264, "block_m": 64},
 }
-# The same for steps of more than 128 rows (256 in the engine, whose gate_up runs on cuBLAS there:
-# `jaxserve.model.XLA_GATE_UP_ROWS`): 64 weight rows a program. Session 18 on the H200, batch-256
-# step: 1.310 ms against 1.325 with WIDE_TILES (bench/decode_step.py --glue mgpu256_xgu / _wt); with
-# ACCUMULATE's glue 1.278 against cuBLAS's 1.327 (session 21).
+# The same for steps of more than 128 rows (256 in the engine): 64 weight rows a program. Session 18 on
+# the H200, batch-256 step: 1.310 ms against 1.325 with WIDE_TILES (bench/decode_step.py --glue
+# mgpu256_xgu / _wt); with ACCUMULATE's glue 1.278 against cuBLAS's 1.327 (session 21). gate_up ran on
+# cuBLAS there until session 31 (`jaxserve.model.XLA_GATE_UP_ROWS`): every Mosaic GPU tiling took 14-21 µs a
+# layer against cuBLAS's 9.7 + 2.6 for XLA's SwiGLU fusion, until 128 rows a program as one joint product
+# (`joint`: N = 80 at 40 columns; 2 x 122 programs, 3 slots, two an SM) took 11.02 µs (decode_step.md).
 WIDEST_TILES: dict[str, dict[str, int]] = {
     "none": {"block_n": 64, "num_slots": 4, "target_programs": 264, "block_m": 64},
     "partials": {"block_n": 64, "num_slots": 4, "target_programs": 264, "block_m": 64},
-    "swiglu": {"block_n": 64, "num_slots": 4, "block_m": 64},
+    "swiglu": {"block_n": 40, "num_slots": 3, "block_m": 128, "joint": 1},
 }
 _WIDE_ROWS = 128
 DEEP_K = 2048

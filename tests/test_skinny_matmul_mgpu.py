@@ -393,14 +393,15 @@ def test_model_step_with_gate_up_on_xla_past_its_row_limit(monkeypatch, accumula
 
 def test_model_256_row_step_by_default_matches_xla(monkeypatch):
     # The defaults at 256 rows (MGPU_MAX_ROWS, XLA_GATE_UP_ROWS, ACCUMULATE, WIDEST_TILES): QKV, o
-    # and down on Mosaic GPU adding into the float32 stream, gate_up on XLA; logits as XLA's route.
+    # and down on Mosaic GPU adding into the float32 stream, gate_up + SwiGLU on Mosaic GPU too (the
+    # joint 128-row tile); logits as XLA's route.
     from jaxserve import model as model_module
 
     calls = _count_mgpu_calls(monkeypatch, lambda a, k: (a[0].shape[0], k["epilogue"]))
     rng, seed = fresh_rng()
     batch = 256
     cfg, run = _tiny_bf16_decode_step(rng, batch)
-    assert model_module.skinny_rows(jnp.bfloat16) >= batch > model_module.XLA_GATE_UP_ROWS > 0
+    assert model_module.skinny_rows(jnp.bfloat16) >= batch and not 0 < model_module.XLA_GATE_UP_ROWS < batch
     with monkeypatch.context() as patch:
         patch.setattr(model_module, "MGPU_MAX_ROWS", 0)
         ref = run()
@@ -408,7 +409,8 @@ def test_model_256_row_step_by_default_matches_xla(monkeypatch):
     # Under jit: run eagerly first, in two pytest runs here the eager XLA step after it never returned
     # (0% CPU; not reproduced in a plain script, nor with this order).
     out = jax.jit(run)()
-    assert calls == [(batch, "accumulate")] * (3 * cfg.num_hidden_layers), calls
+    layer = [(batch, "accumulate"), (batch, "accumulate"), (batch, "swiglu"), (batch, "accumulate")]
+    assert calls == layer * cfg.num_hidden_layers, calls
     assert not np.isnan(np.asarray(out, np.float32)).any(), f"seed={seed}"
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
 
