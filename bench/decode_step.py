@@ -135,7 +135,7 @@ MGPU_TILINGS = {
     # session 30: gate_up's grid against the 132 SMs (4,864 columns a half: blocks of 32 are 152 programs, so 20
     # SMs run two; 40 -> 122 programs and 48 -> 102, one an SM, the last block ragged; 24 -> 203)
     **{f"mgpu_g{n}": {"swiglu": {"block_n": n, "num_slots": 3, "boxes": 2}} for n in (24, 40, 48)},
-    "mgpu_g40_s4": {"swiglu": {"block_n": 40, "num_slots": 4, "boxes": 2}},
+    "mgpu_g40_s4": {"swiglu": {"block_n": 40, "num_slots": 4, "boxes": 2}},  # two products (joint: default since 31)
     "mgpu_g32": {"swiglu": {"block_n": 32, "num_slots": 3, "boxes": 2}},  # the default before session 30
     # down_proj over 56 columns a program: 16 x 8 splits = 128 programs, one an SM (the default's 28 x 8 = 224 run
     # two on 92 SMs), or 16 x 13 = 208 of 3 steps

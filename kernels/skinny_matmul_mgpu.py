@@ -74,12 +74,14 @@ EPILOGUES = ("none", "partials", "swiglu", "accumulate")
 # Since session 30 gate_up's blocks are 40 columns of each half (122 programs, the last ragged: one an
 # SM, where 152 blocks of 32 ran two on 20 SMs): 7.49 -> 6.90 µs a layer at 64 rows, GPU busy 731.5 ->
 # 715.8 µs a step (24 columns 7.11, 48 7.07; 3 slots 6.93).
+# Since session 31 as one joint product (`joint`, N = 80): gate_up 6.86 -> 6.75 µs a layer, GPU busy 713.7 -> 712.1
+# µs a step, the step 0.800 -> 0.799 ms (a tie; 32 columns joint 9.55 µs, 48 6.84).
 # down_proj ("deep", K >= DEEP_K) the same: 5 steps a program instead of 9, 4.74 against 4.88 µs
 # a layer at 64 rows (step -0.7%), 4.56 against 4.62 at 32 (session 19, call 4).
 TILES: dict[str, dict[str, int]] = {
     "none": {"block_n": 32, "num_slots": 4, "target_programs": 264},
     "partials": {"block_n": 32, "num_slots": 4, "target_programs": 264},
-    "swiglu": {"block_n": 40, "num_slots": 4, "boxes": 2},
+    "swiglu": {"block_n": 40, "num_slots": 4, "boxes": 2, "joint": 1},
     "deep": {"block_n": 32, "num_slots": 3, "target_programs": 264, "boxes": 2},
 }
 # The same for steps of more than 64 rows (`block_m`: rows a program, in row blocks that vary
@@ -677,7 +679,8 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
     block_m = block_m or tile["block_m"]
     boxes = boxes or tile["boxes"]
     warpgroups = warpgroups or tile["warpgroups"]
-    joint = bool(tile.get("joint", 0) if joint is None else joint) and epilogue == "swiglu"
+    # A table's "joint" is the one-warpgroup kernel's; asked for by name it must apply.
+    joint = (bool(tile.get("joint", 0)) and warpgroups == 1 if joint is None else joint) and epilogue == "swiglu"
     if joint and (warpgroups != 1 or 2 * block_n > 256):
         raise ValueError(f"joint runs one warpgroup and a WGMMA of N = 2 x block_n <= 256, got warpgroups "
                          f"{warpgroups}, block_n {block_n}")
