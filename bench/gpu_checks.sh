@@ -606,9 +606,9 @@ for part in "${parts[@]}"; do
             --glue kernels gate_up_cublas256 widest_j48 widest_j56 --rounds 7 --reps 10 --profile /tmp/j31c ; \
           timeout 150 python3 bench/throughput.py --no-static --batches 64 256 --long-prompt 0 \
             --decode-steps 8 --impls pallas --no-hf --out "$OUT/$part/throughput" ; \
-          timeout 90 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-            tests/test_skinny_matmul_mgpu.py -k "256_row_step or (joint and compiled)" ; \
-          timeout 110 python3 bench/decode_step.py --batches 128 --variants default --no-static \
+          timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+            tests/test_skinny_matmul_mgpu.py -k "256_row_step or (compiled and (joint or swiglu))" ; \
+          timeout 100 python3 bench/decode_step.py --batches 128 --variants default --no-static \
             --glue kernels wide_j40_bm128 wide_j40 --rounds 5 --reps 10 --profile /tmp/j31d ;;
     cb29) timeout 420 python3 bench/decode_step.py --batches 64 256 --variants default --no-static \
             --glue kernels cb_serialize cb_concurrent cb_lhs xla_pdl_off --rounds 7 --reps 10 --profile /tmp/cb29 ;;
