@@ -225,6 +225,12 @@ JOINT_SWIGLU_TILINGS = {
     "wide_j40_bm128": ({"block_n": 40, "num_slots": 3, "block_m": 128, "joint": 1}, None),
     "wide_j40_bm128_s4": ({"block_n": 40, "num_slots": 4, "block_m": 128, "joint": 1}, None),
 }
+# --glue choices (session 31) laid over WIDEST_TILES: 128 rows a program for the K-split products too (the weights'
+# tiles read once a 128-row block, not once a 64-row one), down_proj ("deep") alone or QKV and o ("partials").
+WIDEST_OVERRIDES = {
+    "widest_deep_bm128": {"deep": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 128}},
+    "widest_p_bm128": {"partials": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 128}},
+}
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
 # the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:
 # the tensor-core path's tile (NK_BLOCK_N x NK_BLOCK_K), the one-row lane-wise path (NK_GEMV, its
@@ -604,6 +610,9 @@ def run_variant(args) -> list[dict]:
                                         {ep: dict(tile) for ep, tile in mgpu_widest_defaults.items()})
             # JOINT_SWIGLU_TILINGS: only gate_up's tile past 64 rows changes (the other projections keep
             # WIDE_TILES / WIDEST_TILES); 129-256-row steps then run gate_up on Mosaic GPU, not cuBLAS.
+            # WIDEST_OVERRIDES: 129-256-row tiles of the other epilogues (session 31: 128 rows a program).
+            for epilogue, tile in WIDEST_OVERRIDES.get(glue, {}).items():
+                mgpu_module.WIDEST_TILES[epilogue] = dict(tile)
             if glue in JOINT_SWIGLU_TILINGS:
                 wide, widest = JOINT_SWIGLU_TILINGS[glue]
                 if wide:
@@ -679,7 +688,7 @@ def main() -> None:
                                                              "split_short", "skinny256", "norm_warps1", "norm_warps2", "norm_warps4", "norm_warps8", "xla_pick",
                                                              "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS,
                                                              *ATTENTION_TUNINGS, *O_TUNINGS, "no_o_attn",
-                                                             "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, *JOINT_SWIGLU_TILINGS, "gate_up_cublas256", "cublas128",
+                                                             "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, *JOINT_SWIGLU_TILINGS, *WIDEST_OVERRIDES, "gate_up_cublas256", "cublas128",
                                                              "skinny_triton", "pdl", "no_pdl", "accumulate",
                                                              "no_accumulate", "exit_read_only", "seed_programs",
                                                              "no_seed_programs", "mgpu_min8", "mgpu_min32", "cublas256",

@@ -146,6 +146,8 @@
 #   j31b        session 31: the joint 128-row gate_up tile as the 256-row default (gate_up off cuBLAS) against the
 #               route before and two wider tiles, throughput at 64 / 256, the compiled 256-row model test, and the
 #               joint tile at 128 rows (~580 s)
+#   j31c        session 31: throughput at the final defaults (joint gate_up at every row count), 128 rows a program
+#               for the 256-row K-split products, the compiled 128-row tests (~440 s)
 #   cb29        session 29: the 64- and 256-row steps with XLA's command buffer scheduled serially, concurrently
 #               where the data allows, or in the latency-hiding scheduler's order, and with XLA's PDL off (~300 s)
 #   pick29      session 29: the greedy pick's argmax alone (logprobs=False, 29 µs of the 256-row step) over
@@ -610,6 +612,12 @@ for part in "${parts[@]}"; do
             tests/test_skinny_matmul_mgpu.py -k "256_row_step or (compiled and (joint or swiglu))" ; \
           timeout 100 python3 bench/decode_step.py --batches 128 --variants default --no-static \
             --glue kernels wide_j40_bm128 wide_j40 --rounds 5 --reps 10 --profile /tmp/j31d ;;
+    j31c) timeout 170 python3 bench/throughput.py --no-static --batches 1 64 256 --long-prompt 1024 \
+            --long-batch 64 --decode-steps 8 --impls pallas --no-hf --out "$OUT/$part/throughput" ; \
+          timeout 170 python3 bench/decode_step.py --batches 256 --variants default --no-static \
+            --glue kernels widest_deep_bm128 widest_p_bm128 --rounds 7 --reps 10 --profile /tmp/j31f ; \
+          timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+            tests/test_skinny_matmul_mgpu.py -k "128_row or rows_past_64 or (compiled and swiglu and 128)" ;;
     cb29) timeout 420 python3 bench/decode_step.py --batches 64 256 --variants default --no-static \
             --glue kernels cb_serialize cb_concurrent cb_lhs xla_pdl_off --rounds 7 --reps 10 --profile /tmp/cb29 ;;
     final28) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \

@@ -94,8 +94,9 @@ WIDE_TILES: dict[str, dict[str, int]] = {
     "none": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64},
     "partials": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64},
     # 40 columns since session 30: 2 x 122 programs, two an SM (32 made 304: a third on 40 SMs); gate_up
-    # 9.40 -> 8.34 µs a layer, the 128-row step 0.930 -> 0.901 ms (decode_step.md).
-    "swiglu": {"block_n": 40, "num_slots": 4, "block_m": 64},
+    # 9.40 -> 8.34 µs a layer, the 128-row step 0.930 -> 0.901 ms (decode_step.md). One joint product since
+    # session 31: 8.32 -> 8.04 µs, step 0.903 -> 0.897 (128 rows a program, joint: 9.23 µs, 0.926).
+    "swiglu": {"block_n": 40, "num_slots": 4, "block_m": 64, "joint": 1},
     "deep": {"block_n": 64, "num_slots": 6, "target_programs": 264, "block_m": 64},
 }
 # The same for steps of more than 128 rows (256 in the engine): 64 weight rows a program. Session 18 on
