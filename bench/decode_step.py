@@ -230,7 +230,7 @@ JOINT_SWIGLU_TILINGS = {
 WIDEST_OVERRIDES = {
     "widest_deep_bm128": {"deep": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 128}},
     "widest_p_bm128": {"partials": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 128}},
-    # down_proj as before session 31's default ("deep" as "partials": 64-row programs, 4 slots)
+    # down_proj in 64-row programs, as "partials" (the default)
     "widest_deep_bm64": {"deep": {"block_n": 64, "num_slots": 4, "target_programs": 264, "block_m": 64}},
 }
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
