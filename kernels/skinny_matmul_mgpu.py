@@ -20,7 +20,9 @@ half, for SwiGLU) and K split; every step copies the activation tile `[rows, 64]
 tile `[block_n, 64]` (one 128-byte swizzled row each; `boxes` of each a step), then
 `acc [R, block_n] += x @ w.T` on WGMMA, R the rows rounded up to WGMMA's M granule of 64: rows
 past M in shared memory are never written and their sums never stored (the rows of a product do
-not mix). The accumulator leaves through shared memory by a TMA copy of its rows: float32
+not mix). SwiGLU's two halves run as one product where the tile is `joint` (the default): both
+halves' weight rows side by side in one tile, one WGMMA of N = 2 x block_n, so each activation
+tile is read from shared memory once a box (session 31: what made a 256-row gate_up beat cuBLAS). The accumulator leaves through shared memory by a TMA copy of its rows: float32
 partial sums `[splits, M, N]` that the next kernel adds (`kernels.residual_norm.add_rms_norm`),
 SwiGLU's `silu(gate) * up` in the activation dtype, or ("accumulate") a TMA reduction that adds
 every split's sums into a float32 `[M, N]` buffer in place (the residual stream, or QKV's
