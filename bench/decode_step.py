@@ -221,6 +221,9 @@ JOINT_SWIGLU_TILINGS = {
     "widest_j40": (None, {"block_n": 40, "num_slots": 3, "block_m": 128, "joint": 1}),
     "widest_j48": (None, {"block_n": 48, "num_slots": 3, "block_m": 128, "joint": 1}),
     "widest_j56": (None, {"block_n": 56, "num_slots": 3, "block_m": 128, "joint": 1}),
+    # two slots: three programs an SM fit (32 columns: 304 programs in one wave of 396; 40: 244)
+    "widest_j32_s2": (None, {"block_n": 32, "num_slots": 2, "block_m": 128, "joint": 1}),
+    "widest_j40_s2": (None, {"block_n": 40, "num_slots": 2, "block_m": 128, "joint": 1}),
     "wide_j40": ({"block_n": 40, "num_slots": 4, "block_m": 64, "joint": 1}, None),
     "wide_j40_bm128": ({"block_n": 40, "num_slots": 3, "block_m": 128, "joint": 1}, None),
     "wide_j40_bm128_s4": ({"block_n": 40, "num_slots": 4, "block_m": 128, "joint": 1}, None),

@@ -150,6 +150,8 @@
 #               for the 256-row K-split products, the compiled 128-row tests (~440 s)
 #   j31d        session 31: down_proj's 128-row programs as the 256-row default against the 64-row ones (~200 s)
 #   j31e        session 31: j31d's compiled tests alone (the device budget's last minutes; ~60 s)
+#   next31      written in session 31, not yet run: j31e's compiled test, then the 256-row step with down_proj in
+#               128-row programs and gate_up's joint 128-row tile on two slots (32 / 40 columns) (~300 s)
 #   cb29        session 29: the 64- and 256-row steps with XLA's command buffer scheduled serially, concurrently
 #               where the data allows, or in the latency-hiding scheduler's order, and with XLA's PDL off (~300 s)
 #   pick29      session 29: the greedy pick's argmax alone (logprobs=False, 29 µs of the 256-row step) over
@@ -626,6 +628,10 @@ for part in "${parts[@]}"; do
             --glue kernels widest_deep_bm64 --rounds 9 --reps 10 --profile /tmp/j31g ;;
     j31e) timeout 80 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
             tests/test_skinny_matmul_mgpu.py -k "accumulate_adds and compiled and 256" ;;
+    next31) timeout 80 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+              tests/test_skinny_matmul_mgpu.py -k "accumulate_adds and compiled and 256" ; \
+            timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \
+              --glue kernels widest_deep_bm128 widest_j32_s2 widest_j40_s2 --rounds 9 --reps 10 --profile /tmp/n31 ;;
     cb29) timeout 420 python3 bench/decode_step.py --batches 64 256 --variants default --no-static \
             --glue kernels cb_serialize cb_concurrent cb_lhs xla_pdl_off --rounds 7 --reps 10 --profile /tmp/cb29 ;;
     final28) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
