@@ -148,8 +148,7 @@
 #               joint tile at 128 rows (~580 s)
 #   j31c        session 31: throughput at the final defaults (joint gate_up at every row count), 128 rows a program
 #               for the 256-row K-split products, the compiled 128-row tests (~440 s)
-#   j31d        session 31: down_proj's 128-row programs as the 256-row default against the 64-row ones (~200 s)
-#   j31e        session 31: j31d's compiled tests alone (the device budget's last minutes; ~60 s)
+#   j31e        session 31: the compiled 256-row accumulate tests alone (not run: no device time left; ~60 s)
 #   next31      written in session 31, not yet run: j31e's compiled test, then the 256-row step with down_proj in
 #               128-row programs and gate_up's joint 128-row tile on two slots (32 / 40 columns) (~300 s)
 #   cb29        session 29: the 64- and 256-row steps with XLA's command buffer scheduled serially, concurrently
@@ -622,10 +621,6 @@ for part in "${parts[@]}"; do
             --glue kernels widest_deep_bm128 widest_p_bm128 --rounds 7 --reps 10 --profile /tmp/j31f ; \
           timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
             tests/test_skinny_matmul_mgpu.py -k "128_row or rows_past_64 or (compiled and swiglu and 128)" ;;
-    j31d) timeout 70 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-            tests/test_skinny_matmul_mgpu.py -k "accumulate_adds and compiled" ; \
-          timeout 130 python3 bench/decode_step.py --batches 256 --variants default --no-static \
-            --glue kernels widest_deep_bm64 --rounds 9 --reps 10 --profile /tmp/j31g ;;
     j31e) timeout 80 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
             tests/test_skinny_matmul_mgpu.py -k "accumulate_adds and compiled and 256" ;;
     next31) timeout 80 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
