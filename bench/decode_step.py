@@ -214,23 +214,22 @@ MGPU_WIDE_TILINGS = {
                     "none": {"block_n": 32, "num_slots": 3, "target_programs": 264, "block_m": 64, "boxes": 2},
                     "deep": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 64, "boxes": 2}},
 }
-# --glue choices (session 31) that change only gate_up's tile past 64 rows: (WIDE_TILES["swiglu"] for 65-128
-# rows, WIDEST_TILES["swiglu"] for 129-256, whose gate_up then leaves cuBLAS); None keeps the default. "joint":
-# gate's and up's weight rows as one WGMMA of N = 2 x block_n.
-JOINT_SWIGLU_TILINGS = {
-    "widest_j40": (None, {"block_n": 40, "num_slots": 3, "block_m": 128, "joint": 1}),
-    "widest_j48": (None, {"block_n": 48, "num_slots": 3, "block_m": 128, "joint": 1}),
-    "widest_j56": (None, {"block_n": 56, "num_slots": 3, "block_m": 128, "joint": 1}),
-    # two slots: three programs an SM fit (32 columns: 304 programs in one wave of 396; 40: 244)
-    "widest_j32_s2": (None, {"block_n": 32, "num_slots": 2, "block_m": 128, "joint": 1}),
-    "widest_j40_s2": (None, {"block_n": 40, "num_slots": 2, "block_m": 128, "joint": 1}),
-    "wide_j40": ({"block_n": 40, "num_slots": 4, "block_m": 64, "joint": 1}, None),
-    "wide_j40_bm128": ({"block_n": 40, "num_slots": 3, "block_m": 128, "joint": 1}, None),
-    "wide_j40_bm128_s4": ({"block_n": 40, "num_slots": 4, "block_m": 128, "joint": 1}, None),
+# --glue choices (session 31) laid over WIDE_TILES (65-128 rows) or WIDEST_TILES (129-256 rows), the other
+# epilogues' tiles kept; a 129-256-row "swiglu" tile takes those steps' gate_up off cuBLAS. "joint": gate's and
+# up's weight rows as one WGMMA of N = 2 x block_n; block_m 128: the weights' tiles read once a 128-row block.
+WIDE_OVERRIDES = {
+    "wide_j40": {"swiglu": {"block_n": 40, "num_slots": 4, "block_m": 64, "joint": 1}},
+    "wide_j40_bm128": {"swiglu": {"block_n": 40, "num_slots": 3, "block_m": 128, "joint": 1}},
+    "wide_j40_bm128_s4": {"swiglu": {"block_n": 40, "num_slots": 4, "block_m": 128, "joint": 1}},
 }
-# --glue choices (session 31) laid over WIDEST_TILES: 128 rows a program for the K-split products too (the weights'
-# tiles read once a 128-row block, not once a 64-row one), down_proj ("deep") alone or QKV and o ("partials").
 WIDEST_OVERRIDES = {
+    "widest_j40": {"swiglu": {"block_n": 40, "num_slots": 3, "block_m": 128, "joint": 1}},
+    "widest_j48": {"swiglu": {"block_n": 48, "num_slots": 3, "block_m": 128, "joint": 1}},
+    "widest_j56": {"swiglu": {"block_n": 56, "num_slots": 3, "block_m": 128, "joint": 1}},
+    # two slots: three programs an SM fit (32 columns: 304 programs in one wave of 396; 40: 244)
+    "widest_j32_s2": {"swiglu": {"block_n": 32, "num_slots": 2, "block_m": 128, "joint": 1}},
+    "widest_j40_s2": {"swiglu": {"block_n": 40, "num_slots": 2, "block_m": 128, "joint": 1}},
+    # the K-split products in 128-row programs: down_proj ("deep") alone, or QKV and o ("partials")
     "widest_deep_bm128": {"deep": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 128}},
     "widest_p_bm128": {"partials": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 128}},
     # down_proj in 64-row programs, as "partials" (the default)
@@ -613,18 +612,12 @@ def run_variant(args) -> list[dict]:
             # session 21's WIDEST_TILES for steps past 128).
             mgpu_module.WIDEST_TILES = (dict(mgpu_module.WIDE_TILES) if glue in MGPU_WIDE_TILINGS else
                                         {ep: dict(tile) for ep, tile in mgpu_widest_defaults.items()})
-            # JOINT_SWIGLU_TILINGS: only gate_up's tile past 64 rows changes (the other projections keep
-            # WIDE_TILES / WIDEST_TILES); 129-256-row steps then run gate_up on Mosaic GPU, not cuBLAS.
-            # WIDEST_OVERRIDES: 129-256-row tiles of the other epilogues (session 31: 128 rows a program).
-            for epilogue, tile in WIDEST_OVERRIDES.get(glue, {}).items():
-                mgpu_module.WIDEST_TILES[epilogue] = dict(tile)
-            if glue in JOINT_SWIGLU_TILINGS:
-                wide, widest = JOINT_SWIGLU_TILINGS[glue]
-                if wide:
-                    mgpu_module.WIDE_TILES["swiglu"] = dict(wide)
-                if widest:
-                    mgpu_module.WIDEST_TILES["swiglu"] = dict(widest)
-                    model_module.XLA_GATE_UP_ROWS = 0
+            # WIDE_OVERRIDES / WIDEST_OVERRIDES: single epilogues' tiles past 64 / 128 rows (session 31).
+            for table, overrides in ((mgpu_module.WIDE_TILES, WIDE_OVERRIDES),
+                                     (mgpu_module.WIDEST_TILES, WIDEST_OVERRIDES)):
+                table.update({ep: dict(tile) for ep, tile in overrides.get(glue, {}).items()})
+            if "swiglu" in WIDEST_OVERRIDES.get(glue, {}):
+                model_module.XLA_GATE_UP_ROWS = 0
 
         for glue in args.glue:
             apply_glue(glue)
@@ -693,7 +686,7 @@ def main() -> None:
                                                              "split_short", "skinny256", "norm_warps1", "norm_warps2", "norm_warps4", "norm_warps8", "xla_pick",
                                                              "wide_cublaslt", "with_logprobs", "table2048", *QKV_TILINGS,
                                                              *ATTENTION_TUNINGS, *O_TUNINGS, "no_o_attn",
-                                                             "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, *JOINT_SWIGLU_TILINGS, *WIDEST_OVERRIDES, "gate_up_cublas256", "cublas128",
+                                                             "kn", "norm_fold", "no_norm_fold", *NK_TILINGS, *MGPU_TILINGS, *MGPU_WIDE_TILINGS, *WIDE_OVERRIDES, *WIDEST_OVERRIDES, "gate_up_cublas256", "cublas128",
                                                              "skinny_triton", "pdl", "no_pdl", "accumulate",
                                                              "no_accumulate", "exit_read_only", "seed_programs",
                                                              "no_seed_programs", "mgpu_min8", "mgpu_min32", "cublas256",

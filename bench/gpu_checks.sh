@@ -148,9 +148,9 @@
 #               joint tile at 128 rows (~580 s)
 #   j31c        session 31: throughput at the final defaults (joint gate_up at every row count), 128 rows a program
 #               for the 256-row K-split products, the compiled 128-row tests (~440 s)
-#   j31e        session 31: the compiled 256-row accumulate tests alone (not run: no device time left; ~60 s)
-#   next31      written in session 31, not yet run: j31e's compiled test, then the 256-row step with down_proj in
-#               128-row programs and gate_up's joint 128-row tile on two slots (32 / 40 columns) (~300 s)
+#   next31      written in session 31, not yet run: the compiled 256 x 2048 accumulate case in 128-row blocks,
+#               then the 256-row step with down_proj in 128-row programs and gate_up's joint 128-row tile on two
+#               slots (32 / 40 columns) (~300 s)
 #   cb29        session 29: the 64- and 256-row steps with XLA's command buffer scheduled serially, concurrently
 #               where the data allows, or in the latency-hiding scheduler's order, and with XLA's PDL off (~300 s)
 #   pick29      session 29: the greedy pick's argmax alone (logprobs=False, 29 µs of the 256-row step) over
@@ -621,8 +621,6 @@ for part in "${parts[@]}"; do
             --glue kernels widest_deep_bm128 widest_p_bm128 --rounds 7 --reps 10 --profile /tmp/j31f ; \
           timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
             tests/test_skinny_matmul_mgpu.py -k "128_row or rows_past_64 or (compiled and swiglu and 128)" ;;
-    j31e) timeout 80 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-            tests/test_skinny_matmul_mgpu.py -k "accumulate_adds and compiled and 256" ;;
     next31) timeout 80 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
               tests/test_skinny_matmul_mgpu.py -k "accumulate_adds and compiled and 256" ; \
             timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

@@ -189,9 +189,10 @@ def test_two_warpgroup_kernel_matches_reference(interpret, epilogue, m, k, n, bl
 
 
 def test_default_tiles_by_rows_and_depth():
-    # Up to 64 rows TILES, to 128 WIDE_TILES, past them WIDEST_TILES; each table's "deep" tile for the
-    # K-split products of K >= DEEP_K (down_proj); M that is not whole row blocks in one block. A deep
-    # product with its default tiling matches.
+    # Up to 64 rows TILES, to 128 WIDE_TILES, past them WIDEST_TILES (no "deep" tile there: down_proj
+    # as the other K-split products); each table's "deep" tile for the K-split products of
+    # K >= DEEP_K (down_proj); M that is not whole row blocks in one block. A deep product with its
+    # default tiling matches.
     import importlib
 
     mg = importlib.import_module("kernels.skinny_matmul_mgpu")
@@ -202,8 +203,7 @@ def test_default_tiles_by_rows_and_depth():
     assert mg.tile_for(128, 4864, "swiglu")["block_n"] == mg.WIDE_TILES["swiglu"]["block_n"]
     assert mg.tile_for(96, 896, "none")["block_m"] == 128 and mg.tile_for(192, 896, "none")["block_m"] == 64
     for epilogue, k in (("partials", 896), ("accumulate", 4864), ("none", 896), ("swiglu", 896)):
-        deep = k >= mg.DEEP_K and "deep" in mg.WIDEST_TILES  # none there now: down_proj as "partials"
-        entry = "deep" if deep else "partials" if epilogue == "accumulate" else epilogue
+        entry = "partials" if epilogue == "accumulate" else epilogue
         assert mg.tile_for(256, k, epilogue) == {"boxes": 1, "warpgroups": 1, **mg.WIDEST_TILES[entry]}, epilogue
     # Steps of TILES' boxes where they divide K, one box where they do not.
     assert mg.tile_for(64, 896, "swiglu")["boxes"] == mg.TILES["swiglu"].get("boxes", 1)
