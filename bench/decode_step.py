@@ -232,7 +232,7 @@ WIDEST_OVERRIDES = {
     # the K-split products in 128-row programs: down_proj ("deep") alone, or QKV and o ("partials")
     "widest_deep_bm128": {"deep": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 128}},
     "widest_p_bm128": {"partials": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 128}},
-    # down_proj in 64-row programs, as "partials" (the default)
+    # down_proj in 64-row programs, as "partials" (the 256-row default until session 32)
     "widest_deep_bm64": {"deep": {"block_n": 64, "num_slots": 4, "target_programs": 264, "block_m": 64}},
 }
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";

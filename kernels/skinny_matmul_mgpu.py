@@ -107,13 +107,15 @@ WIDE_TILES: dict[str, dict[str, int]] = {
 # cuBLAS there until session 31 (`jaxserve.model.XLA_GATE_UP_ROWS`): every Mosaic GPU tiling took 14-21 µs a
 # layer against cuBLAS's 9.7 + 2.6 for XLA's SwiGLU fusion, until 128 rows a program as one joint product
 # (`joint`: N = 80 at 40 columns; 2 x 122 programs, 3 slots, two an SM) took 11.02 µs (decode_step.md).
-# Not taken (session 31, one call): down_proj in 128-row programs (`bench/decode_step.py --glue
-# widest_deep_bm128`: 3 slots, 252 programs) 8.68 -> 8.52 µs a layer, step 1.213 -> 1.208 ms, within noise and with
-# no compiled test of its two 128-row blocks adding into the stream yet; QKV and o so lose (5.61 / 5.18 µs).
+# "deep" (down_proj, 19 K steps a program) in 128-row programs since session 32: each weight tile read once per
+# 128 rows, 3 slots, 2 x 14 x 9 = 252 programs; 8.68 -> 8.52 µs a layer, step 1.213 -> 1.208 ms (session 31), 8.81
+# -> 8.51, 1.208 -> 1.203 (session 32, GPU busy -9 µs a step; `--glue widest_deep_bm128` both times). QKV and o
+# (2-4 K steps a program) lose in 128-row programs (5.61 / 5.18 against 4.26 / 3.96 µs).
 WIDEST_TILES: dict[str, dict[str, int]] = {
     "none": {"block_n": 64, "num_slots": 4, "target_programs": 264, "block_m": 64},
     "partials": {"block_n": 64, "num_slots": 4, "target_programs": 264, "block_m": 64},
     "swiglu": {"block_n": 40, "num_slots": 3, "block_m": 128, "joint": 1},
+    "deep": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 128},
 }
 _WIDE_ROWS = 128
 DEEP_K = 2048

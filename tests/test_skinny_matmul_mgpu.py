@@ -108,7 +108,7 @@ def _matches_reference(interpret, epilogue: str, m: int, k: int, n: int, want_sp
     (128, 896, 896, {}),                                     # two row blocks of 64 (WIDE_TILES)
     (96, 384, 64, dict(block_n=32, num_slots=4, num_splits=2)),   # 96 rows in a 128-row accumulator
     (256, 896, 896, {}),                                     # four row blocks, 64 weight rows (WIDEST_TILES)
-    (256, 2048, 128, dict(block_n=64, num_slots=3, block_m=128)),  # two 128-row blocks of down_proj's depth
+    (256, 2048, 128, {}),  # two 128-row blocks of down_proj's depth (WIDEST_TILES["deep"])
     (64, 896, 1152, dict(pdl=True)),  # a dependent launch: the weights first, the reduction after the wait
 ])
 def test_accumulate_adds_into_its_input_in_place(interpret, m, k, n, tiling, monkeypatch):
@@ -189,8 +189,7 @@ def test_two_warpgroup_kernel_matches_reference(interpret, epilogue, m, k, n, bl
 
 
 def test_default_tiles_by_rows_and_depth():
-    # Up to 64 rows TILES, to 128 WIDE_TILES, past them WIDEST_TILES (no "deep" tile there: down_proj
-    # as the other K-split products); each table's "deep" tile for the K-split products of
+    # Up to 64 rows TILES, to 128 WIDE_TILES, past them WIDEST_TILES; each table's "deep" tile for the K-split products of
     # K >= DEEP_K (down_proj); M that is not whole row blocks in one block. A deep product with its
     # default tiling matches.
     import importlib
@@ -203,7 +202,7 @@ def test_default_tiles_by_rows_and_depth():
     assert mg.tile_for(128, 4864, "swiglu")["block_n"] == mg.WIDE_TILES["swiglu"]["block_n"]
     assert mg.tile_for(96, 896, "none")["block_m"] == 128 and mg.tile_for(192, 896, "none")["block_m"] == 64
     for epilogue, k in (("partials", 896), ("accumulate", 4864), ("none", 896), ("swiglu", 896)):
-        entry = "partials" if epilogue == "accumulate" else epilogue
+        entry = "deep" if k >= mg.DEEP_K else epilogue
         assert mg.tile_for(256, k, epilogue) == {"boxes": 1, "warpgroups": 1, **mg.WIDEST_TILES[entry]}, epilogue
     # Steps of TILES' boxes where they divide K, one box where they do not.
     assert mg.tile_for(64, 896, "swiglu")["boxes"] == mg.TILES["swiglu"].get("boxes", 1)
