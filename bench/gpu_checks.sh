@@ -151,6 +151,9 @@
 #   next31      written in session 31, not yet run: the compiled 256 x 2048 accumulate case in 128-row blocks,
 #               then the 256-row step with down_proj in 128-row programs and gate_up's joint 128-row tile on two
 #               slots (32 / 40 columns) (~300 s)
+#   s32         session 32: throughput at 1 / 64 / 256 + 1k prompts with down_proj's 256-row 128-row programs, then
+#               Nsight Compute on the 256-row greedy argmax (logits read at 1.1-1.3 TB/s cold) and fused attention
+#               (~250 s)
 #   cb29        session 29: the 64- and 256-row steps with XLA's command buffer scheduled serially, concurrently
 #               where the data allows, or in the latency-hiding scheduler's order, and with XLA's PDL off (~300 s)
 #   pick29      session 29: the greedy pick's argmax alone (logprobs=False, 29 µs of the 256-row step) over
@@ -621,6 +624,13 @@ for part in "${parts[@]}"; do
             --glue kernels widest_deep_bm128 widest_p_bm128 --rounds 7 --reps 10 --profile /tmp/j31f ; \
           timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
             tests/test_skinny_matmul_mgpu.py -k "128_row or rows_past_64 or (compiled and swiglu and 128)" ;;
+    s32) timeout 170 python3 bench/throughput.py --no-static --batches 1 64 256 --long-prompt 1024 \
+           --long-batch 64 --decode-steps 8 --impls pallas --no-hf --out "$OUT/$part/throughput" ; \
+         timeout 150 ncu --clock-control none -k regex:'fused|greedy' --section SpeedOfLight --section Occupancy \
+           --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters \
+           -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 --cases argmax_256 fused_256x192 \
+         && ncu -i "$OUT/$part/probe.ncu-rep" --page details > "$OUT/$part/ncu.txt"; \
+         grep -E "^  [a-z_]+|Duration|DRAM Throughput|L2 Cache Throughput|L1/TEX Hit|Memory Throughput|Registers Per|Achieved Occ|Theoretical Occ|Executed Ipc A|Issue Slots Busy|Warp Cycles Per Issued" "$OUT/$part/ncu.txt" ;;
     next31) timeout 80 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
               tests/test_skinny_matmul_mgpu.py -k "accumulate_adds and compiled and 256" ; \
             timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \
