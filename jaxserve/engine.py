@@ -22,7 +22,7 @@ from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.request import Request, Status
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
-from jaxserve.sampling import SamplingParams, make_batch, needs_penalties, needs_sampling
+from jaxserve.sampling import SamplingParams, check_banned_ids, make_batch, needs_penalties, needs_sampling
 from jaxserve.scheduler import Scheduler
 from jaxserve.tokenizer import IncrementalDetokenizer
 
@@ -178,6 +178,8 @@ class Engine:
                              f"max_model_len ({self.max_model_len})")
         _check_in_vocab([t for t, _ in params.logit_bias], self.model.config.vocab_size,
                         "logit_bias keys must be token ids")
+        if params.min_tokens > 0:  # refused here, not by the step that would carry them
+            check_banned_ids(params.stop_token_ids, () if params.ignore_eos else self.eos_ids)
         if params.logprobs is not None and params.logprobs > MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.logprobs}")
         request_id = request_id or f"req-{next(self._ids)}"

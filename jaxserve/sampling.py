@@ -40,6 +40,7 @@ MAX_LOGPROBS = 20
 # Rows with min_tokens > 0 carry their stop ids (stop_token_ids plus EOS) in a fixed-width
 # array, so the batch's shapes, and hence the compiled step, do not depend on the requests.
 MAX_BANNED_IDS = 16
+_INT32_MAX = 2**31 - 1  # stop ids travel as int32
 # logit_bias: at most this many tokens a request, each biased by a value in this range (OpenAI's).
 # A batch in which some row has a bias carries [B, MAX_LOGIT_BIAS] ids and values (none: width 0),
 # so the step compiles for two widths at most.
@@ -111,7 +112,9 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a number in {allowed}, got {value!r}")
             value = float(value)
             above = value > lo if lo_open else value >= lo
-            if not (above and value <= hi):  # also rejects NaN
+            # Also rejects NaN, and infinity where `hi` is: an infinite temperature or penalty makes
+            # NaN logits (-inf / inf), and argmax over NaN picks a banned token.
+            if not (above and value <= hi and math.isfinite(value)):
                 raise ValueError(f"{name} must be in {allowed}, got {value!r}")
             set_(name, value)
 
@@ -131,9 +134,9 @@ class SamplingParams:
             raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
         set_("stop", tuple(self.stop))
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
-            _is_int(t) and t >= 0 for t in self.stop_token_ids
+            _is_int(t) and 0 <= t <= _INT32_MAX for t in self.stop_token_ids
         ):
-            raise ValueError(f"stop_token_ids must be a list of ints >= 0, got {self.stop_token_ids!r}")
+            raise ValueError(f"stop_token_ids must be a list of ints in [0, 2**31 - 1], got {self.stop_token_ids!r}")
         set_("stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
@@ -143,6 +146,8 @@ class SamplingParams:
                       f"None or an int in [0, {MAX_LOGPROBS}]")
         check_int("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
                   f"an int in [0, max_tokens={self.max_tokens}]")
+        if self.min_tokens > 0:  # the ids banned until min_tokens are a fixed-width row of the step's batch
+            check_banned_ids(self.stop_token_ids, ())
         set_("logit_bias", _logit_bias_pairs(self.logit_bias))
 
     @property
@@ -166,6 +171,22 @@ class SamplingParams:
         if unknown:
             raise ValueError(f"unknown sampling parameter(s) {unknown}; allowed: {sorted(names)}")
         return cls(**d)
+
+
+def check_banned_ids(stop_token_ids: Sequence[int], eos_token_ids: Sequence[int]) -> list[int]:
+    """The ids a row bans until its ``min_tokens``: its stop ids and (unless ``ignore_eos``) the
+    model's EOS ids, distinct, in order. ValueError naming ``stop_token_ids`` past MAX_BANNED_IDS,
+    so that a request is refused where it is made, never in the middle of a step.
+
+    Example:
+        >>> check_banned_ids([5, 7], [7, 2])
+        [5, 7, 2]
+    """
+    ids = list(dict.fromkeys(tuple(stop_token_ids) + tuple(eos_token_ids)))
+    if len(ids) > MAX_BANNED_IDS:
+        raise ValueError(f"stop_token_ids plus the model's EOS ids must number at most {MAX_BANNED_IDS} "
+                         f"when min_tokens > 0, got {len(ids)}")
+    return ids
 
 
 def _logit_bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
@@ -275,10 +296,7 @@ def make_batch(
         seed = (p.seed if p.seed is not None else secrets.randbits(64)) % (1 << 64)
         seeds[i] = (seed >> 32, seed & 0xFFFFFFFF)
         if p.min_tokens > 0:
-            ids = list(dict.fromkeys(p.stop_token_ids + (() if p.ignore_eos else tuple(eos_token_ids))))
-            if len(ids) > MAX_BANNED_IDS:
-                raise ValueError(f"stop_token_ids plus EOS ids must number at most {MAX_BANNED_IDS} "
-                                 f"when min_tokens > 0, got {len(ids)}")
+            ids = check_banned_ids(p.stop_token_ids, () if p.ignore_eos else eos_token_ids)
             min_tokens[i] = p.min_tokens
             banned[i, : len(ids)] = ids
         if p.logit_bias:

@@ -166,6 +166,12 @@ def test_bad_inputs_raise_clear_errors_and_engine_keeps_serving(tiny):
             SamplingParams(top_p=1.5)
         with pytest.raises(ValueError, match="top_k"):
             SamplingParams(top_k=-2)
+        # 16 stop ids fit a row's banned ids, but not with the model's EOS id added (min_tokens bans both):
+        # refused by the engine when the request is made, not by the step (which would fail every row).
+        stop_ids = [i for i in range(40) if i not in engine.eos_ids][:16]
+        with pytest.raises(ValueError, match="stop_token_ids"):
+            engine.generate([7, 8, 9], SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=stop_ids),
+                            use_tqdm=False)
         prompt = [7, 8, 9]
         assert engine.generate(prompt, GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(hf, prompt, 10)
         assert_all_pages_free(engine)

@@ -68,9 +68,10 @@ def chi_square(tokens, probs):
 
 @pytest.mark.parametrize("field,value", [
     ("max_tokens", 0), ("max_tokens", 1.5), ("max_tokens", True),
-    ("temperature", -0.1), ("temperature", float("nan")), ("temperature", "hot"),
+    ("temperature", -0.1), ("temperature", float("nan")), ("temperature", "hot"), ("temperature", float("inf")),
     ("top_p", 0.0), ("top_p", 1.5), ("top_k", 0), ("top_k", -2), ("top_k", 2.0),
     ("min_p", -0.1), ("min_p", 1.01), ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
+    ("repetition_penalty", float("inf")), ("stop_token_ids", [2**40]),
     ("presence_penalty", 2.5), ("presence_penalty", -2.1), ("frequency_penalty", 3.0),
     ("frequency_penalty", -2.5), ("seed", 1.0), ("seed", "7"), ("stop", 3), ("stop", [""]), ("stop", ["a", 1]),
     ("stop_token_ids", [-1]), ("stop_token_ids", 5), ("ignore_eos", 1), ("logprobs", -1), ("logprobs", 21),
@@ -82,6 +83,15 @@ def chi_square(tokens, probs):
 def test_every_bad_value_names_its_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_min_tokens_refuses_more_stop_ids_than_a_row_can_ban():
+    # The ids banned until min_tokens ride in a fixed-width row of the step's batch: too many must be
+    # refused where the params are made (ValueError naming the field), never in the middle of a step.
+    SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=list(range(sampling.MAX_BANNED_IDS)))
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=list(range(sampling.MAX_BANNED_IDS + 1)))
+    SamplingParams(max_tokens=4, stop_token_ids=list(range(sampling.MAX_BANNED_IDS + 1)))  # no min_tokens: fine
 
 
 def test_constructor_normalises_and_round_trips_through_dicts():

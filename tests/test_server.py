@@ -269,6 +269,8 @@ GOOD = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
     ("/v1/completions", {**GOOD, "n": 0}, 400, "n", None),
     ("/v1/completions", {**GOOD, "logprobs": 21}, 400, "logprobs", None),
     ("/v1/completions", {**GOOD, "stop": [""]}, 400, "stop", None),
+    ("/v1/completions", {**GOOD, "stop_token_ids": [2**40]}, 400, "stop_token_ids", None),
+    ("/v1/completions", {**GOOD, "min_tokens": 1, "stop_token_ids": list(range(3, 20))}, 400, "stop_token_ids", None),
     ("/v1/completions", {**GOOD, "logit_bias": {"x": 1}}, 400, "logit_bias", None),
     ("/v1/completions", {**GOOD, "logit_bias": {"5": 101}}, 400, "logit_bias", None),
     ("/v1/completions", {**GOOD, "logit_bias": {"99999": 1}}, 400, "logit_bias", None),
@@ -369,6 +371,19 @@ def test_metrics_expose_the_engine_time_split_and_totals(client, live):
     assert all(second[name] >= first[name] for name in ENGINE_COUNTERS), "engine totals only grow"
     assert second["jaxserve_engine_generated_tokens_total"] >= first["jaxserve_engine_generated_tokens_total"] + 8
     assert second['jaxserve_engine_step_seconds_total{part="host"}'] > step["host"]
+
+
+def test_null_max_tokens_is_the_default_and_cached_tokens_never_exceed_the_prompt(live, pages_freed):
+    # OpenAI documents completions' max_tokens as nullable, default 16. With n samples of a prompt each
+    # finds its prefix cached; usage counts the prompt once, and so its cached tokens.
+    r = post(live, "/v1/completions", {**GOOD, "max_tokens": None, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 16
+    prompt = "You are a helpful assistant. " * 6
+    body = {**GOOD, "prompt": prompt, "max_tokens": 2}
+    assert post(live, "/v1/completions", body).status_code == 200  # the prefix is now cached
+    usage = post(live, "/v1/completions", {**body, "n": 4, "temperature": 1.0, "seed": 3}).json()["usage"]
+    assert 0 < usage["prompt_tokens_details"]["cached_tokens"] <= usage["prompt_tokens"], usage
 
 
 def test_prefix_cache_hits_show_in_usage_and_metrics(client, live, pages_freed):

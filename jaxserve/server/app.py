@@ -173,7 +173,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         if req.best_of not in (None, 1) and req.best_of != req.n:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
         prompts = _completion_prompts(req, st)
-        max_tokens = _max_tokens(req.max_tokens, "max_tokens", st)
+        # OpenAI documents max_tokens as nullable with a default of 16: null is the default, not an error.
+        max_tokens = _max_tokens(16 if req.max_tokens is None else req.max_tokens, "max_tokens", st)
         for ids in prompts:
             _check_context(len(ids), max_tokens, "prompt", st)
         params = _sampling_params(req, max_tokens, req.logprobs, len(prompts) * req.n, st)

@@ -20,10 +20,13 @@ def _finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else -9999.0
 
 
-def usage(results: list[dict[str, Any]], prompt_tokens: int) -> dict[str, Any]:
-    """OpenAI's ``usage`` object; ``prompt_tokens`` counts each distinct prompt once."""
+def usage(results: list[dict[str, Any]], prompt_tokens: int, n: int = 1) -> dict[str, Any]:
+    """OpenAI's ``usage`` object; ``prompt_tokens`` counts each distinct prompt once, and so do its
+    cached tokens: ``results`` hold ``n`` samples a prompt, side by side, each reporting the prefix
+    it found cached (the most of them counts: never more than the prompt)."""
     completion = sum(r["completion_tokens"] for r in results)
-    cached = sum(r["cached_tokens"] for r in results)
+    n = max(1, n)
+    cached = sum(max(r["cached_tokens"] for r in results[i:i + n]) for i in range(0, len(results), n))
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -59,7 +62,7 @@ class CompletionFormat:
                     "logprobs": self._logprobs(i, r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))}
                    for i, r in enumerate(results)]
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name,
-                "choices": choices, "usage": usage(results, self.prompt_tokens)}
+                "choices": choices, "usage": usage(results, self.prompt_tokens, self.req.n)}
 
     def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> dict[str, Any]:
         out = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name,
@@ -81,7 +84,7 @@ class CompletionFormat:
 
     def usage_chunk(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         out = self._chunk([], True)
-        out["usage"] = usage(results, self.prompt_tokens)
+        out["usage"] = usage(results, self.prompt_tokens, self.req.n)
         return out
 
 
@@ -119,7 +122,7 @@ class ChatFormat:
                    for i, r in enumerate(results)]
         # n samples of one prompt: OpenAI counts the prompt once.
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
-                "choices": choices, "usage": usage(results, self.prompt_tokens)}
+                "choices": choices, "usage": usage(results, self.prompt_tokens, self.req.n)}
 
     def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> dict[str, Any]:
         out = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -143,7 +146,7 @@ class ChatFormat:
 
     def usage_chunk(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         out = self._chunk([], True)
-        out["usage"] = usage(results, self.prompt_tokens)
+        out["usage"] = usage(results, self.prompt_tokens, self.req.n)
         return out
 
 
