@@ -511,6 +511,16 @@ class Engine:
                         pending.discard(r.request_id)
                         if bar is not None:
                             bar.update(1)
+        except BaseException:
+            # A step that raised (or a KeyboardInterrupt) would leave this call's requests queued, and
+            # every later step would meet them again: end them so the engine keeps serving.
+            for request_id in ids:
+                try:
+                    self.abort(request_id)
+                except Exception:  # the scheduler may be inconsistent after the failure
+                    self.requests[request_id].finish("abort")
+                self.release(request_id)
+            raise
         finally:
             if bar is not None:
                 bar.close()

@@ -177,6 +177,31 @@ def test_bad_inputs_raise_clear_errors_and_engine_keeps_serving(tiny):
         assert_all_pages_free(engine)
 
 
+def test_a_failed_step_does_not_leave_generate_s_requests_behind(tiny, monkeypatch):
+    # Whatever makes a step raise, generate() raises it and ends its own requests: the next call
+    # runs on a clean engine with every page free.
+    from jaxserve import engine as engine_module
+
+    m, hf = tiny
+    real = engine_module.make_batch
+    calls = {"n": 0}
+
+    def failing_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected step failure")
+        return real(*args, **kwargs)
+
+    prompt = [7, 8, 9]
+    with Engine(m, small_config()) as engine:
+        monkeypatch.setattr(engine_module, "make_batch", failing_once)
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.generate([prompt, [4, 5]], GREEDY, use_tqdm=False)
+        assert not engine.has_unfinished() and not engine.requests
+        assert engine.generate(prompt, GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(hf, prompt, 10)
+        assert_all_pages_free(engine)
+
+
 def test_logit_bias_steers_its_request_and_leaves_the_others(tiny):
     m, hf = tiny
     vocab = m.config.vocab_size
