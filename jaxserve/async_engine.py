@@ -122,6 +122,10 @@ class AsyncEngine:
         self._outputs: dict[str, _Output] = {}  # engine thread only
         self._ids = itertools.count()
         self._accepting = True
+        # Calls are queued and refused under one lock, so none is queued after the engine thread's
+        # last look at the queue (it would never be answered).
+        self._calls_lock = threading.Lock()
+        self._calls_closed = False
         self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
         self._thread.start()
 
@@ -132,11 +136,12 @@ class AsyncEngine:
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine thread between steps and return its result here."""
-        if not self.is_running:
-            raise EngineDeadError("the engine thread is not running")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._commands.put(("call", fn, loop, fut))
+        with self._calls_lock:
+            if self._calls_closed or not self.is_running:
+                raise EngineDeadError("the engine thread is not running")
+            self._commands.put(("call", fn, loop, fut))
         return await fut
 
     async def submit(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -216,6 +221,8 @@ class AsyncEngine:
             self.engine.close()
 
     def _refuse_pending_calls(self) -> None:
+        with self._calls_lock:
+            self._calls_closed = True
         while True:
             try:
                 cmd = self._commands.get_nowait()

@@ -121,7 +121,9 @@ class SamplingParams:
         check_int("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an int >= 1")
         check_real("temperature", 0.0, math.inf, "[0, inf)")
         check_real("top_p", 0.0, 1.0, "(0, 1]", lo_open=True)
-        check_int("top_k", _is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "-1 (off) or an int >= 1")
+        check_int("top_k", _is_int(self.top_k) and self.top_k >= -1, "-1 or 0 (off) or an int >= 1")
+        if self.top_k == 0:  # vLLM's and OpenAI-compatible clients' other spelling of "off"
+            set_("top_k", -1)
         check_real("min_p", 0.0, 1.0, "[0, 1]")
         check_real("repetition_penalty", 0.0, math.inf, "(0, inf)", lo_open=True)
         check_real("presence_penalty", -2.0, 2.0, "[-2, 2]")

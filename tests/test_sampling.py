@@ -69,7 +69,7 @@ def chi_square(tokens, probs):
 @pytest.mark.parametrize("field,value", [
     ("max_tokens", 0), ("max_tokens", 1.5), ("max_tokens", True),
     ("temperature", -0.1), ("temperature", float("nan")), ("temperature", "hot"), ("temperature", float("inf")),
-    ("top_p", 0.0), ("top_p", 1.5), ("top_k", 0), ("top_k", -2), ("top_k", 2.0),
+    ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("top_k", 2.0),
     ("min_p", -0.1), ("min_p", 1.01), ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
     ("repetition_penalty", float("inf")), ("stop_token_ids", [2**40]),
     ("presence_penalty", 2.5), ("presence_penalty", -2.1), ("frequency_penalty", 3.0),
@@ -98,6 +98,7 @@ def test_constructor_normalises_and_round_trips_through_dicts():
     p = SamplingParams(stop="END", stop_token_ids=[3, 4], temperature=1, seed=5, logprobs=0)
     assert p.stop == ("END",) and p.stop_token_ids == (3, 4) and isinstance(p.temperature, float)
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+    assert SamplingParams(top_k=0).top_k == -1  # vLLM's other spelling of "off"
     d = p.to_dict()
     assert d["stop"] == ["END"] and d["stop_token_ids"] == [3, 4]
     assert SamplingParams.from_dict(d) == p
