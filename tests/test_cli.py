@@ -49,7 +49,7 @@ def test_generate_reports_bad_arguments(tiny_checkpoint, capsys):
     with pytest.raises(SystemExit, match="top_p must be in"):
         cli.main(["generate", "x", "--model", tiny_checkpoint[0], "--top-p", "1.5"])
     with pytest.raises(SystemExit, match="top_k must be"):
-        cli.main(["generate", "x", "--model", tiny_checkpoint[0], "--top-k", "0"])
+        cli.main(["generate", "x", "--model", tiny_checkpoint[0], "--top-k", "-2"])
     with pytest.raises(SystemExit, match="min_p must be in"):
         cli.main(["generate", "x", "--model", tiny_checkpoint[0], "--min-p", "2"])
     assert cli.main(["generate", "x", "--model", "/no/such/folder"]) == 2
