@@ -440,6 +440,8 @@ def run_variant(args) -> list[dict]:
     early_partials = combine_module.EARLY_PARTIALS
     ftz_exp2, lean_softmax = paged_attention_module.FTZ_EXP2, paged_attention_module.LEAN_SOFTMAX
     swiglu_approx = mgpu_module.SWIGLU_APPROX
+    from kernels import greedy_pick as greedy_pick_module
+    pick_wave_fit = greedy_pick_module.WAVE_FIT
     mgpu_min_rows = model_module.MGPU_MIN_ROWS
     seed_programs = residual_norm_module.SEED_PROGRAMS
     mgpu_wide_defaults = {ep: dict(tile) for ep, tile in mgpu_module.WIDE_TILES.items()}
@@ -599,6 +601,9 @@ def run_variant(args) -> list[dict]:
             # "swiglu_approx" / "swiglu_exact": the Mosaic GPU gate_up's SwiGLU with approximate exp and
             # rsqrt or the accurate ones (kernels.skinny_matmul_mgpu.SWIGLU_APPROX; session 28).
             mgpu_module.SWIGLU_APPROX = {"swiglu_approx": True, "swiglu_exact": False}.get(glue, swiglu_approx)
+            # "pick_wave_fit" / "pick_ceil": the greedy pick's chunks a row within, or just past, its programs
+            # wanted (kernels.greedy_pick.WAVE_FIT; session 32).
+            greedy_pick_module.WAVE_FIT = {"pick_wave_fit": True, "pick_ceil": False}.get(glue, pick_wave_fit)
             # "mgpu_min8" / "mgpu_min32": steps of 8-31 rows on the Mosaic GPU projections (model.MGPU_MIN_ROWS,
             # so with ACCUMULATE's glue; the default since session 21) or on Triton's path.
             model_module.MGPU_MIN_ROWS = {"mgpu_min8": 8, "mgpu_min32": 32, "before21": 32}.get(glue, mgpu_min_rows)
@@ -697,7 +702,7 @@ def main() -> None:
                                                              "gemv_hoist", "no_gemv_hoist", "early_partials",
                                                              "no_early_partials", "rope_broadcast", "rope_concat",
                                                              "ftz_exp2", "lean_softmax", "lean_ftz", "no_lean_ftz",
-                                                             "swiglu_approx", "swiglu_exact", *CB_OPTIONS,
+                                                             "swiglu_approx", "swiglu_exact", "pick_wave_fit", "pick_ceil", *CB_OPTIONS,
                                                              "head_b112", "head_b120", "head_b136", "head_b192", "head_b256",
                                                              "unroll2", "unroll4", "unroll8"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")

@@ -154,6 +154,9 @@
 #   s32         session 32: throughput at 1 / 64 / 256 + 1k prompts with down_proj's 256-row 128-row programs, then
 #               Nsight Compute on the 256-row greedy argmax (logits read at 1.1-1.3 TB/s cold) and fused attention
 #               (~250 s)
+#   pick32      session 32: the greedy pick's chunks fitted to one wave (WAVE_FIT: 2 a row at 256 rows, 512 programs)
+#               against one chunk more (768: 1.45 waves): compiled greedy_pick tests, then the 256- and 128-row
+#               steps (~250 s)
 #   cb29        session 29: the 64- and 256-row steps with XLA's command buffer scheduled serially, concurrently
 #               where the data allows, or in the latency-hiding scheduler's order, and with XLA's PDL off (~300 s)
 #   pick29      session 29: the greedy pick's argmax alone (logprobs=False, 29 µs of the 256-row step) over
@@ -631,6 +634,12 @@ for part in "${parts[@]}"; do
            -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 --cases argmax_256 fused_256x192 \
          && ncu -i "$OUT/$part/probe.ncu-rep" --page details > "$OUT/$part/ncu.txt"; \
          grep -E "^  [a-z_]+|Duration|DRAM Throughput|L2 Cache Throughput|L1/TEX Hit|Memory Throughput|Registers Per|Achieved Occ|Theoretical Occ|Executed Ipc A|Issue Slots Busy|Warp Cycles Per Issued" "$OUT/$part/ncu.txt" ;;
+    pick32) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+              tests/test_greedy_pick.py -k compiled ; \
+            timeout 150 python3 bench/decode_step.py --batches 256 --variants default --no-static \
+              --glue kernels pick_ceil --rounds 9 --reps 10 --profile /tmp/p32 ; \
+            timeout 120 python3 bench/decode_step.py --batches 128 --variants default --no-static \
+              --glue kernels pick_ceil --rounds 9 --reps 10 --profile /tmp/p32b ;;
     next31) timeout 80 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
               tests/test_skinny_matmul_mgpu.py -k "accumulate_adds and compiled and 256" ; \
             timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \
