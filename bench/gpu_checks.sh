@@ -637,9 +637,9 @@ for part in "${parts[@]}"; do
     pick32) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
               tests/test_greedy_pick.py -k compiled ; \
             timeout 150 python3 bench/decode_step.py --batches 256 --variants default --no-static \
-              --glue kernels pick_ceil --rounds 9 --reps 10 --profile /tmp/p32 ; \
+              --glue kernels pick_wave_fit --rounds 9 --reps 10 --profile /tmp/p32 ; \
             timeout 120 python3 bench/decode_step.py --batches 128 --variants default --no-static \
-              --glue kernels pick_ceil --rounds 9 --reps 10 --profile /tmp/p32b ;;
+              --glue kernels pick_wave_fit --rounds 9 --reps 10 --profile /tmp/p32b ;;
     next31) timeout 80 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
               tests/test_skinny_matmul_mgpu.py -k "accumulate_adds and compiled and 256" ; \
             timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \
