@@ -157,6 +157,7 @@
 #   pick32      session 32: the greedy pick's chunks fitted to one wave (WAVE_FIT: 2 a row at 256 rows, 512 programs)
 #               against one chunk more (768: 1.45 waves): compiled greedy_pick tests, then the 256- and 128-row
 #               steps (~250 s)
+#   final32     session 32: throughput at 1 / 64 / 256 + 1k prompts with the wave-fitted greedy pick (~110 s)
 #   cb29        session 29: the 64- and 256-row steps with XLA's command buffer scheduled serially, concurrently
 #               where the data allows, or in the latency-hiding scheduler's order, and with XLA's PDL off (~300 s)
 #   pick29      session 29: the greedy pick's argmax alone (logprobs=False, 29 µs of the 256-row step) over
@@ -640,6 +641,8 @@ for part in "${parts[@]}"; do
               --glue kernels pick_wave_fit --rounds 9 --reps 10 --profile /tmp/p32 ; \
             timeout 120 python3 bench/decode_step.py --batches 128 --variants default --no-static \
               --glue kernels pick_wave_fit --rounds 9 --reps 10 --profile /tmp/p32b ;;
+    final32) timeout 170 python3 bench/throughput.py --no-static --batches 1 64 256 --long-prompt 1024 \
+               --long-batch 64 --decode-steps 8 --impls pallas --no-hf --out "$OUT/$part/throughput" ;;
     next31) timeout 80 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
               tests/test_skinny_matmul_mgpu.py -k "accumulate_adds and compiled and 256" ; \
             timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \

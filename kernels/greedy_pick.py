@@ -57,9 +57,10 @@ TARGET_PROGRAMS = 528
 # Chunks a row so that rows x chunks stays within TARGET_PROGRAMS (one wave where it is the slots an SM
 # holds: 59 registers a thread at 8 warps fit 4 programs an SM), or the least reaching it (before
 # session 32). Nsight Compute on the H200 (session 32): 256 rows x 3 chunks = 768 programs ran as 1.45
-# waves of 528 at 3.06 TB/s (26.2 µs cold); 2 chunks are 512 programs in one wave. Off until timed in the
-# step (`bench/decode_step.py --glue pick_wave_fit`). Read at call time.
-WAVE_FIT = False
+# waves of 528 at 3.06 TB/s (26.2 µs cold); 2 chunks are 512 programs in one wave. In the step (one process,
+# 9 alternating rounds, `bench/decode_step.py --glue pick_wave_fit`): 256 rows 29.24 -> 25.44 µs, step 1.202 ->
+# 1.196 ms; 128 rows (4 chunks, not 5) 14.64 -> 12.54 µs, 0.898 -> 0.896 ms. Read at call time.
+WAVE_FIT = True
 _LOWEST = float(jnp.finfo(jnp.float32).min)
 
 
@@ -154,8 +155,8 @@ def greedy_pick(logits: jax.Array, *, block: int | None = None, chunks: int | No
     Args:
         logits: `[B, V]` in any float dtype (widened to float32 inside, never copied).
         block: elements a loop iteration loads (a power of two); None: `BLOCK`.
-        chunks: programs a row (fewer if the row has fewer blocks); None: enough that rows x chunks
-            reaches `TARGET_PROGRAMS` (`WAVE_FIT`: the most that stay within it, at least one).
+        chunks: programs a row (fewer if the row has fewer blocks); None: the most that keep rows x
+            chunks within `TARGET_PROGRAMS`, at least one (`WAVE_FIT`; off: the least reaching it).
         num_warps, num_stages: Triton launch parameters; None: `NUM_WARPS`, `NUM_STAGES`.
         interpret: Pallas interpret mode; None picks it on the CPU backend.
         logprobs: False: the argmax alone (no exponential an element; None in place of the
