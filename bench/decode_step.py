@@ -440,7 +440,7 @@ def run_variant(args) -> list[dict]:
     early_partials = combine_module.EARLY_PARTIALS
     ftz_exp2, lean_softmax = paged_attention_module.FTZ_EXP2, paged_attention_module.LEAN_SOFTMAX
     swiglu_approx = mgpu_module.SWIGLU_APPROX
-    from kernels import greedy_pick as greedy_pick_module
+    greedy_pick_module = importlib.import_module("kernels.greedy_pick")
     pick_wave_fit = greedy_pick_module.WAVE_FIT
     mgpu_min_rows = model_module.MGPU_MIN_ROWS
     seed_programs = residual_norm_module.SEED_PROGRAMS

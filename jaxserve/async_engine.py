@@ -278,11 +278,7 @@ class AsyncEngine:
     def _fail_running(self, message: str) -> None:
         """Requests a failed step may have touched end with an error instead of hanging."""
         for request in [r for r in self.engine.requests.values() if r.status is Status.RUNNING]:
-            try:
-                self.engine.abort(request.request_id)
-            except Exception:  # the scheduler may be inconsistent after the failure
-                log.exception("abort after a failed step raised")
-                request.finish("abort")
+            self.engine.abort_after_failure(request)
             request.error = message
             self._publish(request)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 import time
 from typing import Any, Iterator, Sequence
@@ -25,6 +26,8 @@ from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
 from jaxserve.sampling import SamplingParams, check_banned_ids, make_batch, needs_penalties, needs_sampling
 from jaxserve.scheduler import Scheduler
 from jaxserve.tokenizer import IncrementalDetokenizer
+
+log = logging.getLogger("jaxserve.engine")
 
 Prompt = str | Sequence[int]
 MAX_TOP_LOGPROBS = 20
@@ -212,6 +215,15 @@ class Engine:
         self.scheduler.remove(request)
         request.finish("abort")
         return True
+
+    def abort_after_failure(self, request: Request) -> None:
+        """End ``request`` after a step raised: aborted through the scheduler, or, where that raises too
+        (its state may be inconsistent after the failure), marked aborted anyway, so nothing waits on it."""
+        try:
+            self.abort(request.request_id)
+        except Exception:
+            log.exception("abort after a failed step raised")
+            request.finish("abort")
 
     def release(self, request_id: str) -> Request | None:
         """Forget a finished request (the caller has read its result)."""
@@ -515,10 +527,7 @@ class Engine:
             # A step that raised (or a KeyboardInterrupt) would leave this call's requests queued, and
             # every later step would meet them again: end them so the engine keeps serving.
             for request_id in ids:
-                try:
-                    self.abort(request_id)
-                except Exception:  # the scheduler may be inconsistent after the failure
-                    self.requests[request_id].finish("abort")
+                self.abort_after_failure(self.requests[request_id])
                 self.release(request_id)
             raise
         finally:
