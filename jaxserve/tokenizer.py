@@ -10,7 +10,9 @@ import functools
 import os
 from typing import Any, Sequence
 
+from tokenizers import decoders
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
@@ -25,6 +27,36 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[d
         raise ValueError("this model's tokenizer has no chat template; use a completion prompt instead")
     text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _byte_level_table(tokenizer: PreTrainedTokenizerBase) -> tuple[dict[str, int], frozenset[int]] | None:
+    """GPT-2's printable-character -> byte map when the tokenizer decodes byte-level BPE (Qwen2's
+    does), with the ids of added tokens (``<|im_end|>``...), which are plain text, not mapped bytes."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not isinstance(backend.decoder, decoders.ByteLevel):
+        return None
+    added = frozenset(getattr(tokenizer, "added_tokens_decoder", {}))
+    return {c: b for b, c in bytes_to_unicode().items()}, added
+
+
+def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes:
+    """The bytes one token stands for, as OpenAI's logprobs ``bytes`` field reports them.
+
+    A byte-level BPE token may hold part of a multi-byte character: ``decode([id])`` gives U+FFFD
+    for it, whose UTF-8 is not the token's bytes. Concatenated over a completion, these bytes are
+    its text's UTF-8. Tokenizers that are not byte-level fall back to the decoded text's UTF-8.
+
+    Example:
+        >>> b"".join(token_bytes(tok, t) for t in tok.encode("日本")).decode()  # doctest: +SKIP
+        '日本'
+    """
+    table = _byte_level_table(tokenizer)
+    if table is not None and token_id not in table[1]:
+        piece = tokenizer.convert_ids_to_tokens(int(token_id))
+        if isinstance(piece, str) and all(c in table[0] for c in piece):
+            return bytes(table[0][c] for c in piece)
+    return tokenizer.decode([int(token_id)]).encode("utf-8")
 
 
 class IncrementalDetokenizer:

@@ -155,6 +155,25 @@ def test_n_choices_with_seed_are_reproducible(client, pages_freed):
     assert texts == [c.text for c in a.choices]
 
 
+def test_seeded_choices_of_several_prompts_are_those_of_each_prompt_alone(client, pages_freed):
+    """Sample j of every prompt uses seed + j: a prompt's choices do not depend on the prompts sent beside it."""
+    kwargs = dict(model="tiny", max_tokens=8, temperature=1.0, seed=11, n=2)
+    both = client.completions.create(prompt=[PROMPT, "Another prompt"], **kwargs)
+    alone = [client.completions.create(prompt=p, **kwargs) for p in (PROMPT, "Another prompt")]
+    assert [c.text for c in both.choices] == [c.text for a in alone for c in a.choices]
+
+
+def test_chat_logprob_bytes_spell_the_content(client, pages_freed):
+    """Each token's `bytes` are its own (not the UTF-8 of U+FFFD where it holds part of a character)."""
+    messages = [{"role": "user", "content": "Écris 東京 🙂"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=1.0, seed=5,
+                                          logprobs=True, top_logprobs=1, extra_body={"ignore_eos": True})
+    choice = chat.choices[0]
+    raw = b"".join(bytes(c.bytes) for c in choice.logprobs.content)
+    assert raw.decode("utf-8", errors="replace") == choice.message.content
+    assert all(c.top_logprobs[0].bytes is not None for c in choice.logprobs.content)
+
+
 def test_stop_string_ends_the_completion(client, pages_freed):
     full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0)
     stop = full.choices[0].text[3:5]
@@ -430,6 +449,30 @@ def test_non_streaming_client_disconnect_aborts(live, pages_freed, monkeypatch):
     while abort_count(live) == before and time.time() < deadline:
         time.sleep(0.1)
     assert abort_count(live) == before + 1
+
+
+def test_streaming_client_disconnect_aborts_before_the_next_token(live, pages_freed, monkeypatch):
+    """Closing a stream aborts its request while the engine is still working on it (Starlette
+    listens for the disconnect beside the stream), not only when the next chunk fails to send."""
+    runner = live.app.state.jaxserve.engine.engine.runner
+    real_decode = runner.decode
+
+    def slow_decode(*args, **kwargs):  # 128 tokens at >= 0.25 s a 4-step call: ~8 s to finish
+        time.sleep(0.25)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "decode", slow_decode)
+    before = abort_count(live)
+    body = {**GOOD, "max_tokens": 128, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the first token is out: the request runs
+        closed = time.time()
+    while abort_count(live) == before and time.time() < closed + 30:
+        time.sleep(0.05)
+    assert abort_count(live) == before + 1
+    assert time.time() - closed < 4  # far less than the remaining ~120 tokens would take
 
 
 def test_graceful_shutdown_ends_open_streams(model):

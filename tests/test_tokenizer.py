@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxserve.loading import load
-from jaxserve.tokenizer import IncrementalDetokenizer
+from jaxserve.tokenizer import IncrementalDetokenizer, token_bytes
 
 
 def test_incremental_text_equals_one_shot_decode_with_and_without_the_rust_fast_path():
@@ -40,7 +40,7 @@ def test_request_text_is_the_same_read_lazily_or_per_token():
     every streamed delta joined) equals what per-token detokenization gives."""
     from jaxserve.request import Request
     from jaxserve.sampling import SamplingParams
-    from jaxserve.tokenizer import IncrementalDetokenizer
+    from jaxserve.tokenizer import IncrementalDetokenizer, token_bytes
 
     tokenizer = load().tokenizer
     seed = int(np.random.SeedSequence().entropy % 2**31)
@@ -70,3 +70,13 @@ def test_request_text_is_the_same_read_lazily_or_per_token():
         if lazy.finish_reason == "length":
             expected += detok.flush()
         assert lazy.result()["text"] == expected == streamed, f"seed={seed} case={case}"
+
+
+def test_token_bytes_are_the_tokens_own_bytes_even_inside_a_character():
+    tokenizer = load().tokenizer
+    text = "naïve café — 東京 🙂 done"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert any(tokenizer.decode([t]) == "\ufffd" for t in ids)  # some token holds part of a character
+    assert b"".join(token_bytes(tokenizer, t) for t in ids) == text.encode("utf-8")
+    special = next(iter(tokenizer.added_tokens_decoder.items()))  # plain text, not mapped bytes
+    assert token_bytes(tokenizer, special[0]) == special[1].content.encode("utf-8")

@@ -335,9 +335,11 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
              "ignore_eos": req.ignore_eos, "stop_token_ids": req.stop_token_ids, "logit_bias": req.logit_bias}
     kwargs = {k: v for k, v in given.items() if v is not None}
     try:
-        # n > 1 with a seed: choice i uses seed + i, so choices differ but the request is reproducible.
+        # n > 1 with a seed: sample j of every prompt uses seed + j (vLLM's rule), so a prompt's
+        # choices differ, yet each is what the same prompt gets when sent alone or with others.
         return [SamplingParams(max_tokens=max_tokens, stop=stop, logprobs=logprobs,
-                               seed=None if req.seed is None else req.seed + i, **kwargs) for i in range(count)]
+                               seed=None if req.seed is None else req.seed + i % req.n, **kwargs)
+                for i in range(count)]
     except ValueError as exc:
         raise bad_params(exc) from None
 

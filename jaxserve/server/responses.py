@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 from jaxserve.server.protocol import ChatRequest, CompletionRequest
+from jaxserve.tokenizer import token_bytes
 
 
 def _finite(logprob: float) -> float:
@@ -105,7 +106,8 @@ class ChatFormat:
 
         def entry(tid: int, lp: float) -> dict[str, Any]:
             tok = decode([tid])
-            return {"token": tok, "logprob": _finite(lp), "bytes": list(tok.encode("utf-8"))}
+            # The token's own bytes: its text is U+FFFD where it holds part of a character.
+            return {"token": tok, "logprob": _finite(lp), "bytes": list(token_bytes(self.tokenizer, tid))}
 
         content = []
         for k, (tid, lp) in enumerate(zip(token_ids, logprobs or [])):
