@@ -221,6 +221,8 @@ WIDE_OVERRIDES = {
     "wide_j40": {"swiglu": {"block_n": 40, "num_slots": 4, "block_m": 64, "joint": 1}},
     "wide_j40_bm128": {"swiglu": {"block_n": 40, "num_slots": 3, "block_m": 128, "joint": 1}},
     "wide_j40_bm128_s4": {"swiglu": {"block_n": 40, "num_slots": 4, "block_m": 128, "joint": 1}},
+    # session 33: one WGMMA of N = 160 a 64-row block (61 x 2 programs, one an SM)
+    "wide_j80_bm64": {"swiglu": {"block_n": 80, "num_slots": 3, "block_m": 64, "joint": 1}},
 }
 WIDEST_OVERRIDES = {
     "widest_j40": {"swiglu": {"block_n": 40, "num_slots": 3, "block_m": 128, "joint": 1}},
@@ -234,6 +236,12 @@ WIDEST_OVERRIDES = {
     "widest_p_bm128": {"partials": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 128}},
     # down_proj in 64-row programs, as "partials" (the 256-row default until session 32)
     "widest_deep_bm64": {"deep": {"block_n": 64, "num_slots": 4, "target_programs": 264, "block_m": 64}},
+    # session 33: wider products in 64-row blocks. A WGMMA reads its A tile (64 x 16) from shared memory
+    # for every instruction, so N = 160 moves 7 KiB a 16-deep step for twice the math of N = 80's 4.5 KiB
+    # (the 128-row program of N = 80 reads 9 KiB for the same math): 4 x 61 = 244 programs, two an SM.
+    # j64_s2: N = 128, two slots, 4 x 76 = 304 programs, three an SM.
+    "widest_j80_bm64": {"swiglu": {"block_n": 80, "num_slots": 3, "block_m": 64, "joint": 1}},
+    "widest_j64_bm64_s2": {"swiglu": {"block_n": 64, "num_slots": 2, "block_m": 64, "joint": 1}},
 }
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
 # the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:

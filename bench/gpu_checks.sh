@@ -643,6 +643,12 @@ for part in "${parts[@]}"; do
               --glue kernels pick_wave_fit --rounds 9 --reps 10 --profile /tmp/p32b ;;
     final32) timeout 170 python3 bench/throughput.py --no-static --batches 1 64 256 --long-prompt 1024 \
                --long-batch 64 --decode-steps 8 --impls pallas --no-hf --out "$OUT/$part/throughput" ;;
+    j33) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+           tests/test_skinny_matmul_mgpu.py -k "joint_swiglu and compiled" ; \
+         timeout 260 python3 bench/decode_step.py --batches 256 --variants default --no-static \
+           --glue kernels widest_j80_bm64 widest_j64_bm64_s2 attn_w8 attn_w2 --rounds 9 --reps 10 --profile /tmp/j33 ; \
+         timeout 120 python3 bench/decode_step.py --batches 128 --variants default --no-static \
+           --glue kernels wide_j80_bm64 --rounds 9 --reps 10 --profile /tmp/j33b ;;
     next31) timeout 80 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
               tests/test_skinny_matmul_mgpu.py -k "accumulate_adds and compiled and 256" ; \
             timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \
