@@ -561,3 +561,43 @@ def test_warmup_server_answers_without_compiling(model):
         out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0)
         assert out.choices[0].finish_reason in ("stop", "length")
         assert server.engine_call(lambda engine: engine.stats())["compilations"] == before
+
+
+class _ScriptedHandle:
+    """A RequestHandle stand-in that yields one finished chunk after ``delay`` seconds."""
+
+    def __init__(self, delay: float, cached: int) -> None:
+        self.delay, self.cached = delay, cached
+
+    async def _chunks(self):
+        await asyncio.sleep(self.delay)
+        result = {"text": "x", "token_ids": [5], "finish_reason": "stop", "prompt_tokens": 10,
+                  "cached_tokens": self.cached, "completion_tokens": 1}
+        yield {"text": "x", "token_ids": [5], "finish_reason": "stop", "result": result}
+
+    def __aiter__(self):
+        return self._chunks()
+
+    def abort(self) -> None:
+        pass
+
+
+def test_streamed_usage_counts_each_prompt_s_cached_tokens_whatever_order_choices_finish_in():
+    """Two prompts x n=2 (choices 0-1 the first prompt, 8 tokens cached; 2-3 the second, none): choices
+    finishing 0, 2, 1, 3 must report 8 cached tokens, as the non-streamed body does, not 8 + 8."""
+    from jaxserve.server.app import _sse
+    from jaxserve.server.protocol import CompletionRequest
+    from jaxserve.server.responses import CompletionFormat
+
+    req = CompletionRequest(model="tiny", prompt=["a", "b"], n=2, stream=True)
+    fmt = CompletionFormat("tiny", None, req, [[1] * 10, [2] * 10])
+    handles = [_ScriptedHandle(delay, cached) for delay, cached in ((0.0, 8), (0.02, 8), (0.01, 0), (0.03, 0))]
+
+    async def run():
+        return [event async for event in _sse(handles, fmt, include_usage=True)]
+
+    events = asyncio.run(run())
+    usage = json.loads(events[-2].removeprefix("data: "))["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 8, usage
+    assert usage["completion_tokens"] == 4 and usage["prompt_tokens"] == 20
+

@@ -423,7 +423,9 @@ async def _results_unless_disconnected(request: Request, handles: list[RequestHa
 
 async def _sse(handles: list[RequestHandle], fmt: CompletionFormat | ChatFormat,
                include_usage: bool) -> AsyncIterator[str]:
-    results: list[dict[str, Any]] = []
+    # By choice index, not in finishing order: usage counts a prompt's cached tokens once over its
+    # n neighbouring choices, and sampled choices finish in any order.
+    results: dict[int, dict[str, Any]] = {}
     try:
         for i in range(len(handles)):
             for event in fmt.stream_start(i, include_usage):
@@ -433,9 +435,9 @@ async def _sse(handles: list[RequestHandle], fmt: CompletionFormat | ChatFormat,
             if event is not None:
                 yield _event(event)
             if chunk["finish_reason"] is not None:
-                results.append(chunk["result"])
+                results[i] = chunk["result"]
         if include_usage:
-            yield _event(fmt.usage_chunk(results))
+            yield _event(fmt.usage_chunk([results[i] for i in sorted(results)]))
     except EngineDeadError as exc:
         yield _event(APIError(500, str(exc), "server_error", code="engine_error").body())
     finally:
