@@ -601,3 +601,25 @@ def test_streamed_usage_counts_each_prompt_s_cached_tokens_whatever_order_choice
     assert usage["prompt_tokens_details"]["cached_tokens"] == 8, usage
     assert usage["completion_tokens"] == 4 and usage["prompt_tokens"] == 20
 
+
+def test_completion_top_logprobs_hold_the_chosen_token_and_each_text_s_best_logprob(tiny_checkpoint):
+    """OpenAI's completions logprobs: "the API will always return the logprob of the sampled token, so
+    there may be up to logprobs+1 elements". Tokens that decode to the same text (bytes of a split
+    character all read U+FFFD) share one key, which keeps the likeliest one's logprob."""
+    from jaxserve.server.protocol import CompletionRequest
+    from jaxserve.server.responses import CompletionFormat
+    from jaxserve.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_checkpoint[0])
+    split = [t for t in range(tok.vocab_size) if tok.decode([t]) == "\ufffd"][:2]
+    plain = [t for t in range(tok.vocab_size) if tok.decode([t]) in ("X", "Y")]
+    assert len(split) == 2 and len(plain) == 2
+    chosen, other = plain
+    req = CompletionRequest(model="tiny", prompt="a", logprobs=3)
+    fmt = CompletionFormat("tiny", tok, req, [[1]])
+    result = {"text": "X", "token_ids": [chosen], "finish_reason": "length", "prompt_tokens": 1,
+              "cached_tokens": 0, "completion_tokens": 1, "logprobs": [-4.0],
+              "top_logprobs": [{split[0]: -1.0, other: -1.5, split[1]: -2.0}]}
+    top = fmt.response([result])["choices"][0]["logprobs"]["top_logprobs"][0]
+    assert top == {"\ufffd": -1.0, "Y": -1.5, "X": -4.0}
+    assert list(top) == ["\ufffd", "Y", "X"]

@@ -54,7 +54,16 @@ class CompletionFormat:
             self.offsets[i] = offsets[-1] + len(tok)
         top = None
         if self.req.logprobs > 0 and tops is not None:
-            top = [{decode([k]): _finite(v) for k, v in sorted(t.items(), key=lambda kv: -kv[1])} for t in tops]
+            top = []
+            for tok, lp, t in zip(tokens, logprobs or [], tops):
+                entry: dict[str, float] = {}
+                # Best first, and a text's first (best) logprob kept: the byte tokens of a split
+                # character all decode to U+FFFD, and a later one must not overwrite it.
+                for k, v in sorted(t.items(), key=lambda kv: -kv[1]):
+                    entry.setdefault(decode([k]), _finite(v))
+                # OpenAI: "the API will always return the logprob of the sampled token".
+                entry.setdefault(tok, _finite(lp))
+                top.append(entry)
         return {"tokens": tokens, "token_logprobs": [_finite(v) for v in logprobs or []], "top_logprobs": top,
                 "text_offset": offsets}
 
