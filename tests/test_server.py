@@ -623,3 +623,22 @@ def test_completion_top_logprobs_hold_the_chosen_token_and_each_text_s_best_logp
     top = fmt.response([result])["choices"][0]["logprobs"]["top_logprobs"][0]
     assert top == {"\ufffd": -1.0, "Y": -1.5, "X": -4.0}
     assert list(top) == ["\ufffd", "Y", "X"]
+
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {**GOOD, "n": None}),
+    ("/v1/completions", {**GOOD, "stream": None}),
+    ("/v1/completions", {**GOOD, "echo": None, "best_of": None, "suffix": None, "user": None}),
+    ("/v1/completions", {**GOOD, "stream": True, "stream_options": {"include_usage": None}}),
+    ("/v1/chat/completions", {**CHAT, "logprobs": None, "top_logprobs": None}),
+    ("/v1/chat/completions", {**CHAT, "n": None, "stream": None, "tools": None, "response_format": None}),
+])
+def test_null_means_the_default_where_openai_documents_a_field_as_nullable(live, path, body):
+    """OpenAI's reference marks these "or null" and clients send explicit nulls: the default, never a 400."""
+    r = post(live, path, body)
+    assert r.status_code == 200, r.text
+    if not body.get("stream"):
+        assert len(r.json()["choices"]) == 1

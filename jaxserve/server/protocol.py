@@ -12,7 +12,8 @@ import dataclasses
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticUndefined
 
 from jaxserve.sampling import SamplingParams
 
@@ -48,6 +49,18 @@ class Schema(BaseModel):
 
     # strict: "5" is not a number and 1.0 is not an int; unknown fields are ignored, as OpenAI does.
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value: Any, info: ValidationInfo) -> Any:
+        # OpenAI documents its optional fields as nullable ("n": null, "stream": null, chat's
+        # "logprobs": null...) and clients send explicit nulls: null means the field's default.
+        # Required fields (no default) stay null, and so fail as missing values.
+        if value is None and info.field_name is not None:
+            default = cls.model_fields[info.field_name].default
+            if default is not PydanticUndefined:
+                return default
+        return value
 
 
 class StreamOptions(Schema):
