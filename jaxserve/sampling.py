@@ -203,7 +203,9 @@ def _logit_bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
         raise ValueError(f"logit_bias must map token ids to numbers, got {value!r}")
     pairs = {}
     for key, bias in items:
-        if isinstance(key, str) and key.strip().isdigit():
+        # ASCII digits only: str.isdigit() also accepts digits int() refuses ("\u00b2"), whose ValueError
+        # would not name the field.
+        if isinstance(key, str) and key.strip().isascii() and key.strip().isdigit():
             key = int(key)
         if not _is_int(key) or key < 0:
             raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {key!r}")

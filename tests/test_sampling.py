@@ -78,6 +78,7 @@ def chi_square(tokens, probs):
     ("min_tokens", -1), ("min_tokens", 17),
     ("logit_bias", {-1: 1.0}), ("logit_bias", {"x": 1.0}), ("logit_bias", {1.5: 1.0}), ("logit_bias", {3: 101}),
     ("logit_bias", {3: float("nan")}), ("logit_bias", {3: "1"}), ("logit_bias", [1, 2]),
+    ("logit_bias", {"\u00b2": 1.0}),  # str.isdigit() accepts a superscript two, int() does not
     ("logit_bias", {i: 1.0 for i in range(sampling.MAX_LOGIT_BIAS + 1)}),
 ])
 def test_every_bad_value_names_its_field(field, value):
