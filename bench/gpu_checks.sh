@@ -643,6 +643,10 @@ for part in "${parts[@]}"; do
               --glue kernels pick_wave_fit --rounds 9 --reps 10 --profile /tmp/p32b ;;
     final32) timeout 170 python3 bench/throughput.py --no-static --batches 1 64 256 --long-prompt 1024 \
                --long-batch 64 --decode-steps 8 --impls pallas --no-hf --out "$OUT/$part/throughput" ;;
+    shapes33) timeout 330 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+                tests/test_qwen_shapes.py -k decode_step ; \
+              timeout 230 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+                tests/test_qwen_shapes.py -k engine ;;
     j33) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
            tests/test_skinny_matmul_mgpu.py -k "joint_swiglu and compiled" ; \
          timeout 260 python3 bench/decode_step.py --batches 256 --variants default --no-static \
