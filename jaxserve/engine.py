@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.engine_config import EngineConfig
-from jaxserve.loading import LoadedModel, load
+from jaxserve.loading import LoadedModel, generation_eos_ids, load
 from jaxserve.request import Request, Status
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
 from jaxserve.sampling import SamplingParams, check_banned_ids, make_batch, needs_penalties, needs_sampling
@@ -137,7 +137,7 @@ class Engine:
                              attention_impl=default_attention_impl() if impl == "auto" else impl)
         self.scheduler = Scheduler(self.config, num_pages, self.max_model_len)
         self.decode_table_widths = _decode_table_widths(self.config.page_size, self.scheduler.max_pages_per_seq)
-        eos = set(mcfg.eos_token_ids)
+        eos = set(mcfg.eos_token_ids) | set(generation_eos_ids(model.path))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = tuple(sorted(eos))

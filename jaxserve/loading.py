@@ -7,6 +7,8 @@ bundling params, config and tokenizer. It never converts layouts itself (``weigh
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 from typing import Any
 
@@ -15,6 +17,8 @@ from transformers import PreTrainedTokenizerBase
 from jaxserve.config import ModelConfig
 from jaxserve.tokenizer import load_tokenizer
 from jaxserve.weights import load_params
+
+log = logging.getLogger("jaxserve.loading")
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
 
@@ -45,3 +49,29 @@ def load(path: str | os.PathLike | None = None, dtype: Any = "float32") -> Loade
     tokenizer = load_tokenizer(path)
     return LoadedModel(params=params, config=config, tokenizer=tokenizer, path=path,
                        name=os.path.basename(os.path.normpath(path)))
+
+
+def generation_eos_ids(path: str | os.PathLike) -> tuple[int, ...]:
+    """The EOS ids ``generation_config.json`` names (none if it is missing or unreadable).
+
+    Instruct checkpoints list more there than ``config.json`` does (Qwen2.5-Instruct: <|im_end|> in
+    config.json, <|im_end|> and <|endoftext|> here); transformers' ``generate`` and vLLM stop at all of them.
+
+    Example:
+        >>> generation_eos_ids(DEFAULT_MODEL_DIR)
+        (0, 2)
+    """
+    file = os.path.join(os.fspath(path), "generation_config.json")
+    try:
+        with open(file) as f:
+            eos = json.load(f).get("eos_token_id")
+    except FileNotFoundError:
+        return ()
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("ignoring %s: %s", file, exc)
+        return ()
+    eos = [eos] if isinstance(eos, int) else eos
+    if not isinstance(eos, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in eos):
+        log.warning("ignoring %s: eos_token_id %r is not a token id or a list of them", file, eos)
+        return ()
+    return tuple(eos)

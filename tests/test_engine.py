@@ -229,6 +229,28 @@ def test_request_larger_than_pool_aborts_with_reason(tiny):
         assert_all_pages_free(engine)
 
 
+def test_generation_config_eos_ids_end_requests_too(tiny, tmp_path):
+    """Qwen2.5-Instruct's config.json names one EOS id (<|im_end|>) and its generation_config.json two
+    (<|endoftext|> too); transformers and vLLM stop at either, so the engine must as well."""
+    import json
+
+    m, hf = tiny
+    prompt = list(range(5, 14))
+    ref = hf_greedy(hf, prompt, 10)
+    extra = ref[3]
+    assert not set(ref[:4]) & set(m.config.eos_token_ids)
+    with open(tmp_path / "generation_config.json", "w") as f:
+        json.dump({"eos_token_id": [*m.config.eos_token_ids, extra]}, f)
+    with Engine(dataclasses.replace(m, path=str(tmp_path)), small_config()) as engine:
+        assert extra in engine.eos_ids
+        out = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=0.0), use_tqdm=False)[0]
+        assert out["finish_reason"] == "stop" and out["token_ids"] == ref[: ref.index(extra) + 1]
+        out = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True),
+                              use_tqdm=False)[0]
+        assert out["finish_reason"] == "length" and out["token_ids"] == ref
+        assert_all_pages_free(engine)
+
+
 def test_abort_frees_pages(tiny):
     m, _ = tiny
     with Engine(m, small_config()) as engine:
