@@ -239,7 +239,8 @@ WIDEST_OVERRIDES = {
     # session 33: wider products in 64-row blocks. A WGMMA reads its A tile (64 x 16) from shared memory
     # for every instruction, so N = 160 moves 7 KiB a 16-deep step for twice the math of N = 80's 4.5 KiB
     # (the 128-row program of N = 80 reads 9 KiB for the same math): 4 x 61 = 244 programs, two an SM.
-    # j64_s2: N = 128, two slots, 4 x 76 = 304 programs, three an SM.
+    # j64_s2: N = 128, two slots, 4 x 76 = 304 programs, three an SM. Both lose (H200, decode_step.md session 33:
+    # 11.23 and 12.96 against 10.70 µs a layer; at 128 rows wide_j80_bm64 9.44 against 7.92).
     "widest_j80_bm64": {"swiglu": {"block_n": 80, "num_slots": 3, "block_m": 64, "joint": 1}},
     "widest_j64_bm64_s2": {"swiglu": {"block_n": 64, "num_slots": 2, "block_m": 64, "joint": 1}},
 }
