@@ -115,6 +115,10 @@ class Scheduler:
                 self.running.remove(request)
                 self._release(request, index_tokens=True, free_pages=False)
                 freed.append(request)
+            elif request.slot >= 0:
+                # Claimed for admission but never admitted (a step failed in between): off the queue
+                # and not running, it would keep its slot, prefix lock and pages for good.
+                self._release(request, index_tokens=False)
         if freed:
             st = self.state
             (slots,) = self._pow2_rows([r.slot for r in freed])

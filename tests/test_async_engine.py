@@ -201,6 +201,32 @@ def test_failing_step_fails_running_requests_and_loop_recovers(engine, loop, exp
     assert_pages_free(engine, loop)
 
 
+def test_step_failing_while_admitting_fails_those_requests_and_returns_their_slots(engine, loop, expected,
+                                                                                  monkeypatch):
+    """A failure between taking a request off the queue and admitting it (its pages' allocation) left it
+    neither waiting nor running: its caller waited forever and its sequence slot was never given back."""
+    scheduler = engine.engine.scheduler
+    slots = len(scheduler.free_slots)
+
+    def failing_allocation(*args, **kwargs):
+        raise RuntimeError("injected allocation failure")
+
+    monkeypatch.setattr(scheduler, "_allocate_rows", failing_allocation)
+
+    async def run():
+        return await asyncio.wait_for(asyncio.gather(*(engine.generate_async(p, GREEDY) for p in PROMPTS[:2]),
+                                                     return_exceptions=True), 30)
+
+    results = loop.run_until_complete(run())
+    assert all(isinstance(r, EngineDeadError) and "injected allocation failure" in str(r) for r in results), results
+    monkeypatch.undo()
+    assert loop.run_until_complete(engine.stats())["running"] == 0
+    assert len(scheduler.free_slots) == slots
+    result = loop.run_until_complete(engine.generate_async(PROMPTS[0], GREEDY))
+    assert result["token_ids"] == expected[PROMPTS[0]]["token_ids"]
+    assert_pages_free(engine, loop)
+
+
 def test_shutdown_drains_then_aborts_and_refuses_new_requests(model):
     async def run():
         engine = AsyncEngine(Engine(model, CONFIG))
