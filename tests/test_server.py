@@ -476,6 +476,33 @@ def test_streaming_client_disconnect_aborts_before_the_next_token(live, pages_fr
     assert time.time() - closed < 4  # far less than the remaining ~120 tokens would take
 
 
+def test_stream_whose_client_left_before_it_started_is_aborted(live, pages_freed, monkeypatch):
+    """A client that sends a streaming request and hangs up at once: its request is aborted, not
+    run to the end unobserved. (Where the stream's generator is cancelled before its body runs, its
+    `finally` never aborts: the response's background task does. Here the generator usually starts
+    first, so this checks the outcome, not that race.)"""
+    runner = live.app.state.jaxserve.engine.engine.runner
+    real_decode = runner.decode
+
+    def slow_decode(*args, **kwargs):  # 128 tokens at >= 0.25 s a 4-step call: ~8 s to finish
+        time.sleep(0.25)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "decode", slow_decode)
+    before = abort_count(live)
+    body = json.dumps({**GOOD, "max_tokens": 128, "ignore_eos": True, "stream": True}).encode()
+    host, port = live.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    closed = time.time()
+    while abort_count(live) == before and time.time() < closed + 30:
+        time.sleep(0.05)
+    assert abort_count(live) == before + 1
+    assert time.time() - closed < 5
+
+
 def test_graceful_shutdown_ends_open_streams(model):
     app = create_app(model, ENGINE_CONFIG, ServerConfig(model_name="tiny", drain_s=0.0))
     server = LiveServer(app).__enter__()

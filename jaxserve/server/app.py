@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxserve.async_engine import AsyncEngine, EngineDeadError, RequestHandle
@@ -404,10 +405,19 @@ async def _serve(request: Request, st: _State, req: SamplingFields, prompts: lis
     handles = await _submit_all(st, prompts, params, fmt.id)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        # Starlette runs the background task however the response ends. A client gone before the
+        # stream's first step cancels the generator before its body runs, so its `finally` never
+        # aborts the requests: this does (a no-op for requests already finished).
         return StreamingResponse(_sse(handles, fmt, include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(_abort_all, handles))
     results = await _results_unless_disconnected(request, handles)
     return JSONResponse(fmt.response(results))
+
+
+async def _abort_all(handles: list[RequestHandle]) -> None:
+    for h in handles:
+        h.abort()
 
 
 async def _results_unless_disconnected(request: Request, handles: list[RequestHandle]) -> list[dict[str, Any]]:
