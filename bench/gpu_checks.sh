@@ -648,7 +648,8 @@ for part in "${parts[@]}"; do
               timeout 230 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
                 tests/test_qwen_shapes.py -k engine ;;
     shapes33b) timeout 470 python3 -m pytest -v -x -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-                 --durations=0 tests/test_qwen_shapes.py -k "decode_step and (7B or 1.5B-64 or 3B-256)" ;;
+                 --durations=0 "tests/test_qwen_shapes.py::test_decode_step_matches_reference[7B-256]" "tests/test_qwen_shapes.py::test_decode_step_matches_reference[7B-64]" "tests/test_qwen_shapes.py::test_decode_step_matches_reference[7B-1]" \
+                 "tests/test_qwen_shapes.py::test_decode_step_matches_reference[1.5B-64]" "tests/test_qwen_shapes.py::test_decode_step_matches_reference[3B-256]" "tests/test_qwen_shapes.py::test_decode_step_matches_reference[1.5B-1]" ;;
     j33) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
            tests/test_skinny_matmul_mgpu.py -k "joint_swiglu and compiled" ; \
          timeout 260 python3 bench/decode_step.py --batches 256 --variants default --no-static \
