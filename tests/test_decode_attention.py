@@ -225,6 +225,8 @@ def outputs_with_flag_on_and_off(monkeypatch, flag: str, run, seed):
     (14, 2, 64, jnp.bfloat16, False),    # Qwen2.5-0.5B: the key rides in row 7 of 16
     (14, 2, 64, jnp.bfloat16, True),     # the same with o_proj folded in
     (28, 4, 128, jnp.float32, False),    # 7B heads in float32
+    (28, 4, 128, jnp.bfloat16, False),   # 7B heads in bf16 (tensor-core products; session 33's 7B 64-row hang)
+    (12, 2, 128, jnp.bfloat16, False),   # 1.5B heads: a group of 6
     (4, 4, 64, jnp.bfloat16, False),     # no grouping: the key in row 1
     (16, 1, 64, jnp.bfloat16, False),    # a group that fills the tile: no free row, two products
 ])
@@ -253,23 +255,30 @@ def test_fused_decode_joint_rope_equals_two_products_bitwise(interpret, num_head
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("o_proj", [False, True])
-def test_fused_decode_early_gather_equals_the_loop_bitwise(interpret, o_proj, monkeypatch):
+@pytest.mark.parametrize("o_proj,num_heads,kv_heads,head_dim,pages_per_block", [
+    (False, 14, 2, 64, 2), (True, 14, 2, 64, 2),
+    (False, 28, 4, 128, 8),  # 7B heads, the engine's 128-key blocks (session 33's 7B 64-row hang)
+    (True, 12, 2, 128, 8),   # 1.5B heads with o_proj folded in (its 1-row steps)
+])
+def test_fused_decode_early_gather_equals_the_loop_bitwise(interpret, o_proj, num_heads, kv_heads, head_dim,
+                                                           pages_per_block, monkeypatch):
     """`EARLY_GATHER` (unsplit one-stage steps: the first key block gathered before RoPE and the cache write)
     against the plain loop: the same blocks folded in the same order, so the same bits; a padding row whose table holds
     ids outside the pool (gathered early, then discarded) changes nothing."""
     rng, seed = fresh_rng()
     qkv, cos, sin, k_pages, v_pages, table, lengths, slots = fused_case(
-        rng, batch=6, num_heads=14, kv_heads=2, head_dim=64, page_size=16, table_pages=5, dtype=jnp.bfloat16)
+        rng, batch=6, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, page_size=16, table_pages=10,
+        dtype=jnp.bfloat16)
     assert int(lengths[0]) == 0  # ragged_lengths starts with a padding row
-    table = table.at[0].set(jnp.asarray([-7, 10 ** 6, 3, -1, 2], jnp.int32))
+    table = table.at[0, :5].set(jnp.asarray([-7, 10 ** 6, 3, -1, 2], jnp.int32))
     args = (qkv, cos, sin, k_pages, v_pages, table, lengths, slots)
-    wo = jnp.asarray(rng.standard_normal((64, 14 * 64)) / 30.0, jnp.bfloat16)
+    wo = jnp.asarray(rng.standard_normal((64, num_heads * head_dim)) / 30.0, jnp.bfloat16)
 
     def run():
         if o_proj:
             return fused_decode_attention_o(*args, wo, interpret=interpret)
-        return fused_decode_attention(*args, interpret=interpret, num_stages=1, num_splits=1, pages_per_block=2)
+        return fused_decode_attention(*args, interpret=interpret, num_stages=1, num_splits=1,
+                                      pages_per_block=pages_per_block)
 
     early = outputs_with_flag_on_and_off(monkeypatch, "EARLY_GATHER", run, seed)
     ref = (fused_decode_attention_o_reference(*args, wo) if o_proj else fused_decode_attention_reference(*args))[0]
