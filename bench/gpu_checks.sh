@@ -647,10 +647,10 @@ for part in "${parts[@]}"; do
                 tests/test_qwen_shapes.py -k decode_step ; \
               timeout 230 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
                 tests/test_qwen_shapes.py -k engine ;;
-    probe34) timeout 150 python3 -m pytest -v -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+    probe34) timeout 120 python3 -m pytest -v -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
                -o faulthandler_timeout=60 tests/test_decode_attention.py -k "(early_gather or joint_rope) and compiled" ; \
-             timeout 220 python3 bench/shape_probe.py --shape 7B --batch 64 --limit 50 \
-               --variants default no_early_no_joint skinny_triton ; \
+             timeout 260 python3 bench/shape_probe.py --shape 7B --batch 64 --limit 50 \
+               --variants default no_early_no_joint reference no_autotune ; \
              timeout 200 python3 bench/shape_probe.py --shape 1.5B --batch 1 --limit 50 \
                --variants default no_rope_joint no_norm_in_projection ;;
     shapes33b) timeout 470 python3 -m pytest -v -x -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \

@@ -36,6 +36,10 @@ VARIANTS = {
     "skinny_triton": {"JAXSERVE_SKINNY_BACKEND": "triton"},
     "xla_projections": {"JAXSERVE_DECODE_PROJECTIONS": "xla"},
     "xla_glue": {"JAXSERVE_DECODE_GLUE": "xla"},
+    # the same step on the kernels' jnp twins (XLA's GEMMs and fusions only), and the default with XLA's
+    # GEMM autotuning off: whether the time goes to XLA's compile of the big head product instead
+    "reference": {"PROBE_IMPL": "reference"},
+    "no_autotune": {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()},
 }
 
 
@@ -59,7 +63,7 @@ def child(shape: str, batch: int, limit: float) -> None:
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, 1)), jnp.int32)
     model = Qwen2ForCausalLM(cfg, jnp.bfloat16)
     paged = PagedAttention(slots[:, None], table, jnp.asarray(lengths + 1, jnp.int32),
-                           jnp.asarray(lengths, jnp.int32), impl="pallas")
+                           jnp.asarray(lengths, jnp.int32), impl=os.environ.get("PROBE_IMPL", "pallas"))
 
     def step(kv):
         return model.apply({"params": params}, tokens, jnp.asarray(lengths[:, None], jnp.int32), kv=kv,
