@@ -649,10 +649,10 @@ for part in "${parts[@]}"; do
                 tests/test_qwen_shapes.py -k engine ;;
     probe34) timeout 120 python3 -m pytest -v -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
                -o faulthandler_timeout=60 tests/test_decode_attention.py -k "(early_gather or joint_rope) and compiled" ; \
-             timeout 260 python3 bench/shape_probe.py --shape 7B --batch 64 --limit 50 \
-               --variants default no_early_no_joint reference no_autotune ; \
-             timeout 200 python3 bench/shape_probe.py --shape 1.5B --batch 1 --limit 50 \
-               --variants default no_rope_joint no_norm_in_projection ;;
+             timeout 400 python3 bench/shape_probe.py --shape 7B --batch 64 --limit 90 \
+               --variants default no_early_no_joint reference ;;
+    probe34b) timeout 500 python3 bench/shape_probe.py --shape 1.5B --batch 1 --limit 90 \
+                --variants default no_rope_joint no_autotune reference ;;
     shapes33b) timeout 470 python3 -m pytest -v -x -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
                  --durations=0 "tests/test_qwen_shapes.py::test_decode_step_matches_reference[7B-256]" "tests/test_qwen_shapes.py::test_decode_step_matches_reference[7B-64]" "tests/test_qwen_shapes.py::test_decode_step_matches_reference[7B-1]" \
                  "tests/test_qwen_shapes.py::test_decode_step_matches_reference[1.5B-64]" "tests/test_qwen_shapes.py::test_decode_step_matches_reference[3B-256]" "tests/test_qwen_shapes.py::test_decode_step_matches_reference[1.5B-1]" ;;
