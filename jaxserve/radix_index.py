@@ -198,11 +198,32 @@ def _table_remove(index: RadixIndex, node: Array, do: Array) -> Array:
     return table.at[jnp.where(do, hole, index.table_size)].set(_EMPTY, mode="drop")
 
 
-def _evict_one(index: RadixIndex, pool: PagePool, exclude: Array,
-               index_only: bool) -> tuple[RadixIndex, PagePool, Array, Array]:
+def _index_only(index: RadixIndex, pool: PagePool) -> Array:
+    """Unlocked nodes whose page the index alone holds (evicting one returns its page), [N] bool."""
+    ids = jnp.arange(index.capacity + 1)
+    return index.in_use & (ids != ROOT) & (index.lock_count == 0) & (pool.refcount[index.page] == 1)
+
+
+def _above_index_only(index: RadixIndex, pool: PagePool) -> Array:
+    """Nodes with an `_index_only` node among themselves and their ancestors, [N] bool.
+
+    Pointer jumping: round k looks 2**k levels further up, so log2(N) rounds cover any depth.
+    """
+    ids = jnp.arange(index.capacity + 1)
+    up = jnp.where(index.in_use & (ids != ROOT), index.parent, ROOT)
+    flag = _index_only(index, pool)
+    for _ in range((index.capacity + 1).bit_length()):
+        flag = flag | flag[up]
+        up = up[up]
+    return flag
+
+
+def _evict_one(index: RadixIndex, pool: PagePool, exclude: Array, index_only: bool,
+               freeing: bool = False) -> tuple[RadixIndex, PagePool, Array, Array]:
     """Evict the least recently used unlocked leaf other than `exclude`, dropping its page reference.
 
     index_only: consider only leaves whose page nobody else holds (evicting those frees a page).
+    freeing: those leaves if there are any, else leaves below such a node (see `evict`).
     Returns (index, pool, evicted, pages returned to the free stack (0 or 1)). Written with masked updates
     rather than lax.cond: a cond over the whole state makes XLA copy it.
     """
@@ -212,6 +233,9 @@ def _evict_one(index: RadixIndex, pool: PagePool, exclude: Array,
                  & (ids != exclude))
     if index_only:
         candidate = candidate & (pool.refcount[index.page] == 1)
+    elif freeing:
+        frees = candidate & _index_only(index, pool)
+        candidate = jnp.where(jnp.any(frees), frees, candidate & _above_index_only(index, pool))
     found = jnp.any(candidate)
     victim = jnp.argmin(jnp.where(candidate, index.last_use, _INT32_MAX)).astype(jnp.int32)
     drop_at = jnp.where(found, victim, n)
@@ -399,9 +423,13 @@ def unlock(index: RadixIndex, node: int | Array) -> RadixIndex:
 def evict(index: RadixIndex, pool: PagePool, num_pages: int | Array) -> tuple[RadixIndex, PagePool, Array]:
     """Free up to `num_pages` pages by evicting LRU unlocked leaves, repeatedly (parents become leaves).
 
-    Only leaves whose page the index alone holds are candidates: evicting one drops the index's reference
-    and returns the page to the free stack. A leaf whose page a sequence still holds counts as in use (it
-    would free nothing, and the sequence may insert it again). Returns the number of pages freed ([] int32).
+    Leaves whose page the index alone holds go first: evicting one drops the index's reference and returns
+    the page to the free stack. A leaf whose page a sequence still holds frees nothing (and the sequence
+    inserts it again when it ends), so it goes only when that is still short and an index-only page lies
+    above it: two prompts admitted together that share a first page each compute it, the first one indexed
+    keeps it, the other's later pages hang below it, and once the first has ended that page can be freed
+    only through them (else the scheduler preempted a running request while a cached page sat unused).
+    Returns the number of pages freed ([] int32).
 
     >>> pool = kv_pool.create(8, 2, 2, 4)
     >>> index, pool, freed = evict(create(8, 2), pool, 4)
@@ -415,8 +443,18 @@ def evict(index: RadixIndex, pool: PagePool, num_pages: int | Array) -> tuple[Ra
         idx, pl, evicted, returned = _evict_one(idx, pl, jnp.asarray(-1, jnp.int32), index_only=True)
         return freed + returned, evicted, idx, pl
 
+    def through(s: tuple[Array, Array, RadixIndex, PagePool]) -> tuple[Array, Array, RadixIndex, PagePool]:
+        freed, _, idx, pl = s
+        idx, pl, evicted, returned = _evict_one(idx, pl, jnp.asarray(-1, jnp.int32), index_only=False,
+                                                freeing=True)
+        return freed + returned, evicted, idx, pl
+
     init = (jnp.zeros((), jnp.int32), jnp.asarray(True), index, pool)
-    freed, _, index, pool = jax.lax.while_loop(lambda s: (s[0] < num_pages) & s[1], body, init)
+    state = jax.lax.while_loop(lambda s: (s[0] < num_pages) & s[1], body, init)
+    # A second loop, entered only when the first fell short: each of its evictions makes log2(N) passes
+    # over the nodes, too many for the common case.
+    freed, _, index, pool = jax.lax.while_loop(lambda s: (s[0] < num_pages) & s[1], through,
+                                               (state[0], jnp.asarray(True), state[2], state[3]))
     return index, pool, freed
 
 

@@ -71,12 +71,23 @@ class RefIndex:
             self.touch(key)
             path = key
 
+    def index_only(self, pool: RefPool, path: tuple) -> bool:
+        node = self.nodes[path]
+        return node["lock"] == 0 and pool.ref[node["page"]] == 1
+
     def evict(self, pool: RefPool, num_pages: int) -> int:
         freed = 0
         while freed < num_pages:
             evicted, returned = self.evict_one(pool, exclude=None, index_only=True)
             if not evicted:
-                break
+                # No leaf frees a page: the LRU unlocked leaf with an index-only page above it goes.
+                leaves = [p for p, node in self.nodes.items() if node["lock"] == 0
+                          and not any(len(q) == len(p) + 1 and q[:-1] == p for q in self.nodes)
+                          and any(self.index_only(pool, p[:d]) for d in range(1, len(p) + 1))]
+                if not leaves:
+                    break
+                victim = min(leaves, key=lambda p: self.nodes[p]["last"])
+                returned = pool.release([self.nodes.pop(victim)["page"]])
             freed += returned
         return freed
 
@@ -414,6 +425,25 @@ def test_evict_frees_only_pages_no_sequence_holds():
     assert int(freed) == 1 and int(radix_index.stats(index)["nodes"]) == 1 and int(pool.free_count) == 63
     index, n, _, _ = radix_index.match(index, jnp.array([1, 1, 2, 2]), 4)
     assert int(n) == 2   # the leaf went first
+
+
+def test_evict_reaches_an_index_only_page_through_leaves_a_sequence_holds():
+    # Sequence 1 ([1, 1, 9, 9]) is indexed first; sequence 0 computed its own [1, 1] page, so only
+    # its pages [2, 2] and [3, 3] are indexed, below sequence 1's first page.
+    pool = _pool_with([[1, 1, 2, 2, 3, 3], [1, 1, 9, 9]])
+    index = radix_index.create(8, 2)
+    index, pool = radix_index.insert(index, pool, jnp.array([1, 1, 9, 9]), 4, pool.page_table[1])
+    index, pool = radix_index.insert(index, pool, jnp.array([1, 1, 2, 2, 3, 3]), 6, pool.page_table[0])
+    pool = kv_pool.free(pool, 1)  # pages 3 ([1, 1]) and 4 ([9, 9]) are held by the index alone
+    # One page: the leaf [9, 9] frees it, and sequence 0's entries stay.
+    _, _, freed = run("evict", index, pool, 1)
+    assert int(freed) == 1
+    index, pool, freed = run("evict", index, pool, 2)
+    # The second: page 3 can go only once the entries of sequence 0's pages below it have.
+    assert int(freed) == 2 and int(radix_index.stats(index)["nodes"]) == 0
+    assert pool.refcount[:5].tolist() == [1, 1, 1, 0, 0] and int(pool.free_count) == 61
+    index, pool, freed = run("evict", index, pool, 1)  # sequence 0's pages are its own: nothing to free
+    assert int(freed) == 0
 
 
 def test_match_counts_hits_misses_and_tokens():

@@ -114,3 +114,31 @@ def test_batched_allocations_compile_one_shape_per_power_of_two():
             s.remove(r)
     assert s.state._allocate_batch._cache_size() - before <= 4  # counts 1, 2, 3, 5-7 -> lengths 1, 2, 4, 8
     assert pages_held(s) == 0
+
+
+def test_decode_growth_evicts_a_cached_page_that_a_running_request_s_pages_hang_below():
+    # X and Y share their first page and are admitted together, so each computes it into a page
+    # of its own; X's prompt is indexed first, so Y's later pages hang below X's first page.
+    # Once X is gone that page is held by the index alone but is no leaf: the entries of Y's own
+    # pages below it must go (Y keeps the pages) so that it can be freed, rather than Z preempted.
+    rng = np.random.default_rng()
+    s = make_scheduler(num_pages=8, prefix_caching=True)
+    shared = rng.integers(3, 100, size=8).tolist()
+    x = request("x", shared + [7])  # 2 pages
+    y = request("y", shared + rng.integers(3, 100, size=16).tolist())  # 3 full pages
+    z = request("z", rng.integers(3, 100, size=24).tolist())  # 3 full pages
+    for r in (x, y, z):
+        s.add(r)
+    assert [r.request_id for r, _, _ in s.schedule().prefill] == ["x", "y", "z"]
+    assert pages_held(s) == 8
+    for r in (x, y, z):
+        r.computed = r.prefill_end
+        s.after_prefill(r)
+    s.remove(x)  # its second page returns; its first stays cached, with Y's pages 2 and 3 below it
+    plan = s.schedule()  # 4 decode steps: Y takes the free page, Z needs the cached one
+    assert plan.decode == [y, z] and s.num_preemptions == 0
+    assert pages_held(s) == 8
+    for r in (y, z):
+        s.remove(r)
+    s.clear_index()
+    assert pages_held(s) == 0 and sorted(s.free_slots) == list(range(8))
