@@ -271,7 +271,9 @@ class Scheduler:
 
     def never_fits(self, request: Request) -> bool:
         """True if the request could not run even alone in an empty pool."""
-        need = math.ceil((len(request.prompt_ids) + request.params.max_tokens) / self.page_size)
+        # The last sampled token is never fed back, so it never gets K/V: counting it refused
+        # requests that fit exactly (prompt + max_tokens one token past a page boundary).
+        need = math.ceil((len(request.prompt_ids) + request.params.max_tokens - 1) / self.page_size)
         return need > self.num_pages
 
     # ----- planning ------------------------------------------------------------------------

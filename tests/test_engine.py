@@ -222,10 +222,15 @@ def test_logit_bias_steers_its_request_and_leaves_the_others(tiny):
 
 
 def test_request_larger_than_pool_aborts_with_reason(tiny):
-    m, _ = tiny
+    m, hf = tiny
     with Engine(m, small_config(num_pages=4)) as engine:
         out = engine.generate([[5] * 20], SamplingParams(max_tokens=40), use_tqdm=False)[0]
         assert out["finish_reason"] == "abort" and "KV pages" in out["error"]
+        # 20 + 13 tokens, but the last sampled token is never fed back: 32 tokens of K/V, 4 pages.
+        prompt = random_prompts(m.config.vocab_size, (20,))[0]
+        out = engine.generate([prompt], SamplingParams(max_tokens=13, temperature=0.0, ignore_eos=True),
+                              use_tqdm=False)[0]
+        assert out["finish_reason"] == "length" and out["token_ids"] == hf_greedy(hf, prompt, 13)
         assert_all_pages_free(engine)
 
 
