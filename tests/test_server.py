@@ -433,36 +433,39 @@ def abort_count(live) -> float:
     return float(lines[0].split()[-1]) if lines else 0.0
 
 
-def test_non_streaming_client_disconnect_aborts(live, pages_freed, monkeypatch):
+def slow_decodes(live, monkeypatch, seconds: float) -> None:
+    """Every decode call of the live engine sleeps first, so a request runs well past a client's exit."""
     runner = live.app.state.jaxserve.engine.engine.runner
     real_decode = runner.decode
 
-    def slow_decode(*args, **kwargs):  # keeps the request running well past the client's timeout
-        time.sleep(0.05)
+    def slow_decode(*args, **kwargs):
+        time.sleep(seconds)
         return real_decode(*args, **kwargs)
 
     monkeypatch.setattr(runner, "decode", slow_decode)
+
+
+def seconds_until_aborted(live, before: float, since: float) -> float:
+    """Waits (at most 30 s) for one more aborted request than `before`; the seconds from `since`."""
+    while abort_count(live) == before and time.time() < since + 30:
+        time.sleep(0.05)
+    assert abort_count(live) == before + 1
+    return time.time() - since
+
+
+def test_non_streaming_client_disconnect_aborts(live, pages_freed, monkeypatch):
+    slow_decodes(live, monkeypatch, 0.05)  # keeps the request running well past the client's timeout
     before = abort_count(live)
     with pytest.raises(httpx.ReadTimeout):
         post(live, "/v1/completions", {**GOOD, "max_tokens": 128, "ignore_eos": True},
              timeout=httpx.Timeout(60, read=0.3))
-    deadline = time.time() + 30
-    while abort_count(live) == before and time.time() < deadline:
-        time.sleep(0.1)
-    assert abort_count(live) == before + 1
+    seconds_until_aborted(live, before, time.time())
 
 
 def test_streaming_client_disconnect_aborts_before_the_next_token(live, pages_freed, monkeypatch):
     """Closing a stream aborts its request while the engine is still working on it (Starlette
     listens for the disconnect beside the stream), not only when the next chunk fails to send."""
-    runner = live.app.state.jaxserve.engine.engine.runner
-    real_decode = runner.decode
-
-    def slow_decode(*args, **kwargs):  # 128 tokens at >= 0.25 s a 4-step call: ~8 s to finish
-        time.sleep(0.25)
-        return real_decode(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "decode", slow_decode)
+    slow_decodes(live, monkeypatch, 0.25)  # 128 tokens at >= 0.25 s a 4-step call: ~8 s to finish
     before = abort_count(live)
     body = {**GOOD, "max_tokens": 128, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=60,
@@ -470,10 +473,7 @@ def test_streaming_client_disconnect_aborts_before_the_next_token(live, pages_fr
         assert r.status_code == 200
         next(r.iter_lines())  # the first token is out: the request runs
         closed = time.time()
-    while abort_count(live) == before and time.time() < closed + 30:
-        time.sleep(0.05)
-    assert abort_count(live) == before + 1
-    assert time.time() - closed < 4  # far less than the remaining ~120 tokens would take
+    assert seconds_until_aborted(live, before, closed) < 4  # far less than the remaining ~120 tokens take
 
 
 def test_stream_whose_client_left_before_it_started_is_aborted(live, pages_freed, monkeypatch):
@@ -481,14 +481,7 @@ def test_stream_whose_client_left_before_it_started_is_aborted(live, pages_freed
     run to the end unobserved. (Where the stream's generator is cancelled before its body runs, its
     `finally` never aborts: the response's background task does. Here the generator usually starts
     first, so this checks the outcome, not that race.)"""
-    runner = live.app.state.jaxserve.engine.engine.runner
-    real_decode = runner.decode
-
-    def slow_decode(*args, **kwargs):  # 128 tokens at >= 0.25 s a 4-step call: ~8 s to finish
-        time.sleep(0.25)
-        return real_decode(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "decode", slow_decode)
+    slow_decodes(live, monkeypatch, 0.25)  # 128 tokens at >= 0.25 s a 4-step call: ~8 s to finish
     before = abort_count(live)
     body = json.dumps({**GOOD, "max_tokens": 128, "ignore_eos": True, "stream": True}).encode()
     host, port = live.url.removeprefix("http://").split(":")
@@ -496,11 +489,7 @@ def test_stream_whose_client_left_before_it_started_is_aborted(live, pages_freed
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    closed = time.time()
-    while abort_count(live) == before and time.time() < closed + 30:
-        time.sleep(0.05)
-    assert abort_count(live) == before + 1
-    assert time.time() - closed < 5
+    assert seconds_until_aborted(live, before, time.time()) < 5
 
 
 def test_graceful_shutdown_ends_open_streams(model):
