@@ -389,7 +389,7 @@ class Scheduler:
         if prefill_only and (not pending or (cfg.policy == "mixed" and decoding)):
             return Plan([], [], 0)
         if cfg.policy == "mixed":
-            steps = 1 if pending else cfg.decode_steps
+            steps = self._steps_while_pending() if pending else cfg.decode_steps
             decode = self._reserve_decode(steps) if decoding else []
             prefill = self._prefill_rows(cfg.max_tokens_per_step - len(decode)) if pending else []
             return Plan(prefill, decode, steps)
@@ -402,9 +402,20 @@ class Scheduler:
                 return Plan(rows, [], 0)
         if prefill_only:
             return Plan([], [], 0)
-        steps = 1 if pending and cfg.policy == "time_share" else cfg.decode_steps
+        steps = self._steps_while_pending() if pending and cfg.policy == "time_share" else cfg.decode_steps
         self._decodes_since_prefill += 1
         return Plan([], self._reserve_decode(steps) if decoding else [], steps)
+
+    def _steps_while_pending(self) -> int:
+        """Decode steps a call takes while prompts wait (`mixed`, `time_share`): one, so that the next
+        call takes a prompt as soon as one can start; but `decode_steps` when none can start before a
+        running request ends (every slot taken, none mid-prefill) and no running request's token limit
+        ends it inside the call. One-step calls there only paid a host round trip a token. Only these
+        two counts, which warm-up compiles (a call's step count is static)."""
+        if any(r.is_prefilling for r in self.running) or (self.waiting and self.free_slots):
+            return 1
+        left = [r.remaining for r in self.running]
+        return self.config.decode_steps if left and min(left) >= self.config.decode_steps else 1
 
     def after_prefill(self, request: Request) -> None:
         """A request's prompt is fully in the pool: index it so later requests can share it."""

@@ -142,3 +142,29 @@ def test_decode_growth_evicts_a_cached_page_that_a_running_request_s_pages_hang_
         s.remove(r)
     s.clear_index()
     assert pages_held(s) == 0 and sorted(s.free_slots) == list(range(8))
+
+
+def test_waiting_prompts_shorten_decode_calls_only_while_one_could_start():
+    # mixed / time_share run one-step decode calls while prompts wait, so a prompt starts as soon as
+    # it can; with every slot taken none can until a running request ends, and full calls are run
+    # unless a running request's token limit ends it inside one.
+    for policy in ("mixed", "time_share"):
+        cfg = EngineConfig(num_pages=32, page_size=8, max_running=2, max_tokens_per_step=256, decode_steps=4,
+                           batch_buckets=(2,), prefill_buckets=(16, 256), policy=policy, time_share_ratio=1)
+        s = Scheduler(cfg, 32, max_model_len=256)
+        a, b, c = (Request(rid, [5, 6, 7], SamplingParams(max_tokens=20), None, ()) for rid in "abc")
+        s.add(a)
+        s.schedule()  # a's prefill
+        a.computed = a.prefill_end
+        s.add(b)  # a slot is free: b can start, so a decode call meanwhile is one step
+        while b.status is not Status.RUNNING:
+            plan = s.schedule()
+            assert not plan.decode or plan.decode_steps == 1, policy
+        b.computed = b.prefill_end
+        s.add(c)  # both slots taken, nothing mid-prefill: c cannot start before a or b ends
+        plan = s.schedule()
+        assert plan.decode == [a, b] and plan.decode_steps == 4 and not plan.prefill, policy
+        b.output_ids.extend([1] * 17)  # b ends within 3 tokens: a shorter call frees its slot sooner
+        assert s.schedule().decode_steps == 1, policy
+        for r in list(s.running):
+            s.remove(r)
