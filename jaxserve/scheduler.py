@@ -410,8 +410,10 @@ class Scheduler:
         """Decode steps a call takes while prompts wait (`mixed`, `time_share`): one, so that the next
         call takes a prompt as soon as one can start; but `decode_steps` when none can start before a
         running request ends (every slot taken, none mid-prefill) and no running request's token limit
-        ends it inside the call. One-step calls there only paid a host round trip a token. Only these
-        two counts, which warm-up compiles (a call's step count is static)."""
+        ends it inside the call. One-step calls there paid a host round trip a token; the price of the
+        full call is that a request ending by a stop token inside it frees its slot at the call's end
+        (as under prefill_first). Only these two counts, which warm-up compiles (a call's step count is
+        static)."""
         if any(r.is_prefilling for r in self.running) or (self.waiting and self.free_slots):
             return 1
         left = [r.remaining for r in self.running]
