@@ -231,10 +231,10 @@ def _evict_one(index: RadixIndex, pool: PagePool, exclude: Array, index_only: bo
     ids = jnp.arange(n)
     candidate = (index.in_use & (index.num_children == 0) & (index.lock_count == 0) & (ids != ROOT)
                  & (ids != exclude))
+    frees = candidate & (pool.refcount[index.page] == 1)
     if index_only:
-        candidate = candidate & (pool.refcount[index.page] == 1)
+        candidate = frees
     elif freeing:
-        frees = candidate & _index_only(index, pool)
         candidate = jnp.where(jnp.any(frees), frees, candidate & _above_index_only(index, pool))
     found = jnp.any(candidate)
     victim = jnp.argmin(jnp.where(candidate, index.last_use, _INT32_MAX)).astype(jnp.int32)
@@ -438,23 +438,21 @@ def evict(index: RadixIndex, pool: PagePool, num_pages: int | Array) -> tuple[Ra
     """
     num_pages = jnp.asarray(num_pages, jnp.int32)
 
-    def body(s: tuple[Array, Array, RadixIndex, PagePool]) -> tuple[Array, Array, RadixIndex, PagePool]:
-        freed, _, idx, pl = s
-        idx, pl, evicted, returned = _evict_one(idx, pl, jnp.asarray(-1, jnp.int32), index_only=True)
-        return freed + returned, evicted, idx, pl
+    def until_enough(freed: Array, index: RadixIndex, pool: PagePool, freeing: bool):
+        def body(s: tuple[Array, Array, RadixIndex, PagePool]) -> tuple[Array, Array, RadixIndex, PagePool]:
+            freed, _, idx, pl = s
+            idx, pl, evicted, returned = _evict_one(idx, pl, jnp.asarray(-1, jnp.int32), index_only=not freeing,
+                                                    freeing=freeing)
+            return freed + returned, evicted, idx, pl
 
-    def through(s: tuple[Array, Array, RadixIndex, PagePool]) -> tuple[Array, Array, RadixIndex, PagePool]:
-        freed, _, idx, pl = s
-        idx, pl, evicted, returned = _evict_one(idx, pl, jnp.asarray(-1, jnp.int32), index_only=False,
-                                                freeing=True)
-        return freed + returned, evicted, idx, pl
+        freed, _, index, pool = jax.lax.while_loop(lambda s: (s[0] < num_pages) & s[1], body,
+                                                   (freed, jnp.asarray(True), index, pool))
+        return freed, index, pool
 
-    init = (jnp.zeros((), jnp.int32), jnp.asarray(True), index, pool)
-    state = jax.lax.while_loop(lambda s: (s[0] < num_pages) & s[1], body, init)
+    freed, index, pool = until_enough(jnp.zeros((), jnp.int32), index, pool, freeing=False)
     # A second loop, entered only when the first fell short: each of its evictions makes log2(N) passes
     # over the nodes, too many for the common case.
-    freed, _, index, pool = jax.lax.while_loop(lambda s: (s[0] < num_pages) & s[1], through,
-                                               (state[0], jnp.asarray(True), state[2], state[3]))
+    freed, index, pool = until_enough(freed, index, pool, freeing=True)
     return index, pool, freed
 
 
