@@ -38,9 +38,10 @@ _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
 def bad_params(exc: ValueError) -> APIError:
-    """SamplingParams/engine messages start with the field name; report it as ``param``."""
+    """SamplingParams/engine messages start with the field name (the engine's prompt checks with
+    "prompt"); report it as ``param``."""
     first = str(exc).split(" ", 1)[0]
-    return APIError(400, str(exc), param=first if first in _SAMPLING_FIELDS else None)
+    return APIError(400, str(exc), param=first if first in _SAMPLING_FIELDS or first == "prompt" else None)
 
 
 # ----- request schemas -------------------------------------------------------------------------
