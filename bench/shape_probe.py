@@ -46,28 +46,17 @@ VARIANTS = {
 def child(shape: str, batch: int, limit: float) -> None:
     faulthandler.dump_traceback_later(limit, exit=True)
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from jaxserve.model import PagedAttention, Qwen2ForCausalLM, new_kv_cache
-    from tests.test_qwen_shapes import _model
+    from tests.test_qwen_shapes import _model, decode_step_case
 
     t0 = time.perf_counter()
     cfg, params = _model(shape, 0)
-    rng = np.random.default_rng(0)
-    page_size, width = 16, 20
-    lengths = rng.integers(1, page_size * width - 1, batch)
-    table = jnp.asarray(rng.permutation(batch * width).reshape(batch, width), jnp.int32)
-    kv = new_kv_cache(cfg, batch * width, page_size, jnp.bfloat16)
-    slots = table[jnp.arange(batch), lengths // page_size] * page_size + lengths % page_size
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, 1)), jnp.int32)
-    model = Qwen2ForCausalLM(cfg, jnp.bfloat16)
-    paged = PagedAttention(slots[:, None], table, jnp.asarray(lengths + 1, jnp.int32),
-                           jnp.asarray(lengths, jnp.int32), impl=os.environ.get("PROBE_IMPL", "pallas"))
+    kv, _, step_on = decode_step_case(cfg, params, batch, np.random.default_rng(0))
+    impl = os.environ.get("PROBE_IMPL", "pallas")
 
     def step(kv):
-        return model.apply({"params": params}, tokens, jnp.asarray(lengths[:, None], jnp.int32), kv=kv,
-                           paged=paged, logits_dtype=None)
+        return step_on(impl, kv)
 
     times = {"setup_s": time.perf_counter() - t0}
     t = time.perf_counter()

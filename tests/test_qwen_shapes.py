@@ -45,20 +45,18 @@ def _model(name: str, seed: int) -> tuple[ModelConfig, dict]:
     return cfg, jax.device_put(params)
 
 
-@pytest.mark.parametrize("batch", [1, 64, 256])
-@pytest.mark.parametrize("name", list(SHAPES))
-def test_decode_step_matches_reference(name, batch):
-    # One decode step over random pages (ragged lengths from 1 key to 20 pages, a shuffled table):
-    # logits, greedy tokens and the written K/V of the default path against impl "reference".
-    rng, seed = fresh_rng()
-    cfg, params = _model(name, seed)
-    page_size, width = 16, 20
-    lengths = rng.integers(1, page_size * width - 1, batch)
+PAGE_SIZE, TABLE_PAGES = 16, 20
+
+
+def decode_step_case(cfg: ModelConfig, params: dict, batch: int, rng: np.random.Generator):
+    """One decode step over random pages: ragged lengths from 1 key to 20 pages (row 0 a single key),
+    a shuffled table, random K/V. Returns (kv, each row's new slot, step(impl, kv) -> (logits, kv))."""
+    lengths = rng.integers(1, PAGE_SIZE * TABLE_PAGES - 1, batch)
     lengths[0] = 1
-    table = jnp.asarray(rng.permutation(batch * width).reshape(batch, width), jnp.int32)
-    kv = new_kv_cache(cfg, batch * width, page_size, jnp.bfloat16)
+    table = jnp.asarray(rng.permutation(batch * TABLE_PAGES).reshape(batch, TABLE_PAGES), jnp.int32)
+    kv = new_kv_cache(cfg, batch * TABLE_PAGES, PAGE_SIZE, jnp.bfloat16)
     kv = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), kv)
-    slots = table[jnp.arange(batch), lengths // page_size] * page_size + lengths % page_size
+    slots = table[jnp.arange(batch), lengths // PAGE_SIZE] * PAGE_SIZE + lengths % PAGE_SIZE
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, 1)), jnp.int32)
     model = Qwen2ForCausalLM(cfg, jnp.bfloat16)
 
@@ -68,13 +66,24 @@ def test_decode_step_matches_reference(name, batch):
         return model.apply({"params": params}, tokens, jnp.asarray(lengths[:, None], jnp.int32), kv=kv,
                            paged=paged, logits_dtype=None)
 
+    return kv, slots, step
+
+
+@pytest.mark.parametrize("batch", [1, 64, 256])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_decode_step_matches_reference(name, batch):
+    # One decode step (`decode_step_case`): logits, greedy tokens and the written K/V of the default
+    # path against impl "reference".
+    rng, seed = fresh_rng()
+    cfg, params = _model(name, seed)
+    kv, slots, step = decode_step_case(cfg, params, batch, rng)
     ref_logits, ref_kv = jax.jit(lambda kv: step("reference", kv))(kv)
     logits, new_kv = jax.jit(lambda kv: step("pallas", kv))(kv)
     assert not np.isnan(np.asarray(logits, np.float32)).any(), f"seed={seed}"
     assert relative_error(logits, ref_logits) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
     agree = (np.asarray(logits[:, 0]).argmax(-1) == np.asarray(ref_logits[:, 0]).argmax(-1)).mean()
     assert agree >= 0.95, f"greedy tokens agree on {agree:.2f} of rows, seed={seed}"
-    page, offset = np.asarray(slots) // page_size, np.asarray(slots) % page_size
+    page, offset = np.asarray(slots) // PAGE_SIZE, np.asarray(slots) % PAGE_SIZE
     for (k, v), (rk, rv) in zip(new_kv, ref_kv):
         for out, ref in ((k, rk), (v, rv)):
             assert relative_error(np.asarray(out)[:, page, offset], np.asarray(ref)[:, page, offset]) <= 2e-2, \
