@@ -61,6 +61,8 @@ def generation_eos_ids(path: str | os.PathLike) -> tuple[int, ...]:
         >>> generation_eos_ids(DEFAULT_MODEL_DIR)
         (0, 2)
     """
+    if not os.fspath(path):  # a LoadedModel built in memory has no folder; "" would read the working directory's
+        return ()
     file = os.path.join(os.fspath(path), "generation_config.json")
     try:
         with open(file) as f:

@@ -254,6 +254,15 @@ def test_generation_config_eos_ids_end_requests_too(tiny, tmp_path):
                               use_tqdm=False)[0]
         assert out["finish_reason"] == "length" and out["token_ids"] == ref
         assert_all_pages_free(engine)
+    # A model built in memory (path "") reads no generation_config.json, not even the working directory's.
+    from jaxserve.loading import generation_eos_ids
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert generation_eos_ids("") == ()
+    finally:
+        os.chdir(cwd)
 
 
 def test_abort_frees_pages(tiny):
