@@ -33,9 +33,14 @@ SHAPES = {
 }
 
 
+def qwen_shape_config(name: str) -> ModelConfig:
+    """Two layers of the Qwen2.5 model `name` ("0.5B" ... "7B")."""
+    return ModelConfig(num_hidden_layers=2, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                       **SHAPES[name])
+
+
 def _model(name: str, seed: int) -> tuple[ModelConfig, dict]:
-    cfg = ModelConfig(num_hidden_layers=2, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=4096,
-                      **SHAPES[name])
+    cfg = qwen_shape_config(name)
     params = jax.device_get(init_params(cfg, jax.random.key(seed), jnp.bfloat16))
     # Peaked logits: the embedding (and an untied head) scaled so that a row's top tokens lie far
     # apart in logit, and the two paths' bf16 roundings cannot swap the greedy token.
