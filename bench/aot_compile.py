@@ -146,7 +146,7 @@ def main() -> None:
 
     import jax
 
-    compat = importlib.import_module("kernels.pallas_compat")
+    compat = importlib.import_module("jaxserve_kernels.pallas_compat")
     compat.resolve_interpret = lambda interpret: bool(interpret)  # the kernels as the GPU runs them
     _target_pallas_triton_at_h200()
     device = compile_only_device()

@@ -35,13 +35,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels import cache_scatter, cache_scatter_reference, paged_attention
-from kernels.prefill_attention import (paged_prefill_attention,
+from jaxserve_kernels import cache_scatter, cache_scatter_reference, paged_attention
+from jaxserve_kernels.prefill_attention import (paged_prefill_attention,
                                        paged_prefill_attention_reference)
 
 # HBM bandwidth by the vendors' datasheets; the issue's targets are fractions of the H100's.
-# `kernels.paged_attention` is the function (the package re-exports it); this is the module.
-paged_attention_module = importlib.import_module("kernels.paged_attention")
+# `jaxserve_kernels.paged_attention` is the function (the package re-exports it); this is the module.
+paged_attention_module = importlib.import_module("jaxserve_kernels.paged_attention")
 SPEC_BY_DEVICE = {"H100": 3.35e12, "H200": 4.8e12}
 
 
@@ -100,13 +100,13 @@ _T24 = {"splits=64": dict(num_splits=64), "splits=96": dict(num_splits=96),
 _T24B = {"warps=8": dict(num_warps=8), "warps=2": dict(num_warps=2), "stages=1": dict(num_stages=1),
          "stages=3": dict(num_stages=3), "splits=8 warps=8": dict(num_splits=8, num_warps=8),
          "splits=8 stages=3": dict(num_splits=8, num_stages=3)}
-# Session 28: the softmax's instruction cuts (kernels.paged_attention.FTZ_EXP2 / LEAN_SOFTMAX), at every
+# Session 28: the softmax's instruction cuts (jaxserve_kernels.paged_attention.FTZ_EXP2 / LEAN_SOFTMAX), at every
 # sweep shape (`--sweep-configs ftz lean "lean ftz"`).
 _T28 = {"ftz": dict(ftz_exp2=True), "lean": dict(lean_softmax=True),
         "lean ftz": dict(ftz_exp2=True, lean_softmax=True)}
 # Session 29: 7B 8 x 2k, the one shape of >= 2k context where XLA's contiguous attention is ahead (15.3 against
 # 16.1 µs), and the batch-1 rows: the split merge as XLA's fusions of the jnp merge (`combine="xla"`) rather than
-# `kernels.split_combine`'s launch (3.6-4.4 µs for ~1 µs of work under ncu, session 7), and fewer splits with it.
+# `jaxserve_kernels.split_combine`'s launch (3.6-4.4 µs for ~1 µs of work under ncu, session 7), and fewer splits with it.
 _T29 = {"combine=xla": dict(combine="xla"), "splits=4": dict(num_splits=4),
         "splits=4 combine=xla": dict(num_splits=4, combine="xla"),
         "splits=16 combine=xla": dict(num_splits=16, combine="xla"),
@@ -273,7 +273,7 @@ def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=Tru
         measure(label, paged_step(functools.partial(paged_attention, **config)), q,
                 (k_pages, v_pages, tables, lengths))
     if mosaic:  # the experimental Mosaic GPU kernel, beside the Triton one
-        from kernels.paged_attention_mgpu import default_mgpu_splits, paged_attention_mgpu
+        from jaxserve_kernels.paged_attention_mgpu import default_mgpu_splits, paged_attention_mgpu
         for label, config in MOSAIC_CONFIGS.items():
             config = dict(config)
             if config.pop("splits_x", 1) != 1:
@@ -526,7 +526,7 @@ def main() -> None:
     parser.add_argument("--sweep-configs", nargs="+", default=(),
                         help="sweep only these knob sets (labels of _T), beside the default")
     parser.add_argument("--mosaic", action="store_true",
-                        help="also time the experimental Mosaic GPU decode kernel (kernels.paged_attention_mgpu)")
+                        help="also time the experimental Mosaic GPU decode kernel (jaxserve_kernels.paged_attention_mgpu)")
     parser.add_argument("--mosaic-only", action="store_true",
                         help="ours against the Mosaic GPU kernel on MOSAIC_SHAPES, nothing else")
     parser.add_argument("--calls-per-iteration", type=int, default=MIN_CALLS,

@@ -73,7 +73,7 @@ VARIANTS = {
 QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits": 1, "block_n": 32},
                "qkv_split2": {"num_splits": 2}}
 # --glue choices with o_proj inside the fused decode attention at one row (model.O_IN_ATTENTION),
-# with these kernels.decode_attention settings: Wo rows a program, Wo loaded before the attention.
+# with these jaxserve_kernels.decode_attention settings: Wo rows a program, Wo loaded before the attention.
 # "no_o_attn": o_proj apart (its own skinny matmul launch).
 O_TUNINGS = {"o_attn": {}, "o_attn_pf": {"O_ROWS": 8, "O_PREFETCH_WO": True}, "o_attn_r4": {"O_ROWS": 4, "O_PREFETCH_WO": False},
              "o_attn_r16": {"O_ROWS": 16, "O_PREFETCH_WO": False}, "o_attn_r32": {"O_ROWS": 32, "O_PREFETCH_WO": False},
@@ -90,7 +90,7 @@ ATTENTION_TUNINGS = {"attn_w2": {"num_warps": 2}, "attn_w8": {"num_warps": 8},
                      # session 25: one stage at 128-256 rows, where EARLY_GATHER then applies
                      "attn_st1": {"num_stages": 1}}
 # --glue choices that run the 8-64-row projections on Mosaic GPU (model.SKINNY_BACKEND "mgpu",
-# `kernels.skinny_matmul_mgpu`) with these whole TILES (n = weight rows a program, s = slots: steps
+# `jaxserve_kernels.skinny_matmul_mgpu`) with these whole TILES (n = weight rows a program, s = slots: steps
 # in flight + 1, t = programs wanted; "none" is the QKV projection, as "partials" unless given).
 def _mg(n=64, s=6, t=264, gn=32, gs=6, none=None, b=1, gb=1):
     partials = {"block_n": n, "num_slots": s, "target_programs": t, "boxes": b}
@@ -149,7 +149,7 @@ MGPU_TILINGS = {
     "mgpu_j40_s3": {"swiglu": {"block_n": 40, "num_slots": 3, "boxes": 2, "joint": 1}},
 }
 # --glue choices that run steps of 65-256 rows through the fused glue (SKINNY_ROWS 256, like
-# "skinny256") with their projections on Mosaic GPU, `kernels.skinny_matmul_mgpu.WIDE_TILES` these
+# "skinny256") with their projections on Mosaic GPU, `jaxserve_kernels.skinny_matmul_mgpu.WIDE_TILES` these
 # (bm = rows a program: 256 all of them, 128 / 64 row blocks; gbm the same for gate_up).
 # "deep" (K >= DEEP_K: down_proj) as "partials" unless given.
 # wg / gwg: warpgroups a CTA (2: the experimental warp-specialized kernel, `_ws_kernel`).
@@ -245,7 +245,7 @@ WIDEST_OVERRIDES = {
     "widest_j64_bm64_s2": {"swiglu": {"block_n": 64, "num_slots": 2, "block_m": 64, "joint": 1}},
 }
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
-# the params converted once), each with these `kernels.skinny_matmul` settings over its defaults:
+# the params converted once), each with these `jaxserve_kernels.skinny_matmul` settings over its defaults:
 # the tensor-core path's tile (NK_BLOCK_N x NK_BLOCK_K), the one-row lane-wise path (NK_GEMV, its
 # tile, warps, programs wanted: NK_GEMV_TARGET_PROGRAMS). "nk_xla": XLA's dots and glue fusions on
 # that layout; "nk_xla_glue": XLA's dots feeding the glue kernels.
@@ -406,11 +406,11 @@ def run_variant(args) -> list[dict]:
     from bench.throughput import QWEN25_05B, TINY, decode_hlo, loop_body_histogram, static_decoder, time_decode_call
     from jaxserve import model as model_module
     from jaxserve import runner as runner_module
-    paged_attention_module = importlib.import_module("kernels.paged_attention")  # kernels.paged_attention is also a function
-    residual_norm_module = importlib.import_module("kernels.residual_norm")
-    skinny_module = importlib.import_module("kernels.skinny_matmul")
-    decode_attention_module = importlib.import_module("kernels.decode_attention")
-    mgpu_module = importlib.import_module("kernels.skinny_matmul_mgpu")
+    paged_attention_module = importlib.import_module("jaxserve_kernels.paged_attention")  # jaxserve_kernels.paged_attention is also a function
+    residual_norm_module = importlib.import_module("jaxserve_kernels.residual_norm")
+    skinny_module = importlib.import_module("jaxserve_kernels.skinny_matmul")
+    decode_attention_module = importlib.import_module("jaxserve_kernels.decode_attention")
+    mgpu_module = importlib.import_module("jaxserve_kernels.skinny_matmul_mgpu")
     o_defaults = {name: getattr(decode_attention_module, name) for name in ("O_ROWS", "O_PREFETCH_WO", "O_NUM_WARPS")}
     from jaxserve.config import ModelConfig
     from jaxserve.model import init_params
@@ -445,11 +445,11 @@ def run_variant(args) -> list[dict]:
     argmax_tile = dict(mgpu_module.ARGMAX_TILE)
     scale_first = residual_norm_module.SCALE_FIRST
     norm_gemv_hoist = skinny_module.NORM_GEMV_HOIST
-    combine_module = importlib.import_module("kernels.split_combine")
+    combine_module = importlib.import_module("jaxserve_kernels.split_combine")
     early_partials = combine_module.EARLY_PARTIALS
     ftz_exp2, lean_softmax = paged_attention_module.FTZ_EXP2, paged_attention_module.LEAN_SOFTMAX
     swiglu_approx = mgpu_module.SWIGLU_APPROX
-    greedy_pick_module = importlib.import_module("kernels.greedy_pick")
+    greedy_pick_module = importlib.import_module("jaxserve_kernels.greedy_pick")
     pick_wave_fit = greedy_pick_module.WAVE_FIT
     mgpu_min_rows = model_module.MGPU_MIN_ROWS
     seed_programs = residual_norm_module.SEED_PROGRAMS
@@ -561,7 +561,7 @@ def run_variant(args) -> list[dict]:
                                            else "triton" if glue == "skinny_triton" else skinny_backend)
             mgpu_module.TILES = {ep: dict(tile) for ep, tile in {**mgpu_defaults, **MGPU_TILINGS.get(glue, {})}.items()}
             # "pdl" / "no_pdl": the Mosaic GPU projections as programmatic dependent launches, or not
-            # (kernels.skinny_matmul_mgpu.PDL).
+            # (jaxserve_kernels.skinny_matmul_mgpu.PDL).
             mgpu_module.PDL = {"pdl": True, "no_pdl": False}.get(glue, mgpu_pdl)
             # "accumulate" / "no_accumulate": o, down and QKV add their K splits into a float32
             # residual stream / QKV accumulator in place (model.ACCUMULATE), or write partial sums.
@@ -577,47 +577,47 @@ def run_variant(args) -> list[dict]:
             mgpu_module.ARGMAX_TILE = dict(argmax_tile, **({"block_n": int(glue[6:])} if glue.startswith("head_b")
                                                            else {}))
             # "exit_read_only": each Mosaic GPU projection waits only for its output copy's shared-memory
-            # reads before it exits, not for the writes (kernels.skinny_matmul_mgpu.EXIT_READ_ONLY).
+            # reads before it exits, not for the writes (jaxserve_kernels.skinny_matmul_mgpu.EXIT_READ_ONLY).
             mgpu_module.EXIT_READ_ONLY = True if glue == "exit_read_only" else exit_read_only
             # "rope_joint" / "rope_default": the fused attention's RoPE with its matrix loaded and the new key
-            # rotated in the queries' product (kernels.decode_attention.ROPE_JOINT, session 24: the default
+            # rotated in the queries' product (jaxserve_kernels.decode_attention.ROPE_JOINT, session 24: the default
             # below TWO_STAGE_ROWS), or the matrix built in each program and two products.
             decode_attention_module.ROPE_JOINT = {"rope_joint": True, "rope_default": False}.get(glue, rope_joint)
             # "early_gather" / "no_early_gather": the fused attention's first key block gathered before its QKV
-            # loads, RoPE and cache write (kernels.decode_attention.EARLY_GATHER), or in the loop after them.
+            # loads, RoPE and cache write (jaxserve_kernels.decode_attention.EARLY_GATHER), or in the loop after them.
             decode_attention_module.EARLY_GATHER = {"early_gather": True, "no_early_gather": False}.get(
                 glue, early_gather)
             # "rope_broadcast" / "rope_concat": how the RoPE tables fill both halves (jaxserve.model.ROPE_REPEAT).
             model_module.ROPE_REPEAT = {"rope_broadcast": "broadcast", "rope_concat": "concat"}.get(glue, rope_repeat)
             # "argmax_merge" / "argmax_merge_xla": the greedy head's block maxima merged by
-            # kernels.greedy_pick.pick_blocks or by XLA's argmax (kernels.skinny_matmul_mgpu.ARGMAX_MERGE).
+            # jaxserve_kernels.greedy_pick.pick_blocks or by XLA's argmax (jaxserve_kernels.skinny_matmul_mgpu.ARGMAX_MERGE).
             mgpu_module.ARGMAX_MERGE = {"argmax_merge": "pallas", "argmax_merge_xla": "xla"}.get(glue, argmax_merge)
             # "norm_scale_first" / "norm_scale_late": the add + RMSNorm kernel loads its weight before the row
-            # or after the mean square (kernels.residual_norm.SCALE_FIRST).
+            # or after the mean square (jaxserve_kernels.residual_norm.SCALE_FIRST).
             residual_norm_module.SCALE_FIRST = {"norm_scale_first": True, "norm_scale_late": False}.get(glue, scale_first)
             # "gemv_hoist" / "no_gemv_hoist": the one-row folded-norm projections load the norm's weight and
-            # bias with their weight rows (kernels.skinny_matmul.NORM_GEMV_HOIST), or after the norm / products.
+            # bias with their weight rows (jaxserve_kernels.skinny_matmul.NORM_GEMV_HOIST), or after the norm / products.
             skinny_module.NORM_GEMV_HOIST = {"gemv_hoist": True, "no_gemv_hoist": False}.get(glue, norm_gemv_hoist)
-            # "early_partials": the split merge loads its partials with the lse's (kernels.split_combine.EARLY_PARTIALS).
+            # "early_partials": the split merge loads its partials with the lse's (jaxserve_kernels.split_combine.EARLY_PARTIALS).
             combine_module.EARLY_PARTIALS = {"early_partials": True, "no_early_partials": False}.get(glue, early_partials)
             # "ftz_exp2" / "lean_softmax" / "lean_ftz" / "no_lean_ftz": the decode kernels' softmax with one
             # ex2.approx.ftz an exponential, without the logit multiply and the select after the exponential,
-            # both, or neither (kernels.paged_attention.FTZ_EXP2, LEAN_SOFTMAX; session 28).
+            # both, or neither (jaxserve_kernels.paged_attention.FTZ_EXP2, LEAN_SOFTMAX; session 28).
             paged_attention_module.FTZ_EXP2 = {"ftz_exp2": True, "lean_ftz": True, "lean_softmax": False,
                                                "no_lean_ftz": False}.get(glue, ftz_exp2)
             paged_attention_module.LEAN_SOFTMAX = {"lean_softmax": True, "lean_ftz": True, "ftz_exp2": False,
                                                    "no_lean_ftz": False}.get(glue, lean_softmax)
             # "swiglu_approx" / "swiglu_exact": the Mosaic GPU gate_up's SwiGLU with approximate exp and
-            # rsqrt or the accurate ones (kernels.skinny_matmul_mgpu.SWIGLU_APPROX; session 28).
+            # rsqrt or the accurate ones (jaxserve_kernels.skinny_matmul_mgpu.SWIGLU_APPROX; session 28).
             mgpu_module.SWIGLU_APPROX = {"swiglu_approx": True, "swiglu_exact": False}.get(glue, swiglu_approx)
             # "pick_wave_fit" / "pick_ceil": the greedy pick's chunks a row within, or just past, its programs
-            # wanted (kernels.greedy_pick.WAVE_FIT; session 32).
+            # wanted (jaxserve_kernels.greedy_pick.WAVE_FIT; session 32).
             greedy_pick_module.WAVE_FIT = {"pick_wave_fit": True, "pick_ceil": False}.get(glue, pick_wave_fit)
             # "mgpu_min8" / "mgpu_min32": steps of 8-31 rows on the Mosaic GPU projections (model.MGPU_MIN_ROWS,
             # so with ACCUMULATE's glue; the default since session 21) or on Triton's path.
             model_module.MGPU_MIN_ROWS = {"mgpu_min8": 8, "mgpu_min32": 32, "before21": 32}.get(glue, mgpu_min_rows)
             # "seed_programs" / "no_seed_programs": the seeded norm writes QKV's accumulator from programs of
-            # its own (kernels.residual_norm.SEED_PROGRAMS, the default since session 21) or from each row's.
+            # its own (jaxserve_kernels.residual_norm.SEED_PROGRAMS, the default since session 21) or from each row's.
             residual_norm_module.SEED_PROGRAMS = {"seed_programs": True, "no_seed_programs": False,
                                                   "before21": False}.get(glue, seed_programs)
             mgpu_module.WIDE_TILES = {ep: dict(tile) for ep, tile in

@@ -25,7 +25,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from jaxserve.model import rope_tables  # noqa: E402
-from kernels.decode_attention import fused_decode_attention  # noqa: E402
+from jaxserve_kernels.decode_attention import fused_decode_attention  # noqa: E402
 
 
 def build(batch: int, ctx: int, heads: int, kv_heads: int, head_dim: int, layers: int, table_pages: int | None,

@@ -96,7 +96,7 @@
 #               the step at 32 / 64 rows against XLA's GEMM + the greedy pick (~400 s)
 #   sweep24     session 24: bench/bandwidth.py --sweep-only at 0.5B 64 x 2k: warps 2/8, stages 1/3, 8 splits (~60 s)
 #   early25     session 25: the fused attention's first key block gathered before its QKV loads, RoPE and cache
-#               write (kernels.decode_attention.EARLY_GATHER): its compiled tests, then the step at 1 / 64 / 256 rows
+#               write (jaxserve_kernels.decode_attention.EARLY_GATHER): its compiled tests, then the step at 1 / 64 / 256 rows
 #               against the default, alternating rounds, with a profile (~400 s)
 #   merge25     session 25: compiled tests of pick_blocks, the argmax head and the early gather; the 64-row step
 #               with the greedy head's maxima merged by pick_blocks and without the early gather against the
@@ -110,10 +110,10 @@
 #   scale25     session 25: the add + RMSNorm kernel's weight loaded first: its compiled bitwise test, then the
 #               64-row step against the default (~150 s)
 #   hoist26     session 25 (run in 26: won, default on): the one-row folded-norm projections with the norm's weight and
-#               bias loaded at the top (kernels.skinny_matmul.NORM_GEMV_HOIST): compiled bitwise test, then the
+#               bias loaded at the top (jaxserve_kernels.skinny_matmul.NORM_GEMV_HOIST): compiled bitwise test, then the
 #               batch-1 step against the default (~150 s)
 #   combine26   session 25 (run in 26: kept on): the split merge with its partials loaded beside the lse's
-#               (kernels.split_combine.EARLY_PARTIALS): compiled tests, the 64-row step at 1,088 keys (4 splits, a
+#               (jaxserve_kernels.split_combine.EARLY_PARTIALS): compiled tests, the 64-row step at 1,088 keys (4 splits, a
 #               merge a layer) against the default in one process, then bandwidth.py's batch-1 32k rows in two
 #               processes, off and on (~300 s)
 #   early26     session 26: the 1 / 64 / 128-row steps with the RoPE tables as broadcast half tables
@@ -189,7 +189,7 @@
 #               accumulating products (~400 s)
 #   ncu64       session 16: Nsight Compute on batch 64's projections and norm (bench/ncu_probe.py case gemm_b64:
 #               the tensor-core skinny matmul for QKV / o / gate_up / down, add_rms_norm) (~60 s?)
-#   mgpu        session 16: the 8-64-row projections on Mosaic GPU (kernels.skinny_matmul_mgpu, TMA + WGMMA):
+#   mgpu        session 16: the 8-64-row projections on Mosaic GPU (jaxserve_kernels.skinny_matmul_mgpu, TMA + WGMMA):
 #               its compiled tests and the model's step through it, then the decode step at 64 against the
 #               Triton default over its tilings, and at 16 (~400 s)
 #   mgpu2       session 16, after mgpu: Nsight Compute on the Mosaic GPU projections at 64 rows (default tiles and
@@ -204,7 +204,7 @@
 #   attnst      session 16, after attn256 (2 stages -9% at 256): the fused attention's pipeline stages at 64 and
 #               256 rows (~120 s)
 #   wide        session 17: steps of 65-256 rows through the fused glue with their projections on Mosaic GPU
-#               (kernels.skinny_matmul_mgpu's WIDE_TILES) instead of cuBLAS: compiled tests, then the decode step
+#               (jaxserve_kernels.skinny_matmul_mgpu's WIDE_TILES) instead of cuBLAS: compiled tests, then the decode step
 #               at 256 over tilings, profiled (~140 s)
 #   wide2       session 17, after wide (row blocks of 64 best, 1.424 vs cuBLAS 1.335 ms): around it at 256, and
 #               at 128 rows, each projection named in the profile (~100 s)

@@ -1,6 +1,6 @@
 """The greedy pick kernel (argmax + the token's log-probability, one pass) vs XLA's reductions.
 
-Times `kernels.greedy_pick.greedy_pick` under several (block, warps, target programs) against the jnp
+Times `jaxserve_kernels.greedy_pick.greedy_pick` under several (block, warps, target programs) against the jnp
 reference jitted by XLA (what the runner ran before: argmax and log-softmax, several
 reductions), on bf16 logits of a Qwen2.5 vocabulary (151,936) at batch 1 / 64 / 256. Each
 timed call is one of `--calls` inside a jitted `fori_loop` with a static trip count, 8 calls an
@@ -49,7 +49,7 @@ def main() -> None:
 
     from bench.bandwidth import timed as timed_loop
     from bench.throughput import write_lines
-    from kernels.greedy_pick import greedy_pick, greedy_pick_reference
+    from jaxserve_kernels.greedy_pick import greedy_pick, greedy_pick_reference
 
     unroll = 8
 

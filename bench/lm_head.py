@@ -3,7 +3,7 @@
 Qwen2.5-0.5B's tied embedding (151,936 x 896 bf16, 272 MB: more than the 50 MB L2) times `rows`
 normed hidden states, then each row's argmax. Compared in one process:
 
-- `xla+pick`: XLA's dot writing bf16 logits, then `kernels.greedy_pick` (the engine's greedy path);
+- `xla+pick`: XLA's dot writing bf16 logits, then `jaxserve_kernels.greedy_pick` (the engine's greedy path);
 - `xla+argmax`: the same dot, then `jnp.argmax`;
 - `mgpu none+pick`: `skinny_matmul_mgpu` writing the logits (does our kernel stream the head as fast?);
 - `argmax b<block_n> s<slots> x<boxes> m<block_m>`: `skinny_matmul_mgpu.argmax_matmul_mgpu`, no logits
@@ -31,8 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from kernels.greedy_pick import greedy_pick  # noqa: E402
-from kernels.skinny_matmul_mgpu import argmax_matmul_mgpu, skinny_matmul_mgpu  # noqa: E402
+from jaxserve_kernels.greedy_pick import greedy_pick  # noqa: E402
+from jaxserve_kernels.skinny_matmul_mgpu import argmax_matmul_mgpu, skinny_matmul_mgpu  # noqa: E402
 
 VOCAB, HIDDEN = 151936, 896
 

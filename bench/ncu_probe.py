@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from kernels.paged_attention import paged_attention  # noqa: E402
+from jaxserve_kernels.paged_attention import paged_attention  # noqa: E402
 
 HEADS = {"7b": (28, 4, 128), "05b": (14, 2, 64)}
 PAGE = 16
@@ -58,7 +58,7 @@ def paged_case(heads: str, batch: int, context: int, **tuning):
 
 def fused_case(batch: int, context: int):
     from bench.fused_tune import build
-    from kernels.decode_attention import fused_decode_attention
+    from jaxserve_kernels.decode_attention import fused_decode_attention
     pools, tables, lengths, slots, cos, sin, qkv, _ = build(batch, context, 14, 2, 64, 1, None)
     k, v = pools[0]
     fn = jax.jit(lambda *a: fused_decode_attention(*a)[0])
@@ -68,7 +68,7 @@ def fused_case(batch: int, context: int):
 def pick_case(rows: int, logprobs: bool = True):
     """The greedy pick over `[rows, 151936]` bf16 logits; `logprobs=False`: the argmax alone (kernel
     `greedy_argmax`, what a 256-row greedy step runs: 29 µs in its profile, 1.1-1.3 TB/s cold)."""
-    from kernels.greedy_pick import greedy_pick
+    from jaxserve_kernels.greedy_pick import greedy_pick
     logits = jax.random.normal(jax.random.key(3), (rows, 151936), jnp.bfloat16)
     fn = jax.jit(functools.partial(greedy_pick, logprobs=logprobs))
     return lambda: fn(logits)
@@ -80,7 +80,7 @@ def gemv_case():
     (`skinny_matmul`, 4.55 µs for the same bytes)."""
     import importlib
 
-    sm = importlib.import_module("kernels.skinny_matmul")
+    sm = importlib.import_module("jaxserve_kernels.skinny_matmul")
     key = jax.random.key(4)
     hidden = jax.random.normal(key, (1, 896), jnp.bfloat16)
     partials = jax.random.normal(jax.random.fold_in(key, 1), (1, 1, 896), jnp.float32)
@@ -99,8 +99,8 @@ def gemm_case(rows: int):
     K-split partials, gate_up with SwiGLU; and the add + RMSNorm between them."""
     import importlib
 
-    sm = importlib.import_module("kernels.skinny_matmul")
-    from kernels.residual_norm import add_rms_norm
+    sm = importlib.import_module("jaxserve_kernels.skinny_matmul")
+    from jaxserve_kernels.residual_norm import add_rms_norm
 
     key = jax.random.key(5)
     rnd = lambda i, shape, dt=jnp.bfloat16: jax.random.normal(jax.random.fold_in(key, i), shape, dt)  # noqa: E731
@@ -118,10 +118,10 @@ def gemm_case(rows: int):
 
 
 def mgpu_case(rows: int, partials_block_n: int | None = None):
-    """`gemm_case`'s four projections on Mosaic GPU (`kernels.skinny_matmul_mgpu`, default TILES;
+    """`gemm_case`'s four projections on Mosaic GPU (`jaxserve_kernels.skinny_matmul_mgpu`, default TILES;
     `partials_block_n` retiles o / down / QKV). Its kernels are all named
     `anonymous_mosaic_gpu_kernel`, in the order QKV, o, gate_up, down."""
-    from kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
+    from jaxserve_kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
 
     key = jax.random.key(5)
     rnd = lambda i, shape: jax.random.normal(jax.random.fold_in(key, i), shape, jnp.bfloat16)  # noqa: E731

@@ -549,7 +549,7 @@ def device_name() -> str:
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "jaxserve", "kernels", "bench"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "jaxserve", "jaxserve_kernels", "bench"], cwd=ROOT,
                                capture_output=True, text=True).stdout.strip()
         return (out.stdout.strip() or "unknown") + (" (+uncommitted changes)" if dirty else "")
     except OSError:

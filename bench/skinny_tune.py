@@ -31,7 +31,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from jaxserve.runner import WIDE_DECODE_OPTIONS  # noqa: E402
-from kernels.skinny_matmul import MAX_ROWS, skinny_matmul, split_count  # noqa: E402
+from jaxserve_kernels.skinny_matmul import MAX_ROWS, skinny_matmul, split_count  # noqa: E402
 
 SHAPES = {"qkv": (896, 1152), "o": (896, 896), "gate_up": (896, 9728), "down": (4864, 896)}
 

@@ -88,7 +88,7 @@ def _check_in_vocab(ids: Sequence[int], vocab: int, what: str) -> None:
 def _decode_table_widths(page_size: int, max_pages: int) -> tuple[int, ...]:
     """Block-table widths (pages) of decode calls: a narrow one and the full ``max_pages``.
 
-    A call whose rows all fit in ``kernels.paged_attention.SINGLE_PASS_KEYS`` keys gets a table
+    A call whose rows all fit in ``jaxserve_kernels.paged_attention.SINGLE_PASS_KEYS`` keys gets a table
     that narrow, which the decode kernels read in one unsplit pass with no split-merge launch;
     a table as wide as the model's length (2048 pages at 32k) makes them split even a short
     row and merge the splits: +3% a step at batch 1 and 16, +6% at 64 on the H200
@@ -98,7 +98,7 @@ def _decode_table_widths(page_size: int, max_pages: int) -> tuple[int, ...]:
         >>> _decode_table_widths(16, 2048), _decode_table_widths(16, 10)
         ((16, 2048), (10,))
     """
-    from kernels.paged_attention import SINGLE_PASS_KEYS
+    from jaxserve_kernels.paged_attention import SINGLE_PASS_KEYS
 
     short = max(1, SINGLE_PASS_KEYS // page_size)
     return (short, max_pages) if short < max_pages else (max_pages,)

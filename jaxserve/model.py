@@ -111,9 +111,9 @@ def _paged_ops(impl: str):
 
     Imported on first paged use so that dense use (training, parity checks) never loads Pallas.
     """
-    from kernels.cache_scatter import cache_scatter, cache_scatter_reference
-    from kernels.paged_attention import paged_attention, paged_attention_reference
-    from kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_reference
+    from jaxserve_kernels.cache_scatter import cache_scatter, cache_scatter_reference
+    from jaxserve_kernels.paged_attention import paged_attention, paged_attention_reference
+    from jaxserve_kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_reference
 
     if impl in ("pallas", "pallas-unfused"):
         return cache_scatter, paged_attention, paged_prefill_attention
@@ -134,7 +134,7 @@ DECODE_GLUE = os.environ.get("JAXSERVE_DECODE_GLUE", "kernels")
 # split count) or "xla" (XLA's fusions of the jnp merge), read when a step is traced.
 SPLIT_COMBINE = os.environ.get("JAXSERVE_SPLIT_COMBINE", "pallas")
 # Skinny-matmul tiling of the decode QKV projection (keyword arguments of
-# `kernels.skinny_matmul.skinny_matmul`; empty: its defaults, a 7-way K split whose sum and bias
+# `jaxserve_kernels.skinny_matmul.skinny_matmul`; empty: its defaults, a 7-way K split whose sum and bias
 # are one more launch a layer). Read when a step is traced, so bench/decode_step.py can compare
 # tilings in one process (`--glue qkv_unsplit ...`).
 QKV_SKINNY_TILING: dict[str, int] = json.loads(os.environ.get("JAXSERVE_QKV_SKINNY_TILING", "{}"))
@@ -145,7 +145,7 @@ ATTENTION_TUNING: dict[str, int] = json.loads(os.environ.get("JAXSERVE_ATTENTION
 # Passes of at most this many rows (decode steps, and prefill chunks under the "pallas" impl) run
 # their projections as the skinny-matmul kernel (and decode steps, with DECODE_GLUE "kernels", the
 # glue kernels); wider ones XLA's GEMMs. Default
-# `kernels.skinny_matmul.MAX_ROWS` (64). Above it the Triton kernel tiles rows in blocks of 64;
+# `jaxserve_kernels.skinny_matmul.MAX_ROWS` (64). Above it the Triton kernel tiles rows in blocks of 64;
 # at batch 256 that lost to cuBLAS (session 9 on the H200: launches of 13.7 µs against 10.4 / 10.2
 # / 4.7 for gate_up / down / o; bench/decode_step.py --glue skinny256). On Hopper in bf16 the
 # Mosaic GPU projections raise the limit to MGPU_MAX_ROWS (`skinny_rows`). Read when a step is traced.
@@ -189,8 +189,8 @@ def check_weight_layout(params: dict, config: ModelConfig) -> None:
 # Experimental (bench/decode_step.py --glue nk_xla_glue). Read when a step is traced.
 DECODE_PROJECTIONS = os.environ.get("JAXSERVE_DECODE_PROJECTIONS", "pallas")
 # Which kernel runs the skinny projections of decode steps of MGPU_MIN_ROWS to skinny_rows() rows ("nk"
-# layout, bf16, rows a multiple of 8): "mgpu" (`kernels.skinny_matmul_mgpu`, TMA copies and WGMMA on
-# Mosaic GPU) or "triton" (`kernels.skinny_matmul`'s tensor-core path, which every other row count
+# layout, bf16, rows a multiple of 8): "mgpu" (`jaxserve_kernels.skinny_matmul_mgpu`, TMA copies and WGMMA on
+# Mosaic GPU) or "triton" (`jaxserve_kernels.skinny_matmul`'s tensor-core path, which every other row count
 # keeps). Session 16 on the H200 (bench/results/decode_step.md): step 0.860 vs 0.916 ms at 64 rows,
 # 0.819 vs 0.924 at 32, but 0.794 vs 0.767 at 16 (the partial sums' glue). With ACCUMULATE's glue
 # the Mosaic GPU path wins below 32 rows too (session 21): 0.748 vs 0.767 ms at 8 rows, 0.757 vs
@@ -235,12 +235,12 @@ def skinny_rows(dtype: Any) -> int:
 
 
 # One-row decode steps fold each sublayer's add + RMSNorm into the projection after it (qkv,
-# gate_up: `kernels.skinny_matmul.skinny_matmul_norm`): 132 kernels a Qwen2.5-0.5B step instead of
+# gate_up: `jaxserve_kernels.skinny_matmul.skinny_matmul_norm`): 132 kernels a Qwen2.5-0.5B step instead of
 # 180, batch-1 step 0.666 vs 0.685 ms on the H200 (bench/results/decode_step.md, session 14). Needs
 # the "nk" layout's one-row path. JAXSERVE_NORM_IN_PROJECTION=0 turns it off. Read when a step is traced.
 NORM_IN_PROJECTION = os.environ.get("JAXSERVE_NORM_IN_PROJECTION", "1") == "1"
 # With the norms folded, o_proj also runs inside the fused attention kernel for tables of at most
-# `kernels.paged_attention.SINGLE_PASS_KEYS` keys (`_fold_o_proj`): batch-1 step 0.604 vs 0.621 ms
+# `jaxserve_kernels.paged_attention.SINGLE_PASS_KEYS` keys (`_fold_o_proj`): batch-1 step 0.604 vs 0.621 ms
 # on the H200 (108 kernels, session 15). JAXSERVE_O_IN_ATTENTION=0 turns it off. Read when a step
 # is traced.
 O_IN_ATTENTION = os.environ.get("JAXSERVE_O_IN_ATTENTION", "1") == "1"
@@ -248,7 +248,7 @@ O_IN_ATTENTION = os.environ.get("JAXSERVE_O_IN_ATTENTION", "1") == "1"
 
 def _fold_norms(x: jax.Array) -> bool:
     """Whether this fused-glue step folds its norms into the projections (see NORM_IN_PROJECTION)."""
-    sm = importlib.import_module("kernels.skinny_matmul")  # `kernels` exports a function of that name
+    sm = importlib.import_module("jaxserve_kernels.skinny_matmul")  # `kernels` exports a function of that name
 
     return (NORM_IN_PROJECTION and WEIGHT_LAYOUT == "nk" and DECODE_PROJECTIONS == "pallas" and sm.NK_GEMV
             and x.shape[0] * x.shape[1] == 1 and x.shape[-1] <= sm.NORM_GEMV_MAX_K)
@@ -261,7 +261,7 @@ def _xla_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, epi
     ``round_product``: the GEMM writes its product in x's dtype (half the bytes of float32 for the
     epilogue's fusion to read); the same values where the epilogue rounds the product first (SwiGLU).
     """
-    from kernels.skinny_matmul import apply_epilogue
+    from jaxserve_kernels.skinny_matmul import apply_epilogue
 
     y = jax.lax.dot_general(x, kernel, (((1,), (1 if nk else 0,)), ((), ())),
                             preferred_element_type=x.dtype if round_product else jnp.float32)
@@ -289,7 +289,7 @@ def _mgpu_runs(dtype: Any) -> bool:
 def _mgpu_projection(x: jax.Array, kernel: jax.Array, epilogue: str) -> bool:
     """Whether this skinny projection runs on Mosaic GPU (`_mgpu_runs`, at least MGPU_MIN_ROWS rows
     and a shape it takes); otherwise Triton's path, which runs anywhere."""
-    from kernels.skinny_matmul_mgpu import supports
+    from jaxserve_kernels.skinny_matmul_mgpu import supports
 
     rows = x.size // x.shape[-1]
     return (rows >= MGPU_MIN_ROWS and _mgpu_runs(x.dtype) and kernel.dtype == jnp.bfloat16
@@ -325,7 +325,7 @@ def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
     at most ``skinny_rows(x.dtype)`` rows under "pallas".
 
     Then the projections that add into the residual return their K-split partial sums, and
-    each sublayer starts with one ``kernels.residual_norm.add_rms_norm`` (sum, residual add,
+    each sublayer starts with one ``jaxserve_kernels.residual_norm.add_rms_norm`` (sum, residual add,
     RMSNorm) instead of several XLA fusions; the MLP's SwiGLU runs inside the gate_up kernel.
     Wider steps keep XLA's GEMMs, which fold the residual adds into their epilogues.
     """
@@ -349,7 +349,7 @@ ACCUMULATE = os.environ.get("JAXSERVE_ACCUMULATE", "1") == "1"
 
 # Greedy steps of GREEDY_HEAD_MIN_ROWS-GREEDY_HEAD_ROWS rows (a multiple of 8) in which no request
 # wants log-probabilities take their tokens from the tied LM head directly
-# (`kernels.skinny_matmul_mgpu.argmax_matmul_mgpu`: each program keeps its block's row maxima; no logits
+# (`jaxserve_kernels.skinny_matmul_mgpu.argmax_matmul_mgpu`: each program keeps its block's row maxima; no logits
 # written, no pick launch). Session 23 on the H200 (bench/results/decode_step.md): the 64-row step
 # 0.785 against 0.791 ms (head 68.7 µs against the GEMM's 71.6 + the pick's 6.9); at 32 rows, where
 # the logits path ends in XLA's argmax, not the pick kernel, 0.768 against 0.758; at 128 and 256 rows
@@ -379,7 +379,7 @@ def _accumulate_glue(paged: PagedAttention | None, x: jax.Array, cfg: ModelConfi
     """Whether this pass runs ACCUMULATE's glue: a fused-glue decode step (``x`` the residual
     stream, ``dtype`` the model's) of MGPU_MIN_ROWS or more rows whose QKV, o and down the Mosaic
     GPU kernel takes, and gate_up too unless it runs on XLA (XLA_GATE_UP_ROWS); norms not folded."""
-    from kernels.skinny_matmul_mgpu import supports
+    from jaxserve_kernels.skinny_matmul_mgpu import supports
 
     rows = x.shape[0] * x.shape[1]
     if not (ACCUMULATE and DECODE_PROJECTIONS == "pallas" and _fused_glue(paged, jax.ShapeDtypeStruct(x.shape, dtype))
@@ -396,7 +396,7 @@ def _norm_stream(x: jax.Array, norm: tuple, dtype: Any, seed: jax.Array | None =
     """The float32 stream ``x [B, S, N]`` normed into ``dtype`` (``norm``: the folded RMSNorm's
     ``(None, scale, eps)``), and with ``seed`` also QKV's float32 accumulator ``[B, S, N2]`` started
     at it (ACCUMULATE's glue)."""
-    from kernels.residual_norm import add_rms_norm
+    from jaxserve_kernels.residual_norm import add_rms_norm
 
     _, scale, eps = norm
     out = add_rms_norm(x.reshape(-1, x.shape[-1]), None, scale, eps=eps, out_dtype=dtype, seed=seed)
@@ -405,7 +405,7 @@ def _norm_stream(x: jax.Array, norm: tuple, dtype: Any, seed: jax.Array | None =
 
 def _accumulate(x: jax.Array, kernel: jax.Array, acc: jax.Array) -> jax.Array:
     """``acc + x @ kernel.T`` (float32, in acc's buffer) on Mosaic GPU; ``x [B, 1, K]``, ``acc [B, 1, N]``."""
-    from kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
+    from jaxserve_kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
 
     rows = x.shape[0] * x.shape[1]
     out = skinny_matmul_mgpu(x.reshape(rows, x.shape[-1]), kernel, epilogue="accumulate",
@@ -419,7 +419,7 @@ class Linear(nn.Module):
     ``fast=True`` (a pass under the "pallas" impl) sends inputs of at most ``SKINNY_ROWS`` rows
     (decode steps: ``skinny_rows(dtype)``) to the Pallas kernel: XLA streams the weights of
     a few-row product at a fraction of the HBM bandwidth (see that module). ``epilogue``
-    ("partials", "swiglu"; see ``kernels.skinny_matmul.skinny_matmul``) is for the fused decode
+    ("partials", "swiglu"; see ``jaxserve_kernels.skinny_matmul.skinny_matmul``) is for the fused decode
     glue only, which guarantees the kernel runs; ``tiling`` overrides the kernel's tiling
     (``block_n``, ``block_k``, ``num_splits``, ...).
     """
@@ -443,14 +443,14 @@ class Linear(nn.Module):
         x = x.astype(self.dtype)
         rows = x.size // x.shape[-1]
         if norm is not None:  # x is the residual stream; see _fold_norms
-            from kernels.skinny_matmul import skinny_matmul_norm
+            from jaxserve_kernels.skinny_matmul import skinny_matmul_norm
 
             partials, scale, eps = norm
             h, out = skinny_matmul_norm(x.reshape(1, x.shape[-1]), partials, scale, kernel, bias, eps=eps,
                                         epilogue=epilogue)
             return h.reshape(x.shape), out.reshape(*x.shape[:-1], out.shape[-1])
         if fast:
-            from kernels.skinny_matmul import skinny_matmul
+            from jaxserve_kernels.skinny_matmul import skinny_matmul
 
             # Prefill chunks keep SKINNY_ROWS: the Mosaic GPU rows past it were measured on decode steps.
             decode = x.ndim >= 3 and x.shape[-2] == 1
@@ -461,7 +461,7 @@ class Linear(nn.Module):
                     out = _xla_projection(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue, nk,
                                           round_product=True)
                 elif _mgpu_projection(x, kernel, epilogue):
-                    from kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
+                    from jaxserve_kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
 
                     out = skinny_matmul_mgpu(x.reshape(rows, x.shape[-1]), kernel, bias, epilogue=epilogue)
                 else:
@@ -479,7 +479,7 @@ class Linear(nn.Module):
 class RMSNorm(nn.Module):
     """RMSNorm; with ``fused=True`` it first adds ``partials`` (a projection's float32 K-split
     sums, ``[S, B, N]``) into ``x [B, 1, N]`` and returns ``(new residual, normed)`` from one
-    kernel (``kernels.residual_norm``)."""
+    kernel (``jaxserve_kernels.residual_norm``)."""
 
     eps: float
     dtype: Any
@@ -491,7 +491,7 @@ class RMSNorm(nn.Module):
         if folded:  # the projection after the norm computes it (_fold_norms): hand it what it needs
             return partials, scale, self.eps
         if fused:
-            from kernels.residual_norm import add_rms_norm
+            from jaxserve_kernels.residual_norm import add_rms_norm
 
             b, s, n = x.shape
             # A float32 stream (ACCUMULATE) is normed into the model's dtype.
@@ -507,7 +507,7 @@ def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelCon
                          out_dtype: Any = None):
     """Decode: RoPE, the cache write and attention in one kernel, not six a layer; with ``wo``
     (_fold_o_proj) o_proj too, whose per-KV-head partials ``[kv_heads, B, hidden]`` it returns."""
-    from kernels.decode_attention import fused_decode_attention, fused_decode_attention_o
+    from jaxserve_kernels.decode_attention import fused_decode_attention, fused_decode_attention_o
 
     h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     b = qkv.shape[0]
@@ -524,8 +524,8 @@ def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelCon
 def _fold_o_proj(paged: PagedAttention, kv) -> bool:
     """Whether a norm-folded one-row decode step (_fold_norms, so the "nk" layout) also runs o_proj
     inside the fused attention kernel (O_IN_ATTENTION): short tables only, since every block of o's
-    rows redoes the attention (`kernels.decode_attention.fused_decode_attention_o`)."""
-    from kernels.paged_attention import SINGLE_PASS_KEYS
+    rows redoes the attention (`jaxserve_kernels.decode_attention.fused_decode_attention_o`)."""
+    from jaxserve_kernels.paged_attention import SINGLE_PASS_KEYS
 
     page_size = kv[0].shape[2]
     return O_IN_ATTENTION and paged.block_tables.shape[1] * page_size <= SINGLE_PASS_KEYS
@@ -716,7 +716,7 @@ class Qwen2ForCausalLM(nn.Module):
             x = final_norm(x)
         new_kv = None if kv is None else tuple(new_kv)
         if greedy_tokens:  # the caller checked greedy_head_applies: each row's argmax, no logits
-            from kernels.skinny_matmul_mgpu import argmax_matmul_mgpu
+            from jaxserve_kernels.skinny_matmul_mgpu import argmax_matmul_mgpu
 
             tokens = argmax_matmul_mgpu(x.reshape(-1, x.shape[-1]).astype(self.dtype), embed.embedding)
             return tokens.reshape(x.shape[:-1]), new_kv

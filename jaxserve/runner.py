@@ -57,7 +57,7 @@ PREFILL_OPTIONS: dict[str, Any] = json.loads(
     os.environ.get("JAXSERVE_PREFILL_OPTIONS", '{"xla_gpu_enable_triton_gemm": false}'))
 
 
-# How a greedy step picks its tokens under the "pallas" impl: "kernel" (`kernels.greedy_pick`:
+# How a greedy step picks its tokens under the "pallas" impl: "kernel" (`jaxserve_kernels.greedy_pick`:
 # argmax and the token's log-probability in one pass over the bf16 logits) or "xla" (jnp argmax
 # and log-softmax: several XLA reductions, each reading all the logits), the kernel only for
 # steps of at least GREEDY_PICK_MIN_ROWS rows. H200, Qwen2.5-0.5B decode step, one process,
@@ -77,7 +77,7 @@ def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, cou
 
     The greedy path matters on the GPU: the sampler's data-dependent ``lax.cond``s each cost
     a predicate read-back per step, argmax costs one reduction. ``pick_kernel``: the greedy
-    pick (without top log-probs) runs as `kernels.greedy_pick`, one launch and one read of the
+    pick (without top log-probs) runs as `jaxserve_kernels.greedy_pick`, one launch and one read of the
     logits. ``logits`` may be in any float dtype; log-probs are computed in float32.
     ``logprobs=False`` (no request in the step asked for any): they are NaN, not computed, so
     the greedy pick is the argmax alone (no exponential of the logits).
@@ -86,7 +86,7 @@ def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, cou
         return sample(logits, batch, steps, counts=counts, seen=seen, num_top_logprobs=num_top,
                       logprobs=logprobs)
     if pick_kernel and num_top == 0:
-        from kernels.greedy_pick import greedy_pick
+        from jaxserve_kernels.greedy_pick import greedy_pick
 
         tokens, chosen = greedy_pick(logits, logprobs=logprobs)
         out = no_logprobs(tokens)  # no top tokens either way
@@ -276,7 +276,7 @@ _steps_cache: collections.OrderedDict[tuple, Steps] = collections.OrderedDict()
 _steps_lock = threading.Lock()
 # Where the model, its sampler and its kernels read their knobs (and the kernels package).
 TRACED_MODULES = ("jaxserve.config", "jaxserve.kv_pool", "jaxserve.model", "jaxserve.runner", "jaxserve.sampling",
-                  "kernels")
+                  "jaxserve_kernels")
 
 
 def steps_for(config: ModelConfig, dtype: Any, page_size: int, attention_impl: str,
@@ -305,9 +305,9 @@ def steps_for(config: ModelConfig, dtype: Any, page_size: int, attention_impl: s
 
 def module_knobs() -> tuple:
     """Every module-level name, with its value, of the modules a step's trace reads."""
-    import kernels
+    import jaxserve_kernels
 
-    names = list(TRACED_MODULES) + [f"kernels.{m.name}" for m in pkgutil.iter_modules(kernels.__path__)]
+    names = list(TRACED_MODULES) + [f"jaxserve_kernels.{m.name}" for m in pkgutil.iter_modules(jaxserve_kernels.__path__)]
     knobs = []
     for name in names:
         # Imported here, not as the trace first reaches them: a module that appeared after the

@@ -24,11 +24,11 @@ jax.config.update("jax_traceback_in_locations_limit", 0)  # no file:line in the 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tests.test_gpu_lowering as t  # noqa: E402
-from kernels.decode_attention import fused_decode_attention  # noqa: E402
-from kernels.residual_norm import add_rms_norm  # noqa: E402
-from kernels.split_combine import combine_splits  # noqa: E402
+from jaxserve_kernels.decode_attention import fused_decode_attention  # noqa: E402
+from jaxserve_kernels.residual_norm import add_rms_norm  # noqa: E402
+from jaxserve_kernels.split_combine import combine_splits  # noqa: E402
 
-sm = importlib.import_module("kernels.skinny_matmul")  # `kernels` exports a function of that name
+sm = importlib.import_module("jaxserve_kernels.skinny_matmul")  # `kernels` exports a function of that name
 S = t._sds
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from jaxserve.model import rope_tables
-from kernels import decode_attention
-from kernels.decode_attention import (fused_decode_attention, fused_decode_attention_o,
+from jaxserve_kernels import decode_attention
+from jaxserve_kernels.decode_attention import (fused_decode_attention, fused_decode_attention_o,
                                       fused_decode_attention_o_reference, fused_decode_attention_reference)
 from tests.test_kernels import (DECODE_CASES, MODES, TOLERANCE, fresh_rng, make_pool, make_sequences,
                                 poison_unowned, ragged_lengths, relative_error)
@@ -240,7 +240,7 @@ def test_fused_decode_joint_rope_equals_two_products_bitwise(interpret, num_head
     and on the CPU interpreter the two layouts then round apart now and then (one output row a bf16
     unit off in about one run of four, seed 1728193266; most likely the two programs' float32 chains
     compiled into different FMAs); the lean tests check both layouts against the reference."""
-    monkeypatch.setattr(importlib.import_module("kernels.paged_attention"), "LEAN_SOFTMAX", False)
+    monkeypatch.setattr(importlib.import_module("jaxserve_kernels.paged_attention"), "LEAN_SOFTMAX", False)
     rng, seed = fresh_rng()
     args = fused_case(rng, batch=5, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, page_size=16,
                       table_pages=4, dtype=dtype)
@@ -352,14 +352,14 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
     if projections.endswith("+o"):
         import importlib
 
-        da = importlib.import_module("kernels.decode_attention")
+        da = importlib.import_module("jaxserve_kernels.decode_attention")
         fused_o = []
         monkeypatch.setattr(da, "fused_decode_attention_o",
                             lambda *a, _f=da.fused_decode_attention_o, **k: fused_o.append(1) or _f(*a, **k))
     if projections.endswith("+loop"):
         import importlib
 
-        sm = importlib.import_module("kernels.skinny_matmul")
+        sm = importlib.import_module("jaxserve_kernels.skinny_matmul")
         # Interpret mode's 64-row blocks: the MLP's 160 gate rows are 3 blocks over 2 programs.
         monkeypatch.setattr(sm, "NORM_GEMV_TILES", {"none": {"num_programs": 1}, "swiglu": {"num_programs": 2}})
         monkeypatch.setattr(sm, "NK_GEMV_PREFETCH", True)
@@ -380,7 +380,7 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
     if fold:
         import importlib
 
-        sm = importlib.import_module("kernels.skinny_matmul")  # the package exports a function of that name
+        sm = importlib.import_module("jaxserve_kernels.skinny_matmul")  # the package exports a function of that name
         folded = []
         monkeypatch.setattr(sm, "skinny_matmul_norm",
                             lambda *a, _f=sm.skinny_matmul_norm, **k: folded.append(1) or _f(*a, **k))
@@ -431,7 +431,7 @@ def test_fused_decode_lean_softmax_matches_reference(interpret, case, combine, s
     """`LEAN_SOFTMAX` (q rounded with the logits' scale in it, no select after the exponential) and
     `FTZ_EXP2` on: the reference's tolerance, no NaN from the poisoned pool (the new token's slot
     included), length-0 rows zero, the cache written as without them."""
-    pa = importlib.import_module("kernels.paged_attention")
+    pa = importlib.import_module("jaxserve_kernels.paged_attention")
     monkeypatch.setattr(pa, "LEAN_SOFTMAX", True)
     monkeypatch.setattr(pa, "FTZ_EXP2", True)
     num_heads, kv_heads, head_dim, page_size, dtype, num_splits, ppb = DECODE_CASES[case]
@@ -452,7 +452,7 @@ def test_fused_decode_lean_softmax_matches_reference(interpret, case, combine, s
 @pytest.mark.parametrize("interpret", MODES)
 def test_fused_decode_o_lean_softmax_matches_reference(interpret, monkeypatch):
     """The one-row fused attention with o_proj folded in, `LEAN_SOFTMAX` and `FTZ_EXP2` on."""
-    pa = importlib.import_module("kernels.paged_attention")
+    pa = importlib.import_module("jaxserve_kernels.paged_attention")
     monkeypatch.setattr(pa, "LEAN_SOFTMAX", True)
     monkeypatch.setattr(pa, "FTZ_EXP2", True)
     rng, seed = fresh_rng()

@@ -680,7 +680,7 @@ def test_bf16_tied_engine_takes_greedy_tokens_from_the_lm_head(tmp_path, monkeyp
     make_hf_checkpoint(str(tmp_path), vocab_size=320, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, hidden_size=64, tie_word_embeddings=True)
     m = jaxserve.load(str(tmp_path), dtype="bfloat16")
-    mg = importlib.import_module("kernels.skinny_matmul_mgpu")
+    mg = importlib.import_module("jaxserve_kernels.skinny_matmul_mgpu")
     heads = []
     monkeypatch.setattr(mg, "argmax_matmul_mgpu",
                         lambda *a, _f=mg.argmax_matmul_mgpu, **k: heads.append(1) or _f(*a, **k))

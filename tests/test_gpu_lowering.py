@@ -23,12 +23,12 @@ import pytest
 
 from jaxserve.config import ModelConfig
 from jaxserve.model import PagedAttention, Qwen2ForCausalLM, init_params, new_kv_cache
-from kernels import cache_scatter, paged_attention, paged_prefill_attention
-from kernels.decode_attention import fused_decode_attention_o
-from kernels.greedy_pick import greedy_pick
+from jaxserve_kernels import cache_scatter, paged_attention, paged_prefill_attention
+from jaxserve_kernels.decode_attention import fused_decode_attention_o
+from jaxserve_kernels.greedy_pick import greedy_pick
 
-compat = importlib.import_module("kernels.pallas_compat")
-sm = importlib.import_module("kernels.skinny_matmul")  # `kernels` exports a function of that name
+compat = importlib.import_module("jaxserve_kernels.pallas_compat")
+sm = importlib.import_module("jaxserve_kernels.skinny_matmul")  # `kernels` exports a function of that name
 
 # Qwen2.5-0.5B's shapes, two layers.
 CFG = ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=2,
@@ -150,9 +150,9 @@ def test_decode_step_with_mgpu_projections_lowers_for_cuda(compiled_kernels, mon
 
 @pytest.mark.parametrize("epilogue,n,k", [("swiglu", 9728, 896), ("partials", 896, 4864), ("none", 1152, 896)])
 def test_two_warpgroup_projection_lowers_for_cuda(compiled_kernels, epilogue, n, k):
-    # kernels.skinny_matmul_mgpu's warp-specialized variant (experimental) at batch 256's 0.5B
+    # jaxserve_kernels.skinny_matmul_mgpu's warp-specialized variant (experimental) at batch 256's 0.5B
     # shapes: the pipeline's memory and compute warpgroups lower to Mosaic GPU's MLIR here.
-    from kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
+    from jaxserve_kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
 
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
     text = lower_for_cuda(lambda x, w: skinny_matmul_mgpu(x, w, epilogue=epilogue, block_n=32, num_slots=4,

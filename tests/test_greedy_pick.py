@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.greedy_pick import greedy_pick, greedy_pick_reference, pick_blocks, pick_blocks_reference
+from jaxserve_kernels.greedy_pick import greedy_pick, greedy_pick_reference, pick_blocks, pick_blocks_reference
 from tests.test_kernels import MODES, fresh_rng
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import (cache_scatter, cache_scatter_reference, paged_attention,
+from jaxserve_kernels import (cache_scatter, cache_scatter_reference, paged_attention,
                      paged_attention_reference, paged_prefill_attention,
                      paged_prefill_attention_reference)
 
@@ -344,7 +344,7 @@ def test_shape_errors_name_the_field():
 def test_decode_tuning_defaults_short_tables_and_head_dims():
     """Short decode tables that would split run unsplit in one pass; head_dim 64 splits twice as far as 128;
     explicit knobs and prefill (no `single_pass`) keep the general rule."""
-    from kernels.paged_attention import SINGLE_PASS_KEYS, resolve_tuning
+    from jaxserve_kernels.paged_attention import SINGLE_PASS_KEYS, resolve_tuning
 
     pages = SINGLE_PASS_KEYS // 16
     assert resolve_tuning(16, pages, 2, None, None, False, 128, single_pass=True) == (pages, 1)
@@ -366,7 +366,7 @@ def test_decode_lean_softmax_matches_reference(interpret, case, v_mask, monkeypa
     """`LEAN_SOFTMAX` (no select after the exponential) and `FTZ_EXP2` (one ex2.approx.ftz an
     exponential, compiled) on: the same tolerance against the float32 reference, no NaN from the
     poisoned slots, length-0 rows still zero, splits and the single-pass table included."""
-    pa = importlib.import_module("kernels.paged_attention")
+    pa = importlib.import_module("jaxserve_kernels.paged_attention")
     monkeypatch.setattr(pa, "LEAN_SOFTMAX", True)
     monkeypatch.setattr(pa, "FTZ_EXP2", True)
     (q, k_pages, v_pages, table, lengths), seed, num_splits, ppb = ragged_decode_case(case, q_scale=3.0)

@@ -212,3 +212,15 @@ def test_rope_tables_repeat_modes_give_the_same_bits(head_dim, monkeypatch):
             assert got.shape == (*positions.shape, head_dim) and got.dtype == jnp.float32
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"positions={positions}")
             np.testing.assert_array_equal(np.asarray(got)[..., :head_dim // 2], np.asarray(got)[..., head_dim // 2:])
+
+
+def test_no_project_module_shadows_hugging_face_kernels():
+    # transformers imports Hugging Face's `kernels` package wherever that distribution is installed
+    # (CI's Python has it); a top-level `kernels` of ours, first on sys.path from the repository root,
+    # broke every transformers import there ("cannot import name 'CUDAProperties' from 'kernels'").
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or root not in pathlib.Path(spec.origin).resolve().parents, spec.origin

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.paged_attention import paged_attention_reference
-from kernels.paged_attention_mgpu import paged_attention_mgpu
+from jaxserve_kernels.paged_attention import paged_attention_reference
+from jaxserve_kernels.paged_attention_mgpu import paged_attention_mgpu
 from tests.test_kernels import (MODES, TOLERANCE, fresh_rng, make_pool, make_sequences,
                                 poison_unowned, ragged_lengths, relative_error)
 

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.residual_norm import add_rms_norm, add_rms_norm_reference
-from kernels.skinny_matmul import MAX_ROWS
+from jaxserve_kernels.residual_norm import add_rms_norm, add_rms_norm_reference
+from jaxserve_kernels.skinny_matmul import MAX_ROWS
 from tests.test_kernels import MODES, TOLERANCE, fresh_rng, relative_error
 
 CASES = [  # (M, N, partial splits or None, dtype)
@@ -86,7 +86,7 @@ def test_float32_stream_normed_to_bf16_with_a_seeded_accumulator(interpret, seed
     # from each row's program or (SEED_PROGRAMS) from programs of its own.
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("kernels.residual_norm"), "SEED_PROGRAMS", seed_programs)
+    monkeypatch.setattr(importlib.import_module("jaxserve_kernels.residual_norm"), "SEED_PROGRAMS", seed_programs)
     rng, seed = fresh_rng()
     hidden = jnp.asarray(rng.standard_normal((m, n)) * 3, jnp.float32)
     scale = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.bfloat16)
@@ -105,7 +105,7 @@ def test_scale_loaded_first_gives_the_same_bits(interpret, with_partials, monkey
     # SCALE_FIRST only moves the norm weight's load to the top of a row's program.
     import importlib
 
-    module = importlib.import_module("kernels.residual_norm")
+    module = importlib.import_module("jaxserve_kernels.residual_norm")
     rng, seed = fresh_rng()
     dtype = jnp.bfloat16 if with_partials else jnp.float32
     hidden = jnp.asarray(rng.standard_normal((6, 200)) * 3, dtype)

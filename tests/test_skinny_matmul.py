@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.skinny_matmul import (MAX_ROWS, ROW_BLOCK, default_tiling, skinny_matmul,
+from jaxserve_kernels.skinny_matmul import (MAX_ROWS, ROW_BLOCK, default_tiling, skinny_matmul,
                                    skinny_matmul_norm, skinny_matmul_norm_reference,
                                    skinny_matmul_reference)
 from tests.test_kernels import MODES, TOLERANCE, fresh_rng, relative_error
@@ -197,7 +197,7 @@ def test_skinny_matmul_norm_hoisted_loads_give_the_same_bits(interpret, epilogue
     bias = jnp.asarray(rng.standard_normal(n), dtype) if with_bias else None
     outs = []
     for hoist in (False, True):
-        monkeypatch.setattr(importlib.import_module("kernels.skinny_matmul"), "NORM_GEMV_HOIST", hoist)
+        monkeypatch.setattr(importlib.import_module("jaxserve_kernels.skinny_matmul"), "NORM_GEMV_HOIST", hoist)
         # programs None: one block a program, where the bias is hoisted too
         for num_programs in (None, programs):
             outs.append(skinny_matmul_norm(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue, block_n=bn,

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.skinny_matmul import skinny_matmul_reference
-import kernels.skinny_matmul_mgpu as skinny_matmul_mgpu_module
-from kernels.skinny_matmul_mgpu import argmax_matmul_mgpu, skinny_matmul_mgpu, split_count, supports
+from jaxserve_kernels.skinny_matmul import skinny_matmul_reference
+import jaxserve_kernels.skinny_matmul_mgpu as skinny_matmul_mgpu_module
+from jaxserve_kernels.skinny_matmul_mgpu import argmax_matmul_mgpu, skinny_matmul_mgpu, split_count, supports
 from tests.test_kernels import MODES, TOLERANCE, fresh_rng, relative_error
 
 
@@ -75,7 +75,7 @@ def test_pdl_launch_matches_reference(interpret, epilogue, m, k, n, block_n, slo
 def test_read_only_exit_wait_matches_reference(interpret, epilogue, m, k, n, splits, monkeypatch):
     # EXIT_READ_ONLY (opt-in): a program waits for its output copy to read shared memory, not for
     # the writes, before it exits; every output must still land.
-    monkeypatch.setattr(importlib.import_module("kernels.skinny_matmul_mgpu"), "EXIT_READ_ONLY", True)
+    monkeypatch.setattr(importlib.import_module("jaxserve_kernels.skinny_matmul_mgpu"), "EXIT_READ_ONLY", True)
     _matches_reference(interpret, epilogue, m, k, n, splits, block_n=32, num_slots=3, num_splits=splits)
 
 
@@ -116,7 +116,7 @@ def test_accumulate_adds_into_its_input_in_place(interpret, m, k, n, tiling, mon
     # `acc + x @ w.T` comes back in acc's buffer: under jit with acc donated, no copy. The programs
     # exit on a read-only wait of their copies (EXIT_READ_ONLY) where M is a multiple of 16 (four of
     # the six cases): the sums must still all land.
-    monkeypatch.setattr(importlib.import_module("kernels.skinny_matmul_mgpu"), "EXIT_READ_ONLY", m % 16 == 0)
+    monkeypatch.setattr(importlib.import_module("jaxserve_kernels.skinny_matmul_mgpu"), "EXIT_READ_ONLY", m % 16 == 0)
     rng, seed = fresh_rng()
     x, w = _operands(rng, m, k, n)
     acc = jnp.asarray(rng.standard_normal((m, n)) * 4, jnp.float32)
@@ -194,7 +194,7 @@ def test_default_tiles_by_rows_and_depth():
     # default tiling matches.
     import importlib
 
-    mg = importlib.import_module("kernels.skinny_matmul_mgpu")
+    mg = importlib.import_module("jaxserve_kernels.skinny_matmul_mgpu")
     assert mg.tile_for(64, 896, "partials") == {**mg.TILES["partials"], "block_m": 64, "boxes": 1, "warpgroups": 1}
     assert mg.tile_for(64, 4864, "partials") == {"boxes": 1, **mg.TILES["deep"], "block_m": 64, "warpgroups": 1}
     assert mg.tile_for(128, 4864, "partials")["block_n"] == mg.WIDE_TILES["deep"]["block_n"]
@@ -271,7 +271,7 @@ def _count_mgpu_calls(monkeypatch, record) -> list:
     """Calls of `skinny_matmul_mgpu` from here on, each as `record(args, kwargs)`."""
     import importlib
 
-    mg = importlib.import_module("kernels.skinny_matmul_mgpu")
+    mg = importlib.import_module("jaxserve_kernels.skinny_matmul_mgpu")
     calls = []
     monkeypatch.setattr(mg, "skinny_matmul_mgpu",
                         lambda *a, _f=mg.skinny_matmul_mgpu, **k: calls.append(record(a, k)) or _f(*a, **k))
@@ -286,7 +286,7 @@ def test_model_decode_step_through_mgpu_matches_triton(monkeypatch, pdl):
     # missing grid-dependency wait would read stale activations).
     from jaxserve import model as model_module
 
-    monkeypatch.setattr(importlib.import_module("kernels.skinny_matmul_mgpu"), "PDL", pdl)
+    monkeypatch.setattr(importlib.import_module("jaxserve_kernels.skinny_matmul_mgpu"), "PDL", pdl)
     monkeypatch.setattr(model_module, "ACCUMULATE", False)  # the partial sums' glue (the accumulating one: below)
     calls = _count_mgpu_calls(monkeypatch, lambda a, k: k["epilogue"])
     monkeypatch.setattr(model_module, "MGPU_MIN_ROWS", 8)
@@ -320,7 +320,7 @@ def test_model_decode_step_accumulating_in_place_matches_partials(monkeypatch, b
     calls.clear()
     monkeypatch.setattr(model_module, "ACCUMULATE", True)
     # With PDL every projection may start before the kernel ahead ends (its weights first).
-    monkeypatch.setattr(importlib.import_module("kernels.skinny_matmul_mgpu"), "PDL", pdl)
+    monkeypatch.setattr(importlib.import_module("jaxserve_kernels.skinny_matmul_mgpu"), "PDL", pdl)
     out = jax.jit(run)()
     assert calls == ["accumulate", "accumulate", "swiglu", "accumulate"] * cfg.num_hidden_layers
     assert out.dtype == ref.dtype and not np.isnan(np.asarray(out)).any(), f"seed={seed}"

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import split_combine
-from kernels.split_combine import combine_splits, combine_splits_reference
+from jaxserve_kernels import split_combine
+from jaxserve_kernels.split_combine import combine_splits, combine_splits_reference
 from tests.test_kernels import MODES, TOLERANCE, fresh_rng, relative_error
 
 CASES = [  # (splits, batch, kv_heads, group, head_dim, dtype)

@@ -1,8 +1,8 @@
 """Experimental: paged decode attention on the Pallas Mosaic GPU backend (TMA + WGMMA).
 
 Owns: a second decode kernel, for measuring Mosaic GPU against the Triton-lowered
-`kernels.paged_attention` (issue 6 asks for both backends). Same contract as
-`kernels.paged_attention.paged_attention` for one decode token per sequence; its
+`jaxserve_kernels.paged_attention` (issue 6 asks for both backends). Same contract as
+`jaxserve_kernels.paged_attention.paged_attention` for one decode token per sequence; its
 reference is that module's `paged_attention_reference`. Never used by the engine.
 
 Why it was written: the Triton kernel's programs stall on their gathered loads (Nsight
@@ -26,7 +26,7 @@ How (one program, one warpgroup, per sequence and KV head):
   past the length are zeroed in shared memory (whatever the pool holds there).
 - Flash-decoding: each (sequence, KV head) runs `num_splits` programs over equal runs of
   that row's own blocks; each writes its rows normalized plus their log-sum-exp, and
-  `kernels.split_combine` merges them (one launch), as for the Triton kernel.
+  `jaxserve_kernels.split_combine` merges them (one launch), as for the Triton kernel.
 - Only the group's rows, padded to one 8-row tile, are written back (TMA copies of the
   swizzled tile; the lse row is 8 floats, TMA's 16-byte minimum).
 
@@ -44,10 +44,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import mgpu_pipeline as ring
-from kernels import pallas_compat as compat
-from kernels.paged_attention import _MASK_VALUE
-from kernels.split_combine import combine_splits
+from jaxserve_kernels import mgpu_pipeline as ring
+from jaxserve_kernels import pallas_compat as compat
+from jaxserve_kernels.paged_attention import _MASK_VALUE
+from jaxserve_kernels.split_combine import combine_splits
 
 _ROWS = 64  # WGMMA's M
 # Two programs an SM of an H100 / H200 (132 SMs): enough to hide a program's ramp and tail.
@@ -180,10 +180,10 @@ def paged_attention_mgpu(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                          interpret: bool | None = None) -> jax.Array:
     """Decode attention `q [batch, num_heads, D]` over paged bf16 K/V, Mosaic GPU backend.
 
-    Arguments as `kernels.paged_attention.paged_attention` (lengths 0 give zeros);
+    Arguments as `jaxserve_kernels.paged_attention.paged_attention` (lengths 0 give zeros);
     `pages_per_block` pages a step, `num_slots` steps' copies in flight, `num_splits`
     flash-decoding splits of each row (None: `default_mgpu_splits`), merged by
-    `kernels.split_combine`. `interpret` (default: on the CPU) runs Mosaic GPU's interpreter.
+    `jaxserve_kernels.split_combine`. `interpret` (default: on the CPU) runs Mosaic GPU's interpreter.
 
     Example:
         >>> q = jnp.ones((2, 14, 64), jnp.bfloat16)

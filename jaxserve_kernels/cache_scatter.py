@@ -10,7 +10,7 @@ and each program copies one token's rows (all KV heads) to its slot.
 The pools are aliased to the outputs (`input_output_aliases`); with the caller donating
 them under `jax.jit`, the update is in place and costs O(tokens), not O(pool).
 
-Backend: Pallas Triton lowering (see `kernels.pallas_compat` for why), interpret mode on
+Backend: Pallas Triton lowering (see `jaxserve_kernels.pallas_compat` for why), interpret mode on
 the CPU.
 """
 
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import pallas_compat as compat
+from jaxserve_kernels import pallas_compat as compat
 
 
 def _check_shapes(k_pages, v_pages, k, v, slot_mapping) -> None:

@@ -33,7 +33,7 @@ one-exp kernel won twice (-1.1%, -0.9%), so the runner uses it from 64 (`runner.
 With `logprobs=False` (no request in the step asked for them; session 12) it is an argmax alone: 29 µs
 at 256 rows in the step's profile, against ~56 µs with the log-sum-exp.
 
-Backend: Pallas Triton, like the other kernels (`kernels.paged_attention` says why).
+Backend: Pallas Triton, like the other kernels (`jaxserve_kernels.paged_attention` says why).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import pallas_compat as compat
-from kernels.paged_attention import LOG2E
+from jaxserve_kernels import pallas_compat as compat
+from jaxserve_kernels.paged_attention import LOG2E
 
 # Elements one loop iteration loads (8 KB of bf16 over 8 warps: 16 a thread), pipeline depth,
 # and how many programs (rows x chunks) to aim for: 4 an SM of the H100/H200's 132.
@@ -223,7 +223,7 @@ def pick_blocks(maxes: jax.Array, firsts: jax.Array, *, interpret: bool | None =
     """Each row's token from per-block maxima: `firsts[b, row]` of the first block `b` holding the
     row's maximum of `maxes[:, row]` (`jnp.argmax`'s rules across blocks), one program a row.
 
-    Why: an LM head that keeps each weight block's row maxima (`kernels.skinny_matmul_mgpu.
+    Why: an LM head that keeps each weight block's row maxima (`jaxserve_kernels.skinny_matmul_mgpu.
     argmax_matmul_mgpu`) leaves them as `[blocks, rows]`; XLA's argmax over that leading axis is a
     column reduction of 64 columns, which its emitter runs on a couple of thread blocks walking the
     1,187 blocks in turn (7.5 µs at 64 rows on the H200, session 25), plus two small fusions to take

@@ -19,7 +19,7 @@ deep through a tensor-core product with a float32 accumulator; the loop is softw
 (`num_stages`) so several weight tiles are in flight. Narrow matrices (few column blocks) split K
 so that enough programs run to fill the GPU; the splits write float32 partial sums that one XLA
 reduction adds, or, with the "partials" epilogue, that the caller hands on whole to the next
-kernel (`kernels.residual_norm` sums them with the residual add and the next RMSNorm in one
+kernel (`jaxserve_kernels.residual_norm` sums them with the residual add and the next RMSNorm in one
 launch). The "swiglu" epilogue reads gate and up outputs in one program and returns
 silu(gate) * up, so the MLP's activation costs no launch. Deterministic: no atomics.
 
@@ -39,7 +39,7 @@ The lane-wise path is for one row only: with 2-16 rows (each row's products summ
 it lost to the tensor-core path at every batch (session 15: 0.793 vs 0.757 ms at 2 rows, 3.1 vs
 0.79 at 16; bench/results/decode_step.md) and was removed.
 
-Backend: Pallas Triton, like the other kernels (`kernels.paged_attention` says why).
+Backend: Pallas Triton, like the other kernels (`jaxserve_kernels.paged_attention` says why).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import pallas_compat as compat
+from jaxserve_kernels import pallas_compat as compat
 
 # Up to this many rows the weight stream dominates; beyond it XLA's GEMMs are the better choice
 # (the model's default routing: `jaxserve.model.SKINNY_ROWS`). The kernel takes any row count,
@@ -289,7 +289,7 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         epilogue: what the kernel returns:
             "none": the product (+ bias) in x's dtype, `[M, N]`;
             "partials": the float32 partial sums of its K splits, `[S, M, N]`, for a consumer
-            that adds them itself (`kernels.residual_norm.add_rms_norm`), saving a launch;
+            that adds them itself (`jaxserve_kernels.residual_norm.add_rms_norm`), saving a launch;
             "swiglu": `silu(x @ w_gate) * (x @ w_up)` in x's dtype, `[M, N/2]`, the gate being
             the first N/2 outputs of w and up the rest (the fused gate_up projection and its
             activation; never split along K).
@@ -507,7 +507,7 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
                        block_n: int | None = None, num_warps: int | None = None,
                        num_programs: int | None = None,
                        interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
-    """`kernels.residual_norm.add_rms_norm` folded into a one-row `[N, K]` skinny matmul.
+    """`jaxserve_kernels.residual_norm.add_rms_norm` folded into a one-row `[N, K]` skinny matmul.
 
     `h = hidden + sum(partials)`, `x = RMSNorm(h) * scale` (add_rms_norm's roundings), and returns
     `(h, skinny_matmul(x, w, bias, epilogue=epilogue, layout="nk"))` from one launch: every
@@ -574,7 +574,7 @@ def skinny_matmul_norm_reference(hidden: jax.Array, partials: jax.Array | None, 
         >>> y.tolist()
         [[4.0, 4.0]]
     """
-    from kernels.residual_norm import add_rms_norm_reference
+    from jaxserve_kernels.residual_norm import add_rms_norm_reference
 
     h, x = add_rms_norm_reference(hidden, partials, scale, eps=eps)
     return h, skinny_matmul_reference(x, w, bias, epilogue=epilogue, layout="nk")

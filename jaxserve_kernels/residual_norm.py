@@ -21,7 +21,7 @@ float32 stream themselves (`jaxserve.model.ACCUMULATE`) there are no partials: t
 normalises, into the activation dtype, and the input norm also writes the rows of QKV's float32
 accumulator, started at its bias (`seed`), so that start needs no launch of its own.
 
-Backend: Pallas Triton, like the other kernels (`kernels.paged_attention` says why).
+Backend: Pallas Triton, like the other kernels (`jaxserve_kernels.paged_attention` says why).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import pallas_compat as compat
+from jaxserve_kernels import pallas_compat as compat
 
 
 # Warps per row's program. At batch 1 the one program loads every K-split partial of the row
@@ -145,7 +145,7 @@ def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array
     Args:
         hidden: `[M, N]` residual stream.
         partials: `[S, M, N]` float32 partial sums of the projection that adds into the
-            residual (the K splits of `kernels.skinny_matmul.skinny_matmul_partials`), or None
+            residual (the K splits of `jaxserve_kernels.skinny_matmul.skinny_matmul_partials`), or None
             to only normalise.
         scale: `[N]` the norm's weight.
         eps: the norm's epsilon.
@@ -153,7 +153,7 @@ def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array
             decode glue whose projections add into it, `jaxserve.model.ACCUMULATE`) is normed
             into the activation dtype, rounded where a bf16 stream's norm rounds.
         seed: `[N2]`, e.g. the next projection's bias: the rows of its float32 accumulator
-            (`kernels.skinny_matmul_mgpu`'s "accumulate" epilogue) written here, so that
+            (`jaxserve_kernels.skinny_matmul_mgpu`'s "accumulate" epilogue) written here, so that
             start costs no launch of its own.
         interpret: Pallas interpret mode; None picks it on the CPU backend.
         num_warps: Triton warps per program (one program per row); None: `NUM_WARPS`.

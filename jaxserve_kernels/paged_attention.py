@@ -2,7 +2,7 @@
 
 Owns: the Pallas attention kernel over a paged KV pool (shared with prefill through
 `attend_query_rows`), the flash-decoding combine step, and the jnp reference. Never
-writes the pool (`kernels.cache_scatter` does) and never decides page placement.
+writes the pool (`jaxserve_kernels.cache_scatter` does) and never decides page placement.
 
 Design (one kernel for decode and prefill):
 - One program per (sequence, KV head, block of query rows, split). The query rows of a
@@ -24,7 +24,7 @@ Design (one kernel for decode and prefill):
   length-0 row writes zeros.
 - Flash-decoding: the pages are cut into `num_splits` ranges, sized at run time from the
   longest length in the batch; each split writes a normalized partial output and its
-  log-sum-exp, and one more small kernel merges them (`kernels.split_combine`). Small
+  log-sum-exp, and one more small kernel merges them (`jaxserve_kernels.split_combine`). Small
   batches fill the GPU this way. `combine="inkernel"` (decode only, opt-in) drops
   that launch: each split takes a ticket from a per-(sequence, KV head) atomic counter
   after a barrier, and the one that draws the last ticket folds the others' partials in;
@@ -39,7 +39,7 @@ Backend choice: the Pallas Triton lowering. Its ref indexing with an index vecto
 `CompilerParams(num_warps, num_stages)` are what a gather-by-block-table decode kernel
 needs, and it is the path JAX's own paged-attention kernel takes. It is deprecated from
 JAX 0.11 but works on 0.11.2; Mosaic GPU is Hopper-first and still experimental for
-this pattern. `kernels.pallas_compat` hides the API moves between 0.10 and 0.11.
+this pattern. `jaxserve_kernels.pallas_compat` hides the API moves between 0.10 and 0.11.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import pallas_compat as compat
-from kernels.split_combine import combine_splits, combine_splits_reference
+from jaxserve_kernels import pallas_compat as compat
+from jaxserve_kernels.split_combine import combine_splits, combine_splits_reference
 
 # Finite, so a fully masked row never computes inf - inf; far below any real logit.
 _MASK_VALUE = -1e30
@@ -330,7 +330,7 @@ def merge_last_split(o_ref, lse_ref, out_ref, counter_ref, out, lse, *, seq, hea
 
 
 def merge_splits(o: jax.Array, lse: jax.Array, out_dtype, combine: str, interpret: bool) -> jax.Array:
-    """The flash-decoding merge by `combine`: "pallas" (one launch, `kernels.split_combine`)
+    """The flash-decoding merge by `combine`: "pallas" (one launch, `jaxserve_kernels.split_combine`)
     or "xla" (the jnp reference, which XLA fuses into one or several kernels)."""
     if combine == "pallas":
         return combine_splits(o, lse, out_dtype, interpret=interpret)
@@ -498,7 +498,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
             (pages gathered whole, unwritten slots zeroed after the load: 23-30% slower on
             the H200, bench/results/bandwidth.md), or "none" (pages gathered whole, not
             masked: wrong when such a slot holds NaN; kept only to measure the others).
-        combine: how split partials merge: "pallas" (one launch, `kernels.split_combine`),
+        combine: how split partials merge: "pallas" (one launch, `jaxserve_kernels.split_combine`),
             "xla" (the jnp merge fused by XLA) or "inkernel" (the last split of each
             sequence and KV head to finish merges, counted with an atomic: one launch in
             all; opt-in, slower than "pallas" at every shape on the H200, see

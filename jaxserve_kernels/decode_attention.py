@@ -10,21 +10,21 @@ plus the combine when it splits. On the H100 that took the Qwen2.5-0.5B decode s
 1.322 to 1.248 ms at batch 1 and 1.533 to 1.418 ms at batch 64 (72 launches fewer a step;
 bench/results/decode_step.md).
 
-How (one program per sequence, KV head and split, as in `kernels.paged_attention`):
+How (one program per sequence, KV head and split, as in `jaxserve_kernels.paged_attention`):
 - The query heads of the KV group are loaded as one tile and rotated in registers:
   rotate_half(q) is q times a signed permutation matrix built from iotas, one tiny tensor-
   core product; exact, since each output picks one input (fp32 products use HIGHEST).
 - The new token's K and V come straight from the QKV activations: split 0 rotates K, writes
-  both into the token's slot of the pool (aliased in place, like `kernels.cache_scatter`)
+  both into the token's slot of the pool (aliased in place, like `jaxserve_kernels.cache_scatter`)
   and seeds its online softmax with the token's own logit, so no program ever reads the
   slot being written (the page loop covers keys `< length - 1` only).
 - The cached keys are gathered per key through the block table (`gather_key_block`),
   `pages_per_block` pages' worth a loop iteration, online softmax in float32,
-  flash-decoding splits merged in one more launch (`kernels.split_combine`). A length-0
+  flash-decoding splits merged in one more launch (`jaxserve_kernels.split_combine`). A length-0
   row writes nothing and returns zeros. Unsplit with one pipeline stage, the first block's gather
   is issued before everything above (`EARLY_GATHER`): it reads only keys earlier steps wrote.
 - The rotated queries are rounded with `scale * log2(e)` in them, so the logits need no multiply,
-  and no select follows the exponential (`kernels.paged_attention.LEAN_SOFTMAX`; each exponential
+  and no select follows the exponential (`jaxserve_kernels.paged_attention.LEAN_SOFTMAX`; each exponential
   one `ex2.approx.ftz`, `FTZ_EXP2`): the softmax is most of a short program's instructions.
 
 With the output projection (`fused_decode_attention_o`, one-row steps of short tables): the third
@@ -32,7 +32,7 @@ grid axis becomes blocks of Wo's rows; each program loads its rows of Wo first, 
 (short) attention and writes its KV head's partial of o_proj, so the layer's o_proj costs no launch
 (batch-1 step 0.601-0.604 vs 0.621-0.623 ms on the H200, session 15).
 
-Backend: Pallas Triton, for the reasons in `kernels.paged_attention`.
+Backend: Pallas Triton, for the reasons in `jaxserve_kernels.paged_attention`.
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import pallas_compat as compat
-from kernels.cache_scatter import cache_scatter_reference
-from kernels import paged_attention as _paged
-from kernels.paged_attention import (_MASK_VALUE, COMBINES, DECODE_BLOCK_KEYS, LOG2E, SINGLE_PASS_KEYS,
+from jaxserve_kernels import pallas_compat as compat
+from jaxserve_kernels.cache_scatter import cache_scatter_reference
+from jaxserve_kernels import paged_attention as _paged
+from jaxserve_kernels.paged_attention import (_MASK_VALUE, COMBINES, DECODE_BLOCK_KEYS, LOG2E, SINGLE_PASS_KEYS,
                                      check_pool, finish_rows, gather_key_block, merge_last_split,
                                      merge_splits,
                                      online_softmax_step, paged_attention_reference,
@@ -369,7 +369,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
         slot_mapping: `[batch]` pool slot (`page * page_size + offset`) of the new token;
             negative writes nothing. A row with length >= 1 must name its token's slot.
         scale, interpret, num_splits, pages_per_block, num_warps, num_stages, combine: as in
-            `kernels.paged_attention.paged_attention`. `num_stages` None: by `TWO_STAGE_ROWS`, or
+            `jaxserve_kernels.paged_attention.paged_attention`. `num_stages` None: by `TWO_STAGE_ROWS`, or
             `UNSPLIT_TWO_STAGE_ROWS` for an unsplit call with `EARLY_GATHER`.
         out_dtype: the activations' dtype (None: qkv's). A float32 qkv (a projection's
             accumulator) is rounded to it first, as a projection's output in it would be.
@@ -447,7 +447,7 @@ def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_p
     Returns:
         `(partials [kv_heads, batch, N] float32, k_pages, v_pages)`: o_proj's output is
         `partials.sum(0)` (the attention output rounded to qkv's dtype first, as the unfused
-        path rounds it); `kernels.skinny_matmul.skinny_matmul_norm` takes them as they are.
+        path rounds it); `jaxserve_kernels.skinny_matmul.skinny_matmul_norm` takes them as they are.
 
     Example:
         >>> qkv = jnp.ones((1, 14 + 4, 64), jnp.bfloat16)

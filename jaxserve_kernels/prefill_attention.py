@@ -3,9 +3,9 @@ cached prefix and to itself.
 
 Owns: the prefill wrapper around the shared paged-attention kernel and its jnp reference.
 Never writes the pool: the chunk's own K/V must already be scattered into the pages
-(`kernels.cache_scatter`) before this runs.
+(`jaxserve_kernels.cache_scatter`) before this runs.
 
-The kernel is `kernels.paged_attention.attend_query_rows`, the decode kernel with more
+The kernel is `jaxserve_kernels.paged_attention.attend_query_rows`, the decode kernel with more
 query rows per program: the rows of a program are `block_rows / group` consecutive
 positions times the `group` query heads of one KV head, each row masked to the keys at
 or before its own position. Decode is the special case of one position per sequence.
@@ -16,8 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels import pallas_compat as compat
-from kernels.paged_attention import (PREFILL_KEY_TILE_ELEMENTS, attend_query_rows,
+from jaxserve_kernels import pallas_compat as compat
+from jaxserve_kernels.paged_attention import (PREFILL_KEY_TILE_ELEMENTS, attend_query_rows,
                                      check_pool, gather_pages, masked_softmax_attention,
                                      resolve_tuning)
 

@@ -2,7 +2,7 @@
 
 Owns: `skinny_matmul_mgpu`, `x [M, K] @ w[N, K].T` for M a multiple of 8 up to 256, with the
 Triton skinny matmul's "partials", "swiglu" and "none" epilogues, and "accumulate" (`acc + x @ w.T`
-in acc's buffer). Its reference is `kernels.skinny_matmul.skinny_matmul_reference` (for
+in acc's buffer). Its reference is `jaxserve_kernels.skinny_matmul.skinny_matmul_reference` (for
 "accumulate": acc plus its "partials" summed). Never decides when it is used
 (`jaxserve.model.SKINNY_BACKEND`, `MGPU_MIN_ROWS`, `MGPU_MAX_ROWS` and `XLA_GATE_UP_ROWS` do:
 8-256 rows by default).
@@ -23,7 +23,7 @@ past M in shared memory are never written and their sums never stored (the rows 
 not mix). SwiGLU's two halves run as one product where the tile is `joint` (the default): both
 halves' weight rows side by side in one tile, one WGMMA of N = 2 x block_n, so each activation
 tile is read from shared memory once a box (session 31: what made a 256-row gate_up beat cuBLAS). The accumulator leaves through shared memory by a TMA copy of its rows: float32
-partial sums `[splits, M, N]` that the next kernel adds (`kernels.residual_norm.add_rms_norm`),
+partial sums `[splits, M, N]` that the next kernel adds (`jaxserve_kernels.residual_norm.add_rms_norm`),
 SwiGLU's `silu(gate) * up` in the activation dtype, or ("accumulate") a TMA reduction that adds
 every split's sums into a float32 `[M, N]` buffer in place (the residual stream, or QKV's
 accumulator started at its bias: `jaxserve.model.ACCUMULATE`), so no kernel reads partials. A
@@ -54,10 +54,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import mgpu_pipeline as ring
-from kernels import pallas_compat as compat
-from kernels.greedy_pick import pick_blocks, pick_blocks_reference
-from kernels.skinny_matmul import swiglu_sums
+from jaxserve_kernels import mgpu_pipeline as ring
+from jaxserve_kernels import pallas_compat as compat
+from jaxserve_kernels.greedy_pick import pick_blocks, pick_blocks_reference
+from jaxserve_kernels.skinny_matmul import swiglu_sums
 
 _ROWS = 64  # WGMMA's M granule
 MAX_ROWS = 256  # a TMA box's rows, and a warpgroup's accumulator registers at block_n 32-64
@@ -425,7 +425,7 @@ def _argmax_call(x, w, *, n_out: int, block_n: int, num_slots: int, boxes: int, 
 # 64 rows), with `block_n` cut to keep it within 128 registers a thread past 128 rows. Measured on the
 # H200 at 64 rows (session 23, bench/lm_head.py); the wider programs not yet. Read at call time.
 ARGMAX_TILE = {"block_n": 128, "num_slots": 4, "boxes": 1}
-# How the blocks' maxima become tokens: "pallas" (`kernels.greedy_pick.pick_blocks`, one program a row)
+# How the blocks' maxima become tokens: "pallas" (`jaxserve_kernels.greedy_pick.pick_blocks`, one program a row)
 # or "xla" (`greedy_pick.pick_blocks_reference`: column reductions over the blocks). H200, session 25
 # (bench/results/decode_step.md, one process, alternating rounds): pick_blocks 4.25 µs in place of 7.47 +
 # 2 x 1.48 + 2 x 1.08 µs of XLA's launches, the 64-row greedy step 0.770 against 0.774 ms. That "xla" was a
@@ -634,7 +634,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
                        joint: bool | None = None, pdl: bool | None = None,
                        interpret: bool | None = None) -> jax.Array:
     """`x @ w.T (+ bias)` for 8-256 rows of `x` on Mosaic GPU, float32 accumulation; the same
-    contract as `kernels.skinny_matmul.skinny_matmul(..., layout="nk")`.
+    contract as `jaxserve_kernels.skinny_matmul.skinny_matmul(..., layout="nk")`.
 
     Args:
         x: `[M, K]` bf16 activations, M a multiple of 8 up to 256.

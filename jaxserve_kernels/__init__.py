@@ -6,13 +6,13 @@ skinny matmul (decode projections).
 Never holds model or scheduling logic.
 """
 
-from kernels.cache_scatter import cache_scatter, cache_scatter_reference
-from kernels.decode_attention import fused_decode_attention, fused_decode_attention_reference
-from kernels.paged_attention import paged_attention, paged_attention_reference
-from kernels.prefill_attention import (paged_prefill_attention,
+from jaxserve_kernels.cache_scatter import cache_scatter, cache_scatter_reference
+from jaxserve_kernels.decode_attention import fused_decode_attention, fused_decode_attention_reference
+from jaxserve_kernels.paged_attention import paged_attention, paged_attention_reference
+from jaxserve_kernels.prefill_attention import (paged_prefill_attention,
                                        paged_prefill_attention_reference)
-from kernels.skinny_matmul import skinny_matmul, skinny_matmul_reference
-from kernels.split_combine import combine_splits, combine_splits_reference
+from jaxserve_kernels.skinny_matmul import skinny_matmul, skinny_matmul_reference
+from jaxserve_kernels.split_combine import combine_splits, combine_splits_reference
 
 __all__ = [
     "cache_scatter", "cache_scatter_reference",

@@ -4,7 +4,7 @@ Owns: merging the per-split partial outputs of the decode attention kernels
 (`o [splits, batch, kv_heads, group, D]`, each normalized over its own keys, and their
 log-sum-exps `lse [splits, batch, kv_heads, group]`) into `[batch, kv_heads, group, D]`;
 and its jnp reference (`combine_splits_reference`, the XLA path). Never decides how many
-splits run (`kernels.paged_attention.default_num_splits` does).
+splits run (`jaxserve_kernels.paged_attention.default_num_splits` does).
 
 Why: the split count follows the block table's width (a server with a 32k max_model_len
 passes 2048 pages, so batch 1 runs ~128 splits even when a sequence holds 200 keys: the
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import pallas_compat as compat
+from jaxserve_kernels import pallas_compat as compat
 
 # Values of `o` one program holds: 4096 f32 over 4 warps is 32 registers a thread.
 _MAX_TILE_ELEMENTS = 4096

@@ -6,7 +6,7 @@ first `num_slots - 1` steps are issued; at the top of step `i`, step `i + num_sl
 into the slot step `i - 1` read. Never waits on a barrier itself (the kernel does, before it
 reads the slot), so each kernel keeps its own barriers and products.
 
-Why here: `kernels.paged_attention_mgpu` and `kernels.skinny_matmul_mgpu` run the same ring;
+Why here: `jaxserve_kernels.paged_attention_mgpu` and `jaxserve_kernels.skinny_matmul_mgpu` run the same ring;
 the refill's safety (the slot's previous reader is done) is the same argument for both, written
 once.
 """
