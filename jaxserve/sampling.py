@@ -2,7 +2,7 @@
 
 This module owns how one next token per row is chosen from a `[B, V]` logits array:
 `SamplingParams` (one request's knobs, validated once), `SamplingBatch` (the same knobs as
-per-row device arrays), `sample` (penalties -> temperature -> top-k -> top-p -> min-p ->
+per-row device arrays), `sample` (penalties -> temperature -> min-p -> top-k -> top-p ->
 draw), the token-history arrays the penalties read (`seen_from_prompts`, `update_counts`)
 and log-probabilities of the chosen tokens.
 
@@ -506,8 +506,8 @@ def sample(
     logits: [B, V]; step: i32 [B], tokens row b generated before (with the row's seed it
     alone fixes the row's randomness); counts: int [B, V] output-token counts (presence and
     frequency penalties); seen: bool [B, V] tokens in prompt or output (repetition penalty).
-    Order as vLLM: logit bias -> min_tokens ban -> penalties -> temperature -> top-k -> top-p ->
-    min-p -> draw. Greedy rows take the argmax of the penalised logits. Each stage runs only if some
+    Order as vLLM v1: logit bias -> min_tokens ban -> penalties -> temperature -> min-p -> top-k ->
+    top-p -> draw (min-p before top-p: the nucleus is of the distribution min-p left). Greedy rows take the argmax of the penalised logits. Each stage runs only if some
     row needs it. Top-k and top-p are exact: they look at the `top_candidates` best tokens
     per row and sort the whole row only when that does not decide some row's cut-off.
     Log-probs are of the unmodified logits, like vLLM's default; with ``logprobs=False`` (and no
@@ -538,10 +538,10 @@ def sample(
 
     def draw(x: jax.Array) -> jax.Array:
         x = x / jnp.where(greedy_rows, 1.0, batch.temperature)[:, None]
+        x = jax.lax.cond(jnp.any(batch.min_p > 0.0), lambda x: _min_p(x, batch.min_p), lambda x: x, x)
         needs_cut = jnp.any(((batch.top_k > 0) & (batch.top_k < v)) | (batch.top_p < 1.0))
         x = jax.lax.cond(needs_cut, lambda x: _top_k_top_p(x, batch.top_k, batch.top_p, top_candidates),
                          lambda x: x, x)
-        x = jax.lax.cond(jnp.any(batch.min_p > 0.0), lambda x: _min_p(x, batch.min_p), lambda x: x, x)
         keys = _row_keys(batch.seeds, step)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)
         drawn = jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)

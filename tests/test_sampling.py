@@ -23,8 +23,11 @@ def _softmax(x):
 
 
 def ref_distribution(logits, p: SamplingParams):
-    """vLLM's temperature -> top-k -> top-p -> min-p as a probability vector (numpy, float64)."""
+    """vLLM v1's temperature -> min-p -> top-k -> top-p as a probability vector (numpy, float64)."""
     x = np.asarray(logits, np.float64) / p.temperature
+    if p.min_p > 0:
+        probs = _softmax(x)
+        x = np.where(probs >= p.min_p * probs.max(), x, -np.inf)
     if 0 < p.top_k < x.size:
         x = np.where(x >= np.sort(x)[::-1][p.top_k - 1], x, -np.inf)
     if p.top_p < 1:
@@ -32,9 +35,6 @@ def ref_distribution(logits, p: SamplingParams):
         desc = np.sort(probs)[::-1]
         n_keep = np.sum(np.cumsum(desc) - desc < p.top_p)
         x = np.where(probs >= desc[n_keep - 1], x, -np.inf)
-    if p.min_p > 0:
-        probs = _softmax(x)
-        x = np.where(probs >= p.min_p * probs.max(), x, -np.inf)
     return _softmax(x)
 
 
@@ -220,6 +220,15 @@ def test_min_p_drops_tokens_below_its_fraction_of_the_best():
     probs = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
     tokens = draws(np.log(probs), SamplingParams(min_p=0.3, seed=2), 3000)
     assert set(tokens.tolist()) == {0, 1, 2}  # 0.1 < 0.3 * 0.4
+
+
+def test_min_p_cuts_before_top_p_as_in_vllm_v1():
+    # vLLM v1 runs min-p (an argmax-invariant logits processor) before top-k/top-p, so the nucleus
+    # is taken over the distribution renormalised after min-p: 0.1 < 0.4 * 0.4 goes first, then
+    # [0.44, 0.33, 0.22] puts 0.78 > 0.75 above the third token. Top-p first would keep it (0.7 above).
+    probs = np.array([0.4, 0.3, 0.2, 0.1])
+    tokens = draws(np.log(probs), SamplingParams(top_p=0.75, min_p=0.4, seed=3), 64)
+    assert set(tokens.tolist()) == {0, 1}
 
 
 @pytest.mark.parametrize("candidates", [8, 1024])
