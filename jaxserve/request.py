@@ -164,9 +164,10 @@ class Request:
         before = len(self.text)
         self.text += delta
         if self.params.stop and len(self.output_ids) > self.params.min_tokens:
-            # A stop string may straddle deltas: search from just before the new text.
-            start = max(0, before - max(len(s) for s in self.params.stop) + 1)
-            hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+            # A stop string may straddle deltas: each is searched from just before the new text, no
+            # further back (a longer one's window would find a short one made within min_tokens).
+            found = (self.text.find(s, max(0, before - len(s) + 1)) for s in self.params.stop)
+            hits = [i for i in found if i >= 0]
             if hits:
                 self.text = self.text[:min(hits)]
                 self.finish("stop")

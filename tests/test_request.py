@@ -54,3 +54,30 @@ def test_extend_with_stop_strings_takes_the_per_token_path():
     # No detokenizer here: stop strings never match, so only max_tokens ends the request.
     r = make(SamplingParams(max_tokens=3, stop=["x"]))
     assert r.extend([1, 2, 3, 4], [0.0] * 4) == 3 and r.finish_reason == "length"
+
+
+class _CharDetokenizer:
+    """Token t is the character chars[t]: stop strings without a real tokenizer."""
+
+    def __init__(self, chars: str) -> None:
+        self.chars = chars
+
+    def push(self, token: int) -> str:
+        return self.chars[token]
+
+    def flush(self) -> str:
+        return ""
+
+
+def test_a_stop_string_made_within_min_tokens_never_stops_the_request_later():
+    # vLLM ignores stop strings until min_tokens and then looks, for each stop string, only where it
+    # could end in the new text: the "x" made by the first two tokens must not end the request at the
+    # third one just because a longer stop string widens the search window.
+    r = Request("r", [1], SamplingParams(max_tokens=4, min_tokens=2, stop=["x", "long stop"]),
+                _CharDetokenizer("axbc"), eos_ids=(9,))
+    r.extend([0, 1, 2, 3], [0.0] * 4)
+    assert (r.text, r.finish_reason) == ("axbc", "length")
+    r = Request("r", [1], SamplingParams(max_tokens=4, min_tokens=2, stop=["x", "long stop"]),
+                _CharDetokenizer("abxc"), eos_ids=(9,))
+    r.extend([0, 1, 2, 3], [0.0] * 4)
+    assert (r.text, r.finish_reason) == ("ab", "stop")
