@@ -67,8 +67,8 @@ class SamplingParams:
     a string or a list of strings and `stop_token_ids` a list; both are stored as tuples.
     `logit_bias` maps token ids (ints, or their decimal strings as JSON keys are) to a value in
     [-100, 100] added to their logits before penalties and sampling (OpenAI's and vLLM's meaning);
-    it is stored as sorted `(id, bias)` pairs. Unseeded requests get a fresh random seed in
-    `make_batch`, so they differ from each other.
+    it is stored as sorted `(id, bias)` pairs. Unseeded requests (`seed` None, or -1 as in vLLM)
+    get a fresh random seed in `make_batch`, so they differ from each other.
 
     Example:
         >>> p = SamplingParams(temperature=0.7, top_p=0.9, stop="\\n", seed=0)
@@ -130,6 +130,8 @@ class SamplingParams:
         check_real("frequency_penalty", -2.0, 2.0, "[-2, 2]")
         if self.seed is not None:
             check_int("seed", True, "None or an int")
+            if self.seed == -1:  # vLLM's spelling of "no seed", which UIs send for "random"
+                set_("seed", None)
         if isinstance(self.stop, str):
             set_("stop", (self.stop,))
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):

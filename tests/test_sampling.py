@@ -200,6 +200,14 @@ def test_unseeded_requests_differ():
     assert not np.array_equal(a, b)
 
 
+def test_seed_minus_one_means_unseeded_as_in_vllm():
+    # vLLM's SamplingParams turns seed=-1 into None, and UIs send -1 for "random": taken as a real
+    # seed, every such request would draw the very same tokens.
+    assert SamplingParams(seed=-1).seed is None
+    row = np.zeros(50, np.float32)
+    assert not np.array_equal(draws(row, SamplingParams(seed=-1), 64), draws(row, SamplingParams(seed=-1), 64))
+
+
 # ---------------------------------------------------------------- filters
 
 def test_top_k_never_picks_outside_the_top_k():

@@ -163,6 +163,18 @@ def test_seeded_choices_of_several_prompts_are_those_of_each_prompt_alone(client
     assert [c.text for c in both.choices] == [c.text for a in alone for c in a.choices]
 
 
+def test_seed_minus_one_leaves_every_choice_unseeded():
+    """vLLM's seed=-1 means no seed; offset per choice it would become seeds 0, 1, ... for choices 1, 2, ..."""
+    from types import SimpleNamespace
+
+    from jaxserve.server.app import _sampling_params
+    from jaxserve.server.protocol import CompletionRequest
+
+    req = CompletionRequest(model="tiny", prompt=PROMPT, n=3, seed=-1)
+    params = _sampling_params(req, 8, None, 3, SimpleNamespace(config=ServerConfig()))
+    assert [p.seed for p in params] == [None, None, None]
+
+
 def test_chat_logprob_bytes_spell_the_content(client, pages_freed):
     """Each token's `bytes` are its own (not the UTF-8 of U+FFFD where it holds part of a character)."""
     messages = [{"role": "user", "content": "Écris 東京 🙂"}]

@@ -338,8 +338,9 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
     try:
         # n > 1 with a seed: sample j of every prompt uses seed + j (vLLM's rule), so a prompt's
         # choices differ, yet each is what the same prompt gets when sent alone or with others.
+        # -1 is vLLM's "no seed" for every choice, not seeds -1, 0, 1...
         return [SamplingParams(max_tokens=max_tokens, stop=stop, logprobs=logprobs,
-                               seed=None if req.seed is None else req.seed + i % req.n, **kwargs)
+                               seed=None if req.seed in (None, -1) else req.seed + i % req.n, **kwargs)
                 for i in range(count)]
     except ValueError as exc:
         raise bad_params(exc) from None
