@@ -183,6 +183,9 @@ class Engine:
                         "logit_bias keys must be token ids")
         if params.min_tokens > 0:  # refused here, not by the step that would carry them
             check_banned_ids(params.stop_token_ids, () if params.ignore_eos else self.eos_ids)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer to match the text, and this engine has none; "
+                             "use stop_token_ids")
         if params.logprobs is not None and params.logprobs > MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.logprobs}")
         request_id = request_id or f"req-{next(self._ids)}"

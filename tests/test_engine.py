@@ -177,6 +177,15 @@ def test_bad_inputs_raise_clear_errors_and_engine_keeps_serving(tiny):
         assert_all_pages_free(engine)
 
 
+def test_stop_strings_on_an_engine_without_a_tokenizer_are_refused(tiny):
+    # With no tokenizer there is no text to search: the stop strings would silently never match.
+    m, _ = tiny
+    with Engine(dataclasses.replace(m, tokenizer=None), small_config()) as engine:
+        with pytest.raises(ValueError, match="^stop strings"):
+            engine.make_request([7, 8, 9], SamplingParams(stop=["x"]))
+        assert engine.make_request([7, 8, 9], SamplingParams(stop_token_ids=[5])).detokenizer is None
+
+
 def test_a_failed_step_does_not_leave_generate_s_requests_behind(tiny, monkeypatch):
     # Whatever makes a step raise, generate() raises it and ends its own requests: the next call
     # runs on a clean engine with every page free.
