@@ -191,7 +191,7 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
         return Request(request_id, ids, params, detok, self.eos_ids)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,

@@ -59,18 +59,23 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes:
     return tokenizer.decode([int(token_id)]).encode("utf-8")
 
 
+_PROMPT_CONTEXT = 5
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without splitting a UTF-8 character.
 
     Byte-level BPE can put half of a multi-byte character in one token; such a tail decodes to
-    U+FFFD and is held back until the next token completes it.
+    U+FFFD and is held back until the next token completes it. ``prompt_ids``: the prompt, whose
+    last tokens are decoded before the output's (vLLM's rule), so a character that the prompt
+    starts and the output completes stays with the prompt instead of opening the text with U+FFFD.
 
     Example:
-        >>> detok = IncrementalDetokenizer(tokenizer)              # doctest: +SKIP
+        >>> detok = IncrementalDetokenizer(tokenizer, prompt_ids)  # doctest: +SKIP
         >>> "".join(detok.push(t) for t in ids) + detok.flush()    # doctest: +SKIP
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         # A fast tokenizer's Rust decoder directly: transformers' wrapper around it costs more
         # than the decode itself, twice per generated token (~26 ms of host time per 8-step call
@@ -79,10 +84,12 @@ class IncrementalDetokenizer:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
             self._decode = functools.partial(backend.decode, skip_special_tokens=True)
-        self.ids: list[int] = []
-        # Decode only a short window (vLLM's prefix/read offsets) so streaming stays O(tokens).
+        # Decode only a short window (vLLM's prefix/read offsets) so streaming stays O(tokens). It
+        # opens on the prompt's last tokens: more than a split character's (at most 3 of its 4
+        # bytes), as many as vLLM's first window.
+        self.ids: list[int] = [int(t) for t in list(prompt_ids)[max(0, len(prompt_ids) - _PROMPT_CONTEXT):]]
         self.prefix_offset = 0
-        self.read_offset = 0
+        self.read_offset = len(self.ids)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -35,6 +35,20 @@ def test_a_run_ending_inside_a_character_still_releases_the_text_before_it():
     assert detok.push_many(ids[split:]) + detok.flush() == tokenizer.decode(ids)[len(before):]
 
 
+def test_a_character_split_between_prompt_and_output_leaves_no_replacement_character():
+    """A token-id prompt may end inside a character that the output completes: decoded after the
+    prompt's last tokens (vLLM's rule), the character stays with the prompt, and the output's text
+    starts after it instead of with U+FFFD for its orphaned bytes."""
+    tokenizer = load().tokenizer
+    ids = tokenizer.encode("the cat 東京 🙂 done", add_special_tokens=False)
+    split = next(i for i in range(len(ids)) if tokenizer.decode(ids[:i]).endswith("\ufffd"))
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids=ids[:split])
+    assert "".join(detok.push(t) for t in ids[split:]) + detok.flush() == "京 🙂 done"
+    whole = tokenizer.encode("the cat", add_special_tokens=False)  # a prompt of whole characters: no change
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids=whole)
+    assert detok.push_many(ids[len(whole):]) + detok.flush() == tokenizer.decode(ids[len(whole):])
+
+
 def test_request_text_is_the_same_read_lazily_or_per_token():
     """Without stop strings a request detokenizes when its text is read; the text (and
     every streamed delta joined) equals what per-token detokenization gives."""
