@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.engine_config import EngineConfig
-from jaxserve.loading import LoadedModel, generation_eos_ids, load
+from jaxserve.loading import LoadedModel, generation_eos_ids, generation_sampling_defaults, load
 from jaxserve.request import Request, Status
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
 from jaxserve.sampling import SamplingParams, check_banned_ids, make_batch, needs_penalties, needs_sampling
@@ -141,6 +141,8 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = tuple(sorted(eos))
+        # The checkpoint's own sampling (generation_config.json), for requests that bring none.
+        self.sampling_defaults = generation_sampling_defaults(model.path)
         self._sampling_cache: tuple | None = None
         self.requests: dict[str, Request] = {}
         self._pending: _Decode | None = None  # a decode call dispatched but not yet read
@@ -169,10 +171,21 @@ class Engine:
             raise ValueError("prompt must not be empty")
         return ids
 
+    def default_sampling_params(self, **overrides: Any) -> SamplingParams:
+        """``SamplingParams`` with the checkpoint's defaults (``generation_config.json``'s temperature,
+        top-p/k, min-p, repetition penalty, max_new_tokens: `sampling_defaults`) under ``overrides``;
+        what a request without its own sampling parameters gets (vLLM's ``get_default_sampling_params``).
+
+        Example:
+            >>> engine.default_sampling_params(max_tokens=64).max_tokens  # doctest: +SKIP
+            64
+        """
+        return SamplingParams(**{**self.sampling_defaults, **overrides})
+
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
                      request_id: str | None = None) -> Request:
         """Validate and build a request without queueing it (raises ``ValueError`` on bad input)."""
-        params = params or SamplingParams()
+        params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         ids = self._prompt_ids(prompt)

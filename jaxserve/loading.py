@@ -77,3 +77,46 @@ def generation_eos_ids(path: str | os.PathLike) -> tuple[int, ...]:
         log.warning("ignoring %s: eos_token_id %r is not a token id or a list of them", file, eos)
         return ()
     return tuple(eos)
+
+
+# generation_config.json's sampling fields that vLLM takes as a model's defaults (its
+# `--generation-config auto`), under SamplingParams' names.
+GENERATION_DEFAULT_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                             "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_sampling_defaults(path: str | os.PathLike) -> dict[str, Any]:
+    """The sampling defaults ``generation_config.json`` sets (``SamplingParams`` field -> value).
+
+    Instruct checkpoints ship the sampling their authors tuned (Qwen2.5-Instruct: temperature 0.7,
+    top_p 0.8, top_k 20, repetition_penalty 1.05); vLLM applies them wherever a request leaves a
+    field unset, and so does jaxserve. A value ``SamplingParams`` would refuse is skipped with a warning.
+
+    Example:
+        >>> generation_sampling_defaults(DEFAULT_MODEL_DIR)  # its generation_config.json sets none
+        {}
+    """
+    from jaxserve.sampling import SamplingParams
+
+    if not os.fspath(path):
+        return {}
+    file = os.path.join(os.fspath(path), "generation_config.json")
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s: %s", file, exc)
+        return {}
+    defaults = {}
+    for key, field in GENERATION_DEFAULT_FIELDS.items():
+        if not isinstance(config, dict) or config.get(key) is None:
+            continue
+        try:
+            SamplingParams(**{field: config[key]})
+        except ValueError as exc:
+            log.warning("ignoring %s's %s: %s", file, key, exc)
+            continue
+        defaults[field] = config[key]
+    return defaults

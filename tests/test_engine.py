@@ -230,6 +230,25 @@ def test_logit_bias_steers_its_request_and_leaves_the_others(tiny):
         assert_all_pages_free(engine)
 
 
+def test_generation_config_sampling_is_the_default_for_requests_without_their_own(tiny, tmp_path):
+    """vLLM takes a checkpoint's generation_config.json sampling (Qwen2.5-Instruct: temperature 0.7,
+    top_p 0.8, top_k 20, repetition_penalty 1.05) as the default of requests that set none."""
+    import json
+
+    m, hf = tiny
+    with open(tmp_path / "generation_config.json", "w") as f:
+        json.dump({"temperature": 0.0, "max_new_tokens": 6, "top_k": 20, "top_p": 0.0, "do_sample": True}, f)
+    prompt = list(range(5, 14))
+    with Engine(dataclasses.replace(m, path=str(tmp_path)), small_config()) as engine:
+        # top_p 0 is refused by SamplingParams, so skipped; do_sample is not a sampling field.
+        assert engine.sampling_defaults == {"temperature": 0.0, "max_tokens": 6, "top_k": 20}
+        assert engine.default_sampling_params(max_tokens=3).max_tokens == 3
+        out = engine.generate(prompt, use_tqdm=False)[0]
+        explicit = engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=6, top_k=20), use_tqdm=False)[0]
+        assert out["token_ids"] == explicit["token_ids"] == hf_greedy(hf, prompt, 6)[:len(out["token_ids"])]
+        assert_all_pages_free(engine)
+
+
 def test_request_larger_than_pool_aborts_with_reason(tiny):
     m, hf = tiny
     with Engine(m, small_config(num_pages=4)) as engine:
