@@ -40,7 +40,7 @@ MAX_LOGPROBS = 20
 # Rows with min_tokens > 0 carry their stop ids (stop_token_ids plus EOS) in a fixed-width
 # array, so the batch's shapes, and hence the compiled step, do not depend on the requests.
 MAX_BANNED_IDS = 16
-_INT32_MAX = 2**31 - 1  # stop ids travel as int32
+_INT32_MAX = 2**31 - 1  # stop ids and top_k travel as int32
 # logit_bias: at most this many tokens a request, each biased by a value in this range (OpenAI's).
 # A batch in which some row has a bias carries [B, MAX_LOGIT_BIAS] ids and values (none: width 0),
 # so the step compiles for two widths at most.
@@ -121,7 +121,8 @@ class SamplingParams:
         check_int("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an int >= 1")
         check_real("temperature", 0.0, math.inf, "[0, inf)")
         check_real("top_p", 0.0, 1.0, "(0, 1]", lo_open=True)
-        check_int("top_k", _is_int(self.top_k) and self.top_k >= -1, "-1 or 0 (off) or an int >= 1")
+        check_int("top_k", _is_int(self.top_k) and -1 <= self.top_k <= _INT32_MAX,
+                  "-1 or 0 (off) or an int in [1, 2**31 - 1]")
         if self.top_k == 0:  # vLLM's and OpenAI-compatible clients' other spelling of "off"
             set_("top_k", -1)
         check_real("min_p", 0.0, 1.0, "[0, 1]")

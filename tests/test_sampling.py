@@ -69,7 +69,7 @@ def chi_square(tokens, probs):
 @pytest.mark.parametrize("field,value", [
     ("max_tokens", 0), ("max_tokens", 1.5), ("max_tokens", True),
     ("temperature", -0.1), ("temperature", float("nan")), ("temperature", "hot"), ("temperature", float("inf")),
-    ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("top_k", 2.0),
+    ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("top_k", 2.0), ("top_k", 2**31),
     ("min_p", -0.1), ("min_p", 1.01), ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
     ("repetition_penalty", float("inf")), ("stop_token_ids", [2**40]),
     ("presence_penalty", 2.5), ("presence_penalty", -2.1), ("frequency_penalty", 3.0),

@@ -295,6 +295,8 @@ GOOD = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
     ("/v1/completions", {**GOOD, "top_p": 1.5}, 400, "top_p", None),
     ("/v1/completions", {**GOOD, "temperature": -1}, 400, "temperature", None),
     ("/v1/completions", {**GOOD, "presence_penalty": 3}, 400, "presence_penalty", None),
+    # top_k travels as int32: past it, the step that batches it raised and failed every running request.
+    ("/v1/completions", {**GOOD, "temperature": 1.0, "top_k": 2**31}, 400, "top_k", None),
     ("/v1/completions", {**GOOD, "max_tokens": 0}, 400, "max_tokens", None),
     ("/v1/completions", {**GOOD, "max_tokens": 129}, 400, "max_tokens", None),
     ("/v1/completions", {**GOOD, "n": 0}, 400, "n", None),
