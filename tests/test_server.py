@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import signal
 import socket
@@ -349,6 +350,34 @@ def test_missing_or_wrong_api_key_is_401(live, key):
 def test_unknown_route_is_openai_style_404(live):
     r = httpx.get(live.url + "/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("path, body", [("/v1/completions", {**GOOD, "prompt": "SLOW"}),
+                                        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "SLOW"}],
+                                                                 "max_tokens": 3})])
+def test_tokenizing_a_long_prompt_leaves_the_server_answering(live, monkeypatch, path, body):
+    """A megabyte of prompt text takes seconds to tokenize; on the event loop that stalled every
+    open stream and /health meanwhile. Here the tokenizer is held until /health has answered."""
+    tok = live.app.state.jaxserve.tokenizer
+    real_encode = tok.encode
+    entered, release = threading.Event(), threading.Event()
+
+    def held_encode(text, *args, **kwargs):
+        if "SLOW" in text:
+            entered.set()
+            release.wait(10)
+        return real_encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(tok, "encode", held_encode)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(post, live, path, body)
+        assert entered.wait(10)
+        try:
+            health = httpx.get(live.url + "/health", timeout=1.5)
+        finally:
+            release.set()
+        assert health.status_code == 200
+        assert slow.result().status_code == 200
 
 
 # ----- health, models, metrics ------------------------------------------------------------------------

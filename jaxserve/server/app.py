@@ -1,15 +1,16 @@
 """The FastAPI app: routes over one ``AsyncEngine``, and the uvicorn server that runs it.
 
 Owns the HTTP surface: authentication, body-size, ``n`` and ``max_tokens`` bounds, prompt
-rendering (chat template) and tokenization with the server's own tokenizer copy, submitting
-to the async engine, SSE streaming, client-disconnect aborts, ``/health``, ``/v1/models``,
-``/metrics`` and the draining shutdown. It never schedules or runs the model: the async
-engine's thread alone drives the ``Engine``.
+rendering (chat template) and tokenization with the server's own tokenizer copy (on a thread of
+its own, off the event loop), submitting to the async engine, SSE streaming, client-disconnect
+aborts, ``/health``, ``/v1/models``, ``/metrics`` and the draining shutdown. It never schedules or
+runs the model: the async engine's thread alone drives the ``Engine``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import hmac
@@ -17,7 +18,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -77,6 +78,10 @@ class _State:
     engine: AsyncEngine
     metrics: ServingMetrics
     tokenizer: Any  # the server's own copy: the engine thread's tokenizer is never shared
+    # Prompts are tokenized here, off the event loop: a megabyte of text takes seconds, which on the
+    # loop stalled every open stream and /health. One thread, so tokenizing never takes more than
+    # one core from the engine thread.
+    tokenizer_thread: concurrent.futures.ThreadPoolExecutor
     model_name: str
     max_model_len: int
     config: ServerConfig
@@ -110,13 +115,16 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         metrics = ServingMetrics()
         app.state.jaxserve = _State(
             engine=AsyncEngine(engine, metrics=metrics), metrics=metrics,
-            tokenizer=load_tokenizer(loaded.path), model_name=server_config.model_name or loaded.name,
+            tokenizer=load_tokenizer(loaded.path),
+            tokenizer_thread=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-tokenizer"),
+            model_name=server_config.model_name or loaded.name,
             max_model_len=engine.max_model_len, config=server_config, created=int(time.time()))
         log.info("serving %s (max_model_len %d)", app.state.jaxserve.model_name, engine.max_model_len)
         try:
             yield
         finally:
             await app.state.jaxserve.engine.shutdown(drain_s=server_config.drain_s)
+            app.state.jaxserve.tokenizer_thread.shutdown(cancel_futures=True)
 
     app = FastAPI(title="jaxserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.jaxserve_config = server_config
@@ -173,7 +181,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of not in (None, 1) and req.best_of != req.n:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
-        prompts = _completion_prompts(req, st)
+        prompts = await _tokenized(st, _completion_prompts, req, st)
         # OpenAI documents max_tokens as nullable with a default of 16: null is the default, not an error.
         max_tokens = _max_tokens(16 if req.max_tokens is None else req.max_tokens, "max_tokens", st)
         for ids in prompts:
@@ -191,7 +199,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        ids = _chat_prompt(req, st)
+        ids = await _tokenized(st, _chat_prompt, req, st)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         if requested is None:  # OpenAI's default: as much as the context leaves (bounded here)
@@ -262,6 +270,10 @@ def _check_model(name: str, st: _State) -> None:
     if name != st.model_name:
         raise APIError(404, f"model {name!r} does not exist; this server serves {st.model_name!r}",
                        param="model", code="model_not_found")
+
+
+async def _tokenized(st: _State, fn: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(st.tokenizer_thread, fn, *args)
 
 
 def _completion_prompts(req: CompletionRequest, st: _State) -> list[list[int]]:
