@@ -352,23 +352,25 @@ def test_unknown_route_is_openai_style_404(live):
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
-@pytest.mark.parametrize("path, body", [("/v1/completions", {**GOOD, "prompt": "SLOW"}),
-                                        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "SLOW"}],
-                                                                 "max_tokens": 3})])
-def test_tokenizing_a_long_prompt_leaves_the_server_answering(live, monkeypatch, path, body):
-    """A megabyte of prompt text takes seconds to tokenize; on the event loop that stalled every
-    open stream and /health meanwhile. Here the tokenizer is held until /health has answered."""
+@pytest.mark.parametrize("method, path, body", [
+    ("encode", "/v1/completions", GOOD),
+    ("encode", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}),
+    ("decode", "/v1/completions", {**GOOD, "logprobs": 2}),
+])
+def test_tokenizer_work_leaves_the_server_answering(live, monkeypatch, method, path, body):
+    """Tokenizing a megabyte of prompt text, or spelling out 64 choices' top-20 logprobs, takes
+    seconds; on the event loop that stalled every open stream and /health meanwhile. Here the
+    server's tokenizer is held in that work until /health has answered."""
     tok = live.app.state.jaxserve.tokenizer
-    real_encode = tok.encode
+    real = getattr(tok, method)
     entered, release = threading.Event(), threading.Event()
 
-    def held_encode(text, *args, **kwargs):
-        if "SLOW" in text:
-            entered.set()
-            release.wait(10)
-        return real_encode(text, *args, **kwargs)
+    def held(*args, **kwargs):
+        entered.set()
+        release.wait(10)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(tok, "encode", held_encode)
+    monkeypatch.setattr(tok, method, held)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         slow = pool.submit(post, live, path, body)
         assert entered.wait(10)

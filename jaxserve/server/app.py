@@ -78,9 +78,10 @@ class _State:
     engine: AsyncEngine
     metrics: ServingMetrics
     tokenizer: Any  # the server's own copy: the engine thread's tokenizer is never shared
-    # Prompts are tokenized here, off the event loop: a megabyte of text takes seconds, which on the
-    # loop stalled every open stream and /health. One thread, so tokenizing never takes more than
-    # one core from the engine thread.
+    # Where the tokenizer works, off the event loop: tokenizing a megabyte of prompt text, or spelling
+    # out a non-streamed body of 64 choices' top-20 logprobs, takes seconds, which on the loop stalled
+    # every open stream and /health. One thread, so this never takes more than one core from the
+    # engine thread.
     tokenizer_thread: concurrent.futures.ThreadPoolExecutor
     model_name: str
     max_model_len: int
@@ -181,7 +182,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of not in (None, 1) and req.best_of != req.n:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
-        prompts = await _tokenized(st, _completion_prompts, req, st)
+        prompts = await _on_tokenizer_thread(st, _completion_prompts, req, st)
         # OpenAI documents max_tokens as nullable with a default of 16: null is the default, not an error.
         max_tokens = _max_tokens(16 if req.max_tokens is None else req.max_tokens, "max_tokens", st)
         for ids in prompts:
@@ -199,7 +200,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        ids = await _tokenized(st, _chat_prompt, req, st)
+        ids = await _on_tokenizer_thread(st, _chat_prompt, req, st)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         if requested is None:  # OpenAI's default: as much as the context leaves (bounded here)
@@ -272,7 +273,7 @@ def _check_model(name: str, st: _State) -> None:
                        param="model", code="model_not_found")
 
 
-async def _tokenized(st: _State, fn: Callable[..., Any], *args: Any) -> Any:
+async def _on_tokenizer_thread(st: _State, fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(st.tokenizer_thread, fn, *args)
 
 
@@ -419,7 +420,7 @@ async def _serve(request: Request, st: _State, req: SamplingFields, prompts: lis
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                  background=BackgroundTask(_abort_all, handles))
     results = await _results_unless_disconnected(request, handles)
-    return JSONResponse(fmt.response(results))
+    return await _on_tokenizer_thread(st, lambda: JSONResponse(fmt.response(results)))
 
 
 async def _abort_all(handles: list[RequestHandle]) -> None:
