@@ -7,6 +7,7 @@ or reads HTTP: the app hands it results and writes what it returns.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import uuid
@@ -41,13 +42,15 @@ class CompletionFormat:
         self.created = int(time.time())
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.offsets: dict[int, int] = {}
+        # 64 choices' top-20 logprobs spell out ~170k tokens, far fewer of them distinct.
+        self._decode = functools.cache(lambda t: tokenizer.decode([t]))
 
     def _logprobs(self, i: int, token_ids: list[int], logprobs: list[float] | None,
                   tops: list[dict[int, float]] | None) -> dict[str, Any] | None:
         if self.req.logprobs is None:
             return None
-        decode = self.tokenizer.decode
-        tokens = [decode([t]) for t in token_ids]
+        decode = self._decode
+        tokens = [decode(t) for t in token_ids]
         offsets = []
         for tok in tokens:
             offsets.append(self.offsets.get(i, 0))
@@ -60,7 +63,7 @@ class CompletionFormat:
                 # Best first, and a text's first (best) logprob kept: the byte tokens of a split
                 # character all decode to U+FFFD, and a later one must not overwrite it.
                 for k, v in sorted(t.items(), key=lambda kv: -kv[1]):
-                    entry.setdefault(decode([k]), _finite(v))
+                    entry.setdefault(decode(k), _finite(v))
                 # OpenAI: "the API will always return the logprob of the sampled token".
                 entry.setdefault(tok, _finite(lp))
                 top.append(entry)
@@ -106,17 +109,18 @@ class ChatFormat:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.prompt_tokens = prompt_tokens
+        # 64 choices' top-20 logprobs spell out ~170k tokens, far fewer of them distinct.
+        self._spell = functools.cache(lambda t: (tokenizer.decode([t]), list(token_bytes(tokenizer, t))))
 
     def _logprobs(self, token_ids: list[int], logprobs: list[float] | None,
                   tops: list[dict[int, float]] | None) -> dict[str, Any] | None:
         if not self.req.logprobs:
             return None
-        decode = self.tokenizer.decode
 
         def entry(tid: int, lp: float) -> dict[str, Any]:
-            tok = decode([tid])
             # The token's own bytes: its text is U+FFFD where it holds part of a character.
-            return {"token": tok, "logprob": _finite(lp), "bytes": list(token_bytes(self.tokenizer, tid))}
+            tok, raw = self._spell(tid)
+            return {"token": tok, "logprob": _finite(lp), "bytes": raw}
 
         content = []
         for k, (tid, lp) in enumerate(zip(token_ids, logprobs or [])):
