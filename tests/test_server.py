@@ -17,6 +17,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from jaxserve import EngineConfig, load
+from jaxserve.async_engine import EngineDeadError
 from jaxserve.server import ServerConfig, build_server, create_app
 
 API_KEY = "test-key"
@@ -380,6 +381,19 @@ def test_tokenizer_work_leaves_the_server_answering(live, monkeypatch, method, p
             release.set()
         assert health.status_code == 200
         assert slow.result().status_code == 200
+
+
+def test_routes_answer_503_while_the_engine_is_gone(live, monkeypatch):
+    """During shutdown the engine thread refuses calls; /flush_cache and /metrics answered 500 "internal error"."""
+    async def gone(*args):
+        raise EngineDeadError("the engine thread is not running")
+
+    engine = live.app.state.jaxserve.engine
+    monkeypatch.setattr(engine, "clear_prefix_cache", gone)
+    monkeypatch.setattr(engine, "stats", gone)
+    for r in (post(live, "/flush_cache", {}), httpx.get(live.url + "/metrics")):
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "engine_unavailable"
 
 
 # ----- health, models, metrics ------------------------------------------------------------------------

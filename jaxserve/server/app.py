@@ -139,6 +139,12 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return APIError(exc.status_code, str(exc.detail), code=code).response()
 
+    @app.exception_handler(EngineDeadError)
+    async def _engine_gone(request: Request, exc: EngineDeadError) -> JSONResponse:
+        # The engine thread refuses calls once it stops (shutdown). A failed step reaches only the
+        # requests it ran, as their own 500 (_results_unless_disconnected, _sse).
+        return APIError(503, str(exc), "server_error", code="engine_unavailable").response()
+
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
@@ -367,8 +373,6 @@ async def _submit_all(st: _State, prompts: list[list[int]], params: list[Samplin
             handles.append(await st.engine.submit(ids, p, f"{base_id}-{i}"))
     except ValueError as exc:
         raise bad_params(exc) from None
-    except EngineDeadError as exc:
-        raise APIError(503, str(exc), "server_error", code="engine_unavailable") from None
     finally:
         if len(handles) < len(prompts):  # a later one was refused (or we were cancelled): drop the rest
             for h in handles:
