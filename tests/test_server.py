@@ -356,7 +356,8 @@ def test_unknown_route_is_openai_style_404(live):
 @pytest.mark.parametrize("method, path, body", [
     ("encode", "/v1/completions", GOOD),
     ("encode", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}),
-    ("decode", "/v1/completions", {**GOOD, "logprobs": 2}),
+    # Penalties too: the step variant test_logprobs_and_penalties compiled.
+    ("decode", "/v1/completions", {**GOOD, "logprobs": 2, "presence_penalty": 0.5, "frequency_penalty": 0.5}),
 ])
 def test_tokenizer_work_leaves_the_server_answering(live, monkeypatch, method, path, body):
     """Tokenizing a megabyte of prompt text, or spelling out 64 choices' top-20 logprobs, takes
