@@ -41,6 +41,7 @@ MAX_LOGPROBS = 20
 # array, so the batch's shapes, and hence the compiled step, do not depend on the requests.
 MAX_BANNED_IDS = 16
 _INT32_MAX = 2**31 - 1  # stop ids and top_k travel as int32
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # temperature, top-p/min-p and penalties travel as float32
 # logit_bias: at most this many tokens a request, each biased by a value in this range (OpenAI's).
 # A batch in which some row has a bias carries [B, MAX_LOGIT_BIAS] ids and values (none: width 0),
 # so the step compiles for two widths at most.
@@ -113,8 +114,9 @@ class SamplingParams:
             value = float(value)
             above = value > lo if lo_open else value >= lo
             # Also rejects NaN, and infinity where `hi` is: an infinite temperature or penalty makes
-            # NaN logits (-inf / inf), and argmax over NaN picks a banned token.
-            if not (above and value <= hi and math.isfinite(value)):
+            # NaN logits (-inf / inf), and argmax over NaN picks a banned token. The values travel as
+            # float32, where 1e39 is infinite too.
+            if not (above and value <= hi and math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
                 raise ValueError(f"{name} must be in {allowed}, got {value!r}")
             set_(name, value)
 
