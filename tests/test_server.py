@@ -173,8 +173,24 @@ def test_seed_minus_one_leaves_every_choice_unseeded():
     from jaxserve.server.protocol import CompletionRequest
 
     req = CompletionRequest(model="tiny", prompt=PROMPT, n=3, seed=-1)
-    params = _sampling_params(req, 8, None, 3, SimpleNamespace(config=ServerConfig()))
+    params = _sampling_params(req, 8, None, 3, SimpleNamespace(config=ServerConfig(), sampling_defaults={}))
     assert [p.seed for p in params] == [None, None, None]
+
+
+def test_fields_a_request_leaves_unset_take_the_checkpoints_generation_config():
+    """vLLM's `--generation-config auto`: Qwen2.5-Instruct's temperature 0.7, top_p 0.8, top_k 20 and
+    repetition_penalty 1.05 apply where the request sets none of them; what it sets wins."""
+    from types import SimpleNamespace
+
+    from jaxserve.server.app import _sampling_params
+    from jaxserve.server.protocol import ChatRequest
+
+    st = SimpleNamespace(config=ServerConfig(), sampling_defaults={"temperature": 0.7, "top_p": 0.8, "top_k": 20})
+    messages = [{"role": "user", "content": "hi"}]
+    [p] = _sampling_params(ChatRequest(model="tiny", messages=messages), 8, None, 1, st)
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens) == (0.7, 0.8, 20, 8)
+    [p] = _sampling_params(ChatRequest(model="tiny", messages=messages, temperature=0, top_k=None), 8, None, 1, st)
+    assert (p.temperature, p.top_p, p.top_k) == (0.0, 0.8, 20)
 
 
 def test_chat_logprob_bytes_spell_the_content(client, pages_freed):

@@ -83,6 +83,9 @@ class _State:
     # every open stream and /health. One thread, so this never takes more than one core from the
     # engine thread.
     tokenizer_thread: concurrent.futures.ThreadPoolExecutor
+    # The checkpoint's generation_config.json sampling, for the fields a request leaves unset (vLLM's
+    # `--generation-config auto`); max_tokens keeps OpenAI's defaults.
+    sampling_defaults: dict[str, Any]
     model_name: str
     max_model_len: int
     config: ServerConfig
@@ -118,6 +121,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             engine=AsyncEngine(engine, metrics=metrics), metrics=metrics,
             tokenizer=load_tokenizer(loaded.path),
             tokenizer_thread=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-tokenizer"),
+            sampling_defaults={k: v for k, v in engine.sampling_defaults.items() if k != "max_tokens"},
             model_name=server_config.model_name or loaded.name,
             max_model_len=engine.max_model_len, config=server_config, created=int(time.time()))
         log.info("serving %s (max_model_len %d)", app.state.jaxserve.model_name, engine.max_model_len)
@@ -353,7 +357,7 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
              "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
              "repetition_penalty": req.repetition_penalty, "min_tokens": req.min_tokens,
              "ignore_eos": req.ignore_eos, "stop_token_ids": req.stop_token_ids, "logit_bias": req.logit_bias}
-    kwargs = {k: v for k, v in given.items() if v is not None}
+    kwargs = {**st.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}
     try:
         # n > 1 with a seed: sample j of every prompt uses seed + j (vLLM's rule), so a prompt's
         # choices differ, yet each is what the same prompt gets when sent alone or with others.
