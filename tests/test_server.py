@@ -193,6 +193,20 @@ def test_fields_a_request_leaves_unset_take_the_checkpoints_generation_config():
     assert (p.temperature, p.top_p, p.top_k) == (0.0, 0.8, 20)
 
 
+def test_developer_messages_are_system_messages(model):
+    """OpenAI's newer models take instructions as role "developer"; the chat template knows "system"."""
+    from types import SimpleNamespace
+
+    from jaxserve.server.app import _chat_prompt
+    from jaxserve.server.protocol import ChatRequest
+
+    st = SimpleNamespace(tokenizer=model.tokenizer)
+    prompts = [_chat_prompt(ChatRequest(model="tiny", messages=[{"role": role, "content": "Answer in French."},
+                                                                {"role": "user", "content": "hi"}]), st)
+               for role in ("developer", "system")]
+    assert prompts[0] == prompts[1]
+
+
 def test_chat_logprob_bytes_spell_the_content(client, pages_freed):
     """Each token's `bytes` are its own (not the UTF-8 of U+FFFD where it holds part of a character)."""
     messages = [{"role": "user", "content": "Écris 東京 🙂"}]

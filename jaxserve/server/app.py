@@ -317,7 +317,10 @@ def _chat_prompt(req: ChatRequest, st: _State) -> list[int]:
             if any(part.type != "text" or part.text is None for part in content):
                 raise APIError(400, "only text content parts are supported", param="messages")
             content = "".join(part.text for part in content)
-        messages.append({"role": m.role, "content": content or ""})
+        # OpenAI's "developer" is the system message of its newer models; chat templates know only
+        # "system" (Qwen2.5's drops a role it does not know, silently losing the instructions).
+        role = "system" if m.role == "developer" else m.role
+        messages.append({"role": role, "content": content or ""})
     try:
         return apply_chat_template(st.tokenizer, messages)
     except Exception as exc:  # the template's own checks (role order, ...) are input errors
