@@ -312,7 +312,8 @@ class AsyncEngine:
         if not text and start == end and not finished:
             return
         chunk: dict[str, Any] = {"request_id": request.request_id, "text": text,
-                                 "token_ids": request.output_ids[start:end], "finish_reason": request.finish_reason}
+                                 "token_ids": request.output_ids[start:end], "finish_reason": request.finish_reason,
+                                 "stop_reason": request.stop_reason}
         if request.params.logprobs is not None:
             chunk["logprobs"] = request.output_logprobs[start:end]
             chunk["top_logprobs"] = request.top_logprobs[start:end] if request.params.logprobs > 0 else None

@@ -46,6 +46,8 @@ class Request:
     cached_tokens: int = 0  # prompt tokens served from the prefix index at (first) admission
     num_preemptions: int = 0
     finish_reason: str | None = None
+    # What stopped it (vLLM's `stop_reason`): the stop string or the stop id; None for EOS or any other finish.
+    stop_reason: str | int | None = None
     error: str | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -83,7 +85,7 @@ class Request:
             self.top_logprobs.append(top)
         self.new_token_count += 1
         if token in self._stop_ids() and len(self.output_ids) > self.params.min_tokens:
-            self.finish("stop")
+            self._stop_on_id(token)
             return
         if not self.params.stop:
             if len(self.output_ids) >= self.params.max_tokens:
@@ -133,9 +135,18 @@ class Request:
         self.output_ids.extend(tokens[:take])
         self.output_logprobs.extend(logprobs[:take])
         self.new_token_count += take
-        if reason is not None:
+        if reason == "stop":
+            self._stop_on_id(tokens[take - 1])
+        elif reason is not None:
             self.finish(reason)
         return take
+
+    def _stop_on_id(self, token: int) -> None:
+        # EOS is the model's own ending (vLLM reports no stop_reason for it); a stop id the request
+        # asked for is named, as vLLM does, even when it is also an EOS id.
+        self.finish("stop")
+        if token in self.params.stop_token_ids:
+            self.stop_reason = token
 
     def _stop_ids(self) -> frozenset[int]:
         """The ids that stop this request: its stop ids, and EOS unless ``ignore_eos``."""
@@ -166,11 +177,13 @@ class Request:
         if self.params.stop and len(self.output_ids) > self.params.min_tokens:
             # A stop string may straddle deltas: each is searched from just before the new text, no
             # further back (a longer one's window would find a short one made within min_tokens).
-            found = (self.text.find(s, max(0, before - len(s) + 1)) for s in self.params.stop)
-            hits = [i for i in found if i >= 0]
+            found = ((self.text.find(s, max(0, before - len(s) + 1)), s) for s in self.params.stop)
+            hits = [(i, s) for i, s in found if i >= 0]
             if hits:
-                self.text = self.text[:min(hits)]
+                at, stop = min(hits, key=lambda hit: hit[0])
+                self.text = self.text[:at + len(stop) if self.params.include_stop_str_in_output else at]
                 self.finish("stop")
+                self.stop_reason = stop
 
     def finish(self, reason: str, error: str | None = None) -> None:
         if self.finish_reason is None:
@@ -205,6 +218,7 @@ class Request:
             "text": self.text,
             "token_ids": list(self.output_ids),
             "finish_reason": self.finish_reason,
+            "stop_reason": self.stop_reason,
             "prompt_tokens": len(self.prompt_ids),
             "cached_tokens": self.cached_tokens,
             "completion_tokens": n,

@@ -69,7 +69,8 @@ class SamplingParams:
     `logit_bias` maps token ids (ints, or their decimal strings as JSON keys are) to a value in
     [-100, 100] added to their logits before penalties and sampling (OpenAI's and vLLM's meaning);
     it is stored as sorted `(id, bias)` pairs. Unseeded requests (`seed` None, or -1 as in vLLM)
-    get a fresh random seed in `make_batch`, so they differ from each other.
+    get a fresh random seed in `make_batch`, so they differ from each other. A stop string ends the
+    text before it unless `include_stop_str_in_output` (vLLM's), and is the result's `stop_reason`.
 
     Example:
         >>> p = SamplingParams(temperature=0.7, top_p=0.9, stop="\\n", seed=0)
@@ -93,6 +94,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
     logprobs: int | None = None
     min_tokens: int = 0
     logit_bias: Any = ()
@@ -145,9 +147,10 @@ class SamplingParams:
         ):
             raise ValueError(f"stop_token_ids must be a list of ints in [0, 2**31 - 1], got {self.stop_token_ids!r}")
         set_("stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if not isinstance(self.ignore_eos, (bool, np.bool_)):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
-        set_("ignore_eos", bool(self.ignore_eos))
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            set_(name, bool(getattr(self, name)))
         if self.logprobs is not None:
             check_int("logprobs", _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS,
                       f"None or an int in [0, {MAX_LOGPROBS}]")

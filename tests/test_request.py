@@ -37,9 +37,9 @@ def test_extend_equals_one_append_a_token(max_tokens, min_tokens, ignore_eos, st
             one.append(token, logprob, tops[k] if with_tops else None)
             taken += 1
         assert run.extend(tokens, logprobs, tops) == taken
-        assert (run.output_ids, run.output_logprobs, run.top_logprobs, run.finish_reason,
+        assert (run.output_ids, run.output_logprobs, run.top_logprobs, run.finish_reason, run.stop_reason,
                 run.new_token_count) == (one.output_ids, one.output_logprobs, one.top_logprobs,
-                                         one.finish_reason, one.new_token_count)
+                                         one.finish_reason, one.stop_reason, one.new_token_count)
         assert (run.first_token_time is None) == (one.first_token_time is None)
 
 
@@ -81,3 +81,27 @@ def test_a_stop_string_made_within_min_tokens_never_stops_the_request_later():
                 _CharDetokenizer("abxc"), eos_ids=(9,))
     r.extend([0, 1, 2, 3], [0.0] * 4)
     assert (r.text, r.finish_reason) == ("ab", "stop")
+
+
+def test_stop_reason_names_the_stop_string_or_id_and_not_eos():
+    # vLLM's CompletionOutput.stop_reason: the stop string or stop id that ended the request; None
+    # for EOS and for every other finish.
+    r = make(SamplingParams(max_tokens=10, stop_token_ids=[4]))
+    r.extend([3, 4], [0.0, 0.0])
+    assert (r.finish_reason, r.stop_reason, r.result()["stop_reason"]) == ("stop", 4, 4)
+    r = make(SamplingParams(max_tokens=10, stop_token_ids=[4]))
+    r.extend([3, 0], [0.0, 0.0])  # EOS
+    assert (r.finish_reason, r.stop_reason) == ("stop", None)
+    r = make(SamplingParams(max_tokens=2))
+    r.extend([3, 3], [0.0, 0.0])
+    assert (r.finish_reason, r.stop_reason) == ("length", None)
+    r = Request("r", [1], SamplingParams(max_tokens=9, stop=["cd", "bc"]), _CharDetokenizer("abcdef"), eos_ids=(9,))
+    r.extend([0, 1, 2, 3, 4], [0.0] * 5)
+    assert (r.text, r.finish_reason, r.stop_reason) == ("a", "stop", "bc")
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string_and_nothing_after_it():
+    params = SamplingParams(max_tokens=9, stop=["cd"], include_stop_str_in_output=True)
+    r = Request("r", [1], params, _CharDetokenizer("abcdef"), eos_ids=(9,))
+    r.extend([0, 1, 2, 3, 4], [0.0] * 5)
+    assert (r.text, r.finish_reason, r.stop_reason) == ("abcd", "stop", "cd")

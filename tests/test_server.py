@@ -226,9 +226,14 @@ def test_stop_string_ends_the_completion(client, pages_freed):
     out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop])
     assert out.choices[0].finish_reason == "stop"
     assert out.choices[0].text == full.choices[0].text[: full.choices[0].text.index(stop)]
-    streamed = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stop=stop,
-                                         stream=True)
+    assert out.choices[0].model_extra["stop_reason"] == stop  # vLLM's extension
+    streamed = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stop=stop,
+                                              stream=True))
     assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
+    assert streamed[-1].choices[0].model_extra["stop_reason"] == stop
+    kept = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop],
+                                     extra_body={"include_stop_str_in_output": True})
+    assert kept.choices[0].text == out.choices[0].text + stop
 
 
 def test_logprobs_and_penalties(client, pages_freed):

@@ -359,7 +359,8 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
     given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
              "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
              "repetition_penalty": req.repetition_penalty, "min_tokens": req.min_tokens,
-             "ignore_eos": req.ignore_eos, "stop_token_ids": req.stop_token_ids, "logit_bias": req.logit_bias}
+             "ignore_eos": req.ignore_eos, "stop_token_ids": req.stop_token_ids, "logit_bias": req.logit_bias,
+             "include_stop_str_in_output": req.include_stop_str_in_output}
     kwargs = {**st.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}
     try:
         # n > 1 with a seed: sample j of every prompt uses seed + j (vLLM's rule), so a prompt's

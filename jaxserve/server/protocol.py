@@ -88,6 +88,7 @@ class SamplingFields(Schema):
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
 
 
 class CompletionRequest(SamplingFields):

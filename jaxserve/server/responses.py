@@ -71,8 +71,9 @@ class CompletionFormat:
                 "text_offset": offsets}
 
     def response(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        # stop_reason: vLLM's extension, the stop string or id that ended the choice (None for EOS).
         choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"],
-                    "logprobs": self._logprobs(i, r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))}
+                    "stop_reason": r.get("stop_reason"), "logprobs": self._logprobs(i, r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))}
                    for i, r in enumerate(results)]
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name,
                 "choices": choices, "usage": usage(results, self.prompt_tokens, self.req.n)}
@@ -93,7 +94,8 @@ class CompletionFormat:
             return None
         lp = self._logprobs(i, chunk["token_ids"], chunk.get("logprobs"), chunk.get("top_logprobs"))
         return self._chunk([{"index": i, "text": chunk["text"], "logprobs": lp,
-                             "finish_reason": chunk["finish_reason"]}], include_usage)
+                             "finish_reason": chunk["finish_reason"], "stop_reason": chunk.get("stop_reason")}],
+                           include_usage)
 
     def usage_chunk(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         out = self._chunk([], True)
@@ -132,7 +134,7 @@ class ChatFormat:
 
     def response(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
-                    "finish_reason": r["finish_reason"],
+                    "finish_reason": r["finish_reason"], "stop_reason": r.get("stop_reason"),
                     "logprobs": self._logprobs(r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))}
                    for i, r in enumerate(results)]
         # n samples of one prompt: OpenAI counts the prompt once.
@@ -156,8 +158,8 @@ class ChatFormat:
             return None
         delta = {"content": chunk["text"]} if chunk["text"] or chunk["finish_reason"] is None else {}
         lp = self._logprobs(chunk["token_ids"], chunk.get("logprobs"), chunk.get("top_logprobs"))
-        return self._chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": chunk["finish_reason"]}],
-                           include_usage)
+        return self._chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": chunk["finish_reason"],
+                             "stop_reason": chunk.get("stop_reason")}], include_usage)
 
     def usage_chunk(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         out = self._chunk([], True)
