@@ -95,18 +95,26 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+# `jaxserve generate`'s sampling where neither a flag nor the checkpoint's generation_config.json sets it.
+GENERATE_FALLBACK = {"max_tokens": 64, "temperature": 0.0}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from jaxserve.engine import Engine
     from jaxserve.sampling import SamplingParams
 
     prompts = _read_prompts(args)
+    given = {k: v for k, v in dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                   top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
+                                   repetition_penalty=args.repetition_penalty).items() if v is not None}
     try:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop or (),
-                                repetition_penalty=args.repetition_penalty)
+        SamplingParams(**{**GENERATE_FALLBACK, **given})  # bad flags fail before the model loads
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
     with Engine(args.model, engine_config_from_args(args)) as engine:
+        # Flags left unset take the checkpoint's generation_config.json sampling, as the server's
+        # requests do, then the CLI's own fallback (greedy, 64 tokens).
+        params = SamplingParams(**{**GENERATE_FALLBACK, **engine.sampling_defaults, **given})
         if len(prompts) == 1 and not args.json:
             return _stream_one(engine, prompts[0], params)
         results = engine.generate(prompts, params, use_tqdm=not args.json and len(prompts) > 1)
@@ -182,14 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog='example: jaxserve generate --repetition-penalty 1.2 "import os"')
     gen.add_argument("prompts", nargs="*", help="prompt texts")
     gen.add_argument("--file", help="more prompts: one per line, or JSONL lines with a \"prompt\" field ('-': stdin)")
-    gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
-    gen.add_argument("--top-k", type=int, default=-1, help="sample among the k most likely tokens (default -1: off)")
-    gen.add_argument("--min-p", type=float, default=0.0,
-                     help="drop tokens below this fraction of the best one's probability (default 0: off)")
-    gen.add_argument("--repetition-penalty", type=float, default=1.0,
-                     help="> 1 discourages tokens already in the prompt or output (default 1: off); "
+    gen.add_argument("--max-tokens", type=int, default=None,
+                     help="tokens to generate per prompt (default: the model's max_new_tokens, else 64)")
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="0 is greedy (default: the model's generation_config.json, else 0)")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: the model's, else 1)")
+    gen.add_argument("--top-k", type=int, default=None,
+                     help="sample among the k most likely tokens (default: the model's, else -1: off)")
+    gen.add_argument("--min-p", type=float, default=None,
+                     help="drop tokens below this fraction of the best one's probability (default: the model's, else 0: off)")
+    gen.add_argument("--repetition-penalty", type=float, default=None,
+                     help="> 1 discourages tokens already in the prompt or output (default: the model's, else 1: off); "
                           "small models loop without it")
     gen.add_argument("--seed", type=int, default=None, help="seed for sampled (temperature > 0) output")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")

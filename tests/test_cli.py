@@ -39,6 +39,19 @@ def test_generate_json_lines_from_arguments_and_file(tiny_checkpoint, tmp_path, 
     assert rc == 0 and json.loads(capsys.readouterr().out)["token_ids"] == lines[0]["token_ids"]
 
 
+def test_generate_flags_left_unset_take_the_checkpoints_generation_config(tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    path = str(tmp_path / "model")
+    shutil.copytree(tiny_checkpoint[0], path)
+    with open(f"{path}/generation_config.json", "w") as f:
+        json.dump({"max_new_tokens": 3, "temperature": 0.0}, f)
+    assert cli.main(["generate", "The quick brown fox", "--model", path, "--json", *SMALL]) == 0
+    assert json.loads(capsys.readouterr().out)["completion_tokens"] == 3
+    assert cli.main(["generate", "The quick brown fox", "--model", path, "--json", "--max-tokens", "2", *SMALL]) == 0
+    assert json.loads(capsys.readouterr().out)["completion_tokens"] == 2
+
+
 def test_generate_text_streams_prompt_and_completion(tiny_checkpoint, capsys):
     rc = cli.main(["generate", "The quick brown fox", "--model", tiny_checkpoint[0], "--max-tokens", "4", *SMALL])
     assert rc == 0
