@@ -63,6 +63,9 @@ class _Prefill:
 
     rows: list[tuple[Request, int, int]]
     out: Any
+    # Rows owed prompt log-probabilities: (row index, first prompt position, end) this call fills.
+    prompt_rows: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+    prompt_out: Any = None  # their `PromptLogprobs`, on the device
 
     def finishing(self) -> dict[int, int]:
         """The rows whose prompt this call finishes (it samples their first token): id -> index."""
@@ -311,21 +314,63 @@ class Engine:
             block_tables[i] = table[r.slot]
         reqs = [r for r, _, _ in rows]
         sbatch, steps, num_top, counts, seen, greedy, logprobs = self._sampling_inputs(reqs, batch)
+        targets, prompt_rows = self._prompt_targets(rows, tokens.shape)
         out = self.runner.prefill(tokens, q_start, lengths, block_tables, sbatch, steps, counts, seen, num_top,
-                                  greedy, logprobs)
+                                  greedy, logprobs, prompt_targets=targets,
+                                  prompt_top=MAX_TOP_LOGPROBS if any(rows[i][0].params.prompt_logprobs
+                                                                     for i, _, _ in prompt_rows) else 0)
         for r, s, e in rows:
             r.computed = e
             self.prefill_tokens += e - s
             if e == r.prefill_end:
                 self.scheduler.after_prefill(r)
-        return _Prefill(rows, out)
+        if targets is None:
+            return _Prefill(rows, out)
+        return _Prefill(rows, out[0], prompt_rows, out[1])
+
+    @staticmethod
+    def _prompt_targets(rows: list[tuple[Request, int, int]], shape: tuple[int, int]):
+        """For a prefill call whose rows include one owed prompt log-probabilities: the token after
+        each position (``[B, S]``, the runner's ``prompt_targets``) and, per such row, the prompt
+        positions it fills ``(row, lo, hi)``; ``(None, [])`` when no row is owed any (the usual step).
+
+        A chunk ``[s, e)`` has the logits of positions ``s..e-1``, which score prompt tokens
+        ``s+1..e``; the positions are marked covered now, so a later chunk or a recompute after
+        preemption does not compute them again.
+        """
+        owed = [(i, r, s, e) for i, (r, s, e) in enumerate(rows) if r.wants_prompt_logprobs]
+        if not owed:
+            return None, []
+        targets = np.zeros(shape, np.int32)
+        prompt_rows = []
+        for i, r, s, e in owed:
+            lo, hi = max(s + 1, r.prompt_logprobs_upto), min(e + 1, len(r.prompt_ids))
+            if not r.prompt_lps:
+                r.prompt_lps = [None] * len(r.prompt_ids)
+            if lo < hi:  # a recompute's chunk may hold only positions already scored
+                targets[i, lo - s - 1: hi - s - 1] = r.prompt_ids[lo:hi]
+                prompt_rows.append((i, lo, hi))
+                r.prompt_logprobs_upto = hi
+        return (targets, prompt_rows) if prompt_rows else (None, [])
 
     def _collect_prefill(self, call: _Prefill) -> list[Request]:
         """Read a prefill call's first tokens and hand them to the rows whose prompt it finished
         (those it returns). A row aborted meanwhile takes nothing."""
         start = time.perf_counter()
-        out = jax.device_get(call.out)
+        out, prompt = jax.device_get((call.out, call.prompt_out))
         self.time_s["prefill"] += time.perf_counter() - start
+        for i, lo, hi in call.prompt_rows:
+            r, s, _ = call.rows[i]
+            k = r.params.prompt_logprobs
+            chosen = prompt.logprobs[i, lo - s - 1: hi - s - 1].tolist()
+            ids = prompt.top_ids[i, lo - s - 1: hi - s - 1, :k].tolist()
+            lps = prompt.top_logprobs[i, lo - s - 1: hi - s - 1, :k].tolist()
+            for p, lp, top_ids, top_lps in zip(range(lo, hi), chosen, ids, lps):
+                # vLLM's entry: the prompt token first, then the top-k (which may include it).
+                entry = {r.prompt_ids[p]: lp}
+                for t, v in zip(top_ids, top_lps):
+                    entry.setdefault(t, v)
+                r.prompt_lps[p] = entry
         tokens_out, logprobs_out = out.tokens.tolist(), out.logprobs.tolist()
         done = []
         for i, (r, _, e) in enumerate(call.rows):

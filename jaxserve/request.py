@@ -58,12 +58,23 @@ class Request:
     # when read (``take_delta``/``result``), a run of tokens per decode (two tokenizer calls),
     # not two calls per token: at batch 256 that per-token cost exceeded the GPU's step.
     detok_pushed: int = 0  # output tokens already given to the detokenizer
+    # Prompt log-probabilities (``params.prompt_logprobs`` set): one entry a prompt token, the first
+    # None. Positions below ``prompt_logprobs_upto`` are covered by a dispatched prefill chunk, so a
+    # recompute after preemption neither computes them again nor loses them.
+    prompt_lps: list[dict[int, float] | None] = dataclasses.field(default_factory=list, repr=False)
+    prompt_logprobs_upto: int = 1
     _stops: frozenset[int] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def all_ids(self) -> list[int]:
         """Prompt plus generated tokens: what a recompute after preemption must prefill."""
         return self.prompt_ids + self.output_ids
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt log-probabilities asked for and not all computed yet: its prefill must compute
+        every prompt position (no cached prefix: those positions would have no logits)."""
+        return self.params.prompt_logprobs is not None and self.prompt_logprobs_upto < len(self.prompt_ids)
 
     @property
     def is_prefilling(self) -> bool:
@@ -230,6 +241,8 @@ class Request:
             out["logprobs"] = list(self.output_logprobs)
             if self.params.logprobs > 0:
                 out["top_logprobs"] = list(self.top_logprobs)
+        if self.params.prompt_logprobs is not None:
+            out["prompt_logprobs"] = list(self.prompt_lps) or [None] * len(self.prompt_ids)
         if self.error:
             out["error"] = self.error
         return out

@@ -28,7 +28,8 @@ from jaxserve import kv_pool
 from jaxserve.config import ModelConfig
 from jaxserve.model import (KVCache, PagedAttention, Qwen2ForCausalLM, check_weight_layout, greedy_head_applies,
                             new_kv_cache)
-from jaxserve.sampling import SampleOutput, SamplingBatch, no_logprobs, sample, token_logprobs, update_counts
+from jaxserve.sampling import (PromptLogprobs, SampleOutput, SamplingBatch, no_logprobs, sample, token_logprobs,
+                               update_counts)
 
 # XLA compiler options of decode steps wider than the skinny matmul serves, whose projections
 # are XLA GEMMs. cuBLAS instead of XLA's Triton GEMMs: cuBLAS takes the residual adds into
@@ -124,14 +125,29 @@ class Runner:
 
     def prefill(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
                 batch: SamplingBatch, steps: np.ndarray, counts=None, seen=None, num_top: int = 0,
-                greedy: bool = False, logprobs: bool = True):
+                greedy: bool = False, logprobs: bool = True, prompt_targets: np.ndarray | None = None,
+                prompt_top: int = 0):
         """One chunk per row: ``tokens [B, S]`` at positions ``q_start[b]..``; samples after row's last token.
-        ``logprobs=False``: the chosen tokens' log-probabilities are NaN, not computed."""
+        ``logprobs=False``: the chosen tokens' log-probabilities are NaN, not computed.
+
+        ``prompt_targets [B, S]`` (prompt log-probabilities asked for): the token that follows each
+        position; the call then returns ``(out, PromptLogprobs)``, the log-probability of each target
+        and the ``prompt_top`` best tokens at every position, from a variant compiled apart, so
+        batches that ask for none run the usual step.
+
+        Example:
+            >>> out, plp = runner.prefill(tokens, q_start, lengths, tables, batch, steps,
+            ...                           prompt_targets=targets, prompt_top=20)  # doctest: +SKIP
+            >>> plp.logprobs.shape == tokens.shape                                 # doctest: +SKIP
+            True
+        """
+        prompt = -1 if prompt_targets is None else prompt_top
         self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, batch.bias_ids.shape[1], num_top,
-                                  counts is not None, greedy, logprobs))
+                                  counts is not None, greedy, logprobs) + ((prompt,) if prompt >= 0 else ()))
+        targets = None if prompt_targets is None else _int32(prompt_targets)[0]
         self.kv, out = self.compiled.prefill(
             self.params, self.kv, *_int32(tokens, q_start, lengths, block_tables), batch, *_int32(steps), counts,
-            seen, num_top=num_top, greedy=greedy, logprobs=logprobs)
+            seen, targets, num_top=num_top, greedy=greedy, logprobs=logprobs, prompt_top=prompt)
         return out
 
     def decode_fn(self, rows: int):
@@ -182,7 +198,7 @@ class Steps:
         self.model = Qwen2ForCausalLM(config, dtype)
         self.page_size = page_size
         self.attention_impl = attention_impl
-        self.prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top", "greedy", "logprobs"),
+        self.prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top", "greedy", "logprobs", "prompt_top"),
                                compiler_options=prefill_options or None)
         decode_static = ("num_steps", "num_top", "penalties", "greedy", "logprobs")
         self.decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static,
@@ -225,13 +241,24 @@ class Steps:
         return self.pick_kernel and logits.shape[0] >= self.pick_min_rows
 
     def _prefill_impl(self, params, kv, tokens, q_start, lengths, block_tables, batch: SamplingBatch, steps,
-                      counts, seen, *, num_top: int, greedy: bool, logprobs: bool = True):
+                      counts, seen, targets=None, *, num_top: int, greedy: bool, logprobs: bool = True,
+                      prompt_top: int = -1):
         b, s = tokens.shape
         positions = q_start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
         valid = positions < lengths[:, None]
         paged = PagedAttention(kv_pool.slots_in_rows(block_tables, positions, valid, self.page_size), block_tables, lengths,
                                q_start, impl=self.attention_impl)
         logits_at = jnp.maximum(lengths - q_start - 1, 0)
+        if prompt_top >= 0:
+            # Every position's logits ([B, S, V]): only this variant projects them all, so a batch
+            # that asks for no prompt log-probabilities pays nothing for it.
+            logits, kv = self._forward(params, kv, tokens, positions, paged)
+            flat = logits.reshape(b * s, -1)
+            chosen, top_ids, top_lps = token_logprobs(flat, targets.reshape(-1), prompt_top)
+            prompt = PromptLogprobs(chosen.reshape(b, s), top_ids.reshape(b, s, -1), top_lps.reshape(b, s, -1))
+            last = jnp.take_along_axis(logits, logits_at[:, None, None], axis=1)[:, 0]
+            return kv, (choose_tokens(last, batch, steps, counts, seen, num_top=num_top, greedy=greedy,
+                                      logprobs=logprobs), prompt)
         if self._greedy_head(b, greedy, num_top, logprobs):
             picked, kv = self._forward(params, kv, tokens, positions, paged, logits_at, greedy_tokens=True)
             return kv, no_logprobs(picked[:, 0])

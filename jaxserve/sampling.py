@@ -71,6 +71,8 @@ class SamplingParams:
     it is stored as sorted `(id, bias)` pairs. Unseeded requests (`seed` None, or -1 as in vLLM)
     get a fresh random seed in `make_batch`, so they differ from each other. A stop string ends the
     text before it unless `include_stop_str_in_output` (vLLM's), and is the result's `stop_reason`.
+    `prompt_logprobs=k` (vLLM's): the result's `prompt_logprobs` holds, for every prompt token after
+    the first, its log-probability given the tokens before it and the k most likely tokens there.
 
     Example:
         >>> p = SamplingParams(temperature=0.7, top_p=0.9, stop="\\n", seed=0)
@@ -80,6 +82,8 @@ class SamplingParams:
         True
         >>> SamplingParams(temperature=0, logit_bias={"42": -100}).logit_bias
         ((42, -100.0),)
+        >>> SamplingParams(prompt_logprobs=1).prompt_logprobs
+        1
     """
 
     max_tokens: int = 16
@@ -98,6 +102,7 @@ class SamplingParams:
     logprobs: int | None = None
     min_tokens: int = 0
     logit_bias: Any = ()
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def set_(name: str, value: Any) -> None:
@@ -151,9 +156,10 @@ class SamplingParams:
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
             set_(name, bool(getattr(self, name)))
-        if self.logprobs is not None:
-            check_int("logprobs", _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS,
-                      f"None or an int in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                check_int(name, _is_int(getattr(self, name)) and 0 <= getattr(self, name) <= MAX_LOGPROBS,
+                          f"None or an int in [0, {MAX_LOGPROBS}]")
         check_int("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
                   f"an int in [0, max_tokens={self.max_tokens}]")
         if self.min_tokens > 0:  # the ids banned until min_tokens are a fixed-width row of the step's batch
@@ -260,6 +266,17 @@ class SampleOutput:
     top_ids: i32 [B, K] and top_logprobs: f32 [B, K], the K most likely tokens (K = num_top_logprobs)."""
 
     tokens: jax.Array
+    logprobs: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+@flax.struct.dataclass
+class PromptLogprobs:
+    """A prefill chunk's prompt log-probabilities: logprobs f32 [B, S], log-softmax of the raw logits
+    at each position, taken at the token that follows it; top_ids i32 [B, S, K] and top_logprobs
+    f32 [B, S, K], each position's K most likely next tokens."""
+
     logprobs: jax.Array
     top_ids: jax.Array
     top_logprobs: jax.Array

@@ -8,7 +8,8 @@ model and never samples: it returns a ``Plan`` that the engine hands to the runn
 Rules, in one place:
 - A request is admitted when a sequence slot is free and pages for its whole prompt can be
   had (evicting unused cached prefixes first). Its longest cached prefix (whole pages, at
-  least one prompt token left to compute) is attached instead of recomputed.
+  least one prompt token left to compute) is attached instead of recomputed, unless the request
+  still needs prompt log-probabilities.
 - Prompts longer than the step's token budget are prefilled in chunks.
 - Before a decode call of ``k`` steps every decoding request gets room for ``k`` more
   tokens; when pages run out, cached prefixes are evicted, then the most recently admitted
@@ -225,7 +226,9 @@ class Scheduler:
         tokens = request.all_ids
         slot = self.free_slots.pop()
         request.slot, request.node, cached = slot, -1, 0
-        if self.config.prefix_caching:
+        # A request still owed prompt log-probabilities computes its whole prompt (vLLM v1's rule):
+        # cached positions have no logits. Its pages are indexed after it all the same.
+        if self.config.prefix_caching and not request.wants_prompt_logprobs:
             start = time.perf_counter()
             # Match all but the last token: the last one must be computed to produce logits.
             st.index, n, pages, nodes = st._match(st.index, self._padded(tokens), len(tokens) - 1)

@@ -764,3 +764,68 @@ def test_engines_alike_share_their_compiled_steps_and_a_changed_knob_does_not(ti
         with Engine(m, small_config()) as engine:
             assert all(engine.runner.compiled is not s for s in seen)
             seen.append(engine.runner.compiled)
+
+
+def hf_prompt_logprobs(hf, prompt: list[int]) -> np.ndarray:
+    """log_softmax (float32) of Hugging Face's logits: row p-1 scores prompt token p."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1).numpy()
+
+
+def test_prompt_logprobs_match_transformers_through_chunks_and_a_cached_prefix(tiny):
+    m, hf = tiny
+    shared = random_prompts(m.config.vocab_size, (40,))[0]
+    # 70 tokens > max_tokens_per_step=64: prefilled in two chunks; one token: nothing to score.
+    prompts = random_prompts(m.config.vocab_size, (5, 23, 70)) + [shared + [7, 8, 9], [11]]
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+    with Engine(m, small_config()) as engine:
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        # The shared prefix is cached now: a request asking for prompt logprobs computes it all the same.
+        again = engine.generate(shared + [5], params, use_tqdm=False)[0]
+        assert again["cached_tokens"] == 0
+        plain = engine.generate(shared + [5], GREEDY, use_tqdm=False)[0]
+        assert plain["cached_tokens"] == 40 and "prompt_logprobs" not in plain
+        assert_all_pages_free(engine)
+    for prompt, out in zip(prompts + [shared + [5]], outs + [again]):
+        assert out["token_ids"] == hf_greedy(hf, prompt, 3)
+        ref = hf_prompt_logprobs(hf, prompt)
+        plp = out["prompt_logprobs"]
+        assert len(plp) == len(prompt) and plp[0] is None
+        for p in range(1, len(prompt)):
+            entry, want = plp[p], ref[p - 1]
+            assert prompt[p] in entry and len(entry) in (2, 3)
+            best = np.argsort(-want)[:2]
+            assert set(best.tolist()) <= set(entry)
+            for token, lp in entry.items():
+                assert abs(lp - want[token]) < 1e-4, (p, token, lp, want[token])
+
+
+def test_prompt_logprobs_survive_preemption_once_and_leave_other_requests_alone(tiny):
+    m, hf = tiny
+    prompts = random_prompts(m.config.vocab_size, (30, 26, 35))
+    asks = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+    # 3 sequences of up to 51 tokens need 18 pages of 8; 14 pages force preemption.
+    with Engine(m, small_config(num_pages=14)) as engine:
+        victims = []
+        preempt = engine.scheduler.preempt
+        engine.scheduler.preempt = lambda r: (victims.append(r.params), preempt(r))
+        outs = engine.generate(prompts, [asks, GREEDY, asks], use_tqdm=False)
+        assert asks in victims  # recomputed from prompt + output: its prompt logprobs not again
+        assert_all_pages_free(engine)
+    for prompt, out in zip(prompts, outs):
+        assert out["token_ids"] == hf_greedy(hf, prompt, len(out["token_ids"]))
+    assert "prompt_logprobs" not in outs[1]
+    for i in (0, 2):
+        ref = hf_prompt_logprobs(hf, prompts[i])
+        plp = outs[i]["prompt_logprobs"]
+        assert plp[0] is None and len(plp) == len(prompts[i])
+        got = [plp[p][prompts[i][p]] for p in range(1, len(prompts[i]))]
+        assert all(len(plp[p]) == 1 for p in range(1, len(prompts[i])))
+        np.testing.assert_allclose(got, [ref[p - 1, prompts[i][p]] for p in range(1, len(prompts[i]))], atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [-1, 21, 1.5, True])
+def test_bad_prompt_logprobs_are_refused_naming_the_field(bad):
+    with pytest.raises(ValueError, match="^prompt_logprobs must be"):
+        SamplingParams(prompt_logprobs=bad)
