@@ -249,6 +249,32 @@ def test_logprobs_and_penalties(client, pages_freed):
     assert all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_offline_prompt_logprobs(client, live, model, pages_freed):
+    """lm-evaluation-harness's loglikelihood request: echo, logprobs=1, max_tokens 0 or 1."""
+    from jaxserve import SamplingParams
+
+    ids = model.tokenizer.encode(PROMPT, add_special_tokens=False)
+    offline = live.engine_call(lambda e: e.generate_async(ids, SamplingParams(max_tokens=1, temperature=0,
+                                                                               prompt_logprobs=1)))
+    want = [None] + [offline["prompt_logprobs"][p][t] for p, t in enumerate(ids) if p]
+    for max_tokens in (0, 1):
+        comp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=max_tokens, temperature=0, echo=True,
+                                         logprobs=1)
+        choice, lp = comp.choices[0], comp.choices[0].logprobs
+        assert choice.text.startswith(PROMPT) and len(lp.tokens) == len(ids) + max_tokens
+        assert comp.usage.completion_tokens == max_tokens and comp.usage.prompt_tokens == len(ids)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[:len(ids)] == pytest.approx(want, abs=1e-6)
+        assert all(lp.tokens[p] in lp.top_logprobs[p] for p in range(1, len(lp.tokens)))
+        assert "".join(lp.tokens[:len(ids)]) == PROMPT
+        assert lp.text_offset == [len("".join(lp.tokens[:k])) for k in range(len(lp.tokens))]
+    plain = client.completions.create(model="tiny", prompt=[PROMPT], max_tokens=3, temperature=0)
+    echoed = client.completions.create(model="tiny", prompt=[PROMPT], max_tokens=3, temperature=0, echo=True)
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text and echoed.choices[0].logprobs is None
+    streamed = post(live, "/v1/completions", {"model": "tiny", "prompt": PROMPT, "echo": True, "stream": True})
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "echo"
+
+
 def test_logit_bias_forces_a_token(client, live, pages_freed):
     comp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0,
                                      logit_bias={"17": 100})

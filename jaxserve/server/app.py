@@ -186,19 +186,27 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         st, req = await _accept(request, CompletionRequest)
-        if req.echo:
-            raise APIError(400, "echo is not supported", param="echo")
+        if req.echo and req.stream:
+            raise APIError(400, "echo is not supported with stream", param="echo")
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of not in (None, 1) and req.best_of != req.n:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
         prompts = await _on_tokenizer_thread(st, _completion_prompts, req, st)
         # OpenAI documents max_tokens as nullable with a default of 16: null is the default, not an error.
-        max_tokens = _max_tokens(16 if req.max_tokens is None else req.max_tokens, "max_tokens", st)
+        requested = 16 if req.max_tokens is None else req.max_tokens
+        # max_tokens 0 with echo scores the prompt alone (lm-evaluation-harness's loglikelihood): the
+        # engine generates one token, which the answer leaves out.
+        prompt_only = req.echo and requested == 0
+        max_tokens = _max_tokens(1 if prompt_only else requested, "max_tokens", st)
         for ids in prompts:
             _check_context(len(ids), max_tokens, "prompt", st)
-        params = _sampling_params(req, max_tokens, req.logprobs, len(prompts) * req.n, st)
-        fmt = CompletionFormat(st.model_name, st.tokenizer, req, prompts)
+        prompt_logprobs = req.logprobs if req.echo else None
+        params = _sampling_params(req, max_tokens, req.logprobs, len(prompts) * req.n, st, prompt_logprobs)
+        echo_texts = None
+        if req.echo:
+            echo_texts = await _on_tokenizer_thread(st, _echo_texts, req, prompts, st)
+        fmt = CompletionFormat(st.model_name, st.tokenizer, req, prompts, echo_texts, prompt_only=prompt_only)
         return await _serve(request, st, req, [ids for ids in prompts for _ in range(req.n)], params, fmt)
 
     @app.post("/v1/chat/completions")
@@ -309,6 +317,13 @@ def _completion_prompts(req: CompletionRequest, st: _State) -> list[list[int]]:
     return out
 
 
+def _echo_texts(req: CompletionRequest, prompts: list[list[int]], st: _State) -> list[str]:
+    """What ``echo`` puts before each prompt's choices: the prompt as sent when it is text (as vLLM
+    does), its tokens decoded when it is token ids."""
+    sent = req.prompt if isinstance(req.prompt, list) and len(req.prompt) == len(prompts) else [req.prompt]
+    return [p if isinstance(p, str) else st.tokenizer.decode(ids) for p, ids in zip(sent, prompts)]
+
+
 def _chat_prompt(req: ChatRequest, st: _State) -> list[int]:
     messages = []
     for m in req.messages:
@@ -349,7 +364,7 @@ def _check_n(req: SamplingFields, st: _State) -> None:
 
 
 def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, count: int,
-                     st: _State) -> list[SamplingParams]:
+                     st: _State, prompt_logprobs: int | None = None) -> list[SamplingParams]:
     stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if len(stop) > st.config.max_stop:
         raise APIError(400, f"stop must hold at most {st.config.max_stop} strings, got {len(stop)}", param="stop")
@@ -366,7 +381,7 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
         # n > 1 with a seed: sample j of every prompt uses seed + j (vLLM's rule), so a prompt's
         # choices differ, yet each is what the same prompt gets when sent alone or with others.
         # -1 is vLLM's "no seed" for every choice, not seeds -1, 0, 1...
-        return [SamplingParams(max_tokens=max_tokens, stop=stop, logprobs=logprobs,
+        return [SamplingParams(max_tokens=max_tokens, stop=stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                seed=None if req.seed in (None, -1) else req.seed + i % req.n, **kwargs)
                 for i in range(count)]
     except ValueError as exc:

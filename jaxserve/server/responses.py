@@ -36,17 +36,36 @@ def usage(results: list[dict[str, Any]], prompt_tokens: int, n: int = 1) -> dict
 class CompletionFormat:
     """``/v1/completions`` bodies: choice ``i`` is prompt ``i // n``, sample ``i % n``."""
 
-    def __init__(self, model_name: str, tokenizer: Any, req: CompletionRequest, prompts: list[list[int]]) -> None:
+    def __init__(self, model_name: str, tokenizer: Any, req: CompletionRequest, prompts: list[list[int]],
+                 echo_texts: list[str] | None = None, prompt_only: bool = False) -> None:
         self.model_name, self.tokenizer, self.req = model_name, tokenizer, req
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.prompts = prompts
+        self.echo_texts = echo_texts  # with ``echo``: each prompt's text, put before its choices' text
+        # echo with max_tokens 0: the engine ran max_tokens 1 (prompt log-probabilities need a step);
+        # the answer leaves that token out.
+        self.prompt_only = prompt_only
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.offsets: dict[int, int] = {}
         # 64 choices' top-20 logprobs spell out ~170k tokens, far fewer of them distinct.
         self._decode = functools.cache(lambda t: tokenizer.decode([t]))
 
-    def _logprobs(self, i: int, token_ids: list[int], logprobs: list[float] | None,
-                  tops: list[dict[int, float]] | None) -> dict[str, Any] | None:
+    def _echoed_logprobs(self, i: int, result: dict[str, Any]) -> dict[str, Any] | None:
+        """Choice ``i``'s logprobs block with ``echo``: its prompt's tokens first (the first one's
+        logprob and top logprobs null: nothing comes before it), then the completion's."""
+        if self.req.logprobs is None:
+            return None
+        prompt = self.prompts[i // max(1, self.req.n)]
+        scored = result["prompt_logprobs"]
+        lps = [None] + [entry[t] for t, entry in zip(prompt[1:], scored[1:])]
+        head = self._logprobs(i, prompt, lps, [None] + scored[1:])
+        tail = self._logprobs(i, result["token_ids"], result.get("logprobs"), result.get("top_logprobs"))
+        # top_logprobs is null in both (logprobs=0) or a list in both.
+        return {k: None if head[k] is None else head[k] + (tail[k] or []) for k in head}
+
+    def _logprobs(self, i: int, token_ids: list[int], logprobs: list[float | None] | None,
+                  tops: list[dict[int, float] | None] | None) -> dict[str, Any] | None:
         if self.req.logprobs is None:
             return None
         decode = self._decode
@@ -59,6 +78,9 @@ class CompletionFormat:
         if self.req.logprobs > 0 and tops is not None:
             top = []
             for tok, lp, t in zip(tokens, logprobs or [], tops):
+                if t is None:  # an echoed prompt's first token
+                    top.append(None)
+                    continue
                 entry: dict[str, float] = {}
                 # Best first, and a text's first (best) logprob kept: the byte tokens of a split
                 # character all decode to U+FFFD, and a later one must not overwrite it.
@@ -67,14 +89,24 @@ class CompletionFormat:
                 # OpenAI: "the API will always return the logprob of the sampled token".
                 entry.setdefault(tok, _finite(lp))
                 top.append(entry)
-        return {"tokens": tokens, "token_logprobs": [_finite(v) for v in logprobs or []], "top_logprobs": top,
-                "text_offset": offsets}
+        return {"tokens": tokens, "token_logprobs": [None if v is None else _finite(v) for v in logprobs or []],
+                "top_logprobs": top, "text_offset": offsets}
 
     def response(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         # stop_reason: vLLM's extension, the stop string or id that ended the choice (None for EOS).
-        choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"],
-                    "stop_reason": r.get("stop_reason"), "logprobs": self._logprobs(i, r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))}
-                   for i, r in enumerate(results)]
+        if self.prompt_only:
+            results = [{**r, "text": "", "token_ids": [], "logprobs": [], "top_logprobs": [], "completion_tokens": 0,
+                        "finish_reason": "length", "stop_reason": None} for r in results]
+        if self.echo_texts is not None:
+            n = max(1, self.req.n)
+            choices = [{"index": i, "text": self.echo_texts[i // n] + r["text"], "finish_reason": r["finish_reason"],
+                        "stop_reason": r.get("stop_reason"), "logprobs": self._echoed_logprobs(i, r)}
+                       for i, r in enumerate(results)]
+        else:
+            choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"],
+                        "stop_reason": r.get("stop_reason"),
+                        "logprobs": self._logprobs(i, r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))}
+                       for i, r in enumerate(results)]
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name,
                 "choices": choices, "usage": usage(results, self.prompt_tokens, self.req.n)}
 
