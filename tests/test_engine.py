@@ -786,6 +786,9 @@ def test_prompt_logprobs_match_transformers_through_chunks_and_a_cached_prefix(t
         assert again["cached_tokens"] == 0
         plain = engine.generate(shared + [5], GREEDY, use_tqdm=False)[0]
         assert plain["cached_tokens"] == 40 and "prompt_logprobs" not in plain
+        # Only batches that ask run the prompt-logprobs variant (its key carries one more field).
+        prefills = {len(shape) for shape in engine.runner.compiled_shapes if shape[0] == "prefill"}
+        assert prefills == {8, 9}
         assert_all_pages_free(engine)
     for prompt, out in zip(prompts + [shared + [5]], outs + [again]):
         assert out["token_ids"] == hf_greedy(hf, prompt, 3)
