@@ -169,7 +169,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         """True when the token is the argmax of the (penalised) logits: temperature == 0 (below
-        1e-5, as in vLLM, since dividing by it overflows float32) or top_k == 1."""
+        1e-5, vLLM's greedy threshold, since dividing by it overflows float32) or top_k == 1. Unlike
+        vLLM, temperatures in [1e-5, 0.01) are used as given, not raised to 0.01: the sampler works
+        in float32, where they neither overflow nor give NaN."""
         return self.temperature < _GREEDY_TEMPERATURE or self.top_k == 1
 
     def to_dict(self) -> dict[str, Any]:
