@@ -207,16 +207,22 @@ def test_fused_decode_of_a_one_block_table_ignores_entries_past_each_row(interpr
     assert_pools_equal(v_new, v_ref, seed)
 
 
-def outputs_with_flag_on_and_off(monkeypatch, flag: str, run, seed):
+def outputs_with_flag_on_and_off(monkeypatch, flag: str, run, seed, exact: bool = True):
     """`run()` with `decode_attention.<flag>` on, then off: the same bits in every output (a flag that
-    only reorders work); returns the outputs with it on."""
+    only reorders work), or with ``exact=False`` the pools within a bf16 unit (RoPE's cancellation
+    allowance) and the output within one bf16 unit of relative error; returns the outputs with it on."""
     outs = []
     for value in (True, False):
         monkeypatch.setattr(decode_attention, flag, value)
         outs.append(run())
     for name, got, want in zip(("out", "k_pages", "v_pages"), *outs):
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                                      err_msg=f"{flag} {name}, seed={seed}")
+        if exact:
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                          err_msg=f"{flag} {name}, seed={seed}")
+        elif name == "out":
+            assert relative_error(got, want) <= BF16_ULP, f"{flag} {name}, seed={seed}"
+        else:
+            assert_pools_equal(got, want, seed, rtol=BF16_ULP, atol=ROPE_ATOL)
     return outs[0]
 
 
@@ -239,7 +245,11 @@ def test_fused_decode_joint_rope_equals_two_products_bitwise(interpret, num_head
     With `LEAN_SOFTMAX` off: its scale multiplies the rotated rows in float32 before they are rounded,
     and on the CPU interpreter the two layouts then round apart now and then (one output row a bf16
     unit off in about one run of four, seed 1728193266; most likely the two programs' float32 chains
-    compiled into different FMAs); the lean tests check both layouts against the reference."""
+    compiled into different FMAs); the lean tests check both layouts against the reference.
+    Interpreted, not even LEAN_SOFTMAX off keeps the bits: the new key rotated as row 1 of the queries'
+    product and as row 0 of its own came out a bf16 unit apart where RoPE nearly cancels (k_pages
+    2.14e-4 against 2.13e-4, seed 260809248, session 34's CI check; XLA's CPU dot rounds a row by its
+    place in the tile), so there the two must agree within a bf16 unit, and bitwise only compiled."""
     monkeypatch.setattr(importlib.import_module("jaxserve_kernels.paged_attention"), "LEAN_SOFTMAX", False)
     rng, seed = fresh_rng()
     args = fused_case(rng, batch=5, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, page_size=16,
@@ -251,7 +261,7 @@ def test_fused_decode_joint_rope_equals_two_products_bitwise(interpret, num_head
             return fused_decode_attention_o(*args, wo, interpret=interpret)
         return fused_decode_attention(*args, interpret=interpret, num_stages=1)
 
-    joint = outputs_with_flag_on_and_off(monkeypatch, "ROPE_JOINT", run, seed)
+    joint = outputs_with_flag_on_and_off(monkeypatch, "ROPE_JOINT", run, seed, exact=interpret is False)
     ref = (fused_decode_attention_o_reference(*args, wo) if o_proj else fused_decode_attention_reference(*args))[0]
     assert relative_error(joint[0], ref) <= TOLERANCE[dtype], f"seed={seed}"
 
