@@ -51,6 +51,26 @@ def load(path: str | os.PathLike | None = None, dtype: Any = "float32") -> Loade
                        name=os.path.basename(os.path.normpath(path)))
 
 
+def _generation_config(path: str | os.PathLike) -> tuple[str, dict[str, Any] | None]:
+    """``generation_config.json`` in the folder ``path``: (its path, its object), the object None
+    where the file is missing or unreadable (warned) or the model has no folder."""
+    if not os.fspath(path):  # a LoadedModel built in memory has no folder; "" would read the working directory's
+        return "", None
+    file = os.path.join(os.fspath(path), "generation_config.json")
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        return file, None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s: %s", file, exc)
+        return file, None
+    if not isinstance(config, dict):
+        log.warning("ignoring %s: not a JSON object", file)
+        return file, None
+    return file, config
+
+
 def generation_eos_ids(path: str | os.PathLike) -> tuple[int, ...]:
     """The EOS ids ``generation_config.json`` names (none if it is missing or unreadable).
 
@@ -61,17 +81,10 @@ def generation_eos_ids(path: str | os.PathLike) -> tuple[int, ...]:
         >>> generation_eos_ids(DEFAULT_MODEL_DIR)
         (0, 2)
     """
-    if not os.fspath(path):  # a LoadedModel built in memory has no folder; "" would read the working directory's
+    file, config = _generation_config(path)
+    if config is None:
         return ()
-    file = os.path.join(os.fspath(path), "generation_config.json")
-    try:
-        with open(file) as f:
-            eos = json.load(f).get("eos_token_id")
-    except FileNotFoundError:
-        return ()
-    except (OSError, ValueError, AttributeError) as exc:
-        log.warning("ignoring %s: %s", file, exc)
-        return ()
+    eos = config.get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else eos
     if not isinstance(eos, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in eos):
         log.warning("ignoring %s: eos_token_id %r is not a token id or a list of them", file, eos)
@@ -98,20 +111,12 @@ def generation_sampling_defaults(path: str | os.PathLike) -> dict[str, Any]:
     """
     from jaxserve.sampling import SamplingParams
 
-    if not os.fspath(path):
-        return {}
-    file = os.path.join(os.fspath(path), "generation_config.json")
-    try:
-        with open(file) as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring %s: %s", file, exc)
+    file, config = _generation_config(path)
+    if config is None:
         return {}
     defaults = {}
     for key, field in GENERATION_DEFAULT_FIELDS.items():
-        if not isinstance(config, dict) or config.get(key) is None:
+        if config.get(key) is None:
             continue
         try:
             SamplingParams(**{field: config[key]})
