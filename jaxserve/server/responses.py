@@ -97,16 +97,12 @@ class CompletionFormat:
         if self.prompt_only:
             results = [{**r, "text": "", "token_ids": [], "logprobs": [], "top_logprobs": [], "completion_tokens": 0,
                         "finish_reason": "length", "stop_reason": None} for r in results]
-        if self.echo_texts is not None:
-            n = max(1, self.req.n)
-            choices = [{"index": i, "text": self.echo_texts[i // n] + r["text"], "finish_reason": r["finish_reason"],
-                        "stop_reason": r.get("stop_reason"), "logprobs": self._echoed_logprobs(i, r)}
-                       for i, r in enumerate(results)]
-        else:
-            choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"],
-                        "stop_reason": r.get("stop_reason"),
-                        "logprobs": self._logprobs(i, r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))}
-                       for i, r in enumerate(results)]
+        echo = self.echo_texts is not None
+        choices = [{"index": i, "text": (self.echo_texts[i // max(1, self.req.n)] if echo else "") + r["text"],
+                    "finish_reason": r["finish_reason"], "stop_reason": r.get("stop_reason"),
+                    "logprobs": self._echoed_logprobs(i, r) if echo else
+                    self._logprobs(i, r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))}
+                   for i, r in enumerate(results)]
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name,
                 "choices": choices, "usage": usage(results, self.prompt_tokens, self.req.n)}
 
