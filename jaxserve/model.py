@@ -248,7 +248,7 @@ O_IN_ATTENTION = os.environ.get("JAXSERVE_O_IN_ATTENTION", "1") == "1"
 
 def _fold_norms(x: jax.Array) -> bool:
     """Whether this fused-glue step folds its norms into the projections (see NORM_IN_PROJECTION)."""
-    sm = importlib.import_module("jaxserve_kernels.skinny_matmul")  # `kernels` exports a function of that name
+    sm = importlib.import_module("jaxserve_kernels.skinny_matmul")  # the package exports a function of that name
 
     return (NORM_IN_PROJECTION and WEIGHT_LAYOUT == "nk" and DECODE_PROJECTIONS == "pallas" and sm.NK_GEMV
             and x.shape[0] * x.shape[1] == 1 and x.shape[-1] <= sm.NORM_GEMV_MAX_K)

@@ -28,7 +28,7 @@ from jaxserve_kernels.decode_attention import fused_decode_attention_o
 from jaxserve_kernels.greedy_pick import greedy_pick
 
 compat = importlib.import_module("jaxserve_kernels.pallas_compat")
-sm = importlib.import_module("jaxserve_kernels.skinny_matmul")  # `kernels` exports a function of that name
+sm = importlib.import_module("jaxserve_kernels.skinny_matmul")  # the package exports a function of that name
 
 # Qwen2.5-0.5B's shapes, two layers.
 CFG = ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=2,
