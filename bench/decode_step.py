@@ -147,6 +147,13 @@ MGPU_TILINGS = {
     # shared memory once a box, not once a half)
     **{f"mgpu_j{n}": {"swiglu": {"block_n": n, "num_slots": 4, "boxes": 2, "joint": 1}} for n in (32, 40, 48)},
     "mgpu_j40_s3": {"swiglu": {"block_n": 40, "num_slots": 3, "boxes": 2, "joint": 1}},
+    # session 35: the default tiles in clusters of two CTAs sharing each activation tile (TMA multicast: L2 serves
+    # it once a cluster); c2 every projection, c2_gu gate_up only
+    "mgpu_c2": {"partials": {"block_n": 32, "num_slots": 4, "target_programs": 264, "cluster": 2},
+                "none": {"block_n": 32, "num_slots": 4, "target_programs": 264, "cluster": 2},
+                "swiglu": {"block_n": 40, "num_slots": 4, "boxes": 2, "joint": 1, "cluster": 2},
+                "deep": {"block_n": 32, "num_slots": 3, "target_programs": 264, "boxes": 2, "cluster": 2}},
+    "mgpu_c2_gu": {"swiglu": {"block_n": 40, "num_slots": 4, "boxes": 2, "joint": 1, "cluster": 2}},
 }
 # --glue choices that run steps of 65-256 rows through the fused glue (SKINNY_ROWS 256, like
 # "skinny256") with their projections on Mosaic GPU, `jaxserve_kernels.skinny_matmul_mgpu.WIDE_TILES` these
@@ -223,6 +230,11 @@ WIDE_OVERRIDES = {
     "wide_j40_bm128_s4": {"swiglu": {"block_n": 40, "num_slots": 4, "block_m": 128, "joint": 1}},
     # session 33: one WGMMA of N = 160 a 64-row block (61 x 2 programs, one an SM)
     "wide_j80_bm64": {"swiglu": {"block_n": 80, "num_slots": 3, "block_m": 64, "joint": 1}},
+    # session 35: the default tiles in clusters of two CTAs sharing each activation tile (TMA multicast)
+    "wide_c2": {"partials": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64, "cluster": 2},
+                "none": {"block_n": 32, "num_slots": 4, "target_programs": 264, "block_m": 64, "cluster": 2},
+                "swiglu": {"block_n": 40, "num_slots": 4, "block_m": 64, "joint": 1, "cluster": 2},
+                "deep": {"block_n": 64, "num_slots": 6, "target_programs": 264, "block_m": 64, "cluster": 2}},
 }
 WIDEST_OVERRIDES = {
     "widest_j40": {"swiglu": {"block_n": 40, "num_slots": 3, "block_m": 128, "joint": 1}},
@@ -243,6 +255,19 @@ WIDEST_OVERRIDES = {
     # 11.23 and 12.96 against 10.70 µs a layer; at 128 rows wide_j80_bm64 9.44 against 7.92).
     "widest_j80_bm64": {"swiglu": {"block_n": 80, "num_slots": 3, "block_m": 64, "joint": 1}},
     "widest_j64_bm64_s2": {"swiglu": {"block_n": 64, "num_slots": 2, "block_m": 64, "joint": 1}},
+    # session 35: clusters of two CTAs on adjacent column blocks, each activation tile copied once into both
+    # (TMA multicast). At 256 rows gate_up's 244 programs read ~56 MB of activations from L2 a layer beside 17 MB of
+    # weights (~8.5 TB/s at 10.7 µs), down_proj's 252 ~37 + 19 MB: if L2 bounds them, halving the activation reads
+    # should show. gu: gate_up only; deep: down_proj; p: QKV and o; c2: all four.
+    "widest_c2_gu": {"swiglu": {"block_n": 40, "num_slots": 3, "block_m": 128, "joint": 1, "cluster": 2}},
+    "widest_c2_deep": {"deep": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 128,
+                                "cluster": 2}},
+    "widest_c2_p": {"partials": {"block_n": 64, "num_slots": 4, "target_programs": 264, "block_m": 64, "cluster": 2},
+                    "none": {"block_n": 64, "num_slots": 4, "target_programs": 264, "block_m": 64, "cluster": 2}},
+    "widest_c2": {"swiglu": {"block_n": 40, "num_slots": 3, "block_m": 128, "joint": 1, "cluster": 2},
+                  "deep": {"block_n": 64, "num_slots": 3, "target_programs": 264, "block_m": 128, "cluster": 2},
+                  "partials": {"block_n": 64, "num_slots": 4, "target_programs": 264, "block_m": 64, "cluster": 2},
+                  "none": {"block_n": 64, "num_slots": 4, "target_programs": 264, "block_m": 64, "cluster": 2}},
 }
 # --glue choices that store the projection weights [out, in] (jaxserve.model.WEIGHT_LAYOUT "nk";
 # the params converted once), each with these `jaxserve_kernels.skinny_matmul` settings over its defaults:

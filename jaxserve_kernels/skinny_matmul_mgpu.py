@@ -169,6 +169,7 @@ def tile_for(m: int, k: int, epilogue: str) -> dict[str, int]:
         block_m = pl.cdiv(m, _ROWS) * _ROWS
     tile["block_m"] = block_m
     tile["warpgroups"] = tile.get("warpgroups", 1)
+    tile["cluster"] = tile.get("cluster", 1)
     tile["boxes"] = tile.get("boxes", 1) if k % (_BLOCK_K * tile.get("boxes", 1)) == 0 else 1
     return tile
 
@@ -186,7 +187,7 @@ def supports(m: int, k: int, n: int, epilogue: str) -> bool:
     tile = tile_for(m, k, epilogue)
     n_out = n // 2 if epilogue == "swiglu" else n
     return _fits(m, k, n_out, tile["block_n"], tile["boxes"], tile["block_m"], tile["num_slots"], epilogue,
-                 tile["warpgroups"])
+                 tile["warpgroups"], tile["cluster"])
 
 
 def _row_tile(m: int, block_m: int) -> int:
@@ -205,13 +206,15 @@ def _smem_bytes(m: int, block_n: int, boxes: int, block_m: int, num_slots: int, 
 
 
 def _fits(m: int, k: int, n_out: int, block_n: int, boxes: int, block_m: int, num_slots: int,
-          epilogue: str, warpgroups: int = 1) -> bool:
+          epilogue: str, warpgroups: int = 1, cluster: int = 1) -> bool:
     """The shapes and tilings the kernel takes: M a multiple of 8 up to MAX_ROWS, in one block of
     `block_m` rows (a multiple of 64) or whole ones; K whole steps of `boxes` 64-wide TMA boxes; N
     whole blocks of `block_n` (a multiple of 8, WGMMA's N; any N for "argmax", whose padding never
     wins, and "swiglu", whose last block's padding is never stored); the ring in shared memory; at most 128
     accumulator registers a thread (beyond, the epilogue's registers spill). Two warpgroups
-    (`_ws_kernel`) take whole blocks of `block_m` rows only, half of them each, one box a step."""
+    (`_ws_kernel`) take whole blocks of `block_m` rows only, half of them each, one box a step. A cluster
+    (one warpgroup, 2 or 4 CTAs) takes column blocks in whole clusters and activation tiles whose rows split
+    into whole 8-row swizzle tiles among its CTAs (each copies its share of the multicast)."""
     halves = 2 if epilogue == "swiglu" else 1
     if warpgroups == 2:
         wg_rows = block_m // 2
@@ -220,7 +223,10 @@ def _fits(m: int, k: int, n_out: int, block_n: int, boxes: int, block_m: int, nu
     else:
         shape_ok = warpgroups == 1 and (m <= block_m or m % block_m == 0) and (
             halves * _row_tile(m, block_m) * block_n <= 128 * 128)
-    return (shape_ok and 8 <= m <= MAX_ROWS and m % 8 == 0 and block_m % _ROWS == 0 and 0 < block_m <= MAX_ROWS
+    cluster_ok = cluster == 1 or (cluster in (2, 4) and warpgroups == 1 and epilogue != "argmax"
+                                  and pl.cdiv(n_out, block_n) % cluster == 0
+                                  and min(m, block_m) % (8 * cluster) == 0)
+    return (shape_ok and cluster_ok and 8 <= m <= MAX_ROWS and m % 8 == 0 and block_m % _ROWS == 0 and 0 < block_m <= MAX_ROWS
             and boxes >= 1 and k % (_BLOCK_K * boxes) == 0
             and block_n % 8 == 0 and (epilogue in RAGGED_EPILOGUES or n_out % block_n == 0) and num_slots >= 2
             and _smem_bytes(m, block_n, boxes, block_m, num_slots, epilogue, warpgroups) <= _SMEM_BYTES)
@@ -254,7 +260,9 @@ def _out_type(x: jax.Array, n_out: int, epilogue: str, num_splits: int) -> jax.S
 
 def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, num_slots: int, boxes: int,
             rows: int, row_tile: int, steps_per_split: int, k_steps: int, n_out: int, pdl: bool, interpret: bool,
-            exit_read_only: bool, swiglu_approx: bool = False, joint: bool = False):
+            exit_read_only: bool, swiglu_approx: bool = False, joint: bool = False, cluster: int = 1):
+    if cluster > 1:  # the cluster's barrier on each slot's reads, last of the scratch
+        *refs, consumed = refs
     if epilogue == "argmax":  # two outputs, two row vectors for them
         max_ref, idx_ref, x_smem, w_smem, max_smem, idx_smem, bars = refs
         o_ref = o_smem = None
@@ -263,6 +271,8 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
     else:
         o_ref, x_smem, w_smem, o_smem, bars = refs
     row_block, col_block, split = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("splits")
+    if cluster > 1:  # the grid counts clusters; a cluster's CTAs take adjacent column blocks
+        col_block = col_block * cluster + lax.axis_index("cluster")
     cols = pl.ds(col_block * block_n, block_n)
     my_rows = pl.ds(row_block * rows, rows)  # `rows` of x a program: all of them, or a block of block_m
     if has_bias:
@@ -284,12 +294,20 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
                                         bars.at[slot])
 
     def issue_x(step, slot):
+        # In a cluster every CTA holds the same rows and K steps: each copies its share of the tile and
+        # multicasts it to all of them, so the cluster reads the activations from L2 once, not once a CTA.
         for b in range(boxes):
             plgpu.copy_gmem_to_smem(x_ref.at[my_rows, k_at(step, b)], x_smem.at[slot, b, pl.ds(0, rows)],
-                                    bars.at[slot])
+                                    bars.at[slot], **({"collective_axes": "cluster"} if cluster > 1 else {}))
 
     def issue(step, slot):
         issue_w(step, slot)
+        issue_x(step, slot)
+
+    def refill(step, slot):
+        issue_w(step, slot)
+        if cluster > 1:  # the multicast writes this slot in every CTA: all of them must be done reading it
+            plgpu.barrier_wait(consumed.at[slot])
         issue_x(step, slot)
 
     if pdl:
@@ -312,7 +330,7 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
 
     def body(step, accs):
         # Step - 1's products are done: run_state below returns their accumulators.
-        slot = ring.advance(issue, step, num_slots, num_steps)
+        slot = ring.advance(refill, step, num_slots, num_steps)
         plgpu.barrier_wait(bars.at[slot])
         if interpret:
             return tuple(acc + sum(lax.dot_general(x_smem[slot, b], w_smem[slot, h, b], (((1,), (1,)), ((), ())),
@@ -324,7 +342,15 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
                 for h, acc_ref in enumerate(acc_refs):
                     plgpu.wgmma(acc_ref, x_smem.at[slot, b], w_smem.at[slot, h, b].transpose((1, 0)))
 
-        return pl.run_state(products)(tuple(plgpu.ACC.init(acc) for acc in accs))
+        accs = pl.run_state(products)(tuple(plgpu.ACC.init(acc) for acc in accs))
+        if cluster > 1:
+            # This CTA's products of the slot are done (run_state waited on them). Only slots refilled later
+            # are signalled: every arrival is then awaited by every CTA before it leaves, so none lands on a
+            # CTA that has exited, and no barrier completes a phase twice unawaited.
+            @pl.when(step + num_slots < num_steps)
+            def _release():
+                plgpu.barrier_arrive(consumed.at[slot])
+        return accs
 
     accs = lax.fori_loop(0, num_steps, body, tuple(zeros for _ in range(products)))
     if epilogue == "argmax":
@@ -479,9 +505,10 @@ def argmax_matmul_mgpu(x: jax.Array, w: jax.Array, *, block_n: int | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "boxes", "block_m", "num_splits",
-                                           "pdl", "interpret", "exit_read_only", "swiglu_approx", "joint"))
+                                           "pdl", "interpret", "exit_read_only", "swiglu_approx", "joint", "cluster"))
 def _call(x, w, bias, acc, *, epilogue: str, block_n: int, num_slots: int, boxes: int, block_m: int, num_splits: int,
-          pdl: bool, interpret: bool, exit_read_only: bool, swiglu_approx: bool = False, joint: bool = False):
+          pdl: bool, interpret: bool, exit_read_only: bool, swiglu_approx: bool = False, joint: bool = False,
+          cluster: int = 1):
     m, k = x.shape
     rows, row_tile = min(m, block_m), _row_tile(m, block_m)
     has_bias = bias is not None
@@ -497,24 +524,30 @@ def _call(x, w, bias, acc, *, epilogue: str, block_n: int, num_slots: int, boxes
                    (num_slots, halves, boxes, block_n, _BLOCK_K), w.dtype, transforms=in_tf),
         plgpu.SMEM((row_tile, block_n), out_type.dtype, transforms=_transforms(block_n, out_type.dtype)),
         plgpu.Barrier(num_arrivals=boxes * (1 + halves), num_barriers=num_slots),
-    ] + ([plgpu.SMEM((block_n,), jnp.float32), plgpu.Barrier()] if has_bias else [])
+    ] + ([plgpu.SMEM((block_n,), jnp.float32), plgpu.Barrier()] if has_bias else []) + (
+        # one arrival a CTA of the cluster (each CTA is one warpgroup) when it has read a slot
+        [plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=1, num_barriers=num_slots)]
+        if cluster > 1 else [])
     body = functools.partial(_kernel, epilogue=epilogue, has_bias=has_bias, block_n=block_n, num_slots=num_slots,
                              boxes=boxes, rows=rows, row_tile=row_tile, steps_per_split=steps_per_split,
                              k_steps=k_steps, n_out=n_out, pdl=pdl, interpret=interpret,
-                             exit_read_only=exit_read_only, swiglu_approx=swiglu_approx, joint=joint)
+                             exit_read_only=exit_read_only, swiglu_approx=swiglu_approx, joint=joint,
+                             cluster=cluster)
     # Row blocks vary fastest: the programs that stream the same weight rows run side by side, so
     # all but the first read them from L2.
-    grid = (m // rows, pl.cdiv(n_out, block_n), num_splits)
+    grid = (m // rows, pl.cdiv(n_out, block_n) // cluster, num_splits)
+    clusters = {"cluster": (cluster,), "cluster_names": ("cluster",)} if cluster > 1 else {}
     # Profiles name each projection (Mosaic GPU calls every unnamed kernel "anonymous").
     name = f"skinny_mgpu_{epilogue}_{w.shape[0]}x{k}"
     if epilogue == "accumulate":
-        return _in_place(body, x, w, acc, grid=grid, scratch=scratch, name=name, interpret=interpret)
+        return _in_place(body, x, w, acc, grid=grid, scratch=scratch, name=name, interpret=interpret, **clusters)
     return plgpu.kernel(
         body,
         out_type=out_type,
         scratch_types=scratch,
         grid=grid,
         grid_names=("rows", "cols", "splits"),
+        **clusters,
         kernel_name=name,
         # approx_math: the approximate exp and rsqrt of `SWIGLU_APPROX` (no other math in these kernels).
         **({"compiler_params": plgpu.CompilerParams(approx_math=True)} if swiglu_approx and not interpret else {}),
@@ -523,12 +556,14 @@ def _call(x, w, bias, acc, *, epilogue: str, block_n: int, num_slots: int, boxes
 
 
 def _in_place(body, x: jax.Array, w: jax.Array, acc: jax.Array, *, grid: tuple[int, ...], scratch: list,
-              name: str, interpret: bool) -> jax.Array:
+              name: str, interpret: bool, cluster: tuple[int, ...] = (), cluster_names: tuple[str, ...] = ()
+              ) -> jax.Array:
     """`body(x_ref, w_ref, acc_ref, *scratch_refs)` over `grid` with `acc` as its output, updated in
     place: `plgpu.kernel` allocates a fresh output, while a core_map over refs (discharged by
     `pl.run_state`) aliases every ref it writes to its input, so the K splits can add into a
     buffer that already holds the residual stream or a bias."""
-    mesh = plgpu.Mesh(grid=grid, grid_names=("rows", "cols", "splits"), kernel_name=name)
+    mesh = plgpu.Mesh(grid=grid, grid_names=("rows", "cols", "splits"), cluster=cluster, cluster_names=cluster_names,
+                      kernel_name=name)
 
     def stateful(refs):
         x_ref, w_ref, acc_ref = refs
@@ -631,7 +666,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
                        epilogue: str = "none", acc: jax.Array | None = None, block_n: int | None = None,
                        num_slots: int | None = None, num_splits: int | None = None,
                        boxes: int | None = None, block_m: int | None = None, warpgroups: int | None = None,
-                       joint: bool | None = None, pdl: bool | None = None,
+                       joint: bool | None = None, pdl: bool | None = None, cluster: int | None = None,
                        interpret: bool | None = None) -> jax.Array:
     """`x @ w.T (+ bias)` for 8-256 rows of `x` on Mosaic GPU, float32 accumulation; the same
     contract as `jaxserve_kernels.skinny_matmul.skinny_matmul(..., layout="nk")`.
@@ -658,6 +693,11 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
             half, so each activation tile is read from shared memory once a box, not twice
             (None: `tile_for`'s "joint", off unless a table sets it).
         pdl: launched as a programmatic dependent launch (one warpgroup only; None: `PDL`).
+        cluster: CTAs a cluster (1, 2 or 4; None: `tile_for`'s "cluster", 1 unless a table sets it): a
+            cluster's CTAs take adjacent column blocks of the same rows and K steps, and each activation
+            tile is copied once into all of them (TMA multicast), so L2 serves it once a cluster. Column
+            blocks in whole clusters; one warpgroup, no PDL. The interpreter has no cluster barriers (it runs cluster 1:
+            the same products).
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
 
     Example:
@@ -687,18 +727,24 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
     block_m = block_m or tile["block_m"]
     boxes = boxes or tile["boxes"]
     warpgroups = warpgroups or tile["warpgroups"]
+    cluster = cluster or tile["cluster"]
+    pdl = PDL if pdl is None else pdl
+    if cluster > 1 and (pdl or warpgroups != 1):
+        raise ValueError(f"cluster > 1 runs one warpgroup without PDL, got cluster {cluster}, warpgroups "
+                         f"{warpgroups}, pdl {pdl}")
     # A table's "joint" is the one-warpgroup kernel's; asked for by name it must apply.
     joint = (bool(tile.get("joint", 0)) and warpgroups == 1 if joint is None else joint) and epilogue == "swiglu"
     if joint and (warpgroups != 1 or 2 * block_n > 256):
         raise ValueError(f"joint runs one warpgroup and a WGMMA of N = 2 x block_n <= 256, got warpgroups "
                          f"{warpgroups}, block_n {block_n}")
     n_out = n // 2 if epilogue == "swiglu" else n
-    if not _fits(m, k, n_out, block_n, boxes, block_m, num_slots, epilogue, warpgroups):
+    if not _fits(m, k, n_out, block_n, boxes, block_m, num_slots, epilogue, warpgroups, cluster):
         raise ValueError(f"M must be a multiple of 8 up to {MAX_ROWS} (and of block_m above it), K of {_BLOCK_K} x "
-                         f"boxes, N of block_n (a multiple of 8), num_slots >= 2, the ring within shared memory and "
-                         f"the accumulator within 128 registers a thread; "
+                         f"boxes, N of block_n (a multiple of 8), num_slots >= 2, the ring within shared memory, "
+                         f"the accumulator within 128 registers a thread, and a cluster (2 or 4) whole clusters of "
+                         f"column blocks and 8 rows a CTA; "
                          f"got x {x.shape}, w {w.shape}, {epilogue!r}, block_n {block_n}, num_slots {num_slots}, "
-                         f"boxes {boxes}, block_m {block_m}, warpgroups {warpgroups}")
+                         f"boxes {boxes}, block_m {block_m}, warpgroups {warpgroups}, cluster {cluster}")
     row_blocks = pl.cdiv(m, block_m)
     interpret = compat.resolve_interpret(interpret)
     if epilogue == "swiglu" and n_out % block_n and interpret:
@@ -723,10 +769,9 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         # The bias goes in as float32: a TMA copy moves a multiple of 128 bytes (32 bf16 would be 64).
         kernel_bias = bias.astype(jnp.float32) if kernel_epilogue == "none" and bias is not None else None
         out = _call(x, w, kernel_bias, acc, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
-                    block_m=block_m, num_splits=num_splits,
-                    pdl=PDL if pdl is None else pdl,
+                    block_m=block_m, num_splits=num_splits, pdl=pdl,
                     exit_read_only=EXIT_READ_ONLY, swiglu_approx=SWIGLU_APPROX and epilogue == "swiglu",
-                    joint=joint, interpret=bool(interpret))
+                    joint=joint, cluster=1 if interpret else cluster, interpret=bool(interpret))
     if epilogue != "none" or kernel_epilogue == "none":
         return out[:, :n_out] if epilogue == "swiglu" else out
     out = out.sum(axis=0)

@@ -519,3 +519,53 @@ def test_joint_refuses_what_one_wgmma_cannot_hold():
     x, w = _operands(np.random.default_rng(0), 64, 128, 512)
     with pytest.raises(ValueError, match="joint"):
         skinny_matmul_mgpu(x, w, epilogue="swiglu", joint=True, block_n=256 // 2 + 8, num_slots=2, interpret=True)
+
+
+# Clusters exist only compiled: the interpreter has no cluster barriers and runs cluster 1, the default's
+# products, which the tests above check.
+@pytest.mark.gpu
+@pytest.mark.parametrize("epilogue,m,k,n,tiling", [
+    ("swiglu", 256, 896, 800, dict(block_n=40, num_slots=3, block_m=128, joint=True)),  # gate_up's 256-row tile
+    ("swiglu", 64, 896, 640, dict(block_n=40, num_slots=4, boxes=2, joint=True)),       # its 64-row tile
+    ("swiglu", 64, 256, 304, dict(block_n=40, num_slots=3, boxes=2)),  # two products, the last block ragged
+    ("partials", 128, 1024, 256, dict(block_n=32, num_slots=3, num_splits=3)),  # uneven splits (6, 6, 4 steps)
+    ("partials", 64, 128, 128, dict(block_n=32, num_slots=4, num_splits=1)),   # fewer steps than slots
+    ("none", 64, 256, 128, dict(block_n=32, num_slots=3, num_splits=1)),       # the bias in the kernel
+])
+@pytest.mark.parametrize("cluster", [2, 4])
+def test_cluster_multicast_matches_reference(epilogue, m, k, n, tiling, cluster):
+    # A cluster's CTAs share each activation tile (one TMA multicast from L2) and wait for each other
+    # before a slot is refilled; every product must be as a lone CTA's.
+    n_out = n // 2 if epilogue == "swiglu" else n
+    if -(-n_out // tiling["block_n"]) % cluster:
+        pytest.skip("column blocks not whole clusters")
+    want = tiling.get("num_splits", 1)
+    _matches_reference(False, epilogue, m, k, n, want, cluster=cluster, **tiling)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,tiling", [
+    (256, 4864, 896, dict(block_n=64, num_slots=3, block_m=128)),  # down_proj's 256-row tile, 9 splits
+    (256, 896, 1152, dict(block_n=64, num_slots=4, block_m=64)),   # QKV's, four row blocks
+])
+def test_cluster_accumulates_in_place(m, k, n, tiling):
+    rng, seed = fresh_rng()
+    x, w = _operands(rng, m, k, n)
+    acc = jnp.asarray(rng.standard_normal((m, n)) * 4, jnp.float32)
+    ref = acc + skinny_matmul_reference(x, w, None, epilogue="partials", layout="nk").sum(axis=0)
+    out = jax.jit(lambda x, w, a: skinny_matmul_mgpu(x, w, epilogue="accumulate", acc=a, cluster=2, **tiling),
+                  donate_argnums=2)(x, w, acc)
+    assert not np.isnan(np.asarray(out)).any(), f"seed={seed}"
+    assert relative_error(out, ref) <= 1e-5, f"seed={seed}"
+
+
+def test_cluster_refuses_what_it_cannot_split():
+    x, w = _operands(np.random.default_rng(0), 64, 128, 96)
+    with pytest.raises(ValueError, match="cluster"):  # 3 column blocks of 32: not whole clusters of 2
+        skinny_matmul_mgpu(x, w, epilogue="partials", block_n=32, num_slots=2, cluster=2, interpret=True)
+    with pytest.raises(ValueError, match="cluster"):  # no PDL in a cluster
+        skinny_matmul_mgpu(x, w[:64], epilogue="partials", block_n=32, num_slots=2, cluster=2, pdl=True,
+                           interpret=True)
+    with pytest.raises(ValueError, match="cluster"):  # 8 rows cannot split among 2 CTAs' 8-row tiles
+        skinny_matmul_mgpu(x[:8], w[:64], epilogue="partials", block_n=32, num_slots=2, cluster=2, interpret=True)
+    assert skinny_matmul_mgpu_module.tile_for(256, 896, "swiglu")["cluster"] >= 1
