@@ -150,6 +150,10 @@ EXIT_READ_ONLY = False
 # that follows. H200, session 28 (decode_step.md, one process, alternating rounds): gate_up + SwiGLU 7.62 ->
 # 7.49 µs a layer at 64 rows (step 0.749 -> 0.747 ms), 9.74 -> 9.49 at 128 (0.940 -> 0.936). Read at call time.
 SWIGLU_APPROX = True
+# Diagnosis only (bench/cluster_probe.py): a cluster's CTAs skip waiting for each other before a refill. Racy
+# (a multicast may overwrite a slot a peer still reads); it tells a hang in the cluster barrier from one elsewhere.
+_CLUSTER_RELEASE = True
+_CLUSTER_MULTICAST = True  # diagnosis only: False copies each CTA's activation tile itself (the cluster barrier kept)
 
 
 def tile_for(m: int, k: int, epilogue: str) -> dict[str, int]:
@@ -298,7 +302,7 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
         # multicasts it to all of them, so the cluster reads the activations from L2 once, not once a CTA.
         for b in range(boxes):
             plgpu.copy_gmem_to_smem(x_ref.at[my_rows, k_at(step, b)], x_smem.at[slot, b, pl.ds(0, rows)],
-                                    bars.at[slot], **({"collective_axes": "cluster"} if cluster > 1 else {}))
+                                    bars.at[slot], **({"collective_axes": "cluster"} if cluster > 1 and _CLUSTER_MULTICAST else {}))
 
     def issue(step, slot):
         issue_w(step, slot)
@@ -306,7 +310,7 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
 
     def refill(step, slot):
         issue_w(step, slot)
-        if cluster > 1:  # the multicast writes this slot in every CTA: all of them must be done reading it
+        if cluster > 1 and _CLUSTER_RELEASE:  # the multicast writes this slot in every CTA: all must be done reading it
             plgpu.barrier_wait(consumed.at[slot])
         issue_x(step, slot)
 
@@ -343,7 +347,7 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
                     plgpu.wgmma(acc_ref, x_smem.at[slot, b], w_smem.at[slot, h, b].transpose((1, 0)))
 
         accs = pl.run_state(products)(tuple(plgpu.ACC.init(acc) for acc in accs))
-        if cluster > 1:
+        if cluster > 1 and _CLUSTER_RELEASE:
             # This CTA's products of the slot are done (run_state waited on them). Only slots refilled later
             # are signalled: every arrival is then awaited by every CTA before it leaves, so none lands on a
             # CTA that has exited, and no barrier completes a phase twice unawaited.
