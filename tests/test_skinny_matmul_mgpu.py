@@ -195,15 +195,18 @@ def test_default_tiles_by_rows_and_depth():
     import importlib
 
     mg = importlib.import_module("jaxserve_kernels.skinny_matmul_mgpu")
-    assert mg.tile_for(64, 896, "partials") == {**mg.TILES["partials"], "block_m": 64, "boxes": 1, "warpgroups": 1}
-    assert mg.tile_for(64, 4864, "partials") == {"boxes": 1, **mg.TILES["deep"], "block_m": 64, "warpgroups": 1}
+    assert mg.tile_for(64, 896, "partials") == {"cluster": 1, **mg.TILES["partials"], "block_m": 64, "boxes": 1,
+                                                "warpgroups": 1}
+    assert mg.tile_for(64, 4864, "partials") == {"boxes": 1, "cluster": 1, **mg.TILES["deep"], "block_m": 64,
+                                                 "warpgroups": 1}
     assert mg.tile_for(128, 4864, "partials")["block_n"] == mg.WIDE_TILES["deep"]["block_n"]
     assert mg.tile_for(128, 896, "partials")["block_n"] == mg.WIDE_TILES["partials"]["block_n"]
     assert mg.tile_for(128, 4864, "swiglu")["block_n"] == mg.WIDE_TILES["swiglu"]["block_n"]
     assert mg.tile_for(96, 896, "none")["block_m"] == 128 and mg.tile_for(192, 896, "none")["block_m"] == 64
     for epilogue, k in (("partials", 896), ("accumulate", 4864), ("none", 896), ("swiglu", 896)):
         entry = "deep" if k >= mg.DEEP_K else epilogue
-        assert mg.tile_for(256, k, epilogue) == {"boxes": 1, "warpgroups": 1, **mg.WIDEST_TILES[entry]}, epilogue
+        assert mg.tile_for(256, k, epilogue) == {"boxes": 1, "warpgroups": 1, "cluster": 1,
+                                                 **mg.WIDEST_TILES[entry]}, epilogue
     # Steps of TILES' boxes where they divide K, one box where they do not.
     assert mg.tile_for(64, 896, "swiglu")["boxes"] == mg.TILES["swiglu"].get("boxes", 1)
     assert mg.tile_for(64, 960, "swiglu")["boxes"] == 1
