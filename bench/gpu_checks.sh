@@ -718,10 +718,13 @@ for part in "${parts[@]}"; do
                 --glue kernels greedy_head256 xla_pick --rounds 5 --reps 10 --profile /tmp/headwide ;;
     graphs22) timeout 300 python3 bench/decode_step.py --batches 64 256 --variants default --no-static \
                 --glue kernels while_graphs --rounds 7 --reps 10 ;;
-    c35) timeout 180 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" --timeout 60 \
+    c35) timeout 200 python3 bench/cluster_probe.py --limit 40 \
+           --cases p_refill p_refill_nomulticast acc_down256 swiglu256 | tee /tmp/c35_probe.txt ; \
+         if grep -q "HUNG\|rc " /tmp/c35_probe.txt; then echo "a clustered launch failed: stopping"; else \
+         timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
            tests/test_skinny_matmul_mgpu.py -k "cluster" ; \
-         timeout 240 python3 bench/decode_step.py --batches 256 --variants default --no-static \
-           --glue kernels widest_c2_gu widest_c2_deep widest_c2_p widest_c2 --rounds 9 --reps 10 --profile /tmp/c35 ;;
+         timeout 220 python3 bench/decode_step.py --batches 256 --variants default --no-static \
+           --glue kernels widest_c2_gu widest_c2_deep widest_c2 --rounds 7 --reps 10 --profile /tmp/c35 ; fi ;;
     c35b) timeout 200 python3 bench/decode_step.py --batches 64 --variants default --no-static \
             --glue kernels mgpu_c2 mgpu_c2_gu --rounds 7 --reps 10 --profile /tmp/c35b ; \
           timeout 150 python3 bench/decode_step.py --batches 128 --variants default --no-static \

@@ -310,8 +310,12 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
 
     def refill(step, slot):
         issue_w(step, slot)
-        if cluster > 1 and _CLUSTER_RELEASE:  # the multicast writes this slot in every CTA: all must be done reading it
-            plgpu.barrier_wait(consumed.at[slot])
+        if cluster > 1 and _CLUSTER_RELEASE:
+            # The multicast writes this slot in every CTA: all of them must be done reading it, once it has been
+            # read (the first refill, step num_slots - 1, fills the one slot the prime left fresh).
+            @pl.when(step >= num_slots)
+            def _wait_for_readers():
+                plgpu.barrier_wait(consumed.at[slot])
         issue_x(step, slot)
 
     if pdl:
