@@ -55,7 +55,11 @@ PAGE_SIZE, TABLE_PAGES = 16, 20
 
 def decode_step_case(cfg: ModelConfig, params: dict, batch: int, rng: np.random.Generator):
     """One decode step over random pages: ragged lengths from 1 key to 20 pages (row 0 a single key),
-    a shuffled table, random K/V. Returns (kv, each row's new slot, step(impl, kv) -> (logits, kv))."""
+    a shuffled table, random K/V. Returns (kv, each row's new slot, step(impl, kv, params) -> (logits, kv)).
+
+    Jit the step over `params` as an argument: closed over, a 7B shape's 3.1 GB of weights become
+    constants of the compiled program, and XLA's compile of them did not end in 80 s on the H200
+    (bench/results/model_shapes.md, session 35: what had looked like a hang of the 7B 64-row step)."""
     lengths = rng.integers(1, PAGE_SIZE * TABLE_PAGES - 1, batch)
     lengths[0] = 1
     table = jnp.asarray(rng.permutation(batch * TABLE_PAGES).reshape(batch, TABLE_PAGES), jnp.int32)
@@ -65,7 +69,7 @@ def decode_step_case(cfg: ModelConfig, params: dict, batch: int, rng: np.random.
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, 1)), jnp.int32)
     model = Qwen2ForCausalLM(cfg, jnp.bfloat16)
 
-    def step(impl: str, kv):
+    def step(impl: str, kv, params):
         paged = PagedAttention(slots[:, None], table, jnp.asarray(lengths + 1, jnp.int32),
                                jnp.asarray(lengths, jnp.int32), impl=impl)
         return model.apply({"params": params}, tokens, jnp.asarray(lengths[:, None], jnp.int32), kv=kv,
@@ -82,8 +86,8 @@ def test_decode_step_matches_reference(name, batch):
     rng, seed = fresh_rng()
     cfg, params = _model(name, seed)
     kv, slots, step = decode_step_case(cfg, params, batch, rng)
-    ref_logits, ref_kv = jax.jit(lambda kv: step("reference", kv))(kv)
-    logits, new_kv = jax.jit(lambda kv: step("pallas", kv))(kv)
+    ref_logits, ref_kv = jax.jit(lambda kv, p: step("reference", kv, p))(kv, params)
+    logits, new_kv = jax.jit(lambda kv, p: step("pallas", kv, p))(kv, params)
     assert not np.isnan(np.asarray(logits, np.float32)).any(), f"seed={seed}"
     assert relative_error(logits, ref_logits) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
     agree = (np.asarray(logits[:, 0]).argmax(-1) == np.asarray(ref_logits[:, 0]).argmax(-1)).mean()
