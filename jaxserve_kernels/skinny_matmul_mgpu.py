@@ -37,6 +37,12 @@ layer against ~139 MB for the one-warpgroup 64 x 64 tiles. Correct compiled, but
 session 18: gate_up 17.66 against 17.40 µs a layer at 256 rows, every other projection slower;
 bench/results/decode_step.md): L2 reads do not bound that product.
 
+Experimental, opt-in: `cluster=2` (or 4), CTAs on adjacent column blocks of the same rows in one cluster,
+each activation tile copied from L2 once into all of them (TMA multicast), a cluster barrier a slot before it is
+refilled. Correct compiled, but slower (H200, session 35: at 256 rows gate_up 12.07 against 10.76 µs a layer,
+down_proj 8.64 against 8.44, the step 1.214-1.247 against 1.198 ms): the same finding, now with half the
+activation reads, and a wait a step on the slower CTA of the pair.
+
 Limits: bf16, weights `[N, K]` (the engine's layout), K a multiple of 64, M a multiple of 8 up
 to 256 (and of `block_m` above it), N a multiple of `block_n` (SwiGLU's halves and the argmax
 head take a ragged last block: `RAGGED_EPILOGUES`), the ring and the output tile within shared
