@@ -718,6 +718,10 @@ for part in "${parts[@]}"; do
                 --glue kernels greedy_head256 xla_pick --rounds 5 --reps 10 --profile /tmp/headwide ;;
     graphs22) timeout 300 python3 bench/decode_step.py --batches 64 256 --variants default --no-static \
                 --glue kernels while_graphs --rounds 7 --reps 10 ;;
+    shapes35) timeout 560 python3 -m pytest -v -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+                -o faulthandler_timeout=200 --durations=0 tests/test_qwen_shapes.py -k "decode_step" ;;
+    shapes35b) timeout 560 python3 -m pytest -v -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+                 -o faulthandler_timeout=300 --durations=0 tests/test_qwen_shapes.py -k "not decode_step" ;;
     c35) timeout 200 python3 bench/cluster_probe.py --limit 40 \
            --cases p_refill p_refill_nomulticast acc_down256 swiglu256 | tee /tmp/c35_probe.txt ; \
          if grep -q "HUNG\|rc " /tmp/c35_probe.txt; then echo "a clustered launch failed: stopping"; else \
