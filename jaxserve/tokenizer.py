@@ -21,11 +21,22 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
 
 
 def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]],
-                        add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a chat, rendered with the checkpoint's chat template."""
+                        add_generation_prompt: bool = True,
+                        tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+    """Token ids of a chat, rendered with the checkpoint's chat template.
+
+    ``tools``: OpenAI tool definitions (``{"type": "function", "function": {...}}``), which the
+    template renders as it does (Qwen2.5's into the system message; a template that ignores them
+    ignores them).
+
+    Example:
+        >>> apply_chat_template(tok, [{"role": "user", "content": "Weather in Paris?"}],
+        ...                     tools=[{"type": "function", "function": {"name": "get_weather"}}])  # doctest: +SKIP
+    """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template; use a completion prompt instead")
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = tokenizer.apply_chat_template(list(messages), tools=list(tools) if tools else None, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
     return tokenizer.encode(text, add_special_tokens=False)
 
 

@@ -343,6 +343,11 @@ def test_closing_a_stream_aborts_the_request_and_frees_pages(client, live, pages
 
 # ----- bad input ---------------------------------------------------------------------------------------
 GOOD = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
+CHAT_BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                           "parameters": CITY}},
+         {"type": "function", "function": {"name": "get_time"}}]
 
 
 @pytest.mark.parametrize("path, body, status, param, code", [
@@ -384,6 +389,26 @@ GOOD = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
      "messages", "context_length_exceeded"),
     ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model",
      "model_not_found"),
+    ("/v1/chat/completions", {**CHAT_BODY, "tools": [{"type": "function"}]}, 400, "tools", None),
+    ("/v1/chat/completions", {**CHAT_BODY, "tools": [{"type": "function", "function": {"name": 5}}]}, 400,
+     "tools", None),
+    ("/v1/chat/completions", {**CHAT_BODY, "tools": [{"type": "retrieval", "function": {"name": "f"}}]}, 400,
+     "tools", None),
+    ("/v1/chat/completions", {**CHAT_BODY, "tools": {"type": "function", "function": {"name": "f"}}}, 400,
+     "tools", None),
+    # Forcing a call needs guided decoding, which jaxserve does not have.
+    ("/v1/chat/completions", {**CHAT_BODY, "tools": TOOLS, "tool_choice": "required"}, 400, "tool_choice", None),
+    ("/v1/chat/completions", {**CHAT_BODY, "tools": TOOLS,
+                              "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, 400,
+     "tool_choice", None),
+    ("/v1/chat/completions", {**CHAT_BODY, "response_format": {"type": "json_object"}}, 400, "response_format", None),
+    ("/v1/chat/completions", {**CHAT_BODY, "messages": [
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{city"}}]}]},
+     400, "messages", None),
+    ("/v1/chat/completions", {**CHAT_BODY, "messages": [
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"arguments": "{}"}}]}]},
+     400, "messages", None),
 ])
 def test_bad_request_gets_openai_error_and_server_keeps_serving(live, path, body, status, param, code):
     r = post(live, path, body)
@@ -780,3 +805,194 @@ def test_null_means_the_default_where_openai_documents_a_field_as_nullable(live,
     assert r.status_code == 200, r.text
     if not body.get("stream"):
         assert len(r.json()["choices"]) == 1
+
+
+# ----- tool calls ---------------------------------------------------------------------------------------
+def test_tool_call_blocks_parse_into_openai_tool_calls():
+    from jaxserve.server.tool_calls import parse_tool_calls
+
+    one = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    content, calls = parse_tool_calls(one)
+    assert content is None and len(calls) == 1
+    assert calls[0]["type"] == "function" and calls[0]["id"].startswith("chatcmpl-tool-")
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    two = f'Checking both.\n\n{one}\n<tool_call>\n{{"name": "get_time", "arguments": {{"tz": "東京"}}}}\n</tool_call>'
+    content, calls = parse_tool_calls(two)
+    assert content == "Checking both."  # the text before the first block, stripped
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    assert calls[1]["function"]["arguments"] == '{"tz": "東京"}'  # not \\u-escaped
+    assert calls[0]["id"] != calls[1]["id"]
+    # The model may stop (EOS) right after the JSON, before the end tag.
+    content, calls = parse_tool_calls('<tool_call>\n{"name": "get_time", "arguments": {}}\n')
+    assert content is None and calls[0]["function"] == {"name": "get_time", "arguments": "{}"}
+
+
+@pytest.mark.parametrize("text", [
+    "No tools needed: 2 < 3.",
+    "",
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": \n</tool_call>',  # cut JSON
+    '<tool_call>\n{"arguments": {}}\n</tool_call>',  # no name
+    '<tool_call>\n["get_weather"]\n</tool_call>',
+    'Hmm <tool_call>not json</tool_call> done',
+])
+def test_text_without_a_parsable_tool_call_stays_content(text):
+    from jaxserve.server.tool_calls import parse_tool_calls
+
+    assert parse_tool_calls(text) == (text, [])
+
+
+def test_a_malformed_block_beside_a_good_one_is_dropped():
+    from jaxserve.server.tool_calls import parse_tool_calls
+
+    text = '<tool_call>{oops</tool_call><tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    content, calls = parse_tool_calls(text)
+    assert content is None and [c["function"]["name"] for c in calls] == ["f"]
+
+
+def test_streamed_content_holds_back_what_may_become_a_tool_call_tag():
+    from jaxserve.server.tool_calls import ToolCallStream, content_prefix_len
+
+    assert content_prefix_len("abc<") == 3 and content_prefix_len("abc<tool_call") == 3
+    assert content_prefix_len("abc<tool_call>{") == 3 and content_prefix_len("a <b") == 4
+    assert content_prefix_len("x" * 20, start=15) == 20
+    # Character by character, no piece of the tag ever goes out as content.
+    text = 'Let me see <b>.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+    stream = ToolCallStream()
+    sent = "".join(stream.push(c) for c in text)
+    assert sent == "Let me see <b>.\n"
+    rest, calls = stream.finish()
+    assert rest == "" and calls[0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
+    # A held tail that never became a call goes out at the end, and so does a block that does not parse.
+    for text, before_end in (("2 <tool", "2 "), ("a <tool_call> b", "a ")):
+        stream = ToolCallStream()
+        assert stream.push(text) == before_end
+        assert stream.finish() == (text[len(before_end):], [])
+
+
+def test_tool_calls_keep_length_and_tool_choice_none_leaves_text_alone():
+    from jaxserve.server.protocol import ChatRequest
+    from jaxserve.server.responses import ChatFormat
+
+    text = 'Sure.<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    result = {"text": text, "token_ids": [5], "finish_reason": "length", "stop_reason": None, "prompt_tokens": 3,
+              "cached_tokens": 0, "completion_tokens": 1}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}
+    auto = ChatFormat("tiny", None, ChatRequest.model_validate(body), 3).response([result])["choices"][0]
+    assert auto["finish_reason"] == "length" and auto["message"]["content"] == "Sure."
+    assert auto["message"]["tool_calls"][0]["function"]["name"] == "get_time"
+    none = ChatRequest.model_validate({**body, "tool_choice": "none"})
+    choice = ChatFormat("tiny", None, none, 3).response([{**result, "finish_reason": "stop"}])["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": text} and choice["finish_reason"] == "stop"
+
+
+# Renders the tools, the calls (arguments as `tojson`, as Qwen2.5's does) and what a tool message answers.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }} {{ c.function.arguments | tojson }}"
+    "</tool_call>{% endfor %}{% if m.tool_call_id %} (for {{ m.tool_call_id }}){% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+HISTORY = [{"role": "user", "content": "Paris?"},
+           {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+               "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+           {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+
+
+def test_tools_and_tool_messages_are_rendered_with_the_chat_template(tiny_checkpoint):
+    from types import SimpleNamespace
+
+    from jaxserve.server.app import _chat_prompt
+    from jaxserve.server.protocol import ChatRequest
+    from jaxserve.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_checkpoint[0])
+    tok.chat_template = TOOLS_TEMPLATE
+    req = ChatRequest.model_validate_json(json.dumps({"model": "tiny", "messages": HISTORY, "tools": TOOLS}))
+    text = tok.decode(_chat_prompt(req, SimpleNamespace(tokenizer=tok)))
+    assert "Tools: get_weather get_time<|im_end|>" in text
+    # The arguments reach the template parsed: `tojson` of OpenAI's string would quote it again.
+    assert '<|im_start|>assistant\n<tool_call>get_weather {"city": "Paris"}</tool_call><|im_end|>' in text
+    assert "<|im_start|>tool\nsunny (for c1)<|im_end|>" in text
+
+
+class ScriptedDetokenizer:
+    """Stands in for the engine's detokenizer: output token k reads as the script's k-th piece,
+    whatever the model sampled, so the tiny random model "writes" a chosen text."""
+
+    def __init__(self, text: str) -> None:
+        self.pieces = [text[k:k + 3] for k in range(0, len(text), 3)]  # the tag split across tokens
+
+    def push(self, token: int) -> str:
+        return self.pieces.pop(0) if self.pieces else ""
+
+    def push_many(self, tokens) -> str:
+        return "".join(self.push(t) for t in tokens)
+
+    def flush(self) -> str:
+        return ""
+
+
+END = "@END@"  # each script ends with this stop string: the model's own "stop", at a chosen place
+
+
+def script_outputs(monkeypatch, *texts: str) -> None:
+    """The engine's next requests, in submission order, write ``texts``."""
+    import jaxserve.engine
+
+    scripts = list(texts)
+    monkeypatch.setattr(jaxserve.engine, "IncrementalDetokenizer",
+                        lambda tokenizer, prompt_ids=(): ScriptedDetokenizer((scripts.pop(0) if scripts else "") + END))
+
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def test_chat_answers_tool_calls_rendered_and_parsed(live, monkeypatch, pages_freed):
+    tok = live.app.state.jaxserve.tokenizer
+    body = {"model": "tiny", "messages": HISTORY, "tools": TOOLS, "max_tokens": 48, "temperature": 0,
+            "stop": [END], "ignore_eos": True}
+    # The checkpoint's template ignores tools: its business, not an error.
+    assert post(live, "/v1/chat/completions", body).status_code == 200
+    monkeypatch.setattr(tok, "chat_template", TOOLS_TEMPLATE)
+    script_outputs(monkeypatch, "Let me check.\n" + CALL, "Let me check.\n" + CALL)
+    r = post(live, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    messages = [{**m, "content": m["content"] or ""} for m in HISTORY]
+    messages[1]["tool_calls"] = [{**messages[1]["tool_calls"][0], "function": {"name": "get_weather",
+                                                                              "arguments": {"city": "Paris"}}}]
+    rendered = tok.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    assert r.json()["usage"]["prompt_tokens"] == len(tok.encode(rendered, add_special_tokens=False))
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["stop_reason"] == END
+    assert choice["message"]["content"] == "Let me check."
+    [call] = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("chatcmpl-tool-")
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    none = post(live, "/v1/chat/completions", {**body, "tool_choice": "none"}).json()["choices"][0]
+    assert none["message"] == {"role": "assistant", "content": "Let me check.\n" + CALL}
+    assert none["finish_reason"] == "stop"
+
+
+def test_streamed_tool_calls_come_as_one_delta_before_the_finish(live, client, monkeypatch, pages_freed):
+    """n=3: a call, plain text with a '<' the stream holds back and then releases, and a block
+    that does not parse (its held text comes out as content at the end)."""
+    plain, broken = "2 <tools> 3 <tool", "Hi <tool_call>{nope</tool_call>"
+    script_outputs(monkeypatch, "Let me check.\n" + CALL, plain, broken)
+    stream = client.chat.completions.create(model="tiny", messages=HISTORY, tools=TOOLS, n=3, max_tokens=48,
+                                            temperature=0, stop=[END], stream=True, extra_body={"ignore_eos": True})
+    content, calls, reasons, call_deltas = ["", "", ""], [[], [], []], [None] * 3, [0, 0, 0]
+    for chunk in stream:
+        for c in chunk.choices:
+            assert reasons[c.index] is None, "nothing after a choice's finish"
+            content[c.index] += c.delta.content or ""
+            calls[c.index] += c.delta.tool_calls or []
+            reasons[c.index] = c.finish_reason
+            if c.delta.tool_calls:
+                call_deltas[c.index] += 1
+    assert content == ["Let me check.\n", plain, broken]
+    assert reasons == ["tool_calls", "stop", "stop"]
+    assert call_deltas == [1, 0, 0]  # one delta with every call
+    [call] = calls[0]
+    assert call.index == 0 and call.type == "function" and call.id.startswith("chatcmpl-tool-")
+    assert call.function.name == "get_weather" and call.function.arguments == '{"city": "Paris"}'
+    assert calls[1:] == [[], []]

@@ -94,3 +94,19 @@ def test_token_bytes_are_the_tokens_own_bytes_even_inside_a_character():
     assert b"".join(token_bytes(tokenizer, t) for t in ids) == text.encode("utf-8")
     special = next(iter(tokenizer.added_tokens_decoder.items()))  # plain text, not mapped bytes
     assert token_bytes(tokenizer, special[0]) == special[1].content.encode("utf-8")
+
+
+def test_tool_call_tags_added_as_plain_tokens_survive_the_detokenizer():
+    """Qwen2.5's tokenizer has `<tool_call>` and `</tool_call>` as added tokens marked special=False:
+    the detokenizer's skip_special_tokens drops only special ones, so the server's tool-call parser
+    sees the tags. (Marked special they would vanish from the text.)"""
+    from jaxserve.loading import DEFAULT_MODEL_DIR
+    from jaxserve.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL_DIR)  # a copy of its own: adding tokens changes it
+    tokenizer.add_tokens(["<tool_call>", "</tool_call>"])
+    text = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.convert_tokens_to_ids("<tool_call>") in ids
+    detok = IncrementalDetokenizer(tokenizer)
+    assert "".join(detok.push(t) for t in ids) + detok.flush() == text

@@ -1,10 +1,10 @@
 """The FastAPI app: routes over one ``AsyncEngine``, and the uvicorn server that runs it.
 
 Owns the HTTP surface: authentication, body-size, ``n`` and ``max_tokens`` bounds, prompt
-rendering (chat template) and tokenization with the server's own tokenizer copy (on a thread of
-its own, off the event loop), submitting to the async engine, SSE streaming, client-disconnect
-aborts, ``/health``, ``/v1/models``, ``/metrics`` and the draining shutdown. It never schedules or
-runs the model: the async engine's thread alone drives the ``Engine``.
+rendering (chat template, tools included) and tokenization with the server's own tokenizer copy
+(on a thread of its own, off the event loop), submitting to the async engine, SSE streaming,
+client-disconnect aborts, ``/health``, ``/v1/models``, ``/metrics`` and the draining shutdown. It
+never schedules or runs the model: the async engine's thread alone drives the ``Engine``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.metrics import CONTENT_TYPE, ServingMetrics
 from jaxserve.sampling import MAX_LOGPROBS, SamplingParams
-from jaxserve.server.protocol import (APIError, ChatRequest, CompletionRequest, SamplingFields, Schema,
+from jaxserve.server.protocol import (APIError, ChatRequest, CompletionRequest, SamplingFields, Schema, ToolCall,
                                       bad_params)
 from jaxserve.server.responses import ChatFormat, CompletionFormat
 from jaxserve.tokenizer import apply_chat_template, load_tokenizer
@@ -212,8 +212,9 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         st, req = await _accept(request, ChatRequest)
-        if req.tools:
-            raise APIError(400, "tools are not supported", param="tools")
+        if req.tool_choice not in (None, "auto", "none"):
+            # "required" and a named function force a call, which needs guided decoding.
+            raise APIError(400, "tool_choice: only 'auto' and 'none' are supported", param="tool_choice")
         if req.response_format and req.response_format.get("type", "text") != "text":
             raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
@@ -335,12 +336,33 @@ def _chat_prompt(req: ChatRequest, st: _State) -> list[int]:
         # OpenAI's "developer" is the system message of its newer models; chat templates know only
         # "system" (Qwen2.5's drops a role it does not know, silently losing the instructions).
         role = "system" if m.role == "developer" else m.role
-        messages.append({"role": role, "content": content or ""})
+        message: dict[str, Any] = {"role": role, "content": content or ""}
+        if m.tool_calls:
+            message["tool_calls"] = [_templated_call(call) for call in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        messages.append(message)
+    # With tool_choice "none" the tools are still rendered, as vLLM does by default: the model
+    # sees them, its answer is not parsed for calls.
+    tools = [tool.model_dump(exclude_none=True) for tool in req.tools] if req.tools else None
     try:
-        return apply_chat_template(st.tokenizer, messages)
+        return apply_chat_template(st.tokenizer, messages, tools=tools)
     except Exception as exc:  # the template's own checks (role order, ...) are input errors
         raise APIError(400, f"messages could not be rendered with the chat template: {exc}",
                        param="messages") from None
+
+
+def _templated_call(call: ToolCall) -> dict[str, Any]:
+    """An assistant message's tool call as chat templates take it: ``arguments`` parsed (Qwen2.5's
+    writes ``arguments | tojson``, which would quote OpenAI's JSON string a second time; vLLM parses
+    it too)."""
+    try:
+        arguments = json.loads(call.function.arguments)
+    except ValueError:
+        raise APIError(400, f"tool call arguments must be JSON, got {call.function.arguments!r}",
+                       param="messages") from None
+    out = {"type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+    return {"id": call.id, **out} if call.id is not None else out
 
 
 def _max_tokens(value: int | None, name: str, st: _State) -> int:
@@ -482,8 +504,7 @@ async def _sse(handles: list[RequestHandle], fmt: CompletionFormat | ChatFormat,
             for event in fmt.stream_start(i, include_usage):
                 yield _event(event)
         async for i, chunk in _merge(handles):
-            event = fmt.stream_chunk(i, chunk, include_usage)
-            if event is not None:
+            for event in fmt.stream_chunk(i, chunk, include_usage):
                 yield _event(event)
             if chunk["finish_reason"] is not None:
                 results[i] = chunk["result"]

@@ -105,10 +105,35 @@ class ContentPart(Schema):
     text: str | None = None
 
 
+class FunctionCall(Schema):
+    name: str
+    arguments: str  # JSON, as OpenAI sends it; parsed before templating (_chat_prompt)
+
+
+class ToolCall(Schema):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Schema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
+    # None where an assistant message holds only tool calls.
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None  # a "tool" message: the call it answers
+
+
+class FunctionDefinition(Schema):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema, handed to the chat template as sent
+
+
+class Tool(Schema):
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class ChatRequest(SamplingFields):
@@ -117,6 +142,9 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    # "auto" (the default with tools) or "none"; "required" and a named function are refused
+    # (app.py): forcing a call needs guided decoding, which jaxserve does not have.
+    tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
 

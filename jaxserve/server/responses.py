@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 from jaxserve.server.protocol import ChatRequest, CompletionRequest
+from jaxserve.server.tool_calls import ToolCallStream, parse_tool_calls
 from jaxserve.tokenizer import token_bytes
 
 
@@ -116,14 +117,15 @@ class CompletionFormat:
     def stream_start(self, i: int, include_usage: bool) -> list[dict[str, Any]]:
         return []
 
-    def stream_chunk(self, i: int, chunk: dict[str, Any], include_usage: bool) -> dict[str, Any] | None:
+    def stream_chunk(self, i: int, chunk: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+        """The events for choice ``i``'s next engine chunk (none where it carries nothing to send)."""
         has_tokens = self.req.logprobs is not None and chunk["token_ids"]
         if not chunk["text"] and chunk["finish_reason"] is None and not has_tokens:
-            return None
+            return []
         lp = self._logprobs(i, chunk["token_ids"], chunk.get("logprobs"), chunk.get("top_logprobs"))
-        return self._chunk([{"index": i, "text": chunk["text"], "logprobs": lp,
-                             "finish_reason": chunk["finish_reason"], "stop_reason": chunk.get("stop_reason")}],
-                           include_usage)
+        return [self._chunk([{"index": i, "text": chunk["text"], "logprobs": lp,
+                              "finish_reason": chunk["finish_reason"], "stop_reason": chunk.get("stop_reason")}],
+                            include_usage)]
 
     def usage_chunk(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         out = self._chunk([], True)
@@ -132,13 +134,20 @@ class CompletionFormat:
 
 
 class ChatFormat:
-    """``/v1/chat/completions`` bodies and ``chat.completion.chunk`` stream events."""
+    """``/v1/chat/completions`` bodies and ``chat.completion.chunk`` stream events.
+
+    With ``tools`` (and ``tool_choice`` not "none") each choice's text is read for Hermes-style
+    tool calls (``tool_calls.py``): found, they are the message's ``tool_calls`` and the finish
+    reason "tool_calls" where it was "stop" ("length" stays: the text was cut).
+    """
 
     def __init__(self, model_name: str, tokenizer: Any, req: ChatRequest, prompt_tokens: int) -> None:
         self.model_name, self.tokenizer, self.req = model_name, tokenizer, req
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.prompt_tokens = prompt_tokens
+        self.parse_tools = bool(req.tools) and req.tool_choice != "none"
+        self._tool_streams: dict[int, ToolCallStream] = {}  # by choice index, while streaming
         # 64 choices' top-20 logprobs spell out ~170k tokens, far fewer of them distinct.
         self._spell = functools.cache(lambda t: (tokenizer.decode([t]), list(token_bytes(tokenizer, t))))
 
@@ -160,11 +169,21 @@ class ChatFormat:
             content.append(item)
         return {"content": content}
 
+    def _message(self, result: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """A choice's ``message`` and finish reason."""
+        content, calls = parse_tool_calls(result["text"]) if self.parse_tools else (result["text"], [])
+        if not calls:
+            return {"role": "assistant", "content": content}, result["finish_reason"]
+        reason = "tool_calls" if result["finish_reason"] == "stop" else result["finish_reason"]
+        return {"role": "assistant", "content": content, "tool_calls": calls}, reason
+
     def response(self, results: list[dict[str, Any]]) -> dict[str, Any]:
-        choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
-                    "finish_reason": r["finish_reason"], "stop_reason": r.get("stop_reason"),
-                    "logprobs": self._logprobs(r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))}
-                   for i, r in enumerate(results)]
+        choices = []
+        for i, r in enumerate(results):
+            message, reason = self._message(r)
+            choices.append({"index": i, "message": message, "finish_reason": reason,
+                            "stop_reason": r.get("stop_reason"),
+                            "logprobs": self._logprobs(r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))})
         # n samples of one prompt: OpenAI counts the prompt once.
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
                 "choices": choices, "usage": usage(results, self.prompt_tokens, self.req.n)}
@@ -180,14 +199,41 @@ class ChatFormat:
         return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}], include_usage)]
 
-    def stream_chunk(self, i: int, chunk: dict[str, Any], include_usage: bool) -> dict[str, Any] | None:
+    def stream_chunk(self, i: int, chunk: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+        """The events for choice ``i``'s next engine chunk (none where it carries nothing to send).
+
+        Parsing tool calls, text from a ``<tool_call>`` on is held back; at the end its calls go
+        out as one ``tool_calls`` delta before the finishing chunk, or, where none parses, the
+        held text goes out as content.
+        """
+        text, reason, calls = chunk["text"], chunk["finish_reason"], []
+        if self.parse_tools:
+            stream = self._tool_streams.setdefault(i, ToolCallStream())
+            text = stream.push(text)
+            if reason is not None:
+                rest, calls = stream.finish()
+                text += rest
+                del self._tool_streams[i]
         has_tokens = self.req.logprobs and chunk["token_ids"]
-        if not chunk["text"] and chunk["finish_reason"] is None and not has_tokens:
-            return None
-        delta = {"content": chunk["text"]} if chunk["text"] or chunk["finish_reason"] is None else {}
+        if not text and reason is None and not has_tokens:
+            return []
         lp = self._logprobs(chunk["token_ids"], chunk.get("logprobs"), chunk.get("top_logprobs"))
-        return self._chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": chunk["finish_reason"],
-                             "stop_reason": chunk.get("stop_reason")}], include_usage)
+        stop_reason = chunk.get("stop_reason")
+        if not calls:
+            delta = {"content": text} if text or reason is None else {}
+            return [self._chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason,
+                                  "stop_reason": stop_reason}], include_usage)]
+        events = []
+        if text or has_tokens:
+            events.append(self._chunk([{"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": None,
+                                        "stop_reason": None}], include_usage))
+        deltas = [{"index": k, **call} for k, call in enumerate(calls)]
+        events.append(self._chunk([{"index": i, "delta": {"tool_calls": deltas}, "logprobs": None,
+                                    "finish_reason": None, "stop_reason": None}], include_usage))
+        events.append(self._chunk([{"index": i, "delta": {}, "logprobs": None,
+                                    "finish_reason": "tool_calls" if reason == "stop" else reason,
+                                    "stop_reason": stop_reason}], include_usage))
+        return events
 
     def usage_chunk(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         out = self._chunk([], True)
