@@ -361,10 +361,10 @@ class Engine:
         self.time_s["prefill"] += time.perf_counter() - start
         for i, lo, hi in call.prompt_rows:
             r, s, _ = call.rows[i]
-            k = r.params.prompt_logprobs
-            chosen = prompt.logprobs[i, lo - s - 1: hi - s - 1].tolist()
-            ids = prompt.top_ids[i, lo - s - 1: hi - s - 1, :k].tolist()
-            lps = prompt.top_logprobs[i, lo - s - 1: hi - s - 1, :k].tolist()
+            k, at = r.params.prompt_logprobs, slice(lo - s - 1, hi - s - 1)  # the chunk's columns scoring lo..hi-1
+            chosen = prompt.logprobs[i, at].tolist()
+            ids = prompt.top_ids[i, at, :k].tolist()
+            lps = prompt.top_logprobs[i, at, :k].tolist()
             for p, lp, top_ids, top_lps in zip(range(lo, hi), chosen, ids, lps):
                 # vLLM's entry: the prompt token first, then the top-k (which may include it).
                 entry = {r.prompt_ids[p]: lp}

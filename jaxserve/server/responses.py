@@ -133,6 +133,12 @@ class CompletionFormat:
         return out
 
 
+def _reason_with_calls(reason: str) -> str:
+    """A choice's finish reason once its text held tool calls: "tool_calls" where it stopped, the
+    reason itself otherwise ("length": the text was cut)."""
+    return "tool_calls" if reason == "stop" else reason
+
+
 class ChatFormat:
     """``/v1/chat/completions`` bodies and ``chat.completion.chunk`` stream events.
 
@@ -174,8 +180,8 @@ class ChatFormat:
         content, calls = parse_tool_calls(result["text"]) if self.parse_tools else (result["text"], [])
         if not calls:
             return {"role": "assistant", "content": content}, result["finish_reason"]
-        reason = "tool_calls" if result["finish_reason"] == "stop" else result["finish_reason"]
-        return {"role": "assistant", "content": content, "tool_calls": calls}, reason
+        message = {"role": "assistant", "content": content, "tool_calls": calls}
+        return message, _reason_with_calls(result["finish_reason"])
 
     def response(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         choices = []
@@ -231,7 +237,7 @@ class ChatFormat:
         events.append(self._chunk([{"index": i, "delta": {"tool_calls": deltas}, "logprobs": None,
                                     "finish_reason": None, "stop_reason": None}], include_usage))
         events.append(self._chunk([{"index": i, "delta": {}, "logprobs": None,
-                                    "finish_reason": "tool_calls" if reason == "stop" else reason,
+                                    "finish_reason": _reason_with_calls(reason),
                                     "stop_reason": stop_reason}], include_usage))
         return events
 
