@@ -113,13 +113,29 @@ _T29 = {"combine=xla": dict(combine="xla"), "splits=4": dict(num_splits=4),
         # 8 splits are 256 programs at 3 an SM (396 resident): 10-12 fill the wave more evenly.
         "splits=6": dict(num_splits=6), "splits=10": dict(num_splits=10), "splits=12": dict(num_splits=12)}
 _T29_1 = {"combine=xla": _T29["combine=xla"]}
+# Session 36: fewer, longer programs with deeper pipelines. The short rows' time is a fixed cost (launch, the
+# first block's round trip, the merge launch) on top of a loop that streams near 75% of spec: fewer splits drop
+# or shrink the merge, and more stages keep a lone program's loads in flight. Every earlier sweep moved splits
+# or stages one at a time from the defaults; these move both.
+_T36_05 = {"splits=2 stages=3": dict(num_splits=2, num_stages=3), "splits=2 stages=4": dict(num_splits=2, num_stages=4),
+           "splits=1 stages=4": dict(num_splits=1, num_stages=4),
+           "splits=1 stages=4 warps=8": dict(num_splits=1, num_stages=4, num_warps=8),
+           "splits=2 stages=3 warps=8": dict(num_splits=2, num_stages=3, num_warps=8),
+           "ppb=4 stages=3": dict(pages_per_block=4, num_stages=3), "ppb=4 stages=4": dict(pages_per_block=4, num_stages=4),
+           "splits=2 ppb=4 stages=4": dict(num_splits=2, pages_per_block=4, num_stages=4)}
+_T36_7B = {"splits=4 stages=3": dict(num_splits=4, num_stages=3), "warps=2": dict(num_warps=2),
+           "ppb=4 stages=3": dict(pages_per_block=4, num_stages=3),
+           "splits=16 ppb=4 stages=3": dict(num_splits=16, pages_per_block=4, num_stages=3),
+           "splits=4 ppb=4 stages=4": dict(num_splits=4, pages_per_block=4, num_stages=4)}
+_T36_1 = {"splits=32 stages=3": dict(num_splits=32, num_stages=3), "splits=64 stages=3": dict(num_splits=64, num_stages=3),
+          "splits=32 ppb=4 stages=4": dict(num_splits=32, pages_per_block=4, num_stages=4)}
 SWEEP = [
     (("7B 28q/4kv/128", 64, 8192), {**_T7B, **_T28}),
-    (("7B 28q/4kv/128", 8, 2048), {**_T, **_T7B, **_T28, **_T29}),
-    (("0.5B 14q/2kv/64", 64, 2048), {**_T, **_T24B, **_T28, **_T29_1}),
+    (("7B 28q/4kv/128", 8, 2048), {**_T, **_T7B, **_T28, **_T29, **_T36_7B}),
+    (("0.5B 14q/2kv/64", 64, 2048), {**_T, **_T24B, **_T28, **_T29_1, **_T36_05}),
     (("0.5B 14q/2kv/64", 64, 8192), {**_T, **_T28}),
-    (("7B 28q/4kv/128", 1, 32768), {**_T, **_T24, **_T28, **_T29_1}),
-    (("0.5B 14q/2kv/64", 1, 32768), {**_T, **_T24, **_T28, **_T29_1}),
+    (("7B 28q/4kv/128", 1, 32768), {**_T, **_T24, **_T28, **_T29_1, **_T36_1}),
+    (("0.5B 14q/2kv/64", 1, 32768), {**_T, **_T24, **_T28, **_T29_1, **_T36_1}),
     (("0.5B 14q/2kv/64", 8, 32768), {**_T, **_T28}),
     (("0.5B 14q/2kv/64", 256, 2048), _T28),
     (("7B 28q/4kv/128", 64, 2048), _T28),

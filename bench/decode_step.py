@@ -88,7 +88,11 @@ ATTENTION_TUNINGS = {"attn_w2": {"num_warps": 2}, "attn_w8": {"num_warps": 8},
                      "attn_split2": {"num_splits": 2}, "attn_ppb16_w8": {"pages_per_block": 16, "num_warps": 8},
                      "attn_ppb16_w2": {"pages_per_block": 16, "num_warps": 2}, "attn_st3": {"num_stages": 3},
                      # session 25: one stage at 128-256 rows, where EARLY_GATHER then applies
-                     "attn_st1": {"num_stages": 1}}
+                     "attn_st1": {"num_stages": 1},
+                     # session 36: 192 keys as three whole 64-key blocks (no half-masked second block of 128),
+                     # two or three of them in flight
+                     "attn_ppb4_st3": {"pages_per_block": 4, "num_stages": 3},
+                     "attn_ppb4_st4": {"pages_per_block": 4, "num_stages": 4}}
 # --glue choices that run the 8-64-row projections on Mosaic GPU (model.SKINNY_BACKEND "mgpu",
 # `jaxserve_kernels.skinny_matmul_mgpu`) with these whole TILES (n = weight rows a program, s = slots: steps
 # in flight + 1, t = programs wanted; "none" is the QKV projection, as "partials" unless given).

@@ -733,6 +733,13 @@ for part in "${parts[@]}"; do
             --glue kernels mgpu_c2 mgpu_c2_gu --rounds 7 --reps 10 --profile /tmp/c35b ; \
           timeout 150 python3 bench/decode_step.py --batches 128 --variants default --no-static \
             --glue kernels wide_c2 --rounds 7 --reps 10 --profile /tmp/c35c ;;
+    s36) timeout 260 python3 bench/bandwidth.py --sweep-only --budget-s 230 --sweep-configs "splits=2 stages=3" \
+           "splits=2 stages=4" "splits=1 stages=4" "splits=1 stages=4 warps=8" "splits=2 stages=3 warps=8" \
+           "ppb=4 stages=3" "ppb=4 stages=4" "splits=2 ppb=4 stages=4" "splits=4 stages=3" "warps=2" \
+           "splits=16 ppb=4 stages=3" "splits=4 ppb=4 stages=4" "splits=32 stages=3" "splits=64 stages=3" \
+           "splits=32 ppb=4 stages=4" ; \
+         timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \
+           --glue kernels attn_ppb4_st3 attn_ppb4_st4 attn_ppb4 --rounds 7 --reps 10 --profile /tmp/s36 ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"
