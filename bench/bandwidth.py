@@ -129,14 +129,28 @@ _T36_7B = {"splits=4 stages=3": dict(num_splits=4, num_stages=3), "warps=2": dic
            "splits=4 ppb=4 stages=4": dict(num_splits=4, pages_per_block=4, num_stages=4)}
 _T36_1 = {"splits=32 stages=3": dict(num_splits=32, num_stages=3), "splits=64 stages=3": dict(num_splits=64, num_stages=3),
           "splits=32 ppb=4 stages=4": dict(num_splits=32, pages_per_block=4, num_stages=4)}
+# Session 36, after "splits=16 ppb=4 stages=3" read 15.4 µs at 7B 8 x 2k (default 16.1, XLA contiguous 15.3 in
+# session 29): around it, with the baselines in the same process (`--sweep-baselines`). "xN k=v ...": N times the
+# default split count with those knobs.
+_T36B = {"splits=16 ppb=4": dict(num_splits=16, pages_per_block=4),
+         "splits=16 ppb=4 stages=3": dict(num_splits=16, pages_per_block=4, num_stages=3),
+         "splits=16 ppb=4 stages=4": dict(num_splits=16, pages_per_block=4, num_stages=4),
+         "splits=16 ppb=4 stages=3 warps=8": dict(num_splits=16, pages_per_block=4, num_stages=3, num_warps=8),
+         "splits=32 ppb=4 stages=3": dict(num_splits=32, pages_per_block=4, num_stages=3),
+         "splits=16 ppb=8": dict(num_splits=16, pages_per_block=8),
+         "splits=16 ppb=2 stages=3": dict(num_splits=16, pages_per_block=2, num_stages=3),
+         "splits=12 ppb=4 stages=3": dict(num_splits=12, pages_per_block=4, num_stages=3)}
+_T36X = {"x2 ppb=4 stages=3": "x2 ppb=4 stages=3"}
 SWEEP = [
     (("7B 28q/4kv/128", 64, 8192), {**_T7B, **_T28}),
-    (("7B 28q/4kv/128", 8, 2048), {**_T, **_T7B, **_T28, **_T29, **_T36_7B}),
-    (("0.5B 14q/2kv/64", 64, 2048), {**_T, **_T24B, **_T28, **_T29_1, **_T36_05}),
+    (("7B 28q/4kv/128", 8, 2048), {**_T, **_T7B, **_T28, **_T29, **_T36_7B, **_T36B}),
+    (("0.5B 14q/2kv/64", 64, 2048), {**_T, **_T24B, **_T28, **_T29_1, **_T36_05, **_T36X}),
     (("0.5B 14q/2kv/64", 64, 8192), {**_T, **_T28}),
-    (("7B 28q/4kv/128", 1, 32768), {**_T, **_T24, **_T28, **_T29_1, **_T36_1}),
-    (("0.5B 14q/2kv/64", 1, 32768), {**_T, **_T24, **_T28, **_T29_1, **_T36_1}),
-    (("0.5B 14q/2kv/64", 8, 32768), {**_T, **_T28}),
+    (("7B 28q/4kv/128", 1, 32768), {**_T, **_T24, **_T28, **_T29_1, **_T36_1, **_T36X}),
+    (("0.5B 14q/2kv/64", 1, 32768), {**_T, **_T24, **_T28, **_T29_1, **_T36_1, **_T36X}),
+    (("0.5B 14q/2kv/64", 8, 32768), {**_T, **_T28, **_T36X}),
+    (("7B 28q/4kv/128", 1, 8192), _T36X),
+    (("7B 28q/4kv/128", 8, 32768), _T36X),
     (("0.5B 14q/2kv/64", 256, 2048), _T28),
     (("7B 28q/4kv/128", 64, 2048), _T28),
 ]
@@ -386,8 +400,25 @@ def mosaic_table(rows, read_ceiling) -> str:
     return "\n".join(lines)
 
 
+_KNOB_NAMES = {"ppb": "pages_per_block", "stages": "num_stages", "warps": "num_warps", "splits": "num_splits"}
+
+
+def relative_config(spec: str, default_splits: int) -> dict:
+    """"x2 ppb=4 stages=3" -> twice the shape's default split count with those knobs; "inkernel": the merge in
+    the kernel."""
+    first, *rest = spec.split()
+    config = {"num_splits": default_splits * int(first[1:])}
+    for token in rest:
+        if token == "inkernel":
+            config["combine"] = "inkernel"
+        else:
+            name, value = token.split("=")
+            config[_KNOB_NAMES[name]] = int(value)
+    return config
+
+
 def sweep(budget, read_ceiling, only: tuple[str, ...] = (),
-          min_calls: int = MIN_CALLS) -> tuple[str, list]:
+          min_calls: int = MIN_CALLS, baselines: bool = False) -> tuple[str, list]:
     """Our kernel's knobs on a few key shapes, one at a time from the defaults (`only`: the
     knob sets whose label is one of these)."""
     lines = ["| heads | batch | ctx | config | µs | TB/s (% read / % " + SPEC_LABEL + ") |",
@@ -399,13 +430,11 @@ def sweep(budget, read_ceiling, only: tuple[str, ...] = (),
             PAGE, context // PAGE, batch * kv_heads, None, None, False,
             paged_attention_module.DECODE_BLOCK_KEYS, head_dim=HEADS[name][2])
         # "xN": N times the default split count at this shape; "xN inkernel": and merged in the kernel.
-        configs = {label: (c if isinstance(c, dict) else
-                           dict(num_splits=default_splits * int(c.split()[0][1:]),
-                                **({"combine": "inkernel"} if c.endswith("inkernel") else {})))
+        configs = {label: (c if isinstance(c, dict) else relative_config(c, default_splits))
                    for label, c in configs.items() if not only or label in only}
         if only and not configs:  # none of the asked knob sets is tried at this shape
             continue
-        row = decode_row(name, batch, context, read_ceiling, budget, with_baselines=False,
+        row = decode_row(name, batch, context, read_ceiling, budget, with_baselines=baselines,
                          min_calls=min_calls,
                          our_configs={"default": {}, **configs})
         raw.append(row)
@@ -430,7 +459,7 @@ def page_sweep(budget, read_ceiling, page_sizes=(16, 32), min_calls: int = MIN_C
     raw = []
     for name, batch, context in PAGE_SWEEP_SHAPES:
         for page in page_sizes:
-            row = decode_row(name, batch, context, read_ceiling, budget, with_baselines=False,
+            row = decode_row(name, batch, context, read_ceiling, budget, with_baselines=baselines,
                              min_calls=min_calls, page=page)
             row["page"] = page
             raw.append(row)
@@ -539,6 +568,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also tune our kernel's knobs")
     parser.add_argument("--sweep-only", action="store_true", help="the knob sweep alone (no tables)")
+    parser.add_argument("--sweep-baselines", action="store_true",
+                        help="the sweep's shapes also time the bundled kernel and XLA contiguous")
     parser.add_argument("--sweep-configs", nargs="+", default=(),
                         help="sweep only these knob sets (labels of _T), beside the default")
     parser.add_argument("--mosaic", action="store_true",
@@ -598,7 +629,7 @@ def main() -> None:
         print(sections[-1], flush=True)
     if args.sweep or args.sweep_only:
         text, raw["sweep"] = sweep(budget, ceil["read"], tuple(args.sweep_configs),
-                              args.calls_per_iteration)
+                                   args.calls_per_iteration, baselines=args.sweep_baselines)
         sections.append("## Our kernel's knobs\n\n" + text)
     text = "\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n"
     print(text)

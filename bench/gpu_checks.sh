@@ -740,6 +740,11 @@ for part in "${parts[@]}"; do
            "splits=32 ppb=4 stages=4" ; \
          timeout 200 python3 bench/decode_step.py --batches 256 --variants default --no-static \
            --glue kernels attn_ppb4_st3 attn_ppb4_st4 attn_ppb4 --rounds 7 --reps 10 --profile /tmp/s36 ;;
+    s36b) timeout 200 python3 bench/bandwidth.py --sweep-only --sweep-baselines --budget-s 170 --sweep-configs \
+            "splits=16 ppb=4" "splits=16 ppb=4 stages=3" "splits=16 ppb=4 stages=4" "splits=16 ppb=4 stages=3 warps=8" \
+            "splits=32 ppb=4 stages=3" "splits=16 ppb=8" "splits=16 ppb=2 stages=3" "splits=12 ppb=4 stages=3" ; \
+          cp "$OUT/bandwidth.md" "$OUT/s36b_first.md" ; \
+          timeout 200 python3 bench/bandwidth.py --sweep-only --budget-s 170 --sweep-configs "x2 ppb=4 stages=3" ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"
