@@ -122,6 +122,32 @@ def split_page_range(lengths_ref, split, row_pages, *, num_splits: int, pages_pe
     return first_page, jnp.minimum(first_page + per_split, row_pages), pl.cdiv(row_pages, per_split)
 
 
+# A decode split of exactly two 128-key blocks at head_dim >= 128 runs as two splits of two 64-key blocks. Why:
+# the defaults give ~256 programs at head_dim 128 (about two an SM); when a batch's work is 512 blocks each
+# program is two iterations, too short to keep an SM's loads in flight, and twice the programs of half the
+# block keep the two-iteration pipeline while doubling the bytes in flight. H200, session 36
+# (bench/results/bandwidth.md): 7B heads 8 x 2k 16.1 -> 15.4-15.5 µs (XLA contiguous 15.8 in the same process).
+# Splits of one block (7B 1 x 8k: 11.5 -> 11.9) or four (1 x 32k: 23.6 -> 24.0) lose, and every 0.5B-head shape
+# loses, so the rule is this narrow. `paged_attention` only: the engine's fused decode kernel was not timed so.
+RETILE_TWO_BLOCK_SPLITS = os.environ.get("JAXSERVE_RETILE_TWO_BLOCK_SPLITS", "1") == "1"
+
+
+def retile_two_block_splits(table_pages: int, pages_per_block: int, num_splits: int,
+                            head_dim: int) -> tuple[int, int]:
+    """`RETILE_TWO_BLOCK_SPLITS`' rule on the default (pages per block, splits).
+
+    Example:
+        >>> retile_two_block_splits(128, 8, 8, 128)  # 7B heads, batch 8 x 2k keys, pages of 16
+        (4, 16)
+        >>> retile_two_block_splits(2048, 8, 64, 128)  # batch 1 x 32k: four blocks a split, kept
+        (8, 64)
+    """
+    if (head_dim >= _TARGET_HEAD_DIM and num_splits > 1 and pages_per_block >= 2
+            and pl.cdiv(table_pages, num_splits) == 2 * pages_per_block):
+        return pages_per_block // 2, 2 * num_splits
+    return pages_per_block, num_splits
+
+
 def gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block: int):
     """In-kernel: K and V `[pages_per_block * page_size, head_dim]` of the row's pages
     `page0 ..` (through the block table); entries past the table read page 0, which is
@@ -530,9 +556,12 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     group = num_heads // kv_heads
     table_pages = block_tables.shape[1]
     interpret = compat.resolve_interpret(interpret)
+    tuned = pages_per_block is None and num_splits is None
     pages_per_block, num_splits = resolve_tuning(
         page_size, table_pages, batch * kv_heads, pages_per_block, num_splits, interpret,
         DECODE_BLOCK_KEYS, head_dim=k_pages.shape[-1], single_pass=True)
+    if tuned and RETILE_TWO_BLOCK_SPLITS:
+        pages_per_block, num_splits = retile_two_block_splits(table_pages, pages_per_block, num_splits, head_dim)
     # The query sits at position length - 1: pass lengths as q_start with offset -1
     # rather than an XLA subtraction (one kernel launch fewer per step).
     out = attend_query_rows(

@@ -359,6 +359,49 @@ def test_decode_tuning_defaults_short_tables_and_head_dims():
     assert resolve_tuning(**wide, head_dim=64) == (8, 4)
 
 
+def test_decode_two_block_splits_retile_only_at_head_dim_128():
+    """`RETILE_TWO_BLOCK_SPLITS`: a split of exactly two blocks at head_dim >= 128 becomes two splits of two
+    half blocks; one or four blocks a split, head_dim 64, and an unsplit row keep the defaults."""
+    from jaxserve_kernels.paged_attention import retile_two_block_splits
+
+    assert retile_two_block_splits(128, 8, 8, 128) == (4, 16)
+    assert retile_two_block_splits(128, 8, 8, 256) == (4, 16)
+    assert retile_two_block_splits(512, 8, 64, 128) == (8, 64)
+    assert retile_two_block_splits(2048, 8, 64, 128) == (8, 64)
+    assert retile_two_block_splits(128, 8, 8, 64) == (8, 8)
+    assert retile_two_block_splits(16, 8, 1, 128) == (8, 1)
+    assert retile_two_block_splits(4, 1, 2, 128) == (1, 2)
+
+
+@pytest.mark.gpu
+def test_decode_retiled_two_block_splits_match_reference_compiled():
+    # 7B heads at batch 8 x 2k keys: the defaults' 8 splits of two 128-key blocks run as 16 splits of two
+    # 64-key blocks (`RETILE_TWO_BLOCK_SPLITS`). Compiled only: interpret mode never splits.
+    from jaxserve_kernels.paged_attention import DECODE_BLOCK_KEYS, resolve_tuning, retile_two_block_splits
+
+    rng, seed = fresh_rng()
+    num_heads, kv_heads, head_dim, page_size, batch, table_pages = 28, 4, 128, 16, 8, 128
+    tuning = resolve_tuning(page_size, table_pages, batch * kv_heads, None, None, False, DECODE_BLOCK_KEYS,
+                            head_dim=head_dim, single_pass=True)
+    assert retile_two_block_splits(table_pages, *tuning, head_dim) == (4, 16)
+    num_pages = batch * table_pages + 5
+    k_pages, v_pages = make_pool(rng, kv_heads=kv_heads, head_dim=head_dim, page_size=page_size,
+                                 num_pages=num_pages, dtype=jnp.bfloat16)
+    table, lengths = make_sequences(rng, batch=batch, page_size=page_size, table_pages=table_pages,
+                                    num_pages=num_pages,
+                                    lengths=ragged_lengths(rng, batch, page_size, table_pages * page_size))
+    k_pages = poison_unowned(k_pages, table, lengths, page_size)
+    v_pages = poison_unowned(v_pages, table, lengths, page_size)
+    q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), jnp.bfloat16)
+
+    out = paged_attention(q, k_pages, v_pages, table, lengths, interpret=False)
+    ref = paged_attention_reference(q.astype(jnp.float32), k_pages.astype(jnp.float32),
+                                    v_pages.astype(jnp.float32), table, lengths)
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
+    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0, err_msg=f"length-0 row not zero, seed={seed}")
+
+
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("case,v_mask", [(0, "redirect"), (1, "redirect"), (2, "redirect"), (3, "where"),
                                          (5, "redirect"), (6, "redirect")])
