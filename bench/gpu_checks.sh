@@ -745,6 +745,9 @@ for part in "${parts[@]}"; do
             "splits=32 ppb=4 stages=3" "splits=16 ppb=8" "splits=16 ppb=2 stages=3" "splits=12 ppb=4 stages=3" ; \
           cp "$OUT/bandwidth.md" "$OUT/s36b_first.md" ; \
           timeout 200 python3 bench/bandwidth.py --sweep-only --budget-s 170 --sweep-configs "x2 ppb=4 stages=3" ;;
+    s36c) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+            tests/test_kernels.py -k "retile or (decode_matches_reference and compiled)" ; \
+          timeout 330 python3 bench/bandwidth.py --budget-s 300 ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"
