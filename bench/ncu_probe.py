@@ -56,10 +56,10 @@ def paged_case(heads: str, batch: int, context: int, **tuning):
     return lambda: fn(q, k, v, table, lengths)
 
 
-def fused_case(batch: int, context: int):
+def fused_case(batch: int, context: int, heads: tuple[int, int, int] = (14, 2, 64)):
     from bench.fused_tune import build
     from jaxserve_kernels.decode_attention import fused_decode_attention
-    pools, tables, lengths, slots, cos, sin, qkv, _ = build(batch, context, 14, 2, 64, 1, None)
+    pools, tables, lengths, slots, cos, sin, qkv, _ = build(batch, context, *heads, 1, None)
     k, v = pools[0]
     fn = jax.jit(lambda *a: fused_decode_attention(*a)[0])
     return lambda: fn(qkv, cos, sin, k, v, tables, lengths, slots)
@@ -145,6 +145,9 @@ CASES = {
     "fused_256x192": lambda: fused_case(256, 192),
     "fused_1x192": lambda: fused_case(1, 192),
     "fused_64x192": lambda: fused_case(64, 192),
+    # session 36: the engine's fused kernel at 7B heads, 8 x 2k, beside `paged_attention` there
+    "fused7b_8x2k": lambda: fused_case(8, 2048, (28, 4, 128)),
+    "7b_8x2k": lambda: paged_case("7b", 8, 2048),
     "pick_256": lambda: pick_case(256),
     "argmax_256": lambda: pick_case(256, logprobs=False),
     "gemv_b1": gemv_case,
