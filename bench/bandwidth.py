@@ -141,10 +141,14 @@ _T36B = {"splits=16 ppb=4": dict(num_splits=16, pages_per_block=4),
          "splits=16 ppb=2 stages=3": dict(num_splits=16, pages_per_block=2, num_stages=3),
          "splits=12 ppb=4 stages=3": dict(num_splits=12, pages_per_block=4, num_stages=3)}
 _T36X = {"x2 ppb=4 stages=3": "x2 ppb=4 stages=3"}
+# Session 36, from bench/triton_registers.py: at 0.5B heads 64-key blocks hold 71 registers a thread against the
+# default's 98 (6-7 programs an SM instead of 4-5 by registers, two stages' 32 KiB of shared memory each), so more
+# splits of them can all be resident at once.
+_T36C = {f"splits={n} ppb=4": dict(num_splits=n, pages_per_block=4) for n in (6, 7, 8, 12)}
 SWEEP = [
     (("7B 28q/4kv/128", 64, 8192), {**_T7B, **_T28}),
     (("7B 28q/4kv/128", 8, 2048), {**_T, **_T7B, **_T28, **_T29, **_T36_7B, **_T36B}),
-    (("0.5B 14q/2kv/64", 64, 2048), {**_T, **_T24B, **_T28, **_T29_1, **_T36_05, **_T36X}),
+    (("0.5B 14q/2kv/64", 64, 2048), {**_T, **_T24B, **_T28, **_T29_1, **_T36_05, **_T36X, **_T36C}),
     (("0.5B 14q/2kv/64", 64, 8192), {**_T, **_T28}),
     (("7B 28q/4kv/128", 1, 32768), {**_T, **_T24, **_T28, **_T29_1, **_T36_1, **_T36X}),
     (("0.5B 14q/2kv/64", 1, 32768), {**_T, **_T24, **_T28, **_T29_1, **_T36_1, **_T36X}),
