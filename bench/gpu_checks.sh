@@ -749,7 +749,7 @@ for part in "${parts[@]}"; do
             tests/test_kernels.py -k "retile or (decode_matches_reference and compiled)" ; \
           timeout 330 python3 bench/bandwidth.py --budget-s 300 ;;
     s36d) timeout 150 python3 bench/bandwidth.py --sweep-only --budget-s 120 --sweep-configs "splits=6 ppb=4" \
-            "splits=7 ppb=4" "splits=8 ppb=4" "splits=12 ppb=4" "ppb=4" ;;
+            "splits=7 ppb=4" "splits=8 ppb=4" "splits=12 ppb=4" ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"
