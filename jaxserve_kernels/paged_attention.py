@@ -517,7 +517,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         num_splits: flash-decoding splits of each sequence; None sizes them to fill
             the GPU (1 in interpret mode).
         pages_per_block: pages gathered per loop iteration (power of two); None picks
-            128 keys' worth.
+            128 keys' worth. With both None, a split of exactly two such blocks at head_dim
+            >= 128 becomes two splits of half blocks (`RETILE_TWO_BLOCK_SPLITS`).
         num_warps, num_stages: Triton launch parameters.
         v_mask: how V's unwritten slots are kept out of the second product: "redirect"
             (default: read from the row's first slot instead, `gather_key_block`), "where"
