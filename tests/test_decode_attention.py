@@ -15,10 +15,16 @@ import pytest
 
 from jaxserve.model import rope_tables
 from jaxserve_kernels import decode_attention
-from jaxserve_kernels.decode_attention import (fused_decode_attention, fused_decode_attention_o,
-                                      fused_decode_attention_o_reference, fused_decode_attention_reference)
+from jaxserve_kernels.decode_attention import fused_decode_attention, fused_decode_attention_o
 from tests.test_kernels import (DECODE_CASES, MODES, TOLERANCE, fresh_rng, make_pool, make_sequences,
                                 poison_unowned, ragged_lengths, relative_error)
+
+# The jnp references as one program each: run eagerly, every one of their few dozen ops compiles on its
+# own for each new shape (~2 s a case on the CPU, against ~0.3 s for the whole reference).
+fused_decode_attention_reference = jax.jit(decode_attention.fused_decode_attention_reference,
+                                           static_argnames=("scale", "out_dtype"))
+fused_decode_attention_o_reference = jax.jit(decode_attention.fused_decode_attention_o_reference,
+                                             static_argnames=("scale",))
 
 
 def fused_case(rng, *, batch, num_heads, kv_heads, head_dim, page_size, table_pages, dtype,
@@ -377,7 +383,9 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
     cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
     model = Qwen2ForCausalLM(cfg, jnp.float32)
-    params = init_params(cfg, jax.random.key(int(rng.integers(1 << 30))))
+    # Jitted (init, the prefill, the step, the dense pass): run eagerly, every one of their few hundred ops
+    # compiles on its own, ~20 s of this test's first case on the CPU.
+    params = jax.jit(lambda key: init_params(cfg, key))(jax.random.key(int(rng.integers(1 << 30))))
     # Norm scales of 1 and biases of 0 (the init) would hide a fast path that skips them.
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x * jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
@@ -407,24 +415,30 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
     valid = pos < lengths[:, None]
     pre = PagedAttention(slots(pos, valid), jnp.asarray(table), jnp.asarray(lengths, jnp.int32),
                          jnp.zeros(batch, jnp.int32), impl="reference")
-    _, kv = model.apply({"params": params}, jnp.asarray(tokens[:, :s]), jnp.asarray(pos, jnp.int32),
-                        lengths=jnp.asarray(lengths, jnp.int32), kv=kv, paged=pre)
+    _, kv = jax.jit(lambda params, kv: model.apply(
+        {"params": params}, jnp.asarray(tokens[:, :s]), jnp.asarray(pos, jnp.int32),
+        lengths=jnp.asarray(lengths, jnp.int32), kv=kv, paged=pre))(params, kv)
     new_tok = tokens[np.arange(batch), lengths][:, None]
     dec = PagedAttention(slots(lengths[:, None], np.ones((batch, 1), bool)), jnp.asarray(table),
                          jnp.asarray(lengths + 1, jnp.int32), jnp.asarray(lengths, jnp.int32), impl=impl)
-    logits, _ = model.apply({"params": params}, jnp.asarray(new_tok), jnp.asarray(lengths[:, None], jnp.int32),
-                            kv=kv, paged=dec)
+    logits, _ = jax.jit(lambda params, kv: model.apply(
+        {"params": params}, jnp.asarray(new_tok), jnp.asarray(lengths[:, None], jnp.int32),
+        kv=kv, paged=dec))(params, kv)
     if fold:
         assert len(folded) == 2 * cfg.num_hidden_layers  # qkv and gate_up of every layer
     if projections.endswith("+o"):
         assert len(fused_o) == cfg.num_hidden_layers
+    # The dense pass over every row's tokens at once: causal, so row b's logits at its position lengths[b]
+    # see only its first lengths[b] + 1 tokens (one compile, not one a row length).
+    dense_apply = jax.jit(lambda params, t: model.apply({"params": params}, t)[0])
+    dense = dense_apply(params, jnp.asarray(tokens))
     for b in range(batch):
-        dense, _ = model.apply({"params": params}, jnp.asarray(tokens[b: b + 1, : lengths[b] + 1]))
-        assert relative_error(logits[b, 0], dense[0, -1]) <= 1e-4, f"row {b}, seed={seed}"
+        assert relative_error(logits[b, 0], dense[b, lengths[b]]) <= 1e-4, f"row {b}, seed={seed}"
     if layout != "kn":  # the same weights in the default layout give the same logits
         monkeypatch.setattr(model_module, "WEIGHT_LAYOUT", "kn")
         kn_params = convert_weight_layout(params, layout, "kn")
-        dense, _ = model.apply({"params": kn_params}, jnp.asarray(tokens[:1, : lengths[0] + 1]))
+        dense = jax.jit(lambda params, t: model.apply({"params": params}, t)[0])(
+            kn_params, jnp.asarray(tokens[:1, : lengths[0] + 1]))
         assert relative_error(logits[0, 0], dense[0, -1]) <= 1e-4, f"seed={seed}"
 
 
