@@ -56,7 +56,8 @@ def test_logits_and_greedy_match_transformers(tmp_path, name, kwargs):
 
     rng = np.random.default_rng()
     tokens = rng.integers(0, m.config.vocab_size, size=(3, 17))
-    ours, _ = model.apply({"params": m.params}, jnp.asarray(tokens, jnp.int32))
+    # Jitted: eagerly each of the model's few hundred ops compiles on its own for this case's shapes (~2 s).
+    ours, _ = jax.jit(lambda p, t: model.apply({"params": p}, t))(m.params, jnp.asarray(tokens, jnp.int32))
     with torch.no_grad():
         ref = hf(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
@@ -75,7 +76,8 @@ def test_bfloat16_load_is_close(tmp_path):
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(params))
     cfg = ModelConfig.from_pretrained(path)
     tokens = np.random.default_rng().integers(0, cfg.vocab_size, size=(2, 9))
-    ours, _ = Qwen2ForCausalLM(cfg, jnp.bfloat16).apply({"params": params}, jnp.asarray(tokens, jnp.int32))
+    model = Qwen2ForCausalLM(cfg, jnp.bfloat16)
+    ours, _ = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, jnp.asarray(tokens, jnp.int32))
     with torch.no_grad():
         ref = hf(torch.tensor(tokens)).logits.numpy()
     assert np.max(np.abs(np.asarray(ours) - ref)) < 0.1 * np.max(np.abs(ref)) + 0.05
@@ -105,11 +107,12 @@ def test_converted_params_load_in_the_models_weight_layout(tmp_path, monkeypatch
     m = jaxserve.load(src)
     save_converted(m.params, m.config, dst, extra_files_from=src)
     tokens = jnp.array([[1, 5, 9, 2]])
-    logits, _ = Qwen2ForCausalLM(m.config).apply({"params": m.params}, tokens)
+    # Jitted (a new function for each layout: the layout is read when it traces).
+    logits, _ = jax.jit(lambda p: Qwen2ForCausalLM(m.config).apply({"params": p}, tokens))(m.params)
     monkeypatch.setattr(model_module, "WEIGHT_LAYOUT", "nk")
     nk = load_converted(dst)
     jax.tree_util.tree_map(np.testing.assert_array_equal, convert_weight_layout(m.params, "kn", "nk"), nk)
-    nk_logits, _ = Qwen2ForCausalLM(m.config).apply({"params": nk}, tokens)
+    nk_logits, _ = jax.jit(lambda p: Qwen2ForCausalLM(m.config).apply({"params": p}, tokens))(nk)
     np.testing.assert_allclose(nk_logits, logits, rtol=1e-5, atol=1e-5)
     assert nk["layers_0"]["mlp"]["down_proj"]["kernel"].shape == (m.config.hidden_size, m.config.intermediate_size)
     save_converted(nk, m.config, dst)
