@@ -32,6 +32,17 @@ MODES = [pytest.param(None, id="interpret-on-cpu"),
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
+def interpreted_and_compiled(interpreted: list[tuple], compiled: list[tuple] | None = None) -> list:
+    """`(interpret, *case)` params: the cases interpreted on the CPU and compiled on the GPU (`-m gpu`), or there
+    `compiled` instead: a full-size shape the GPU compiles can be interpreted at a size that takes the same paths."""
+    def case_id(case: tuple) -> str:
+        return "-".join(getattr(v, "__name__", str(v)) for v in case)
+
+    return ([pytest.param(None, *case, id=f"{case_id(case)}-interpret-on-cpu") for case in interpreted]
+            + [pytest.param(False, *case, id=f"{case_id(case)}-compiled", marks=pytest.mark.gpu)
+               for case in (interpreted if compiled is None else compiled)])
+
+
 def fresh_rng() -> tuple[np.random.Generator, int]:
     seed = int(np.random.SeedSequence().entropy % 2**31)
     return np.random.default_rng(seed), seed

@@ -14,7 +14,7 @@ import pytest
 from jaxserve_kernels.skinny_matmul import (MAX_ROWS, ROW_BLOCK, default_tiling, skinny_matmul,
                                    skinny_matmul_norm, skinny_matmul_norm_reference,
                                    skinny_matmul_reference)
-from tests.test_kernels import MODES, TOLERANCE, fresh_rng, relative_error
+from tests.test_kernels import MODES, TOLERANCE, fresh_rng, interpreted_and_compiled, relative_error
 
 CASES = [  # (M, K, N, dtype, bias, num_splits, block_n, block_k)
     (1, 896, 1152, jnp.bfloat16, True, None, None, None),   # Qwen2.5-0.5B qkv at batch 1
@@ -126,13 +126,19 @@ def test_skinny_matmul_nk_layout_matches_reference(interpret, epilogue, m, k, n,
     assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
 
 
-@pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("prefetch", [True, False])
-@pytest.mark.parametrize("epilogue,k,n,dtype,with_bias,splits,bn,bk", [
+K_LOOP_CASES = [  # (epilogue, K, N, dtype, bias, num_splits, block_n, block_k)
     ("partials", 4864, 896, jnp.bfloat16, False, 1, 2, 1024),  # 0.5B down unsplit: 5 K blocks, the last short
     ("none", 1000, 70, jnp.float32, True, 2, 8, 256),          # ragged K over splits and blocks
     ("swiglu", 300, 2 * 37, jnp.float32, False, None, 4, 128),
-])
+]
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+# Interpreted, 0.5B down's depth over 96 of its 896 columns: the same 5-block loop in 48 programs, not 448
+# (2-5 s a case interpreted).
+@pytest.mark.parametrize("interpret,epilogue,k,n,dtype,with_bias,splits,bn,bk",
+                         interpreted_and_compiled([(*K_LOOP_CASES[0][:2], 96, *K_LOOP_CASES[0][3:]),
+                                                   *K_LOOP_CASES[1:]], K_LOOP_CASES))
 def test_skinny_matmul_one_row_k_loop_matches_reference(interpret, prefetch, epilogue, k, n, dtype, with_bias,
                                                         splits, bn, bk):
     # One row, lane-wise, looping over K blocks, each iteration loading the next block's tiles
@@ -164,8 +170,10 @@ NORM_CASES = [  # (epilogue, K, N, dtype, bias, partials, block_n, num_programs)
 ]
 
 
-@pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("epilogue,k,n,dtype,with_bias,parts,bn,programs", NORM_CASES)
+@pytest.mark.parametrize("interpret,epilogue,k,n,dtype,with_bias,parts,bn,programs", interpreted_and_compiled(
+    # Interpreted, the looping case over 1160 of gate's 4864 rows in 66 programs: 290 blocks of 4, 4-5 a program
+    # as 1216 over 264 are (5-17 s interpreted at full size).
+    [*NORM_CASES[:2], ("swiglu", 896, 2 * 1160, jnp.bfloat16, False, 1, 4, 66), *NORM_CASES[3:]], NORM_CASES))
 def test_skinny_matmul_norm_matches_reference(interpret, epilogue, k, n, dtype, with_bias, parts, bn, programs):
     rng, seed = fresh_rng()
     hidden = jnp.asarray(rng.standard_normal((1, k)), dtype)
