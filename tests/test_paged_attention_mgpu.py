@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve_kernels.paged_attention import paged_attention_reference
 from jaxserve_kernels.paged_attention_mgpu import paged_attention_mgpu
-from tests.test_kernels import (MODES, TOLERANCE, fresh_rng, make_pool, make_sequences,
+# The reference jitted whole (tests.test_kernels says why).
+from tests.test_kernels import (MODES, TOLERANCE, fresh_rng, make_pool, make_sequences, paged_attention_reference,
                                 poison_unowned, ragged_lengths, relative_error)
 
 
