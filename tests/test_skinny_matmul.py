@@ -11,10 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve_kernels.skinny_matmul import (MAX_ROWS, ROW_BLOCK, default_tiling, skinny_matmul,
-                                   skinny_matmul_norm, skinny_matmul_norm_reference,
-                                   skinny_matmul_reference)
+from jaxserve_kernels.skinny_matmul import MAX_ROWS, ROW_BLOCK, default_tiling, skinny_matmul, skinny_matmul_norm
+from jaxserve_kernels.skinny_matmul import skinny_matmul_norm_reference as _norm_reference
+from jaxserve_kernels.skinny_matmul import skinny_matmul_reference as _reference
 from tests.test_kernels import MODES, TOLERANCE, fresh_rng, interpreted_and_compiled, relative_error
+
+# The references jitted whole (tests.test_kernels says why).
+skinny_matmul_reference = jax.jit(_reference, static_argnames=("epilogue", "layout"))
+skinny_matmul_norm_reference = jax.jit(_norm_reference, static_argnames=("eps", "epilogue"))
 
 CASES = [  # (M, K, N, dtype, bias, num_splits, block_n, block_k)
     (1, 896, 1152, jnp.bfloat16, True, None, None, None),   # Qwen2.5-0.5B qkv at batch 1
