@@ -34,7 +34,11 @@ if ROOT not in sys.path:
 CB_OPTIONS = {"cb_serialize": {"xla_gpu_command_buffer_scheduling_mode": "SERIALIZE"},
               "cb_concurrent": {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"},
               "cb_lhs": {"xla_gpu_command_buffer_scheduling_mode": "LHS"},
-              "xla_pdl_off": {"xla_gpu_enable_pdl": False}}
+              "xla_pdl_off": {"xla_gpu_enable_pdl": False},
+              # two half-batch chains a step (runner.HALF_BATCH_ROWS) in a command buffer built from the data
+              # dependencies, so the halves' kernels may run side by side
+              "halves_cc": {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"},
+              "halves_lhs": {"xla_gpu_command_buffer_scheduling_mode": "LHS"}}
 
 # What each variant changes in the child process: a string is added to XLA_FLAGS (the whole
 # process), a dict is set as environment variables. "graphs" also captures while loops and
@@ -488,6 +492,7 @@ def run_variant(args) -> list[dict]:
     wide_options = runner_module.WIDE_DECODE_OPTIONS
     decode_options = runner_module.DECODE_OPTIONS
     decode_unroll = runner_module.DECODE_UNROLL
+    half_batch_rows = runner_module.HALF_BATCH_ROWS
     # The random params come in the model's default layout; the other is converted once if asked.
     default_layout = model_module.WEIGHT_LAYOUT
     norm_fold = model_module.NORM_IN_PROJECTION
@@ -559,6 +564,9 @@ def run_variant(args) -> list[dict]:
             runner_module.GREEDY_PICK = "xla" if glue == "xla_pick" else greedy_pick
             # "unroll<N>": N decode steps unrolled in the call's loop (runner.DECODE_UNROLL)
             runner_module.DECODE_UNROLL = int(glue[6:]) if glue.startswith("unroll") else decode_unroll
+            # "halves", "halves_cc", "halves_lhs": each step as two half-batch chains (runner.HALF_BATCH_ROWS),
+            # in XLA's default command-buffer order, its concurrent one or the latency-hiding scheduler's.
+            runner_module.HALF_BATCH_ROWS = 2 if glue.startswith("halves") else half_batch_rows
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
             # "cb_*": how XLA orders a command buffer's kernels (xla_gpu_command_buffer_scheduling_mode:
             # serialized, concurrent where the data allows, or the latency-hiding scheduler's order);
@@ -742,7 +750,7 @@ def main() -> None:
                                                              "ftz_exp2", "lean_softmax", "lean_ftz", "no_lean_ftz",
                                                              "swiglu_approx", "swiglu_exact", "pick_wave_fit", "pick_ceil", *CB_OPTIONS,
                                                              "head_b112", "head_b120", "head_b136", "head_b192", "head_b256",
-                                                             "unroll2", "unroll4", "unroll8"],
+                                                             "unroll2", "unroll4", "unroll8", "halves"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

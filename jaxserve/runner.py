@@ -45,6 +45,15 @@ WIDE_DECODE_OPTIONS: dict[str, Any] = json.loads(
 # (JSON) sets it.
 DECODE_OPTIONS: dict[str, Any] = json.loads(os.environ.get("JAXSERVE_DECODE_OPTIONS", "{}"))
 
+# Decode calls of at least this many rows (even counts; 0: off) run each step as two independent half-batch
+# chains that share only the weights and the KV pool (written in place: a half's attention kernel waits on the
+# other half's at the same layer, nothing else does). Why: at 256 rows every kernel of the step is latency-bound
+# (20-50% of the GPU, busy 98.8% of the step; bench/results/kernel_notes.md, session 36), so two chains whose
+# kernels may run side by side (XLA's command buffers with `xla_gpu_command_buffer_scheduling_mode` CONCURRENT
+# build the step's graph from data dependencies) could fill each other's gaps. Experimental: measured by
+# bench/decode_step.py --glue halves / halves_cc. JAXSERVE_HALF_BATCH_ROWS sets it.
+HALF_BATCH_ROWS = int(os.environ.get("JAXSERVE_HALF_BATCH_ROWS", "0"))
+
 # Decode steps a call unrolled in the compiled loop (`lax.scan(unroll=...)`): 1 keeps XLA's while loop (its
 # induction variable is a kernel a step); `num_steps` or more unrolls the call whole. Compile time grows with
 # it. JAXSERVE_DECODE_UNROLL sets it.
@@ -273,27 +282,64 @@ class Steps:
         # Without log-probabilities a step's outputs are its tokens: the NaN log-probabilities are made once
         # after the loop, not written into the stacked outputs by a kernel every step.
         tokens_only = not logprobs and num_top == 0
+        unroll = max(1, min(DECODE_UNROLL, num_steps))
+        rows = tokens.shape[0]
+        if HALF_BATCH_ROWS and rows >= HALF_BATCH_ROWS and rows % 2 == 0 and not penalties:
+            return self._decode_halves(params, kv, tokens, positions, limits, block_tables, batch, steps, counts, seen,
+                                       num_steps=num_steps, num_top=num_top, greedy=greedy, logprobs=logprobs,
+                                       unroll=unroll)
 
         def one(carry, k):
-            kv, tokens, counts, seen = carry
-            pos = positions + k
-            active = pos < limits
-            paged = PagedAttention(kv_pool.slots_in_rows(block_tables, pos[:, None], active[:, None], self.page_size),
-                                   block_tables, jnp.where(active, pos + 1, 0), pos, impl=self.attention_impl)
-            if self._greedy_head(tokens.shape[0], greedy, num_top, logprobs) and not penalties:
-                picked, kv = self._forward(params, kv, tokens[:, None], pos[:, None], paged, greedy_tokens=True)
-                return (kv, picked[:, 0], counts, seen), picked[:, 0] if tokens_only else no_logprobs(picked[:, 0])
-            logits, kv = self._forward(params, kv, tokens[:, None], pos[:, None], paged)
-            out = choose_tokens(logits[:, 0], batch, steps + k, counts if penalties else None,
-                                seen if penalties else None, num_top=num_top, greedy=greedy, logprobs=logprobs,
-                                pick_kernel=self._pick_kernel(logits))
-            if penalties:
-                counts, seen = update_counts(counts, seen, out.tokens, active)
-            return (kv, out.tokens, counts, seen), out.tokens if tokens_only else out
+            return self.decode_one(params, carry, k, positions, limits, block_tables, batch, steps,
+                                   num_top=num_top, penalties=penalties, greedy=greedy, logprobs=logprobs)
 
         (kv, last, _, _), outs = jax.lax.scan(one, (kv, tokens, counts, seen), jnp.arange(num_steps, dtype=jnp.int32),
-                                              unroll=max(1, min(DECODE_UNROLL, num_steps)))
+                                              unroll=unroll)
         return kv, no_logprobs(outs) if tokens_only else outs, last
+
+    def _decode_halves(self, params, kv, tokens, positions, limits, block_tables, batch, steps, counts, seen, *,
+                       num_steps: int, num_top: int, greedy: bool, logprobs: bool, unroll: int):
+        """`_decode_impl` as two half-batch chains a step (`HALF_BATCH_ROWS`); the same outputs, row for row."""
+        half = tokens.shape[0] // 2
+        per_row = (positions, limits, block_tables, batch, steps)
+        first, second = (jax.tree.map(lambda a: a[:half], per_row), jax.tree.map(lambda a: a[half:], per_row))
+
+        def one(carry, k):
+            kv, tokens_a, tokens_b = carry
+            (kv, tokens_a, _, _), out_a = self.decode_one(params, (kv, tokens_a, counts, seen), k, *first,
+                                                          num_top=num_top, penalties=False, greedy=greedy,
+                                                          logprobs=logprobs)
+            (kv, tokens_b, _, _), out_b = self.decode_one(params, (kv, tokens_b, counts, seen), k, *second,
+                                                          num_top=num_top, penalties=False, greedy=greedy,
+                                                          logprobs=logprobs)
+            return (kv, tokens_a, tokens_b), jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out_a, out_b)
+
+        (kv, last_a, last_b), outs = jax.lax.scan(one, (kv, tokens[:half], tokens[half:]),
+                                                  jnp.arange(num_steps, dtype=jnp.int32), unroll=unroll)
+        tokens_only = not logprobs and num_top == 0
+        return kv, no_logprobs(outs) if tokens_only else outs, jnp.concatenate([last_a, last_b])
+
+    def decode_one(self, params, carry, k, positions, limits, block_tables, batch: SamplingBatch, steps, *,
+                   num_top: int, penalties: bool, greedy: bool, logprobs: bool = True):
+        """Step ``k`` of the multi-step decode (traced inside a jit): ``carry = (kv, tokens, counts, seen)`` in
+        and out, and the step's output (its tokens alone when neither log-probabilities nor top tokens are
+        asked for). Also what bench/half_batches.py builds its two-half loop from."""
+        kv, tokens, counts, seen = carry
+        tokens_only = not logprobs and num_top == 0
+        pos = positions + k
+        active = pos < limits
+        paged = PagedAttention(kv_pool.slots_in_rows(block_tables, pos[:, None], active[:, None], self.page_size),
+                               block_tables, jnp.where(active, pos + 1, 0), pos, impl=self.attention_impl)
+        if self._greedy_head(tokens.shape[0], greedy, num_top, logprobs) and not penalties:
+            picked, kv = self._forward(params, kv, tokens[:, None], pos[:, None], paged, greedy_tokens=True)
+            return (kv, picked[:, 0], counts, seen), picked[:, 0] if tokens_only else no_logprobs(picked[:, 0])
+        logits, kv = self._forward(params, kv, tokens[:, None], pos[:, None], paged)
+        out = choose_tokens(logits[:, 0], batch, steps + k, counts if penalties else None,
+                            seen if penalties else None, num_top=num_top, greedy=greedy, logprobs=logprobs,
+                            pick_kernel=self._pick_kernel(logits))
+        if penalties:
+            counts, seen = update_counts(counts, seen, out.tokens, active)
+        return (kv, out.tokens, counts, seen), out.tokens if tokens_only else out
 
 
 # How many Steps stay compiled (the engine needs one; a benchmark comparing settings, or a test

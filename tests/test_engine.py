@@ -833,3 +833,28 @@ def test_prompt_logprobs_survive_preemption_once_and_leave_other_requests_alone(
 def test_bad_prompt_logprobs_are_refused_naming_the_field(bad):
     with pytest.raises(ValueError, match="^prompt_logprobs must be"):
         SamplingParams(prompt_logprobs=bad)
+
+
+def test_half_batch_decode_gives_the_same_tokens(tiny, monkeypatch):
+    """`runner.HALF_BATCH_ROWS`: a decode call run as two half-batch chains a step (sharing the pool) gives
+    every row the tokens of the one-chain call, greedy and seeded rows alike, and frees every page."""
+    from jaxserve import runner as runner_module
+
+    m, hf = tiny
+    prompts = random_prompts(m.config.vocab_size, (5, 13, 21, 9))
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=12, temperature=0.9, top_k=20, seed=11, ignore_eos=True)
+    params = [greedy, seeded, greedy, seeded]
+    traced = []
+    halves = runner_module.Steps._decode_halves
+    monkeypatch.setattr(runner_module.Steps, "_decode_halves",
+                        lambda self, *a, **kw: traced.append(a[2].shape[0]) or halves(self, *a, **kw))
+    results = {}
+    for rows in (0, 4):
+        monkeypatch.setattr(runner_module, "HALF_BATCH_ROWS", rows)
+        with Engine(m, small_config(decode_steps=3)) as engine:
+            results[rows] = engine.generate(prompts, params, use_tqdm=False)
+            assert_all_pages_free(engine)
+    assert traced and set(traced) == {4}  # the 4-row decode calls took the two-chain path
+    assert [o["token_ids"] for o in results[4]] == [o["token_ids"] for o in results[0]]
+    assert results[4][0]["token_ids"] == hf_greedy(hf, prompts[0], 12)
