@@ -184,7 +184,14 @@ def main() -> None:
                 for _ in range(2):
                     out = run(mode)
                 jax.block_until_ready(out)
-            kernels = gpu_stream_events(trace_dir)[0]
+            kernels, events = gpu_stream_events(trace_dir)
+            names = {(e["pid"], e.get("tid")): str(e.get("args", {}).get("name", "")) for e in events
+                     if e.get("ph") == "M" and e.get("name") == "thread_name"}
+            per_stream: dict[str, int] = {}
+            for e in kernels:
+                key = names.get((e["pid"], e.get("tid")), str(e.get("tid")))
+                per_stream[key] = per_stream.get(key, 0) + 1
+            print(f"profile {mode}: kernels by stream {per_stream}", flush=True)
             span, overlapping, overlap = kernel_overlaps(kernels)
             busy = sum(float(e["dur"]) for e in kernels)
             n = 2 * steps
