@@ -50,8 +50,10 @@ DECODE_OPTIONS: dict[str, Any] = json.loads(os.environ.get("JAXSERVE_DECODE_OPTI
 # other half's at the same layer, nothing else does). Why: at 256 rows every kernel of the step is latency-bound
 # (20-50% of the GPU, busy 98.8% of the step; bench/results/kernel_notes.md, session 36), so two chains whose
 # kernels may run side by side (XLA's command buffers with `xla_gpu_command_buffer_scheduling_mode` CONCURRENT
-# build the step's graph from data dependencies) could fill each other's gaps. Experimental: measured by
-# bench/decode_step.py --glue halves / halves_cc. JAXSERVE_HALF_BATCH_ROWS sets it.
+# build the step's graph from data dependencies) could fill each other's gaps. Measured on the H200 (session 37,
+# bench/results/decode_step.md): 1.356 against 1.199 ms at 256 rows; the two 128-row chains' kernels sum to 1.47x the
+# one chain's and jax 0.11.2 ran no two of them at once. Off; kept for an XLA that runs such chains side by side
+# (bench/decode_step.py --glue halves / halves_cc). JAXSERVE_HALF_BATCH_ROWS sets it.
 HALF_BATCH_ROWS = int(os.environ.get("JAXSERVE_HALF_BATCH_ROWS", "0"))
 
 # Decode steps a call unrolled in the compiled loop (`lax.scan(unroll=...)`): 1 keeps XLA's while loop (its
