@@ -327,6 +327,15 @@ TWO_STAGE_ROWS = 128
 # 1.259 -> 1.293 ms; H200, session 25, decode_step.md). The engine's batch buckets are powers of two,
 # so nothing between the two was measured.
 UNSPLIT_TWO_STAGE_ROWS = 256
+# A split fused kernel whose block table allows each split at least this many key blocks runs two pipeline
+# stages at any batch (0: off; unsplit kernels keep the rules above). Why: one stage gathers each block through
+# registers and waits on it (no `cp.async` pipeline), which costs the long-context rows of small batches, where
+# every split loops over several blocks. H200, session 37 (bench/results/decode_step.md, `bench/fused_tune.py`,
+# alternating rounds, µs a layer with the harness's per-layer update): 7B heads 1 x 32k 39.8 -> 35.9, 8 x 2k 24.5
+# -> 23.8; 0.5B heads 8 x 8k 27.2 -> 24.9; where a split is one block (0.5B 1 x 8k / 32k) stages do not matter
+# (within the rounds' spread). The width is the table's, not the lengths': the engine hands split calls its full
+# `max_model_len` table, so this is the most a split can loop. Read when a step is traced.
+SPLIT_TWO_STAGE_BLOCKS = 2
 # RoPE inside the fused kernels of one pipeline stage (see the two above): rotate_half's
 # matrix loaded, a constant, instead of built from iotas in every program, and the new key rotated in
 # the queries' product (a free row of the group's tile) instead of a second one. Qwen2.5-0.5B at 64
@@ -397,8 +406,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
         page_size, block_tables.shape[1], batch * kv_heads, pages_per_block, num_splits,
         interpret, DECODE_BLOCK_KEYS, head_dim=head_dim, single_pass=True)
     if num_stages is None:
-        unsplit_early = EARLY_GATHER and num_splits == 1
-        num_stages = 2 if batch >= (UNSPLIT_TWO_STAGE_ROWS if unsplit_early else TWO_STAGE_ROWS) else 1
+        num_stages = default_num_stages(batch, block_tables.shape[1], num_splits, pages_per_block)
     return _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
                   scale=float(head_dim ** -0.5 if scale is None else scale),
                   num_splits=num_splits, pages_per_block=pages_per_block,
@@ -406,6 +414,23 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                   combine=combine, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
                   rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER, ftz=_paged.FTZ_EXP2,
                   lean=_paged.LEAN_SOFTMAX)
+
+
+def default_num_stages(batch: int, table_pages: int, num_splits: int, pages_per_block: int) -> int:
+    """Pipeline stages of a fused decode call: `TWO_STAGE_ROWS` / `UNSPLIT_TWO_STAGE_ROWS` by batch, and two for
+    split calls whose table gives a split `SPLIT_TWO_STAGE_BLOCKS` key blocks or more.
+
+    Example:
+        >>> default_num_stages(1, 2048, 64, 8), default_num_stages(1, 2048, 256, 8), default_num_stages(64, 13, 1, 16)
+        (2, 1, 1)
+    """
+    unsplit_early = EARLY_GATHER and num_splits == 1
+    if batch >= (UNSPLIT_TWO_STAGE_ROWS if unsplit_early else TWO_STAGE_ROWS):
+        return 2
+    if (num_splits > 1 and SPLIT_TWO_STAGE_BLOCKS
+            and pl.cdiv(table_pages, num_splits * pages_per_block) >= SPLIT_TWO_STAGE_BLOCKS):
+        return 2
+    return 1
 
 
 # `fused_decode_attention_o`: rows of Wo a program (its grid's third axis has N / O_ROWS blocks per

@@ -489,3 +489,18 @@ def test_fused_decode_o_lean_softmax_matches_reference(interpret, monkeypatch):
     assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
     assert_pools_equal(k_new, k_ref, seed, rtol=BF16_ULP, atol=ROPE_ATOL)
     assert_pools_equal(v_new, v_ref, seed)
+
+
+def test_split_calls_whose_table_loops_take_two_pipeline_stages(monkeypatch):
+    """`decode_attention.default_num_stages`: a split call runs two stages when its table gives a split two or more key
+    blocks (`SPLIT_TWO_STAGE_BLOCKS`), whatever the batch; one-block splits and small unsplit calls keep one."""
+    import jaxserve_kernels.decode_attention as da
+
+    assert da.default_num_stages(1, 2048, 64, 8) == 2      # 7B heads at batch 1, a 32k table: 4 blocks a split
+    assert da.default_num_stages(8, 2048, 8, 8) == 2       # 7B heads at batch 8
+    assert da.default_num_stages(1, 2048, 256, 8) == 1     # 0.5B heads at batch 1: one block a split
+    assert da.default_num_stages(64, 16, 1, 16) == 1       # the single-pass table, unsplit: the early gather's stage
+    assert da.default_num_stages(256, 16, 1, 16) == 2      # unsplit at UNSPLIT_TWO_STAGE_ROWS
+    assert da.default_num_stages(128, 2048, 4, 8) == 2     # split at TWO_STAGE_ROWS
+    monkeypatch.setattr(da, "SPLIT_TWO_STAGE_BLOCKS", 0)
+    assert da.default_num_stages(1, 2048, 64, 8) == 1      # off: the batch rules alone
