@@ -493,6 +493,7 @@ def run_variant(args) -> list[dict]:
     decode_options = runner_module.DECODE_OPTIONS
     decode_unroll = runner_module.DECODE_UNROLL
     half_batch_rows = runner_module.HALF_BATCH_ROWS
+    split_two_stage_blocks = decode_attention_module.SPLIT_TWO_STAGE_BLOCKS
     # The random params come in the model's default layout; the other is converted once if asked.
     default_layout = model_module.WEIGHT_LAYOUT
     norm_fold = model_module.NORM_IN_PROJECTION
@@ -567,6 +568,9 @@ def run_variant(args) -> list[dict]:
             # "halves", "halves_cc", "halves_lhs": each step as two half-batch chains (runner.HALF_BATCH_ROWS),
             # in XLA's default command-buffer order, its concurrent one or the latency-hiding scheduler's.
             runner_module.HALF_BATCH_ROWS = 2 if glue.startswith("halves") else half_batch_rows
+            # "split_one_stage": split fused attention below TWO_STAGE_ROWS on one pipeline stage, whatever its
+            # blocks a split (jaxserve_kernels.decode_attention.SPLIT_TWO_STAGE_BLOCKS 0: the rule before session 37).
+            decode_attention_module.SPLIT_TWO_STAGE_BLOCKS = 0 if glue == "split_one_stage" else split_two_stage_blocks
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
             # "cb_*": how XLA orders a command buffer's kernels (xla_gpu_command_buffer_scheduling_mode:
             # serialized, concurrent where the data allows, or the latency-hiding scheduler's order);
@@ -750,7 +754,7 @@ def main() -> None:
                                                              "ftz_exp2", "lean_softmax", "lean_ftz", "no_lean_ftz",
                                                              "swiglu_approx", "swiglu_exact", "pick_wave_fit", "pick_ceil", *CB_OPTIONS,
                                                              "head_b112", "head_b120", "head_b136", "head_b192", "head_b256",
-                                                             "unroll2", "unroll4", "unroll8", "halves"],
+                                                             "unroll2", "unroll4", "unroll8", "halves", "split_one_stage"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")
