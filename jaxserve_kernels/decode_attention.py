@@ -330,10 +330,12 @@ UNSPLIT_TWO_STAGE_ROWS = 256
 # A split fused kernel whose block table allows each split at least this many key blocks runs two pipeline
 # stages at any batch (0: off; unsplit kernels keep the rules above). Why: one stage gathers each block through
 # registers and waits on it (no `cp.async` pipeline), which costs the long-context rows of small batches, where
-# every split loops over several blocks. H200, session 37 (bench/results/decode_step.md, `bench/fused_tune.py`,
-# alternating rounds, µs a layer with the harness's per-layer update): 7B heads 1 x 32k 39.8 -> 35.9, 8 x 2k 24.5
-# -> 23.8; 0.5B heads 8 x 8k 27.2 -> 24.9; where a split is one block (0.5B 1 x 8k / 32k) stages do not matter
-# (within the rounds' spread). The width is the table's, not the lengths': the engine hands split calls its full
+# every split loops over several blocks. H200, session 37 (bench/results/decode_step.md): the engine's step at 64
+# rows x 1,088 keys in its 2048-page table 1.017 -> 0.991 ms, at 8 rows (one block a split) 0.772 / 0.774, a tie
+# (`bench/decode_step.py --glue split_one_stage`). `bench/fused_tune.py`, one stage -> two, µs a layer: 7B heads
+# 1 x 32k 38.4 -> 35.9 and 37.4 -> 34.2 (two calls), 8 x 2k 24.5 -> 23.8 and 27.8 -> 26.7; 0.5B heads 8 x 8k 27.2
+# -> 24.9 and 24.4 -> 23.2, 64 x 1,088 keys 28.0 -> 26.3; one loss, 7B 1 x 8k in a 513-page table (two blocks a
+# split) 19.3 -> 20.2. The width is the table's, not the lengths': the engine hands split calls its full
 # `max_model_len` table, so this is the most a split can loop. Read when a step is traced.
 SPLIT_TWO_STAGE_BLOCKS = 2
 # RoPE inside the fused kernels of one pipeline stage (see the two above): rotate_half's
