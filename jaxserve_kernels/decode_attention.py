@@ -380,8 +380,9 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
         slot_mapping: `[batch]` pool slot (`page * page_size + offset`) of the new token;
             negative writes nothing. A row with length >= 1 must name its token's slot.
         scale, interpret, num_splits, pages_per_block, num_warps, num_stages, combine: as in
-            `jaxserve_kernels.paged_attention.paged_attention`. `num_stages` None: by `TWO_STAGE_ROWS`, or
-            `UNSPLIT_TWO_STAGE_ROWS` for an unsplit call with `EARLY_GATHER`.
+            `jaxserve_kernels.paged_attention.paged_attention`. `num_stages` None: `default_num_stages` (by
+            `TWO_STAGE_ROWS`, `UNSPLIT_TWO_STAGE_ROWS` for an unsplit call with `EARLY_GATHER`, and
+            `SPLIT_TWO_STAGE_BLOCKS` for a split call whose splits loop).
         out_dtype: the activations' dtype (None: qkv's). A float32 qkv (a projection's
             accumulator) is rounded to it first, as a projection's output in it would be.
 
