@@ -88,23 +88,37 @@ def _check_in_vocab(ids: Sequence[int], vocab: int, what: str) -> None:
         raise ValueError(f"{what} in [0, {vocab}), got {bad[:5]}")
 
 
+# Each decode block-table width past the narrow one is this many times the one before (until the full
+# `max_pages`). Why: a split decode call sizes its splits from the table's width, so a short row in a table as
+# wide as the model's length launches mostly empty splits and merges them all. H200, Qwen2.5-0.5B at 1,088 keys
+# (session 37, bench/results/decode_step.md): batch 1 0.598 ms in a 70-page table, 0.604 in 256 pages, 0.630-0.634
+# in the 2048 pages of a 32k model; batch 8 0.724 against 0.747 (70 / 2048 pages), a tie in another call. Each
+# width is one more compiled decode shape per batch bucket; x16 keeps a 32k model at three, a 128k one at four.
+DECODE_TABLE_GROWTH = 16
+
+
 def _decode_table_widths(page_size: int, max_pages: int) -> tuple[int, ...]:
-    """Block-table widths (pages) of decode calls: a narrow one and the full ``max_pages``.
+    """Block-table widths (pages) of decode calls: a narrow one, wider ones `DECODE_TABLE_GROWTH` times apart,
+    and the full ``max_pages``.
 
     A call whose rows all fit in ``jaxserve_kernels.paged_attention.SINGLE_PASS_KEYS`` keys gets a table
     that narrow, which the decode kernels read in one unsplit pass with no split-merge launch;
     a table as wide as the model's length (2048 pages at 32k) makes them split even a short
     row and merge the splits: +3% a step at batch 1 and 16, +6% at 64 on the H200
-    (bench/results/decode_step.md, session 13). One more compiled decode shape per bucket.
+    (bench/results/decode_step.md, session 13), +5% at batch 1 over 1,088 keys (session 37), hence the
+    widths between. One more compiled decode shape per width and bucket.
 
     Example:
-        >>> _decode_table_widths(16, 2048), _decode_table_widths(16, 10)
-        ((16, 2048), (10,))
+        >>> _decode_table_widths(16, 2048), _decode_table_widths(16, 10), _decode_table_widths(16, 300)
+        ((16, 256, 2048), (10,), (16, 300))
     """
     from jaxserve_kernels.paged_attention import SINGLE_PASS_KEYS
 
-    short = max(1, SINGLE_PASS_KEYS // page_size)
-    return (short, max_pages) if short < max_pages else (max_pages,)
+    widths = [max(1, SINGLE_PASS_KEYS // page_size)]
+    # A width within 2x of the full table would be one more compile for little.
+    while widths[-1] * DECODE_TABLE_GROWTH * 2 <= max_pages:
+        widths.append(widths[-1] * DECODE_TABLE_GROWTH)
+    return tuple(w for w in widths if w < max_pages) + (max_pages,)
 
 
 class Engine:

@@ -30,8 +30,9 @@ class EngineConfig:
 
     ``num_pages=None`` sizes the KV pool from ``memory_fraction`` of the accelerator's free
     memory (1024 pages on the CPU). Batch and prefill-length buckets default to powers of two,
-    so the number of compiled step shapes is ``len(batch_buckets) * (2 + len(prefill_buckets))``
-    at most (decode steps take two block-table widths, ``Engine.decode_table_widths``).
+    so the number of compiled step shapes is ``len(batch_buckets) * (widths + len(prefill_buckets))``
+    at most (decode steps take two to four block-table widths, three for a 32k model,
+    ``Engine.decode_table_widths``).
     ``overlap`` lets a decode call run while the host reads the previous one's tokens (steady
     decoding), and a prefill call (or, after the last one, the first decode call) start before
     the host reads the previous prefill's first tokens; outputs are the same either way. ``compile_cache_dir`` keeps the

@@ -858,3 +858,15 @@ def test_half_batch_decode_gives_the_same_tokens(tiny, monkeypatch):
     assert traced and set(traced) == {4}  # the 4-row decode calls took the two-chain path
     assert [o["token_ids"] for o in results[4]] == [o["token_ids"] for o in results[0]]
     assert results[4][0]["token_ids"] == hf_greedy(hf, prompts[0], 12)
+
+
+def test_decode_table_widths_grow_geometrically_to_the_model_length():
+    """A decode call's block table is the narrowest of a few widths that holds its pages: the kernels'
+    single-pass width, then 16x steps kept under half the full table, then the full table."""
+    from jaxserve.engine import _decode_table_widths
+
+    assert _decode_table_widths(16, 2048) == (16, 256, 2048)        # a 32k model at page 16
+    assert _decode_table_widths(16, 8192) == (16, 256, 4096, 8192)  # 128k
+    assert _decode_table_widths(16, 300) == (16, 300)               # no width within 2x of the full one
+    assert _decode_table_widths(8, 64) == (32, 64)
+    assert _decode_table_widths(16, 10) == (10,)
