@@ -325,7 +325,7 @@ class Steps:
                    num_top: int, penalties: bool, greedy: bool, logprobs: bool = True):
         """Step ``k`` of the multi-step decode (traced inside a jit): ``carry = (kv, tokens, counts, seen)`` in
         and out, and the step's output (its tokens alone when neither log-probabilities nor top tokens are
-        asked for). Also what bench/half_batches.py builds its two-half loop from."""
+        asked for). Also what bench/half_streams.py builds its two-half loop from."""
         kv, tokens, counts, seen = carry
         tokens_only = not logprobs and num_top == 0
         pos = positions + k
