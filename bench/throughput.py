@@ -214,7 +214,7 @@ def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len
     # Decode step time: the multi-step call alone, timed with the batch fully running, the
     # block table as wide as the engine makes it for these rows.
     pos = np.full(batch, len(prompts[0]) + out_len // 2, np.int32)
-    table_w = engine.decode_table_width(int(pos[0]) + decode_steps)
+    table_w = engine.decode_table_width(int(pos[0]) + decode_steps, batch)
     bt = np.arange(batch * table_w, dtype=np.int32).reshape(batch, table_w) % engine.scheduler.num_pages
     from jaxserve.sampling import make_batch
     sb = make_batch([params] * batch, batch)

@@ -9,6 +9,7 @@ thread-safe: one thread (the async engine's loop, or the caller) drives it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -92,14 +93,17 @@ def _check_in_vocab(ids: Sequence[int], vocab: int, what: str) -> None:
 # `max_pages`). Why: a split decode call sizes its splits from the table's width, so a short row in a table as
 # wide as the model's length launches mostly empty splits and merges them all. H200, Qwen2.5-0.5B at 1,088 keys
 # (session 37, bench/results/decode_step.md): batch 1 0.598 ms in a 70-page table, 0.604 in 256 pages, 0.630-0.634
-# in the 2048 pages of a 32k model; batch 8 0.724 against 0.747 (70 / 2048 pages), a tie in another call. Each
-# width is one more compiled decode shape per batch bucket; x16 keeps a 32k model at three, a 128k one at four.
+# in the 2048 pages of a 32k model; batch 8 0.724 against 0.747 (70 / 2048 pages), a tie in another call (its split
+# count is capped by the programs wanted, the same at 256 pages as at 2048). So a middle width is kept only for the
+# batch buckets whose split count it changes (batch 1-4 at Qwen2.5-0.5B's heads, 1 at 7B's): one more compiled
+# decode shape each. x16 keeps a 32k model at three widths at most, a 128k one at four.
 DECODE_TABLE_GROWTH = 16
 
 
-def _decode_table_widths(page_size: int, max_pages: int) -> tuple[int, ...]:
+def _decode_table_widths(page_size: int, max_pages: int, splits_of=None) -> tuple[int, ...]:
     """Block-table widths (pages) of decode calls: a narrow one, wider ones `DECODE_TABLE_GROWTH` times apart,
-    and the full ``max_pages``.
+    and the full ``max_pages``; with ``splits_of`` (a width's split count in the decode kernels), only the
+    middle widths that the kernels would split otherwise than the next wider width.
 
     A call whose rows all fit in ``jaxserve_kernels.paged_attention.SINGLE_PASS_KEYS`` keys gets a table
     that narrow, which the decode kernels read in one unsplit pass with no split-merge launch;
@@ -111,6 +115,8 @@ def _decode_table_widths(page_size: int, max_pages: int) -> tuple[int, ...]:
     Example:
         >>> _decode_table_widths(16, 2048), _decode_table_widths(16, 10), _decode_table_widths(16, 300)
         ((16, 256, 2048), (10,), (16, 300))
+        >>> _decode_table_widths(16, 2048, lambda w: min(w // 8, 32))  # 32 splits at 256 pages and at 2048
+        (16, 2048)
     """
     from jaxserve_kernels.paged_attention import SINGLE_PASS_KEYS
 
@@ -118,7 +124,26 @@ def _decode_table_widths(page_size: int, max_pages: int) -> tuple[int, ...]:
     # A width within 2x of the full table would be one more compile for little.
     while widths[-1] * DECODE_TABLE_GROWTH * 2 <= max_pages:
         widths.append(widths[-1] * DECODE_TABLE_GROWTH)
-    return tuple(w for w in widths if w < max_pages) + (max_pages,)
+    widths = [w for w in widths if w < max_pages] + [max_pages]
+    if splits_of is not None and len(widths) > 2:
+        # Where the split count is capped by the programs wanted (wider batches), a middle width splits as the
+        # full table does: one more compiled shape for nothing.
+        kept = [widths[-1]]
+        for width in reversed(widths[1:-1]):
+            if splits_of(width) != splits_of(kept[-1]):
+                kept.append(width)
+        widths = [widths[0], *reversed(kept)]
+    return tuple(widths)
+
+
+def _decode_splits(page_size: int, head_dim: int, kv_heads: int, rows: int, width: int) -> int:
+    """Splits the decode kernels give a call of ``rows`` rows and a ``width``-page block table (1 where they run
+    interpreted, on the CPU)."""
+    from jaxserve_kernels import pallas_compat
+    from jaxserve_kernels.paged_attention import DECODE_BLOCK_KEYS, resolve_tuning
+
+    return resolve_tuning(page_size, width, rows * kv_heads, None, None, pallas_compat.resolve_interpret(None),
+                          DECODE_BLOCK_KEYS, head_dim=head_dim, single_pass=True)[1]
 
 
 class Engine:
@@ -153,7 +178,13 @@ class Engine:
         self.runner = Runner(mcfg, params, num_pages=num_pages, page_size=self.config.page_size,
                              attention_impl=default_attention_impl() if impl == "auto" else impl)
         self.scheduler = Scheduler(self.config, num_pages, self.max_model_len)
-        self.decode_table_widths = _decode_table_widths(self.config.page_size, self.scheduler.max_pages_per_seq)
+        # Per batch bucket (a middle width pays only where it changes the split count), and all of them.
+        self._decode_widths = {
+            rows: _decode_table_widths(self.config.page_size, self.scheduler.max_pages_per_seq,
+                                       functools.partial(_decode_splits, self.config.page_size, mcfg.head_dim,
+                                                         mcfg.num_key_value_heads, rows))
+            for rows in self.config.batch_buckets}
+        self.decode_table_widths = tuple(sorted({w for ws in self._decode_widths.values() for w in ws}))
         eos = set(mcfg.eos_token_ids) | set(generation_eos_ids(model.path))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -418,7 +449,7 @@ class Engine:
             owed[i] = id(r) in first
             positions[i] = r.computed + shift
             limits[i] = min(caps[r.slot], r.computed + r.remaining - owed[i])
-        width = self.decode_table_width(int(limits.max()))
+        width = self.decode_table_width(int(limits.max()), batch)
         block_tables = np.zeros((batch, width), np.int32)
         for i, r in enumerate(reqs):
             block_tables[i] = table[r.slot, :width]
@@ -610,11 +641,13 @@ class Engine:
                 bar.close()
         return [self.release(i).result() for i in ids]
 
-    def decode_table_width(self, max_limit: int) -> int:
-        """Pages in a decode call's block table when no row writes at or past ``max_limit``:
-        the narrowest of ``decode_table_widths`` that holds every page the call can touch."""
+    def decode_table_width(self, max_limit: int, rows: int | None = None) -> int:
+        """Pages in a decode call's block table when no row writes at or past ``max_limit``: the narrowest
+        of the widths of its batch bucket ``rows`` (None: of ``decode_table_widths``, every bucket's) that holds
+        every page the call can touch."""
+        widths = self.decode_table_widths if rows is None else self._decode_widths.get(rows, self.decode_table_widths)
         pages = -(-max_limit // self.config.page_size)
-        return next((w for w in self.decode_table_widths if w >= pages), self.decode_table_widths[-1])
+        return next((w for w in widths if w >= pages), widths[-1])
 
     def warmup(self, sampling: bool = True, logprobs: bool = False) -> int:
         """Compile every step shape the buckets allow, so no request waits on the compiler.
@@ -638,7 +671,7 @@ class Engine:
             table = np.zeros((batch, self.scheduler.max_pages_per_seq), np.int32)
             sbatch = make_batch([], batch)
             for greedy, lps in variants:
-                for steps, width in itertools.product(step_counts, self.decode_table_widths):
+                for steps, width in itertools.product(step_counts, self._decode_widths[batch]):
                     self.runner.decode(zeros, zeros, zeros, table[:, :width], sbatch, zeros, steps,
                                        greedy=greedy, logprobs=lps)
                 for length in cfg.prefill_buckets:

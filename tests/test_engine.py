@@ -870,3 +870,24 @@ def test_decode_table_widths_grow_geometrically_to_the_model_length():
     assert _decode_table_widths(16, 300) == (16, 300)               # no width within 2x of the full one
     assert _decode_table_widths(8, 64) == (32, 64)
     assert _decode_table_widths(16, 10) == (10,)
+
+
+def test_a_middle_decode_table_is_kept_only_where_it_changes_the_kernels_split_count(monkeypatch):
+    """Per batch bucket: the 256-page table of a 32k model splits a batch-1 call of Qwen2.5-0.5B heads into 32
+    instead of 256, but a batch-8 call into the same 32 as the full table (the programs wanted cap it), so only
+    the small buckets compile it; interpreted (the CPU), nothing splits and no middle width is kept."""
+    import functools
+
+    from jaxserve.engine import _decode_splits, _decode_table_widths
+    from jaxserve_kernels import pallas_compat
+
+    def widths(rows):
+        return _decode_table_widths(16, 2048, functools.partial(_decode_splits, 16, 64, 2, rows))
+
+    assert widths(1) == (16, 2048) and widths(8) == (16, 2048)  # the CPU: interpreted, one split
+    monkeypatch.setattr(pallas_compat, "resolve_interpret", lambda interpret: False)  # as compiled on a GPU
+    assert _decode_splits(16, 64, 2, 1, 256) == 32 and _decode_splits(16, 64, 2, 1, 2048) == 256
+    assert widths(1) == widths(4) == (16, 256, 2048)
+    assert widths(8) == widths(256) == (16, 2048)
+    assert _decode_table_widths(16, 2048, functools.partial(_decode_splits, 16, 128, 4, 1)) == (16, 256, 2048)  # 7B
+    assert _decode_table_widths(16, 2048, functools.partial(_decode_splits, 16, 128, 4, 2)) == (16, 2048)
