@@ -891,3 +891,19 @@ def test_a_middle_decode_table_is_kept_only_where_it_changes_the_kernels_split_c
     assert widths(8) == widths(256) == (16, 2048)
     assert _decode_table_widths(16, 2048, functools.partial(_decode_splits, 16, 128, 4, 1)) == (16, 256, 2048)  # 7B
     assert _decode_table_widths(16, 2048, functools.partial(_decode_splits, 16, 128, 4, 2)) == (16, 2048)
+
+
+def test_a_decode_call_takes_its_batch_buckets_narrowest_table(tiny):
+    """The engine's per-bucket widths reach the decode call: with a middle width for the 4-row bucket (as a GPU
+    engine gets where it changes the split count), rows past 32 pages decode through a 48-page table, with
+    Hugging Face's tokens and every page free after."""
+    m, hf = tiny
+    prompts = random_prompts(m.config.vocab_size, (300, 20))  # 38 + 1 pages of 8: past 32, within 48
+    with Engine(m, small_config(max_tokens_per_step=512, prefill_buckets=(16, 64, 512))) as engine:
+        engine._decode_widths = {4: (32, 48, 64)}
+        assert engine.decode_table_width(300, 4) == 48 and engine.decode_table_width(300) == 64
+        outs = engine.generate(prompts, GREEDY, use_tqdm=False)
+        assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 10) for p in prompts]
+        widths = {shape[2][1] for shape in engine.runner.compiled_shapes if shape[0] == "decode"}
+        assert 48 in widths
+        assert_all_pages_free(engine)
