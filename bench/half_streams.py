@@ -73,7 +73,7 @@ def build(args):
     runner = Runner(cfg, params, num_pages=batch * width + 8, page_size=16, attention_impl=impl)
     sb = make_batch([SamplingParams(temperature=0.0)] * batch, batch)
     full_call = (tokens, pos, pos + steps, table, sb, np.zeros(batch, np.int32), steps)
-    # Each half's rows keep their page ids, but index a pool of their own: ids mod the half's pool.
+    # Each half indexes a pool of its own: its rows' page ids renumbered by rank, so they stay distinct and scattered.
     half_pages = half * width + 8
     halves = []
     for lo in (0, half):
@@ -81,7 +81,7 @@ def build(args):
         halves.append(dict(tokens=jnp.asarray(tokens[rows]), pos=jnp.asarray(pos[rows]),
                             limits=jnp.asarray(pos[rows] + steps),
                             table=jnp.asarray(np.argsort(np.argsort(table[rows].ravel())).reshape(half, width)
-                                              .astype(np.int32) % half_pages),
+                                              .astype(np.int32)),
                             sb=make_batch([SamplingParams(temperature=0.0)] * half, half),
                             steps=jnp.zeros(half, jnp.int32)))
     pools = [new_kv_cache(cfg, half_pages, 16, jnp.bfloat16) for _ in range(2)]

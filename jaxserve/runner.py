@@ -287,21 +287,22 @@ class Steps:
         unroll = max(1, min(DECODE_UNROLL, num_steps))
         rows = tokens.shape[0]
         if HALF_BATCH_ROWS and rows >= HALF_BATCH_ROWS and rows % 2 == 0 and not penalties:
-            return self._decode_halves(params, kv, tokens, positions, limits, block_tables, batch, steps, counts, seen,
-                                       num_steps=num_steps, num_top=num_top, greedy=greedy, logprobs=logprobs,
-                                       unroll=unroll)
+            kv, outs, last = self._decode_halves(params, kv, tokens, positions, limits, block_tables, batch, steps,
+                                                 counts, seen, num_steps=num_steps, num_top=num_top, greedy=greedy,
+                                                 logprobs=logprobs, unroll=unroll)
+        else:
+            def one(carry, k):
+                return self.decode_one(params, carry, k, positions, limits, block_tables, batch, steps,
+                                       num_top=num_top, penalties=penalties, greedy=greedy, logprobs=logprobs)
 
-        def one(carry, k):
-            return self.decode_one(params, carry, k, positions, limits, block_tables, batch, steps,
-                                   num_top=num_top, penalties=penalties, greedy=greedy, logprobs=logprobs)
-
-        (kv, last, _, _), outs = jax.lax.scan(one, (kv, tokens, counts, seen), jnp.arange(num_steps, dtype=jnp.int32),
-                                              unroll=unroll)
+            (kv, last, _, _), outs = jax.lax.scan(one, (kv, tokens, counts, seen),
+                                                  jnp.arange(num_steps, dtype=jnp.int32), unroll=unroll)
         return kv, no_logprobs(outs) if tokens_only else outs, last
 
     def _decode_halves(self, params, kv, tokens, positions, limits, block_tables, batch, steps, counts, seen, *,
                        num_steps: int, num_top: int, greedy: bool, logprobs: bool, unroll: int):
-        """`_decode_impl` as two half-batch chains a step (`HALF_BATCH_ROWS`); the same outputs, row for row."""
+        """`_decode_impl`'s loop as two half-batch chains a step (`HALF_BATCH_ROWS`): `(kv, outputs, last
+        tokens)`, the same, row for row."""
         half = tokens.shape[0] // 2
         per_row = (positions, limits, block_tables, batch, steps)
         first, second = (jax.tree.map(lambda a: a[:half], per_row), jax.tree.map(lambda a: a[half:], per_row))
@@ -318,8 +319,7 @@ class Steps:
 
         (kv, last_a, last_b), outs = jax.lax.scan(one, (kv, tokens[:half], tokens[half:]),
                                                   jnp.arange(num_steps, dtype=jnp.int32), unroll=unroll)
-        tokens_only = not logprobs and num_top == 0
-        return kv, no_logprobs(outs) if tokens_only else outs, jnp.concatenate([last_a, last_b])
+        return kv, outs, jnp.concatenate([last_a, last_b])
 
     def decode_one(self, params, carry, k, positions, limits, block_tables, batch: SamplingBatch, steps, *,
                    num_top: int, penalties: bool, greedy: bool, logprobs: bool = True):
