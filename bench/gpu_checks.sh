@@ -750,9 +750,11 @@ for part in "${parts[@]}"; do
           timeout 330 python3 bench/bandwidth.py --budget-s 300 ;;
     s36d) timeout 150 python3 bench/bandwidth.py --sweep-only --budget-s 120 --sweep-configs "splits=6 ppb=4" \
             "splits=7 ppb=4" "splits=8 ppb=4" "splits=12 ppb=4" ;;
-    # session 37's defaults end to end (two-stage split attention, the 256-page decode table), then the middle table at
-    # batch 2 / 4, which session 37 did not time (its split counts are table-capped there too)
-    s38) timeout 170 python3 bench/throughput.py --no-static --batches 1 64 256 --long-prompt 1024 \
+    # HBM rates side by side (which one the roofline divides by), session 37's defaults end to end (two-stage split
+    # attention, the 256-page decode table; the roofline now at both rates), then the middle table at batch 2 / 4,
+    # which session 37 did not time (its split counts are table-capped there too)
+    s38) timeout 90 python3 bench/hbm_probe.py ; \
+         timeout 170 python3 bench/throughput.py --no-static --batches 1 64 256 --long-prompt 1024 \
            --long-batch 64 --decode-steps 8 --impls pallas --no-hf --out "$OUT/$part/throughput" ; \
          timeout 120 python3 bench/decode_step.py --batches 2 4 --context 1088 --table-pages 256 --variants default \
            --no-static --glue kernels table2048 --rounds 5 --reps 10 ;;

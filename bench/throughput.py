@@ -7,7 +7,10 @@ exactly ``--output-len`` tokens (ignore_eos), so all systems do the same work.
 Reported per system and batch: output tokens/s (prefill included), mean TTFT, mean TPOT,
 and for jaxserve also the decode step time (one device call of ``decode_steps`` steps over
 the whole batch, divided by the steps), kernels per decode step (from the compiled HLO) and
-the roofline (weight bytes + KV bytes read per step over the copy bandwidth measured here).
+the roofline: weight bytes + KV bytes read per step over an HBM rate measured here, twice: over the copy
+bandwidth (bytes read + written by a copy; every run since run 1 quoted this one) and over the read
+ceiling (an XLA sum: a step's traffic is almost all reads, so this is the stricter roofline; on the
+H200 the copy moves bytes ~30% slower than the sum reads them, bench/hbm_probe.py).
 
     python bench/throughput.py --batches 1 64 256 --prompt-len 128 --output-len 128
     python bench/throughput.py --tiny --batches 2 --no-hf-compile      # CPU smoke run
@@ -56,6 +59,7 @@ class Row:
     step_ms: float | None = None
     kernels_per_step: int | None = None
     roofline_ms: float | None = None
+    roofline_read_ms: float | None = None
     note: str = ""
 
 
@@ -96,6 +100,26 @@ def copy_bandwidth() -> float:
         loop(x).block_until_ready()
         times.append(time.perf_counter() - t)
     return 2 * x.nbytes * reps / float(np.median(times))
+
+
+def read_bandwidth() -> float:
+    """Bytes read per second by an XLA sum over 2 GiB (well above the 50 MB L2), as bench/bandwidth.py's read ceiling."""
+    n = 1 << 30 if jax.default_backend() == "gpu" else 1 << 22
+    x = jax.random.normal(jax.random.key(2), (n,), jnp.bfloat16)
+    reps = 20
+
+    @jax.jit
+    def loop(x):  # the addend changes every sum, so XLA cannot hoist one sum out of the loop
+        return jax.lax.fori_loop(0, reps, lambda i, s: s + jnp.sum(x + s.astype(x.dtype), dtype=jnp.float32) * 1e-9,
+                                 jnp.float32(0))
+
+    loop(x).block_until_ready()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        loop(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return x.nbytes * reps / float(np.median(times))
 
 
 def loop_body_histogram(hlo_text: str) -> dict[str, int]:
@@ -490,8 +514,9 @@ def main() -> None:
                                 warmup=not args.no_warmup)
         write_lines(args.out, "policies.md", lines)
         return
-    bw = copy_bandwidth()
-    print(f"device {jax.devices()[0].device_kind}; weights {weight_bytes / 1e9:.3f} GB; copy bandwidth {bw / 1e12:.3f} TB/s")
+    bw, read_bw = copy_bandwidth(), read_bandwidth()
+    print(f"device {jax.devices()[0].device_kind}; weights {weight_bytes / 1e9:.3f} GB; copy bandwidth "
+          f"{bw / 1e12:.3f} TB/s; read ceiling {read_bw / 1e12:.3f} TB/s")
     rng = np.random.default_rng(0)
     rows: list[Row] = []
     cases = [(b, args.prompt_len) for b in args.batches] + ([(args.long_batch, args.long_prompt)] if args.long_prompt else [])
@@ -513,6 +538,7 @@ def main() -> None:
             kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * batch * (plen + args.output_len // 2)
             # bw counts a copy's reads + writes: the rate HBM moves bytes, which a step's reads share.
             row.roofline_ms = (weight_bytes + kv_bytes) / bw * 1e3
+            row.roofline_read_ms = (weight_bytes + kv_bytes) / read_bw * 1e3
             rows.append(row)
             print(row, flush=True)
         if not args.no_hf:
@@ -526,15 +552,21 @@ def main() -> None:
                 rows.append(bench_hf(hf_dev, batch, prompts, args.output_len, compiled=True))
                 print(rows[-1], flush=True)
     lines = [f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; weights {weight_bytes / 1e9:.3f} GB; "
-             f"copy bandwidth {bw / 1e12:.3f} TB/s (read+write); first token of first request "
+             f"copy bandwidth {bw / 1e12:.3f} TB/s (read+write); read ceiling {read_bw / 1e12:.3f} TB/s; "
+             f"first token of first request "
              f"(compilation included): {first_token_s or float('nan'):.1f} s", "",
-             "| system | batch | prompt | output | out tok/s | TTFT ms | TPOT ms | decode step ms | kernels/step | roofline ms | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             ("| system | batch | prompt | output | out tok/s | TTFT ms | TPOT ms | decode step ms | kernels/step | "
+              "roofline ms (copy) | step / roofline (copy) | roofline ms (read) | step / roofline (read) | note |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def ratio(step, roof):
+        return "" if step is None or roof is None else f"{step / roof:.2f}x"
+
     for r in rows:
         f = lambda v, p=2: "" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))  # noqa: E731
         lines.append(f"| {r.system} | {r.batch} | {r.prompt_len} | {r.output_len} | {r.tokens_per_s:.0f} | "
                      f"{f(r.ttft_ms, 1)} | {f(r.tpot_ms)} | {f(r.step_ms, 3)} | {f(r.kernels_per_step)} | "
-                     f"{f(r.roofline_ms, 3)} | {r.note} |")
+                     f"{f(r.roofline_ms, 3)} | {ratio(r.step_ms, r.roofline_ms)} | {f(r.roofline_read_ms, 3)} | "
+                     f"{ratio(r.step_ms, r.roofline_read_ms)} | {r.note} |")
     table = "\n".join(lines)
     print(table)
     if args.out:
