@@ -494,6 +494,7 @@ def run_variant(args) -> list[dict]:
     decode_unroll = runner_module.DECODE_UNROLL
     half_batch_rows = runner_module.HALF_BATCH_ROWS
     split_two_stage_blocks = decode_attention_module.SPLIT_TWO_STAGE_BLOCKS
+    fold_max_rows = model_module.FOLD_MAX_ROWS
     # The random params come in the model's default layout; the other is converted once if asked.
     default_layout = model_module.WEIGHT_LAYOUT
     norm_fold = model_module.NORM_IN_PROJECTION
@@ -571,6 +572,9 @@ def run_variant(args) -> list[dict]:
             # "split_one_stage": split fused attention below TWO_STAGE_ROWS on one pipeline stage, whatever its
             # blocks a split (jaxserve_kernels.decode_attention.SPLIT_TWO_STAGE_BLOCKS 0: the rule before session 37).
             decode_attention_module.SPLIT_TWO_STAGE_BLOCKS = 0 if glue == "split_one_stage" else split_two_stage_blocks
+            # "fold1": only one-row steps take the norm-folded kernels (model.FOLD_MAX_ROWS 1: the rule before
+            # session 38, when 2-4-row steps ran the partial sums' glue).
+            model_module.FOLD_MAX_ROWS = 1 if glue == "fold1" else fold_max_rows
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
             # "cb_*": how XLA orders a command buffer's kernels (xla_gpu_command_buffer_scheduling_mode:
             # serialized, concurrent where the data allows, or the latency-hiding scheduler's order);
@@ -754,7 +758,7 @@ def main() -> None:
                                                              "ftz_exp2", "lean_softmax", "lean_ftz", "no_lean_ftz",
                                                              "swiglu_approx", "swiglu_exact", "pick_wave_fit", "pick_ceil", *CB_OPTIONS,
                                                              "head_b112", "head_b120", "head_b136", "head_b192", "head_b256",
-                                                             "unroll2", "unroll4", "unroll8", "halves", "split_one_stage"],
+                                                             "unroll2", "unroll4", "unroll8", "halves", "split_one_stage", "fold1"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -244,14 +244,27 @@ NORM_IN_PROJECTION = os.environ.get("JAXSERVE_NORM_IN_PROJECTION", "1") == "1"
 # on the H200 (108 kernels, session 15). JAXSERVE_O_IN_ATTENTION=0 turns it off. Read when a step
 # is traced.
 O_IN_ATTENTION = os.environ.get("JAXSERVE_O_IN_ATTENTION", "1") == "1"
+# Decode steps of up to this many rows take the one-row step's kernels (norms folded into QKV and gate_up,
+# o_proj in the attention for short tables, down_proj and o_proj on the lane-wise path): each program loads
+# its weights once for every row (`skinny_matmul_norm`, `skinny_matmul(..., gemv=True)`), so a 2- or 4-row
+# step runs the one-row step's ~106 kernels instead of the partial sums' glue (226 kernels a step: 0.738 /
+# 0.747 ms at 2 / 4 rows against 0.594 at 1, H200, session 38). At most
+# `jaxserve_kernels.skinny_matmul.NORM_GEMV_MAX_ROWS`; 1 restores the one-row rule. Read when a step is traced.
+FOLD_MAX_ROWS = int(os.environ.get("JAXSERVE_FOLD_MAX_ROWS", "4"))
+
+
+# The norm-folded path's other projections (o_proj where the attention does not take it, down_proj): the
+# lane-wise path for all its rows, whose few K splits the next `skinny_matmul_norm` adds.
+FOLDED_TILING = {"gemv": True}
 
 
 def _fold_norms(x: jax.Array) -> bool:
     """Whether this fused-glue step folds its norms into the projections (see NORM_IN_PROJECTION)."""
     sm = importlib.import_module("jaxserve_kernels.skinny_matmul")  # the package exports a function of that name
 
+    rows = x.shape[0] * x.shape[1]
     return (NORM_IN_PROJECTION and WEIGHT_LAYOUT == "nk" and DECODE_PROJECTIONS == "pallas" and sm.NK_GEMV
-            and x.shape[0] * x.shape[1] == 1 and x.shape[-1] <= sm.NORM_GEMV_MAX_K)
+            and 1 <= rows <= min(FOLD_MAX_ROWS, sm.NORM_GEMV_MAX_ROWS) and x.shape[-1] <= sm.NORM_GEMV_MAX_K)
 
 
 def _xla_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, epilogue: str,
@@ -446,7 +459,7 @@ class Linear(nn.Module):
             from jaxserve_kernels.skinny_matmul import skinny_matmul_norm
 
             partials, scale, eps = norm
-            h, out = skinny_matmul_norm(x.reshape(1, x.shape[-1]), partials, scale, kernel, bias, eps=eps,
+            h, out = skinny_matmul_norm(x.reshape(rows, x.shape[-1]), partials, scale, kernel, bias, eps=eps,
                                         epilogue=epilogue)
             return h.reshape(x.shape), out.reshape(*x.shape[:-1], out.shape[-1])
         if fast:
@@ -522,7 +535,7 @@ def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelCon
 
 
 def _fold_o_proj(paged: PagedAttention, kv) -> bool:
-    """Whether a norm-folded one-row decode step (_fold_norms, so the "nk" layout) also runs o_proj
+    """Whether a norm-folded decode step (_fold_norms, so the "nk" layout) also runs o_proj
     inside the fused attention kernel (O_IN_ATTENTION): short tables only, since every block of o's
     rows redoes the attention (`jaxserve_kernels.decode_attention.fused_decode_attention_o`)."""
     from jaxserve_kernels.paged_attention import SINGLE_PASS_KEYS
@@ -592,7 +605,8 @@ class Attention(nn.Module):
             out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg)
         else:
             out, kv = _attend(qkv, cos, sin, lengths, kv, paged, cfg)
-        out = o_proj(out.reshape(b, s, h * d).astype(self.dtype), fast, "partials" if glue else "none")
+        out = o_proj(out.reshape(b, s, h * d).astype(self.dtype), fast, "partials" if glue else "none",
+                     tiling=FOLDED_TILING if norm is not None else None)
         return (out, kv, x) if norm is not None else (out, kv)
 
 
@@ -614,7 +628,7 @@ class MLP(nn.Module):
             return down(act, fused=lambda kernel, _: _accumulate(act, kernel, x))
         if norm is not None:
             x, act = gate_up(x, fast, "swiglu", norm=norm)
-            return x, down(act, fast, "partials")
+            return x, down(act, fast, "partials", tiling=FOLDED_TILING)
         if glue:
             return down(gate_up(x, fast, "swiglu"), fast, "partials")
         gate_up = gate_up(x, fast)

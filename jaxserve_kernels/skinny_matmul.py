@@ -1,7 +1,7 @@
 """Skinny matmul: a few activation rows times a weight matrix, at weight-streaming speed.
 
 Owns: the decode step's projections (`x [M, K] @ w + bias` with M, the batch, at most
-`MAX_ROWS`; `w` stored `[N, K]`, the engine's layout, or `[K, N]`), the one-row projection with
+`MAX_ROWS`; `w` stored `[N, K]`, the engine's layout, or `[K, N]`), the 1-4-row projection with
 the add + RMSNorm before it folded in (`skinny_matmul_norm`), and their jnp references. Never
 decides when it is used (the model does: decode steps of small batches under "pallas").
 
@@ -35,9 +35,12 @@ multiplies the current one, so the norm is derived once per program and a progra
 flight while it computes (gate_up: 8.6 -> 7.0 µs; session 15, with the tiles retiled: 0.618 ms).
 Triton's own software pipeline of that loop (`num_stages`, no register prefetch) was much slower
 (0.68-1.03 ms).
-The lane-wise path is for one row only: with 2-16 rows (each row's products summed every iteration)
-it lost to the tensor-core path at every batch (session 15: 0.793 vs 0.757 ms at 2 rows, 3.1 vs
-0.79 at 16; bench/results/decode_step.md) and was removed.
+By default the lane-wise path takes one row: with 2-16 rows (each row's products summed every
+iteration) it lost to the tensor-core path at every batch (session 15: 0.793 vs 0.757 ms at 2 rows,
+3.1 vs 0.79 at 16; bench/results/decode_step.md). Asked for (`gemv=True`), it takes up to
+`NK_GEMV_MAX_ROWS` rows, each weight tile loaded once for all of them and each row's lanes summed
+once at the end: the norm-folded path of 2-4-row steps, where the tensor-core path's K splits would
+hand the next `skinny_matmul_norm` many more partial sums to add.
 
 Backend: Pallas Triton, like the other kernels (`jaxserve_kernels.paged_attention` says why).
 """
@@ -81,6 +84,10 @@ NK_GEMV_WARPS = 8
 # One row: load the next K block's tiles before multiplying the current ones (tilings that loop
 # over K instead of splitting it all the way).
 NK_GEMV_PREFETCH = True
+# Rows the lane-wise path takes when asked (`gemv=True`; by default it takes one row): each weight tile is
+# loaded once for all of them and every row keeps its own lanes, so registers grow with the rows. The
+# norm-folded decode path of 2-4 rows (`jaxserve.model.FOLD_MAX_ROWS`) asks for it.
+NK_GEMV_MAX_ROWS = 4
 NK_TARGET_PROGRAMS = _TARGET_PROGRAMS
 # Programs wanted on the one-row lane-wise path (how far a narrow projection's K is split).
 NK_GEMV_TARGET_PROGRAMS = 2 * _TARGET_PROGRAMS
@@ -132,33 +139,13 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
 
     bias_ref = b_ref if has_bias else None
     cols_at = pl.ds(col_block * block_n, block_n)
-    zeros = jnp.zeros((block_n, block_k) if gemv else (block_m, block_n), jnp.float32)
-    if gemv:  # one row ([N, K] weights): lane-wise products, reduced once after the loop
-        def tiles(i):  # K block i's activation row and weight rows
-            k0 = k_start + i * block_k
-            k_ok = k0 + jnp.arange(block_k) < k_end  # past the split's end: masked, loads nothing
-            x = compat.load(x_ref.at[pl.ds(row0, 1), pl.ds(k0, block_k)], mask=k_ok[None, :], other=0)
-            return x, tuple(compat.load(w_ref.at[pl.ds(offset + col_block * block_n, block_n), pl.ds(k0, block_k)],
-                                        mask=col_ok[:, None] & k_ok[None, :], other=0) for offset in halves)
-
-        def lanes(accs, x, ws):
-            xf = x.astype(jnp.float32)
-            return tuple(a + w.astype(jnp.float32) * xf for a, w in zip(accs, ws))
-
-        def step(i, carry):  # the next iteration's tiles loaded before this one's multiply
-            accs, cur = carry
-            nxt = tiles(i + 1)
-            return lanes(accs, *cur), nxt
-
-        init = tuple(zeros for _ in halves)
-        if prefetch:
-            accs, _ = lax.fori_loop(0, num_iters, step, (init, tiles(0)))
-        else:
-            accs = lax.fori_loop(0, num_iters, lambda i, accs: lanes(accs, *tiles(i)), init)
-    else:
-        accs = lax.fori_loop(0, num_iters, body, tuple(zeros for _ in halves))
-    if gemv:
-        accs = tuple(jnp.sum(a, axis=1)[None, :] for a in accs)
+    if gemv:  # a few rows ([N, K] weights): lane-wise products, reduced once after the loop
+        _gemv_rows(x_ref, w_ref, o_ref, bias_ref, row0=row0, rows=block_m, halves=halves, k_start=k_start,
+                   k_end=k_end, num_iters=num_iters, block_n=block_n, block_k=block_k, col_block=col_block,
+                   col_ok=col_ok, cols_at=cols_at, epilogue=epilogue, split=split, prefetch=prefetch)
+        return
+    zeros = jnp.zeros((block_m, block_n), jnp.float32)
+    accs = lax.fori_loop(0, num_iters, body, tuple(zeros for _ in halves))
     mask = (row_ids < rows)[:, None] & col_ok[None, :]
     tile = (pl.ds(row0, block_m), cols_at)
     if epilogue == "partials":
@@ -166,6 +153,44 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
         return
     _store_output(accs, o_ref, bias_ref, epilogue=epilogue, tile=tile, mask=mask,
                   cols_at=cols_at, col_ok=col_ok)
+
+
+def _gemv_rows(x_ref, w_ref, o_ref, bias_ref, *, row0, rows: int, halves, k_start, k_end, num_iters, block_n: int,
+               block_k: int, col_block, col_ok, cols_at, epilogue: str, split, prefetch: bool) -> None:
+    """The lane-wise path's program: `rows` activation rows (1 to `NK_GEMV_MAX_ROWS`) times `block_n` weight rows,
+    each weight tile loaded once for all of them; every row keeps its own `[block_n, block_k]` float32 lanes."""
+
+    def tiles(i):  # K block i's activation rows and weight rows
+        k0 = k_start + i * block_k
+        k_ok = k0 + jnp.arange(block_k) < k_end  # past the split's end: masked, loads nothing
+        xs = tuple(compat.load(x_ref.at[pl.ds(row0 + r, 1), pl.ds(k0, block_k)], mask=k_ok[None, :], other=0)
+                   for r in range(rows))
+        return xs, tuple(compat.load(w_ref.at[pl.ds(offset + col_block * block_n, block_n), pl.ds(k0, block_k)],
+                                     mask=col_ok[:, None] & k_ok[None, :], other=0) for offset in halves)
+
+    def lanes(accs, xs, ws):  # accs: row-major over (row, half)
+        wf = tuple(w.astype(jnp.float32) for w in ws)
+        return tuple(accs[r * len(ws) + h] + wf[h] * xs[r].astype(jnp.float32)
+                     for r in range(rows) for h in range(len(ws)))
+
+    def step(i, carry):  # the next iteration's tiles loaded before this one's multiply
+        accs, cur = carry
+        nxt = tiles(i + 1)
+        return lanes(accs, *cur), nxt
+
+    init = tuple(jnp.zeros((block_n, block_k), jnp.float32) for _ in range(rows * len(halves)))
+    if prefetch:
+        accs, _ = lax.fori_loop(0, num_iters, step, (init, tiles(0)))
+    else:
+        accs = lax.fori_loop(0, num_iters, lambda i, accs: lanes(accs, *tiles(i)), init)
+    for r in range(rows):
+        sums = tuple(jnp.sum(a, axis=1)[None, :] for a in accs[r * len(halves):(r + 1) * len(halves)])
+        tile = (pl.ds(row0 + r, 1), cols_at)
+        if epilogue == "partials":
+            compat.store(o_ref.at[(split,) + tile], sums[0], mask=col_ok[None, :])
+        else:
+            _store_output(sums, o_ref, bias_ref, epilogue=epilogue, tile=tile, mask=col_ok[None, :],
+                          cols_at=cols_at, col_ok=col_ok)
 
 
 def swiglu_sums(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
@@ -243,7 +268,7 @@ def _skinny(x, w, bias, *, epilogue: str, block_m: int, block_n: int, block_k: i
     m, k = x.shape
     n_total = w.shape[0] if layout == "nk" else w.shape[1]
     n_out = n_total // 2 if epilogue == "swiglu" else n_total
-    block_m = m if gemv else max(16, compat.next_pow2(min(m, block_m)))
+    block_m = m if gemv else max(16, compat.next_pow2(min(m, block_m)))  # gemv: every row in each program
     k_blocks = pl.cdiv(k, block_k)
     k_per_split = pl.cdiv(k_blocks, num_splits) * block_k
     precision = lax.Precision.HIGHEST if w.dtype == jnp.float32 else None
@@ -253,7 +278,7 @@ def _skinny(x, w, bias, *, epilogue: str, block_m: int, block_n: int, block_k: i
                                has_bias=in_kernel_bias, k_per_split=k_per_split,
                                block_m=block_m, block_n=block_n, block_k=block_k, n_out=n_out,
                                precision=precision, layout=layout, gemv=gemv,
-                               prefetch=prefetch and gemv and block_m == 1)
+                               prefetch=prefetch and gemv)
     args = [x, w] + ([bias] if in_kernel_bias else [])
     if num_splits > 1 or epilogue == "partials":
         out_shape = jax.ShapeDtypeStruct((num_splits, m, n_out), jnp.float32)
@@ -299,8 +324,9 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         num_warps, num_stages: Triton launch parameters (num_warps None: 4, or `NK_GEMV_WARPS`
             on the one-row `[N, K]` path).
         layout: "kn" or "nk", how `w` is stored (see `w`).
-        gemv: one row with the "nk" layout as lane-wise products, summed once at the end,
-            instead of a tensor-core product padded to 16 rows; None: `NK_GEMV`.
+        gemv: rows with the "nk" layout as lane-wise products, summed once at the end, instead of
+            a tensor-core product padded to 16 rows: up to `NK_GEMV_MAX_ROWS` rows when True; None:
+            `NK_GEMV` for one row, else the tensor-core path.
         prefetch: one-row lane-wise path only: each loop iteration loads the next K block's
             tiles before multiplying its own (a manual software pipeline in registers); None:
             `NK_GEMV_PREFETCH`.
@@ -329,7 +355,10 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
             raise ValueError(f"swiglu needs an even number of weight columns, got {n}")
         if num_splits not in (None, 1):
             raise ValueError(f"num_splits must be 1 with swiglu, got {num_splits}")
-    gemv = (NK_GEMV if gemv is None else gemv) and layout == "nk" and x.shape[0] == 1
+    if gemv and (layout != "nk" or x.shape[0] > NK_GEMV_MAX_ROWS):
+        raise ValueError(f"gemv takes the 'nk' layout and at most NK_GEMV_MAX_ROWS={NK_GEMV_MAX_ROWS} rows, got "
+                         f"{layout!r} and {x.shape[0]} rows")
+    gemv = (NK_GEMV and x.shape[0] == 1 if gemv is None else gemv) and layout == "nk"
 
     def check_tile(name: str, v: int, least: int = 16) -> None:
         if v < least or v & (v - 1):
@@ -396,6 +425,8 @@ def apply_epilogue(out: jax.Array, dtype, bias: jax.Array | None, epilogue: str)
 # registers, twice as many a thread at 2048 (Qwen2.5-1.5B / 3B), where it may spill. Wider models
 # keep the norm kernels (`jaxserve.model._fold_norms`).
 NORM_GEMV_MAX_K = 1024
+# Rows `skinny_matmul_norm` takes: each program holds every row's normed activations in registers.
+NORM_GEMV_MAX_ROWS = NK_GEMV_MAX_ROWS
 # `skinny_matmul_norm`'s tiling by epilogue, over the one-row path's defaults: `block_n` weight
 # rows a block (a half's: SwiGLU loads gate and up rows), `num_warps`, and `num_programs` (0: one
 # block of rows a program; fewer: each program loops over blocks, loading the next while it
@@ -423,7 +454,7 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
     h_out_ref = refs.pop(0) if num_parts else None
     (o_ref,) = refs
     pid = pl.program_id(0)
-    k_total = h_ref.shape[1]
+    rows, k_total = h_ref.shape
     k_ok = jnp.arange(block_k) < k_total
     halves = (0, n_out) if epilogue == "swiglu" else (0,)
     num_blocks = pl.cdiv(n_out, block_n)
@@ -444,26 +475,32 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
         bias_ok = pid * block_n + jnp.arange(block_n) < n_out
         bias = compat.load(b_ref.at[pl.ds(pid * block_n, block_n)], mask=bias_ok, other=0)
     dtype = h_ref.dtype
-    row = jnp.int32(0)  # a traced index: interpret mode's discharge wants one, not a Python int
-    h = compat.load(h_ref.at[row, pl.ds(0, block_k)], mask=k_ok, other=0)
-    if num_parts:  # add_rms_norm's sum and roundings, redone by every program (an L2-resident row)
-        parts = [compat.load(p_ref.at[jnp.int32(i), row, pl.ds(0, block_k)], mask=k_ok, other=0)
-                 for i in range(num_parts)]
-        delta = functools.reduce(jnp.add, parts)
-        h = (h.astype(jnp.float32) + delta.astype(dtype).astype(jnp.float32)).astype(dtype)
-        compat.store(h_out_ref.at[row, pl.ds(0, block_k)], h, mask=k_ok & (pid == 0))
-    hf = h.astype(jnp.float32)
-    normed = (hf * lax.rsqrt(jnp.sum(hf * hf) / k_total + eps)).astype(dtype)
+
+    def normed_row(r: int):
+        row = jnp.int32(r)  # a traced index: interpret mode's discharge wants one, not a Python int
+        h = compat.load(h_ref.at[row, pl.ds(0, block_k)], mask=k_ok, other=0)
+        if num_parts:  # add_rms_norm's sum and roundings, redone by every program (an L2-resident row)
+            parts = [compat.load(p_ref.at[jnp.int32(i), row, pl.ds(0, block_k)], mask=k_ok, other=0)
+                     for i in range(num_parts)]
+            delta = functools.reduce(jnp.add, parts)
+            h = (h.astype(jnp.float32) + delta.astype(dtype).astype(jnp.float32)).astype(dtype)
+            compat.store(h_out_ref.at[row, pl.ds(0, block_k)], h, mask=k_ok & (pid == 0))
+        hf = h.astype(jnp.float32)
+        return (hf * lax.rsqrt(jnp.sum(hf * hf) / k_total + eps)).astype(dtype)
+
+    normed = [normed_row(r) for r in range(rows)]
     if not hoist:
         scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
-    x = (scale.astype(jnp.float32) * normed.astype(jnp.float32)).astype(dtype).astype(jnp.float32)
+    xs = [(scale.astype(jnp.float32) * n.astype(jnp.float32)).astype(dtype).astype(jnp.float32) for n in normed]
 
     def emit(block, ws, bias=None):
         cols_at = pl.ds(block * block_n, block_n)
         col_ok = block * block_n + jnp.arange(block_n) < n_out
-        accs = tuple(jnp.sum(w.astype(jnp.float32) * x[None, :], axis=1)[None, :] for w in ws)
-        _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=(pl.ds(0, 1), cols_at),
-                      mask=col_ok[None, :], cols_at=cols_at, col_ok=col_ok, bias=bias)
+        wf = tuple(w.astype(jnp.float32) for w in ws)
+        for r, x in enumerate(xs):  # each weight block loaded once for every row
+            accs = tuple(jnp.sum(w * x[None, :], axis=1)[None, :] for w in wf)
+            _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=(pl.ds(r, 1), cols_at),
+                          mask=col_ok[None, :], cols_at=cols_at, col_ok=col_ok, bias=bias)
 
     if one_block:  # one block a program
         emit(pid, ws, bias)
@@ -495,7 +532,7 @@ def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, b
                                n_out=n_out, num_programs=num_programs, hoist=hoist)
     args = [hidden] + ([partials] if num_parts else []) + [scale, w] + ([bias] if bias is not None else [])
     out_shape = ([jax.ShapeDtypeStruct(hidden.shape, hidden.dtype)] if num_parts else []) \
-        + [jax.ShapeDtypeStruct((1, n_out), hidden.dtype)]
+        + [jax.ShapeDtypeStruct((hidden.shape[0], n_out), hidden.dtype)]
     outs = compat.triton_call(kernel, *args, grid=(num_programs,), out_shape=out_shape, interpret=interpret,
                               num_warps=num_warps,
                               name=f"skinny_matmul_norm_{epilogue}")  # QKV and gate_up apart in a profile
@@ -507,16 +544,17 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
                        block_n: int | None = None, num_warps: int | None = None,
                        num_programs: int | None = None,
                        interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
-    """`jaxserve_kernels.residual_norm.add_rms_norm` folded into a one-row `[N, K]` skinny matmul.
+    """`jaxserve_kernels.residual_norm.add_rms_norm` folded into a few-row `[N, K]` skinny matmul.
 
     `h = hidden + sum(partials)`, `x = RMSNorm(h) * scale` (add_rms_norm's roundings), and returns
     `(h, skinny_matmul(x, w, bias, epilogue=epilogue, layout="nk"))` from one launch: every
-    program re-derives the row's norm (the row is a few KiB, read from L2) instead of waiting for a
-    norm kernel before it. One row, one K block (`K <= NORM_GEMV_MAX_K`), no K split.
+    program re-derives the rows' norms (each row is a few KiB, read from L2) instead of waiting for
+    a norm kernel before it, and multiplies each weight block it loads by every row. 1 to
+    `NORM_GEMV_MAX_ROWS` rows, one K block (`K <= NORM_GEMV_MAX_K`), no K split.
 
     Args:
-        hidden: `[1, K]` residual stream.
-        partials: `[S, 1, K]` float32 partial sums to add into it first, or None.
+        hidden: `[M, K]` residual stream, M <= NORM_GEMV_MAX_ROWS.
+        partials: `[S, M, K]` float32 partial sums to add into it first, or None.
         scale: `[K]` the norm's weight.
         w: `[N, K]` weights; bias: optional `[N]` (epilogue "none").
         eps: the norm's epsilon.
@@ -532,13 +570,14 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
         >>> y.tolist()
         [[8.0, 8.0, 8.0, 8.0]]
     """
-    if hidden.ndim != 2 or hidden.shape[0] != 1:
-        raise ValueError(f"hidden must be [1, K], got {hidden.shape}")
+    if hidden.ndim != 2 or not 1 <= hidden.shape[0] <= NORM_GEMV_MAX_ROWS:
+        raise ValueError(f"hidden must be [M, K] with 1 <= M <= NORM_GEMV_MAX_ROWS={NORM_GEMV_MAX_ROWS}, "
+                         f"got {hidden.shape}")
     k = hidden.shape[1]
     if k > NORM_GEMV_MAX_K:
         raise ValueError(f"hidden's K must be at most NORM_GEMV_MAX_K={NORM_GEMV_MAX_K}, got {k}")
     if partials is not None and (partials.ndim != 3 or partials.shape[1:] != hidden.shape):
-        raise ValueError(f"partials must be [S, 1, {k}], got {partials.shape}")
+        raise ValueError(f"partials must be [S, {hidden.shape[0]}, {k}], got {partials.shape}")
     if scale.shape != (k,):
         raise ValueError(f"scale must be [{k}], got {scale.shape}")
     if w.ndim != 2 or w.shape[1] != k:

@@ -78,7 +78,7 @@ def decode_step_case(cfg: ModelConfig, params: dict, batch: int, rng: np.random.
     return kv, slots, step
 
 
-@pytest.mark.parametrize("batch", [1, 64, 256])
+@pytest.mark.parametrize("batch", [1, 4, 64, 256])
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_decode_step_matches_reference(name, batch):
     # One decode step (`decode_step_case`): logits, greedy tokens and the written K/V of the default

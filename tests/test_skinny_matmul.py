@@ -218,10 +218,76 @@ def test_skinny_matmul_norm_hoisted_loads_give_the_same_bits(interpret, epilogue
         np.testing.assert_array_equal(np.asarray(late, np.float32), np.asarray(early, np.float32), err_msg=f"seed={seed}")
 
 
+# (rows, epilogue, K, N, dtype, bias, partials, block_n, num_programs): the 2-4-row steps' norm-folded path
+SEVERAL_ROW_NORM_CASES = [
+    (2, "none", 200, 130, jnp.float32, True, 2, 16, None),
+    (3, "swiglu", 72, 2 * 37, jnp.float32, False, 3, 4, 3),      # ragged, 10 blocks over 3 programs
+    (4, "none", 896, 1152, jnp.bfloat16, True, 2, None, None),   # Qwen2.5-0.5B qkv at 4 rows
+    (2, "swiglu", 896, 2 * 4864, jnp.bfloat16, False, 1, None, None),  # gate_up at 2 rows (NORM_GEMV_TILES)
+]
+
+
+@pytest.mark.parametrize("interpret,rows,epilogue,k,n,dtype,with_bias,parts,bn,programs", interpreted_and_compiled(
+    # Interpreted, gate_up over 1160 of its 4864 rows (as above).
+    [*SEVERAL_ROW_NORM_CASES[:3], (2, "swiglu", 896, 2 * 1160, jnp.bfloat16, False, 1, 4, 66)],
+    SEVERAL_ROW_NORM_CASES))
+def test_skinny_matmul_norm_several_rows_match_reference(interpret, rows, epilogue, k, n, dtype, with_bias, parts, bn,
+                                                         programs):
+    # Each program loads its weight block once and multiplies it by every row, each row with its own norm.
+    rng, seed = fresh_rng()
+    hidden = jnp.asarray(rng.standard_normal((rows, k)) * rng.uniform(0.5, 3.0, (rows, 1)), dtype)
+    partials = jnp.asarray(rng.standard_normal((parts, rows, k)), jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, k), dtype)
+    w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), dtype)
+    bias = jnp.asarray(rng.standard_normal(n), dtype) if with_bias else None
+    h, y = skinny_matmul_norm(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue,
+                              block_n=bn, num_programs=programs, interpret=interpret)
+    h_ref, y_ref = skinny_matmul_norm_reference(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue)
+    assert h.shape == hidden.shape and y.shape == (rows, n // 2 if epilogue == "swiglu" else n)
+    assert not np.isnan(np.asarray(y, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(h, h_ref) <= TOLERANCE[dtype], f"seed={seed}"
+    for r in range(rows):  # every row its own: a row mixed up with another fails here
+        assert relative_error(y[r], y_ref[r]) <= TOLERANCE[dtype], f"row {r}, seed={seed}"
+
+
+# (rows, epilogue, K, N, dtype, bias, splits, block_n, block_k): the lane-wise path over 2-4 rows
+SEVERAL_ROW_GEMV_CASES = [
+    (2, "partials", 4864, 896, jnp.bfloat16, False, None, None, None),  # Qwen2.5-0.5B down at 2 rows
+    (4, "partials", 896, 896, jnp.bfloat16, False, None, None, None),   # o_proj at 4 rows
+    (3, "none", 300, 130, jnp.float32, True, 1, 4, 128),                # ragged, a K loop, bias in the kernel
+    (4, "swiglu", 300, 2 * 37, jnp.float32, False, None, 4, 128),
+    (2, "partials", 700, 70, jnp.float32, False, 3, 8, 128),            # uneven splits of a K loop
+]
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("interpret,rows,epilogue,k,n,dtype,with_bias,splits,bn,bk", interpreted_and_compiled(
+    # Interpreted, down's depth over 96 of its 896 columns.
+    [(2, "partials", 4864, 96, jnp.bfloat16, False, None, None, None), *SEVERAL_ROW_GEMV_CASES[1:]],
+    SEVERAL_ROW_GEMV_CASES))
+def test_skinny_matmul_gemv_several_rows_match_reference(interpret, prefetch, rows, epilogue, k, n, dtype, with_bias,
+                                                         splits, bn, bk):
+    rng, seed = fresh_rng()
+    x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), dtype)
+    bias = jnp.asarray(rng.standard_normal(n), dtype) if with_bias else None
+    out = skinny_matmul(x, w, bias, epilogue=epilogue, interpret=interpret, num_splits=splits,
+                        block_n=bn, block_k=bk, layout="nk", gemv=True, prefetch=prefetch)
+    ref = skinny_matmul_reference(x.astype(jnp.float32), w.astype(jnp.float32),
+                                  None if bias is None else bias.astype(jnp.float32),
+                                  epilogue=epilogue, layout="nk")
+    if epilogue == "partials":
+        out, ref = out.sum(axis=0), ref.sum(axis=0)
+    assert out.shape == ref.shape
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+    for r in range(rows):
+        assert relative_error(out[r], ref[r]) <= TOLERANCE[dtype], f"row {r}, seed={seed}"
+
+
 def test_skinny_matmul_norm_errors_name_the_field():
     ones = jnp.ones((1, 8))
     with pytest.raises(ValueError, match="hidden"):
-        skinny_matmul_norm(jnp.ones((2, 8)), None, jnp.ones(8), jnp.ones((4, 8)), eps=1e-6)
+        skinny_matmul_norm(jnp.ones((5, 8)), None, jnp.ones(8), jnp.ones((4, 8)), eps=1e-6)
     with pytest.raises(ValueError, match="partials"):
         skinny_matmul_norm(ones, jnp.ones((2, 8)), jnp.ones(8), jnp.ones((4, 8)), eps=1e-6)
     with pytest.raises(ValueError, match="scale"):
@@ -260,6 +326,8 @@ def test_skinny_matmul_errors_name_the_field():
         skinny_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4)), layout="kt")
     with pytest.raises(ValueError, match=r"w \[N, K\]"):
         skinny_matmul(jnp.zeros((2, 8)), jnp.zeros((8, 4)), layout="nk")
+    with pytest.raises(ValueError, match="NK_GEMV_MAX_ROWS"):
+        skinny_matmul(jnp.zeros((5, 8)), jnp.zeros((4, 8)), layout="nk", gemv=True)
 
 
 def test_skinny_matmul_inside_jit():
