@@ -572,9 +572,9 @@ def run_variant(args) -> list[dict]:
             # "split_one_stage": split fused attention below TWO_STAGE_ROWS on one pipeline stage, whatever its
             # blocks a split (jaxserve_kernels.decode_attention.SPLIT_TWO_STAGE_BLOCKS 0: the rule before session 37).
             decode_attention_module.SPLIT_TWO_STAGE_BLOCKS = 0 if glue == "split_one_stage" else split_two_stage_blocks
-            # "fold1": only one-row steps take the norm-folded kernels (model.FOLD_MAX_ROWS 1: the rule before
-            # session 38, when 2-4-row steps ran the partial sums' glue).
-            model_module.FOLD_MAX_ROWS = 1 if glue == "fold1" else fold_max_rows
+            # "fold1" / "fold4": steps of up to 1 / 4 rows take the norm-folded kernels (model.FOLD_MAX_ROWS; 1, the
+            # default, leaves 2-4-row steps on the partial sums' glue).
+            model_module.FOLD_MAX_ROWS = {"fold1": 1, "fold4": 4}.get(glue, fold_max_rows)
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
             # "cb_*": how XLA orders a command buffer's kernels (xla_gpu_command_buffer_scheduling_mode:
             # serialized, concurrent where the data allows, or the latency-hiding scheduler's order);
@@ -758,7 +758,7 @@ def main() -> None:
                                                              "ftz_exp2", "lean_softmax", "lean_ftz", "no_lean_ftz",
                                                              "swiglu_approx", "swiglu_exact", "pick_wave_fit", "pick_ceil", *CB_OPTIONS,
                                                              "head_b112", "head_b120", "head_b136", "head_b192", "head_b256",
-                                                             "unroll2", "unroll4", "unroll8", "halves", "split_one_stage", "fold1"],
+                                                             "unroll2", "unroll4", "unroll8", "halves", "split_one_stage", "fold1", "fold4"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

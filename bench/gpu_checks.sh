@@ -759,7 +759,8 @@ for part in "${parts[@]}"; do
          timeout 120 python3 bench/decode_step.py --batches 2 4 --context 1088 --table-pages 256 --variants default \
            --no-static --glue kernels table2048 --rounds 5 --reps 10 ;;
     # session 38: 2-4-row steps on the norm-folded kernels (model.FOLD_MAX_ROWS): their compiled tests, then the
-    # steps against the partial sums' glue ("fold1") in one process
+    # steps against the partial sums' glue in one process (run at 0d2c474, where FOLD_MAX_ROWS was 4 and "fold1" the
+    # glue; the folded route lost, so 1 is the default now and "fold4" the opt-in)
     fold38) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_skinny_matmul.py \
               -k "several_rows or norm or one_row" ; \
             timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "not gpu" \
@@ -767,7 +768,7 @@ for part in "${parts[@]}"; do
             timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_qwen_shapes.py \
               -k "4-" ; \
             for ctx in 192 1088; do timeout 120 python3 bench/decode_step.py --batches 2 4 --context $ctx \
-              --variants default --no-static --glue kernels fold1 --rounds 5 --reps 10 ; done ;;
+              --variants default --no-static --glue kernels fold4 --rounds 5 --reps 10 ; done ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

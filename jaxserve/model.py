@@ -245,12 +245,15 @@ NORM_IN_PROJECTION = os.environ.get("JAXSERVE_NORM_IN_PROJECTION", "1") == "1"
 # is traced.
 O_IN_ATTENTION = os.environ.get("JAXSERVE_O_IN_ATTENTION", "1") == "1"
 # Decode steps of up to this many rows take the one-row step's kernels (norms folded into QKV and gate_up,
-# o_proj in the attention for short tables, down_proj and o_proj on the lane-wise path): each program loads
-# its weights once for every row (`skinny_matmul_norm`, `skinny_matmul(..., gemv=True)`), so a 2- or 4-row
-# step runs the one-row step's ~106 kernels instead of the partial sums' glue (226 kernels a step: 0.738 /
-# 0.747 ms at 2 / 4 rows against 0.594 at 1, H200, session 38). At most
-# `jaxserve_kernels.skinny_matmul.NORM_GEMV_MAX_ROWS`; 1 restores the one-row rule. Read when a step is traced.
-FOLD_MAX_ROWS = int(os.environ.get("JAXSERVE_FOLD_MAX_ROWS", "4"))
+# o_proj in the attention for short tables, down_proj and o_proj on the lane-wise path), each program
+# multiplying the weights it loads by every row (`skinny_matmul_norm`, `skinny_matmul(..., gemv=True)` take
+# up to 4 rows). 1 by default: over 4 rows that route lost badly on the H200 (session 38,
+# bench/results/decode_step.md: the 4-row step 1.383 against 0.710 ms for the partial sums' glue, 2 rows
+# 0.817 against 0.712; per launch the attention with o_proj 19.3 µs, every row's attention redone per block
+# of o's rows, against 5.0 + 2.6, gate_up 17.6 against ~5, down_proj 12.5): its per-row lane reductions
+# and redone attention cost more than the launches it saves. Kept, tested, as the measured alternative.
+# JAXSERVE_FOLD_MAX_ROWS sets it; read when a step is traced.
+FOLD_MAX_ROWS = int(os.environ.get("JAXSERVE_FOLD_MAX_ROWS", "1"))
 
 
 # The norm-folded path's other projections (o_proj where the attention does not take it, down_proj): the

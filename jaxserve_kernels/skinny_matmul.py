@@ -39,8 +39,9 @@ By default the lane-wise path takes one row: with 2-16 rows (each row's products
 iteration) it lost to the tensor-core path at every batch (session 15: 0.793 vs 0.757 ms at 2 rows,
 3.1 vs 0.79 at 16; bench/results/decode_step.md). Asked for (`gemv=True`), it takes up to
 `NK_GEMV_MAX_ROWS` rows, each weight tile loaded once for all of them and each row's lanes summed
-once at the end: the norm-folded path of 2-4-row steps, where the tensor-core path's K splits would
-hand the next `skinny_matmul_norm` many more partial sums to add.
+once at the end: the opt-in norm-folded path of 2-4-row steps (`jaxserve.model.FOLD_MAX_ROWS`), where
+the tensor-core path's K splits would hand the next `skinny_matmul_norm` many more partial sums to add.
+Measured, that path loses at 2-4 rows (session 38): the per-row reductions cost more than the launches.
 
 Backend: Pallas Triton, like the other kernels (`jaxserve_kernels.paged_attention` says why).
 """
@@ -86,7 +87,9 @@ NK_GEMV_WARPS = 8
 NK_GEMV_PREFETCH = True
 # Rows the lane-wise path takes when asked (`gemv=True`; by default it takes one row): each weight tile is
 # loaded once for all of them and every row keeps its own lanes, so registers grow with the rows. The
-# norm-folded decode path of 2-4 rows (`jaxserve.model.FOLD_MAX_ROWS`) asks for it.
+# norm-folded decode path of 2-4 rows (`jaxserve.model.FOLD_MAX_ROWS`, opt-in) asks for it; there down_proj
+# took 12.5 µs a launch at 4 rows against ~4.5 at one (H200, session 38): each row's lanes are summed
+# apart, one cross-warp reduction a row and half.
 NK_GEMV_MAX_ROWS = 4
 NK_TARGET_PROGRAMS = _TARGET_PROGRAMS
 # Programs wanted on the one-row lane-wise path (how far a narrow projection's K is split).

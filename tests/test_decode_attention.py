@@ -349,6 +349,8 @@ def test_fused_decode_shape_errors_name_the_field():
     ("pallas", {}, "nk", "pallas+norm+loop"),
     # Folded, and o_proj inside the fused attention kernel (model.O_IN_ATTENTION).
     ("pallas", {}, "nk", "pallas+norm+o"),
+    # The same over three rows (model.FOLD_MAX_ROWS 4, opt-in: each program's weights multiply every row).
+    ("pallas", {}, "nk", "pallas+norm+rows3+o"),
 ])
 def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, projections, monkeypatch):
     # One paged decode step of the whole model (under "pallas": the fused attention kernel and
@@ -393,8 +395,10 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.asarray(rng.standard_normal(x.shape) * 0.5, x.dtype)
         if "bias" in jax.tree_util.keystr(p) else x, params)
-    # Folded: three rows (model.FOLD_MAX_ROWS: each program's weights multiply every row), one with the loop.
-    batch, page_size, width = (1 if projections.endswith("+loop") else 3), 8, 4
+    if "+rows3" in projections:
+        monkeypatch.setattr(model_module, "FOLD_MAX_ROWS", 4)
+    # Norms fold into one-row steps by default (model.FOLD_MAX_ROWS), into three rows where the case asks.
+    batch, page_size, width = (1 if fold and "+rows3" not in projections else 3), 8, 4
     lengths = np.array([5, 17, 9])[:batch]  # tokens before the decoded one
     if fold:
         import importlib
