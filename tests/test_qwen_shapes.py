@@ -33,14 +33,14 @@ SHAPES = {
 }
 
 
-def qwen_shape_config(name: str) -> ModelConfig:
+def qwen_shape_config(name: str, max_positions: int = 4096) -> ModelConfig:
     """Two layers of the Qwen2.5 model `name` ("0.5B" ... "7B")."""
-    return ModelConfig(num_hidden_layers=2, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=4096,
+    return ModelConfig(num_hidden_layers=2, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=max_positions,
                        **SHAPES[name])
 
 
-def _model(name: str, seed: int) -> tuple[ModelConfig, dict]:
-    cfg = qwen_shape_config(name)
+def _model(name: str, seed: int, max_positions: int = 4096) -> tuple[ModelConfig, dict]:
+    cfg = qwen_shape_config(name, max_positions)
     params = jax.device_get(init_params(cfg, jax.random.key(seed), jnp.bfloat16))
     # Peaked logits: the embedding (and an untied head) scaled so that a row's top tokens lie far
     # apart in logit, and the two paths' bf16 roundings cannot swap the greedy token.
@@ -99,29 +99,22 @@ def test_decode_step_matches_reference(name, batch):
                 f"seed={seed}"
 
 
-@pytest.mark.parametrize("name", ["1.5B", "7B"])
-def test_engine_greedy_generation_matches_reference_engine(name):
-    # The whole engine (prefill, page growth, multi-step decode, the greedy pick) at the shape,
-    # against the same engine on the jnp/XLA reference kernels. The two round differently (the fast
-    # path keeps the residual stream in float32), so a long greedy run may part at a near-tie; where
-    # a pair of outputs first differs, each token must be among the other path's top 5 (vLLM's
-    # check_logprobs_close), and most outputs must not part at all.
-    rng, seed = fresh_rng()
-    cfg, params = _model(name, seed)
-    model = LoadedModel(params, cfg, None, "", name)
-    prompts = [rng.integers(2, cfg.vocab_size, int(n)).tolist() for n in rng.integers(1, 300, 24)]
-    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=5)
+def _engines_agree(model: LoadedModel, prompts: list[list[int]], max_tokens: int, seed: int, **config) -> None:
+    """The engine's GPU path and the same engine on the jnp/XLA reference kernels, greedy over `prompts`.
+
+    The two round differently (the fast path keeps the residual stream in float32), so a long greedy run may part
+    at a near-tie; where a pair of outputs first differs, each token must be among the other path's top 5 (vLLM's
+    check_logprobs_close), and most outputs must not part at all. Every page is free after each engine's run."""
+    greedy = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=5)
     outs = {}
     for impl in ("pallas", "reference"):
-        config = EngineConfig(dtype="bfloat16", page_size=16, num_pages=1024, max_running=16,
-                              max_tokens_per_step=1024, max_model_len=512, attention_impl=impl,
-                              prefix_caching=False)
-        with Engine(model, config) as engine:
+        with Engine(model, EngineConfig(dtype="bfloat16", page_size=16, attention_impl=impl, prefix_caching=False,
+                                        **config)) as engine:
             outs[impl] = engine.generate(prompts, greedy, use_tqdm=False)
             assert engine.stats()["pages_used"] == 0
     parted = 0
     for a, b in zip(outs["pallas"], outs["reference"]):
-        assert len(a["token_ids"]) == len(b["token_ids"]) == 24
+        assert len(a["token_ids"]) == len(b["token_ids"]) == max_tokens
         k = next((i for i, (x, y) in enumerate(zip(a["token_ids"], b["token_ids"])) if x != y), None)
         if k is None:
             continue
@@ -130,3 +123,27 @@ def test_engine_greedy_generation_matches_reference_engine(name):
         assert x in b["top_logprobs"][k] and y in a["top_logprobs"][k], \
             f"token {k}: {x} vs {y}, not a near-tie ({a['top_logprobs'][k]} / {b['top_logprobs'][k]}), seed={seed}"
     assert parted <= len(prompts) // 2, f"{parted} of {len(prompts)} outputs part, seed={seed}"
+
+
+@pytest.mark.parametrize("name", ["1.5B", "7B"])
+def test_engine_greedy_generation_matches_reference_engine(name):
+    # The whole engine (prefill, page growth, multi-step decode, the greedy pick) at the shape.
+    rng, seed = fresh_rng()
+    cfg, params = _model(name, seed)
+    model = LoadedModel(params, cfg, None, "", name)
+    prompts = [rng.integers(2, cfg.vocab_size, int(n)).tolist() for n in rng.integers(1, 300, 24)]
+    _engines_agree(model, prompts, 24, seed, num_pages=1024, max_running=16, max_tokens_per_step=1024,
+                   max_model_len=512)
+
+
+def test_engine_long_context_tables_match_reference_engine():
+    # 0.5B heads in a 32k model, a few rows at a time over 300-1,500-token prompts: the decode calls take the
+    # 16-, 256- and 2048-page tables (engine.DECODE_TABLE_GROWTH; the middle one for the 1-4-row buckets) and the
+    # split fused attention on two pipeline stages (decode_attention.SPLIT_TWO_STAGE_BLOCKS).
+    rng, seed = fresh_rng()
+    cfg, params = _model("0.5B", seed, max_positions=32768)
+    model = LoadedModel(params, cfg, None, "", "0.5B")
+    prompts = [rng.integers(2, cfg.vocab_size, int(n)).tolist() for n in rng.integers(300, 1500, 8)]
+    prompts[0] = prompts[0][:40]  # one row within the narrow table
+    _engines_agree(model, prompts, 16, seed, num_pages=1024, max_running=4, max_tokens_per_step=2048,
+                   max_model_len=32768)
