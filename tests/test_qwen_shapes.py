@@ -99,12 +99,13 @@ def test_decode_step_matches_reference(name, batch):
                 f"seed={seed}"
 
 
-def _engines_agree(model: LoadedModel, prompts: list[list[int]], max_tokens: int, seed: int, **config) -> None:
+def _engines_agree(model: LoadedModel, prompts: list[list[int]], max_tokens: int, seed: int, **config) -> set[int]:
     """The engine's GPU path and the same engine on the jnp/XLA reference kernels, greedy over `prompts`.
 
     The two round differently (the fast path keeps the residual stream in float32), so a long greedy run may part
     at a near-tie; where a pair of outputs first differs, each token must be among the other path's top 5 (vLLM's
-    check_logprobs_close), and most outputs must not part at all. Every page is free after each engine's run."""
+    check_logprobs_close), and most outputs must not part at all. Every page is free after each engine's run.
+    Returns the block-table widths of the GPU path's decode calls."""
     greedy = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=5)
     outs = {}
     for impl in ("pallas", "reference"):
@@ -112,6 +113,8 @@ def _engines_agree(model: LoadedModel, prompts: list[list[int]], max_tokens: int
                                         **config)) as engine:
             outs[impl] = engine.generate(prompts, greedy, use_tqdm=False)
             assert engine.stats()["pages_used"] == 0
+            if impl == "pallas":
+                widths = {shape[2][1] for shape in engine.runner.compiled_shapes if shape[0] == "decode"}
     parted = 0
     for a, b in zip(outs["pallas"], outs["reference"]):
         assert len(a["token_ids"]) == len(b["token_ids"]) == max_tokens
@@ -123,6 +126,7 @@ def _engines_agree(model: LoadedModel, prompts: list[list[int]], max_tokens: int
         assert x in b["top_logprobs"][k] and y in a["top_logprobs"][k], \
             f"token {k}: {x} vs {y}, not a near-tie ({a['top_logprobs'][k]} / {b['top_logprobs'][k]}), seed={seed}"
     assert parted <= len(prompts) // 2, f"{parted} of {len(prompts)} outputs part, seed={seed}"
+    return widths
 
 
 @pytest.mark.parametrize("name", ["1.5B", "7B"])
@@ -137,13 +141,15 @@ def test_engine_greedy_generation_matches_reference_engine(name):
 
 
 def test_engine_long_context_tables_match_reference_engine():
-    # 0.5B heads in a 32k model, a few rows at a time over 300-1,500-token prompts: the decode calls take the
-    # 16-, 256- and 2048-page tables (engine.DECODE_TABLE_GROWTH; the middle one for the 1-4-row buckets) and the
-    # split fused attention on two pipeline stages (decode_attention.SPLIT_TWO_STAGE_BLOCKS).
+    # 0.5B heads in a 32k model (2,048-page tables), a few rows at a time over 300-1,500-token prompts: the decode
+    # calls take the 16- and 256-page tables (engine.DECODE_TABLE_GROWTH: the middle one where the 1-4-row buckets'
+    # split count changes) and the split fused attention on two pipeline stages (SPLIT_TWO_STAGE_BLOCKS).
     rng, seed = fresh_rng()
     cfg, params = _model("0.5B", seed, max_positions=32768)
     model = LoadedModel(params, cfg, None, "", "0.5B")
-    prompts = [rng.integers(2, cfg.vocab_size, int(n)).tolist() for n in rng.integers(300, 1500, 8)]
-    prompts[0] = prompts[0][:40]  # one row within the narrow table
-    _engines_agree(model, prompts, 16, seed, num_pages=1024, max_running=4, max_tokens_per_step=2048,
-                   max_model_len=32768)
+    # The first four (one wave of max_running) within the narrow table, the rest past it.
+    lengths = np.concatenate([rng.integers(1, 200, 4), rng.integers(300, 1500, 4)])
+    prompts = [rng.integers(2, cfg.vocab_size, int(n)).tolist() for n in lengths]
+    widths = _engines_agree(model, prompts, 16, seed, num_pages=1024, max_running=4, max_tokens_per_step=2048,
+                            max_model_len=32768)
+    assert {16, 256} <= widths, widths
