@@ -450,13 +450,25 @@ def run_variant(args) -> list[dict]:
     from jaxserve.runner import Runner, default_attention_impl
     from jaxserve.sampling import SamplingParams, make_batch
 
-    cfg = ModelConfig.from_hf_dict(dict(TINY if args.tiny else QWEN25_05B, model_type="qwen2"))
+    shape = dict(TINY if args.tiny else QWEN25_05B, model_type="qwen2")
+    if args.shape == "7B":  # Qwen2.5-7B's layer shapes (28 / 4 query / KV heads of 128, an untied head)
+        shape.update(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                     num_key_value_heads=4, tie_word_embeddings=False)
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    cfg = ModelConfig.from_hf_dict(shape)
     t0 = time.perf_counter()
-    # Random weights drawn on the host: jitting Flax's init for 0.5B costs ~40 s on the GPU machine.
-    rng = np.random.default_rng(0)
     shapes = jax.eval_shape(lambda k: init_params(cfg, k, jnp.bfloat16), jax.random.key(0))
-    params = jax.tree.map(lambda s: jnp.asarray((rng.standard_normal(s.shape, np.float32) * 0.02).astype(s.dtype)),
-                          shapes)
+    if args.shape == "7B":  # too many weights to draw on the host: one jitted normal draw per leaf on the device
+        leaves, tree = jax.tree.flatten(shapes)
+        keys = jax.random.split(jax.random.key(0), len(leaves))
+        params = jax.tree.unflatten(tree, [jax.jit(lambda k, s=s: (jax.random.normal(k, s.shape, jnp.float32) * 0.02)
+                                                   .astype(s.dtype))(key) for key, s in zip(keys, leaves)])
+    else:
+        # Random weights drawn on the host: jitting Flax's init for 0.5B costs ~40 s on the GPU machine.
+        rng = np.random.default_rng(0)
+        params = jax.tree.map(lambda s: jnp.asarray((rng.standard_normal(s.shape, np.float32) * 0.02).astype(s.dtype)),
+                              shapes)
     jax.block_until_ready(params)
     print(f"params ready {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
@@ -764,6 +776,8 @@ def main() -> None:
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")
     ap.add_argument("--no-static", action="store_true", help="time the engine only (the static decoder compiles slowly)")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
+    ap.add_argument("--shape", default="0.5B", choices=["0.5B", "7B"], help="the model's layer shapes (Qwen2.5)")
+    ap.add_argument("--layers", type=int, default=0, help="decoder layers (0: the shape's own)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
     ap.add_argument("--table-pages", type=int, default=None,
@@ -782,7 +796,8 @@ def main() -> None:
             env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + extra).strip()
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--batches", *map(str, args.batches),
                "--context", str(args.context), "--decode-steps", str(args.decode_steps), "--reps", str(args.reps),
-               "--rounds", str(args.rounds), "--glue", *args.glue] + (["--tiny"] if args.tiny else []) + (["--no-static"] if args.no_static else []) \
+               "--rounds", str(args.rounds), "--glue", *args.glue, "--shape", args.shape, "--layers", str(args.layers)] \
+            + (["--tiny"] if args.tiny else []) + (["--no-static"] if args.no_static else []) \
             + (["--impl", args.impl] if args.impl else []) \
             + (["--dump-hlo", args.dump_hlo] if args.dump_hlo else []) \
             + (["--table-pages", str(args.table_pages)] if args.table_pages else []) \
