@@ -93,13 +93,7 @@ def copy_bandwidth() -> float:
     def loop(x):
         return jax.lax.fori_loop(0, reps, lambda i, y: -y, x)  # a negation XLA cannot fold away
 
-    loop(x).block_until_ready()
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        loop(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * x.nbytes * reps / float(np.median(times))
+    return 2 * x.nbytes * reps / _median_s(loop, x)
 
 
 def read_bandwidth() -> float:
@@ -113,13 +107,18 @@ def read_bandwidth() -> float:
         return jax.lax.fori_loop(0, reps, lambda i, s: s + jnp.sum(x + s.astype(x.dtype), dtype=jnp.float32) * 1e-9,
                                  jnp.float32(0))
 
+    return x.nbytes * reps / _median_s(loop, x)
+
+
+def _median_s(loop, x) -> float:
+    """Median seconds of three calls of the jitted `loop(x)`, after one that compiles it."""
     loop(x).block_until_ready()
     times = []
     for _ in range(3):
         t = time.perf_counter()
         loop(x).block_until_ready()
         times.append(time.perf_counter() - t)
-    return x.nbytes * reps / float(np.median(times))
+    return float(np.median(times))
 
 
 def loop_body_histogram(hlo_text: str) -> dict[str, int]:

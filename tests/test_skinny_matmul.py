@@ -147,8 +147,13 @@ def test_skinny_matmul_one_row_k_loop_matches_reference(interpret, prefetch, epi
                                                         splits, bn, bk):
     # One row, lane-wise, looping over K blocks, each iteration loading the next block's tiles
     # ahead (prefetch, the default) or its own.
+    check_gemv(1, interpret, prefetch, epilogue, k, n, dtype, with_bias, splits, bn, bk)
+
+
+def check_gemv(rows, interpret, prefetch, epilogue, k, n, dtype, with_bias, splits, bn, bk) -> None:
+    """The lane-wise path (`gemv=True`) over `rows` fresh random rows against the float32 reference, row by row."""
     rng, seed = fresh_rng()
-    x = jnp.asarray(rng.standard_normal((1, k)), dtype)
+    x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
     w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), dtype)
     bias = jnp.asarray(rng.standard_normal(n), dtype) if with_bias else None
     out = skinny_matmul(x, w, bias, epilogue=epilogue, interpret=interpret, num_splits=splits,
@@ -160,7 +165,8 @@ def test_skinny_matmul_one_row_k_loop_matches_reference(interpret, prefetch, epi
         out, ref = out.sum(axis=0), ref.sum(axis=0)
     assert out.shape == ref.shape
     assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
-    assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
+    for r in range(rows):  # a row mixed up with another fails here
+        assert relative_error(out[r], ref[r]) <= TOLERANCE[dtype], f"row {r}, seed={seed}"
 
 
 NORM_CASES = [  # (epilogue, K, N, dtype, bias, partials, block_n, num_programs)
@@ -267,21 +273,7 @@ SEVERAL_ROW_GEMV_CASES = [
     SEVERAL_ROW_GEMV_CASES))
 def test_skinny_matmul_gemv_several_rows_match_reference(interpret, prefetch, rows, epilogue, k, n, dtype, with_bias,
                                                          splits, bn, bk):
-    rng, seed = fresh_rng()
-    x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
-    w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), dtype)
-    bias = jnp.asarray(rng.standard_normal(n), dtype) if with_bias else None
-    out = skinny_matmul(x, w, bias, epilogue=epilogue, interpret=interpret, num_splits=splits,
-                        block_n=bn, block_k=bk, layout="nk", gemv=True, prefetch=prefetch)
-    ref = skinny_matmul_reference(x.astype(jnp.float32), w.astype(jnp.float32),
-                                  None if bias is None else bias.astype(jnp.float32),
-                                  epilogue=epilogue, layout="nk")
-    if epilogue == "partials":
-        out, ref = out.sum(axis=0), ref.sum(axis=0)
-    assert out.shape == ref.shape
-    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
-    for r in range(rows):
-        assert relative_error(out[r], ref[r]) <= TOLERANCE[dtype], f"row {r}, seed={seed}"
+    check_gemv(rows, interpret, prefetch, epilogue, k, n, dtype, with_bias, splits, bn, bk)
 
 
 def test_skinny_matmul_norm_errors_name_the_field():
