@@ -49,7 +49,14 @@ CB_OPTIONS = {"cb_serialize": {"xla_gpu_command_buffer_scheduling_mode": "SERIAL
 # jaxserve_kernels.mlp_gemv's tile changed: intermediate columns a program, gate/up rows a step, warps.
 MLP_TILINGS = {"mlp": {}, "mlp_c8": {"COLUMNS": 8}, "mlp_c32": {"COLUMNS": 32}, "mlp_b2": {"BLOCK_N": 2},
                "mlp_b8": {"BLOCK_N": 8}, "mlp_w4": {"NUM_WARPS": 4}, "mlp_c32_b8": {"COLUMNS": 32, "BLOCK_N": 8},
-               "mlp_c8_w4": {"COLUMNS": 8, "NUM_WARPS": 4}}
+               "mlp_c8_w4": {"COLUMNS": 8, "NUM_WARPS": 4}, "mlp_c32_w4": {"COLUMNS": 32, "NUM_WARPS": 4},
+               "mlp_b2_w4": {"BLOCK_N": 2, "NUM_WARPS": 4},
+               "mlp_c32_b2_w4": {"COLUMNS": 32, "BLOCK_N": 2, "NUM_WARPS": 4}}
+# A probe, not an engine setting: the same tiles with Pallas Triton's atomic adds lowered relaxed instead of
+# acquire-release (jax's lowering takes no semantic, so its default is swapped while such a variant compiles).
+# Only safe here because no other kernel of the step takes an atomic ticket (the in-kernel split merge is off).
+MLP_TILINGS.update({f"{name}_relaxed": dict(tile, relaxed=True) for name, tile in list(MLP_TILINGS.items())
+                    if name in ("mlp_w4", "mlp_c32_w4", "mlp_c32_b2_w4", "mlp_b2_w4")})
 WHILE_GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
                 "xla_gpu_graph_min_graph_size": 1}
 VARIANTS = {
@@ -515,6 +522,9 @@ def run_variant(args) -> list[dict]:
     mlp_gemv_module = importlib.import_module("jaxserve_kernels.mlp_gemv")
     mlp_gemv = model_module.MLP_GEMV
     mlp_tile = {name: getattr(mlp_gemv_module, name) for name in ("COLUMNS", "BLOCK_N", "NUM_WARPS")}
+    from jax._src.pallas.triton import lowering as triton_lowering
+
+    atomic_defaults = triton_lowering._atomic_rmw.__defaults__
     # The random params come in the model's default layout; the other is converted once if asked.
     default_layout = model_module.WEIGHT_LAYOUT
     norm_fold = model_module.NORM_IN_PROJECTION
@@ -597,8 +607,15 @@ def run_variant(args) -> list[dict]:
             model_module.FOLD_MAX_ROWS = {"fold1": 1, "fold4": 4}.get(glue, fold_max_rows)
             # MLP_TILINGS: one-row MLPs as one launch (model.MLP_GEMV) at a tile; "no_mlp": as two.
             model_module.MLP_GEMV = glue in MLP_TILINGS or (glue != "no_mlp" and mlp_gemv)
-            for name, value in {**mlp_tile, **MLP_TILINGS.get(glue, {})}.items():
+            tile = dict(MLP_TILINGS.get(glue, {}))
+            relaxed = tile.pop("relaxed", False)
+            for name, value in {**mlp_tile, **tile}.items():
                 setattr(mlp_gemv_module, name, value)
+            from jax._src.pallas.triton import lowering as triton_lowering
+
+            sem = triton_lowering.tt_dialect.MemSemantic
+            triton_lowering._atomic_rmw.__defaults__ = (
+                atomic_defaults[0], sem.RELAXED if relaxed else atomic_defaults[1], *atomic_defaults[2:])
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
             # "cb_*": how XLA orders a command buffer's kernels (xla_gpu_command_buffer_scheduling_mode:
             # serialized, concurrent where the data allows, or the latency-hiding scheduler's order);

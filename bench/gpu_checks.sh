@@ -244,6 +244,7 @@
 #               see whether TF32 GEMMs explain it, prefix JAX_DEFAULT_MATMUL_PRECISION=highest)
 #   mlp39       session 39: the one-launch one-row MLP (jaxserve_kernels.mlp_gemv): compiled tests, then the batch-1
 #               step against the two-launch MLP at 8 tiles, profiled (~400 s)
+#   mlp39b      session 39: its best tiles again, then with relaxed atomic adds (a probe), profiled (~200 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -778,6 +779,13 @@ for part in "${parts[@]}"; do
              -k "mlp_gemv or (model_decode_step and mlp) or one_row_mlp" ; \
            timeout 380 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels mlp \
              mlp_c8 mlp_c32 mlp_b2 mlp_b8 mlp_w4 mlp_c32_b8 mlp_c8_w4 --rounds 5 --reps 10 --profile /tmp/mlp39 ;;
+    # session 39, after mlp39: the one-launch MLP over 4 warps with 32 columns / 2 gate-up rows a step, then the same
+    # with relaxed atomic adds (decode_step's probe), each set in a process of its own (jax caches the lowering)
+    mlp39b) timeout 200 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels \
+              mlp_w4 mlp_c32_w4 mlp_b2_w4 mlp_c32_b2_w4 --rounds 5 --reps 10 --profile /tmp/mlp39b ; \
+            timeout 200 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels \
+              mlp_w4_relaxed mlp_c32_w4_relaxed mlp_b2_w4_relaxed mlp_c32_b2_w4_relaxed --rounds 5 --reps 10 \
+              --profile /tmp/mlp39c ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"
