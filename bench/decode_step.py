@@ -45,18 +45,6 @@ CB_OPTIONS = {"cb_serialize": {"xla_gpu_command_buffer_scheduling_mode": "SERIAL
 # custom calls (the Pallas kernels) into CUDA graphs, and forms a graph from a single op.
 # The "graphs" variant's XLA flags; as one compile's options too (--glue while_graphs, session 22:
 # compared with the default in one process).
-# Glue settings that run one-row MLPs as one launch each (jaxserve.model.MLP_GEMV), with
-# jaxserve_kernels.mlp_gemv's tile changed: intermediate columns a program, gate/up rows a step, warps.
-MLP_TILINGS = {"mlp": {}, "mlp_c8": {"COLUMNS": 8}, "mlp_c32": {"COLUMNS": 32}, "mlp_b2": {"BLOCK_N": 2},
-               "mlp_b8": {"BLOCK_N": 8}, "mlp_w4": {"NUM_WARPS": 4}, "mlp_c32_b8": {"COLUMNS": 32, "BLOCK_N": 8},
-               "mlp_c8_w4": {"COLUMNS": 8, "NUM_WARPS": 4}, "mlp_c32_w4": {"COLUMNS": 32, "NUM_WARPS": 4},
-               "mlp_b2_w4": {"BLOCK_N": 2, "NUM_WARPS": 4},
-               "mlp_c32_b2_w4": {"COLUMNS": 32, "BLOCK_N": 2, "NUM_WARPS": 4}}
-# A probe, not an engine setting: the same tiles with Pallas Triton's atomic adds lowered relaxed instead of
-# acquire-release (jax's lowering takes no semantic, so its default is swapped while such a variant compiles).
-# Only safe here because no other kernel of the step takes an atomic ticket (the in-kernel split merge is off).
-MLP_TILINGS.update({f"{name}_relaxed": dict(tile, relaxed=True) for name, tile in list(MLP_TILINGS.items())
-                    if name in ("mlp_w4", "mlp_c32_w4", "mlp_c32_b2_w4", "mlp_b2_w4")})
 WHILE_GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
                 "xla_gpu_graph_min_graph_size": 1}
 VARIANTS = {
@@ -519,12 +507,6 @@ def run_variant(args) -> list[dict]:
     half_batch_rows = runner_module.HALF_BATCH_ROWS
     split_two_stage_blocks = decode_attention_module.SPLIT_TWO_STAGE_BLOCKS
     fold_max_rows = model_module.FOLD_MAX_ROWS
-    mlp_gemv_module = importlib.import_module("jaxserve_kernels.mlp_gemv")
-    mlp_gemv = model_module.MLP_GEMV
-    mlp_tile = {name: getattr(mlp_gemv_module, name) for name in ("COLUMNS", "BLOCK_N", "NUM_WARPS")}
-    from jax._src.pallas.triton import lowering as triton_lowering
-
-    atomic_defaults = triton_lowering._atomic_rmw.__defaults__
     # The random params come in the model's default layout; the other is converted once if asked.
     default_layout = model_module.WEIGHT_LAYOUT
     norm_fold = model_module.NORM_IN_PROJECTION
@@ -605,17 +587,6 @@ def run_variant(args) -> list[dict]:
             # "fold1" / "fold4": steps of up to 1 / 4 rows take the norm-folded kernels (model.FOLD_MAX_ROWS; 1, the
             # default, leaves 2-4-row steps on the partial sums' glue).
             model_module.FOLD_MAX_ROWS = {"fold1": 1, "fold4": 4}.get(glue, fold_max_rows)
-            # MLP_TILINGS: one-row MLPs as one launch (model.MLP_GEMV) at a tile; "no_mlp": as two.
-            model_module.MLP_GEMV = glue in MLP_TILINGS or (glue != "no_mlp" and mlp_gemv)
-            tile = dict(MLP_TILINGS.get(glue, {}))
-            relaxed = tile.pop("relaxed", False)
-            for name, value in {**mlp_tile, **tile}.items():
-                setattr(mlp_gemv_module, name, value)
-            from jax._src.pallas.triton import lowering as triton_lowering
-
-            sem = triton_lowering.tt_dialect.MemSemantic
-            triton_lowering._atomic_rmw.__defaults__ = (
-                atomic_defaults[0], sem.RELAXED if relaxed else atomic_defaults[1], *atomic_defaults[2:])
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
             # "cb_*": how XLA orders a command buffer's kernels (xla_gpu_command_buffer_scheduling_mode:
             # serialized, concurrent where the data allows, or the latency-hiding scheduler's order);
@@ -799,8 +770,7 @@ def main() -> None:
                                                              "ftz_exp2", "lean_softmax", "lean_ftz", "no_lean_ftz",
                                                              "swiglu_approx", "swiglu_exact", "pick_wave_fit", "pick_ceil", *CB_OPTIONS,
                                                              "head_b112", "head_b120", "head_b136", "head_b192", "head_b256",
-                                                             "unroll2", "unroll4", "unroll8", "halves", "split_one_stage", "fold1", "fold4",
-                                                             *MLP_TILINGS, "no_mlp"],
+                                                             "unroll2", "unroll4", "unroll8", "halves", "split_one_stage", "fold1", "fold4"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -242,9 +242,6 @@
 #               none of its policies, 400 s one of three; POLICY_ARGS="--no-warmup" compiles only the shapes used:
 #               143 s for all three in session 10). Session 10's float32 run differed in 1 request of 96; to
 #               see whether TF32 GEMMs explain it, prefix JAX_DEFAULT_MATMUL_PRECISION=highest)
-#   mlp39       session 39: the one-launch one-row MLP (jaxserve_kernels.mlp_gemv): compiled tests, then the batch-1
-#               step against the two-launch MLP at 8 tiles, profiled (~400 s)
-#   mlp39b      session 39: its best tiles again, then with relaxed atomic adds (a probe), profiled (~200 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -772,20 +769,6 @@ for part in "${parts[@]}"; do
               -k "4-" ; \
             for ctx in 192 1088; do timeout 120 python3 bench/decode_step.py --batches 2 4 --context $ctx \
               --variants default --no-static --glue kernels fold4 --rounds 5 --reps 10 ; done ;;
-    # session 39: one-row MLPs as one launch (model.MLP_GEMV, jaxserve_kernels.mlp_gemv): compiled kernel, model-step
-    # and engine tests, then the batch-1 step against the two-launch MLP at several tiles, profiled
-    mlp39) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-             tests/test_mlp_gemv.py tests/test_decode_attention.py tests/test_engine.py \
-             -k "mlp_gemv or (model_decode_step and mlp) or one_row_mlp" ; \
-           timeout 380 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels mlp \
-             mlp_c8 mlp_c32 mlp_b2 mlp_b8 mlp_w4 mlp_c32_b8 mlp_c8_w4 --rounds 5 --reps 10 --profile /tmp/mlp39 ;;
-    # session 39, after mlp39: the one-launch MLP over 4 warps with 32 columns / 2 gate-up rows a step, then the same
-    # with relaxed atomic adds (decode_step's probe), each set in a process of its own (jax caches the lowering)
-    mlp39b) timeout 200 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels \
-              mlp_w4 mlp_c32_w4 mlp_b2_w4 mlp_c32_b2_w4 --rounds 5 --reps 10 --profile /tmp/mlp39b ; \
-            timeout 200 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels \
-              mlp_w4_relaxed mlp_c32_w4_relaxed mlp_b2_w4_relaxed mlp_c32_b2_w4_relaxed --rounds 5 --reps 10 \
-              --profile /tmp/mlp39c ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

@@ -259,12 +259,6 @@ FOLD_MAX_ROWS = int(os.environ.get("JAXSERVE_FOLD_MAX_ROWS", "1"))
 # The norm-folded path's other projections (o_proj where the attention does not take it, down_proj): the
 # lane-wise path for all its rows, whose few K splits the next `skinny_matmul_norm` adds.
 FOLDED_TILING = {"gemv": True}
-# One-row norm-folded steps run each layer's MLP (add + RMSNorm, gate_up, SwiGLU, down_proj) as one launch
-# (`jaxserve_kernels.mlp_gemv.fused_mlp_gemv`): each program owns a block of intermediate columns end to end
-# and adds its share of down_proj into a float32 buffer by atomic adds, which the next layer's QKV reads as
-# its one partial sum. Two such buffers alternate by layer (`DecoderLayer`'s `pending` is then the pair). Not
-# bitwise reproducible (the adds' order varies). JAXSERVE_MLP_GEMV=1 turns it on; read when a step is traced.
-MLP_GEMV = os.environ.get("JAXSERVE_MLP_GEMV", "0") == "1"
 
 
 def _fold_norms(x: jax.Array) -> bool:
@@ -340,11 +334,6 @@ def convert_weight_layout(params: dict, src: str, dst: str) -> dict:
                 for k, v in tree.items()}
 
     return convert(params)
-
-
-def _mlp_gemv(x: jax.Array) -> bool:
-    """Whether a norm-folded step (_fold_norms) runs its MLPs as one launch each (see MLP_GEMV)."""
-    return MLP_GEMV and x.shape[0] * x.shape[1] == 1
 
 
 def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
@@ -630,24 +619,12 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, fast: bool = False, glue: bool = False, norm: tuple | None = None,
-                 accumulate: tuple | None = None, buffers: tuple | None = None):
+                 accumulate: tuple | None = None):
         """``[B, S, hidden]``, or with ``glue`` the down_proj's K-split partials (see Attention;
-        with ``norm``, ``(new residual, partials)``; with ``accumulate``, ``x + mlp`` in float32;
-        with ``norm`` and ``buffers``, a zeroed and a spent float32 ``[1, 1, hidden]`` (_mlp_gemv),
-        ``(new residual, (zeroed + mlp, zeros))``)."""
+        with ``norm``, ``(new residual, partials)``; with ``accumulate``, ``x + mlp`` in float32)."""
         inter = self.config.intermediate_size
         gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")
         down = Linear(self.config.hidden_size, False, self.dtype, name="down_proj")
-        if buffers is not None:
-            from jaxserve_kernels.mlp_gemv import fused_mlp_gemv
-
-            partials, scale, eps = norm
-            n = x.shape[-1]
-            w_gate_up = gate_up(x, fused=lambda kernel, _: kernel)
-            w_down = down(jax.ShapeDtypeStruct((1, inter), self.dtype), fused=lambda kernel, _: kernel)
-            acc, spare = (b.reshape(1, n) for b in buffers)
-            h, acc, spare = fused_mlp_gemv(x.reshape(1, n), partials, scale, w_gate_up, w_down, acc, spare, eps=eps)
-            return h.reshape(x.shape), (acc.reshape(1, 1, n), spare.reshape(1, 1, n))
         if accumulate is not None:
             (normed,) = _norm_stream(x, accumulate, self.dtype)
             act = gate_up(normed, True, "swiglu")
@@ -666,8 +643,7 @@ class DecoderLayer(nn.Module):
 
     ``pending`` is None except in the fused decode glue (``_fused_glue``), where the residual
     add of a layer's MLP is left to the next layer's (or the final) norm kernel: ``x`` is the
-    residual stream before it, ``pending`` the down_proj's partial sums (with _mlp_gemv, the pair
-    of the last MLP's float32 sums and a zeroed buffer for this layer's). Under ACCUMULATE's glue
+    residual stream before it, ``pending`` the down_proj's partial sums. Under ACCUMULATE's glue
     (``_accumulate_glue``) ``x`` is the float32 stream, complete (the projections add into it).
     """
 
@@ -685,12 +661,9 @@ class DecoderLayer(nn.Module):
             x, kv = attn(x, cos, sin, lengths, kv, paged, accumulate=input_norm(x, folded=True))
             return mlp(x, accumulate=post_norm(x, folded=True)), None, kv
         if _fused_glue(paged, x) and _fold_norms(x):
-            spent, zeroed = pending if isinstance(pending, tuple) else (pending, None)
             partials, kv, x = attn(x, cos, sin, lengths, kv, paged, glue=True,
-                                   norm=input_norm(x, spent, folded=True))
-            # With _mlp_gemv, the buffer this layer's QKV just read is the one the MLP zeroes.
-            x, pending = mlp(x, True, glue=True, norm=post_norm(x, partials, folded=True),
-                             buffers=None if zeroed is None else (zeroed, spent))
+                                   norm=input_norm(x, pending, folded=True))
+            x, pending = mlp(x, True, glue=True, norm=post_norm(x, partials, folded=True))
             return x, pending, kv
         if _fused_glue(paged, x):
             x, h = input_norm(x, pending, fused=True)
@@ -747,16 +720,13 @@ class Qwen2ForCausalLM(nn.Module):
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         new_kv = []
         pending = None
-        if fused_glue and _fold_norms(x) and _mlp_gemv(x):
-            # The first layer's QKV adds a zero partial sum; both buffers start at zero (see MLP_GEMV).
-            pending = tuple(jnp.zeros((1, 1, cfg.hidden_size), jnp.float32) for _ in range(2))
         for i in range(cfg.num_hidden_layers):
             x, pending, layer_kv = DecoderLayer(cfg, self.dtype, name=f"layers_{i}")(
                 x, cos, sin, lengths, None if kv is None else kv[i], paged, pending)
             new_kv.append(layer_kv)
         final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")
         if fused_glue:  # one token a row: logits_at can only pick it
-            _, x = final_norm(x, pending[0] if isinstance(pending, tuple) else pending, fused=True)
+            _, x = final_norm(x, pending, fused=True)
         else:
             if logits_at is not None:
                 x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)

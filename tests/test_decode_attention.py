@@ -351,8 +351,6 @@ def test_fused_decode_shape_errors_name_the_field():
     ("pallas", {}, "nk", "pallas+norm+o"),
     # The same over three rows (model.FOLD_MAX_ROWS 4, opt-in: each program's weights multiply every row).
     ("pallas", {}, "nk", "pallas+norm+rows3+o"),
-    # Folded, each MLP one launch adding into alternating float32 buffers (model.MLP_GEMV).
-    ("pallas", {}, "nk", "pallas+norm+mlp+o"),
 ])
 def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, projections, monkeypatch):
     # One paged decode step of the whole model (under "pallas": the fused attention kernel and
@@ -399,13 +397,6 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
         if "bias" in jax.tree_util.keystr(p) else x, params)
     if "+rows3" in projections:
         monkeypatch.setattr(model_module, "FOLD_MAX_ROWS", 4)
-    monkeypatch.setattr(model_module, "MLP_GEMV", "+mlp" in projections)
-    if "+mlp" in projections:
-        import importlib
-
-        mg = importlib.import_module("jaxserve_kernels.mlp_gemv")
-        fused_mlp = []
-        monkeypatch.setattr(mg, "fused_mlp_gemv", lambda *a, _f=mg.fused_mlp_gemv, **k: fused_mlp.append(1) or _f(*a, **k))
     # Norms fold into one-row steps by default (model.FOLD_MAX_ROWS), into three rows where the case asks.
     batch, page_size, width = (1 if fold and "+rows3" not in projections else 3), 8, 4
     lengths = np.array([5, 17, 9])[:batch]  # tokens before the decoded one
@@ -438,10 +429,7 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
     logits, _ = jax.jit(lambda params, kv: model.apply(
         {"params": params}, jnp.asarray(new_tok), jnp.asarray(lengths[:, None], jnp.int32),
         kv=kv, paged=dec))(params, kv)
-    if "+mlp" in projections:
-        assert len(fused_mlp) == cfg.num_hidden_layers
-        assert len(folded) == cfg.num_hidden_layers  # qkv's; gate_up is inside the MLP's launch
-    elif fold:
+    if fold:
         assert len(folded) == 2 * cfg.num_hidden_layers  # qkv and gate_up of every layer
     if projections.endswith("+o"):
         assert len(fused_o) == cfg.num_hidden_layers

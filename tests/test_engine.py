@@ -907,25 +907,3 @@ def test_a_decode_call_takes_its_batch_buckets_narrowest_table(tiny):
         widths = {shape[2][1] for shape in engine.runner.compiled_shapes if shape[0] == "decode"}
         assert 48 in widths
         assert_all_pages_free(engine)
-
-
-def test_one_row_mlp_as_one_launch_gives_transformers_greedy_tokens(tiny, monkeypatch):
-    """`model.MLP_GEMV`: one-row steps run each MLP as one kernel adding into float32 buffers that alternate
-    by layer (`jaxserve_kernels.mlp_gemv`), through the engine's multi-step decode calls: the tokens are
-    Hugging Face's, and every page is free after."""
-    import importlib
-
-    from jaxserve import model as model_module
-
-    mg = importlib.import_module("jaxserve_kernels.mlp_gemv")
-    launches = []
-    monkeypatch.setattr(mg, "fused_mlp_gemv", lambda *a, _f=mg.fused_mlp_gemv, **k: launches.append(1) or _f(*a, **k))
-    monkeypatch.setattr(model_module, "MLP_GEMV", True)
-    m, hf = tiny
-    prompt = random_prompts(m.config.vocab_size, (11,))[0]
-    with Engine(m, small_config(attention_impl="pallas", decode_steps=3, batch_buckets=(1, 4))) as engine:
-        out = engine.generate([prompt], SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True),
-                              use_tqdm=False)[0]
-        assert_all_pages_free(engine)
-    assert launches, "the one-row decode step did not take the one-launch MLP"
-    assert out["token_ids"] == hf_greedy(hf, prompt, 7)
