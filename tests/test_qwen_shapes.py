@@ -1,9 +1,10 @@
-"""Qwen2.5 0.5B / 1.5B / 3B / 7B shapes through the engine's GPU path against the jnp/XLA reference.
+"""Qwen2.5 0.5B to 72B shapes through the engine's GPU path against the jnp/XLA reference.
 
 The decode kernels' tile tables were tuned at 0.5B's shapes (hidden 896, head_dim 64), and every
-other test runs a tiny config; a user serves 1.5B-7B (head_dim 128, hidden up to 3,584, down_proj's
-K 18,944, an untied 152k head). Two layers of each, random weights: the per-layer kernels are what
-differ from shape to shape. Compiled only (`-m gpu`): interpreted, these sizes take hours.
+other test runs a tiny config; a user serves 1.5B-72B (head_dim 128, hidden up to 8,192, down_proj's
+K up to 29,568, an untied 152k head, groups of 5 query heads a KV head at 14B / 32B). Two layers of each,
+random weights: the per-layer kernels are what differ from shape to shape. Compiled only (`-m gpu`):
+interpreted, these sizes take hours.
 """
 
 from __future__ import annotations
@@ -30,11 +31,17 @@ SHAPES = {
                num_key_value_heads=2, tie_word_embeddings=True),
     "7B": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
                num_key_value_heads=4, tie_word_embeddings=False),
+    "14B": dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
+                num_key_value_heads=8, tie_word_embeddings=False),
+    "32B": dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_attention_heads=40,
+                num_key_value_heads=8, tie_word_embeddings=False),
+    "72B": dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_attention_heads=64,
+                num_key_value_heads=8, tie_word_embeddings=False),
 }
 
 
 def qwen_shape_config(name: str, max_positions: int = 4096) -> ModelConfig:
-    """Two layers of the Qwen2.5 model `name` ("0.5B" ... "7B")."""
+    """Two layers of the Qwen2.5 model `name` ("0.5B" ... "72B")."""
     return ModelConfig(num_hidden_layers=2, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=max_positions,
                        **SHAPES[name])
 
@@ -129,7 +136,7 @@ def _engines_agree(model: LoadedModel, prompts: list[list[int]], max_tokens: int
     return widths
 
 
-@pytest.mark.parametrize("name", ["1.5B", "7B"])
+@pytest.mark.parametrize("name", ["1.5B", "7B", "14B"])
 def test_engine_greedy_generation_matches_reference_engine(name):
     # The whole engine (prefill, page growth, multi-step decode, the greedy pick) at the shape.
     rng, seed = fresh_rng()
