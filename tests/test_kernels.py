@@ -96,6 +96,8 @@ DECODE_CASES = [
     # One iteration wider than the 5-page table: the shape of the single-pass rule
     # (SINGLE_PASS_KEYS), whose table loads and keys past the table's end are masked.
     (14, 2, 64, 16, jnp.bfloat16, 1, 8),
+    # Groups of 5 query heads a KV head (Qwen2.5-14B / 32B: 40 / 8).
+    (10, 2, 128, 16, jnp.float32, 2, 1),
 ]
 
 
@@ -220,6 +222,7 @@ PREFILL_CASES = [
     (14, 2, 64, 8, jnp.float32, 9, 16, 2),
     (16, 2, 128, 16, jnp.float32, 5, 32, 1),
     (2, 2, 64, 32, jnp.bfloat16, 20, 16, 3),
+    (10, 2, 128, 16, jnp.bfloat16, 12, 16, 2),   # groups of 5 (Qwen2.5-14B / 32B)
 ]
 
 

@@ -122,17 +122,20 @@ def _engines_agree(model: LoadedModel, prompts: list[list[int]], max_tokens: int
             assert engine.stats()["pages_used"] == 0
             if impl == "pallas":
                 widths = {shape[2][1] for shape in engine.runner.compiled_shapes if shape[0] == "decode"}
-    parted = 0
-    for a, b in zip(outs["pallas"], outs["reference"]):
+    parted = []  # (prompt length, first differing token, the two paths' top-2 log-probability gaps there)
+    for prompt, a, b in zip(prompts, outs["pallas"], outs["reference"]):
         assert len(a["token_ids"]) == len(b["token_ids"]) == max_tokens
         k = next((i for i, (x, y) in enumerate(zip(a["token_ids"], b["token_ids"])) if x != y), None)
         if k is None:
             continue
-        parted += 1
         x, y = a["token_ids"][k], b["token_ids"][k]
         assert x in b["top_logprobs"][k] and y in a["top_logprobs"][k], \
             f"token {k}: {x} vs {y}, not a near-tie ({a['top_logprobs'][k]} / {b['top_logprobs'][k]}), seed={seed}"
-    assert parted <= len(prompts) // 2, f"{parted} of {len(prompts)} outputs part, seed={seed}"
+        gaps = tuple(round(float(np.subtract(*sorted(o["top_logprobs"][k].values(), reverse=True)[:2])), 3)
+                     for o in (a, b))
+        parted.append((len(prompt), k, *gaps))
+    print(f"parted (prompt length, token, top-2 gap pallas / reference): {parted}")
+    assert len(parted) <= len(prompts) // 2, f"{len(parted)} of {len(prompts)} outputs part: {parted}, seed={seed}"
     return widths
 
 
