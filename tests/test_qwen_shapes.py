@@ -58,6 +58,10 @@ def _model(name: str, seed: int, max_positions: int = 4096) -> tuple[ModelConfig
 
 
 PAGE_SIZE, TABLE_PAGES = 16, 20
+# How close two tokens' log-probabilities must lie where the engine's two paths part: two steps of bf16 at the
+# scaled-up logits' magnitude (64-256, where one step is 0.5-1.0). The engine's logits are bf16, so exact ties
+# (a gap of 0) are common where 152k random logits crowd the top.
+TIE_NATS = 2.0
 
 
 def decode_step_case(cfg: ModelConfig, params: dict, batch: int, rng: np.random.Generator):
@@ -111,8 +115,8 @@ def _engines_agree(model: LoadedModel, prompts: list[list[int]], max_tokens: int
 
     The two round differently (the fast path keeps the residual stream in float32), so a long greedy run may part
     at a near-tie; where a pair of outputs first differs, each token must be among the other path's top 5 (vLLM's
-    check_logprobs_close), and most outputs must not part at all. Every page is free after each engine's run.
-    Returns the block-table widths of the GPU path's decode calls."""
+    check_logprobs_close) and, on one path or the other, within `TIE_NATS` of the other token's log-probability.
+    Every page is free after each engine's run. Returns the block-table widths of the GPU path's decode calls."""
     greedy = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=5)
     outs = {}
     for impl in ("pallas", "reference"):
@@ -122,20 +126,22 @@ def _engines_agree(model: LoadedModel, prompts: list[list[int]], max_tokens: int
             assert engine.stats()["pages_used"] == 0
             if impl == "pallas":
                 widths = {shape[2][1] for shape in engine.runner.compiled_shapes if shape[0] == "decode"}
-    parted = []  # (prompt length, first differing token, the two paths' top-2 log-probability gaps there)
+    parted = []  # (prompt length, first differing token, how far each path put the other's token below its own)
     for prompt, a, b in zip(prompts, outs["pallas"], outs["reference"]):
         assert len(a["token_ids"]) == len(b["token_ids"]) == max_tokens
         k = next((i for i, (x, y) in enumerate(zip(a["token_ids"], b["token_ids"])) if x != y), None)
         if k is None:
             continue
         x, y = a["token_ids"][k], b["token_ids"][k]
-        assert x in b["top_logprobs"][k] and y in a["top_logprobs"][k], \
-            f"token {k}: {x} vs {y}, not a near-tie ({a['top_logprobs'][k]} / {b['top_logprobs'][k]}), seed={seed}"
-        gaps = tuple(round(float(np.subtract(*sorted(o["top_logprobs"][k].values(), reverse=True)[:2])), 3)
-                     for o in (a, b))
+        top_a, top_b = a["top_logprobs"][k], b["top_logprobs"][k]
+        assert x in top_b and y in top_a, f"token {k}: {x} vs {y}, not a near-tie ({top_a} / {top_b}), seed={seed}"
+        gaps = (round(top_a[x] - top_a[y], 3), round(top_b[y] - top_b[x], 3))
         parted.append((len(prompt), k, *gaps))
-    print(f"parted (prompt length, token, top-2 gap pallas / reference): {parted}")
-    assert len(parted) <= len(prompts) // 2, f"{len(parted)} of {len(prompts)} outputs part: {parted}, seed={seed}"
+        assert min(gaps) <= TIE_NATS, f"token {k}: {x} vs {y} apart by {gaps} nats ({top_a} / {top_b}), seed={seed}"
+    print(f"parted (prompt length, token, gap on the pallas / reference path): {parted}")
+    # A systematic difference parts nearly every output; rounding parts about half of them at these shapes (session
+    # 39 on the H200: 10 / 24 at 7B, 11 and 13 / 24 at 14B, every one within a bf16 step).
+    assert len(parted) <= 3 * len(prompts) // 4, f"{len(parted)} of {len(prompts)} outputs part: {parted}, seed={seed}"
     return widths
 
 
