@@ -30,6 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from jaxserve.config import QWEN25_SHAPES  # noqa: E402  (after the path is set)
+
 # Compile options of the --glue settings that change how XLA schedules the step's command buffer.
 CB_OPTIONS = {"cb_serialize": {"xla_gpu_command_buffer_scheduling_mode": "SERIALIZE"},
               "cb_concurrent": {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"},
@@ -451,15 +453,14 @@ def run_variant(args) -> list[dict]:
     from jaxserve.sampling import SamplingParams, make_batch
 
     shape = dict(TINY if args.tiny else QWEN25_05B, model_type="qwen2")
-    if args.shape == "7B":  # Qwen2.5-7B's layer shapes (28 / 4 query / KV heads of 128, an untied head)
-        shape.update(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
-                     num_key_value_heads=4, tie_word_embeddings=False)
+    if args.shape != "0.5B":  # the Qwen2.5 model card's shapes (jaxserve.config.QWEN25_SHAPES)
+        shape.update(QWEN25_SHAPES[args.shape])
     if args.layers:
         shape["num_hidden_layers"] = args.layers
     cfg = ModelConfig.from_hf_dict(shape)
     t0 = time.perf_counter()
     shapes = jax.eval_shape(lambda k: init_params(cfg, k, jnp.bfloat16), jax.random.key(0))
-    if args.shape == "7B":  # too many weights to draw on the host: one jitted normal draw per leaf on the device
+    if args.shape != "0.5B":  # too many weights to draw on the host: one jitted normal draw per leaf on the device
         leaves, tree = jax.tree.flatten(shapes)
         keys = jax.random.split(jax.random.key(0), len(leaves))
         params = jax.tree.unflatten(tree, [jax.jit(lambda k, s=s: (jax.random.normal(k, s.shape, jnp.float32) * 0.02)
@@ -776,7 +777,8 @@ def main() -> None:
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")
     ap.add_argument("--no-static", action="store_true", help="time the engine only (the static decoder compiles slowly)")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
-    ap.add_argument("--shape", default="0.5B", choices=["0.5B", "7B"], help="the model's layer shapes (Qwen2.5)")
+    ap.add_argument("--shape", default="0.5B", choices=list(QWEN25_SHAPES),
+                    help="the model's layer shapes (Qwen2.5)")
     ap.add_argument("--layers", type=int, default=0, help="decoder layers (0: the shape's own)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)

@@ -15,29 +15,14 @@ import numpy as np
 import pytest
 
 from jaxserve import Engine, EngineConfig, LoadedModel, SamplingParams
-from jaxserve.config import ModelConfig
+from jaxserve.config import QWEN25_SHAPES, ModelConfig
 from jaxserve.model import PagedAttention, Qwen2ForCausalLM, init_params, new_kv_cache
 from tests.test_kernels import TOLERANCE, fresh_rng, relative_error
 
 pytestmark = pytest.mark.gpu
 
-# The Qwen2.5 model cards' shapes (layers cut to two).
-SHAPES = {
-    "0.5B": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
-                 num_key_value_heads=2, tie_word_embeddings=True),
-    "1.5B": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
-                 num_key_value_heads=2, tie_word_embeddings=True),
-    "3B": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_attention_heads=16,
-               num_key_value_heads=2, tie_word_embeddings=True),
-    "7B": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
-               num_key_value_heads=4, tie_word_embeddings=False),
-    "14B": dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
-                num_key_value_heads=8, tie_word_embeddings=False),
-    "32B": dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_attention_heads=40,
-                num_key_value_heads=8, tie_word_embeddings=False),
-    "72B": dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_attention_heads=64,
-                num_key_value_heads=8, tie_word_embeddings=False),
-}
+# The Qwen2.5 model cards' shapes, layers cut to two.
+SHAPES = {name: {k: v for k, v in shape.items() if k != "num_hidden_layers"} for name, shape in QWEN25_SHAPES.items()}
 
 
 def qwen_shape_config(name: str, max_positions: int = 4096) -> ModelConfig:
