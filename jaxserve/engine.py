@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, generation_eos_ids, generation_sampling_defaults, load
+from jaxserve.model import decode_rows
 from jaxserve.request import Request, Status
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
 from jaxserve.sampling import SamplingParams, check_banned_ids, make_batch, needs_penalties, needs_sampling
@@ -178,6 +179,14 @@ class Engine:
         self.runner = Runner(mcfg, params, num_pages=num_pages, page_size=self.config.page_size,
                              attention_impl=default_attention_impl() if impl == "auto" else impl)
         self.scheduler = Scheduler(self.config, num_pages, self.max_model_len)
+        # The batch a decode call of n rows runs as: the smallest bucket holding model.decode_rows(n) (small steps
+        # may run faster padded), or n's own bucket where no bucket holds that many.
+        buckets = self.config.batch_buckets
+        self._decode_batch = {}
+        for n in range(1, buckets[-1] + 1):
+            rows = decode_rows(n, mcfg, target, self.runner.attention_impl)
+            self._decode_batch[n] = EngineConfig.bucket(buckets, rows if rows <= buckets[-1] else n)
+        self.decode_buckets = tuple(sorted(set(self._decode_batch.values())))
         # Per batch bucket (a middle width pays only where it changes the split count), and all of them.
         self._decode_widths = {
             rows: _decode_table_widths(self.config.page_size, self.scheduler.max_pages_per_seq,
@@ -434,7 +443,7 @@ class Engine:
         tokens while the device already runs this one. ``after``: the prefill call in flight that
         samples the first token of some of ``reqs``; those rows start from it on the device.
         """
-        batch = EngineConfig.bucket(self.config.batch_buckets, len(reqs))
+        batch = self._decode_batch[len(reqs)]
         table = self.scheduler.page_table()
         caps = self.scheduler.capacities()
         positions = np.zeros(batch, np.int32)
@@ -672,8 +681,9 @@ class Engine:
             sbatch = make_batch([], batch)
             for greedy, lps in variants:
                 for steps, width in itertools.product(step_counts, self._decode_widths[batch]):
-                    self.runner.decode(zeros, zeros, zeros, table[:, :width], sbatch, zeros, steps,
-                                       greedy=greedy, logprobs=lps)
+                    if batch in self.decode_buckets:  # buckets whose decode calls run padded wider compile none
+                        self.runner.decode(zeros, zeros, zeros, table[:, :width], sbatch, zeros, steps,
+                                           greedy=greedy, logprobs=lps)
                 for length in cfg.prefill_buckets:
                     if fewest_rows == 1 or fewest_rows * length <= 2 * cfg.max_tokens_per_step:
                         out = self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table, sbatch,
@@ -681,7 +691,7 @@ class Engine:
                         first_tokens[batch] = out.tokens
             fewest_rows = batch + 1
         if cfg.overlap:  # a decode call that follows a prefill (_can_follow_prefill) picks its first tokens
-            for batch in cfg.batch_buckets:
+            for batch in self.decode_buckets:
                 zeros = np.zeros(batch, np.int32)
                 for tokens in (t for b, t in first_tokens.items() if b <= batch):
                     _first_tokens(zeros, tokens, zeros, zeros.astype(bool))

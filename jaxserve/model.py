@@ -16,6 +16,7 @@ import functools
 import importlib
 import json
 import os
+import types
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -406,6 +407,36 @@ def _accumulate_glue(paged: PagedAttention | None, x: jax.Array, cfg: ModelConfi
     return (supports(rows, hidden, qkv, "accumulate") and supports(rows, attn, hidden, "accumulate")
             and (0 < XLA_GATE_UP_ROWS < rows or supports(rows, hidden, 2 * inter, "swiglu"))
             and supports(rows, inter, hidden, "accumulate"))
+
+
+# Decode steps of 2 to MGPU_MIN_ROWS - 1 rows, and one-row steps whose norms do not fold into their projections
+# (hidden > NORM_GEMV_MAX_K: Qwen2.5-1.5B and up), run padded to MGPU_MIN_ROWS rows (`decode_rows`; the engine
+# pads the batch), on the Mosaic GPU projections with ACCUMULATE's glue, instead of on Triton's one-row or
+# tensor-core path with the partial sums' glue. H200, session 39 (bench/results/decode_step.md): at 1024 keys the
+# 8-row step is faster than the 1-row one at 1.5B (1.468 vs 1.615 ms), 3B (2.584 vs 2.675) and 7B (3.731 vs
+# 4.141, 24 layers), and at 0.5B than 2 / 4 rows (0.715 vs 0.738 / 0.747 ms at 192 keys, session 38), while
+# 0.5B's one-row step, norms folded, stays ahead (0.594). GPU only. JAXSERVE_PAD_SMALL_DECODE=0 turns it off;
+# read when an engine is built.
+PAD_SMALL_DECODE = os.environ.get("JAXSERVE_PAD_SMALL_DECODE", "1") == "1"
+
+
+def decode_rows(rows: int, cfg: ModelConfig, dtype: Any, impl: str = "pallas") -> int:
+    """The rows a decode step of ``rows`` sequences should run as (see PAD_SMALL_DECODE): ``rows``, or
+    MGPU_MIN_ROWS where a small step is faster padded to it on the GPU.
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        ...                   num_attention_heads=4, num_key_value_heads=2)
+        >>> decode_rows(3, cfg, jnp.float32)   # float32 (or the CPU): never padded
+        3
+    """
+    if not (PAD_SMALL_DECODE and impl == "pallas" and 1 <= rows < MGPU_MIN_ROWS
+            and jax.default_backend() == "gpu"):
+        return rows
+    if rows == 1 and _fold_norms(jax.ShapeDtypeStruct((1, 1, cfg.hidden_size), dtype)):
+        return rows
+    stream = jax.ShapeDtypeStruct((MGPU_MIN_ROWS, 1, cfg.hidden_size), jnp.float32)
+    return MGPU_MIN_ROWS if _accumulate_glue(types.SimpleNamespace(impl=impl), stream, cfg, dtype) else rows
 
 
 def _norm_stream(x: jax.Array, norm: tuple, dtype: Any, seed: jax.Array | None = None) -> tuple[jax.Array, ...]:

@@ -907,3 +907,22 @@ def test_a_decode_call_takes_its_batch_buckets_narrowest_table(tiny):
         widths = {shape[2][1] for shape in engine.runner.compiled_shapes if shape[0] == "decode"}
         assert 48 in widths
         assert_all_pages_free(engine)
+
+
+def test_small_decode_steps_run_padded_where_the_model_says_so(tiny, monkeypatch):
+    """`model.decode_rows` (on the GPU: steps under 8 rows padded to 8 where that is faster): the engine runs a decode
+    call of n rows at the bucket holding decode_rows(n), compiles no decode shape for the buckets it skips, and the
+    padded rows change no output. On the CPU the rule never pads, so a stand-in pads 1-3 rows to 4 here."""
+    from jaxserve import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "decode_rows", lambda n, *_: 4 if n < 4 else n)
+    m, hf = tiny
+    prompts = random_prompts(m.config.vocab_size, (6, 14))
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    with Engine(m, small_config(batch_buckets=(1, 2, 4), decode_steps=2)) as engine:
+        assert engine.decode_buckets == (4,)
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        decode_batches = {shape[2][0] for shape in engine.runner.compiled_shapes if shape[0] == "decode"}
+        assert decode_batches == {4}, decode_batches
+        assert_all_pages_free(engine)
+    assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 6) for p in prompts]
