@@ -242,6 +242,8 @@
 #               none of its policies, 400 s one of three; POLICY_ARGS="--no-warmup" compiles only the shapes used:
 #               143 s for all three in session 10). Session 10's float32 run differed in 1 request of 96; to
 #               see whether TF32 GEMMs explain it, prefix JAX_DEFAULT_MATMUL_PRECISION=highest)
+#   pad39       session 39: small decode calls padded to 8 rows (model.PAD_SMALL_DECODE) through the engine on the
+#               GPU at 1.5B / 7B / 14B, then the steps it picks between (~560 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -769,6 +771,15 @@ for part in "${parts[@]}"; do
               -k "4-" ; \
             for ctx in 192 1088; do timeout 120 python3 bench/decode_step.py --batches 2 4 --context $ctx \
               --variants default --no-static --glue kernels fold4 --rounds 5 --reps 10 ; done ;;
+    # session 39's padding of small decode calls to 8 rows (model.PAD_SMALL_DECODE), not yet run on the GPU: the
+    # engine at 1.5B / 7B / 14B (1-16-row calls; 0.5B long context) against the reference engine, then batch 2 / 4 / 8
+    # at 0.5B and 1 / 8 at 1.5B again (the steps the rule picks between)
+    pad39) timeout 330 python3 -m pytest -q -s -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 150 \
+             tests/test_qwen_shapes.py tests/test_engine.py -k "engine or padded_where" ; \
+           timeout 120 python3 bench/decode_step.py --batches 2 4 8 --variants default --no-static --glue kernels \
+             --rounds 5 --reps 10 ; \
+           timeout 140 python3 bench/decode_step.py --shape 1.5B --batches 1 8 --context 1024 --variants default \
+             --no-static --glue kernels --rounds 3 --reps 5 ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"
