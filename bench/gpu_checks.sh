@@ -244,6 +244,7 @@
 #               see whether TF32 GEMMs explain it, prefix JAX_DEFAULT_MATMUL_PRECISION=highest)
 #   pad39       session 39: small decode calls padded to 8 rows (model.PAD_SMALL_DECODE) through the engine on the
 #               GPU at 1.5B / 7B / 14B, then the steps it picks between (~560 s)
+#   pad39b      session 39: bench/throughput.py --shape 1.5B at batch 1 / 2 / 4 with the padding off and on (~500 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -780,6 +781,9 @@ for part in "${parts[@]}"; do
              --rounds 5 --reps 10 ; \
            timeout 140 python3 bench/decode_step.py --shape 1.5B --batches 1 8 --context 1024 --variants default \
              --no-static --glue kernels --rounds 3 --reps 5 ;;
+    # after pad39: end to end at the 1.5B shape, batch 1 / 2 / 4, padding off then on (each its own process)
+    pad39b) for pad in 0 1; do JAXSERVE_PAD_SMALL_DECODE=$pad timeout 280 python3 bench/throughput.py --shape 1.5B \
+              --batches 1 2 4 --long-prompt 0 --no-hf --no-static --impls pallas --out "$OUT/$part/pad$pad" ; done ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

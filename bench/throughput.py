@@ -37,11 +37,15 @@ from jaxserve import Engine, EngineConfig, SamplingParams  # noqa: E402
 from jaxserve.config import ModelConfig  # noqa: E402
 from jaxserve.loading import LoadedModel  # noqa: E402
 from jaxserve.model import apply_rope, rope_tables  # noqa: E402
+from jaxserve.config import QWEN25_SHAPES  # noqa: E402
 from jaxserve.weights import load_hf_params  # noqa: E402
 
-QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
-                  max_position_embeddings=32768, rope_theta=1000000.0)
+def qwen25_shape(name: str) -> dict:
+    """A Qwen2.5 size's config values (`jaxserve.config.QWEN25_SHAPES`) with its context and RoPE base."""
+    return dict(QWEN25_SHAPES[name], max_position_embeddings=32768, rope_theta=1000000.0)
+
+
+QWEN25_05B = qwen25_shape("0.5B")
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
             max_position_embeddings=2048, rope_theta=10000.0)
@@ -234,14 +238,18 @@ def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len
     note = "of the run: " + ", ".join(f"{k[:-2].replace('_', ' ')} {after[k] - before[k]:.3f} s" for k in split)
     note += f", overlapped prefill calls {after['overlapped_prefill_calls'] - before['overlapped_prefill_calls']}"
     note = "; ".join(x for x in (note, runs_note(batch * out_len, [t[0] for t in timed])) if x)
-    # Decode step time: the multi-step call alone, timed with the batch fully running, the
+    # Decode step time: the multi-step call alone, timed with the batch fully running, as the engine runs it
+    # (padded to its decode batch, engine.decode_batch: padding rows have no keys and write nothing), the
     # block table as wide as the engine makes it for these rows.
-    pos = np.full(batch, len(prompts[0]) + out_len // 2, np.int32)
-    table_w = engine.decode_table_width(int(pos[0]) + decode_steps, batch)
-    bt = np.arange(batch * table_w, dtype=np.int32).reshape(batch, table_w) % engine.scheduler.num_pages
+    rows = engine.decode_batch(batch)
+    pos = np.zeros(rows, np.int32)
+    pos[:batch] = len(prompts[0]) + out_len // 2
+    limits = np.where(np.arange(rows) < batch, pos + decode_steps, 0).astype(np.int32)
+    table_w = engine.decode_table_width(int(pos[0]) + decode_steps, rows)
+    bt = np.arange(rows * table_w, dtype=np.int32).reshape(rows, table_w) % engine.scheduler.num_pages
     from jaxserve.sampling import make_batch
-    sb = make_batch([params] * batch, batch)
-    call = (np.zeros(batch, np.int32), pos, pos + decode_steps, bt, sb, np.zeros(batch, np.int32), decode_steps)
+    sb = make_batch([params] * batch, rows)
+    call = (np.zeros(rows, np.int32), pos, limits, bt, sb, np.zeros(rows, np.int32), decode_steps)
     # Median of 7 rounds of 10 back-to-back calls (until session 30 one round: runs of the same code read
     # 0.748-0.792 ms at batch 64).
     step_ms = float(np.median([time_decode_call(engine.runner, call, reps=10) for _ in range(7)]))
@@ -479,6 +487,9 @@ def main() -> None:
                          "one run of either moved by 10-15%% from one device call to the next")
     ap.add_argument("--impls", nargs="+", default=["pallas"], help="jaxserve attention impls to time")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
+    ap.add_argument("--shape", default="0.5B", choices=list(QWEN25_SHAPES),
+                    help="the Qwen2.5 size whose shapes the random-weight model takes (past 1.5B the transformers "
+                         "checkpoint takes minutes to build on the host; with --no-hf only the engine is timed)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--max-model-len", type=int, default=None,
                     help="the engine's max_model_len (default: the workload's prompt + output + 16; "
@@ -499,7 +510,8 @@ def main() -> None:
                          "include compilation; for the float32 token check)")
     args = ap.parse_args()
 
-    shape = TINY if args.tiny else QWEN25_05B
+    shape = TINY if args.tiny else qwen25_shape(args.shape)
+    model_name = "tiny" if args.tiny else f"Qwen2.5-{args.shape} shape"
     path = tempfile.mkdtemp()
     hf = make_checkpoint(shape, path)
     cfg = ModelConfig.from_pretrained(path)
@@ -507,7 +519,7 @@ def main() -> None:
     m = LoadedModel(params, cfg, None, path, "bench")
     weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     if args.policies:
-        lines = [f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; model {'tiny' if args.tiny else 'Qwen2.5-0.5B shape'}"]
+        lines = [f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; model {model_name}"]
         lines += bench_policies(m, args.num_requests, args.max_running, args.rate, args.output_len,
                                 args.prompt_len, args.decode_steps, args.impls[0], args.dtype,
                                 warmup=not args.no_warmup)

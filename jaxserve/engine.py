@@ -443,7 +443,7 @@ class Engine:
         tokens while the device already runs this one. ``after``: the prefill call in flight that
         samples the first token of some of ``reqs``; those rows start from it on the device.
         """
-        batch = self._decode_batch[len(reqs)]
+        batch = self.decode_batch(len(reqs))
         table = self.scheduler.page_table()
         caps = self.scheduler.capacities()
         positions = np.zeros(batch, np.int32)
@@ -649,6 +649,15 @@ class Engine:
             if bar is not None:
                 bar.close()
         return [self.release(i).result() for i in ids]
+
+    def decode_batch(self, rows: int) -> int:
+        """The batch a decode call of ``rows`` sequences runs as: their batch bucket, or a wider one where
+        ``jaxserve.model.decode_rows`` says a small step is faster padded (on the GPU, 8 rows).
+
+        Example: with the default buckets (1, 2, 4, 8, ...), ``engine.decode_batch(3)`` is 4 on the CPU and 8 on
+        an H100 / H200 in bf16.
+        """
+        return self._decode_batch[rows]
 
     def decode_table_width(self, max_limit: int, rows: int | None = None) -> int:
         """Pages in a decode call's block table when no row writes at or past ``max_limit``: the narrowest
