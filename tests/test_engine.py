@@ -926,3 +926,23 @@ def test_small_decode_steps_run_padded_where_the_model_says_so(tiny, monkeypatch
         assert decode_batches == {4}, decode_batches
         assert_all_pages_free(engine)
     assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 6) for p in prompts]
+
+
+def test_decode_rows_pads_small_steps_to_the_mosaic_gpu_path_only_where_measured_faster(monkeypatch):
+    """`model.decode_rows`' rule, with JAX's backend reported as a GPU (the Mosaic GPU path counts the CPU's interpreter
+    as its device): bf16 steps of 2-7 rows run as 8; one row stays one where its norms fold (hidden <= 1024, the
+    0.5B shape) and runs as 8 where they cannot (1.5B); float32, the reference kernels and the switch leave it."""
+    import jax.numpy as jnp
+
+    from jaxserve import model as model_module
+    from jaxserve.config import QWEN25_SHAPES, ModelConfig
+
+    monkeypatch.setattr(model_module.jax, "default_backend", lambda: "gpu")
+    small, large = (ModelConfig(**QWEN25_SHAPES[name]) for name in ("0.5B", "1.5B"))
+    rows = range(1, 13)
+    assert [model_module.decode_rows(n, small, jnp.bfloat16) for n in rows] == [1] + [8] * 7 + [9, 10, 11, 12]
+    assert [model_module.decode_rows(n, large, jnp.bfloat16) for n in rows] == [8] * 8 + [9, 10, 11, 12]
+    assert [model_module.decode_rows(n, large, jnp.float32) for n in rows] == list(rows)
+    assert [model_module.decode_rows(n, large, jnp.bfloat16, "reference") for n in rows] == list(rows)
+    monkeypatch.setattr(model_module, "PAD_SMALL_DECODE", False)
+    assert [model_module.decode_rows(n, large, jnp.bfloat16) for n in rows] == list(rows)
