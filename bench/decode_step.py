@@ -438,7 +438,7 @@ def run_variant(args) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    from bench.throughput import QWEN25_05B, TINY, decode_hlo, loop_body_histogram, static_decoder, time_decode_call
+    from bench.throughput import TINY, decode_hlo, loop_body_histogram, qwen25_shape, static_decoder, time_decode_call
     from jaxserve import model as model_module
     from jaxserve import runner as runner_module
     paged_attention_module = importlib.import_module("jaxserve_kernels.paged_attention")  # jaxserve_kernels.paged_attention is also a function
@@ -452,9 +452,7 @@ def run_variant(args) -> list[dict]:
     from jaxserve.runner import Runner, default_attention_impl
     from jaxserve.sampling import SamplingParams, make_batch
 
-    shape = dict(TINY if args.tiny else QWEN25_05B, model_type="qwen2")
-    if args.shape != "0.5B":  # the Qwen2.5 model card's shapes (jaxserve.config.QWEN25_SHAPES)
-        shape.update(QWEN25_SHAPES[args.shape])
+    shape = dict(TINY if args.tiny else qwen25_shape(args.shape), model_type="qwen2")
     if args.layers:
         shape["num_hidden_layers"] = args.layers
     cfg = ModelConfig.from_hf_dict(shape)

@@ -34,11 +34,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxserve import Engine, EngineConfig, SamplingParams  # noqa: E402
-from jaxserve.config import ModelConfig  # noqa: E402
+from jaxserve.config import QWEN25_SHAPES, ModelConfig  # noqa: E402
 from jaxserve.loading import LoadedModel  # noqa: E402
 from jaxserve.model import apply_rope, rope_tables  # noqa: E402
-from jaxserve.config import QWEN25_SHAPES  # noqa: E402
 from jaxserve.weights import load_hf_params  # noqa: E402
+
 
 def qwen25_shape(name: str) -> dict:
     """A Qwen2.5 size's config values (`jaxserve.config.QWEN25_SHAPES`) with its context and RoPE base."""

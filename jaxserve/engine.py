@@ -688,11 +688,12 @@ class Engine:
             zeros = np.zeros(batch, np.int32)
             table = np.zeros((batch, self.scheduler.max_pages_per_seq), np.int32)
             sbatch = make_batch([], batch)
+            # Buckets whose decode calls run padded wider (decode_batch) compile no decode shape.
+            widths = self._decode_widths[batch] if batch in self.decode_buckets else ()
             for greedy, lps in variants:
-                for steps, width in itertools.product(step_counts, self._decode_widths[batch]):
-                    if batch in self.decode_buckets:  # buckets whose decode calls run padded wider compile none
-                        self.runner.decode(zeros, zeros, zeros, table[:, :width], sbatch, zeros, steps,
-                                           greedy=greedy, logprobs=lps)
+                for steps, width in itertools.product(step_counts, widths):
+                    self.runner.decode(zeros, zeros, zeros, table[:, :width], sbatch, zeros, steps,
+                                       greedy=greedy, logprobs=lps)
                 for length in cfg.prefill_buckets:
                     if fewest_rows == 1 or fewest_rows * length <= 2 * cfg.max_tokens_per_step:
                         out = self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table, sbatch,
