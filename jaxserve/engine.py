@@ -180,19 +180,21 @@ class Engine:
                              attention_impl=default_attention_impl() if impl == "auto" else impl)
         self.scheduler = Scheduler(self.config, num_pages, self.max_model_len)
         # The batch a decode call of n rows runs as: the smallest bucket holding model.decode_rows(n) (small steps
-        # may run faster padded), or n's own bucket where no bucket holds that many.
+        # may run faster padded). A padded width past the largest bucket (max_running under 8 on the GPU) runs as
+        # a decode-only shape of its own: padding rows hold no page and write nothing, so max_running still bounds
+        # the sequences and the pool.
         buckets = self.config.batch_buckets
         self._decode_batch = {}
         for n in range(1, buckets[-1] + 1):
             rows = decode_rows(n, mcfg, target, self.runner.attention_impl)
-            self._decode_batch[n] = EngineConfig.bucket(buckets, rows if rows <= buckets[-1] else n)
+            self._decode_batch[n] = EngineConfig.bucket(buckets, rows) if rows <= buckets[-1] else rows
         self.decode_buckets = tuple(sorted(set(self._decode_batch.values())))
-        # Per batch bucket (a middle width pays only where it changes the split count), and all of them.
+        # Per batch bucket and decode-only shape (a middle width pays only where it changes the split count).
         self._decode_widths = {
             rows: _decode_table_widths(self.config.page_size, self.scheduler.max_pages_per_seq,
                                        functools.partial(_decode_splits, self.config.page_size, mcfg.head_dim,
                                                          mcfg.num_key_value_heads, rows))
-            for rows in self.config.batch_buckets}
+            for rows in sorted(set(buckets) | set(self.decode_buckets))}
         self.decode_table_widths = tuple(sorted({w for ws in self._decode_widths.values() for w in ws}))
         eos = set(mcfg.eos_token_ids) | set(generation_eos_ids(model.path))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -652,7 +654,8 @@ class Engine:
 
     def decode_batch(self, rows: int) -> int:
         """The batch a decode call of ``rows`` sequences runs as: their batch bucket, or a wider one where
-        ``jaxserve.model.decode_rows`` says a small step is faster padded (on the GPU, 8 rows).
+        ``jaxserve.model.decode_rows`` says a small step is faster padded (on the GPU, 8 rows; past the largest
+        bucket too, as a decode-only shape).
 
         Example: with the default buckets (1, 2, 4, 8, ...), ``engine.decode_batch(3)`` is 4 on the CPU and 8 on
         an H100 / H200 in bf16.
@@ -684,17 +687,19 @@ class Engine:
         step_counts = sorted({1, cfg.decode_steps})
         fewest_rows = 1  # the scheduler bounds (rows x padded length), and a bucket holds >= this many rows
         first_tokens: dict[int, jax.Array] = {}  # a prefill call's sampled tokens, by its batch
-        for batch in cfg.batch_buckets:
+        for batch in sorted(set(cfg.batch_buckets) | set(self.decode_buckets)):
             zeros = np.zeros(batch, np.int32)
             table = np.zeros((batch, self.scheduler.max_pages_per_seq), np.int32)
             sbatch = make_batch([], batch)
-            # Buckets whose decode calls run padded wider (decode_batch) compile no decode shape.
+            # Buckets whose decode calls run padded wider (decode_batch) compile no decode shape, and a
+            # decode-only shape past the largest bucket no prefill.
             widths = self._decode_widths[batch] if batch in self.decode_buckets else ()
+            lengths = cfg.prefill_buckets if batch in cfg.batch_buckets else ()
             for greedy, lps in variants:
                 for steps, width in itertools.product(step_counts, widths):
                     self.runner.decode(zeros, zeros, zeros, table[:, :width], sbatch, zeros, steps,
                                        greedy=greedy, logprobs=lps)
-                for length in cfg.prefill_buckets:
+                for length in lengths:
                     if fewest_rows == 1 or fewest_rows * length <= 2 * cfg.max_tokens_per_step:
                         out = self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table, sbatch,
                                                   zeros, greedy=greedy, logprobs=lps)

@@ -928,6 +928,29 @@ def test_small_decode_steps_run_padded_where_the_model_says_so(tiny, monkeypatch
     assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 6) for p in prompts]
 
 
+def test_a_padded_decode_width_past_the_largest_bucket_runs_as_a_decode_only_shape(tiny, monkeypatch):
+    """max_running under the padded width (on the GPU: a 1.5B engine serving one or two streams, padded to 8): the
+    decode call runs at the padded width anyway, as a shape only decode compiles (warm-up included, no prefill of
+    that batch), max_running still bounds the sequences, and the tokens are Hugging Face's with every page free."""
+    from jaxserve import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "decode_rows", lambda n, *_: 4 if n < 4 else n)
+    m, hf = tiny
+    prompts = random_prompts(m.config.vocab_size, (6, 14, 9))
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    with Engine(m, small_config(max_running=2, batch_buckets=(1, 2), decode_steps=2)) as engine:
+        assert engine.decode_buckets == (4,) and engine.decode_batch(1) == engine.decode_batch(2) == 4
+        engine.warmup(sampling=False)
+        shapes = set(engine.runner.compiled_shapes)
+        assert {s[2][0] for s in shapes if s[0] == "decode"} == {4}
+        assert {s[2][0] for s in shapes if s[0] == "prefill"} == {1, 2}
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        assert engine.runner.compiled_shapes == shapes  # nothing compiled past the warm-up
+        assert engine.stats()["running"] == 0
+        assert_all_pages_free(engine)
+    assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 6) for p in prompts]
+
+
 def test_decode_rows_pads_small_steps_to_the_mosaic_gpu_path_only_where_measured_faster(monkeypatch):
     """`model.decode_rows`' rule, with JAX's backend reported as a GPU (the Mosaic GPU path counts the CPU's interpreter
     as its device): bf16 steps of 2-7 rows run as 8; one row stays one where its norms fold (hidden <= 1024, the
