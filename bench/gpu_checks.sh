@@ -245,6 +245,7 @@
 #   pad39       session 39: small decode calls padded to 8 rows (model.PAD_SMALL_DECODE) through the engine on the
 #               GPU at 1.5B / 7B / 14B, then the steps it picks between (~560 s)
 #   pad39b      session 39: bench/throughput.py --shape 1.5B at batch 1 / 2 / 4 with the padding off and on (~500 s?)
+#   pad40       session 40: pad39b again with the engine padding past max_running, at 1.5B and 0.5B (~350 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -784,6 +785,10 @@ for part in "${parts[@]}"; do
     # after pad39: end to end at the 1.5B shape, batch 1 / 2 / 4, padding off then on (each its own process)
     pad39b) for pad in 0 1; do JAXSERVE_PAD_SMALL_DECODE=$pad timeout 280 python3 bench/throughput.py --shape 1.5B \
               --batches 1 2 4 --long-prompt 0 --no-hf --no-static --impls pallas --out "$OUT/$part/pad$pad" ; done ;;
+    # session 40: pad39b again after the engine pads past its largest bucket (max_running = batch < 8), 1.5B then 0.5B
+    pad40) for shape in 1.5B 0.5B; do for pad in 0 1; do JAXSERVE_PAD_SMALL_DECODE=$pad timeout 200 python3 \
+             bench/throughput.py --shape $shape --batches 1 2 4 --long-prompt 0 --no-hf --no-static --impls pallas \
+             --out "$OUT/$part/$shape-pad$pad" ; done; done ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"
