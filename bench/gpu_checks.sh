@@ -246,6 +246,7 @@
 #               GPU at 1.5B / 7B / 14B, then the steps it picks between (~560 s)
 #   pad39b      session 39: bench/throughput.py --shape 1.5B at batch 1 / 2 / 4 with the padding off and on (~500 s?)
 #   pad40       session 40: pad39b again with the engine padding past max_running, at 1.5B and 0.5B (~350 s)
+#   padlong     session 40: padding off / on over 16k-key contexts (1.5B batch 1, 0.5B batch 2) (~300 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -789,6 +790,10 @@ for part in "${parts[@]}"; do
     pad40) for shape in 1.5B 0.5B; do for pad in 0 1; do JAXSERVE_PAD_SMALL_DECODE=$pad timeout 200 python3 \
              bench/throughput.py --shape $shape --batches 1 2 4 --long-prompt 0 --no-hf --no-static --impls pallas \
              --out "$OUT/$part/$shape-pad$pad" ; done; done ;;
+    # session 40: the padding over long contexts (16k-key prompts), 1.5B batch 1 and 0.5B batch 2, padding off then on
+    padlong) for sb in 1.5B:1 0.5B:2; do for pad in 0 1; do JAXSERVE_PAD_SMALL_DECODE=$pad timeout 140 python3 \
+               bench/throughput.py --shape ${sb%:*} --batches ${sb#*:} --prompt-len 16384 --output-len 64 --runs 1 \
+               --long-prompt 0 --no-hf --no-static --impls pallas --out "$OUT/$part/${sb%:*}-pad$pad" ; done; done ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"
