@@ -247,6 +247,7 @@
 #   pad39b      session 39: bench/throughput.py --shape 1.5B at batch 1 / 2 / 4 with the padding off and on (~500 s?)
 #   pad40       session 40: pad39b again with the engine padding past max_running, at 1.5B and 0.5B (~350 s)
 #   padlong     session 40: padding off / on over 16k-key contexts (1.5B batch 1, 0.5B batch 2) (~300 s?)
+#   engine      the GPU-marked engine tests of tests/test_qwen_shapes.py alone (~220 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -794,6 +795,9 @@ for part in "${parts[@]}"; do
     padlong) for sb in 1.5B:1 0.5B:2; do for pad in 0 1; do JAXSERVE_PAD_SMALL_DECODE=$pad timeout 140 python3 \
                bench/throughput.py --shape ${sb%:*} --batches ${sb#*:} --prompt-len 16384 --output-len 64 --runs 1 \
                --long-prompt 0 --no-hf --no-static --impls pallas --out "$OUT/$part/${sb%:*}-pad$pad" ; done; done ;;
+    # the GPU-marked engine tests alone (1.5B / 7B / 14B engines padded, the 0.5B long-context one unpadded)
+    engine) timeout 330 python3 -m pytest -q -s -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 150 \
+              tests/test_qwen_shapes.py -k engine ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

@@ -239,13 +239,13 @@ def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len
     note += f", overlapped prefill calls {after['overlapped_prefill_calls'] - before['overlapped_prefill_calls']}"
     note = "; ".join(x for x in (note, runs_note(batch * out_len, [t[0] for t in timed])) if x)
     # Decode step time: the multi-step call alone, timed with the batch fully running, as the engine runs it
-    # (padded to its decode batch, engine.decode_batch: padding rows have no keys and write nothing), the
-    # block table as wide as the engine makes it for these rows.
-    rows = engine.decode_batch(batch)
+    # (padded where it pads, engine.decode_shape: padding rows have no keys and write nothing), the block
+    # table as wide as the engine makes it for these rows.
+    middle = len(prompts[0]) + out_len // 2
+    rows, table_w = engine.decode_shape(batch, middle + decode_steps)
     pos = np.zeros(rows, np.int32)
-    pos[:batch] = len(prompts[0]) + out_len // 2
+    pos[:batch] = middle
     limits = np.where(np.arange(rows) < batch, pos + decode_steps, 0).astype(np.int32)
-    table_w = engine.decode_table_width(int(pos[0]) + decode_steps, rows)
     bt = np.arange(rows * table_w, dtype=np.int32).reshape(rows, table_w) % engine.scheduler.num_pages
     from jaxserve.sampling import make_batch
     sb = make_batch([params] * batch, rows)

@@ -137,14 +137,35 @@ def _decode_table_widths(page_size: int, max_pages: int, splits_of=None) -> tupl
     return tuple(widths)
 
 
-def _decode_splits(page_size: int, head_dim: int, kv_heads: int, rows: int, width: int) -> int:
-    """Splits the decode kernels give a call of ``rows`` rows and a ``width``-page block table (1 where they run
-    interpreted, on the CPU)."""
+def _decode_tuning(page_size: int, head_dim: int, kv_heads: int, rows: int, width: int) -> tuple[int, int]:
+    """``(pages a loop iteration, splits)`` the decode kernels give a call of ``rows`` rows and a ``width``-page
+    block table (one split where they run interpreted, on the CPU)."""
     from jaxserve_kernels import pallas_compat
     from jaxserve_kernels.paged_attention import DECODE_BLOCK_KEYS, resolve_tuning
 
     return resolve_tuning(page_size, width, rows * kv_heads, None, None, pallas_compat.resolve_interpret(None),
-                          DECODE_BLOCK_KEYS, head_dim=head_dim, single_pass=True)[1]
+                          DECODE_BLOCK_KEYS, head_dim=head_dim, single_pass=True)
+
+
+def _decode_splits(page_size: int, head_dim: int, kv_heads: int, rows: int, width: int) -> int:
+    """Splits the decode kernels give a call of ``rows`` rows and a ``width``-page block table (1 where they run
+    interpreted, on the CPU)."""
+    return _decode_tuning(page_size, head_dim, kv_heads, rows, width)[1]
+
+
+def _splits_used(pages_per_block: int, splits: int, pages: int) -> int:
+    """How many of a decode call's ``splits`` hold keys when its longest row holds ``pages`` pages: the kernels
+    size every split from the longest row, a whole number of loop iterations each
+    (`jaxserve_kernels.paged_attention.split_page_range`).
+
+    Example:
+        >>> _splits_used(8, 256, 1024), _splits_used(8, 32, 1024), _splits_used(8, 32, 64)
+        (128, 32, 8)
+    """
+    if splits == 1:
+        return 1
+    per_split = max(pages_per_block, -(-(-(-pages // splits)) // pages_per_block) * pages_per_block)
+    return -(-pages // per_split)
 
 
 class Engine:
@@ -189,13 +210,23 @@ class Engine:
             rows = decode_rows(n, mcfg, target, self.runner.attention_impl)
             self._decode_batch[n] = EngineConfig.bucket(buckets, rows) if rows <= buckets[-1] else rows
         self.decode_buckets = tuple(sorted(set(self._decode_batch.values())))
+        # (rows, table width) -> the decode kernels' (pages a loop iteration, splits).
+        self._tuning = functools.cache(functools.partial(_decode_tuning, self.config.page_size, mcfg.head_dim,
+                                                         mcfg.num_key_value_heads))
         # Per batch bucket and decode-only shape (a middle width pays only where it changes the split count).
         self._decode_widths = {
             rows: _decode_table_widths(self.config.page_size, self.scheduler.max_pages_per_seq,
-                                       functools.partial(_decode_splits, self.config.page_size, mcfg.head_dim,
-                                                         mcfg.num_key_value_heads, rows))
+                                       lambda width, rows=rows: self._tuning(rows, width)[1])
             for rows in sorted(set(buckets) | set(self.decode_buckets))}
         self.decode_table_widths = tuple(sorted({w for ws in self._decode_widths.values() for w in ws}))
+        # Widths at which a padded bucket's calls run unpadded after all (decode_shape): warm-up compiles those.
+        self._unpadded_widths = {}
+        for n, padded in self._decode_batch.items():
+            natural = EngineConfig.bucket(buckets, n)
+            if padded != natural and natural not in self._unpadded_widths:
+                edges = sorted(set(self._decode_widths[natural]) | set(self._decode_widths[padded]))
+                shapes = {self._decode_shape_for_pages(n, pages, natural) for pages in edges}
+                self._unpadded_widths[natural] = tuple(sorted(w for b, w in shapes if b == natural))
         eos = set(mcfg.eos_token_ids) | set(generation_eos_ids(model.path))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -445,22 +476,25 @@ class Engine:
         tokens while the device already runs this one. ``after``: the prefill call in flight that
         samples the first token of some of ``reqs``; those rows start from it on the device.
         """
-        batch = self.decode_batch(len(reqs))
         table = self.scheduler.page_table()
         caps = self.scheduler.capacities()
-        positions = np.zeros(batch, np.int32)
-        limits = np.zeros(batch, np.int32)
         shift = 0 if chained is None else chained.num_steps
         # Rows whose first token is still on the device (in ``after``): its index there.
         first = {} if after is None else after.finishing()
-        owed = np.zeros(batch, np.int32)
-        for i, r in enumerate(reqs):
-            # ``computed`` and ``remaining`` are as of before the chained call's tokens are read
-            # (and before ``after``'s first tokens are: ``owed`` counts that one).
-            owed[i] = id(r) in first
-            positions[i] = r.computed + shift
-            limits[i] = min(caps[r.slot], r.computed + r.remaining - owed[i])
-        width = self.decode_table_width(int(limits.max()), batch)
+        # ``computed`` and ``remaining`` are as of before the chained call's tokens are read
+        # (and before ``after``'s first tokens are: ``owed`` counts that one).
+        owed = [int(id(r) in first) for r in reqs]
+        row_limits = [min(caps[r.slot], r.computed + r.remaining - o) for r, o in zip(reqs, owed)]
+        if chained is None:
+            batch, width = self.decode_shape(len(reqs), max(row_limits))
+        else:  # its input tokens are the chained call's, so its batch too
+            batch = len(chained.positions)
+            width = self.decode_table_width(max(row_limits), batch)
+        positions = np.zeros(batch, np.int32)
+        limits = np.zeros(batch, np.int32)
+        positions[: len(reqs)] = [r.computed + shift for r in reqs]
+        limits[: len(reqs)] = row_limits
+        owed = np.array(owed + [0] * (batch - len(reqs)), np.int32)
         block_tables = np.zeros((batch, width), np.int32)
         for i, r in enumerate(reqs):
             block_tables[i] = table[r.slot, :width]
@@ -653,22 +687,53 @@ class Engine:
         return [self.release(i).result() for i in ids]
 
     def decode_batch(self, rows: int) -> int:
-        """The batch a decode call of ``rows`` sequences runs as: their batch bucket, or a wider one where
-        ``jaxserve.model.decode_rows`` says a small step is faster padded (on the GPU, 8 rows; past the largest
-        bucket too, as a decode-only shape).
+        """The batch a decode call of ``rows`` sequences runs as over short contexts: their batch bucket, or a
+        wider one where ``jaxserve.model.decode_rows`` says a small step is faster padded (on the GPU, 8 rows;
+        past the largest bucket too, as a decode-only shape). ``decode_shape`` has the call's actual shape.
 
         Example: with the default buckets (1, 2, 4, 8, ...), ``engine.decode_batch(3)`` is 4 on the CPU and 8 on
         an H100 / H200 in bf16.
         """
         return self._decode_batch[rows]
 
+    def decode_shape(self, rows: int, max_limit: int) -> tuple[int, int]:
+        """``(batch, block-table width in pages)`` of a decode call of ``rows`` sequences none of which writes at
+        or past position ``max_limit``.
+
+        The batch is ``decode_batch(rows)`` unless padding would leave the rows' attention fewer splits holding
+        keys than their own bucket's call gives it: over long contexts the split count is capped by the programs
+        a batch wants, so eight rows split a table 8x less than one row does, and the one real row's keys go to
+        a few programs (H200, 16k keys: 1.5B batch 1 1.89 against 1.71 ms a step padded, 0.5B batch 2 0.92
+        against 0.88; bench/results/throughput.md run 46). Such calls run unpadded, in their own bucket.
+
+        Example (Qwen2.5-1.5B on an H200, a 32k model, page 16):
+            >>> engine.decode_shape(1, 256)     # padded: one unsplit pass either way  # doctest: +SKIP
+            (8, 16)
+            >>> engine.decode_shape(1, 16384)   # one row: 128 splits hold keys, padded 16  # doctest: +SKIP
+            (1, 2048)
+        """
+        return self._decode_shape_for_pages(rows, -(-max_limit // self.config.page_size))
+
+    def _decode_shape_for_pages(self, rows: int, pages: int, natural: int | None = None) -> tuple[int, int]:
+        padded = self._decode_batch[rows]
+        width = self._width_for_pages(pages, padded)
+        natural = natural or EngineConfig.bucket(self.config.batch_buckets, rows)
+        if padded != natural:
+            own = self._width_for_pages(pages, natural)
+            if (_splits_used(*self._tuning(padded, width), min(pages, width))
+                    < _splits_used(*self._tuning(natural, own), min(pages, own))):
+                return natural, own
+        return padded, width
+
+    def _width_for_pages(self, pages: int, rows: int | None) -> int:
+        widths = self.decode_table_widths if rows is None else self._decode_widths.get(rows, self.decode_table_widths)
+        return next((w for w in widths if w >= pages), widths[-1])
+
     def decode_table_width(self, max_limit: int, rows: int | None = None) -> int:
         """Pages in a decode call's block table when no row writes at or past ``max_limit``: the narrowest
         of the widths of its batch bucket ``rows`` (None: of ``decode_table_widths``, every bucket's) that holds
         every page the call can touch."""
-        widths = self.decode_table_widths if rows is None else self._decode_widths.get(rows, self.decode_table_widths)
-        pages = -(-max_limit // self.config.page_size)
-        return next((w for w in widths if w >= pages), widths[-1])
+        return self._width_for_pages(-(-max_limit // self.config.page_size), rows)
 
     def warmup(self, sampling: bool = True, logprobs: bool = False) -> int:
         """Compile every step shape the buckets allow, so no request waits on the compiler.
@@ -691,9 +756,10 @@ class Engine:
             zeros = np.zeros(batch, np.int32)
             table = np.zeros((batch, self.scheduler.max_pages_per_seq), np.int32)
             sbatch = make_batch([], batch)
-            # Buckets whose decode calls run padded wider (decode_batch) compile no decode shape, and a
-            # decode-only shape past the largest bucket no prefill.
-            widths = self._decode_widths[batch] if batch in self.decode_buckets else ()
+            # Buckets whose decode calls run padded wider (decode_batch) compile only the widths where they run
+            # unpadded after all (decode_shape), and a decode-only shape past the largest bucket no prefill.
+            widths = (self._decode_widths[batch] if batch in self.decode_buckets
+                      else self._unpadded_widths.get(batch, ()))
             lengths = cfg.prefill_buckets if batch in cfg.batch_buckets else ()
             for greedy, lps in variants:
                 for steps, width in itertools.product(step_counts, widths):

@@ -951,6 +951,43 @@ def test_a_padded_decode_width_past_the_largest_bucket_runs_as_a_decode_only_sha
     assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 6) for p in prompts]
 
 
+def test_padding_never_leaves_the_real_rows_fewer_attention_splits(tiny, monkeypatch):
+    """`Engine.decode_shape`: a padded call's split count is capped by its padded batch's programs, so over long
+    contexts the real rows' keys would go to fewer programs (H200, 16k keys: up to 11% slower steps); those calls
+    run in the rows' own bucket, warm-up compiles that shape too, and the tokens are Hugging Face's either way.
+    On the CPU the kernels never split, so stand-ins pad 1-3 rows to 4 and split as a GPU would: a table of W pages
+    min(W, 16 // rows) ways, one page a loop iteration."""
+    from jaxserve import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "decode_rows", lambda n, *_: 4 if n < 4 else n)
+    monkeypatch.setattr(engine_module, "_decode_tuning", lambda ps, hd, kvh, rows, width: (1, min(width, 16 // rows)))
+    m, hf = tiny
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    with Engine(m, small_config(max_running=2, batch_buckets=(1, 2), decode_steps=2, max_model_len=256,
+                                max_tokens_per_step=256, prefill_buckets=(16, 64, 256))) as engine:
+        # 4 pages or fewer: as many splits used either way (padded); 5 and up: fewer of four rows' 4 splits.
+        assert [engine.decode_shape(1, limit)[0] for limit in (8, 32, 33, 200)] == [4, 4, 1, 1]
+        assert [engine.decode_shape(2, limit)[0] for limit in (8, 32, 33, 200)] == [4, 4, 2, 2]
+        engine.warmup(sampling=False)
+        shapes = set(engine.runner.compiled_shapes)
+        assert {s[2][0] for s in shapes if s[0] == "decode"} == {1, 2, 4}
+        decode, batches = engine.runner.decode, []
+
+        def recording(tokens, *args, **kw):
+            batches.append(len(tokens))
+            return decode(tokens, *args, **kw)
+
+        engine.runner.decode = recording
+        for lengths, expected in (((6, 9), {4}), ((100, 150), {2})):  # short: padded; long: unpadded
+            batches.clear()
+            prompts = random_prompts(m.config.vocab_size, lengths)
+            outs = engine.generate(prompts, params, use_tqdm=False)
+            assert set(batches) == expected, (lengths, batches)
+            assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 6) for p in prompts]
+            assert_all_pages_free(engine)
+        assert engine.runner.compiled_shapes == shapes  # every call's shape was warmed up
+
+
 def test_decode_rows_pads_small_steps_to_the_mosaic_gpu_path_only_where_measured_faster(monkeypatch):
     """`model.decode_rows`' rule, with JAX's backend reported as a GPU (the Mosaic GPU path counts the CPU's interpreter
     as its device): bf16 steps of 2-7 rows run as 8; one row stays one where its norms fold (hidden <= 1024, the

@@ -141,10 +141,15 @@ def test_engine_greedy_generation_matches_reference_engine(name):
                    max_model_len=512)
 
 
-def test_engine_long_context_tables_match_reference_engine():
+def test_engine_long_context_tables_match_reference_engine(monkeypatch):
     # 0.5B heads in a 32k model (2,048-page tables), a few rows at a time over 300-1,500-token prompts: the decode
     # calls take the 16- and 256-page tables (engine.DECODE_TABLE_GROWTH: the middle one where the 1-4-row buckets'
-    # split count changes) and the split fused attention on two pipeline stages (SPLIT_TWO_STAGE_BLOCKS).
+    # split count changes) and the split fused attention on two pipeline stages (SPLIT_TWO_STAGE_BLOCKS). Unpadded
+    # (model.PAD_SMALL_DECODE off): padded to 8 rows, calls within 4k keys would take the 8-row bucket's tables,
+    # which have no middle width; the engine tests above run padded.
+    from jaxserve import model as model_module
+
+    monkeypatch.setattr(model_module, "PAD_SMALL_DECODE", False)
     rng, seed = fresh_rng()
     cfg, params = _model("0.5B", seed, max_positions=32768)
     model = LoadedModel(params, cfg, None, "", "0.5B")
