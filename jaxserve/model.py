@@ -415,8 +415,10 @@ def _accumulate_glue(paged: PagedAttention | None, x: jax.Array, cfg: ModelConfi
 # tensor-core path with the partial sums' glue. H200, session 39 (bench/results/decode_step.md): at 1024 keys the
 # 8-row step is faster than the 1-row one at 1.5B (1.468 vs 1.615 ms), 3B (2.584 vs 2.675) and 7B (3.731 vs
 # 4.141, 24 layers), and at 0.5B than 2 / 4 rows (0.715 vs 0.738 / 0.747 ms at 192 keys, session 38), while
-# 0.5B's one-row step, norms folded, stays ahead (0.594). GPU only. JAXSERVE_PAD_SMALL_DECODE=0 turns it off;
-# read when an engine is built.
+# 0.5B's one-row step, norms folded, stays ahead (0.594); end to end (throughput.md run 45) -13% a step at 1.5B
+# batch 1, -7 to -8% at 0.5B batch 2 / 4. Over long contexts the engine runs a call unpadded where padding would
+# cut its rows' attention splits (`Engine.decode_shape`, run 46). GPU only. JAXSERVE_PAD_SMALL_DECODE=0 turns it
+# off; read when an engine is built.
 PAD_SMALL_DECODE = os.environ.get("JAXSERVE_PAD_SMALL_DECODE", "1") == "1"
 
 
