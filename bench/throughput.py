@@ -261,6 +261,9 @@ def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len
     ttft = float(np.mean([o["ttft"] for o in outs])) * 1e3
     tpot = float(np.mean([o["tpot"] for o in outs if o["tpot"]])) * 1e3
     engine.close()
+    # The step's shape, so a row shows whether the engine padded it (a run that sets max_running to a batch under 8
+    # once timed no padding at all, session 40).
+    note += f"; decode step timed as {rows} rows x {table_w} pages"
     row = Row(f"jaxserve[{attention_impl}]", batch, len(prompts[0]), out_len, batch * out_len / total, ttft, tpot,
               step_ms, kernels, note=note)
     return row, first_token
