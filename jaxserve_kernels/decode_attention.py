@@ -228,13 +228,15 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine", "o_rows",
-    "prefetch_wo", "out_dtype", "rope_joint", "early_gather", "ftz", "lean"))
+    "prefetch_wo", "out_dtype", "rope_joint", "early_gather", "ftz", "lean", "live_rows"))
 def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo=None, *, scale: float,
            num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
            interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False, out_dtype=None,
-           rope_joint: bool = False, early_gather: bool = False, ftz: bool = False, lean: bool = False):
+           rope_joint: bool = False, early_gather: bool = False, ftz: bool = False, lean: bool = False,
+           live_rows: int | None = None):
     out_dtype = qkv.dtype if out_dtype is None else out_dtype
     batch, _, head_dim = qkv.shape
+    live = batch if live_rows is None else live_rows  # grid rows: past them, padding nobody reads
     kv_heads = k_pages.shape[0]
     num_heads = qkv.shape[1] - 2 * kv_heads
     group = num_heads // kv_heads
@@ -264,11 +266,11 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         out_shape, counter = [jax.ShapeDtypeStruct((kv_heads, batch, wo.shape[0]), jnp.float32)], None
         in_specs.append(whole)
         operands.append(wo)
-        grid = (batch, kv_heads, pl.cdiv(wo.shape[0], o_rows))
+        grid = (live, kv_heads, pl.cdiv(wo.shape[0], o_rows))
     else:
         out_shape, counter = split_outputs((batch, kv_heads, group, head_dim), out_dtype, num_splits,
                                            merge_in_kernel)
-        grid = (batch, kv_heads, num_splits)
+        grid = (live, kv_heads, num_splits)
     if rot_input:
         in_specs.append(whole)
         # Built in numpy, so XLA holds it as a constant; a jnp build would run as a kernel each step.
@@ -291,7 +293,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     elif merge_in_kernel:
         out = result[2]
     else:
-        out = merge_splits(result[0], result[1], out_dtype, combine, interpret)
+        out = merge_splits(result[0], result[1], out_dtype, combine, interpret, live_rows=live)
     return out.reshape(batch, num_heads, head_dim), k_pages, v_pages
 
 
@@ -362,8 +364,8 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                            slot_mapping: jax.Array, *, scale: float | None = None,
                            interpret: bool | None = None, num_splits: int | None = None,
                            pages_per_block: int | None = None, num_warps: int = 4,
-                           num_stages: int | None = None, combine: str = "pallas", out_dtype: Any = None
-                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                           num_stages: int | None = None, combine: str = "pallas", out_dtype: Any = None,
+                           live_rows: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode token per sequence: RoPE on its q and k, k/v into the pool, attention.
 
     Args:
@@ -385,6 +387,10 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
             `SPLIT_TWO_STAGE_BLOCKS` for a split call whose splits loop).
         out_dtype: the activations' dtype (None: qkv's). A float32 qkv (a projection's
             accumulator) is rounded to it first, as a projection's output in it would be.
+        live_rows: only the first this many rows are computed, and the split count is sized for them (a
+            batch padded for its projections' sake, `jaxserve.engine.Engine.decode_shape`): the rows past it
+            launch no program, write nothing to the pool, and their outputs are left undefined, for a caller
+            that discards them. None: every row.
 
     Returns:
         `(out [batch, num_heads, head_dim] in out_dtype, k_pages, v_pages)`.
@@ -403,20 +409,23 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     batch, _, head_dim = qkv.shape
+    live = batch if live_rows is None else live_rows
+    if not 1 <= live <= batch:
+        raise ValueError(f"live_rows must be in [1, {batch}] (the batch), got {live_rows}")
     kv_heads, _, page_size, _ = k_pages.shape
     interpret = compat.resolve_interpret(interpret)
     pages_per_block, num_splits = resolve_tuning(
-        page_size, block_tables.shape[1], batch * kv_heads, pages_per_block, num_splits,
+        page_size, block_tables.shape[1], live * kv_heads, pages_per_block, num_splits,
         interpret, DECODE_BLOCK_KEYS, head_dim=head_dim, single_pass=True)
     if num_stages is None:
-        num_stages = default_num_stages(batch, block_tables.shape[1], num_splits, pages_per_block)
+        num_stages = default_num_stages(live, block_tables.shape[1], num_splits, pages_per_block)
     return _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
                   scale=float(head_dim ** -0.5 if scale is None else scale),
                   num_splits=num_splits, pages_per_block=pages_per_block,
                   num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                   combine=combine, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
                   rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER, ftz=_paged.FTZ_EXP2,
-                  lean=_paged.LEAN_SOFTMAX)
+                  lean=_paged.LEAN_SOFTMAX, live_rows=live)
 
 
 def default_num_stages(batch: int, table_pages: int, num_splits: int, pages_per_block: int) -> int:

@@ -355,11 +355,13 @@ def merge_last_split(o_ref, lse_ref, out_ref, counter_ref, out, lse, *, seq, hea
         counter_ref[seq, head] = jnp.int32(0)  # every split has counted: ready for the next call
 
 
-def merge_splits(o: jax.Array, lse: jax.Array, out_dtype, combine: str, interpret: bool) -> jax.Array:
-    """The flash-decoding merge by `combine`: "pallas" (one launch, `jaxserve_kernels.split_combine`)
-    or "xla" (the jnp reference, which XLA fuses into one or several kernels)."""
+def merge_splits(o: jax.Array, lse: jax.Array, out_dtype, combine: str, interpret: bool,
+                 live_rows: int | None = None) -> jax.Array:
+    """The flash-decoding merge by `combine`: "pallas" (one launch, `jaxserve_kernels.split_combine`;
+    only the first `live_rows` rows, the rest left undefined) or "xla" (the jnp reference, which XLA
+    fuses into one or several kernels; every row)."""
     if combine == "pallas":
-        return combine_splits(o, lse, out_dtype, interpret=interpret)
+        return combine_splits(o, lse, out_dtype, interpret=interpret, live_rows=live_rows)
     return combine_splits_reference(o, lse, out_dtype)
 
 

@@ -67,20 +67,20 @@ def _combine_kernel(o_ref, lse_ref, out_ref, *, num_splits: int, padded_splits: 
     out_ref[seq, head, row, cols] = out.astype(out_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "early_partials"))
-def _combine(o, lse, *, out_dtype, interpret: bool, early_partials: bool = False):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "early_partials", "live_rows"))
+def _combine(o, lse, *, out_dtype, interpret: bool, early_partials: bool = False, live_rows: int | None = None):
     num_splits, batch, kv_heads, group, head_dim = o.shape
     padded_splits = compat.next_pow2(num_splits)
     chunk = max(1, min(head_dim, _MAX_TILE_ELEMENTS // padded_splits))
     kernel = functools.partial(_combine_kernel, num_splits=num_splits,
                                padded_splits=padded_splits, chunk=chunk, early_partials=early_partials)
-    return compat.triton_call(kernel, o, lse, grid=(batch, kv_heads, group, head_dim // chunk),
+    return compat.triton_call(kernel, o, lse, grid=(live_rows or batch, kv_heads, group, head_dim // chunk),
                               out_shape=jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), out_dtype),
                               interpret=interpret, num_warps=4, name="split_combine")
 
 
 def combine_splits(o: jax.Array, lse: jax.Array, out_dtype=None, *,
-                   interpret: bool | None = None) -> jax.Array:
+                   interpret: bool | None = None, live_rows: int | None = None) -> jax.Array:
     """Merge flash-decoding partials by their log-sum-exp, in one kernel launch.
 
     Args:
@@ -90,6 +90,8 @@ def combine_splits(o: jax.Array, lse: jax.Array, out_dtype=None, *,
             scaled logits; -inf where the split saw no key.
         out_dtype: result dtype, default o's.
         interpret: Pallas interpret mode; None picks it on the CPU backend.
+        live_rows: merge only the first this many rows (the rest of the batch is padding): the rows past it
+            launch nothing and are left undefined. None: every row.
 
     Returns:
         `[batch, kv_heads, group, head_dim]`; rows whose every split is empty are 0.
@@ -107,8 +109,11 @@ def combine_splits(o: jax.Array, lse: jax.Array, out_dtype=None, *,
     head_dim = o.shape[-1]
     if head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two, got {head_dim}")
+    if live_rows is not None and not 1 <= live_rows <= o.shape[1]:
+        raise ValueError(f"live_rows must be in [1, {o.shape[1]}] (the batch), got {live_rows}")
     return _combine(o, lse.astype(jnp.float32), out_dtype=jnp.dtype(out_dtype or o.dtype),
-                    interpret=compat.resolve_interpret(interpret), early_partials=EARLY_PARTIALS)
+                    interpret=compat.resolve_interpret(interpret), early_partials=EARLY_PARTIALS,
+                    live_rows=None if live_rows == o.shape[1] else live_rows)
 
 
 def combine_splits_reference(o: jax.Array, lse: jax.Array, out_dtype=None) -> jax.Array:

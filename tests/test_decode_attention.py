@@ -105,6 +105,27 @@ def test_fused_decode_matches_rope_scatter_attention_reference(
 
 
 @pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("num_splits,combine", [(1, "pallas"), (2, "pallas"), (2, "inkernel"), (3, "xla")])
+def test_fused_decode_live_rows_compute_only_the_rows_before_them(interpret, num_splits, combine):
+    """`live_rows` (a batch padded for its projections): the first rows match the reference as in a call of their
+    own, and the rows past them run nothing: given real lengths and slots here, their slots stay unwritten."""
+    rng, seed = fresh_rng()
+    args = fused_case(rng, batch=6, num_heads=14, kv_heads=2, head_dim=64, page_size=16, table_pages=5,
+                      dtype=jnp.bfloat16)
+    live = 3
+    out, k_new, v_new = fused_decode_attention(*args, interpret=interpret, num_splits=num_splits,
+                                               pages_per_block=1, combine=combine, live_rows=live)
+    only_live = np.where(np.arange(6) < live, np.asarray(args[7]), -1)
+    ref, k_ref, v_ref = fused_decode_attention_reference(*args[:7], jnp.asarray(only_live, jnp.int32))
+    assert out.shape == (6, 14, 64)
+    assert not np.isnan(np.asarray(out[:live], np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(out[:live], ref[:live]) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
+    assert_cache_written(k_new, v_new, k_ref, v_ref, jnp.bfloat16, seed)
+    with pytest.raises(ValueError, match="live_rows"):
+        fused_decode_attention(*args, interpret=interpret, live_rows=7)
+
+
+@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_fused_decode_of_a_float32_accumulator_into_bf16(interpret, num_splits):
     # The accumulating decode glue (model.ACCUMULATE) hands the kernel the QKV projection's float32
