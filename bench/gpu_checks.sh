@@ -248,6 +248,10 @@
 #   pad40       session 40: pad39b again with the engine padding past max_running, at 1.5B and 0.5B (~350 s)
 #   padlong     session 40: padding off / on over 16k-key contexts (1.5B batch 1, 0.5B batch 2) (~300 s?)
 #   engine      the GPU-marked engine tests of tests/test_qwen_shapes.py alone (~220 s)
+#   livepad     session 40, not yet run: model.PAD_LIVE_ROWS (a padded call's attention over its real rows only):
+#               the compiled kernel test and the GPU engine tests with it on (~300 s?)
+#   livepad_e2e after livepad: end to end, live rows off / on, 1.5B batch 1 and 0.5B batch 2, 16k and 128-token
+#               prompts, 8 processes (~550 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -798,6 +802,17 @@ for part in "${parts[@]}"; do
     # the GPU-marked engine tests alone (1.5B / 7B / 14B engines padded, the 0.5B long-context one unpadded)
     engine) timeout 330 python3 -m pytest -q -s -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 150 \
               tests/test_qwen_shapes.py -k engine ;;
+    # session 40 (not yet run): padded calls running only their real rows' attention (model.PAD_LIVE_ROWS): the
+    # compiled kernel test and the engine tests with it on; then (livepad_e2e) 1.5B batch 1 and 0.5B batch 2 over
+    # 16k-key and 128-token prompts, live rows off (decode_shape's refusal: unpadded over 16k) then on
+    livepad) timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+               tests/test_decode_attention.py -k "live_rows and compiled" ; \
+             JAXSERVE_PAD_LIVE_ROWS=1 timeout 300 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu \
+               --timeout 150 tests/test_qwen_shapes.py -k "engine and not long_context" ;;
+    livepad_e2e) for sb in 1.5B:1 0.5B:2; do for prompt in 16384 128; do for live in 0 1; do JAXSERVE_PAD_LIVE_ROWS=$live \
+               timeout 120 python3 bench/throughput.py --shape ${sb%:*} --batches ${sb#*:} --prompt-len $prompt \
+               --output-len 64 --runs 1 --long-prompt 0 --no-hf --no-static --impls pallas \
+               --out "$OUT/$part/${sb%:*}-p$prompt-live$live" ; done; done; done ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

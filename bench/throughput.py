@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -163,7 +164,8 @@ def count_kernels(hlo_text: str) -> int:
     return sum(loop_body_histogram(hlo_text).values())
 
 
-def time_decode_call(runner, call: tuple, reps: int, logprobs: bool = False, blocked: bool = False) -> float:
+def time_decode_call(runner, call: tuple, reps: int, logprobs: bool = False, blocked: bool = False,
+                     live_rows: int | None = None) -> float:
     """Ms per decode step of ``runner.decode(*call, greedy=True)``, after a warm-up call.
 
     ``reps`` calls dispatched back to back, then one wait: the host's dispatch of a call overlaps
@@ -174,30 +176,33 @@ def time_decode_call(runner, call: tuple, reps: int, logprobs: bool = False, blo
     Without log-probabilities by default, as the engine runs the benchmark's requests (none
     asks for them; since session 12).
 
-    ``call`` is ``(tokens, positions, limits, block_tables, sampling_batch, steps, num_steps)``.
+    ``call`` is ``(tokens, positions, limits, block_tables, sampling_batch, steps, num_steps)``; ``live_rows``
+    as `Runner.decode`'s.
     """
-    jax.block_until_ready(runner.decode(*call, greedy=True, logprobs=logprobs).tokens)
+    decode = functools.partial(runner.decode, greedy=True, logprobs=logprobs, live_rows=live_rows)
+    jax.block_until_ready(decode(*call).tokens)
     if not blocked:
         s = time.perf_counter()
         for _ in range(reps):
-            out = runner.decode(*call, greedy=True, logprobs=logprobs)
+            out = decode(*call)
         jax.block_until_ready(out.tokens)
         return (time.perf_counter() - s) / (reps * call[6]) * 1e3
     times = []
     for _ in range(reps):
         s = time.perf_counter()
-        jax.block_until_ready(runner.decode(*call, greedy=True, logprobs=logprobs).tokens)
+        jax.block_until_ready(decode(*call).tokens)
         times.append(time.perf_counter() - s)
     return float(np.median(times)) / call[6] * 1e3
 
 
-def decode_hlo(runner, call: tuple, logprobs: bool = False) -> str:
+def decode_hlo(runner, call: tuple, logprobs: bool = False, live_rows: int | None = None) -> str:
     """The compiled HLO text of the decode call ``time_decode_call`` times."""
     zeros = jnp.zeros((1, 1), jnp.int32)
     decode = runner.decode_fn(len(call[0]))  # the compile that batch width actually uses
     return decode.lower(runner.params, runner.kv, *[jnp.asarray(a) for a in call[:4]], call[4],
                         jnp.asarray(call[5]), zeros, zeros, num_steps=call[6], num_top=0,
-                        penalties=False, greedy=True, logprobs=logprobs).compile().as_text()
+                        penalties=False, greedy=True, logprobs=logprobs,
+                        live_rows=None if live_rows == len(call[0]) else live_rows).compile().as_text()
 
 
 def engine_config(batch: int, prompt_len: int, out_len: int, decode_steps: int, attention_impl: str,
@@ -242,7 +247,7 @@ def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len
     # (padded where it pads, engine.decode_shape: padding rows have no keys and write nothing), the block
     # table as wide as the engine makes it for these rows.
     middle = len(prompts[0]) + out_len // 2
-    rows, table_w = engine.decode_shape(batch, middle + decode_steps)
+    rows, table_w, live = engine.decode_shape(batch, middle + decode_steps)
     pos = np.zeros(rows, np.int32)
     pos[:batch] = middle
     limits = np.where(np.arange(rows) < batch, pos + decode_steps, 0).astype(np.int32)
@@ -252,10 +257,10 @@ def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len
     call = (np.zeros(rows, np.int32), pos, limits, bt, sb, np.zeros(rows, np.int32), decode_steps)
     # Median of 7 rounds of 10 back-to-back calls (until session 30 one round: runs of the same code read
     # 0.748-0.792 ms at batch 64).
-    step_ms = float(np.median([time_decode_call(engine.runner, call, reps=10) for _ in range(7)]))
+    step_ms = float(np.median([time_decode_call(engine.runner, call, reps=10, live_rows=live) for _ in range(7)]))
     kernels = None
     try:
-        kernels = count_kernels(decode_hlo(engine.runner, call))
+        kernels = count_kernels(decode_hlo(engine.runner, call, live_rows=live))
     except Exception as exc:  # the count is informative only
         print("kernel count failed:", exc)
     ttft = float(np.mean([o["ttft"] for o in outs])) * 1e3
@@ -263,7 +268,7 @@ def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len
     engine.close()
     # The step's shape, so a row shows whether the engine padded it (a run that sets max_running to a batch under 8
     # once timed no padding at all, session 40).
-    note += f"; decode step timed as {rows} rows x {table_w} pages"
+    note += f"; decode step timed as {rows} rows x {table_w} pages" + (f", attention of {live}" if live < rows else "")
     row = Row(f"jaxserve[{attention_impl}]", batch, len(prompts[0]), out_len, batch * out_len / total, ttft, tpot,
               step_ms, kernels, note=note)
     return row, first_token

@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, generation_eos_ids, generation_sampling_defaults, load
+from jaxserve import model as model_module
 from jaxserve.model import decode_rows
 from jaxserve.request import Request, Status
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
@@ -57,6 +58,7 @@ class _Decode:
     # The prefill call whose first tokens this call started from on the device (_can_follow_prefill),
     # still to be read: the next step() reads it before anything else.
     after: "_Prefill | None" = None
+    shape: "DecodeShape | None" = None
 
 
 @dataclasses.dataclass
@@ -168,6 +170,14 @@ def _splits_used(pages_per_block: int, splits: int, pages: int) -> int:
     return -(-pages // per_split)
 
 
+class DecodeShape(NamedTuple):
+    """A decode call's shape (`Engine.decode_shape`)."""
+
+    batch: int  # rows the call runs, padding included
+    width: int  # pages in its block table
+    live: int  # rows whose attention runs; past them, padding (`model.PagedAttention.live_rows`)
+
+
 class Engine:
     """Continuous batching over the paged KV pool.
 
@@ -219,14 +229,20 @@ class Engine:
                                        lambda width, rows=rows: self._tuning(rows, width)[1])
             for rows in sorted(set(buckets) | set(self.decode_buckets))}
         self.decode_table_widths = tuple(sorted({w for ws in self._decode_widths.values() for w in ws}))
-        # Widths at which a padded bucket's calls run unpadded after all (decode_shape): warm-up compiles those.
-        self._unpadded_widths = {}
+        # model.PAD_LIVE_ROWS: a padded call runs only its real rows' attention, so it always pads.
+        self._live_rows = model_module.PAD_LIVE_ROWS and self.runner.attention_impl == "pallas"
+        # Every decode shape a call can take (warm-up compiles them): a bucket's own calls at its widths; with live
+        # rows, a padded bucket's calls at the widths of their own bucket; without, every decode bucket's widths
+        # (a chained call keeps its padded batch) and a padded bucket's own widths where padding would cut the
+        # rows' attention splits (decode_shape).
+        shapes = {DecodeShape(b, w, b) for b in self.decode_buckets for w in self._decode_widths[b]
+                  if not self._live_rows or b in buckets and self._decode_batch[b] == b}
         for n, padded in self._decode_batch.items():
             natural = EngineConfig.bucket(buckets, n)
-            if padded != natural and natural not in self._unpadded_widths:
+            if padded != natural:
                 edges = sorted(set(self._decode_widths[natural]) | set(self._decode_widths[padded]))
-                shapes = {self._decode_shape_for_pages(n, pages, natural) for pages in edges}
-                self._unpadded_widths[natural] = tuple(sorted(w for b, w in shapes if b == natural))
+                shapes |= {self._decode_shape_for_pages(n, pages) for pages in edges}
+        self._decode_shapes = tuple(sorted(shapes))
         eos = set(mcfg.eos_token_ids) | set(generation_eos_ids(model.path))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -485,11 +501,13 @@ class Engine:
         # (and before ``after``'s first tokens are: ``owed`` counts that one).
         owed = [int(id(r) in first) for r in reqs]
         row_limits = [min(caps[r.slot], r.computed + r.remaining - o) for r, o in zip(reqs, owed)]
-        if chained is None:
-            batch, width = self.decode_shape(len(reqs), max(row_limits))
-        else:  # its input tokens are the chained call's, so its batch too
-            batch = len(chained.positions)
-            width = self.decode_table_width(max(row_limits), batch)
+        shape = self.decode_shape(len(reqs), max(row_limits))
+        if chained is not None and chained.shape.batch != shape.batch:
+            # Its input tokens are the chained call's, so its batch too (rows that grew past the contexts where
+            # they pad), and its live rows, at the widths of the rows whose attention runs.
+            live = chained.shape.live
+            shape = DecodeShape(chained.shape.batch, self.decode_table_width(max(row_limits), live), live)
+        batch, width = shape.batch, shape.width
         positions = np.zeros(batch, np.int32)
         limits = np.zeros(batch, np.int32)
         positions[: len(reqs)] = [r.computed + shift for r in reqs]
@@ -508,9 +526,10 @@ class Engine:
                 source = np.array([first.get(id(r), 0) for r in reqs] + [0] * (batch - len(reqs)), np.int32)
                 tokens = _first_tokens(tokens, after.out.tokens, source, owed.astype(bool))
         out, last = self.runner.decode(tokens, positions, limits, block_tables, sbatch, steps + shift + owed,
-                                       num_steps, counts, seen, num_top, greedy, logprobs, return_last=True)
+                                       num_steps, counts, seen, num_top, greedy, logprobs, return_last=True,
+                                       live_rows=shape.live)
         return _Decode(reqs, out, positions, limits, num_steps, penalties=counts is not None, last=last,
-                       after=after)
+                       after=after, shape=shape)
 
     def _collect_decode(self, call: _Decode) -> None:
         """Read a decode call's tokens and hand them to their requests (stop rules apply)."""
@@ -696,34 +715,38 @@ class Engine:
         """
         return self._decode_batch[rows]
 
-    def decode_shape(self, rows: int, max_limit: int) -> tuple[int, int]:
-        """``(batch, block-table width in pages)`` of a decode call of ``rows`` sequences none of which writes at
-        or past position ``max_limit``.
+    def decode_shape(self, rows: int, max_limit: int) -> DecodeShape:
+        """``(batch, block-table width in pages, live rows)`` of a decode call of ``rows`` sequences none of which
+        writes at or past position ``max_limit``.
 
         The batch is ``decode_batch(rows)`` unless padding would leave the rows' attention fewer splits holding
         keys than their own bucket's call gives it: over long contexts the split count is capped by the programs
         a batch wants, so eight rows split a table 8x less than one row does, and the one real row's keys go to
         a few programs (H200, 16k keys: 1.5B batch 1 1.89 against 1.71 ms a step padded, 0.5B batch 2 0.92
-        against 0.88; bench/results/throughput.md run 46). Such calls run unpadded, in their own bucket.
+        against 0.88; bench/results/throughput.md run 46). Such calls run unpadded, in their own bucket. With
+        ``model.PAD_LIVE_ROWS`` a padded call runs its bucket's rows' attention alone, as their own call would,
+        and so always pads (``live`` < ``batch``).
 
         Example (Qwen2.5-1.5B on an H200, a 32k model, page 16):
             >>> engine.decode_shape(1, 256)     # padded: one unsplit pass either way  # doctest: +SKIP
-            (8, 16)
+            DecodeShape(batch=8, width=16, live=8)
             >>> engine.decode_shape(1, 16384)   # one row: 128 splits hold keys, padded 16  # doctest: +SKIP
-            (1, 2048)
+            DecodeShape(batch=1, width=2048, live=1)
         """
         return self._decode_shape_for_pages(rows, -(-max_limit // self.config.page_size))
 
-    def _decode_shape_for_pages(self, rows: int, pages: int, natural: int | None = None) -> tuple[int, int]:
+    def _decode_shape_for_pages(self, rows: int, pages: int) -> DecodeShape:
         padded = self._decode_batch[rows]
+        natural = EngineConfig.bucket(self.config.batch_buckets, rows)
         width = self._width_for_pages(pages, padded)
-        natural = natural or EngineConfig.bucket(self.config.batch_buckets, rows)
         if padded != natural:
             own = self._width_for_pages(pages, natural)
+            if self._live_rows:
+                return DecodeShape(padded, own, natural)
             if (_splits_used(*self._tuning(padded, width), min(pages, width))
                     < _splits_used(*self._tuning(natural, own), min(pages, own))):
-                return natural, own
-        return padded, width
+                return DecodeShape(natural, own, natural)
+        return DecodeShape(padded, width, padded)
 
     def _width_for_pages(self, pages: int, rows: int | None) -> int:
         widths = self.decode_table_widths if rows is None else self._decode_widths.get(rows, self.decode_table_widths)
@@ -756,15 +779,14 @@ class Engine:
             zeros = np.zeros(batch, np.int32)
             table = np.zeros((batch, self.scheduler.max_pages_per_seq), np.int32)
             sbatch = make_batch([], batch)
-            # Buckets whose decode calls run padded wider (decode_batch) compile only the widths where they run
-            # unpadded after all (decode_shape), and a decode-only shape past the largest bucket no prefill.
-            widths = (self._decode_widths[batch] if batch in self.decode_buckets
-                      else self._unpadded_widths.get(batch, ()))
+            # Buckets whose decode calls run padded wider (decode_batch) compile only the shapes of this batch
+            # they take (decode_shape), and a decode-only shape past the largest bucket no prefill.
+            shapes = [s for s in self._decode_shapes if s.batch == batch]
             lengths = cfg.prefill_buckets if batch in cfg.batch_buckets else ()
             for greedy, lps in variants:
-                for steps, width in itertools.product(step_counts, widths):
-                    self.runner.decode(zeros, zeros, zeros, table[:, :width], sbatch, zeros, steps,
-                                       greedy=greedy, logprobs=lps)
+                for steps, shape in itertools.product(step_counts, shapes):
+                    self.runner.decode(zeros, zeros, zeros, table[:, :shape.width], sbatch, zeros, steps,
+                                       greedy=greedy, logprobs=lps, live_rows=shape.live)
                 for length in lengths:
                     if fewest_rows == 1 or fewest_rows * length <= 2 * cfg.max_tokens_per_step:
                         out = self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table, sbatch,
@@ -772,7 +794,7 @@ class Engine:
                         first_tokens[batch] = out.tokens
             fewest_rows = batch + 1
         if cfg.overlap:  # a decode call that follows a prefill (_can_follow_prefill) picks its first tokens
-            for batch in self.decode_buckets:
+            for batch in sorted({s.batch for s in self._decode_shapes}):
                 zeros = np.zeros(batch, np.int32)
                 for tokens in (t for b, t in first_tokens.items() if b <= batch):
                     _first_tokens(zeros, tokens, zeros, zeros.astype(bool))

@@ -48,6 +48,10 @@ class PagedAttention:
     # RoPE + cache write + attention kernel; "pallas-unfused": the same with RoPE, scatter and
     # attention as separate steps (for comparison); "reference": the kernels' jnp twins.
     impl: str = flax.struct.field(pytree_node=False, default="pallas")
+    # Decode on the fused kernel: only the first this many rows are real (the rest padding, discarded): their
+    # attention alone runs, split as a call of that many rows would be (`fused_decode_attention`'s live_rows).
+    # None: every row. The other impls compute every row.
+    live_rows: int | None = flax.struct.field(pytree_node=False, default=None)
 
 
 # How `rope_tables` fills both halves from its half tables: "broadcast" (cos and sin of the half angles
@@ -420,6 +424,11 @@ def _accumulate_glue(paged: PagedAttention | None, x: jax.Array, cfg: ModelConfi
 # cut its rows' attention splits (`Engine.decode_shape`, run 46). GPU only. JAXSERVE_PAD_SMALL_DECODE=0 turns it
 # off; read when an engine is built.
 PAD_SMALL_DECODE = os.environ.get("JAXSERVE_PAD_SMALL_DECODE", "1") == "1"
+# With it, a padded call runs the attention of its real rows alone (their batch bucket's rows, split as their own
+# call would be: `PagedAttention.live_rows`), so padding pays over long contexts too, where otherwise the engine
+# runs the call unpadded (`Engine.decode_shape`). Off until timed on the GPU (`bash bench/gpu_checks.sh livepad`);
+# JAXSERVE_PAD_LIVE_ROWS=1 turns it on; read when an engine is built.
+PAD_LIVE_ROWS = os.environ.get("JAXSERVE_PAD_LIVE_ROWS", "0") == "1"
 
 
 def decode_rows(rows: int, cfg: ModelConfig, dtype: Any, impl: str = "pallas") -> int:
@@ -566,7 +575,7 @@ def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelCon
         out, k_pages, v_pages = fused_decode_attention_o(*args, wo)
     else:
         out, k_pages, v_pages = fused_decode_attention(*args, combine=SPLIT_COMBINE, out_dtype=out_dtype,
-                                                       **ATTENTION_TUNING)
+                                                       live_rows=paged.live_rows, **ATTENTION_TUNING)
     return out, (k_pages, v_pages)
 
 

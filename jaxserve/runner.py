@@ -168,8 +168,9 @@ class Runner:
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, limits: np.ndarray, block_tables: np.ndarray,
                batch: SamplingBatch, steps: np.ndarray, num_steps: int, counts=None, seen=None, num_top: int = 0,
-               greedy: bool = False, logprobs: bool = True, return_last: bool = False):
+               greedy: bool = False, logprobs: bool = True, return_last: bool = False, live_rows: int | None = None):
         """``num_steps`` decode steps in one device call; row b stops writing at position ``limits[b]``.
+        ``live_rows``: the rows past it are padding whose attention does not run (`model.PagedAttention`).
 
         Returns the sampler's outputs stacked ``[num_steps, B]`` (log-probabilities NaN with
         ``logprobs=False``: no row asked for them, and the greedy pick is then an argmax alone);
@@ -179,12 +180,13 @@ class Runner:
         penalties = counts is not None
         if not penalties:  # placeholders keep one signature; they are never read
             counts = seen = self._no_counts
+        live_rows = None if live_rows == tokens.shape[0] else live_rows
         self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, batch.bias_ids.shape[1], num_steps,
-                                  num_top, penalties, greedy, logprobs))
+                                  num_top, penalties, greedy, logprobs) + ((live_rows,) if live_rows else ()))
         self.kv, out, last = self.decode_fn(tokens.shape[0])(
             self.params, self.kv, *_int32(tokens, positions, limits, block_tables), batch,
             *_int32(steps), counts, seen, num_steps=num_steps, num_top=num_top, penalties=penalties, greedy=greedy,
-            logprobs=logprobs)
+            logprobs=logprobs, live_rows=live_rows)
         return (out, last) if return_last else out
 
 
@@ -211,7 +213,7 @@ class Steps:
         self.attention_impl = attention_impl
         self.prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top", "greedy", "logprobs", "prompt_top"),
                                compiler_options=prefill_options or None)
-        decode_static = ("num_steps", "num_top", "penalties", "greedy", "logprobs")
+        decode_static = ("num_steps", "num_top", "penalties", "greedy", "logprobs", "live_rows")
         self.decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static,
                               compiler_options=DECODE_OPTIONS or None)
         # Batches too wide for the skinny matmul project through XLA's GEMMs; for those steps
@@ -280,20 +282,21 @@ class Steps:
 
     def _decode_impl(self, params, kv, tokens, positions, limits, block_tables, batch: SamplingBatch, steps,
                      counts, seen, *, num_steps: int, num_top: int, penalties: bool, greedy: bool,
-                     logprobs: bool = True):
+                     logprobs: bool = True, live_rows: int | None = None):
         # Without log-probabilities a step's outputs are its tokens: the NaN log-probabilities are made once
         # after the loop, not written into the stacked outputs by a kernel every step.
         tokens_only = not logprobs and num_top == 0
         unroll = max(1, min(DECODE_UNROLL, num_steps))
         rows = tokens.shape[0]
-        if HALF_BATCH_ROWS and rows >= HALF_BATCH_ROWS and rows % 2 == 0 and not penalties:
+        if HALF_BATCH_ROWS and rows >= HALF_BATCH_ROWS and rows % 2 == 0 and not penalties and live_rows is None:
             kv, outs, last = self._decode_halves(params, kv, tokens, positions, limits, block_tables, batch, steps,
                                                  counts, seen, num_steps=num_steps, num_top=num_top, greedy=greedy,
                                                  logprobs=logprobs, unroll=unroll)
         else:
             def one(carry, k):
                 return self.decode_one(params, carry, k, positions, limits, block_tables, batch, steps,
-                                       num_top=num_top, penalties=penalties, greedy=greedy, logprobs=logprobs)
+                                       num_top=num_top, penalties=penalties, greedy=greedy, logprobs=logprobs,
+                                       live_rows=live_rows)
 
             (kv, last, _, _), outs = jax.lax.scan(one, (kv, tokens, counts, seen),
                                                   jnp.arange(num_steps, dtype=jnp.int32), unroll=unroll)
@@ -322,7 +325,7 @@ class Steps:
         return kv, outs, jnp.concatenate([last_a, last_b])
 
     def decode_one(self, params, carry, k, positions, limits, block_tables, batch: SamplingBatch, steps, *,
-                   num_top: int, penalties: bool, greedy: bool, logprobs: bool = True):
+                   num_top: int, penalties: bool, greedy: bool, logprobs: bool = True, live_rows: int | None = None):
         """Step ``k`` of the multi-step decode (traced inside a jit): ``carry = (kv, tokens, counts, seen)`` in
         and out, and the step's output (its tokens alone when neither log-probabilities nor top tokens are
         asked for). Also what bench/half_streams.py builds its two-half loop from."""
@@ -331,7 +334,8 @@ class Steps:
         pos = positions + k
         active = pos < limits
         paged = PagedAttention(kv_pool.slots_in_rows(block_tables, pos[:, None], active[:, None], self.page_size),
-                               block_tables, jnp.where(active, pos + 1, 0), pos, impl=self.attention_impl)
+                               block_tables, jnp.where(active, pos + 1, 0), pos, impl=self.attention_impl,
+                               live_rows=live_rows)
         if self._greedy_head(tokens.shape[0], greedy, num_top, logprobs) and not penalties:
             picked, kv = self._forward(params, kv, tokens[:, None], pos[:, None], paged, greedy_tokens=True)
             return (kv, picked[:, 0], counts, seen), picked[:, 0] if tokens_only else no_logprobs(picked[:, 0])

@@ -988,6 +988,43 @@ def test_padding_never_leaves_the_real_rows_fewer_attention_splits(tiny, monkeyp
         assert engine.runner.compiled_shapes == shapes  # every call's shape was warmed up
 
 
+def test_padded_calls_with_live_rows_run_only_the_real_rows_attention(tiny, monkeypatch):
+    """`model.PAD_LIVE_ROWS`: a padded call runs the attention of its rows' own bucket alone (the kernels' grid over
+    those rows, split as their own call), so it pads over long contexts too, at its bucket's table widths; the
+    padding rows' outputs are never read. Stand-ins as in the test above; tokens are Hugging Face's, every shape
+    warmed up, pages free."""
+    from jaxserve import engine as engine_module
+    from jaxserve import model as model_module
+
+    monkeypatch.setattr(model_module, "PAD_LIVE_ROWS", True)
+    monkeypatch.setattr(engine_module, "decode_rows", lambda n, *_: 4 if n < 4 else n)
+    monkeypatch.setattr(engine_module, "_decode_tuning", lambda ps, hd, kvh, rows, width: (1, min(width, 16 // rows)))
+    m, hf = tiny
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    with Engine(m, small_config(max_running=2, batch_buckets=(1, 2), decode_steps=2, max_model_len=256,
+                                max_tokens_per_step=256, prefill_buckets=(16, 64, 256),
+                                attention_impl="pallas")) as engine:  # the kernels, interpreted
+        assert [tuple(engine.decode_shape(1, limit)) for limit in (8, 200)] == [(4, 32, 1), (4, 32, 1)]
+        assert tuple(engine.decode_shape(2, 200)) == (4, 32, 2)
+        engine.warmup(sampling=False)
+        shapes = set(engine.runner.compiled_shapes)
+        assert {(s[2][0], s[-1]) for s in shapes if s[0] == "decode"} == {(4, 1), (4, 2)}
+        decode, calls = engine.runner.decode, []
+
+        def recording(tokens, *args, live_rows=None, **kw):
+            calls.append((len(tokens), live_rows))
+            return decode(tokens, *args, live_rows=live_rows, **kw)
+
+        engine.runner.decode = recording
+        for lengths in ((6, 9), (100, 150), (120,)):
+            prompts = random_prompts(m.config.vocab_size, lengths)
+            outs = engine.generate(prompts, params, use_tqdm=False)
+            assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 6) for p in prompts]
+            assert_all_pages_free(engine)
+        assert set(calls) == {(4, 2), (4, 1)}, calls
+        assert engine.runner.compiled_shapes == shapes
+
+
 def test_decode_rows_pads_small_steps_to_the_mosaic_gpu_path_only_where_measured_faster(monkeypatch):
     """`model.decode_rows`' rule, with JAX's backend reported as a GPU (the Mosaic GPU path counts the CPU's interpreter
     as its device): bf16 steps of 2-7 rows run as 8; one row stays one where its norms fold (hidden <= 1024, the
