@@ -1025,6 +1025,33 @@ def test_padded_calls_with_live_rows_run_only_the_real_rows_attention(tiny, monk
         assert engine.runner.compiled_shapes == shapes
 
 
+def test_live_rows_padding_changes_no_sampled_token(tiny, monkeypatch):
+    """Seeded sampling with penalties and log-probabilities, through padded calls whose padding rows' attention never
+    runs (their garbage stays in their own rows): the same tokens as the unpadded engine."""
+    from jaxserve import engine as engine_module
+    from jaxserve import model as model_module
+
+    m, _ = tiny
+    prompts = random_prompts(m.config.vocab_size, (7, 40, 90))
+    params = [SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=s, repetition_penalty=1.3,
+                             presence_penalty=0.2, logprobs=2, ignore_eos=True) for s in (1, 2, 3)]
+    outs = {}
+    for live in (False, True):
+        monkeypatch.setattr(model_module, "PAD_LIVE_ROWS", live)
+        monkeypatch.setattr(engine_module, "decode_rows", (lambda n, *_: 4 if n < 4 else n) if live else
+                            (lambda n, *_: n))
+        with Engine(m, small_config(max_running=2, batch_buckets=(1, 2), decode_steps=2, max_model_len=256,
+                                    max_tokens_per_step=256, prefill_buckets=(16, 64, 256),
+                                    attention_impl="pallas")) as engine:
+            assert engine.decode_shape(1, 100).live == 1 and engine.decode_shape(1, 100).batch == (4 if live else 1)
+            outs[live] = engine.generate(prompts, params, use_tqdm=False)
+            assert_all_pages_free(engine)
+    for a, b in zip(outs[False], outs[True]):
+        # Log-probabilities within float32 rounding: a 4-row product may round otherwise than a 1-row one.
+        assert a["token_ids"] == b["token_ids"]
+        np.testing.assert_allclose(a["logprobs"], b["logprobs"], rtol=1e-5, atol=1e-6)
+
+
 def test_decode_rows_pads_small_steps_to_the_mosaic_gpu_path_only_where_measured_faster(monkeypatch):
     """`model.decode_rows`' rule, with JAX's backend reported as a GPU (the Mosaic GPU path counts the CPU's interpreter
     as its device): bf16 steps of 2-7 rows run as 8; one row stays one where its norms fold (hidden <= 1024, the
