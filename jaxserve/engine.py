@@ -157,17 +157,15 @@ def _decode_splits(page_size: int, head_dim: int, kv_heads: int, rows: int, widt
 
 def _splits_used(pages_per_block: int, splits: int, pages: int) -> int:
     """How many of a decode call's ``splits`` hold keys when its longest row holds ``pages`` pages: the kernels
-    size every split from the longest row, a whole number of loop iterations each
-    (`jaxserve_kernels.paged_attention.split_page_range`).
+    size every split from the longest row (`jaxserve_kernels.paged_attention.split_pages`).
 
     Example:
         >>> _splits_used(8, 256, 1024), _splits_used(8, 32, 1024), _splits_used(8, 32, 64)
         (128, 32, 8)
     """
-    if splits == 1:
-        return 1
-    per_split = max(pages_per_block, -(-(-(-pages // splits)) // pages_per_block) * pages_per_block)
-    return -(-pages // per_split)
+    from jaxserve_kernels.paged_attention import split_pages
+
+    return 1 if splits == 1 else -(-pages // split_pages(pages, splits, pages_per_block))
 
 
 class DecodeShape(NamedTuple):

@@ -98,6 +98,21 @@ FTZ_EXP2 = os.environ.get("JAXSERVE_FTZ_EXP2", "1") == "1"
 LEAN_SOFTMAX = os.environ.get("JAXSERVE_LEAN_SOFTMAX", "1") == "1"
 
 
+def split_pages(longest_pages, num_splits: int, pages_per_block: int):
+    """Pages each split of a decode call reads: the longest row's pages shared among `num_splits`, a whole
+    number of `pages_per_block` loop iterations, at least one. Traced in-kernel (`split_page_range`), or
+    Python ints on the host (the engine's choice of a call's shape must see the kernels' own split sizes).
+
+    Example:
+        >>> split_pages(1024, 256, 8), split_pages(1024, 32, 8), split_pages(0, 32, 8)
+        (8, 32, 8)
+    """
+    per_split = pl.cdiv(pl.cdiv(longest_pages, num_splits), pages_per_block) * pages_per_block
+    if isinstance(per_split, int):
+        return max(per_split, pages_per_block)
+    return jnp.maximum(per_split, pages_per_block)
+
+
 def split_page_range(lengths_ref, split, row_pages, *, num_splits: int, pages_per_block: int,
                      page_size: int, table_pages: int, key_offset: int = 0):
     """In-kernel: `(first_page, end_page, used)`: the pages that program `split` reads of a
@@ -116,8 +131,7 @@ def split_page_range(lengths_ref, split, row_pages, *, num_splits: int, pages_pe
                               mask=jnp.arange(padded_batch) < batch, other=0)
     longest_keys = jnp.clip(all_lengths.max() + key_offset, 0, table_pages * page_size)
     longest = pl.cdiv(longest_keys, page_size)
-    per_split = pl.cdiv(pl.cdiv(longest, num_splits), pages_per_block) * pages_per_block
-    per_split = jnp.maximum(per_split, pages_per_block)
+    per_split = split_pages(longest, num_splits, pages_per_block)
     first_page = split * per_split
     return first_page, jnp.minimum(first_page + per_split, row_pages), pl.cdiv(row_pages, per_split)
 
