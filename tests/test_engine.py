@@ -909,13 +909,42 @@ def test_a_decode_call_takes_its_batch_buckets_narrowest_table(tiny):
         assert_all_pages_free(engine)
 
 
+def pad_under_4(n: int, *_) -> int:
+    """Stand-in for `model.decode_rows`, which never pads on the CPU: calls of 1-3 rows run as 4."""
+    return 4 if n < 4 else n
+
+
+def gpu_like_tuning(page_size: int, head_dim: int, kv_heads: int, rows: int, width: int) -> tuple[int, int]:
+    """Stand-in for `engine._decode_tuning` (the CPU's interpreted kernels never split): a table of W pages split
+    min(W, 16 // rows) ways, as a GPU caps splits by a batch's programs, one page a loop iteration."""
+    return 1, min(width, 16 // rows)
+
+
+def padding_config(**kw) -> EngineConfig:
+    """Two streams in a 256-token model, prompts of up to 250 tokens prefilled in one call."""
+    return small_config(max_running=2, batch_buckets=(1, 2), decode_steps=2, max_model_len=256,
+                        max_tokens_per_step=256, prefill_buckets=(16, 64, 256), **kw)
+
+
+def record_decode_calls(engine: Engine) -> list[tuple[int, int | None]]:
+    """``(batch, live_rows)`` of every decode call the engine makes from now on."""
+    decode, calls = engine.runner.decode, []
+
+    def recording(tokens, *args, live_rows=None, **kw):
+        calls.append((len(tokens), live_rows))
+        return decode(tokens, *args, live_rows=live_rows, **kw)
+
+    engine.runner.decode = recording
+    return calls
+
+
 def test_small_decode_steps_run_padded_where_the_model_says_so(tiny, monkeypatch):
     """`model.decode_rows` (on the GPU: steps under 8 rows padded to 8 where that is faster): the engine runs a decode
     call of n rows at the bucket holding decode_rows(n), compiles no decode shape for the buckets it skips, and the
     padded rows change no output. On the CPU the rule never pads, so a stand-in pads 1-3 rows to 4 here."""
     from jaxserve import engine as engine_module
 
-    monkeypatch.setattr(engine_module, "decode_rows", lambda n, *_: 4 if n < 4 else n)
+    monkeypatch.setattr(engine_module, "decode_rows", pad_under_4)
     m, hf = tiny
     prompts = random_prompts(m.config.vocab_size, (6, 14))
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -934,7 +963,7 @@ def test_a_padded_decode_width_past_the_largest_bucket_runs_as_a_decode_only_sha
     that batch), max_running still bounds the sequences, and the tokens are Hugging Face's with every page free."""
     from jaxserve import engine as engine_module
 
-    monkeypatch.setattr(engine_module, "decode_rows", lambda n, *_: 4 if n < 4 else n)
+    monkeypatch.setattr(engine_module, "decode_rows", pad_under_4)
     m, hf = tiny
     prompts = random_prompts(m.config.vocab_size, (6, 14, 9))
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -955,34 +984,26 @@ def test_padding_never_leaves_the_real_rows_fewer_attention_splits(tiny, monkeyp
     """`Engine.decode_shape`: a padded call's split count is capped by its padded batch's programs, so over long
     contexts the real rows' keys would go to fewer programs (H200, 16k keys: up to 11% slower steps); those calls
     run in the rows' own bucket, warm-up compiles that shape too, and the tokens are Hugging Face's either way.
-    On the CPU the kernels never split, so stand-ins pad 1-3 rows to 4 and split as a GPU would: a table of W pages
-    min(W, 16 // rows) ways, one page a loop iteration."""
+    On the CPU the kernels never split, so stand-ins pad 1-3 rows to 4 and split as a GPU would (gpu_like_tuning)."""
     from jaxserve import engine as engine_module
 
-    monkeypatch.setattr(engine_module, "decode_rows", lambda n, *_: 4 if n < 4 else n)
-    monkeypatch.setattr(engine_module, "_decode_tuning", lambda ps, hd, kvh, rows, width: (1, min(width, 16 // rows)))
+    monkeypatch.setattr(engine_module, "decode_rows", pad_under_4)
+    monkeypatch.setattr(engine_module, "_decode_tuning", gpu_like_tuning)
     m, hf = tiny
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    with Engine(m, small_config(max_running=2, batch_buckets=(1, 2), decode_steps=2, max_model_len=256,
-                                max_tokens_per_step=256, prefill_buckets=(16, 64, 256))) as engine:
+    with Engine(m, padding_config()) as engine:
         # 4 pages or fewer: as many splits used either way (padded); 5 and up: fewer of four rows' 4 splits.
         assert [engine.decode_shape(1, limit)[0] for limit in (8, 32, 33, 200)] == [4, 4, 1, 1]
         assert [engine.decode_shape(2, limit)[0] for limit in (8, 32, 33, 200)] == [4, 4, 2, 2]
         engine.warmup(sampling=False)
         shapes = set(engine.runner.compiled_shapes)
         assert {s[2][0] for s in shapes if s[0] == "decode"} == {1, 2, 4}
-        decode, batches = engine.runner.decode, []
-
-        def recording(tokens, *args, **kw):
-            batches.append(len(tokens))
-            return decode(tokens, *args, **kw)
-
-        engine.runner.decode = recording
+        calls = record_decode_calls(engine)
         for lengths, expected in (((6, 9), {4}), ((100, 150), {2})):  # short: padded; long: unpadded
-            batches.clear()
+            calls.clear()
             prompts = random_prompts(m.config.vocab_size, lengths)
             outs = engine.generate(prompts, params, use_tqdm=False)
-            assert set(batches) == expected, (lengths, batches)
+            assert {batch for batch, _ in calls} == expected, (lengths, calls)
             assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 6) for p in prompts]
             assert_all_pages_free(engine)
         assert engine.runner.compiled_shapes == shapes  # every call's shape was warmed up
@@ -997,25 +1018,17 @@ def test_padded_calls_with_live_rows_run_only_the_real_rows_attention(tiny, monk
     from jaxserve import model as model_module
 
     monkeypatch.setattr(model_module, "PAD_LIVE_ROWS", True)
-    monkeypatch.setattr(engine_module, "decode_rows", lambda n, *_: 4 if n < 4 else n)
-    monkeypatch.setattr(engine_module, "_decode_tuning", lambda ps, hd, kvh, rows, width: (1, min(width, 16 // rows)))
+    monkeypatch.setattr(engine_module, "decode_rows", pad_under_4)
+    monkeypatch.setattr(engine_module, "_decode_tuning", gpu_like_tuning)
     m, hf = tiny
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    with Engine(m, small_config(max_running=2, batch_buckets=(1, 2), decode_steps=2, max_model_len=256,
-                                max_tokens_per_step=256, prefill_buckets=(16, 64, 256),
-                                attention_impl="pallas")) as engine:  # the kernels, interpreted
+    with Engine(m, padding_config(attention_impl="pallas")) as engine:  # the kernels, interpreted
         assert [tuple(engine.decode_shape(1, limit)) for limit in (8, 200)] == [(4, 32, 1), (4, 32, 1)]
         assert tuple(engine.decode_shape(2, 200)) == (4, 32, 2)
         engine.warmup(sampling=False)
         shapes = set(engine.runner.compiled_shapes)
         assert {(s[2][0], s[-1]) for s in shapes if s[0] == "decode"} == {(4, 1), (4, 2)}
-        decode, calls = engine.runner.decode, []
-
-        def recording(tokens, *args, live_rows=None, **kw):
-            calls.append((len(tokens), live_rows))
-            return decode(tokens, *args, live_rows=live_rows, **kw)
-
-        engine.runner.decode = recording
+        calls = record_decode_calls(engine)
         for lengths in ((6, 9), (100, 150), (120,)):
             prompts = random_prompts(m.config.vocab_size, lengths)
             outs = engine.generate(prompts, params, use_tqdm=False)
@@ -1038,11 +1051,8 @@ def test_live_rows_padding_changes_no_sampled_token(tiny, monkeypatch):
     outs = {}
     for live in (False, True):
         monkeypatch.setattr(model_module, "PAD_LIVE_ROWS", live)
-        monkeypatch.setattr(engine_module, "decode_rows", (lambda n, *_: 4 if n < 4 else n) if live else
-                            (lambda n, *_: n))
-        with Engine(m, small_config(max_running=2, batch_buckets=(1, 2), decode_steps=2, max_model_len=256,
-                                    max_tokens_per_step=256, prefill_buckets=(16, 64, 256),
-                                    attention_impl="pallas")) as engine:
+        monkeypatch.setattr(engine_module, "decode_rows", pad_under_4 if live else (lambda n, *_: n))
+        with Engine(m, padding_config(attention_impl="pallas")) as engine:
             assert engine.decode_shape(1, 100).live == 1 and engine.decode_shape(1, 100).batch == (4 if live else 1)
             outs[live] = engine.generate(prompts, params, use_tqdm=False)
             assert_all_pages_free(engine)
