@@ -248,10 +248,12 @@
 #   pad40       session 40: pad39b again with the engine padding past max_running, at 1.5B and 0.5B (~350 s)
 #   padlong     session 40: padding off / on over 16k-key contexts (1.5B batch 1, 0.5B batch 2) (~300 s?)
 #   engine      the GPU-marked engine tests of tests/test_qwen_shapes.py alone (~220 s)
-#   livepad     session 40, not yet run: model.PAD_LIVE_ROWS (a padded call's attention over its real rows only):
-#               the compiled kernel test and the GPU engine tests with it on (~300 s?)
+#   livepad     session 40: model.PAD_LIVE_ROWS (a padded call's attention over its real rows only, always):
+#               the compiled kernel test and the GPU engine tests with it on (~200 s)
 #   livepad_e2e after livepad: end to end, live rows off / on, 1.5B batch 1 and 0.5B batch 2, 16k and 128-token
-#               prompts, 8 processes (~550 s?)
+#               prompts, 8 processes (~370 s)
+#   live41      session 41: live rows only where padding would cut the splits, now the default: the GPU engine tests,
+#               then 1.5B batch 1 at 128 / 4k / 16k-token prompts and 0.5B batch 2 at 128, and 4k with it off (~450 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -813,6 +815,14 @@ for part in "${parts[@]}"; do
                timeout 120 python3 bench/throughput.py --shape ${sb%:*} --batches ${sb#*:} --prompt-len $prompt \
                --output-len 64 --runs 1 --long-prompt 0 --no-hf --no-static --impls pallas \
                --out "$OUT/$part/${sb%:*}-p$prompt-live$live" ; done; done; done ;;
+    # session 41: the default (live rows where padding would cut the splits) through the GPU engine tests, then end to
+    # end over short, middle and long prompts (and the middle one with live rows off: unpadded there)
+    live41) timeout 300 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 150 \
+              tests/test_qwen_shapes.py -k engine ; \
+            for run in 1.5B:1:128:1 1.5B:1:4096:1 1.5B:1:4096:0 1.5B:1:16384:1 0.5B:2:128:1; do
+              IFS=: read shape batch prompt live <<< "$run"; JAXSERVE_PAD_LIVE_ROWS=$live timeout 100 python3 \
+                bench/throughput.py --shape $shape --batches $batch --prompt-len $prompt --output-len 64 --runs 1 \
+                --long-prompt 0 --no-hf --no-static --impls pallas --out "$OUT/$part/$shape-p$prompt-live$live" ; done ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

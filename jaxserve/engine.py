@@ -227,14 +227,13 @@ class Engine:
                                        lambda width, rows=rows: self._tuning(rows, width)[1])
             for rows in sorted(set(buckets) | set(self.decode_buckets))}
         self.decode_table_widths = tuple(sorted({w for ws in self._decode_widths.values() for w in ws}))
-        # model.PAD_LIVE_ROWS: a padded call runs only its real rows' attention, so it always pads.
+        # model.PAD_LIVE_ROWS: where padding would cut the rows' attention splits, the padded call runs only its
+        # real rows' attention (the Pallas kernels' live_rows) instead of running unpadded.
         self._live_rows = model_module.PAD_LIVE_ROWS and self.runner.attention_impl == "pallas"
-        # Every decode shape a call can take (warm-up compiles them): a bucket's own calls at its widths; with live
-        # rows, a padded bucket's calls at the widths of their own bucket; without, every decode bucket's widths
-        # (a chained call keeps its padded batch) and a padded bucket's own widths where padding would cut the
-        # rows' attention splits (decode_shape).
-        shapes = {DecodeShape(b, w, b) for b in self.decode_buckets for w in self._decode_widths[b]
-                  if not self._live_rows or b in buckets and self._decode_batch[b] == b}
+        # Every decode shape a call can take (warm-up compiles them): every decode bucket's widths (a chained call
+        # keeps its padded batch), and where padding would cut the rows' attention splits (decode_shape), the
+        # padded batch's live-rows calls or, without live rows, the rows' own bucket, at that bucket's widths.
+        shapes = {DecodeShape(b, w, b) for b in self.decode_buckets for w in self._decode_widths[b]}
         for n, padded in self._decode_batch.items():
             natural = EngineConfig.bucket(buckets, n)
             if padded != natural:
@@ -717,19 +716,21 @@ class Engine:
         """``(batch, block-table width in pages, live rows)`` of a decode call of ``rows`` sequences none of which
         writes at or past position ``max_limit``.
 
-        The batch is ``decode_batch(rows)`` unless padding would leave the rows' attention fewer splits holding
-        keys than their own bucket's call gives it: over long contexts the split count is capped by the programs
-        a batch wants, so eight rows split a table 8x less than one row does, and the one real row's keys go to
-        a few programs (H200, 16k keys: 1.5B batch 1 1.89 against 1.71 ms a step padded, 0.5B batch 2 0.92
-        against 0.88; bench/results/throughput.md run 46). Such calls run unpadded, in their own bucket. With
-        ``model.PAD_LIVE_ROWS`` a padded call runs its bucket's rows' attention alone, as their own call would,
-        and so always pads (``live`` < ``batch``).
+        The batch is ``decode_batch(rows)``. Padded, a call's attention split count is capped by the programs the
+        padded batch wants, so over long contexts eight rows split a table 8x less than one row does and the one
+        real row's keys go to a few programs (H200, 16k keys: 1.5B batch 1 1.89 against 1.71 ms a step unpadded;
+        bench/results/throughput.md run 46). Where padding would leave the rows fewer splits holding keys than
+        their own bucket's call, the padded call runs only the real rows' attention, split as their own call
+        would be (``live`` < ``batch``, ``model.PAD_LIVE_ROWS``: 1.5B batch 1 at 16k 1.56 ms, 0.5B batch 2 0.86
+        against 0.88 unpadded; run 47), or, with that off, runs unpadded in their own bucket. Elsewhere the whole
+        padded batch's attention runs: at short contexts it costs nothing, while live rows' finer split did
+        (1.5B batch 1, 128 tokens: 1.371 against 1.397 ms).
 
         Example (Qwen2.5-1.5B on an H200, a 32k model, page 16):
             >>> engine.decode_shape(1, 256)     # padded: one unsplit pass either way  # doctest: +SKIP
             DecodeShape(batch=8, width=16, live=8)
             >>> engine.decode_shape(1, 16384)   # one row: 128 splits hold keys, padded 16  # doctest: +SKIP
-            DecodeShape(batch=1, width=2048, live=1)
+            DecodeShape(batch=8, width=2048, live=1)
         """
         return self._decode_shape_for_pages(rows, -(-max_limit // self.config.page_size))
 
@@ -739,11 +740,9 @@ class Engine:
         width = self._width_for_pages(pages, padded)
         if padded != natural:
             own = self._width_for_pages(pages, natural)
-            if self._live_rows:
-                return DecodeShape(padded, own, natural)
             if (_splits_used(*self._tuning(padded, width), min(pages, width))
                     < _splits_used(*self._tuning(natural, own), min(pages, own))):
-                return DecodeShape(natural, own, natural)
+                return DecodeShape(padded, own, natural) if self._live_rows else DecodeShape(natural, own, natural)
         return DecodeShape(padded, width, padded)
 
     def _width_for_pages(self, pages: int, rows: int | None) -> int:

@@ -420,15 +420,16 @@ def _accumulate_glue(paged: PagedAttention | None, x: jax.Array, cfg: ModelConfi
 # 8-row step is faster than the 1-row one at 1.5B (1.468 vs 1.615 ms), 3B (2.584 vs 2.675) and 7B (3.731 vs
 # 4.141, 24 layers), and at 0.5B than 2 / 4 rows (0.715 vs 0.738 / 0.747 ms at 192 keys, session 38), while
 # 0.5B's one-row step, norms folded, stays ahead (0.594); end to end (throughput.md run 45) -13% a step at 1.5B
-# batch 1, -7 to -8% at 0.5B batch 2 / 4. Over long contexts the engine runs a call unpadded where padding would
-# cut its rows' attention splits (`Engine.decode_shape`, run 46). GPU only. JAXSERVE_PAD_SMALL_DECODE=0 turns it
-# off; read when an engine is built.
+# batch 1, -7 to -8% at 0.5B batch 2 / 4. Over long contexts, where padding would cut its rows' attention splits,
+# a padded call runs its real rows' attention alone (PAD_LIVE_ROWS, run 47). GPU only. JAXSERVE_PAD_SMALL_DECODE=0
+# turns it off; read when an engine is built.
 PAD_SMALL_DECODE = os.environ.get("JAXSERVE_PAD_SMALL_DECODE", "1") == "1"
-# With it, a padded call runs the attention of its real rows alone (their batch bucket's rows, split as their own
-# call would be: `PagedAttention.live_rows`), so padding pays over long contexts too, where otherwise the engine
-# runs the call unpadded (`Engine.decode_shape`). Off until timed on the GPU (`bash bench/gpu_checks.sh livepad`);
-# JAXSERVE_PAD_LIVE_ROWS=1 turns it on; read when an engine is built.
-PAD_LIVE_ROWS = os.environ.get("JAXSERVE_PAD_LIVE_ROWS", "0") == "1"
+# Where padding would cut the rows' attention splits (long contexts), a padded call runs the attention of its real
+# rows alone (their batch bucket's rows, split as their own call would be: `PagedAttention.live_rows`) instead of
+# running unpadded (`Engine.decode_shape`). H200, 16k keys (bench/results/throughput.md run 47): 1.5B batch 1
+# 1.556 against 1.710 ms a step unpadded, 0.5B batch 2 0.858 against 0.882. JAXSERVE_PAD_LIVE_ROWS=0 turns it off;
+# read when an engine is built.
+PAD_LIVE_ROWS = os.environ.get("JAXSERVE_PAD_LIVE_ROWS", "1") == "1"
 
 
 def decode_rows(rows: int, cfg: ModelConfig, dtype: Any, impl: str = "pallas") -> int:

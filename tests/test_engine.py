@@ -984,9 +984,12 @@ def test_padding_never_leaves_the_real_rows_fewer_attention_splits(tiny, monkeyp
     """`Engine.decode_shape`: a padded call's split count is capped by its padded batch's programs, so over long
     contexts the real rows' keys would go to fewer programs (H200, 16k keys: up to 11% slower steps); those calls
     run in the rows' own bucket, warm-up compiles that shape too, and the tokens are Hugging Face's either way.
-    On the CPU the kernels never split, so stand-ins pad 1-3 rows to 4 and split as a GPU would (gpu_like_tuning)."""
+    On the CPU the kernels never split, so stand-ins pad 1-3 rows to 4 and split as a GPU would (gpu_like_tuning).
+    With live rows off (their rule: the next test)."""
     from jaxserve import engine as engine_module
+    from jaxserve import model as model_module
 
+    monkeypatch.setattr(model_module, "PAD_LIVE_ROWS", False)
     monkeypatch.setattr(engine_module, "decode_rows", pad_under_4)
     monkeypatch.setattr(engine_module, "_decode_tuning", gpu_like_tuning)
     m, hf = tiny
@@ -1010,10 +1013,10 @@ def test_padding_never_leaves_the_real_rows_fewer_attention_splits(tiny, monkeyp
 
 
 def test_padded_calls_with_live_rows_run_only_the_real_rows_attention(tiny, monkeypatch):
-    """`model.PAD_LIVE_ROWS`: a padded call runs the attention of its rows' own bucket alone (the kernels' grid over
-    those rows, split as their own call), so it pads over long contexts too, at its bucket's table widths; the
-    padding rows' outputs are never read. Stand-ins as in the test above; tokens are Hugging Face's, every shape
-    warmed up, pages free."""
+    """`model.PAD_LIVE_ROWS`: where padding would cut the rows' attention splits (long contexts), a padded call runs
+    the attention of its rows' own bucket alone (the kernels' grid over those rows, split as their own call), at that
+    bucket's table widths; elsewhere the whole padded batch's. The padding rows' outputs are never read. Stand-ins as
+    in the test above; tokens are Hugging Face's, every shape warmed up, pages free."""
     from jaxserve import engine as engine_module
     from jaxserve import model as model_module
 
@@ -1023,18 +1026,22 @@ def test_padded_calls_with_live_rows_run_only_the_real_rows_attention(tiny, monk
     m, hf = tiny
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     with Engine(m, padding_config(attention_impl="pallas")) as engine:  # the kernels, interpreted
-        assert [tuple(engine.decode_shape(1, limit)) for limit in (8, 200)] == [(4, 32, 1), (4, 32, 1)]
-        assert tuple(engine.decode_shape(2, 200)) == (4, 32, 2)
+        # 4 pages or fewer: as many splits either way, the whole padded batch; 5 and up: the real rows alone.
+        assert [engine.decode_shape(1, limit)[::2] for limit in (8, 32, 33, 200)] == [(4, 4), (4, 4), (4, 1), (4, 1)]
+        assert [engine.decode_shape(2, limit)[::2] for limit in (8, 32, 33, 200)] == [(4, 4), (4, 4), (4, 2), (4, 2)]
+        assert engine.decode_shape(1, 200).width == engine.decode_table_width(200, 1)  # the row's own bucket's
         engine.warmup(sampling=False)
         shapes = set(engine.runner.compiled_shapes)
-        assert {(s[2][0], s[-1]) for s in shapes if s[0] == "decode"} == {(4, 1), (4, 2)}
+        # A shape's live rows (past its ninth field) are named only where they are fewer than its rows.
+        assert {(s[2][0], s[9:]) for s in shapes if s[0] == "decode"} == {(4, ()), (4, (1,)), (4, (2,))}
         calls = record_decode_calls(engine)
-        for lengths in ((6, 9), (100, 150), (120,)):
+        for lengths, expected in (((6, 9), {(4, 4)}), ((100, 150), {(4, 2)}), ((120,), {(4, 1)})):
+            calls.clear()
             prompts = random_prompts(m.config.vocab_size, lengths)
             outs = engine.generate(prompts, params, use_tqdm=False)
+            assert set(calls) == expected, (lengths, calls)
             assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 6) for p in prompts]
             assert_all_pages_free(engine)
-        assert set(calls) == {(4, 2), (4, 1)}, calls
         assert engine.runner.compiled_shapes == shapes
 
 
@@ -1052,6 +1059,7 @@ def test_live_rows_padding_changes_no_sampled_token(tiny, monkeypatch):
     for live in (False, True):
         monkeypatch.setattr(model_module, "PAD_LIVE_ROWS", live)
         monkeypatch.setattr(engine_module, "decode_rows", pad_under_4 if live else (lambda n, *_: n))
+        monkeypatch.setattr(engine_module, "_decode_tuning", gpu_like_tuning)
         with Engine(m, padding_config(attention_impl="pallas")) as engine:
             assert engine.decode_shape(1, 100).live == 1 and engine.decode_shape(1, 100).batch == (4 if live else 1)
             outs[live] = engine.generate(prompts, params, use_tqdm=False)
