@@ -253,7 +253,7 @@
 #   livepad_e2e after livepad: end to end, live rows off / on, 1.5B batch 1 and 0.5B batch 2, 16k and 128-token
 #               prompts, 8 processes (~370 s)
 #   live41      session 41: live rows only where padding would cut the splits, now the default: the GPU engine tests,
-#               then 1.5B batch 1 at 128 / 4k / 16k-token prompts and 0.5B batch 2 at 128, and 4k with it off (~450 s?)
+#               then 1.5B batch 1 at 128 / 4k / 16k-token prompts and 0.5B batch 2 at 128, and 4k with it off (~435 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
