@@ -149,12 +149,6 @@ def _decode_tuning(page_size: int, head_dim: int, kv_heads: int, rows: int, widt
                           DECODE_BLOCK_KEYS, head_dim=head_dim, single_pass=True)
 
 
-def _decode_splits(page_size: int, head_dim: int, kv_heads: int, rows: int, width: int) -> int:
-    """Splits the decode kernels give a call of ``rows`` rows and a ``width``-page block table (1 where they run
-    interpreted, on the CPU)."""
-    return _decode_tuning(page_size, head_dim, kv_heads, rows, width)[1]
-
-
 def _splits_used(pages_per_block: int, splits: int, pages: int) -> int:
     """How many of a decode call's ``splits`` hold keys when its longest row holds ``pages`` pages: the kernels
     size every split from the longest row (`jaxserve_kernels.paged_attention.split_pages`).

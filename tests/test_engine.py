@@ -878,19 +878,22 @@ def test_a_middle_decode_table_is_kept_only_where_it_changes_the_kernels_split_c
     the small buckets compile it; interpreted (the CPU), nothing splits and no middle width is kept."""
     import functools
 
-    from jaxserve.engine import _decode_splits, _decode_table_widths
+    from jaxserve.engine import _decode_table_widths, _decode_tuning
     from jaxserve_kernels import pallas_compat
 
-    def widths(rows):
-        return _decode_table_widths(16, 2048, functools.partial(_decode_splits, 16, 64, 2, rows))
+    def splits(head_dim, kv_heads, rows, width):
+        return _decode_tuning(16, head_dim, kv_heads, rows, width)[1]
+
+    def widths(rows, head_dim=64, kv_heads=2):
+        return _decode_table_widths(16, 2048, functools.partial(splits, head_dim, kv_heads, rows))
 
     assert widths(1) == (16, 2048) and widths(8) == (16, 2048)  # the CPU: interpreted, one split
     monkeypatch.setattr(pallas_compat, "resolve_interpret", lambda interpret: False)  # as compiled on a GPU
-    assert _decode_splits(16, 64, 2, 1, 256) == 32 and _decode_splits(16, 64, 2, 1, 2048) == 256
+    assert splits(64, 2, 1, 256) == 32 and splits(64, 2, 1, 2048) == 256
     assert widths(1) == widths(4) == (16, 256, 2048)
     assert widths(8) == widths(256) == (16, 2048)
-    assert _decode_table_widths(16, 2048, functools.partial(_decode_splits, 16, 128, 4, 1)) == (16, 256, 2048)  # 7B
-    assert _decode_table_widths(16, 2048, functools.partial(_decode_splits, 16, 128, 4, 2)) == (16, 2048)
+    assert widths(1, 128, 4) == (16, 256, 2048)  # 7B
+    assert widths(2, 128, 4) == (16, 2048)
 
 
 def test_a_decode_call_takes_its_batch_buckets_narrowest_table(tiny):
