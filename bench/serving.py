@@ -59,10 +59,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# Qwen2.5-0.5B's shapes (config.json of the released model).
-QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                  rope_theta=1000000.0, tie_word_embeddings=True)
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=2048)
 
@@ -224,7 +220,9 @@ def make_random_checkpoint(kind: str, path: str) -> None:
     # conftest pins float32-exact matmuls for the tests; the benchmark keeps the default.
     jax.config.update("jax_default_matmul_precision", precision)
 
-    shapes = QWEN25_05B if kind == "qwen2.5-0.5b" else TINY
+    from bench.throughput import qwen25_shape
+
+    shapes = qwen25_shape("0.5B") if kind == "qwen2.5-0.5b" else TINY
     torch.manual_seed(0)
     config = Qwen2Config(**shapes, bos_token_id=1, eos_token_id=2)
     model = Qwen2ForCausalLM(config).to(torch.bfloat16 if kind == "qwen2.5-0.5b" else torch.float32)
