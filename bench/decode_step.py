@@ -348,6 +348,7 @@ NK_TILINGS = {
     # "lean_off": session 15's kernel (NORM_GEMV_TILES) as before; lean_sw_* / lean_qkv_*: gate_up's / QKV's lean
     # tile changed, n = weight rows a block (of each half), b = blocks a program, c = K chunk, w = warps.
     "lean_off": {"NORM_GEMV_LEAN": False},
+    "widen": {"NORM_GEMV_LEAN": False, "NORM_GEMV_WIDEN": True},  # lean_off, its weights widened by compat.widen_bf16
     **{f"lean_{ep_name}_n{n}_b{b}_c{c}_w{w}": {"NORM_GEMV_LEAN_TILES": dict(
         LEAN_TILES, **{ep: dict(block_n=n, blocks=b, chunk=c, num_warps=w)})}
        for ep_name, ep, tiles in (("sw", "swiglu", ((4, 2, 256, 4), (4, 1, 256, 4), (8, 1, 256, 8), (8, 2, 256, 8),
@@ -529,7 +530,7 @@ def run_variant(args) -> list[dict]:
     nk_defaults = {name: getattr(skinny_module, name) for name in
                    ("NK_BLOCK_N", "NK_BLOCK_K", "NK_GEMV", "NK_GEMV_BLOCK_N", "NK_GEMV_BLOCK_K",
                     "NK_GEMV_WARPS", "NK_TARGET_PROGRAMS", "NK_GEMV_TARGET_PROGRAMS", "NORM_GEMV_TILES",
-                    "NK_GEMV_PREFETCH", "NORM_GEMV_LEAN", "NORM_GEMV_LEAN_TILES")}
+                    "NK_GEMV_PREFETCH", "NORM_GEMV_LEAN", "NORM_GEMV_LEAN_TILES", "NORM_GEMV_WIDEN")}
     for batch in args.batches:
         steps = args.decode_steps
         width = args.table_pages or (args.context + steps) // 16 + 2

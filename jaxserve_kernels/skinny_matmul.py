@@ -456,13 +456,16 @@ NORM_GEMV_HOIST = True
 # blocks in straight-line code (a loop that carries bf16 tiles has them repacked every iteration, ~150
 # instructions) with every weight load issued first; weights widen by `compat.widen_bf16`.
 NORM_GEMV_LEAN = True
+# The kernel above with its weights widened by `compat.widen_bf16` (one bit operation an element).
+NORM_GEMV_WIDEN = False
 NORM_GEMV_LEAN_TILES: dict[str, dict[str, int]] = {
     "none": {"block_n": 4, "blocks": 1, "chunk": 256, "num_warps": 4},
     "swiglu": {"block_n": 4, "blocks": 3, "chunk": 256, "num_warps": 4}}
 
 
 def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, has_bias: bool,
-                      block_n: int, block_k: int, n_out: int, num_programs: int, hoist: bool = False):
+                      block_n: int, block_k: int, n_out: int, num_programs: int, hoist: bool = False,
+                      widen: bool = False, interpret: bool = True):
     refs = list(refs)
     p_ref = refs.pop(0) if num_parts else None
     scale_ref, w_ref = refs.pop(0), refs.pop(0)
@@ -512,7 +515,7 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
     def emit(block, ws, bias=None):
         cols_at = pl.ds(block * block_n, block_n)
         col_ok = block * block_n + jnp.arange(block_n) < n_out
-        wf = tuple(w.astype(jnp.float32) for w in ws)
+        wf = tuple(compat.widen_bf16(w, interpret=interpret or not widen) for w in ws)
         for r, x in enumerate(xs):  # each weight block loaded once for every row
             accs = tuple(jnp.sum(w * x[None, :], axis=1)[None, :] for w in wf)
             _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=(pl.ds(r, 1), cols_at),
@@ -553,7 +556,6 @@ def _lean_norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: s
     # Masks only where a shape leaves a ragged edge: a masked load zeroes its registers first.
     k_oks = [None if isinstance(k0, int) else (k0 + jnp.arange(chunk) < k_total)[None, :] for k0 in starts]
     ragged_n = n_out % (block_n * blocks) != 0
-    row = jnp.int32(0)
 
     def load_rows(block):
         col_ok = (block * block_n + jnp.arange(block_n) < n_out)[:, None] if ragged_n else None
@@ -568,22 +570,30 @@ def _lean_norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: s
     # The weights first: they do not depend on the norm, so they are in flight while it is derived.
     ws = [load_rows(pid * blocks + j) for j in range(blocks)]
 
-    def chunk_of(ref, k0, k_ok, lead=()):
-        at = ref.at[lead + (pl.ds(k0, chunk),)]
-        return compat.load(at, mask=k_ok, other=0) if k_ok is not None else compat.load(at)
+    # Compiled, the row's chunks are loaded straight into the weight tile's shape (every row of the tile the same
+    # addresses: one broadcast load from L1), so the norm needs no layout change through shared memory; each
+    # warp derives the norm of its own copy. Interpreted, one row, broadcast by the product.
+    rows_b = 1 if interpret else block_n
+    rows_at = jnp.zeros((rows_b,), jnp.int32) if rows_b > 1 else pl.ds(0, 1)
 
-    k_oks_1d = [None if m is None else m[0] for m in k_oks]
-    scales = [chunk_of(scale_ref, k0, m) for k0, m in zip(starts, k_oks_1d)]
-    hs = [chunk_of(h_ref, k0, m, (row,)) for k0, m in zip(starts, k_oks_1d)]
+    def chunk_of(ref, k0, k_ok, lead=()):  # ref [..., 1, K] -> [rows_b, chunk]
+        at = ref.at[lead + (rows_at, pl.ds(k0, chunk))]
+        if k_ok is None:
+            return compat.load(at)
+        return compat.load(at, mask=jnp.broadcast_to(k_ok, (rows_b, chunk)), other=0)
+
+    scales = [chunk_of(scale_ref, k0, m) for k0, m in zip(starts, k_oks)]
+    hs = [chunk_of(h_ref, k0, m) for k0, m in zip(starts, k_oks)]
     if num_parts:  # add_rms_norm's sum and roundings, redone by every program (an L2-resident row)
-        for c, (k0, m) in enumerate(zip(starts, k_oks_1d)):
-            parts = [chunk_of(p_ref, k0, m, (jnp.int32(i), row)) for i in range(num_parts)]
+        for c, (k0, m) in enumerate(zip(starts, k_oks)):
+            parts = [chunk_of(p_ref, k0, m, (jnp.int32(i),)) for i in range(num_parts)]
             delta = functools.reduce(jnp.add, parts)
             hs[c] = (hs[c].astype(jnp.float32) + delta.astype(dtype).astype(jnp.float32)).astype(dtype)
-            ok = jnp.full((chunk,), True) if m is None else m
-            compat.store(h_out_ref.at[row, pl.ds(k0, chunk)], hs[c], mask=ok & (pid == 0))
+            ok = jnp.full((rows_b, chunk), True) if m is None else jnp.broadcast_to(m, (rows_b, chunk))
+            compat.store(h_out_ref.at[rows_at, pl.ds(k0, chunk)], hs[c], mask=ok & (pid == 0))
     hf = [h.astype(jnp.float32) for h in hs]
-    inv = lax.rsqrt(jnp.sum(functools.reduce(jnp.add, [v * v for v in hf])) / k_total + eps)
+    ss = jnp.sum(functools.reduce(jnp.add, [v * v for v in hf]), axis=1, keepdims=True)  # inside each warp
+    inv = lax.rsqrt(ss / k_total + eps)
     xs = [(s.astype(jnp.float32) * (v * inv).astype(dtype).astype(jnp.float32)).astype(dtype).astype(jnp.float32)
           for s, v in zip(scales, hf)]
 
@@ -593,7 +603,7 @@ def _lean_norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: s
         sums = []
         for h in range(len(halves)):
             tiles = ws[h * len(xs):(h + 1) * len(xs)]
-            acc = functools.reduce(jnp.add, [compat.widen_bf16(w, interpret=interpret) * x[None, :]
+            acc = functools.reduce(jnp.add, [compat.widen_bf16(w, interpret=interpret) * x
                                              for w, x in zip(tiles, xs)])
             sums.append(jnp.sum(acc, axis=1)[None, :])
         bias = None
@@ -616,7 +626,8 @@ def _lean_norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: s
     kernel = functools.partial(_lean_norm_gemv_kernel, num_parts=num_parts, eps=eps, epilogue=epilogue,
                                has_bias=bias is not None, block_n=block_n, chunk=chunk, n_out=n_out,
                                blocks=blocks, interpret=interpret)
-    args = [hidden] + ([partials] if num_parts else []) + [scale, w] + ([bias] if bias is not None else [])
+    args = [hidden] + ([partials] if num_parts else []) + [scale.reshape(1, -1), w] \
+        + ([bias] if bias is not None else [])
     out_shape = ([jax.ShapeDtypeStruct(hidden.shape, hidden.dtype)] if num_parts else []) \
         + [jax.ShapeDtypeStruct((1, n_out), hidden.dtype)]
     outs = compat.triton_call(kernel, *args, grid=(num_programs,), out_shape=out_shape, interpret=interpret,
@@ -625,9 +636,9 @@ def _lean_norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: s
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "epilogue", "block_n", "num_warps", "num_programs",
-                                             "interpret", "hoist"))
+                                             "interpret", "hoist", "widen"))
 def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, block_n: int,
-               num_warps: int, num_programs: int, interpret: bool, hoist: bool = False):
+               num_warps: int, num_programs: int, interpret: bool, hoist: bool = False, widen: bool = False):
     k = hidden.shape[1]
     n_out = w.shape[0] // 2 if epilogue == "swiglu" else w.shape[0]
     num_parts = 0 if partials is None else partials.shape[0]
@@ -635,7 +646,8 @@ def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, b
     num_programs = min(num_programs or num_blocks, num_blocks)
     kernel = functools.partial(_norm_gemv_kernel, num_parts=num_parts, eps=eps, epilogue=epilogue,
                                has_bias=bias is not None, block_n=block_n, block_k=compat.next_pow2(k),
-                               n_out=n_out, num_programs=num_programs, hoist=hoist)
+                               n_out=n_out, num_programs=num_programs, hoist=hoist, widen=widen,
+                               interpret=interpret)
     args = [hidden] + ([partials] if num_parts else []) + [scale, w] + ([bias] if bias is not None else [])
     out_shape = ([jax.ShapeDtypeStruct(hidden.shape, hidden.dtype)] if num_parts else []) \
         + [jax.ShapeDtypeStruct((hidden.shape[0], n_out), hidden.dtype)]
@@ -729,7 +741,7 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
         raise ValueError(f"num_programs must be >= 0, got {num_programs}")
     return _norm_gemv(hidden, partials, scale, w, bias, eps=float(eps), epilogue=epilogue, block_n=block_n,
                       num_warps=num_warps or tile.get("num_warps", NK_GEMV_WARPS), num_programs=num_programs,
-                      interpret=interpret, hoist=NORM_GEMV_HOIST)
+                      interpret=interpret, hoist=NORM_GEMV_HOIST, widen=NORM_GEMV_WIDEN)
 
 
 def skinny_matmul_norm_reference(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array,
