@@ -285,7 +285,6 @@ WIDEST_OVERRIDES = {
 # tile, warps, programs wanted: NK_GEMV_TARGET_PROGRAMS). "nk_xla": XLA's dots and glue fusions on
 # that layout; "nk_xla_glue": XLA's dots feeding the glue kernels.
 _MMA = {"NK_GEMV": False}
-LEAN_TILES = importlib.import_module("jaxserve_kernels.skinny_matmul").NORM_GEMV_LEAN_TILES
 FOLD_BEST = {"none": dict(block_n=4), "swiglu": dict(block_n=2, num_programs=528)}
 
 
@@ -344,17 +343,6 @@ NK_TILINGS = {
         (2, 4, 1056))},
     **{f"b2_qkv_n{n}_w{w}": _b2(none=dict(block_n=n, num_warps=w)) for n, w in ((4, 4), (2, 2), (2, 4))},
     **{f"b2_gemv_n{n}_w{w}": _b2(NK_GEMV_BLOCK_N=n, NK_GEMV_WARPS=w) for n, w in ((4, 4), (2, 2), (8, 8))},
-    # session 42: the one-row norm-folded projections (QKV, gate_up) in K chunks (NORM_GEMV_LEAN, the new default).
-    # "lean_off": session 15's kernel (NORM_GEMV_TILES) as before; lean_sw_* / lean_qkv_*: gate_up's / QKV's lean
-    # tile changed, n = weight rows a block (of each half), b = blocks a program, c = K chunk, w = warps.
-    "lean_off": {"NORM_GEMV_LEAN": False},
-    "widen": {"NORM_GEMV_LEAN": False, "NORM_GEMV_WIDEN": True},  # lean_off, its weights widened by compat.widen_bf16
-    **{f"lean_{ep_name}_n{n}_b{b}_c{c}_w{w}": {"NORM_GEMV_LEAN_TILES": dict(
-        LEAN_TILES, **{ep: dict(block_n=n, blocks=b, chunk=c, num_warps=w)})}
-       for ep_name, ep, tiles in (("sw", "swiglu", ((4, 2, 256, 4), (4, 1, 256, 4), (8, 1, 256, 8), (8, 2, 256, 8),
-                                                    (8, 1, 128, 4), (4, 4, 256, 4))),
-                                  ("qkv", "none", ((8, 1, 128, 4), (2, 1, 256, 2), (8, 1, 256, 8), (4, 2, 256, 4))))
-       for n, b, c, w in tiles},
 }
 
 
@@ -530,7 +518,7 @@ def run_variant(args) -> list[dict]:
     nk_defaults = {name: getattr(skinny_module, name) for name in
                    ("NK_BLOCK_N", "NK_BLOCK_K", "NK_GEMV", "NK_GEMV_BLOCK_N", "NK_GEMV_BLOCK_K",
                     "NK_GEMV_WARPS", "NK_TARGET_PROGRAMS", "NK_GEMV_TARGET_PROGRAMS", "NORM_GEMV_TILES",
-                    "NK_GEMV_PREFETCH", "NORM_GEMV_LEAN", "NORM_GEMV_LEAN_TILES", "NORM_GEMV_WIDEN")}
+                    "NK_GEMV_PREFETCH")}
     for batch in args.batches:
         steps = args.decode_steps
         width = args.table_pages or (args.context + steps) // 16 + 2

@@ -255,9 +255,6 @@
 #   live41      session 41: live rows only where padding would cut the splits, now the default: the GPU engine tests,
 #               then 1.5B batch 1 at 128 / 4k / 16k-token prompts and 0.5B batch 2 at 128, and 4k with it off (~435 s)
 #   final41     session 41: throughput run 44's command (the issue-8 headline) at the session's last commit (~150 s?)
-#   lean42      session 42: the one-row norm-folded projections in K chunks (skinny_matmul.NORM_GEMV_LEAN): compiled
-#               skinny / model-step tests, then the batch-1 step against the kernel before it and 6 lean tiles (~450 s)
-#   lean42b     session 42: the same with the lean norm loaded in the weight tile's layout, and "widen" (~400 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -830,20 +827,6 @@ for part in "${parts[@]}"; do
     # session 41: run 44's headline workload again after sessions 40-41's decode shapes (padding, live rows)
     final41) timeout 200 python3 bench/throughput.py --no-static --batches 1 64 256 --long-prompt 1024 \
                --long-batch 64 --decode-steps 8 --impls pallas --no-hf --out "$OUT/$part" ;;
-    lean42) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-              tests/test_skinny_matmul.py tests/test_decode_attention.py \
-              -k "(compiled and (lean or norm)) or model_decode_step" ; \
-            timeout 420 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels \
-              lean_off lean_sw_n4_b2_c256_w4 lean_sw_n4_b1_c256_w4 lean_sw_n8_b1_c256_w8 lean_sw_n8_b1_c128_w4 \
-              lean_qkv_n8_b1_c128_w4 lean_qkv_n2_b1_c256_w2 --rounds 5 --reps 10 --profile /tmp/lean42 ;;
-    # session 42, after lean42: the lean kernel's norm loaded straight into the weight tile's layout (no shared-memory
-    # conversions), and the kernel before it with one-instruction bf16 widening ("widen")
-    lean42b) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-              tests/test_skinny_matmul.py tests/test_decode_attention.py \
-              -k "(compiled and (lean or norm)) or model_decode_step" ; \
-            timeout 400 python3 bench/decode_step.py --batches 1 --variants default --no-static --glue kernels \
-              lean_off widen lean_sw_n4_b1_c256_w4 lean_sw_n8_b1_c256_w8 lean_sw_n4_b2_c256_w4 lean_qkv_n8_b1_c256_w8 \
-              --rounds 5 --reps 10 --profile /tmp/lean42b ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

@@ -127,26 +127,6 @@ def exp2(x: jax.Array, *, ftz: bool, interpret: bool) -> jax.Array:
     return out
 
 
-def widen_bf16(x: jax.Array, *, interpret: bool) -> jax.Array:
-    """In-kernel bfloat16 -> float32 (exact), compiled as one bit operation an element on the register that
-    holds a pair: `shl` for the low element, `and` for the high one. Triton's own conversion unpacks each
-    element first (a PRMT and a shift in the SASS, two instructions an element), which the one-row
-    projections, bound by instructions as much as by bytes, pay on every weight. Interpreted, or for any
-    other dtype: `astype`.
-
-    Example (traced inside a Triton kernel):
-        wf = widen_bf16(w_tile, interpret=False)
-    """
-    import jax.numpy as jnp
-
-    if interpret or x.dtype != jnp.bfloat16:
-        return x.astype(jnp.float32)
-    [out] = plgpu.elementwise_inline_asm("shl.b32 $0, $2, 16;\n\tand.b32 $1, $2, 0xffff0000;", args=[x],
-                                         constraints="=r,=r,r", pack=2,
-                                         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
-    return out
-
-
 def mgpu_interpret_kwargs(interpret: bool) -> dict:
     """`plgpu.kernel`'s keyword for Mosaic GPU's interpreter (CPU runs), empty when compiled: its
     parameters class lives in a private module on both jax versions.

@@ -446,26 +446,10 @@ NORM_GEMV_TILES: dict[str, dict[str, int]] = {"none": {"block_n": 4},
 # RMSNorm kernel's `SCALE_FIRST`. Same bits. H200, session 26 (`bash bench/gpu_checks.sh hoist26`, one
 # process): batch-1 step 0.556 vs 0.566 ms, GPU busy 565.0 vs 577.8 µs. Read when a step is traced.
 NORM_GEMV_HOIST = True
-# One row (`lean`, the default for `skinny_matmul_norm` at M = 1): K in chunks of `chunk` elements, so a
-# `[block_n, chunk]` weight tile puts a warp's lanes along K and its warps along rows, and each row's sum
-# is a few shuffles inside one warp. The tiling above spreads a row's 1,024 lanes over all warps, and
-# every block of rows paid a cross-warp reduction through shared memory (two barriers); with Triton's
-# bf16 conversion (two instructions an element) the SwiGLU kernel issued ~8 instructions a weight
-# element in its loop (SASS of pip's Triton 3.9 for sm_90a, session 42). Here the norm's row is derived
-# once a program and handed to the weight tile's layout once a chunk; each program takes `blocks`
-# blocks in straight-line code (a loop that carries bf16 tiles has them repacked every iteration, ~150
-# instructions) with every weight load issued first; weights widen by `compat.widen_bf16`.
-NORM_GEMV_LEAN = True
-# The kernel above with its weights widened by `compat.widen_bf16` (one bit operation an element).
-NORM_GEMV_WIDEN = False
-NORM_GEMV_LEAN_TILES: dict[str, dict[str, int]] = {
-    "none": {"block_n": 4, "blocks": 1, "chunk": 256, "num_warps": 4},
-    "swiglu": {"block_n": 4, "blocks": 3, "chunk": 256, "num_warps": 4}}
 
 
 def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, has_bias: bool,
-                      block_n: int, block_k: int, n_out: int, num_programs: int, hoist: bool = False,
-                      widen: bool = False, interpret: bool = True):
+                      block_n: int, block_k: int, n_out: int, num_programs: int, hoist: bool = False):
     refs = list(refs)
     p_ref = refs.pop(0) if num_parts else None
     scale_ref, w_ref = refs.pop(0), refs.pop(0)
@@ -515,7 +499,7 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
     def emit(block, ws, bias=None):
         cols_at = pl.ds(block * block_n, block_n)
         col_ok = block * block_n + jnp.arange(block_n) < n_out
-        wf = tuple(compat.widen_bf16(w, interpret=interpret or not widen) for w in ws)
+        wf = tuple(w.astype(jnp.float32) for w in ws)
         for r, x in enumerate(xs):  # each weight block loaded once for every row
             accs = tuple(jnp.sum(w * x[None, :], axis=1)[None, :] for w in wf)
             _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=(pl.ds(r, 1), cols_at),
@@ -537,108 +521,10 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
     lax.fori_loop(0, pl.cdiv(num_blocks - pid, num_programs), body, ws)
 
 
-def _lean_norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, has_bias: bool,
-                           block_n: int, chunk: int, n_out: int, blocks: int, interpret: bool):
-    """`_norm_gemv_kernel` at one row, in K chunks of `chunk` elements (see `NORM_GEMV_LEAN`)."""
-    refs = list(refs)
-    p_ref = refs.pop(0) if num_parts else None
-    scale_ref, w_ref = refs.pop(0), refs.pop(0)
-    b_ref = refs.pop(0) if has_bias else None
-    h_out_ref = refs.pop(0) if num_parts else None
-    (o_ref,) = refs
-    pid = pl.program_id(0)
-    k_total = h_ref.shape[1]
-    dtype = h_ref.dtype
-    halves = (0, n_out) if epilogue == "swiglu" else (0,)
-    num_blocks = pl.cdiv(n_out, block_n)
-    # A traced start for a chunk past K's end: a static one would fail the slice's bounds check.
-    starts = [k0 if k0 + chunk <= k_total else jnp.int32(k0) for k0 in range(0, k_total, chunk)]
-    # Masks only where a shape leaves a ragged edge: a masked load zeroes its registers first.
-    k_oks = [None if isinstance(k0, int) else (k0 + jnp.arange(chunk) < k_total)[None, :] for k0 in starts]
-    ragged_n = n_out % (block_n * blocks) != 0
-
-    def load_rows(block):
-        col_ok = (block * block_n + jnp.arange(block_n) < n_out)[:, None] if ragged_n else None
-        tiles = []
-        for offset in halves:
-            for k0, k_ok in zip(starts, k_oks):
-                mask = col_ok if k_ok is None else k_ok if col_ok is None else col_ok & k_ok
-                at = w_ref.at[pl.ds(offset + block * block_n, block_n), pl.ds(k0, chunk)]
-                tiles.append(compat.load(at, mask=mask, other=0) if mask is not None else compat.load(at))
-        return tuple(tiles)
-
-    # The weights first: they do not depend on the norm, so they are in flight while it is derived.
-    ws = [load_rows(pid * blocks + j) for j in range(blocks)]
-
-    # Compiled, the row's chunks are loaded straight into the weight tile's shape (every row of the tile the same
-    # addresses: one broadcast load from L1), so the norm needs no layout change through shared memory; each
-    # warp derives the norm of its own copy. Interpreted, one row, broadcast by the product.
-    rows_b = 1 if interpret else block_n
-    rows_at = jnp.zeros((rows_b,), jnp.int32) if rows_b > 1 else pl.ds(0, 1)
-
-    def chunk_of(ref, k0, k_ok, lead=()):  # ref [..., 1, K] -> [rows_b, chunk]
-        at = ref.at[lead + (rows_at, pl.ds(k0, chunk))]
-        if k_ok is None:
-            return compat.load(at)
-        return compat.load(at, mask=jnp.broadcast_to(k_ok, (rows_b, chunk)), other=0)
-
-    scales = [chunk_of(scale_ref, k0, m) for k0, m in zip(starts, k_oks)]
-    hs = [chunk_of(h_ref, k0, m) for k0, m in zip(starts, k_oks)]
-    if num_parts:  # add_rms_norm's sum and roundings, redone by every program (an L2-resident row)
-        for c, (k0, m) in enumerate(zip(starts, k_oks)):
-            parts = [chunk_of(p_ref, k0, m, (jnp.int32(i),)) for i in range(num_parts)]
-            delta = functools.reduce(jnp.add, parts)
-            hs[c] = (hs[c].astype(jnp.float32) + delta.astype(dtype).astype(jnp.float32)).astype(dtype)
-            ok = jnp.full((rows_b, chunk), True) if m is None else jnp.broadcast_to(m, (rows_b, chunk))
-            compat.store(h_out_ref.at[rows_at, pl.ds(k0, chunk)], hs[c], mask=ok & (pid == 0))
-    hf = [h.astype(jnp.float32) for h in hs]
-    ss = jnp.sum(functools.reduce(jnp.add, [v * v for v in hf]), axis=1, keepdims=True)  # inside each warp
-    inv = lax.rsqrt(ss / k_total + eps)
-    xs = [(s.astype(jnp.float32) * (v * inv).astype(dtype).astype(jnp.float32)).astype(dtype).astype(jnp.float32)
-          for s, v in zip(scales, hf)]
-
-    def emit(block, ws):
-        cols_at = pl.ds(block * block_n, block_n)
-        col_ok = block * block_n + jnp.arange(block_n) < n_out
-        sums = []
-        for h in range(len(halves)):
-            tiles = ws[h * len(xs):(h + 1) * len(xs)]
-            acc = functools.reduce(jnp.add, [compat.widen_bf16(w, interpret=interpret) * x
-                                             for w, x in zip(tiles, xs)])
-            sums.append(jnp.sum(acc, axis=1)[None, :])
-        bias = None
-        if has_bias:
-            bias = compat.load(b_ref.at[cols_at], mask=col_ok, other=0) if ragged_n else compat.load(b_ref.at[cols_at])
-        _store_output(tuple(sums), o_ref, b_ref, epilogue=epilogue, tile=(pl.ds(0, 1), cols_at),
-                      mask=col_ok[None, :], cols_at=cols_at, col_ok=col_ok, bias=bias)
-
-    for j in range(blocks):  # straight-line code: no loop-carried tiles for the compiler to repack
-        emit(pid * blocks + j, ws[j])
-
-
-@functools.partial(jax.jit, static_argnames=("eps", "epilogue", "block_n", "num_warps", "blocks", "chunk",
-                                             "interpret"))
-def _lean_norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, block_n: int, num_warps: int,
-                    blocks: int, chunk: int, interpret: bool):
-    n_out = w.shape[0] // 2 if epilogue == "swiglu" else w.shape[0]
-    num_parts = 0 if partials is None else partials.shape[0]
-    num_programs = pl.cdiv(n_out, block_n * blocks)
-    kernel = functools.partial(_lean_norm_gemv_kernel, num_parts=num_parts, eps=eps, epilogue=epilogue,
-                               has_bias=bias is not None, block_n=block_n, chunk=chunk, n_out=n_out,
-                               blocks=blocks, interpret=interpret)
-    args = [hidden] + ([partials] if num_parts else []) + [scale.reshape(1, -1), w] \
-        + ([bias] if bias is not None else [])
-    out_shape = ([jax.ShapeDtypeStruct(hidden.shape, hidden.dtype)] if num_parts else []) \
-        + [jax.ShapeDtypeStruct((1, n_out), hidden.dtype)]
-    outs = compat.triton_call(kernel, *args, grid=(num_programs,), out_shape=out_shape, interpret=interpret,
-                              num_warps=num_warps, name=f"skinny_matmul_norm_{epilogue}")
-    return (outs[0], outs[1]) if num_parts else (hidden, outs[0])
-
-
 @functools.partial(jax.jit, static_argnames=("eps", "epilogue", "block_n", "num_warps", "num_programs",
-                                             "interpret", "hoist", "widen"))
+                                             "interpret", "hoist"))
 def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, block_n: int,
-               num_warps: int, num_programs: int, interpret: bool, hoist: bool = False, widen: bool = False):
+               num_warps: int, num_programs: int, interpret: bool, hoist: bool = False):
     k = hidden.shape[1]
     n_out = w.shape[0] // 2 if epilogue == "swiglu" else w.shape[0]
     num_parts = 0 if partials is None else partials.shape[0]
@@ -646,8 +532,7 @@ def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, b
     num_programs = min(num_programs or num_blocks, num_blocks)
     kernel = functools.partial(_norm_gemv_kernel, num_parts=num_parts, eps=eps, epilogue=epilogue,
                                has_bias=bias is not None, block_n=block_n, block_k=compat.next_pow2(k),
-                               n_out=n_out, num_programs=num_programs, hoist=hoist, widen=widen,
-                               interpret=interpret)
+                               n_out=n_out, num_programs=num_programs, hoist=hoist)
     args = [hidden] + ([partials] if num_parts else []) + [scale, w] + ([bias] if bias is not None else [])
     out_shape = ([jax.ShapeDtypeStruct(hidden.shape, hidden.dtype)] if num_parts else []) \
         + [jax.ShapeDtypeStruct((hidden.shape[0], n_out), hidden.dtype)]
@@ -660,8 +545,7 @@ def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, b
 def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array, w: jax.Array,
                        bias: jax.Array | None = None, *, eps: float, epilogue: str = "none",
                        block_n: int | None = None, num_warps: int | None = None,
-                       num_programs: int | None = None, lean: bool | None = None,
-                       blocks: int | None = None, chunk: int | None = None,
+                       num_programs: int | None = None,
                        interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """`jaxserve_kernels.residual_norm.add_rms_norm` folded into a few-row `[N, K]` skinny matmul.
 
@@ -681,10 +565,7 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
         block_n: weight rows a block (power of two); None: `NORM_GEMV_TILES`, else `NK_GEMV_BLOCK_N`.
         num_warps: None: `NORM_GEMV_TILES`, else `NK_GEMV_WARPS`.
         num_programs: programs launched, each looping over blocks when fewer than the blocks;
-            None: `NORM_GEMV_TILES`, else one block a program (not with `lean`).
-        lean: the one-row chunked kernel (`NORM_GEMV_LEAN`); None: `NORM_GEMV_LEAN` at one row. With it
-            `block_n`, `num_warps`, `blocks` (blocks a program) and `chunk` (K elements a tile, a power of
-            two) default to `NORM_GEMV_LEAN_TILES`.
+            None: `NORM_GEMV_TILES`, else one block a program.
         interpret: Pallas interpret mode; None picks it on the CPU backend.
 
     Example:
@@ -711,27 +592,6 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
     if bias is not None and (epilogue != "none" or bias.shape != (w.shape[0],)):
         raise ValueError(f"bias must be [{w.shape[0]}] with epilogue 'none', got {bias.shape} with {epilogue!r}")
     interpret = compat.resolve_interpret(interpret)
-    if partials is not None:
-        partials = partials.astype(jnp.float32)
-    if NORM_GEMV_LEAN and hidden.shape[0] == 1 if lean is None else lean:
-        if hidden.shape[0] != 1:
-            raise ValueError(f"lean takes one row, got hidden {hidden.shape}")
-        if num_programs is not None:
-            raise ValueError("num_programs is not a setting of the lean kernel (blocks is)")
-        tile = dict(NORM_GEMV_LEAN_TILES[epilogue])
-        # Interpreted, programs run one after another: fewer, wider ones. No chunk wider than K needs.
-        tile["chunk"] = min(tile["chunk"], compat.next_pow2(k))
-        if interpret:
-            tile.update(block_n=INTERPRET_BLOCK_N, blocks=1)
-        tile.update({name: v for name, v in (("block_n", block_n), ("blocks", blocks), ("chunk", chunk),
-                                             ("num_warps", num_warps)) if v is not None})
-        for name in ("block_n", "chunk"):
-            if tile[name] < 1 or tile[name] & (tile[name] - 1):
-                raise ValueError(f"{name} must be a power of two, got {tile[name]}")
-        if tile["blocks"] < 1:
-            raise ValueError(f"blocks must be >= 1, got {tile['blocks']}")
-        return _lean_norm_gemv(hidden, partials, scale, w, bias, eps=float(eps), epilogue=epilogue,
-                               interpret=interpret, **tile)
     tile = NORM_GEMV_TILES.get(epilogue, {})
     block_n = block_n or (INTERPRET_BLOCK_N if interpret else tile.get("block_n", NK_GEMV_BLOCK_N))
     if block_n < 1 or block_n & (block_n - 1):
@@ -739,9 +599,11 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
     num_programs = tile.get("num_programs", 0) if num_programs is None else num_programs
     if num_programs < 0:
         raise ValueError(f"num_programs must be >= 0, got {num_programs}")
+    if partials is not None:
+        partials = partials.astype(jnp.float32)
     return _norm_gemv(hidden, partials, scale, w, bias, eps=float(eps), epilogue=epilogue, block_n=block_n,
                       num_warps=num_warps or tile.get("num_warps", NK_GEMV_WARPS), num_programs=num_programs,
-                      interpret=interpret, hoist=NORM_GEMV_HOIST, widen=NORM_GEMV_WIDEN)
+                      interpret=interpret, hoist=NORM_GEMV_HOIST)
 
 
 def skinny_matmul_norm_reference(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array,

@@ -365,8 +365,8 @@ def test_fused_decode_shape_errors_name_the_field():
     ("pallas", {}, "nk", "xla"),
     # Each norm folded into the projection after it (model.NORM_IN_PROJECTION; one-row steps).
     ("pallas", {}, "nk", "pallas+norm"),
-    # Folded (one row: skinny_matmul.NORM_GEMV_LEAN's kernel), and through the kernel before it, programs
-    # looping over weight blocks (NORM_GEMV_TILES), the one-row projections loading their next K block ahead.
+    # Folded, with programs looping over weight blocks (skinny_matmul.NORM_GEMV_TILES) and the
+    # one-row projections loading their next K block ahead (NK_GEMV_PREFETCH).
     ("pallas", {}, "nk", "pallas+norm+loop"),
     # Folded, and o_proj inside the fused attention kernel (model.O_IN_ATTENTION).
     ("pallas", {}, "nk", "pallas+norm+o"),
@@ -401,7 +401,6 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
         sm = importlib.import_module("jaxserve_kernels.skinny_matmul")
         # Interpret mode's 64-row blocks: the MLP's 160 gate rows are 3 blocks over 2 programs.
         monkeypatch.setattr(sm, "NORM_GEMV_TILES", {"none": {"num_programs": 1}, "swiglu": {"num_programs": 2}})
-        monkeypatch.setattr(sm, "NORM_GEMV_LEAN", False)  # the looping kernel, not the one-row default
         monkeypatch.setattr(sm, "NK_GEMV_PREFETCH", True)
     rng, seed = fresh_rng()
     cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,

@@ -192,60 +192,12 @@ def test_skinny_matmul_norm_matches_reference(interpret, epilogue, k, n, dtype, 
     w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), dtype)
     bias = jnp.asarray(rng.standard_normal(n), dtype) if with_bias else None
     h, y = skinny_matmul_norm(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue,
-                              block_n=bn, num_programs=programs, lean=False, interpret=interpret)
+                              block_n=bn, num_programs=programs, interpret=interpret)
     h_ref, y_ref = skinny_matmul_norm_reference(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue)
     assert h.shape == hidden.shape and y.shape == (1, n // 2 if epilogue == "swiglu" else n)
     assert not np.isnan(np.asarray(y, np.float32)).any(), f"NaN in output, seed={seed}"
     assert relative_error(h, h_ref) <= TOLERANCE[dtype], f"seed={seed}"
     assert relative_error(y, y_ref) <= TOLERANCE[dtype], f"seed={seed}"
-
-
-LEAN_NORM_CASES = [  # (epilogue, K, N, dtype, bias, partials, block_n, blocks, chunk); None: NORM_GEMV_LEAN_TILES
-    ("none", 896, 1152, jnp.bfloat16, True, 2, None, None, None),       # Qwen2.5-0.5B qkv after down's two splits
-    ("swiglu", 896, 2 * 4864, jnp.bfloat16, False, 2, None, None, None),  # gate_up after o's two KV heads
-    ("none", 200, 130, jnp.float32, True, 0, 4, 3, 64),                # ragged K (a masked last chunk) and N
-    ("swiglu", 72, 2 * 37, jnp.float32, False, 3, 8, 2, 32),             # 37 rows in blocks of 8, two a program
-    ("none", 64, 16, jnp.bfloat16, False, 1, 16, 1, 256),               # one chunk wider than K: clamped to it
-]
-
-
-@pytest.mark.parametrize("interpret,epilogue,k,n,dtype,with_bias,parts,bn,blocks,chunk", interpreted_and_compiled(
-    # Interpreted, the defaults' tile is replaced by wide blocks; the small cases keep theirs.
-    LEAN_NORM_CASES))
-def test_lean_one_row_norm_gemv_matches_reference(interpret, epilogue, k, n, dtype, with_bias, parts, bn, blocks,
-                                                  chunk):
-    rng, seed = fresh_rng()
-    hidden = jnp.asarray(rng.standard_normal((1, k)), dtype)
-    partials = jnp.asarray(rng.standard_normal((parts, 1, k)), jnp.float32) if parts else None
-    scale = jnp.asarray(rng.uniform(0.5, 1.5, k), dtype)
-    w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), dtype)
-    bias = jnp.asarray(rng.standard_normal(n), dtype) if with_bias else None
-    h, y = skinny_matmul_norm(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue, lean=True,
-                              block_n=bn, blocks=blocks, chunk=chunk, interpret=interpret)
-    h_ref, y_ref = skinny_matmul_norm_reference(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue)
-    assert h.shape == hidden.shape and y.shape == (1, n // 2 if epilogue == "swiglu" else n)
-    assert not np.isnan(np.asarray(y, np.float32)).any(), f"NaN in output, seed={seed}"
-    assert relative_error(h, h_ref) <= TOLERANCE[dtype], f"seed={seed}"
-    assert relative_error(y, y_ref) <= TOLERANCE[dtype], f"seed={seed}"
-    # every output column, not only the largest: a block stored at the wrong columns fails here
-    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32),
-                               rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * float(np.abs(np.asarray(y_ref, np.float32)).max()),
-                               err_msg=f"seed={seed}")
-
-
-def test_lean_norm_gemv_is_the_one_row_default_and_refuses_what_it_does_not_take():
-    import importlib
-
-    assert importlib.import_module("jaxserve_kernels.skinny_matmul").NORM_GEMV_LEAN  # the one-row path of the decode step (jaxserve.model._fold_norms)
-    ones = jnp.ones((1, 8))
-    with pytest.raises(ValueError, match="num_programs"):
-        skinny_matmul_norm(ones, None, jnp.ones(8), jnp.ones((4, 8)), eps=1e-6, num_programs=4)
-    with pytest.raises(ValueError, match="chunk"):
-        skinny_matmul_norm(ones, None, jnp.ones(8), jnp.ones((4, 8)), eps=1e-6, chunk=6)
-    with pytest.raises(ValueError, match="blocks"):
-        skinny_matmul_norm(ones, None, jnp.ones(8), jnp.ones((4, 8)), eps=1e-6, blocks=0)
-    with pytest.raises(ValueError, match="one row"):
-        skinny_matmul_norm(jnp.ones((2, 8)), None, jnp.ones(8), jnp.ones((4, 8)), eps=1e-6, lean=True)
 
 
 @pytest.mark.parametrize("interpret", MODES)
@@ -267,7 +219,7 @@ def test_skinny_matmul_norm_hoisted_loads_give_the_same_bits(interpret, epilogue
         # programs None: one block a program, where the bias is hoisted too
         for num_programs in (None, programs):
             outs.append(skinny_matmul_norm(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue, block_n=bn,
-                                           num_programs=num_programs, lean=False, interpret=interpret)[1])
+                                           num_programs=num_programs, interpret=interpret)[1])
     for late, early in zip(outs[:2], outs[2:]):
         np.testing.assert_array_equal(np.asarray(late, np.float32), np.asarray(early, np.float32), err_msg=f"seed={seed}")
 
@@ -337,7 +289,7 @@ def test_skinny_matmul_norm_errors_name_the_field():
     with pytest.raises(ValueError, match="NORM_GEMV_MAX_K"):
         skinny_matmul_norm(jnp.ones((1, 4096)), None, jnp.ones(4096), jnp.ones((4, 4096)), eps=1e-6)
     with pytest.raises(ValueError, match="num_programs"):
-        skinny_matmul_norm(ones, None, jnp.ones(8), jnp.ones((4, 8)), eps=1e-6, num_programs=-1, lean=False)
+        skinny_matmul_norm(ones, None, jnp.ones(8), jnp.ones((4, 8)), eps=1e-6, num_programs=-1)
 
 
 def test_default_tiling_fills_the_gpu_by_splitting_narrow_matrices():
