@@ -255,6 +255,8 @@
 #   live41      session 41: live rows only where padding would cut the splits, now the default: the GPU engine tests,
 #               then 1.5B batch 1 at 128 / 4k / 16k-token prompts and 0.5B batch 2 at 128, and 4k with it off (~435 s)
 #   final41     session 41: throughput run 44's command (the issue-8 headline) at the session's last commit (~150 s?)
+#   floor42     session 42: bench/kernel_floor.py, µs a kernel of a dependent chain of XLA matrix-vector products by the MB
+#               each streams, and its fixed cost (~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -827,6 +829,7 @@ for part in "${parts[@]}"; do
     # session 41: run 44's headline workload again after sessions 40-41's decode shapes (padding, live rows)
     final41) timeout 200 python3 bench/throughput.py --no-static --batches 1 64 256 --long-prompt 1024 \
                --long-batch 64 --decode-steps 8 --impls pallas --no-hf --out "$OUT/$part" ;;
+    floor42) timeout 300 python3 bench/kernel_floor.py ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

@@ -97,3 +97,19 @@ def test_ncu_opcode_mix_sums_instructions_by_opcode():
     assert lines[2].split() == ["40.0%", "LDG", "400"]
     assert lines[3].split() == ["10.0%", "FFMA", "100"]
     assert len(lines) == 4
+
+
+def test_kernel_floor_times_a_chain_and_counts_its_loop_kernels():
+    """kernel_floor on the CPU at a toy size: a positive time a matrix, and the loop body's kernels found in the
+    compiled HLO (the GPU table reports them so that a chain XLA split or merged is seen)."""
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
+    from bench.kernel_floor import chain_us, launches_per_iteration
+
+    us, launches = chain_us(0.05, matrices=3, reps=2, rounds=1)
+    assert us > 0 and launches >= 3
+    text = "ENTRY %main (a: f32[]) -> f32[] {\n  %w = while(%t), condition=%cond, body=%body.1\n}\n" \
+           "%body.1 (p: (s32[])) -> (s32[]) {\n  %f = f32[] fusion(%p), kind=kLoop\n" \
+           "  %c = f32[] custom-call(%f), custom_call_target=\"x\"\n}\n"
+    assert launches_per_iteration(text) == 2

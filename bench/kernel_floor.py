@@ -1,0 +1,96 @@
+"""What one kernel of a dependent chain costs on this GPU, as a function of the bytes it streams.
+
+Why: issue 8 asks for the 0.5B decode step within 2x of its byte roofline, and at one row that step is a chain of
+~4 dependent kernels a layer (96 a step) that each stream 2-17 MB of weights. If every kernel of such a chain pays a
+fixed cost besides its bytes, the step cannot go below `kernels x fixed + bytes / bandwidth`, whatever the kernels
+do inside. This measures that line with XLA's own matrix-vector product (a row reduction, the fastest one-row
+projection of session 14's table): for each size, `--matrices` distinct `[rows, 896]` bf16 matrices (together far
+beyond the 50 MB L2), multiplied in one jitted loop, each product's vector taken from the one before it, so every
+kernel waits for the previous one as the decode step's do. Reported: µs a kernel (median of `--rounds`), its bytes
+over that time, and a least-squares line `µs = fixed + MB / rate` over the sizes.
+
+    python bench/kernel_floor.py                      # GPU
+    python bench/kernel_floor.py --sizes-mb 0.1 0.5 --matrices 4 --reps 2   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+K = 896  # Qwen2.5-0.5B's hidden size: every one-row projection of its step reduces rows of it (or of 4,864)
+
+
+def launches_per_iteration(compiled_text: str) -> int:
+    """Kernels (fusions and custom calls) in the compiled loop's body: one a matrix if XLA kept the chain as meant."""
+    comps, name = {}, None
+    for line in compiled_text.splitlines():
+        m = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
+        if m:
+            name = m.group(1)
+            comps[name] = []
+        elif name is not None:
+            comps[name].append(line)
+    bodies = [m.group(1) for lines in comps.values() for line in lines
+              for m in [re.search(r" while\(.*body=%([\w.\-]+)", line)] if m]
+    return sum(1 for body in bodies for line in comps.get(body, [])
+               if re.search(r" (fusion|custom-call)\(", line))
+
+
+def chain_us(size_mb: float, matrices: int, reps: int, rounds: int) -> tuple[float, int]:
+    """(µs a kernel, kernels a loop iteration) of a chain of dependent matrix-vector products over `size_mb` MB
+    matrices."""
+    rows = max(1, int(size_mb * 1e6 / (K * 2)))
+    keys = jax.random.split(jax.random.key(0), matrices)
+    ws = [jax.random.normal(k, (rows, K), jnp.bfloat16) for k in keys]
+
+    def body(_, v):
+        for w in ws:  # unrolled: one product a matrix, each waiting on the one before
+            y = jnp.dot(w, v.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+            v = v + 1e-9 * y[0]
+        return v
+
+    v0 = jnp.ones((K,), jnp.float32)
+    f = jax.jit(lambda v: lax.fori_loop(0, reps, body, v)).lower(v0).compile()
+    launches = launches_per_iteration(f.as_text())
+    jax.block_until_ready(f(v0))
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        jax.block_until_ready(f(v0))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / (reps * matrices) * 1e6, launches
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes-mb", type=float, nargs="+", default=[0.05, 0.5, 1.0, 2.0, 4.0, 8.7, 17.4, 35.0])
+    ap.add_argument("--matrices", type=int, default=24, help="distinct matrices a loop iteration (one per layer)")
+    ap.add_argument("--reps", type=int, default=20, help="loop iterations a timed call")
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args()
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print("| MB a kernel | µs a kernel | GB/s | kernels a loop iteration |")
+    print("|---|---|---|---|")
+    xs, ys = [], []
+    for mb in args.sizes_mb:
+        us, launches = chain_us(mb, args.matrices, args.reps, args.rounds)
+        real_mb = max(1, int(mb * 1e6 / (K * 2))) * K * 2 / 1e6
+        xs.append(real_mb)
+        ys.append(us)
+        print(f"| {real_mb:.2f} | {us:.2f} | {real_mb * 1e3 / us:.0f} | {launches} |", flush=True)
+    if len(xs) >= 2:
+        slope, fixed = np.polyfit(np.array(xs), np.array(ys), 1)
+        print(f"least squares: µs = {fixed:.2f} + MB x {slope:.4f} (fixed {fixed:.2f} µs a kernel, "
+              f"{1 / slope:.2f} TB/s on the bytes)")
+
+
+if __name__ == "__main__":
+    main()
