@@ -16,14 +16,20 @@ over that time, and a least-squares line `µs = fixed + MB / rate` over the size
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 K = 896  # Qwen2.5-0.5B's hidden size: every one-row projection of its step reduces rows of it (or of 4,864)
 
@@ -69,6 +75,47 @@ def chain_us(size_mb: float, matrices: int, reps: int, rounds: int) -> tuple[flo
     return statistics.median(times) / (reps * matrices) * 1e6, launches
 
 
+def _stream_kernel(prev_ref, x_ref, o_ref):
+    # Every program sums its [rows, 4096] block; the previous kernel's first output joins as a dependency only.
+    block = x_ref[...].astype(jnp.float32)
+    o_ref[...] = jnp.full(o_ref.shape, jnp.sum(block), jnp.float32) + prev_ref[0] * 0
+
+
+def stream_chain_us(size_mb: float, matrices: int, reps: int, rounds: int, rows: int = 2) -> tuple[float, int]:
+    """The same chain with a Pallas Triton kernel that only streams its bytes (`rows` x 8 KiB a program, one sum a
+    program): what a kernel of our own toolchain pays at the least, besides its bytes."""
+    from jax.experimental import pallas as pl
+
+    from jaxserve_kernels import pallas_compat as compat
+
+    width = 4096
+    blocks = max(1, int(size_mb * 1e6 / (rows * width * 2)))
+    keys = jax.random.split(jax.random.key(1), matrices)
+    xs = [jax.random.normal(k, (blocks * rows, width), jnp.bfloat16) for k in keys]
+    interpret = compat.resolve_interpret(None)
+    call = pl.pallas_call(_stream_kernel, grid=(blocks,),
+                          in_specs=[pl.BlockSpec((1,), lambda i: (0,)), pl.BlockSpec((rows, width), lambda i: (i, 0))],
+                          out_specs=pl.BlockSpec((1, 16), lambda i: (i, 0)),
+                          out_shape=jax.ShapeDtypeStruct((blocks, 16), jnp.float32), interpret=interpret,
+                          compiler_params=None if interpret else compat.compiler_params(4, 1), name="stream")
+
+    def body(_, v):
+        for x in xs:
+            v = call(v, x)[0, :1]
+        return v
+
+    v0 = jnp.zeros((1,), jnp.float32)
+    f = jax.jit(lambda v: lax.fori_loop(0, reps, body, v)).lower(v0).compile()
+    launches = launches_per_iteration(f.as_text())
+    jax.block_until_ready(f(v0))
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        jax.block_until_ready(f(v0))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / (reps * matrices) * 1e6, launches
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-mb", type=float, nargs="+", default=[0.05, 0.5, 1.0, 2.0, 4.0, 8.7, 17.4, 35.0])
@@ -77,19 +124,25 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    print("| MB a kernel | µs a kernel | GB/s | kernels a loop iteration |")
-    print("|---|---|---|---|")
-    xs, ys = [], []
-    for mb in args.sizes_mb:
-        us, launches = chain_us(mb, args.matrices, args.reps, args.rounds)
-        real_mb = max(1, int(mb * 1e6 / (K * 2))) * K * 2 / 1e6
-        xs.append(real_mb)
-        ys.append(us)
-        print(f"| {real_mb:.2f} | {us:.2f} | {real_mb * 1e3 / us:.0f} | {launches} |", flush=True)
-    if len(xs) >= 2:
-        slope, fixed = np.polyfit(np.array(xs), np.array(ys), 1)
-        print(f"least squares: µs = {fixed:.2f} + MB x {slope:.4f} (fixed {fixed:.2f} µs a kernel, "
-              f"{1 / slope:.2f} TB/s on the bytes)")
+    for name, timer, bytes_of in (
+            ("XLA matrix-vector products ([rows, 896] bf16)", chain_us,
+             lambda mb: max(1, int(mb * 1e6 / (K * 2))) * K * 2 / 1e6),
+            ("Pallas Triton streaming sums (16 KiB a program)", stream_chain_us,
+             lambda mb: max(1, int(mb * 1e6 / (2 * 4096 * 2))) * 2 * 4096 * 2 / 1e6)):
+        print(f"\n{name}\n")
+        print("| MB a kernel | µs a kernel | GB/s | kernels a loop iteration |")
+        print("|---|---|---|---|")
+        xs, ys = [], []
+        for mb in args.sizes_mb:
+            us, launches = timer(mb, args.matrices, args.reps, args.rounds)
+            real_mb = bytes_of(mb)
+            xs.append(real_mb)
+            ys.append(us)
+            print(f"| {real_mb:.2f} | {us:.2f} | {real_mb * 1e3 / us:.0f} | {launches} |", flush=True)
+        if len(xs) >= 2:
+            slope, fixed = np.polyfit(np.array(xs), np.array(ys), 1)
+            print(f"least squares: µs = {fixed:.2f} + MB x {slope:.4f} (fixed {fixed:.2f} µs a kernel, "
+                  f"{1 / slope:.2f} TB/s on the bytes)")
 
 
 if __name__ == "__main__":
