@@ -256,7 +256,8 @@
 #               then 1.5B batch 1 at 128 / 4k / 16k-token prompts and 0.5B batch 2 at 128, and 4k with it off (~435 s)
 #   final41     session 41: throughput run 44's command (the issue-8 headline) at the session's last commit (~150 s?)
 #   floor42     session 42: bench/kernel_floor.py, µs a kernel of a dependent chain of XLA matrix-vector products by the MB
-#               each streams, and its fixed cost (~60 s?)
+#               each streams, and its fixed cost (~90 s)
+#   floor42b    session 42: its Pallas chain alone, with no slicing kernel between two (~50 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -830,6 +831,7 @@ for part in "${parts[@]}"; do
     final41) timeout 200 python3 bench/throughput.py --no-static --batches 1 64 256 --long-prompt 1024 \
                --long-batch 64 --decode-steps 8 --impls pallas --no-hf --out "$OUT/$part" ;;
     floor42) timeout 300 python3 bench/kernel_floor.py ;;
+    floor42b) timeout 250 python3 bench/kernel_floor.py --chains stream --stream-rows 2 8 ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

@@ -76,9 +76,10 @@ def chain_us(size_mb: float, matrices: int, reps: int, rounds: int) -> tuple[flo
 
 
 def _stream_kernel(prev_ref, x_ref, o_ref):
-    # Every program sums its [rows, 4096] block; the previous kernel's first output joins as a dependency only.
+    # Every program sums its [rows, 4096] block; the previous kernel's output (its first row) joins as a dependency
+    # only, read whole so that no slicing kernel runs between two of these.
     block = x_ref[...].astype(jnp.float32)
-    o_ref[...] = jnp.full(o_ref.shape, jnp.sum(block), jnp.float32) + prev_ref[0] * 0
+    o_ref[...] = jnp.full(o_ref.shape, jnp.sum(block), jnp.float32) + prev_ref[...] * 0
 
 
 def stream_chain_us(size_mb: float, matrices: int, reps: int, rounds: int, rows: int = 2) -> tuple[float, int]:
@@ -94,17 +95,17 @@ def stream_chain_us(size_mb: float, matrices: int, reps: int, rounds: int, rows:
     xs = [jax.random.normal(k, (blocks * rows, width), jnp.bfloat16) for k in keys]
     interpret = compat.resolve_interpret(None)
     call = pl.pallas_call(_stream_kernel, grid=(blocks,),
-                          in_specs=[pl.BlockSpec((1,), lambda i: (0,)), pl.BlockSpec((rows, width), lambda i: (i, 0))],
+                          in_specs=[pl.BlockSpec((1, 16), lambda i: (0, 0)), pl.BlockSpec((rows, width), lambda i: (i, 0))],
                           out_specs=pl.BlockSpec((1, 16), lambda i: (i, 0)),
                           out_shape=jax.ShapeDtypeStruct((blocks, 16), jnp.float32), interpret=interpret,
                           compiler_params=None if interpret else compat.compiler_params(4, 1), name="stream")
 
     def body(_, v):
         for x in xs:
-            v = call(v, x)[0, :1]
+            v = call(v, x)
         return v
 
-    v0 = jnp.zeros((1,), jnp.float32)
+    v0 = jnp.zeros((blocks, 16), jnp.float32)
     f = jax.jit(lambda v: lax.fori_loop(0, reps, body, v)).lower(v0).compile()
     launches = launches_per_iteration(f.as_text())
     jax.block_until_ready(f(v0))
@@ -122,13 +123,19 @@ def main() -> None:
     ap.add_argument("--matrices", type=int, default=24, help="distinct matrices a loop iteration (one per layer)")
     ap.add_argument("--reps", type=int, default=20, help="loop iterations a timed call")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--chains", nargs="+", default=["xla", "stream"], choices=["xla", "stream"])
+    ap.add_argument("--stream-rows", type=int, nargs="+", default=[2], help="8 KiB rows a streaming program")
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    for name, timer, bytes_of in (
-            ("XLA matrix-vector products ([rows, 896] bf16)", chain_us,
-             lambda mb: max(1, int(mb * 1e6 / (K * 2))) * K * 2 / 1e6),
-            ("Pallas Triton streaming sums (16 KiB a program)", stream_chain_us,
-             lambda mb: max(1, int(mb * 1e6 / (2 * 4096 * 2))) * 2 * 4096 * 2 / 1e6)):
+    chains = [("xla", "XLA matrix-vector products ([rows, 896] bf16)", chain_us,
+               lambda mb: max(1, int(mb * 1e6 / (K * 2))) * K * 2 / 1e6)]
+    for rows in args.stream_rows:
+        chains.append(("stream", f"Pallas Triton streaming sums ({rows * 8} KiB a program)",
+                       lambda mb, m, r, n, rows=rows: stream_chain_us(mb, m, r, n, rows=rows),
+                       lambda mb, rows=rows: max(1, int(mb * 1e6 / (rows * 4096 * 2))) * rows * 4096 * 2 / 1e6))
+    for chain, name, timer, bytes_of in chains:
+        if chain not in args.chains:
+            continue
         print(f"\n{name}\n")
         print("| MB a kernel | µs a kernel | GB/s | kernels a loop iteration |")
         print("|---|---|---|---|")
