@@ -65,6 +65,19 @@ def fused_case(batch: int, context: int, heads: tuple[int, int, int] = (14, 2, 6
     return lambda: fn(qkv, cos, sin, k, v, tables, lengths, slots)
 
 
+def fused_o_case(batch: int, context: int):
+    """The one-row step's attention as the engine runs it over short tables: RoPE, the cache write, the attention
+    and o_proj's partial sums in one launch (`fused_decode_attention_o`, Qwen2.5-0.5B heads and Wo), the kernel
+    session 42's chain-cost line found 2.7 µs above it (5.81 µs a launch in the step)."""
+    from bench.fused_tune import build
+    from jaxserve_kernels.decode_attention import fused_decode_attention_o
+    pools, tables, lengths, slots, cos, sin, qkv, _ = build(batch, context, 14, 2, 64, 1, None)
+    k, v = pools[0]
+    wo = jax.random.normal(jax.random.key(6), (896, 896), jnp.bfloat16)
+    fn = jax.jit(lambda *a: fused_decode_attention_o(*a)[0])
+    return lambda: fn(qkv, cos, sin, k, v, tables, lengths, slots, wo)
+
+
 def pick_case(rows: int, logprobs: bool = True):
     """The greedy pick over `[rows, 151936]` bf16 logits; `logprobs=False`: the argmax alone (kernel
     `greedy_argmax`, what a 256-row greedy step runs: 29 µs in its profile, 1.1-1.3 TB/s cold)."""
@@ -144,6 +157,7 @@ CASES = {
     "05b_64x2k": lambda: paged_case("05b", 64, 2048),
     "fused_256x192": lambda: fused_case(256, 192),
     "fused_1x192": lambda: fused_case(1, 192),
+    "fused_o_1x192": lambda: fused_o_case(1, 192),
     "fused_64x192": lambda: fused_case(64, 192),
     # session 36: the engine's fused kernel at 7B heads, 8 x 2k, beside `paged_attention` there
     "fused7b_8x2k": lambda: fused_case(8, 2048, (28, 4, 128)),
