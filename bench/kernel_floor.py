@@ -50,6 +50,19 @@ def launches_per_iteration(compiled_text: str) -> int:
                if re.search(r" (fusion|custom-call)\(", line))
 
 
+def _time_chain(body, v0: jax.Array, reps: int, matrices: int, rounds: int) -> tuple[float, int]:
+    """(µs a kernel, kernels a loop iteration) of `reps` iterations of `body` (one kernel a matrix) in one jitted loop."""
+    f = jax.jit(lambda v: lax.fori_loop(0, reps, body, v)).lower(v0).compile()
+    launches = launches_per_iteration(f.as_text())
+    jax.block_until_ready(f(v0))
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        jax.block_until_ready(f(v0))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / (reps * matrices) * 1e6, launches
+
+
 def chain_us(size_mb: float, matrices: int, reps: int, rounds: int) -> tuple[float, int]:
     """(µs a kernel, kernels a loop iteration) of a chain of dependent matrix-vector products over `size_mb` MB
     matrices."""
@@ -64,15 +77,7 @@ def chain_us(size_mb: float, matrices: int, reps: int, rounds: int) -> tuple[flo
         return v
 
     v0 = jnp.ones((K,), jnp.float32)
-    f = jax.jit(lambda v: lax.fori_loop(0, reps, body, v)).lower(v0).compile()
-    launches = launches_per_iteration(f.as_text())
-    jax.block_until_ready(f(v0))
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        jax.block_until_ready(f(v0))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / (reps * matrices) * 1e6, launches
+    return _time_chain(body, v0, reps, matrices, rounds)
 
 
 def _stream_kernel(prev_ref, x_ref, o_ref):
@@ -106,15 +111,7 @@ def stream_chain_us(size_mb: float, matrices: int, reps: int, rounds: int, rows:
         return v
 
     v0 = jnp.zeros((blocks, 16), jnp.float32)
-    f = jax.jit(lambda v: lax.fori_loop(0, reps, body, v)).lower(v0).compile()
-    launches = launches_per_iteration(f.as_text())
-    jax.block_until_ready(f(v0))
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        jax.block_until_ready(f(v0))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / (reps * matrices) * 1e6, launches
+    return _time_chain(body, v0, reps, matrices, rounds)
 
 
 def main() -> None:
