@@ -510,6 +510,7 @@ def run_variant(args) -> list[dict]:
     default_layout = model_module.WEIGHT_LAYOUT
     norm_fold = model_module.NORM_IN_PROJECTION
     o_in_attention = model_module.O_IN_ATTENTION
+    prefetch_kv = model_module.PREFETCH_KV
     layouts = {glue: "kn" if glue == "kn" else "nk" if glue in NK_TILINGS else default_layout
                for glue in args.glue}
     by_layout = {layout: model_module.convert_weight_layout(params, default_layout, layout)
@@ -586,6 +587,9 @@ def run_variant(args) -> list[dict]:
             # "fold1" / "fold4": steps of up to 1 / 4 rows take the norm-folded kernels (model.FOLD_MAX_ROWS; 1, the
             # default, leaves 2-4-row steps on the partial sums' glue).
             model_module.FOLD_MAX_ROWS = {"fold1": 1, "fold4": 4}.get(glue, fold_max_rows)
+            # "prefetch_kv" / "no_prefetch_kv": the one-row QKV projection reads the attention's pages ahead of it
+            # (model.PREFETCH_KV), or not.
+            model_module.PREFETCH_KV = {"prefetch_kv": True, "no_prefetch_kv": False}.get(glue, prefetch_kv)
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
             # "cb_*": how XLA orders a command buffer's kernels (xla_gpu_command_buffer_scheduling_mode:
             # serialized, concurrent where the data allows, or the latency-hiding scheduler's order);
@@ -769,7 +773,8 @@ def main() -> None:
                                                              "ftz_exp2", "lean_softmax", "lean_ftz", "no_lean_ftz",
                                                              "swiglu_approx", "swiglu_exact", "pick_wave_fit", "pick_ceil", *CB_OPTIONS,
                                                              "head_b112", "head_b120", "head_b136", "head_b192", "head_b256",
-                                                             "unroll2", "unroll4", "unroll8", "halves", "split_one_stage", "fold1", "fold4"],
+                                                             "unroll2", "unroll4", "unroll8", "halves", "split_one_stage", "fold1", "fold4", "prefetch_kv",
+                                                             "no_prefetch_kv"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -249,6 +249,11 @@ NORM_IN_PROJECTION = os.environ.get("JAXSERVE_NORM_IN_PROJECTION", "1") == "1"
 # on the H200 (108 kernels, session 15). JAXSERVE_O_IN_ATTENTION=0 turns it off. Read when a step
 # is traced.
 O_IN_ATTENTION = os.environ.get("JAXSERVE_O_IN_ATTENTION", "1") == "1"
+# With o_proj in the attention (`_fold_o_proj`), the norm-folded QKV projection before it also reads the
+# layer's key and value pages its tables name (`skinny_matmul_norm(touch_pages=...)`), so the attention's
+# gather, the top stall of that kernel (Nsight Compute, session 42), finds them in L2 rather than in HBM,
+# where the step's weights evicted them. Off by default until timed; JAXSERVE_PREFETCH_KV=1 turns it on.
+PREFETCH_KV = os.environ.get("JAXSERVE_PREFETCH_KV", "0") == "1"
 # Decode steps of up to this many rows take the one-row step's kernels (norms folded into QKV and gate_up,
 # o_proj in the attention for short tables, down_proj and o_proj on the lane-wise path), each program
 # multiplying the weights it loads by every row (`skinny_matmul_norm`, `skinny_matmul(..., gemv=True)` take
@@ -480,7 +485,8 @@ class Linear(nn.Module):
     a few-row product at a fraction of the HBM bandwidth (see that module). ``epilogue``
     ("partials", "swiglu"; see ``jaxserve_kernels.skinny_matmul.skinny_matmul``) is for the fused decode
     glue only, which guarantees the kernel runs; ``tiling`` overrides the kernel's tiling
-    (``block_n``, ``block_k``, ``num_splits``, ...).
+    (``block_n``, ``block_k``, ``num_splits``, ...). With ``norm`` (_fold_norms) ``touch_pages`` goes to
+    ``skinny_matmul_norm`` (PREFETCH_KV).
     """
 
     features: int
@@ -490,7 +496,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, fast: bool = False, epilogue: str = "none",
                  tiling: dict[str, int] | None = None, norm: tuple | None = None,
-                 fused: Callable[[jax.Array], Any] | None = None):
+                 fused: Callable[[jax.Array], Any] | None = None, touch_pages: tuple | None = None):
         nk = WEIGHT_LAYOUT == "nk"
         shape = (self.features, x.shape[-1]) if nk else (x.shape[-1], self.features)
         # lecun_normal's fan-in is the kernel's second-to-last axis: `[in, out]`'s in.
@@ -506,7 +512,7 @@ class Linear(nn.Module):
 
             partials, scale, eps = norm
             h, out = skinny_matmul_norm(x.reshape(rows, x.shape[-1]), partials, scale, kernel, bias, eps=eps,
-                                        epilogue=epilogue)
+                                        epilogue=epilogue, touch_pages=touch_pages)
             return h.reshape(x.shape), out.reshape(*x.shape[:-1], out.shape[-1])
         if fast:
             from jaxserve_kernels.skinny_matmul import skinny_matmul
@@ -638,7 +644,8 @@ class Attention(nn.Module):
             o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
             return o_proj(out, fused=lambda kernel, _: _accumulate(out, kernel, x)), kv
         if norm is not None:
-            x, qkv = qkv_proj(x, fast, norm=norm)
+            touch = (kv[0], kv[1], paged.block_tables) if PREFETCH_KV and _fold_o_proj(paged, kv) else None
+            x, qkv = qkv_proj(x, fast, norm=norm, touch_pages=touch)
         else:
             qkv = qkv_proj(x, fast, tiling=QKV_SKINNY_TILING)
         o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")

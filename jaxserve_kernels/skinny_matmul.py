@@ -449,13 +449,16 @@ NORM_GEMV_HOIST = True
 
 
 def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, has_bias: bool,
-                      block_n: int, block_k: int, n_out: int, num_programs: int, hoist: bool = False):
+                      block_n: int, block_k: int, n_out: int, num_programs: int, hoist: bool = False,
+                      touch_tiles: int = 0):
     refs = list(refs)
     p_ref = refs.pop(0) if num_parts else None
     scale_ref, w_ref = refs.pop(0), refs.pop(0)
     b_ref = refs.pop(0) if has_bias else None
+    table_ref, k_pages_ref, v_pages_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if touch_tiles else (None,) * 3
     h_out_ref = refs.pop(0) if num_parts else None
-    (o_ref,) = refs
+    o_ref = refs.pop(0)
+    touch_ref = refs.pop(0) if touch_tiles else None
     pid = pl.program_id(0)
     rows, k_total = h_ref.shape
     k_ok = jnp.arange(block_k) < k_total
@@ -470,6 +473,16 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
     # The weight rows first: they do not depend on the norm, so their loads are in flight while
     # the program sums the residual and its statistics.
     ws = load_rows(pid)
+    if touch_tiles:  # `touch_pages`: one (row, KV head, table entry)'s key and value page a program
+        @pl.when(pid < touch_tiles)
+        def _touch():
+            kv_heads, num_pages = k_pages_ref.shape[0], k_pages_ref.shape[1]
+            width = table_ref.shape[1]
+            row, rest = pid // (kv_heads * width), pid % (kv_heads * width)
+            page = jnp.clip(table_ref[row, rest % width], 0, num_pages - 1)
+            k = k_pages_ref[rest // width, page].astype(jnp.float32)
+            v = v_pages_ref[rest // width, page].astype(jnp.float32)
+            touch_ref[pl.ds(pid, 1)] = jnp.full((1,), jnp.sum(k) + jnp.sum(v), jnp.float32)
     one_block = num_programs >= num_blocks
     if hoist:
         scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
@@ -523,19 +536,26 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
 
 @functools.partial(jax.jit, static_argnames=("eps", "epilogue", "block_n", "num_warps", "num_programs",
                                              "interpret", "hoist"))
-def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, block_n: int,
+def _norm_gemv(hidden, partials, scale, w, bias, touch_pages=None, *, eps: float, epilogue: str, block_n: int,
                num_warps: int, num_programs: int, interpret: bool, hoist: bool = False):
     k = hidden.shape[1]
     n_out = w.shape[0] // 2 if epilogue == "swiglu" else w.shape[0]
     num_parts = 0 if partials is None else partials.shape[0]
     num_blocks = pl.cdiv(n_out, block_n)
     num_programs = min(num_programs or num_blocks, num_blocks)
+    touch_tiles = 0
+    if touch_pages is not None:
+        k_pages, _, table = touch_pages
+        touch_tiles = min(num_programs, table.shape[0] * k_pages.shape[0] * table.shape[1])
     kernel = functools.partial(_norm_gemv_kernel, num_parts=num_parts, eps=eps, epilogue=epilogue,
                                has_bias=bias is not None, block_n=block_n, block_k=compat.next_pow2(k),
-                               n_out=n_out, num_programs=num_programs, hoist=hoist)
+                               n_out=n_out, num_programs=num_programs, hoist=hoist, touch_tiles=touch_tiles)
     args = [hidden] + ([partials] if num_parts else []) + [scale, w] + ([bias] if bias is not None else [])
+    if touch_tiles:
+        args += [touch_pages[2], touch_pages[0], touch_pages[1]]
     out_shape = ([jax.ShapeDtypeStruct(hidden.shape, hidden.dtype)] if num_parts else []) \
-        + [jax.ShapeDtypeStruct((hidden.shape[0], n_out), hidden.dtype)]
+        + [jax.ShapeDtypeStruct((hidden.shape[0], n_out), hidden.dtype)] \
+        + ([jax.ShapeDtypeStruct((touch_tiles,), jnp.float32)] if touch_tiles else [])
     outs = compat.triton_call(kernel, *args, grid=(num_programs,), out_shape=out_shape, interpret=interpret,
                               num_warps=num_warps,
                               name=f"skinny_matmul_norm_{epilogue}")  # QKV and gate_up apart in a profile
@@ -545,7 +565,7 @@ def _norm_gemv(hidden, partials, scale, w, bias, *, eps: float, epilogue: str, b
 def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array, w: jax.Array,
                        bias: jax.Array | None = None, *, eps: float, epilogue: str = "none",
                        block_n: int | None = None, num_warps: int | None = None,
-                       num_programs: int | None = None,
+                       num_programs: int | None = None, touch_pages: tuple | None = None,
                        interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """`jaxserve_kernels.residual_norm.add_rms_norm` folded into a few-row `[N, K]` skinny matmul.
 
@@ -566,6 +586,10 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
         num_warps: None: `NORM_GEMV_TILES`, else `NK_GEMV_WARPS`.
         num_programs: programs launched, each looping over blocks when fewer than the blocks;
             None: `NORM_GEMV_TILES`, else one block a program.
+        touch_pages: `(k_pages, v_pages, block_tables)` (`[kv_heads, pages, page_size, D]` twice, `[M, W]`),
+            or None: the first programs also read the key and value pages the tables name (one page of one KV
+            head a program, up to the program count), so that the attention kernel after this one finds them
+            in L2 (`jaxserve.model.PREFETCH_KV`). Changes no output.
         interpret: Pallas interpret mode; None picks it on the CPU backend.
 
     Example:
@@ -601,7 +625,9 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
         raise ValueError(f"num_programs must be >= 0, got {num_programs}")
     if partials is not None:
         partials = partials.astype(jnp.float32)
-    return _norm_gemv(hidden, partials, scale, w, bias, eps=float(eps), epilogue=epilogue, block_n=block_n,
+    if touch_pages is not None and (len(touch_pages) != 3 or touch_pages[2].shape[0] != hidden.shape[0]):
+        raise ValueError(f"touch_pages must be (k_pages, v_pages, block_tables [{hidden.shape[0]}, W])")
+    return _norm_gemv(hidden, partials, scale, w, bias, touch_pages, eps=float(eps), epilogue=epilogue, block_n=block_n,
                       num_warps=num_warps or tile.get("num_warps", NK_GEMV_WARPS), num_programs=num_programs,
                       interpret=interpret, hoist=NORM_GEMV_HOIST)
 

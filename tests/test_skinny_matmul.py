@@ -224,6 +224,29 @@ def test_skinny_matmul_norm_hoisted_loads_give_the_same_bits(interpret, epilogue
         np.testing.assert_array_equal(np.asarray(late, np.float32), np.asarray(early, np.float32), err_msg=f"seed={seed}")
 
 
+@pytest.mark.parametrize("interpret,epilogue,k,n,dtype,with_bias,parts,bn,programs", interpreted_and_compiled(
+    [NORM_CASES[0][:-2] + (64, None), NORM_CASES[4]], [NORM_CASES[0], NORM_CASES[4]]))
+def test_skinny_matmul_norm_touching_pages_changes_no_output(interpret, epilogue, k, n, dtype, with_bias, parts, bn,
+                                                             programs):
+    # touch_pages (model.PREFETCH_KV) only reads the pages the tables name, ahead of the attention kernel.
+    rng, seed = fresh_rng()
+    hidden = jnp.asarray(rng.standard_normal((1, k)), dtype)
+    partials = jnp.asarray(rng.standard_normal((parts, 1, k)), jnp.float32) if parts else None
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, k), dtype)
+    w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), dtype)
+    bias = jnp.asarray(rng.standard_normal(n), dtype) if with_bias else None
+    pages = jnp.asarray(rng.standard_normal((2, 40, 16, 64)), dtype)
+    table = jnp.asarray(rng.permutation(40)[:13][None, :].astype(np.int32))
+    plain = skinny_matmul_norm(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue, block_n=bn,
+                               num_programs=programs, interpret=interpret)
+    touched = skinny_matmul_norm(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue, block_n=bn,
+                                 num_programs=programs, touch_pages=(pages, pages * 2, table), interpret=interpret)
+    for a, b in zip(plain, touched):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=f"seed={seed}")
+    with pytest.raises(ValueError, match="touch_pages"):
+        skinny_matmul_norm(hidden, partials, scale, w, bias, eps=1e-6, touch_pages=(pages, pages, table[:, :0].T))
+
+
 # (rows, epilogue, K, N, dtype, bias, partials, block_n, num_programs): the 2-4-row steps' norm-folded path
 SEVERAL_ROW_NORM_CASES = [
     (2, "none", 200, 130, jnp.float32, True, 2, 16, None),
