@@ -460,78 +460,88 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
     o_ref = refs.pop(0)
     touch_ref = refs.pop(0) if touch_tiles else None
     pid = pl.program_id(0)
-    rows, k_total = h_ref.shape
-    k_ok = jnp.arange(block_k) < k_total
-    halves = (0, n_out) if epilogue == "swiglu" else (0,)
-    num_blocks = pl.cdiv(n_out, block_n)
-
-    def load_rows(block):
-        col_ok = block * block_n + jnp.arange(block_n) < n_out
-        return tuple(compat.load(w_ref.at[pl.ds(offset + block * block_n, block_n), pl.ds(0, block_k)],
-                                 mask=col_ok[:, None] & k_ok[None, :], other=0) for offset in halves)
-
-    # The weight rows first: they do not depend on the norm, so their loads are in flight while
-    # the program sums the residual and its statistics.
-    ws = load_rows(pid)
-    if touch_tiles:  # `touch_pages`: one (row, KV head, table entry)'s key and value page a program
-        @pl.when(pid < touch_tiles)
+    if touch_tiles:
+        # `touch_pages`: programs past the projection's each read one (row, KV head, table entry)'s key and value
+        # page; the projection's own programs do not wait on those loads.
+        @pl.when(pid >= num_programs)
         def _touch():
+            t = pid - num_programs
             kv_heads, num_pages = k_pages_ref.shape[0], k_pages_ref.shape[1]
             width = table_ref.shape[1]
-            row, rest = pid // (kv_heads * width), pid % (kv_heads * width)
+            row, rest = t // (kv_heads * width), t % (kv_heads * width)
             page = jnp.clip(table_ref[row, rest % width], 0, num_pages - 1)
             k = k_pages_ref[rest // width, page].astype(jnp.float32)
             v = v_pages_ref[rest // width, page].astype(jnp.float32)
-            touch_ref[pl.ds(pid, 1)] = jnp.full((1,), jnp.sum(k) + jnp.sum(v), jnp.float32)
-    one_block = num_programs >= num_blocks
-    if hoist:
-        scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
-    bias = None
-    if hoist and has_bias and one_block:
-        bias_ok = pid * block_n + jnp.arange(block_n) < n_out
-        bias = compat.load(b_ref.at[pl.ds(pid * block_n, block_n)], mask=bias_ok, other=0)
-    dtype = h_ref.dtype
+            touch_ref[pl.ds(t, 1)] = jnp.full((1,), jnp.sum(k) + jnp.sum(v), jnp.float32)
 
-    def normed_row(r: int):
-        row = jnp.int32(r)  # a traced index: interpret mode's discharge wants one, not a Python int
-        h = compat.load(h_ref.at[row, pl.ds(0, block_k)], mask=k_ok, other=0)
-        if num_parts:  # add_rms_norm's sum and roundings, redone by every program (an L2-resident row)
-            parts = [compat.load(p_ref.at[jnp.int32(i), row, pl.ds(0, block_k)], mask=k_ok, other=0)
-                     for i in range(num_parts)]
-            delta = functools.reduce(jnp.add, parts)
-            h = (h.astype(jnp.float32) + delta.astype(dtype).astype(jnp.float32)).astype(dtype)
-            compat.store(h_out_ref.at[row, pl.ds(0, block_k)], h, mask=k_ok & (pid == 0))
-        hf = h.astype(jnp.float32)
-        return (hf * lax.rsqrt(jnp.sum(hf * hf) / k_total + eps)).astype(dtype)
+    def work():
+        rows, k_total = h_ref.shape
+        k_ok = jnp.arange(block_k) < k_total
+        halves = (0, n_out) if epilogue == "swiglu" else (0,)
+        num_blocks = pl.cdiv(n_out, block_n)
 
-    normed = [normed_row(r) for r in range(rows)]
-    if not hoist:
-        scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
-    xs = [(scale.astype(jnp.float32) * n.astype(jnp.float32)).astype(dtype).astype(jnp.float32) for n in normed]
+        def load_rows(block):
+            col_ok = block * block_n + jnp.arange(block_n) < n_out
+            return tuple(compat.load(w_ref.at[pl.ds(offset + block * block_n, block_n), pl.ds(0, block_k)],
+                                     mask=col_ok[:, None] & k_ok[None, :], other=0) for offset in halves)
 
-    def emit(block, ws, bias=None):
-        cols_at = pl.ds(block * block_n, block_n)
-        col_ok = block * block_n + jnp.arange(block_n) < n_out
-        wf = tuple(w.astype(jnp.float32) for w in ws)
-        for r, x in enumerate(xs):  # each weight block loaded once for every row
-            accs = tuple(jnp.sum(w * x[None, :], axis=1)[None, :] for w in wf)
-            _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=(pl.ds(r, 1), cols_at),
-                          mask=col_ok[None, :], cols_at=cols_at, col_ok=col_ok, bias=bias)
+        # The weight rows first: they do not depend on the norm, so their loads are in flight while
+        # the program sums the residual and its statistics.
+        ws = load_rows(pid)
+        one_block = num_programs >= num_blocks
+        if hoist:
+            scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
+        bias = None
+        if hoist and has_bias and one_block:
+            bias_ok = pid * block_n + jnp.arange(block_n) < n_out
+            bias = compat.load(b_ref.at[pl.ds(pid * block_n, block_n)], mask=bias_ok, other=0)
+        dtype = h_ref.dtype
 
-    if one_block:  # one block a program
-        emit(pid, ws, bias)
-        return
+        def normed_row(r: int):
+            row = jnp.int32(r)  # a traced index: interpret mode's discharge wants one, not a Python int
+            h = compat.load(h_ref.at[row, pl.ds(0, block_k)], mask=k_ok, other=0)
+            if num_parts:  # add_rms_norm's sum and roundings, redone by every program (an L2-resident row)
+                parts = [compat.load(p_ref.at[jnp.int32(i), row, pl.ds(0, block_k)], mask=k_ok, other=0)
+                         for i in range(num_parts)]
+                delta = functools.reduce(jnp.add, parts)
+                h = (h.astype(jnp.float32) + delta.astype(dtype).astype(jnp.float32)).astype(dtype)
+                compat.store(h_out_ref.at[row, pl.ds(0, block_k)], h, mask=k_ok & (pid == 0))
+            hf = h.astype(jnp.float32)
+            return (hf * lax.rsqrt(jnp.sum(hf * hf) / k_total + eps)).astype(dtype)
 
-    # Fewer programs than blocks: program p takes blocks p, p + P, p + 2P, ..., the next block's
-    # rows loaded (into registers) before this one's are multiplied, so every program keeps a
-    # block of weights in flight while it computes, and derives the norm once for all its blocks.
-    def body(i, ws):
-        block = pid + i * num_programs
-        nxt = load_rows(block + num_programs)  # past the last block: masked, loads nothing
-        emit(block, ws)
-        return nxt
+        normed = [normed_row(r) for r in range(rows)]
+        if not hoist:
+            scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
+        xs = [(scale.astype(jnp.float32) * n.astype(jnp.float32)).astype(dtype).astype(jnp.float32) for n in normed]
 
-    lax.fori_loop(0, pl.cdiv(num_blocks - pid, num_programs), body, ws)
+        def emit(block, ws, bias=None):
+            cols_at = pl.ds(block * block_n, block_n)
+            col_ok = block * block_n + jnp.arange(block_n) < n_out
+            wf = tuple(w.astype(jnp.float32) for w in ws)
+            for r, x in enumerate(xs):  # each weight block loaded once for every row
+                accs = tuple(jnp.sum(w * x[None, :], axis=1)[None, :] for w in wf)
+                _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=(pl.ds(r, 1), cols_at),
+                              mask=col_ok[None, :], cols_at=cols_at, col_ok=col_ok, bias=bias)
+
+        if one_block:  # one block a program
+            emit(pid, ws, bias)
+            return
+
+        # Fewer programs than blocks: program p takes blocks p, p + P, p + 2P, ..., the next block's
+        # rows loaded (into registers) before this one's are multiplied, so every program keeps a
+        # block of weights in flight while it computes, and derives the norm once for all its blocks.
+        def body(i, ws):
+            block = pid + i * num_programs
+            nxt = load_rows(block + num_programs)  # past the last block: masked, loads nothing
+            emit(block, ws)
+            return nxt
+
+        lax.fori_loop(0, pl.cdiv(num_blocks - pid, num_programs), body, ws)
+
+    if touch_tiles:
+        pl.when(pid < num_programs)(work)
+    else:
+        work()
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "epilogue", "block_n", "num_warps", "num_programs",
@@ -546,7 +556,7 @@ def _norm_gemv(hidden, partials, scale, w, bias, touch_pages=None, *, eps: float
     touch_tiles = 0
     if touch_pages is not None:
         k_pages, _, table = touch_pages
-        touch_tiles = min(num_programs, table.shape[0] * k_pages.shape[0] * table.shape[1])
+        touch_tiles = table.shape[0] * k_pages.shape[0] * table.shape[1]
     kernel = functools.partial(_norm_gemv_kernel, num_parts=num_parts, eps=eps, epilogue=epilogue,
                                has_bias=bias is not None, block_n=block_n, block_k=compat.next_pow2(k),
                                n_out=n_out, num_programs=num_programs, hoist=hoist, touch_tiles=touch_tiles)
@@ -556,8 +566,8 @@ def _norm_gemv(hidden, partials, scale, w, bias, touch_pages=None, *, eps: float
     out_shape = ([jax.ShapeDtypeStruct(hidden.shape, hidden.dtype)] if num_parts else []) \
         + [jax.ShapeDtypeStruct((hidden.shape[0], n_out), hidden.dtype)] \
         + ([jax.ShapeDtypeStruct((touch_tiles,), jnp.float32)] if touch_tiles else [])
-    outs = compat.triton_call(kernel, *args, grid=(num_programs,), out_shape=out_shape, interpret=interpret,
-                              num_warps=num_warps,
+    outs = compat.triton_call(kernel, *args, grid=(num_programs + touch_tiles,), out_shape=out_shape,
+                              interpret=interpret, num_warps=num_warps,
                               name=f"skinny_matmul_norm_{epilogue}")  # QKV and gate_up apart in a profile
     return (outs[0], outs[1]) if num_parts else (hidden, outs[0])
 
@@ -587,9 +597,9 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
         num_programs: programs launched, each looping over blocks when fewer than the blocks;
             None: `NORM_GEMV_TILES`, else one block a program.
         touch_pages: `(k_pages, v_pages, block_tables)` (`[kv_heads, pages, page_size, D]` twice, `[M, W]`),
-            or None: the first programs also read the key and value pages the tables name (one page of one KV
-            head a program, up to the program count), so that the attention kernel after this one finds them
-            in L2 (`jaxserve.model.PREFETCH_KV`). Changes no output.
+            or None: programs past the projection's also read the key and value pages the tables name (one page
+            of one KV head a program), so that the attention kernel after this one finds them in L2
+            (`jaxserve.model.PREFETCH_KV`). Changes no output.
         interpret: Pallas interpret mode; None picks it on the CPU backend.
 
     Example:
