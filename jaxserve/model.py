@@ -250,10 +250,12 @@ NORM_IN_PROJECTION = os.environ.get("JAXSERVE_NORM_IN_PROJECTION", "1") == "1"
 # is traced.
 O_IN_ATTENTION = os.environ.get("JAXSERVE_O_IN_ATTENTION", "1") == "1"
 # With o_proj in the attention (`_fold_o_proj`), the norm-folded QKV projection before it also reads the
-# layer's key and value pages its tables name (`skinny_matmul_norm(touch_pages=...)`), so the attention's
-# gather, the top stall of that kernel (Nsight Compute, session 42), finds them in L2 rather than in HBM,
-# where the step's weights evicted them. Off by default until timed; JAXSERVE_PREFETCH_KV=1 turns it on.
-PREFETCH_KV = os.environ.get("JAXSERVE_PREFETCH_KV", "0") == "1"
+# layer's key and value pages its tables name (`skinny_matmul_norm(touch_pages=...)`, in programs of their
+# own), so the attention's gather, the top stall of that kernel (Nsight Compute, session 42), finds them in
+# L2 rather than in HBM, where the step's weights evicted them. H200, session 42 (bench/results/decode_step.md):
+# attention 5.84 -> 5.46 µs, QKV 2.60 -> 2.71, batch-1 step 0.553 -> 0.546 ms. JAXSERVE_PREFETCH_KV=0 turns it
+# off. Read when a step is traced.
+PREFETCH_KV = os.environ.get("JAXSERVE_PREFETCH_KV", "1") == "1"
 # Decode steps of up to this many rows take the one-row step's kernels (norms folded into QKV and gate_up,
 # o_proj in the attention for short tables, down_proj and o_proj on the lane-wise path), each program
 # multiplying the weights it loads by every row (`skinny_matmul_norm`, `skinny_matmul(..., gemv=True)` take
