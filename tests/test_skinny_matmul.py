@@ -169,6 +169,16 @@ def check_gemv(rows, interpret, prefetch, epilogue, k, n, dtype, with_bias, spli
         assert relative_error(out[r], ref[r]) <= TOLERANCE[dtype], f"row {r}, seed={seed}"
 
 
+def one_row_norm_inputs(rng, k: int, n: int, dtype, with_bias: bool, parts: int) -> tuple:
+    """(hidden [1, K], partials [parts, 1, K] or None, scale [K], w [N, K], bias [N] or None) of a norm-folded case."""
+    hidden = jnp.asarray(rng.standard_normal((1, k)), dtype)
+    partials = jnp.asarray(rng.standard_normal((parts, 1, k)), jnp.float32) if parts else None
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, k), dtype)
+    w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), dtype)
+    bias = jnp.asarray(rng.standard_normal(n), dtype) if with_bias else None
+    return hidden, partials, scale, w, bias
+
+
 NORM_CASES = [  # (epilogue, K, N, dtype, bias, partials, block_n, num_programs)
     ("none", 896, 1152, jnp.bfloat16, True, 2, None, None),    # Qwen2.5-0.5B qkv after the down split's two
     ("swiglu", 896, 2 * 4864, jnp.bfloat16, False, 1, None, None),  # gate_up after o_proj
@@ -186,11 +196,7 @@ NORM_CASES = [  # (epilogue, K, N, dtype, bias, partials, block_n, num_programs)
     [*NORM_CASES[:2], ("swiglu", 896, 2 * 1160, jnp.bfloat16, False, 1, 4, 66), *NORM_CASES[3:]], NORM_CASES))
 def test_skinny_matmul_norm_matches_reference(interpret, epilogue, k, n, dtype, with_bias, parts, bn, programs):
     rng, seed = fresh_rng()
-    hidden = jnp.asarray(rng.standard_normal((1, k)), dtype)
-    partials = jnp.asarray(rng.standard_normal((parts, 1, k)), jnp.float32) if parts else None
-    scale = jnp.asarray(rng.uniform(0.5, 1.5, k), dtype)
-    w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), dtype)
-    bias = jnp.asarray(rng.standard_normal(n), dtype) if with_bias else None
+    hidden, partials, scale, w, bias = one_row_norm_inputs(rng, k, n, dtype, with_bias, parts)
     h, y = skinny_matmul_norm(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue,
                               block_n=bn, num_programs=programs, interpret=interpret)
     h_ref, y_ref = skinny_matmul_norm_reference(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue)
@@ -230,11 +236,7 @@ def test_skinny_matmul_norm_touching_pages_changes_no_output(interpret, epilogue
                                                              programs):
     # touch_pages (model.PREFETCH_KV) only reads the pages the tables name, ahead of the attention kernel.
     rng, seed = fresh_rng()
-    hidden = jnp.asarray(rng.standard_normal((1, k)), dtype)
-    partials = jnp.asarray(rng.standard_normal((parts, 1, k)), jnp.float32) if parts else None
-    scale = jnp.asarray(rng.uniform(0.5, 1.5, k), dtype)
-    w = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), dtype)
-    bias = jnp.asarray(rng.standard_normal(n), dtype) if with_bias else None
+    hidden, partials, scale, w, bias = one_row_norm_inputs(rng, k, n, dtype, with_bias, parts)
     pages = jnp.asarray(rng.standard_normal((2, 40, 16, 64)), dtype)
     table = jnp.asarray(rng.permutation(40)[:13][None, :].astype(np.int32))
     plain = skinny_matmul_norm(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue, block_n=bn,
