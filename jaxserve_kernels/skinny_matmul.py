@@ -34,7 +34,11 @@ programs may loop over blocks of rows, each loading the next block into register
 multiplies the current one, so the norm is derived once per program and a program keeps bytes in
 flight while it computes (gate_up: 8.6 -> 7.0 µs; session 15, with the tiles retiled: 0.618 ms).
 Triton's own software pipeline of that loop (`num_stages`, no register prefetch) was much slower
-(0.68-1.03 ms).
+(0.68-1.03 ms). A leaner one-row kernel (K in chunks so each row's sum stays in one warp, one-instruction
+bf16 widening: a half to a third of the instructions) was 20-55% slower a launch (session 42): these
+programs are bound by their chain to the first product and by how many run at once, not by issue.
+`skinny_matmul_norm(touch_pages=...)` also reads the pages of the attention after it, in programs of
+their own past the projection's (`jaxserve.model.PREFETCH_KV`).
 By default the lane-wise path takes one row: with 2-16 rows (each row's products summed every
 iteration) it lost to the tensor-core path at every batch (session 15: 0.793 vs 0.757 ms at 2 rows,
 3.1 vs 0.79 at 16; bench/results/decode_step.md). Asked for (`gemv=True`), it takes up to
@@ -474,7 +478,7 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
             v = v_pages_ref[rest // width, page].astype(jnp.float32)
             touch_ref[pl.ds(t, 1)] = jnp.full((1,), jnp.sum(k) + jnp.sum(v), jnp.float32)
 
-    def work():
+    def work():  # the projection's program
         rows, k_total = h_ref.shape
         k_ok = jnp.arange(block_k) < k_total
         halves = (0, n_out) if epilogue == "swiglu" else (0,)
