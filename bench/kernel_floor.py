@@ -3,13 +3,16 @@
 Why: issue 8 asks for the 0.5B decode step within 2x of its byte roofline, and at one row that step is a chain of
 ~4 dependent kernels a layer (96 a step) that each stream 2-17 MB of weights. If every kernel of such a chain pays a
 fixed cost besides its bytes, the step cannot go below `kernels x fixed + bytes / bandwidth`, whatever the kernels
-do inside. This measures that line with XLA's own matrix-vector product (a row reduction, the fastest one-row
-projection of session 14's table): for each size, `--matrices` distinct `[rows, 896]` bf16 matrices (together far
-beyond the 50 MB L2), multiplied in one jitted loop, each product's vector taken from the one before it, so every
-kernel waits for the previous one as the decode step's do. Reported: µs a kernel (median of `--rounds`), its bytes
-over that time, and a least-squares line `µs = fixed + MB / rate` over the sizes.
+do inside. This measures that line for two chains: for each size, `--matrices` distinct bf16 matrices (together far
+beyond the 50 MB L2) in one jitted loop, every kernel taking its input from the one before it as the decode step's
+do. "xla": XLA's own matrix-vector product on `[rows, 896]` (a row reduction; it splits some into two kernels, which
+the table's kernel count shows). "stream": a Pallas Triton kernel that only streams its bytes (`--stream-rows` rows of
+4,096 a program, one sum a program), the least a kernel of our toolchain pays. Reported: µs a kernel (median of
+`--rounds`), its bytes over that time, the loop body's kernels in the compiled HLO, and a least-squares line
+`µs = fixed + MB / rate` over the sizes. H200, session 42 (bench/results/decode_step.md): stream, 16 KiB programs,
+2.62 µs + MB / 3.72 TB/s.
 
-    python bench/kernel_floor.py                      # GPU
+    python bench/kernel_floor.py --chains stream --stream-rows 2 8   # GPU
     python bench/kernel_floor.py --sizes-mb 0.1 0.5 --matrices 4 --reps 2   # CPU smoke run
 """
 
