@@ -19,6 +19,7 @@ the table's kernel count shows). "stream": a Pallas Triton kernel that only stre
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import statistics
@@ -53,8 +54,9 @@ def launches_per_iteration(compiled_text: str) -> int:
                if re.search(r" (fusion|custom-call)\(", line))
 
 
-def _time_chain(body, v0: jax.Array, reps: int, matrices: int, rounds: int) -> tuple[float, int]:
-    """(µs a kernel, kernels a loop iteration) of `reps` iterations of `body` (one kernel a matrix) in one jitted loop."""
+def _time_chain(body, v0: jax.Array, mats: list[jax.Array], reps: int, rounds: int) -> tuple[float, int, float]:
+    """(µs a kernel, kernels a loop iteration, MB a kernel streams) of `reps` iterations of `body` (one kernel a matrix
+    of `mats`) in one jitted loop."""
     f = jax.jit(lambda v: lax.fori_loop(0, reps, body, v)).lower(v0).compile()
     launches = launches_per_iteration(f.as_text())
     jax.block_until_ready(f(v0))
@@ -63,12 +65,12 @@ def _time_chain(body, v0: jax.Array, reps: int, matrices: int, rounds: int) -> t
         start = time.perf_counter()
         jax.block_until_ready(f(v0))
         times.append(time.perf_counter() - start)
-    return statistics.median(times) / (reps * matrices) * 1e6, launches
+    return statistics.median(times) / (reps * len(mats)) * 1e6, launches, mats[0].nbytes / 1e6
 
 
-def chain_us(size_mb: float, matrices: int, reps: int, rounds: int) -> tuple[float, int]:
-    """(µs a kernel, kernels a loop iteration) of a chain of dependent matrix-vector products over `size_mb` MB
-    matrices."""
+def chain_us(size_mb: float, matrices: int, reps: int, rounds: int) -> tuple[float, int, float]:
+    """(µs a kernel, kernels a loop iteration, MB a kernel) of a chain of dependent matrix-vector products over
+    `size_mb` MB matrices (whole rows of 896)."""
     rows = max(1, int(size_mb * 1e6 / (K * 2)))
     keys = jax.random.split(jax.random.key(0), matrices)
     ws = [jax.random.normal(k, (rows, K), jnp.bfloat16) for k in keys]
@@ -79,8 +81,7 @@ def chain_us(size_mb: float, matrices: int, reps: int, rounds: int) -> tuple[flo
             v = v + 1e-9 * y[0]
         return v
 
-    v0 = jnp.ones((K,), jnp.float32)
-    return _time_chain(body, v0, reps, matrices, rounds)
+    return _time_chain(body, jnp.ones((K,), jnp.float32), ws, reps, rounds)
 
 
 def _stream_kernel(prev_ref, x_ref, o_ref):
@@ -90,7 +91,7 @@ def _stream_kernel(prev_ref, x_ref, o_ref):
     o_ref[...] = jnp.full(o_ref.shape, jnp.sum(block), jnp.float32) + prev_ref[...] * 0
 
 
-def stream_chain_us(size_mb: float, matrices: int, reps: int, rounds: int, rows: int = 2) -> tuple[float, int]:
+def stream_chain_us(size_mb: float, matrices: int, reps: int, rounds: int, rows: int = 2) -> tuple[float, int, float]:
     """The same chain with a Pallas Triton kernel that only streams its bytes (`rows` x 8 KiB a program, one sum a
     program): what a kernel of our own toolchain pays at the least, besides its bytes."""
     from jax.experimental import pallas as pl
@@ -113,8 +114,7 @@ def stream_chain_us(size_mb: float, matrices: int, reps: int, rounds: int, rows:
             v = call(v, x)
         return v
 
-    v0 = jnp.zeros((blocks, 16), jnp.float32)
-    return _time_chain(body, v0, reps, matrices, rounds)
+    return _time_chain(body, jnp.zeros((blocks, 16), jnp.float32), xs, reps, rounds)
 
 
 def main() -> None:
@@ -127,13 +127,11 @@ def main() -> None:
     ap.add_argument("--stream-rows", type=int, nargs="+", default=[2], help="8 KiB rows a streaming program")
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    chains = [("xla", "XLA matrix-vector products ([rows, 896] bf16)", chain_us,
-               lambda mb: max(1, int(mb * 1e6 / (K * 2))) * K * 2 / 1e6)]
+    chains = [("xla", "XLA matrix-vector products ([rows, 896] bf16)", chain_us)]
     for rows in args.stream_rows:
         chains.append(("stream", f"Pallas Triton streaming sums ({rows * 8} KiB a program)",
-                       lambda mb, m, r, n, rows=rows: stream_chain_us(mb, m, r, n, rows=rows),
-                       lambda mb, rows=rows: max(1, int(mb * 1e6 / (rows * 4096 * 2))) * rows * 4096 * 2 / 1e6))
-    for chain, name, timer, bytes_of in chains:
+                       functools.partial(stream_chain_us, rows=rows)))
+    for chain, name, timer in chains:
         if chain not in args.chains:
             continue
         print(f"\n{name}\n")
@@ -141,8 +139,7 @@ def main() -> None:
         print("|---|---|---|---|")
         xs, ys = [], []
         for mb in args.sizes_mb:
-            us, launches = timer(mb, args.matrices, args.reps, args.rounds)
-            real_mb = bytes_of(mb)
+            us, launches, real_mb = timer(mb, args.matrices, args.reps, args.rounds)
             xs.append(real_mb)
             ys.append(us)
             print(f"| {real_mb:.2f} | {us:.2f} | {real_mb * 1e3 / us:.0f} | {launches} |", flush=True)

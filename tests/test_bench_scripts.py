@@ -107,8 +107,8 @@ def test_kernel_floor_times_a_chain_and_counts_its_loop_kernels():
     sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
     from bench.kernel_floor import chain_us, launches_per_iteration
 
-    us, launches = chain_us(0.05, matrices=3, reps=2, rounds=1)
-    assert us > 0 and launches >= 3
+    us, launches, mb = chain_us(0.05, matrices=3, reps=2, rounds=1)
+    assert us > 0 and launches >= 3 and mb == 27 * 896 * 2 / 1e6  # whole rows of 896: 27 of them
     text = "ENTRY %main (a: f32[]) -> f32[] {\n  %w = while(%t), condition=%cond, body=%body.1\n}\n" \
            "%body.1 (p: (s32[])) -> (s32[]) {\n  %f = f32[] fusion(%p), kind=kLoop\n" \
            "  %c = f32[] custom-call(%f), custom_call_target=\"x\"\n}\n"
