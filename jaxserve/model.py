@@ -645,13 +645,14 @@ class Attention(nn.Module):
             out = out.reshape(b, s, h * d)
             o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
             return o_proj(out, fused=lambda kernel, _: _accumulate(out, kernel, x)), kv
+        fold_o = norm is not None and _fold_o_proj(paged, kv)
         if norm is not None:
-            touch = (kv[0], kv[1], paged.block_tables) if PREFETCH_KV and _fold_o_proj(paged, kv) else None
+            touch = (kv[0], kv[1], paged.block_tables) if PREFETCH_KV and fold_o else None
             x, qkv = qkv_proj(x, fast, norm=norm, touch_pages=touch)
         else:
             qkv = qkv_proj(x, fast, tiling=QKV_SKINNY_TILING)
         o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
-        if norm is not None and _fold_o_proj(paged, kv):
+        if fold_o:
             # o_proj inside the attention kernel; its per-KV-head partials go to the next norm.
             partials, kv = o_proj(jax.ShapeDtypeStruct((b, s, h * d), self.dtype),
                                   fused=lambda wo, _: _attend_fused_decode(qkv, cos, sin, kv, paged, cfg, wo))

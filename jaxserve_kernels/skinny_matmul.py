@@ -459,7 +459,7 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
     p_ref = refs.pop(0) if num_parts else None
     scale_ref, w_ref = refs.pop(0), refs.pop(0)
     b_ref = refs.pop(0) if has_bias else None
-    table_ref, k_pages_ref, v_pages_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if touch_tiles else (None,) * 3
+    k_pages_ref, v_pages_ref, table_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if touch_tiles else (None,) * 3
     h_out_ref = refs.pop(0) if num_parts else None
     o_ref = refs.pop(0)
     touch_ref = refs.pop(0) if touch_tiles else None
@@ -566,7 +566,7 @@ def _norm_gemv(hidden, partials, scale, w, bias, touch_pages=None, *, eps: float
                                n_out=n_out, num_programs=num_programs, hoist=hoist, touch_tiles=touch_tiles)
     args = [hidden] + ([partials] if num_parts else []) + [scale, w] + ([bias] if bias is not None else [])
     if touch_tiles:
-        args += [touch_pages[2], touch_pages[0], touch_pages[1]]
+        args += list(touch_pages)
     out_shape = ([jax.ShapeDtypeStruct(hidden.shape, hidden.dtype)] if num_parts else []) \
         + [jax.ShapeDtypeStruct((hidden.shape[0], n_out), hidden.dtype)] \
         + ([jax.ShapeDtypeStruct((touch_tiles,), jnp.float32)] if touch_tiles else [])
