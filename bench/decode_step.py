@@ -511,6 +511,7 @@ def run_variant(args) -> list[dict]:
     norm_fold = model_module.NORM_IN_PROJECTION
     o_in_attention = model_module.O_IN_ATTENTION
     prefetch_kv = model_module.PREFETCH_KV
+    merge_qkv, merge_qkv_tiling = model_module.MERGE_QKV_ATTENTION, model_module.QKV_ATTENTION_TILING
     layouts = {glue: "kn" if glue == "kn" else "nk" if glue in NK_TILINGS else default_layout
                for glue in args.glue}
     by_layout = {layout: model_module.convert_weight_layout(params, default_layout, layout)
@@ -590,6 +591,13 @@ def run_variant(args) -> list[dict]:
             # "prefetch_kv" / "no_prefetch_kv": the one-row QKV projection reads the attention's pages ahead of it
             # (model.PREFETCH_KV), or not.
             model_module.PREFETCH_KV = {"prefetch_kv": True, "no_prefetch_kv": False}.get(glue, prefetch_kv)
+            # "merge_qkv[_b<N>][_o<R>]": QKV and the attention + o_proj as one launch (model.MERGE_QKV_ATTENTION),
+            # its projection programs N weight rows each and its attention programs R rows of Wo; "no_merge_qkv": off.
+            merge = glue.startswith("merge_qkv")
+            model_module.MERGE_QKV_ATTENTION = merge or (glue != "no_merge_qkv" and merge_qkv)
+            model_module.QKV_ATTENTION_TILING = (
+                {{"b": "block_n", "o": "o_rows"}[part[0]]: int(part[1:]) for part in glue.split("_")[2:]}
+                if merge else merge_qkv_tiling)
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
             # "cb_*": how XLA orders a command buffer's kernels (xla_gpu_command_buffer_scheduling_mode:
             # serialized, concurrent where the data allows, or the latency-hiding scheduler's order);
@@ -774,7 +782,9 @@ def main() -> None:
                                                              "swiglu_approx", "swiglu_exact", "pick_wave_fit", "pick_ceil", *CB_OPTIONS,
                                                              "head_b112", "head_b120", "head_b136", "head_b192", "head_b256",
                                                              "unroll2", "unroll4", "unroll8", "halves", "split_one_stage", "fold1", "fold4", "prefetch_kv",
-                                                             "no_prefetch_kv"],
+                                                             "no_prefetch_kv", "no_merge_qkv", "merge_qkv",
+                                                             "merge_qkv_b8", "merge_qkv_b16", "merge_qkv_b16_o32",
+                                                             "merge_qkv_b8_o32", "merge_qkv_b4_o32", "merge_qkv_b64_o32"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -75,15 +75,19 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                   precision, act_dtype, merge_in_kernel: bool = False, interpret: bool = False,
                   o_rows: int = 0, prefetch_wo: bool = False, rot_input: bool = False,
                   joint_rope: bool = False, early_gather: bool = False, ftz: bool = False,
-                  lean: bool = False):
+                  lean: bool = False, program=None, qkv_ready=None):
+    """One program. `program`: its (sequence, KV head, split or block of o's rows) when a kernel of its own runs
+    it (`jaxserve_kernels.qkv_attention`), else the grid's ids. `qkv_ready`: called once the program has issued
+    everything that does not read `qkv_ref` (the first key block's gather, Wo's rows), before its first read
+    of it: the producer of qkv may still be running."""
     wo_ref, refs = (refs[0], refs[1:]) if o_rows else (None, refs)
     rot_ref, refs = (refs[0], refs[1:]) if rot_input else (None, refs)
     (o_ref, lse_ref, out_ref, counter_ref), (k_out_ref, v_out_ref) = split_refs(
         refs, num_splits, merge_in_kernel)
-    seq, head = pl.program_id(0), pl.program_id(1)
+    seq, head, axis2 = (pl.program_id(0), pl.program_id(1), pl.program_id(2)) if program is None else program
     # With the output projection folded in (`o_rows`), the third grid axis is the block of o's
     # rows a program computes; each program of a (sequence, KV head) redoes the same attention.
-    split, chunk = (0, pl.program_id(2)) if o_rows else (pl.program_id(2), 0)
+    split, chunk = (0, axis2) if o_rows else (axis2, 0)
     table_pages = block_table_ref.shape[0]
     page_size, head_dim = k_pages_ref.shape[-2], k_pages_ref.shape[-1]
     pool_dtype = k_pages_ref.dtype
@@ -117,6 +121,18 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         # written (NaN): that block is computed and then discarded by a select.
         first_block = key_block(0, clamp_pages=True)
 
+    if o_rows:
+        o_cols = chunk * o_rows + jnp.arange(o_rows)
+        o_ok = o_cols < wo_ref.shape[0]
+
+        def wo_rows(g):  # Wo[chunk's rows, query head (head * group + g)'s columns]: [o_rows, D]
+            return compat.load(wo_ref.at[pl.ds(chunk * o_rows, o_rows), pl.ds((head * group + g) * head_dim, head_dim)],
+                               mask=o_ok[:, None], other=0)
+
+    # Waiting on qkv's producer, the program has its Wo rows in flight too.
+    wos = [wo_rows(g) for g in range(group)] if o_rows and prefetch_wo and qkv_ready is not None else None
+    if qkv_ready is not None:
+        qkv_ready()
     v_new = qkv_ref[seq, num_heads + kv_heads + head, :].astype(act_dtype).astype(pool_dtype)
     cos = cos_ref[seq, :][None, :]
     sin = sin_ref[seq, :][None, :]
@@ -184,16 +200,9 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         return online_softmax_step(carry, q, k, v, None, valid[None, :], scale=logit_scale,
                                    precision=precision, select_p=not lean, ftz=ftz, interpret=interpret)
 
-    if o_rows:
-        o_cols = chunk * o_rows + jnp.arange(o_rows)
-        o_ok = o_cols < wo_ref.shape[0]
-
-        def wo_rows(g):  # Wo[chunk's rows, query head (head * group + g)'s columns]: [o_rows, D]
-            return compat.load(wo_ref.at[pl.ds(chunk * o_rows, o_rows), pl.ds((head * group + g) * head_dim, head_dim)],
-                               mask=o_ok[:, None], other=0)
-
+    if o_rows and prefetch_wo and wos is None:
         # Loaded before the attention, the weights are in flight while it runs (registers held).
-        wos = [wo_rows(g) for g in range(group)] if prefetch_wo else None
+        wos = [wo_rows(g) for g in range(group)]
     carry = (acc0, m0, l0)
     if early_gather:
         has_first = num_iters >= 1

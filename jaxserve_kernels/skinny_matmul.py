@@ -452,6 +452,85 @@ NORM_GEMV_TILES: dict[str, dict[str, int]] = {"none": {"block_n": 4},
 NORM_GEMV_HOIST = True
 
 
+def norm_gemv_program(pid, h_ref, p_ref, scale_ref, w_ref, b_ref, h_out_ref, o_ref, *, num_parts: int, eps: float,
+                      epilogue: str, block_n: int, block_k: int, n_out: int, num_programs: int, hoist: bool = False,
+                      head_dim: int = 0) -> None:
+    """One program of `skinny_matmul_norm`'s projection (`pid` < `num_programs`), for kernels that run it beside
+    programs of their own (`jaxserve_kernels.qkv_attention`). `p_ref`, `h_out_ref`: None without partials; `b_ref`:
+    None without a bias. `head_dim` > 0: `o_ref` is `[M, N / head_dim, head_dim]` (the attention's view of a QKV
+    projection; `block_n` divides `head_dim`), else `[M, N]`."""
+    has_bias = b_ref is not None
+
+    def tile_at(r: int, block):
+        if not head_dim:
+            return (pl.ds(r, 1), pl.ds(block * block_n, block_n))
+        col0 = block * block_n
+        return (pl.ds(r, 1), col0 // head_dim, pl.ds(col0 % head_dim, block_n))
+
+    rows, k_total = h_ref.shape
+    k_ok = jnp.arange(block_k) < k_total
+    halves = (0, n_out) if epilogue == "swiglu" else (0,)
+    num_blocks = pl.cdiv(n_out, block_n)
+
+    def load_rows(block):
+        col_ok = block * block_n + jnp.arange(block_n) < n_out
+        return tuple(compat.load(w_ref.at[pl.ds(offset + block * block_n, block_n), pl.ds(0, block_k)],
+                                 mask=col_ok[:, None] & k_ok[None, :], other=0) for offset in halves)
+
+    # The weight rows first: they do not depend on the norm, so their loads are in flight while
+    # the program sums the residual and its statistics.
+    ws = load_rows(pid)
+    one_block = num_programs >= num_blocks
+    if hoist:
+        scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
+    bias = None
+    if hoist and has_bias and one_block:
+        bias_ok = pid * block_n + jnp.arange(block_n) < n_out
+        bias = compat.load(b_ref.at[pl.ds(pid * block_n, block_n)], mask=bias_ok, other=0)
+    dtype = h_ref.dtype
+
+    def normed_row(r: int):
+        row = jnp.int32(r)  # a traced index: interpret mode's discharge wants one, not a Python int
+        h = compat.load(h_ref.at[row, pl.ds(0, block_k)], mask=k_ok, other=0)
+        if num_parts:  # add_rms_norm's sum and roundings, redone by every program (an L2-resident row)
+            parts = [compat.load(p_ref.at[jnp.int32(i), row, pl.ds(0, block_k)], mask=k_ok, other=0)
+                     for i in range(num_parts)]
+            delta = functools.reduce(jnp.add, parts)
+            h = (h.astype(jnp.float32) + delta.astype(dtype).astype(jnp.float32)).astype(dtype)
+            compat.store(h_out_ref.at[row, pl.ds(0, block_k)], h, mask=k_ok & (pid == 0))
+        hf = h.astype(jnp.float32)
+        return (hf * lax.rsqrt(jnp.sum(hf * hf) / k_total + eps)).astype(dtype)
+
+    normed = [normed_row(r) for r in range(rows)]
+    if not hoist:
+        scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
+    xs = [(scale.astype(jnp.float32) * n.astype(jnp.float32)).astype(dtype).astype(jnp.float32) for n in normed]
+
+    def emit(block, ws, bias=None):
+        cols_at = pl.ds(block * block_n, block_n)
+        col_ok = block * block_n + jnp.arange(block_n) < n_out
+        wf = tuple(w.astype(jnp.float32) for w in ws)
+        for r, x in enumerate(xs):  # each weight block loaded once for every row
+            accs = tuple(jnp.sum(w * x[None, :], axis=1)[None, :] for w in wf)
+            _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=tile_at(r, block),
+                          mask=col_ok[None, :], cols_at=cols_at, col_ok=col_ok, bias=bias)
+
+    if one_block:  # one block a program
+        emit(pid, ws, bias)
+        return
+
+    # Fewer programs than blocks: program p takes blocks p, p + P, p + 2P, ..., the next block's
+    # rows loaded (into registers) before this one's are multiplied, so every program keeps a
+    # block of weights in flight while it computes, and derives the norm once for all its blocks.
+    def body(i, ws):
+        block = pid + i * num_programs
+        nxt = load_rows(block + num_programs)  # past the last block: masked, loads nothing
+        emit(block, ws)
+        return nxt
+
+    lax.fori_loop(0, pl.cdiv(num_blocks - pid, num_programs), body, ws)
+
+
 def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, has_bias: bool,
                       block_n: int, block_k: int, n_out: int, num_programs: int, hoist: bool = False,
                       touch_tiles: int = 0):
@@ -479,68 +558,9 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
             touch_ref[pl.ds(t, 1)] = jnp.full((1,), jnp.sum(k) + jnp.sum(v), jnp.float32)
 
     def work():  # the projection's program
-        rows, k_total = h_ref.shape
-        k_ok = jnp.arange(block_k) < k_total
-        halves = (0, n_out) if epilogue == "swiglu" else (0,)
-        num_blocks = pl.cdiv(n_out, block_n)
-
-        def load_rows(block):
-            col_ok = block * block_n + jnp.arange(block_n) < n_out
-            return tuple(compat.load(w_ref.at[pl.ds(offset + block * block_n, block_n), pl.ds(0, block_k)],
-                                     mask=col_ok[:, None] & k_ok[None, :], other=0) for offset in halves)
-
-        # The weight rows first: they do not depend on the norm, so their loads are in flight while
-        # the program sums the residual and its statistics.
-        ws = load_rows(pid)
-        one_block = num_programs >= num_blocks
-        if hoist:
-            scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
-        bias = None
-        if hoist and has_bias and one_block:
-            bias_ok = pid * block_n + jnp.arange(block_n) < n_out
-            bias = compat.load(b_ref.at[pl.ds(pid * block_n, block_n)], mask=bias_ok, other=0)
-        dtype = h_ref.dtype
-
-        def normed_row(r: int):
-            row = jnp.int32(r)  # a traced index: interpret mode's discharge wants one, not a Python int
-            h = compat.load(h_ref.at[row, pl.ds(0, block_k)], mask=k_ok, other=0)
-            if num_parts:  # add_rms_norm's sum and roundings, redone by every program (an L2-resident row)
-                parts = [compat.load(p_ref.at[jnp.int32(i), row, pl.ds(0, block_k)], mask=k_ok, other=0)
-                         for i in range(num_parts)]
-                delta = functools.reduce(jnp.add, parts)
-                h = (h.astype(jnp.float32) + delta.astype(dtype).astype(jnp.float32)).astype(dtype)
-                compat.store(h_out_ref.at[row, pl.ds(0, block_k)], h, mask=k_ok & (pid == 0))
-            hf = h.astype(jnp.float32)
-            return (hf * lax.rsqrt(jnp.sum(hf * hf) / k_total + eps)).astype(dtype)
-
-        normed = [normed_row(r) for r in range(rows)]
-        if not hoist:
-            scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
-        xs = [(scale.astype(jnp.float32) * n.astype(jnp.float32)).astype(dtype).astype(jnp.float32) for n in normed]
-
-        def emit(block, ws, bias=None):
-            cols_at = pl.ds(block * block_n, block_n)
-            col_ok = block * block_n + jnp.arange(block_n) < n_out
-            wf = tuple(w.astype(jnp.float32) for w in ws)
-            for r, x in enumerate(xs):  # each weight block loaded once for every row
-                accs = tuple(jnp.sum(w * x[None, :], axis=1)[None, :] for w in wf)
-                _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=(pl.ds(r, 1), cols_at),
-                              mask=col_ok[None, :], cols_at=cols_at, col_ok=col_ok, bias=bias)
-
-        if one_block:  # one block a program
-            emit(pid, ws, bias)
-            return
-
-        # Fewer programs than blocks: program p takes blocks p, p + P, p + 2P, ..., the next block's
-        # rows loaded (into registers) before this one's are multiplied, so every program keeps a
-        # block of weights in flight while it computes, and derives the norm once for all its blocks.
-        def body(i, ws):
-            block = pid + i * num_programs
-            nxt = load_rows(block + num_programs)  # past the last block: masked, loads nothing
-            emit(block, ws)
-            return nxt
-
-        lax.fori_loop(0, pl.cdiv(num_blocks - pid, num_programs), body, ws)
+        norm_gemv_program(pid, h_ref, p_ref, scale_ref, w_ref, b_ref, h_out_ref, o_ref, num_parts=num_parts, eps=eps,
+                          epilogue=epilogue, block_n=block_n, block_k=block_k, n_out=n_out,
+                          num_programs=num_programs, hoist=hoist)
 
     if touch_tiles:
         pl.when(pid < num_programs)(work)

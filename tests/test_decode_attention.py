@@ -372,6 +372,8 @@ def test_fused_decode_shape_errors_name_the_field():
     ("pallas", {}, "nk", "pallas+norm+o"),
     # The same, the QKV projection also reading the attention's pages ahead of it (model.PREFETCH_KV).
     ("pallas", {}, "nk", "pallas+norm+touch+o"),
+    # The same with QKV and the attention + o_proj as one launch (model.MERGE_QKV_ATTENTION).
+    ("pallas", {}, "nk", "pallas+norm+merge+o"),
     # The same over three rows (model.FOLD_MAX_ROWS 4, opt-in: each program's weights multiply every row).
     ("pallas", {}, "nk", "pallas+norm+rows3+o"),
 ])
@@ -391,13 +393,18 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
     monkeypatch.setattr(model_module, "NORM_IN_PROJECTION", fold)
     monkeypatch.setattr(model_module, "O_IN_ATTENTION", projections.endswith("+o"))
     monkeypatch.setattr(model_module, "PREFETCH_KV", "+touch" in projections)
+    merge = "+merge" in projections
+    monkeypatch.setattr(model_module, "MERGE_QKV_ATTENTION", merge)
     if projections.endswith("+o"):
         import importlib
 
         da = importlib.import_module("jaxserve_kernels.decode_attention")
+        qa = importlib.import_module("jaxserve_kernels.qkv_attention")
         fused_o = []
         monkeypatch.setattr(da, "fused_decode_attention_o",
                             lambda *a, _f=da.fused_decode_attention_o, **k: fused_o.append(1) or _f(*a, **k))
+        monkeypatch.setattr(qa, "fused_qkv_attention_o",
+                            lambda *a, _f=qa.fused_qkv_attention_o, **k: fused_o.append(1) or _f(*a, **k))
     if projections.endswith("+loop"):
         import importlib
 
@@ -453,8 +460,8 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
     logits, _ = jax.jit(lambda params, kv: model.apply(
         {"params": params}, jnp.asarray(new_tok), jnp.asarray(lengths[:, None], jnp.int32),
         kv=kv, paged=dec))(params, kv)
-    if fold:
-        assert len(folded) == 2 * cfg.num_hidden_layers  # qkv and gate_up of every layer
+    if fold:  # qkv and gate_up of every layer; merged, qkv runs inside the attention's launch
+        assert len(folded) == (1 if merge else 2) * cfg.num_hidden_layers
     if projections.endswith("+o"):
         assert len(fused_o) == cfg.num_hidden_layers
     # The dense pass over every row's tokens at once: causal, so row b's logits at its position lengths[b]
