@@ -75,7 +75,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                   precision, act_dtype, merge_in_kernel: bool = False, interpret: bool = False,
                   o_rows: int = 0, prefetch_wo: bool = False, rot_input: bool = False,
                   joint_rope: bool = False, early_gather: bool = False, ftz: bool = False,
-                  lean: bool = False, program=None, qkv_ready=None):
+                  lean: bool = False, program=None, qkv_ready=None, o_mma: bool = False):
     """One program. `program`: its (sequence, KV head, split or block of o's rows) when a kernel of its own runs
     it (`jaxserve_kernels.qkv_attention`), else the grid's ids. `qkv_ready`: called once the program has issued
     everything that does not read `qkv_ref` (the first key block's gather, Wo's rows), before its first read
@@ -212,6 +212,17 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     if o_rows:
         # o_proj's partial sum over this KV head's query heads, rounded as the unfused path rounds
         # the attention output (to the activations' dtype) before the product.
+        if o_mma:
+            # Every query row times each head's Wo columns on the tensor cores, row g kept from head g's
+            # product: one reduction across rows at the end instead of one a head (`O_PRODUCT`).
+            attn = out.astype(act_dtype)
+            tot = jnp.zeros((block_rows, o_rows), jnp.float32)
+            for g in range(group):
+                w = wos[g] if prefetch_wo else wo_rows(g)
+                prod = compat.dot(attn.astype(w.dtype), w, trans_b=True, precision=precision)  # [rows, o_rows]
+                tot += jnp.where((rows == g)[:, None], prod, 0.0)
+            compat.store(o_ref.at[head, seq, pl.ds(chunk * o_rows, o_rows)], jnp.sum(tot, axis=0), mask=o_ok)
+            return
         attn = out.astype(act_dtype).astype(jnp.float32)
         acc = jnp.zeros((o_rows, head_dim), jnp.float32)
         for g in range(group):
@@ -237,12 +248,12 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine", "o_rows",
-    "prefetch_wo", "out_dtype", "rope_joint", "early_gather", "ftz", "lean", "live_rows"))
+    "prefetch_wo", "out_dtype", "rope_joint", "early_gather", "ftz", "lean", "live_rows", "o_mma"))
 def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo=None, *, scale: float,
            num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
            interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False, out_dtype=None,
            rope_joint: bool = False, early_gather: bool = False, ftz: bool = False, lean: bool = False,
-           live_rows: int | None = None):
+           live_rows: int | None = None, o_mma: bool = False):
     out_dtype = qkv.dtype if out_dtype is None else out_dtype
     batch, _, head_dim = qkv.shape
     live = batch if live_rows is None else live_rows  # grid rows: past them, padding nobody reads
@@ -261,7 +272,8 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
         scale=scale, precision=precision, act_dtype=out_dtype, merge_in_kernel=merge_in_kernel,
         interpret=interpret, o_rows=o_rows, prefetch_wo=prefetch_wo, rot_input=rot_input,
-        joint_rope=rot_input and group < block_rows, early_gather=early_gather, ftz=ftz, lean=lean)
+        joint_rope=rot_input and group < block_rows, early_gather=early_gather, ftz=ftz, lean=lean,
+        o_mma=o_mma and o_rows >= 16)  # a tensor-core product wants 16 columns
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -463,6 +475,12 @@ def default_num_stages(batch: int, table_pages: int, num_splits: int, pages_per_
 O_ROWS = 16
 O_PREFETCH_WO = True
 O_NUM_WARPS = 8
+# How a program of `fused_decode_attention_o` multiplies its attention rows by Wo: "lanes" (each head's row
+# picked out of the group's tile by a reduction across rows, then multiplied lane-wise: one cross-warp
+# reduction a head) or "mma" (the whole tile times each head's Wo columns on the tensor cores, head g's row
+# kept by a select, one reduction at the end; blocks of at least 16 rows). JAXSERVE_O_PRODUCT sets it. Read
+# when a step is traced.
+O_PRODUCT = os.environ.get("JAXSERVE_O_PRODUCT", "lanes")
 
 
 def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
@@ -529,7 +547,7 @@ def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_p
                   interpret=interpret, combine="pallas", o_rows=o_rows,
                   prefetch_wo=O_PREFETCH_WO if prefetch_wo is None else bool(prefetch_wo),
                   rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER, ftz=_paged.FTZ_EXP2,
-                  lean=_paged.LEAN_SOFTMAX)
+                  lean=_paged.LEAN_SOFTMAX, o_mma=O_PRODUCT == "mma")
 
 
 def fused_decode_attention_o_reference(qkv, cos, sin, k_pages, v_pages, block_tables, lengths,

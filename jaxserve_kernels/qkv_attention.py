@@ -200,7 +200,7 @@ def fused_qkv_attention_o(hidden: jax.Array, partials: jax.Array | None, norm_sc
                           v_pages: jax.Array, block_tables: jax.Array, lengths: jax.Array, slot_mapping: jax.Array,
                           wo: jax.Array, counter: jax.Array, *, eps: float, scale: float | None = None,
                           block_n: int | None = None, o_rows: int | None = None, num_warps: int | None = None,
-                          interpret: bool | None = None):
+                          pages_per_block: int | None = None, interpret: bool | None = None):
     """`skinny_matmul_norm` (QKV) then `fused_decode_attention_o` on its output, in one launch.
 
     Args:
@@ -213,6 +213,7 @@ def fused_qkv_attention_o(hidden: jax.Array, partials: jax.Array | None, norm_sc
         eps: the norm's epsilon; scale: the logits' (None: head_dim ** -0.5).
         block_n: weight rows a projection program (a divisor of head_dim; None: `QKV_BLOCK_N`).
         o_rows, num_warps: as `fused_decode_attention_o` (None: its defaults).
+        pages_per_block: pages a key block of the attention (a power of two; None: the whole table in one).
         interpret: Pallas interpret mode; None picks it on the CPU backend.
 
     Returns:
@@ -270,7 +271,7 @@ def fused_qkv_attention_o(hidden: jax.Array, partials: jax.Array | None, norm_sc
     return _fused(hidden, None if partials is None else partials.astype(jnp.float32), norm_scale, w_qkv, b_qkv,
                   cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo, counter, eps=float(eps),
                   scale=float(head_dim ** -0.5 if scale is None else scale), block_n=block_n, o_rows=o_rows,
-                  pages_per_block=compat.next_pow2(table_pages), num_warps=num_warps or _da.O_NUM_WARPS,
+                  pages_per_block=pages_per_block or compat.next_pow2(table_pages), num_warps=num_warps or _da.O_NUM_WARPS,
                   interpret=interpret)
 
 

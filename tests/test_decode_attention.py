@@ -205,6 +205,28 @@ def test_fused_decode_o_matches_reference(interpret, num_heads, kv_heads, head_d
 
 
 @pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,table_pages,dtype,n_out,o_rows", [
+    (14, 2, 64, 13, jnp.bfloat16, 896, 16),  # Qwen2.5-0.5B at batch-1 decode
+    (8, 1, 128, 5, jnp.float32, 100, 32),    # GQA 8, N not a multiple of the rows
+    (4, 4, 64, 3, jnp.float32, 48, 8),       # blocks under 16 rows keep the lane-wise product
+])
+def test_fused_decode_o_tensor_core_product_matches_reference(interpret, num_heads, kv_heads, head_dim, table_pages,
+                                                              dtype, n_out, o_rows, monkeypatch):
+    """o_proj's product of the folded kernel on the tensor cores (decode_attention.O_PRODUCT "mma")."""
+    monkeypatch.setattr(decode_attention, "O_PRODUCT", "mma")
+    rng, seed = fresh_rng()
+    args = fused_case(rng, batch=3, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, page_size=16,
+                      table_pages=table_pages, dtype=dtype, lengths=[0, 1, int(rng.integers(2, table_pages * 16 + 1))])
+    wo = jnp.asarray(rng.standard_normal((n_out, num_heads * head_dim)) / np.sqrt(num_heads * head_dim), dtype)
+    parts, k_new, v_new = fused_decode_attention_o(*args, wo, interpret=interpret, o_rows=o_rows)
+    ref, k_ref, v_ref = fused_decode_attention_o_reference(*args, wo)
+    assert not np.isnan(np.asarray(parts)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(parts, ref) <= TOLERANCE[dtype], f"seed={seed}"
+    np.testing.assert_array_equal(np.asarray(parts[:, 0]), 0.0, err_msg=f"length-0 row not zero, seed={seed}")
+    assert_cache_written(k_new, v_new, k_ref, v_ref, dtype, seed)
+
+
+@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("o_proj", [False, True], ids=["attention", "with-o"])
 def test_fused_decode_of_a_one_block_table_ignores_entries_past_each_row(interpret, o_proj):
     """A short table read in one iteration: entries past a row's pages name no page (huge or negative

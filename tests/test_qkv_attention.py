@@ -38,7 +38,8 @@ def merged_case(rng, *, batch, num_heads, kv_heads, head_dim, page_size, table_p
 def check_outputs(out, ref, args, dtype, seed) -> None:
     h, parts, k_new, v_new, counter = out
     h_ref, parts_ref, k_ref, v_ref, _ = ref
-    np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(h_ref, np.float32), err_msg=f"seed={seed}")
+    # XLA may keep the reference's sum in float32 past its bf16 rounding (excess precision), so not bitwise.
+    assert relative_error(h, h_ref) <= TOLERANCE[dtype], f"seed={seed}"
     assert parts.shape == parts_ref.shape and parts.dtype == jnp.float32
     assert not np.isnan(np.asarray(parts)).any(), f"NaN in output, seed={seed}"
     assert relative_error(parts.sum(0), parts_ref.sum(0)) <= TOLERANCE[dtype], f"seed={seed}"
@@ -56,14 +57,14 @@ def check_outputs(out, ref, args, dtype, seed) -> None:
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,table_pages,hidden,dtype,batch,parts,bias,block_n", [
-    (14, 2, 64, 16, 13, 896, jnp.bfloat16, 1, 2, True, 4),   # Qwen2.5-0.5B at batch-1 decode, 208 keys
-    (14, 2, 64, 16, 12, 896, jnp.bfloat16, 1, 2, True, 16),  # wider projection programs
-    (8, 1, 128, 8, 5, 256, jnp.float32, 3, 1, False, 8),     # GQA 8, three rows, no bias
-    (4, 4, 64, 32, 3, 128, jnp.float32, 2, 0, True, 64),     # no grouping, no partials
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,table_pages,hidden,dtype,batch,parts,bias,block_n,ppb", [
+    (14, 2, 64, 16, 13, 896, jnp.bfloat16, 1, 2, True, 4, None),  # Qwen2.5-0.5B at batch-1 decode, 208 keys
+    (14, 2, 64, 16, 12, 896, jnp.bfloat16, 1, 2, True, 16, 8),    # wider projection programs, two key blocks
+    (8, 1, 128, 8, 5, 256, jnp.float32, 3, 1, False, 8, None),    # GQA 8, three rows, no bias
+    (4, 4, 64, 32, 3, 128, jnp.float32, 2, 0, True, 64, 1),       # no grouping, no partials, one page a block
 ])
 def test_merged_matches_reference(interpret, num_heads, kv_heads, head_dim, page_size, table_pages, hidden, dtype,
-                                  batch, parts, bias, block_n):
+                                  batch, parts, bias, block_n, ppb):
     rng, seed = fresh_rng()
     lengths = [int(rng.integers(1, table_pages * page_size + 1))] if batch == 1 else \
         [0, 1, int(rng.integers(2, table_pages * page_size + 1))][:batch]
@@ -71,7 +72,7 @@ def test_merged_matches_reference(interpret, num_heads, kv_heads, head_dim, page
                        page_size=page_size, table_pages=table_pages, hidden=hidden, dtype=dtype, parts=parts,
                        bias=bias, lengths=lengths)
     ref = reference(*args, new_counter(), eps=1e-6)
-    out = fused_qkv_attention_o(*args, new_counter(), eps=1e-6, block_n=block_n, interpret=interpret)
+    out = fused_qkv_attention_o(*args, new_counter(), eps=1e-6, block_n=block_n, pages_per_block=ppb, interpret=interpret)
     check_outputs(out, ref, args, dtype, seed)
 
 
