@@ -81,7 +81,7 @@ QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits
 # --glue choices with o_proj inside the fused decode attention at one row (model.O_IN_ATTENTION),
 # with these jaxserve_kernels.decode_attention settings: Wo rows a program, Wo loaded before the attention.
 # "no_o_attn": o_proj apart (its own skinny matmul launch).
-O_TUNINGS = {"o_attn": {}, "o_mma": {"O_PRODUCT": "mma"}, "o_lanes": {"O_PRODUCT": "lanes"}, "o_attn_pf": {"O_ROWS": 8, "O_PREFETCH_WO": True}, "o_attn_r4": {"O_ROWS": 4, "O_PREFETCH_WO": False},
+O_TUNINGS = {"o_attn": {}, "o_attn_pf": {"O_ROWS": 8, "O_PREFETCH_WO": True}, "o_attn_r4": {"O_ROWS": 4, "O_PREFETCH_WO": False},
              "o_attn_r16": {"O_ROWS": 16, "O_PREFETCH_WO": False}, "o_attn_r32": {"O_ROWS": 32, "O_PREFETCH_WO": False},
              "o_attn_r16_pf": {"O_ROWS": 16, "O_PREFETCH_WO": True},
              **{f"o_attn_r{r}_pf_w{w}": {"O_ROWS": r, "O_PREFETCH_WO": True, "O_NUM_WARPS": w}
@@ -446,8 +446,7 @@ def run_variant(args) -> list[dict]:
     skinny_module = importlib.import_module("jaxserve_kernels.skinny_matmul")
     decode_attention_module = importlib.import_module("jaxserve_kernels.decode_attention")
     mgpu_module = importlib.import_module("jaxserve_kernels.skinny_matmul_mgpu")
-    o_defaults = {name: getattr(decode_attention_module, name) for name in ("O_ROWS", "O_PREFETCH_WO", "O_NUM_WARPS",
-                                                                            "O_PRODUCT")}
+    o_defaults = {name: getattr(decode_attention_module, name) for name in ("O_ROWS", "O_PREFETCH_WO", "O_NUM_WARPS")}
     from jaxserve.config import ModelConfig
     from jaxserve.model import init_params
     from jaxserve.runner import Runner, default_attention_impl
@@ -512,7 +511,6 @@ def run_variant(args) -> list[dict]:
     norm_fold = model_module.NORM_IN_PROJECTION
     o_in_attention = model_module.O_IN_ATTENTION
     prefetch_kv = model_module.PREFETCH_KV
-    merge_qkv, merge_qkv_tiling = model_module.MERGE_QKV_ATTENTION, model_module.QKV_ATTENTION_TILING
     layouts = {glue: "kn" if glue == "kn" else "nk" if glue in NK_TILINGS else default_layout
                for glue in args.glue}
     by_layout = {layout: model_module.convert_weight_layout(params, default_layout, layout)
@@ -592,14 +590,6 @@ def run_variant(args) -> list[dict]:
             # "prefetch_kv" / "no_prefetch_kv": the one-row QKV projection reads the attention's pages ahead of it
             # (model.PREFETCH_KV), or not.
             model_module.PREFETCH_KV = {"prefetch_kv": True, "no_prefetch_kv": False}.get(glue, prefetch_kv)
-            # "merge_qkv[_b<N>][_o<R>][_p<P>]": QKV and the attention + o_proj as one launch (model.MERGE_QKV_ATTENTION),
-            # its projection programs N weight rows each, its attention programs R rows of Wo and key blocks of P
-            # pages; "no_merge_qkv": off.
-            merge = glue.startswith("merge_qkv")
-            model_module.MERGE_QKV_ATTENTION = merge or (glue != "no_merge_qkv" and merge_qkv)
-            model_module.QKV_ATTENTION_TILING = (
-                {{"b": "block_n", "o": "o_rows", "p": "pages_per_block"}[part[0]]: int(part[1:]) for part in glue.split("_")[2:]}
-                if merge else merge_qkv_tiling)
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
             # "cb_*": how XLA orders a command buffer's kernels (xla_gpu_command_buffer_scheduling_mode:
             # serialized, concurrent where the data allows, or the latency-hiding scheduler's order);
@@ -784,11 +774,7 @@ def main() -> None:
                                                              "swiglu_approx", "swiglu_exact", "pick_wave_fit", "pick_ceil", *CB_OPTIONS,
                                                              "head_b112", "head_b120", "head_b136", "head_b192", "head_b256",
                                                              "unroll2", "unroll4", "unroll8", "halves", "split_one_stage", "fold1", "fold4", "prefetch_kv",
-                                                             "no_prefetch_kv", "no_merge_qkv", "merge_qkv",
-                                                             "merge_qkv_b8", "merge_qkv_b16", "merge_qkv_b16_o32",
-                                                             "merge_qkv_b8_o32", "merge_qkv_b4_o32", "merge_qkv_b64_o32",
-                                                             "merge_qkv_b8_o16_p8", "merge_qkv_b16_o32_p8",
-                                                             "merge_qkv_b8_o32_p8", "merge_qkv_b4_o32_p8"],
+                                                             "no_prefetch_kv"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

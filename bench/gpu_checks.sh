@@ -262,12 +262,6 @@
 #               tests, then the batch-1 step with it off / on at 192 and 64 keys, profiled (~250 s)
 #   kv42b       session 42: the same with the page reads in programs of their own past the projection's, 192 keys (~150 s)
 #   kv42c       session 42: PREFETCH_KV the default: the batch-1 step against it off at 192 and 64 keys, 9 rounds (~170 s)
-#   merge43     session 43: QKV and the attention + o_proj as one launch (qkv_attention): compiled tests, the 0.5B
-#               one-row step against the reference with it on, the batch-1 step off / on at four tilings (~300 s)
-#   omma43      session 43: o_proj's product in the one-row fused attention on the tensor cores (O_PRODUCT mma):
-#               compiled tests, then the batch-1 step against the lane-wise product at 192 and 64 keys (~250 s)
-#   merge43b    session 43: the same tests, and the merged kernel with 128-key blocks (124 registers: two programs an
-#               SM) against its best tiling of merge43 and the default (~250 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -852,22 +846,6 @@ for part in "${parts[@]}"; do
              --glue kernels prefetch_kv --rounds 7 --reps 10 --profile /tmp/kv42b ;;
     kv42c) for ctx in 192 64; do timeout 120 python3 bench/decode_step.py --batches 1 --context $ctx --variants default \
              --no-static --glue kernels no_prefetch_kv --rounds 9 --reps 10 --profile /tmp/kv42c_$ctx ; done ;;
-    merge43) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-               tests/test_qkv_attention.py ; \
-             JAXSERVE_MERGE_QKV_ATTENTION=1 timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" \
-               -m gpu tests/test_qwen_shapes.py -k "decode_step_matches_reference and 0.5B-1" ; \
-             timeout 200 python3 bench/decode_step.py --batches 1 --context 192 --variants default --no-static \
-               --glue kernels merge_qkv merge_qkv_b16 merge_qkv_b16_o32 merge_qkv_b8_o32 --rounds 7 --reps 10 \
-               --profile /tmp/merge43 ;;
-    merge43b) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-               tests/test_qkv_attention.py ; \
-             timeout 250 python3 bench/decode_step.py --batches 1 --context 192 --variants default --no-static \
-               --glue kernels merge_qkv_b16_o32 merge_qkv_b8_o16_p8 merge_qkv_b16_o32_p8 merge_qkv_b8_o32_p8 \
-               --rounds 7 --reps 10 --profile /tmp/merge43b ;;
-    omma43) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-              tests/test_decode_attention.py -k "tensor_core_product or o_matches" ; \
-            for ctx in 192 64; do timeout 150 python3 bench/decode_step.py --batches 1 --context $ctx --variants default \
-              --no-static --glue kernels o_mma --rounds 7 --reps 10 --profile /tmp/omma43_$ctx ; done ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

@@ -256,14 +256,6 @@ O_IN_ATTENTION = os.environ.get("JAXSERVE_O_IN_ATTENTION", "1") == "1"
 # attention 5.84 -> 5.46 µs, QKV 2.60 -> 2.71, batch-1 step 0.553 -> 0.546 ms. JAXSERVE_PREFETCH_KV=0 turns it
 # off. Read when a step is traced.
 PREFETCH_KV = os.environ.get("JAXSERVE_PREFETCH_KV", "1") == "1"
-# With o_proj in the attention (`_fold_o_proj`), the norm-folded QKV projection and that attention run as
-# one launch (`jaxserve_kernels.qkv_attention.fused_qkv_attention_o`): the attention's programs gather their
-# pages and load Wo's rows while the projection runs, then wait for it on a counter that the layers pass
-# along (one a forward pass). Only where its waiting programs leave a slot free (`qkv_attention.fits`).
-# QKV_ATTENTION_TILING: the kernel's `block_n` / `o_rows`. JAXSERVE_MERGE_QKV_ATTENTION=1 turns it on. Read
-# when a step is traced.
-MERGE_QKV_ATTENTION = os.environ.get("JAXSERVE_MERGE_QKV_ATTENTION", "0") == "1"
-QKV_ATTENTION_TILING: dict[str, int] = {}
 # Decode steps of up to this many rows take the one-row step's kernels (norms folded into QKV and gate_up,
 # o_proj in the attention for short tables, down_proj and o_proj on the lane-wise path), each program
 # multiplying the weights it loads by every row (`skinny_matmul_norm`, `skinny_matmul(..., gemv=True)` take
@@ -606,17 +598,6 @@ def _fold_o_proj(paged: PagedAttention, kv) -> bool:
     return O_IN_ATTENTION and paged.block_tables.shape[1] * page_size <= SINGLE_PASS_KEYS
 
 
-def _merge_qkv_attention(paged: PagedAttention | None, x: jax.Array, cfg: ModelConfig, kv) -> bool:
-    """Whether a forward pass runs each layer's QKV projection and attention + o_proj as one launch
-    (MERGE_QKV_ATTENTION): where the norms fold (_fold_norms), o_proj folds (_fold_o_proj, over a layer's
-    ``kv``) and the kernel's waiting programs fit the device (`jaxserve_kernels.qkv_attention.fits`)."""
-    if not (MERGE_QKV_ATTENTION and _fused_glue(paged, x) and _fold_norms(x) and _fold_o_proj(paged, kv)):
-        return False
-    from jaxserve_kernels.qkv_attention import fits
-
-    return fits(x.shape[0], cfg.num_key_value_heads, cfg.hidden_size)
-
-
 def _attend(qkv, cos, sin, lengths, kv, paged: PagedAttention | None, cfg: ModelConfig):
     """RoPE, then dense attention over the step's own tokens, or scatter + paged attention."""
     h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -643,14 +624,13 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, lengths, kv, paged: PagedAttention | None, glue: bool = False,
-                 norm: tuple | None = None, accumulate: tuple | None = None, sync: jax.Array | None = None):
+                 norm: tuple | None = None, accumulate: tuple | None = None):
         """The attention sublayer's output ``[B, S, hidden]``, or with ``glue`` the o_proj's
         K-split partial sums ``[splits, B, hidden]``; and the KV pages. With ``norm`` (the input
         norm's ``(partials, scale, eps)``, _fold_norms) ``x`` is the residual stream before that
         norm, and the new residual comes back third. With ``accumulate`` (the input norm's
         ``(None, scale, eps)``, _accumulate_glue) ``x`` is the float32 residual stream before the
-        norm, and ``(x + attention, kv)`` comes back. With ``sync`` (_merge_qkv_attention: the
-        merged kernel's counters) ``norm`` is given too, and ``(partials, kv, x, sync)`` comes back."""
+        norm, and ``(x + attention, kv)`` comes back."""
         cfg = self.config
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, s, _ = x.shape
@@ -665,20 +645,6 @@ class Attention(nn.Module):
             out = out.reshape(b, s, h * d)
             o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
             return o_proj(out, fused=lambda kernel, _: _accumulate(out, kernel, x)), kv
-        if sync is not None:  # QKV and the attention + o_proj as one launch
-            from jaxserve_kernels.qkv_attention import fused_qkv_attention_o
-
-            wo = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")(
-                jax.ShapeDtypeStruct((b, s, h * d), self.dtype), fused=lambda kernel, _: kernel)
-            partials, scale, eps = norm
-
-            def merged(w, bias):
-                return fused_qkv_attention_o(x.reshape(b * s, -1), partials, scale, w, bias, cos[:, 0], sin[:, 0],
-                                             kv[0], kv[1], paged.block_tables, paged.lengths,
-                                             paged.slot_mapping[:, 0], wo, sync, eps=eps, **QKV_ATTENTION_TILING)
-
-            new_x, parts, k_pages, v_pages, sync = qkv_proj(x, fused=merged)
-            return parts, (k_pages, v_pages), new_x.reshape(x.shape), sync
         fold_o = norm is not None and _fold_o_proj(paged, kv)
         if norm is not None:
             touch = (kv[0], kv[1], paged.block_tables) if PREFETCH_KV and fold_o else None
@@ -738,7 +704,7 @@ class DecoderLayer(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, lengths, kv, paged, pending=None, sync=None):
+    def __call__(self, x, cos, sin, lengths, kv, paged, pending=None):
         eps = self.config.rms_norm_eps
         attn = Attention(self.config, self.dtype, name="self_attn")
         mlp = MLP(self.config, self.dtype, name="mlp")
@@ -747,11 +713,6 @@ class DecoderLayer(nn.Module):
         if _accumulate_glue(paged, x, self.config, self.dtype):  # x: the float32 stream
             x, kv = attn(x, cos, sin, lengths, kv, paged, accumulate=input_norm(x, folded=True))
             return mlp(x, accumulate=post_norm(x, folded=True)), None, kv
-        if sync is not None:  # _merge_qkv_attention
-            partials, kv, x, sync = attn(x, cos, sin, lengths, kv, paged, glue=True,
-                                         norm=input_norm(x, pending, folded=True), sync=sync)
-            x, pending = mlp(x, True, glue=True, norm=post_norm(x, partials, folded=True))
-            return x, (pending, sync), kv
         if _fused_glue(paged, x) and _fold_norms(x):
             partials, kv, x = attn(x, cos, sin, lengths, kv, paged, glue=True,
                                    norm=input_norm(x, pending, folded=True))
@@ -812,16 +773,9 @@ class Qwen2ForCausalLM(nn.Module):
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         new_kv = []
         pending = None
-        sync = None
-        if kv is not None and _merge_qkv_attention(paged, x, cfg, kv[0]):
-            from jaxserve_kernels.qkv_attention import new_counter
-
-            sync = new_counter()
         for i in range(cfg.num_hidden_layers):
             x, pending, layer_kv = DecoderLayer(cfg, self.dtype, name=f"layers_{i}")(
-                x, cos, sin, lengths, None if kv is None else kv[i], paged, pending, sync)
-            if sync is not None:
-                pending, sync = pending
+                x, cos, sin, lengths, None if kv is None else kv[i], paged, pending)
             new_kv.append(layer_kv)
         final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")
         if fused_glue:  # one token a row: logits_at can only pick it

@@ -75,19 +75,15 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                   precision, act_dtype, merge_in_kernel: bool = False, interpret: bool = False,
                   o_rows: int = 0, prefetch_wo: bool = False, rot_input: bool = False,
                   joint_rope: bool = False, early_gather: bool = False, ftz: bool = False,
-                  lean: bool = False, program=None, qkv_ready=None, o_mma: bool = False):
-    """One program. `program`: its (sequence, KV head, split or block of o's rows) when a kernel of its own runs
-    it (`jaxserve_kernels.qkv_attention`), else the grid's ids. `qkv_ready`: called once the program has issued
-    everything that does not read `qkv_ref` (the first key block's gather, Wo's rows), before its first read
-    of it: the producer of qkv may still be running."""
+                  lean: bool = False):
     wo_ref, refs = (refs[0], refs[1:]) if o_rows else (None, refs)
     rot_ref, refs = (refs[0], refs[1:]) if rot_input else (None, refs)
     (o_ref, lse_ref, out_ref, counter_ref), (k_out_ref, v_out_ref) = split_refs(
         refs, num_splits, merge_in_kernel)
-    seq, head, axis2 = (pl.program_id(0), pl.program_id(1), pl.program_id(2)) if program is None else program
+    seq, head = pl.program_id(0), pl.program_id(1)
     # With the output projection folded in (`o_rows`), the third grid axis is the block of o's
     # rows a program computes; each program of a (sequence, KV head) redoes the same attention.
-    split, chunk = (0, axis2) if o_rows else (axis2, 0)
+    split, chunk = (0, pl.program_id(2)) if o_rows else (pl.program_id(2), 0)
     table_pages = block_table_ref.shape[0]
     page_size, head_dim = k_pages_ref.shape[-2], k_pages_ref.shape[-1]
     pool_dtype = k_pages_ref.dtype
@@ -121,18 +117,6 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         # written (NaN): that block is computed and then discarded by a select.
         first_block = key_block(0, clamp_pages=True)
 
-    if o_rows:
-        o_cols = chunk * o_rows + jnp.arange(o_rows)
-        o_ok = o_cols < wo_ref.shape[0]
-
-        def wo_rows(g):  # Wo[chunk's rows, query head (head * group + g)'s columns]: [o_rows, D]
-            return compat.load(wo_ref.at[pl.ds(chunk * o_rows, o_rows), pl.ds((head * group + g) * head_dim, head_dim)],
-                               mask=o_ok[:, None], other=0)
-
-    # Waiting on qkv's producer, the program has its Wo rows in flight too.
-    wos = [wo_rows(g) for g in range(group)] if o_rows and prefetch_wo and qkv_ready is not None else None
-    if qkv_ready is not None:
-        qkv_ready()
     v_new = qkv_ref[seq, num_heads + kv_heads + head, :].astype(act_dtype).astype(pool_dtype)
     cos = cos_ref[seq, :][None, :]
     sin = sin_ref[seq, :][None, :]
@@ -200,9 +184,16 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         return online_softmax_step(carry, q, k, v, None, valid[None, :], scale=logit_scale,
                                    precision=precision, select_p=not lean, ftz=ftz, interpret=interpret)
 
-    if o_rows and prefetch_wo and wos is None:
+    if o_rows:
+        o_cols = chunk * o_rows + jnp.arange(o_rows)
+        o_ok = o_cols < wo_ref.shape[0]
+
+        def wo_rows(g):  # Wo[chunk's rows, query head (head * group + g)'s columns]: [o_rows, D]
+            return compat.load(wo_ref.at[pl.ds(chunk * o_rows, o_rows), pl.ds((head * group + g) * head_dim, head_dim)],
+                               mask=o_ok[:, None], other=0)
+
         # Loaded before the attention, the weights are in flight while it runs (registers held).
-        wos = [wo_rows(g) for g in range(group)]
+        wos = [wo_rows(g) for g in range(group)] if prefetch_wo else None
     carry = (acc0, m0, l0)
     if early_gather:
         has_first = num_iters >= 1
@@ -212,17 +203,6 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     if o_rows:
         # o_proj's partial sum over this KV head's query heads, rounded as the unfused path rounds
         # the attention output (to the activations' dtype) before the product.
-        if o_mma:
-            # Every query row times each head's Wo columns on the tensor cores, row g kept from head g's
-            # product: one reduction across rows at the end instead of one a head (`O_PRODUCT`).
-            attn = out.astype(act_dtype)
-            tot = jnp.zeros((block_rows, o_rows), jnp.float32)
-            for g in range(group):
-                w = wos[g] if prefetch_wo else wo_rows(g)
-                prod = compat.dot(attn.astype(w.dtype), w, trans_b=True, precision=precision)  # [rows, o_rows]
-                tot += jnp.where((rows == g)[:, None], prod, 0.0)
-            compat.store(o_ref.at[head, seq, pl.ds(chunk * o_rows, o_rows)], jnp.sum(tot, axis=0), mask=o_ok)
-            return
         attn = out.astype(act_dtype).astype(jnp.float32)
         acc = jnp.zeros((o_rows, head_dim), jnp.float32)
         for g in range(group):
@@ -248,12 +228,12 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine", "o_rows",
-    "prefetch_wo", "out_dtype", "rope_joint", "early_gather", "ftz", "lean", "live_rows", "o_mma"))
+    "prefetch_wo", "out_dtype", "rope_joint", "early_gather", "ftz", "lean", "live_rows"))
 def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo=None, *, scale: float,
            num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
            interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False, out_dtype=None,
            rope_joint: bool = False, early_gather: bool = False, ftz: bool = False, lean: bool = False,
-           live_rows: int | None = None, o_mma: bool = False):
+           live_rows: int | None = None):
     out_dtype = qkv.dtype if out_dtype is None else out_dtype
     batch, _, head_dim = qkv.shape
     live = batch if live_rows is None else live_rows  # grid rows: past them, padding nobody reads
@@ -272,8 +252,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
         scale=scale, precision=precision, act_dtype=out_dtype, merge_in_kernel=merge_in_kernel,
         interpret=interpret, o_rows=o_rows, prefetch_wo=prefetch_wo, rot_input=rot_input,
-        joint_rope=rot_input and group < block_rows, early_gather=early_gather, ftz=ftz, lean=lean,
-        o_mma=o_mma and o_rows >= 16)  # a tensor-core product wants 16 columns
+        joint_rope=rot_input and group < block_rows, early_gather=early_gather, ftz=ftz, lean=lean)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -475,12 +454,6 @@ def default_num_stages(batch: int, table_pages: int, num_splits: int, pages_per_
 O_ROWS = 16
 O_PREFETCH_WO = True
 O_NUM_WARPS = 8
-# How a program of `fused_decode_attention_o` multiplies its attention rows by Wo: "lanes" (each head's row
-# picked out of the group's tile by a reduction across rows, then multiplied lane-wise: one cross-warp
-# reduction a head) or "mma" (the whole tile times each head's Wo columns on the tensor cores, head g's row
-# kept by a select, one reduction at the end; blocks of at least 16 rows). JAXSERVE_O_PRODUCT sets it. Read
-# when a step is traced.
-O_PRODUCT = os.environ.get("JAXSERVE_O_PRODUCT", "lanes")
 
 
 def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
@@ -547,7 +520,7 @@ def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_p
                   interpret=interpret, combine="pallas", o_rows=o_rows,
                   prefetch_wo=O_PREFETCH_WO if prefetch_wo is None else bool(prefetch_wo),
                   rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER, ftz=_paged.FTZ_EXP2,
-                  lean=_paged.LEAN_SOFTMAX, o_mma=O_PRODUCT == "mma")
+                  lean=_paged.LEAN_SOFTMAX)
 
 
 def fused_decode_attention_o_reference(qkv, cos, sin, k_pages, v_pages, block_tables, lengths,

@@ -205,28 +205,6 @@ def test_fused_decode_o_matches_reference(interpret, num_heads, kv_heads, head_d
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("num_heads,kv_heads,head_dim,table_pages,dtype,n_out,o_rows", [
-    (14, 2, 64, 13, jnp.bfloat16, 896, 16),  # Qwen2.5-0.5B at batch-1 decode
-    (8, 1, 128, 5, jnp.float32, 100, 32),    # GQA 8, N not a multiple of the rows
-    (4, 4, 64, 3, jnp.float32, 48, 8),       # blocks under 16 rows keep the lane-wise product
-])
-def test_fused_decode_o_tensor_core_product_matches_reference(interpret, num_heads, kv_heads, head_dim, table_pages,
-                                                              dtype, n_out, o_rows, monkeypatch):
-    """o_proj's product of the folded kernel on the tensor cores (decode_attention.O_PRODUCT "mma")."""
-    monkeypatch.setattr(decode_attention, "O_PRODUCT", "mma")
-    rng, seed = fresh_rng()
-    args = fused_case(rng, batch=3, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, page_size=16,
-                      table_pages=table_pages, dtype=dtype, lengths=[0, 1, int(rng.integers(2, table_pages * 16 + 1))])
-    wo = jnp.asarray(rng.standard_normal((n_out, num_heads * head_dim)) / np.sqrt(num_heads * head_dim), dtype)
-    parts, k_new, v_new = fused_decode_attention_o(*args, wo, interpret=interpret, o_rows=o_rows)
-    ref, k_ref, v_ref = fused_decode_attention_o_reference(*args, wo)
-    assert not np.isnan(np.asarray(parts)).any(), f"NaN in output, seed={seed}"
-    assert relative_error(parts, ref) <= TOLERANCE[dtype], f"seed={seed}"
-    np.testing.assert_array_equal(np.asarray(parts[:, 0]), 0.0, err_msg=f"length-0 row not zero, seed={seed}")
-    assert_cache_written(k_new, v_new, k_ref, v_ref, dtype, seed)
-
-
-@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("o_proj", [False, True], ids=["attention", "with-o"])
 def test_fused_decode_of_a_one_block_table_ignores_entries_past_each_row(interpret, o_proj):
     """A short table read in one iteration: entries past a row's pages name no page (huge or negative
@@ -394,8 +372,6 @@ def test_fused_decode_shape_errors_name_the_field():
     ("pallas", {}, "nk", "pallas+norm+o"),
     # The same, the QKV projection also reading the attention's pages ahead of it (model.PREFETCH_KV).
     ("pallas", {}, "nk", "pallas+norm+touch+o"),
-    # The same with QKV and the attention + o_proj as one launch (model.MERGE_QKV_ATTENTION).
-    ("pallas", {}, "nk", "pallas+norm+merge+o"),
     # The same over three rows (model.FOLD_MAX_ROWS 4, opt-in: each program's weights multiply every row).
     ("pallas", {}, "nk", "pallas+norm+rows3+o"),
 ])
@@ -415,18 +391,13 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
     monkeypatch.setattr(model_module, "NORM_IN_PROJECTION", fold)
     monkeypatch.setattr(model_module, "O_IN_ATTENTION", projections.endswith("+o"))
     monkeypatch.setattr(model_module, "PREFETCH_KV", "+touch" in projections)
-    merge = "+merge" in projections
-    monkeypatch.setattr(model_module, "MERGE_QKV_ATTENTION", merge)
     if projections.endswith("+o"):
         import importlib
 
         da = importlib.import_module("jaxserve_kernels.decode_attention")
-        qa = importlib.import_module("jaxserve_kernels.qkv_attention")
         fused_o = []
         monkeypatch.setattr(da, "fused_decode_attention_o",
                             lambda *a, _f=da.fused_decode_attention_o, **k: fused_o.append(1) or _f(*a, **k))
-        monkeypatch.setattr(qa, "fused_qkv_attention_o",
-                            lambda *a, _f=qa.fused_qkv_attention_o, **k: fused_o.append(1) or _f(*a, **k))
     if projections.endswith("+loop"):
         import importlib
 
@@ -482,8 +453,8 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
     logits, _ = jax.jit(lambda params, kv: model.apply(
         {"params": params}, jnp.asarray(new_tok), jnp.asarray(lengths[:, None], jnp.int32),
         kv=kv, paged=dec))(params, kv)
-    if fold:  # qkv and gate_up of every layer; merged, qkv runs inside the attention's launch
-        assert len(folded) == (1 if merge else 2) * cfg.num_hidden_layers
+    if fold:
+        assert len(folded) == 2 * cfg.num_hidden_layers  # qkv and gate_up of every layer
     if projections.endswith("+o"):
         assert len(fused_o) == cfg.num_hidden_layers
     # The dense pass over every row's tokens at once: causal, so row b's logits at its position lengths[b]
