@@ -53,6 +53,7 @@ Backend: Pallas Triton, like the other kernels (`jaxserve_kernels.paged_attentio
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -100,18 +101,22 @@ NK_TARGET_PROGRAMS = _TARGET_PROGRAMS
 NK_GEMV_TARGET_PROGRAMS = 2 * _TARGET_PROGRAMS
 # `[N, K]` weight rows a program in interpret mode (the CPU), when the caller picks no tile.
 INTERPRET_BLOCK_N = 64
+# Triton's software-pipeline depth of `skinny_matmul`'s K loop.
+NUM_STAGES = 3
 
 
 def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int,
             block_m: int, block_n: int, block_k: int, n_out: int, precision, layout: str,
-            gemv: bool, prefetch: bool = False):
+            gemv: bool, prefetch: bool = False, ids=None):
+    """One program; `ids`: its (row block, column block, split) where a kernel of its own runs it
+    (`jaxserve_kernels.down_qkv`), else the grid's."""
     if has_bias:
         b_ref, o_ref = rest
     else:
         (o_ref,) = rest
     # Row blocks vary fastest in launch order, so the programs that read one weight tile run
     # together and all but the first find it in L2.
-    row_block, col_block, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    row_block, col_block, split = (pl.program_id(0), pl.program_id(1), pl.program_id(2)) if ids is None else ids
     rows, k_total = x_ref.shape
     row0 = row_block * block_m
     row_ids = row0 + jnp.arange(block_m)
@@ -309,7 +314,7 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
                   epilogue: str = "none", interpret: bool | None = None,
                   block_n: int | None = None, block_k: int | None = None,
                   num_splits: int | None = None, num_warps: int | None = None,
-                  num_stages: int = 3, block_m: int = ROW_BLOCK, layout: str = "kn",
+                  num_stages: int | None = None, block_m: int = ROW_BLOCK, layout: str = "kn",
                   gemv: bool | None = None, prefetch: bool | None = None) -> jax.Array:
     """`x @ w (+ bias)` for a few rows of `x`, accumulated in float32.
 
@@ -329,7 +334,7 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         block_n, block_k, num_splits: tiling; None picks `default_tiling`.
         block_m: rows a program (a power of two >= 16; fewer rows round up to 16).
         num_warps, num_stages: Triton launch parameters (num_warps None: 4, or `NK_GEMV_WARPS`
-            on the one-row `[N, K]` path).
+            on the one-row `[N, K]` path; num_stages None: `NUM_STAGES`).
         layout: "kn" or "nk", how `w` is stored (see `w`).
         gemv: rows with the "nk" layout as lane-wise products, summed once at the end, instead of
             a tensor-core product padded to 16 rows: up to `NK_GEMV_MAX_ROWS` rows when True; None:
@@ -385,6 +390,7 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
     check_tile("block_k", block_k)
     if num_warps is None:
         num_warps = NK_GEMV_WARPS if gemv else 4
+    num_stages = NUM_STAGES if num_stages is None else num_stages
     return _skinny(x, w, bias, epilogue=epilogue, block_m=block_m, block_n=block_n, block_k=block_k,
                    num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                    interpret=interpret, layout=layout, gemv=gemv,
@@ -454,19 +460,13 @@ NORM_GEMV_HOIST = True
 
 def norm_gemv_program(pid, h_ref, p_ref, scale_ref, w_ref, b_ref, h_out_ref, o_ref, *, num_parts: int, eps: float,
                       epilogue: str, block_n: int, block_k: int, n_out: int, num_programs: int, hoist: bool = False,
-                      head_dim: int = 0) -> None:
+                      inputs_ready: Callable[[], None] | None = None) -> None:
     """One program of `skinny_matmul_norm`'s projection (`pid` < `num_programs`), for kernels that run it beside
-    programs of their own (`jaxserve_kernels.qkv_attention`). `p_ref`, `h_out_ref`: None without partials; `b_ref`:
-    None without a bias. `head_dim` > 0: `o_ref` is `[M, N / head_dim, head_dim]` (the attention's view of a QKV
-    projection; `block_n` divides `head_dim`), else `[M, N]`."""
+    programs of their own (`jaxserve_kernels.down_qkv`). `p_ref`, `h_out_ref`: None without partials; `b_ref`:
+    None without a bias. `inputs_ready`: called once the program has issued the loads that do not read `h_ref` or
+    `p_ref` (its weight rows, the norm's weight, the bias), before its first read of them: their producer may still
+    be running."""
     has_bias = b_ref is not None
-
-    def tile_at(r: int, block):
-        if not head_dim:
-            return (pl.ds(r, 1), pl.ds(block * block_n, block_n))
-        col0 = block * block_n
-        return (pl.ds(r, 1), col0 // head_dim, pl.ds(col0 % head_dim, block_n))
-
     rows, k_total = h_ref.shape
     k_ok = jnp.arange(block_k) < k_total
     halves = (0, n_out) if epilogue == "swiglu" else (0,)
@@ -488,6 +488,8 @@ def norm_gemv_program(pid, h_ref, p_ref, scale_ref, w_ref, b_ref, h_out_ref, o_r
         bias_ok = pid * block_n + jnp.arange(block_n) < n_out
         bias = compat.load(b_ref.at[pl.ds(pid * block_n, block_n)], mask=bias_ok, other=0)
     dtype = h_ref.dtype
+    if inputs_ready is not None:
+        inputs_ready()
 
     def normed_row(r: int):
         row = jnp.int32(r)  # a traced index: interpret mode's discharge wants one, not a Python int
@@ -512,7 +514,7 @@ def norm_gemv_program(pid, h_ref, p_ref, scale_ref, w_ref, b_ref, h_out_ref, o_r
         wf = tuple(w.astype(jnp.float32) for w in ws)
         for r, x in enumerate(xs):  # each weight block loaded once for every row
             accs = tuple(jnp.sum(w * x[None, :], axis=1)[None, :] for w in wf)
-            _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=tile_at(r, block),
+            _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=(pl.ds(r, 1), cols_at),
                           mask=col_ok[None, :], cols_at=cols_at, col_ok=col_ok, bias=bias)
 
     if one_block:  # one block a program
@@ -531,6 +533,26 @@ def norm_gemv_program(pid, h_ref, p_ref, scale_ref, w_ref, b_ref, h_out_ref, o_r
     lax.fori_loop(0, pl.cdiv(num_blocks - pid, num_programs), body, ws)
 
 
+def touch_program(t, k_pages_ref, v_pages_ref, table_ref, touch_ref) -> None:
+    """`touch_pages`' program `t`: reads one (row, KV head, table entry)'s key and value page, so that the
+    attention after the kernel finds it in L2, and stores its sum to `touch_ref[t]`, which nobody reads."""
+    kv_heads, num_pages = k_pages_ref.shape[0], k_pages_ref.shape[1]
+    width = table_ref.shape[1]
+    row, rest = t // (kv_heads * width), t % (kv_heads * width)
+    page = jnp.clip(table_ref[row, rest % width], 0, num_pages - 1)
+    k = k_pages_ref[rest // width, page].astype(jnp.float32)
+    v = v_pages_ref[rest // width, page].astype(jnp.float32)
+    touch_ref[pl.ds(t, 1)] = jnp.full((1,), jnp.sum(k) + jnp.sum(v), jnp.float32)
+
+
+def touch_tiles(touch_pages: tuple | None) -> int:
+    """Programs `touch_pages = (k_pages, v_pages, block_tables)` takes: one a page of one KV head of one row."""
+    if touch_pages is None:
+        return 0
+    k_pages, _, table = touch_pages
+    return table.shape[0] * k_pages.shape[0] * table.shape[1]
+
+
 def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, has_bias: bool,
                       block_n: int, block_k: int, n_out: int, num_programs: int, hoist: bool = False,
                       touch_tiles: int = 0):
@@ -546,16 +568,8 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
     if touch_tiles:
         # `touch_pages`: programs past the projection's each read one (row, KV head, table entry)'s key and value
         # page; the projection's own programs do not wait on those loads.
-        @pl.when(pid >= num_programs)
-        def _touch():
-            t = pid - num_programs
-            kv_heads, num_pages = k_pages_ref.shape[0], k_pages_ref.shape[1]
-            width = table_ref.shape[1]
-            row, rest = t // (kv_heads * width), t % (kv_heads * width)
-            page = jnp.clip(table_ref[row, rest % width], 0, num_pages - 1)
-            k = k_pages_ref[rest // width, page].astype(jnp.float32)
-            v = v_pages_ref[rest // width, page].astype(jnp.float32)
-            touch_ref[pl.ds(t, 1)] = jnp.full((1,), jnp.sum(k) + jnp.sum(v), jnp.float32)
+        pl.when(pid >= num_programs)(lambda: touch_program(pid - num_programs, k_pages_ref, v_pages_ref, table_ref,
+                                                           touch_ref))
 
     def work():  # the projection's program
         norm_gemv_program(pid, h_ref, p_ref, scale_ref, w_ref, b_ref, h_out_ref, o_ref, num_parts=num_parts, eps=eps,
@@ -577,20 +591,17 @@ def _norm_gemv(hidden, partials, scale, w, bias, touch_pages=None, *, eps: float
     num_parts = 0 if partials is None else partials.shape[0]
     num_blocks = pl.cdiv(n_out, block_n)
     num_programs = min(num_programs or num_blocks, num_blocks)
-    touch_tiles = 0
-    if touch_pages is not None:
-        k_pages, _, table = touch_pages
-        touch_tiles = table.shape[0] * k_pages.shape[0] * table.shape[1]
+    touches = touch_tiles(touch_pages)
     kernel = functools.partial(_norm_gemv_kernel, num_parts=num_parts, eps=eps, epilogue=epilogue,
                                has_bias=bias is not None, block_n=block_n, block_k=compat.next_pow2(k),
-                               n_out=n_out, num_programs=num_programs, hoist=hoist, touch_tiles=touch_tiles)
+                               n_out=n_out, num_programs=num_programs, hoist=hoist, touch_tiles=touches)
     args = [hidden] + ([partials] if num_parts else []) + [scale, w] + ([bias] if bias is not None else [])
-    if touch_tiles:
+    if touches:
         args += list(touch_pages)
     out_shape = ([jax.ShapeDtypeStruct(hidden.shape, hidden.dtype)] if num_parts else []) \
         + [jax.ShapeDtypeStruct((hidden.shape[0], n_out), hidden.dtype)] \
-        + ([jax.ShapeDtypeStruct((touch_tiles,), jnp.float32)] if touch_tiles else [])
-    outs = compat.triton_call(kernel, *args, grid=(num_programs + touch_tiles,), out_shape=out_shape,
+        + ([jax.ShapeDtypeStruct((touches,), jnp.float32)] if touches else [])
+    outs = compat.triton_call(kernel, *args, grid=(num_programs + touches,), out_shape=out_shape,
                               interpret=interpret, num_warps=num_warps,
                               name=f"skinny_matmul_norm_{epilogue}")  # QKV and gate_up apart in a profile
     return (outs[0], outs[1]) if num_parts else (hidden, outs[0])
