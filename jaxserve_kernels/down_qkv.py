@@ -14,7 +14,8 @@ weight, the bias) at once, and wait only for the partial sums.
 How: a 1-D grid. Programs `[0, D)` are down_proj's (`skinny_matmul._kernel`, its one-row tiling and K splits);
 each ends with a barrier (its threads' stores before the ticket) and an acquire-release atomic add on
 `counter[0]`. Programs `[D, D + Q)` are QKV's (`skinny_matmul.norm_gemv_program`), which spin on `counter[0]`
-after their independent loads until all D have arrived, then read the partials. The last of them to pass (a
+after their independent loads until all D have arrived (plain volatile loads, then one acquiring atomic read),
+then read the partials. The last of them to pass (a
 ticket on `counter[1]`) puts both counters back to zero, so the array the caller threads through the layers
 (aliased in place) is ready for the next launch. With `touch_pages`, programs past those read the next
 attention's pages as `skinny_matmul_norm(touch_pages=...)` does (`jaxserve.model.PREFETCH_KV`).
@@ -97,8 +98,12 @@ def _kernel(act_ref, w_down_ref, h_ref, scale_ref, w_ref, *refs, has_bias: bool,
         # Interpreted, down_proj's programs have all run (grid order), and the interpreter's state discharge
         # has no rule for a loop around an atomic: no loop there.
         if not interpret:
-            arrived = lambda _: compat.atomic_add(counter_ref, (jnp.int32(0),), jnp.int32(0))
-            lax.while_loop(lambda n: n < n_down, arrived, arrived(None))
+            # Polled with plain (volatile) loads: an atomic a poll would queue at the counter's L2 slice with
+            # down_proj's arrivals (an acquire-release add each), and every arrival waits behind the polls. Then
+            # one atomic read, whose acquire orders the partials' loads after every arrival's release.
+            polled = lambda _: compat.load(counter_ref.at[pl.ds(0, 1)], volatile=True)[0]
+            lax.while_loop(lambda n: n < n_down, polled, polled(None))
+            compat.atomic_add(counter_ref, (jnp.int32(0),), jnp.int32(0))
         ticket = compat.atomic_add(counter_ref, (jnp.int32(1),), jnp.int32(1))
 
         @pl.when(ticket == n_qkv - 1)
