@@ -264,7 +264,7 @@
 #   kv42c       session 42: PREFETCH_KV the default: the batch-1 step against it off at 192 and 64 keys, 9 rounds (~170 s)
 #   dq43        session 43: each down_proj in one launch with the next layer's QKV (down_qkv): compiled tests, the
 #               0.5B one-row step against the reference with it on, the batch-1 step off / on at 192 and 64 keys (~300 s)
-#   dq43b       session 43: the same with the waiters polling by plain loads: tests, the batch-1 step at 192 keys (~150 s)
+#   dq43b       session 43: the same with its arrivals spread over counters: tests, the batch-1 step at 192 keys (~150 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
