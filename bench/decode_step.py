@@ -511,7 +511,6 @@ def run_variant(args) -> list[dict]:
     norm_fold = model_module.NORM_IN_PROJECTION
     o_in_attention = model_module.O_IN_ATTENTION
     prefetch_kv = model_module.PREFETCH_KV
-    merge_down_qkv, down_qkv_tiling = model_module.MERGE_DOWN_QKV, model_module.DOWN_QKV_TILING
     layouts = {glue: "kn" if glue == "kn" else "nk" if glue in NK_TILINGS else default_layout
                for glue in args.glue}
     by_layout = {layout: model_module.convert_weight_layout(params, default_layout, layout)
@@ -591,12 +590,6 @@ def run_variant(args) -> list[dict]:
             # "prefetch_kv" / "no_prefetch_kv": the one-row QKV projection reads the attention's pages ahead of it
             # (model.PREFETCH_KV), or not.
             model_module.PREFETCH_KV = {"prefetch_kv": True, "no_prefetch_kv": False}.get(glue, prefetch_kv)
-            # "down_qkv" / "down_qkv_b<N>": each down_proj in one launch with the next layer's QKV (model.MERGE_DOWN_QKV),
-            # its QKV programs N weight rows each; "no_down_qkv": off.
-            merge = glue.startswith("down_qkv")
-            model_module.MERGE_DOWN_QKV = merge or (glue != "no_down_qkv" and merge_down_qkv)
-            model_module.DOWN_QKV_TILING = ({"block_n": int(glue.split("_b")[1])} if glue.startswith("down_qkv_b")
-                                            else {} if merge else down_qkv_tiling)
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
             # "cb_*": how XLA orders a command buffer's kernels (xla_gpu_command_buffer_scheduling_mode:
             # serialized, concurrent where the data allows, or the latency-hiding scheduler's order);
@@ -781,8 +774,7 @@ def main() -> None:
                                                              "swiglu_approx", "swiglu_exact", "pick_wave_fit", "pick_ceil", *CB_OPTIONS,
                                                              "head_b112", "head_b120", "head_b136", "head_b192", "head_b256",
                                                              "unroll2", "unroll4", "unroll8", "halves", "split_one_stage", "fold1", "fold4", "prefetch_kv",
-                                                             "no_prefetch_kv", "down_qkv", "down_qkv_b32", "down_qkv_b64",
-                                                             "no_down_qkv"],
+                                                             "no_prefetch_kv"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -262,9 +262,6 @@
 #               tests, then the batch-1 step with it off / on at 192 and 64 keys, profiled (~250 s)
 #   kv42b       session 42: the same with the page reads in programs of their own past the projection's, 192 keys (~150 s)
 #   kv42c       session 42: PREFETCH_KV the default: the batch-1 step against it off at 192 and 64 keys, 9 rounds (~170 s)
-#   dq43        session 43: each down_proj in one launch with the next layer's QKV (down_qkv): compiled tests, the
-#               0.5B one-row step against the reference with it on, the batch-1 step off / on at 192 and 64 keys (~300 s)
-#   dq43b       session 43: the same with its arrivals spread over counters: tests, the batch-1 step at 192 keys (~150 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -849,16 +846,6 @@ for part in "${parts[@]}"; do
              --glue kernels prefetch_kv --rounds 7 --reps 10 --profile /tmp/kv42b ;;
     kv42c) for ctx in 192 64; do timeout 120 python3 bench/decode_step.py --batches 1 --context $ctx --variants default \
              --no-static --glue kernels no_prefetch_kv --rounds 9 --reps 10 --profile /tmp/kv42c_$ctx ; done ;;
-    dq43) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-            tests/test_down_qkv.py ; \
-          JAXSERVE_MERGE_DOWN_QKV=1 timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" \
-            -m gpu tests/test_qwen_shapes.py -k "decode_step_matches_reference and 0.5B-1" ; \
-          for ctx in 192 64; do timeout 150 python3 bench/decode_step.py --batches 1 --context $ctx --variants default \
-            --no-static --glue kernels down_qkv down_qkv_b32 --rounds 7 --reps 10 --profile /tmp/dq43_$ctx ; done ;;
-    dq43b) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-             tests/test_down_qkv.py ; \
-           timeout 150 python3 bench/decode_step.py --batches 1 --context 192 --variants default \
-             --no-static --glue kernels down_qkv --rounds 7 --reps 10 --profile /tmp/dq43b ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

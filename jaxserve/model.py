@@ -17,7 +17,7 @@ import importlib
 import json
 import os
 import types
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
@@ -256,13 +256,6 @@ O_IN_ATTENTION = os.environ.get("JAXSERVE_O_IN_ATTENTION", "1") == "1"
 # attention 5.84 -> 5.46 µs, QKV 2.60 -> 2.71, batch-1 step 0.553 -> 0.546 ms. JAXSERVE_PREFETCH_KV=0 turns it
 # off. Read when a step is traced.
 PREFETCH_KV = os.environ.get("JAXSERVE_PREFETCH_KV", "1") == "1"
-# With the norms folded, each layer's down_proj runs in one launch with the next layer's QKV projection
-# (`jaxserve_kernels.down_qkv.fused_down_qkv`): the QKV programs load their weight rows while down_proj runs and
-# wait for its partial sums on a counter that the layers pass along (`DeferredDown`); only where the waiting
-# programs leave an SM free (`down_qkv.fits`). DOWN_QKV_TILING: the kernel's `block_n`.
-# JAXSERVE_MERGE_DOWN_QKV=1 turns it on. Read when a step is traced.
-MERGE_DOWN_QKV = os.environ.get("JAXSERVE_MERGE_DOWN_QKV", "0") == "1"
-DOWN_QKV_TILING: dict[str, int] = {}
 # Decode steps of up to this many rows take the one-row step's kernels (norms folded into QKV and gate_up,
 # o_proj in the attention for short tables, down_proj and o_proj on the lane-wise path), each program
 # multiplying the weights it loads by every row (`skinny_matmul_norm`, `skinny_matmul(..., gemv=True)` take
@@ -605,34 +598,6 @@ def _fold_o_proj(paged: PagedAttention, kv) -> bool:
     return O_IN_ATTENTION and paged.block_tables.shape[1] * page_size <= SINGLE_PASS_KEYS
 
 
-class DeferredDown(NamedTuple):
-    """A layer's down_proj left for the next layer's QKV kernel to run (MERGE_DOWN_QKV): its input rows, its
-    weights (`[hidden, intermediate]`, the "nk" layout) and the merged kernels' counters. The layer after the last
-    takes `partials()`, down_proj run on its own."""
-
-    act: jax.Array
-    kernel: jax.Array
-    counter: jax.Array
-
-    def partials(self) -> jax.Array:
-        """down_proj's K-split partial sums, as the MLP would have returned them (FOLDED_TILING's path)."""
-        from jaxserve_kernels.skinny_matmul import skinny_matmul
-
-        return skinny_matmul(self.act.reshape(-1, self.act.shape[-1]), self.kernel, epilogue="partials", layout="nk",
-                             gemv=True)
-
-
-def _merge_down_qkv(paged: PagedAttention | None, x: jax.Array, cfg: ModelConfig) -> bool:
-    """Whether a forward pass runs each down_proj with the next layer's QKV projection (MERGE_DOWN_QKV): where the
-    norms fold (_fold_norms) and the merged kernel's waiting programs fit the device (`down_qkv.fits`)."""
-    if not (MERGE_DOWN_QKV and _fused_glue(paged, x) and _fold_norms(x)):
-        return False
-    from jaxserve_kernels.down_qkv import fits
-
-    return fits((cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim,
-                DOWN_QKV_TILING.get("block_n"))
-
-
 def _attend(qkv, cos, sin, lengths, kv, paged: PagedAttention | None, cfg: ModelConfig):
     """RoPE, then dense attention over the step's own tokens, or scatter + paged attention."""
     h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -665,8 +630,7 @@ class Attention(nn.Module):
         norm's ``(partials, scale, eps)``, _fold_norms) ``x`` is the residual stream before that
         norm, and the new residual comes back third. With ``accumulate`` (the input norm's
         ``(None, scale, eps)``, _accumulate_glue) ``x`` is the float32 residual stream before the
-        norm, and ``(x + attention, kv)`` comes back. Where ``norm``'s partials are a `DeferredDown`, the previous
-        layer's down_proj runs in the QKV kernel, and its counters come back fourth."""
+        norm, and ``(x + attention, kv)`` comes back."""
         cfg = self.config
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, s, _ = x.shape
@@ -682,20 +646,7 @@ class Attention(nn.Module):
             o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
             return o_proj(out, fused=lambda kernel, _: _accumulate(out, kernel, x)), kv
         fold_o = norm is not None and _fold_o_proj(paged, kv)
-        counter = None
-        if norm is not None and isinstance(norm[0], DeferredDown):  # the last layer's down_proj in this launch
-            from jaxserve_kernels.down_qkv import fused_down_qkv
-
-            touch = (kv[0], kv[1], paged.block_tables) if PREFETCH_KV and fold_o else None
-            down, scale, eps = norm
-
-            def merged(w, bias):
-                return fused_down_qkv(down.act.reshape(b * s, -1), down.kernel, x.reshape(b * s, -1), scale, w, bias,
-                                      down.counter, eps=eps, touch_pages=touch, **DOWN_QKV_TILING)
-
-            new_x, qkv, counter = qkv_proj(x, fused=merged)
-            x, qkv = new_x.reshape(x.shape), qkv.reshape(b, s, -1)
-        elif norm is not None:
+        if norm is not None:
             touch = (kv[0], kv[1], paged.block_tables) if PREFETCH_KV and fold_o else None
             x, qkv = qkv_proj(x, fast, norm=norm, touch_pages=touch)
         else:
@@ -705,15 +656,13 @@ class Attention(nn.Module):
             # o_proj inside the attention kernel; its per-KV-head partials go to the next norm.
             partials, kv = o_proj(jax.ShapeDtypeStruct((b, s, h * d), self.dtype),
                                   fused=lambda wo, _: _attend_fused_decode(qkv, cos, sin, kv, paged, cfg, wo))
-            return (partials, kv, x) if counter is None else (partials, kv, x, counter)
+            return partials, kv, x
         if fast and s == 1:
             out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg)
         else:
             out, kv = _attend(qkv, cos, sin, lengths, kv, paged, cfg)
         out = o_proj(out.reshape(b, s, h * d).astype(self.dtype), fast, "partials" if glue else "none",
                      tiling=FOLDED_TILING if norm is not None else None)
-        if counter is not None:
-            return out, kv, x, counter
         return (out, kv, x) if norm is not None else (out, kv)
 
 
@@ -723,11 +672,9 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, fast: bool = False, glue: bool = False, norm: tuple | None = None,
-                 accumulate: tuple | None = None, defer: jax.Array | None = None):
+                 accumulate: tuple | None = None):
         """``[B, S, hidden]``, or with ``glue`` the down_proj's K-split partials (see Attention;
-        with ``norm``, ``(new residual, partials)``; with ``accumulate``, ``x + mlp`` in float32). With ``norm``
-        and ``defer`` (the merged kernels' counters, MERGE_DOWN_QKV), down_proj is left to the next layer:
-        ``(new residual, DeferredDown)``."""
+        with ``norm``, ``(new residual, partials)``; with ``accumulate``, ``x + mlp`` in float32)."""
         inter = self.config.intermediate_size
         gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")
         down = Linear(self.config.hidden_size, False, self.dtype, name="down_proj")
@@ -737,8 +684,6 @@ class MLP(nn.Module):
             return down(act, fused=lambda kernel, _: _accumulate(act, kernel, x))
         if norm is not None:
             x, act = gate_up(x, fast, "swiglu", norm=norm)
-            if defer is not None:
-                return x, DeferredDown(act, down(act, fused=lambda kernel, _: kernel), defer)
             return x, down(act, fast, "partials", tiling=FOLDED_TILING)
         if glue:
             return down(gate_up(x, fast, "swiglu"), fast, "partials")
@@ -759,7 +704,7 @@ class DecoderLayer(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, lengths, kv, paged, pending=None, defer_down: bool = False):
+    def __call__(self, x, cos, sin, lengths, kv, paged, pending=None):
         eps = self.config.rms_norm_eps
         attn = Attention(self.config, self.dtype, name="self_attn")
         mlp = MLP(self.config, self.dtype, name="mlp")
@@ -769,14 +714,9 @@ class DecoderLayer(nn.Module):
             x, kv = attn(x, cos, sin, lengths, kv, paged, accumulate=input_norm(x, folded=True))
             return mlp(x, accumulate=post_norm(x, folded=True)), None, kv
         if _fused_glue(paged, x) and _fold_norms(x):
-            partials, kv, x, *counter = attn(x, cos, sin, lengths, kv, paged, glue=True,
-                                             norm=input_norm(x, pending, folded=True))
-            if defer_down and not counter:  # the first layer: no down_proj before it
-                from jaxserve_kernels.down_qkv import new_counter
-
-                counter = [new_counter()]
-            x, pending = mlp(x, True, glue=True, norm=post_norm(x, partials, folded=True),
-                             defer=counter[0] if defer_down else None)
+            partials, kv, x = attn(x, cos, sin, lengths, kv, paged, glue=True,
+                                   norm=input_norm(x, pending, folded=True))
+            x, pending = mlp(x, True, glue=True, norm=post_norm(x, partials, folded=True))
             return x, pending, kv
         if _fused_glue(paged, x):
             x, h = input_norm(x, pending, fused=True)
@@ -833,13 +773,10 @@ class Qwen2ForCausalLM(nn.Module):
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         new_kv = []
         pending = None
-        defer_down = kv is not None and _merge_down_qkv(paged, x, cfg)
         for i in range(cfg.num_hidden_layers):
             x, pending, layer_kv = DecoderLayer(cfg, self.dtype, name=f"layers_{i}")(
-                x, cos, sin, lengths, None if kv is None else kv[i], paged, pending, defer_down)
+                x, cos, sin, lengths, None if kv is None else kv[i], paged, pending)
             new_kv.append(layer_kv)
-        if isinstance(pending, DeferredDown):  # the last layer's down_proj, on its own
-            pending = pending.partials()
         final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")
         if fused_glue:  # one token a row: logits_at can only pick it
             _, x = final_norm(x, pending, fused=True)

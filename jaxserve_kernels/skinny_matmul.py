@@ -53,7 +53,6 @@ Backend: Pallas Triton, like the other kernels (`jaxserve_kernels.paged_attentio
 from __future__ import annotations
 
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -101,22 +100,18 @@ NK_TARGET_PROGRAMS = _TARGET_PROGRAMS
 NK_GEMV_TARGET_PROGRAMS = 2 * _TARGET_PROGRAMS
 # `[N, K]` weight rows a program in interpret mode (the CPU), when the caller picks no tile.
 INTERPRET_BLOCK_N = 64
-# Triton's software-pipeline depth of `skinny_matmul`'s K loop.
-NUM_STAGES = 3
 
 
 def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int,
             block_m: int, block_n: int, block_k: int, n_out: int, precision, layout: str,
-            gemv: bool, prefetch: bool = False, ids=None):
-    """One program; `ids`: its (row block, column block, split) where a kernel of its own runs it
-    (`jaxserve_kernels.down_qkv`), else the grid's."""
+            gemv: bool, prefetch: bool = False):
     if has_bias:
         b_ref, o_ref = rest
     else:
         (o_ref,) = rest
     # Row blocks vary fastest in launch order, so the programs that read one weight tile run
     # together and all but the first find it in L2.
-    row_block, col_block, split = (pl.program_id(0), pl.program_id(1), pl.program_id(2)) if ids is None else ids
+    row_block, col_block, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows, k_total = x_ref.shape
     row0 = row_block * block_m
     row_ids = row0 + jnp.arange(block_m)
@@ -314,7 +309,7 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
                   epilogue: str = "none", interpret: bool | None = None,
                   block_n: int | None = None, block_k: int | None = None,
                   num_splits: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None, block_m: int = ROW_BLOCK, layout: str = "kn",
+                  num_stages: int = 3, block_m: int = ROW_BLOCK, layout: str = "kn",
                   gemv: bool | None = None, prefetch: bool | None = None) -> jax.Array:
     """`x @ w (+ bias)` for a few rows of `x`, accumulated in float32.
 
@@ -334,7 +329,7 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         block_n, block_k, num_splits: tiling; None picks `default_tiling`.
         block_m: rows a program (a power of two >= 16; fewer rows round up to 16).
         num_warps, num_stages: Triton launch parameters (num_warps None: 4, or `NK_GEMV_WARPS`
-            on the one-row `[N, K]` path; num_stages None: `NUM_STAGES`).
+            on the one-row `[N, K]` path).
         layout: "kn" or "nk", how `w` is stored (see `w`).
         gemv: rows with the "nk" layout as lane-wise products, summed once at the end, instead of
             a tensor-core product padded to 16 rows: up to `NK_GEMV_MAX_ROWS` rows when True; None:
@@ -390,7 +385,6 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
     check_tile("block_k", block_k)
     if num_warps is None:
         num_warps = NK_GEMV_WARPS if gemv else 4
-    num_stages = NUM_STAGES if num_stages is None else num_stages
     return _skinny(x, w, bias, epilogue=epilogue, block_m=block_m, block_n=block_n, block_k=block_k,
                    num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                    interpret=interpret, layout=layout, gemv=gemv,
@@ -458,101 +452,6 @@ NORM_GEMV_TILES: dict[str, dict[str, int]] = {"none": {"block_n": 4},
 NORM_GEMV_HOIST = True
 
 
-def norm_gemv_program(pid, h_ref, p_ref, scale_ref, w_ref, b_ref, h_out_ref, o_ref, *, num_parts: int, eps: float,
-                      epilogue: str, block_n: int, block_k: int, n_out: int, num_programs: int, hoist: bool = False,
-                      inputs_ready: Callable[[], None] | None = None) -> None:
-    """One program of `skinny_matmul_norm`'s projection (`pid` < `num_programs`), for kernels that run it beside
-    programs of their own (`jaxserve_kernels.down_qkv`). `p_ref`, `h_out_ref`: None without partials; `b_ref`:
-    None without a bias. `inputs_ready`: called once the program has issued the loads that do not read `h_ref` or
-    `p_ref` (its weight rows, the norm's weight, the bias), before its first read of them: their producer may still
-    be running."""
-    has_bias = b_ref is not None
-    rows, k_total = h_ref.shape
-    k_ok = jnp.arange(block_k) < k_total
-    halves = (0, n_out) if epilogue == "swiglu" else (0,)
-    num_blocks = pl.cdiv(n_out, block_n)
-
-    def load_rows(block):
-        col_ok = block * block_n + jnp.arange(block_n) < n_out
-        return tuple(compat.load(w_ref.at[pl.ds(offset + block * block_n, block_n), pl.ds(0, block_k)],
-                                 mask=col_ok[:, None] & k_ok[None, :], other=0) for offset in halves)
-
-    # The weight rows first: they do not depend on the norm, so their loads are in flight while
-    # the program sums the residual and its statistics.
-    ws = load_rows(pid)
-    one_block = num_programs >= num_blocks
-    if hoist:
-        scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
-    bias = None
-    if hoist and has_bias and one_block:
-        bias_ok = pid * block_n + jnp.arange(block_n) < n_out
-        bias = compat.load(b_ref.at[pl.ds(pid * block_n, block_n)], mask=bias_ok, other=0)
-    dtype = h_ref.dtype
-    if inputs_ready is not None:
-        inputs_ready()
-
-    def normed_row(r: int):
-        row = jnp.int32(r)  # a traced index: interpret mode's discharge wants one, not a Python int
-        h = compat.load(h_ref.at[row, pl.ds(0, block_k)], mask=k_ok, other=0)
-        if num_parts:  # add_rms_norm's sum and roundings, redone by every program (an L2-resident row)
-            parts = [compat.load(p_ref.at[jnp.int32(i), row, pl.ds(0, block_k)], mask=k_ok, other=0)
-                     for i in range(num_parts)]
-            delta = functools.reduce(jnp.add, parts)
-            h = (h.astype(jnp.float32) + delta.astype(dtype).astype(jnp.float32)).astype(dtype)
-            compat.store(h_out_ref.at[row, pl.ds(0, block_k)], h, mask=k_ok & (pid == 0))
-        hf = h.astype(jnp.float32)
-        return (hf * lax.rsqrt(jnp.sum(hf * hf) / k_total + eps)).astype(dtype)
-
-    normed = [normed_row(r) for r in range(rows)]
-    if not hoist:
-        scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
-    xs = [(scale.astype(jnp.float32) * n.astype(jnp.float32)).astype(dtype).astype(jnp.float32) for n in normed]
-
-    def emit(block, ws, bias=None):
-        cols_at = pl.ds(block * block_n, block_n)
-        col_ok = block * block_n + jnp.arange(block_n) < n_out
-        wf = tuple(w.astype(jnp.float32) for w in ws)
-        for r, x in enumerate(xs):  # each weight block loaded once for every row
-            accs = tuple(jnp.sum(w * x[None, :], axis=1)[None, :] for w in wf)
-            _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=(pl.ds(r, 1), cols_at),
-                          mask=col_ok[None, :], cols_at=cols_at, col_ok=col_ok, bias=bias)
-
-    if one_block:  # one block a program
-        emit(pid, ws, bias)
-        return
-
-    # Fewer programs than blocks: program p takes blocks p, p + P, p + 2P, ..., the next block's
-    # rows loaded (into registers) before this one's are multiplied, so every program keeps a
-    # block of weights in flight while it computes, and derives the norm once for all its blocks.
-    def body(i, ws):
-        block = pid + i * num_programs
-        nxt = load_rows(block + num_programs)  # past the last block: masked, loads nothing
-        emit(block, ws)
-        return nxt
-
-    lax.fori_loop(0, pl.cdiv(num_blocks - pid, num_programs), body, ws)
-
-
-def touch_program(t, k_pages_ref, v_pages_ref, table_ref, touch_ref) -> None:
-    """`touch_pages`' program `t`: reads one (row, KV head, table entry)'s key and value page, so that the
-    attention after the kernel finds it in L2, and stores its sum to `touch_ref[t]`, which nobody reads."""
-    kv_heads, num_pages = k_pages_ref.shape[0], k_pages_ref.shape[1]
-    width = table_ref.shape[1]
-    row, rest = t // (kv_heads * width), t % (kv_heads * width)
-    page = jnp.clip(table_ref[row, rest % width], 0, num_pages - 1)
-    k = k_pages_ref[rest // width, page].astype(jnp.float32)
-    v = v_pages_ref[rest // width, page].astype(jnp.float32)
-    touch_ref[pl.ds(t, 1)] = jnp.full((1,), jnp.sum(k) + jnp.sum(v), jnp.float32)
-
-
-def touch_tiles(touch_pages: tuple | None) -> int:
-    """Programs `touch_pages = (k_pages, v_pages, block_tables)` takes: one a page of one KV head of one row."""
-    if touch_pages is None:
-        return 0
-    k_pages, _, table = touch_pages
-    return table.shape[0] * k_pages.shape[0] * table.shape[1]
-
-
 def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, has_bias: bool,
                       block_n: int, block_k: int, n_out: int, num_programs: int, hoist: bool = False,
                       touch_tiles: int = 0):
@@ -568,13 +467,80 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
     if touch_tiles:
         # `touch_pages`: programs past the projection's each read one (row, KV head, table entry)'s key and value
         # page; the projection's own programs do not wait on those loads.
-        pl.when(pid >= num_programs)(lambda: touch_program(pid - num_programs, k_pages_ref, v_pages_ref, table_ref,
-                                                           touch_ref))
+        @pl.when(pid >= num_programs)
+        def _touch():
+            t = pid - num_programs
+            kv_heads, num_pages = k_pages_ref.shape[0], k_pages_ref.shape[1]
+            width = table_ref.shape[1]
+            row, rest = t // (kv_heads * width), t % (kv_heads * width)
+            page = jnp.clip(table_ref[row, rest % width], 0, num_pages - 1)
+            k = k_pages_ref[rest // width, page].astype(jnp.float32)
+            v = v_pages_ref[rest // width, page].astype(jnp.float32)
+            touch_ref[pl.ds(t, 1)] = jnp.full((1,), jnp.sum(k) + jnp.sum(v), jnp.float32)
 
     def work():  # the projection's program
-        norm_gemv_program(pid, h_ref, p_ref, scale_ref, w_ref, b_ref, h_out_ref, o_ref, num_parts=num_parts, eps=eps,
-                          epilogue=epilogue, block_n=block_n, block_k=block_k, n_out=n_out,
-                          num_programs=num_programs, hoist=hoist)
+        rows, k_total = h_ref.shape
+        k_ok = jnp.arange(block_k) < k_total
+        halves = (0, n_out) if epilogue == "swiglu" else (0,)
+        num_blocks = pl.cdiv(n_out, block_n)
+
+        def load_rows(block):
+            col_ok = block * block_n + jnp.arange(block_n) < n_out
+            return tuple(compat.load(w_ref.at[pl.ds(offset + block * block_n, block_n), pl.ds(0, block_k)],
+                                     mask=col_ok[:, None] & k_ok[None, :], other=0) for offset in halves)
+
+        # The weight rows first: they do not depend on the norm, so their loads are in flight while
+        # the program sums the residual and its statistics.
+        ws = load_rows(pid)
+        one_block = num_programs >= num_blocks
+        if hoist:
+            scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
+        bias = None
+        if hoist and has_bias and one_block:
+            bias_ok = pid * block_n + jnp.arange(block_n) < n_out
+            bias = compat.load(b_ref.at[pl.ds(pid * block_n, block_n)], mask=bias_ok, other=0)
+        dtype = h_ref.dtype
+
+        def normed_row(r: int):
+            row = jnp.int32(r)  # a traced index: interpret mode's discharge wants one, not a Python int
+            h = compat.load(h_ref.at[row, pl.ds(0, block_k)], mask=k_ok, other=0)
+            if num_parts:  # add_rms_norm's sum and roundings, redone by every program (an L2-resident row)
+                parts = [compat.load(p_ref.at[jnp.int32(i), row, pl.ds(0, block_k)], mask=k_ok, other=0)
+                         for i in range(num_parts)]
+                delta = functools.reduce(jnp.add, parts)
+                h = (h.astype(jnp.float32) + delta.astype(dtype).astype(jnp.float32)).astype(dtype)
+                compat.store(h_out_ref.at[row, pl.ds(0, block_k)], h, mask=k_ok & (pid == 0))
+            hf = h.astype(jnp.float32)
+            return (hf * lax.rsqrt(jnp.sum(hf * hf) / k_total + eps)).astype(dtype)
+
+        normed = [normed_row(r) for r in range(rows)]
+        if not hoist:
+            scale = compat.load(scale_ref.at[pl.ds(0, block_k)], mask=k_ok, other=0)
+        xs = [(scale.astype(jnp.float32) * n.astype(jnp.float32)).astype(dtype).astype(jnp.float32) for n in normed]
+
+        def emit(block, ws, bias=None):
+            cols_at = pl.ds(block * block_n, block_n)
+            col_ok = block * block_n + jnp.arange(block_n) < n_out
+            wf = tuple(w.astype(jnp.float32) for w in ws)
+            for r, x in enumerate(xs):  # each weight block loaded once for every row
+                accs = tuple(jnp.sum(w * x[None, :], axis=1)[None, :] for w in wf)
+                _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=(pl.ds(r, 1), cols_at),
+                              mask=col_ok[None, :], cols_at=cols_at, col_ok=col_ok, bias=bias)
+
+        if one_block:  # one block a program
+            emit(pid, ws, bias)
+            return
+
+        # Fewer programs than blocks: program p takes blocks p, p + P, p + 2P, ..., the next block's
+        # rows loaded (into registers) before this one's are multiplied, so every program keeps a
+        # block of weights in flight while it computes, and derives the norm once for all its blocks.
+        def body(i, ws):
+            block = pid + i * num_programs
+            nxt = load_rows(block + num_programs)  # past the last block: masked, loads nothing
+            emit(block, ws)
+            return nxt
+
+        lax.fori_loop(0, pl.cdiv(num_blocks - pid, num_programs), body, ws)
 
     if touch_tiles:
         pl.when(pid < num_programs)(work)
@@ -591,17 +557,20 @@ def _norm_gemv(hidden, partials, scale, w, bias, touch_pages=None, *, eps: float
     num_parts = 0 if partials is None else partials.shape[0]
     num_blocks = pl.cdiv(n_out, block_n)
     num_programs = min(num_programs or num_blocks, num_blocks)
-    touches = touch_tiles(touch_pages)
+    touch_tiles = 0
+    if touch_pages is not None:
+        k_pages, _, table = touch_pages
+        touch_tiles = table.shape[0] * k_pages.shape[0] * table.shape[1]
     kernel = functools.partial(_norm_gemv_kernel, num_parts=num_parts, eps=eps, epilogue=epilogue,
                                has_bias=bias is not None, block_n=block_n, block_k=compat.next_pow2(k),
-                               n_out=n_out, num_programs=num_programs, hoist=hoist, touch_tiles=touches)
+                               n_out=n_out, num_programs=num_programs, hoist=hoist, touch_tiles=touch_tiles)
     args = [hidden] + ([partials] if num_parts else []) + [scale, w] + ([bias] if bias is not None else [])
-    if touches:
+    if touch_tiles:
         args += list(touch_pages)
     out_shape = ([jax.ShapeDtypeStruct(hidden.shape, hidden.dtype)] if num_parts else []) \
         + [jax.ShapeDtypeStruct((hidden.shape[0], n_out), hidden.dtype)] \
-        + ([jax.ShapeDtypeStruct((touches,), jnp.float32)] if touches else [])
-    outs = compat.triton_call(kernel, *args, grid=(num_programs + touches,), out_shape=out_shape,
+        + ([jax.ShapeDtypeStruct((touch_tiles,), jnp.float32)] if touch_tiles else [])
+    outs = compat.triton_call(kernel, *args, grid=(num_programs + touch_tiles,), out_shape=out_shape,
                               interpret=interpret, num_warps=num_warps,
                               name=f"skinny_matmul_norm_{epilogue}")  # QKV and gate_up apart in a profile
     return (outs[0], outs[1]) if num_parts else (hidden, outs[0])

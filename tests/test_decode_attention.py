@@ -372,8 +372,6 @@ def test_fused_decode_shape_errors_name_the_field():
     ("pallas", {}, "nk", "pallas+norm+o"),
     # The same, the QKV projection also reading the attention's pages ahead of it (model.PREFETCH_KV).
     ("pallas", {}, "nk", "pallas+norm+touch+o"),
-    # The same with each down_proj run in the next layer's QKV kernel (model.MERGE_DOWN_QKV).
-    ("pallas", {}, "nk", "pallas+norm+touch+downqkv+o"),
     # The same over three rows (model.FOLD_MAX_ROWS 4, opt-in: each program's weights multiply every row).
     ("pallas", {}, "nk", "pallas+norm+rows3+o"),
 ])
@@ -393,14 +391,6 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
     monkeypatch.setattr(model_module, "NORM_IN_PROJECTION", fold)
     monkeypatch.setattr(model_module, "O_IN_ATTENTION", projections.endswith("+o"))
     monkeypatch.setattr(model_module, "PREFETCH_KV", "+touch" in projections)
-    merge = "+downqkv" in projections
-    monkeypatch.setattr(model_module, "MERGE_DOWN_QKV", merge)
-    if merge:
-        import importlib
-
-        dq = importlib.import_module("jaxserve_kernels.down_qkv")
-        merged = []
-        monkeypatch.setattr(dq, "fused_down_qkv", lambda *a, _f=dq.fused_down_qkv, **k: merged.append(1) or _f(*a, **k))
     if projections.endswith("+o"):
         import importlib
 
@@ -463,10 +453,8 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
     logits, _ = jax.jit(lambda params, kv: model.apply(
         {"params": params}, jnp.asarray(new_tok), jnp.asarray(lengths[:, None], jnp.int32),
         kv=kv, paged=dec))(params, kv)
-    if fold:  # qkv and gate_up of every layer; merged, every QKV after the first runs with a down_proj
-        assert len(folded) == 2 * cfg.num_hidden_layers - (cfg.num_hidden_layers - 1 if merge else 0)
-    if merge:
-        assert len(merged) == cfg.num_hidden_layers - 1
+    if fold:
+        assert len(folded) == 2 * cfg.num_hidden_layers  # qkv and gate_up of every layer
     if projections.endswith("+o"):
         assert len(fused_o) == cfg.num_hidden_layers
     # The dense pass over every row's tokens at once: causal, so row b's logits at its position lengths[b]
