@@ -510,7 +510,7 @@ def run_variant(args) -> list[dict]:
     default_layout = model_module.WEIGHT_LAYOUT
     norm_fold = model_module.NORM_IN_PROJECTION
     o_in_attention = model_module.O_IN_ATTENTION
-    prefetch_kv, prefetch_wo = model_module.PREFETCH_KV, model_module.PREFETCH_WO
+    prefetch_kv = model_module.PREFETCH_KV
     layouts = {glue: "kn" if glue == "kn" else "nk" if glue in NK_TILINGS else default_layout
                for glue in args.glue}
     by_layout = {layout: model_module.convert_weight_layout(params, default_layout, layout)
@@ -590,8 +590,6 @@ def run_variant(args) -> list[dict]:
             # "prefetch_kv" / "no_prefetch_kv": the one-row QKV projection reads the attention's pages ahead of it
             # (model.PREFETCH_KV), or not.
             model_module.PREFETCH_KV = {"prefetch_kv": True, "no_prefetch_kv": False}.get(glue, prefetch_kv)
-            # "prefetch_wo" / "no_prefetch_wo": that kernel also reads the attention's Wo ahead (model.PREFETCH_WO).
-            model_module.PREFETCH_WO = {"prefetch_wo": True, "no_prefetch_wo": False}.get(glue, prefetch_wo)
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
             # "cb_*": how XLA orders a command buffer's kernels (xla_gpu_command_buffer_scheduling_mode:
             # serialized, concurrent where the data allows, or the latency-hiding scheduler's order);
@@ -776,7 +774,7 @@ def main() -> None:
                                                              "swiglu_approx", "swiglu_exact", "pick_wave_fit", "pick_ceil", *CB_OPTIONS,
                                                              "head_b112", "head_b120", "head_b136", "head_b192", "head_b256",
                                                              "unroll2", "unroll4", "unroll8", "halves", "split_one_stage", "fold1", "fold4", "prefetch_kv",
-                                                             "no_prefetch_kv", "prefetch_wo", "no_prefetch_wo"],
+                                                             "no_prefetch_kv"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

@@ -256,10 +256,6 @@ O_IN_ATTENTION = os.environ.get("JAXSERVE_O_IN_ATTENTION", "1") == "1"
 # attention 5.84 -> 5.46 µs, QKV 2.60 -> 2.71, batch-1 step 0.553 -> 0.546 ms. JAXSERVE_PREFETCH_KV=0 turns it
 # off. Read when a step is traced.
 PREFETCH_KV = os.environ.get("JAXSERVE_PREFETCH_KV", "1") == "1"
-# With PREFETCH_KV, that QKV kernel also reads the attention's Wo (`skinny_matmul_norm(touch_matrix=...)`,
-# programs of its own past the page reads), so the attention's first loads, Wo's rows, are L2 hits too.
-# JAXSERVE_PREFETCH_WO=1 turns it on. Read when a step is traced.
-PREFETCH_WO = os.environ.get("JAXSERVE_PREFETCH_WO", "0") == "1"
 # Decode steps of up to this many rows take the one-row step's kernels (norms folded into QKV and gate_up,
 # o_proj in the attention for short tables, down_proj and o_proj on the lane-wise path), each program
 # multiplying the weights it loads by every row (`skinny_matmul_norm`, `skinny_matmul(..., gemv=True)` take
@@ -492,7 +488,7 @@ class Linear(nn.Module):
     ("partials", "swiglu"; see ``jaxserve_kernels.skinny_matmul.skinny_matmul``) is for the fused decode
     glue only, which guarantees the kernel runs; ``tiling`` overrides the kernel's tiling
     (``block_n``, ``block_k``, ``num_splits``, ...). With ``norm`` (_fold_norms) ``touch_pages`` goes to
-    ``skinny_matmul_norm`` (PREFETCH_KV), as does ``touch_matrix`` (PREFETCH_WO).
+    ``skinny_matmul_norm`` (PREFETCH_KV).
     """
 
     features: int
@@ -502,8 +498,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, fast: bool = False, epilogue: str = "none",
                  tiling: dict[str, int] | None = None, norm: tuple | None = None,
-                 fused: Callable[[jax.Array], Any] | None = None, touch_pages: tuple | None = None,
-                 touch_matrix: jax.Array | None = None):
+                 fused: Callable[[jax.Array], Any] | None = None, touch_pages: tuple | None = None):
         nk = WEIGHT_LAYOUT == "nk"
         shape = (self.features, x.shape[-1]) if nk else (x.shape[-1], self.features)
         # lecun_normal's fan-in is the kernel's second-to-last axis: `[in, out]`'s in.
@@ -519,7 +514,7 @@ class Linear(nn.Module):
 
             partials, scale, eps = norm
             h, out = skinny_matmul_norm(x.reshape(rows, x.shape[-1]), partials, scale, kernel, bias, eps=eps,
-                                        epilogue=epilogue, touch_pages=touch_pages, touch_matrix=touch_matrix)
+                                        epilogue=epilogue, touch_pages=touch_pages)
             return h.reshape(x.shape), out.reshape(*x.shape[:-1], out.shape[-1])
         if fast:
             from jaxserve_kernels.skinny_matmul import skinny_matmul
@@ -651,14 +646,12 @@ class Attention(nn.Module):
             o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
             return o_proj(out, fused=lambda kernel, _: _accumulate(out, kernel, x)), kv
         fold_o = norm is not None and _fold_o_proj(paged, kv)
-        o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
         if norm is not None:
             touch = (kv[0], kv[1], paged.block_tables) if PREFETCH_KV and fold_o else None
-            wo = (o_proj(jax.ShapeDtypeStruct((b, s, h * d), self.dtype), fused=lambda kernel, _: kernel)
-                  if touch is not None and PREFETCH_WO else None)
-            x, qkv = qkv_proj(x, fast, norm=norm, touch_pages=touch, touch_matrix=wo)
+            x, qkv = qkv_proj(x, fast, norm=norm, touch_pages=touch)
         else:
             qkv = qkv_proj(x, fast, tiling=QKV_SKINNY_TILING)
+        o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
         if fold_o:
             # o_proj inside the attention kernel; its per-KV-head partials go to the next norm.
             partials, kv = o_proj(jax.ShapeDtypeStruct((b, s, h * d), self.dtype),

@@ -450,22 +450,19 @@ NORM_GEMV_TILES: dict[str, dict[str, int]] = {"none": {"block_n": 4},
 # RMSNorm kernel's `SCALE_FIRST`. Same bits. H200, session 26 (`bash bench/gpu_checks.sh hoist26`, one
 # process): batch-1 step 0.556 vs 0.566 ms, GPU busy 565.0 vs 577.8 µs. Read when a step is traced.
 NORM_GEMV_HOIST = True
-# Rows of `touch_matrix` a program reads (16 x 896 bf16: 28 KiB, Wo's rows for the attention after QKV).
-TOUCH_ROWS = 16
 
 
 def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, has_bias: bool,
                       block_n: int, block_k: int, n_out: int, num_programs: int, hoist: bool = False,
-                      touch_tiles: int = 0, touch_rows: int = 0):
+                      touch_tiles: int = 0):
     refs = list(refs)
     p_ref = refs.pop(0) if num_parts else None
     scale_ref, w_ref = refs.pop(0), refs.pop(0)
     b_ref = refs.pop(0) if has_bias else None
     k_pages_ref, v_pages_ref, table_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if touch_tiles else (None,) * 3
-    matrix_ref = refs.pop(0) if touch_rows else None
     h_out_ref = refs.pop(0) if num_parts else None
     o_ref = refs.pop(0)
-    touch_ref = refs.pop(0) if touch_tiles or touch_rows else None
+    touch_ref = refs.pop(0) if touch_tiles else None
     pid = pl.program_id(0)
     if touch_tiles:
         # `touch_pages`: programs past the projection's each read one (row, KV head, table entry)'s key and value
@@ -480,17 +477,6 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
             k = k_pages_ref[rest // width, page].astype(jnp.float32)
             v = v_pages_ref[rest // width, page].astype(jnp.float32)
             touch_ref[pl.ds(t, 1)] = jnp.full((1,), jnp.sum(k) + jnp.sum(v), jnp.float32)
-    if touch_rows:
-        # `touch_matrix`: programs past those read `touch_rows` rows of a matrix each (the next kernel's weights).
-        @pl.when(pid >= num_programs + touch_tiles)
-        def _touch_matrix():
-            t = pid - num_programs - touch_tiles
-            n, k = matrix_ref.shape
-            rows = t * touch_rows + jnp.arange(touch_rows)
-            cols = jnp.arange(compat.next_pow2(k))
-            w = compat.load(matrix_ref.at[pl.ds(t * touch_rows, touch_rows), pl.ds(0, cols.shape[0])],
-                            mask=(rows < n)[:, None] & (cols < k)[None, :], other=0)
-            touch_ref[pl.ds(touch_tiles + t, 1)] = jnp.full((1,), jnp.sum(w.astype(jnp.float32)), jnp.float32)
 
     def work():  # the projection's program
         rows, k_total = h_ref.shape
@@ -556,7 +542,7 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
 
         lax.fori_loop(0, pl.cdiv(num_blocks - pid, num_programs), body, ws)
 
-    if touch_tiles or touch_rows:
+    if touch_tiles:
         pl.when(pid < num_programs)(work)
     else:
         work()
@@ -564,8 +550,7 @@ def _norm_gemv_kernel(h_ref, *refs, num_parts: int, eps: float, epilogue: str, h
 
 @functools.partial(jax.jit, static_argnames=("eps", "epilogue", "block_n", "num_warps", "num_programs",
                                              "interpret", "hoist"))
-def _norm_gemv(hidden, partials, scale, w, bias, touch_pages=None, touch_matrix=None, *, eps: float, epilogue: str,
-               block_n: int,
+def _norm_gemv(hidden, partials, scale, w, bias, touch_pages=None, *, eps: float, epilogue: str, block_n: int,
                num_warps: int, num_programs: int, interpret: bool, hoist: bool = False):
     k = hidden.shape[1]
     n_out = w.shape[0] // 2 if epilogue == "swiglu" else w.shape[0]
@@ -576,21 +561,16 @@ def _norm_gemv(hidden, partials, scale, w, bias, touch_pages=None, touch_matrix=
     if touch_pages is not None:
         k_pages, _, table = touch_pages
         touch_tiles = table.shape[0] * k_pages.shape[0] * table.shape[1]
-    matrix_programs = 0 if touch_matrix is None else pl.cdiv(touch_matrix.shape[0], TOUCH_ROWS)
     kernel = functools.partial(_norm_gemv_kernel, num_parts=num_parts, eps=eps, epilogue=epilogue,
                                has_bias=bias is not None, block_n=block_n, block_k=compat.next_pow2(k),
-                               n_out=n_out, num_programs=num_programs, hoist=hoist, touch_tiles=touch_tiles,
-                               touch_rows=TOUCH_ROWS if matrix_programs else 0)
+                               n_out=n_out, num_programs=num_programs, hoist=hoist, touch_tiles=touch_tiles)
     args = [hidden] + ([partials] if num_parts else []) + [scale, w] + ([bias] if bias is not None else [])
     if touch_tiles:
         args += list(touch_pages)
-    if matrix_programs:
-        args.append(touch_matrix)
-    touches = touch_tiles + matrix_programs
     out_shape = ([jax.ShapeDtypeStruct(hidden.shape, hidden.dtype)] if num_parts else []) \
         + [jax.ShapeDtypeStruct((hidden.shape[0], n_out), hidden.dtype)] \
-        + ([jax.ShapeDtypeStruct((touches,), jnp.float32)] if touches else [])
-    outs = compat.triton_call(kernel, *args, grid=(num_programs + touches,), out_shape=out_shape,
+        + ([jax.ShapeDtypeStruct((touch_tiles,), jnp.float32)] if touch_tiles else [])
+    outs = compat.triton_call(kernel, *args, grid=(num_programs + touch_tiles,), out_shape=out_shape,
                               interpret=interpret, num_warps=num_warps,
                               name=f"skinny_matmul_norm_{epilogue}")  # QKV and gate_up apart in a profile
     return (outs[0], outs[1]) if num_parts else (hidden, outs[0])
@@ -600,7 +580,6 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
                        bias: jax.Array | None = None, *, eps: float, epilogue: str = "none",
                        block_n: int | None = None, num_warps: int | None = None,
                        num_programs: int | None = None, touch_pages: tuple | None = None,
-                       touch_matrix: jax.Array | None = None,
                        interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """`jaxserve_kernels.residual_norm.add_rms_norm` folded into a few-row `[N, K]` skinny matmul.
 
@@ -625,8 +604,6 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
             or None: programs past the projection's also read the key and value pages the tables name (one page
             of one KV head a program), so that the attention kernel after this one finds them in L2
             (`jaxserve.model.PREFETCH_KV`). Changes no output.
-        touch_matrix: `[N2, K2]` or None: programs past those read it, `TOUCH_ROWS` rows a program, so that the
-            kernel after this one finds it in L2 (`jaxserve.model.PREFETCH_WO`). Changes no output.
         interpret: Pallas interpret mode; None picks it on the CPU backend.
 
     Example:
@@ -664,10 +641,7 @@ def skinny_matmul_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax
         partials = partials.astype(jnp.float32)
     if touch_pages is not None and (len(touch_pages) != 3 or touch_pages[2].shape[0] != hidden.shape[0]):
         raise ValueError(f"touch_pages must be (k_pages, v_pages, block_tables [{hidden.shape[0]}, W])")
-    if touch_matrix is not None and touch_matrix.ndim != 2:
-        raise ValueError(f"touch_matrix must be 2-D, got {touch_matrix.shape}")
-    return _norm_gemv(hidden, partials, scale, w, bias, touch_pages, touch_matrix, eps=float(eps), epilogue=epilogue,
-                      block_n=block_n,
+    return _norm_gemv(hidden, partials, scale, w, bias, touch_pages, eps=float(eps), epilogue=epilogue, block_n=block_n,
                       num_warps=num_warps or tile.get("num_warps", NK_GEMV_WARPS), num_programs=num_programs,
                       interpret=interpret, hoist=NORM_GEMV_HOIST)
 

@@ -372,8 +372,6 @@ def test_fused_decode_shape_errors_name_the_field():
     ("pallas", {}, "nk", "pallas+norm+o"),
     # The same, the QKV projection also reading the attention's pages ahead of it (model.PREFETCH_KV).
     ("pallas", {}, "nk", "pallas+norm+touch+o"),
-    # ... and Wo read ahead by the same kernel too (model.PREFETCH_WO).
-    ("pallas", {}, "nk", "pallas+norm+touch+wo+o"),
     # The same over three rows (model.FOLD_MAX_ROWS 4, opt-in: each program's weights multiply every row).
     ("pallas", {}, "nk", "pallas+norm+rows3+o"),
 ])
@@ -393,7 +391,6 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
     monkeypatch.setattr(model_module, "NORM_IN_PROJECTION", fold)
     monkeypatch.setattr(model_module, "O_IN_ATTENTION", projections.endswith("+o"))
     monkeypatch.setattr(model_module, "PREFETCH_KV", "+touch" in projections)
-    monkeypatch.setattr(model_module, "PREFETCH_WO", "+wo" in projections)
     if projections.endswith("+o"):
         import importlib
 

@@ -243,14 +243,8 @@ def test_skinny_matmul_norm_touching_pages_changes_no_output(interpret, epilogue
                                num_programs=programs, interpret=interpret)
     touched = skinny_matmul_norm(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue, block_n=bn,
                                  num_programs=programs, touch_pages=(pages, pages * 2, table), interpret=interpret)
-    # ... and touch_matrix (model.PREFETCH_WO) the next kernel's weights, ragged rows included.
-    wo = jnp.asarray(rng.standard_normal((100, 72)), dtype)
-    with_wo = skinny_matmul_norm(hidden, partials, scale, w, bias, eps=1e-6, epilogue=epilogue, block_n=bn,
-                                 num_programs=programs, touch_pages=(pages, pages * 2, table), touch_matrix=wo,
-                                 interpret=interpret)
-    for a, b, c in zip(plain, touched, with_wo):
+    for a, b in zip(plain, touched):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=f"seed={seed}")
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(c, np.float32), err_msg=f"seed={seed}")
     with pytest.raises(ValueError, match="touch_pages"):
         skinny_matmul_norm(hidden, partials, scale, w, bias, eps=1e-6, touch_pages=(pages, pages, table[:, :0].T))
 
