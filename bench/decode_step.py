@@ -81,7 +81,7 @@ QKV_TILINGS = {"qkv_unsplit": {"num_splits": 1}, "qkv_unsplit_n32": {"num_splits
 # --glue choices with o_proj inside the fused decode attention at one row (model.O_IN_ATTENTION),
 # with these jaxserve_kernels.decode_attention settings: Wo rows a program, Wo loaded before the attention.
 # "no_o_attn": o_proj apart (its own skinny matmul launch).
-O_TUNINGS = {"o_attn": {}, "o_3d": {"O_3D": True}, "o_attn_pf": {"O_ROWS": 8, "O_PREFETCH_WO": True}, "o_attn_r4": {"O_ROWS": 4, "O_PREFETCH_WO": False},
+O_TUNINGS = {"o_attn": {}, "o_attn_pf": {"O_ROWS": 8, "O_PREFETCH_WO": True}, "o_attn_r4": {"O_ROWS": 4, "O_PREFETCH_WO": False},
              "o_attn_r16": {"O_ROWS": 16, "O_PREFETCH_WO": False}, "o_attn_r32": {"O_ROWS": 32, "O_PREFETCH_WO": False},
              "o_attn_r16_pf": {"O_ROWS": 16, "O_PREFETCH_WO": True},
              **{f"o_attn_r{r}_pf_w{w}": {"O_ROWS": r, "O_PREFETCH_WO": True, "O_NUM_WARPS": w}
@@ -446,8 +446,7 @@ def run_variant(args) -> list[dict]:
     skinny_module = importlib.import_module("jaxserve_kernels.skinny_matmul")
     decode_attention_module = importlib.import_module("jaxserve_kernels.decode_attention")
     mgpu_module = importlib.import_module("jaxserve_kernels.skinny_matmul_mgpu")
-    o_defaults = {name: getattr(decode_attention_module, name) for name in ("O_ROWS", "O_PREFETCH_WO", "O_NUM_WARPS",
-                                                                            "O_3D")}
+    o_defaults = {name: getattr(decode_attention_module, name) for name in ("O_ROWS", "O_PREFETCH_WO", "O_NUM_WARPS")}
     from jaxserve.config import ModelConfig
     from jaxserve.model import init_params
     from jaxserve.runner import Runner, default_attention_impl

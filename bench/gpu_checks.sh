@@ -262,8 +262,6 @@
 #               tests, then the batch-1 step with it off / on at 192 and 64 keys, profiled (~250 s)
 #   kv42b       session 42: the same with the page reads in programs of their own past the projection's, 192 keys (~150 s)
 #   kv42c       session 42: PREFETCH_KV the default: the batch-1 step against it off at 192 and 64 keys, 9 rounds (~170 s)
-#   o3d43       session 43: o_proj's fold as one 3-D tile product (O_3D): compiled tests with it on, the batch-1 step
-#               off / on at 192 and 64 keys (~200 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -848,10 +846,6 @@ for part in "${parts[@]}"; do
              --glue kernels prefetch_kv --rounds 7 --reps 10 --profile /tmp/kv42b ;;
     kv42c) for ctx in 192 64; do timeout 120 python3 bench/decode_step.py --batches 1 --context $ctx --variants default \
              --no-static --glue kernels no_prefetch_kv --rounds 9 --reps 10 --profile /tmp/kv42c_$ctx ; done ;;
-    o3d43) JAXSERVE_O_3D=1 timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-             tests/test_decode_attention.py -k "o_matches or one_block_table or joint_rope or early_gather or (model_decode_step and o)" ; \
-           for ctx in 192 64; do timeout 150 python3 bench/decode_step.py --batches 1 --context $ctx --variants default \
-             --no-static --glue kernels o_3d --rounds 7 --reps 10 --profile /tmp/o3d43_$ctx ; done ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

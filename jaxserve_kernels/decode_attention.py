@@ -75,7 +75,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                   precision, act_dtype, merge_in_kernel: bool = False, interpret: bool = False,
                   o_rows: int = 0, prefetch_wo: bool = False, rot_input: bool = False,
                   joint_rope: bool = False, early_gather: bool = False, ftz: bool = False,
-                  lean: bool = False, o_3d: bool = False):
+                  lean: bool = False):
     wo_ref, refs = (refs[0], refs[1:]) if o_rows else (None, refs)
     rot_ref, refs = (refs[0], refs[1:]) if rot_input else (None, refs)
     (o_ref, lse_ref, out_ref, counter_ref), (k_out_ref, v_out_ref) = split_refs(
@@ -192,15 +192,8 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
             return compat.load(wo_ref.at[pl.ds(chunk * o_rows, o_rows), pl.ds((head * group + g) * head_dim, head_dim)],
                                mask=o_ok[:, None], other=0)
 
-        def wo_tile():  # `o_3d`: Wo[chunk's rows, the group's columns] as [o_rows, block_rows, D]; rows >= group: 0
-            n = jnp.minimum(o_cols, wo_ref.shape[0] - 1)
-            cols = (head * group + jnp.minimum(rows, group - 1))[None, :, None] * head_dim \
-                + jnp.arange(head_dim)[None, None, :]
-            return wo_ref[n[:, None, None], cols]
-
         # Loaded before the attention, the weights are in flight while it runs (registers held).
-        if prefetch_wo:
-            wos = wo_tile() if o_3d else [wo_rows(g) for g in range(group)]
+        wos = [wo_rows(g) for g in range(group)] if prefetch_wo else None
     carry = (acc0, m0, l0)
     if early_gather:
         has_first = num_iters >= 1
@@ -211,14 +204,6 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         # o_proj's partial sum over this KV head's query heads, rounded as the unfused path rounds
         # the attention output (to the activations' dtype) before the product.
         attn = out.astype(act_dtype).astype(jnp.float32)
-        if o_3d:
-            # Every query row against its head's Wo columns at once: one broadcast of the tile and one reduction,
-            # not one cross-warp reduction a head (`O_3D`).
-            w3 = (wos if prefetch_wo else wo_tile()).astype(jnp.float32)
-            prod = w3 * jnp.where(real_row[:, None], attn, 0.0)[None, :, :]
-            compat.store(o_ref.at[head, seq, pl.ds(chunk * o_rows, o_rows)], jnp.sum(jnp.sum(prod, axis=2), axis=1),
-                         mask=o_ok)
-            return
         acc = jnp.zeros((o_rows, head_dim), jnp.float32)
         for g in range(group):
             row_g = jnp.sum(jnp.where((rows == g)[:, None], attn, 0.0), axis=0)  # attention row g: [D]
@@ -243,12 +228,12 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine", "o_rows",
-    "prefetch_wo", "out_dtype", "rope_joint", "early_gather", "ftz", "lean", "live_rows", "o_3d"))
+    "prefetch_wo", "out_dtype", "rope_joint", "early_gather", "ftz", "lean", "live_rows"))
 def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo=None, *, scale: float,
            num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
            interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False, out_dtype=None,
            rope_joint: bool = False, early_gather: bool = False, ftz: bool = False, lean: bool = False,
-           live_rows: int | None = None, o_3d: bool = False):
+           live_rows: int | None = None):
     out_dtype = qkv.dtype if out_dtype is None else out_dtype
     batch, _, head_dim = qkv.shape
     live = batch if live_rows is None else live_rows  # grid rows: past them, padding nobody reads
@@ -267,7 +252,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
         scale=scale, precision=precision, act_dtype=out_dtype, merge_in_kernel=merge_in_kernel,
         interpret=interpret, o_rows=o_rows, prefetch_wo=prefetch_wo, rot_input=rot_input,
-        joint_rope=rot_input and group < block_rows, early_gather=early_gather, ftz=ftz, lean=lean, o_3d=o_3d)
+        joint_rope=rot_input and group < block_rows, early_gather=early_gather, ftz=ftz, lean=lean)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -469,9 +454,6 @@ def default_num_stages(batch: int, table_pages: int, num_splits: int, pages_per_
 O_ROWS = 16
 O_PREFETCH_WO = True
 O_NUM_WARPS = 8
-# `fused_decode_attention_o`'s o_proj product as one [o_rows, group rows, D] tile of Wo times the attention's rows,
-# one reduction, instead of a cross-warp reduction a head. JAXSERVE_O_3D=1 turns it on. Read when a step is traced.
-O_3D = os.environ.get("JAXSERVE_O_3D", "0") == "1"
 
 
 def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
@@ -538,7 +520,7 @@ def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_p
                   interpret=interpret, combine="pallas", o_rows=o_rows,
                   prefetch_wo=O_PREFETCH_WO if prefetch_wo is None else bool(prefetch_wo),
                   rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER, ftz=_paged.FTZ_EXP2,
-                  lean=_paged.LEAN_SOFTMAX, o_3d=O_3D)
+                  lean=_paged.LEAN_SOFTMAX)
 
 
 def fused_decode_attention_o_reference(qkv, cos, sin, k_pages, v_pages, block_tables, lengths,
