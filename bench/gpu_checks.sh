@@ -262,6 +262,8 @@
 #               tests, then the batch-1 step with it off / on at 192 and 64 keys, profiled (~250 s)
 #   kv42b       session 42: the same with the page reads in programs of their own past the projection's, 192 keys (~150 s)
 #   kv42c       session 42: PREFETCH_KV the default: the batch-1 step against it off at 192 and 64 keys, 9 rounds (~170 s)
+#   pdl44       (written in session 43, not yet run) whether XLA launches a Pallas Triton kernel that waits on
+#               `griddepcontrol` programmatically: kernel_floor's stream chain with and without it (~60 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -846,6 +848,7 @@ for part in "${parts[@]}"; do
              --glue kernels prefetch_kv --rounds 7 --reps 10 --profile /tmp/kv42b ;;
     kv42c) for ctx in 192 64; do timeout 120 python3 bench/decode_step.py --batches 1 --context $ctx --variants default \
              --no-static --glue kernels no_prefetch_kv --rounds 9 --reps 10 --profile /tmp/kv42c_$ctx ; done ;;
+    pdl44) timeout 240 python3 bench/kernel_floor.py --chains stream --pdl --sizes-mb 0.05 0.5 2 8.7 17.4 ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

@@ -13,6 +13,7 @@ the table's kernel count shows). "stream": a Pallas Triton kernel that only stre
 2.62 µs + MB / 3.72 TB/s.
 
     python bench/kernel_floor.py --chains stream --stream-rows 2 8   # GPU
+    python bench/kernel_floor.py --chains stream --pdl --sizes-mb 0.05 2 17.4   # with griddepcontrol too
     python bench/kernel_floor.py --sizes-mb 0.1 0.5 --matrices 4 --reps 2   # CPU smoke run
 """
 
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import pallas as pl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -91,11 +93,36 @@ def _stream_kernel(prev_ref, x_ref, o_ref):
     o_ref[...] = jnp.full(o_ref.shape, jnp.sum(block), jnp.float32) + prev_ref[...] * 0
 
 
-def stream_chain_us(size_mb: float, matrices: int, reps: int, rounds: int, rows: int = 2) -> tuple[float, int, float]:
-    """The same chain with a Pallas Triton kernel that only streams its bytes (`rows` x 8 KiB a program, one sum a
-    program): what a kernel of our own toolchain pays at the least, besides its bytes."""
-    from jax.experimental import pallas as pl
+def _grid_dependency(x: jax.Array, op: str) -> jax.Array:
+    """In-kernel: `griddepcontrol.<op>` (PTX, sm_90+), returning an int32 zero shaped like `x` that the caller must
+    use: Pallas's inline assembly is pure to LLVM, so only a use orders it (a zero added into an index or an output).
+    "wait": blocks until the kernels this one was launched after have finished and their writes are visible (a
+    no-op unless the launch was programmatic); "launch_dependents": lets the next kernel be scheduled early."""
+    from jaxserve_kernels import pallas_compat as compat
 
+    [zero] = compat.plgpu.elementwise_inline_asm(f"griddepcontrol.{op}; mov.b32 $0, 0;", args=[x], constraints="=r,r",
+                                                 pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.int32)])
+    return zero
+
+
+def _stream_kernel_pdl(prev_ref, x_ref, o_ref):
+    # As _stream_kernel, written for a programmatic dependent launch: the block (which no earlier kernel writes) is
+    # loaded and summed first, the next kernel may be scheduled from then on, and the previous kernel's output is read
+    # only after the grid-dependency wait (its index carries the wait's zero).
+    block = x_ref[...].astype(jnp.float32)
+    total = jnp.sum(block)
+    ready = _grid_dependency(jnp.zeros((1,), jnp.int32), "launch_dependents")
+    waited = _grid_dependency(jnp.zeros((1,), jnp.int32), "wait")
+    prev = prev_ref[pl.ds(waited[0], 1), :]
+    o_ref[...] = jnp.full(o_ref.shape, total, jnp.float32) + prev * 0 + ready[0].astype(jnp.float32)
+
+
+def stream_chain_us(size_mb: float, matrices: int, reps: int, rounds: int, rows: int = 2,
+                    pdl: bool = False) -> tuple[float, int, float]:
+    """The same chain with a Pallas Triton kernel that only streams its bytes (`rows` x 8 KiB a program, one sum a
+    program): what a kernel of our own toolchain pays at the least, besides its bytes. `pdl`: each kernel waits on
+    the one before with `griddepcontrol` (compiled only), which overlaps the chain where XLA launches it
+    programmatically."""
     from jaxserve_kernels import pallas_compat as compat
 
     width = 4096
@@ -103,7 +130,8 @@ def stream_chain_us(size_mb: float, matrices: int, reps: int, rounds: int, rows:
     keys = jax.random.split(jax.random.key(1), matrices)
     xs = [jax.random.normal(k, (blocks * rows, width), jnp.bfloat16) for k in keys]
     interpret = compat.resolve_interpret(None)
-    call = pl.pallas_call(_stream_kernel, grid=(blocks,),
+    kernel = _stream_kernel_pdl if pdl and not interpret else _stream_kernel
+    call = pl.pallas_call(kernel, grid=(blocks,),
                           in_specs=[pl.BlockSpec((1, 16), lambda i: (0, 0)), pl.BlockSpec((rows, width), lambda i: (i, 0))],
                           out_specs=pl.BlockSpec((1, 16), lambda i: (i, 0)),
                           out_shape=jax.ShapeDtypeStruct((blocks, 16), jnp.float32), interpret=interpret,
@@ -125,12 +153,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--chains", nargs="+", default=["xla", "stream"], choices=["xla", "stream"])
     ap.add_argument("--stream-rows", type=int, nargs="+", default=[2], help="8 KiB rows a streaming program")
+    ap.add_argument("--pdl", action="store_true", help="the stream chains also with griddepcontrol in each kernel")
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     chains = [("xla", "XLA matrix-vector products ([rows, 896] bf16)", chain_us)]
     for rows in args.stream_rows:
-        chains.append(("stream", f"Pallas Triton streaming sums ({rows * 8} KiB a program)",
-                       functools.partial(stream_chain_us, rows=rows)))
+        for pdl in (False, True) if args.pdl else (False,):
+            chains.append(("stream", f"Pallas Triton streaming sums ({rows * 8} KiB a program"
+                           f"{', griddepcontrol wait / launch_dependents' if pdl else ''})",
+                           functools.partial(stream_chain_us, rows=rows, pdl=pdl)))
     for chain, name, timer in chains:
         if chain not in args.chains:
             continue
