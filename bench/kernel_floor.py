@@ -117,6 +117,18 @@ def _stream_kernel_pdl(prev_ref, x_ref, o_ref):
     o_ref[...] = jnp.full(o_ref.shape, total, jnp.float32) + prev * 0 + ready[0].astype(jnp.float32)
 
 
+def stream_call(kernel, blocks: int, rows: int, width: int, interpret: bool):
+    """`pallas_call` of a streaming kernel (`_stream_kernel` or `_stream_kernel_pdl`): `(prev [blocks, 16] float32,
+    x [blocks * rows, width] bf16) -> [blocks, 16]`, one `[rows, width]` block of x a program, 4 warps."""
+    from jaxserve_kernels import pallas_compat as compat
+
+    return pl.pallas_call(kernel, grid=(blocks,),
+                          in_specs=[pl.BlockSpec((1, 16), lambda i: (0, 0)), pl.BlockSpec((rows, width), lambda i: (i, 0))],
+                          out_specs=pl.BlockSpec((1, 16), lambda i: (i, 0)),
+                          out_shape=jax.ShapeDtypeStruct((blocks, 16), jnp.float32), interpret=interpret,
+                          compiler_params=None if interpret else compat.compiler_params(4, 1), name="stream")
+
+
 def stream_chain_us(size_mb: float, matrices: int, reps: int, rounds: int, rows: int = 2,
                     pdl: bool = False) -> tuple[float, int, float]:
     """The same chain with a Pallas Triton kernel that only streams its bytes (`rows` x 8 KiB a program, one sum a
@@ -130,12 +142,7 @@ def stream_chain_us(size_mb: float, matrices: int, reps: int, rounds: int, rows:
     keys = jax.random.split(jax.random.key(1), matrices)
     xs = [jax.random.normal(k, (blocks * rows, width), jnp.bfloat16) for k in keys]
     interpret = compat.resolve_interpret(None)
-    kernel = _stream_kernel_pdl if pdl and not interpret else _stream_kernel
-    call = pl.pallas_call(kernel, grid=(blocks,),
-                          in_specs=[pl.BlockSpec((1, 16), lambda i: (0, 0)), pl.BlockSpec((rows, width), lambda i: (i, 0))],
-                          out_specs=pl.BlockSpec((1, 16), lambda i: (i, 0)),
-                          out_shape=jax.ShapeDtypeStruct((blocks, 16), jnp.float32), interpret=interpret,
-                          compiler_params=None if interpret else compat.compiler_params(4, 1), name="stream")
+    call = stream_call(_stream_kernel_pdl if pdl and not interpret else _stream_kernel, blocks, rows, width, interpret)
 
     def body(_, v):
         for x in xs:

@@ -16,6 +16,7 @@ Set-up: the test venv plus `pip install triton==3.9.0` (a CPU wheel carrying its
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import importlib
 import os
@@ -23,6 +24,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -32,8 +34,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 
-def capture_triton_modules(out_dir: str) -> list[dict]:
-    """Patches JAX's Pallas Triton lowering to write each kernel's Triton IR (text) under `out_dir`."""
+@contextlib.contextmanager
+def capture_triton_modules(out_dir: str) -> Iterator[list[dict]]:
+    """Within the block, JAX's Pallas Triton lowering also writes each kernel's Triton IR (text) under `out_dir`;
+    the list it yields gets one `{"path": ...}` a kernel lowered. The lowering is restored on exit."""
     registration = importlib.import_module("jax._src.pallas.triton.pallas_call_registration")
     lowering = registration.lowering
     original = lowering.lower_jaxpr_to_triton_module
@@ -48,7 +52,10 @@ def capture_triton_modules(out_dir: str) -> list[dict]:
         return result
 
     lowering.lower_jaxpr_to_triton_module = record
-    return seen
+    try:
+        yield seen
+    finally:
+        lowering.lower_jaxpr_to_triton_module = original
 
 
 def ptxas_report(ttir: str, num_warps: int, num_stages: int) -> str:
@@ -92,8 +99,7 @@ def main() -> None:
     sds = jax.ShapeDtypeStruct
     pool = sds((kvh, pages, page, d), jnp.bfloat16)
     tables, lengths = sds((args.batch, width), jnp.int32), sds((args.batch,), jnp.int32)
-    with tempfile.TemporaryDirectory() as tmp:
-        seen = capture_triton_modules(tmp)
+    with tempfile.TemporaryDirectory() as tmp, capture_triton_modules(tmp) as seen:
         if args.kernel == "fused":
             from jaxserve_kernels.decode_attention import fused_decode_attention
             fn = jax.jit(lambda qkv, cos, sin, k, v, t, n, s: fused_decode_attention(qkv, cos, sin, k, v, t, n, s,

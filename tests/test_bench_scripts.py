@@ -117,31 +117,19 @@ def test_kernel_floor_times_a_chain_and_counts_its_loop_kernels():
 
 def test_kernel_floor_pdl_kernel_lowers_for_cuda_with_its_grid_dependency_ops_in_order(tmp_path):
     """The griddepcontrol variant of kernel_floor's streaming kernel (`--pdl`, compiled only) lowers for CUDA on the
-    CPU, its Triton IR holding launch_dependents before wait, and the wait's zero indexing the previous output."""
-    import importlib
+    CPU, its Triton IR holding launch_dependents before wait."""
     import sys
 
     sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
     import jax
     import jax.numpy as jnp
-    from jax.experimental import pallas as pl
 
-    from bench.kernel_floor import _stream_kernel_pdl
+    from bench.kernel_floor import _stream_kernel_pdl, stream_call
     from bench.triton_registers import capture_triton_modules
-    from jaxserve_kernels import pallas_compat as compat
 
-    call = pl.pallas_call(_stream_kernel_pdl, grid=(4,),
-                          in_specs=[pl.BlockSpec((1, 16), lambda i: (0, 0)), pl.BlockSpec((2, 4096), lambda i: (i, 0))],
-                          out_specs=pl.BlockSpec((1, 16), lambda i: (i, 0)),
-                          out_shape=jax.ShapeDtypeStruct((4, 16), jnp.float32), interpret=False,
-                          compiler_params=compat.compiler_params(4, 1), name="stream")
-    lowering = importlib.import_module("jax._src.pallas.triton.pallas_call_registration").lowering
-    original = lowering.lower_jaxpr_to_triton_module
-    try:  # the capture patches JAX's lowering: put it back for the tests after this one
-        seen = capture_triton_modules(str(tmp_path))
+    call = stream_call(_stream_kernel_pdl, blocks=4, rows=2, width=4096, interpret=False)
+    with capture_triton_modules(str(tmp_path)) as seen:
         jax.jit(call).trace(jax.ShapeDtypeStruct((4, 16), jnp.float32),
                             jax.ShapeDtypeStruct((8, 4096), jnp.bfloat16)).lower(lowering_platforms=("cuda",))
-    finally:
-        lowering.lower_jaxpr_to_triton_module = original
     ir = pathlib.Path(seen[-1]["path"]).read_text()
     assert 0 <= ir.index("griddepcontrol.launch_dependents") < ir.index("griddepcontrol.wait")
