@@ -262,8 +262,8 @@
 #               tests, then the batch-1 step with it off / on at 192 and 64 keys, profiled (~250 s)
 #   kv42b       session 42: the same with the page reads in programs of their own past the projection's, 192 keys (~150 s)
 #   kv42c       session 42: PREFETCH_KV the default: the batch-1 step against it off at 192 and 64 keys, 9 rounds (~170 s)
-#   pdl44       (written in session 43, not yet run) whether XLA launches a Pallas Triton kernel that waits on
-#               `griddepcontrol` programmatically: kernel_floor's stream chain with and without it (~60 s)
+#   pdl44       whether XLA launches a Pallas Triton kernel that waits on
+#               `griddepcontrol` programmatically: kernel_floor's stream chain with and without it (~60 s) (session 44: no; decode_step.md)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}

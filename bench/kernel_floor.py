@@ -13,7 +13,7 @@ the table's kernel count shows). "stream": a Pallas Triton kernel that only stre
 2.62 µs + MB / 3.72 TB/s.
 
     python bench/kernel_floor.py --chains stream --stream-rows 2 8   # GPU
-    python bench/kernel_floor.py --chains stream --pdl --sizes-mb 0.05 2 17.4   # with griddepcontrol too
+    python bench/kernel_floor.py --chains stream --pdl --sizes-mb 0.05 2 17.4   # with griddepcontrol too (session 44: no effect)
     python bench/kernel_floor.py --sizes-mb 0.1 0.5 --matrices 4 --reps 2   # CPU smoke run
 """
 
