@@ -264,6 +264,8 @@
 #   kv42c       session 42: PREFETCH_KV the default: the batch-1 step against it off at 192 and 64 keys, 9 rounds (~170 s)
 #   pdl44       whether XLA launches a Pallas Triton kernel that waits on
 #               `griddepcontrol` programmatically: kernel_floor's stream chain with and without it (~60 s) (session 44: no; decode_step.md)
+#   loop44      session 44: whether a fixed grid looping over blocks (kernel_floor --loop) streams a dependent chain's
+#               bytes faster than the one-shot grid of 16 KiB programs (~200 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -849,6 +851,7 @@ for part in "${parts[@]}"; do
     kv42c) for ctx in 192 64; do timeout 120 python3 bench/decode_step.py --batches 1 --context $ctx --variants default \
              --no-static --glue kernels no_prefetch_kv --rounds 9 --reps 10 --profile /tmp/kv42c_$ctx ; done ;;
     pdl44) timeout 240 python3 bench/kernel_floor.py --chains stream --pdl --sizes-mb 0.05 0.5 2 8.7 17.4 ;;
+    loop44) timeout 400 python3 bench/kernel_floor.py --chains stream --sizes-mb 2 8.7 17.4 35 --rounds 5 --loop p132r2s1w4 p264r2s1w4 p528r2s1w4 p1056r2s1w4 p528r2s3w4 p528r2s1w4f p1056r2s1w4f p264r8s1w8 ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

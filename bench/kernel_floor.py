@@ -14,6 +14,7 @@ the table's kernel count shows). "stream": a Pallas Triton kernel that only stre
 
     python bench/kernel_floor.py --chains stream --stream-rows 2 8   # GPU
     python bench/kernel_floor.py --chains stream --pdl --sizes-mb 0.05 2 17.4   # with griddepcontrol too (session 44: no effect)
+    python bench/kernel_floor.py --chains stream --loop p528r2s3w4 p1056r2s1w4f   # fixed grids looping over blocks
     python bench/kernel_floor.py --sizes-mb 0.1 0.5 --matrices 4 --reps 2   # CPU smoke run
 """
 
@@ -129,6 +130,86 @@ def stream_call(kernel, blocks: int, rows: int, width: int, interpret: bool):
                           compiler_params=None if interpret else compat.compiler_params(4, 1), name="stream")
 
 
+def _stream_loop_kernel(prev_ref, x_ref, o_ref, *, rows: int, programs: int, iters: int, prefetch: bool):
+    # Program p sums blocks p, p + P, p + 2P, ... of x (P programs, `iters` blocks each, all in range). `prefetch`:
+    # the next block is loaded into registers before this one is summed, as the one-row gate_up does; otherwise the
+    # loop is left to Triton's software pipeline (`num_stages`).
+    from jaxserve_kernels import pallas_compat as compat
+
+    pid = pl.program_id(0)
+    width = x_ref.shape[1]
+
+    def block(i, ok=None):
+        at = x_ref.at[pl.ds((pid + i * programs) * rows, rows), :]
+        if ok is None:
+            return at[...]
+        return compat.load(at, mask=jnp.full((rows, width), ok), other=0)
+
+    if prefetch:
+        def body(i, carry):
+            total, cur = carry
+            nxt = block(i + 1, i + 1 < iters)
+            return total + jnp.sum(cur.astype(jnp.float32)), nxt
+
+        total, _ = lax.fori_loop(0, iters, body, (jnp.float32(0), block(0)))
+    else:
+        total = lax.fori_loop(0, iters, lambda i, t: t + jnp.sum(block(i).astype(jnp.float32)), jnp.float32(0))
+    o_ref[...] = jnp.full(o_ref.shape, total, jnp.float32) + prev_ref[...] * 0
+
+
+def loop_call(programs: int, rows: int, iters: int, stages: int, warps: int, prefetch: bool, interpret: bool):
+    """`pallas_call` of `_stream_loop_kernel`: `(prev [programs, 16] float32, x [programs * iters * rows, 4096] bf16)
+    -> [programs, 16]`, each output row program p's sum of its blocks."""
+    from jaxserve_kernels import pallas_compat as compat
+
+    kernel = functools.partial(_stream_loop_kernel, rows=rows, programs=programs, iters=iters, prefetch=prefetch)
+    return pl.pallas_call(kernel, grid=(programs,),
+                          in_specs=[pl.BlockSpec((1, 16), lambda i: (0, 0)), pl.no_block_spec],
+                          out_specs=pl.BlockSpec((1, 16), lambda i: (i, 0)),
+                          out_shape=jax.ShapeDtypeStruct((programs, 16), jnp.float32), interpret=interpret,
+                          compiler_params=None if interpret else compat.compiler_params(warps, stages),
+                          name="stream_loop")
+
+
+def loop_chain_us(size_mb: float, matrices: int, reps: int, rounds: int, programs: int = 528, rows: int = 2,
+                  stages: int = 1, warps: int = 4, prefetch: bool = False) -> tuple[float, int, float]:
+    """The streaming chain with a fixed grid: `programs` programs, each looping over its share of `[rows, 4096]`
+    blocks (the size rounded to a whole number of blocks a program). Where the one-shot grid's programs each pay
+    the first load's latency, these keep loads in flight across blocks (Triton's pipeline at `stages` > 1, or the
+    register prefetch of `prefetch`)."""
+    from jaxserve_kernels import pallas_compat as compat
+
+    width = 4096
+    iters = max(1, round(size_mb * 1e6 / (programs * rows * width * 2)))
+    keys = jax.random.split(jax.random.key(2), matrices)
+    xs = [jax.random.normal(k, (programs * iters * rows, width), jnp.bfloat16) for k in keys]
+    call = loop_call(programs, rows, iters, stages, warps, prefetch, compat.resolve_interpret(None))
+
+    def body(_, v):
+        for x in xs:
+            v = call(v, x)
+        return v
+
+    return _time_chain(body, jnp.zeros((programs, 16), jnp.float32), xs, reps, rounds)
+
+
+LOOP_FORM = re.compile(r"p(\d+)r(\d+)s(\d+)w(\d+)(f?)$")
+
+
+def parse_loop_form(form: str) -> dict:
+    """`--loop` form `p<programs>r<rows>s<stages>w<warps>[f]` (f: register prefetch) as `loop_chain_us` keywords.
+
+    Example:
+        >>> parse_loop_form("p528r2s3w4")
+        {'programs': 528, 'rows': 2, 'stages': 3, 'warps': 4, 'prefetch': False}
+    """
+    m = LOOP_FORM.match(form)
+    if m is None:
+        raise ValueError(f"--loop form {form!r} is not p<programs>r<rows>s<stages>w<warps>[f]")
+    programs, rows, stages, warps = map(int, m.groups()[:4])
+    return dict(programs=programs, rows=rows, stages=stages, warps=warps, prefetch=m.group(5) == "f")
+
+
 def stream_chain_us(size_mb: float, matrices: int, reps: int, rounds: int, rows: int = 2,
                     pdl: bool = False) -> tuple[float, int, float]:
     """The same chain with a Pallas Triton kernel that only streams its bytes (`rows` x 8 KiB a program, one sum a
@@ -161,6 +242,8 @@ def main() -> None:
     ap.add_argument("--chains", nargs="+", default=["xla", "stream"], choices=["xla", "stream"])
     ap.add_argument("--stream-rows", type=int, nargs="+", default=[2], help="8 KiB rows a streaming program")
     ap.add_argument("--pdl", action="store_true", help="the stream chains also with griddepcontrol in each kernel")
+    ap.add_argument("--loop", nargs="+", default=[], metavar="FORM",
+                    help="looped streaming chains, each p<programs>r<rows>s<stages>w<warps>[f] (f: register prefetch)")
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     chains = [("xla", "XLA matrix-vector products ([rows, 896] bf16)", chain_us)]
@@ -169,6 +252,9 @@ def main() -> None:
             chains.append(("stream", f"Pallas Triton streaming sums ({rows * 8} KiB a program"
                            f"{', griddepcontrol wait / launch_dependents' if pdl else ''})",
                            functools.partial(stream_chain_us, rows=rows, pdl=pdl)))
+    for form in args.loop:
+        chains.append(("stream", f"Pallas Triton streaming sums, fixed grid {form} ({parse_loop_form(form)})",
+                       functools.partial(loop_chain_us, **parse_loop_form(form))))
     for chain, name, timer in chains:
         if chain not in args.chains:
             continue

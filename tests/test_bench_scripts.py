@@ -133,3 +133,28 @@ def test_kernel_floor_pdl_kernel_lowers_for_cuda_with_its_grid_dependency_ops_in
                             jax.ShapeDtypeStruct((8, 4096), jnp.bfloat16)).lower(lowering_platforms=("cuda",))
     ir = pathlib.Path(seen[-1]["path"]).read_text()
     assert 0 <= ir.index("griddepcontrol.launch_dependents") < ir.index("griddepcontrol.wait")
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_kernel_floor_loop_kernel_sums_each_programs_strided_blocks(prefetch):
+    """The fixed-grid streaming kernel of `kernel_floor --loop` reads the blocks it claims to (program p: blocks p,
+    p + P, ...), so the bytes its table divides by are the bytes it streams; output poisoned first."""
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bench.kernel_floor import loop_call, parse_loop_form
+
+    programs, rows, iters, width = 3, 2, 4, 4096
+    x = jax.random.normal(jax.random.key(np.random.randint(1 << 30)), (programs * iters * rows, width), jnp.bfloat16)
+    prev = jnp.full((programs, 16), jnp.nan, jnp.float32).at[0].set(0.0)  # only row 0 is read, times 0
+    out = loop_call(programs, rows, iters, stages=1, warps=4, prefetch=prefetch, interpret=True)(prev, x)
+    blocks = np.asarray(x, np.float32).reshape(iters, programs, rows, width)
+    want = blocks.sum(axis=(0, 2, 3))
+    np.testing.assert_allclose(np.asarray(out), np.broadcast_to(want[:, None], (programs, 16)), rtol=1e-5, atol=1e-2)
+    assert parse_loop_form("p1056r2s1w4f") == dict(programs=1056, rows=2, stages=1, warps=4, prefetch=True)
+    with pytest.raises(ValueError, match="--loop form"):
+        parse_loop_form("p1056r2")
