@@ -265,7 +265,7 @@
 #   pdl44       whether XLA launches a Pallas Triton kernel that waits on
 #               `griddepcontrol` programmatically: kernel_floor's stream chain with and without it (~60 s) (session 44: no; decode_step.md)
 #   loop44      session 44: whether a fixed grid looping over blocks (kernel_floor --loop) streams a dependent chain's
-#               bytes faster than the one-shot grid of 16 KiB programs (~200 s)
+#               bytes faster than the one-shot grid of 16 KiB programs (~400 s; session 44: no, decode_step.md)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
