@@ -85,11 +85,7 @@ O_TUNINGS = {"o_attn": {}, "o_attn_pf": {"O_ROWS": 8, "O_PREFETCH_WO": True}, "o
              "o_attn_r16": {"O_ROWS": 16, "O_PREFETCH_WO": False}, "o_attn_r32": {"O_ROWS": 32, "O_PREFETCH_WO": False},
              "o_attn_r16_pf": {"O_ROWS": 16, "O_PREFETCH_WO": True},
              **{f"o_attn_r{r}_pf_w{w}": {"O_ROWS": r, "O_PREFETCH_WO": True, "O_NUM_WARPS": w}
-                for r, w in ((32, 4), (8, 8), (16, 8), (32, 8), (64, 8))},
-             # session 44: the fold's product as one tensor-core product and a diagonal select
-             # (decode_attention.O_PRODUCT "diag"), at 16 (default), 8 or 32 rows of Wo a program, or 4 warps.
-             "o_diag": {"O_PRODUCT": "diag"}, "o_diag_r8": {"O_PRODUCT": "diag", "O_ROWS": 8},
-             "o_diag_r32": {"O_PRODUCT": "diag", "O_ROWS": 32}, "o_diag_w4": {"O_PRODUCT": "diag", "O_NUM_WARPS": 4}}
+                for r, w in ((32, 4), (8, 8), (16, 8), (32, 8), (64, 8))}}
 # --glue choices with the fused decode attention launched otherwise (model.ATTENTION_TUNING).
 ATTENTION_TUNINGS = {"attn_w2": {"num_warps": 2}, "attn_w8": {"num_warps": 8},
                      "attn_st2": {"num_stages": 2},
@@ -450,7 +446,7 @@ def run_variant(args) -> list[dict]:
     skinny_module = importlib.import_module("jaxserve_kernels.skinny_matmul")
     decode_attention_module = importlib.import_module("jaxserve_kernels.decode_attention")
     mgpu_module = importlib.import_module("jaxserve_kernels.skinny_matmul_mgpu")
-    o_defaults = {name: getattr(decode_attention_module, name) for name in ("O_ROWS", "O_PREFETCH_WO", "O_NUM_WARPS", "O_PRODUCT")}
+    o_defaults = {name: getattr(decode_attention_module, name) for name in ("O_ROWS", "O_PREFETCH_WO", "O_NUM_WARPS")}
     from jaxserve.config import ModelConfig
     from jaxserve.model import init_params
     from jaxserve.runner import Runner, default_attention_impl

@@ -266,8 +266,6 @@
 #               `griddepcontrol` programmatically: kernel_floor's stream chain with and without it (~60 s) (session 44: no; decode_step.md)
 #   loop44      session 44: whether a fixed grid looping over blocks (kernel_floor --loop) streams a dependent chain's
 #               bytes faster than the one-shot grid of 16 KiB programs (~400 s; session 44: no, decode_step.md)
-#   diag44      session 44: the one-row attention's o_proj fold as one tensor-core product with a diagonal select
-#               (decode_attention.O_PRODUCT "diag"): compiled tests, then the batch-1 step at 192 / 64 keys (~500 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -854,12 +852,6 @@ for part in "${parts[@]}"; do
              --no-static --glue kernels no_prefetch_kv --rounds 9 --reps 10 --profile /tmp/kv42c_$ctx ; done ;;
     pdl44) timeout 240 python3 bench/kernel_floor.py --chains stream --pdl --sizes-mb 0.05 0.5 2 8.7 17.4 ;;
     loop44) timeout 400 python3 bench/kernel_floor.py --chains stream --sizes-mb 2 8.7 17.4 35 --rounds 5 --loop p132r2s1w4 p264r2s1w4 p528r2s1w4 p1056r2s1w4 p528r2s3w4 p528r2s1w4f p1056r2s1w4f p264r8s1w8 ;;
-    diag44) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-              tests/test_decode_attention.py -k "fused_decode_o_matches or (model_decode_step and diag)" ; \
-            timeout 230 python3 bench/decode_step.py --batches 1 --context 192 --variants default --no-static \
-              --glue kernels o_diag o_diag_r8 o_diag_r32 --rounds 7 --reps 10 --profile /tmp/diag44_192 ; \
-            timeout 130 python3 bench/decode_step.py --batches 1 --context 64 --variants default --no-static \
-              --glue kernels o_diag --rounds 7 --reps 10 --profile /tmp/diag44_64 ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

@@ -75,7 +75,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                   precision, act_dtype, merge_in_kernel: bool = False, interpret: bool = False,
                   o_rows: int = 0, prefetch_wo: bool = False, rot_input: bool = False,
                   joint_rope: bool = False, early_gather: bool = False, ftz: bool = False,
-                  lean: bool = False, o_diag: bool = False):
+                  lean: bool = False):
     wo_ref, refs = (refs[0], refs[1:]) if o_rows else (None, refs)
     rot_ref, refs = (refs[0], refs[1:]) if rot_input else (None, refs)
     (o_ref, lse_ref, out_ref, counter_ref), (k_out_ref, v_out_ref) = split_refs(
@@ -187,27 +187,13 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     if o_rows:
         o_cols = chunk * o_rows + jnp.arange(o_rows)
         o_ok = o_cols < wo_ref.shape[0]
-        if o_diag:
-            # `O_PRODUCT == "diag"`: wo_ref is Wo viewed [N, num_heads, D]. Column c = g * o_rows + r of the
-            # gathered tile is Wo's row (chunk's r) over query head g's columns; heads past the group (padding
-            # up to a power of two) read a clamped head and are dropped by the diagonal select below.
-            diag_cols = jnp.arange(compat.next_pow2(group) * o_rows)
-            diag_head = diag_cols // o_rows
-            wo_rows_at = jnp.minimum(chunk * o_rows + diag_cols % o_rows, wo_ref.shape[0] - 1)
-            wo_heads_at = jnp.minimum(head * group + diag_head, wo_ref.shape[1] - 1)
 
-            def wo_tile():  # [next_pow2(group) * o_rows, D]
-                return wo_ref[wo_rows_at, wo_heads_at]
+        def wo_rows(g):  # Wo[chunk's rows, query head (head * group + g)'s columns]: [o_rows, D]
+            return compat.load(wo_ref.at[pl.ds(chunk * o_rows, o_rows), pl.ds((head * group + g) * head_dim, head_dim)],
+                               mask=o_ok[:, None], other=0)
 
-            wos = wo_tile() if prefetch_wo else None
-        else:
-            def wo_rows(g):  # Wo[chunk's rows, query head (head * group + g)'s columns]: [o_rows, D]
-                return compat.load(wo_ref.at[pl.ds(chunk * o_rows, o_rows),
-                                             pl.ds((head * group + g) * head_dim, head_dim)],
-                                   mask=o_ok[:, None], other=0)
-
-            # Loaded before the attention, the weights are in flight while it runs (registers held).
-            wos = [wo_rows(g) for g in range(group)] if prefetch_wo else None
+        # Loaded before the attention, the weights are in flight while it runs (registers held).
+        wos = [wo_rows(g) for g in range(group)] if prefetch_wo else None
     carry = (acc0, m0, l0)
     if early_gather:
         has_first = num_iters >= 1
@@ -217,17 +203,6 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     if o_rows:
         # o_proj's partial sum over this KV head's query heads, rounded as the unfused path rounds
         # the attention output (to the activations' dtype) before the product.
-        if o_diag:
-            # One tensor-core product of every query row by every gathered column, then the diagonal (row g
-            # with head g's columns) summed over rows, within a warp's tile, and over heads: three layout
-            # changes a program where the lane-wise fold below takes two a head.
-            w = wos if prefetch_wo else wo_tile()
-            prod = compat.dot(out.astype(act_dtype).astype(w.dtype), w, trans_b=True, precision=precision)
-            keep = (rows[:, None] == diag_head[None, :]) & real_row[:, None]
-            per_col = jnp.sum(jnp.where(keep, prod, 0.0), axis=0)  # [heads * o_rows]
-            total = jnp.sum(per_col.reshape(-1, o_rows), axis=0)
-            compat.store(o_ref.at[head, seq, pl.ds(chunk * o_rows, o_rows)], total, mask=o_ok)
-            return
         attn = out.astype(act_dtype).astype(jnp.float32)
         acc = jnp.zeros((o_rows, head_dim), jnp.float32)
         for g in range(group):
@@ -253,12 +228,12 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine", "o_rows",
-    "prefetch_wo", "out_dtype", "rope_joint", "early_gather", "ftz", "lean", "live_rows", "o_diag"))
+    "prefetch_wo", "out_dtype", "rope_joint", "early_gather", "ftz", "lean", "live_rows"))
 def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo=None, *, scale: float,
            num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
            interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False, out_dtype=None,
            rope_joint: bool = False, early_gather: bool = False, ftz: bool = False, lean: bool = False,
-           live_rows: int | None = None, o_diag: bool = False):
+           live_rows: int | None = None):
     out_dtype = qkv.dtype if out_dtype is None else out_dtype
     batch, _, head_dim = qkv.shape
     live = batch if live_rows is None else live_rows  # grid rows: past them, padding nobody reads
@@ -277,8 +252,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
         scale=scale, precision=precision, act_dtype=out_dtype, merge_in_kernel=merge_in_kernel,
         interpret=interpret, o_rows=o_rows, prefetch_wo=prefetch_wo, rot_input=rot_input,
-        joint_rope=rot_input and group < block_rows, early_gather=early_gather, ftz=ftz, lean=lean,
-        o_diag=o_diag and bool(o_rows))
+        joint_rope=rot_input and group < block_rows, early_gather=early_gather, ftz=ftz, lean=lean)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -291,7 +265,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     if o_rows:  # o_proj's partial sums, one per KV head (the next norm adds them)
         out_shape, counter = [jax.ShapeDtypeStruct((kv_heads, batch, wo.shape[0]), jnp.float32)], None
         in_specs.append(whole)
-        operands.append(wo.reshape(wo.shape[0], num_heads, head_dim) if o_diag else wo)
+        operands.append(wo)
         grid = (live, kv_heads, pl.cdiv(wo.shape[0], o_rows))
     else:
         out_shape, counter = split_outputs((batch, kv_heads, group, head_dim), out_dtype, num_splits,
@@ -480,12 +454,6 @@ def default_num_stages(batch: int, table_pages: int, num_splits: int, pages_per_
 O_ROWS = 16
 O_PREFETCH_WO = True
 O_NUM_WARPS = 8
-# How a `fused_decode_attention_o` program multiplies its attention rows by Wo. "lanes": each query head's
-# row picked out of the group's tile by a reduction across rows and multiplied lane-wise (a layout change
-# through shared memory a head: 18 barriers on the fold's path at Qwen2.5-0.5B heads, offline PTX).
-# "diag": the tile times one gathered `[8 heads x O_ROWS, D]` Wo tile on the tensor cores, the diagonal kept
-# by a select. `JAXSERVE_O_PRODUCT`; read when a step is traced.
-O_PRODUCT = os.environ.get("JAXSERVE_O_PRODUCT", "lanes")
 
 
 def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
@@ -493,8 +461,7 @@ def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_p
                              slot_mapping: jax.Array, wo: jax.Array, *, scale: float | None = None,
                              interpret: bool | None = None, o_rows: int | None = None,
                              prefetch_wo: bool | None = None, num_warps: int | None = None,
-                             num_stages: int = 1, o_product: str | None = None
-                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                             num_stages: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`fused_decode_attention` with the output projection folded in: o_proj's partial sums.
 
     Why: at batch 1 the attention is two programs (one per KV head) on a latency chain of
@@ -512,7 +479,6 @@ def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_p
         o_rows: rows of `wo` a program (None: `O_ROWS`; in interpret mode all of them).
         prefetch_wo: load them before the attention (None: `O_PREFETCH_WO`).
         num_warps: None: `O_NUM_WARPS`.
-        o_product: "lanes" or "diag" (None: `O_PRODUCT`).
         scale, interpret, num_stages: as in `fused_decode_attention`; never split.
 
     Returns:
@@ -542,8 +508,6 @@ def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_p
         o_rows = max(O_ROWS, compat.next_pow2(wo.shape[0])) if interpret else O_ROWS
     if o_rows < 1 or o_rows & (o_rows - 1):
         raise ValueError(f"o_rows must be a power of two >= 1, got {o_rows}")
-    if o_product not in (None, "lanes", "diag"):
-        raise ValueError(f"o_product must be 'lanes' or 'diag', got {o_product!r}")
     table_pages = block_tables.shape[1]
     # One loop iteration for a table of up to 256 keys (as the unsplit default), never split.
     pages_per_block, _ = resolve_tuning(page_size, table_pages, 1, None, 1, interpret, DECODE_BLOCK_KEYS,
@@ -556,7 +520,7 @@ def fused_decode_attention_o(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_p
                   interpret=interpret, combine="pallas", o_rows=o_rows,
                   prefetch_wo=O_PREFETCH_WO if prefetch_wo is None else bool(prefetch_wo),
                   rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER, ftz=_paged.FTZ_EXP2,
-                  lean=_paged.LEAN_SOFTMAX, o_diag=(O_PRODUCT if o_product is None else o_product) == "diag")
+                  lean=_paged.LEAN_SOFTMAX)
 
 
 def fused_decode_attention_o_reference(qkv, cos, sin, k_pages, v_pages, block_tables, lengths,

@@ -177,22 +177,16 @@ def test_fused_decode_in_place_under_jit_and_steps_chain(interpret, combine):
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,table_pages,dtype,n_out,o_rows,prefetch,product", [
-    (14, 2, 64, 16, 13, jnp.bfloat16, 896, 8, False, "lanes"),    # Qwen2.5-0.5B at batch-1 decode, 208 keys
-    (14, 2, 64, 16, 13, jnp.bfloat16, 896, 16, True, "lanes"),    # Wo loaded before the attention
-    (14, 2, 64, 16, 13, jnp.bfloat16, 896, 16, True, "diag"),     # the fold as one tensor-core product
-    (14, 2, 64, 16, 13, jnp.bfloat16, 896, 16, False, "diag"),
-    (8, 1, 128, 8, 5, jnp.float32, 100, 16, False, "lanes"),      # GQA 8, N not a multiple of the rows
-    (8, 1, 128, 8, 5, jnp.float32, 100, 16, True, "diag"),
-    (4, 4, 64, 32, 3, jnp.float32, 48, 4, True, "lanes"),         # no grouping
-    (4, 4, 64, 32, 3, jnp.float32, 48, 16, False, "diag"),
-    (14, 2, 64, 16, 40, jnp.bfloat16, 64, 32, False, "lanes"),    # a table past 256 keys: several iterations
-    (14, 2, 64, 16, 40, jnp.bfloat16, 64, 16, True, "diag"),
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,table_pages,dtype,n_out,o_rows,prefetch", [
+    (14, 2, 64, 16, 13, jnp.bfloat16, 896, 8, False),    # Qwen2.5-0.5B at batch-1 decode, 208 keys
+    (14, 2, 64, 16, 13, jnp.bfloat16, 896, 16, True),    # Wo loaded before the attention
+    (8, 1, 128, 8, 5, jnp.float32, 100, 16, False),      # GQA 8, N not a multiple of the rows
+    (4, 4, 64, 32, 3, jnp.float32, 48, 4, True),         # no grouping
+    (14, 2, 64, 16, 40, jnp.bfloat16, 64, 32, False),    # a table past 256 keys: several iterations
 ])
 def test_fused_decode_o_matches_reference(interpret, num_heads, kv_heads, head_dim, page_size, table_pages,
-                                          dtype, n_out, o_rows, prefetch, product):
-    """The output projection folded into the fused attention: o_proj's per-KV-head partials, with either form of
-    the fold's product (`O_PRODUCT`)."""
+                                          dtype, n_out, o_rows, prefetch):
+    """The output projection folded into the fused attention: o_proj's per-KV-head partials."""
     rng, seed = fresh_rng()
     batch = 3
     args = fused_case(rng, batch=batch, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim,
@@ -200,7 +194,7 @@ def test_fused_decode_o_matches_reference(interpret, num_heads, kv_heads, head_d
                       lengths=[0, 1, int(rng.integers(2, table_pages * page_size + 1))])
     wo = jnp.asarray(rng.standard_normal((n_out, num_heads * head_dim)) / np.sqrt(num_heads * head_dim), dtype)
     parts, k_new, v_new = fused_decode_attention_o(*args, wo, interpret=interpret, o_rows=o_rows,
-                                                   prefetch_wo=prefetch, o_product=product)
+                                                   prefetch_wo=prefetch)
     ref, k_ref, v_ref = fused_decode_attention_o_reference(*args, wo)
     assert parts.shape == (kv_heads, batch, n_out) and parts.dtype == jnp.float32
     assert not np.isnan(np.asarray(parts)).any(), f"NaN in output, seed={seed}"
@@ -378,8 +372,6 @@ def test_fused_decode_shape_errors_name_the_field():
     ("pallas", {}, "nk", "pallas+norm+o"),
     # The same, the QKV projection also reading the attention's pages ahead of it (model.PREFETCH_KV).
     ("pallas", {}, "nk", "pallas+norm+touch+o"),
-    # The same, the fold's o_proj as one tensor-core product (decode_attention.O_PRODUCT "diag").
-    ("pallas", {}, "nk", "pallas+norm+touch+diag+o"),
     # The same over three rows (model.FOLD_MAX_ROWS 4, opt-in: each program's weights multiply every row).
     ("pallas", {}, "nk", "pallas+norm+rows3+o"),
 ])
@@ -403,7 +395,6 @@ def test_model_decode_step_matches_dense_forward(impl, qkv_tiling, layout, proje
         import importlib
 
         da = importlib.import_module("jaxserve_kernels.decode_attention")
-        monkeypatch.setattr(da, "O_PRODUCT", "diag" if "+diag" in projections else "lanes")
         fused_o = []
         monkeypatch.setattr(da, "fused_decode_attention_o",
                             lambda *a, _f=da.fused_decode_attention_o, **k: fused_o.append(1) or _f(*a, **k))
