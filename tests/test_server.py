@@ -501,6 +501,58 @@ def test_health_models_and_metrics(client, live):
     assert float(generated[0].split()[-1]) >= 4
 
 
+def test_version_and_model_retrieval(live):
+    assert isinstance(httpx.get(live.url + "/version").json()["version"], str)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    card = httpx.get(live.url + "/v1/models/tiny", headers=headers)
+    assert card.status_code == 200 and card.json()["id"] == "tiny" and card.json()["max_model_len"] == MAX_MODEL_LEN
+    missing = httpx.get(live.url + "/v1/models/org/nope", headers=headers)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert httpx.get(live.url + "/v1/models/tiny").status_code == 401
+
+
+def test_tokenize_counts_what_the_generation_routes_count(client, live, pages_freed):
+    """/tokenize (vLLM's) gives the ids the completions and chat routes feed the model: its count is their
+    usage.prompt_tokens; /detokenize spells them back."""
+    comp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0)
+    r = post(live, "/tokenize", {"model": "tiny", "prompt": PROMPT, "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["count"] == len(body["tokens"]) == comp.usage.prompt_tokens
+    assert body["max_model_len"] == MAX_MODEL_LEN and len(body["token_strs"]) == body["count"]
+    assert body["tokens"] == live.app.state.jaxserve.tokenizer.encode(PROMPT, add_special_tokens=False)
+    back = post(live, "/detokenize", {"tokens": body["tokens"]})  # the model may be left out, as in vLLM
+    assert back.status_code == 200 and back.json() == {"prompt": PROMPT}
+
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0)
+    r = post(live, "/tokenize", {"model": "tiny", "messages": messages})
+    assert r.status_code == 200 and r.json()["count"] == chat.usage.prompt_tokens
+    assert r.json()["token_strs"] is None
+    bare = post(live, "/tokenize", {"messages": messages, "add_generation_prompt": False}).json()
+    assert bare["count"] < chat.usage.prompt_tokens  # without the assistant turn's opening
+
+
+@pytest.mark.parametrize("path, body, status, param, code", [
+    ("/tokenize", {"model": "tiny"}, 400, "prompt", None),
+    ("/tokenize", {"model": "tiny", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 400,
+     "prompt", None),
+    ("/tokenize", {"model": "tiny", "messages": []}, 400, "messages", None),
+    ("/tokenize", {"model": "tiny", "prompt": 5}, 400, "prompt", None),
+    ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model", "model_not_found"),
+    ("/detokenize", {"model": "tiny", "tokens": [1, -1]}, 400, "tokens", None),
+    ("/detokenize", {"model": "tiny", "tokens": [10 ** 9]}, 400, "tokens", None),
+    ("/detokenize", {"model": "tiny"}, 400, "tokens", None),
+])
+def test_bad_tokenizer_requests_get_openai_errors(live, path, body, status, param, code):
+    r = post(live, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["code"] == code and err["message"]
+    assert post(live, path, body, key=None).status_code == 401
+    assert post(live, "/tokenize", {"prompt": "x"}).status_code == 200
+
+
 def scrape(live) -> dict[str, float]:
     """Every /metrics sample by name and labels, e.g. 'x_total{part="host"}' -> 0.5."""
     samples = {}

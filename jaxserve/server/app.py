@@ -3,7 +3,8 @@
 Owns the HTTP surface: authentication, body-size, ``n`` and ``max_tokens`` bounds, prompt
 rendering (chat template, tools included) and tokenization with the server's own tokenizer copy
 (on a thread of its own, off the event loop), submitting to the async engine, SSE streaming,
-client-disconnect aborts, ``/health``, ``/v1/models``, ``/metrics`` and the draining shutdown. It
+client-disconnect aborts, ``/health``, ``/version``, ``/v1/models``, ``/tokenize`` and
+``/detokenize`` (vLLM's), ``/metrics`` and the draining shutdown. It
 never schedules or runs the model: the async engine's thread alone drives the ``Engine``.
 """
 
@@ -14,6 +15,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import hmac
+import importlib.metadata
 import json
 import logging
 import os
@@ -32,12 +34,17 @@ from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.metrics import CONTENT_TYPE, ServingMetrics
 from jaxserve.sampling import MAX_LOGPROBS, SamplingParams
-from jaxserve.server.protocol import (APIError, ChatRequest, CompletionRequest, SamplingFields, Schema, ToolCall,
-                                      bad_params)
+from jaxserve.server.protocol import (APIError, ChatMessage, ChatRequest, CompletionRequest, DetokenizeRequest,
+                                      SamplingFields, Schema, TokenizeRequest, Tool, ToolCall, bad_params)
 from jaxserve.server.responses import ChatFormat, CompletionFormat
 from jaxserve.tokenizer import apply_chat_template, load_tokenizer
 
 log = logging.getLogger("jaxserve.server")
+
+try:
+    _VERSION = importlib.metadata.version("jaxserve")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    _VERSION = "unknown"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,13 +182,43 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         await st.engine.clear_prefix_cache()
         return JSONResponse({"status": "ok"})
 
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": _VERSION})
+
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         st = _state(request)
         _authorize(request, st)
-        card = {"id": st.model_name, "object": "model", "created": st.created, "owned_by": "jaxserve",
-                "max_model_len": st.max_model_len}
-        return JSONResponse({"object": "list", "data": [card]})
+        return JSONResponse({"object": "list", "data": [_model_card(st)]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(request: Request, model_id: str) -> JSONResponse:
+        """OpenAI's model retrieval; ids may hold slashes (``Qwen/Qwen2.5-0.5B-Instruct``)."""
+        st = _state(request)
+        _authorize(request, st)
+        _check_model(model_id, st)
+        return JSONResponse(_model_card(st))
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        """vLLM's route: the token ids a generation route would give the model for this prompt or
+        these messages, with ``count`` (its ``usage.prompt_tokens``) and ``max_model_len``."""
+        st, req = await _accept_plain(request, TokenizeRequest)
+        ids, strs = await _on_tokenizer_thread(st, _tokenize, req, st)
+        return JSONResponse({"count": len(ids), "max_model_len": st.max_model_len, "tokens": ids,
+                             "token_strs": strs})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        """vLLM's route: token ids back to text, as the generation routes decode them."""
+        st, req = await _accept_plain(request, DetokenizeRequest)
+        vocab = len(st.tokenizer)
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"tokens: id {bad} is outside the tokenizer's vocabulary [0, {vocab})", param="tokens")
+        text = await _on_tokenizer_thread(st, st.tokenizer.decode, req.tokens)
+        return JSONResponse({"prompt": text})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -245,6 +282,22 @@ async def _accept(request: Request, schema: type[Schema]) -> tuple[_State, Any]:
     _check_model(req.model, st)
     _check_n(req, st)
     return st, req
+
+
+async def _accept_plain(request: Request, schema: type[Schema]) -> tuple[_State, Any]:
+    """The checks of the tokenizer routes: API key, body size, schema, and the model where one is named
+    (vLLM's make it optional)."""
+    st = _state(request)
+    _authorize(request, st)
+    req = _parse(schema, await _read_body(request, st.config.max_body_bytes))
+    if req.model is not None:
+        _check_model(req.model, st)
+    return st, req
+
+
+def _model_card(st: _State) -> dict[str, Any]:
+    return {"id": st.model_name, "object": "model", "created": st.created, "owned_by": "jaxserve",
+            "max_model_len": st.max_model_len}
 
 
 def _authorize(request: Request, st: _State) -> None:
@@ -325,9 +378,24 @@ def _echo_texts(req: CompletionRequest, prompts: list[list[int]], st: _State) ->
     return [p if isinstance(p, str) else st.tokenizer.decode(ids) for p, ids in zip(sent, prompts)]
 
 
+def _tokenize(req: TokenizeRequest, st: _State) -> tuple[list[int], list[str] | None]:
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "exactly one of prompt and messages must be given", param="prompt")
+    if req.messages is not None:
+        ids = _render_chat(req.messages, req.tools, st, add_generation_prompt=req.add_generation_prompt)
+    else:
+        ids = st.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    return ids, st.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+
+
 def _chat_prompt(req: ChatRequest, st: _State) -> list[int]:
+    return _render_chat(req.messages, req.tools, st)
+
+
+def _render_chat(chat: list[ChatMessage], tool_defs: list[Tool] | None, st: _State,
+                 add_generation_prompt: bool = True) -> list[int]:
     messages = []
-    for m in req.messages:
+    for m in chat:
         content = m.content
         if isinstance(content, list):
             if any(part.type != "text" or part.text is None for part in content):
@@ -344,9 +412,9 @@ def _chat_prompt(req: ChatRequest, st: _State) -> list[int]:
         messages.append(message)
     # With tool_choice "none" the tools are still rendered, as vLLM does by default: the model
     # sees them, its answer is not parsed for calls.
-    tools = [tool.model_dump(exclude_none=True) for tool in req.tools] if req.tools else None
+    tools = [tool.model_dump(exclude_none=True) for tool in tool_defs] if tool_defs else None
     try:
-        return apply_chat_template(st.tokenizer, messages, tools=tools)
+        return apply_chat_template(st.tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools)
     except Exception as exc:  # the template's own checks (role order, ...) are input errors
         raise APIError(400, f"messages could not be rendered with the chat template: {exc}",
                        param="messages") from None

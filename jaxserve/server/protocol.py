@@ -1,7 +1,7 @@
 """The OpenAI wire format coming in: request schemas and the error body.
 
-Owns the pydantic models of ``/v1/completions`` and ``/v1/chat/completions`` requests (strict
-types, unknown fields ignored as OpenAI does) and ``APIError``, answered as
+Owns the pydantic models of ``/v1/completions``, ``/v1/chat/completions``, ``/tokenize`` and
+``/detokenize`` requests (strict types, unknown fields ignored as OpenAI does) and ``APIError``, answered as
 ``{"error": {"message", "type", "param", "code"}}``. It never reads the engine or formats a
 successful response (``responses.py``).
 """
@@ -148,3 +148,27 @@ class ChatRequest(SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
 
+
+class TokenizeRequest(Schema):
+    """vLLM's ``/tokenize`` body: a completion ``prompt`` or chat ``messages`` (exactly one; app.py
+    checks), tokenized as the generation routes tokenize them.
+
+    ``add_special_tokens`` applies to a prompt (the completions route adds none; Qwen2's tokenizer
+    has no BOS either way), ``add_generation_prompt`` and ``tools`` to messages, as in the chat
+    route; ``return_token_strs`` adds each token's vocabulary string.
+    """
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    tools: list[Tool] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(Schema):
+    """vLLM's ``/detokenize`` body: token ids back to text."""
+
+    model: str | None = None
+    tokens: list[int]
