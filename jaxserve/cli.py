@@ -25,6 +25,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=None, metavar="PATH",
                    help="checkpoint folder (Hugging Face or converted); default: the embedded default model")
+    g.add_argument("--rope-scaling", default=None, metavar="JSON",
+                   help="replaces config.json's rope_scaling, e.g. the Qwen2.5 cards' YaRN past 32k: "
+                        "'{\"type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}'")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute dtype (default: bfloat16 on an accelerator, float32 on the CPU)")
     g.add_argument("--num-pages", type=int, default=None,
@@ -35,7 +38,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens-per-step", type=int, default=None,
                    help=f"prefill token budget per step (default 2048; {CPU_MAX_TOKENS_PER_STEP} on the CPU)")
     g.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt + completion (default: the model's max_position_embeddings)")
+                   help="longest prompt + completion (default: the model's context length, "
+                        "max_position_embeddings times a RoPE scaling factor where config.json sets one)")
     g.add_argument("--policy", choices=("prefill_first", "time_share", "mixed"), default="prefill_first",
                    help="how prefill and decode steps share the device (default prefill_first)")
     g.add_argument("--decode-steps", type=int, default=8, help="decode steps per device call (default 8)")
@@ -99,6 +103,19 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 GENERATE_FALLBACK = {"max_tokens": 64, "temperature": 0.0}
 
 
+def _model_from_args(args: argparse.Namespace, engine_config: Any) -> Any:
+    """``--model`` as a path, or loaded here when ``--rope-scaling`` overrides its config."""
+    if args.rope_scaling is None:
+        return args.model
+    from jaxserve.loading import load
+
+    try:
+        scaling = json.loads(args.rope_scaling)
+    except ValueError as exc:
+        raise SystemExit(f"error: --rope-scaling is not JSON: {exc}")
+    return load(args.model, dtype=engine_config.compute_dtype(), rope_scaling=scaling)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from jaxserve.engine import Engine
     from jaxserve.sampling import SamplingParams
@@ -111,7 +128,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         SamplingParams(**{**GENERATE_FALLBACK, **given})  # bad flags fail before the model loads
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
-    with Engine(args.model, engine_config_from_args(args)) as engine:
+    engine_config = engine_config_from_args(args)
+    with Engine(_model_from_args(args, engine_config), engine_config) as engine:
         # Flags left unset take the checkpoint's generation_config.json sampling, as the server's
         # requests do, then the CLI's own fallback (greedy, 64 tokens).
         params = SamplingParams(**{**GENERATE_FALLBACK, **engine.sampling_defaults, **given})
@@ -154,7 +172,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server_config = ServerConfig(model_name=args.served_model_name, api_key=args.api_key or None,
                                  max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
                                  drain_s=args.drain_s, warmup=args.warmup)
-    serve(args.model, engine_config_from_args(args), server_config, host=args.host, port=args.port,
+    engine_config = engine_config_from_args(args)
+    serve(_model_from_args(args, engine_config), engine_config, server_config, host=args.host, port=args.port,
           log_level=args.log_level)
     return 0
 

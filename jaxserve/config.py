@@ -16,6 +16,71 @@ SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("qwen2",)
 
 
+ROPE_TYPES = ("linear", "yarn")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE scaling of a long-context checkpoint: ``config.json``'s ``rope_scaling`` (or, as
+    transformers 5 writes it, ``rope_parameters``), with Hugging Face's defaults.
+
+    ``"linear"``: positions divided by ``factor``. ``"yarn"`` (what the Qwen2.5 model cards add
+    for contexts past 32k, as vLLM applies it: static, whatever the sequence's length): the
+    frequencies of the dimensions that turn fewer than ``beta_slow`` times over
+    ``original_max_position_embeddings`` are divided by ``factor``, those that turn more than
+    ``beta_fast`` times are kept, a linear ramp between; cos and sin are multiplied by
+    ``attention_factor`` (default ``0.1 ln(factor) + 1``). ``original_max_position_embeddings``
+    None: the model's ``max_position_embeddings``, as transformers does.
+
+    Example:
+        >>> RopeScaling.from_hf_dict({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})
+        RopeScaling(rope_type='yarn', factor=4.0, original_max_position_embeddings=32768, beta_fast=32.0, beta_slow=1.0, attention_factor=None, mscale=None, mscale_all_dim=None, truncate=True)
+    """
+
+    rope_type: str
+    factor: float
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling type {self.rope_type!r} is not supported; jaxserve supports "
+                             f"{ROPE_TYPES} (and the default RoPE)")
+        if not isinstance(self.factor, (int, float)) or self.factor <= 0:
+            raise ValueError(f"rope_scaling factor must be > 0, got {self.factor!r}")
+        omax = self.original_max_position_embeddings
+        if omax is not None and (not isinstance(omax, int) or omax < 1):
+            raise ValueError(f"rope_scaling original_max_position_embeddings must be a positive integer, got {omax!r}")
+        if self.beta_fast <= 0 or self.beta_slow <= 0:
+            raise ValueError(f"rope_scaling beta_fast and beta_slow must be > 0, got {self.beta_fast}, {self.beta_slow}")
+        object.__setattr__(self, "factor", float(self.factor))
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any] | None) -> "RopeScaling | None":
+        """None for the default RoPE (no dict, or type "default"); a ValueError for types not supported."""
+        if not d:
+            return None
+        kind = d.get("rope_type", d.get("type"))
+        if kind in (None, "default"):
+            return None
+        if kind not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling {d!r} is not supported; jaxserve supports the default RoPE and "
+                             f"{ROPE_TYPES}")
+        if d.get("factor") is None:
+            raise ValueError(f"rope_scaling {d!r} has no factor")
+        fields = {f.name for f in dataclasses.fields(cls)} - {"rope_type"}
+        # null in config.json is the default (transformers reads `get(...) or default` for the betas).
+        return cls(rope_type=kind, **{k: v for k, v in d.items() if k in fields and v is not None})
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Qwen2 hyper-parameters.
@@ -41,6 +106,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     torch_dtype: str = "float32"
+    rope_scaling: RopeScaling | None = None  # None: the default RoPE
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -60,8 +126,29 @@ class ModelConfig:
             raise ValueError(f"head_dim must be a positive even integer (RoPE rotates pairs), got {self.head_dim}")
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if isinstance(self.rope_scaling, dict):  # as config.json spells it
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_hf_dict(self.rope_scaling))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the checkpoint is made for: ``max_position_embeddings``, times the RoPE
+        scaling factor where one is set (YaRN: of ``original_max_position_embeddings``), as vLLM derives
+        its default ``max_model_len`` (a Qwen2.5 card's YaRN factor 4 over 32,768: 131,072).
+
+        Example:
+            >>> ModelConfig(8, 8, 8, 1, 1, 1, max_position_embeddings=32768,
+            ...             rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+            ...             ).context_length
+            131072
+        """
+        scaling = self.rope_scaling
+        if scaling is None:
+            return self.max_position_embeddings
+        base = (scaling.original_max_position_embeddings or self.max_position_embeddings
+                if scaling.rope_type == "yarn" else self.max_position_embeddings)
+        return int(base * scaling.factor)
 
     @property
     def q_per_kv(self) -> int:
@@ -88,9 +175,8 @@ class ModelConfig:
                 f"jaxserve supports {SUPPORTED_ARCHITECTURES} (model_type 'qwen2')")
         if d.get("use_sliding_window"):
             raise ValueError("use_sliding_window=True is not supported (Qwen2.5 checkpoints ship it off)")
-        rope_scaling = d.get("rope_scaling")
-        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
-            raise ValueError(f"rope_scaling {rope_scaling!r} is not supported, only the default RoPE")
+        # transformers 4 writes `rope_scaling` beside `rope_theta`; transformers 5 both in `rope_parameters`.
+        rope_scaling = RopeScaling.from_hf_dict(d.get("rope_scaling") or d.get("rope_parameters"))
         rope_theta = d.get("rope_theta")
         if rope_theta is None:  # transformers 5 moved it into rope_parameters
             rope_theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
@@ -110,6 +196,7 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             torch_dtype=str(dtype),
+            rope_scaling=rope_scaling,
         )
 
     @classmethod
@@ -125,6 +212,7 @@ class ModelConfig:
         """The Hugging Face ``config.json`` dict of this configuration."""
         d = dataclasses.asdict(self)
         d["eos_token_id"] = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        d["rope_scaling"] = self.rope_scaling.to_hf_dict() if self.rope_scaling is not None else None
         d.update(architectures=list(SUPPORTED_ARCHITECTURES), model_type="qwen2", hidden_act="silu",
                  use_sliding_window=False, attention_dropout=0.0, use_cache=True)
         return d

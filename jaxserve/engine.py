@@ -193,8 +193,7 @@ class Engine:
         mcfg = model.config
         target = jnp.dtype(self.config.compute_dtype())
         params = jax.tree_util.tree_map(lambda x: x.astype(target) if x.dtype != target else x, model.params)
-        self.max_model_len = min(self.config.max_model_len or mcfg.max_position_embeddings,
-                                 mcfg.max_position_embeddings)
+        self.max_model_len = min(self.config.max_model_len or mcfg.context_length, mcfg.context_length)
         bytes_per_page = (2 * mcfg.num_hidden_layers * mcfg.num_key_value_heads * self.config.page_size
                           * mcfg.head_dim * target.itemsize)
         num_pages = self.config.num_pages or _pages_from_memory(self.config, bytes_per_page)

@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from jaxserve.config import ModelConfig
+from jaxserve.config import ModelConfig, RopeScaling
 from jaxserve.tokenizer import load_tokenizer
 from jaxserve.weights import load_params
 
@@ -34,17 +34,30 @@ class LoadedModel:
     name: str
 
 
-def load(path: str | os.PathLike | None = None, dtype: Any = "float32") -> LoadedModel:
+def load(path: str | os.PathLike | None = None, dtype: Any = "float32",
+         rope_scaling: dict[str, Any] | None = None) -> LoadedModel:
     """Load a Qwen2 checkpoint folder (Hugging Face or converted), or the embedded default model.
+
+    ``rope_scaling`` replaces config.json's (vLLM's ``--hf-overrides '{"rope_scaling": ...}'``): the
+    Qwen2.5 model cards' YaRN for contexts past 32k without editing the checkpoint;
+    ``{"rope_type": "default"}`` turns a checkpoint's scaling off.
 
     Example:
         >>> m = jaxserve.load()                                   # embedded default model
         >>> m = jaxserve.load("/models/Qwen2.5-0.5B-Instruct", dtype="bfloat16")  # doctest: +SKIP
+        >>> m = jaxserve.load("/models/Qwen2.5-7B-Instruct", dtype="bfloat16", rope_scaling={
+        ...     "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})  # doctest: +SKIP
+        >>> m.config.context_length                                                      # doctest: +SKIP
+        131072
     """
     path = DEFAULT_MODEL_DIR if path is None else os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model path {path!r} is not a folder")
     config = ModelConfig.from_pretrained(path)
+    if rope_scaling is not None:
+        if not isinstance(rope_scaling, dict):
+            raise ValueError(f"rope_scaling must be a dict as config.json spells it, got {rope_scaling!r}")
+        config = dataclasses.replace(config, rope_scaling=RopeScaling.from_hf_dict(rope_scaling))
     params = load_params(path, config, dtype)
     tokenizer = load_tokenizer(path)
     return LoadedModel(params=params, config=config, tokenizer=tokenizer, path=path,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import math
 import os
 import types
 from typing import Any, Callable
@@ -23,8 +24,9 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxserve.config import ModelConfig
+from jaxserve.config import ModelConfig, RopeScaling
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 """Per layer ``(k_pages, v_pages)``, each ``[kv_heads, num_pages, page_size, head_dim]``."""
@@ -62,24 +64,75 @@ class PagedAttention:
 ROPE_REPEAT = os.environ.get("JAXSERVE_ROPE_REPEAT", "broadcast")
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin ``[..., head_dim]`` in float32, in the half-split layout of Hugging Face's Qwen2.
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                     max_position_embeddings: int = 32768) -> tuple[np.ndarray, float]:
+    """(inverse frequencies ``[head_dim // 2]`` float32, cos/sin factor) of the default RoPE or of
+    ``scaling`` ("linear", "yarn"), as Hugging Face's ``modeling_rope_utils`` computes them. Built in
+    numpy: constants of the traced step, not kernels of it.
+
+    Example:
+        >>> inv, scale = rope_frequencies(8, 10000.0, RopeScaling("yarn", 4.0, 64), 256)
+        >>> inv.shape, round(scale, 4)
+        ((4,), 1.1386)
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / head_dim
+    pos_freqs = (np.float32(theta) ** exponents).astype(np.float32)
+    inv_freq = (1.0 / pos_freqs).astype(np.float32)
+    if scaling is None:
+        return inv_freq, 1.0
+    if scaling.rope_type == "linear":
+        return (inv_freq / np.float32(scaling.factor)).astype(np.float32), 1.0
+    factor = scaling.factor
+    original = scaling.original_max_position_embeddings or max_position_embeddings
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = scaling.attention_factor
+    if attention is None:
+        attention = (mscale(factor, scaling.mscale) / mscale(factor, scaling.mscale_all_dim)
+                     if scaling.mscale and scaling.mscale_all_dim else mscale(factor))
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times over `original`
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no zero-width ramp
+    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    keep = (1 - ramp).astype(np.float32)  # 1: the dimension keeps its frequency (extrapolation)
+    # In float32 throughout, as transformers: the interpolated frequencies as 1 / (factor * base ** e).
+    interpolated = (1.0 / (np.float32(factor) * pos_freqs)).astype(np.float32)
+    return (interpolated * (1 - keep) + inv_freq * keep).astype(np.float32), float(attention)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                max_position_embeddings: int = 32768) -> tuple[jax.Array, jax.Array]:
+    """cos/sin ``[..., head_dim]`` in float32, in the half-split layout of Hugging Face's Qwen2;
+    with ``scaling`` (a long-context checkpoint's RoPE scaling), its frequencies and factor.
 
     Example:
         >>> cos, sin = rope_tables(jnp.array([0, 3]), 8, 10000.0)
         >>> cos.shape, float(cos[0, 5]), float(sin[0, 1])
         ((2, 8), 1.0, 0.0)
     """
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    inv_np, attention = rope_frequencies(head_dim, theta, scaling, max_position_embeddings)
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_np)
     if ROPE_REPEAT == "broadcast":
         def repeat(half: jax.Array) -> jax.Array:
             lead = half.shape[:-1]
             return jnp.broadcast_to(half[..., None, :], (*lead, 2, half.shape[-1])).reshape(*lead, head_dim)
 
-        return repeat(jnp.cos(freqs)), repeat(jnp.sin(freqs))
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+        cos, sin = repeat(jnp.cos(freqs)), repeat(jnp.sin(freqs))
+    else:
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if attention != 1.0:  # YaRN scales q and k both, so the logits by its square
+        cos, sin = cos * attention, sin * attention
+    return cos, sin
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -770,7 +823,7 @@ class Qwen2ForCausalLM(nn.Module):
         fused_glue, accumulate = _fused_glue(paged, x), _accumulate_glue(paged, x, cfg, self.dtype)
         if accumulate:
             x = x.astype(jnp.float32)
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         new_kv = []
         pending = None
         for i in range(cfg.num_hidden_layers):
@@ -817,4 +870,4 @@ def param_count(params: Any) -> int:
 
 
 __all__ = ("Qwen2ForCausalLM", "PagedAttention", "KVCache", "init_params", "new_kv_cache",
-                          "dense_causal_attention", "rope_tables", "apply_rope", "param_count")
+                          "dense_causal_attention", "rope_tables", "rope_frequencies", "apply_rope", "param_count")

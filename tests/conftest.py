@@ -92,7 +92,7 @@ def make_hf_checkpoint(path: str, *, vocab_size: int = 320, hidden_size: int = 6
                        num_hidden_layers: int = 2, num_attention_heads: int = 4, num_key_value_heads: int = 2,
                        head_dim: int | None = None, rope_theta: float = 10000.0, tie_word_embeddings: bool = False,
                        max_shard_size: str | None = None, seed: int = 0, with_tokenizer: bool = True,
-                       max_position_embeddings: int = 512):
+                       max_position_embeddings: int = 512, rope_scaling: dict | None = None):
     """Save a random ``Qwen2ForCausalLM`` (and a small byte-level tokenizer) to ``path``; return the torch model."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -105,6 +105,8 @@ def make_hf_checkpoint(path: str, *, vocab_size: int = 320, hidden_size: int = 6
                   bos_token_id=1, eos_token_id=2)
     if head_dim is not None:
         kwargs["head_dim"] = head_dim
+    if rope_scaling is not None:  # transformers 5 holds theta and the scaling in one dict
+        kwargs["rope_parameters"] = {"rope_theta": kwargs.pop("rope_theta"), **rope_scaling}
     config = Qwen2Config(**kwargs)
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():  # random biases too (HF initialises them to zero), so the bias path is tested

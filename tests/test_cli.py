@@ -52,6 +52,20 @@ def test_generate_flags_left_unset_take_the_checkpoints_generation_config(tiny_c
     assert json.loads(capsys.readouterr().out)["completion_tokens"] == 2
 
 
+def test_rope_scaling_flag_overrides_the_checkpoints(tiny_checkpoint, capsys):
+    """--rope-scaling (vLLM's --hf-overrides rope_scaling) reaches the model; bad values stop with the field named."""
+    yarn = '{"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256}'
+    rc = cli.main(["generate", "The quick brown fox", "--model", tiny_checkpoint[0], "--json", "--max-tokens", "2",
+                   "--rope-scaling", yarn, *SMALL])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["completion_tokens"] == 2
+    assert load(tiny_checkpoint[0], rope_scaling=json.loads(yarn)).config.context_length == 512
+    assert load(tiny_checkpoint[0], rope_scaling={"rope_type": "default"}).config.rope_scaling is None
+    with pytest.raises(SystemExit, match="--rope-scaling is not JSON"):
+        cli.main(["generate", "x", "--model", tiny_checkpoint[0], "--rope-scaling", "{yarn"])
+    assert cli.main(["generate", "x", "--model", tiny_checkpoint[0], "--rope-scaling", '{"type": "dynamic"}']) == 2
+    assert "not supported" in capsys.readouterr().err
+
+
 def test_generate_text_streams_prompt_and_completion(tiny_checkpoint, capsys):
     rc = cli.main(["generate", "The quick brown fox", "--model", tiny_checkpoint[0], "--max-tokens", "4", *SMALL])
     assert rc == 0

@@ -62,6 +62,32 @@ def test_greedy_batch_matches_transformers_and_running_alone(tiny, policy):
         assert_all_pages_free(engine)
 
 
+def test_yarn_checkpoint_serves_transformers_greedy_tokens_past_its_original_window(tmp_path):
+    """A long-context checkpoint (YaRN rope_scaling, as the Qwen2.5 model cards add past 32k) through the paged
+    engine: prompts crossing its original 32-position window decode as transformers does."""
+    from tests.conftest import make_hf_checkpoint
+
+    path = str(tmp_path / "yarn")
+    hf = make_hf_checkpoint(path, max_position_embeddings=256, seed=7,
+                            rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
+    m = jaxserve.load(path)
+    assert m.config.rope_scaling is not None and m.config.rope_scaling.rope_type == "yarn"
+    prompts = random_prompts(m.config.vocab_size, (9, 41))
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=0)
+    assert m.config.context_length == 32 * 4  # vLLM's rule: YaRN's original window times its factor
+    with Engine(m, small_config()) as engine:
+        assert engine.max_model_len == 128
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        assert_all_pages_free(engine)
+    for p, o in zip(prompts, outs):
+        assert o["token_ids"] == hf_greedy(hf, p, 10)
+        # The tokens' log-probabilities too: a random model's greedy tokens barely depend on positions.
+        with torch.no_grad():
+            logits = hf(torch.tensor([p + o["token_ids"]])).logits[0, len(p) - 1:-1]
+        want = torch.log_softmax(logits, -1)[torch.arange(10), torch.tensor(o["token_ids"])].numpy()
+        np.testing.assert_allclose(np.array(o["logprobs"]), want, atol=2e-4, rtol=0)
+
+
 @pytest.mark.parametrize("impl", ["pallas", "pallas-unfused"])
 def test_pallas_kernels_in_interpret_mode_give_the_same_tokens(tiny, impl, monkeypatch):
     from jaxserve import runner as runner_mod

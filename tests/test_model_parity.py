@@ -26,6 +26,13 @@ CASES = [
                                       rope_theta=5e5, max_shard_size="100KB")),
     ("tied_gqa2_hd64", dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=128, head_dim=64,
                             tie_word_embeddings=True, rope_theta=1e4, num_hidden_layers=3)),
+    # Long-context RoPE scaling (config.json's rope_scaling): YaRN as the Qwen2.5 model cards set it past 32k (a
+    # window of 32 here, so the ramp falls inside head_dim 32's frequencies), and linear.
+    ("yarn_hd32", dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=128, head_dim=32, rope_theta=1e4,
+                       max_position_embeddings=128,
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})),
+    ("linear_hd16", dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=64, rope_theta=1e4,
+                         rope_scaling={"rope_type": "linear", "factor": 2.5})),
 ]
 
 
@@ -185,6 +192,32 @@ def test_config_reads_hf_fields(tmp_path):
     cfg = ModelConfig.from_pretrained(path)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.q_per_kv) == (7, 1, 32, 7)
     assert cfg.rope_theta == 123456.0 and cfg.tie_word_embeddings and cfg.eos_token_ids == (2,)
+
+
+def test_config_reads_rope_scaling_in_either_spelling_and_refuses_what_it_cannot_do():
+    """transformers 4 writes `rope_scaling` beside `rope_theta` (the released Qwen2.5 checkpoints), transformers 5
+    both in `rope_parameters`; a type jaxserve does not compute is refused by name, not silently dropped."""
+    from jaxserve.config import RopeScaling
+
+    base = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 8, "hidden_size": 8,
+            "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1}
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    old = ModelConfig.from_hf_dict({**base, "rope_theta": 1e6, "rope_scaling": yarn})
+    new = ModelConfig.from_hf_dict({**base, "rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0,
+                                                                "original_max_position_embeddings": 32768}})
+    assert old == new and old.rope_theta == 1e6
+    assert old.rope_scaling == RopeScaling("yarn", 4.0, 32768)
+    assert ModelConfig.from_hf_dict(old.to_hf_dict()) == old
+    assert ModelConfig.from_hf_dict({**base, "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}
+                                    ).rope_scaling is None
+    assert hash(old) != hash(ModelConfig.from_hf_dict(base))  # a static argument of the jitted steps
+    for kind in ("dynamic", "longrope", "llama3"):
+        with pytest.raises(ValueError, match=f"rope_scaling .*{kind}.* not supported"):
+            ModelConfig.from_hf_dict({**base, "rope_scaling": {"type": kind, "factor": 2.0}})
+    with pytest.raises(ValueError, match="no factor"):
+        ModelConfig.from_hf_dict({**base, "rope_scaling": {"type": "yarn"}})
+    with pytest.raises(ValueError, match="factor must be > 0"):
+        RopeScaling("linear", -1.0)
 
 
 def test_chat_template_comes_from_the_checkpoint(tmp_path):
