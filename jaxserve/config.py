@@ -106,7 +106,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     torch_dtype: str = "float32"
-    rope_scaling: RopeScaling | None = None  # None: the default RoPE
+    rope_scaling: RopeScaling | None = None  # None: the default RoPE; a dict (config.json's spelling) is converted
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

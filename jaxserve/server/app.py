@@ -276,17 +276,14 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
 # ----- request handling ----------------------------------------------------------------------------
 async def _accept(request: Request, schema: type[Schema]) -> tuple[_State, Any]:
     """The checks every generation route makes first: API key, body size, schema, model, n."""
-    st = _state(request)
-    _authorize(request, st)
-    req = _parse(schema, await _read_body(request, st.config.max_body_bytes))
-    _check_model(req.model, st)
+    st, req = await _accept_plain(request, schema)  # model is required there, so always checked
     _check_n(req, st)
     return st, req
 
 
 async def _accept_plain(request: Request, schema: type[Schema]) -> tuple[_State, Any]:
-    """The checks of the tokenizer routes: API key, body size, schema, and the model where one is named
-    (vLLM's make it optional)."""
+    """API key, body size, schema, and the model where the body names one (the tokenizer routes, as
+    vLLM's, make it optional; the generation routes' schemas require it)."""
     st = _state(request)
     _authorize(request, st)
     req = _parse(schema, await _read_body(request, st.config.max_body_bytes))
