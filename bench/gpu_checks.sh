@@ -852,6 +852,8 @@ for part in "${parts[@]}"; do
              --no-static --glue kernels no_prefetch_kv --rounds 9 --reps 10 --profile /tmp/kv42c_$ctx ; done ;;
     pdl44) timeout 240 python3 bench/kernel_floor.py --chains stream --pdl --sizes-mb 0.05 0.5 2 8.7 17.4 ;;
     loop44) timeout 400 python3 bench/kernel_floor.py --chains stream --sizes-mb 2 8.7 17.4 35 --rounds 5 --loop p132r2s1w4 p264r2s1w4 p528r2s1w4 p1056r2s1w4 p528r2s3w4 p528r2s1w4f p1056r2s1w4f p264r8s1w8 ;;
+    yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
+              tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;
   esac > "$OUT/$part/log.txt" 2>&1
   echo "== $part: rc=$? in $(( $(date +%s) - start )) s"

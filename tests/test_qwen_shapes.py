@@ -25,14 +25,15 @@ pytestmark = pytest.mark.gpu
 SHAPES = {name: {k: v for k, v in shape.items() if k != "num_hidden_layers"} for name, shape in QWEN25_SHAPES.items()}
 
 
-def qwen_shape_config(name: str, max_positions: int = 4096) -> ModelConfig:
+def qwen_shape_config(name: str, max_positions: int = 4096, rope_scaling: dict | None = None) -> ModelConfig:
     """Two layers of the Qwen2.5 model `name` ("0.5B" ... "72B")."""
     return ModelConfig(num_hidden_layers=2, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=max_positions,
-                       **SHAPES[name])
+                       rope_scaling=rope_scaling, **SHAPES[name])
 
 
-def _model(name: str, seed: int, max_positions: int = 4096) -> tuple[ModelConfig, dict]:
-    cfg = qwen_shape_config(name, max_positions)
+def _model(name: str, seed: int, max_positions: int = 4096, rope_scaling: dict | None = None
+           ) -> tuple[ModelConfig, dict]:
+    cfg = qwen_shape_config(name, max_positions, rope_scaling)
     params = jax.device_get(init_params(cfg, jax.random.key(seed), jnp.bfloat16))
     # Peaked logits: the embedding (and an untied head) scaled so that a row's top tokens lie far
     # apart in logit, and the two paths' bf16 roundings cannot swap the greedy token.
@@ -74,13 +75,18 @@ def decode_step_case(cfg: ModelConfig, params: dict, batch: int, rng: np.random.
     return kv, slots, step
 
 
+# The Qwen2.5 cards' YaRN with its window shrunk to 64 positions, so that the decode step's keys (up to 320) lie past
+# it and the ramp falls inside head_dim 64's and 128's frequencies: the kernels take scaled cos/sin tables.
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+
+
 @pytest.mark.parametrize("batch", [1, 4, 64, 256])
-@pytest.mark.parametrize("name", list(SHAPES))
-def test_decode_step_matches_reference(name, batch):
+@pytest.mark.parametrize("name,rope", [(name, None) for name in SHAPES] + [("0.5B", "yarn"), ("7B", "yarn")])
+def test_decode_step_matches_reference(name, rope, batch):
     # One decode step (`decode_step_case`): logits, greedy tokens and the written K/V of the default
     # path against impl "reference".
     rng, seed = fresh_rng()
-    cfg, params = _model(name, seed)
+    cfg, params = _model(name, seed, rope_scaling=YARN if rope == "yarn" else None)
     kv, slots, step = decode_step_case(cfg, params, batch, rng)
     ref_logits, ref_kv = jax.jit(lambda kv, p: step("reference", kv, p))(kv, params)
     logits, new_kv = jax.jit(lambda kv, p: step("pallas", kv, p))(kv, params)
