@@ -266,6 +266,8 @@
 #               `griddepcontrol` programmatically: kernel_floor's stream chain with and without it (~60 s) (session 44: no; decode_step.md)
 #   loop44      session 44: whether a fixed grid looping over blocks (kernel_floor --loop) streams a dependent chain's
 #               bytes faster than the one-shot grid of 16 KiB programs (~400 s; session 44: no, decode_step.md)
+#   yarn44      session 44: the 0.5B and 7B decode steps of a YaRN checkpoint (scaled cos/sin tables) compiled
+#               against the reference at 1-256 rows (~200 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
