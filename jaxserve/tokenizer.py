@@ -22,21 +22,26 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
 
 def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]],
                         add_generation_prompt: bool = True,
-                        tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+                        tools: Sequence[dict[str, Any]] | None = None, continue_final_message: bool = False,
+                        template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """Token ids of a chat, rendered with the checkpoint's chat template.
 
     ``tools``: OpenAI tool definitions (``{"type": "function", "function": {...}}``), which the
     template renders as it does (Qwen2.5's into the system message; a template that ignores them
-    ignores them).
+    ignores them). ``continue_final_message``: the last message left open, so the model continues
+    it (a prefilled assistant answer) instead of starting a new turn. ``template_kwargs``: extra
+    variables for the template (vLLM's ``chat_template_kwargs``).
 
     Example:
         >>> apply_chat_template(tok, [{"role": "user", "content": "Weather in Paris?"}],
         ...                     tools=[{"type": "function", "function": {"name": "get_weather"}}])  # doctest: +SKIP
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model's tokenizer has no chat template; use a completion prompt instead")
+        raise ValueError("this model's tokenizer has no chat template; use a completion prompt instead "
+                         "(or give the server one: jaxserve serve --chat-template FILE)")
     text = tokenizer.apply_chat_template(list(messages), tools=list(tools) if tools else None, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+                                         add_generation_prompt=add_generation_prompt,
+                                         continue_final_message=continue_final_message, **(template_kwargs or {}))
     return tokenizer.encode(text, add_special_tokens=False)
 
 

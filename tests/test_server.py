@@ -533,6 +533,43 @@ def test_tokenize_counts_what_the_generation_routes_count(client, live, pages_fr
     assert bare["count"] < chat.usage.prompt_tokens  # without the assistant turn's opening
 
 
+def test_continue_final_message_leaves_the_assistant_turn_open(client, live, pages_freed):
+    """vLLM's continue_final_message: the last (assistant) message is rendered open, so the model continues a
+    prefilled answer; the chat route and /tokenize render it alike."""
+    tok = live.app.state.jaxserve.tokenizer
+    messages = [{"role": "user", "content": "def add(a, b):"}, {"role": "assistant", "content": "The quick"}]
+    want = tok.encode(tok.apply_chat_template(messages, tokenize=False, continue_final_message=True),
+                      add_special_tokens=False)
+    body = {"model": "tiny", "messages": messages, "add_generation_prompt": False, "continue_final_message": True}
+    r = post(live, "/tokenize", body)
+    assert r.status_code == 200 and r.json()["tokens"] == want
+    assert tok.decode(want).endswith("The quick")
+    closed = post(live, "/tokenize", {**body, "continue_final_message": False}).json()["tokens"]
+    assert closed != want and closed[:len(want)] == want  # the closed turn only adds its end after the text
+    chat = post(live, "/v1/chat/completions", {**body, "max_tokens": 3, "temperature": 0})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["usage"]["prompt_tokens"] == len(want)
+
+
+def test_server_chat_template_replaces_the_checkpoints(model, tmp_path):
+    """--chat-template (a file or the template itself) replaces the checkpoint's; chat_template_kwargs reach it."""
+    from jaxserve.server.app import resolve_chat_template
+
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if shout %}!{% endif %}"
+    app = create_app(model, ENGINE_CONFIG, ServerConfig(model_name="tiny", chat_template=template))
+    with LiveServer(app) as server:
+        tok = server.app.state.jaxserve.tokenizer
+        messages = [{"role": "user", "content": "hi"}]
+        plain = post(server, "/tokenize", {"messages": messages}, key=None).json()["tokens"]
+        assert plain == tok.encode("[user] hi\n", add_special_tokens=False)
+        shout = post(server, "/tokenize", {"messages": messages, "chat_template_kwargs": {"shout": True}}, key=None)
+        assert shout.json()["tokens"] == tok.encode("[user] hi\n!", add_special_tokens=False)
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        resolve_chat_template("/no/such/template.jinja")
+    (tmp_path / "t.jinja").write_text(template)
+    assert resolve_chat_template(str(tmp_path / "t.jinja")) == template
+
+
 @pytest.mark.parametrize("path, body, status, param, code", [
     ("/tokenize", {"model": "tiny"}, 400, "prompt", None),
     ("/tokenize", {"model": "tiny", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 400,
@@ -543,6 +580,11 @@ def test_tokenize_counts_what_the_generation_routes_count(client, live, pages_fr
     ("/detokenize", {"model": "tiny", "tokens": [1, -1]}, 400, "tokens", None),
     ("/detokenize", {"model": "tiny", "tokens": [10 ** 9]}, 400, "tokens", None),
     ("/detokenize", {"model": "tiny"}, 400, "tokens", None),
+    ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "continue_final_message": True}, 400,
+     "continue_final_message", None),
+    ("/v1/chat/completions", {**CHAT_BODY, "continue_final_message": True}, 400, "continue_final_message", None),
+    ("/v1/chat/completions", {**CHAT_BODY, "chat_template_kwargs": {"tokenize": True}}, 400, "chat_template_kwargs",
+     None),
 ])
 def test_bad_tokenizer_requests_get_openai_errors(live, path, body, status, param, code):
     r = post(live, path, body)

@@ -54,7 +54,8 @@ class ServerConfig:
     ``max_tokens_limit`` bounds ``max_tokens`` per choice, ``max_body_bytes`` the request body
     (413 above it), ``max_choices`` the prompts x ``n`` of one request; ``drain_s`` is how long
     shutdown lets running requests finish before aborting them; ``warmup`` compiles every step
-    shape before the server answers (``Engine.warmup``), so no request waits on the compiler.
+    shape before the server answers (``Engine.warmup``), so no request waits on the compiler;
+    ``chat_template`` (a file or a Jinja template) replaces the checkpoint's chat template.
 
     Example:
         >>> ServerConfig(api_key="secret", max_tokens_limit=1024).max_body_bytes
@@ -69,6 +70,9 @@ class ServerConfig:
     max_stop: int = 16
     drain_s: float = 5.0
     warmup: bool = False
+    # vLLM's --chat-template: a Jinja file or the template itself, replacing the checkpoint's (a base
+    # model has none; a fine-tune may want another).
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_stop"):
@@ -113,6 +117,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     """
     engine_config = engine_config or EngineConfig()
     server_config = server_config or ServerConfig()
+    chat_template = resolve_chat_template(server_config.chat_template)  # a bad one stops the start, not a request
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -124,9 +129,12 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             shapes = await asyncio.to_thread(engine.warmup, sampling=True, logprobs=True)
             log.info("warm-up compiled %d step shapes", shapes)
         metrics = ServingMetrics()
+        tokenizer = load_tokenizer(loaded.path)
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
         app.state.jaxserve = _State(
             engine=AsyncEngine(engine, metrics=metrics), metrics=metrics,
-            tokenizer=load_tokenizer(loaded.path),
+            tokenizer=tokenizer,
             tokenizer_thread=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-tokenizer"),
             sampling_defaults={k: v for k, v in engine.sampling_defaults.items() if k != "max_tokens"},
             model_name=server_config.model_name or loaded.name,
@@ -273,6 +281,31 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
 
 
 
+def resolve_chat_template(value: str | None) -> str | None:
+    """``--chat-template``'s value as template text: a file's contents, or the value itself where it is
+    a Jinja template (holds ``{{`` or ``{%``), as vLLM reads it.
+
+    Example:
+        >>> resolve_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")[:6]
+        '{% for'
+    """
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value) as f:
+            return f.read()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"chat_template {value!r} is neither a file nor a Jinja template")
+
+
+# Arguments of transformers' apply_chat_template that a request's chat_template_kwargs must not set.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
 # ----- request handling ----------------------------------------------------------------------------
 async def _accept(request: Request, schema: type[Schema]) -> tuple[_State, Any]:
     """The checks every generation route makes first: API key, body size, schema, model, n."""
@@ -379,18 +412,27 @@ def _tokenize(req: TokenizeRequest, st: _State) -> tuple[list[int], list[str] | 
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "exactly one of prompt and messages must be given", param="prompt")
     if req.messages is not None:
-        ids = _render_chat(req.messages, req.tools, st, add_generation_prompt=req.add_generation_prompt)
+        ids = _chat_prompt(req, st)
     else:
         ids = st.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     return ids, st.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
 
 
-def _chat_prompt(req: ChatRequest, st: _State) -> list[int]:
-    return _render_chat(req.messages, req.tools, st)
+def _chat_prompt(req: ChatRequest | TokenizeRequest, st: _State) -> list[int]:
+    reserved = sorted(set(req.chat_template_kwargs or ()) & _RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {reserved}", param="chat_template_kwargs")
+    if req.continue_final_message and req.add_generation_prompt:
+        raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true (a turn is "
+                            "either continued or a new one started)", param="continue_final_message")
+    return _render_chat(req.messages, req.tools, st, add_generation_prompt=req.add_generation_prompt,
+                        continue_final_message=req.continue_final_message,
+                        template_kwargs=req.chat_template_kwargs)
 
 
 def _render_chat(chat: list[ChatMessage], tool_defs: list[Tool] | None, st: _State,
-                 add_generation_prompt: bool = True) -> list[int]:
+                 add_generation_prompt: bool = True, continue_final_message: bool = False,
+                 template_kwargs: dict[str, Any] | None = None) -> list[int]:
     messages = []
     for m in chat:
         content = m.content
@@ -411,7 +453,8 @@ def _render_chat(chat: list[ChatMessage], tool_defs: list[Tool] | None, st: _Sta
     # sees them, its answer is not parsed for calls.
     tools = [tool.model_dump(exclude_none=True) for tool in tool_defs] if tool_defs else None
     try:
-        return apply_chat_template(st.tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        return apply_chat_template(st.tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                   continue_final_message=continue_final_message, template_kwargs=template_kwargs)
     except Exception as exc:  # the template's own checks (role order, ...) are input errors
         raise APIError(400, f"messages could not be rendered with the chat template: {exc}",
                        param="messages") from None

@@ -147,6 +147,11 @@ class ChatRequest(SamplingFields):
     # (app.py): forcing a call needs guided decoding, which jaxserve does not have.
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    # vLLM's extensions: a turn left open for the model to continue (a prefilled answer), and variables for
+    # the chat template.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class TokenizeRequest(Schema):
@@ -163,6 +168,8 @@ class TokenizeRequest(Schema):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     tools: list[Tool] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = False
     return_token_strs: bool = False
 
