@@ -229,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
-                         description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and "
-                                     "/metrics. SIGINT/SIGTERM drain running requests, then stop.",
+                         description="Serve /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize, "
+                                     "/health, /version and /metrics. SIGINT/SIGTERM drain running requests, "
+                                     "then stop.",
                          epilog="example: jaxserve serve --model /models/Qwen2.5-0.5B-Instruct --port 8000")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
