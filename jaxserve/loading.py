@@ -33,6 +33,32 @@ class LoadedModel:
     path: str
     name: str
 
+    def with_params(self, params: Any) -> "LoadedModel":
+        """This model with other weights of the same tree and shapes: a fine-tuned copy, or the
+        params of a training step to sample from. Engines share their compiled steps by config,
+        not by weights, so generating with new params compiles nothing again. Any float dtype
+        (the engine casts to its own); a ValueError names the first leaf that does not fit.
+
+        Example:
+            >>> m = jaxserve.load()
+            >>> tuned = jax.tree_util.tree_map(lambda w: w * 1.01, m.params)  # e.g. after an optax update
+            >>> outs = jaxserve.generate(m.with_params(tuned), ["def add(a, b):"], use_tqdm=False)  # doctest: +SKIP
+        """
+        import jax
+
+        have = dict(jax.tree_util.tree_flatten_with_path(self.params)[0])
+        got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+        for path in have.keys() | got.keys():
+            name = jax.tree_util.keystr(path)
+            if path not in got:
+                raise ValueError(f"params: {name} is missing")
+            if path not in have:
+                raise ValueError(f"params: {name} is not a parameter of this model")
+            if tuple(have[path].shape) != tuple(getattr(got[path], "shape", ())):
+                raise ValueError(f"params: {name} has shape {tuple(getattr(got[path], 'shape', ()))}, "
+                                 f"the model's is {tuple(have[path].shape)}")
+        return dataclasses.replace(self, params=params)
+
 
 def load(path: str | os.PathLike | None = None, dtype: Any = "float32",
          rope_scaling: dict[str, Any] | None = None) -> LoadedModel:

@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -791,6 +792,30 @@ def test_engines_alike_share_their_compiled_steps_and_a_changed_knob_does_not(ti
         with Engine(m, small_config()) as engine:
             assert all(engine.runner.compiled is not s for s in seen)
             seen.append(engine.runner.compiled)
+
+
+def test_new_params_generate_without_compiling_again(tiny):
+    """LoadedModel.with_params: a training step's (or a fine-tune's) weights through the same compiled steps; the
+    engine uses them (a zero final norm makes every logit 0, so greedy picks token 0); wrong trees are refused."""
+    m, _ = tiny
+    prompts = random_prompts(m.config.vocab_size, (5, 21))
+    with Engine(m, small_config()) as engine:
+        before = [o["token_ids"] for o in engine.generate(prompts, GREEDY, use_tqdm=False)]
+        steps = engine.runner.compiled
+        compiled = steps.decode._cache_size() + steps.prefill._cache_size()
+    silenced = jax.tree_util.tree_map(lambda x: x, m.params)
+    silenced["norm"]["scale"] = jnp.zeros_like(m.params["norm"]["scale"])
+    with Engine(m.with_params(silenced), small_config()) as engine:
+        assert engine.runner.compiled is steps
+        outs = engine.generate(prompts, GREEDY, use_tqdm=False)
+        assert_all_pages_free(engine)
+    assert steps.decode._cache_size() + steps.prefill._cache_size() == compiled  # nothing traced again
+    assert all(o["token_ids"] == [0] * 10 for o in outs) and before != [o["token_ids"] for o in outs]
+    assert m.with_params(m.params).params is m.params
+    with pytest.raises(ValueError, match=r"params: \['norm'\]\['scale'\] has shape \(3,\)"):
+        m.with_params({**m.params, "norm": {"scale": jnp.zeros(3)}})
+    with pytest.raises(ValueError, match=r"params: \['norm'\]\['scale'\] is missing"):
+        m.with_params({**m.params, "norm": {}})
 
 
 def hf_prompt_logprobs(hf, prompt: list[int]) -> np.ndarray:
