@@ -285,6 +285,8 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         ids = self._prompt_ids(prompt)
+        if params.truncate_prompt_tokens is not None:  # the last k: a chat's newest turns are its end
+            ids = ids[-params.truncate_prompt_tokens:]
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"max_model_len ({self.max_model_len})")

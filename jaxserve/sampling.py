@@ -73,6 +73,8 @@ class SamplingParams:
     text before it unless `include_stop_str_in_output` (vLLM's), and is the result's `stop_reason`.
     `prompt_logprobs=k` (vLLM's): the result's `prompt_logprobs` holds, for every prompt token after
     the first, its log-probability given the tokens before it and the k most likely tokens there.
+    `truncate_prompt_tokens=k` (vLLM's): only the prompt's last k tokens are used (a long chat's
+    oldest turns dropped instead of the request refused).
 
     Example:
         >>> p = SamplingParams(temperature=0.7, top_p=0.9, stop="\\n", seed=0)
@@ -103,6 +105,7 @@ class SamplingParams:
     min_tokens: int = 0
     logit_bias: Any = ()
     prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         def set_(name: str, value: Any) -> None:
@@ -160,6 +163,9 @@ class SamplingParams:
             if getattr(self, name) is not None:
                 check_int(name, _is_int(getattr(self, name)) and 0 <= getattr(self, name) <= MAX_LOGPROBS,
                           f"None or an int in [0, {MAX_LOGPROBS}]")
+        if self.truncate_prompt_tokens is not None:
+            check_int("truncate_prompt_tokens", _is_int(self.truncate_prompt_tokens) and self.truncate_prompt_tokens >= 1,
+                      "None or an int >= 1")
         check_int("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
                   f"an int in [0, max_tokens={self.max_tokens}]")
         if self.min_tokens > 0:  # the ids banned until min_tokens are a fixed-width row of the step's batch

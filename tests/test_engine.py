@@ -794,6 +794,22 @@ def test_engines_alike_share_their_compiled_steps_and_a_changed_knob_does_not(ti
             seen.append(engine.runner.compiled)
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_end(tiny):
+    """vLLM's truncate_prompt_tokens: the last k prompt tokens, as if sent alone; a prompt past the model's length
+    is served instead of refused."""
+    m, hf = tiny
+    [prompt] = random_prompts(m.config.vocab_size, (30,))
+    cut = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, truncate_prompt_tokens=8)
+    with Engine(m, small_config(max_model_len=64)) as engine:
+        out = engine.generate([prompt], cut, use_tqdm=False)[0]
+        assert out["prompt_tokens"] == 8 and out["token_ids"] == hf_greedy(hf, prompt[-8:], 10)
+        long = engine.generate([prompt * 3], cut, use_tqdm=False)[0]  # 90 tokens > max_model_len 64
+        assert long["prompt_tokens"] == 8 and long["token_ids"] == out["token_ids"]
+        with pytest.raises(ValueError, match="exceeds max_model_len"):
+            engine.generate([prompt * 3], GREEDY, use_tqdm=False)
+        assert_all_pages_free(engine)
+
+
 def test_new_params_generate_without_compiling_again(tiny):
     """LoadedModel.with_params: a training step's (or a fine-tune's) weights through the same compiled steps; the
     engine uses them (a zero final norm makes every logit 0, so greedy picks token 0); wrong trees are refused."""

@@ -76,7 +76,7 @@ def chi_square(tokens, probs):
     ("presence_penalty", 2.5), ("presence_penalty", -2.1), ("frequency_penalty", 3.0),
     ("frequency_penalty", -2.5), ("seed", 1.0), ("seed", "7"), ("stop", 3), ("stop", [""]), ("stop", ["a", 1]),
     ("stop_token_ids", [-1]), ("stop_token_ids", 5), ("ignore_eos", 1), ("logprobs", -1), ("logprobs", 21),
-    ("min_tokens", -1), ("min_tokens", 17),
+    ("min_tokens", -1), ("min_tokens", 17), ("truncate_prompt_tokens", 0), ("truncate_prompt_tokens", 2.0),
     ("logit_bias", {-1: 1.0}), ("logit_bias", {"x": 1.0}), ("logit_bias", {1.5: 1.0}), ("logit_bias", {3: 101}),
     ("logit_bias", {3: float("nan")}), ("logit_bias", {3: "1"}), ("logit_bias", [1, 2]),
     ("logit_bias", {"\u00b2": 1.0}),  # str.isdigit() accepts a superscript two, int() does not

@@ -533,6 +533,22 @@ def test_tokenize_counts_what_the_generation_routes_count(client, live, pages_fr
     assert bare["count"] < chat.usage.prompt_tokens  # without the assistant turn's opening
 
 
+def test_truncate_prompt_tokens_serves_a_prompt_past_the_context(live, pages_freed):
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens are what the context check, the usage and echo
+    see; 0 is refused by name."""
+    ids = list(range(10, 10 + 50)) * 6  # 300 tokens > MAX_MODEL_LEN
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 2, "temperature": 0, "truncate_prompt_tokens": 16}
+    r = post(live, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 16
+    alone = post(live, "/v1/completions", {**body, "prompt": ids[-16:], "truncate_prompt_tokens": None}).json()
+    assert r.json()["choices"][0]["text"] == alone["choices"][0]["text"]
+    chat = post(live, "/v1/chat/completions", {**CHAT_BODY, "truncate_prompt_tokens": 4})
+    assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == 4
+    bad = post(live, "/v1/completions", {**body, "truncate_prompt_tokens": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
 def test_continue_final_message_leaves_the_assistant_turn_open(client, live, pages_freed):
     """vLLM's continue_final_message: the last (assistant) message is rendered open, so the model continues a
     prefilled answer; the chat route and /tokenize render it alike."""

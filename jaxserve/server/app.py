@@ -237,7 +237,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of not in (None, 1) and req.best_of != req.n:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
-        prompts = await _on_tokenizer_thread(st, _completion_prompts, req, st)
+        prompts = [_truncated(ids, req) for ids in await _on_tokenizer_thread(st, _completion_prompts, req, st)]
         # OpenAI documents max_tokens as nullable with a default of 16: null is the default, not an error.
         requested = 16 if req.max_tokens is None else req.max_tokens
         # max_tokens 0 with echo scores the prompt alone (lm-evaluation-harness's loglikelihood): the
@@ -264,7 +264,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        ids = await _on_tokenizer_thread(st, _chat_prompt, req, st)
+        ids = _truncated(await _on_tokenizer_thread(st, _chat_prompt, req, st), req)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         if requested is None:  # OpenAI's default: as much as the context leaves (bounded here)
@@ -403,9 +403,10 @@ def _completion_prompts(req: CompletionRequest, st: _State) -> list[list[int]]:
 
 def _echo_texts(req: CompletionRequest, prompts: list[list[int]], st: _State) -> list[str]:
     """What ``echo`` puts before each prompt's choices: the prompt as sent when it is text (as vLLM
-    does), its tokens decoded when it is token ids."""
+    does), its tokens decoded when it is token ids or was cut (``truncate_prompt_tokens``)."""
     sent = req.prompt if isinstance(req.prompt, list) and len(req.prompt) == len(prompts) else [req.prompt]
-    return [p if isinstance(p, str) else st.tokenizer.decode(ids) for p, ids in zip(sent, prompts)]
+    cut = req.truncate_prompt_tokens is not None
+    return [p if isinstance(p, str) and not cut else st.tokenizer.decode(ids) for p, ids in zip(sent, prompts)]
 
 
 def _tokenize(req: TokenizeRequest, st: _State) -> tuple[list[int], list[str] | None]:
@@ -480,6 +481,18 @@ def _max_tokens(value: int | None, name: str, st: _State) -> int:
     return value
 
 
+def _truncated(ids: list[int], req: SamplingFields) -> list[int]:
+    """The prompt tokens the engine uses: all, or the last ``truncate_prompt_tokens`` (vLLM's). Cut here,
+    before the context check, the usage counts and echo, so that all of them see what the model sees."""
+    k = req.truncate_prompt_tokens
+    if k is None:
+        return ids
+    if k < 1:
+        raise APIError(400, f"truncate_prompt_tokens must be None or an int >= 1, got {k}",
+                       param="truncate_prompt_tokens")
+    return ids[-k:]
+
+
 def _check_context(prompt_len: int, max_tokens: int, param: str, st: _State) -> None:
     if prompt_len + max_tokens > st.max_model_len:
         raise APIError(400, f"This model's maximum context length is {st.max_model_len} tokens. However, you "
@@ -505,7 +518,8 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
              "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
              "repetition_penalty": req.repetition_penalty, "min_tokens": req.min_tokens,
              "ignore_eos": req.ignore_eos, "stop_token_ids": req.stop_token_ids, "logit_bias": req.logit_bias,
-             "include_stop_str_in_output": req.include_stop_str_in_output}
+             "include_stop_str_in_output": req.include_stop_str_in_output,
+             "truncate_prompt_tokens": req.truncate_prompt_tokens}
     kwargs = {**st.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}
     try:
         # n > 1 with a seed: sample j of every prompt uses seed + j (vLLM's rule), so a prompt's

@@ -89,6 +89,7 @@ class SamplingFields(Schema):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
+    truncate_prompt_tokens: int | None = None
 
 
 class CompletionRequest(SamplingFields):
