@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any
 
+import jax
 from transformers import PreTrainedTokenizerBase
 
 from jaxserve.config import ModelConfig, RopeScaling
@@ -44,8 +45,6 @@ class LoadedModel:
             >>> tuned = jax.tree_util.tree_map(lambda w: w * 1.01, m.params)  # e.g. after an optax update
             >>> outs = jaxserve.generate(m.with_params(tuned), ["def add(a, b):"], use_tqdm=False)  # doctest: +SKIP
         """
-        import jax
-
         have = dict(jax.tree_util.tree_flatten_with_path(self.params)[0])
         got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
         for path in have.keys() | got.keys():

@@ -34,8 +34,8 @@ from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.metrics import CONTENT_TYPE, ServingMetrics
 from jaxserve.sampling import MAX_LOGPROBS, SamplingParams
-from jaxserve.server.protocol import (APIError, ChatMessage, ChatRequest, CompletionRequest, DetokenizeRequest,
-                                      SamplingFields, Schema, TokenizeRequest, Tool, ToolCall, bad_params)
+from jaxserve.server.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
+                                      Schema, TokenizeRequest, ToolCall, bad_params)
 from jaxserve.server.responses import ChatFormat, CompletionFormat
 from jaxserve.tokenizer import apply_chat_template, load_tokenizer
 
@@ -426,16 +426,8 @@ def _chat_prompt(req: ChatRequest | TokenizeRequest, st: _State) -> list[int]:
     if req.continue_final_message and req.add_generation_prompt:
         raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true (a turn is "
                             "either continued or a new one started)", param="continue_final_message")
-    return _render_chat(req.messages, req.tools, st, add_generation_prompt=req.add_generation_prompt,
-                        continue_final_message=req.continue_final_message,
-                        template_kwargs=req.chat_template_kwargs)
-
-
-def _render_chat(chat: list[ChatMessage], tool_defs: list[Tool] | None, st: _State,
-                 add_generation_prompt: bool = True, continue_final_message: bool = False,
-                 template_kwargs: dict[str, Any] | None = None) -> list[int]:
     messages = []
-    for m in chat:
+    for m in req.messages:
         content = m.content
         if isinstance(content, list):
             if any(part.type != "text" or part.text is None for part in content):
@@ -452,10 +444,11 @@ def _render_chat(chat: list[ChatMessage], tool_defs: list[Tool] | None, st: _Sta
         messages.append(message)
     # With tool_choice "none" the tools are still rendered, as vLLM does by default: the model
     # sees them, its answer is not parsed for calls.
-    tools = [tool.model_dump(exclude_none=True) for tool in tool_defs] if tool_defs else None
+    tools = [tool.model_dump(exclude_none=True) for tool in req.tools] if req.tools else None
     try:
-        return apply_chat_template(st.tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                                   continue_final_message=continue_final_message, template_kwargs=template_kwargs)
+        return apply_chat_template(st.tokenizer, messages, add_generation_prompt=req.add_generation_prompt,
+                                   tools=tools, continue_final_message=req.continue_final_message,
+                                   template_kwargs=req.chat_template_kwargs)
     except Exception as exc:  # the template's own checks (role order, ...) are input errors
         raise APIError(400, f"messages could not be rendered with the chat template: {exc}",
                        param="messages") from None
@@ -487,9 +480,10 @@ def _truncated(ids: list[int], req: SamplingFields) -> list[int]:
     k = req.truncate_prompt_tokens
     if k is None:
         return ids
-    if k < 1:
-        raise APIError(400, f"truncate_prompt_tokens must be None or an int >= 1, got {k}",
-                       param="truncate_prompt_tokens")
+    try:
+        SamplingParams(truncate_prompt_tokens=k)  # its rule for k, refused here before any cut
+    except ValueError as exc:
+        raise bad_params(exc) from None
     return ids[-k:]
 
 

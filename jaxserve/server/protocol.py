@@ -137,40 +137,42 @@ class Tool(Schema):
     function: FunctionDefinition
 
 
-class ChatRequest(SamplingFields):
+class ChatTemplateFields(Schema):
+    """How a chat's ``messages`` are rendered, the same in ``/v1/chat/completions`` and ``/tokenize``:
+    ``tools`` go to the template; vLLM's extensions leave the last turn open for the model to continue
+    (a prefilled answer: ``continue_final_message`` with ``add_generation_prompt`` false) and pass
+    variables to the template (``chat_template_kwargs``)."""
+
+    tools: list[Tool] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ChatRequest(SamplingFields, ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[Tool] | None = None
     # "auto" (the default with tools) or "none"; "required" and a named function are refused
     # (app.py): forcing a call needs guided decoding, which jaxserve does not have.
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
-    # vLLM's extensions: a turn left open for the model to continue (a prefilled answer), and variables for
-    # the chat template.
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
 
 
-class TokenizeRequest(Schema):
+class TokenizeRequest(ChatTemplateFields):
     """vLLM's ``/tokenize`` body: a completion ``prompt`` or chat ``messages`` (exactly one; app.py
     checks), tokenized as the generation routes tokenize them.
 
     ``add_special_tokens`` applies to a prompt (the completions route adds none; Qwen2's tokenizer
-    has no BOS either way), ``add_generation_prompt`` and ``tools`` to messages, as in the chat
-    route; ``return_token_strs`` adds each token's vocabulary string.
+    has no BOS either way), the template fields to messages, as in the chat route;
+    ``return_token_strs`` adds each token's vocabulary string.
     """
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    tools: list[Tool] | None = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = False
     return_token_strs: bool = False
 
