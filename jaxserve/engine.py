@@ -28,7 +28,8 @@ from jaxserve.request import Request, Status
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
 from jaxserve.sampling import SamplingParams, check_banned_ids, make_batch, needs_penalties, needs_sampling
 from jaxserve.scheduler import Scheduler
-from jaxserve.tokenizer import IncrementalDetokenizer
+from jaxserve.structured import GuideState, StructuredOutputs, TokenGuide, Vocabulary, compile_guide
+from jaxserve.tokenizer import IncrementalDetokenizer, vocabulary_bytes
 
 log = logging.getLogger("jaxserve.engine")
 
@@ -240,6 +241,7 @@ class Engine:
         # The checkpoint's own sampling (generation_config.json), for requests that bring none.
         self.sampling_defaults = generation_sampling_defaults(model.path)
         self._sampling_cache: tuple | None = None
+        self._vocabulary: Vocabulary | None = None  # token bytes for structured outputs, built at the first use
         self.requests: dict[str, Request] = {}
         self._pending: _Decode | None = None  # a decode call dispatched but not yet read
         self._pending_prefill: _Prefill | None = None  # likewise, a prefill call
@@ -302,8 +304,28 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        guide = self._guide(params) if params.structured_outputs is not None else None
         detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
-        return Request(request_id, ids, params, detok, self.eos_ids)
+        return Request(request_id, ids, params, detok, self.eos_ids, guide=guide)
+
+    def _guide(self, params: SamplingParams) -> GuideState:
+        return GuideState(self.structured_guide(params.structured_outputs))
+
+    def structured_guide(self, spec: StructuredOutputs) -> TokenGuide:
+        """The compiled constraint (`jaxserve.structured.TokenGuide`) of ``spec`` over this model's vocabulary:
+        compiled once per spec (`structured.compile_guide`'s cache), the vocabulary's bytes read once per
+        engine. ValueError naming the spec's field where it cannot be compiled. Thread-safe, so a server
+        compiles a request's constraint off the engine thread before submitting it.
+
+        Example:
+            >>> engine.structured_guide(StructuredOutputs(regex="[0-9]+")).dfa.fullmatch("42")  # doctest: +SKIP
+            True
+        """
+        if self._vocabulary is None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs need a tokenizer (the tokens' bytes), and this engine has none")
+            self._vocabulary = Vocabulary(vocabulary_bytes(self.tokenizer, self.model.config.vocab_size))
+        return compile_guide(spec, self._vocabulary, self.eos_ids)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
@@ -366,6 +388,15 @@ class Engine:
                                     # greedy pick is then an argmax without an exponential an element.
                                     any(p.logprobs is not None for p in params))
         _, sbatch, num_top, sampled, penalties, logprobs = self._sampling_cache
+        if any(r.guide is not None for r in reqs):
+            # Each row's next-token mask depends on the tokens so far: built for every call, which is then
+            # one step long (`_decode_steps`) and never chained or started before the host has its tokens.
+            allowed = np.full((batch, self._vocabulary_words()), 0xFFFFFFFF, np.uint32)
+            for i, r in enumerate(reqs):
+                if r.guide is not None:
+                    r.guide.advance(r.output_ids)
+                    allowed[i] = r.guide.mask()
+            sbatch = sbatch.replace(allowed=jax.device_put(allowed))
         steps = np.zeros(batch, np.int32)
         steps[: len(reqs)] = [len(r.output_ids) for r in reqs]
         counts = seen = None
@@ -378,6 +409,27 @@ class Engine:
                 seen_np[i, np.asarray(r.all_ids, np.int64)] = True
             counts, seen = jnp.asarray(counts_np), jnp.asarray(seen_np)
         return sbatch, steps, num_top, counts, seen, not sampled, logprobs
+
+    def _vocabulary_words(self) -> int:
+        return -(-self.model.config.vocab_size // 32)
+
+    @staticmethod
+    def _guided(reqs: Sequence[Request]) -> bool:
+        return any(r.guide is not None for r in reqs)
+
+    def _end_guided(self, reqs: Sequence[Request]) -> None:
+        """Finish the structured-output requests whose output is a complete match nothing can extend (no
+        need to sample an EOS for them); abort one a token took out of its constraint (never expected:
+        the sampler masks every step)."""
+        for r in reqs:
+            if r.guide is None or r.finish_reason is not None:
+                continue
+            r.guide.advance(r.output_ids)
+            if r.guide.broken:
+                r.finish("abort", "a sampled token broke the structured output constraint")
+            elif r.guide.final:
+                r.sync_text()
+                r.finish("stop")
 
     @staticmethod
     def _top(request: Request, out, index: tuple) -> dict[int, float] | None:
@@ -545,7 +597,7 @@ class Engine:
         Only in steady decoding: nothing waits or prefills, no penalties (their counts live on the
         host), every row still runs and gets room for the chained call's tokens without preemption.
         """
-        if not self.config.overlap or call.penalties or self.scheduler.waiting:
+        if not self.config.overlap or call.penalties or self.scheduler.waiting or self._guided(call.reqs):
             return False
         if any(r.is_prefilling for r in self.scheduler.running) or len(self.scheduler.running) != len(call.reqs):
             return False
@@ -568,7 +620,7 @@ class Engine:
         rows = self.scheduler.running
         if not rows or any(r.is_prefilling or r.finish_reason is not None for r in rows):
             return None
-        if needs_penalties([r.params for r in rows]):
+        if needs_penalties([r.params for r in rows]) or self._guided(rows):
             return None
         first = call.finishing()
         # Rows whose first token is on the device owe it: it is not in ``remaining`` yet.
@@ -631,12 +683,13 @@ class Engine:
             decode = [r for r in plan.decode if r.finish_reason is None]
             if decode:
                 plan.decode = decode
-                call = self._dispatch_decode(plan.decode, plan.decode_steps)
+                call = self._dispatch_decode(plan.decode, 1 if self._guided(decode) else plan.decode_steps)
                 if self.config.overlap and not plan.prefill:
                     self._pending = call
                 else:
                     self._collect_decode(call)
                     touched.update((r.request_id, r) for r in plan.decode)
+        self._end_guided(touched.values())
         finished = [r for r in touched.values() if r.finish_reason is not None]
         self.scheduler.remove_many(finished)
         for r in finished:

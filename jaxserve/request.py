@@ -64,6 +64,9 @@ class Request:
     prompt_lps: list[dict[int, float] | None] = dataclasses.field(default_factory=list, repr=False)
     prompt_logprobs_upto: int = 1
     _stops: frozenset[int] | None = dataclasses.field(default=None, repr=False)
+    # Structured outputs (`params.structured_outputs`): where the output stands in its constraint
+    # (`jaxserve.structured.GuideState`), advanced by the engine as tokens arrive; None without one.
+    guide: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def all_ids(self) -> list[int]:

@@ -153,8 +153,9 @@ class Runner:
             True
         """
         prompt = -1 if prompt_targets is None else prompt_top
-        self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, batch.bias_ids.shape[1], num_top,
-                                  counts is not None, greedy, logprobs) + ((prompt,) if prompt >= 0 else ()))
+        self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, batch.bias_ids.shape[1],
+                                  batch.allowed.shape[1], num_top, counts is not None, greedy, logprobs)
+                                 + ((prompt,) if prompt >= 0 else ()))
         targets = None if prompt_targets is None else _int32(prompt_targets)[0]
         self.kv, out = self.compiled.prefill(
             self.params, self.kv, *_int32(tokens, q_start, lengths, block_tables), batch, *_int32(steps), counts,
@@ -181,8 +182,9 @@ class Runner:
         if not penalties:  # placeholders keep one signature; they are never read
             counts = seen = self._no_counts
         live_rows = None if live_rows == tokens.shape[0] else live_rows
-        self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, batch.bias_ids.shape[1], num_steps,
-                                  num_top, penalties, greedy, logprobs) + ((live_rows,) if live_rows else ()))
+        self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, batch.bias_ids.shape[1],
+                                  batch.allowed.shape[1], num_steps, num_top, penalties, greedy, logprobs)
+                                 + ((live_rows,) if live_rows else ()))
         self.kv, out, last = self.decode_fn(tokens.shape[0])(
             self.params, self.kv, *_int32(tokens, positions, limits, block_tables), batch,
             *_int32(steps), counts, seen, num_steps=num_steps, num_top=num_top, penalties=penalties, greedy=greedy,

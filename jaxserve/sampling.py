@@ -75,6 +75,9 @@ class SamplingParams:
     the first, its log-probability given the tokens before it and the k most likely tokens there.
     `truncate_prompt_tokens=k` (vLLM's): only the prompt's last k tokens are used (a long chat's
     oldest turns dropped instead of the request refused).
+    `structured_outputs` (vLLM's; a `jaxserve.structured.StructuredOutputs` or a dict of its fields: a JSON
+    schema, a regex, a list of choices or any JSON object): the output is constrained to match it, and ends
+    once it is a complete match (or at EOS where the match may go on).
 
     Example:
         >>> p = SamplingParams(temperature=0.7, top_p=0.9, stop="\\n", seed=0)
@@ -86,6 +89,8 @@ class SamplingParams:
         ((42, -100.0),)
         >>> SamplingParams(prompt_logprobs=1).prompt_logprobs
         1
+        >>> SamplingParams(structured_outputs={"choice": ["yes", "no"]}).structured_outputs.choice
+        ('yes', 'no')
     """
 
     max_tokens: int = 16
@@ -106,6 +111,7 @@ class SamplingParams:
     logit_bias: Any = ()
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
+    structured_outputs: Any = None
 
     def __post_init__(self) -> None:
         def set_(name: str, value: Any) -> None:
@@ -171,6 +177,13 @@ class SamplingParams:
         if self.min_tokens > 0:  # the ids banned until min_tokens are a fixed-width row of the step's batch
             check_banned_ids(self.stop_token_ids, ())
         set_("logit_bias", _logit_bias_pairs(self.logit_bias))
+        if self.structured_outputs is not None:
+            from jaxserve.structured import StructuredOutputs
+
+            set_("structured_outputs", StructuredOutputs.from_value(self.structured_outputs))
+            if self.min_tokens > 0:
+                # min_tokens bans EOS where the constraint may allow nothing else (a complete match).
+                raise ValueError("min_tokens cannot be combined with structured_outputs")
 
     @property
     def greedy(self) -> bool:
@@ -185,6 +198,8 @@ class SamplingParams:
         out = {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
                for f in dataclasses.fields(self)}
         out["logit_bias"] = dict(self.logit_bias)
+        if self.structured_outputs is not None:
+            out["structured_outputs"] = self.structured_outputs.to_dict()
         return out
 
     @classmethod
@@ -250,8 +265,9 @@ class SamplingBatch:
     is fold_in(fold_in(fold_in(key(0), high), low), step));
     min_tokens: i32; banned_ids: i32 [B, MAX_BANNED_IDS], ids masked while
     step < min_tokens, -1 padded; bias_ids: i32 [B, W] and bias_values: f32 [B, W], each row's
-    `logit_bias` (W = MAX_LOGIT_BIAS when some row has one, else 0; ids past the vocabulary pad).
-    Build it with `make_batch`.
+    `logit_bias` (W = MAX_LOGIT_BIAS when some row has one, else 0; ids past the vocabulary pad);
+    allowed: u32 [B, ceil(V / 32)] or [B, 0], the tokens each row may take (bit t % 32 of word t // 32;
+    `jaxserve.structured`), width 0 when no row is constrained. Build it with `make_batch`.
     """
 
     temperature: jax.Array
@@ -266,6 +282,7 @@ class SamplingBatch:
     banned_ids: jax.Array
     bias_ids: jax.Array
     bias_values: jax.Array
+    allowed: jax.Array
 
 
 @flax.struct.dataclass
@@ -291,14 +308,16 @@ class PromptLogprobs:
 
 
 def make_batch(
-    params: Sequence[SamplingParams | None], batch_size: int, *, eos_token_ids: Sequence[int] = ()
+    params: Sequence[SamplingParams | None], batch_size: int, *, eos_token_ids: Sequence[int] = (),
+    allowed: np.ndarray | None = None,
 ) -> SamplingBatch:
     """Stack per-request parameters into a `SamplingBatch` of `batch_size` rows.
 
     `None` entries and padding rows past `len(params)` are greedy with no penalties.
     Unseeded requests draw a 64-bit seed from the OS here. `eos_token_ids` are banned,
     together with the request's `stop_token_ids`, while it has produced fewer than
-    `min_tokens` tokens (unless `ignore_eos`).
+    `min_tokens` tokens (unless `ignore_eos`). `allowed`: uint32 ``[batch_size, ceil(V / 32)]`` packed token
+    masks (`SamplingBatch.allowed`; the engine's structured-output rows), None for none.
 
     Example:
         >>> b = make_batch([SamplingParams(temperature=0.8, seed=1), None], 4)
@@ -343,6 +362,7 @@ def make_batch(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition,
         presence_penalty=presence, frequency_penalty=frequency, seeds=seeds, min_tokens=min_tokens,
         banned_ids=banned, bias_ids=bias_ids, bias_values=bias_values,
+        allowed=np.zeros((batch_size, 0), np.uint32) if allowed is None else np.asarray(allowed, np.uint32),
     ))
 
 
@@ -364,14 +384,16 @@ def _has_penalty(p: SamplingParams) -> bool:
 def needs_sampling(params: Sequence[SamplingParams | None]) -> bool:
     """False when `jnp.argmax(logits, -1)` picks exactly the tokens `sample` would.
 
-    That holds when every row is greedy, has no penalty, no `min_tokens` and no `logit_bias`.
+    That holds when every row is greedy, has no penalty, no `min_tokens`, no `logit_bias` and no
+    `structured_outputs`.
     Log-probs are a separate question: `token_logprobs` computes them for any tokens.
 
     Example:
         >>> needs_sampling([SamplingParams(temperature=0), None])
         False
     """
-    return any(p is not None and (not p.greedy or _has_penalty(p) or p.min_tokens > 0 or bool(p.logit_bias))
+    return any(p is not None and (not p.greedy or _has_penalty(p) or p.min_tokens > 0 or bool(p.logit_bias)
+                                  or p.structured_outputs is not None)
                for p in params)
 
 
@@ -539,7 +561,7 @@ def sample(
     logits: [B, V]; step: i32 [B], tokens row b generated before (with the row's seed it
     alone fixes the row's randomness); counts: int [B, V] output-token counts (presence and
     frequency penalties); seen: bool [B, V] tokens in prompt or output (repetition penalty).
-    Order as vLLM v1: logit bias -> min_tokens ban -> penalties -> temperature -> min-p -> top-k ->
+    Order as vLLM v1: allowed-token masks (structured outputs) -> logit bias -> min_tokens ban -> penalties -> temperature -> min-p -> top-k ->
     top-p -> draw (min-p before top-p: the nucleus is of the distribution min-p left). Greedy rows take the argmax of the penalised logits. Each stage runs only if some
     row needs it. Top-k and top-p are exact: they look at the `top_candidates` best tokens
     per row and sort the whole row only when that does not decide some row's cut-off.
@@ -559,6 +581,8 @@ def sample(
         raise ValueError(f"top_candidates must be >= 1, got {top_candidates}")
     b, v = logits.shape
     x = logits.astype(jnp.float32)
+    if batch.allowed.shape[1]:  # some row is constrained (the width is static)
+        x = jnp.where(unpack_allowed(batch.allowed, v), x, -jnp.inf)
     if batch.bias_ids.shape[1]:  # some row has a logit_bias (the width is static)
         x = x.at[jnp.arange(b)[:, None], batch.bias_ids].add(batch.bias_values, mode="drop")
     x = jax.lax.cond(jnp.any(step < batch.min_tokens), _ban_until_min_tokens, lambda x, *_: x, x, batch, step)
@@ -585,6 +609,18 @@ def sample(
         return no_logprobs(tokens)
     chosen, top_ids, top_lps = token_logprobs(logits, tokens, num_top_logprobs)
     return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lps)
+
+
+def unpack_allowed(allowed: jax.Array, vocab_size: int) -> jax.Array:
+    """Bool ``[B, vocab_size]`` from packed uint32 masks ``[B, ceil(vocab_size / 32)]`` (`SamplingBatch.allowed`).
+
+    Example:
+        >>> unpack_allowed(jnp.array([[0b101]], jnp.uint32), 3).tolist()
+        [[True, False, True]]
+    """
+    ids = jnp.arange(vocab_size, dtype=jnp.uint32)
+    words = allowed[:, ids // 32]
+    return ((words >> (ids % 32)[None, :]) & 1).astype(jnp.bool_)
 
 
 def no_logprobs(tokens: jax.Array) -> SampleOutput:

@@ -75,6 +75,30 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes:
     return tokenizer.decode([int(token_id)]).encode("utf-8")
 
 
+def vocabulary_bytes(tokenizer: PreTrainedTokenizerBase, size: int) -> list[bytes | None]:
+    """Every token's bytes (`token_bytes`) for ids ``0..size-1`` (the model's vocabulary, which may be padded
+    past the tokenizer's): ``None`` for added tokens (``<|im_end|>``...: control tokens, never text a
+    constraint allows) and ids the tokenizer does not have. One batched lookup for byte-level BPE.
+
+    Example:
+        >>> vocabulary_bytes(tok, 151936)[tok.convert_tokens_to_ids("Ġthe")]  # doctest: +SKIP
+        b' the'
+    """
+    known = len(tokenizer)
+    table = _byte_level_table(tokenizer)
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}))
+    out: list[bytes | None] = [None] * size
+    pieces = tokenizer.convert_ids_to_tokens(list(range(min(size, known))))
+    for i, piece in enumerate(pieces):
+        if i in added or piece is None:
+            continue
+        if table is not None and all(c in table[0] for c in piece):
+            out[i] = bytes(table[0][c] for c in piece)
+        else:
+            out[i] = token_bytes(tokenizer, i)
+    return out
+
+
 _PROMPT_CONTEXT = 5
 
 

@@ -854,7 +854,7 @@ def test_prompt_logprobs_match_transformers_through_chunks_and_a_cached_prefix(t
         assert plain["cached_tokens"] == 40 and "prompt_logprobs" not in plain
         # Only batches that ask run the prompt-logprobs variant (its key carries one more field).
         prefills = {len(shape) for shape in engine.runner.compiled_shapes if shape[0] == "prefill"}
-        assert prefills == {8, 9}
+        assert prefills == {9, 10}
         assert_all_pages_free(engine)
     for prompt, out in zip(prompts + [shared + [5]], outs + [again]):
         assert out["token_ids"] == hf_greedy(hf, prompt, 3)
@@ -1100,8 +1100,8 @@ def test_padded_calls_with_live_rows_run_only_the_real_rows_attention(tiny, monk
         assert engine.decode_shape(1, 200).width == engine.decode_table_width(200, 1)  # the row's own bucket's
         engine.warmup(sampling=False)
         shapes = set(engine.runner.compiled_shapes)
-        # A shape's live rows (past its ninth field) are named only where they are fewer than its rows.
-        assert {(s[2][0], s[9:]) for s in shapes if s[0] == "decode"} == {(4, ()), (4, (1,)), (4, (2,))}
+        # A shape's live rows (past its tenth field) are named only where they are fewer than its rows.
+        assert {(s[2][0], s[10:]) for s in shapes if s[0] == "decode"} == {(4, ()), (4, (1,)), (4, (2,))}
         calls = record_decode_calls(engine)
         for lengths, expected in (((6, 9), {(4, 4)}), ((100, 150), {(4, 2)}), ((120,), {(4, 1)})):
             calls.clear()

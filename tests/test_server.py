@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import re
 import signal
 import socket
 import threading
@@ -396,12 +397,24 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
      "tools", None),
     ("/v1/chat/completions", {**CHAT_BODY, "tools": {"type": "function", "function": {"name": "f"}}}, 400,
      "tools", None),
-    # Forcing a call needs guided decoding, which jaxserve does not have.
-    ("/v1/chat/completions", {**CHAT_BODY, "tools": TOOLS, "tool_choice": "required"}, 400, "tool_choice", None),
+    # Output constraints: bad ones, and more than one.
     ("/v1/chat/completions", {**CHAT_BODY, "tools": TOOLS,
-                              "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, 400,
+                              "tool_choice": {"type": "function", "function": {"name": "get_time_zone"}}}, 400,
      "tool_choice", None),
-    ("/v1/chat/completions", {**CHAT_BODY, "response_format": {"type": "json_object"}}, 400, "response_format", None),
+    ("/v1/chat/completions", {**CHAT_BODY, "tools": TOOLS, "tool_choice": "sometimes"}, 400, "tool_choice", None),
+    ("/v1/chat/completions", {**CHAT_BODY, "tool_choice": "required"}, 400, "tool_choice", None),
+    ("/v1/chat/completions", {**CHAT_BODY, "response_format": {"type": "xml"}}, 400, "response_format", None),
+    ("/v1/chat/completions", {**CHAT_BODY, "response_format": {"type": "json_schema", "json_schema": {"schema": 5}}},
+     400, "response_format", None),
+    ("/v1/completions", {**GOOD, "guided_grammar": "root ::= 'a'"}, 400, "guided_grammar", None),
+    ("/v1/completions", {**GOOD, "guided_regex": "(?=a)b"}, 400, "guided_regex", None),
+    ("/v1/completions", {**GOOD, "guided_choice": []}, 400, "guided_choice", None),
+    ("/v1/completions", {**GOOD, "guided_json": {"type": "object", "patternProperties": {}}}, 400, "guided_json",
+     None),
+    ("/v1/completions", {**GOOD, "structured_outputs": {"regex": "a", "choice": ["b"]}}, 400, "structured_outputs",
+     None),
+    ("/v1/chat/completions", {**CHAT_BODY, "response_format": {"type": "json_object"}, "guided_regex": "a+"}, 400,
+     "guided_regex", None),
     ("/v1/chat/completions", {**CHAT_BODY, "messages": [
         {"role": "assistant", "content": None,
          "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{city"}}]}]},
@@ -1106,3 +1119,50 @@ def test_streamed_tool_calls_come_as_one_delta_before_the_finish(live, client, m
     assert call.index == 0 and call.type == "function" and call.id.startswith("chatcmpl-tool-")
     assert call.function.name == "get_weather" and call.function.arguments == '{"city": "Paris"}'
     assert calls[1:] == [[], []]
+
+
+# ----- structured outputs ------------------------------------------------------------------------------
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer"}},
+          "required": ["name", "age"]}
+
+
+def test_structured_outputs_hold_the_text_to_the_schema_regex_or_choices(client, live, pages_freed):
+    messages = [{"role": "user", "content": "Who?"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=60, temperature=1.0, seed=1, n=3,
+                                          response_format={"type": "json_schema",
+                                                           "json_schema": {"name": "person", "schema": PERSON}})
+    for choice in chat.choices:
+        assert choice.finish_reason == "stop"
+        person = json.loads(choice.message.content)
+        assert set(person) == {"name", "age"} and isinstance(person["age"], int) and len(person["name"]) <= 6
+    # A random model's strings run on: bias the quote and the brace so that the object ends within max_tokens.
+    closing = live.app.state.jaxserve.tokenizer.convert_tokens_to_ids(['"', "}"])
+    anything = client.chat.completions.create(model="tiny", messages=messages, max_tokens=80, temperature=0,
+                                              logit_bias={str(t): 8 for t in closing},
+                                              response_format={"type": "json_object"})
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    choice = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=1.0, n=4,
+                                       extra_body={"guided_choice": ["red", "green", "blue"]})
+    assert {c.text for c in choice.choices} <= {"red", "green", "blue"}
+    regex = post(live, "/v1/completions", {**GOOD, "max_tokens": 12, "structured_outputs": {"regex": "[0-9]{4}"}})
+    assert regex.status_code == 200 and re.fullmatch("[0-9]{4}", regex.json()["choices"][0]["text"])
+    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+                                       extra_body={"guided_regex": "(?:ab|cd){2,3}!"})
+    assert re.fullmatch("(?:ab|cd){2,3}!", "".join(c.choices[0].text for c in stream))
+
+
+def test_tool_choice_required_or_named_makes_the_model_call_a_tool(client, live, monkeypatch, pages_freed):
+    tok = live.app.state.jaxserve.tokenizer
+    monkeypatch.setattr(tok, "chat_template", TOOLS_TEMPLATE)
+    body = dict(model="tiny", messages=[{"role": "user", "content": "Paris?"}], tools=TOOLS, max_tokens=120,
+                temperature=0.7, seed=3)
+    named = client.chat.completions.create(**body, tool_choice={"type": "function",
+                                                                "function": {"name": "get_weather"}})
+    [call] = named.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and named.choices[0].finish_reason == "tool_calls"
+    arguments = json.loads(call.function.arguments)
+    assert isinstance(arguments, dict) and set(arguments) <= {"city"}
+    required = client.chat.completions.create(**body, tool_choice="required")
+    assert required.choices[0].finish_reason in ("tool_calls", "length")
+    if required.choices[0].finish_reason == "tool_calls":
+        assert {c.function.name for c in required.choices[0].message.tool_calls} <= {"get_weather", "get_time"}

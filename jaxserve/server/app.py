@@ -37,6 +37,8 @@ from jaxserve.sampling import MAX_LOGPROBS, SamplingParams
 from jaxserve.server.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
                                       Schema, TokenizeRequest, ToolCall, bad_params)
 from jaxserve.server.responses import ChatFormat, CompletionFormat
+from jaxserve.server.tool_calls import TOOL_CALL_END, TOOL_CALL_START
+from jaxserve.structured import StructuredOutputs, escape
 from jaxserve.tokenizer import apply_chat_template, load_tokenizer
 
 log = logging.getLogger("jaxserve.server")
@@ -247,7 +249,9 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         for ids in prompts:
             _check_context(len(ids), max_tokens, "prompt", st)
         prompt_logprobs = req.logprobs if req.echo else None
-        params = _sampling_params(req, max_tokens, req.logprobs, len(prompts) * req.n, st, prompt_logprobs)
+        structured = await _structured_outputs(req, st)
+        params = _sampling_params(req, max_tokens, req.logprobs, len(prompts) * req.n, st, prompt_logprobs,
+                                  structured)
         echo_texts = None
         if req.echo:
             echo_texts = await _on_tokenizer_thread(st, _echo_texts, req, prompts, st)
@@ -257,11 +261,6 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         st, req = await _accept(request, ChatRequest)
-        if req.tool_choice not in (None, "auto", "none"):
-            # "required" and a named function force a call, which needs guided decoding.
-            raise APIError(400, "tool_choice: only 'auto' and 'none' are supported", param="tool_choice")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         ids = _truncated(await _on_tokenizer_thread(st, _chat_prompt, req, st), req)
@@ -273,7 +272,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         max_tokens = _max_tokens(requested, name, st)
         _check_context(len(ids), max_tokens, "messages", st)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = _sampling_params(req, max_tokens, logprobs, req.n, st)
+        structured = await _structured_outputs(req, st)
+        params = _sampling_params(req, max_tokens, logprobs, req.n, st, structured=structured)
         return await _serve(request, st, req, [ids] * req.n, params, ChatFormat(st.model_name, st.tokenizer, req, len(ids)))
 
     return app
@@ -501,7 +501,8 @@ def _check_n(req: SamplingFields, st: _State) -> None:
 
 
 def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, count: int,
-                     st: _State, prompt_logprobs: int | None = None) -> list[SamplingParams]:
+                     st: _State, prompt_logprobs: int | None = None,
+                     structured: StructuredOutputs | None = None) -> list[SamplingParams]:
     stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if len(stop) > st.config.max_stop:
         raise APIError(400, f"stop must hold at most {st.config.max_stop} strings, got {len(stop)}", param="stop")
@@ -520,10 +521,95 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
         # choices differ, yet each is what the same prompt gets when sent alone or with others.
         # -1 is vLLM's "no seed" for every choice, not seeds -1, 0, 1...
         return [SamplingParams(max_tokens=max_tokens, stop=stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                               seed=None if req.seed in (None, -1) else req.seed + i % req.n, **kwargs)
+                               structured_outputs=structured, seed=None if req.seed in (None, -1) else req.seed + i % req.n, **kwargs)
                 for i in range(count)]
     except ValueError as exc:
         raise bad_params(exc) from None
+
+
+async def _structured_outputs(req: SamplingFields, st: _State) -> StructuredOutputs | None:
+    """The request's output constraint, from whichever field gives one (at most one may): OpenAI's
+    ``response_format`` (``json_object``, ``json_schema``), vLLM's ``structured_outputs`` object or its
+    ``guided_json`` / ``guided_regex`` / ``guided_choice``, or a chat's ``tool_choice`` "required" or
+    named function. Compiled here, on the tokenizer thread (a JSON schema's DFA takes up to a second the
+    first time; the engine thread then finds it cached); a bad one is a 400 naming its field."""
+    sources: list[tuple[str, dict[str, Any]]] = []
+    fmt = req.response_format
+    if fmt is not None:
+        kind = fmt.get("type", "text")
+        if kind == "json_object":
+            sources.append(("response_format", {"json_object": True}))
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+                raise APIError(400, "response_format.json_schema must be an object whose 'schema' is a JSON schema",
+                               param="response_format")
+            sources.append(("response_format", {"json": spec["schema"]} if "schema" in spec else {"json_object": True}))
+        elif kind != "text":
+            raise APIError(400, f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                           param="response_format")
+    if req.structured_outputs is not None:
+        sources.append(("structured_outputs", dict(req.structured_outputs)))
+    if req.guided_grammar is not None:
+        raise APIError(400, "guided_grammar (a context-free grammar) is not supported; use guided_regex or "
+                            "guided_json", param="guided_grammar")
+    guided = {key: value for key, value in (("json", req.guided_json), ("regex", req.guided_regex),
+                                             ("choice", req.guided_choice)) if value is not None}
+    if guided:
+        sources.append((f"guided_{next(iter(guided))}", guided))
+    if isinstance(req, ChatRequest):
+        tools = _tool_call_regex(req)
+        if tools is not None:
+            sources.append(("tool_choice", {"regex": tools}))
+    if len(sources) > 1:
+        raise APIError(400, f"at most one output constraint may be given, got {[name for name, _ in sources]}",
+                       param=sources[1][0])
+    if not sources:
+        if req.guided_whitespace_pattern is not None:
+            raise APIError(400, "guided_whitespace_pattern needs a JSON constraint", param="guided_whitespace_pattern")
+        return None
+    param, fields = sources[0]
+    if req.guided_whitespace_pattern is not None:
+        fields.setdefault("whitespace_pattern", req.guided_whitespace_pattern)
+    try:
+        spec = StructuredOutputs.from_value(fields)
+        await _on_tokenizer_thread(st, st.engine.engine.structured_guide, spec)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=param) from None
+    return spec
+
+
+def _tool_call_regex(req: ChatRequest) -> str | None:
+    """With ``tool_choice`` "required" (one call or more, of any tool) or a named function (one call of it),
+    the regex of the Hermes blocks Qwen2.5's chat template asks for (``<tool_call>\n{"name": ..., "arguments":
+    ...}\n</tool_call>``), the arguments held to the tool's ``parameters`` schema; None otherwise, as vLLM's."""
+    from jaxserve.json_schema import json_object_regex, schema_to_regex
+
+    choice = req.tool_choice
+    if choice in (None, "auto", "none"):
+        return None
+    tools = {t.function.name: t.function.parameters for t in req.tools or ()}
+    if choice == "required":
+        names = list(tools)
+    elif (isinstance(choice, dict) and choice.get("type") == "function"
+          and isinstance(choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)):
+        names = [choice["function"]["name"]]
+        if names[0] not in tools:
+            raise APIError(400, f"tool_choice names {names[0]!r}, which is not among the request's tools",
+                           param="tool_choice")
+    else:
+        raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
+                            "{'name': ...}}", param="tool_choice")
+    if not names:
+        raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
+    try:
+        calls = [escape(f'{TOOL_CALL_START}\n{{"name": {json.dumps(name)}, "arguments": ')
+                 + (json_object_regex() if tools[name] is None else schema_to_regex(tools[name]))
+                 + escape(f"}}\n{TOOL_CALL_END}") for name in names]
+    except ValueError as exc:
+        raise APIError(400, f"tools: {exc}", param="tools") from None
+    one = "(?:" + "|".join(calls) + ")"
+    return one if choice != "required" else f"{one}(?:\n{one})*"
 
 
 async def _submit_all(st: _State, prompts: list[list[int]], params: list[SamplingParams],

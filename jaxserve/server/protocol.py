@@ -90,6 +90,15 @@ class SamplingFields(Schema):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     truncate_prompt_tokens: int | None = None
+    # Structured outputs (app.py `_structured_outputs`): OpenAI's response_format, vLLM's structured_outputs
+    # object and its older guided_* fields; at most one of them.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -155,10 +164,9 @@ class ChatRequest(SamplingFields, ChatTemplateFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    # "auto" (the default with tools) or "none"; "required" and a named function are refused
-    # (app.py): forcing a call needs guided decoding, which jaxserve does not have.
+    # "auto" (the default with tools), "none", "required" or {"type": "function", "function": {"name": ...}}:
+    # the last two constrain the output to tool-call blocks (app.py `_tool_call_regex`).
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
 
 
 class TokenizeRequest(ChatTemplateFields):

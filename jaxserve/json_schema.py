@@ -1,0 +1,363 @@
+"""JSON Schema -> regular expression, for structured-output (guided) decoding.
+
+The regex's full matches are JSON texts valid under the schema; it is compiled to a byte-level DFA
+that understands only a small regex subset (literals, a fixed set of escapes, ``.``, classes, groups,
+alternation, quantifiers), so everything here is written in that subset and is also valid for ``re``.
+
+Limits (where the regex accepts fewer texts than the schema allows, or, as marked, more):
+  * Whitespace is ``whitespace_pattern`` (default ``[ ]?``), only after ``{ [ , :`` and before ``} ]``.
+  * More: ``minimum``/``maximum``/``exclusiveMinimum``/``exclusiveMaximum``/``multipleOf`` are ignored.
+  * ``pattern`` must fully match the string's JSON-escaped content as-is (leading ``^`` / trailing
+    ``$`` stripped), as in outlines, rather than be searched in the decoded string; more: a pattern
+    that admits ``"`` or a raw control character can yield invalid JSON.
+  * More: ``oneOf`` is ``anyOf`` (exclusivity unchecked); ``enum``/``const`` ignore a sibling ``type``.
+  * Objects with ``properties`` never get keys beyond them (whatever ``additionalProperties`` says), in
+    the schema's order; keys in ``required`` but not in ``properties`` are appended as any-value keys.
+  * Free-form values (``{}``, ``true``, bare ``object``/``array``) nest at most ``max_depth`` levels
+    counted from the document's top; a ``$ref`` recursion deeper than ``max_depth`` admits nothing at
+    that point (an optional property or array item there is left out; if nothing remains, ValueError).
+  * Without ``type``, one is inferred from the keywords (``properties`` -> object, ``items`` -> array,
+    ``pattern``/``format``/lengths -> string); with none of those the value is free-form.
+  * ``integer`` has no fraction or exponent; ``const``/``enum`` numbers must be written as json.dumps does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from jaxserve.structured import escape
+
+__all__ = ["JSON_VALUE_DEPTH", "json_object_regex", "json_value_regex", "schema_to_regex"]
+
+# Four levels of free-form nesting cover typical json_object replies; the regex grows ~4x per level.
+JSON_VALUE_DEPTH = 4
+
+# One space at most by default: unbounded whitespace lets a model loop on spaces/newlines (outlines).
+_DEFAULT_WS = r"[ ]?"
+_CHAR = r'(?:[^"\\\u0000-\u001f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
+_STRING = f'"{_CHAR}*"'
+_INTEGER = r"-?(?:0|[1-9][0-9]*)"
+_NUMBER = _INTEGER + r"(?:\.[0-9]+)?(?:[eE][+\-]?[0-9]+)?"
+_BOOLEAN = r"(?:true|false)"
+_NULL = "null"
+_SCALARS = {"integer": _INTEGER, "number": _NUMBER, "boolean": _BOOLEAN, "null": _NULL}
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:Z|[+\-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_DATE = r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
+_FORMATS = {  # string bodies, without the quotes; offsets are required by RFC 3339's full-time
+    "date-time": _DATE + "T" + _TIME,
+    "date": _DATE,
+    "time": _TIME,
+    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+    "email": r"[a-zA-Z0-9_%+\-]+(?:\.[a-zA-Z0-9_%+\-]+)*@[a-zA-Z0-9\-]+(?:\.[a-zA-Z0-9\-]+)+",
+}
+_HANDLED = {"type", "enum", "const", "properties", "required", "additionalProperties", "items",
+            "minItems", "maxItems", "minLength", "maxLength", "pattern", "format",
+            "anyOf", "oneOf", "allOf", "$ref"}
+# Accepted and ignored: annotations, and numeric bounds that a regex cannot reasonably enforce.
+_IGNORED = {"$schema", "$id", "$defs", "definitions", "$comment", "title", "description", "default",
+            "examples", "readOnly", "writeOnly", "deprecated",
+            "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}
+# Escapes the DFA understands, after a backslash, in a user's `pattern`.
+_PATTERN_ESCAPES = set("\\.*+?()[]{}|^$/\"-ntrdwsu")
+
+
+def _err(msg: str) -> ValueError:
+    return ValueError(f"structured_outputs.json: {msg}")
+
+
+def _quantified(unit: str, lo: int, hi: int | None) -> str:
+    """`unit` (an atom or group) repeated lo..hi times (hi None: unbounded)."""
+    if hi == 0:
+        return ""
+    if hi is None:
+        return unit + ("*" if lo == 0 else "+" if lo == 1 else f"{{{lo},}}")
+    if lo == hi:
+        return unit if lo == 1 else f"{unit}{{{lo}}}"
+    return unit + ("?" if (lo, hi) == (0, 1) else f"{{{lo},{hi}}}")
+
+
+def _alternation(parts: list[str | None]) -> str | None:
+    """Alternation of the non-empty languages; None (no text at all) when there are none."""
+    kept = list(dict.fromkeys(p for p in parts if p is not None))
+    return None if not kept else kept[0] if len(kept) == 1 else "(?:" + "|".join(kept) + ")"
+
+
+def _string_literal(s: str) -> str:
+    # A non-ASCII character may be written raw or as its \u escape(s); both are the same JSON string.
+    escaped = [(c, escape(json.dumps(c)[1:-1])) for c in s]
+    return '"' + "".join(e if ord(c) < 128 else f"(?:{c}|{e})" for c, e in escaped) + '"'
+
+
+def _object(pairs: str | None, ws: str, optional: bool = True) -> str:
+    """An object whose members are `pairs` (None: only the empty object), optionally none at all."""
+    if not pairs:
+        return r"\{" + ws + r"\}"
+    return r"\{" + ws + (f"(?:{pairs}{ws})?" if optional else pairs + ws) + r"\}"
+
+
+def _array(item: str | None, ws: str, lo: int = 0, hi: int | None = None) -> str | None:
+    if item is None or hi == 0:
+        return r"\[" + ws + r"\]" if lo == 0 else None
+    if hi is not None and lo > hi:
+        return None
+    body = item + _quantified(f"(?:,{ws}{item})", max(lo - 1, 0), None if hi is None else hi - 1) + ws
+    return r"\[" + ws + (body if lo >= 1 else f"(?:{body})?") + r"\]"
+
+
+def _free_object(value: str | None, ws: str) -> str:
+    pair = f"{_STRING}:{ws}{value}"
+    return _object(f"{pair}(?:,{ws}{pair})*" if value is not None else None, ws)
+
+
+def _ws(whitespace_pattern: str | None) -> str:
+    if whitespace_pattern is None:
+        return _DEFAULT_WS
+    return f"(?:{whitespace_pattern})" if whitespace_pattern else ""
+
+
+def _any_value(depth: int, ws: str) -> str:
+    inner = _any_value(depth - 1, ws) if depth > 0 else None
+    containers = [_free_object(inner, ws), _array(inner, ws)] if inner else []
+    return "(?:" + "|".join([_STRING, _NUMBER, _BOOLEAN, _NULL] + containers) + ")"
+
+
+def json_value_regex(depth: int = JSON_VALUE_DEPTH, whitespace_pattern: str | None = None) -> str:
+    """Regex for any JSON value with objects/arrays nested at most `depth` levels (0: scalars only).
+
+    >>> bool(re.fullmatch(json_value_regex(1), '[1, "a", null]'))
+    True
+    """
+    return _any_value(depth, _ws(whitespace_pattern))
+
+
+def json_object_regex(depth: int = JSON_VALUE_DEPTH, whitespace_pattern: str | None = None) -> str:
+    """Regex for a JSON object (response_format json_object) nesting at most `depth` levels, itself included.
+
+    >>> bool(re.fullmatch(json_object_regex(2), '{"a": {"b": true}}')), bool(re.fullmatch(json_object_regex(), '[]'))
+    (True, False)
+    """
+    if depth < 1:
+        raise _err("json_object depth must be at least 1")
+    ws = _ws(whitespace_pattern)
+    return _free_object(_any_value(depth - 1, ws), ws)
+
+
+def _check_pattern(pattern: str) -> None:
+    """Refuse constructs outside the DFA's subset: anchors, lookaround, backreferences, flags."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise _err(f"invalid 'pattern' {pattern!r}: {e}") from None
+    i, in_class = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            if i + 1 >= len(pattern) or pattern[i + 1] not in _PATTERN_ESCAPES:
+                raise _err(f"unsupported escape in 'pattern' {pattern!r}")
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":  # a leading ^ and then a leading ] belong to the class
+            i += 1 + pattern.startswith("^", i + 1)
+            i += pattern.startswith("]", i)
+            in_class = True
+            continue
+        elif c in "^$":
+            raise _err(f"unsupported anchor in 'pattern' {pattern!r}")
+        elif c == "(" and pattern.startswith("(?", i) and not pattern.startswith("(?:", i):
+            raise _err(f"unsupported group syntax in 'pattern' {pattern!r}")
+        i += 1
+
+
+class _Converter:
+    def __init__(self, root: dict | bool, ws: str, max_depth: int):
+        self.root, self.ws, self.max_depth = root, ws, max_depth
+        self.refs: list[str] = []  # the $ref chain being expanded, to bound recursion
+
+    def convert(self, schema: dict | bool, nesting: int) -> str | None:
+        """Regex for `schema` at `nesting` levels of objects/arrays; None when it admits nothing."""
+        if schema is True:
+            return _any_value(self.max_depth - nesting, self.ws)
+        if schema is False:
+            return None
+        if not isinstance(schema, dict):
+            raise _err(f"a schema must be an object or a boolean, got {schema!r}")
+        unknown = sorted(set(schema) - _HANDLED - _IGNORED)
+        if unknown:
+            raise _err("unsupported keyword(s) " + ", ".join(repr(k) for k in unknown))
+        rest = dict(schema)
+        if "$ref" in rest:
+            return self._ref(rest.pop("$ref"), rest, nesting)
+        if "allOf" in rest:
+            parts = rest.pop("allOf")
+            if not isinstance(parts, list) or len(parts) != 1:
+                raise _err("'allOf' is supported with exactly one schema")
+            return self.convert(_merge(rest, parts[0]), nesting)
+        if "anyOf" in rest and "oneOf" in rest:
+            raise _err("'anyOf' together with 'oneOf' is not supported")
+        for key in ("anyOf", "oneOf", "enum"):
+            if not isinstance(rest.get(key, []), list):
+                raise _err(f"{key!r} must be a list")
+        for key in ("anyOf", "oneOf"):  # oneOf as anyOf: exclusivity is not enforced
+            if key in rest:
+                branches = rest.pop(key)
+                return _alternation([self.convert(_merge(rest, b), nesting) for b in branches])
+        if "const" in rest:
+            return self._literal(rest["const"])
+        if "enum" in rest:
+            return _alternation([self._literal(v) for v in rest["enum"]])
+        types = rest.get("type", _infer_type(rest))
+        if types is None:
+            return _any_value(self.max_depth - nesting, self.ws)
+        if isinstance(types, str):
+            types = [types]
+        return _alternation([self._typed(t, rest, nesting) for t in types])
+
+    def _ref(self, ref: str, siblings: dict, nesting: int) -> str | None:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise _err(f"only local '$ref' ('#/$defs/...') is supported, got {ref!r}")
+        target = self.root
+        for part in filter(None, ref[1:].split("/")):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise _err(f"'$ref' {ref!r} does not resolve")
+            target = target[part]
+        if self.refs.count(ref) >= self.max_depth:
+            return None  # recursion cut off here; callers drop what needs this
+        self.refs.append(ref)
+        try:
+            return self.convert(_merge(siblings, target) if siblings else target, nesting)
+        finally:
+            self.refs.pop()
+
+    def _literal(self, value: object) -> str:
+        ws = self.ws
+        if isinstance(value, str):
+            return _string_literal(value)
+        if isinstance(value, dict):
+            pairs = f",{ws}".join(f"{_string_literal(k)}:{ws}{self._literal(v)}" for k, v in value.items())
+            return _object(pairs or None, ws, optional=False)
+        if isinstance(value, list):
+            return r"\[" + ws + (f",{ws}".join(map(self._literal, value)) + ws if value else "") + r"\]"
+        return escape(json.dumps(value))
+
+    def _typed(self, t: str, schema: dict, nesting: int) -> str | None:
+        if t == "string":
+            return _string(schema)
+        if t in _SCALARS:
+            return _SCALARS[t]
+        if t == "object":
+            return self._object(schema, nesting + 1)
+        if t == "array":
+            items = schema.get("items", True)
+            if not isinstance(items, (dict, bool)):
+                raise _err("'items' must be a single schema (tuple 'items'/'prefixItems' are not supported)")
+            lo, hi = _bound(schema, "minItems", 0), _bound(schema, "maxItems", None)
+            return _array(self.convert(items, nesting + 1), self.ws, lo, hi)
+        raise _err(f"unsupported 'type' {t!r}")
+
+    def _object(self, schema: dict, nesting: int) -> str | None:
+        ws, props = self.ws, schema.get("properties")
+        required = list(schema.get("required", []))
+        if props is None and not required:
+            extra = schema.get("additionalProperties", True)
+            return _free_object(self.convert(extra, nesting), ws)
+        props = dict(props or {})
+        props.update({k: True for k in required if k not in props})
+        pairs = []  # (regex of `"key": value`, required?)
+        for key, sub in props.items():
+            value = self.convert(sub, nesting)
+            if value is None:
+                if key in required:
+                    return None
+                continue
+            pairs.append((f"{_string_literal(key)}:{ws}{value}", key in required))
+        if not pairs:
+            return _object(None, ws)
+        sep = f",{ws}"
+        last_req = max((i for i, (_, req) in enumerate(pairs) if req), default=None)
+        if last_req is not None:
+            # Everything before the last required pair is followed by a comma, everything after it preceded.
+            body = "".join(p + sep if req else f"(?:{p}{sep})?" for p, req in pairs[:last_req])
+            body += pairs[last_req][0] + "".join(f"(?:{sep}{p})?" for p, _ in pairs[last_req + 1:])
+            return _object(body, ws, optional=False)
+        # All optional: L_i = nonempty ordered subset of pairs i.. = (p_i,)? L_{i+1} | p_i. Each pair
+        # appears twice, so the size is linear in the number of properties (outlines' is quadratic).
+        body = pairs[-1][0]
+        for p, _ in reversed(pairs[:-1]):
+            body = f"(?:(?:{p}{sep})?{body}|{p})"
+        return _object(body, ws)
+
+
+def _merge(base: dict, extra: dict | bool) -> dict | bool:
+    """`extra` with `base`'s keywords added (siblings of $ref/anyOf/allOf); conflicting ones refused."""
+    if isinstance(extra, bool) or not base:
+        return extra if extra is not True else dict(base)
+    out = dict(base)
+    for k, v in extra.items():
+        if k in out and out[k] != v and k not in _IGNORED:
+            raise _err(f"cannot combine differing {k!r} from a subschema with its parent's")
+        out[k] = v
+    return out
+
+
+def _infer_type(schema: dict) -> str | None:
+    if any(k in schema for k in ("properties", "required", "additionalProperties")):
+        return "object"
+    if any(k in schema for k in ("items", "minItems", "maxItems")):
+        return "array"
+    if any(k in schema for k in ("pattern", "format", "minLength", "maxLength")):
+        return "string"
+    return None
+
+
+def _bound(schema: dict, key: str, default: int | None) -> int | None:
+    value = schema.get(key, default)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise _err(f"{key!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _string(schema: dict) -> str | None:
+    lo, hi = _bound(schema, "minLength", 0), _bound(schema, "maxLength", None)
+    fmt = schema.get("format") if schema.get("format") in _FORMATS else None
+    pattern = schema.get("pattern")
+    if sum(x is not None for x in (pattern, fmt)) + (lo > 0 or hi is not None) > 1:
+        raise _err("at most one of 'pattern', a supported 'format', 'minLength'/'maxLength' per string")
+    if pattern is not None:
+        if not isinstance(pattern, str):
+            raise _err(f"'pattern' must be a string, got {pattern!r}")
+        body = pattern[1:] if pattern.startswith("^") else pattern
+        if body.endswith("$") and not body.endswith("\\$"):
+            body = body[:-1]
+        _check_pattern(body)
+        return f'"(?:{body})"'
+    if fmt is not None:
+        return f'"{_FORMATS[fmt]}"'
+    if hi is not None and lo > hi:
+        return None
+    return f'"{_quantified(_CHAR, lo, hi)}"'
+
+
+def schema_to_regex(schema: dict | bool | str, whitespace_pattern: str | None = None, max_depth: int = 4) -> str:
+    """Regex whose full matches are the JSON texts valid under `schema` (a dict, bool or JSON string).
+
+    `whitespace_pattern` is the whitespace allowed between tokens (default: at most one space);
+    `max_depth` bounds free-form nesting and `$ref` recursion. Unsupported schemas raise ValueError
+    with a message starting "structured_outputs.json:".
+
+    >>> r = schema_to_regex({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+    >>> bool(re.fullmatch(r, '{"n": 3}')), bool(re.fullmatch(r, '{}'))
+    (True, False)
+    """
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise _err(f"schema is not valid JSON: {e}") from None
+    regex = _Converter(schema, _ws(whitespace_pattern), max_depth).convert(schema, 0)
+    if regex is None:
+        raise _err("the schema admits no value (false schema, empty enum, or $ref recursion past max_depth)")
+    return regex

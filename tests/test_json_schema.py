@@ -1,0 +1,322 @@
+"""schema_to_regex / json_value_regex / json_object_regex: full matches are the JSON texts valid under
+the schema (compact, or with one space after `,` / `:`), and the regexes stay in the DFA's subset."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxserve.json_schema import JSON_VALUE_DEPTH, json_object_regex, json_value_regex, schema_to_regex
+
+_SETTINGS = settings(max_examples=150, deadline=None, database=None)
+
+# Escapes the byte-level DFA accepts after a backslash (\u takes four hex digits).
+_DFA_ESCAPES = set("\\.*+?()[]{}|^$/\"-ntrdws")
+
+
+def in_dfa_subset(regex: str) -> bool:
+    """Independent check of the DFA's subset: known escapes only, (?: as the only (? group, no anchors."""
+    i, in_class = 0, False
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\":
+            nxt = regex[i + 1 : i + 2]
+            if nxt == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", regex[i + 2 : i + 6]):
+                i += 6
+                continue
+            if nxt not in _DFA_ESCAPES:
+                return False
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            i += 1 + regex.startswith("^", i + 1)
+            continue
+        elif c in "^$" or (regex.startswith("(?", i) and not regex.startswith("(?:", i)):
+            return False
+        i += 1
+    re.compile(regex)
+    return True
+
+
+def texts(instance) -> list[str]:
+    """The instance compact, with json.dumps' default `, `/`: ` separators, and with raw non-ASCII."""
+    return [
+        json.dumps(instance, separators=(",", ":")),
+        json.dumps(instance),
+        json.dumps(instance, separators=(",", ":"), ensure_ascii=False),
+    ]
+
+
+def accepts(regex: str, instance) -> bool:
+    results = {re.fullmatch(regex, t) is not None for t in texts(instance)}
+    assert len(results) == 1, f"separators/escaping change the verdict for {instance!r}"
+    return results.pop()
+
+
+def to_regex(schema, **kw) -> str:
+    regex = schema_to_regex(schema, **kw)
+    assert in_dfa_subset(regex), regex
+    return regex
+
+
+FLAT = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "score": {"type": "number"},
+        "active": {"type": "boolean"},
+        "nothing": {"type": "null"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "kind": {"enum": ["a", "b", 3, None]},
+        "meta": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]},
+    },
+    "required": ["name", "age"],
+}
+FLAT_VALID = {"name": "Ann \"Q\" \\ \n\u00e9", "age": -12, "score": 1.5e-3, "active": True, "nothing": None,
+              "tags": ["x", ""], "kind": 3, "meta": {"x": 0}}
+
+
+def test_flat_object_valid_and_invalid():
+    regex = to_regex(FLAT)
+    assert accepts(regex, FLAT_VALID)
+    assert accepts(regex, {"name": "", "age": 0})
+    assert accepts(regex, {"name": "n", "age": 1, "kind": None, "meta": {"x": 5}})
+    invalid = [
+        {"age": 1},  # missing required
+        {"name": "n"},
+        {"name": 1, "age": 1},  # wrong types
+        {"name": "n", "age": 1.5},
+        {"name": "n", "age": 1, "active": "true"},
+        {"name": "n", "age": 1, "tags": [1]},
+        {"name": "n", "age": 1, "meta": {}},
+        {"name": "n", "age": 1, "kind": "c"},  # enum outside
+        {"name": "n", "age": 1, "extra": 1},  # extra key
+        {"age": 1, "name": "n"},  # properties come in the schema's order
+    ]
+    for instance in invalid:
+        assert not accepts(regex, instance), instance
+    assert not re.fullmatch(regex, '{"name":"n","age":01}')
+    assert not re.fullmatch(regex, '{"name":"n","age":1,}')
+    assert not re.fullmatch(regex, '{"name":"n",  "age":1}')  # at most one space
+    assert not re.fullmatch(regex, '{"name" :"n" ,"age":1}')  # none before ':' or ','
+
+
+@pytest.mark.parametrize("required", [[], ["a"], ["b"], ["d"], ["a", "c"], ["b", "c", "d"]])
+def test_every_subset_of_optional_properties(required):
+    props = {"a": {"type": "integer"}, "b": {"type": "string"}, "c": {"type": "boolean"}, "d": {"type": "null"}}
+    values = {"a": 7, "b": "s", "c": False, "d": None}
+    regex = to_regex({"type": "object", "properties": props, "required": required})
+    for n in range(5):
+        for keys in itertools.combinations(props, n):
+            assert accepts(regex, {k: values[k] for k in keys}) == (set(required) <= set(keys)), keys
+    assert not accepts(regex, {**values, "e": 1})
+    assert not re.fullmatch(regex, '{"a":7,,"b":"s","c":false,"d":null}')
+
+
+def test_ten_optional_properties_stay_small():
+    props = {f"p{i}": {"type": ["string", "integer", "null"]} for i in range(10)}
+    regex = to_regex({"type": "object", "properties": props})
+    assert len(regex) < 20_000
+    for keys in itertools.combinations(props, 3):
+        assert accepts(regex, {k: i for i, k in enumerate(keys)})
+    assert accepts(regex, {}) and accepts(regex, {k: "v" for k in props})
+    assert not accepts(regex, {"p1": 1, "p0": 1})
+
+
+def test_nested_object_and_arrays():
+    schema = {
+        "type": "object",
+        "properties": {
+            "points": {"type": "array", "items": {"type": "object", "properties": {
+                "x": {"type": "number"}, "y": {"type": "number"}}, "required": ["x", "y"]}, "minItems": 1},
+            "grid": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+        },
+        "required": ["points"],
+    }
+    regex = to_regex(schema)
+    assert accepts(regex, {"points": [{"x": 1, "y": -2.5}], "grid": [[1, 2], [], [3]]})
+    assert not accepts(regex, {"points": []})
+    assert not accepts(regex, {"points": [{"x": 1}]})
+    assert not accepts(regex, {"points": [{"x": 1, "y": 2}], "grid": [1]})
+
+
+@pytest.mark.parametrize("lo,hi", [(0, None), (0, 0), (0, 1), (1, 3), (2, 2), (3, None)])
+def test_array_min_max_items(lo, hi):
+    schema = {"type": "array", "items": {"type": "integer"}, "minItems": lo}
+    if hi is not None:
+        schema["maxItems"] = hi
+    regex = to_regex(schema)
+    for n in range(6):
+        assert accepts(regex, list(range(n))) == (lo <= n and (hi is None or n <= hi)), n
+    assert not accepts(regex, ["x"] * max(lo, 1))
+
+
+def test_enum_and_const():
+    regex = to_regex({"enum": ["red", "café", 1.5, True, None, {"a": [1, 2]}, "a.b*"]})
+    for v in ["red", "café", 1.5, True, None, {"a": [1, 2]}, "a.b*"]:
+        assert accepts(regex, v), v
+    for v in ["Red", "cafe", 1, False, "", {"a": [1]}, "aXb*", "a.bbb"]:
+        assert not accepts(regex, v), v
+    const = to_regex({"const": {"k": "v", "n": [None]}})
+    assert accepts(const, {"k": "v", "n": [None]}) and not accepts(const, {"k": "v", "n": []}) and not accepts(const, {})
+
+
+def test_any_of_one_of_type_lists_and_siblings():
+    regex = to_regex({"anyOf": [{"type": "integer"}, {"type": "array", "items": {"type": "string"}, "maxItems": 1}]})
+    assert accepts(regex, 5) and accepts(regex, ["a"]) and not accepts(regex, ["a", "b"]) and not accepts(regex, "5")
+    optional = to_regex({"oneOf": [{"type": "string", "maxLength": 2}, {"type": "null"}], "title": "T", "default": None})
+    assert accepts(optional, "ab") and accepts(optional, None) and not accepts(optional, "abc")
+    listed = to_regex({"type": ["boolean", "null", "string"], "minLength": 1})
+    assert all(accepts(listed, v) for v in [True, None, "x"]) and not accepts(listed, "") and not accepts(listed, 0)
+    merged = to_regex({"type": "object", "properties": {"a": {"type": "integer"}},
+                       "anyOf": [{"required": ["a"]}, {"properties": {"a": {"type": "integer"}}}]})
+    assert accepts(merged, {"a": 1}) and accepts(merged, {})
+    assert accepts(to_regex({"allOf": [{"type": "integer"}], "description": "d"}), 3)
+
+
+def test_ref_defs_definitions_and_json_string():
+    schema = {
+        "$defs": {"Point": {"type": "object", "properties": {"x": {"$ref": "#/definitions/Coord"}}, "required": ["x"]}},
+        "definitions": {"Coord": {"type": "integer"}},
+        "type": "array", "items": {"$ref": "#/$defs/Point"},
+    }
+    for s in (schema, json.dumps(schema)):
+        regex = to_regex(s)
+        assert accepts(regex, [{"x": 1}, {"x": 2}]) and not accepts(regex, [{"x": "1"}])
+
+
+def test_recursive_ref_is_cut_off_at_max_depth():
+    tree = {"$defs": {"Node": {"type": "object", "properties": {
+        "v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/Node"}}}, "required": ["v"]}},
+        "$ref": "#/$defs/Node"}
+
+    def chain(depth):
+        return {"v": depth} if depth == 1 else {"v": depth, "kids": [chain(depth - 1)]}
+
+    regex = to_regex(tree, max_depth=3)
+    assert accepts(regex, chain(3)) and accepts(regex, {"v": 1, "kids": []})
+    assert not accepts(regex, chain(4))
+    with pytest.raises(ValueError, match="^structured_outputs.json:.*recursion"):
+        schema_to_regex({"$defs": {"L": {"type": "object", "properties": {"next": {"$ref": "#/$defs/L"}},
+                                          "required": ["next"]}}, "$ref": "#/$defs/L"})
+
+
+def test_strings_lengths_patterns_formats():
+    regex = to_regex({"type": "string", "minLength": 2, "maxLength": 3})
+    for s, ok in [("a", False), ("ab", True), ('\\"\n', True), ("\u00e9\u00e9", True), ("abcd", False)]:
+        assert accepts(regex, s) == ok, s
+    pattern = to_regex({"type": "string", "pattern": r"^[A-Z]{2}-\d+$"})
+    assert accepts(pattern, "AB-12") and not accepts(pattern, "ab-12") and not accepts(pattern, "xAB-1")
+    formats = {
+        "date-time": ("2024-02-29T23:59:59.123Z", "2024-13-01T00:00:00Z"),
+        "date": ("1999-12-31", "1999-12-32"),
+        "time": ("08:30:00.5+02:00", "24:00:00Z"),
+        "uuid": ("123e4567-e89b-12d3-a456-426614174000", "123e4567e89b12d3a456426614174000"),
+        "email": ("a.b+c@ex-ample.co.uk", "not-an-email"),
+    }
+    for fmt, (good, bad) in formats.items():
+        regex = to_regex({"type": "string", "format": fmt})
+        assert accepts(regex, good) and not accepts(regex, bad), fmt
+    assert accepts(to_regex({"type": "string", "format": "hostname"}), "anything")
+
+
+def test_free_form_values_and_json_object():
+    value = json_value_regex(2)
+    obj = json_object_regex(2)
+    assert in_dfa_subset(value) and in_dfa_subset(obj) and in_dfa_subset(json_value_regex())
+    for v in [1, -0.5, "s", None, True, [], {}, [1, {"a": 2}], {"a": {"b": 1}}, {"a": [1, "x"]}]:
+        assert accepts(value, v), v
+        assert accepts(obj, v) == isinstance(v, dict), v
+    assert not accepts(value, [[[1]]]) and not accepts(obj, {"a": {"b": [1]}})
+    assert accepts(json_object_regex(), {"a": {"b": [{"c": 1}]}})
+    assert schema_to_regex({}) == schema_to_regex(True) == json_value_regex(JSON_VALUE_DEPTH)
+    assert schema_to_regex({"type": "object"}) == json_object_regex(JSON_VALUE_DEPTH)
+    extra = to_regex({"type": "object", "additionalProperties": {"type": "integer"}})
+    assert accepts(extra, {}) and accepts(extra, {"a": 1, "b": 2}) and not accepts(extra, {"a": "1"})
+    assert accepts(to_regex({"type": "object", "additionalProperties": False}), {})
+    required_only = to_regex({"type": "object", "required": ["a"]})  # an undeclared required key takes any value
+    assert accepts(required_only, {"a": [1]}) and not accepts(required_only, {}) and not accepts(required_only, {"b": 1})
+    assert not accepts(to_regex({"type": "object", "additionalProperties": False}), {"a": 1})
+
+
+def test_whitespace_pattern():
+    regex = to_regex(FLAT, whitespace_pattern=r"[ \n]*")
+    assert re.fullmatch(regex, json.dumps(FLAT_VALID, indent=2))
+    compact = to_regex(FLAT, whitespace_pattern="")
+    assert re.fullmatch(compact, json.dumps(FLAT_VALID, separators=(",", ":")))
+    assert not re.fullmatch(compact, json.dumps(FLAT_VALID))
+
+
+@pytest.mark.parametrize("schema,name", [
+    ({"type": "object", "patternProperties": {"^a": {}}}, "patternProperties"),
+    ({"type": "array", "prefixItems": [{}]}, "prefixItems"),
+    ({"type": "array", "items": [{}]}, "items"),
+    ({"type": "array", "uniqueItems": True}, "uniqueItems"),
+    ({"not": {"type": "null"}}, "not"),
+    ({"if": {}, "then": {}}, "if"),
+    ({"allOf": [{"type": "integer"}, {"minimum": 1}]}, "allOf"),
+    ({"$ref": "http://example.com/s.json"}, "$ref"),
+    ({"$ref": "#/$defs/Missing"}, "$ref"),
+    ({"type": "decimal"}, "decimal"),
+    ({"type": "string", "pattern": "(?=a)b"}, "pattern"),
+    ({"type": "string", "pattern": r"\bx"}, "pattern"),
+    ({"type": "string", "pattern": "a", "maxLength": 3}, "pattern"),
+    ({"type": "integer", "anyOf": [{"type": "string"}]}, "type"),
+    ({"type": "string", "minLength": -1}, "minLength"),
+    (False, "admits no value"),
+    ({"enum": []}, "admits no value"),
+    ("{not json", "not valid JSON"),
+])
+def test_unsupported_raise(schema, name):
+    with pytest.raises(ValueError, match=r"^structured_outputs\.json:") as info:
+        schema_to_regex(schema)
+    assert name in str(info.value)
+
+
+# Random instances of FLAT, and random JSON values checked against jsonschema where it matches.
+_scalar = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6)
+_json = st.recursive(_scalar, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.sampled_from(list(FLAT["properties"]) + ["x", "zz"]) | st.text(max_size=3), inner, max_size=4), max_leaves=10)
+_flat_instance = st.fixed_dictionaries(
+    {"name": st.text(), "age": st.integers()},
+    optional={"score": st.floats(allow_nan=False, allow_infinity=False) | st.integers(), "active": st.booleans(),
+              "nothing": st.none(), "tags": st.lists(st.text(max_size=5), max_size=4),
+              "kind": st.sampled_from(["a", "b", 3, None]), "meta": st.builds(lambda x: {"x": x}, st.integers())},
+).map(lambda d: {k: d[k] for k in FLAT["properties"] if k in d})
+_FLAT_REGEX = schema_to_regex(FLAT)
+
+
+@_SETTINGS
+@given(_flat_instance)
+def test_random_valid_instances_match(instance):
+    assert accepts(_FLAT_REGEX, instance)
+
+
+def _nesting(value) -> int:
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+    return 0 if children is None else 1 + max(map(_nesting, children), default=0)
+
+
+_CHECKED = [(s, schema_to_regex(s)) for s in
+            (FLAT, FLAT["properties"]["tags"], {"type": ["integer", "null"]}, {"enum": ["a", 3, None]})]
+_VALUE_2, _OBJECT_2 = json_value_regex(2), json_object_regex(2)
+
+
+@_SETTINGS
+@given(_json)
+def test_random_values_match_only_if_valid(value):
+    jsonschema = pytest.importorskip("jsonschema")
+    for schema, regex in _CHECKED:
+        if accepts(regex, value):
+            jsonschema.validate(value, schema)
+    assert accepts(_VALUE_2, value) == (_nesting(value) <= 2)
+    assert accepts(_OBJECT_2, value) == (isinstance(value, dict) and _nesting(value) <= 2)
