@@ -266,6 +266,8 @@
 #               `griddepcontrol` programmatically: kernel_floor's stream chain with and without it (~60 s) (session 44: no; decode_step.md)
 #   loop44      session 44: whether a fixed grid looping over blocks (kernel_floor --loop) streams a dependent chain's
 #               bytes faster than the one-shot grid of 16 KiB programs (~400 s; session 44: no, decode_step.md)
+#   struct45    session 45: structured outputs: the engine's constrained-request tests compiled, then bench/structured.py
+#               (unconstrained vs regex vs JSON schema at batch 1/64/256, a 151k-token byte-level vocabulary) (~400 s?)
 #   yarn44      session 44: the 0.5B and 7B decode steps of a YaRN checkpoint (scaled cos/sin tables) compiled
 #               against the reference at 1-256 rows (~200 s)
 set -uo pipefail
@@ -854,6 +856,8 @@ for part in "${parts[@]}"; do
              --no-static --glue kernels no_prefetch_kv --rounds 9 --reps 10 --profile /tmp/kv42c_$ctx ; done ;;
     pdl44) timeout 240 python3 bench/kernel_floor.py --chains stream --pdl --sizes-mb 0.05 0.5 2 8.7 17.4 ;;
     loop44) timeout 400 python3 bench/kernel_floor.py --chains stream --sizes-mb 2 8.7 17.4 35 --rounds 5 --loop p132r2s1w4 p264r2s1w4 p528r2s1w4 p1056r2s1w4 p528r2s3w4 p528r2s1w4f p1056r2s1w4f p264r8s1w8 ;;
+    struct45) timeout 240 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_structured_engine.py ; \
+              timeout 330 python3 bench/structured.py --batches 1 64 256 --output-len 128 --out "$OUT/$part" ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;

@@ -1,0 +1,162 @@
+"""Structured outputs' cost: the same workload unconstrained and constrained, side by side in one run.
+
+A random-weight Qwen2-shaped model (default the 0.5B shape, bf16) with a byte-level tokenizer of Qwen2.5's
+vocabulary size (151,643 tokens: the 256 bytes and random ASCII pieces of 2-16 bytes, no merges: no Qwen
+tokenizer can be downloaded here, and the masks' cost depends on the vocabulary's size and token lengths, not
+on which pieces it holds). For each batch every request generates exactly ``--output-len`` tokens:
+
+- ``none``: unconstrained greedy decoding (the engine's usual multi-step calls);
+- ``regex``: ``[a-z0-9 ,.]*``-style text (never complete, so every request runs its full length: the masking's
+  own cost, one step a call, a mask a row a step);
+- ``json``: a JSON schema (an object of a bounded string, an integer, an enum and a list of numbers), which the
+  model completes at its own length; the row reports tokens/s over what it produced.
+
+Reported per batch and constraint: output tokens/s, mean TPOT, the engine's host time per decode call, and
+for the constraints the compile time and the DFA states whose masks were computed; every constrained output
+is checked against its regex (complete matches must fully match, cut ones must still be a live prefix).
+
+    python bench/structured.py --batches 1 64 256 --output-len 128
+    python bench/structured.py --tiny --batches 2 --output-len 16      # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxserve import Engine, EngineConfig, SamplingParams  # noqa: E402
+from jaxserve.config import ModelConfig  # noqa: E402
+from jaxserve.loading import LoadedModel  # noqa: E402
+from jaxserve.structured import GuideState, StructuredOutputs  # noqa: E402
+from jaxserve.weights import load_hf_params  # noqa: E402
+
+from bench.throughput import QWEN25_05B, TINY  # noqa: E402
+
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"},
+    "role": {"enum": ["admin", "user", "guest"]},
+    "scores": {"type": "array", "items": {"type": "number"}, "maxItems": 6}},
+    "required": ["name", "age", "role"]}
+TEXT_REGEX = r"[a-z0-9 ,.]*"
+
+
+def make_checkpoint(shape: dict, path: str, tokens: int) -> int:
+    """A random-weight checkpoint and a byte-level tokenizer of ``tokens`` entries + EOS; returns EOS's id."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    to_char = bytes_to_unicode()
+    rng = np.random.default_rng(0)
+    alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789{}[]\":,._-\n", np.uint8)
+    vocab = {to_char[b]: b for b in range(256)}
+    while len(vocab) < tokens:
+        piece = bytes(rng.choice(alphabet, size=int(rng.integers(2, 17))))
+        vocab.setdefault("".join(to_char[b] for b in piece), len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    eos = fast.convert_tokens_to_ids("<|endoftext|>")
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**shape, bos_token_id=eos, eos_token_id=eos, torch_dtype="bfloat16")
+    Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
+    return eos
+
+
+def run(engine: Engine, prompts, params) -> tuple[list[dict], float, dict]:
+    before = engine.stats()
+    t = time.perf_counter()
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t
+    after = engine.stats()
+    return outs, seconds, {k: after[k] - before[k] for k in ("decode_call_s", "host_s")}
+
+
+def check(engine: Engine, spec: StructuredOutputs, outs: list[dict]) -> str:
+    """Every output against its constraint: complete ones match in full, cut ones are still live prefixes."""
+    guide = engine.structured_guide(spec)
+    pattern = re.compile(spec.to_regex())
+    bad = 0
+    for o in outs:
+        state = GuideState(guide)
+        state.advance(o["token_ids"])
+        text_ok = pattern.fullmatch(o["text"]) is not None if o["finish_reason"] == "stop" else True
+        bad += state.broken or not text_ok or (o["finish_reason"] == "stop" and not state.final)
+    return f"{len(outs) - bad}/{len(outs)} outputs valid"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    shape = dict(TINY, vocab_size=4096) if args.tiny else QWEN25_05B
+    tokens = 4000 if args.tiny else 151_643
+    path = tempfile.mkdtemp()
+    eos = make_checkpoint(shape, path, tokens)
+    from jaxserve.tokenizer import load_tokenizer
+
+    cfg = ModelConfig.from_pretrained(path)
+    m = LoadedModel(load_hf_params(path, cfg, "bfloat16"), cfg, load_tokenizer(path), path, "bench")
+    lines = [f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; model "
+             f"{'tiny' if args.tiny else 'Qwen2.5-0.5B shape'}, vocabulary {cfg.vocab_size} ({tokens} tokens + EOS "
+             f"{eos}); prompt {args.prompt_len}, output {args.output_len} tokens, greedy", "",
+             "| batch | constraint | output tok/s | mean TPOT ms | decode calls s | host s | compile s | "
+             "mask states | check |", "|---|---|---|---|---|---|---|---|---|"]
+    rng = np.random.default_rng(1)
+    for batch in args.batches:
+        prompts = rng.integers(300, 151_000 if not args.tiny else 4000, size=(batch, args.prompt_len)).tolist()
+        config = EngineConfig(page_size=16, max_running=batch, max_tokens_per_step=max(batch, min(8192, batch * args.prompt_len)),
+                              dtype="bfloat16", decode_steps=8, prefix_caching=False,
+                              max_model_len=args.prompt_len + args.output_len + 16,
+                              num_pages=batch * ((args.prompt_len + args.output_len) // 16 + 2) + 64)
+        with Engine(m, config) as engine:
+            cases = [("none", None), ("regex", StructuredOutputs(regex=TEXT_REGEX)), ("json", StructuredOutputs(json=SCHEMA))]
+            for name, spec in cases:
+                compile_s, states = None, None
+                if spec is not None:
+                    t = time.perf_counter()
+                    guide = engine.structured_guide(spec)
+                    compile_s = time.perf_counter() - t
+                params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=spec is None,
+                                        structured_outputs=spec)
+                run(engine, prompts, params)  # warm: every shape compiled, the masks of the states it visits made
+                outs, seconds, split = run(engine, prompts, params)
+                produced = sum(len(o["token_ids"]) for o in outs)
+                tpot = np.mean([o["tpot"] for o in outs if o["tpot"]]) * 1e3
+                verdict = "-" if spec is None else check(engine, spec, outs)
+                if spec is not None:
+                    states = len(guide._masks)
+                lines.append(f"| {batch} | {name} | {produced / seconds:,.0f} | {tpot:.3f} | {split['decode_call_s']:.3f} | "
+                             f"{split['host_s']:.3f} | {'-' if compile_s is None else f'{compile_s:.2f}'} | "
+                             f"{'-' if states is None else states} | {verdict} |")
+                print(lines[-1], flush=True)
+                if spec is not None:
+                    lens = [len(o["token_ids"]) for o in outs]
+                    print(f"  {name}: output lengths {min(lens)}-{max(lens)}, finish {sorted({o['finish_reason'] for o in outs})}, "
+                          f"first: {outs[0]['text'][:120]!r}", flush=True)
+    print("\n".join(lines))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "structured.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Structured outputs through the engine: constrained requests on the embedded default model (whose byte-level
+BPE tokenizer the masks walk) match their constraint, take the best allowed tokens, leave unconstrained rows alone,
+survive preemption and free every page. No hypothesis here: the GPU machine runs this file compiled."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+import jaxserve
+from jaxserve import Engine, EngineConfig, SamplingParams
+from jaxserve.structured import GuideState, unpack_mask
+
+
+@pytest.fixture(scope="module")
+def model():
+    return jaxserve.load()
+
+
+def _config(**kw) -> EngineConfig:
+    base = dict(num_pages=64, page_size=8, max_running=4, max_tokens_per_step=64, decode_steps=4,
+                batch_buckets=(4,), prefill_buckets=(16, 64))
+    return EngineConfig(**{**base, **kw})
+
+
+def _all_free(engine: Engine) -> None:
+    engine.clear_prefix_cache()
+    stats = engine.stats()
+    assert stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0, stats
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                           "size": {"type": "integer"},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+          "required": ["name", "size"]}
+
+
+def _check_schema(text: str) -> None:
+    value = json.loads(text)
+    assert set(value) - {"tags"} == {"name", "size"} and isinstance(value["size"], int)
+    assert isinstance(value["name"], str) and len(value["name"]) <= 8
+    assert all(t in ("a", "b") for t in value.get("tags", [])) and len(value.get("tags", [])) <= 2
+
+
+def test_constrained_requests_match_their_constraint_and_free_every_page(model):
+    prompts = ["import os", "def main():", "class Point:", "x = "]
+    specs = [{"choice": ["True", "False", "None"]}, {"regex": r"[0-9]{2}-[a-z]{3}"}, {"json": SCHEMA},
+             {"json_object": True}]
+    with Engine(model, _config()) as engine:
+        for temperature in (0.0, 1.0):
+            params = [SamplingParams(max_tokens=60, temperature=temperature, seed=i, structured_outputs=s)
+                      for i, s in enumerate(specs)]
+            outs = engine.generate(prompts, params, use_tqdm=False)
+            assert [o["finish_reason"] for o in outs] == ["stop"] * 4, outs
+            assert outs[0]["text"] in ("True", "False", "None")
+            assert re.fullmatch(r"[0-9]{2}-[a-z]{3}", outs[1]["text"])
+            _check_schema(outs[2]["text"])
+            assert isinstance(json.loads(outs[3]["text"]), dict)
+        _all_free(engine)
+
+
+def test_greedy_constrained_tokens_are_the_best_allowed_ones(model):
+    spec = {"regex": r"(?:def|class) [a-z_]{1,12}\((?:self)?\):"}
+    params = SamplingParams(max_tokens=30, temperature=0, logprobs=20, structured_outputs=spec)
+    with Engine(model, _config()) as engine:
+        out = engine.generate(["import os\n\n"], params, use_tqdm=False)[0]
+        guide = GuideState(engine._guide(params).guide)
+    assert out["finish_reason"] == "stop" and re.fullmatch(spec["regex"], out["text"])
+    for token, lp, top in zip(out["token_ids"], out["logprobs"], out["top_logprobs"]):
+        allowed = unpack_mask(guide.mask(), model.config.vocab_size)
+        assert allowed[token]
+        # Log-probabilities are the raw model's (vLLM's default): no allowed token ranks above the chosen one.
+        better = [t for t, v in top.items() if v > lp + 1e-6 and allowed[t]]
+        assert not better, (token, better)
+        guide.advance(out["token_ids"][: guide.consumed + 1])
+
+
+def test_unconstrained_requests_beside_constrained_ones_keep_their_tokens(model):
+    plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = ["import sys", "def f(a, b):", "for i in range(10):"]
+    with Engine(model, _config()) as engine:
+        alone = engine.generate(prompts, plain, use_tqdm=False)
+        mixed = engine.generate(prompts + ["y = "], [plain] * 3 + [
+            SamplingParams(max_tokens=12, temperature=0, structured_outputs={"regex": "[0-9]+"})], use_tqdm=False)
+        assert [o["token_ids"] for o in mixed[:3]] == [o["token_ids"] for o in alone]
+        assert re.fullmatch("[0-9]+", mixed[3]["text"]) and mixed[3]["finish_reason"] == "length"
+        _all_free(engine)
+
+
+def test_constrained_requests_survive_preemption_and_prefix_hits(model):
+    params = [SamplingParams(max_tokens=40, temperature=0.8, seed=i, structured_outputs={"json": SCHEMA})
+              for i in range(4)]
+    prompt = "# a config record\nrecord = "
+    with Engine(model, _config()) as roomy:
+        expect = [o["text"] for o in roomy.generate([prompt] * 4, params, use_tqdm=False)]
+    with Engine(model, _config(num_pages=10)) as tight:
+        outs = tight.generate([prompt] * 4, params, use_tqdm=False)
+        assert tight.stats()["preemptions"] > 0
+        assert [o["text"] for o in outs] == expect
+        for o in outs:
+            _check_schema(o["text"])
+        _all_free(tight)
+
+
+def test_a_bad_constraint_is_refused_before_anything_runs(model):
+    with Engine(model, _config()) as engine:
+        with pytest.raises(ValueError, match=r"structured_outputs\.regex.*lookaround|structured_outputs\.regex"):
+            engine.add_request("x", SamplingParams(structured_outputs={"regex": "(?=a)"}))
+        with pytest.raises(ValueError, match=r"structured_outputs\.json"):
+            engine.add_request("x", SamplingParams(structured_outputs={"json": {"type": "object",
+                                                                                 "patternProperties": {}}}))
+        out = engine.generate(["x = "], SamplingParams(max_tokens=4, temperature=0,
+                                                       structured_outputs={"choice": ["1", "2"]}), use_tqdm=False)
+        assert out[0]["text"] in ("1", "2")
+        _all_free(engine)
