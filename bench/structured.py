@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", type=int, default=0,
+                    help="instead: cProfile one regex-constrained run at this batch (the host's share of a step)")
     args = ap.parse_args()
 
     shape = dict(TINY, vocab_size=4096) if args.tiny else QWEN25_05B
@@ -120,6 +122,8 @@ def main() -> None:
              "| batch | constraint | output tok/s | mean TPOT ms | decode calls s | host s | compile s | "
              "mask states | check |", "|---|---|---|---|---|---|---|---|---|"]
     rng = np.random.default_rng(1)
+    if args.profile:
+        args.batches = [args.profile]
     for batch in args.batches:
         prompts = rng.integers(300, 151_000 if not args.tiny else 4000, size=(batch, args.prompt_len)).tolist()
         config = EngineConfig(page_size=16, max_running=batch, max_tokens_per_step=max(batch, min(8192, batch * args.prompt_len)),
@@ -134,8 +138,25 @@ def main() -> None:
                     t = time.perf_counter()
                     guide = engine.structured_guide(spec)
                     compile_s = time.perf_counter() - t
+                # The regex runs every request its full length: EOS (allowed wherever the text is a full match)
+                # is biased away, as ignore_eos keeps the unconstrained rows going.
                 params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=spec is None,
-                                        structured_outputs=spec)
+                                        logit_bias={eos: -100} if name == "regex" else None, structured_outputs=spec)
+                if args.profile and name != "regex":
+                    continue
+                if args.profile:
+                    import cProfile
+                    import pstats
+
+                    run(engine, prompts, params)
+                    prof = cProfile.Profile()
+                    prof.enable()
+                    outs, seconds, split = run(engine, prompts, params)
+                    prof.disable()
+                    print(f"batch {batch}: {sum(len(o['token_ids']) for o in outs)} tokens in {seconds:.3f} s, {split}")
+                    pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+                    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+                    continue
                 run(engine, prompts, params)  # warm: every shape compiled, the masks of the states it visits made
                 outs, seconds, split = run(engine, prompts, params)
                 produced = sum(len(o["token_ids"]) for o in outs)

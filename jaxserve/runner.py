@@ -29,7 +29,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.model import (KVCache, PagedAttention, Qwen2ForCausalLM, check_weight_layout, greedy_head_applies,
                             new_kv_cache)
 from jaxserve.sampling import (PromptLogprobs, SampleOutput, SamplingBatch, no_logprobs, sample, token_logprobs,
-                               update_counts)
+                               unpack_allowed, update_counts)
 
 # XLA compiler options of decode steps wider than the skinny matmul serves, whose projections
 # are XLA GEMMs. cuBLAS instead of XLA's Triton GEMMs: cuBLAS takes the residual adds into
@@ -92,11 +92,20 @@ def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, cou
     pick (without top log-probs) runs as `jaxserve_kernels.greedy_pick`, one launch and one read of the
     logits. ``logits`` may be in any float dtype; log-probs are computed in float32.
     ``logprobs=False`` (no request in the step asked for any): they are NaN, not computed, so
-    the greedy pick is the argmax alone (no exponential of the logits).
+    the greedy pick is the argmax alone (no exponential of the logits). Rows with an allowed-token mask
+    (`SamplingBatch.allowed`, structured outputs) take the argmax of their allowed tokens, without the
+    sampler's data-dependent branches; their log-probabilities stay the raw model's, as the sampler's.
     """
     if not greedy:
         return sample(logits, batch, steps, counts=counts, seen=seen, num_top_logprobs=num_top,
                       logprobs=logprobs)
+    if batch.allowed.shape[1]:
+        masked = jnp.where(unpack_allowed(batch.allowed, logits.shape[-1]), logits, -jnp.inf)
+        tokens = jnp.argmax(masked, axis=-1).astype(jnp.int32)
+        if not logprobs and num_top == 0:
+            return no_logprobs(tokens)
+        chosen, top_ids, top_lps = token_logprobs(logits, tokens, num_top)
+        return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lps)
     if pick_kernel and num_top == 0:
         from jaxserve_kernels.greedy_pick import greedy_pick
 
@@ -246,10 +255,10 @@ class Steps:
         return self.model.apply({"params": params}, tokens, positions, kv=kv, paged=paged, logits_at=logits_at,
                                 logits_dtype=None, greedy_tokens=greedy_tokens)
 
-    def _greedy_head(self, rows: int, greedy: bool, num_top: int, logprobs: bool) -> bool:
+    def _greedy_head(self, rows: int, greedy: bool, num_top: int, logprobs: bool, batch: SamplingBatch) -> bool:
         """Whether a step's tokens come from the LM head's argmax kernel (`model.greedy_head_applies`):
-        every row greedy without penalties, no log-probabilities asked for."""
-        return (greedy and not logprobs and num_top == 0
+        every row greedy without penalties or allowed-token masks, no log-probabilities asked for."""
+        return (greedy and not logprobs and num_top == 0 and not batch.allowed.shape[1]
                 and greedy_head_applies(self.model.config, self.model.dtype, rows))
 
     def _pick_kernel(self, logits: jax.Array) -> bool:
@@ -274,7 +283,7 @@ class Steps:
             last = jnp.take_along_axis(logits, logits_at[:, None, None], axis=1)[:, 0]
             return kv, (choose_tokens(last, batch, steps, counts, seen, num_top=num_top, greedy=greedy,
                                       logprobs=logprobs), prompt)
-        if self._greedy_head(b, greedy, num_top, logprobs):
+        if self._greedy_head(b, greedy, num_top, logprobs, batch):
             picked, kv = self._forward(params, kv, tokens, positions, paged, logits_at, greedy_tokens=True)
             return kv, no_logprobs(picked[:, 0])
         logits, kv = self._forward(params, kv, tokens, positions, paged, logits_at)
@@ -338,7 +347,7 @@ class Steps:
         paged = PagedAttention(kv_pool.slots_in_rows(block_tables, pos[:, None], active[:, None], self.page_size),
                                block_tables, jnp.where(active, pos + 1, 0), pos, impl=self.attention_impl,
                                live_rows=live_rows)
-        if self._greedy_head(tokens.shape[0], greedy, num_top, logprobs) and not penalties:
+        if self._greedy_head(tokens.shape[0], greedy, num_top, logprobs, batch) and not penalties:
             picked, kv = self._forward(params, kv, tokens[:, None], pos[:, None], paged, greedy_tokens=True)
             return (kv, picked[:, 0], counts, seen), picked[:, 0] if tokens_only else no_logprobs(picked[:, 0])
         logits, kv = self._forward(params, kv, tokens[:, None], pos[:, None], paged)

@@ -384,16 +384,16 @@ def _has_penalty(p: SamplingParams) -> bool:
 def needs_sampling(params: Sequence[SamplingParams | None]) -> bool:
     """False when `jnp.argmax(logits, -1)` picks exactly the tokens `sample` would.
 
-    That holds when every row is greedy, has no penalty, no `min_tokens`, no `logit_bias` and no
-    `structured_outputs`.
+    That holds when every row is greedy, has no penalty, no `min_tokens` and no `logit_bias`; the
+    allowed-token masks of `structured_outputs` rows apply to the argmax as to the sampler
+    (`jaxserve.runner.choose_tokens`).
     Log-probs are a separate question: `token_logprobs` computes them for any tokens.
 
     Example:
         >>> needs_sampling([SamplingParams(temperature=0), None])
         False
     """
-    return any(p is not None and (not p.greedy or _has_penalty(p) or p.min_tokens > 0 or bool(p.logit_bias)
-                                  or p.structured_outputs is not None)
+    return any(p is not None and (not p.greedy or _has_penalty(p) or p.min_tokens > 0 or bool(p.logit_bias))
                for p in params)
 
 

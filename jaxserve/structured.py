@@ -609,7 +609,9 @@ class TokenGuide:
     def __init__(self, dfa: DFA, vocab: Vocabulary, eos_ids: Sequence[int]) -> None:
         self.dfa, self.vocab = dfa, vocab
         self.eos_ids = np.array(sorted({int(t) for t in eos_ids if 0 <= t < vocab.size}), np.int64)
+        self.eos_set = frozenset(self.eos_ids.tolist())
         self.words = -(-vocab.size // 32)
+        self._final = dfa.accepting & (dfa.table == dfa.sink).all(axis=1)
         self._masks: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
         allowed = np.zeros(vocab.size, bool)
@@ -643,7 +645,7 @@ class TokenGuide:
 
     def is_final(self, state: int) -> bool:
         """A full match from which no byte can continue: the output is complete."""
-        return bool(self.dfa.accepting[state]) and bool((self.dfa.table[state] == self.dfa.sink).all())
+        return bool(self._final[state])
 
 
 def unpack_mask(words: np.ndarray, size: int) -> np.ndarray:
@@ -673,7 +675,9 @@ class GuideState:
 
     def advance(self, output_ids: Sequence[int]) -> None:
         """Take the tokens of ``output_ids`` past those already taken."""
-        eos = set(self.guide.eos_ids.tolist())
+        if self.consumed >= len(output_ids):
+            return
+        eos = self.guide.eos_set
         for token in output_ids[self.consumed:]:
             self.consumed += 1
             if self.eos or self.broken:
