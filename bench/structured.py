@@ -6,8 +6,8 @@ tokenizer can be downloaded here, and the masks' cost depends on the vocabulary'
 on which pieces it holds). For each batch every request generates exactly ``--output-len`` tokens:
 
 - ``none``: unconstrained greedy decoding (the engine's usual multi-step calls);
-- ``regex``: ``[a-z0-9 ,.]*``-style text (never complete, so every request runs its full length: the masking's
-  own cost, one step a call, a mask a row a step);
+- ``regex``: ``[a-z0-9 ,.]*`` text (never complete, and EOS's logit is 0 (its output row zeroed), so greedy
+  never ends it: every request runs its full length, the masking's own cost, one step a call, a mask a row a step);
 - ``json``: a JSON schema (an object of a bounded string, an integer, an enum and a list of numbers), which the
   model completes at its own length; the row reports tokens/s over what it produced.
 
@@ -71,7 +71,10 @@ def make_checkpoint(shape: dict, path: str, tokens: int) -> int:
     fast.save_pretrained(path)
     torch.manual_seed(0)
     cfg = Qwen2Config(**shape, bos_token_id=eos, eos_token_id=eos, torch_dtype="bfloat16")
-    Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
+    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    with torch.no_grad():  # EOS's logit 0, below the best of any allowed set: greedy runs every request its length
+        model.get_output_embeddings().weight[eos] = 0
+    model.save_pretrained(path, safe_serialization=True)
     return eos
 
 
@@ -138,10 +141,10 @@ def main() -> None:
                     t = time.perf_counter()
                     guide = engine.structured_guide(spec)
                     compile_s = time.perf_counter() - t
-                # The regex runs every request its full length: EOS (allowed wherever the text is a full match)
-                # is biased away, as ignore_eos keeps the unconstrained rows going.
+                # The regex rows run their full length as the unconstrained ones (ignore_eos) do: EOS's logit is 0
+                # (make_checkpoint), so greedy takes it only where nothing else is allowed (a complete JSON object).
                 params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=spec is None,
-                                        logit_bias={eos: -100} if name == "regex" else None, structured_outputs=spec)
+                                        structured_outputs=spec)
                 if args.profile and name != "regex":
                     continue
                 if args.profile:
