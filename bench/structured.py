@@ -100,6 +100,31 @@ def check(engine: Engine, spec: StructuredOutputs, outs: list[dict]) -> str:
     return f"{len(outs) - bad}/{len(outs)} outputs valid"
 
 
+def time_dispatch(engine: Engine, batch: int, context: int) -> None:
+    """Median ms of ``runner.decode``'s return (dispatch) and of the call waited on, per variant."""
+    from jaxserve.sampling import make_batch
+
+    rows, width, live = engine.decode_shape(batch, context + 8)
+    pos = np.full(rows, context, np.int32)
+    limits = np.where(np.arange(rows) < batch, pos + 8, 0).astype(np.int32)
+    tables = np.arange(rows * width, dtype=np.int32).reshape(rows, width) % engine.scheduler.num_pages
+    words = -(-engine.model.config.vocab_size // 32)
+    for steps, masked in ((1, False), (1, True), (8, False)):
+        sb = make_batch([], rows, allowed=np.full((rows, words), 0xFFFFFFFF, np.uint32) if masked else None)
+        call = (np.zeros(rows, np.int32), pos, limits, tables, sb, np.zeros(rows, np.int32), steps)
+        dispatch, whole = [], []
+        for i in range(23):
+            t = time.perf_counter()
+            out = engine.runner.decode(*call, greedy=True, logprobs=False, live_rows=live if live < rows else None)
+            d = time.perf_counter() - t
+            jax.block_until_ready(out.tokens)
+            if i >= 3:
+                dispatch.append(d)
+                whole.append(time.perf_counter() - t)
+        print(f"batch {batch} ({rows} rows), {steps} step(s), mask {masked}: dispatch {np.median(dispatch) * 1e3:.3f} ms, "
+              f"call waited on {np.median(whole) * 1e3:.3f} ms", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
@@ -107,6 +132,9 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--dispatch", type=int, default=0,
+                    help="instead: at this batch, time one decode call's dispatch (host until it returns) and its "
+                         "whole run, 1 step with and without an allowed-token mask and 8 steps without")
     ap.add_argument("--profile", type=int, default=0,
                     help="instead: cProfile one regex-constrained run at this batch (the host's share of a step)")
     args = ap.parse_args()
@@ -125,8 +153,8 @@ def main() -> None:
              "| batch | constraint | output tok/s | mean TPOT ms | decode calls s | host s | compile s | "
              "mask states | check |", "|---|---|---|---|---|---|---|---|---|"]
     rng = np.random.default_rng(1)
-    if args.profile:
-        args.batches = [args.profile]
+    if args.profile or args.dispatch:
+        args.batches = [args.profile or args.dispatch]
     for batch in args.batches:
         prompts = rng.integers(300, 151_000 if not args.tiny else 4000, size=(batch, args.prompt_len)).tolist()
         config = EngineConfig(page_size=16, max_running=batch, max_tokens_per_step=max(batch, min(8192, batch * args.prompt_len)),
@@ -134,6 +162,9 @@ def main() -> None:
                               max_model_len=args.prompt_len + args.output_len + 16,
                               num_pages=batch * ((args.prompt_len + args.output_len) // 16 + 2) + 64)
         with Engine(m, config) as engine:
+            if args.dispatch:
+                time_dispatch(engine, batch, args.prompt_len)
+                continue
             cases = [("none", None), ("regex", StructuredOutputs(regex=TEXT_REGEX)), ("json", StructuredOutputs(json=SCHEMA))]
             for name, spec in cases:
                 compile_s, states = None, None

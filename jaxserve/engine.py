@@ -35,6 +35,10 @@ log = logging.getLogger("jaxserve.engine")
 
 Prompt = str | Sequence[int]
 MAX_TOP_LOGPROBS = 20
+# Structured outputs are followed on the device (several steps a call) while the tables of a decode call's
+# guides (`TokenGuide.tables`: 4 bytes a state and token) fit in this; past it, one step a call with masks
+# from the host. JAXSERVE_DEVICE_GUIDE_BYTES sets it.
+DEVICE_GUIDE_BYTES = int(os.environ.get("JAXSERVE_DEVICE_GUIDE_BYTES", str(1 << 30)))
 
 
 def _pages_from_memory(config: EngineConfig, bytes_per_page: int) -> int:
@@ -55,11 +59,12 @@ class _Decode:
     limits: np.ndarray
     num_steps: int
     penalties: bool
-    last: Any = None  # the last step's tokens [B], on the device: a chained call's input
+    last: Any = None  # the last step's tokens [B], on the device: a chained call's input (with guides, and states)
     # The prefill call whose first tokens this call started from on the device (_can_follow_prefill),
     # still to be read: the next step() reads it before anything else.
     after: "_Prefill | None" = None
     shape: "DecodeShape | None" = None
+    guided: bool = False  # its rows followed structured outputs on the device (a chained call may continue them)
 
 
 @dataclasses.dataclass
@@ -242,6 +247,10 @@ class Engine:
         self.sampling_defaults = generation_sampling_defaults(model.path)
         self._sampling_cache: tuple | None = None
         self._vocabulary: Vocabulary | None = None  # token bytes for structured outputs, built at the first use
+        # Structured outputs followed on the device (`_guide_tables`): each guide's tables there, and the last
+        # batch's combined tables.
+        self._device_guides: dict[TokenGuide, tuple[jax.Array, jax.Array]] = {}
+        self._combined_guides: tuple | None = None
         self.requests: dict[str, Request] = {}
         self._pending: _Decode | None = None  # a decode call dispatched but not yet read
         self._pending_prefill: _Prefill | None = None  # likewise, a prefill call
@@ -372,7 +381,7 @@ class Engine:
         return self.scheduler.has_work()
 
     # ----- steps ---------------------------------------------------------------------------
-    def _sampling_inputs(self, reqs: list[Request], batch: int):
+    def _sampling_inputs(self, reqs: list[Request], batch: int, host_masks: bool = True):
         # The same rows decode call after call: their stacked parameters (and each unseeded
         # request's drawn seed) are reused until the set of rows changes (~1.5 ms a call at 256).
         # Keyed by the request objects themselves (Request compares by identity, and the key
@@ -388,9 +397,9 @@ class Engine:
                                     # greedy pick is then an argmax without an exponential an element.
                                     any(p.logprobs is not None for p in params))
         _, sbatch, num_top, sampled, penalties, logprobs = self._sampling_cache
-        if any(r.guide is not None for r in reqs):
+        if host_masks and any(r.guide is not None for r in reqs):
             # Each row's next-token mask depends on the tokens so far: built for every call, which is then
-            # one step long (`_decode_steps`) and never chained or started before the host has its tokens.
+            # one token long (a prefill's, or a decode step's where `_guide_tables` cannot serve the batch).
             allowed = np.full((batch, self._vocabulary_words()), 0xFFFFFFFF, np.uint32)
             for i, r in enumerate(reqs):
                 if r.guide is not None:
@@ -409,6 +418,53 @@ class Engine:
                 seen_np[i, np.asarray(r.all_ids, np.int64)] = True
             counts, seen = jnp.asarray(counts_np), jnp.asarray(seen_np)
         return sbatch, steps, num_top, counts, seen, not sampled, logprobs
+
+    def _guide_tables(self, reqs: list[Request], batch: int, states: Any = None) -> tuple | None:
+        """The ``guides`` of a decode call whose rows follow their structured outputs on the device
+        (`Runner.decode`): ``(masks [G, W], next [G, V], states [batch])`` over one state space, state 0 free
+        (every token, unconstrained rows), 1 EOS only (a finished match, or EOS taken), then each guide's states.
+        G is padded to a power of two, so calls compile for a few sizes. None where the batch's guides' tables
+        would exceed `DEVICE_GUIDE_BYTES`: the call then runs one step with masks from the host. ``states``: a
+        chained call's, still on the device (the host has not read the tokens that led there)."""
+        guides = list(dict.fromkeys(r.guide.guide for r in reqs if r.guide is not None))
+        if sum(g.table_bytes() for g in guides) > DEVICE_GUIDE_BYTES:
+            return None
+        offsets, total = {}, 2
+        for g in guides:
+            offsets[g] = total
+            total += g.dfa.sink
+        rows = max(8, 1 << (total - 1).bit_length())
+        key = (tuple(guides), rows)
+        if self._combined_guides is None or self._combined_guides[0] != key:
+            vocab, words = self.model.config.vocab_size, self._vocabulary_words()
+            eos_only = np.zeros(vocab, bool)
+            eos_only[[t for t in self.eos_ids if t < vocab]] = True
+            masks = [jnp.full((1, words), 0xFFFFFFFF, jnp.uint32),
+                     jnp.asarray(np.pad(np.packbits(eos_only, bitorder="little"), (0, words * 4 - -(-vocab // 8)))
+                                 .view("<u4")[None])]
+            nexts = [jnp.zeros((1, vocab), jnp.int32), jnp.ones((1, vocab), jnp.int32)]
+            for g in guides:
+                if g not in self._device_guides:
+                    self._device_guides[g] = tuple(jnp.asarray(t) for t in g.tables())
+                g_masks, g_next = self._device_guides[g]
+                masks.append(g_masks)
+                # Local states shift into the batch's space; a broken step (never sampled: masked) or EOS -> 1.
+                nexts.append(jnp.where(g_next < g.dfa.sink, g_next + offsets[g], 1))
+            pad = rows - total
+            masks.append(jnp.full((pad, words), 0xFFFFFFFF, jnp.uint32))
+            nexts.append(jnp.zeros((pad, vocab), jnp.int32))
+            self._combined_guides = (key, jnp.concatenate(masks), jnp.concatenate(nexts))
+            # Guides no longer running leave the device (their host tables stay cached with the guide).
+            for g in [g for g in self._device_guides if g not in offsets]:
+                del self._device_guides[g]
+        if states is not None:
+            return self._combined_guides[1], self._combined_guides[2], states
+        states = np.zeros(batch, np.int32)
+        for i, r in enumerate(reqs):
+            if r.guide is not None:
+                r.guide.advance(r.output_ids)
+                states[i] = 1 if r.guide.eos or r.guide.broken else offsets[r.guide.guide] + r.guide.state
+        return self._combined_guides[1], self._combined_guides[2], states
 
     def _vocabulary_words(self) -> int:
         return -(-self.model.config.vocab_size // 32)
@@ -560,9 +616,15 @@ class Engine:
         block_tables = np.zeros((batch, width), np.int32)
         for i, r in enumerate(reqs):
             block_tables[i] = table[r.slot, :width]
-        sbatch, steps, num_top, counts, seen, greedy, logprobs = self._sampling_inputs(reqs, batch)
+        guides = None
+        if self._guided(reqs):
+            guides = self._guide_tables(reqs, batch, chained.last[1] if chained is not None else None)
+            if guides is None:
+                num_steps = 1  # each token's mask from the host
+        sbatch, steps, num_top, counts, seen, greedy, logprobs = self._sampling_inputs(reqs, batch,
+                                                                                      host_masks=guides is None)
         if chained is not None:
-            tokens = chained.last
+            tokens = chained.last[0] if chained.guided else chained.last
         else:
             tokens = np.zeros(batch, np.int32)
             tokens[: len(reqs)] = [0 if owed[i] else r.output_ids[-1] for i, r in enumerate(reqs)]
@@ -571,9 +633,9 @@ class Engine:
                 tokens = _first_tokens(tokens, after.out.tokens, source, owed.astype(bool))
         out, last = self.runner.decode(tokens, positions, limits, block_tables, sbatch, steps + shift + owed,
                                        num_steps, counts, seen, num_top, greedy, logprobs, return_last=True,
-                                       live_rows=shape.live)
+                                       live_rows=shape.live, guides=guides)
         return _Decode(reqs, out, positions, limits, num_steps, penalties=counts is not None, last=last,
-                       after=after, shape=shape)
+                       after=after, shape=shape, guided=guides is not None)
 
     def _collect_decode(self, call: _Decode) -> None:
         """Read a decode call's tokens and hand them to their requests (stop rules apply)."""
@@ -586,6 +648,8 @@ class Engine:
         for i, r in enumerate(call.reqs):
             # Rows that finished (or were aborted) earlier produced padding tokens: skipped.
             n = max(0, min(call.num_steps, int(call.limits[i] - call.positions[i])))
+            if r.guide is not None and r.finish_reason is None:  # the device ran on past a complete match
+                n = r.guide.until_final(r.output_ids, tokens[i][:n])
             tops = [self._top(r, out, (k, i)) for k in range(n)] if r.params.logprobs else None
             taken = r.extend(tokens[i][:n], logprobs[i][:n], tops)
             r.computed += taken
@@ -597,7 +661,9 @@ class Engine:
         Only in steady decoding: nothing waits or prefills, no penalties (their counts live on the
         host), every row still runs and gets room for the chained call's tokens without preemption.
         """
-        if not self.config.overlap or call.penalties or self.scheduler.waiting or self._guided(call.reqs):
+        if not self.config.overlap or call.penalties or self.scheduler.waiting:
+            return False
+        if self._guided(call.reqs) and not call.guided:  # masks from the host need its tokens first
             return False
         if any(r.is_prefilling for r in self.scheduler.running) or len(self.scheduler.running) != len(call.reqs):
             return False
@@ -683,7 +749,7 @@ class Engine:
             decode = [r for r in plan.decode if r.finish_reason is None]
             if decode:
                 plan.decode = decode
-                call = self._dispatch_decode(plan.decode, 1 if self._guided(decode) else plan.decode_steps)
+                call = self._dispatch_decode(plan.decode, plan.decode_steps)
                 if self.config.overlap and not plan.prefill:
                     self._pending = call
                 else:

@@ -178,26 +178,33 @@ class Runner:
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, limits: np.ndarray, block_tables: np.ndarray,
                batch: SamplingBatch, steps: np.ndarray, num_steps: int, counts=None, seen=None, num_top: int = 0,
-               greedy: bool = False, logprobs: bool = True, return_last: bool = False, live_rows: int | None = None):
+               greedy: bool = False, logprobs: bool = True, return_last: bool = False, live_rows: int | None = None,
+               guides: tuple | None = None):
         """``num_steps`` decode steps in one device call; row b stops writing at position ``limits[b]``.
         ``live_rows``: the rows past it are padding whose attention does not run (`model.PagedAttention`).
+        ``guides``: ``(masks [G, W], next [G, V], states [B])``, structured outputs followed on the device: each
+        step row b may take the tokens of ``masks[state_b]`` (packed as `SamplingBatch.allowed`) and moves to
+        ``next[state_b, token]`` (`jaxserve.engine.Engine._guide_tables` builds them).
 
         Returns the sampler's outputs stacked ``[num_steps, B]`` (log-probabilities NaN with
         ``logprobs=False``: no row asked for them, and the greedy pick is then an argmax alone);
         with ``return_last``, ``(outputs, the last step's tokens [B])``: what a chained call starts
-        from, sliced inside this call (an eager slice would be one more dispatch a call).
+        from, sliced inside this call (an eager slice would be one more dispatch a call); with ``guides``,
+        ``(tokens, states)``, the rows' guide states after the call too.
         """
         penalties = counts is not None
         if not penalties:  # placeholders keep one signature; they are never read
             counts = seen = self._no_counts
         live_rows = None if live_rows == tokens.shape[0] else live_rows
+        guide_rows = -1 if guides is None else guides[0].shape[0]
         self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, batch.bias_ids.shape[1],
                                   batch.allowed.shape[1], num_steps, num_top, penalties, greedy, logprobs)
-                                 + ((live_rows,) if live_rows else ()))
+                                 + ((live_rows,) if live_rows else ()) + (("guides", guide_rows) if guides else ()))
+        masks, nxt, states = (None, None, None) if guides is None else (guides[0], guides[1], _int32(guides[2])[0])
         self.kv, out, last = self.decode_fn(tokens.shape[0])(
             self.params, self.kv, *_int32(tokens, positions, limits, block_tables), batch,
-            *_int32(steps), counts, seen, num_steps=num_steps, num_top=num_top, penalties=penalties, greedy=greedy,
-            logprobs=logprobs, live_rows=live_rows)
+            *_int32(steps), counts, seen, masks, nxt, states, num_steps=num_steps, num_top=num_top,
+            penalties=penalties, greedy=greedy, logprobs=logprobs, live_rows=live_rows)
         return (out, last) if return_last else out
 
 
@@ -292,14 +299,30 @@ class Steps:
                                  pick_kernel=self._pick_kernel(logits))
 
     def _decode_impl(self, params, kv, tokens, positions, limits, block_tables, batch: SamplingBatch, steps,
-                     counts, seen, *, num_steps: int, num_top: int, penalties: bool, greedy: bool,
-                     logprobs: bool = True, live_rows: int | None = None):
+                     counts, seen, guide_masks=None, guide_next=None, guide_states=None, *, num_steps: int,
+                     num_top: int, penalties: bool, greedy: bool, logprobs: bool = True,
+                     live_rows: int | None = None):
         # Without log-probabilities a step's outputs are its tokens: the NaN log-probabilities are made once
         # after the loop, not written into the stacked outputs by a kernel every step.
         tokens_only = not logprobs and num_top == 0
         unroll = max(1, min(DECODE_UNROLL, num_steps))
         rows = tokens.shape[0]
-        if HALF_BATCH_ROWS and rows >= HALF_BATCH_ROWS and rows % 2 == 0 and not penalties and live_rows is None:
+        if guide_masks is not None:
+            def one(carry, k):
+                kv, tokens, counts, seen, states = carry
+                # This step's masks from each row's state: the constraint followed on the device, step by step.
+                (kv, tokens, counts, seen), out = self.decode_one(
+                    params, (kv, tokens, counts, seen), k, positions, limits, block_tables,
+                    batch.replace(allowed=guide_masks[states]), steps, num_top=num_top, penalties=penalties,
+                    greedy=greedy, logprobs=logprobs, live_rows=live_rows)
+                states = jnp.where(positions + k < limits, guide_next[states, tokens], states)
+                return (kv, tokens, counts, seen, states), out
+
+            (kv, last, _, _, states), outs = jax.lax.scan(one, (kv, tokens, counts, seen, guide_states),
+                                                          jnp.arange(num_steps, dtype=jnp.int32), unroll=unroll)
+            last = (last, states)  # a chained call continues from both
+        elif (HALF_BATCH_ROWS and rows >= HALF_BATCH_ROWS and rows % 2 == 0 and not penalties
+              and live_rows is None):
             kv, outs, last = self._decode_halves(params, kv, tokens, positions, limits, block_tables, batch, steps,
                                                  counts, seen, num_steps=num_steps, num_top=num_top, greedy=greedy,
                                                  logprobs=logprobs, unroll=unroll)

@@ -636,6 +636,27 @@ class TokenGuide:
                 self._masks[state] = mask
         return mask
 
+    def tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every state's packed mask (uint32 ``[S, ceil(V / 32)]``) and next state per token (int32 ``[S, V]``:
+        the state a token leads to, ``S`` where it breaks the constraint, ``S + 1`` for an EOS id where the
+        text is a full match), S the live states: what a decode call needs to follow the constraint on the
+        device for several steps. Computed once (S walks of the vocabulary) and kept."""
+        if getattr(self, "_tables", None) is None:
+            states = self.dfa.sink
+            nxt = np.empty((states, self.vocab.size), np.int32)
+            masks = np.empty((states, self.words), np.uint32)
+            for s in range(states):
+                nxt[s] = self.vocab.walk(self.dfa, s)
+                if self.dfa.accepting[s]:
+                    nxt[s, self.eos_ids] = states + 1
+                masks[s] = self.mask(s)
+            self._tables = (masks, nxt)
+        return self._tables
+
+    def table_bytes(self) -> int:
+        """Bytes `tables` takes (without computing it)."""
+        return self.dfa.sink * (self.vocab.size + self.words) * 4
+
     def next_state(self, state: int, token: int) -> int:
         """The state after ``token`` (the sink if it breaks the constraint)."""
         if not 0 <= token < self.vocab.size:
@@ -687,6 +708,24 @@ class GuideState:
                 continue
             self.state = self.guide.next_state(self.state, token)
             self.broken = self.state == self.guide.dfa.sink
+
+    def until_final(self, output_ids: Sequence[int], new_tokens: Sequence[int]) -> int:
+        """How many of ``new_tokens`` (arriving after ``output_ids``) to take: up to the one that makes the output
+        a complete match nothing can extend, all of them if none does. What a call that ran on past that point
+        on the device produced beyond it is dropped, as if the host had stopped the request there."""
+        self.advance(output_ids)
+        if self.eos or self.broken:
+            return len(new_tokens)
+        state, guide = self.state, self.guide
+        for k, token in enumerate(new_tokens):
+            if token in guide.eos_set and guide.dfa.accepting[state]:
+                return len(new_tokens)
+            state = guide.next_state(state, token)
+            if state == guide.dfa.sink:
+                return len(new_tokens)
+            if guide.is_final(state):
+                return k + 1
+        return len(new_tokens)
 
     @property
     def final(self) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import jax
 import pytest
 
 import jaxserve
@@ -115,3 +116,35 @@ def test_a_bad_constraint_is_refused_before_anything_runs(model):
                                                        structured_outputs={"choice": ["1", "2"]}), use_tqdm=False)
         assert out[0]["text"] in ("1", "2")
         _all_free(engine)
+
+
+def test_device_followed_constraints_give_the_host_paths_tokens(model, monkeypatch):
+    """Decode calls follow the constraints on the device for several steps (`Engine._guide_tables`); with
+    that off (DEVICE_GUIDE_BYTES 0) each step's masks come from the host. Same tokens, greedy and seeded."""
+    import jaxserve.engine as engine_module
+
+    prompts = ["import os", "def main():", "class Point:", "x = ", "# config\n"]
+    specs = [{"json": SCHEMA}, {"regex": r"[a-z_]+\([0-9, ]*\)"}, {"choice": ["alpha", "beta"]}, None,
+             {"json_object": True}]
+    params = [SamplingParams(max_tokens=40, temperature=t, seed=i, structured_outputs=s)
+              for i, (t, s) in enumerate(zip((0.0, 1.0, 0.0, 0.0, 1.0), specs))]
+    results = {}
+    for device in (True, False):
+        monkeypatch.setattr(engine_module, "DEVICE_GUIDE_BYTES", 1 << 30 if device else 0)
+        with Engine(model, _config(max_running=8, batch_buckets=(8,))) as engine:
+            calls = []
+            decode = engine.runner.decode
+
+            def recording(tokens, *args, **kw):
+                calls.append((isinstance(tokens, jax.Array), kw.get("guides") is not None))
+                return decode(tokens, *args, **kw)
+
+            monkeypatch.setattr(engine.runner, "decode", recording)
+            results[device] = engine.generate(prompts, params, use_tqdm=False)
+            # On the device, a decode call over the same rows continues the one in flight (their states too).
+            assert ((True, True) in calls) == device and ((False, True) in calls) == device, calls
+            _all_free(engine)
+    assert [o["token_ids"] for o in results[True]] == [o["token_ids"] for o in results[False]]
+    assert [o["finish_reason"] for o in results[True]] == [o["finish_reason"] for o in results[False]]
+    _check_schema(results[True][0]["text"])
+    assert re.fullmatch(r"[a-z_]+\([0-9, ]*\)", results[True][1]["text"]) or results[True][1]["finish_reason"] == "length"
