@@ -116,6 +116,23 @@ def _model_from_args(args: argparse.Namespace, engine_config: Any) -> Any:
     return load(args.model, dtype=engine_config.compute_dtype(), rope_scaling=scaling)
 
 
+def _structured_from_args(args: argparse.Namespace) -> dict | None:
+    """``--json-schema`` (a file or the schema's JSON text), ``--regex``, ``--choice`` or ``--json-object`` as
+    `SamplingParams.structured_outputs`; at most one."""
+    given = [(name, value) for name, value in (("json", args.json_schema), ("regex", args.regex),
+                                                ("choice", args.choice), ("json_object", args.json_object or None))
+             if value is not None]
+    if len(given) > 1:
+        raise SystemExit("error: give at most one of --json-schema, --regex, --choice, --json-object")
+    if not given:
+        return None
+    name, value = given[0]
+    if name == "json" and os.path.isfile(value):
+        with open(value) as f:
+            value = f.read()
+    return {name: value}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from jaxserve.engine import Engine
     from jaxserve.sampling import SamplingParams
@@ -123,7 +140,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     given = {k: v for k, v in dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                    top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
-                                   repetition_penalty=args.repetition_penalty).items() if v is not None}
+                                   repetition_penalty=args.repetition_penalty,
+                                   structured_outputs=_structured_from_args(args)).items() if v is not None}
     try:
         SamplingParams(**{**GENERATE_FALLBACK, **given})  # bad flags fail before the model loads
     except ValueError as exc:
@@ -223,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "small models loop without it")
     gen.add_argument("--seed", type=int, default=None, help="seed for sampled (temperature > 0) output")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    out = gen.add_argument_group("structured outputs (at most one)")
+    out.add_argument("--json-schema", default=None, metavar="FILE_OR_JSON",
+                     help="hold the output to this JSON schema (a file, or the schema's JSON text)")
+    out.add_argument("--regex", default=None, help="hold the output to a full match of this regular expression")
+    out.add_argument("--choice", action="append", default=None, help="one of these strings (repeatable)")
+    out.add_argument("--json-object", action="store_true", help="any JSON object")
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object per prompt (prompt, text, token_ids, finish_reason, usage, timings)")
     _engine_args(gen)

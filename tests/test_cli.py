@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -81,6 +82,22 @@ def test_generate_reports_bad_arguments(tiny_checkpoint, capsys):
         cli.main(["generate", "x", "--model", tiny_checkpoint[0], "--min-p", "2"])
     assert cli.main(["generate", "x", "--model", "/no/such/folder"]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_generate_holds_the_output_to_a_schema_regex_or_choices(tmp_path, capsys):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}))
+    for flags, check in ((["--json-schema", str(schema)], lambda t: isinstance(json.loads(t)["n"], int)),
+                         (["--json-schema", schema.read_text()], lambda t: isinstance(json.loads(t)["n"], int)),
+                         (["--regex", "[0-9]{3}"], lambda t: re.fullmatch("[0-9]{3}", t)),
+                         (["--choice", "yes", "--choice", "no"], lambda t: t in ("yes", "no"))):
+        assert cli.main(["generate", "x = ", "--json", "--max-tokens", "24", *flags, *SMALL]) == 0
+        line = json.loads(capsys.readouterr().out)
+        assert line["finish_reason"] == "stop" and check(line["text"]), (flags, line)
+    with pytest.raises(SystemExit, match="at most one"):
+        cli.main(["generate", "x", "--regex", "a", "--json-object"])
+    with pytest.raises(SystemExit, match="structured_outputs.json"):
+        cli.main(["generate", "x", "--json-schema", "{not json"])
 
 
 def test_convert_writes_a_loadable_checkpoint(tiny_checkpoint, tmp_path):
