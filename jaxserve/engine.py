@@ -334,7 +334,10 @@ class Engine:
             if self.tokenizer is None:
                 raise ValueError("structured_outputs need a tokenizer (the tokens' bytes), and this engine has none")
             self._vocabulary = Vocabulary(vocabulary_bytes(self.tokenizer, self.model.config.vocab_size))
-        return compile_guide(spec, self._vocabulary, self.eos_ids)
+        guide = compile_guide(spec, self._vocabulary, self.eos_ids)
+        if guide.table_bytes() <= DEVICE_GUIDE_BYTES:
+            guide.tables()  # here (a server's tokenizer thread) rather than in the engine's next decode call
+        return guide
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
@@ -442,17 +445,18 @@ class Engine:
             masks = [jnp.full((1, words), 0xFFFFFFFF, jnp.uint32),
                      jnp.asarray(np.pad(np.packbits(eos_only, bitorder="little"), (0, words * 4 - -(-vocab // 8)))
                                  .view("<u4")[None])]
-            nexts = [jnp.zeros((1, vocab), jnp.int32), jnp.ones((1, vocab), jnp.int32)]
+            dtype = jnp.int16 if rows <= np.iinfo(np.int16).max else jnp.int32
+            nexts = [jnp.zeros((1, vocab), dtype), jnp.ones((1, vocab), dtype)]
             for g in guides:
                 if g not in self._device_guides:
                     self._device_guides[g] = tuple(jnp.asarray(t) for t in g.tables())
                 g_masks, g_next = self._device_guides[g]
                 masks.append(g_masks)
                 # Local states shift into the batch's space; a broken step (never sampled: masked) or EOS -> 1.
-                nexts.append(jnp.where(g_next < g.dfa.sink, g_next + offsets[g], 1))
+                nexts.append(jnp.where(g_next < g.dfa.sink, g_next.astype(dtype) + offsets[g], 1).astype(dtype))
             pad = rows - total
             masks.append(jnp.full((pad, words), 0xFFFFFFFF, jnp.uint32))
-            nexts.append(jnp.zeros((pad, vocab), jnp.int32))
+            nexts.append(jnp.zeros((pad, vocab), dtype))
             self._combined_guides = (key, jnp.concatenate(masks), jnp.concatenate(nexts))
             # Guides no longer running leave the device (their host tables stay cached with the guide).
             for g in [g for g in self._device_guides if g not in offsets]:

@@ -315,7 +315,7 @@ class Steps:
                     params, (kv, tokens, counts, seen), k, positions, limits, block_tables,
                     batch.replace(allowed=guide_masks[states]), steps, num_top=num_top, penalties=penalties,
                     greedy=greedy, logprobs=logprobs, live_rows=live_rows)
-                states = jnp.where(positions + k < limits, guide_next[states, tokens], states)
+                states = jnp.where(positions + k < limits, guide_next[states, tokens].astype(jnp.int32), states)
                 return (kv, tokens, counts, seen, states), out
 
             (kv, last, _, _, states), outs = jax.lax.scan(one, (kv, tokens, counts, seen, guide_states),

@@ -637,13 +637,13 @@ class TokenGuide:
         return mask
 
     def tables(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every state's packed mask (uint32 ``[S, ceil(V / 32)]``) and next state per token (int32 ``[S, V]``:
-        the state a token leads to, ``S`` where it breaks the constraint, ``S + 1`` for an EOS id where the
-        text is a full match), S the live states: what a decode call needs to follow the constraint on the
-        device for several steps. Computed once (S walks of the vocabulary) and kept."""
+        """Every state's packed mask (uint32 ``[S, ceil(V / 32)]``) and next state per token (``[S, V]``: the
+        state a token leads to, ``S`` where it breaks the constraint, ``S + 1`` for an EOS id where the text is
+        a full match; int16 where that fits, int32 past it), S the live states: what a decode call needs to
+        follow the constraint on the device for several steps. Computed once (S walks of the vocabulary)."""
         if getattr(self, "_tables", None) is None:
             states = self.dfa.sink
-            nxt = np.empty((states, self.vocab.size), np.int32)
+            nxt = np.empty((states, self.vocab.size), _state_dtype(states + 1))
             masks = np.empty((states, self.words), np.uint32)
             for s in range(states):
                 nxt[s] = self.vocab.walk(self.dfa, s)
@@ -655,7 +655,8 @@ class TokenGuide:
 
     def table_bytes(self) -> int:
         """Bytes `tables` takes (without computing it)."""
-        return self.dfa.sink * (self.vocab.size + self.words) * 4
+        states = self.dfa.sink
+        return states * (self.vocab.size * np.dtype(_state_dtype(states + 1)).itemsize + self.words * 4)
 
     def next_state(self, state: int, token: int) -> int:
         """The state after ``token`` (the sink if it breaks the constraint)."""
@@ -667,6 +668,11 @@ class TokenGuide:
     def is_final(self, state: int) -> bool:
         """A full match from which no byte can continue: the output is complete."""
         return bool(self._final[state])
+
+
+def _state_dtype(largest: int) -> type:
+    # Half the bytes of the [states, vocabulary] next-state tables where the states allow it.
+    return np.int16 if largest <= np.iinfo(np.int16).max else np.int32
 
 
 def unpack_mask(words: np.ndarray, size: int) -> np.ndarray:
@@ -738,7 +744,9 @@ class GuideState:
         return self.guide.mask(self.state)
 
 
-@functools.lru_cache(maxsize=64)
+# A guide may hold its tables (`TokenGuide.tables`: ~130 MB at int16 for bench/structured.py's 437-state schema over
+# Qwen2.5's vocabulary), so few are kept.
+@functools.lru_cache(maxsize=16)
 def compile_guide(spec: StructuredOutputs, vocab: Vocabulary, eos_ids: tuple[int, ...]) -> TokenGuide:
     """The `TokenGuide` of ``spec`` over ``vocab`` (cached: the same schema on many requests compiles once).
     ValueError naming the spec's field when it cannot be compiled."""
