@@ -8,6 +8,7 @@ thread-safe: one thread (the async engine's loop, or the caller) drives it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -247,9 +248,9 @@ class Engine:
         self.sampling_defaults = generation_sampling_defaults(model.path)
         self._sampling_cache: tuple | None = None
         self._vocabulary: Vocabulary | None = None  # token bytes for structured outputs, built at the first use
-        # Structured outputs followed on the device (`_guide_tables`): each guide's tables there, and the last
-        # batch's combined tables.
-        self._device_guides: dict[TokenGuide, tuple[jax.Array, jax.Array]] = {}
+        # Structured outputs followed on the device (`_guide_tables`): guides' tables there, least recently used
+        # first, and the last batch's combined tables.
+        self._device_guides: collections.OrderedDict[TokenGuide, tuple] = collections.OrderedDict()
         self._combined_guides: tuple | None = None
         self.requests: dict[str, Request] = {}
         self._pending: _Decode | None = None  # a decode call dispatched but not yet read
@@ -450,6 +451,7 @@ class Engine:
             for g in guides:
                 if g not in self._device_guides:
                     self._device_guides[g] = tuple(jnp.asarray(t) for t in g.tables())
+                self._device_guides.move_to_end(g)
                 g_masks, g_next = self._device_guides[g]
                 masks.append(g_masks)
                 # Local states shift into the batch's space; a broken step (never sampled: masked) or EOS -> 1.
@@ -458,8 +460,13 @@ class Engine:
             masks.append(jnp.full((pad, words), 0xFFFFFFFF, jnp.uint32))
             nexts.append(jnp.zeros((pad, vocab), dtype))
             self._combined_guides = (key, jnp.concatenate(masks), jnp.concatenate(nexts))
-            # Guides no longer running leave the device (their host tables stay cached with the guide).
+            # Guides that left the batch stay on the device for the next request of the same schema (a re-upload
+            # moves ~100 MB), the least recently used leaving first past DEVICE_GUIDE_BYTES.
+            held = sum(g.table_bytes() for g in self._device_guides)
             for g in [g for g in self._device_guides if g not in offsets]:
+                if held <= DEVICE_GUIDE_BYTES:
+                    break
+                held -= g.table_bytes()
                 del self._device_guides[g]
         if states is not None:
             return self._combined_guides[1], self._combined_guides[2], states

@@ -148,3 +148,18 @@ def test_device_followed_constraints_give_the_host_paths_tokens(model, monkeypat
     assert [o["finish_reason"] for o in results[True]] == [o["finish_reason"] for o in results[False]]
     _check_schema(results[True][0]["text"])
     assert re.fullmatch(r"[a-z_]+\([0-9, ]*\)", results[True][1]["text"]) or results[True][1]["finish_reason"] == "length"
+
+
+def test_guides_stay_on_the_device_for_the_next_request_until_the_byte_budget(model, monkeypatch):
+    import jaxserve.engine as engine_module
+
+    one, two = {"regex": r"[a-z]{1,6}!"}, {"choice": ["north", "south"]}
+    with Engine(model, _config()) as engine:
+        g1, g2 = (engine.structured_guide(SamplingParams(structured_outputs=s).structured_outputs) for s in (one, two))
+        for spec in (one, two):
+            engine.generate(["x = "], SamplingParams(max_tokens=8, temperature=0, structured_outputs=spec), use_tqdm=False)
+        assert list(engine._device_guides) == [g1, g2]  # the first request's guide kept for a later one
+        monkeypatch.setattr(engine_module, "DEVICE_GUIDE_BYTES", max(g1.table_bytes(), g2.table_bytes()))
+        engine.generate(["x = "], SamplingParams(max_tokens=8, temperature=0, structured_outputs=one), use_tqdm=False)
+        assert list(engine._device_guides) == [g1]  # past the budget the one not running left
+        _all_free(engine)
