@@ -662,6 +662,10 @@ class TokenGuide:
         """The state after ``token`` (the sink if it breaks the constraint)."""
         if not 0 <= token < self.vocab.size:
             return self.dfa.sink
+        tables = getattr(self, "_tables", None)
+        if tables is not None:  # one lookup, not a walk of the token's bytes (the host follows every row's tokens)
+            nxt = int(tables[1][state, token])
+            return nxt if nxt < self.dfa.sink else self.dfa.sink
         data = self.vocab.token_bytes[token]
         return self.dfa.run(data, state) if data else self.dfa.sink
 
