@@ -337,7 +337,7 @@ class Engine:
             self._vocabulary = Vocabulary(vocabulary_bytes(self.tokenizer, self.model.config.vocab_size))
         guide = compile_guide(spec, self._vocabulary, self.eos_ids)
         if guide.table_bytes() <= DEVICE_GUIDE_BYTES:
-            guide.tables()  # here (a server's tokenizer thread) rather than in the engine's next decode call
+            guide.device_tables()  # here (a server's tokenizer thread), not in the engine's next decode call
         return guide
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -450,7 +450,7 @@ class Engine:
             nexts = [jnp.zeros((1, vocab), dtype), jnp.ones((1, vocab), dtype)]
             for g in guides:
                 if g not in self._device_guides:
-                    self._device_guides[g] = tuple(jnp.asarray(t) for t in g.tables())
+                    self._device_guides[g] = g.device_tables()
                 self._device_guides.move_to_end(g)
                 g_masks, g_next = self._device_guides[g]
                 masks.append(g_masks)

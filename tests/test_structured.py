@@ -139,3 +139,16 @@ def test_structured_outputs_params_validate_and_round_trip():
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=2, structured_outputs={"regex": "a+"})
     assert escape('a.b"c') == 'a\\.b\\"c' and compile_regex(escape("1+1=2?")).fullmatch("1+1=2?")
+
+
+def test_device_tables_equal_the_host_walks():
+    rng = np.random.default_rng()
+    pieces = [bytes(rng.choice(list(b'ab{}":, 0123x'), size=rng.integers(1, 9))) for _ in range(500)]
+    vocab = Vocabulary(pieces + [None, "é".encode(), "é".encode()[:1]])
+    guide = TokenGuide(compile_regex(r'\{"a": ?[0-9]{1,3}(?:, ?"b": ?"[ax]*")?\}|é+'), vocab, eos_ids=(500,))
+    host_masks, host_next = guide.tables()
+    masks, nxt = (np.asarray(t) for t in guide.device_tables())
+    assert nxt.dtype == host_next.dtype == np.int16
+    assert (masks == host_masks).all() and (nxt == host_next).all()
+    # EOS leads to "EOS taken" (states + 1) exactly where the text so far is a full match.
+    assert set(np.flatnonzero(host_next[:, 500] == guide.dfa.sink + 1)) == set(np.flatnonzero(guide.dfa.accepting[:-1]))
