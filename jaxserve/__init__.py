@@ -10,5 +10,7 @@ from jaxserve.engine import Engine, generate
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.sampling import SamplingParams
+from jaxserve.structured import StructuredOutputs
 
-__all__ = ["Engine", "EngineConfig", "LoadedModel", "ModelConfig", "SamplingParams", "generate", "load"]
+__all__ = ["Engine", "EngineConfig", "LoadedModel", "ModelConfig", "SamplingParams", "StructuredOutputs", "generate",
+           "load"]
