@@ -77,8 +77,9 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes:
 
 def vocabulary_bytes(tokenizer: PreTrainedTokenizerBase, size: int) -> list[bytes | None]:
     """Every token's bytes (`token_bytes`) for ids ``0..size-1`` (the model's vocabulary, which may be padded
-    past the tokenizer's): ``None`` for added tokens (``<|im_end|>``...: control tokens, never text a
-    constraint allows) and ids the tokenizer does not have. One batched lookup for byte-level BPE.
+    past the tokenizer's): ``None`` for special tokens (``<|im_end|>``...: control tokens, never text a
+    constraint allows) and ids the tokenizer does not have; an added token that is not special, its content.
+    One batched lookup for byte-level BPE.
 
     Example:
         >>> vocabulary_bytes(tok, 151936)[tok.convert_tokens_to_ids("Ġthe")]  # doctest: +SKIP
@@ -86,11 +87,16 @@ def vocabulary_bytes(tokenizer: PreTrainedTokenizerBase, size: int) -> list[byte
     """
     known = len(tokenizer)
     table = _byte_level_table(tokenizer)
-    added = set(getattr(tokenizer, "added_tokens_decoder", {}))
+    added = getattr(tokenizer, "added_tokens_decoder", {})
     out: list[bytes | None] = [None] * size
     pieces = tokenizer.convert_ids_to_tokens(list(range(min(size, known))))
     for i, piece in enumerate(pieces):
-        if i in added or piece is None:
+        if i in added:
+            # Added tokens that are text (Qwen2.5's <tool_call> and </tool_call>, which decoding keeps) stand for
+            # their content; special ones (<|im_end|>, EOS) for no text at all.
+            out[i] = None if added[i].special else added[i].content.encode()
+            continue
+        if piece is None:
             continue
         if table is not None and all(c in table[0] for c in piece):
             out[i] = bytes(table[0][c] for c in piece)

@@ -110,3 +110,20 @@ def test_tool_call_tags_added_as_plain_tokens_survive_the_detokenizer():
     assert tokenizer.convert_tokens_to_ids("<tool_call>") in ids
     detok = IncrementalDetokenizer(tokenizer)
     assert "".join(detok.push(t) for t in ids) + detok.flush() == text
+
+
+def test_vocabulary_bytes_give_plain_added_tokens_their_text_and_special_ones_none():
+    """What structured outputs walk: Qwen2.5's `<tool_call>` (an added token, not special) is text a constraint may
+    allow as one token; EOS and other special tokens are no text; ids past the tokenizer have none either."""
+    from jaxserve.loading import DEFAULT_MODEL_DIR
+    from jaxserve.tokenizer import load_tokenizer, vocabulary_bytes
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL_DIR)
+    tokenizer.add_tokens(["<tool_call>"])
+    tag = tokenizer.convert_tokens_to_ids("<tool_call>")
+    table = vocabulary_bytes(tokenizer, len(tokenizer) + 3)
+    assert table[tag] == b"<tool_call>"
+    assert all(table[i] is None for i, t in tokenizer.added_tokens_decoder.items() if t.special)
+    assert table[-3:] == [None] * 3
+    ids = tokenizer.encode("def f(x): return 'é'", add_special_tokens=False)
+    assert b"".join(table[t] for t in ids) == "def f(x): return 'é'".encode()
