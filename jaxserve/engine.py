@@ -14,6 +14,7 @@ import functools
 import itertools
 import logging
 import os
+import threading
 import time
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -250,7 +251,8 @@ class Engine:
         self._vocabulary: Vocabulary | None = None  # token bytes for structured outputs, built at the first use
         # Structured outputs followed on the device (`_guide_tables`): guides' tables there, least recently used
         # first, and the last batch's combined tables.
-        self._device_guides: collections.OrderedDict[TokenGuide, tuple] = collections.OrderedDict()
+        self._device_guides: collections.OrderedDict[TokenGuide, None] = collections.OrderedDict()
+        self._guides_lock = threading.Lock()
         self._combined_guides: tuple | None = None
         self.requests: dict[str, Request] = {}
         self._pending: _Decode | None = None  # a decode call dispatched but not yet read
@@ -337,8 +339,26 @@ class Engine:
             self._vocabulary = Vocabulary(vocabulary_bytes(self.tokenizer, self.model.config.vocab_size))
         guide = compile_guide(spec, self._vocabulary, self.eos_ids)
         if guide.table_bytes() <= DEVICE_GUIDE_BYTES:
-            guide.device_tables()  # here (a server's tokenizer thread), not in the engine's next decode call
+            self._hold_on_device([guide])  # here (a server's tokenizer thread), not in the engine's next decode call
         return guide
+
+    def _hold_on_device(self, guides: Sequence[TokenGuide]) -> list[tuple]:
+        """``guides``' device tables (`TokenGuide.device_tables`), built where missing and marked recently used;
+        guides not among them leave the device, least recently used first, while all held exceed
+        `DEVICE_GUIDE_BYTES` (their next request builds them again). Locked: a server compiles a request's
+        guide on its tokenizer thread while the engine thread runs decode calls."""
+        with self._guides_lock:
+            for g in guides:
+                self._device_guides[g] = None
+                self._device_guides.move_to_end(g)
+            held = sum(g.table_bytes() for g in self._device_guides)
+            for g in [g for g in self._device_guides if g not in guides]:
+                if held <= DEVICE_GUIDE_BYTES:
+                    break
+                held -= g.table_bytes()
+                del self._device_guides[g]
+                g.drop_device_tables()
+        return [g.device_tables() for g in guides]
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
@@ -441,18 +461,11 @@ class Engine:
         key = (tuple(guides), rows)
         if self._combined_guides is None or self._combined_guides[0] != key:
             vocab, words = self.model.config.vocab_size, self._vocabulary_words()
-            eos_only = np.zeros(vocab, bool)
-            eos_only[[t for t in self.eos_ids if t < vocab]] = True
-            masks = [jnp.full((1, words), 0xFFFFFFFF, jnp.uint32),
-                     jnp.asarray(np.pad(np.packbits(eos_only, bitorder="little"), (0, words * 4 - -(-vocab // 8)))
-                                 .view("<u4")[None])]
+            # Every guide's EOS-only mask is the engine's EOS ids.
+            masks = [jnp.full((1, words), 0xFFFFFFFF, jnp.uint32), jnp.asarray(guides[0].eos_mask[None])]
             dtype = jnp.int16 if rows <= np.iinfo(np.int16).max else jnp.int32
             nexts = [jnp.zeros((1, vocab), dtype), jnp.ones((1, vocab), dtype)]
-            for g in guides:
-                if g not in self._device_guides:
-                    self._device_guides[g] = g.device_tables()
-                self._device_guides.move_to_end(g)
-                g_masks, g_next = self._device_guides[g]
+            for g, (g_masks, g_next) in zip(guides, self._hold_on_device(guides)):
                 masks.append(g_masks)
                 # Local states shift into the batch's space; a broken step (never sampled: masked) or EOS -> 1.
                 nexts.append(jnp.where(g_next < g.dfa.sink, g_next.astype(dtype) + offsets[g], 1).astype(dtype))
@@ -460,14 +473,6 @@ class Engine:
             masks.append(jnp.full((pad, words), 0xFFFFFFFF, jnp.uint32))
             nexts.append(jnp.zeros((pad, vocab), dtype))
             self._combined_guides = (key, jnp.concatenate(masks), jnp.concatenate(nexts))
-            # Guides that left the batch stay on the device for the next request of the same schema (a re-upload
-            # moves ~100 MB), the least recently used leaving first past DEVICE_GUIDE_BYTES.
-            held = sum(g.table_bytes() for g in self._device_guides)
-            for g in [g for g in self._device_guides if g not in offsets]:
-                if held <= DEVICE_GUIDE_BYTES:
-                    break
-                held -= g.table_bytes()
-                del self._device_guides[g]
         if states is not None:
             return self._combined_guides[1], self._combined_guides[2], states
         states = np.zeros(batch, np.int32)

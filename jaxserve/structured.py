@@ -694,6 +694,10 @@ class TokenGuide:
                 self._tables = tuple(np.asarray(t) for t in self._device_tables)
         return self._device_tables
 
+    def drop_device_tables(self) -> None:
+        """Free `device_tables`' device memory (the host copy stays); the next call builds them again."""
+        self._device_tables = None
+
     def table_bytes(self) -> int:
         """Bytes `tables` takes (without computing it)."""
         states = self.dfa.sink

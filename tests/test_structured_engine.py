@@ -162,4 +162,5 @@ def test_guides_stay_on_the_device_for_the_next_request_until_the_byte_budget(mo
         monkeypatch.setattr(engine_module, "DEVICE_GUIDE_BYTES", max(g1.table_bytes(), g2.table_bytes()))
         engine.generate(["x = "], SamplingParams(max_tokens=8, temperature=0, structured_outputs=one), use_tqdm=False)
         assert list(engine._device_guides) == [g1]  # past the budget the one not running left
+        assert g2._device_tables is None and g1._device_tables is not None  # and freed its device memory
         _all_free(engine)
