@@ -443,16 +443,25 @@ class Engine:
             counts, seen = jnp.asarray(counts_np), jnp.asarray(seen_np)
         return sbatch, steps, num_top, counts, seen, not sampled, logprobs
 
-    def _guide_tables(self, reqs: list[Request], batch: int, states: Any = None) -> tuple | None:
+    @staticmethod
+    def _guides_fit(reqs: Sequence[Request]) -> bool:
+        """Whether the rows' guides' tables fit `DEVICE_GUIDE_BYTES`: their decode calls follow them on the device."""
+        guides = {r.guide.guide for r in reqs if r.guide is not None}
+        return sum(g.table_bytes() for g in guides) <= DEVICE_GUIDE_BYTES
+
+    def _guide_tables(self, reqs: list[Request], batch: int, states: Any = None,
+                      owed: np.ndarray | None = None) -> tuple | None:
         """The ``guides`` of a decode call whose rows follow their structured outputs on the device
-        (`Runner.decode`): ``(masks [G, W], next [G, V], states [batch])`` over one state space, state 0 free
+        (`Runner.decode`): ``(masks [G, W], next [G, V], states [batch], advance [batch])`` over one state space,
+        state 0 free
         (every token, unconstrained rows), 1 EOS only (a finished match, or EOS taken), then each guide's states.
         G is padded to a power of two, so calls compile for a few sizes. None where the batch's guides' tables
         would exceed `DEVICE_GUIDE_BYTES`: the call then runs one step with masks from the host. ``states``: a
-        chained call's, still on the device (the host has not read the tokens that led there)."""
-        guides = list(dict.fromkeys(r.guide.guide for r in reqs if r.guide is not None))
-        if sum(g.table_bytes() for g in guides) > DEVICE_GUIDE_BYTES:
+        chained call's, still on the device (the host has not read the tokens that led there). ``owed``: rows
+        whose first token is still in a prefill call on the device; they advance by it there first."""
+        if not self._guides_fit(reqs):
             return None
+        guides = list(dict.fromkeys(r.guide.guide for r in reqs if r.guide is not None))
         offsets, total = {}, 2
         for g in guides:
             offsets[g] = total
@@ -473,14 +482,15 @@ class Engine:
             masks.append(jnp.full((pad, words), 0xFFFFFFFF, jnp.uint32))
             nexts.append(jnp.zeros((pad, vocab), dtype))
             self._combined_guides = (key, jnp.concatenate(masks), jnp.concatenate(nexts))
+        advance = np.zeros(batch, np.int32) if owed is None else owed.astype(np.int32)
         if states is not None:
-            return self._combined_guides[1], self._combined_guides[2], states
+            return self._combined_guides[1], self._combined_guides[2], states, advance
         states = np.zeros(batch, np.int32)
         for i, r in enumerate(reqs):
             if r.guide is not None:
                 r.guide.advance(r.output_ids)
                 states[i] = 1 if r.guide.eos or r.guide.broken else offsets[r.guide.guide] + r.guide.state
-        return self._combined_guides[1], self._combined_guides[2], states
+        return self._combined_guides[1], self._combined_guides[2], states, advance
 
     def _vocabulary_words(self) -> int:
         return -(-self.model.config.vocab_size // 32)
@@ -634,7 +644,7 @@ class Engine:
             block_tables[i] = table[r.slot, :width]
         guides = None
         if self._guided(reqs):
-            guides = self._guide_tables(reqs, batch, chained.last[1] if chained is not None else None)
+            guides = self._guide_tables(reqs, batch, chained.last[1] if chained is not None else None, owed)
             if guides is None:
                 num_steps = 1  # each token's mask from the host
         sbatch, steps, num_top, counts, seen, greedy, logprobs = self._sampling_inputs(reqs, batch,
@@ -702,8 +712,10 @@ class Engine:
         rows = self.scheduler.running
         if not rows or any(r.is_prefilling or r.finish_reason is not None for r in rows):
             return None
-        if needs_penalties([r.params for r in rows]) or self._guided(rows):
+        if needs_penalties([r.params for r in rows]):
             return None
+        if self._guided(rows) and not self._guides_fit(rows):
+            return None  # masks from the host need the first tokens there
         first = call.finishing()
         # Rows whose first token is on the device owe it: it is not in ``remaining`` yet.
         want = [min(r.computed + r.remaining - (id(r) in first), self.max_model_len,

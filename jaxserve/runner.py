@@ -182,9 +182,10 @@ class Runner:
                guides: tuple | None = None):
         """``num_steps`` decode steps in one device call; row b stops writing at position ``limits[b]``.
         ``live_rows``: the rows past it are padding whose attention does not run (`model.PagedAttention`).
-        ``guides``: ``(masks [G, W], next [G, V], states [B])``, structured outputs followed on the device: each
-        step row b may take the tokens of ``masks[state_b]`` (packed as `SamplingBatch.allowed`) and moves to
-        ``next[state_b, token]`` (`jaxserve.engine.Engine._guide_tables` builds them).
+        ``guides``: ``(masks [G, W], next [G, V], states [B], advance [B])``, structured outputs followed on the
+        device: each step row b may take the tokens of ``masks[state_b]`` (packed as `SamplingBatch.allowed`) and
+        moves to ``next[state_b, token]``; rows where ``advance`` is set first move by their input token (a first
+        token the host has not read: `jaxserve.engine.Engine._guide_tables` builds them).
 
         Returns the sampler's outputs stacked ``[num_steps, B]`` (log-probabilities NaN with
         ``logprobs=False``: no row asked for them, and the greedy pick is then an argmax alone);
@@ -200,10 +201,11 @@ class Runner:
         self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, batch.bias_ids.shape[1],
                                   batch.allowed.shape[1], num_steps, num_top, penalties, greedy, logprobs)
                                  + ((live_rows,) if live_rows else ()) + (("guides", guide_rows) if guides else ()))
-        masks, nxt, states = (None, None, None) if guides is None else (guides[0], guides[1], _int32(guides[2])[0])
+        masks, nxt, states, advance = (None,) * 4 if guides is None else (guides[0], guides[1],
+                                                                         *_int32(guides[2], guides[3]))
         self.kv, out, last = self.decode_fn(tokens.shape[0])(
             self.params, self.kv, *_int32(tokens, positions, limits, block_tables), batch,
-            *_int32(steps), counts, seen, masks, nxt, states, num_steps=num_steps, num_top=num_top,
+            *_int32(steps), counts, seen, masks, nxt, states, advance, num_steps=num_steps, num_top=num_top,
             penalties=penalties, greedy=greedy, logprobs=logprobs, live_rows=live_rows)
         return (out, last) if return_last else out
 
@@ -299,7 +301,8 @@ class Steps:
                                  pick_kernel=self._pick_kernel(logits))
 
     def _decode_impl(self, params, kv, tokens, positions, limits, block_tables, batch: SamplingBatch, steps,
-                     counts, seen, guide_masks=None, guide_next=None, guide_states=None, *, num_steps: int,
+                     counts, seen, guide_masks=None, guide_next=None, guide_states=None, guide_advance=None, *,
+                     num_steps: int,
                      num_top: int, penalties: bool, greedy: bool, logprobs: bool = True,
                      live_rows: int | None = None):
         # Without log-probabilities a step's outputs are its tokens: the NaN log-probabilities are made once
@@ -318,7 +321,8 @@ class Steps:
                 states = jnp.where(positions + k < limits, guide_next[states, tokens].astype(jnp.int32), states)
                 return (kv, tokens, counts, seen, states), out
 
-            (kv, last, _, _, states), outs = jax.lax.scan(one, (kv, tokens, counts, seen, guide_states),
+            states = jnp.where(guide_advance != 0, guide_next[guide_states, tokens].astype(jnp.int32), guide_states)
+            (kv, last, _, _, states), outs = jax.lax.scan(one, (kv, tokens, counts, seen, states),
                                                           jnp.arange(num_steps, dtype=jnp.int32), unroll=unroll)
             last = (last, states)  # a chained call continues from both
         elif (HALF_BATCH_ROWS and rows >= HALF_BATCH_ROWS and rows % 2 == 0 and not penalties
