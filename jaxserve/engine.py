@@ -38,8 +38,9 @@ log = logging.getLogger("jaxserve.engine")
 Prompt = str | Sequence[int]
 MAX_TOP_LOGPROBS = 20
 # Structured outputs are followed on the device (several steps a call) while the tables of a decode call's
-# guides (`TokenGuide.tables`: 4 bytes a state and token) fit in this; past it, one step a call with masks
-# from the host. JAXSERVE_DEVICE_GUIDE_BYTES sets it.
+# guides (`TokenGuide.tables`: 2 bytes a state and token where int16 holds the states) fit in this; past it,
+# one step a call with masks from the host. Also the most the engine keeps on the device for guides that
+# left the batch. JAXSERVE_DEVICE_GUIDE_BYTES sets it.
 DEVICE_GUIDE_BYTES = int(os.environ.get("JAXSERVE_DEVICE_GUIDE_BYTES", str(1 << 30)))
 
 
@@ -453,8 +454,8 @@ class Engine:
                       owed: np.ndarray | None = None) -> tuple | None:
         """The ``guides`` of a decode call whose rows follow their structured outputs on the device
         (`Runner.decode`): ``(masks [G, W], next [G, V], states [batch], advance [batch])`` over one state space,
-        state 0 free
-        (every token, unconstrained rows), 1 EOS only (a finished match, or EOS taken), then each guide's states.
+        state 0 free (every token, unconstrained rows), 1 EOS only (a finished match, or EOS taken), then each
+        guide's states.
         G is padded to a power of two, so calls compile for a few sizes. None where the batch's guides' tables
         would exceed `DEVICE_GUIDE_BYTES`: the call then runs one step with masks from the host. ``states``: a
         chained call's, still on the device (the host has not read the tokens that led there). ``owed``: rows
