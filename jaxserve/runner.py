@@ -302,8 +302,7 @@ class Steps:
 
     def _decode_impl(self, params, kv, tokens, positions, limits, block_tables, batch: SamplingBatch, steps,
                      counts, seen, guide_masks=None, guide_next=None, guide_states=None, guide_advance=None, *,
-                     num_steps: int,
-                     num_top: int, penalties: bool, greedy: bool, logprobs: bool = True,
+                     num_steps: int, num_top: int, penalties: bool, greedy: bool, logprobs: bool = True,
                      live_rows: int | None = None):
         # Without log-probabilities a step's outputs are its tokens: the NaN log-probabilities are made once
         # after the loop, not written into the stacked outputs by a kernel every step.
