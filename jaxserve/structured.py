@@ -135,7 +135,12 @@ class StructuredOutputs:
 
 
 def escape(text: str) -> str:
-    """``text`` as a regex matching it literally (in the syntax `compile_regex` reads)."""
+    """``text`` as a regex matching it literally (in the syntax `compile_regex` reads).
+
+    Example:
+        >>> print(escape('{"a": 1}'))
+        \\{\\"a\\": 1\\}
+    """
     return "".join("\\" + c if c in _SPECIAL else c for c in text)
 
 
@@ -740,7 +745,12 @@ def _state_dtype(largest: int) -> type:
 
 
 def unpack_mask(words: np.ndarray, size: int) -> np.ndarray:
-    """Bool ``[..., size]`` from packed uint32 ``[..., ceil(size / 32)]`` masks (little-endian bit order)."""
+    """Bool ``[..., size]`` from packed uint32 ``[..., ceil(size / 32)]`` masks (little-endian bit order).
+
+    Example:
+        >>> unpack_mask(np.array([0b101], np.uint32), 3).tolist()
+        [True, False, True]
+    """
     as_bytes = np.ascontiguousarray(words, dtype="<u4").view(np.uint8)
     return np.unpackbits(as_bytes, axis=-1, bitorder="little")[..., :size].astype(bool)
 
@@ -813,7 +823,13 @@ class GuideState:
 @functools.lru_cache(maxsize=16)
 def compile_guide(spec: StructuredOutputs, vocab: Vocabulary, eos_ids: tuple[int, ...]) -> TokenGuide:
     """The `TokenGuide` of ``spec`` over ``vocab`` (cached: the same schema on many requests compiles once).
-    ValueError naming the spec's field when it cannot be compiled."""
+    ValueError naming the spec's field when it cannot be compiled.
+
+    Example:
+        >>> g = compile_guide(StructuredOutputs(choice=["ab"]), Vocabulary([b"a", b"b", None]), (2,))
+        >>> unpack_mask(g.mask(0), 3).tolist()
+        [True, False, False]
+    """
     try:
         return TokenGuide(compile_regex(spec.to_regex()), vocab, eos_ids)
     except ValueError as e:
