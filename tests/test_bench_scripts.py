@@ -158,3 +158,20 @@ def test_kernel_floor_loop_kernel_sums_each_programs_strided_blocks(prefetch):
     assert parse_loop_form("p1056r2s1w4f") == dict(programs=1056, rows=2, stages=1, warps=4, prefetch=True)
     with pytest.raises(ValueError, match="--loop form"):
         parse_loop_form("p1056r2")
+
+
+def test_structured_bench_smoke_runs_on_the_cpu(tmp_path):
+    """bench/structured.py end to end on a tiny model (what gpu_checks.sh struct45 runs at full size): every row
+    written, every constrained output valid."""
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parent.parent
+    done = subprocess.run([sys.executable, str(root / "bench" / "structured.py"), "--tiny", "--batches", "2",
+                           "--output-len", "12", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = (tmp_path / "structured.md").read_text()
+    assert [line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| 2 |")] == [
+        "none", "regex", "json"]
+    assert table.count("2/2 outputs valid") == 2
