@@ -791,7 +791,7 @@ class GuideState:
 
     def until_final(self, output_ids: Sequence[int], new_tokens: Sequence[int]) -> int:
         """How many of ``new_tokens`` (arriving after ``output_ids``) to take: up to the one that makes the output
-        a complete match nothing can extend, all of them if none does. What a call that ran on past that point
+        a complete match nothing can extend, or an EOS where it is a match, all of them if none does. What a call that ran on past that point
         on the device produced beyond it is dropped, as if the host had stopped the request there."""
         self.advance(output_ids)
         if self.eos or self.broken:
@@ -799,7 +799,7 @@ class GuideState:
         state, guide = self.state, self.guide
         for k, token in enumerate(new_tokens):
             if token in guide.eos_set and guide.dfa.accepting[state]:
-                return len(new_tokens)
+                return k + 1  # EOS ends the match too (only more EOS could follow, even with ignore_eos)
             state = guide.next_state(state, token)
             if state == guide.dfa.sink:
                 return len(new_tokens)

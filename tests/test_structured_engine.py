@@ -124,11 +124,15 @@ def test_device_followed_constraints_give_the_host_paths_tokens(model, monkeypat
     that off (DEVICE_GUIDE_BYTES 0) each step's masks come from the host. Same tokens, greedy and seeded."""
     import jaxserve.engine as engine_module
 
-    prompts = ["import os", "def main():", "class Point:", "x = ", "# config\n"]
+    prompts = ["import os", "def main():", "class Point:", "x = ", "# config\n", "y = "]
     specs = [{"json": SCHEMA}, {"regex": r"[a-z_]+\([0-9, ]*\)"}, {"choice": ["alpha", "beta"]}, None,
-             {"json_object": True}]
-    params = [SamplingParams(max_tokens=40, temperature=t, seed=i, structured_outputs=s)
-              for i, (t, s) in enumerate(zip((0.0, 1.0, 0.0, 0.0, 1.0), specs))]
+             {"json_object": True}, {"regex": "[0-9]{1,3}"}]
+    # The last with ignore_eos and EOS pushed up: it takes EOS once one digit is a match, and both paths end it
+    # there (on the device only EOS could follow it, for the rest of the call).
+    eos = {model.tokenizer.eos_token_id: 10.0}
+    params = [SamplingParams(max_tokens=40, temperature=t, seed=i, structured_outputs=s, ignore_eos=i == 5,
+                             logit_bias=eos if i == 5 else None)
+              for i, (t, s) in enumerate(zip((0.0, 1.0, 0.0, 0.0, 1.0, 0.0), specs))]
     results = {}
     for device in (True, False):
         monkeypatch.setattr(engine_module, "DEVICE_GUIDE_BYTES", 1 << 30 if device else 0)
@@ -149,6 +153,7 @@ def test_device_followed_constraints_give_the_host_paths_tokens(model, monkeypat
             _all_free(engine)
     assert [o["token_ids"] for o in results[True]] == [o["token_ids"] for o in results[False]]
     assert [o["finish_reason"] for o in results[True]] == [o["finish_reason"] for o in results[False]]
+    assert results[True][5]["token_ids"][-1] == model.tokenizer.eos_token_id and len(results[True][5]["token_ids"]) == 2
     _check_schema(results[True][0]["text"])
     assert re.fullmatch(r"[a-z_]+\([0-9, ]*\)", results[True][1]["text"]) or results[True][1]["finish_reason"] == "length"
 
