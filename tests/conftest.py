@@ -151,3 +151,28 @@ def tiny_checkpoint(tmp_path_factory):
 
 def files(path: str) -> list[str]:
     return sorted(os.listdir(path))
+
+
+def drive_random_workload(engine, rng, new_request, *, requests: int, arrival_rate: float, abort_rate: float,
+                          seed: int, steps: int = 400) -> tuple[dict, set]:
+    """Step ``engine`` while requests from ``new_request()`` (a ``(prompt, SamplingParams)``) arrive between steps
+    (Poisson, ``arrival_rate`` a step, ``requests`` in all) and running ones are aborted (``abort_rate`` a step),
+    until all have finished. Returns ``({request_id: (prompt, params)}, aborted ids)``; ``seed`` names the run in
+    failures."""
+    added: dict = {}
+    aborted: set = set()
+    for _ in range(steps):
+        for _ in range(rng.poisson(arrival_rate) if len(added) < requests else 0):
+            prompt, params = new_request()
+            added[engine.add_request(prompt, params)] = (prompt, params)
+        live = [rid for rid in added if rid not in aborted and engine.requests[rid].finish_reason is None]
+        if live and rng.random() < abort_rate:
+            rid = live[rng.integers(len(live))]
+            assert engine.abort(rid), f"seed={seed}"
+            aborted.add(rid)
+        if engine.has_unfinished():
+            engine.step()
+        elif len(added) >= requests:
+            break
+    assert not engine.has_unfinished(), f"requests left unfinished after {steps} steps, seed={seed}"
+    return added, aborted

@@ -13,6 +13,7 @@ import torch
 
 import jaxserve
 from jaxserve import Engine, EngineConfig, SamplingParams
+from tests.conftest import drive_random_workload
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
@@ -603,23 +604,9 @@ def test_random_workload_never_loses_a_request(tiny, policy, overlap):
         return prompt, SamplingParams(max_tokens=n, temperature=0.0, stop_token_ids=tuple(rng.integers(3, vocab, 40)))
 
     cfg = small_config(num_pages=9, policy=policy, overlap=overlap, prefix_caching=True)
-    added: dict[str, tuple[list[int], SamplingParams]] = {}
-    aborted: set[str] = set()
     with Engine(m, cfg) as engine:
-        for _ in range(400):
-            for _ in range(rng.poisson(1.0) if len(added) < 24 else 0):
-                prompt, params = new_request()
-                added[engine.add_request(prompt, params)] = (prompt, params)
-            live = [rid for rid in added if rid not in aborted and engine.requests[rid].finish_reason is None]
-            if live and rng.random() < 0.05:
-                rid = live[rng.integers(len(live))]
-                assert engine.abort(rid), f"seed={seed}"
-                aborted.add(rid)
-            if engine.has_unfinished():
-                engine.step()
-            elif len(added) >= 24:
-                break
-        assert not engine.has_unfinished(), f"requests left unfinished after 400 steps, seed={seed}"
+        added, aborted = drive_random_workload(engine, rng, new_request, requests=24, arrival_rate=1.0,
+                                               abort_rate=0.05, seed=seed)
         results = {rid: engine.release(rid) for rid in added}
         assert engine.stats()["prefix_hit_rate"] > 0, f"no prefix was shared, seed={seed}"
         assert_all_pages_free(engine)

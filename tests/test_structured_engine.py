@@ -14,6 +14,7 @@ import pytest
 import jaxserve
 from jaxserve import Engine, EngineConfig, SamplingParams
 from jaxserve.structured import GuideState, unpack_mask
+from tests.conftest import drive_random_workload
 
 
 @pytest.fixture(scope="module")
@@ -191,23 +192,9 @@ def test_random_constrained_workload_never_loses_a_request():
         return prompt, SamplingParams(max_tokens=int(rng.integers(4, 40)), temperature=float(rng.choice([0.0, 0.9])),
                                       seed=int(rng.integers(1 << 20)), structured_outputs=spec)
 
-    added: dict[str, tuple[str, SamplingParams]] = {}
-    aborted: set[str] = set()
     with Engine(model, _config(num_pages=12, prefix_caching=True)) as engine:
-        for _ in range(400):
-            for _ in range(rng.poisson(0.7) if len(added) < 16 else 0):
-                prompt, params = new_request()
-                added[engine.add_request(prompt, params)] = (prompt, params)
-            live = [rid for rid in added if rid not in aborted and engine.requests[rid].finish_reason is None]
-            if live and rng.random() < 0.04:
-                rid = live[rng.integers(len(live))]
-                assert engine.abort(rid), f"seed={seed}"
-                aborted.add(rid)
-            if engine.has_unfinished():
-                engine.step()
-            elif len(added) >= 16:
-                break
-        assert not engine.has_unfinished(), f"requests left unfinished, seed={seed}"
+        added, aborted = drive_random_workload(engine, rng, new_request, requests=16, arrival_rate=0.7,
+                                               abort_rate=0.04, seed=seed)
         results = {rid: engine.release(rid).result() for rid in added}
         _all_free(engine)
     kept = [rid for rid in added if rid not in aborted]
