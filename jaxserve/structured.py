@@ -326,9 +326,6 @@ class _Parser:
         return self.escape(in_class=True)[0][0]
 
 
-def _parse(pattern: str) -> tuple:
-    parser = _Parser(pattern)
-    return parser.parse()
 # ----- code points -> UTF-8 byte ranges -> NFA -> DFA ---------------------------------------------------------
 def utf8_sequences(lo: int, hi: int) -> list[list[tuple[int, int]]]:
     """The code points ``lo..hi`` (surrogates left out) as byte-range sequences: a character's UTF-8 is
