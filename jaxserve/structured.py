@@ -773,34 +773,34 @@ class GuideState:
 
     def advance(self, output_ids: Sequence[int]) -> None:
         """Take the tokens of ``output_ids`` past those already taken."""
-        if self.consumed >= len(output_ids):
-            return
-        eos = self.guide.eos_set
         for token in output_ids[self.consumed:]:
-            self.consumed += 1
-            if self.eos or self.broken:
-                continue
-            if token in eos and self.guide.dfa.accepting[self.state]:
-                self.eos = True
-                continue
-            self.state = self.guide.next_state(self.state, token)
-            self.broken = self.state == self.guide.dfa.sink
+            self._take(token)
+
+    def _take(self, token: int) -> None:
+        self.consumed += 1
+        if self.eos or self.broken:
+            return
+        if token in self.guide.eos_set and self.guide.dfa.accepting[self.state]:
+            self.eos = True
+            return
+        self.state = self.guide.next_state(self.state, token)
+        self.broken = self.state == self.guide.dfa.sink
 
     def until_final(self, output_ids: Sequence[int], new_tokens: Sequence[int]) -> int:
         """How many of ``new_tokens`` (arriving after ``output_ids``) to take: up to the one that makes the output
-        a complete match nothing can extend, or an EOS where it is a match, all of them if none does. What a call that ran on past that point
-        on the device produced beyond it is dropped, as if the host had stopped the request there."""
+        a complete match nothing can extend, or an EOS where it is a match, all of them if none does. What a call
+        that ran on past that point on the device produced beyond it is dropped, as if the host had stopped the
+        request there. The tokens counted are taken here: the caller appends exactly those to ``output_ids``
+        (fewer only where the request finishes, after which nothing follows its guide)."""
         self.advance(output_ids)
         if self.eos or self.broken:
             return len(new_tokens)
-        state, guide = self.state, self.guide
         for k, token in enumerate(new_tokens):
-            if token in guide.eos_set and guide.dfa.accepting[state]:
-                return k + 1  # EOS ends the match too (only more EOS could follow, even with ignore_eos)
-            state = guide.next_state(state, token)
-            if state == guide.dfa.sink:
+            self._take(token)
+            if self.broken:
+                self.consumed += len(new_tokens) - k - 1  # the rest follow the token that broke it, ignored
                 return len(new_tokens)
-            if guide.is_final(state):
+            if self.final:  # a complete match, or EOS taken where it was one
                 return k + 1
         return len(new_tokens)
 

@@ -105,6 +105,12 @@ def test_guide_state_follows_tokens_to_a_final_match():
     broken = GuideState(guide)
     broken.advance([4])
     assert broken.broken and not broken.final
+    # A call's tokens past a complete match (or an EOS taken at one) are not taken; the ones counted are.
+    run = GuideState(guide)
+    assert run.until_final([], [0, 1, 6, 6]) == 3 and run.eos and run.consumed == 3
+    assert GuideState(guide).until_final([0], [1, 2]) == 2  # "y" "es" "yes": "yesyes" breaks it, all taken
+    done = GuideState(guide)
+    assert done.until_final([], [5, 6, 6]) == 1 and done.final and done.consumed == 1
 
 
 def test_sampler_draws_only_allowed_tokens_and_greedy_takes_the_best_allowed():
