@@ -511,7 +511,6 @@ class Engine:
             if r.guide.broken:
                 r.finish("abort", "a sampled token broke the structured output constraint")
             elif r.guide.final:
-                r.sync_text()
                 r.finish("stop")
 
     @staticmethod

@@ -173,8 +173,10 @@ class Request:
         """Bring ``text`` up to date with the tokens so far (requests without stop strings)."""
         if self.detokenizer is None or self.params.stop:
             return
-        # Without stop strings, "stop" can only be a stop id: the last token, which makes no text.
-        text_tokens = len(self.output_ids) - (self.finish_reason == "stop")
+        # Without stop strings, "stop" ends on a stop id, which makes no text, or on the token that completed
+        # a structured output's match, which does.
+        stop_id = self.finish_reason == "stop" and bool(self.output_ids) and self.output_ids[-1] in self._stop_ids()
+        text_tokens = len(self.output_ids) - stop_id
         if self.detok_pushed < text_tokens:
             self.text += self.detokenizer.push_many(self.output_ids[self.detok_pushed:text_tokens])
             self.detok_pushed = text_tokens
