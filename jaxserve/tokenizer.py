@@ -69,10 +69,17 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes:
     """
     table = _byte_level_table(tokenizer)
     if table is not None and token_id not in table[1]:
-        piece = tokenizer.convert_ids_to_tokens(int(token_id))
-        if isinstance(piece, str) and all(c in table[0] for c in piece):
-            return bytes(table[0][c] for c in piece)
+        data = _piece_bytes(tokenizer.convert_ids_to_tokens(int(token_id)), table[0])
+        if data is not None:
+            return data
     return tokenizer.decode([int(token_id)]).encode("utf-8")
+
+
+def _piece_bytes(piece: Any, chars: dict[str, int]) -> bytes | None:
+    """A byte-level BPE piece's bytes through GPT-2's character map; None where it is not such a piece."""
+    if isinstance(piece, str) and all(c in chars for c in piece):
+        return bytes(chars[c] for c in piece)
+    return None
 
 
 def vocabulary_bytes(tokenizer: PreTrainedTokenizerBase, size: int) -> list[bytes | None]:
@@ -98,10 +105,8 @@ def vocabulary_bytes(tokenizer: PreTrainedTokenizerBase, size: int) -> list[byte
             continue
         if piece is None:
             continue
-        if table is not None and all(c in table[0] for c in piece):
-            out[i] = bytes(table[0][c] for c in piece)
-        else:
-            out[i] = token_bytes(tokenizer, i)
+        data = None if table is None else _piece_bytes(piece, table[0])
+        out[i] = data if data is not None else token_bytes(tokenizer, i)
     return out
 
 
