@@ -12,26 +12,15 @@ import numpy as np
 import pytest
 
 import jaxserve
-from jaxserve import Engine, EngineConfig, SamplingParams
+from jaxserve import Engine, SamplingParams
 from jaxserve.structured import GuideState, unpack_mask
 from tests.conftest import drive_random_workload
+from tests.test_engine import assert_all_pages_free, small_config
 
 
 @pytest.fixture(scope="module")
 def model():
     return jaxserve.load()
-
-
-def _config(**kw) -> EngineConfig:
-    base = dict(num_pages=64, page_size=8, max_running=4, max_tokens_per_step=64, decode_steps=4,
-                batch_buckets=(4,), prefill_buckets=(16, 64))
-    return EngineConfig(**{**base, **kw})
-
-
-def _all_free(engine: Engine) -> None:
-    engine.clear_prefix_cache()
-    stats = engine.stats()
-    assert stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0, stats
 
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
@@ -51,7 +40,7 @@ def test_constrained_requests_match_their_constraint_and_free_every_page(model):
     prompts = ["import os", "def main():", "class Point:", "x = "]
     specs = [{"choice": ["True", "False", "None"]}, {"regex": r"[0-9]{2}-[a-z]{3}"}, {"json": SCHEMA},
              {"json_object": True}]
-    with Engine(model, _config()) as engine:
+    with Engine(model, small_config()) as engine:
         for temperature in (0.0, 1.0):
             params = [SamplingParams(max_tokens=60, temperature=temperature, seed=i, structured_outputs=s)
                       for i, s in enumerate(specs)]
@@ -61,13 +50,13 @@ def test_constrained_requests_match_their_constraint_and_free_every_page(model):
             assert re.fullmatch(r"[0-9]{2}-[a-z]{3}", outs[1]["text"])
             _check_schema(outs[2]["text"])
             assert isinstance(json.loads(outs[3]["text"]), dict)
-        _all_free(engine)
+        assert_all_pages_free(engine)
 
 
 def test_greedy_constrained_tokens_are_the_best_allowed_ones(model):
     spec = {"regex": r"(?:def|class) [a-z_]{1,12}\((?:self)?\):"}
     params = SamplingParams(max_tokens=30, temperature=0, logprobs=20, structured_outputs=spec)
-    with Engine(model, _config()) as engine:
+    with Engine(model, small_config()) as engine:
         out = engine.generate(["import os\n\n"], params, use_tqdm=False)[0]
         guide = GuideState(engine._guide(params).guide)
     assert out["finish_reason"] == "stop" and re.fullmatch(spec["regex"], out["text"])
@@ -83,32 +72,32 @@ def test_greedy_constrained_tokens_are_the_best_allowed_ones(model):
 def test_unconstrained_requests_beside_constrained_ones_keep_their_tokens(model):
     plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     prompts = ["import sys", "def f(a, b):", "for i in range(10):"]
-    with Engine(model, _config()) as engine:
+    with Engine(model, small_config()) as engine:
         alone = engine.generate(prompts, plain, use_tqdm=False)
         mixed = engine.generate(prompts + ["y = "], [plain] * 3 + [
             SamplingParams(max_tokens=12, temperature=0, structured_outputs={"regex": "[0-9]+"})], use_tqdm=False)
         assert [o["token_ids"] for o in mixed[:3]] == [o["token_ids"] for o in alone]
         assert re.fullmatch("[0-9]+", mixed[3]["text"]) and mixed[3]["finish_reason"] == "length"
-        _all_free(engine)
+        assert_all_pages_free(engine)
 
 
 def test_constrained_requests_survive_preemption_and_prefix_hits(model):
     params = [SamplingParams(max_tokens=40, temperature=0.8, seed=i, structured_outputs={"json": SCHEMA})
               for i in range(4)]
     prompt = "# a config record\nrecord = "
-    with Engine(model, _config()) as roomy:
+    with Engine(model, small_config()) as roomy:
         expect = [o["text"] for o in roomy.generate([prompt] * 4, params, use_tqdm=False)]
-    with Engine(model, _config(num_pages=10)) as tight:
+    with Engine(model, small_config(num_pages=10)) as tight:
         outs = tight.generate([prompt] * 4, params, use_tqdm=False)
         assert tight.stats()["preemptions"] > 0
         assert [o["text"] for o in outs] == expect
         for o in outs:
             _check_schema(o["text"])
-        _all_free(tight)
+        assert_all_pages_free(tight)
 
 
 def test_a_bad_constraint_is_refused_before_anything_runs(model):
-    with Engine(model, _config()) as engine:
+    with Engine(model, small_config()) as engine:
         with pytest.raises(ValueError, match=r"structured_outputs\.regex.*lookaround|structured_outputs\.regex"):
             engine.add_request("x", SamplingParams(structured_outputs={"regex": "(?=a)"}))
         with pytest.raises(ValueError, match=r"structured_outputs\.json"):
@@ -117,7 +106,7 @@ def test_a_bad_constraint_is_refused_before_anything_runs(model):
         out = engine.generate(["x = "], SamplingParams(max_tokens=4, temperature=0,
                                                        structured_outputs={"choice": ["1", "2"]}), use_tqdm=False)
         assert out[0]["text"] in ("1", "2")
-        _all_free(engine)
+        assert_all_pages_free(engine)
 
 
 def test_device_followed_constraints_give_the_host_paths_tokens(model, monkeypatch):
@@ -137,7 +126,7 @@ def test_device_followed_constraints_give_the_host_paths_tokens(model, monkeypat
     results = {}
     for device in (True, False):
         monkeypatch.setattr(engine_module, "DEVICE_GUIDE_BYTES", 1 << 30 if device else 0)
-        with Engine(model, _config(max_running=8, batch_buckets=(8,))) as engine:
+        with Engine(model, small_config(max_running=8, batch_buckets=(8,))) as engine:
             calls = []
             decode = engine.runner.decode
 
@@ -151,7 +140,7 @@ def test_device_followed_constraints_give_the_host_paths_tokens(model, monkeypat
             # and the first one starts from the prefill's first tokens before the host reads them.
             assert ((True, True) in calls) == device and ((False, True) in calls) == device, calls
             assert (engine.stats()["decode_calls_after_prefill"] > 0) == device
-            _all_free(engine)
+            assert_all_pages_free(engine)
     assert [o["token_ids"] for o in results[True]] == [o["token_ids"] for o in results[False]]
     assert [o["finish_reason"] for o in results[True]] == [o["finish_reason"] for o in results[False]]
     assert results[True][5]["token_ids"][-1] == model.tokenizer.eos_token_id and len(results[True][5]["token_ids"]) == 2
@@ -163,7 +152,7 @@ def test_guides_stay_on_the_device_for_the_next_request_until_the_byte_budget(mo
     import jaxserve.engine as engine_module
 
     one, two = {"regex": r"[a-z]{1,6}!"}, {"choice": ["north", "south"]}
-    with Engine(model, _config()) as engine:
+    with Engine(model, small_config()) as engine:
         g1, g2 = (engine.structured_guide(SamplingParams(structured_outputs=s).structured_outputs) for s in (one, two))
         for spec in (one, two):
             engine.generate(["x = "], SamplingParams(max_tokens=8, temperature=0, structured_outputs=spec), use_tqdm=False)
@@ -172,7 +161,7 @@ def test_guides_stay_on_the_device_for_the_next_request_until_the_byte_budget(mo
         engine.generate(["x = "], SamplingParams(max_tokens=8, temperature=0, structured_outputs=one), use_tqdm=False)
         assert list(engine._device_guides) == [g1]  # past the budget the one not running left
         assert g2._device_tables is None and g1._device_tables is not None  # and freed its device memory
-        _all_free(engine)
+        assert_all_pages_free(engine)
 
 
 def test_random_constrained_workload_never_loses_a_request():
@@ -192,11 +181,11 @@ def test_random_constrained_workload_never_loses_a_request():
         return prompt, SamplingParams(max_tokens=int(rng.integers(4, 40)), temperature=float(rng.choice([0.0, 0.9])),
                                       seed=int(rng.integers(1 << 20)), structured_outputs=spec)
 
-    with Engine(model, _config(num_pages=12, prefix_caching=True)) as engine:
+    with Engine(model, small_config(num_pages=12, prefix_caching=True)) as engine:
         added, aborted = drive_random_workload(engine, rng, new_request, requests=16, arrival_rate=0.7,
                                                abort_rate=0.04, seed=seed)
         results = {rid: engine.release(rid).result() for rid in added}
-        _all_free(engine)
+        assert_all_pages_free(engine)
     kept = [rid for rid in added if rid not in aborted]
     for rid in kept:
         (_, params), r = added[rid], results[rid]
@@ -204,8 +193,8 @@ def test_random_constrained_workload_never_loses_a_request():
         spec = params.structured_outputs
         if spec is not None and r["finish_reason"] == "stop":
             assert re.fullmatch(spec.to_regex(), r["text"]), f"{rid}: {r['text']!r}, seed={seed}"
-    with Engine(model, _config(num_pages=96)) as roomy:
+    with Engine(model, small_config()) as roomy:
         again = roomy.generate([added[rid][0] for rid in kept], [added[rid][1] for rid in kept], use_tqdm=False)
-        _all_free(roomy)
+        assert_all_pages_free(roomy)
     for rid, out in zip(kept, again):
         assert out["token_ids"] == results[rid]["token_ids"], f"{rid} differs from a roomy engine's, seed={seed}"
