@@ -99,20 +99,15 @@ def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, cou
     if not greedy:
         return sample(logits, batch, steps, counts=counts, seen=seen, num_top_logprobs=num_top,
                       logprobs=logprobs)
-    if batch.allowed.shape[1]:
-        masked = jnp.where(unpack_allowed(batch.allowed, logits.shape[-1]), logits, -jnp.inf)
-        tokens = jnp.argmax(masked, axis=-1).astype(jnp.int32)
-        if not logprobs and num_top == 0:
-            return no_logprobs(tokens)
-        chosen, top_ids, top_lps = token_logprobs(logits, tokens, num_top)
-        return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lps)
-    if pick_kernel and num_top == 0:
+    masked = bool(batch.allowed.shape[1])
+    if pick_kernel and num_top == 0 and not masked:
         from jaxserve_kernels.greedy_pick import greedy_pick
 
         tokens, chosen = greedy_pick(logits, logprobs=logprobs)
         out = no_logprobs(tokens)  # no top tokens either way
         return out if chosen is None else out.replace(logprobs=chosen)
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    picked = jnp.where(unpack_allowed(batch.allowed, logits.shape[-1]), logits, -jnp.inf) if masked else logits
+    tokens = jnp.argmax(picked, axis=-1).astype(jnp.int32)
     if not logprobs and num_top == 0:
         return no_logprobs(tokens)
     chosen, top_ids, top_lps = token_logprobs(logits, tokens, num_top)
