@@ -189,7 +189,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"the server needs its extras: pip install 'jaxserve[server]' ({exc})")
     server_config = ServerConfig(model_name=args.served_model_name, api_key=args.api_key or None,
                                  max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
-                                 drain_s=args.drain_s, warmup=args.warmup, chat_template=args.chat_template)
+                                 drain_s=args.drain_s, warmup=args.warmup,
+                                 warmup_structured=args.warmup_structured, chat_template=args.chat_template)
     engine_config = engine_config_from_args(args)
     serve(_model_from_args(args, engine_config), engine_config, server_config, host=args.host, port=args.port,
           log_level=args.log_level)
@@ -268,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="on shutdown, seconds running requests get to finish before they are aborted (default 5)")
     srv.add_argument("--warmup", action="store_true",
                      help="compile every batch/length bucket before answering (slower start, no compile stalls)")
+    srv.add_argument("--warmup-structured", action="store_true",
+                     help="--warmup, and the steps of requests with structured outputs (response_format, "
+                          "guided_*) too")
     srv.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
                      help="a Jinja chat template (a file, or the template itself) replacing the checkpoint's")
     srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

@@ -8,13 +8,11 @@ thread-safe: one thread (the async engine's loop, or the caller) drives it.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import itertools
 import logging
 import os
-import threading
 import time
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -23,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.engine_config import EngineConfig
+from jaxserve.guide_pool import GuidePool
 from jaxserve.loading import LoadedModel, generation_eos_ids, generation_sampling_defaults, load
 from jaxserve import model as model_module
 from jaxserve.model import decode_rows
@@ -38,9 +37,8 @@ log = logging.getLogger("jaxserve.engine")
 Prompt = str | Sequence[int]
 MAX_TOP_LOGPROBS = 20
 # Structured outputs are followed on the device (several steps a call) while the tables of a decode call's
-# guides (`TokenGuide.tables`: 2 bytes a state and token where int16 holds the states) fit in this; past it,
-# one step a call with masks from the host. Also the most the engine keeps on the device for guides that
-# left the batch. JAXSERVE_DEVICE_GUIDE_BYTES sets it.
+# guides (2 bytes a state and token, 4 a state and 32 tokens) fit in this; past it, one step a call with masks
+# from the host. The most `GuidePool` holds on the device. JAXSERVE_DEVICE_GUIDE_BYTES sets it.
 DEVICE_GUIDE_BYTES = int(os.environ.get("JAXSERVE_DEVICE_GUIDE_BYTES", str(1 << 30)))
 
 
@@ -250,11 +248,9 @@ class Engine:
         self.sampling_defaults = generation_sampling_defaults(model.path)
         self._sampling_cache: tuple | None = None
         self._vocabulary: Vocabulary | None = None  # token bytes for structured outputs, built at the first use
-        # Structured outputs followed on the device (`_guide_tables`): guides' tables there, least recently used
-        # first, and the last batch's combined tables.
-        self._device_guides: collections.OrderedDict[TokenGuide, None] = collections.OrderedDict()
-        self._guides_lock = threading.Lock()
-        self._combined_guides: tuple | None = None
+        # Structured outputs followed on the device (`_guide_tables`): every guide's tables at an offset of one
+        # pair of arrays, allocated at the first constrained decode call.
+        self.guide_pool = GuidePool(mcfg.vocab_size, self.eos_ids, DEVICE_GUIDE_BYTES)
         self.requests: dict[str, Request] = {}
         self._pending: _Decode | None = None  # a decode call dispatched but not yet read
         self._pending_prefill: _Prefill | None = None  # likewise, a prefill call
@@ -339,27 +335,12 @@ class Engine:
                 raise ValueError("structured_outputs need a tokenizer (the tokens' bytes), and this engine has none")
             self._vocabulary = Vocabulary(vocabulary_bytes(self.tokenizer, self.model.config.vocab_size))
         guide = compile_guide(spec, self._vocabulary, self.eos_ids)
-        if guide.table_bytes() <= DEVICE_GUIDE_BYTES:
-            self._hold_on_device([guide])  # here (a server's tokenizer thread), not in the engine's next decode call
+        if self.guide_pool.fits([guide]):
+            # The host's copy of its tables, computed on the device here (a server's tokenizer thread), not in
+            # the engine's next decode call; that call writes the device's copy into the pool.
+            guide.device_tables()
+            guide.drop_device_tables()
         return guide
-
-    def _hold_on_device(self, guides: Sequence[TokenGuide]) -> list[tuple]:
-        """``guides``' device tables (`TokenGuide.device_tables`), built where missing and marked recently used;
-        guides not among them leave the device, least recently used first, while all held exceed
-        `DEVICE_GUIDE_BYTES` (their next request builds them again). Locked: a server compiles a request's
-        guide on its tokenizer thread while the engine thread runs decode calls."""
-        with self._guides_lock:
-            for g in guides:
-                self._device_guides[g] = None
-                self._device_guides.move_to_end(g)
-            held = sum(g.table_bytes() for g in self._device_guides)
-            for g in [g for g in self._device_guides if g not in guides]:
-                if held <= DEVICE_GUIDE_BYTES:
-                    break
-                held -= g.table_bytes()
-                del self._device_guides[g]
-                g.drop_device_tables()
-        return [g.device_tables() for g in guides]
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
@@ -444,54 +425,34 @@ class Engine:
             counts, seen = jnp.asarray(counts_np), jnp.asarray(seen_np)
         return sbatch, steps, num_top, counts, seen, not sampled, logprobs
 
-    @staticmethod
-    def _guides_fit(reqs: Sequence[Request]) -> bool:
-        """Whether the rows' guides' tables fit `DEVICE_GUIDE_BYTES`: their decode calls follow them on the device."""
-        guides = {r.guide.guide for r in reqs if r.guide is not None}
-        return sum(g.table_bytes() for g in guides) <= DEVICE_GUIDE_BYTES
+    def _place_guides(self, reqs: Sequence[Request]) -> dict[TokenGuide, int] | None:
+        """The pool offsets of the rows' guides (`GuidePool.place`), or None where they cannot all be on the
+        device at once: their decode calls then take masks from the host."""
+        return self.guide_pool.place([r.guide.guide for r in reqs if r.guide is not None])
 
     def _guide_tables(self, reqs: list[Request], batch: int, states: Any = None,
                       owed: np.ndarray | None = None) -> tuple | None:
         """The ``guides`` of a decode call whose rows follow their structured outputs on the device
-        (`Runner.decode`): ``(masks [G, W], next [G, V], states [batch], advance [batch])`` over one state space,
-        state 0 free (every token, unconstrained rows), 1 EOS only (a finished match, or EOS taken), then each
-        guide's states.
-        G is padded to a power of two, so calls compile for a few sizes. None where the batch's guides' tables
-        would exceed `DEVICE_GUIDE_BYTES`: the call then runs one step with masks from the host. ``states``: a
-        chained call's, still on the device (the host has not read the tokens that led there). ``owed``: rows
-        whose first token is still in a prefill call on the device; they advance by it there first."""
-        if not self._guides_fit(reqs):
+        (`Runner.decode`): ``(masks [G, W], next [G, V], states [batch], advance [batch])``, the pool's tables
+        (`GuidePool`: state 0 free, every token, for unconstrained rows; 1 EOS only, a finished match or EOS
+        taken; each guide's states at its offset), so calls compile for the pool's few sizes whatever their
+        guides. None where the guides cannot all be in the pool: the call then runs one step with masks from the
+        host. ``states``: a chained call's, still on the device (the host has not read the tokens that led
+        there; the pool placed the same guides for the call it chains, and nothing moved them since). ``owed``:
+        rows whose first token is still in a prefill call on the device; they advance by it there first."""
+        offsets = self._place_guides(reqs)
+        if offsets is None:
             return None
-        guides = list(dict.fromkeys(r.guide.guide for r in reqs if r.guide is not None))
-        offsets, total = {}, 2
-        for g in guides:
-            offsets[g] = total
-            total += g.dfa.sink
-        rows = max(8, 1 << (total - 1).bit_length())
-        key = (tuple(guides), rows)
-        if self._combined_guides is None or self._combined_guides[0] != key:
-            vocab, words = self.model.config.vocab_size, self._vocabulary_words()
-            # Every guide's EOS-only mask is the engine's EOS ids.
-            masks = [jnp.full((1, words), 0xFFFFFFFF, jnp.uint32), jnp.asarray(guides[0].eos_mask[None])]
-            dtype = jnp.int16 if rows <= np.iinfo(np.int16).max else jnp.int32
-            nexts = [jnp.zeros((1, vocab), dtype), jnp.ones((1, vocab), dtype)]
-            for g, (g_masks, g_next) in zip(guides, self._hold_on_device(guides)):
-                masks.append(g_masks)
-                # Local states shift into the batch's space; a broken step (never sampled: masked) or EOS -> 1.
-                nexts.append(jnp.where(g_next < g.dfa.sink, g_next.astype(dtype) + offsets[g], 1).astype(dtype))
-            pad = rows - total
-            masks.append(jnp.full((pad, words), 0xFFFFFFFF, jnp.uint32))
-            nexts.append(jnp.zeros((pad, vocab), dtype))
-            self._combined_guides = (key, jnp.concatenate(masks), jnp.concatenate(nexts))
+        masks, nxt = self.guide_pool.tables()
         advance = np.zeros(batch, np.int32) if owed is None else owed.astype(np.int32)
         if states is not None:
-            return self._combined_guides[1], self._combined_guides[2], states, advance
+            return masks, nxt, states, advance
         states = np.zeros(batch, np.int32)
         for i, r in enumerate(reqs):
             if r.guide is not None:
                 r.guide.advance(r.output_ids)
                 states[i] = 1 if r.guide.eos or r.guide.broken else offsets[r.guide.guide] + r.guide.state
-        return self._combined_guides[1], self._combined_guides[2], states, advance
+        return masks, nxt, states, advance
 
     def _vocabulary_words(self) -> int:
         return -(-self.model.config.vocab_size // 32)
@@ -714,7 +675,7 @@ class Engine:
             return None
         if needs_penalties([r.params for r in rows]):
             return None
-        if self._guided(rows) and not self._guides_fit(rows):
+        if self._guided(rows) and self._place_guides(rows) is None:
             return None  # masks from the host need the first tokens there
         first = call.finishing()
         # Rows whose first token is on the device owe it: it is not in ``remaining`` yet.
@@ -897,39 +858,48 @@ class Engine:
         every page the call can touch."""
         return self._width_for_pages(-(-max_limit // self.config.page_size), rows)
 
-    def warmup(self, sampling: bool = True, logprobs: bool = False) -> int:
+    def warmup(self, sampling: bool = True, logprobs: bool = False, structured: bool = False) -> int:
         """Compile every step shape the buckets allow, so no request waits on the compiler.
 
         Runs padding-only batches (length 0: nothing is written, no page is touched) for each
         decode batch bucket and each prefill (batch, length) bucket pair within the padding
         bound; ``sampling=False`` compiles only the greedy variants; ``logprobs=True`` also the
         steps of batches where a request asks for log-probabilities (``SamplingParams.logprobs``
-        set; the top log-probabilities' variants still compile on first use). Returns the
-        number of shapes compiled.
+        set; the top log-probabilities' variants still compile on first use); ``structured=True``
+        also those where a row follows a structured output (decode calls at the guide pool's first
+        size, `GuidePool`, and prefills with masks; a pool grown past it compiles again). Returns
+        the number of shapes compiled.
         """
         cfg = self.config
         before = len(self.runner.compiled_shapes)
         variants = [(greedy, lps) for greedy in ((True, False) if sampling else (True,))
                     for lps in ((False, True) if logprobs else (False,))]
         step_counts = sorted({1, cfg.decode_steps})
+        guided = [None]
+        if structured and self.guide_pool.max_rows:
+            guided.append(self.guide_pool.tables())
         fewest_rows = 1  # the scheduler bounds (rows x padded length), and a bucket holds >= this many rows
         first_tokens: dict[int, jax.Array] = {}  # a prefill call's sampled tokens, by its batch
         for batch in sorted(set(cfg.batch_buckets) | set(self.decode_buckets)):
             zeros = np.zeros(batch, np.int32)
             table = np.zeros((batch, self.scheduler.max_pages_per_seq), np.int32)
             sbatch = make_batch([], batch)
+            # A prefill's rows with structured outputs take their first token's masks from the host.
+            masked = sbatch.replace(allowed=jnp.full((batch, self._vocabulary_words()), 0xFFFFFFFF, jnp.uint32))
             # Buckets whose decode calls run padded wider (decode_batch) compile only the shapes of this batch
             # they take (decode_shape), and a decode-only shape past the largest bucket no prefill.
             shapes = [s for s in self._decode_shapes if s.batch == batch]
             lengths = cfg.prefill_buckets if batch in cfg.batch_buckets else ()
-            for greedy, lps in variants:
+            for (greedy, lps), pool in itertools.product(variants, guided):
+                guides = None if pool is None else (*pool, zeros, zeros)
                 for steps, shape in itertools.product(step_counts, shapes):
                     self.runner.decode(zeros, zeros, zeros, table[:, :shape.width], sbatch, zeros, steps,
-                                       greedy=greedy, logprobs=lps, live_rows=shape.live)
+                                       greedy=greedy, logprobs=lps, live_rows=shape.live, guides=guides)
                 for length in lengths:
                     if fewest_rows == 1 or fewest_rows * length <= 2 * cfg.max_tokens_per_step:
-                        out = self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table, sbatch,
-                                                  zeros, greedy=greedy, logprobs=lps)
+                        out = self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table,
+                                                  sbatch if pool is None else masked, zeros, greedy=greedy,
+                                                  logprobs=lps)
                         first_tokens[batch] = out.tokens
             fewest_rows = batch + 1
         if cfg.overlap:  # a decode call that follows a prefill (_can_follow_prefill) picks its first tokens

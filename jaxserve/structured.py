@@ -635,15 +635,11 @@ class TokenGuide:
         self._final = dfa.accepting & (dfa.table == dfa.sink).all(axis=1)
         self._masks: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
+        self._build_lock = threading.Lock()  # a server's tokenizer thread and the engine's may both build them
+        self._device_tables: tuple[jax.Array, jax.Array] | None = None
         allowed = np.zeros(vocab.size, bool)
         allowed[self.eos_ids] = True
-        self.eos_mask = self._pack(allowed)
-
-    def _pack(self, allowed: np.ndarray) -> np.ndarray:
-        packed = np.zeros(self.words * 4, np.uint8)
-        bits = np.packbits(allowed, bitorder="little")
-        packed[: len(bits)] = bits
-        return packed.view("<u4")
+        self.eos_mask = pack_mask(allowed)
 
     def mask(self, state: int) -> np.ndarray:
         """uint32 ``[ceil(V / 32)]``: bit t of word t // 32 set where token t may come next."""
@@ -652,7 +648,7 @@ class TokenGuide:
             allowed = self.vocab.walk(self.dfa, state) != self.dfa.sink
             if self.dfa.accepting[state]:
                 allowed[self.eos_ids] = True
-            mask = self._pack(allowed)
+            mask = pack_mask(allowed)
             with self._lock:
                 self._masks[state] = mask
         return mask
@@ -674,31 +670,36 @@ class TokenGuide:
             self._tables = (masks, nxt)
         return self._tables
 
-    def device_tables(self) -> tuple[jax.Array, jax.Array]:
+    def device_tables(self, padded: bool = False) -> tuple[jax.Array, jax.Array]:
         """`tables` computed on the default JAX device (one gather a byte position over every state and token:
-        a few ms on the H200 for a schema's ~400 states, where the host's walks took ~11 s), and kept there."""
-        if getattr(self, "_device_tables", None) is None:
-            cols, lens = self.vocab.device_bytes()
-            states = self.dfa.sink
-            rows = max(8, 1 << states.bit_length())  # padded (to the sink) so that schemas share compiles
-            table = np.full((rows, 256), states, np.int32)
-            table[: states + 1] = self.dfa.table
-            accepting = np.zeros(rows, bool)
-            accepting[:states] = self.dfa.accepting[:states]
-            eos = np.zeros(self.vocab.size, bool)
-            eos[self.eos_ids] = True
-            masks, nxt = _walk_all(jnp.asarray(table), cols, lens, jnp.asarray(accepting), jnp.asarray(eos),
-                                   sink=states, words=self.words, dtype=_state_dtype(states + 1))
-            self._device_tables = (masks[:states], nxt[:states])
-            if getattr(self, "_tables", None) is None:
-                # A host copy too: the host follows every decoded token, by lookup in it rather than a walk of
-                # the token's bytes (at 256 rows on the H200 the walks cost 25% of the constrained tokens/s).
-                self._tables = tuple(np.asarray(t) for t in self._device_tables)
-        return self._device_tables
+        a few ms on the H200 for a schema's ~400 states, where the host's walks took ~11 s), and kept there
+        until `drop_device_tables`. ``padded``: with the rows past the live states that the computation pads
+        to (a power of two from 8, breaking every token), as `jaxserve.guide_pool` copies them."""
+        with self._build_lock:
+            if self._device_tables is None:
+                cols, lens = self.vocab.device_bytes()
+                states = self.dfa.sink
+                rows = max(8, 1 << states.bit_length())  # padded (to the sink) so that schemas share compiles
+                table = np.full((rows, 256), states, np.int32)
+                table[: states + 1] = self.dfa.table
+                accepting = np.zeros(rows, bool)
+                accepting[:states] = self.dfa.accepting[:states]
+                eos = np.zeros(self.vocab.size, bool)
+                eos[self.eos_ids] = True
+                self._device_tables = _walk_all(jnp.asarray(table), cols, lens, jnp.asarray(accepting),
+                                                jnp.asarray(eos), sink=states, words=self.words,
+                                                dtype=_state_dtype(states + 1))
+                if getattr(self, "_tables", None) is None:
+                    # A host copy too: the host follows every decoded token, by lookup in it rather than a walk
+                    # of the token's bytes (at 256 rows on the H200 the walks cost 25% of the constrained tokens/s).
+                    self._tables = tuple(np.asarray(t[:states]) for t in self._device_tables)
+            tables = self._device_tables
+        return tables if padded else tuple(t[: self.dfa.sink] for t in tables)
 
     def drop_device_tables(self) -> None:
         """Free `device_tables`' device memory (the host copy stays); the next call builds them again."""
-        self._device_tables = None
+        with self._build_lock:
+            self._device_tables = None
 
     def table_bytes(self) -> int:
         """Bytes `tables` takes (without computing it)."""
@@ -739,6 +740,20 @@ def _walk_all(table, cols, lens, accepting, eos, *, sink: int, words: int, dtype
 def _state_dtype(largest: int) -> type:
     # Half the bytes of the [states, vocabulary] next-state tables where the states allow it.
     return np.int16 if largest <= np.iinfo(np.int16).max else np.int32
+
+
+def pack_mask(allowed: np.ndarray) -> np.ndarray:
+    """Packed uint32 ``[ceil(V / 32)]`` from bool ``[V]``: bit t of word t // 32 set where ``allowed[t]``
+    (`unpack_mask` inverts it).
+
+    Example:
+        >>> pack_mask(np.array([True, False, True])).tolist()
+        [5]
+    """
+    packed = np.zeros(-(-len(allowed) // 32) * 4, np.uint8)
+    bits = np.packbits(allowed, bitorder="little")
+    packed[: len(bits)] = bits
+    return packed.view("<u4")
 
 
 def unpack_mask(words: np.ndarray, size: int) -> np.ndarray:

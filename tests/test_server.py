@@ -836,16 +836,21 @@ def test_failing_step_answers_500_and_error_event_then_recovers(client, live, pa
     assert post(live, "/v1/completions", GOOD).status_code == 200
 
 
-def test_warmup_server_answers_without_compiling(model):
+@pytest.mark.parametrize("structured", [False, True])
+def test_warmup_server_answers_without_compiling(model, structured):
     config = EngineConfig(num_pages=64, max_running=2, max_tokens_per_step=32, batch_buckets=(2,),
                           prefill_buckets=(32,), decode_steps=2, max_model_len=128)
-    app = create_app(model, config, ServerConfig(model_name="tiny", warmup=True))
+    app = create_app(model, config, ServerConfig(model_name="tiny", warmup=True, warmup_structured=structured))
     with LiveServer(app) as server:
         before = server.engine_call(lambda engine: engine.stats())["compilations"]
         assert before > 0
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
         out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0)
         assert out.choices[0].finish_reason in ("stop", "length")
+        if structured:
+            out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0,
+                                            extra_body={"structured_outputs": {"regex": "[0-9]{1,3}"}})
+            assert out.choices[0].finish_reason in ("stop", "length") and out.choices[0].text.isdigit()
         assert server.engine_call(lambda engine: engine.stats())["compilations"] == before
 
 

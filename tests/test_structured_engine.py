@@ -148,19 +148,34 @@ def test_device_followed_constraints_give_the_host_paths_tokens(model, monkeypat
     assert re.fullmatch(r"[a-z_]+\([0-9, ]*\)", results[True][1]["text"]) or results[True][1]["finish_reason"] == "length"
 
 
-def test_guides_stay_on_the_device_for_the_next_request_until_the_byte_budget(model, monkeypatch):
-    import jaxserve.engine as engine_module
-
-    one, two = {"regex": r"[a-z]{1,6}!"}, {"choice": ["north", "south"]}
+def test_guides_stay_in_the_pool_and_decode_calls_compile_once_for_any_mix(model):
+    """Requests with different constraints, alone and together, decode through one guide pool: each guide is
+    written there once and kept for later requests, and every guided decode call takes the pool's rows (one
+    compile a decode shape, where tables sized by each call's own guides compiled one a mix)."""
+    specs = [{"regex": r"[a-z]{1,6}!"}, {"choice": ["north", "south"]}, {"json": SCHEMA}, {"regex": "[0-9]{2,4}"}]
     with Engine(model, small_config()) as engine:
-        g1, g2 = (engine.structured_guide(SamplingParams(structured_outputs=s).structured_outputs) for s in (one, two))
-        for spec in (one, two):
-            engine.generate(["x = "], SamplingParams(max_tokens=8, temperature=0, structured_outputs=spec), use_tqdm=False)
-        assert list(engine._device_guides) == [g1, g2]  # the first request's guide kept for a later one
-        monkeypatch.setattr(engine_module, "DEVICE_GUIDE_BYTES", max(g1.table_bytes(), g2.table_bytes()))
-        engine.generate(["x = "], SamplingParams(max_tokens=8, temperature=0, structured_outputs=one), use_tqdm=False)
-        assert list(engine._device_guides) == [g1]  # past the budget the one not running left
-        assert g2._device_tables is None and g1._device_tables is not None  # and freed its device memory
+        guides = [engine.structured_guide(SamplingParams(structured_outputs=s).structured_outputs) for s in specs]
+        mixes = [[0], [1], [2], [3], [0, 1, 2, 3], [3, 1], [2, None, 0]]
+        for mix in mixes:
+            params = [SamplingParams(max_tokens=12, temperature=0, structured_outputs=None if i is None else specs[i])
+                      for i in mix]
+            outs = engine.generate(["x = "] * len(mix), params, use_tqdm=False)
+            assert all(o["finish_reason"] in ("stop", "length") for o in outs), outs
+        assert set(engine.guide_pool.placed) == set(guides) and engine.guide_pool.writes == len(specs)
+        guided = {shape[-1] for shape in engine.runner.compiled_shapes if "guides" in shape}
+        assert guided == {engine.guide_pool.rows}, engine.runner.compiled_shapes
+        assert_all_pages_free(engine)
+
+
+def test_warmup_compiles_the_steps_of_constrained_requests(model):
+    with Engine(model, small_config(batch_buckets=(1, 4))) as engine:
+        engine.warmup(sampling=False, structured=True)
+        compiled = engine.stats()["compilations"]
+        params = [SamplingParams(max_tokens=10, temperature=0, structured_outputs=s)
+                  for s in ({"json": SCHEMA}, None, {"choice": ["yes", "no"]})]
+        engine.generate(["import os", "x = ", "y = "], params, use_tqdm=False)
+        engine.generate(["import os"], params[0], use_tqdm=False)
+        assert engine.stats()["compilations"] == compiled
         assert_all_pages_free(engine)
 
 

@@ -57,6 +57,8 @@ class ServerConfig:
     (413 above it), ``max_choices`` the prompts x ``n`` of one request; ``drain_s`` is how long
     shutdown lets running requests finish before aborting them; ``warmup`` compiles every step
     shape before the server answers (``Engine.warmup``), so no request waits on the compiler;
+    ``warmup_structured`` also those of requests with structured outputs (``response_format``
+    and vLLM's ``structured_outputs`` / ``guided_*``: each decode shape compiles once more);
     ``chat_template`` (a file or a Jinja template) replaces the checkpoint's chat template.
 
     Example:
@@ -72,6 +74,7 @@ class ServerConfig:
     max_stop: int = 16
     drain_s: float = 5.0
     warmup: bool = False
+    warmup_structured: bool = False
     # vLLM's --chat-template: a Jinja file or the template itself, replacing the checkpoint's (a base
     # model has none; a fine-tune may want another).
     chat_template: str | None = None
@@ -126,9 +129,10 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         loaded = model if isinstance(model, LoadedModel) else await asyncio.to_thread(
             load, model, engine_config.compute_dtype())
         engine = await asyncio.to_thread(Engine, loaded, engine_config)
-        if server_config.warmup:
+        if server_config.warmup or server_config.warmup_structured:
             # Clients ask for log-probabilities per request: both step variants, warm.
-            shapes = await asyncio.to_thread(engine.warmup, sampling=True, logprobs=True)
+            shapes = await asyncio.to_thread(engine.warmup, sampling=True, logprobs=True,
+                                             structured=server_config.warmup_structured)
             log.info("warm-up compiled %d step shapes", shapes)
         metrics = ServingMetrics()
         tokenizer = load_tokenizer(loaded.path)
