@@ -269,6 +269,10 @@
 #   struct45    session 45: structured outputs: the engine's constrained-request tests compiled, then bench/structured.py
 #               (unconstrained vs regex vs JSON schema at batch 1/64/256, a 151k-token byte-level vocabulary) (~310 s;
 #               session 45: 7 passed, regex rows at 86% / 89% of unconstrained tokens/s at 64 / 256 rows, structured.md)
+#   mixes46     session 46: the guide pool on the GPU: test_guide_pool + the engine's constrained tests compiled, then
+#               bench/structured.py --mixes 8 at batch 64 (0.5B shape, 151k vocabulary): each round's wall time and
+#               the guided decode shapes compiled (one a pool size; before the pool, one a size of a mix's tables);
+#               run the same at 4f20920 for the before (~300 s)
 #   yarn44      session 44: the 0.5B and 7B decode steps of a YaRN checkpoint (scaled cos/sin tables) compiled
 #               against the reference at 1-256 rows (~200 s)
 set -uo pipefail
@@ -859,6 +863,9 @@ for part in "${parts[@]}"; do
     loop44) timeout 400 python3 bench/kernel_floor.py --chains stream --sizes-mb 2 8.7 17.4 35 --rounds 5 --loop p132r2s1w4 p264r2s1w4 p528r2s1w4 p1056r2s1w4 p528r2s3w4 p528r2s1w4f p1056r2s1w4f p264r8s1w8 ;;
     struct45) timeout 240 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_structured_engine.py ; \
               timeout 330 python3 bench/structured.py --batches 1 64 256 --output-len 128 --out "$OUT/$part" ;;
+    mixes46) timeout 260 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_guide_pool.py \
+               tests/test_structured_engine.py ; \
+             timeout 300 python3 bench/structured.py --mixes 8 --rounds 16 --batches 64 --output-len 32 --out "$OUT/$part" ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;

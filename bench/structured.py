@@ -17,6 +17,10 @@ is checked against its regex (complete matches must fully match, cut ones must s
 
     python bench/structured.py --batches 1 64 256 --output-len 128
     python bench/structured.py --tiny --batches 2 --output-len 16      # CPU smoke run
+
+``--mixes N``: instead, a server's traffic: rounds of requests whose constraints are random mixes of N regexes of
+different sizes (the engine's decode calls once compiled for each size of their guides' combined tables; one guide
+pool since): the wall time of each round, and the guided decode shapes compiled.
 """
 
 from __future__ import annotations
@@ -125,6 +129,30 @@ def time_dispatch(engine: Engine, batch: int, context: int) -> None:
               f"call waited on {np.median(whole) * 1e3:.3f} ms", flush=True)
 
 
+def mixes(engine: Engine, count: int, rounds: int, batch: int, output_len: int, rng) -> list[str]:
+    """``rounds`` generate calls of ``batch`` prompts, each constrained by one of a random 1-4 of ``count``
+    regexes (``[a-z]{1,k}!`` for k spread over 2..4*count: their DFAs' sizes differ) or unconstrained."""
+    specs = [StructuredOutputs(regex=f"[a-z]{{1,{k}}}!") for k in np.linspace(2, 4 * count, count).astype(int)]
+    for spec in specs:
+        engine.structured_guide(spec)
+    lines = ["| round | constraints | wall s | guided decode shapes compiled |", "|---|---|---|---|"]
+    walls = []
+    for r in range(rounds):
+        chosen = rng.choice(count, size=rng.integers(1, min(4, count) + 1), replace=False)
+        params = [SamplingParams(max_tokens=output_len, temperature=0.0,
+                                 structured_outputs=specs[chosen[i % len(chosen)]] if i % 4 else None)
+                  for i in range(batch)]
+        t = time.perf_counter()
+        engine.generate([[300 + i, 301, 302, 303] for i in range(batch)], params, use_tqdm=False)
+        walls.append(time.perf_counter() - t)
+        guided = sum(1 for shape in engine.runner.compiled_shapes if "guides" in shape)
+        lines.append(f"| {r} | {sorted(chosen.tolist())} | {walls[-1]:.3f} | {guided} |")
+        print(lines[-1], flush=True)
+    lines.append(f"\n{rounds} rounds: {sum(walls):.2f} s in all, median {np.median(walls):.3f} s, "
+                 f"{sum(1 for s in engine.runner.compiled_shapes if 'guides' in s)} guided decode shapes compiled")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
@@ -137,6 +165,9 @@ def main() -> None:
                          "whole run, 1 step with and without an allowed-token mask and 8 steps without")
     ap.add_argument("--profile", type=int, default=0,
                     help="instead: cProfile one regex-constrained run at this batch (the host's share of a step)")
+    ap.add_argument("--mixes", type=int, default=0,
+                    help="instead: rounds of random mixes of this many regexes at the first batch (compiles, wall time)")
+    ap.add_argument("--rounds", type=int, default=12)
     args = ap.parse_args()
 
     shape = dict(TINY, vocab_size=4096) if args.tiny else QWEN25_05B
@@ -162,6 +193,9 @@ def main() -> None:
                               max_model_len=args.prompt_len + args.output_len + 16,
                               num_pages=batch * ((args.prompt_len + args.output_len) // 16 + 2) + 64)
         with Engine(m, config) as engine:
+            if args.mixes:
+                lines[2:] = mixes(engine, args.mixes, args.rounds, batch, args.output_len, rng)
+                break
             if args.dispatch:
                 time_dispatch(engine, batch, args.prompt_len)
                 continue

@@ -175,3 +175,19 @@ def test_structured_bench_smoke_runs_on_the_cpu(tmp_path):
     assert [line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| 2 |")] == [
         "none", "regex", "json"]
     assert table.count("2/2 outputs valid") == 2
+
+
+def test_structured_bench_mixes_compile_one_guided_decode_shape(tmp_path):
+    """bench/structured.py --mixes (gpu_checks.sh mixes46 at full size): rounds of different mixes of constraints
+    compile one guided decode shape (the guide pool's)."""
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parent.parent
+    done = subprocess.run([sys.executable, str(root / "bench" / "structured.py"), "--tiny", "--mixes", "4",
+                           "--rounds", "4", "--batches", "4", "--output-len", "4", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = (tmp_path / "structured.md").read_text()
+    assert len([line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]) == 4
+    assert "4 rounds:" in table and table.rstrip().endswith("1 guided decode shapes compiled"), table
