@@ -117,17 +117,18 @@ def _model_from_args(args: argparse.Namespace, engine_config: Any) -> Any:
 
 
 def _structured_from_args(args: argparse.Namespace) -> dict | None:
-    """``--json-schema`` (a file or the schema's JSON text), ``--regex``, ``--choice`` or ``--json-object`` as
-    `SamplingParams.structured_outputs`; at most one."""
+    """``--json-schema`` (a file or the schema's JSON text), ``--regex``, ``--choice``, ``--grammar`` (a file or
+    the GBNF text) or ``--json-object`` as `SamplingParams.structured_outputs`; at most one."""
     given = [(name, value) for name, value in (("json", args.json_schema), ("regex", args.regex),
-                                                ("choice", args.choice), ("json_object", args.json_object or None))
+                                                ("choice", args.choice), ("grammar", args.grammar),
+                                                ("json_object", args.json_object or None))
              if value is not None]
     if len(given) > 1:
-        raise SystemExit("error: give at most one of --json-schema, --regex, --choice, --json-object")
+        raise SystemExit("error: give at most one of --json-schema, --regex, --choice, --grammar, --json-object")
     if not given:
         return None
     name, value = given[0]
-    if name == "json" and os.path.isfile(value):
+    if name in ("json", "grammar") and os.path.isfile(value):
         with open(value) as f:
             value = f.read()
     return {name: value}
@@ -247,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hold the output to this JSON schema (a file, or the schema's JSON text)")
     out.add_argument("--regex", default=None, help="hold the output to a full match of this regular expression")
     out.add_argument("--choice", action="append", default=None, help="one of these strings (repeatable)")
+    out.add_argument("--grammar", default=None, metavar="FILE_OR_GBNF",
+                     help="a GBNF grammar (llama.cpp's format; start rule 'root'), a file or the text")
     out.add_argument("--json-object", action="store_true", help="any JSON object")
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object per prompt (prompt, text, token_ids, finish_reason, usage, timings)")

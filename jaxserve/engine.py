@@ -336,10 +336,9 @@ class Engine:
             self._vocabulary = Vocabulary(vocabulary_bytes(self.tokenizer, self.model.config.vocab_size))
         guide = compile_guide(spec, self._vocabulary, self.eos_ids)
         if self.guide_pool.fits([guide]):
-            # The host's copy of its tables, computed on the device here (a server's tokenizer thread), not in
-            # the engine's next decode call; that call writes the device's copy into the pool.
-            guide.device_tables()
-            guide.drop_device_tables()
+            # The host's copy of its tables here (a server's tokenizer thread), not in the engine's next decode
+            # call; that call writes the device's copy into the pool.
+            guide.prepare_host_tables()
         return guide
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,

@@ -41,9 +41,11 @@ MAX_DFA_STATES = 50_000
 @dataclasses.dataclass(frozen=True)
 class StructuredOutputs:
     """What a request's output must match: exactly one of ``json`` (a JSON schema, dict or JSON text),
-    ``regex``, ``choice`` (a list of strings) or ``json_object=True`` (any JSON object). vLLM's
-    ``StructuredOutputsParams`` fields; ``whitespace_pattern`` (a regex) replaces the whitespace JSON allows
-    between tokens (default: at most one space). Bad values raise ValueError naming the field.
+    ``regex``, ``choice`` (a list of strings), ``grammar`` (a GBNF grammar, llama.cpp's and xgrammar's
+    format; recursion unrolled to at most `jaxserve.grammar.MAX_DEPTH` nestings) or ``json_object=True`` (any JSON
+    object). vLLM's ``StructuredOutputsParams`` fields; ``whitespace_pattern`` (a regex) replaces the
+    whitespace JSON allows between tokens (default: at most one space). Bad values raise ValueError naming
+    the field.
 
     Example:
         >>> StructuredOutputs(choice=["yes", "no"]).to_regex()
@@ -55,16 +57,17 @@ class StructuredOutputs:
     json: Any = None
     regex: str | None = None
     choice: tuple[str, ...] | None = None
+    grammar: str | None = None
     json_object: bool = False
     whitespace_pattern: str | None = None
 
     def __post_init__(self) -> None:
-        given = [name for name in ("json", "regex", "choice") if getattr(self, name) is not None]
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
         if not isinstance(self.json_object, bool):
             raise ValueError(f"structured_outputs.json_object must be a bool, got {self.json_object!r}")
         given += ["json_object"] * self.json_object
         if len(given) != 1:
-            raise ValueError("structured_outputs must set exactly one of json, regex, choice, json_object; "
+            raise ValueError("structured_outputs must set exactly one of json, regex, choice, grammar, json_object; "
                              f"got {given or 'none'}")
         if self.json is not None:
             schema = self.json
@@ -77,8 +80,9 @@ class StructuredOutputs:
                 raise ValueError(f"structured_outputs.json must be a JSON schema object, got {schema!r}")
             # Canonical text: the spec stays hashable (guides are cached by it) and round-trips through to_dict.
             object.__setattr__(self, "json", json.dumps(schema, sort_keys=False, separators=(",", ":")))
-        if self.regex is not None and not isinstance(self.regex, str):
-            raise ValueError(f"structured_outputs.regex must be a string, got {self.regex!r}")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"structured_outputs.{name} must be a string, got {getattr(self, name)!r}")
         if self.choice is not None:
             if (not isinstance(self.choice, (list, tuple)) or not self.choice
                     or not all(isinstance(c, str) and c for c in self.choice)):
@@ -110,6 +114,8 @@ class StructuredOutputs:
             out["regex"] = self.regex
         if self.choice is not None:
             out["choice"] = list(self.choice)
+        if self.grammar is not None:
+            out["grammar"] = self.grammar
         if self.json_object:
             out["json_object"] = True
         if self.whitespace_pattern is not None:
@@ -118,10 +124,12 @@ class StructuredOutputs:
 
     def to_regex(self) -> str:
         """The regular expression the output must match in full."""
-        from jaxserve import json_schema
+        from jaxserve import grammar, json_schema
 
         if self.regex is not None:
             return self.regex
+        if self.grammar is not None:
+            return grammar.grammar_to_regex(self.grammar)
         if self.choice is not None:
             return "(?:" + "|".join(escape(c) for c in self.choice) + ")"
         if self.json_object:
@@ -130,7 +138,8 @@ class StructuredOutputs:
 
     def field(self) -> str:
         """The field an error about this constraint names."""
-        kind = next(n for n in ("json", "regex", "choice", "json_object") if getattr(self, n) not in (None, False))
+        kind = next(n for n in ("json", "regex", "choice", "grammar", "json_object")
+                    if getattr(self, n) not in (None, False))
         return f"structured_outputs.{kind}"
 
 
@@ -695,6 +704,13 @@ class TokenGuide:
                     self._tables = tuple(np.asarray(t[:states]) for t in self._device_tables)
             tables = self._device_tables
         return tables if padded else tuple(t[: self.dfa.sink] for t in tables)
+
+    def prepare_host_tables(self) -> None:
+        """Compute the host's copy of `tables` on the device where it is missing, keeping no device copy (for
+        `next_state`'s lookups; `jaxserve.guide_pool` writes the device's where a decode call needs them)."""
+        if getattr(self, "_tables", None) is None:
+            self.device_tables(padded=True)
+            self.drop_device_tables()
 
     def drop_device_tables(self) -> None:
         """Free `device_tables`' device memory (the host copy stays); the next call builds them again."""

@@ -90,7 +90,8 @@ def test_generate_holds_the_output_to_a_schema_regex_or_choices(tmp_path, capsys
     for flags, check in ((["--json-schema", str(schema)], lambda t: isinstance(json.loads(t)["n"], int)),
                          (["--json-schema", schema.read_text()], lambda t: isinstance(json.loads(t)["n"], int)),
                          (["--regex", "[0-9]{3}"], lambda t: re.fullmatch("[0-9]{3}", t)),
-                         (["--choice", "yes", "--choice", "no"], lambda t: t in ("yes", "no"))):
+                         (["--choice", "yes", "--choice", "no"], lambda t: t in ("yes", "no")),
+                         (["--grammar", 'root ::= "v" [0-9] "." [0-9]'], lambda t: re.fullmatch(r"v[0-9]\.[0-9]", t))):
         assert cli.main(["generate", "x = ", "--json", "--max-tokens", "24", *flags, *SMALL]) == 0
         line = json.loads(capsys.readouterr().out)
         assert line["finish_reason"] == "stop" and check(line["text"]), (flags, line)

@@ -406,7 +406,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
     ("/v1/chat/completions", {**CHAT_BODY, "response_format": {"type": "xml"}}, 400, "response_format", None),
     ("/v1/chat/completions", {**CHAT_BODY, "response_format": {"type": "json_schema", "json_schema": {"schema": 5}}},
      400, "response_format", None),
-    ("/v1/completions", {**GOOD, "guided_grammar": "root ::= 'a'"}, 400, "guided_grammar", None),
+    ("/v1/completions", {**GOOD, "guided_grammar": "root ::= item"}, 400, "guided_grammar", None),
     ("/v1/completions", {**GOOD, "guided_regex": "(?=a)b"}, 400, "guided_regex", None),
     ("/v1/completions", {**GOOD, "guided_choice": []}, 400, "guided_choice", None),
     ("/v1/completions", {**GOOD, "guided_json": {"type": "object", "patternProperties": {}}}, 400, "guided_json",
@@ -1154,6 +1154,10 @@ def test_structured_outputs_hold_the_text_to_the_schema_regex_or_choices(client,
     stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
                                        extra_body={"guided_regex": "(?:ab|cd){2,3}!"})
     assert re.fullmatch("(?:ab|cd){2,3}!", "".join(c.choices[0].text for c in stream))
+    gbnf = 'root ::= item ("," item){1,2} # two or three\nitem ::= [a-c] [0-9]'
+    listed = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0.8, seed=2,
+                                       extra_body={"guided_grammar": gbnf})
+    assert re.fullmatch("[a-c][0-9](?:,[a-c][0-9]){1,2}", listed.choices[0].text), listed.choices[0].text
 
 
 def test_tool_choice_required_or_named_makes_the_model_call_a_tool(client, live, monkeypatch, pages_freed):

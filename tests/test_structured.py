@@ -139,7 +139,8 @@ def test_structured_outputs_params_validate_and_round_trip():
     assert json.loads(json.dumps(p.to_dict()))["structured_outputs"] == {"json": {"type": "integer"}}
     for bad, field in [({"regex": "a", "choice": ["b"]}, "exactly one"), ({}, "exactly one"),
                        ({"choice": []}, "structured_outputs.choice"), ({"json": "{bad"}, "structured_outputs.json"),
-                       ({"grammar": "x"}, "unknown structured_outputs"), ("a", "structured_outputs must be")]:
+                       ({"grammar": 5}, "structured_outputs.grammar"), ({"grammars": "x"}, "unknown structured_outputs"),
+                       ("a", "structured_outputs must be")]:
         with pytest.raises(ValueError, match=field):
             SamplingParams(structured_outputs=bad)
     with pytest.raises(ValueError, match="min_tokens"):

@@ -37,19 +37,21 @@ def _check_schema(text: str) -> None:
 
 
 def test_constrained_requests_match_their_constraint_and_free_every_page(model):
-    prompts = ["import os", "def main():", "class Point:", "x = "]
+    prompts = ["import os", "def main():", "class Point:", "x = ", "args = "]
+    grammar = 'root ::= "(" pair ("," ws pair){0,2} ")"\npair ::= [a-c] "=" [0-9]\nws ::= " "?'
     specs = [{"choice": ["True", "False", "None"]}, {"regex": r"[0-9]{2}-[a-z]{3}"}, {"json": SCHEMA},
-             {"json_object": True}]
+             {"json_object": True}, {"grammar": grammar}]
     with Engine(model, small_config()) as engine:
         for temperature in (0.0, 1.0):
             params = [SamplingParams(max_tokens=60, temperature=temperature, seed=i, structured_outputs=s)
                       for i, s in enumerate(specs)]
             outs = engine.generate(prompts, params, use_tqdm=False)
-            assert [o["finish_reason"] for o in outs] == ["stop"] * 4, outs
+            assert [o["finish_reason"] for o in outs] == ["stop"] * 5, outs
             assert outs[0]["text"] in ("True", "False", "None")
             assert re.fullmatch(r"[0-9]{2}-[a-z]{3}", outs[1]["text"])
             _check_schema(outs[2]["text"])
             assert isinstance(json.loads(outs[3]["text"]), dict)
+            assert re.fullmatch(r"\([a-c]=[0-9](?:, ?[a-c]=[0-9]){0,2}\)", outs[4]["text"]), outs[4]["text"]
         assert_all_pages_free(engine)
 
 

@@ -534,7 +534,7 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
 async def _structured_outputs(req: SamplingFields, st: _State) -> StructuredOutputs | None:
     """The request's output constraint, from whichever field gives one (at most one may): OpenAI's
     ``response_format`` (``json_object``, ``json_schema``), vLLM's ``structured_outputs`` object or its
-    ``guided_json`` / ``guided_regex`` / ``guided_choice``, or a chat's ``tool_choice`` "required" or
+    ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``, or a chat's ``tool_choice`` "required" or
     named function. Compiled here, on the tokenizer thread (a JSON schema's DFA takes up to a second the
     first time; the engine thread then finds it cached); a bad one is a 400 naming its field."""
     sources: list[tuple[str, dict[str, Any]]] = []
@@ -554,11 +554,9 @@ async def _structured_outputs(req: SamplingFields, st: _State) -> StructuredOutp
                            param="response_format")
     if req.structured_outputs is not None:
         sources.append(("structured_outputs", dict(req.structured_outputs)))
-    if req.guided_grammar is not None:
-        raise APIError(400, "guided_grammar (a context-free grammar) is not supported; use guided_regex or "
-                            "guided_json", param="guided_grammar")
     guided = {key: value for key, value in (("json", req.guided_json), ("regex", req.guided_regex),
-                                             ("choice", req.guided_choice)) if value is not None}
+                                             ("choice", req.guided_choice), ("grammar", req.guided_grammar))
+              if value is not None}
     if guided:
         sources.append((f"guided_{next(iter(guided))}", guided))
     if isinstance(req, ChatRequest):
