@@ -27,7 +27,8 @@ from jaxserve import model as model_module
 from jaxserve.model import decode_rows
 from jaxserve.request import Request, Status
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
-from jaxserve.sampling import SamplingParams, check_banned_ids, make_batch, needs_penalties, needs_sampling
+from jaxserve.sampling import (SamplingParams, allowed_masks, check_banned_ids, make_batch, needs_penalties,
+                               needs_sampling)
 from jaxserve.scheduler import Scheduler
 from jaxserve.structured import GuideState, StructuredOutputs, TokenGuide, Vocabulary, compile_guide
 from jaxserve.tokenizer import IncrementalDetokenizer, vocabulary_bytes
@@ -303,6 +304,8 @@ class Engine:
                              f"max_model_len ({self.max_model_len})")
         _check_in_vocab([t for t, _ in params.logit_bias], self.model.config.vocab_size,
                         "logit_bias keys must be token ids")
+        _check_in_vocab(params.allowed_token_ids or [], self.model.config.vocab_size,
+                        "allowed_token_ids must be token ids")
         if params.min_tokens > 0:  # refused here, not by the step that would carry them
             check_banned_ids(params.stop_token_ids, () if params.ignore_eos else self.eos_ids)
         if params.stop and self.tokenizer is None:
@@ -395,21 +398,23 @@ class Engine:
         if self._sampling_cache is None or self._sampling_cache[0] != key:
             params = [r.params for r in reqs]
             sampled = needs_sampling(params)
-            self._sampling_cache = (key, make_batch(params, batch, eos_token_ids=self.eos_ids),
+            static = allowed_masks(params, batch, self.model.config.vocab_size)
+            self._sampling_cache = (key, make_batch(params, batch, eos_token_ids=self.eos_ids, allowed=static), static,
                                     MAX_TOP_LOGPROBS if any((p.logprobs or 0) > 0 for p in params) else 0,
                                     sampled, needs_penalties(params),
                                     # Log-probabilities only when some row asks (vLLM's rule too): the
                                     # greedy pick is then an argmax without an exponential an element.
                                     any(p.logprobs is not None for p in params))
-        _, sbatch, num_top, sampled, penalties, logprobs = self._sampling_cache
+        _, sbatch, static, num_top, sampled, penalties, logprobs = self._sampling_cache
         if host_masks and any(r.guide is not None for r in reqs):
             # Each row's next-token mask depends on the tokens so far: built for every call, which is then
             # one token long (a prefill's, or a decode step's where `_guide_tables` cannot serve the batch).
-            allowed = np.full((batch, self._vocabulary_words()), 0xFFFFFFFF, np.uint32)
+            allowed = (np.full((batch, self._vocabulary_words()), 0xFFFFFFFF, np.uint32) if static is None
+                       else static.copy())
             for i, r in enumerate(reqs):
                 if r.guide is not None:
                     r.guide.advance(r.output_ids)
-                    allowed[i] = r.guide.mask()
+                    allowed[i] &= r.guide.mask()
             sbatch = sbatch.replace(allowed=jax.device_put(allowed))
         steps = np.zeros(batch, np.int32)
         steps[: len(reqs)] = [len(r.output_ids) for r in reqs]

@@ -307,10 +307,14 @@ class Steps:
         if guide_masks is not None:
             def one(carry, k):
                 kv, tokens, counts, seen, states = carry
-                # This step's masks from each row's state: the constraint followed on the device, step by step.
+                # This step's masks from each row's state: the constraint followed on the device, step by step
+                # (and the rows' allowed_token_ids, where some row has them).
+                allowed = guide_masks[states]
+                if batch.allowed.shape[1]:
+                    allowed = allowed & batch.allowed
                 (kv, tokens, counts, seen), out = self.decode_one(
                     params, (kv, tokens, counts, seen), k, positions, limits, block_tables,
-                    batch.replace(allowed=guide_masks[states]), steps, num_top=num_top, penalties=penalties,
+                    batch.replace(allowed=allowed), steps, num_top=num_top, penalties=penalties,
                     greedy=greedy, logprobs=logprobs, live_rows=live_rows)
                 states = jnp.where(positions + k < limits, guide_next[states, tokens].astype(jnp.int32), states)
                 return (kv, tokens, counts, seen, states), out

@@ -78,6 +78,8 @@ class SamplingParams:
     `structured_outputs` (vLLM's; a `jaxserve.structured.StructuredOutputs` or a dict of its fields: a JSON
     schema, a regex, a list of choices or any JSON object): the output is constrained to match it, and ends
     once it is a complete match (or at EOS where the match may go on).
+    `allowed_token_ids` (vLLM's): the only tokens the request may produce (EOS too only where listed); stored
+    sorted. With `structured_outputs`, a token must be allowed by both.
 
     Example:
         >>> p = SamplingParams(temperature=0.7, top_p=0.9, stop="\\n", seed=0)
@@ -109,6 +111,7 @@ class SamplingParams:
     logprobs: int | None = None
     min_tokens: int = 0
     logit_bias: Any = ()
+    allowed_token_ids: tuple[int, ...] | None = None
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
     structured_outputs: Any = None
@@ -177,6 +180,13 @@ class SamplingParams:
         if self.min_tokens > 0:  # the ids banned until min_tokens are a fixed-width row of the step's batch
             check_banned_ids(self.stop_token_ids, ())
         set_("logit_bias", _logit_bias_pairs(self.logit_bias))
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if (not isinstance(ids, (list, tuple)) or not ids
+                    or not all(_is_int(t) and 0 <= t <= _INT32_MAX for t in ids)):
+                raise ValueError(f"allowed_token_ids must be None or a non-empty list of ints in [0, 2**31 - 1], "
+                                 f"got {ids!r}")
+            set_("allowed_token_ids", tuple(sorted({int(t) for t in ids})))
         if self.structured_outputs is not None:
             from jaxserve.structured import StructuredOutputs
 
@@ -307,6 +317,27 @@ class PromptLogprobs:
     top_logprobs: jax.Array
 
 
+def allowed_masks(params: Sequence[SamplingParams | None], batch_size: int, vocab_size: int) -> np.ndarray | None:
+    """Packed uint32 ``[batch_size, ceil(vocab_size / 32)]`` masks of the rows' `allowed_token_ids` (every
+    token for the other rows), as `SamplingBatch.allowed` takes them; None where no row has any. Ids past
+    ``vocab_size`` are dropped (the engine refuses them first).
+
+    Example:
+        >>> allowed_masks([SamplingParams(allowed_token_ids=[0, 2]), None], 2, 3).tolist()
+        [[5], [4294967295]]
+    """
+    if not any(p is not None and p.allowed_token_ids is not None for p in params):
+        return None
+    words = -(-vocab_size // 32)
+    masks = np.full((batch_size, words), 0xFFFFFFFF, np.uint32)
+    for i, p in enumerate(params):
+        if p is not None and p.allowed_token_ids is not None:
+            ids = np.asarray([t for t in p.allowed_token_ids if t < vocab_size], np.int64)
+            masks[i] = 0
+            np.bitwise_or.at(masks[i], ids // 32, (np.uint32(1) << (ids % 32).astype(np.uint32)))
+    return masks
+
+
 def make_batch(
     params: Sequence[SamplingParams | None], batch_size: int, *, eos_token_ids: Sequence[int] = (),
     allowed: np.ndarray | None = None,
@@ -317,7 +348,7 @@ def make_batch(
     Unseeded requests draw a 64-bit seed from the OS here. `eos_token_ids` are banned,
     together with the request's `stop_token_ids`, while it has produced fewer than
     `min_tokens` tokens (unless `ignore_eos`). `allowed`: uint32 ``[batch_size, ceil(V / 32)]`` packed token
-    masks (`SamplingBatch.allowed`; the engine's structured-output rows), None for none.
+    masks (`SamplingBatch.allowed`: `allowed_masks`, and the engine's structured-output rows), None for none.
 
     Example:
         >>> b = make_batch([SamplingParams(temperature=0.8, seed=1), None], 4)
@@ -561,7 +592,7 @@ def sample(
     logits: [B, V]; step: i32 [B], tokens row b generated before (with the row's seed it
     alone fixes the row's randomness); counts: int [B, V] output-token counts (presence and
     frequency penalties); seen: bool [B, V] tokens in prompt or output (repetition penalty).
-    Order as vLLM v1: allowed-token masks (structured outputs) -> logit bias -> min_tokens ban -> penalties -> temperature -> min-p -> top-k ->
+    Order as vLLM v1: allowed-token masks (allowed_token_ids, structured outputs) -> logit bias -> min_tokens ban -> penalties -> temperature -> min-p -> top-k ->
     top-p -> draw (min-p before top-p: the nucleus is of the distribution min-p left). Greedy rows take the argmax of the penalised logits. Each stage runs only if some
     row needs it. Top-k and top-p are exact: they look at the `top_candidates` best tokens
     per row and sort the whole row only when that does not decide some row's cut-off.

@@ -81,10 +81,33 @@ def chi_square(tokens, probs):
     ("logit_bias", {3: float("nan")}), ("logit_bias", {3: "1"}), ("logit_bias", [1, 2]),
     ("logit_bias", {"\u00b2": 1.0}),  # str.isdigit() accepts a superscript two, int() does not
     ("logit_bias", {i: 1.0 for i in range(sampling.MAX_LOGIT_BIAS + 1)}),
+    ("allowed_token_ids", []), ("allowed_token_ids", [-1]), ("allowed_token_ids", 3), ("allowed_token_ids", [1.0]),
+    ("allowed_token_ids", [True]),
 ])
 def test_every_bad_value_names_its_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_allowed_token_ids_become_each_row_s_packed_mask():
+    rng = np.random.default_rng()
+    vocab = int(rng.integers(40, 200))
+    rows = [sorted(set(rng.integers(0, vocab, size=rng.integers(1, 12)).tolist())) for _ in range(3)]
+    params = [SamplingParams(temperature=0, allowed_token_ids=rows[0]), None, SamplingParams(temperature=0.5),
+              SamplingParams(allowed_token_ids=rows[1] + rows[1]), SamplingParams(allowed_token_ids=rows[2])]
+    assert params[3].allowed_token_ids == tuple(rows[1])  # sorted, each once
+    masks = sampling.allowed_masks(params, 6, vocab)
+    allowed = np.asarray(sampling.unpack_allowed(jnp.asarray(masks), vocab))
+    for i, expect in enumerate([rows[0], None, None, rows[1], rows[2], None]):
+        assert (np.flatnonzero(allowed[i]).tolist() == expect) if expect else allowed[i].all(), i
+    assert sampling.allowed_masks([SamplingParams(), None], 2, vocab) is None
+    # The sampler draws only allowed tokens, greedy rows their best allowed one.
+    logits = jnp.asarray(rng.normal(size=(6, vocab)), jnp.float32)
+    batch = make_batch(params, 6, allowed=masks)
+    tokens = np.asarray(sample(logits, batch, jnp.zeros(6, jnp.int32)).tokens)
+    for i in (0, 3, 4):
+        assert allowed[i, tokens[i]]
+    assert tokens[0] == rows[0][int(np.argmax(np.asarray(logits)[0, rows[0]]))]
 
 
 def test_min_tokens_refuses_more_stop_ids_than_a_row_can_ban():

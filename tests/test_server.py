@@ -407,6 +407,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
     ("/v1/chat/completions", {**CHAT_BODY, "response_format": {"type": "json_schema", "json_schema": {"schema": 5}}},
      400, "response_format", None),
     ("/v1/completions", {**GOOD, "guided_grammar": "root ::= item"}, 400, "guided_grammar", None),
+    ("/v1/completions", {**GOOD, "allowed_token_ids": [10**7]}, 400, "allowed_token_ids", None),
+    ("/v1/completions", {**GOOD, "allowed_token_ids": []}, 400, "allowed_token_ids", None),
     ("/v1/completions", {**GOOD, "guided_regex": "(?=a)b"}, 400, "guided_regex", None),
     ("/v1/completions", {**GOOD, "guided_choice": []}, 400, "guided_choice", None),
     ("/v1/completions", {**GOOD, "guided_json": {"type": "object", "patternProperties": {}}}, 400, "guided_json",
@@ -1158,6 +1160,10 @@ def test_structured_outputs_hold_the_text_to_the_schema_regex_or_choices(client,
     listed = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0.8, seed=2,
                                        extra_body={"guided_grammar": gbnf})
     assert re.fullmatch("[a-c][0-9](?:,[a-c][0-9]){1,2}", listed.choices[0].text), listed.choices[0].text
+    abc = live.app.state.jaxserve.tokenizer.convert_tokens_to_ids(list("abc"))
+    only = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=1.0, seed=4,
+                                     extra_body={"allowed_token_ids": abc})
+    assert set(only.choices[0].text) <= set("abc") and len(only.choices[0].text) == 6, only.choices[0].text
 
 
 def test_tool_choice_required_or_named_makes_the_model_call_a_tool(client, live, monkeypatch, pages_freed):

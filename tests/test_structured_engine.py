@@ -71,6 +71,36 @@ def test_greedy_constrained_tokens_are_the_best_allowed_ones(model):
         guide.advance(out["token_ids"][: guide.consumed + 1])
 
 
+def _char_ids(model, chars: str) -> list[int]:
+    """The ids of the one-character tokens of ``chars`` (byte-level BPE: a space is "Ġ")."""
+    return model.tokenizer.convert_tokens_to_ids([c.replace(" ", "\u0120") for c in chars])
+
+
+def test_allowed_token_ids_hold_every_token_alone_and_with_a_constraint(model):
+    letters = _char_ids(model, "abcdefghijklmnopqrstuvwxyz ")
+    digits, eos = _char_ids(model, "0123"), model.tokenizer.eos_token_id
+    params = [SamplingParams(max_tokens=16, temperature=0, logprobs=20, allowed_token_ids=letters),
+              SamplingParams(max_tokens=16, temperature=1.0, seed=3, allowed_token_ids=letters),
+              SamplingParams(max_tokens=16, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=16, temperature=0, allowed_token_ids=digits + [eos],
+                             structured_outputs={"regex": "[0-9]{3,6}"})]
+    prompts = ["import os", "x = ", "def f():", "n = "]
+    with Engine(model, small_config()) as engine:
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        alone = engine.generate(prompts[2:3], params[2], use_tqdm=False)[0]
+        with pytest.raises(ValueError, match="allowed_token_ids"):
+            engine.add_request("x", SamplingParams(allowed_token_ids=[model.config.vocab_size]))
+        assert_all_pages_free(engine)
+    for out in outs[:2]:  # EOS is not among them: every row runs to max_tokens
+        assert set(out["token_ids"]) <= set(letters) and out["finish_reason"] == "length", out
+    # Greedy takes the best allowed token (log-probabilities stay the raw model's).
+    for token, lp, top in zip(outs[0]["token_ids"], outs[0]["logprobs"], outs[0]["top_logprobs"]):
+        assert not [t for t, v in top.items() if v > lp + 1e-6 and t in letters], token
+    assert outs[2]["token_ids"] == alone["token_ids"]  # a row without them is untouched beside them
+    assert outs[3]["finish_reason"] == "stop" and re.fullmatch("[0-3]{3,6}", outs[3]["text"]), outs[3]
+    assert set(outs[3]["token_ids"]) <= set(digits + [eos])
+
+
 def test_unconstrained_requests_beside_constrained_ones_keep_their_tokens(model):
     plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     prompts = ["import sys", "def f(a, b):", "for i in range(10):"]
@@ -122,8 +152,11 @@ def test_device_followed_constraints_give_the_host_paths_tokens(model, monkeypat
     # The last with ignore_eos and EOS pushed up: it takes EOS once one digit is a match, and both paths end it
     # there (on the device only EOS could follow it, for the rest of the call).
     eos = {model.tokenizer.eos_token_id: 10.0}
+    # allowed_token_ids too: beside a constraint (row 1, both apply) and alone in a constrained batch (row 3).
+    chars = _char_ids(model, "abcdefghijklmnopqrstuvwxyz_()0123456789, ")
+    allowed = {1: chars, 3: chars[:26]}
     params = [SamplingParams(max_tokens=40, temperature=t, seed=i, structured_outputs=s, ignore_eos=i == 5,
-                             logit_bias=eos if i == 5 else None)
+                             logit_bias=eos if i == 5 else None, allowed_token_ids=allowed.get(i))
               for i, (t, s) in enumerate(zip((0.0, 1.0, 0.0, 0.0, 1.0, 0.0), specs))]
     results = {}
     for device in (True, False):
@@ -148,6 +181,7 @@ def test_device_followed_constraints_give_the_host_paths_tokens(model, monkeypat
     assert results[True][5]["token_ids"][-1] == model.tokenizer.eos_token_id and len(results[True][5]["token_ids"]) == 2
     _check_schema(results[True][0]["text"])
     assert re.fullmatch(r"[a-z_]+\([0-9, ]*\)", results[True][1]["text"]) or results[True][1]["finish_reason"] == "length"
+    assert set(results[True][1]["token_ids"]) <= set(chars) and set(results[True][3]["token_ids"]) <= set(chars[:26])
 
 
 def test_guides_stay_in_the_pool_and_decode_calls_compile_once_for_any_mix(model):

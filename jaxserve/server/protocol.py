@@ -90,6 +90,7 @@ class SamplingFields(Schema):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     truncate_prompt_tokens: int | None = None
+    allowed_token_ids: list[int] | None = None
     # Structured outputs (app.py `_structured_outputs`): OpenAI's response_format, vLLM's structured_outputs
     # object and its older guided_* fields; at most one of them.
     response_format: dict[str, Any] | None = None
