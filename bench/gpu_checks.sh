@@ -273,6 +273,10 @@
 #               bench/structured.py --mixes 8 at batch 64 (0.5B shape, 151k vocabulary): each round's wall time and
 #               the guided decode shapes compiled (one a pool size; before the pool, one a size of a mix's tables);
 #               run the same at 4f20920 for the before (~300 s)
+#   masked46    session 46: the masked greedy pick (allowed-token masks read inside jaxserve_kernels.greedy_pick):
+#               its compiled kernel tests, then bench/structured.py at 64 / 256 rows with JAXSERVE_MASKED_PICK=0 and
+#               =1, each its own process (regex rows' tokens/s against unconstrained: 86% / 89% in session 45's
+#               run 4 with the XLA select + argmax); flip runner.MASKED_PICK's default if =1 wins (~420 s)
 #   yarn44      session 44: the 0.5B and 7B decode steps of a YaRN checkpoint (scaled cos/sin tables) compiled
 #               against the reference at 1-256 rows (~200 s)
 set -uo pipefail
@@ -866,6 +870,10 @@ for part in "${parts[@]}"; do
     mixes46) timeout 260 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_guide_pool.py \
                tests/test_structured_engine.py ; \
              timeout 300 python3 bench/structured.py --mixes 8 --rounds 16 --batches 64 --output-len 32 --out "$OUT/$part" ;;
+    masked46) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_greedy_pick.py ; \
+              for on in 0 1; do echo "== ab JAXSERVE_MASKED_PICK=$on"; \
+                JAXSERVE_MASKED_PICK=$on timeout 200 python3 bench/structured.py --batches 64 256 --output-len 128 ; \
+              done ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;

@@ -81,6 +81,11 @@ PREFILL_OPTIONS: dict[str, Any] = json.loads(
 # Runner is built.
 GREEDY_PICK = os.environ.get("JAXSERVE_GREEDY_PICK", "kernel")
 GREEDY_PICK_MIN_ROWS = int(os.environ.get("JAXSERVE_GREEDY_PICK_MIN_ROWS", "64"))
+# Steps whose rows carry allowed-token masks (structured outputs, allowed_token_ids) pick through the kernel
+# too, the masks read inside it (`greedy_pick(logits, allowed)`), where no row asks for log-probabilities;
+# off: XLA's unpack + select + argmax over the logits. Off until timed on a GPU (bench/gpu_checks.sh
+# masked46); on the CPU machine both give the same tokens (tests/test_greedy_pick.py). JAXSERVE_MASKED_PICK=1.
+MASKED_PICK = os.environ.get("JAXSERVE_MASKED_PICK", "0") == "1"
 
 
 def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, counts, seen, *, num_top: int,
@@ -100,10 +105,10 @@ def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, cou
         return sample(logits, batch, steps, counts=counts, seen=seen, num_top_logprobs=num_top,
                       logprobs=logprobs)
     masked = bool(batch.allowed.shape[1])
-    if pick_kernel and num_top == 0 and not masked:
+    if pick_kernel and num_top == 0 and (not masked or (MASKED_PICK and not logprobs)):
         from jaxserve_kernels.greedy_pick import greedy_pick
 
-        tokens, chosen = greedy_pick(logits, logprobs=logprobs)
+        tokens, chosen = greedy_pick(logits, batch.allowed if masked else None, logprobs=logprobs)
         out = no_logprobs(tokens)  # no top tokens either way
         return out if chosen is None else out.replace(logprobs=chosen)
     picked = jnp.where(unpack_allowed(batch.allowed, logits.shape[-1]), logits, -jnp.inf) if masked else logits

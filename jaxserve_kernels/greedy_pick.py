@@ -64,17 +64,27 @@ WAVE_FIT = True
 _LOWEST = float(jnp.finfo(jnp.float32).min)
 
 
-def _kernel(x_ref, *refs, vocab: int, block: int, blocks_per_chunk: int, chunks: int, logprobs: bool):
+def _kernel(x_ref, *refs, vocab: int, block: int, blocks_per_chunk: int, chunks: int, logprobs: bool,
+            masked: bool):
+    allowed_ref, refs = (refs[0], refs[1:]) if masked else (None, refs)
     m_ref, s_ref, idx_ref = refs if logprobs else (refs[0], None, refs[1])
     row, chunk = pl.program_id(0), pl.program_id(1)
     lanes = jnp.arange(block, dtype=jnp.int32)
     first = chunk * blocks_per_chunk
     num_blocks = jnp.minimum(blocks_per_chunk, pl.cdiv(vocab, block) - first)
+    words = pl.cdiv(vocab, 32)
 
     def load(i):
         start = (first + i) * block
         pos = start + lanes
-        x = compat.load(x_ref.at[row, pl.ds(start, block)], mask=pos < vocab, other=-jnp.inf).astype(jnp.float32)
+        real = pos < vocab
+        x = compat.load(x_ref.at[row, pl.ds(start, block)], mask=real, other=-jnp.inf).astype(jnp.float32)
+        if masked:
+            # Each lane gathers its token's word of the packed mask (32 lanes share one: a broadcast read),
+            # so the masked logits are never written out as XLA's select before an argmax writes them.
+            word = compat.load(allowed_ref.at[row * words + jnp.minimum(pos // 32, words - 1)], mask=real, other=0)
+            bit = (word >> (pos % 32).astype(jnp.uint32)) & jnp.uint32(1)
+            x = jnp.where(bit != 0, x, -jnp.inf)
         return x, pos
 
     def argmax_body(i, carry):  # the argmax alone: a compare and two selects an element
@@ -117,22 +127,24 @@ def _kernel(x_ref, *refs, vocab: int, block: int, blocks_per_chunk: int, chunks:
 
 @functools.partial(jax.jit, static_argnames=("block", "chunks", "num_warps", "num_stages", "interpret",
                                              "logprobs"))
-def _greedy_pick(logits, *, block: int, chunks: int, num_warps: int, num_stages: int, interpret: bool,
+def _greedy_pick(logits, allowed, *, block: int, chunks: int, num_warps: int, num_stages: int, interpret: bool,
                  logprobs: bool):
     rows, vocab = logits.shape
     total_blocks = pl.cdiv(vocab, block)
     blocks_per_chunk = pl.cdiv(total_blocks, chunks)
     chunks = pl.cdiv(total_blocks, blocks_per_chunk)  # no chunk without a block
+    masked = allowed is not None
     kernel = functools.partial(_kernel, vocab=vocab, block=block, blocks_per_chunk=blocks_per_chunk, chunks=chunks,
-                               logprobs=logprobs)
+                               logprobs=logprobs, masked=masked)
     flat = rows * chunks
     maxima = jax.ShapeDtypeStruct((flat,), jnp.float32)
     out_shape = [maxima, maxima, jax.ShapeDtypeStruct((flat,), jnp.int32)]
     if not logprobs:
         del out_shape[1]
-    outs = compat.triton_call(kernel, logits, grid=(rows, chunks), out_shape=out_shape, interpret=interpret,
+    operands = (logits, allowed.reshape(-1)) if masked else (logits,)
+    outs = compat.triton_call(kernel, *operands, grid=(rows, chunks), out_shape=out_shape, interpret=interpret,
                               num_warps=num_warps, num_stages=num_stages,
-                              name="greedy_pick" if logprobs else "greedy_argmax")
+                              name="greedy_pick" if logprobs else "greedy_argmax_masked" if masked else "greedy_argmax")
     m, idx = outs[0].reshape(rows, chunks), outs[-1].reshape(rows, chunks)
     best = jnp.argmax(m, axis=-1)  # first chunk at the maximum: the lowest index
     tokens = jnp.take_along_axis(idx, best[:, None], axis=-1)[:, 0]
@@ -147,13 +159,17 @@ def _greedy_pick(logits, *, block: int, chunks: int, num_warps: int, num_stages:
     return tokens, logprobs
 
 
-def greedy_pick(logits: jax.Array, *, block: int | None = None, chunks: int | None = None,
-                num_warps: int | None = None, num_stages: int | None = None,
+def greedy_pick(logits: jax.Array, allowed: jax.Array | None = None, *, block: int | None = None,
+                chunks: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                 interpret: bool | None = None, logprobs: bool = True) -> tuple[jax.Array, jax.Array | None]:
     """Each row's argmax (first index of the maximum) and its log-probability (float32), one pass.
 
     Args:
         logits: `[B, V]` in any float dtype (widened to float32 inside, never copied).
+        allowed: uint32 `[B, ceil(V / 32)]` packed masks (bit t % 32 of word t // 32 set where token t may be
+            picked: `jaxserve.sampling.SamplingBatch.allowed`), or None; with it, each row's argmax over its
+            allowed tokens (a row allowing none picks 0), the argmax alone (``logprobs=False`` required: a
+            structured-output row's log-probability is the raw model's, which this pass does not compute).
         block: elements a loop iteration loads (a power of two); None: `BLOCK`.
         chunks: programs a row (fewer if the row has fewer blocks); None: the most that keep rows x
             chunks within `TARGET_PROGRAMS`, at least one (`WAVE_FIT`; off: the least reaching it).
@@ -175,6 +191,12 @@ def greedy_pick(logits: jax.Array, *, block: int | None = None, chunks: int | No
         raise ValueError(f"logits must be [B, V], got shape {logits.shape}")
     if not jnp.issubdtype(logits.dtype, jnp.floating):
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    if allowed is not None:
+        expect = (logits.shape[0], -(-logits.shape[1] // 32))
+        if allowed.shape != expect or allowed.dtype != jnp.uint32:
+            raise ValueError(f"allowed must be uint32 {list(expect)}, got {allowed.dtype} {list(allowed.shape)}")
+        if logprobs:
+            raise ValueError("allowed (a masked pick) needs logprobs=False: it is the argmax alone")
     block = BLOCK if block is None else block
     if block < 1 or block & (block - 1):
         raise ValueError(f"block must be a power of two, got {block}")
@@ -187,7 +209,8 @@ def greedy_pick(logits: jax.Array, *, block: int | None = None, chunks: int | No
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
     chunks = min(chunks, -(-vocab // block))
-    return _greedy_pick(logits, block=block, chunks=chunks, num_warps=NUM_WARPS if num_warps is None else num_warps,
+    return _greedy_pick(logits, allowed, block=block, chunks=chunks,
+                        num_warps=NUM_WARPS if num_warps is None else num_warps,
                         num_stages=NUM_STAGES if num_stages is None else num_stages,
                         interpret=compat.resolve_interpret(interpret), logprobs=bool(logprobs))
 
@@ -261,14 +284,21 @@ def pick_blocks_reference(maxes: jax.Array, firsts: jax.Array) -> jax.Array:
     return jnp.take_along_axis(firsts, block[None, :], axis=0)[0].astype(jnp.int32)
 
 
-def greedy_pick_reference(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """jnp reference of `greedy_pick` (what XLA runs as separate reductions).
+def greedy_pick_reference(logits: jax.Array, allowed: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """jnp reference of `greedy_pick` (what XLA runs as separate reductions); with ``allowed``, the argmax
+    over each row's allowed tokens (its log-probabilities are then not `greedy_pick`'s: it returns None).
 
     Example:
         >>> tokens, lps = greedy_pick_reference(jnp.zeros((1, 4)))
         >>> tokens.tolist(), round(float(jnp.exp(lps[0])), 4)
         ([0], 0.25)
+        >>> greedy_pick_reference(jnp.arange(4.0)[None], jnp.array([[0b0110]], jnp.uint32))[0].tolist()
+        [2]
     """
     x = logits.astype(jnp.float32)
+    if allowed is not None:
+        ids = jnp.arange(x.shape[-1], dtype=jnp.uint32)
+        bits = (allowed[:, ids // 32] >> (ids % 32)[None, :]) & 1
+        x = jnp.where(bits != 0, x, -jnp.inf)
     tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
     return tokens, jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(x, axis=-1)

@@ -99,7 +99,57 @@ def test_lowest_finite_float32_logits(interpret):
     np.testing.assert_allclose(np.asarray(lp), [-np.log(2.0), 0.0], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("rows,vocab,block,chunks,dtype", CASES)
+def test_masked_pick_is_the_argmax_of_the_allowed_tokens(interpret, rows, vocab, block, chunks, dtype):
+    """Random packed masks, dense and sparse rows, a row allowing nothing (token 0, as jnp.argmax of -inf) and
+    one allowing everything; the allowed maximum placed below a masked larger one."""
+    rng, seed = fresh_rng()
+    x = rng.standard_normal((rows, vocab)) * 4
+    keep = rng.random((rows, vocab)) < rng.choice([0.002, 0.3, 0.9], size=(rows, 1))
+    keep[0] = False
+    if rows > 1:
+        keep[1] = True
+    for r in range(2, rows):  # the row's largest logit masked out
+        keep[r, np.argmax(x[r])] = False
+    words = -(-vocab // 32)
+    bits = np.zeros((rows, words * 32), bool)
+    bits[:, :vocab] = keep
+    allowed = jnp.asarray(np.packbits(bits, axis=-1, bitorder="little").view("<u4").reshape(rows, words))
+    logits = jnp.asarray(x, dtype)
+    ids, lp = greedy_pick(logits, allowed, block=block, chunks=chunks, interpret=interpret, logprobs=False)
+    ref_ids, _ = greedy_pick_reference(logits, allowed)
+    assert lp is None
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids), err_msg=f"seed={seed}")
+    assert int(ids[0]) == 0 and all(keep[r, int(ids[r])] for r in range(1, rows)), f"seed={seed}"
+
+
+def test_the_runner_s_masked_greedy_pick_takes_the_same_tokens_through_the_kernel(monkeypatch):
+    """`runner.choose_tokens` with allowed-token masks: the kernel path (MASKED_PICK) against XLA's select and
+    argmax, on the same logits and masks."""
+    from jaxserve import runner
+    from jaxserve.sampling import make_batch
+
+    rng, seed = fresh_rng()
+    rows, vocab = 8, 1000
+    logits = jnp.asarray(rng.standard_normal((rows, vocab)) * 3, jnp.bfloat16)
+    allowed = jnp.asarray(rng.integers(0, 1 << 32, size=(rows, -(-vocab // 32)), dtype=np.uint32))
+    batch = make_batch([], rows, allowed=allowed)
+    picked = {}
+    for on in (False, True):
+        monkeypatch.setattr(runner, "MASKED_PICK", on)
+        out = runner.choose_tokens(logits, batch, jnp.zeros(rows, jnp.int32), None, None, num_top=0, greedy=True,
+                                   pick_kernel=True, logprobs=False)
+        picked[on] = np.asarray(out.tokens)
+    np.testing.assert_array_equal(picked[True], picked[False], err_msg=f"seed={seed}")
+    np.testing.assert_array_equal(picked[True], np.asarray(greedy_pick_reference(logits, allowed)[0]))
+
+
 def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="allowed"):
+        greedy_pick(jnp.zeros((2, 40)), jnp.zeros((2, 1), jnp.uint32), logprobs=False)
+    with pytest.raises(ValueError, match="logprobs=False"):
+        greedy_pick(jnp.zeros((2, 40)), jnp.zeros((2, 2), jnp.uint32))
     with pytest.raises(ValueError, match="logits"):
         greedy_pick(jnp.zeros((4,)))
     with pytest.raises(ValueError, match="logits"):
