@@ -215,22 +215,41 @@ def test_warmup_compiles_the_steps_of_constrained_requests(model):
         assert_all_pages_free(engine)
 
 
-def test_random_constrained_workload_never_loses_a_request():
+@pytest.mark.parametrize("pool", ["roomy", "tight", "tight_with_schema"])
+def test_random_constrained_workload_never_loses_a_request(pool, monkeypatch):
     """Constrained and unconstrained requests arrive between steps, share prefixes, get aborted and overflow a
     small pool (preemption, chained calls): every one finishes with a valid reason, its text within its
-    constraint, seeded ones as the same requests give in a roomy engine, and no page stays allocated."""
+    constraint (and its allowed_token_ids), seeded ones as the same requests give in a roomy engine, and no page
+    stays allocated. "tight": the guide pool holds two to four of the small guides, so guides leave it, come back
+    and move (the gaps too small), and some calls' guides do not fit together (masks from the host); with the
+    schema, whose guide never fits, most calls take masks from the host between device-followed ones."""
+    import jaxserve.engine as engine_module
+    from jaxserve.guide_pool import extent
+
     model = jaxserve.load()
     seed = int(np.random.default_rng().integers(1 << 31))
     rng = np.random.default_rng(seed)
     specs = [None, {"regex": r"[a-z]{2,5}(?:, [a-z]{2,5}){0,3}\."}, {"choice": ["left", "right", "up"]},
-             {"json": SCHEMA}, None]
+             {"json": SCHEMA}, None, {"regex": "[0-9]{1,4}(?:px|em)"}, {"grammar": 'root ::= "v" [0-9] ("." [0-9])?'}]
+    letters = _char_ids(model, "abcdefghijklmnopqrstuvwxyz ,.")
+    if pool == "tight":
+        specs = [s for s in specs if s != {"json": SCHEMA}] + [{"regex": "[a-c]{3}"}, {"choice": ["yes!", "no!"]},
+                                                                {"regex": "x[0-9]{2}"}]
+    if pool != "roomy":
+        with Engine(model, small_config()) as probe:
+            guides = [probe.structured_guide(SamplingParams(structured_outputs=s).structured_outputs) for s in specs if s]
+            small = sorted(extent(g) for g in guides if g.dfa.sink < 100)
+            rows = -(-(2 + small[-1] + small[0]) // 8) * 8  # the largest small guide and one of the smallest
+            monkeypatch.setattr(engine_module, "DEVICE_GUIDE_BYTES", rows * probe.guide_pool.row_bytes)
     prefixes = ["import os\nimport sys\n\n", "class Config:\n    def __init__(self):\n"]
 
     def new_request():
         spec = specs[rng.integers(len(specs))]
         prompt = prefixes[rng.integers(2)] + "xyz"[: rng.integers(0, 4)]
+        allowed = letters if spec == specs[1] and rng.random() < 0.5 else None
         return prompt, SamplingParams(max_tokens=int(rng.integers(4, 40)), temperature=float(rng.choice([0.0, 0.9])),
-                                      seed=int(rng.integers(1 << 20)), structured_outputs=spec)
+                                      seed=int(rng.integers(1 << 20)), structured_outputs=spec,
+                                      allowed_token_ids=allowed)
 
     with Engine(model, small_config(num_pages=12, prefix_caching=True)) as engine:
         added, aborted = drive_random_workload(engine, rng, new_request, requests=16, arrival_rate=0.7,
@@ -244,6 +263,8 @@ def test_random_constrained_workload_never_loses_a_request():
         spec = params.structured_outputs
         if spec is not None and r["finish_reason"] == "stop":
             assert re.fullmatch(spec.to_regex(), r["text"]), f"{rid}: {r['text']!r}, seed={seed}"
+        if params.allowed_token_ids is not None:
+            assert set(r["token_ids"]) <= set(letters), f"{rid}: {r['token_ids']}, seed={seed}"
     with Engine(model, small_config()) as roomy:
         again = roomy.generate([added[rid][0] for rid in kept], [added[rid][1] for rid in kept], use_tqdm=False)
         assert_all_pages_free(roomy)
