@@ -272,7 +272,17 @@ def test_echo_with_logprobs_scores_the_prompt_as_offline_prompt_logprobs(client,
     plain = client.completions.create(model="tiny", prompt=[PROMPT], max_tokens=3, temperature=0)
     echoed = client.completions.create(model="tiny", prompt=[PROMPT], max_tokens=3, temperature=0, echo=True)
     assert echoed.choices[0].text == PROMPT + plain.choices[0].text and echoed.choices[0].logprobs is None
-    streamed = post(live, "/v1/completions", {"model": "tiny", "prompt": PROMPT, "echo": True, "stream": True})
+    # Streamed: the prompt first, then the same tokens; max_tokens 0 shows the prompt and that it ended.
+    for max_tokens, want_text, reason in ((3, echoed.choices[0].text, echoed.choices[0].finish_reason),
+                                          (0, PROMPT, "length")):
+        events = list(client.completions.create(model="tiny", prompt=[PROMPT], max_tokens=max_tokens, temperature=0,
+                                                echo=True, stream=True, stream_options={"include_usage": True}))
+        texts = [c.choices[0].text for c in events if c.choices]
+        assert texts[0] == PROMPT and "".join(texts) == want_text, texts
+        assert [c.choices[0].finish_reason for c in events if c.choices][-1] == reason
+        assert events[-1].usage.completion_tokens == (max_tokens and echoed.usage.completion_tokens)
+    streamed = post(live, "/v1/completions", {"model": "tiny", "prompt": PROMPT, "echo": True, "stream": True,
+                                              "logprobs": 1})
     assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "echo"
 
 

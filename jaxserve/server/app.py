@@ -237,8 +237,9 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         st, req = await _accept(request, CompletionRequest)
-        if req.echo and req.stream:
-            raise APIError(400, "echo is not supported with stream", param="echo")
+        if req.echo and req.stream and req.logprobs is not None:
+            # The prompt's log-probabilities arrive with the whole result, after its tokens were streamed.
+            raise APIError(400, "echo with logprobs is not supported with stream", param="echo")
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of not in (None, 1) and req.best_of != req.n:

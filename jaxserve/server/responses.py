@@ -93,11 +93,16 @@ class CompletionFormat:
         return {"tokens": tokens, "token_logprobs": [None if v is None else _finite(v) for v in logprobs or []],
                 "top_logprobs": top, "text_offset": offsets}
 
+    def _shown(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The results as the answer tells them: with ``prompt_only``, without the token the engine made."""
+        if not self.prompt_only:
+            return results
+        return [{**r, "text": "", "token_ids": [], "logprobs": [], "top_logprobs": [], "completion_tokens": 0,
+                 "finish_reason": "length", "stop_reason": None} for r in results]
+
     def response(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         # stop_reason: vLLM's extension, the stop string or id that ended the choice (None for EOS).
-        if self.prompt_only:
-            results = [{**r, "text": "", "token_ids": [], "logprobs": [], "top_logprobs": [], "completion_tokens": 0,
-                        "finish_reason": "length", "stop_reason": None} for r in results]
+        results = self._shown(results)
         echo = self.echo_texts is not None
         choices = [{"index": i, "text": (self.echo_texts[i // max(1, self.req.n)] if echo else "") + r["text"],
                     "finish_reason": r["finish_reason"], "stop_reason": r.get("stop_reason"),
@@ -115,10 +120,18 @@ class CompletionFormat:
         return out
 
     def stream_start(self, i: int, include_usage: bool) -> list[dict[str, Any]]:
-        return []
+        """With ``echo`` (and no logprobs: the prompt's come with the whole result), the prompt's text first."""
+        if self.echo_texts is None:
+            return []
+        return [self._chunk([{"index": i, "text": self.echo_texts[i // max(1, self.req.n)], "logprobs": None,
+                              "finish_reason": None, "stop_reason": None}], include_usage)]
 
     def stream_chunk(self, i: int, chunk: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
         """The events for choice ``i``'s next engine chunk (none where it carries nothing to send)."""
+        if self.prompt_only:  # the engine's one token is not shown: only that the choice ended
+            if chunk["finish_reason"] is None:
+                return []
+            chunk = {**chunk, "text": "", "token_ids": [], "finish_reason": "length", "stop_reason": None}
         has_tokens = self.req.logprobs is not None and chunk["token_ids"]
         if not chunk["text"] and chunk["finish_reason"] is None and not has_tokens:
             return []
@@ -129,7 +142,7 @@ class CompletionFormat:
 
     def usage_chunk(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         out = self._chunk([], True)
-        out["usage"] = usage(results, self.prompt_tokens, self.req.n)
+        out["usage"] = usage(self._shown(results), self.prompt_tokens, self.req.n)
         return out
 
 
