@@ -495,6 +495,32 @@ def test_tokenizer_work_leaves_the_server_answering(live, monkeypatch, method, p
         assert slow.result().status_code == 200
 
 
+def test_a_slow_constraint_compile_leaves_other_requests_answered(live, monkeypatch):
+    """A large schema or grammar compiles for seconds; it runs on a thread of its own, so a plain request
+    tokenizes, runs and answers while a constrained one is still compiling."""
+    engine = live.app.state.jaxserve.engine.engine
+    real = engine.structured_guide
+    entered, release = threading.Event(), threading.Event()
+
+    def held(spec):
+        entered.set()
+        release.wait(30)
+        return real(spec)
+
+    monkeypatch.setattr(engine, "structured_guide", held)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(post, live, "/v1/completions", {**GOOD, "max_tokens": 4, "guided_regex": "[0-9]{2}"})
+        assert entered.wait(10)
+        try:
+            plain = post(live, "/v1/completions", {**GOOD, "max_tokens": 4}, timeout=10)
+            assert not slow.done()  # answered while the constraint still compiles
+        finally:
+            release.set()
+        assert plain.status_code == 200
+        answer = slow.result()
+        assert answer.status_code == 200 and re.fullmatch("[0-9]{2}", answer.json()["choices"][0]["text"])
+
+
 def test_routes_answer_503_while_the_engine_is_gone(live, monkeypatch):
     """During shutdown the engine thread refuses calls; /flush_cache and /metrics answered 500 "internal error"."""
     async def gone(*args):

@@ -99,6 +99,10 @@ class _State:
     # every open stream and /health. One thread, so this never takes more than one core from the
     # engine thread.
     tokenizer_thread: concurrent.futures.ThreadPoolExecutor
+    # Where structured outputs compile (regex or schema or grammar -> DFA -> token tables: up to seconds for a
+    # large schema or grammar): on the tokenizer's thread they held up the tokenizing of every other request
+    # meanwhile. One thread: a second core only while a constraint compiles.
+    constraint_thread: concurrent.futures.ThreadPoolExecutor
     # The checkpoint's generation_config.json sampling, for the fields a request leaves unset (vLLM's
     # `--generation-config auto`); max_tokens keeps OpenAI's defaults.
     sampling_defaults: dict[str, Any]
@@ -142,6 +146,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             engine=AsyncEngine(engine, metrics=metrics), metrics=metrics,
             tokenizer=tokenizer,
             tokenizer_thread=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-tokenizer"),
+            constraint_thread=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-constraints"),
             sampling_defaults={k: v for k, v in engine.sampling_defaults.items() if k != "max_tokens"},
             model_name=server_config.model_name or loaded.name,
             max_model_len=engine.max_model_len, config=server_config, created=int(time.time()))
@@ -151,6 +156,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         finally:
             await app.state.jaxserve.engine.shutdown(drain_s=server_config.drain_s)
             app.state.jaxserve.tokenizer_thread.shutdown(cancel_futures=True)
+            app.state.jaxserve.constraint_thread.shutdown(cancel_futures=True)
 
     app = FastAPI(title="jaxserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.jaxserve_config = server_config
@@ -536,8 +542,9 @@ async def _structured_outputs(req: SamplingFields, st: _State) -> StructuredOutp
     """The request's output constraint, from whichever field gives one (at most one may): OpenAI's
     ``response_format`` (``json_object``, ``json_schema``), vLLM's ``structured_outputs`` object or its
     ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``, or a chat's ``tool_choice`` "required" or
-    named function. Compiled here, on the tokenizer thread (a JSON schema's DFA takes up to a second the
-    first time; the engine thread then finds it cached); a bad one is a 400 naming its field."""
+    named function. Compiled here, on the constraint thread (a JSON schema's DFA takes up to a second the
+    first time; the engine thread then finds it cached; other requests' tokenizing goes on meanwhile); a bad
+    one is a 400 naming its field."""
     sources: list[tuple[str, dict[str, Any]]] = []
     fmt = req.response_format
     if fmt is not None:
@@ -576,7 +583,8 @@ async def _structured_outputs(req: SamplingFields, st: _State) -> StructuredOutp
         fields.setdefault("whitespace_pattern", req.guided_whitespace_pattern)
     try:
         spec = StructuredOutputs.from_value(fields)
-        await _on_tokenizer_thread(st, st.engine.engine.structured_guide, spec)
+        await asyncio.get_running_loop().run_in_executor(st.constraint_thread, st.engine.engine.structured_guide,
+                                                         spec)
     except ValueError as exc:
         raise APIError(400, str(exc), param=param) from None
     return spec
