@@ -277,6 +277,9 @@
 #               its compiled kernel tests, then bench/structured.py at 64 / 256 rows with JAXSERVE_MASKED_PICK=0 and
 #               =1, each its own process (regex rows' tokens/s against unconstrained: 86% / 89% in session 45's
 #               run 4 with the XLA select + argmax); flip runner.MASKED_PICK's default if =1 wins (~420 s)
+#   dp46        session 46, on a 2-GPU machine (run's kind nvidia-h200-x2): data-parallel replicas, one engine
+#               against jaxserve.Replicas over both GPUs driven by one host thread, 1024 requests of 128 + 128
+#               tokens at 256 rows a replica, then with a shared prefix (bench/replicas.py; ~300 s)
 #   yarn44      session 44: the 0.5B and 7B decode steps of a YaRN checkpoint (scaled cos/sin tables) compiled
 #               against the reference at 1-256 rows (~200 s)
 set -uo pipefail
@@ -874,6 +877,8 @@ for part in "${parts[@]}"; do
               for on in 0 1; do echo "== ab JAXSERVE_MASKED_PICK=$on"; \
                 JAXSERVE_MASKED_PICK=$on timeout 200 python3 bench/structured.py --batches 64 256 --output-len 128 ; \
               done ;;
+    dp46) timeout 280 python3 bench/replicas.py --devices 1 2 --rows 256 --requests 1024 --out "$OUT/$part" ; \
+          timeout 280 python3 bench/replicas.py --devices 1 2 --rows 256 --requests 1024 --shared-prefix ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;

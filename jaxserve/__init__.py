@@ -9,8 +9,9 @@ from jaxserve.config import ModelConfig
 from jaxserve.engine import Engine, generate
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
+from jaxserve.replicas import Replicas
 from jaxserve.sampling import SamplingParams
 from jaxserve.structured import StructuredOutputs
 
-__all__ = ["Engine", "EngineConfig", "LoadedModel", "ModelConfig", "SamplingParams", "StructuredOutputs", "generate",
-           "load"]
+__all__ = ["Engine", "EngineConfig", "LoadedModel", "ModelConfig", "Replicas", "SamplingParams", "StructuredOutputs",
+           "generate", "load"]

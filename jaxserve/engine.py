@@ -43,8 +43,9 @@ MAX_TOP_LOGPROBS = 20
 DEVICE_GUIDE_BYTES = int(os.environ.get("JAXSERVE_DEVICE_GUIDE_BYTES", str(1 << 30)))
 
 
-def _pages_from_memory(config: EngineConfig, bytes_per_page: int) -> int:
-    stats = jax.local_devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+def _pages_from_memory(config: EngineConfig, bytes_per_page: int, device: jax.Device | None = None) -> int:
+    device = device or jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
     if not stats or "bytes_limit" not in stats:
         return 1024
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
@@ -178,8 +179,26 @@ class DecodeShape(NamedTuple):
     live: int  # rows whose attention runs; past them, padding (`model.PagedAttention.live_rows`)
 
 
+def _on_device(method):
+    """Run ``method`` with the engine's device as JAX's default (`Engine.device`): the arrays it makes
+    (inputs, pool state, guide tables) land there, not on the first device, so replicas on other devices
+    never copy them across each call."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        if self.device is None:
+            return method(self, *args, **kwargs)
+        with jax.default_device(self.device):
+            return method(self, *args, **kwargs)
+
+    return wrapped
+
+
 class Engine:
     """Continuous batching over the paged KV pool.
+
+    ``device``: the JAX device whose memory holds this engine's weights and KV pool and that runs its steps
+    (default: JAX's default device); `jaxserve.replicas.Replicas` runs one engine a device.
 
     Example:
         >>> with Engine(jaxserve.load(), EngineConfig(max_running=8)) as engine:   # doctest: +SKIP
@@ -190,7 +209,12 @@ class Engine:
     """
 
     def __init__(self, model: LoadedModel | str | os.PathLike | None = None,
-                 config: EngineConfig | None = None) -> None:
+                 config: EngineConfig | None = None, device: jax.Device | None = None) -> None:
+        self.device = device
+        self._init(model, config)
+
+    @_on_device
+    def _init(self, model: LoadedModel | str | os.PathLike | None, config: EngineConfig | None) -> None:
         if config is not None and config.compile_cache_dir:
             enable_compile_cache(config.compile_cache_dir)
         if not isinstance(model, LoadedModel):
@@ -201,10 +225,12 @@ class Engine:
         mcfg = model.config
         target = jnp.dtype(self.config.compute_dtype())
         params = jax.tree_util.tree_map(lambda x: x.astype(target) if x.dtype != target else x, model.params)
+        if self.device is not None:
+            params = jax.device_put(params, self.device)
         self.max_model_len = min(self.config.max_model_len or mcfg.context_length, mcfg.context_length)
         bytes_per_page = (2 * mcfg.num_hidden_layers * mcfg.num_key_value_heads * self.config.page_size
                           * mcfg.head_dim * target.itemsize)
-        num_pages = self.config.num_pages or _pages_from_memory(self.config, bytes_per_page)
+        num_pages = self.config.num_pages or _pages_from_memory(self.config, bytes_per_page, self.device)
         impl = self.config.attention_impl
         self.runner = Runner(mcfg, params, num_pages=num_pages, page_size=self.config.page_size,
                              attention_impl=default_attention_impl() if impl == "auto" else impl)
@@ -290,6 +316,7 @@ class Engine:
         """
         return SamplingParams(**{**self.sampling_defaults, **overrides})
 
+    @_on_device
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
                      request_id: str | None = None) -> Request:
         """Validate and build a request without queueing it (raises ``ValueError`` on bad input)."""
@@ -323,6 +350,7 @@ class Engine:
     def _guide(self, params: SamplingParams) -> GuideState:
         return GuideState(self.structured_guide(params.structured_outputs))
 
+    @_on_device
     def structured_guide(self, spec: StructuredOutputs) -> TokenGuide:
         """The compiled constraint (`jaxserve.structured.TokenGuide`) of ``spec`` over this model's vocabulary:
         compiled once per spec (`structured.compile_guide`'s cache), the vocabulary's bytes read once per
@@ -351,6 +379,7 @@ class Engine:
             raise RuntimeError("engine is closed")
         return self._queue(self.make_request(prompt, params, request_id))
 
+    @_on_device
     def _queue(self, request: Request) -> str:
         self.requests[request.request_id] = request
         if self.scheduler.never_fits(request):
@@ -360,6 +389,7 @@ class Engine:
             self.scheduler.add(request)
         return request.request_id
 
+    @_on_device
     def abort(self, request_id: str) -> bool:
         """Stop a request now; its pages are freed. False if it is unknown or already finished."""
         request = self.requests.get(request_id)
@@ -689,6 +719,7 @@ class Engine:
             return None  # a row the first token finishes by length: read it first
         return list(rows) if self.scheduler.reserve(rows, want) else None
 
+    @_on_device
     def step(self) -> list[Request]:
         """Run one scheduled step; returns the requests that got new tokens or finished.
 
@@ -770,44 +801,7 @@ class Engine:
         Every prompt is validated before anything runs, so a bad one raises ``ValueError`` and
         leaves the engine untouched.
         """
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
-            params_list = [sampling_params] * len(prompts)
-        else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompts):
-                raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts")
-        if self.closed:
-            raise RuntimeError("engine is closed")
-        requests = [self.make_request(p, sp) for p, sp in zip(prompts, params_list)]
-        ids = [self._queue(r) for r in requests]
-        pending = set(ids)
-        bar = None
-        if use_tqdm and len(ids) > 1:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(ids), desc="generate", unit="req")
-        try:
-            while pending:
-                if not self.has_unfinished():
-                    break
-                for r in self.step():
-                    if r.finish_reason is not None and r.request_id in pending:
-                        pending.discard(r.request_id)
-                        if bar is not None:
-                            bar.update(1)
-        except BaseException:
-            # A step that raised (or a KeyboardInterrupt) would leave this call's requests queued, and
-            # every later step would meet them again: end them so the engine keeps serving.
-            for request_id in ids:
-                self.abort_after_failure(self.requests[request_id])
-                self.release(request_id)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        return [self.release(i).result() for i in ids]
+        return run_to_completion(self, prompts, sampling_params, use_tqdm)
 
     def decode_batch(self, rows: int) -> int:
         """The batch a decode call of ``rows`` sequences runs as over short contexts: their batch bucket, or a
@@ -862,6 +856,7 @@ class Engine:
         every page the call can touch."""
         return self._width_for_pages(-(-max_limit // self.config.page_size), rows)
 
+    @_on_device
     def warmup(self, sampling: bool = True, logprobs: bool = False, structured: bool = False) -> int:
         """Compile every step shape the buckets allow, so no request waits on the compiler.
 
@@ -914,6 +909,7 @@ class Engine:
         jax.block_until_ready(self.runner.kv)
         return len(self.runner.compiled_shapes) - before
 
+    @_on_device
     def stats(self) -> dict[str, Any]:
         """Running/waiting counts, pages, prefix hit rate, throughput, step shapes run ("compilations":
         compiled once a process, `jaxserve.runner.steps_for`), and the
@@ -930,6 +926,7 @@ class Engine:
                    decode_calls_after_prefill=self.decode_calls_after_prefill)
         return out
 
+    @_on_device
     def clear_prefix_cache(self) -> None:
         self.scheduler.clear_index()
 
@@ -947,14 +944,62 @@ class Engine:
         self.close()
 
 
+def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
+                      sampling_params: SamplingParams | Sequence[SamplingParams] | None, use_tqdm: bool
+                      ) -> list[dict[str, Any]]:
+    """`Engine.generate`'s loop over any ``driver`` with the Engine's batch API (an `Engine`, or
+    `jaxserve.replicas.Replicas`): make (validate) every request, queue them, step until each finished."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if isinstance(sampling_params, SamplingParams) or sampling_params is None:
+        params_list = [sampling_params] * len(prompts)
+    else:
+        params_list = list(sampling_params)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts")
+    if driver.closed:
+        raise RuntimeError("engine is closed")
+    requests = [driver.make_request(p, sp) for p, sp in zip(prompts, params_list)]
+    for r in requests:
+        driver._queue(r)
+    pending = {r.request_id for r in requests}
+    bar = None
+    if use_tqdm and len(requests) > 1:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(requests), desc="generate", unit="req")
+    try:
+        while pending:
+            if not driver.has_unfinished():
+                break
+            for r in driver.step():
+                if r.finish_reason is not None and r.request_id in pending:
+                    pending.discard(r.request_id)
+                    if bar is not None:
+                        bar.update(1)
+    except BaseException:
+        # A step that raised (or a KeyboardInterrupt) would leave this call's requests queued, and
+        # every later step would meet them again: end them so the engine keeps serving.
+        for r in requests:
+            driver.abort_after_failure(r)
+            driver.release(r.request_id)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return [driver.release(r.request_id).result() for r in requests]
+
+
 def generate(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Sequence[Prompt],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-             engine_config: EngineConfig | None = None, use_tqdm: bool = True) -> list[dict[str, Any]]:
+             engine_config: EngineConfig | None = None, use_tqdm: bool = True,
+             data_parallel_size: int = 1) -> list[dict[str, Any]]:
     """Generate completions for one or many prompts (text or token ids).
 
     ``model`` is what ``jaxserve.load`` returned, a checkpoint path, or None for the embedded
     default model. Returns one dict per prompt: text, token_ids, finish_reason, prompt_tokens,
-    cached_tokens, completion_tokens, ttft, tpot, total_time.
+    cached_tokens, completion_tokens, ttft, tpot, total_time. ``data_parallel_size`` > 1: that many
+    engines on as many devices (`jaxserve.replicas.Replicas`), prompts routed by shared prefix and load.
 
     Example:
         >>> import jaxserve
@@ -963,5 +1008,10 @@ def generate(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Se
         >>> outs[0]["finish_reason"] in ("stop", "length")
         True
     """
+    if data_parallel_size != 1:
+        from jaxserve.replicas import Replicas
+
+        with Replicas(model, engine_config, devices=data_parallel_size) as replicas:
+            return replicas.generate(prompts, sampling_params, use_tqdm=use_tqdm)
     with Engine(model, engine_config) as engine:
         return engine.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -191,3 +191,18 @@ def test_structured_bench_mixes_compile_one_guided_decode_shape(tmp_path):
     table = (tmp_path / "structured.md").read_text()
     assert len([line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]) == 4
     assert "4 rounds:" in table and table.rstrip().endswith("1 guided decode shapes compiled"), table
+
+
+def test_replicas_bench_smoke_runs_on_two_cpu_devices(tmp_path):
+    """bench/replicas.py (gpu_checks.sh dp46 on two GPUs) end to end on a tiny model and two fake CPU devices."""
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parent.parent
+    done = subprocess.run([sys.executable, str(root / "bench" / "replicas.py"), "--tiny", "--cpu-devices", "2",
+                           "--devices", "1", "2", "--rows", "4", "--requests", "8", "--output-len", "4",
+                           "--prompt-len", "32", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("|") for line in (tmp_path / "replicas.md").read_text().splitlines() if line.startswith("| ")]
+    assert [r[1].strip() for r in rows[1:]] == ["1", "2"] and rows[-1][6].strip().count("/") == 1, rows

@@ -1,0 +1,194 @@
+"""Data-parallel replicas: one `Engine` a device, behind a prefix-aware router.
+
+Owns which replica serves a request. It never schedules inside a replica, touches a replica's pages, or moves a
+request between replicas once routed: each engine stays what it is alone (its own weights' copy, KV pool, radix
+index and compiled steps on its device), so a request's tokens are the ones it would get from that engine alone.
+
+Why route by prefix: a replica's radix index saves the prefill of the prefixes it has seen, not of those its
+neighbours saw; sending a shared system prompt or few-shot header to wherever it already lives keeps the hit rate
+of one engine across N. Why not by prefix alone: one popular prefix would pile every request onto one device.
+The rule (SGLang's cache-aware routing, simplified): the router keeps, per replica, the page-aligned prefixes it
+sent there (a chained hash per full page, least recently used dropped past the replica's pool size); a request goes
+to the replica holding most of its leading pages, unless that replica has more than ``balance_slack`` unfinished
+requests over the least loaded one, or no replica holds a page of it: then to the least loaded.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Sequence
+from typing import Any, Iterator
+
+import jax
+
+from jaxserve.engine import Engine, Prompt, run_to_completion
+from jaxserve.engine_config import EngineConfig
+from jaxserve.loading import LoadedModel, load
+from jaxserve.request import Request
+from jaxserve.sampling import SamplingParams
+
+
+class Replicas:
+    """``devices`` (a count, the devices themselves, or None for every local device) engines of one model,
+    driven from one thread: `step` steps each in turn, so one replica's host work overlaps the others' device
+    calls (``EngineConfig.overlap``). The Engine's batch API (`add_request`, `step`, `abort`, `release`,
+    `generate`, `stats`, `clear_prefix_cache`, a context manager).
+
+    Example:
+        >>> with Replicas(jaxserve.load(), EngineConfig(max_running=64), devices=2) as dp:   # doctest: +SKIP
+        ...     outs = dp.generate(prompts, SamplingParams(max_tokens=64, temperature=0))
+    """
+
+    def __init__(self, model: LoadedModel | str | None = None, config: EngineConfig | None = None,
+                 devices: int | Sequence[jax.Device] | None = None, balance_slack: int = 8) -> None:
+        available = jax.local_devices()
+        if devices is None:
+            devices = available
+        elif isinstance(devices, int):
+            if not 1 <= devices <= len(available):
+                raise ValueError(f"devices must be in [1, {len(available)}] (the local devices), got {devices}")
+            devices = available[:devices]
+        devices = list(devices)
+        if not devices:
+            raise ValueError("devices must name at least one device")
+        if balance_slack < 0:
+            raise ValueError(f"balance_slack must be >= 0, got {balance_slack}")
+        config = config or EngineConfig()
+        if not isinstance(model, LoadedModel):
+            model = load(model, dtype=config.compute_dtype())
+        self.config = config
+        self.balance_slack = balance_slack
+        self.engines = [Engine(model, config, device=d) for d in devices]
+        self.page_size = config.page_size
+        # Per replica: chained hashes of the full prompt pages routed there, least recently used first.
+        self._pages: list[collections.OrderedDict[int, None]] = [collections.OrderedDict() for _ in self.engines]
+        self._owner: dict[str, int] = {}  # request id -> replica, until released
+        self._load = [0] * len(self.engines)  # routed, not yet released
+        self._ids = itertools.count()
+        self.closed = False
+
+    # ----- routing -------------------------------------------------------------------------
+    def _page_keys(self, ids: Sequence[int]) -> list[int]:
+        keys, h = [], 0
+        for start in range(0, len(ids) - len(ids) % self.page_size, self.page_size):
+            h = hash((h, tuple(ids[start:start + self.page_size])))
+            keys.append(h)
+        return keys
+
+    def route(self, prompt_ids: Sequence[int]) -> int:
+        """The replica a prompt of these token ids goes to (the module docstring's rule)."""
+        keys = self._page_keys(prompt_ids)
+        held = []
+        for pages in self._pages:
+            n = 0
+            while n < len(keys) and keys[n] in pages:
+                n += 1
+            held.append(n)
+        least = min(self._load)
+        best = max(range(len(self.engines)), key=lambda i: (held[i], -self._load[i]))
+        if held[best] > 0 and self._load[best] <= least + self.balance_slack:
+            return best
+        return self._load.index(least)
+
+    def _record(self, replica: int, prompt_ids: Sequence[int]) -> None:
+        pages = self._pages[replica]
+        for key in self._page_keys(prompt_ids):
+            pages[key] = None
+            pages.move_to_end(key)
+        while len(pages) > self.engines[replica].scheduler.num_pages:
+            pages.popitem(last=False)
+
+    # ----- the Engine's batch API ------------------------------------------------------------
+    def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                     request_id: str | None = None) -> Request:
+        """Route and validate a request (ValueError on bad input, nothing routed), without queueing it."""
+        if self.closed:
+            raise RuntimeError("replicas are closed")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._owner:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        ids = self.engines[0]._prompt_ids(prompt)
+        if params is not None and params.truncate_prompt_tokens is not None:
+            ids = ids[-params.truncate_prompt_tokens:]
+        replica = self.route(ids)
+        request = self.engines[replica].make_request(ids, params, request_id)
+        self._owner[request_id] = replica
+        self._load[replica] += 1
+        self._record(replica, ids)
+        return request
+
+    def _queue(self, request: Request) -> str:
+        return self.engines[self._owner[request.request_id]]._queue(request)
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Route a prompt (text or token ids) to a replica and queue it there; returns its request id."""
+        return self._queue(self.make_request(prompt, params, request_id))
+
+    def replica_of(self, request_id: str) -> int | None:
+        """The replica a request was routed to (None once released, or if unknown)."""
+        return self._owner.get(request_id)
+
+    def step(self) -> list[Request]:
+        """One step of every replica with work; the requests that got new tokens or finished."""
+        out: list[Request] = []
+        for engine in self.engines:
+            if engine.has_unfinished():
+                out.extend(engine.step())
+        return out
+
+    def stream(self) -> Iterator[Request]:
+        while self.has_unfinished():
+            yield from self.step()
+
+    def has_unfinished(self) -> bool:
+        return any(e.has_unfinished() for e in self.engines)
+
+    def abort(self, request_id: str) -> bool:
+        replica = self._owner.get(request_id)
+        return replica is not None and self.engines[replica].abort(request_id)
+
+    def abort_after_failure(self, request: Request) -> None:
+        self.engines[self._owner[request.request_id]].abort_after_failure(request)
+
+    def release(self, request_id: str) -> Request | None:
+        """Forget a finished request (the caller has read its result)."""
+        replica = self._owner.get(request_id)
+        if replica is None:
+            return None
+        request = self.engines[replica].release(request_id)
+        if request is not None and request_id not in self.engines[replica].requests:
+            del self._owner[request_id]
+            self._load[replica] -= 1
+        return request
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[dict[str, Any]]:
+        """`Engine.generate` over the replicas: every prompt routed and validated first, then all run together;
+        one result dict per prompt, in order."""
+        return run_to_completion(self, prompts, sampling_params, use_tqdm)
+
+    def stats(self) -> dict[str, Any]:
+        """Each replica's `Engine.stats` (``replicas``), and the sums of their counts and rates."""
+        per = [e.stats() for e in self.engines]
+        summed = {k: sum(s[k] for s in per) for k in ("running", "waiting", "pages_used", "generated_tokens",
+                                                        "prefill_tokens", "tokens_per_s") if all(k in s for s in per)}
+        return {**summed, "replicas": per, "routed": list(self._load)}
+
+    def clear_prefix_cache(self) -> None:
+        for engine in self.engines:
+            engine.clear_prefix_cache()
+        for pages in self._pages:
+            pages.clear()
+
+    def close(self) -> None:
+        for engine in self.engines:
+            engine.close()
+        self.closed = True
+
+    def __enter__(self) -> "Replicas":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

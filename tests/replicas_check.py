@@ -1,0 +1,90 @@
+"""Data-parallel replicas on two CPU devices (run by tests/test_replicas.py in a process of its own, since
+the device count is fixed when JAX starts): the same greedy tokens as one engine, requests spread over both
+replicas, a shared prefix routed to the replica that caches it, each replica's arrays on its own device, aborts,
+and every page free on both at the end."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxserve  # noqa: E402
+from jaxserve import Engine, EngineConfig, Replicas, SamplingParams  # noqa: E402
+
+
+def config() -> EngineConfig:
+    return EngineConfig(num_pages=96, page_size=8, max_running=4, max_tokens_per_step=64, decode_steps=4,
+                        batch_buckets=(4,), prefill_buckets=(16, 64))
+
+
+def all_pages_free(engine: Engine) -> None:
+    engine.clear_prefix_cache()
+    stats = engine.stats()
+    assert stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0, stats
+
+
+def main() -> None:
+    assert len(jax.devices()) == 2, jax.devices()
+    model = jaxserve.load()
+    rng = np.random.default_rng()
+    prompts = ["import os", "def f(x):", "class A:", "x = [", "for i in", "# a comment", "while True:", "y = 3"]
+    greedy = SamplingParams(max_tokens=10, temperature=0)
+    with Engine(model, config()) as one:
+        alone = [o["token_ids"] for o in one.generate(prompts, greedy, use_tqdm=False)]
+    with Replicas(model, config(), devices=2, balance_slack=2) as dp:
+        # Each replica's weights and KV pool live on its own device.
+        for engine, device in zip(dp.engines, jax.devices()):
+            leaves = jax.tree_util.tree_leaves((engine.runner.params, engine.runner.kv))
+            assert {d for leaf in leaves for d in leaf.devices()} == {device}
+        ids = [dp.add_request(p, greedy) for p in prompts]
+        routed = [dp.replica_of(i) for i in ids]
+        assert sorted(set(routed)) == [0, 1] and abs(routed.count(0) - routed.count(1)) <= 1, routed
+        finished = {}
+        while dp.has_unfinished():
+            for r in dp.step():
+                if r.finish_reason is not None:
+                    finished[r.request_id] = r
+        outs = [dp.release(i).result() for i in ids]
+        assert [o["token_ids"] for o in outs] == alone
+        assert dp.stats()["routed"] == [0, 0]
+
+        # A long shared prefix goes where it was first sent, and is served from that replica's cache.
+        header = "import os\nimport sys\nimport json\n\ndef load(path):\n    with open(path) as f:\n"
+        first = dp.add_request(header + "        return f.read()", greedy)
+        home = dp.replica_of(first)
+        while dp.has_unfinished():
+            dp.step()
+        dp.release(first)
+        followers = [dp.add_request(header + tail, greedy) for tail in ("        x = 1", "        pass")]
+        assert [dp.replica_of(f) for f in followers] == [home, home]
+        while dp.has_unfinished():
+            dp.step()
+        results = [dp.release(f).result() for f in followers]
+        assert all(r["cached_tokens"] > 0 for r in results), results
+
+        # A replica past balance_slack more requests than the other gets no more of its prefix: load wins.
+        crowd = [dp.add_request(header + f"        z = {k}", SamplingParams(max_tokens=4, temperature=0))
+                 for k in range(8)]
+        spread = [dp.replica_of(c) for c in crowd]
+        assert spread[:4] == [home, home, home, 1 - home], spread  # loads 0, 1, 2 there, then 3 > 0 + 2
+        victim = crowd[int(rng.integers(len(crowd)))]
+        assert dp.abort(victim)
+        dp.generate(["z = 1"], greedy, use_tqdm=False)  # generate beside queued requests
+        while dp.has_unfinished():
+            dp.step()
+        reasons = {c: dp.release(c).result()["finish_reason"] for c in crowd}
+        assert reasons[victim] == "abort" and all(v in ("stop", "length") for c, v in reasons.items() if c != victim)
+        assert dp.stats()["routed"] == [0, 0]
+        for engine in dp.engines:
+            all_pages_free(engine)
+    outs = jaxserve.generate(model, prompts[:3], greedy, engine_config=config(), use_tqdm=False, data_parallel_size=2)
+    assert [o["token_ids"] for o in outs] == alone[:3]
+    print("replicas: ok")
+
+
+if __name__ == "__main__":
+    main()
