@@ -279,10 +279,7 @@ class AsyncEngine:
         """Requests a failed step may have touched end with an error instead of hanging: those running,
         and those it took off the queue to admit (still waiting, but no longer queued: no step would
         ever reach them)."""
-        queued = set(self.engine.scheduler.waiting)
-        touched = [r for r in self.engine.requests.values()
-                   if r.status is Status.RUNNING or (r.status is Status.WAITING and r not in queued)]
-        for request in touched:
+        for request in self.engine.failed_step_requests():
             self.engine.abort_after_failure(request)
             request.error = message
             self._publish(request)

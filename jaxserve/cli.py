@@ -191,7 +191,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server_config = ServerConfig(model_name=args.served_model_name, api_key=args.api_key or None,
                                  max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
                                  drain_s=args.drain_s, warmup=args.warmup,
-                                 warmup_structured=args.warmup_structured, chat_template=args.chat_template)
+                                 warmup_structured=args.warmup_structured, chat_template=args.chat_template,
+                                 data_parallel_size=args.data_parallel_size)
     engine_config = engine_config_from_args(args)
     serve(_model_from_args(args, engine_config), engine_config, server_config, host=args.host, port=args.port,
           log_level=args.log_level)
@@ -272,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="on shutdown, seconds running requests get to finish before they are aborted (default 5)")
     srv.add_argument("--warmup", action="store_true",
                      help="compile every batch/length bucket before answering (slower start, no compile stalls)")
+    srv.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
+                     help="serve N engines on N devices behind a prefix-aware router (default 1)")
     srv.add_argument("--warmup-structured", action="store_true",
                      help="--warmup, and the steps of requests with structured outputs (response_format, "
                           "guided_*) too")

@@ -418,6 +418,13 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def failed_step_requests(self) -> list[Request]:
+        """The requests a step that raised may have touched: those running, and those it took off the queue to
+        admit (still waiting, but no longer queued: no later step would reach them). `AsyncEngine` ends them."""
+        queued = set(self.scheduler.waiting)
+        return [r for r in self.requests.values()
+                if r.status is Status.RUNNING or (r.status is Status.WAITING and r not in queued)]
+
     # ----- steps ---------------------------------------------------------------------------
     def _sampling_inputs(self, reqs: list[Request], batch: int, host_masks: bool = True):
         # The same rows decode call after call: their stacked parameters (and each unseeded

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Sequence
-from typing import Any, Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 
@@ -27,13 +27,35 @@ from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.request import Request
 from jaxserve.sampling import SamplingParams
+from jaxserve.structured import StructuredOutputs, TokenGuide
+
+
+class _Requests(Mapping):
+    """Every replica's ``Engine.requests`` as one read-only mapping (request ids are unique across them)."""
+
+    def __init__(self, engines: Sequence[Engine]) -> None:
+        self._engines = engines
+
+    def __getitem__(self, request_id: str) -> Request:
+        for engine in self._engines:
+            if request_id in engine.requests:
+                return engine.requests[request_id]
+        raise KeyError(request_id)
+
+    def __iter__(self) -> Iterator[str]:
+        for engine in self._engines:
+            yield from engine.requests
+
+    def __len__(self) -> int:
+        return sum(len(e.requests) for e in self._engines)
 
 
 class Replicas:
     """``devices`` (a count, the devices themselves, or None for every local device) engines of one model,
     driven from one thread: `step` steps each in turn, so one replica's host work overlaps the others' device
     calls (``EngineConfig.overlap``). The Engine's batch API (`add_request`, `step`, `abort`, `release`,
-    `generate`, `stats`, `clear_prefix_cache`, a context manager).
+    `generate`, `stats`, `clear_prefix_cache`, a context manager), and what `jaxserve.async_engine.AsyncEngine`
+    and the server read of an engine (`requests`, `structured_guide`, `max_model_len`...), so it serves too.
 
     Example:
         >>> with Replicas(jaxserve.load(), EngineConfig(max_running=64), devices=2) as dp:   # doctest: +SKIP
@@ -67,6 +89,10 @@ class Replicas:
         self._load = [0] * len(self.engines)  # routed, not yet released
         self._ids = itertools.count()
         self.closed = False
+        self.requests = _Requests(self.engines)
+        first = self.engines[0]
+        self.model, self.tokenizer, self.max_model_len = first.model, first.tokenizer, first.max_model_len
+        self.sampling_defaults = first.sampling_defaults
 
     # ----- routing -------------------------------------------------------------------------
     def _page_keys(self, ids: Sequence[int]) -> list[int]:
@@ -100,11 +126,25 @@ class Replicas:
             pages.popitem(last=False)
 
     # ----- the Engine's batch API ------------------------------------------------------------
+    def structured_guide(self, spec: StructuredOutputs) -> TokenGuide:
+        """`Engine.structured_guide`, compiled once for every replica: they share the first one's token bytes,
+        so the guide (cached by spec and vocabulary) is the same object in each; each writes it into its own
+        device's guide pool when a decode call needs it."""
+        guide = self.engines[0].structured_guide(spec)
+        for engine in self.engines[1:]:
+            engine._vocabulary = self.engines[0]._vocabulary
+        return guide
+
+    def default_sampling_params(self, **overrides: Any) -> SamplingParams:
+        return self.engines[0].default_sampling_params(**overrides)
+
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
                      request_id: str | None = None) -> Request:
         """Route and validate a request (ValueError on bad input, nothing routed), without queueing it."""
         if self.closed:
             raise RuntimeError("replicas are closed")
+        if params is not None and params.structured_outputs is not None:
+            self.structured_guide(params.structured_outputs)  # one compile, and the replicas share its vocabulary
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._owner:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -151,6 +191,9 @@ class Replicas:
     def abort_after_failure(self, request: Request) -> None:
         self.engines[self._owner[request.request_id]].abort_after_failure(request)
 
+    def failed_step_requests(self) -> list[Request]:
+        return [r for e in self.engines for r in e.failed_step_requests()]
+
     def release(self, request_id: str) -> Request | None:
         """Forget a finished request (the caller has read its result)."""
         replica = self._owner.get(request_id)
@@ -170,11 +213,17 @@ class Replicas:
         return run_to_completion(self, prompts, sampling_params, use_tqdm)
 
     def stats(self) -> dict[str, Any]:
-        """Each replica's `Engine.stats` (``replicas``), and the sums of their counts and rates."""
+        """Each replica's `Engine.stats` (``replicas``); at the top, as one engine's: the sums of their counts,
+        times and rates, and the mean prefix hit rate."""
         per = [e.stats() for e in self.engines]
-        summed = {k: sum(s[k] for s in per) for k in ("running", "waiting", "pages_used", "generated_tokens",
-                                                        "prefill_tokens", "tokens_per_s") if all(k in s for s in per)}
-        return {**summed, "replicas": per, "routed": list(self._load)}
+        out: dict[str, Any] = {k: sum(s[k] for s in per) for k in per[0]
+                               if all(isinstance(s.get(k), (int, float)) for s in per)}
+        out["prefix_hit_rate"] = sum(s["prefix_hit_rate"] for s in per) / len(per)
+        return {**out, "replicas": per, "routed": list(self._load)}
+
+    def warmup(self, sampling: bool = True, logprobs: bool = False, structured: bool = False) -> int:
+        """`Engine.warmup` on every replica (each device compiles its own programs); the shapes compiled."""
+        return sum(e.warmup(sampling=sampling, logprobs=logprobs, structured=structured) for e in self.engines)
 
     def clear_prefix_cache(self) -> None:
         for engine in self.engines:

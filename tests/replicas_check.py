@@ -1,7 +1,7 @@
 """Data-parallel replicas on two CPU devices (run by tests/test_replicas.py in a process of its own, since
 the device count is fixed when JAX starts): the same greedy tokens as one engine, requests spread over both
 replicas, a shared prefix routed to the replica that caches it, each replica's arrays on its own device, aborts,
-and every page free on both at the end."""
+every page free on both at the end, and the server over both."""
 
 from __future__ import annotations
 
@@ -83,7 +83,38 @@ def main() -> None:
             all_pages_free(engine)
     outs = jaxserve.generate(model, prompts[:3], greedy, engine_config=config(), use_tqdm=False, data_parallel_size=2)
     assert [o["token_ids"] for o in outs] == alone[:3]
+    serve(model, prompts, alone)
     print("replicas: ok")
+
+
+def serve(model, prompts, alone) -> None:
+    """The server over two replicas: greedy answers as one engine's, a structured output, metrics, the cache."""
+    import concurrent.futures
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from jaxserve.server import ServerConfig, create_app
+
+    app = create_app(model, config(), ServerConfig(model_name="tiny", data_parallel_size=2))
+    with TestClient(app) as client:
+        def complete(prompt: str) -> dict:
+            r = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 10,
+                                                     "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            texts = [c["text"] for c in pool.map(complete, prompts)]
+        assert texts == [model.tokenizer.decode(ids) for ids in alone], texts
+        dp = app.state.jaxserve.engine.engine
+        assert isinstance(dp, Replicas) and all(e.stats()["generated_tokens"] > 0 for e in dp.engines)
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x = ", "max_tokens": 8,
+                                                 "temperature": 0, "guided_regex": "[0-9]{3}"})
+        assert r.status_code == 200 and re.fullmatch("[0-9]{3}", r.json()["choices"][0]["text"]), r.text
+        assert client.get("/metrics").status_code == 200 and client.post("/flush_cache").status_code == 200
+        for engine in dp.engines:
+            all_pages_free(engine)
 
 
 if __name__ == "__main__":

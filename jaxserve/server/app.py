@@ -33,6 +33,7 @@ from jaxserve.engine import Engine
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.metrics import CONTENT_TYPE, ServingMetrics
+from jaxserve.replicas import Replicas
 from jaxserve.sampling import MAX_LOGPROBS, SamplingParams
 from jaxserve.server.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
                                       Schema, TokenizeRequest, ToolCall, bad_params)
@@ -59,7 +60,8 @@ class ServerConfig:
     shape before the server answers (``Engine.warmup``), so no request waits on the compiler;
     ``warmup_structured`` also those of requests with structured outputs (``response_format``
     and vLLM's ``structured_outputs`` / ``guided_*``: each decode shape compiles once more);
-    ``chat_template`` (a file or a Jinja template) replaces the checkpoint's chat template.
+    ``chat_template`` (a file or a Jinja template) replaces the checkpoint's chat template;
+    ``data_parallel_size`` > 1 serves that many engines on as many devices (`jaxserve.replicas.Replicas`).
 
     Example:
         >>> ServerConfig(api_key="secret", max_tokens_limit=1024).max_body_bytes
@@ -75,12 +77,13 @@ class ServerConfig:
     drain_s: float = 5.0
     warmup: bool = False
     warmup_structured: bool = False
+    data_parallel_size: int = 1
     # vLLM's --chat-template: a Jinja file or the template itself, replacing the checkpoint's (a base
     # model has none; a fine-tune may want another).
     chat_template: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_stop"):
+        for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_stop", "data_parallel_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if self.drain_s < 0:
@@ -132,7 +135,10 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     async def lifespan(app: FastAPI):
         loaded = model if isinstance(model, LoadedModel) else await asyncio.to_thread(
             load, model, engine_config.compute_dtype())
-        engine = await asyncio.to_thread(Engine, loaded, engine_config)
+        if server_config.data_parallel_size > 1:
+            engine = await asyncio.to_thread(Replicas, loaded, engine_config, server_config.data_parallel_size)
+        else:
+            engine = await asyncio.to_thread(Engine, loaded, engine_config)
         if server_config.warmup or server_config.warmup_structured:
             # Clients ask for log-probabilities per request: both step variants, warm.
             shapes = await asyncio.to_thread(engine.warmup, sampling=True, logprobs=True,
