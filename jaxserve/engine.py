@@ -344,7 +344,8 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         guide = self._guide(params) if params.structured_outputs is not None else None
-        detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
+        detok = (IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+                 if self.tokenizer is not None else None)
         return Request(request_id, ids, params, detok, self.eos_ids, guide=guide)
 
     def _guide(self, params: SamplingParams) -> GuideState:

@@ -78,6 +78,7 @@ class SamplingParams:
     `structured_outputs` (vLLM's; a `jaxserve.structured.StructuredOutputs` or a dict of its fields: a JSON
     schema, a regex, a list of choices or any JSON object): the output is constrained to match it, and ends
     once it is a complete match (or at EOS where the match may go on).
+    `skip_special_tokens` (vLLM's, default True): special tokens (``<|im_start|>``...) add no text.
     `allowed_token_ids` (vLLM's): the only tokens the request may produce (EOS too only where listed); stored
     sorted. With `structured_outputs`, a token must be allowed by both.
 
@@ -108,6 +109,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     logprobs: int | None = None
     min_tokens: int = 0
     logit_bias: Any = ()
@@ -164,7 +166,7 @@ class SamplingParams:
         ):
             raise ValueError(f"stop_token_ids must be a list of ints in [0, 2**31 - 1], got {self.stop_token_ids!r}")
         set_("stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        for name in ("ignore_eos", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
             set_(name, bool(getattr(self, name)))

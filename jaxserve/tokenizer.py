@@ -120,21 +120,24 @@ class IncrementalDetokenizer:
     U+FFFD and is held back until the next token completes it. ``prompt_ids``: the prompt, whose
     last tokens are decoded before the output's (vLLM's rule), so a character that the prompt
     starts and the output completes stays with the prompt instead of opening the text with U+FFFD.
+    ``skip_special_tokens`` (vLLM's, default on): special tokens (``<|im_start|>``...) leave no text.
 
     Example:
         >>> detok = IncrementalDetokenizer(tokenizer, prompt_ids)  # doctest: +SKIP
         >>> "".join(detok.push(t) for t in ids) + detok.flush()    # doctest: +SKIP
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int] = ()) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int] = (),
+                 skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         # A fast tokenizer's Rust decoder directly: transformers' wrapper around it costs more
         # than the decode itself, twice per generated token (~26 ms of host time per 8-step call
         # at batch 256; bench/results/host_overhead.md). Its output is the same unless the
         # wrapper's clean-up of tokenization spaces is on.
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-            self._decode = functools.partial(backend.decode, skip_special_tokens=True)
+            self._decode = functools.partial(backend.decode, skip_special_tokens=skip_special_tokens)
         # Decode only a short window (vLLM's prefix/read offsets) so streaming stays O(tokens). It
         # opens on the prompt's last tokens: more than a split character's (at most 3 of its 4
         # bytes), as many as vLLM's first window.
@@ -143,7 +146,7 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the new, complete text since the last call."""

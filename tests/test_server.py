@@ -290,6 +290,13 @@ def test_logit_bias_forces_a_token(client, live, pages_freed):
     comp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0,
                                      logit_bias={"17": 100})
     assert comp.choices[0].text == live.app.state.jaxserve.tokenizer.decode([17] * 4)
+    # A special token forced: no text by default, spelled out with vLLM's skip_special_tokens false.
+    tok = live.app.state.jaxserve.tokenizer
+    special = tok.convert_tokens_to_ids(tok.all_special_tokens[-1])
+    for skip in (True, False):
+        comp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0,
+                                         logit_bias={str(special): 100}, extra_body={"skip_special_tokens": skip})
+        assert comp.choices[0].text == ("" if skip else tok.all_special_tokens[-1] * 2), comp.choices[0]
 
 
 def test_token_id_prompts_and_prompt_lists(client, live, pages_freed):

@@ -24,6 +24,25 @@ def test_incremental_text_equals_one_shot_decode_with_and_without_the_rust_fast_
         assert text == expected, f"seed={seed}"
 
 
+def test_special_tokens_are_spelled_out_where_they_are_not_skipped():
+    """vLLM's skip_special_tokens=False: <|im_start|> and friends in the text, through the detokenizer and a
+    request the engine runs (a logit bias forces one)."""
+    import jaxserve
+    from jaxserve import SamplingParams
+
+    model = load()
+    tokenizer = model.tokenizer
+    ids = tokenizer.encode("a<|im_start|>b", add_special_tokens=False)
+    for skip, expected in ((True, "ab"), (False, "a<|im_start|>b")):
+        detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip)
+        assert "".join(detok.push(t) for t in ids) + detok.flush() == expected
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    for skip in (True, False):
+        params = SamplingParams(max_tokens=3, temperature=0, logit_bias={start: 100}, skip_special_tokens=skip)
+        out = jaxserve.generate(model, ["x = "], params, use_tqdm=False)[0]
+        assert out["token_ids"] == [start] * 3 and out["text"] == ("" if skip else "<|im_start|>" * 3), out
+
+
 def test_a_run_ending_inside_a_character_still_releases_the_text_before_it():
     tokenizer = load().tokenizer
     ids = tokenizer.encode("the cat 🙂", add_special_tokens=False)

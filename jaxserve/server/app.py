@@ -531,7 +531,8 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
              "repetition_penalty": req.repetition_penalty, "min_tokens": req.min_tokens,
              "ignore_eos": req.ignore_eos, "stop_token_ids": req.stop_token_ids, "logit_bias": req.logit_bias,
              "include_stop_str_in_output": req.include_stop_str_in_output,
-             "truncate_prompt_tokens": req.truncate_prompt_tokens, "allowed_token_ids": req.allowed_token_ids}
+             "truncate_prompt_tokens": req.truncate_prompt_tokens, "allowed_token_ids": req.allowed_token_ids,
+             "skip_special_tokens": req.skip_special_tokens}
     kwargs = {**st.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}
     try:
         # n > 1 with a seed: sample j of every prompt uses seed + j (vLLM's rule), so a prompt's
