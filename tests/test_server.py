@@ -1114,7 +1114,7 @@ def script_outputs(monkeypatch, *texts: str) -> None:
 
     scripts = list(texts)
     monkeypatch.setattr(jaxserve.engine, "IncrementalDetokenizer",
-                        lambda tokenizer, prompt_ids=(): ScriptedDetokenizer((scripts.pop(0) if scripts else "") + END))
+                        lambda tokenizer, prompt_ids=(), skip_special_tokens=True: ScriptedDetokenizer((scripts.pop(0) if scripts else "") + END))
 
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
