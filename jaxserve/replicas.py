@@ -90,6 +90,7 @@ class Replicas:
         self._ids = itertools.count()
         self.closed = False
         self.requests = _Requests(self.engines)
+        self._failed: int | None = None  # the replica whose step raised last (`failed_step_requests`)
         first = self.engines[0]
         self.model, self.tokenizer, self.max_model_len = first.model, first.tokenizer, first.max_model_len
         self.sampling_defaults = first.sampling_defaults
@@ -170,11 +171,17 @@ class Replicas:
         return self._owner.get(request_id)
 
     def step(self) -> list[Request]:
-        """One step of every replica with work; the requests that got new tokens or finished."""
+        """One step of every replica with work; the requests that got new tokens or finished. A replica's step
+        that raises ends this one (the exception propagates); `failed_step_requests` then names that replica's
+        requests only, so a server fails them and the other replicas go on."""
         out: list[Request] = []
-        for engine in self.engines:
+        for i, engine in enumerate(self.engines):
             if engine.has_unfinished():
-                out.extend(engine.step())
+                try:
+                    out.extend(engine.step())
+                except Exception:
+                    self._failed = i
+                    raise
         return out
 
     def stream(self) -> Iterator[Request]:
@@ -192,7 +199,10 @@ class Replicas:
         self.engines[self._owner[request.request_id]].abort_after_failure(request)
 
     def failed_step_requests(self) -> list[Request]:
-        return [r for e in self.engines for r in e.failed_step_requests()]
+        """The requests the last failed step may have touched: those of the replica whose step raised."""
+        failed, self._failed = self._failed, None
+        engines = self.engines if failed is None else [self.engines[failed]]
+        return [r for e in engines for r in e.failed_step_requests()]
 
     def release(self, request_id: str) -> Request | None:
         """Forget a finished request (the caller has read its result)."""

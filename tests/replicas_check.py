@@ -81,6 +81,37 @@ def main() -> None:
         assert dp.stats()["routed"] == [0, 0]
         for engine in dp.engines:
             all_pages_free(engine)
+    # A replica whose step raises: only its requests are the failed step's to end; the other's run on.
+    with Replicas(model, config(), devices=2, balance_slack=0) as dp:
+        ids = [dp.add_request(p, greedy) for p in prompts[:4]]
+        broken = dp.engines[1]
+        real_step = broken.step
+
+        def failing():
+            broken.step = real_step
+            raise RuntimeError("injected")
+
+        dp.step()  # both replicas admit and prefill theirs; replica 1's next step raises
+        broken.step = failing
+        try:
+            while dp.has_unfinished():
+                dp.step()
+            raise AssertionError("the injected failure never came")
+        except RuntimeError as exc:
+            assert str(exc) == "injected"
+        touched = dp.failed_step_requests()
+        assert touched and {dp.replica_of(r.request_id) for r in touched} == {1}, touched
+        for r in touched:
+            dp.abort_after_failure(r)
+        while dp.has_unfinished():
+            dp.step()
+        results = {i: dp.release(i).result() for i in ids}
+        ended = {r.request_id for r in touched}
+        for i in ids:
+            assert (results[i]["finish_reason"] == "abort") == (i in ended), results[i]
+        assert len(ended) < len(ids)  # replica 0's requests finished as usual
+        for engine in dp.engines:
+            all_pages_free(engine)
     outs = jaxserve.generate(model, prompts[:3], greedy, engine_config=config(), use_tqdm=False, data_parallel_size=2)
     assert [o["token_ids"] for o in outs] == alone[:3]
     serve(model, prompts, alone)
