@@ -646,6 +646,7 @@ class TokenGuide:
         self._lock = threading.Lock()
         self._build_lock = threading.Lock()  # a server's tokenizer thread and the engine's may both build them
         self._device_tables: tuple[jax.Array, jax.Array] | None = None
+        self._tables: tuple[np.ndarray, np.ndarray] | None = None  # `tables`, once computed (host or device)
         allowed = np.zeros(vocab.size, bool)
         allowed[self.eos_ids] = True
         self.eos_mask = pack_mask(allowed)
@@ -667,7 +668,7 @@ class TokenGuide:
         state a token leads to, ``S`` where it breaks the constraint, ``S + 1`` for an EOS id where the text is
         a full match; int16 where that fits, int32 past it), S the live states: what a decode call needs to
         follow the constraint on the device for several steps. Computed once (S walks of the vocabulary)."""
-        if getattr(self, "_tables", None) is None:
+        if self._tables is None:
             states = self.dfa.sink
             nxt = np.empty((states, self.vocab.size), _state_dtype(states + 1))
             masks = np.empty((states, self.words), np.uint32)
@@ -698,7 +699,7 @@ class TokenGuide:
                 self._device_tables = _walk_all(jnp.asarray(table), cols, lens, jnp.asarray(accepting),
                                                 jnp.asarray(eos), sink=states, words=self.words,
                                                 dtype=_state_dtype(states + 1))
-                if getattr(self, "_tables", None) is None:
+                if self._tables is None:
                     # A host copy too: the host follows every decoded token, by lookup in it rather than a walk
                     # of the token's bytes (at 256 rows on the H200 the walks cost 25% of the constrained tokens/s).
                     self._tables = tuple(np.asarray(t[:states]) for t in self._device_tables)
@@ -708,7 +709,7 @@ class TokenGuide:
     def prepare_host_tables(self) -> None:
         """Compute the host's copy of `tables` on the device where it is missing, keeping no device copy (for
         `next_state`'s lookups; `jaxserve.guide_pool` writes the device's where a decode call needs them)."""
-        if getattr(self, "_tables", None) is None:
+        if self._tables is None:
             self.device_tables(padded=True)
             self.drop_device_tables()
 
@@ -717,16 +718,11 @@ class TokenGuide:
         with self._build_lock:
             self._device_tables = None
 
-    def table_bytes(self) -> int:
-        """Bytes `tables` takes (without computing it)."""
-        states = self.dfa.sink
-        return states * (self.vocab.size * np.dtype(_state_dtype(states + 1)).itemsize + self.words * 4)
-
     def next_state(self, state: int, token: int) -> int:
         """The state after ``token`` (the sink if it breaks the constraint)."""
         if not 0 <= token < self.vocab.size:
             return self.dfa.sink
-        tables = getattr(self, "_tables", None)
+        tables = self._tables
         if tables is not None:  # one lookup, not a walk of the token's bytes (the host follows every row's tokens)
             nxt = int(tables[1][state, token])
             return nxt if nxt < self.dfa.sink else self.dfa.sink
