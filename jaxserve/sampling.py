@@ -328,15 +328,16 @@ def allowed_masks(params: Sequence[SamplingParams | None], batch_size: int, voca
         >>> allowed_masks([SamplingParams(allowed_token_ids=[0, 2]), None], 2, 3).tolist()
         [[5], [4294967295]]
     """
+    from jaxserve.structured import pack_mask
+
     if not any(p is not None and p.allowed_token_ids is not None for p in params):
         return None
-    words = -(-vocab_size // 32)
-    masks = np.full((batch_size, words), 0xFFFFFFFF, np.uint32)
+    masks = np.full((batch_size, -(-vocab_size // 32)), 0xFFFFFFFF, np.uint32)
     for i, p in enumerate(params):
         if p is not None and p.allowed_token_ids is not None:
-            ids = np.asarray([t for t in p.allowed_token_ids if t < vocab_size], np.int64)
-            masks[i] = 0
-            np.bitwise_or.at(masks[i], ids // 32, (np.uint32(1) << (ids % 32).astype(np.uint32)))
+            allowed = np.zeros(vocab_size, bool)
+            allowed[[t for t in p.allowed_token_ids if t < vocab_size]] = True
+            masks[i] = pack_mask(allowed)
     return masks
 
 
