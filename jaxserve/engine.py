@@ -293,6 +293,14 @@ class Engine:
         self.closed = False
 
     # ----- requests ------------------------------------------------------------------------
+    def request_ids(self, prompt: Prompt, params: SamplingParams) -> list[int]:
+        """The token ids a request of ``prompt`` runs on: tokenized (or checked against the vocabulary) and cut
+        to its last ``params.truncate_prompt_tokens`` (a chat's newest turns are its end). ValueError if bad."""
+        ids = self._prompt_ids(prompt)
+        if params.truncate_prompt_tokens is not None:
+            ids = ids[-params.truncate_prompt_tokens:]
+        return ids
+
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -323,9 +331,7 @@ class Engine:
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        ids = self._prompt_ids(prompt)
-        if params.truncate_prompt_tokens is not None:  # the last k: a chat's newest turns are its end
-            ids = ids[-params.truncate_prompt_tokens:]
+        ids = self.request_ids(prompt, params)
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"max_model_len ({self.max_model_len})")
@@ -891,22 +897,22 @@ class Engine:
             zeros = np.zeros(batch, np.int32)
             table = np.zeros((batch, self.scheduler.max_pages_per_seq), np.int32)
             sbatch = make_batch([], batch)
-            # A prefill's rows with structured outputs take their first token's masks from the host.
-            masked = sbatch.replace(allowed=jnp.full((batch, self._vocabulary_words()), 0xFFFFFFFF, jnp.uint32))
             # Buckets whose decode calls run padded wider (decode_batch) compile only the shapes of this batch
             # they take (decode_shape), and a decode-only shape past the largest bucket no prefill.
             shapes = [s for s in self._decode_shapes if s.batch == batch]
             lengths = cfg.prefill_buckets if batch in cfg.batch_buckets else ()
             for (greedy, lps), pool in itertools.product(variants, guided):
                 guides = None if pool is None else (*pool, zeros, zeros)
+                # A prefill's rows with structured outputs take their first token's masks from the host.
+                prefill_batch = sbatch if pool is None else sbatch.replace(
+                    allowed=jnp.full((batch, self._vocabulary_words()), 0xFFFFFFFF, jnp.uint32))
                 for steps, shape in itertools.product(step_counts, shapes):
                     self.runner.decode(zeros, zeros, zeros, table[:, :shape.width], sbatch, zeros, steps,
                                        greedy=greedy, logprobs=lps, live_rows=shape.live, guides=guides)
                 for length in lengths:
                     if fewest_rows == 1 or fewest_rows * length <= 2 * cfg.max_tokens_per_step:
                         out = self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table,
-                                                  sbatch if pool is None else masked, zeros, greedy=greedy,
-                                                  logprobs=lps)
+                                                  prefill_batch, zeros, greedy=greedy, logprobs=lps)
                         first_tokens[batch] = out.tokens
             fewest_rows = batch + 1
         if cfg.overlap:  # a decode call that follows a prefill (_can_follow_prefill) picks its first tokens

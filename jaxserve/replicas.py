@@ -149,9 +149,7 @@ class Replicas:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._owner:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        ids = self.engines[0]._prompt_ids(prompt)
-        if params is not None and params.truncate_prompt_tokens is not None:
-            ids = ids[-params.truncate_prompt_tokens:]
+        ids = self.engines[0].request_ids(prompt, params or self.default_sampling_params())
         replica = self.route(ids)
         request = self.engines[replica].make_request(ids, params, request_id)
         self._owner[request_id] = replica
