@@ -131,7 +131,7 @@ class CompletionFormat:
         if self.prompt_only:  # the engine's one token is not shown: only that the choice ended
             if chunk["finish_reason"] is None:
                 return []
-            chunk = {**chunk, "text": "", "token_ids": [], "finish_reason": "length", "stop_reason": None}
+            chunk = self._shown([chunk])[0]
         has_tokens = self.req.logprobs is not None and chunk["token_ids"]
         if not chunk["text"] and chunk["finish_reason"] is None and not has_tokens:
             return []
