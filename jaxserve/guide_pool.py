@@ -28,8 +28,9 @@ import numpy as np
 
 from jaxserve.structured import TokenGuide, pack_mask
 
-# Rows a guide's extent is rounded up to: `TokenGuide.device_tables(padded=True)` holds at least this many
-# more rows than live states (powers of two from 8), so every copy is a whole chunk of the source.
+# Rows a guide's extent is rounded up to: `TokenGuide.device_tables(padded=True)` pads the live states to a power
+# of two from 8 above them, so the live states rounded up to CHUNK never pass its rows and every copy is a whole
+# chunk of the source.
 CHUNK = 8
 # Rows of a pool's first arrays: ~83 MB at Qwen's 151,936-token vocabulary, a few regexes or a mid-sized schema.
 FIRST_ROWS = 256
