@@ -27,11 +27,11 @@ from jaxserve import model as model_module
 from jaxserve.model import decode_rows
 from jaxserve.request import Request, Status
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
-from jaxserve.sampling import (SamplingParams, allowed_masks, check_banned_ids, make_batch, needs_penalties,
-                               needs_sampling)
+from jaxserve.sampling import (MAX_BAD_WORD_TOKENS, MAX_BAD_WORDS, SamplingParams, allowed_masks, check_banned_ids,
+                               make_batch, needs_history, needs_penalties, needs_sampling, recent_tokens)
 from jaxserve.scheduler import Scheduler
 from jaxserve.structured import GuideState, StructuredOutputs, TokenGuide, Vocabulary, compile_guide
-from jaxserve.tokenizer import IncrementalDetokenizer, vocabulary_bytes
+from jaxserve.tokenizer import IncrementalDetokenizer, bad_words_token_ids, vocabulary_bytes
 
 log = logging.getLogger("jaxserve.engine")
 
@@ -344,6 +344,7 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to match the text, and this engine has none; "
                              "use stop_token_ids")
+        bad_words = self._bad_words(params.bad_words) if params.bad_words else ()
         if params.logprobs is not None and params.logprobs > MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.logprobs}")
         request_id = request_id or f"req-{next(self._ids)}"
@@ -352,7 +353,23 @@ class Engine:
         guide = self._guide(params) if params.structured_outputs is not None else None
         detok = (IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                  if self.tokenizer is not None else None)
-        return Request(request_id, ids, params, detok, self.eos_ids, guide=guide)
+        return Request(request_id, ids, params, detok, self.eos_ids, guide=guide, bad_word_ids=bad_words)
+
+    def _bad_words(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+        if self.tokenizer is None:
+            raise ValueError("bad_words need a tokenizer to find their tokens, and this engine has none")
+        seqs = bad_words_token_ids(self.tokenizer, words)
+        if len(seqs) > MAX_BAD_WORDS:
+            raise ValueError(f"bad_words must give at most {MAX_BAD_WORDS} token sequences (a word gives one or two),"
+                             f" got {len(seqs)}")
+        for seq in seqs:
+            if len(seq) > MAX_BAD_WORD_TOKENS:
+                raise ValueError(f"bad_words must be at most {MAX_BAD_WORD_TOKENS} tokens each, got {len(seq)} "
+                                 f"tokens {list(seq)}")
+        # A tokenizer may know more tokens than the model's logits have (added tokens past the embedding).
+        _check_in_vocab([t for seq in seqs for t in seq], self.model.config.vocab_size,
+                        "bad_words must tokenize to ids")
+        return tuple(seqs)
 
     def _guide(self, params: SamplingParams) -> GuideState:
         return GuideState(self.structured_guide(params.structured_outputs))
@@ -443,13 +460,16 @@ class Engine:
             params = [r.params for r in reqs]
             sampled = needs_sampling(params)
             static = allowed_masks(params, batch, self.model.config.vocab_size)
-            self._sampling_cache = (key, make_batch(params, batch, eos_token_ids=self.eos_ids, allowed=static), static,
+            self._sampling_cache = (key, make_batch(params, batch, eos_token_ids=self.eos_ids, allowed=static,
+                                                    bad_words=[r.bad_word_ids for r in reqs]), static,
                                     MAX_TOP_LOGPROBS if any((p.logprobs or 0) > 0 for p in params) else 0,
                                     sampled, needs_penalties(params),
                                     # Log-probabilities only when some row asks (vLLM's rule too): the
                                     # greedy pick is then an argmax without an exponential an element.
-                                    any(p.logprobs is not None for p in params))
-        _, sbatch, static, num_top, sampled, penalties, logprobs = self._sampling_cache
+                                    any(p.logprobs is not None for p in params), self._needs_history(reqs))
+        _, sbatch, static, num_top, sampled, penalties, logprobs, history = self._sampling_cache
+        if history:  # the bad words' bans read each row's last tokens
+            sbatch = sbatch.replace(recent=jax.device_put(recent_tokens([r.output_ids for r in reqs], batch)))
         if host_masks and any(r.guide is not None for r in reqs):
             # Each row's next-token mask depends on the tokens so far: built for every call, which is then
             # one token long (a prefill's, or a decode step's where `_guide_tables` cannot serve the batch).
@@ -472,6 +492,12 @@ class Engine:
                 seen_np[i, np.asarray(r.all_ids, np.int64)] = True
             counts, seen = jnp.asarray(counts_np), jnp.asarray(seen_np)
         return sbatch, steps, num_top, counts, seen, not sampled, logprobs
+
+    @staticmethod
+    def _needs_history(reqs: Sequence[Request]) -> bool:
+        """Whether some row's bad words are longer than a token: its call's bans then read its last tokens,
+        which the host sends (`sampling.recent_tokens`), so the call cannot start before the host has them."""
+        return any(needs_history(r.bad_word_ids) for r in reqs)
 
     def _place_guides(self, reqs: Sequence[Request]) -> dict[TokenGuide, int] | None:
         """The pool offsets of the rows' guides (`GuidePool.place`), or None where they cannot all be on the
@@ -694,9 +720,9 @@ class Engine:
         """Whether the next step may be another call over the same rows, dispatched before reading this one.
 
         Only in steady decoding: nothing waits or prefills, no penalties (their counts live on the
-        host), every row still runs and gets room for the chained call's tokens without preemption.
+        host) nor bad words of several tokens (their last tokens too), every row still runs and gets room for the chained call's tokens without preemption.
         """
-        if not self.config.overlap or call.penalties or self.scheduler.waiting:
+        if not self.config.overlap or call.penalties or self.scheduler.waiting or self._needs_history(call.reqs):
             return False
         if self._guided(call.reqs) and not call.guided:  # masks from the host need its tokens first
             return False
@@ -712,7 +738,7 @@ class Engine:
         """The rows of a decode call that may start before the host reads ``call``'s first tokens
         (None if none may): with ``overlap``, once ``call`` is the last prefill (no prompt waits or
         is partway), nobody asks for penalties (their token counts need the first tokens on the
-        host) and every row gets its pages without preempting. Each of ``call``'s rows starts
+        host) or bad words of several tokens, and every row gets its pages without preempting. Each of ``call``'s rows starts
         from its first token on the device, so the device goes from the prefill straight into
         decoding instead of waiting for the host to read, schedule and dispatch.
         """
@@ -721,7 +747,7 @@ class Engine:
         rows = self.scheduler.running
         if not rows or any(r.is_prefilling or r.finish_reason is not None for r in rows):
             return None
-        if needs_penalties([r.params for r in rows]):
+        if needs_penalties([r.params for r in rows]) or self._needs_history(rows):
             return None
         if self._guided(rows) and self._place_guides(rows) is None:
             return None  # masks from the host need the first tokens there
@@ -880,8 +906,8 @@ class Engine:
         steps of batches where a request asks for log-probabilities (``SamplingParams.logprobs``
         set; the top log-probabilities' variants still compile on first use); ``structured=True``
         also those where a row follows a structured output (decode calls at the guide pool's first
-        size, `GuidePool`, and prefills with masks; a pool grown past it compiles again). Returns
-        the number of shapes compiled.
+        size, `GuidePool`, and prefills with masks; a pool grown past it compiles again). Steps of batches
+        with a `logit_bias` or `bad_words` compile on first use. Returns the number of shapes compiled.
         """
         cfg = self.config
         before = len(self.runner.compiled_shapes)

@@ -67,6 +67,8 @@ class Request:
     # Structured outputs (`params.structured_outputs`): where the output stands in its constraint
     # (`jaxserve.structured.GuideState`), advanced by the engine as tokens arrive; None without one.
     guide: Any = dataclasses.field(default=None, repr=False)
+    # `params.bad_words` as the token sequences they ban (`jaxserve.tokenizer.bad_words_token_ids`).
+    bad_word_ids: tuple[tuple[int, ...], ...] = ()
 
     @property
     def all_ids(self) -> list[int]:

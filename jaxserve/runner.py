@@ -28,8 +28,8 @@ from jaxserve import kv_pool
 from jaxserve.config import ModelConfig
 from jaxserve.model import (KVCache, PagedAttention, Qwen2ForCausalLM, check_weight_layout, greedy_head_applies,
                             new_kv_cache)
-from jaxserve.sampling import (PromptLogprobs, SampleOutput, SamplingBatch, no_logprobs, sample, token_logprobs,
-                               unpack_allowed, update_counts)
+from jaxserve.sampling import (PromptLogprobs, SampleOutput, SamplingBatch, ban_bad_words, no_logprobs, push_recent,
+                               sample, token_logprobs, unpack_allowed, update_counts)
 
 # XLA compiler options of decode steps wider than the skinny matmul serves, whose projections
 # are XLA GEMMs. cuBLAS instead of XLA's Triton GEMMs: cuBLAS takes the residual adds into
@@ -99,19 +99,22 @@ def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, cou
     ``logprobs=False`` (no request in the step asked for any): they are NaN, not computed, so
     the greedy pick is the argmax alone (no exponential of the logits). Rows with an allowed-token mask
     (`SamplingBatch.allowed`, structured outputs) take the argmax of their allowed tokens, without the
-    sampler's data-dependent branches; their log-probabilities stay the raw model's, as the sampler's.
+    sampler's data-dependent branches; their log-probabilities stay the raw model's, as the sampler's. So do rows
+    with `bad_words` (`SamplingBatch.bad_words`), whose banned tokens are masked where they are picked.
     """
     if not greedy:
         return sample(logits, batch, steps, counts=counts, seen=seen, num_top_logprobs=num_top,
                       logprobs=logprobs)
     masked = bool(batch.allowed.shape[1])
-    if pick_kernel and num_top == 0 and (not masked or (MASKED_PICK and not logprobs)):
+    banning = bool(batch.bad_words.shape[1])
+    if pick_kernel and num_top == 0 and not banning and (not masked or (MASKED_PICK and not logprobs)):
         from jaxserve_kernels.greedy_pick import greedy_pick
 
         tokens, chosen = greedy_pick(logits, batch.allowed if masked else None, logprobs=logprobs)
         out = no_logprobs(tokens)  # no top tokens either way
         return out if chosen is None else out.replace(logprobs=chosen)
     picked = jnp.where(unpack_allowed(batch.allowed, logits.shape[-1]), logits, -jnp.inf) if masked else logits
+    picked = ban_bad_words(picked, batch)
     tokens = jnp.argmax(picked, axis=-1).astype(jnp.int32)
     if not logprobs and num_top == 0:
         return no_logprobs(tokens)
@@ -163,7 +166,7 @@ class Runner:
         """
         prompt = -1 if prompt_targets is None else prompt_top
         self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, batch.bias_ids.shape[1],
-                                  batch.allowed.shape[1], num_top, counts is not None, greedy, logprobs)
+                                  batch.allowed.shape[1], batch.bad_words.shape[1], num_top, counts is not None, greedy, logprobs)
                                  + ((prompt,) if prompt >= 0 else ()))
         targets = None if prompt_targets is None else _int32(prompt_targets)[0]
         self.kv, out = self.compiled.prefill(
@@ -199,7 +202,7 @@ class Runner:
         live_rows = None if live_rows == tokens.shape[0] else live_rows
         guide_rows = -1 if guides is None else guides[0].shape[0]
         self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, batch.bias_ids.shape[1],
-                                  batch.allowed.shape[1], num_steps, num_top, penalties, greedy, logprobs)
+                                  batch.allowed.shape[1], batch.bad_words.shape[1], num_steps, num_top, penalties, greedy, logprobs)
                                  + ((live_rows,) if live_rows else ()) + (("guides", guide_rows) if guides else ()))
         masks, nxt, states, advance = (None,) * 4 if guides is None else (guides[0], guides[1],
                                                                          *_int32(guides[2], guides[3]))
@@ -266,8 +269,8 @@ class Steps:
 
     def _greedy_head(self, rows: int, greedy: bool, num_top: int, logprobs: bool, batch: SamplingBatch) -> bool:
         """Whether a step's tokens come from the LM head's argmax kernel (`model.greedy_head_applies`):
-        every row greedy without penalties or allowed-token masks, no log-probabilities asked for."""
-        return (greedy and not logprobs and num_top == 0 and not batch.allowed.shape[1]
+        every row greedy without penalties, allowed-token masks or bad words, no log-probabilities asked for."""
+        return (greedy and not logprobs and num_top == 0 and not batch.allowed.shape[1] and not batch.bad_words.shape[1]
                 and greedy_head_applies(self.model.config, self.model.dtype, rows))
 
     def _pick_kernel(self, logits: jax.Array) -> bool:
@@ -309,25 +312,41 @@ class Steps:
         tokens_only = not logprobs and num_top == 0
         unroll = max(1, min(DECODE_UNROLL, num_steps))
         rows = tokens.shape[0]
-        if guide_masks is not None:
+        guided, banning = guide_masks is not None, bool(batch.bad_words.shape[1])
+        if guided or banning:
+            # Per-row state carried from step to step besides the tokens: each row's guide state (structured
+            # outputs followed on the device) and its last tokens (which bad words' endings are banned).
             def one(carry, k):
-                kv, tokens, counts, seen, states = carry
-                # This step's masks from each row's state: the constraint followed on the device, step by step
-                # (and the rows' allowed_token_ids, where some row has them).
-                allowed = guide_masks[states]
-                if batch.allowed.shape[1]:
-                    allowed = allowed & batch.allowed
+                kv, tokens, counts, seen, states, recent = carry
+                step_batch = batch
+                if guided:
+                    # This step's masks from each row's state (and the rows' allowed_token_ids, where some row
+                    # has them).
+                    allowed = guide_masks[states]
+                    if batch.allowed.shape[1]:
+                        allowed = allowed & batch.allowed
+                    step_batch = step_batch.replace(allowed=allowed)
+                if banning:
+                    step_batch = step_batch.replace(recent=recent)
                 (kv, tokens, counts, seen), out = self.decode_one(
-                    params, (kv, tokens, counts, seen), k, positions, limits, block_tables,
-                    batch.replace(allowed=allowed), steps, num_top=num_top, penalties=penalties,
-                    greedy=greedy, logprobs=logprobs, live_rows=live_rows)
-                states = jnp.where(positions + k < limits, guide_next[states, tokens].astype(jnp.int32), states)
-                return (kv, tokens, counts, seen, states), out
+                    params, (kv, tokens, counts, seen), k, positions, limits, block_tables, step_batch, steps,
+                    num_top=num_top, penalties=penalties, greedy=greedy, logprobs=logprobs, live_rows=live_rows)
+                active = positions + k < limits
+                if guided:
+                    states = jnp.where(active, guide_next[states, tokens].astype(jnp.int32), states)
+                if banning:
+                    recent = push_recent(recent, tokens, active)
+                return (kv, tokens, counts, seen, states, recent), out
 
-            states = jnp.where(guide_advance != 0, guide_next[guide_states, tokens].astype(jnp.int32), guide_states)
-            (kv, last, _, _, states), outs = jax.lax.scan(one, (kv, tokens, counts, seen, states),
-                                                          jnp.arange(num_steps, dtype=jnp.int32), unroll=unroll)
-            last = (last, states)  # a chained call continues from both
+            states = None
+            if guided:
+                states = jnp.where(guide_advance != 0, guide_next[guide_states, tokens].astype(jnp.int32),
+                                   guide_states)
+            (kv, last, _, _, states, _), outs = jax.lax.scan(
+                one, (kv, tokens, counts, seen, states, batch.recent if banning else None),
+                jnp.arange(num_steps, dtype=jnp.int32), unroll=unroll)
+            if guided:
+                last = (last, states)  # a chained call continues from both
         elif (HALF_BATCH_ROWS and rows >= HALF_BATCH_ROWS and rows % 2 == 0 and not penalties
               and live_rows is None):
             kv, outs, last = self._decode_halves(params, kv, tokens, positions, limits, block_tables, batch, steps,

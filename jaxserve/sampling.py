@@ -47,6 +47,11 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)  # temperature, top-p/min-p and p
 # so the step compiles for two widths at most.
 MAX_LOGIT_BIAS = 300
 LOGIT_BIAS_RANGE = 100.0
+# bad_words: a request's words become at most this many token sequences (a word may give two: with and without
+# a leading space), each of at most MAX_BAD_WORD_TOKENS tokens. A batch in which some row has one carries
+# [B, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS] ids (none: width 0), so the step compiles for two widths at most.
+MAX_BAD_WORDS = 64
+MAX_BAD_WORD_TOKENS = 8
 # Top-k/top-p first look at this many best tokens per row (one partial sort) and fall back
 # to a full sort only when some row's answer is not decided inside them; both paths are exact.
 DEFAULT_TOP_CANDIDATES = 1024
@@ -81,6 +86,10 @@ class SamplingParams:
     `skip_special_tokens` (vLLM's, default True): special tokens (``<|im_start|>``...) add no text.
     `allowed_token_ids` (vLLM's): the only tokens the request may produce (EOS too only where listed); stored
     sorted. With `structured_outputs`, a token must be allowed by both.
+    `bad_words` (vLLM's): words the output must not contain. Each word's last token is banned wherever the
+    tokens generated just before it spell the rest of the word (the word's tokens with and without a leading
+    space, as vLLM tokenizes them; `jaxserve.tokenizer.bad_words_token_ids`), so a word never appears as those
+    tokens, though the model may still spell it another way (in other pieces).
 
     Example:
         >>> p = SamplingParams(temperature=0.7, top_p=0.9, stop="\\n", seed=0)
@@ -117,6 +126,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
     structured_outputs: Any = None
+    bad_words: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         def set_(name: str, value: Any) -> None:
@@ -161,6 +171,14 @@ class SamplingParams:
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
         set_("stop", tuple(self.stop))
+        if isinstance(self.bad_words, str):
+            set_("bad_words", (self.bad_words,))
+        if not isinstance(self.bad_words, (list, tuple)) or not all(
+                isinstance(w, str) and w.strip() for w in self.bad_words):
+            raise ValueError(f"bad_words must be a list of non-blank strings, got {self.bad_words!r}")
+        if len(self.bad_words) > MAX_BAD_WORDS:
+            raise ValueError(f"bad_words must hold at most {MAX_BAD_WORDS} words, got {len(self.bad_words)}")
+        set_("bad_words", tuple(self.bad_words))
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
             _is_int(t) and 0 <= t <= _INT32_MAX for t in self.stop_token_ids
         ):
@@ -279,7 +297,11 @@ class SamplingBatch:
     step < min_tokens, -1 padded; bias_ids: i32 [B, W] and bias_values: f32 [B, W], each row's
     `logit_bias` (W = MAX_LOGIT_BIAS when some row has one, else 0; ids past the vocabulary pad);
     allowed: u32 [B, ceil(V / 32)] or [B, 0], the tokens each row may take (bit t % 32 of word t // 32;
-    `jaxserve.structured`), width 0 when no row is constrained. Build it with `make_batch`.
+    `jaxserve.structured`), width 0 when no row is constrained; bad_words: i32 [B, W, L], each row's
+    `bad_words` token sequences right-aligned in L = MAX_BAD_WORD_TOKENS columns, -1 before a sequence and in
+    unused entries (W = MAX_BAD_WORDS when some row has one, else 0); recent: i32 [B, L - 1] (width 0 with
+    W), each row's last generated tokens right-aligned, -1 where it has fewer: a sequence's last token is banned
+    where the tokens before it end `recent` (`bad_word_bans`). Build it with `make_batch`.
     """
 
     temperature: jax.Array
@@ -295,6 +317,8 @@ class SamplingBatch:
     bias_ids: jax.Array
     bias_values: jax.Array
     allowed: jax.Array
+    bad_words: jax.Array
+    recent: jax.Array
 
 
 @flax.struct.dataclass
@@ -343,7 +367,7 @@ def allowed_masks(params: Sequence[SamplingParams | None], batch_size: int, voca
 
 def make_batch(
     params: Sequence[SamplingParams | None], batch_size: int, *, eos_token_ids: Sequence[int] = (),
-    allowed: np.ndarray | None = None,
+    allowed: np.ndarray | None = None, bad_words: Sequence[Sequence[Sequence[int]]] | None = None,
 ) -> SamplingBatch:
     """Stack per-request parameters into a `SamplingBatch` of `batch_size` rows.
 
@@ -352,6 +376,8 @@ def make_batch(
     together with the request's `stop_token_ids`, while it has produced fewer than
     `min_tokens` tokens (unless `ignore_eos`). `allowed`: uint32 ``[batch_size, ceil(V / 32)]`` packed token
     masks (`SamplingBatch.allowed`: `allowed_masks`, and the engine's structured-output rows), None for none.
+    `bad_words`: each row's banned token sequences (`jaxserve.tokenizer.bad_words_token_ids`), None for none;
+    the batch's `recent` tokens start empty (`recent_tokens` fills them).
 
     Example:
         >>> b = make_batch([SamplingParams(temperature=0.8, seed=1), None], 4)
@@ -391,13 +417,87 @@ def make_batch(
             banned[i, : len(ids)] = ids
         if p.logit_bias:
             bias_ids[i, : len(p.logit_bias)], bias_values[i, : len(p.logit_bias)] = zip(*p.logit_bias)
+    banned_words = _bad_words_array(bad_words or [], batch_size)
     # One batched transfer: ten jnp.asarray calls cost ~1 ms of host time per engine step.
     return jax.device_put(SamplingBatch(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition,
         presence_penalty=presence, frequency_penalty=frequency, seeds=seeds, min_tokens=min_tokens,
         banned_ids=banned, bias_ids=bias_ids, bias_values=bias_values,
         allowed=np.zeros((batch_size, 0), np.uint32) if allowed is None else np.asarray(allowed, np.uint32),
+        bad_words=banned_words, recent=np.full((batch_size, (MAX_BAD_WORD_TOKENS - 1) * bool(banned_words.shape[1])),
+                                               -1, np.int32),
     ))
+
+
+def _bad_words_array(rows: Sequence[Sequence[Sequence[int]] | None], batch_size: int) -> np.ndarray:
+    width = MAX_BAD_WORDS if any(rows) else 0
+    out = np.full((batch_size, width, MAX_BAD_WORD_TOKENS), -1, np.int32)
+    for i, seqs in enumerate(rows):
+        if len(seqs or ()) > MAX_BAD_WORDS:
+            raise ValueError(f"bad_words must give at most {MAX_BAD_WORDS} token sequences, got {len(seqs)}")
+        for j, seq in enumerate(seqs or ()):
+            if not 1 <= len(seq) <= MAX_BAD_WORD_TOKENS:
+                raise ValueError(f"bad_words must be 1 to {MAX_BAD_WORD_TOKENS} tokens each, got {list(seq)}")
+            out[i, j, MAX_BAD_WORD_TOKENS - len(seq):] = seq
+    return out
+
+
+def needs_history(bad_words: Sequence[Sequence[int]]) -> bool:
+    """Whether a row's bans depend on its last tokens (some bad word is longer than one token): each call
+    then needs its tokens so far from the host (`recent_tokens`), as penalties need their counts.
+
+    Example:
+        >>> needs_history([(5,)]), needs_history([(5,), (7, 8)])
+        (False, True)
+    """
+    return any(len(seq) > 1 for seq in bad_words)
+
+
+def recent_tokens(outputs: Sequence[Sequence[int]], batch_size: int) -> np.ndarray:
+    """`SamplingBatch.recent` of rows that generated ``outputs`` so far: the last MAX_BAD_WORD_TOKENS - 1
+    tokens of each, right-aligned, -1 padded.
+
+    Example:
+        >>> recent_tokens([[1, 2]], 2)[:, -3:].tolist()
+        [[-1, 1, 2], [-1, -1, -1]]
+    """
+    keep = MAX_BAD_WORD_TOKENS - 1
+    out = np.full((batch_size, keep), -1, np.int32)
+    for i, ids in enumerate(outputs):
+        tail = list(ids[-keep:])
+        if tail:
+            out[i, keep - len(tail):] = tail
+    return out
+
+
+def bad_word_bans(bad_words: jax.Array, recent: jax.Array) -> jax.Array:
+    """i32 ``[B, W]``: the token each bad-word sequence bans now, int32 max (dropped by a scatter) where it
+    bans nothing: its last token where the tokens before it end ``recent`` (vLLM's rule: only generated tokens
+    count). `SamplingBatch` has the layouts.
+
+    Example:
+        >>> words = jnp.array([[[-1, 7], [3, 4]]])                       # the words [7] and [3, 4]
+        >>> bad_word_bans(words, jnp.array([[3]])).tolist(), bad_word_bans(words, jnp.array([[5]])).tolist()
+        ([[7, 4]], [[7, 2147483647]])
+    """
+    prefix, last = bad_words[..., :-1], bad_words[..., -1]
+    match = jnp.all((prefix < 0) | (prefix == recent[:, None, :]), axis=-1) & (last >= 0)
+    return jnp.where(match, last, _INT32_MAX)
+
+
+def ban_bad_words(x: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """``x`` ([B, V] logits) with each row's banned bad-word tokens (`bad_word_bans`) at -inf; unchanged where
+    no row has bad words (the width is static)."""
+    if not batch.bad_words.shape[1]:
+        return x
+    ids = bad_word_bans(batch.bad_words, batch.recent)
+    return x.at[jnp.arange(x.shape[0])[:, None], ids].set(-jnp.inf, mode="drop")
+
+
+def push_recent(recent: jax.Array, tokens: jax.Array, active: jax.Array) -> jax.Array:
+    """`SamplingBatch.recent` after a decode step: the active rows' ``tokens`` shifted in at the right."""
+    shifted = jnp.concatenate([recent[:, 1:], tokens[:, None].astype(recent.dtype)], axis=1)
+    return jnp.where(active[:, None], shifted, recent)
 
 
 def needs_penalties(params: Sequence[SamplingParams | None]) -> bool:
@@ -595,7 +695,7 @@ def sample(
     logits: [B, V]; step: i32 [B], tokens row b generated before (with the row's seed it
     alone fixes the row's randomness); counts: int [B, V] output-token counts (presence and
     frequency penalties); seen: bool [B, V] tokens in prompt or output (repetition penalty).
-    Order as vLLM v1: allowed-token masks (allowed_token_ids, structured outputs) -> logit bias -> min_tokens ban -> penalties -> temperature -> min-p -> top-k ->
+    Order as vLLM v1: allowed-token masks (allowed_token_ids, structured outputs) -> bad words -> logit bias -> min_tokens ban -> penalties -> temperature -> min-p -> top-k ->
     top-p -> draw (min-p before top-p: the nucleus is of the distribution min-p left). Greedy rows take the argmax of the penalised logits. Each stage runs only if some
     row needs it. Top-k and top-p are exact: they look at the `top_candidates` best tokens
     per row and sort the whole row only when that does not decide some row's cut-off.
@@ -617,6 +717,7 @@ def sample(
     x = logits.astype(jnp.float32)
     if batch.allowed.shape[1]:  # some row is constrained (the width is static)
         x = jnp.where(unpack_allowed(batch.allowed, v), x, -jnp.inf)
+    x = ban_bad_words(x, batch)
     if batch.bias_ids.shape[1]:  # some row has a logit_bias (the width is static)
         x = x.at[jnp.arange(b)[:, None], batch.bias_ids].add(batch.bias_values, mode="drop")
     x = jax.lax.cond(jnp.any(step < batch.min_tokens), _ban_until_min_tokens, lambda x, *_: x, x, batch, step)

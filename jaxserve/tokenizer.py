@@ -45,6 +45,25 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[d
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def bad_words_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) -> list[tuple[int, ...]]:
+    """The token sequences `SamplingParams.bad_words` ban, by vLLM's rule: each word (leading spaces
+    stripped) as it tokenizes at the start of a text, and with a leading space where that gives another
+    first token and as many tokens (the word inside a sentence, for byte-level BPE); duplicates once.
+
+    Example:
+        >>> bad_words_token_ids(tok, ["import"])  # doctest: +SKIP
+        [(474,), (1159,)]
+    """
+    out: list[tuple[int, ...]] = []
+    for word in words:
+        plain = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        for seq in (plain, spaced) if spaced[:1] != plain[:1] and len(spaced) == len(plain) else (plain,):
+            if seq and seq not in out:
+                out.append(seq)
+    return out
+
+
 @functools.lru_cache(maxsize=8)
 def _byte_level_table(tokenizer: PreTrainedTokenizerBase) -> tuple[dict[str, int], frozenset[int]] | None:
     """GPT-2's printable-character -> byte map when the tokenizer decodes byte-level BPE (Qwen2's

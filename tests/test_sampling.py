@@ -82,7 +82,8 @@ def chi_square(tokens, probs):
     ("logit_bias", {"\u00b2": 1.0}),  # str.isdigit() accepts a superscript two, int() does not
     ("logit_bias", {i: 1.0 for i in range(sampling.MAX_LOGIT_BIAS + 1)}),
     ("allowed_token_ids", []), ("allowed_token_ids", [-1]), ("allowed_token_ids", 3), ("allowed_token_ids", [1.0]),
-    ("allowed_token_ids", [True]),
+    ("allowed_token_ids", [True]), ("bad_words", [""]), ("bad_words", ["  "]), ("bad_words", [3]),
+    ("bad_words", 3), ("bad_words", ["w"] * (sampling.MAX_BAD_WORDS + 1)),
 ])
 def test_every_bad_value_names_its_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -108,6 +109,54 @@ def test_allowed_token_ids_become_each_row_s_packed_mask():
     for i in (0, 3, 4):
         assert allowed[i, tokens[i]]
     assert tokens[0] == rows[0][int(np.argmax(np.asarray(logits)[0, rows[0]]))]
+
+
+def _ref_bans(seqs, outputs):
+    """The tokens vLLM's bad-words rule bans next for a row that generated ``outputs`` so far."""
+    return {seq[-1] for seq in seqs if len(seq) == 1 or list(outputs[-(len(seq) - 1):]) == list(seq[:-1])
+            and len(outputs) >= len(seq) - 1}
+
+
+def test_bad_words_ban_a_sequence_s_last_token_where_the_tokens_before_it_were_generated():
+    rng = np.random.default_rng()
+    vocab, b = 12, 6  # a small vocabulary, so that prefixes match often
+    rows = [[tuple(rng.integers(0, vocab, rng.integers(1, sampling.MAX_BAD_WORD_TOKENS + 1)).tolist())
+             for _ in range(rng.integers(0, 6))] for _ in range(b - 1)] + [[(3,), (1, 2, 3)]]
+    outputs = [rng.integers(0, vocab, rng.integers(0, 12)).tolist() for _ in range(b - 1)] + [[1, 2]]
+    params = [SamplingParams(temperature=0) for _ in range(b)]
+    batch = make_batch(params, b + 2, bad_words=rows)  # two padding rows ban nothing
+    assert batch.bad_words.shape == (b + 2, sampling.MAX_BAD_WORDS, sampling.MAX_BAD_WORD_TOKENS)
+    batch = batch.replace(recent=jnp.asarray(sampling.recent_tokens(outputs, b + 2)))
+    bans = np.asarray(sampling.bad_word_bans(batch.bad_words, batch.recent))
+    for i in range(b + 2):
+        expect = _ref_bans(rows[i], outputs[i]) if i < b else set()
+        assert set(bans[i].tolist()) - {2**31 - 1} == expect, (i, rows[i] if i < b else None, outputs[i] if i < b else None)
+    # The sampler never takes a banned token; greedy rows take their best other one, and log-probabilities
+    # stay the raw model's.
+    logits = jnp.asarray(rng.normal(size=(b + 2, vocab)), jnp.float32)
+    logits = logits.at[b - 1, 3].set(50.0)  # the last row's favourite is banned (its outputs end 1, 2)
+    out = sample(logits, batch, jnp.zeros(b + 2, jnp.int32))
+    x = np.asarray(logits)
+    for i in range(b):
+        ranked = [t for t in np.argsort(-x[i]) if t not in _ref_bans(rows[i], outputs[i])]
+        assert out.tokens[i] == ranked[0], i
+    assert out.tokens[b - 1] != 3 and np.isclose(out.logprobs[b - 1], jax.nn.log_softmax(logits[b - 1])[out.tokens[b - 1]])
+    drawn = sample(logits, make_batch([SamplingParams(temperature=1.0, seed=i) for i in range(b)], b + 2,
+                                      bad_words=rows).replace(recent=batch.recent), jnp.zeros(b + 2, jnp.int32))
+    for i in range(b):
+        assert int(drawn.tokens[i]) not in _ref_bans(rows[i], outputs[i])
+    assert make_batch(params, b).bad_words.shape == (b, 0, sampling.MAX_BAD_WORD_TOKENS)
+    assert make_batch(params, b).recent.shape == (b, 0)
+    with pytest.raises(ValueError, match="bad_words"):
+        make_batch(params[:1], 1, bad_words=[[tuple(range(sampling.MAX_BAD_WORD_TOKENS + 1))]])
+
+
+def test_recent_tokens_shift_in_as_a_decode_step_takes_them():
+    recent = jnp.asarray(sampling.recent_tokens([[4, 5], list(range(20))], 2))
+    after = sampling.push_recent(recent, jnp.array([9, 9]), jnp.array([True, False]))
+    keep = sampling.MAX_BAD_WORD_TOKENS - 1
+    assert after[0].tolist() == [-1] * (keep - 3) + [4, 5, 9]
+    assert after[1].tolist() == list(range(20 - keep, 20))  # an inactive row keeps its tokens
 
 
 def test_min_tokens_refuses_more_stop_ids_than_a_row_can_ban():

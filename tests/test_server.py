@@ -426,6 +426,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
     ("/v1/completions", {**GOOD, "guided_grammar": "root ::= item"}, 400, "guided_grammar", None),
     ("/v1/completions", {**GOOD, "allowed_token_ids": [10**7]}, 400, "allowed_token_ids", None),
     ("/v1/completions", {**GOOD, "allowed_token_ids": []}, 400, "allowed_token_ids", None),
+    ("/v1/completions", {**GOOD, "bad_words": [" "]}, 400, "bad_words", None),
+    ("/v1/chat/completions", {**CHAT_BODY, "bad_words": ["abcdefghij" * 10]}, 400, "bad_words", None),
     ("/v1/completions", {**GOOD, "guided_regex": "(?=a)b"}, 400, "guided_regex", None),
     ("/v1/completions", {**GOOD, "guided_choice": []}, 400, "guided_choice", None),
     ("/v1/completions", {**GOOD, "guided_json": {"type": "object", "patternProperties": {}}}, 400, "guided_json",
@@ -1207,6 +1209,12 @@ def test_structured_outputs_hold_the_text_to_the_schema_regex_or_choices(client,
     only = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=1.0, seed=4,
                                      extra_body={"allowed_token_ids": abc})
     assert set(only.choices[0].text) <= set("abc") and len(only.choices[0].text) == 6, only.choices[0].text
+    free = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=0)
+    word = next(t for t in free.choices[0].logprobs.tokens if t.strip())  # vLLM refuses a blank word
+    banned = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=0,
+                                       extra_body={"bad_words": [word]})
+    assert word not in banned.choices[0].logprobs.tokens, (word, banned.choices[0].logprobs.tokens)
+    assert banned.choices[0].text != free.choices[0].text
 
 
 def test_tool_choice_required_or_named_makes_the_model_call_a_tool(client, live, monkeypatch, pages_freed):

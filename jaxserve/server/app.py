@@ -532,7 +532,7 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
              "ignore_eos": req.ignore_eos, "stop_token_ids": req.stop_token_ids, "logit_bias": req.logit_bias,
              "include_stop_str_in_output": req.include_stop_str_in_output,
              "truncate_prompt_tokens": req.truncate_prompt_tokens, "allowed_token_ids": req.allowed_token_ids,
-             "skip_special_tokens": req.skip_special_tokens}
+             "skip_special_tokens": req.skip_special_tokens, "bad_words": req.bad_words}
     kwargs = {**st.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}
     try:
         # n > 1 with a seed: sample j of every prompt uses seed + j (vLLM's rule), so a prompt's

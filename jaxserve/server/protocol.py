@@ -92,6 +92,7 @@ class SamplingFields(Schema):
     truncate_prompt_tokens: int | None = None
     allowed_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    bad_words: list[str] | None = None
     # Structured outputs (app.py `_structured_outputs`): OpenAI's response_format, vLLM's structured_outputs
     # object and its older guided_* fields; at most one of them.
     response_format: dict[str, Any] | None = None
