@@ -166,8 +166,8 @@ class Runner:
         """
         prompt = -1 if prompt_targets is None else prompt_top
         self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, batch.bias_ids.shape[1],
-                                  batch.allowed.shape[1], batch.bad_words.shape[1], num_top, counts is not None, greedy, logprobs)
-                                 + ((prompt,) if prompt >= 0 else ()))
+                                  batch.allowed.shape[1], num_top, counts is not None, greedy, logprobs)
+                                 + ((prompt,) if prompt >= 0 else ()) + _bad_words_key(batch))
         targets = None if prompt_targets is None else _int32(prompt_targets)[0]
         self.kv, out = self.compiled.prefill(
             self.params, self.kv, *_int32(tokens, q_start, lengths, block_tables), batch, *_int32(steps), counts,
@@ -202,8 +202,9 @@ class Runner:
         live_rows = None if live_rows == tokens.shape[0] else live_rows
         guide_rows = -1 if guides is None else guides[0].shape[0]
         self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, batch.bias_ids.shape[1],
-                                  batch.allowed.shape[1], batch.bad_words.shape[1], num_steps, num_top, penalties, greedy, logprobs)
-                                 + ((live_rows,) if live_rows else ()) + (("guides", guide_rows) if guides else ()))
+                                  batch.allowed.shape[1], num_steps, num_top, penalties, greedy, logprobs)
+                                 + ((live_rows,) if live_rows else ()) + (("guides", guide_rows) if guides else ())
+                                 + _bad_words_key(batch))
         masks, nxt, states, advance = (None,) * 4 if guides is None else (guides[0], guides[1],
                                                                          *_int32(guides[2], guides[3]))
         self.kv, out, last = self.decode_fn(tokens.shape[0])(
@@ -484,6 +485,11 @@ def _frozen(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return ("set", tuple(sorted(repr(v) for v in value)))
     return _Same(value)
+
+
+def _bad_words_key(batch: SamplingBatch) -> tuple:
+    """A compiled shape's mark for batches with bad words (another compiled variant); none without."""
+    return ("bad_words",) if batch.bad_words.shape[1] else ()
 
 
 def _int32(*arrays) -> list:
