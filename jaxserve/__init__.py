@@ -6,7 +6,7 @@ Example:
 """
 
 from jaxserve.config import ModelConfig
-from jaxserve.engine import Engine, generate
+from jaxserve.engine import Engine, chat, generate
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.replicas import Replicas
@@ -14,4 +14,4 @@ from jaxserve.sampling import SamplingParams
 from jaxserve.structured import StructuredOutputs
 
 __all__ = ["Engine", "EngineConfig", "LoadedModel", "ModelConfig", "Replicas", "SamplingParams", "StructuredOutputs",
-           "generate", "load"]
+           "chat", "generate", "load"]

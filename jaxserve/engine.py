@@ -31,7 +31,7 @@ from jaxserve.sampling import (MAX_BAD_WORD_TOKENS, MAX_BAD_WORDS, SamplingParam
                                make_batch, needs_history, needs_penalties, needs_sampling, recent_tokens)
 from jaxserve.scheduler import Scheduler
 from jaxserve.structured import GuideState, StructuredOutputs, TokenGuide, Vocabulary, compile_guide
-from jaxserve.tokenizer import IncrementalDetokenizer, bad_words_token_ids, vocabulary_bytes
+from jaxserve.tokenizer import Conversation, IncrementalDetokenizer, bad_words_token_ids, chat_prompts, vocabulary_bytes
 
 log = logging.getLogger("jaxserve.engine")
 
@@ -843,6 +843,18 @@ class Engine:
         """
         return run_to_completion(self, prompts, sampling_params, use_tqdm)
 
+    def chat(self, messages: Conversation | Sequence[Conversation],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+             **template_options: Any) -> list[dict[str, Any]]:
+        """vLLM's ``LLM.chat``: one conversation (OpenAI-style messages) or a list of them, rendered with the chat
+        template and run as `generate` runs prompts; one result dict per conversation. ``template_options``:
+        `run_chat`'s.
+
+        Example:
+            >>> engine.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=16))  # doctest: +SKIP
+        """
+        return run_chat(self, messages, sampling_params, use_tqdm, **template_options)
+
     def decode_batch(self, rows: int) -> int:
         """The batch a decode call of ``rows`` sequences runs as over short contexts: their batch bucket, or a
         wider one where ``jaxserve.model.decode_rows`` says a small step is faster padded (on the GPU, 8 rows;
@@ -1030,6 +1042,23 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
     return [driver.release(r.request_id).result() for r in requests]
 
 
+def run_chat(driver: Any, messages: Conversation | Sequence[Conversation],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True, *,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: Sequence[dict[str, Any]] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """`Engine.chat` and `Replicas.chat`: each conversation rendered with ``driver``'s chat template (or
+    ``chat_template``, a Jinja string), then run to completion. ``tools`` (OpenAI tool definitions) and
+    ``chat_template_kwargs`` go to the template; ``continue_final_message`` (with
+    ``add_generation_prompt=False``) continues the last message instead of starting the assistant's turn.
+    `jaxserve.tokenizer.chat_prompts` says what a message may hold; a bad one raises ValueError naming
+    ``messages`` before anything runs."""
+    prompts = chat_prompts(driver.tokenizer, messages, chat_template=chat_template, tools=tools,
+                           add_generation_prompt=add_generation_prompt,
+                           continue_final_message=continue_final_message, template_kwargs=chat_template_kwargs)
+    return run_to_completion(driver, prompts, sampling_params, use_tqdm)
+
+
 def generate(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Sequence[Prompt],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
              engine_config: EngineConfig | None = None, use_tqdm: bool = True,
@@ -1055,3 +1084,27 @@ def generate(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Se
             return replicas.generate(prompts, sampling_params, use_tqdm=use_tqdm)
     with Engine(model, engine_config) as engine:
         return engine.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+
+def chat(model: LoadedModel | str | os.PathLike | None, messages: Conversation | Sequence[Conversation],
+         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+         engine_config: EngineConfig | None = None, use_tqdm: bool = True, data_parallel_size: int = 1,
+         **template_options: Any) -> list[dict[str, Any]]:
+    """`generate` for chats (vLLM's ``LLM.chat``): one conversation or a list of them, rendered with the model's
+    chat template; ``template_options`` are `Engine.chat`'s (``chat_template``, ``add_generation_prompt``,
+    ``continue_final_message``, ``tools``, ``chat_template_kwargs``). One result dict per conversation.
+
+    Example:
+        >>> import jaxserve
+        >>> outs = jaxserve.chat(None, [{"role": "user", "content": "def add(a, b):"}],
+        ...                      jaxserve.SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+        >>> outs[0]["finish_reason"] in ("stop", "length")
+        True
+    """
+    if data_parallel_size != 1:
+        from jaxserve.replicas import Replicas
+
+        with Replicas(model, engine_config, devices=data_parallel_size) as replicas:
+            return replicas.chat(messages, sampling_params, use_tqdm=use_tqdm, **template_options)
+    with Engine(model, engine_config) as engine:
+        return engine.chat(messages, sampling_params, use_tqdm=use_tqdm, **template_options)

@@ -22,12 +22,13 @@ from typing import Any
 
 import jax
 
-from jaxserve.engine import Engine, Prompt, run_to_completion
+from jaxserve.engine import Engine, Prompt, run_chat, run_to_completion
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.request import Request
 from jaxserve.sampling import SamplingParams
 from jaxserve.structured import StructuredOutputs, TokenGuide
+from jaxserve.tokenizer import Conversation
 
 
 class _Requests(Mapping):
@@ -219,6 +220,12 @@ class Replicas:
         """`Engine.generate` over the replicas: every prompt routed and validated first, then all run together;
         one result dict per prompt, in order."""
         return run_to_completion(self, prompts, sampling_params, use_tqdm)
+
+    def chat(self, messages: Conversation | Sequence[Conversation],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+             **template_options: Any) -> list[dict[str, Any]]:
+        """`Engine.chat` over the replicas (``template_options``: `jaxserve.engine.run_chat`'s)."""
+        return run_chat(self, messages, sampling_params, use_tqdm, **template_options)
 
     def stats(self) -> dict[str, Any]:
         """Each replica's `Engine.stats` (``replicas``); at the top, as one engine's: the sums of their counts,

@@ -23,26 +23,86 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
 def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]],
                         add_generation_prompt: bool = True,
                         tools: Sequence[dict[str, Any]] | None = None, continue_final_message: bool = False,
-                        template_kwargs: dict[str, Any] | None = None) -> list[int]:
+                        template_kwargs: dict[str, Any] | None = None, chat_template: str | None = None) -> list[int]:
     """Token ids of a chat, rendered with the checkpoint's chat template.
 
     ``tools``: OpenAI tool definitions (``{"type": "function", "function": {...}}``), which the
     template renders as it does (Qwen2.5's into the system message; a template that ignores them
     ignores them). ``continue_final_message``: the last message left open, so the model continues
     it (a prefilled assistant answer) instead of starting a new turn. ``template_kwargs``: extra
-    variables for the template (vLLM's ``chat_template_kwargs``).
+    variables for the template (vLLM's ``chat_template_kwargs``). ``chat_template``: a Jinja template used
+    instead of the checkpoint's.
 
     Example:
         >>> apply_chat_template(tok, [{"role": "user", "content": "Weather in Paris?"}],
         ...                     tools=[{"type": "function", "function": {"name": "get_weather"}}])  # doctest: +SKIP
     """
-    if not getattr(tokenizer, "chat_template", None):
+    if not chat_template and not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template; use a completion prompt instead "
-                         "(or give the server one: jaxserve serve --chat-template FILE)")
+                         "(or give one: chat_template=..., jaxserve serve --chat-template FILE)")
     text = tokenizer.apply_chat_template(list(messages), tools=list(tools) if tools else None, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt,
+                                         add_generation_prompt=add_generation_prompt, chat_template=chat_template,
                                          continue_final_message=continue_final_message, **(template_kwargs or {}))
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+Conversation = Sequence[dict[str, Any]]
+
+
+def chat_prompts(tokenizer: PreTrainedTokenizerBase | None, conversations: Conversation | Sequence[Conversation],
+                 **options: Any) -> list[list[int]]:
+    """Token ids of one conversation (a list of OpenAI-style messages) or of a list of them, each rendered by
+    `apply_chat_template` with ``options`` (its keyword arguments): what `Engine.chat` and `jaxserve.chat` run.
+    A message is a dict with ``role`` and ``content`` (a string, or a list of ``{"type": "text", "text": ...}``
+    parts, joined, as OpenAI sends them); OpenAI's ``developer`` role is the templates' ``system``. Other keys
+    (``tool_calls``, ``tool_call_id``, ``name``) go to the template as they are. ValueError naming ``messages``
+    where one is malformed or the template refuses the conversation.
+
+    Example:
+        >>> chat_prompts(tok, [{"role": "user", "content": "Hi"}])  # doctest: +SKIP
+        [[151644, 8948, 198, ...]]
+    """
+    if tokenizer is None:
+        raise ValueError("chat needs a tokenizer (its chat template), and this engine has none")
+    if options.get("continue_final_message") and options.get("add_generation_prompt", True):
+        raise ValueError("continue_final_message needs add_generation_prompt=False (a turn is either continued or "
+                         "a new one started)")
+    if isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict):
+        conversations = [conversations]
+    if not isinstance(conversations, (list, tuple)) or not conversations:
+        raise ValueError("messages must be a conversation (a non-empty list of message dicts) or a list of them")
+    out = []
+    for i, conversation in enumerate(conversations):
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise ValueError(f"messages must be non-empty lists of message dicts; conversation {i} is "
+                             f"{conversation!r}")
+        messages = [_chat_message(m, i, j) for j, m in enumerate(conversation)]
+        try:
+            out.append(apply_chat_template(tokenizer, messages, **options))
+        except ValueError:
+            raise
+        except Exception as exc:  # the template's own checks (role order, ...): the conversation's fault
+            raise ValueError(f"messages of conversation {i} could not be rendered with the chat template: "
+                             f"{exc}") from None
+    return out
+
+
+def _chat_message(message: Any, i: int, j: int) -> dict[str, Any]:
+    where = f"conversation {i}, message {j}"
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise ValueError(f"messages must be dicts with a string role; {where} is {message!r}")
+    content = message.get("content")
+    if isinstance(content, (list, tuple)):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise ValueError(f"messages' content parts must be text parts ({{'type': 'text', 'text': ...}}); "
+                             f"{where} has {content!r}")
+        content = "".join(p["text"] for p in content)
+    elif content is not None and not isinstance(content, str):
+        raise ValueError(f"messages' content must be a string or a list of text parts; {where} has {content!r}")
+    # Chat templates know "system" only (Qwen2.5's drops a role it does not know, and with it the instructions).
+    role = "system" if message["role"] == "developer" else message["role"]
+    return {**message, "role": role, "content": content or ""}
 
 
 def bad_words_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) -> list[tuple[int, ...]]:

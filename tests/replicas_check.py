@@ -114,6 +114,11 @@ def main() -> None:
             all_pages_free(engine)
     outs = jaxserve.generate(model, prompts[:3], greedy, engine_config=config(), use_tqdm=False, data_parallel_size=2)
     assert [o["token_ids"] for o in outs] == alone[:3]
+    chats = [[{"role": "user", "content": p}] for p in prompts[:2]]
+    with Engine(model, config()) as one:
+        expect = [o["token_ids"] for o in one.chat(chats, greedy, use_tqdm=False)]
+    outs = jaxserve.chat(model, chats, greedy, engine_config=config(), use_tqdm=False, data_parallel_size=2)
+    assert [o["token_ids"] for o in outs] == expect
     serve(model, prompts, alone)
     print("replicas: ok")
 

@@ -40,7 +40,7 @@ from jaxserve.server.protocol import (APIError, ChatRequest, CompletionRequest, 
 from jaxserve.server.responses import ChatFormat, CompletionFormat
 from jaxserve.server.tool_calls import TOOL_CALL_END, TOOL_CALL_START
 from jaxserve.structured import StructuredOutputs, escape
-from jaxserve.tokenizer import apply_chat_template, load_tokenizer
+from jaxserve.tokenizer import chat_prompts, load_tokenizer
 
 log = logging.getLogger("jaxserve.server")
 
@@ -445,15 +445,8 @@ def _chat_prompt(req: ChatRequest | TokenizeRequest, st: _State) -> list[int]:
                             "either continued or a new one started)", param="continue_final_message")
     messages = []
     for m in req.messages:
-        content = m.content
-        if isinstance(content, list):
-            if any(part.type != "text" or part.text is None for part in content):
-                raise APIError(400, "only text content parts are supported", param="messages")
-            content = "".join(part.text for part in content)
-        # OpenAI's "developer" is the system message of its newer models; chat templates know only
-        # "system" (Qwen2.5's drops a role it does not know, silently losing the instructions).
-        role = "system" if m.role == "developer" else m.role
-        message: dict[str, Any] = {"role": role, "content": content or ""}
+        content = [part.model_dump() for part in m.content] if isinstance(m.content, list) else m.content
+        message: dict[str, Any] = {"role": m.role, "content": content}
         if m.tool_calls:
             message["tool_calls"] = [_templated_call(call) for call in m.tool_calls]
         if m.tool_call_id is not None:
@@ -463,12 +456,14 @@ def _chat_prompt(req: ChatRequest | TokenizeRequest, st: _State) -> list[int]:
     # sees them, its answer is not parsed for calls.
     tools = [tool.model_dump(exclude_none=True) for tool in req.tools] if req.tools else None
     try:
-        return apply_chat_template(st.tokenizer, messages, add_generation_prompt=req.add_generation_prompt,
-                                   tools=tools, continue_final_message=req.continue_final_message,
-                                   template_kwargs=req.chat_template_kwargs)
-    except Exception as exc:  # the template's own checks (role order, ...) are input errors
-        raise APIError(400, f"messages could not be rendered with the chat template: {exc}",
-                       param="messages") from None
+        # The Python API's path (`Engine.chat`): text parts joined, "developer" as "system", the template's
+        # own refusals (role order, ...) as input errors.
+        [ids] = chat_prompts(st.tokenizer, [messages], add_generation_prompt=req.add_generation_prompt, tools=tools,
+                             continue_final_message=req.continue_final_message,
+                             template_kwargs=req.chat_template_kwargs)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="messages") from None
+    return ids
 
 
 def _templated_call(call: ToolCall) -> dict[str, Any]:
