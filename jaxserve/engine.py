@@ -629,6 +629,9 @@ class Engine:
             chosen = prompt.logprobs[i, at].tolist()
             ids = prompt.top_ids[i, at, :k].tolist()
             lps = prompt.top_logprobs[i, at, :k].tolist()
+            if not r.prompt_ranks:
+                r.prompt_ranks = [None] * len(r.prompt_ids)
+            r.prompt_ranks[lo:hi] = prompt.ranks[i, at].tolist()
             for p, lp, top_ids, top_lps in zip(range(lo, hi), chosen, ids, lps):
                 # vLLM's entry: the prompt token first, then the top-k (which may include it).
                 entry = {r.prompt_ids[p]: lp}

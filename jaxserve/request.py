@@ -63,6 +63,7 @@ class Request:
     # recompute after preemption neither computes them again nor loses them.
     prompt_lps: list[dict[int, float] | None] = dataclasses.field(default_factory=list, repr=False)
     prompt_logprobs_upto: int = 1
+    prompt_ranks: list[int | None] = dataclasses.field(default_factory=list, repr=False)  # each prompt token's rank
     _stops: frozenset[int] | None = dataclasses.field(default=None, repr=False)
     # Structured outputs (`params.structured_outputs`): where the output stands in its constraint
     # (`jaxserve.structured.GuideState`), advanced by the engine as tokens arrive; None without one.
@@ -250,6 +251,7 @@ class Request:
                 out["top_logprobs"] = list(self.top_logprobs)
         if self.params.prompt_logprobs is not None:
             out["prompt_logprobs"] = list(self.prompt_lps) or [None] * len(self.prompt_ids)
+            out["prompt_logprob_ranks"] = list(self.prompt_ranks) or [None] * len(self.prompt_ids)
         if self.error:
             out["error"] = self.error
         return out

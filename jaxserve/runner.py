@@ -292,7 +292,10 @@ class Steps:
             logits, kv = self._forward(params, kv, tokens, positions, paged)
             flat = logits.reshape(b * s, -1)
             chosen, top_ids, top_lps = token_logprobs(flat, targets.reshape(-1), prompt_top)
-            prompt = PromptLogprobs(chosen.reshape(b, s), top_ids.reshape(b, s, -1), top_lps.reshape(b, s, -1))
+            target_logits = jnp.take_along_axis(flat, targets.reshape(-1, 1), axis=-1)
+            ranks = 1 + jnp.sum(flat > target_logits, axis=-1, dtype=jnp.int32)
+            prompt = PromptLogprobs(chosen.reshape(b, s), top_ids.reshape(b, s, -1), top_lps.reshape(b, s, -1),
+                                    ranks.reshape(b, s))
             last = jnp.take_along_axis(logits, logits_at[:, None, None], axis=1)[:, 0]
             return kv, (choose_tokens(last, batch, steps, counts, seen, num_top=num_top, greedy=greedy,
                                       logprobs=logprobs), prompt)

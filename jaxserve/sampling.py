@@ -336,11 +336,13 @@ class SampleOutput:
 class PromptLogprobs:
     """A prefill chunk's prompt log-probabilities: logprobs f32 [B, S], log-softmax of the raw logits
     at each position, taken at the token that follows it; top_ids i32 [B, S, K] and top_logprobs
-    f32 [B, S, K], each position's K most likely next tokens."""
+    f32 [B, S, K], each position's K most likely next tokens; ranks i32 [B, S], the following token's rank
+    among the vocabulary there (1 + the tokens with higher logits: vLLM's ``Logprob.rank``)."""
 
     logprobs: jax.Array
     top_ids: jax.Array
     top_logprobs: jax.Array
+    ranks: jax.Array
 
 
 def allowed_masks(params: Sequence[SamplingParams | None], batch_size: int, vocab_size: int) -> np.ndarray | None:

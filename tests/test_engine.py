@@ -846,8 +846,8 @@ def test_prompt_logprobs_match_transformers_through_chunks_and_a_cached_prefix(t
     for prompt, out in zip(prompts + [shared + [5]], outs + [again]):
         assert out["token_ids"] == hf_greedy(hf, prompt, 3)
         ref = hf_prompt_logprobs(hf, prompt)
-        plp = out["prompt_logprobs"]
-        assert len(plp) == len(prompt) and plp[0] is None
+        plp, ranks = out["prompt_logprobs"], out["prompt_logprob_ranks"]
+        assert len(plp) == len(ranks) == len(prompt) and plp[0] is None and ranks[0] is None
         for p in range(1, len(prompt)):
             entry, want = plp[p], ref[p - 1]
             assert prompt[p] in entry and len(entry) in (2, 3)
@@ -855,6 +855,9 @@ def test_prompt_logprobs_match_transformers_through_chunks_and_a_cached_prefix(t
             assert set(best.tolist()) <= set(entry)
             for token, lp in entry.items():
                 assert abs(lp - want[token]) < 1e-4, (p, token, lp, want[token])
+            # vLLM's rank: 1 + the tokens more likely than the prompt token (none within float error of it).
+            above, near = np.sum(want > want[prompt[p]] + 1e-4), np.sum(np.abs(want - want[prompt[p]]) <= 1e-4)
+            assert above + 1 <= ranks[p] <= above + near, (p, ranks[p], above, near)
 
 
 def test_prompt_logprobs_survive_preemption_once_and_leave_other_requests_alone(tiny):

@@ -1232,3 +1232,47 @@ def test_tool_choice_required_or_named_makes_the_model_call_a_tool(client, live,
     assert required.choices[0].finish_reason in ("tool_calls", "length")
     if required.choices[0].finish_reason == "tool_calls":
         assert {c.function.name for c in required.choices[0].message.tool_calls} <= {"get_weather", "get_time"}
+
+
+def test_prompt_logprobs_give_each_prompt_token_s_logprob_rank_and_best_tokens(client, live, model, pages_freed):
+    """vLLM's prompt_logprobs: per completion choice, once beside a chat's choices; None first, then keyed by
+    token id the prompt token's and the k best tokens' logprob, rank and text; with echo the larger k is run."""
+    from jaxserve import SamplingParams
+
+    ids = model.tokenizer.encode(PROMPT, add_special_tokens=False)
+    offline = live.engine_call(lambda e: e.generate_async(ids, SamplingParams(max_tokens=1, temperature=0,
+                                                                               prompt_logprobs=20)))
+
+    def check(plp, prompt, k):
+        assert len(plp) == len(prompt) and plp[0] is None
+        for p in range(1, len(prompt)):
+            entry, want = plp[p], offline["prompt_logprobs"][p] if prompt is ids else None
+            token = str(prompt[p])
+            assert token in entry and len(entry) in (k, k + 1)
+            assert entry[token]["decoded_token"] == model.tokenizer.decode([prompt[p]])
+            if len(entry) == k:  # the prompt token is one of the k best, ranked 1..k
+                assert sorted(v["rank"] for v in entry.values()) == list(range(1, k + 1))
+            else:
+                assert sorted(v["rank"] for t, v in entry.items() if t != token) == list(range(1, k + 1))
+                assert entry[token]["rank"] > k
+            if want is not None:
+                assert entry[token]["logprob"] == pytest.approx(want[prompt[p]], abs=1e-5)
+                assert entry[token]["rank"] == offline["prompt_logprob_ranks"][p]
+
+    body = dict(GOOD, prompt_logprobs=2, n=2, temperature=1.0, seed=3)
+    comp = post(live, "/v1/completions", body)
+    assert comp.status_code == 200, comp.text
+    for choice in comp.json()["choices"]:
+        check(choice["prompt_logprobs"], ids, 2)
+    # With echo, logprobs=1 asks one best token of the echoed prompt, prompt_logprobs=3 three.
+    echoed = post(live, "/v1/completions", dict(GOOD, echo=True, logprobs=1, prompt_logprobs=3)).json()["choices"][0]
+    check(echoed["prompt_logprobs"], ids, 3)
+    assert all(len(t) <= 2 for t in echoed["logprobs"]["top_logprobs"][1:])
+    chat = post(live, "/v1/chat/completions", dict(CHAT_BODY, prompt_logprobs=0)).json()
+    assert "prompt_logprobs" not in chat["choices"][0] and chat["prompt_logprobs"][0] is None
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    assert all(len(e) == 1 and next(iter(e.values()))["rank"] >= 1 for e in chat["prompt_logprobs"][1:])
+    for bad in (dict(GOOD, prompt_logprobs=-1), dict(GOOD, prompt_logprobs=21), dict(GOOD, prompt_logprobs=1,
+                                                                                      stream=True)):
+        r = post(live, "/v1/completions", bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text

@@ -265,7 +265,9 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         max_tokens = _max_tokens(1 if prompt_only else requested, "max_tokens", st)
         for ids in prompts:
             _check_context(len(ids), max_tokens, "prompt", st)
-        prompt_logprobs = req.logprobs if req.echo else None
+        # Echoed log-probabilities score the prompt too: the engine computes the more of the two asked for.
+        asked = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
+        prompt_logprobs = max(asked) if asked else None
         structured = await _structured_outputs(req, st)
         params = _sampling_params(req, max_tokens, req.logprobs, len(prompts) * req.n, st, prompt_logprobs,
                                   structured)
@@ -290,8 +292,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         _check_context(len(ids), max_tokens, "messages", st)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         structured = await _structured_outputs(req, st)
-        params = _sampling_params(req, max_tokens, logprobs, req.n, st, structured=structured)
-        return await _serve(request, st, req, [ids] * req.n, params, ChatFormat(st.model_name, st.tokenizer, req, len(ids)))
+        params = _sampling_params(req, max_tokens, logprobs, req.n, st, req.prompt_logprobs, structured)
+        return await _serve(request, st, req, [ids] * req.n, params, ChatFormat(st.model_name, st.tokenizer, req, ids))
 
     return app
 
@@ -510,6 +512,12 @@ def _check_context(prompt_len: int, max_tokens: int, param: str, st: _State) -> 
 def _check_n(req: SamplingFields, st: _State) -> None:
     if not 1 <= req.n <= st.config.max_choices:
         raise APIError(400, f"n must be in [1, {st.config.max_choices}], got {req.n}", param="n")
+    if req.prompt_logprobs is not None:
+        if not 0 <= req.prompt_logprobs <= MAX_LOGPROBS:  # vLLM's -1 (the whole vocabulary) too
+            raise APIError(400, f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {req.prompt_logprobs}",
+                           param="prompt_logprobs")
+        if req.stream:  # they come with the whole result (vLLM's rule too)
+            raise APIError(400, "prompt_logprobs are not available with stream", param="prompt_logprobs")
 
 
 def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, count: int,

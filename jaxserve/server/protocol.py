@@ -93,6 +93,8 @@ class SamplingFields(Schema):
     allowed_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     bad_words: list[str] | None = None
+    # vLLM's: each prompt token's log-probability and rank, with the k best tokens at its position.
+    prompt_logprobs: int | None = None
     # Structured outputs (app.py `_structured_outputs`): OpenAI's response_format, vLLM's structured_outputs
     # object and its older guided_* fields; at most one of them.
     response_format: dict[str, Any] | None = None

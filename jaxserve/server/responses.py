@@ -23,6 +23,20 @@ def _finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else -9999.0
 
 
+def prompt_logprobs(result: dict[str, Any], prompt: list[int], k: int, decode: Any) -> list[dict[str, Any] | None]:
+    """vLLM's ``prompt_logprobs`` of a result whose request asked for at least ``k``: None for the first token
+    (nothing comes before it), then, keyed by token id, the prompt token's and the ``k`` best tokens'
+    ``{"logprob", "rank", "decoded_token"}`` (a best token's rank: its place among them)."""
+    out: list[dict[str, Any] | None] = [None]
+    for token, entry, rank in zip(prompt[1:], result["prompt_logprobs"][1:], result["prompt_logprob_ranks"][1:]):
+        best = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+        shown = {str(token): {"logprob": _finite(entry[token]), "rank": rank, "decoded_token": decode(token)}}
+        for place, (t, v) in enumerate(best, 1):
+            shown.setdefault(str(t), {"logprob": _finite(v), "rank": place, "decoded_token": decode(t)})
+        out.append(shown)
+    return out
+
+
 def usage(results: list[dict[str, Any]], prompt_tokens: int, n: int = 1) -> dict[str, Any]:
     """OpenAI's ``usage`` object; ``prompt_tokens`` counts each distinct prompt once, and so do its
     cached tokens: ``results`` hold ``n`` samples a prompt, side by side, each reporting the prefix
@@ -58,7 +72,9 @@ class CompletionFormat:
         if self.req.logprobs is None:
             return None
         prompt = self.prompts[i // max(1, self.req.n)]
-        scored = result["prompt_logprobs"]
+        # The engine scored the prompt's k best for the larger of logprobs and prompt_logprobs.
+        scored = [None] + [{t: entry[t], **dict(sorted(entry.items(), key=lambda kv: -kv[1])[:self.req.logprobs])}
+                           for t, entry in zip(prompt[1:], result["prompt_logprobs"][1:])]
         lps = [None] + [entry[t] for t, entry in zip(prompt[1:], scored[1:])]
         head = self._logprobs(i, prompt, lps, [None] + scored[1:])
         tail = self._logprobs(i, result["token_ids"], result.get("logprobs"), result.get("top_logprobs"))
@@ -109,6 +125,10 @@ class CompletionFormat:
                     "logprobs": self._echoed_logprobs(i, r) if echo else
                     self._logprobs(i, r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))}
                    for i, r in enumerate(results)]
+        if self.req.prompt_logprobs is not None:  # vLLM's: each choice holds its prompt's
+            for i, (choice, r) in enumerate(zip(choices, results)):
+                choice["prompt_logprobs"] = prompt_logprobs(r, self.prompts[i // max(1, self.req.n)],
+                                                            self.req.prompt_logprobs, self._decode)
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name,
                 "choices": choices, "usage": usage(results, self.prompt_tokens, self.req.n)}
 
@@ -160,11 +180,12 @@ class ChatFormat:
     reason "tool_calls" where it was "stop" ("length" stays: the text was cut).
     """
 
-    def __init__(self, model_name: str, tokenizer: Any, req: ChatRequest, prompt_tokens: int) -> None:
+    def __init__(self, model_name: str, tokenizer: Any, req: ChatRequest, prompt: list[int]) -> None:
         self.model_name, self.tokenizer, self.req = model_name, tokenizer, req
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.prompt_tokens = prompt_tokens
+        self.prompt = prompt
+        self.prompt_tokens = len(prompt)
         self.parse_tools = bool(req.tools) and req.tool_choice != "none"
         self._tool_streams: dict[int, ToolCallStream] = {}  # by choice index, while streaming
         # 64 choices' top-20 logprobs spell out ~170k tokens, far fewer of them distinct.
@@ -204,8 +225,12 @@ class ChatFormat:
                             "stop_reason": r.get("stop_reason"),
                             "logprobs": self._logprobs(r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))})
         # n samples of one prompt: OpenAI counts the prompt once.
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
-                "choices": choices, "usage": usage(results, self.prompt_tokens, self.req.n)}
+        out = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
+               "choices": choices, "usage": usage(results, self.prompt_tokens, self.req.n)}
+        if self.req.prompt_logprobs is not None:  # vLLM's: once, beside the choices (one prompt)
+            out["prompt_logprobs"] = prompt_logprobs(results[0], self.prompt, self.req.prompt_logprobs,
+                                                     lambda t: self._spell(t)[0])
+        return out
 
     def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> dict[str, Any]:
         out = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
