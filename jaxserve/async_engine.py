@@ -145,24 +145,25 @@ class AsyncEngine:
         return await fut
 
     async def submit(self, prompt: Prompt, params: SamplingParams | None = None,
-                     request_id: str | None = None) -> RequestHandle:
-        """Queue a request; raises ``ValueError`` for bad input (checked on the engine thread)."""
+                     request_id: str | None = None, priority: int = 0) -> RequestHandle:
+        """Queue a request; raises ``ValueError`` for bad input (checked on the engine thread). ``priority``:
+        `Engine.make_request`'s."""
         if not self._accepting:
             raise EngineDeadError("the engine is shutting down and accepts no new requests")
         loop = asyncio.get_running_loop()
         output = _Output(loop, asyncio.Queue())
         request_id = request_id or f"async-{next(self._ids)}"
         try:
-            await self._call(lambda: self._add(prompt, params, request_id, output))
+            await self._call(lambda: self._add(prompt, params, request_id, output, priority))
         except asyncio.CancelledError:  # the caller left while the engine thread was adding it
             self.abort(request_id)
             raise
         return RequestHandle(self, request_id, output)
 
     async def stream(self, prompt: Prompt, params: SamplingParams | None = None,
-                     request_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
+                     request_id: str | None = None, priority: int = 0) -> AsyncIterator[dict[str, Any]]:
         """Chunks of one request as they are produced; leaving the loop early aborts it."""
-        handle = await self.submit(prompt, params, request_id)
+        handle = await self.submit(prompt, params, request_id, priority)
         try:
             async for chunk in handle:
                 yield chunk
@@ -170,9 +171,9 @@ class AsyncEngine:
             handle.abort()
 
     async def generate_async(self, prompt: Prompt, params: SamplingParams | None = None,
-                             request_id: str | None = None) -> dict[str, Any]:
+                             request_id: str | None = None, priority: int = 0) -> dict[str, Any]:
         """Run one request to the end; the ``Request.result()`` dict."""
-        handle = await self.submit(prompt, params, request_id)
+        handle = await self.submit(prompt, params, request_id, priority)
         try:
             return await handle.result()
         finally:
@@ -257,8 +258,9 @@ class AsyncEngine:
             except queue.Empty:
                 return stop
 
-    def _add(self, prompt: Prompt, params: SamplingParams | None, request_id: str, output: _Output) -> None:
-        self.engine.add_request(prompt, params, request_id)
+    def _add(self, prompt: Prompt, params: SamplingParams | None, request_id: str, output: _Output,
+             priority: int = 0) -> None:
+        self.engine.add_request(prompt, params, request_id, priority)
         request = self.engine.requests[request_id]
         if request.finish_reason is not None:  # refused at once (it could never fit the pool)
             self.engine.release(request_id)

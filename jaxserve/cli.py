@@ -42,6 +42,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "max_position_embeddings times a RoPE scaling factor where config.json sets one)")
     g.add_argument("--policy", choices=("prefill_first", "time_share", "mixed"), default="prefill_first",
                    help="how prefill and decode steps share the device (default prefill_first)")
+    g.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
+                   help="admission and preemption order: arrival (fcfs, the default) or each request's priority "
+                        "(lower first; vLLM's)")
     g.add_argument("--decode-steps", type=int, default=8, help="decode steps per device call (default 8)")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn the radix prefix cache off")
     g.add_argument("--batch-buckets", type=int, nargs="+", default=None, metavar="N",
@@ -72,7 +75,8 @@ def engine_config_from_args(args: argparse.Namespace) -> "Any":
         page_size=args.page_size, num_pages=args.num_pages or (CPU_NUM_PAGES if cpu else None),
         max_running=max_running, max_tokens_per_step=max(per_step, max_running),
         max_model_len=args.max_model_len, prefix_caching=not args.no_prefix_caching,
-        dtype=args.dtype or "auto", policy=args.policy, decode_steps=args.decode_steps,
+        dtype=args.dtype or "auto", policy=args.policy, scheduling_policy=args.scheduling_policy,
+        decode_steps=args.decode_steps,
         batch_buckets=tuple(args.batch_buckets) if args.batch_buckets else None,
         prefill_buckets=tuple(args.prefill_buckets) if args.prefill_buckets else None,
         memory_fraction=args.memory_fraction, overlap=not args.no_overlap, attention_impl=args.attention_impl,

@@ -326,8 +326,10 @@ class Engine:
 
     @_on_device
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                     request_id: str | None = None) -> Request:
-        """Validate and build a request without queueing it (raises ``ValueError`` on bad input)."""
+                     request_id: str | None = None, priority: int = 0) -> Request:
+        """Validate and build a request without queueing it (raises ``ValueError`` on bad input). ``priority``
+        (vLLM's): lower runs first, where ``EngineConfig.scheduling_policy`` is "priority" (elsewhere only 0)."""
+        check_priority(priority, self.config.scheduling_policy)
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
@@ -353,7 +355,8 @@ class Engine:
         guide = self._guide(params) if params.structured_outputs is not None else None
         detok = (IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                  if self.tokenizer is not None else None)
-        return Request(request_id, ids, params, detok, self.eos_ids, guide=guide, bad_word_ids=bad_words)
+        return Request(request_id, ids, params, detok, self.eos_ids, guide=guide, bad_word_ids=bad_words,
+                       priority=int(priority))
 
     def _bad_words(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         if self.tokenizer is None:
@@ -397,11 +400,11 @@ class Engine:
         return guide
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a prompt (text or token ids); returns its request id."""
+                    request_id: str | None = None, priority: int = 0) -> str:
+        """Queue a prompt (text or token ids); returns its request id. ``priority``: `make_request`'s."""
         if self.closed:
             raise RuntimeError("engine is closed")
-        return self._queue(self.make_request(prompt, params, request_id))
+        return self._queue(self.make_request(prompt, params, request_id, priority))
 
     @_on_device
     def _queue(self, request: Request) -> str:
@@ -838,13 +841,14 @@ class Engine:
     # ----- batch API -----------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[dict[str, Any]]:
-        """Run prompts to completion; one result dict per prompt, in order.
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """Run prompts to completion; one result dict per prompt, in order. ``priority``: one a prompt
+        (`make_request`'s; with ``scheduling_policy="priority"``).
 
         Every prompt is validated before anything runs, so a bad one raises ``ValueError`` and
         leaves the engine untouched.
         """
-        return run_to_completion(self, prompts, sampling_params, use_tqdm)
+        return run_to_completion(self, prompts, sampling_params, use_tqdm, priority)
 
     def chat(self, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
@@ -999,9 +1003,18 @@ class Engine:
         self.close()
 
 
+def check_priority(priority: Any, scheduling_policy: str) -> None:
+    """ValueError naming ``priority`` unless it is an int, and 0 where the policy is not "priority" (vLLM's rule:
+    a priority that nothing would honour is refused, not ignored)."""
+    if not isinstance(priority, (int, np.integer)) or isinstance(priority, (bool, np.bool_)):
+        raise ValueError(f"priority must be an int, got {priority!r}")
+    if priority != 0 and scheduling_policy != "priority":
+        raise ValueError(f"priority must be 0 unless the engine's scheduling_policy is 'priority', got {priority}")
+
+
 def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
-                      sampling_params: SamplingParams | Sequence[SamplingParams] | None, use_tqdm: bool
-                      ) -> list[dict[str, Any]]:
+                      sampling_params: SamplingParams | Sequence[SamplingParams] | None, use_tqdm: bool,
+                      priority: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """`Engine.generate`'s loop over any ``driver`` with the Engine's batch API (an `Engine`, or
     `jaxserve.replicas.Replicas`): make (validate) every request, queue them, step until each finished."""
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
@@ -1013,9 +1026,12 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
         params_list = list(sampling_params)
         if len(params_list) != len(prompts):
             raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts")
+    priorities = [0] * len(prompts) if priority is None else list(priority)
+    if len(priorities) != len(prompts):
+        raise ValueError(f"priority has {len(priorities)} entries for {len(prompts)} prompts")
     if driver.closed:
         raise RuntimeError("engine is closed")
-    requests = [driver.make_request(p, sp) for p, sp in zip(prompts, params_list)]
+    requests = [driver.make_request(p, sp, priority=k) for p, sp, k in zip(prompts, params_list, priorities)]
     for r in requests:
         driver._queue(r)
     pending = {r.request_id for r in requests}
@@ -1065,7 +1081,7 @@ def run_chat(driver: Any, messages: Conversation | Sequence[Conversation],
 def generate(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Sequence[Prompt],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
              engine_config: EngineConfig | None = None, use_tqdm: bool = True,
-             data_parallel_size: int = 1) -> list[dict[str, Any]]:
+             data_parallel_size: int = 1, priority: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Generate completions for one or many prompts (text or token ids).
 
     ``model`` is what ``jaxserve.load`` returned, a checkpoint path, or None for the embedded
@@ -1084,9 +1100,9 @@ def generate(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Se
         from jaxserve.replicas import Replicas
 
         with Replicas(model, engine_config, devices=data_parallel_size) as replicas:
-            return replicas.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+            return replicas.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority)
     with Engine(model, engine_config) as engine:
-        return engine.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return engine.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority)
 
 
 def chat(model: LoadedModel | str | os.PathLike | None, messages: Conversation | Sequence[Conversation],

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 POLICIES = ("prefill_first", "time_share", "mixed")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 ATTENTION_IMPLS = ("auto", "pallas", "pallas-unfused", "reference")
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -41,6 +42,10 @@ class EngineConfig:
     a call no longer hid behind the device's at batch 64 (H200, Qwen2.5-0.5B: 45.7k against
     58.9k tokens/s; batch 1 1.13k against 1.25k; bench/results/throughput.md, run 23); 16 gave
     +4.8% at batch 64 and -1.1% at 256 (run 28) and makes new requests wait longer for a call.
+    ``scheduling_policy`` (vLLM's): which waiting request is admitted first and which running one is preempted
+    when pages run out: "fcfs", arrival order (the newest preempted); "priority", each request's ``priority``
+    (lower first, vLLM's order; ties by arrival), the lowest priority preempted. (``policy`` is another question:
+    how prefill and decode calls share the device.)
 
     Example:
         >>> cfg = EngineConfig(page_size=16, max_running=32, policy="mixed")
@@ -60,6 +65,7 @@ class EngineConfig:
     dtype: str = "auto"
     policy: str = "prefill_first"
     time_share_ratio: int = 4
+    scheduling_policy: str = "fcfs"
     decode_steps: int = 8
     overlap: bool = True
     attention_impl: str = "auto"
@@ -83,6 +89,8 @@ class EngineConfig:
             raise ValueError(f"memory_fraction must be in (0, 0.95], got {self.memory_fraction}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.compile_cache_dir is not None and (not isinstance(self.compile_cache_dir, str)

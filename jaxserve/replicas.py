@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from jaxserve.engine import Engine, Prompt, run_chat, run_to_completion
+from jaxserve.engine import Engine, Prompt, check_priority, run_chat, run_to_completion
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.request import Request
@@ -141,10 +141,11 @@ class Replicas:
         return self.engines[0].default_sampling_params(**overrides)
 
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                     request_id: str | None = None) -> Request:
+                     request_id: str | None = None, priority: int = 0) -> Request:
         """Route and validate a request (ValueError on bad input, nothing routed), without queueing it."""
         if self.closed:
             raise RuntimeError("replicas are closed")
+        check_priority(priority, self.engines[0].config.scheduling_policy)
         if params is not None and params.structured_outputs is not None:
             self.structured_guide(params.structured_outputs)  # one compile, and the replicas share its vocabulary
         request_id = request_id or f"req-{next(self._ids)}"
@@ -152,7 +153,7 @@ class Replicas:
             raise ValueError(f"request_id {request_id!r} is already in use")
         ids = self.engines[0].request_ids(prompt, params or self.default_sampling_params())
         replica = self.route(ids)
-        request = self.engines[replica].make_request(ids, params, request_id)
+        request = self.engines[replica].make_request(ids, params, request_id, priority)
         self._owner[request_id] = replica
         self._load[replica] += 1
         self._record(replica, ids)
@@ -161,9 +162,10 @@ class Replicas:
     def _queue(self, request: Request) -> str:
         return self.engines[self._owner[request.request_id]]._queue(request)
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    priority: int = 0) -> str:
         """Route a prompt (text or token ids) to a replica and queue it there; returns its request id."""
-        return self._queue(self.make_request(prompt, params, request_id))
+        return self._queue(self.make_request(prompt, params, request_id, priority))
 
     def replica_of(self, request_id: str) -> int | None:
         """The replica a request was routed to (None once released, or if unknown)."""
@@ -216,10 +218,10 @@ class Replicas:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[dict[str, Any]]:
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[dict[str, Any]]:
         """`Engine.generate` over the replicas: every prompt routed and validated first, then all run together;
         one result dict per prompt, in order."""
-        return run_to_completion(self, prompts, sampling_params, use_tqdm)
+        return run_to_completion(self, prompts, sampling_params, use_tqdm, priority)
 
     def chat(self, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,

@@ -35,6 +35,7 @@ class Request:
     detokenizer: IncrementalDetokenizer | None
     eos_ids: tuple[int, ...]
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    priority: int = 0  # lower runs first where EngineConfig.scheduling_policy is "priority" (vLLM's order)
     output_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)

@@ -19,6 +19,7 @@ Rules, in one place:
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import math
@@ -98,7 +99,31 @@ class Scheduler:
 
     # ----- queue -------------------------------------------------------------------------
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        if self.config.scheduling_policy == "priority":
+            self._insert_by_priority(request)
+        else:
+            self.waiting.append(request)
+
+    def _requeue(self, request: Request) -> None:
+        """Back into the queue after it had started (preempted, or claimed and handed back): at the front in
+        arrival order; under priority scheduling where its priority and arrival place it (ahead of the later
+        arrivals of its priority)."""
+        if self.config.scheduling_policy == "priority":
+            self._insert_by_priority(request)
+        else:
+            self.waiting.appendleft(request)
+
+    def _insert_by_priority(self, request: Request) -> None:
+        at = bisect.bisect_right(self.waiting, (request.priority, request.arrival),
+                                 key=lambda r: (r.priority, r.arrival))
+        self.waiting.insert(at, request)
+
+    def _victim(self) -> Request:
+        """The running request preempted when pages run out: the newest, or under priority scheduling the
+        lowest priority's newest (vLLM's choice)."""
+        if self.config.scheduling_policy == "priority":
+            return max(self.running, key=lambda r: (r.priority, r.arrival))
+        return self.running[-1]
 
     def remove(self, request: Request) -> None:
         """Take a request out of the scheduler (finished or aborted), releasing what it holds."""
@@ -244,7 +269,7 @@ class Scheduler:
         """Undo `_claim` and put the request back at the queue's front."""
         self._release(request, index_tokens=False)
         request.computed = request.prefill_end = 0
-        self.waiting.appendleft(request)
+        self._requeue(request)
 
     def _admitted(self, request: Request) -> None:
         if request.num_preemptions == 0:
@@ -352,7 +377,7 @@ class Scheduler:
                 if row_ok or r.status is not Status.RUNNING:
                     continue
                 while not self._grow(r, int(n)):
-                    victim = self.running[-1]
+                    victim = self._victim()
                     self.preempt(victim)
                     if victim is r:
                         break
@@ -377,7 +402,7 @@ class Scheduler:
         request.computed = request.prefill_end = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self._requeue(request)
 
     def schedule(self, prefill_only: bool = False) -> Plan:
         """The next step's work under the configured policy.

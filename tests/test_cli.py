@@ -118,10 +118,12 @@ def _parse_serve(flags: list[str]):
 def test_engine_flags_reach_the_engine_config():
     args = _parse_serve(["--max-running", "4", "--batch-buckets", "1", "4", "--prefill-buckets", "64", "512",
                          "--max-tokens-per-step", "512", "--memory-fraction", "0.5", "--no-overlap",
-                         "--attention-impl", "reference", "--decode-steps", "8", "--policy", "mixed"])
+                         "--attention-impl", "reference", "--decode-steps", "8", "--policy", "mixed",
+                         "--scheduling-policy", "priority"])
     cfg = cli.engine_config_from_args(args)
     assert (cfg.batch_buckets, cfg.prefill_buckets) == ((1, 4), (64, 512))
     assert (cfg.memory_fraction, cfg.overlap, cfg.attention_impl) == (0.5, False, "reference")
-    assert (cfg.decode_steps, cfg.policy) == (8, "mixed")
+    assert (cfg.decode_steps, cfg.policy, cfg.scheduling_policy) == (8, "mixed", "priority")
+    assert cli.engine_config_from_args(_parse_serve([])).scheduling_policy == "fcfs"
     with pytest.raises(ValueError, match="prefill bucket"):
         cli.engine_config_from_args(_parse_serve(["--prefill-buckets", "64", "--max-tokens-per-step", "512"]))

@@ -1146,3 +1146,32 @@ def test_decode_rows_pads_small_steps_to_the_mosaic_gpu_path_only_where_measured
     assert [model_module.decode_rows(n, large, jnp.bfloat16, "reference") for n in rows] == list(rows)
     monkeypatch.setattr(model_module, "PAD_SMALL_DECODE", False)
     assert [model_module.decode_rows(n, large, jnp.bfloat16) for n in rows] == list(rows)
+
+
+def test_priority_scheduling_runs_the_most_urgent_first_and_fcfs_refuses_a_priority(tiny):
+    m, hf = tiny
+    prompts = random_prompts(m.config.vocab_size, (12, 9, 15, 7))
+    priorities = [3, 1, 2, 0]
+    one_at_a_time = dict(max_running=1, batch_buckets=(1,), scheduling_policy="priority")
+    with Engine(m, small_config(**one_at_a_time)) as engine:
+        ids = [engine.add_request(p, GREEDY, priority=k) for p, k in zip(prompts, priorities)]
+        finished = []
+        while engine.has_unfinished():
+            finished += [r.request_id for r in engine.step() if r.finish_reason is not None]
+        assert finished == [ids[i] for i in np.argsort(priorities)]
+        outs = [engine.release(i).result() for i in ids]
+        assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, GREEDY.max_tokens) for p in prompts]
+        # generate takes one priority a prompt
+        again = engine.generate(prompts[:2], GREEDY, use_tqdm=False, priority=[1, 0])
+        assert [o["token_ids"] for o in again] == [o["token_ids"] for o in outs[:2]]
+        with pytest.raises(ValueError, match="priority"):
+            engine.generate(prompts[:2], GREEDY, use_tqdm=False, priority=[1])
+        with pytest.raises(ValueError, match="priority"):
+            engine.add_request(prompts[0], GREEDY, priority=1.5)
+        assert_all_pages_free(engine)
+    with Engine(m, small_config()) as fcfs:
+        with pytest.raises(ValueError, match="priority must be 0"):
+            fcfs.add_request(prompts[0], GREEDY, priority=1)
+        assert not fcfs.requests
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        EngineConfig(scheduling_policy="lifo")

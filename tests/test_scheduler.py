@@ -13,14 +13,15 @@ from jaxserve.sampling import SamplingParams
 from jaxserve.scheduler import Scheduler
 
 
-def make_scheduler(num_pages: int, prefix_caching: bool = False) -> Scheduler:
+def make_scheduler(num_pages: int, prefix_caching: bool = False, scheduling_policy: str = "fcfs") -> Scheduler:
     cfg = EngineConfig(num_pages=num_pages, page_size=8, max_running=8, max_tokens_per_step=256,
-                       decode_steps=4, batch_buckets=(8,), prefill_buckets=(16, 64, 256), prefix_caching=prefix_caching)
+                       decode_steps=4, batch_buckets=(8,), prefill_buckets=(16, 64, 256), prefix_caching=prefix_caching,
+                       scheduling_policy=scheduling_policy)
     return Scheduler(cfg, num_pages, max_model_len=256)
 
 
-def request(rid: str, prompt: list[int]) -> Request:
-    return Request(rid, prompt, SamplingParams(max_tokens=4), None, ())
+def request(rid: str, prompt: list[int], priority: int = 0) -> Request:
+    return Request(rid, prompt, SamplingParams(max_tokens=4), None, (), priority=priority)
 
 
 def pages_held(s: Scheduler) -> int:
@@ -168,3 +169,40 @@ def test_waiting_prompts_shorten_decode_calls_only_while_one_could_start():
         assert s.schedule().decode_steps == 1, policy
         for r in list(s.running):
             s.remove(r)
+
+
+def test_priority_scheduling_admits_by_priority_then_arrival():
+    rng = np.random.default_rng()
+    s = make_scheduler(num_pages=6, scheduling_policy="priority")  # room for three prompts of two pages
+    priorities = [2, 0, 1, 0, 1]
+    reqs = [request(f"r{i}", rng.integers(3, 100, size=16).tolist(), p) for i, p in enumerate(priorities)]
+    for r in reqs:
+        s.add(r)
+    assert [r.request_id for r in s.waiting] == ["r1", "r3", "r2", "r4", "r0"]
+    assert [r.request_id for r, _, _ in s.schedule().prefill] == ["r1", "r3", "r2"]
+    assert [r.request_id for r in s.waiting] == ["r4", "r0"]
+    fcfs = make_scheduler(num_pages=6)
+    for r in [request(f"r{i}", r.prompt_ids, p) for i, (r, p) in enumerate(zip(reqs, priorities))]:
+        fcfs.add(r)
+    assert [r.request_id for r, _, _ in fcfs.schedule().prefill] == ["r0", "r1", "r2"]
+
+
+def test_priority_scheduling_preempts_the_lowest_priority_where_fcfs_preempts_the_newest():
+    rng = np.random.default_rng()
+    prompts = [rng.integers(3, 100, size=16).tolist() for _ in range(2)]  # two pages each
+    for policy, victim in (("priority", "low"), ("fcfs", "high")):
+        s = make_scheduler(num_pages=5, scheduling_policy=policy)
+        low, high = request("low", prompts[0], priority=5 if policy == "priority" else 0), request("high", prompts[1])
+        s.add(low)  # running alone first; the more urgent one arrives later
+        s.schedule()
+        low.computed = low.prefill_end
+        s.add(high)
+        assert [r for r, _, _ in s.schedule().prefill] == [high]
+        high.computed = high.prefill_end
+        plan = s.schedule()  # 4 decode steps: each needs a third page, and one is free
+        assert s.num_preemptions == 1 and [r.request_id for r in s.waiting] == [victim], policy
+        assert [r.request_id for r in plan.decode] == [{"low": "high", "high": "low"}[victim]]
+        assert s.waiting[0].status is Status.WAITING and s.waiting[0].computed == 0
+        for r in list(s.running) + list(s.waiting):
+            s.remove(r)
+        assert pages_held(s) == 0

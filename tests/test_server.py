@@ -427,6 +427,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
     ("/v1/completions", {**GOOD, "allowed_token_ids": [10**7]}, 400, "allowed_token_ids", None),
     ("/v1/completions", {**GOOD, "allowed_token_ids": []}, 400, "allowed_token_ids", None),
     ("/v1/completions", {**GOOD, "bad_words": [" "]}, 400, "bad_words", None),
+    ("/v1/completions", {**GOOD, "priority": 3}, 400, "priority", None),  # the server runs fcfs
     ("/v1/chat/completions", {**CHAT_BODY, "bad_words": ["abcdefghij" * 10]}, 400, "bad_words", None),
     ("/v1/completions", {**GOOD, "guided_regex": "(?=a)b"}, 400, "guided_regex", None),
     ("/v1/completions", {**GOOD, "guided_choice": []}, 400, "guided_choice", None),

@@ -634,11 +634,11 @@ def _tool_call_regex(req: ChatRequest) -> str | None:
 
 
 async def _submit_all(st: _State, prompts: list[list[int]], params: list[SamplingParams],
-                      base_id: str) -> list[RequestHandle]:
+                      base_id: str, priority: int = 0) -> list[RequestHandle]:
     handles: list[RequestHandle] = []
     try:
         for i, (ids, p) in enumerate(zip(prompts, params)):
-            handles.append(await st.engine.submit(ids, p, f"{base_id}-{i}"))
+            handles.append(await st.engine.submit(ids, p, f"{base_id}-{i}", priority))
     except ValueError as exc:
         raise bad_params(exc) from None
     finally:
@@ -682,7 +682,7 @@ async def _merge(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, dict[
 
 async def _serve(request: Request, st: _State, req: SamplingFields, prompts: list[list[int]],
                  params: list[SamplingParams], fmt: CompletionFormat | ChatFormat) -> Response:
-    handles = await _submit_all(st, prompts, params, fmt.id)
+    handles = await _submit_all(st, prompts, params, fmt.id, req.priority)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         # Starlette runs the background task however the response ends. A client gone before the

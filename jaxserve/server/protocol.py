@@ -39,9 +39,10 @@ _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 def bad_params(exc: ValueError) -> APIError:
     """SamplingParams/engine messages start with the field name (the engine's prompt checks with
-    "prompt"); report it as ``param``."""
+    "prompt", its priority check with "priority"); report it as ``param``."""
     first = str(exc).split(" ", 1)[0]
-    return APIError(400, str(exc), param=first if first in _SAMPLING_FIELDS or first == "prompt" else None)
+    return APIError(400, str(exc), param=first if first in _SAMPLING_FIELDS or first in ("prompt", "priority")
+                    else None)
 
 
 # ----- request schemas -------------------------------------------------------------------------
@@ -95,6 +96,8 @@ class SamplingFields(Schema):
     bad_words: list[str] | None = None
     # vLLM's: each prompt token's log-probability and rank, with the k best tokens at its position.
     prompt_logprobs: int | None = None
+    # vLLM's: lower runs first where the server runs with --scheduling-policy priority (elsewhere only 0).
+    priority: int = 0
     # Structured outputs (app.py `_structured_outputs`): OpenAI's response_format, vLLM's structured_outputs
     # object and its older guided_* fields; at most one of them.
     response_format: dict[str, Any] | None = None
