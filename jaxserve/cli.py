@@ -196,7 +196,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
                                  drain_s=args.drain_s, warmup=args.warmup,
                                  warmup_structured=args.warmup_structured, chat_template=args.chat_template,
-                                 data_parallel_size=args.data_parallel_size)
+                                 data_parallel_size=args.data_parallel_size,
+                                 return_tokens_as_token_ids=args.return_tokens_as_token_ids)
     engine_config = engine_config_from_args(args)
     serve(_model_from_args(args, engine_config), engine_config, server_config, host=args.host, port=args.port,
           log_level=args.log_level)
@@ -284,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "guided_*) too")
     srv.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
                      help="a Jinja chat template (a file, or the template itself) replacing the checkpoint's")
+    srv.add_argument("--return-tokens-as-token-ids", action="store_true",
+                     help="logprobs name tokens 'token_id:<id>' (vLLM's; a request's return_tokens_as_token_ids "
+                          "overrides it)")
     srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     _engine_args(srv)
     srv.set_defaults(func=cmd_serve)

@@ -250,6 +250,25 @@ def test_logprobs_and_penalties(client, pages_freed):
     assert all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
 
 
+def test_return_tokens_as_token_ids_names_every_logprob_token_by_its_id(client, live, pages_freed):
+    tok = live.app.state.jaxserve.tokenizer
+    named = post(live, "/v1/completions", dict(GOOD, max_tokens=5, logprobs=2, return_tokens_as_token_ids=True))
+    plain = post(live, "/v1/completions", dict(GOOD, max_tokens=5, logprobs=2)).json()["choices"][0]
+    choice = named.json()["choices"][0]
+    lp = choice["logprobs"]
+    ids = [int(t.removeprefix("token_id:")) for t in lp["tokens"]]
+    assert all(re.fullmatch(r"token_id:[0-9]+", t) for t in lp["tokens"] + [k for e in lp["top_logprobs"] for k in e])
+    assert tok.decode(ids) == choice["text"] == plain["text"]
+    assert lp["text_offset"] == plain["logprobs"]["text_offset"]  # offsets still count the text's characters
+    assert lp["token_logprobs"] == plain["logprobs"]["token_logprobs"]
+    chat = post(live, "/v1/chat/completions", dict(CHAT_BODY, logprobs=True, top_logprobs=2,
+                                                   return_tokens_as_token_ids=True)).json()["choices"][0]
+    content = chat["logprobs"]["content"]
+    assert tok.decode([int(c["token"].removeprefix("token_id:")) for c in content]) == chat["message"]["content"]
+    assert all(bytes(c["bytes"]).decode() == c["token"] and all(t["token"].startswith("token_id:")
+                                                                  for t in c["top_logprobs"]) for c in content)
+
+
 def test_echo_with_logprobs_scores_the_prompt_as_offline_prompt_logprobs(client, live, model, pages_freed):
     """lm-evaluation-harness's loglikelihood request: echo, logprobs=1, max_tokens 0 or 1."""
     from jaxserve import SamplingParams
@@ -1053,11 +1072,11 @@ def test_tool_calls_keep_length_and_tool_choice_none_leaves_text_alone():
     result = {"text": text, "token_ids": [5], "finish_reason": "length", "stop_reason": None, "prompt_tokens": 3,
               "cached_tokens": 0, "completion_tokens": 1}
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}
-    auto = ChatFormat("tiny", None, ChatRequest.model_validate(body), 3).response([result])["choices"][0]
+    auto = ChatFormat("tiny", None, ChatRequest.model_validate(body), [1, 2, 3]).response([result])["choices"][0]
     assert auto["finish_reason"] == "length" and auto["message"]["content"] == "Sure."
     assert auto["message"]["tool_calls"][0]["function"]["name"] == "get_time"
     none = ChatRequest.model_validate({**body, "tool_choice": "none"})
-    choice = ChatFormat("tiny", None, none, 3).response([{**result, "finish_reason": "stop"}])["choices"][0]
+    choice = ChatFormat("tiny", None, none, [1, 2, 3]).response([{**result, "finish_reason": "stop"}])["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": text} and choice["finish_reason"] == "stop"
 
 

@@ -61,7 +61,8 @@ class ServerConfig:
     ``warmup_structured`` also those of requests with structured outputs (``response_format``
     and vLLM's ``structured_outputs`` / ``guided_*``: each decode shape compiles once more);
     ``chat_template`` (a file or a Jinja template) replaces the checkpoint's chat template;
-    ``data_parallel_size`` > 1 serves that many engines on as many devices (`jaxserve.replicas.Replicas`).
+    ``data_parallel_size`` > 1 serves that many engines on as many devices (`jaxserve.replicas.Replicas`);
+    ``return_tokens_as_token_ids``: logprobs name tokens ``token_id:<id>`` unless a request says otherwise.
 
     Example:
         >>> ServerConfig(api_key="secret", max_tokens_limit=1024).max_body_bytes
@@ -81,6 +82,8 @@ class ServerConfig:
     # vLLM's --chat-template: a Jinja file or the template itself, replacing the checkpoint's (a base
     # model has none; a fine-tune may want another).
     chat_template: str | None = None
+    # vLLM's --return-tokens-as-token-ids: the default of the requests' return_tokens_as_token_ids.
+    return_tokens_as_token_ids: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_stop", "data_parallel_size"):
@@ -274,7 +277,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         echo_texts = None
         if req.echo:
             echo_texts = await _on_tokenizer_thread(st, _echo_texts, req, prompts, st)
-        fmt = CompletionFormat(st.model_name, st.tokenizer, req, prompts, echo_texts, prompt_only=prompt_only)
+        fmt = CompletionFormat(st.model_name, st.tokenizer, req, prompts, echo_texts, prompt_only=prompt_only,
+                               token_ids_as_names=_ids_as_names(req, st))
         return await _serve(request, st, req, [ids for ids in prompts for _ in range(req.n)], params, fmt)
 
     @app.post("/v1/chat/completions")
@@ -293,7 +297,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         structured = await _structured_outputs(req, st)
         params = _sampling_params(req, max_tokens, logprobs, req.n, st, req.prompt_logprobs, structured)
-        return await _serve(request, st, req, [ids] * req.n, params, ChatFormat(st.model_name, st.tokenizer, req, ids))
+        fmt = ChatFormat(st.model_name, st.tokenizer, req, ids, token_ids_as_names=_ids_as_names(req, st))
+        return await _serve(request, st, req, [ids] * req.n, params, fmt)
 
     return app
 
@@ -507,6 +512,11 @@ def _check_context(prompt_len: int, max_tokens: int, param: str, st: _State) -> 
                             f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the {param}, "
                             f"{max_tokens} for the completion). Please reduce the length of the {param} "
                             f"or the completion.", param=param, code="context_length_exceeded")
+
+
+def _ids_as_names(req: SamplingFields, st: _State) -> bool:
+    asked = req.return_tokens_as_token_ids
+    return st.config.return_tokens_as_token_ids if asked is None else asked
 
 
 def _check_n(req: SamplingFields, st: _State) -> None:

@@ -52,7 +52,8 @@ class CompletionFormat:
     """``/v1/completions`` bodies: choice ``i`` is prompt ``i // n``, sample ``i % n``."""
 
     def __init__(self, model_name: str, tokenizer: Any, req: CompletionRequest, prompts: list[list[int]],
-                 echo_texts: list[str] | None = None, prompt_only: bool = False) -> None:
+                 echo_texts: list[str] | None = None, prompt_only: bool = False,
+                 token_ids_as_names: bool = False) -> None:
         self.model_name, self.tokenizer, self.req = model_name, tokenizer, req
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -65,6 +66,9 @@ class CompletionFormat:
         self.offsets: dict[int, int] = {}
         # 64 choices' top-20 logprobs spell out ~170k tokens, far fewer of them distinct.
         self._decode = functools.cache(lambda t: tokenizer.decode([t]))
+        # How logprobs name a token (vLLM's return_tokens_as_token_ids: "token_id:<id>"); text offsets still
+        # count the text's characters.
+        self._name = (lambda t: f"token_id:{t}") if token_ids_as_names else self._decode
 
     def _echoed_logprobs(self, i: int, result: dict[str, Any]) -> dict[str, Any] | None:
         """Choice ``i``'s logprobs block with ``echo``: its prompt's tokens first (the first one's
@@ -85,12 +89,12 @@ class CompletionFormat:
                   tops: list[dict[int, float] | None] | None) -> dict[str, Any] | None:
         if self.req.logprobs is None:
             return None
-        decode = self._decode
+        decode = self._name
         tokens = [decode(t) for t in token_ids]
         offsets = []
-        for tok in tokens:
+        for t in token_ids:
             offsets.append(self.offsets.get(i, 0))
-            self.offsets[i] = offsets[-1] + len(tok)
+            self.offsets[i] = offsets[-1] + len(self._decode(t))
         top = None
         if self.req.logprobs > 0 and tops is not None:
             top = []
@@ -180,7 +184,8 @@ class ChatFormat:
     reason "tool_calls" where it was "stop" ("length" stays: the text was cut).
     """
 
-    def __init__(self, model_name: str, tokenizer: Any, req: ChatRequest, prompt: list[int]) -> None:
+    def __init__(self, model_name: str, tokenizer: Any, req: ChatRequest, prompt: list[int],
+                 token_ids_as_names: bool = False) -> None:
         self.model_name, self.tokenizer, self.req = model_name, tokenizer, req
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -190,6 +195,8 @@ class ChatFormat:
         self._tool_streams: dict[int, ToolCallStream] = {}  # by choice index, while streaming
         # 64 choices' top-20 logprobs spell out ~170k tokens, far fewer of them distinct.
         self._spell = functools.cache(lambda t: (tokenizer.decode([t]), list(token_bytes(tokenizer, t))))
+        self._name = ((lambda t: (f"token_id:{t}", list(f"token_id:{t}".encode()))) if token_ids_as_names
+                      else self._spell)
 
     def _logprobs(self, token_ids: list[int], logprobs: list[float] | None,
                   tops: list[dict[int, float]] | None) -> dict[str, Any] | None:
@@ -198,7 +205,7 @@ class ChatFormat:
 
         def entry(tid: int, lp: float) -> dict[str, Any]:
             # The token's own bytes: its text is U+FFFD where it holds part of a character.
-            tok, raw = self._spell(tid)
+            tok, raw = self._name(tid)
             return {"token": tok, "logprob": _finite(lp), "bytes": raw}
 
         content = []
