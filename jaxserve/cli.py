@@ -46,6 +46,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="admission and preemption order: arrival (fcfs, the default) or each request's priority "
                         "(lower first; vLLM's)")
     g.add_argument("--decode-steps", type=int, default=8, help="decode steps per device call (default 8)")
+    g.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                   help="n-gram speculative decoding (vLLM's ngram method): greedy rows draft up to K tokens from "
+                        "their own text and one call verifies them (default 0: off)")
+    g.add_argument("--prompt-lookup-max", type=int, default=4, metavar="N",
+                   help="longest n-gram a draft is looked up by (default 4)")
+    g.add_argument("--prompt-lookup-min", type=int, default=1, metavar="N",
+                   help="shortest n-gram a draft is looked up by (default 1)")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn the radix prefix cache off")
     g.add_argument("--batch-buckets", type=int, nargs="+", default=None, metavar="N",
                    help="batch sizes steps are padded to, ascending (default: powers of two up to --max-running)")
@@ -76,7 +83,8 @@ def engine_config_from_args(args: argparse.Namespace) -> "Any":
         max_running=max_running, max_tokens_per_step=max(per_step, max_running),
         max_model_len=args.max_model_len, prefix_caching=not args.no_prefix_caching,
         dtype=args.dtype or "auto", policy=args.policy, scheduling_policy=args.scheduling_policy,
-        decode_steps=args.decode_steps,
+        decode_steps=args.decode_steps, speculative_tokens=args.speculative_tokens,
+        prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
         batch_buckets=tuple(args.batch_buckets) if args.batch_buckets else None,
         prefill_buckets=tuple(args.prefill_buckets) if args.prefill_buckets else None,
         memory_fraction=args.memory_fraction, overlap=not args.no_overlap, attention_impl=args.attention_impl,

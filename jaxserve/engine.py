@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import math
 import os
 import time
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -30,6 +31,7 @@ from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
 from jaxserve.sampling import (MAX_BAD_WORD_TOKENS, MAX_BAD_WORDS, SamplingParams, allowed_masks, check_banned_ids,
                                make_batch, needs_history, needs_penalties, needs_sampling, recent_tokens)
 from jaxserve.scheduler import Scheduler
+from jaxserve.speculative import accepted_tokens, ngram_draft
 from jaxserve.structured import GuideState, StructuredOutputs, TokenGuide, Vocabulary, compile_guide
 from jaxserve.tokenizer import Conversation, IncrementalDetokenizer, bad_words_token_ids, chat_prompts, vocabulary_bytes
 
@@ -284,6 +286,8 @@ class Engine:
         self.chained_calls = 0
         self.overlapped_prefill_calls = 0
         self.decode_calls_after_prefill = 0
+        # Speculative decoding (EngineConfig.speculative_tokens): verify calls, draft tokens sent, drafts accepted.
+        self.spec = {"verify_calls": 0, "draft_tokens": 0, "accepted_tokens": 0}
         self._ids = itertools.count()
         self._started = time.perf_counter()
         self.generated_tokens = 0
@@ -722,6 +726,60 @@ class Engine:
             r.computed += taken
             self.generated_tokens += taken
 
+    # ----- speculative decoding (jaxserve.speculative) ----------------------------------------
+    def _speculating(self, reqs: Sequence[Request]) -> bool:
+        """Whether n-gram speculation serves these rows: on, and every row greedy without anything that a
+        verify call's plain argmax would not honour (penalties, bias, min_tokens, masks, bad words) or that
+        it does not compute (log-probabilities)."""
+        if not self.config.speculative_tokens:
+            return False
+        return all(r.params.greedy and not needs_sampling([r.params]) and not needs_penalties([r.params])
+                   and r.params.logprobs is None and r.guide is None and not r.bad_word_ids
+                   and r.params.allowed_token_ids is None for r in reqs)
+
+    def _drafts(self, reqs: list[Request]) -> list[list[int]] | None:
+        """Each decoding row's draft (`speculative.ngram_draft` over its text, cut where its length or the model's
+        ends), or None where no verify call should run: speculation off or not for these rows, no row has a draft,
+        or the pages for the drafts cannot be had without preempting."""
+        if not self._speculating(reqs):
+            return None
+        cfg = self.config
+        drafts = []
+        for r in reqs:
+            room = min(cfg.speculative_tokens, r.remaining - 1, self.max_model_len - 1 - r.computed)
+            drafts.append(ngram_draft(r.all_ids, room, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+                          if room > 0 else [])
+        if not any(drafts):
+            return None
+        if not self.scheduler.reserve(reqs, [r.computed + 1 + len(d) for r, d in zip(reqs, drafts)]):
+            return None
+        return drafts
+
+    def _verify(self, reqs: list[Request], drafts: list[list[int]]) -> None:
+        """One verify call over the rows' last tokens and drafts; each row takes its accepted draft tokens and
+        the model's token after them (`speculative.accepted_tokens`), greedy decoding's tokens."""
+        batch = EngineConfig.bucket(self.config.batch_buckets, len(reqs))
+        tokens = np.zeros((batch, self.config.speculative_tokens + 1), np.int32)
+        q_start = np.zeros(batch, np.int32)
+        lengths = np.zeros(batch, np.int32)
+        table = self.scheduler.page_table()
+        block_tables = np.zeros((batch, table.shape[1]), np.int32)
+        for i, (r, d) in enumerate(zip(reqs, drafts)):
+            tokens[i, : 1 + len(d)] = [r.output_ids[-1], *d]
+            q_start[i], lengths[i] = r.computed, r.computed + 1 + len(d)
+            block_tables[i] = table[r.slot]
+        start = time.perf_counter()
+        picks = jax.device_get(self.runner.verify(tokens, q_start, lengths, block_tables)).tolist()
+        self.time_s["decode"] += time.perf_counter() - start
+        self.spec["verify_calls"] += 1
+        for i, (r, d) in enumerate(zip(reqs, drafts)):
+            emitted, accepted = accepted_tokens(d, picks[i])
+            taken = r.extend(emitted, [math.nan] * len(emitted))
+            r.computed += taken  # the K/V of the row's last token and of the accepted drafts
+            self.generated_tokens += taken
+            self.spec["draft_tokens"] += len(d)
+            self.spec["accepted_tokens"] += accepted
+
     def _can_chain(self, call: _Decode) -> bool:
         """Whether the next step may be another call over the same rows, dispatched before reading this one.
 
@@ -729,6 +787,8 @@ class Engine:
         host) nor bad words of several tokens (their last tokens too), every row still runs and gets room for the chained call's tokens without preemption.
         """
         if not self.config.overlap or call.penalties or self.scheduler.waiting or self._needs_history(call.reqs):
+            return False
+        if self._speculating(call.reqs):  # the next call may be a verify call, whose drafts need the tokens
             return False
         if self._guided(call.reqs) and not call.guided:  # masks from the host need its tokens first
             return False
@@ -817,6 +877,10 @@ class Engine:
                         touched.update((r.request_id, r) for r in self._collect_prefill(call))
             # A row whose first token just finished it (a stop id, max_tokens 1) decodes no more.
             decode = [r for r in plan.decode if r.finish_reason is None]
+            if decode and (drafts := self._drafts(decode)) is not None:
+                self._verify(decode, drafts)
+                touched.update((r.request_id, r) for r in decode)
+                decode = []
             if decode:
                 plan.decode = decode
                 call = self._dispatch_decode(plan.decode, plan.decode_steps)
@@ -959,6 +1023,8 @@ class Engine:
                         out = self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table,
                                                   prefill_batch, zeros, greedy=greedy, logprobs=lps)
                         first_tokens[batch] = out.tokens
+            if cfg.speculative_tokens and batch in cfg.batch_buckets:
+                self.runner.verify(np.zeros((batch, cfg.speculative_tokens + 1), np.int32), zeros, zeros, table)
             fewest_rows = batch + 1
         if cfg.overlap:  # a decode call that follows a prefill (_can_follow_prefill) picks its first tokens
             for batch in sorted({s.batch for s in self._decode_shapes}):
@@ -982,7 +1048,9 @@ class Engine:
                    host_s=self.time_s["step"] - self.time_s["prefill"] - self.time_s["decode"],
                    compilations=len(self.runner.compiled_shapes), overlapped_decode_calls=self.chained_calls,
                    overlapped_prefill_calls=self.overlapped_prefill_calls,
-                   decode_calls_after_prefill=self.decode_calls_after_prefill)
+                   decode_calls_after_prefill=self.decode_calls_after_prefill,
+                   spec_verify_calls=self.spec["verify_calls"], spec_draft_tokens=self.spec["draft_tokens"],
+                   spec_accepted_tokens=self.spec["accepted_tokens"])
         return out
 
     @_on_device

@@ -46,6 +46,11 @@ class EngineConfig:
     when pages run out: "fcfs", arrival order (the newest preempted); "priority", each request's ``priority``
     (lower first, vLLM's order; ties by arrival), the lowest priority preempted. (``policy`` is another question:
     how prefill and decode calls share the device.)
+    ``speculative_tokens`` > 0 turns on n-gram speculative decoding (vLLM's ``ngram`` method, `jaxserve.speculative`):
+    while every running row is greedy (no penalties, bias, masks or log-probabilities), each row drafts up to that
+    many tokens from its own text (the tokens after the latest earlier occurrence of its last
+    ``prompt_lookup_max``..``prompt_lookup_min`` tokens) and one call verifies them all; the text is greedy
+    decoding's either way. Off (0) by default.
 
     Example:
         >>> cfg = EngineConfig(page_size=16, max_running=32, policy="mixed")
@@ -66,6 +71,9 @@ class EngineConfig:
     policy: str = "prefill_first"
     time_share_ratio: int = 4
     scheduling_policy: str = "fcfs"
+    speculative_tokens: int = 0
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
     decode_steps: int = 8
     overlap: bool = True
     attention_impl: str = "auto"
@@ -80,6 +88,14 @@ class EngineConfig:
 
         for name in ("page_size", "max_running", "max_tokens_per_step", "time_share_ratio", "decode_steps"):
             positive(name)
+        if not isinstance(self.speculative_tokens, int) or isinstance(self.speculative_tokens, bool) or not (
+                0 <= self.speculative_tokens <= 32):
+            raise ValueError(f"speculative_tokens must be an int in [0, 32], got {self.speculative_tokens!r}")
+        for name in ("prompt_lookup_max", "prompt_lookup_min"):
+            positive(name)
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) must be <= prompt_lookup_max "
+                             f"({self.prompt_lookup_max})")
         for name in ("num_pages", "max_model_len", "index_capacity"):
             if getattr(self, name) is not None:
                 positive(name)

@@ -174,6 +174,20 @@ class Runner:
             seen, targets, num_top=num_top, greedy=greedy, logprobs=logprobs, prompt_top=prompt)
         return out
 
+    def verify(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray,
+               block_tables: np.ndarray) -> jax.Array:
+        """A speculative decoding verify call (`jaxserve.speculative`): ``tokens [B, S]`` at positions
+        ``q_start[b]..`` (each row's last token, then its draft; positions from ``lengths[b]`` on are padding),
+        their K/V written as a prefill chunk's; returns the greedy pick after every position, ``[B, S]`` int32,
+        on the device. Rows are greedy without masks or penalties (the engine speculates only then).
+
+        Example:
+            >>> picks = runner.verify(tokens, q_start, lengths, block_tables)  # doctest: +SKIP
+        """
+        self.compiled_shapes.add(("verify", tokens.shape, block_tables.shape))
+        self.kv, picks = self.compiled.verify(self.params, self.kv, *_int32(tokens, q_start, lengths, block_tables))
+        return picks
+
     def decode_fn(self, rows: int):
         """The jitted multi-step decode for a batch of ``rows`` (the wide one past the skinny
         matmul's rows, ``jaxserve.model.skinny_rows``, or past ``model.XLA_GATE_UP_ROWS`` when set)."""
@@ -237,6 +251,7 @@ class Steps:
         self.attention_impl = attention_impl
         self.prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top", "greedy", "logprobs", "prompt_top"),
                                compiler_options=prefill_options or None)
+        self.verify = jax.jit(self._verify_impl, donate_argnums=(1,), compiler_options=prefill_options or None)
         decode_static = ("num_steps", "num_top", "penalties", "greedy", "logprobs", "live_rows")
         self.decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static,
                               compiler_options=DECODE_OPTIONS or None)
@@ -306,6 +321,17 @@ class Steps:
         return kv, choose_tokens(logits[:, 0], batch, steps, counts, seen, num_top=num_top, greedy=greedy,
                                  logprobs=logprobs,
                                  pick_kernel=self._pick_kernel(logits))
+
+    def _verify_impl(self, params, kv, tokens, q_start, lengths, block_tables):
+        # A prefill chunk whose every position is scored: the chunked-prefill attention reads the row's cached
+        # keys below q_start and the chunk's own, causally.
+        b, s = tokens.shape
+        positions = q_start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
+        valid = positions < lengths[:, None]
+        paged = PagedAttention(kv_pool.slots_in_rows(block_tables, positions, valid, self.page_size), block_tables,
+                               lengths, q_start, impl=self.attention_impl)
+        logits, kv = self._forward(params, kv, tokens, positions, paged)
+        return kv, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def _decode_impl(self, params, kv, tokens, positions, limits, block_tables, batch: SamplingBatch, steps,
                      counts, seen, guide_masks=None, guide_next=None, guide_states=None, guide_advance=None, *,

@@ -1,0 +1,113 @@
+"""N-gram speculative decoding (`jaxserve.speculative`, EngineConfig.speculative_tokens): drafts are the tokens
+after the latest earlier occurrence of the text's last n tokens (against a brute-force statement of that rule),
+and through the engine greedy rows produce exactly greedy decoding's tokens, with several tokens a verify call
+where the text repeats, under stop rules, length limits, preemption, prefix hits and beside rows that sample."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import jaxserve
+from jaxserve import Engine, EngineConfig, SamplingParams
+from jaxserve.speculative import accepted_tokens, ngram_draft
+from tests.test_engine import assert_all_pages_free, small_config
+
+PROMPTS = ["import os\nimport sys\nimport os\nimport sys\n",
+           "def f(self):\n    return self.x\n\ndef g(self):\n    return self.",
+           "class A:\n    pass\n", "x = 1\ny = 2\nx = 1\ny = "]
+GREEDY = SamplingParams(max_tokens=37, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return jaxserve.load()
+
+
+def _reference_draft(ids, k, n_max, n_min):
+    for n in range(min(n_max, len(ids) - 1), n_min - 1, -1):
+        starts = [i for i in range(len(ids) - n) if ids[i:i + n] == ids[len(ids) - n:]]
+        if starts:
+            return ids[starts[-1] + n: starts[-1] + n + k]
+    return []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 3), max_size=40), st.integers(0, 6), st.integers(1, 5), st.integers(1, 5))
+def test_a_draft_follows_the_latest_earlier_occurrence_of_the_longest_matching_suffix(ids, k, n_max, n_min):
+    n_min = min(n_min, n_max)
+    assert ngram_draft(ids, k, n_max, n_min) == _reference_draft(ids, k, n_max, n_min)
+
+
+def test_a_verify_call_emits_the_agreeing_drafts_and_the_model_s_next_token():
+    assert accepted_tokens([], [7]) == ([7], 0)
+    assert accepted_tokens([1, 2], [1, 2, 3]) == ([1, 2, 3], 2)
+    assert accepted_tokens([1, 2], [5, 2, 3]) == ([5], 0)
+
+
+def _run(model, config, prompts, params):
+    with Engine(model, config) as engine:
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        stats = engine.stats()
+        assert_all_pages_free(engine)
+    return outs, stats
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_speculation_gives_greedy_decoding_s_tokens_in_fewer_calls(model, k):
+    plain, _ = _run(model, small_config(), PROMPTS, GREEDY)
+    outs, stats = _run(model, small_config(speculative_tokens=k), PROMPTS, GREEDY)
+    assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in plain]
+    assert all(o["finish_reason"] == "length" and len(o["token_ids"]) == 37 for o in outs)
+    assert stats["spec_accepted_tokens"] > 0 and stats["spec_verify_calls"] > 0
+    # Every verify call gives each of its rows one token and each accepted draft one more.
+    assert stats["spec_accepted_tokens"] <= stats["spec_draft_tokens"] <= k * len(PROMPTS) * stats["spec_verify_calls"]
+
+
+def test_speculation_keeps_stop_rules_and_limits(model):
+    plain_params = [SamplingParams(max_tokens=40, temperature=0, stop=["sys\nimport"]),
+                    SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
+                    SamplingParams(max_tokens=40, temperature=0),
+                    SamplingParams(max_tokens=40, temperature=0, stop_token_ids=[model.tokenizer.encode("\n")[0]])]
+    plain, _ = _run(model, small_config(), PROMPTS, plain_params)
+    outs, stats = _run(model, small_config(speculative_tokens=4), PROMPTS, plain_params)
+    for o, p in zip(outs, plain):
+        assert (o["token_ids"], o["text"], o["finish_reason"], o["stop_reason"]) == (
+            p["token_ids"], p["text"], p["finish_reason"], p["stop_reason"])
+
+
+def test_speculation_survives_preemption_and_feeds_the_prefix_cache(model):
+    plain, _ = _run(model, small_config(), PROMPTS, GREEDY)
+    with Engine(model, small_config(num_pages=18, speculative_tokens=4)) as tight:
+        outs = tight.generate(PROMPTS, GREEDY, use_tqdm=False)
+        assert tight.stats()["preemptions"] > 0 and tight.stats()["spec_accepted_tokens"] > 0
+        assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in plain]
+        assert_all_pages_free(tight)
+    with Engine(model, small_config(speculative_tokens=4)) as engine:
+        first = engine.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0]
+        assert first["token_ids"] == plain[0]["token_ids"] and engine.stats()["spec_accepted_tokens"] > 0
+        # A prompt that runs on into the verified tokens finds their pages cached, and continues as before.
+        prompt = list(engine.request_ids(PROMPTS[0], GREEDY)) + plain[0]["token_ids"][:24]
+        again = engine.generate([prompt], SamplingParams(max_tokens=13, temperature=0, ignore_eos=True),
+                                use_tqdm=False)[0]
+        assert again["cached_tokens"] >= len(prompt) - 8 - 1, (again["cached_tokens"], len(prompt))
+        assert again["token_ids"] == plain[0]["token_ids"][24:]
+        assert_all_pages_free(engine)
+
+
+def test_rows_that_sample_beside_greedy_ones_turn_speculation_off_and_keep_their_tokens(model):
+    params = [GREEDY, SamplingParams(max_tokens=37, temperature=0.8, seed=5, ignore_eos=True), GREEDY,
+              SamplingParams(max_tokens=37, temperature=0, ignore_eos=True, logprobs=1)]
+    plain, _ = _run(model, small_config(), PROMPTS, params)
+    outs, stats = _run(model, small_config(speculative_tokens=4), PROMPTS, params)
+    assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in plain]
+    assert stats["spec_verify_calls"] == 0
+    assert outs[3]["logprobs"] == pytest.approx(plain[3]["logprobs"], abs=1e-5)
+
+
+def test_speculation_settings_are_checked():
+    for bad in (dict(speculative_tokens=-1), dict(speculative_tokens=33), dict(speculative_tokens=True),
+                dict(prompt_lookup_max=0), dict(prompt_lookup_min=3, prompt_lookup_max=2)):
+        with pytest.raises(ValueError, match=next(iter(bad)) if "min" not in str(bad) else "prompt_lookup_min"):
+            EngineConfig(**bad)
+    assert EngineConfig.from_dict(EngineConfig(speculative_tokens=3).to_dict()).speculative_tokens == 3
