@@ -206,3 +206,19 @@ def test_replicas_bench_smoke_runs_on_two_cpu_devices(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.split("|") for line in (tmp_path / "replicas.md").read_text().splitlines() if line.startswith("| ")]
     assert [r[1].strip() for r in rows[1:]] == ["1", "2"] and rows[-1][6].strip().count("/") == 1, rows
+
+
+def test_speculative_bench_smoke_gives_the_same_tokens(tmp_path):
+    """bench/speculative.py (gpu_checks.sh spec47 at full size) on a tiny random model: with and without speculation
+    the same greedy tokens, and the repeated prompt block gives drafts that some verify calls accept."""
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parent.parent
+    done = subprocess.run([sys.executable, str(root / "bench" / "speculative.py"), "--workload", "repeat", "--shape",
+                           "tiny", "--k", "3", "--batch", "2", "--prompt-len", "30", "--output-len", "12", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("|") for line in (tmp_path / "speculative.md").read_text().splitlines() if line.startswith("| ")]
+    assert [(r[1].strip(), r[2].strip()) for r in rows[1:]] == [("2", "0"), ("2", "3")], rows
+    assert all(r[9].strip() == "yes" for r in rows[1:]) and int(rows[2][5]) > 0, rows
