@@ -22,11 +22,15 @@ import numpy as np
 
 def ngram_draft(ids: Sequence[int], k: int, n_max: int = 4, n_min: int = 1) -> list[int]:
     """Up to ``k`` draft tokens for a text ``ids``: for the longest n in ``n_max..n_min`` whose last n tokens
-    occurred earlier, the tokens that followed their latest earlier occurrence; none where no n matches.
+    occurred earlier, the tokens that followed their latest earlier occurrence; none where no n matches. Where that
+    copy reaches the text's end it goes on copying what it has drafted (a text repeating with a period shorter than
+    ``k`` drafts ``k`` tokens of the period, not just one period's).
 
     Example:
         >>> ngram_draft([1, 2, 3, 9, 1, 2], k=3)
         [3, 9, 1]
+        >>> ngram_draft([7, 7, 7], k=4)
+        [7, 7, 7, 7]
         >>> ngram_draft([5, 6, 7], k=2)
         []
     """
@@ -41,7 +45,10 @@ def ngram_draft(ids: Sequence[int], k: int, n_max: int = 4, n_min: int = 1) -> l
         hits = np.flatnonzero((windows == suffix).all(axis=1))
         if hits.size:
             start = int(hits[-1]) + n
-            return arr[start: start + k].tolist()
+            draft = arr[start: start + k].tolist()
+            while len(draft) < k:  # the copy overlaps its own output, as a repeated text does
+                draft.append(draft[start + len(draft) - length])
+            return draft
     return []
 
 
