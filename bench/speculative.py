@@ -66,7 +66,8 @@ def main() -> None:
             blocks = [rng.integers(2, cfg.vocab_size, size=third).tolist() for _ in range(n)]
             return [b + b + b[: args.prompt_len - 2 * third] for b in blocks]
 
-        what = f"random-weight Qwen2.5-{args.shape} shape, bf16, prompts: a random block twice and begun again"
+        what = (f"random-weight Qwen2.5-{args.shape} shape ({'bf16' if gpu else 'float32'}), prompts: a random "
+                "block twice and begun again")
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     lines = [f"# Speculative decoding (n-gram), {jax.devices()[0].device_kind}", "",
              f"Workload: {what}; {args.output_len} greedy tokens a request; `{' '.join(sys.argv)}`.", "",
