@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import itertools
 import logging
-import math
 import os
 import time
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -729,13 +728,11 @@ class Engine:
     # ----- speculative decoding (jaxserve.speculative) ----------------------------------------
     def _speculating(self, reqs: Sequence[Request]) -> bool:
         """Whether n-gram speculation serves these rows: on, and every row greedy without anything that a
-        verify call's plain argmax would not honour (penalties, bias, min_tokens, masks, bad words) or that
-        it does not compute (log-probabilities)."""
+        verify call's plain argmax would not honour (penalties, bias, min_tokens, masks, bad words)."""
         if not self.config.speculative_tokens:
             return False
         return all(r.params.greedy and not needs_sampling([r.params]) and not needs_penalties([r.params])
-                   and r.params.logprobs is None and r.guide is None and not r.bad_word_ids
-                   and r.params.allowed_token_ids is None for r in reqs)
+                   and r.guide is None and not r.bad_word_ids and r.params.allowed_token_ids is None for r in reqs)
 
     def _drafts(self, reqs: list[Request]) -> list[list[int]] | None:
         """Each decoding row's draft (`speculative.ngram_draft` over its text, cut where its length or the model's
@@ -768,13 +765,18 @@ class Engine:
             tokens[i, : 1 + len(d)] = [r.output_ids[-1], *d]
             q_start[i], lengths[i] = r.computed, r.computed + 1 + len(d)
             block_tables[i] = table[r.slot]
+        num_top = MAX_TOP_LOGPROBS if any((r.params.logprobs or 0) > 0 for r in reqs) else 0
         start = time.perf_counter()
-        picks = jax.device_get(self.runner.verify(tokens, q_start, lengths, block_tables)).tolist()
+        out = jax.device_get(self.runner.verify(tokens, q_start, lengths, block_tables, num_top=num_top,
+                                                logprobs=any(r.params.logprobs is not None for r in reqs)))
         self.time_s["decode"] += time.perf_counter() - start
         self.spec["verify_calls"] += 1
+        picks, logprobs = out.tokens.tolist(), out.logprobs.tolist()
         for i, (r, d) in enumerate(zip(reqs, drafts)):
+            # Every emitted token is the model's pick at its position (an accepted draft token equals it).
             emitted, accepted = accepted_tokens(d, picks[i])
-            taken = r.extend(emitted, [math.nan] * len(emitted))
+            tops = [self._top(r, out, (i, j)) for j in range(len(emitted))] if r.params.logprobs else None
+            taken = r.extend(emitted, logprobs[i][:len(emitted)], tops)
             r.computed += taken  # the K/V of the row's last token and of the accepted drafts
             self.generated_tokens += taken
             self.spec["draft_tokens"] += len(d)
@@ -1024,7 +1026,9 @@ class Engine:
                                                   prefill_batch, zeros, greedy=greedy, logprobs=lps)
                         first_tokens[batch] = out.tokens
             if cfg.speculative_tokens and batch in cfg.batch_buckets:
-                self.runner.verify(np.zeros((batch, cfg.speculative_tokens + 1), np.int32), zeros, zeros, table)
+                for _, lps in variants:
+                    self.runner.verify(np.zeros((batch, cfg.speculative_tokens + 1), np.int32), zeros, zeros, table,
+                                       logprobs=lps)
             fewest_rows = batch + 1
         if cfg.overlap:  # a decode call that follows a prefill (_can_follow_prefill) picks its first tokens
             for batch in sorted({s.batch for s in self._decode_shapes}):

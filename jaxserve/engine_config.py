@@ -47,7 +47,7 @@ class EngineConfig:
     (lower first, vLLM's order; ties by arrival), the lowest priority preempted. (``policy`` is another question:
     how prefill and decode calls share the device.)
     ``speculative_tokens`` > 0 turns on n-gram speculative decoding (vLLM's ``ngram`` method, `jaxserve.speculative`):
-    while every running row is greedy (no penalties, bias, masks or log-probabilities), each row drafts up to that
+    while every running row is greedy (no penalties, bias or masks; log-probabilities kept), each row drafts up to that
     many tokens from its own text (the tokens after the latest earlier occurrence of its last
     ``prompt_lookup_max``..``prompt_lookup_min`` tokens) and one call verifies them all; the text is greedy
     decoding's either way. Off (0) by default.

@@ -67,6 +67,11 @@ class _EngineTotals(Collector):
                                   "Decode calls dispatched before the last prefill's first tokens were read, "
                                   "starting from them on the device.",
                                   value=float(st.get("decode_calls_after_prefill", 0)))
+        for key, what in (("spec_verify_calls", "Speculative decoding's verify calls (EngineConfig.speculative_tokens)."),
+                          ("spec_draft_tokens", "Draft tokens speculative decoding sent to verify calls."),
+                          ("spec_accepted_tokens", "Draft tokens the verify calls accepted (each a token without a "
+                                                   "step of its own).")):
+            yield CounterMetricFamily(f"jaxserve_engine_{key}", what, value=float(st.get(key, 0)))
         yield CounterMetricFamily("jaxserve_engine_generated_tokens",
                                   "Tokens sampled by the engine (running, finished and aborted requests).",
                                   value=float(st.get("generated_tokens", 0)))

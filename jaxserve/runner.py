@@ -174,19 +174,23 @@ class Runner:
             seen, targets, num_top=num_top, greedy=greedy, logprobs=logprobs, prompt_top=prompt)
         return out
 
-    def verify(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray,
-               block_tables: np.ndarray) -> jax.Array:
+    def verify(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
+               num_top: int = 0, logprobs: bool = False) -> SampleOutput:
         """A speculative decoding verify call (`jaxserve.speculative`): ``tokens [B, S]`` at positions
         ``q_start[b]..`` (each row's last token, then its draft; positions from ``lengths[b]`` on are padding),
-        their K/V written as a prefill chunk's; returns the greedy pick after every position, ``[B, S]`` int32,
-        on the device. Rows are greedy without masks or penalties (the engine speculates only then).
+        their K/V written as a prefill chunk's. Returns, on the device, the greedy pick after every position
+        (``tokens [B, S]``) with its raw log-probability and the ``num_top`` best tokens there where ``logprobs``
+        (else NaN). Rows are greedy without masks or penalties (the engine speculates only then).
 
         Example:
-            >>> picks = runner.verify(tokens, q_start, lengths, block_tables)  # doctest: +SKIP
+            >>> out = runner.verify(tokens, q_start, lengths, block_tables)  # doctest: +SKIP
+            >>> out.tokens.shape == tokens.shape                              # doctest: +SKIP
+            True
         """
-        self.compiled_shapes.add(("verify", tokens.shape, block_tables.shape))
-        self.kv, picks = self.compiled.verify(self.params, self.kv, *_int32(tokens, q_start, lengths, block_tables))
-        return picks
+        self.compiled_shapes.add(("verify", tokens.shape, block_tables.shape, num_top, logprobs))
+        self.kv, out = self.compiled.verify(self.params, self.kv, *_int32(tokens, q_start, lengths, block_tables),
+                                            num_top=num_top, logprobs=logprobs)
+        return out
 
     def decode_fn(self, rows: int):
         """The jitted multi-step decode for a batch of ``rows`` (the wide one past the skinny
@@ -251,7 +255,8 @@ class Steps:
         self.attention_impl = attention_impl
         self.prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top", "greedy", "logprobs", "prompt_top"),
                                compiler_options=prefill_options or None)
-        self.verify = jax.jit(self._verify_impl, donate_argnums=(1,), compiler_options=prefill_options or None)
+        self.verify = jax.jit(self._verify_impl, donate_argnums=(1,), static_argnames=("num_top", "logprobs"),
+                              compiler_options=prefill_options or None)
         decode_static = ("num_steps", "num_top", "penalties", "greedy", "logprobs", "live_rows")
         self.decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static,
                               compiler_options=DECODE_OPTIONS or None)
@@ -322,7 +327,7 @@ class Steps:
                                  logprobs=logprobs,
                                  pick_kernel=self._pick_kernel(logits))
 
-    def _verify_impl(self, params, kv, tokens, q_start, lengths, block_tables):
+    def _verify_impl(self, params, kv, tokens, q_start, lengths, block_tables, *, num_top: int, logprobs: bool):
         # A prefill chunk whose every position is scored: the chunked-prefill attention reads the row's cached
         # keys below q_start and the chunk's own, causally.
         b, s = tokens.shape
@@ -331,7 +336,11 @@ class Steps:
         paged = PagedAttention(kv_pool.slots_in_rows(block_tables, positions, valid, self.page_size), block_tables,
                                lengths, q_start, impl=self.attention_impl)
         logits, kv = self._forward(params, kv, tokens, positions, paged)
-        return kv, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        picks = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if not logprobs and num_top == 0:
+            return kv, no_logprobs(picks)
+        chosen, top_ids, top_lps = token_logprobs(logits.reshape(b * s, -1), picks.reshape(-1), num_top)
+        return kv, SampleOutput(picks, chosen.reshape(b, s), top_ids.reshape(b, s, -1), top_lps.reshape(b, s, -1))
 
     def _decode_impl(self, params, kv, tokens, positions, limits, block_tables, batch: SamplingBatch, steps,
                      counts, seen, guide_masks=None, guide_next=None, guide_states=None, guide_advance=None, *,

@@ -706,7 +706,8 @@ ENGINE_COUNTERS = ['jaxserve_engine_step_seconds_total{part="prefill_call"}',
                    'jaxserve_engine_step_seconds_total{part="host"}', "jaxserve_engine_prefix_index_seconds_total",
                    "jaxserve_engine_overlapped_decode_calls_total", "jaxserve_engine_overlapped_prefill_calls_total",
                    "jaxserve_engine_decode_calls_after_prefill_total", "jaxserve_engine_generated_tokens_total",
-                   "jaxserve_engine_prefill_tokens_total"]
+                   "jaxserve_engine_prefill_tokens_total", "jaxserve_engine_spec_verify_calls_total",
+                   "jaxserve_engine_spec_draft_tokens_total", "jaxserve_engine_spec_accepted_tokens_total"]
 
 
 def test_metrics_expose_the_engine_time_split_and_totals(client, live):

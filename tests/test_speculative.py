@@ -100,6 +100,7 @@ def test_speculation_survives_preemption_and_feeds_the_prefix_cache(model):
 
 
 def test_rows_that_sample_beside_greedy_ones_turn_speculation_off_and_keep_their_tokens(model):
+    # (row 3 asks for log-probabilities, which speculation serves; row 1 samples, which it does not)
     params = [GREEDY, SamplingParams(max_tokens=37, temperature=0.8, seed=5, ignore_eos=True), GREEDY,
               SamplingParams(max_tokens=37, temperature=0, ignore_eos=True, logprobs=1)]
     plain, _ = _run(model, small_config(), PROMPTS, params)
@@ -115,3 +116,15 @@ def test_speculation_settings_are_checked():
         with pytest.raises(ValueError, match=next(iter(bad)) if "min" not in str(bad) else "prompt_lookup_min"):
             EngineConfig(**bad)
     assert EngineConfig.from_dict(EngineConfig(speculative_tokens=3).to_dict()).speculative_tokens == 3
+
+
+def test_greedy_rows_with_log_probabilities_speculate_and_keep_them(model):
+    params = [SamplingParams(max_tokens=37, temperature=0, ignore_eos=True, logprobs=k) for k in (0, 3, 0, 1)]
+    plain, _ = _run(model, small_config(), PROMPTS, params)
+    outs, stats = _run(model, small_config(speculative_tokens=4), PROMPTS, params)
+    assert stats["spec_accepted_tokens"] > 0
+    for o, p in zip(outs, plain):
+        assert o["token_ids"] == p["token_ids"]
+        assert o["logprobs"] == pytest.approx(p["logprobs"], abs=1e-4)
+        for got, want in zip(o.get("top_logprobs", []), p.get("top_logprobs", [])):
+            assert got.keys() == want.keys() and list(got.values()) == pytest.approx(list(want.values()), abs=1e-4)
