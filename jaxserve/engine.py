@@ -727,11 +727,11 @@ class Engine:
 
     # ----- speculative decoding (jaxserve.speculative) ----------------------------------------
     def _speculating(self, reqs: Sequence[Request]) -> bool:
-        """Whether n-gram speculation serves these rows: on, and every row greedy without anything that a
-        verify call's plain argmax would not honour (penalties, bias, min_tokens, masks, bad words)."""
+        """Whether n-gram speculation serves these rows: on, and no row asks for what a verify call does not
+        apply (penalties, logit bias, min_tokens, masks, bad words); rows may be greedy or sample."""
         if not self.config.speculative_tokens:
             return False
-        return all(r.params.greedy and not needs_sampling([r.params]) and not needs_penalties([r.params])
+        return all(not needs_penalties([r.params]) and not r.params.logit_bias and r.params.min_tokens == 0
                    and r.guide is None and not r.bad_word_ids and r.params.allowed_token_ids is None for r in reqs)
 
     def _drafts(self, reqs: list[Request]) -> list[list[int]] | None:
@@ -766,15 +766,23 @@ class Engine:
             q_start[i], lengths[i] = r.computed, r.computed + 1 + len(d)
             block_tables[i] = table[r.slot]
         num_top = MAX_TOP_LOGPROBS if any((r.params.logprobs or 0) > 0 for r in reqs) else 0
+        sampled = {}
+        if not all(r.params.greedy for r in reqs):  # rejection sampling on the device (greedy rows too)
+            sbatch, steps = self._sampling_inputs(reqs, batch)[:2]
+            sampled = dict(batch=sbatch, steps=steps)
         start = time.perf_counter()
-        out = jax.device_get(self.runner.verify(tokens, q_start, lengths, block_tables, num_top=num_top,
-                                                logprobs=any(r.params.logprobs is not None for r in reqs)))
+        out, count = jax.device_get(self.runner.verify(tokens, q_start, lengths, block_tables, num_top=num_top,
+                                                       logprobs=any(r.params.logprobs is not None for r in reqs),
+                                                       **sampled))
         self.time_s["decode"] += time.perf_counter() - start
         self.spec["verify_calls"] += 1
         picks, logprobs = out.tokens.tolist(), out.logprobs.tolist()
         for i, (r, d) in enumerate(zip(reqs, drafts)):
-            # Every emitted token is the model's pick at its position (an accepted draft token equals it).
-            emitted, accepted = accepted_tokens(d, picks[i])
+            # Every emitted token is the one chosen at its position (greedy: an accepted draft token is the pick).
+            if count is None:
+                emitted, accepted = accepted_tokens(d, picks[i])
+            else:
+                emitted, accepted = picks[i][:int(count[i])], int(count[i]) - 1
             tops = [self._top(r, out, (i, j)) for j in range(len(emitted))] if r.params.logprobs else None
             taken = r.extend(emitted, logprobs[i][:len(emitted)], tops)
             r.computed += taken  # the K/V of the row's last token and of the accepted drafts
@@ -1026,9 +1034,9 @@ class Engine:
                                                   prefill_batch, zeros, greedy=greedy, logprobs=lps)
                         first_tokens[batch] = out.tokens
             if cfg.speculative_tokens and batch in cfg.batch_buckets:
-                for _, lps in variants:
+                for greedy, lps in variants:  # rows that sample take the rejection sampler's variant
                     self.runner.verify(np.zeros((batch, cfg.speculative_tokens + 1), np.int32), zeros, zeros, table,
-                                       logprobs=lps)
+                                       logprobs=lps, **({} if greedy else dict(batch=sbatch, steps=zeros)))
             fewest_rows = batch + 1
         if cfg.overlap:  # a decode call that follows a prefill (_can_follow_prefill) picks its first tokens
             for batch in sorted({s.batch for s in self._decode_shapes}):

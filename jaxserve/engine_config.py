@@ -47,10 +47,11 @@ class EngineConfig:
     (lower first, vLLM's order; ties by arrival), the lowest priority preempted. (``policy`` is another question:
     how prefill and decode calls share the device.)
     ``speculative_tokens`` > 0 turns on n-gram speculative decoding (vLLM's ``ngram`` method, `jaxserve.speculative`):
-    while every running row is greedy (no penalties, bias or masks; log-probabilities kept), each row drafts up to that
-    many tokens from its own text (the tokens after the latest earlier occurrence of its last
-    ``prompt_lookup_max``..``prompt_lookup_min`` tokens) and one call verifies them all; the text is greedy
-    decoding's either way. Off (0) by default.
+    while no running row has penalties, logit bias, min_tokens or masks (log-probabilities are kept), each row drafts up
+    to that many tokens from its own text (the tokens after the latest earlier occurrence of its last
+    ``prompt_lookup_max``..``prompt_lookup_min`` tokens) and one call verifies them all: greedy rows' text is greedy
+    decoding's either way; rows that sample keep drafts by rejection sampling (each token from the row's own
+    distribution, though not the same draws as without speculation). Off (0) by default.
 
     Example:
         >>> cfg = EngineConfig(page_size=16, max_running=32, policy="mixed")

@@ -29,7 +29,8 @@ from jaxserve.config import ModelConfig
 from jaxserve.model import (KVCache, PagedAttention, Qwen2ForCausalLM, check_weight_layout, greedy_head_applies,
                             new_kv_cache)
 from jaxserve.sampling import (PromptLogprobs, SampleOutput, SamplingBatch, ban_bad_words, no_logprobs, push_recent,
-                               sample, token_logprobs, unpack_allowed, update_counts)
+                               row_keys, sample, target_logprobs, token_logprobs, unpack_allowed, update_counts)
+from jaxserve.speculative import rejection_sample
 
 # XLA compiler options of decode steps wider than the skinny matmul serves, whose projections
 # are XLA GEMMs. cuBLAS instead of XLA's Triton GEMMs: cuBLAS takes the residual adds into
@@ -175,21 +176,27 @@ class Runner:
         return out
 
     def verify(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
-               num_top: int = 0, logprobs: bool = False) -> SampleOutput:
+               num_top: int = 0, logprobs: bool = False, batch: SamplingBatch | None = None,
+               steps: np.ndarray | None = None) -> tuple[SampleOutput, jax.Array | None]:
         """A speculative decoding verify call (`jaxserve.speculative`): ``tokens [B, S]`` at positions
         ``q_start[b]..`` (each row's last token, then its draft; positions from ``lengths[b]`` on are padding),
-        their K/V written as a prefill chunk's. Returns, on the device, the greedy pick after every position
-        (``tokens [B, S]``) with its raw log-probability and the ``num_top`` best tokens there where ``logprobs``
-        (else NaN). Rows are greedy without masks or penalties (the engine speculates only then).
+        their K/V written as a prefill chunk's. Returns ``(out, count)`` on the device. Without ``batch`` (every
+        row greedy): ``out.tokens [B, S]`` the greedy pick after every position, ``count`` None (the host compares
+        them with the drafts). With ``batch`` (its rows' sampling parameters; ``steps``, each row's tokens so far):
+        rows sample by `speculative.rejection_sample`, ``out.tokens`` their emitted tokens, the first ``count[b]``
+        of each row. ``out`` holds each token's raw log-probability and the ``num_top`` best tokens at its position
+        where ``logprobs`` (else NaN). Rows have no penalties, bias, min_tokens or masks (the engine speculates
+        only then).
 
         Example:
-            >>> out = runner.verify(tokens, q_start, lengths, block_tables)  # doctest: +SKIP
-            >>> out.tokens.shape == tokens.shape                              # doctest: +SKIP
+            >>> out, _ = runner.verify(tokens, q_start, lengths, block_tables)  # doctest: +SKIP
+            >>> out.tokens.shape == tokens.shape                                 # doctest: +SKIP
             True
         """
-        self.compiled_shapes.add(("verify", tokens.shape, block_tables.shape, num_top, logprobs))
+        self.compiled_shapes.add(("verify", tokens.shape, block_tables.shape, num_top, logprobs, batch is not None))
+        sampled = () if batch is None else (batch, *_int32(steps))
         self.kv, out = self.compiled.verify(self.params, self.kv, *_int32(tokens, q_start, lengths, block_tables),
-                                            num_top=num_top, logprobs=logprobs)
+                                            *sampled, num_top=num_top, logprobs=logprobs)
         return out
 
     def decode_fn(self, rows: int):
@@ -327,7 +334,8 @@ class Steps:
                                  logprobs=logprobs,
                                  pick_kernel=self._pick_kernel(logits))
 
-    def _verify_impl(self, params, kv, tokens, q_start, lengths, block_tables, *, num_top: int, logprobs: bool):
+    def _verify_impl(self, params, kv, tokens, q_start, lengths, block_tables, batch=None, steps=None, *,
+                     num_top: int, logprobs: bool):
         # A prefill chunk whose every position is scored: the chunked-prefill attention reads the row's cached
         # keys below q_start and the chunk's own, causally.
         b, s = tokens.shape
@@ -336,11 +344,20 @@ class Steps:
         paged = PagedAttention(kv_pool.slots_in_rows(block_tables, positions, valid, self.page_size), block_tables,
                                lengths, q_start, impl=self.attention_impl)
         logits, kv = self._forward(params, kv, tokens, positions, paged)
-        picks = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        flat = logits.reshape(b * s, -1)
+        count = None
+        if batch is None:
+            picks = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            per_position = jax.tree.map(lambda a: jnp.repeat(a, s, axis=0), batch)
+            logp = target_logprobs(flat, per_position).reshape(b, s, -1)
+            keys = row_keys(per_position.seeds, (steps[:, None] + jnp.arange(s)[None, :]).reshape(-1)).reshape(b, s)
+            picks, count = rejection_sample(logp, tokens, lengths - q_start - 1, keys)
         if not logprobs and num_top == 0:
-            return kv, no_logprobs(picks)
-        chosen, top_ids, top_lps = token_logprobs(logits.reshape(b * s, -1), picks.reshape(-1), num_top)
-        return kv, SampleOutput(picks, chosen.reshape(b, s), top_ids.reshape(b, s, -1), top_lps.reshape(b, s, -1))
+            return kv, (no_logprobs(picks), count)
+        chosen, top_ids, top_lps = token_logprobs(flat, picks.reshape(-1), num_top)
+        return kv, (SampleOutput(picks, chosen.reshape(b, s), top_ids.reshape(b, s, -1), top_lps.reshape(b, s, -1)),
+                    count)
 
     def _decode_impl(self, params, kv, tokens, positions, limits, block_tables, batch: SamplingBatch, steps,
                      counts, seen, guide_masks=None, guide_next=None, guide_states=None, guide_advance=None, *,

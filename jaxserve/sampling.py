@@ -731,11 +731,7 @@ def sample(
     greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
 
     def draw(x: jax.Array) -> jax.Array:
-        x = x / jnp.where(greedy_rows, 1.0, batch.temperature)[:, None]
-        x = jax.lax.cond(jnp.any(batch.min_p > 0.0), lambda x: _min_p(x, batch.min_p), lambda x: x, x)
-        needs_cut = jnp.any(((batch.top_k > 0) & (batch.top_k < v)) | (batch.top_p < 1.0))
-        x = jax.lax.cond(needs_cut, lambda x: _top_k_top_p(x, batch.top_k, batch.top_p, top_candidates),
-                         lambda x: x, x)
+        x = _truncated(x, batch, top_candidates)
         keys = _row_keys(batch.seeds, step)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)
         drawn = jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
@@ -746,6 +742,40 @@ def sample(
         return no_logprobs(tokens)
     chosen, top_ids, top_lps = token_logprobs(logits, tokens, num_top_logprobs)
     return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lps)
+
+
+def _truncated(x: jax.Array, batch: SamplingBatch, top_candidates: int) -> jax.Array:
+    """Float32 logits ``x`` (penalised) divided by each row's temperature (greedy rows' left as they are), then
+    min-p, top-k and top-p: -inf outside what a row may draw. What `sample` draws from."""
+    v = x.shape[-1]
+    x = x / jnp.where(batch.temperature == 0.0, 1.0, batch.temperature)[:, None]
+    x = jax.lax.cond(jnp.any(batch.min_p > 0.0), lambda x: _min_p(x, batch.min_p), lambda x: x, x)
+    needs_cut = jnp.any(((batch.top_k > 0) & (batch.top_k < v)) | (batch.top_p < 1.0))
+    return jax.lax.cond(needs_cut, lambda x: _top_k_top_p(x, batch.top_k, batch.top_p, top_candidates),
+                        lambda x: x, x)
+
+
+def target_logprobs(logits: jax.Array, batch: SamplingBatch,
+                    top_candidates: int = DEFAULT_TOP_CANDIDATES) -> jax.Array:
+    """Float32 ``[B, V]`` log-probabilities of the distribution `sample` draws each row's token from (rows without
+    penalties, bias, masks or min_tokens): softmax after temperature, min-p, top-k and top-p; a greedy row's is all
+    its mass on its argmax. What speculative decoding's rejection sampling checks a draft against.
+
+    Example:
+        >>> b = make_batch([SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=2)], 2)
+        >>> np.round(np.exp(target_logprobs(jnp.log(jnp.array([[0.2, 0.5, 0.3]] * 2)), b)), 3).tolist()
+        [[0.0, 1.0, 0.0], [0.0, 0.625, 0.375]]
+    """
+    x = logits.astype(jnp.float32)
+    logp = jax.nn.log_softmax(_truncated(x, batch, top_candidates), axis=-1)
+    greedy = jnp.arange(x.shape[-1])[None, :] == jnp.argmax(x, axis=-1)[:, None]
+    return jnp.where((batch.temperature == 0.0)[:, None], jnp.where(greedy, 0.0, -jnp.inf), logp)
+
+
+def row_keys(seeds: jax.Array, step: jax.Array) -> jax.Array:
+    """Each row's PRNG key at ``step`` (`SamplingBatch.seeds`: a seeded request's randomness is fixed by its seed
+    and step alone)."""
+    return _row_keys(seeds, step)
 
 
 def unpack_allowed(allowed: jax.Array, vocab_size: int) -> jax.Array:

@@ -2,21 +2,25 @@
 request's own text, verified by one model call over all of them.
 
 Owns proposing drafts (`ngram_draft`: the tokens that followed the latest earlier occurrence of the text's last
-n tokens) and deciding what a verify call emits (`accepted_tokens`). The engine runs the verify call
-(`jaxserve.runner.Runner.verify`: the row's last token and its draft, the model's greedy pick after each) and
-hands the emitted tokens to the request; nothing here touches the device.
+n tokens) and deciding what a verify call emits: for greedy rows on the host (`accepted_tokens`), for rows that
+sample on the device (`rejection_sample`). The engine runs the verify call (`jaxserve.runner.Runner.verify`: the
+row's last token and its draft, the model's distribution after each) and hands the emitted tokens to the request.
 
 Why: a decode step reads every weight to produce one token per row; a verify call reads them once for up to k + 1
 tokens per row, so where the text repeats itself (code edits, quoting the prompt, extraction) a step yields
-several tokens. Greedy rows only: the emitted tokens are exactly those greedy decoding would produce (each
-accepted draft token is the model's argmax given the tokens before it, and the first mismatch is replaced by the
-argmax there), so speculation changes speed, never text.
+several tokens. Greedy rows: the emitted tokens are exactly those greedy decoding would produce (each accepted
+draft token is the model's argmax given the tokens before it, and the first mismatch is replaced by the argmax
+there), so speculation changes speed, never text. Rows that sample: speculative sampling (Leviathan et al., 2023;
+vLLM's rejection sampler) with the n-gram draft as a one-token proposal, so each emitted token is drawn from the
+request's own distribution (temperature, top-k/p, min-p), though not the same draw as without speculation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -65,3 +69,42 @@ def accepted_tokens(draft: Sequence[int], predicted: Sequence[int]) -> tuple[lis
     while accepted < len(draft) and draft[accepted] == predicted[accepted]:
         accepted += 1
     return list(draft[:accepted]) + [int(predicted[accepted])], accepted
+
+
+def rejection_sample(logp: jax.Array, tokens: jax.Array, draft_lens: jax.Array,
+                     keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Speculative sampling of a verify call's rows (inside a jit): ``(emitted [B, S], count [B])``, each row's new
+    tokens in its first ``count`` entries.
+
+    ``logp``: f32 ``[B, S, V]``, the row's target distribution after each verified position (`sampling.
+    target_logprobs`); ``tokens``: i32 ``[B, S]``, the row's last token then its draft (``draft_lens[b]`` tokens);
+    ``keys``: ``[B, S]`` PRNG keys, position j's the row's key at the step of its j-th new token. Draft token j is
+    kept with probability p_j(d_j) (the proposal is certain of it: min(1, p / q) with q = 1); at the first refusal
+    the token is drawn from p_j without d_j (renormalised: max(0, p - q)), and after a fully kept draft from the next
+    position's p. So every emitted token has the target's distribution given the tokens before it; a greedy row's
+    target is its argmax, which makes this greedy decoding's rule.
+
+    Example:
+        >>> logp = jnp.log(jnp.array([[[0.0, 1.0], [1.0, 0.0]]]))             # position 0 certain of 1, then of 0
+        >>> keys = jax.random.split(jax.random.key(0), 2)[None]
+        >>> [x.tolist() for x in rejection_sample(logp, jnp.array([[5, 1]]), jnp.array([1]), keys)]
+        [[[1, 0]], [2]]
+    """
+    b, s, v = logp.shape
+    draft = tokens[:, 1:]
+    pos = jnp.arange(s - 1)[None, :]
+    p_draft = jnp.exp(jnp.take_along_axis(logp[:, :-1], draft[..., None], axis=-1)[..., 0])
+    uniforms = jax.vmap(jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1))))(keys[:, :-1])
+    kept = (uniforms < p_draft) & (pos < draft_lens[:, None])
+    accepted = jnp.sum(jnp.cumprod(kept.astype(jnp.int32), axis=1), axis=1)
+    rows = jnp.arange(b)
+    at_logp = logp[rows, accepted]
+    refused = accepted < draft_lens
+    refused_token = jnp.take_along_axis(tokens, jnp.minimum(accepted + 1, s - 1)[:, None], axis=1)[:, 0]
+    at_logp = jnp.where(refused[:, None] & (jnp.arange(v)[None, :] == refused_token[:, None]), -jnp.inf, at_logp)
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(jax.random.fold_in(k, 2), (v,), jnp.float32))(keys[rows, accepted])
+    nxt = jnp.argmax(at_logp + gumbel, axis=-1).astype(jnp.int32)
+    full = jnp.arange(s)[None, :]
+    shifted = jnp.concatenate([draft, jnp.zeros((b, 1), draft.dtype)], axis=1)
+    emitted = jnp.where(full < accepted[:, None], shifted, jnp.where(full == accepted[:, None], nxt[:, None], 0))
+    return emitted.astype(jnp.int32), accepted + 1

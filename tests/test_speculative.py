@@ -5,12 +5,16 @@ where the text repeats, under stop rules, length limits, preemption, prefix hits
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import jaxserve
 from jaxserve import Engine, EngineConfig, SamplingParams
-from jaxserve.speculative import accepted_tokens, ngram_draft
+from jaxserve.speculative import accepted_tokens, ngram_draft, rejection_sample
+from tests.test_sampling import chi_square
 from tests.test_engine import assert_all_pages_free, small_config
 
 PROMPTS = ["import os\nimport sys\nimport os\nimport sys\n",
@@ -99,15 +103,66 @@ def test_speculation_survives_preemption_and_feeds_the_prefix_cache(model):
         assert_all_pages_free(engine)
 
 
-def test_rows_that_sample_beside_greedy_ones_turn_speculation_off_and_keep_their_tokens(model):
-    # (row 3 asks for log-probabilities, which speculation serves; row 1 samples, which it does not)
-    params = [GREEDY, SamplingParams(max_tokens=37, temperature=0.8, seed=5, ignore_eos=True), GREEDY,
-              SamplingParams(max_tokens=37, temperature=0, ignore_eos=True, logprobs=1)]
+def test_rows_with_penalties_beside_others_turn_speculation_off_and_keep_their_tokens(model):
+    # (row 3 asks for log-probabilities, which speculation serves; row 1 a repetition penalty, which it does not)
+    params = [GREEDY, SamplingParams(max_tokens=37, temperature=0.8, seed=5, ignore_eos=True, repetition_penalty=1.3),
+              GREEDY, SamplingParams(max_tokens=37, temperature=0, ignore_eos=True, logprobs=1)]
     plain, _ = _run(model, small_config(), PROMPTS, params)
     outs, stats = _run(model, small_config(speculative_tokens=4), PROMPTS, params)
     assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in plain]
     assert stats["spec_verify_calls"] == 0
     assert outs[3]["logprobs"] == pytest.approx(plain[3]["logprobs"], abs=1e-5)
+
+
+def _rejection_draws(probs, tokens, n):
+    """n independent verify rows of one target ``probs [S, V]`` and one draft: what each emitted."""
+    s = probs.shape[0]
+    logp = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (n, *probs.shape))
+    keys = jax.random.split(jax.random.key(np.random.default_rng().integers(2**31)), n * s).reshape(n, s)
+    emitted, count = jax.jit(rejection_sample)(logp, jnp.broadcast_to(jnp.asarray(tokens), (n, s)),
+                                               jnp.full(n, s - 1), keys)
+    return np.asarray(emitted), np.asarray(count)
+
+
+def test_rejection_sampling_draws_every_emitted_token_from_the_target_distribution():
+    # The draft's tokens are likely (2), unlikely (3) and impossible (4) at their positions: each emitted token
+    # must still follow the target given the tokens before it, whatever the draft proposed.
+    probs = np.array([[0.1, 0.2, 0.5, 0.2, 0.0, 0.0], [0.3, 0.0, 0.1, 0.05, 0.0, 0.55],
+                      [0.25, 0.25, 0.0, 0.5, 0.0, 0.0], [0.0, 0.1, 0.2, 0.3, 0.4, 0.0]])
+    n = 20000
+    emitted, count = _rejection_draws(probs, [0, 2, 3, 4], n)
+    limit = lambda dof: dof + 6 * np.sqrt(2 * dof)
+    stat, dof = chi_square(emitted[:, 0], probs[0])
+    assert stat < limit(dof), (stat, dof)
+    after = emitted[:, 0] == 2  # the first draft token kept: the second token follows position 1's target
+    stat, dof = chi_square(emitted[after, 1], probs[1])
+    assert stat < limit(dof), (stat, dof)
+    both = after & (emitted[:, 1] == 3)  # both kept; the third draft token (4) is impossible there
+    assert np.all(count[both] == 3) and np.all(emitted[both, 2] != 4)
+    stat, dof = chi_square(emitted[both, 2], probs[2])  # the refused token had no mass to take out
+    assert stat < limit(dof), (stat, dof)
+    assert np.all(count == 1 + (emitted[:, 0] == 2) + ((emitted[:, 0] == 2) & (emitted[:, 1] == 3)))
+    # A certain target is greedy decoding: every draft token it agrees with is kept, then its pick.
+    certain = np.eye(6)[[2, 3, 1, 5]]
+    emitted, count = _rejection_draws(certain, [0, 2, 3, 4], 64)
+    assert np.all(count == 3) and np.all(emitted[:, :3] == [2, 3, 1])
+
+
+def test_rows_that_sample_speculate_and_greedy_rows_beside_them_keep_greedy_tokens(model):
+    params = [GREEDY, SamplingParams(max_tokens=37, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True), GREEDY,
+              SamplingParams(max_tokens=37, temperature=1.0, top_k=5, seed=6, ignore_eos=True, logprobs=5)]
+    plain, _ = _run(model, small_config(), PROMPTS, params)
+    outs, stats = _run(model, small_config(speculative_tokens=4), PROMPTS, params)
+    again, _ = _run(model, small_config(speculative_tokens=4), PROMPTS, params)
+    assert stats["spec_verify_calls"] > 0 and stats["spec_accepted_tokens"] > 0
+    assert [outs[i]["token_ids"] for i in (0, 2)] == [plain[i]["token_ids"] for i in (0, 2)]
+    assert [o["token_ids"] for o in again] == [o["token_ids"] for o in outs]  # seeded: the same draws again
+    for o in outs[1], outs[3]:
+        assert len(o["token_ids"]) == 37 and o["finish_reason"] == "length"
+    # top_k=5: every token the row emitted (drafts kept or drawn) is one of the 5 most likely there, which its
+    # top log-probabilities list.
+    for token, lp, top in zip(outs[3]["token_ids"], outs[3]["logprobs"], outs[3]["top_logprobs"]):
+        assert token in top and top[token] == pytest.approx(lp, abs=1e-5)
 
 
 def test_speculation_settings_are_checked():
