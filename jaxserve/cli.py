@@ -153,7 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     given = {k: v for k, v in dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                    top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
-                                   repetition_penalty=args.repetition_penalty,
+                                   repetition_penalty=args.repetition_penalty, bad_words=args.bad_word,
                                    structured_outputs=_structured_from_args(args)).items() if v is not None}
     try:
         SamplingParams(**{**GENERATE_FALLBACK, **given})  # bad flags fail before the model loads
@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "small models loop without it")
     gen.add_argument("--seed", type=int, default=None, help="seed for sampled (temperature > 0) output")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--bad-word", action="append", metavar="WORD",
+                     help="a word the output must not contain as its tokens (vLLM's bad_words; repeatable)")
     out = gen.add_argument_group("structured outputs (at most one)")
     out.add_argument("--json-schema", default=None, metavar="FILE_OR_JSON",
                      help="hold the output to this JSON schema (a file, or the schema's JSON text)")

@@ -97,6 +97,10 @@ def test_generate_holds_the_output_to_a_schema_regex_or_choices(tmp_path, capsys
         assert line["finish_reason"] == "stop" and check(line["text"]), (flags, line)
     with pytest.raises(SystemExit, match="at most one"):
         cli.main(["generate", "x", "--regex", "a", "--json-object"])
+    # --bad-word, with speculation on (the engine flags reach generate too): "0" and "1" never come out.
+    assert cli.main(["generate", "x = ", "--json", "--max-tokens", "6", "--regex", "[0-3]{6}", "--bad-word", "0",
+                     "--bad-word", "1", "--speculative-tokens", "2", *SMALL]) == 0
+    assert set(json.loads(capsys.readouterr().out)["text"]) <= set("23")
     with pytest.raises(SystemExit, match="structured_outputs.json"):
         cli.main(["generate", "x", "--json-schema", "{not json"])
 
