@@ -140,6 +140,23 @@ def save_test_tokenizer(path: str, vocab_size: int) -> None:
     fast.save_pretrained(path)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _drop_compiled_programs_after_each_file():
+    """Free the file's compiled programs when it ends. Why: every XLA CPU executable keeps a few memory maps,
+    and an xdist worker that compiled most of the suite came within 530 of the kernel's 65,530 maps a process
+    (vm.max_map_count; session 47, 65,001 in one worker), past which XLA's CPU compiler segfaults mid-compile. A
+    later file that needs a program again loads it from the run's persistent compile cache."""
+    yield
+    import gc
+
+    from jaxserve import runner
+
+    with runner._steps_lock:
+        runner._steps_cache.clear()
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A small untied GQA checkpoint shared by the engine and server tests: (path, torch model)."""
