@@ -7,9 +7,6 @@ transposed operand); `-m gpu` compiles it.
 
 from __future__ import annotations
 
-import os
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,12 +15,6 @@ from jaxserve_kernels.paged_attention_mgpu import paged_attention_mgpu
 # The reference jitted whole (tests.test_kernels says why).
 from tests.test_kernels import (MODES, TOLERANCE, fresh_rng, make_pool, make_sequences, paged_attention_reference,
                                 poison_unowned, ragged_lengths, relative_error)
-
-# On the CPU these run in a fresh process (tests/test_mgpu_interpreter.py): late in a worker that has compiled
-# most of the suite, XLA's CPU compiler crashed (SIGSEGV, in compiling or in serializing for the compile cache)
-# on this interpreter's programs, twice in a row at one file order (session 47), and alone they pass.
-pytestmark = pytest.mark.skipif(jax.default_backend() == "cpu" and os.environ.get("JAXSERVE_MGPU_ISOLATED") != "1",
-                                reason="interpreted in a fresh process: tests/test_mgpu_interpreter.py")
 
 
 @pytest.mark.parametrize("interpret", MODES)
