@@ -183,3 +183,17 @@ def test_greedy_rows_with_log_probabilities_speculate_and_keep_them(model):
         assert o["logprobs"] == pytest.approx(p["logprobs"], abs=1e-4)
         for got, want in zip(o.get("top_logprobs", []), p.get("top_logprobs", [])):
             assert got.keys() == want.keys() and list(got.values()) == pytest.approx(list(want.values()), abs=1e-4)
+
+
+def test_warmup_compiles_the_verify_calls(model):
+    config = small_config(speculative_tokens=3, batch_buckets=(1, 4))
+    params = [GREEDY, SamplingParams(max_tokens=37, temperature=0.7, seed=1, ignore_eos=True)]
+    with Engine(model, config) as engine:
+        engine.warmup()
+        compiled = {s for s in engine.runner.compiled_shapes if s[0] == "verify"}
+        assert {s[1][0] for s in compiled} == {1, 4} and {s[-1] for s in compiled} == {False, True}
+        engine.generate(PROMPTS[:1], GREEDY, use_tqdm=False)  # batch 1, greedy
+        engine.generate(PROMPTS, params * 2, use_tqdm=False)  # batch 4, rows that sample
+        assert engine.stats()["spec_verify_calls"] > 0
+        assert {s for s in engine.runner.compiled_shapes if s[0] == "verify"} == compiled
+        assert_all_pages_free(engine)
