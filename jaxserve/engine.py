@@ -27,8 +27,8 @@ from jaxserve import model as model_module
 from jaxserve.model import decode_rows
 from jaxserve.request import Request, Status
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
-from jaxserve.sampling import (MAX_BAD_WORD_TOKENS, MAX_BAD_WORDS, SamplingParams, allowed_masks, check_banned_ids,
-                               make_batch, needs_history, needs_penalties, needs_sampling, recent_tokens)
+from jaxserve.sampling import (SamplingParams, allowed_masks, check_bad_word_ids, check_banned_ids, make_batch,
+                               needs_history, needs_penalties, needs_sampling, recent_tokens)
 from jaxserve.scheduler import Scheduler
 from jaxserve.speculative import accepted_tokens, ngram_draft
 from jaxserve.structured import GuideState, StructuredOutputs, TokenGuide, Vocabulary, compile_guide
@@ -365,13 +365,7 @@ class Engine:
         if self.tokenizer is None:
             raise ValueError("bad_words need a tokenizer to find their tokens, and this engine has none")
         seqs = bad_words_token_ids(self.tokenizer, words)
-        if len(seqs) > MAX_BAD_WORDS:
-            raise ValueError(f"bad_words must give at most {MAX_BAD_WORDS} token sequences (a word gives one or two),"
-                             f" got {len(seqs)}")
-        for seq in seqs:
-            if len(seq) > MAX_BAD_WORD_TOKENS:
-                raise ValueError(f"bad_words must be at most {MAX_BAD_WORD_TOKENS} tokens each, got {len(seq)} "
-                                 f"tokens {list(seq)}")
+        check_bad_word_ids(seqs)
         # A tokenizer may know more tokens than the model's logits have (added tokens past the embedding).
         _check_in_vocab([t for seq in seqs for t in seq], self.model.config.vocab_size,
                         "bad_words must tokenize to ids")
@@ -794,7 +788,8 @@ class Engine:
         """Whether the next step may be another call over the same rows, dispatched before reading this one.
 
         Only in steady decoding: nothing waits or prefills, no penalties (their counts live on the
-        host) nor bad words of several tokens (their last tokens too), every row still runs and gets room for the chained call's tokens without preemption.
+        host) nor bad words of several tokens (their last tokens too), every row still runs and gets room
+        for the chained call's tokens without preemption.
         """
         if not self.config.overlap or call.penalties or self.scheduler.waiting or self._needs_history(call.reqs):
             return False
@@ -814,8 +809,8 @@ class Engine:
         """The rows of a decode call that may start before the host reads ``call``'s first tokens
         (None if none may): with ``overlap``, once ``call`` is the last prefill (no prompt waits or
         is partway), nobody asks for penalties (their token counts need the first tokens on the
-        host) or bad words of several tokens, and every row gets its pages without preempting. Each of ``call``'s rows starts
-        from its first token on the device, so the device goes from the prefill straight into
+        host) or bad words of several tokens, and every row gets its pages without preempting. Each of
+        ``call``'s rows starts from its first token on the device, so the device goes from the prefill straight into
         decoding instead of waiting for the host to read, schedule and dispatch.
         """
         if not self.config.overlap or self.scheduler.waiting:

@@ -304,14 +304,21 @@ class Steps:
     def _pick_kernel(self, logits: jax.Array) -> bool:
         return self.pick_kernel and logits.shape[0] >= self.pick_min_rows
 
+    def _chunk_attention(self, s: int, q_start, lengths, block_tables):
+        """Positions ``[B, s]`` of a chunk of ``s`` tokens a row from ``q_start`` and its paged attention: K/V
+        written where the positions are below ``lengths``, queries reading the row's cached keys below ``q_start``
+        and the chunk's own, causally (a prefill chunk's, and a verify call's)."""
+        positions = q_start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
+        valid = positions < lengths[:, None]
+        paged = PagedAttention(kv_pool.slots_in_rows(block_tables, positions, valid, self.page_size), block_tables,
+                               lengths, q_start, impl=self.attention_impl)
+        return positions, paged
+
     def _prefill_impl(self, params, kv, tokens, q_start, lengths, block_tables, batch: SamplingBatch, steps,
                       counts, seen, targets=None, *, num_top: int, greedy: bool, logprobs: bool = True,
                       prompt_top: int = -1):
         b, s = tokens.shape
-        positions = q_start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
-        valid = positions < lengths[:, None]
-        paged = PagedAttention(kv_pool.slots_in_rows(block_tables, positions, valid, self.page_size), block_tables, lengths,
-                               q_start, impl=self.attention_impl)
+        positions, paged = self._chunk_attention(s, q_start, lengths, block_tables)
         logits_at = jnp.maximum(lengths - q_start - 1, 0)
         if prompt_top >= 0:
             # Every position's logits ([B, S, V]): only this variant projects them all, so a batch
@@ -336,13 +343,9 @@ class Steps:
 
     def _verify_impl(self, params, kv, tokens, q_start, lengths, block_tables, batch=None, steps=None, *,
                      num_top: int, logprobs: bool):
-        # A prefill chunk whose every position is scored: the chunked-prefill attention reads the row's cached
-        # keys below q_start and the chunk's own, causally.
+        # A prefill chunk whose every position is scored.
         b, s = tokens.shape
-        positions = q_start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
-        valid = positions < lengths[:, None]
-        paged = PagedAttention(kv_pool.slots_in_rows(block_tables, positions, valid, self.page_size), block_tables,
-                               lengths, q_start, impl=self.attention_impl)
+        positions, paged = self._chunk_attention(s, q_start, lengths, block_tables)
         logits, kv = self._forward(params, kv, tokens, positions, paged)
         flat = logits.reshape(b * s, -1)
         count = None

@@ -431,15 +431,29 @@ def make_batch(
     ))
 
 
+def check_bad_word_ids(seqs: Sequence[Sequence[int]]) -> None:
+    """ValueError naming ``bad_words`` where a row's token sequences do not fit the fixed-width rows of a step's
+    batch (`SamplingBatch.bad_words`): more than MAX_BAD_WORDS, or one outside 1..MAX_BAD_WORD_TOKENS tokens. The
+    engine calls it where a request is made, so nothing is refused in the middle of a step.
+
+    Example:
+        >>> check_bad_word_ids([(1, 2), (3,)])
+    """
+    if len(seqs) > MAX_BAD_WORDS:
+        raise ValueError(f"bad_words must give at most {MAX_BAD_WORDS} token sequences (a word gives one or two), "
+                         f"got {len(seqs)}")
+    for seq in seqs:
+        if not 1 <= len(seq) <= MAX_BAD_WORD_TOKENS:
+            raise ValueError(f"bad_words must be 1 to {MAX_BAD_WORD_TOKENS} tokens each, got {len(seq)} tokens "
+                             f"{list(seq)}")
+
+
 def _bad_words_array(rows: Sequence[Sequence[Sequence[int]] | None], batch_size: int) -> np.ndarray:
     width = MAX_BAD_WORDS if any(rows) else 0
     out = np.full((batch_size, width, MAX_BAD_WORD_TOKENS), -1, np.int32)
     for i, seqs in enumerate(rows):
-        if len(seqs or ()) > MAX_BAD_WORDS:
-            raise ValueError(f"bad_words must give at most {MAX_BAD_WORDS} token sequences, got {len(seqs)}")
+        check_bad_word_ids(seqs or ())
         for j, seq in enumerate(seqs or ()):
-            if not 1 <= len(seq) <= MAX_BAD_WORD_TOKENS:
-                raise ValueError(f"bad_words must be 1 to {MAX_BAD_WORD_TOKENS} tokens each, got {list(seq)}")
             out[i, j, MAX_BAD_WORD_TOKENS - len(seq):] = seq
     return out
 
@@ -664,7 +678,9 @@ def _min_p(x: jax.Array, min_p: jax.Array) -> jax.Array:
     return jnp.where(x >= floor[:, None], x, -jnp.inf)
 
 
-def _row_keys(seeds: jax.Array, step: jax.Array) -> jax.Array:
+def row_keys(seeds: jax.Array, step: jax.Array) -> jax.Array:
+    """Each row's PRNG key at ``step`` (`SamplingBatch.seeds`: a seeded request's randomness is fixed by its seed
+    and step alone)."""
     base = jax.random.key(0)
 
     def one(hi: jax.Array, lo: jax.Array, s: jax.Array) -> jax.Array:
@@ -732,7 +748,7 @@ def sample(
 
     def draw(x: jax.Array) -> jax.Array:
         x = _truncated(x, batch, top_candidates)
-        keys = _row_keys(batch.seeds, step)
+        keys = row_keys(batch.seeds, step)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)
         drawn = jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
         return jnp.where(greedy_rows, greedy_tokens, drawn)
@@ -770,12 +786,6 @@ def target_logprobs(logits: jax.Array, batch: SamplingBatch,
     logp = jax.nn.log_softmax(_truncated(x, batch, top_candidates), axis=-1)
     greedy = jnp.arange(x.shape[-1])[None, :] == jnp.argmax(x, axis=-1)[:, None]
     return jnp.where((batch.temperature == 0.0)[:, None], jnp.where(greedy, 0.0, -jnp.inf), logp)
-
-
-def row_keys(seeds: jax.Array, step: jax.Array) -> jax.Array:
-    """Each row's PRNG key at ``step`` (`SamplingBatch.seeds`: a seeded request's randomness is fixed by its seed
-    and step alone)."""
-    return _row_keys(seeds, step)
 
 
 def unpack_allowed(allowed: jax.Array, vocab_size: int) -> jax.Array:

@@ -23,13 +23,18 @@ def _finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else -9999.0
 
 
+def _best(entry: dict[int, float], k: int | None = None) -> list[tuple[int, float]]:
+    """A position's ``{token: logprob}`` as ``(token, logprob)`` pairs, most likely first; the first ``k``."""
+    return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+
+
 def prompt_logprobs(result: dict[str, Any], prompt: list[int], k: int, decode: Any) -> list[dict[str, Any] | None]:
     """vLLM's ``prompt_logprobs`` of a result whose request asked for at least ``k``: None for the first token
     (nothing comes before it), then, keyed by token id, the prompt token's and the ``k`` best tokens'
     ``{"logprob", "rank", "decoded_token"}`` (a best token's rank: its place among them)."""
     out: list[dict[str, Any] | None] = [None]
     for token, entry, rank in zip(prompt[1:], result["prompt_logprobs"][1:], result["prompt_logprob_ranks"][1:]):
-        best = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+        best = _best(entry, k)
         shown = {str(token): {"logprob": _finite(entry[token]), "rank": rank, "decoded_token": decode(token)}}
         for place, (t, v) in enumerate(best, 1):
             shown.setdefault(str(t), {"logprob": _finite(v), "rank": place, "decoded_token": decode(t)})
@@ -77,7 +82,7 @@ class CompletionFormat:
             return None
         prompt = self.prompts[i // max(1, self.req.n)]
         # The engine scored the prompt's k best for the larger of logprobs and prompt_logprobs.
-        scored = [None] + [{t: entry[t], **dict(sorted(entry.items(), key=lambda kv: -kv[1])[:self.req.logprobs])}
+        scored = [None] + [{t: entry[t], **dict(_best(entry, self.req.logprobs))}
                            for t, entry in zip(prompt[1:], result["prompt_logprobs"][1:])]
         lps = [None] + [entry[t] for t, entry in zip(prompt[1:], scored[1:])]
         head = self._logprobs(i, prompt, lps, [None] + scored[1:])
@@ -105,7 +110,7 @@ class CompletionFormat:
                 entry: dict[str, float] = {}
                 # Best first, and a text's first (best) logprob kept: the byte tokens of a split
                 # character all decode to U+FFFD, and a later one must not overwrite it.
-                for k, v in sorted(t.items(), key=lambda kv: -kv[1]):
+                for k, v in _best(t):
                     entry.setdefault(decode(k), _finite(v))
                 # OpenAI: "the API will always return the logprob of the sampled token".
                 entry.setdefault(tok, _finite(lp))
@@ -212,7 +217,7 @@ class ChatFormat:
         for k, (tid, lp) in enumerate(zip(token_ids, logprobs or [])):
             item = entry(tid, lp)
             top = tops[k] if tops else {}
-            item["top_logprobs"] = [entry(t, v) for t, v in sorted(top.items(), key=lambda kv: -kv[1])]
+            item["top_logprobs"] = [entry(t, v) for t, v in _best(top)]
             content.append(item)
         return {"content": content}
 
