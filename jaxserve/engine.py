@@ -336,6 +336,9 @@ class Engine:
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if params.n != 1:
+            raise ValueError(f"n must be 1 for one request (generate and chat run n samples; here add n requests, "
+                             f"each its own seed), got {params.n}")
         ids = self.request_ids(prompt, params)
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
@@ -1106,7 +1109,14 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
         raise ValueError(f"priority has {len(priorities)} entries for {len(prompts)} prompts")
     if driver.closed:
         raise RuntimeError("engine is closed")
-    requests = [driver.make_request(p, sp, priority=k) for p, sp, k in zip(prompts, params_list, priorities)]
+    # A prompt's n samples are n requests. Every prompt's first sample is queued ahead of the others' so the
+    # prompts are prefilled together; the other samples then attach the first's indexed pages (the scheduler
+    # holds them back while it prefills).
+    samples = [_samples(sp) for sp in params_list]
+    order = ([(i, 0) for i in range(len(prompts))]
+             + [(i, j) for i in range(len(prompts)) for j in range(1, len(samples[i]))])
+    made = {(i, j): driver.make_request(prompts[i], samples[i][j], priority=priorities[i]) for i, j in order}
+    requests = [made[key] for key in order]
     for r in requests:
         driver._queue(r)
     pending = {r.request_id for r in requests}
@@ -1133,7 +1143,21 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
     finally:
         if bar is not None:
             bar.close()
-    return [driver.release(r.request_id).result() for r in requests]
+    results = {key: driver.release(r.request_id).result() for key, r in zip(order, requests)}
+    out = []
+    for i, group in enumerate(samples):
+        first = results[(i, 0)]
+        out.append(first if len(group) == 1 else {**first, "outputs": [results[(i, j)] for j in range(len(group))]})
+    return out
+
+
+def _samples(params: SamplingParams | None) -> list[SamplingParams | None]:
+    """One prompt's requests: ``params.n`` of them, n = 1 each, a seeded one's sample i seeded ``seed + i``
+    (as the server's ``n`` does)."""
+    if params is None or params.n == 1:
+        return [params]
+    return [dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            for i in range(params.n)]
 
 
 def run_chat(driver: Any, messages: Conversation | Sequence[Conversation],

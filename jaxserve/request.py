@@ -53,6 +53,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     prefill_end: int = 0  # prefill runs until this many tokens have K/V (set at each admission)
+    prefill_start: int = 0  # tokens the prefix index supplied at the latest admission
     emitted_chars: int = 0  # text already handed to a stream
     new_token_count: int = 0
     # Without stop strings nothing needs the text while tokens arrive, so it is detokenized

@@ -50,6 +50,8 @@ LOGIT_BIAS_RANGE = 100.0
 # bad_words: a request's words become at most this many token sequences (a word may give two: with and without
 # a leading space), each of at most MAX_BAD_WORD_TOKENS tokens. A batch in which some row has one carries
 # [B, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS] ids (none: width 0), so the step compiles for two widths at most.
+# Samples of one prompt (`n`): each is a request of its own, and a bound keeps one prompt from queueing millions.
+MAX_N = 1024
 MAX_BAD_WORDS = 64
 MAX_BAD_WORD_TOKENS = 8
 # Top-k/top-p first look at this many best tokens per row (one partial sort) and fall back
@@ -90,6 +92,9 @@ class SamplingParams:
     tokens generated just before it spell the rest of the word (the word's tokens with and without a leading
     space, as vLLM tokenizes them; `jaxserve.tokenizer.bad_words_token_ids`), so a word never appears as those
     tokens, though the model may still spell it another way (in other pieces).
+    `n` (vLLM's): `generate` and `chat` run that many samples of the prompt (the prompt's pages computed once
+    and shared, `jaxserve.scheduler`) and return them in the result's ``outputs``; sample i of a seeded
+    request uses ``seed + i``. `Engine.add_request` queues one sample (n must be 1 there).
 
     Example:
         >>> p = SamplingParams(temperature=0.7, top_p=0.9, stop="\\n", seed=0)
@@ -127,6 +132,7 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     structured_outputs: Any = None
     bad_words: tuple[str, ...] = ()
+    n: int = 1
 
     def __post_init__(self) -> None:
         def set_(name: str, value: Any) -> None:
@@ -152,6 +158,7 @@ class SamplingParams:
             set_(name, value)
 
         check_int("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an int >= 1")
+        check_int("n", _is_int(self.n) and 1 <= self.n <= MAX_N, f"an int in [1, {MAX_N}]")
         check_real("temperature", 0.0, math.inf, "[0, inf)")
         check_real("top_p", 0.0, 1.0, "(0, 1]", lo_open=True)
         check_int("top_k", _is_int(self.top_k) and -1 <= self.top_k <= _INT32_MAX,

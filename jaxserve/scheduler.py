@@ -11,6 +11,10 @@ Rules, in one place:
   least one prompt token left to compute) is attached instead of recomputed, unless the request
   still needs prompt log-probabilities.
 - Prompts longer than the step's token budget are prefilled in chunks.
+- A waiting request whose prompt shares at least a page beyond the cache with a prompt being
+  prefilled (the n samples of one prompt, requests with one long system prompt) waits until that
+  prefill is dispatched and indexed, then attaches those pages instead of computing them again
+  (SGLang's in-batch prefix caching); the requests behind it are admitted meanwhile.
 - Before a decode call of ``k`` steps every decoding request gets room for ``k`` more
   tokens; when pages run out, cached prefixes are evicted, then the most recently admitted
   request is preempted (its pages freed; it re-enters the queue's front and is recomputed
@@ -264,6 +268,7 @@ class Scheduler:
                 st.index = st._lock(st.index, request.node)
             self.index_s += time.perf_counter() - start
         request.computed, request.prefill_end = cached, len(tokens)
+        request.prefill_start = cached
 
     def _unclaim(self, request: Request) -> None:
         """Undo `_claim` and put the request back at the queue's front."""
@@ -326,11 +331,19 @@ class Scheduler:
             """Admit from the queue's front while budget, slots and padding allow. ``batched``:
             claim only (pages for all of them come from one `_allocate_claimed`); otherwise each
             gets its pages at once, evicting cached prefixes if needed, and admission stops at
-            the first that cannot."""
+            the first that cannot. Requests that share a prompt being prefilled are passed over
+            (`_shares_prefill`) and keep their place in the queue."""
             nonlocal budget
             claimed: list[Request] = []
+            held: list[Request] = []
+            sharing = _PrefillSharing(self.page_size, [x for x in self.running if x.is_prefilling])
             while self.waiting and budget > 0 and self.free_slots and len(rows) < max_rows:
                 r = self.waiting[0]
+                if self.config.prefix_caching and sharing.holds(r):
+                    if len(held) >= _MAX_HELD:
+                        break
+                    held.append(self.waiting.popleft())
+                    continue
                 if rows and not fits(min(len(r.all_ids), budget)):
                     break
                 self._claim(r)
@@ -341,9 +354,12 @@ class Scheduler:
                         break
                     self._admitted(r)
                 claimed.append(r)
+                sharing.add(r)
                 chunk = min(r.prefill_end - r.computed, budget)
                 rows.append((r, r.computed, r.computed + chunk))
                 budget -= chunk
+            # Back at the front, ahead of any request `_unclaim` put there: they were ahead of it in the queue.
+            self.waiting.extendleft(reversed(held))
             return claimed
 
         claimed = admit(batched=True)
@@ -470,3 +486,47 @@ class Scheduler:
             "prefix_index_s": self.index_s,
         }
 
+
+# Waiting requests one admission passes over for sharing a prefill, at most: past it the step admits no more, so
+# a queue of thousands of samples of a few prompts costs a step a bounded scan.
+_MAX_HELD = 1024
+
+
+class _PrefillSharing:
+    """The prompts being prefilled (running, or claimed by this admission), grouped by their first page, and
+    whether a waiting request should wait for one of them.
+
+    A request is held when some prefill will index at least one whole page of its prompt that the index did
+    not hold when that prefill was admitted: waiting a step for the insert (done when the prefill call is
+    dispatched, `Engine._dispatch_prefill`) saves computing those pages twice. A request owed prompt
+    log-probabilities computes its whole prompt anyway and is never held.
+
+    Example: pages of 16 tokens, a 40-token prompt being prefilled from nothing: a request sharing its first 33
+    tokens is held (it will attach two pages), one sharing 20 is held (one page), one sharing 10 is not.
+    """
+
+    def __init__(self, page_size: int, prefilling: list[Request]):
+        self.page_size = page_size
+        self.groups: dict[tuple[int, ...], list[Request]] = {}
+        for r in prefilling:
+            self.add(r)
+
+    def add(self, request: Request) -> None:
+        if request.prefill_end >= self.page_size:
+            self.groups.setdefault(tuple(request.all_ids[: self.page_size]), []).append(request)
+
+    def holds(self, request: Request) -> bool:
+        ids = request.all_ids
+        # The index matches whole pages of all but the last token (`Scheduler._claim`).
+        if request.wants_prompt_logprobs or len(ids) - 1 < self.page_size:
+            return False
+        for other in self.groups.get(tuple(ids[: self.page_size]), ()):
+            if not other.is_prefilling:
+                continue
+            n = min(len(ids) - 1, other.prefill_end)
+            a, b = np.asarray(ids[:n]), np.asarray(other.all_ids[:n])
+            diff = np.flatnonzero(a != b)
+            common = int(diff[0]) if diff.size else n
+            if (common // self.page_size) * self.page_size - other.prefill_start >= self.page_size:
+                return True
+        return False

@@ -119,14 +119,16 @@ def test_batched_allocations_compile_one_shape_per_power_of_two():
 
 def test_decode_growth_evicts_a_cached_page_that_a_running_request_s_pages_hang_below():
     # X and Y share their first page and are admitted together, so each computes it into a page
-    # of its own; X's prompt is indexed first, so Y's later pages hang below X's first page.
+    # of its own (Y is owed prompt log-probabilities, so it computes its whole prompt rather than wait
+    # for X's); X's prompt is indexed first, so Y's later pages hang below X's first page.
     # Once X is gone that page is held by the index alone but is no leaf: the entries of Y's own
     # pages below it must go (Y keeps the pages) so that it can be freed, rather than Z preempted.
     rng = np.random.default_rng()
     s = make_scheduler(num_pages=8, prefix_caching=True)
     shared = rng.integers(3, 100, size=8).tolist()
     x = request("x", shared + [7])  # 2 pages
-    y = request("y", shared + rng.integers(3, 100, size=16).tolist())  # 3 full pages
+    y = Request("y", shared + rng.integers(3, 100, size=16).tolist(), SamplingParams(max_tokens=4, prompt_logprobs=0),
+                None, ())  # 3 full pages
     z = request("z", rng.integers(3, 100, size=24).tolist())  # 3 full pages
     for r in (x, y, z):
         s.add(r)
