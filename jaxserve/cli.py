@@ -153,7 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     given = {k: v for k, v in dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                    top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
-                                   repetition_penalty=args.repetition_penalty, bad_words=args.bad_word,
+                                   repetition_penalty=args.repetition_penalty, bad_words=args.bad_word, n=args.n,
                                    structured_outputs=_structured_from_args(args)).items() if v is not None}
     try:
         SamplingParams(**{**GENERATE_FALLBACK, **given})  # bad flags fail before the model loads
@@ -164,14 +164,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # Flags left unset take the checkpoint's generation_config.json sampling, as the server's
         # requests do, then the CLI's own fallback (greedy, 64 tokens).
         params = SamplingParams(**{**GENERATE_FALLBACK, **engine.sampling_defaults, **given})
-        if len(prompts) == 1 and not args.json:
+        if len(prompts) == 1 and params.n == 1 and not args.json:
             return _stream_one(engine, prompts[0], params)
-        results = engine.generate(prompts, params, use_tqdm=not args.json and len(prompts) > 1)
+        results = engine.generate(prompts, params, use_tqdm=not args.json and len(prompts) * params.n > 1)
     for prompt, result in zip(prompts, results):
         if args.json:
             print(json.dumps({"prompt": prompt, **result}, ensure_ascii=False), flush=True)
         else:
-            print(f"--- {prompt}\n{result['text']}", flush=True)
+            for i, sample in enumerate(result.get("outputs", [result])):
+                print(f"--- {prompt}" + (f" [sample {i}]" if params.n > 1 else "") + f"\n{sample['text']}", flush=True)
     return 0
 
 
@@ -256,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="> 1 discourages tokens already in the prompt or output (default: the model's, else 1: off); "
                           "small models loop without it")
     gen.add_argument("--seed", type=int, default=None, help="seed for sampled (temperature > 0) output")
+    gen.add_argument("-n", "--n", type=int, default=None,
+                     help="samples a prompt (default 1; the prompt is computed once; sample i seeded seed + i)")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--bad-word", action="append", metavar="WORD",
                      help="a word the output must not contain as its tokens (vLLM's bad_words; repeatable)")

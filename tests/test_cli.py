@@ -67,6 +67,19 @@ def test_rope_scaling_flag_overrides_the_checkpoints(tiny_checkpoint, capsys):
     assert "not supported" in capsys.readouterr().err
 
 
+def test_generate_n_prints_each_sample(tiny_checkpoint, capsys):
+    args = ["generate", "The quick brown fox", "--model", tiny_checkpoint[0], "--max-tokens", "3", "-n", "3",
+            "--temperature", "1", "--seed", "5", *SMALL]
+    assert cli.main(args) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("--- ")] == [
+        f"--- The quick brown fox [sample {i}]" for i in range(3)]
+    assert cli.main(args + ["--json"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert [o["completion_tokens"] for o in json.loads(line)["outputs"]] == [3, 3, 3]
+    with pytest.raises(SystemExit, match="n must be"):
+        cli.main(["generate", "x", "--model", tiny_checkpoint[0], "-n", "0"])
+
+
 def test_generate_text_streams_prompt_and_completion(tiny_checkpoint, capsys):
     rc = cli.main(["generate", "The quick brown fox", "--model", tiny_checkpoint[0], "--max-tokens", "4", *SMALL])
     assert rc == 0
