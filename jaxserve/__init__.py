@@ -5,13 +5,14 @@ Example:
     >>> outs = jaxserve.generate(jaxserve.load(), ["def add(a, b):"], jaxserve.SamplingParams(max_tokens=16))
 """
 
+from jaxserve.beam_search import BeamSearchParams
 from jaxserve.config import ModelConfig
-from jaxserve.engine import Engine, chat, generate
+from jaxserve.engine import Engine, beam_search, chat, generate
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.replicas import Replicas
 from jaxserve.sampling import SamplingParams
 from jaxserve.structured import StructuredOutputs
 
-__all__ = ["Engine", "EngineConfig", "LoadedModel", "ModelConfig", "Replicas", "SamplingParams", "StructuredOutputs",
-           "chat", "generate", "load"]
+__all__ = ["BeamSearchParams", "Engine", "EngineConfig", "LoadedModel", "ModelConfig", "Replicas", "SamplingParams", "StructuredOutputs",
+           "beam_search", "chat", "generate", "load"]

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.beam_search import BeamSearchParams, run_beam_search
 from jaxserve.engine_config import EngineConfig
 from jaxserve.guide_pool import GuidePool
 from jaxserve.loading import LoadedModel, generation_eos_ids, generation_sampling_defaults, load
@@ -934,6 +935,18 @@ class Engine:
         """
         return run_chat(self, messages, sampling_params, use_tqdm, **template_options)
 
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams,
+                    use_tqdm: bool = True) -> list[dict[str, Any]]:
+        """vLLM's ``LLM.beam_search``: each prompt's ``params.beam_width`` best continuations by beam search
+        (`jaxserve.beam_search`); one dict a prompt, its ``sequences`` best first (``text``, ``token_ids``,
+        ``logprobs``, ``cum_logprob``, ``score``, ``finish_reason``).
+
+        Example:
+            >>> out = engine.beam_search(["import os"], BeamSearchParams(beam_width=4, max_tokens=8))  # doctest: +SKIP
+            >>> out[0]["sequences"][0]["text"]  # doctest: +SKIP
+        """
+        return run_beam_search(self, prompts, params, use_tqdm)
+
     def decode_batch(self, rows: int) -> int:
         """The batch a decode call of ``rows`` sequences runs as over short contexts: their batch bucket, or a
         wider one where ``jaxserve.model.decode_rows`` says a small step is faster padded (on the GPU, 8 rows;
@@ -1202,6 +1215,27 @@ def generate(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Se
             return replicas.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority)
     with Engine(model, engine_config) as engine:
         return engine.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority)
+
+
+def beam_search(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Sequence[Prompt],
+                params: BeamSearchParams, *, engine_config: EngineConfig | None = None, use_tqdm: bool = True,
+                data_parallel_size: int = 1) -> list[dict[str, Any]]:
+    """`Engine.beam_search` in one call (vLLM's ``LLM.beam_search``): one dict a prompt, ``sequences`` best first.
+
+    Example:
+        >>> import jaxserve
+        >>> outs = jaxserve.beam_search(None, ["def add(a, b):"], jaxserve.BeamSearchParams(beam_width=2, max_tokens=4),
+        ...                             use_tqdm=False)
+        >>> len(outs[0]["sequences"])
+        2
+    """
+    if data_parallel_size != 1:
+        from jaxserve.replicas import Replicas
+
+        with Replicas(model, engine_config, devices=data_parallel_size) as replicas:
+            return replicas.beam_search(prompts, params, use_tqdm=use_tqdm)
+    with Engine(model, engine_config) as engine:
+        return engine.beam_search(prompts, params, use_tqdm=use_tqdm)
 
 
 def chat(model: LoadedModel | str | os.PathLike | None, messages: Conversation | Sequence[Conversation],

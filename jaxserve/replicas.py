@@ -95,6 +95,7 @@ class Replicas:
         first = self.engines[0]
         self.model, self.tokenizer, self.max_model_len = first.model, first.tokenizer, first.max_model_len
         self.sampling_defaults = first.sampling_defaults
+        self.eos_ids = first.eos_ids
 
     # ----- routing -------------------------------------------------------------------------
     def _page_keys(self, ids: Sequence[int]) -> list[int]:
@@ -151,13 +152,17 @@ class Replicas:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._owner:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        ids = self.engines[0].request_ids(prompt, params or self.default_sampling_params())
+        ids = self.request_ids(prompt, params or self.default_sampling_params())
         replica = self.route(ids)
         request = self.engines[replica].make_request(ids, params, request_id, priority)
         self._owner[request_id] = replica
         self._load[replica] += 1
         self._record(replica, ids)
         return request
+
+    def request_ids(self, prompt: Prompt, params: SamplingParams) -> list[int]:
+        """`Engine.request_ids` (every replica tokenizes alike)."""
+        return self.engines[0].request_ids(prompt, params)
 
     def _queue(self, request: Request) -> str:
         return self.engines[self._owner[request.request_id]]._queue(request)
@@ -228,6 +233,13 @@ class Replicas:
              **template_options: Any) -> list[dict[str, Any]]:
         """`Engine.chat` over the replicas (``template_options``: `jaxserve.engine.run_chat`'s)."""
         return run_chat(self, messages, sampling_params, use_tqdm, **template_options)
+
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: Any, use_tqdm: bool = True) -> list[dict[str, Any]]:
+        """`Engine.beam_search` over the replicas (a beam's request follows its parent's pages by the router's
+        prefix rule)."""
+        from jaxserve.beam_search import run_beam_search
+
+        return run_beam_search(self, prompts, params, use_tqdm)
 
     def stats(self) -> dict[str, Any]:
         """Each replica's `Engine.stats` (``replicas``); at the top, as one engine's: the sums of their counts,

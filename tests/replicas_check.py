@@ -119,6 +119,13 @@ def main() -> None:
         expect = [o["token_ids"] for o in one.chat(chats, greedy, use_tqdm=False)]
     outs = jaxserve.chat(model, chats, greedy, engine_config=config(), use_tqdm=False, data_parallel_size=2)
     assert [o["token_ids"] for o in outs] == expect
+    beams = jaxserve.BeamSearchParams(beam_width=2, max_tokens=4)
+    with Engine(model, config()) as one:
+        expect = one.beam_search(prompts[:2], beams, use_tqdm=False)
+    outs = jaxserve.beam_search(model, prompts[:2], beams, engine_config=config(), use_tqdm=False,
+                                data_parallel_size=2)
+    assert [[s["token_ids"] for s in o["sequences"]] for o in outs] == [
+        [s["token_ids"] for s in o["sequences"]] for o in expect]
     serve(model, prompts, alone)
     print("replicas: ok")
 
