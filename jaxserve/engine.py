@@ -24,6 +24,7 @@ from jaxserve.beam_search import BeamSearchParams, run_beam_search
 from jaxserve.engine_config import EngineConfig
 from jaxserve.guide_pool import GuidePool
 from jaxserve.loading import LoadedModel, generation_eos_ids, generation_sampling_defaults, load
+from jaxserve.lora import LoRARequest, LoraSlots
 from jaxserve import model as model_module
 from jaxserve.model import decode_rows
 from jaxserve.request import Request, Status
@@ -236,7 +237,12 @@ class Engine:
         impl = self.config.attention_impl
         self.runner = Runner(mcfg, params, num_pages=num_pages, page_size=self.config.page_size,
                              attention_impl=default_attention_impl() if impl == "auto" else impl)
-        self.scheduler = Scheduler(self.config, num_pages, self.max_model_len)
+        self.lora = None
+        if self.config.max_loras:
+            if mcfg.vocab_size > 1 << 18:  # `Request.index_ids` keeps adapters' prefixes apart past these ids
+                raise ValueError(f"LoRA serving takes vocabularies of at most {1 << 18} tokens, got {mcfg.vocab_size}")
+            self.lora = LoraSlots(mcfg, self.config.max_loras, self.config.max_lora_rank, target, self.device)
+        self.scheduler = Scheduler(self.config, num_pages, self.max_model_len, lora=self.lora)
         # The batch a decode call of n rows runs as: the smallest bucket holding model.decode_rows(n) (small steps
         # may run faster padded). A padded width past the largest bucket (max_running under 8 on the GPU) runs as
         # a decode-only shape of its own: padding rows hold no page and write nothing, so max_running still bounds
@@ -330,10 +336,13 @@ class Engine:
 
     @_on_device
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                     request_id: str | None = None, priority: int = 0) -> Request:
+                     request_id: str | None = None, priority: int = 0,
+                     lora_request: LoRARequest | None = None) -> Request:
         """Validate and build a request without queueing it (raises ``ValueError`` on bad input). ``priority``
-        (vLLM's): lower runs first, where ``EngineConfig.scheduling_policy`` is "priority" (elsewhere only 0)."""
+        (vLLM's): lower runs first, where ``EngineConfig.scheduling_policy`` is "priority" (elsewhere only 0).
+        ``lora_request``: the LoRA adapter it runs with (``EngineConfig.max_loras`` > 0; read and checked here)."""
         check_priority(priority, self.config.scheduling_policy)
+        namespace = self._lora_namespace(lora_request)
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
@@ -363,7 +372,25 @@ class Engine:
         detok = (IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                  if self.tokenizer is not None else None)
         return Request(request_id, ids, params, detok, self.eos_ids, guide=guide, bad_word_ids=bad_words,
-                       priority=int(priority))
+                       priority=int(priority), lora_id=0 if lora_request is None else lora_request.lora_int_id,
+                       lora_namespace=namespace)
+
+    def _lora_namespace(self, lora_request: LoRARequest | None) -> int:
+        if lora_request is None:
+            return 0
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a jaxserve.LoRARequest or None, got {type(lora_request).__name__}")
+        if self.lora is None:
+            raise ValueError("lora_request needs an engine that serves adapters: EngineConfig(max_loras=...) > 0")
+        return self.lora.register(lora_request)
+
+    def _lora_inputs(self, reqs: list[Request], batch: int) -> dict | None:
+        """A call's LoRA inputs for the runner: the adapters and each row's slot; None when no row has one."""
+        if self.lora is None or not any(r.lora_slot >= 0 for r in reqs):
+            return None
+        slots = np.full(batch, -1, np.int32)
+        slots[: len(reqs)] = [r.lora_slot for r in reqs]
+        return {"weights": self.lora.weights, "slots": slots}
 
     def _bad_words(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         if self.tokenizer is None:
@@ -401,11 +428,13 @@ class Engine:
         return guide
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0) -> str:
-        """Queue a prompt (text or token ids); returns its request id. ``priority``: `make_request`'s."""
+                    request_id: str | None = None, priority: int = 0,
+                    lora_request: LoRARequest | None = None) -> str:
+        """Queue a prompt (text or token ids); returns its request id. ``priority``, ``lora_request``:
+        `make_request`'s."""
         if self.closed:
             raise RuntimeError("engine is closed")
-        return self._queue(self.make_request(prompt, params, request_id, priority))
+        return self._queue(self.make_request(prompt, params, request_id, priority, lora_request))
 
     @_on_device
     def _queue(self, request: Request) -> str:
@@ -586,7 +615,8 @@ class Engine:
         out = self.runner.prefill(tokens, q_start, lengths, block_tables, sbatch, steps, counts, seen, num_top,
                                   greedy, logprobs, prompt_targets=targets,
                                   prompt_top=MAX_TOP_LOGPROBS if any(rows[i][0].params.prompt_logprobs
-                                                                     for i, _, _ in prompt_rows) else 0)
+                                                                     for i, _, _ in prompt_rows) else 0,
+                                  lora=self._lora_inputs(reqs, batch))
         for r, s, e in rows:
             r.computed = e
             self.prefill_tokens += e - s
@@ -701,7 +731,8 @@ class Engine:
                 tokens = _first_tokens(tokens, after.out.tokens, source, owed.astype(bool))
         out, last = self.runner.decode(tokens, positions, limits, block_tables, sbatch, steps + shift + owed,
                                        num_steps, counts, seen, num_top, greedy, logprobs, return_last=True,
-                                       live_rows=shape.live, guides=guides)
+                                       live_rows=shape.live, guides=guides,
+                                       lora=self._lora_inputs(reqs, tokens.shape[0]))
         return _Decode(reqs, out, positions, limits, num_steps, penalties=counts is not None, last=last,
                        after=after, shape=shape, guided=guides is not None)
 
@@ -771,7 +802,7 @@ class Engine:
         start = time.perf_counter()
         out, count = jax.device_get(self.runner.verify(tokens, q_start, lengths, block_tables, num_top=num_top,
                                                        logprobs=any(r.params.logprobs is not None for r in reqs),
-                                                       **sampled))
+                                                       lora=self._lora_inputs(reqs, batch), **sampled))
         self.time_s["decode"] += time.perf_counter() - start
         self.spec["verify_calls"] += 1
         picks, logprobs = out.tokens.tolist(), out.logprobs.tolist()
@@ -914,14 +945,16 @@ class Engine:
     # ----- batch API -----------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[dict[str, Any]]:
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[dict[str, Any]]:
         """Run prompts to completion; one result dict per prompt, in order. ``priority``: one a prompt
-        (`make_request`'s; with ``scheduling_policy="priority"``).
+        (`make_request`'s; with ``scheduling_policy="priority"``). ``lora_request``: one adapter for all, or one (or
+        None) a prompt (vLLM's).
 
         Every prompt is validated before anything runs, so a bad one raises ``ValueError`` and
         leaves the engine untouched.
         """
-        return run_to_completion(self, prompts, sampling_params, use_tqdm, priority)
+        return run_to_completion(self, prompts, sampling_params, use_tqdm, priority, lora_request)
 
     def chat(self, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
@@ -1105,7 +1138,8 @@ def check_priority(priority: Any, scheduling_policy: str) -> None:
 
 def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
                       sampling_params: SamplingParams | Sequence[SamplingParams] | None, use_tqdm: bool,
-                      priority: Sequence[int] | None = None) -> list[dict[str, Any]]:
+                      priority: Sequence[int] | None = None,
+                      lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[dict[str, Any]]:
     """`Engine.generate`'s loop over any ``driver`` with the Engine's batch API (an `Engine`, or
     `jaxserve.replicas.Replicas`): make (validate) every request, queue them, step until each finished."""
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
@@ -1120,6 +1154,12 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
     priorities = [0] * len(prompts) if priority is None else list(priority)
     if len(priorities) != len(prompts):
         raise ValueError(f"priority has {len(priorities)} entries for {len(prompts)} prompts")
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        loras = [lora_request] * len(prompts)
+    else:
+        loras = list(lora_request)
+        if len(loras) != len(prompts):
+            raise ValueError(f"lora_request has {len(loras)} entries for {len(prompts)} prompts")
     if driver.closed:
         raise RuntimeError("engine is closed")
     # A prompt's n samples are n requests. Every prompt's first sample is queued ahead of the others' so the
@@ -1128,7 +1168,9 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
     samples = [_samples(sp) for sp in params_list]
     order = ([(i, 0) for i in range(len(prompts))]
              + [(i, j) for i in range(len(prompts)) for j in range(1, len(samples[i]))])
-    made = {(i, j): driver.make_request(prompts[i], samples[i][j], priority=priorities[i]) for i, j in order}
+    made = {(i, j): driver.make_request(prompts[i], samples[i][j], priority=priorities[i],
+                                        **({"lora_request": loras[i]} if loras[i] is not None else {}))
+            for i, j in order}
     requests = [made[key] for key in order]
     for r in requests:
         driver._queue(r)
@@ -1193,7 +1235,8 @@ def run_chat(driver: Any, messages: Conversation | Sequence[Conversation],
 def generate(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Sequence[Prompt],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
              engine_config: EngineConfig | None = None, use_tqdm: bool = True,
-             data_parallel_size: int = 1, priority: Sequence[int] | None = None) -> list[dict[str, Any]]:
+             data_parallel_size: int = 1, priority: Sequence[int] | None = None,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[dict[str, Any]]:
     """Generate completions for one or many prompts (text or token ids).
 
     ``model`` is what ``jaxserve.load`` returned, a checkpoint path, or None for the embedded
@@ -1212,9 +1255,16 @@ def generate(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Se
         from jaxserve.replicas import Replicas
 
         with Replicas(model, engine_config, devices=data_parallel_size) as replicas:
-            return replicas.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority)
+            return replicas.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority,
+                                     lora_request=lora_request)
+    if lora_request is not None and (engine_config is None or not engine_config.max_loras):
+        # An adapter asked for in the one-call API: serve as many as the call names (vLLM's enable_lora).
+        count = len({r.lora_int_id for r in ([lora_request] if isinstance(lora_request, LoRARequest)
+                                             else lora_request) if r is not None})
+        engine_config = dataclasses.replace(engine_config or EngineConfig(), max_loras=min(max(count, 1), 64))
     with Engine(model, engine_config) as engine:
-        return engine.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority)
+        return engine.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority,
+                               lora_request=lora_request)
 
 
 def beam_search(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Sequence[Prompt],

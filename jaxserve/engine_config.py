@@ -52,6 +52,8 @@ class EngineConfig:
     ``prompt_lookup_max``..``prompt_lookup_min`` tokens) and one call verifies them all: greedy rows' text is greedy
     decoding's either way; rows that sample keep drafts by rejection sampling (each token from the row's own
     distribution, though not the same draws as without speculation). Off (0) by default.
+    ``max_loras`` > 0 serves LoRA adapters (vLLM's ``--max-loras``; `jaxserve.lora`): that many on the device at once,
+    each of rank at most ``max_lora_rank`` (16); requests name theirs with a ``jaxserve.LoRARequest``. 0: none.
 
     Example:
         >>> cfg = EngineConfig(page_size=16, max_running=32, policy="mixed")
@@ -80,6 +82,8 @@ class EngineConfig:
     attention_impl: str = "auto"
     index_capacity: int | None = None
     compile_cache_dir: str | None = None
+    max_loras: int = 0
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -92,8 +96,10 @@ class EngineConfig:
         if not isinstance(self.speculative_tokens, int) or isinstance(self.speculative_tokens, bool) or not (
                 0 <= self.speculative_tokens <= 32):
             raise ValueError(f"speculative_tokens must be an int in [0, 32], got {self.speculative_tokens!r}")
-        for name in ("prompt_lookup_max", "prompt_lookup_min"):
+        for name in ("prompt_lookup_max", "prompt_lookup_min", "max_lora_rank"):
             positive(name)
+        if not isinstance(self.max_loras, int) or isinstance(self.max_loras, bool) or not 0 <= self.max_loras <= 64:
+            raise ValueError(f"max_loras must be an int in [0, 64], got {self.max_loras!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) must be <= prompt_lookup_max "
                              f"({self.prompt_lookup_max})")

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig, RopeScaling
+from jaxserve.lora import lora_delta
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 """Per layer ``(k_pages, v_pages)``, each ``[kv_heads, num_pages, page_size, head_dim]``."""
@@ -677,13 +678,14 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, lengths, kv, paged: PagedAttention | None, glue: bool = False,
-                 norm: tuple | None = None, accumulate: tuple | None = None):
+                 norm: tuple | None = None, accumulate: tuple | None = None, lora: tuple | None = None):
         """The attention sublayer's output ``[B, S, hidden]``, or with ``glue`` the o_proj's
         K-split partial sums ``[splits, B, hidden]``; and the KV pages. With ``norm`` (the input
         norm's ``(partials, scale, eps)``, _fold_norms) ``x`` is the residual stream before that
         norm, and the new residual comes back third. With ``accumulate`` (the input norm's
         ``(None, scale, eps)``, _accumulate_glue) ``x`` is the float32 residual stream before the
-        norm, and ``(x + attention, kv)`` comes back."""
+        norm, and ``(x + attention, kv)`` comes back. ``lora`` (`_layer_lora`; the plain path only): each
+        row's adapter terms added to QKV's and o_proj's outputs."""
         cfg = self.config
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, s, _ = x.shape
@@ -704,6 +706,8 @@ class Attention(nn.Module):
             x, qkv = qkv_proj(x, fast, norm=norm, touch_pages=touch)
         else:
             qkv = qkv_proj(x, fast, tiling=QKV_SKINNY_TILING)
+        if lora is not None:
+            qkv = qkv + lora_delta(x.astype(self.dtype), *lora[0]["qkv_proj"], lora[1])
         o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
         if fold_o:
             # o_proj inside the attention kernel; its per-KV-head partials go to the next norm.
@@ -714,8 +718,10 @@ class Attention(nn.Module):
             out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg)
         else:
             out, kv = _attend(qkv, cos, sin, lengths, kv, paged, cfg)
-        out = o_proj(out.reshape(b, s, h * d).astype(self.dtype), fast, "partials" if glue else "none",
-                     tiling=FOLDED_TILING if norm is not None else None)
+        out = out.reshape(b, s, h * d).astype(self.dtype)
+        if lora is not None:
+            return o_proj(out, fast) + lora_delta(out, *lora[0]["o_proj"], lora[1]), kv
+        out = o_proj(out, fast, "partials" if glue else "none", tiling=FOLDED_TILING if norm is not None else None)
         return (out, kv, x) if norm is not None else (out, kv)
 
 
@@ -725,7 +731,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, fast: bool = False, glue: bool = False, norm: tuple | None = None,
-                 accumulate: tuple | None = None):
+                 accumulate: tuple | None = None, lora: tuple | None = None):
         """``[B, S, hidden]``, or with ``glue`` the down_proj's K-split partials (see Attention;
         with ``norm``, ``(new residual, partials)``; with ``accumulate``, ``x + mlp`` in float32)."""
         inter = self.config.intermediate_size
@@ -740,8 +746,13 @@ class MLP(nn.Module):
             return x, down(act, fast, "partials", tiling=FOLDED_TILING)
         if glue:
             return down(gate_up(x, fast, "swiglu"), fast, "partials")
-        gate_up = gate_up(x, fast)
-        return down(nn.silu(gate_up[..., :inter]) * gate_up[..., inter:], fast)
+        h = gate_up(x, fast)
+        if lora is not None:
+            h = h + lora_delta(x.astype(self.dtype), *lora[0]["gate_up_proj"], lora[1])
+        act = nn.silu(h[..., :inter]) * h[..., inter:]
+        if lora is not None:
+            return down(act, fast) + lora_delta(act, *lora[0]["down_proj"], lora[1])
+        return down(act, fast)
 
 
 class DecoderLayer(nn.Module):
@@ -757,12 +768,16 @@ class DecoderLayer(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, lengths, kv, paged, pending=None):
+    def __call__(self, x, cos, sin, lengths, kv, paged, pending=None, lora=None):
         eps = self.config.rms_norm_eps
         attn = Attention(self.config, self.dtype, name="self_attn")
         mlp = MLP(self.config, self.dtype, name="mlp")
         input_norm = RMSNorm(eps, self.dtype, name="input_layernorm")
         post_norm = RMSNorm(eps, self.dtype, name="post_attention_layernorm")
+        if lora is not None:  # adapters' terms go between the plain path's products
+            attn_out, kv = attn(input_norm(x), cos, sin, lengths, kv, paged, lora=lora)
+            x = x + attn_out
+            return x + mlp(post_norm(x), _fast_kernels(paged), lora=lora), None, kv
         if _accumulate_glue(paged, x, self.config, self.dtype):  # x: the float32 stream
             x, kv = attn(x, cos, sin, lengths, kv, paged, accumulate=input_norm(x, folded=True))
             return mlp(x, accumulate=post_norm(x, folded=True)), None, kv
@@ -796,7 +811,8 @@ class Qwen2ForCausalLM(nn.Module):
     ``logits_at [B]`` projects only one position per row (the last prompt token in prefill).
     Logits come back in float32 unless ``logits_dtype`` says otherwise (None: the activation dtype).
     ``greedy_tokens=True`` (where ``greedy_head_applies``): each position's argmax token ``[B, S]``
-    int32 instead, from the LM head itself.
+    int32 instead, from the LM head itself. ``lora``: ``{"weights": {projection: (a [L, n, R, in],
+    b [L, n, R, out])}, "slots": [B]}``, LoRA adapters and each row's slot (-1: none; `jaxserve.lora`).
     """
 
     config: ModelConfig
@@ -808,7 +824,7 @@ class Qwen2ForCausalLM(nn.Module):
                  paged: PagedAttention | None = None,
                  logits_at: jax.Array | None = None,
                  logits_dtype: Any = jnp.float32,
-                 greedy_tokens: bool = False) -> tuple[jax.Array, KVCache | None]:
+                 greedy_tokens: bool = False, lora: dict | None = None) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
         b, s = tokens.shape
         if positions is None:
@@ -821,6 +837,8 @@ class Qwen2ForCausalLM(nn.Module):
                          embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
         x = embed(tokens)
         fused_glue, accumulate = _fused_glue(paged, x), _accumulate_glue(paged, x, cfg, self.dtype)
+        if lora is not None:  # rows with adapters run the plain path (`jaxserve.lora`)
+            fused_glue = accumulate = False
         if accumulate:
             x = x.astype(jnp.float32)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
@@ -828,7 +846,7 @@ class Qwen2ForCausalLM(nn.Module):
         pending = None
         for i in range(cfg.num_hidden_layers):
             x, pending, layer_kv = DecoderLayer(cfg, self.dtype, name=f"layers_{i}")(
-                x, cos, sin, lengths, None if kv is None else kv[i], paged, pending)
+                x, cos, sin, lengths, None if kv is None else kv[i], paged, pending, _layer_lora(lora, i))
             new_kv.append(layer_kv)
         final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")
         if fused_glue:  # one token a row: logits_at can only pick it
@@ -852,6 +870,13 @@ class Qwen2ForCausalLM(nn.Module):
         # logits (half the bytes of a float32 copy, which a kernel's input would materialise).
         logits = logits if logits_dtype is None else logits.astype(logits_dtype)
         return logits, new_kv
+
+
+def _layer_lora(lora: dict | None, layer: int) -> tuple | None:
+    """Layer ``layer``'s adapter weights and the rows' slots, as the sublayers take them."""
+    if lora is None:
+        return None
+    return {p: (a[layer], b[layer]) for p, (a, b) in lora["weights"].items()}, lora["slots"]
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> dict:

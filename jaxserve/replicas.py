@@ -142,7 +142,7 @@ class Replicas:
         return self.engines[0].default_sampling_params(**overrides)
 
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                     request_id: str | None = None, priority: int = 0) -> Request:
+                     request_id: str | None = None, priority: int = 0, lora_request: Any = None) -> Request:
         """Route and validate a request (ValueError on bad input, nothing routed), without queueing it."""
         if self.closed:
             raise RuntimeError("replicas are closed")
@@ -154,7 +154,7 @@ class Replicas:
             raise ValueError(f"request_id {request_id!r} is already in use")
         ids = self.request_ids(prompt, params or self.default_sampling_params())
         replica = self.route(ids)
-        request = self.engines[replica].make_request(ids, params, request_id, priority)
+        request = self.engines[replica].make_request(ids, params, request_id, priority, lora_request)
         self._owner[request_id] = replica
         self._load[replica] += 1
         self._record(replica, ids)
@@ -168,9 +168,9 @@ class Replicas:
         return self.engines[self._owner[request.request_id]]._queue(request)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                    priority: int = 0) -> str:
+                    priority: int = 0, lora_request: Any = None) -> str:
         """Route a prompt (text or token ids) to a replica and queue it there; returns its request id."""
-        return self._queue(self.make_request(prompt, params, request_id, priority))
+        return self._queue(self.make_request(prompt, params, request_id, priority, lora_request))
 
     def replica_of(self, request_id: str) -> int | None:
         """The replica a request was routed to (None once released, or if unknown)."""
@@ -223,10 +223,11 @@ class Replicas:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[dict[str, Any]]:
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 lora_request: Any = None) -> list[dict[str, Any]]:
         """`Engine.generate` over the replicas: every prompt routed and validated first, then all run together;
         one result dict per prompt, in order."""
-        return run_to_completion(self, prompts, sampling_params, use_tqdm, priority)
+        return run_to_completion(self, prompts, sampling_params, use_tqdm, priority, lora_request)
 
     def chat(self, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,

@@ -72,11 +72,25 @@ class Request:
     guide: Any = dataclasses.field(default=None, repr=False)
     # `params.bad_words` as the token sequences they ban (`jaxserve.tokenizer.bad_words_token_ids`).
     bad_word_ids: tuple[tuple[int, ...], ...] = ()
+    # LoRA (`jaxserve.lora`): the adapter's id (0: the base model), its prefix-cache namespace and, while admitted,
+    # the device slot holding it (-1: none).
+    lora_id: int = 0
+    lora_namespace: int = 0
+    lora_slot: int = -1
 
     @property
     def all_ids(self) -> list[int]:
         """Prompt plus generated tokens: what a recompute after preemption must prefill."""
         return self.prompt_ids + self.output_ids
+
+    @property
+    def index_ids(self) -> list[int]:
+        """`all_ids` as the prefix index keys them: with an adapter the first token is moved to a negative id of
+        the adapter's own (K/V depend on the adapter, so its prefixes must match only its own)."""
+        ids = self.all_ids
+        if self.lora_namespace:
+            ids[0] = -1 - ids[0] - self.lora_namespace * (1 << 18)
+        return ids
 
     @property
     def wants_prompt_logprobs(self) -> bool:

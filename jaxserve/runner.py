@@ -150,9 +150,12 @@ class Runner:
     def prefill(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
                 batch: SamplingBatch, steps: np.ndarray, counts=None, seen=None, num_top: int = 0,
                 greedy: bool = False, logprobs: bool = True, prompt_targets: np.ndarray | None = None,
-                prompt_top: int = 0):
+                prompt_top: int = 0, lora: dict | None = None):
         """One chunk per row: ``tokens [B, S]`` at positions ``q_start[b]..``; samples after row's last token.
         ``logprobs=False``: the chosen tokens' log-probabilities are NaN, not computed.
+
+        ``lora`` (rows with LoRA adapters): ``{"weights": ..., "slots": [B]}``, `jaxserve.lora.LoraSlots.weights`
+        and each row's slot (-1: the base model); a variant compiled apart, as for every call below.
 
         ``prompt_targets [B, S]`` (prompt log-probabilities asked for): the token that follows each
         position; the call then returns ``(out, PromptLogprobs)``, the log-probability of each target
@@ -168,16 +171,16 @@ class Runner:
         prompt = -1 if prompt_targets is None else prompt_top
         self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, batch.bias_ids.shape[1],
                                   batch.allowed.shape[1], num_top, counts is not None, greedy, logprobs)
-                                 + ((prompt,) if prompt >= 0 else ()) + _bad_words_key(batch))
+                                 + ((prompt,) if prompt >= 0 else ()) + _bad_words_key(batch) + _lora_key(lora))
         targets = None if prompt_targets is None else _int32(prompt_targets)[0]
         self.kv, out = self.compiled.prefill(
-            self.params, self.kv, *_int32(tokens, q_start, lengths, block_tables), batch, *_int32(steps), counts,
+            self._params(lora), self.kv, *_int32(tokens, q_start, lengths, block_tables), batch, *_int32(steps), counts,
             seen, targets, num_top=num_top, greedy=greedy, logprobs=logprobs, prompt_top=prompt)
         return out
 
     def verify(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
                num_top: int = 0, logprobs: bool = False, batch: SamplingBatch | None = None,
-               steps: np.ndarray | None = None) -> tuple[SampleOutput, jax.Array | None]:
+               steps: np.ndarray | None = None, lora: dict | None = None) -> tuple[SampleOutput, jax.Array | None]:
         """A speculative decoding verify call (`jaxserve.speculative`): ``tokens [B, S]`` at positions
         ``q_start[b]..`` (each row's last token, then its draft; positions from ``lengths[b]`` on are padding),
         their K/V written as a prefill chunk's. Returns ``(out, count)`` on the device. Without ``batch`` (every
@@ -193,11 +196,17 @@ class Runner:
             >>> out.tokens.shape == tokens.shape                                 # doctest: +SKIP
             True
         """
-        self.compiled_shapes.add(("verify", tokens.shape, block_tables.shape, num_top, logprobs, batch is not None))
+        self.compiled_shapes.add(("verify", tokens.shape, block_tables.shape, num_top, logprobs, batch is not None)
+                                 + _lora_key(lora))
         sampled = () if batch is None else (batch, *_int32(steps))
-        self.kv, out = self.compiled.verify(self.params, self.kv, *_int32(tokens, q_start, lengths, block_tables),
+        self.kv, out = self.compiled.verify(self._params(lora), self.kv, *_int32(tokens, q_start, lengths, block_tables),
                                             *sampled, num_top=num_top, logprobs=logprobs)
         return out
+
+    def _params(self, lora: dict | None):
+        if lora is None:
+            return self.params
+        return {**self.params, "lora": {"weights": lora["weights"], "slots": _int32(lora["slots"])[0]}}
 
     def decode_fn(self, rows: int):
         """The jitted multi-step decode for a batch of ``rows`` (the wide one past the skinny
@@ -207,7 +216,7 @@ class Runner:
     def decode(self, tokens: np.ndarray, positions: np.ndarray, limits: np.ndarray, block_tables: np.ndarray,
                batch: SamplingBatch, steps: np.ndarray, num_steps: int, counts=None, seen=None, num_top: int = 0,
                greedy: bool = False, logprobs: bool = True, return_last: bool = False, live_rows: int | None = None,
-               guides: tuple | None = None):
+               guides: tuple | None = None, lora: dict | None = None):
         """``num_steps`` decode steps in one device call; row b stops writing at position ``limits[b]``.
         ``live_rows``: the rows past it are padding whose attention does not run (`model.PagedAttention`).
         ``guides``: ``(masks [G, W], next [G, V], states [B], advance [B])``, structured outputs followed on the
@@ -229,11 +238,11 @@ class Runner:
         self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, batch.bias_ids.shape[1],
                                   batch.allowed.shape[1], num_steps, num_top, penalties, greedy, logprobs)
                                  + ((live_rows,) if live_rows else ()) + (("guides", guide_rows) if guides else ())
-                                 + _bad_words_key(batch))
+                                 + _bad_words_key(batch) + _lora_key(lora))
         masks, nxt, states, advance = (None,) * 4 if guides is None else (guides[0], guides[1],
                                                                          *_int32(guides[2], guides[3]))
         self.kv, out, last = self.decode_fn(tokens.shape[0])(
-            self.params, self.kv, *_int32(tokens, positions, limits, block_tables), batch,
+            self._params(lora), self.kv, *_int32(tokens, positions, limits, block_tables), batch,
             *_int32(steps), counts, seen, masks, nxt, states, advance, num_steps=num_steps, num_top=num_top,
             penalties=penalties, greedy=greedy, logprobs=logprobs, live_rows=live_rows)
         return (out, last) if return_last else out
@@ -291,9 +300,13 @@ class Steps:
         return self.decode_wide if wide else self.decode
 
     def _forward(self, params, kv, tokens, positions, paged, logits_at=None, greedy_tokens: bool = False):
-        # Activation-dtype logits: the samplers widen them to float32 where they read them (exact).
+        # Activation-dtype logits: the samplers widen them to float32 where they read them (exact). A call with
+        # LoRA rows carries the adapters beside the weights (`Runner.with_lora`): a variant traced apart.
+        lora = params.get("lora")
+        if lora is not None:
+            params = {k: v for k, v in params.items() if k != "lora"}
         return self.model.apply({"params": params}, tokens, positions, kv=kv, paged=paged, logits_at=logits_at,
-                                logits_dtype=None, greedy_tokens=greedy_tokens)
+                                logits_dtype=None, greedy_tokens=greedy_tokens, lora=lora)
 
     def _greedy_head(self, rows: int, greedy: bool, num_top: int, logprobs: bool, batch: SamplingBatch) -> bool:
         """Whether a step's tokens come from the LM head's argmax kernel (`model.greedy_head_applies`):
@@ -543,6 +556,10 @@ def _frozen(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return ("set", tuple(sorted(repr(v) for v in value)))
     return _Same(value)
+
+
+def _lora_key(lora: dict | None) -> tuple:
+    return () if lora is None else (("lora", lora["weights"]["o_proj"][0].shape[1]),)
 
 
 def _bad_words_key(batch: SamplingBatch) -> tuple:

@@ -28,6 +28,7 @@ import collections
 import dataclasses
 import math
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -84,8 +85,9 @@ class Scheduler:
         >>> s.add(request); plan = s.schedule()                                      # doctest: +SKIP
     """
 
-    def __init__(self, config: EngineConfig, num_pages: int, max_model_len: int) -> None:
+    def __init__(self, config: EngineConfig, num_pages: int, max_model_len: int, lora: Any = None) -> None:
         self.config = config
+        self.lora = lora  # `jaxserve.lora.LoraSlots`: admitted requests hold their adapter's slot
         self.page_size = config.page_size
         self.num_pages = num_pages
         self.max_model_len = max_model_len
@@ -220,7 +222,7 @@ class Scheduler:
             return
         start = time.perf_counter()
         st = self.state
-        tokens = request.all_ids[: request.computed]
+        tokens = request.index_ids[: request.computed]
         padded = self._padded(tokens)
         row = st.put(self.page_table()[request.slot][: padded.shape[0] // self.page_size])
         st.index, st.pool = st._insert(st.index, st.pool, padded, len(tokens), row)
@@ -237,6 +239,9 @@ class Scheduler:
         if request.node > 0:
             st.index = st._unlock(st.index, request.node)
         request.node = -1
+        if request.lora_slot >= 0:
+            self.lora.release(request.lora_slot)
+            request.lora_slot = -1
         if free_pages:
             st.pool = st._free(st.pool, request.slot)
             self.free_slots.append(request.slot)
@@ -252,9 +257,11 @@ class Scheduler:
         """A slot and the cached prefix for a waiting request; its new pages come later, for all
         of a step's admissions in one batched allocation (`_allocate_claimed`)."""
         st = self.state
-        tokens = request.all_ids
+        tokens = request.index_ids
         slot = self.free_slots.pop()
         request.slot, request.node, cached = slot, -1, 0
+        if request.lora_id:
+            request.lora_slot = self.lora.acquire(request.lora_id)
         # A request still owed prompt log-probabilities computes its whole prompt (vLLM v1's rule):
         # cached positions have no logits. Its pages are indexed after it all the same.
         if self.config.prefix_caching and not request.wants_prompt_logprobs:
@@ -339,7 +346,8 @@ class Scheduler:
             sharing = _PrefillSharing(self.page_size, [x for x in self.running if x.is_prefilling])
             while self.waiting and budget > 0 and self.free_slots and len(rows) < max_rows:
                 r = self.waiting[0]
-                if self.config.prefix_caching and sharing.holds(r):
+                if (self.config.prefix_caching and sharing.holds(r)) or (
+                        r.lora_id and not self.lora.can_acquire(r.lora_id)):  # every adapter slot held
                     if len(held) >= _MAX_HELD:
                         break
                     held.append(self.waiting.popleft())
@@ -513,10 +521,10 @@ class _PrefillSharing:
 
     def add(self, request: Request) -> None:
         if request.prefill_end >= self.page_size:
-            self.groups.setdefault(tuple(request.all_ids[: self.page_size]), []).append(request)
+            self.groups.setdefault(tuple(request.index_ids[: self.page_size]), []).append(request)
 
     def holds(self, request: Request) -> bool:
-        ids = request.all_ids
+        ids = request.index_ids
         # The index matches whole pages of all but the last token (`Scheduler._claim`).
         if request.wants_prompt_logprobs or len(ids) - 1 < self.page_size:
             return False
@@ -524,7 +532,7 @@ class _PrefillSharing:
             if not other.is_prefilling:
                 continue
             n = min(len(ids) - 1, other.prefill_end)
-            a, b = np.asarray(ids[:n]), np.asarray(other.all_ids[:n])
+            a, b = np.asarray(ids[:n]), np.asarray(other.index_ids[:n])
             diff = np.flatnonzero(a != b)
             common = int(diff[0]) if diff.size else n
             if (common // self.page_size) * self.page_size - other.prefill_start >= self.page_size:

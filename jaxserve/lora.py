@@ -1,0 +1,249 @@
+"""LoRA adapters served beside the base model (vLLM's ``LoRARequest`` and ``--max-loras``).
+
+A request names an adapter (a PEFT folder: ``adapter_config.json`` + ``adapter_model.safetensors``); the engine
+keeps up to ``EngineConfig.max_loras`` adapters on the device at once, in slots, and a batch mixes rows of any of
+them with base-model rows. Each projection's adapters are stacked ``a [layers, slots, R, in]`` and
+``b [layers, slots, R, out]`` (the scale ``lora_alpha / r`` folded into ``b``); the fused projections (q/k/v,
+gate/up) hold their parts' ranks side by side, ``R = parts x max_lora_rank``. A step adds, for row i,
+``((x @ a[slot_i].T) @ b[slot_i])``: one product over every slot's columns, masked to the row's own (`lora_delta`),
+so a batch of several adapters is two dense products a projection, not a gather of weights a row.
+
+Rows with an adapter run the model's plain path (XLA or the skinny-matmul projections, no fused decode glue): a
+batch without any keeps every fast path. A request holds its adapter's slot from admission until it finishes or
+is preempted; a waiting request whose adapter has no slot (all held by running requests) waits while others are
+admitted (`jaxserve.scheduler`). The prefix cache keeps each adapter's prefixes apart: K/V depend on the adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import ModelConfig
+
+# Each fused projection's parts in the order its output columns hold them (`jaxserve.model`: q, k, v; gate, up).
+PROJECTION_PARTS = {
+    "qkv_proj": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    "o_proj": ("self_attn", ("o_proj",)),
+    "gate_up_proj": ("mlp", ("gate_proj", "up_proj")),
+    "down_proj": ("mlp", ("down_proj",)),
+}
+TARGETS = tuple(p for _, parts in PROJECTION_PARTS.values() for p in parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRARequest:
+    """vLLM's ``LoRARequest``: an adapter's name, a positive int id unique to it, and its PEFT folder.
+
+    Example:
+        >>> LoRARequest("sql", 1, "/adapters/sql-lora").lora_int_id
+        1
+    """
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lora_name, str) or not self.lora_name:
+            raise ValueError(f"lora_name must be a non-empty string, got {self.lora_name!r}")
+        if not isinstance(self.lora_int_id, (int, np.integer)) or isinstance(self.lora_int_id, bool) \
+                or self.lora_int_id < 1:
+            raise ValueError(f"lora_int_id must be an int >= 1, got {self.lora_int_id!r}")
+        if not isinstance(self.lora_path, (str, os.PathLike)):
+            raise ValueError(f"lora_path must be a path, got {self.lora_path!r}")
+        object.__setattr__(self, "lora_int_id", int(self.lora_int_id))
+        object.__setattr__(self, "lora_path", os.fspath(self.lora_path))
+
+
+def _target_modules(cfg: dict[str, Any]) -> set[str]:
+    targets = cfg.get("target_modules")
+    if targets == "all-linear":  # PEFT's shorthand: every linear layer but the output head
+        return set(TARGETS)
+    if isinstance(targets, str):  # PEFT's regex form, matched against the base model's module names
+        groups = {p: g for g, parts in PROJECTION_PARTS.values() for p in parts}
+        return {t for t in TARGETS if re.fullmatch(targets, f"model.layers.0.{groups[t]}.{t}")}
+    if not isinstance(targets, (list, tuple)) or not targets:
+        raise ValueError(f"adapter_config.json: target_modules must be a list of module names, got {targets!r}")
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown:
+        raise ValueError(f"adapter_config.json: target_modules {unknown} are not supported (only {list(TARGETS)})")
+    return set(targets)
+
+
+def load_adapter(path: str, config: ModelConfig, max_rank: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A PEFT LoRA folder as this engine's per-projection arrays (float32, host): ``{projection: (a [layers, R, in],
+    b [layers, R, out])}``, ``R = parts x max_rank``, the scale folded into ``b``. ValueError naming what is wrong
+    (no folder, not LoRA, a rank past ``max_rank``, modules or options this engine does not run).
+
+    Example:
+        >>> w = load_adapter("/adapters/sql-lora", model.config, max_rank=16)  # doctest: +SKIP
+        >>> w["qkv_proj"][0].shape  # doctest: +SKIP
+        (24, 48, 896)
+    """
+    from safetensors.numpy import load_file
+
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"lora_path {path!r} has no adapter_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"adapter_config.json: peft_type must be LORA, got {cfg.get('peft_type')!r}")
+    r = cfg.get("r")
+    if not isinstance(r, int) or not 1 <= r <= max_rank:
+        raise ValueError(f"adapter rank r must be an int in [1, max_lora_rank={max_rank}], got {r!r}")
+    for key, ok in (("fan_in_fan_out", False), ("use_dora", False)):
+        if bool(cfg.get(key, ok)) != ok:
+            raise ValueError(f"adapter_config.json: {key}={cfg[key]!r} is not supported")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"adapter_config.json: bias={cfg['bias']!r} is not supported (only 'none')")
+    for key in ("modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise ValueError(f"adapter_config.json: {key} is not supported, got {cfg[key]!r}")
+    alpha = cfg.get("lora_alpha", r)
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    targets = _target_modules(cfg)
+    weights_path = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(weights_path):
+        raise ValueError(f"lora_path {path!r} has no adapter_model.safetensors")
+    tensors = {re.sub(r"\.default(?=\.weight$)", "", k): v for k, v in load_file(weights_path).items()}
+    h, kvh, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    in_out = {"q_proj": (config.hidden_size, h * d), "k_proj": (config.hidden_size, kvh * d),
+              "v_proj": (config.hidden_size, kvh * d), "o_proj": (h * d, config.hidden_size),
+              "gate_proj": (config.hidden_size, config.intermediate_size),
+              "up_proj": (config.hidden_size, config.intermediate_size),
+              "down_proj": (config.intermediate_size, config.hidden_size)}
+    layers = config.num_hidden_layers
+    used: set[str] = set()
+    out = {}
+    for proj, (group, parts) in PROJECTION_PARTS.items():
+        fan_in = in_out[parts[0]][0]
+        outs = [in_out[p][1] for p in parts]
+        a = np.zeros((layers, len(parts) * max_rank, fan_in), np.float32)
+        b = np.zeros((layers, len(parts) * max_rank, sum(outs)), np.float32)
+        for j, part in enumerate(parts):
+            if part not in targets:
+                continue
+            col = sum(outs[:j])
+            for i in range(layers):
+                prefix = f"base_model.model.model.layers.{i}.{group}.{part}"
+                ka, kb = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
+                if ka not in tensors or kb not in tensors:
+                    raise ValueError(f"adapter_model.safetensors has no {ka} / {kb}")
+                wa, wb = tensors[ka], tensors[kb]
+                if wa.shape != (r, fan_in) or wb.shape != (outs[j], r):
+                    raise ValueError(f"{prefix}: lora_A {wa.shape} / lora_B {wb.shape}, expected "
+                                     f"{(r, fan_in)} / {(outs[j], r)}")
+                a[i, j * max_rank: j * max_rank + r] = wa
+                b[i, j * max_rank: j * max_rank + r, col: col + outs[j]] = wb.T * scale
+                used.update((ka, kb))
+        out[proj] = (a, b)
+    unread = sorted(k for k in tensors if k not in used)
+    if unread:
+        raise ValueError(f"adapter_model.safetensors holds weights this engine does not apply: {unread[:4]}")
+    return out
+
+
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array) -> jax.Array:
+    """Row i's LoRA term ``(x_i @ a[slots_i].T) @ b[slots_i]`` for ``x [B, S, in]``, ``a [n, R, in]``, ``b [n, R, out]``
+    and ``slots [B]`` (-1: no adapter, zeros): one product over all n slots' R columns, the other rows' masked out.
+
+    Example:
+        >>> a, b = jnp.ones((2, 1, 3)), jnp.stack([jnp.ones((1, 2)), 2 * jnp.ones((1, 2))])
+        >>> lora_delta(jnp.ones((3, 1, 3)), a, b, jnp.array([0, 1, -1]))[:, 0]
+        Array([[3., 3.],
+               [6., 6.],
+               [0., 0.]], dtype=float32)
+    """
+    n, r, _ = a.shape
+    t = jnp.einsum("bsi,ni->bsn", x, a.reshape(n * r, -1).astype(x.dtype), preferred_element_type=jnp.float32)
+    mine = (jnp.arange(n * r) // r)[None, :] == slots[:, None]
+    t = jnp.where(mine[:, None, :], t, 0.0).astype(x.dtype)
+    return jnp.einsum("bsn,no->bso", t, b.reshape(n * r, -1).astype(x.dtype),
+                      preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+class LoraSlots:
+    """The adapters on the device: ``max_loras`` slots of stacked weights (`load_adapter`'s arrays in the model's
+    dtype), which requests hold while admitted, and each adapter's host copy (read once).
+
+    `acquire` gives a request's adapter a slot (loading it into a free one, or into the least recently used that no
+    request holds), `release` drops the hold. ``weights`` is what a step passes to the model.
+
+    Example:
+        >>> slots = LoraSlots(model.config, max_loras=4, max_rank=16, dtype=jnp.bfloat16)  # doctest: +SKIP
+        >>> slots.register(LoRARequest("sql", 1, "/adapters/sql"))  # doctest: +SKIP
+        >>> slots.acquire(1)  # doctest: +SKIP
+        0
+    """
+
+    def __init__(self, config: ModelConfig, max_loras: int, max_rank: int, dtype: Any,
+                 device: jax.Device | None = None) -> None:
+        self.config, self.max_loras, self.max_rank, self.dtype = config, max_loras, max_rank, dtype
+        self.device = device
+        self.host: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self.requests: dict[int, LoRARequest] = {}
+        self.namespace: dict[int, int] = {}  # adapter id -> small int keeping its prefixes apart in the index
+        self.slot_of: dict[int, int] = {}
+        self.held = [0] * max_loras
+        self.resident: list[int | None] = [None] * max_loras
+        self._clock = 0
+        self.last_use = [0] * max_loras
+        self.weights: dict[str, tuple[jax.Array, jax.Array]] | None = None
+        self._write = jax.jit(_write_slot, donate_argnums=0)
+
+    def register(self, request: LoRARequest) -> int:
+        """Read and check a request's adapter (once per id); returns its prefix-cache namespace (1, 2, ...)."""
+        known = self.requests.get(request.lora_int_id)
+        if known is not None:
+            if known.lora_path != request.lora_path:
+                raise ValueError(f"lora_int_id {request.lora_int_id} is already {known.lora_path!r}, "
+                                 f"not {request.lora_path!r}")
+            return self.namespace[request.lora_int_id]
+        self.host[request.lora_int_id] = load_adapter(request.lora_path, self.config, self.max_rank)
+        self.requests[request.lora_int_id] = request
+        self.namespace[request.lora_int_id] = len(self.namespace) + 1
+        return self.namespace[request.lora_int_id]
+
+    def can_acquire(self, lora_id: int) -> bool:
+        return lora_id in self.slot_of or any(h == 0 for h in self.held)
+
+    def acquire(self, lora_id: int) -> int:
+        """A slot holding the adapter, held by one more request (call `can_acquire` first)."""
+        self._clock += 1
+        slot = self.slot_of.get(lora_id)
+        if slot is None:
+            free = [s for s in range(self.max_loras) if self.held[s] == 0]
+            slot = min(free, key=lambda s: (self.resident[s] is not None, self.last_use[s]))
+            if self.resident[slot] is not None:
+                del self.slot_of[self.resident[slot]]
+            self._load(slot, lora_id)
+            self.resident[slot], self.slot_of[lora_id] = lora_id, slot
+        self.held[slot] += 1
+        self.last_use[slot] = self._clock
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.held[slot] -= 1
+
+    def _load(self, slot: int, lora_id: int) -> None:
+        if self.weights is None:
+            self.weights = {p: (jnp.zeros((a.shape[0], self.max_loras) + a.shape[1:], self.dtype, device=self.device),
+                                jnp.zeros((b.shape[0], self.max_loras) + b.shape[1:], self.dtype, device=self.device))
+                            for p, (a, b) in self.host[lora_id].items()}
+        new = {p: (jax.device_put(a.astype(self.dtype), self.device), jax.device_put(b.astype(self.dtype), self.device))
+               for p, (a, b) in self.host[lora_id].items()}
+        self.weights = self._write(self.weights, new, jnp.int32(slot))
+
+
+def _write_slot(weights, new, slot):
+    return jax.tree_util.tree_map(lambda w, n: w.at[:, slot].set(n), weights, new)

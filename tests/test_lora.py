@@ -1,0 +1,176 @@
+"""LoRA adapters (vLLM's ``LoRARequest``): a PEFT folder's adapter gives what transformers gives with the adapter merged
+into its weights (greedy tokens and log-probabilities), rows of several adapters and of the base model share a
+batch and a decode call and each gives what it gives alone, more adapters than slots wait for a slot, prefixes are
+cached per adapter, every page and slot is free at the end, and bad adapters are refused by name."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import jaxserve
+from jaxserve import Engine, LoRARequest, SamplingParams
+from jaxserve.lora import TARGETS, load_adapter, lora_delta
+from tests.test_engine import assert_all_pages_free, hf_greedy, random_prompts, small_config
+
+GROUPS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def make_adapter(path: str, hf, *, r: int = 4, alpha: float = 8.0, targets=TARGETS, seed: int = 0,
+                 rslora: bool = False) -> None:
+    """Save a random PEFT LoRA adapter for ``hf`` in ``path`` (PEFT's file layout, written by hand: PEFT is not a
+    dependency)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for i, layer in enumerate(hf.model.layers):
+        for t in targets:
+            lin = getattr(getattr(layer, GROUPS[t]), t)
+            prefix = f"base_model.model.model.layers.{i}.{GROUPS[t]}.{t}"
+            tensors[f"{prefix}.lora_A.weight"] = (rng.normal(size=(r, lin.in_features)) * 0.3).astype(np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = (rng.normal(size=(lin.out_features, r)) * 0.3).astype(np.float32)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(targets),
+                   "bias": "none", "use_rslora": rslora, "task_type": "CAUSAL_LM"}, f)
+
+
+def merged(hf, path: str):
+    """``hf`` with the adapter in ``path`` merged into its weights: W + scale * B @ A (PEFT's merge)."""
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    scale = cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg.get("use_rslora") else cfg["r"])
+    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    out = copy.deepcopy(hf)
+    with torch.no_grad():
+        for i, layer in enumerate(out.model.layers):
+            for t in cfg["target_modules"]:
+                prefix = f"base_model.model.model.layers.{i}.{GROUPS[t]}.{t}"
+                delta = tensors[f"{prefix}.lora_B.weight"] @ tensors[f"{prefix}.lora_A.weight"]
+                getattr(getattr(layer, GROUPS[t]), t).weight.add_(torch.from_numpy(delta * scale))
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_checkpoint, tmp_path_factory):
+    path, hf = tiny_checkpoint
+    root = tmp_path_factory.mktemp("loras")
+    make_adapter(str(root / "all"), hf, seed=1)
+    make_adapter(str(root / "attn"), hf, r=8, alpha=4.0, targets=("q_proj", "v_proj", "o_proj"), seed=2, rslora=True)
+    make_adapter(str(root / "mlp"), hf, r=2, targets=("gate_proj", "down_proj"), seed=3)
+    return jaxserve.load(path), hf, {name: str(root / name) for name in ("all", "attn", "mlp")}
+
+
+def test_lora_delta_is_each_rows_own_adapter():
+    rng = np.random.default_rng()
+    a, b = rng.normal(size=(3, 4, 6)).astype(np.float32), rng.normal(size=(3, 4, 5)).astype(np.float32)
+    x = rng.normal(size=(4, 2, 6)).astype(np.float32)
+    slots = np.array([2, -1, 0, 2])
+    got = np.asarray(lora_delta(x, a, b, slots))
+    for i, s in enumerate(slots):
+        want = np.zeros((2, 5)) if s < 0 else x[i] @ a[s].T @ b[s]
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_match_transformers_with_the_adapter_merged(adapters):
+    model, hf, paths = adapters
+    prompts = random_prompts(model.config.vocab_size, [3, 9, 17])
+    with Engine(model, small_config(max_loras=2)) as engine:
+        for name, path in paths.items():
+            lora = LoRARequest(name, list(paths).index(name) + 1, path)
+            ref = merged(hf, path)
+            outs = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0),
+                                   use_tqdm=False, lora_request=lora)
+            for p, o in zip(prompts, outs):
+                want = hf_greedy(ref, p, 8)
+                assert o["token_ids"] == want, name
+                with torch.no_grad():
+                    lp = torch.log_softmax(ref(torch.tensor([p + want])).logits[0].double(), -1)
+                hf_lps = [lp[len(p) - 1 + j, t].item() for j, t in enumerate(want)]
+                np.testing.assert_allclose(o["logprobs"], hf_lps, rtol=1e-4, atol=1e-4)
+            assert outs != engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                                                   logprobs=0), use_tqdm=False)  # it changed them
+        assert_all_pages_free(engine)
+        assert engine.lora.held == [0, 0]
+
+
+def test_mixed_batches_equal_each_row_alone_and_more_adapters_than_slots_wait(adapters):
+    model, _, paths = adapters
+    loras = [None] + [LoRARequest(n, i + 1, p) for i, (n, p) in enumerate(paths.items())]
+    prompts = random_prompts(model.config.vocab_size, [5, 12, 7, 20, 3, 9, 14, 6])
+    which = [loras[i % 4] for i in range(len(prompts))]
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    with Engine(model, small_config(max_loras=2, max_running=4)) as engine:
+        alone = [engine.generate([p], greedy, use_tqdm=False, lora_request=lo)[0]["token_ids"]
+                 for p, lo in zip(prompts, which)]
+        engine.clear_prefix_cache()
+        # Three adapters over two slots, four rows a decode call: rows wait for a slot while others run.
+        together = engine.generate(prompts, greedy, use_tqdm=False, lora_request=which)
+        assert [o["token_ids"] for o in together] == alone
+        assert_all_pages_free(engine)
+        assert engine.lora.held == [0, 0]
+
+
+def test_prefixes_are_cached_per_adapter(adapters):
+    model, _, paths = adapters
+    prompt = random_prompts(model.config.vocab_size, [40])[0]
+    a, b = LoRARequest("all", 1, paths["all"]), LoRARequest("mlp", 3, paths["mlp"])
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    with Engine(model, small_config(max_loras=2)) as engine:
+        first = engine.generate([prompt], greedy, use_tqdm=False, lora_request=a)[0]
+        again = engine.generate([prompt], greedy, use_tqdm=False, lora_request=a)[0]
+        other = engine.generate([prompt], greedy, use_tqdm=False, lora_request=b)[0]
+        base = engine.generate([prompt], greedy, use_tqdm=False)[0]
+        assert first["cached_tokens"] == 0 and again["cached_tokens"] == 32
+        assert other["cached_tokens"] == 0 and base["cached_tokens"] == 0
+        assert again["token_ids"] == first["token_ids"]
+        assert_all_pages_free(engine)
+
+
+def test_one_call_api_and_per_prompt_lists(adapters, tiny_checkpoint):
+    model, hf, paths = adapters
+    prompt = random_prompts(model.config.vocab_size, [6])[0]
+    lora = LoRARequest("all", 1, paths["all"])
+    outs = jaxserve.generate(tiny_checkpoint[0], [prompt, prompt], SamplingParams(max_tokens=6, temperature=0,
+                                                                                  ignore_eos=True),
+                             use_tqdm=False, lora_request=[lora, None])
+    assert outs[0]["token_ids"] == hf_greedy(merged(hf, paths["all"]), prompt, 6)
+    assert outs[1]["token_ids"] == hf_greedy(hf, prompt, 6)
+
+
+def test_bad_adapters_and_requests_are_refused_by_name(adapters, tmp_path):
+    model, hf, paths = adapters
+    with pytest.raises(ValueError, match="^lora_int_id must be"):
+        LoRARequest("x", 0, paths["all"])
+    with Engine(model, small_config()) as engine:
+        with pytest.raises(ValueError, match="max_loras"):
+            engine.add_request([5, 6], lora_request=LoRARequest("all", 1, paths["all"]))
+    with Engine(model, small_config(max_loras=1, max_lora_rank=4)) as engine:
+        with pytest.raises(ValueError, match="no adapter_config.json"):
+            engine.add_request([5, 6], lora_request=LoRARequest("none", 9, str(tmp_path)))
+        with pytest.raises(ValueError, match="rank r must be"):
+            engine.add_request([5, 6], lora_request=LoRARequest("attn", 2, paths["attn"]))  # r 8 > 4
+        engine.add_request([5, 6], SamplingParams(max_tokens=2), lora_request=LoRARequest("all", 1, paths["all"]))
+        with pytest.raises(ValueError, match="lora_int_id 1 is already"):
+            engine.add_request([5, 6], lora_request=LoRARequest("mlp", 1, paths["mlp"]))
+        with pytest.raises(ValueError, match="lora_request must be"):
+            engine.add_request([5, 6], lora_request="all")
+        while engine.has_unfinished():
+            engine.step()
+        assert_all_pages_free(engine)
+    bad = tmp_path / "embed"
+    make_adapter(str(bad), hf, targets=("q_proj",))
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["q_proj", "embed_tokens"]}))
+    with pytest.raises(ValueError, match="target_modules \\['embed_tokens'\\] are not supported"):
+        load_adapter(str(bad), model.config, 16)
