@@ -145,16 +145,17 @@ class AsyncEngine:
         return await fut
 
     async def submit(self, prompt: Prompt, params: SamplingParams | None = None,
-                     request_id: str | None = None, priority: int = 0) -> RequestHandle:
-        """Queue a request; raises ``ValueError`` for bad input (checked on the engine thread). ``priority``:
-        `Engine.make_request`'s."""
+                     request_id: str | None = None, priority: int = 0,
+                     lora_request: Any = None) -> RequestHandle:
+        """Queue a request; raises ``ValueError`` for bad input (checked on the engine thread). ``priority``,
+        ``lora_request``: `Engine.make_request`'s."""
         if not self._accepting:
             raise EngineDeadError("the engine is shutting down and accepts no new requests")
         loop = asyncio.get_running_loop()
         output = _Output(loop, asyncio.Queue())
         request_id = request_id or f"async-{next(self._ids)}"
         try:
-            await self._call(lambda: self._add(prompt, params, request_id, output, priority))
+            await self._call(lambda: self._add(prompt, params, request_id, output, priority, lora_request))
         except asyncio.CancelledError:  # the caller left while the engine thread was adding it
             self.abort(request_id)
             raise
@@ -259,8 +260,9 @@ class AsyncEngine:
                 return stop
 
     def _add(self, prompt: Prompt, params: SamplingParams | None, request_id: str, output: _Output,
-             priority: int = 0) -> None:
-        self.engine.add_request(prompt, params, request_id, priority)
+             priority: int = 0, lora_request: Any = None) -> None:
+        self.engine.add_request(prompt, params, request_id, priority,
+                                **({"lora_request": lora_request} if lora_request is not None else {}))
         request = self.engine.requests[request_id]
         if request.finish_reason is not None:  # refused at once (it could never fit the pool)
             self.engine.release(request_id)

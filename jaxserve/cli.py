@@ -64,6 +64,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="read each decode or prefill call's tokens before starting the next (default: overlap them)")
     g.add_argument("--attention-impl", choices=("auto", "pallas", "pallas-unfused", "reference"), default="auto",
                    help="paged attention: Pallas kernels, their jnp references, or auto (Pallas on a GPU)")
+    g.add_argument("--max-loras", type=int, default=None, metavar="N",
+                   help="LoRA adapters held on the device at once (default 0: none; serve: as many as --lora-modules, "
+                        "up to 8)")
+    g.add_argument("--max-lora-rank", type=int, default=16, metavar="R", help="largest adapter rank (default 16)")
     g.add_argument("--compile-cache-dir", default=os.environ.get("JAXSERVE_COMPILE_CACHE_DIR"), metavar="PATH",
                    help="keep compiled steps here so a restart skips most of the warm-up "
                         "(default: $JAXSERVE_COMPILE_CACHE_DIR, else off)")
@@ -88,7 +92,7 @@ def engine_config_from_args(args: argparse.Namespace) -> "Any":
         batch_buckets=tuple(args.batch_buckets) if args.batch_buckets else None,
         prefill_buckets=tuple(args.prefill_buckets) if args.prefill_buckets else None,
         memory_fraction=args.memory_fraction, overlap=not args.no_overlap, attention_impl=args.attention_impl,
-        compile_cache_dir=args.compile_cache_dir)
+        compile_cache_dir=args.compile_cache_dir, max_loras=args.max_loras or 0, max_lora_rank=args.max_lora_rank)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -196,6 +200,13 @@ def _stream_one(engine: Any, prompt: str, params: Any) -> int:
     return 0
 
 
+def _lora_module(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise SystemExit(f"error: --lora-modules takes NAME=PATH, got {text!r}")
+    return name, path
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from jaxserve.server import ServerConfig, serve
@@ -206,7 +217,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  drain_s=args.drain_s, warmup=args.warmup,
                                  warmup_structured=args.warmup_structured, chat_template=args.chat_template,
                                  data_parallel_size=args.data_parallel_size,
-                                 return_tokens_as_token_ids=args.return_tokens_as_token_ids)
+                                 return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+                                 lora_modules=tuple(_lora_module(m) for m in args.lora_modules or ()))
     engine_config = engine_config_from_args(args)
     serve(_model_from_args(args, engine_config), engine_config, server_config, host=args.host, port=args.port,
           log_level=args.log_level)
@@ -301,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--return-tokens-as-token-ids", action="store_true",
                      help="logprobs name tokens 'token_id:<id>' (vLLM's; a request's return_tokens_as_token_ids "
                           "overrides it)")
+    srv.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH",
+                     help="LoRA adapters (PEFT folders) served beside the model; a request's model field picks one "
+                          "by NAME (vLLM's)")
     srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     _engine_args(srv)
     srv.set_defaults(func=cmd_serve)

@@ -174,3 +174,31 @@ def test_bad_adapters_and_requests_are_refused_by_name(adapters, tmp_path):
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["q_proj", "embed_tokens"]}))
     with pytest.raises(ValueError, match="target_modules \\['embed_tokens'\\] are not supported"):
         load_adapter(str(bad), model.config, 16)
+
+
+def test_server_serves_adapters_by_model_name(adapters, tiny_checkpoint):
+    """vLLM's --lora-modules: /v1/models lists each adapter (its parent the model), a request whose model is an
+    adapter's name runs with it (transformers with it merged gives the same greedy tokens), an unknown name is 404."""
+    import httpx
+
+    from jaxserve.server import ServerConfig, create_app
+    from tests.test_server import LiveServer
+
+    model, hf, paths = adapters
+    prompt = random_prompts(model.config.vocab_size, [7])[0]
+    app = create_app(model, small_config(), ServerConfig(model_name="tiny", lora_modules={"sql": paths["all"]}))
+    with LiveServer(app) as live:
+        cards = httpx.get(live.url + "/v1/models").json()["data"]
+        assert [(c["id"], c["parent"]) for c in cards] == [("tiny", None), ("sql", "tiny")]
+        for name, ref in (("sql", merged(hf, paths["all"])), ("tiny", hf)):
+            r = httpx.post(live.url + "/v1/completions", json={"model": name, "prompt": prompt, "max_tokens": 6,
+                                                             "temperature": 0, "ignore_eos": True, "logprobs": 0,
+                                                             "return_tokens_as_token_ids": True}, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["model"] == name
+            tokens = r.json()["choices"][0]["logprobs"]["tokens"]
+            assert [int(t.removeprefix("token_id:")) for t in tokens] == hf_greedy(ref, prompt, 6)
+        r = httpx.post(live.url + "/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=60)
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    with pytest.raises(ValueError, match="lora_modules must have distinct"):
+        ServerConfig(model_name="tiny", lora_modules={"tiny": paths["all"]})

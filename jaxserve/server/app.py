@@ -32,6 +32,7 @@ from jaxserve.async_engine import AsyncEngine, EngineDeadError, RequestHandle
 from jaxserve.engine import Engine
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
+from jaxserve.lora import LoRARequest
 from jaxserve.metrics import CONTENT_TYPE, ServingMetrics
 from jaxserve.replicas import Replicas
 from jaxserve.sampling import MAX_LOGPROBS, SamplingParams
@@ -84,6 +85,8 @@ class ServerConfig:
     chat_template: str | None = None
     # vLLM's --return-tokens-as-token-ids: the default of the requests' return_tokens_as_token_ids.
     return_tokens_as_token_ids: bool = False
+    # vLLM's --lora-modules: (name, PEFT folder) pairs; a request whose `model` is a name runs with that adapter.
+    lora_modules: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_stop", "data_parallel_size"):
@@ -91,6 +94,12 @@ class ServerConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if self.drain_s < 0:
             raise ValueError(f"drain_s must be >= 0, got {self.drain_s}")
+        modules = tuple((str(n), str(p)) for n, p in (self.lora_modules.items() if isinstance(self.lora_modules, dict)
+                                                      else self.lora_modules))
+        names = [n for n, _ in modules]
+        if len(set(names)) != len(names) or not all(names) or (self.model_name and self.model_name in names):
+            raise ValueError(f"lora_modules must have distinct non-empty names, other than the model's, got {names}")
+        object.__setattr__(self, "lora_modules", modules)
 
 
 
@@ -116,6 +125,7 @@ class _State:
     max_model_len: int
     config: ServerConfig
     created: int
+    loras: dict[str, LoRARequest] = dataclasses.field(default_factory=dict)  # served adapters by name
 
 
 def _state(request: Request) -> _State:
@@ -133,6 +143,9 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     engine_config = engine_config or EngineConfig()
     server_config = server_config or ServerConfig()
     chat_template = resolve_chat_template(server_config.chat_template)  # a bad one stops the start, not a request
+    loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(server_config.lora_modules)}
+    if loras and not engine_config.max_loras:  # vLLM's --enable-lora: as many slots as adapters, up to 8
+        engine_config = dataclasses.replace(engine_config, max_loras=min(len(loras), 8))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -142,6 +155,9 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             engine = await asyncio.to_thread(Replicas, loaded, engine_config, server_config.data_parallel_size)
         else:
             engine = await asyncio.to_thread(Engine, loaded, engine_config)
+        for replica in getattr(engine, "engines", [engine]):  # a bad adapter stops the start, not a request
+            for lora in loras.values():
+                await asyncio.to_thread(replica.lora.register, lora)
         if server_config.warmup or server_config.warmup_structured:
             # Clients ask for log-probabilities per request: both step variants, warm.
             shapes = await asyncio.to_thread(engine.warmup, sampling=True, logprobs=True,
@@ -158,7 +174,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             constraint_thread=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-constraints"),
             sampling_defaults={k: v for k, v in engine.sampling_defaults.items() if k != "max_tokens"},
             model_name=server_config.model_name or loaded.name,
-            max_model_len=engine.max_model_len, config=server_config, created=int(time.time()))
+            max_model_len=engine.max_model_len, config=server_config, created=int(time.time()), loras=loras)
         log.info("serving %s (max_model_len %d)", app.state.jaxserve.model_name, engine.max_model_len)
         try:
             yield
@@ -219,7 +235,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     async def models(request: Request) -> JSONResponse:
         st = _state(request)
         _authorize(request, st)
-        return JSONResponse({"object": "list", "data": [_model_card(st)]})
+        return JSONResponse({"object": "list", "data": [_model_card(st)] + [_model_card(st, n) for n in st.loras]})
 
     @app.get("/v1/models/{model_id:path}")
     async def model_card(request: Request, model_id: str) -> JSONResponse:
@@ -227,7 +243,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         st = _state(request)
         _authorize(request, st)
         _check_model(model_id, st)
-        return JSONResponse(_model_card(st))
+        return JSONResponse(_model_card(st, model_id if model_id in st.loras else None))
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
@@ -277,7 +293,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         echo_texts = None
         if req.echo:
             echo_texts = await _on_tokenizer_thread(st, _echo_texts, req, prompts, st)
-        fmt = CompletionFormat(st.model_name, st.tokenizer, req, prompts, echo_texts, prompt_only=prompt_only,
+        fmt = CompletionFormat(req.model or st.model_name, st.tokenizer, req, prompts, echo_texts, prompt_only=prompt_only,
                                token_ids_as_names=_ids_as_names(req, st))
         return await _serve(request, st, req, [ids for ids in prompts for _ in range(req.n)], params, fmt)
 
@@ -297,7 +313,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         structured = await _structured_outputs(req, st)
         params = _sampling_params(req, max_tokens, logprobs, req.n, st, req.prompt_logprobs, structured)
-        fmt = ChatFormat(st.model_name, st.tokenizer, req, ids, token_ids_as_names=_ids_as_names(req, st))
+        fmt = ChatFormat(req.model or st.model_name, st.tokenizer, req, ids, token_ids_as_names=_ids_as_names(req, st))
         return await _serve(request, st, req, [ids] * req.n, params, fmt)
 
     return app
@@ -349,9 +365,13 @@ async def _accept_plain(request: Request, schema: type[Schema]) -> tuple[_State,
     return st, req
 
 
-def _model_card(st: _State) -> dict[str, Any]:
+def _model_card(st: _State, lora: str | None = None) -> dict[str, Any]:
+    """The model's card, or with ``lora`` an adapter's (vLLM's: its parent the base model, its root the folder)."""
+    if lora is not None:
+        return {"id": lora, "object": "model", "created": st.created, "owned_by": "jaxserve",
+                "root": st.loras[lora].lora_path, "parent": st.model_name, "max_model_len": st.max_model_len}
     return {"id": st.model_name, "object": "model", "created": st.created, "owned_by": "jaxserve",
-            "max_model_len": st.max_model_len}
+            "root": st.model_name, "parent": None, "max_model_len": st.max_model_len}
 
 
 def _authorize(request: Request, st: _State) -> None:
@@ -394,8 +414,9 @@ def _parse(schema: type[Schema], body: bytes) -> Any:
 
 
 def _check_model(name: str, st: _State) -> None:
-    if name != st.model_name:
-        raise APIError(404, f"model {name!r} does not exist; this server serves {st.model_name!r}",
+    if name != st.model_name and name not in st.loras:
+        served = [st.model_name, *st.loras]
+        raise APIError(404, f"model {name!r} does not exist; this server serves {', '.join(map(repr, served))}",
                        param="model", code="model_not_found")
 
 
@@ -644,11 +665,11 @@ def _tool_call_regex(req: ChatRequest) -> str | None:
 
 
 async def _submit_all(st: _State, prompts: list[list[int]], params: list[SamplingParams],
-                      base_id: str, priority: int = 0) -> list[RequestHandle]:
+                      base_id: str, priority: int = 0, lora: LoRARequest | None = None) -> list[RequestHandle]:
     handles: list[RequestHandle] = []
     try:
         for i, (ids, p) in enumerate(zip(prompts, params)):
-            handles.append(await st.engine.submit(ids, p, f"{base_id}-{i}", priority))
+            handles.append(await st.engine.submit(ids, p, f"{base_id}-{i}", priority, lora))
     except ValueError as exc:
         raise bad_params(exc) from None
     finally:
@@ -692,7 +713,7 @@ async def _merge(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, dict[
 
 async def _serve(request: Request, st: _State, req: SamplingFields, prompts: list[list[int]],
                  params: list[SamplingParams], fmt: CompletionFormat | ChatFormat) -> Response:
-    handles = await _submit_all(st, prompts, params, fmt.id, req.priority)
+    handles = await _submit_all(st, prompts, params, fmt.id, req.priority, st.loras.get(req.model))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         # Starlette runs the background task however the response ends. A client gone before the
