@@ -284,6 +284,9 @@
 #               prefill attention in the verify call), then bench/speculative.py: the repeat workload (0.5B shape,
 #               prompts a random block twice and begun again) at batch 1 / 8 / 64 with k = 0 / 2 / 4 / 8, and the
 #               embedded model's Python workload at batch 1 / 8 (~350 s). Keep speculation off by default unless it wins
+#   lora48      session 48: LoRA serving: bench/lora.py on the 0.5B shape at batch 1 / 64 / 256 (base engine, an engine
+#               serving 4 adapters with base rows, one adapter, 4 adapters spread) and adapter rows against the
+#               merged weights (~300 s?)
 #   yarn44      session 44: the 0.5B and 7B decode steps of a YaRN checkpoint (scaled cos/sin tables) compiled
 #               against the reference at 1-256 rows (~200 s)
 set -uo pipefail
@@ -887,6 +890,7 @@ for part in "${parts[@]}"; do
             timeout 250 python3 bench/speculative.py --workload repeat --shape 0.5B --k 2 4 8 --batch 1 8 64 \
               --out "$OUT/$part" ; \
             timeout 120 python3 bench/speculative.py --workload code --k 2 4 8 --batch 1 8 --output-len 128 ;;
+    lora48) timeout 500 python3 bench/lora.py --shape 0.5B --batch 1 64 256 --out "$OUT/$part" ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;
