@@ -9,6 +9,7 @@ dependencies are not needed to generate), ``convert`` calls ``weights.save_conve
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -164,13 +165,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
     engine_config = engine_config_from_args(args)
+    lora = None
+    if args.lora is not None:
+        from jaxserve.lora import LoRARequest
+
+        lora = LoRARequest("cli", 1, args.lora)
+        engine_config = dataclasses.replace(engine_config, max_loras=max(1, engine_config.max_loras))
     with Engine(_model_from_args(args, engine_config), engine_config) as engine:
         # Flags left unset take the checkpoint's generation_config.json sampling, as the server's
         # requests do, then the CLI's own fallback (greedy, 64 tokens).
         params = SamplingParams(**{**GENERATE_FALLBACK, **engine.sampling_defaults, **given})
-        if len(prompts) == 1 and params.n == 1 and not args.json:
-            return _stream_one(engine, prompts[0], params)
-        results = engine.generate(prompts, params, use_tqdm=not args.json and len(prompts) * params.n > 1)
+        try:
+            if len(prompts) == 1 and params.n == 1 and not args.json:
+                return _stream_one(engine, prompts[0], params, lora)
+            results = engine.generate(prompts, params, use_tqdm=not args.json and len(prompts) * params.n > 1,
+                                      lora_request=lora)
+        except ValueError as exc:  # a bad adapter folder
+            raise SystemExit(f"error: {exc}")
     for prompt, result in zip(prompts, results):
         if args.json:
             print(json.dumps({"prompt": prompt, **result}, ensure_ascii=False), flush=True)
@@ -180,9 +191,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stream_one(engine: Any, prompt: str, params: Any) -> int:
+def _stream_one(engine: Any, prompt: str, params: Any, lora: Any = None) -> int:
     """Print the prompt, then the completion as it is generated."""
-    rid = engine.add_request(prompt, params)
+    rid = engine.add_request(prompt, params, lora_request=lora)
     sys.stdout.write(prompt)
     sys.stdout.flush()
     request = engine.requests[rid]
@@ -269,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="> 1 discourages tokens already in the prompt or output (default: the model's, else 1: off); "
                           "small models loop without it")
     gen.add_argument("--seed", type=int, default=None, help="seed for sampled (temperature > 0) output")
+    gen.add_argument("--lora", default=None, metavar="PATH", help="a LoRA adapter (PEFT folder) to generate with")
     gen.add_argument("-n", "--n", type=int, default=None,
                      help="samples a prompt (default 1; the prompt is computed once; sample i seeded seed + i)")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")

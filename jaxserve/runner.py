@@ -441,13 +441,18 @@ class Steps:
         half = tokens.shape[0] // 2
         per_row = (positions, limits, block_tables, batch, steps)
         first, second = (jax.tree.map(lambda a: a[:half], per_row), jax.tree.map(lambda a: a[half:], per_row))
+        params_a = params_b = params
+        if "lora" in params:  # each half's rows' adapter slots
+            slots = params["lora"]["slots"]
+            params_a = {**params, "lora": {**params["lora"], "slots": slots[:half]}}
+            params_b = {**params, "lora": {**params["lora"], "slots": slots[half:]}}
 
         def one(carry, k):
             kv, tokens_a, tokens_b = carry
-            (kv, tokens_a, _, _), out_a = self.decode_one(params, (kv, tokens_a, counts, seen), k, *first,
+            (kv, tokens_a, _, _), out_a = self.decode_one(params_a, (kv, tokens_a, counts, seen), k, *first,
                                                           num_top=num_top, penalties=False, greedy=greedy,
                                                           logprobs=logprobs)
-            (kv, tokens_b, _, _), out_b = self.decode_one(params, (kv, tokens_b, counts, seen), k, *second,
+            (kv, tokens_b, _, _), out_b = self.decode_one(params_b, (kv, tokens_b, counts, seen), k, *second,
                                                           num_top=num_top, penalties=False, greedy=greedy,
                                                           logprobs=logprobs)
             return (kv, tokens_a, tokens_b), jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out_a, out_b)

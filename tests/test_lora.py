@@ -202,3 +202,33 @@ def test_server_serves_adapters_by_model_name(adapters, tiny_checkpoint):
         assert r.status_code == 404 and r.json()["error"]["param"] == "model"
     with pytest.raises(ValueError, match="lora_modules must have distinct"):
         ServerConfig(model_name="tiny", lora_modules={"tiny": paths["all"]})
+
+
+def test_half_batch_decode_chains_give_each_half_its_rows_adapters(adapters, monkeypatch):
+    from jaxserve import runner
+
+    model, _, paths = adapters
+    loras = [None, LoRARequest("all", 1, paths["all"]), LoRARequest("mlp", 3, paths["mlp"]), None]
+    prompts = random_prompts(model.config.vocab_size, [5, 9, 4, 11])
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    with Engine(model, small_config(max_loras=2)) as engine:
+        alone = [engine.generate([p], greedy, use_tqdm=False, lora_request=lo)[0]["token_ids"]
+                 for p, lo in zip(prompts, loras)]
+    monkeypatch.setattr(runner, "HALF_BATCH_ROWS", 2)  # every even batch decodes as two half-batch chains
+    with Engine(model, small_config(max_loras=2)) as engine:
+        assert [o["token_ids"] for o in engine.generate(prompts, greedy, use_tqdm=False, lora_request=loras)] == alone
+
+
+def test_cli_generate_with_an_adapter(adapters, tiny_checkpoint, capsys):
+    from jaxserve import cli
+    from tests.test_cli import SMALL
+
+    model, hf, paths = adapters
+    args = ["generate", "The quick brown fox", "--model", tiny_checkpoint[0], "--json", "--max-tokens", "5",
+            "--temperature", "0", *SMALL]
+    assert cli.main(args + ["--lora", paths["all"]]) == 0
+    got = json.loads(capsys.readouterr().out)["token_ids"]
+    ids = model.tokenizer.encode("The quick brown fox", add_special_tokens=False)
+    assert got and got == hf_greedy(merged(hf, paths["all"]), ids, 5)[: len(got)]
+    with pytest.raises(SystemExit, match="no adapter_config.json"):
+        cli.main(args + ["--lora", os.path.dirname(paths["all"])])
