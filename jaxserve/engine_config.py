@@ -50,7 +50,7 @@ class EngineConfig:
     while no running row has penalties, logit bias, min_tokens or masks (log-probabilities are kept), each row drafts up
     to that many tokens from its own text (the tokens after the latest earlier occurrence of its last
     ``prompt_lookup_max``..``prompt_lookup_min`` tokens) and one call verifies them all: greedy rows' text is greedy
-    decoding's either way; rows that sample keep drafts by rejection sampling (each token from the row's own
+    decoding's either way (in bf16 on a GPU up to near-ties the verify call and the decode step round apart); rows that sample keep drafts by rejection sampling (each token from the row's own
     distribution, though not the same draws as without speculation). Off (0) by default.
     ``max_loras`` > 0 serves LoRA adapters (vLLM's ``--max-loras``; `jaxserve.lora`): that many on the device at once,
     each of rank at most ``max_lora_rank`` (16); requests name theirs with a ``jaxserve.LoRARequest``. 0: none.
