@@ -280,10 +280,11 @@
 #   dp46        session 46, on a 2-GPU machine (run's kind nvidia-h200-x2): data-parallel replicas, one engine
 #               against jaxserve.Replicas over both GPUs driven by one host thread, 1024 requests of 128 + 128
 #               tokens at 256 rows a replica, then with a shared prefix (bench/replicas.py; ~300 s)
-#   spec47      session 47: n-gram speculative decoding: its engine tests compiled (greedy text unchanged, Pallas
-#               prefill attention in the verify call), then bench/speculative.py: the repeat workload (0.5B shape,
-#               prompts a random block twice and begun again) at batch 1 / 8 / 64 with k = 0 / 2 / 4 / 8, and the
-#               embedded model's Python workload at batch 1 / 8 (~350 s). Keep speculation off by default unless it wins
+#   spec47      session 47: n-gram speculative decoding, bench/speculative.py's repeat workload (0.5B shape,
+#               prompts a random block twice and begun again) at batch 1 / 8 / 64 with k = 0 / 4 / 8 (session 48: the
+#               tests and three workloads in one part ran past 520 s and gave nothing; the greedy-equality test fails
+#               in bf16 on near-ties, speculative.md). spec47b: the embedded model's Python workload at batch 1 / 8.
+#               Keep speculation off by default unless it wins
 #   lora48      session 48: LoRA serving: bench/lora.py on the 0.5B shape at batch 1 / 64 / 256 (base engine, an engine
 #               serving 4 adapters with base rows, one adapter, 4 adapters spread) and adapter rows against the
 #               merged weights (~300 s?)
@@ -886,10 +887,9 @@ for part in "${parts[@]}"; do
               done ;;
     dp46) timeout 280 python3 bench/replicas.py --devices 1 2 --rows 256 --requests 1024 --out "$OUT/$part" ; \
           timeout 280 python3 bench/replicas.py --devices 1 2 --rows 256 --requests 1024 --shared-prefix ;;
-    spec47) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_speculative.py ; \
-            timeout 250 python3 bench/speculative.py --workload repeat --shape 0.5B --k 2 4 8 --batch 1 8 64 \
-              --out "$OUT/$part" ; \
-            timeout 120 python3 bench/speculative.py --workload code --k 2 4 8 --batch 1 8 --output-len 128 ;;
+    spec47) timeout 540 python3 bench/speculative.py --workload repeat --shape 0.5B --k 4 8 --batch 1 8 64 \
+              --out "$OUT/$part" ;;
+    spec47b) timeout 300 python3 bench/speculative.py --workload code --k 2 4 8 --batch 1 8 --output-len 128 ;;
     lora48) timeout 500 python3 bench/lora.py --shape 0.5B --batch 1 64 256 --out "$OUT/$part" ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;

@@ -1034,7 +1034,8 @@ class Engine:
         return self._width_for_pages(-(-max_limit // self.config.page_size), rows)
 
     @_on_device
-    def warmup(self, sampling: bool = True, logprobs: bool = False, structured: bool = False) -> int:
+    def warmup(self, sampling: bool = True, logprobs: bool = False, structured: bool = False,
+               lora: bool | None = None) -> int:
         """Compile every step shape the buckets allow, so no request waits on the compiler.
 
         Runs padding-only batches (length 0: nothing is written, no page is touched) for each
@@ -1044,10 +1045,15 @@ class Engine:
         set; the top log-probabilities' variants still compile on first use); ``structured=True``
         also those where a row follows a structured output (decode calls at the guide pool's first
         size, `GuidePool`, and prefills with masks; a pool grown past it compiles again). Steps of batches
-        with a `logit_bias` or `bad_words` compile on first use. Returns the number of shapes compiled.
+        with a `logit_bias` or `bad_words` compile on first use. ``lora`` (default: where the engine serves
+        adapters, ``max_loras`` > 0) also the steps of batches with adapter rows (`jaxserve.lora`), each shape
+        once more. Returns the number of shapes compiled.
         """
         cfg = self.config
         before = len(self.runner.compiled_shapes)
+        lora = self.lora is not None if lora is None else lora
+        if lora and self.lora is None:
+            raise ValueError("warmup(lora=True) needs an engine that serves adapters: EngineConfig(max_loras=...) > 0")
         variants = [(greedy, lps) for greedy in ((True, False) if sampling else (True,))
                     for lps in ((False, True) if logprobs else (False,))]
         step_counts = sorted({1, cfg.decode_steps})
@@ -1064,23 +1070,25 @@ class Engine:
             # they take (decode_shape), and a decode-only shape past the largest bucket no prefill.
             shapes = [s for s in self._decode_shapes if s.batch == batch]
             lengths = cfg.prefill_buckets if batch in cfg.batch_buckets else ()
-            for (greedy, lps), pool in itertools.product(variants, guided):
+            # Adapter rows' variants: their inputs (the slots' weights, every row's slot -1) shape the compile alone.
+            loras = [None] + ([{"weights": self.lora.weights, "slots": zeros - 1}] if lora else [])
+            for (greedy, lps), pool, lo in itertools.product(variants, guided, loras):
                 guides = None if pool is None else (*pool, zeros, zeros)
                 # A prefill's rows with structured outputs take their first token's masks from the host.
                 prefill_batch = sbatch if pool is None else sbatch.replace(
                     allowed=jnp.full((batch, self._vocabulary_words()), 0xFFFFFFFF, jnp.uint32))
                 for steps, shape in itertools.product(step_counts, shapes):
                     self.runner.decode(zeros, zeros, zeros, table[:, :shape.width], sbatch, zeros, steps,
-                                       greedy=greedy, logprobs=lps, live_rows=shape.live, guides=guides)
+                                       greedy=greedy, logprobs=lps, live_rows=shape.live, guides=guides, lora=lo)
                 for length in lengths:
                     if fewest_rows == 1 or fewest_rows * length <= 2 * cfg.max_tokens_per_step:
                         out = self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table,
-                                                  prefill_batch, zeros, greedy=greedy, logprobs=lps)
+                                                  prefill_batch, zeros, greedy=greedy, logprobs=lps, lora=lo)
                         first_tokens[batch] = out.tokens
             if cfg.speculative_tokens and batch in cfg.batch_buckets:
-                for greedy, lps in variants:  # rows that sample take the rejection sampler's variant
+                for (greedy, lps), lo in itertools.product(variants, loras):  # sampling rows: the rejection sampler
                     self.runner.verify(np.zeros((batch, cfg.speculative_tokens + 1), np.int32), zeros, zeros, table,
-                                       logprobs=lps, **({} if greedy else dict(batch=sbatch, steps=zeros)))
+                                       logprobs=lps, lora=lo, **({} if greedy else dict(batch=sbatch, steps=zeros)))
             fewest_rows = batch + 1
         if cfg.overlap:  # a decode call that follows a prefill (_can_follow_prefill) picks its first tokens
             for batch in sorted({s.batch for s in self._decode_shapes}):

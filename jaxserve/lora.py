@@ -79,6 +79,22 @@ def _target_modules(cfg: dict[str, Any]) -> set[str]:
     return set(targets)
 
 
+def _in_out(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    h, kvh, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    return {"q_proj": (config.hidden_size, h * d), "k_proj": (config.hidden_size, kvh * d),
+            "v_proj": (config.hidden_size, kvh * d), "o_proj": (h * d, config.hidden_size),
+            "gate_proj": (config.hidden_size, config.intermediate_size),
+            "up_proj": (config.hidden_size, config.intermediate_size),
+            "down_proj": (config.intermediate_size, config.hidden_size)}
+
+
+def stack_shapes(config: ModelConfig, max_rank: int) -> dict[str, tuple[int, int, int]]:
+    """Each projection's ``(R, in, out)``: its parts' ranks side by side, its input and (fused) output width."""
+    in_out = _in_out(config)
+    return {proj: (len(parts) * max_rank, in_out[parts[0]][0], sum(in_out[p][1] for p in parts))
+            for proj, (_, parts) in PROJECTION_PARTS.items()}
+
+
 def load_adapter(path: str, config: ModelConfig, max_rank: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """A PEFT LoRA folder as this engine's per-projection arrays (float32, host): ``{projection: (a [layers, R, in],
     b [layers, R, out])}``, ``R = parts x max_rank``, the scale folded into ``b``. ValueError naming what is wrong
@@ -116,12 +132,7 @@ def load_adapter(path: str, config: ModelConfig, max_rank: int) -> dict[str, tup
     if not os.path.isfile(weights_path):
         raise ValueError(f"lora_path {path!r} has no adapter_model.safetensors")
     tensors = {re.sub(r"\.default(?=\.weight$)", "", k): v for k, v in load_file(weights_path).items()}
-    h, kvh, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    in_out = {"q_proj": (config.hidden_size, h * d), "k_proj": (config.hidden_size, kvh * d),
-              "v_proj": (config.hidden_size, kvh * d), "o_proj": (h * d, config.hidden_size),
-              "gate_proj": (config.hidden_size, config.intermediate_size),
-              "up_proj": (config.hidden_size, config.intermediate_size),
-              "down_proj": (config.intermediate_size, config.hidden_size)}
+    in_out = _in_out(config)
     layers = config.num_hidden_layers
     used: set[str] = set()
     out = {}
@@ -198,7 +209,11 @@ class LoraSlots:
         self.resident: list[int | None] = [None] * max_loras
         self._clock = 0
         self.last_use = [0] * max_loras
-        self.weights: dict[str, tuple[jax.Array, jax.Array]] | None = None
+        # Zeros until adapters load: what warm-up traces the adapter variants with, and an empty slot's terms.
+        self.weights: dict[str, tuple[jax.Array, jax.Array]] = {
+            p: (jnp.zeros((config.num_hidden_layers, max_loras, r, fan_in), dtype, device=device),
+                jnp.zeros((config.num_hidden_layers, max_loras, r, fan_out), dtype, device=device))
+            for p, (r, fan_in, fan_out) in stack_shapes(config, max_rank).items()}
         self._write = jax.jit(_write_slot, donate_argnums=0)
 
     def register(self, request: LoRARequest) -> int:
@@ -236,10 +251,6 @@ class LoraSlots:
         self.held[slot] -= 1
 
     def _load(self, slot: int, lora_id: int) -> None:
-        if self.weights is None:
-            self.weights = {p: (jnp.zeros((a.shape[0], self.max_loras) + a.shape[1:], self.dtype, device=self.device),
-                                jnp.zeros((b.shape[0], self.max_loras) + b.shape[1:], self.dtype, device=self.device))
-                            for p, (a, b) in self.host[lora_id].items()}
         new = {p: (jax.device_put(a.astype(self.dtype), self.device), jax.device_put(b.astype(self.dtype), self.device))
                for p, (a, b) in self.host[lora_id].items()}
         self.weights = self._write(self.weights, new, jnp.int32(slot))

@@ -251,9 +251,11 @@ class Replicas:
         out["prefix_hit_rate"] = sum(s["prefix_hit_rate"] for s in per) / len(per)
         return {**out, "replicas": per, "routed": list(self._load)}
 
-    def warmup(self, sampling: bool = True, logprobs: bool = False, structured: bool = False) -> int:
+    def warmup(self, sampling: bool = True, logprobs: bool = False, structured: bool = False,
+               lora: bool | None = None) -> int:
         """`Engine.warmup` on every replica (each device compiles its own programs); the shapes compiled."""
-        return sum(e.warmup(sampling=sampling, logprobs=logprobs, structured=structured) for e in self.engines)
+        return sum(e.warmup(sampling=sampling, logprobs=logprobs, structured=structured, lora=lora)
+                   for e in self.engines)
 
     def clear_prefix_cache(self) -> None:
         for engine in self.engines:

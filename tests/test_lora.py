@@ -232,3 +232,19 @@ def test_cli_generate_with_an_adapter(adapters, tiny_checkpoint, capsys):
     assert got and got == hf_greedy(merged(hf, paths["all"]), ids, 5)[: len(got)]
     with pytest.raises(SystemExit, match="no adapter_config.json"):
         cli.main(args + ["--lora", os.path.dirname(paths["all"])])
+
+
+def test_warmup_compiles_the_adapter_variants(adapters):
+    model, _, paths = adapters
+    cfg = small_config(max_loras=2, batch_buckets=(1, 4), prefill_buckets=(16, 64))
+    with Engine(model, cfg) as engine:
+        plain = engine.warmup(sampling=False, lora=False)
+        assert engine.warmup(sampling=False) == plain  # the adapter variants: each shape once more
+        shapes = set(engine.runner.compiled_shapes)
+        prompts = random_prompts(model.config.vocab_size, [5, 12, 30])
+        engine.generate(prompts, SamplingParams(max_tokens=9, temperature=0, ignore_eos=True), use_tqdm=False,
+                        lora_request=[None, LoRARequest("all", 1, paths["all"]), LoRARequest("mlp", 3, paths["mlp"])])
+        assert set(engine.runner.compiled_shapes) == shapes
+        assert_all_pages_free(engine)
+    with Engine(model, small_config()) as engine, pytest.raises(ValueError, match="max_loras"):
+        engine.warmup(lora=True)
