@@ -188,6 +188,15 @@ class AsyncEngine:
         """``Engine.stats()`` taken on the engine thread between steps."""
         return await self._call(self.engine.stats)
 
+    async def register_lora(self, lora_request: Any) -> None:
+        """Read and check an adapter on the engine thread (every replica's), so requests naming it start at once;
+        ValueError where the engine serves no adapters or the folder is bad."""
+        def register() -> None:
+            for engine in getattr(self.engine, "engines", [self.engine]):
+                engine._lora_namespace(lora_request)
+
+        await self._call(register)
+
     async def clear_prefix_cache(self) -> None:
         """Drop unlocked cached prefixes (their pages return to the pool)."""
         await self._call(self.engine.clear_prefix_cache)

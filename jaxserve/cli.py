@@ -229,7 +229,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  warmup_structured=args.warmup_structured, chat_template=args.chat_template,
                                  data_parallel_size=args.data_parallel_size,
                                  return_tokens_as_token_ids=args.return_tokens_as_token_ids,
-                                 lora_modules=tuple(_lora_module(m) for m in args.lora_modules or ()))
+                                 lora_modules=tuple(_lora_module(m) for m in args.lora_modules or ()),
+                                 allow_runtime_lora_updating=args.allow_runtime_lora_updating or os.environ.get(
+                                     "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"))
     engine_config = engine_config_from_args(args)
     serve(_model_from_args(args, engine_config), engine_config, server_config, host=args.host, port=args.port,
           log_level=args.log_level)
@@ -328,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH",
                      help="LoRA adapters (PEFT folders) served beside the model; a request's model field picks one "
                           "by NAME (vLLM's)")
+    srv.add_argument("--allow-runtime-lora-updating", action="store_true",
+                     help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; also "
+                          "$VLLM_ALLOW_RUNTIME_LORA_UPDATING=true)")
     srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     _engine_args(srv)
     srv.set_defaults(func=cmd_serve)

@@ -248,3 +248,38 @@ def test_warmup_compiles_the_adapter_variants(adapters):
         assert_all_pages_free(engine)
     with Engine(model, small_config()) as engine, pytest.raises(ValueError, match="max_loras"):
         engine.warmup(lora=True)
+
+
+def test_server_loads_and_unloads_adapters_at_runtime(adapters):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (VLLM_ALLOW_RUNTIME_LORA_UPDATING): off by default
+    (404); on, an adapter loaded under a name serves requests naming it, a bad folder or a taken name is 400, an
+    unloaded name is 404 again."""
+    import httpx
+
+    from jaxserve.server import ServerConfig, create_app
+    from tests.test_server import LiveServer
+
+    model, hf, paths = adapters
+    prompt = random_prompts(model.config.vocab_size, [7])[0]
+    body = {"model": "mlp", "prompt": prompt, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "logprobs": 0,
+            "return_tokens_as_token_ids": True}
+    with LiveServer(create_app(model, small_config(), ServerConfig(model_name="tiny"))) as live:
+        r = httpx.post(live.url + "/v1/load_lora_adapter", json={"lora_name": "mlp", "lora_path": paths["mlp"]})
+        assert r.status_code == 404
+    app = create_app(model, small_config(), ServerConfig(model_name="tiny", allow_runtime_lora_updating=True))
+    with LiveServer(app) as live:
+        post = lambda path, json: httpx.post(live.url + path, json=json, timeout=60)
+        assert post("/v1/completions", body).status_code == 404
+        r = post("/v1/load_lora_adapter", {"lora_name": "mlp", "lora_path": paths["mlp"]})
+        assert r.status_code == 200, r.text
+        r = post("/v1/completions", body)
+        assert r.status_code == 200, r.text
+        tokens = r.json()["choices"][0]["logprobs"]["tokens"]
+        assert [int(t.removeprefix("token_id:")) for t in tokens] == hf_greedy(merged(hf, paths["mlp"]), prompt, 5)
+        assert [c["id"] for c in httpx.get(live.url + "/v1/models").json()["data"]] == ["tiny", "mlp"]
+        assert post("/v1/load_lora_adapter", {"lora_name": "mlp", "lora_path": paths["all"]}).status_code == 400
+        r = post("/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": "/no/such/folder"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
+        assert post("/v1/unload_lora_adapter", {"lora_name": "mlp"}).status_code == 200
+        assert post("/v1/completions", body).status_code == 404
+        assert post("/v1/unload_lora_adapter", {"lora_name": "mlp"}).status_code == 404

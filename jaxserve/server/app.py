@@ -23,7 +23,7 @@ import time
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,8 +36,8 @@ from jaxserve.lora import LoRARequest
 from jaxserve.metrics import CONTENT_TYPE, ServingMetrics
 from jaxserve.replicas import Replicas
 from jaxserve.sampling import MAX_LOGPROBS, SamplingParams
-from jaxserve.server.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
-                                      Schema, TokenizeRequest, ToolCall, bad_params)
+from jaxserve.server.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, LoadLoraRequest,
+                                      SamplingFields, Schema, TokenizeRequest, ToolCall, UnloadLoraRequest, bad_params)
 from jaxserve.server.responses import ChatFormat, CompletionFormat
 from jaxserve.server.tool_calls import TOOL_CALL_END, TOOL_CALL_START
 from jaxserve.structured import StructuredOutputs, escape
@@ -87,6 +87,8 @@ class ServerConfig:
     return_tokens_as_token_ids: bool = False
     # vLLM's --lora-modules: (name, PEFT folder) pairs; a request whose `model` is a name runs with that adapter.
     lora_modules: tuple[tuple[str, str], ...] = ()
+    # vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING: POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
+    allow_runtime_lora_updating: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_stop", "data_parallel_size"):
@@ -144,8 +146,9 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     server_config = server_config or ServerConfig()
     chat_template = resolve_chat_template(server_config.chat_template)  # a bad one stops the start, not a request
     loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(server_config.lora_modules)}
-    if loras and not engine_config.max_loras:  # vLLM's --enable-lora: as many slots as adapters, up to 8
-        engine_config = dataclasses.replace(engine_config, max_loras=min(len(loras), 8))
+    if (loras or server_config.allow_runtime_lora_updating) and not engine_config.max_loras:
+        # vLLM's --enable-lora: as many slots as adapters, up to 8
+        engine_config = dataclasses.replace(engine_config, max_loras=min(max(len(loras), 1), 8))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -254,6 +257,33 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         return JSONResponse({"count": len(ids), "max_model_len": st.max_model_len, "tokens": ids,
                              "token_strs": strs})
 
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> Response:
+        """vLLM's route (with VLLM_ALLOW_RUNTIME_LORA_UPDATING; here ``--allow-runtime-lora-updating``): serve one
+        more adapter under a name; it is read and checked before the answer."""
+        st, req = await _accept_plain(request, LoadLoraRequest)
+        _check_runtime_lora(st)
+        if req.lora_name in st.loras or req.lora_name == st.model_name:
+            raise APIError(400, f"The lora adapter '{req.lora_name}' has already been loaded.", param="lora_name")
+        try:
+            lora = LoRARequest(req.lora_name, max((x.lora_int_id for x in st.loras.values()), default=0) + 1,
+                               req.lora_path)
+            await st.engine.register_lora(lora)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="lora_path") from None
+        st.loras[req.lora_name] = lora
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> Response:
+        """vLLM's route: stop serving an adapter's name (requests already running with it finish)."""
+        st, req = await _accept_plain(request, UnloadLoraRequest)
+        _check_runtime_lora(st)
+        if st.loras.pop(req.lora_name, None) is None:
+            raise APIError(404, f"The lora adapter '{req.lora_name}' cannot be found.", param="lora_name",
+                           code="model_not_found")
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
+
     @app.post("/detokenize")
     async def detokenize(request: Request) -> JSONResponse:
         """vLLM's route: token ids back to text, as the generation routes decode them."""
@@ -360,9 +390,15 @@ async def _accept_plain(request: Request, schema: type[Schema]) -> tuple[_State,
     st = _state(request)
     _authorize(request, st)
     req = _parse(schema, await _read_body(request, st.config.max_body_bytes))
-    if req.model is not None:
+    if getattr(req, "model", None) is not None:
         _check_model(req.model, st)
     return st, req
+
+
+def _check_runtime_lora(st: _State) -> None:
+    if not st.config.allow_runtime_lora_updating:
+        raise APIError(404, "runtime LoRA updating is off: start the server with --allow-runtime-lora-updating "
+                            "(vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING)", code="not_found")
 
 
 def _model_card(st: _State, lora: str | None = None) -> dict[str, Any]:

@@ -201,3 +201,16 @@ class DetokenizeRequest(Schema):
 
     model: str | None = None
     tokens: list[int]
+
+
+class LoadLoraRequest(Schema):
+    """vLLM's ``/v1/load_lora_adapter`` body: an adapter's name and PEFT folder."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraRequest(Schema):
+    """vLLM's ``/v1/unload_lora_adapter`` body."""
+
+    lora_name: str
