@@ -1259,17 +1259,17 @@ def generate(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Se
         >>> outs[0]["finish_reason"] in ("stop", "length")
         True
     """
+    if lora_request is not None and (engine_config is None or not engine_config.max_loras):
+        # An adapter asked for in the one-call API: serve as many as the call names (vLLM's enable_lora).
+        count = len({r.lora_int_id for r in ([lora_request] if isinstance(lora_request, LoRARequest)
+                                             else lora_request) if isinstance(r, LoRARequest)})
+        engine_config = dataclasses.replace(engine_config or EngineConfig(), max_loras=min(max(count, 1), 64))
     if data_parallel_size != 1:
         from jaxserve.replicas import Replicas
 
         with Replicas(model, engine_config, devices=data_parallel_size) as replicas:
             return replicas.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority,
                                      lora_request=lora_request)
-    if lora_request is not None and (engine_config is None or not engine_config.max_loras):
-        # An adapter asked for in the one-call API: serve as many as the call names (vLLM's enable_lora).
-        count = len({r.lora_int_id for r in ([lora_request] if isinstance(lora_request, LoRARequest)
-                                             else lora_request) if r is not None})
-        engine_config = dataclasses.replace(engine_config or EngineConfig(), max_loras=min(max(count, 1), 64))
     with Engine(model, engine_config) as engine:
         return engine.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority,
                                lora_request=lora_request)

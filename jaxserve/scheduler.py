@@ -338,8 +338,8 @@ class Scheduler:
             """Admit from the queue's front while budget, slots and padding allow. ``batched``:
             claim only (pages for all of them come from one `_allocate_claimed`); otherwise each
             gets its pages at once, evicting cached prefixes if needed, and admission stops at
-            the first that cannot. Requests that share a prompt being prefilled are passed over
-            (`_shares_prefill`) and keep their place in the queue."""
+            the first that cannot. Requests that share a prompt being prefilled (`_PrefillSharing`), or
+            whose adapter finds every LoRA slot held, are passed over and keep their place in the queue."""
             nonlocal budget
             claimed: list[Request] = []
             held: list[Request] = []
