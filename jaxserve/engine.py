@@ -1227,9 +1227,11 @@ def run_chat(driver: Any, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True, *,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, tools: Sequence[dict[str, Any]] | None = None,
-             chat_template_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+             chat_template_kwargs: dict[str, Any] | None = None,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[dict[str, Any]]:
     """`Engine.chat` and `Replicas.chat`: each conversation rendered with ``driver``'s chat template (or
-    ``chat_template``, a Jinja string), then run to completion. ``tools`` (OpenAI tool definitions) and
+    ``chat_template``, a Jinja string), then run to completion (``lora_request``: `Engine.generate`'s). ``tools``
+    (OpenAI tool definitions) and
     ``chat_template_kwargs`` go to the template; ``continue_final_message`` (with
     ``add_generation_prompt=False``) continues the last message instead of starting the assistant's turn.
     `jaxserve.tokenizer.chat_prompts` says what a message may hold; a bad one raises ValueError naming
@@ -1237,7 +1239,7 @@ def run_chat(driver: Any, messages: Conversation | Sequence[Conversation],
     prompts = chat_prompts(driver.tokenizer, messages, chat_template=chat_template, tools=tools,
                            add_generation_prompt=add_generation_prompt,
                            continue_final_message=continue_final_message, template_kwargs=chat_template_kwargs)
-    return run_to_completion(driver, prompts, sampling_params, use_tqdm)
+    return run_to_completion(driver, prompts, sampling_params, use_tqdm, lora_request=lora_request)
 
 
 def generate(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Sequence[Prompt],
@@ -1259,11 +1261,7 @@ def generate(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Se
         >>> outs[0]["finish_reason"] in ("stop", "length")
         True
     """
-    if lora_request is not None and (engine_config is None or not engine_config.max_loras):
-        # An adapter asked for in the one-call API: serve as many as the call names (vLLM's enable_lora).
-        count = len({r.lora_int_id for r in ([lora_request] if isinstance(lora_request, LoRARequest)
-                                             else lora_request) if isinstance(r, LoRARequest)})
-        engine_config = dataclasses.replace(engine_config or EngineConfig(), max_loras=min(max(count, 1), 64))
+    engine_config = _serving_loras(engine_config, lora_request)
     if data_parallel_size != 1:
         from jaxserve.replicas import Replicas
 
@@ -1273,6 +1271,16 @@ def generate(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Se
     with Engine(model, engine_config) as engine:
         return engine.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority,
                                lora_request=lora_request)
+
+
+def _serving_loras(engine_config: EngineConfig | None, lora_request: Any) -> EngineConfig | None:
+    """``engine_config`` with LoRA slots where a one-call API names adapters and the config has none: as many as
+    the call names (vLLM's ``enable_lora``)."""
+    if lora_request is None or (engine_config is not None and engine_config.max_loras):
+        return engine_config
+    named = [lora_request] if isinstance(lora_request, LoRARequest) else list(lora_request)
+    count = len({r.lora_int_id for r in named if isinstance(r, LoRARequest)})
+    return dataclasses.replace(engine_config or EngineConfig(), max_loras=min(max(count, 1), 64))
 
 
 def beam_search(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Sequence[Prompt],
@@ -1302,7 +1310,8 @@ def chat(model: LoadedModel | str | os.PathLike | None, messages: Conversation |
          **template_options: Any) -> list[dict[str, Any]]:
     """`generate` for chats (vLLM's ``LLM.chat``): one conversation or a list of them, rendered with the model's
     chat template; ``template_options`` are `Engine.chat`'s (``chat_template``, ``add_generation_prompt``,
-    ``continue_final_message``, ``tools``, ``chat_template_kwargs``). One result dict per conversation.
+    ``continue_final_message``, ``tools``, ``chat_template_kwargs``, ``lora_request``). One result dict per
+    conversation.
 
     Example:
         >>> import jaxserve
@@ -1311,6 +1320,7 @@ def chat(model: LoadedModel | str | os.PathLike | None, messages: Conversation |
         >>> outs[0]["finish_reason"] in ("stop", "length")
         True
     """
+    engine_config = _serving_loras(engine_config, template_options.get("lora_request"))
     if data_parallel_size != 1:
         from jaxserve.replicas import Replicas
 

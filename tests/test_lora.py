@@ -283,3 +283,14 @@ def test_server_loads_and_unloads_adapters_at_runtime(adapters):
         assert post("/v1/unload_lora_adapter", {"lora_name": "mlp"}).status_code == 200
         assert post("/v1/completions", body).status_code == 404
         assert post("/v1/unload_lora_adapter", {"lora_name": "mlp"}).status_code == 404
+
+
+def test_chat_with_an_adapter(adapters, tiny_checkpoint):
+    model, hf, paths = adapters
+    lora = LoRARequest("all", 1, paths["all"])
+    chat = [{"role": "user", "content": "The quick brown fox"}]
+    greedy = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    (out,) = jaxserve.chat(tiny_checkpoint[0], [chat], greedy, use_tqdm=False, lora_request=lora)
+    ids = model.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert out["token_ids"] == hf_greedy(merged(hf, paths["all"]), list(ids), 5)
