@@ -152,3 +152,35 @@ def test_bad_prompts_are_refused_before_anything_runs():
         with pytest.raises(ValueError, match="BeamSearchParams"):
             engine.beam_search(["x"], jaxserve.SamplingParams(), use_tqdm=False)
         assert engine.stats()["waiting"] == 0 and engine.stats()["generated_tokens"] == 0
+
+
+def test_server_use_beam_search_gives_the_n_best_beams_as_choices(tiny_checkpoint):
+    """vLLM's `use_beam_search` on /v1/completions and /v1/chat/completions: the n choices are the engine's n best
+    beams of width n, best first; what beam search does not take is 400 naming the field."""
+    import httpx
+
+    from jaxserve.server import ServerConfig, create_app
+    from tests.test_server import LiveServer
+
+    model = jaxserve.load(tiny_checkpoint[0])
+    prompt = random_prompts(model.config.vocab_size, [9])[0]
+    with Engine(model, small_config()) as engine:
+        want = engine.beam_search([prompt], BeamSearchParams(beam_width=3, max_tokens=5), use_tqdm=False)[0]
+    with LiveServer(create_app(model, small_config(), ServerConfig(model_name="tiny"))) as live:
+        post = lambda path, body: httpx.post(live.url + path, json=body, timeout=60)
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 5, "n": 3, "use_beam_search": True}
+        r = post("/v1/completions", body)
+        assert r.status_code == 200, r.text
+        assert [c["text"] for c in r.json()["choices"]] == [s["text"] for s in want["sequences"]]
+        assert r.json()["usage"]["completion_tokens"] == sum(len(s["token_ids"]) for s in want["sequences"])
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "n": 2,
+                "use_beam_search": True}
+        r = post("/v1/chat/completions", chat)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
+        for field, value in (("stream", True), ("logprobs", 1), ("stop", ["x"])):
+            r = post("/v1/completions", {**body, field: value})
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        r = post("/v1/completions", {**body, "n": 11})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+        stats = live.engine_call(lambda e: e.stats())
+        assert stats["running"] == 0 and stats["waiting"] == 0

@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import heapq
 import hmac
 import importlib.metadata
 import json
@@ -29,6 +30,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxserve.async_engine import AsyncEngine, EngineDeadError, RequestHandle
+from jaxserve.beam_search import BeamSearchParams, search
 from jaxserve.engine import Engine
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
@@ -315,6 +317,9 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         for ids in prompts:
             _check_context(len(ids), max_tokens, "prompt", st)
         # Echoed log-probabilities score the prompt too: the engine computes the more of the two asked for.
+        if req.use_beam_search:
+            fmt = CompletionFormat(req.model or st.model_name, st.tokenizer, req, prompts)
+            return await _beam_search(request, st, req, prompts, max_tokens, fmt)
         asked = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
         prompt_logprobs = max(asked) if asked else None
         structured = await _structured_outputs(req, st)
@@ -341,9 +346,11 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         max_tokens = _max_tokens(requested, name, st)
         _check_context(len(ids), max_tokens, "messages", st)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        fmt = ChatFormat(req.model or st.model_name, st.tokenizer, req, ids, token_ids_as_names=_ids_as_names(req, st))
+        if req.use_beam_search:
+            return await _beam_search(request, st, req, [ids], max_tokens, fmt)
         structured = await _structured_outputs(req, st)
         params = _sampling_params(req, max_tokens, logprobs, req.n, st, req.prompt_logprobs, structured)
-        fmt = ChatFormat(req.model or st.model_name, st.tokenizer, req, ids, token_ids_as_names=_ids_as_names(req, st))
         return await _serve(request, st, req, [ids] * req.n, params, fmt)
 
     return app
@@ -760,6 +767,54 @@ async def _serve(request: Request, st: _State, req: SamplingFields, prompts: lis
                                  background=BackgroundTask(_abort_all, handles))
     results = await _results_unless_disconnected(request, handles)
     return await _on_tokenizer_thread(st, lambda: JSONResponse(fmt.response(results)))
+
+
+# Fields a beam search request may not set (vLLM's beam search takes n, max_tokens, ignore_eos, length_penalty).
+_NOT_WITH_BEAM_SEARCH = ("stream", "logprobs", "top_logprobs", "echo", "stop", "stop_token_ids", "logit_bias",
+                         "bad_words", "allowed_token_ids", "min_tokens", "prompt_logprobs", "response_format",
+                         "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
+async def _beam_search(request: Request, st: _State, req: SamplingFields, prompts: list[list[int]],
+                       max_tokens: int, fmt: CompletionFormat | ChatFormat) -> Response:
+    """vLLM's ``use_beam_search``: each prompt's n best beams of width n (`jaxserve.beam_search.search`, its
+    steps' one-token requests submitted to the engine like any others) as its n choices, best first."""
+    for name in _NOT_WITH_BEAM_SEARCH:
+        if getattr(req, name, None) not in (None, False, [], {}):
+            raise APIError(400, f"{name} is not supported with use_beam_search", param=name)
+    try:
+        params = BeamSearchParams(beam_width=req.n, max_tokens=max_tokens, ignore_eos=bool(req.ignore_eos),
+                                  length_penalty=req.length_penalty)
+    except ValueError as exc:
+        field = str(exc).split(" ")[0]
+        raise APIError(400, str(exc).replace("beam_width", "n (the beam width)"),
+                       param="n" if field == "beam_width" else field) from None
+    loop = asyncio.get_running_loop()
+    lora = st.loras.get(req.model)
+    step = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logprobs=2 * params.beam_width)
+
+    def next_logprobs(seqs: list[list[int]], k: int) -> list[dict[int, float]]:
+        async def run() -> list[dict[str, Any]]:
+            handles = await _submit_all(st, seqs, [step] * len(seqs), f"{fmt.id}-beam", req.priority, lora)
+            return await _results_unless_disconnected(request, handles)
+
+        outs = asyncio.run_coroutine_threadsafe(run(), loop).result()
+        return [dict(heapq.nlargest(k, o["top_logprobs"][0].items(), key=lambda kv: kv[1])) for o in outs]
+
+    found = await asyncio.to_thread(search, next_logprobs, prompts, params, st.engine.engine.eos_ids)
+
+    def results() -> list[dict[str, Any]]:
+        out = []
+        for prompt, beams in zip(prompts, found):
+            for b in beams:
+                new = b.tokens[len(prompt):]
+                out.append({"text": st.tokenizer.decode(new, skip_special_tokens=req.skip_special_tokens is not False),
+                            "token_ids": new, "finish_reason": "stop" if b.finished else "length", "stop_reason": None,
+                            "completion_tokens": len(new), "cached_tokens": 0, "prompt_tokens": len(prompt)})
+        return out
+
+    done = await _on_tokenizer_thread(st, results)
+    return await _on_tokenizer_thread(st, lambda: JSONResponse(fmt.response(done)))
 
 
 async def _abort_all(handles: list[RequestHandle]) -> None:

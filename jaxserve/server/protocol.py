@@ -98,6 +98,9 @@ class SamplingFields(Schema):
     prompt_logprobs: int | None = None
     # vLLM's: lower runs first where the server runs with --scheduling-policy priority (elsewhere only 0).
     priority: int = 0
+    # vLLM's beam search: the n best beams of width n become the n choices (`jaxserve.beam_search`).
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
     # vLLM's: logprobs name tokens "token_id:<id>" (exact ids for clients that must not re-tokenize text); null
     # takes the server's --return-tokens-as-token-ids.
     return_tokens_as_token_ids: bool | None = None
