@@ -183,6 +183,11 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array) -> ja
                       preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+# Adapters an engine can keep apart in its prefix index: `Request.index_ids` moves an adapter's first token to
+# -1 - token - namespace * 2**18, which must stay an int32.
+_MAX_NAMESPACES = 8191
+
+
 class LoraSlots:
     """The adapters on the device: ``max_loras`` slots of stacked weights (`load_adapter`'s arrays in the model's
     dtype), which requests hold while admitted, and each adapter's host copy (read once).
@@ -224,6 +229,9 @@ class LoraSlots:
                 raise ValueError(f"lora_int_id {request.lora_int_id} is already {known.lora_path!r}, "
                                  f"not {request.lora_path!r}")
             return self.namespace[request.lora_int_id]
+        if len(self.namespace) + 1 >= _MAX_NAMESPACES:
+            raise ValueError(f"this engine has seen {len(self.namespace)} adapters, the most it can keep apart "
+                             f"in its prefix cache; start a new engine")
         self.host[request.lora_int_id] = load_adapter(request.lora_path, self.config, self.max_rank)
         self.requests[request.lora_int_id] = request
         self.namespace[request.lora_int_id] = len(self.namespace) + 1
