@@ -197,6 +197,15 @@ class AsyncEngine:
 
         await self._call(register)
 
+    async def forget_lora(self, lora_id: int) -> None:
+        """`jaxserve.lora.LoraSlots.forget` on the engine thread (every replica's)."""
+        def forget() -> None:
+            for engine in getattr(self.engine, "engines", [self.engine]):
+                if engine.lora is not None:
+                    engine.lora.forget(lora_id)
+
+        await self._call(forget)
+
     async def clear_prefix_cache(self) -> None:
         """Drop unlocked cached prefixes (their pages return to the pool)."""
         await self._call(self.engine.clear_prefix_cache)

@@ -209,6 +209,7 @@ class LoraSlots:
         self.host: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self.requests: dict[int, LoRARequest] = {}
         self.namespace: dict[int, int] = {}  # adapter id -> small int keeping its prefixes apart in the index
+        self._namespaces = 0  # given out so far: a forgotten adapter's is never given again
         self.slot_of: dict[int, int] = {}
         self.held = [0] * max_loras
         self.resident: list[int | None] = [None] * max_loras
@@ -229,13 +230,24 @@ class LoraSlots:
                 raise ValueError(f"lora_int_id {request.lora_int_id} is already {known.lora_path!r}, "
                                  f"not {request.lora_path!r}")
             return self.namespace[request.lora_int_id]
-        if len(self.namespace) + 1 >= _MAX_NAMESPACES:
-            raise ValueError(f"this engine has seen {len(self.namespace)} adapters, the most it can keep apart "
+        if self._namespaces + 1 >= _MAX_NAMESPACES:
+            raise ValueError(f"this engine has seen {self._namespaces} adapters, the most it can keep apart "
                              f"in its prefix cache; start a new engine")
         self.host[request.lora_int_id] = load_adapter(request.lora_path, self.config, self.max_rank)
         self.requests[request.lora_int_id] = request
-        self.namespace[request.lora_int_id] = len(self.namespace) + 1
-        return self.namespace[request.lora_int_id]
+        self._namespaces += 1
+        self.namespace[request.lora_int_id] = self._namespaces
+        return self._namespaces
+
+    def forget(self, lora_id: int) -> None:
+        """Drop an adapter's host copy and id (vLLM's unload): requests running with it finish on its slot, which is
+        then free for others; the id may come back with another folder, under a prefix namespace of its own."""
+        self.host.pop(lora_id, None)
+        self.requests.pop(lora_id, None)
+        self.namespace.pop(lora_id, None)
+        slot = self.slot_of.pop(lora_id, None)
+        if slot is not None:
+            self.resident[slot] = None
 
     def can_acquire(self, lora_id: int) -> bool:
         return lora_id in self.slot_of or any(h == 0 for h in self.held)

@@ -283,6 +283,10 @@ def test_server_loads_and_unloads_adapters_at_runtime(adapters):
         assert post("/v1/unload_lora_adapter", {"lora_name": "mlp"}).status_code == 200
         assert post("/v1/completions", body).status_code == 404
         assert post("/v1/unload_lora_adapter", {"lora_name": "mlp"}).status_code == 404
+        # The name back with another folder (its id too): its own weights and its own cached prefixes.
+        assert post("/v1/load_lora_adapter", {"lora_name": "mlp", "lora_path": paths["all"]}).status_code == 200
+        tokens = post("/v1/completions", body).json()["choices"][0]["logprobs"]["tokens"]
+        assert [int(t.removeprefix("token_id:")) for t in tokens] == hf_greedy(merged(hf, paths["all"]), prompt, 5)
 
 
 def test_chat_with_an_adapter(adapters, tiny_checkpoint):

@@ -281,9 +281,11 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         """vLLM's route: stop serving an adapter's name (requests already running with it finish)."""
         st, req = await _accept_plain(request, UnloadLoraRequest)
         _check_runtime_lora(st)
-        if st.loras.pop(req.lora_name, None) is None:
+        lora = st.loras.pop(req.lora_name, None)
+        if lora is None:
             raise APIError(404, f"The lora adapter '{req.lora_name}' cannot be found.", param="lora_name",
                            code="model_not_found")
+        await st.engine.forget_lora(lora.lora_int_id)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
     @app.post("/detokenize")
