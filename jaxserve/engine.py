@@ -1115,6 +1115,10 @@ class Engine:
                    decode_calls_after_prefill=self.decode_calls_after_prefill,
                    spec_verify_calls=self.spec["verify_calls"], spec_draft_tokens=self.spec["draft_tokens"],
                    spec_accepted_tokens=self.spec["accepted_tokens"])
+        if self.lora is not None:  # vLLM's lora_requests_info: adapters on the device, and slots in use
+            out.update(lora_slots=self.lora.max_loras,
+                       lora_adapters_loaded=sum(r is not None for r in self.lora.resident),
+                       lora_slots_held=sum(h > 0 for h in self.lora.held))
         return out
 
     @_on_device

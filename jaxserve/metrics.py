@@ -78,6 +78,10 @@ class _EngineTotals(Collector):
         yield CounterMetricFamily("jaxserve_engine_prefill_tokens",
                                   "Prompt tokens computed by prefill (cached prefixes excluded, recomputation "
                                   "after preemption included).", value=float(st.get("prefill_tokens", 0)))
+        for key, what in (("lora_adapters_loaded", "LoRA adapters on the device (EngineConfig.max_loras slots)."),
+                          ("lora_slots_held", "LoRA slots held by running requests.")):
+            if key in st:
+                yield GaugeMetricFamily(f"jaxserve_{key}", what, value=float(st[key]))
         # A gauge: the number of distinct step shapes compiled so far, a level rather than a flow.
         yield GaugeMetricFamily("jaxserve_compiled_step_shapes",
                                 "Distinct step shapes the engine has run (each compiled once a process: engines "

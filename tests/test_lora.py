@@ -102,6 +102,8 @@ def test_adapters_match_transformers_with_the_adapter_merged(adapters):
                                                                    logprobs=0), use_tqdm=False)  # it changed them
         assert_all_pages_free(engine)
         assert engine.lora.held == [0, 0]
+        stats = engine.stats()
+        assert (stats["lora_slots"], stats["lora_adapters_loaded"], stats["lora_slots_held"]) == (2, 2, 0)
 
 
 def test_mixed_batches_equal_each_row_alone_and_more_adapters_than_slots_wait(adapters):
@@ -200,6 +202,7 @@ def test_server_serves_adapters_by_model_name(adapters, tiny_checkpoint):
             assert [int(t.removeprefix("token_id:")) for t in tokens] == hf_greedy(ref, prompt, 6)
         r = httpx.post(live.url + "/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=60)
         assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+        assert "jaxserve_lora_adapters_loaded 1.0" in httpx.get(live.url + "/metrics").text
     with pytest.raises(ValueError, match="lora_modules must have distinct"):
         ServerConfig(model_name="tiny", lora_modules={"tiny": paths["all"]})
 
