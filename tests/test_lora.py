@@ -325,3 +325,22 @@ def test_adapters_under_speculative_decoding_and_structured_outputs(adapters):
                               use_tqdm=False, lora_request=lora)[0]
         assert out["text"].isdigit() and len(out["text"]) == 3
         assert_all_pages_free(engine)
+
+
+def test_preempted_adapter_rows_resume_on_their_adapter(adapters):
+    """A pool too small for the batch preempts rows; each comes back (recomputed) with its own adapter, perhaps in
+    another slot, and ends as it would alone."""
+    model, _, paths = adapters
+    loras = [LoRARequest("all", 1, paths["all"]), LoRARequest("attn", 2, paths["attn"]),
+             LoRARequest("mlp", 3, paths["mlp"]), None]
+    prompts = random_prompts(model.config.vocab_size, [20, 18, 22, 19])
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    with Engine(model, small_config(max_loras=2)) as engine:
+        alone = [engine.generate([p], greedy, use_tqdm=False, lora_request=lo)[0]["token_ids"]
+                 for p, lo in zip(prompts, loras)]
+    with Engine(model, small_config(max_loras=3, num_pages=14, prefix_caching=False)) as engine:
+        outs = engine.generate(prompts, greedy, use_tqdm=False, lora_request=loras)
+        assert engine.stats()["preemptions"] > 0
+        assert [o["token_ids"] for o in outs] == alone
+        assert engine.lora.held == [0, 0, 0]
+        assert_all_pages_free(engine)
