@@ -11,38 +11,12 @@ greedy tokens agree and the largest gap of their first token's log-probability.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-
-
-def make_adapter(path: str, hf, rank: int, seed: int, std: float) -> dict:
-    """A random PEFT adapter of ``rank`` on every projection; returns its tensors."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(seed)
-    os.makedirs(path, exist_ok=True)
-    tensors = {}
-    for i, layer in enumerate(hf.model.layers):
-        for t, group in TARGETS.items():
-            lin = getattr(getattr(layer, group), t)
-            prefix = f"base_model.model.model.layers.{i}.{group}.{t}"
-            tensors[f"{prefix}.lora_A.weight"] = (rng.normal(size=(rank, lin.in_features)) * std).astype(np.float32)
-            tensors[f"{prefix}.lora_B.weight"] = (rng.normal(size=(lin.out_features, rank)) * std).astype(np.float32)
-    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS),
-                   "bias": "none"}, f)
-    return tensors
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,8 +30,6 @@ def main() -> None:
                          "near-ties flip greedy tokens between any two roundings, H200 session 48: 0/16 rows alike)")
     ap.add_argument("--out", default=None, help="a folder: lora.md lands there")
     args = ap.parse_args()
-    import copy
-
     import jax
     import numpy as np
     import torch
@@ -67,6 +39,7 @@ def main() -> None:
     from jaxserve.config import ModelConfig
     from jaxserve.loading import LoadedModel
     from jaxserve.weights import load_hf_params
+    from tests.test_lora import make_adapter, merged
 
     gpu = jax.default_backend() != "cpu"
     dtype = "bfloat16" if gpu else "float32"
@@ -81,8 +54,8 @@ def main() -> None:
     adapters = []
     for i in range(4):
         path = os.path.join(root, f"lora{i}")
-        tensors = make_adapter(path, hf, args.rank, seed=i, std=std)
-        adapters.append((LoRARequest(f"lora{i}", i + 1, path), tensors))
+        make_adapter(path, hf, r=args.rank, alpha=2 * args.rank, seed=i, std=std)
+        adapters.append(LoRARequest(f"lora{i}", i + 1, path))
     rng = np.random.default_rng(0)
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True, logprobs=0)
 
@@ -103,8 +76,8 @@ def main() -> None:
             base_rate = None
             cases = [("base model, an engine without LoRA", base_eng, None),
                      ("base model, an engine serving 4 adapters", eng, None),
-                     ("one adapter", eng, adapters[0][0]),
-                     ("4 adapters, rows spread", eng, [adapters[i % 4][0] for i in range(batch)])]
+                     ("one adapter", eng, adapters[0]),
+                     ("4 adapters, rows spread", eng, [adapters[i % 4] for i in range(batch)])]
             for name, e, lora in cases:
                 e.generate(prompts, params, use_tqdm=False, lora_request=lora)  # compiles what the timed pass takes
                 start = time.perf_counter()
@@ -112,17 +85,10 @@ def main() -> None:
                 rate = sum(len(o["token_ids"]) for o in outs) / (time.perf_counter() - start)
                 base_rate = base_rate or rate
                 lines.append(f"| {batch} | {name} | {rate:,.0f} | {rate / base_rate:.2f}x |")
-        # The check: adapter 0's rows against its weights merged in.
-        merged = copy.deepcopy(hf).float()
-        rank = args.rank
-        with torch.no_grad():
-            for i, layer in enumerate(merged.model.layers):
-                for t, group in TARGETS.items():
-                    prefix = f"base_model.model.model.layers.{i}.{group}.{t}"
-                    delta = adapters[0][1][f"{prefix}.lora_B.weight"] @ adapters[0][1][f"{prefix}.lora_A.weight"]
-                    getattr(getattr(layer, group), t).weight.add_(torch.from_numpy(delta * 2.0))
+        # The check: adapter 0's rows against its weights merged in (in float32: the base model is not used again).
+        merged_model = merged(hf.float(), adapters[0].lora_path)
         cd = args.check_dtype
-        merged.to(torch.float32 if cd == "float32" else torch.bfloat16).save_pretrained(
+        merged_model.to(torch.float32 if cd == "float32" else torch.bfloat16).save_pretrained(
             os.path.join(root, "merged"), safe_serialization=True)
         mcfg = ModelConfig.from_pretrained(os.path.join(root, "merged"))
         mmodel = LoadedModel(load_hf_params(os.path.join(root, "merged"), mcfg, cd), mcfg, None,
@@ -137,7 +103,7 @@ def main() -> None:
         with Engine(mmodel, EngineConfig(**small)) as m_eng:
             want = m_eng.generate(prompts, check, use_tqdm=False)
         with Engine(cmodel, EngineConfig(**small, max_loras=1, max_lora_rank=args.rank)) as c_eng:
-            got = c_eng.generate(prompts, check, use_tqdm=False, lora_request=adapters[0][0])
+            got = c_eng.generate(prompts, check, use_tqdm=False, lora_request=adapters[0])
             plain = c_eng.generate(prompts, check, use_tqdm=False)
     same = sum(g["token_ids"] == w["token_ids"] for g, w in zip(got, want))
     unchanged = sum(g["token_ids"] == p["token_ids"] for g, p in zip(got, plain))

@@ -37,6 +37,18 @@ PROJECTION_PARTS = {
     "down_proj": ("mlp", ("down_proj",)),
 }
 TARGETS = tuple(p for _, parts in PROJECTION_PARTS.values() for p in parts)
+PART_GROUPS = {part: group for group, parts in PROJECTION_PARTS.values() for part in parts}  # q_proj: self_attn
+
+
+def peft_prefix(layer: int, part: str) -> str:
+    """The name PEFT gives a Qwen2 layer's LoRA part in ``adapter_model.safetensors`` (``.lora_A.weight`` and
+    ``.lora_B.weight`` follow it).
+
+    Example:
+        >>> peft_prefix(3, "q_proj")
+        'base_model.model.model.layers.3.self_attn.q_proj'
+    """
+    return f"base_model.model.model.layers.{layer}.{PART_GROUPS[part]}.{part}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +81,7 @@ def _target_modules(cfg: dict[str, Any]) -> set[str]:
     if targets == "all-linear":  # PEFT's shorthand: every linear layer but the output head
         return set(TARGETS)
     if isinstance(targets, str):  # PEFT's regex form, matched against the base model's module names
-        groups = {p: g for g, parts in PROJECTION_PARTS.values() for p in parts}
-        return {t for t in TARGETS if re.fullmatch(targets, f"model.layers.0.{groups[t]}.{t}")}
+        return {t for t in TARGETS if re.fullmatch(targets, f"model.layers.0.{PART_GROUPS[t]}.{t}")}
     if not isinstance(targets, (list, tuple)) or not targets:
         raise ValueError(f"adapter_config.json: target_modules must be a list of module names, got {targets!r}")
     unknown = sorted(set(targets) - set(TARGETS))
@@ -136,7 +147,7 @@ def load_adapter(path: str, config: ModelConfig, max_rank: int) -> dict[str, tup
     layers = config.num_hidden_layers
     used: set[str] = set()
     out = {}
-    for proj, (group, parts) in PROJECTION_PARTS.items():
+    for proj, (_, parts) in PROJECTION_PARTS.items():
         fan_in = in_out[parts[0]][0]
         outs = [in_out[p][1] for p in parts]
         a = np.zeros((layers, len(parts) * max_rank, fan_in), np.float32)
@@ -146,7 +157,7 @@ def load_adapter(path: str, config: ModelConfig, max_rank: int) -> dict[str, tup
                 continue
             col = sum(outs[:j])
             for i in range(layers):
-                prefix = f"base_model.model.model.layers.{i}.{group}.{part}"
+                prefix = peft_prefix(i, part)
                 ka, kb = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
                 if ka not in tensors or kb not in tensors:
                     raise ValueError(f"adapter_model.safetensors has no {ka} / {kb}")
@@ -184,8 +195,9 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array) -> ja
 
 
 # Adapters an engine can keep apart in its prefix index: `Request.index_ids` moves an adapter's first token to
-# -1 - token - namespace * 2**18, which must stay an int32.
-_MAX_NAMESPACES = 8191
+# -1 - token - namespace * NAMESPACE_STRIDE, which must stay an int32 (and tokens must stay below the stride).
+NAMESPACE_STRIDE = 1 << 18
+_MAX_NAMESPACES = (1 << 31) // NAMESPACE_STRIDE - 1
 
 
 class LoraSlots:

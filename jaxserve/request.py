@@ -12,6 +12,7 @@ import enum
 import time
 from typing import Any
 
+from jaxserve.lora import NAMESPACE_STRIDE
 from jaxserve.sampling import SamplingParams
 from jaxserve.tokenizer import IncrementalDetokenizer
 
@@ -89,7 +90,7 @@ class Request:
         the adapter's own (K/V depend on the adapter, so its prefixes must match only its own)."""
         ids = self.all_ids
         if self.lora_namespace:
-            ids[0] = -1 - ids[0] - self.lora_namespace * (1 << 18)
+            ids[0] = -1 - ids[0] - self.lora_namespace * NAMESPACE_STRIDE
         return ids
 
     @property

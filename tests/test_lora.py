@@ -15,17 +15,13 @@ import torch
 
 import jaxserve
 from jaxserve import Engine, LoRARequest, SamplingParams
-from jaxserve.lora import TARGETS, load_adapter, lora_delta
+from jaxserve.lora import PART_GROUPS, TARGETS, load_adapter, lora_delta, peft_prefix
 from tests.test_engine import assert_all_pages_free, hf_greedy, random_prompts, small_config
 
-GROUPS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-
-
 def make_adapter(path: str, hf, *, r: int = 4, alpha: float = 8.0, targets=TARGETS, seed: int = 0,
-                 rslora: bool = False) -> None:
+                 rslora: bool = False, std: float = 0.3) -> None:
     """Save a random PEFT LoRA adapter for ``hf`` in ``path`` (PEFT's file layout, written by hand: PEFT is not a
-    dependency)."""
+    dependency). bench/lora.py makes its adapters here too."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)
@@ -33,10 +29,10 @@ def make_adapter(path: str, hf, *, r: int = 4, alpha: float = 8.0, targets=TARGE
     tensors = {}
     for i, layer in enumerate(hf.model.layers):
         for t in targets:
-            lin = getattr(getattr(layer, GROUPS[t]), t)
-            prefix = f"base_model.model.model.layers.{i}.{GROUPS[t]}.{t}"
-            tensors[f"{prefix}.lora_A.weight"] = (rng.normal(size=(r, lin.in_features)) * 0.3).astype(np.float32)
-            tensors[f"{prefix}.lora_B.weight"] = (rng.normal(size=(lin.out_features, r)) * 0.3).astype(np.float32)
+            lin = getattr(getattr(layer, PART_GROUPS[t]), t)
+            prefix = peft_prefix(i, t)
+            tensors[f"{prefix}.lora_A.weight"] = (rng.normal(size=(r, lin.in_features)) * std).astype(np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = (rng.normal(size=(lin.out_features, r)) * std).astype(np.float32)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(targets),
@@ -44,7 +40,8 @@ def make_adapter(path: str, hf, *, r: int = 4, alpha: float = 8.0, targets=TARGE
 
 
 def merged(hf, path: str):
-    """``hf`` with the adapter in ``path`` merged into its weights: W + scale * B @ A (PEFT's merge)."""
+    """A copy of ``hf`` with the adapter in ``path`` merged into its weights, in ``hf``'s dtype: W + scale * B @ A
+    (PEFT's merge)."""
     from safetensors.numpy import load_file
 
     with open(os.path.join(path, "adapter_config.json")) as f:
@@ -55,9 +52,9 @@ def merged(hf, path: str):
     with torch.no_grad():
         for i, layer in enumerate(out.model.layers):
             for t in cfg["target_modules"]:
-                prefix = f"base_model.model.model.layers.{i}.{GROUPS[t]}.{t}"
+                prefix = peft_prefix(i, t)
                 delta = tensors[f"{prefix}.lora_B.weight"] @ tensors[f"{prefix}.lora_A.weight"]
-                getattr(getattr(layer, GROUPS[t]), t).weight.add_(torch.from_numpy(delta * scale))
+                getattr(getattr(layer, PART_GROUPS[t]), t).weight.add_(torch.from_numpy(delta * scale))
     return out
 
 
