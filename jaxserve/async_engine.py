@@ -189,22 +189,12 @@ class AsyncEngine:
         return await self._call(self.engine.stats)
 
     async def register_lora(self, lora_request: Any) -> None:
-        """Read and check an adapter on the engine thread (every replica's), so requests naming it start at once;
-        ValueError where the engine serves no adapters or the folder is bad."""
-        def register() -> None:
-            for engine in getattr(self.engine, "engines", [self.engine]):
-                engine._lora_namespace(lora_request)
-
-        await self._call(register)
+        """`Engine.register_lora` on the engine thread."""
+        await self._call(lambda: self.engine.register_lora(lora_request))
 
     async def forget_lora(self, lora_id: int) -> None:
-        """`jaxserve.lora.LoraSlots.forget` on the engine thread (every replica's)."""
-        def forget() -> None:
-            for engine in getattr(self.engine, "engines", [self.engine]):
-                if engine.lora is not None:
-                    engine.lora.forget(lora_id)
-
-        await self._call(forget)
+        """`Engine.forget_lora` on the engine thread."""
+        await self._call(lambda: self.engine.forget_lora(lora_id))
 
     async def clear_prefix_cache(self) -> None:
         """Drop unlocked cached prefixes (their pages return to the pool)."""
@@ -279,8 +269,7 @@ class AsyncEngine:
 
     def _add(self, prompt: Prompt, params: SamplingParams | None, request_id: str, output: _Output,
              priority: int = 0, lora_request: Any = None) -> None:
-        self.engine.add_request(prompt, params, request_id, priority,
-                                **({"lora_request": lora_request} if lora_request is not None else {}))
+        self.engine.add_request(prompt, params, request_id, priority, lora_request)
         request = self.engine.requests[request_id]
         if request.finish_reason is not None:  # refused at once (it could never fit the pool)
             self.engine.release(request_id)

@@ -85,6 +85,17 @@ def beam_score(tokens: Sequence[int], cum_logprob: float, eos_ids: Sequence[int]
     return cum_logprob / (n ** length_penalty)
 
 
+def step_params(params: BeamSearchParams) -> SamplingParams:
+    """A search step's request for one beam: one token, the 2 x beam_width best raw log-probabilities."""
+    return SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logprobs=2 * params.beam_width)
+
+
+def best_next(result: dict[str, Any], k: int) -> dict[int, float]:
+    """A step request's ``k`` best next tokens: the chosen token's log-probability is listed beside the k best
+    (vLLM's rule), so keep the k best."""
+    return dict(heapq.nlargest(k, result["top_logprobs"][0].items(), key=lambda kv: kv[1]))
+
+
 def search(next_logprobs: Callable[[list[list[int]], int], list[dict[int, float]]], prompts: list[list[int]],
            params: BeamSearchParams, eos_ids: Sequence[int],
            on_step: Callable[[], None] | None = None) -> list[list[_Beam]]:
@@ -136,12 +147,10 @@ def run_beam_search(driver: Any, prompts: Any, params: BeamSearchParams, use_tqd
         if len(p) + params.max_tokens > driver.max_model_len:
             raise ValueError(f"prompt ({len(p)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"max_model_len ({driver.max_model_len})")
-    step = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logprobs=2 * params.beam_width)
+    step = step_params(params)
 
     def next_logprobs(seqs: list[list[int]], k: int) -> list[dict[int, float]]:
-        outs = run_to_completion(driver, seqs, step, use_tqdm=False)
-        # The chosen token's log-probability is listed beside the k best (vLLM's rule): keep the k best.
-        return [dict(heapq.nlargest(k, o["top_logprobs"][0].items(), key=lambda kv: kv[1])) for o in outs]
+        return [best_next(o, k) for o in run_to_completion(driver, seqs, step, use_tqdm=False)]
 
     bar = None
     if use_tqdm:

@@ -24,7 +24,7 @@ from jaxserve.beam_search import BeamSearchParams, run_beam_search
 from jaxserve.engine_config import EngineConfig
 from jaxserve.guide_pool import GuidePool
 from jaxserve.loading import LoadedModel, generation_eos_ids, generation_sampling_defaults, load
-from jaxserve.lora import LoRARequest, LoraSlots
+from jaxserve.lora import NAMESPACE_STRIDE, LoRARequest, LoraSlots
 from jaxserve import model as model_module
 from jaxserve.model import decode_rows
 from jaxserve.request import Request, Status
@@ -239,8 +239,9 @@ class Engine:
                              attention_impl=default_attention_impl() if impl == "auto" else impl)
         self.lora = None
         if self.config.max_loras:
-            if mcfg.vocab_size > 1 << 18:  # `Request.index_ids` keeps adapters' prefixes apart past these ids
-                raise ValueError(f"LoRA serving takes vocabularies of at most {1 << 18} tokens, got {mcfg.vocab_size}")
+            if mcfg.vocab_size > NAMESPACE_STRIDE:  # `Request.index_ids` keeps adapters' prefixes apart past these
+                raise ValueError(f"LoRA serving takes vocabularies of at most {NAMESPACE_STRIDE} tokens, "
+                                 f"got {mcfg.vocab_size}")
             self.lora = LoraSlots(mcfg, self.config.max_loras, self.config.max_lora_rank, target, self.device)
         self.scheduler = Scheduler(self.config, num_pages, self.max_model_len, lora=self.lora)
         # The batch a decode call of n rows runs as: the smallest bucket holding model.decode_rows(n) (small steps
@@ -383,6 +384,16 @@ class Engine:
         if self.lora is None:
             raise ValueError("lora_request needs an engine that serves adapters: EngineConfig(max_loras=...) > 0")
         return self.lora.register(lora_request)
+
+    def register_lora(self, lora_request: LoRARequest) -> None:
+        """Read and check an adapter now, so requests naming it start at once (a server's start, vLLM's
+        ``/v1/load_lora_adapter``); ValueError where the engine serves no adapters or the folder is bad."""
+        self._lora_namespace(lora_request)
+
+    def forget_lora(self, lora_id: int) -> None:
+        """`jaxserve.lora.LoraSlots.forget` (vLLM's unload); nothing where the engine serves no adapters."""
+        if self.lora is not None:
+            self.lora.forget(lora_id)
 
     def _lora_inputs(self, reqs: list[Request], batch: int) -> dict | None:
         """A call's LoRA inputs for the runner: the adapters and each row's slot; None when no row has one."""
@@ -1180,8 +1191,7 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
     samples = [_samples(sp) for sp in params_list]
     order = ([(i, 0) for i in range(len(prompts))]
              + [(i, j) for i in range(len(prompts)) for j in range(1, len(samples[i]))])
-    made = {(i, j): driver.make_request(prompts[i], samples[i][j], priority=priorities[i],
-                                        **({"lora_request": loras[i]} if loras[i] is not None else {}))
+    made = {(i, j): driver.make_request(prompts[i], samples[i][j], priority=priorities[i], lora_request=loras[i])
             for i, j in order}
     requests = [made[key] for key in order]
     for r in requests:

@@ -164,6 +164,15 @@ class Replicas:
         """`Engine.request_ids` (every replica tokenizes alike)."""
         return self.engines[0].request_ids(prompt, params)
 
+    def register_lora(self, lora_request: Any) -> None:
+        """`Engine.register_lora` on every replica (each loads the adapters its requests name)."""
+        for engine in self.engines:
+            engine.register_lora(lora_request)
+
+    def forget_lora(self, lora_id: int) -> None:
+        for engine in self.engines:
+            engine.forget_lora(lora_id)
+
     def _queue(self, request: Request) -> str:
         return self.engines[self._owner[request.request_id]]._queue(request)
 

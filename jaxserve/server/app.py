@@ -14,7 +14,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import heapq
 import hmac
 import importlib.metadata
 import json
@@ -30,7 +29,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxserve.async_engine import AsyncEngine, EngineDeadError, RequestHandle
-from jaxserve.beam_search import BeamSearchParams, search
+from jaxserve.beam_search import BeamSearchParams, best_next, search, step_params
 from jaxserve.engine import Engine
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
@@ -160,9 +159,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             engine = await asyncio.to_thread(Replicas, loaded, engine_config, server_config.data_parallel_size)
         else:
             engine = await asyncio.to_thread(Engine, loaded, engine_config)
-        for replica in getattr(engine, "engines", [engine]):  # a bad adapter stops the start, not a request
-            for lora in loras.values():
-                await asyncio.to_thread(replica.lora.register, lora)
+        for lora in loras.values():  # a bad adapter stops the start, not a request
+            await asyncio.to_thread(engine.register_lora, lora)
         if server_config.warmup or server_config.warmup_structured:
             # Clients ask for log-probabilities per request: both step variants, warm.
             shapes = await asyncio.to_thread(engine.warmup, sampling=True, logprobs=True,
@@ -793,15 +791,14 @@ async def _beam_search(request: Request, st: _State, req: SamplingFields, prompt
                        param="n" if field == "beam_width" else field) from None
     loop = asyncio.get_running_loop()
     lora = st.loras.get(req.model)
-    step = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logprobs=2 * params.beam_width)
+    step = step_params(params)
 
     def next_logprobs(seqs: list[list[int]], k: int) -> list[dict[int, float]]:
         async def run() -> list[dict[str, Any]]:
             handles = await _submit_all(st, seqs, [step] * len(seqs), f"{fmt.id}-beam", req.priority, lora)
             return await _results_unless_disconnected(request, handles)
 
-        outs = asyncio.run_coroutine_threadsafe(run(), loop).result()
-        return [dict(heapq.nlargest(k, o["top_logprobs"][0].items(), key=lambda kv: kv[1])) for o in outs]
+        return [best_next(o, k) for o in asyncio.run_coroutine_threadsafe(run(), loop).result()]
 
     found = await asyncio.to_thread(search, next_logprobs, prompts, params, st.engine.engine.eos_ids)
 
