@@ -774,26 +774,23 @@ class DecoderLayer(nn.Module):
         mlp = MLP(self.config, self.dtype, name="mlp")
         input_norm = RMSNorm(eps, self.dtype, name="input_layernorm")
         post_norm = RMSNorm(eps, self.dtype, name="post_attention_layernorm")
-        if lora is not None:  # adapters' terms go between the plain path's products
-            attn_out, kv = attn(input_norm(x), cos, sin, lengths, kv, paged, lora=lora)
-            x = x + attn_out
-            return x + mlp(post_norm(x), _fast_kernels(paged), lora=lora), None, kv
-        if _accumulate_glue(paged, x, self.config, self.dtype):  # x: the float32 stream
+        glue = lora is None  # adapters' terms go between the plain path's products
+        if glue and _accumulate_glue(paged, x, self.config, self.dtype):  # x: the float32 stream
             x, kv = attn(x, cos, sin, lengths, kv, paged, accumulate=input_norm(x, folded=True))
             return mlp(x, accumulate=post_norm(x, folded=True)), None, kv
-        if _fused_glue(paged, x) and _fold_norms(x):
+        if glue and _fused_glue(paged, x) and _fold_norms(x):
             partials, kv, x = attn(x, cos, sin, lengths, kv, paged, glue=True,
                                    norm=input_norm(x, pending, folded=True))
             x, pending = mlp(x, True, glue=True, norm=post_norm(x, partials, folded=True))
             return x, pending, kv
-        if _fused_glue(paged, x):
+        if glue and _fused_glue(paged, x):
             x, h = input_norm(x, pending, fused=True)
             partials, kv = attn(h, cos, sin, lengths, kv, paged, glue=True)
             x, h = post_norm(x, partials, fused=True)
             return x, mlp(h, True, glue=True), kv
-        attn_out, kv = attn(input_norm(x), cos, sin, lengths, kv, paged)
+        attn_out, kv = attn(input_norm(x), cos, sin, lengths, kv, paged, lora=lora)
         x = x + attn_out
-        x = x + mlp(post_norm(x), _fast_kernels(paged))
+        x = x + mlp(post_norm(x), _fast_kernels(paged), lora=lora)
         return x, None, kv
 
 

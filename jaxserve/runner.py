@@ -301,7 +301,7 @@ class Steps:
 
     def _forward(self, params, kv, tokens, positions, paged, logits_at=None, greedy_tokens: bool = False):
         # Activation-dtype logits: the samplers widen them to float32 where they read them (exact). A call with
-        # LoRA rows carries the adapters beside the weights (`Runner.with_lora`): a variant traced apart.
+        # LoRA rows carries the adapters beside the weights (`Runner._params`): a variant traced apart.
         lora = params.get("lora")
         if lora is not None:
             params = {k: v for k, v in params.items() if k != "lora"}

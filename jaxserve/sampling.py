@@ -50,10 +50,10 @@ LOGIT_BIAS_RANGE = 100.0
 # bad_words: a request's words become at most this many token sequences (a word may give two: with and without
 # a leading space), each of at most MAX_BAD_WORD_TOKENS tokens. A batch in which some row has one carries
 # [B, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS] ids (none: width 0), so the step compiles for two widths at most.
-# Samples of one prompt (`n`): each is a request of its own, and a bound keeps one prompt from queueing millions.
-MAX_N = 1024
 MAX_BAD_WORDS = 64
 MAX_BAD_WORD_TOKENS = 8
+# Samples of one prompt (`n`): each is a request of its own, and a bound keeps one prompt from queueing millions.
+MAX_N = 1024
 # Top-k/top-p first look at this many best tokens per row (one partial sort) and fall back
 # to a full sort only when some row's answer is not decided inside them; both paths are exact.
 DEFAULT_TOP_CANDIDATES = 1024

@@ -524,6 +524,8 @@ class _PrefillSharing:
             self.groups.setdefault(tuple(request.index_ids[: self.page_size]), []).append(request)
 
     def holds(self, request: Request) -> bool:
+        if not self.groups:  # the usual admission: nothing being prefilled to wait for
+            return False
         ids = request.index_ids
         # The index matches whole pages of all but the last token (`Scheduler._claim`).
         if request.wants_prompt_logprobs or len(ids) - 1 < self.page_size:
