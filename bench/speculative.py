@@ -101,6 +101,7 @@ def main() -> None:
             lines.append(f"| {batch} | {k} | {rate:,.0f} | {rate / base_rate:.2f}x | {calls if k else '-'} | "
                          f"{drafted} | {accepted} | {per_row:.2f} | "
                          f"{'yes' if tokens == base_tokens else 'NO'} |")
+            print(lines[-1], flush=True)  # a part cut by its time limit still shows the rows it finished
     write_lines(args.out, "speculative.md", lines)
 
 
