@@ -7,13 +7,14 @@ Example:
 
 from jaxserve.beam_search import BeamSearchParams
 from jaxserve.config import ModelConfig
-from jaxserve.engine import Engine, beam_search, chat, generate
+from jaxserve.engine import Engine, beam_search, chat, embed, generate
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.lora import LoRARequest
+from jaxserve.pooling import PoolingParams
 from jaxserve.replicas import Replicas
 from jaxserve.sampling import SamplingParams
 from jaxserve.structured import StructuredOutputs
 
-__all__ = ["BeamSearchParams", "Engine", "EngineConfig", "LoRARequest", "LoadedModel", "ModelConfig", "Replicas", "SamplingParams", "StructuredOutputs",
-           "beam_search", "chat", "generate", "load"]
+__all__ = ["BeamSearchParams", "Engine", "EngineConfig", "LoRARequest", "LoadedModel", "ModelConfig", "PoolingParams",
+           "Replicas", "SamplingParams", "StructuredOutputs", "beam_search", "chat", "embed", "generate", "load"]

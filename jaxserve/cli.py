@@ -231,7 +231,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  return_tokens_as_token_ids=args.return_tokens_as_token_ids,
                                  lora_modules=tuple(_lora_module(m) for m in args.lora_modules or ()),
                                  allow_runtime_lora_updating=args.allow_runtime_lora_updating or os.environ.get(
-                                     "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"))
+                                     "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
+                                 pooling_type=args.pooling_type)
     engine_config = engine_config_from_args(args)
     serve(_model_from_args(args, engine_config), engine_config, server_config, host=args.host, port=args.port,
           log_level=args.log_level)
@@ -333,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allow-runtime-lora-updating", action="store_true",
                      help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; also "
                           "$VLLM_ALLOW_RUNTIME_LORA_UPDATING=true)")
+    srv.add_argument("--pooling-type", default="last", choices=("last", "mean"),
+                     help="how /v1/embeddings pools the final hidden states: the last token's (gte-Qwen2's, vLLM's "
+                          "default) or their mean")
     srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     _engine_args(srv)
     srv.set_defaults(func=cmd_serve)

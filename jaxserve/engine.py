@@ -27,6 +27,7 @@ from jaxserve.loading import LoadedModel, generation_eos_ids, generation_samplin
 from jaxserve.lora import NAMESPACE_STRIDE, LoRARequest, LoraSlots
 from jaxserve import model as model_module
 from jaxserve.model import decode_rows
+from jaxserve.pooling import PoolingParams, finish_embedding
 from jaxserve.request import Request, Status
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
 from jaxserve.sampling import (SamplingParams, allowed_masks, check_bad_word_ids, check_banned_ids, make_batch,
@@ -73,6 +74,10 @@ class _Decode:
     guided: bool = False  # its rows followed structured outputs on the device (a chained call may continue them)
 
 
+# What a pooling request runs as (`Engine._pooling_request`): one greedy token, which is never taken.
+_POOLING_STEP = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+
 @dataclasses.dataclass
 class _Prefill:
     """A dispatched prefill call: its rows ``(request, start, end)`` and device outputs."""
@@ -82,6 +87,8 @@ class _Prefill:
     # Rows owed prompt log-probabilities: (row index, first prompt position, end) this call fills.
     prompt_rows: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
     prompt_out: Any = None  # their `PromptLogprobs`, on the device
+    pool_rows: list[int] = dataclasses.field(default_factory=list)  # pooling rows (`jaxserve.pooling`)
+    pool_out: Any = None  # their pooled hidden states, on the device
 
     def finishing(self) -> dict[int, int]:
         """The rows whose prompt this call finishes (it samples their first token): id -> index."""
@@ -304,7 +311,7 @@ class Engine:
         self.closed = False
 
     # ----- requests ------------------------------------------------------------------------
-    def request_ids(self, prompt: Prompt, params: SamplingParams) -> list[int]:
+    def request_ids(self, prompt: Prompt, params: SamplingParams | PoolingParams) -> list[int]:
         """The token ids a request of ``prompt`` runs on: tokenized (or checked against the vocabulary) and cut
         to its last ``params.truncate_prompt_tokens`` (a chat's newest turns are its end). ValueError if bad."""
         ids = self._prompt_ids(prompt)
@@ -336,17 +343,20 @@ class Engine:
         return SamplingParams(**{**self.sampling_defaults, **overrides})
 
     @_on_device
-    def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
+    def make_request(self, prompt: Prompt, params: SamplingParams | PoolingParams | None = None,
                      request_id: str | None = None, priority: int = 0,
                      lora_request: LoRARequest | None = None) -> Request:
-        """Validate and build a request without queueing it (raises ``ValueError`` on bad input). ``priority``
+        """Validate and build a request without queueing it (raises ``ValueError`` on bad input); a `PoolingParams`
+        makes an embedding request (`jaxserve.pooling`). ``priority``
         (vLLM's): lower runs first, where ``EngineConfig.scheduling_policy`` is "priority" (elsewhere only 0).
         ``lora_request``: the LoRA adapter it runs with (``EngineConfig.max_loras`` > 0; read and checked here)."""
         check_priority(priority, self.config.scheduling_policy)
         namespace = self._lora_namespace(lora_request)
+        if isinstance(params, PoolingParams):
+            return self._pooling_request(prompt, params, request_id, priority, lora_request, namespace)
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+            raise ValueError(f"params must be a SamplingParams or PoolingParams, got {type(params).__name__}")
         if params.n != 1:
             raise ValueError(f"n must be 1 for one request (generate and chat run n samples; here add n requests, "
                              f"each its own seed), got {params.n}")
@@ -375,6 +385,19 @@ class Engine:
         return Request(request_id, ids, params, detok, self.eos_ids, guide=guide, bad_word_ids=bad_words,
                        priority=int(priority), lora_id=0 if lora_request is None else lora_request.lora_int_id,
                        lora_namespace=namespace)
+
+    def _pooling_request(self, prompt: Prompt, pooling: PoolingParams, request_id: str | None, priority: int,
+                         lora_request: LoRARequest | None, namespace: int) -> Request:
+        """`make_request` for an embedding: a prompt prefilled and never decoded (`jaxserve.pooling`). It runs as a
+        one-token greedy request whose token is never taken: the prefill that ends its prompt finishes it."""
+        ids = self.request_ids(prompt, pooling)
+        if len(ids) + 1 > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) exceeds max_model_len ({self.max_model_len}) - 1")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        return Request(request_id, ids, _POOLING_STEP, None, (), priority=int(priority), pooling=pooling,
+                       lora_id=0 if lora_request is None else lora_request.lora_int_id, lora_namespace=namespace)
 
     def _lora_namespace(self, lora_request: LoRARequest | None) -> int:
         if lora_request is None:
@@ -438,7 +461,7 @@ class Engine:
             guide.prepare_host_tables()
         return guide
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+    def add_request(self, prompt: Prompt, params: SamplingParams | PoolingParams | None = None,
                     request_id: str | None = None, priority: int = 0,
                     lora_request: LoRARequest | None = None) -> str:
         """Queue a prompt (text or token ids); returns its request id. ``priority``, ``lora_request``:
@@ -623,19 +646,36 @@ class Engine:
         reqs = [r for r, _, _ in rows]
         sbatch, steps, num_top, counts, seen, greedy, logprobs = self._sampling_inputs(reqs, batch)
         targets, prompt_rows = self._prompt_targets(rows, tokens.shape)
+        pool_from, pool_rows = self._pool_inputs(rows, batch)
         out = self.runner.prefill(tokens, q_start, lengths, block_tables, sbatch, steps, counts, seen, num_top,
                                   greedy, logprobs, prompt_targets=targets,
                                   prompt_top=MAX_TOP_LOGPROBS if any(rows[i][0].params.prompt_logprobs
                                                                      for i, _, _ in prompt_rows) else 0,
-                                  lora=self._lora_inputs(reqs, batch))
+                                  lora=self._lora_inputs(reqs, batch), pool_from=pool_from)
         for r, s, e in rows:
             r.computed = e
             self.prefill_tokens += e - s
             if e == r.prefill_end:
                 self.scheduler.after_prefill(r)
-        if targets is None:
+        if targets is None and pool_from is None:
             return _Prefill(rows, out)
-        return _Prefill(rows, out[0], prompt_rows, out[1])
+        return _Prefill(rows, out[0], prompt_rows, out[1], pool_rows, out[2])
+
+    @staticmethod
+    def _pool_inputs(rows: list[tuple[Request, int, int]], batch: int) -> tuple[np.ndarray | None, list[int]]:
+        """For a prefill call with pooling rows: the runner's ``pool_from`` (each row's first position not yet in
+        its sum: a recompute after preemption may cover positions summed before) and those rows' indices;
+        ``(None, [])`` without any (the usual step). The positions are marked summed now, as prompt
+        log-probabilities' are."""
+        pool_rows = [i for i, (r, _, _) in enumerate(rows) if r.pooling is not None]
+        if not pool_rows:
+            return None, []
+        pool_from = np.zeros(batch, np.int32)
+        for i in pool_rows:
+            r, s, e = rows[i]
+            pool_from[i] = max(s, r.pooled_upto)
+            r.pooled_upto = max(r.pooled_upto, e)
+        return pool_from, pool_rows
 
     @staticmethod
     def _prompt_targets(rows: list[tuple[Request, int, int]], shape: tuple[int, int]):
@@ -664,10 +704,20 @@ class Engine:
 
     def _collect_prefill(self, call: _Prefill) -> list[Request]:
         """Read a prefill call's first tokens and hand them to the rows whose prompt it finished
-        (those it returns). A row aborted meanwhile takes nothing."""
+        (those it returns; a pooling row it finished takes its embedding instead, and ends). A row aborted
+        meanwhile takes nothing."""
         start = time.perf_counter()
-        out, prompt = jax.device_get((call.out, call.prompt_out))
+        out, prompt, pooled = jax.device_get((call.out, call.prompt_out, call.pool_out))
         self.time_s["prefill"] += time.perf_counter() - start
+        done = []
+        for i in call.pool_rows:
+            r, _, e = call.rows[i]
+            r.pool_sum = pooled[1, i] if r.pool_sum is None else r.pool_sum + pooled[1, i]
+            if e == r.prefill_end and r.finish_reason is None:
+                vector = pooled[0, i] if r.pooling.pooling_type == "last" else r.pool_sum
+                r.embedding = finish_embedding(vector, r.pooling, len(r.prompt_ids))
+                r.finish("stop")
+                done.append(r)
         for i, lo, hi in call.prompt_rows:
             r, s, _ = call.rows[i]
             k, at = r.params.prompt_logprobs, slice(lo - s - 1, hi - s - 1)  # the chunk's columns scoring lo..hi-1
@@ -684,7 +734,6 @@ class Engine:
                     entry.setdefault(t, v)
                 r.prompt_lps[p] = entry
         tokens_out, logprobs_out = out.tokens.tolist(), out.logprobs.tolist()
-        done = []
         for i, (r, _, e) in enumerate(call.rows):
             if e == r.prefill_end and r.finish_reason is None:
                 r.append(tokens_out[i], logprobs_out[i], self._top(r, out, (i,)))
@@ -967,6 +1016,21 @@ class Engine:
         """
         return run_to_completion(self, prompts, sampling_params, use_tqdm, priority, lora_request)
 
+    def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+              use_tqdm: bool = True, priority: Sequence[int] | None = None,
+              lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[dict[str, Any]]:
+        """Embed prompts (vLLM's ``LLM.embed``): one dict a prompt, in order, ``embedding`` (float32 ``[hidden_size]``,
+        the final hidden state at the last token, unit length, unless ``pooling_params`` says otherwise),
+        ``prompt_tokens``, ``cached_tokens``, ``finish_reason``, ``total_time``. Runs beside generation in the same
+        steps (`jaxserve.pooling`).
+
+        Example:
+            >>> out = engine.embed(["import os", "def add(a, b):"], use_tqdm=False)  # doctest: +SKIP
+            >>> float(out[0]["embedding"] @ out[1]["embedding"])                    # doctest: +SKIP
+            0.83
+        """
+        return run_to_completion(self, prompts, pooling_params or PoolingParams(), use_tqdm, priority, lora_request)
+
     def chat(self, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
              **template_options: Any) -> list[dict[str, Any]]:
@@ -1168,7 +1232,7 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
         prompts = [prompts]
     prompts = list(prompts)
-    if isinstance(sampling_params, SamplingParams) or sampling_params is None:
+    if isinstance(sampling_params, (SamplingParams, PoolingParams)) or sampling_params is None:
         params_list = [sampling_params] * len(prompts)
     else:
         params_list = list(sampling_params)
@@ -1228,10 +1292,10 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
     return out
 
 
-def _samples(params: SamplingParams | None) -> list[SamplingParams | None]:
+def _samples(params: SamplingParams | PoolingParams | None) -> list[SamplingParams | PoolingParams | None]:
     """One prompt's requests: ``params.n`` of them, n = 1 each, a seeded one's sample i seeded ``seed + i``
     (as the server's ``n`` does)."""
-    if params is None or params.n == 1:
+    if not isinstance(params, SamplingParams) or params.n == 1:
         return [params]
     return [dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
             for i in range(params.n)]
@@ -1285,6 +1349,24 @@ def generate(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Se
     with Engine(model, engine_config) as engine:
         return engine.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority,
                                lora_request=lora_request)
+
+
+def embed(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Sequence[Prompt],
+          pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, *,
+          engine_config: EngineConfig | None = None, use_tqdm: bool = True,
+          lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[dict[str, Any]]:
+    """Embeddings of one or many prompts (text or token ids) from ``model`` (as `generate` takes it): vLLM's
+    ``LLM.embed``. Each result's ``embedding`` is a float32 ``[hidden_size]`` array: by default the final hidden state
+    at the prompt's last token, normalized (`PoolingParams` picks a mean instead, or no normalization).
+
+    Example:
+        >>> import jaxserve
+        >>> out = jaxserve.embed(None, ["import os", "import sys"], use_tqdm=False)
+        >>> out[0]["embedding"].shape, round(float(out[0]["embedding"] @ out[0]["embedding"]), 4)
+        ((256,), 1.0)
+    """
+    with Engine(model, _serving_loras(engine_config, lora_request)) as engine:
+        return engine.embed(prompts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
 
 def _serving_loras(engine_config: EngineConfig | None, lora_request: Any) -> EngineConfig | None:

@@ -132,7 +132,7 @@ class ServingMetrics:
         self.requests.labels(finish_reason=result["finish_reason"] or "unknown").inc()
         self.prompt_tokens.inc(result["prompt_tokens"])
         self.cached_tokens.inc(result.get("cached_tokens") or 0)
-        self.generation_tokens.inc(result["completion_tokens"])
+        self.generation_tokens.inc(result.get("completion_tokens", 0))  # an embedding has none
         if result.get("ttft") is not None:
             self.ttft.observe(result["ttft"])
         if result.get("tpot") is not None:

@@ -808,7 +808,8 @@ class Qwen2ForCausalLM(nn.Module):
     ``logits_at [B]`` projects only one position per row (the last prompt token in prefill).
     Logits come back in float32 unless ``logits_dtype`` says otherwise (None: the activation dtype).
     ``greedy_tokens=True`` (where ``greedy_head_applies``): each position's argmax token ``[B, S]``
-    int32 instead, from the LM head itself. ``lora``: ``{"weights": {projection: (a [L, n, R, in],
+    int32 instead, from the LM head itself. ``hidden_states=True``: ``(logits, hidden)`` in logits' place, ``hidden
+    [B, S, hidden_size]`` the final norm's output at every position (the LM head's input; `jaxserve.pooling`). ``lora``: ``{"weights": {projection: (a [L, n, R, in],
     b [L, n, R, out])}, "slots": [B]}``, LoRA adapters and each row's slot (-1: none; `jaxserve.lora`).
     """
 
@@ -821,7 +822,8 @@ class Qwen2ForCausalLM(nn.Module):
                  paged: PagedAttention | None = None,
                  logits_at: jax.Array | None = None,
                  logits_dtype: Any = jnp.float32,
-                 greedy_tokens: bool = False, lora: dict | None = None) -> tuple[jax.Array, KVCache | None]:
+                 greedy_tokens: bool = False, lora: dict | None = None,
+                 hidden_states: bool = False) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
         b, s = tokens.shape
         if positions is None:
@@ -846,8 +848,14 @@ class Qwen2ForCausalLM(nn.Module):
                 x, cos, sin, lengths, None if kv is None else kv[i], paged, pending, _layer_lora(lora, i))
             new_kv.append(layer_kv)
         final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")
+        hidden = None
         if fused_glue:  # one token a row: logits_at can only pick it
             _, x = final_norm(x, pending, fused=True)
+            hidden = x
+        elif hidden_states:  # every position normed (the norm is per position, so picking after it is the same)
+            hidden = final_norm(x)
+            x = hidden if logits_at is None else jnp.take_along_axis(
+                hidden, logits_at[:, None, None].astype(jnp.int32), axis=1)
         else:
             if logits_at is not None:
                 x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
@@ -866,7 +874,7 @@ class Qwen2ForCausalLM(nn.Module):
         # ``logits_dtype=None`` keeps the activation dtype: the engine's greedy pick reads bf16
         # logits (half the bytes of a float32 copy, which a kernel's input would materialise).
         logits = logits if logits_dtype is None else logits.astype(logits_dtype)
-        return logits, new_kv
+        return ((logits, hidden) if hidden_states else logits), new_kv
 
 
 def _layer_lora(lora: dict | None, layer: int) -> tuple | None:

@@ -25,6 +25,7 @@ import jax
 from jaxserve.engine import Engine, Prompt, check_priority, run_chat, run_to_completion
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
+from jaxserve.pooling import PoolingParams
 from jaxserve.request import Request
 from jaxserve.sampling import SamplingParams
 from jaxserve.structured import StructuredOutputs, TokenGuide
@@ -141,13 +142,13 @@ class Replicas:
     def default_sampling_params(self, **overrides: Any) -> SamplingParams:
         return self.engines[0].default_sampling_params(**overrides)
 
-    def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
+    def make_request(self, prompt: Prompt, params: SamplingParams | PoolingParams | None = None,
                      request_id: str | None = None, priority: int = 0, lora_request: Any = None) -> Request:
         """Route and validate a request (ValueError on bad input, nothing routed), without queueing it."""
         if self.closed:
             raise RuntimeError("replicas are closed")
         check_priority(priority, self.engines[0].config.scheduling_policy)
-        if params is not None and params.structured_outputs is not None:
+        if getattr(params, "structured_outputs", None) is not None:  # a PoolingParams has none
             self.structured_guide(params.structured_outputs)  # one compile, and the replicas share its vocabulary
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._owner:
@@ -237,6 +238,12 @@ class Replicas:
         """`Engine.generate` over the replicas: every prompt routed and validated first, then all run together;
         one result dict per prompt, in order."""
         return run_to_completion(self, prompts, sampling_params, use_tqdm, priority, lora_request)
+
+    def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None,
+              use_tqdm: bool = True, priority: Sequence[int] | None = None,
+              lora_request: Any = None) -> list[dict[str, Any]]:
+        """`Engine.embed` over the replicas."""
+        return run_to_completion(self, prompts, pooling_params or PoolingParams(), use_tqdm, priority, lora_request)
 
     def chat(self, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,

@@ -78,6 +78,13 @@ class Request:
     lora_id: int = 0
     lora_namespace: int = 0
     lora_slot: int = -1
+    # A pooling request (`jaxserve.pooling`): prefilled, never decoded; its prompt's final hidden states pooled as
+    # chunks arrive (the sum over positions below ``pooled_upto``, for a mean) and, when the last chunk is read,
+    # ``embedding``.
+    pooling: Any = None
+    pool_sum: Any = dataclasses.field(default=None, repr=False)
+    pooled_upto: int = 0
+    embedding: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def all_ids(self) -> list[int]:
@@ -98,6 +105,12 @@ class Request:
         """Prompt log-probabilities asked for and not all computed yet: its prefill must compute
         every prompt position (no cached prefix: those positions would have no logits)."""
         return self.params.prompt_logprobs is not None and self.prompt_logprobs_upto < len(self.prompt_ids)
+
+    @property
+    def computes_whole_prompt(self) -> bool:
+        """Whether its prefill must compute every prompt position, the prefix cache supplying none: prompt
+        log-probabilities still owed, or a mean over the prompt's hidden states (cached positions have neither)."""
+        return self.wants_prompt_logprobs or (self.pooling is not None and self.pooling.pooling_type == "mean")
 
     @property
     def is_prefilling(self) -> bool:
@@ -243,9 +256,13 @@ class Request:
         return delta, n
 
     def result(self) -> dict[str, Any]:
-        """The plain-dict result ``generate`` returns."""
-        self.sync_text()
+        """The plain-dict result ``generate`` returns (a pooling request's: ``embed``'s)."""
         end = self.finish_time or time.perf_counter()
+        if self.pooling is not None:
+            return {"request_id": self.request_id, "embedding": self.embedding, "finish_reason": self.finish_reason,
+                    "prompt_tokens": len(self.prompt_ids), "cached_tokens": self.cached_tokens,
+                    "total_time": end - self.arrival}
+        self.sync_text()
         ttft = None if self.first_token_time is None else self.first_token_time - self.arrival
         n = len(self.output_ids)
         tpot = None if ttft is None or n < 2 else (end - self.first_token_time) / (n - 1)

@@ -30,6 +30,7 @@ from jaxserve.model import (KVCache, PagedAttention, Qwen2ForCausalLM, check_wei
                             new_kv_cache)
 from jaxserve.sampling import (PromptLogprobs, SampleOutput, SamplingBatch, ban_bad_words, no_logprobs, push_recent,
                                row_keys, sample, target_logprobs, token_logprobs, unpack_allowed, update_counts)
+from jaxserve.pooling import pool_hidden
 from jaxserve.speculative import rejection_sample
 
 # XLA compiler options of decode steps wider than the skinny matmul serves, whose projections
@@ -150,7 +151,7 @@ class Runner:
     def prefill(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
                 batch: SamplingBatch, steps: np.ndarray, counts=None, seen=None, num_top: int = 0,
                 greedy: bool = False, logprobs: bool = True, prompt_targets: np.ndarray | None = None,
-                prompt_top: int = 0, lora: dict | None = None):
+                prompt_top: int = 0, lora: dict | None = None, pool_from: np.ndarray | None = None):
         """One chunk per row: ``tokens [B, S]`` at positions ``q_start[b]..``; samples after row's last token.
         ``logprobs=False``: the chosen tokens' log-probabilities are NaN, not computed.
 
@@ -158,24 +159,29 @@ class Runner:
         and each row's slot (-1: the base model); a variant compiled apart, as for every call below.
 
         ``prompt_targets [B, S]`` (prompt log-probabilities asked for): the token that follows each
-        position; the call then returns ``(out, PromptLogprobs)``, the log-probability of each target
+        position; the call then also returns a `PromptLogprobs`, the log-probability of each target
         and the ``prompt_top`` best tokens at every position, from a variant compiled apart, so
-        batches that ask for none run the usual step.
+        batches that ask for none run the usual step. ``pool_from [B]`` (pooling rows, `jaxserve.pooling`): it
+        also returns each row's final hidden states pooled (`pooling.pool_hidden`: ``[2, B, hidden]``, at the row's
+        last token and summed from position ``pool_from[b]``), another variant. With either, the call returns
+        ``(out, PromptLogprobs or None, pooled or None)``.
 
         Example:
-            >>> out, plp = runner.prefill(tokens, q_start, lengths, tables, batch, steps,
-            ...                           prompt_targets=targets, prompt_top=20)  # doctest: +SKIP
+            >>> out, plp, _ = runner.prefill(tokens, q_start, lengths, tables, batch, steps,
+            ...                              prompt_targets=targets, prompt_top=20)  # doctest: +SKIP
             >>> plp.logprobs.shape == tokens.shape                                 # doctest: +SKIP
             True
         """
         prompt = -1 if prompt_targets is None else prompt_top
         self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, batch.bias_ids.shape[1],
                                   batch.allowed.shape[1], num_top, counts is not None, greedy, logprobs)
-                                 + ((prompt,) if prompt >= 0 else ()) + _bad_words_key(batch) + _lora_key(lora))
+                                 + ((prompt,) if prompt >= 0 else ()) + _bad_words_key(batch) + _lora_key(lora)
+                                 + (("pool",) if pool_from is not None else ()))
         targets = None if prompt_targets is None else _int32(prompt_targets)[0]
+        pool = None if pool_from is None else _int32(pool_from)[0]
         self.kv, out = self.compiled.prefill(
             self._params(lora), self.kv, *_int32(tokens, q_start, lengths, block_tables), batch, *_int32(steps), counts,
-            seen, targets, num_top=num_top, greedy=greedy, logprobs=logprobs, prompt_top=prompt)
+            seen, targets, pool, num_top=num_top, greedy=greedy, logprobs=logprobs, prompt_top=prompt)
         return out
 
     def verify(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
@@ -299,14 +305,16 @@ class Steps:
         wide = rows > self.skinny_rows or 0 < self.xla_gate_up_rows < rows
         return self.decode_wide if wide else self.decode
 
-    def _forward(self, params, kv, tokens, positions, paged, logits_at=None, greedy_tokens: bool = False):
+    def _forward(self, params, kv, tokens, positions, paged, logits_at=None, greedy_tokens: bool = False,
+                 hidden_states: bool = False):
         # Activation-dtype logits: the samplers widen them to float32 where they read them (exact). A call with
         # LoRA rows carries the adapters beside the weights (`Runner._params`): a variant traced apart.
         lora = params.get("lora")
         if lora is not None:
             params = {k: v for k, v in params.items() if k != "lora"}
         return self.model.apply({"params": params}, tokens, positions, kv=kv, paged=paged, logits_at=logits_at,
-                                logits_dtype=None, greedy_tokens=greedy_tokens, lora=lora)
+                                logits_dtype=None, greedy_tokens=greedy_tokens, lora=lora,
+                                hidden_states=hidden_states)
 
     def _greedy_head(self, rows: int, greedy: bool, num_top: int, logprobs: bool, batch: SamplingBatch) -> bool:
         """Whether a step's tokens come from the LM head's argmax kernel (`model.greedy_head_applies`):
@@ -328,24 +336,31 @@ class Steps:
         return positions, paged
 
     def _prefill_impl(self, params, kv, tokens, q_start, lengths, block_tables, batch: SamplingBatch, steps,
-                      counts, seen, targets=None, *, num_top: int, greedy: bool, logprobs: bool = True,
+                      counts, seen, targets=None, pool_from=None, *, num_top: int, greedy: bool, logprobs: bool = True,
                       prompt_top: int = -1):
         b, s = tokens.shape
         positions, paged = self._chunk_attention(s, q_start, lengths, block_tables)
         logits_at = jnp.maximum(lengths - q_start - 1, 0)
-        if prompt_top >= 0:
-            # Every position's logits ([B, S, V]): only this variant projects them all, so a batch
-            # that asks for no prompt log-probabilities pays nothing for it.
-            logits, kv = self._forward(params, kv, tokens, positions, paged)
-            flat = logits.reshape(b * s, -1)
-            chosen, top_ids, top_lps = token_logprobs(flat, targets.reshape(-1), prompt_top)
-            target_logits = jnp.take_along_axis(flat, targets.reshape(-1, 1), axis=-1)
-            ranks = 1 + jnp.sum(flat > target_logits, axis=-1, dtype=jnp.int32)
-            prompt = PromptLogprobs(chosen.reshape(b, s), top_ids.reshape(b, s, -1), top_lps.reshape(b, s, -1),
-                                    ranks.reshape(b, s))
-            last = jnp.take_along_axis(logits, logits_at[:, None, None], axis=1)[:, 0]
-            return kv, (choose_tokens(last, batch, steps, counts, seen, num_top=num_top, greedy=greedy,
-                                      logprobs=logprobs), prompt)
+        if prompt_top >= 0 or pool_from is not None:
+            # Every position's logits ([B, S, V]) for prompt log-probabilities, the final hidden states for pooling
+            # rows (`jaxserve.pooling`): only these variants compute them, so a batch that asks for neither pays
+            # nothing for it.
+            at = None if prompt_top >= 0 else logits_at
+            logits, kv = self._forward(params, kv, tokens, positions, paged, at, hidden_states=pool_from is not None)
+            pooled = prompt = None
+            if pool_from is not None:
+                logits, hidden = logits
+                pooled = pool_hidden(hidden, positions, pool_from, lengths, logits_at)
+            if prompt_top >= 0:
+                flat = logits.reshape(b * s, -1)
+                chosen, top_ids, top_lps = token_logprobs(flat, targets.reshape(-1), prompt_top)
+                target_logits = jnp.take_along_axis(flat, targets.reshape(-1, 1), axis=-1)
+                ranks = 1 + jnp.sum(flat > target_logits, axis=-1, dtype=jnp.int32)
+                prompt = PromptLogprobs(chosen.reshape(b, s), top_ids.reshape(b, s, -1), top_lps.reshape(b, s, -1),
+                                        ranks.reshape(b, s))
+                logits = jnp.take_along_axis(logits, logits_at[:, None, None], axis=1)
+            return kv, (choose_tokens(logits[:, 0], batch, steps, counts, seen, num_top=num_top, greedy=greedy,
+                                      logprobs=logprobs), prompt, pooled)
         if self._greedy_head(b, greedy, num_top, logprobs, batch):
             picked, kv = self._forward(params, kv, tokens, positions, paged, logits_at, greedy_tokens=True)
             return kv, no_logprobs(picked[:, 0])

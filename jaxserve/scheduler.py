@@ -263,8 +263,9 @@ class Scheduler:
         if request.lora_id:
             request.lora_slot = self.lora.acquire(request.lora_id)
         # A request still owed prompt log-probabilities computes its whole prompt (vLLM v1's rule):
-        # cached positions have no logits. Its pages are indexed after it all the same.
-        if self.config.prefix_caching and not request.wants_prompt_logprobs:
+        # cached positions have no logits (nor hidden states, for a mean-pooling request). Its pages are indexed
+        # after it all the same.
+        if self.config.prefix_caching and not request.computes_whole_prompt:
             start = time.perf_counter()
             # Match all but the last token: the last one must be computed to produce logits.
             st.index, n, pages, nodes = st._match(st.index, self._padded(tokens), len(tokens) - 1)
@@ -528,7 +529,7 @@ class _PrefillSharing:
             return False
         ids = request.index_ids
         # The index matches whole pages of all but the last token (`Scheduler._claim`).
-        if request.wants_prompt_logprobs or len(ids) - 1 < self.page_size:
+        if request.computes_whole_prompt or len(ids) - 1 < self.page_size:
             return False
         for other in self.groups.get(tuple(ids[: self.page_size]), ()):
             if not other.is_prefilling:

@@ -35,6 +35,7 @@ def main() -> None:
     greedy = SamplingParams(max_tokens=10, temperature=0)
     with Engine(model, config()) as one:
         alone = [o["token_ids"] for o in one.generate(prompts, greedy, use_tqdm=False)]
+        embeddings_alone = [o["embedding"] for o in one.embed(prompts, use_tqdm=False)]
     with Replicas(model, config(), devices=2, balance_slack=2) as dp:
         # Each replica's weights and KV pool live on its own device.
         for engine, device in zip(dp.engines, jax.devices()):
@@ -51,6 +52,10 @@ def main() -> None:
         outs = [dp.release(i).result() for i in ids]
         assert [o["token_ids"] for o in outs] == alone
         assert dp.stats()["routed"] == [0, 0]
+        # Embeddings are routed and run as the engines' own (jaxserve.pooling).
+        embedded = [o["embedding"] for o in dp.embed(prompts, use_tqdm=False)]
+        for got, want in zip(embedded, embeddings_alone):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
         # A long shared prefix goes where it was first sent, and is served from that replica's cache.
         header = "import os\nimport sys\nimport json\n\ndef load(path):\n    with open(path) as f:\n"

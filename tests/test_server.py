@@ -378,6 +378,30 @@ def test_closing_a_stream_aborts_the_request_and_frees_pages(client, live, pages
     assert 'jaxserve_requests_total{finish_reason="abort"}' in metrics
 
 
+def test_embeddings_are_the_engine_s_as_floats_and_as_base64(client, live, model, pages_freed):
+    import numpy as np
+
+    import jaxserve
+
+    want = [o["embedding"] for o in jaxserve.embed(model, [PROMPT, "jumps", [5, 6, 7]], use_tqdm=False)]
+    # The openai client asks for base64 and decodes it itself.
+    got = client.embeddings.create(model="tiny", input=[PROMPT, "jumps"]).data
+    got += client.embeddings.create(model="tiny", input=[[5, 6, 7]]).data
+    assert [d.index for d in got] == [0, 1, 0]
+    for d, w in zip(got, want):
+        np.testing.assert_allclose(d.embedding, w, rtol=1e-5, atol=1e-6)
+    r = post(live, "/v1/embeddings", {"model": "tiny", "input": PROMPT, "encoding_format": "float",
+                                      "normalize": False, "truncate_prompt_tokens": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and body["usage"]["prompt_tokens"] == 2
+    (item,) = body["data"]
+    want = jaxserve.embed(model, [model.tokenizer.encode(PROMPT)[-2:]], jaxserve.PoolingParams(normalize=False),
+                          use_tqdm=False)[0]["embedding"]
+    np.testing.assert_allclose(item["embedding"], want, rtol=1e-5, atol=1e-6)
+    assert abs(np.linalg.norm(item["embedding"]) - 1) > 1e-3  # not normalized, as asked
+
+
 # ----- bad input ---------------------------------------------------------------------------------------
 GOOD = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
 CHAT_BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
@@ -448,6 +472,15 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
     ("/v1/completions", {**GOOD, "bad_words": [" "]}, 400, "bad_words", None),
     ("/v1/completions", {**GOOD, "priority": 3}, 400, "priority", None),  # the server runs fcfs
     ("/v1/chat/completions", {**CHAT_BODY, "bad_words": ["abcdefghij" * 10]}, 400, "bad_words", None),
+    ("/v1/embeddings", {"model": "tiny", "input": []}, 400, "input", None),
+    ("/v1/embeddings", {"model": "tiny", "input": ["a", ""]}, 400, "input", None),
+    ("/v1/embeddings", {"model": "tiny", "input": [1, 2, 99999]}, 400, "input", None),
+    ("/v1/embeddings", {"model": "tiny", "input": "fox " * 300}, 400, "input", "context_length_exceeded"),
+    ("/v1/embeddings", {"model": "tiny", "input": "fox", "dimensions": 5}, 400, "dimensions", None),
+    ("/v1/embeddings", {"model": "tiny", "input": "fox", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens",
+     None),
+    ("/v1/embeddings", {"model": "tiny", "input": "fox", "encoding_format": "int8"}, 400, "encoding_format", None),
+    ("/v1/embeddings", {"model": "nope", "input": "fox"}, 404, "model", "model_not_found"),
     ("/v1/completions", {**GOOD, "guided_regex": "(?=a)b"}, 400, "guided_regex", None),
     ("/v1/completions", {**GOOD, "guided_choice": []}, 400, "guided_choice", None),
     ("/v1/completions", {**GOOD, "guided_json": {"type": "object", "patternProperties": {}}}, 400, "guided_json",

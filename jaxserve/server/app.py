@@ -3,7 +3,7 @@
 Owns the HTTP surface: authentication, body-size, ``n`` and ``max_tokens`` bounds, prompt
 rendering (chat template, tools included) and tokenization with the server's own tokenizer copy
 (on a thread of its own, off the event loop), submitting to the async engine, SSE streaming,
-client-disconnect aborts, ``/health``, ``/version``, ``/v1/models``, ``/tokenize`` and
+client-disconnect aborts, ``/v1/embeddings``, ``/health``, ``/version``, ``/v1/models``, ``/tokenize`` and
 ``/detokenize`` (vLLM's), ``/metrics`` and the draining shutdown. It
 never schedules or runs the model: the async engine's thread alone drives the ``Engine``.
 """
@@ -11,6 +11,7 @@ never schedules or runs the model: the async engine's thread alone drives the ``
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -20,8 +21,10 @@ import json
 import logging
 import os
 import time
+import uuid
 from typing import Any, AsyncIterator, Callable
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -35,10 +38,12 @@ from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.lora import LoRARequest
 from jaxserve.metrics import CONTENT_TYPE, ServingMetrics
+from jaxserve.pooling import POOLING_TYPES, PoolingParams
 from jaxserve.replicas import Replicas
 from jaxserve.sampling import MAX_LOGPROBS, SamplingParams
-from jaxserve.server.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, LoadLoraRequest,
-                                      SamplingFields, Schema, TokenizeRequest, ToolCall, UnloadLoraRequest, bad_params)
+from jaxserve.server.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
+                                      LoadLoraRequest, SamplingFields, Schema, TokenizeRequest, ToolCall,
+                                      UnloadLoraRequest, bad_params)
 from jaxserve.server.responses import ChatFormat, CompletionFormat
 from jaxserve.server.tool_calls import TOOL_CALL_END, TOOL_CALL_START
 from jaxserve.structured import StructuredOutputs, escape
@@ -90,6 +95,8 @@ class ServerConfig:
     lora_modules: tuple[tuple[str, str], ...] = ()
     # vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING: POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
     allow_runtime_lora_updating: bool = False
+    # How /v1/embeddings pools the final hidden states (`jaxserve.pooling`; vLLM's --pooler-config pooling_type).
+    pooling_type: str = "last"
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_stop", "data_parallel_size"):
@@ -97,6 +104,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if self.drain_s < 0:
             raise ValueError(f"drain_s must be >= 0, got {self.drain_s}")
+        if self.pooling_type not in POOLING_TYPES:
+            raise ValueError(f"pooling_type must be one of {POOLING_TYPES}, got {self.pooling_type!r}")
         modules = tuple((str(n), str(p)) for n, p in (self.lora_modules.items() if isinstance(self.lora_modules, dict)
                                                       else self.lora_modules))
         names = [n for n, _ in modules]
@@ -126,6 +135,7 @@ class _State:
     sampling_defaults: dict[str, Any]
     model_name: str
     max_model_len: int
+    hidden_size: int  # an embedding's length
     config: ServerConfig
     created: int
     loras: dict[str, LoRARequest] = dataclasses.field(default_factory=dict)  # served adapters by name
@@ -177,7 +187,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             constraint_thread=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-constraints"),
             sampling_defaults={k: v for k, v in engine.sampling_defaults.items() if k != "max_tokens"},
             model_name=server_config.model_name or loaded.name,
-            max_model_len=engine.max_model_len, config=server_config, created=int(time.time()), loras=loras)
+            max_model_len=engine.max_model_len, hidden_size=loaded.config.hidden_size, config=server_config,
+            created=int(time.time()), loras=loras)
         log.info("serving %s (max_model_len %d)", app.state.jaxserve.model_name, engine.max_model_len)
         try:
             yield
@@ -331,6 +342,28 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         fmt = CompletionFormat(req.model or st.model_name, st.tokenizer, req, prompts, echo_texts, prompt_only=prompt_only,
                                token_ids_as_names=_ids_as_names(req, st))
         return await _serve(request, st, req, [ids for ids in prompts for _ in range(req.n)], params, fmt)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        st, req = await _accept_plain(request, EmbeddingRequest)
+        if req.dimensions is not None and req.dimensions != st.hidden_size:
+            # vLLM's answer too: only matryoshka models may be cut, and Qwen2's hidden states are not one.
+            raise APIError(400, f"dimensions must be the model's {st.hidden_size} (this model has no matryoshka "
+                                f"representation to cut), got {req.dimensions}", param="dimensions")
+        try:
+            params = PoolingParams(st.config.pooling_type, req.normalize, req.truncate_prompt_tokens)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=str(exc).split(" ")[0]) from None
+        prompts = await _on_tokenizer_thread(st, _embedding_inputs, req, st)
+        base_id = f"embd-{uuid.uuid4().hex}"
+        try:
+            handles = await _submit_all(st, prompts, [params] * len(prompts), base_id, req.priority,
+                                        st.loras.get(req.model))
+        except APIError as exc:  # the engine names a prompt's faults "prompt": here the field is input
+            exc.param = "input" if exc.param == "prompt" else exc.param
+            raise
+        results = await _results_unless_disconnected(request, handles)
+        return await _on_tokenizer_thread(st, _embedding_response, req, st, base_id, results)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -487,6 +520,38 @@ def _completion_prompts(req: CompletionRequest, st: _State) -> list[list[int]]:
             raise APIError(400, "prompt must not be empty", param="prompt")
         out.append(ids)
     return out
+
+
+def _embedding_inputs(req: EmbeddingRequest, st: _State) -> list[list[int]]:
+    """``input`` as token-id prompts (a string, strings, ids or lists of ids, as OpenAI takes them), each cut to
+    ``truncate_prompt_tokens`` and checked against the context; 400 naming ``input`` otherwise."""
+    inputs = req.input
+    if isinstance(inputs, str) or (inputs and all(isinstance(t, int) for t in inputs)):
+        inputs = [inputs]
+    if not inputs or len(inputs) > st.config.max_choices:
+        raise APIError(400, f"input must hold 1 to {st.config.max_choices} items, got {len(inputs)}", param="input")
+    out = []
+    for item in inputs:
+        ids = st.tokenizer.encode(item, add_special_tokens=False) if isinstance(item, str) else list(item)
+        if not ids:
+            raise APIError(400, "input must not be empty (nor hold an empty item)", param="input")
+        if req.truncate_prompt_tokens is not None:
+            ids = ids[-req.truncate_prompt_tokens:]
+        _check_context(len(ids), 1, "input", st)
+        out.append(ids)
+    return out
+
+
+def _embedding_response(req: EmbeddingRequest, st: _State, base_id: str, results: list[dict[str, Any]]) -> Response:
+    """OpenAI's embeddings list; ``base64``: each vector's little-endian float32 bytes, as the openai client reads."""
+    data = []
+    for i, r in enumerate(results):
+        vector = np.asarray(r["embedding"], "<f4")
+        value = base64.b64encode(vector.tobytes()).decode() if req.encoding_format == "base64" else vector.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    used = sum(r["prompt_tokens"] for r in results)
+    return JSONResponse({"id": base_id, "object": "list", "created": int(time.time()), "model": req.model,
+                         "data": data, "usage": {"prompt_tokens": used, "total_tokens": used}})
 
 
 def _echo_texts(req: CompletionRequest, prompts: list[list[int]], st: _State) -> list[str]:

@@ -1,6 +1,6 @@
 """The OpenAI wire format coming in: request schemas and the error body.
 
-Owns the pydantic models of ``/v1/completions``, ``/v1/chat/completions``, ``/tokenize`` and
+Owns the pydantic models of ``/v1/completions``, ``/v1/chat/completions``, ``/v1/embeddings``, ``/tokenize`` and
 ``/detokenize`` requests (strict types, unknown fields ignored as OpenAI does) and ``APIError``, answered as
 ``{"error": {"message", "type", "param", "code"}}``. It never reads the engine or formats a
 successful response (``responses.py``).
@@ -204,6 +204,19 @@ class DetokenizeRequest(Schema):
 
     model: str | None = None
     tokens: list[int]
+
+
+class EmbeddingRequest(Schema):
+    """OpenAI's ``/v1/embeddings`` body, with vLLM's ``truncate_prompt_tokens``, ``normalize`` and ``priority``."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None
+    normalize: bool = True
+    priority: int = 0
 
 
 class LoadLoraRequest(Schema):

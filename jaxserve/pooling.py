@@ -1,0 +1,78 @@
+"""Embeddings from the same model and engine (vLLM's ``LLM.embed`` / ``PoolingParams``, the server's ``/v1/embeddings``).
+
+A pooling request is a prompt that is prefilled and never decoded: the engine schedules its chunks as any prompt's
+(the prefix cache, preemption, LoRA adapters and batching with generation all apply) and the prefill call that
+finishes it hands back the final hidden state (after the last RMSNorm, the LM head's input) pooled over its tokens.
+``"last"`` takes the last token's (what decoder embedding models such as gte-Qwen2 use, and vLLM's default for a
+generative model run as an embedder); ``"mean"`` averages every prompt token's, so such a request computes its whole
+prompt (a cached prefix has no hidden states) and sums each chunk's share (`pool_hidden`). ``normalize`` (default
+on) scales the vector to unit length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+POOLING_TYPES = ("last", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolingParams:
+    """How a pooling request turns its prompt into one vector: ``pooling_type`` (``"last"`` or ``"mean"``, vLLM's
+    pooler types of those names), ``normalize`` (unit L2 norm) and ``truncate_prompt_tokens`` (keep the prompt's
+    last k tokens, as SamplingParams'). Bad values raise ValueError naming the field.
+
+    Example:
+        >>> PoolingParams(pooling_type="mean").normalize
+        True
+        >>> PoolingParams(pooling_type="cls")
+        Traceback (most recent call last):
+        ...
+        ValueError: pooling_type must be one of ('last', 'mean'), got 'cls'
+    """
+
+    pooling_type: str = "last"
+    normalize: bool = True
+    truncate_prompt_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.pooling_type not in POOLING_TYPES:
+            raise ValueError(f"pooling_type must be one of {POOLING_TYPES}, got {self.pooling_type!r}")
+        if not isinstance(self.normalize, (bool, np.bool_)):
+            raise ValueError(f"normalize must be a bool, got {self.normalize!r}")
+        k = self.truncate_prompt_tokens
+        if k is not None and (not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1):
+            raise ValueError(f"truncate_prompt_tokens must be an int >= 1 or None, got {k!r}")
+
+
+def pool_hidden(hidden: jax.Array, positions: jax.Array, pool_from: jax.Array, lengths: jax.Array,
+                last_at: jax.Array) -> jax.Array:
+    """A prefill chunk's pooling shares ``[2, B, H]`` (float32): ``[0]`` the hidden state at column ``last_at[b]``
+    (the row's last token where the chunk ends its prompt) and ``[1]`` the sum over the positions in
+    ``[pool_from[b], lengths[b])`` (``hidden [B, S, H]`` at ``positions [B, S]``), which the host adds up across
+    chunks for a mean.
+
+    Example:
+        >>> h = jnp.arange(6.0).reshape(1, 3, 2)
+        >>> pool_hidden(h, jnp.arange(3)[None], jnp.array([1]), jnp.array([3]), jnp.array([2]))[:, 0]
+        Array([[4., 5.],
+               [6., 8.]], dtype=float32)
+    """
+    h = hidden.astype(jnp.float32)
+    last = jnp.take_along_axis(h, last_at[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+    inside = (positions >= pool_from[:, None]) & (positions < lengths[:, None])
+    return jnp.stack([last, jnp.sum(jnp.where(inside[..., None], h, 0.0), axis=1)])
+
+
+def finish_embedding(vector: np.ndarray, params: PoolingParams, count: int) -> np.ndarray:
+    """The request's embedding from its pooled vector (the last token's, or the sum over ``count`` tokens)."""
+    out = np.asarray(vector, np.float32)
+    if params.pooling_type == "mean":
+        out = out / max(count, 1)
+    if params.normalize:
+        out = out / max(float(np.linalg.norm(out)), 1e-12)  # torch.nn.functional.normalize's floor
+    return out
