@@ -172,16 +172,16 @@ def files(path: str) -> list[str]:
 
 def drive_random_workload(engine, rng, new_request, *, requests: int, arrival_rate: float, abort_rate: float,
                           seed: int, steps: int = 400) -> tuple[dict, set]:
-    """Step ``engine`` while requests from ``new_request()`` (a ``(prompt, SamplingParams)``) arrive between steps
-    (Poisson, ``arrival_rate`` a step, ``requests`` in all) and running ones are aborted (``abort_rate`` a step),
-    until all have finished. Returns ``({request_id: (prompt, params)}, aborted ids)``; ``seed`` names the run in
-    failures."""
+    """Step ``engine`` while requests from ``new_request()`` (a ``(prompt, SamplingParams)``, or with a third item,
+    a dict of `Engine.add_request`'s other keywords) arrive between steps (Poisson, ``arrival_rate`` a step,
+    ``requests`` in all) and running ones are aborted (``abort_rate`` a step), until all have finished. Returns
+    ``({request_id: what new_request gave}, aborted ids)``; ``seed`` names the run in failures."""
     added: dict = {}
     aborted: set = set()
     for _ in range(steps):
         for _ in range(rng.poisson(arrival_rate) if len(added) < requests else 0):
-            prompt, params = new_request()
-            added[engine.add_request(prompt, params)] = (prompt, params)
+            request = new_request()
+            added[engine.add_request(*request[:2], **(request[2] if len(request) > 2 else {}))] = request
         live = [rid for rid in added if rid not in aborted and engine.requests[rid].finish_reason is None]
         if live and rng.random() < abort_rate:
             rid = live[rng.integers(len(live))]
