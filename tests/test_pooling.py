@@ -110,3 +110,25 @@ def test_bad_embedding_requests_are_refused_and_the_engine_keeps_serving(tiny): 
         assert cut["prompt_tokens"] == 10
         np.testing.assert_allclose(cut["embedding"], expected(hf, [5] * 10, PoolingParams()), rtol=1e-4, atol=1e-5)
         assert_all_pages_free(engine)
+
+
+def test_a_mean_preempted_between_its_chunks_sums_each_position_once(tiny):  # noqa: F811
+    """A mean-pooling prompt preempted partway through its prefill is recomputed from its start (no cached
+    prefix: positions have no hidden states there), and its sum takes each position once."""
+    m, hf = tiny
+    long, a, b = random_prompts(m.config.vocab_size, (150, 20, 20))
+    mean = PoolingParams(pooling_type="mean")
+    cfg = small_config(num_pages=26, scheduling_policy="priority", policy="mixed", max_tokens_per_step=32,
+                       prefix_caching=False)
+    with Engine(m, cfg) as engine:
+        gens = [engine.add_request(p, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)) for p in (a, b)]
+        engine.step()
+        rid = engine.add_request(long, mean, priority=1)  # the first to give its pages back
+        while engine.has_unfinished():
+            engine.step()
+        r = engine.release(rid)
+        assert r.num_preemptions > 0 and r.finish_reason == "stop"
+        np.testing.assert_allclose(r.embedding, expected(hf, long, mean), rtol=1e-4, atol=1e-5)
+        for g in gens:
+            engine.release(g)
+        assert_all_pages_free(engine)
