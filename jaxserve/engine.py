@@ -1110,7 +1110,7 @@ class Engine:
 
     @_on_device
     def warmup(self, sampling: bool = True, logprobs: bool = False, structured: bool = False,
-               lora: bool | None = None) -> int:
+               lora: bool | None = None, pooling: bool = False) -> int:
         """Compile every step shape the buckets allow, so no request waits on the compiler.
 
         Runs padding-only batches (length 0: nothing is written, no page is touched) for each
@@ -1122,7 +1122,8 @@ class Engine:
         size, `GuidePool`, and prefills with masks; a pool grown past it compiles again). Steps of batches
         with a `logit_bias` or `bad_words` compile on first use. ``lora`` (default: where the engine serves
         adapters, ``max_loras`` > 0) also the steps of batches with adapter rows (`jaxserve.lora`), each shape
-        once more. Returns the number of shapes compiled.
+        once more. ``pooling=True`` also the prefills of embedding requests (`jaxserve.pooling`; greedy rows, as an
+        embedding's are). Returns the number of shapes compiled.
         """
         cfg = self.config
         before = len(self.runner.compiled_shapes)
@@ -1160,6 +1161,10 @@ class Engine:
                         out = self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table,
                                                   prefill_batch, zeros, greedy=greedy, logprobs=lps, lora=lo)
                         first_tokens[batch] = out.tokens
+            for length, lo in itertools.product(lengths if pooling else (), loras):
+                if fewest_rows == 1 or fewest_rows * length <= 2 * cfg.max_tokens_per_step:
+                    self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table, sbatch, zeros,
+                                        greedy=True, logprobs=False, lora=lo, pool_from=zeros)
             if cfg.speculative_tokens and batch in cfg.batch_buckets:
                 for (greedy, lps), lo in itertools.product(variants, loras):  # sampling rows: the rejection sampler
                     self.runner.verify(np.zeros((batch, cfg.speculative_tokens + 1), np.int32), zeros, zeros, table,

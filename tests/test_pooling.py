@@ -132,3 +132,16 @@ def test_a_mean_preempted_between_its_chunks_sums_each_position_once(tiny):  # n
         for g in gens:
             engine.release(g)
         assert_all_pages_free(engine)
+
+
+def test_warmup_compiles_the_embedding_prefills(tiny):  # noqa: F811
+    m, _ = tiny
+    cfg = small_config(batch_buckets=(1, 2, 4), prefill_buckets=(16, 32, 64), max_tokens_per_step=64)
+    with Engine(m, cfg) as engine:
+        plain = engine.warmup(sampling=False)
+        assert engine.warmup(sampling=False, pooling=True) > 0  # the embedding variants, on top
+        compiled = engine.stats()["compilations"]
+        engine.embed(random_prompts(m.config.vocab_size, (3, 20, 50, 64, 9, 33)), use_tqdm=False)
+        engine.embed(random_prompts(m.config.vocab_size, (70,)), PoolingParams(pooling_type="mean"), use_tqdm=False)
+        assert engine.stats()["compilations"] == compiled and plain > 0
+        assert_all_pages_free(engine)

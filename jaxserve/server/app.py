@@ -64,7 +64,8 @@ class ServerConfig:
     ``max_tokens_limit`` bounds ``max_tokens`` per choice, ``max_body_bytes`` the request body
     (413 above it), ``max_choices`` the prompts x ``n`` of one request; ``drain_s`` is how long
     shutdown lets running requests finish before aborting them; ``warmup`` compiles every step
-    shape before the server answers (``Engine.warmup``), so no request waits on the compiler;
+    shape before the server answers (``Engine.warmup``; embeddings' prefills too), so no request waits on the
+    compiler;
     ``warmup_structured`` also those of requests with structured outputs (``response_format``
     and vLLM's ``structured_outputs`` / ``guided_*``: each decode shape compiles once more);
     ``chat_template`` (a file or a Jinja template) replaces the checkpoint's chat template;
@@ -174,7 +175,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         if server_config.warmup or server_config.warmup_structured:
             # Clients ask for log-probabilities per request: both step variants, warm.
             shapes = await asyncio.to_thread(engine.warmup, sampling=True, logprobs=True,
-                                             structured=server_config.warmup_structured)
+                                             structured=server_config.warmup_structured, pooling=True)
             log.info("warm-up compiled %d step shapes", shapes)
         metrics = ServingMetrics()
         tokenizer = load_tokenizer(loaded.path)
