@@ -27,7 +27,7 @@ from jaxserve.loading import LoadedModel, generation_eos_ids, generation_samplin
 from jaxserve.lora import NAMESPACE_STRIDE, LoRARequest, LoraSlots
 from jaxserve import model as model_module
 from jaxserve.model import decode_rows
-from jaxserve.pooling import PoolingParams, finish_embedding
+from jaxserve.pooling import PoolingParams, cosine, finish_embedding, score_pairs
 from jaxserve.request import Request, Status
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
 from jaxserve.sampling import (SamplingParams, allowed_masks, check_bad_word_ids, check_banned_ids, make_batch,
@@ -1031,6 +1031,18 @@ class Engine:
         """
         return run_to_completion(self, prompts, pooling_params or PoolingParams(), use_tqdm, priority, lora_request)
 
+    def score(self, text_1: Any, text_2: Any, pooling_params: PoolingParams | None = None, use_tqdm: bool = True,
+              lora_request: LoRARequest | None = None) -> list[dict[str, Any]]:
+        """vLLM's ``LLM.score`` for an embedding model: the cosine similarity of each pair's embeddings
+        (`pooling.score_pairs`: one text against one or each of a list, or two lists item by item; a text is a
+        string or token ids). One dict a pair, in order: ``score``, ``prompt_tokens`` (both texts').
+
+        Example:
+            >>> engine.score("import os", ["import sys", "x = 1"], use_tqdm=False)[0]["score"]  # doctest: +SKIP
+            0.78
+        """
+        return run_score(self, text_1, text_2, pooling_params, use_tqdm, lora_request)
+
     def chat(self, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
              **template_options: Any) -> list[dict[str, Any]]:
@@ -1372,6 +1384,33 @@ def embed(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Seque
     """
     with Engine(model, _serving_loras(engine_config, lora_request)) as engine:
         return engine.embed(prompts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+
+
+def run_score(driver: Any, text_1: Any, text_2: Any, pooling_params: PoolingParams | None, use_tqdm: bool,
+              lora_request: LoRARequest | None = None) -> list[dict[str, Any]]:
+    """`Engine.score` over any driver with ``embed`` (an `Engine`, `Replicas`): each distinct text embedded once."""
+    pairs = score_pairs(text_1, text_2)
+    key = lambda t: t if isinstance(t, str) else tuple(int(i) for i in t)  # noqa: E731
+    texts = list({key(t): t for pair in pairs for t in pair}.values())
+    out = driver.embed(texts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+    by_key = {key(t): o for t, o in zip(texts, out)}
+    return [{"score": cosine(by_key[key(a)]["embedding"], by_key[key(b)]["embedding"]),
+             "prompt_tokens": by_key[key(a)]["prompt_tokens"] + by_key[key(b)]["prompt_tokens"]} for a, b in pairs]
+
+
+def score(model: LoadedModel | str | os.PathLike | None, text_1: Any, text_2: Any,
+          pooling_params: PoolingParams | None = None, *, engine_config: EngineConfig | None = None,
+          use_tqdm: bool = True, lora_request: LoRARequest | None = None) -> list[dict[str, Any]]:
+    """Cosine similarities of text pairs' embeddings (vLLM's ``LLM.score`` for an embedding model; `Engine.score`).
+
+    Example:
+        >>> import jaxserve
+        >>> [round(o["score"], 4) for o in jaxserve.score(None, "import os", ["import os"], use_tqdm=False)]
+        [1.0]
+    """
+    score_pairs(text_1, text_2)  # bad pairs are refused before an engine is built
+    with Engine(model, _serving_loras(engine_config, lora_request)) as engine:
+        return engine.score(text_1, text_2, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
 
 def _serving_loras(engine_config: EngineConfig | None, lora_request: Any) -> EngineConfig | None:

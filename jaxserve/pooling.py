@@ -12,6 +12,7 @@ on) scales the vector to unit length.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -76,3 +77,33 @@ def finish_embedding(vector: np.ndarray, params: PoolingParams, count: int) -> n
     if params.normalize:
         out = out / max(float(np.linalg.norm(out)), 1e-12)  # torch.nn.functional.normalize's floor
     return out
+
+
+def score_pairs(text_1: Any, text_2: Any) -> list[tuple[Any, Any]]:
+    """The pairs vLLM's ``score`` compares: one item with one, one with each of a list, or two lists of one length
+    item by item. An item is a string or a list of token ids. ValueError naming ``text_1`` / ``text_2`` otherwise.
+
+    Example:
+        >>> score_pairs("q", ["a", "b"])
+        [('q', 'a'), ('q', 'b')]
+    """
+    def items(value: Any, name: str) -> list:
+        if isinstance(value, str) or (isinstance(value, (list, tuple)) and value
+                                      and all(isinstance(t, (int, np.integer)) for t in value)):
+            return [value]
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"{name} must be a non-empty string, list of token ids, or list of those, got {value!r}")
+        return list(value)
+
+    first, second = items(text_1, "text_1"), items(text_2, "text_2")
+    if len(first) == 1:
+        return [(first[0], t) for t in second]
+    if len(first) != len(second):
+        raise ValueError(f"text_1 must hold one item or as many as text_2 ({len(second)}), got {len(first)}")
+    return list(zip(first, second))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two embeddings (vLLM's score for an embedding model)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))

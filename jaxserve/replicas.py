@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from jaxserve.engine import Engine, Prompt, check_priority, run_chat, run_to_completion
+from jaxserve.engine import Engine, Prompt, check_priority, run_chat, run_score, run_to_completion
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.pooling import PoolingParams
@@ -244,6 +244,11 @@ class Replicas:
               lora_request: Any = None) -> list[dict[str, Any]]:
         """`Engine.embed` over the replicas."""
         return run_to_completion(self, prompts, pooling_params or PoolingParams(), use_tqdm, priority, lora_request)
+
+    def score(self, text_1: Any, text_2: Any, pooling_params: PoolingParams | None = None, use_tqdm: bool = True,
+              lora_request: Any = None) -> list[dict[str, Any]]:
+        """`Engine.score` over the replicas."""
+        return run_score(self, text_1, text_2, pooling_params, use_tqdm, lora_request)
 
     def chat(self, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,

@@ -145,3 +145,20 @@ def test_warmup_compiles_the_embedding_prefills(tiny):  # noqa: F811
         engine.embed(random_prompts(m.config.vocab_size, (70,)), PoolingParams(pooling_type="mean"), use_tqdm=False)
         assert engine.stats()["compilations"] == compiled and plain > 0
         assert_all_pages_free(engine)
+
+
+def test_score_is_the_cosine_of_each_pair_s_embeddings(tiny):  # noqa: F811
+    m, hf = tiny
+    a, b, c = random_prompts(m.config.vocab_size, (5, 9, 12))
+    with Engine(m, small_config()) as engine:
+        one_to_many = engine.score(a, [a, b, c], use_tqdm=False)
+        pairwise = engine.score([a, b], [c, c], use_tqdm=False)
+        assert_all_pages_free(engine)
+    e = {tuple(p): expected(hf, p, PoolingParams()) for p in (a, b, c)}
+    assert [o["score"] for o in one_to_many] == pytest.approx([1.0, e[tuple(a)] @ e[tuple(b)], e[tuple(a)] @ e[tuple(c)]],
+                                                              abs=1e-5)
+    assert [o["score"] for o in pairwise] == pytest.approx([e[tuple(a)] @ e[tuple(c)], e[tuple(b)] @ e[tuple(c)]],
+                                                           abs=1e-5)
+    assert one_to_many[1]["prompt_tokens"] == len(a) + len(b)
+    with pytest.raises(ValueError, match="text_1"):
+        jaxserve.score(m, [a, b], [c, c, c], use_tqdm=False)

@@ -402,6 +402,27 @@ def test_embeddings_are_the_engine_s_as_floats_and_as_base64(client, live, model
     assert abs(np.linalg.norm(item["embedding"]) - 1) > 1e-3  # not normalized, as asked
 
 
+def test_score_and_rerank_are_the_embeddings_cosines(live, model, pages_freed):
+    import jaxserve
+
+    docs = ["The quick brown fox", "jumps over", "the lazy dog", "The quick brown"]
+    want = [o["score"] for o in jaxserve.score(model, PROMPT, docs, use_tqdm=False)]
+    r = post(live, "/score", {"model": "tiny", "text_1": PROMPT, "text_2": docs})
+    assert r.status_code == 200, r.text
+    assert [d["index"] for d in r.json()["data"]] == [0, 1, 2, 3]
+    assert [d["score"] for d in r.json()["data"]] == pytest.approx(want, abs=1e-5)
+    assert want[0] == pytest.approx(1.0)  # the same text
+    pairs = post(live, "/v1/score", {"model": "tiny", "text_1": docs[:2], "text_2": docs[2:]}).json()["data"]
+    assert [d["score"] for d in pairs] == pytest.approx(
+        [o["score"] for o in jaxserve.score(model, docs[:2], docs[2:], use_tqdm=False)], abs=1e-5)
+    r = post(live, "/rerank", {"model": "tiny", "query": PROMPT, "documents": docs, "top_n": 3})
+    assert r.status_code == 200, r.text
+    ranked = r.json()["results"]
+    assert [x["index"] for x in ranked] == sorted(range(4), key=lambda i: -want[i])[:3]
+    assert ranked[0]["document"]["text"] == docs[0] and ranked[0]["relevance_score"] == pytest.approx(1.0)
+    assert r.json()["usage"]["total_tokens"] > 0
+
+
 # ----- bad input ---------------------------------------------------------------------------------------
 GOOD = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
 CHAT_BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
@@ -481,6 +502,12 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
      None),
     ("/v1/embeddings", {"model": "tiny", "input": "fox", "encoding_format": "int8"}, 400, "encoding_format", None),
     ("/v1/embeddings", {"model": "nope", "input": "fox"}, 404, "model", "model_not_found"),
+    ("/score", {"model": "tiny", "text_1": [], "text_2": "fox"}, 400, "text_1", None),
+    ("/score", {"model": "tiny", "text_1": ["a", "b"], "text_2": ["c"]}, 400, "text_1", None),
+    ("/v1/score", {"model": "tiny", "text_1": "fox", "text_2": ["a", ""]}, 400, "text_2", None),
+    ("/rerank", {"model": "tiny", "query": "fox", "documents": []}, 400, "documents", None),
+    ("/v1/rerank", {"model": "tiny", "query": "", "documents": ["a"]}, 400, "query", None),
+    ("/v2/rerank", {"model": "tiny", "query": "fox", "documents": ["a"], "top_n": -1}, 400, "top_n", None),
     ("/v1/completions", {**GOOD, "guided_regex": "(?=a)b"}, 400, "guided_regex", None),
     ("/v1/completions", {**GOOD, "guided_choice": []}, 400, "guided_choice", None),
     ("/v1/completions", {**GOOD, "guided_json": {"type": "object", "patternProperties": {}}}, 400, "guided_json",

@@ -3,7 +3,8 @@
 Owns the HTTP surface: authentication, body-size, ``n`` and ``max_tokens`` bounds, prompt
 rendering (chat template, tools included) and tokenization with the server's own tokenizer copy
 (on a thread of its own, off the event loop), submitting to the async engine, SSE streaming,
-client-disconnect aborts, ``/v1/embeddings``, ``/health``, ``/version``, ``/v1/models``, ``/tokenize`` and
+client-disconnect aborts, ``/v1/embeddings``, ``/score`` and ``/rerank`` (vLLM's, by the embeddings' cosine),
+``/health``, ``/version``, ``/v1/models``, ``/tokenize`` and
 ``/detokenize`` (vLLM's), ``/metrics`` and the draining shutdown. It
 never schedules or runs the model: the async engine's thread alone drives the ``Engine``.
 """
@@ -38,12 +39,12 @@ from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.lora import LoRARequest
 from jaxserve.metrics import CONTENT_TYPE, ServingMetrics
-from jaxserve.pooling import POOLING_TYPES, PoolingParams
+from jaxserve.pooling import POOLING_TYPES, PoolingParams, cosine, score_pairs
 from jaxserve.replicas import Replicas
 from jaxserve.sampling import MAX_LOGPROBS, SamplingParams
 from jaxserve.server.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
-                                      LoadLoraRequest, SamplingFields, Schema, TokenizeRequest, ToolCall,
-                                      UnloadLoraRequest, bad_params)
+                                      LoadLoraRequest, RerankRequest, SamplingFields, Schema, ScoreRequest,
+                                      TokenizeRequest, ToolCall, UnloadLoraRequest, bad_params)
 from jaxserve.server.responses import ChatFormat, CompletionFormat
 from jaxserve.server.tool_calls import TOOL_CALL_END, TOOL_CALL_START
 from jaxserve.structured import StructuredOutputs, escape
@@ -351,20 +352,52 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             # vLLM's answer too: only matryoshka models may be cut, and Qwen2's hidden states are not one.
             raise APIError(400, f"dimensions must be the model's {st.hidden_size} (this model has no matryoshka "
                                 f"representation to cut), got {req.dimensions}", param="dimensions")
+        items = req.input
+        if isinstance(items, str) or (items and all(isinstance(t, int) for t in items)):
+            items = [items]
+        base_id = f"embd-{uuid.uuid4().hex}"
+        results = await _embed(request, st, list(items), "input", req, base_id, normalize=req.normalize)
+        return await _on_tokenizer_thread(st, _embedding_response, req, base_id, results)
+
+    @app.post("/score")
+    @app.post("/v1/score")
+    async def score(request: Request) -> Response:
+        st, req = await _accept_plain(request, ScoreRequest)
         try:
-            params = PoolingParams(st.config.pooling_type, req.normalize, req.truncate_prompt_tokens)
+            pairs = score_pairs(req.text_1, req.text_2)
         except ValueError as exc:
             raise APIError(400, str(exc), param=str(exc).split(" ")[0]) from None
-        prompts = await _on_tokenizer_thread(st, _embedding_inputs, req, st)
-        base_id = f"embd-{uuid.uuid4().hex}"
-        try:
-            handles = await _submit_all(st, prompts, [params] * len(prompts), base_id, req.priority,
-                                        st.loras.get(req.model))
-        except APIError as exc:  # the engine names a prompt's faults "prompt": here the field is input
-            exc.param = "input" if exc.param == "prompt" else exc.param
-            raise
-        results = await _results_unless_disconnected(request, handles)
-        return await _on_tokenizer_thread(st, _embedding_response, req, st, base_id, results)
+        firsts = {a for a, _ in pairs}
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+        base_id = f"score-{uuid.uuid4().hex}"
+        fields = ["text_1" if t in firsts else "text_2" for t in texts]
+        found = dict(zip(texts, await _embed(request, st, texts, fields, req, base_id)))
+        data = [{"index": i, "object": "score", "score": cosine(found[a]["embedding"], found[b]["embedding"])}
+                for i, (a, b) in enumerate(pairs)]
+        used = sum(found[a]["prompt_tokens"] + found[b]["prompt_tokens"] for a, b in pairs)
+        return JSONResponse({"id": base_id, "object": "list", "created": int(time.time()), "model": req.model,
+                             "data": data, "usage": {"prompt_tokens": used, "total_tokens": used}})
+
+    @app.post("/rerank")
+    @app.post("/v1/rerank")
+    @app.post("/v2/rerank")
+    async def rerank(request: Request) -> Response:
+        st, req = await _accept_plain(request, RerankRequest)
+        if not req.documents:
+            raise APIError(400, "documents must not be empty", param="documents")
+        if req.top_n < 0:
+            raise APIError(400, f"top_n must be >= 0 (0: every document), got {req.top_n}", param="top_n")
+        texts = list(dict.fromkeys([req.query, *req.documents]))
+        base_id = f"rerank-{uuid.uuid4().hex}"
+        fields = ["query"] + ["documents"] * (len(texts) - 1)
+        found = dict(zip(texts, await _embed(request, st, texts, fields, req, base_id)))
+        q = found[req.query]
+        results = sorted(({"index": i, "document": {"text": d},
+                           "relevance_score": cosine(q["embedding"], found[d]["embedding"])}
+                          for i, d in enumerate(req.documents)), key=lambda r: -r["relevance_score"])
+        used = q["prompt_tokens"] * len(req.documents) + sum(found[d]["prompt_tokens"] for d in req.documents)
+        return JSONResponse({"id": base_id, "model": req.model, "usage": {"total_tokens": used},
+                             "results": results[: req.top_n or None]})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -523,27 +556,45 @@ def _completion_prompts(req: CompletionRequest, st: _State) -> list[list[int]]:
     return out
 
 
-def _embedding_inputs(req: EmbeddingRequest, st: _State) -> list[list[int]]:
-    """``input`` as token-id prompts (a string, strings, ids or lists of ids, as OpenAI takes them), each cut to
-    ``truncate_prompt_tokens`` and checked against the context; 400 naming ``input`` otherwise."""
-    inputs = req.input
-    if isinstance(inputs, str) or (inputs and all(isinstance(t, int) for t in inputs)):
-        inputs = [inputs]
-    if not inputs or len(inputs) > st.config.max_choices:
-        raise APIError(400, f"input must hold 1 to {st.config.max_choices} items, got {len(inputs)}", param="input")
+async def _embed(request: Request, st: _State, items: list, field: str | list[str], req: Any, base_id: str,
+                 normalize: bool = True) -> list[dict[str, Any]]:
+    """Each item's embedding result (`Engine.embed`'s dicts), for the pooling routes: ``items`` strings or token-id
+    lists, cut to ``req.truncate_prompt_tokens`` and run with ``req.priority`` and the adapter ``req.model`` names;
+    a bad one answers 400 naming ``field`` (or its own, a list of one a item)."""
+    try:
+        params = PoolingParams(st.config.pooling_type, normalize, req.truncate_prompt_tokens)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=str(exc).split(" ")[0]) from None
+    prompts = await _on_tokenizer_thread(st, _pooling_prompts, items, field, req.truncate_prompt_tokens, st)
+    try:
+        handles = await _submit_all(st, prompts, [params] * len(prompts), base_id, req.priority,
+                                    st.loras.get(req.model))
+    except APIError as exc:  # the engine names a prompt's faults "prompt": here the field is the route's own
+        exc.param = (field if isinstance(field, str) else field[0]) if exc.param == "prompt" else exc.param
+        raise
+    return await _results_unless_disconnected(request, handles)
+
+
+def _pooling_prompts(items: list, field: str | list[str], truncate: int | None, st: _State) -> list[list[int]]:
+    """Token-id prompts of the pooling routes' texts (strings or id lists), each cut to its last ``truncate`` and
+    checked against the context; 400 naming ``field`` (or the item's own) otherwise."""
+    fields = [field] * len(items) if isinstance(field, str) else field
+    if not items or len(items) > st.config.max_choices:
+        raise APIError(400, f"{fields[0] if fields else field} must hold 1 to {st.config.max_choices} items, got "
+                            f"{len(items)}", param=fields[0] if fields else field)
     out = []
-    for item in inputs:
+    for item, field in zip(items, fields):
         ids = st.tokenizer.encode(item, add_special_tokens=False) if isinstance(item, str) else list(item)
         if not ids:
-            raise APIError(400, "input must not be empty (nor hold an empty item)", param="input")
-        if req.truncate_prompt_tokens is not None:
-            ids = ids[-req.truncate_prompt_tokens:]
-        _check_context(len(ids), 1, "input", st)
+            raise APIError(400, f"{field} must not be empty (nor hold an empty item)", param=field)
+        if truncate is not None:
+            ids = ids[-truncate:]
+        _check_context(len(ids), 1, field, st)
         out.append(ids)
     return out
 
 
-def _embedding_response(req: EmbeddingRequest, st: _State, base_id: str, results: list[dict[str, Any]]) -> Response:
+def _embedding_response(req: EmbeddingRequest, base_id: str, results: list[dict[str, Any]]) -> Response:
     """OpenAI's embeddings list; ``base64``: each vector's little-endian float32 bytes, as the openai client reads."""
     data = []
     for i, r in enumerate(results):

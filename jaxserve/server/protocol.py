@@ -1,7 +1,7 @@
 """The OpenAI wire format coming in: request schemas and the error body.
 
-Owns the pydantic models of ``/v1/completions``, ``/v1/chat/completions``, ``/v1/embeddings``, ``/tokenize`` and
-``/detokenize`` requests (strict types, unknown fields ignored as OpenAI does) and ``APIError``, answered as
+Owns the pydantic models of ``/v1/completions``, ``/v1/chat/completions``, ``/v1/embeddings``, ``/score``,
+``/rerank``, ``/tokenize`` and ``/detokenize`` requests (strict types, unknown fields ignored as OpenAI does) and ``APIError``, answered as
 ``{"error": {"message", "type", "param", "code"}}``. It never reads the engine or formats a
 successful response (``responses.py``).
 """
@@ -216,6 +216,28 @@ class EmbeddingRequest(Schema):
     user: str | None = None
     truncate_prompt_tokens: int | None = None
     normalize: bool = True
+    priority: int = 0
+
+
+class ScoreRequest(Schema):
+    """vLLM's ``/score`` body: ``text_1`` against ``text_2`` (one against one or each, or two lists item by item)."""
+
+    model: str
+    text_1: str | list[str]
+    text_2: str | list[str]
+    truncate_prompt_tokens: int | None = None
+    priority: int = 0
+
+
+class RerankRequest(Schema):
+    """vLLM's (Jina's and Cohere's) ``/rerank`` body: ``documents`` ranked by relevance to ``query``, the best
+    ``top_n`` (0: all)."""
+
+    model: str
+    query: str
+    documents: list[str]
+    top_n: int = 0
+    truncate_prompt_tokens: int | None = None
     priority: int = 0
 
 
