@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
@@ -227,6 +228,9 @@ class Engine:
     def _init(self, model: LoadedModel | str | os.PathLike | None, config: EngineConfig | None) -> None:
         if config is not None and config.compile_cache_dir:
             enable_compile_cache(config.compile_cache_dir)
+        if isinstance(model, Mapping):  # a params tree alone says nothing of its heads or tokenizer
+            raise ValueError("model is a params tree: pass jaxserve.LoadedModel.from_params(params, model_config) "
+                             "(with a tokenizer for text prompts), a checkpoint folder, or a loaded model")
         if not isinstance(model, LoadedModel):
             model = load(model, dtype=(config or EngineConfig()).compute_dtype())
         self.config = config or EngineConfig()

@@ -34,6 +34,26 @@ class LoadedModel:
     path: str
     name: str
 
+    @classmethod
+    def from_params(cls, params: Any, config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None,
+                    name: str = "params") -> "LoadedModel":
+        """A model of one's own weights, in memory: a params tree of ``config``'s shapes (`jaxserve.model.init_params`'s,
+        a training loop's) and, optionally, a tokenizer (without one, prompts are token ids). What
+        ``jaxserve.generate(params, prompts)`` needs beside the params; a ValueError names the first leaf that does
+        not fit the config.
+
+        Example:
+            >>> cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            ...                   num_attention_heads=2, num_key_value_heads=1)
+            >>> from jaxserve.model import init_params
+            >>> m = LoadedModel.from_params(init_params(cfg, jax.random.key(0)), cfg)
+            >>> outs = jaxserve.generate(m, [[1, 2, 3]], use_tqdm=False)  # doctest: +SKIP
+        """
+        from jaxserve.model import init_params
+
+        shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+        return cls(shapes, config, tokenizer, "", name).with_params(params)
+
     def with_params(self, params: Any) -> "LoadedModel":
         """This model with other weights of the same tree and shapes: a fine-tuned copy, or the
         params of a training step to sample from. Engines share their compiled steps by config,

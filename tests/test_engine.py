@@ -1178,3 +1178,19 @@ def test_priority_scheduling_runs_the_most_urgent_first_and_fcfs_refuses_a_prior
         assert not fcfs.requests
     with pytest.raises(ValueError, match="scheduling_policy"):
         EngineConfig(scheduling_policy="lifo")
+
+
+def test_a_params_tree_of_one_s_own_runs_through_loaded_model_from_params(tiny):
+    """`jaxserve.generate(params, prompts)` for a researcher's own weights: a params tree with its config (the
+    tokenizer optional) is a model; the tree alone is refused with the way to wrap it."""
+    m, _ = tiny
+    prompts = random_prompts(m.config.vocab_size, (4, 11))
+    want = [o["token_ids"] for o in jaxserve.generate(m, prompts, GREEDY, use_tqdm=False)]
+    own = jaxserve.LoadedModel.from_params(jax.tree_util.tree_map(np.asarray, m.params), m.config)
+    assert [o["token_ids"] for o in jaxserve.generate(own, prompts, GREEDY, use_tqdm=False)] == want
+    with pytest.raises(ValueError, match="from_params"):
+        jaxserve.generate(m.params, prompts, use_tqdm=False)
+    with pytest.raises(ValueError, match="tokenizer"):
+        jaxserve.generate(own, "text needs a tokenizer", use_tqdm=False)
+    with pytest.raises(ValueError, match="layers_2"):  # a tree of 2 layers is not one of 3
+        jaxserve.LoadedModel.from_params(m.params, dataclasses.replace(m.config, num_hidden_layers=3))
