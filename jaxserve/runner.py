@@ -28,10 +28,11 @@ from jaxserve import kv_pool
 from jaxserve.config import ModelConfig
 from jaxserve.model import (KVCache, PagedAttention, Qwen2ForCausalLM, check_weight_layout, greedy_head_applies,
                             new_kv_cache)
-from jaxserve.sampling import (PromptLogprobs, SampleOutput, SamplingBatch, ban_bad_words, no_logprobs, push_recent,
-                               row_keys, sample, target_logprobs, token_logprobs, unpack_allowed, update_counts)
 from jaxserve.pooling import pool_hidden
-from jaxserve.speculative import rejection_sample
+from jaxserve.sampling import (PromptLogprobs, SampleOutput, SamplingBatch, apply_penalties, ban_bad_words, no_logprobs,
+                               push_recent, row_keys, sample, target_logprobs, token_logprobs, unpack_allowed,
+                               update_counts)
+from jaxserve.speculative import draft_history, rejection_sample
 
 # XLA compiler options of decode steps wider than the skinny matmul serves, whose projections
 # are XLA GEMMs. cuBLAS instead of XLA's Triton GEMMs: cuBLAS takes the residual adds into
@@ -186,7 +187,8 @@ class Runner:
 
     def verify(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
                num_top: int = 0, logprobs: bool = False, batch: SamplingBatch | None = None,
-               steps: np.ndarray | None = None, lora: dict | None = None) -> tuple[SampleOutput, jax.Array | None]:
+               steps: np.ndarray | None = None, lora: dict | None = None, counts: jax.Array | None = None,
+               seen: jax.Array | None = None) -> tuple[SampleOutput, jax.Array | None]:
         """A speculative decoding verify call (`jaxserve.speculative`): ``tokens [B, S]`` at positions
         ``q_start[b]..`` (each row's last token, then its draft; positions from ``lengths[b]`` on are padding),
         their K/V written as a prefill chunk's. Returns ``(out, count)`` on the device. Without ``batch`` (every
@@ -194,17 +196,19 @@ class Runner:
         them with the drafts). With ``batch`` (its rows' sampling parameters; ``steps``, each row's tokens so far):
         rows sample by `speculative.rejection_sample`, ``out.tokens`` their emitted tokens, the first ``count[b]``
         of each row. ``out`` holds each token's raw log-probability and the ``num_top`` best tokens at its position
-        where ``logprobs`` (else NaN). Rows have no penalties, bias, min_tokens or masks (the engine speculates
-        only then).
+        where ``logprobs`` (else NaN). ``counts`` / ``seen`` (with ``batch``, where a row has penalties: the decode
+        step's output-token counts and seen tokens, ``[B, V]``): each position's target is penalized as a decode step
+        would penalize it, the drafts before it counted (`speculative.draft_history`). Rows have no bias,
+        min_tokens or masks (the engine speculates only then).
 
         Example:
             >>> out, _ = runner.verify(tokens, q_start, lengths, block_tables)  # doctest: +SKIP
             >>> out.tokens.shape == tokens.shape                                 # doctest: +SKIP
             True
         """
-        self.compiled_shapes.add(("verify", tokens.shape, block_tables.shape, num_top, logprobs, batch is not None)
-                                 + _lora_key(lora))
-        sampled = () if batch is None else (batch, *_int32(steps))
+        self.compiled_shapes.add(("verify", tokens.shape, block_tables.shape, num_top, logprobs, batch is not None,
+                                  counts is not None) + _lora_key(lora))
+        sampled = () if batch is None else (batch, *_int32(steps), counts, seen)
         self.kv, out = self.compiled.verify(self._params(lora), self.kv, *_int32(tokens, q_start, lengths, block_tables),
                                             *sampled, num_top=num_top, logprobs=logprobs)
         return out
@@ -369,8 +373,8 @@ class Steps:
                                  logprobs=logprobs,
                                  pick_kernel=self._pick_kernel(logits))
 
-    def _verify_impl(self, params, kv, tokens, q_start, lengths, block_tables, batch=None, steps=None, *,
-                     num_top: int, logprobs: bool):
+    def _verify_impl(self, params, kv, tokens, q_start, lengths, block_tables, batch=None, steps=None, counts=None,
+                     seen=None, *, num_top: int, logprobs: bool):
         # A prefill chunk whose every position is scored.
         b, s = tokens.shape
         positions, paged = self._chunk_attention(s, q_start, lengths, block_tables)
@@ -381,7 +385,10 @@ class Steps:
             picks = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         else:
             per_position = jax.tree.map(lambda a: jnp.repeat(a, s, axis=0), batch)
-            logp = target_logprobs(flat, per_position).reshape(b, s, -1)
+            target = flat
+            if counts is not None:
+                target = apply_penalties(flat, per_position, *draft_history(counts, seen, tokens, lengths - q_start - 1))
+            logp = target_logprobs(target, per_position).reshape(b, s, -1)
             keys = row_keys(per_position.seeds, (steps[:, None] + jnp.arange(s)[None, :]).reshape(-1)).reshape(b, s)
             picks, count = rejection_sample(logp, tokens, lengths - q_start - 1, keys)
         if not logprobs and num_top == 0:

@@ -13,6 +13,9 @@ draft token is the model's argmax given the tokens before it, and the first mism
 there), so speculation changes speed, never text. Rows that sample: speculative sampling (Leviathan et al., 2023;
 vLLM's rejection sampler) with the n-gram draft as a one-token proposal, so each emitted token is drawn from the
 request's own distribution (temperature, top-k/p, min-p), though not the same draw as without speculation.
+Penalties (repetition, presence, frequency) apply at each position with the drafts before it counted
+(`draft_history`): the history a decode step would have after taking them; greedy rows with penalties then go
+through the rejection sampler, whose target for them is the penalized argmax.
 """
 
 from __future__ import annotations
@@ -108,3 +111,28 @@ def rejection_sample(logp: jax.Array, tokens: jax.Array, draft_lens: jax.Array,
     shifted = jnp.concatenate([draft, jnp.zeros((b, 1), draft.dtype)], axis=1)
     emitted = jnp.where(full < accepted[:, None], shifted, jnp.where(full == accepted[:, None], nxt[:, None], 0))
     return emitted.astype(jnp.int32), accepted + 1
+
+
+def draft_history(counts: jax.Array, seen: jax.Array, tokens: jax.Array,
+                  draft_lens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A verify call's penalty history at each position (inside a jit): ``(counts, seen)`` of shape ``[B * S, V]``,
+    position j of row b holding the row's ``counts [B, V]`` (output-token counts) and ``seen [B, V]`` (prompt and
+    output tokens) with its first j draft tokens added (``tokens [B, S]``: the last token, then ``draft_lens[b]``
+    draft tokens): the history the token after position j is chosen with once those drafts are kept, as a decode
+    step would see it.
+
+    Example:
+        >>> c, s = draft_history(jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4), bool), jnp.array([[0, 2, 2]]),
+        ...                      jnp.array([2]))
+        >>> c.tolist()
+        [[0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 2, 0]]
+    """
+    b, s = tokens.shape
+    v = counts.shape[1]
+    j = jnp.arange(s)[None, :, None]  # the position
+    k = jnp.arange(1, s)[None, None, :]  # a draft token's index in tokens
+    ids = jnp.where((k <= j) & (k <= draft_lens[:, None, None]), tokens[:, None, 1:], v)  # v: dropped
+    rows = jnp.broadcast_to(jnp.arange(b * s).reshape(b, s, 1), ids.shape).reshape(-1)
+    counts = jnp.repeat(counts, s, axis=0).at[rows, ids.reshape(-1)].add(jnp.ones((), counts.dtype), mode="drop")
+    seen = jnp.repeat(seen, s, axis=0).at[rows, ids.reshape(-1)].set(True, mode="drop")
+    return counts, seen

@@ -1,7 +1,8 @@
 """N-gram speculative decoding (`jaxserve.speculative`, EngineConfig.speculative_tokens): drafts are the tokens
 after the latest earlier occurrence of the text's last n tokens (against a brute-force statement of that rule),
 and through the engine greedy rows produce exactly greedy decoding's tokens, with several tokens a verify call
-where the text repeats, under stop rules, length limits, preemption, prefix hits and beside rows that sample."""
+where the text repeats, under stop rules, length limits, penalties, preemption, prefix hits and beside rows that
+sample."""
 
 from __future__ import annotations
 
@@ -103,15 +104,44 @@ def test_speculation_survives_preemption_and_feeds_the_prefix_cache(model):
         assert_all_pages_free(engine)
 
 
-def test_rows_with_penalties_beside_others_turn_speculation_off_and_keep_their_tokens(model):
-    # (row 3 asks for log-probabilities, which speculation serves; row 1 a repetition penalty, which it does not)
-    params = [GREEDY, SamplingParams(max_tokens=37, temperature=0.8, seed=5, ignore_eos=True, repetition_penalty=1.3),
-              GREEDY, SamplingParams(max_tokens=37, temperature=0, ignore_eos=True, logprobs=1)]
+def test_greedy_rows_with_penalties_speculate_and_keep_their_tokens(model):
+    """A verify call penalizes each position with the drafts before it counted (`speculative.draft_history`), as
+    the decode step would after taking them: greedy rows with repetition, presence and frequency penalties (the
+    Qwen2.5-Instruct checkpoints' defaults carry a repetition penalty) give greedy decoding's tokens, beside a row
+    asking for log-probabilities."""
+    # (Row 0's penalty is light enough that its drafts are often kept, and moves a near-tie within one: with the
+    # drafts left out of the history its text differs.)
+    params = [SamplingParams(max_tokens=37, temperature=0, ignore_eos=True, frequency_penalty=0.1),
+              SamplingParams(max_tokens=37, temperature=0, ignore_eos=True, repetition_penalty=1.3),
+              SamplingParams(max_tokens=37, temperature=0, ignore_eos=True, presence_penalty=1.5,
+                             repetition_penalty=1.05),
+              SamplingParams(max_tokens=37, temperature=0, ignore_eos=True, logprobs=1)]
     plain, _ = _run(model, small_config(), PROMPTS, params)
     outs, stats = _run(model, small_config(speculative_tokens=4), PROMPTS, params)
     assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in plain]
-    assert stats["spec_verify_calls"] == 0
+    assert stats["spec_verify_calls"] > 0 and stats["spec_accepted_tokens"] > 0
     assert outs[3]["logprobs"] == pytest.approx(plain[3]["logprobs"], abs=1e-5)
+    assert plain[0]["token_ids"] != _run(model, small_config(), PROMPTS[:1], GREEDY)[0][0]["token_ids"]  # it bites
+
+
+def test_a_draft_s_tokens_count_toward_the_penalties_of_the_positions_after_them():
+    from jaxserve.speculative import draft_history
+
+    rng = np.random.default_rng()
+    b, s, v = 3, 5, 11
+    counts = jnp.asarray(rng.integers(0, 3, (b, v)), jnp.int32)
+    seen = jnp.asarray(rng.random((b, v)) < 0.3)
+    tokens = jnp.asarray(rng.integers(0, v, (b, s)), jnp.int32)
+    draft_lens = jnp.array([4, 2, 0])
+    got_counts, got_seen = draft_history(counts, seen, tokens, draft_lens)
+    for i in range(b):
+        for j in range(s):
+            want_c, want_s = np.array(counts[i]), np.array(seen[i])
+            for k in range(1, min(j, int(draft_lens[i])) + 1):
+                want_c[int(tokens[i, k])] += 1
+                want_s[int(tokens[i, k])] = True
+            assert got_counts[i * s + j].tolist() == want_c.tolist()
+            assert got_seen[i * s + j].tolist() == want_s.tolist()
 
 
 def _rejection_draws(probs, tokens, n):
@@ -191,7 +221,7 @@ def test_warmup_compiles_the_verify_calls(model):
     with Engine(model, config) as engine:
         engine.warmup()
         compiled = {s for s in engine.runner.compiled_shapes if s[0] == "verify"}
-        assert {s[1][0] for s in compiled} == {1, 4} and {s[-1] for s in compiled} == {False, True}
+        assert {s[1][0] for s in compiled} == {1, 4} and {s[5] for s in compiled} == {False, True}  # batch given
         engine.generate(PROMPTS[:1], GREEDY, use_tqdm=False)  # batch 1, greedy
         engine.generate(PROMPTS, params * 2, use_tqdm=False)  # batch 4, rows that sample
         assert engine.stats()["spec_verify_calls"] > 0

@@ -22,8 +22,8 @@ from tests.test_engine import assert_all_pages_free, small_config
 from tests.test_lora import adapters  # noqa: F401  (fixture)
 
 DIGITS = "[0-9]{2,5}"
-# Rows whose features a verify call does not apply (penalties, guides, min_tokens, bias) keep speculation off for
-# their whole decode call: they are rarer here, so that some calls do speculate.
+# Rows whose features a verify call does not apply (guides, min_tokens, bias) keep speculation off for their whole
+# decode call: they are rarer here, so that some calls do speculate.
 KINDS = ("greedy", "logprobs", "sampled", "regex", "min_tokens", "bias", "twin", "repeat", "embed")
 WEIGHTS = np.array([3, 2, 1, 1, 1, 1, 2, 4, 2]) / 17
 
@@ -48,9 +48,11 @@ def test_random_workload_of_every_request_feature_never_loses_a_request(adapters
         params = {
             "greedy": lambda: SamplingParams(**greedy),
             "logprobs": lambda: SamplingParams(**greedy, logprobs=2),
+            # min_tokens keeps speculation off in its calls: a sampled row's draws under speculation follow its
+            # distribution but are not the draws it makes alone.
             "sampled": lambda: SamplingParams(max_tokens=n, temperature=0.8, top_k=int(rng.choice([-1, 7])),
                                               top_p=0.9, repetition_penalty=1.1, seed=int(rng.integers(1 << 20)),
-                                              ignore_eos=True),
+                                              ignore_eos=True, min_tokens=1),
             "regex": lambda: SamplingParams(max_tokens=n, temperature=0.0, structured_outputs={"regex": DIGITS}),
             "min_tokens": lambda: SamplingParams(max_tokens=n, temperature=0.0, min_tokens=2,
                                                  stop_token_ids=tuple(rng.integers(3, vocab, 12).tolist())),
