@@ -821,11 +821,11 @@ class Engine:
     # ----- speculative decoding (jaxserve.speculative) ----------------------------------------
     def _speculating(self, reqs: Sequence[Request]) -> bool:
         """Whether n-gram speculation serves these rows: on, and no row asks for what a verify call does not
-        apply (logit bias, min_tokens, masks, bad words); rows may be greedy or sample, with penalties."""
+        apply (structured outputs, bad words: both follow the text token by token); rows may be greedy or sample,
+        with penalties, logit bias, min_tokens or allowed_token_ids."""
         if not self.config.speculative_tokens:
             return False
-        return all(not r.params.logit_bias and r.params.min_tokens == 0 and r.guide is None and not r.bad_word_ids
-                   and r.params.allowed_token_ids is None for r in reqs)
+        return all(r.guide is None and not r.bad_word_ids for r in reqs)
 
     def _drafts(self, reqs: list[Request]) -> list[list[int]] | None:
         """Each decoding row's draft (`speculative.ngram_draft` over its text, cut where its length or the model's
@@ -860,8 +860,10 @@ class Engine:
             block_tables[i] = table[r.slot]
         num_top = MAX_TOP_LOGPROBS if any((r.params.logprobs or 0) > 0 for r in reqs) else 0
         sampled = {}
-        if not all(r.params.greedy for r in reqs) or needs_penalties([r.params for r in reqs]):
-            # Rejection sampling on the device (greedy rows too: their target is the penalized argmax).
+        params = [r.params for r in reqs]
+        if needs_sampling(params) or any(p.allowed_token_ids is not None for p in params):
+            # Rejection sampling on the device, greedy rows too: their target is the argmax of their processed
+            # logits (masks, bias, min_tokens, penalties).
             sbatch, steps, _, counts, seen = self._sampling_inputs(reqs, batch)[:5]
             sampled = dict(batch=sbatch, steps=steps, counts=counts, seen=seen)
         start = time.perf_counter()

@@ -29,9 +29,9 @@ from jaxserve.config import ModelConfig
 from jaxserve.model import (KVCache, PagedAttention, Qwen2ForCausalLM, check_weight_layout, greedy_head_applies,
                             new_kv_cache)
 from jaxserve.pooling import pool_hidden
-from jaxserve.sampling import (PromptLogprobs, SampleOutput, SamplingBatch, apply_penalties, ban_bad_words, no_logprobs,
-                               push_recent, row_keys, sample, target_logprobs, token_logprobs, unpack_allowed,
-                               update_counts)
+from jaxserve.sampling import (PromptLogprobs, SampleOutput, SamplingBatch, ban_bad_words, no_logprobs,
+                               processed_logits, push_recent, row_keys, sample, target_logprobs, token_logprobs,
+                               unpack_allowed, update_counts)
 from jaxserve.speculative import draft_history, rejection_sample
 
 # XLA compiler options of decode steps wider than the skinny matmul serves, whose projections
@@ -196,10 +196,11 @@ class Runner:
         them with the drafts). With ``batch`` (its rows' sampling parameters; ``steps``, each row's tokens so far):
         rows sample by `speculative.rejection_sample`, ``out.tokens`` their emitted tokens, the first ``count[b]``
         of each row. ``out`` holds each token's raw log-probability and the ``num_top`` best tokens at its position
-        where ``logprobs`` (else NaN). ``counts`` / ``seen`` (with ``batch``, where a row has penalties: the decode
-        step's output-token counts and seen tokens, ``[B, V]``): each position's target is penalized as a decode step
-        would penalize it, the drafts before it counted (`speculative.draft_history`). Rows have no bias,
-        min_tokens or masks (the engine speculates only then).
+        where ``logprobs`` (else NaN). Each position's target takes the rows' masks, logit bias, min_tokens ban
+        (at its own step) and, with ``counts`` / ``seen`` (where a row has penalties: the decode step's output-token
+        counts and seen tokens, ``[B, V]``), penalties with the drafts before it counted
+        (`speculative.draft_history`), as a decode step would (`sampling.processed_logits`). Rows have no bad words
+        or structured outputs (the engine speculates only then).
 
         Example:
             >>> out, _ = runner.verify(tokens, q_start, lengths, block_tables)  # doctest: +SKIP
@@ -385,11 +386,11 @@ class Steps:
             picks = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         else:
             per_position = jax.tree.map(lambda a: jnp.repeat(a, s, axis=0), batch)
-            target = flat
-            if counts is not None:
-                target = apply_penalties(flat, per_position, *draft_history(counts, seen, tokens, lengths - q_start - 1))
-            logp = target_logprobs(target, per_position).reshape(b, s, -1)
-            keys = row_keys(per_position.seeds, (steps[:, None] + jnp.arange(s)[None, :]).reshape(-1)).reshape(b, s)
+            at_step = (steps[:, None] + jnp.arange(s)[None, :]).reshape(-1)  # position j chooses output token steps + j
+            history = () if counts is None else draft_history(counts, seen, tokens, lengths - q_start - 1)
+            logp = target_logprobs(processed_logits(flat, per_position, at_step, *history), per_position)
+            logp = logp.reshape(b, s, -1)
+            keys = row_keys(per_position.seeds, at_step).reshape(b, s)
             picks, count = rejection_sample(logp, tokens, lengths - q_start - 1, keys)
         if not logprobs and num_top == 0:
             return kv, (no_logprobs(picks), count)

@@ -703,6 +703,32 @@ def _ban_until_min_tokens(x: jax.Array, batch: SamplingBatch, step: jax.Array) -
     return x.at[jnp.arange(b)[:, None], ids].set(-jnp.inf, mode="drop")
 
 
+def processed_logits(logits: jax.Array, batch: SamplingBatch, step: jax.Array, counts: jax.Array | None = None,
+                     seen: jax.Array | None = None) -> jax.Array:
+    """Float32 ``[B, V]`` logits after every rule that moves them before temperature (`sample`'s order, vLLM v1's):
+    allowed-token masks, bad words, logit bias, the min_tokens ban (``step``: i32 ``[B]``, tokens generated before)
+    and penalties (``counts`` / ``seen``, as `apply_penalties` takes them). What a greedy row takes the argmax of.
+
+    Example:
+        >>> b = make_batch([SamplingParams(temperature=0.0, logit_bias={0: 5.0})], 1)
+        >>> processed_logits(jnp.array([[0.0, 1.0]]), b, jnp.zeros(1, jnp.int32)).tolist()
+        [[5.0, 1.0]]
+    """
+    b, v = logits.shape
+    x = logits.astype(jnp.float32)
+    if batch.allowed.shape[1]:  # some row is constrained (the width is static)
+        x = jnp.where(unpack_allowed(batch.allowed, v), x, -jnp.inf)
+    x = ban_bad_words(x, batch)
+    if batch.bias_ids.shape[1]:  # some row has a logit_bias (the width is static)
+        x = x.at[jnp.arange(b)[:, None], batch.bias_ids].add(batch.bias_values, mode="drop")
+    x = jax.lax.cond(jnp.any(step < batch.min_tokens), _ban_until_min_tokens, lambda x, *_: x, x, batch, step)
+    if counts is not None or seen is not None:
+        any_penalty = jnp.any((batch.repetition_penalty != 1.0) | (batch.presence_penalty != 0.0)
+                              | (batch.frequency_penalty != 0.0))
+        x = jax.lax.cond(any_penalty, lambda x: apply_penalties(x, batch, counts, seen), lambda x: x, x)
+    return x
+
+
 @partial(jax.jit, static_argnames=("num_top_logprobs", "top_candidates", "logprobs"))
 def sample(
     logits: jax.Array,
@@ -739,17 +765,7 @@ def sample(
     if top_candidates < 1:
         raise ValueError(f"top_candidates must be >= 1, got {top_candidates}")
     b, v = logits.shape
-    x = logits.astype(jnp.float32)
-    if batch.allowed.shape[1]:  # some row is constrained (the width is static)
-        x = jnp.where(unpack_allowed(batch.allowed, v), x, -jnp.inf)
-    x = ban_bad_words(x, batch)
-    if batch.bias_ids.shape[1]:  # some row has a logit_bias (the width is static)
-        x = x.at[jnp.arange(b)[:, None], batch.bias_ids].add(batch.bias_values, mode="drop")
-    x = jax.lax.cond(jnp.any(step < batch.min_tokens), _ban_until_min_tokens, lambda x, *_: x, x, batch, step)
-    if counts is not None or seen is not None:
-        any_penalty = jnp.any((batch.repetition_penalty != 1.0) | (batch.presence_penalty != 0.0)
-                              | (batch.frequency_penalty != 0.0))
-        x = jax.lax.cond(any_penalty, lambda x: apply_penalties(x, batch, counts, seen), lambda x: x, x)
+    x = processed_logits(logits, batch, step, counts, seen)
     greedy_rows = batch.temperature == 0.0
     greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
 

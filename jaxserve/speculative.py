@@ -13,9 +13,10 @@ draft token is the model's argmax given the tokens before it, and the first mism
 there), so speculation changes speed, never text. Rows that sample: speculative sampling (Leviathan et al., 2023;
 vLLM's rejection sampler) with the n-gram draft as a one-token proposal, so each emitted token is drawn from the
 request's own distribution (temperature, top-k/p, min-p), though not the same draw as without speculation.
-Penalties (repetition, presence, frequency) apply at each position with the drafts before it counted
-(`draft_history`): the history a decode step would have after taking them; greedy rows with penalties then go
-through the rejection sampler, whose target for them is the penalized argmax.
+Each position's target takes the row's masks, logit bias and min_tokens ban at its own step, and penalties
+(repetition, presence, frequency) with the drafts before it counted (`draft_history`): what a decode step would
+see after taking them (`sampling.processed_logits`); greedy rows with any of those go through the rejection
+sampler, whose target for them is that argmax.
 """
 
 from __future__ import annotations

@@ -104,6 +104,22 @@ def test_speculation_survives_preemption_and_feeds_the_prefix_cache(model):
         assert_all_pages_free(engine)
 
 
+def test_greedy_rows_with_bias_min_tokens_or_allowed_tokens_speculate_and_keep_their_tokens(model):
+    newline = model.tokenizer.encode("\n")[0]
+    params = [SamplingParams(max_tokens=37, temperature=0, ignore_eos=True, logit_bias={newline: -3.0}),
+              SamplingParams(max_tokens=37, temperature=0, min_tokens=20, stop_token_ids=[newline]),
+              SamplingParams(max_tokens=37, temperature=0, ignore_eos=True,
+                             allowed_token_ids=sorted(set(model.tokenizer.encode(PROMPTS[2] * 3)))),
+              SamplingParams(max_tokens=37, temperature=0, ignore_eos=True, logit_bias={newline: 2.0}, min_tokens=5)]
+    plain, _ = _run(model, small_config(), PROMPTS, params)
+    outs, stats = _run(model, small_config(speculative_tokens=4), PROMPTS, params)
+    for o, p in zip(outs, plain):
+        assert (o["token_ids"], o["finish_reason"], o["stop_reason"]) == (
+            p["token_ids"], p["finish_reason"], p["stop_reason"])
+    assert stats["spec_verify_calls"] > 0 and stats["spec_accepted_tokens"] > 0
+    assert newline not in plain[1]["token_ids"][:20] and set(plain[2]["token_ids"]) <= set(params[2].allowed_token_ids)
+
+
 def test_greedy_rows_with_penalties_speculate_and_keep_their_tokens(model):
     """A verify call penalizes each position with the drafts before it counted (`speculative.draft_history`), as
     the decode step would after taking them: greedy rows with repetition, presence and frequency penalties (the
@@ -213,6 +229,15 @@ def test_greedy_rows_with_log_probabilities_speculate_and_keep_them(model):
         assert o["logprobs"] == pytest.approx(p["logprobs"], abs=1e-4)
         for got, want in zip(o.get("top_logprobs", []), p.get("top_logprobs", [])):
             assert got.keys() == want.keys() and list(got.values()) == pytest.approx(list(want.values()), abs=1e-4)
+
+
+def test_rows_with_bad_words_or_structured_outputs_turn_speculation_off_and_keep_their_tokens(model):
+    params = [GREEDY, SamplingParams(max_tokens=37, temperature=0, ignore_eos=True, bad_words=["sys"]), GREEDY,
+              SamplingParams(max_tokens=8, temperature=0, structured_outputs={"regex": "[a-z]+"})]
+    plain, _ = _run(model, small_config(), PROMPTS, params)
+    outs, stats = _run(model, small_config(speculative_tokens=4, max_running=4), PROMPTS, params)
+    assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in plain]
+    assert stats["spec_verify_calls"] == 0
 
 
 def test_warmup_compiles_the_verify_calls(model):

@@ -4,8 +4,8 @@ Each feature has tests of its own; this one makes them share an engine and its d
 does: priority scheduling, LoRA adapters (more than there are slots), n-gram speculation, structured outputs,
 log-probabilities, min_tokens with stop ids, logit bias, seeded sampling with penalties, twin prompts (the in-batch
 prefix sharing that ``n`` uses), prompts that repeat themselves (so speculation drafts), embeddings (pooling requests), aborts, and a pool small
-enough to preempt. Every request must finish with a valid reason, give the tokens it gives run alone on an engine
-with none of the scheduling features, and leave no page or adapter slot held.
+enough to preempt. Every request must finish with a valid reason, give the tokens (or embedding) it gives run alone on
+an engine with none of the scheduling features where it is greedy, and leave no page or adapter slot held.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from tests.test_engine import assert_all_pages_free, small_config
 from tests.test_lora import adapters  # noqa: F401  (fixture)
 
 DIGITS = "[0-9]{2,5}"
-# Rows whose features a verify call does not apply (guides, min_tokens, bias) keep speculation off for their whole
-# decode call: they are rarer here, so that some calls do speculate.
+# Rows whose features a verify call does not apply (structured outputs) keep speculation off for their whole decode
+# call: they are rarer here, so that some calls do speculate.
 KINDS = ("greedy", "logprobs", "sampled", "regex", "min_tokens", "bias", "twin", "repeat", "embed")
 WEIGHTS = np.array([3, 2, 1, 1, 1, 1, 2, 4, 2]) / 17
 
@@ -48,11 +48,9 @@ def test_random_workload_of_every_request_feature_never_loses_a_request(adapters
         params = {
             "greedy": lambda: SamplingParams(**greedy),
             "logprobs": lambda: SamplingParams(**greedy, logprobs=2),
-            # min_tokens keeps speculation off in its calls: a sampled row's draws under speculation follow its
-            # distribution but are not the draws it makes alone.
             "sampled": lambda: SamplingParams(max_tokens=n, temperature=0.8, top_k=int(rng.choice([-1, 7])),
                                               top_p=0.9, repetition_penalty=1.1, seed=int(rng.integers(1 << 20)),
-                                              ignore_eos=True, min_tokens=1),
+                                              ignore_eos=True),
             "regex": lambda: SamplingParams(max_tokens=n, temperature=0.0, structured_outputs={"regex": DIGITS}),
             "min_tokens": lambda: SamplingParams(max_tokens=n, temperature=0.0, min_tokens=2,
                                                  stop_token_ids=tuple(rng.integers(3, vocab, 12).tolist())),
@@ -102,10 +100,13 @@ def test_random_workload_of_every_request_feature_never_loses_a_request(adapters
                     f"seed={seed}"
 
     # Alone, on an engine with no priority, speculation or prefix cache, each request gives the same tokens: greedy
-    # ones by definition, seeded ones because a seeded row draws from its own logits wherever it sits.
+    # ones by definition. (A seeded row draws from its own logits wherever it sits, but under speculation its draws
+    # follow its distribution without being the same draws: test_engine's random workload checks those.)
     with Engine(model, small_config(max_loras=3, prefix_caching=False)) as plain:
         for rid in kept:
             prompt, params, kw = added[rid]
+            if isinstance(params, SamplingParams) and not params.greedy:
+                continue
             alone = plain.generate([prompt], params, use_tqdm=False, lora_request=kw["lora_request"])[0]
             if isinstance(params, PoolingParams):
                 np.testing.assert_allclose(results[rid].embedding, alone["embedding"], rtol=1e-4, atol=1e-5,
