@@ -288,6 +288,8 @@
 #   lora48      session 48: LoRA serving: bench/lora.py on the 0.5B shape at batch 1 / 64 / 256 (base engine, an engine
 #               serving 4 adapters with base rows, one adapter, 4 adapters spread) and adapter rows against the
 #               merged weights (~300 s?)
+#   embed49     session 49: embeddings (jaxserve.pooling) against plain prefill of the same prompts, 0.5B shape, batch
+#               64 / 256 x 128 / 512 tokens (bench/embed.py; ~200 s?)
 #   yarn44      session 44: the 0.5B and 7B decode steps of a YaRN checkpoint (scaled cos/sin tables) compiled
 #               against the reference at 1-256 rows (~200 s)
 set -uo pipefail
@@ -891,6 +893,7 @@ for part in "${parts[@]}"; do
               --out "$OUT/$part" ;;
     spec47b) timeout 300 python3 bench/speculative.py --workload code --k 2 4 8 --batch 1 8 --output-len 128 ;;
     lora48) timeout 500 python3 bench/lora.py --shape 0.5B --batch 1 64 256 --out "$OUT/$part" ;;
+    embed49) timeout 300 python3 bench/embed.py --shape 0.5B --batch 64 256 --prompt-len 128 512 --out "$OUT/$part" ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;

@@ -222,3 +222,18 @@ def test_speculative_bench_smoke_gives_the_same_tokens(tmp_path):
     rows = [line.split("|") for line in (tmp_path / "speculative.md").read_text().splitlines() if line.startswith("| ")]
     assert [(r[1].strip(), r[2].strip()) for r in rows[1:]] == [("2", "0"), ("2", "3")], rows
     assert all(r[9].strip() == "yes" for r in rows[1:]) and int(rows[2][5]) > 0, rows
+
+
+def test_embed_bench_smoke_embeds_every_prompt(tmp_path):
+    """bench/embed.py (gpu_checks.sh embed49 at full size) on a tiny random model: each case's row, every
+    embedding at unit length (the script checks)."""
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parent.parent
+    done = subprocess.run([sys.executable, str(root / "bench" / "embed.py"), "--shape", "tiny", "--batch", "4",
+                           "--prompt-len", "24", "--rounds", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("|") for line in (tmp_path / "embed.md").read_text().splitlines() if line.startswith("| ")]
+    assert [r[3].strip() for r in rows[1:]] == ["prefill + 1 token", "embed, last token", "embed, mean"], rows
