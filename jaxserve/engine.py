@@ -820,12 +820,12 @@ class Engine:
 
     # ----- speculative decoding (jaxserve.speculative) ----------------------------------------
     def _speculating(self, reqs: Sequence[Request]) -> bool:
-        """Whether n-gram speculation serves these rows: on, and no row asks for what a verify call does not
-        apply (structured outputs, bad words: both follow the text token by token); rows may be greedy or sample,
-        with penalties, logit bias, min_tokens or allowed_token_ids."""
+        """Whether n-gram speculation serves these rows: on, and no row follows structured outputs (whose masks
+        follow the text token by token); rows may be greedy or sample, with penalties, logit bias, min_tokens,
+        allowed_token_ids or bad words."""
         if not self.config.speculative_tokens:
             return False
-        return all(r.guide is None and not r.bad_word_ids for r in reqs)
+        return all(r.guide is None for r in reqs)
 
     def _drafts(self, reqs: list[Request]) -> list[list[int]] | None:
         """Each decoding row's draft (`speculative.ngram_draft` over its text, cut where its length or the model's
@@ -861,9 +861,10 @@ class Engine:
         num_top = MAX_TOP_LOGPROBS if any((r.params.logprobs or 0) > 0 for r in reqs) else 0
         sampled = {}
         params = [r.params for r in reqs]
-        if needs_sampling(params) or any(p.allowed_token_ids is not None for p in params):
+        if needs_sampling(params) or any(p.allowed_token_ids is not None or r.bad_word_ids
+                                         for p, r in zip(params, reqs)):
             # Rejection sampling on the device, greedy rows too: their target is the argmax of their processed
-            # logits (masks, bias, min_tokens, penalties).
+            # logits (masks, bad words, bias, min_tokens, penalties).
             sbatch, steps, _, counts, seen = self._sampling_inputs(reqs, batch)[:5]
             sampled = dict(batch=sbatch, steps=steps, counts=counts, seen=seen)
         start = time.perf_counter()

@@ -47,7 +47,7 @@ class EngineConfig:
     (lower first, vLLM's order; ties by arrival), the lowest priority preempted. (``policy`` is another question:
     how prefill and decode calls share the device.)
     ``speculative_tokens`` > 0 turns on n-gram speculative decoding (vLLM's ``ngram`` method, `jaxserve.speculative`):
-    while no running row has structured outputs or bad words (penalties, logit bias, min_tokens, allowed_token_ids and
+    while no running row has structured outputs (penalties, logit bias, min_tokens, allowed_token_ids, bad words and
     log-probabilities are kept), each row drafts up
     to that many tokens from its own text (the tokens after the latest earlier occurrence of its last
     ``prompt_lookup_max``..``prompt_lookup_min`` tokens) and one call verifies them all: greedy rows' text is greedy

@@ -32,7 +32,7 @@ from jaxserve.pooling import pool_hidden
 from jaxserve.sampling import (PromptLogprobs, SampleOutput, SamplingBatch, ban_bad_words, no_logprobs,
                                processed_logits, push_recent, row_keys, sample, target_logprobs, token_logprobs,
                                unpack_allowed, update_counts)
-from jaxserve.speculative import draft_history, rejection_sample
+from jaxserve.speculative import draft_history, draft_recent, rejection_sample
 
 # XLA compiler options of decode steps wider than the skinny matmul serves, whose projections
 # are XLA GEMMs. cuBLAS instead of XLA's Triton GEMMs: cuBLAS takes the residual adds into
@@ -199,8 +199,9 @@ class Runner:
         where ``logprobs`` (else NaN). Each position's target takes the rows' masks, logit bias, min_tokens ban
         (at its own step) and, with ``counts`` / ``seen`` (where a row has penalties: the decode step's output-token
         counts and seen tokens, ``[B, V]``), penalties with the drafts before it counted
-        (`speculative.draft_history`), as a decode step would (`sampling.processed_logits`). Rows have no bad words
-        or structured outputs (the engine speculates only then).
+        (`speculative.draft_history`), and bad words with the drafts shifted into the tokens they read
+        (`speculative.draft_recent`), as a decode step would (`sampling.processed_logits`). Rows have no structured
+        outputs (the engine speculates only then).
 
         Example:
             >>> out, _ = runner.verify(tokens, q_start, lengths, block_tables)  # doctest: +SKIP
@@ -386,6 +387,8 @@ class Steps:
             picks = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         else:
             per_position = jax.tree.map(lambda a: jnp.repeat(a, s, axis=0), batch)
+            if batch.bad_words.shape[1]:  # a bad word's ban reads the tokens before it: the drafts shift in
+                per_position = per_position.replace(recent=draft_recent(batch.recent, tokens))
             at_step = (steps[:, None] + jnp.arange(s)[None, :]).reshape(-1)  # position j chooses output token steps + j
             history = () if counts is None else draft_history(counts, seen, tokens, lengths - q_start - 1)
             logp = target_logprobs(processed_logits(flat, per_position, at_step, *history), per_position)

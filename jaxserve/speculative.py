@@ -13,10 +13,11 @@ draft token is the model's argmax given the tokens before it, and the first mism
 there), so speculation changes speed, never text. Rows that sample: speculative sampling (Leviathan et al., 2023;
 vLLM's rejection sampler) with the n-gram draft as a one-token proposal, so each emitted token is drawn from the
 request's own distribution (temperature, top-k/p, min-p), though not the same draw as without speculation.
-Each position's target takes the row's masks, logit bias and min_tokens ban at its own step, and penalties
-(repetition, presence, frequency) with the drafts before it counted (`draft_history`): what a decode step would
-see after taking them (`sampling.processed_logits`); greedy rows with any of those go through the rejection
-sampler, whose target for them is that argmax.
+Each position's target takes the row's masks, logit bias, min_tokens ban at its own step, bad words (their last
+tokens with the drafts before it shifted in, `draft_recent`) and penalties (repetition, presence, frequency) with
+the drafts before it counted (`draft_history`): what a decode step would see after taking them
+(`sampling.processed_logits`); greedy rows with any of those go through the rejection sampler, whose target for
+them is that argmax.
 """
 
 from __future__ import annotations
@@ -137,3 +138,18 @@ def draft_history(counts: jax.Array, seen: jax.Array, tokens: jax.Array,
     counts = jnp.repeat(counts, s, axis=0).at[rows, ids.reshape(-1)].add(jnp.ones((), counts.dtype), mode="drop")
     seen = jnp.repeat(seen, s, axis=0).at[rows, ids.reshape(-1)].set(True, mode="drop")
     return counts, seen
+
+
+def draft_recent(recent: jax.Array, tokens: jax.Array) -> jax.Array:
+    """A verify call's `SamplingBatch.recent` at each position (inside a jit): ``[B * S, R]``, position j of row b the
+    row's last R generated tokens (``recent [B, R]``) with its first j draft tokens (``tokens [B, S]``: the last
+    token, then the draft) shifted in: what a bad word's ban reads there once those drafts are kept.
+
+    Example:
+        >>> draft_recent(jnp.array([[-1, 4]]), jnp.array([[4, 7, 8]])).tolist()
+        [[-1, 4], [4, 7], [7, 8]]
+    """
+    b, s = tokens.shape
+    r = recent.shape[1]
+    extended = jnp.concatenate([recent, tokens[:, 1:].astype(recent.dtype)], axis=1)
+    return extended[:, jnp.arange(s)[:, None] + jnp.arange(r)[None, :]].reshape(b * s, r)

@@ -231,9 +231,23 @@ def test_greedy_rows_with_log_probabilities_speculate_and_keep_them(model):
             assert got.keys() == want.keys() and list(got.values()) == pytest.approx(list(want.values()), abs=1e-4)
 
 
-def test_rows_with_bad_words_or_structured_outputs_turn_speculation_off_and_keep_their_tokens(model):
-    params = [GREEDY, SamplingParams(max_tokens=37, temperature=0, ignore_eos=True, bad_words=["sys"]), GREEDY,
-              SamplingParams(max_tokens=8, temperature=0, structured_outputs={"regex": "[a-z]+"})]
+def test_greedy_rows_with_bad_words_speculate_and_keep_their_tokens(model):
+    """A bad word's ban reads the tokens before each verified position, the drafts before it shifted in
+    (`speculative.draft_recent`): texts that would repeat a banned phrase come out as without speculation."""
+    words = [["import tempfile"], ["self.try"], ["of a"], ["y = 4"]]  # each in the row's text without bans
+    params = [SamplingParams(max_tokens=37, temperature=0, ignore_eos=True, bad_words=w) for w in words]
+    plain, _ = _run(model, small_config(), PROMPTS, params)
+    outs, stats = _run(model, small_config(speculative_tokens=4), PROMPTS, params)
+    assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in plain]
+    assert stats["spec_verify_calls"] > 0 and stats["spec_accepted_tokens"] > 0
+    free, _ = _run(model, small_config(), PROMPTS, GREEDY)
+    for w, o, f in zip(words, plain, free):
+        assert w[0] in f["text"] and w[0] not in o["text"]
+
+
+def test_rows_with_structured_outputs_turn_speculation_off_and_keep_their_tokens(model):
+    params = [GREEDY, GREEDY, GREEDY, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                                                     structured_outputs={"regex": "[a-z ]+"})]
     plain, _ = _run(model, small_config(), PROMPTS, params)
     outs, stats = _run(model, small_config(speculative_tokens=4, max_running=4), PROMPTS, params)
     assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in plain]
