@@ -820,12 +820,13 @@ class Engine:
 
     # ----- speculative decoding (jaxserve.speculative) ----------------------------------------
     def _speculating(self, reqs: Sequence[Request]) -> bool:
-        """Whether n-gram speculation serves these rows: on, and no row follows structured outputs (whose masks
-        follow the text token by token); rows may be greedy or sample, with penalties, logit bias, min_tokens,
-        allowed_token_ids or bad words."""
+        """Whether n-gram speculation serves these rows: on, and every row's rules can be followed through a
+        draft on the device: any sampling parameters, and structured outputs where the guide pool holds every
+        row's guide (else their masks come from the host, one token a call)."""
         if not self.config.speculative_tokens:
             return False
-        return all(r.guide is None for r in reqs)
+        guides = [r.guide.guide for r in reqs if r.guide is not None]
+        return not guides or self.guide_pool.fits(guides)  # (placed by the verify call itself)
 
     def _drafts(self, reqs: list[Request]) -> list[list[int]] | None:
         """Each decoding row's draft (`speculative.ngram_draft` over its text, cut where its length or the model's
@@ -861,12 +862,14 @@ class Engine:
         num_top = MAX_TOP_LOGPROBS if any((r.params.logprobs or 0) > 0 for r in reqs) else 0
         sampled = {}
         params = [r.params for r in reqs]
-        if needs_sampling(params) or any(p.allowed_token_ids is not None or r.bad_word_ids
-                                         for p, r in zip(params, reqs)):
+        guided = self._guided(reqs)
+        if guided or needs_sampling(params) or any(p.allowed_token_ids is not None or r.bad_word_ids
+                                                   for p, r in zip(params, reqs)):
             # Rejection sampling on the device, greedy rows too: their target is the argmax of their processed
-            # logits (masks, bad words, bias, min_tokens, penalties).
-            sbatch, steps, _, counts, seen = self._sampling_inputs(reqs, batch)[:5]
-            sampled = dict(batch=sbatch, steps=steps, counts=counts, seen=seen)
+            # logits (masks, guides, bad words, bias, min_tokens, penalties).
+            sbatch, steps, _, counts, seen = self._sampling_inputs(reqs, batch, host_masks=False)[:5]
+            sampled = dict(batch=sbatch, steps=steps, counts=counts, seen=seen,
+                           guides=self._guide_tables(reqs, batch)[:3] if guided else None)
         start = time.perf_counter()
         out, count = jax.device_get(self.runner.verify(tokens, q_start, lengths, block_tables, num_top=num_top,
                                                        logprobs=any(r.params.logprobs is not None for r in reqs),

@@ -47,9 +47,8 @@ class EngineConfig:
     (lower first, vLLM's order; ties by arrival), the lowest priority preempted. (``policy`` is another question:
     how prefill and decode calls share the device.)
     ``speculative_tokens`` > 0 turns on n-gram speculative decoding (vLLM's ``ngram`` method, `jaxserve.speculative`):
-    while no running row has structured outputs (penalties, logit bias, min_tokens, allowed_token_ids, bad words and
-    log-probabilities are kept), each row drafts up
-    to that many tokens from its own text (the tokens after the latest earlier occurrence of its last
+    with any sampling parameters and structured outputs (unless the guide pool cannot hold every running row's guide),
+    each row drafts up to that many tokens from its own text (the tokens after the latest earlier occurrence of its last
     ``prompt_lookup_max``..``prompt_lookup_min`` tokens) and one call verifies them all: greedy rows' text is greedy
     decoding's either way (in bf16 on a GPU up to near-ties the verify call and the decode step round apart); rows that sample keep drafts by rejection sampling (each token from the row's own
     distribution, though not the same draws as without speculation). Off (0) by default.

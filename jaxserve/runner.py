@@ -32,7 +32,7 @@ from jaxserve.pooling import pool_hidden
 from jaxserve.sampling import (PromptLogprobs, SampleOutput, SamplingBatch, ban_bad_words, no_logprobs,
                                processed_logits, push_recent, row_keys, sample, target_logprobs, token_logprobs,
                                unpack_allowed, update_counts)
-from jaxserve.speculative import draft_history, draft_recent, rejection_sample
+from jaxserve.speculative import draft_history, draft_recent, draft_states, rejection_sample
 
 # XLA compiler options of decode steps wider than the skinny matmul serves, whose projections
 # are XLA GEMMs. cuBLAS instead of XLA's Triton GEMMs: cuBLAS takes the residual adds into
@@ -188,7 +188,7 @@ class Runner:
     def verify(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
                num_top: int = 0, logprobs: bool = False, batch: SamplingBatch | None = None,
                steps: np.ndarray | None = None, lora: dict | None = None, counts: jax.Array | None = None,
-               seen: jax.Array | None = None) -> tuple[SampleOutput, jax.Array | None]:
+               seen: jax.Array | None = None, guides: tuple | None = None) -> tuple[SampleOutput, jax.Array | None]:
         """A speculative decoding verify call (`jaxserve.speculative`): ``tokens [B, S]`` at positions
         ``q_start[b]..`` (each row's last token, then its draft; positions from ``lengths[b]`` on are padding),
         their K/V written as a prefill chunk's. Returns ``(out, count)`` on the device. Without ``batch`` (every
@@ -200,8 +200,9 @@ class Runner:
         (at its own step) and, with ``counts`` / ``seen`` (where a row has penalties: the decode step's output-token
         counts and seen tokens, ``[B, V]``), penalties with the drafts before it counted
         (`speculative.draft_history`), and bad words with the drafts shifted into the tokens they read
-        (`speculative.draft_recent`), as a decode step would (`sampling.processed_logits`). Rows have no structured
-        outputs (the engine speculates only then).
+        (`speculative.draft_recent`), as a decode step would (`sampling.processed_logits`). ``guides`` (with
+        ``batch``; `decode`'s ``(masks, next, states)``): structured outputs, position j of a row taking the mask of
+        its guide's state after the first j draft tokens (`speculative.draft_states`).
 
         Example:
             >>> out, _ = runner.verify(tokens, q_start, lengths, block_tables)  # doctest: +SKIP
@@ -209,8 +210,11 @@ class Runner:
             True
         """
         self.compiled_shapes.add(("verify", tokens.shape, block_tables.shape, num_top, logprobs, batch is not None,
-                                  counts is not None) + _lora_key(lora))
-        sampled = () if batch is None else (batch, *_int32(steps), counts, seen)
+                                  counts is not None) + _lora_key(lora)
+                                 + (_bad_words_key(batch) if batch is not None else ())
+                                 + (("guides", guides[0].shape[0]) if guides else ()))
+        guided = (None,) * 3 if guides is None else (guides[0], guides[1], *_int32(guides[2]))
+        sampled = () if batch is None else (batch, *_int32(steps), counts, seen, *guided)
         self.kv, out = self.compiled.verify(self._params(lora), self.kv, *_int32(tokens, q_start, lengths, block_tables),
                                             *sampled, num_top=num_top, logprobs=logprobs)
         return out
@@ -376,7 +380,7 @@ class Steps:
                                  pick_kernel=self._pick_kernel(logits))
 
     def _verify_impl(self, params, kv, tokens, q_start, lengths, block_tables, batch=None, steps=None, counts=None,
-                     seen=None, *, num_top: int, logprobs: bool):
+                     seen=None, guide_masks=None, guide_next=None, guide_states=None, *, num_top: int, logprobs: bool):
         # A prefill chunk whose every position is scored.
         b, s = tokens.shape
         positions, paged = self._chunk_attention(s, q_start, lengths, block_tables)
@@ -389,6 +393,11 @@ class Steps:
             per_position = jax.tree.map(lambda a: jnp.repeat(a, s, axis=0), batch)
             if batch.bad_words.shape[1]:  # a bad word's ban reads the tokens before it: the drafts shift in
                 per_position = per_position.replace(recent=draft_recent(batch.recent, tokens))
+            if guide_masks is not None:  # each position's mask is its guide state's, the drafts before it taken
+                allowed = guide_masks[draft_states(guide_next, guide_states, tokens)]
+                if batch.allowed.shape[1]:
+                    allowed = allowed & per_position.allowed
+                per_position = per_position.replace(allowed=allowed)
             at_step = (steps[:, None] + jnp.arange(s)[None, :]).reshape(-1)  # position j chooses output token steps + j
             history = () if counts is None else draft_history(counts, seen, tokens, lengths - q_start - 1)
             logp = target_logprobs(processed_logits(flat, per_position, at_step, *history), per_position)

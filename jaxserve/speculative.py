@@ -16,8 +16,9 @@ request's own distribution (temperature, top-k/p, min-p), though not the same dr
 Each position's target takes the row's masks, logit bias, min_tokens ban at its own step, bad words (their last
 tokens with the drafts before it shifted in, `draft_recent`) and penalties (repetition, presence, frequency) with
 the drafts before it counted (`draft_history`): what a decode step would see after taking them
-(`sampling.processed_logits`); greedy rows with any of those go through the rejection sampler, whose target for
-them is that argmax.
+(`sampling.processed_logits`), and structured outputs the mask of the guide's state after those drafts
+(`draft_states`); greedy rows with any of those go through the rejection sampler, whose target for them is that
+argmax.
 """
 
 from __future__ import annotations
@@ -153,3 +154,23 @@ def draft_recent(recent: jax.Array, tokens: jax.Array) -> jax.Array:
     r = recent.shape[1]
     extended = jnp.concatenate([recent, tokens[:, 1:].astype(recent.dtype)], axis=1)
     return extended[:, jnp.arange(s)[:, None] + jnp.arange(r)[None, :]].reshape(b * s, r)
+
+
+def draft_states(next_states: jax.Array, states: jax.Array, tokens: jax.Array) -> jax.Array:
+    """A verify call's structured-output states at each position (inside a jit): i32 ``[B * S]``, position j of row b
+    the state of its guide (`jaxserve.guide_pool`'s ``next [G, V]`` table, ``states [B]`` at the row's last token)
+    after its first j draft tokens (``tokens [B, S]``: the last token, then the draft). A draft token its state
+    forbids leads wherever the table says; that position's mask refuses the token, so nothing after it is kept.
+
+    Example:
+        >>> nxt = jnp.array([[0, 1], [1, 0]])        # token 1 flips between states 0 and 1
+        >>> draft_states(nxt, jnp.array([0]), jnp.array([[5, 1, 1]])).tolist()
+        [0, 1, 0]
+    """
+    def one(state, token):
+        state = next_states[state, token].astype(jnp.int32)
+        return state, state
+
+    start = states.astype(jnp.int32)
+    _, after = jax.lax.scan(one, start, tokens[:, 1:].T)  # [S - 1, B]: the state after each draft token
+    return jnp.concatenate([start[:, None], after.T], axis=1).reshape(-1)
