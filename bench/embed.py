@@ -29,24 +29,19 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from bench.throughput import QWEN25_05B, TINY, make_checkpoint, qwen25_shape, write_lines
+    from bench.throughput import random_model, write_lines
     from jaxserve import Engine, EngineConfig, PoolingParams, SamplingParams
-    from jaxserve.config import ModelConfig
-    from jaxserve.loading import LoadedModel
-    from jaxserve.weights import load_hf_params
 
     gpu = jax.default_backend() != "cpu"
     dtype = "bfloat16" if gpu else "float32"
-    shape = TINY if args.shape == "tiny" else (QWEN25_05B if args.shape == "0.5B" else qwen25_shape(args.shape))
-    path = tempfile.mkdtemp()
-    make_checkpoint(shape, path)
-    cfg = ModelConfig.from_pretrained(path)
-    model = LoadedModel(load_hf_params(path, cfg, dtype), cfg, None, path, "bench")
+    model, _ = random_model(args.shape, dtype, tempfile.mkdtemp())
+    cfg = model.config
     rng = np.random.default_rng(0)
     lines = [f"# Embeddings against prefill, {jax.devices()[0].device_kind}", "",
              f"Qwen2.5-{args.shape} shape, random weights, {dtype}, prefix caching off; `{' '.join(sys.argv)}`; "
              f"median of {args.rounds} timed runs after a warm-up run of each.", "",
-             "| prompts | tokens each | case | prompts/s | prompt tokens/s | vs prefill |", "|---:|---:|---|---:|---:|---:|"]
+             "| prompts | tokens each | case | prompts/s | prompt tokens/s | vs prefill |",
+             "|---:|---:|---|---:|---:|---:|"]
     one_token = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     cases = [("prefill + 1 token", one_token), ("embed, last token", PoolingParams()),
              ("embed, mean", PoolingParams(pooling_type="mean"))]

@@ -34,7 +34,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from bench.throughput import QWEN25_05B, TINY, make_checkpoint, qwen25_shape, write_lines
+    from bench.throughput import random_model, write_lines
     from jaxserve import Engine, EngineConfig, LoRARequest, SamplingParams
     from jaxserve.config import ModelConfig
     from jaxserve.loading import LoadedModel
@@ -43,12 +43,9 @@ def main() -> None:
 
     gpu = jax.default_backend() != "cpu"
     dtype = "bfloat16" if gpu else "float32"
-    shape = TINY if args.shape == "tiny" else (QWEN25_05B if args.shape == "0.5B" else qwen25_shape(args.shape))
     root = tempfile.mkdtemp()
-    hf = make_checkpoint(shape, os.path.join(root, "base"))
-    cfg = ModelConfig.from_pretrained(os.path.join(root, "base"))
-    model = LoadedModel(load_hf_params(os.path.join(root, "base"), cfg, dtype), cfg, None, os.path.join(root, "base"),
-                        "bench")
+    model, hf = random_model(args.shape, dtype, os.path.join(root, "base"))
+    cfg = model.config
     # std gives each adapter's term about a tenth of its projection's output: enough to change the text.
     std = 0.6 / np.sqrt(args.rank) ** 0.5 / cfg.hidden_size ** 0.25
     adapters = []

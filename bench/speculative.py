@@ -42,11 +42,9 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from bench.throughput import QWEN25_05B, TINY, make_checkpoint, qwen25_shape, write_lines
+    from bench.throughput import random_model, write_lines
     from jaxserve import Engine, EngineConfig, SamplingParams
-    from jaxserve.config import ModelConfig
-    from jaxserve.loading import LoadedModel, load
-    from jaxserve.weights import load_hf_params
+    from jaxserve.loading import load
 
     gpu = jax.default_backend() != "cpu"
     if args.workload == "code":
@@ -54,11 +52,8 @@ def main() -> None:
         make_prompts = lambda n: [model.tokenizer.encode(CODE_PROMPTS[i % len(CODE_PROMPTS)]) for i in range(n)]
         what = "embedded default model, Python prompts"
     else:
-        shape = TINY if args.shape == "tiny" else (QWEN25_05B if args.shape == "0.5B" else qwen25_shape(args.shape))
-        path = tempfile.mkdtemp()
-        make_checkpoint(shape, path)
-        cfg = ModelConfig.from_pretrained(path)
-        model = LoadedModel(load_hf_params(path, cfg, "bfloat16"), cfg, None, path, "bench")
+        model, _ = random_model(args.shape, "bfloat16", tempfile.mkdtemp())
+        cfg = model.config
         rng = np.random.default_rng(0)
 
         def make_prompts(n):

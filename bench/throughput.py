@@ -88,6 +88,19 @@ def make_checkpoint(shape: dict, path: str):
     return model
 
 
+def random_model(shape_name: str, dtype: str, path: str):
+    """A random-weight Qwen2.5 checkpoint of ``shape_name`` ("tiny", "0.5B", "7B"...) saved in ``path`` and loaded
+    in ``dtype`` without a tokenizer: ``(LoadedModel, the transformers model)``, what the engine benches run on."""
+    from jaxserve.config import ModelConfig
+    from jaxserve.loading import LoadedModel
+    from jaxserve.weights import load_hf_params
+
+    shape = TINY if shape_name == "tiny" else qwen25_shape(shape_name)
+    hf = make_checkpoint(shape, path)
+    cfg = ModelConfig.from_pretrained(path)
+    return LoadedModel(load_hf_params(path, cfg, dtype), cfg, None, path, "bench"), hf
+
+
 def copy_bandwidth() -> float:
     """Bytes read + written per second by an XLA copy of 2 GiB (well above the 50 MB L2)."""
     n = (1 << 30) // 2 if jax.default_backend() == "gpu" else 1 << 22

@@ -17,4 +17,5 @@ from jaxserve.sampling import SamplingParams
 from jaxserve.structured import StructuredOutputs
 
 __all__ = ["BeamSearchParams", "Engine", "EngineConfig", "LoRARequest", "LoadedModel", "ModelConfig", "PoolingParams",
-           "Replicas", "SamplingParams", "StructuredOutputs", "beam_search", "chat", "embed", "generate", "load", "score"]
+           "Replicas", "SamplingParams", "StructuredOutputs", "beam_search", "chat", "embed", "generate", "load",
+           "score"]

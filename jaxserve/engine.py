@@ -883,6 +883,8 @@ class Engine:
                 emitted, accepted = accepted_tokens(d, picks[i])
             else:
                 emitted, accepted = picks[i][:int(count[i])], int(count[i]) - 1
+            if r.guide is not None:  # the device ran on past a complete match (an EOS-only state): cut there
+                emitted = emitted[: r.guide.until_final(r.output_ids, emitted)]
             tops = [self._top(r, out, (i, j)) for j in range(len(emitted))] if r.params.logprobs else None
             taken = r.extend(emitted, logprobs[i][:len(emitted)], tops)
             r.computed += taken  # the K/V of the row's last token and of the accepted drafts
@@ -1027,8 +1029,9 @@ class Engine:
         """
         return run_to_completion(self, prompts, sampling_params, use_tqdm, priority, lora_request)
 
-    def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
-              use_tqdm: bool = True, priority: Sequence[int] | None = None,
+    def embed(self, prompts: Prompt | Sequence[Prompt],
+              pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, use_tqdm: bool = True,
+              priority: Sequence[int] | None = None,
               lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[dict[str, Any]]:
         """Embed prompts (vLLM's ``LLM.embed``): one dict a prompt, in order, ``embedding`` (float32 ``[hidden_size]``,
         the final hidden state at the last token, unit length, unless ``pooling_params`` says otherwise),

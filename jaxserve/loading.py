@@ -37,10 +37,10 @@ class LoadedModel:
     @classmethod
     def from_params(cls, params: Any, config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None,
                     name: str = "params") -> "LoadedModel":
-        """A model of one's own weights, in memory: a params tree of ``config``'s shapes (`jaxserve.model.init_params`'s,
-        a training loop's) and, optionally, a tokenizer (without one, prompts are token ids). What
-        ``jaxserve.generate(params, prompts)`` needs beside the params; a ValueError names the first leaf that does
-        not fit the config.
+        """A model of one's own weights, in memory: a params tree of ``config``'s shapes
+        (`jaxserve.model.init_params`'s, a training loop's) and, optionally, a tokenizer (without one, prompts are
+        token ids). What ``jaxserve.generate(params, prompts)`` needs beside the params; a ValueError names the first
+        leaf that does not fit the config.
 
         Example:
             >>> cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -808,8 +808,9 @@ class Qwen2ForCausalLM(nn.Module):
     ``logits_at [B]`` projects only one position per row (the last prompt token in prefill).
     Logits come back in float32 unless ``logits_dtype`` says otherwise (None: the activation dtype).
     ``greedy_tokens=True`` (where ``greedy_head_applies``): each position's argmax token ``[B, S]``
-    int32 instead, from the LM head itself. ``hidden_states=True``: ``(logits, hidden)`` in logits' place, ``hidden
-    [B, S, hidden_size]`` the final norm's output at every position (the LM head's input; `jaxserve.pooling`). ``lora``: ``{"weights": {projection: (a [L, n, R, in],
+    int32 instead, from the LM head itself. ``hidden_states=True``: ``(logits, hidden)`` in logits' place,
+    ``hidden [B, S, hidden_size]`` the final norm's output at every position (the LM head's input;
+    `jaxserve.pooling`). ``lora``: ``{"weights": {projection: (a [L, n, R, in],
     b [L, n, R, out])}, "slots": [B]}``, LoRA adapters and each row's slot (-1: none; `jaxserve.lora`).
     """
 

@@ -1,4 +1,5 @@
-"""Embeddings from the same model and engine (vLLM's ``LLM.embed`` / ``PoolingParams``, the server's ``/v1/embeddings``).
+"""Embeddings from the same model and engine (vLLM's ``LLM.embed`` / ``PoolingParams``, the server's
+``/v1/embeddings``).
 
 A pooling request is a prompt that is prefilled and never decoded: the engine schedules its chunks as any prompt's
 (the prefix cache, preemption, LoRA adapters and batching with generation all apply) and the prefill call that

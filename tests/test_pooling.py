@@ -155,10 +155,9 @@ def test_score_is_the_cosine_of_each_pair_s_embeddings(tiny):  # noqa: F811
         pairwise = engine.score([a, b], [c, c], use_tqdm=False)
         assert_all_pages_free(engine)
     e = {tuple(p): expected(hf, p, PoolingParams()) for p in (a, b, c)}
-    assert [o["score"] for o in one_to_many] == pytest.approx([1.0, e[tuple(a)] @ e[tuple(b)], e[tuple(a)] @ e[tuple(c)]],
-                                                              abs=1e-5)
-    assert [o["score"] for o in pairwise] == pytest.approx([e[tuple(a)] @ e[tuple(c)], e[tuple(b)] @ e[tuple(c)]],
-                                                           abs=1e-5)
+    ea, eb, ec = (e[tuple(p)] for p in (a, b, c))
+    assert [o["score"] for o in one_to_many] == pytest.approx([1.0, ea @ eb, ea @ ec], abs=1e-5)
+    assert [o["score"] for o in pairwise] == pytest.approx([ea @ ec, eb @ ec], abs=1e-5)
     assert one_to_many[1]["prompt_tokens"] == len(a) + len(b)
     with pytest.raises(ValueError, match="text_1"):
         jaxserve.score(m, [a, b], [c, c, c], use_tqdm=False)

@@ -260,6 +260,20 @@ def test_rows_with_structured_outputs_speculate_and_keep_their_tokens(model):
         assert re.fullmatch(r, o["text"]) or (o["finish_reason"] == "length" and re.match(r, o["text"])), o["text"]
 
 
+def test_a_guided_row_ends_at_its_complete_match_within_a_verify_call(model):
+    """A draft that runs on past the point where a constraint's match is complete: the verify call's targets there
+    allow only EOS, which the request must not take (it ends "stop" at the match, as without speculation)."""
+    params = [SamplingParams(max_tokens=40, temperature=0, structured_outputs={"regex": r"(import [a-z]+\n){3}"}),
+              GREEDY, GREEDY, SamplingParams(max_tokens=40, temperature=0, structured_outputs={"regex": r"(y = 2\n){2}"})]
+    plain, _ = _run(model, small_config(), PROMPTS, params)
+    outs, stats = _run(model, small_config(speculative_tokens=4), PROMPTS, params)
+    assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in plain]
+    assert stats["spec_accepted_tokens"] > 0
+    for o in (outs[0], outs[3]):
+        assert o["finish_reason"] == "stop" and model.tokenizer.eos_token_id not in o["token_ids"]
+    assert outs[0]["text"].count("\n") == 3
+
+
 def test_warmup_compiles_the_verify_calls(model):
     config = small_config(speculative_tokens=3, batch_buckets=(1, 4))
     params = [GREEDY, SamplingParams(max_tokens=37, temperature=0.7, seed=1, ignore_eos=True)]

@@ -3,9 +3,10 @@
 Each feature has tests of its own; this one makes them share an engine and its decode calls, as a server's traffic
 does: priority scheduling, LoRA adapters (more than there are slots), n-gram speculation, structured outputs,
 log-probabilities, min_tokens with stop ids, logit bias, seeded sampling with penalties, twin prompts (the in-batch
-prefix sharing that ``n`` uses), prompts that repeat themselves (so speculation drafts), embeddings (pooling requests), aborts, and a pool small
-enough to preempt. Every request must finish with a valid reason, give the tokens (or embedding) it gives run alone on
-an engine with none of the scheduling features where it is greedy, and leave no page or adapter slot held.
+prefix sharing that ``n`` uses), prompts that repeat themselves (so speculation drafts), embeddings (pooling
+requests), aborts, and a pool small enough to preempt. Every request must finish with a valid reason, give the
+tokens (or embedding) it gives run alone on an engine with none of the scheduling features where it is greedy, and
+leave no page or adapter slot held.
 """
 
 from __future__ import annotations

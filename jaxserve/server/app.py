@@ -560,7 +560,7 @@ async def _embed(request: Request, st: _State, items: list, field: str | list[st
                  normalize: bool = True) -> list[dict[str, Any]]:
     """Each item's embedding result (`Engine.embed`'s dicts), for the pooling routes: ``items`` strings or token-id
     lists, cut to ``req.truncate_prompt_tokens`` and run with ``req.priority`` and the adapter ``req.model`` names;
-    a bad one answers 400 naming ``field`` (or its own, a list of one a item)."""
+    a bad one answers 400 naming ``field`` (given a list, each item's own)."""
     try:
         params = PoolingParams(st.config.pooling_type, normalize, req.truncate_prompt_tokens)
     except ValueError as exc:
@@ -577,19 +577,19 @@ async def _embed(request: Request, st: _State, items: list, field: str | list[st
 
 def _pooling_prompts(items: list, field: str | list[str], truncate: int | None, st: _State) -> list[list[int]]:
     """Token-id prompts of the pooling routes' texts (strings or id lists), each cut to its last ``truncate`` and
-    checked against the context; 400 naming ``field`` (or the item's own) otherwise."""
-    fields = [field] * len(items) if isinstance(field, str) else field
+    checked against the context; 400 naming ``field`` (given a list, the item's own) otherwise."""
+    names = [field] * len(items) if isinstance(field, str) else field
     if not items or len(items) > st.config.max_choices:
-        raise APIError(400, f"{fields[0] if fields else field} must hold 1 to {st.config.max_choices} items, got "
-                            f"{len(items)}", param=fields[0] if fields else field)
+        name = names[0] if names else field
+        raise APIError(400, f"{name} must hold 1 to {st.config.max_choices} items, got {len(items)}", param=name)
     out = []
-    for item, field in zip(items, fields):
+    for item, name in zip(items, names):
         ids = st.tokenizer.encode(item, add_special_tokens=False) if isinstance(item, str) else list(item)
         if not ids:
-            raise APIError(400, f"{field} must not be empty (nor hold an empty item)", param=field)
+            raise APIError(400, f"{name} must not be empty (nor hold an empty item)", param=name)
         if truncate is not None:
             ids = ids[-truncate:]
-        _check_context(len(ids), 1, field, st)
+        _check_context(len(ids), 1, name, st)
         out.append(ids)
     return out
 

@@ -1,7 +1,8 @@
 """The OpenAI wire format coming in: request schemas and the error body.
 
 Owns the pydantic models of ``/v1/completions``, ``/v1/chat/completions``, ``/v1/embeddings``, ``/score``,
-``/rerank``, ``/tokenize`` and ``/detokenize`` requests (strict types, unknown fields ignored as OpenAI does) and ``APIError``, answered as
+``/rerank``, ``/tokenize`` and ``/detokenize`` requests (strict types, unknown fields ignored as OpenAI does)
+and ``APIError``, answered as
 ``{"error": {"message", "type", "param", "code"}}``. It never reads the engine or formats a
 successful response (``responses.py``).
 """
