@@ -29,8 +29,8 @@ KINDS = ("greedy", "logprobs", "sampled", "regex", "min_tokens", "bias", "twin",
 WEIGHTS = np.array([3, 2, 1, 1, 1, 1, 2, 4, 2]) / 17
 
 
-@pytest.mark.parametrize("policy", ["mixed", "prefill_first"])
-def test_random_workload_of_every_request_feature_never_loses_a_request(adapters, policy):  # noqa: F811
+@pytest.mark.parametrize("policy,overlap", [("mixed", True), ("prefill_first", True), ("time_share", False)])
+def test_random_workload_of_every_request_feature_never_loses_a_request(adapters, policy, overlap):  # noqa: F811
     model, _, paths = adapters
     loras = [None] + [LoRARequest(n, i + 1, p) for i, (n, p) in enumerate(paths.items())]
     seed = int(os.environ.get("JAXSERVE_TEST_SEED") or np.random.default_rng().integers(1 << 31))
@@ -68,8 +68,8 @@ def test_random_workload_of_every_request_feature_never_loses_a_request(adapters
         last[:] = [request]
         return request
 
-    cfg = small_config(num_pages=10, policy=policy, prefix_caching=True, max_loras=2, speculative_tokens=3,
-                       scheduling_policy="priority")
+    cfg = small_config(num_pages=10, policy=policy, overlap=overlap, prefix_caching=True, max_loras=2,
+                       speculative_tokens=3, scheduling_policy="priority")
     with Engine(model, cfg) as engine:
         added, aborted = drive_random_workload(engine, rng, new_request, requests=22, arrival_rate=1.0,
                                                abort_rate=0.05, seed=seed)
