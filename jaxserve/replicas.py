@@ -99,16 +99,19 @@ class Replicas:
         self.eos_ids = first.eos_ids
 
     # ----- routing -------------------------------------------------------------------------
-    def _page_keys(self, ids: Sequence[int]) -> list[int]:
-        keys, h = [], 0
+    def _page_keys(self, ids: Sequence[int], lora_id: int = 0) -> list[int]:
+        # An adapter's pages hold K/V of its own (each engine's prefix index keeps them apart): its chain starts
+        # from its id, so its prompts follow its own earlier prompts, not the base model's.
+        keys, h = [], hash(("lora", lora_id)) if lora_id else 0
         for start in range(0, len(ids) - len(ids) % self.page_size, self.page_size):
             h = hash((h, tuple(ids[start:start + self.page_size])))
             keys.append(h)
         return keys
 
-    def route(self, prompt_ids: Sequence[int]) -> int:
-        """The replica a prompt of these token ids goes to (the module docstring's rule)."""
-        keys = self._page_keys(prompt_ids)
+    def route(self, prompt_ids: Sequence[int], lora_id: int = 0) -> int:
+        """The replica a prompt of these token ids goes to (the module docstring's rule), with the adapter of id
+        ``lora_id`` (0: none): its cached pages are its own."""
+        keys = self._page_keys(prompt_ids, lora_id)
         held = []
         for pages in self._pages:
             n = 0
@@ -121,9 +124,9 @@ class Replicas:
             return best
         return self._load.index(least)
 
-    def _record(self, replica: int, prompt_ids: Sequence[int]) -> None:
+    def _record(self, replica: int, prompt_ids: Sequence[int], lora_id: int = 0) -> None:
         pages = self._pages[replica]
-        for key in self._page_keys(prompt_ids):
+        for key in self._page_keys(prompt_ids, lora_id):
             pages[key] = None
             pages.move_to_end(key)
         while len(pages) > self.engines[replica].scheduler.num_pages:
@@ -154,11 +157,12 @@ class Replicas:
         if request_id in self._owner:
             raise ValueError(f"request_id {request_id!r} is already in use")
         ids = self.request_ids(prompt, params or self.default_sampling_params())
-        replica = self.route(ids)
+        lora_id = 0 if lora_request is None else lora_request.lora_int_id
+        replica = self.route(ids, lora_id)
         request = self.engines[replica].make_request(ids, params, request_id, priority, lora_request)
         self._owner[request_id] = replica
         self._load[replica] += 1
-        self._record(replica, ids)
+        self._record(replica, ids, lora_id)
         return request
 
     def request_ids(self, prompt: Prompt, params: SamplingParams) -> list[int]:

@@ -1,10 +1,11 @@
 """Data-parallel replicas on two CPU devices (run by tests/test_replicas.py in a process of its own, since
 the device count is fixed when JAX starts): the same greedy tokens as one engine, requests spread over both
-replicas, a shared prefix routed to the replica that caches it, each replica's arrays on its own device, aborts,
-every page free on both at the end, and the server over both."""
+replicas, a shared prefix routed to the replica that caches it (an adapter's by its own pages), each replica's
+arrays on its own device, aborts, every page free on both at the end, and the server over both."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
@@ -131,8 +132,45 @@ def main() -> None:
                                 data_parallel_size=2)
     assert [[s["token_ids"] for s in o["sequences"]] for o in outs] == [
         [s["token_ids"] for s in o["sequences"]] for o in expect]
+    adapters(model)
     serve(model, prompts, alone)
     print("replicas: ok")
+
+
+def adapters(model) -> None:
+    """An adapter's prompt is routed by its own cached pages, not by the base model's of the same text (the prefix
+    index keeps them apart), and gives what one engine gives with that adapter."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from jaxserve.lora import PROJECTION_PARTS, _in_out
+    from tests.test_lora import make_adapter
+
+    dims = _in_out(model.config)  # make_adapter reads a transformers model's layer shapes: these stand in for it
+    layer = {group: SimpleNamespace(**{p: SimpleNamespace(in_features=dims[p][0], out_features=dims[p][1])
+                                       for g, parts in PROJECTION_PARTS.values() if g == group for p in parts})
+             for group in ("self_attn", "mlp")}
+    path = tempfile.mkdtemp()
+    make_adapter(path, SimpleNamespace(model=SimpleNamespace(layers=[SimpleNamespace(**layer)]
+                                                             * model.config.num_hidden_layers)), r=2, std=0.05)
+    lora = jaxserve.LoRARequest("a", 1, path)
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    header = "import os\nimport sys\nimport json\n\ndef load(path):\n    with open(path) as f:\n"
+    with Engine(model, dataclasses.replace(config(), max_loras=1)) as one:
+        expect = one.generate([header + "        x = 2"], greedy, use_tqdm=False, lora_request=lora)[0]["token_ids"]
+    with Replicas(model, dataclasses.replace(config(), max_loras=1), devices=2, balance_slack=2) as dp:
+        base = dp.add_request(header + "        x = 1", greedy)  # left queued: its replica is the busier one
+        tuned = dp.add_request(header + "        x = 2", greedy, lora_request=lora)
+        assert dp.replica_of(tuned) != dp.replica_of(base)  # the base pages would not serve it
+        again = dp.add_request(header + "        x = 3", greedy, lora_request=lora)
+        assert dp.replica_of(again) == dp.replica_of(tuned)
+        while dp.has_unfinished():
+            dp.step()
+        assert dp.release(tuned).result()["token_ids"] == expect
+        assert dp.release(again).result()["cached_tokens"] > 0
+        dp.release(base)
+        for engine in dp.engines:
+            all_pages_free(engine)
 
 
 def serve(model, prompts, alone) -> None:
