@@ -28,7 +28,7 @@ from jaxserve.loading import LoadedModel, generation_eos_ids, generation_samplin
 from jaxserve.lora import NAMESPACE_STRIDE, LoRARequest, LoraSlots
 from jaxserve import model as model_module
 from jaxserve.model import decode_rows
-from jaxserve.pooling import PoolingParams, cosine, finish_embedding, score_pairs
+from jaxserve.pooling import PoolingParams, finish_embedding, pair_scores, score_pairs, text_key
 from jaxserve.request import Request, Status
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
 from jaxserve.sampling import (SamplingParams, allowed_masks, check_bad_word_ids, check_banned_ids, make_batch,
@@ -356,8 +356,9 @@ class Engine:
         ``lora_request``: the LoRA adapter it runs with (``EngineConfig.max_loras`` > 0; read and checked here)."""
         check_priority(priority, self.config.scheduling_policy)
         namespace = self._lora_namespace(lora_request)
+        lora_id = 0 if lora_request is None else lora_request.lora_int_id
         if isinstance(params, PoolingParams):
-            return self._pooling_request(prompt, params, request_id, priority, lora_request, namespace)
+            return self._pooling_request(prompt, params, request_id, priority, lora_id, namespace)
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams or PoolingParams, got {type(params).__name__}")
@@ -380,28 +381,29 @@ class Engine:
         bad_words = self._bad_words(params.bad_words) if params.bad_words else ()
         if params.logprobs is not None and params.logprobs > MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.logprobs}")
-        request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+        request_id = self._new_request_id(request_id)
         guide = self._guide(params) if params.structured_outputs is not None else None
         detok = (IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                  if self.tokenizer is not None else None)
         return Request(request_id, ids, params, detok, self.eos_ids, guide=guide, bad_word_ids=bad_words,
-                       priority=int(priority), lora_id=0 if lora_request is None else lora_request.lora_int_id,
-                       lora_namespace=namespace)
+                       priority=int(priority), lora_id=lora_id, lora_namespace=namespace)
+
+    def _new_request_id(self, request_id: str | None) -> str:
+        """``request_id``, or a fresh one where it is None; ValueError if it is already in use."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        return request_id
 
     def _pooling_request(self, prompt: Prompt, pooling: PoolingParams, request_id: str | None, priority: int,
-                         lora_request: LoRARequest | None, namespace: int) -> Request:
+                         lora_id: int, namespace: int) -> Request:
         """`make_request` for an embedding: a prompt prefilled and never decoded (`jaxserve.pooling`). It runs as a
         one-token greedy request whose token is never taken: the prefill that ends its prompt finishes it."""
         ids = self.request_ids(prompt, pooling)
         if len(ids) + 1 > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) exceeds max_model_len ({self.max_model_len}) - 1")
-        request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        return Request(request_id, ids, _POOLING_STEP, None, (), priority=int(priority), pooling=pooling,
-                       lora_id=0 if lora_request is None else lora_request.lora_int_id, lora_namespace=namespace)
+        return Request(self._new_request_id(request_id), ids, _POOLING_STEP, None, (), priority=int(priority),
+                       pooling=pooling, lora_id=lora_id, lora_namespace=namespace)
 
     def _lora_namespace(self, lora_request: LoRARequest | None) -> int:
         if lora_request is None:
@@ -1171,7 +1173,9 @@ class Engine:
             # Buckets whose decode calls run padded wider (decode_batch) compile only the shapes of this batch
             # they take (decode_shape), and a decode-only shape past the largest bucket no prefill.
             shapes = [s for s in self._decode_shapes if s.batch == batch]
-            lengths = cfg.prefill_buckets if batch in cfg.batch_buckets else ()
+            # Prefill widths within the padding bound (the scheduler bounds rows x padded length).
+            lengths = [n for n in (cfg.prefill_buckets if batch in cfg.batch_buckets else ())
+                       if fewest_rows == 1 or fewest_rows * n <= 2 * cfg.max_tokens_per_step]
             # Adapter rows' variants: their inputs (the slots' weights, every row's slot -1) shape the compile alone.
             loras = [None] + ([{"weights": self.lora.weights, "slots": zeros - 1}] if lora else [])
             for (greedy, lps), pool, lo in itertools.product(variants, guided, loras):
@@ -1183,14 +1187,12 @@ class Engine:
                     self.runner.decode(zeros, zeros, zeros, table[:, :shape.width], sbatch, zeros, steps,
                                        greedy=greedy, logprobs=lps, live_rows=shape.live, guides=guides, lora=lo)
                 for length in lengths:
-                    if fewest_rows == 1 or fewest_rows * length <= 2 * cfg.max_tokens_per_step:
-                        out = self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table,
-                                                  prefill_batch, zeros, greedy=greedy, logprobs=lps, lora=lo)
-                        first_tokens[batch] = out.tokens
+                    out = self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table,
+                                              prefill_batch, zeros, greedy=greedy, logprobs=lps, lora=lo)
+                    first_tokens[batch] = out.tokens
             for length, lo in itertools.product(lengths if pooling else (), loras):
-                if fewest_rows == 1 or fewest_rows * length <= 2 * cfg.max_tokens_per_step:
-                    self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table, sbatch, zeros,
-                                        greedy=True, logprobs=False, lora=lo, pool_from=zeros)
+                self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table, sbatch, zeros,
+                                    greedy=True, logprobs=False, lora=lo, pool_from=zeros)
             if cfg.speculative_tokens and batch in cfg.batch_buckets:
                 for (greedy, lps), lo in itertools.product(variants, loras):  # sampling rows: the rejection sampler
                     self.runner.verify(np.zeros((batch, cfg.speculative_tokens + 1), np.int32), zeros, zeros, table,
@@ -1404,12 +1406,9 @@ def run_score(driver: Any, text_1: Any, text_2: Any, pooling_params: PoolingPara
               lora_request: LoRARequest | None = None) -> list[dict[str, Any]]:
     """`Engine.score` over any driver with ``embed`` (an `Engine`, `Replicas`): each distinct text embedded once."""
     pairs = score_pairs(text_1, text_2)
-    key = lambda t: t if isinstance(t, str) else tuple(int(i) for i in t)  # noqa: E731
-    texts = list({key(t): t for pair in pairs for t in pair}.values())
+    texts = list({text_key(t): t for pair in pairs for t in pair}.values())
     out = driver.embed(texts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request)
-    by_key = {key(t): o for t, o in zip(texts, out)}
-    return [{"score": cosine(by_key[key(a)]["embedding"], by_key[key(b)]["embedding"]),
-             "prompt_tokens": by_key[key(a)]["prompt_tokens"] + by_key[key(b)]["prompt_tokens"]} for a, b in pairs]
+    return pair_scores(pairs, {text_key(t): o for t, o in zip(texts, out)})
 
 
 def score(model: LoadedModel | str | os.PathLike | None, text_1: Any, text_2: Any,

@@ -108,3 +108,26 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine similarity of two embeddings (vLLM's score for an embedding model)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
+
+def text_key(text: Any) -> Any:
+    """A score text (a string or token ids) as a dict key: each distinct text is embedded once."""
+    return text if isinstance(text, str) else tuple(int(t) for t in text)
+
+
+def pair_scores(pairs: list[tuple[Any, Any]], embedded: dict[Any, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each pair's ``score`` (the cosine of its texts' embeddings) and ``prompt_tokens`` (both texts'), from
+    ``embedded``: `text_key` -> the text's embedding result (`Engine.embed`'s dict).
+
+    Example:
+        >>> done = {"a": {"embedding": np.array([1.0, 0.0]), "prompt_tokens": 1},
+        ...         "b": {"embedding": np.array([0.0, 2.0]), "prompt_tokens": 2}}
+        >>> pair_scores([("a", "b"), ("a", "a")], done)
+        [{'score': 0.0, 'prompt_tokens': 3}, {'score': 1.0, 'prompt_tokens': 2}]
+    """
+    out = []
+    for a, b in pairs:
+        ea, eb = embedded[text_key(a)], embedded[text_key(b)]
+        out.append({"score": cosine(ea["embedding"], eb["embedding"]),
+                    "prompt_tokens": ea["prompt_tokens"] + eb["prompt_tokens"]})
+    return out

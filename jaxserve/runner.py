@@ -394,10 +394,8 @@ class Steps:
             if batch.bad_words.shape[1]:  # a bad word's ban reads the tokens before it: the drafts shift in
                 per_position = per_position.replace(recent=draft_recent(batch.recent, tokens))
             if guide_masks is not None:  # each position's mask is its guide state's, the drafts before it taken
-                allowed = guide_masks[draft_states(guide_next, guide_states, tokens)]
-                if batch.allowed.shape[1]:
-                    allowed = allowed & per_position.allowed
-                per_position = per_position.replace(allowed=allowed)
+                per_position = per_position.replace(allowed=_guide_allowed(
+                    guide_masks, draft_states(guide_next, guide_states, tokens), per_position.allowed))
             at_step = (steps[:, None] + jnp.arange(s)[None, :]).reshape(-1)  # position j chooses output token steps + j
             history = () if counts is None else draft_history(counts, seen, tokens, lengths - q_start - 1)
             logp = target_logprobs(processed_logits(flat, per_position, at_step, *history), per_position)
@@ -426,13 +424,8 @@ class Steps:
             def one(carry, k):
                 kv, tokens, counts, seen, states, recent = carry
                 step_batch = batch
-                if guided:
-                    # This step's masks from each row's state (and the rows' allowed_token_ids, where some row
-                    # has them).
-                    allowed = guide_masks[states]
-                    if batch.allowed.shape[1]:
-                        allowed = allowed & batch.allowed
-                    step_batch = step_batch.replace(allowed=allowed)
+                if guided:  # this step's masks from each row's state
+                    step_batch = step_batch.replace(allowed=_guide_allowed(guide_masks, states, batch.allowed))
                 if banning:
                     step_batch = step_batch.replace(recent=recent)
                 (kv, tokens, counts, seen), out = self.decode_one(
@@ -596,6 +589,13 @@ def _frozen(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return ("set", tuple(sorted(repr(v) for v in value)))
     return _Same(value)
+
+
+def _guide_allowed(guide_masks: jax.Array, states: jax.Array, allowed: jax.Array) -> jax.Array:
+    """The packed masks of rows at guide ``states`` (structured outputs followed on the device), and the rows' own
+    ``allowed`` (allowed_token_ids) where some row has them (its width is static: 0 where none)."""
+    masks = guide_masks[states]
+    return masks & allowed if allowed.shape[1] else masks
 
 
 def _lora_key(lora: dict | None) -> tuple:

@@ -39,7 +39,7 @@ from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.lora import LoRARequest
 from jaxserve.metrics import CONTENT_TYPE, ServingMetrics
-from jaxserve.pooling import POOLING_TYPES, PoolingParams, cosine, score_pairs
+from jaxserve.pooling import POOLING_TYPES, PoolingParams, pair_scores, score_pairs
 from jaxserve.replicas import Replicas
 from jaxserve.sampling import MAX_LOGPROBS, SamplingParams
 from jaxserve.server.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
@@ -352,11 +352,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             # vLLM's answer too: only matryoshka models may be cut, and Qwen2's hidden states are not one.
             raise APIError(400, f"dimensions must be the model's {st.hidden_size} (this model has no matryoshka "
                                 f"representation to cut), got {req.dimensions}", param="dimensions")
-        items = req.input
-        if isinstance(items, str) or (items and all(isinstance(t, int) for t in items)):
-            items = [items]
         base_id = f"embd-{uuid.uuid4().hex}"
-        results = await _embed(request, st, list(items), "input", req, base_id, normalize=req.normalize)
+        results = await _embed(request, st, _items(req.input), "input", req, base_id, normalize=req.normalize)
         return await _on_tokenizer_thread(st, _embedding_response, req, base_id, results)
 
     @app.post("/score")
@@ -366,15 +363,14 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         try:
             pairs = score_pairs(req.text_1, req.text_2)
         except ValueError as exc:
-            raise APIError(400, str(exc), param=str(exc).split(" ")[0]) from None
+            raise bad_params(exc, also=("text_1", "text_2")) from None
         firsts = {a for a, _ in pairs}
         texts = list(dict.fromkeys(t for pair in pairs for t in pair))
         base_id = f"score-{uuid.uuid4().hex}"
         fields = ["text_1" if t in firsts else "text_2" for t in texts]
-        found = dict(zip(texts, await _embed(request, st, texts, fields, req, base_id)))
-        data = [{"index": i, "object": "score", "score": cosine(found[a]["embedding"], found[b]["embedding"])}
-                for i, (a, b) in enumerate(pairs)]
-        used = sum(found[a]["prompt_tokens"] + found[b]["prompt_tokens"] for a, b in pairs)
+        scored = pair_scores(pairs, dict(zip(texts, await _embed(request, st, texts, fields, req, base_id))))
+        data = [{"index": i, "object": "score", "score": s["score"]} for i, s in enumerate(scored)]
+        used = sum(s["prompt_tokens"] for s in scored)
         return JSONResponse({"id": base_id, "object": "list", "created": int(time.time()), "model": req.model,
                              "data": data, "usage": {"prompt_tokens": used, "total_tokens": used}})
 
@@ -390,12 +386,11 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         texts = list(dict.fromkeys([req.query, *req.documents]))
         base_id = f"rerank-{uuid.uuid4().hex}"
         fields = ["query"] + ["documents"] * (len(texts) - 1)
-        found = dict(zip(texts, await _embed(request, st, texts, fields, req, base_id)))
-        q = found[req.query]
-        results = sorted(({"index": i, "document": {"text": d},
-                           "relevance_score": cosine(q["embedding"], found[d]["embedding"])}
-                          for i, d in enumerate(req.documents)), key=lambda r: -r["relevance_score"])
-        used = q["prompt_tokens"] * len(req.documents) + sum(found[d]["prompt_tokens"] for d in req.documents)
+        scored = pair_scores([(req.query, d) for d in req.documents],
+                             dict(zip(texts, await _embed(request, st, texts, fields, req, base_id))))
+        results = sorted(({"index": i, "document": {"text": d}, "relevance_score": s["score"]}
+                          for i, (d, s) in enumerate(zip(req.documents, scored))), key=lambda r: -r["relevance_score"])
+        used = sum(s["prompt_tokens"] for s in scored)
         return JSONResponse({"id": base_id, "model": req.model, "usage": {"total_tokens": used},
                              "results": results[: req.top_n or None]})
 
@@ -534,26 +529,34 @@ async def _on_tokenizer_thread(st: _State, fn: Callable[..., Any], *args: Any) -
     return await asyncio.get_running_loop().run_in_executor(st.tokenizer_thread, fn, *args)
 
 
+def _items(value: str | list) -> list:
+    """A prompt field's items as OpenAI takes them: a string or a list of token ids is one item, any other list
+    holds several."""
+    if isinstance(value, str) or (value and all(isinstance(t, int) for t in value)):
+        return [value]
+    return list(value)
+
+
+def _token_ids(items: list, fields: list[str], st: _State) -> list[list[int]]:
+    """Each item (a string, or token ids) as token ids, with the server's tokenizer; 400 naming the item's field
+    where one is empty."""
+    out = []
+    for item, field in zip(items, fields):
+        ids = st.tokenizer.encode(item, add_special_tokens=False) if isinstance(item, str) else list(item)
+        if not ids:
+            raise APIError(400, f"{field} must not be empty", param=field)
+        out.append(ids)
+    return out
+
+
 def _completion_prompts(req: CompletionRequest, st: _State) -> list[list[int]]:
-    prompt = req.prompt
-    if isinstance(prompt, str):
-        prompts: list = [prompt]
-    elif prompt and all(isinstance(t, int) for t in prompt):
-        prompts = [prompt]
-    else:
-        prompts = list(prompt)
+    prompts = _items(req.prompt)
     if not prompts:
         raise APIError(400, "prompt must not be empty", param="prompt")
     if len(prompts) * req.n > st.config.max_choices:
         raise APIError(400, f"prompts x n must be in [1, {st.config.max_choices}], got {len(prompts) * req.n}",
                        param="n")
-    out = []
-    for p in prompts:
-        ids = st.tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p)
-        if not ids:
-            raise APIError(400, "prompt must not be empty", param="prompt")
-        out.append(ids)
-    return out
+    return _token_ids(prompts, ["prompt"] * len(prompts), st)
 
 
 async def _embed(request: Request, st: _State, items: list, field: str | list[str], req: Any, base_id: str,
@@ -561,11 +564,8 @@ async def _embed(request: Request, st: _State, items: list, field: str | list[st
     """Each item's embedding result (`Engine.embed`'s dicts), for the pooling routes: ``items`` strings or token-id
     lists, cut to ``req.truncate_prompt_tokens`` and run with ``req.priority`` and the adapter ``req.model`` names;
     a bad one answers 400 naming ``field`` (given a list, each item's own)."""
-    try:
-        params = PoolingParams(st.config.pooling_type, normalize, req.truncate_prompt_tokens)
-    except ValueError as exc:
-        raise APIError(400, str(exc), param=str(exc).split(" ")[0]) from None
-    prompts = await _on_tokenizer_thread(st, _pooling_prompts, items, field, req.truncate_prompt_tokens, st)
+    prompts = await _on_tokenizer_thread(st, _pooling_prompts, items, field, req, st)
+    params = PoolingParams(st.config.pooling_type, normalize, req.truncate_prompt_tokens)  # (checked: _truncated)
     try:
         handles = await _submit_all(st, prompts, [params] * len(prompts), base_id, req.priority,
                                     st.loras.get(req.model))
@@ -575,22 +575,16 @@ async def _embed(request: Request, st: _State, items: list, field: str | list[st
     return await _results_unless_disconnected(request, handles)
 
 
-def _pooling_prompts(items: list, field: str | list[str], truncate: int | None, st: _State) -> list[list[int]]:
-    """Token-id prompts of the pooling routes' texts (strings or id lists), each cut to its last ``truncate`` and
-    checked against the context; 400 naming ``field`` (given a list, the item's own) otherwise."""
+def _pooling_prompts(items: list, field: str | list[str], req: Any, st: _State) -> list[list[int]]:
+    """Token-id prompts of the pooling routes' texts (strings or id lists), each cut to ``req.truncate_prompt_tokens``
+    (`_truncated`) and checked against the context; 400 naming ``field`` (given a list, the item's own) otherwise."""
     names = [field] * len(items) if isinstance(field, str) else field
     if not items or len(items) > st.config.max_choices:
         name = names[0] if names else field
         raise APIError(400, f"{name} must hold 1 to {st.config.max_choices} items, got {len(items)}", param=name)
-    out = []
-    for item, name in zip(items, names):
-        ids = st.tokenizer.encode(item, add_special_tokens=False) if isinstance(item, str) else list(item)
-        if not ids:
-            raise APIError(400, f"{name} must not be empty (nor hold an empty item)", param=name)
-        if truncate is not None:
-            ids = ids[-truncate:]
+    out = [_truncated(ids, req) for ids in _token_ids(items, names, st)]
+    for ids, name in zip(out, names):
         _check_context(len(ids), 1, name, st)
-        out.append(ids)
     return out
 
 
@@ -674,7 +668,7 @@ def _max_tokens(value: int | None, name: str, st: _State) -> int:
     return value
 
 
-def _truncated(ids: list[int], req: SamplingFields) -> list[int]:
+def _truncated(ids: list[int], req: SamplingFields | EmbeddingRequest | ScoreRequest | RerankRequest) -> list[int]:
     """The prompt tokens the engine uses: all, or the last ``truncate_prompt_tokens`` (vLLM's). Cut here,
     before the context check, the usage counts and echo, so that all of them see what the model sees."""
     k = req.truncate_prompt_tokens
