@@ -35,6 +35,7 @@ from jaxserve.sampling import (SamplingParams, allowed_masks, check_bad_word_ids
                                needs_history, needs_penalties, needs_sampling, recent_tokens)
 from jaxserve.scheduler import Scheduler
 from jaxserve.speculative import accepted_tokens, ngram_draft
+from jaxserve.tensor_parallel import TensorParallel, check_tensor_parallel
 from jaxserve.structured import GuideState, StructuredOutputs, TokenGuide, Vocabulary, compile_guide
 from jaxserve.tokenizer import Conversation, IncrementalDetokenizer, bad_words_token_ids, chat_prompts, vocabulary_bytes
 
@@ -48,7 +49,11 @@ MAX_TOP_LOGPROBS = 20
 DEVICE_GUIDE_BYTES = int(os.environ.get("JAXSERVE_DEVICE_GUIDE_BYTES", str(1 << 30)))
 
 
-def _pages_from_memory(config: EngineConfig, bytes_per_page: int, device: jax.Device | None = None) -> int:
+def _pages_from_memory(config: EngineConfig, bytes_per_page: int, device: jax.Device | None = None,
+                       tp: TensorParallel | None = None) -> int:
+    if tp is not None:  # each device holds its share of every page: the least free one bounds them
+        free = tp.free_bytes(config.memory_fraction)
+        return 1024 if free is None else max(16, free // bytes_per_page)
     device = device or jax.local_devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if not stats or "bytes_limit" not in stats:
@@ -220,7 +225,25 @@ class Engine:
     """
 
     def __init__(self, model: LoadedModel | str | os.PathLike | None = None,
-                 config: EngineConfig | None = None, device: jax.Device | None = None) -> None:
+                 config: EngineConfig | None = None,
+                 device: jax.Device | Sequence[jax.Device] | None = None) -> None:
+        tp_size = (config or EngineConfig()).tensor_parallel_size
+        self.tp: TensorParallel | None = None
+        if tp_size > 1:  # the devices the model splits over: ``device`` (a group of them) or this host's first
+            group = list(device) if isinstance(device, Sequence) else None
+            if group is None and device is not None:
+                raise ValueError(f"tensor_parallel_size {tp_size} needs a group of {tp_size} devices, got one device")
+            if group is None:
+                group = jax.local_devices()[:tp_size]
+            if len(group) != tp_size:
+                raise ValueError(f"tensor_parallel_size {tp_size} needs {tp_size} devices, got {len(group)} "
+                                 f"(this host has {len(jax.local_devices())})")
+            self.tp = TensorParallel.over(group)
+            device = group[0] if isinstance(device, Sequence) else None
+        elif isinstance(device, Sequence):
+            if len(device) != 1:
+                raise ValueError(f"device: {len(device)} devices given, but tensor_parallel_size is 1")
+            device = device[0]
         self.device = device
         self._init(model, config)
 
@@ -239,21 +262,27 @@ class Engine:
         mcfg = model.config
         target = jnp.dtype(self.config.compute_dtype())
         params = jax.tree_util.tree_map(lambda x: x.astype(target) if x.dtype != target else x, model.params)
-        if self.device is not None:
+        if self.device is not None and self.tp is None:
             params = jax.device_put(params, self.device)
         self.max_model_len = min(self.config.max_model_len or mcfg.context_length, mcfg.context_length)
-        bytes_per_page = (2 * mcfg.num_hidden_layers * mcfg.num_key_value_heads * self.config.page_size
-                          * mcfg.head_dim * target.itemsize)
-        num_pages = self.config.num_pages or _pages_from_memory(self.config, bytes_per_page, self.device)
+        if self.tp is not None:
+            check_tensor_parallel(mcfg, self.tp.size)
+        # A page's bytes on each device: its share of the KV heads under tensor parallelism.
+        kv_heads = mcfg.num_key_value_heads if self.tp is None else self.tp.kv_heads(mcfg) // self.tp.size
+        bytes_per_page = (2 * mcfg.num_hidden_layers * kv_heads * self.config.page_size * mcfg.head_dim
+                          * target.itemsize)
+        num_pages = self.config.num_pages or _pages_from_memory(self.config, bytes_per_page, self.device, self.tp)
         impl = self.config.attention_impl
         self.runner = Runner(mcfg, params, num_pages=num_pages, page_size=self.config.page_size,
-                             attention_impl=default_attention_impl() if impl == "auto" else impl)
+                             attention_impl=default_attention_impl() if impl == "auto" else impl,
+                             tensor_parallel=self.tp)
         self.lora = None
         if self.config.max_loras:
             if mcfg.vocab_size > NAMESPACE_STRIDE:  # `Request.index_ids` keeps adapters' prefixes apart past these
                 raise ValueError(f"LoRA serving takes vocabularies of at most {NAMESPACE_STRIDE} tokens, "
                                  f"got {mcfg.vocab_size}")
-            self.lora = LoraSlots(mcfg, self.config.max_loras, self.config.max_lora_rank, target, self.device)
+            self.lora = LoraSlots(mcfg, self.config.max_loras, self.config.max_lora_rank, target, self.device,
+                                  self.tp)
         self.scheduler = Scheduler(self.config, num_pages, self.max_model_len, lora=self.lora)
         # The batch a decode call of n rows runs as: the smallest bucket holding model.decode_rows(n) (small steps
         # may run faster padded). A padded width past the largest bucket (max_running under 8 on the GPU) runs as
@@ -267,7 +296,7 @@ class Engine:
         self.decode_buckets = tuple(sorted(set(self._decode_batch.values())))
         # (rows, table width) -> the decode kernels' (pages a loop iteration, splits).
         self._tuning = functools.cache(functools.partial(_decode_tuning, self.config.page_size, mcfg.head_dim,
-                                                         mcfg.num_key_value_heads))
+                                                         kv_heads))
         # Per batch bucket and decode-only shape (a middle width pays only where it changes the split count).
         self._decode_widths = {
             rows: _decode_table_widths(self.config.page_size, self.scheduler.max_pages_per_seq,

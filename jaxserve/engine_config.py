@@ -54,6 +54,8 @@ class EngineConfig:
     distribution, though not the same draws as without speculation). Off (0) by default.
     ``max_loras`` > 0 serves LoRA adapters (vLLM's ``--max-loras``; `jaxserve.lora`): that many on the device at once,
     each of rank at most ``max_lora_rank`` (16); requests name theirs with a ``jaxserve.LoRARequest``. 0: none.
+    ``tensor_parallel_size`` > 1 (vLLM's) splits the model and its KV pages by attention head over that many devices
+    of the host (`jaxserve.tensor_parallel`): the first ones, or the group given as ``Engine(device=[...])``.
 
     Example:
         >>> cfg = EngineConfig(page_size=16, max_running=32, policy="mixed")
@@ -84,6 +86,7 @@ class EngineConfig:
     compile_cache_dir: str | None = None
     max_loras: int = 0
     max_lora_rank: int = 16
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -91,7 +94,8 @@ class EngineConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
-        for name in ("page_size", "max_running", "max_tokens_per_step", "time_share_ratio", "decode_steps"):
+        for name in ("page_size", "max_running", "max_tokens_per_step", "time_share_ratio", "decode_steps",
+                     "tensor_parallel_size"):
             positive(name)
         if not isinstance(self.speculative_tokens, int) or isinstance(self.speculative_tokens, bool) or not (
                 0 <= self.speculative_tokens <= 32):

@@ -215,9 +215,11 @@ class LoraSlots:
     """
 
     def __init__(self, config: ModelConfig, max_loras: int, max_rank: int, dtype: Any,
-                 device: jax.Device | None = None) -> None:
+                 device: jax.Device | None = None, tensor_parallel: Any = None) -> None:
         self.config, self.max_loras, self.max_rank, self.dtype = config, max_loras, max_rank, dtype
         self.device = device
+        # A `jaxserve.tensor_parallel.TensorParallel` whose model the adapters join: their stacks split as its weights.
+        self.tp = tensor_parallel
         self.host: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self.requests: dict[int, LoRARequest] = {}
         self.namespace: dict[int, int] = {}  # adapter id -> small int keeping its prefixes apart in the index
@@ -232,6 +234,8 @@ class LoraSlots:
             p: (jnp.zeros((config.num_hidden_layers, max_loras, r, fan_in), dtype, device=device),
                 jnp.zeros((config.num_hidden_layers, max_loras, r, fan_out), dtype, device=device))
             for p, (r, fan_in, fan_out) in stack_shapes(config, max_rank).items()}
+        if tensor_parallel is not None:
+            self.weights = tensor_parallel.shard_lora(self.weights, config)
         self._write = jax.jit(_write_slot, donate_argnums=0)
 
     def register(self, request: LoRARequest) -> int:
@@ -283,8 +287,12 @@ class LoraSlots:
         self.held[slot] -= 1
 
     def _load(self, slot: int, lora_id: int) -> None:
-        new = {p: (jax.device_put(a.astype(self.dtype), self.device), jax.device_put(b.astype(self.dtype), self.device))
-               for p, (a, b) in self.host[lora_id].items()}
+        if self.tp is not None:
+            new = self.tp.shard_lora({p: (a.astype(self.dtype), b.astype(self.dtype))
+                                      for p, (a, b) in self.host[lora_id].items()}, self.config)
+        else:
+            new = {p: (jax.device_put(a.astype(self.dtype), self.device),
+                       jax.device_put(b.astype(self.dtype), self.device)) for p, (a, b) in self.host[lora_id].items()}
         self.weights = self._write(self.weights, new, jnp.int32(slot))
 
 

@@ -766,6 +766,7 @@ class DecoderLayer(nn.Module):
 
     config: ModelConfig
     dtype: Any
+    tp_axis: str | None = None  # see Qwen2ForCausalLM
 
     @nn.compact
     def __call__(self, x, cos, sin, lengths, kv, paged, pending=None, lora=None):
@@ -774,7 +775,9 @@ class DecoderLayer(nn.Module):
         mlp = MLP(self.config, self.dtype, name="mlp")
         input_norm = RMSNorm(eps, self.dtype, name="input_layernorm")
         post_norm = RMSNorm(eps, self.dtype, name="post_attention_layernorm")
-        glue = lora is None  # adapters' terms go between the plain path's products
+        # Adapters' terms go between the plain path's products; under tensor parallelism each sublayer's output is a
+        # partial sum the devices add before the residual add, which the glue's deferred adds leave no room for.
+        glue = lora is None and self.tp_axis is None
         if glue and _accumulate_glue(paged, x, self.config, self.dtype):  # x: the float32 stream
             x, kv = attn(x, cos, sin, lengths, kv, paged, accumulate=input_norm(x, folded=True))
             return mlp(x, accumulate=post_norm(x, folded=True)), None, kv
@@ -789,9 +792,13 @@ class DecoderLayer(nn.Module):
             x, h = post_norm(x, partials, fused=True)
             return x, mlp(h, True, glue=True), kv
         attn_out, kv = attn(input_norm(x), cos, sin, lengths, kv, paged, lora=lora)
-        x = x + attn_out
-        x = x + mlp(post_norm(x), _fast_kernels(paged), lora=lora)
+        x = x + self._all_reduce(attn_out)
+        x = x + self._all_reduce(mlp(post_norm(x), _fast_kernels(paged), lora=lora))
         return x, None, kv
+
+    def _all_reduce(self, partial: jax.Array) -> jax.Array:
+        # o_proj and down_proj read only this device's heads / MLP columns (`jaxserve.tensor_parallel`).
+        return partial if self.tp_axis is None else jax.lax.psum(partial, self.tp_axis)
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -812,10 +819,17 @@ class Qwen2ForCausalLM(nn.Module):
     ``hidden [B, S, hidden_size]`` the final norm's output at every position (the LM head's input;
     `jaxserve.pooling`). ``lora``: ``{"weights": {projection: (a [L, n, R, in],
     b [L, n, R, out])}, "slots": [B]}``, LoRA adapters and each row's slot (-1: none; `jaxserve.lora`).
+
+    Tensor parallelism (`jaxserve.tensor_parallel`): inside `jax.shard_map` over mesh axis ``tp_axis`` of
+    ``tp_size`` devices, ``config`` is one device's share (`TensorParallel.local_config`) and so are the params;
+    the sublayers' outputs are summed over the axis and the LM head's vocabulary slices gathered, so the logits
+    come back whole on every device.
     """
 
     config: ModelConfig
     dtype: Any = jnp.float32
+    tp_axis: str | None = None
+    tp_size: int = 1
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
@@ -837,7 +851,7 @@ class Qwen2ForCausalLM(nn.Module):
                          embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
         x = embed(tokens)
         fused_glue, accumulate = _fused_glue(paged, x), _accumulate_glue(paged, x, cfg, self.dtype)
-        if lora is not None:  # rows with adapters run the plain path (`jaxserve.lora`)
+        if lora is not None or self.tp_axis is not None:  # the plain path (`jaxserve.lora`; DecoderLayer's glue)
             fused_glue = accumulate = False
         if accumulate:
             x = x.astype(jnp.float32)
@@ -845,7 +859,7 @@ class Qwen2ForCausalLM(nn.Module):
         new_kv = []
         pending = None
         for i in range(cfg.num_hidden_layers):
-            x, pending, layer_kv = DecoderLayer(cfg, self.dtype, name=f"layers_{i}")(
+            x, pending, layer_kv = DecoderLayer(cfg, self.dtype, self.tp_axis, name=f"layers_{i}")(
                 x, cos, sin, lengths, None if kv is None else kv[i], paged, pending, _layer_lora(lora, i))
             new_kv.append(layer_kv)
         final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")
@@ -862,6 +876,8 @@ class Qwen2ForCausalLM(nn.Module):
                 x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
             x = final_norm(x)
         new_kv = None if kv is None else tuple(new_kv)
+        if self.tp_axis is not None:
+            return self._sharded_head(x, embed, hidden, hidden_states, logits_dtype, greedy_tokens), new_kv
         if greedy_tokens:  # the caller checked greedy_head_applies: each row's argmax, no logits
             from jaxserve_kernels.skinny_matmul_mgpu import argmax_matmul_mgpu
 
@@ -876,6 +892,21 @@ class Qwen2ForCausalLM(nn.Module):
         # logits (half the bytes of a float32 copy, which a kernel's input would materialise).
         logits = logits if logits_dtype is None else logits.astype(logits_dtype)
         return ((logits, hidden) if hidden_states else logits), new_kv
+
+    def _sharded_head(self, x, embed, hidden, hidden_states: bool, logits_dtype, greedy_tokens: bool):
+        """The LM head under tensor parallelism: this device's vocabulary slice of the logits, gathered whole."""
+        if greedy_tokens:
+            raise ValueError("greedy_tokens has no tensor-parallel form (the argmax kernel reads the whole head)")
+        cfg = self.config
+        local = cfg.vocab_size // self.tp_size
+        if cfg.tie_word_embeddings:  # the replicated embedding's rows of this device's slice
+            rows = jax.lax.dynamic_slice_in_dim(embed.embedding, jax.lax.axis_index(self.tp_axis) * local, local)
+            logits = jnp.dot(x.astype(self.dtype), rows.T.astype(self.dtype))
+        else:
+            logits = nn.Dense(local, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name="lm_head")(x)
+        logits = jax.lax.all_gather(logits, self.tp_axis, axis=logits.ndim - 1, tiled=True)
+        logits = logits if logits_dtype is None else logits.astype(logits_dtype)
+        return (logits, hidden) if hidden_states else logits
 
 
 def _layer_lora(lora: dict | None, layer: int) -> tuple | None:

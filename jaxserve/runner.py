@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxserve import kv_pool
 from jaxserve.config import ModelConfig
@@ -33,6 +34,7 @@ from jaxserve.sampling import (PromptLogprobs, SampleOutput, SamplingBatch, ban_
                                processed_logits, push_recent, row_keys, sample, target_logprobs, token_logprobs,
                                unpack_allowed, update_counts)
 from jaxserve.speculative import draft_history, draft_recent, draft_states, rejection_sample
+from jaxserve.tensor_parallel import AXIS, TensorParallel
 
 # XLA compiler options of decode steps wider than the skinny matmul serves, whose projections
 # are XLA GEMMs. cuBLAS instead of XLA's Triton GEMMs: cuBLAS takes the residual adds into
@@ -135,19 +137,25 @@ class Runner:
     """
 
     def __init__(self, config: ModelConfig, params: Any, *, num_pages: int, page_size: int,
-                 attention_impl: str = "pallas", prefill_options: dict[str, Any] | None = None) -> None:
+                 attention_impl: str = "pallas", prefill_options: dict[str, Any] | None = None,
+                 tensor_parallel: TensorParallel | None = None) -> None:
         check_weight_layout(params, config)
         self.config = config
-        self.params = params
+        self.tp = tensor_parallel
         self.page_size = page_size
         self.dtype = jax.tree_util.tree_leaves(params)[0].dtype
         self.attention_impl = attention_impl
-        self.kv: KVCache = new_kv_cache(config, num_pages, page_size, self.dtype)
+        if tensor_parallel is None:
+            self.params = params
+            self.kv: KVCache = new_kv_cache(config, num_pages, page_size, self.dtype)
+        else:  # split over the devices (`jaxserve.tensor_parallel`)
+            self.params = tensor_parallel.shard_params(params, config)
+            self.kv = tensor_parallel.new_kv_cache(config, num_pages, page_size, self.dtype)
         self.compiled_shapes: set[tuple] = set()
         # Made once: a jnp.zeros a call would be one more dispatch (and a kernel) on the host's path.
         self._no_counts = jnp.zeros((1, 1), jnp.int32)
         prefill_options = PREFILL_OPTIONS if prefill_options is None else prefill_options
-        self.compiled = steps_for(config, self.dtype, page_size, attention_impl, prefill_options)
+        self.compiled = steps_for(config, self.dtype, page_size, attention_impl, prefill_options, tensor_parallel)
 
     def prefill(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
                 batch: SamplingBatch, steps: np.ndarray, counts=None, seen=None, num_top: int = 0,
@@ -224,6 +232,12 @@ class Runner:
             return self.params
         return {**self.params, "lora": {"weights": lora["weights"], "slots": _int32(lora["slots"])[0]}}
 
+    def kv_heads_per_device(self) -> int:
+        """KV heads in each device's pages (the model's, or its share under tensor parallelism)."""
+        if self.tp is None:
+            return self.config.num_key_value_heads
+        return self.tp.kv_heads(self.config) // self.tp.size
+
     def decode_fn(self, rows: int):
         """The jitted multi-step decode for a batch of ``rows`` (the wide one past the skinny
         matmul's rows, ``jaxserve.model.skinny_rows``, or past ``model.XLA_GATE_UP_ROWS`` when set)."""
@@ -281,8 +295,11 @@ class Steps:
     """
 
     def __init__(self, config: ModelConfig, dtype: Any, page_size: int, attention_impl: str,
-                 prefill_options: dict[str, Any]) -> None:
+                 prefill_options: dict[str, Any], tensor_parallel: TensorParallel | None = None) -> None:
         self.model = Qwen2ForCausalLM(config, dtype)
+        self.tp = tensor_parallel
+        if tensor_parallel is not None:  # what each device runs inside `jax.shard_map` (`_forward`)
+            self.local_model = Qwen2ForCausalLM(tensor_parallel.local_config(config), dtype, AXIS, tensor_parallel.size)
         self.page_size = page_size
         self.attention_impl = attention_impl
         self.prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top", "greedy", "logprobs", "prompt_top"),
@@ -319,6 +336,8 @@ class Steps:
                  hidden_states: bool = False):
         # Activation-dtype logits: the samplers widen them to float32 where they read them (exact). A call with
         # LoRA rows carries the adapters beside the weights (`Runner._params`): a variant traced apart.
+        if self.tp is not None:
+            return self._forward_sharded(params, kv, tokens, positions, paged, logits_at, hidden_states)
         lora = params.get("lora")
         if lora is not None:
             params = {k: v for k, v in params.items() if k != "lora"}
@@ -326,11 +345,29 @@ class Steps:
                                 logits_dtype=None, greedy_tokens=greedy_tokens, lora=lora,
                                 hidden_states=hidden_states)
 
+    def _forward_sharded(self, params, kv, tokens, positions, paged, logits_at, hidden_states: bool):
+        """`_forward` under tensor parallelism: every device runs the model on its share (`jaxserve.tensor_parallel`)
+        and all return the same logits (and hidden states); the KV pages stay split by head."""
+        def local(params, kv, replicated):
+            tokens, positions, paged, logits_at = replicated
+            lora = params.get("lora")
+            if lora is not None:
+                params = {k: v for k, v in params.items() if k != "lora"}
+            return self.local_model.apply({"params": params}, tokens, positions, kv=kv, paged=paged,
+                                          logits_at=logits_at, logits_dtype=None, lora=lora,
+                                          hidden_states=hidden_states)
+
+        # check_vma off: the Pallas kernels inside carry no varying-axes rules; the all-reduces and the logits'
+        # gather make the replicated outputs replicated.
+        sharded = jax.shard_map(local, mesh=self.tp.mesh, in_specs=(self.tp.param_specs(params), P(AXIS), P()),
+                                out_specs=(P(), P(AXIS)), check_vma=False)
+        return sharded(params, kv, (tokens, positions, paged, logits_at))
+
     def _greedy_head(self, rows: int, greedy: bool, num_top: int, logprobs: bool, batch: SamplingBatch) -> bool:
         """Whether a step's tokens come from the LM head's argmax kernel (`model.greedy_head_applies`):
         every row greedy without penalties, allowed-token masks or bad words, no log-probabilities asked for."""
         return (greedy and not logprobs and num_top == 0 and not batch.allowed.shape[1] and not batch.bad_words.shape[1]
-                and greedy_head_applies(self.model.config, self.model.dtype, rows))
+                and self.tp is None and greedy_head_applies(self.model.config, self.model.dtype, rows))
 
     def _pick_kernel(self, logits: jax.Array) -> bool:
         return self.pick_kernel and logits.shape[0] >= self.pick_min_rows
@@ -524,7 +561,7 @@ TRACED_MODULES = ("jaxserve.config", "jaxserve.kv_pool", "jaxserve.model", "jaxs
 
 
 def steps_for(config: ModelConfig, dtype: Any, page_size: int, attention_impl: str,
-              prefill_options: dict[str, Any]) -> Steps:
+              prefill_options: dict[str, Any], tensor_parallel: TensorParallel | None = None) -> Steps:
     """The compiled steps for these arguments, shared with every earlier Runner that matched.
 
     The key holds every module-level value of jaxserve's and the kernels' modules, since the
@@ -536,11 +573,12 @@ def steps_for(config: ModelConfig, dtype: Any, page_size: int, attention_impl: s
         True
     """
     key = (_frozen(dataclasses.asdict(config)), jnp.dtype(dtype).name, page_size, attention_impl,
-           _frozen(prefill_options), module_knobs())
+           _frozen(prefill_options), module_knobs(), None if tensor_parallel is None else tensor_parallel.key())
     with _steps_lock:
         steps = _steps_cache.get(key)
         if steps is None:
-            steps = _steps_cache[key] = Steps(config, dtype, page_size, attention_impl, prefill_options)
+            steps = _steps_cache[key] = Steps(config, dtype, page_size, attention_impl, prefill_options,
+                                              tensor_parallel)
             while len(_steps_cache) > STEPS_CACHE_SIZE:
                 _steps_cache.popitem(last=False)
         _steps_cache.move_to_end(key)
