@@ -69,6 +69,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="LoRA adapters held on the device at once (default 0: none; serve: as many as --lora-modules, "
                         "up to 8)")
     g.add_argument("--max-lora-rank", type=int, default=16, metavar="R", help="largest adapter rank (default 16)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split the model by attention head over N devices of this host (default 1)")
     g.add_argument("--compile-cache-dir", default=os.environ.get("JAXSERVE_COMPILE_CACHE_DIR"), metavar="PATH",
                    help="keep compiled steps here so a restart skips most of the warm-up "
                         "(default: $JAXSERVE_COMPILE_CACHE_DIR, else off)")
@@ -93,7 +95,8 @@ def engine_config_from_args(args: argparse.Namespace) -> "Any":
         batch_buckets=tuple(args.batch_buckets) if args.batch_buckets else None,
         prefill_buckets=tuple(args.prefill_buckets) if args.prefill_buckets else None,
         memory_fraction=args.memory_fraction, overlap=not args.no_overlap, attention_impl=args.attention_impl,
-        compile_cache_dir=args.compile_cache_dir, max_loras=args.max_loras or 0, max_lora_rank=args.max_lora_rank)
+        compile_cache_dir=args.compile_cache_dir, max_loras=args.max_loras or 0, max_lora_rank=args.max_lora_rank,
+        tensor_parallel_size=args.tensor_parallel_size)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -319,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--warmup", action="store_true",
                      help="compile every batch/length bucket before answering (slower start, no compile stalls)")
     srv.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
-                     help="serve N engines on N devices behind a prefix-aware router (default 1)")
+                     help="serve N engines on N devices (N x --tensor-parallel-size) behind a prefix-aware router "
+                          "(default 1)")
     srv.add_argument("--warmup-structured", action="store_true",
                      help="--warmup, and the steps of requests with structured outputs (response_format, "
                           "guided_*) too")

@@ -35,7 +35,7 @@ from jaxserve.sampling import (SamplingParams, allowed_masks, check_bad_word_ids
                                needs_history, needs_penalties, needs_sampling, recent_tokens)
 from jaxserve.scheduler import Scheduler
 from jaxserve.speculative import accepted_tokens, ngram_draft
-from jaxserve.tensor_parallel import TensorParallel, check_tensor_parallel
+from jaxserve.tensor_parallel import TensorParallel
 from jaxserve.structured import GuideState, StructuredOutputs, TokenGuide, Vocabulary, compile_guide
 from jaxserve.tokenizer import Conversation, IncrementalDetokenizer, bad_words_token_ids, chat_prompts, vocabulary_bytes
 
@@ -265,10 +265,8 @@ class Engine:
         if self.device is not None and self.tp is None:
             params = jax.device_put(params, self.device)
         self.max_model_len = min(self.config.max_model_len or mcfg.context_length, mcfg.context_length)
-        if self.tp is not None:
-            check_tensor_parallel(mcfg, self.tp.size)
         # A page's bytes on each device: its share of the KV heads under tensor parallelism.
-        kv_heads = mcfg.num_key_value_heads if self.tp is None else self.tp.kv_heads(mcfg) // self.tp.size
+        kv_heads = (mcfg if self.tp is None else self.tp.local_config(mcfg)).num_key_value_heads
         bytes_per_page = (2 * mcfg.num_hidden_layers * kv_heads * self.config.page_size * mcfg.head_dim
                           * target.itemsize)
         num_pages = self.config.num_pages or _pages_from_memory(self.config, bytes_per_page, self.device, self.tp)

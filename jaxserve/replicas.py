@@ -53,7 +53,8 @@ class _Requests(Mapping):
 
 
 class Replicas:
-    """``devices`` (a count, the devices themselves, or None for every local device) engines of one model,
+    """``devices`` (a count, the devices themselves, or None for every local device) engines of one model (with
+    ``EngineConfig.tensor_parallel_size`` t > 1, each engine over t of the devices: a count is then of engines),
     driven from one thread: `step` steps each in turn, so one replica's host work overlaps the others' device
     calls (``EngineConfig.overlap``). The Engine's batch API (`add_request`, `step`, `abort`, `release`,
     `generate`, `stats`, `clear_prefix_cache`, a context manager), and what `jaxserve.async_engine.AsyncEngine`
@@ -66,24 +67,29 @@ class Replicas:
 
     def __init__(self, model: LoadedModel | str | None = None, config: EngineConfig | None = None,
                  devices: int | Sequence[jax.Device] | None = None, balance_slack: int = 8) -> None:
+        config = config or EngineConfig()
+        tp = config.tensor_parallel_size  # devices an engine splits its model over (`jaxserve.tensor_parallel`)
         available = jax.local_devices()
         if devices is None:
-            devices = available
-        elif isinstance(devices, int):
-            if not 1 <= devices <= len(available):
-                raise ValueError(f"devices must be in [1, {len(available)}] (the local devices), got {devices}")
-            devices = available[:devices]
+            devices = available[:len(available) - len(available) % tp]
+        elif isinstance(devices, int):  # replicas
+            if not 1 <= devices * tp <= len(available):
+                raise ValueError(f"devices must be in [1, {len(available) // tp}] (the local devices"
+                                 + (f" over tensor_parallel_size {tp}" if tp > 1 else "") + f"), got {devices}")
+            devices = available[:devices * tp]
         devices = list(devices)
         if not devices:
             raise ValueError("devices must name at least one device")
+        if len(devices) % tp:
+            raise ValueError(f"{len(devices)} devices do not split into engines of tensor_parallel_size {tp}")
         if balance_slack < 0:
             raise ValueError(f"balance_slack must be >= 0, got {balance_slack}")
-        config = config or EngineConfig()
         if not isinstance(model, LoadedModel):
             model = load(model, dtype=config.compute_dtype())
         self.config = config
         self.balance_slack = balance_slack
-        self.engines = [Engine(model, config, device=d) for d in devices]
+        groups = devices if tp == 1 else [devices[i:i + tp] for i in range(0, len(devices), tp)]
+        self.engines = [Engine(model, config, device=group) for group in groups]
         self.page_size = config.page_size
         # Per replica: chained hashes of the full prompt pages routed there, least recently used first.
         self._pages: list[collections.OrderedDict[int, None]] = [collections.OrderedDict() for _ in self.engines]

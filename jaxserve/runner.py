@@ -232,12 +232,6 @@ class Runner:
             return self.params
         return {**self.params, "lora": {"weights": lora["weights"], "slots": _int32(lora["slots"])[0]}}
 
-    def kv_heads_per_device(self) -> int:
-        """KV heads in each device's pages (the model's, or its share under tensor parallelism)."""
-        if self.tp is None:
-            return self.config.num_key_value_heads
-        return self.tp.kv_heads(self.config) // self.tp.size
-
     def decode_fn(self, rows: int):
         """The jitted multi-step decode for a batch of ``rows`` (the wide one past the skinny
         matmul's rows, ``jaxserve.model.skinny_rows``, or past ``model.XLA_GATE_UP_ROWS`` when set)."""
