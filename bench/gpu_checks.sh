@@ -290,6 +290,9 @@
 #               merged weights (~300 s?)
 #   embed49     session 49: embeddings (jaxserve.pooling) against plain prefill of the same prompts, 0.5B shape, batch
 #               64 / 256 x 128 / 512 tokens (bench/embed.py; ~200 s?)
+#   tp50        session 50, on a 2-GPU machine (run's kind nvidia-h100-x2 / nvidia-h200-x2): tensor parallelism, the 7B
+#               shape over 1 and 2 GPUs at batch 1 / 64 (output tok/s, ms a decode step, whether tp 2 gives tp 1's
+#               greedy tokens; bench/tensor_parallel.py), then the tests of tests/test_tensor_parallel.py (~300 s?)
 #   yarn44      session 44: the 0.5B and 7B decode steps of a YaRN checkpoint (scaled cos/sin tables) compiled
 #               against the reference at 1-256 rows (~200 s)
 set -uo pipefail
@@ -894,6 +897,8 @@ for part in "${parts[@]}"; do
     spec47b) timeout 300 python3 bench/speculative.py --workload code --k 2 4 8 --batch 1 8 --output-len 128 ;;
     lora48) timeout 500 python3 bench/lora.py --shape 0.5B --batch 1 64 256 --out "$OUT/$part" ;;
     embed49) timeout 300 python3 bench/embed.py --shape 0.5B --batch 64 256 --prompt-len 128 512 --out "$OUT/$part" ;;
+    tp50) timeout 400 python3 bench/tensor_parallel.py --shape 7B --tp 1 2 --batches 1 64 --out "$OUT/$part" ; \
+          timeout 200 python3 bench/tensor_parallel.py --shape 0.5B --tp 1 2 --batches 64 256 ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;
