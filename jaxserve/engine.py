@@ -255,7 +255,8 @@ class Engine:
             raise ValueError("model is a params tree: pass jaxserve.LoadedModel.from_params(params, model_config) "
                              "(with a tokenizer for text prompts), a checkpoint folder, or a loaded model")
         if not isinstance(model, LoadedModel):
-            model = load(model, dtype=(config or EngineConfig()).compute_dtype())
+            # A split model's weights go to host memory first: each device then receives only its share.
+            model = load(model, dtype=(config or EngineConfig()).compute_dtype(), device="cpu" if self.tp else None)
         self.config = config or EngineConfig()
         self.model = model
         self.tokenizer = model.tokenizer

@@ -80,12 +80,14 @@ class LoadedModel:
 
 
 def load(path: str | os.PathLike | None = None, dtype: Any = "float32",
-         rope_scaling: dict[str, Any] | None = None) -> LoadedModel:
+         rope_scaling: dict[str, Any] | None = None, device: jax.Device | str | None = None) -> LoadedModel:
     """Load a Qwen2 checkpoint folder (Hugging Face or converted), or the embedded default model.
 
     ``rope_scaling`` replaces config.json's (vLLM's ``--hf-overrides '{"rope_scaling": ...}'``): the
     Qwen2.5 model cards' YaRN for contexts past 32k without editing the checkpoint;
-    ``{"rope_type": "default"}`` turns a checkpoint's scaling off.
+    ``{"rope_type": "default"}`` turns a checkpoint's scaling off. ``device`` (a device, or ``"cpu"`` for host memory)
+    is where the weights land (default: JAX's default device); a model too big for one accelerator loads to
+    ``"cpu"`` and a tensor-parallel engine moves each device's share there (``Engine`` does so itself given a path).
 
     Example:
         >>> m = jaxserve.load()                                   # embedded default model
@@ -103,7 +105,13 @@ def load(path: str | os.PathLike | None = None, dtype: Any = "float32",
         if not isinstance(rope_scaling, dict):
             raise ValueError(f"rope_scaling must be a dict as config.json spells it, got {rope_scaling!r}")
         config = dataclasses.replace(config, rope_scaling=RopeScaling.from_hf_dict(rope_scaling))
-    params = load_params(path, config, dtype)
+    if device == "cpu":
+        device = jax.devices("cpu")[0]
+    if device is None:
+        params = load_params(path, config, dtype)
+    else:
+        with jax.default_device(device):
+            params = load_params(path, config, dtype)
     tokenizer = load_tokenizer(path)
     return LoadedModel(params=params, config=config, tokenizer=tokenizer, path=path,
                        name=os.path.basename(os.path.normpath(path)))

@@ -85,6 +85,13 @@ def main() -> None:
     alone = run(model, 1, prompts, greedy)
     same(alone, run(model, 2, prompts, greedy, check=shares(2, 1)), "tp 2")
     same(alone, run(model, 4, prompts, greedy, check=shares(4, 1)), "tp 4 (a KV head copied on two devices)")
+    # From a path: the weights load to host memory and each device receives its share.
+    from jaxserve.loading import DEFAULT_MODEL_DIR
+
+    with Engine(DEFAULT_MODEL_DIR, config(2)) as engine:
+        host = jax.devices("cpu")[0]
+        assert all(leaf.devices() == {host} for leaf in jax.tree_util.tree_leaves(engine.model.params))
+        same(alone, engine.generate(prompts, greedy, use_tqdm=False), "tp 2 from a path")
     print("greedy: ok")
 
     # Every feature the split touches at once: penalties, seeded sampling, prompt log-probabilities, a regex.
