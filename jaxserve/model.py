@@ -894,9 +894,8 @@ class Qwen2ForCausalLM(nn.Module):
         return ((logits, hidden) if hidden_states else logits), new_kv
 
     def _sharded_head(self, x, embed, hidden, hidden_states: bool, logits_dtype, greedy_tokens: bool):
-        """The LM head under tensor parallelism: this device's vocabulary slice of the logits, gathered whole."""
-        if greedy_tokens:
-            raise ValueError("greedy_tokens has no tensor-parallel form (the argmax kernel reads the whole head)")
+        """The LM head under tensor parallelism: this device's vocabulary slice of the logits, gathered whole; with
+        ``greedy_tokens`` each slice's best token and its logit, gathered (B x devices pairs, not B x vocab logits)."""
         cfg = self.config
         local = cfg.vocab_size // self.tp_size
         if cfg.tie_word_embeddings:  # the replicated embedding's rows of this device's slice
@@ -904,6 +903,14 @@ class Qwen2ForCausalLM(nn.Module):
             logits = jnp.dot(x.astype(self.dtype), rows.T.astype(self.dtype))
         else:
             logits = nn.Dense(local, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name="lm_head")(x)
+        if greedy_tokens:
+            best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            top = jnp.take_along_axis(logits, best[..., None], axis=-1)[..., 0]
+            tops = jax.lax.all_gather(top, self.tp_axis)  # [devices, B, S]
+            bests = jax.lax.all_gather(best + jax.lax.axis_index(self.tp_axis) * local, self.tp_axis)
+            # The first device holding the maximum: its slice's tokens come first, so ties go to the lowest id, as
+            # one argmax over the whole vocabulary.
+            return jnp.take_along_axis(bests, jnp.argmax(tops, axis=0)[None], axis=0)[0]
         logits = jax.lax.all_gather(logits, self.tp_axis, axis=logits.ndim - 1, tiled=True)
         logits = logits if logits_dtype is None else logits.astype(logits_dtype)
         return (logits, hidden) if hidden_states else logits

@@ -331,7 +331,7 @@ class Steps:
         # Activation-dtype logits: the samplers widen them to float32 where they read them (exact). A call with
         # LoRA rows carries the adapters beside the weights (`Runner._params`): a variant traced apart.
         if self.tp is not None:
-            return self._forward_sharded(params, kv, tokens, positions, paged, logits_at, hidden_states)
+            return self._forward_sharded(params, kv, tokens, positions, paged, logits_at, greedy_tokens, hidden_states)
         lora = params.get("lora")
         if lora is not None:
             params = {k: v for k, v in params.items() if k != "lora"}
@@ -339,7 +339,8 @@ class Steps:
                                 logits_dtype=None, greedy_tokens=greedy_tokens, lora=lora,
                                 hidden_states=hidden_states)
 
-    def _forward_sharded(self, params, kv, tokens, positions, paged, logits_at, hidden_states: bool):
+    def _forward_sharded(self, params, kv, tokens, positions, paged, logits_at, greedy_tokens: bool,
+                         hidden_states: bool):
         """`_forward` under tensor parallelism: every device runs the model on its share (`jaxserve.tensor_parallel`)
         and all return the same logits (and hidden states); the KV pages stay split by head."""
         def local(params, kv, replicated):
@@ -348,8 +349,8 @@ class Steps:
             if lora is not None:
                 params = {k: v for k, v in params.items() if k != "lora"}
             return self.local_model.apply({"params": params}, tokens, positions, kv=kv, paged=paged,
-                                          logits_at=logits_at, logits_dtype=None, lora=lora,
-                                          hidden_states=hidden_states)
+                                          logits_at=logits_at, logits_dtype=None, greedy_tokens=greedy_tokens,
+                                          lora=lora, hidden_states=hidden_states)
 
         # check_vma off: the Pallas kernels inside carry no varying-axes rules; the all-reduces and the logits'
         # gather make the replicated outputs replicated.
@@ -358,10 +359,11 @@ class Steps:
         return sharded(params, kv, (tokens, positions, paged, logits_at))
 
     def _greedy_head(self, rows: int, greedy: bool, num_top: int, logprobs: bool, batch: SamplingBatch) -> bool:
-        """Whether a step's tokens come from the LM head's argmax kernel (`model.greedy_head_applies`):
-        every row greedy without penalties, allowed-token masks or bad words, no log-probabilities asked for."""
+        """Whether a step's tokens come from the LM head's argmax (`model.greedy_head_applies`'s kernel; under tensor
+        parallelism each device's argmax of its vocabulary slice, so no logits cross devices): every row greedy without
+        penalties, allowed-token masks or bad words, no log-probabilities asked for."""
         return (greedy and not logprobs and num_top == 0 and not batch.allowed.shape[1] and not batch.bad_words.shape[1]
-                and self.tp is None and greedy_head_applies(self.model.config, self.model.dtype, rows))
+                and (self.tp is not None or greedy_head_applies(self.model.config, self.model.dtype, rows)))
 
     def _pick_kernel(self, logits: jax.Array) -> bool:
         return self.pick_kernel and logits.shape[0] >= self.pick_min_rows

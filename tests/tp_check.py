@@ -162,6 +162,15 @@ def main() -> None:
     expect = run(untied, 1, ids, params)
     same(expect, run(untied, 2, ids, params, check=shares(2, 2)), "untied tp 2")
     same(expect, run(untied, 4, ids, params, check=shares(4, 1)), "untied tp 4")
+    # The greedy pick from each device's slice (no logits gathered): ties go to the lowest id, as one argmax's. Every
+    # column of the head the same, so every token ties: the pick is token 0 on one device and split.
+    flat = dict(untied.params, lm_head={"kernel": jnp.tile(untied.params["lm_head"]["kernel"][:, :1], (1, 512))})
+    ties = LoadedModel.from_params(flat, cfg)
+    pick = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    for tp in (1, 2, 4):
+        assert [o["token_ids"] for o in run(ties, tp, ids, pick)] == [[0] * 4] * 3, tp
+    same(run(untied, 1, ids, pick), run(untied, 4, ids, pick), "untied greedy pick")
+    same(run(model, 1, prompts, pick), run(model, 2, prompts, pick), "greedy pick")
     print("untied: ok")
 
     # Replicas of split engines: two engines over two devices each.
