@@ -7,7 +7,7 @@ Example:
 
 from jaxserve.beam_search import BeamSearchParams
 from jaxserve.config import ModelConfig
-from jaxserve.engine import Engine, beam_search, chat, embed, generate, score
+from jaxserve.engine import Engine, beam_search, chat, classify, embed, generate, score
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.lora import LoRARequest
@@ -17,5 +17,5 @@ from jaxserve.sampling import SamplingParams
 from jaxserve.structured import StructuredOutputs
 
 __all__ = ["BeamSearchParams", "Engine", "EngineConfig", "LoRARequest", "LoadedModel", "ModelConfig", "PoolingParams",
-           "Replicas", "SamplingParams", "StructuredOutputs", "beam_search", "chat", "embed", "generate", "load",
-           "score"]
+           "Replicas", "SamplingParams", "StructuredOutputs", "beam_search", "chat", "classify", "embed", "generate",
+           "load", "score"]

@@ -12,7 +12,8 @@ import json
 import os
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification")
+CLASSIFIER = "Qwen2ForSequenceClassification"
 SUPPORTED_MODEL_TYPES = ("qwen2",)
 
 
@@ -107,6 +108,9 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     torch_dtype: str = "float32"
     rope_scaling: RopeScaling | None = None  # None: the default RoPE; a dict (config.json's spelling) is converted
+    # A sequence classifier (Hugging Face's Qwen2ForSequenceClassification, `jaxserve.pooling`): its labels' names in id
+    # order, its head a ``score`` matrix of that many outputs instead of the LM head. Empty: a causal LM.
+    labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -130,6 +134,12 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", RopeScaling.from_hf_dict(self.rope_scaling))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
+
+    @property
+    def num_labels(self) -> int:
+        """A classifier's outputs (0: a causal LM)."""
+        return len(self.labels)
 
     @property
     def context_length(self) -> int:
@@ -181,6 +191,10 @@ class ModelConfig:
         if rope_theta is None:  # transformers 5 moved it into rope_parameters
             rope_theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
+        labels: tuple[str, ...] = ()
+        if CLASSIFIER in archs:  # transformers keeps num_labels as id2label (two labels where none is written)
+            id2label = d.get("id2label") or {str(i): f"LABEL_{i}" for i in range(d.get("num_labels", 2))}
+            labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(len(id2label)))
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -197,6 +211,7 @@ class ModelConfig:
             eos_token_id=d.get("eos_token_id"),
             torch_dtype=str(dtype),
             rope_scaling=rope_scaling,
+            labels=labels,
         )
 
     @classmethod
@@ -213,8 +228,12 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["eos_token_id"] = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         d["rope_scaling"] = self.rope_scaling.to_hf_dict() if self.rope_scaling is not None else None
-        d.update(architectures=list(SUPPORTED_ARCHITECTURES), model_type="qwen2", hidden_act="silu",
-                 use_sliding_window=False, attention_dropout=0.0, use_cache=True)
+        del d["labels"]
+        d.update(architectures=[CLASSIFIER if self.labels else "Qwen2ForCausalLM"], model_type="qwen2",
+                 hidden_act="silu", use_sliding_window=False, attention_dropout=0.0, use_cache=True)
+        if self.labels:
+            d.update(id2label={str(i): label for i, label in enumerate(self.labels)},
+                     label2id={label: i for i, label in enumerate(self.labels)})
         return d
 
 

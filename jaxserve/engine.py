@@ -28,7 +28,9 @@ from jaxserve.loading import LoadedModel, generation_eos_ids, generation_samplin
 from jaxserve.lora import NAMESPACE_STRIDE, LoRARequest, LoraSlots
 from jaxserve import model as model_module
 from jaxserve.model import decode_rows
-from jaxserve.pooling import PoolingParams, finish_embedding, pair_scores, score_pairs, text_key
+from jaxserve.config import CLASSIFIER
+from jaxserve.pooling import (PoolingParams, classify_params, cross_encoder_prompt, finish_classification,
+                              finish_embedding, pair_scores, score_pairs, text_key)
 from jaxserve.request import Request, Status
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
 from jaxserve.sampling import (SamplingParams, allowed_masks, check_bad_word_ids, check_banned_ids, make_batch,
@@ -263,6 +265,9 @@ class Engine:
         mcfg = model.config
         target = jnp.dtype(self.config.compute_dtype())
         params = jax.tree_util.tree_map(lambda x: x.astype(target) if x.dtype != target else x, model.params)
+        # A classifier's score head on the host: a classify request's labels come from its pooled vector there
+        # (`pooling.finish_classification`), a few products a request.
+        self.classify_head = (np.asarray(params["score"]["kernel"], np.float32) if mcfg.num_labels else None)
         if self.device is not None and self.tp is None:
             params = jax.device_put(params, self.device)
         self.max_model_len = min(self.config.max_model_len or mcfg.context_length, mcfg.context_length)
@@ -387,6 +392,10 @@ class Engine:
         lora_id = 0 if lora_request is None else lora_request.lora_int_id
         if isinstance(params, PoolingParams):
             return self._pooling_request(prompt, params, request_id, priority, lora_id, namespace)
+        if self.classify_head is not None:
+            raise ValueError(f"this model is a sequence classifier ({CLASSIFIER}, labels {list(self.model.config.labels)}) "
+                             f"with no language-model head: it classifies (classify, or PoolingParams(task='classify')) "
+                             f"and embeds, and generates nothing")
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams or PoolingParams, got {type(params).__name__}")
@@ -427,6 +436,9 @@ class Engine:
                          lora_id: int, namespace: int) -> Request:
         """`make_request` for an embedding: a prompt prefilled and never decoded (`jaxserve.pooling`). It runs as a
         one-token greedy request whose token is never taken: the prefill that ends its prompt finishes it."""
+        if pooling.task == "classify" and self.classify_head is None:
+            raise ValueError(f"task 'classify' needs a sequence classifier (config.json's architectures {CLASSIFIER}); "
+                             f"this model is a causal LM: embed it, or generate")
         ids = self.request_ids(prompt, pooling)
         if len(ids) + 1 > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) exceeds max_model_len ({self.max_model_len}) - 1")
@@ -749,7 +761,11 @@ class Engine:
             r.pool_sum = pooled[1, i] if r.pool_sum is None else r.pool_sum + pooled[1, i]
             if e == r.prefill_end and r.finish_reason is None:
                 vector = pooled[0, i] if r.pooling.pooling_type == "last" else r.pool_sum
-                r.embedding = finish_embedding(vector, r.pooling, len(r.prompt_ids))
+                if r.pooling.task == "classify":
+                    r.embedding = finish_classification(vector, r.pooling, len(r.prompt_ids), self.classify_head)
+                    r.label = self.model.config.labels[int(np.argmax(r.embedding))]
+                else:
+                    r.embedding = finish_embedding(vector, r.pooling, len(r.prompt_ids))
                 r.finish("stop")
                 done.append(r)
         for i, lo, hi in call.prompt_rows:
@@ -1075,9 +1091,25 @@ class Engine:
         """
         return run_to_completion(self, prompts, pooling_params or PoolingParams(), use_tqdm, priority, lora_request)
 
+    def classify(self, prompts: Prompt | Sequence[Prompt],
+                 pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, use_tqdm: bool = True,
+                 priority: Sequence[int] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[dict[str, Any]]:
+        """Classify prompts with a sequence classifier (vLLM's ``LLM.classify``; a checkpoint of
+        ``Qwen2ForSequenceClassification``): one dict a prompt, in order, ``probs`` (float32 ``[num_labels]``: softmax
+        of the labels' logits at the last token, sigmoid for one label; raw logits with
+        ``PoolingParams(activation=False)``), ``label`` (the likeliest's name), ``prompt_tokens``, ``cached_tokens``.
+
+        Example:
+            >>> engine.classify(["great movie", "awful plot"], use_tqdm=False)[0]["label"]  # doctest: +SKIP
+            'positive'
+        """
+        return run_to_completion(self, prompts, classify_params(pooling_params), use_tqdm, priority, lora_request)
+
     def score(self, text_1: Any, text_2: Any, pooling_params: PoolingParams | None = None, use_tqdm: bool = True,
               lora_request: LoRARequest | None = None) -> list[dict[str, Any]]:
-        """vLLM's ``LLM.score`` for an embedding model: the cosine similarity of each pair's embeddings
+        """vLLM's ``LLM.score``: for an embedding model the cosine similarity of each pair's embeddings, for a
+        one-label classifier (a cross-encoder) the probability it gives the pair's texts one after the other
         (`pooling.score_pairs`: one text against one or each of a list, or two lists item by item; a text is a
         string or token ids). One dict a pair, in order: ``score``, ``prompt_tokens`` (both texts').
 
@@ -1179,15 +1211,17 @@ class Engine:
         with a `logit_bias` or `bad_words` compile on first use. ``lora`` (default: where the engine serves
         adapters, ``max_loras`` > 0) also the steps of batches with adapter rows (`jaxserve.lora`), each shape
         once more. ``pooling=True`` also the prefills of embedding requests (`jaxserve.pooling`; greedy rows, as an
-        embedding's are). Returns the number of shapes compiled.
+        embedding's are); a classifier's warm-up compiles those alone. Returns the number of shapes compiled.
         """
         cfg = self.config
         before = len(self.runner.compiled_shapes)
         lora = self.lora is not None if lora is None else lora
         if lora and self.lora is None:
             raise ValueError("warmup(lora=True) needs an engine that serves adapters: EngineConfig(max_loras=...) > 0")
+        generating = self.classify_head is None  # a classifier's requests are pooling prefills alone
+        pooling = pooling or not generating
         variants = [(greedy, lps) for greedy in ((True, False) if sampling else (True,))
-                    for lps in ((False, True) if logprobs else (False,))]
+                    for lps in ((False, True) if logprobs else (False,))] if generating else []
         step_counts = sorted({1, cfg.decode_steps})
         guided = [None]
         if structured and self.guide_pool.max_rows:
@@ -1221,7 +1255,7 @@ class Engine:
             for length, lo in itertools.product(lengths if pooling else (), loras):
                 self.runner.prefill(np.zeros((batch, length), np.int32), zeros, zeros, table, sbatch, zeros,
                                     greedy=True, logprobs=False, lora=lo, pool_from=zeros)
-            if cfg.speculative_tokens and batch in cfg.batch_buckets:
+            if cfg.speculative_tokens and generating and batch in cfg.batch_buckets:
                 for (greedy, lps), lo in itertools.product(variants, loras):  # sampling rows: the rejection sampler
                     self.runner.verify(np.zeros((batch, cfg.speculative_tokens + 1), np.int32), zeros, zeros, table,
                                        logprobs=lps, lora=lo, **({} if greedy else dict(batch=sbatch, steps=zeros)))
@@ -1430,10 +1464,35 @@ def embed(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Seque
         return engine.embed(prompts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
 
+def classify(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Sequence[Prompt],
+             pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, *,
+             engine_config: EngineConfig | None = None, use_tqdm: bool = True,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[dict[str, Any]]:
+    """`Engine.classify` in one call (vLLM's ``LLM.classify``): ``model`` a sequence classifier
+    (``Qwen2ForSequenceClassification``); one dict a prompt with ``probs`` and ``label``.
+
+    Example:
+        >>> out = jaxserve.classify("/models/qwen2-sentiment", ["great movie"], use_tqdm=False)  # doctest: +SKIP
+        >>> out[0]["label"], out[0]["probs"]                                                   # doctest: +SKIP
+        ('positive', array([0.03, 0.97], dtype=float32))
+    """
+    with Engine(model, _serving_loras(engine_config, lora_request)) as engine:
+        return engine.classify(prompts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+
+
 def run_score(driver: Any, text_1: Any, text_2: Any, pooling_params: PoolingParams | None, use_tqdm: bool,
               lora_request: LoRARequest | None = None) -> list[dict[str, Any]]:
-    """`Engine.score` over any driver with ``embed`` (an `Engine`, `Replicas`): each distinct text embedded once."""
+    """`Engine.score` over any driver with ``embed`` and ``classify`` (an `Engine`, `Replicas`): each distinct text
+    embedded once; a one-label classifier's pairs classified (a cross-encoder's score)."""
     pairs = score_pairs(text_1, text_2)
+    labels = driver.model.config.num_labels
+    if labels:
+        if labels != 1:
+            raise ValueError(f"score needs an embedding model or a classifier of one label (a cross-encoder); this "
+                             f"classifier has {labels} labels: classify the texts instead")
+        prompts = [cross_encoder_prompt(driver.tokenizer, a, b) for a, b in pairs]
+        out = driver.classify(prompts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+        return [{"score": float(o["probs"][0]), "prompt_tokens": o["prompt_tokens"]} for o in out]
     texts = list({text_key(t): t for pair in pairs for t in pair}.values())
     out = driver.embed(texts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request)
     return pair_scores(pairs, {text_key(t): o for t, o in zip(texts, out)})

@@ -452,7 +452,7 @@ def greedy_head_applies(config: ModelConfig, dtype: Any, rows: int) -> bool:
         >>> greedy_head_applies(cfg, jnp.float32, 64), greedy_head_applies(cfg, jnp.bfloat16, 12)
         (False, False)
     """
-    return (GREEDY_HEAD and config.tie_word_embeddings and config.vocab_size % 8 == 0
+    return (GREEDY_HEAD and config.tie_word_embeddings and not config.num_labels and config.vocab_size % 8 == 0
             and DECODE_PROJECTIONS == "pallas" and _mgpu_runs(dtype)
             and max(8, GREEDY_HEAD_MIN_ROWS) <= rows <= GREEDY_HEAD_ROWS and rows % 8 == 0)
 
@@ -883,7 +883,9 @@ class Qwen2ForCausalLM(nn.Module):
 
             tokens = argmax_matmul_mgpu(x.reshape(-1, x.shape[-1]).astype(self.dtype), embed.embedding)
             return tokens.reshape(x.shape[:-1]), new_kv
-        if cfg.tie_word_embeddings:
+        if cfg.num_labels:  # a classifier: its labels' logits (`jaxserve.pooling`)
+            logits = nn.Dense(cfg.num_labels, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name="score")(x)
+        elif cfg.tie_word_embeddings:
             logits = embed.attend(x)
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
@@ -895,23 +897,29 @@ class Qwen2ForCausalLM(nn.Module):
 
     def _sharded_head(self, x, embed, hidden, hidden_states: bool, logits_dtype, greedy_tokens: bool):
         """The LM head under tensor parallelism: this device's vocabulary slice of the logits, gathered whole; with
-        ``greedy_tokens`` each slice's best token and its logit, gathered (B x devices pairs, not B x vocab logits)."""
+        ``greedy_tokens`` each slice's best token and its logit, gathered (B x devices pairs, not B x vocab logits).
+        A classifier's few outputs come from its replicated head, nothing gathered."""
         cfg = self.config
         local = cfg.vocab_size // self.tp_size
-        if cfg.tie_word_embeddings:  # the replicated embedding's rows of this device's slice
-            rows = jax.lax.dynamic_slice_in_dim(embed.embedding, jax.lax.axis_index(self.tp_axis) * local, local)
-            logits = jnp.dot(x.astype(self.dtype), rows.T.astype(self.dtype))
+        if cfg.num_labels:
+            logits = nn.Dense(cfg.num_labels, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name="score")(x)
+            if greedy_tokens:
+                return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         else:
-            logits = nn.Dense(local, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name="lm_head")(x)
-        if greedy_tokens:
-            best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            top = jnp.take_along_axis(logits, best[..., None], axis=-1)[..., 0]
-            tops = jax.lax.all_gather(top, self.tp_axis)  # [devices, B, S]
-            bests = jax.lax.all_gather(best + jax.lax.axis_index(self.tp_axis) * local, self.tp_axis)
-            # The first device holding the maximum: its slice's tokens come first, so ties go to the lowest id, as
-            # one argmax over the whole vocabulary.
-            return jnp.take_along_axis(bests, jnp.argmax(tops, axis=0)[None], axis=0)[0]
-        logits = jax.lax.all_gather(logits, self.tp_axis, axis=logits.ndim - 1, tiled=True)
+            if cfg.tie_word_embeddings:  # the replicated embedding's rows of this device's slice
+                rows = jax.lax.dynamic_slice_in_dim(embed.embedding, jax.lax.axis_index(self.tp_axis) * local, local)
+                logits = jnp.dot(x.astype(self.dtype), rows.T.astype(self.dtype))
+            else:
+                logits = nn.Dense(local, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name="lm_head")(x)
+            if greedy_tokens:
+                best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+                top = jnp.take_along_axis(logits, best[..., None], axis=-1)[..., 0]
+                tops = jax.lax.all_gather(top, self.tp_axis)  # [devices, B, S]
+                bests = jax.lax.all_gather(best + jax.lax.axis_index(self.tp_axis) * local, self.tp_axis)
+                # The first device holding the maximum: its slice's tokens come first, so ties go to the lowest id,
+                # as one argmax over the whole vocabulary.
+                return jnp.take_along_axis(bests, jnp.argmax(tops, axis=0)[None], axis=0)[0]
+            logits = jax.lax.all_gather(logits, self.tp_axis, axis=logits.ndim - 1, tiled=True)
         logits = logits if logits_dtype is None else logits.astype(logits_dtype)
         return (logits, hidden) if hidden_states else logits
 

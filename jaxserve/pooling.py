@@ -8,11 +8,18 @@ finishes it hands back the final hidden state (after the last RMSNorm, the LM he
 generative model run as an embedder); ``"mean"`` averages every prompt token's, so such a request computes its whole
 prompt (a cached prefix has no hidden states) and sums each chunk's share (`pool_hidden`). ``normalize`` (default
 on) scales the vector to unit length.
+
+A sequence classifier (Hugging Face's ``Qwen2ForSequenceClassification``, vLLM's ``LLM.classify`` and ``/classify``)
+runs the same way: ``task="classify"`` takes the pooled hidden state (the last token's, as transformers pools) through
+the checkpoint's ``score`` head into its labels' logits, and ``activation`` (default on) makes them probabilities:
+softmax over two or more labels, sigmoid for one (`finish_classification`). A one-label classifier scores text pairs
+as a cross-encoder (vLLM's ``score`` for such a model): the pair's texts one after the other, classified.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -20,13 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 
 POOLING_TYPES = ("last", "mean")
+TASKS = ("embed", "classify")
 
 
 @dataclasses.dataclass(frozen=True)
 class PoolingParams:
     """How a pooling request turns its prompt into one vector: ``pooling_type`` (``"last"`` or ``"mean"``, vLLM's
     pooler types of those names), ``normalize`` (unit L2 norm) and ``truncate_prompt_tokens`` (keep the prompt's
-    last k tokens, as SamplingParams'). Bad values raise ValueError naming the field.
+    last k tokens, as SamplingParams'). ``task`` ``"classify"`` (a classifier's; vLLM's) puts the pooled vector through
+    the model's ``score`` head and, with ``activation``, softmax (sigmoid for one label) instead of normalizing it.
+    Bad values raise ValueError naming the field.
 
     Example:
         >>> PoolingParams(pooling_type="mean").normalize
@@ -40,12 +50,17 @@ class PoolingParams:
     pooling_type: str = "last"
     normalize: bool = True
     truncate_prompt_tokens: int | None = None
+    task: str = "embed"
+    activation: bool = True
 
     def __post_init__(self) -> None:
         if self.pooling_type not in POOLING_TYPES:
             raise ValueError(f"pooling_type must be one of {POOLING_TYPES}, got {self.pooling_type!r}")
-        if not isinstance(self.normalize, (bool, np.bool_)):
-            raise ValueError(f"normalize must be a bool, got {self.normalize!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        for name in ("normalize", "activation"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         k = self.truncate_prompt_tokens
         if k is not None and (not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1):
             raise ValueError(f"truncate_prompt_tokens must be an int >= 1 or None, got {k!r}")
@@ -80,6 +95,28 @@ def finish_embedding(vector: np.ndarray, params: PoolingParams, count: int) -> n
     return out
 
 
+def finish_classification(vector: np.ndarray, params: PoolingParams, count: int, head: np.ndarray) -> np.ndarray:
+    """A classify request's output from its pooled vector: the labels' logits (``vector @ head``, ``head`` the score
+    kernel ``[hidden, labels]``), as probabilities with ``params.activation`` (softmax; sigmoid for one label).
+
+    Example:
+        >>> p = PoolingParams(task="classify")
+        >>> finish_classification(np.array([1.0, 0.0]), p, 1, np.array([[0.0, 2.0], [1.0, 1.0]])).round(4)
+        array([0.1192, 0.8808], dtype=float32)
+    """
+    v = np.asarray(vector, np.float64)
+    if params.pooling_type == "mean":
+        v = v / max(count, 1)
+    logits = v @ np.asarray(head, np.float64)
+    if params.activation:
+        if logits.shape[-1] == 1:
+            logits = 1.0 / (1.0 + np.exp(-logits))
+        else:
+            logits = np.exp(logits - logits.max())
+            logits = logits / logits.sum()
+    return logits.astype(np.float32)
+
+
 def score_pairs(text_1: Any, text_2: Any) -> list[tuple[Any, Any]]:
     """The pairs vLLM's ``score`` compares: one item with one, one with each of a list, or two lists of one length
     item by item. An item is a string or a list of token ids. ValueError naming ``text_1`` / ``text_2`` otherwise.
@@ -102,6 +139,34 @@ def score_pairs(text_1: Any, text_2: Any) -> list[tuple[Any, Any]]:
     if len(first) != len(second):
         raise ValueError(f"text_1 must hold one item or as many as text_2 ({len(second)}), got {len(first)}")
     return list(zip(first, second))
+
+
+def classify_params(params: "PoolingParams | Sequence[PoolingParams] | None") -> Any:
+    """``params`` (one, a list, or None: the defaults) with ``task="classify"``: what ``classify`` runs."""
+    if params is None:
+        return PoolingParams(task="classify")
+    if isinstance(params, PoolingParams):
+        return dataclasses.replace(params, task="classify")
+    return [classify_params(p) for p in params]
+
+
+def cross_encoder_prompt(tokenizer: Any, text_1: Any, text_2: Any) -> list[int]:
+    """A pair as a one-label classifier scores it (vLLM's cross-encoder score): the first text's tokens, then the
+    second's (a Qwen2 tokenizer's pair encoding adds nothing between them). A text is a string or token ids.
+
+    Example:
+        >>> cross_encoder_prompt(None, [1, 2], [3])
+        [1, 2, 3]
+    """
+    ids = []
+    for text in (text_1, text_2):
+        if isinstance(text, str):
+            if tokenizer is None:
+                raise ValueError("text_1 / text_2 are text but this engine has no tokenizer; pass token ids")
+            ids += tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids += [int(t) for t in text]
+    return ids
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

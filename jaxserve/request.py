@@ -84,7 +84,8 @@ class Request:
     pooling: Any = None
     pool_sum: Any = dataclasses.field(default=None, repr=False)
     pooled_upto: int = 0
-    embedding: Any = dataclasses.field(default=None, repr=False)
+    embedding: Any = dataclasses.field(default=None, repr=False)  # a classify request's: its labels' probabilities
+    label: str | None = None  # a classify request's most likely label
 
     @property
     def all_ids(self) -> list[int]:
@@ -259,9 +260,12 @@ class Request:
         """The plain-dict result ``generate`` returns (a pooling request's: ``embed``'s)."""
         end = self.finish_time or time.perf_counter()
         if self.pooling is not None:
-            return {"request_id": self.request_id, "embedding": self.embedding, "finish_reason": self.finish_reason,
-                    "prompt_tokens": len(self.prompt_ids), "cached_tokens": self.cached_tokens,
-                    "total_time": end - self.arrival}
+            out = {"request_id": self.request_id, "finish_reason": self.finish_reason,
+                   "prompt_tokens": len(self.prompt_ids), "cached_tokens": self.cached_tokens,
+                   "total_time": end - self.arrival}
+            if self.pooling.task == "classify":
+                return {**out, "probs": self.embedding, "label": self.label}
+            return {**out, "embedding": self.embedding}
         self.sync_text()
         ttft = None if self.first_token_time is None else self.first_token_time - self.arrival
         n = len(self.output_ids)

@@ -317,7 +317,8 @@ class Steps:
         self.xla_gate_up_rows = model_module.XLA_GATE_UP_ROWS
         if GREEDY_PICK not in ("kernel", "xla"):
             raise ValueError(f"JAXSERVE_GREEDY_PICK must be 'kernel' or 'xla', got {GREEDY_PICK!r}")
-        self.pick_kernel = attention_impl == "pallas" and GREEDY_PICK == "kernel"
+        # A classifier's logits are its few labels' (a pooling row's token is never taken): XLA's argmax.
+        self.pick_kernel = attention_impl == "pallas" and GREEDY_PICK == "kernel" and not config.num_labels
         self.pick_min_rows = GREEDY_PICK_MIN_ROWS
         self.decode_wide = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static,
                                    compiler_options=WIDE_DECODE_OPTIONS or None)

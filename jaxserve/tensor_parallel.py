@@ -50,7 +50,8 @@ def check_tensor_parallel(config: ModelConfig, size: int) -> None:
     """
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
-    for name in ("num_attention_heads", "intermediate_size", "vocab_size"):
+    # A classifier's vocabulary is only its replicated embedding's: nothing splits it.
+    for name in ("num_attention_heads", "intermediate_size") + (() if config.num_labels else ("vocab_size",)):
         if getattr(config, name) % size:
             raise ValueError(f"tensor_parallel_size {size} must divide {name} ({getattr(config, name)})")
     kvh = config.num_key_value_heads

@@ -59,7 +59,9 @@ def _expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
               "model.norm.weight": (cfg.hidden_size,)}
-    if not cfg.tie_word_embeddings:
+    if cfg.num_labels:  # a classifier's head (Qwen2ForSequenceClassification's `score`) replaces the LM head
+        shapes["score.weight"] = (cfg.num_labels, cfg.hidden_size)
+    elif not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
@@ -97,7 +99,7 @@ def load_hf_params(path: str | os.PathLike, config: ModelConfig | None = None, d
         for name in handle.keys():
             location[name] = handle
     # Tied checkpoints sometimes still carry lm_head.weight; it duplicates the embedding and is ignored.
-    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings or cfg.num_labels else set()
     unexpected = sorted(n for n in location if n not in expected and n not in ignorable
                         and not n.endswith("rotary_emb.inv_freq"))
     if unexpected:
@@ -120,7 +122,9 @@ def load_hf_params(path: str | os.PathLike, config: ModelConfig | None = None, d
 
     params: dict[str, Any] = {"embed_tokens": {"embedding": get("model.embed_tokens.weight")},
                               "norm": {"scale": get("model.norm.weight")}}
-    if not cfg.tie_word_embeddings:
+    if cfg.num_labels:
+        params["score"] = {"kernel": get("score.weight").T}
+    elif not cfg.tie_word_embeddings:
         params["lm_head"] = {"kernel": get("lm_head.weight").T}
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
@@ -152,7 +156,9 @@ def to_hf_tensors(params: dict, config: ModelConfig) -> Iterator[tuple[str, np.n
     h, kvh, d, inter = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size
     yield "model.embed_tokens.weight", params["embed_tokens"]["embedding"]
     yield "model.norm.weight", params["norm"]["scale"]
-    if not config.tie_word_embeddings:
+    if config.num_labels:
+        yield "score.weight", params["score"]["kernel"].T
+    elif not config.tie_word_embeddings:
         yield "lm_head.weight", params["lm_head"]["kernel"].T
     for i in range(config.num_hidden_layers):
         layer, p = params[f"layers_{i}"], f"model.layers.{i}."

@@ -493,6 +493,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
     ("/v1/completions", {**GOOD, "bad_words": [" "]}, 400, "bad_words", None),
     ("/v1/completions", {**GOOD, "priority": 3}, 400, "priority", None),  # the server runs fcfs
     ("/v1/chat/completions", {**CHAT_BODY, "bad_words": ["abcdefghij" * 10]}, 400, "bad_words", None),
+    ("/classify", {"model": "tiny", "input": "hi"}, 400, "model", None),  # a causal LM has no labels
     ("/v1/embeddings", {"model": "tiny", "input": []}, 400, "input", None),
     ("/v1/embeddings", {"model": "tiny", "input": ["a", ""]}, 400, "input", None),
     ("/v1/embeddings", {"model": "tiny", "input": [1, 2, 99999]}, 400, "input", None),

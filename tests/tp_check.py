@@ -3,7 +3,7 @@ device count is fixed when JAX starts): engines split over 2 and 4 devices give 
 log-probabilities (KV heads split, and copied where the devices outnumber them), with every request feature the
 split touches (prefill chunks, the prefix cache, penalties, seeded sampling, prompt log-probabilities, structured
 outputs, speculation, embeddings, LoRA adapters), on the jnp references and the interpreted Pallas kernels, an untied
-LM head, each device holding only its share; replicas of split engines; bad sizes refused by name."""
+LM head, a classifier, each device holding only its share; replicas of split engines; bad sizes refused by name."""
 
 from __future__ import annotations
 
@@ -172,6 +172,18 @@ def main() -> None:
     same(run(untied, 1, ids, pick), run(untied, 4, ids, pick), "untied greedy pick")
     same(run(model, 1, prompts, pick), run(model, 2, prompts, pick), "greedy pick")
     print("untied: ok")
+
+    # A classifier: its replicated score head on the pooled hidden state, whole on every device.
+    labelled = dataclasses.replace(cfg, labels=("a", "b", "c"))
+    classifier = LoadedModel.from_params(init_params(labelled, jax.random.key(4)), labelled)
+    with Engine(classifier, config(1)) as one:
+        expect = one.classify(ids, use_tqdm=False)
+    with Engine(classifier, config(4)) as split:
+        got = split.classify(ids, use_tqdm=False)
+        all_pages_free(split)
+    assert max(float(np.abs(a["probs"] - b["probs"]).max()) for a, b in zip(expect, got)) < 1e-5
+    assert [a["label"] for a in expect] == [b["label"] for b in got]
+    print("classifier: ok")
 
     # Replicas of split engines: two engines over two devices each.
     with Replicas(model, config(2), devices=2, balance_slack=1) as dp:

@@ -42,7 +42,8 @@ from jaxserve.metrics import CONTENT_TYPE, ServingMetrics
 from jaxserve.pooling import POOLING_TYPES, PoolingParams, pair_scores, score_pairs
 from jaxserve.replicas import Replicas
 from jaxserve.sampling import MAX_LOGPROBS, SamplingParams
-from jaxserve.server.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
+from jaxserve.server.protocol import (APIError, ChatRequest, ClassificationRequest, CompletionRequest,
+                                      DetokenizeRequest, EmbeddingRequest,
                                       LoadLoraRequest, RerankRequest, SamplingFields, Schema, ScoreRequest,
                                       TokenizeRequest, ToolCall, UnloadLoraRequest, bad_params)
 from jaxserve.server.responses import ChatFormat, CompletionFormat
@@ -138,6 +139,7 @@ class _State:
     model_name: str
     max_model_len: int
     hidden_size: int  # an embedding's length
+    labels: tuple[str, ...]  # a classifier's (`jaxserve.pooling`); empty for a causal LM
     config: ServerConfig
     created: int
     loras: dict[str, LoRARequest] = dataclasses.field(default_factory=dict)  # served adapters by name
@@ -189,7 +191,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             constraint_thread=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-constraints"),
             sampling_defaults={k: v for k, v in engine.sampling_defaults.items() if k != "max_tokens"},
             model_name=server_config.model_name or loaded.name,
-            max_model_len=engine.max_model_len, hidden_size=loaded.config.hidden_size, config=server_config,
+            max_model_len=engine.max_model_len, hidden_size=loaded.config.hidden_size,
+            labels=loaded.config.labels, config=server_config,
             created=int(time.time()), loras=loras)
         log.info("serving %s (max_model_len %d)", app.state.jaxserve.model_name, engine.max_model_len)
         try:
@@ -356,6 +359,24 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         results = await _embed(request, st, _items(req.input), "input", req, base_id, normalize=req.normalize)
         return await _on_tokenizer_thread(st, _embedding_response, req, base_id, results)
 
+    @app.post("/classify")
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> Response:
+        st, req = await _accept_plain(request, ClassificationRequest)
+        if not st.labels:
+            raise APIError(400, "this model is not a sequence classifier (config.json's architectures "
+                                "Qwen2ForSequenceClassification): /classify has nothing to answer with", param="model")
+        base_id = f"classify-{uuid.uuid4().hex}"
+        params = _pooling_params("last", truncate_prompt_tokens=req.truncate_prompt_tokens, task="classify",
+                                 activation=req.activation)
+        results = await _pool(request, st, _items(req.input), "input", req, base_id, params)
+        data = [{"index": i, "label": r["label"], "probs": np.asarray(r["probs"]).tolist(),
+                 "num_classes": len(st.labels)} for i, r in enumerate(results)]
+        used = sum(r["prompt_tokens"] for r in results)
+        return JSONResponse({"id": base_id, "object": "list", "created": int(time.time()), "model": req.model,
+                             "data": data, "usage": {"prompt_tokens": used, "total_tokens": used,
+                                                     "completion_tokens": 0}})
+
     @app.post("/score")
     @app.post("/v1/score")
     async def score(request: Request) -> Response:
@@ -364,11 +385,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             pairs = score_pairs(req.text_1, req.text_2)
         except ValueError as exc:
             raise bad_params(exc, also=("text_1", "text_2")) from None
-        firsts = {a for a, _ in pairs}
-        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
         base_id = f"score-{uuid.uuid4().hex}"
-        fields = ["text_1" if t in firsts else "text_2" for t in texts]
-        scored = pair_scores(pairs, dict(zip(texts, await _embed(request, st, texts, fields, req, base_id))))
+        scored = await _score(request, st, pairs, ("text_1", "text_2"), req, base_id)
         data = [{"index": i, "object": "score", "score": s["score"]} for i, s in enumerate(scored)]
         used = sum(s["prompt_tokens"] for s in scored)
         return JSONResponse({"id": base_id, "object": "list", "created": int(time.time()), "model": req.model,
@@ -383,11 +401,9 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             raise APIError(400, "documents must not be empty", param="documents")
         if req.top_n < 0:
             raise APIError(400, f"top_n must be >= 0 (0: every document), got {req.top_n}", param="top_n")
-        texts = list(dict.fromkeys([req.query, *req.documents]))
         base_id = f"rerank-{uuid.uuid4().hex}"
-        fields = ["query"] + ["documents"] * (len(texts) - 1)
-        scored = pair_scores([(req.query, d) for d in req.documents],
-                             dict(zip(texts, await _embed(request, st, texts, fields, req, base_id))))
+        scored = await _score(request, st, [(req.query, d) for d in req.documents], ("query", "documents"), req,
+                              base_id)
         results = sorted(({"index": i, "document": {"text": d}, "relevance_score": s["score"]}
                           for i, (d, s) in enumerate(zip(req.documents, scored))), key=lambda r: -r["relevance_score"])
         used = sum(s["prompt_tokens"] for s in scored)
@@ -561,11 +577,46 @@ def _completion_prompts(req: CompletionRequest, st: _State) -> list[list[int]]:
 
 async def _embed(request: Request, st: _State, items: list, field: str | list[str], req: Any, base_id: str,
                  normalize: bool = True) -> list[dict[str, Any]]:
-    """Each item's embedding result (`Engine.embed`'s dicts), for the pooling routes: ``items`` strings or token-id
-    lists, cut to ``req.truncate_prompt_tokens`` and run with ``req.priority`` and the adapter ``req.model`` names;
-    a bad one answers 400 naming ``field`` (given a list, each item's own)."""
+    """Each item's embedding result (`Engine.embed`'s dicts): `_pool` with the server's pooling."""
+    params = _pooling_params(st.config.pooling_type, normalize, req.truncate_prompt_tokens)
+    return await _pool(request, st, items, field, req, base_id, params)
+
+
+def _pooling_params(*args: Any, **kwargs: Any) -> PoolingParams:
+    """`PoolingParams` of a request's fields; a bad one answers 400 naming it."""
+    try:
+        return PoolingParams(*args, **kwargs)
+    except ValueError as exc:
+        raise bad_params(exc, also=("truncate_prompt_tokens",)) from None
+
+
+async def _score(request: Request, st: _State, pairs: list[tuple[Any, Any]], names: tuple[str, str], req: Any,
+                 base_id: str) -> list[dict[str, Any]]:
+    """Each pair's ``score`` and ``prompt_tokens`` (`pooling.pair_scores`): the cosine of its texts' embeddings
+    (each distinct text embedded once), or where the model is a one-label classifier, the probability it gives the
+    texts one after the other (a cross-encoder's, `pooling.cross_encoder_prompt`). 400s name ``names`` (the first
+    texts' field, the second's)."""
+    if st.labels:
+        if len(st.labels) != 1:
+            raise APIError(400, f"scores need an embedding model or a classifier of one label (a cross-encoder); this "
+                                f"classifier has {len(st.labels)} labels: use /classify", param="model")
+        firsts = await _on_tokenizer_thread(st, _token_ids, [a for a, _ in pairs], [names[0]] * len(pairs), st)
+        seconds = await _on_tokenizer_thread(st, _token_ids, [b for _, b in pairs], [names[1]] * len(pairs), st)
+        params = _pooling_params("last", truncate_prompt_tokens=req.truncate_prompt_tokens, task="classify")
+        out = await _pool(request, st, [a + b for a, b in zip(firsts, seconds)], names[1], req, base_id, params)
+        return [{"score": float(o["probs"][0]), "prompt_tokens": o["prompt_tokens"]} for o in out]
+    firsts = {a for a, _ in pairs}
+    texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+    fields = [names[0] if t in firsts else names[1] for t in texts]
+    return pair_scores(pairs, dict(zip(texts, await _embed(request, st, texts, fields, req, base_id))))
+
+
+async def _pool(request: Request, st: _State, items: list, field: str | list[str], req: Any, base_id: str,
+                params: PoolingParams) -> list[dict[str, Any]]:
+    """Each item's pooling result (`Engine.embed`'s or `Engine.classify`'s dicts), for the pooling routes: ``items``
+    strings or token-id lists, cut to ``req.truncate_prompt_tokens`` and run with ``req.priority`` and the adapter
+    ``req.model`` names; a bad one answers 400 naming ``field`` (given a list, each item's own)."""
     prompts = await _on_tokenizer_thread(st, _pooling_prompts, items, field, req, st)
-    params = PoolingParams(st.config.pooling_type, normalize, req.truncate_prompt_tokens)  # (checked: _truncated)
     try:
         handles = await _submit_all(st, prompts, [params] * len(prompts), base_id, req.priority,
                                     st.loras.get(req.model))

@@ -221,6 +221,18 @@ class EmbeddingRequest(Schema):
     priority: int = 0
 
 
+class ClassificationRequest(Schema):
+    """vLLM's ``/classify`` body (a sequence classifier's): each ``input`` item's labels' probabilities (``activation``
+    false: the raw logits)."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None
+    activation: bool = True
+    priority: int = 0
+
+
 class ScoreRequest(Schema):
     """vLLM's ``/score`` body: ``text_1`` against ``text_2`` (one against one or each, or two lists item by item)."""
 
