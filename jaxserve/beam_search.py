@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
+from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -139,8 +140,11 @@ def run_beam_search(driver: Any, prompts: Any, params: BeamSearchParams, use_tqd
 
     if not isinstance(params, BeamSearchParams):
         raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
+    if isinstance(prompts, (str, Mapping)) or (prompts and isinstance(prompts[0], (int, np.integer))):
         prompts = [prompts]
+    if any(isinstance(p, Mapping) and "prompt_embeds" in p for p in prompts):
+        # Each step's beams are prompts of token ids attaching their parent's cached pages: embeddings have neither.
+        raise ValueError("prompt_embeds: beam search takes prompts of text or token ids")
     probe = SamplingParams(max_tokens=1)
     ids = [driver.request_ids(p, probe) for p in prompts]
     for p in ids:

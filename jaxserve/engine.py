@@ -43,12 +43,30 @@ from jaxserve.tokenizer import Conversation, IncrementalDetokenizer, bad_words_t
 
 log = logging.getLogger("jaxserve.engine")
 
-Prompt = str | Sequence[int]
+# Text, token ids, or vLLM's prompt dicts: {"prompt": text}, {"prompt_token_ids": ids}, {"prompt_embeds": [n, hidden]}.
+Prompt = str | Sequence[int] | Mapping[str, Any]
+PROMPT_KEYS = ("prompt", "prompt_token_ids", "prompt_embeds")
 MAX_TOP_LOGPROBS = 20
 # Structured outputs are followed on the device (several steps a call) while the tables of a decode call's
 # guides (2 bytes a state and token, 4 a state and 32 tokens) fit in this; past it, one step a call with masks
 # from the host. The most `GuidePool` holds on the device. JAXSERVE_DEVICE_GUIDE_BYTES sets it.
 DEVICE_GUIDE_BYTES = int(os.environ.get("JAXSERVE_DEVICE_GUIDE_BYTES", str(1 << 30)))
+
+
+def _embeds_array(value: Any, hidden: int) -> np.ndarray:
+    """``prompt_embeds`` as float32 ``[n, hidden]`` (any array: numpy, JAX, torch); ValueError naming it if bad."""
+    if hasattr(value, "detach"):  # a torch tensor (bfloat16 ones have no numpy twin)
+        value = value.detach().float().cpu().numpy()
+    try:
+        embeds = np.asarray(value, np.float32)
+    except (TypeError, ValueError):
+        raise ValueError(f"prompt_embeds must be an array of shape [tokens, {hidden}], got {type(value).__name__}")
+    if embeds.ndim != 2 or embeds.shape[1] != hidden or not embeds.shape[0]:
+        raise ValueError(f"prompt_embeds must be an array of shape [tokens >= 1, {hidden}] (the model's hidden size), "
+                         f"got {embeds.shape}")
+    if not np.isfinite(embeds).all():
+        raise ValueError("prompt_embeds must be finite")
+    return embeds
 
 
 def _pages_from_memory(config: EngineConfig, bytes_per_page: int, device: jax.Device | None = None,
@@ -356,7 +374,26 @@ class Engine:
             ids = ids[-params.truncate_prompt_tokens:]
         return ids
 
+    def prompt_embeds(self, prompt: Prompt, params: SamplingParams | PoolingParams) -> np.ndarray | None:
+        """A ``{"prompt_embeds": ...}`` prompt's embeddings as the engine keeps them (float32 ``[n, hidden]`` on the
+        host, cut as `request_ids` cuts), None for any other prompt; ValueError naming ``prompt_embeds`` if bad."""
+        if not isinstance(prompt, Mapping) or "prompt_embeds" not in prompt:
+            return None
+        embeds = _embeds_array(prompt["prompt_embeds"], self.model.config.hidden_size)
+        if params.truncate_prompt_tokens is not None:
+            embeds = embeds[-params.truncate_prompt_tokens:]
+        return embeds
+
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, Mapping):  # vLLM's TextPrompt / TokensPrompt / EmbedsPrompt
+            unknown = set(prompt) - set(PROMPT_KEYS)
+            if len(set(prompt) & set(PROMPT_KEYS)) != 1 or unknown:
+                raise ValueError(f"a prompt dict holds exactly one of {PROMPT_KEYS}, got keys {sorted(prompt)}")
+            if "prompt_embeds" in prompt:  # placeholders: the embeddings stand for these positions' tokens
+                return [0] * len(_embeds_array(prompt["prompt_embeds"], self.model.config.hidden_size))
+            prompt = prompt.get("prompt", prompt.get("prompt_token_ids"))
+            if prompt is None or (not isinstance(prompt, str) and isinstance(prompt, Mapping)):
+                raise ValueError(f"prompt must be a string or token ids, got {prompt!r}")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt is text but this engine has no tokenizer; pass token ids")
@@ -403,6 +440,9 @@ class Engine:
             raise ValueError(f"n must be 1 for one request (generate and chat run n samples; here add n requests, "
                              f"each its own seed), got {params.n}")
         ids = self.request_ids(prompt, params)
+        embeds = self.prompt_embeds(prompt, params)
+        if embeds is not None and params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs score the prompt's tokens, and a prompt given as prompt_embeds has none")
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"max_model_len ({self.max_model_len})")
@@ -420,10 +460,11 @@ class Engine:
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.logprobs}")
         request_id = self._new_request_id(request_id)
         guide = self._guide(params) if params.structured_outputs is not None else None
-        detok = (IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        # The detokenizer opens on the prompt's last tokens (a split character's bytes); placeholders are no text.
+        detok = (IncrementalDetokenizer(self.tokenizer, ids if embeds is None else (), params.skip_special_tokens)
                  if self.tokenizer is not None else None)
         return Request(request_id, ids, params, detok, self.eos_ids, guide=guide, bad_word_ids=bad_words,
-                       priority=int(priority), lora_id=lora_id, lora_namespace=namespace)
+                       priority=int(priority), lora_id=lora_id, lora_namespace=namespace, prompt_embeds=embeds)
 
     def _new_request_id(self, request_id: str | None) -> str:
         """``request_id``, or a fresh one where it is None; ValueError if it is already in use."""
@@ -443,7 +484,8 @@ class Engine:
         if len(ids) + 1 > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) exceeds max_model_len ({self.max_model_len}) - 1")
         return Request(self._new_request_id(request_id), ids, _POOLING_STEP, None, (), priority=int(priority),
-                       pooling=pooling, lora_id=lora_id, lora_namespace=namespace)
+                       pooling=pooling, lora_id=lora_id, lora_namespace=namespace,
+                       prompt_embeds=self.prompt_embeds(prompt, pooling))
 
     def _lora_namespace(self, lora_request: LoRARequest | None) -> int:
         if lora_request is None:
@@ -602,7 +644,7 @@ class Engine:
             seen_np = np.zeros((batch, vocab), bool)
             for i, r in enumerate(reqs):
                 np.add.at(counts_np[i], np.asarray(r.output_ids, np.int64), 1)
-                seen_np[i, np.asarray(r.all_ids, np.int64)] = True
+                seen_np[i, np.asarray(r.known_ids, np.int64)] = True
             counts, seen = jnp.asarray(counts_np), jnp.asarray(seen_np)
         return sbatch, steps, num_top, counts, seen, not sampled, logprobs
 
@@ -697,7 +739,8 @@ class Engine:
                                   greedy, logprobs, prompt_targets=targets,
                                   prompt_top=MAX_TOP_LOGPROBS if any(rows[i][0].params.prompt_logprobs
                                                                      for i, _, _ in prompt_rows) else 0,
-                                  lora=self._lora_inputs(reqs, batch), pool_from=pool_from)
+                                  lora=self._lora_inputs(reqs, batch), pool_from=pool_from,
+                                  embeds=self._embeds_inputs(rows, tokens.shape))
         for r, s, e in rows:
             r.computed = e
             self.prefill_tokens += e - s
@@ -706,6 +749,20 @@ class Engine:
         if targets is None and pool_from is None:
             return _Prefill(rows, out)
         return _Prefill(rows, out[0], prompt_rows, out[1], pool_rows, out[2])
+
+    def _embeds_inputs(self, rows: list[tuple[Request, int, int]], shape: tuple[int, int]):
+        """For a prefill call covering prompt positions given as embeddings: the runner's ``embeds`` (``[B, S,
+        hidden]`` float32 and where they stand); None without any (the usual step)."""
+        if all(r.prompt_embeds is None or s >= len(r.prompt_embeds) for r, s, _ in rows):
+            return None
+        embeds = np.zeros((*shape, self.model.config.hidden_size), np.float32)
+        where = np.zeros(shape, bool)
+        for i, (r, s, e) in enumerate(rows):
+            if r.prompt_embeds is not None and s < len(r.prompt_embeds):
+                end = min(e, len(r.prompt_embeds))  # a recompute's chunk may run on into generated tokens
+                embeds[i, : end - s] = r.prompt_embeds[s:end]
+                where[i, : end - s] = True
+        return embeds, where
 
     @staticmethod
     def _pool_inputs(rows: list[tuple[Request, int, int]], batch: int) -> tuple[np.ndarray | None, list[int]]:
@@ -884,7 +941,7 @@ class Engine:
         drafts = []
         for r in reqs:
             room = min(cfg.speculative_tokens, r.remaining - 1, self.max_model_len - 1 - r.computed)
-            drafts.append(ngram_draft(r.all_ids, room, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+            drafts.append(ngram_draft(r.known_ids, room, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
                           if room > 0 else [])
         if not any(drafts):
             return None
@@ -1324,7 +1381,7 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
                       lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[dict[str, Any]]:
     """`Engine.generate`'s loop over any ``driver`` with the Engine's batch API (an `Engine`, or
     `jaxserve.replicas.Replicas`): make (validate) every request, queue them, step until each finished."""
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
+    if isinstance(prompts, (str, Mapping)) or (prompts and isinstance(prompts[0], (int, np.integer))):
         prompts = [prompts]
     prompts = list(prompts)
     if isinstance(sampling_params, (SamplingParams, PoolingParams)) or sampling_params is None:

@@ -819,6 +819,8 @@ class Qwen2ForCausalLM(nn.Module):
     ``hidden [B, S, hidden_size]`` the final norm's output at every position (the LM head's input;
     `jaxserve.pooling`). ``lora``: ``{"weights": {projection: (a [L, n, R, in],
     b [L, n, R, out])}, "slots": [B]}``, LoRA adapters and each row's slot (-1: none; `jaxserve.lora`).
+    ``input_embeds``: ``(embeds [B, S, hidden], where [B, S] bool)``, embeddings that replace the token embeddings where
+    ``where`` is set (a prompt given as embeddings, vLLM's ``prompt_embeds``).
 
     Tensor parallelism (`jaxserve.tensor_parallel`): inside `jax.shard_map` over mesh axis ``tp_axis`` of
     ``tp_size`` devices, ``config`` is one device's share (`TensorParallel.local_config`) and so are the params;
@@ -838,7 +840,8 @@ class Qwen2ForCausalLM(nn.Module):
                  logits_at: jax.Array | None = None,
                  logits_dtype: Any = jnp.float32,
                  greedy_tokens: bool = False, lora: dict | None = None,
-                 hidden_states: bool = False) -> tuple[jax.Array, KVCache | None]:
+                 hidden_states: bool = False,
+                 input_embeds: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
         b, s = tokens.shape
         if positions is None:
@@ -850,6 +853,9 @@ class Qwen2ForCausalLM(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
         x = embed(tokens)
+        if input_embeds is not None:  # (embeds [B, S, hidden], where [B, S]): given embeddings replace the tokens'
+            given, where = input_embeds
+            x = jnp.where(where[..., None], given.astype(x.dtype), x)
         fused_glue, accumulate = _fused_glue(paged, x), _accumulate_glue(paged, x, cfg, self.dtype)
         if lora is not None or self.tp_axis is not None:  # the plain path (`jaxserve.lora`; DecoderLayer's glue)
             fused_glue = accumulate = False

@@ -164,11 +164,15 @@ class Replicas:
             raise ValueError(f"request_id {request_id!r} is already in use")
         ids = self.request_ids(prompt, params or self.default_sampling_params())
         lora_id = 0 if lora_request is None else lora_request.lora_int_id
-        replica = self.route(ids, lora_id)
-        request = self.engines[replica].make_request(ids, params, request_id, priority, lora_request)
+        # A prompt given as embeddings is cached nowhere (its ids are placeholders): the least loaded takes it.
+        embeds = isinstance(prompt, Mapping) and "prompt_embeds" in prompt
+        replica = self._load.index(min(self._load)) if embeds else self.route(ids, lora_id)
+        request = self.engines[replica].make_request(prompt if embeds else ids, params, request_id, priority,
+                                                     lora_request)
         self._owner[request_id] = replica
         self._load[replica] += 1
-        self._record(replica, ids, lora_id)
+        if not embeds:
+            self._record(replica, ids, lora_id)
         return request
 
     def request_ids(self, prompt: Prompt, params: SamplingParams) -> list[int]:

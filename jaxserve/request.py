@@ -85,12 +85,27 @@ class Request:
     pool_sum: Any = dataclasses.field(default=None, repr=False)
     pooled_upto: int = 0
     embedding: Any = dataclasses.field(default=None, repr=False)  # a classify request's: its labels' probabilities
+    # A prompt given as embeddings (vLLM's ``prompt_embeds``): ``[len(prompt_ids), hidden]`` float32 on the host, fed to
+    # the model in place of the token embeddings of the prompt's positions; ``prompt_ids`` are then placeholders (0).
+    prompt_embeds: Any = dataclasses.field(default=None, repr=False)
     label: str | None = None  # a classify request's most likely label
 
     @property
     def all_ids(self) -> list[int]:
         """Prompt plus generated tokens: what a recompute after preemption must prefill."""
         return self.prompt_ids + self.output_ids
+
+    @property
+    def known_ids(self) -> list[int]:
+        """The tokens it has that are real ids (penalties count them, n-gram drafts read them): `all_ids`, or the
+        output's alone where the prompt was given as embeddings."""
+        return self.output_ids if self.prompt_embeds is not None else self.all_ids
+
+    @property
+    def indexes_prefix(self) -> bool:
+        """Whether its pages may be found by token ids (the prefix cache): not where the prompt was given as
+        embeddings, whose K/V no ids name."""
+        return self.prompt_embeds is None
 
     @property
     def index_ids(self) -> list[int]:
@@ -110,8 +125,10 @@ class Request:
     @property
     def computes_whole_prompt(self) -> bool:
         """Whether its prefill must compute every prompt position, the prefix cache supplying none: prompt
-        log-probabilities still owed, or a mean over the prompt's hidden states (cached positions have neither)."""
-        return self.wants_prompt_logprobs or (self.pooling is not None and self.pooling.pooling_type == "mean")
+        log-probabilities still owed, a mean over the prompt's hidden states (cached positions have neither), or a
+        prompt given as embeddings (`indexes_prefix`)."""
+        return (self.wants_prompt_logprobs or (self.pooling is not None and self.pooling.pooling_type == "mean")
+                or not self.indexes_prefix)
 
     @property
     def is_prefilling(self) -> bool:

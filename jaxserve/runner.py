@@ -160,7 +160,8 @@ class Runner:
     def prefill(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
                 batch: SamplingBatch, steps: np.ndarray, counts=None, seen=None, num_top: int = 0,
                 greedy: bool = False, logprobs: bool = True, prompt_targets: np.ndarray | None = None,
-                prompt_top: int = 0, lora: dict | None = None, pool_from: np.ndarray | None = None):
+                prompt_top: int = 0, lora: dict | None = None, pool_from: np.ndarray | None = None,
+                embeds: tuple[np.ndarray, np.ndarray] | None = None):
         """One chunk per row: ``tokens [B, S]`` at positions ``q_start[b]..``; samples after row's last token.
         ``logprobs=False``: the chosen tokens' log-probabilities are NaN, not computed.
 
@@ -173,7 +174,8 @@ class Runner:
         batches that ask for none run the usual step. ``pool_from [B]`` (pooling rows, `jaxserve.pooling`): it
         also returns each row's final hidden states pooled (`pooling.pool_hidden`: ``[2, B, hidden]``, at the row's
         last token and summed from position ``pool_from[b]``), another variant. With either, the call returns
-        ``(out, PromptLogprobs or None, pooled or None)``.
+        ``(out, PromptLogprobs or None, pooled or None)``. ``embeds``: ``(embeds [B, S, hidden] float32, where [B, S]
+        bool)``, embeddings read in place of the tokens' where set (prompts given as embeddings), a variant too.
 
         Example:
             >>> out, plp, _ = runner.prefill(tokens, q_start, lengths, tables, batch, steps,
@@ -185,12 +187,12 @@ class Runner:
         self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, batch.bias_ids.shape[1],
                                   batch.allowed.shape[1], num_top, counts is not None, greedy, logprobs)
                                  + ((prompt,) if prompt >= 0 else ()) + _bad_words_key(batch) + _lora_key(lora)
-                                 + (("pool",) if pool_from is not None else ()))
+                                 + (("pool",) if pool_from is not None else ()) + (("embeds",) if embeds else ()))
         targets = None if prompt_targets is None else _int32(prompt_targets)[0]
         pool = None if pool_from is None else _int32(pool_from)[0]
         self.kv, out = self.compiled.prefill(
             self._params(lora), self.kv, *_int32(tokens, q_start, lengths, block_tables), batch, *_int32(steps), counts,
-            seen, targets, pool, num_top=num_top, greedy=greedy, logprobs=logprobs, prompt_top=prompt)
+            seen, targets, pool, embeds, num_top=num_top, greedy=greedy, logprobs=logprobs, prompt_top=prompt)
         return out
 
     def verify(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
@@ -328,36 +330,37 @@ class Steps:
         return self.decode_wide if wide else self.decode
 
     def _forward(self, params, kv, tokens, positions, paged, logits_at=None, greedy_tokens: bool = False,
-                 hidden_states: bool = False):
+                 hidden_states: bool = False, input_embeds: tuple | None = None):
         # Activation-dtype logits: the samplers widen them to float32 where they read them (exact). A call with
         # LoRA rows carries the adapters beside the weights (`Runner._params`): a variant traced apart.
         if self.tp is not None:
-            return self._forward_sharded(params, kv, tokens, positions, paged, logits_at, greedy_tokens, hidden_states)
+            return self._forward_sharded(params, kv, tokens, positions, paged, logits_at, greedy_tokens, hidden_states,
+                                         input_embeds)
         lora = params.get("lora")
         if lora is not None:
             params = {k: v for k, v in params.items() if k != "lora"}
         return self.model.apply({"params": params}, tokens, positions, kv=kv, paged=paged, logits_at=logits_at,
                                 logits_dtype=None, greedy_tokens=greedy_tokens, lora=lora,
-                                hidden_states=hidden_states)
+                                hidden_states=hidden_states, input_embeds=input_embeds)
 
     def _forward_sharded(self, params, kv, tokens, positions, paged, logits_at, greedy_tokens: bool,
-                         hidden_states: bool):
+                         hidden_states: bool, input_embeds: tuple | None):
         """`_forward` under tensor parallelism: every device runs the model on its share (`jaxserve.tensor_parallel`)
         and all return the same logits (and hidden states); the KV pages stay split by head."""
         def local(params, kv, replicated):
-            tokens, positions, paged, logits_at = replicated
+            tokens, positions, paged, logits_at, input_embeds = replicated
             lora = params.get("lora")
             if lora is not None:
                 params = {k: v for k, v in params.items() if k != "lora"}
             return self.local_model.apply({"params": params}, tokens, positions, kv=kv, paged=paged,
                                           logits_at=logits_at, logits_dtype=None, greedy_tokens=greedy_tokens,
-                                          lora=lora, hidden_states=hidden_states)
+                                          lora=lora, hidden_states=hidden_states, input_embeds=input_embeds)
 
         # check_vma off: the Pallas kernels inside carry no varying-axes rules; the all-reduces and the logits'
         # gather make the replicated outputs replicated.
         sharded = jax.shard_map(local, mesh=self.tp.mesh, in_specs=(self.tp.param_specs(params), P(AXIS), P()),
                                 out_specs=(P(), P(AXIS)), check_vma=False)
-        return sharded(params, kv, (tokens, positions, paged, logits_at))
+        return sharded(params, kv, (tokens, positions, paged, logits_at, input_embeds))
 
     def _greedy_head(self, rows: int, greedy: bool, num_top: int, logprobs: bool, batch: SamplingBatch) -> bool:
         """Whether a step's tokens come from the LM head's argmax (`model.greedy_head_applies`'s kernel; under tensor
@@ -380,9 +383,11 @@ class Steps:
         return positions, paged
 
     def _prefill_impl(self, params, kv, tokens, q_start, lengths, block_tables, batch: SamplingBatch, steps,
-                      counts, seen, targets=None, pool_from=None, *, num_top: int, greedy: bool, logprobs: bool = True,
-                      prompt_top: int = -1):
+                      counts, seen, targets=None, pool_from=None, embeds=None, *, num_top: int, greedy: bool,
+                      logprobs: bool = True, prompt_top: int = -1):
         b, s = tokens.shape
+        # Rows whose prompt was given as embeddings (`Runner.prefill`'s ``embeds``): the model reads those.
+        forward = self._forward if embeds is None else functools.partial(self._forward, input_embeds=embeds)
         positions, paged = self._chunk_attention(s, q_start, lengths, block_tables)
         logits_at = jnp.maximum(lengths - q_start - 1, 0)
         if prompt_top >= 0 or pool_from is not None:
@@ -390,7 +395,7 @@ class Steps:
             # rows (`jaxserve.pooling`): only these variants compute them, so a batch that asks for neither pays
             # nothing for it.
             at = None if prompt_top >= 0 else logits_at
-            logits, kv = self._forward(params, kv, tokens, positions, paged, at, hidden_states=pool_from is not None)
+            logits, kv = forward(params, kv, tokens, positions, paged, at, hidden_states=pool_from is not None)
             pooled = prompt = None
             if pool_from is not None:
                 logits, hidden = logits
@@ -406,9 +411,9 @@ class Steps:
             return kv, (choose_tokens(logits[:, 0], batch, steps, counts, seen, num_top=num_top, greedy=greedy,
                                       logprobs=logprobs), prompt, pooled)
         if self._greedy_head(b, greedy, num_top, logprobs, batch):
-            picked, kv = self._forward(params, kv, tokens, positions, paged, logits_at, greedy_tokens=True)
+            picked, kv = forward(params, kv, tokens, positions, paged, logits_at, greedy_tokens=True)
             return kv, no_logprobs(picked[:, 0])
-        logits, kv = self._forward(params, kv, tokens, positions, paged, logits_at)
+        logits, kv = forward(params, kv, tokens, positions, paged, logits_at)
         return kv, choose_tokens(logits[:, 0], batch, steps, counts, seen, num_top=num_top, greedy=greedy,
                                  logprobs=logprobs,
                                  pick_kernel=self._pick_kernel(logits))

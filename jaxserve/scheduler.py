@@ -218,7 +218,7 @@ class Scheduler:
         return np.array(self.state.pool.seq_lens)
 
     def _insert(self, request: Request) -> None:
-        if not self.config.prefix_caching or request.computed < self.page_size:
+        if not self.config.prefix_caching or request.computed < self.page_size or not request.indexes_prefix:
             return
         start = time.perf_counter()
         st = self.state
@@ -521,7 +521,7 @@ class _PrefillSharing:
             self.add(r)
 
     def add(self, request: Request) -> None:
-        if request.prefill_end >= self.page_size:
+        if request.prefill_end >= self.page_size and request.indexes_prefix:
             self.groups.setdefault(tuple(request.index_ids[: self.page_size]), []).append(request)
 
     def holds(self, request: Request) -> bool:

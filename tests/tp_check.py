@@ -92,6 +92,10 @@ def main() -> None:
         host = jax.devices("cpu")[0]
         assert all(leaf.devices() == {host} for leaf in jax.tree_util.tree_leaves(engine.model.params))
         same(alone, engine.generate(prompts, greedy, use_tqdm=False), "tp 2 from a path")
+    # A prompt given as embeddings: replicated into every device's share of the model.
+    table = np.asarray(model.params["embed_tokens"]["embedding"])
+    tokens = model.tokenizer.encode(prompts[1], add_special_tokens=False)
+    same(alone[1:2], run(model, 2, [{"prompt_embeds": table[tokens]}], greedy), "prompt embeds")
     print("greedy: ok")
 
     # Every feature the split touches at once: penalties, seeded sampling, prompt log-probabilities, a regex.
@@ -190,6 +194,7 @@ def main() -> None:
         assert [len(e.tp.devices) for e in dp.engines] == [2, 2]
         assert not set(e.tp.devices[0] for e in dp.engines[:1]) & set(dp.engines[1].tp.devices)
         same(alone, dp.generate(prompts, greedy, use_tqdm=False), "replicas of tp 2")
+        same(alone[1:2], dp.generate([{"prompt_embeds": table[tokens]}], greedy, use_tqdm=False), "replicas' embeds")
         for engine in dp.engines:
             all_pages_free(engine)
     print("replicas: ok")
