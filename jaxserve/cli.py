@@ -235,7 +235,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  lora_modules=tuple(_lora_module(m) for m in args.lora_modules or ()),
                                  allow_runtime_lora_updating=args.allow_runtime_lora_updating or os.environ.get(
                                      "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
-                                 pooling_type=args.pooling_type)
+                                 pooling_type=args.pooling_type, enable_prompt_embeds=args.enable_prompt_embeds)
     engine_config = engine_config_from_args(args)
     serve(_model_from_args(args, engine_config), engine_config, server_config, host=args.host, port=args.port,
           log_level=args.log_level)
@@ -338,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allow-runtime-lora-updating", action="store_true",
                      help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; also "
                           "$VLLM_ALLOW_RUNTIME_LORA_UPDATING=true)")
+    srv.add_argument("--enable-prompt-embeds", action="store_true",
+                     help="take /v1/completions' prompt_embeds (base64 of torch.save of a [tokens, hidden] tensor, "
+                          "vLLM's; read with torch.load(weights_only=True))")
     srv.add_argument("--pooling-type", default="last", choices=("last", "mean"),
                      help="how /v1/embeddings pools the final hidden states: the last token's (gte-Qwen2's, vLLM's "
                           "default) or their mean")

@@ -133,3 +133,50 @@ def test_embeddings_of_embeddings_and_bad_inputs(tiny):  # noqa: F811
     torch_embeds = torch.tensor(table[prompt[:4]], dtype=torch.bfloat16)  # a torch tensor (bf16) is taken as it is
     out = jaxserve.generate(m, {"prompt_embeds": torch_embeds}, SamplingParams(max_tokens=2), use_tqdm=False)
     assert out[0]["prompt_tokens"] == 4
+
+
+def _encoded(array: np.ndarray) -> str:
+    """vLLM's wire form of a prompt's embeddings: base64 of torch.save."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(torch.tensor(array), buffer)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_server_completes_prompt_embeds_when_enabled(tiny_checkpoint):
+    from jaxserve import EngineConfig
+    from jaxserve.server import ServerConfig, create_app
+    from tests.test_server import LiveServer, post
+
+    m = jaxserve.load(tiny_checkpoint[0])
+    table = np.asarray(m.params["embed_tokens"]["embedding"])
+    prompt = random_prompts(m.config.vocab_size, [12])[0]
+    want = jaxserve.generate(m, [prompt], SamplingParams(max_tokens=5, temperature=0), use_tqdm=False)[0]
+    config = EngineConfig(num_pages=64, max_running=4, max_tokens_per_step=64, batch_buckets=(4,),
+                          prefill_buckets=(64,), decode_steps=4, max_model_len=256)
+    body = {"model": "t", "prompt_embeds": _encoded(table[prompt]), "max_tokens": 5, "temperature": 0}
+    with LiveServer(create_app(m, config, ServerConfig(model_name="t"))) as live:
+        r = post(live, "/v1/completions", body, key=None)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_embeds", r.text
+    with LiveServer(create_app(m, config, ServerConfig(model_name="t", enable_prompt_embeds=True))) as live:
+        r = post(live, "/v1/completions", body, key=None)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want["text"] and r.json()["usage"]["prompt_tokens"] == 12
+        # With a text prompt too: the embeddings' choice first, then the prompt's.
+        both = post(live, "/v1/completions", {**body, "prompt": [prompt]}, key=None).json()["choices"]
+        assert [c["text"] for c in both] == [want["text"]] * 2 and [c["index"] for c in both] == [0, 1]
+        for bad, param in (({"prompt_embeds": "not base64!"}, "prompt_embeds"),
+                           ({"prompt_embeds": _encoded(table[:3, :5])}, "prompt_embeds"),
+                           ({"echo": True}, "echo"),
+                           ({"prompt_embeds": None}, "prompt")):
+            r = post(live, "/v1/completions", {**body, **bad}, key=None)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+
+        async def check(engine):
+            await engine.clear_prefix_cache()
+            return await engine.stats()
+
+        stats = live.engine_call(check)
+        assert stats["pages_used"] == 0 and stats["running"] == 0, stats

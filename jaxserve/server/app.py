@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import hmac
 import importlib.metadata
+import io
 import json
 import logging
 import os
@@ -100,6 +101,9 @@ class ServerConfig:
     allow_runtime_lora_updating: bool = False
     # How /v1/embeddings pools the final hidden states (`jaxserve.pooling`; vLLM's --pooler-config pooling_type).
     pooling_type: str = "last"
+    # vLLM's --enable-prompt-embeds: /v1/completions takes `prompt_embeds` (base64 of torch.save of a [tokens,
+    # hidden] tensor, read with torch.load(weights_only=True)). Off by default, as vLLM's: it unpickles client bytes.
+    enable_prompt_embeds: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_stop", "data_parallel_size"):
@@ -323,7 +327,12 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of not in (None, 1) and req.best_of != req.n:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
-        prompts = [_truncated(ids, req) for ids in await _on_tokenizer_thread(st, _completion_prompts, req, st)]
+        embeds = await _on_tokenizer_thread(st, _prompt_embeds, req, st)
+        prompts = [] if req.prompt is None and embeds else [
+            _truncated(ids, req) for ids in await _on_tokenizer_thread(st, _completion_prompts, req, st)]
+        # Prompts given as embeddings come first (vLLM's order); the answer counts their placeholder ids.
+        engine_prompts = [{"prompt_embeds": e} for e in embeds] + prompts
+        prompts = [[0] * len(e) for e in embeds] + prompts
         # OpenAI documents max_tokens as nullable with a default of 16: null is the default, not an error.
         requested = 16 if req.max_tokens is None else req.max_tokens
         # max_tokens 0 with echo scores the prompt alone (lm-evaluation-harness's loglikelihood): the
@@ -346,7 +355,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             echo_texts = await _on_tokenizer_thread(st, _echo_texts, req, prompts, st)
         fmt = CompletionFormat(req.model or st.model_name, st.tokenizer, req, prompts, echo_texts, prompt_only=prompt_only,
                                token_ids_as_names=_ids_as_names(req, st))
-        return await _serve(request, st, req, [ids for ids in prompts for _ in range(req.n)], params, fmt)
+        return await _serve(request, st, req, [p for p in engine_prompts for _ in range(req.n)], params, fmt)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
@@ -565,7 +574,52 @@ def _token_ids(items: list, fields: list[str], st: _State) -> list[list[int]]:
     return out
 
 
+def _prompt_embeds(req: CompletionRequest, st: _State) -> list[np.ndarray]:
+    """A completion's ``prompt_embeds`` (vLLM's: each a base64 string of ``torch.save`` of a ``[tokens, hidden]``
+    tensor) as float32 arrays cut to ``truncate_prompt_tokens``; 400 naming the field where the server does not take
+    them (``--enable-prompt-embeds``), one does not decode, or a field that needs token ids is set with them."""
+    if req.prompt_embeds is None:
+        return []
+    if not st.config.enable_prompt_embeds:
+        raise APIError(400, "prompt_embeds are off on this server (start it with --enable-prompt-embeds)",
+                       param="prompt_embeds")
+    for name in ("echo", "prompt_logprobs", "use_beam_search"):
+        if getattr(req, name, None):
+            raise APIError(400, f"{name} is not supported with prompt_embeds (they have no token ids)", param=name)
+    try:
+        import torch
+    except ImportError:
+        raise APIError(400, "prompt_embeds need torch on the server to read torch.save's bytes",
+                       param="prompt_embeds") from None
+    items = [req.prompt_embeds] if isinstance(req.prompt_embeds, str) else req.prompt_embeds
+    if not items or len(items) * req.n > st.config.max_choices:
+        raise APIError(400, f"prompt_embeds must hold 1 to {st.config.max_choices} items (with n)",
+                       param="prompt_embeds")
+    out = []
+    for item in items:
+        try:
+            tensor = torch.load(io.BytesIO(base64.b64decode(item, validate=True)), weights_only=True,
+                                map_location="cpu")
+        except Exception as exc:  # noqa: BLE001  (any undecodable payload is the client's error)
+            raise APIError(400, f"prompt_embeds must be base64 of torch.save of a tensor: {exc}",
+                           param="prompt_embeds") from None
+        if not isinstance(tensor, torch.Tensor):
+            raise APIError(400, f"prompt_embeds must hold a tensor, got {type(tensor).__name__}", param="prompt_embeds")
+        if tensor.ndim == 3 and tensor.shape[0] == 1:  # a batch of one
+            tensor = tensor[0]
+        if tensor.ndim != 2 or tensor.shape[1] != st.hidden_size or not tensor.shape[0]:
+            raise APIError(400, f"prompt_embeds must be of shape [tokens >= 1, {st.hidden_size}], got "
+                                f"{list(tensor.shape)}", param="prompt_embeds")
+        embeds = tensor.detach().float().numpy()
+        if req.truncate_prompt_tokens is not None:
+            embeds = embeds[-req.truncate_prompt_tokens:]
+        out.append(embeds)
+    return out
+
+
 def _completion_prompts(req: CompletionRequest, st: _State) -> list[list[int]]:
+    if req.prompt is None:
+        raise APIError(400, "prompt is required (or prompt_embeds)", param="prompt")
     prompts = _items(req.prompt)
     if not prompts:
         raise APIError(400, "prompt must not be empty", param="prompt")
