@@ -293,6 +293,8 @@
 #   tp50        session 50, on a 2-GPU machine (run's kind nvidia-h100-x2 / nvidia-h200-x2): tensor parallelism, the 7B
 #               shape over 1 and 2 GPUs at batch 1 / 64 (output tok/s, ms a decode step, whether tp 2 gives tp 1's
 #               greedy tokens; bench/tensor_parallel.py), then the tests of tests/test_tensor_parallel.py (~300 s?)
+#   fp8_50      session 50: fp8 projection weights (EngineConfig(quantization="fp8"), XLA products of the upcast weights,
+#               no skinny kernel) against bf16 on the 7B shape at batch 1 / 64 / 256 (bench/tensor_parallel.py; ~300 s?)
 #   yarn44      session 44: the 0.5B and 7B decode steps of a YaRN checkpoint (scaled cos/sin tables) compiled
 #               against the reference at 1-256 rows (~200 s)
 set -uo pipefail
@@ -899,6 +901,8 @@ for part in "${parts[@]}"; do
     embed49) timeout 300 python3 bench/embed.py --shape 0.5B --batch 64 256 --prompt-len 128 512 --out "$OUT/$part" ;;
     tp50) timeout 400 python3 bench/tensor_parallel.py --shape 7B --tp 1 2 --batches 1 64 --out "$OUT/$part" ; \
           timeout 200 python3 bench/tensor_parallel.py --shape 0.5B --tp 1 2 --batches 64 256 ;;
+    fp8_50) timeout 500 python3 bench/tensor_parallel.py --shape 7B --tp 1 --quantization none fp8 --batches 1 64 256 \
+              --out "$OUT/$part" ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;

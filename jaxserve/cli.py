@@ -71,6 +71,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-lora-rank", type=int, default=16, metavar="R", help="largest adapter rank (default 16)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                    help="split the model by attention head over N devices of this host (default 1)")
+    g.add_argument("--quantization", "-q", choices=("fp8",), default=None,
+                   help="hold the layers' projection weights as fp8 with a scale per output channel (default: none)")
     g.add_argument("--compile-cache-dir", default=os.environ.get("JAXSERVE_COMPILE_CACHE_DIR"), metavar="PATH",
                    help="keep compiled steps here so a restart skips most of the warm-up "
                         "(default: $JAXSERVE_COMPILE_CACHE_DIR, else off)")
@@ -96,7 +98,7 @@ def engine_config_from_args(args: argparse.Namespace) -> "Any":
         prefill_buckets=tuple(args.prefill_buckets) if args.prefill_buckets else None,
         memory_fraction=args.memory_fraction, overlap=not args.no_overlap, attention_impl=args.attention_impl,
         compile_cache_dir=args.compile_cache_dir, max_loras=args.max_loras or 0, max_lora_rank=args.max_lora_rank,
-        tensor_parallel_size=args.tensor_parallel_size)
+        tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:

@@ -31,6 +31,7 @@ from jaxserve.model import decode_rows
 from jaxserve.config import CLASSIFIER
 from jaxserve.pooling import (PoolingParams, classify_params, cross_encoder_prompt, finish_classification,
                               finish_embedding, pair_scores, score_pairs, text_key)
+from jaxserve.quantization import quantize_params
 from jaxserve.request import Request, Status
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
 from jaxserve.sampling import (SamplingParams, allowed_masks, check_bad_word_ids, check_banned_ids, make_batch,
@@ -274,10 +275,13 @@ class Engine:
         if isinstance(model, Mapping):  # a params tree alone says nothing of its heads or tokenizer
             raise ValueError("model is a params tree: pass jaxserve.LoadedModel.from_params(params, model_config) "
                              "(with a tokenizer for text prompts), a checkpoint folder, or a loaded model")
+        config = config or EngineConfig()
+        # A split or quantized model's weights go to host memory first: each device then receives only its share,
+        # or only the quantized weights (never the full-precision ones beside them).
+        on_host = not isinstance(model, LoadedModel) and (self.tp is not None or config.quantization is not None)
         if not isinstance(model, LoadedModel):
-            # A split model's weights go to host memory first: each device then receives only its share.
-            model = load(model, dtype=(config or EngineConfig()).compute_dtype(), device="cpu" if self.tp else None)
-        self.config = config or EngineConfig()
+            model = load(model, dtype=config.compute_dtype(), device="cpu" if on_host else None)
+        self.config = config
         self.model = model
         self.tokenizer = model.tokenizer
         mcfg = model.config
@@ -286,8 +290,10 @@ class Engine:
         # A classifier's score head on the host: a classify request's labels come from its pooled vector there
         # (`pooling.finish_classification`), a few products a request.
         self.classify_head = (np.asarray(params["score"]["kernel"], np.float32) if mcfg.num_labels else None)
-        if self.device is not None and self.tp is None:
-            params = jax.device_put(params, self.device)
+        if self.config.quantization is not None:  # where the weights are (the host, when loaded here)
+            params = quantize_params(params, self.config.quantization)
+        if self.tp is None and (self.device is not None or on_host):
+            params = jax.device_put(params, self.device or jax.local_devices()[0])
         self.max_model_len = min(self.config.max_model_len or mcfg.context_length, mcfg.context_length)
         # A page's bytes on each device: its share of the KV heads under tensor parallelism.
         kv_heads = (mcfg if self.tp is None else self.tp.local_config(mcfg)).num_key_value_heads

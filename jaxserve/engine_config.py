@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from jaxserve.quantization import QUANTIZATIONS
+
 POLICIES = ("prefill_first", "time_share", "mixed")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 ATTENTION_IMPLS = ("auto", "pallas", "pallas-unfused", "reference")
@@ -56,6 +58,8 @@ class EngineConfig:
     each of rank at most ``max_lora_rank`` (16); requests name theirs with a ``jaxserve.LoRARequest``. 0: none.
     ``tensor_parallel_size`` > 1 (vLLM's) splits the model and its KV pages by attention head over that many devices
     of the host (`jaxserve.tensor_parallel`): the first ones, or the group given as ``Engine(device=[...])``.
+    ``quantization="fp8"`` (vLLM's, for a bf16 checkpoint) holds every layer's projection weights as float8 e4m3 with a
+    scale per output channel (`jaxserve.quantization`): half their bytes; None keeps the checkpoint's precision.
 
     Example:
         >>> cfg = EngineConfig(page_size=16, max_running=32, policy="mixed")
@@ -87,6 +91,7 @@ class EngineConfig:
     max_loras: int = 0
     max_lora_rank: int = 16
     tensor_parallel_size: int = 1
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -124,6 +129,8 @@ class EngineConfig:
                                                    or not self.compile_cache_dir):
             raise ValueError(f"compile_cache_dir must be a non-empty path string or None, "
                              f"got {self.compile_cache_dir!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.max_tokens_per_step < self.max_running:

@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxserve.config import ModelConfig, RopeScaling
 from jaxserve.lora import lora_delta
+from jaxserve.quantization import FP8, SCALE as QUANT_SCALE
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 """Per layer ``(k_pages, v_pages)``, each ``[kv_heads, num_pages, page_size, head_dim]``."""
@@ -559,6 +560,15 @@ class Linear(nn.Module):
         init = nn.initializers.lecun_normal(in_axis=-1, out_axis=-2) if nk else nn.initializers.lecun_normal()
         kernel = self.param("kernel", init, shape, self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype) if self.use_bias else None
+        if kernel.dtype == FP8:  # weight-only fp8 (`jaxserve.quantization`): the plain product, scaled per column
+            if fused is not None or norm is not None or epilogue != "none":
+                raise ValueError("quantized projections run the plain path (no fused decode glue)")
+            scale = self.param(QUANT_SCALE, nn.initializers.ones, (self.features,), jnp.float32)
+            x = x.astype(self.dtype)
+            out = jax.lax.dot_general(x, kernel.astype(self.dtype), (((x.ndim - 1,), (1 if nk else 0,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
+            out = (out * scale).astype(self.dtype)
+            return out if bias is None else out + bias
         if fused is not None:  # a kernel that does this product inside another; x gives only the shape
             return fused(kernel, bias)
         x = x.astype(self.dtype)
@@ -767,6 +777,7 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: Any
     tp_axis: str | None = None  # see Qwen2ForCausalLM
+    quantized: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, lengths, kv, paged, pending=None, lora=None):
@@ -777,7 +788,7 @@ class DecoderLayer(nn.Module):
         post_norm = RMSNorm(eps, self.dtype, name="post_attention_layernorm")
         # Adapters' terms go between the plain path's products; under tensor parallelism each sublayer's output is a
         # partial sum the devices add before the residual add, which the glue's deferred adds leave no room for.
-        glue = lora is None and self.tp_axis is None
+        glue = lora is None and self.tp_axis is None and not self.quantized
         if glue and _accumulate_glue(paged, x, self.config, self.dtype):  # x: the float32 stream
             x, kv = attn(x, cos, sin, lengths, kv, paged, accumulate=input_norm(x, folded=True))
             return mlp(x, accumulate=post_norm(x, folded=True)), None, kv
@@ -832,6 +843,7 @@ class Qwen2ForCausalLM(nn.Module):
     dtype: Any = jnp.float32
     tp_axis: str | None = None
     tp_size: int = 1
+    quantized: bool = False  # fp8 projection weights (`jaxserve.quantization`): the plain path
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
@@ -857,7 +869,7 @@ class Qwen2ForCausalLM(nn.Module):
             given, where = input_embeds
             x = jnp.where(where[..., None], given.astype(x.dtype), x)
         fused_glue, accumulate = _fused_glue(paged, x), _accumulate_glue(paged, x, cfg, self.dtype)
-        if lora is not None or self.tp_axis is not None:  # the plain path (`jaxserve.lora`; DecoderLayer's glue)
+        if lora is not None or self.tp_axis is not None or self.quantized:  # the plain path (DecoderLayer's glue)
             fused_glue = accumulate = False
         if accumulate:
             x = x.astype(jnp.float32)
@@ -865,7 +877,7 @@ class Qwen2ForCausalLM(nn.Module):
         new_kv = []
         pending = None
         for i in range(cfg.num_hidden_layers):
-            x, pending, layer_kv = DecoderLayer(cfg, self.dtype, self.tp_axis, name=f"layers_{i}")(
+            x, pending, layer_kv = DecoderLayer(cfg, self.dtype, self.tp_axis, self.quantized, name=f"layers_{i}")(
                 x, cos, sin, lengths, None if kv is None else kv[i], paged, pending, _layer_lora(lora, i))
             new_kv.append(layer_kv)
         final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")

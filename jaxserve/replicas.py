@@ -85,7 +85,8 @@ class Replicas:
         if balance_slack < 0:
             raise ValueError(f"balance_slack must be >= 0, got {balance_slack}")
         if not isinstance(model, LoadedModel):
-            model = load(model, dtype=config.compute_dtype(), device="cpu" if tp > 1 else None)
+            model = load(model, dtype=config.compute_dtype(),
+                         device="cpu" if tp > 1 or config.quantization is not None else None)
         self.config = config
         self.balance_slack = balance_slack
         groups = devices if tp == 1 else [devices[i:i + tp] for i in range(0, len(devices), tp)]

@@ -30,6 +30,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.model import (KVCache, PagedAttention, Qwen2ForCausalLM, check_weight_layout, greedy_head_applies,
                             new_kv_cache)
 from jaxserve.pooling import pool_hidden
+from jaxserve.quantization import is_quantized
 from jaxserve.sampling import (PromptLogprobs, SampleOutput, SamplingBatch, ban_bad_words, no_logprobs,
                                processed_logits, push_recent, row_keys, sample, target_logprobs, token_logprobs,
                                unpack_allowed, update_counts)
@@ -143,7 +144,8 @@ class Runner:
         self.config = config
         self.tp = tensor_parallel
         self.page_size = page_size
-        self.dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        self.dtype = params["embed_tokens"]["embedding"].dtype
+        quantized = is_quantized(params)
         self.attention_impl = attention_impl
         if tensor_parallel is None:
             self.params = params
@@ -155,7 +157,8 @@ class Runner:
         # Made once: a jnp.zeros a call would be one more dispatch (and a kernel) on the host's path.
         self._no_counts = jnp.zeros((1, 1), jnp.int32)
         prefill_options = PREFILL_OPTIONS if prefill_options is None else prefill_options
-        self.compiled = steps_for(config, self.dtype, page_size, attention_impl, prefill_options, tensor_parallel)
+        self.compiled = steps_for(config, self.dtype, page_size, attention_impl, prefill_options, tensor_parallel,
+                                  quantized)
 
     def prefill(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
                 batch: SamplingBatch, steps: np.ndarray, counts=None, seen=None, num_top: int = 0,
@@ -291,11 +294,13 @@ class Steps:
     """
 
     def __init__(self, config: ModelConfig, dtype: Any, page_size: int, attention_impl: str,
-                 prefill_options: dict[str, Any], tensor_parallel: TensorParallel | None = None) -> None:
-        self.model = Qwen2ForCausalLM(config, dtype)
+                 prefill_options: dict[str, Any], tensor_parallel: TensorParallel | None = None,
+                 quantized: bool = False) -> None:
+        self.model = Qwen2ForCausalLM(config, dtype, quantized=quantized)
         self.tp = tensor_parallel
         if tensor_parallel is not None:  # what each device runs inside `jax.shard_map` (`_forward`)
-            self.local_model = Qwen2ForCausalLM(tensor_parallel.local_config(config), dtype, AXIS, tensor_parallel.size)
+            self.local_model = Qwen2ForCausalLM(tensor_parallel.local_config(config), dtype, AXIS, tensor_parallel.size,
+                                                quantized)
         self.page_size = page_size
         self.attention_impl = attention_impl
         self.prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top", "greedy", "logprobs", "prompt_top"),
@@ -563,7 +568,8 @@ TRACED_MODULES = ("jaxserve.config", "jaxserve.kv_pool", "jaxserve.model", "jaxs
 
 
 def steps_for(config: ModelConfig, dtype: Any, page_size: int, attention_impl: str,
-              prefill_options: dict[str, Any], tensor_parallel: TensorParallel | None = None) -> Steps:
+              prefill_options: dict[str, Any], tensor_parallel: TensorParallel | None = None,
+              quantized: bool = False) -> Steps:
     """The compiled steps for these arguments, shared with every earlier Runner that matched.
 
     The key holds every module-level value of jaxserve's and the kernels' modules, since the
@@ -575,12 +581,13 @@ def steps_for(config: ModelConfig, dtype: Any, page_size: int, attention_impl: s
         True
     """
     key = (_frozen(dataclasses.asdict(config)), jnp.dtype(dtype).name, page_size, attention_impl,
-           _frozen(prefill_options), module_knobs(), None if tensor_parallel is None else tensor_parallel.key())
+           _frozen(prefill_options), module_knobs(), None if tensor_parallel is None else tensor_parallel.key(),
+           quantized)
     with _steps_lock:
         steps = _steps_cache.get(key)
         if steps is None:
             steps = _steps_cache[key] = Steps(config, dtype, page_size, attention_impl, prefill_options,
-                                              tensor_parallel)
+                                              tensor_parallel, quantized)
             while len(_steps_cache) > STEPS_CACHE_SIZE:
                 _steps_cache.popitem(last=False)
         _steps_cache.move_to_end(key)

@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxserve.config import ModelConfig
+from jaxserve.quantization import SCALE as QUANT_SCALE
 
 AXIS = "tp"
 
@@ -142,11 +143,11 @@ class TensorParallel:
                 return P()
             owner, name = names[-2], names[-1]
             if owner in ("qkv_proj", "gate_up_proj"):
-                if name == "bias":
+                if name in ("bias", QUANT_SCALE):  # per output column (`jaxserve.quantization`'s scales too)
                     return P(AXIS)
                 return _axis_spec(out_axis, 2)
             if owner in ("o_proj", "down_proj"):
-                return _axis_spec(in_axis, 2)
+                return _axis_spec(in_axis, 2) if name == "kernel" else P()
             if owner == "lm_head":  # nn.Dense: [hidden, vocab]
                 return P(None, AXIS)
             return P()
@@ -164,10 +165,11 @@ class TensorParallel:
 
         def reorder(path: tuple, leaf: Any) -> Any:
             owner, name = getattr(path[-2], "key", None), getattr(path[-1], "key", None)
+            per_column = name in ("bias", QUANT_SCALE)
             if owner == "qkv_proj":
-                return jnp.take(leaf, qkv, axis=0 if name == "bias" else out_axis)
+                return jnp.take(leaf, qkv, axis=0 if per_column else out_axis)
             if owner == "gate_up_proj":
-                return jnp.take(leaf, gate_up, axis=out_axis)
+                return jnp.take(leaf, gate_up, axis=0 if per_column else out_axis)
             return leaf
 
         reordered = jax.tree_util.tree_map_with_path(reorder, params)

@@ -209,20 +209,22 @@ def test_replicas_bench_smoke_runs_on_two_cpu_devices(tmp_path):
 
 
 def test_tensor_parallel_bench_smoke_runs_on_two_cpu_devices(tmp_path):
-    """bench/tensor_parallel.py (gpu_checks.sh tp50 on two GPUs) on a tiny model and two fake CPU devices: a row for
-    each split, the split's greedy tokens the single device's (float32 here)."""
+    """bench/tensor_parallel.py (gpu_checks.sh tp50 on two GPUs, fp8_50 on one) on a tiny model and two fake CPU
+    devices: a row for each split and weights, the split's greedy tokens the single device's (float32 here)."""
     import subprocess
     import sys
 
     root = pathlib.Path(__file__).parent.parent
     done = subprocess.run([sys.executable, str(root / "bench" / "tensor_parallel.py"), "--shape", "tiny",
-                           "--cpu-devices", "2", "--tp", "1", "2", "--batches", "2", "--prompt-len", "16",
-                           "--output-len", "4", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
-                          cwd=root)
+                           "--cpu-devices", "2", "--tp", "1", "2", "--quantization", "none", "fp8", "--batches", "2",
+                           "--prompt-len", "16", "--output-len", "4", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, cwd=root)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.split("|") for line in (tmp_path / "tensor_parallel.md").read_text().splitlines()
             if line.startswith("| ")]
-    assert [r[2].strip() for r in rows[1:]] == ["1", "2"] and rows[-1][6].strip() == "2/2", rows
+    assert [(r[2].strip(), r[3].strip()) for r in rows[1:]] == [("1", "bf16"), ("1", "fp8"), ("2", "bf16"),
+                                                                  ("2", "fp8")], rows
+    assert rows[3][7].strip() == "2/2", rows  # split bf16 gives one device's tokens (float32 here)
 
 
 def test_speculative_bench_smoke_gives_the_same_tokens(tmp_path):

@@ -3,7 +3,7 @@ device count is fixed when JAX starts): engines split over 2 and 4 devices give 
 log-probabilities (KV heads split, and copied where the devices outnumber them), with every request feature the
 split touches (prefill chunks, the prefix cache, penalties, seeded sampling, prompt log-probabilities, structured
 outputs, speculation, embeddings, LoRA adapters), on the jnp references and the interpreted Pallas kernels, an untied
-LM head, a classifier, each device holding only its share; replicas of split engines; bad sizes refused by name."""
+LM head, a classifier, fp8 weights, each device holding only its share; replicas of split engines; bad sizes refused by name."""
 
 from __future__ import annotations
 
@@ -188,6 +188,15 @@ def main() -> None:
     assert max(float(np.abs(a["probs"] - b["probs"]).max()) for a, b in zip(expect, got)) < 1e-5
     assert [a["label"] for a in expect] == [b["label"] for b in got]
     print("classifier: ok")
+
+    # fp8 weights split: each device's columns with their own scales (reordered with them).
+    with Engine(untied, config(1, quantization="fp8")) as one:
+        expect = one.generate(ids, params, use_tqdm=False)
+    with Engine(untied, config(4, quantization="fp8")) as split:
+        same(expect, split.generate(ids, params, use_tqdm=False), "fp8 split")
+        assert split.runner.params["layers_0"]["mlp"]["gate_up_proj"]["kernel"].dtype == jnp.float8_e4m3fn
+        all_pages_free(split)
+    print("fp8: ok")
 
     # Replicas of split engines: two engines over two devices each.
     with Replicas(model, config(2), devices=2, balance_slack=1) as dp:
