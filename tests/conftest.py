@@ -170,6 +170,20 @@ def files(path: str) -> list[str]:
     return sorted(os.listdir(path))
 
 
+def run_device_check(script: str, marker: str, timeout: int = 900) -> None:
+    """Run tests/``script`` in a process of its own (it fakes several CPU devices: JAX fixes its device count when
+    it starts, and the rest of the suite runs on one) and assert it printed ``marker``."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parent.parent
+    done = subprocess.run([sys.executable, str(root / "tests" / script)], capture_output=True, text=True,
+                          timeout=timeout, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert marker in done.stdout
+
+
 def drive_random_workload(engine, rng, new_request, *, requests: int, arrival_rate: float, abort_rate: float,
                           seed: int, steps: int = 400) -> tuple[dict, set]:
     """Step ``engine`` while requests from ``new_request()`` (a ``(prompt, SamplingParams)``, or with a third item,

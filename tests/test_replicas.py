@@ -3,24 +3,15 @@ with two CPU devices (JAX fixes its device count when it starts, and the rest of
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
 import jaxserve
 from jaxserve import EngineConfig, Replicas
+from tests.conftest import run_device_check
 
 
 def test_replicas_on_two_devices_match_one_engine_and_route_by_prefix_and_load():
-    root = pathlib.Path(__file__).parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, str(root / "tests" / "replicas_check.py")], capture_output=True,
-                          text=True, timeout=600, cwd=root, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "replicas: ok" in done.stdout
+    run_device_check("replicas_check.py", "replicas: ok", timeout=600)
 
 
 def test_bad_replica_counts_are_refused():

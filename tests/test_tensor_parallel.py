@@ -4,26 +4,17 @@ device can check: bad sizes refused by name, the CLI's flag."""
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
 import jaxserve
 from jaxserve import Engine, EngineConfig
 from jaxserve.config import ModelConfig
 from jaxserve.tensor_parallel import check_tensor_parallel
+from tests.conftest import run_device_check
 
 
 def test_split_engines_on_four_devices_match_one_device():
-    root = pathlib.Path(__file__).parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, str(root / "tests" / "tp_check.py")], capture_output=True,
-                          text=True, timeout=900, cwd=root, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "tensor parallel: ok" in done.stdout
+    run_device_check("tp_check.py", "tensor parallel: ok")
 
 
 def test_bad_sizes_are_refused_by_name():
