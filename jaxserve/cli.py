@@ -237,7 +237,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  lora_modules=tuple(_lora_module(m) for m in args.lora_modules or ()),
                                  allow_runtime_lora_updating=args.allow_runtime_lora_updating or os.environ.get(
                                      "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
-                                 pooling_type=args.pooling_type, enable_prompt_embeds=args.enable_prompt_embeds)
+                                 pooling_type=args.pooling_type, enable_prompt_embeds=args.enable_prompt_embeds,
+                                 reasoning_parser=args.reasoning_parser)
     engine_config = engine_config_from_args(args)
     serve(_model_from_args(args, engine_config), engine_config, server_config, host=args.host, port=args.port,
           log_level=args.log_level)
@@ -340,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allow-runtime-lora-updating", action="store_true",
                      help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; also "
                           "$VLLM_ALLOW_RUNTIME_LORA_UPDATING=true)")
+    srv.add_argument("--reasoning-parser", choices=("deepseek_r1",), default=None,
+                     help="chat answers' text up to </think> goes in reasoning_content (QwQ, DeepSeek-R1-Distill-Qwen)")
     srv.add_argument("--enable-prompt-embeds", action="store_true",
                      help="take /v1/completions' prompt_embeds (base64 of torch.save of a [tokens, hidden] tensor, "
                           "vLLM's; read with torch.load(weights_only=True))")

@@ -47,6 +47,7 @@ from jaxserve.server.protocol import (APIError, ChatRequest, ClassificationReque
                                       DetokenizeRequest, EmbeddingRequest,
                                       LoadLoraRequest, RerankRequest, SamplingFields, Schema, ScoreRequest,
                                       TokenizeRequest, ToolCall, UnloadLoraRequest, bad_params)
+from jaxserve.server.reasoning import REASONING_PARSERS
 from jaxserve.server.responses import ChatFormat, CompletionFormat
 from jaxserve.server.tool_calls import TOOL_CALL_END, TOOL_CALL_START
 from jaxserve.structured import StructuredOutputs, escape
@@ -104,6 +105,9 @@ class ServerConfig:
     # vLLM's --enable-prompt-embeds: /v1/completions takes `prompt_embeds` (base64 of torch.save of a [tokens,
     # hidden] tensor, read with torch.load(weights_only=True)). Off by default, as vLLM's: it unpickles client bytes.
     enable_prompt_embeds: bool = False
+    # vLLM's --reasoning-parser: "deepseek_r1" (QwQ-32B, DeepSeek-R1-Distill-Qwen) puts a chat answer's text up to
+    # </think> in its message's reasoning_content (`reasoning.py`); None: the text is all content.
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_stop", "data_parallel_size"):
@@ -113,6 +117,9 @@ class ServerConfig:
             raise ValueError(f"drain_s must be >= 0, got {self.drain_s}")
         if self.pooling_type not in POOLING_TYPES:
             raise ValueError(f"pooling_type must be one of {POOLING_TYPES}, got {self.pooling_type!r}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS} or None, "
+                             f"got {self.reasoning_parser!r}")
         modules = tuple((str(n), str(p)) for n, p in (self.lora_modules.items() if isinstance(self.lora_modules, dict)
                                                       else self.lora_modules))
         names = [n for n, _ in modules]
@@ -433,7 +440,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         max_tokens = _max_tokens(requested, name, st)
         _check_context(len(ids), max_tokens, "messages", st)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        fmt = ChatFormat(req.model or st.model_name, st.tokenizer, req, ids, token_ids_as_names=_ids_as_names(req, st))
+        fmt = ChatFormat(req.model or st.model_name, st.tokenizer, req, ids, token_ids_as_names=_ids_as_names(req, st),
+                         reasoning=st.config.reasoning_parser is not None)
         if req.use_beam_search:
             return await _beam_search(request, st, req, [ids], max_tokens, fmt)
         structured = await _structured_outputs(req, st)

@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 from jaxserve.server.protocol import ChatRequest, CompletionRequest
+from jaxserve.server.reasoning import ReasoningStream, split_reasoning
 from jaxserve.server.tool_calls import ToolCallStream, parse_tool_calls
 from jaxserve.tokenizer import token_bytes
 
@@ -186,11 +187,13 @@ class ChatFormat:
 
     With ``tools`` (and ``tool_choice`` not "none") each choice's text is read for Hermes-style
     tool calls (``tool_calls.py``): found, they are the message's ``tool_calls`` and the finish
-    reason "tool_calls" where it was "stop" ("length" stays: the text was cut).
+    reason "tool_calls" where it was "stop" ("length" stays: the text was cut). With ``reasoning`` (the server's
+    ``--reasoning-parser``) the text up to ``</think>`` is the message's ``reasoning_content`` (``reasoning.py``;
+    left out where the request's ``include_reasoning`` is false) and tool calls are read from the rest.
     """
 
     def __init__(self, model_name: str, tokenizer: Any, req: ChatRequest, prompt: list[int],
-                 token_ids_as_names: bool = False) -> None:
+                 token_ids_as_names: bool = False, reasoning: bool = False) -> None:
         self.model_name, self.tokenizer, self.req = model_name, tokenizer, req
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -198,6 +201,8 @@ class ChatFormat:
         self.prompt_tokens = len(prompt)
         self.parse_tools = bool(req.tools) and req.tool_choice != "none"
         self._tool_streams: dict[int, ToolCallStream] = {}  # by choice index, while streaming
+        self.reasoning = reasoning
+        self._reasoning_streams: dict[int, ReasoningStream] = {}
         # 64 choices' top-20 logprobs spell out ~170k tokens, far fewer of them distinct.
         self._spell = functools.cache(lambda t: (tokenizer.decode([t]), list(token_bytes(tokenizer, t))))
         self._name = ((lambda t: (f"token_id:{t}", list(f"token_id:{t}".encode()))) if token_ids_as_names
@@ -223,10 +228,19 @@ class ChatFormat:
 
     def _message(self, result: dict[str, Any]) -> tuple[dict[str, Any], str]:
         """A choice's ``message`` and finish reason."""
-        content, calls = parse_tool_calls(result["text"]) if self.parse_tools else (result["text"], [])
+        message: dict[str, Any] = {"role": "assistant"}
+        text = result["text"]
+        if self.reasoning:
+            reasoning, text = split_reasoning(text)
+            if self.req.include_reasoning:
+                message["reasoning_content"] = reasoning
+        calls: list[dict[str, Any]] = []
+        if self.parse_tools and text is not None:
+            text, calls = parse_tool_calls(text)
+        message["content"] = text
         if not calls:
-            return {"role": "assistant", "content": content}, result["finish_reason"]
-        message = {"role": "assistant", "content": content, "tool_calls": calls}
+            return message, result["finish_reason"]
+        message["tool_calls"] = calls
         return message, _reason_with_calls(result["finish_reason"])
 
     def response(self, results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -262,7 +276,16 @@ class ChatFormat:
         out as one ``tool_calls`` delta before the finishing chunk, or, where none parses, the
         held text goes out as content.
         """
-        text, reason, calls = chunk["text"], chunk["finish_reason"], []
+        text, reason, calls, reasoning = chunk["text"], chunk["finish_reason"], [], ""
+        if self.reasoning:
+            split = self._reasoning_streams.setdefault(i, ReasoningStream())
+            reasoning, text = split.push(text)
+            if reason is not None:
+                more, rest = split.finish()
+                reasoning, text = reasoning + more, text + rest
+                del self._reasoning_streams[i]
+            if not self.req.include_reasoning:
+                reasoning = ""
         if self.parse_tools:
             stream = self._tool_streams.setdefault(i, ToolCallStream())
             text = stream.push(text)
@@ -271,18 +294,19 @@ class ChatFormat:
                 text += rest
                 del self._tool_streams[i]
         has_tokens = self.req.logprobs and chunk["token_ids"]
-        if not text and reason is None and not has_tokens:
+        if not text and not reasoning and reason is None and not has_tokens:
             return []
         lp = self._logprobs(chunk["token_ids"], chunk.get("logprobs"), chunk.get("top_logprobs"))
         stop_reason = chunk.get("stop_reason")
+        thought = {"reasoning_content": reasoning} if reasoning else {}
         if not calls:
-            delta = {"content": text} if text or reason is None else {}
+            delta = {**thought, "content": text} if text or (reason is None and not reasoning) else thought
             return [self._chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason,
                                   "stop_reason": stop_reason}], include_usage)]
         events = []
-        if text or has_tokens:
-            events.append(self._chunk([{"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": None,
-                                        "stop_reason": None}], include_usage))
+        if text or reasoning or has_tokens:
+            events.append(self._chunk([{"index": i, "delta": {**thought, "content": text}, "logprobs": lp,
+                                        "finish_reason": None, "stop_reason": None}], include_usage))
         deltas = [{"index": k, **call} for k, call in enumerate(calls)]
         events.append(self._chunk([{"index": i, "delta": {"tool_calls": deltas}, "logprobs": None,
                                     "finish_reason": None, "stop_reason": None}], include_usage))
