@@ -6,7 +6,8 @@ alternation, quantifiers), so everything here is written in that subset and is a
 
 Limits (where the regex accepts fewer texts than the schema allows, or, as marked, more):
   * Whitespace is ``whitespace_pattern`` (default ``[ ]?``), only after ``{ [ , :`` and before ``} ]``.
-  * More: ``minimum``/``maximum``/``exclusiveMinimum``/``exclusiveMaximum``/``multipleOf`` are ignored.
+  * ``integer``'s ``minimum``/``maximum``/``exclusiveMinimum``/``exclusiveMaximum`` hold (`integer_range_regex`);
+    more: ``number``'s bounds and ``multipleOf`` are ignored.
   * ``pattern`` must fully match the string's JSON-escaped content as-is (leading ``^`` / trailing
     ``$`` stripped), as in outlines, rather than be searched in the decoded string; more: a pattern
     that admits ``"`` or a raw control character can yield invalid JSON.
@@ -28,7 +29,7 @@ import re
 
 from jaxserve.structured import escape
 
-__all__ = ["JSON_VALUE_DEPTH", "json_object_regex", "json_value_regex", "schema_to_regex"]
+__all__ = ["JSON_VALUE_DEPTH", "integer_range_regex", "json_object_regex", "json_value_regex", "schema_to_regex"]
 
 # Four levels of free-form nesting cover typical json_object replies; the regex grows ~4x per level.
 JSON_VALUE_DEPTH = 4
@@ -57,7 +58,7 @@ _HANDLED = {"type", "enum", "const", "properties", "required", "additionalProper
 # Accepted and ignored: annotations, and numeric bounds that a regex cannot reasonably enforce.
 _IGNORED = {"$schema", "$id", "$defs", "definitions", "$comment", "title", "description", "default",
             "examples", "readOnly", "writeOnly", "deprecated",
-            "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}
+            "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}  # an integer's bounds hold
 # Escapes the DFA understands, after a backslash, in a user's `pattern`.
 _PATTERN_ESCAPES = set("\\.*+?()[]{}|^$/\"-ntrdwsu")
 
@@ -246,6 +247,8 @@ class _Converter:
     def _typed(self, t: str, schema: dict, nesting: int) -> str | None:
         if t == "string":
             return _string(schema)
+        if t == "integer" and any(k in schema for k in _INT_BOUNDS):
+            return integer_range_regex(*_integer_bounds(schema))
         if t in _SCALARS:
             return _SCALARS[t]
         if t == "object":
@@ -339,6 +342,95 @@ def _string(schema: dict) -> str | None:
     if hi is not None and lo > hi:
         return None
     return f'"{_quantified(_CHAR, lo, hi)}"'
+
+
+_INT_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _integer_bounds(schema: dict) -> tuple[int | None, int | None]:
+    """An integer schema's inclusive ``(lowest, highest)`` (None: unbounded), from draft 2020's numeric exclusive
+    bounds or draft 4's boolean ones."""
+    import math
+
+    def number(key: str) -> float | None:
+        value = schema.get(key)
+        if value is None or isinstance(value, bool):
+            return None
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _err(f"{key!r} must be a finite number, got {value!r}")
+        return value
+
+    lo, hi = number("minimum"), number("maximum")
+    lo = None if lo is None else math.ceil(lo)
+    hi = None if hi is None else math.floor(hi)
+    if schema.get("exclusiveMinimum") is True and lo is not None:  # draft 4: minimum itself excluded
+        lo = lo + 1 if lo == schema["minimum"] else lo
+    if schema.get("exclusiveMaximum") is True and hi is not None:
+        hi = hi - 1 if hi == schema["maximum"] else hi
+    ex_lo, ex_hi = number("exclusiveMinimum"), number("exclusiveMaximum")
+    if ex_lo is not None:
+        lo = max(lo if lo is not None else -math.inf, math.floor(ex_lo) + 1)
+    if ex_hi is not None:
+        hi = min(hi if hi is not None else math.inf, math.ceil(ex_hi) - 1)
+    if lo is not None and hi is not None and lo > hi:
+        raise _err(f"no integer lies within the bounds {lo}..{hi}")
+    return lo, hi
+
+
+def integer_range_regex(lo: int | None, hi: int | None) -> str:
+    """A regex whose full matches are the JSON integers (no leading zeros, ``-0`` excluded) in ``[lo, hi]``; None
+    for an unbounded side.
+
+    Example:
+        >>> integer_range_regex(0, 120)
+        '(?:[0-9]|[1-9][0-9]|1[0-1][0-9]|120)'
+        >>> import re; [n for n in range(-30, 30) if re.fullmatch(integer_range_regex(-12, 7), str(n))] == list(range(-12, 8))
+        True
+    """
+    parts = []
+    if hi is None or hi >= 0:  # the non-negative part
+        parts += _magnitudes(max(lo, 0) if lo is not None else 0, hi)
+    if lo is None or lo < 0:  # the negative part: "-" and the magnitudes of [lo, min(hi, -1)]
+        top = -lo if lo is not None else None
+        bottom = 1 if hi is None or hi >= 0 else -hi
+        parts += ["-" + (p if "|" not in p else f"(?:{p})") for p in _magnitudes(bottom, top)]
+    return "(?:" + "|".join(parts) + ")"
+
+
+def _magnitudes(lo: int, hi: int | None) -> list[str]:
+    """Alternatives whose full matches are the decimal numbers without leading zeros in ``[lo, hi]`` (``lo >= 0``;
+    None: unbounded)."""
+    out = []
+    top = len(str(lo)) if hi is None else len(str(hi))
+    for digits in range(len(str(lo)), top + 1):
+        a = max(lo, 10 ** (digits - 1) if digits > 1 else 0)
+        b = 10 ** digits - 1 if hi is None else min(hi, 10 ** digits - 1)
+        if a <= b:
+            out += _same_length(str(a), str(b))
+    if hi is None:  # every longer number
+        out.append(f"[1-9][0-9]{{{top},}}")
+    return out
+
+
+def _same_length(lo: str, hi: str) -> list[str]:
+    """Alternatives matching the digit strings of one length from ``lo`` to ``hi`` (``lo <= hi``)."""
+    if not lo:
+        return [""]
+    if lo[0] == hi[0]:
+        return [lo[0] + rest for rest in _same_length(lo[1:], hi[1:])]
+    n = len(lo) - 1
+    out, first, last = [], int(lo[0]), int(hi[0])
+    if lo[1:] != "0" * n:  # lo's first digit with the rest from lo's up: its own alternatives
+        out += [lo[0] + rest for rest in _same_length(lo[1:], "9" * n)]
+        first += 1
+    whole_last = hi[1:] == "9" * n  # hi's first digit takes every rest: it joins the middle digits
+    middle = last if whole_last else last - 1
+    if first <= middle:
+        digit = str(first) if first == middle else f"[{first}-{middle}]"
+        out.append(digit + ("" if n == 0 else "[0-9]" if n == 1 else f"[0-9]{{{n}}}"))
+    if not whole_last:
+        out += [hi[0] + rest for rest in _same_length("0" * n, hi[1:])]
+    return out
 
 
 def schema_to_regex(schema: dict | bool | str, whitespace_pattern: str | None = None, max_depth: int = 4) -> str:

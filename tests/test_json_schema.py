@@ -256,6 +256,41 @@ def test_whitespace_pattern():
     assert not re.fullmatch(compact, json.dumps(FLAT_VALID))
 
 
+@pytest.mark.parametrize("bounds", [dict(minimum=0, maximum=120), dict(minimum=-7), dict(maximum=-3),
+                                    dict(minimum=-15, maximum=999), dict(exclusiveMinimum=9, exclusiveMaximum=1000),
+                                    dict(minimum=1.5, maximum=12.5),
+                                    dict(minimum=3, exclusiveMinimum=True, maximum=9, exclusiveMaximum=True),  # draft 4
+                                    dict(minimum=-100, maximum=100, exclusiveMinimum=-101)])
+def test_integer_bounds_hold_in_the_regex_and_the_dfa(bounds):
+    from jaxserve.structured import compile_regex
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", **bounds}}, "required": ["n"]}
+    regex = to_regex(schema)
+    dfa = compile_regex(regex)
+    inf = float("inf")
+    lo = max(bounds.get("minimum", -inf) + (1 if bounds.get("exclusiveMinimum") is True else 0),
+             bounds["exclusiveMinimum"] + 1 if type(bounds.get("exclusiveMinimum")) is int else -inf)
+    hi = bounds.get("maximum", inf) - (1 if bounds.get("exclusiveMaximum") is True else 0)
+    hi = min(hi, bounds["exclusiveMaximum"] - 1 if type(bounds.get("exclusiveMaximum")) is int else inf)
+    for n in list(range(-1200, 1200)) + [10 ** 6, -(10 ** 6), 10 ** 12]:
+        want = lo <= n <= hi
+        assert accepts(regex, {"n": n}) == want, (bounds, n)
+        assert dfa.fullmatch(json.dumps({"n": n}, separators=(",", ":"))) == want, (bounds, n)
+    for text in ('{"n":-0}', '{"n":01}', '{"n":1.0}', '{"n":1e2}'):
+        assert not dfa.fullmatch(text)
+
+
+def test_integer_bounds_that_admit_nothing_are_refused():
+    with pytest.raises(ValueError, match="no integer lies within"):
+        schema_to_regex({"type": "integer", "minimum": 5, "maximum": 4})
+    with pytest.raises(ValueError, match="no integer lies within"):
+        schema_to_regex({"type": "integer", "minimum": 1.2, "maximum": 1.8})
+    with pytest.raises(ValueError, match="no integer lies within"):
+        schema_to_regex({"type": "integer", "minimum": 3, "exclusiveMinimum": True, "maximum": 3})
+    with pytest.raises(ValueError, match="'minimum' must be a finite number"):
+        schema_to_regex({"type": "integer", "minimum": "1"})
+
+
 @pytest.mark.parametrize("schema,name", [
     ({"type": "object", "patternProperties": {"^a": {}}}, "patternProperties"),
     ({"type": "array", "prefixItems": [{}]}, "prefixItems"),
