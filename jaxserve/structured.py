@@ -44,8 +44,10 @@ class StructuredOutputs:
     ``regex``, ``choice`` (a list of strings), ``grammar`` (a GBNF grammar, llama.cpp's and xgrammar's
     format; recursion unrolled to at most `jaxserve.grammar.MAX_DEPTH` nestings) or ``json_object=True`` (any JSON
     object). vLLM's ``StructuredOutputsParams`` fields; ``whitespace_pattern`` (a regex) replaces the
-    whitespace JSON allows between tokens (default: at most one space). Bad values raise ValueError naming
-    the field.
+    whitespace JSON allows between tokens (default: at most one space). ``after`` (jaxserve's): any text up to and
+    including this literal comes first, then the constraint (a reasoning model's ``</think>``: it thinks freely, then
+    answers in the form asked, as vLLM's reasoning parser starts structured outputs where the reasoning ends). Bad
+    values raise ValueError naming the field.
 
     Example:
         >>> StructuredOutputs(choice=["yes", "no"]).to_regex()
@@ -60,6 +62,7 @@ class StructuredOutputs:
     grammar: str | None = None
     json_object: bool = False
     whitespace_pattern: str | None = None
+    after: str | None = None
 
     def __post_init__(self) -> None:
         given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
@@ -91,6 +94,8 @@ class StructuredOutputs:
             object.__setattr__(self, "choice", tuple(self.choice))
         if self.whitespace_pattern is not None and not isinstance(self.whitespace_pattern, str):
             raise ValueError(f"structured_outputs.whitespace_pattern must be a string, got {self.whitespace_pattern!r}")
+        if self.after is not None and (not isinstance(self.after, str) or not self.after):
+            raise ValueError(f"structured_outputs.after must be a non-empty string, got {self.after!r}")
 
     @classmethod
     def from_value(cls, value: StructuredOutputs | dict[str, Any]) -> StructuredOutputs:
@@ -120,10 +125,19 @@ class StructuredOutputs:
             out["json_object"] = True
         if self.whitespace_pattern is not None:
             out["whitespace_pattern"] = self.whitespace_pattern
+        if self.after is not None:
+            out["after"] = self.after
         return out
 
     def to_regex(self) -> str:
         """The regular expression the output must match in full."""
+        if self.after is None:
+            return self._constraint_regex()
+        # Free text, then `after`: a text that holds `after` more than once may take any of them as the start
+        # (a DFA does not mind), where a reasoning parser takes the first.
+        return r"[\s\S]*" + escape(self.after) + "(?:" + self._constraint_regex() + ")"
+
+    def _constraint_regex(self) -> str:
         from jaxserve import grammar, json_schema
 
         if self.regex is not None:

@@ -55,8 +55,10 @@ def live(tiny_checkpoint):
 
 
 def chat(regex: str, **extra) -> dict:
+    """A chat request whose answer is ``regex``'s from the first token (its own "after": null), which forces a tiny
+    random model to write reasoning tags."""
     return {"model": "r", "messages": [{"role": "user", "content": "2 + 2?"}], "max_tokens": 200, "temperature": 0,
-            "guided_regex": regex, **extra}
+            "structured_outputs": {"regex": regex, "after": None}, **extra}
 
 
 def streamed(live, body: dict) -> list[dict]:
@@ -92,11 +94,39 @@ def test_tool_calls_are_read_from_the_content_alone(live):
         ["get_time"]
 
 
+def test_structured_outputs_start_where_the_reasoning_ends(live):
+    """The server's parser makes a constraint start after ``</think>``: a tiny random model writes no ``</think>`` in
+    8 tokens, so its answer is free reasoning cut at max_tokens, where from the first token it would be 3 digits."""
+    body = {"model": "r", "messages": [{"role": "user", "content": "2 + 2?"}], "max_tokens": 8, "temperature": 0,
+            "guided_regex": "[0-9]{3}"}
+    r = post(live, "/v1/chat/completions", body, key=None).json()["choices"][0]
+    assert r["finish_reason"] == "length" and r["message"]["content"] is None and r["message"]["reasoning_content"]
+    forced = post(live, "/v1/chat/completions", {**body, "guided_regex": None, "structured_outputs": {
+        "regex": "[0-9]{3}", "after": None}}, key=None).json()["choices"][0]
+    assert forced["finish_reason"] == "stop" and len(forced["message"]["reasoning_content"]) == 3
+
+
+def test_a_constraint_after_a_literal_admits_any_text_before_it():
+    from jaxserve.structured import StructuredOutputs, compile_regex
+
+    spec = StructuredOutputs(json={"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+                             after="</think>")
+    dfa = compile_regex(spec.to_regex())
+    assert dfa.fullmatch('any\nthing é</think>{"n": 3}') and dfa.fullmatch('</think>{"n":3}')
+    assert not dfa.fullmatch('{"n": 3}') and not dfa.fullmatch('x</think>{"n": "3"}')
+    assert StructuredOutputs.from_value(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="structured_outputs.after must be a non-empty string"):
+        StructuredOutputs(regex="a", after="")
+
+
 def test_without_the_parser_the_text_is_content(tiny_checkpoint):
     config = EngineConfig(num_pages=64, max_running=4, max_tokens_per_step=64, batch_buckets=(4,),
                           prefill_buckets=(64,), decode_steps=4, max_model_len=256)
     with LiveServer(create_app(load(tiny_checkpoint[0]), config, ServerConfig(model_name="r"))) as live:
         message = post(live, "/v1/chat/completions", chat(ANSWER), key=None).json()["choices"][0]["message"]
+        digits = post(live, "/v1/chat/completions", {**chat(ANSWER), "structured_outputs": None,
+                                                     "guided_regex": "[0-9]{3}"}, key=None).json()["choices"][0]
     assert message["content"] == ANSWER and "reasoning_content" not in message
+    assert len(digits["message"]["content"]) == 3  # no parser: the constraint holds from the first token
     with pytest.raises(ValueError, match="reasoning_parser must be one of"):
         ServerConfig(reasoning_parser="qwen9")

@@ -47,7 +47,7 @@ from jaxserve.server.protocol import (APIError, ChatRequest, ClassificationReque
                                       DetokenizeRequest, EmbeddingRequest,
                                       LoadLoraRequest, RerankRequest, SamplingFields, Schema, ScoreRequest,
                                       TokenizeRequest, ToolCall, UnloadLoraRequest, bad_params)
-from jaxserve.server.reasoning import REASONING_PARSERS
+from jaxserve.server.reasoning import REASONING_PARSERS, THINK_END
 from jaxserve.server.responses import ChatFormat, CompletionFormat
 from jaxserve.server.tool_calls import TOOL_CALL_END, TOOL_CALL_START
 from jaxserve.structured import StructuredOutputs, escape
@@ -889,6 +889,10 @@ async def _structured_outputs(req: SamplingFields, st: _State) -> StructuredOutp
     param, fields = sources[0]
     if req.guided_whitespace_pattern is not None:
         fields.setdefault("whitespace_pattern", req.guided_whitespace_pattern)
+    if isinstance(req, ChatRequest) and st.config.reasoning_parser is not None:
+        # The constraint starts where the reasoning ends (vLLM's); a structured_outputs object's own "after" (null:
+        # from the first token) overrides it.
+        fields.setdefault("after", THINK_END)
     try:
         spec = StructuredOutputs.from_value(fields)
         await asyncio.get_running_loop().run_in_executor(st.constraint_thread, st.engine.engine.structured_guide,
