@@ -1097,7 +1097,9 @@ class Engine:
                         self._pending_prefill = call
                     else:
                         touched.update((r.request_id, r) for r in self._collect_prefill(call))
-            # A row whose first token just finished it (a stop id, max_tokens 1) decodes no more.
+            # A row whose first token just finished it (a stop id, max_tokens 1, or a complete structured output: a
+            # recompute's prefill may bring the token that completes it) decodes no more.
+            self._end_guided(touched.values())
             decode = [r for r in plan.decode if r.finish_reason is None]
             if decode and (drafts := self._drafts(decode)) is not None:
                 self._verify(decode, drafts)

@@ -113,5 +113,6 @@ def test_random_workload_of_every_request_feature_never_loses_a_request(adapters
                 np.testing.assert_allclose(results[rid].embedding, alone["embedding"], rtol=1e-4, atol=1e-5,
                                            err_msg=f"{rid} ({params}, {kw}) differs, seed={seed}")
                 continue
-            assert alone["token_ids"] == results[rid].output_ids, f"{rid} ({params}, {kw}) differs, seed={seed}"
+            assert alone["token_ids"] == results[rid].output_ids, \
+                f"{rid} ({params}, {kw}) differs: {results[rid].output_ids} against {alone['token_ids']} alone, seed={seed}"
         assert_all_pages_free(plain)
