@@ -22,13 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.beam_search import BeamSearchParams, run_beam_search
+from jaxserve.config import CLASSIFIER
 from jaxserve.engine_config import EngineConfig
 from jaxserve.guide_pool import GuidePool
 from jaxserve.loading import LoadedModel, generation_eos_ids, generation_sampling_defaults, load
 from jaxserve.lora import NAMESPACE_STRIDE, LoRARequest, LoraSlots
 from jaxserve import model as model_module
 from jaxserve.model import decode_rows
-from jaxserve.config import CLASSIFIER
 from jaxserve.pooling import (PoolingParams, classify_params, cross_encoder_prompt, finish_classification,
                               finish_embedding, pair_scores, score_pairs, text_key)
 from jaxserve.quantization import quantize_params
@@ -38,8 +38,8 @@ from jaxserve.sampling import (SamplingParams, allowed_masks, check_bad_word_ids
                                needs_history, needs_penalties, needs_sampling, recent_tokens)
 from jaxserve.scheduler import Scheduler
 from jaxserve.speculative import accepted_tokens, ngram_draft
-from jaxserve.tensor_parallel import TensorParallel
 from jaxserve.structured import GuideState, StructuredOutputs, TokenGuide, Vocabulary, compile_guide
+from jaxserve.tensor_parallel import TensorParallel
 from jaxserve.tokenizer import Conversation, IncrementalDetokenizer, bad_words_token_ids, chat_prompts, vocabulary_bytes
 
 log = logging.getLogger("jaxserve.engine")
