@@ -4,7 +4,7 @@ Each feature has tests of its own; this one makes them share an engine and its d
 does: priority scheduling, LoRA adapters (more than there are slots), n-gram speculation, structured outputs,
 log-probabilities, min_tokens with stop ids, logit bias, seeded sampling with penalties, twin prompts (the in-batch
 prefix sharing that ``n`` uses), prompts that repeat themselves (so speculation drafts), embeddings (pooling
-requests), aborts, and a pool small enough to preempt. Every request must finish with a valid reason, give the
+requests), prompts given as embeddings, aborts, and a pool small enough to preempt. Every request must finish with a valid reason, give the
 tokens (or embedding) it gives run alone on an engine with none of the scheduling features where it is greedy, and
 leave no page or adapter slot held.
 """
@@ -25,8 +25,8 @@ from tests.test_lora import adapters  # noqa: F401  (fixture)
 DIGITS = "[0-9]{2,5}"
 # Rows whose features a verify call does not apply (structured outputs) keep speculation off for their whole decode
 # call: they are rarer here, so that some calls do speculate.
-KINDS = ("greedy", "logprobs", "sampled", "regex", "min_tokens", "bias", "twin", "repeat", "embed")
-WEIGHTS = np.array([3, 2, 1, 1, 1, 1, 2, 4, 2]) / 17
+KINDS = ("greedy", "logprobs", "sampled", "regex", "min_tokens", "bias", "twin", "repeat", "embed", "prompt_embeds")
+WEIGHTS = np.array([3, 2, 1, 1, 1, 1, 2, 4, 2, 1]) / 18
 
 
 @pytest.mark.parametrize("policy,overlap", [("mixed", True), ("prefill_first", True), ("time_share", False)])
@@ -37,6 +37,7 @@ def test_random_workload_of_every_request_feature_never_loses_a_request(adapters
     rng = np.random.default_rng(seed)
     vocab = model.config.vocab_size
     prefix = rng.integers(3, vocab, size=17).tolist()
+    table = np.asarray(model.params["embed_tokens"]["embedding"])
     last: list = []
 
     def new_request():
@@ -59,7 +60,10 @@ def test_random_workload_of_every_request_feature_never_loses_a_request(adapters
             "twin": lambda: SamplingParams(**greedy),
             "repeat": lambda: SamplingParams(**greedy),
             "embed": lambda: PoolingParams(pooling_type=str(rng.choice(["last", "mean"]))),
+            "prompt_embeds": lambda: SamplingParams(**greedy),
         }[kind]()
+        if kind == "prompt_embeds":  # the prompt as its tokens' embedding rows: cached nowhere, recomputed from them
+            prompt = {"prompt_embeds": table[prompt]}
         if kind == "repeat":  # a block said twice and begun again: n-gram drafts find its continuation
             block = rng.integers(3, vocab, size=rng.integers(4, 9)).tolist()
             prompt = block * 2 + block[:2]
