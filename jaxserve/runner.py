@@ -130,7 +130,9 @@ def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, cou
 
 class Runner:
     """Runs prefill chunks and decode steps of the model over the paged KV cache: its own KV pages,
-    the compiled steps (`Steps`) shared with every runner alike in the process.
+    the compiled steps (`Steps`) shared with every runner alike in the process. With ``tensor_parallel`` the params
+    and pages are split over its devices here (`jaxserve.tensor_parallel`); params with fp8 projections
+    (`jaxserve.quantization.quantize_params`) run the model's quantized variant.
 
     Example:
         >>> runner = Runner(m.config, m.params, num_pages=256, page_size=16)      # doctest: +SKIP
