@@ -33,10 +33,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default: bfloat16 on an accelerator, float32 on the CPU)")
     g.add_argument("--num-pages", type=int, default=None,
                    help=f"KV pages in the pool (default: from free accelerator memory; {CPU_NUM_PAGES} on the CPU)")
-    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page, a power of two (default 16)")
-    g.add_argument("--max-running", type=int, default=None,
+    g.add_argument("--page-size", "--block-size", type=int, default=16,
+                   help="tokens per KV page, a power of two (default 16)")
+    g.add_argument("--max-running", "--max-num-seqs", type=int, default=None,
                    help=f"sequences decoded together (default 64; {CPU_MAX_RUNNING} on the CPU)")
-    g.add_argument("--max-tokens-per-step", type=int, default=None,
+    g.add_argument("--max-tokens-per-step", "--max-num-batched-tokens", type=int, default=None,
                    help=f"prefill token budget per step (default 2048; {CPU_MAX_TOKENS_PER_STEP} on the CPU)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + completion (default: the model's context length, "
@@ -50,16 +51,22 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
                    help="n-gram speculative decoding (vLLM's ngram method): greedy rows draft up to K tokens from "
                         "their own text and one call verifies them (default 0: off)")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help="vLLM's: '{\"method\": \"ngram\", \"num_speculative_tokens\": K, \"prompt_lookup_max\": N, "
+                        "\"prompt_lookup_min\": M}' (sets the three flags here)")
     g.add_argument("--prompt-lookup-max", type=int, default=4, metavar="N",
                    help="longest n-gram a draft is looked up by (default 4)")
     g.add_argument("--prompt-lookup-min", type=int, default=1, metavar="N",
                    help="shortest n-gram a draft is looked up by (default 1)")
-    g.add_argument("--no-prefix-caching", action="store_true", help="turn the radix prefix cache off")
+    g.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", action="store_true",
+                   help="turn the radix prefix cache off")
+    g.add_argument("--enable-prefix-caching", action="store_false", dest="no_prefix_caching",
+                   help="the radix prefix cache (on by default)")
     g.add_argument("--batch-buckets", type=int, nargs="+", default=None, metavar="N",
                    help="batch sizes steps are padded to, ascending (default: powers of two up to --max-running)")
     g.add_argument("--prefill-buckets", type=int, nargs="+", default=None, metavar="N",
                    help="prefill chunk lengths steps are padded to, ascending, the last >= --max-tokens-per-step")
-    g.add_argument("--memory-fraction", type=float, default=0.6,
+    g.add_argument("--memory-fraction", "--gpu-memory-utilization", type=float, default=0.6,
                    help="share of free accelerator memory for KV pages when --num-pages is not given (default 0.6)")
     g.add_argument("--no-overlap", action="store_true",
                    help="read each decode or prefill call's tokens before starting the next (default: overlap them)")
@@ -69,6 +76,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="LoRA adapters held on the device at once (default 0: none; serve: as many as --lora-modules, "
                         "up to 8)")
     g.add_argument("--max-lora-rank", type=int, default=16, metavar="R", help="largest adapter rank (default 16)")
+    g.add_argument("--enable-lora", action="store_true",
+                   help="serve adapters (vLLM's; implied by --max-loras or --lora-modules): at least one slot")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                    help="split the model by attention head over N devices of this host (default 1)")
     g.add_argument("--quantization", "-q", choices=("fp8",), default=None,
@@ -85,6 +94,7 @@ def engine_config_from_args(args: argparse.Namespace) -> "Any":
     from jaxserve.engine_config import EngineConfig
 
     cpu = jax.default_backend() == "cpu"
+    _speculative_config(args)
     max_running = args.max_running or (CPU_MAX_RUNNING if cpu else 64)
     per_step = args.max_tokens_per_step or (CPU_MAX_TOKENS_PER_STEP if cpu else 2048)
     return EngineConfig(
@@ -97,8 +107,27 @@ def engine_config_from_args(args: argparse.Namespace) -> "Any":
         batch_buckets=tuple(args.batch_buckets) if args.batch_buckets else None,
         prefill_buckets=tuple(args.prefill_buckets) if args.prefill_buckets else None,
         memory_fraction=args.memory_fraction, overlap=not args.no_overlap, attention_impl=args.attention_impl,
-        compile_cache_dir=args.compile_cache_dir, max_loras=args.max_loras or 0, max_lora_rank=args.max_lora_rank,
+        compile_cache_dir=args.compile_cache_dir, max_loras=args.max_loras or int(args.enable_lora),
+        max_lora_rank=args.max_lora_rank,
         tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization)
+
+
+def _speculative_config(args: argparse.Namespace) -> None:
+    """vLLM's ``--speculative-config`` JSON onto the n-gram flags (the one method jaxserve has)."""
+    if args.speculative_config is None:
+        return
+    try:
+        spec = json.loads(args.speculative_config)
+    except ValueError as exc:
+        raise SystemExit(f"error: --speculative-config is not JSON: {exc}")
+    if not isinstance(spec, dict) or spec.get("method", "ngram") != "ngram":
+        raise SystemExit(f"error: --speculative-config: only method 'ngram' is served, got {spec!r}")
+    unknown = set(spec) - {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+    if unknown:
+        raise SystemExit(f"error: --speculative-config: unknown keys {sorted(unknown)}")
+    args.speculative_tokens = spec.get("num_speculative_tokens", args.speculative_tokens)
+    args.prompt_lookup_max = spec.get("prompt_lookup_max", args.prompt_lookup_max)
+    args.prompt_lookup_min = spec.get("prompt_lookup_min", args.prompt_lookup_min)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -135,7 +164,8 @@ def _model_from_args(args: argparse.Namespace, engine_config: Any) -> Any:
         scaling = json.loads(args.rope_scaling)
     except ValueError as exc:
         raise SystemExit(f"error: --rope-scaling is not JSON: {exc}")
-    return load(args.model, dtype=engine_config.compute_dtype(), rope_scaling=scaling)
+    split = engine_config.tensor_parallel_size > 1 or engine_config.quantization is not None
+    return load(args.model, dtype=engine_config.compute_dtype(), rope_scaling=scaling, device="cpu" if split else None)
 
 
 def _structured_from_args(args: argparse.Namespace) -> dict | None:
@@ -224,6 +254,10 @@ def _lora_module(text: str) -> tuple[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            raise SystemExit(f"error: two models given: {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
     try:
         from jaxserve.server import ServerConfig, serve
     except ImportError as exc:
@@ -313,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "/health, /version and /metrics. SIGINT/SIGTERM drain running requests, "
                                      "then stop.",
                          epilog="example: jaxserve serve --model /models/Qwen2.5-0.5B-Instruct --port 8000")
+    srv.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                     help="checkpoint folder, as vLLM's `vllm serve MODEL` (or --model)")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     srv.add_argument("--api-key", default=os.environ.get("JAXSERVE_API_KEY"),
@@ -350,6 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how /v1/embeddings pools the final hidden states: the last token's (gte-Qwen2's, vLLM's "
                           "default) or their mean")
     srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    vllm = srv.add_argument_group("vLLM flags taken as they are (jaxserve's behaviour already)")
+    vllm.add_argument("--enable-auto-tool-choice", action="store_true",
+                      help="tool calls are parsed wherever a request has tools and tool_choice is not 'none'")
+    vllm.add_argument("--tool-call-parser", choices=("hermes",), default="hermes",
+                      help="Qwen2.5's <tool_call> blocks (the only format)")
+    vllm.add_argument("--trust-remote-code", action="store_true", help="Qwen2 checkpoints need no remote code")
     _engine_args(srv)
     srv.set_defaults(func=cmd_serve)
 
