@@ -3,7 +3,8 @@ device count is fixed when JAX starts): engines split over 2 and 4 devices give 
 log-probabilities (KV heads split, and copied where the devices outnumber them), with every request feature the
 split touches (prefill chunks, the prefix cache, penalties, seeded sampling, prompt log-probabilities, structured
 outputs, speculation, embeddings, LoRA adapters), on the jnp references and the interpreted Pallas kernels, an untied
-LM head, a classifier, fp8 weights, each device holding only its share; replicas of split engines; bad sizes refused by name."""
+LM head, a classifier, fp8 weights, each device holding only its share; replicas of split engines; the server over a
+split engine; bad sizes refused by name."""
 
 from __future__ import annotations
 
@@ -68,11 +69,17 @@ def shares(tp: int, kv_heads: int):
         k = runner.kv[0][0]
         assert len(k.addressable_shards) == tp
         assert {s.data.shape[0] for s in k.addressable_shards} == {kv_heads}, [s.data.shape for s in k.addressable_shards]
+        from jaxserve import model as model_module
+
+        def layout(out: int, into: int) -> tuple[int, int]:  # a projection kernel's shape in the model's layout
+            return (out, into) if model_module.WEIGHT_LAYOUT == "nk" else (into, out)
+
         qkv = runner.params["layers_0"]["self_attn"]["qkv_proj"]["kernel"]
         local_cols = (cfg.num_attention_heads // tp + 2 * kv_heads) * cfg.head_dim
-        assert {s.data.shape for s in qkv.addressable_shards} == {(local_cols, cfg.hidden_size)}
+        assert {s.data.shape for s in qkv.addressable_shards} == {layout(local_cols, cfg.hidden_size)}
         down = runner.params["layers_0"]["mlp"]["down_proj"]["kernel"]
-        assert {s.data.shape for s in down.addressable_shards} == {(cfg.hidden_size, cfg.intermediate_size // tp)}
+        assert {s.data.shape for s in down.addressable_shards} == {layout(cfg.hidden_size,
+                                                                          cfg.intermediate_size // tp)}
 
     return check
 
@@ -207,6 +214,17 @@ def main() -> None:
         for engine in dp.engines:
             all_pages_free(engine)
     print("replicas: ok")
+
+    # The server over a split engine (its engine thread drives the sharded steps).
+    from jaxserve.server import ServerConfig, create_app
+    from tests.test_server import LiveServer, post
+
+    with LiveServer(create_app(model, config(2), ServerConfig(model_name="tp"))) as live:
+        r = post(live, "/v1/completions", {"model": "tp", "prompt": prompts[1], "max_tokens": 10, "temperature": 0},
+                 key=None)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == alone[1]["text"], (r.json(), alone[1]["text"])
+    print("server: ok")
 
     for bad, message in ((dict(tensor_parallel_size=3), "tensor_parallel_size 3 must divide num_attention_heads"),
                          (dict(tensor_parallel_size=8), "tensor_parallel_size 8 needs 8 devices")):
