@@ -894,7 +894,7 @@ class Qwen2ForCausalLM(nn.Module):
                 x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
             x = final_norm(x)
         new_kv = None if kv is None else tuple(new_kv)
-        if self.tp_axis is not None:
+        if self.tp_axis is not None and not cfg.num_labels:  # a classifier's few-label head is replicated: below
             return self._sharded_head(x, embed, hidden, hidden_states, logits_dtype, greedy_tokens), new_kv
         if greedy_tokens:  # the caller checked greedy_head_applies: each row's argmax, no logits
             from jaxserve_kernels.skinny_matmul_mgpu import argmax_matmul_mgpu
@@ -915,29 +915,23 @@ class Qwen2ForCausalLM(nn.Module):
 
     def _sharded_head(self, x, embed, hidden, hidden_states: bool, logits_dtype, greedy_tokens: bool):
         """The LM head under tensor parallelism: this device's vocabulary slice of the logits, gathered whole; with
-        ``greedy_tokens`` each slice's best token and its logit, gathered (B x devices pairs, not B x vocab logits).
-        A classifier's few outputs come from its replicated head, nothing gathered."""
+        ``greedy_tokens`` each slice's best token and its logit, gathered (B x devices pairs, not B x vocab logits)."""
         cfg = self.config
         local = cfg.vocab_size // self.tp_size
-        if cfg.num_labels:
-            logits = nn.Dense(cfg.num_labels, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name="score")(x)
-            if greedy_tokens:
-                return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if cfg.tie_word_embeddings:  # the replicated embedding's rows of this device's slice
+            rows = jax.lax.dynamic_slice_in_dim(embed.embedding, jax.lax.axis_index(self.tp_axis) * local, local)
+            logits = jnp.dot(x.astype(self.dtype), rows.T.astype(self.dtype))
         else:
-            if cfg.tie_word_embeddings:  # the replicated embedding's rows of this device's slice
-                rows = jax.lax.dynamic_slice_in_dim(embed.embedding, jax.lax.axis_index(self.tp_axis) * local, local)
-                logits = jnp.dot(x.astype(self.dtype), rows.T.astype(self.dtype))
-            else:
-                logits = nn.Dense(local, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name="lm_head")(x)
-            if greedy_tokens:
-                best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-                top = jnp.take_along_axis(logits, best[..., None], axis=-1)[..., 0]
-                tops = jax.lax.all_gather(top, self.tp_axis)  # [devices, B, S]
-                bests = jax.lax.all_gather(best + jax.lax.axis_index(self.tp_axis) * local, self.tp_axis)
-                # The first device holding the maximum: its slice's tokens come first, so ties go to the lowest id,
-                # as one argmax over the whole vocabulary.
-                return jnp.take_along_axis(bests, jnp.argmax(tops, axis=0)[None], axis=0)[0]
-            logits = jax.lax.all_gather(logits, self.tp_axis, axis=logits.ndim - 1, tiled=True)
+            logits = nn.Dense(local, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name="lm_head")(x)
+        if greedy_tokens:
+            best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            top = jnp.take_along_axis(logits, best[..., None], axis=-1)[..., 0]
+            tops = jax.lax.all_gather(top, self.tp_axis)  # [devices, B, S]
+            bests = jax.lax.all_gather(best + jax.lax.axis_index(self.tp_axis) * local, self.tp_axis)
+            # The first device holding the maximum: its slice's tokens come first, so ties go to the lowest id, as
+            # one argmax over the whole vocabulary.
+            return jnp.take_along_axis(bests, jnp.argmax(tops, axis=0)[None], axis=0)[0]
+        logits = jax.lax.all_gather(logits, self.tp_axis, axis=logits.ndim - 1, tiled=True)
         logits = logits if logits_dtype is None else logits.astype(logits_dtype)
         return (logits, hidden) if hidden_states else logits
 

@@ -340,41 +340,33 @@ class Steps:
                  hidden_states: bool = False, input_embeds: tuple | None = None):
         # Activation-dtype logits: the samplers widen them to float32 where they read them (exact). A call with
         # LoRA rows carries the adapters beside the weights (`Runner._params`): a variant traced apart.
-        if self.tp is not None:
-            return self._forward_sharded(params, kv, tokens, positions, paged, logits_at, greedy_tokens, hidden_states,
-                                         input_embeds)
-        lora = params.get("lora")
-        if lora is not None:
-            params = {k: v for k, v in params.items() if k != "lora"}
-        return self.model.apply({"params": params}, tokens, positions, kv=kv, paged=paged, logits_at=logits_at,
-                                logits_dtype=None, greedy_tokens=greedy_tokens, lora=lora,
-                                hidden_states=hidden_states, input_embeds=input_embeds)
-
-    def _forward_sharded(self, params, kv, tokens, positions, paged, logits_at, greedy_tokens: bool,
-                         hidden_states: bool, input_embeds: tuple | None):
-        """`_forward` under tensor parallelism: every device runs the model on its share (`jaxserve.tensor_parallel`)
-        and all return the same logits (and hidden states); the KV pages stay split by head."""
-        def local(params, kv, replicated):
+        def run(model, params, kv, replicated):
             tokens, positions, paged, logits_at, input_embeds = replicated
             lora = params.get("lora")
             if lora is not None:
                 params = {k: v for k, v in params.items() if k != "lora"}
-            return self.local_model.apply({"params": params}, tokens, positions, kv=kv, paged=paged,
-                                          logits_at=logits_at, logits_dtype=None, greedy_tokens=greedy_tokens,
-                                          lora=lora, hidden_states=hidden_states, input_embeds=input_embeds)
+            return model.apply({"params": params}, tokens, positions, kv=kv, paged=paged, logits_at=logits_at,
+                               logits_dtype=None, greedy_tokens=greedy_tokens, lora=lora, hidden_states=hidden_states,
+                               input_embeds=input_embeds)
 
-        # check_vma off: the Pallas kernels inside carry no varying-axes rules; the all-reduces and the logits'
-        # gather make the replicated outputs replicated.
-        sharded = jax.shard_map(local, mesh=self.tp.mesh, in_specs=(self.tp.param_specs(params), P(AXIS), P()),
-                                out_specs=(P(), P(AXIS)), check_vma=False)
-        return sharded(params, kv, (tokens, positions, paged, logits_at, input_embeds))
+        replicated = (tokens, positions, paged, logits_at, input_embeds)
+        if self.tp is None:
+            return run(self.model, params, kv, replicated)
+        # Tensor parallelism (`jaxserve.tensor_parallel`): every device runs the model on its share and all return the
+        # same logits (and hidden states); the KV pages stay split by head. check_vma off: the Pallas kernels inside
+        # carry no varying-axes rules; the all-reduces and the logits' gather make the replicated outputs replicated.
+        sharded = jax.shard_map(functools.partial(run, self.local_model), mesh=self.tp.mesh,
+                                in_specs=(self.tp.param_specs(params), P(AXIS), P()), out_specs=(P(), P(AXIS)),
+                                check_vma=False)
+        return sharded(params, kv, replicated)
 
     def _greedy_head(self, rows: int, greedy: bool, num_top: int, logprobs: bool, batch: SamplingBatch) -> bool:
         """Whether a step's tokens come from the LM head's argmax (`model.greedy_head_applies`'s kernel; under tensor
         parallelism each device's argmax of its vocabulary slice, so no logits cross devices): every row greedy without
         penalties, allowed-token masks or bad words, no log-probabilities asked for."""
         return (greedy and not logprobs and num_top == 0 and not batch.allowed.shape[1] and not batch.bad_words.shape[1]
-                and (self.tp is not None or greedy_head_applies(self.model.config, self.model.dtype, rows)))
+                and ((self.tp is not None and not self.model.config.num_labels)
+                     or greedy_head_applies(self.model.config, self.model.dtype, rows)))
 
     def _pick_kernel(self, logits: jax.Array) -> bool:
         return self.pick_kernel and logits.shape[0] >= self.pick_min_rows
