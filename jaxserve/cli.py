@@ -164,8 +164,8 @@ def _model_from_args(args: argparse.Namespace, engine_config: Any) -> Any:
         scaling = json.loads(args.rope_scaling)
     except ValueError as exc:
         raise SystemExit(f"error: --rope-scaling is not JSON: {exc}")
-    split = engine_config.tensor_parallel_size > 1 or engine_config.quantization is not None
-    return load(args.model, dtype=engine_config.compute_dtype(), rope_scaling=scaling, device="cpu" if split else None)
+    return load(args.model, dtype=engine_config.compute_dtype(), rope_scaling=scaling,
+                device="cpu" if engine_config.loads_on_host else None)
 
 
 def _structured_from_args(args: argparse.Namespace) -> dict | None:

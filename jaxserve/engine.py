@@ -54,7 +54,12 @@ MAX_TOP_LOGPROBS = 20
 DEVICE_GUIDE_BYTES = int(os.environ.get("JAXSERVE_DEVICE_GUIDE_BYTES", str(1 << 30)))
 
 
-def _embeds_array(value: Any, hidden: int) -> np.ndarray:
+def _check_prompt_dict(prompt: Mapping) -> None:
+    if len(set(prompt) & set(PROMPT_KEYS)) != 1 or set(prompt) - set(PROMPT_KEYS):
+        raise ValueError(f"a prompt dict holds exactly one of {PROMPT_KEYS}, got keys {sorted(prompt)}")
+
+
+def prompt_embeds_array(value: Any, hidden: int) -> np.ndarray:
     """``prompt_embeds`` as float32 ``[n, hidden]`` (any array: numpy, JAX, torch); ValueError naming it if bad."""
     if hasattr(value, "detach"):  # a torch tensor (bfloat16 ones have no numpy twin)
         value = value.detach().float().cpu().numpy()
@@ -276,9 +281,7 @@ class Engine:
             raise ValueError("model is a params tree: pass jaxserve.LoadedModel.from_params(params, model_config) "
                              "(with a tokenizer for text prompts), a checkpoint folder, or a loaded model")
         config = config or EngineConfig()
-        # A split or quantized model's weights go to host memory first: each device then receives only its share,
-        # or only the quantized weights (never the full-precision ones beside them).
-        on_host = not isinstance(model, LoadedModel) and (self.tp is not None or config.quantization is not None)
+        on_host = not isinstance(model, LoadedModel) and config.loads_on_host
         if not isinstance(model, LoadedModel):
             model = load(model, dtype=config.compute_dtype(), device="cpu" if on_host else None)
         self.config = config
@@ -380,23 +383,23 @@ class Engine:
             ids = ids[-params.truncate_prompt_tokens:]
         return ids
 
-    def prompt_embeds(self, prompt: Prompt, params: SamplingParams | PoolingParams) -> np.ndarray | None:
-        """A ``{"prompt_embeds": ...}`` prompt's embeddings as the engine keeps them (float32 ``[n, hidden]`` on the
-        host, cut as `request_ids` cuts), None for any other prompt; ValueError naming ``prompt_embeds`` if bad."""
-        if not isinstance(prompt, Mapping) or "prompt_embeds" not in prompt:
-            return None
-        embeds = _embeds_array(prompt["prompt_embeds"], self.model.config.hidden_size)
+    def _prompt_input(self, prompt: Prompt, params: SamplingParams | PoolingParams) -> tuple[list[int], Any]:
+        """`request_ids`, and for a ``{"prompt_embeds": ...}`` prompt its embeddings as the engine keeps them (float32
+        ``[n, hidden]`` on the host, cut as the ids are; the ids are then placeholders, 0), read once; None for any
+        other prompt. ValueError naming what is bad."""
+        if not (isinstance(prompt, Mapping) and "prompt_embeds" in prompt):
+            return self.request_ids(prompt, params), None
+        _check_prompt_dict(prompt)
+        embeds = prompt_embeds_array(prompt["prompt_embeds"], self.model.config.hidden_size)
         if params.truncate_prompt_tokens is not None:
             embeds = embeds[-params.truncate_prompt_tokens:]
-        return embeds
+        return [0] * len(embeds), embeds
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, Mapping):  # vLLM's TextPrompt / TokensPrompt / EmbedsPrompt
-            unknown = set(prompt) - set(PROMPT_KEYS)
-            if len(set(prompt) & set(PROMPT_KEYS)) != 1 or unknown:
-                raise ValueError(f"a prompt dict holds exactly one of {PROMPT_KEYS}, got keys {sorted(prompt)}")
+            _check_prompt_dict(prompt)
             if "prompt_embeds" in prompt:  # placeholders: the embeddings stand for these positions' tokens
-                return [0] * len(_embeds_array(prompt["prompt_embeds"], self.model.config.hidden_size))
+                return [0] * len(prompt_embeds_array(prompt["prompt_embeds"], self.model.config.hidden_size))
             prompt = prompt.get("prompt", prompt.get("prompt_token_ids"))
             if prompt is None or (not isinstance(prompt, str) and isinstance(prompt, Mapping)):
                 raise ValueError(f"prompt must be a string or token ids, got {prompt!r}")
@@ -445,8 +448,7 @@ class Engine:
         if params.n != 1:
             raise ValueError(f"n must be 1 for one request (generate and chat run n samples; here add n requests, "
                              f"each its own seed), got {params.n}")
-        ids = self.request_ids(prompt, params)
-        embeds = self.prompt_embeds(prompt, params)
+        ids, embeds = self._prompt_input(prompt, params)
         if embeds is not None and params.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs score the prompt's tokens, and a prompt given as prompt_embeds has none")
         if len(ids) + params.max_tokens > self.max_model_len:
@@ -486,12 +488,11 @@ class Engine:
         if pooling.task == "classify" and self.classify_head is None:
             raise ValueError(f"task 'classify' needs a sequence classifier (config.json's architectures {CLASSIFIER}); "
                              f"this model is a causal LM: embed it, or generate")
-        ids = self.request_ids(prompt, pooling)
+        ids, embeds = self._prompt_input(prompt, pooling)
         if len(ids) + 1 > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) exceeds max_model_len ({self.max_model_len}) - 1")
         return Request(self._new_request_id(request_id), ids, _POOLING_STEP, None, (), priority=int(priority),
-                       pooling=pooling, lora_id=lora_id, lora_namespace=namespace,
-                       prompt_embeds=self.prompt_embeds(prompt, pooling))
+                       pooling=pooling, lora_id=lora_id, lora_namespace=namespace, prompt_embeds=embeds)
 
     def _lora_namespace(self, lora_request: LoRARequest | None) -> int:
         if lora_request is None:

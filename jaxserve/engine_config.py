@@ -150,6 +150,12 @@ class EngineConfig:
             raise ValueError(f"the largest prefill bucket ({self.prefill_buckets[-1]}) must be >= "
                              f"max_tokens_per_step ({self.max_tokens_per_step})")
 
+    @property
+    def loads_on_host(self) -> bool:
+        """Whether a checkpoint path loads to host memory first (``jaxserve.load(device="cpu")``): a split engine's
+        devices then each receive only their share, a quantized one's only the quantized weights."""
+        return self.tensor_parallel_size > 1 or self.quantization is not None
+
     def compute_dtype(self) -> str:
         """The dtype the engine computes in: ``dtype``, where "auto" (the default) is bfloat16 on
         an accelerator, as vLLM runs a bfloat16 checkpoint such as Qwen2.5, and float32 on the CPU,

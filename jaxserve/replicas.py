@@ -85,8 +85,7 @@ class Replicas:
         if balance_slack < 0:
             raise ValueError(f"balance_slack must be >= 0, got {balance_slack}")
         if not isinstance(model, LoadedModel):
-            model = load(model, dtype=config.compute_dtype(),
-                         device="cpu" if tp > 1 or config.quantization is not None else None)
+            model = load(model, dtype=config.compute_dtype(), device="cpu" if config.loads_on_host else None)
         self.config = config
         self.balance_slack = balance_slack
         groups = devices if tp == 1 else [devices[i:i + tp] for i in range(0, len(devices), tp)]
@@ -163,10 +162,11 @@ class Replicas:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._owner:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        ids = self.request_ids(prompt, params or self.default_sampling_params())
         lora_id = 0 if lora_request is None else lora_request.lora_int_id
-        # A prompt given as embeddings is cached nowhere (its ids are placeholders): the least loaded takes it.
+        # A prompt given as embeddings is cached nowhere (its ids are placeholders): the least loaded takes it, and
+        # its engine reads (and checks) the embeddings.
         embeds = isinstance(prompt, Mapping) and "prompt_embeds" in prompt
+        ids = [] if embeds else self.request_ids(prompt, params or self.default_sampling_params())
         replica = self._load.index(min(self._load)) if embeds else self.route(ids, lora_id)
         request = self.engines[replica].make_request(prompt if embeds else ids, params, request_id, priority,
                                                      lora_request)

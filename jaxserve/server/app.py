@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxserve.async_engine import AsyncEngine, EngineDeadError, RequestHandle
 from jaxserve.beam_search import BeamSearchParams, best_next, search, step_params
-from jaxserve.engine import Engine
+from jaxserve.engine import Engine, prompt_embeds_array
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.lora import LoRARequest
@@ -615,10 +615,10 @@ def _prompt_embeds(req: CompletionRequest, st: _State) -> list[np.ndarray]:
             raise APIError(400, f"prompt_embeds must hold a tensor, got {type(tensor).__name__}", param="prompt_embeds")
         if tensor.ndim == 3 and tensor.shape[0] == 1:  # a batch of one
             tensor = tensor[0]
-        if tensor.ndim != 2 or tensor.shape[1] != st.hidden_size or not tensor.shape[0]:
-            raise APIError(400, f"prompt_embeds must be of shape [tokens >= 1, {st.hidden_size}], got "
-                                f"{list(tensor.shape)}", param="prompt_embeds")
-        embeds = tensor.detach().float().numpy()
+        try:  # the engine's own check, answered here with the field's name
+            embeds = prompt_embeds_array(tensor, st.hidden_size)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="prompt_embeds") from None
         if req.truncate_prompt_tokens is not None:
             embeds = embeds[-req.truncate_prompt_tokens:]
         out.append(embeds)
@@ -662,10 +662,10 @@ async def _score(request: Request, st: _State, pairs: list[tuple[Any, Any]], nam
         if len(st.labels) != 1:
             raise APIError(400, f"scores need an embedding model or a classifier of one label (a cross-encoder); this "
                                 f"classifier has {len(st.labels)} labels: use /classify", param="model")
-        firsts = await _on_tokenizer_thread(st, _token_ids, [a for a, _ in pairs], [names[0]] * len(pairs), st)
-        seconds = await _on_tokenizer_thread(st, _token_ids, [b for _, b in pairs], [names[1]] * len(pairs), st)
+        ids = await _on_tokenizer_thread(st, _token_ids, [t for pair in pairs for t in pair],
+                                         [name for _ in pairs for name in names], st)
         params = _pooling_params("last", truncate_prompt_tokens=req.truncate_prompt_tokens, task="classify")
-        out = await _pool(request, st, [a + b for a, b in zip(firsts, seconds)], names[1], req, base_id, params)
+        out = await _pool(request, st, [a + b for a, b in zip(ids[::2], ids[1::2])], names[1], req, base_id, params)
         return [{"score": float(o["probs"][0]), "prompt_tokens": o["prompt_tokens"]} for o in out]
     firsts = {a for a, _ in pairs}
     texts = list(dict.fromkeys(t for pair in pairs for t in pair))
