@@ -21,6 +21,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.fake_devices import add_cpu_devices_flag, fake_cpu_devices  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,12 +33,10 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--shared-prefix", action="store_true")
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--cpu-devices", type=int, default=0, help="CPU only: fake this many devices")
+    add_cpu_devices_flag(ap)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.cpu_devices:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={args.cpu_devices}")
+    fake_cpu_devices(args.cpu_devices)  # before jax is imported
     import jax
     import numpy as np
 
