@@ -6,8 +6,9 @@ alternation, quantifiers), so everything here is written in that subset and is a
 
 Limits (where the regex accepts fewer texts than the schema allows, or, as marked, more):
   * Whitespace is ``whitespace_pattern`` (default ``[ ]?``), only after ``{ [ , :`` and before ``} ]``.
-  * ``integer``'s ``minimum``/``maximum``/``exclusiveMinimum``/``exclusiveMaximum`` hold (`integer_range_regex`);
-    more: ``number``'s bounds and ``multipleOf`` are ignored.
+  * ``minimum``/``maximum``/``exclusiveMinimum``/``exclusiveMaximum`` hold for ``integer`` (`integer_range_regex`)
+    and ``number`` (`number_range_regex`: a bounded number is written without an exponent, compared as the exact
+    decimal it spells with the bound's shortest decimal form); more: ``multipleOf`` is ignored.
   * ``pattern`` must fully match the string's JSON-escaped content as-is (leading ``^`` / trailing
     ``$`` stripped), as in outlines, rather than be searched in the decoded string; more: a pattern
     that admits ``"`` or a raw control character can yield invalid JSON.
@@ -26,10 +27,12 @@ from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal
 
 from jaxserve.structured import escape
 
-__all__ = ["JSON_VALUE_DEPTH", "integer_range_regex", "json_object_regex", "json_value_regex", "schema_to_regex"]
+__all__ = ["JSON_VALUE_DEPTH", "integer_range_regex", "json_object_regex", "json_value_regex", "number_range_regex",
+           "schema_to_regex"]
 
 # Four levels of free-form nesting cover typical json_object replies; the regex grows ~4x per level.
 JSON_VALUE_DEPTH = 4
@@ -58,7 +61,7 @@ _HANDLED = {"type", "enum", "const", "properties", "required", "additionalProper
 # Accepted and ignored: annotations, and numeric bounds that a regex cannot reasonably enforce.
 _IGNORED = {"$schema", "$id", "$defs", "definitions", "$comment", "title", "description", "default",
             "examples", "readOnly", "writeOnly", "deprecated",
-            "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}  # an integer's bounds hold
+            "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}  # bounds hold on integer / number
 # Escapes the DFA understands, after a backslash, in a user's `pattern`.
 _PATTERN_ESCAPES = set("\\.*+?()[]{}|^$/\"-ntrdwsu")
 
@@ -249,6 +252,8 @@ class _Converter:
             return _string(schema)
         if t == "integer" and any(k in schema for k in _INT_BOUNDS):
             return integer_range_regex(*_integer_bounds(schema))
+        if t == "number" and any(k in schema for k in _INT_BOUNDS):
+            return number_range_regex(*_number_bounds(schema))
         if t in _SCALARS:
             return _SCALARS[t]
         if t == "object":
@@ -347,27 +352,31 @@ def _string(schema: dict) -> str | None:
 _INT_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
+def _bound_value(schema: dict, key: str) -> int | float | None:
+    """A numeric bound's value; None where absent or a draft-4 boolean."""
+    import math
+
+    value = schema.get(key)
+    if value is None or isinstance(value, bool):
+        return None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _err(f"{key!r} must be a finite number, got {value!r}")
+    return value
+
+
 def _integer_bounds(schema: dict) -> tuple[int | None, int | None]:
     """An integer schema's inclusive ``(lowest, highest)`` (None: unbounded), from draft 2020's numeric exclusive
     bounds or draft 4's boolean ones."""
     import math
 
-    def number(key: str) -> float | None:
-        value = schema.get(key)
-        if value is None or isinstance(value, bool):
-            return None
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise _err(f"{key!r} must be a finite number, got {value!r}")
-        return value
-
-    lo, hi = number("minimum"), number("maximum")
+    lo, hi = _bound_value(schema, "minimum"), _bound_value(schema, "maximum")
     lo = None if lo is None else math.ceil(lo)
     hi = None if hi is None else math.floor(hi)
     if schema.get("exclusiveMinimum") is True and lo is not None:  # draft 4: minimum itself excluded
         lo = lo + 1 if lo == schema["minimum"] else lo
     if schema.get("exclusiveMaximum") is True and hi is not None:
         hi = hi - 1 if hi == schema["maximum"] else hi
-    ex_lo, ex_hi = number("exclusiveMinimum"), number("exclusiveMaximum")
+    ex_lo, ex_hi = _bound_value(schema, "exclusiveMinimum"), _bound_value(schema, "exclusiveMaximum")
     if ex_lo is not None:
         lo = max(lo if lo is not None else -math.inf, math.floor(ex_lo) + 1)
     if ex_hi is not None:
@@ -375,6 +384,128 @@ def _integer_bounds(schema: dict) -> tuple[int | None, int | None]:
     if lo is not None and hi is not None and lo > hi:
         raise _err(f"no integer lies within the bounds {lo}..{hi}")
     return lo, hi
+
+
+_Bound = tuple[Decimal, bool] | None  # (value, inclusive); None: unbounded
+
+
+def _number_bounds(schema: dict) -> tuple[_Bound, _Bound]:
+    """A number schema's ``(lower, upper)`` bounds as exact decimals with their inclusiveness. A float bound is taken
+    as its shortest decimal (``0.1`` is 0.1, as a validator comparing parsed floats sees it)."""
+
+    def decimal(value: int | float) -> Decimal:
+        return Decimal(value) if isinstance(value, int) else Decimal(repr(value))
+
+    def tighter(a: _Bound, b: _Bound, upper: bool) -> _Bound:
+        if a is None or b is None:
+            return a or b
+        if a[0] != b[0]:
+            return a if (a[0] < b[0]) == upper else b
+        return a if not a[1] else b  # equal values: the exclusive one
+
+    lower = upper = None
+    for key, is_upper in (("minimum", False), ("maximum", True)):
+        value = _bound_value(schema, key)
+        if value is not None:  # draft 4 marks the bound itself exclusive with a boolean
+            inclusive = schema.get("exclusiveMaximum" if is_upper else "exclusiveMinimum") is not True
+            bound = (decimal(value), inclusive)
+            lower, upper = (lower, bound) if is_upper else (bound, upper)
+    ex_lo, ex_hi = _bound_value(schema, "exclusiveMinimum"), _bound_value(schema, "exclusiveMaximum")
+    if ex_lo is not None:
+        lower = tighter(lower, (decimal(ex_lo), False), upper=False)
+    if ex_hi is not None:
+        upper = tighter(upper, (decimal(ex_hi), False), upper=True)
+    if lower and upper and (lower[0] > upper[0] or (lower[0] == upper[0] and not (lower[1] and upper[1]))):
+        raise _err(f"no number lies within the bounds {lower[0]}..{upper[0]}")
+    return lower, upper
+
+
+def number_range_regex(lower: _Bound, upper: _Bound) -> str:
+    """A regex whose full matches are the JSON numbers without an exponent (``-0`` excluded) between ``lower`` and
+    ``upper``, each ``(Decimal value, inclusive)`` or None for an unbounded side. Trailing zeros of a fraction are
+    allowed (``0.50`` is 0.5), as JSON allows them.
+
+    Example:
+        >>> from decimal import Decimal
+        >>> regex = number_range_regex((Decimal(0), True), (Decimal(1), False))
+        >>> import re; [t for t in ("0", "0.999", "1", "1.0", "-0.5", "0.5e1") if re.fullmatch(regex, t)]
+        ['0', '0.999']
+    """
+    parts = []
+    if upper is None or upper[0] > 0 or (upper[0] == 0 and upper[1]):  # the non-negative part
+        parts += _unsigned_range(lower if lower is not None and lower[0] >= 0 else (Decimal(0), True), upper)
+    if lower is None or lower[0] < 0:  # "-" and magnitudes in (0 or -upper, -lower]: -0 belongs to the part above
+        floor = (-upper[0], upper[1]) if upper is not None and upper[0] < 0 else (Decimal(0), False)
+        magnitudes = _unsigned_range(floor, None if lower is None else (-lower[0], lower[1]))
+        parts += ["-" + (p if "|" not in p else f"(?:{p})") for p in magnitudes]
+    return "(?:" + "|".join(parts) + ")"
+
+
+def _digits(value: Decimal) -> tuple[int, str]:
+    """A non-negative decimal's integer part and its fraction's digits without trailing zeros."""
+    whole, _, fraction = format(value, "f").partition(".")
+    return int(whole), fraction.rstrip("0")
+
+
+_ANY_FRACTION = r"(?:\.[0-9]+)?"
+
+
+def _unsigned_range(lower: tuple[Decimal, bool], upper: _Bound) -> list[str]:
+    """Alternatives matching the unsigned decimals (integer part without leading zeros, optional fraction) in the
+    range; ``lower`` is at least 0."""
+    low_int, low_frac = _digits(lower[0])
+    high_int, high_frac = (None, None) if upper is None else _digits(upper[0])
+    out = []
+
+    def whole(integer: int, fractions: tuple[bool, list[str]]) -> None:
+        empty_ok, alts = fractions
+        if alts:
+            out.append(str(integer) + r"(?:\.(?:" + "|".join(alts) + "))" + ("?" if empty_ok else ""))
+        elif empty_ok:
+            out.append(str(integer))
+
+    if low_int == high_int:
+        whole(low_int, _fractions(low_frac, lower[1], high_frac, upper[1]))
+        return out
+    whole(low_int, _fractions(low_frac, lower[1], None, True))
+    if high_int is None or low_int + 1 <= high_int - 1:
+        middle = _magnitudes(low_int + 1, None if high_int is None else high_int - 1)
+        out.append((middle[0] if len(middle) == 1 else "(?:" + "|".join(middle) + ")") + _ANY_FRACTION)
+    if high_int is not None:
+        whole(high_int, _fractions("", True, high_frac, upper[1]))
+    return out
+
+
+def _fractions(low: str, low_inclusive: bool, high: str | None, high_inclusive: bool) -> tuple[bool, list[str]]:
+    """The digit strings S after a decimal point (S empty: no point) whose value 0.S lies between 0.low and 0.high
+    (None: below 1, unbounded within the integer): whether S may be empty, and alternatives for non-empty S. ``low``
+    and ``high`` have no trailing zeros; each step fixes one digit of S, so the recursion is as deep as the longer."""
+    if high is None and not low:
+        return (True, ["[0-9]+"]) if low_inclusive else (False, ["0*[1-9][0-9]*"])
+    if high == "":  # value 0 above: only zeros, if 0 itself is in the range
+        return (True, ["0+"]) if not low and low_inclusive and high_inclusive else (False, [])
+    low_digit = int(low[0]) if low else 0
+    high_digit = int(high[0]) if high is not None else 9
+    runs: list[tuple[tuple, list[int]]] = []  # consecutive digits that share what may follow them
+    for d in range(low_digit, high_digit + 1):
+        low_tight = d == low_digit and (bool(low) or not low_inclusive)
+        high_tight = high is not None and d == high_digit
+        empty_ok, rest = _fractions(low[1:] if low_tight else "", low_inclusive if low_tight else True,
+                                    high[1:] if high_tight else None, high_inclusive)
+        if runs and runs[-1][0] == (empty_ok, tuple(rest)):
+            runs[-1][1].append(d)
+        else:
+            runs.append(((empty_ok, tuple(rest)), [d]))
+    alts = []
+    for (empty_ok, rest), ds in runs:
+        digit = str(ds[0]) if len(ds) == 1 else f"[{ds[0]}-{ds[-1]}]"
+        if rest == ("[0-9]+",) and empty_ok:
+            alts.append(digit + "[0-9]*")
+        elif rest:
+            alts.append(digit + "(?:" + "|".join(rest) + ")" + ("?" if empty_ok else ""))
+        elif empty_ok:
+            alts.append(digit)
+    return (not low and low_inclusive), alts
 
 
 def integer_range_regex(lo: int | None, hi: int | None) -> str:

@@ -291,6 +291,58 @@ def test_integer_bounds_that_admit_nothing_are_refused():
         schema_to_regex({"type": "integer", "minimum": "1"})
 
 
+_NUMBER_TEXTS = [f"{sign}{whole}{frac}" for sign in ("", "-") for whole in range(0, 14)
+                 for frac in ("", ".0", ".00", ".05", ".050", ".1", ".2", ".25", ".249", ".2500", ".251", ".5", ".9",
+                              ".99", ".999")] + ["1e2", "0.5E0", "-0", "01", "1.", ".5"]
+
+
+@pytest.mark.parametrize("bounds", [dict(minimum=0, maximum=1), dict(minimum=0.25, exclusiveMaximum=3.5),
+                                    dict(exclusiveMinimum=-1.25, maximum=12), dict(maximum=-0.05), dict(minimum=-0.05),
+                                    dict(exclusiveMinimum=0), dict(exclusiveMaximum=0), dict(minimum=0.1, maximum=0.1),
+                                    dict(minimum=-12.999, maximum=-0.25), dict(minimum=0.249, maximum=0.251),
+                                    dict(minimum=2, exclusiveMinimum=True, maximum=5, exclusiveMaximum=True),  # draft 4
+                                    dict(minimum=1, exclusiveMinimum=1.5, maximum=9.9, exclusiveMaximum=9.5)])
+def test_number_bounds_hold_in_the_regex_and_the_dfa(bounds):
+    """Every text of a grid of decimals is accepted exactly when its exact value lies within the bounds (checked
+    against Decimal comparisons); exponents, -0, leading zeros and bare points are refused under bounds."""
+    from decimal import Decimal
+
+    from jaxserve.structured import compile_regex
+
+    schema = {"type": "object", "properties": {"x": {"type": "number", **bounds}}, "required": ["x"]}
+    regex = to_regex(schema)
+    dfa = compile_regex(regex)
+
+    def bound(key: str, strict_key: str):
+        value = bounds.get(key)
+        return None if value is None else (Decimal(repr(value)), bounds.get(strict_key) is True)
+
+    lows = [b for b in (bound("minimum", "exclusiveMinimum"),
+                        (Decimal(repr(bounds["exclusiveMinimum"])), True)
+                        if type(bounds.get("exclusiveMinimum")) in (int, float) else None) if b]
+    highs = [b for b in (bound("maximum", "exclusiveMaximum"),
+                         (Decimal(repr(bounds["exclusiveMaximum"])), True)
+                         if type(bounds.get("exclusiveMaximum")) in (int, float) else None) if b]
+    for text in _NUMBER_TEXTS:
+        plain = re.fullmatch(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?", text) is not None
+        value = Decimal(text) if plain else None
+        want = plain and not (text.startswith("-") and value == 0) \
+            and all(value > v if strict else value >= v for v, strict in lows) \
+            and all(value < v if strict else value <= v for v, strict in highs)
+        doc = '{"x":' + text + "}"
+        assert (re.fullmatch(regex, doc) is not None) == want, (bounds, text)
+        assert dfa.fullmatch(doc) == want, (bounds, text)
+
+
+def test_number_bounds_that_admit_nothing_are_refused():
+    with pytest.raises(ValueError, match="no number lies within"):
+        schema_to_regex({"type": "number", "minimum": 1.5, "maximum": 1.25})
+    with pytest.raises(ValueError, match="no number lies within"):
+        schema_to_regex({"type": "number", "minimum": 2, "exclusiveMaximum": 2})
+    with pytest.raises(ValueError, match="'maximum' must be a finite number"):
+        schema_to_regex({"type": "number", "maximum": float("inf")})
+
+
 @pytest.mark.parametrize("schema,name", [
     ({"type": "object", "patternProperties": {"^a": {}}}, "patternProperties"),
     ({"type": "array", "prefixItems": [{}]}, "prefixItems"),
