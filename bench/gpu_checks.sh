@@ -295,6 +295,10 @@
 #               greedy tokens; bench/tensor_parallel.py), then the tests of tests/test_tensor_parallel.py (~300 s?)
 #   fp8_50      session 50: fp8 projection weights (EngineConfig(quantization="fp8"), XLA products of the upcast weights,
 #               no skinny kernel) against bf16 on the 7B shape at batch 1 / 64 / 256 (bench/tensor_parallel.py; ~300 s?)
+#   fp8_51      session 51: fp8 projections through the skinny matmul (float8 weights read as stored, widened in
+#               registers; model.FP8_SKINNY): its compiled kernel tests, then bench/tensor_parallel.py on the 7B shape at
+#               batch 1 / 64, bf16 against fp8 with the kernel (JAXSERVE_FP8_SKINNY=1), then fp8 with XLA's product of the
+#               upcast weights (=0), each its own process (~450 s?)
 #   yarn44      session 44: the 0.5B and 7B decode steps of a YaRN checkpoint (scaled cos/sin tables) compiled
 #               against the reference at 1-256 rows (~200 s)
 set -uo pipefail
@@ -903,6 +907,12 @@ for part in "${parts[@]}"; do
           timeout 200 python3 bench/tensor_parallel.py --shape 0.5B --tp 1 2 --batches 64 256 ;;
     fp8_50) timeout 500 python3 bench/tensor_parallel.py --shape 7B --tp 1 --quantization none fp8 --batches 1 64 256 \
               --out "$OUT/$part" ;;
+    fp8_51) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_skinny_matmul.py \
+              -k fp8 ; \
+            JAXSERVE_FP8_SKINNY=1 timeout 260 python3 bench/tensor_parallel.py --shape 7B --tp 1 --quantization none fp8 \
+              --batches 1 64 --output-len 64 --out "$OUT/$part" ; \
+            echo "== ab JAXSERVE_FP8_SKINNY=0"; JAXSERVE_FP8_SKINNY=0 timeout 200 python3 bench/tensor_parallel.py \
+              --shape 7B --tp 1 --quantization fp8 --batches 1 64 --output-len 64 ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;

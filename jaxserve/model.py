@@ -281,6 +281,12 @@ MGPU_MAX_ROWS = int(os.environ.get("JAXSERVE_MGPU_MAX_ROWS", "256"))
 XLA_GATE_UP_ROWS = int(os.environ.get("JAXSERVE_XLA_GATE_UP_ROWS", "0"))
 
 
+# fp8 projections of at most SKINNY_ROWS rows (decode steps, short chunks) through the skinny matmul, which reads the
+# float8 weights as stored and widens them in registers; wider products (and JAXSERVE_FP8_SKINNY=0) take XLA's
+# product of the upcast weights. Read when a step is traced.
+FP8_SKINNY = os.environ.get("JAXSERVE_FP8_SKINNY", "1") == "1"
+
+
 def skinny_rows(dtype: Any) -> int:
     """The most rows of a decode step that runs the skinny path (the fused decode glue, the
     skinny-matmul projections) for a model of this dtype; wider steps use XLA's GEMMs.
@@ -565,6 +571,12 @@ class Linear(nn.Module):
                 raise ValueError("quantized projections run the plain path (no fused decode glue)")
             scale = self.param(QUANT_SCALE, nn.initializers.ones, (self.features,), jnp.float32)
             x = x.astype(self.dtype)
+            rows = x.size // x.shape[-1]
+            if fast and FP8_SKINNY and DECODE_PROJECTIONS != "xla" and rows <= SKINNY_ROWS:
+                from jaxserve_kernels.skinny_matmul import skinny_matmul
+
+                out = skinny_matmul(x.reshape(rows, x.shape[-1]), kernel, bias, scale=scale, layout=WEIGHT_LAYOUT)
+                return out.reshape(*x.shape[:-1], out.shape[-1])
             out = jax.lax.dot_general(x, kernel.astype(self.dtype), (((x.ndim - 1,), (1 if nk else 0,)), ((), ())),
                                       preferred_element_type=jnp.float32)
             out = (out * scale).astype(self.dtype)

@@ -104,11 +104,13 @@ INTERPRET_BLOCK_N = 64
 
 def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int,
             block_m: int, block_n: int, block_k: int, n_out: int, precision, layout: str,
-            gemv: bool, prefetch: bool = False):
-    if has_bias:
-        b_ref, o_ref = rest
-    else:
-        (o_ref,) = rest
+            gemv: bool, prefetch: bool = False, has_scale: bool = False):
+    rest = list(rest)
+    b_ref = rest.pop(0) if has_bias else None
+    s_ref = rest.pop(0) if has_scale else None
+    (o_ref,) = rest
+    # fp8 weights are widened to the activations' dtype in registers: HBM and L2 move one byte a weight.
+    compute = x_ref.dtype if jnp.dtype(w_ref.dtype).itemsize == 1 else w_ref.dtype
     # Row blocks vary fastest in launch order, so the programs that read one weight tile run
     # together and all but the first find it in L2.
     row_block, col_block, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -136,18 +138,18 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
             if layout == "nk":  # block_n weight rows of block_k contiguous elements each
                 w = compat.load(w_ref.at[cols_at, pl.ds(k0, block_k)],
                                 mask=col_ok[:, None] & k_ok[None, :], other=0)
-                prod = compat.dot(x.astype(w.dtype), w, trans_b=True, precision=precision)
+                prod = compat.dot(x.astype(compute), w.astype(compute), trans_b=True, precision=precision)
             else:
                 w = compat.load(w_ref.at[pl.ds(k0, block_k), cols_at],
                                 mask=k_ok[:, None] & col_ok[None, :], other=0)
-                prod = compat.dot(x.astype(w.dtype), w, precision=precision)
+                prod = compat.dot(x.astype(compute), w.astype(compute), precision=precision)
             out[h] += prod
         return tuple(out)
 
-    bias_ref = b_ref if has_bias else None
+    bias_ref = b_ref
     cols_at = pl.ds(col_block * block_n, block_n)
     if gemv:  # a few rows ([N, K] weights): lane-wise products, reduced once after the loop
-        _gemv_rows(x_ref, w_ref, o_ref, bias_ref, row0=row0, rows=block_m, halves=halves, k_start=k_start,
+        _gemv_rows(x_ref, w_ref, o_ref, bias_ref, s_ref, row0=row0, rows=block_m, halves=halves, k_start=k_start,
                    k_end=k_end, num_iters=num_iters, block_n=block_n, block_k=block_k, col_block=col_block,
                    col_ok=col_ok, cols_at=cols_at, epilogue=epilogue, split=split, prefetch=prefetch)
         return
@@ -159,10 +161,10 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
         compat.store(o_ref.at[(split,) + tile], accs[0], mask=mask)
         return
     _store_output(accs, o_ref, bias_ref, epilogue=epilogue, tile=tile, mask=mask,
-                  cols_at=cols_at, col_ok=col_ok)
+                  cols_at=cols_at, col_ok=col_ok, s_ref=s_ref)
 
 
-def _gemv_rows(x_ref, w_ref, o_ref, bias_ref, *, row0, rows: int, halves, k_start, k_end, num_iters, block_n: int,
+def _gemv_rows(x_ref, w_ref, o_ref, bias_ref, s_ref, *, row0, rows: int, halves, k_start, k_end, num_iters, block_n: int,
                block_k: int, col_block, col_ok, cols_at, epilogue: str, split, prefetch: bool) -> None:
     """The lane-wise path's program: `rows` activation rows (1 to `NK_GEMV_MAX_ROWS`) times `block_n` weight rows,
     each weight tile loaded once for all of them; every row keeps its own `[block_n, block_k]` float32 lanes."""
@@ -197,7 +199,7 @@ def _gemv_rows(x_ref, w_ref, o_ref, bias_ref, *, row0, rows: int, halves, k_star
             compat.store(o_ref.at[(split,) + tile], sums[0], mask=col_ok[None, :])
         else:
             _store_output(sums, o_ref, bias_ref, epilogue=epilogue, tile=tile, mask=col_ok[None, :],
-                          cols_at=cols_at, col_ok=col_ok)
+                          cols_at=cols_at, col_ok=col_ok, s_ref=s_ref)
 
 
 def swiglu_sums(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
@@ -213,14 +215,17 @@ def swiglu_sums(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
     return (gate / (1.0 + jnp.exp(-gate))).astype(dtype).astype(jnp.float32) * up
 
 
-def _store_output(accs, o_ref, b_ref, *, epilogue: str, tile, mask, cols_at, col_ok, bias=None) -> None:
-    """A program's float32 sums to its output tile: SwiGLU of the (gate, up) pair, or bias + round
-    (`bias`: its columns already loaded, else read from `b_ref` here)."""
+def _store_output(accs, o_ref, b_ref, *, epilogue: str, tile, mask, cols_at, col_ok, bias=None,
+                  s_ref=None) -> None:
+    """A program's float32 sums to its output tile: SwiGLU of the (gate, up) pair, or (column scale of fp8
+    weights +) bias + round (`bias`: its columns already loaded, else read from `b_ref` here)."""
     dtype = o_ref.dtype
     if epilogue == "swiglu":
         compat.store(o_ref.at[tile], swiglu_sums(*accs, dtype).astype(dtype), mask=mask)
         return
     acc = accs[0]
+    if s_ref is not None:
+        acc = acc * compat.load(s_ref.at[cols_at], mask=col_ok, other=0)[None, :]
     if b_ref is not None:
         if bias is None:
             bias = compat.load(b_ref.at[cols_at], mask=col_ok, other=0)
@@ -269,7 +274,7 @@ def split_count(m: int, k: int, n: int, block_n: int, block_k: int,
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_m", "block_n", "block_k",
                                              "num_splits", "num_warps", "num_stages", "interpret",
                                              "layout", "gemv", "prefetch"))
-def _skinny(x, w, bias, *, epilogue: str, block_m: int, block_n: int, block_k: int,
+def _skinny(x, w, bias, scale, *, epilogue: str, block_m: int, block_n: int, block_k: int,
             num_splits: int, num_warps: int, num_stages: int, interpret: bool, layout: str,
             gemv: bool, prefetch: bool = False):
     m, k = x.shape
@@ -278,15 +283,17 @@ def _skinny(x, w, bias, *, epilogue: str, block_m: int, block_n: int, block_k: i
     block_m = m if gemv else max(16, compat.next_pow2(min(m, block_m)))  # gemv: every row in each program
     k_blocks = pl.cdiv(k, block_k)
     k_per_split = pl.cdiv(k_blocks, num_splits) * block_k
-    precision = lax.Precision.HIGHEST if w.dtype == jnp.float32 else None
-    # Split programs write float32 partials; the bias joins where they are summed.
+    compute = x.dtype if w.dtype.itemsize == 1 else w.dtype  # as _kernel's: fp8 weights widen to x's dtype
+    precision = lax.Precision.HIGHEST if compute == jnp.float32 else None
+    # Split programs write float32 partials; the scale and bias join where they are summed.
     in_kernel_bias = bias is not None and epilogue == "none" and num_splits == 1
+    in_kernel_scale = scale is not None and num_splits == 1
     kernel = functools.partial(_kernel, epilogue="partials" if num_splits > 1 else epilogue,
-                               has_bias=in_kernel_bias, k_per_split=k_per_split,
+                               has_bias=in_kernel_bias, has_scale=in_kernel_scale, k_per_split=k_per_split,
                                block_m=block_m, block_n=block_n, block_k=block_k, n_out=n_out,
                                precision=precision, layout=layout, gemv=gemv,
                                prefetch=prefetch and gemv)
-    args = [x, w] + ([bias] if in_kernel_bias else [])
+    args = [x, w] + ([bias] if in_kernel_bias else []) + ([scale] if in_kernel_scale else [])
     if num_splits > 1 or epilogue == "partials":
         out_shape = jax.ShapeDtypeStruct((num_splits, m, n_out), jnp.float32)
     else:
@@ -297,6 +304,8 @@ def _skinny(x, w, bias, *, epilogue: str, block_m: int, block_n: int, block_k: i
     if num_splits == 1 or epilogue == "partials":
         return out
     out = out.sum(axis=0)
+    if scale is not None:
+        out = out * scale
     if bias is not None:
         out = out + bias.astype(jnp.float32)
     return out.astype(x.dtype)
@@ -306,7 +315,7 @@ EPILOGUES = ("none", "partials", "swiglu")
 
 
 def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
-                  epilogue: str = "none", interpret: bool | None = None,
+                  epilogue: str = "none", scale: jax.Array | None = None, interpret: bool | None = None,
                   block_n: int | None = None, block_k: int | None = None,
                   num_splits: int | None = None, num_warps: int | None = None,
                   num_stages: int = 3, block_m: int = ROW_BLOCK, layout: str = "kn",
@@ -318,6 +327,9 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         w: `[K, N]` weights (Flax `Dense` layout), or `[N, K]` with `layout="nk"` (PyTorch's
             and Hugging Face's: each output's weights contiguous).
         bias: optional `[N]` (epilogue "none" only).
+        scale: optional float32 `[N]`, each output column's factor (epilogue "none" only): the
+            per-channel scales of float8 weights (`jaxserve.quantization`), which the kernel
+            reads as they are stored, one byte a weight, and widens to x's dtype in registers.
         epilogue: what the kernel returns:
             "none": the product (+ bias) in x's dtype, `[M, N]`;
             "partials": the float32 partial sums of its K splits, `[S, M, N]`, for a consumer
@@ -344,6 +356,9 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         ((2, 384), (2, 192))
         >>> skinny_matmul(x, w.T, layout="nk").shape
         (2, 384)
+        >>> w8 = jnp.ones((384, 256), jnp.float8_e4m3fn)
+        >>> skinny_matmul(x, w8, scale=jnp.full(384, 0.5), layout="nk")[0, :2].tolist()
+        [128.0, 128.0]
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -357,6 +372,8 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
     if bias is not None and (epilogue != "none" or bias.shape != (n,)):
         raise ValueError(f"bias must be [{n}] with epilogue 'none', got {bias.shape} "
                          f"with {epilogue!r}")
+    if scale is not None and (epilogue != "none" or scale.shape != (n,)):
+        raise ValueError(f"scale must be [{n}] with epilogue 'none', got {scale.shape} with {epilogue!r}")
     if epilogue == "swiglu":
         if n % 2:
             raise ValueError(f"swiglu needs an even number of weight columns, got {n}")
@@ -385,14 +402,16 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
     check_tile("block_k", block_k)
     if num_warps is None:
         num_warps = NK_GEMV_WARPS if gemv else 4
-    return _skinny(x, w, bias, epilogue=epilogue, block_m=block_m, block_n=block_n, block_k=block_k,
+    if scale is not None:
+        scale = scale.astype(jnp.float32)
+    return _skinny(x, w, bias, scale, epilogue=epilogue, block_m=block_m, block_n=block_n, block_k=block_k,
                    num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                    interpret=interpret, layout=layout, gemv=gemv,
                    prefetch=NK_GEMV_PREFETCH if prefetch is None else prefetch)
 
 
 def skinny_matmul_reference(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
-                            epilogue: str = "none", layout: str = "kn") -> jax.Array:
+                            epilogue: str = "none", layout: str = "kn", scale: jax.Array | None = None) -> jax.Array:
     """jnp reference: float32 product (HIGHEST precision), with the kernel's roundings.
 
     "partials" comes back as one split (`[1, M, N]`), a valid split of the same sum.
@@ -404,6 +423,8 @@ def skinny_matmul_reference(x: jax.Array, w: jax.Array, bias: jax.Array | None =
     if layout == "nk":
         w = w.T
     out = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    if scale is not None:
+        out = out * scale.astype(jnp.float32)
     return apply_epilogue(out, x.dtype, bias, epilogue)
 
 

@@ -5,6 +5,8 @@ embedding, LM head and norms left as they were, the projections' bytes halved; b
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,6 +74,31 @@ def test_the_quantized_engine_is_the_model_with_dequantized_weights(tiny):  # no
         assert_all_pages_free(engine)
     plain = jaxserve.generate(ref, loop, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)[0]
     assert spec["token_ids"] == plain["token_ids"]
+
+
+def test_the_skinny_kernel_reads_the_fp8_weights(tiny, monkeypatch):  # noqa: F811
+    """Under the Pallas kernels (interpreted here) a quantized decode step's projections go through the skinny matmul
+    with the float8 weights and their scales, and give the dequantized model's tokens and log-probabilities."""
+    skinny = importlib.import_module("jaxserve_kernels.skinny_matmul")  # the package exports a function of that name
+
+    m, _ = tiny
+    seen = []
+    kernel = skinny.skinny_matmul
+
+    def spy(x, w, *args, **kw):
+        seen.append((w.dtype, kw.get("scale") is not None))
+        return kernel(x, w, *args, **kw)
+
+    monkeypatch.setattr(skinny, "skinny_matmul", spy)
+    ref = LoadedModel.from_params(dequantized(quantize_params(m.params)), m.config, m.tokenizer)
+    prompts = random_prompts(m.config.vocab_size, (3, 20))
+    got = jaxserve.generate(m, prompts, GREEDY, engine_config=small_config(quantization="fp8", attention_impl="pallas"),
+                            use_tqdm=False)
+    assert (FP8, True) in seen
+    want = jaxserve.generate(ref, prompts, GREEDY, engine_config=small_config(), use_tqdm=False)
+    for a, b in zip(got, want):
+        assert a["token_ids"] == b["token_ids"]
+        np.testing.assert_allclose(a["logprobs"], b["logprobs"], rtol=1e-4, atol=1e-5)
 
 
 def test_an_adapter_on_the_quantized_model(tiny, tmp_path):  # noqa: F811

@@ -301,6 +301,39 @@ def test_skinny_matmul_gemv_several_rows_match_reference(interpret, prefetch, ro
     check_gemv(rows, interpret, prefetch, epilogue, k, n, dtype, with_bias, splits, bn, bk)
 
 
+FP8_CASES = [  # (M, K, N, layout, dtype, bias, num_splits): float8 weights with per-column scales
+    (1, 896, 1152, "nk", jnp.bfloat16, True, None),   # the one-row lane-wise path, Qwen2.5-0.5B qkv
+    (1, 700, 70, "nk", jnp.float32, False, 3),        # lane-wise, uneven splits summed outside, then scaled
+    (5, 200, 130, "nk", jnp.float32, True, 1),        # tensor-core tile, scale + bias in the kernel
+    (MAX_ROWS, 300, 96, "nk", jnp.bfloat16, False, 2),
+    (3, 200, 130, "kn", jnp.float32, True, None),
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("m,k,n,layout,dtype,with_bias,splits", FP8_CASES)
+def test_skinny_matmul_fp8_weights_match_reference(interpret, m, k, n, layout, dtype, with_bias, splits):
+    """float8 e4m3 weights read as stored and widened in the kernel, each column times its scale: the product of
+    the dequantized weights (`jaxserve.quantization`'s weight-only fp8)."""
+    from jaxserve.quantization import quantize_fp8
+
+    rng, seed = fresh_rng()
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    shape = (n, k) if layout == "nk" else (k, n)
+    scales = rng.uniform(0.5, 2.0, n) / np.sqrt(k)  # channels of different sizes
+    w, scale = quantize_fp8(jnp.asarray(rng.standard_normal(shape) * (scales[:, None] if layout == "nk" else scales)),
+                            axis=0 if layout == "nk" else 1)
+    bias = jnp.asarray(rng.standard_normal(n), dtype) if with_bias else None
+    out = skinny_matmul(x, w, bias, scale=scale, interpret=interpret, num_splits=splits, layout=layout)
+    ref = skinny_matmul_reference(x.astype(jnp.float32), w, None if bias is None else bias.astype(jnp.float32),
+                                  layout=layout, scale=scale)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
+    with pytest.raises(ValueError, match="scale must be"):
+        skinny_matmul(x, w, scale=scale[1:], layout=layout)
+
+
 def test_skinny_matmul_norm_errors_name_the_field():
     ones = jnp.ones((1, 8))
     with pytest.raises(ValueError, match="hidden"):
