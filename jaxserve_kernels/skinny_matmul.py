@@ -235,7 +235,8 @@ def _store_output(accs, o_ref, b_ref, *, epilogue: str, tile, mask, cols_at, col
 
 def default_tiling(m: int, k: int, n: int, epilogue: str = "none",
                    block_m: int = ROW_BLOCK, layout: str = "kn", gemv: bool = False,
-                   block_n: int | None = None, block_k: int | None = None) -> tuple[int, int, int]:
+                   block_n: int | None = None, block_k: int | None = None,
+                   weight_bytes: int = 2) -> tuple[int, int, int]:
     """(block_n, block_k, num_splits): 64 columns x 128 rows of weight (16 KiB of bf16) a
     loop iteration (never deeper than K's power of two); K split until about
     `_TARGET_PROGRAMS` programs run. SwiGLU loads two 32-column tiles an iteration (gate and
@@ -244,7 +245,8 @@ def default_tiling(m: int, k: int, n: int, epilogue: str = "none",
 
     With the `[N, K]` layout a tile is `NK_BLOCK_N` weight rows of `NK_BLOCK_K` contiguous
     elements (`NK_GEMV_BLOCK_N` x `NK_GEMV_BLOCK_K` on the one-row `gemv` path), so narrow column
-    blocks still read long runs of memory."""
+    blocks still read long runs of memory. On the lane-wise path one-byte (float8) weights take twice the K
+    depth a tile, so that a tile moves the bytes the tiles were tuned for in bf16."""
     if layout == "nk":
         dn, dk = (NK_GEMV_BLOCK_N, NK_GEMV_BLOCK_K) if gemv else (NK_BLOCK_N, NK_BLOCK_K)
         target = NK_GEMV_TARGET_PROGRAMS if gemv else NK_TARGET_PROGRAMS
@@ -252,7 +254,8 @@ def default_tiling(m: int, k: int, n: int, epilogue: str = "none",
         dn, dk = (32 if epilogue == "swiglu" else 64), 128
         target = _TARGET_PROGRAMS
     block_n = block_n or dn
-    block_k = block_k or min(dk, max(16, compat.next_pow2(k)))
+    deeper = 2 if weight_bytes == 1 and gemv else 1  # the lane-wise path widens to float32 lanes, not tiles
+    block_k = block_k or min(dk * deeper, max(16, compat.next_pow2(k)))
     if epilogue == "swiglu":
         return block_n, block_k, 1
     return block_n, block_k, split_count(m, k, n, block_n, block_k, target, block_m)
@@ -395,7 +398,7 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         # CPU decode step ~10x slower than wide ones.
         block_n = INTERPRET_BLOCK_N
     block_n, block_k, splits = default_tiling(x.shape[0], x.shape[1], n, epilogue, block_m, layout, gemv,
-                                              block_n, block_k)
+                                              block_n, block_k, w.dtype.itemsize)
     num_splits = num_splits or splits
     # The lane-wise path has no tensor-core minimum: a few weight rows a program is fine.
     check_tile("block_n", block_n, 1 if gemv else 16)
