@@ -15,6 +15,10 @@ import os
 import sys
 from typing import Any, Sequence
 
+from jaxserve.engine_config import ATTENTION_IMPLS, DTYPES, POLICIES, SCHEDULING_POLICIES
+from jaxserve.pooling import POOLING_TYPES
+from jaxserve.quantization import QUANTIZATIONS
+
 # CPU defaults keep the first run quick (few pages to allocate, few batch shapes to compile);
 # on an accelerator the pool is sized from free memory instead.
 CPU_NUM_PAGES = 256
@@ -29,7 +33,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rope-scaling", default=None, metavar="JSON",
                    help="replaces config.json's rope_scaling, e.g. the Qwen2.5 cards' YaRN past 32k: "
                         "'{\"type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}'")
-    g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+    g.add_argument("--dtype", choices=[d for d in DTYPES if d != "auto"], default=None,
                    help="compute dtype (default: bfloat16 on an accelerator, float32 on the CPU)")
     g.add_argument("--num-pages", type=int, default=None,
                    help=f"KV pages in the pool (default: from free accelerator memory; {CPU_NUM_PAGES} on the CPU)")
@@ -42,9 +46,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + completion (default: the model's context length, "
                         "max_position_embeddings times a RoPE scaling factor where config.json sets one)")
-    g.add_argument("--policy", choices=("prefill_first", "time_share", "mixed"), default="prefill_first",
+    g.add_argument("--policy", choices=POLICIES, default="prefill_first",
                    help="how prefill and decode steps share the device (default prefill_first)")
-    g.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
+    g.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
                    help="admission and preemption order: arrival (fcfs, the default) or each request's priority "
                         "(lower first; vLLM's)")
     g.add_argument("--decode-steps", type=int, default=8, help="decode steps per device call (default 8)")
@@ -70,7 +74,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="share of free accelerator memory for KV pages when --num-pages is not given (default 0.6)")
     g.add_argument("--no-overlap", action="store_true",
                    help="read each decode or prefill call's tokens before starting the next (default: overlap them)")
-    g.add_argument("--attention-impl", choices=("auto", "pallas", "pallas-unfused", "reference"), default="auto",
+    g.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="auto",
                    help="paged attention: Pallas kernels, their jnp references, or auto (Pallas on a GPU)")
     g.add_argument("--max-loras", type=int, default=None, metavar="N",
                    help="LoRA adapters held on the device at once (default 0: none; serve: as many as --lora-modules, "
@@ -80,7 +84,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="serve adapters (vLLM's; implied by --max-loras or --lora-modules): at least one slot")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                    help="split the model by attention head over N devices of this host (default 1)")
-    g.add_argument("--quantization", "-q", choices=("fp8",), default=None,
+    g.add_argument("--quantization", "-q", choices=QUANTIZATIONS, default=None,
                    help="hold the layers' projection weights as fp8 with a scale per output channel (default: none)")
     g.add_argument("--compile-cache-dir", default=os.environ.get("JAXSERVE_COMPILE_CACHE_DIR"), metavar="PATH",
                    help="keep compiled steps here so a restart skips most of the warm-up "
@@ -382,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--enable-prompt-embeds", action="store_true",
                      help="take /v1/completions' prompt_embeds (base64 of torch.save of a [tokens, hidden] tensor, "
                           "vLLM's; read with torch.load(weights_only=True))")
-    srv.add_argument("--pooling-type", default="last", choices=("last", "mean"),
+    srv.add_argument("--pooling-type", default="last", choices=POOLING_TYPES,
                      help="how /v1/embeddings pools the final hidden states: the last token's (gte-Qwen2's, vLLM's "
                           "default) or their mean")
     srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -401,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog="example: jaxserve convert /models/Qwen2.5-0.5B /models/qwen-0.5b-jax --dtype bfloat16")
     conv.add_argument("src", help="Hugging Face checkpoint folder")
     conv.add_argument("dst", help="output folder")
-    conv.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="saved dtype (default float32)")
+    conv.add_argument("--dtype", choices=[d for d in DTYPES if d != "auto"], default="float32", help="saved dtype (default float32)")
     conv.set_defaults(func=cmd_convert)
 
     bench = sub.add_parser("bench", help="run bench/serving.py (source checkout only)",
