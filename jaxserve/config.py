@@ -15,6 +15,45 @@ from typing import Any
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification")
 CLASSIFIER = "Qwen2ForSequenceClassification"
 SUPPORTED_MODEL_TYPES = ("qwen2",)
+# Checkpoints quantized ahead (config.json's quantization_config) that load as they are: float8 e4m3 projection weights
+# with a scale per output channel or per tensor, which are `jaxserve.quantization`'s fp8 weights.
+CHECKPOINT_QUANTIZATIONS = ("compressed-tensors", "fbgemm_fp8")
+
+
+def checkpoint_quantization(qc: dict[str, Any] | None) -> str | None:
+    """What a checkpoint's ``quantization_config`` holds, as an ``EngineConfig.quantization`` name ("fp8"), or None
+    where there is none; any other scheme is refused by name.
+
+    Taken: llm-compressor's "compressed-tensors" float-quantized 8-bit weights of ``channel`` or ``tensor`` strategy
+    (its FP8 and FP8_DYNAMIC schemes: vLLM's usual fp8 checkpoints, e.g. RedHatAI's Qwen2.5 FP8-dynamic) and
+    "fbgemm_fp8". Activations run in the model's dtype (weight-only), so a dynamic or static activation scheme is
+    not applied: the products are the dequantized weights' at full activation precision.
+
+    Example:
+        >>> checkpoint_quantization({"quant_method": "fbgemm_fp8"})
+        'fp8'
+        >>> checkpoint_quantization({"quant_method": "awq", "bits": 4})
+        Traceback (most recent call last):
+        ...
+        ValueError: quantization_config: quant_method 'awq' is not supported (fp8 checkpoints of ('compressed-tensors', 'fbgemm_fp8') are)
+    """
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method not in CHECKPOINT_QUANTIZATIONS:
+        raise ValueError(f"quantization_config: quant_method {method!r} is not supported (fp8 checkpoints of "
+                         f"{CHECKPOINT_QUANTIZATIONS} are)")
+    if method == "compressed-tensors":
+        groups = qc.get("config_groups") or {}
+        if not groups:
+            raise ValueError("quantization_config: compressed-tensors without config_groups")
+        for name, group in groups.items():
+            w = group.get("weights") or {}
+            if (w.get("type"), w.get("num_bits")) != ("float", 8) or w.get("strategy") not in ("channel", "tensor"):
+                raise ValueError(f"quantization_config: config_groups.{name}.weights must be 8-bit float of channel or "
+                                 f"tensor strategy (fp8), got type={w.get('type')!r} num_bits={w.get('num_bits')!r} "
+                                 f"strategy={w.get('strategy')!r}")
+    return "fp8"
 
 
 ROPE_TYPES = ("linear", "yarn")
@@ -111,6 +150,8 @@ class ModelConfig:
     # A sequence classifier (Hugging Face's Qwen2ForSequenceClassification, `jaxserve.pooling`): its labels' names in id
     # order, its head a ``score`` matrix of that many outputs instead of the LM head. Empty: a causal LM.
     labels: tuple[str, ...] = ()
+    # "fp8": the checkpoint holds its projections quantized (`checkpoint_quantization`); None: full precision.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -212,6 +253,7 @@ class ModelConfig:
             torch_dtype=str(dtype),
             rope_scaling=rope_scaling,
             labels=labels,
+            quantization=checkpoint_quantization(d.get("quantization_config")),
         )
 
     @classmethod
@@ -228,7 +270,12 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["eos_token_id"] = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         d["rope_scaling"] = self.rope_scaling.to_hf_dict() if self.rope_scaling is not None else None
-        del d["labels"]
+        del d["labels"], d["quantization"]
+        if self.quantization == "fp8":  # as llm-compressor writes weight-only fp8 (`weights.to_hf_tensors`)
+            d["quantization_config"] = {
+                "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+                "ignore": ["lm_head"], "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                    "type": "float", "num_bits": 8, "strategy": "channel", "symmetric": True, "dynamic": False}}}}
         d.update(architectures=[CLASSIFIER if self.labels else "Qwen2ForCausalLM"], model_type="qwen2",
                  hidden_act="silu", use_sliding_window=False, attention_dropout=0.0, use_cache=True)
         if self.labels:

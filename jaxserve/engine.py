@@ -31,7 +31,7 @@ from jaxserve import model as model_module
 from jaxserve.model import decode_rows
 from jaxserve.pooling import (PoolingParams, classify_params, cross_encoder_prompt, finish_classification,
                               finish_embedding, pair_scores, score_pairs, text_key)
-from jaxserve.quantization import quantize_params
+from jaxserve.quantization import cast_params, quantize_params
 from jaxserve.request import Request, Status
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
 from jaxserve.sampling import (SamplingParams, allowed_masks, check_bad_word_ids, check_banned_ids, make_batch,
@@ -289,7 +289,7 @@ class Engine:
         self.tokenizer = model.tokenizer
         mcfg = model.config
         target = jnp.dtype(self.config.compute_dtype())
-        params = jax.tree_util.tree_map(lambda x: x.astype(target) if x.dtype != target else x, model.params)
+        params = cast_params(model.params, target)  # a checkpoint's fp8 weights stay fp8
         # A classifier's score head on the host: a classify request's labels come from its pooled vector there
         # (`pooling.finish_classification`), a few products a request.
         self.classify_head = (np.asarray(params["score"]["kernel"], np.float32) if mcfg.num_labels else None)

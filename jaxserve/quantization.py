@@ -85,6 +85,22 @@ def quantize_params(params: Any, method: str = "fp8") -> Any:
     return walk(params)
 
 
+def cast_params(params: Any, dtype: Any) -> Any:
+    """``params`` in ``dtype``, but for quantized projections' float8 weights and float32 scales, which stay as they
+    are (a model loaded quantized and run in bf16 keeps its fp8 weights).
+
+    Example:
+        >>> p = {"kernel": jnp.ones(2, FP8), SCALE: jnp.ones(2), "bias": jnp.ones(2)}
+        >>> {k: str(v.dtype) for k, v in cast_params(p, jnp.bfloat16).items()}
+        {'bias': 'bfloat16', 'kernel': 'float8_e4m3fn', 'kernel_scale': 'float32'}
+    """
+    def cast(path: tuple, x: jax.Array) -> jax.Array:
+        keep = x.dtype == FP8 or getattr(path[-1], "key", None) == SCALE or x.dtype == dtype
+        return x if keep else x.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def is_quantized(params: Any) -> bool:
     """Whether ``params`` hold quantized projections (`quantize_params`)."""
     return any(leaf.dtype == FP8 for leaf in jax.tree_util.tree_leaves(params))

@@ -12,6 +12,7 @@ the weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Iterator
@@ -23,8 +24,12 @@ import safetensors
 import safetensors.flax
 
 from jaxserve.config import ModelConfig
+from jaxserve.quantization import FP8, SCALE, dequantize, is_quantized
 
 CONVERTED_FILE = "jaxserve_params.safetensors"
+# Tensors a quantized checkpoint keeps beside a projection's weight: its scales (weight_scale, read) and the
+# activation scales of a static W8A8 scheme (read by no one: jaxserve's products are weight-only).
+_QUANT_SUFFIXES = (".weight_scale", ".input_scale", ".input_scale_ub")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -53,6 +58,37 @@ def _shard_files(path: str) -> list[str]:
     if os.path.exists(single):
         return [single]
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+class _Shard:
+    """One safetensors file, read tensor by tensor. safetensors' own readers hand float8 tensors to numpy, which
+    has no float8 type, so those are read here from the file's header offsets, memory-mapped, as ml_dtypes'
+    (JAX's) float8 types."""
+
+    _RAW = {"F8_E4M3": jnp.float8_e4m3fn, "F8_E5M2": jnp.float8_e5m2}
+
+    def __init__(self, file: str):
+        import struct
+
+        self.file = file
+        self.handle = safetensors.safe_open(file, framework="flax")
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        self.data_start = 8 + size
+        self.raw = {name: info for name, info in header.items()
+                    if name != "__metadata__" and info["dtype"] in self._RAW}
+
+    def keys(self) -> list[str]:
+        return list(self.handle.keys())
+
+    def get_tensor(self, name: str) -> jax.Array:
+        info = self.raw.get(name)
+        if info is None:
+            return self.handle.get_tensor(name)
+        start, end = info["data_offsets"]
+        data = np.memmap(self.file, np.uint8, "r", offset=self.data_start + start, shape=(end - start,))
+        return jnp.asarray(data.view(self._RAW[info["dtype"]]).reshape(info["shape"]))
 
 
 def _expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -93,32 +129,63 @@ def load_hf_params(path: str | os.PathLike, config: ModelConfig | None = None, d
     dtype = resolve_dtype(dtype)
     expected = _expected_hf_shapes(cfg)
     files = _shard_files(path)
-    handles = [safetensors.safe_open(f, framework="flax") for f in files]
+    handles = [_Shard(f) for f in files]
     location: dict[str, Any] = {}
     for handle in handles:
         for name in handle.keys():
             location[name] = handle
     # Tied checkpoints sometimes still carry lm_head.weight; it duplicates the embedding and is ignored.
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings or cfg.num_labels else set()
+    # A quantized checkpoint's scales sit beside the weights they scale; activation scales are not applied (weight-only)
+    scales = _QUANT_SUFFIXES if cfg.quantization else ()
     unexpected = sorted(n for n in location if n not in expected and n not in ignorable
-                        and not n.endswith("rotary_emb.inv_freq"))
+                        and not n.endswith("rotary_emb.inv_freq")
+                        and not (n.endswith(scales) and n.rsplit(".", 1)[0] + ".weight" in expected))
     if unexpected:
         raise ValueError(f"unexpected tensor(s) in checkpoint {path}: {', '.join(unexpected[:5])}")
     missing = sorted(n for n in expected if n not in location)
     if missing:
         raise ValueError(f"missing tensor(s) in checkpoint {path}: {', '.join(missing[:5])}")
 
-    def get(name: str) -> jax.Array:
+    def tensor(name: str) -> jax.Array:
         t = location[name].get_tensor(name)
         if tuple(t.shape) != expected[name]:
             raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, expected {expected[name]}")
-        return t.astype(dtype)
+        return t
+
+    def get(name: str) -> jax.Array:
+        return tensor(name).astype(dtype)
 
     from jaxserve.model import WEIGHT_LAYOUT
 
     def proj(w: jax.Array) -> jax.Array:
         """A projection's Hugging Face `[out, in]` weight in the model's layout."""
         return w if WEIGHT_LAYOUT == "nk" else w.T
+
+    def fused(prefixes: list[str]) -> dict[str, jax.Array]:
+        """Hugging Face projections fused along their outputs: ``kernel`` in the model's layout, float8 with its
+        ``kernel_scale`` per output where the checkpoint holds every part so (`jaxserve.quantization`), else in
+        ``dtype`` (a part left out of quantization, in the checkpoint's ``ignore`` list, takes its fused partners
+        dequantized: exactly what they stand for)."""
+        weights = [tensor(p + ".weight") for p in prefixes]
+        per_output = []
+        for p, w in zip(prefixes, weights):
+            if w.dtype != FP8:
+                per_output.append(None)
+                continue
+            if p + ".weight_scale" not in location:
+                raise ValueError(f"tensor {p}.weight is float8 but the checkpoint has no {p}.weight_scale")
+            scale = location[p + ".weight_scale"].get_tensor(p + ".weight_scale").astype(jnp.float32)
+            if scale.size not in (1, w.shape[0]) or (scale.size > 1 and scale.shape not in ((w.shape[0],),
+                                                                                            (w.shape[0], 1))):
+                raise ValueError(f"tensor {p}.weight_scale has shape {tuple(scale.shape)}, expected one scale or "
+                                 f"({w.shape[0]}, 1) (a tensor's or each output channel's)")
+            per_output.append(jnp.broadcast_to(scale.reshape(-1), (w.shape[0],)))
+        if all(s is not None for s in per_output):
+            return {"kernel": proj(jnp.concatenate(weights, axis=0)), SCALE: jnp.concatenate(per_output)}
+        parts = [w.astype(dtype) if s is None else dequantize(w, s, axis=0, dtype=dtype)
+                 for w, s in zip(weights, per_output)]
+        return {"kernel": proj(jnp.concatenate(parts, axis=0))}
 
     params: dict[str, Any] = {"embed_tokens": {"embedding": get("model.embed_tokens.weight")},
                               "norm": {"scale": get("model.norm.weight")}}
@@ -134,26 +201,34 @@ def load_hf_params(path: str | os.PathLike, config: ModelConfig | None = None, d
             "post_attention_layernorm": {"scale": get(p + "post_attention_layernorm.weight")},
             "self_attn": {
                 "qkv_proj": {
-                    "kernel": proj(jnp.concatenate([get(attn + f"{n}_proj.weight") for n in "qkv"], axis=0)),
+                    **fused([attn + f"{n}_proj" for n in "qkv"]),
                     "bias": jnp.concatenate([get(attn + f"{n}_proj.bias") for n in "qkv"], axis=0),
                 },
-                "o_proj": {"kernel": proj(get(attn + "o_proj.weight"))},
+                "o_proj": fused([attn + "o_proj"]),
             },
             "mlp": {
-                "gate_up_proj": {"kernel": proj(jnp.concatenate(
-                    [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], axis=0))},
-                "down_proj": {"kernel": proj(get(p + "mlp.down_proj.weight"))},
+                "gate_up_proj": fused([p + "mlp.gate_proj", p + "mlp.up_proj"]),
+                "down_proj": fused([p + "mlp.down_proj"]),
             },
         }
     return params
 
 
 def to_hf_tensors(params: dict, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(hf_name, array)`` pairs: the inverse of ``load_hf_params`` (fused weights split)."""
+    """Yield ``(hf_name, array)`` pairs: the inverse of ``load_hf_params`` (fused weights split; a float8 projection
+    as its weight and a ``weight_scale`` of shape ``[out, 1]``, as llm-compressor writes them)."""
     from jaxserve.model import WEIGHT_LAYOUT, convert_weight_layout
 
     params = convert_weight_layout(params, WEIGHT_LAYOUT, "kn")  # the code below reads [in, out]
     h, kvh, d, inter = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size
+
+    def split(proj: dict, names: str, bounds: tuple[int, ...]) -> Iterator[tuple[str, np.ndarray]]:
+        """A fused projection's parts, named by ``names`` (``|``-separated), over the output ranges between ``bounds``."""
+        for j, part in enumerate(names.split("|")):
+            yield part + ".weight", proj["kernel"][:, bounds[j]:bounds[j + 1]].T
+            if SCALE in proj:
+                yield part + ".weight_scale", proj[SCALE][bounds[j]:bounds[j + 1], None]
+
     yield "model.embed_tokens.weight", params["embed_tokens"]["embedding"]
     yield "model.norm.weight", params["norm"]["scale"]
     if config.num_labels:
@@ -164,14 +239,12 @@ def to_hf_tensors(params: dict, config: ModelConfig) -> Iterator[tuple[str, np.n
         layer, p = params[f"layers_{i}"], f"model.layers.{i}."
         qkv = layer["self_attn"]["qkv_proj"]
         splits = (0, h * d, (h + kvh) * d, (h + 2 * kvh) * d)
+        yield from split(qkv, "|".join(p + f"self_attn.{n}_proj" for n in "qkv"), splits)
         for j, n in enumerate("qkv"):
-            yield p + f"self_attn.{n}_proj.weight", qkv["kernel"][:, splits[j]:splits[j + 1]].T
             yield p + f"self_attn.{n}_proj.bias", qkv["bias"][splits[j]:splits[j + 1]]
-        yield p + "self_attn.o_proj.weight", layer["self_attn"]["o_proj"]["kernel"].T
-        gate_up = layer["mlp"]["gate_up_proj"]["kernel"]
-        yield p + "mlp.gate_proj.weight", gate_up[:, :inter].T
-        yield p + "mlp.up_proj.weight", gate_up[:, inter:].T
-        yield p + "mlp.down_proj.weight", layer["mlp"]["down_proj"]["kernel"].T
+        yield from split(layer["self_attn"]["o_proj"], p + "self_attn.o_proj", (0, config.hidden_size))
+        yield from split(layer["mlp"]["gate_up_proj"], p + "mlp.gate_proj|" + p + "mlp.up_proj", (0, inter, 2 * inter))
+        yield from split(layer["mlp"]["down_proj"], p + "mlp.down_proj", (0, config.hidden_size))
         yield p + "input_layernorm.weight", layer["input_layernorm"]["scale"]
         yield p + "post_attention_layernorm.weight", layer["post_attention_layernorm"]["scale"]
 
@@ -183,6 +256,8 @@ def save_hf_checkpoint(params: dict, config: ModelConfig, path: str | os.PathLik
     tensors = {name: jnp.asarray(t) for name, t in to_hf_tensors(params, config)}
     dtype_name = str(next(iter(tensors.values())).dtype)
     safetensors.flax.save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    if is_quantized(params):  # config.json says so, or a reader would take the float8 weights at face value
+        config = dataclasses.replace(config, quantization="fp8")
     hf = config.to_hf_dict()
     hf["torch_dtype"] = dtype_name
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -226,6 +301,8 @@ def save_converted(params: dict, config: ModelConfig, path: str | os.PathLike,
 
     safetensors.flax.save_file(_flatten(params), os.path.join(path, CONVERTED_FILE),
                                metadata={"weight_layout": WEIGHT_LAYOUT})
+    if is_quantized(params):
+        config = dataclasses.replace(config, quantization="fp8")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config.to_hf_dict(), f, indent=2)
     if extra_files_from is not None:
@@ -245,10 +322,11 @@ def load_converted(path: str | os.PathLike, dtype: Any = None) -> dict:
     file = os.path.join(os.fspath(path), CONVERTED_FILE)
     with safetensors.safe_open(file, framework="flax") as handle:
         saved_layout = (handle.metadata() or {}).get("weight_layout", "kn")
-    flat = safetensors.flax.load_file(file)
+    shard = _Shard(file)
+    flat = {name: shard.get_tensor(name) for name in shard.keys()}
     if dtype is not None:
         target = resolve_dtype(dtype)
-        flat = {k: v.astype(target) for k, v in flat.items()}
+        flat = {k: v if v.dtype == FP8 or k.endswith("/" + SCALE) else v.astype(target) for k, v in flat.items()}
     return convert_weight_layout(_unflatten(flat), saved_layout, WEIGHT_LAYOUT)
 
 

@@ -132,3 +132,116 @@ def test_weight_bytes_and_bad_values(tiny_checkpoint):
     from jaxserve.cli import build_parser, engine_config_from_args
 
     assert engine_config_from_args(build_parser().parse_args(["generate", "-q", "fp8", "hi"])).quantization == "fp8"
+
+
+def write_fp8_checkpoint(src: str, hf, dst: str, *, ignore: tuple[str, ...] = (), per_tensor: tuple[str, ...] = ()):
+    """``hf``'s checkpoint at ``src`` rewritten at ``dst`` as llm-compressor writes an FP8 one (compressed-tensors,
+    float8 e4m3 weights of every decoder Linear but ``ignore``'s, a float32 ``weight_scale`` per output channel, or
+    one a tensor with a static ``input_scale`` beside it for ``per_tensor``'s); returns the torch model whose weights
+    are what the quantized ones stand for, the reference."""
+    import copy
+    import json
+    import os
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().clone().contiguous() for k, v in hf.state_dict().items()}
+    ref = copy.deepcopy(hf)
+    modules = dict(ref.named_modules())
+    for name, module in hf.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name == "lm_head" or name in ignore:
+            continue
+        w = module.weight.detach().float()
+        amax = w.abs().amax().reshape(1) if name in per_tensor else w.abs().amax(dim=1, keepdim=True)
+        scale = amax / 448.0
+        q = (w / scale).to(torch.float8_e4m3fn)
+        state[name + ".weight"], state[name + ".weight_scale"] = q, scale
+        if name in per_tensor:
+            state[name + ".input_scale"] = torch.ones(1)
+        with torch.no_grad():
+            modules[name].weight.copy_(q.float() * scale)
+    save_file(state, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head", *ignore],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"type": "float", "num_bits": 8,
+                                                                         "strategy": "channel"},
+                                      "input_activations": {"type": "float", "num_bits": 8, "dynamic": True}}}}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)
+    for name in os.listdir(src):
+        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+    return ref
+
+
+def test_an_fp8_checkpoint_loads_as_it_is(tiny_checkpoint, tmp_path):
+    """A compressed-tensors FP8 checkpoint (vLLM's usual fp8 format) runs on its float8 weights and scales: greedy
+    tokens equal transformers' on the dequantized weights and log-probabilities within 1e-4 of its; a projection the
+    checkpoint left unquantized takes its fused partner dequantized; a per-tensor scale is broadcast; saved and
+    loaded again, the same bits."""
+    import torch
+
+    from jaxserve.weights import save_converted, save_hf_checkpoint
+    from tests.test_engine import hf_greedy
+
+    src, hf = tiny_checkpoint
+    ref = write_fp8_checkpoint(src, hf, str(tmp_path), ignore=("model.layers.1.mlp.up_proj",),
+                               per_tensor=("model.layers.0.self_attn.o_proj",))
+    m = jaxserve.load(str(tmp_path))
+    assert m.config.quantization == "fp8"
+    layer0, layer1 = m.params["layers_0"], m.params["layers_1"]
+    assert layer0["self_attn"]["qkv_proj"]["kernel"].dtype == FP8
+    assert layer0["self_attn"]["qkv_proj"][SCALE].shape == (m.config.head_dim * (4 + 2 * 2),)
+    assert len(set(np.asarray(layer0["self_attn"]["o_proj"][SCALE]).tolist())) == 1  # one scale for the tensor
+    assert layer1["mlp"]["gate_up_proj"]["kernel"].dtype == jnp.float32 and SCALE not in layer1["mlp"]["gate_up_proj"]
+    assert layer1["mlp"]["down_proj"]["kernel"].dtype == FP8
+    prompts = random_prompts(m.config.vocab_size, (5, 23))
+    with Engine(m, small_config()) as engine:  # no quantization asked: the checkpoint's own
+        assert engine.runner.params["layers_0"]["mlp"]["down_proj"]["kernel"].dtype == FP8
+        got = engine.generate(prompts, GREEDY, use_tqdm=False)
+        assert_all_pages_free(engine)
+    for prompt, out in zip(prompts, got):
+        assert out["token_ids"] == hf_greedy(ref, prompt, len(out["token_ids"]))
+        with torch.no_grad():
+            logits = ref(torch.tensor([prompt + out["token_ids"]])).logits[0].float()
+        want = torch.log_softmax(logits, -1)[len(prompt) - 1:-1].gather(1, torch.tensor(out["token_ids"])[:, None])
+        np.testing.assert_allclose(out["logprobs"], want[:, 0].numpy(), rtol=1e-4, atol=1e-4)
+    save_hf_checkpoint(m.params, m.config, tmp_path / "again")
+    save_converted(m.params, m.config, tmp_path / "converted")
+    for again in (jaxserve.load(str(tmp_path / "again")), jaxserve.load(str(tmp_path / "converted"))):
+        assert again.config.quantization == "fp8"
+        for a, b in zip(jax.tree_util.tree_leaves(m.params), jax.tree_util.tree_leaves(again.params)):
+            assert a.dtype == b.dtype and np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+
+
+def test_unsupported_checkpoint_quantizations_are_refused_by_name(tiny_checkpoint, tmp_path):
+    import json
+    import os
+    import shutil
+
+    from jaxserve.config import ModelConfig
+
+    src, _ = tiny_checkpoint
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    for qc, name in (({"quant_method": "gptq", "bits": 4}, "'gptq'"),
+                     ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {
+                         "type": "int", "num_bits": 4, "strategy": "group"}}}}, "config_groups.g.weights")):
+        with pytest.raises(ValueError, match=name):
+            ModelConfig.from_hf_dict({**config, "quantization_config": qc})
+    # float8 weights whose scale is missing
+    shutil.copytree(src, tmp_path / "ckpt")
+    import safetensors.numpy
+
+    tensors = safetensors.numpy.load_file(os.path.join(src, "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors[name] = np.asarray(jnp.asarray(tensors[name], FP8))
+    safetensors.numpy.save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"))
+    with open(tmp_path / "ckpt" / "config.json", "w") as f:
+        json.dump({**config, "quantization_config": {"quant_method": "fbgemm_fp8"}}, f)
+    with pytest.raises(ValueError, match="down_proj.weight is float8 but the checkpoint has no"):
+        jaxserve.load(str(tmp_path / "ckpt"))
