@@ -1358,3 +1358,87 @@ def test_prompt_logprobs_give_each_prompt_token_s_logprob_rank_and_best_tokens(c
                                                                                       stream=True)):
         r = post(live, "/v1/completions", bad)
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", r.text
+
+
+# ----- the Responses API ---------------------------------------------------------------------------------
+def test_responses_answer_as_the_chat_route_does_whole_and_streamed(client, live, pages_freed):
+    """/v1/responses (OpenAI's SDK, `client.responses`): the same greedy text as the chat route on the conversation
+    it stands for, as a response object and as typed events (sequence numbered, text deltas adding up, the last
+    event's response whole); string input, message items and text parts give one prompt."""
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "system", "content": "Be brief."},
+                                                                  {"role": "user", "content": "Hello world!"}],
+                                          max_completion_tokens=10, temperature=0)
+    resp = client.responses.create(model="tiny", instructions="Be brief.", input="Hello world!", max_output_tokens=10,
+                                   temperature=0)
+    assert resp.object == "response" and resp.id.startswith("resp_") and resp.model == "tiny"
+    assert resp.output_text == chat.choices[0].message.content
+    [item] = resp.output
+    assert item.type == "message" and item.role == "assistant" and item.content[0].type == "output_text"
+    assert (resp.status, resp.incomplete_details.reason) == ("incomplete", "max_output_tokens")  # 10 tokens, cut
+    assert resp.usage.input_tokens == chat.usage.prompt_tokens and resp.usage.output_tokens == 10
+    assert resp.usage.total_tokens == resp.usage.input_tokens + 10
+    items = client.responses.create(model="tiny", max_output_tokens=10, temperature=0, input=[
+        {"role": "system", "content": "Be brief."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello "},
+                                                         {"type": "input_text", "text": "world!"}]}])
+    assert items.output_text == resp.output_text and items.usage.input_tokens == resp.usage.input_tokens
+    events = list(client.responses.create(model="tiny", instructions="Be brief.", input="Hello world!",
+                                          max_output_tokens=10, temperature=0, stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in events[:4]] == ["response.created", "response.in_progress", "response.output_item.added",
+                                            "response.content_part.added"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == resp.output_text
+    assert [e.type for e in events[-4:]] == ["response.output_text.done", "response.content_part.done",
+                                             "response.output_item.done", "response.incomplete"]
+    assert events[-1].response.output_text == resp.output_text and events[-1].response.usage.output_tokens == 10
+
+
+def test_responses_carry_tool_calls_and_their_outputs(client, live, monkeypatch, pages_freed):
+    """Function tools in the Responses spelling: a named tool_choice makes a function_call item (call id, name,
+    JSON arguments), streamed as its own item; function_call / function_call_output input items render as the chat
+    route renders the assistant's tool calls and the tool's answer."""
+    tok = live.app.state.jaxserve.tokenizer
+    monkeypatch.setattr(tok, "chat_template", TOOLS_TEMPLATE)
+    tools = [{"type": "function", **t["function"]} for t in TOOLS]
+    body = dict(model="tiny", input="Paris?", tools=tools, max_output_tokens=120, temperature=0.7,
+                tool_choice={"type": "function", "name": "get_weather"}, extra_body={"seed": 3})
+    resp = client.responses.create(**body)
+    [call] = [o for o in resp.output if o.type == "function_call"]
+    assert call.name == "get_weather" and call.call_id and resp.status == "completed"
+    assert set(json.loads(call.arguments)) <= {"city"}
+    streamed = list(client.responses.create(**body, stream=True))
+    done = [e.item for e in streamed if e.type == "response.output_item.done" and e.item.type == "function_call"]
+    assert [(c.name, c.arguments) for c in done] == [(call.name, call.arguments)]
+    assert streamed[-1].type == "response.completed"
+    history = [{"type": "message", "role": "user", "content": "Paris?"},
+               {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+               {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]
+    answer = client.responses.create(model="tiny", input=history, tools=tools, max_output_tokens=4, temperature=0)
+    chat = client.chat.completions.create(model="tiny", messages=HISTORY, tools=TOOLS, max_tokens=4, temperature=0)
+    assert answer.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_responses_text_format_holds_the_json_schema(client, pages_freed):
+    resp = client.responses.create(model="tiny", input="Who?", max_output_tokens=60, temperature=1.0,
+                                   text={"format": {"type": "json_schema", "name": "person", "schema": PERSON}},
+                                   extra_body={"seed": 1})
+    person = json.loads(resp.output_text)
+    assert set(person) == {"name", "age"} and isinstance(person["age"], int) and len(person["name"]) <= 6
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "tiny", "input": "hi", "previous_response_id": "resp_1"}, 400, "previous_response_id"),
+    ({"model": "tiny", "input": "hi", "tools": [{"type": "web_search"}]}, 400, "tools"),
+    ({"model": "tiny", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400,
+     "input"),
+    ({"model": "tiny", "input": [{"type": "item_reference", "id": "x"}]}, 400, "input"),
+    ({"model": "tiny", "input": "hi", "max_output_tokens": 10 ** 6}, 400, "max_output_tokens"),
+    ({"model": "tiny", "input": "hi", "text": {"format": {"type": "yaml"}}}, 400, "text"),
+    ({"model": "tiny", "input": "hi", "tool_choice": {"type": "file_search"}}, 400, "tool_choice"),
+    ({"model": "nope", "input": "hi"}, 404, "model"),
+    ({"model": "tiny"}, 400, "input"),
+])
+def test_bad_responses_requests_get_openai_errors(live, body, status, param):
+    r = post(live, "/v1/responses", body)
+    assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+    assert post(live, "/v1/responses", {"model": "tiny", "input": "hi", "max_output_tokens": 2}).status_code == 200

@@ -49,6 +49,7 @@ from jaxserve.server.protocol import (APIError, ChatRequest, ClassificationReque
                                       TokenizeRequest, ToolCall, UnloadLoraRequest, bad_params)
 from jaxserve.server.reasoning import REASONING_PARSERS, THINK_END
 from jaxserve.server.responses import ChatFormat, CompletionFormat
+from jaxserve.server.responses_api import ResponsesFormat, ResponsesRequest, chat_body
 from jaxserve.server.tool_calls import TOOL_CALL_END, TOOL_CALL_START
 from jaxserve.structured import StructuredOutputs, escape
 from jaxserve.tokenizer import chat_prompts, load_tokenizer
@@ -429,28 +430,52 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         st, req = await _accept(request, ChatRequest)
-        if req.top_logprobs is not None and not req.logprobs:
-            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        ids = _truncated(await _on_tokenizer_thread(st, _chat_prompt, req, st), req)
-        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        if requested is None:  # OpenAI's default: as much as the context leaves (bounded here)
-            _check_context(len(ids), 1, "messages", st)
-            requested = min(st.config.max_tokens_limit, st.max_model_len - len(ids))
-        max_tokens = _max_tokens(requested, name, st)
-        _check_context(len(ids), max_tokens, "messages", st)
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        fmt = ChatFormat(req.model or st.model_name, st.tokenizer, req, ids, token_ids_as_names=_ids_as_names(req, st),
-                         reasoning=st.config.reasoning_parser is not None)
-        if req.use_beam_search:
-            return await _beam_search(request, st, req, [ids], max_tokens, fmt)
-        structured = await _structured_outputs(req, st)
-        params = _sampling_params(req, max_tokens, logprobs, req.n, st, req.prompt_logprobs, structured)
-        return await _serve(request, st, req, [ids] * req.n, params, fmt)
+        return await _chat(request, st, req)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        st = _state(request)
+        _authorize(request, st)
+        body = await _read_body(request, st.config.max_body_bytes)
+        rreq = _parse(ResponsesRequest, body)
+        _check_model(rreq.model, st)
+        try:
+            req = _parse(ChatRequest, chat_body(rreq, json.loads(body)))
+            return await _chat(request, st, req, rreq)
+        except APIError as exc:  # the chat route's names for the Responses API's fields
+            for chat, own in (("max_completion_tokens", "max_output_tokens"), ("messages", "input")):
+                exc.message = exc.message.replace(chat, own)
+                exc.param = own if exc.param == chat else exc.param
+            raise
 
     return app
 
 
+async def _chat(request: Request, st: _State, req: ChatRequest, responses: ResponsesRequest | None = None) -> Response:
+    """A chat request run and answered: as a chat completion, or with ``responses`` (the request it was translated
+    from) as a Responses API ``response``."""
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+    ids = _truncated(await _on_tokenizer_thread(st, _chat_prompt, req, st), req)
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    if requested is None:  # OpenAI's default: as much as the context leaves (bounded here)
+        _check_context(len(ids), 1, "messages", st)
+        requested = min(st.config.max_tokens_limit, st.max_model_len - len(ids))
+    max_tokens = _max_tokens(requested, name, st)
+    _check_context(len(ids), max_tokens, "messages", st)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    reasoning = st.config.reasoning_parser is not None
+    if responses is not None:
+        fmt = ResponsesFormat(req.model or st.model_name, st.tokenizer, req, ids, responses, reasoning=reasoning)
+    else:
+        fmt = ChatFormat(req.model or st.model_name, st.tokenizer, req, ids,
+                         token_ids_as_names=_ids_as_names(req, st), reasoning=reasoning)
+    if req.use_beam_search:
+        return await _beam_search(request, st, req, [ids], max_tokens, fmt)
+    structured = await _structured_outputs(req, st)
+    params = _sampling_params(req, max_tokens, logprobs, req.n, st, req.prompt_logprobs, structured)
+    return await _serve(request, st, req, [ids] * req.n, params, fmt)
 
 
 def resolve_chat_template(value: str | None) -> str | None:
@@ -538,9 +563,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(body)
 
 
-def _parse(schema: type[Schema], body: bytes) -> Any:
+def _parse(schema: type[Schema], body: bytes | dict[str, Any]) -> Any:
     try:
-        return schema.model_validate_json(body)
+        return schema.model_validate(body) if isinstance(body, dict) else schema.model_validate_json(body)
     except ValidationError as exc:
         err = exc.errors()[0]
         if err["type"] == "json_invalid":
@@ -1071,28 +1096,34 @@ async def _sse(handles: list[RequestHandle], fmt: CompletionFormat | ChatFormat,
     # By choice index, not in finishing order: usage counts a prompt's cached tokens once over its
     # n neighbouring choices, and sampled choices finish in any order.
     results: dict[int, dict[str, Any]] = {}
+    # The Responses API's events are typed (an `event:` line each, the final event's response the end: no [DONE]).
+    typed = isinstance(fmt, ResponsesFormat)
     try:
         for i in range(len(handles)):
             for event in fmt.stream_start(i, include_usage):
-                yield _event(event)
+                yield _event(event, typed)
         async for i, chunk in _merge(handles):
             for event in fmt.stream_chunk(i, chunk, include_usage):
-                yield _event(event)
+                yield _event(event, typed)
             if chunk["finish_reason"] is not None:
                 results[i] = chunk["result"]
         if include_usage:
             yield _event(fmt.usage_chunk([results[i] for i in sorted(results)]))
     except EngineDeadError as exc:
-        yield _event(APIError(500, str(exc), "server_error", code="engine_error").body())
+        error = APIError(500, str(exc), "server_error", code="engine_error")
+        yield _event({"type": "error", "code": error.code, "message": error.message, "param": None} if typed
+                     else error.body(), typed)
     finally:
         # Runs on normal end and when the client disconnects (the response task is cancelled).
         for h in handles:
             h.abort()
-    yield "data: [DONE]\n\n"
+    if not typed:
+        yield "data: [DONE]\n\n"
 
 
-def _event(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+def _event(obj: dict[str, Any], typed: bool = False) -> str:
+    head = f"event: {obj['type']}\n" if typed else ""
+    return f"{head}data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 
