@@ -94,6 +94,22 @@ def test_tool_calls_are_read_from_the_content_alone(live):
         ["get_time"]
 
 
+def test_the_responses_api_gives_a_reasoning_item_before_the_message(live):
+    body = {"model": "r", "input": "2 + 2?", "max_output_tokens": 200, "temperature": 0,
+            "structured_outputs": {"regex": ANSWER, "after": None}}
+    r = post(live, "/v1/responses", body, key=None)
+    assert r.status_code == 200, r.text
+    reasoning, message = r.json()["output"]
+    assert reasoning["type"] == "reasoning" and reasoning["content"][0]["text"] == "two and two"
+    assert message["type"] == "message" and message["content"][0]["text"] == "The answer is 4"
+    with httpx.stream("POST", live.url + "/v1/responses", json={**body, "stream": True}, timeout=60) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    assert "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta") == "two and two"
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "The answer is 4"
+    assert events[-1]["response"]["output"] == [{**reasoning, "id": events[-1]["response"]["output"][0]["id"]},
+                                                {**message, "id": events[-1]["response"]["output"][1]["id"]}]
+
+
 def test_structured_outputs_start_where_the_reasoning_ends(live):
     """The server's parser makes a constraint start after ``</think>``: a tiny random model writes no ``</think>`` in
     8 tokens, so its answer is free reasoning cut at max_tokens, where from the first token it would be 3 digits."""
