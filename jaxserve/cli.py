@@ -33,8 +33,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rope-scaling", default=None, metavar="JSON",
                    help="replaces config.json's rope_scaling, e.g. the Qwen2.5 cards' YaRN past 32k: "
                         "'{\"type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}'")
-    g.add_argument("--dtype", choices=[d for d in DTYPES if d != "auto"], default=None,
-                   help="compute dtype (default: bfloat16 on an accelerator, float32 on the CPU)")
+    g.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="compute dtype (default auto: bfloat16 on an accelerator, float32 on the CPU)")
     g.add_argument("--num-pages", type=int, default=None,
                    help=f"KV pages in the pool (default: from free accelerator memory; {CPU_NUM_PAGES} on the CPU)")
     g.add_argument("--page-size", "--block-size", type=int, default=16,
@@ -46,8 +46,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + completion (default: the model's context length, "
                         "max_position_embeddings times a RoPE scaling factor where config.json sets one)")
-    g.add_argument("--policy", choices=POLICIES, default="prefill_first",
+    g.add_argument("--policy", choices=POLICIES, default=None,
                    help="how prefill and decode steps share the device (default prefill_first)")
+    g.add_argument("--enable-chunked-prefill", action="store_true",
+                   help="vLLM's chunked prefill: --policy mixed (decodes and chunks of prompts in one step)")
     g.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
                    help="admission and preemption order: arrival (fcfs, the default) or each request's priority "
                         "(lower first; vLLM's)")
@@ -91,6 +93,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "(default: $JAXSERVE_COMPILE_CACHE_DIR, else off)")
 
 
+def _policy(args: argparse.Namespace) -> str:
+    if args.enable_chunked_prefill and args.policy not in (None, "mixed"):
+        raise SystemExit(f"error: --enable-chunked-prefill is --policy mixed, not {args.policy!r}")
+    return args.policy or ("mixed" if args.enable_chunked_prefill else "prefill_first")
+
+
 def engine_config_from_args(args: argparse.Namespace) -> "Any":
     """An ``EngineConfig`` from the engine arguments, with small defaults on the CPU."""
     import jax
@@ -105,7 +113,7 @@ def engine_config_from_args(args: argparse.Namespace) -> "Any":
         page_size=args.page_size, num_pages=args.num_pages or (CPU_NUM_PAGES if cpu else None),
         max_running=max_running, max_tokens_per_step=max(per_step, max_running),
         max_model_len=args.max_model_len, prefix_caching=not args.no_prefix_caching,
-        dtype=args.dtype or "auto", policy=args.policy, scheduling_policy=args.scheduling_policy,
+        dtype=args.dtype or "auto", policy=_policy(args), scheduling_policy=args.scheduling_policy,
         decode_steps=args.decode_steps, speculative_tokens=args.speculative_tokens,
         prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
         batch_buckets=tuple(args.batch_buckets) if args.batch_buckets else None,
@@ -257,6 +265,12 @@ def _lora_module(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _strings(value: Any, flag: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SystemExit(f'error: {flag} takes a JSON list of strings, e.g. \'["*"]\', got {value!r}')
+    return tuple(value)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.model_tag is not None:
         if args.model is not None and args.model != args.model_tag:
@@ -276,7 +290,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  allow_runtime_lora_updating=args.allow_runtime_lora_updating or os.environ.get(
                                      "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
                                  pooling_type=args.pooling_type, enable_prompt_embeds=args.enable_prompt_embeds,
-                                 reasoning_parser=args.reasoning_parser)
+                                 reasoning_parser=args.reasoning_parser,
+                                 allowed_origins=_strings(args.allowed_origins, "--allowed-origins"),
+                                 allowed_methods=_strings(args.allowed_methods, "--allowed-methods"),
+                                 allowed_headers=_strings(args.allowed_headers, "--allowed-headers"),
+                                 allow_credentials=args.allow_credentials, root_path=args.root_path,
+                                 ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
     engine_config = engine_config_from_args(args)
     serve(_model_from_args(args, engine_config), engine_config, server_config, host=args.host, port=args.port,
           log_level=args.log_level)
@@ -389,13 +408,41 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--pooling-type", default="last", choices=POOLING_TYPES,
                      help="how /v1/embeddings pools the final hidden states: the last token's (gte-Qwen2's, vLLM's "
                           "default) or their mean")
-    srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    srv.add_argument("--log-level", "--uvicorn-log-level", default="info",
+                     choices=("critical", "error", "warning", "info", "debug", "trace"))
+    srv.add_argument("--allowed-origins", type=json.loads, default=["*"], metavar="JSON",
+                     help='CORS: origins a browser page may call from (vLLM\'s; default ["*"])')
+    srv.add_argument("--allowed-methods", type=json.loads, default=["*"], metavar="JSON",
+                     help='CORS: methods (default ["*"])')
+    srv.add_argument("--allowed-headers", type=json.loads, default=["*"], metavar="JSON",
+                     help='CORS: headers (default ["*"])')
+    srv.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    srv.add_argument("--root-path", default="", help="the path prefix a proxy serves the API under")
+    srv.add_argument("--ssl-keyfile", default=None, help="HTTPS: the key file (with --ssl-certfile)")
+    srv.add_argument("--ssl-certfile", default=None, help="HTTPS: the certificate file")
     vllm = srv.add_argument_group("vLLM flags taken as they are (jaxserve's behaviour already)")
     vllm.add_argument("--enable-auto-tool-choice", action="store_true",
                       help="tool calls are parsed wherever a request has tools and tool_choice is not 'none'")
     vllm.add_argument("--tool-call-parser", choices=("hermes",), default="hermes",
                       help="Qwen2.5's <tool_call> blocks (the only format)")
     vllm.add_argument("--trust-remote-code", action="store_true", help="Qwen2 checkpoints need no remote code")
+    vllm.add_argument("--enforce-eager", action="store_true",
+                      help="no CUDA graphs to turn off: XLA compiles each step shape once (warm-up: --warmup)")
+    vllm.add_argument("--disable-log-requests", action="store_true", help="requests are not logged")
+    vllm.add_argument("--disable-log-stats", action="store_true", help="stats are served on /metrics, not logged")
+    vllm.add_argument("--disable-frontend-multiprocessing", action="store_true",
+                      help="the HTTP server and the engine share one process (their own threads)")
+    vllm.add_argument("--swap-space", type=float, default=None, metavar="GiB",
+                      help="no KV swap space: preempted sequences are recomputed from their tokens")
+    vllm.add_argument("--max-seq-len-to-capture", type=int, default=None, metavar="N", help="no CUDA graphs")
+    vllm.add_argument("--kv-cache-dtype", choices=("auto",), default="auto",
+                      help="the KV pages are in the model's dtype (fp8 KV pages: not yet)")
+    vllm.add_argument("--pipeline-parallel-size", "-pp", type=int, choices=(1,), default=1,
+                      help="no pipeline parallelism (--tensor-parallel-size splits a model over GPUs)")
+    vllm.add_argument("--generation-config", choices=("auto",), default="auto",
+                      help="the checkpoint's generation_config.json gives a request's unset sampling fields")
+    vllm.add_argument("--load-format", choices=("auto", "safetensors"), default="auto",
+                      help="safetensors checkpoints (Hugging Face's, or jaxserve convert's)")
     _engine_args(srv)
     srv.set_defaults(func=cmd_serve)
 

@@ -170,3 +170,31 @@ def test_vllm_serve_command_lines_work_as_they_are(monkeypatch):
     assert cli.cmd_serve(_parse_serve(["/models/a", "--num-pages", "16"])) == 0 and seen["model"] == "/models/a"
     with pytest.raises(SystemExit, match="two models given"):
         cli.cmd_serve(_parse_serve(["/models/a", "--model", "/models/b"]))
+
+
+def test_more_vllm_serve_flags(monkeypatch):
+    """vLLM's chunked prefill is the mixed policy, its CORS / root path / TLS / log flags reach the server, and the
+    flags of machinery jaxserve has no need of (CUDA graphs, swap space, a second process) are taken as they are;
+    values jaxserve cannot honour are refused by argparse."""
+    args = _parse_serve(["/models/q", "--enable-chunked-prefill", "--dtype", "auto", "--enforce-eager",
+                         "--disable-log-requests", "--disable-log-stats", "--swap-space", "4", "--kv-cache-dtype",
+                         "auto", "--pipeline-parallel-size", "1", "--generation-config", "auto",
+                         "--allowed-origins", '["https://a.example"]', "--allow-credentials", "--root-path", "/api",
+                         "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem", "--uvicorn-log-level", "warning"])
+    cfg = cli.engine_config_from_args(args)
+    assert (cfg.policy, cfg.dtype) == ("mixed", "auto")
+    seen = {}
+    monkeypatch.setattr("jaxserve.server.serve", lambda model, e, s, **kw: seen.update(server=s, **kw))
+    assert cli.cmd_serve(args) == 0
+    server = seen["server"]
+    assert (server.allowed_origins, server.allowed_methods, server.allow_credentials) == (("https://a.example",),
+                                                                                          ("*",), True)
+    assert (server.root_path, server.ssl_keyfile, server.ssl_certfile, seen["log_level"]) == ("/api", "k.pem",
+                                                                                              "c.pem", "warning")
+    with pytest.raises(SystemExit, match="is --policy mixed"):
+        cli.engine_config_from_args(_parse_serve(["--enable-chunked-prefill", "--policy", "time_share"]))
+    with pytest.raises(SystemExit, match="JSON list of strings"):
+        cli.cmd_serve(_parse_serve(["--allowed-origins", '"*"']))
+    for bad in (["--kv-cache-dtype", "fp8"], ["--pipeline-parallel-size", "2"], ["--dtype", "float16"]):
+        with pytest.raises(SystemExit):
+            _parse_serve(bad)

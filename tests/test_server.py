@@ -549,6 +549,19 @@ def test_missing_or_wrong_api_key_is_401(live, key):
     assert post(live, "/v1/completions", GOOD).status_code == 200
 
 
+def test_cors_preflights_are_answered_as_vllm_answers_them(live):
+    """vLLM's default CORS (any origin, method and header): a browser's preflight gets its allow headers, and a
+    cross-origin request its allow-origin."""
+    r = httpx.options(live.url + "/v1/chat/completions", headers={
+        "Origin": "https://ui.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    got = httpx.get(live.url + "/v1/models", headers={"Origin": "https://ui.example",
+                                                      "Authorization": f"Bearer {API_KEY}"})
+    assert got.status_code == 200 and got.headers["access-control-allow-origin"] == "*"
+
+
 def test_unknown_route_is_openai_style_404(live):
     r = httpx.get(live.url + "/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
+from starlette.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxserve.async_engine import AsyncEngine, EngineDeadError, RequestHandle
@@ -109,6 +110,16 @@ class ServerConfig:
     # vLLM's --reasoning-parser: "deepseek_r1" (QwQ-32B, DeepSeek-R1-Distill-Qwen) puts a chat answer's text up to
     # </think> in its message's reasoning_content (`reasoning.py`); None: the text is all content.
     reasoning_parser: str | None = None
+    # vLLM's CORS flags (--allowed-origins and so on), with vLLM's defaults: any origin, method and header, no
+    # credentials, so a browser page can call the API (the API key still applies).
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    # vLLM's --root-path (behind a proxy that serves the API under a path) and --ssl-keyfile / --ssl-certfile (HTTPS).
+    root_path: str = ""
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_stop", "data_parallel_size"):
@@ -116,6 +127,11 @@ class ServerConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if self.drain_s < 0:
             raise ValueError(f"drain_s must be >= 0, got {self.drain_s}")
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must be a list of strings, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
         if self.pooling_type not in POOLING_TYPES:
             raise ValueError(f"pooling_type must be one of {POOLING_TYPES}, got {self.pooling_type!r}")
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
@@ -214,8 +230,14 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             app.state.jaxserve.tokenizer_thread.shutdown(cancel_futures=True)
             app.state.jaxserve.constraint_thread.shutdown(cancel_futures=True)
 
-    app = FastAPI(title="jaxserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="jaxserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  root_path=server_config.root_path)
     app.state.jaxserve_config = server_config
+    if server_config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(server_config.allowed_origins),
+                           allow_methods=list(server_config.allowed_methods),
+                           allow_headers=list(server_config.allowed_headers),
+                           allow_credentials=server_config.allow_credentials)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -1146,9 +1168,10 @@ def build_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_le
                 await st.engine.shutdown(drain_s=st.config.drain_s)
             await super().shutdown(sockets=sockets)
 
-    drain_s = getattr(getattr(app.state, "jaxserve_config", None), "drain_s", 5.0)
+    config = getattr(app.state, "jaxserve_config", None) or ServerConfig()
     return _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                  timeout_graceful_shutdown=int(drain_s) + 5))
+                                  timeout_graceful_shutdown=int(config.drain_s) + 5,
+                                  ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile))
 
 
 def serve(model: LoadedModel | str | os.PathLike | None, engine_config: EngineConfig | None = None,
