@@ -114,6 +114,7 @@ def engine_config_from_args(args: argparse.Namespace) -> "Any":
         max_running=max_running, max_tokens_per_step=max(per_step, max_running),
         max_model_len=args.max_model_len, prefix_caching=not args.no_prefix_caching,
         dtype=args.dtype or "auto", policy=_policy(args), scheduling_policy=args.scheduling_policy,
+        seed=getattr(args, "engine_seed", None),
         decode_steps=args.decode_steps, speculative_tokens=args.speculative_tokens,
         prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
         batch_buckets=tuple(args.batch_buckets) if args.batch_buckets else None,
@@ -418,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help='CORS: headers (default ["*"])')
     srv.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     srv.add_argument("--root-path", default="", help="the path prefix a proxy serves the API under")
+    srv.add_argument("--seed", type=int, default=None, dest="engine_seed",
+                     help="requests that send no seed draw one from a generator seeded with this (vLLM's; default: "
+                          "fresh randomness)")
     srv.add_argument("--ssl-keyfile", default=None, help="HTTPS: the key file (with --ssl-certfile)")
     srv.add_argument("--ssl-certfile", default=None, help="HTTPS: the certificate file")
     vllm = srv.add_argument_group("vLLM flags taken as they are (jaxserve's behaviour already)")

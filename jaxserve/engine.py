@@ -285,6 +285,7 @@ class Engine:
         if not isinstance(model, LoadedModel):
             model = load(model, dtype=config.compute_dtype(), device="cpu" if on_host else None)
         self.config = config
+        self._seeds = None if config.seed is None else np.random.default_rng(config.seed)
         self.model = model
         self.tokenizer = model.tokenizer
         mcfg = model.config
@@ -445,6 +446,8 @@ class Engine:
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams or PoolingParams, got {type(params).__name__}")
+        if params.seed is None and self._seeds is not None:  # EngineConfig.seed: drawn in the order requests come
+            params = dataclasses.replace(params, seed=int(self._seeds.integers(0, 1 << 62)))
         if params.n != 1:
             raise ValueError(f"n must be 1 for one request (generate and chat run n samples; here add n requests, "
                              f"each its own seed), got {params.n}")

@@ -60,6 +60,9 @@ class EngineConfig:
     of the host (`jaxserve.tensor_parallel`): the first ones, or the group given as ``Engine(device=[...])``.
     ``quantization="fp8"`` (vLLM's, for a bf16 checkpoint) holds every layer's projection weights as float8 e4m3 with a
     scale per output channel (`jaxserve.quantization`): half their bytes; None keeps the checkpoint's precision.
+    ``seed`` (vLLM's ``--seed``): requests that set no seed of their own draw one from a generator seeded with it when
+    they are made, so a run that makes the same requests in the same order samples the same tokens; None: fresh
+    randomness for each.
 
     Example:
         >>> cfg = EngineConfig(page_size=16, max_running=32, policy="mixed")
@@ -92,6 +95,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     tensor_parallel_size: int = 1
     quantization: str | None = None
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -129,6 +133,8 @@ class EngineConfig:
                                                    or not self.compile_cache_dir):
             raise ValueError(f"compile_cache_dir must be a non-empty path string or None, "
                              f"got {self.compile_cache_dir!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative int or None, got {self.seed!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
         if self.dtype not in DTYPES:

@@ -281,10 +281,13 @@ MGPU_MAX_ROWS = int(os.environ.get("JAXSERVE_MGPU_MAX_ROWS", "256"))
 XLA_GATE_UP_ROWS = int(os.environ.get("JAXSERVE_XLA_GATE_UP_ROWS", "0"))
 
 
-# fp8 projections of at most SKINNY_ROWS rows (decode steps, short chunks) through the skinny matmul, which reads the
-# float8 weights as stored and widens them in registers; wider products (and JAXSERVE_FP8_SKINNY=0) take XLA's
-# product of the upcast weights. Read when a step is traced.
-FP8_SKINNY = os.environ.get("JAXSERVE_FP8_SKINNY", "1") == "1"
+# JAXSERVE_FP8_SKINNY=1: fp8 projections of at most SKINNY_ROWS rows (decode steps, short chunks) through the skinny
+# matmul, which reads the float8 weights as stored and widens them in registers. Off by default: its first compiled run
+# (H100, session 51) failed to lower a masked float8 load, since fixed (`skinny_matmul._load_weights`) but not yet run
+# compiled (bench/gpu_checks.sh fp8_51). Off, XLA's product of the upcast weights runs, which the same run measured at
+# 3.67 against bf16's 5.60 ms a 7B decode step at batch 1, 4.69 against 5.92 at 64 (bench/results/quantization.md).
+# Read when a step is traced.
+FP8_SKINNY = os.environ.get("JAXSERVE_FP8_SKINNY", "0") == "1"
 
 
 def skinny_rows(dtype: Any) -> int:

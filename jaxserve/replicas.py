@@ -16,6 +16,7 @@ requests over the least loaded one, or no replica holds a page of it: then to th
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -89,7 +90,10 @@ class Replicas:
         self.config = config
         self.balance_slack = balance_slack
         groups = devices if tp == 1 else [devices[i:i + tp] for i in range(0, len(devices), tp)]
-        self.engines = [Engine(model, config, device=group) for group in groups]
+        # Each replica draws unseeded requests' seeds from its own stream (EngineConfig.seed + its index).
+        configs = [config if config.seed is None else dataclasses.replace(config, seed=config.seed + k)
+                   for k in range(len(groups))]
+        self.engines = [Engine(model, c, device=group) for c, group in zip(configs, groups)]
         self.page_size = config.page_size
         # Per replica: chained hashes of the full prompt pages routed there, least recently used first.
         self._pages: list[collections.OrderedDict[int, None]] = [collections.OrderedDict() for _ in self.engines]

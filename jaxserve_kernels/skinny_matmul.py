@@ -102,6 +102,15 @@ NK_GEMV_TARGET_PROGRAMS = 2 * _TARGET_PROGRAMS
 INTERPRET_BLOCK_N = 64
 
 
+def _load_weights(ref, mask):
+    """A masked weight tile with zeros where the mask is off. Float8 tiles are loaded without a fill value and
+    zeroed after widening to float32: Triton's lowering casts the fill to the pointee type and has no int -> float8
+    cast ("cannot cast ... tp tensor<...xf8E4M3FN>", the H100, session 51), and a masked lane's bytes may be NaN."""
+    if jnp.dtype(ref.dtype).itemsize == 1:
+        return jnp.where(mask, compat.load(ref, mask=mask).astype(jnp.float32), 0.0)
+    return compat.load(ref, mask=mask, other=0)
+
+
 def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int,
             block_m: int, block_n: int, block_k: int, n_out: int, precision, layout: str,
             gemv: bool, prefetch: bool = False, has_scale: bool = False):
@@ -136,12 +145,10 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
         for h, offset in enumerate(halves):
             cols_at = pl.ds(offset + col_block * block_n, block_n)
             if layout == "nk":  # block_n weight rows of block_k contiguous elements each
-                w = compat.load(w_ref.at[cols_at, pl.ds(k0, block_k)],
-                                mask=col_ok[:, None] & k_ok[None, :], other=0)
+                w = _load_weights(w_ref.at[cols_at, pl.ds(k0, block_k)], col_ok[:, None] & k_ok[None, :])
                 prod = compat.dot(x.astype(compute), w.astype(compute), trans_b=True, precision=precision)
             else:
-                w = compat.load(w_ref.at[pl.ds(k0, block_k), cols_at],
-                                mask=k_ok[:, None] & col_ok[None, :], other=0)
+                w = _load_weights(w_ref.at[pl.ds(k0, block_k), cols_at], k_ok[:, None] & col_ok[None, :])
                 prod = compat.dot(x.astype(compute), w.astype(compute), precision=precision)
             out[h] += prod
         return tuple(out)
@@ -174,8 +181,8 @@ def _gemv_rows(x_ref, w_ref, o_ref, bias_ref, s_ref, *, row0, rows: int, halves,
         k_ok = k0 + jnp.arange(block_k) < k_end  # past the split's end: masked, loads nothing
         xs = tuple(compat.load(x_ref.at[pl.ds(row0 + r, 1), pl.ds(k0, block_k)], mask=k_ok[None, :], other=0)
                    for r in range(rows))
-        return xs, tuple(compat.load(w_ref.at[pl.ds(offset + col_block * block_n, block_n), pl.ds(k0, block_k)],
-                                     mask=col_ok[:, None] & k_ok[None, :], other=0) for offset in halves)
+        return xs, tuple(_load_weights(w_ref.at[pl.ds(offset + col_block * block_n, block_n), pl.ds(k0, block_k)],
+                                       col_ok[:, None] & k_ok[None, :]) for offset in halves)
 
     def lanes(accs, xs, ws):  # accs: row-major over (row, half)
         wf = tuple(w.astype(jnp.float32) for w in ws)

@@ -180,9 +180,10 @@ def test_more_vllm_serve_flags(monkeypatch):
                          "--disable-log-requests", "--disable-log-stats", "--swap-space", "4", "--kv-cache-dtype",
                          "auto", "--pipeline-parallel-size", "1", "--generation-config", "auto",
                          "--allowed-origins", '["https://a.example"]', "--allow-credentials", "--root-path", "/api",
-                         "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem", "--uvicorn-log-level", "warning"])
+                         "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem", "--uvicorn-log-level", "warning",
+                         "--seed", "3"])
     cfg = cli.engine_config_from_args(args)
-    assert (cfg.policy, cfg.dtype) == ("mixed", "auto")
+    assert (cfg.policy, cfg.dtype, cfg.seed) == ("mixed", "auto", 3)
     seen = {}
     monkeypatch.setattr("jaxserve.server.serve", lambda model, e, s, **kw: seen.update(server=s, **kw))
     assert cli.cmd_serve(args) == 0

@@ -160,6 +160,32 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(tiny):
         assert_all_pages_free(engine)
 
 
+def test_an_engine_seed_makes_unseeded_sampling_repeat_run_to_run(tiny):
+    """EngineConfig.seed (vLLM's --seed): two engines making the same unseeded requests in the same order sample the
+    same tokens; the engine's stream moves on from request to request; a request's own seed is its own."""
+    m, _ = tiny
+    prompts = random_prompts(m.config.vocab_size, (6, 11, 14))
+    free = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+    own = SamplingParams(max_tokens=12, temperature=1.0, seed=99, ignore_eos=True)
+
+    def run(seed):
+        with Engine(m, small_config(seed=seed)) as engine:
+            first = [o["token_ids"] for o in engine.generate(prompts, free, use_tqdm=False)]
+            second = [o["token_ids"] for o in engine.generate(prompts, free, use_tqdm=False)]
+            mine = engine.generate(prompts[0], own, use_tqdm=False)[0]["token_ids"]
+            assert_all_pages_free(engine)
+        return first, second, mine
+
+    a, b = run(7), run(7)
+    assert a == b
+    assert a[0] != a[1]  # later requests draw later seeds
+    assert run(8)[0] != a[0]
+    with Engine(m, small_config()) as engine:
+        assert engine.generate(prompts[0], own, use_tqdm=False)[0]["token_ids"] == a[2]
+    with pytest.raises(ValueError, match="seed must be"):
+        EngineConfig(seed=-1)
+
+
 def test_stop_token_ids_and_stop_strings(tiny):
     m, hf = tiny
     prompt = random_prompts(m.config.vocab_size, (9,))[0]

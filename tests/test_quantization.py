@@ -77,8 +77,8 @@ def test_the_quantized_engine_is_the_model_with_dequantized_weights(tiny):  # no
 
 
 def test_the_skinny_kernel_reads_the_fp8_weights(tiny, monkeypatch):  # noqa: F811
-    """Under the Pallas kernels (interpreted here) a quantized decode step's projections go through the skinny matmul
-    with the float8 weights and their scales, and give the dequantized model's tokens and log-probabilities."""
+    """With model.FP8_SKINNY, under the Pallas kernels (interpreted here) a quantized decode step's projections go
+    through the skinny matmul with the float8 weights and their scales, and give the dequantized model's tokens and log-probabilities."""
     skinny = importlib.import_module("jaxserve_kernels.skinny_matmul")  # the package exports a function of that name
 
     m, _ = tiny
@@ -90,6 +90,7 @@ def test_the_skinny_kernel_reads_the_fp8_weights(tiny, monkeypatch):  # noqa: F8
         return kernel(x, w, *args, **kw)
 
     monkeypatch.setattr(skinny, "skinny_matmul", spy)
+    monkeypatch.setattr("jaxserve.model.FP8_SKINNY", True)  # off by default until it has run compiled
     ref = LoadedModel.from_params(dequantized(quantize_params(m.params)), m.config, m.tokenizer)
     prompts = random_prompts(m.config.vocab_size, (3, 20))
     got = jaxserve.generate(m, prompts, GREEDY, engine_config=small_config(quantization="fp8", attention_impl="pallas"),
