@@ -296,6 +296,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  allowed_methods=_strings(args.allowed_methods, "--allowed-methods"),
                                  allowed_headers=_strings(args.allowed_headers, "--allowed-headers"),
                                  allow_credentials=args.allow_credentials, root_path=args.root_path,
+                                 max_stored_responses=args.max_stored_responses,
                                  ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
     engine_config = engine_config_from_args(args)
     serve(_model_from_args(args, engine_config), engine_config, server_config, host=args.host, port=args.port,
@@ -419,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help='CORS: headers (default ["*"])')
     srv.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     srv.add_argument("--root-path", default="", help="the path prefix a proxy serves the API under")
+    srv.add_argument("--max-stored-responses", type=int, default=1024, metavar="N",
+                     help="finished /v1/responses kept in memory for previous_response_id (default 1024; 0: none)")
     srv.add_argument("--seed", type=int, default=None, dest="engine_seed",
                      help="requests that send no seed draw one from a generator seeded with this (vLLM's; default: "
                           "fresh randomness)")

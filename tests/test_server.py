@@ -1439,8 +1439,42 @@ def test_responses_text_format_holds_the_json_schema(client, pages_freed):
     assert set(person) == {"name", "age"} and isinstance(person["age"], int) and len(person["name"]) <= 6
 
 
+def test_stored_responses_continue_under_previous_response_id(client, live, pages_freed):
+    """A response is stored (OpenAI's default): a request naming it continues its conversation (the prompt is the
+    chat route's for the whole conversation, the earlier instructions left out), whole or streamed; GET gives it
+    back, DELETE forgets it, and a response made with store: false cannot be continued."""
+    first = client.responses.create(model="tiny", instructions="Be brief.", input="Hello world!",
+                                    max_output_tokens=6, temperature=0)
+    assert first.store
+    second = client.responses.create(model="tiny", input="And then?", previous_response_id=first.id,
+                                     max_output_tokens=6, temperature=0)
+    assert second.previous_response_id == first.id
+    chat = client.chat.completions.create(model="tiny", max_tokens=6, temperature=0, messages=[
+        {"role": "user", "content": "Hello world!"}, {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "And then?"}])
+    assert second.usage.input_tokens == chat.usage.prompt_tokens and second.output_text == \
+        chat.choices[0].message.content
+    events = list(client.responses.create(model="tiny", input="And then?", previous_response_id=first.id,
+                                          max_output_tokens=6, temperature=0, stream=True))
+    streamed = events[-1].response
+    assert streamed.usage.input_tokens == chat.usage.prompt_tokens
+    third = client.responses.create(model="tiny", input="More.", previous_response_id=streamed.id,
+                                    max_output_tokens=2, temperature=0)
+    assert third.usage.input_tokens > streamed.usage.input_tokens + streamed.usage.output_tokens
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    assert client.responses.delete(first.id) is None
+    gone = post(live, "/v1/responses", {"model": "tiny", "input": "x", "previous_response_id": first.id})
+    assert gone.status_code == 404 and gone.json()["error"]["param"] == "previous_response_id"
+    assert httpx.get(f"{live.url}/v1/responses/{first.id}", headers={"Authorization": f"Bearer {API_KEY}"}
+                     ).status_code == 404
+    unstored = client.responses.create(model="tiny", input="hi", max_output_tokens=2, store=False)
+    assert not unstored.store
+    assert post(live, "/v1/responses", {"model": "tiny", "input": "x", "previous_response_id": unstored.id}
+                ).status_code == 404
+
+
 @pytest.mark.parametrize("body, status, param", [
-    ({"model": "tiny", "input": "hi", "previous_response_id": "resp_1"}, 400, "previous_response_id"),
+    ({"model": "tiny", "input": "hi", "previous_response_id": "resp_1"}, 404, "previous_response_id"),
     ({"model": "tiny", "input": "hi", "tools": [{"type": "web_search"}]}, 400, "tools"),
     ({"model": "tiny", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400,
      "input"),

@@ -50,7 +50,8 @@ from jaxserve.server.protocol import (APIError, ChatRequest, ClassificationReque
                                       TokenizeRequest, ToolCall, UnloadLoraRequest, bad_params)
 from jaxserve.server.reasoning import REASONING_PARSERS, THINK_END
 from jaxserve.server.responses import ChatFormat, CompletionFormat
-from jaxserve.server.responses_api import ResponsesFormat, ResponsesRequest, chat_body
+from jaxserve.server.responses_api import (ResponsesFormat, ResponsesRequest, ResponseStore, chat_body,
+                                           input_messages, output_messages)
 from jaxserve.server.tool_calls import TOOL_CALL_END, TOOL_CALL_START
 from jaxserve.structured import StructuredOutputs, escape
 from jaxserve.tokenizer import chat_prompts, load_tokenizer
@@ -118,6 +119,9 @@ class ServerConfig:
     allow_credentials: bool = False
     # vLLM's --root-path (behind a proxy that serves the API under a path) and --ssl-keyfile / --ssl-certfile (HTTPS).
     root_path: str = ""
+    # Finished /v1/responses kept in memory for previous_response_id and GET /v1/responses/{id} (the latest this
+    # many; 0: none, as a request's store: false).
+    max_stored_responses: int = 1024
     ssl_keyfile: str | None = None
     ssl_certfile: str | None = None
 
@@ -127,6 +131,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if self.drain_s < 0:
             raise ValueError(f"drain_s must be >= 0, got {self.drain_s}")
+        if not isinstance(self.max_stored_responses, int) or self.max_stored_responses < 0:
+            raise ValueError(f"max_stored_responses must be an int >= 0, got {self.max_stored_responses!r}")
         for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
@@ -171,6 +177,7 @@ class _State:
     config: ServerConfig
     created: int
     loras: dict[str, LoRARequest] = dataclasses.field(default_factory=dict)  # served adapters by name
+    responses: ResponseStore | None = None  # finished /v1/responses, for previous_response_id
 
 
 def _state(request: Request) -> _State:
@@ -221,7 +228,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             model_name=server_config.model_name or loaded.name,
             max_model_len=engine.max_model_len, hidden_size=loaded.config.hidden_size,
             labels=loaded.config.labels, config=server_config,
-            created=int(time.time()), loras=loras)
+            created=int(time.time()), loras=loras, responses=ResponseStore(server_config.max_stored_responses))
         log.info("serving %s (max_model_len %d)", app.state.jaxserve.model_name, engine.max_model_len)
         try:
             yield
@@ -461,21 +468,41 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         body = await _read_body(request, st.config.max_body_bytes)
         rreq = _parse(ResponsesRequest, body)
         _check_model(rreq.model, st)
+        store = st.responses
+        history = [] if rreq.previous_response_id is None else store.conversation(rreq.previous_response_id)
         try:
-            req = _parse(ChatRequest, chat_body(rreq, json.loads(body)))
-            return await _chat(request, st, req, rreq)
+            req = _parse(ChatRequest, chat_body(rreq, json.loads(body), history))
+            on_done = None
+            if store.capacity > 0 and rreq.store is not False:  # OpenAI's default: stored
+                turn = history + input_messages(rreq)
+                on_done = lambda response: store.put(response, turn + output_messages(response))  # noqa: E731
+            return await _chat(request, st, req, (rreq, on_done))
         except APIError as exc:  # the chat route's names for the Responses API's fields
             for chat, own in (("max_completion_tokens", "max_output_tokens"), ("messages", "input")):
                 exc.message = exc.message.replace(chat, own)
                 exc.param = own if exc.param == chat else exc.param
             raise
 
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(request: Request, response_id: str) -> Response:
+        st = _state(request)
+        _authorize(request, st)
+        return JSONResponse(st.responses.response(response_id))
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(request: Request, response_id: str) -> Response:
+        st = _state(request)
+        _authorize(request, st)
+        st.responses.delete(response_id)
+        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
     return app
 
 
-async def _chat(request: Request, st: _State, req: ChatRequest, responses: ResponsesRequest | None = None) -> Response:
+async def _chat(request: Request, st: _State, req: ChatRequest,
+                responses: tuple[ResponsesRequest, Callable[[dict[str, Any]], None] | None] | None = None) -> Response:
     """A chat request run and answered: as a chat completion, or with ``responses`` (the request it was translated
-    from) as a Responses API ``response``."""
+    from, and what to call with the finished response) as a Responses API ``response``."""
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     ids = _truncated(await _on_tokenizer_thread(st, _chat_prompt, req, st), req)
@@ -489,7 +516,8 @@ async def _chat(request: Request, st: _State, req: ChatRequest, responses: Respo
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     reasoning = st.config.reasoning_parser is not None
     if responses is not None:
-        fmt = ResponsesFormat(req.model or st.model_name, st.tokenizer, req, ids, responses, reasoning=reasoning)
+        fmt = ResponsesFormat(req.model or st.model_name, st.tokenizer, req, ids, responses[0], reasoning=reasoning,
+                              on_done=responses[1])
     else:
         fmt = ChatFormat(req.model or st.model_name, st.tokenizer, req, ids,
                          token_ids_as_names=_ids_as_names(req, st), reasoning=reasoning)

@@ -6,14 +6,18 @@ Owns the translation both ways: ``input`` (a string, or a list of message, ``fun
 ``function_call_output`` items) and ``instructions`` to chat messages; function ``tools``, ``tool_choice`` and
 ``text.format`` to their chat spellings (vLLM's sampling extensions such as ``top_k`` or ``seed`` pass through);
 a chat result to output items (``reasoning`` under the server's reasoning parser, ``message`` with ``output_text``,
-``function_call``). Nothing is stored: ``previous_response_id`` is refused (send the whole conversation in
-``input``), ``store`` is answered false, and built-in tools (web search, files) are refused by name.
+``function_call``), and the store of finished responses (`ResponseStore`, in memory and bounded, as vLLM's): a
+stored response's conversation continues under ``previous_response_id`` and is read back with ``GET
+/v1/responses/{id}``. Built-in tools (web search, files) are refused by name.
 """
 
 from __future__ import annotations
 
+import collections
+import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from jaxserve.server.protocol import APIError, ChatRequest, SamplingFields, Schema
@@ -43,40 +47,62 @@ class ResponsesRequest(Schema):
     metadata: dict[str, str] | None = None
 
 
-def chat_body(req: ResponsesRequest, raw: dict[str, Any]) -> dict[str, Any]:
+class ResponseStore:
+    """Finished responses by id, each with the conversation it ends (chat messages, its instructions left out: OpenAI
+    does not carry instructions over to a continuation), the oldest dropped past ``capacity`` (0: none kept).
+
+    Example:
+        >>> store = ResponseStore(2)
+        >>> store.put({"id": "resp_a"}, [{"role": "user", "content": "Hi"}]); store.conversation("resp_a")
+        [{'role': 'user', 'content': 'Hi'}]
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: collections.OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = \
+            collections.OrderedDict()
+        self._lock = threading.Lock()  # the event loop and the tokenizer thread both finish responses
+
+    def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            self._items[response["id"]] = (response, conversation)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def _get(self, response_id: str, param: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        with self._lock:
+            found = self._items.get(response_id)
+        if found is None:
+            raise APIError(404, f"response {response_id!r} not found (responses are kept in memory: the latest "
+                                f"{self.capacity}, while the server runs)", param=param, code="not_found")
+        return found
+
+    def response(self, response_id: str) -> dict[str, Any]:
+        return self._get(response_id, "response_id")[0]
+
+    def conversation(self, response_id: str, param: str = "previous_response_id") -> list[dict[str, Any]]:
+        return [dict(m) for m in self._get(response_id, param)[1]]
+
+    def delete(self, response_id: str) -> None:
+        self._get(response_id, "response_id")
+        with self._lock:
+            self._items.pop(response_id, None)
+
+
+def chat_body(req: ResponsesRequest, raw: dict[str, Any],
+              history: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """The ``/v1/chat/completions`` body that ``req`` stands for (``raw``: the request's JSON, for the sampling
-    fields passed through).
+    fields passed through; ``history``: the conversation of its ``previous_response_id``).
 
     Example:
         >>> r = ResponsesRequest(model="m", input="Hi", instructions="Be brief.", max_output_tokens=8)
         >>> chat_body(r, {})["messages"]
         [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'}]
     """
-    if req.previous_response_id is not None:
-        raise APIError(400, "previous_response_id: this server stores no responses; send the conversation in input",
-                       param="previous_response_id")
-    messages: list[dict[str, Any]] = []
-    if req.instructions:
-        messages.append({"role": "system", "content": req.instructions})
-    items = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
-    for k, item in enumerate(items):
-        kind = item.get("type", "message")
-        if kind == "message":
-            messages.append({"role": item.get("role"), "content": _text(item.get("content"), f"input[{k}].content")})
-        elif kind == "function_call":
-            call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
-            last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant" and last.get("tool_calls") is not None:
-                last["tool_calls"].append(call)  # parallel calls: one assistant turn
-            else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
-            messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
-                             "content": _text(item.get("output"), f"input[{k}].output")})
-        elif kind != "reasoning":  # an earlier turn's reasoning is not shown to the model again
-            raise APIError(400, f"input[{k}].type {kind!r} is not supported (message, function_call, "
-                                "function_call_output, reasoning are)", param="input")
+    messages: list[dict[str, Any]] = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    messages += [dict(m) for m in history] + input_messages(req)
     body: dict[str, Any] = {name: raw[name] for name in _PASSED if raw.get(name) is not None}
     body.update(model=req.model, messages=messages, stream=req.stream, max_completion_tokens=req.max_output_tokens)
     if req.tools:
@@ -98,6 +124,44 @@ def chat_body(req: ResponsesRequest, raw: dict[str, Any]) -> dict[str, Any]:
         raise APIError(400, f"text.format.type {fmt.get('type')!r} is not supported (text, json_schema, json_object "
                             "are)", param="text")
     return body
+
+
+def input_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
+    """``req.input`` as chat messages (its instructions apart)."""
+    messages: list[dict[str, Any]] = []
+    items = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
+    for k, item in enumerate(items):
+        kind = item.get("type", "message")
+        if kind == "message":
+            messages.append({"role": item.get("role"), "content": _text(item.get("content"), f"input[{k}].content")})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and last.get("tool_calls") is not None:
+                last["tool_calls"].append(call)  # parallel calls: one assistant turn
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                             "content": _text(item.get("output"), f"input[{k}].output")})
+        elif kind != "reasoning":  # an earlier turn's reasoning is not shown to the model again
+            raise APIError(400, f"input[{k}].type {kind!r} is not supported (message, function_call, "
+                                "function_call_output, reasoning are)", param="input")
+    return messages
+
+
+def output_messages(response: dict[str, Any]) -> list[dict[str, Any]]:
+    """A response's output as the assistant turn it adds to the conversation (its text and its tool calls; the
+    reasoning is not shown to the model again)."""
+    texts = [part["text"] for item in response["output"] if item["type"] == "message" for part in item["content"]]
+    calls = [{"id": item["call_id"], "type": "function",
+              "function": {"name": item["name"], "arguments": item["arguments"]}}
+             for item in response["output"] if item["type"] == "function_call"]
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
+    if calls:
+        message["tool_calls"] = calls
+    return [message]
 
 
 def _text(content: Any, where: str) -> Any:
@@ -127,9 +191,11 @@ class ResponsesFormat(ChatFormat):
     ``sequence_number``."""
 
     def __init__(self, model_name: str, tokenizer: Any, chat: ChatRequest, prompt: list[int],
-                 req: ResponsesRequest, reasoning: bool = False) -> None:
+                 req: ResponsesRequest, reasoning: bool = False,
+                 on_done: Callable[[dict[str, Any]], None] | None = None) -> None:
         super().__init__(model_name, tokenizer, chat, prompt, reasoning=reasoning)
         self.responses_req = req
+        self.on_done = on_done  # given the finished response (whole or streamed): the store's
         self.id = f"resp_{uuid.uuid4().hex}"
         self.created = int(time.time())
         self._seq = 0
@@ -147,7 +213,8 @@ class ResponsesFormat(ChatFormat):
             "temperature": self.req.temperature, "top_p": self.req.top_p,
             "tools": req.tools or [], "tool_choice": req.tool_choice or "auto",
             "parallel_tool_calls": req.parallel_tool_calls, "text": req.text or {"format": {"type": "text"}},
-            "previous_response_id": None, "store": False, "metadata": req.metadata or {}, "usage": use,
+            "previous_response_id": req.previous_response_id, "store": self.on_done is not None,
+            "metadata": req.metadata or {}, "usage": use,
         }
 
     @staticmethod
@@ -170,7 +237,13 @@ class ResponsesFormat(ChatFormat):
             output.append(_message_item(message["content"]))
         for call in message.get("tool_calls", []):
             output.append(_call_item(call))
-        return self._envelope(self._status(reason), output, self._usage(results, self.prompt_tokens), reason)
+        return self._done(self._envelope(self._status(reason), output, self._usage(results, self.prompt_tokens),
+                                         reason))
+
+    def _done(self, response: dict[str, Any]) -> dict[str, Any]:
+        if self.on_done is not None:
+            self.on_done(response)
+        return response
 
     # ----- streaming: the chat deltas become typed events ------------------------------------------------
     def _event(self, type_: str, **fields: Any) -> dict[str, Any]:
@@ -250,7 +323,8 @@ class ResponsesFormat(ChatFormat):
             if any(item["type"] == "function_call" for item in self._items) and reason == "stop":
                 reason = "tool_calls"
             status = self._status(reason)
-            done = self._envelope(status, self._items, self._usage([chunk["result"]], self.prompt_tokens), reason)
+            done = self._done(self._envelope(status, self._items, self._usage([chunk["result"]], self.prompt_tokens),
+                                             reason))
             events.append(self._event(f"response.{status}", response=done))
         return events
 
