@@ -21,6 +21,8 @@ Limits (where the regex accepts fewer texts than the schema allows, or, as marke
   * Without ``type``, one is inferred from the keywords (``properties`` -> object, ``items`` -> array,
     ``pattern``/``format``/lengths -> string); with none of those the value is free-form.
   * ``integer`` has no fraction or exponent; ``const``/``enum`` numbers must be written as json.dumps does.
+  * Tuples hold: draft 2020's ``prefixItems`` (further items under ``items``) and drafts 4-7's list ``items``
+    (further items under ``additionalItems``), with ``minItems``/``maxItems``; ``uniqueItems`` is refused.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ _FORMATS = {  # string bodies, without the quotes; offsets are required by RFC 3
     "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
     "email": r"[a-zA-Z0-9_%+\-]+(?:\.[a-zA-Z0-9_%+\-]+)*@[a-zA-Z0-9\-]+(?:\.[a-zA-Z0-9\-]+)+",
 }
-_HANDLED = {"type", "enum", "const", "properties", "required", "additionalProperties", "items",
+_HANDLED = {"type", "enum", "const", "properties", "required", "additionalProperties", "items", "prefixItems",
+            "additionalItems",
             "minItems", "maxItems", "minLength", "maxLength", "pattern", "format",
             "anyOf", "oneOf", "allOf", "$ref"}
 # Accepted and ignored: annotations, and numeric bounds that a regex cannot reasonably enforce.
@@ -101,11 +104,45 @@ def _object(pairs: str | None, ws: str, optional: bool = True) -> str:
 
 
 def _array(item: str | None, ws: str, lo: int = 0, hi: int | None = None) -> str | None:
-    if item is None or hi == 0:
-        return r"\[" + ws + r"\]" if lo == 0 else None
+    return _tuple([], item, ws, lo, hi)
+
+
+def _tuple(prefix: list[str | None], rest: str | None, ws: str, lo: int = 0, hi: int | None = None) -> str | None:
+    """An array whose k-th item matches ``prefix[k]`` and any further ones ``rest`` (None: no such item), with
+    ``lo``..``hi`` items in all; None where no array does. Built from the end: ``tail(k)`` is what may follow k items.
+
+    Example:
+        >>> import re; r = _tuple(["1", '"a"'], None, "", lo=1)
+        >>> [t for t in ("[]", "[1]", '[1,"a"]', '[1,"a",1]') if re.fullmatch(r, t)]
+        ['[1]', '[1,"a"]']
+    """
+    n = len(prefix)
+
+    def tail(k: int) -> str | None:
+        """Items k.. after k items (each after a comma), or None where k items are too few and no more fit."""
+        if hi is not None and k >= hi:
+            return "" if k >= lo else None
+        if k >= n:
+            if rest is None:
+                return "" if k >= lo else None
+            more = _quantified(f"(?:,{ws}{rest})", max(lo - k, 0), None if hi is None else hi - k)
+            return more
+        follow = tail(k + 1)
+        item = prefix[k]
+        if item is None or follow is None:
+            return "" if k >= lo else None
+        step = f",{ws}{item}{follow}"
+        return f"(?:{step})?" if k >= lo else step
+
     if hi is not None and lo > hi:
         return None
-    body = item + _quantified(f"(?:,{ws}{item})", max(lo - 1, 0), None if hi is None else hi - 1) + ws
+    if hi == 0:
+        return r"\[" + ws + r"\]" if lo == 0 else None
+    follow = tail(1)
+    first = prefix[0] if n else rest
+    if first is None or follow is None:
+        return r"\[" + ws + r"\]" if lo == 0 else None
+    body = first + follow + ws
     return r"\[" + ws + (body if lo >= 1 else f"(?:{body})?") + r"\]"
 
 
@@ -259,11 +296,24 @@ class _Converter:
         if t == "object":
             return self._object(schema, nesting + 1)
         if t == "array":
-            items = schema.get("items", True)
-            if not isinstance(items, (dict, bool)):
-                raise _err("'items' must be a single schema (tuple 'items'/'prefixItems' are not supported)")
             lo, hi = _bound(schema, "minItems", 0), _bound(schema, "maxItems", None)
-            return _array(self.convert(items, nesting + 1), self.ws, lo, hi)
+            # Tuples: draft 2020's prefixItems (the rest under `items`), or drafts 4-7's list `items` (the rest
+            # under `additionalItems`); a rest left unsaid may be any values.
+            prefix, rest = schema.get("prefixItems"), schema.get("items", True)
+            if isinstance(rest, list):
+                if prefix is not None:
+                    raise _err("'prefixItems' with a list 'items': give the tuple once")
+                prefix, rest = rest, schema.get("additionalItems", True)
+            if prefix is not None:
+                if not isinstance(prefix, list):
+                    raise _err("'prefixItems' must be a list of schemas")
+                if not isinstance(rest, (dict, bool)):
+                    raise _err("the items after a tuple's must be one schema")
+                return _tuple([self.convert(p, nesting + 1) for p in prefix], self.convert(rest, nesting + 1),
+                              self.ws, lo, hi)
+            if not isinstance(rest, (dict, bool)):
+                raise _err("'items' must be a schema or a list of schemas")
+            return _array(self.convert(rest, nesting + 1), self.ws, lo, hi)
         raise _err(f"unsupported 'type' {t!r}")
 
     def _object(self, schema: dict, nesting: int) -> str | None:

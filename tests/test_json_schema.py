@@ -343,10 +343,42 @@ def test_number_bounds_that_admit_nothing_are_refused():
         schema_to_regex({"type": "number", "maximum": float("inf")})
 
 
+@pytest.mark.parametrize("schema", [
+    {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string", "maxLength": 1}],
+     "minItems": 2, "maxItems": 2},                                      # pydantic's Tuple[int, str]
+    {"type": "array", "prefixItems": [{"type": "integer"}, {"enum": ["a", "b"]}], "items": False},
+    {"type": "array", "prefixItems": [{"const": 1}, {"const": 2}], "items": {"type": "boolean"}, "minItems": 1,
+     "maxItems": 4},
+    {"type": "array", "prefixItems": [{"type": "integer"}, False], "items": {"type": "null"}},
+    {"type": "array", "prefixItems": [], "items": {"type": "integer"}, "minItems": 1},
+    {"type": "array", "items": [{"type": "null"}, {"type": "boolean"}], "additionalItems": False},  # draft 7
+    {"type": "array", "items": [{"type": "integer"}], "minItems": 3, "maxItems": 3},  # the rest: any values
+])
+def test_tuples_hold_in_the_regex_as_jsonschema_checks_them(schema):
+    """prefixItems (draft 2020) and list items + additionalItems (draft 7): every array of up to 5 items drawn from a
+    few values is accepted exactly when jsonschema validates it, through the regex and the compiled DFA."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from jaxserve.structured import compile_regex
+
+    validator = (jsonschema.Draft7Validator if isinstance(schema.get("items"), list)
+                 else jsonschema.Draft202012Validator)(schema)
+    regex = to_regex(schema)
+    dfa = compile_regex(regex)
+    values = [1, 2, "a", True, None]
+    seen = set()
+    for size in range(6):
+        for items in itertools.product(values, repeat=size):
+            want = validator.is_valid(list(items))
+            seen.add(want)
+            assert accepts(regex, list(items)) == want, (schema, items)
+            assert dfa.fullmatch(json.dumps(list(items), separators=(",", ":"))) == want, (schema, items)
+    assert seen == {True, False}
+
+
 @pytest.mark.parametrize("schema,name", [
     ({"type": "object", "patternProperties": {"^a": {}}}, "patternProperties"),
-    ({"type": "array", "prefixItems": [{}]}, "prefixItems"),
-    ({"type": "array", "items": [{}]}, "items"),
+    ({"type": "array", "prefixItems": [{}], "items": [{}]}, "prefixItems"),
+    ({"type": "array", "prefixItems": {}}, "prefixItems"),
     ({"type": "array", "uniqueItems": True}, "uniqueItems"),
     ({"not": {"type": "null"}}, "not"),
     ({"if": {}, "then": {}}, "if"),
