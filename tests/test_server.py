@@ -1484,6 +1484,12 @@ def test_stored_responses_continue_under_previous_response_id(client, live, page
     ({"model": "tiny", "input": "hi", "tool_choice": {"type": "file_search"}}, 400, "tool_choice"),
     ({"model": "nope", "input": "hi"}, 404, "model"),
     ({"model": "tiny"}, 400, "input"),
+    ({"model": "tiny", "input": ["hi"]}, 400, "input"),
+    ({"model": "tiny", "input": [{"role": "robot", "content": "hi"}]}, 400, "input"),
+    ({"model": "tiny", "input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, 400, "input"),
+    ({"model": "tiny", "input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": 5}}}, 400,
+     "text"),
+    ({"model": "tiny", "input": "hi", "temperature": -1}, 400, "temperature"),
 ])
 def test_bad_responses_requests_get_openai_errors(live, body, status, param):
     r = post(live, "/v1/responses", body)

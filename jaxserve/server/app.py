@@ -478,7 +478,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
                 on_done = lambda response: store.put(response, turn + output_messages(response))  # noqa: E731
             return await _chat(request, st, req, (rreq, on_done))
         except APIError as exc:  # the chat route's names for the Responses API's fields
-            for chat, own in (("max_completion_tokens", "max_output_tokens"), ("messages", "input")):
+            for chat, own in (("max_completion_tokens", "max_output_tokens"), ("messages", "input"),
+                              ("response_format", "text")):
                 exc.message = exc.message.replace(chat, own)
                 exc.param = own if exc.param == chat else exc.param
             raise
