@@ -1406,6 +1406,28 @@ def test_responses_answer_as_the_chat_route_does_whole_and_streamed(client, live
     assert events[-1].response.output_text == resp.output_text and events[-1].response.usage.output_tokens == 10
 
 
+def test_responses_give_output_token_logprobs_whole_and_streamed(client, pages_freed):
+    """top_logprobs (or include's message.output_text.logprobs): the output text's tokens with their log-probabilities
+    and k best, the chat route's; streamed, the deltas' logprobs add up to the whole's."""
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=6,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    want = [(t.token, t.logprob, len(t.top_logprobs)) for t in chat.choices[0].logprobs.content]
+    resp = client.responses.create(model="tiny", input="Hello", max_output_tokens=6, temperature=0, top_logprobs=2)
+    part = resp.output[0].content[0]
+    assert [(t.token, t.logprob, len(t.top_logprobs)) for t in part.logprobs] == want
+    asked = client.responses.create(model="tiny", input="Hello", max_output_tokens=6, temperature=0,
+                                    include=["message.output_text.logprobs"])
+    assert [(t.token, t.logprob) for t in asked.output[0].content[0].logprobs] == [w[:2] for w in want]
+    events = list(client.responses.create(model="tiny", input="Hello", max_output_tokens=6, temperature=0,
+                                          top_logprobs=2, stream=True))
+    streamed = [(t.token, t.logprob, len(t.top_logprobs)) for e in events if e.type == "response.output_text.delta"
+                for t in e.logprobs]
+    done = [e for e in events if e.type == "response.output_text.done"][0]
+    assert streamed == want == [(t.token, t.logprob, len(t.top_logprobs)) for t in done.logprobs]
+    plain = client.responses.create(model="tiny", input="Hello", max_output_tokens=2, temperature=0)
+    assert plain.output[0].content[0].logprobs == []
+
+
 def test_responses_carry_tool_calls_and_their_outputs(client, live, monkeypatch, pages_freed):
     """Function tools in the Responses spelling: a named tool_choice makes a function_call item (call id, name,
     JSON arguments), streamed as its own item; function_call / function_call_output input items render as the chat

@@ -44,6 +44,10 @@ class ResponsesRequest(Schema):
     text: dict[str, Any] | None = None
     previous_response_id: str | None = None
     store: bool | None = None
+    # Each output token's log-probability and this many best tokens; also asked by include's
+    # "message.output_text.logprobs" (with none).
+    top_logprobs: int | None = None
+    include: list[str] | None = None
     metadata: dict[str, str] | None = None
 
 
@@ -105,6 +109,8 @@ def chat_body(req: ResponsesRequest, raw: dict[str, Any],
     messages += [dict(m) for m in history] + input_messages(req)
     body: dict[str, Any] = {name: raw[name] for name in _PASSED if raw.get(name) is not None}
     body.update(model=req.model, messages=messages, stream=req.stream, max_completion_tokens=req.max_output_tokens)
+    if req.top_logprobs is not None or "message.output_text.logprobs" in (req.include or []):
+        body.update(logprobs=True, top_logprobs=req.top_logprobs or 0)
     if req.tools:
         body["tools"] = [_tool(t, k) for k, t in enumerate(req.tools)]
     if isinstance(req.tool_choice, dict):
@@ -201,6 +207,7 @@ class ResponsesFormat(ChatFormat):
         self._seq = 0
         self._items: list[dict[str, Any]] = []  # the stream's output items so far, the open one last
         self._open: str | None = None  # the type of the item still being written
+        self._held_logprobs: list[dict[str, Any]] = []  # of tokens whose text is not out yet
 
     def _envelope(self, status: str, output: list[dict[str, Any]], use: dict[str, Any] | None,
                   reason: str | None = None) -> dict[str, Any]:
@@ -235,6 +242,9 @@ class ResponsesFormat(ChatFormat):
             output.append(_reasoning_item(message["reasoning_content"]))
         if message.get("content"):
             output.append(_message_item(message["content"]))
+            logprobs = self._logprobs(results[0]["token_ids"], results[0].get("logprobs"),
+                                      results[0].get("top_logprobs"))
+            output[-1]["content"][0]["logprobs"] = logprobs["content"] if logprobs else []
         for call in message.get("tool_calls", []):
             output.append(_call_item(call))
         return self._done(self._envelope(self._status(reason), output, self._usage(results, self.prompt_tokens),
@@ -264,8 +274,10 @@ class ResponsesFormat(ChatFormat):
         events = []
         if item["type"] == "message":
             part = item["content"][0]
+            part["logprobs"] = part["logprobs"] + self._held_logprobs
+            self._held_logprobs = []
             events += [self._event("response.output_text.done", item_id=item["id"], output_index=index,
-                                   content_index=0, text=part["text"], logprobs=[]),
+                                   content_index=0, text=part["text"], logprobs=part["logprobs"]),
                        self._event("response.content_part.done", item_id=item["id"], output_index=index,
                                    content_index=0, part=part)]
         elif item["type"] == "reasoning":
@@ -277,7 +289,8 @@ class ResponsesFormat(ChatFormat):
         return events + [self._event("response.output_item.done", output_index=index, item=item)]
 
     def _append(self, kind: str, text: str) -> list[dict[str, Any]]:
-        """``text`` added to the open item of ``kind`` (a message or reasoning), opening one where needed."""
+        """``text`` added to the open item of ``kind`` (a message or reasoning), opening one where needed; a message's
+        delta carries the log-probabilities of the tokens held so far."""
         events = []
         if self._open != kind:
             events += self._close()
@@ -292,7 +305,11 @@ class ResponsesFormat(ChatFormat):
         item, index = self._items[-1], len(self._items) - 1
         item["content"][0]["text"] += text
         delta = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
-        extra = {"logprobs": []} if kind == "message" else {}
+        extra = {}
+        if kind == "message":
+            extra["logprobs"], self._held_logprobs = self._held_logprobs, []
+            # Rebound, not extended: the events made so far hold copies of the part that share its list.
+            item["content"][0]["logprobs"] = item["content"][0]["logprobs"] + extra["logprobs"]
         return events + [self._event(delta, item_id=item["id"], output_index=index, content_index=0, delta=text,
                                      **extra)]
 
@@ -301,6 +318,7 @@ class ResponsesFormat(ChatFormat):
         for chat_chunk in super().stream_chunk(i, chunk, False):
             choice = chat_chunk["choices"][0]
             delta = choice["delta"]
+            self._held_logprobs += (choice.get("logprobs") or {}).get("content") or []
             if delta.get("reasoning_content"):
                 events += self._append("reasoning", delta["reasoning_content"])
             if delta.get("content"):
