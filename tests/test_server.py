@@ -118,6 +118,29 @@ def test_completion_stream_equals_non_stream_for_greedy(client, pages_freed):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
 
 
+def test_continuous_usage_stats_count_each_choice_s_tokens_so_far(client, pages_freed):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries its choice's usage so far, growing to the
+    final count; the usage-only chunk at the end stays the request's."""
+    chunks = list(client.completions.create(model="tiny", prompt=[PROMPT, PROMPT + " jumps"], max_tokens=7, n=2,
+                                            temperature=1.0, seed=3, stream=True,
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    final = chunks[-1].usage
+    per_choice: dict[int, list] = {}
+    for c in chunks[:-1]:
+        per_choice.setdefault(c.choices[0].index, []).append(c.usage)
+    assert sorted(per_choice) == [0, 1, 2, 3]
+    for i, seen in per_choice.items():
+        counts = [u.completion_tokens for u in seen]
+        assert counts == sorted(counts) and counts[-1] == 7
+        assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in seen)
+    assert per_choice[0][0].prompt_tokens < per_choice[2][0].prompt_tokens  # each choice's own prompt
+    assert final.completion_tokens == 28
+    chat = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=5, temperature=0, stream=True,
+                                               stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    assert [c.usage.completion_tokens for c in chat if c.choices][-1] == 5 == chat[-1].usage.completion_tokens
+
+
 def test_chat_stream_equals_non_stream_for_greedy(client, pages_freed):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world!"}]
     full = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=10,

@@ -1063,10 +1063,11 @@ async def _serve(request: Request, st: _State, req: SamplingFields, prompts: lis
     handles = await _submit_all(st, prompts, params, fmt.id, req.priority, st.loras.get(req.model))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = include_usage and req.stream_options.continuous_usage_stats
         # Starlette runs the background task however the response ends. A client gone before the
         # stream's first step cancels the generator before its body runs, so its `finally` never
         # aborts the requests: this does (a no-op for requests already finished).
-        return StreamingResponse(_sse(handles, fmt, include_usage), media_type="text/event-stream",
+        return StreamingResponse(_sse(handles, fmt, include_usage, continuous), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                  background=BackgroundTask(_abort_all, handles))
     results = await _results_unless_disconnected(request, handles)
@@ -1143,19 +1144,31 @@ async def _results_unless_disconnected(request: Request, handles: list[RequestHa
 
 
 async def _sse(handles: list[RequestHandle], fmt: CompletionFormat | ChatFormat,
-               include_usage: bool) -> AsyncIterator[str]:
+               include_usage: bool, continuous: bool = False) -> AsyncIterator[str]:
     # By choice index, not in finishing order: usage counts a prompt's cached tokens once over its
     # n neighbouring choices, and sampled choices finish in any order.
     results: dict[int, dict[str, Any]] = {}
     # The Responses API's events are typed (an `event:` line each, the final event's response the end: no [DONE]).
     typed = isinstance(fmt, ResponsesFormat)
     try:
+        # vLLM's continuous_usage_stats: each chunk also carries its choice's usage so far.
+        generated = [0] * len(handles)
+
+        def counted(event: dict[str, Any], i: int) -> dict[str, Any]:
+            if continuous:
+                prompt = fmt.prompt_tokens_of(i)
+                event["usage"] = {"prompt_tokens": prompt, "completion_tokens": generated[i],
+                                  "total_tokens": prompt + generated[i]}
+            return event
+
         for i in range(len(handles)):
             for event in fmt.stream_start(i, include_usage):
-                yield _event(event, typed)
+                yield _event(counted(event, i), typed)
         async for i, chunk in _merge(handles):
+            # echo with max_tokens 0 shows no token of the one the engine ran (CompletionFormat.prompt_only)
+            generated[i] += 0 if getattr(fmt, "prompt_only", False) else len(chunk["token_ids"])
             for event in fmt.stream_chunk(i, chunk, include_usage):
-                yield _event(event, typed)
+                yield _event(counted(event, i), typed)
             if chunk["finish_reason"] is not None:
                 results[i] = chunk["result"]
         if include_usage:

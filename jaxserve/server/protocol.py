@@ -69,6 +69,8 @@ class Schema(BaseModel):
 
 class StreamOptions(Schema):
     include_usage: bool = False
+    # vLLM's: with include_usage, every chunk also carries its choice's usage so far.
+    continuous_usage_stats: bool = False
 
 
 class SamplingFields(Schema):

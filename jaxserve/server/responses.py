@@ -175,6 +175,10 @@ class CompletionFormat:
         out["usage"] = usage(self._shown(results), self.prompt_tokens, self.req.n)
         return out
 
+    def prompt_tokens_of(self, i: int) -> int:
+        """Choice ``i``'s prompt's tokens (vLLM's continuous usage counts each choice's own)."""
+        return len(self.prompts[i // max(1, self.req.n)])
+
 
 def _reason_with_calls(reason: str) -> str:
     """A choice's finish reason once its text held tool calls: "tool_calls" where it stopped, the
@@ -319,5 +323,8 @@ class ChatFormat:
         out = self._chunk([], True)
         out["usage"] = usage(results, self.prompt_tokens, self.req.n)
         return out
+
+    def prompt_tokens_of(self, i: int) -> int:
+        return self.prompt_tokens
 
 
