@@ -1178,6 +1178,24 @@ def test_tool_calls_keep_length_and_tool_choice_none_leaves_text_alone():
     assert choice["message"] == {"role": "assistant", "content": text} and choice["finish_reason"] == "stop"
 
 
+def test_parallel_tool_calls_false_keeps_the_first_call_whole_and_streamed():
+    from jaxserve.server.protocol import ChatRequest
+    from jaxserve.server.responses import ChatFormat
+
+    text = ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n'
+            '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>')
+    result = {"text": text, "token_ids": [5], "finish_reason": "stop", "stop_reason": None, "prompt_tokens": 3,
+              "cached_tokens": 0, "completion_tokens": 1}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}
+    for parallel, names in ((True, ["get_time", "get_weather"]), (False, ["get_time"])):
+        req = ChatRequest.model_validate({**body, "parallel_tool_calls": parallel})
+        whole = ChatFormat("tiny", None, req, [1, 2, 3]).response([result])["choices"][0]["message"]
+        assert [c["function"]["name"] for c in whole["tool_calls"]] == names
+        events = ChatFormat("tiny", None, req, [1, 2, 3]).stream_chunk(0, {**result, "result": result}, False)
+        streamed = [d["function"]["name"] for e in events for d in e["choices"][0]["delta"].get("tool_calls", [])]
+        assert streamed == names
+
+
 # Renders the tools, the calls (arguments as `tojson`, as Qwen2.5's does) and what a tool message answers.
 TOOLS_TEMPLATE = (
     "{% if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n"

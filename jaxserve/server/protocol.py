@@ -187,6 +187,8 @@ class ChatRequest(SamplingFields, ChatTemplateFields):
     # "auto" (the default with tools), "none", "required" or {"type": "function", "function": {"name": ...}}:
     # the last two constrain the output to tool-call blocks (app.py `_tool_call_regex`).
     tool_choice: str | dict[str, Any] | None = None
+    # OpenAI's: false keeps a reply to one tool call (its first).
+    parallel_tool_calls: bool = True
     # vLLM's: with the server's --reasoning-parser, whether the answer carries the reasoning (reasoning_content).
     include_reasoning: bool = True
 

@@ -241,6 +241,7 @@ class ChatFormat:
         calls: list[dict[str, Any]] = []
         if self.parse_tools and text is not None:
             text, calls = parse_tool_calls(text)
+            calls = calls if self.req.parallel_tool_calls else calls[:1]
         message["content"] = text
         if not calls:
             return message, result["finish_reason"]
@@ -295,6 +296,7 @@ class ChatFormat:
             text = stream.push(text)
             if reason is not None:
                 rest, calls = stream.finish()
+                calls = calls if self.req.parallel_tool_calls else calls[:1]
                 text += rest
                 del self._tool_streams[i]
         has_tokens = self.req.logprobs and chunk["token_ids"]

@@ -108,7 +108,8 @@ def chat_body(req: ResponsesRequest, raw: dict[str, Any],
     messages: list[dict[str, Any]] = [{"role": "system", "content": req.instructions}] if req.instructions else []
     messages += [dict(m) for m in history] + input_messages(req)
     body: dict[str, Any] = {name: raw[name] for name in _PASSED if raw.get(name) is not None}
-    body.update(model=req.model, messages=messages, stream=req.stream, max_completion_tokens=req.max_output_tokens)
+    body.update(model=req.model, messages=messages, stream=req.stream, max_completion_tokens=req.max_output_tokens,
+                parallel_tool_calls=req.parallel_tool_calls)
     if req.top_logprobs is not None or "message.output_text.logprobs" in (req.include or []):
         body.update(logprobs=True, top_logprobs=req.top_logprobs or 0)
     if req.tools:
