@@ -290,14 +290,8 @@ class Engine:
         self.tokenizer = model.tokenizer
         mcfg = model.config
         target = jnp.dtype(self.config.compute_dtype())
-        params = cast_params(model.params, target)  # a checkpoint's fp8 weights stay fp8
-        # A classifier's score head on the host: a classify request's labels come from its pooled vector there
-        # (`pooling.finish_classification`), a few products a request.
-        self.classify_head = (np.asarray(params["score"]["kernel"], np.float32) if mcfg.num_labels else None)
-        if self.config.quantization is not None:  # where the weights are (the host, when loaded here)
-            params = quantize_params(params, self.config.quantization)
-        if self.tp is None and (self.device is not None or on_host):
-            params = jax.device_put(params, self.device or jax.local_devices()[0])
+        params = self._prepared(model.params, on_host)
+        self.sleeping = 0  # `sleep`'s level while asleep
         self.max_model_len = min(self.config.max_model_len or mcfg.context_length, mcfg.context_length)
         # A page's bytes on each device: its share of the KV heads under tensor parallelism.
         kv_heads = (mcfg if self.tp is None else self.tp.local_config(mcfg)).num_key_value_heads
@@ -435,6 +429,8 @@ class Engine:
         (vLLM's): lower runs first, where ``EngineConfig.scheduling_policy`` is "priority" (elsewhere only 0).
         ``lora_request``: the LoRA adapter it runs with (``EngineConfig.max_loras`` > 0; read and checked here)."""
         check_priority(priority, self.config.scheduling_policy)
+        if self.sleeping:
+            raise ValueError("this engine is asleep (sleep() freed its KV pool): wake_up() first")
         namespace = self._lora_namespace(lora_request)
         lora_id = 0 if lora_request is None else lora_request.lora_int_id
         if isinstance(params, PoolingParams):
@@ -536,6 +532,76 @@ class Engine:
 
     def _guide(self, params: SamplingParams) -> GuideState:
         return GuideState(self.structured_guide(params.structured_outputs))
+
+    def _prepared(self, params: Any, on_host: bool = False) -> Any:
+        """``params`` as the steps take them: in the engine's dtype (fp8 weights kept), quantized where the config
+        says so, on the engine's device; sets the classifier head they hold."""
+        params = cast_params(params, jnp.dtype(self.config.compute_dtype()))  # a checkpoint's fp8 weights stay fp8
+        # A classifier's score head on the host: a classify request's labels come from its pooled vector there
+        # (`pooling.finish_classification`), a few products a request.
+        self.classify_head = (np.asarray(params["score"]["kernel"], np.float32) if self.model.config.num_labels
+                              else None)
+        if self.config.quantization is not None:  # where the weights are (the host, when loaded here)
+            params = quantize_params(params, self.config.quantization)
+        if self.tp is None and (self.device is not None or on_host):
+            params = jax.device_put(params, self.device or jax.local_devices()[0])
+        return params
+
+    @_on_device
+    def update_params(self, params: Any) -> None:
+        """New weights for this engine (the same tree and shapes: a training step's, as `LoadedModel.with_params`
+        checks them; vLLM's weight update), compiling nothing again. The prefix cache is emptied (its pages hold
+        keys of the old weights); running requests go on with the new weights from their next step.
+
+        Example:
+            >>> engine.update_params(jax.tree_util.tree_map(lambda w: w * 1.01, engine.model.params))  # doctest: +SKIP
+        """
+        if self.sleeping == 2:
+            raise ValueError("params: this engine's weights were freed by sleep(level=2); pass them to wake_up")
+        self.model = self.model.with_params(params)
+        self.runner.set_params(self._prepared(self.model.params))
+        self.scheduler.clear_index()
+
+    @_on_device
+    def sleep(self, level: int = 1) -> None:
+        """Give this engine's device memory back while it is idle (vLLM's ``LLM.sleep``: a training step beside it
+        can use the memory): level 1 frees the KV pool, level 2 the weights too (the copies the engine made are
+        deleted; arrays of the caller's model that it ran as they are are only let go, and stay the caller's).
+        Compiled steps are kept, so `wake_up` compiles nothing. Refused while requests are unfinished; requests are
+        refused while asleep.
+
+        Example:
+            >>> engine.sleep(); train_step(...); engine.wake_up()                  # doctest: +SKIP
+            >>> engine.sleep(level=2); params = train(...); engine.wake_up(params)  # doctest: +SKIP
+        """
+        if level not in (1, 2):
+            raise ValueError(f"level must be 1 (the KV pool) or 2 (the weights too), got {level!r}")
+        if self.has_unfinished():
+            counts = self.scheduler.stats()
+            raise ValueError(f"sleep needs an idle engine: {counts['running']} request(s) running and "
+                             f"{counts['waiting']} waiting (let them finish or abort them)")
+        if self.sleeping >= level:
+            return
+        self.scheduler.clear_index()  # every page free: the pool's contents no longer matter
+        self.runner.free(weights=level == 2, keep=self.model.params)
+        if level == 2:  # the engine's hold on the caller's arrays goes too; their shapes stay, for wake_up's check
+            self.model = dataclasses.replace(self.model, params=jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.model.params))
+        self.sleeping = level
+
+    @_on_device
+    def wake_up(self, params: Any = None) -> None:
+        """A fresh KV pool after `sleep`, and with ``params`` new weights (needed after ``sleep(level=2)``; the same
+        tree and shapes, as `update_params` takes them)."""
+        if self.sleeping == 2 and params is None:
+            raise ValueError("params: sleep(level=2) freed the weights; pass them to wake_up(params)")
+        if self.sleeping:
+            self.runner.new_kv()
+        if params is not None:
+            self.model = self.model.with_params(params)
+            self.runner.set_params(self._prepared(self.model.params))
+            self.scheduler.clear_index()
+        self.sleeping = 0
 
     @_on_device
     def structured_guide(self, spec: StructuredOutputs) -> TokenGuide:
@@ -1282,6 +1348,8 @@ class Engine:
         once more. ``pooling=True`` also the prefills of embedding requests (`jaxserve.pooling`; greedy rows, as an
         embedding's are); a classifier's warm-up compiles those alone. Returns the number of shapes compiled.
         """
+        if self.sleeping:
+            raise ValueError("this engine is asleep (sleep() freed its KV pool): wake_up() first")
         cfg = self.config
         before = len(self.runner.compiled_shapes)
         lora = self.lora is not None if lora is None else lora

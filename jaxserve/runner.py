@@ -146,15 +146,13 @@ class Runner:
         self.config = config
         self.tp = tensor_parallel
         self.page_size = page_size
+        self.num_pages = num_pages
         self.dtype = params["embed_tokens"]["embedding"].dtype
         quantized = is_quantized(params)
         self.attention_impl = attention_impl
-        if tensor_parallel is None:
-            self.params = params
-            self.kv: KVCache = new_kv_cache(config, num_pages, page_size, self.dtype)
-        else:  # split over the devices (`jaxserve.tensor_parallel`)
-            self.params = tensor_parallel.shard_params(params, config)
-            self.kv = tensor_parallel.new_kv_cache(config, num_pages, page_size, self.dtype)
+        self.set_params(params)
+        self.kv: KVCache | None = None
+        self.new_kv()
         self.compiled_shapes: set[tuple] = set()
         # Made once: a jnp.zeros a call would be one more dispatch (and a kernel) on the host's path.
         self._no_counts = jnp.zeros((1, 1), jnp.int32)
@@ -233,6 +231,32 @@ class Runner:
         self.kv, out = self.compiled.verify(self._params(lora), self.kv, *_int32(tokens, q_start, lengths, block_tables),
                                             *sampled, num_top=num_top, logprobs=logprobs)
         return out
+
+    def set_params(self, params: Any) -> None:
+        """The weights the steps run with (the model's tree and dtypes: the compiled steps stay valid); split over
+        the devices under tensor parallelism (`jaxserve.tensor_parallel`)."""
+        self.params = params if self.tp is None else self.tp.shard_params(params, self.config)
+
+    def new_kv(self) -> None:
+        """A fresh KV pool (``num_pages`` pages; what they held is gone)."""
+        if self.tp is None:
+            self.kv = new_kv_cache(self.config, self.num_pages, self.page_size, self.dtype)
+        else:
+            self.kv = self.tp.new_kv_cache(self.config, self.num_pages, self.page_size, self.dtype)
+
+    def free(self, weights: bool = False, keep: Any = None) -> None:
+        """Give the KV pool's device memory back now, not when the arrays' last reference goes (the engine's
+        `sleep`); with ``weights`` the weights' too, but for arrays that are leaves of ``keep`` (the caller's own
+        params, which the runner may hold as they are: deleting them would break the caller's model)."""
+        for leaf in jax.tree_util.tree_leaves(self.kv):
+            leaf.delete()
+        self.kv = None
+        if weights:
+            theirs = {id(leaf) for leaf in jax.tree_util.tree_leaves(keep)}
+            for leaf in jax.tree_util.tree_leaves(self.params):
+                if id(leaf) not in theirs:
+                    leaf.delete()
+            self.params = None
 
     def _params(self, lora: dict | None):
         if lora is None:

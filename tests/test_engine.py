@@ -186,6 +186,64 @@ def test_an_engine_seed_makes_unseeded_sampling_repeat_run_to_run(tiny):
         EngineConfig(seed=-1)
 
 
+def test_sleep_frees_the_pool_and_wake_up_serves_as_before(tiny):
+    """Engine.sleep / wake_up / update_params (vLLM's LLM.sleep, wake_up and weight updates, for a training loop
+    beside a long-lived engine): asleep, the pool's (level 2: and the weights') arrays are deleted and requests are
+    refused; awake, the same greedy tokens with nothing compiled again; new weights give a fresh engine's tokens
+    on them; an engine with unfinished requests does not sleep."""
+    m, _ = tiny
+    prompts = random_prompts(m.config.vocab_size, (5, 17))
+    tuned = jax.tree_util.tree_map(lambda w: w * 1.5, m.params)
+    with Engine(m, small_config()) as engine:
+        before = [o["token_ids"] for o in engine.generate(prompts, GREEDY, use_tqdm=False)]
+        compiled = engine.stats()["compilations"]
+        pool = jax.tree_util.tree_leaves(engine.runner.kv)
+        engine.sleep()
+        assert engine.sleeping == 1 and all(leaf.is_deleted() for leaf in pool)
+        with pytest.raises(ValueError, match="asleep"):
+            engine.add_request(prompts[0], GREEDY)
+        engine.wake_up()
+        assert [o["token_ids"] for o in engine.generate(prompts, GREEDY, use_tqdm=False)] == before
+        assert engine.stats()["compilations"] == compiled
+        engine.sleep(level=2)
+        assert engine.runner.params is None and engine.runner.kv is None
+        assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(m.params))  # the caller's stay
+        with pytest.raises(ValueError, match="pass them to wake_up"):
+            engine.wake_up()
+        engine.wake_up(tuned)
+        after = [o["token_ids"] for o in engine.generate(prompts, GREEDY, use_tqdm=False)]
+        engine.update_params(m.params)
+        assert [o["token_ids"] for o in engine.generate(prompts, GREEDY, use_tqdm=False)] == before
+        assert engine.stats()["compilations"] == compiled
+        engine.add_request(prompts[0], GREEDY)
+        with pytest.raises(ValueError, match="idle engine: 0 request\\(s\\) running and 1 waiting"):
+            engine.sleep()
+        with pytest.raises(ValueError, match="level must be"):
+            engine.sleep(level=3)
+        while engine.has_unfinished():
+            engine.step()
+        assert_all_pages_free(engine)
+    with Engine(m.with_params(tuned), small_config()) as fresh:
+        assert [o["token_ids"] for o in fresh.generate(prompts, GREEDY, use_tqdm=False)] == after
+    assert after != before
+
+
+def test_sleep_level_2_deletes_the_weights_the_engine_made(tiny):
+    """A bf16 engine over float32 weights holds its own cast copies: sleep(level=2) deletes those, and the caller's
+    float32 arrays are untouched; wake_up with them gives the engine's tokens before."""
+    m, _ = tiny
+    prompt = random_prompts(m.config.vocab_size, (9,))[0]
+    with Engine(m, small_config(dtype="bfloat16")) as engine:
+        before = engine.generate(prompt, GREEDY, use_tqdm=False)[0]["token_ids"]
+        copies = jax.tree_util.tree_leaves(engine.runner.params)
+        engine.sleep(level=2)
+        assert all(leaf.is_deleted() for leaf in copies)
+        assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(m.params))
+        engine.wake_up(m.params)
+        assert engine.generate(prompt, GREEDY, use_tqdm=False)[0]["token_ids"] == before
+        assert_all_pages_free(engine)
+
+
 def test_stop_token_ids_and_stop_strings(tiny):
     m, hf = tiny
     prompt = random_prompts(m.config.vocab_size, (9,))[0]
