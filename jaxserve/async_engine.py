@@ -200,6 +200,22 @@ class AsyncEngine:
         """Drop unlocked cached prefixes (their pages return to the pool)."""
         await self._call(self.engine.clear_prefix_cache)
 
+    async def sleep(self, level: int = 1) -> None:
+        """`Engine.sleep` on the engine thread (ValueError while requests are unfinished, or for replicas)."""
+        await self._call(lambda: self._sleeper().sleep(level))
+
+    async def wake_up(self) -> None:
+        """`Engine.wake_up` on the engine thread (the weights of a level-2 sleep are not sent over HTTP: level 1)."""
+        await self._call(lambda: self._sleeper().wake_up())
+
+    async def is_sleeping(self) -> bool:
+        return bool(getattr(self.engine, "sleeping", 0))
+
+    def _sleeper(self) -> Any:
+        if not hasattr(self.engine, "sleep"):
+            raise ValueError("sleep and wake_up are an Engine's: this server runs replicas (data_parallel_size > 1)")
+        return self.engine
+
     async def shutdown(self, drain_s: float = 0.0) -> None:
         """Stop accepting, let running requests finish for up to ``drain_s`` seconds, abort the
         rest (their streams end with finish_reason "abort"), join the thread, close the engine."""

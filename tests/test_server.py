@@ -572,6 +572,25 @@ def test_missing_or_wrong_api_key_is_401(live, key):
     assert post(live, "/v1/completions", GOOD).status_code == 200
 
 
+def test_sleep_and_wake_up_routes(live, pages_freed):
+    """vLLM's sleep-mode routes: /sleep frees the KV pool (requests get 400s meanwhile), /is_sleeping says so,
+    /wake_up serves again with the same greedy text; level 2 is refused (no route sends weights back)."""
+    body = {**GOOD, "max_tokens": 6, "temperature": 0}
+    before = post(live, "/v1/completions", body).json()["choices"][0]["text"]
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    assert httpx.post(live.url + "/sleep?level=2", headers=auth).status_code == 400
+    assert httpx.post(live.url + "/sleep?level=1", headers=auth).json() == {"status": "ok"}
+    try:
+        assert httpx.get(live.url + "/is_sleeping").json() == {"is_sleeping": True}
+        asleep = post(live, "/v1/completions", body)
+        assert asleep.status_code == 400 and "asleep" in asleep.json()["error"]["message"]
+    finally:
+        assert httpx.post(live.url + "/wake_up", headers=auth).json() == {"status": "ok"}
+    assert httpx.get(live.url + "/is_sleeping").json() == {"is_sleeping": False}
+    assert post(live, "/v1/completions", body).json()["choices"][0]["text"] == before
+    assert httpx.post(live.url + "/sleep").status_code == 401  # the API key, as the other admin routes
+
+
 def test_cors_preflights_are_answered_as_vllm_answers_them(live):
     """vLLM's default CORS (any origin, method and header): a browser's preflight gets its allow headers, and a
     cross-origin request its allow-origin."""

@@ -278,6 +278,37 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             st.metrics.set_engine_stats(await st.engine.stats())
         return Response(st.metrics.exposition(), media_type=CONTENT_TYPE)
 
+    @app.post("/sleep")
+    async def sleep(request: Request) -> JSONResponse:
+        """vLLM's sleep mode (its dev routes): ``?level=1`` frees the KV pool's device memory until ``/wake_up``
+        (a trainer beside the server can use it); requests are refused meanwhile (400). Level 2 would free the
+        weights, which no route sends back, so only level 1 is served. Needs the API key when one is set."""
+        st = _state(request)
+        _authorize(request, st)
+        level = request.query_params.get("level", "1")
+        if level != "1":
+            raise APIError(400, f"level must be 1 (the KV pool; the weights stay loaded), got {level!r}", param="level")
+        try:
+            await st.engine.sleep(1)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        return JSONResponse({"status": "ok"})
+
+    @app.post("/wake_up")
+    async def wake_up(request: Request) -> JSONResponse:
+        st = _state(request)
+        _authorize(request, st)
+        try:
+            await st.engine.wake_up()
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/is_sleeping")
+    async def is_sleeping(request: Request) -> JSONResponse:
+        st = _state(request)
+        return JSONResponse({"is_sleeping": await st.engine.is_sleeping()})
+
     @app.post("/flush_cache")
     async def flush_cache(request: Request) -> JSONResponse:
         """Drop every cached prefix not in use (SGLang's route of the same name): benchmarks call it
