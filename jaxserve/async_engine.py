@@ -201,20 +201,15 @@ class AsyncEngine:
         await self._call(self.engine.clear_prefix_cache)
 
     async def sleep(self, level: int = 1) -> None:
-        """`Engine.sleep` on the engine thread (ValueError while requests are unfinished, or for replicas)."""
-        await self._call(lambda: self._sleeper().sleep(level))
+        """`Engine.sleep` (or `Replicas.sleep`) on the engine thread (ValueError while requests are unfinished)."""
+        await self._call(lambda: self.engine.sleep(level))
 
     async def wake_up(self) -> None:
         """`Engine.wake_up` on the engine thread (the weights of a level-2 sleep are not sent over HTTP: level 1)."""
-        await self._call(lambda: self._sleeper().wake_up())
+        await self._call(self.engine.wake_up)
 
     async def is_sleeping(self) -> bool:
-        return bool(getattr(self.engine, "sleeping", 0))
-
-    def _sleeper(self) -> Any:
-        if not hasattr(self.engine, "sleep"):
-            raise ValueError("sleep and wake_up are an Engine's: this server runs replicas (data_parallel_size > 1)")
-        return self.engine
+        return bool(self.engine.sleeping)
 
     async def shutdown(self, drain_s: float = 0.0) -> None:
         """Stop accepting, let running requests finish for up to ``drain_s`` seconds, abort the

@@ -309,6 +309,33 @@ class Replicas:
         for pages in self._pages:
             pages.clear()
 
+    def update_params(self, params: Any) -> None:
+        """`Engine.update_params` on every replica (each device its own copy); the router forgets its prefixes, as
+        the replicas' caches do."""
+        for engine in self.engines:
+            engine.update_params(params)
+        for pages in self._pages:
+            pages.clear()
+
+    def sleep(self, level: int = 1) -> None:
+        """`Engine.sleep` on every replica, refused before any sleeps while one has unfinished requests."""
+        if self.has_unfinished():
+            raise ValueError("sleep needs idle replicas: requests are unfinished (let them finish or abort them)")
+        for engine in self.engines:
+            engine.sleep(level)
+        for pages in self._pages:
+            pages.clear()
+
+    def wake_up(self, params: Any = None) -> None:
+        """`Engine.wake_up` on every replica."""
+        for engine in self.engines:
+            engine.wake_up(params)
+
+    @property
+    def sleeping(self) -> int:
+        """The deepest sleep level of the replicas (0: all awake)."""
+        return max(engine.sleeping for engine in self.engines)
+
     def close(self) -> None:
         for engine in self.engines:
             engine.close()

@@ -281,8 +281,9 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     @app.post("/sleep")
     async def sleep(request: Request) -> JSONResponse:
         """vLLM's sleep mode (its dev routes): ``?level=1`` frees the KV pool's device memory until ``/wake_up``
-        (a trainer beside the server can use it); requests are refused meanwhile (400). Level 2 would free the
-        weights, which no route sends back, so only level 1 is served. Needs the API key when one is set."""
+        (a trainer beside the server can use it; every replica's); requests are refused meanwhile (400). Level 2
+        would free the weights, which no route sends back, so only level 1 is served. Needs the API key when one is
+        set."""
         st = _state(request)
         _authorize(request, st)
         level = request.query_params.get("level", "1")
