@@ -459,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog="example: jaxserve convert /models/Qwen2.5-0.5B /models/qwen-0.5b-jax --dtype bfloat16")
     conv.add_argument("src", help="Hugging Face checkpoint folder")
     conv.add_argument("dst", help="output folder")
-    conv.add_argument("--dtype", choices=[d for d in DTYPES if d != "auto"], default="float32", help="saved dtype (default float32)")
+    conv.add_argument("--dtype", choices=[d for d in DTYPES if d != "auto"], default="float32",
+                      help="saved dtype (default float32)")
     conv.set_defaults(func=cmd_convert)
 
     bench = sub.add_parser("bench", help="run bench/serving.py (source checkout only)",

@@ -558,6 +558,9 @@ class Engine:
         """
         if self.sleeping == 2:
             raise ValueError("params: this engine's weights were freed by sleep(level=2); pass them to wake_up")
+        self._take_params(params)
+
+    def _take_params(self, params: Any) -> None:
         self.model = self.model.with_params(params)
         self.runner.set_params(self._prepared(self.model.params))
         self.scheduler.clear_index()
@@ -598,9 +601,7 @@ class Engine:
         if self.sleeping:
             self.runner.new_kv()
         if params is not None:
-            self.model = self.model.with_params(params)
-            self.runner.set_params(self._prepared(self.model.params))
-            self.scheduler.clear_index()
+            self._take_params(params)
         self.sleeping = 0
 
     @_on_device

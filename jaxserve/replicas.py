@@ -306,6 +306,10 @@ class Replicas:
     def clear_prefix_cache(self) -> None:
         for engine in self.engines:
             engine.clear_prefix_cache()
+        self._forget_routes()
+
+    def _forget_routes(self) -> None:
+        """The router's record of the prefixes each replica holds, emptied as the replicas' caches are."""
         for pages in self._pages:
             pages.clear()
 
@@ -314,8 +318,7 @@ class Replicas:
         the replicas' caches do."""
         for engine in self.engines:
             engine.update_params(params)
-        for pages in self._pages:
-            pages.clear()
+        self._forget_routes()
 
     def sleep(self, level: int = 1) -> None:
         """`Engine.sleep` on every replica, refused before any sleeps while one has unfinished requests."""
@@ -323,8 +326,7 @@ class Replicas:
             raise ValueError("sleep needs idle replicas: requests are unfinished (let them finish or abort them)")
         for engine in self.engines:
             engine.sleep(level)
-        for pages in self._pages:
-            pages.clear()
+        self._forget_routes()
 
     def wake_up(self, params: Any = None) -> None:
         """`Engine.wake_up` on every replica."""

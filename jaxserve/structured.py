@@ -831,8 +831,9 @@ class GuideState:
         """How many of ``new_tokens`` (arriving after ``output_ids``) to take: up to the one that makes the output
         a complete match nothing can extend, or an EOS where it is a match, all of them if none does; none where the
         output is such a match already. What a call that ran on past that point on the device produced beyond it is
-        dropped, as if the host had stopped the request there. The tokens counted are taken here: the caller appends exactly those to ``output_ids``
-        (fewer only where the request finishes, after which nothing follows its guide)."""
+        dropped, as if the host had stopped the request there. The tokens counted are taken here: the caller appends
+        exactly those to ``output_ids`` (fewer only where the request finishes, after which nothing follows its
+        guide)."""
         self.advance(output_ids)
         if self.eos or self.broken:
             return len(new_tokens)

@@ -176,8 +176,7 @@ def load_hf_params(path: str | os.PathLike, config: ModelConfig | None = None, d
             if p + ".weight_scale" not in location:
                 raise ValueError(f"tensor {p}.weight is float8 but the checkpoint has no {p}.weight_scale")
             scale = location[p + ".weight_scale"].get_tensor(p + ".weight_scale").astype(jnp.float32)
-            if scale.size not in (1, w.shape[0]) or (scale.size > 1 and scale.shape not in ((w.shape[0],),
-                                                                                            (w.shape[0], 1))):
+            if scale.shape not in ((), (1,), (1, 1), (w.shape[0],), (w.shape[0], 1)):
                 raise ValueError(f"tensor {p}.weight_scale has shape {tuple(scale.shape)}, expected one scale or "
                                  f"({w.shape[0]}, 1) (a tensor's or each output channel's)")
             per_output.append(jnp.broadcast_to(scale.reshape(-1), (w.shape[0],)))
@@ -222,9 +221,9 @@ def to_hf_tensors(params: dict, config: ModelConfig) -> Iterator[tuple[str, np.n
     params = convert_weight_layout(params, WEIGHT_LAYOUT, "kn")  # the code below reads [in, out]
     h, kvh, d, inter = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size
 
-    def split(proj: dict, names: str, bounds: tuple[int, ...]) -> Iterator[tuple[str, np.ndarray]]:
-        """A fused projection's parts, named by ``names`` (``|``-separated), over the output ranges between ``bounds``."""
-        for j, part in enumerate(names.split("|")):
+    def split(proj: dict, names: list[str], bounds: tuple[int, ...]) -> Iterator[tuple[str, np.ndarray]]:
+        """A fused projection's parts, named by ``names``, over the output ranges between ``bounds``."""
+        for j, part in enumerate(names):
             yield part + ".weight", proj["kernel"][:, bounds[j]:bounds[j + 1]].T
             if SCALE in proj:
                 yield part + ".weight_scale", proj[SCALE][bounds[j]:bounds[j + 1], None]
@@ -239,12 +238,12 @@ def to_hf_tensors(params: dict, config: ModelConfig) -> Iterator[tuple[str, np.n
         layer, p = params[f"layers_{i}"], f"model.layers.{i}."
         qkv = layer["self_attn"]["qkv_proj"]
         splits = (0, h * d, (h + kvh) * d, (h + 2 * kvh) * d)
-        yield from split(qkv, "|".join(p + f"self_attn.{n}_proj" for n in "qkv"), splits)
+        yield from split(qkv, [p + f"self_attn.{n}_proj" for n in "qkv"], splits)
         for j, n in enumerate("qkv"):
             yield p + f"self_attn.{n}_proj.bias", qkv["bias"][splits[j]:splits[j + 1]]
-        yield from split(layer["self_attn"]["o_proj"], p + "self_attn.o_proj", (0, config.hidden_size))
-        yield from split(layer["mlp"]["gate_up_proj"], p + "mlp.gate_proj|" + p + "mlp.up_proj", (0, inter, 2 * inter))
-        yield from split(layer["mlp"]["down_proj"], p + "mlp.down_proj", (0, config.hidden_size))
+        yield from split(layer["self_attn"]["o_proj"], [p + "self_attn.o_proj"], (0, config.hidden_size))
+        yield from split(layer["mlp"]["gate_up_proj"], [p + "mlp.gate_proj", p + "mlp.up_proj"], (0, inter, 2 * inter))
+        yield from split(layer["mlp"]["down_proj"], [p + "mlp.down_proj"], (0, config.hidden_size))
         yield p + "input_layernorm.weight", layer["input_layernorm"]["scale"]
         yield p + "post_attention_layernorm.weight", layer["post_attention_layernorm"]["scale"]
 

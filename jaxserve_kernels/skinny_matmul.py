@@ -153,10 +153,9 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
             out[h] += prod
         return tuple(out)
 
-    bias_ref = b_ref
     cols_at = pl.ds(col_block * block_n, block_n)
     if gemv:  # a few rows ([N, K] weights): lane-wise products, reduced once after the loop
-        _gemv_rows(x_ref, w_ref, o_ref, bias_ref, s_ref, row0=row0, rows=block_m, halves=halves, k_start=k_start,
+        _gemv_rows(x_ref, w_ref, o_ref, b_ref, s_ref, row0=row0, rows=block_m, halves=halves, k_start=k_start,
                    k_end=k_end, num_iters=num_iters, block_n=block_n, block_k=block_k, col_block=col_block,
                    col_ok=col_ok, cols_at=cols_at, epilogue=epilogue, split=split, prefetch=prefetch)
         return
@@ -167,12 +166,12 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
     if epilogue == "partials":
         compat.store(o_ref.at[(split,) + tile], accs[0], mask=mask)
         return
-    _store_output(accs, o_ref, bias_ref, epilogue=epilogue, tile=tile, mask=mask,
+    _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=tile, mask=mask,
                   cols_at=cols_at, col_ok=col_ok, s_ref=s_ref)
 
 
-def _gemv_rows(x_ref, w_ref, o_ref, bias_ref, s_ref, *, row0, rows: int, halves, k_start, k_end, num_iters, block_n: int,
-               block_k: int, col_block, col_ok, cols_at, epilogue: str, split, prefetch: bool) -> None:
+def _gemv_rows(x_ref, w_ref, o_ref, bias_ref, s_ref, *, row0, rows: int, halves, k_start, k_end, num_iters,
+               block_n: int, block_k: int, col_block, col_ok, cols_at, epilogue: str, split, prefetch: bool) -> None:
     """The lane-wise path's program: `rows` activation rows (1 to `NK_GEMV_MAX_ROWS`) times `block_n` weight rows,
     each weight tile loaded once for all of them; every row keeps its own `[block_n, block_k]` float32 lanes."""
 

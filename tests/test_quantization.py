@@ -78,7 +78,8 @@ def test_the_quantized_engine_is_the_model_with_dequantized_weights(tiny):  # no
 
 def test_the_skinny_kernel_reads_the_fp8_weights(tiny, monkeypatch):  # noqa: F811
     """With model.FP8_SKINNY, under the Pallas kernels (interpreted here) a quantized decode step's projections go
-    through the skinny matmul with the float8 weights and their scales, and give the dequantized model's tokens and log-probabilities."""
+    through the skinny matmul with the float8 weights and their scales, and give the dequantized model's tokens and
+    log-probabilities."""
     skinny = importlib.import_module("jaxserve_kernels.skinny_matmul")  # the package exports a function of that name
 
     m, _ = tiny

@@ -24,7 +24,7 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -177,7 +177,8 @@ class _State:
     config: ServerConfig
     created: int
     loras: dict[str, LoRARequest] = dataclasses.field(default_factory=dict)  # served adapters by name
-    responses: ResponseStore | None = None  # finished /v1/responses, for previous_response_id
+    # Finished /v1/responses, for previous_response_id.
+    responses: ResponseStore = dataclasses.field(default_factory=lambda: ResponseStore(0))
 
 
 def _state(request: Request) -> _State:
@@ -289,21 +290,13 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         level = request.query_params.get("level", "1")
         if level != "1":
             raise APIError(400, f"level must be 1 (the KV pool; the weights stay loaded), got {level!r}", param="level")
-        try:
-            await st.engine.sleep(1)
-        except ValueError as exc:
-            raise APIError(400, str(exc)) from None
-        return JSONResponse({"status": "ok"})
+        return await _engine_command(st.engine.sleep(1))
 
     @app.post("/wake_up")
     async def wake_up(request: Request) -> JSONResponse:
         st = _state(request)
         _authorize(request, st)
-        try:
-            await st.engine.wake_up()
-        except ValueError as exc:
-            raise APIError(400, str(exc)) from None
-        return JSONResponse({"status": "ok"})
+        return await _engine_command(st.engine.wake_up())
 
     @app.get("/is_sleeping")
     async def is_sleeping(request: Request) -> JSONResponse:
@@ -503,10 +496,10 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         store = st.responses
         history = [] if rreq.previous_response_id is None else store.conversation(rreq.previous_response_id)
         try:
-            req = _parse(ChatRequest, chat_body(rreq, json.loads(body), history))
+            turn = history + input_messages(rreq)
+            req = _parse(ChatRequest, chat_body(rreq, json.loads(body), turn))
             on_done = None
             if store.capacity > 0 and rreq.store is not False:  # OpenAI's default: stored
-                turn = history + input_messages(rreq)
                 on_done = lambda response: store.put(response, turn + output_messages(response))  # noqa: E731
             return await _chat(request, st, req, (rreq, on_done))
         except APIError as exc:  # the chat route's names for the Responses API's fields
@@ -530,6 +523,15 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 
     return app
+
+
+async def _engine_command(command: Awaitable[None]) -> JSONResponse:
+    """An admin route's engine call: a refusal (ValueError) answered 400 with its message."""
+    try:
+        await command
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from None
+    return JSONResponse({"status": "ok"})
 
 
 async def _chat(request: Request, st: _State, req: ChatRequest,

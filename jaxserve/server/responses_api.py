@@ -96,9 +96,10 @@ class ResponseStore:
 
 
 def chat_body(req: ResponsesRequest, raw: dict[str, Any],
-              history: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+              conversation: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The ``/v1/chat/completions`` body that ``req`` stands for (``raw``: the request's JSON, for the sampling
-    fields passed through; ``history``: the conversation of its ``previous_response_id``).
+    fields passed through; ``conversation``: its messages, its instructions apart, where the caller has them, the
+    conversation of its ``previous_response_id`` first; default `input_messages`).
 
     Example:
         >>> r = ResponsesRequest(model="m", input="Hi", instructions="Be brief.", max_output_tokens=8)
@@ -106,7 +107,7 @@ def chat_body(req: ResponsesRequest, raw: dict[str, Any],
         [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'}]
     """
     messages: list[dict[str, Any]] = [{"role": "system", "content": req.instructions}] if req.instructions else []
-    messages += [dict(m) for m in history] + input_messages(req)
+    messages += [dict(m) for m in (input_messages(req) if conversation is None else conversation)]
     body: dict[str, Any] = {name: raw[name] for name in _PASSED if raw.get(name) is not None}
     body.update(model=req.model, messages=messages, stream=req.stream, max_completion_tokens=req.max_output_tokens,
                 parallel_tool_calls=req.parallel_tool_calls)
