@@ -303,6 +303,11 @@
 #               =0 rows gave bench/results/quantization.md. Flip model.FP8_SKINNY's default only if =1 wins.
 #   yarn44      session 44: the 0.5B and 7B decode steps of a YaRN checkpoint (scaled cos/sin tables) compiled
 #               against the reference at 1-256 rows (~200 s)
+#   h100_52     session 52, on an H100 (issue 6's and 8's device; every default was tuned on the H200): the decode
+#               kernel's knobs around the defaults at the four shapes short of issue 6 (bandwidth.py's "h100" sweep
+#               sets, with the baselines), then the engine's step at 1 and 256 rows over glue settings that lost or tied
+#               on the H200 (~520 s)
+#   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -915,6 +920,15 @@ for part in "${parts[@]}"; do
               --batches 1 64 --output-len 64 --out "$OUT/$part" ; \
             echo "== ab JAXSERVE_FP8_SKINNY=0"; JAXSERVE_FP8_SKINNY=0 timeout 200 python3 bench/tensor_parallel.py \
               --shape 7B --tp 1 --quantization fp8 --batches 1 64 --output-len 64 ;;
+    h100_52) timeout 250 python3 bench/bandwidth.py --sweep-only --sweep-baselines --budget-s 215 \
+               --sweep-configs 'h100*' --out "$OUT/$part/bandwidth" ; \
+             timeout 135 python3 bench/decode_step.py --batches 1 --context 192 --variants default --no-static \
+               --glue kernels gemv_t1k gemv_w16 gemv_k2048 o_attn_pf unroll2 no_prefetch_kv --rounds 5 --reps 10 ; \
+             timeout 135 python3 bench/decode_step.py --batches 256 --context 192 --variants default --no-static \
+               --glue kernels widest_j48 widest_j32_s2 widest_deep_bm128 attn_st1 head_b256 unroll2 --rounds 5 \
+               --reps 10 ;;
+    fp8test_52) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu \
+                  tests/test_skinny_matmul.py -k fp8 ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;
