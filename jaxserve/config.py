@@ -12,37 +12,46 @@ import json
 import os
 from typing import Any
 
+from jaxserve.packed_weights import PACKED_QUANTIZATIONS, PackedScheme, packed_scheme
+
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification")
 CLASSIFIER = "Qwen2ForSequenceClassification"
 SUPPORTED_MODEL_TYPES = ("qwen2",)
-# Checkpoints quantized ahead (config.json's quantization_config) that load as they are: float8 e4m3 projection weights
-# with a scale per output channel or per tensor, which are `jaxserve.quantization`'s fp8 weights.
-CHECKPOINT_QUANTIZATIONS = ("compressed-tensors", "fbgemm_fp8")
+# Checkpoints quantized ahead (config.json's quantization_config) that load: float8 e4m3 projection weights with a scale
+# per output channel or per tensor, which are `jaxserve.quantization`'s fp8 weights, kept as they are; AWQ and GPTQ's
+# packed integers, dequantized as they are read (`jaxserve.packed_weights`).
+CHECKPOINT_QUANTIZATIONS = ("compressed-tensors", "fbgemm_fp8", *PACKED_QUANTIZATIONS)
 
 
 def checkpoint_quantization(qc: dict[str, Any] | None) -> str | None:
-    """What a checkpoint's ``quantization_config`` holds, as an ``EngineConfig.quantization`` name ("fp8"), or None
-    where there is none; any other scheme is refused by name.
+    """What a checkpoint's ``quantization_config`` holds: "fp8" (an ``EngineConfig.quantization`` name: the weights
+    load as float8), "awq" or "gptq" (packed integers, dequantized at load: `jaxserve.packed_weights`), or None where
+    there is none; any other scheme is refused by name.
 
     Taken: llm-compressor's "compressed-tensors" float-quantized 8-bit weights of ``channel`` or ``tensor`` strategy
-    (its FP8 and FP8_DYNAMIC schemes: vLLM's usual fp8 checkpoints, e.g. RedHatAI's Qwen2.5 FP8-dynamic) and
-    "fbgemm_fp8". Activations run in the model's dtype (weight-only), so a dynamic or static activation scheme is
-    not applied: the products are the dequantized weights' at full activation precision.
+    (its FP8 and FP8_DYNAMIC schemes: vLLM's usual fp8 checkpoints, e.g. RedHatAI's Qwen2.5 FP8-dynamic),
+    "fbgemm_fp8", AutoAWQ's 4-bit "gemm" and GPTQ's 4- and 8-bit checkpoints (Qwen's own -AWQ and -GPTQ-Int4/Int8).
+    Activations run in the model's dtype (weight-only), so a dynamic or static activation scheme is not applied: the
+    products are the dequantized weights' at full activation precision.
 
     Example:
         >>> checkpoint_quantization({"quant_method": "fbgemm_fp8"})
         'fp8'
-        >>> checkpoint_quantization({"quant_method": "awq", "bits": 4})
+        >>> checkpoint_quantization({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"})
+        'awq'
+        >>> checkpoint_quantization({"quant_method": "bitsandbytes"})
         Traceback (most recent call last):
         ...
-        ValueError: quantization_config: quant_method 'awq' is not supported (fp8 checkpoints of ('compressed-tensors', 'fbgemm_fp8') are)
+        ValueError: quantization_config: quant_method 'bitsandbytes' is not supported (checkpoints of ('compressed-tensors', 'fbgemm_fp8', 'awq', 'gptq') are)
     """
     if not qc:
         return None
     method = qc.get("quant_method")
     if method not in CHECKPOINT_QUANTIZATIONS:
-        raise ValueError(f"quantization_config: quant_method {method!r} is not supported (fp8 checkpoints of "
+        raise ValueError(f"quantization_config: quant_method {method!r} is not supported (checkpoints of "
                          f"{CHECKPOINT_QUANTIZATIONS} are)")
+    if method in PACKED_QUANTIZATIONS:
+        return packed_scheme(qc).method
     if method == "compressed-tensors":
         groups = qc.get("config_groups") or {}
         if not groups:
@@ -150,8 +159,10 @@ class ModelConfig:
     # A sequence classifier (Hugging Face's Qwen2ForSequenceClassification, `jaxserve.pooling`): its labels' names in id
     # order, its head a ``score`` matrix of that many outputs instead of the LM head. Empty: a causal LM.
     labels: tuple[str, ...] = ()
-    # "fp8": the checkpoint holds its projections quantized (`checkpoint_quantization`); None: full precision.
+    # "fp8": the checkpoint holds its projections quantized (`checkpoint_quantization`); "awq" / "gptq": packed
+    # integers, read as floats (`packing` says how); None: full precision.
     quantization: str | None = None
+    packing: PackedScheme | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -236,6 +247,8 @@ class ModelConfig:
         if CLASSIFIER in archs:  # transformers keeps num_labels as id2label (two labels where none is written)
             id2label = d.get("id2label") or {str(i): f"LABEL_{i}" for i in range(d.get("num_labels", 2))}
             labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(len(id2label)))
+        qc = d.get("quantization_config")
+        quantization = checkpoint_quantization(qc)
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -253,7 +266,8 @@ class ModelConfig:
             torch_dtype=str(dtype),
             rope_scaling=rope_scaling,
             labels=labels,
-            quantization=checkpoint_quantization(d.get("quantization_config")),
+            quantization=quantization,
+            packing=packed_scheme(qc) if quantization in PACKED_QUANTIZATIONS else None,
         )
 
     @classmethod
@@ -270,7 +284,8 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["eos_token_id"] = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         d["rope_scaling"] = self.rope_scaling.to_hf_dict() if self.rope_scaling is not None else None
-        del d["labels"], d["quantization"]
+        # A packed checkpoint's weights are floats once loaded: what is saved from them is a plain checkpoint.
+        del d["labels"], d["quantization"], d["packing"]
         if self.quantization == "fp8":  # as llm-compressor writes weight-only fp8 (`weights.to_hf_tensors`)
             d["quantization_config"] = {
                 "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",

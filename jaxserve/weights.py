@@ -24,6 +24,7 @@ import safetensors
 import safetensors.flax
 
 from jaxserve.config import ModelConfig
+from jaxserve.packed_weights import PACKED_SUFFIXES, dequantize_packed
 from jaxserve.quantization import FP8, SCALE, dequantize, is_quantized
 
 CONVERTED_FILE = "jaxserve_params.safetensors"
@@ -136,18 +137,28 @@ def load_hf_params(path: str | os.PathLike, config: ModelConfig | None = None, d
             location[name] = handle
     # Tied checkpoints sometimes still carry lm_head.weight; it duplicates the embedding and is ignored.
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings or cfg.num_labels else set()
-    # A quantized checkpoint's scales sit beside the weights they scale; activation scales are not applied (weight-only)
-    scales = _QUANT_SUFFIXES if cfg.quantization else ()
+    # A quantized checkpoint's scales sit beside the weights they scale; activation scales are not applied (weight-only).
+    # A packed one holds a projection's integers and scales where its `.weight` would be (a module it left out of
+    # quantization keeps its `.weight`).
+    packing = cfg.packing
+    scales = PACKED_SUFFIXES if packing else _QUANT_SUFFIXES if cfg.quantization else ()
+    packed = {n.rsplit(".", 1)[0] + ".weight" for n in location if packing and n.endswith(".qweight")}
     unexpected = sorted(n for n in location if n not in expected and n not in ignorable
                         and not n.endswith("rotary_emb.inv_freq")
                         and not (n.endswith(scales) and n.rsplit(".", 1)[0] + ".weight" in expected))
     if unexpected:
         raise ValueError(f"unexpected tensor(s) in checkpoint {path}: {', '.join(unexpected[:5])}")
-    missing = sorted(n for n in expected if n not in location)
+    missing = sorted(n for n in expected if n not in location and n not in packed)
     if missing:
         raise ValueError(f"missing tensor(s) in checkpoint {path}: {', '.join(missing[:5])}")
 
+    def read(name: str) -> Any:
+        return location[name].get_tensor(name) if name in location else None
+
     def tensor(name: str) -> jax.Array:
+        if name in packed and name not in location:
+            out, inp = expected[name]
+            return jnp.asarray(dequantize_packed(read, name[:-len(".weight")], out, inp, packing))
         t = location[name].get_tensor(name)
         if tuple(t.shape) != expected[name]:
             raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, expected {expected[name]}")

@@ -230,7 +230,7 @@ def test_unsupported_checkpoint_quantizations_are_refused_by_name(tiny_checkpoin
     src, _ = tiny_checkpoint
     with open(os.path.join(src, "config.json")) as f:
         config = json.load(f)
-    for qc, name in (({"quant_method": "gptq", "bits": 4}, "'gptq'"),
+    for qc, name in (({"quant_method": "bitsandbytes", "load_in_4bit": True}, "'bitsandbytes'"),
                      ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {
                          "type": "int", "num_bits": 4, "strategy": "group"}}}}, "config_groups.g.weights")):
         with pytest.raises(ValueError, match=name):
