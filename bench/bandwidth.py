@@ -157,6 +157,9 @@ _T52_8X2K = {"h100 splits=8 ppb=8": dict(num_splits=8, pages_per_block=8),
              "h100 splits=8 ppb=4 stages=3": dict(num_splits=8, pages_per_block=4, num_stages=3),
              "h100 splits=16 ppb=4 warps=2": dict(num_splits=16, pages_per_block=4, num_warps=2),
              "h100 combine=xla": dict(combine="xla")}
+# Session 52, after three stages won at 7B 64 x 8k (now the default for loops of >= 32 blocks at head_dim 128,
+# `paged_attention.LONG_LOOP_BLOCKS`): the two stages of before, beside it, at every shape the rule changes.
+_T52_STAGES2 = {"h100 stages=2": dict(num_stages=2)}
 _T52_1X32K = {f"h100 splits={n}": dict(num_splits=n) for n in (32, 64, 128, 256)} | {
     "h100 splits=64 stages=3": dict(num_splits=64, num_stages=3),
     "h100 splits=128 ppb=4": dict(num_splits=128, pages_per_block=4)}
@@ -172,7 +175,10 @@ SWEEP = [
     (("7B 28q/4kv/128", 8, 32768), _T36X),
     (("0.5B 14q/2kv/64", 256, 2048), _T28),
     (("7B 28q/4kv/128", 64, 2048), _T28),
-    (("7B 28q/4kv/128", 64, 8192), _T52_64X8K),
+    (("7B 28q/4kv/128", 64, 8192), {**_T52_64X8K, **_T52_STAGES2}),
+    (("7B 28q/4kv/128", 64, 4096), _T52_STAGES2),
+    (("7B 28q/4kv/128", 256, 8192), _T52_STAGES2),
+    (("7B 28q/4kv/128", 8, 32768), _T52_STAGES2),
     (("7B 28q/4kv/128", 8, 2048), _T52_8X2K),
     (("7B 28q/4kv/128", 1, 32768), _T52_1X32K),
     (("0.5B 14q/2kv/64", 1, 32768), _T52_1X32K),

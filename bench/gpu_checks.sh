@@ -307,6 +307,8 @@
 #               kernel's knobs around the defaults at the four shapes short of issue 6 (bandwidth.py's "h100" sweep
 #               sets, with the baselines), then the engine's step at 1 and 256 rows over glue settings that lost or tied
 #               on the H200 (~520 s)
+#   long52      session 52: three pipeline stages for long decode loops at head_dim 128 (LONG_LOOP_BLOCKS): its
+#               compiled test, two stages beside it at every shape it changes, then the full bandwidth table (~500 s)
 #   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -927,6 +929,11 @@ for part in "${parts[@]}"; do
              timeout 135 python3 bench/decode_step.py --batches 256 --context 192 --variants default --no-static \
                --glue kernels widest_j48 widest_j32_s2 widest_deep_bm128 attn_st1 head_b256 unroll2 --rounds 5 \
                --reps 10 ;;
+    long52) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_kernels.py \
+              -k "long_loops or retiled" ; \
+            timeout 150 python3 bench/bandwidth.py --sweep-only --budget-s 120 --sweep-configs "h100 stages=2" \
+              --out "$OUT/$part/sweep" ; \
+            timeout 330 python3 bench/bandwidth.py --budget-s 285 --out "$OUT/$part/bandwidth" ;;
     fp8test_52) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu \
                   tests/test_skinny_matmul.py -k fp8 ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \

@@ -162,6 +162,26 @@ def retile_two_block_splits(table_pages: int, pages_per_block: int, num_splits: 
     return pages_per_block, num_splits
 
 
+# A decode program that loops over at least this many key blocks at head_dim >= 128 keeps three blocks in flight,
+# not two. Why: on the H100 (issue 6's device) a lone long loop at two stages leaves the memory short of requests;
+# H100, session 52 (bench/results/bandwidth.md): 7B heads 64 x 8k (64 blocks a program) 367.2 -> 362.4 µs, a win in
+# each of six interleaved pairs, 87.5% -> 88.5% of the 3.35 TB/s spec; shorter loops lose (7B 8 x 2k's two blocks
+# 19.0 -> 19.1, 0.5B 64 x 2k's 30.3 -> 30.6), and on the H200 (session 13) three stages tied at 64 x 8k. 0: off.
+LONG_LOOP_BLOCKS = int(os.environ.get("JAXSERVE_LONG_LOOP_BLOCKS", "32"))
+
+
+def default_num_stages(table_pages: int, pages_per_block: int, num_splits: int, head_dim: int) -> int:
+    """`LONG_LOOP_BLOCKS`' rule: Triton pipeline stages for a decode program's loop.
+
+    Example:
+        >>> default_num_stages(512, 8, 1, 128), default_num_stages(128, 4, 16, 128)  # 7B 64 x 8k; 8 x 2k
+        (3, 2)
+    """
+    blocks = pl.cdiv(pl.cdiv(table_pages, num_splits), pages_per_block)
+    long_loop = LONG_LOOP_BLOCKS > 0 and head_dim >= _TARGET_HEAD_DIM and blocks >= LONG_LOOP_BLOCKS
+    return 3 if long_loop else 2
+
+
 def gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block: int):
     """In-kernel: K and V `[pages_per_block * page_size, head_dim]` of the row's pages
     `page0 ..` (through the block table); entries past the table read page 0, which is
@@ -515,7 +535,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     block_tables: jax.Array, lengths: jax.Array, *,
                     scale: float | None = None, interpret: bool | None = None,
                     num_splits: int | None = None, pages_per_block: int | None = None,
-                    num_warps: int = 4, num_stages: int = 2, v_mask: str = "redirect",
+                    num_warps: int = 4, num_stages: int | None = None, v_mask: str = "redirect",
                     combine: str = "pallas", ftz_exp2: bool | None = None,
                     lean_softmax: bool | None = None) -> jax.Array:
     """Decode attention of one new query per sequence over its paged K/V.
@@ -535,7 +555,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         pages_per_block: pages gathered per loop iteration (power of two); None picks
             128 keys' worth. With both None, a split of exactly two such blocks at head_dim
             >= 128 becomes two splits of half blocks (`RETILE_TWO_BLOCK_SPLITS`).
-        num_warps, num_stages: Triton launch parameters.
+        num_warps, num_stages: Triton launch parameters; `num_stages` None: 2, or 3 for a long loop at head_dim
+            >= 128 (`default_num_stages`).
         v_mask: how V's unwritten slots are kept out of the second product: "redirect"
             (default: read from the row's first slot instead, `gather_key_block`), "where"
             (pages gathered whole, unwritten slots zeroed after the load: 23-30% slower on
@@ -579,6 +600,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         DECODE_BLOCK_KEYS, head_dim=k_pages.shape[-1], single_pass=True)
     if tuned and RETILE_TWO_BLOCK_SPLITS:
         pages_per_block, num_splits = retile_two_block_splits(table_pages, pages_per_block, num_splits, head_dim)
+    if num_stages is None:
+        num_stages = default_num_stages(table_pages, pages_per_block, num_splits, head_dim)
     # The query sits at position length - 1: pass lengths as q_start with offset -1
     # rather than an XLA subtraction (one kernel launch fewer per step).
     out = attend_query_rows(
