@@ -59,11 +59,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "their own text and one call verifies them (default 0: off)")
     g.add_argument("--speculative-config", default=None, metavar="JSON",
                    help="vLLM's: '{\"method\": \"ngram\", \"num_speculative_tokens\": K, \"prompt_lookup_max\": N, "
-                        "\"prompt_lookup_min\": M}' (sets the three flags here)")
+                        "\"prompt_lookup_min\": M, \"disable_by_batch_size\": B}' (sets the four flags here)")
     g.add_argument("--prompt-lookup-max", type=int, default=4, metavar="N",
                    help="longest n-gram a draft is looked up by (default 4)")
     g.add_argument("--prompt-lookup-min", type=int, default=1, metavar="N",
                    help="shortest n-gram a draft is looked up by (default 1)")
+    g.add_argument("--speculative-disable-by-batch-size", type=int, default=0, metavar="N",
+                   help="no speculation while N or more rows decode (vLLM's disable_by_batch_size; default 0: none)")
     g.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", action="store_true",
                    help="turn the radix prefix cache off")
     g.add_argument("--enable-prefix-caching", action="store_false", dest="no_prefix_caching",
@@ -117,6 +119,7 @@ def engine_config_from_args(args: argparse.Namespace) -> "Any":
         seed=getattr(args, "engine_seed", None),
         decode_steps=args.decode_steps, speculative_tokens=args.speculative_tokens,
         prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
+        speculative_disable_by_batch_size=args.speculative_disable_by_batch_size,
         batch_buckets=tuple(args.batch_buckets) if args.batch_buckets else None,
         prefill_buckets=tuple(args.prefill_buckets) if args.prefill_buckets else None,
         memory_fraction=args.memory_fraction, overlap=not args.no_overlap, attention_impl=args.attention_impl,
@@ -135,12 +138,15 @@ def _speculative_config(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --speculative-config is not JSON: {exc}")
     if not isinstance(spec, dict) or spec.get("method", "ngram") != "ngram":
         raise SystemExit(f"error: --speculative-config: only method 'ngram' is served, got {spec!r}")
-    unknown = set(spec) - {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+    unknown = set(spec) - {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                           "disable_by_batch_size"}
     if unknown:
         raise SystemExit(f"error: --speculative-config: unknown keys {sorted(unknown)}")
     args.speculative_tokens = spec.get("num_speculative_tokens", args.speculative_tokens)
     args.prompt_lookup_max = spec.get("prompt_lookup_max", args.prompt_lookup_max)
     args.prompt_lookup_min = spec.get("prompt_lookup_min", args.prompt_lookup_min)
+    args.speculative_disable_by_batch_size = spec.get("disable_by_batch_size",
+                                                      args.speculative_disable_by_batch_size)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:

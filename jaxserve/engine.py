@@ -1000,10 +1000,12 @@ class Engine:
 
     # ----- speculative decoding (jaxserve.speculative) ----------------------------------------
     def _speculating(self, reqs: Sequence[Request]) -> bool:
-        """Whether n-gram speculation serves these rows: on, and every row's rules can be followed through a
-        draft on the device: any sampling parameters, and structured outputs where the guide pool holds every
-        row's guide (else their masks come from the host, one token a call)."""
-        if not self.config.speculative_tokens:
+        """Whether n-gram speculation serves these rows: on, fewer rows than ``speculative_disable_by_batch_size``
+        (where set), and every row's rules can be followed through a draft on the device: any sampling parameters,
+        and structured outputs where the guide pool holds every row's guide (else their masks come from the host,
+        one token a call)."""
+        cfg = self.config
+        if not cfg.speculative_tokens or 0 < cfg.speculative_disable_by_batch_size <= len(reqs):
             return False
         guides = [r.guide.guide for r in reqs if r.guide is not None]
         return not guides or self.guide_pool.fits(guides)  # (placed by the verify call itself)

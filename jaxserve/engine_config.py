@@ -54,6 +54,9 @@ class EngineConfig:
     ``prompt_lookup_max``..``prompt_lookup_min`` tokens) and one call verifies them all: greedy rows' text is greedy
     decoding's either way (in bf16 on a GPU up to near-ties the verify call and the decode step round apart); rows that sample keep drafts by rejection sampling (each token from the row's own
     distribution, though not the same draws as without speculation). Off (0) by default.
+    ``speculative_disable_by_batch_size`` > 0 (vLLM's ``disable_by_batch_size``): no verify call while that many rows
+    or more decode, since a verify call is one model step against a decode call's several: on an H100, n-gram drafts
+    of Python at 8 rows ran 0.37-0.60x of plain decoding, at 1 row 0.56-1.30x (bench/results/speculative.md). 0: none.
     ``max_loras`` > 0 serves LoRA adapters (vLLM's ``--max-loras``; `jaxserve.lora`): that many on the device at once,
     each of rank at most ``max_lora_rank`` (16); requests name theirs with a ``jaxserve.LoRARequest``. 0: none.
     ``tensor_parallel_size`` > 1 (vLLM's) splits the model and its KV pages by attention head over that many devices
@@ -86,6 +89,7 @@ class EngineConfig:
     speculative_tokens: int = 0
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
+    speculative_disable_by_batch_size: int = 0
     decode_steps: int = 8
     overlap: bool = True
     attention_impl: str = "auto"
@@ -111,6 +115,9 @@ class EngineConfig:
             raise ValueError(f"speculative_tokens must be an int in [0, 32], got {self.speculative_tokens!r}")
         for name in ("prompt_lookup_max", "prompt_lookup_min", "max_lora_rank"):
             positive(name)
+        v = self.speculative_disable_by_batch_size
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"speculative_disable_by_batch_size must be an int >= 0, got {v!r}")
         if not isinstance(self.max_loras, int) or isinstance(self.max_loras, bool) or not 0 <= self.max_loras <= 64:
             raise ValueError(f"max_loras must be an int in [0, 64], got {self.max_loras!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:

@@ -282,11 +282,10 @@ XLA_GATE_UP_ROWS = int(os.environ.get("JAXSERVE_XLA_GATE_UP_ROWS", "0"))
 
 
 # JAXSERVE_FP8_SKINNY=1: fp8 projections of at most SKINNY_ROWS rows (decode steps, short chunks) through the skinny
-# matmul, which reads the float8 weights as stored and widens them in registers. Off by default: its first compiled run
-# (H100, session 51) failed to lower a masked float8 load, since fixed (`skinny_matmul._load_weights`) but not yet run
-# compiled (bench/gpu_checks.sh fp8_51). Off, XLA's product of the upcast weights runs, which the same run measured at
-# 3.67 against bf16's 5.60 ms a 7B decode step at batch 1, 4.69 against 5.92 at 64 (bench/results/quantization.md).
-# Read when a step is traced.
+# matmul, which reads the float8 weights as stored and widens them in registers. Off by default: compiled on the H100
+# (session 52) it is correct but slower than XLA's product of the upcast weights, which runs when it is off: a 7B
+# decode step 5.05 against 3.68 ms at batch 1, 6.66 against 4.62 at 64 (bf16: 5.57 / 5.91;
+# bench/results/quantization.md). Read when a step is traced.
 FP8_SKINNY = os.environ.get("JAXSERVE_FP8_SKINNY", "0") == "1"
 
 

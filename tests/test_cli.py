@@ -152,13 +152,15 @@ def test_vllm_serve_command_lines_work_as_they_are(monkeypatch):
     args = _parse_serve(["/models/qwq", "--max-num-seqs", "32", "--max-num-batched-tokens", "4096",
                          "--gpu-memory-utilization", "0.9", "--block-size", "32", "--no-enable-prefix-caching",
                          "--enable-lora", "-tp", "2", "--quantization", "fp8", "--speculative-config",
-                         '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5}',
+                         '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5, '
+                         '"disable_by_batch_size": 8}',
                          "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--trust-remote-code",
                          "--reasoning-parser", "deepseek_r1"])
     cfg = cli.engine_config_from_args(args)
     assert (cfg.max_running, cfg.max_tokens_per_step, cfg.memory_fraction, cfg.page_size) == (32, 4096, 0.9, 32)
     assert (cfg.prefix_caching, cfg.max_loras, cfg.tensor_parallel_size, cfg.quantization) == (False, 1, 2, "fp8")
-    assert (cfg.speculative_tokens, cfg.prompt_lookup_max, cfg.prompt_lookup_min) == (3, 5, 1)
+    assert (cfg.speculative_tokens, cfg.prompt_lookup_max, cfg.prompt_lookup_min,
+            cfg.speculative_disable_by_batch_size) == (3, 5, 1, 8)
     assert args.model_tag == "/models/qwq" and args.reasoning_parser == "deepseek_r1"
     assert cli.engine_config_from_args(_parse_serve(["--enable-prefix-caching"])).prefix_caching
     for bad in ('{"method": "eagle"}', '{"num_speculative_tokens": 2, "draft_model": "x"}', "{"):

@@ -74,6 +74,20 @@ def test_speculation_gives_greedy_decoding_s_tokens_in_fewer_calls(model, k):
     assert stats["spec_accepted_tokens"] <= stats["spec_draft_tokens"] <= k * len(PROMPTS) * stats["spec_verify_calls"]
 
 
+def test_speculation_stops_at_the_batch_size_that_disables_it(model):
+    """With ``speculative_disable_by_batch_size`` 3, four rows decode plainly until two are left (the short ones end
+    at 5 tokens), then speculate: no verify call holds 3 rows or more, and the greedy tokens are unchanged."""
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (5, 37, 5, 37)]
+    plain, _ = _run(model, small_config(), PROMPTS, params)
+    with Engine(model, small_config(speculative_tokens=4, speculative_disable_by_batch_size=3)) as engine:
+        rows, verify = [], engine._verify
+        engine._verify = lambda reqs, drafts: (rows.append(len(reqs)), verify(reqs, drafts))  # noqa: E731
+        outs = engine.generate(PROMPTS, params, use_tqdm=False)
+        assert_all_pages_free(engine)
+    assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in plain]
+    assert rows and max(rows) < 3
+
+
 def test_speculation_keeps_stop_rules_and_limits(model):
     plain_params = [SamplingParams(max_tokens=40, temperature=0, stop=["sys\nimport"]),
                     SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
@@ -214,7 +228,8 @@ def test_rows_that_sample_speculate_and_greedy_rows_beside_them_keep_greedy_toke
 
 def test_speculation_settings_are_checked():
     for bad in (dict(speculative_tokens=-1), dict(speculative_tokens=33), dict(speculative_tokens=True),
-                dict(prompt_lookup_max=0), dict(prompt_lookup_min=3, prompt_lookup_max=2)):
+                dict(prompt_lookup_max=0), dict(prompt_lookup_min=3, prompt_lookup_max=2),
+                dict(speculative_disable_by_batch_size=-1)):
         with pytest.raises(ValueError, match=next(iter(bad)) if "min" not in str(bad) else "prompt_lookup_min"):
             EngineConfig(**bad)
     assert EngineConfig.from_dict(EngineConfig(speculative_tokens=3).to_dict()).speculative_tokens == 3
