@@ -393,61 +393,48 @@ def test_decode_two_block_splits_retile_only_at_head_dim_128():
     assert retile_two_block_splits(4, 1, 2, 128) == (1, 2)
 
 
+def check_7b_decode_compiled(batch: int, table_pages: int, page_size: int = 16) -> None:
+    """7B heads (28 / 4 / 128), bf16, with the kernel's default tuning, compiled: ragged rows (one of length 0) over a
+    NaN-poisoned pool against the float32 reference."""
+    rng, seed = fresh_rng()
+    num_heads, kv_heads, head_dim = 28, 4, 128
+    num_pages = batch * table_pages + 5
+    k_pages, v_pages = make_pool(rng, kv_heads=kv_heads, head_dim=head_dim, page_size=page_size,
+                                 num_pages=num_pages, dtype=jnp.bfloat16)
+    table, lengths = make_sequences(rng, batch=batch, page_size=page_size, table_pages=table_pages,
+                                    num_pages=num_pages,
+                                    lengths=ragged_lengths(rng, batch, page_size, table_pages * page_size))
+    k_pages = poison_unowned(k_pages, table, lengths, page_size)
+    v_pages = poison_unowned(v_pages, table, lengths, page_size)
+    q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), jnp.bfloat16)
+
+    out = paged_attention(q, k_pages, v_pages, table, lengths, interpret=False)
+    ref = paged_attention_reference(q.astype(jnp.float32), k_pages.astype(jnp.float32),
+                                    v_pages.astype(jnp.float32), table, lengths)
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
+    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0, err_msg=f"length-0 row not zero, seed={seed}")
+
+
 @pytest.mark.gpu
 def test_decode_retiled_two_block_splits_match_reference_compiled():
     # 7B heads at batch 8 x 2k keys: the defaults' 8 splits of two 128-key blocks run as 16 splits of two
     # 64-key blocks (`RETILE_TWO_BLOCK_SPLITS`). Compiled only: interpret mode never splits.
     from jaxserve_kernels.paged_attention import DECODE_BLOCK_KEYS, resolve_tuning, retile_two_block_splits
 
-    rng, seed = fresh_rng()
-    num_heads, kv_heads, head_dim, page_size, batch, table_pages = 28, 4, 128, 16, 8, 128
-    tuning = resolve_tuning(page_size, table_pages, batch * kv_heads, None, None, False, DECODE_BLOCK_KEYS,
-                            head_dim=head_dim, single_pass=True)
-    assert retile_two_block_splits(table_pages, *tuning, head_dim) == (4, 16)
-    num_pages = batch * table_pages + 5
-    k_pages, v_pages = make_pool(rng, kv_heads=kv_heads, head_dim=head_dim, page_size=page_size,
-                                 num_pages=num_pages, dtype=jnp.bfloat16)
-    table, lengths = make_sequences(rng, batch=batch, page_size=page_size, table_pages=table_pages,
-                                    num_pages=num_pages,
-                                    lengths=ragged_lengths(rng, batch, page_size, table_pages * page_size))
-    k_pages = poison_unowned(k_pages, table, lengths, page_size)
-    v_pages = poison_unowned(v_pages, table, lengths, page_size)
-    q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), jnp.bfloat16)
-
-    out = paged_attention(q, k_pages, v_pages, table, lengths, interpret=False)
-    ref = paged_attention_reference(q.astype(jnp.float32), k_pages.astype(jnp.float32),
-                                    v_pages.astype(jnp.float32), table, lengths)
-    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
-    assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
-    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0, err_msg=f"length-0 row not zero, seed={seed}")
+    tuning = resolve_tuning(16, 128, 8 * 4, None, None, False, DECODE_BLOCK_KEYS, head_dim=128, single_pass=True)
+    assert retile_two_block_splits(128, *tuning, 128) == (4, 16)
+    check_7b_decode_compiled(batch=8, table_pages=128)
 
 
 @pytest.mark.gpu
 def test_decode_long_loops_on_three_stages_match_reference_compiled():
-    # 7B heads, unsplit rows of 32+ key blocks: three pipeline stages (`LONG_LOOP_BLOCKS`), ragged, the pool poisoned.
+    # 7B heads, unsplit rows of 32+ key blocks: three pipeline stages (`LONG_LOOP_BLOCKS`).
     from jaxserve_kernels.paged_attention import DECODE_BLOCK_KEYS, default_num_stages, resolve_tuning
 
-    rng, seed = fresh_rng()
-    num_heads, kv_heads, head_dim, page_size, batch, table_pages = 28, 4, 128, 16, 64, 320
-    tuning = resolve_tuning(page_size, table_pages, batch * kv_heads, None, None, False, DECODE_BLOCK_KEYS,
-                            head_dim=head_dim, single_pass=True)
-    assert tuning == (8, 1) and default_num_stages(table_pages, *tuning, head_dim) == 3
-    num_pages = batch * table_pages + 5
-    k_pages, v_pages = make_pool(rng, kv_heads=kv_heads, head_dim=head_dim, page_size=page_size,
-                                 num_pages=num_pages, dtype=jnp.bfloat16)
-    table, lengths = make_sequences(rng, batch=batch, page_size=page_size, table_pages=table_pages,
-                                    num_pages=num_pages,
-                                    lengths=ragged_lengths(rng, batch, page_size, table_pages * page_size))
-    k_pages = poison_unowned(k_pages, table, lengths, page_size)
-    v_pages = poison_unowned(v_pages, table, lengths, page_size)
-    q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), jnp.bfloat16)
-
-    out = paged_attention(q, k_pages, v_pages, table, lengths, interpret=False)
-    ref = paged_attention_reference(q.astype(jnp.float32), k_pages.astype(jnp.float32),
-                                    v_pages.astype(jnp.float32), table, lengths)
-    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
-    assert relative_error(out, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
-    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0, err_msg=f"length-0 row not zero, seed={seed}")
+    tuning = resolve_tuning(16, 320, 64 * 4, None, None, False, DECODE_BLOCK_KEYS, head_dim=128, single_pass=True)
+    assert tuning == (8, 1) and default_num_stages(320, *tuning, 128) == 3
+    check_7b_decode_compiled(batch=64, table_pages=320)
 
 
 @pytest.mark.parametrize("interpret", MODES)

@@ -8,14 +8,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 
 import jaxserve
 from jaxserve import Engine, SamplingParams
-from tests.test_engine import assert_all_pages_free, hf_greedy, random_prompts, small_config
+from tests.test_engine import assert_all_pages_free, random_prompts, small_config
+from tests.test_quantization import assert_like_hf, write_quantized_config
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1)
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: the word's field i holds column AWQ_ORDER[i] of its eight
@@ -89,14 +89,7 @@ def write_packed_checkpoint(src: str, hf, dst: str, qc: dict, *, seed: int = 0, 
         with torch.no_grad():
             modules[name].weight.copy_(torch.from_numpy(w.T.copy()))
     save_file(state, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(src, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"] = qc
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(config, f)
-    for name in os.listdir(src):
-        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
-            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+    write_quantized_config(src, dst, qc)
     return ref
 
 
@@ -134,12 +127,7 @@ def test_a_packed_checkpoint_loads_as_the_floats_it_stands_for(scheme, tiny_chec
     with Engine(m, small_config()) as engine:
         outs = engine.generate(prompts, GREEDY, use_tqdm=False)
         assert_all_pages_free(engine)
-    for prompt, out in zip(prompts, outs):
-        assert out["token_ids"] == hf_greedy(ref, prompt, len(out["token_ids"]))
-        with torch.no_grad():
-            logits = ref(torch.tensor([prompt + out["token_ids"]])).logits[0].float()
-        want_lp = torch.log_softmax(logits, -1)[len(prompt) - 1:-1].gather(1, torch.tensor(out["token_ids"])[:, None])
-        np.testing.assert_allclose(out["logprobs"], want_lp[:, 0].numpy(), rtol=1e-4, atol=1e-4)
+    assert_like_hf(ref, prompts, outs)
     save_hf_checkpoint(m.params, m.config, tmp_path / "plain")
     with open(tmp_path / "plain" / "config.json") as f:
         assert "quantization_config" not in json.load(f)

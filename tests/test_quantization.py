@@ -142,9 +142,7 @@ def write_fp8_checkpoint(src: str, hf, dst: str, *, ignore: tuple[str, ...] = ()
     one a tensor with a static ``input_scale`` beside it for ``per_tensor``'s); returns the torch model whose weights
     are what the quantized ones stand for, the reference."""
     import copy
-    import json
     import os
-    import shutil
 
     import torch
     from safetensors.torch import save_file
@@ -165,19 +163,42 @@ def write_fp8_checkpoint(src: str, hf, dst: str, *, ignore: tuple[str, ...] = ()
         with torch.no_grad():
             modules[name].weight.copy_(q.float() * scale)
     save_file(state, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(src, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"] = {
+    write_quantized_config(src, dst, {
         "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head", *ignore],
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"type": "float", "num_bits": 8,
                                                                          "strategy": "channel"},
-                                      "input_activations": {"type": "float", "num_bits": 8, "dynamic": True}}}}
+                                      "input_activations": {"type": "float", "num_bits": 8, "dynamic": True}}}})
+    return ref
+
+
+def write_quantized_config(src: str, dst: str, quantization_config: dict) -> None:
+    """``src``'s config.json with ``quantization_config`` and its tokenizer files, into ``dst`` (beside the weights)."""
+    import json
+    import os
+    import shutil
+
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = quantization_config
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(config, f)
     for name in os.listdir(src):
         if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
             shutil.copy(os.path.join(src, name), os.path.join(dst, name))
-    return ref
+
+
+def assert_like_hf(ref, prompts, outs) -> None:
+    """Each output's tokens are transformers' greedy ones on ``ref`` and its log-probabilities within 1e-4 of its."""
+    import torch
+
+    from tests.test_engine import hf_greedy
+
+    for prompt, out in zip(prompts, outs):
+        assert out["token_ids"] == hf_greedy(ref, prompt, len(out["token_ids"]))
+        with torch.no_grad():
+            logits = ref(torch.tensor([prompt + out["token_ids"]])).logits[0].float()
+        want = torch.log_softmax(logits, -1)[len(prompt) - 1:-1].gather(1, torch.tensor(out["token_ids"])[:, None])
+        np.testing.assert_allclose(out["logprobs"], want[:, 0].numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_an_fp8_checkpoint_loads_as_it_is(tiny_checkpoint, tmp_path):
@@ -185,10 +206,7 @@ def test_an_fp8_checkpoint_loads_as_it_is(tiny_checkpoint, tmp_path):
     tokens equal transformers' on the dequantized weights and log-probabilities within 1e-4 of its; a projection the
     checkpoint left unquantized takes its fused partner dequantized; a per-tensor scale is broadcast; saved and
     loaded again, the same bits."""
-    import torch
-
     from jaxserve.weights import save_converted, save_hf_checkpoint
-    from tests.test_engine import hf_greedy
 
     src, hf = tiny_checkpoint
     ref = write_fp8_checkpoint(src, hf, str(tmp_path), ignore=("model.layers.1.mlp.up_proj",),
@@ -206,12 +224,7 @@ def test_an_fp8_checkpoint_loads_as_it_is(tiny_checkpoint, tmp_path):
         assert engine.runner.params["layers_0"]["mlp"]["down_proj"]["kernel"].dtype == FP8
         got = engine.generate(prompts, GREEDY, use_tqdm=False)
         assert_all_pages_free(engine)
-    for prompt, out in zip(prompts, got):
-        assert out["token_ids"] == hf_greedy(ref, prompt, len(out["token_ids"]))
-        with torch.no_grad():
-            logits = ref(torch.tensor([prompt + out["token_ids"]])).logits[0].float()
-        want = torch.log_softmax(logits, -1)[len(prompt) - 1:-1].gather(1, torch.tensor(out["token_ids"])[:, None])
-        np.testing.assert_allclose(out["logprobs"], want[:, 0].numpy(), rtol=1e-4, atol=1e-4)
+    assert_like_hf(ref, prompts, got)
     save_hf_checkpoint(m.params, m.config, tmp_path / "again")
     save_converted(m.params, m.config, tmp_path / "converted")
     for again in (jaxserve.load(str(tmp_path / "again")), jaxserve.load(str(tmp_path / "converted"))):
