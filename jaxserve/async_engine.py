@@ -204,12 +204,16 @@ class AsyncEngine:
         """`Engine.sleep` (or `Replicas.sleep`) on the engine thread (ValueError while requests are unfinished)."""
         await self._call(lambda: self.engine.sleep(level))
 
-    async def wake_up(self) -> None:
-        """`Engine.wake_up` on the engine thread (the weights of a level-2 sleep are not sent over HTTP: level 1)."""
-        await self._call(self.engine.wake_up)
+    async def wake_up(self, params: Any = None) -> None:
+        """`Engine.wake_up` on the engine thread (``params``: the weights, after a level-2 sleep)."""
+        await self._call(lambda: self.engine.wake_up(params))
 
     async def is_sleeping(self) -> bool:
         return bool(self.engine.sleeping)
+
+    async def sleep_level(self) -> int:
+        """0 awake, else the level the engine sleeps at (`Engine.sleep`)."""
+        return int(self.engine.sleeping)
 
     async def shutdown(self, drain_s: float = 0.0) -> None:
         """Stop accepting, let running requests finish for up to ``drain_s`` seconds, abort the

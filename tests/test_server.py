@@ -573,22 +573,41 @@ def test_missing_or_wrong_api_key_is_401(live, key):
 
 
 def test_sleep_and_wake_up_routes(live, pages_freed):
-    """vLLM's sleep-mode routes: /sleep frees the KV pool (requests get 400s meanwhile), /is_sleeping says so,
-    /wake_up serves again with the same greedy text; level 2 is refused (no route sends weights back)."""
+    """vLLM's sleep-mode routes: /sleep frees the KV pool (level 1) or the weights too (level 2), requests get 400s
+    meanwhile, /is_sleeping says so, /wake_up (after level 2 reading the checkpoint again) serves the same greedy
+    text; other levels are refused."""
     body = {**GOOD, "max_tokens": 6, "temperature": 0}
     before = post(live, "/v1/completions", body).json()["choices"][0]["text"]
     auth = {"Authorization": f"Bearer {API_KEY}"}
-    assert httpx.post(live.url + "/sleep?level=2", headers=auth).status_code == 400
-    assert httpx.post(live.url + "/sleep?level=1", headers=auth).json() == {"status": "ok"}
-    try:
-        assert httpx.get(live.url + "/is_sleeping").json() == {"is_sleeping": True}
-        asleep = post(live, "/v1/completions", body)
-        assert asleep.status_code == 400 and "asleep" in asleep.json()["error"]["message"]
-    finally:
-        assert httpx.post(live.url + "/wake_up", headers=auth).json() == {"status": "ok"}
-    assert httpx.get(live.url + "/is_sleeping").json() == {"is_sleeping": False}
-    assert post(live, "/v1/completions", body).json()["choices"][0]["text"] == before
+    bad = httpx.post(live.url + "/sleep?level=3", headers=auth)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "level"
+    for level in ("1", "2"):
+        assert httpx.post(live.url + f"/sleep?level={level}", headers=auth).json() == {"status": "ok"}
+        try:
+            assert httpx.get(live.url + "/is_sleeping").json() == {"is_sleeping": True}
+            asleep = post(live, "/v1/completions", body)
+            assert asleep.status_code == 400 and "asleep" in asleep.json()["error"]["message"]
+        finally:
+            assert httpx.post(live.url + "/wake_up", headers=auth).json() == {"status": "ok"}
+        assert httpx.get(live.url + "/is_sleeping").json() == {"is_sleeping": False}
+        assert post(live, "/v1/completions", body).json()["choices"][0]["text"] == before
     assert httpx.post(live.url + "/sleep").status_code == 401  # the API key, as the other admin routes
+
+
+def test_a_server_of_params_refuses_a_level_2_sleep(tiny_checkpoint):
+    """A model given as params (with its tokenizer) is served, and has no checkpoint to read its weights from again:
+    level 2 is refused by name, level 1 served."""
+    from jaxserve import LoadedModel
+
+    m = load(tiny_checkpoint[0])
+    app = create_app(LoadedModel.from_params(m.params, m.config, m.tokenizer, name="tiny"), ENGINE_CONFIG,
+                     ServerConfig())
+    with LiveServer(app) as server:
+        assert post(server, "/v1/completions", GOOD, key=None).json()["choices"][0]["text"]
+        r = httpx.post(server.url + "/sleep?level=2")
+        assert r.status_code == 400 and "no checkpoint" in r.json()["error"]["message"]
+        assert httpx.post(server.url + "/sleep?level=1").json() == {"status": "ok"}
+        assert httpx.post(server.url + "/wake_up").json() == {"status": "ok"}
 
 
 def test_cors_preflights_are_answered_as_vllm_answers_them(live):

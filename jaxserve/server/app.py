@@ -15,6 +15,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import hmac
 import importlib.metadata
@@ -179,6 +180,9 @@ class _State:
     loras: dict[str, LoRARequest] = dataclasses.field(default_factory=dict)  # served adapters by name
     # Finished /v1/responses, for previous_response_id.
     responses: ResponseStore = dataclasses.field(default_factory=lambda: ResponseStore(0))
+    # The weights read again from the checkpoint, for /wake_up after a level-2 /sleep; None where the model was
+    # given as params (no checkpoint to read).
+    reload_params: Callable[[], Any] | None = None
 
 
 def _state(request: Request) -> _State:
@@ -217,7 +221,15 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
                                              structured=server_config.warmup_structured, pooling=True)
             log.info("warm-up compiled %d step shapes", shapes)
         metrics = ServingMetrics()
-        tokenizer = load_tokenizer(loaded.path)
+        if not loaded.path and loaded.tokenizer is None:
+            raise ValueError("model: the server needs a tokenizer; give LoadedModel.from_params one")
+        # Its own copy (the engine thread's is never shared): read again, or copied where the model was given as params.
+        tokenizer = load_tokenizer(loaded.path) if loaded.path else copy.deepcopy(loaded.tokenizer)
+        reload_params = None
+        if loaded.path:
+            path, on_host = loaded.path, engine_config.loads_on_host
+            reload_params = lambda: load(path, engine_config.compute_dtype(),  # noqa: E731
+                                         device="cpu" if on_host else None).params
         if chat_template is not None:
             tokenizer.chat_template = chat_template
         app.state.jaxserve = _State(
@@ -229,8 +241,10 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             model_name=server_config.model_name or loaded.name,
             max_model_len=engine.max_model_len, hidden_size=loaded.config.hidden_size,
             labels=loaded.config.labels, config=server_config,
-            created=int(time.time()), loras=loras, responses=ResponseStore(server_config.max_stored_responses))
+            created=int(time.time()), loras=loras, responses=ResponseStore(server_config.max_stored_responses),
+            reload_params=reload_params)
         log.info("serving %s (max_model_len %d)", app.state.jaxserve.model_name, engine.max_model_len)
+        del loaded  # a level-2 sleep frees the weights only if nothing here holds them
         try:
             yield
         finally:
@@ -282,21 +296,27 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     @app.post("/sleep")
     async def sleep(request: Request) -> JSONResponse:
         """vLLM's sleep mode (its dev routes): ``?level=1`` frees the KV pool's device memory until ``/wake_up``
-        (a trainer beside the server can use it; every replica's); requests are refused meanwhile (400). Level 2
-        would free the weights, which no route sends back, so only level 1 is served. Needs the API key when one is
-        set."""
+        (a trainer beside the server can use it; every replica's), ``?level=2`` the weights too, which ``/wake_up``
+        reads again from the checkpoint (as vLLM's ``reload_weights``; refused where the model was given as params);
+        requests are refused meanwhile (400). Needs the API key when one is set."""
         st = _state(request)
         _authorize(request, st)
         level = request.query_params.get("level", "1")
-        if level != "1":
-            raise APIError(400, f"level must be 1 (the KV pool; the weights stay loaded), got {level!r}", param="level")
-        return await _engine_command(st.engine.sleep(1))
+        if level not in ("1", "2"):
+            raise APIError(400, f"level must be 1 (the KV pool) or 2 (the weights too), got {level!r}", param="level")
+        if level == "2" and st.reload_params is None:
+            raise APIError(400, "level 2 frees the weights, and this server has no checkpoint to read them again "
+                                "from (its model was given as params)", param="level")
+        return await _engine_command(st.engine.sleep(int(level)))
 
     @app.post("/wake_up")
     async def wake_up(request: Request) -> JSONResponse:
         st = _state(request)
         _authorize(request, st)
-        return await _engine_command(st.engine.wake_up())
+        params = None
+        if await st.engine.sleep_level() == 2:  # the weights went too: read from the checkpoint, off the loop
+            params = await asyncio.to_thread(st.reload_params)
+        return await _engine_command(st.engine.wake_up(params))
 
     @app.get("/is_sleeping")
     async def is_sleeping(request: Request) -> JSONResponse:
