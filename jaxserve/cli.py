@@ -88,11 +88,34 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="serve adapters (vLLM's; implied by --max-loras or --lora-modules): at least one slot")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                    help="split the model by attention head over N devices of this host (default 1)")
-    g.add_argument("--quantization", "-q", choices=QUANTIZATIONS, default=None,
-                   help="hold the layers' projection weights as fp8 with a scale per output channel (default: none)")
+    g.add_argument("--quantization", "-q", choices=(*QUANTIZATIONS, *CHECKPOINT_SCHEMES), default=None,
+                   help="fp8: hold the layers' projection weights as fp8 with a scale per output channel; "
+                        f"{', '.join(CHECKPOINT_SCHEMES)}: vLLM's names for a checkpoint's own scheme, which loads "
+                        "as it is anyway (checked against its config.json) (default: none)")
     g.add_argument("--compile-cache-dir", default=os.environ.get("JAXSERVE_COMPILE_CACHE_DIR"), metavar="PATH",
                    help="keep compiled steps here so a restart skips most of the warm-up "
                         "(default: $JAXSERVE_COMPILE_CACHE_DIR, else off)")
+
+
+# vLLM's --quantization names for the scheme a checkpoint was quantized with ahead, and what `ModelConfig.quantization`
+# says of such a checkpoint: jaxserve reads each from config.json with no flag, so the flag is checked, not applied
+# (a `vllm serve Qwen/Qwen2.5-7B-Instruct-AWQ -q awq` line works as it is).
+CHECKPOINT_SCHEMES = {"awq": "awq", "awq_marlin": "awq", "gptq": "gptq", "gptq_marlin": "gptq",
+                      "compressed-tensors": "fp8", "fbgemm_fp8": "fp8"}
+
+
+def _checkpoint_scheme(args: argparse.Namespace) -> None:
+    """``--quantization`` naming a checkpoint's own scheme: refused unless the checkpoint holds it."""
+    scheme = CHECKPOINT_SCHEMES.get(args.quantization)
+    if scheme is None:
+        return
+    from jaxserve.config import ModelConfig
+
+    model = getattr(args, "model", None)
+    held = ModelConfig.from_pretrained(model).quantization if model else None
+    if held != scheme:
+        raise SystemExit(f"error: --quantization {args.quantization}: the checkpoint {model or '(embedded default)'} "
+                         f"holds {held or 'no quantized weights'}")
 
 
 def _policy(args: argparse.Namespace) -> str:
@@ -109,6 +132,7 @@ def engine_config_from_args(args: argparse.Namespace) -> "Any":
 
     cpu = jax.default_backend() == "cpu"
     _speculative_config(args)
+    _checkpoint_scheme(args)
     max_running = args.max_running or (CPU_MAX_RUNNING if cpu else 64)
     per_step = args.max_tokens_per_step or (CPU_MAX_TOKENS_PER_STEP if cpu else 2048)
     return EngineConfig(
@@ -125,7 +149,8 @@ def engine_config_from_args(args: argparse.Namespace) -> "Any":
         memory_fraction=args.memory_fraction, overlap=not args.no_overlap, attention_impl=args.attention_impl,
         compile_cache_dir=args.compile_cache_dir, max_loras=args.max_loras or int(args.enable_lora),
         max_lora_rank=args.max_lora_rank,
-        tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization)
+        tensor_parallel_size=args.tensor_parallel_size,
+        quantization=args.quantization if args.quantization in QUANTIZATIONS else None)
 
 
 def _speculative_config(args: argparse.Namespace) -> None:

@@ -170,3 +170,21 @@ def test_a_packed_tensor_missing_or_misshapen_is_named(tiny_checkpoint, tmp_path
         safetensors.numpy.save_file(broken, str(tmp_path / "model.safetensors"))
         with pytest.raises(ValueError, match=message):
             jaxserve.load(str(tmp_path))
+
+
+def test_vllm_quantization_flags_naming_the_checkpoint_s_scheme_are_checked(tiny_checkpoint, tmp_path):
+    """`vllm serve ...-AWQ -q awq` (or awq_marlin, gptq_marlin) works as it is: the scheme loads from config.json
+    anyway, so the flag is checked against it, not applied; naming a scheme the checkpoint does not hold is refused."""
+    from jaxserve import cli
+
+    src, hf = tiny_checkpoint
+    write_packed_checkpoint(src, hf, str(tmp_path), SCHEMES["awq"])
+    for flag in ("awq", "awq_marlin"):
+        args = cli.build_parser().parse_args(["serve", str(tmp_path), "-q", flag])
+        args.model = args.model_tag
+        assert cli.engine_config_from_args(args).quantization is None
+    for model, flag in ((str(tmp_path), "gptq_marlin"), (src, "awq"), (None, "gptq")):
+        args = cli.build_parser().parse_args(["serve", *([model] if model else []), "-q", flag])
+        args.model = args.model_tag
+        with pytest.raises(SystemExit, match=f"--quantization {flag}: the checkpoint"):
+            cli.engine_config_from_args(args)
