@@ -55,7 +55,7 @@ def packed_scheme(qc: dict[str, Any]) -> PackedScheme:
         PackedScheme(method='awq', bits=4, group_size=128, zero_offset=0)
     """
     method = qc.get("quant_method")
-    group = qc.get("group_size", 128 if method == "awq" else -1)
+    group = qc.get("group_size", 128)  # AutoAWQ's, AutoGPTQ's and GPTQModel's default
     if not isinstance(group, int) or isinstance(group, bool) or not (group > 0 or group == -1):
         raise ValueError(f"quantization_config: group_size must be a positive integer or -1, got {group!r}")
     if method == "awq":
