@@ -73,6 +73,7 @@ class _Shard:
 
         self.file = file
         self.handle = safetensors.safe_open(file, framework="flax")
+        self.numpy_handle = None
         with open(file, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
@@ -82,6 +83,13 @@ class _Shard:
 
     def keys(self) -> list[str]:
         return list(self.handle.keys())
+
+    def get_numpy(self, name: str) -> np.ndarray:
+        """A tensor safetensors' numpy reader can give (no float8), kept on the host: a packed checkpoint's integers
+        are unpacked there, not sent to the accelerator and back."""
+        if self.numpy_handle is None:
+            self.numpy_handle = safetensors.safe_open(self.file, framework="numpy")
+        return self.numpy_handle.get_tensor(name)
 
     def get_tensor(self, name: str) -> jax.Array:
         info = self.raw.get(name)
@@ -143,17 +151,24 @@ def load_hf_params(path: str | os.PathLike, config: ModelConfig | None = None, d
     packing = cfg.packing
     scales = PACKED_SUFFIXES if packing else _QUANT_SUFFIXES if cfg.quantization else ()
     packed = {n.rsplit(".", 1)[0] + ".weight" for n in location if packing and n.endswith(".qweight")}
+    # Some GPTQ exports write a bias for every quantized Linear, zeros where the model has none (vLLM's loaders skip
+    # them): taken when all zero, refused by name otherwise.
+    extra_biases = sorted(n for n in location if n.endswith(".bias") and n not in expected
+                          and n[:-len(".bias")] + ".weight" in packed)
     unexpected = sorted(n for n in location if n not in expected and n not in ignorable
-                        and not n.endswith("rotary_emb.inv_freq")
+                        and not n.endswith("rotary_emb.inv_freq") and n not in extra_biases
                         and not (n.endswith(scales) and n.rsplit(".", 1)[0] + ".weight" in expected))
     if unexpected:
         raise ValueError(f"unexpected tensor(s) in checkpoint {path}: {', '.join(unexpected[:5])}")
+    for name in extra_biases:
+        if np.any(location[name].get_numpy(name)):
+            raise ValueError(f"tensor {name} is not zero, and the model has no bias there")
     missing = sorted(n for n in expected if n not in location and n not in packed)
     if missing:
         raise ValueError(f"missing tensor(s) in checkpoint {path}: {', '.join(missing[:5])}")
 
-    def read(name: str) -> Any:
-        return location[name].get_tensor(name) if name in location else None
+    def read(name: str) -> np.ndarray | None:
+        return location[name].get_numpy(name) if name in location else None
 
     def tensor(name: str) -> jax.Array:
         if name in packed and name not in location:

@@ -164,9 +164,16 @@ def test_a_packed_tensor_missing_or_misshapen_is_named(tiny_checkpoint, tmp_path
     write_packed_checkpoint(src, hf, str(tmp_path), qc)
     tensors = safetensors.numpy.load_file(str(tmp_path / "model.safetensors"))
     name = "model.layers.0.self_attn.o_proj"
+    # Zero biases where the model has none, as some GPTQ exports write them: taken.
+    zero_bias = {**tensors, name + ".bias": np.zeros(64, np.float16), "model.layers.1.mlp.down_proj.bias":
+                 np.zeros(64, np.float16)}
+    safetensors.numpy.save_file(zero_bias, str(tmp_path / "model.safetensors"))
+    assert "bias" not in jaxserve.load(str(tmp_path)).params["layers_0"]["self_attn"]["o_proj"]
     for broken, message in (({k: v for k, v in tensors.items() if k != name + ".qzeros"}, f"{name}.qzeros is missing"),
                             ({**tensors, name + ".scales": tensors[name + ".scales"][:1]},
-                             f"{name}.scales has shape")):
+                             f"{name}.scales has shape"),
+                            ({**zero_bias, name + ".bias": np.ones(64, np.float16)},
+                             f"{name}.bias is not zero")):
         safetensors.numpy.save_file(broken, str(tmp_path / "model.safetensors"))
         with pytest.raises(ValueError, match=message):
             jaxserve.load(str(tmp_path))
