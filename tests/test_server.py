@@ -328,6 +328,44 @@ def test_echo_with_logprobs_scores_the_prompt_as_offline_prompt_logprobs(client,
     assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "echo"
 
 
+def test_return_token_ids_gives_the_prompt_s_and_each_choice_s_ids(client, live, pages_freed):
+    """vLLM's return_token_ids: completions' choices carry their prompt's ids and their own tokens (the same ids the
+    logprobs name with return_tokens_as_token_ids), chat's response the prompt's once; streamed, every chunk its
+    tokens and the prompt's come once (each completion choice's first chunk; chat's first chunk)."""
+    tok = live.app.state.jaxserve.tokenizer
+    ids = {"return_token_ids": True, "return_tokens_as_token_ids": True}
+    comp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0.8, seed=3, n=2,
+                                     logprobs=0, extra_body=ids).model_dump()
+    for choice in comp["choices"]:
+        assert choice["prompt_token_ids"] == tok(PROMPT)["input_ids"]
+        assert [f"token_id:{t}" for t in choice["token_ids"]] == choice["logprobs"]["tokens"]
+        assert len(choice["token_ids"]) == 5
+    streamed = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0.8, seed=3, n=2,
+                                         stream=True, extra_body=ids)
+    got: dict[int, list[int]] = {0: [], 1: []}
+    prompt_ids = {0: 0, 1: 0}
+    for chunk in streamed:
+        for c in chunk.model_dump()["choices"]:
+            got[c["index"]] += c["token_ids"]
+            prompt_ids[c["index"]] += c.get("prompt_token_ids") == tok(PROMPT)["input_ids"]
+    assert [got[0], got[1]] == [c["token_ids"] for c in comp["choices"]] and prompt_ids == {0: 1, 1: 1}
+    messages = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0,
+                                          logprobs=True, extra_body=ids).model_dump()
+    assert len(chat["prompt_token_ids"]) == chat["usage"]["prompt_tokens"]
+    assert tok.decode(chat["prompt_token_ids"]) == tok.apply_chat_template(messages, add_generation_prompt=True,
+                                                                           tokenize=False)
+    assert [f"token_id:{t}" for t in chat["choices"][0]["token_ids"]] == [
+        e["token"] for e in chat["choices"][0]["logprobs"]["content"]]
+    chunks = [c.model_dump() for c in client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=4, temperature=0, stream=True, extra_body=ids)]
+    assert sum(t for c in chunks for ch in c["choices"] for t in [len(ch.get("token_ids") or [])]) == 4
+    assert [c["choices"][0]["token_ids"] for c in chunks if c["choices"]][0] == []  # the role chunk
+    assert [c.get("prompt_token_ids") is not None for c in chunks].count(True) == 1
+    assert chunks[0]["prompt_token_ids"] == chat["prompt_token_ids"]
+    assert sum((ch["token_ids"] for c in chunks for ch in c["choices"]), []) == chat["choices"][0]["token_ids"]
+
+
 def test_logit_bias_forces_a_token(client, live, pages_freed):
     comp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0,
                                      logit_bias={"17": 100})

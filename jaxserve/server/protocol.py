@@ -108,6 +108,9 @@ class SamplingFields(Schema):
     # vLLM's: logprobs name tokens "token_id:<id>" (exact ids for clients that must not re-tokenize text); null
     # takes the server's --return-tokens-as-token-ids.
     return_tokens_as_token_ids: bool | None = None
+    # vLLM's (RL trainers read them to skip re-tokenizing): each choice's generated token ids, and the prompt's
+    # (completions: each choice; chat: once, beside the choices); streamed, the prompt's in the first chunk.
+    return_token_ids: bool = False
     # Structured outputs (app.py `_structured_outputs`): OpenAI's response_format, vLLM's structured_outputs
     # object and its older guided_* fields; at most one of them.
     response_format: dict[str, Any] | None = None

@@ -70,6 +70,7 @@ class CompletionFormat:
         self.prompt_only = prompt_only
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.offsets: dict[int, int] = {}
+        self._prompt_ids_sent: set[int] = set()  # streamed choices whose prompt's ids went out (return_token_ids)
         # 64 choices' top-20 logprobs spell out ~170k tokens, far fewer of them distinct.
         self._decode = functools.cache(lambda t: tokenizer.decode([t]))
         # How logprobs name a token (vLLM's return_tokens_as_token_ids: "token_id:<id>"); text offsets still
@@ -139,6 +140,9 @@ class CompletionFormat:
             for i, (choice, r) in enumerate(zip(choices, results)):
                 choice["prompt_logprobs"] = prompt_logprobs(r, self.prompts[i // max(1, self.req.n)],
                                                             self.req.prompt_logprobs, self._decode)
+        if self.req.return_token_ids:
+            for i, (choice, r) in enumerate(zip(choices, results)):
+                choice.update(prompt_token_ids=self.prompts[i // max(1, self.req.n)], token_ids=r["token_ids"])
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name,
                 "choices": choices, "usage": usage(results, self.prompt_tokens, self.req.n)}
 
@@ -153,8 +157,19 @@ class CompletionFormat:
         """With ``echo`` (and no logprobs: the prompt's come with the whole result), the prompt's text first."""
         if self.echo_texts is None:
             return []
-        return [self._chunk([{"index": i, "text": self.echo_texts[i // max(1, self.req.n)], "logprobs": None,
-                              "finish_reason": None, "stop_reason": None}], include_usage)]
+        return [self._chunk([self._with_ids(i, {"index": i, "text": self.echo_texts[i // max(1, self.req.n)],
+                                                "logprobs": None, "finish_reason": None, "stop_reason": None}, [])],
+                            include_usage)]
+
+    def _with_ids(self, i: int, choice: dict[str, Any], token_ids: list[int]) -> dict[str, Any]:
+        """A streamed choice with ``return_token_ids``: its tokens, and its prompt's in its first chunk."""
+        if not self.req.return_token_ids:
+            return choice
+        if i not in self._prompt_ids_sent:
+            self._prompt_ids_sent.add(i)
+            choice["prompt_token_ids"] = self.prompts[i // max(1, self.req.n)]
+        choice["token_ids"] = list(token_ids)
+        return choice
 
     def stream_chunk(self, i: int, chunk: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
         """The events for choice ``i``'s next engine chunk (none where it carries nothing to send)."""
@@ -162,12 +177,13 @@ class CompletionFormat:
             if chunk["finish_reason"] is None:
                 return []
             chunk = self._shown([chunk])[0]
-        has_tokens = self.req.logprobs is not None and chunk["token_ids"]
+        has_tokens = (self.req.logprobs is not None or self.req.return_token_ids) and chunk["token_ids"]
         if not chunk["text"] and chunk["finish_reason"] is None and not has_tokens:
             return []
         lp = self._logprobs(i, chunk["token_ids"], chunk.get("logprobs"), chunk.get("top_logprobs"))
-        return [self._chunk([{"index": i, "text": chunk["text"], "logprobs": lp,
-                              "finish_reason": chunk["finish_reason"], "stop_reason": chunk.get("stop_reason")}],
+        return [self._chunk([self._with_ids(i, {"index": i, "text": chunk["text"], "logprobs": lp,
+                                                "finish_reason": chunk["finish_reason"],
+                                                "stop_reason": chunk.get("stop_reason")}, chunk["token_ids"])],
                             include_usage)]
 
     def usage_chunk(self, results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -207,6 +223,7 @@ class ChatFormat:
         self._tool_streams: dict[int, ToolCallStream] = {}  # by choice index, while streaming
         self.reasoning = reasoning
         self._reasoning_streams: dict[int, ReasoningStream] = {}
+        self._prompt_ids_sent = False  # return_token_ids, streamed: the prompt's ids go out once, first
         # 64 choices' top-20 logprobs spell out ~170k tokens, far fewer of them distinct.
         self._spell = functools.cache(lambda t: (tokenizer.decode([t]), list(token_bytes(tokenizer, t))))
         self._name = ((lambda t: (f"token_id:{t}", list(f"token_id:{t}".encode()))) if token_ids_as_names
@@ -261,7 +278,23 @@ class ChatFormat:
         if self.req.prompt_logprobs is not None:  # vLLM's: once, beside the choices (one prompt)
             out["prompt_logprobs"] = prompt_logprobs(results[0], self.prompt, self.req.prompt_logprobs,
                                                      lambda t: self._spell(t)[0])
+        if self.req.return_token_ids:
+            out["prompt_token_ids"] = self.prompt
+            for choice, r in zip(choices, results):
+                choice["token_ids"] = r["token_ids"]
         return out
+
+    def _with_ids(self, events: list[dict[str, Any]], token_ids: list[int]) -> list[dict[str, Any]]:
+        """Streamed events with ``return_token_ids``: the chunk's tokens on the first event's choice (none on the
+        rest), and the prompt's ids on the stream's first chunk."""
+        if not self.req.return_token_ids:
+            return events
+        for k, event in enumerate(events):
+            event["choices"][0]["token_ids"] = list(token_ids) if k == 0 else []
+        if events and not self._prompt_ids_sent:
+            self._prompt_ids_sent = True
+            events[0]["prompt_token_ids"] = self.prompt
+        return events
 
     def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> dict[str, Any]:
         out = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -271,8 +304,8 @@ class ChatFormat:
         return out
 
     def stream_start(self, i: int, include_usage: bool) -> list[dict[str, Any]]:
-        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}], include_usage)]
+        return self._with_ids([self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}], include_usage)], [])
 
     def stream_chunk(self, i: int, chunk: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
         """The events for choice ``i``'s next engine chunk (none where it carries nothing to send).
@@ -299,9 +332,16 @@ class ChatFormat:
                 calls = calls if self.req.parallel_tool_calls else calls[:1]
                 text += rest
                 del self._tool_streams[i]
-        has_tokens = self.req.logprobs and chunk["token_ids"]
+        has_tokens = (self.req.logprobs or self.req.return_token_ids) and chunk["token_ids"]
         if not text and not reasoning and reason is None and not has_tokens:
             return []
+        return self._with_ids(self._events(i, chunk, text, reason, calls, reasoning, has_tokens, include_usage),
+                              chunk["token_ids"])
+
+    def _events(self, i: int, chunk: dict[str, Any], text: str, reason: str | None, calls: list[dict[str, Any]],
+                reasoning: str, has_tokens: Any, include_usage: bool) -> list[dict[str, Any]]:
+        """`stream_chunk`'s events once its text is split: one chunk, or with tool calls found at the end the
+        text, the calls and the finish."""
         lp = self._logprobs(chunk["token_ids"], chunk.get("logprobs"), chunk.get("top_logprobs"))
         stop_reason = chunk.get("stop_reason")
         thought = {"reasoning_content": reasoning} if reasoning else {}
