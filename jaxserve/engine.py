@@ -32,7 +32,7 @@ from jaxserve.model import decode_rows
 from jaxserve.pooling import (PoolingParams, classify_params, cross_encoder_prompt, finish_classification,
                               finish_embedding, pair_scores, score_pairs, text_key)
 from jaxserve.quantization import cast_params, quantize_params
-from jaxserve.request import Request, Status
+from jaxserve.request import Request, Status, cache_salt_keys
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
 from jaxserve.sampling import (SamplingParams, allowed_masks, check_bad_word_ids, check_banned_ids, make_batch,
                                needs_history, needs_penalties, needs_sampling, recent_tokens)
@@ -44,9 +44,11 @@ from jaxserve.tokenizer import Conversation, IncrementalDetokenizer, bad_words_t
 
 log = logging.getLogger("jaxserve.engine")
 
-# Text, token ids, or vLLM's prompt dicts: {"prompt": text}, {"prompt_token_ids": ids}, {"prompt_embeds": [n, hidden]}.
+# Text, token ids, or vLLM's prompt dicts: {"prompt": text}, {"prompt_token_ids": ids}, {"prompt_embeds": [n, hidden]},
+# each with an optional "cache_salt" (vLLM's: its prefixes are cached apart from other salts', `cache_salt_keys`).
 Prompt = str | Sequence[int] | Mapping[str, Any]
 PROMPT_KEYS = ("prompt", "prompt_token_ids", "prompt_embeds")
+PROMPT_OPTIONS = ("cache_salt",)
 MAX_TOP_LOGPROBS = 20
 # Structured outputs are followed on the device (several steps a call) while the tables of a decode call's
 # guides (2 bytes a state and token, 4 a state and 32 tokens) fit in this; past it, one step a call with masks
@@ -55,8 +57,18 @@ DEVICE_GUIDE_BYTES = int(os.environ.get("JAXSERVE_DEVICE_GUIDE_BYTES", str(1 << 
 
 
 def _check_prompt_dict(prompt: Mapping) -> None:
-    if len(set(prompt) & set(PROMPT_KEYS)) != 1 or set(prompt) - set(PROMPT_KEYS):
-        raise ValueError(f"a prompt dict holds exactly one of {PROMPT_KEYS}, got keys {sorted(prompt)}")
+    if len(set(prompt) & set(PROMPT_KEYS)) != 1 or set(prompt) - set(PROMPT_KEYS) - set(PROMPT_OPTIONS):
+        raise ValueError(f"a prompt dict holds exactly one of {PROMPT_KEYS} (and optionally {PROMPT_OPTIONS}), "
+                         f"got keys {sorted(prompt)}")
+
+
+def _salt_keys(prompt: Prompt, lora_namespace: int, vocab_size: int) -> tuple[int, ...]:
+    """A prompt dict's ``cache_salt`` as its request's index namespaces (`request.cache_salt_keys`); () unsalted."""
+    if not isinstance(prompt, Mapping) or prompt.get("cache_salt") is None:
+        return ()
+    if vocab_size > NAMESPACE_STRIDE:  # a namespaced key must not be another namespace's token
+        raise ValueError(f"cache_salt takes vocabularies of at most {NAMESPACE_STRIDE} tokens, got {vocab_size}")
+    return cache_salt_keys(prompt["cache_salt"], lora_namespace)
 
 
 def prompt_embeds_array(value: Any, hidden: int) -> np.ndarray:
@@ -471,7 +483,8 @@ class Engine:
         detok = (IncrementalDetokenizer(self.tokenizer, ids if embeds is None else (), params.skip_special_tokens)
                  if self.tokenizer is not None else None)
         return Request(request_id, ids, params, detok, self.eos_ids, guide=guide, bad_word_ids=bad_words,
-                       priority=int(priority), lora_id=lora_id, lora_namespace=namespace, prompt_embeds=embeds)
+                       priority=int(priority), lora_id=lora_id, lora_namespace=namespace, prompt_embeds=embeds,
+                       salt_keys=_salt_keys(prompt, namespace, self.model.config.vocab_size))
 
     def _new_request_id(self, request_id: str | None) -> str:
         """``request_id``, or a fresh one where it is None; ValueError if it is already in use."""
@@ -491,7 +504,8 @@ class Engine:
         if len(ids) + 1 > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) exceeds max_model_len ({self.max_model_len}) - 1")
         return Request(self._new_request_id(request_id), ids, _POOLING_STEP, None, (), priority=int(priority),
-                       pooling=pooling, lora_id=lora_id, lora_namespace=namespace, prompt_embeds=embeds)
+                       pooling=pooling, lora_id=lora_id, lora_namespace=namespace, prompt_embeds=embeds,
+                       salt_keys=_salt_keys(prompt, namespace, self.model.config.vocab_size))
 
     def _lora_namespace(self, lora_request: LoRARequest | None) -> int:
         if lora_request is None:

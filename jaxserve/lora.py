@@ -197,7 +197,7 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array) -> ja
 # Adapters an engine can keep apart in its prefix index: `Request.index_ids` moves an adapter's first token to
 # -1 - token - namespace * NAMESPACE_STRIDE, which must stay an int32 (and tokens must stay below the stride).
 NAMESPACE_STRIDE = 1 << 18
-_MAX_NAMESPACES = (1 << 31) // NAMESPACE_STRIDE - 1
+MAX_NAMESPACES = (1 << 31) // NAMESPACE_STRIDE - 1
 
 
 class LoraSlots:
@@ -246,7 +246,7 @@ class LoraSlots:
                 raise ValueError(f"lora_int_id {request.lora_int_id} is already {known.lora_path!r}, "
                                  f"not {request.lora_path!r}")
             return self.namespace[request.lora_int_id]
-        if self._namespaces + 1 >= _MAX_NAMESPACES:
+        if self._namespaces + 1 >= MAX_NAMESPACES:
             raise ValueError(f"this engine has seen {self._namespaces} adapters, the most it can keep apart "
                              f"in its prefix cache; start a new engine")
         self.host[request.lora_int_id] = load_adapter(request.lora_path, self.config, self.max_rank)

@@ -9,12 +9,33 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import time
 from typing import Any
 
-from jaxserve.lora import NAMESPACE_STRIDE
+from jaxserve.lora import MAX_NAMESPACES, NAMESPACE_STRIDE
 from jaxserve.sampling import SamplingParams
 from jaxserve.tokenizer import IncrementalDetokenizer
+
+
+# vLLM's cache_salt: prefixes of different salts must share no cached page (so one tenant cannot time another's
+# prompts). A salted request's first SALT_TOKENS index keys carry 13 bits of the salt's hash each: 52 bits apart from
+# any other salt's (and from every unsalted prefix past its first token, whose keys are never negative there).
+SALT_TOKENS = 4
+
+
+def cache_salt_keys(salt: str, lora_namespace: int = 0) -> tuple[int, ...]:
+    """The namespaces (1..`MAX_NAMESPACES`) a salted request's first index keys move to; ValueError naming
+    ``cache_salt`` unless it is a non-empty string.
+
+    Example:
+        >>> len(cache_salt_keys("tenant-a")), cache_salt_keys("tenant-a") == cache_salt_keys("tenant-b")
+        (4, False)
+    """
+    if not isinstance(salt, str) or not salt:
+        raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
+    digest = hashlib.sha256(f"{lora_namespace}:{salt}".encode()).digest()
+    return tuple(1 + int.from_bytes(digest[4 * j:4 * j + 4], "little") % MAX_NAMESPACES for j in range(SALT_TOKENS))
 
 
 class Status(enum.Enum):
@@ -78,6 +99,8 @@ class Request:
     lora_id: int = 0
     lora_namespace: int = 0
     lora_slot: int = -1
+    # vLLM's cache_salt: the namespaces its first index keys move to (`cache_salt_keys`); empty: unsalted.
+    salt_keys: tuple[int, ...] = ()
     # A pooling request (`jaxserve.pooling`): prefilled, never decoded; its prompt's final hidden states pooled as
     # chunks arrive (the sum over positions below ``pooled_upto``, for a mean) and, when the last chunk is read,
     # ``embedding``.
@@ -110,9 +133,13 @@ class Request:
     @property
     def index_ids(self) -> list[int]:
         """`all_ids` as the prefix index keys them: with an adapter the first token is moved to a negative id of
-        the adapter's own (K/V depend on the adapter, so its prefixes must match only its own)."""
+        the adapter's own (K/V depend on the adapter, so its prefixes must match only its own); with a cache salt
+        the first `SALT_TOKENS` are moved to the salt's namespaces (`cache_salt_keys`, which fold the adapter in)."""
         ids = self.all_ids
-        if self.lora_namespace:
+        if self.salt_keys:
+            for j, key in enumerate(self.salt_keys[:len(ids)]):
+                ids[j] = -1 - ids[j] - key * NAMESPACE_STRIDE
+        elif self.lora_namespace:
             ids[0] = -1 - ids[0] - self.lora_namespace * NAMESPACE_STRIDE
         return ids
 

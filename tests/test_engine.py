@@ -135,6 +135,31 @@ def test_prefix_hit_skips_prefill_and_keeps_output(tiny):
         assert_all_pages_free(engine)
 
 
+def test_cache_salt_keeps_prefixes_apart(tiny):
+    """vLLM's cache_salt (a prompt dict's key): requests share cached prefixes only with requests of the same salt;
+    unsalted ones with unsalted ones; the tokens are the same either way. A salt that is not a non-empty string, or
+    an unknown prompt-dict key, is refused by name."""
+    m, _ = tiny
+    prompt = random_prompts(m.config.vocab_size, (40,))[0]
+
+    def run(engine, salt=None):
+        p = {"prompt_token_ids": prompt} if salt is None else {"prompt_token_ids": prompt, "cache_salt": salt}
+        out = engine.generate([p], GREEDY, use_tqdm=False)[0]
+        return out["cached_tokens"], out["token_ids"]
+
+    with Engine(m, small_config()) as engine:
+        runs = [run(engine, "tenant-a"), run(engine, "tenant-a"), run(engine, "tenant-b"), run(engine),
+                run(engine), run(engine, "tenant-b")]
+        assert [cached for cached, _ in runs] == [0, 32, 0, 0, 32, 32]
+        assert all(tokens == runs[0][1] for _, tokens in runs)
+        for bad, name in (("", "cache_salt"), (5, "cache_salt"), (None, "a prompt dict holds")):
+            p = {"prompt_token_ids": prompt, "cache_salt": bad} if bad is not None else {"prompt_token_ids": prompt,
+                                                                                        "salt": "x"}
+            with pytest.raises(ValueError, match=name):
+                engine.add_request(p, GREEDY)
+        assert_all_pages_free(engine)
+
+
 def test_small_pool_preempts_and_outputs_still_match(tiny):
     m, hf = tiny
     prompts = random_prompts(m.config.vocab_size, (20, 22, 25, 27))

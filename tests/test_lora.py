@@ -133,6 +133,10 @@ def test_prefixes_are_cached_per_adapter(adapters):
         assert first["cached_tokens"] == 0 and again["cached_tokens"] == 32
         assert other["cached_tokens"] == 0 and base["cached_tokens"] == 0
         assert again["token_ids"] == first["token_ids"]
+        # A cache salt keeps adapters apart too: the same salt under another adapter shares nothing.
+        salted = {"prompt_token_ids": prompt, "cache_salt": "s"}
+        runs = [engine.generate([salted], greedy, use_tqdm=False, lora_request=lora)[0] for lora in (a, b, a)]
+        assert [r["cached_tokens"] for r in runs] == [0, 0, 32] and runs[0]["token_ids"] == first["token_ids"]
         assert_all_pages_free(engine)
 
 

@@ -366,6 +366,27 @@ def test_return_token_ids_gives_the_prompt_s_and_each_choice_s_ids(client, live,
     assert sum((ch["token_ids"] for c in chunks for ch in c["choices"]), []) == chat["choices"][0]["token_ids"]
 
 
+def test_cache_salt_shares_cached_prefixes_only_within_a_salt(live, pages_freed):
+    """vLLM's cache_salt: a prompt cached under one salt is a hit for the same salt only (completions and chat);
+    an empty salt is a 400 naming it."""
+    live.engine_call(lambda engine: engine.clear_prefix_cache())
+    prompt = "The quick brown fox jumps over the lazy dog, " * 3
+
+    def cached(route: str, body: dict, salt: str) -> int:
+        r = post(live, route, {**body, "max_tokens": 2, "temperature": 0, "cache_salt": salt})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    completion = {"model": "tiny", "prompt": prompt}
+    first, again, other = (cached("/v1/completions", completion, s) for s in ("a", "a", "b"))
+    assert first == 0 and again > 0 and other == 0
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": prompt}]}
+    assert cached("/v1/chat/completions", chat, "c") == 0 and cached("/v1/chat/completions", chat, "c") > 0
+    assert cached("/v1/chat/completions", chat, "d") == 0
+    bad = post(live, "/v1/completions", {**completion, "cache_salt": ""})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_salt"
+
+
 def test_logit_bias_forces_a_token(client, live, pages_freed):
     comp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0,
                                      logit_bias={"17": 100})

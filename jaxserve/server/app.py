@@ -1112,8 +1112,13 @@ async def _merge(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, dict[
             t.cancel()
 
 
-async def _serve(request: Request, st: _State, req: SamplingFields, prompts: list[list[int]],
+async def _serve(request: Request, st: _State, req: SamplingFields, prompts: list[Any],
                  params: list[SamplingParams], fmt: CompletionFormat | ChatFormat) -> Response:
+    if req.cache_salt is not None:
+        if not req.cache_salt:
+            raise APIError(400, "cache_salt must be a non-empty string", param="cache_salt")
+        prompts = [{**(p if isinstance(p, dict) else {"prompt_token_ids": p}), "cache_salt": req.cache_salt}
+                   for p in prompts]
     handles = await _submit_all(st, prompts, params, fmt.id, req.priority, st.loras.get(req.model))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -111,6 +111,8 @@ class SamplingFields(Schema):
     # vLLM's (RL trainers read them to skip re-tokenizing): each choice's generated token ids, and the prompt's
     # (completions: each choice; chat: once, beside the choices); streamed, the prompt's in the first chunk.
     return_token_ids: bool = False
+    # vLLM's: prefixes are cached apart from other salts' (multi-tenant servers: no timing of another's prompts).
+    cache_salt: str | None = None
     # Structured outputs (app.py `_structured_outputs`): OpenAI's response_format, vLLM's structured_outputs
     # object and its older guided_* fields; at most one of them.
     response_format: dict[str, Any] | None = None
