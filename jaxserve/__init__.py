@@ -9,6 +9,7 @@ from jaxserve.beam_search import BeamSearchParams
 from jaxserve.config import ModelConfig
 from jaxserve.engine import Engine, beam_search, chat, classify, embed, generate, score
 from jaxserve.engine_config import EngineConfig
+from jaxserve.llm import LLM
 from jaxserve.loading import LoadedModel, load
 from jaxserve.lora import LoRARequest
 from jaxserve.pooling import PoolingParams
@@ -16,6 +17,6 @@ from jaxserve.replicas import Replicas
 from jaxserve.sampling import SamplingParams
 from jaxserve.structured import StructuredOutputs
 
-__all__ = ["BeamSearchParams", "Engine", "EngineConfig", "LoRARequest", "LoadedModel", "ModelConfig", "PoolingParams",
+__all__ = ["BeamSearchParams", "Engine", "EngineConfig", "LLM", "LoRARequest", "LoadedModel", "ModelConfig", "PoolingParams",
            "Replicas", "SamplingParams", "StructuredOutputs", "beam_search", "chat", "classify", "embed", "generate",
            "load", "score"]

@@ -1577,7 +1577,7 @@ def generate(model: LoadedModel | str | os.PathLike | None, prompts: Prompt | Se
     """Generate completions for one or many prompts (text or token ids).
 
     ``model`` is what ``jaxserve.load`` returned, a checkpoint path, or None for the embedded
-    default model. Returns one dict per prompt: text, token_ids, finish_reason, prompt_tokens,
+    default model. Returns one dict per prompt: text, token_ids, finish_reason, prompt_token_ids, prompt_tokens,
     cached_tokens, completion_tokens, ttft, tpot, total_time. ``data_parallel_size`` > 1: that many
     engines on as many devices (`jaxserve.replicas.Replicas`), prompts routed by shared prefix and load.
 

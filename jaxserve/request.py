@@ -320,6 +320,7 @@ class Request:
             "token_ids": list(self.output_ids),
             "finish_reason": self.finish_reason,
             "stop_reason": self.stop_reason,
+            "prompt_token_ids": list(self.prompt_ids),
             "prompt_tokens": len(self.prompt_ids),
             "cached_tokens": self.cached_tokens,
             "completion_tokens": n,

@@ -1,0 +1,249 @@
+"""vLLM's offline ``LLM`` class over a jaxserve `Engine`: ``from jaxserve import LLM, SamplingParams`` in place of
+``from vllm import LLM, SamplingParams``, and a script written for vLLM runs as it is.
+
+Why: most offline inference code in the wild is written against vLLM's ``LLM(model=...).generate(prompts, params)``
+and reads ``outputs[0].outputs[0].text``. jaxserve's own API (`jaxserve.generate`, `Engine.generate`) returns plain
+dicts; this module only translates: vLLM's engine arguments to an `EngineConfig` (an argument jaxserve has no
+counterpart for is a ``TypeError`` naming it, not silently dropped) and the result dicts to vLLM's output objects.
+
+Example:
+    >>> from jaxserve import LLM, SamplingParams
+    >>> llm = LLM()  # the embedded default model; LLM("Qwen/Qwen2.5-0.5B-Instruct") for a checkpoint folder
+    >>> out = llm.generate(["def add(a, b):"], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+    >>> out[0].outputs[0].finish_reason in ("stop", "length")
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+from jaxserve.engine import Engine, Prompt
+from jaxserve.engine_config import EngineConfig
+from jaxserve.lora import LoRARequest
+from jaxserve.pooling import PoolingParams
+from jaxserve.sampling import SamplingParams
+
+# vLLM's engine arguments -> EngineConfig fields (the same meaning; vLLM's names).
+_ENGINE_ARGS = {"max_num_seqs": "max_running", "max_num_batched_tokens": "max_tokens_per_step",
+                "block_size": "page_size", "max_model_len": "max_model_len", "dtype": "dtype",
+                "enable_prefix_caching": "prefix_caching", "gpu_memory_utilization": "memory_fraction",
+                "tensor_parallel_size": "tensor_parallel_size", "quantization": "quantization", "seed": "seed",
+                "max_loras": "max_loras", "max_lora_rank": "max_lora_rank", "scheduling_policy": "scheduling_policy",
+                "num_gpu_blocks_override": "num_pages"}
+# vLLM's arguments that change nothing here (what jaxserve does anyway, or a setting of vLLM's own machinery).
+_NO_OPS = ("trust_remote_code", "enforce_eager", "disable_log_stats", "swap_space", "tokenizer_mode",
+           "disable_custom_all_reduce", "disable_async_output_proc", "compilation_config", "load_format")
+
+
+@dataclasses.dataclass
+class Logprob:
+    """vLLM's: a token's log-probability, its rank among the step's tokens (1 = likeliest; None where unknown) and
+    its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    """vLLM's: one sample of a prompt."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """vLLM's: a prompt and its samples (``n`` of them)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[dict[int, Logprob] | None] | None
+    outputs: list[CompletionOutput]
+    finished: bool = True
+    num_cached_tokens: int = 0
+
+
+@dataclasses.dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclasses.dataclass
+class EmbeddingRequestOutput:
+    """vLLM's ``LLM.embed`` result: ``outputs.embedding``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
+
+
+def engine_config_from_vllm(**kwargs: Any) -> EngineConfig:
+    """vLLM's ``LLM`` / ``EngineArgs`` keyword arguments as an `EngineConfig` (`TypeError` naming any jaxserve has no
+    counterpart for; `EngineConfig`'s own checks for bad values).
+
+    Example:
+        >>> engine_config_from_vllm(max_num_seqs=32, block_size=32, enable_prefix_caching=False).max_running
+        32
+    """
+    fields: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if name in _NO_OPS:
+            continue
+        if name == "enable_lora":
+            fields.setdefault("max_loras", 1 if value else 0)
+        elif name == "speculative_config":
+            spec = dict(value or {})
+            if spec.pop("method", "ngram") != "ngram":
+                raise TypeError("speculative_config: only method 'ngram' is served")
+            keys = {"num_speculative_tokens": "speculative_tokens", "prompt_lookup_max": "prompt_lookup_max",
+                    "prompt_lookup_min": "prompt_lookup_min",
+                    "disable_by_batch_size": "speculative_disable_by_batch_size"}
+            unknown = set(spec) - set(keys)
+            if unknown:
+                raise TypeError(f"speculative_config: unknown keys {sorted(unknown)}")
+            fields.update({keys[k]: v for k, v in spec.items()})
+        elif name in _ENGINE_ARGS:
+            if value is not None or name in ("quantization", "seed", "max_model_len"):
+                fields[_ENGINE_ARGS[name]] = value
+        else:
+            raise TypeError(f"LLM() got an argument jaxserve has no counterpart for: {name!r}")
+    return EngineConfig(**fields)
+
+
+class LLM:
+    """vLLM's offline ``LLM``: a model and an engine (`jaxserve.Engine`), with ``generate``, ``chat``, ``embed``,
+    ``beam_search``, ``get_tokenizer``, ``sleep`` / ``wake_up``. ``model`` is a checkpoint folder (Hugging Face or
+    converted), a `jaxserve.LoadedModel`, or None for the embedded default model; the other keywords are vLLM's
+    engine arguments (`engine_config_from_vllm`), or ``engine_config`` directly.
+
+    Example:
+        >>> llm = LLM("/models/Qwen2.5-0.5B-Instruct", max_model_len=4096, gpu_memory_utilization=0.8)  # doctest: +SKIP
+        >>> llm.chat([{"role": "user", "content": "Hi!"}])[0].outputs[0].text                        # doctest: +SKIP
+    """
+
+    def __init__(self, model: str | os.PathLike | Any | None = None, *, engine_config: EngineConfig | None = None,
+                 **engine_args: Any) -> None:
+        if engine_config is not None and engine_args:
+            raise TypeError("give engine_config or vLLM's engine arguments, not both")
+        self.engine = Engine(model, engine_config or engine_config_from_vllm(**engine_args))
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams]
+                 | None = None, use_tqdm: bool = True,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """vLLM's ``LLM.generate``: one `RequestOutput` a prompt, in order (`Engine.generate` underneath)."""
+        prompts = _as_list(prompts)
+        results = self.engine.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority,
+                                       lora_request=lora_request)
+        return [self._request_output(p, r) for p, r in zip(prompts, results)]
+
+    def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, **template_options: Any) -> list[RequestOutput]:
+        """vLLM's ``LLM.chat``: one conversation or a list of them (`Engine.chat`'s template options:
+        ``chat_template``, ``add_generation_prompt``, ``continue_final_message``, ``tools``, ``chat_template_kwargs``,
+        ``lora_request``)."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        results = self.engine.chat(conversations, sampling_params, use_tqdm=use_tqdm, **template_options)
+        return [self._request_output(None, r) for r in results]
+
+    def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None,
+              use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        """vLLM's ``LLM.embed``: ``outputs.embedding`` a prompt (`Engine.embed`)."""
+        prompts = _as_list(prompts)
+        results = self.engine.embed(prompts, pooling_params, use_tqdm=use_tqdm)
+        return [EmbeddingRequestOutput(r["request_id"], self.engine.request_ids(p, pooling_params or PoolingParams()),
+                                       EmbeddingOutput([float(x) for x in r["embedding"]]))
+                for p, r in zip(prompts, results)]
+
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: Any, use_tqdm: bool = True) -> list[dict]:
+        """`Engine.beam_search` (each prompt's ``sequences``, best first)."""
+        return self.engine.beam_search(_as_list(prompts), params, use_tqdm=use_tqdm)
+
+    def sleep(self, level: int = 1) -> None:
+        self.engine.sleep(level)
+
+    def wake_up(self, params: Any = None) -> None:
+        self.engine.wake_up(params)
+
+    def _request_output(self, prompt: Prompt | None, result: dict[str, Any]) -> RequestOutput:
+        samples = result.get("outputs", [result])
+        decode = self._decode
+        first = samples[0]
+        prompt_ids = first.get("prompt_token_ids")
+        text = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
+        return RequestOutput(
+            request_id=first["request_id"], prompt=text, prompt_token_ids=prompt_ids or [],
+            prompt_logprobs=_prompt_logprobs(first, prompt_ids, decode),
+            outputs=[_completion_output(i, s, decode) for i, s in enumerate(samples)],
+            num_cached_tokens=first["cached_tokens"])
+
+    def _decode(self, token: int) -> str | None:
+        tokenizer = self.engine.tokenizer
+        return None if tokenizer is None else tokenizer.decode([token])
+
+
+def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
+
+
+def _completion_output(index: int, result: dict[str, Any], decode: Any) -> CompletionOutput:
+    chosen = result.get("logprobs")
+    logprobs = None
+    if chosen is not None:
+        tops = result.get("top_logprobs") or [{} for _ in chosen]
+        logprobs = []
+        for token, lp, top in zip(result["token_ids"], chosen, tops):
+            ranked = sorted(top.items(), key=lambda kv: -kv[1])
+            entry = {t: Logprob(v, k + 1, decode(t)) for k, (t, v) in enumerate(ranked)}
+            if token not in entry:  # vLLM always returns the sampled token's own
+                entry[token] = Logprob(lp, None, decode(token))
+            logprobs.append(entry)
+    return CompletionOutput(index=index, text=result["text"], token_ids=list(result["token_ids"]),
+                            cumulative_logprob=None if chosen is None else float(sum(chosen)),
+                            logprobs=logprobs, finish_reason=result["finish_reason"],
+                            stop_reason=result.get("stop_reason"))
+
+
+def _prompt_logprobs(result: dict[str, Any], prompt_ids: list[int] | None,
+                     decode: Any) -> list[dict[int, Logprob] | None] | None:
+    scored = result.get("prompt_logprobs")
+    if scored is None or prompt_ids is None:
+        return None
+    ranks = result.get("prompt_logprob_ranks") or [None] * len(scored)
+    out: list[dict[int, Logprob] | None] = []
+    for token, entry, rank in zip(prompt_ids, scored, ranks):
+        if entry is None:
+            out.append(None)
+            continue
+        ranked = sorted(entry.items(), key=lambda kv: -kv[1])
+        out.append({t: Logprob(v, rank if t == token else k + 1, decode(t)) for k, (t, v) in enumerate(ranked)})
+    return out

@@ -1,0 +1,83 @@
+"""vLLM's offline ``LLM`` class (`jaxserve.llm`): a vLLM script's calls give jaxserve's own results in vLLM's objects
+(texts, token ids, per-token logprob dicts, cumulative logprobs, prompt logprobs, n samples, chat, embeddings), vLLM's
+engine arguments reach the `EngineConfig`, and one jaxserve has no counterpart for is refused by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jaxserve
+from jaxserve import LLM, EngineConfig, SamplingParams
+from jaxserve.llm import RequestOutput, engine_config_from_vllm
+from tests.test_engine import assert_all_pages_free
+
+PROMPTS = ["def add(a, b):", "import os\n", {"prompt": "class A:"}]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return jaxserve.load()
+
+
+def test_generate_gives_jaxserve_s_results_as_vllm_s_objects(model):
+    params = SamplingParams(max_tokens=6, temperature=0.8, seed=5, n=2, logprobs=3, prompt_logprobs=2)
+    with jaxserve.Engine(model) as engine:
+        want = engine.generate(PROMPTS, params, use_tqdm=False)
+    with LLM(model) as llm:
+        got = llm.generate(PROMPTS, params, use_tqdm=False)
+        assert_all_pages_free(llm.engine)
+    assert all(isinstance(o, RequestOutput) for o in got) and [o.prompt for o in got] == [
+        "def add(a, b):", "import os\n", "class A:"]
+    for out, ref in zip(got, want):
+        assert out.prompt_token_ids == model.tokenizer.encode(out.prompt, add_special_tokens=False)
+        assert len(out.outputs) == 2 and [o.index for o in out.outputs] == [0, 1]
+        for sample, ref_sample in zip(out.outputs, ref["outputs"]):
+            assert (sample.text, sample.token_ids, sample.finish_reason) == (
+                ref_sample["text"], ref_sample["token_ids"], ref_sample["finish_reason"])
+            assert sample.cumulative_logprob == pytest.approx(sum(ref_sample["logprobs"]))
+            for token, lp, entry in zip(sample.token_ids, ref_sample["logprobs"], sample.logprobs):
+                assert entry[token].logprob == pytest.approx(lp) and len(entry) in (3, 4)
+                ranked = sorted(entry.values(), key=lambda e: -e.logprob)
+                assert [e.rank for e in ranked if e.rank is not None] == list(range(1, 4))
+                assert entry[token].decoded_token == model.tokenizer.decode([token])
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(out.prompt_token_ids)
+        for token, entry, rank in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:],
+                                      ref["prompt_logprob_ranks"][1:]):
+            assert entry[token].rank == rank
+
+
+def test_chat_and_embed(model):
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    greedy = SamplingParams(max_tokens=5, temperature=0)
+    with jaxserve.Engine(model) as engine:
+        want_chat = engine.chat(messages, greedy, use_tqdm=False)[0]
+        want_embedding = engine.embed(["import os"], use_tqdm=False)[0]["embedding"]
+    with LLM(model) as llm:
+        chat = llm.chat(messages, greedy, use_tqdm=False)
+        embedded = llm.embed("import os", use_tqdm=False)
+        assert llm.get_tokenizer() is llm.engine.tokenizer
+    assert len(chat) == 1 and chat[0].outputs[0].token_ids == want_chat["token_ids"]
+    assert chat[0].prompt is None and chat[0].outputs[0].logprobs is None and chat[0].outputs[0].cumulative_logprob is None
+    np.testing.assert_allclose(embedded[0].outputs.embedding, want_embedding, rtol=1e-6)
+    assert embedded[0].prompt_token_ids == model.tokenizer.encode("import os", add_special_tokens=False)
+
+
+def test_vllm_engine_arguments_reach_the_engine_config():
+    cfg = engine_config_from_vllm(max_num_seqs=8, max_num_batched_tokens=256, block_size=32, max_model_len=512,
+                                  enable_prefix_caching=False, gpu_memory_utilization=0.5, seed=3, enable_lora=True,
+                                  speculative_config={"method": "ngram", "num_speculative_tokens": 4,
+                                                      "disable_by_batch_size": 8},
+                                  trust_remote_code=True, enforce_eager=True)
+    want = EngineConfig(max_running=8, max_tokens_per_step=256, page_size=32, max_model_len=512, prefix_caching=False,
+                        memory_fraction=0.5, seed=3, max_loras=1, speculative_tokens=4,
+                        speculative_disable_by_batch_size=8)
+    assert cfg == want
+    with pytest.raises(TypeError, match="'pipeline_parallel_size'"):
+        engine_config_from_vllm(pipeline_parallel_size=2)
+    with pytest.raises(TypeError, match="only method 'ngram'"):
+        engine_config_from_vllm(speculative_config={"method": "eagle"})
+    with pytest.raises(ValueError, match="memory_fraction"):
+        engine_config_from_vllm(gpu_memory_utilization=1.5)
+    with pytest.raises(TypeError, match="not both"):
+        LLM(None, engine_config=EngineConfig(), max_num_seqs=4)
