@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from typing import Any, Sequence
 
@@ -92,6 +93,39 @@ class EmbeddingRequestOutput:
     finished: bool = True
 
 
+@dataclasses.dataclass
+class ClassificationOutput:
+    probs: list[float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclasses.dataclass
+class ClassificationRequestOutput:
+    """vLLM's ``LLM.classify`` result: ``outputs.probs``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: ClassificationOutput
+    finished: bool = True
+
+
+@dataclasses.dataclass
+class ScoringOutput:
+    score: float
+
+
+@dataclasses.dataclass
+class ScoringRequestOutput:
+    """vLLM's ``LLM.score`` result: ``outputs.score`` a pair."""
+
+    request_id: str
+    outputs: ScoringOutput
+    finished: bool = True
+
+
 def engine_config_from_vllm(**kwargs: Any) -> EngineConfig:
     """vLLM's ``LLM`` / ``EngineArgs`` keyword arguments as an `EngineConfig` (`TypeError` naming any jaxserve has no
     counterpart for; `EngineConfig`'s own checks for bad values).
@@ -127,9 +161,9 @@ def engine_config_from_vllm(**kwargs: Any) -> EngineConfig:
 
 class LLM:
     """vLLM's offline ``LLM``: a model and an engine (`jaxserve.Engine`), with ``generate``, ``chat``, ``embed``,
-    ``beam_search``, ``get_tokenizer``, ``sleep`` / ``wake_up``. ``model`` is a checkpoint folder (Hugging Face or
-    converted), a `jaxserve.LoadedModel`, or None for the embedded default model; the other keywords are vLLM's
-    engine arguments (`engine_config_from_vllm`), or ``engine_config`` directly.
+    ``classify``, ``score``, ``beam_search``, ``get_tokenizer``, ``sleep`` / ``wake_up``. ``model`` is a checkpoint
+    folder (Hugging Face or converted), a `jaxserve.LoadedModel`, or None for the embedded default model; the other
+    keywords are vLLM's engine arguments (`engine_config_from_vllm`), or ``engine_config`` directly.
 
     Example:
         >>> llm = LLM("/models/Qwen2.5-0.5B-Instruct", max_model_len=4096, gpu_memory_utilization=0.8)  # doctest: +SKIP
@@ -182,6 +216,21 @@ class LLM:
                                        EmbeddingOutput([float(x) for x in r["embedding"]]))
                 for p, r in zip(prompts, results)]
 
+    def classify(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None,
+                 use_tqdm: bool = True) -> list[ClassificationRequestOutput]:
+        """vLLM's ``LLM.classify`` (a sequence classifier's checkpoint): ``outputs.probs`` a prompt (`Engine.classify`)."""
+        prompts = _as_list(prompts)
+        results = self.engine.classify(prompts, pooling_params, use_tqdm=use_tqdm)
+        return [ClassificationRequestOutput(r["request_id"], self.engine.request_ids(p, PoolingParams()),
+                                            ClassificationOutput([float(x) for x in r["probs"]]))
+                for p, r in zip(prompts, results)]
+
+    def score(self, text_1: Any, text_2: Any, use_tqdm: bool = True) -> list[ScoringRequestOutput]:
+        """vLLM's ``LLM.score``: ``outputs.score`` a pair (`Engine.score`: cosine similarity of embeddings, or a
+        one-label classifier's probability)."""
+        results = self.engine.score(text_1, text_2, use_tqdm=use_tqdm)
+        return [ScoringRequestOutput(f"score-{i}", ScoringOutput(r["score"])) for i, r in enumerate(results)]
+
     def beam_search(self, prompts: Prompt | Sequence[Prompt], params: Any, use_tqdm: bool = True) -> list[dict]:
         """`Engine.beam_search` (each prompt's ``sequences``, best first)."""
         return self.engine.beam_search(_as_list(prompts), params, use_tqdm=use_tqdm)
@@ -210,7 +259,8 @@ class LLM:
 
 
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+    """One prompt (text, a prompt dict, token ids) or a list of them, as a list."""
+    if isinstance(prompts, (str, dict)) or (len(prompts) and isinstance(prompts[0], numbers.Integral)):
         return [prompts]
     return list(prompts)
 

@@ -63,6 +63,27 @@ def test_chat_and_embed(model):
     assert embedded[0].prompt_token_ids == model.tokenizer.encode("import os", add_special_tokens=False)
 
 
+def test_classify_and_score(model, tmp_path):
+    """A classifier's probabilities and an embedding model's pair scores, as `Engine.classify` / `Engine.score` give
+    them, in vLLM's objects."""
+    from tests.test_classify import LABELS, make_classifier
+
+    make_classifier(str(tmp_path), LABELS)
+    classifier = jaxserve.load(str(tmp_path))
+    with jaxserve.Engine(classifier) as engine:
+        want = engine.classify(["great movie", "awful plot"], use_tqdm=False)
+    with LLM(classifier) as llm:
+        got = llm.classify(["great movie", "awful plot"], use_tqdm=False)
+    for out, ref in zip(got, want):
+        np.testing.assert_allclose(out.outputs.probs, ref["probs"], rtol=1e-6)
+        assert out.outputs.num_classes == len(LABELS)
+    with jaxserve.Engine(model) as engine:
+        want_scores = [r["score"] for r in engine.score("import os", ["import sys", "x = 1"], use_tqdm=False)]
+    with LLM(model) as llm:
+        scores = llm.score("import os", ["import sys", "x = 1"], use_tqdm=False)
+    assert [s.outputs.score for s in scores] == pytest.approx(want_scores)
+
+
 def test_vllm_engine_arguments_reach_the_engine_config():
     cfg = engine_config_from_vllm(max_num_seqs=8, max_num_batched_tokens=256, block_size=32, max_model_len=512,
                                   enable_prefix_caching=False, gpu_memory_utilization=0.5, seed=3, enable_lora=True,
