@@ -110,9 +110,10 @@ def _checkpoint_scheme(args: argparse.Namespace) -> None:
     if scheme is None:
         return
     from jaxserve.config import ModelConfig
+    from jaxserve.loading import resolve_model_path
 
     model = getattr(args, "model", None)
-    held = ModelConfig.from_pretrained(model).quantization if model else None
+    held = ModelConfig.from_pretrained(resolve_model_path(model)[0]).quantization if model else None
     if held != scheme:
         raise SystemExit(f"error: --quantization {args.quantization}: the checkpoint {model or '(embedded default)'} "
                          f"holds {held or 'no quantized weights'}")

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -97,9 +98,7 @@ def load(path: str | os.PathLike | None = None, dtype: Any = "float32",
         >>> m.config.context_length                                                      # doctest: +SKIP
         131072
     """
-    path = DEFAULT_MODEL_DIR if path is None else os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model path {path!r} is not a folder")
+    path, name = resolve_model_path(path)
     config = ModelConfig.from_pretrained(path)
     if rope_scaling is not None:
         if not isinstance(rope_scaling, dict):
@@ -113,8 +112,35 @@ def load(path: str | os.PathLike | None = None, dtype: Any = "float32",
         with jax.default_device(device):
             params = load_params(path, config, dtype)
     tokenizer = load_tokenizer(path)
-    return LoadedModel(params=params, config=config, tokenizer=tokenizer, path=path,
-                       name=os.path.basename(os.path.normpath(path)))
+    return LoadedModel(params=params, config=config, tokenizer=tokenizer, path=path, name=name)
+
+
+# A Hugging Face repo id as vLLM takes one ("Qwen/Qwen2.5-0.5B-Instruct").
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> tuple[str, str]:
+    """A model argument as (folder, name): a checkpoint folder (named by its last part), the embedded default model
+    for None, or, as vLLM takes them, a Hugging Face repo id found in this machine's Hugging Face cache (named by the
+    id; nothing is downloaded). FileNotFoundError saying which of these was tried.
+
+    Example:
+        >>> resolve_model_path(None)[1]
+        'default_model'
+    """
+    path = DEFAULT_MODEL_DIR if path is None else os.fspath(path)
+    if os.path.isdir(path):
+        return path, os.path.basename(os.path.normpath(path))
+    if _REPO_ID.fullmatch(path) and not os.path.exists(path):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return snapshot_download(repo_id=path, local_files_only=True), path
+        except Exception as exc:  # not cached (or a malformed cache): said below, with what was tried
+            raise FileNotFoundError(f"model {path!r} is neither a folder nor a Hugging Face repo in the local cache "
+                                    f"({type(exc).__name__}); jaxserve downloads nothing: fetch it where there is a "
+                                    f"network (huggingface-cli download {path})") from None
+    raise FileNotFoundError(f"model path {path!r} is not a folder")
 
 
 def _generation_config(path: str | os.PathLike) -> tuple[str, dict[str, Any] | None]:

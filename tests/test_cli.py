@@ -201,3 +201,26 @@ def test_more_vllm_serve_flags(monkeypatch):
     for bad in (["--kv-cache-dtype", "fp8"], ["--pipeline-parallel-size", "2"], ["--dtype", "float16"]):
         with pytest.raises(SystemExit):
             _parse_serve(bad)
+
+
+def test_a_hugging_face_repo_id_loads_from_the_local_cache(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """`jaxserve generate --model org/name` (as vLLM takes models) reads the snapshot in the Hugging Face cache, named
+    by the id; an id that is not cached is an error saying so (nothing is downloaded)."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from jaxserve.loading import load, resolve_model_path
+
+    repo = tmp_path / "hub" / "models--acme--tiny-qwen"
+    shutil.copytree(tiny_checkpoint[0], repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)  # "acme/tiny-qwen" is no folder here
+    folder, name = resolve_model_path("acme/tiny-qwen")
+    assert folder.endswith("0123abc") and name == "acme/tiny-qwen"
+    assert load("acme/tiny-qwen").name == "acme/tiny-qwen"
+    assert cli.main(["generate", "The quick", "--model", "acme/tiny-qwen", "--max-tokens", "2"]) == 0
+    assert cli.main(["generate", "x", "--model", "acme/not-cached"]) == 2
+    assert "nor a Hugging Face repo in the local cache" in capsys.readouterr().err
