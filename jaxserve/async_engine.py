@@ -208,9 +208,6 @@ class AsyncEngine:
         """`Engine.wake_up` on the engine thread (``params``: the weights, after a level-2 sleep)."""
         await self._call(lambda: self.engine.wake_up(params))
 
-    async def is_sleeping(self) -> bool:
-        return bool(self.engine.sleeping)
-
     async def sleep_level(self) -> int:
         """0 awake, else the level the engine sleeps at (`Engine.sleep`)."""
         return int(self.engine.sleeping)

@@ -441,8 +441,7 @@ class Engine:
         (vLLM's): lower runs first, where ``EngineConfig.scheduling_policy`` is "priority" (elsewhere only 0).
         ``lora_request``: the LoRA adapter it runs with (``EngineConfig.max_loras`` > 0; read and checked here)."""
         check_priority(priority, self.config.scheduling_policy)
-        if self.sleeping:
-            raise ValueError("this engine is asleep (sleep() freed its KV pool): wake_up() first")
+        self._check_awake()
         namespace = self._lora_namespace(lora_request)
         lora_id = 0 if lora_request is None else lora_request.lora_int_id
         if isinstance(params, PoolingParams):
@@ -605,6 +604,11 @@ class Engine:
             self.model = dataclasses.replace(self.model, params=jax.tree_util.tree_map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.model.params))
         self.sleeping = level
+
+    def _check_awake(self) -> None:
+        """Requests and warm-up need the KV pool that `sleep` freed."""
+        if self.sleeping:
+            raise ValueError("this engine is asleep (sleep() freed its KV pool): wake_up() first")
 
     @_on_device
     def wake_up(self, params: Any = None) -> None:
@@ -1365,8 +1369,7 @@ class Engine:
         once more. ``pooling=True`` also the prefills of embedding requests (`jaxserve.pooling`; greedy rows, as an
         embedding's are); a classifier's warm-up compiles those alone. Returns the number of shapes compiled.
         """
-        if self.sleeping:
-            raise ValueError("this engine is asleep (sleep() freed its KV pool): wake_up() first")
+        self._check_awake()
         cfg = self.config
         before = len(self.runner.compiled_shapes)
         lora = self.lora is not None if lora is None else lora

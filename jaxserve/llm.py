@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import os
 from typing import Any, Sequence
@@ -25,6 +26,7 @@ from jaxserve.engine import Engine, Prompt
 from jaxserve.engine_config import EngineConfig
 from jaxserve.lora import LoRARequest
 from jaxserve.pooling import PoolingParams
+from jaxserve.request import best_first
 from jaxserve.sampling import SamplingParams
 
 # vLLM's engine arguments -> EngineConfig fields (the same meaning; vLLM's names).
@@ -175,6 +177,10 @@ class LLM:
         if engine_config is not None and engine_args:
             raise TypeError("give engine_config or vLLM's engine arguments, not both")
         self.engine = Engine(model, engine_config or engine_config_from_vllm(**engine_args))
+        tokenizer = self.engine.tokenizer
+        # Each logprob dict names its tokens' text: n samples' top-k over a run repeat few distinct tokens.
+        self._decode = (functools.cache(lambda t: tokenizer.decode([t])) if tokenizer is not None
+                        else lambda t: None)
 
     def __enter__(self) -> "LLM":
         return self
@@ -253,10 +259,6 @@ class LLM:
             outputs=[_completion_output(i, s, decode) for i, s in enumerate(samples)],
             num_cached_tokens=first["cached_tokens"])
 
-    def _decode(self, token: int) -> str | None:
-        tokenizer = self.engine.tokenizer
-        return None if tokenizer is None else tokenizer.decode([token])
-
 
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     """One prompt (text, a prompt dict, token ids) or a list of them, as a list."""
@@ -272,8 +274,7 @@ def _completion_output(index: int, result: dict[str, Any], decode: Any) -> Compl
         tops = result.get("top_logprobs") or [{} for _ in chosen]
         logprobs = []
         for token, lp, top in zip(result["token_ids"], chosen, tops):
-            ranked = sorted(top.items(), key=lambda kv: -kv[1])
-            entry = {t: Logprob(v, k + 1, decode(t)) for k, (t, v) in enumerate(ranked)}
+            entry = {t: Logprob(v, k + 1, decode(t)) for k, (t, v) in enumerate(best_first(top))}
             if token not in entry:  # vLLM always returns the sampled token's own
                 entry[token] = Logprob(lp, None, decode(token))
             logprobs.append(entry)
@@ -294,6 +295,6 @@ def _prompt_logprobs(result: dict[str, Any], prompt_ids: list[int] | None,
         if entry is None:
             out.append(None)
             continue
-        ranked = sorted(entry.items(), key=lambda kv: -kv[1])
-        out.append({t: Logprob(v, rank if t == token else k + 1, decode(t)) for k, (t, v) in enumerate(ranked)})
+        out.append({t: Logprob(v, rank if t == token else k + 1, decode(t))
+                    for k, (t, v) in enumerate(best_first(entry))})
     return out

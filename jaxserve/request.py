@@ -38,6 +38,17 @@ def cache_salt_keys(salt: str, lora_namespace: int = 0) -> tuple[int, ...]:
     return tuple(1 + int.from_bytes(digest[4 * j:4 * j + 4], "little") % MAX_NAMESPACES for j in range(SALT_TOKENS))
 
 
+def best_first(entry: dict[int, float], k: int | None = None) -> list[tuple[int, float]]:
+    """A position's ``{token: logprob}`` (a request's ``top_logprobs`` entry) as ``(token, logprob)`` pairs, most
+    likely first; the first ``k``.
+
+    Example:
+        >>> best_first({3: -2.0, 7: -0.1, 5: -1.0}, 2)
+        [(7, -0.1), (5, -1.0)]
+    """
+    return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

@@ -150,7 +150,7 @@ def load_hf_params(path: str | os.PathLike, config: ModelConfig | None = None, d
     # quantization keeps its `.weight`).
     packing = cfg.packing
     scales = PACKED_SUFFIXES if packing else _QUANT_SUFFIXES if cfg.quantization else ()
-    packed = {n.rsplit(".", 1)[0] + ".weight" for n in location if packing and n.endswith(".qweight")}
+    packed = {n.rsplit(".", 1)[0] + ".weight" for n in location if n.endswith(".qweight")} if packing else set()
     # Some GPTQ exports write a bias for every quantized Linear, zeros where the model has none (vLLM's loaders skip
     # them): taken when all zero, refused by name otherwise.
     extra_biases = sorted(n for n in location if n.endswith(".bias") and n not in expected

@@ -321,7 +321,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     @app.get("/is_sleeping")
     async def is_sleeping(request: Request) -> JSONResponse:
         st = _state(request)
-        return JSONResponse({"is_sleeping": await st.engine.is_sleeping()})
+        return JSONResponse({"is_sleeping": await st.engine.sleep_level() > 0})
 
     @app.post("/flush_cache")
     async def flush_cache(request: Request) -> JSONResponse:
@@ -1114,9 +1114,7 @@ async def _merge(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, dict[
 
 async def _serve(request: Request, st: _State, req: SamplingFields, prompts: list[Any],
                  params: list[SamplingParams], fmt: CompletionFormat | ChatFormat) -> Response:
-    if req.cache_salt is not None:
-        if not req.cache_salt:
-            raise APIError(400, "cache_salt must be a non-empty string", param="cache_salt")
+    if req.cache_salt is not None:  # the engine refuses a bad one (`request.cache_salt_keys`)
         prompts = [{**(p if isinstance(p, dict) else {"prompt_token_ids": p}), "cache_salt": req.cache_salt}
                    for p in prompts]
     handles = await _submit_all(st, prompts, params, fmt.id, req.priority, st.loras.get(req.model))

@@ -40,11 +40,11 @@ _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 def bad_params(exc: ValueError, also: tuple[str, ...] = ()) -> APIError:
     """SamplingParams/engine messages start with the field name (the engine's prompt checks with
-    "prompt", its priority check with "priority"; a route's own checks with the fields in ``also``); report it as
-    ``param``."""
+    "prompt", its priority and cache salt checks with "priority" / "cache_salt"; a route's own checks with the fields
+    in ``also``); report it as ``param``."""
     first = str(exc).split(" ", 1)[0]
-    return APIError(400, str(exc), param=first if first in _SAMPLING_FIELDS or first in ("prompt", "priority", *also)
-                    else None)
+    return APIError(400, str(exc), param=first if first in _SAMPLING_FIELDS
+                    or first in ("prompt", "priority", "cache_salt", *also) else None)
 
 
 # ----- request schemas -------------------------------------------------------------------------

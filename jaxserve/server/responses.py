@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+from jaxserve.request import best_first
 from jaxserve.server.protocol import ChatRequest, CompletionRequest
 from jaxserve.server.reasoning import ReasoningStream, split_reasoning
 from jaxserve.server.tool_calls import ToolCallStream, parse_tool_calls
@@ -24,18 +25,13 @@ def _finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else -9999.0
 
 
-def _best(entry: dict[int, float], k: int | None = None) -> list[tuple[int, float]]:
-    """A position's ``{token: logprob}`` as ``(token, logprob)`` pairs, most likely first; the first ``k``."""
-    return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
-
-
 def prompt_logprobs(result: dict[str, Any], prompt: list[int], k: int, decode: Any) -> list[dict[str, Any] | None]:
     """vLLM's ``prompt_logprobs`` of a result whose request asked for at least ``k``: None for the first token
     (nothing comes before it), then, keyed by token id, the prompt token's and the ``k`` best tokens'
     ``{"logprob", "rank", "decoded_token"}`` (a best token's rank: its place among them)."""
     out: list[dict[str, Any] | None] = [None]
     for token, entry, rank in zip(prompt[1:], result["prompt_logprobs"][1:], result["prompt_logprob_ranks"][1:]):
-        best = _best(entry, k)
+        best = best_first(entry, k)
         shown = {str(token): {"logprob": _finite(entry[token]), "rank": rank, "decoded_token": decode(token)}}
         for place, (t, v) in enumerate(best, 1):
             shown.setdefault(str(t), {"logprob": _finite(v), "rank": place, "decoded_token": decode(t)})
@@ -77,14 +73,18 @@ class CompletionFormat:
         # count the text's characters.
         self._name = (lambda t: f"token_id:{t}") if token_ids_as_names else self._decode
 
+    def _prompt_index(self, i: int) -> int:
+        """The prompt of choice ``i`` (its ``n`` samples are neighbouring choices)."""
+        return i // max(1, self.req.n)
+
     def _echoed_logprobs(self, i: int, result: dict[str, Any]) -> dict[str, Any] | None:
         """Choice ``i``'s logprobs block with ``echo``: its prompt's tokens first (the first one's
         logprob and top logprobs null: nothing comes before it), then the completion's."""
         if self.req.logprobs is None:
             return None
-        prompt = self.prompts[i // max(1, self.req.n)]
+        prompt = self.prompts[self._prompt_index(i)]
         # The engine scored the prompt's k best for the larger of logprobs and prompt_logprobs.
-        scored = [None] + [{t: entry[t], **dict(_best(entry, self.req.logprobs))}
+        scored = [None] + [{t: entry[t], **dict(best_first(entry, self.req.logprobs))}
                            for t, entry in zip(prompt[1:], result["prompt_logprobs"][1:])]
         lps = [None] + [entry[t] for t, entry in zip(prompt[1:], scored[1:])]
         head = self._logprobs(i, prompt, lps, [None] + scored[1:])
@@ -112,7 +112,7 @@ class CompletionFormat:
                 entry: dict[str, float] = {}
                 # Best first, and a text's first (best) logprob kept: the byte tokens of a split
                 # character all decode to U+FFFD, and a later one must not overwrite it.
-                for k, v in _best(t):
+                for k, v in best_first(t):
                     entry.setdefault(decode(k), _finite(v))
                 # OpenAI: "the API will always return the logprob of the sampled token".
                 entry.setdefault(tok, _finite(lp))
@@ -131,18 +131,18 @@ class CompletionFormat:
         # stop_reason: vLLM's extension, the stop string or id that ended the choice (None for EOS).
         results = self._shown(results)
         echo = self.echo_texts is not None
-        choices = [{"index": i, "text": (self.echo_texts[i // max(1, self.req.n)] if echo else "") + r["text"],
+        choices = [{"index": i, "text": (self.echo_texts[self._prompt_index(i)] if echo else "") + r["text"],
                     "finish_reason": r["finish_reason"], "stop_reason": r.get("stop_reason"),
                     "logprobs": self._echoed_logprobs(i, r) if echo else
                     self._logprobs(i, r["token_ids"], r.get("logprobs"), r.get("top_logprobs"))}
                    for i, r in enumerate(results)]
         if self.req.prompt_logprobs is not None:  # vLLM's: each choice holds its prompt's
             for i, (choice, r) in enumerate(zip(choices, results)):
-                choice["prompt_logprobs"] = prompt_logprobs(r, self.prompts[i // max(1, self.req.n)],
+                choice["prompt_logprobs"] = prompt_logprobs(r, self.prompts[self._prompt_index(i)],
                                                             self.req.prompt_logprobs, self._decode)
         if self.req.return_token_ids:
             for i, (choice, r) in enumerate(zip(choices, results)):
-                choice.update(prompt_token_ids=self.prompts[i // max(1, self.req.n)], token_ids=r["token_ids"])
+                choice.update(prompt_token_ids=self.prompts[self._prompt_index(i)], token_ids=r["token_ids"])
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name,
                 "choices": choices, "usage": usage(results, self.prompt_tokens, self.req.n)}
 
@@ -157,7 +157,7 @@ class CompletionFormat:
         """With ``echo`` (and no logprobs: the prompt's come with the whole result), the prompt's text first."""
         if self.echo_texts is None:
             return []
-        return [self._chunk([self._with_ids(i, {"index": i, "text": self.echo_texts[i // max(1, self.req.n)],
+        return [self._chunk([self._with_ids(i, {"index": i, "text": self.echo_texts[self._prompt_index(i)],
                                                 "logprobs": None, "finish_reason": None, "stop_reason": None}, [])],
                             include_usage)]
 
@@ -167,7 +167,7 @@ class CompletionFormat:
             return choice
         if i not in self._prompt_ids_sent:
             self._prompt_ids_sent.add(i)
-            choice["prompt_token_ids"] = self.prompts[i // max(1, self.req.n)]
+            choice["prompt_token_ids"] = self.prompts[self._prompt_index(i)]
         choice["token_ids"] = list(token_ids)
         return choice
 
@@ -193,7 +193,7 @@ class CompletionFormat:
 
     def prompt_tokens_of(self, i: int) -> int:
         """Choice ``i``'s prompt's tokens (vLLM's continuous usage counts each choice's own)."""
-        return len(self.prompts[i // max(1, self.req.n)])
+        return len(self.prompts[self._prompt_index(i)])
 
 
 def _reason_with_calls(reason: str) -> str:
@@ -243,7 +243,7 @@ class ChatFormat:
         for k, (tid, lp) in enumerate(zip(token_ids, logprobs or [])):
             item = entry(tid, lp)
             top = tops[k] if tops else {}
-            item["top_logprobs"] = [entry(t, v) for t, v in _best(top)]
+            item["top_logprobs"] = [entry(t, v) for t, v in best_first(top)]
             content.append(item)
         return {"content": content}
 
