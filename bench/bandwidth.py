@@ -72,6 +72,8 @@ DECODE_SHAPES = [
     ("0.5B 14q/2kv/64", 256, 2048), ("0.5B 14q/2kv/64", 256, 8192),
 ]
 QUICK_SHAPES = [DECODE_SHAPES[i] for i in (2, 5, 7, 11, 14)]
+# --fp8-only: KV pools in float8_e4m3fn against bf16 ones (EngineConfig.kv_cache_dtype="fp8").
+FP8_SHAPES = [DECODE_SHAPES[i] for i in (2, 4, 5, 7, 9, 12, 13, 14, 16)]
 # --mosaic-only: the quick shapes and the ones still short of the issue's targets.
 MOSAIC_SHAPES = [DECODE_SHAPES[i] for i in (2, 3, 4, 5, 7, 8, 11, 12, 13, 14, 15)]
 # The Mosaic GPU kernel's knobs: keys a step, blocks in flight, splits (x2: twice the default).
@@ -370,6 +372,78 @@ def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=Tru
     return row
 
 
+def fp8_row(name, batch, context, read_ceiling, budget, min_calls: int = MIN_CALLS) -> dict:
+    """Our decode kernel over the same random K/V held in bf16 pages and in float8_e4m3fn pages (one process, the
+    two timed back to back), and XLA's contiguous bf16 attention. An fp8 call reads half the KV bytes."""
+    from jaxserve_kernels.kv_dtype import to_pool
+
+    num_heads, kv_heads, head_dim = HEADS[name]
+    kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
+    qo_bytes = 2 * batch * num_heads * head_dim * 2
+    copies = rotations(kv_bytes / 2)  # the fp8 working set must not fit the L2 either
+    k_pages, v_pages, tables, lengths, key = make_paged(
+        jax.random.key(batch * 7 + context), batch, context, kv_heads, head_dim, copies)
+    q = jax.random.normal(key, (batch, num_heads, head_dim), DTYPE)
+    unroll = -(-max(1, min_calls) // copies)
+    per_iteration = copies * unroll
+    calls = int(min(4096, max(2, 0.04 * 3e12 / ((kv_bytes + qo_bytes) * per_iteration))))
+
+    def step(q, k_pages, v_pages, tables, lengths):
+        for _ in range(unroll):
+            for j in range(copies):
+                q = paged_attention(q, k_pages, v_pages, tables[j], lengths)
+        return q
+
+    results = {}
+    for label in ("bf16 pages", "fp8 pages"):
+        if label == "fp8 pages":
+            k_pages, v_pages = to_pool(k_pages, jnp.float8_e4m3fn), to_pool(v_pages, jnp.float8_e4m3fn)
+            gc.collect()
+        if not budget.left():
+            results[label] = "skipped (time budget)"
+            continue
+        try:
+            results[label] = timed(step, q, (k_pages, v_pages, tables, lengths), count=calls)[0] / per_iteration
+        except Exception as error:
+            results[label] = f"error: {type(error).__name__}: {str(error)[:160]}"
+    del k_pages, v_pages
+    gc.collect()
+    if budget.left():
+        keys = jax.random.split(key, 2 * copies)
+        caches = tuple(jax.random.normal(keys[i], (batch, kv_heads, context, head_dim), DTYPE)
+                       for i in range(2 * copies))
+
+        def xla_step(q, caches, lengths):
+            for _ in range(unroll):
+                for j in range(copies):
+                    q = xla_contiguous_attention(q, caches[2 * j], caches[2 * j + 1], lengths)
+            return q
+        results["xla contiguous"] = timed(xla_step, q, (caches, lengths), count=calls)[0] / per_iteration
+        del caches
+        gc.collect()
+    return {"heads": name, "batch": batch, "context": context, "kv_bytes": kv_bytes, "qo_bytes": qo_bytes,
+            "copies": copies, "results": results}
+
+
+def fp8_table(rows, read_ceiling) -> str:
+    lines = ["| heads | batch | ctx | bf16 KV MB | bf16 pages µs | TB/s (% read / % " + SPEC_LABEL + ") | fp8 pages µs "
+             "| fp8 TB/s of its bytes | bf16 / fp8 time | XLA contiguous bf16 µs | XLA / fp8 time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        r = row["results"]
+        bf, f8, x = r.get("bf16 pages"), r.get("fp8 pages"), r.get("xla contiguous")
+        ratio = lambda a, b: f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-"  # noqa: E731
+        lines.append(
+            f"| {row['heads']} | {row['batch']} | {row['context']} | {row['kv_bytes'] / 1e6:.0f} | {fmt_time(bf)} "
+            f"| {fmt_bw(row['kv_bytes'] + row['qo_bytes'], bf, read_ceiling)} | {fmt_time(f8)} "
+            f"| {fmt_bw(row['kv_bytes'] / 2 + row['qo_bytes'], f8, read_ceiling)} | {ratio(bf, f8)} | {fmt_time(x)} "
+            f"| {ratio(x, f8)} |")
+        for label, value in r.items():
+            if isinstance(value, str):
+                lines.append(f"|  | | | | {label}: {value} | | | | | | |")
+    return "\n".join(lines)
+
+
 def best_bundled(results):
     timed_ = {k: v for k, v in results.items() if k.startswith("bundled") and isinstance(v, float)}
     if not timed_:
@@ -612,6 +686,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="five decode shapes only")
     parser.add_argument("--page-sweep", action="store_true",
                         help="our kernel alone at pages of 16 and 32 on PAGE_SWEEP_SHAPES, nothing else")
+    parser.add_argument("--fp8-only", action="store_true",
+                        help="our kernel over fp8 (e4m3) against bf16 pages on FP8_SHAPES, and XLA, nothing else")
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
@@ -634,7 +710,16 @@ def main() -> None:
     raw = {"ceilings": ceil}
     rows = []
     args.mosaic |= args.mosaic_only
-    shapes = ([] if args.sweep_only or args.page_sweep else MOSAIC_SHAPES if args.mosaic_only
+    if args.fp8_only:
+        fp8_rows = []
+        for name, batch, context in FP8_SHAPES:
+            fp8_rows.append(fp8_row(name, batch, context, ceil["read"], budget, args.calls_per_iteration))
+            print(fp8_table(fp8_rows[-1:], ceil["read"]).splitlines()[-1], flush=True)
+        raw["fp8"] = fp8_rows
+        sections.append("## Paged decode attention over fp8 (e4m3) pages against bf16 pages (page 16, full context)\n\n"
+                        "Effective bandwidth = (K + V bytes read + q + out) / time; an fp8 call reads half the KV "
+                        "bytes.\n\n" + fp8_table(fp8_rows, ceil["read"]))
+    shapes = ([] if args.sweep_only or args.page_sweep or args.fp8_only else MOSAIC_SHAPES if args.mosaic_only
               else QUICK_SHAPES if args.quick else DECODE_SHAPES)
     for name, batch, context in shapes:
         rows.append(decode_row(name, batch, context, ceil["read"], budget,
@@ -642,17 +727,18 @@ def main() -> None:
                                min_calls=args.calls_per_iteration, mosaic=args.mosaic))
         print(decode_table(rows[-1:], ceil["read"]).splitlines()[-1], flush=True)
     raw["decode"] = rows
-    sections.append("## Paged decode attention (bf16, page 16, all rows at full context)\n\n"
-                    "Effective bandwidth = (K + V bytes read + q + out) / time.\n\n"
-                    + decode_table(rows, ceil["read"]))
-    print(sections[-1], flush=True)
+    if rows:
+        sections.append("## Paged decode attention (bf16, page 16, all rows at full context)\n\n"
+                        "Effective bandwidth = (K + V bytes read + q + out) / time.\n\n"
+                        + decode_table(rows, ceil["read"]))
+    print(sections[-1] if sections else "", flush=True)
     if args.mosaic:
         sections.append("## Mosaic GPU decode kernel (experimental) vs ours\n\n" + mosaic_table(rows, ceil["read"]))
         print(sections[-1], flush=True)
     if args.page_sweep:
         text, raw["page_sweep"] = page_sweep(budget, ceil["read"], min_calls=args.calls_per_iteration)
         sections.append("## Our kernel at pages of 16 and 32\n\n" + text)
-    if not (args.sweep_only or args.mosaic_only or args.page_sweep):
+    if not (args.sweep_only or args.mosaic_only or args.page_sweep or args.fp8_only):
         sections.append("## Cache scatter (0.5B shape: 24 layers, 2 kv heads, head_dim 64, bf16)\n\n"
                         + scatter_table(budget))
         print(sections[-1], flush=True)

@@ -5,6 +5,9 @@
 # that one device command (10 minutes at most) gives whatever finished; logs and tables land in
 # $OUT/<part>/. Pick parts by name, e.g. `bash bench/gpu_checks.sh tests bandwidth`.
 #
+#   fp8kv53     session 53: KV pools in fp8 (EngineConfig.kv_cache_dtype): compiled kernel tests over fp8 pools and the
+#               bf16 decode / fused / prefill cases beside them, then bandwidth.py --fp8-only (~450 s)
+#   fp8e2e53    session 53: throughput.py with bf16 and fp8 KV pools side by side, 0.5B 64 x 2k prompts and 256 x 128
 #   tests       compiled Triton kernel tests + the model's paged decode step (~250 s on the H200 up to session 25;
 #               session 26's device ran past 380 s inside test_kernels.py, so that file is now `tests_kernels`)
 #   tests_kernels  test_kernels.py's compiled cases alone (paged attention, scatter, prefill)
@@ -936,6 +939,14 @@ for part in "${parts[@]}"; do
             timeout 330 python3 bench/bandwidth.py --budget-s 285 --out "$OUT/$part/bandwidth" ;;
     fp8test_52) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu \
                   tests/test_skinny_matmul.py -k fp8 ;;
+    fp8kv53) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_fp8_kv.py \
+               tests/test_kernels.py tests/test_decode_attention.py \
+               -k "fp8 or test_decode_matches_reference or matches_rope_scatter or test_prefill_chunk" ; \
+             timeout 330 python3 bench/bandwidth.py --fp8-only --budget-s 290 --out "$OUT/$part/bandwidth" ;;
+    fp8e2e53) timeout 400 python3 bench/throughput.py --no-static --no-hf --batches 64 --prompt-len 2048 \
+                --output-len 128 --long-prompt 0 --runs 3 --kv-cache-dtypes auto fp8 --out "$OUT/$part/long" ; \
+              timeout 190 python3 bench/throughput.py --no-static --no-hf --batches 256 --long-prompt 0 --runs 3 \
+                --kv-cache-dtypes auto fp8 --out "$OUT/$part/short" ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;

@@ -50,11 +50,11 @@ class StubRunner:
                             top_logprobs=np.zeros((*shape, num_top), np.float32))
 
     def prefill(self, tokens, q_start, lengths, block_tables, batch, steps, counts=None, seen=None, num_top=0,
-                greedy=False, logprobs=True):
+                greedy=False, logprobs=True, **options):
         return self._out((tokens.shape[0],), num_top)
 
     def decode(self, tokens, positions, limits, block_tables, batch, steps, num_steps, counts=None, seen=None,
-               num_top=0, greedy=False, logprobs=True, return_last=False):
+               num_top=0, greedy=False, logprobs=True, return_last=False, **options):
         out = self._out((num_steps, len(positions)), num_top)
         return (out, out.tokens[-1]) if return_last else out
 

@@ -219,19 +219,19 @@ def decode_hlo(runner, call: tuple, logprobs: bool = False, live_rows: int | Non
 
 
 def engine_config(batch: int, prompt_len: int, out_len: int, decode_steps: int, attention_impl: str,
-                  max_model_len: int | None = None) -> EngineConfig:
+                  max_model_len: int | None = None, kv_cache_dtype: str = "auto") -> EngineConfig:
     """The engine set-up every jaxserve row of this benchmark runs: the whole batch admitted at
     once, prefill calls of up to 8192 tokens, pages for every row's prompt and output."""
     return EngineConfig(page_size=16, max_running=batch, max_tokens_per_step=max(batch, min(8192, batch * prompt_len)),
                         dtype="bfloat16", decode_steps=decode_steps, prefix_caching=False,
                         max_model_len=max_model_len or prompt_len + out_len + 16, attention_impl=attention_impl,
-                        num_pages=batch * ((prompt_len + out_len) // 16 + 2) + 64)
+                        num_pages=batch * ((prompt_len + out_len) // 16 + 2) + 64, kv_cache_dtype=kv_cache_dtype)
 
 
 def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len: int, decode_steps: int,
                    attention_impl: str, first: bool, runs: int = 1,
-                   max_model_len: int | None = None) -> tuple[Row, float | None]:
-    cfg = engine_config(batch, len(prompts[0]), out_len, decode_steps, attention_impl, max_model_len)
+                   max_model_len: int | None = None, kv_cache_dtype: str = "auto") -> tuple[Row, float | None]:
+    cfg = engine_config(batch, len(prompts[0]), out_len, decode_steps, attention_impl, max_model_len, kv_cache_dtype)
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
     engine = Engine(m, cfg)
@@ -282,7 +282,8 @@ def bench_jaxserve(m: LoadedModel, batch: int, prompts: list[list[int]], out_len
     # The step's shape, so a row shows whether the engine padded it (a run that sets max_running to a batch under 8
     # once timed no padding at all, session 40).
     note += f"; decode step timed as {rows} rows x {table_w} pages" + (f", attention of {live}" if live < rows else "")
-    row = Row(f"jaxserve[{attention_impl}]", batch, len(prompts[0]), out_len, batch * out_len / total, ttft, tpot,
+    name = attention_impl if kv_cache_dtype == "auto" else f"{attention_impl}, kv {kv_cache_dtype}"
+    row = Row(f"jaxserve[{name}]", batch, len(prompts[0]), out_len, batch * out_len / total, ttft, tpot,
               step_ms, kernels, note=note)
     return row, first_token
 
@@ -507,6 +508,8 @@ def main() -> None:
                     help="timed runs of each workload, jaxserve's and transformers eager's (the median reports): "
                          "one run of either moved by 10-15%% from one device call to the next")
     ap.add_argument("--impls", nargs="+", default=["pallas"], help="jaxserve attention impls to time")
+    ap.add_argument("--kv-cache-dtypes", nargs="+", default=["auto"], choices=["auto", "fp8", "fp8_e5m2"],
+                    help="each jaxserve row at each of these KV pool dtypes (EngineConfig.kv_cache_dtype)")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
     ap.add_argument("--shape", default="0.5B", choices=list(QWEN25_SHAPES),
                     help="the Qwen2.5 size whose shapes the random-weight model takes (past 1.5B the transformers "
@@ -558,16 +561,18 @@ def main() -> None:
         if not args.no_static:
             rows.append(bench_static(cfg, params, prompts, args.output_len))
             print(rows[-1], flush=True)
-        for impl in args.impls:
+        for impl, kv_dtype in [(i, d) for i in args.impls for d in args.kv_cache_dtypes]:
             try:
                 row, ft = bench_jaxserve(m, batch, prompts, args.output_len, args.decode_steps, impl,
                                          first=first_token_s is None, runs=args.runs,
-                                         max_model_len=args.max_model_len)
+                                         max_model_len=args.max_model_len, kv_cache_dtype=kv_dtype)
             except Exception as exc:  # keep the other systems' numbers; the failure is reported
-                print(f"jaxserve[{impl}] batch {batch} failed: {exc!r}", flush=True)
+                print(f"jaxserve[{impl}, kv {kv_dtype}] batch {batch} failed: {exc!r}", flush=True)
                 continue
             first_token_s = first_token_s or ft
-            kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * batch * (plen + args.output_len // 2)
+            kv_itemsize = 2 if kv_dtype == "auto" else 1
+            kv_bytes = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * kv_itemsize * batch
+                        * (plen + args.output_len // 2))
             # bw counts a copy's reads + writes: the rate HBM moves bytes, which a step's reads share.
             row.roofline_ms = (weight_bytes + kv_bytes) / bw * 1e3
             row.roofline_read_ms = (weight_bytes + kv_bytes) / read_bw * 1e3

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from jaxserve.engine_config import ATTENTION_IMPLS, DTYPES, POLICIES, SCHEDULING_POLICIES
+from jaxserve.engine_config import ATTENTION_IMPLS, DTYPES, KV_CACHE_DTYPES, POLICIES, SCHEDULING_POLICIES
 from jaxserve.pooling import POOLING_TYPES
 from jaxserve.quantization import QUANTIZATIONS
 
@@ -92,6 +92,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="fp8: hold the layers' projection weights as fp8 with a scale per output channel; "
                         f"{', '.join(CHECKPOINT_SCHEMES)}: vLLM's names for a checkpoint's own scheme, which loads "
                         "as it is anyway (checked against its config.json) (default: none)")
+    g.add_argument("--kv-cache-dtype", choices=tuple(KV_CACHE_DTYPES), default="auto",
+                   help="KV pages' dtype (vLLM's): auto (the compute dtype) or fp8 / fp8_e4m3 / fp8_e5m2, half the "
+                        "bytes a page (twice the tokens in the same memory), values saturated, scale 1")
     g.add_argument("--compile-cache-dir", default=os.environ.get("JAXSERVE_COMPILE_CACHE_DIR"), metavar="PATH",
                    help="keep compiled steps here so a restart skips most of the warm-up "
                         "(default: $JAXSERVE_COMPILE_CACHE_DIR, else off)")
@@ -151,7 +154,8 @@ def engine_config_from_args(args: argparse.Namespace) -> "Any":
         compile_cache_dir=args.compile_cache_dir, max_loras=args.max_loras or int(args.enable_lora),
         max_lora_rank=args.max_lora_rank,
         tensor_parallel_size=args.tensor_parallel_size,
-        quantization=args.quantization if args.quantization in QUANTIZATIONS else None)
+        quantization=args.quantization if args.quantization in QUANTIZATIONS else None,
+        kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _speculative_config(args: argparse.Namespace) -> None:
@@ -474,8 +478,6 @@ def build_parser() -> argparse.ArgumentParser:
     vllm.add_argument("--swap-space", type=float, default=None, metavar="GiB",
                       help="no KV swap space: preempted sequences are recomputed from their tokens")
     vllm.add_argument("--max-seq-len-to-capture", type=int, default=None, metavar="N", help="no CUDA graphs")
-    vllm.add_argument("--kv-cache-dtype", choices=("auto",), default="auto",
-                      help="the KV pages are in the model's dtype (fp8 KV pages: not yet)")
     vllm.add_argument("--pipeline-parallel-size", "-pp", type=int, choices=(1,), default=1,
                       help="no pipeline parallelism (--tensor-parallel-size splits a model over GPUs)")
     vllm.add_argument("--generation-config", choices=("auto",), default="auto",

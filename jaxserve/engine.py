@@ -308,12 +308,12 @@ class Engine:
         # A page's bytes on each device: its share of the KV heads under tensor parallelism.
         kv_heads = (mcfg if self.tp is None else self.tp.local_config(mcfg)).num_key_value_heads
         bytes_per_page = (2 * mcfg.num_hidden_layers * kv_heads * self.config.page_size * mcfg.head_dim
-                          * target.itemsize)
+                          * jnp.dtype(self.config.kv_dtype()).itemsize)
         num_pages = self.config.num_pages or _pages_from_memory(self.config, bytes_per_page, self.device, self.tp)
         impl = self.config.attention_impl
         self.runner = Runner(mcfg, params, num_pages=num_pages, page_size=self.config.page_size,
                              attention_impl=default_attention_impl() if impl == "auto" else impl,
-                             tensor_parallel=self.tp)
+                             tensor_parallel=self.tp, kv_dtype=self.config.kv_dtype())
         self.lora = None
         if self.config.max_loras:
             if mcfg.vocab_size > NAMESPACE_STRIDE:  # `Request.index_ids` keeps adapters' prefixes apart past these

@@ -17,6 +17,8 @@ POLICIES = ("prefill_first", "time_share", "mixed")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 ATTENTION_IMPLS = ("auto", "pallas", "pallas-unfused", "reference")
 DTYPES = ("auto", "float32", "bfloat16")
+# vLLM's ``--kv-cache-dtype`` values this engine stores (its "fp8" is e4m3): the pool's dtype for each.
+KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
 
 def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
@@ -66,6 +68,10 @@ class EngineConfig:
     ``seed`` (vLLM's ``--seed``): requests that set no seed of their own draw one from a generator seeded with it when
     they are made, so a run that makes the same requests in the same order samples the same tokens; None: fresh
     randomness for each.
+    ``kv_cache_dtype`` (vLLM's ``--kv-cache-dtype``): "auto" keeps K and V in the compute dtype; "fp8" (= "fp8_e4m3")
+    or "fp8_e5m2" stores them as 8-bit floats with scale 1, saturated at the format's largest value
+    (`jaxserve_kernels.kv_dtype`): a page holds half the bytes, so a memory fraction holds twice the tokens and a
+    decode step reads half the KV bytes; attention still multiplies in the compute dtype.
 
     Example:
         >>> cfg = EngineConfig(page_size=16, max_running=32, policy="mixed")
@@ -100,6 +106,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     quantization: str | None = None
     seed: int | None = None
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -146,6 +153,8 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {tuple(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.max_tokens_per_step < self.max_running:
             raise ValueError(f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= max_running "
                              f"({self.max_running}): a mixed step holds one token of every running sequence")
@@ -183,6 +192,15 @@ class EngineConfig:
         import jax
 
         return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+    def kv_dtype(self) -> str:
+        """The KV pool's dtype: ``compute_dtype()`` for "auto", else the fp8 format ``kv_cache_dtype`` names.
+
+        Example:
+            >>> EngineConfig(dtype="bfloat16", kv_cache_dtype="fp8").kv_dtype()
+            'float8_e4m3fn'
+        """
+        return KV_CACHE_DTYPES[self.kv_cache_dtype] or self.compute_dtype()
 
     @staticmethod
     def bucket(buckets: tuple[int, ...], n: int) -> int:

@@ -35,7 +35,7 @@ _ENGINE_ARGS = {"max_num_seqs": "max_running", "max_num_batched_tokens": "max_to
                 "enable_prefix_caching": "prefix_caching", "gpu_memory_utilization": "memory_fraction",
                 "tensor_parallel_size": "tensor_parallel_size", "quantization": "quantization", "seed": "seed",
                 "max_loras": "max_loras", "max_lora_rank": "max_lora_rank", "scheduling_policy": "scheduling_policy",
-                "num_gpu_blocks_override": "num_pages"}
+                "num_gpu_blocks_override": "num_pages", "kv_cache_dtype": "kv_cache_dtype"}
 # vLLM's arguments that change nothing here (what jaxserve does anyway, or a setting of vLLM's own machinery).
 _NO_OPS = ("trust_remote_code", "enforce_eager", "disable_log_stats", "swap_space", "tokenizer_mode",
            "disable_custom_all_reduce", "disable_async_output_proc", "compilation_config", "load_format")

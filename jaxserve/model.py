@@ -687,8 +687,11 @@ def _attend(qkv, cos, sin, lengths, kv, paged: PagedAttention | None, cfg: Model
     if paged is None:
         return dense_causal_attention(q, k, v, lengths), kv
     scatter, decode, prefill = _paged_ops(paged.impl)
-    k_pages, v_pages = scatter(kv[0], kv[1], k.reshape(b * s, kvh, d).astype(kv[0].dtype),
-                               v.reshape(b * s, kvh, d).astype(kv[1].dtype), paged.slot_mapping.reshape(b * s))
+    from jaxserve_kernels.kv_dtype import to_pool
+
+    # Saturated into an fp8 pool (`to_pool`): XLA's plain conversion would make an outlier NaN.
+    k_pages, v_pages = scatter(kv[0], kv[1], to_pool(k.reshape(b * s, kvh, d), kv[0].dtype),
+                               to_pool(v.reshape(b * s, kvh, d), kv[1].dtype), paged.slot_mapping.reshape(b * s))
     if s == 1:
         out = decode(q[:, 0], k_pages, v_pages, paged.block_tables, paged.lengths)[:, None]
     else:
@@ -963,7 +966,7 @@ def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -
 
 
 def new_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: Any) -> KVCache:
-    """Zeroed KV pages for every layer."""
+    """Zeroed KV pages for every layer, in ``dtype`` (the activations', or an fp8 format: `EngineConfig.kv_cache_dtype`)."""
     shape = (config.num_key_value_heads, num_pages, page_size, config.head_dim)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_hidden_layers))
 

@@ -141,13 +141,16 @@ class Runner:
 
     def __init__(self, config: ModelConfig, params: Any, *, num_pages: int, page_size: int,
                  attention_impl: str = "pallas", prefill_options: dict[str, Any] | None = None,
-                 tensor_parallel: TensorParallel | None = None) -> None:
+                 tensor_parallel: TensorParallel | None = None, kv_dtype: Any = None) -> None:
         check_weight_layout(params, config)
         self.config = config
         self.tp = tensor_parallel
         self.page_size = page_size
         self.num_pages = num_pages
         self.dtype = params["embed_tokens"]["embedding"].dtype
+        # The pool's dtype: the activations', or an fp8 format (`EngineConfig.kv_cache_dtype`). The steps need no
+        # other word of it: the kernels read the pool's dtype off the arrays they are traced with.
+        self.kv_dtype = jnp.dtype(self.dtype if kv_dtype is None else kv_dtype)
         quantized = is_quantized(params)
         self.attention_impl = attention_impl
         self.set_params(params)
@@ -240,9 +243,9 @@ class Runner:
     def new_kv(self) -> None:
         """A fresh KV pool (``num_pages`` pages; what they held is gone)."""
         if self.tp is None:
-            self.kv = new_kv_cache(self.config, self.num_pages, self.page_size, self.dtype)
+            self.kv = new_kv_cache(self.config, self.num_pages, self.page_size, self.kv_dtype)
         else:
-            self.kv = self.tp.new_kv_cache(self.config, self.num_pages, self.page_size, self.dtype)
+            self.kv = self.tp.new_kv_cache(self.config, self.num_pages, self.page_size, self.kv_dtype)
 
     def free(self, weights: bool = False, keep: Any = None) -> None:
         """Give the KV pool's device memory back now, not when the arrays' last reference goes (the engine's

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jaxserve_kernels import pallas_compat as compat
+from jaxserve_kernels.kv_dtype import to_pool
 
 
 def _check_shapes(k_pages, v_pages, k, v, slot_mapping) -> None:
@@ -62,7 +63,7 @@ def cache_scatter_reference(k_pages, v_pages, k, v, slot_mapping):
 
     def scatter(pages, new):
         flat = pages.reshape(kv_heads, num_slots, head_dim)
-        flat = flat.at[:, rows].set(jnp.swapaxes(new, 0, 1).astype(pages.dtype), mode="drop")
+        flat = flat.at[:, rows].set(to_pool(jnp.swapaxes(new, 0, 1), pages.dtype), mode="drop")
         return flat.reshape(pages.shape)
 
     return scatter(k_pages, k), scatter(v_pages, v)
@@ -79,8 +80,8 @@ def _scatter_kernel(slot_ref, k_ref, v_ref, _k_pool_in, _v_pool_in, k_pool_ref, 
     @pl.when((slot >= 0) & (slot < num_slots))
     def _write():
         for head in range(k_ref.shape[1]):
-            k_pool_ref[head, slot, :] = k_ref[token, head, :].astype(k_pool_ref.dtype)
-            v_pool_ref[head, slot, :] = v_ref[token, head, :].astype(v_pool_ref.dtype)
+            k_pool_ref[head, slot, :] = to_pool(k_ref[token, head, :], k_pool_ref.dtype)
+            v_pool_ref[head, slot, :] = to_pool(v_ref[token, head, :], v_pool_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "num_warps"))
@@ -106,7 +107,8 @@ def cache_scatter(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.A
     Args:
         k_pages, v_pages: `[kv_heads, num_pages, page_size, head_dim]` pools; donate them
             (`jax.jit(..., donate_argnums=...)`) so the update does not copy the pool.
-        k, v: `[tokens, kv_heads, head_dim]`, cast to the pool dtype.
+        k, v: `[tokens, kv_heads, head_dim]`, cast to the pool dtype (`jaxserve_kernels.kv_dtype.to_pool`:
+            saturated into an fp8 pool).
         slot_mapping: `[tokens]` int32, `page * page_size + offset`; a negative (padding)
             or out-of-pool slot writes nothing. Each slot may appear at most once.
         interpret: Pallas interpret mode; None picks it on the CPU backend.

@@ -49,6 +49,7 @@ from jax.experimental import pallas as pl
 
 from jaxserve_kernels import pallas_compat as compat
 from jaxserve_kernels.cache_scatter import cache_scatter_reference
+from jaxserve_kernels.kv_dtype import compute_dtype, to_pool
 from jaxserve_kernels import paged_attention as _paged
 from jaxserve_kernels.paged_attention import (_MASK_VALUE, COMBINES, DECODE_BLOCK_KEYS, LOG2E, SINGLE_PASS_KEYS,
                                      check_pool, finish_rows, gather_key_block, merge_last_split,
@@ -87,6 +88,9 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     table_pages = block_table_ref.shape[0]
     page_size, head_dim = k_pages_ref.shape[-2], k_pages_ref.shape[-1]
     pool_dtype = k_pages_ref.dtype
+    # The products' dtype: the pool's, or over an fp8 pool the activations' (keys widened as loaded).
+    cdt = compute_dtype(pool_dtype, act_dtype)
+    widen = None if cdt == pool_dtype else cdt
     block_keys = pages_per_block * page_size
     length = jnp.minimum(lengths_ref[seq], table_pages * page_size)
     cached = jnp.maximum(length - 1, 0)  # keys already in the pool; the new one is at `cached`
@@ -106,7 +110,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         # whenever the loop runs, so V stays finite without a select before the product.
         valid = page0 * page_size + jnp.arange(block_keys) < cached
         k, v = gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block,
-                                valid, clamp_pages=clamp_pages)
+                                valid, clamp_pages=clamp_pages, dtype=widen)
         return k, v, valid
 
     if early_gather:
@@ -117,19 +121,19 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         # written (NaN): that block is computed and then discarded by a select.
         first_block = key_block(0, clamp_pages=True)
 
-    v_new = qkv_ref[seq, num_heads + kv_heads + head, :].astype(act_dtype).astype(pool_dtype)
+    v_new = to_pool(qkv_ref[seq, num_heads + kv_heads + head, :].astype(act_dtype), pool_dtype)
     cos = cos_ref[seq, :][None, :]
     sin = sin_ref[seq, :][None, :]
     # `rot_input`: the rotation matrix is loaded (a constant the caller passes) rather than built
     # from iotas in every program, ~32 elements a thread of compares and selects (`ROPE_JOINT`).
-    rot = rot_ref[...] if rot_input else _rotate_half_matrix(head_dim, pool_dtype)
+    rot = rot_ref[...] if rot_input else _rotate_half_matrix(head_dim, cdt)
 
-    def rope(x, row_scale=None):  # x [rows, D] in the activation dtype -> rotated, in the pool dtype
-        swapped = compat.dot(x.astype(pool_dtype), rot, precision=precision).astype(jnp.float32)
+    def rope(x, row_scale=None):  # x [rows, D] in the activation dtype -> rotated, in the products' dtype
+        swapped = compat.dot(x.astype(cdt), rot, precision=precision).astype(jnp.float32)
         rotated = x.astype(jnp.float32) * cos + swapped * sin
         if row_scale is not None:  # `lean`: q's rows carry the logits' scale, rounded once with it
             rotated = rotated * row_scale[:, None]
-        return rotated.astype(pool_dtype)
+        return rotated.astype(cdt)
 
     # `lean` (`LEAN_SOFTMAX`): the queries carry scale * log2(e), so no logit is multiplied. Row
     # `group` (the new key's under joint RoPE, else padding) keeps scale 1; one expression for both
@@ -154,6 +158,9 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                             mask=(rows == 0)[:, None], other=0).astype(act_dtype)
         q = rope(q_raw, row_scale)
         k_new = rope(k_raw).astype(jnp.float32).sum(axis=0)  # rows 1.. are exact zeros
+    if widen is not None:
+        # The new key as the pool will hold it, so its own logit is the one later steps compute.
+        k_new = to_pool(k_new, pool_dtype).astype(jnp.float32)
     has_new = length >= 1
     slot = slot_ref[seq]
 
@@ -162,7 +169,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     @pl.when((split == 0) & (chunk == 0) & has_new & (slot >= 0) & (slot < num_slots))
     def _write():
         page = slot // page_size
-        k_out_ref[page, slot % page_size, :] = k_new.astype(pool_dtype)
+        k_out_ref[page, slot % page_size, :] = to_pool(k_new, pool_dtype)
         v_out_ref[page, slot % page_size, :] = v_new
 
     seeds = (split == 0) & has_new
@@ -245,7 +252,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     # one-stage unsplit steps.
     rot_input = rope_joint and num_stages == 1
     early_gather = early_gather and num_stages == 1 and num_splits == 1
-    precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
+    precision = lax.Precision.HIGHEST if compute_dtype(k_pages.dtype, out_dtype) == jnp.float32 else None
     merge_in_kernel = combine == "inkernel" and num_splits > 1
     kernel = functools.partial(
         _fused_kernel, num_heads=num_heads, kv_heads=kv_heads, group=group,
@@ -274,7 +281,8 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     if rot_input:
         in_specs.append(whole)
         # Built in numpy, so XLA holds it as a constant; a jnp build would run as a kernel each step.
-        operands.append(jnp.asarray(_rotate_half_matrix(head_dim, np.float32, xp=np), k_pages.dtype))
+        operands.append(jnp.asarray(_rotate_half_matrix(head_dim, np.float32, xp=np),
+                                    compute_dtype(k_pages.dtype, out_dtype)))
     out_specs = [whole] * len(out_shape)
     aliases = {6: len(out_shape), 7: len(out_shape) + 1}  # the pools, in place
     if counter is not None:
@@ -575,8 +583,7 @@ def fused_decode_attention_reference(qkv, cos, sin, k_pages, v_pages, block_tabl
     v = qkv[:, num_heads + kv_heads:]
     # Rows without a token write nothing (the kernel's rule), whatever their slot says.
     slots = jnp.where(lengths >= 1, slot_mapping, -1)
-    k_pages, v_pages = cache_scatter_reference(k_pages, v_pages, k.astype(k_pages.dtype),
-                                               v.astype(v_pages.dtype), slots)
-    out = paged_attention_reference(q.astype(k_pages.dtype), k_pages, v_pages, block_tables,
-                                    lengths, scale=scale)
+    k_pages, v_pages = cache_scatter_reference(k_pages, v_pages, k, v, slots)
+    out = paged_attention_reference(q.astype(compute_dtype(k_pages.dtype, qkv.dtype)), k_pages, v_pages,
+                                    block_tables, lengths, scale=scale)
     return out.astype(qkv.dtype), k_pages, v_pages

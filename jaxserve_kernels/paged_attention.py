@@ -53,6 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxserve_kernels import pallas_compat as compat
+from jaxserve_kernels.kv_dtype import compute_dtype
 from jaxserve_kernels.split_combine import combine_splits, combine_splits_reference
 
 # Finite, so a fully masked row never computes inf - inf; far below any real logit.
@@ -182,17 +183,23 @@ def default_num_stages(table_pages: int, pages_per_block: int, num_splits: int, 
     return 3 if long_loop else 2
 
 
-def gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block: int):
+def gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block: int,
+                      dtype=None):
     """In-kernel: K and V `[pages_per_block * page_size, head_dim]` of the row's pages
     `page0 ..` (through the block table); entries past the table read page 0, which is
-    valid, and the caller masks their keys."""
+    valid, and the caller masks their keys. `dtype`: widened to it as loaded (an fp8 pool's
+    `compute_dtype`; None: as stored)."""
     offsets = page0 + jnp.arange(pages_per_block)
     page_ids = compat.load(block_table_ref.at[pl.ds(page0, pages_per_block)],
                            mask=offsets < block_table_ref.shape[0], other=0)
     page_size, head_dim = k_pages_ref.shape[-2], k_pages_ref.shape[-1]
     keys = pages_per_block * page_size
-    return (k_pages_ref[page_ids].reshape(keys, head_dim),
-            v_pages_ref[page_ids].reshape(keys, head_dim))
+    return _widen(k_pages_ref[page_ids].reshape(keys, head_dim), v_pages_ref[page_ids].reshape(keys, head_dim),
+                  dtype)
+
+
+def _widen(k, v, dtype):
+    return (k, v) if dtype is None or dtype == k.dtype else (k.astype(dtype), v.astype(dtype))
 
 
 V_MASKS = ("where", "redirect", "none")
@@ -200,7 +207,7 @@ COMBINES = ("pallas", "xla", "inkernel")
 
 
 def gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block: int,
-                     written, clamp_pages: bool = False):
+                     written, clamp_pages: bool = False, dtype=None):
     """In-kernel: K and V `[pages_per_block * page_size, head_dim]` of the row's keys from
     page `page0` on; keys where `written [keys]` is False are read from the row's first slot.
 
@@ -211,7 +218,7 @@ def gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per
     keys at slot 0 of the row's first page (written whenever the loop runs) keeps V finite
     with no select after the load. `clamp_pages`: page ids kept inside the pool, for a caller
     that gathers before it knows the row holds any page (a padding row's table may hold
-    anything).
+    anything). `dtype`: as in `gather_page_block`.
     """
     page_size = k_pages_ref.shape[-2]
     table_pages = block_table_ref.shape[0]
@@ -221,7 +228,7 @@ def gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per
     if clamp_pages:
         page = jnp.clip(page, 0, k_pages_ref.shape[0] - 1)
     offset = jnp.where(written, keys % page_size, 0)
-    return k_pages_ref[page, offset], v_pages_ref[page, offset]
+    return _widen(k_pages_ref[page, offset], v_pages_ref[page, offset], dtype)
 
 
 def online_softmax_step(carry, q, k, v, key_ok, visible, *, scale: float | None, precision,
@@ -299,9 +306,12 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
         page_size=page_size, table_pages=table_pages)
     num_iters = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
 
-    # Both products run in the pool's dtype (tensor cores for bf16), whatever q's is.
+    # Both products run in the pool's dtype (tensor cores for bf16), whatever q's is; over an fp8
+    # pool in q's, the keys widened as loaded (`jaxserve_kernels.kv_dtype`).
+    cdt = compute_dtype(k_pages_ref.dtype, q_ref.dtype)
+    widen = None if cdt == k_pages_ref.dtype else cdt
     q = compat.load(q_ref.at[seq, head, pl.ds(first_row, block_rows), :],
-                    mask=real_row[:, None], other=0).astype(k_pages_ref.dtype)
+                    mask=real_row[:, None], other=0).astype(cdt)
 
     def body(i, carry):
         page0 = first_page + i * pages_per_block
@@ -309,9 +319,10 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
         written = key_pos < block_limit
         if v_mask == "redirect":
             k, v = gather_key_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block,
-                                    written)
+                                    written, dtype=widen)
         else:
-            k, v = gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block)
+            k, v = gather_page_block(block_table_ref, k_pages_ref, v_pages_ref, page0, pages_per_block,
+                                     dtype=widen)
         # `lean` (decode): a split's first block holds a key every live row sees, so no select
         # after the exponential; rows that see none are padding, never stored.
         return online_softmax_step(carry, q, k, v, written if v_mask == "where" else None,
@@ -440,7 +451,7 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
     """
     batch, kv_heads, query_rows, head_dim = q_rows.shape
     row_blocks = pl.cdiv(query_rows, block_rows)
-    precision = lax.Precision.HIGHEST if k_pages.dtype == jnp.float32 else None
+    precision = lax.Precision.HIGHEST if compute_dtype(k_pages.dtype, q_rows.dtype) == jnp.float32 else None
     merge_in_kernel = combine == "inkernel" and num_splits > 1
     if merge_in_kernel and row_blocks != 1:
         raise ValueError("combine='inkernel' merges one block of query rows per (sequence, KV head): "

@@ -155,8 +155,9 @@ def test_vllm_serve_command_lines_work_as_they_are(monkeypatch):
                          '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5, '
                          '"disable_by_batch_size": 8}',
                          "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--trust-remote-code",
-                         "--reasoning-parser", "deepseek_r1"])
+                         "--reasoning-parser", "deepseek_r1", "--kv-cache-dtype", "fp8"])
     cfg = cli.engine_config_from_args(args)
+    assert cfg.kv_cache_dtype == "fp8" and cfg.kv_dtype() == "float8_e4m3fn"
     assert (cfg.max_running, cfg.max_tokens_per_step, cfg.memory_fraction, cfg.page_size) == (32, 4096, 0.9, 32)
     assert (cfg.prefix_caching, cfg.max_loras, cfg.tensor_parallel_size, cfg.quantization) == (False, 1, 2, "fp8")
     assert (cfg.speculative_tokens, cfg.prompt_lookup_max, cfg.prompt_lookup_min,
@@ -198,7 +199,7 @@ def test_more_vllm_serve_flags(monkeypatch):
         cli.engine_config_from_args(_parse_serve(["--enable-chunked-prefill", "--policy", "time_share"]))
     with pytest.raises(SystemExit, match="JSON list of strings"):
         cli.cmd_serve(_parse_serve(["--allowed-origins", '"*"']))
-    for bad in (["--kv-cache-dtype", "fp8"], ["--pipeline-parallel-size", "2"], ["--dtype", "float16"]):
+    for bad in (["--kv-cache-dtype", "int8"], ["--pipeline-parallel-size", "2"], ["--dtype", "float16"]):
         with pytest.raises(SystemExit):
             _parse_serve(bad)
 

@@ -51,10 +51,10 @@ def lower_for_cuda(fn, *args) -> str:
     return exported.mlir_module()
 
 
-def decode_step_text(batch: int) -> str:
+def decode_step_text(batch: int, kv_dtype=jnp.bfloat16) -> str:
     model = Qwen2ForCausalLM(CFG, jnp.bfloat16)
     params = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0), jnp.bfloat16))
-    kv = jax.eval_shape(lambda: new_kv_cache(CFG, PAGES, PAGE, jnp.bfloat16))
+    kv = jax.eval_shape(lambda: new_kv_cache(CFG, PAGES, PAGE, kv_dtype))
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
 
     def step(params, kv, tokens, positions, slots, tables, lengths):
@@ -129,6 +129,29 @@ STANDALONE = [
 
 @pytest.mark.parametrize("name,fn,args", STANDALONE, ids=[case[0] for case in STANDALONE])
 def test_standalone_kernels_lower_to_triton_for_cuda(compiled_kernels, name, fn, args):
+    assert triton_kernel_names(lower_for_cuda(fn, *args)), name
+
+
+@pytest.mark.parametrize("batch,expected", [(1, ONE_ROW), (16, ROWS)])
+def test_decode_step_over_fp8_pool_lowers_to_triton_for_cuda(compiled_kernels, monkeypatch, batch, expected):
+    # EngineConfig.kv_cache_dtype="fp8": the fused attention's loads widen e4m3 keys and its write saturates.
+    monkeypatch.setattr(importlib.import_module("jaxserve.model"), "SKINNY_BACKEND", "triton")
+    assert expected <= triton_kernel_names(decode_step_text(batch, jnp.float8_e4m3fn))
+
+
+FP8_POOL = _sds((2, PAGES, PAGE, 64), jnp.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("name,fn,args", [
+    ("paged_attention", lambda q, kp, vp, t, n: paged_attention(q, kp, vp, t, n, num_splits=4),
+     (_sds((8, 14, 64)), FP8_POOL, FP8_POOL, _sds((8, 64), jnp.int32), _sds((8,), jnp.int32))),
+    ("paged_prefill_attention", paged_prefill_attention,
+     (_sds((2, 128, 14, 64)), FP8_POOL, FP8_POOL, _sds((2, 64), jnp.int32), _sds((2,), jnp.int32),
+      _sds((2,), jnp.int32))),
+    ("cache_scatter", cache_scatter,
+     (FP8_POOL, FP8_POOL, _sds((300, 2, 64)), _sds((300, 2, 64)), _sds((300,), jnp.int32))),
+], ids=lambda case: case if isinstance(case, str) else "")
+def test_kernels_over_fp8_pools_lower_to_triton_for_cuda(compiled_kernels, name, fn, args):
     assert triton_kernel_names(lower_for_cuda(fn, *args)), name
 
 

@@ -89,10 +89,10 @@ def test_vllm_engine_arguments_reach_the_engine_config():
                                   enable_prefix_caching=False, gpu_memory_utilization=0.5, seed=3, enable_lora=True,
                                   speculative_config={"method": "ngram", "num_speculative_tokens": 4,
                                                       "disable_by_batch_size": 8},
-                                  trust_remote_code=True, enforce_eager=True)
+                                  trust_remote_code=True, enforce_eager=True, kv_cache_dtype="fp8")
     want = EngineConfig(max_running=8, max_tokens_per_step=256, page_size=32, max_model_len=512, prefix_caching=False,
                         memory_fraction=0.5, seed=3, max_loras=1, speculative_tokens=4,
-                        speculative_disable_by_batch_size=8)
+                        speculative_disable_by_batch_size=8, kv_cache_dtype="fp8")
     assert cfg == want
     with pytest.raises(TypeError, match="'pipeline_parallel_size'"):
         engine_config_from_vllm(pipeline_parallel_size=2)

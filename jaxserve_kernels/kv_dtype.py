@@ -1,0 +1,61 @@
+"""KV pools in 8-bit floats (vLLM's ``kv_cache_dtype="fp8"`` / ``"fp8_e5m2"``): how values enter and leave them.
+
+Owns: the rule every kernel and reference that writes or reads a pool follows, so that a pool of
+``float8_e4m3fn`` or ``float8_e5m2`` means the same thing on every path. Never decides the pool's dtype
+(`jaxserve.engine_config.EngineConfig.kv_cache_dtype` does).
+
+Why fp8: a page holds half the bytes of a bf16 one, so the same memory holds twice the tokens and a
+decode step reads half the KV bytes. The scale is 1 (vLLM's default when a checkpoint brings no KV
+scales): K and V are stored as they are, rounded to the nearest fp8 value.
+
+- Into a pool: saturated at the format's largest finite value, then rounded (`to_pool`). XLA's and
+  numpy's float-to-fp8 conversions turn an out-of-range value into NaN (e4m3fn has no infinity) or
+  infinity (e5m2), either of which would poison every later attention over that key; vLLM's kernels
+  saturate too. Triton's conversion on Hopper saturates already, so the clip costs it nothing.
+- Out of a pool: widened to the products' dtype as loaded (`compute_dtype`): the activations' dtype
+  (bf16 tensor-core products, float32 accumulation) rather than fp8 products, so only the storage is
+  8-bit. Every other pool dtype keeps its rule: products in the pool's own dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+
+
+def is_fp8(dtype: Any) -> bool:
+    """Whether a pool of ``dtype`` is one of the 8-bit float formats.
+
+    Example:
+        >>> is_fp8(jnp.float8_e4m3fn), is_fp8(jnp.bfloat16)
+        (True, False)
+    """
+    return jnp.dtype(dtype) in FP8_DTYPES
+
+
+def to_pool(x: jax.Array, dtype: Any) -> jax.Array:
+    """``x`` as stored in a pool of ``dtype``: for fp8, saturated at the largest finite value first.
+
+    Example:
+        >>> to_pool(jnp.array([1000.0, -3.0, 0.1]), jnp.float8_e4m3fn).astype(jnp.float32)
+        Array([448.    , -3.    ,  0.1015625], dtype=float32)
+    """
+    if is_fp8(dtype):
+        limit = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x, -limit, limit)
+    return x.astype(dtype)
+
+
+def compute_dtype(pool_dtype: Any, act_dtype: Any) -> Any:
+    """The dtype attention's products run in over a pool of ``pool_dtype`` for activations of ``act_dtype``:
+    the pool's own, or for an fp8 pool the activations'.
+
+    Example:
+        >>> compute_dtype(jnp.float8_e4m3fn, jnp.bfloat16), compute_dtype(jnp.bfloat16, jnp.float32)
+        (dtype(bfloat16), dtype(bfloat16))
+    """
+    return jnp.dtype(act_dtype) if is_fp8(pool_dtype) else jnp.dtype(pool_dtype)

@@ -1,0 +1,207 @@
+"""KV pools in fp8 (`EngineConfig.kv_cache_dtype`): every kernel that writes or reads a pool against its jnp
+reference over the same 8-bit pool, the saturating write, and the engine end to end.
+
+The references widen the pool's fp8 values to float32 exactly, so a float32-query kernel must match them to
+1e-5 (its products run in float32 over the widened keys) and a bf16 one to bf16's 2e-2. Inputs are fresh random
+draws every run; pages and slots nobody owns are NaN (fp8 formats hold NaN), so a kernel that reads them fails.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve import Engine, EngineConfig, SamplingParams
+from jaxserve.loading import load
+from jaxserve_kernels import cache_scatter, paged_attention, paged_prefill_attention
+from jaxserve_kernels.decode_attention import fused_decode_attention, fused_decode_attention_o
+from jaxserve_kernels.kv_dtype import to_pool
+from tests.test_decode_attention import (fused_case, fused_decode_attention_o_reference,
+                                         fused_decode_attention_reference)
+from tests.test_kernels import (MODES, TOLERANCE, cache_scatter_reference, fresh_rng, make_pool, make_sequences,
+                                paged_attention_reference, paged_prefill_attention_reference, poison_unowned,
+                                ragged_lengths, relative_error, scatter_case)
+
+FP8 = [pytest.param(jnp.float8_e4m3fn, id="e4m3"), pytest.param(jnp.float8_e5m2, id="e5m2")]
+
+
+def fp8_pool(rng, pool_dtype, **shape):
+    """A pool of random values rounded into ``pool_dtype`` (a scale of a few units, as real K and V)."""
+    k, v = make_pool(rng, dtype=jnp.float32, **shape)
+    return to_pool(3 * k, pool_dtype), to_pool(3 * v, pool_dtype)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("pool_dtype", FP8)
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,q_dtype,num_splits,ppb", [
+    (14, 2, 64, 16, jnp.bfloat16, 1, 2),
+    (28, 4, 128, 8, jnp.float32, 2, 2),
+    (8, 1, 64, 32, jnp.bfloat16, 3, 1),
+])
+def test_decode_over_fp8_pool_matches_reference(interpret, pool_dtype, num_heads, kv_heads, head_dim, page_size,
+                                                q_dtype, num_splits, ppb):
+    rng, seed = fresh_rng()
+    batch, table_pages = 6, 5
+    num_pages = batch * table_pages + 3
+    k_pages, v_pages = fp8_pool(rng, pool_dtype, kv_heads=kv_heads, head_dim=head_dim, page_size=page_size,
+                                num_pages=num_pages)
+    table, lengths = make_sequences(rng, batch=batch, page_size=page_size, table_pages=table_pages,
+                                    num_pages=num_pages,
+                                    lengths=ragged_lengths(rng, batch, page_size, table_pages * page_size))
+    k_pages = poison_unowned(k_pages, table, lengths, page_size)
+    v_pages = poison_unowned(v_pages, table, lengths, page_size)
+    q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), q_dtype)
+    out = paged_attention(q, k_pages, v_pages, table, lengths, interpret=interpret, num_splits=num_splits,
+                          pages_per_block=ppb)
+    ref = paged_attention_reference(q.astype(jnp.float32), k_pages, v_pages, table, lengths)
+    assert out.shape == q.shape and out.dtype == q_dtype
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[q_dtype], f"seed={seed}"
+    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0, err_msg=f"length-0 row, seed={seed}")
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("pool_dtype", FP8)
+@pytest.mark.parametrize("q_dtype", [jnp.bfloat16, jnp.float32])
+def test_prefill_over_fp8_pool_matches_reference(interpret, pool_dtype, q_dtype):
+    rng, seed = fresh_rng()
+    num_heads, kv_heads, head_dim, page_size, q_len, table_pages = 14, 2, 64, 16, 12, 4
+    max_len = table_pages * page_size
+    q_start = np.array([0, page_size + 1, max_len - q_len // 2, 0])
+    lengths = np.array([q_len, page_size + 1 + q_len, max_len, 0])
+    batch = len(lengths)
+    num_pages = batch * table_pages + 1
+    k_pages, v_pages = fp8_pool(rng, pool_dtype, kv_heads=kv_heads, head_dim=head_dim, page_size=page_size,
+                                num_pages=num_pages)
+    table, lengths = make_sequences(rng, batch=batch, page_size=page_size, table_pages=table_pages,
+                                    num_pages=num_pages, lengths=lengths)
+    k_pages = poison_unowned(k_pages, table, lengths, page_size)
+    v_pages = poison_unowned(v_pages, table, lengths, page_size)
+    q = jnp.asarray(rng.standard_normal((batch, q_len, num_heads, head_dim)), q_dtype)
+    q_start = jnp.asarray(q_start, jnp.int32)
+    out = paged_prefill_attention(q, k_pages, v_pages, table, q_start, lengths, interpret=interpret,
+                                  block_rows=32, num_splits=2, pages_per_block=2)
+    ref = paged_prefill_attention_reference(q.astype(jnp.float32), k_pages, v_pages, table, q_start, lengths)
+    assert out.dtype == q_dtype and not np.isnan(np.asarray(out, np.float32)).any(), f"seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[q_dtype], f"seed={seed}"
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("pool_dtype", FP8)
+def test_scatter_into_fp8_pool_saturates_and_writes_nothing_else(interpret, pool_dtype):
+    rng, seed = fresh_rng()
+    k_pages, v_pages, k, v, slots = scatter_case(rng, tokens=9, kv_heads=2, head_dim=64, page_size=16, num_pages=4,
+                                                 dtype=jnp.bfloat16, padding=0.2)
+    k_pages, v_pages = to_pool(k_pages, pool_dtype), to_pool(v_pages, pool_dtype)
+    limit = float(jnp.finfo(pool_dtype).max)
+    # Outliers past the format's range: a plain conversion makes them NaN (e4m3fn) or inf (e5m2).
+    k = k.at[0, 0, :4].set(jnp.array([1e5, -1e5, 2 * limit, -2 * limit], jnp.bfloat16))
+    new_k, new_v = cache_scatter(k_pages, v_pages, k, v, slots, interpret=interpret)
+    ref_k, ref_v = cache_scatter_reference(k_pages, v_pages, k, v, slots)
+    assert new_k.dtype == pool_dtype
+    np.testing.assert_array_equal(np.asarray(new_k, np.float32), np.asarray(ref_k, np.float32), f"seed={seed}")
+    np.testing.assert_array_equal(np.asarray(new_v, np.float32), np.asarray(ref_v, np.float32), f"seed={seed}")
+    flat = np.asarray(new_k, np.float32).reshape(2, -1, 64)
+    s = np.asarray(slots)
+    for t in np.flatnonzero(s >= 0):
+        want = np.asarray(to_pool(k[t], pool_dtype), np.float32)
+        np.testing.assert_array_equal(flat[:, s[t]], want, f"token {t}, seed={seed}")
+    if s[0] >= 0:
+        np.testing.assert_array_equal(flat[0, s[0], :4], [limit, -limit, limit, -limit])
+    untouched = np.ones(flat.shape[1], bool)
+    untouched[s[s >= 0]] = False
+    np.testing.assert_array_equal(flat[:, untouched], np.asarray(k_pages, np.float32).reshape(2, -1, 64)[:, untouched])
+    assert np.isfinite(flat).all(), f"seed={seed}"
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("pool_dtype", FP8)
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,page_size,act_dtype,num_splits,ppb", [
+    (14, 2, 64, 16, jnp.bfloat16, 1, 8),   # one unsplit pass (the engine's short tables)
+    (14, 2, 64, 16, jnp.bfloat16, 2, 1),
+    (28, 4, 128, 8, jnp.float32, 3, 2),
+])
+def test_fused_decode_over_fp8_pool_matches_reference(interpret, pool_dtype, num_heads, kv_heads, head_dim,
+                                                      page_size, act_dtype, num_splits, ppb):
+    """RoPE, the new token's saturated write and attention over an fp8 pool: the written slots equal the
+    reference scatter's bitwise (V) or within RoPE's rounding (K: one fp8 step at most), the outputs the
+    float32 attention over the reference's pool."""
+    rng, seed = fresh_rng()
+    qkv, cos, sin, k_pages, v_pages, table, lengths, slots = fused_case(
+        rng, batch=6, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, page_size=page_size,
+        table_pages=5, dtype=act_dtype)
+    qkv = qkv * 3
+    k_pages, v_pages = to_pool(3 * k_pages, pool_dtype), to_pool(3 * v_pages, pool_dtype)
+    args = (qkv, cos, sin, k_pages, v_pages, table, lengths, slots)
+    out, k_new, v_new = fused_decode_attention(*args, interpret=interpret, num_splits=num_splits,
+                                               pages_per_block=ppb)
+    ref, k_ref, v_ref = fused_decode_attention_reference(*args)
+    exact, _, _ = fused_decode_attention_reference(qkv.astype(jnp.float32), cos, sin, k_ref, v_ref, table, lengths,
+                                                   jnp.full_like(slots, -1))
+    assert out.dtype == act_dtype and k_new.dtype == pool_dtype
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(out, exact) <= TOLERANCE[act_dtype], f"seed={seed}"
+    np.testing.assert_array_equal(np.asarray(v_new, np.float32), np.asarray(v_ref, np.float32), f"seed={seed}")
+    # K: RoPE's float32 rounding may differ in the last bit, which the rounding into fp8 rarely turns into one
+    # step of the format (2^-3 relative for e4m3, 2^-2 for e5m2).
+    step = 2.0 ** -(jnp.finfo(pool_dtype).nmant)
+    np.testing.assert_allclose(np.asarray(k_new, np.float32), np.asarray(k_ref, np.float32), rtol=step, atol=1e-6,
+                               equal_nan=True, err_msg=f"seed={seed}")
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("pool_dtype", FP8)
+def test_fused_decode_o_over_fp8_pool_matches_reference(interpret, pool_dtype):
+    rng, seed = fresh_rng()
+    args = fused_case(rng, batch=1, num_heads=14, kv_heads=2, head_dim=64, page_size=16, table_pages=4,
+                      dtype=jnp.bfloat16, lengths=[37])
+    args = (args[0], *args[1:3], to_pool(args[3], pool_dtype), to_pool(args[4], pool_dtype), *args[5:])
+    wo = jnp.asarray(rng.standard_normal((96, 14 * 64)) * 0.05, jnp.bfloat16)
+    parts, k_new, v_new = fused_decode_attention_o(*args, wo, interpret=interpret)
+    ref, k_ref, v_ref = fused_decode_attention_o_reference(*args, wo)
+    assert not np.isnan(np.asarray(parts)).any(), f"seed={seed}"
+    assert relative_error(parts, ref) <= TOLERANCE[jnp.bfloat16], f"seed={seed}"
+    np.testing.assert_array_equal(np.asarray(v_new, np.float32), np.asarray(v_ref, np.float32), f"seed={seed}")
+
+
+def test_kv_cache_dtype_is_checked_and_named():
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="int8")
+    assert EngineConfig(dtype="bfloat16").kv_dtype() == "bfloat16"
+    assert EngineConfig(kv_cache_dtype="fp8_e5m2").kv_dtype() == "float8_e5m2"
+    cfg = EngineConfig(kv_cache_dtype="fp8")
+    assert EngineConfig.from_yaml(cfg.to_yaml()) == cfg
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return load()
+
+
+def test_engine_on_fp8_pool_kernels_equal_references_and_stay_near_full_precision(default_model):
+    """The engine over an fp8 pool: the Pallas kernels (interpreted) give the reference ops' tokens exactly, the
+    pool is 8-bit, every page is free afterwards, and the chosen tokens' log-probabilities under teacher forcing
+    (prompt log-probabilities, which read every earlier key from the pool) stay near the full-precision pool's."""
+    prompts = ["import os\nimport sys\n", "def add(a, b):\n    return a + b\n", "class Point:\n    def __init__"]
+    params = SamplingParams(max_tokens=8, temperature=0.0, prompt_logprobs=0)
+    results = {}
+    for kv, impl in (("fp8", "pallas"), ("fp8", "reference"), ("auto", "reference")):
+        cfg = EngineConfig(kv_cache_dtype=kv, attention_impl=impl, num_pages=64, max_running=4)
+        with Engine(default_model, cfg) as engine:
+            if kv == "fp8":
+                assert all(k.dtype == jnp.float8_e4m3fn and v.dtype == jnp.float8_e4m3fn
+                           for k, v in engine.runner.kv)
+            results[kv, impl] = engine.generate(prompts, params, use_tqdm=False)
+            engine.clear_prefix_cache()
+            assert engine.stats()["pages_used"] == 0
+    for fp8, ref in zip(results["fp8", "pallas"], results["fp8", "reference"]):
+        assert fp8["token_ids"] == ref["token_ids"]
+    diffs = []
+    for fp8, full in zip(results["fp8", "reference"], results["auto", "reference"]):
+        ids = fp8["prompt_token_ids"][1:]
+        a = [d[t] for d, t in zip(fp8["prompt_logprobs"][1:], ids)]
+        b = [d[t] for d, t in zip(full["prompt_logprobs"][1:], ids)]
+        diffs += [abs(x - y) for x, y in zip(a, b)]
+    assert 0 < max(diffs) < 0.25, diffs
