@@ -372,9 +372,11 @@ def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=Tru
     return row
 
 
-def fp8_row(name, batch, context, read_ceiling, budget, min_calls: int = MIN_CALLS) -> dict:
+def fp8_row(name, batch, context, read_ceiling, budget, min_calls: int = MIN_CALLS,
+            configs: tuple[str, ...] = ()) -> dict:
     """Our decode kernel over the same random K/V held in bf16 pages and in float8_e4m3fn pages (one process, the
-    two timed back to back), and XLA's contiguous bf16 attention. An fp8 call reads half the KV bytes."""
+    two timed back to back), and XLA's contiguous bf16 attention. An fp8 call reads half the KV bytes. `configs`:
+    knob sets (`relative_config`'s specs) also timed over the fp8 pages, as "fp8 <spec>"."""
     from jaxserve_kernels.kv_dtype import to_pool
 
     num_heads, kv_heads, head_dim = HEADS[name]
@@ -388,20 +390,25 @@ def fp8_row(name, batch, context, read_ceiling, budget, min_calls: int = MIN_CAL
     per_iteration = copies * unroll
     calls = int(min(4096, max(2, 0.04 * 3e12 / ((kv_bytes + qo_bytes) * per_iteration))))
 
-    def step(q, k_pages, v_pages, tables, lengths):
-        for _ in range(unroll):
-            for j in range(copies):
-                q = paged_attention(q, k_pages, v_pages, tables[j], lengths)
-        return q
-
+    _, default_splits = paged_attention_module.resolve_tuning(
+        PAGE, context // PAGE, batch * kv_heads, None, None, False, paged_attention_module.DECODE_BLOCK_KEYS,
+        head_dim=head_dim)
     results = {}
-    for label in ("bf16 pages", "fp8 pages"):
+    runs = [("bf16 pages", {}), ("fp8 pages", {})] + [(f"fp8 {c}", relative_config(c, default_splits))
+                                                      for c in configs]
+    for label, config in runs:
         if label == "fp8 pages":
             k_pages, v_pages = to_pool(k_pages, jnp.float8_e4m3fn), to_pool(v_pages, jnp.float8_e4m3fn)
             gc.collect()
         if not budget.left():
             results[label] = "skipped (time budget)"
             continue
+
+        def step(q, k_pages, v_pages, tables, lengths, config=config):
+            for _ in range(unroll):
+                for j in range(copies):
+                    q = paged_attention(q, k_pages, v_pages, tables[j], lengths, **config)
+            return q
         try:
             results[label] = timed(step, q, (k_pages, v_pages, tables, lengths), count=calls)[0] / per_iteration
         except Exception as error:
@@ -441,6 +448,10 @@ def fp8_table(rows, read_ceiling) -> str:
         for label, value in r.items():
             if isinstance(value, str):
                 lines.append(f"|  | | | | {label}: {value} | | | | | | |")
+            elif label.startswith("fp8 ") and label != "fp8 pages":
+                lines.append(f"|  | | | | {label} | | {fmt_time(value)} "
+                             f"| {fmt_bw(row['kv_bytes'] / 2 + row['qo_bytes'], value, read_ceiling)} "
+                             f"| {ratio(bf, value)} | | |")
     return "\n".join(lines)
 
 
@@ -688,6 +699,11 @@ def main() -> None:
                         help="our kernel alone at pages of 16 and 32 on PAGE_SWEEP_SHAPES, nothing else")
     parser.add_argument("--fp8-only", action="store_true",
                         help="our kernel over fp8 (e4m3) against bf16 pages on FP8_SHAPES, and XLA, nothing else")
+    parser.add_argument("--fp8-configs", nargs="+", default=(),
+                        help="--fp8-only: knob sets also timed over the fp8 pages ('x1 ppb=16 stages=3': the default "
+                             "split count times 1, 16 pages an iteration, 3 stages)")
+    parser.add_argument("--fp8-shapes", type=int, nargs="+", default=None,
+                        help="--fp8-only: indices into FP8_SHAPES (default: all)")
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
@@ -712,8 +728,9 @@ def main() -> None:
     args.mosaic |= args.mosaic_only
     if args.fp8_only:
         fp8_rows = []
-        for name, batch, context in FP8_SHAPES:
-            fp8_rows.append(fp8_row(name, batch, context, ceil["read"], budget, args.calls_per_iteration))
+        for name, batch, context in [FP8_SHAPES[i] for i in (args.fp8_shapes or range(len(FP8_SHAPES)))]:
+            fp8_rows.append(fp8_row(name, batch, context, ceil["read"], budget, args.calls_per_iteration,
+                                    tuple(args.fp8_configs)))
             print(fp8_table(fp8_rows[-1:], ceil["read"]).splitlines()[-1], flush=True)
         raw["fp8"] = fp8_rows
         sections.append("## Paged decode attention over fp8 (e4m3) pages against bf16 pages (page 16, full context)\n\n"

@@ -943,6 +943,11 @@ for part in "${parts[@]}"; do
                tests/test_kernels.py tests/test_decode_attention.py \
                -k "fp8 or test_decode_matches_reference or matches_rope_scatter or test_prefill_chunk" ; \
              timeout 330 python3 bench/bandwidth.py --fp8-only --budget-s 290 --out "$OUT/$part/bandwidth" ;;
+    fp8sweep53) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_fp8_kv.py \
+                  -k "fused" ; \
+                timeout 300 python3 bench/bandwidth.py --fp8-only --budget-s 270 --fp8-shapes 3 7 1 6 0 \
+                  --fp8-configs "x1 ppb=16" "x1 ppb=16 stages=2" "x1 stages=4" "x2" "x1 warps=8" \
+                  "x1 ppb=16 warps=8" --out "$OUT/$part/bandwidth" ;;
     fp8e2e53) timeout 400 python3 bench/throughput.py --no-static --no-hf --batches 64 --prompt-len 2048 \
                 --output-len 128 --long-prompt 0 --runs 3 --kv-cache-dtypes auto fp8 --out "$OUT/$part/long" ; \
               timeout 190 python3 bench/throughput.py --no-static --no-hf --batches 256 --long-prompt 0 --runs 3 \
