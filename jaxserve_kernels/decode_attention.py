@@ -133,6 +133,11 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         rotated = x.astype(jnp.float32) * cos + swapped * sin
         if row_scale is not None:  # `lean`: q's rows carry the logits' scale, rounded once with it
             rotated = rotated * row_scale[:, None]
+        if widen is not None:
+            # Over an fp8 pool, rounded to the activations' dtype first (exact in float16 at these magnitudes), so
+            # the new key reaches the pool through the rounding the unfused path's K takes (RoPE's output in the
+            # activations' dtype, then `to_pool`): float16 alone rounds ties between fp8 values the other way.
+            rotated = rotated.astype(act_dtype)
         return rotated.astype(cdt)
 
     # `lean` (`LEAN_SOFTMAX`): the queries carry scale * log2(e), so no logit is multiplied. Row

@@ -12,9 +12,14 @@ scales): K and V are stored as they are, rounded to the nearest fp8 value.
   numpy's float-to-fp8 conversions turn an out-of-range value into NaN (e4m3fn has no infinity) or
   infinity (e5m2), either of which would poison every later attention over that key; vLLM's kernels
   saturate too. Triton's conversion on Hopper saturates already, so the clip costs it nothing.
-- Out of a pool: widened to the products' dtype as loaded (`compute_dtype`): the activations' dtype
-  (bf16 tensor-core products, float32 accumulation) rather than fp8 products, so only the storage is
-  8-bit. Every other pool dtype keeps its rule: products in the pool's own dtype.
+- Out of a pool: widened as loaded to the products' dtype (`compute_dtype`), float32 accumulation, so
+  only the storage is 8-bit. For 16-bit activations that dtype is float16, not bfloat16: both fp8
+  formats widen into float16 exactly (e5m2 is float16's top byte; e4m3 in one `cvt.rn.f16x2.e4m3x2`
+  a pair on Hopper), while Triton widens e4m3 to bfloat16 through a longer bit-twiddling sequence
+  that left the decode kernel instruction-bound at ~2.0 TB/s of fp8 bytes against ~3.0 for bf16
+  pages (H100, session 53, bench/results/bandwidth.md). The queries and probabilities take float16's
+  three more mantissa bits; its range (65504) is far above attention's inputs. Float32 activations
+  keep float32. Every other pool dtype keeps its rule: products in the pool's own dtype.
 """
 
 from __future__ import annotations
@@ -41,8 +46,8 @@ def to_pool(x: jax.Array, dtype: Any) -> jax.Array:
     """``x`` as stored in a pool of ``dtype``: for fp8, saturated at the largest finite value first.
 
     Example:
-        >>> to_pool(jnp.array([1000.0, -3.0, 0.1]), jnp.float8_e4m3fn).astype(jnp.float32)
-        Array([448.    , -3.    ,  0.1015625], dtype=float32)
+        >>> to_pool(jnp.array([1000.0, -3.0, 0.1]), jnp.float8_e4m3fn).astype(jnp.float32).tolist()
+        [448.0, -3.0, 0.1015625]
     """
     if is_fp8(dtype):
         limit = float(jnp.finfo(dtype).max)
@@ -52,10 +57,12 @@ def to_pool(x: jax.Array, dtype: Any) -> jax.Array:
 
 def compute_dtype(pool_dtype: Any, act_dtype: Any) -> Any:
     """The dtype attention's products run in over a pool of ``pool_dtype`` for activations of ``act_dtype``:
-    the pool's own, or for an fp8 pool the activations'.
+    the pool's own, or over an fp8 pool float32 for float32 activations and float16 for 16-bit ones.
 
     Example:
         >>> compute_dtype(jnp.float8_e4m3fn, jnp.bfloat16), compute_dtype(jnp.bfloat16, jnp.float32)
-        (dtype(bfloat16), dtype(bfloat16))
+        (dtype('float16'), dtype(bfloat16))
     """
-    return jnp.dtype(act_dtype) if is_fp8(pool_dtype) else jnp.dtype(pool_dtype)
+    if not is_fp8(pool_dtype):
+        return jnp.dtype(pool_dtype)
+    return jnp.dtype(jnp.float32) if jnp.dtype(act_dtype) == jnp.float32 else jnp.dtype(jnp.float16)
