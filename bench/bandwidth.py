@@ -525,6 +525,8 @@ def relative_config(spec: str, default_splits: int) -> dict:
     for token in rest:
         if token == "inkernel":
             config["combine"] = "inkernel"
+        elif token.startswith("vmask="):
+            config["v_mask"] = token.split("=")[1]
         else:
             name, value = token.split("=")
             config[_KNOB_NAMES[name]] = int(value)

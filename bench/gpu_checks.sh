@@ -948,6 +948,9 @@ for part in "${parts[@]}"; do
                 timeout 300 python3 bench/bandwidth.py --fp8-only --budget-s 270 --fp8-shapes 3 7 1 6 0 \
                   --fp8-configs "x1 ppb=16" "x1 ppb=16 stages=2" "x1 stages=4" "x2" "x1 warps=8" \
                   "x1 ppb=16 warps=8" --out "$OUT/$part/bandwidth" ;;
+    fp8b53) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_fp8_kv.py ; \
+            timeout 150 python3 bench/bandwidth.py --fp8-only --budget-s 130 --fp8-shapes 5 6 7 8 \
+              --fp8-configs "x2" "x1 stages=4" "x1 vmask=where" "x1 ppb=4" "x1 warps=2" --out "$OUT/$part/bandwidth" ;;
     fp8e2e53) timeout 400 python3 bench/throughput.py --no-static --no-hf --batches 64 --prompt-len 2048 \
                 --output-len 128 --long-prompt 0 --runs 3 --kv-cache-dtypes auto fp8 --out "$OUT/$part/long" ; \
               timeout 190 python3 bench/throughput.py --no-static --no-hf --batches 256 --long-prompt 0 --runs 3 \

@@ -89,7 +89,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     page_size, head_dim = k_pages_ref.shape[-2], k_pages_ref.shape[-1]
     pool_dtype = k_pages_ref.dtype
     # The products' dtype: the pool's, or over an fp8 pool the activations' (keys widened as loaded).
-    cdt = compute_dtype(pool_dtype, act_dtype)
+    cdt = compute_dtype(pool_dtype, act_dtype, k_pages_ref.shape[-1])
     widen = None if cdt == pool_dtype else cdt
     block_keys = pages_per_block * page_size
     length = jnp.minimum(lengths_ref[seq], table_pages * page_size)
@@ -257,7 +257,8 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     # one-stage unsplit steps.
     rot_input = rope_joint and num_stages == 1
     early_gather = early_gather and num_stages == 1 and num_splits == 1
-    precision = lax.Precision.HIGHEST if compute_dtype(k_pages.dtype, out_dtype) == jnp.float32 else None
+    precision = (lax.Precision.HIGHEST if compute_dtype(k_pages.dtype, out_dtype, head_dim) == jnp.float32
+                 else None)
     merge_in_kernel = combine == "inkernel" and num_splits > 1
     kernel = functools.partial(
         _fused_kernel, num_heads=num_heads, kv_heads=kv_heads, group=group,
@@ -287,7 +288,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         in_specs.append(whole)
         # Built in numpy, so XLA holds it as a constant; a jnp build would run as a kernel each step.
         operands.append(jnp.asarray(_rotate_half_matrix(head_dim, np.float32, xp=np),
-                                    compute_dtype(k_pages.dtype, out_dtype)))
+                                    compute_dtype(k_pages.dtype, out_dtype, head_dim)))
     out_specs = [whole] * len(out_shape)
     aliases = {6: len(out_shape), 7: len(out_shape) + 1}  # the pools, in place
     if counter is not None:
@@ -589,6 +590,6 @@ def fused_decode_attention_reference(qkv, cos, sin, k_pages, v_pages, block_tabl
     # Rows without a token write nothing (the kernel's rule), whatever their slot says.
     slots = jnp.where(lengths >= 1, slot_mapping, -1)
     k_pages, v_pages = cache_scatter_reference(k_pages, v_pages, k, v, slots)
-    out = paged_attention_reference(q.astype(compute_dtype(k_pages.dtype, qkv.dtype)), k_pages, v_pages,
-                                    block_tables, lengths, scale=scale)
+    q = q.astype(compute_dtype(k_pages.dtype, qkv.dtype, k_pages.shape[-1]))
+    out = paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, scale=scale)
     return out.astype(qkv.dtype), k_pages, v_pages

@@ -17,13 +17,17 @@ scales): K and V are stored as they are, rounded to the nearest fp8 value.
   formats widen into float16 exactly (e5m2 is float16's top byte; e4m3 in one `cvt.rn.f16x2.e4m3x2`
   a pair on Hopper), while Triton widens e4m3 to bfloat16 through a longer bit-twiddling sequence
   that left the decode kernel instruction-bound at ~2.0 TB/s of fp8 bytes against ~3.0 for bf16
-  pages (H100, session 53, bench/results/bandwidth.md). The queries and probabilities take float16's
-  three more mantissa bits; its range (65504) is far above attention's inputs. Float32 activations
-  keep float32. Every other pool dtype keeps its rule: products in the pool's own dtype.
+  pages (H100, session 53, bench/results/bandwidth.md: 7B heads 1.33-1.47x faster than bf16 pages
+  with bfloat16 products, 1.64-1.73x with float16). At head_dim 64 the same change lost (0.5B heads
+  1.26-1.41x -> 1.22-1.24x), so heads under 128 dims keep bfloat16 (`FP8_PRODUCTS`). The queries and
+  probabilities take float16's three more mantissa bits; its range (65504) is far above attention's
+  inputs. Float32 activations keep float32. Every other pool dtype keeps its rule: products in the
+  pool's own dtype.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -55,9 +59,15 @@ def to_pool(x: jax.Array, dtype: Any) -> jax.Array:
     return x.astype(dtype)
 
 
-def compute_dtype(pool_dtype: Any, act_dtype: Any) -> Any:
-    """The dtype attention's products run in over a pool of ``pool_dtype`` for activations of ``act_dtype``:
-    the pool's own, or over an fp8 pool float32 for float32 activations and float16 for 16-bit ones.
+# The 16-bit products' dtype over an fp8 pool: "auto" (float16 at head_dim >= 128, bfloat16 below: see the module
+# docstring), or "float16" / "bfloat16" everywhere (to measure one against the other). Read when a kernel is traced.
+FP8_PRODUCTS = os.environ.get("JAXSERVE_FP8_PRODUCTS", "auto")
+
+
+def compute_dtype(pool_dtype: Any, act_dtype: Any, head_dim: int = 128) -> Any:
+    """The dtype attention's products run in over a pool of ``pool_dtype`` (heads of ``head_dim``) for activations
+    of ``act_dtype``: the pool's own, or over an fp8 pool float32 for float32 activations and float16 or bfloat16
+    (`FP8_PRODUCTS`) for 16-bit ones.
 
     Example:
         >>> compute_dtype(jnp.float8_e4m3fn, jnp.bfloat16), compute_dtype(jnp.bfloat16, jnp.float32)
@@ -65,4 +75,8 @@ def compute_dtype(pool_dtype: Any, act_dtype: Any) -> Any:
     """
     if not is_fp8(pool_dtype):
         return jnp.dtype(pool_dtype)
-    return jnp.dtype(jnp.float32) if jnp.dtype(act_dtype) == jnp.float32 else jnp.dtype(jnp.float16)
+    if jnp.dtype(act_dtype) == jnp.float32:
+        return jnp.dtype(jnp.float32)
+    if FP8_PRODUCTS == "auto":
+        return jnp.dtype(jnp.float16 if head_dim >= 128 else jnp.bfloat16)
+    return jnp.dtype(FP8_PRODUCTS)

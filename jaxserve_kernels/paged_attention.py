@@ -308,7 +308,7 @@ def _attend_kernel(block_table_ref, lengths_ref, q_start_ref, q_ref, k_pages_ref
 
     # Both products run in the pool's dtype (tensor cores for bf16), whatever q's is; over an fp8
     # pool in q's, the keys widened as loaded (`jaxserve_kernels.kv_dtype`).
-    cdt = compute_dtype(k_pages_ref.dtype, q_ref.dtype)
+    cdt = compute_dtype(k_pages_ref.dtype, q_ref.dtype, head_dim)
     widen = None if cdt == k_pages_ref.dtype else cdt
     q = compat.load(q_ref.at[seq, head, pl.ds(first_row, block_rows), :],
                     mask=real_row[:, None], other=0).astype(cdt)
@@ -451,7 +451,8 @@ def attend_query_rows(q_rows, k_pages, v_pages, block_tables, q_start, lengths, 
     """
     batch, kv_heads, query_rows, head_dim = q_rows.shape
     row_blocks = pl.cdiv(query_rows, block_rows)
-    precision = lax.Precision.HIGHEST if compute_dtype(k_pages.dtype, q_rows.dtype) == jnp.float32 else None
+    precision = (lax.Precision.HIGHEST if compute_dtype(k_pages.dtype, q_rows.dtype, head_dim) == jnp.float32
+                 else None)
     merge_in_kernel = combine == "inkernel" and num_splits > 1
     if merge_in_kernel and row_blocks != 1:
         raise ValueError("combine='inkernel' merges one block of query rows per (sequence, KV head): "
