@@ -144,11 +144,14 @@ def test_fused_decode_over_fp8_pool_matches_reference(interpret, pool_dtype, num
     assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
     assert relative_error(out, exact) <= TOLERANCE[act_dtype], f"seed={seed}"
     np.testing.assert_array_equal(np.asarray(v_new, np.float32), np.asarray(v_ref, np.float32), f"seed={seed}")
-    # K: RoPE's float32 rounding may differ in the last bit, which the rounding into fp8 rarely turns into one
-    # step of the format (2^-3 relative for e4m3, 2^-2 for e5m2).
+    # K: RoPE's float32 rounding may differ in the last bit, and XLA's conversion into fp8 (the reference's) and
+    # the GPU's (the kernel's) may round a tie at the subnormal boundary apart (seen once on the H100: -0.015625
+    # against -0.013671875 in e4m3), each one step of the format at most: 2^-3 relative for e4m3, 2^-2 for e5m2,
+    # or one subnormal step.
     step = 2.0 ** -(jnp.finfo(pool_dtype).nmant)
-    np.testing.assert_allclose(np.asarray(k_new, np.float32), np.asarray(k_ref, np.float32), rtol=step, atol=1e-6,
-                               equal_nan=True, err_msg=f"seed={seed}")
+    np.testing.assert_allclose(np.asarray(k_new, np.float32), np.asarray(k_ref, np.float32), rtol=step,
+                               atol=float(jnp.finfo(pool_dtype).smallest_subnormal), equal_nan=True,
+                               err_msg=f"seed={seed}")
 
 
 @pytest.mark.parametrize("interpret", MODES)
