@@ -114,6 +114,11 @@ def test_scatter_into_fp8_pool_saturates_and_writes_nothing_else(interpret, pool
     untouched[s[s >= 0]] = False
     np.testing.assert_array_equal(flat[:, untouched], np.asarray(k_pages, np.float32).reshape(2, -1, 64)[:, untouched])
     assert np.isfinite(flat).all(), f"seed={seed}"
+    # Rows already in the pool's dtype (the model's prefill hands the kernel `to_pool`'s output) are copied as they
+    # are: the same pool.
+    again_k, _ = cache_scatter(k_pages, v_pages, to_pool(k, pool_dtype), to_pool(v, pool_dtype), slots,
+                               interpret=interpret)
+    np.testing.assert_array_equal(np.asarray(again_k, np.float32), np.asarray(new_k, np.float32), f"seed={seed}")
 
 
 @pytest.mark.parametrize("interpret", MODES)
