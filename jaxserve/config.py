@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -54,6 +55,8 @@ def checkpoint_quantization(qc: dict[str, Any] | None) -> str | None:
         return packed_scheme(qc).method
     if method == "compressed-tensors":
         groups = qc.get("config_groups") or {}
+        if not groups and qc.get("kv_cache_scheme"):
+            return None  # KV scales alone (`ModelConfig.kv_scales`): the weights are plain
         if not groups:
             raise ValueError("quantization_config: compressed-tensors without config_groups")
         for name, group in groups.items():
@@ -163,6 +166,10 @@ class ModelConfig:
     # integers, read as floats (`packing` says how); None: full precision.
     quantization: str | None = None
     packing: PackedScheme | None = None
+    # A calibrated checkpoint's KV-cache scales, one ``(k_scale, v_scale)`` a layer (llm-compressor's
+    # ``kv_cache_scheme`` tensors, `jaxserve.weights.read_kv_scales`; in config.json as ``kv_cache_scales``): over an fp8
+    # pool K is stored as K / k_scale and V as V / v_scale (vLLM's meaning). None: scale 1. Unused over other pools.
+    kv_scales: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -187,6 +194,13 @@ class ModelConfig:
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
+        if self.kv_scales is not None:
+            scales = tuple((float(k), float(v)) for k, v in self.kv_scales)
+            if len(scales) != self.num_hidden_layers or not all(
+                    math.isfinite(x) and x > 0 for pair in scales for x in pair):
+                raise ValueError(f"kv_scales must be {self.num_hidden_layers} (k_scale, v_scale) pairs of positive "
+                                 f"finite numbers, got {self.kv_scales!r}")
+            object.__setattr__(self, "kv_scales", scales)
 
     @property
     def num_labels(self) -> int:
@@ -268,6 +282,7 @@ class ModelConfig:
             labels=labels,
             quantization=quantization,
             packing=packed_scheme(qc) if quantization in PACKED_QUANTIZATIONS else None,
+            kv_scales=d.get("kv_cache_scales"),
         )
 
     @classmethod
@@ -285,7 +300,9 @@ class ModelConfig:
         d["eos_token_id"] = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         d["rope_scaling"] = self.rope_scaling.to_hf_dict() if self.rope_scaling is not None else None
         # A packed checkpoint's weights are floats once loaded: what is saved from them is a plain checkpoint.
-        del d["labels"], d["quantization"], d["packing"]
+        del d["labels"], d["quantization"], d["packing"], d["kv_scales"]
+        if self.kv_scales is not None:  # jaxserve's own key: a converted checkpoint keeps what the tensors said
+            d["kv_cache_scales"] = [list(pair) for pair in self.kv_scales]
         if self.quantization == "fp8":  # as llm-compressor writes weight-only fp8 (`weights.to_hf_tensors`)
             d["quantization_config"] = {
                 "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",

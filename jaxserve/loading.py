@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from jaxserve.config import ModelConfig, RopeScaling
 from jaxserve.tokenizer import load_tokenizer
-from jaxserve.weights import load_params
+from jaxserve.weights import load_params, read_kv_scales
 
 log = logging.getLogger("jaxserve.loading")
 
@@ -100,6 +100,8 @@ def load(path: str | os.PathLike | None = None, dtype: Any = "float32",
     """
     path, name = resolve_model_path(path)
     config = ModelConfig.from_pretrained(path)
+    if config.kv_scales is None and (kv_scales := read_kv_scales(path, config)) is not None:
+        config = dataclasses.replace(config, kv_scales=kv_scales)
     if rope_scaling is not None:
         if not isinstance(rope_scaling, dict):
             raise ValueError(f"rope_scaling must be a dict as config.json spells it, got {rope_scaling!r}")

@@ -699,9 +699,34 @@ def _attend(qkv, cos, sin, lengths, kv, paged: PagedAttention | None, cfg: Model
     return out, (k_pages, v_pages)
 
 
+def _kv_scales(cfg: ModelConfig, layer: int, kv) -> tuple[float, float] | None:
+    """This layer's checkpoint KV scales where they apply: a paged pass over an fp8 pool (`ModelConfig.kv_scales`)."""
+    if kv is None or cfg.kv_scales is None:
+        return None
+    from jaxserve_kernels.kv_dtype import is_fp8
+
+    return cfg.kv_scales[layer] if is_fp8(kv[0].dtype) else None
+
+
+def _scale_qkv(qkv: jax.Array, scales: tuple[float, float], cfg: ModelConfig) -> jax.Array:
+    """QKV for a pool that stores K / k_scale and V / v_scale: K and V divided so, and q times k_scale, so that q . K
+    over the stored keys is the logit q . K; the attention output then comes out divided by v_scale (`_unscale`).
+    RoPE is linear, so scaling before it is scaling after it. In float32, back in qkv's dtype."""
+    h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    k_scale, v_scale = scales
+    column = np.concatenate([np.full(h * d, k_scale), np.full(kvh * d, 1 / k_scale),
+                             np.full(kvh * d, 1 / v_scale)]).astype(np.float32)
+    return (qkv.astype(jnp.float32) * column).astype(qkv.dtype)
+
+
+def _unscale(out: jax.Array, scales: tuple[float, float] | None) -> jax.Array:
+    return out if scales is None else (out.astype(jnp.float32) * scales[1]).astype(out.dtype)
+
+
 class Attention(nn.Module):
     config: ModelConfig
     dtype: Any
+    layer: int = 0  # this layer's index (its `ModelConfig.kv_scales`)
 
     @nn.compact
     def __call__(self, x, cos, sin, lengths, kv, paged: PagedAttention | None, glue: bool = False,
@@ -723,8 +748,12 @@ class Attention(nn.Module):
                 normed, acc = _norm_stream(x, accumulate, self.dtype, seed=bias)
                 return _accumulate(normed, kernel, acc)
 
-            out, kv = _attend_fused_decode(qkv_proj(x, fused=qkv_of), cos, sin, kv, paged, cfg, out_dtype=self.dtype)
-            out = out.reshape(b, s, h * d)
+            scales = _kv_scales(cfg, self.layer, kv)
+            qkv = qkv_proj(x, fused=qkv_of)
+            if scales is not None:
+                qkv = _scale_qkv(qkv, scales, cfg)
+            out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg, out_dtype=self.dtype)
+            out = _unscale(out, scales).reshape(b, s, h * d)
             o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
             return o_proj(out, fused=lambda kernel, _: _accumulate(out, kernel, x)), kv
         fold_o = norm is not None and _fold_o_proj(paged, kv)
@@ -735,17 +764,21 @@ class Attention(nn.Module):
             qkv = qkv_proj(x, fast, tiling=QKV_SKINNY_TILING)
         if lora is not None:
             qkv = qkv + lora_delta(x.astype(self.dtype), *lora[0]["qkv_proj"], lora[1])
+        scales = _kv_scales(cfg, self.layer, kv)
+        if scales is not None:
+            qkv = _scale_qkv(qkv, scales, cfg)
         o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
         if fold_o:
-            # o_proj inside the attention kernel; its per-KV-head partials go to the next norm.
+            # o_proj inside the attention kernel; its per-KV-head partials go to the next norm (o_proj is linear,
+            # so the V scale multiplies the partials).
             partials, kv = o_proj(jax.ShapeDtypeStruct((b, s, h * d), self.dtype),
                                   fused=lambda wo, _: _attend_fused_decode(qkv, cos, sin, kv, paged, cfg, wo))
-            return partials, kv, x
+            return _unscale(partials, scales), kv, x
         if fast and s == 1:
             out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg)
         else:
             out, kv = _attend(qkv, cos, sin, lengths, kv, paged, cfg)
-        out = out.reshape(b, s, h * d).astype(self.dtype)
+        out = _unscale(out, scales).reshape(b, s, h * d).astype(self.dtype)
         if lora is not None:
             return o_proj(out, fast) + lora_delta(out, *lora[0]["o_proj"], lora[1]), kv
         out = o_proj(out, fast, "partials" if glue else "none", tiling=FOLDED_TILING if norm is not None else None)
@@ -795,11 +828,12 @@ class DecoderLayer(nn.Module):
     dtype: Any
     tp_axis: str | None = None  # see Qwen2ForCausalLM
     quantized: bool = False
+    layer: int = 0  # this layer's index (its `ModelConfig.kv_scales`)
 
     @nn.compact
     def __call__(self, x, cos, sin, lengths, kv, paged, pending=None, lora=None):
         eps = self.config.rms_norm_eps
-        attn = Attention(self.config, self.dtype, name="self_attn")
+        attn = Attention(self.config, self.dtype, self.layer, name="self_attn")
         mlp = MLP(self.config, self.dtype, name="mlp")
         input_norm = RMSNorm(eps, self.dtype, name="input_layernorm")
         post_norm = RMSNorm(eps, self.dtype, name="post_attention_layernorm")
@@ -894,7 +928,7 @@ class Qwen2ForCausalLM(nn.Module):
         new_kv = []
         pending = None
         for i in range(cfg.num_hidden_layers):
-            x, pending, layer_kv = DecoderLayer(cfg, self.dtype, self.tp_axis, self.quantized, name=f"layers_{i}")(
+            x, pending, layer_kv = DecoderLayer(cfg, self.dtype, self.tp_axis, self.quantized, i, name=f"layers_{i}")(
                 x, cos, sin, lengths, None if kv is None else kv[i], paged, pending, _layer_lora(lora, i))
             new_kv.append(layer_kv)
         final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")

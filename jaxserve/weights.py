@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Iterator
 
 import jax
@@ -31,6 +32,13 @@ CONVERTED_FILE = "jaxserve_params.safetensors"
 # Tensors a quantized checkpoint keeps beside a projection's weight: its scales (weight_scale, read) and the
 # activation scales of a static W8A8 scheme (read by no one: jaxserve's products are weight-only).
 _QUANT_SUFFIXES = (".weight_scale", ".input_scale", ".input_scale_ub")
+# A calibrated checkpoint's KV-cache scales (llm-compressor's kv_cache_scheme): per layer, under
+# ``model.layers.N.self_attn.``, one of these spellings for K and V (vLLM reads both); read by `read_kv_scales`. The
+# query and probability scales of fp8 attention are taken and not used (jaxserve's attention multiplies in 16 bits).
+_KV_SCALE_NAMES = {"k": ("k_scale", "k_proj.output_scale"), "v": ("v_scale", "v_proj.output_scale")}
+_UNUSED_ATTENTION_SCALES = ("q_scale", "q_proj.output_scale", "prob_scale", "prob_output_scale")
+_KV_SCALE_RE = re.compile(r"model\.layers\.\d+\.self_attn\.(" + "|".join(
+    re.escape(n) for n in (*_KV_SCALE_NAMES["k"], *_KV_SCALE_NAMES["v"], *_UNUSED_ATTENTION_SCALES)) + ")")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -157,6 +165,7 @@ def load_hf_params(path: str | os.PathLike, config: ModelConfig | None = None, d
                           and n[:-len(".bias")] + ".weight" in packed)
     unexpected = sorted(n for n in location if n not in expected and n not in ignorable
                         and not n.endswith("rotary_emb.inv_freq") and n not in extra_biases
+                        and not _KV_SCALE_RE.fullmatch(n)
                         and not (n.endswith(scales) and n.rsplit(".", 1)[0] + ".weight" in expected))
     if unexpected:
         raise ValueError(f"unexpected tensor(s) in checkpoint {path}: {', '.join(unexpected[:5])}")
@@ -272,6 +281,38 @@ def to_hf_tensors(params: dict, config: ModelConfig) -> Iterator[tuple[str, np.n
         yield from split(layer["mlp"]["down_proj"], [p + "mlp.down_proj"], (0, config.hidden_size))
         yield p + "input_layernorm.weight", layer["input_layernorm"]["scale"]
         yield p + "post_attention_layernorm.weight", layer["post_attention_layernorm"]["scale"]
+
+
+def read_kv_scales(path: str | os.PathLike, config: ModelConfig) -> tuple[tuple[float, float], ...] | None:
+    """A Hugging Face checkpoint's KV-cache scales, ``(k_scale, v_scale)`` a layer (`ModelConfig.kv_scales`), or None
+    if it has none; a checkpoint with some layers' scales and not others' is refused by name.
+
+    Example:
+        >>> from jaxserve.loading import DEFAULT_MODEL_DIR, load
+        >>> read_kv_scales(DEFAULT_MODEL_DIR, load().config) is None
+        True
+    """
+    path = os.fspath(path)
+    if os.path.exists(os.path.join(path, CONVERTED_FILE)):
+        return None  # a converted checkpoint keeps them in its config.json
+    location = {name: handle for handle in (_Shard(f) for f in _shard_files(path)) for name in handle.keys()}
+    if not any(_KV_SCALE_RE.fullmatch(n) for n in location):
+        return None
+    scales = []
+    for i in range(config.num_hidden_layers):
+        pair = []
+        for part, spellings in _KV_SCALE_NAMES.items():
+            names = [f"model.layers.{i}.self_attn.{s}" for s in spellings if f"model.layers.{i}.self_attn.{s}" in location]
+            if not names:
+                raise ValueError(f"checkpoint {path} has KV-cache scales but none for layer {i}'s {part.upper()} "
+                                 f"(model.layers.{i}.self_attn.{spellings[0]})")
+            value = np.asarray(location[names[0]].get_numpy(names[0]), np.float32).reshape(-1)
+            if value.size != 1:
+                raise ValueError(f"tensor {names[0]} holds {value.size} values; jaxserve takes one scale a layer "
+                                 "(strategy 'tensor')")
+            pair.append(float(value[0]))
+        scales.append(tuple(pair))
+    return tuple(scales)
 
 
 def save_hf_checkpoint(params: dict, config: ModelConfig, path: str | os.PathLike) -> None:

@@ -8,6 +8,8 @@ draws every run; pages and slots nobody owns are NaN (fp8 formats hold NaN), so 
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -213,3 +215,107 @@ def test_engine_on_fp8_pool_kernels_equal_references_and_stay_near_full_precisio
         b = [d[t] for d, t in zip(full["prompt_logprobs"][1:], ids)]
         diffs += [abs(x - y) for x, y in zip(a, b)]
     assert 0 < max(diffs) < 0.25, diffs
+
+
+def scaled_checkpoint(model, path, factor: float, k_scale: float, v_scale: float) -> None:
+    """The embedded model with each layer's keys `factor` times larger and its queries `factor` times smaller (the
+    logits, and so the model, unchanged), saved as a Hugging Face checkpoint with llm-compressor's per-layer KV-cache
+    scale tensors."""
+    import shutil
+
+    import safetensors.numpy
+
+    from jaxserve.loading import DEFAULT_MODEL_DIR
+    from jaxserve.weights import save_hf_checkpoint
+
+    cfg = model.config
+    h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    rows = np.concatenate([np.full(h * d, 1 / factor), np.full(kvh * d, factor), np.ones(kvh * d)]).astype(np.float32)
+    params = jax.tree.map(lambda x: x, model.params)
+    for i in range(cfg.num_hidden_layers):
+        qkv = params[f"layers_{i}"]["self_attn"]["qkv_proj"]
+        qkv["kernel"] = qkv["kernel"] * rows[:, None]  # [out, in]
+        qkv["bias"] = qkv["bias"] * rows
+    save_hf_checkpoint(params, cfg, path)
+    file = os.path.join(path, "model.safetensors")
+    tensors = dict(safetensors.numpy.load_file(file))
+    for i in range(cfg.num_hidden_layers):
+        # Both of vLLM's spellings: the older k_proj.output_scale and self_attn.v_scale.
+        tensors[f"model.layers.{i}.self_attn.k_proj.output_scale"] = np.array(k_scale, np.float32)
+        tensors[f"model.layers.{i}.self_attn.v_scale"] = np.array([v_scale], np.float32)
+    safetensors.numpy.save_file(tensors, file, metadata={"format": "pt"})
+    for name in os.listdir(DEFAULT_MODEL_DIR):
+        if name.startswith("tokenizer"):
+            shutil.copy(os.path.join(DEFAULT_MODEL_DIR, name), path)
+
+
+def test_checkpoint_kv_scales_keep_large_keys_in_an_fp8_pool(default_model, tmp_path):
+    """A calibrated checkpoint's KV scales: keys ~2000x larger than e4m3's largest value (448) are stored divided by
+    their k_scale, so the fp8 pool's prompt log-probabilities stay as near full precision as the plain model's do;
+    without the scales the keys saturate and the model falls apart. The scales survive a converted checkpoint."""
+    import dataclasses
+
+    from jaxserve.loading import load
+    from jaxserve.weights import save_converted
+
+    scaled_checkpoint(default_model, tmp_path / "scaled", factor=2000.0, k_scale=250.0, v_scale=0.5)
+    scaled = load(tmp_path / "scaled")
+    assert scaled.config.kv_scales == ((250.0, 0.5),) * scaled.config.num_hidden_layers
+    prompts = ["import os\nimport sys\n", "def add(a, b):\n    return a + b\n"]
+    params = SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=0)
+
+    def run(model, kv, impl="reference"):
+        with Engine(model, EngineConfig(kv_cache_dtype=kv, attention_impl=impl, num_pages=64, max_running=4)) as e:
+            return e.generate(prompts, params, use_tqdm=False)
+
+    def prompt_lps(outs):
+        return np.array([d[t] for o in outs for d, t in zip(o["prompt_logprobs"][1:], o["prompt_token_ids"][1:])])
+
+    full = prompt_lps(run(default_model, "auto"))
+    with_scales = run(scaled, "fp8")
+    assert [o["token_ids"] for o in run(scaled, "fp8", "pallas")] == [o["token_ids"] for o in with_scales]
+    unscaled = dataclasses.replace(scaled, config=dataclasses.replace(scaled.config, kv_scales=None))
+    near, saturated = (np.abs(prompt_lps(x) - full).max() for x in (with_scales, run(unscaled, "fp8")))
+    assert near < 0.25 and saturated > 4 * near, (near, saturated)
+    # Over a bf16 / float32 pool the scales are not used: the checkpoint is the plain model.
+    assert np.abs(prompt_lps(run(scaled, "auto")) - full).max() < 1e-3
+    save_converted(scaled.params, scaled.config, tmp_path / "converted")
+    assert load(tmp_path / "converted").config.kv_scales == scaled.config.kv_scales
+    # One layer without its V scale: refused, naming it.
+    import safetensors.numpy
+
+    file = str(tmp_path / "scaled" / "model.safetensors")
+    tensors = dict(safetensors.numpy.load_file(file))
+    del tensors["model.layers.3.self_attn.v_scale"]
+    safetensors.numpy.save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"layer 3's V \(model.layers.3.self_attn.v_scale\)"):
+        load(tmp_path / "scaled")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 4, 64])
+def test_checkpoint_kv_scales_through_the_compiled_decode_paths(default_model, tmp_path, batch):
+    """On the GPU each batch size decodes through other fused paths (o_proj inside the attention at one row, the
+    accumulating glue, the fused glue), each of which applies the KV scales itself: the compiled engine's decode
+    log-probabilities match the reference ops' engine, K stored / 250 and V / 0.5 (a V scale left out would double
+    every attention output)."""
+    from jaxserve.loading import load
+
+    scaled_checkpoint(default_model, tmp_path / "scaled", factor=2000.0, k_scale=250.0, v_scale=0.5)
+    scaled = load(tmp_path / "scaled", dtype="bfloat16")
+    base = ["import os\n", "def add(a, b):\n", "class Point:\n", "for i in range(10):\n"]
+    prompts = [base[i % 4] * (1 + i % 3) for i in range(batch)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=0, ignore_eos=True)
+    outs = {}
+    for impl in ("pallas", "reference"):
+        cfg = EngineConfig(kv_cache_dtype="fp8", attention_impl=impl, num_pages=1024, max_running=batch)
+        with Engine(scaled, cfg) as engine:
+            outs[impl] = engine.generate(prompts, params, use_tqdm=False)
+    compared = 0
+    for a, b in zip(outs["pallas"], outs["reference"]):
+        same = next((i for i, (x, y) in enumerate(zip(a["token_ids"], b["token_ids"])) if x != y), len(a["token_ids"]))
+        # bf16 near-ties may part the two greedy paths: compare up to where they do.
+        diffs = [abs(x - y) for x, y in zip(a["logprobs"][:same], b["logprobs"][:same])]
+        assert max(diffs, default=0.0) < 0.1, diffs
+        compared += len(diffs)
+    assert compared >= 4 * batch
