@@ -314,8 +314,11 @@ def test_checkpoint_kv_scales_through_the_compiled_decode_paths(default_model, t
     compared = 0
     for a, b in zip(outs["pallas"], outs["reference"]):
         same = next((i for i, (x, y) in enumerate(zip(a["token_ids"], b["token_ids"])) if x != y), len(a["token_ids"]))
-        # bf16 near-ties may part the two greedy paths: compare up to where they do.
+        # bf16 near-ties may part the two greedy paths: compare up to where they do. The bound: bf16 and fp8 rounding
+        # alone part them by up to ~0.3 (the plain model's fp8 engines on the H100, session 53: 0.09-0.29 at 4 and 64
+        # rows, this checkpoint's 0.14-0.15), while a scale applied wrongly moves every layer's attention output
+        # (v_scale 0.5 left out doubles it).
         diffs = [abs(x - y) for x, y in zip(a["logprobs"][:same], b["logprobs"][:same])]
-        assert max(diffs, default=0.0) < 0.1, diffs
+        assert max(diffs, default=0.0) < 0.5, diffs
         compared += len(diffs)
     assert compared >= 4 * batch
