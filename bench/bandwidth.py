@@ -275,6 +275,20 @@ def xla_contiguous_attention(q, k, v, lengths):
     return o.reshape(q.shape).astype(q.dtype)
 
 
+def xla_contiguous_step(key, copies: int, unroll: int, shape: tuple[int, int, int, int]):
+    """(step, caches): `copies` pairs of random contiguous K / V caches of `shape` `[batch, kv_heads, keys, D]` and a
+    loop body calling `xla_contiguous_attention` over each pair `unroll` times, its output fed back."""
+    keys = jax.random.split(key, 2 * copies)
+    caches = tuple(jax.random.normal(keys[i], shape, DTYPE) for i in range(2 * copies))
+
+    def step(q, caches, lengths):
+        for _ in range(unroll):
+            for j in range(copies):
+                q = xla_contiguous_attention(q, caches[2 * j], caches[2 * j + 1], lengths)
+        return q
+    return step, caches
+
+
 def bundled_kernel():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -354,15 +368,7 @@ def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=Tru
                     q, (k_pages, v_pages, tables, lengths))
         del k_pages, v_pages
         gc.collect()
-        keys = jax.random.split(key, 2 * copies)
-        caches = tuple(jax.random.normal(keys[i], (batch, kv_heads, context, head_dim), DTYPE)
-                       for i in range(2 * copies))
-
-        def xla_step(q, caches, lengths):
-            for _ in range(unroll):
-                for j in range(copies):
-                    q = xla_contiguous_attention(q, caches[2 * j], caches[2 * j + 1], lengths)
-            return q
+        xla_step, caches = xla_contiguous_step(key, copies, unroll, (batch, kv_heads, context, head_dim))
         measure("xla contiguous", xla_step, q, (caches, lengths))
         del caches
     gc.collect()
@@ -416,15 +422,7 @@ def fp8_row(name, batch, context, read_ceiling, budget, min_calls: int = MIN_CAL
     del k_pages, v_pages
     gc.collect()
     if budget.left():
-        keys = jax.random.split(key, 2 * copies)
-        caches = tuple(jax.random.normal(keys[i], (batch, kv_heads, context, head_dim), DTYPE)
-                       for i in range(2 * copies))
-
-        def xla_step(q, caches, lengths):
-            for _ in range(unroll):
-                for j in range(copies):
-                    q = xla_contiguous_attention(q, caches[2 * j], caches[2 * j + 1], lengths)
-            return q
+        xla_step, caches = xla_contiguous_step(key, copies, unroll, (batch, kv_heads, context, head_dim))
         results["xla contiguous"] = timed(xla_step, q, (caches, lengths), count=calls)[0] / per_iteration
         del caches
         gc.collect()
@@ -445,10 +443,9 @@ def fp8_table(rows, read_ceiling) -> str:
             f"| {fmt_bw(row['kv_bytes'] + row['qo_bytes'], bf, read_ceiling)} | {fmt_time(f8)} "
             f"| {fmt_bw(row['kv_bytes'] / 2 + row['qo_bytes'], f8, read_ceiling)} | {ratio(bf, f8)} | {fmt_time(x)} "
             f"| {ratio(x, f8)} |")
+        lines += failure_lines(r)
         for label, value in r.items():
-            if isinstance(value, str):
-                lines.append(f"|  | | | | {label}: {value} | | | | | | |")
-            elif label.startswith("fp8 ") and label != "fp8 pages":
+            if isinstance(value, float) and label.startswith("fp8 ") and label != "fp8 pages":
                 lines.append(f"|  | | | | {label} | | {fmt_time(value)} "
                              f"| {fmt_bw(row['kv_bytes'] / 2 + row['qo_bytes'], value, read_ceiling)} "
                              f"| {ratio(bf, value)} | | |")
@@ -489,10 +486,13 @@ def decode_table(rows, read_ceiling) -> str:
             f"| {fmt_time(ours)} | {fmt_bw(row['io_bytes'], ours, read_ceiling)} "
             f"| {fmt_time(b_s)} | {fmt_bw(row['io_bytes'], b_s, read_ceiling)} | {b_cfg or '-'} "
             f"| {fmt_time(x)} | {fmt_bw(row['io_bytes'], x, read_ceiling)} |")
-        for label, value in r.items():
-            if isinstance(value, str):
-                lines.append(f"|  | | | | {label}: {value} | | | | | | |")
+        lines += failure_lines(r)
     return "\n".join(lines)
+
+
+def failure_lines(results: dict) -> list[str]:
+    """A table row of each timing that did not happen (skipped by the budget, or a config that does not compile)."""
+    return [f"|  | | | | {label}: {value} | | | | | | |" for label, value in results.items() if isinstance(value, str)]
 
 
 def mosaic_table(rows, read_ceiling) -> str:
