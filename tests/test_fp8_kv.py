@@ -190,33 +190,6 @@ def default_model():
     return load()
 
 
-def test_engine_on_fp8_pool_kernels_equal_references_and_stay_near_full_precision(default_model):
-    """The engine over an fp8 pool: the Pallas kernels (interpreted) give the reference ops' tokens exactly, the
-    pool is 8-bit, every page is free afterwards, and the chosen tokens' log-probabilities under teacher forcing
-    (prompt log-probabilities, which read every earlier key from the pool) stay near the full-precision pool's."""
-    prompts = ["import os\nimport sys\n", "def add(a, b):\n    return a + b\n", "class Point:\n    def __init__"]
-    params = SamplingParams(max_tokens=8, temperature=0.0, prompt_logprobs=0)
-    results = {}
-    for kv, impl in (("fp8", "pallas"), ("fp8", "reference"), ("auto", "reference")):
-        cfg = EngineConfig(kv_cache_dtype=kv, attention_impl=impl, num_pages=64, max_running=4)
-        with Engine(default_model, cfg) as engine:
-            if kv == "fp8":
-                assert all(k.dtype == jnp.float8_e4m3fn and v.dtype == jnp.float8_e4m3fn
-                           for k, v in engine.runner.kv)
-            results[kv, impl] = engine.generate(prompts, params, use_tqdm=False)
-            engine.clear_prefix_cache()
-            assert engine.stats()["pages_used"] == 0
-    for fp8, ref in zip(results["fp8", "pallas"], results["fp8", "reference"]):
-        assert fp8["token_ids"] == ref["token_ids"]
-    diffs = []
-    for fp8, full in zip(results["fp8", "reference"], results["auto", "reference"]):
-        ids = fp8["prompt_token_ids"][1:]
-        a = [d[t] for d, t in zip(fp8["prompt_logprobs"][1:], ids)]
-        b = [d[t] for d, t in zip(full["prompt_logprobs"][1:], ids)]
-        diffs += [abs(x - y) for x, y in zip(a, b)]
-    assert 0 < max(diffs) < 0.25, diffs
-
-
 def scaled_checkpoint(model, path, factor: float, k_scale: float, v_scale: float) -> None:
     """The embedded model with each layer's keys `factor` times larger and its queries `factor` times smaller (the
     logits, and so the model, unchanged), saved as a Hugging Face checkpoint with llm-compressor's per-layer KV-cache
@@ -249,10 +222,12 @@ def scaled_checkpoint(model, path, factor: float, k_scale: float, v_scale: float
             shutil.copy(os.path.join(DEFAULT_MODEL_DIR, name), path)
 
 
-def test_checkpoint_kv_scales_keep_large_keys_in_an_fp8_pool(default_model, tmp_path):
-    """A calibrated checkpoint's KV scales: keys ~2000x larger than e4m3's largest value (448) are stored divided by
-    their k_scale, so the fp8 pool's prompt log-probabilities stay as near full precision as the plain model's do;
-    without the scales the keys saturate and the model falls apart. The scales survive a converted checkpoint."""
+def test_engine_on_fp8_pools_and_checkpoint_kv_scales(default_model, tmp_path):
+    """The engine over fp8 pools. The plain model: an 8-bit pool, every page free afterwards, and prompt
+    log-probabilities (which read every earlier key from the pool) near the full-precision pool's. A calibrated
+    checkpoint's KV scales: keys ~2000x larger than e4m3's largest value (448) are stored divided by their k_scale,
+    so its fp8 pool stays as near full precision; without the scales the keys saturate and the model falls apart.
+    The Pallas kernels (interpreted) give the reference ops' tokens; the scales survive a converted checkpoint."""
     import dataclasses
 
     from jaxserve.loading import load
@@ -264,14 +239,24 @@ def test_checkpoint_kv_scales_keep_large_keys_in_an_fp8_pool(default_model, tmp_
     prompts = ["import os\nimport sys\n", "def add(a, b):\n    return a + b\n"]
     params = SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=0)
 
-    def run(model, kv, impl="reference"):
+    def run(model, kv, impl="reference", check=None):
         with Engine(model, EngineConfig(kv_cache_dtype=kv, attention_impl=impl, num_pages=64, max_running=4)) as e:
-            return e.generate(prompts, params, use_tqdm=False)
+            outs = e.generate(prompts, params, use_tqdm=False)
+            if check is not None:
+                check(e)
+            return outs
+
+    def fp8_pool_all_free(engine):
+        assert all(k.dtype == jnp.float8_e4m3fn and v.dtype == jnp.float8_e4m3fn for k, v in engine.runner.kv)
+        engine.clear_prefix_cache()
+        assert engine.stats()["pages_used"] == 0
 
     def prompt_lps(outs):
         return np.array([d[t] for o in outs for d, t in zip(o["prompt_logprobs"][1:], o["prompt_token_ids"][1:])])
 
     full = prompt_lps(run(default_model, "auto"))
+    plain = np.abs(prompt_lps(run(default_model, "fp8", "pallas", check=fp8_pool_all_free)) - full).max()
+    assert 0 < plain < 0.25, plain
     with_scales = run(scaled, "fp8")
     assert [o["token_ids"] for o in run(scaled, "fp8", "pallas")] == [o["token_ids"] for o in with_scales]
     unscaled = dataclasses.replace(scaled, config=dataclasses.replace(scaled.config, kv_scales=None))
