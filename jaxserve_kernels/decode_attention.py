@@ -389,7 +389,8 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
         cos, sin: `[batch, head_dim]` RoPE tables at each token's position
             (`jaxserve.model.rope_tables`, half-split layout).
         k_pages, v_pages: `[kv_heads, num_pages, page_size, head_dim]`; donate them so
-            the write is in place.
+            the write is in place. In an fp8 format the new K / V are written saturated and the pages
+            widened as loaded (`jaxserve_kernels.kv_dtype`).
         block_tables: `[batch, max_pages]` int32 pages of each sequence.
         lengths: `[batch]` keys per sequence including the new token (at position
             `length - 1`); 0 marks a padding row: nothing written, zeros returned.

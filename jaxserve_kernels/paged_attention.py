@@ -555,7 +555,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     Args:
         q: `[batch, num_heads, head_dim]`; query head h uses KV head
             `h // (num_heads // kv_heads)`.
-        k_pages, v_pages: `[kv_heads, num_pages, page_size, head_dim]`.
+        k_pages, v_pages: `[kv_heads, num_pages, page_size, head_dim]`; bf16, float32, or an fp8
+            format, widened as loaded (`jaxserve_kernels.kv_dtype.compute_dtype`).
         block_tables: `[batch, max_pages]` int32 page ids; entries past a sequence's
             pages are ignored (0 is fine).
         lengths: `[batch]` int32 keys per sequence (this step's token included);
