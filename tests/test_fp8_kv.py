@@ -307,3 +307,18 @@ def test_checkpoint_kv_scales_through_the_compiled_decode_paths(default_model, t
         assert max(diffs, default=0.0) < 0.5, diffs
         compared += len(diffs)
     assert compared >= 4 * batch
+
+
+def test_fp8_pages_hold_twice_the_tokens_of_bf16_pages_in_the_same_memory(default_model, monkeypatch):
+    """The pool sized from free memory (`memory_fraction`): a page of fp8 K / V is half a bf16 page's bytes."""
+    import jaxserve.engine as engine_module
+
+    asked = []
+    monkeypatch.setattr(engine_module, "_pages_from_memory",
+                        lambda config, bytes_per_page, *rest: asked.append(bytes_per_page) or 16)
+    for kv in ("auto", "fp8"):
+        with Engine(default_model, EngineConfig(dtype="bfloat16", kv_cache_dtype=kv, max_running=4)) as engine:
+            assert engine.runner.kv[0][0].shape[1] == 16
+    cfg = default_model.config
+    bf16_page = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 16 * cfg.head_dim * 2
+    assert asked == [bf16_page, bf16_page // 2]
