@@ -322,3 +322,23 @@ def test_fp8_pages_hold_twice_the_tokens_of_bf16_pages_in_the_same_memory(defaul
     cfg = default_model.config
     bf16_page = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 16 * cfg.head_dim * 2
     assert asked == [bf16_page, bf16_page // 2]
+
+
+def test_server_over_fp8_pages_answers_and_logs_its_pool(default_model, caplog):
+    """`jaxserve serve --kv-cache-dtype fp8`: completions over fp8 pages, and the start-up line says what the pool
+    holds (vLLM users read its KV block count there)."""
+    import logging
+
+    import httpx
+
+    from jaxserve.server import ServerConfig, create_app
+    from tests.test_server import LiveServer
+
+    caplog.set_level(logging.INFO, logger="jaxserve.server")
+    app = create_app(default_model, EngineConfig(kv_cache_dtype="fp8", num_pages=64, max_running=2),
+                     ServerConfig(model_name="fp8"))
+    with LiveServer(app) as server:
+        r = httpx.post(server.url + "/v1/completions", json={"model": "fp8", "prompt": "import os", "max_tokens": 5,
+                                                              "temperature": 0}, timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5, r.text
+    assert "KV pool 64 pages of 16 tokens in float8_e4m3fn" in caplog.text, caplog.text

@@ -243,7 +243,12 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             labels=loaded.config.labels, config=server_config,
             created=int(time.time()), loras=loras, responses=ResponseStore(server_config.max_stored_responses),
             reload_params=reload_params)
-        log.info("serving %s (max_model_len %d)", app.state.jaxserve.model_name, engine.max_model_len)
+        # As vLLM logs its KV blocks: what the pool holds (a replica's, under data parallelism: each holds as much).
+        runner = (engine.engines[0] if isinstance(engine, Replicas) else engine).runner
+        pool = runner.kv[0][0]  # [kv_heads, pages, page_size, head_dim]: every layer's K and V alike
+        log.info("serving %s (max_model_len %d; KV pool %d pages of %d tokens in %s, %.2f GiB, %d tokens in all)",
+                 app.state.jaxserve.model_name, engine.max_model_len, pool.shape[1], pool.shape[2], pool.dtype,
+                 2 * len(runner.kv) * pool.nbytes / 2**30, pool.shape[1] * pool.shape[2])
         del loaded  # a level-2 sleep frees the weights only if nothing here holds them
         try:
             yield
