@@ -7,6 +7,8 @@
 #
 #   fp8kv53     session 53: KV pools in fp8 (EngineConfig.kv_cache_dtype): compiled kernel tests over fp8 pools and the
 #               bf16 decode / fused / prefill cases beside them, then bandwidth.py --fp8-only (~450 s)
+#   fp8next54   for session 54: the GPU form of the KV-scale check (not yet run) and its negative control, then Nsight
+#               Compute on the decode kernel over 0.5B bf16 / fp8 and 7B fp8 pages (why 0.5B fp8 reads slower) (~450 s)
 #   fp8e2e53    session 53: throughput.py with bf16 and fp8 KV pools side by side, 0.5B 64 x 2k prompts and 256 x 128
 #   tests       compiled Triton kernel tests + the model's paged decode step (~250 s on the H200 up to session 25;
 #               session 26's device ran past 380 s inside test_kernels.py, so that file is now `tests_kernels`)
@@ -951,6 +953,13 @@ for part in "${parts[@]}"; do
     fp8b53) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_fp8_kv.py ; \
             timeout 150 python3 bench/bandwidth.py --fp8-only --budget-s 130 --fp8-shapes 5 6 7 8 \
               --fp8-configs "x2" "x1 stages=4" "x1 vmask=where" "x1 ppb=4" "x1 warps=2" --out "$OUT/$part/bandwidth" ;;
+    fp8next54) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_fp8_kv.py \
+                 -k compiled_decode_paths ; \
+               timeout 100 python3 bench/kv_scale_mutation.py --batches 4 ; \
+               NCU_CASES="05b_64x8k 05b_64x8k_fp8 7b_64x8k_fp8" timeout 260 ncu --clock-control none -k regex:'paged' \
+                 --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+                 --section InstructionStats -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py --calls 1 \
+                 --cases 05b_64x8k 05b_64x8k_fp8 7b_64x8k_fp8 && ncu -i "$OUT/$part/probe.ncu-rep" --page details ;;
     fp8e2e53) timeout 400 python3 bench/throughput.py --no-static --no-hf --batches 64 --prompt-len 2048 \
                 --output-len 128 --long-prompt 0 --runs 3 --kv-cache-dtypes auto fp8 --out "$OUT/$part/long" ; \
               timeout 190 python3 bench/throughput.py --no-static --no-hf --batches 256 --long-prompt 0 --runs 3 \

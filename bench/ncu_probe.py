@@ -40,7 +40,8 @@ HEADS = {"7b": (28, 4, 128), "05b": (14, 2, 64)}
 PAGE = 16
 
 
-def paged_case(heads: str, batch: int, context: int, **tuning):
+def paged_case(heads: str, batch: int, context: int, pool_dtype=None, **tuning):
+    """`pool_dtype`: the pages rounded into it (an fp8 format: `jaxserve_kernels.kv_dtype`)."""
     num_heads, kv_heads, head_dim = HEADS[heads]
     pages_per_seq = context // PAGE
     num_pages = batch * pages_per_seq
@@ -48,6 +49,10 @@ def paged_case(heads: str, batch: int, context: int, **tuning):
     shape = (kv_heads, num_pages, PAGE, head_dim)
     k = jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.bfloat16)
     v = jax.random.normal(jax.random.fold_in(key, 2), shape, jnp.bfloat16)
+    if pool_dtype is not None:
+        from jaxserve_kernels.kv_dtype import to_pool
+
+        k, v = to_pool(k, pool_dtype), to_pool(v, pool_dtype)
     table = jnp.asarray(np.random.default_rng(0).permutation(num_pages).astype(np.int32)
                         .reshape(batch, pages_per_seq))
     lengths = jnp.full((batch,), context, jnp.int32)
@@ -162,6 +167,10 @@ CASES = {
     # session 36: the engine's fused kernel at 7B heads, 8 x 2k, beside `paged_attention` there
     "fused7b_8x2k": lambda: fused_case(8, 2048, (28, 4, 128)),
     "7b_8x2k": lambda: paged_case("7b", 8, 2048),
+    # session 53: fp8 pages read ~1.7-2.1 TB/s of their bytes at 0.5B heads, 2.3-2.6 at 7B heads (bandwidth.md)
+    "05b_64x8k": lambda: paged_case("05b", 64, 8192),
+    "05b_64x8k_fp8": lambda: paged_case("05b", 64, 8192, jnp.float8_e4m3fn),
+    "7b_64x8k_fp8": lambda: paged_case("7b", 64, 8192, jnp.float8_e4m3fn),
     "pick_256": lambda: pick_case(256),
     "argmax_256": lambda: pick_case(256, logprobs=False),
     "gemv_b1": gemv_case,
