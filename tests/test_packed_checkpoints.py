@@ -5,7 +5,6 @@ on those floats (greedy tokens, log-probabilities); what the loader cannot unpac
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 
@@ -15,7 +14,7 @@ import pytest
 import jaxserve
 from jaxserve import Engine, SamplingParams
 from tests.test_engine import assert_all_pages_free, random_prompts, small_config
-from tests.test_quantization import assert_like_hf, write_quantized_config
+from tests.test_quantization import assert_like_hf, rewrite_linears, write_quantized_config
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1)
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: the word's field i holds column AWQ_ORDER[i] of its eight
@@ -54,17 +53,12 @@ def write_packed_checkpoint(src: str, hf, dst: str, qc: dict, *, seed: int = 0, 
     """``hf``'s checkpoint at ``src`` with every decoder Linear but ``skip``'s replaced by random integers, zero points
     and float16 scales packed as ``qc`` says; returns the torch model holding the floats they stand for."""
     import torch
-    from safetensors.torch import save_file
 
     rng = np.random.default_rng(seed)
     bits = qc["bits"]
     v1 = qc["quant_method"] == "gptq" and qc.get("checkpoint_format", "gptq") == "gptq"
-    state = {k: v.detach().clone().contiguous() for k, v in hf.state_dict().items()}
-    ref = copy.deepcopy(hf)
-    modules = dict(ref.named_modules())
-    for name, module in hf.named_modules():
-        if not isinstance(module, torch.nn.Linear) or name == "lm_head" or name in skip:
-            continue
+
+    def quantize(name, module, state):
         out_f, in_f = module.weight.shape
         group = in_f if qc["group_size"] == -1 else qc["group_size"]
         groups = in_f // group
@@ -86,11 +80,9 @@ def write_packed_checkpoint(src: str, hf, dst: str, qc: dict, *, seed: int = 0, 
             state[name + ".qzeros"] = torch.from_numpy(pack_gptq_cols(zeros - 1 if v1 else zeros, bits))
             state[name + ".g_idx"] = torch.from_numpy(g_idx.astype(np.int32))
         state[name + ".scales"] = torch.from_numpy(scales)
-        with torch.no_grad():
-            modules[name].weight.copy_(torch.from_numpy(w.T.copy()))
-    save_file(state, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
-    write_quantized_config(src, dst, qc)
-    return ref
+        return torch.from_numpy(w.T.copy())
+
+    return rewrite_linears(src, hf, dst, qc, quantize, skip=skip)
 
 
 SCHEMES = {

@@ -141,6 +141,31 @@ def write_fp8_checkpoint(src: str, hf, dst: str, *, ignore: tuple[str, ...] = ()
     float8 e4m3 weights of every decoder Linear but ``ignore``'s, a float32 ``weight_scale`` per output channel, or
     one a tensor with a static ``input_scale`` beside it for ``per_tensor``'s); returns the torch model whose weights
     are what the quantized ones stand for, the reference."""
+    import torch
+
+    def quantize(name, module, state):
+        w = module.weight.detach().float()
+        amax = w.abs().amax().reshape(1) if name in per_tensor else w.abs().amax(dim=1, keepdim=True)
+        scale = amax / 448.0
+        q = (w / scale).to(torch.float8_e4m3fn)
+        state[name + ".weight"], state[name + ".weight_scale"] = q, scale
+        if name in per_tensor:
+            state[name + ".input_scale"] = torch.ones(1)
+        return q.float() * scale
+
+    return rewrite_linears(src, hf, dst, {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head", *ignore],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"type": "float", "num_bits": 8,
+                                                                         "strategy": "channel"},
+                                      "input_activations": {"type": "float", "num_bits": 8, "dynamic": True}}}},
+        quantize, skip=ignore)
+
+
+def rewrite_linears(src: str, hf, dst: str, quantization_config: dict, quantize, *, skip: tuple[str, ...] = ()):
+    """``hf``'s checkpoint at ``src`` rewritten at ``dst`` as a quantized one: ``quantize(name, module, state)`` puts
+    each decoder Linear's tensors (every one but the LM head and ``skip``'s, in module order) into the state dict and
+    returns the float weight ``[out, in]`` they stand for; config.json gets ``quantization_config``. Returns a copy of
+    ``hf`` holding those floats, the reference."""
     import copy
     import os
 
@@ -151,23 +176,13 @@ def write_fp8_checkpoint(src: str, hf, dst: str, *, ignore: tuple[str, ...] = ()
     ref = copy.deepcopy(hf)
     modules = dict(ref.named_modules())
     for name, module in hf.named_modules():
-        if not isinstance(module, torch.nn.Linear) or name == "lm_head" or name in ignore:
+        if not isinstance(module, torch.nn.Linear) or name == "lm_head" or name in skip:
             continue
-        w = module.weight.detach().float()
-        amax = w.abs().amax().reshape(1) if name in per_tensor else w.abs().amax(dim=1, keepdim=True)
-        scale = amax / 448.0
-        q = (w / scale).to(torch.float8_e4m3fn)
-        state[name + ".weight"], state[name + ".weight_scale"] = q, scale
-        if name in per_tensor:
-            state[name + ".input_scale"] = torch.ones(1)
+        weight = quantize(name, module, state)
         with torch.no_grad():
-            modules[name].weight.copy_(q.float() * scale)
+            modules[name].weight.copy_(weight)
     save_file(state, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
-    write_quantized_config(src, dst, {
-        "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head", *ignore],
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"type": "float", "num_bits": 8,
-                                                                         "strategy": "channel"},
-                                      "input_activations": {"type": "float", "num_bits": 8, "dynamic": True}}}})
+    write_quantized_config(src, dst, quantization_config)
     return ref
 
 
