@@ -19,6 +19,7 @@ calls, so the loop's own cost per iteration is spread thin.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import gc
@@ -307,6 +308,56 @@ def ceilings(elements: int = 2**31) -> dict[str, float]:
     return {"read": 2 * elements / read_s, "copy": 2 * elements / copy_s}
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeLoop:
+    """How a decode row's calls are timed: `copies` disjoint page sets (rotated past the L2), each called `unroll`
+    times a loop iteration, the output fed back, the loop run `calls` times."""
+
+    copies: int
+    unroll: int
+    calls: int
+
+    @classmethod
+    def plan(cls, io_bytes: float, copies: int, min_calls: int) -> "DecodeLoop":
+        # At least `min_calls` calls a loop iteration, so the static loop's own ~10 µs an iteration
+        # (bandwidth.md, session 7) is ~1 µs a call; rotation already gives 8 to small rows.
+        unroll = -(-max(1, min_calls) // copies)
+        # One compile: the count from the bytes at ~3 TB/s, not from a timed estimate.
+        return cls(copies, unroll, int(min(4096, max(2, 0.04 * 3e12 / (io_bytes * copies * unroll)))))
+
+    @property
+    def per_iteration(self) -> int:
+        return self.copies * self.unroll
+
+    def paged_step(self, attend):
+        """The loop body calling `attend(q, k_pages, v_pages, table, lengths)` over each copy's table."""
+        def step(q, k_pages, v_pages, tables, lengths):
+            for _ in range(self.unroll):
+                for j in range(self.copies):
+                    q = attend(q, k_pages, v_pages, tables[j], lengths)
+            return q
+        return step
+
+    def measure(self, results: dict, budget, label: str, step, carry, consts) -> None:
+        """`results[label]`: seconds a call, or why there is none (the budget, or a config that does not compile)."""
+        if not budget.left():
+            results[label] = "skipped (time budget)"
+            return
+        try:
+            seconds, _ = timed(step, carry, consts, count=self.calls)
+            results[label] = seconds / self.per_iteration
+        except Exception as error:  # a config that does not compile is a result too
+            results[label] = f"error: {type(error).__name__}: {str(error)[:160]}"
+
+
+def default_split_count(name: str, batch: int, context: int) -> int:
+    """Our decode kernel's default split count at a shape (page 16): what `relative_config`'s "xN" multiplies."""
+    kv_heads, head_dim = HEADS[name][1], HEADS[name][2]
+    return paged_attention_module.resolve_tuning(
+        PAGE, context // PAGE, batch * kv_heads, None, None, False, paged_attention_module.DECODE_BLOCK_KEYS,
+        head_dim=head_dim)[1]
+
+
 def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=True,
                our_configs=None, min_calls: int = MIN_CALLS, mosaic: bool = False, page: int = PAGE):
     """Times ours (default or each of `our_configs`), XLA contiguous and the bundled kernel, over
@@ -319,30 +370,8 @@ def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=Tru
         jax.random.key(batch * 7 + context), batch, context, kv_heads, head_dim, copies, page)
     q = jax.random.normal(key, (batch, num_heads, head_dim), DTYPE)
     results = {}
-    # At least `min_calls` calls a loop iteration, so the static loop's own ~10 µs an iteration
-    # (bandwidth.md, session 7) is ~1 µs a call; rotation already gives 8 to small rows.
-    unroll = -(-max(1, min_calls) // copies)
-    per_iteration = copies * unroll
-    calls = int(min(4096, max(2, 0.04 * 3e12 / (io_bytes * per_iteration))))
-
-    def paged_step(attend):
-        def step(q, k_pages, v_pages, tables, lengths):
-            for _ in range(unroll):
-                for j in range(copies):
-                    q = attend(q, k_pages, v_pages, tables[j], lengths)
-            return q
-        return step
-
-    def measure(label, step, carry, consts):
-        if not budget.left():
-            results[label] = "skipped (time budget)"
-            return
-        try:
-            # One compile: the count from the bytes at ~3 TB/s, not from a timed estimate.
-            seconds, _ = timed(step, carry, consts, count=calls)
-            results[label] = seconds / per_iteration
-        except Exception as error:  # a config that does not compile is a result too
-            results[label] = f"error: {type(error).__name__}: {str(error)[:160]}"
+    loop = DecodeLoop.plan(io_bytes, copies, min_calls)
+    paged_step, measure = loop.paged_step, functools.partial(loop.measure, results, budget)
 
     for label, config in (our_configs or {"ours": {}}).items():
         measure(label, paged_step(functools.partial(paged_attention, **config)), q,
@@ -368,12 +397,12 @@ def decode_row(name, batch, context, read_ceiling, budget, *, with_baselines=Tru
                     q, (k_pages, v_pages, tables, lengths))
         del k_pages, v_pages
         gc.collect()
-        xla_step, caches = xla_contiguous_step(key, copies, unroll, (batch, kv_heads, context, head_dim))
+        xla_step, caches = xla_contiguous_step(key, copies, loop.unroll, (batch, kv_heads, context, head_dim))
         measure("xla contiguous", xla_step, q, (caches, lengths))
         del caches
     gc.collect()
     row = {"heads": name, "batch": batch, "context": context, "kv_bytes": kv_bytes,
-           "io_bytes": io_bytes, "copies": copies, "calls_per_iteration": per_iteration,
+           "io_bytes": io_bytes, "copies": copies, "calls_per_iteration": loop.per_iteration,
            "results": results}
     return row
 
@@ -392,38 +421,21 @@ def fp8_row(name, batch, context, read_ceiling, budget, min_calls: int = MIN_CAL
     k_pages, v_pages, tables, lengths, key = make_paged(
         jax.random.key(batch * 7 + context), batch, context, kv_heads, head_dim, copies)
     q = jax.random.normal(key, (batch, num_heads, head_dim), DTYPE)
-    unroll = -(-max(1, min_calls) // copies)
-    per_iteration = copies * unroll
-    calls = int(min(4096, max(2, 0.04 * 3e12 / ((kv_bytes + qo_bytes) * per_iteration))))
-
-    _, default_splits = paged_attention_module.resolve_tuning(
-        PAGE, context // PAGE, batch * kv_heads, None, None, False, paged_attention_module.DECODE_BLOCK_KEYS,
-        head_dim=head_dim)
+    loop = DecodeLoop.plan(kv_bytes + qo_bytes, copies, min_calls)
+    splits = default_split_count(name, batch, context)
     results = {}
-    runs = [("bf16 pages", {}), ("fp8 pages", {})] + [(f"fp8 {c}", relative_config(c, default_splits))
-                                                      for c in configs]
+    runs = [("bf16 pages", {}), ("fp8 pages", {})] + [(f"fp8 {c}", relative_config(c, splits)) for c in configs]
     for label, config in runs:
         if label == "fp8 pages":
             k_pages, v_pages = to_pool(k_pages, jnp.float8_e4m3fn), to_pool(v_pages, jnp.float8_e4m3fn)
             gc.collect()
-        if not budget.left():
-            results[label] = "skipped (time budget)"
-            continue
-
-        def step(q, k_pages, v_pages, tables, lengths, config=config):
-            for _ in range(unroll):
-                for j in range(copies):
-                    q = paged_attention(q, k_pages, v_pages, tables[j], lengths, **config)
-            return q
-        try:
-            results[label] = timed(step, q, (k_pages, v_pages, tables, lengths), count=calls)[0] / per_iteration
-        except Exception as error:
-            results[label] = f"error: {type(error).__name__}: {str(error)[:160]}"
+        loop.measure(results, budget, label, loop.paged_step(functools.partial(paged_attention, **config)), q,
+                     (k_pages, v_pages, tables, lengths))
     del k_pages, v_pages
     gc.collect()
     if budget.left():
-        xla_step, caches = xla_contiguous_step(key, copies, unroll, (batch, kv_heads, context, head_dim))
-        results["xla contiguous"] = timed(xla_step, q, (caches, lengths), count=calls)[0] / per_iteration
+        xla_step, caches = xla_contiguous_step(key, copies, loop.unroll, (batch, kv_heads, context, head_dim))
+        loop.measure(results, budget, "xla contiguous", xla_step, q, (caches, lengths))
         del caches
         gc.collect()
     return {"heads": name, "batch": batch, "context": context, "kv_bytes": kv_bytes, "qo_bytes": qo_bytes,
@@ -541,10 +553,7 @@ def sweep(budget, read_ceiling, only: tuple[str, ...] = (),
              "|---|---|---|---|---|---|"]
     raw = []
     for (name, batch, context), configs in SWEEP:
-        kv_heads = HEADS[name][1]
-        _, default_splits = paged_attention_module.resolve_tuning(
-            PAGE, context // PAGE, batch * kv_heads, None, None, False,
-            paged_attention_module.DECODE_BLOCK_KEYS, head_dim=HEADS[name][2])
+        default_splits = default_split_count(name, batch, context)
         # "xN": N times the default split count at this shape; "xN inkernel": and merged in the kernel.
         configs = {label: (c if isinstance(c, dict) else relative_config(c, default_splits))
                    for label, c in configs.items() if not only or any(
