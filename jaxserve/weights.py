@@ -69,6 +69,11 @@ def _shard_files(path: str) -> list[str]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
+def _tensor_locations(path: str) -> dict[str, "_Shard"]:
+    """Each tensor name of a Hugging Face checkpoint folder, and the shard that holds it."""
+    return {name: shard for shard in (_Shard(f) for f in _shard_files(path)) for name in shard.keys()}
+
+
 class _Shard:
     """One safetensors file, read tensor by tensor. safetensors' own readers hand float8 tensors to numpy, which
     has no float8 type, so those are read here from the file's header offsets, memory-mapped, as ml_dtypes'
@@ -145,12 +150,7 @@ def load_hf_params(path: str | os.PathLike, config: ModelConfig | None = None, d
     cfg = config or ModelConfig.from_pretrained(path)
     dtype = resolve_dtype(dtype)
     expected = _expected_hf_shapes(cfg)
-    files = _shard_files(path)
-    handles = [_Shard(f) for f in files]
-    location: dict[str, Any] = {}
-    for handle in handles:
-        for name in handle.keys():
-            location[name] = handle
+    location = _tensor_locations(path)
     # Tied checkpoints sometimes still carry lm_head.weight; it duplicates the embedding and is ignored.
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings or cfg.num_labels else set()
     # A quantized checkpoint's scales sit beside the weights they scale; activation scales are not applied (weight-only).
@@ -295,7 +295,7 @@ def read_kv_scales(path: str | os.PathLike, config: ModelConfig) -> tuple[tuple[
     path = os.fspath(path)
     if os.path.exists(os.path.join(path, CONVERTED_FILE)):
         return None  # a converted checkpoint keeps them in its config.json
-    location = {name: handle for handle in (_Shard(f) for f in _shard_files(path)) for name in handle.keys()}
+    location = _tensor_locations(path)
     if not any(_KV_SCALE_RE.fullmatch(n) for n in location):
         return None
     scales = []

@@ -54,8 +54,8 @@ def to_pool(x: jax.Array, dtype: Any) -> jax.Array:
         [448.0, -3.0, 0.1015625]
     """
     if x.dtype == jnp.dtype(dtype):
-        # Already stored values; and no max / min on fp8 values: XLA's GPU emitter has none (it emits
-        # llvm.maxnum on i8 and fails: "Failed to emit LLVM IR", H100, session 53).
+        # Already stored values; and no max / min on fp8 values: Triton lowers one to llvm.maxnum on i8, which
+        # LLVM refuses ("Failed to emit LLVM IR": the scatter kernel fed fp8 rows, H100, session 53).
         return x
     if is_fp8(dtype):
         limit = float(jnp.finfo(dtype).max)
