@@ -109,15 +109,26 @@ def _sds(shape, dtype=jnp.bfloat16):
 # The kernels outside the decode step (prefill, the unfused decode path, the greedy pick), at
 # Qwen2.5-0.5B heads: (name, function of abstract inputs, inputs).
 POOL = _sds((2, PAGES, PAGE, 64))
+
+
+def pool_kernel_cases(pool) -> list[tuple]:
+    """The unfused decode, prefill and scatter kernels over a pool like ``pool``: (name, function, inputs)."""
+    return [
+        ("paged_attention", lambda q, kp, vp, t, n: paged_attention(q, kp, vp, t, n, num_splits=4),
+         (_sds((8, 14, 64)), pool, pool, _sds((8, 64), jnp.int32), _sds((8,), jnp.int32))),
+        ("paged_prefill_attention", paged_prefill_attention,
+         (_sds((2, 128, 14, 64)), pool, pool, _sds((2, 64), jnp.int32), _sds((2,), jnp.int32),
+          _sds((2,), jnp.int32))),
+        ("cache_scatter", cache_scatter,
+         (pool, pool, _sds((300, 2, 64)), _sds((300, 2, 64)), _sds((300,), jnp.int32))),
+    ]
+
+
 STANDALONE = [
-    ("paged_attention", lambda q, kp, vp, t, n: paged_attention(q, kp, vp, t, n, num_splits=4),
-     (_sds((8, 14, 64)), POOL, POOL, _sds((8, 64), jnp.int32), _sds((8,), jnp.int32))),
+    *pool_kernel_cases(POOL),
     ("paged_attention_inkernel_merge",
      lambda q, kp, vp, t, n: paged_attention(q, kp, vp, t, n, num_splits=4, combine="inkernel"),
      (_sds((8, 14, 64)), POOL, POOL, _sds((8, 64), jnp.int32), _sds((8,), jnp.int32))),
-    ("paged_prefill_attention", paged_prefill_attention,
-     (_sds((2, 128, 14, 64)), POOL, POOL, _sds((2, 64), jnp.int32), _sds((2,), jnp.int32), _sds((2,), jnp.int32))),
-    ("cache_scatter", cache_scatter, (POOL, POOL, _sds((300, 2, 64)), _sds((300, 2, 64)), _sds((300,), jnp.int32))),
     ("greedy_pick", greedy_pick, (_sds((64, CFG.vocab_size)),)),
     *[(f"fused_decode_attention_o_prefetch{prefetch}",
        functools.partial(fused_decode_attention_o, prefetch_wo=prefetch),
@@ -139,18 +150,10 @@ def test_decode_step_over_fp8_pool_lowers_to_triton_for_cuda(compiled_kernels, m
     assert expected <= triton_kernel_names(decode_step_text(batch, jnp.float8_e4m3fn))
 
 
-FP8_POOL = _sds((2, PAGES, PAGE, 64), jnp.float8_e4m3fn)
+FP8_CASES = pool_kernel_cases(_sds((2, PAGES, PAGE, 64), jnp.float8_e4m3fn))
 
 
-@pytest.mark.parametrize("name,fn,args", [
-    ("paged_attention", lambda q, kp, vp, t, n: paged_attention(q, kp, vp, t, n, num_splits=4),
-     (_sds((8, 14, 64)), FP8_POOL, FP8_POOL, _sds((8, 64), jnp.int32), _sds((8,), jnp.int32))),
-    ("paged_prefill_attention", paged_prefill_attention,
-     (_sds((2, 128, 14, 64)), FP8_POOL, FP8_POOL, _sds((2, 64), jnp.int32), _sds((2,), jnp.int32),
-      _sds((2,), jnp.int32))),
-    ("cache_scatter", cache_scatter,
-     (FP8_POOL, FP8_POOL, _sds((300, 2, 64)), _sds((300, 2, 64)), _sds((300,), jnp.int32))),
-], ids=lambda case: case if isinstance(case, str) else "")
+@pytest.mark.parametrize("name,fn,args", FP8_CASES, ids=[case[0] for case in FP8_CASES])
 def test_kernels_over_fp8_pools_lower_to_triton_for_cuda(compiled_kernels, name, fn, args):
     assert triton_kernel_names(lower_for_cuda(fn, *args)), name
 
