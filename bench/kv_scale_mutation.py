@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 import tempfile
 
@@ -27,7 +28,7 @@ def main() -> None:
     for batch in args.batches:
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                test_fp8_kv.test_checkpoint_kv_scales_through_the_compiled_decode_paths(base, __import__("pathlib").Path(tmp), batch)
+                test_fp8_kv.test_checkpoint_kv_scales_through_the_compiled_decode_paths(base, pathlib.Path(tmp), batch)
             except AssertionError as error:
                 print(f"batch {batch}: V scale left out -> the test fails, as it must ({str(error)[:120]})")
             else:
