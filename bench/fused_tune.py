@@ -6,6 +6,7 @@ each call's output feeding the next call's query so nothing is hoisted. Reported
 median time per layer-call and its K/V bytes over that time.
 
     python bench/fused_tune.py --cases 256x192 64x192 1x192
+    python bench/fused_tune.py --cases 256x192 --same-pool   # every call over one pool: its pages warm in L2
 """
 
 from __future__ import annotations
@@ -62,13 +63,16 @@ def main() -> None:
     ap.add_argument("--warps", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--splits", type=int, nargs="+", default=[0], help="0: the kernel's default")
+    ap.add_argument("--same-pool", action="store_true",
+                    help="all --layers calls over one pool (what the kernel costs with its pages in L2, against "
+                         "the cold default: how much a read-ahead of the pages could win)")
     args = ap.parse_args()
     h, kvh, d = map(int, args.heads.split("/"))
     print(f"device {jax.devices()[0].device_kind}; heads {args.heads}; {args.layers} layers a call", flush=True)
     for case in args.cases:
         batch, ctx = map(int, case.split("x"))
-        pools, tables, lengths, slots, cos, sin, qkv, kv_bytes = build(batch, ctx, h, kvh, d, args.layers,
-                                                                      args.table_pages)
+        pools, tables, lengths, slots, cos, sin, qkv, kv_bytes = build(
+            batch, ctx, h, kvh, d, 1 if args.same_pool else args.layers, args.table_pages)
         # Every configuration is compiled first, then all are timed in alternating rounds, the
         # pools threaded from one to the next: one-config-after-another timing read the first
         # configuration up to ~15% fast (session 4) and repeats of one config ~10% apart
@@ -83,7 +87,10 @@ def main() -> None:
             def one_step(_, carry, tune=tune):
                 x, pools = carry
                 new = []
-                for kp, vp in pools:
+                # --same-pool: one pool threaded through every call (each call writes the same slot again).
+                for kp, vp in pools * args.layers if args.same_pool else pools:
+                    if args.same_pool and new:
+                        kp, vp = new.pop()
                     out, kp, vp = fused_decode_attention(x, cos, sin, kp, vp, tables, lengths, slots, **tune)
                     new.append((kp, vp))
                     # The next layer's query depends on this output: no call can be hoisted or skipped.
