@@ -511,6 +511,9 @@ def run_variant(args) -> list[dict]:
     norm_fold = model_module.NORM_IN_PROJECTION
     o_in_attention = model_module.O_IN_ATTENTION
     prefetch_kv = model_module.PREFETCH_KV
+    kv_touch = model_module.KV_TOUCH
+    kv_touch_module = importlib.import_module("jaxserve_kernels.kv_touch")
+    kv_touch_stages, kv_touch_warps = kv_touch_module.NUM_STAGES, kv_touch_module.NUM_WARPS
     layouts = {glue: "kn" if glue == "kn" else "nk" if glue in NK_TILINGS else default_layout
                for glue in args.glue}
     by_layout = {layout: model_module.convert_weight_layout(params, default_layout, layout)
@@ -590,11 +593,18 @@ def run_variant(args) -> list[dict]:
             # "prefetch_kv" / "no_prefetch_kv": the one-row QKV projection reads the attention's pages ahead of it
             # (model.PREFETCH_KV), or not.
             model_module.PREFETCH_KV = {"prefetch_kv": True, "no_prefetch_kv": False}.get(glue, prefetch_kv)
+            # "kv_touch*": each layer of the accumulating glue reads its attention's pages first, in a kernel that
+            # depends only on the layer's input (model.KV_TOUCH); "_cc": with the command buffer's concurrent
+            # scheduling (so it may run beside the norm and QKV); "_s1" / "_w2": the read-ahead kernel on one
+            # pipeline stage / two warps (jaxserve_kernels.kv_touch).
+            model_module.KV_TOUCH = glue.startswith("kv_touch") or kv_touch
+            kv_touch_module.NUM_STAGES = 1 if glue.endswith("_s1") else kv_touch_stages
+            kv_touch_module.NUM_WARPS = 2 if glue.endswith("_w2") else kv_touch_warps
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
             # "cb_*": how XLA orders a command buffer's kernels (xla_gpu_command_buffer_scheduling_mode:
             # serialized, concurrent where the data allows, or the latency-hiding scheduler's order);
             # "xla_pdl_off": XLA's programmatic dependent launches off. Both compiles get them.
-            cb_options = CB_OPTIONS.get(glue, {})
+            cb_options = CB_OPTIONS.get("cb_concurrent" if glue.startswith("kv_touch_cc") else glue, {})
             runner_module.WIDE_DECODE_OPTIONS = (dict(wide_options, xla_gpu_enable_cublaslt=True)
                                                  if glue == "wide_cublaslt" else
                                                  dict(wide_options, **WHILE_GRAPHS) if glue == "while_graphs"
@@ -774,7 +784,8 @@ def main() -> None:
                                                              "swiglu_approx", "swiglu_exact", "pick_wave_fit", "pick_ceil", *CB_OPTIONS,
                                                              "head_b112", "head_b120", "head_b136", "head_b192", "head_b256",
                                                              "unroll2", "unroll4", "unroll8", "halves", "split_one_stage", "fold1", "fold4", "prefetch_kv",
-                                                             "no_prefetch_kv"],
+                                                             "no_prefetch_kv", "kv_touch", "kv_touch_cc",
+                                                             "kv_touch_cc_s1", "kv_touch_cc_w2"],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")

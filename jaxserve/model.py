@@ -436,6 +436,11 @@ def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
 # 0.770 / 0.802 at 32, 0.982 / 1.010 at 128 (180 kernels a step against 204). Read when a step is
 # traced; JAXSERVE_ACCUMULATE=0 turns it off.
 ACCUMULATE = os.environ.get("JAXSERVE_ACCUMULATE", "1") == "1"
+# Experiment (session 54), off: on the accumulating glue (decode steps of 8+ rows), each layer first reads its
+# attention's K/V pages in a kernel of their own (`jaxserve_kernels.kv_touch.touch_pages`) that depends only on the
+# layer's input, so that with the command buffer's concurrent scheduling it runs beside the input norm and QKV
+# and the attention then gathers from L2. JAXSERVE_KV_TOUCH=1 turns it on; read when a step is traced.
+KV_TOUCH = os.environ.get("JAXSERVE_KV_TOUCH", "0") == "1"
 
 
 # Greedy steps of GREEDY_HEAD_MIN_ROWS-GREEDY_HEAD_ROWS rows (a multiple of 8) in which no request
@@ -666,6 +671,16 @@ def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelCon
     return out, (k_pages, v_pages)
 
 
+def _touch_kv(x, kv, paged: PagedAttention) -> jax.Array | None:
+    """KV_TOUCH's read-ahead of this layer's pages (`touch_pages`), made to wait for the layer's input ``x``; None
+    where the pool's shape does not suit the kernel."""
+    from jaxserve_kernels.kv_touch import touch_pages
+
+    if any(n & (n - 1) for n in (kv[0].shape[0], kv[0].shape[2], kv[0].shape[3])):
+        return None
+    return touch_pages(kv[0], kv[1], paged.block_tables, paged.lengths, after=x)
+
+
 def _fold_o_proj(paged: PagedAttention, kv) -> bool:
     """Whether a norm-folded decode step (_fold_norms, so the "nk" layout) also runs o_proj
     inside the fused attention kernel (O_IN_ATTENTION): short tables only, since every block of o's
@@ -749,7 +764,10 @@ class Attention(nn.Module):
                 return _accumulate(normed, kernel, acc)
 
             scales = _kv_scales(cfg, self.layer, kv)
+            touched = _touch_kv(x, kv, paged) if KV_TOUCH else None
             qkv = qkv_proj(x, fused=qkv_of)
+            if touched is not None:  # the attention (in place on the pool) after the read-ahead
+                touched, qkv = jax.lax.optimization_barrier((touched, qkv))
             if scales is not None:
                 qkv = _scale_qkv(qkv, scales, cfg)
             out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg, out_dtype=self.dtype)

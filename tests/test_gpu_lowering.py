@@ -26,6 +26,7 @@ from jaxserve.model import PagedAttention, Qwen2ForCausalLM, init_params, new_kv
 from jaxserve_kernels import cache_scatter, paged_attention, paged_prefill_attention
 from jaxserve_kernels.decode_attention import fused_decode_attention_o
 from jaxserve_kernels.greedy_pick import greedy_pick
+from jaxserve_kernels.kv_touch import touch_pages
 
 compat = importlib.import_module("jaxserve_kernels.pallas_compat")
 sm = importlib.import_module("jaxserve_kernels.skinny_matmul")  # the package exports a function of that name
@@ -130,6 +131,7 @@ STANDALONE = [
      lambda q, kp, vp, t, n: paged_attention(q, kp, vp, t, n, num_splits=4, combine="inkernel"),
      (_sds((8, 14, 64)), POOL, POOL, _sds((8, 64), jnp.int32), _sds((8,), jnp.int32))),
     ("greedy_pick", greedy_pick, (_sds((64, CFG.vocab_size)),)),
+    ("kv_touch", touch_pages, (POOL, POOL, _sds((64, 16), jnp.int32), _sds((64,), jnp.int32))),
     *[(f"fused_decode_attention_o_prefetch{prefetch}",
        functools.partial(fused_decode_attention_o, prefetch_wo=prefetch),
        (_sds((1, 18, 64)), _sds((1, 64), jnp.float32), _sds((1, 64), jnp.float32), POOL, POOL,
@@ -172,6 +174,11 @@ def test_decode_step_with_mgpu_projections_lowers_for_cuda(compiled_kernels, mon
     assert text.count("custom_call @mosaic_gpu_v2") >= 4, "the projections did not go to Mosaic GPU"
     names = triton_kernel_names(text)
     assert {"add_rms_norm", "fused_decode_attention"} <= names and "skinny_matmul" not in names, names
+
+
+def test_decode_step_with_kv_read_ahead_lowers_for_cuda(compiled_kernels, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("jaxserve.model"), "KV_TOUCH", True)
+    assert "kv_touch" in triton_kernel_names(decode_step_text(64))
 
 
 @pytest.mark.parametrize("epilogue,n,k", [("swiglu", 9728, 896), ("partials", 896, 4864), ("none", 1152, 896)])
