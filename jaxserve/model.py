@@ -654,9 +654,10 @@ class RMSNorm(nn.Module):
 
 
 def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelConfig, wo: jax.Array | None = None,
-                         out_dtype: Any = None):
+                         out_dtype: Any = None, after: jax.Array | None = None):
     """Decode: RoPE, the cache write and attention in one kernel, not six a layer; with ``wo``
-    (_fold_o_proj) o_proj too, whose per-KV-head partials ``[kv_heads, B, hidden]`` it returns."""
+    (_fold_o_proj) o_proj too, whose per-KV-head partials ``[kv_heads, B, hidden]`` it returns. ``after``: an
+    array the attention waits for (KV_TOUCH's read-ahead; without o_proj only)."""
     from jaxserve_kernels.decode_attention import fused_decode_attention, fused_decode_attention_o
 
     h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -667,7 +668,7 @@ def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelCon
         out, k_pages, v_pages = fused_decode_attention_o(*args, wo)
     else:
         out, k_pages, v_pages = fused_decode_attention(*args, combine=SPLIT_COMBINE, out_dtype=out_dtype,
-                                                       live_rows=paged.live_rows, **ATTENTION_TUNING)
+                                                       live_rows=paged.live_rows, after=after, **ATTENTION_TUNING)
     return out, (k_pages, v_pages)
 
 
@@ -766,11 +767,9 @@ class Attention(nn.Module):
             scales = _kv_scales(cfg, self.layer, kv)
             touched = _touch_kv(x, kv, paged) if KV_TOUCH else None
             qkv = qkv_proj(x, fused=qkv_of)
-            if touched is not None:  # the attention (in place on the pool) after the read-ahead
-                touched, qkv = jax.lax.optimization_barrier((touched, qkv))
             if scales is not None:
                 qkv = _scale_qkv(qkv, scales, cfg)
-            out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg, out_dtype=self.dtype)
+            out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg, out_dtype=self.dtype, after=touched)
             out = _unscale(out, scales).reshape(b, s, h * d)
             o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
             return o_proj(out, fused=lambda kernel, _: _accumulate(out, kernel, x)), kv

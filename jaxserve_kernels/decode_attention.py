@@ -76,7 +76,8 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                   precision, act_dtype, merge_in_kernel: bool = False, interpret: bool = False,
                   o_rows: int = 0, prefetch_wo: bool = False, rot_input: bool = False,
                   joint_rope: bool = False, early_gather: bool = False, ftz: bool = False,
-                  lean: bool = False):
+                  lean: bool = False, has_after: bool = False):
+    refs = refs[1:] if has_after else refs  # `after`: an ordering operand, never read
     wo_ref, refs = (refs[0], refs[1:]) if o_rows else (None, refs)
     rot_ref, refs = (refs[0], refs[1:]) if rot_input else (None, refs)
     (o_ref, lse_ref, out_ref, counter_ref), (k_out_ref, v_out_ref) = split_refs(
@@ -241,7 +242,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine", "o_rows",
     "prefetch_wo", "out_dtype", "rope_joint", "early_gather", "ftz", "lean", "live_rows"))
-def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo=None, *, scale: float,
+def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo=None, after=None, *, scale: float,
            num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
            interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False, out_dtype=None,
            rope_joint: bool = False, early_gather: bool = False, ftz: bool = False, lean: bool = False,
@@ -265,7 +266,8 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         block_rows=block_rows, num_splits=num_splits, pages_per_block=pages_per_block,
         scale=scale, precision=precision, act_dtype=out_dtype, merge_in_kernel=merge_in_kernel,
         interpret=interpret, o_rows=o_rows, prefetch_wo=prefetch_wo, rot_input=rot_input,
-        joint_rope=rot_input and group < block_rows, early_gather=early_gather, ftz=ftz, lean=lean)
+        joint_rope=rot_input and group < block_rows, early_gather=early_gather, ftz=ftz, lean=lean,
+        has_after=after is not None)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -275,6 +277,9 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
     operands = [slot_mapping.astype(jnp.int32), block_tables.astype(jnp.int32),
                 lengths.astype(jnp.int32), qkv, cos.astype(jnp.float32), sin.astype(jnp.float32),
                 k_pages, v_pages]
+    if after is not None:  # never read: an operand only so that XLA runs the call after it
+        in_specs.append(whole)
+        operands.append(after)
     if o_rows:  # o_proj's partial sums, one per KV head (the next norm adds them)
         out_shape, counter = [jax.ShapeDtypeStruct((kv_heads, batch, wo.shape[0]), jnp.float32)], None
         in_specs.append(whole)
@@ -379,7 +384,8 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                            interpret: bool | None = None, num_splits: int | None = None,
                            pages_per_block: int | None = None, num_warps: int = 4,
                            num_stages: int | None = None, combine: str = "pallas", out_dtype: Any = None,
-                           live_rows: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                           live_rows: int | None = None, after: jax.Array | None = None
+                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode token per sequence: RoPE on its q and k, k/v into the pool, attention.
 
     Args:
@@ -406,6 +412,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
             batch padded for its projections' sake, `jaxserve.engine.Engine.decode_shape`): the rows past it
             launch no program, write nothing to the pool, and their outputs are left undefined, for a caller
             that discards them. None: every row.
+        after: any array, never read: the call waits for it (`jaxserve_kernels.kv_touch`'s read-ahead).
 
     Returns:
         `(out [batch, num_heads, head_dim] in out_dtype, k_pages, v_pages)`.
@@ -434,7 +441,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
         interpret, DECODE_BLOCK_KEYS, head_dim=head_dim, single_pass=True)
     if num_stages is None:
         num_stages = default_num_stages(live, block_tables.shape[1], num_splits, pages_per_block)
-    return _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
+    return _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, after=after,
                   scale=float(head_dim ** -0.5 if scale is None else scale),
                   num_splits=num_splits, pages_per_block=pages_per_block,
                   num_warps=num_warps, num_stages=num_stages, interpret=interpret,
