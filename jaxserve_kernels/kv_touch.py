@@ -21,8 +21,10 @@ from jax.experimental import pallas as pl
 
 from jaxserve_kernels import pallas_compat as compat
 
-# One program a (row, table entry): session 54's first form, one program a row looping over its pages, read 25 MB
-# in 23 us at 256 rows and 6 MB in 20 us at 64 (H100): a row's pages one after another are a chain of HBM trips.
+# A program reads ENTRIES table entries of one row, every page's load issued before any sum: session 54's first
+# form, one program a row looping over its pages, read 25 MB in 23 us at 256 rows and 6 MB in 20 us at 64 (H100),
+# a row's pages one after another being a chain of HBM trips. Not yet timed on the GPU.
+ENTRIES = 4
 NUM_WARPS = 2
 NUM_STAGES = 1
 
@@ -36,14 +38,15 @@ def _check(k_pages, v_pages, block_tables, lengths) -> None:
                          f"and {lengths.shape}")
 
 
-def touch_pages_reference(k_pages, v_pages, block_tables, lengths, after=None):
-    """What `touch_pages` returns: `[rows, pages]`, the float32 sum of each K and V page holding one of the row's
-    first `lengths[row]` keys (page ids clipped into the pool), 0 for the entries past them. `after` is ignored.
+def touch_pages_reference(k_pages, v_pages, block_tables, lengths, after=None, *, entries: int = ENTRIES):
+    """What `touch_pages` returns: `[rows, ceil(pages / entries)]`, for each run of `entries` table entries the
+    float32 sum of the K and V pages among them that hold one of the row's first `lengths[row]` keys (page ids
+    clipped into the pool). `after` is ignored.
 
     Example:
         >>> kp = vp = jnp.ones((2, 4, 8, 64))
-        >>> touch_pages_reference(kp, vp, jnp.array([[3, 1, 0]]), jnp.array([9])).tolist()
-        [[2048.0, 2048.0, 0.0]]
+        >>> touch_pages_reference(kp, vp, jnp.array([[3, 1, 0]]), jnp.array([9]), entries=2).tolist()
+        [[4096.0, 0.0]]
     """
     del after
     _check(k_pages, v_pages, block_tables, lengths)
@@ -51,39 +54,45 @@ def touch_pages_reference(k_pages, v_pages, block_tables, lengths, after=None):
     pages = jnp.clip(block_tables, 0, k_pages.shape[1] - 1)
     used = jnp.arange(block_tables.shape[1])[None, :] * page_size < lengths[:, None]
     per_page = (k_pages.astype(jnp.float32).sum(axis=(0, 2, 3)) + v_pages.astype(jnp.float32).sum(axis=(0, 2, 3)))
-    return jnp.where(used, per_page[pages], 0.0)
+    sums = jnp.where(used, per_page[pages], 0.0)
+    pad = -block_tables.shape[1] % entries
+    return jnp.pad(sums, ((0, 0), (0, pad))).reshape(block_tables.shape[0], -1, entries).sum(axis=2)
 
 
-def _touch_kernel(table_ref, len_ref, _after_ref, k_ref, v_ref, o_ref, *, page_size: int):
-    row, entry = pl.program_id(0), pl.program_id(1)
-    used = entry * page_size < len_ref[row]
-    page = jnp.clip(table_ref[row, entry], 0, k_ref.shape[1] - 1)
+def _touch_kernel(table_ref, len_ref, _after_ref, k_ref, v_ref, o_ref, *, page_size: int, entries: int):
+    row, group = pl.program_id(0), pl.program_id(1)
+    width, num_pages = table_ref.shape[1], k_ref.shape[1]
+    block = k_ref.shape[:1] + k_ref.shape[2:]
+    loads = []
+    for j in range(entries):  # every load first: a program's pages are in flight together, not one by one
+        entry = group * entries + j
+        used = (entry < width) & (entry * page_size < len_ref[row])
+        page = jnp.clip(table_ref[row, jnp.minimum(entry, width - 1)], 0, num_pages - 1)
+        mask = jnp.full(block, used)
+        loads.append((compat.load(k_ref.at[:, page], mask=mask, other=0),
+                      compat.load(v_ref.at[:, page], mask=mask, other=0)))
+    total = jnp.float32(0)
+    for k, v in loads:
+        total = total + jnp.sum(k.astype(jnp.float32)) + jnp.sum(v.astype(jnp.float32))
+    o_ref[row, pl.ds(group, 1)] = jnp.full((1,), total, jnp.float32)
 
-    @pl.when(used)
-    def _read():
-        total = jnp.sum(k_ref[:, page].astype(jnp.float32)) + jnp.sum(v_ref[:, page].astype(jnp.float32))
-        o_ref[row, pl.ds(entry, 1)] = jnp.full((1,), total, jnp.float32)
 
-    @pl.when(jnp.logical_not(used))
-    def _skip():
-        o_ref[row, pl.ds(entry, 1)] = jnp.zeros((1,), jnp.float32)
-
-
-@functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "num_stages"))
-def _touch(k_pages, v_pages, block_tables, lengths, after, *, interpret, num_warps, num_stages):
+@functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "num_stages", "entries"))
+def _touch(k_pages, v_pages, block_tables, lengths, after, *, interpret, num_warps, num_stages, entries):
+    shape = (block_tables.shape[0], pl.cdiv(block_tables.shape[1], entries))
     return compat.triton_call(
-        functools.partial(_touch_kernel, page_size=k_pages.shape[2]),
+        functools.partial(_touch_kernel, page_size=k_pages.shape[2], entries=entries),
         block_tables.astype(jnp.int32), lengths.astype(jnp.int32), after, k_pages, v_pages,
-        grid=block_tables.shape, out_shape=jax.ShapeDtypeStruct(block_tables.shape, jnp.float32), name="kv_touch",
+        grid=shape, out_shape=jax.ShapeDtypeStruct(shape, jnp.float32), name="kv_touch",
         interpret=interpret, num_warps=num_warps, num_stages=num_stages)
 
 
 def touch_pages(k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array, lengths: jax.Array,
                 after: jax.Array | None = None, *, interpret: bool | None = None, num_warps: int | None = None,
-                num_stages: int | None = None) -> jax.Array:
-    """Read the K and V pages of each row's first `lengths[row]` keys (whole pages), one program a table entry, and
-    return each page's float32 sum `[rows, pages]` (0 past the row's keys); the point is the reads (the pages end up
-    in L2), the sums keep them from being dropped.
+                num_stages: int | None = None, entries: int | None = None) -> jax.Array:
+    """Read the K and V pages of each row's first `lengths[row]` keys (whole pages), a program a run of `entries`
+    table entries (default ENTRIES), and return each run's float32 sum `[rows, ceil(pages / entries)]`; the point is
+    the reads (the pages end up in L2), the sums keep them from being dropped.
 
     Args:
         k_pages, v_pages: `[kv_heads, num_pages, page_size, head_dim]` pools (read only); kv_heads, page_size and
@@ -94,12 +103,12 @@ def touch_pages(k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
 
     Example:
         >>> kp = vp = jnp.ones((2, 4, 8, 64))
-        >>> touch_pages(kp, vp, jnp.array([[3, 1, 0]]), jnp.array([9])).tolist()
-        [[2048.0, 2048.0, 0.0]]
+        >>> touch_pages(kp, vp, jnp.array([[3, 1, 0]]), jnp.array([9]), entries=2).tolist()
+        [[4096.0, 0.0]]
     """
     _check(k_pages, v_pages, block_tables, lengths)
     if any(n & (n - 1) for n in (k_pages.shape[0], k_pages.shape[2], k_pages.shape[3])):
         raise ValueError(f"touch_pages wants kv_heads, page_size and head_dim powers of two, got {k_pages.shape}")
     after = jnp.zeros((1,), jnp.float32) if after is None else after
     return _touch(k_pages, v_pages, block_tables, lengths, after, interpret=compat.resolve_interpret(interpret),
-                  num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES)
+                  num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES, entries=entries or ENTRIES)

@@ -15,10 +15,12 @@ from tests.test_kernels import MODES, fresh_rng, make_pool, relative_error
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("kv_heads,head_dim,page_size,dtype", [(2, 64, 16, jnp.bfloat16), (4, 128, 8, jnp.float32)])
-def test_touch_pages_sums_each_used_page(interpret, kv_heads, head_dim, page_size, dtype):
+@pytest.mark.parametrize("kv_heads,head_dim,page_size,dtype,entries",
+                         [(2, 64, 16, jnp.bfloat16, 4), (4, 128, 8, jnp.float32, 1)])
+def test_touch_pages_sums_each_used_page(interpret, kv_heads, head_dim, page_size, dtype, entries):
     # Ragged lengths (0: a padding row, 1, a page, a page + 1, the whole table), a shuffled table whose unused
-    # entries hold ids past the pool (clipped, never summed), output poisoned first.
+    # entries hold ids past the pool (clipped, never summed), 5 entries in runs of 4 (one run partly past the
+    # table) or of 1; a poisoned array as `after`.
     rng, seed = fresh_rng()
     width, rows = 5, 6
     k_pages, v_pages = make_pool(rng, kv_heads=kv_heads, head_dim=head_dim, page_size=page_size,
@@ -27,9 +29,10 @@ def test_touch_pages_sums_each_used_page(interpret, kv_heads, head_dim, page_siz
     lengths = np.array([0, 1, page_size, page_size + 1, width * page_size, 3 * page_size - 2], np.int32)
     table[1, 1:] = 10_000
     out = jnp.full((rows, width), jnp.nan, jnp.float32)
-    out = touch_pages(k_pages, v_pages, jnp.asarray(table), jnp.asarray(lengths), after=out, interpret=interpret)
-    ref = touch_pages_reference(k_pages, v_pages, jnp.asarray(table), jnp.asarray(lengths))
-    assert out.shape == (rows, width) and not np.asarray(out[0]).any(), f"seed={seed}"
+    out = touch_pages(k_pages, v_pages, jnp.asarray(table), jnp.asarray(lengths), after=out, interpret=interpret,
+                      entries=entries)
+    ref = touch_pages_reference(k_pages, v_pages, jnp.asarray(table), jnp.asarray(lengths), entries=entries)
+    assert out.shape == (rows, -(-width // entries)) and not np.asarray(out[0]).any(), f"seed={seed}"
     assert not np.isnan(np.asarray(out)).any(), f"seed={seed}"
     assert relative_error(out, ref) <= 1e-5, f"seed={seed}"
 
