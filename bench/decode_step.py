@@ -33,6 +33,10 @@ if ROOT not in sys.path:
 from jaxserve.config import QWEN25_SHAPES  # noqa: E402  (after the path is set)
 
 # Compile options of the --glue settings that change how XLA schedules the step's command buffer.
+# model.KV_TOUCH's read-ahead (session 54), each with its kernel's settings (jaxserve_kernels.kv_touch); the "_cc"
+# ones with the command buffer's concurrent scheduling.
+KV_TOUCH_TUNINGS = {"kv_touch": {}, "kv_touch_cc": {}, "kv_touch_cc_e2": {"ENTRIES": 2},
+                    "kv_touch_cc_e8": {"ENTRIES": 8}, "kv_touch_cc_w4": {"NUM_WARPS": 4}}
 CB_OPTIONS = {"cb_serialize": {"xla_gpu_command_buffer_scheduling_mode": "SERIALIZE"},
               "cb_concurrent": {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"},
               "cb_lhs": {"xla_gpu_command_buffer_scheduling_mode": "LHS"},
@@ -513,7 +517,7 @@ def run_variant(args) -> list[dict]:
     prefetch_kv = model_module.PREFETCH_KV
     kv_touch = model_module.KV_TOUCH
     kv_touch_module = importlib.import_module("jaxserve_kernels.kv_touch")
-    kv_touch_stages, kv_touch_warps = kv_touch_module.NUM_STAGES, kv_touch_module.NUM_WARPS
+    kv_touch_defaults = {name: getattr(kv_touch_module, name) for name in ("ENTRIES", "NUM_WARPS")}
     layouts = {glue: "kn" if glue == "kn" else "nk" if glue in NK_TILINGS else default_layout
                for glue in args.glue}
     by_layout = {layout: model_module.convert_weight_layout(params, default_layout, layout)
@@ -595,11 +599,11 @@ def run_variant(args) -> list[dict]:
             model_module.PREFETCH_KV = {"prefetch_kv": True, "no_prefetch_kv": False}.get(glue, prefetch_kv)
             # "kv_touch*": each layer of the accumulating glue reads its attention's pages first, in a kernel that
             # depends only on the layer's input (model.KV_TOUCH); "_cc": with the command buffer's concurrent
-            # scheduling (so it may run beside the norm and QKV); "_s1" / "_w2": the read-ahead kernel on one
-            # pipeline stage / two warps (jaxserve_kernels.kv_touch).
-            model_module.KV_TOUCH = glue.startswith("kv_touch") or kv_touch
-            kv_touch_module.NUM_STAGES = 1 if glue.endswith("_s1") else kv_touch_stages
-            kv_touch_module.NUM_WARPS = 2 if glue.endswith("_w2") else kv_touch_warps
+            # scheduling (so it may run beside the norm and QKV); "_e2" / "_e8" / "_w4": the read-ahead kernel's
+            # table entries a program / warps (KV_TOUCH_TUNINGS, jaxserve_kernels.kv_touch).
+            model_module.KV_TOUCH = glue in KV_TOUCH_TUNINGS or kv_touch
+            for name, value in dict(kv_touch_defaults, **KV_TOUCH_TUNINGS.get(glue, {})).items():
+                setattr(kv_touch_module, name, value)
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
             # "cb_*": how XLA orders a command buffer's kernels (xla_gpu_command_buffer_scheduling_mode:
             # serialized, concurrent where the data allows, or the latency-hiding scheduler's order);
@@ -784,8 +788,7 @@ def main() -> None:
                                                              "swiglu_approx", "swiglu_exact", "pick_wave_fit", "pick_ceil", *CB_OPTIONS,
                                                              "head_b112", "head_b120", "head_b136", "head_b192", "head_b256",
                                                              "unroll2", "unroll4", "unroll8", "halves", "split_one_stage", "fold1", "fold4", "prefetch_kv",
-                                                             "no_prefetch_kv", "kv_touch", "kv_touch_cc",
-                                                             "kv_touch_cc_s1", "kv_touch_cc_w2"],
+                                                             "no_prefetch_kv", *KV_TOUCH_TUNINGS],
                     help="decode glue settings compared in one process (jaxserve.model.DECODE_GLUE)")
     ap.add_argument("--impl", default=None, choices=["pallas", "pallas-unfused", "reference"],
                     help="attention/scatter implementation of the engine (default: pallas on GPU)")
