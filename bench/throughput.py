@@ -570,7 +570,8 @@ def main() -> None:
                 print(f"jaxserve[{impl}, kv {kv_dtype}] batch {batch} failed: {exc!r}", flush=True)
                 continue
             first_token_s = first_token_s or ft
-            kv_itemsize = 2 if kv_dtype == "auto" else 1
+            # The pool's dtype as bench_jaxserve's engine has it (bf16 activations; "auto" pages are theirs).
+            kv_itemsize = jnp.dtype(EngineConfig(dtype="bfloat16", kv_cache_dtype=kv_dtype).kv_dtype()).itemsize
             kv_bytes = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * kv_itemsize * batch
                         * (plen + args.output_len // 2))
             # bw counts a copy's reads + writes: the rate HBM moves bytes, which a step's reads share.
