@@ -2,9 +2,10 @@
 
 Owns: `touch_pages`, a Pallas Triton kernel that reads every page a row's attention will read and sums it (the sum
 keeps the loads alive), and its jnp reference. An experiment for wide decode steps (`jaxserve.model.KV_TOUCH`, off
-by default): at 256 rows x 192 keys the fused attention takes ~6.8 us a layer less when its pages are in L2 than
-when they come from HBM (H100, `bench/fused_tune.py --same-pool` against the default, bench/results/decode_step.md
-session 54), and the kernels before it (the input norm, QKV) leave HBM mostly idle. The kernel takes the layer's
+by default): in the H100's 256-row x 192-key step the fused attention took 10.7 us a layer with its pages read
+ahead against 15.0 from HBM (5.1 against 6.6 at 64 rows; bench/results/decode_step.md, session 54), and the kernels
+before it (the input norm, QKV) leave HBM mostly idle. The read-ahead has to fit in that idle time to pay: its
+first form took 23 us, and the step lost. The kernel takes the layer's
 input as an operand it never reads: XLA then cannot start it before the layer does, and with the command buffer's
 concurrent scheduling (`xla_gpu_command_buffer_scheduling_mode=CONCURRENT`) it may run beside the norm and QKV.
 
