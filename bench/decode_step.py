@@ -33,10 +33,12 @@ if ROOT not in sys.path:
 from jaxserve.config import QWEN25_SHAPES  # noqa: E402  (after the path is set)
 
 # Compile options of the --glue settings that change how XLA schedules the step's command buffer.
-# model.KV_TOUCH's read-ahead (session 54), each with its kernel's settings (jaxserve_kernels.kv_touch); the "_cc"
-# ones with the command buffer's concurrent scheduling.
-KV_TOUCH_TUNINGS = {"kv_touch": {}, "kv_touch_cc": {}, "kv_touch_cc_e2": {"ENTRIES": 2},
-                    "kv_touch_cc_e8": {"ENTRIES": 8}, "kv_touch_cc_w4": {"NUM_WARPS": 4}}
+# model.KV_TOUCH's read-ahead (session 54): its mode ("layer": after the layer's input; "early": after the layer
+# before's attention) and its kernel's settings (jaxserve_kernels.kv_touch); the "_cc" ones with the command
+# buffer's concurrent scheduling.
+KV_TOUCH_TUNINGS = {"kv_touch": ("layer", {}), "kv_touch_cc": ("layer", {}), "kv_touch_cc_e2": ("layer", {"ENTRIES": 2}),
+                    "kv_touch_cc_e8": ("layer", {"ENTRIES": 8}), "kv_touch_cc_w4": ("layer", {"NUM_WARPS": 4}),
+                    "kv_touch_early_cc": ("early", {}), "kv_touch_early": ("early", {})}
 CB_OPTIONS = {"cb_serialize": {"xla_gpu_command_buffer_scheduling_mode": "SERIALIZE"},
               "cb_concurrent": {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"},
               "cb_lhs": {"xla_gpu_command_buffer_scheduling_mode": "LHS"},
@@ -600,15 +602,18 @@ def run_variant(args) -> list[dict]:
             # "kv_touch*": each layer of the accumulating glue reads its attention's pages first, in a kernel that
             # depends only on the layer's input (model.KV_TOUCH); "_cc": with the command buffer's concurrent
             # scheduling (so it may run beside the norm and QKV); "_e2" / "_e8" / "_w4": the read-ahead kernel's
-            # table entries a program / warps (KV_TOUCH_TUNINGS, jaxserve_kernels.kv_touch).
-            model_module.KV_TOUCH = glue in KV_TOUCH_TUNINGS or kv_touch
-            for name, value in dict(kv_touch_defaults, **KV_TOUCH_TUNINGS.get(glue, {})).items():
+            # table entries a program / warps; "kv_touch_early*": read after the layer before's attention
+            # (KV_TOUCH_TUNINGS, jaxserve_kernels.kv_touch).
+            touch_mode, touch_settings = KV_TOUCH_TUNINGS.get(glue, (kv_touch, {}))
+            model_module.KV_TOUCH = touch_mode
+            for name, value in dict(kv_touch_defaults, **touch_settings).items():
                 setattr(kv_touch_module, name, value)
             # "wide_cublaslt": the wide (cuBLAS) decode compile with cuBLASLt's algorithms too.
             # "cb_*": how XLA orders a command buffer's kernels (xla_gpu_command_buffer_scheduling_mode:
             # serialized, concurrent where the data allows, or the latency-hiding scheduler's order);
             # "xla_pdl_off": XLA's programmatic dependent launches off. Both compiles get them.
-            cb_options = CB_OPTIONS.get("cb_concurrent" if glue.startswith("kv_touch_cc") else glue, {})
+            concurrent = glue in KV_TOUCH_TUNINGS and "_cc" in glue
+            cb_options = CB_OPTIONS.get("cb_concurrent" if concurrent else glue, {})
             runner_module.WIDE_DECODE_OPTIONS = (dict(wide_options, xla_gpu_enable_cublaslt=True)
                                                  if glue == "wide_cublaslt" else
                                                  dict(wide_options, **WHILE_GRAPHS) if glue == "while_graphs"

@@ -12,7 +12,8 @@
 #               InstructionStats and a third case ncu crashed on the H100) (~250 s)
 #   touch54     session 54: each layer's K/V pages read ahead by a kernel of their own (model.KV_TOUCH): its compiled
 #               tests, then the decode step at 256 / 64 rows x 192 keys with it, with the command buffer's
-#               concurrent scheduling, and the read-ahead kernel's entries a program (2 / 4 / 8) and warps (~250 s)
+#               concurrent scheduling, the read-ahead kernel's entries a program (2 / 4 / 8), and the read started
+#               after the layer before's attention ("early") (~250 s)
 #   fp8e2e53    session 53: throughput.py with bf16 and fp8 KV pools side by side, 0.5B 64 x 2k prompts and 256 x 128
 #   tests       compiled Triton kernel tests + the model's paged decode step (~250 s on the H200 up to session 25;
 #               session 26's device ran past 380 s inside test_kernels.py, so that file is now `tests_kernels`)
@@ -965,7 +966,7 @@ for part in "${parts[@]}"; do
                  --calls 1 --cases 05b_64x8k 05b_64x8k_fp8 && ncu -i "$OUT/$part/probe.ncu-rep" --page details ;;
     touch54) timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_kv_touch.py ; \
              timeout 400 python3 bench/decode_step.py --batches 256 64 --context 192 --variants default --no-static \
-               --glue kernels kv_touch kv_touch_cc kv_touch_cc_e2 kv_touch_cc_e8 kv_touch_cc_w4 --rounds 5 --reps 10 \
+               --glue kernels kv_touch_cc kv_touch_cc_e2 kv_touch_cc_e8 kv_touch_early_cc --rounds 5 --reps 10 \
                --profile /tmp/kt ;;
     fp8e2e53) timeout 400 python3 bench/throughput.py --no-static --no-hf --batches 64 --prompt-len 2048 \
                 --output-len 128 --long-prompt 0 --runs 3 --kv-cache-dtypes auto fp8 --out "$OUT/$part/long" ; \

@@ -436,11 +436,18 @@ def _fused_glue(paged: PagedAttention | None, x: jax.Array) -> bool:
 # 0.770 / 0.802 at 32, 0.982 / 1.010 at 128 (180 kernels a step against 204). Read when a step is
 # traced; JAXSERVE_ACCUMULATE=0 turns it off.
 ACCUMULATE = os.environ.get("JAXSERVE_ACCUMULATE", "1") == "1"
-# Experiment (session 54), off: on the accumulating glue (decode steps of 8+ rows), each layer first reads its
-# attention's K/V pages in a kernel of their own (`jaxserve_kernels.kv_touch.touch_pages`) that depends only on the
-# layer's input, so that with the command buffer's concurrent scheduling it runs beside the input norm and QKV
-# and the attention then gathers from L2. JAXSERVE_KV_TOUCH=1 turns it on; read when a step is traced.
-KV_TOUCH = os.environ.get("JAXSERVE_KV_TOUCH", "0") == "1"
+# Experiment (session 54), off (""): on the accumulating glue (decode steps of 8+ rows), each layer's attention K/V
+# pages are read first by a kernel of their own (`jaxserve_kernels.kv_touch.touch_pages`), so that with the command
+# buffer's concurrent scheduling it runs beside other kernels and the attention then gathers from L2. "layer": the
+# read waits for the layer's input (it may run beside the input norm and QKV: ~6.6 us at 256 rows, too short to
+# read 25 MB); "early": for the previous layer's attention output (beside that layer's o_proj, MLP and this one's
+# QKV, ~35 us, whose weights may evict part of what it read; layer 0 as "layer"). H100, session 54
+# (bench/results/decode_step.md): "layer" cut the 256-row attention 15.0 -> 10.7 us, but its first read-ahead kernel
+# took 23 us. JAXSERVE_KV_TOUCH=layer / early; read when a step is traced.
+_KV_TOUCH_ENV = os.environ.get("JAXSERVE_KV_TOUCH", "")
+KV_TOUCH = {"0": "", "1": "layer"}.get(_KV_TOUCH_ENV, _KV_TOUCH_ENV)
+if KV_TOUCH not in ("", "layer", "early"):
+    raise ValueError(f"JAXSERVE_KV_TOUCH must be layer, early or empty, got {_KV_TOUCH_ENV!r}")
 
 
 # Greedy steps of GREEDY_HEAD_MIN_ROWS-GREEDY_HEAD_ROWS rows (a multiple of 8) in which no request
@@ -673,7 +680,8 @@ def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelCon
 
 
 def _touch_kv(x, kv, paged: PagedAttention) -> jax.Array | None:
-    """KV_TOUCH's read-ahead of this layer's pages (`touch_pages`), made to wait for the layer's input ``x``; None
+    """KV_TOUCH's read-ahead of the pages ``kv`` (`touch_pages`), made to wait for ``x`` (a layer's input, or under
+    "early" the layer before's attention output); None
     where the pool's shape does not suit the kernel."""
     from jaxserve_kernels.kv_touch import touch_pages
 
@@ -746,14 +754,16 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, lengths, kv, paged: PagedAttention | None, glue: bool = False,
-                 norm: tuple | None = None, accumulate: tuple | None = None, lora: tuple | None = None):
+                 norm: tuple | None = None, accumulate: tuple | None = None, lora: tuple | None = None,
+                 touched: jax.Array | None = None):
         """The attention sublayer's output ``[B, S, hidden]``, or with ``glue`` the o_proj's
         K-split partial sums ``[splits, B, hidden]``; and the KV pages. With ``norm`` (the input
         norm's ``(partials, scale, eps)``, _fold_norms) ``x`` is the residual stream before that
         norm, and the new residual comes back third. With ``accumulate`` (the input norm's
         ``(None, scale, eps)``, _accumulate_glue) ``x`` is the float32 residual stream before the
         norm, and ``(x + attention, kv)`` comes back. ``lora`` (`_layer_lora`; the plain path only): each
-        row's adapter terms added to QKV's and o_proj's outputs."""
+        row's adapter terms added to QKV's and o_proj's outputs. ``touched``: KV_TOUCH's read-ahead of these pages,
+        made earlier (the accumulating glue's attention waits for it)."""
         cfg = self.config
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, s, _ = x.shape
@@ -765,7 +775,8 @@ class Attention(nn.Module):
                 return _accumulate(normed, kernel, acc)
 
             scales = _kv_scales(cfg, self.layer, kv)
-            touched = _touch_kv(x, kv, paged) if KV_TOUCH else None
+            if touched is None and KV_TOUCH:  # "layer", or layer 0 under "early"
+                touched = _touch_kv(x, kv, paged)
             qkv = qkv_proj(x, fused=qkv_of)
             if scales is not None:
                 qkv = _scale_qkv(qkv, scales, cfg)
@@ -848,7 +859,9 @@ class DecoderLayer(nn.Module):
     layer: int = 0  # this layer's index (its `ModelConfig.kv_scales`)
 
     @nn.compact
-    def __call__(self, x, cos, sin, lengths, kv, paged, pending=None, lora=None):
+    def __call__(self, x, cos, sin, lengths, kv, paged, pending=None, lora=None, next_kv=None):
+        """One decoder layer: ``(x, pending, kv)`` back, ``pending`` what the next layer takes (the glue's deferred
+        partial sums; on the accumulating glue with KV_TOUCH "early", the read-ahead of ``next_kv``'s pages)."""
         eps = self.config.rms_norm_eps
         attn = Attention(self.config, self.dtype, self.layer, name="self_attn")
         mlp = MLP(self.config, self.dtype, name="mlp")
@@ -858,8 +871,9 @@ class DecoderLayer(nn.Module):
         # partial sum the devices add before the residual add, which the glue's deferred adds leave no room for.
         glue = lora is None and self.tp_axis is None and not self.quantized
         if glue and _accumulate_glue(paged, x, self.config, self.dtype):  # x: the float32 stream
-            x, kv = attn(x, cos, sin, lengths, kv, paged, accumulate=input_norm(x, folded=True))
-            return mlp(x, accumulate=post_norm(x, folded=True)), None, kv
+            x, kv = attn(x, cos, sin, lengths, kv, paged, accumulate=input_norm(x, folded=True), touched=pending)
+            early = KV_TOUCH == "early" and next_kv is not None
+            return mlp(x, accumulate=post_norm(x, folded=True)), _touch_kv(x, next_kv, paged) if early else None, kv
         if glue and _fused_glue(paged, x) and _fold_norms(x):
             partials, kv, x = attn(x, cos, sin, lengths, kv, paged, glue=True,
                                    norm=input_norm(x, pending, folded=True))
@@ -945,8 +959,9 @@ class Qwen2ForCausalLM(nn.Module):
         new_kv = []
         pending = None
         for i in range(cfg.num_hidden_layers):
+            next_kv = None if kv is None or i + 1 == cfg.num_hidden_layers else kv[i + 1]
             x, pending, layer_kv = DecoderLayer(cfg, self.dtype, self.tp_axis, self.quantized, i, name=f"layers_{i}")(
-                x, cos, sin, lengths, None if kv is None else kv[i], paged, pending, _layer_lora(lora, i))
+                x, cos, sin, lengths, None if kv is None else kv[i], paged, pending, _layer_lora(lora, i), next_kv)
             new_kv.append(layer_kv)
         final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")
         hidden = None

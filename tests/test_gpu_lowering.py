@@ -177,7 +177,7 @@ def test_decode_step_with_mgpu_projections_lowers_for_cuda(compiled_kernels, mon
 
 
 def test_decode_step_with_kv_read_ahead_lowers_for_cuda(compiled_kernels, monkeypatch):
-    monkeypatch.setattr(importlib.import_module("jaxserve.model"), "KV_TOUCH", True)
+    monkeypatch.setattr(importlib.import_module("jaxserve.model"), "KV_TOUCH", "early")
     # The attention takes the read-ahead's output as an operand (XLA's compile drops a kernel whose result nobody
     # reads: session 54's first GPU run of it had no kv_touch launch).
     assert "kv_touch" in triton_kernel_names(decode_step_text(64))

@@ -43,9 +43,11 @@ def test_touch_pages_refuses_shapes_it_cannot_block():
         touch_pages(kp, vp, jnp.zeros((1, 2), jnp.int32), jnp.ones((1,), jnp.int32))
 
 
-def test_model_decode_step_with_the_kv_read_ahead_matches_without(monkeypatch):
-    # model.KV_TOUCH: each layer of the accumulating glue reads its pages in a kernel of their own first; the
-    # step's logits are the same, and the kernel ran once a layer.
+@pytest.mark.parametrize("mode", ["layer", "early"])
+def test_model_decode_step_with_the_kv_read_ahead_matches_without(monkeypatch, mode):
+    # model.KV_TOUCH: each layer of the accumulating glue has its pages read by a kernel of their own first (after
+    # the layer's input, or after the layer before's attention); the step's logits are the same, and the kernel ran
+    # once a layer.
     from jaxserve import model as model_module
     from tests.test_skinny_matmul_mgpu import _tiny_bf16_decode_step
 
@@ -57,7 +59,7 @@ def test_model_decode_step_with_the_kv_read_ahead_matches_without(monkeypatch):
     kt = importlib.import_module("jaxserve_kernels.kv_touch")
     calls = []
     monkeypatch.setattr(kt, "touch_pages", lambda *a, _f=kt.touch_pages, **k: calls.append(1) or _f(*a, **k))
-    monkeypatch.setattr(model_module, "KV_TOUCH", True)
+    monkeypatch.setattr(model_module, "KV_TOUCH", mode)
     out = jax.jit(run)()
     assert len(calls) == cfg.num_hidden_layers
     assert relative_error(out, ref) <= 1e-6, f"seed={seed}"
