@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxserve_kernels.kv_touch import touch_pages, touch_pages_reference
-from tests.test_kernels import MODES, fresh_rng, make_pool, relative_error
+from tests.test_kernels import MODES, TOLERANCE, fresh_rng, make_pool, relative_error
 
 
 @pytest.mark.parametrize("interpret", MODES)
@@ -43,8 +43,11 @@ def test_touch_pages_refuses_shapes_it_cannot_block():
         touch_pages(kp, vp, jnp.zeros((1, 2), jnp.int32), jnp.ones((1,), jnp.int32))
 
 
+# "gpu": the same test selected by `-m gpu` on the device, where the step compiles (Mosaic GPU projections, Triton
+# kernels, XLA's scheduling of the read-ahead); here it runs interpreted.
+@pytest.mark.parametrize("where", ["here", pytest.param("gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("mode", ["layer", "early"])
-def test_model_decode_step_with_the_kv_read_ahead_matches_without(monkeypatch, mode):
+def test_model_decode_step_with_the_kv_read_ahead_matches_without(monkeypatch, mode, where):
     # model.KV_TOUCH: each layer of the accumulating glue has its pages read by a kernel of their own first (after
     # the layer's input, or after the layer before's attention); the step's logits are the same, and the kernel ran
     # once a layer.
@@ -62,4 +65,5 @@ def test_model_decode_step_with_the_kv_read_ahead_matches_without(monkeypatch, m
     monkeypatch.setattr(model_module, "KV_TOUCH", mode)
     out = jax.jit(run)()
     assert len(calls) == cfg.num_hidden_layers
-    assert relative_error(out, ref) <= 1e-6, f"seed={seed}"
+    # Compiled, the projections add their K splits into the float32 stream in whatever order they finish.
+    assert relative_error(out, ref) <= (1e-6 if where == "here" else TOLERANCE[jnp.bfloat16]), f"seed={seed}"
