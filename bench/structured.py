@@ -12,7 +12,8 @@ on which pieces it holds). For each batch every request generates exactly ``--ou
   model completes at its own length; the row reports tokens/s over what it produced.
 
 Reported per batch and constraint: output tokens/s, mean TPOT, the engine's host time per decode call, and
-for the constraints the compile time and the DFA states whose masks were computed; every constrained output
+for the constraints the compile time and the DFA states whose masks were computed, and the step shapes the timed run
+had to compile (0 unless its outputs differed from the warm run's); every constrained output
 is checked against its regex (complete matches must fully match, cut ones must still be a live prefix).
 
     python bench/structured.py --batches 1 64 256 --output-len 128
@@ -83,12 +84,16 @@ def make_checkpoint(shape: dict, path: str, tokens: int) -> int:
 
 
 def run(engine: Engine, prompts, params) -> tuple[list[dict], float, dict]:
-    before = engine.stats()
+    before, shapes = engine.stats(), len(engine.runner.compiled_shapes)
     t = time.perf_counter()
     outs = engine.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - t
     after = engine.stats()
-    return outs, seconds, {k: after[k] - before[k] for k in ("decode_call_s", "host_s")}
+    # "compiled": step shapes this run compiled (none after a warm run of the same requests, unless their outputs,
+    # and with them the row counts the decode calls see, came out otherwise: the float32 stream's adds are not
+    # bitwise reproducible on the GPU).
+    return outs, seconds, dict({k: after[k] - before[k] for k in ("decode_call_s", "host_s")},
+                               compiled=len(engine.runner.compiled_shapes) - shapes)
 
 
 def check(engine: Engine, spec: StructuredOutputs, outs: list[dict]) -> str:
@@ -182,7 +187,7 @@ def main() -> None:
              f"{'tiny' if args.tiny else 'Qwen2.5-0.5B shape'}, vocabulary {cfg.vocab_size} ({tokens} tokens + EOS "
              f"{eos}); prompt {args.prompt_len}, output {args.output_len} tokens, greedy", "",
              "| batch | constraint | output tok/s | mean TPOT ms | decode calls s | host s | compile s | "
-             "mask states | check |", "|---|---|---|---|---|---|---|---|---|"]
+             "mask states | shapes compiled in the timed run | check |", "|---|---|---|---|---|---|---|---|---|---|"]
     rng = np.random.default_rng(1)
     if args.profile or args.dispatch:
         args.batches = [args.profile or args.dispatch]
@@ -234,7 +239,7 @@ def main() -> None:
                     states = len(guide._masks)
                 lines.append(f"| {batch} | {name} | {produced / seconds:,.0f} | {tpot:.3f} | {split['decode_call_s']:.3f} | "
                              f"{split['host_s']:.3f} | {'-' if compile_s is None else f'{compile_s:.2f}'} | "
-                             f"{'-' if states is None else states} | {verdict} |")
+                             f"{'-' if states is None else states} | {split['compiled']} | {verdict} |")
                 print(lines[-1], flush=True)
                 if spec is not None:
                     lens = [len(o["token_ids"]) for o in outs]
