@@ -32,13 +32,13 @@ if ROOT not in sys.path:
 
 from jaxserve.config import QWEN25_SHAPES  # noqa: E402  (after the path is set)
 
-# Compile options of the --glue settings that change how XLA schedules the step's command buffer.
 # model.KV_TOUCH's read-ahead (session 54): its mode ("layer": after the layer's input; "early": after the layer
 # before's attention) and its kernel's settings (jaxserve_kernels.kv_touch); the "_cc" ones with the command
 # buffer's concurrent scheduling.
 KV_TOUCH_TUNINGS = {"kv_touch": ("layer", {}), "kv_touch_cc": ("layer", {}), "kv_touch_cc_e2": ("layer", {"ENTRIES": 2}),
                     "kv_touch_cc_e8": ("layer", {"ENTRIES": 8}), "kv_touch_cc_w4": ("layer", {"NUM_WARPS": 4}),
                     "kv_touch_early_cc": ("early", {}), "kv_touch_early": ("early", {})}
+# Compile options of the --glue settings that change how XLA schedules the step's command buffer.
 CB_OPTIONS = {"cb_serialize": {"xla_gpu_command_buffer_scheduling_mode": "SERIALIZE"},
               "cb_concurrent": {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"},
               "cb_lhs": {"xla_gpu_command_buffer_scheduling_mode": "LHS"},

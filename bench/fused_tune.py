@@ -86,13 +86,12 @@ def main() -> None:
 
             def one_step(_, carry, tune=tune):
                 x, pools = carry
-                new = []
-                # --same-pool: one pool threaded through every call (each call writes the same slot again).
-                for kp, vp in pools * args.layers if args.same_pool else pools:
-                    if args.same_pool and new:
-                        kp, vp = new.pop()
+                new = list(pools)
+                # Call i over pool i, or with --same-pool over the one pool, threaded (each call writes its slot again).
+                for i in range(args.layers):
+                    kp, vp = new[i % len(new)]
                     out, kp, vp = fused_decode_attention(x, cos, sin, kp, vp, tables, lengths, slots, **tune)
-                    new.append((kp, vp))
+                    new[i % len(new)] = (kp, vp)
                     # The next layer's query depends on this output: no call can be hoisted or skipped.
                     x = x.at[:, :h].set(out.reshape(batch, h, d).astype(x.dtype))
                 return x, new

@@ -681,11 +681,10 @@ def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelCon
 
 def _touch_kv(x, kv, paged: PagedAttention) -> jax.Array | None:
     """KV_TOUCH's read-ahead of the pages ``kv`` (`touch_pages`), made to wait for ``x`` (a layer's input, or under
-    "early" the layer before's attention output); None
-    where the pool's shape does not suit the kernel."""
-    from jaxserve_kernels.kv_touch import touch_pages
+    "early" the layer before's attention output); None where the pool's shape does not suit the kernel."""
+    from jaxserve_kernels.kv_touch import supports, touch_pages
 
-    if any(n & (n - 1) for n in (kv[0].shape[0], kv[0].shape[2], kv[0].shape[3])):
+    if not supports(kv[0]):
         return None
     return touch_pages(kv[0], kv[1], paged.block_tables, paged.lengths, after=x)
 

@@ -302,7 +302,7 @@ def read_kv_scales(path: str | os.PathLike, config: ModelConfig) -> tuple[tuple[
     for i in range(config.num_hidden_layers):
         pair = []
         for part, spellings in _KV_SCALE_NAMES.items():
-            names = [f"model.layers.{i}.self_attn.{s}" for s in spellings if f"model.layers.{i}.self_attn.{s}" in location]
+            names = [n for n in (f"model.layers.{i}.self_attn.{s}" for s in spellings) if n in location]
             if not names:
                 raise ValueError(f"checkpoint {path} has KV-cache scales but none for layer {i}'s {part.upper()} "
                                  f"(model.layers.{i}.self_attn.{spellings[0]})")

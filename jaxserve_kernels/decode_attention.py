@@ -90,7 +90,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     page_size, head_dim = k_pages_ref.shape[-2], k_pages_ref.shape[-1]
     pool_dtype = k_pages_ref.dtype
     # The products' dtype: the pool's, or over an fp8 pool the activations' (keys widened as loaded).
-    cdt = compute_dtype(pool_dtype, act_dtype, k_pages_ref.shape[-1])
+    cdt = compute_dtype(pool_dtype, act_dtype, head_dim)
     widen = None if cdt == pool_dtype else cdt
     block_keys = pages_per_block * page_size
     length = jnp.minimum(lengths_ref[seq], table_pages * page_size)

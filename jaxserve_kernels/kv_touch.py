@@ -5,9 +5,9 @@ keeps the loads alive), and its jnp reference. An experiment for wide decode ste
 by default): in the H100's 256-row x 192-key step the fused attention took 10.7 us a layer with its pages read
 ahead against 15.0 from HBM (5.1 against 6.6 at 64 rows; bench/results/decode_step.md, session 54), and the kernels
 before it (the input norm, QKV) leave HBM mostly idle. The read-ahead has to fit in that idle time to pay: its
-first form took 23 us, and the step lost. The kernel takes the layer's
-input as an operand it never reads: XLA then cannot start it before the layer does, and with the command buffer's
-concurrent scheduling (`xla_gpu_command_buffer_scheduling_mode=CONCURRENT`) it may run beside the norm and QKV.
+first form took 23 us, and the step lost. The kernel takes an array it never reads (`after`: the layer's input, or
+the layer before's attention output): XLA then cannot start it earlier, and with the command buffer's concurrent
+scheduling (`xla_gpu_command_buffer_scheduling_mode=CONCURRENT`) it may run beside the kernels after that.
 
 Pool layout as `jaxserve_kernels.paged_attention`: `[kv_heads, num_pages, page_size, head_dim]`.
 """
@@ -27,7 +27,17 @@ from jaxserve_kernels import pallas_compat as compat
 # a row's pages one after another being a chain of HBM trips. Not yet timed on the GPU.
 ENTRIES = 4
 NUM_WARPS = 2
-NUM_STAGES = 1
+
+
+def supports(k_pages: jax.Array) -> bool:
+    """Whether `touch_pages` takes a pool of this shape: kv_heads, page_size and head_dim powers of two (a page is
+    one Triton block).
+
+    Example:
+        >>> supports(jnp.zeros((2, 4, 16, 64))), supports(jnp.zeros((2, 4, 16, 96)))
+        (True, False)
+    """
+    return not any(n & (n - 1) for n in (k_pages.shape[0], k_pages.shape[2], k_pages.shape[3]))
 
 
 def _check(k_pages, v_pages, block_tables, lengths) -> None:
@@ -78,26 +88,26 @@ def _touch_kernel(table_ref, len_ref, _after_ref, k_ref, v_ref, o_ref, *, page_s
     o_ref[row, pl.ds(group, 1)] = jnp.full((1,), total, jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "num_stages", "entries"))
-def _touch(k_pages, v_pages, block_tables, lengths, after, *, interpret, num_warps, num_stages, entries):
+@functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "entries"))
+def _touch(k_pages, v_pages, block_tables, lengths, after, *, interpret, num_warps, entries):
     shape = (block_tables.shape[0], pl.cdiv(block_tables.shape[1], entries))
     return compat.triton_call(
         functools.partial(_touch_kernel, page_size=k_pages.shape[2], entries=entries),
         block_tables.astype(jnp.int32), lengths.astype(jnp.int32), after, k_pages, v_pages,
         grid=shape, out_shape=jax.ShapeDtypeStruct(shape, jnp.float32), name="kv_touch",
-        interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+        interpret=interpret, num_warps=num_warps)
 
 
 def touch_pages(k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array, lengths: jax.Array,
                 after: jax.Array | None = None, *, interpret: bool | None = None, num_warps: int | None = None,
-                num_stages: int | None = None, entries: int | None = None) -> jax.Array:
+                entries: int | None = None) -> jax.Array:
     """Read the K and V pages of each row's first `lengths[row]` keys (whole pages), a program a run of `entries`
     table entries (default ENTRIES), and return each run's float32 sum `[rows, ceil(pages / entries)]`; the point is
     the reads (the pages end up in L2), the sums keep them from being dropped.
 
     Args:
         k_pages, v_pages: `[kv_heads, num_pages, page_size, head_dim]` pools (read only); kv_heads, page_size and
-            head_dim powers of two (a page is one Triton block).
+            head_dim powers of two (`supports`).
         block_tables: `[rows, pages]` page ids (clipped into the pool); lengths: `[rows]` keys a row.
         after: any array, never read: the call depends on it, so XLA runs it after `after` is computed.
         interpret: run the kernel in interpret mode (default: on CPU).
@@ -108,8 +118,8 @@ def touch_pages(k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
         [[4096.0, 0.0]]
     """
     _check(k_pages, v_pages, block_tables, lengths)
-    if any(n & (n - 1) for n in (k_pages.shape[0], k_pages.shape[2], k_pages.shape[3])):
+    if not supports(k_pages):
         raise ValueError(f"touch_pages wants kv_heads, page_size and head_dim powers of two, got {k_pages.shape}")
     after = jnp.zeros((1,), jnp.float32) if after is None else after
     return _touch(k_pages, v_pages, block_tables, lengths, after, interpret=compat.resolve_interpret(interpret),
-                  num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES, entries=entries or ENTRIES)
+                  num_warps=num_warps or NUM_WARPS, entries=entries or ENTRIES)
