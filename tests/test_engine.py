@@ -856,6 +856,26 @@ def test_bf16_tied_engine_takes_greedy_tokens_from_the_lm_head(tmp_path, monkeyp
             top = b["top_logprobs"][j]
             assert x in top and abs(top[x] - top[y]) < 0.1, (j, x, y, top)
 
+    # The CPU's default impl, "reference", runs no kernel at all: its greedy steps take XLA's argmax (the head's
+    # kernel interpreted cost ~100x: 64 rows, 420 against 4 ms a step before session 55's fix). Every step it
+    # traced is searched for a Pallas call, which both kernels' jaxprs show.
+    monkeypatch.setattr(model_module, "GREEDY_HEAD", True)
+    probe = jnp.zeros((16, m.config.hidden_size), jnp.bfloat16)
+    assert "pallas_call[" in str(jax.make_jaxpr(mg.argmax_matmul_mgpu)(probe, probe[:8]))
+    heads.clear()
+    with Engine(m, dataclasses.replace(cfg, attention_impl="reference")) as engine:
+        steps, traced = engine.runner.compiled, []
+
+        def tracing(f):
+            return lambda *a, **k: traced.append(str(f.trace(*a, **k).jaxpr)) or f(*a, **k)
+
+        monkeypatch.setattr(steps, "decode_fn", lambda rows, _f=steps.decode_fn: tracing(_f(rows)))
+        monkeypatch.setattr(steps, "prefill", tracing(steps.prefill))
+        outs = engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
+        assert all(o["finish_reason"] == "length" and len(o["token_ids"]) == 4 for o in outs)
+        assert_all_pages_free(engine)
+    assert not heads and traced and not any("pallas_call[" in t for t in traced)
+
 
 def test_engines_alike_share_their_compiled_steps_and_a_changed_knob_does_not(tiny, monkeypatch):
     # A second engine (or jaxserve.generate call) in one process reuses the steps the first traced
