@@ -10,6 +10,9 @@
 #   fp8next54   session 54: the GPU form of the KV-scale check and its negative control, then Nsight Compute on the
 #               decode kernel over 0.5B bf16 / fp8 pages (why 0.5B fp8 reads slower; with MemoryWorkloadAnalysis and
 #               InstructionStats and a third case ncu crashed on the H100) (~250 s)
+#   lora55      session 55: adapter rows on the accumulating glue (model.LORA_GLUE): the model step's test compiled,
+#               then bench/lora.py at 8 / 64 / 256 rows with JAXSERVE_LORA_GLUE=0 and =1, each its own process; flip
+#               LORA_GLUE's default if =1 wins (~330 s?)
 #   touch54     session 54: each layer's K/V pages read ahead by a kernel of their own (model.KV_TOUCH): its compiled
 #               tests, then the decode step at 256 / 64 rows x 192 keys with it, with the command buffer's
 #               concurrent scheduling, the read-ahead kernel's entries a program (2 / 4 / 8), and the read started
@@ -964,6 +967,11 @@ for part in "${parts[@]}"; do
                timeout 260 ncu --clock-control none -k regex:'paged' --section SpeedOfLight --section Occupancy \
                  --section WarpStateStats --section LaunchStats -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py \
                  --calls 1 --cases 05b_64x8k 05b_64x8k_fp8 && ncu -i "$OUT/$part/probe.ncu-rep" --page details ;;
+    lora55) timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_lora.py \
+              -k accumulating_glue ; \
+            for on in 0 1; do echo "== JAXSERVE_LORA_GLUE=$on"; \
+              JAXSERVE_LORA_GLUE=$on timeout 200 python3 bench/lora.py --shape 0.5B --batch 8 64 256 \
+                --out "$OUT/$part/glue$on" ; done ;;
     touch54) timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_kv_touch.py ; \
              timeout 400 python3 bench/decode_step.py --batches 256 64 --context 192 --variants default --no-static \
                --glue kernels kv_touch_cc kv_touch_cc_e2 kv_touch_cc_e8 kv_touch_early_cc --rounds 5 --reps 10 \

@@ -36,6 +36,7 @@ def main() -> None:
 
     from bench.throughput import random_model, write_lines
     from jaxserve import Engine, EngineConfig, LoRARequest, SamplingParams
+    from jaxserve import model as model_module
     from jaxserve.config import ModelConfig
     from jaxserve.loading import LoadedModel
     from jaxserve.weights import load_hf_params
@@ -65,7 +66,8 @@ def main() -> None:
 
     lines = [f"# LoRA serving, {jax.devices()[0].device_kind}", "",
              f"Random-weight Qwen2.5-{args.shape} shape ({dtype}), rank-{args.rank} adapters on every projection, "
-             f"{args.prompt_len} prompt / {args.output_len} greedy output tokens a request; `{' '.join(sys.argv)}`.", "",
+             f"{args.prompt_len} prompt / {args.output_len} greedy output tokens a request; `{' '.join(sys.argv)}`; "
+             f"adapter rows on the accumulating glue (model.LORA_GLUE): {model_module.LORA_GLUE}.", "",
              "| batch | rows | tokens/s | vs base |", "|---:|:---|---:|---:|"]
     with engine(4) as eng, engine(0) as base_eng:
         for batch in args.batch:

@@ -175,9 +175,10 @@ def load_adapter(path: str, config: ModelConfig, max_rank: int) -> dict[str, tup
     return out
 
 
-def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array) -> jax.Array:
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, out_dtype: Any = None) -> jax.Array:
     """Row i's LoRA term ``(x_i @ a[slots_i].T) @ b[slots_i]`` for ``x [B, S, in]``, ``a [n, R, in]``, ``b [n, R, out]``
     and ``slots [B]`` (-1: no adapter, zeros): one product over all n slots' R columns, the other rows' masked out.
+    In ``out_dtype`` (default ``x``'s): float32 where it is added into a float32 accumulator.
 
     Example:
         >>> a, b = jnp.ones((2, 1, 3)), jnp.stack([jnp.ones((1, 2)), 2 * jnp.ones((1, 2))])
@@ -191,7 +192,7 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array) -> ja
     mine = (jnp.arange(n * r) // r)[None, :] == slots[:, None]
     t = jnp.where(mine[:, None, :], t, 0.0).astype(x.dtype)
     return jnp.einsum("bsn,no->bso", t, b.reshape(n * r, -1).astype(x.dtype),
-                      preferred_element_type=jnp.float32).astype(x.dtype)
+                      preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)
 
 
 # Adapters an engine can keep apart in its prefix index: `Request.index_ids` moves an adapter's first token to

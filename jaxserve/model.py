@@ -448,6 +448,13 @@ _KV_TOUCH_ENV = os.environ.get("JAXSERVE_KV_TOUCH", "")
 KV_TOUCH = {"0": "", "1": "layer"}.get(_KV_TOUCH_ENV, _KV_TOUCH_ENV)
 if KV_TOUCH not in ("", "layer", "early"):
     raise ValueError(f"JAXSERVE_KV_TOUCH must be layer, early or empty, got {_KV_TOUCH_ENV!r}")
+# Decode steps with LoRA rows take the accumulating glue too (session 55), their adapters' terms added into its
+# float32 accumulators: QKV's after its norm seeds it, o_proj's and down_proj's into the stream before the product adds
+# there; gate_up, whose SwiGLU needs the term first, runs without its epilogue and SwiGLU follows in XLA. Off: such
+# steps run the plain path (separate norms and residual adds; H100, session 54, bench/results/lora.md: adapter rows at
+# 0.46-0.50x of the base model's tokens/s). Off until timed on a GPU (bench/gpu_checks.sh lora55).
+# JAXSERVE_LORA_GLUE=1; read when a step is traced.
+LORA_GLUE = os.environ.get("JAXSERVE_LORA_GLUE", "0") == "1"
 
 
 # Greedy steps of GREEDY_HEAD_MIN_ROWS-GREEDY_HEAD_ROWS rows (a multiple of 8) in which no request
@@ -760,9 +767,9 @@ class Attention(nn.Module):
         norm's ``(partials, scale, eps)``, _fold_norms) ``x`` is the residual stream before that
         norm, and the new residual comes back third. With ``accumulate`` (the input norm's
         ``(None, scale, eps)``, _accumulate_glue) ``x`` is the float32 residual stream before the
-        norm, and ``(x + attention, kv)`` comes back. ``lora`` (`_layer_lora`; the plain path only): each
-        row's adapter terms added to QKV's and o_proj's outputs. ``touched``: KV_TOUCH's read-ahead of these pages,
-        made earlier (the accumulating glue's attention waits for it)."""
+        norm, and ``(x + attention, kv)`` comes back. ``lora`` (`_layer_lora`; the plain path, or the accumulating
+        glue under LORA_GLUE): each row's adapter terms added to QKV's and o_proj's outputs. ``touched``: KV_TOUCH's
+        read-ahead of these pages, made earlier (the accumulating glue's attention waits for it)."""
         cfg = self.config
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, s, _ = x.shape
@@ -771,7 +778,7 @@ class Attention(nn.Module):
         if accumulate is not None:
             def qkv_of(kernel, bias):  # the norm starts QKV's float32 accumulator at the bias
                 normed, acc = _norm_stream(x, accumulate, self.dtype, seed=bias)
-                return _accumulate(normed, kernel, acc)
+                return _accumulate(normed, kernel, _add_lora(acc, normed, lora, "qkv_proj"))
 
             scales = _kv_scales(cfg, self.layer, kv)
             if touched is None and KV_TOUCH:  # "layer", or layer 0 under "early"
@@ -782,7 +789,7 @@ class Attention(nn.Module):
             out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg, out_dtype=self.dtype, after=touched)
             out = _unscale(out, scales).reshape(b, s, h * d)
             o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
-            return o_proj(out, fused=lambda kernel, _: _accumulate(out, kernel, x)), kv
+            return o_proj(out, fused=lambda kernel, _: _accumulate(out, kernel, _add_lora(x, out, lora, "o_proj"))), kv
         fold_o = norm is not None and _fold_o_proj(paged, kv)
         if norm is not None:
             touch = (kv[0], kv[1], paged.block_tables) if PREFETCH_KV and fold_o else None
@@ -826,8 +833,12 @@ class MLP(nn.Module):
         down = Linear(self.config.hidden_size, False, self.dtype, name="down_proj")
         if accumulate is not None:
             (normed,) = _norm_stream(x, accumulate, self.dtype)
-            act = gate_up(normed, True, "swiglu")
-            return down(act, fused=lambda kernel, _: _accumulate(act, kernel, x))
+            if lora is None:
+                act = gate_up(normed, True, "swiglu")
+            else:  # the adapters' term goes in before SwiGLU, which the kernel's epilogue would apply first
+                h = gate_up(normed, True) + lora_delta(normed, *lora[0]["gate_up_proj"], lora[1])
+                act = nn.silu(h[..., :inter]) * h[..., inter:]
+            return down(act, fused=lambda kernel, _: _accumulate(act, kernel, _add_lora(x, act, lora, "down_proj")))
         if norm is not None:
             x, act = gate_up(x, fast, "swiglu", norm=norm)
             return x, down(act, fast, "partials", tiling=FOLDED_TILING)
@@ -866,13 +877,17 @@ class DecoderLayer(nn.Module):
         mlp = MLP(self.config, self.dtype, name="mlp")
         input_norm = RMSNorm(eps, self.dtype, name="input_layernorm")
         post_norm = RMSNorm(eps, self.dtype, name="post_attention_layernorm")
-        # Adapters' terms go between the plain path's products; under tensor parallelism each sublayer's output is a
-        # partial sum the devices add before the residual add, which the glue's deferred adds leave no room for.
+        # Adapters' terms go between the plain path's products (or into the accumulating glue's sums: LORA_GLUE);
+        # under tensor parallelism each sublayer's output is a partial sum the devices add before the residual add,
+        # which the glue's deferred adds leave no room for.
         glue = lora is None and self.tp_axis is None and not self.quantized
-        if glue and _accumulate_glue(paged, x, self.config, self.dtype):  # x: the float32 stream
-            x, kv = attn(x, cos, sin, lengths, kv, paged, accumulate=input_norm(x, folded=True), touched=pending)
+        if _lora_glue(lora, self.tp_axis, self.quantized) and _accumulate_glue(paged, x, self.config, self.dtype):
+            # x: the float32 stream
+            x, kv = attn(x, cos, sin, lengths, kv, paged, accumulate=input_norm(x, folded=True), touched=pending,
+                         lora=lora)
             early = KV_TOUCH == "early" and next_kv is not None
-            return mlp(x, accumulate=post_norm(x, folded=True)), _touch_kv(x, next_kv, paged) if early else None, kv
+            return (mlp(x, accumulate=post_norm(x, folded=True), lora=lora),
+                    _touch_kv(x, next_kv, paged) if early else None, kv)
         if glue and _fused_glue(paged, x) and _fold_norms(x):
             partials, kv, x = attn(x, cos, sin, lengths, kv, paged, glue=True,
                                    norm=input_norm(x, pending, folded=True))
@@ -951,7 +966,8 @@ class Qwen2ForCausalLM(nn.Module):
             x = jnp.where(where[..., None], given.astype(x.dtype), x)
         fused_glue, accumulate = _fused_glue(paged, x), _accumulate_glue(paged, x, cfg, self.dtype)
         if lora is not None or self.tp_axis is not None or self.quantized:  # the plain path (DecoderLayer's glue)
-            fused_glue = accumulate = False
+            fused_glue = False
+            accumulate = accumulate and _lora_glue(lora, self.tp_axis, self.quantized)
         if accumulate:
             x = x.astype(jnp.float32)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
@@ -1016,6 +1032,19 @@ class Qwen2ForCausalLM(nn.Module):
         logits = jax.lax.all_gather(logits, self.tp_axis, axis=logits.ndim - 1, tiled=True)
         logits = logits if logits_dtype is None else logits.astype(logits_dtype)
         return (logits, hidden) if hidden_states else logits
+
+
+def _lora_glue(lora: tuple | dict | None, tp_axis: str | None, quantized: bool) -> bool:
+    """Whether a pass may take the accumulating glue: no tensor parallelism or fp8 weights, and no adapters unless
+    LORA_GLUE (their terms go into its accumulators)."""
+    return tp_axis is None and not quantized and (lora is None or LORA_GLUE)
+
+
+def _add_lora(acc: jax.Array, x: jax.Array, lora: tuple | None, projection: str) -> jax.Array:
+    """``acc`` (a float32 accumulator or stream) plus each row's adapter term of ``projection`` for input ``x``."""
+    if lora is None:
+        return acc
+    return acc + lora_delta(x, *lora[0][projection], lora[1], out_dtype=jnp.float32).reshape(acc.shape)
 
 
 def _layer_lora(lora: dict | None, layer: int) -> tuple | None:

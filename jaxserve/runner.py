@@ -396,7 +396,8 @@ class Steps:
         # step against 4 ms, bench/results/structured.md session 55).
         return (greedy and not logprobs and num_top == 0 and not batch.allowed.shape[1] and not batch.bad_words.shape[1]
                 and ((self.tp is not None and not self.model.config.num_labels)
-                     or (self.attention_impl == "pallas" and greedy_head_applies(self.model.config, self.model.dtype, rows))))
+                     or (self.attention_impl == "pallas"
+                         and greedy_head_applies(self.model.config, self.model.dtype, rows))))
 
     def _pick_kernel(self, logits: jax.Array) -> bool:
         return self.pick_kernel and logits.shape[0] >= self.pick_min_rows

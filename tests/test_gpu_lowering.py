@@ -52,18 +52,25 @@ def lower_for_cuda(fn, *args) -> str:
     return exported.mlir_module()
 
 
-def decode_step_text(batch: int, kv_dtype=jnp.bfloat16) -> str:
+def decode_step_text(batch: int, kv_dtype=jnp.bfloat16, loras: int = 0) -> str:
+    """The StableHLO of a ``batch``-row decode step; with ``loras``, rank-16 adapters in that many slots."""
     model = Qwen2ForCausalLM(CFG, jnp.bfloat16)
     params = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0), jnp.bfloat16))
     kv = jax.eval_shape(lambda: new_kv_cache(CFG, PAGES, PAGE, kv_dtype))
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    h, kvh, d = CFG.num_attention_heads, CFG.num_key_value_heads, CFG.head_dim
+    dims = {"qkv_proj": (CFG.hidden_size, (h + 2 * kvh) * d), "o_proj": (h * d, CFG.hidden_size),
+            "gate_up_proj": (CFG.hidden_size, 2 * CFG.intermediate_size),
+            "down_proj": (CFG.intermediate_size, CFG.hidden_size)}
+    ab = lambda n: jax.ShapeDtypeStruct((CFG.num_hidden_layers, loras, 16, n), jnp.bfloat16)  # noqa: E731
+    lora = {"weights": {p: (ab(i), ab(o)) for p, (i, o) in dims.items()}, "slots": i32(batch)} if loras else None
 
-    def step(params, kv, tokens, positions, slots, tables, lengths):
+    def step(params, kv, tokens, positions, slots, tables, lengths, lora):
         paged = PagedAttention(slots, tables, lengths, lengths - 1, impl="pallas")
-        return model.apply({"params": params}, tokens, positions, kv=kv, paged=paged)
+        return model.apply({"params": params}, tokens, positions, kv=kv, paged=paged, lora=lora)
 
     return lower_for_cuda(step, params, kv, i32(batch, 1), i32(batch, 1), i32(batch, 1), i32(batch, TABLE),
-                          i32(batch))
+                          i32(batch), lora)
 
 
 def triton_kernel_names(text: str) -> set[str]:
@@ -174,6 +181,17 @@ def test_decode_step_with_mgpu_projections_lowers_for_cuda(compiled_kernels, mon
     assert text.count("custom_call @mosaic_gpu_v2") >= 4, "the projections did not go to Mosaic GPU"
     names = triton_kernel_names(text)
     assert {"add_rms_norm", "fused_decode_attention"} <= names and "skinny_matmul" not in names, names
+
+
+@pytest.mark.parametrize("glue", [True, False])
+def test_decode_step_with_adapters_lowers_for_cuda(compiled_kernels, monkeypatch, glue):
+    # model.LORA_GLUE: a 64-row step with adapter rows on the accumulating glue (its norms in add_rms_norm, the
+    # projections on Mosaic GPU, the adapters' products XLA's); off, the plain path (XLA's norms).
+    monkeypatch.setattr(importlib.import_module("jaxserve.model"), "LORA_GLUE", glue)
+    text = decode_step_text(64, loras=4)
+    assert text.count("custom_call @mosaic_gpu_v2") >= 4, "the projections did not go to Mosaic GPU"
+    names = triton_kernel_names(text)
+    assert "fused_decode_attention" in names and ("add_rms_norm" in names) == glue, names
 
 
 def test_decode_step_with_kv_read_ahead_lowers_for_cuda(compiled_kernels, monkeypatch):

@@ -262,9 +262,14 @@ def _tiny_bf16_decode_step(rng, batch: int, tie: bool = False):
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, 1)), jnp.int32)
     model = Qwen2ForCausalLM(cfg, jnp.bfloat16)
 
-    def run(greedy_tokens: bool = False, logits_dtype=jnp.float32):
-        logits, _ = model.apply({"params": params}, tokens, jnp.asarray(lengths[:, None], jnp.int32),
-                                kv=kv, paged=paged, logits_dtype=logits_dtype, greedy_tokens=greedy_tokens)
+    def run(greedy_tokens: bool = False, logits_dtype=jnp.float32, lora: dict | None = None,
+            reference: bool = False):
+        """The step's logits; ``reference``: the same weights and pages in float32 through the jnp references."""
+        f32 = (lambda t: jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), t)) if reference else (lambda t: t)
+        logits, _ = (Qwen2ForCausalLM(cfg, jnp.float32) if reference else model).apply(
+            {"params": f32(params)}, tokens, jnp.asarray(lengths[:, None], jnp.int32), kv=f32(kv),
+            paged=paged.replace(impl="reference") if reference else paged, logits_dtype=logits_dtype,
+            greedy_tokens=greedy_tokens, lora=lora)
         return logits
 
     return cfg, run
