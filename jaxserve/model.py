@@ -994,7 +994,7 @@ class Qwen2ForCausalLM(nn.Module):
         new_kv = None if kv is None else tuple(new_kv)
         if self.tp_axis is not None and not cfg.num_labels:  # a classifier's few-label head is replicated: below
             return self._sharded_head(x, embed, hidden, hidden_states, logits_dtype, greedy_tokens), new_kv
-        if greedy_tokens:  # the caller checked greedy_head_applies: each row's argmax, no logits
+        if greedy_tokens and _fast_kernels(paged):  # the caller checked greedy_head_applies: each row's argmax
             from jaxserve_kernels.skinny_matmul_mgpu import argmax_matmul_mgpu
 
             tokens = argmax_matmul_mgpu(x.reshape(-1, x.shape[-1]).astype(self.dtype), embed.embedding)
@@ -1006,6 +1006,8 @@ class Qwen2ForCausalLM(nn.Module):
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
                               name="lm_head")(x)
+        if greedy_tokens:  # the "reference" impl runs no kernel: the argmax of the activation-dtype logits
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32), new_kv
         # ``logits_dtype=None`` keeps the activation dtype: the engine's greedy pick reads bf16
         # logits (half the bytes of a float32 copy, which a kernel's input would materialise).
         logits = logits if logits_dtype is None else logits.astype(logits_dtype)

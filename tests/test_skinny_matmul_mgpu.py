@@ -357,6 +357,10 @@ def test_model_greedy_tokens_from_the_lm_head(monkeypatch):
     chosen = logits[np.arange(16), tokens[:, 0]]
     assert (chosen >= best - np.abs(best) * 2 ** -7).all(), f"seed={seed}"
     assert (tokens[:, 0] == logits.argmax(axis=1)).mean() >= 0.75, f"seed={seed}"
+    # The "reference" impl asked for greedy tokens runs no kernel: its own logits' argmax.
+    assert "pallas_call[" not in str(jax.make_jaxpr(lambda: run(greedy_tokens=True, reference=True))())
+    exact = np.asarray(jax.jit(lambda: run(reference=True))()[:, 0])
+    assert (np.asarray(jax.jit(lambda: run(greedy_tokens=True, reference=True))())[:, 0] == exact.argmax(1)).all()
 
 
 def test_model_128_row_step_through_mgpu_matches_xla(monkeypatch):
