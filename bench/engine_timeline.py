@@ -39,7 +39,7 @@ from jaxserve.weights import load_hf_params  # noqa: E402
 # The engine's host phases (owner path from the engine, method), innermost last where they nest:
 # a dispatch or collect runs inside step, the runner's call and the sampling inputs inside a dispatch.
 PHASES = (("", "step"), ("scheduler", "schedule"), ("", "_dispatch_prefill"), ("", "_collect_prefill"),
-          ("", "_dispatch_decode"), ("", "_collect_decode"), ("", "_can_chain"), ("", "_sampling_inputs"),
+          ("", "_dispatch_decode"), ("", "_collect_decode"), ("", "_chain_rows"), ("", "_sampling_inputs"),
           ("scheduler", "page_table"), ("scheduler", "capacities"), ("scheduler", "reserve"),
           ("scheduler", "after_prefill"), ("scheduler", "remove_many"), ("runner", "decode"), ("runner", "prefill"))
 

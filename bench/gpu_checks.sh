@@ -10,6 +10,9 @@
 #   fp8next54   session 54: the GPU form of the KV-scale check and its negative control, then Nsight Compute on the
 #               decode kernel over 0.5B bf16 / fp8 pages (why 0.5B fp8 reads slower; with MemoryWorkloadAnalysis and
 #               InstructionStats and a third case ncu crashed on the H100) (~250 s)
+#   ragged55    session 55: rows finishing at their own lengths (ragged max_tokens) with chained decode calls going on
+#               past them (engine.CHAIN_PAST_FINISHES) and not, 0.5B at 64 / 256 rows (bench/ragged_finish.py), then
+#               structured.py's json rows, whose rows end at their own lengths (~200 s?)
 #   lora55      session 55: adapter rows on the accumulating glue (model.LORA_GLUE): the model step's test compiled,
 #               then bench/lora.py at 8 / 64 / 256 rows with JAXSERVE_LORA_GLUE=0 and =1, each its own process; flip
 #               LORA_GLUE's default if =1 wins (~330 s?)
@@ -967,6 +970,10 @@ for part in "${parts[@]}"; do
                timeout 260 ncu --clock-control none -k regex:'paged' --section SpeedOfLight --section Occupancy \
                  --section WarpStateStats --section LaunchStats -f -o "$OUT/$part/probe" python3 bench/ncu_probe.py \
                  --calls 1 --cases 05b_64x8k 05b_64x8k_fp8 && ncu -i "$OUT/$part/probe.ncu-rep" --page details ;;
+    ragged55) timeout 300 python3 bench/ragged_finish.py --shape 0.5B --batches 64 256 --rounds 5 --out "$OUT/$part" ; \
+              for on in 0 1; do echo "== JAXSERVE_CHAIN_PAST_FINISHES=$on"; \
+                JAXSERVE_CHAIN_PAST_FINISHES=$on timeout 150 python3 bench/structured.py --batches 256 --output-len 128 ; \
+              done ;;
     lora55) timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_lora.py \
               -k accumulating_glue ; \
             for on in 0 1; do echo "== JAXSERVE_LORA_GLUE=$on"; \

@@ -139,6 +139,19 @@ class _Prefill:
         return {id(r): i for i, (r, _, e) in enumerate(self.rows) if e == r.prefill_end}
 
 
+# Chained decode calls go on past rows that finish (`Engine._chain_rows`): off, a call after one in which a row ended
+# waits for the host to read it, schedule and dispatch (bench/ragged_finish.py times both in one process). Read at
+# each chaining decision; JAXSERVE_CHAIN_PAST_FINISHES=0 turns it off.
+CHAIN_PAST_FINISHES = os.environ.get("JAXSERVE_CHAIN_PAST_FINISHES", "1") == "1"
+
+
+@jax.jit
+def _gather_rows(last: Any, rows: jax.Array) -> Any:
+    """A chained call's input tokens (and guide states) from the call it follows, ``rows`` picking each of its rows'
+    (rows that dropped out left gaps: `Engine._chain_rows`). One dispatch, no host read."""
+    return jax.tree_util.tree_map(lambda a: a[rows], last)
+
+
 @jax.jit
 def _first_tokens(host: jax.Array, prefill_tokens: jax.Array, source: jax.Array, owed: jax.Array) -> jax.Array:
     """A decode call's input tokens: ``host``'s, but ``prefill_tokens[source]`` where ``owed``
@@ -369,6 +382,7 @@ class Engine:
         self._pending: _Decode | None = None  # a decode call dispatched but not yet read
         self._pending_prefill: _Prefill | None = None  # likewise, a prefill call
         self.chained_calls = 0
+        self.chained_calls_dropping_rows = 0
         self.overlapped_prefill_calls = 0
         self.decode_calls_after_prefill = 0
         # Speculative decoding (EngineConfig.speculative_tokens): verify calls, draft tokens sent, drafts accepted.
@@ -947,10 +961,10 @@ class Engine:
                          after: _Prefill | None = None) -> _Decode:
         """Start a multi-step decode call without waiting for it.
 
-        ``chained``: the call still in flight for the same rows; this one continues from its
-        last sampled tokens, which stay on the device, so the host can read the earlier call's
-        tokens while the device already runs this one. ``after``: the prefill call in flight that
-        samples the first token of some of ``reqs``; those rows start from it on the device.
+        ``chained``: the call still in flight for these rows (all of its own, or those left after some dropped out:
+        `_chain_rows`); this one continues from its last sampled tokens, which stay on the device, so the host can
+        read the earlier call's tokens while the device already runs this one. ``after``: the prefill call in
+        flight that samples the first token of some of ``reqs``; those rows start from it on the device.
         """
         table = self.scheduler.page_table()
         caps = self.scheduler.capacities()
@@ -962,11 +976,19 @@ class Engine:
         owed = [int(id(r) in first) for r in reqs]
         row_limits = [min(caps[r.slot], r.computed + r.remaining - o) for r, o in zip(reqs, owed)]
         shape = self.decode_shape(len(reqs), max(row_limits))
+        last = None if chained is None else chained.last
         if chained is not None and chained.shape.batch != shape.batch:
             # Its input tokens are the chained call's, so its batch too (rows that grew past the contexts where
-            # they pad), and its live rows, at the widths of the rows whose attention runs.
+            # they pad, or some dropped out within the bucket: `_chain_rows`), and its live rows, at the widths of
+            # the rows whose attention runs.
             live = chained.shape.live
             shape = DecodeShape(chained.shape.batch, self.decode_table_width(max(row_limits), live), live)
+        if chained is not None and [id(r) for r in reqs] != [id(r) for r in chained.reqs]:
+            # Rows dropped out: the others' tokens (and guide states) gathered to the front, padding after.
+            index = {id(r): i for i, r in enumerate(chained.reqs)}
+            rows = np.zeros(shape.batch, np.int32)
+            rows[: len(reqs)] = [index[id(r)] for r in reqs]
+            last = _gather_rows(last, rows)
         batch, width = shape.batch, shape.width
         positions = np.zeros(batch, np.int32)
         limits = np.zeros(batch, np.int32)
@@ -978,13 +1000,13 @@ class Engine:
             block_tables[i] = table[r.slot, :width]
         guides = None
         if self._guided(reqs):
-            guides = self._guide_tables(reqs, batch, chained.last[1] if chained is not None else None, owed)
+            guides = self._guide_tables(reqs, batch, last[1] if chained is not None else None, owed)
             if guides is None:
                 num_steps = 1  # each token's mask from the host
         sbatch, steps, num_top, counts, seen, greedy, logprobs = self._sampling_inputs(reqs, batch,
                                                                                       host_masks=guides is None)
         if chained is not None:
-            tokens = chained.last[0] if chained.guided else chained.last
+            tokens = last[0] if chained.guided else last
         else:
             tokens = np.zeros(batch, np.int32)
             tokens[: len(reqs)] = [0 if owed[i] else r.output_ids[-1] for i, r in enumerate(reqs)]
@@ -1092,26 +1114,37 @@ class Engine:
             self.spec["draft_tokens"] += len(d)
             self.spec["accepted_tokens"] += accepted
 
-    def _can_chain(self, call: _Decode) -> bool:
-        """Whether the next step may be another call over the same rows, dispatched before reading this one.
+    def _chain_rows(self, call: _Decode) -> list[Request] | None:
+        """The rows of a call that may follow ``call`` over its rows, dispatched before reading it (None if none may).
 
-        Only in steady decoding: nothing waits or prefills, no penalties (their counts live on the
-        host) nor bad words of several tokens (their last tokens too), every row still runs and gets room
-        for the chained call's tokens without preemption.
+        Only in steady decoding: nothing waits or prefills, no penalties (their counts live on the host) nor bad
+        words of several tokens (their last tokens too), no row runs that ``call`` did not, and every row gets
+        room for the chained call's tokens without preemption. Rows that finished or were aborted since ``call``
+        was dispatched, and those it ends (their last tokens are in it), drop out while the others still fill the
+        same batch bucket: their tokens are gathered on the device (`_gather_rows`), so a row finishing at its own
+        length (an EOS, a stop string) does not make the device wait for the host to read, schedule and dispatch
+        (~5 ms a call at 256 rows on the H200, bench/results/engine_timeline.md).
         """
-        if not self.config.overlap or call.penalties or self.scheduler.waiting or self._needs_history(call.reqs):
-            return False
-        if self._speculating(call.reqs):  # the next call may be a verify call, whose drafts need the tokens
-            return False
-        if self._guided(call.reqs) and not call.guided:  # masks from the host need its tokens first
-            return False
-        if any(r.is_prefilling for r in self.scheduler.running) or len(self.scheduler.running) != len(call.reqs):
-            return False
-        if any(r.status is not Status.RUNNING or r.finish_reason is not None or r.remaining <= call.num_steps
-               for r in call.reqs):
-            return False
-        want = [min(r.computed + r.remaining, self.max_model_len, r.computed + 2 * call.num_steps) for r in call.reqs]
-        return self.scheduler.reserve(call.reqs, want)
+        if not self.config.overlap or call.penalties or self.scheduler.waiting:
+            return None
+        in_call = {id(r) for r in call.reqs}
+        if any(r.is_prefilling or id(r) not in in_call for r in self.scheduler.running):
+            return None
+        rows = [r for r in call.reqs
+                if r.status is Status.RUNNING and r.finish_reason is None and r.remaining > call.num_steps]
+        if not rows or self._needs_history(rows):
+            return None
+        # Rows drop out within their bucket (the call keeps its batch: one gather shape a bucket); fewer rows than
+        # a smaller bucket holds end the chain, so that the next call runs at the smaller batch.
+        if len(rows) < len(call.reqs) and (not CHAIN_PAST_FINISHES
+                                           or self.decode_batch(len(rows)) != self.decode_batch(len(call.reqs))):
+            return None
+        if self._speculating(rows):  # the next call may be a verify call, whose drafts need the tokens
+            return None
+        if self._guided(rows) and not call.guided:  # masks from the host need its tokens first
+            return None
+        want = [min(r.computed + r.remaining, self.max_model_len, r.computed + 2 * call.num_steps) for r in rows]
+        return rows if self.scheduler.reserve(rows, want) else None
 
     def _can_follow_prefill(self, call: _Prefill) -> list[Request] | None:
         """The rows of a decode call that may start before the host reads ``call``'s first tokens
@@ -1158,9 +1191,10 @@ class Engine:
             self._pending = pending
             touched.update((r.request_id, r) for r in self._collect_prefill(after))
         elif pending is not None:
-            if self._can_chain(pending):
-                self._pending = self._dispatch_decode(pending.reqs, pending.num_steps, chained=pending)
+            if (rows := self._chain_rows(pending)) is not None:
+                self._pending = self._dispatch_decode(rows, pending.num_steps, chained=pending)
                 self.chained_calls += 1
+                self.chained_calls_dropping_rows += len(rows) < len(pending.reqs)
             self._collect_decode(pending)
             touched.update((r.request_id, r) for r in pending.reqs)
         else:
@@ -1438,6 +1472,7 @@ class Engine:
                    prefill_call_s=self.time_s["prefill"], decode_call_s=self.time_s["decode"],
                    host_s=self.time_s["step"] - self.time_s["prefill"] - self.time_s["decode"],
                    compilations=len(self.runner.compiled_shapes), overlapped_decode_calls=self.chained_calls,
+                   overlapped_decode_calls_dropping_rows=self.chained_calls_dropping_rows,
                    overlapped_prefill_calls=self.overlapped_prefill_calls,
                    decode_calls_after_prefill=self.decode_calls_after_prefill,
                    spec_verify_calls=self.spec["verify_calls"], spec_draft_tokens=self.spec["draft_tokens"],

@@ -567,6 +567,33 @@ def test_overlapped_decode_gives_the_same_tokens_as_synchronous(tiny):
     assert results[True][0]["token_ids"] == hf_greedy(hf, prompts[0], 30)
 
 
+def test_chained_decode_calls_go_on_past_rows_that_finish(tiny):
+    # Rows that end at their own lengths (a stop id the engine cannot foresee, different max_tokens) drop out of
+    # the chained calls, whose other rows continue from their tokens on the device (gathered), instead of ending
+    # the chain, while they fill the same batch bucket (8 rows here, then 4): the tokens are Hugging Face's and
+    # the synchronous engine's, a seeded row's too.
+    m, hf = tiny
+    prompts = random_prompts(m.config.vocab_size, (5, 9, 13, 7, 11, 6, 8, 10))
+    ref = hf_greedy(hf, prompts[0], 30)
+    at = ref.index(ref[9])  # where the stop id first comes (the random model repeats itself: maybe earlier)
+    lengths = (9, 12, 15, 17, 20, 26)
+    params = [SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, stop_token_ids=[ref[at]])]
+    params += [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
+    params += [SamplingParams(max_tokens=21, temperature=0.9, top_k=20, seed=11, ignore_eos=True)]
+    results = {}
+    for overlap in (True, False):
+        with Engine(m, small_config(overlap=overlap, decode_steps=3, max_running=8, batch_buckets=(4, 8),
+                                    num_pages=160)) as e:
+            results[overlap] = e.generate(prompts, params, use_tqdm=False)
+            assert (e.stats()["overlapped_decode_calls_dropping_rows"] > 0) == overlap, e.stats()
+            assert_all_pages_free(e)
+    assert [o["token_ids"] for o in results[True]] == [o["token_ids"] for o in results[False]]
+    outs = results[True]
+    assert outs[0]["token_ids"] == ref[: at + 1] and outs[0]["finish_reason"] == "stop"
+    for p, o, n in zip(prompts[1:7], outs[1:7], lengths):
+        assert o["token_ids"] == hf_greedy(hf, p, n) and o["finish_reason"] == "length"
+
+
 @pytest.mark.parametrize("policy", ["prefill_first", "time_share", "mixed"])
 def test_overlapped_prefill_gives_the_same_tokens_as_synchronous(tiny, policy):
     """Prefill calls dispatched before the previous one's first tokens are read (overlap on)

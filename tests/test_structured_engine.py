@@ -171,9 +171,10 @@ def test_device_followed_constraints_give_the_host_paths_tokens(model, monkeypat
 
             monkeypatch.setattr(engine.runner, "decode", recording)
             results[device] = engine.generate(prompts, params, use_tqdm=False)
-            # On the device, a decode call over the same rows continues the one in flight (their states too),
-            # and the first one starts from the prefill's first tokens before the host reads them.
-            assert ((True, True) in calls) == device and ((False, True) in calls) == device, calls
+            # On the device, a decode call over the same rows (or those left when some finished) continues the one
+            # in flight (their states too), and the first one starts from the prefill's first tokens before the host
+            # reads them; off, no call takes guides.
+            assert ((True, True) in calls) == device and any(guided for _, guided in calls) == device, calls
             assert (engine.stats()["decode_calls_after_prefill"] > 0) == device
             assert_all_pages_free(engine)
     assert [o["token_ids"] for o in results[True]] == [o["token_ids"] for o in results[False]]
