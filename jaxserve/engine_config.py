@@ -38,14 +38,14 @@ class EngineConfig:
     so the number of compiled step shapes is ``len(batch_buckets) * (widths + len(prefill_buckets))``
     at most (decode steps take two to four block-table widths, three for a 32k model,
     ``Engine.decode_table_widths``).
-    ``overlap`` lets a decode call run while the host reads the previous one's tokens (steady
-    decoding, rows that finish dropping out of it), and a prefill call (or, after the last one, the
-    first decode call) start before the host reads the previous prefill's first tokens; outputs are
-    the same either way. ``compile_cache_dir`` keeps the compiled steps on disk (JAX's persistent
-    cache, process-wide), so a restart skips most of the warm-up. ``decode_steps`` (8) decode steps run in one device call: at 4 the host's work
-    a call no longer hid behind the device's at batch 64 (H200, Qwen2.5-0.5B: 45.7k against
-    58.9k tokens/s; batch 1 1.13k against 1.25k; bench/results/throughput.md, run 23); 16 gave
-    +4.8% at batch 64 and -1.1% at 256 (run 28) and makes new requests wait longer for a call.
+    ``overlap`` lets a decode call run while the host reads the previous one's tokens (steady decoding, rows that
+    finish dropping out of it), and a prefill call (or, after the last one, the first decode call) start before the
+    host reads the previous prefill's first tokens; outputs are the same either way. ``compile_cache_dir`` keeps the
+    compiled steps on disk (JAX's persistent cache, process-wide), so a restart skips most of the warm-up.
+    ``decode_steps`` (8) decode steps run in one device call: at 4 the host's work a call no longer hid behind the
+    device's at batch 64 (H200, Qwen2.5-0.5B: 45.7k against 58.9k tokens/s; batch 1 1.13k against 1.25k;
+    bench/results/throughput.md, run 23); 16 gave +4.8% at batch 64 and -1.1% at 256 (run 28) and makes new requests
+    wait longer for a call.
     ``scheduling_policy`` (vLLM's): which waiting request is admitted first and which running one is preempted
     when pages run out: "fcfs", arrival order (the newest preempted); "priority", each request's ``priority``
     (lower first, vLLM's order; ties by arrival), the lowest priority preempted. (``policy`` is another question:
