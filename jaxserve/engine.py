@@ -1456,6 +1456,10 @@ class Engine:
                 zeros = np.zeros(batch, np.int32)
                 for tokens in (t for b, t in first_tokens.items() if b <= batch):
                     _first_tokens(zeros, tokens, zeros, zeros.astype(bool))
+                # and a chained call that rows dropped out of (_chain_rows) gathers the others' tokens (and states)
+                last = jnp.zeros(batch, jnp.int32)
+                for tree in (last, (last, last)) if len(guided) > 1 else (last,):
+                    _gather_rows(tree, zeros)
         jax.block_until_ready(self.runner.kv)
         return len(self.runner.compiled_shapes) - before
 

@@ -518,6 +518,14 @@ def test_warmup_compiles_every_shape_the_scheduler_uses(tiny):
         prompts = random_prompts(m.config.vocab_size, (3, 20, 50, 64, 9, 33))
         engine.generate(prompts, GREEDY, use_tqdm=False)
         assert engine.stats()["compilations"] == compiled
+        # Rows ending at their own lengths drop out of chained calls, which gather the others' tokens: warmed too.
+        from jaxserve import engine as engine_module
+
+        gathers = engine_module._gather_rows._cache_size()
+        ragged = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (3, 7, 11, 15)]
+        engine.generate(prompts[:4], ragged, use_tqdm=False)
+        assert engine.stats()["overlapped_decode_calls_dropping_rows"] > 0
+        assert engine_module._gather_rows._cache_size() == gathers and engine.stats()["compilations"] == compiled
         assert_all_pages_free(engine)
 
 
