@@ -143,6 +143,10 @@ class _Prefill:
 # waits for the host to read it, schedule and dispatch (bench/ragged_finish.py times both in one process). Read at
 # each chaining decision; JAXSERVE_CHAIN_PAST_FINISHES=0 turns it off.
 CHAIN_PAST_FINISHES = os.environ.get("JAXSERVE_CHAIN_PAST_FINISHES", "1") == "1"
+# Under prefill_first, waiting prompts' prefill goes to the device behind the decode call in flight, before the host
+# reads it (`Engine._prefill_behind`); off, the host reads the decode first, then schedules and dispatches. Not yet
+# timed on a GPU (session 55). JAXSERVE_PREFILL_BEHIND_DECODE=0 turns it off.
+PREFILL_BEHIND_DECODE = os.environ.get("JAXSERVE_PREFILL_BEHIND_DECODE", "1") == "1"
 
 
 @jax.jit
@@ -383,6 +387,7 @@ class Engine:
         self._pending_prefill: _Prefill | None = None  # likewise, a prefill call
         self.chained_calls = 0
         self.chained_calls_dropping_rows = 0
+        self.prefill_calls_behind_decode = 0
         self.overlapped_prefill_calls = 0
         self.decode_calls_after_prefill = 0
         # Speculative decoding (EngineConfig.speculative_tokens): verify calls, draft tokens sent, drafts accepted.
@@ -1146,6 +1151,19 @@ class Engine:
         want = [min(r.computed + r.remaining, self.max_model_len, r.computed + 2 * call.num_steps) for r in rows]
         return rows if self.scheduler.reserve(rows, want) else None
 
+    def _prefill_behind(self, call: _Decode) -> _Prefill | None:
+        """Under ``prefill_first`` with ``overlap``: the prefill of waiting prompts, dispatched behind the decode
+        call in flight before the host reads it (None if nothing can be admitted), so that the device goes from
+        the decode straight into the prefill instead of waiting for the host to read, schedule and dispatch. It
+        needs none of the decode's tokens: admission takes free pages only (no running row is preempted), and the
+        rows the read finishes free theirs after it. The next step goes on as after any prefill (more prefill, or
+        the decode over every row from the prefill's first tokens on the device: `_can_follow_prefill`)."""
+        if not (self.config.overlap and self.config.policy == "prefill_first" and self.scheduler.waiting
+                and PREFILL_BEHIND_DECODE):
+            return None
+        plan = self.scheduler.schedule(prefill_only=True)
+        return self._dispatch_prefill(plan.prefill) if plan.prefill else None
+
     def _can_follow_prefill(self, call: _Prefill) -> list[Request] | None:
         """The rows of a decode call that may start before the host reads ``call``'s first tokens
         (None if none may): with ``overlap``, once ``call`` is the last prefill (no prompt waits or
@@ -1195,6 +1213,9 @@ class Engine:
                 self._pending = self._dispatch_decode(rows, pending.num_steps, chained=pending)
                 self.chained_calls += 1
                 self.chained_calls_dropping_rows += len(rows) < len(pending.reqs)
+            elif (call := self._prefill_behind(pending)) is not None:
+                self._pending_prefill = call
+                self.prefill_calls_behind_decode += 1
             self._collect_decode(pending)
             touched.update((r.request_id, r) for r in pending.reqs)
         else:
@@ -1477,6 +1498,7 @@ class Engine:
                    host_s=self.time_s["step"] - self.time_s["prefill"] - self.time_s["decode"],
                    compilations=len(self.runner.compiled_shapes), overlapped_decode_calls=self.chained_calls,
                    overlapped_decode_calls_dropping_rows=self.chained_calls_dropping_rows,
+                   prefill_calls_behind_decode=self.prefill_calls_behind_decode,
                    overlapped_prefill_calls=self.overlapped_prefill_calls,
                    decode_calls_after_prefill=self.decode_calls_after_prefill,
                    spec_verify_calls=self.spec["verify_calls"], spec_draft_tokens=self.spec["draft_tokens"],

@@ -602,6 +602,24 @@ def test_chained_decode_calls_go_on_past_rows_that_finish(tiny):
         assert o["token_ids"] == hf_greedy(hf, p, n) and o["finish_reason"] == "length"
 
 
+def test_prompts_arriving_mid_decode_are_prefilled_behind_the_decode_in_flight(tiny):
+    # prefill_first with overlap: a prompt that arrives while a decode call runs is prefilled by a call dispatched
+    # behind it, before the host reads it (`Engine._prefill_behind`); every request gets Hugging Face's tokens.
+    m, hf = tiny
+    prompts = random_prompts(m.config.vocab_size, (6, 11, 9, 14))
+    with Engine(m, small_config(decode_steps=2)) as engine:
+        ids = [engine.add_request(p, GREEDY) for p in prompts[:2]]
+        for _ in range(3):
+            engine.step()
+        ids += [engine.add_request(p, GREEDY) for p in prompts[2:]]
+        while engine.has_unfinished():
+            engine.step()
+        assert engine.stats()["prefill_calls_behind_decode"] > 0
+        for rid, p in zip(ids, prompts):
+            assert engine.requests[rid].output_ids == hf_greedy(hf, p, 10)
+        assert_all_pages_free(engine)
+
+
 @pytest.mark.parametrize("policy", ["prefill_first", "time_share", "mixed"])
 def test_overlapped_prefill_gives_the_same_tokens_as_synchronous(tiny, policy):
     """Prefill calls dispatched before the previous one's first tokens are read (overlap on)
