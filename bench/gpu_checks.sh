@@ -13,6 +13,9 @@
 #   ragged55    session 55: rows finishing at their own lengths (ragged max_tokens) with chained decode calls going on
 #               past them (engine.CHAIN_PAST_FINISHES) and not, 0.5B at 64 / 256 rows (bench/ragged_finish.py), then
 #               structured.py's json rows, whose rows end at their own lengths (~200 s?)
+#   arrivals55  session 55: prompts arriving mid-decode prefilled behind the decode call in flight
+#               (engine.PREFILL_BEHIND_DECODE) and not: the policies run (bf16, 96 requests at 64/s) with it off and
+#               on, each its own process; prefill_first's TTFT / TPOT rows are the ones it moves (~300 s?)
 #   lora55      session 55: adapter rows on the accumulating glue (model.LORA_GLUE): the model step's test compiled,
 #               then bench/lora.py at 8 / 64 / 256 rows with JAXSERVE_LORA_GLUE=0 and =1, each its own process; flip
 #               LORA_GLUE's default if =1 wins (~330 s?)
@@ -974,6 +977,12 @@ for part in "${parts[@]}"; do
               for on in 0 1; do echo "== JAXSERVE_CHAIN_PAST_FINISHES=$on"; \
                 JAXSERVE_CHAIN_PAST_FINISHES=$on timeout 150 python3 bench/structured.py --batches 256 --output-len 128 ; \
               done ;;
+    arrivals55) export JAX_COMPILATION_CACHE_DIR=/tmp/jaxserve_jc JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+                for on in 0 1; do echo "== JAXSERVE_PREFILL_BEHIND_DECODE=$on"; \
+                  JAXSERVE_PREFILL_BEHIND_DECODE=$on timeout 150 python3 bench/throughput.py --policies \
+                    --num-requests 96 --rate 64 --max-running 16 --prompt-len 256 --output-len 32 --decode-steps 4 \
+                    --dtype bfloat16 --out "$OUT/$part/behind$on" ; done ;;
     lora55) timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_lora.py \
               -k accumulating_glue ; \
             for on in 0 1; do echo "== JAXSERVE_LORA_GLUE=$on"; \
