@@ -443,7 +443,9 @@ ACCUMULATE = os.environ.get("JAXSERVE_ACCUMULATE", "1") == "1"
 # read 25 MB); "early": for the previous layer's attention output (beside that layer's o_proj, MLP and this one's
 # QKV, ~35 us, whose weights may evict part of what it read; layer 0 as "layer"). H100, session 54
 # (bench/results/decode_step.md): "layer" cut the 256-row attention 15.0 -> 10.7 us, but its first read-ahead kernel
-# took 23 us. JAXSERVE_KV_TOUCH=layer / early; read when a step is traced.
+# took 23 us; session 55, a program reading 4 table entries with every load issued first: 14.3-14.8 us a layer, steps
+# still +8-10% (256 rows 1.335 -> 1.445-1.466 ms, "early" 1.707; 64 rows 0.892 -> 0.907-0.938). Stays off.
+# JAXSERVE_KV_TOUCH=layer / early; read when a step is traced.
 _KV_TOUCH_ENV = os.environ.get("JAXSERVE_KV_TOUCH", "")
 KV_TOUCH = {"0": "", "1": "layer"}.get(_KV_TOUCH_ENV, _KV_TOUCH_ENV)
 if KV_TOUCH not in ("", "layer", "early"):
@@ -452,8 +454,9 @@ if KV_TOUCH not in ("", "layer", "early"):
 # float32 accumulators: QKV's after its norm seeds it, o_proj's and down_proj's into the stream before the product adds
 # there; gate_up, whose SwiGLU needs the term first, runs without its epilogue and SwiGLU follows in XLA. Off: such
 # steps run the plain path (separate norms and residual adds; H100, session 54, bench/results/lora.md: adapter rows at
-# 0.46-0.50x of the base model's tokens/s). Off until timed on a GPU (bench/gpu_checks.sh lora55).
-# JAXSERVE_LORA_GLUE=1; read when a step is traced.
+# 0.46-0.50x of the base model's tokens/s). H100, session 55 (lora.md): a tie at 8 / 64 / 256 rows (0.46 / 0.46 / 0.49x
+# either way): the adapters' own products are the cost, so it stays off. JAXSERVE_LORA_GLUE=1; read when a step is
+# traced.
 LORA_GLUE = os.environ.get("JAXSERVE_LORA_GLUE", "0") == "1"
 
 
