@@ -391,13 +391,9 @@ class Steps:
         """Whether a step's tokens come from the LM head's argmax (`model.greedy_head_applies`'s kernel; under tensor
         parallelism each device's argmax of its vocabulary slice, so no logits cross devices): every row greedy without
         penalties, allowed-token masks or bad words, no log-probabilities asked for."""
-        # The head's kernel only where the step runs kernels ("pallas"): the CPU's default "reference" steps would
-        # run it in Mosaic GPU's interpreter, ~100x the jnp head's time (64 rows of a 4k-vocabulary model: 420 ms a
-        # step against 4 ms, bench/results/structured.md session 55).
         return (greedy and not logprobs and num_top == 0 and not batch.allowed.shape[1] and not batch.bad_words.shape[1]
                 and ((self.tp is not None and not self.model.config.num_labels)
-                     or (self.attention_impl == "pallas"
-                         and greedy_head_applies(self.model.config, self.model.dtype, rows))))
+                     or greedy_head_applies(self.model.config, self.model.dtype, rows)))
 
     def _pick_kernel(self, logits: jax.Array) -> bool:
         return self.pick_kernel and logits.shape[0] >= self.pick_min_rows
