@@ -29,6 +29,9 @@ def main() -> None:
                     help="dtype of the check against the merged weights (default float32: in bf16 a random model's "
                          "near-ties flip greedy tokens between any two roundings, H200 session 48: 0/16 rows alike)")
     ap.add_argument("--out", default=None, help="a folder: lora.md lands there")
+    ap.add_argument("--profile", default=None,
+                    help="a folder: trace the base and one-adapter runs at each batch there and print GPU time per "
+                         "kernel a generated token (which launches the adapters add)")
     args = ap.parse_args()
     import jax
     import numpy as np
@@ -57,6 +60,20 @@ def main() -> None:
     rng = np.random.default_rng(0)
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True, logprobs=0)
 
+    def profile(e: Engine, prompts: list, lora, trace_dir: str) -> None:
+        # A generate call's kernels over its output tokens: prefill is in it, a fraction at 128 prompt tokens.
+        from bench.decode_step import gpu_kernel_times, grouped_kernel_times
+
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            e.generate(prompts, params, use_tqdm=False, lora_request=lora)
+        times = gpu_kernel_times(trace_dir)
+        steps = args.output_len
+        print(f"profile {trace_dir}: GPU busy {sum(t for _, t in times.values()) / steps:.1f} µs a generated token, "
+              f"{sum(n for n, _ in times.values()) / steps:.1f} launches", flush=True)
+        for key, (n, t) in grouped_kernel_times(times)[:25]:
+            print(f"   {t / steps:8.1f} µs/tok {n / steps:6.1f} launches/tok  {t / max(n, 1):7.2f} µs each  {key[:90]}",
+                  flush=True)
+
     def engine(max_loras: int) -> Engine:
         return Engine(model, EngineConfig(page_size=16, num_pages=None if gpu else 1024, max_running=max(args.batch),
                                           max_tokens_per_step=max(2048, max(args.batch)), decode_steps=8,
@@ -84,6 +101,8 @@ def main() -> None:
                 rate = sum(len(o["token_ids"]) for o in outs) / (time.perf_counter() - start)
                 base_rate = base_rate or rate
                 lines.append(f"| {batch} | {name} | {rate:,.0f} | {rate / base_rate:.2f}x |")
+                if args.profile and gpu and name in ("base model, an engine without LoRA", "one adapter"):
+                    profile(e, prompts, lora, os.path.join(args.profile, f"b{batch}_{'base' if lora is None else 'lora'}"))
         # The check: adapter 0's rows against its weights merged in (in float32: the base model is not used again).
         merged_model = merged(hf.float(), adapters[0].lora_path)
         cd = args.check_dtype

@@ -183,15 +183,19 @@ def test_decode_step_with_mgpu_projections_lowers_for_cuda(compiled_kernels, mon
     assert {"add_rms_norm", "fused_decode_attention"} <= names and "skinny_matmul" not in names, names
 
 
-@pytest.mark.parametrize("glue", [True, False])
-def test_decode_step_with_adapters_lowers_for_cuda(compiled_kernels, monkeypatch, glue):
+@pytest.mark.parametrize("glue,kernels", [(True, False), (False, False), (True, True)])
+def test_decode_step_with_adapters_lowers_for_cuda(compiled_kernels, monkeypatch, glue, kernels):
     # model.LORA_GLUE: a 64-row step with adapter rows on the accumulating glue (its norms in add_rms_norm, the
-    # projections on Mosaic GPU, the adapters' products XLA's); off, the plain path (XLA's norms).
-    monkeypatch.setattr(importlib.import_module("jaxserve.model"), "LORA_GLUE", glue)
+    # projections on Mosaic GPU, the adapters' products XLA's, or with LORA_KERNELS lora_matmul's: down_proj's
+    # 4,864 wide input through the split shrink); off, the plain path (XLA's norms).
+    model = importlib.import_module("jaxserve.model")
+    monkeypatch.setattr(model, "LORA_GLUE", glue)
+    monkeypatch.setattr(model, "LORA_KERNELS", kernels)
     text = decode_step_text(64, loras=4)
     assert text.count("custom_call @mosaic_gpu_v2") >= 4, "the projections did not go to Mosaic GPU"
     names = triton_kernel_names(text)
     assert "fused_decode_attention" in names and ("add_rms_norm" in names) == glue, names
+    assert ({"lora_add", "lora_swiglu", "lora_shrink"} <= names) == kernels, names
 
 
 def test_decode_step_with_kv_read_ahead_lowers_for_cuda(compiled_kernels, monkeypatch):

@@ -1,0 +1,233 @@
+"""LoRA adapter terms added in place: shrink, per-row adapter select and expand in one or two launches.
+
+Owns: ``acc + ((x @ a[slot_i].T) @ b[slot_i])`` for every row i of a decode step (`lora_add`), the same with
+SwiGLU applied after the term (`lora_swiglu`, gate_up's adapters), and their jnp references. Never decides
+which adapter a row takes (`jaxserve.lora.LoraSlots` does) or when the kernels run (`jaxserve.model.LORA_KERNELS`).
+
+Why: XLA runs an adapter term (`jaxserve.lora.lora_delta`) as a shrink product, the slot select, an expand
+product and an add, about four launches a projection, sixteen a layer. On the H100 (bench/results/lora.md) rows
+with adapters ran at 0.46-0.50x of the base model's tokens/s at every batch: at Qwen2.5-0.5B's size the step is
+bound by launches, and the adapters' cost about 50 µs a layer at 64 rows, twice the layer itself.
+
+How: the adapters of every slot are one matrix, ``a [slots * R, K]`` and ``b [slots * R, N]``; a row's shrink is
+computed against every slot's columns and the columns of other slots are zeroed (the select), so mixed batches
+take one dense product, as `lora_delta` does. One program per (block of rows, block of output columns):
+- K up to `INLINE_K`: each program computes its rows' shrink itself (the whole ``x`` rows and ``a``, a few
+  hundred KiB, from L2), selects, rounds to the activations' dtype (as `lora_delta` does), multiplies by its
+  columns of ``b`` and adds into the float32 accumulator, which is aliased: one launch a projection.
+- Wider K (down_proj's): a first launch writes the shrink's float32 partial sums over splits of K, the second
+  sums them and goes on as above: two launches, each with programs enough to fill the GPU.
+Deterministic (no atomics). Products on the tensor cores with float32 accumulation (HIGHEST in float32).
+
+Backend: Pallas Triton, like the other small-row kernels (`jaxserve_kernels.paged_attention` says why).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxserve_kernels import pallas_compat as compat
+
+# Inputs this wide or narrower are shrunk inside every expand program (one launch); wider ones in a launch of
+# their own over K splits. Qwen2.5-0.5B: QKV, o_proj and gate_up (896) inline, down_proj (4,864) split.
+INLINE_K = 1024
+# Elements of K a program (or an inline shrink's loop iteration) takes; a split shrink's programs take
+# `SPLIT_K` each, so down_proj at 0.5B runs 10 splits a row block.
+BLOCK_K = 128
+SPLIT_K = 512
+BLOCK_N = 64
+MAX_ROW_BLOCK = 64
+
+
+def _shrink(x_ref, a_ref, r0, row_ok, k0, k_len: int, *, block_m: int, block_k: int, cdt, precision):
+    """Float32 ``x[r0:r0+block_m, k0:k0+k_len] @ a[:, k0:k0+k_len].T``: ``[block_m, padded slots * R]``."""
+    nr = a_ref.shape[0]
+    nr_pad = compat.next_pow2(max(16, nr))
+    col_ok = jnp.arange(nr_pad) < nr
+    num_k = x_ref.shape[1]
+
+    def body(i, t):
+        start = k0 + i * block_k
+        k_ok = start + jnp.arange(block_k) < num_k
+        xs = compat.load(x_ref.at[pl.ds(r0, block_m), pl.ds(start, block_k)], mask=row_ok[:, None] & k_ok[None, :],
+                         other=0)
+        a = compat.load(a_ref.at[pl.ds(0, nr_pad), pl.ds(start, block_k)], mask=col_ok[:, None] & k_ok[None, :],
+                        other=0)
+        return t + compat.dot(xs.astype(cdt), a.astype(cdt), trans_b=True, precision=precision)
+
+    t0 = jnp.zeros((block_m, nr_pad), jnp.float32)
+    return lax.fori_loop(0, pl.cdiv(k_len, block_k), body, t0)
+
+
+def _shrink_kernel(x_ref, a_ref, t_ref, *, block_m: int, split_k: int, block_k: int, cdt, precision):
+    rb, split = pl.program_id(0), pl.program_id(1)
+    r0 = rb * block_m
+    row_ok = r0 + jnp.arange(block_m) < x_ref.shape[0]
+    t = _shrink(x_ref, a_ref, r0, row_ok, split * split_k, split_k, block_m=block_m, block_k=block_k, cdt=cdt,
+                precision=precision)
+    col_ok = jnp.arange(t.shape[1]) < t_ref.shape[2]
+    compat.store(t_ref.at[split, pl.ds(r0, block_m), pl.ds(0, t.shape[1])], t, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _expand_kernel(slots_ref, x_ref, a_ref, b_ref, acc_ref, out_ref, *, block_m: int, block_n: int, rank: int,
+                   splits: int, block_k: int, swiglu: bool, cdt, precision):
+    """``splits`` 0: ``x_ref``/``a_ref`` are the input and adapters (shrink inline); else ``x_ref`` holds the
+    split shrink's partials ``[splits, B, slots * R]`` (``a_ref`` unused)."""
+    rb, cb = pl.program_id(0), pl.program_id(1)
+    r0 = rb * block_m
+    batch = slots_ref.shape[0]
+    row_ok = r0 + jnp.arange(block_m) < batch
+    nr = b_ref.shape[0]
+    nr_pad = compat.next_pow2(max(16, nr))
+    nrs = jnp.arange(nr_pad)
+    nr_ok = nrs < nr
+    if splits:
+        s_pad = compat.next_pow2(splits)
+        parts = compat.load(x_ref.at[pl.ds(0, s_pad), pl.ds(r0, block_m), pl.ds(0, nr_pad)],
+                            mask=(jnp.arange(s_pad) < splits)[:, None, None] & row_ok[None, :, None]
+                            & nr_ok[None, None, :], other=0)
+        t = parts.sum(axis=0)
+    else:
+        t = _shrink(x_ref, a_ref, r0, row_ok, 0, x_ref.shape[1], block_m=block_m, block_k=block_k, cdt=cdt,
+                    precision=precision)
+    slots = compat.load(slots_ref.at[pl.ds(r0, block_m)], mask=row_ok, other=-1)
+    # The select: a row keeps its own slot's R columns (slot -1, no adapter: none), rounded as `lora_delta` rounds.
+    t = jnp.where((nrs // rank)[None, :] == slots[:, None], t, 0.0).astype(cdt)
+    n_out = out_ref.shape[1]
+    c0 = cb * block_n
+    col_ok = c0 + jnp.arange(block_n) < n_out
+    mask = row_ok[:, None] & col_ok[None, :]
+
+    def term(start):  # the adapters' output columns start.. of this block, float32
+        b = compat.load(b_ref.at[pl.ds(0, nr_pad), pl.ds(start, block_n)], mask=nr_ok[:, None] & col_ok[None, :],
+                        other=0)
+        return compat.dot(t, b.astype(cdt), precision=precision)
+
+    def acc(start):
+        return compat.load(acc_ref.at[pl.ds(r0, block_m), pl.ds(start, block_n)], mask=mask,
+                           other=0).astype(jnp.float32)
+
+    if swiglu:  # gate's columns c and up's columns n_out + c, then silu(gate) * up
+        gate = acc(c0) + term(c0)
+        up = acc(n_out + c0) + term(n_out + c0)
+        out = gate * jax.nn.sigmoid(gate) * up
+    else:
+        out = acc(c0) + term(c0)
+    compat.store(out_ref.at[pl.ds(r0, block_m), pl.ds(c0, block_n)], out.astype(out_ref.dtype), mask=mask)
+
+
+@functools.partial(jax.jit, static_argnames=("swiglu", "out_dtype", "interpret", "inline_k", "split_k", "block_n"))
+def _lora(x, a, b, slots, acc, *, swiglu: bool, out_dtype, interpret: bool, inline_k: int, split_k: int,
+          block_n: int):
+    batch, k = x.shape
+    n_slots, rank, _ = a.shape
+    a2, b2 = a.reshape(n_slots * rank, k), b.reshape(n_slots * rank, -1)
+    cdt = x.dtype
+    precision = lax.Precision.HIGHEST if cdt == jnp.float32 else None
+    block_m = min(MAX_ROW_BLOCK, max(16, compat.next_pow2(batch)))
+    row_blocks = pl.cdiv(batch, block_m)
+    splits = 0 if k <= inline_k else pl.cdiv(k, split_k)
+    if splits:
+        t = compat.triton_call(
+            functools.partial(_shrink_kernel, block_m=block_m, split_k=split_k, block_k=BLOCK_K, cdt=cdt,
+                              precision=precision),
+            x, a2, grid=(row_blocks, splits), out_shape=jax.ShapeDtypeStruct((splits, batch, n_slots * rank),
+                                                                           jnp.float32),
+            interpret=interpret, num_warps=4, name="lora_shrink")
+        first = (t, a2)
+    else:
+        first = (x, a2)
+    n_out = acc.shape[1] // 2 if swiglu else acc.shape[1]
+    kernel = functools.partial(_expand_kernel, block_m=block_m, block_n=block_n, rank=rank, splits=splits,
+                               block_k=BLOCK_K, swiglu=swiglu, cdt=cdt, precision=precision)
+    return compat.triton_call(
+        kernel, slots.astype(jnp.int32), *first, b2, acc, grid=(row_blocks, pl.cdiv(n_out, block_n)),
+        out_shape=jax.ShapeDtypeStruct((batch, n_out), out_dtype), interpret=interpret, num_warps=4,
+        name="lora_swiglu" if swiglu else "lora_add",
+        input_output_aliases={} if swiglu or acc.dtype != out_dtype else {4: 0})
+
+
+def _check(x, a, b, slots, acc, n_out: int) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"x must be [batch, in], got {x.shape}")
+    if a.ndim != 3 or a.shape[2] != x.shape[1]:
+        raise ValueError(f"a must be [slots, rank, {x.shape[1]}] (x's width), got {a.shape}")
+    if b.shape[:2] != a.shape[:2] or b.ndim != 3:
+        raise ValueError(f"b must be [{a.shape[0]}, {a.shape[1]}, out] (a's slots and rank), got {b.shape}")
+    if slots.shape != (x.shape[0],):
+        raise ValueError(f"slots must be [{x.shape[0]}] (x's rows), got {slots.shape}")
+    if acc.shape != (x.shape[0], n_out):
+        raise ValueError(f"acc must be [{x.shape[0]}, {n_out}], got {acc.shape}")
+
+
+def lora_add(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, acc: jax.Array, *,
+             interpret: bool | None = None, inline_k: int | None = None, split_k: int | None = None,
+             block_n: int | None = None) -> jax.Array:
+    """``acc`` plus each row's adapter term ``(x_i @ a[slots_i].T) @ b[slots_i]``, in ``acc``'s dtype.
+
+    Args:
+        x: ``[batch, in]`` the projection's input (its dtype is the products').
+        a: ``[slots, R, in]``, b: ``[slots, R, out]`` every slot's adapters (`jaxserve.lora.LoraSlots`).
+        slots: ``[batch]`` int, each row's slot; -1: no adapter (``acc`` unchanged).
+        acc: ``[batch, out]`` what the term is added to; float32 is updated in place (donate it).
+        interpret: Pallas interpret mode; None picks it on the CPU backend.
+        inline_k, split_k, block_n: tiling (`INLINE_K`, `SPLIT_K`, `BLOCK_N` by default).
+
+    Example:
+        >>> a, b = jnp.ones((2, 16, 32)), jnp.ones((2, 16, 8))
+        >>> out = lora_add(jnp.ones((3, 32)), a, b, jnp.array([0, 1, -1]), jnp.zeros((3, 8)))
+        >>> out[:, 0].tolist()
+        [512.0, 512.0, 0.0]
+    """
+    _check(x, a, b, slots, acc, b.shape[2])
+    return _lora(x, a, b, slots, acc, swiglu=False, out_dtype=jnp.dtype(acc.dtype),
+                 interpret=compat.resolve_interpret(interpret), inline_k=inline_k or INLINE_K,
+                 split_k=split_k or SPLIT_K, block_n=block_n or BLOCK_N)
+
+
+def lora_swiglu(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, h: jax.Array, *,
+                out_dtype=None, interpret: bool | None = None, inline_k: int | None = None,
+                split_k: int | None = None, block_n: int | None = None) -> jax.Array:
+    """``silu(g) * u`` where ``[g | u] = h + `` each row's adapter term (gate_up's output and adapters, the halves
+    side by side): the MLP's activation with the adapters in, one launch. ``out_dtype`` defaults to ``h``'s.
+
+    Example:
+        >>> a, b = jnp.zeros((1, 16, 32)), jnp.zeros((1, 16, 8))
+        >>> lora_swiglu(jnp.ones((2, 32)), a, b, jnp.array([0, -1]), jnp.ones((2, 8))).shape
+        (2, 4)
+    """
+    _check(x, a, b, slots, h, b.shape[2])
+    if h.shape[1] % 2:
+        raise ValueError(f"h must hold gate and up side by side (an even width), got {h.shape}")
+    return _lora(x, a, b, slots, h, swiglu=True, out_dtype=jnp.dtype(out_dtype or h.dtype),
+                 interpret=compat.resolve_interpret(interpret), inline_k=inline_k or INLINE_K,
+                 split_k=split_k or SPLIT_K, block_n=block_n or BLOCK_N)
+
+
+def lora_term_reference(x, a, b, slots) -> jax.Array:
+    """The adapter term in float32, as `jaxserve.lora.lora_delta` computes it (shrink in float32, selected,
+    rounded to ``x``'s dtype, expand in float32)."""
+    n, r, _ = a.shape
+    t = jnp.dot(x, a.reshape(n * r, -1).astype(x.dtype).T, preferred_element_type=jnp.float32,
+                precision=lax.Precision.HIGHEST)
+    mine = (jnp.arange(n * r) // r)[None, :] == slots[:, None]
+    t = jnp.where(mine, t, 0.0).astype(x.dtype)
+    return jnp.dot(t, b.reshape(n * r, -1).astype(x.dtype), preferred_element_type=jnp.float32,
+                   precision=lax.Precision.HIGHEST)
+
+
+def lora_add_reference(x, a, b, slots, acc) -> jax.Array:
+    """`lora_add` in jnp."""
+    return (acc.astype(jnp.float32) + lora_term_reference(x, a, b, slots)).astype(acc.dtype)
+
+
+def lora_swiglu_reference(x, a, b, slots, h, out_dtype=None) -> jax.Array:
+    """`lora_swiglu` in jnp."""
+    hh = h.astype(jnp.float32) + lora_term_reference(x, a, b, slots)
+    g, u = jnp.split(hh, 2, axis=1)
+    return (jax.nn.silu(g) * u).astype(out_dtype or h.dtype)
