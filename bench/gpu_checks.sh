@@ -17,7 +17,8 @@
 #               (engine.PREFILL_BEHIND_DECODE) and not: the policies run (bf16, 96 requests at 64/s) with it off and
 #               on, each its own process; prefill_first's TTFT / TPOT rows are the ones it moves (~300 s?)
 #   lora56      session 56: adapter terms as jaxserve_kernels.lora_matmul launches (model.LORA_KERNELS, on the glue): the
-#               kernels' compiled tests and the model step's, then bench/lora.py at 8 / 64 / 256 rows on the glue with
+#               kernels' compiled tests and the model step's, the kernels' tilings against XLA's term
+#               (bench/lora_kernels.py), then bench/lora.py at 8 / 64 / 256 rows on the glue with
 #               JAXSERVE_LORA_KERNELS=0 and =1, each its own process, profiled at 64 rows (~400 s?)
 #   lora55      session 55: adapter rows on the accumulating glue (model.LORA_GLUE): the model step's test compiled,
 #               then bench/lora.py at 8 / 64 / 256 rows with JAXSERVE_LORA_GLUE=0 and =1, each its own process; flip
@@ -987,6 +988,7 @@ for part in "${parts[@]}"; do
                     --num-requests 96 --rate 64 --max-running 16 --prompt-len 256 --output-len 32 --decode-steps 4 \
                     --dtype bfloat16 --out "$OUT/$part/behind$on" ; done ;;
     lora56) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py ; \
+            timeout 150 python3 bench/lora_kernels.py --rows 64 256 --out "$OUT/$part" 2>&1 | grep "^|" | tail -60 ; \
             timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" \
               tests/test_lora.py -k accumulating_glue ; \
             for on in 0 1; do echo "== JAXSERVE_LORA_GLUE=1 JAXSERVE_LORA_KERNELS=$on"; \
