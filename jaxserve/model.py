@@ -458,10 +458,11 @@ if KV_TOUCH not in ("", "layer", "early"):
 # either way): the adapters' own products are the cost, so it stays off. JAXSERVE_LORA_GLUE=1; read when a step is
 # traced.
 LORA_GLUE = os.environ.get("JAXSERVE_LORA_GLUE", "0") == "1"
-# On that glue, each adapter term is one launch (`jaxserve_kernels.lora_matmul`: shrink, slot select and expand added
-# into the float32 accumulator in place; down_proj's wider input two) and gate_up's term goes in with its SwiGLU,
-# where XLA ran a shrink, a select, an expand and an add a projection and SwiGLU apart (about 50 µs a layer at 64
-# rows on the H100, twice the layer). JAXSERVE_LORA_KERNELS=1; only under LORA_GLUE; read when a step is traced.
+# Adapter terms of decode steps on the Pallas path (the glue's or the plain path's) as one launch each
+# (`jaxserve_kernels.lora_matmul`: shrink, slot select and expand added into the projection's output or float32
+# accumulator in place; down_proj's wider input two), gate_up's with its SwiGLU, where XLA ran a shrink, a select,
+# an expand and an add a projection and SwiGLU apart (about 50 µs a layer at 64 rows on the H100, twice the layer).
+# JAXSERVE_LORA_KERNELS=1; read when a step is traced.
 LORA_KERNELS = os.environ.get("JAXSERVE_LORA_KERNELS", "0") == "1"
 
 
@@ -805,7 +806,7 @@ class Attention(nn.Module):
         else:
             qkv = qkv_proj(x, fast, tiling=QKV_SKINNY_TILING)
         if lora is not None:
-            qkv = qkv + lora_delta(x.astype(self.dtype), *lora[0]["qkv_proj"], lora[1])
+            qkv = _plus_lora(qkv, x.astype(self.dtype), lora, "qkv_proj", fast)
         scales = _kv_scales(cfg, self.layer, kv)
         if scales is not None:
             qkv = _scale_qkv(qkv, scales, cfg)
@@ -822,7 +823,7 @@ class Attention(nn.Module):
             out, kv = _attend(qkv, cos, sin, lengths, kv, paged, cfg)
         out = _unscale(out, scales).reshape(b, s, h * d).astype(self.dtype)
         if lora is not None:
-            return o_proj(out, fast) + lora_delta(out, *lora[0]["o_proj"], lora[1]), kv
+            return _plus_lora(o_proj(out, fast), out, lora, "o_proj", fast), kv
         out = o_proj(out, fast, "partials" if glue else "none", tiling=FOLDED_TILING if norm is not None else None)
         return (out, kv, x) if norm is not None else (out, kv)
 
@@ -859,11 +860,17 @@ class MLP(nn.Module):
         if glue:
             return down(gate_up(x, fast, "swiglu"), fast, "partials")
         h = gate_up(x, fast)
+        if lora is not None and _lora_kernels(h, fast):
+            from jaxserve_kernels.lora_matmul import lora_swiglu
+
+            act = lora_swiglu(x.reshape(-1, x.shape[-1]).astype(self.dtype), *lora[0]["gate_up_proj"], lora[1],
+                              h.reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], inter)
+        else:
+            if lora is not None:
+                h = h + lora_delta(x.astype(self.dtype), *lora[0]["gate_up_proj"], lora[1])
+            act = nn.silu(h[..., :inter]) * h[..., inter:]
         if lora is not None:
-            h = h + lora_delta(x.astype(self.dtype), *lora[0]["gate_up_proj"], lora[1])
-        act = nn.silu(h[..., :inter]) * h[..., inter:]
-        if lora is not None:
-            return down(act, fast) + lora_delta(act, *lora[0]["down_proj"], lora[1])
+            return _plus_lora(down(act, fast), act, lora, "down_proj", fast)
         return down(act, fast)
 
 
@@ -1069,6 +1076,23 @@ def _add_lora(acc: jax.Array, x: jax.Array, lora: tuple | None, projection: str)
         out = lora_add(x.reshape(-1, x.shape[-1]), a, b, lora[1], acc.reshape(-1, acc.shape[-1]))
         return out.reshape(acc.shape)
     return acc + lora_delta(x, *lora[0][projection], lora[1], out_dtype=jnp.float32).reshape(acc.shape)
+
+
+def _lora_kernels(y: jax.Array, fast: bool) -> bool:
+    """Whether the plain path's adapter terms for output ``y [B, S, N]`` run as LORA_KERNELS' launches: decode
+    steps (one token a row: ``slots`` has a row each) on the Pallas path."""
+    return LORA_KERNELS and fast and y.shape[1] == 1
+
+
+def _plus_lora(y: jax.Array, x: jax.Array, lora: tuple, projection: str, fast: bool) -> jax.Array:
+    """``y`` (the plain path's output of ``projection`` for input ``x``) plus each row's adapter term, in ``y``'s
+    dtype."""
+    a, b = lora[0][projection]
+    if _lora_kernels(y, fast):
+        from jaxserve_kernels.lora_matmul import lora_add
+
+        return lora_add(x.reshape(-1, x.shape[-1]), a, b, lora[1], y.reshape(-1, y.shape[-1])).reshape(y.shape)
+    return y + lora_delta(x, a, b, lora[1])
 
 
 def _layer_lora(lora: dict | None, layer: int) -> tuple | None:

@@ -348,13 +348,14 @@ def test_preempted_adapter_rows_resume_on_their_adapter(adapters):
         assert_all_pages_free(engine)
 
 
-@pytest.mark.parametrize("kernels", [False, True])
-def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(monkeypatch, kernels):
+@pytest.mark.parametrize("glue,kernels", [(True, False), (True, True), (False, True)])
+def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(monkeypatch, glue, kernels):
     # model.LORA_GLUE: a bf16 decode step of 8 rows (some on each of two adapters, some on none) takes the accumulating
     # glue with the adapters' terms added into its float32 accumulators (off: the plain path, no accumulating
     # product); its logits are the float32 model's (bf16: within 2e-2; 0.7-1.5% in ten seeds, the plain path's
     # bf16 stream 0.8-1.8%). The adapters move the logits far more than that, and base rows keep the base model's.
-    # `kernels` (model.LORA_KERNELS): the terms by jaxserve_kernels.lora_matmul's launches, gate_up's with SwiGLU.
+    # `kernels` (model.LORA_KERNELS): the terms by jaxserve_kernels.lora_matmul's launches, gate_up's with SwiGLU;
+    # without `glue`, on the plain path.
     import jax
     import jax.numpy as jnp
 
@@ -381,14 +382,14 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     monkeypatch.setattr(model_module, "LORA_GLUE", False)
     jax.eval_shape(lambda: run(lora=lora))  # traced only: which route
     assert epilogues and "accumulate" not in epilogues, epilogues
-    monkeypatch.setattr(model_module, "LORA_GLUE", True)
+    monkeypatch.setattr(model_module, "LORA_GLUE", glue)
     monkeypatch.setattr(model_module, "LORA_KERNELS", kernels)
     epilogues.clear()
     step = jax.jit(lambda: run(lora=lora))
     calls = set(re.findall(r"\blora_(?:add|swiglu)\b", str(jax.make_jaxpr(lambda: run(lora=lora))())))
     assert calls == ({"lora_add", "lora_swiglu"} if kernels else set()), calls
     logits = np.asarray(step()[:, 0], np.float32)
-    assert "accumulate" in epilogues, epilogues
+    assert ("accumulate" in epilogues) == glue, epilogues
     exact = np.asarray(jax.jit(lambda: run(lora=lora, reference=True))()[:, 0])
     base = np.asarray(jax.jit(lambda: run(reference=True))()[:, 0])
     assert not np.isnan(logits).any()
