@@ -17,9 +17,9 @@
 #               (engine.PREFILL_BEHIND_DECODE) and not: the policies run (bf16, 96 requests at 64/s) with it off and
 #               on, each its own process; prefill_first's TTFT / TPOT rows are the ones it moves (~300 s?)
 #   lora56      session 56: adapter terms as jaxserve_kernels.lora_matmul launches (model.LORA_KERNELS): the
-#               kernels' compiled tests and the model step's, the kernels' tilings against XLA's term
-#               (bench/lora_kernels.py), then bench/lora.py at 1 / 64 / 256 rows as now (glue and kernels off),
-#               glue and kernels on, kernels on the plain path, each its own process, profiled at 64 rows (~550 s?)
+#               kernels' compiled tests, bench/lora.py at 64 / 256 / 1 rows with glue and kernels on, as now (both
+#               off), kernels on the plain path, each its own process, profiled at 64 rows; the kernels' tilings
+#               against XLA's term (bench/lora_kernels.py); the model step's test (~580 s?)
 #   lora55      session 55: adapter rows on the accumulating glue (model.LORA_GLUE): the model step's test compiled,
 #               then bench/lora.py at 8 / 64 / 256 rows with JAXSERVE_LORA_GLUE=0 and =1, each its own process; flip
 #               LORA_GLUE's default if =1 wins (~330 s?)
@@ -987,15 +987,15 @@ for part in "${parts[@]}"; do
                   JAXSERVE_PREFILL_BEHIND_DECODE=$on timeout 150 python3 bench/throughput.py --policies \
                     --num-requests 96 --rate 64 --max-running 16 --prompt-len 256 --output-len 32 --decode-steps 4 \
                     --dtype bfloat16 --out "$OUT/$part/behind$on" ; done ;;
-    lora56) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py ; \
-            timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_lora.py \
-              -k accumulating_glue ; \
-            timeout 150 python3 bench/lora_kernels.py --rows 64 256 --out "$OUT/$part" 2>&1 | grep "^|" | tail -60 ; \
-            for set in "0 0 --no-check" "1 1" "0 1 --no-check"; do read glue kern more <<< "$set"; \
+    lora56) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py ; \
+            for set in "1 1 150" "0 0 130" "0 1 110"; do read glue kern limit <<< "$set"; \
               echo "== JAXSERVE_LORA_GLUE=$glue JAXSERVE_LORA_KERNELS=$kern"; \
-              JAXSERVE_LORA_GLUE=$glue JAXSERVE_LORA_KERNELS=$kern timeout 200 python3 bench/lora.py --shape 0.5B \
-                --batch 1 64 256 $more --profile /tmp/lp$glue$kern --out "$OUT/$part/g${glue}k$kern" 2>&1 \
-                | grep -v "^WARNING\|^I0000\|^W0000" ; done ;;
+              JAXSERVE_LORA_GLUE=$glue JAXSERVE_LORA_KERNELS=$kern timeout $limit python3 bench/lora.py --shape 0.5B \
+                --batch 64 256 1 --no-check --profile /tmp/lp$glue$kern --out "$OUT/$part/g${glue}k$kern" 2>&1 \
+                | grep -v "^WARNING\|^I0000\|^W0000" ; done ; \
+            timeout 80 python3 bench/lora_kernels.py --rows 64 --reps 5 --out "$OUT/$part" 2>&1 | grep "^|" | tail -40 ; \
+            timeout 60 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_lora.py \
+              -k accumulating_glue ;;
     lora55) timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_lora.py \
               -k accumulating_glue ; \
             for on in 0 1; do echo "== JAXSERVE_LORA_GLUE=$on"; \
