@@ -32,6 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxserve_kernels import pallas_compat as compat
+from jaxserve_kernels.skinny_matmul import swiglu_sums
 
 # Inputs this wide or narrower are shrunk inside every expand program (one launch); wider ones in a launch of
 # their own over K splits. Qwen2.5-0.5B: QKV, o_proj and gate_up (896) inline, down_proj (4,864) split.
@@ -115,7 +116,7 @@ def _expand_kernel(slots_ref, x_ref, a_ref, b_ref, acc_ref, out_ref, *, block_m:
     if swiglu:  # gate's columns c and up's columns n_out + c, then silu(gate) * up
         gate = acc(c0) + term(c0)
         up = acc(n_out + c0) + term(n_out + c0)
-        out = gate * jax.nn.sigmoid(gate) * up
+        out = swiglu_sums(gate, up, out_ref.dtype)  # Hugging Face's roundings, as the base model's epilogue
     else:
         out = acc(c0) + term(c0)
     compat.store(out_ref.at[pl.ds(r0, block_m), pl.ds(c0, block_n)], out.astype(out_ref.dtype), mask=mask)
@@ -230,7 +231,9 @@ def lora_add_reference(x, a, b, slots, acc) -> jax.Array:
 
 
 def lora_swiglu_reference(x, a, b, slots, h, out_dtype=None) -> jax.Array:
-    """`lora_swiglu` in jnp."""
+    """`lora_swiglu` in jnp: gate and up with their terms rounded to ``out_dtype``, silu's output too (Hugging
+    Face's roundings of a bf16 MLP)."""
+    dtype = out_dtype or h.dtype
     hh = h.astype(jnp.float32) + lora_term_reference(x, a, b, slots)
-    g, u = jnp.split(hh, 2, axis=1)
-    return (jax.nn.silu(g) * u).astype(out_dtype or h.dtype)
+    g, u = (p.astype(dtype).astype(jnp.float32) for p in jnp.split(hh, 2, axis=1))
+    return (jax.nn.silu(g).astype(dtype).astype(jnp.float32) * u).astype(dtype)
