@@ -87,12 +87,12 @@ def _expand_kernel(slots_ref, x_ref, a_ref, b_ref, acc_ref, out_ref, *, block_m:
     nr_pad = compat.next_pow2(max(16, nr))
     nrs = jnp.arange(nr_pad)
     nr_ok = nrs < nr
-    if splits:
-        s_pad = compat.next_pow2(splits)
-        parts = compat.load(x_ref.at[pl.ds(0, s_pad), pl.ds(r0, block_m), pl.ds(0, nr_pad)],
-                            mask=(jnp.arange(s_pad) < splits)[:, None, None] & row_ok[None, :, None]
-                            & nr_ok[None, None, :], other=0)
-        t = parts.sum(axis=0)
+    if splits:  # one split's [block_m, slots * R] at a time: all at once would not fit in registers
+        def add_split(i, t):
+            return t + compat.load(x_ref.at[i, pl.ds(r0, block_m), pl.ds(0, nr_pad)],
+                                   mask=row_ok[:, None] & nr_ok[None, :], other=0)
+
+        t = lax.fori_loop(0, splits, add_split, jnp.zeros((block_m, nr_pad), jnp.float32))
     else:
         t = _shrink(x_ref, a_ref, r0, row_ok, 0, x_ref.shape[1], block_m=block_m, block_k=block_k, cdt=cdt,
                     precision=precision)
