@@ -19,7 +19,8 @@
 #   lora56      session 56: adapter terms as jaxserve_kernels.lora_matmul launches (model.LORA_KERNELS): the
 #               kernels' compiled tests, bench/lora.py at 64 / 256 / 1 rows with glue and kernels on, as now (both
 #               off), kernels on the plain path, each its own process, profiled at 64 rows; the kernels' tilings
-#               against XLA's term (bench/lora_kernels.py); the model step's test (~580 s?)
+#               against XLA's term (bench/lora_kernels.py); the model step's test (~580 s?). Run 02:16 UTC (part of
+#               it, one call): slower than XLA's, LORA_KERNELS stays off (bench/results/lora.md)
 #   lora55      session 55: adapter rows on the accumulating glue (model.LORA_GLUE): the model step's test compiled,
 #               then bench/lora.py at 8 / 64 / 256 rows with JAXSERVE_LORA_GLUE=0 and =1, each its own process; flip
 #               LORA_GLUE's default if =1 wins (~330 s?)

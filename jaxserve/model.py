@@ -462,7 +462,9 @@ LORA_GLUE = os.environ.get("JAXSERVE_LORA_GLUE", "0") == "1"
 # (`jaxserve_kernels.lora_matmul`: shrink, slot select and expand added into the projection's output or float32
 # accumulator in place; down_proj's wider input two), gate_up's with its SwiGLU, where XLA ran a shrink, a select,
 # an expand and an add a projection and SwiGLU apart (about 50 µs a layer at 64 rows on the H100, twice the layer).
-# JAXSERVE_LORA_KERNELS=1; read when a step is traced.
+# H100, session 56 (bench/results/lora.md): slower, adapter rows 0.36 / 0.41x of the base at 64 / 256 rows on the glue
+# against 0.47 / 0.50x as now (each kernel 10-18 µs a launch, a chain of dependent L2 loads, where XLA's small
+# products take ~2.9 µs), so it stays off. JAXSERVE_LORA_KERNELS=1; read when a step is traced.
 LORA_KERNELS = os.environ.get("JAXSERVE_LORA_KERNELS", "0") == "1"
 
 

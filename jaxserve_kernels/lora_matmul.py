@@ -19,6 +19,10 @@ take one dense product, as `lora_delta` does. One program per (block of rows, bl
   sums them and goes on as above: two launches, each with programs enough to fill the GPU.
 Deterministic (no atomics). Products on the tensor cores with float32 accumulation (HIGHEST in float32).
 
+Measured (H100, session 56, bench/results/lora.md): slower than XLA's four launches, 17-23 µs a 64-row projection
+against 13-17 (`bench/lora_kernels.py`), adapter rows 0.36x of the base model against 0.47x: each program's shrink is
+a one-stage chain of dependent L2 loads. Opt-in until that changes (`jaxserve.model.LORA_KERNELS`).
+
 Backend: Pallas Triton, like the other small-row kernels (`jaxserve_kernels.paged_attention` says why).
 """
 
