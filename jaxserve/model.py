@@ -847,11 +847,7 @@ class MLP(nn.Module):
             if lora is None:
                 act = gate_up(normed, True, "swiglu")
             elif LORA_KERNELS:  # the term, then SwiGLU, in one launch after gate_up's product
-                from jaxserve_kernels.lora_matmul import lora_swiglu
-
-                h = gate_up(normed, True)
-                act = lora_swiglu(normed.reshape(-1, normed.shape[-1]), *lora[0]["gate_up_proj"], lora[1],
-                                  h.reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], inter)
+                act = _lora_swiglu_kernel(gate_up(normed, True), normed, lora)
             else:  # the adapters' term goes in before SwiGLU, which the kernel's epilogue would apply first
                 h = gate_up(normed, True) + lora_delta(normed, *lora[0]["gate_up_proj"], lora[1])
                 act = nn.silu(h[..., :inter]) * h[..., inter:]
@@ -863,10 +859,7 @@ class MLP(nn.Module):
             return down(gate_up(x, fast, "swiglu"), fast, "partials")
         h = gate_up(x, fast)
         if lora is not None and _lora_kernels(h, fast):
-            from jaxserve_kernels.lora_matmul import lora_swiglu
-
-            act = lora_swiglu(x.reshape(-1, x.shape[-1]).astype(self.dtype), *lora[0]["gate_up_proj"], lora[1],
-                              h.reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], inter)
+            act = _lora_swiglu_kernel(h, x.astype(self.dtype), lora)
         else:
             if lora is not None:
                 h = h + lora_delta(x.astype(self.dtype), *lora[0]["gate_up_proj"], lora[1])
@@ -1072,11 +1065,7 @@ def _add_lora(acc: jax.Array, x: jax.Array, lora: tuple | None, projection: str)
     if lora is None:
         return acc
     if LORA_KERNELS:
-        from jaxserve_kernels.lora_matmul import lora_add
-
-        a, b = lora[0][projection]
-        out = lora_add(x.reshape(-1, x.shape[-1]), a, b, lora[1], acc.reshape(-1, acc.shape[-1]))
-        return out.reshape(acc.shape)
+        return _lora_add_kernel(acc, x, lora, projection)
     return acc + lora_delta(x, *lora[0][projection], lora[1], out_dtype=jnp.float32).reshape(acc.shape)
 
 
@@ -1089,12 +1078,27 @@ def _lora_kernels(y: jax.Array, fast: bool) -> bool:
 def _plus_lora(y: jax.Array, x: jax.Array, lora: tuple, projection: str, fast: bool) -> jax.Array:
     """``y`` (the plain path's output of ``projection`` for input ``x``) plus each row's adapter term, in ``y``'s
     dtype."""
-    a, b = lora[0][projection]
     if _lora_kernels(y, fast):
-        from jaxserve_kernels.lora_matmul import lora_add
+        return _lora_add_kernel(y, x, lora, projection)
+    return y + lora_delta(x, *lora[0][projection], lora[1])
 
-        return lora_add(x.reshape(-1, x.shape[-1]), a, b, lora[1], y.reshape(-1, y.shape[-1])).reshape(y.shape)
-    return y + lora_delta(x, a, b, lora[1])
+
+def _lora_add_kernel(y: jax.Array, x: jax.Array, lora: tuple, projection: str) -> jax.Array:
+    """``y [B, 1, N]`` plus each row's adapter term of ``projection`` for input ``x``, by `lora_matmul.lora_add`
+    (LORA_KERNELS), in ``y``'s dtype."""
+    from jaxserve_kernels.lora_matmul import lora_add
+
+    a, b = lora[0][projection]
+    return lora_add(x.reshape(-1, x.shape[-1]), a, b, lora[1], y.reshape(-1, y.shape[-1])).reshape(y.shape)
+
+
+def _lora_swiglu_kernel(h: jax.Array, x: jax.Array, lora: tuple) -> jax.Array:
+    """SwiGLU of gate_up's output ``h [B, 1, 2I]`` with each row's adapter term for input ``x`` added first, by
+    `lora_matmul.lora_swiglu` (LORA_KERNELS): ``[B, 1, I]``."""
+    from jaxserve_kernels.lora_matmul import lora_swiglu
+
+    out = lora_swiglu(x.reshape(-1, x.shape[-1]), *lora[0]["gate_up_proj"], lora[1], h.reshape(-1, h.shape[-1]))
+    return out.reshape(*h.shape[:-1], -1)
 
 
 def _layer_lora(lora: dict | None, layer: int) -> tuple | None:

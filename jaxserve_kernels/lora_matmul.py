@@ -140,21 +140,19 @@ def _lora(x, a, b, slots, acc, *, swiglu: bool, out_dtype, interpret: bool, inli
     # The shrink's [block_m, slots * R] float32 sum lives in registers: 64 x 256 (QKV's 4 slots of 3 x 16) is 128 a
     # thread over 4 warps, so wide ones take 8.
     warps = 8 if block_m * compat.next_pow2(max(16, n_slots * rank)) > 8192 else 4
+    shrunk = x  # the expand's first operand: the input, or with splits the split shrink's partials
     if splits:
-        t = compat.triton_call(
+        shrunk = compat.triton_call(
             functools.partial(_shrink_kernel, block_m=block_m, split_k=split_k, block_k=BLOCK_K, cdt=cdt,
                               precision=precision),
             x, a2, grid=(row_blocks, splits), out_shape=jax.ShapeDtypeStruct((splits, batch, n_slots * rank),
                                                                            jnp.float32),
             interpret=interpret, num_warps=warps, name="lora_shrink")
-        first = (t, a2)
-    else:
-        first = (x, a2)
     n_out = acc.shape[1] // 2 if swiglu else acc.shape[1]
     kernel = functools.partial(_expand_kernel, block_m=block_m, block_n=block_n, rank=rank, splits=splits,
                                block_k=BLOCK_K, swiglu=swiglu, cdt=cdt, precision=precision)
     return compat.triton_call(
-        kernel, slots.astype(jnp.int32), *first, b2, acc, grid=(row_blocks, pl.cdiv(n_out, block_n)),
+        kernel, slots.astype(jnp.int32), shrunk, a2, b2, acc, grid=(row_blocks, pl.cdiv(n_out, block_n)),
         out_shape=jax.ShapeDtypeStruct((batch, n_out), out_dtype), interpret=interpret, num_warps=warps,
         name="lora_swiglu" if swiglu else "lora_add",
         input_output_aliases={} if swiglu or acc.dtype != out_dtype else {4: 0})
