@@ -16,6 +16,10 @@
 #   arrivals55  session 55: prompts arriving mid-decode prefilled behind the decode call in flight
 #               (engine.PREFILL_BEHIND_DECODE) and not: the policies run (bf16, 96 requests at 64/s) with it off and
 #               on, each its own process; prefill_first's TTFT / TPOT rows are the ones it moves (~300 s?)
+#   lora57      session 57: adapter stacks a layer each (LoraSlots.weights; the stacked [layers, ...] form copied a
+#               slice a projection out a step): bench/lora.py at 64 / 256 / 1 rows profiled at 64, with the check
+#               against merged weights; then the same in old_tree/ (a `git archive` of the commit before, untracked:
+#               the baseline in the same call) when it is there; the model step's adapter test compiled (~400 s?)
 #   lora56      session 56: adapter terms as jaxserve_kernels.lora_matmul launches (model.LORA_KERNELS): the
 #               kernels' compiled tests, bench/lora.py at 64 / 256 / 1 rows with glue and kernels on, as now (both
 #               off), kernels on the plain path, each its own process, profiled at 64 rows; the kernels' tilings
@@ -988,6 +992,13 @@ for part in "${parts[@]}"; do
                   JAXSERVE_PREFILL_BEHIND_DECODE=$on timeout 150 python3 bench/throughput.py --policies \
                     --num-requests 96 --rate 64 --max-running 16 --prompt-len 256 --output-len 32 --decode-steps 4 \
                     --dtype bfloat16 --out "$OUT/$part/behind$on" ; done ;;
+    lora57) timeout 60 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_lora.py \
+              -k accumulating_glue ; \
+            echo "== per-layer stacks" ; timeout 220 python3 bench/lora.py --shape 0.5B --batch 64 256 1 \
+              --profile /tmp/lp57 --out "$OUT/$part/new" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" ; \
+            if [ -d old_tree ]; then echo "== stacked (old_tree)" ; (cd old_tree && timeout 140 python3 bench/lora.py \
+              --shape 0.5B --batch 64 256 1 --no-check --profile /tmp/lp56 --out "$OUT/$part/old" 2>&1 \
+              | grep -v "^WARNING\|^I0000\|^W0000") ; fi ;;
     lora56) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py ; \
             for set in "1 1 150" "0 0 130" "0 1 110"; do read glue kern limit <<< "$set"; \
               echo "== JAXSERVE_LORA_GLUE=$glue JAXSERVE_LORA_KERNELS=$kern"; \

@@ -940,8 +940,9 @@ class Qwen2ForCausalLM(nn.Module):
     ``greedy_tokens=True`` (where ``greedy_head_applies``): each position's argmax token ``[B, S]``
     int32 instead, from the LM head itself. ``hidden_states=True``: ``(logits, hidden)`` in logits' place,
     ``hidden [B, S, hidden_size]`` the final norm's output at every position (the LM head's input;
-    `jaxserve.pooling`). ``lora``: ``{"weights": {projection: (a [L, n, R, in],
-    b [L, n, R, out])}, "slots": [B]}``, LoRA adapters and each row's slot (-1: none; `jaxserve.lora`).
+    `jaxserve.pooling`). ``lora``: ``{"weights": {projection: (a, b)}, "slots": [B]}``, LoRA adapters and each
+    row's slot (-1: none; `jaxserve.lora`): ``a`` and ``b`` each layer's ``[n, R, in]`` and ``[n, R, out]`` (a sequence of
+    L arrays, as `LoraSlots` keeps them; one ``[L, ...]`` array works too, but the GPU then copies each layer's slice).
     ``input_embeds``: ``(embeds [B, S, hidden], where [B, S] bool)``, embeddings that replace the token embeddings where
     ``where`` is set (a prompt given as embeddings, vLLM's ``prompt_embeds``).
 

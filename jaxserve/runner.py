@@ -667,7 +667,7 @@ def _guide_allowed(guide_masks: jax.Array, states: jax.Array, allowed: jax.Array
 
 
 def _lora_key(lora: dict | None) -> tuple:
-    return () if lora is None else (("lora", lora["weights"]["o_proj"][0].shape[1]),)
+    return () if lora is None else (("lora", lora["weights"]["o_proj"][0][0].shape[0]),)  # slots (`LoraSlots`)
 
 
 def _bad_words_key(batch: SamplingBatch) -> tuple:

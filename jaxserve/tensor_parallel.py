@@ -135,8 +135,8 @@ class TensorParallel:
                     return P()
                 projection, part = names[2], names[3]
                 column = projection in ("qkv_proj", "gate_up_proj")
-                # b [L, (slots,) R, out] of a fused projection: its output columns split as the weights'; a [L,
-                # (slots,) R, in] of o_proj / down_proj: its input split as the weights' (the delta is then a
+                # b [(slots,) R, out] of a fused projection (a layer's): its output columns split as the weights';
+                # a [(slots,) R, in] of o_proj / down_proj: its input split as the weights' (the delta is then a
                 # partial sum, added before the all-reduce).
                 if (column and part == 1) or (not column and part == 0):
                     return _axis_spec(leaf.ndim - 1, leaf.ndim)
@@ -180,7 +180,8 @@ class TensorParallel:
         sharded model takes them: the fused projections' B columns in `shard_params`'s order, placed by
         `param_specs`."""
         order = {"qkv_proj": self.qkv_columns(config), "gate_up_proj": self.gate_up_columns(config)}
-        weights = {p: (a, jnp.take(b, order[p], axis=-1) if p in order else b) for p, (a, b) in weights.items()}
+        weights = {p: (a, jax.tree.map(lambda x, o=order[p]: jnp.take(x, o, axis=-1), b) if p in order else b)
+                   for p, (a, b) in weights.items()}
         specs = self.param_specs({"lora": {"weights": weights}})["lora"]["weights"]
         return self.place(weights, specs)
 
