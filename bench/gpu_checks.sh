@@ -20,6 +20,9 @@
 #               slice a projection out a step): bench/lora.py at 64 / 256 / 1 rows profiled at 64, with the check
 #               against merged weights; then the same in old_tree/ (a `git archive` of the commit before, untracked:
 #               the baseline in the same call) when it is there; the model step's adapter test compiled (~400 s?)
+#   lora57b     session 57: the LoRA term kernels with XLA's shrink product (lora_matmul.SHRINK "xla"): their
+#               compiled tests, bench/lora.py at 64 / 256 rows with them on the plain path and on the glue, profiled
+#               at 64, then lora_kernels.py's xla-shrink tilings at 64 rows (~330 s?)
 #   lora56      session 56: adapter terms as jaxserve_kernels.lora_matmul launches (model.LORA_KERNELS): the
 #               kernels' compiled tests, bench/lora.py at 64 / 256 / 1 rows with glue and kernels on, as now (both
 #               off), kernels on the plain path, each its own process, profiled at 64 rows; the kernels' tilings
@@ -999,6 +1002,14 @@ for part in "${parts[@]}"; do
             if [ -d old_tree ]; then echo "== stacked (old_tree)" ; (cd old_tree && timeout 140 python3 bench/lora.py \
               --shape 0.5B --batch 64 256 1 --no-check --profile /tmp/lp56 --out "$OUT/$part/old" 2>&1 \
               | grep -v "^WARNING\|^I0000\|^W0000") ; fi ;;
+    lora57b) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py \
+               -k xla ; \
+             for glue in 0 1; do echo "== JAXSERVE_LORA_GLUE=$glue JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_SHRINK=xla" ; \
+               JAXSERVE_LORA_GLUE=$glue JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_SHRINK=xla timeout 110 python3 \
+                 bench/lora.py --shape 0.5B --batch 64 256 --no-check --profile /tmp/lpx$glue \
+                 --out "$OUT/$part/xla_g$glue" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" ; done ; \
+             timeout 100 python3 bench/lora_kernels.py --rows 64 --reps 5 --configs xla --out "$OUT/$part" 2>&1 \
+               | grep "^|" | tail -40 ;;
     lora56) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py ; \
             for set in "1 1 150" "0 0 130" "0 1 110"; do read glue kern limit <<< "$set"; \
               echo "== JAXSERVE_LORA_GLUE=$glue JAXSERVE_LORA_KERNELS=$kern"; \

@@ -1,7 +1,8 @@
 """The LoRA term kernels (`jaxserve_kernels.lora_matmul`) against XLA's `lora_delta` + add, per projection of a
 Qwen2.5 shape, side by side in one run: µs a call, each call's output fed to the next inside one jitted loop (as a
 decode step's chain of layers does), median of several timed loops. Tilings swept: the output block, and for
-each input width the inline shrink against the split one at a few split widths.
+each input width the inline shrink against the split one at a few split widths, and XLA's shrink product before the
+kernel's select and expand (`shrink="xla"`) at a few output and row blocks.
 
     python bench/lora_kernels.py --rows 64 256            # GPU
     python bench/lora_kernels.py --rows 8 --iters 2 --reps 1 --shape tiny   # CPU smoke run (interpreted)
@@ -27,6 +28,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=48, help="calls a timed loop")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--configs", nargs="*", default=None,
+                    help="time only the kernel configs whose label holds one of these strings (e.g. xla)")
     args = ap.parse_args()
     import functools
 
@@ -109,6 +112,12 @@ def main() -> None:
                 configs += [("inline shrink", {"inline_k": k})]
             else:
                 configs += [(f"split shrink, split_k={sk}", {"inline_k": 1, "split_k": sk}) for sk in (256, 512)]
+            configs += [(f"xla shrink, block_n={bn}", {"shrink": "xla", "block_n": bn}) for bn in (16, 32, 64)]
+            configs += [(f"xla shrink, block_m={bm}, block_n={bn}", {"shrink": "xla", "block_m": bm, "block_n": bn})
+                        for bm, bn in ((16, 64), (32, 32)) if bm < rows]
+            configs += [("xla shrink, block_n=32, 2 warps", {"shrink": "xla", "block_n": 32, "num_warps": 2})]
+            if args.configs:
+                configs = [(label, kw) for label, kw in configs if any(c in label for c in args.configs)]
             for label, kw in configs:
                 t = timed(functools.partial(kern, **kw), x, a, b, slots, carry)
                 lines.append(f"| {rows} | {name} | {label} | {t:.2f} | {base / t:.2f}x |")

@@ -29,6 +29,7 @@ Backend: Pallas Triton, like the other small-row kernels (`jaxserve_kernels.page
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,11 @@ BLOCK_K = 128
 SPLIT_K = 512
 BLOCK_N = 64
 MAX_ROW_BLOCK = 64
+# Where the shrink runs: "kernel" (above) or "xla", XLA's product writing the float32 shrink as one split for the
+# expand launch to select, round and expand: two launches a projection, the first one XLA's ~2.9 µs product, the
+# second loading its shrink rows once (the kernel shrink's loop over K, and the split sum's over splits, are chains of
+# dependent L2 loads: 10-18 µs a launch on the H100, session 56). Read at trace time.
+SHRINK = os.environ.get("JAXSERVE_LORA_SHRINK", "kernel")
 
 
 def _shrink(x_ref, a_ref, r0, row_ok, k0, k_len: int, *, block_m: int, block_k: int, cdt, precision):
@@ -92,11 +98,12 @@ def _expand_kernel(slots_ref, x_ref, a_ref, b_ref, acc_ref, out_ref, *, block_m:
     nrs = jnp.arange(nr_pad)
     nr_ok = nrs < nr
     if splits:  # one split's [block_m, slots * R] at a time: all at once would not fit in registers
-        def add_split(i, t):
-            return t + compat.load(x_ref.at[i, pl.ds(r0, block_m), pl.ds(0, nr_pad)],
-                                   mask=row_ok[:, None] & nr_ok[None, :], other=0)
+        def split(i):
+            return compat.load(x_ref.at[i, pl.ds(r0, block_m), pl.ds(0, nr_pad)], mask=row_ok[:, None] & nr_ok[None, :],
+                               other=0)
 
-        t = lax.fori_loop(0, splits, add_split, jnp.zeros((block_m, nr_pad), jnp.float32))
+        t = split(jnp.int32(0)) if splits == 1 else lax.fori_loop(0, splits, lambda i, t: t + split(i),
+                                                       jnp.zeros((block_m, nr_pad), jnp.float32))
     else:
         t = _shrink(x_ref, a_ref, r0, row_ok, 0, x_ref.shape[1], block_m=block_m, block_k=block_k, cdt=cdt,
                     precision=precision)
@@ -126,22 +133,27 @@ def _expand_kernel(slots_ref, x_ref, a_ref, b_ref, acc_ref, out_ref, *, block_m:
     compat.store(out_ref.at[pl.ds(r0, block_m), pl.ds(c0, block_n)], out.astype(out_ref.dtype), mask=mask)
 
 
-@functools.partial(jax.jit, static_argnames=("swiglu", "out_dtype", "interpret", "inline_k", "split_k", "block_n"))
+@functools.partial(jax.jit, static_argnames=("swiglu", "out_dtype", "interpret", "inline_k", "split_k", "block_n",
+                                             "block_m", "shrink", "num_warps"))
 def _lora(x, a, b, slots, acc, *, swiglu: bool, out_dtype, interpret: bool, inline_k: int, split_k: int,
-          block_n: int):
+          block_n: int, block_m: int | None, shrink: str, num_warps: int | None):
     batch, k = x.shape
     n_slots, rank, _ = a.shape
     a2, b2 = a.reshape(n_slots * rank, k), b.reshape(n_slots * rank, -1)
     cdt = x.dtype
     precision = lax.Precision.HIGHEST if cdt == jnp.float32 else None
-    block_m = min(MAX_ROW_BLOCK, max(16, compat.next_pow2(batch)))
+    block_m = block_m or min(MAX_ROW_BLOCK, max(16, compat.next_pow2(batch)))
     row_blocks = pl.cdiv(batch, block_m)
-    splits = 0 if k <= inline_k else pl.cdiv(k, split_k)
+    splits = 0 if k <= inline_k and shrink == "kernel" else pl.cdiv(k, split_k)
     # The shrink's [block_m, slots * R] float32 sum lives in registers: 64 x 256 (QKV's 4 slots of 3 x 16) is 128 a
     # thread over 4 warps, so wide ones take 8.
-    warps = 8 if block_m * compat.next_pow2(max(16, n_slots * rank)) > 8192 else 4
+    warps = num_warps or (8 if block_m * compat.next_pow2(max(16, n_slots * rank)) > 8192 else 4)
     shrunk = x  # the expand's first operand: the input, or with splits the split shrink's partials
-    if splits:
+    if shrink == "xla":  # XLA's own product (one short launch), as the expand's single split
+        splits = 1
+        shrunk = lax.dot_general(x, a2.astype(cdt), (((1,), (1,)), ((), ())), precision=precision,
+                                 preferred_element_type=jnp.float32)[None]
+    elif splits:
         shrunk = compat.triton_call(
             functools.partial(_shrink_kernel, block_m=block_m, split_k=split_k, block_k=BLOCK_K, cdt=cdt,
                               precision=precision),
@@ -172,8 +184,9 @@ def _check(x, a, b, slots, acc, n_out: int) -> None:
 
 
 def lora_add(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, acc: jax.Array, *,
-             interpret: bool | None = None, inline_k: int | None = None, split_k: int | None = None,
-             block_n: int | None = None) -> jax.Array:
+             interpret: bool | None = None, shrink: str | None = None, inline_k: int | None = None,
+             split_k: int | None = None, block_n: int | None = None, block_m: int | None = None,
+             num_warps: int | None = None) -> jax.Array:
     """``acc`` plus each row's adapter term ``(x_i @ a[slots_i].T) @ b[slots_i]``, in ``acc``'s dtype.
 
     Args:
@@ -182,7 +195,9 @@ def lora_add(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, acc: ja
         slots: ``[batch]`` int, each row's slot; -1: no adapter (``acc`` unchanged).
         acc: ``[batch, out]`` what the term is added to; float32 is updated in place (donate it).
         interpret: Pallas interpret mode; None picks it on the CPU backend.
-        inline_k, split_k, block_n: tiling (`INLINE_K`, `SPLIT_K`, `BLOCK_N` by default).
+        shrink: ``"kernel"`` (inline or split, by ``inline_k``) or ``"xla"`` (XLA's product, then the kernel's
+            select and expand); `SHRINK` by default.
+        inline_k, split_k, block_n, block_m, num_warps: tiling (`INLINE_K`, `SPLIT_K`, `BLOCK_N` by default).
 
     Example:
         >>> a, b = jnp.ones((2, 16, 32)), jnp.ones((2, 16, 8))
@@ -192,15 +207,17 @@ def lora_add(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, acc: ja
     """
     _check(x, a, b, slots, acc, b.shape[2])
     return _lora(x, a, b, slots, acc, swiglu=False, out_dtype=jnp.dtype(acc.dtype),
-                 interpret=compat.resolve_interpret(interpret), inline_k=inline_k or INLINE_K,
-                 split_k=split_k or SPLIT_K, block_n=block_n or BLOCK_N)
+                 interpret=compat.resolve_interpret(interpret), **_tiling(shrink, inline_k, split_k, block_n, block_m,
+                                                                          num_warps))
 
 
 def lora_swiglu(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, h: jax.Array, *,
-                out_dtype=None, interpret: bool | None = None, inline_k: int | None = None,
-                split_k: int | None = None, block_n: int | None = None) -> jax.Array:
+                out_dtype=None, interpret: bool | None = None, shrink: str | None = None, inline_k: int | None = None,
+                split_k: int | None = None, block_n: int | None = None, block_m: int | None = None,
+                num_warps: int | None = None) -> jax.Array:
     """``silu(g) * u`` where ``[g | u] = h + `` each row's adapter term (gate_up's output and adapters, the halves
-    side by side): the MLP's activation with the adapters in, one launch. ``out_dtype`` defaults to ``h``'s.
+    side by side): the MLP's activation with the adapters in, one launch. ``out_dtype`` defaults to ``h``'s; the
+    rest as `lora_add`'s.
 
     Example:
         >>> a, b = jnp.zeros((1, 16, 32)), jnp.zeros((1, 16, 8))
@@ -211,8 +228,16 @@ def lora_swiglu(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, h: j
     if h.shape[1] % 2:
         raise ValueError(f"h must hold gate and up side by side (an even width), got {h.shape}")
     return _lora(x, a, b, slots, h, swiglu=True, out_dtype=jnp.dtype(out_dtype or h.dtype),
-                 interpret=compat.resolve_interpret(interpret), inline_k=inline_k or INLINE_K,
-                 split_k=split_k or SPLIT_K, block_n=block_n or BLOCK_N)
+                 interpret=compat.resolve_interpret(interpret), **_tiling(shrink, inline_k, split_k, block_n, block_m,
+                                                                          num_warps))
+
+
+def _tiling(shrink, inline_k, split_k, block_n, block_m, num_warps) -> dict:
+    shrink = shrink or SHRINK
+    if shrink not in ("kernel", "xla"):
+        raise ValueError(f"shrink must be 'kernel' or 'xla', got {shrink!r}")
+    return dict(shrink=shrink, inline_k=inline_k or INLINE_K, split_k=split_k or SPLIT_K, block_n=block_n or BLOCK_N,
+                block_m=block_m, num_warps=num_warps)
 
 
 def lora_term_reference(x, a, b, slots) -> jax.Array:

@@ -62,7 +62,8 @@ def decode_step_text(batch: int, kv_dtype=jnp.bfloat16, loras: int = 0) -> str:
     dims = {"qkv_proj": (CFG.hidden_size, (h + 2 * kvh) * d), "o_proj": (h * d, CFG.hidden_size),
             "gate_up_proj": (CFG.hidden_size, 2 * CFG.intermediate_size),
             "down_proj": (CFG.intermediate_size, CFG.hidden_size)}
-    ab = lambda n: jax.ShapeDtypeStruct((CFG.num_hidden_layers, loras, 16, n), jnp.bfloat16)  # noqa: E731
+    ab = lambda n: tuple(jax.ShapeDtypeStruct((loras, 16, n), jnp.bfloat16)  # noqa: E731  (`LoraSlots`' form)
+                         for _ in range(CFG.num_hidden_layers))
     lora = {"weights": {p: (ab(i), ab(o)) for p, (i, o) in dims.items()}, "slots": i32(batch)} if loras else None
 
     def step(params, kv, tokens, positions, slots, tables, lengths, lora):
@@ -183,19 +184,23 @@ def test_decode_step_with_mgpu_projections_lowers_for_cuda(compiled_kernels, mon
     assert {"add_rms_norm", "fused_decode_attention"} <= names and "skinny_matmul" not in names, names
 
 
-@pytest.mark.parametrize("glue,kernels", [(True, False), (False, False), (True, True)])
-def test_decode_step_with_adapters_lowers_for_cuda(compiled_kernels, monkeypatch, glue, kernels):
+@pytest.mark.parametrize("glue,kernels,shrink", [(True, False, "kernel"), (False, False, "kernel"),
+                                                 (True, True, "kernel"), (False, True, "xla")])
+def test_decode_step_with_adapters_lowers_for_cuda(compiled_kernels, monkeypatch, glue, kernels, shrink):
     # model.LORA_GLUE: a 64-row step with adapter rows on the accumulating glue (its norms in add_rms_norm, the
     # projections on Mosaic GPU, the adapters' products XLA's, or with LORA_KERNELS lora_matmul's: down_proj's
-    # 4,864 wide input through the split shrink); off, the plain path (XLA's norms).
+    # 4,864 wide input through the split shrink, or with lora_matmul.SHRINK "xla" every shrink XLA's); off, the plain
+    # path (XLA's norms).
     model = importlib.import_module("jaxserve.model")
     monkeypatch.setattr(model, "LORA_GLUE", glue)
     monkeypatch.setattr(model, "LORA_KERNELS", kernels)
+    monkeypatch.setattr(importlib.import_module("jaxserve_kernels.lora_matmul"), "SHRINK", shrink)
     text = decode_step_text(64, loras=4)
     assert text.count("custom_call @mosaic_gpu_v2") >= 4, "the projections did not go to Mosaic GPU"
     names = triton_kernel_names(text)
     assert "fused_decode_attention" in names and ("add_rms_norm" in names) == glue, names
-    assert ({"lora_add", "lora_swiglu", "lora_shrink"} <= names) == kernels, names
+    assert ({"lora_add", "lora_swiglu"} <= names) == kernels, names
+    assert ("lora_shrink" in names) == (kernels and shrink == "kernel"), names
 
 
 def test_decode_step_with_kv_read_ahead_lowers_for_cuda(compiled_kernels, monkeypatch):

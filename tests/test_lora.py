@@ -16,7 +16,7 @@ import torch
 
 import jaxserve
 from jaxserve import Engine, LoRARequest, SamplingParams
-from jaxserve.lora import PART_GROUPS, TARGETS, load_adapter, lora_delta, peft_prefix
+from jaxserve.lora import PART_GROUPS, TARGETS, load_adapter, lora_delta, peft_prefix, per_layer
 from tests.test_engine import assert_all_pages_free, hf_greedy, random_prompts, small_config
 
 def make_adapter(path: str, hf, *, r: int = 4, alpha: float = 8.0, targets=TARGETS, seed: int = 0,
@@ -376,8 +376,8 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
         return jnp.asarray(rng.normal(size=shape) * 0.15, jnp.bfloat16)
 
     slots = rng.permutation([0, 0, 0, 1, 1, 1, -1, -1])
-    lora = {"weights": {p: (weights((layers, n, r, i)), weights((layers, n, r, o))) for p, (i, o) in dims.items()},
-            "slots": jnp.asarray(slots, jnp.int32)}
+    lora = {"weights": {p: (per_layer(weights((layers, n, r, i))), per_layer(weights((layers, n, r, o))))
+                        for p, (i, o) in dims.items()}, "slots": jnp.asarray(slots, jnp.int32)}  # `LoraSlots`' form
     epilogues = _count_mgpu_calls(monkeypatch, lambda a, k: k.get("epilogue"))
     monkeypatch.setattr(model_module, "LORA_GLUE", False)
     jax.eval_shape(lambda: run(lora=lora))  # traced only: which route

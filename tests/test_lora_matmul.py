@@ -15,18 +15,31 @@ from jaxserve_kernels.lora_matmul import lora_add, lora_add_reference, lora_swig
 from tests.test_kernels import TOLERANCE, fresh_rng, interpreted_and_compiled, relative_error
 
 CASES = interpreted_and_compiled(
-    [  # (rows, in, out, slots, rank, dtype, inline_k): inline_k below `in` takes the split shrink
+    [  # (rows, in, out, slots, rank, dtype, inline_k): inline_k below `in` takes the split shrink, "xla" XLA's
         (5, 200, 150, 3, 8, jnp.float32, None),
         (37, 96, 64, 2, 16, jnp.bfloat16, None),
         (70, 300, 40, 4, 16, jnp.float32, 64),
         (19, 520, 72, 1, 16, jnp.bfloat16, 256),
+        (37, 200, 72, 3, 8, jnp.bfloat16, "xla"),
+        (21, 96, 150, 2, 16, jnp.float32, "xla"),
     ],
     [  # Qwen2.5-0.5B's projections with 4 rank-16 slots (QKV's parts side by side: rank 48), 64 and 256 rows
         (64, 896, 1152, 4, 48, jnp.bfloat16, None),
         (64, 4864, 896, 4, 16, jnp.bfloat16, None),
         (256, 896, 896, 4, 16, jnp.bfloat16, None),
         (13, 300, 40, 3, 8, jnp.float32, 64),
+        (64, 896, 1152, 4, 48, jnp.bfloat16, "xla"),
+        (64, 4864, 896, 4, 16, jnp.bfloat16, "xla"),
+        (256, 896, 896, 4, 16, jnp.bfloat16, "xla"),
+        (13, 300, 40, 3, 8, jnp.float32, "xla"),
     ])
+
+
+def _tiling(inline_k, rows: int) -> dict:
+    """The case's kernel options: the split shrink's, or XLA's shrink (with row blocks of 16 past 16 rows)."""
+    if inline_k == "xla":
+        return {"shrink": "xla", "block_m": 16 if rows > 16 else None}
+    return {"shrink": "kernel", "inline_k": inline_k, "split_k": 128 if inline_k else None}
 
 
 def _inputs(rng, rows, k, n, slots, rank, dtype):
@@ -45,8 +58,8 @@ def test_lora_add_matches_reference(interpret, rows, k, n, slots, rank, dtype, i
     x, a, b, chosen = _inputs(rng, rows, k, n, slots, rank, dtype)
     acc = jnp.asarray(rng.standard_normal((rows, n)), jnp.float32)
     want = lora_add_reference(x, a, b, chosen, acc)
-    got = jax.jit(lambda x, a, b, s, acc: lora_add(x, a, b, s, acc, interpret=interpret, inline_k=inline_k,
-                                                   split_k=128 if inline_k else None))(x, a, b, chosen, acc)
+    got = jax.jit(lambda x, a, b, s, acc: lora_add(x, a, b, s, acc, interpret=interpret,
+                                                   **_tiling(inline_k, rows)))(x, a, b, chosen, acc)
     got, want = np.asarray(got), np.asarray(want)
     assert got.dtype == np.float32 and np.isfinite(got).all(), f"seed={seed}"
     term = want - np.asarray(acc)
@@ -66,8 +79,8 @@ def test_lora_swiglu_matches_reference(interpret, rows, k, n, slots, rank, dtype
     x, a, b, chosen = _inputs(rng, rows, k, 2 * n, slots, rank, dtype)
     h = jnp.asarray(rng.standard_normal((rows, 2 * n)) * 2, dtype)
     want = np.asarray(lora_swiglu_reference(x, a, b, chosen, h, jnp.float32))
-    got = jax.jit(lambda x, a, b, s, h: lora_swiglu(x, a, b, s, h, interpret=interpret, inline_k=inline_k,
-                                                    split_k=128 if inline_k else None))(x, a, b, chosen, h)
+    got = jax.jit(lambda x, a, b, s, h: lora_swiglu(x, a, b, s, h, interpret=interpret,
+                                                    **_tiling(inline_k, rows)))(x, a, b, chosen, h)
     assert got.shape == (rows, n) and got.dtype == dtype
     got = np.asarray(got, np.float32)
     assert np.isfinite(got).all(), f"seed={seed}"
@@ -84,3 +97,5 @@ def test_lora_kernels_refuse_mismatched_shapes():
         lora_add(x, a, b, jnp.zeros(3, jnp.int32), jnp.zeros((3, 9)))
     with pytest.raises(ValueError, match="even"):
         lora_swiglu(x, a, jnp.ones((2, 16, 9)), jnp.zeros(3, jnp.int32), jnp.zeros((3, 9)))
+    with pytest.raises(ValueError, match="shrink"):
+        lora_add(x, a, b, jnp.zeros(3, jnp.int32), jnp.zeros((3, 8)), shrink="cublas")
