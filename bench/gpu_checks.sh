@@ -20,6 +20,9 @@
 #               slice a projection out a step): bench/lora.py at 64 / 256 / 1 rows profiled at 64, with the check
 #               against merged weights; then the same in old_tree/ (a `git archive` of the commit before, untracked:
 #               the baseline in the same call) when it is there; the model step's adapter test compiled (~400 s?)
+#   lora57c     session 57, one call for lora57 + lora57b when starts are scarce: the xla-shrink kernels' compiled
+#               tests, bench/lora.py at 64 / 256 rows (no check) with per-layer stacks, the stacked form (old_tree/),
+#               and the xla-shrink kernels on the plain path, profiled at 64; lora_kernels.py's xla tilings (~540 s?)
 #   lora57b     session 57: the LoRA term kernels with XLA's shrink product (lora_matmul.SHRINK "xla"): their
 #               compiled tests, bench/lora.py at 64 / 256 rows with them on the plain path and on the glue, profiled
 #               at 64, then lora_kernels.py's xla-shrink tilings at 64 rows (~330 s?)
@@ -1002,6 +1005,17 @@ for part in "${parts[@]}"; do
             if [ -d old_tree ]; then echo "== stacked (old_tree)" ; (cd old_tree && timeout 140 python3 bench/lora.py \
               --shape 0.5B --batch 64 256 1 --no-check --profile /tmp/lp56 --out "$OUT/$part/old" 2>&1 \
               | grep -v "^WARNING\|^I0000\|^W0000") ; fi ;;
+    lora57c) timeout 90 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py \
+               -k xla ; \
+             lora() { timeout 110 python3 bench/lora.py --shape 0.5B --batch 64 256 --no-check "$@" 2>&1 \
+               | grep -v "^WARNING\|^I0000\|^W0000" ; } ; \
+             echo "== per-layer stacks" ; lora --profile /tmp/lpc1 --out "$OUT/$part/new" ; \
+             if [ -d old_tree ]; then echo "== stacked (old_tree)" ; \
+               (cd old_tree && lora --profile /tmp/lpc0 --out "$OUT/$part/old") ; fi ; \
+             echo "== JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_SHRINK=xla" ; \
+             JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_SHRINK=xla lora --profile /tmp/lpc2 --out "$OUT/$part/xla" ; \
+             timeout 90 python3 bench/lora_kernels.py --rows 64 --reps 5 --configs xla --out "$OUT/$part" 2>&1 \
+               | grep "^|" | tail -40 ;;
     lora57b) timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py \
                -k xla ; \
              for glue in 0 1; do echo "== JAXSERVE_LORA_GLUE=$glue JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_SHRINK=xla" ; \
