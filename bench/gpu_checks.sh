@@ -20,6 +20,10 @@
 #               slice a projection out a step): bench/lora.py at 64 / 256 / 1 rows profiled at 64, with the check
 #               against merged weights; then the same in old_tree/ (a `git archive` of the commit before, untracked:
 #               the baseline in the same call) when it is there; the model step's adapter test compiled (~400 s?)
+#   lora57d     session 57: the term kernels' loops on Triton's software pipeline (JAXSERVE_LORA_STAGES=3): compiled
+#               tests, then bench/lora.py at 64 / 256 rows (no check, profiled at 64), each its own process: XLA's
+#               terms (the default), kernels with the inline shrink, with every shrink split (INLINE_K=0), with XLA's
+#               shrink (~430 s?)
 #   lora57c     session 57, one call for lora57 + lora57b when starts are scarce: the xla-shrink kernels' compiled
 #               tests, bench/lora.py at 64 / 256 rows (no check) with per-layer stacks, the stacked form (old_tree/),
 #               and the xla-shrink kernels on the plain path, profiled at 64; lora_kernels.py's xla tilings (~540 s?)
@@ -1005,6 +1009,13 @@ for part in "${parts[@]}"; do
             if [ -d old_tree ]; then echo "== stacked (old_tree)" ; (cd old_tree && timeout 140 python3 bench/lora.py \
               --shape 0.5B --batch 64 256 1 --no-check --profile /tmp/lp56 --out "$OUT/$part/old" 2>&1 \
               | grep -v "^WARNING\|^I0000\|^W0000") ; fi ;;
+    lora57d) timeout 90 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py ; \
+             for env in "JAXSERVE_LORA_KERNELS=0" "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_STAGES=3" \
+                 "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_STAGES=3 JAXSERVE_LORA_INLINE_K=0" \
+                 "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_SHRINK=xla"; do echo "== $env" ; \
+               env $env timeout 100 python3 bench/lora.py --shape 0.5B --batch 64 256 --no-check --profile /tmp/lpd \
+                 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing model" | grep -v "^ .*µs/tok.*launches/tok.*\(skinny\|fused_decode\|nvjet\|greedy\|paged_att\|add_rms\|scatter\)" ; \
+               rm -rf /tmp/lpd ; done ;;
     lora57c) timeout 90 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py \
                -k xla ; \
              lora() { timeout 110 python3 bench/lora.py --shape 0.5B --batch 64 256 --no-check "$@" 2>&1 \

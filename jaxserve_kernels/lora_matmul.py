@@ -41,7 +41,7 @@ from jaxserve_kernels.skinny_matmul import swiglu_sums
 
 # Inputs this wide or narrower are shrunk inside every expand program (one launch); wider ones in a launch of
 # their own over K splits. Qwen2.5-0.5B: QKV, o_proj and gate_up (896) inline, down_proj (4,864) split.
-INLINE_K = 1024
+INLINE_K = int(os.environ.get("JAXSERVE_LORA_INLINE_K", "1024"))
 # Elements of K a program (or an inline shrink's loop iteration) takes; a split shrink's programs take
 # `SPLIT_K` each, so down_proj at 0.5B runs 10 splits a row block.
 BLOCK_K = 128
@@ -53,6 +53,9 @@ MAX_ROW_BLOCK = 64
 # second loading its shrink rows once (the kernel shrink's loop over K, and the split sum's over splits, are chains of
 # dependent L2 loads: 10-18 µs a launch on the H100, session 56). Read at trace time.
 SHRINK = os.environ.get("JAXSERVE_LORA_SHRINK", "kernel")
+# Triton's software pipeline over the shrink's K loop and the expand's sum over splits (1: none, each iteration's
+# loads wait for the one before). Read at trace time.
+NUM_STAGES = int(os.environ.get("JAXSERVE_LORA_STAGES", "1"))
 
 
 def _shrink(x_ref, a_ref, r0, row_ok, k0, k_len: int, *, block_m: int, block_k: int, cdt, precision):
@@ -134,9 +137,9 @@ def _expand_kernel(slots_ref, x_ref, a_ref, b_ref, acc_ref, out_ref, *, block_m:
 
 
 @functools.partial(jax.jit, static_argnames=("swiglu", "out_dtype", "interpret", "inline_k", "split_k", "block_n",
-                                             "block_m", "shrink", "num_warps"))
+                                             "block_m", "shrink", "num_warps", "num_stages"))
 def _lora(x, a, b, slots, acc, *, swiglu: bool, out_dtype, interpret: bool, inline_k: int, split_k: int,
-          block_n: int, block_m: int | None, shrink: str, num_warps: int | None):
+          block_n: int, block_m: int | None, shrink: str, num_warps: int | None, num_stages: int):
     batch, k = x.shape
     n_slots, rank, _ = a.shape
     a2, b2 = a.reshape(n_slots * rank, k), b.reshape(n_slots * rank, -1)
@@ -159,14 +162,14 @@ def _lora(x, a, b, slots, acc, *, swiglu: bool, out_dtype, interpret: bool, inli
                               precision=precision),
             x, a2, grid=(row_blocks, splits), out_shape=jax.ShapeDtypeStruct((splits, batch, n_slots * rank),
                                                                            jnp.float32),
-            interpret=interpret, num_warps=warps, name="lora_shrink")
+            interpret=interpret, num_warps=warps, num_stages=num_stages, name="lora_shrink")
     n_out = acc.shape[1] // 2 if swiglu else acc.shape[1]
     kernel = functools.partial(_expand_kernel, block_m=block_m, block_n=block_n, rank=rank, splits=splits,
                                block_k=BLOCK_K, swiglu=swiglu, cdt=cdt, precision=precision)
     return compat.triton_call(
         kernel, slots.astype(jnp.int32), shrunk, a2, b2, acc, grid=(row_blocks, pl.cdiv(n_out, block_n)),
         out_shape=jax.ShapeDtypeStruct((batch, n_out), out_dtype), interpret=interpret, num_warps=warps,
-        name="lora_swiglu" if swiglu else "lora_add",
+        num_stages=num_stages, name="lora_swiglu" if swiglu else "lora_add",
         input_output_aliases={} if swiglu or acc.dtype != out_dtype else {4: 0})
 
 
@@ -186,7 +189,7 @@ def _check(x, a, b, slots, acc, n_out: int) -> None:
 def lora_add(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, acc: jax.Array, *,
              interpret: bool | None = None, shrink: str | None = None, inline_k: int | None = None,
              split_k: int | None = None, block_n: int | None = None, block_m: int | None = None,
-             num_warps: int | None = None) -> jax.Array:
+             num_warps: int | None = None, num_stages: int | None = None) -> jax.Array:
     """``acc`` plus each row's adapter term ``(x_i @ a[slots_i].T) @ b[slots_i]``, in ``acc``'s dtype.
 
     Args:
@@ -197,7 +200,8 @@ def lora_add(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, acc: ja
         interpret: Pallas interpret mode; None picks it on the CPU backend.
         shrink: ``"kernel"`` (inline or split, by ``inline_k``) or ``"xla"`` (XLA's product, then the kernel's
             select and expand); `SHRINK` by default.
-        inline_k, split_k, block_n, block_m, num_warps: tiling (`INLINE_K`, `SPLIT_K`, `BLOCK_N` by default).
+        inline_k, split_k, block_n, block_m, num_warps, num_stages: tiling (`INLINE_K`, `SPLIT_K`, `BLOCK_N`,
+            `NUM_STAGES` by default).
 
     Example:
         >>> a, b = jnp.ones((2, 16, 32)), jnp.ones((2, 16, 8))
@@ -208,13 +212,13 @@ def lora_add(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, acc: ja
     _check(x, a, b, slots, acc, b.shape[2])
     return _lora(x, a, b, slots, acc, swiglu=False, out_dtype=jnp.dtype(acc.dtype),
                  interpret=compat.resolve_interpret(interpret), **_tiling(shrink, inline_k, split_k, block_n, block_m,
-                                                                          num_warps))
+                                                                          num_warps, num_stages))
 
 
 def lora_swiglu(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, h: jax.Array, *,
                 out_dtype=None, interpret: bool | None = None, shrink: str | None = None, inline_k: int | None = None,
                 split_k: int | None = None, block_n: int | None = None, block_m: int | None = None,
-                num_warps: int | None = None) -> jax.Array:
+                num_warps: int | None = None, num_stages: int | None = None) -> jax.Array:
     """``silu(g) * u`` where ``[g | u] = h + `` each row's adapter term (gate_up's output and adapters, the halves
     side by side): the MLP's activation with the adapters in, one launch. ``out_dtype`` defaults to ``h``'s; the
     rest as `lora_add`'s.
@@ -229,15 +233,15 @@ def lora_swiglu(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, h: j
         raise ValueError(f"h must hold gate and up side by side (an even width), got {h.shape}")
     return _lora(x, a, b, slots, h, swiglu=True, out_dtype=jnp.dtype(out_dtype or h.dtype),
                  interpret=compat.resolve_interpret(interpret), **_tiling(shrink, inline_k, split_k, block_n, block_m,
-                                                                          num_warps))
+                                                                          num_warps, num_stages))
 
 
-def _tiling(shrink, inline_k, split_k, block_n, block_m, num_warps) -> dict:
+def _tiling(shrink, inline_k, split_k, block_n, block_m, num_warps, num_stages) -> dict:
     shrink = shrink or SHRINK
     if shrink not in ("kernel", "xla"):
         raise ValueError(f"shrink must be 'kernel' or 'xla', got {shrink!r}")
-    return dict(shrink=shrink, inline_k=inline_k or INLINE_K, split_k=split_k or SPLIT_K, block_n=block_n or BLOCK_N,
-                block_m=block_m, num_warps=num_warps)
+    return dict(shrink=shrink, inline_k=INLINE_K if inline_k is None else inline_k, split_k=split_k or SPLIT_K,
+                block_n=block_n or BLOCK_N, block_m=block_m, num_warps=num_warps, num_stages=num_stages or NUM_STAGES)
 
 
 def lora_term_reference(x, a, b, slots) -> jax.Array:

@@ -22,6 +22,7 @@ CASES = interpreted_and_compiled(
         (19, 520, 72, 1, 16, jnp.bfloat16, 256),
         (37, 200, 72, 3, 8, jnp.bfloat16, "xla"),
         (21, 96, 150, 2, 16, jnp.float32, "xla"),
+        (9, 300, 40, 2, 16, jnp.bfloat16, "staged"),
     ],
     [  # Qwen2.5-0.5B's projections with 4 rank-16 slots (QKV's parts side by side: rank 48), 64 and 256 rows
         (64, 896, 1152, 4, 48, jnp.bfloat16, None),
@@ -32,14 +33,19 @@ CASES = interpreted_and_compiled(
         (64, 4864, 896, 4, 16, jnp.bfloat16, "xla"),
         (256, 896, 896, 4, 16, jnp.bfloat16, "xla"),
         (13, 300, 40, 3, 8, jnp.float32, "xla"),
+        (64, 896, 1152, 4, 48, jnp.bfloat16, "staged"),
+        (64, 896, 1152, 4, 48, jnp.bfloat16, 1),
     ])
 
 
 def _tiling(inline_k, rows: int) -> dict:
-    """The case's kernel options: the split shrink's, or XLA's shrink (with row blocks of 16 past 16 rows)."""
+    """The case's kernel options: XLA's shrink (with row blocks of 16 past 16 rows), the inline shrink (None; "staged":
+    its K loop on 3 pipeline stages) or the split shrink at ``inline_k`` (3 stages)."""
     if inline_k == "xla":
         return {"shrink": "xla", "block_m": 16 if rows > 16 else None}
-    return {"shrink": "kernel", "inline_k": inline_k, "split_k": 128 if inline_k else None}
+    if inline_k in (None, "staged"):
+        return {"shrink": "kernel", "inline_k": 4096, "num_stages": 3 if inline_k else 1}
+    return {"shrink": "kernel", "inline_k": inline_k, "split_k": 128, "num_stages": 3}
 
 
 def _inputs(rng, rows, k, n, slots, rank, dtype):
