@@ -45,6 +45,9 @@ INLINE_K = int(os.environ.get("JAXSERVE_LORA_INLINE_K", "1024"))
 # Elements of K a program (or an inline shrink's loop iteration) takes; a split shrink's programs take
 # `SPLIT_K` each, so down_proj at 0.5B runs 10 splits a row block.
 BLOCK_K = 128
+# With the loops pipelined (num_stages > 1) each stage holds its x and a tiles in shared memory: QKV's 64 x 128 and
+# 256 x 128 bf16 tiles on 3 stages want 240 KiB, past the H200's 227 (session 57), so staged loops take K tiles of 64.
+STAGED_BLOCK_K = int(os.environ.get("JAXSERVE_LORA_STAGED_BLOCK_K", "64"))
 SPLIT_K = 512
 BLOCK_N = 64
 MAX_ROW_BLOCK = 64
@@ -151,6 +154,7 @@ def _lora(x, a, b, slots, acc, *, swiglu: bool, out_dtype, interpret: bool, inli
     # The shrink's [block_m, slots * R] float32 sum lives in registers: 64 x 256 (QKV's 4 slots of 3 x 16) is 128 a
     # thread over 4 warps, so wide ones take 8.
     warps = num_warps or (8 if block_m * compat.next_pow2(max(16, n_slots * rank)) > 8192 else 4)
+    block_k = BLOCK_K if num_stages == 1 else STAGED_BLOCK_K
     shrunk = x  # the expand's first operand: the input, or with splits the split shrink's partials
     if shrink == "xla":  # XLA's own product (one short launch), as the expand's single split
         splits = 1
@@ -158,14 +162,14 @@ def _lora(x, a, b, slots, acc, *, swiglu: bool, out_dtype, interpret: bool, inli
                                  preferred_element_type=jnp.float32)[None]
     elif splits:
         shrunk = compat.triton_call(
-            functools.partial(_shrink_kernel, block_m=block_m, split_k=split_k, block_k=BLOCK_K, cdt=cdt,
+            functools.partial(_shrink_kernel, block_m=block_m, split_k=split_k, block_k=block_k, cdt=cdt,
                               precision=precision),
             x, a2, grid=(row_blocks, splits), out_shape=jax.ShapeDtypeStruct((splits, batch, n_slots * rank),
                                                                            jnp.float32),
             interpret=interpret, num_warps=warps, num_stages=num_stages, name="lora_shrink")
     n_out = acc.shape[1] // 2 if swiglu else acc.shape[1]
     kernel = functools.partial(_expand_kernel, block_m=block_m, block_n=block_n, rank=rank, splits=splits,
-                               block_k=BLOCK_K, swiglu=swiglu, cdt=cdt, precision=precision)
+                               block_k=block_k, swiglu=swiglu, cdt=cdt, precision=precision)
     return compat.triton_call(
         kernel, slots.astype(jnp.int32), shrunk, a2, b2, acc, grid=(row_blocks, pl.cdiv(n_out, block_n)),
         out_shape=jax.ShapeDtypeStruct((batch, n_out), out_dtype), interpret=interpret, num_warps=warps,
