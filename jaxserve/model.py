@@ -464,7 +464,9 @@ LORA_GLUE = os.environ.get("JAXSERVE_LORA_GLUE", "0") == "1"
 # an expand and an add a projection and SwiGLU apart (about 50 µs a layer at 64 rows on the H100, twice the layer).
 # H100, session 56 (bench/results/lora.md): slower, adapter rows 0.36 / 0.41x of the base at 64 / 256 rows on the glue
 # against 0.47 / 0.50x as now (each kernel 10-18 µs a launch, a chain of dependent L2 loads, where XLA's small
-# products take ~2.9 µs), so it stays off. JAXSERVE_LORA_KERNELS=1; read when a step is traced.
+# products take ~2.9 µs), so it stays off. H200, session 57: with XLA's shrink product first (`lora_matmul.SHRINK`
+# "xla") the kernels run 2.4-5.3 µs, but XLA's split-K sum of that product becomes a launch of its own: a tie (1,743
+# against 1,710 µs a 64-row step). JAXSERVE_LORA_KERNELS=1; read when a step is traced.
 LORA_KERNELS = os.environ.get("JAXSERVE_LORA_KERNELS", "0") == "1"
 
 

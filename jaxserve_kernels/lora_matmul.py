@@ -21,7 +21,10 @@ Deterministic (no atomics). Products on the tensor cores with float32 accumulati
 
 Measured (H100, session 56, bench/results/lora.md): slower than XLA's four launches, 17-23 µs a 64-row projection
 against 13-17 (`bench/lora_kernels.py`), adapter rows 0.36x of the base model against 0.47x: each program's shrink is
-a one-stage chain of dependent L2 loads. Opt-in until that changes (`jaxserve.model.LORA_KERNELS`).
+a one-stage chain of dependent L2 loads. With XLA's shrink product before the launch (`SHRINK` "xla"; H200, session
+57) the launches take 2.4-5.3 µs in the step, but XLA sums its split-K shrink in a launch of its own: a tie with XLA's
+terms (1,743 against 1,710 µs a 64-row step). Opt-in until that changes (`jaxserve.model.LORA_KERNELS`); the
+pipelined loops (`NUM_STAGES`) are the next thing to time.
 
 Backend: Pallas Triton, like the other small-row kernels (`jaxserve_kernels.paged_attention` says why).
 """
