@@ -1031,7 +1031,7 @@ for part in "${parts[@]}"; do
     lora57f) timeout 40 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py \
                -k "staged" 2>&1 | tail -2 ; \
              for env in "JAXSERVE_LORA_KERNELS=0" "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_STAGES=3"; do echo "== $env" ; \
-               env $env timeout 75 python3 bench/lora.py --shape 0.5B --batch 64 --no-check --profile /tmp/lpf \
+               env $env timeout 80 python3 bench/lora.py --shape 0.5B --batch 64 --no-check --profile /tmp/lpf \
                  2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing model" | grep -v "^ .*µs/tok.*launches/tok.*\(skinny\|fused_decode\|nvjet\|greedy\|paged_att\|add_rms\|scatter\)" ; \
                rm -rf /tmp/lpf ; done ;;
     lora57c) timeout 90 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py \
