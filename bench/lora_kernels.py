@@ -2,7 +2,9 @@
 Qwen2.5 shape, side by side in one run: µs a call, each call's output fed to the next inside one jitted loop (as a
 decode step's chain of layers does), median of several timed loops. Tilings swept: the output block, and for
 each input width the inline shrink against the split one at a few split widths, and XLA's shrink product before the
-kernel's select and expand (`shrink="xla"`) at a few output and row blocks.
+kernel's select and expand (`shrink="xla"`) at a few output and row blocks. Session 57 (H200): this loop put the
+xla-shrink kernels at 15-29 µs a projection where the decode step's profile put them at 2.4-5.3 (+ XLA's shrink):
+check a result here against `bench/lora.py --profile` before trusting it.
 
     python bench/lora_kernels.py --rows 64 256            # GPU
     python bench/lora_kernels.py --rows 8 --iters 2 --reps 1 --shape tiny   # CPU smoke run (interpreted)
