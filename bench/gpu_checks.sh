@@ -27,8 +27,9 @@
 #   lora57e     session 57: lora57d again, its staged runs having asked for more shared memory than the H200 has
 #               (K tiles of 128 on 3 stages): compiled tests, then bench/lora.py at 64 rows (profiled) with XLA's terms,
 #               and the kernels' inline shrink on 3 and on 2 stages of 64-wide K tiles (~280 s?)
-#   lora57f     session 57, lora57e cut to the device time left: the staged tests, then XLA's terms against the
-#               kernels' inline shrink on 3 stages at 64 rows (~170 s?)
+#   lora57f     session 57, lora57e cut short, with the loops written out: the staged and unrolled compiled tests,
+#               then at 64 rows (profiled) XLA's terms against the kernels with their loops on 3 stages and written
+#               out (JAXSERVE_LORA_UNROLL=1) (~250 s?)
 #   lora57c     session 57, one call for lora57 + lora57b when starts are scarce: the xla-shrink kernels' compiled
 #               tests, bench/lora.py at 64 / 256 rows (no check) with per-layer stacks, the stacked form (old_tree/),
 #               and the xla-shrink kernels on the plain path, profiled at 64; lora_kernels.py's xla tilings (~540 s?)
@@ -1029,8 +1030,9 @@ for part in "${parts[@]}"; do
                  2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing model" | grep -v "^ .*µs/tok.*launches/tok.*\(skinny\|fused_decode\|nvjet\|greedy\|paged_att\|add_rms\|scatter\)" ; \
                rm -rf /tmp/lpe ; done ;;
     lora57f) timeout 40 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py \
-               -k "staged" 2>&1 | tail -2 ; \
-             for env in "JAXSERVE_LORA_KERNELS=0" "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_STAGES=3"; do echo "== $env" ; \
+               -k "staged or unrolled" 2>&1 | tail -2 ; \
+             for env in "JAXSERVE_LORA_KERNELS=0" "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_STAGES=3" \
+                 "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_UNROLL=1"; do echo "== $env" ; \
                env $env timeout 80 python3 bench/lora.py --shape 0.5B --batch 64 --no-check --profile /tmp/lpf \
                  2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing model" | grep -v "^ .*µs/tok.*launches/tok.*\(skinny\|fused_decode\|nvjet\|greedy\|paged_att\|add_rms\|scatter\)" ; \
                rm -rf /tmp/lpf ; done ;;

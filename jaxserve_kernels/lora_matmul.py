@@ -24,7 +24,8 @@ against 13-17 (`bench/lora_kernels.py`), adapter rows 0.36x of the base model ag
 a one-stage chain of dependent L2 loads. With XLA's shrink product before the launch (`SHRINK` "xla"; H200, session
 57) the launches take 2.4-5.3 µs in the step, but XLA sums its split-K shrink in a launch of its own: a tie with XLA's
 terms (1,743 against 1,710 µs a 64-row step). Opt-in until that changes (`jaxserve.model.LORA_KERNELS`); the
-pipelined loops (`NUM_STAGES`) are the next thing to time.
+kernel's own loops pipelined (`NUM_STAGES`) or written out (`UNROLL`) are the next thing to time (untimed: session 57's
+device time ran out; `bash bench/gpu_checks.sh lora57f`).
 
 Backend: Pallas Triton, like the other small-row kernels (`jaxserve_kernels.paged_attention` says why).
 """
@@ -62,9 +63,21 @@ SHRINK = os.environ.get("JAXSERVE_LORA_SHRINK", "kernel")
 # Triton's software pipeline over the shrink's K loop and the expand's sum over splits (1: none, each iteration's
 # loads wait for the one before). Read at trace time.
 NUM_STAGES = int(os.environ.get("JAXSERVE_LORA_STAGES", "1"))
+# Or those loops written out (their trip counts are static), so that every iteration's loads can issue before the
+# first sum waits on one. Read at trace time.
+UNROLL = os.environ.get("JAXSERVE_LORA_UNROLL", "0") == "1"
 
 
-def _shrink(x_ref, a_ref, r0, row_ok, k0, k_len: int, *, block_m: int, block_k: int, cdt, precision):
+def _loop(n: int, body, init, unroll: bool):
+    """``lax.fori_loop(0, n, body, init)``, or the same ``n`` calls written out (one always is)."""
+    if not unroll and n > 1:
+        return lax.fori_loop(0, n, body, init)
+    for i in range(n):
+        init = body(jnp.int32(i), init)
+    return init
+
+
+def _shrink(x_ref, a_ref, r0, row_ok, k0, k_len: int, *, block_m: int, block_k: int, cdt, precision, unroll: bool):
     """Float32 ``x[r0:r0+block_m, k0:k0+k_len] @ a[:, k0:k0+k_len].T``: ``[block_m, padded slots * R]``."""
     nr = a_ref.shape[0]
     nr_pad = compat.next_pow2(max(16, nr))
@@ -81,21 +94,21 @@ def _shrink(x_ref, a_ref, r0, row_ok, k0, k_len: int, *, block_m: int, block_k: 
         return t + compat.dot(xs.astype(cdt), a.astype(cdt), trans_b=True, precision=precision)
 
     t0 = jnp.zeros((block_m, nr_pad), jnp.float32)
-    return lax.fori_loop(0, pl.cdiv(k_len, block_k), body, t0)
+    return _loop(pl.cdiv(k_len, block_k), body, t0, unroll)
 
 
-def _shrink_kernel(x_ref, a_ref, t_ref, *, block_m: int, split_k: int, block_k: int, cdt, precision):
+def _shrink_kernel(x_ref, a_ref, t_ref, *, block_m: int, split_k: int, block_k: int, cdt, precision, unroll: bool):
     rb, split = pl.program_id(0), pl.program_id(1)
     r0 = rb * block_m
     row_ok = r0 + jnp.arange(block_m) < x_ref.shape[0]
     t = _shrink(x_ref, a_ref, r0, row_ok, split * split_k, split_k, block_m=block_m, block_k=block_k, cdt=cdt,
-                precision=precision)
+                precision=precision, unroll=unroll)
     col_ok = jnp.arange(t.shape[1]) < t_ref.shape[2]
     compat.store(t_ref.at[split, pl.ds(r0, block_m), pl.ds(0, t.shape[1])], t, mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _expand_kernel(slots_ref, x_ref, a_ref, b_ref, acc_ref, out_ref, *, block_m: int, block_n: int, rank: int,
-                   splits: int, block_k: int, swiglu: bool, cdt, precision):
+                   splits: int, block_k: int, swiglu: bool, cdt, precision, unroll: bool):
     """``splits`` 0: ``x_ref``/``a_ref`` are the input and adapters (shrink inline); else ``x_ref`` holds the
     split shrink's partials ``[splits, B, slots * R]`` (``a_ref`` unused)."""
     rb, cb = pl.program_id(0), pl.program_id(1)
@@ -111,11 +124,10 @@ def _expand_kernel(slots_ref, x_ref, a_ref, b_ref, acc_ref, out_ref, *, block_m:
             return compat.load(x_ref.at[i, pl.ds(r0, block_m), pl.ds(0, nr_pad)], mask=row_ok[:, None] & nr_ok[None, :],
                                other=0)
 
-        t = split(jnp.int32(0)) if splits == 1 else lax.fori_loop(0, splits, lambda i, t: t + split(i),
-                                                       jnp.zeros((block_m, nr_pad), jnp.float32))
+        t = _loop(splits, lambda i, t: t + split(i), jnp.zeros((block_m, nr_pad), jnp.float32), unroll)
     else:
         t = _shrink(x_ref, a_ref, r0, row_ok, 0, x_ref.shape[1], block_m=block_m, block_k=block_k, cdt=cdt,
-                    precision=precision)
+                    precision=precision, unroll=unroll)
     slots = compat.load(slots_ref.at[pl.ds(r0, block_m)], mask=row_ok, other=-1)
     # The select: a row keeps its own slot's R columns (slot -1, no adapter: none), rounded as `lora_delta` rounds.
     t = jnp.where((nrs // rank)[None, :] == slots[:, None], t, 0.0).astype(cdt)
@@ -143,9 +155,9 @@ def _expand_kernel(slots_ref, x_ref, a_ref, b_ref, acc_ref, out_ref, *, block_m:
 
 
 @functools.partial(jax.jit, static_argnames=("swiglu", "out_dtype", "interpret", "inline_k", "split_k", "block_n",
-                                             "block_m", "shrink", "num_warps", "num_stages"))
+                                             "block_m", "shrink", "num_warps", "num_stages", "unroll"))
 def _lora(x, a, b, slots, acc, *, swiglu: bool, out_dtype, interpret: bool, inline_k: int, split_k: int,
-          block_n: int, block_m: int | None, shrink: str, num_warps: int | None, num_stages: int):
+          block_n: int, block_m: int | None, shrink: str, num_warps: int | None, num_stages: int, unroll: bool):
     batch, k = x.shape
     n_slots, rank, _ = a.shape
     a2, b2 = a.reshape(n_slots * rank, k), b.reshape(n_slots * rank, -1)
@@ -166,13 +178,13 @@ def _lora(x, a, b, slots, acc, *, swiglu: bool, out_dtype, interpret: bool, inli
     elif splits:
         shrunk = compat.triton_call(
             functools.partial(_shrink_kernel, block_m=block_m, split_k=split_k, block_k=block_k, cdt=cdt,
-                              precision=precision),
+                              precision=precision, unroll=unroll),
             x, a2, grid=(row_blocks, splits), out_shape=jax.ShapeDtypeStruct((splits, batch, n_slots * rank),
                                                                            jnp.float32),
             interpret=interpret, num_warps=warps, num_stages=num_stages, name="lora_shrink")
     n_out = acc.shape[1] // 2 if swiglu else acc.shape[1]
     kernel = functools.partial(_expand_kernel, block_m=block_m, block_n=block_n, rank=rank, splits=splits,
-                               block_k=block_k, swiglu=swiglu, cdt=cdt, precision=precision)
+                               block_k=block_k, swiglu=swiglu, cdt=cdt, precision=precision, unroll=unroll)
     return compat.triton_call(
         kernel, slots.astype(jnp.int32), shrunk, a2, b2, acc, grid=(row_blocks, pl.cdiv(n_out, block_n)),
         out_shape=jax.ShapeDtypeStruct((batch, n_out), out_dtype), interpret=interpret, num_warps=warps,
@@ -196,7 +208,7 @@ def _check(x, a, b, slots, acc, n_out: int) -> None:
 def lora_add(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, acc: jax.Array, *,
              interpret: bool | None = None, shrink: str | None = None, inline_k: int | None = None,
              split_k: int | None = None, block_n: int | None = None, block_m: int | None = None,
-             num_warps: int | None = None, num_stages: int | None = None) -> jax.Array:
+             num_warps: int | None = None, num_stages: int | None = None, unroll: bool | None = None) -> jax.Array:
     """``acc`` plus each row's adapter term ``(x_i @ a[slots_i].T) @ b[slots_i]``, in ``acc``'s dtype.
 
     Args:
@@ -207,8 +219,8 @@ def lora_add(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, acc: ja
         interpret: Pallas interpret mode; None picks it on the CPU backend.
         shrink: ``"kernel"`` (inline or split, by ``inline_k``) or ``"xla"`` (XLA's product, then the kernel's
             select and expand); `SHRINK` by default.
-        inline_k, split_k, block_n, block_m, num_warps, num_stages: tiling (`INLINE_K`, `SPLIT_K`, `BLOCK_N`,
-            `NUM_STAGES` by default).
+        inline_k, split_k, block_n, block_m, num_warps, num_stages, unroll: tiling (`INLINE_K`, `SPLIT_K`,
+            `BLOCK_N`, `NUM_STAGES`, `UNROLL` by default).
 
     Example:
         >>> a, b = jnp.ones((2, 16, 32)), jnp.ones((2, 16, 8))
@@ -219,13 +231,13 @@ def lora_add(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, acc: ja
     _check(x, a, b, slots, acc, b.shape[2])
     return _lora(x, a, b, slots, acc, swiglu=False, out_dtype=jnp.dtype(acc.dtype),
                  interpret=compat.resolve_interpret(interpret), **_tiling(shrink, inline_k, split_k, block_n, block_m,
-                                                                          num_warps, num_stages))
+                                                                          num_warps, num_stages, unroll))
 
 
 def lora_swiglu(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, h: jax.Array, *,
                 out_dtype=None, interpret: bool | None = None, shrink: str | None = None, inline_k: int | None = None,
                 split_k: int | None = None, block_n: int | None = None, block_m: int | None = None,
-                num_warps: int | None = None, num_stages: int | None = None) -> jax.Array:
+                num_warps: int | None = None, num_stages: int | None = None, unroll: bool | None = None) -> jax.Array:
     """``silu(g) * u`` where ``[g | u] = h + `` each row's adapter term (gate_up's output and adapters, the halves
     side by side): the MLP's activation with the adapters in, one launch. ``out_dtype`` defaults to ``h``'s; the
     rest as `lora_add`'s.
@@ -240,15 +252,16 @@ def lora_swiglu(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, h: j
         raise ValueError(f"h must hold gate and up side by side (an even width), got {h.shape}")
     return _lora(x, a, b, slots, h, swiglu=True, out_dtype=jnp.dtype(out_dtype or h.dtype),
                  interpret=compat.resolve_interpret(interpret), **_tiling(shrink, inline_k, split_k, block_n, block_m,
-                                                                          num_warps, num_stages))
+                                                                          num_warps, num_stages, unroll))
 
 
-def _tiling(shrink, inline_k, split_k, block_n, block_m, num_warps, num_stages) -> dict:
+def _tiling(shrink, inline_k, split_k, block_n, block_m, num_warps, num_stages, unroll) -> dict:
     shrink = shrink or SHRINK
     if shrink not in ("kernel", "xla"):
         raise ValueError(f"shrink must be 'kernel' or 'xla', got {shrink!r}")
     return dict(shrink=shrink, inline_k=INLINE_K if inline_k is None else inline_k, split_k=split_k or SPLIT_K,
-                block_n=block_n or BLOCK_N, block_m=block_m, num_warps=num_warps, num_stages=num_stages or NUM_STAGES)
+                block_n=block_n or BLOCK_N, block_m=block_m, num_warps=num_warps, num_stages=num_stages or NUM_STAGES,
+                unroll=UNROLL if unroll is None else bool(unroll))
 
 
 def lora_term_reference(x, a, b, slots) -> jax.Array:

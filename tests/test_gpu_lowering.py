@@ -185,22 +185,25 @@ def test_decode_step_with_mgpu_projections_lowers_for_cuda(compiled_kernels, mon
 
 
 @pytest.mark.parametrize("glue,kernels,shrink", [(True, False, "kernel"), (False, False, "kernel"),
-                                                 (True, True, "kernel"), (False, True, "xla")])
+                                                 (True, True, "kernel"), (False, True, "xla"),
+                                                 (False, True, "unrolled")])
 def test_decode_step_with_adapters_lowers_for_cuda(compiled_kernels, monkeypatch, glue, kernels, shrink):
     # model.LORA_GLUE: a 64-row step with adapter rows on the accumulating glue (its norms in add_rms_norm, the
     # projections on Mosaic GPU, the adapters' products XLA's, or with LORA_KERNELS lora_matmul's: down_proj's
-    # 4,864 wide input through the split shrink, or with lora_matmul.SHRINK "xla" every shrink XLA's); off, the plain
-    # path (XLA's norms).
+    # 4,864 wide input through the split shrink, or with lora_matmul.SHRINK "xla" every shrink XLA's, or their loops
+    # written out, lora_matmul.UNROLL); off, the plain path (XLA's norms).
     model = importlib.import_module("jaxserve.model")
     monkeypatch.setattr(model, "LORA_GLUE", glue)
     monkeypatch.setattr(model, "LORA_KERNELS", kernels)
-    monkeypatch.setattr(importlib.import_module("jaxserve_kernels.lora_matmul"), "SHRINK", shrink)
+    lora_matmul = importlib.import_module("jaxserve_kernels.lora_matmul")
+    monkeypatch.setattr(lora_matmul, "SHRINK", "xla" if shrink == "xla" else "kernel")
+    monkeypatch.setattr(lora_matmul, "UNROLL", shrink == "unrolled")
     text = decode_step_text(64, loras=4)
     assert text.count("custom_call @mosaic_gpu_v2") >= 4, "the projections did not go to Mosaic GPU"
     names = triton_kernel_names(text)
     assert "fused_decode_attention" in names and ("add_rms_norm" in names) == glue, names
     assert ({"lora_add", "lora_swiglu"} <= names) == kernels, names
-    assert ("lora_shrink" in names) == (kernels and shrink == "kernel"), names
+    assert ("lora_shrink" in names) == (kernels and shrink != "xla"), names
 
 
 def test_decode_step_with_kv_read_ahead_lowers_for_cuda(compiled_kernels, monkeypatch):

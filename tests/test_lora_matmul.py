@@ -23,6 +23,8 @@ CASES = interpreted_and_compiled(
         (37, 200, 72, 3, 8, jnp.bfloat16, "xla"),
         (21, 96, 150, 2, 16, jnp.float32, "xla"),
         (9, 300, 40, 2, 16, jnp.bfloat16, "staged"),
+        (9, 200, 40, 2, 16, jnp.bfloat16, "unrolled"),
+        (11, 520, 72, 2, 16, jnp.float32, "unrolled"),
     ],
     [  # Qwen2.5-0.5B's projections with 4 rank-16 slots (QKV's parts side by side: rank 48), 64 and 256 rows
         (64, 896, 1152, 4, 48, jnp.bfloat16, None),
@@ -35,14 +37,18 @@ CASES = interpreted_and_compiled(
         (13, 300, 40, 3, 8, jnp.float32, "xla"),
         (64, 896, 1152, 4, 48, jnp.bfloat16, "staged"),
         (64, 896, 1152, 4, 48, jnp.bfloat16, 1),
+        (64, 896, 1152, 4, 48, jnp.bfloat16, "unrolled"),
+        (64, 4864, 896, 4, 16, jnp.bfloat16, "unrolled"),
     ])
 
 
 def _tiling(inline_k, rows: int) -> dict:
     """The case's kernel options: XLA's shrink (with row blocks of 16 past 16 rows), the inline shrink (None; "staged":
-    its K loop on 3 pipeline stages) or the split shrink at ``inline_k`` (3 stages)."""
+    its K loop on 3 pipeline stages), the split shrink at ``inline_k`` (3 stages), or "unrolled" loops."""
     if inline_k == "xla":
         return {"shrink": "xla", "block_m": 16 if rows > 16 else None}
+    if inline_k == "unrolled":  # loops written out: inputs up to 256 wide inline, wider ones split at 128
+        return {"shrink": "kernel", "inline_k": 256, "split_k": 128, "unroll": True}
     if inline_k in (None, "staged"):
         return {"shrink": "kernel", "inline_k": 4096, "num_stages": 3 if inline_k else 1}
     return {"shrink": "kernel", "inline_k": inline_k, "split_k": 128, "num_stages": 3}
