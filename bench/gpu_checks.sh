@@ -19,23 +19,24 @@
 #   lora57      session 57: adapter stacks a layer each (LoraSlots.weights; the stacked [layers, ...] form copied a
 #               slice a projection out a step): bench/lora.py at 64 / 256 / 1 rows profiled at 64, with the check
 #               against merged weights; then the same in old_tree/ (a `git archive` of the commit before, untracked:
-#               the baseline in the same call) when it is there; the model step's adapter test compiled (~400 s?)
+#               the baseline in the same call) when it is there; the model step's adapter test compiled (~400 s?).
+#               Not run: lora57c took its timings
 #   lora57d     session 57: the term kernels' loops on Triton's software pipeline (JAXSERVE_LORA_STAGES=3): compiled
 #               tests, then bench/lora.py at 64 / 256 rows (no check, profiled at 64), each its own process: XLA's
 #               terms (the default), kernels with the inline shrink, with every shrink split (INLINE_K=0), with XLA's
-#               shrink (~430 s?)
-#   lora57e     session 57: lora57d again, its staged runs having asked for more shared memory than the H200 has
-#               (K tiles of 128 on 3 stages): compiled tests, then bench/lora.py at 64 rows (profiled) with XLA's terms,
-#               and the kernels' inline shrink on 3 and on 2 stages of 64-wide K tiles (~280 s?)
-#   lora57f     session 57, lora57e cut short, with the loops written out: the staged and unrolled compiled tests,
-#               then at 64 rows (profiled) XLA's terms against the kernels with their loops on 3 stages and written
-#               out (JAXSERVE_LORA_UNROLL=1) (~250 s?)
+#               shrink (~430 s?). Run 04:01 UTC on an H200: the staged runs failed to compile (shared memory)
+#   lora57f     session 57, after lora57d's staged runs failed to compile (K tiles of 128 on 3 stages asked the H200
+#               for 240 KiB of shared memory; now 64), with the loops written out too: the staged and unrolled compiled
+#               tests, then at 64 rows (profiled) XLA's terms against the kernels with their loops on 3 stages and
+#               written out (JAXSERVE_LORA_UNROLL=1), each its own process (~250 s?)
 #   lora57c     session 57, one call for lora57 + lora57b when starts are scarce: the xla-shrink kernels' compiled
 #               tests, bench/lora.py at 64 / 256 rows (no check) with per-layer stacks, the stacked form (old_tree/),
-#               and the xla-shrink kernels on the plain path, profiled at 64; lora_kernels.py's xla tilings (~540 s?)
+#               and the xla-shrink kernels on the plain path, profiled at 64; lora_kernels.py's xla tilings (~540 s?).
+#               Run 03:55 UTC on an H200 (297 s): per-layer stacks +7-14%, XLA's shrink a tie (bench/results/lora.md)
 #   lora57b     session 57: the LoRA term kernels with XLA's shrink product (lora_matmul.SHRINK "xla"): their
 #               compiled tests, bench/lora.py at 64 / 256 rows with them on the plain path and on the glue, profiled
-#               at 64, then lora_kernels.py's xla-shrink tilings at 64 rows (~330 s?)
+#               at 64, then lora_kernels.py's xla-shrink tilings at 64 rows (~330 s?). Not run: lora57c took its
+#               plain-path timings; the glue's with XLA's shrink is still to do
 #   lora56      session 56: adapter terms as jaxserve_kernels.lora_matmul launches (model.LORA_KERNELS): the
 #               kernels' compiled tests, bench/lora.py at 64 / 256 / 1 rows with glue and kernels on, as now (both
 #               off), kernels on the plain path, each its own process, profiled at 64 rows; the kernels' tilings
@@ -360,6 +361,18 @@ OUT=${OUT:-/tmp/gpu_checks}
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(tests bandwidth throughput)
 export PYTHONPATH=.
+# bench/lora.py once a setting, each its own process: lora_settings LIMIT "BENCH ARGS" "ENV ..." ... (the profile's
+# base-model kernels left out of the log).
+lora_settings() {
+  local limit=$1 args=$2; shift 2
+  for env in "$@"; do echo "== $env"
+    env $env timeout "$limit" python3 bench/lora.py --shape 0.5B $args --no-check --profile /tmp/lp_settings 2>&1 \
+      | grep -v "^WARNING\|^I0000\|^W0000\|Writing model" \
+      | grep -v "^ .*µs/tok.*launches/tok.*\(skinny\|fused_decode\|nvjet\|greedy\|paged_att\|add_rms\|scatter\)"
+    rm -rf /tmp/lp_settings
+  done
+}
+
 for part in "${parts[@]}"; do
   mkdir -p "$OUT/$part"
   start=$(date +%s)
@@ -1016,26 +1029,13 @@ for part in "${parts[@]}"; do
               --shape 0.5B --batch 64 256 1 --no-check --profile /tmp/lp56 --out "$OUT/$part/old" 2>&1 \
               | grep -v "^WARNING\|^I0000\|^W0000") ; fi ;;
     lora57d) timeout 90 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py ; \
-             for env in "JAXSERVE_LORA_KERNELS=0" "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_STAGES=3" \
-                 "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_STAGES=3 JAXSERVE_LORA_INLINE_K=0" \
-                 "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_SHRINK=xla"; do echo "== $env" ; \
-               env $env timeout 100 python3 bench/lora.py --shape 0.5B --batch 64 256 --no-check --profile /tmp/lpd \
-                 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing model" | grep -v "^ .*µs/tok.*launches/tok.*\(skinny\|fused_decode\|nvjet\|greedy\|paged_att\|add_rms\|scatter\)" ; \
-               rm -rf /tmp/lpd ; done ;;
-    lora57e) timeout 80 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py \
-               -k "staged or 48-bfloat16-1" ; \
-             for env in "JAXSERVE_LORA_KERNELS=0" "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_STAGES=3" \
-                 "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_STAGES=2"; do echo "== $env" ; \
-               env $env timeout 100 python3 bench/lora.py --shape 0.5B --batch 64 --no-check --profile /tmp/lpe \
-                 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing model" | grep -v "^ .*µs/tok.*launches/tok.*\(skinny\|fused_decode\|nvjet\|greedy\|paged_att\|add_rms\|scatter\)" ; \
-               rm -rf /tmp/lpe ; done ;;
+             lora_settings 100 "--batch 64 256" "JAXSERVE_LORA_KERNELS=0" "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_STAGES=3" \
+               "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_STAGES=3 JAXSERVE_LORA_INLINE_K=0" \
+               "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_SHRINK=xla" ;;
     lora57f) timeout 40 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py \
                -k "staged or unrolled" 2>&1 | tail -2 ; \
-             for env in "JAXSERVE_LORA_KERNELS=0" "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_STAGES=3" \
-                 "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_UNROLL=1"; do echo "== $env" ; \
-               env $env timeout 80 python3 bench/lora.py --shape 0.5B --batch 64 --no-check --profile /tmp/lpf \
-                 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing model" | grep -v "^ .*µs/tok.*launches/tok.*\(skinny\|fused_decode\|nvjet\|greedy\|paged_att\|add_rms\|scatter\)" ; \
-               rm -rf /tmp/lpf ; done ;;
+             lora_settings 80 "--batch 64" "JAXSERVE_LORA_KERNELS=0" "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_STAGES=3" \
+               "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_UNROLL=1" ;;
     lora57c) timeout 90 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py \
                -k xla ; \
              lora() { timeout 110 python3 bench/lora.py --shape 0.5B --batch 64 256 --no-check "$@" 2>&1 \
