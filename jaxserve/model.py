@@ -465,8 +465,8 @@ LORA_GLUE = os.environ.get("JAXSERVE_LORA_GLUE", "0") == "1"
 # H100, session 56 (bench/results/lora.md): slower, adapter rows 0.36 / 0.41x of the base at 64 / 256 rows on the glue
 # against 0.47 / 0.50x as now (each kernel 10-18 µs a launch, a chain of dependent L2 loads, where XLA's small
 # products take ~2.9 µs), so it stays off. H200, session 57: with XLA's shrink product first (`lora_matmul.SHRINK`
-# "xla") the kernels run 2.4-5.3 µs, but XLA's split-K sum of that product becomes a launch of its own: a tie (1,743
-# against 1,710 µs a 64-row step). JAXSERVE_LORA_KERNELS=1; read when a step is traced.
+# "xla") the kernels run 2.4-5.3 µs, but a reduce launch a shrink appears (likely XLA's split-K sum of that
+# product): a tie (1,743 against 1,710 µs a 64-row step). JAXSERVE_LORA_KERNELS=1; read when a step is traced.
 LORA_KERNELS = os.environ.get("JAXSERVE_LORA_KERNELS", "0") == "1"
 
 
@@ -943,8 +943,9 @@ class Qwen2ForCausalLM(nn.Module):
     int32 instead, from the LM head itself. ``hidden_states=True``: ``(logits, hidden)`` in logits' place,
     ``hidden [B, S, hidden_size]`` the final norm's output at every position (the LM head's input;
     `jaxserve.pooling`). ``lora``: ``{"weights": {projection: (a, b)}, "slots": [B]}``, LoRA adapters and each
-    row's slot (-1: none; `jaxserve.lora`): ``a`` and ``b`` each layer's ``[n, R, in]`` and ``[n, R, out]`` (a sequence of
-    L arrays, as `LoraSlots` keeps them; one ``[L, ...]`` array works too, but the GPU then copies each layer's slice).
+    row's slot (-1: none; `jaxserve.lora`): ``a`` and ``b`` each layer's ``[n, R, in]`` and ``[n, R, out]`` (a
+    sequence of L arrays, as `LoraSlots` keeps them; one ``[L, ...]`` array works too, but the GPU then copies each
+    layer's slice).
     ``input_embeds``: ``(embeds [B, S, hidden], where [B, S] bool)``, embeddings that replace the token embeddings where
     ``where`` is set (a prompt given as embeddings, vLLM's ``prompt_embeds``).
 

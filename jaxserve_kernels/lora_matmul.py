@@ -22,8 +22,8 @@ Deterministic (no atomics). Products on the tensor cores with float32 accumulati
 Measured (H100, session 56, bench/results/lora.md): slower than XLA's four launches, 17-23 µs a 64-row projection
 against 13-17 (`bench/lora_kernels.py`), adapter rows 0.36x of the base model against 0.47x: each program's shrink is
 a one-stage chain of dependent L2 loads. With XLA's shrink product before the launch (`SHRINK` "xla"; H200, session
-57) the launches take 2.4-5.3 µs in the step, but XLA sums its split-K shrink in a launch of its own: a tie with XLA's
-terms (1,743 against 1,710 µs a 64-row step). Opt-in until that changes (`jaxserve.model.LORA_KERNELS`); the
+57) the launches take 2.4-5.3 µs in the step, but a reduce launch a shrink appears (likely XLA's split-K sum): a tie
+with XLA's terms (1,743 against 1,710 µs a 64-row step). Opt-in until that changes (`jaxserve.model.LORA_KERNELS`); the
 kernel's own loops pipelined (`NUM_STAGES`) or written out (`UNROLL`) are the next thing to time (untimed: session 57's
 device time ran out; `bash bench/gpu_checks.sh lora57f`).
 
