@@ -233,10 +233,11 @@ class LoraSlots:
         # Zeros until adapters load: what warm-up traces the adapter variants with, and an empty slot's terms. A
         # layer's stack is an array of its own, not a slice of one [layers, ...] array: XLA copies out each slice
         # that feeds a cuBLAS product (H100, session 56: 7 memcpy launches a layer, ~270 µs of a 2.2 ms step).
+        def zeros(*shape: int) -> tuple[jax.Array, ...]:
+            return tuple(jnp.zeros(shape, dtype, device=device) for _ in range(config.num_hidden_layers))
+
         self.weights: dict[str, tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]] = {
-            p: (tuple(jnp.zeros((max_loras, r, fan_in), dtype, device=device) for _ in range(config.num_hidden_layers)),
-                tuple(jnp.zeros((max_loras, r, fan_out), dtype, device=device)
-                      for _ in range(config.num_hidden_layers)))
+            p: (zeros(max_loras, r, fan_in), zeros(max_loras, r, fan_out))
             for p, (r, fan_in, fan_out) in stack_shapes(config, max_rank).items()}
         if tensor_parallel is not None:
             self.weights = tensor_parallel.shard_lora(self.weights, config)
@@ -302,7 +303,7 @@ class LoraSlots:
 
 def per_layer(stacked: np.ndarray) -> tuple[np.ndarray, ...]:
     """``[layers, ...]`` as a tuple of its layers (`LoraSlots.weights`' form)."""
-    return tuple(stacked[i] for i in range(stacked.shape[0]))
+    return tuple(stacked)
 
 
 def _write_slot(weights, new, slot):

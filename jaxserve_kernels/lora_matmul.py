@@ -56,9 +56,9 @@ SPLIT_K = 512
 BLOCK_N = 64
 MAX_ROW_BLOCK = 64
 # Where the shrink runs: "kernel" (above) or "xla", XLA's product writing the float32 shrink as one split for the
-# expand launch to select, round and expand: two launches a projection, the first one XLA's ~2.9 µs product, the
-# second loading its shrink rows once (the kernel shrink's loop over K, and the split sum's over splits, are chains of
-# dependent L2 loads: 10-18 µs a launch on the H100, session 56). Read at trace time.
+# expand launch to select, round and expand, which then loads its shrink rows once (the kernel shrink's loop over K,
+# and the split sum's over splits, are chains of dependent L2 loads: 10-18 µs a launch on the H100, session 56). What
+# it measured is in the module's docstring. Read at trace time.
 SHRINK = os.environ.get("JAXSERVE_LORA_SHRINK", "kernel")
 # Triton's software pipeline over the shrink's K loop and the expand's sum over splits (1: none, each iteration's
 # loads wait for the one before). Read at trace time.
@@ -165,17 +165,19 @@ def _lora(x, a, b, slots, acc, *, swiglu: bool, out_dtype, interpret: bool, inli
     precision = lax.Precision.HIGHEST if cdt == jnp.float32 else None
     block_m = block_m or min(MAX_ROW_BLOCK, max(16, compat.next_pow2(batch)))
     row_blocks = pl.cdiv(batch, block_m)
-    splits = 0 if k <= inline_k and shrink == "kernel" else pl.cdiv(k, split_k)
     # The shrink's [block_m, slots * R] float32 sum lives in registers: 64 x 256 (QKV's 4 slots of 3 x 16) is 128 a
     # thread over 4 warps, so wide ones take 8.
     warps = num_warps or (8 if block_m * compat.next_pow2(max(16, n_slots * rank)) > 8192 else 4)
     block_k = BLOCK_K if num_stages == 1 else STAGED_BLOCK_K
-    shrunk = x  # the expand's first operand: the input, or with splits the split shrink's partials
-    if shrink == "xla":  # XLA's own product (one short launch), as the expand's single split
+    # The expand's first operand: the input (splits 0, the shrink inline), or the shrink's float32 partials.
+    if shrink == "xla":  # XLA's own product, as the expand's single split
         splits = 1
         shrunk = lax.dot_general(x, a2.astype(cdt), (((1,), (1,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32)[None]
-    elif splits:
+    elif k <= inline_k:
+        splits, shrunk = 0, x
+    else:
+        splits = pl.cdiv(k, split_k)
         shrunk = compat.triton_call(
             functools.partial(_shrink_kernel, block_m=block_m, split_k=split_k, block_k=block_k, cdt=cdt,
                               precision=precision, unroll=unroll),

@@ -15,7 +15,7 @@ from jaxserve_kernels.lora_matmul import lora_add, lora_add_reference, lora_swig
 from tests.test_kernels import TOLERANCE, fresh_rng, interpreted_and_compiled, relative_error
 
 CASES = interpreted_and_compiled(
-    [  # (rows, in, out, slots, rank, dtype, inline_k): inline_k below `in` takes the split shrink, "xla" XLA's
+    [  # (rows, in, out, slots, rank, dtype, tiling): `_tiling` says what each tiling runs
         (5, 200, 150, 3, 8, jnp.float32, None),
         (37, 96, 64, 2, 16, jnp.bfloat16, None),
         (70, 300, 40, 4, 16, jnp.float32, 64),
@@ -42,16 +42,17 @@ CASES = interpreted_and_compiled(
     ])
 
 
-def _tiling(inline_k, rows: int) -> dict:
+def _tiling(tiling, rows: int) -> dict:
     """The case's kernel options: XLA's shrink (with row blocks of 16 past 16 rows), the inline shrink (None; "staged":
-    its K loop on 3 pipeline stages), the split shrink at ``inline_k`` (3 stages), or "unrolled" loops."""
-    if inline_k == "xla":
+    its K loop on 3 pipeline stages), the split shrink for inputs wider than an int ``tiling`` (3 stages), or
+    "unrolled" loops."""
+    if tiling == "xla":
         return {"shrink": "xla", "block_m": 16 if rows > 16 else None}
-    if inline_k == "unrolled":  # loops written out: inputs up to 256 wide inline, wider ones split at 128
+    if tiling == "unrolled":  # loops written out: inputs up to 256 wide inline, wider ones split at 128
         return {"shrink": "kernel", "inline_k": 256, "split_k": 128, "unroll": True}
-    if inline_k in (None, "staged"):
-        return {"shrink": "kernel", "inline_k": 4096, "num_stages": 3 if inline_k else 1}
-    return {"shrink": "kernel", "inline_k": inline_k, "split_k": 128, "num_stages": 3}
+    if tiling in (None, "staged"):
+        return {"shrink": "kernel", "inline_k": 4096, "num_stages": 3 if tiling else 1}
+    return {"shrink": "kernel", "inline_k": tiling, "split_k": 128, "num_stages": 3}
 
 
 def _inputs(rng, rows, k, n, slots, rank, dtype):
@@ -64,14 +65,14 @@ def _inputs(rng, rows, k, n, slots, rank, dtype):
     return x, a, b, jnp.asarray(chosen, jnp.int32)
 
 
-@pytest.mark.parametrize("interpret,rows,k,n,slots,rank,dtype,inline_k", CASES)
-def test_lora_add_matches_reference(interpret, rows, k, n, slots, rank, dtype, inline_k):
+@pytest.mark.parametrize("interpret,rows,k,n,slots,rank,dtype,tiling", CASES)
+def test_lora_add_matches_reference(interpret, rows, k, n, slots, rank, dtype, tiling):
     rng, seed = fresh_rng()
     x, a, b, chosen = _inputs(rng, rows, k, n, slots, rank, dtype)
     acc = jnp.asarray(rng.standard_normal((rows, n)), jnp.float32)
     want = lora_add_reference(x, a, b, chosen, acc)
     got = jax.jit(lambda x, a, b, s, acc: lora_add(x, a, b, s, acc, interpret=interpret,
-                                                   **_tiling(inline_k, rows)))(x, a, b, chosen, acc)
+                                                   **_tiling(tiling, rows)))(x, a, b, chosen, acc)
     got, want = np.asarray(got), np.asarray(want)
     assert got.dtype == np.float32 and np.isfinite(got).all(), f"seed={seed}"
     term = want - np.asarray(acc)
@@ -85,14 +86,14 @@ def test_lora_add_matches_reference(interpret, rows, k, n, slots, rank, dtype, i
         assert relative_error(got - np.asarray(acc), wrong) > 10 * TOLERANCE[dtype], f"seed={seed}"
 
 
-@pytest.mark.parametrize("interpret,rows,k,n,slots,rank,dtype,inline_k", CASES)
-def test_lora_swiglu_matches_reference(interpret, rows, k, n, slots, rank, dtype, inline_k):
+@pytest.mark.parametrize("interpret,rows,k,n,slots,rank,dtype,tiling", CASES)
+def test_lora_swiglu_matches_reference(interpret, rows, k, n, slots, rank, dtype, tiling):
     rng, seed = fresh_rng()
     x, a, b, chosen = _inputs(rng, rows, k, 2 * n, slots, rank, dtype)
     h = jnp.asarray(rng.standard_normal((rows, 2 * n)) * 2, dtype)
     want = np.asarray(lora_swiglu_reference(x, a, b, chosen, h, jnp.float32))
     got = jax.jit(lambda x, a, b, s, h: lora_swiglu(x, a, b, s, h, interpret=interpret,
-                                                    **_tiling(inline_k, rows)))(x, a, b, chosen, h)
+                                                    **_tiling(tiling, rows)))(x, a, b, chosen, h)
     assert got.shape == (rows, n) and got.dtype == dtype
     got = np.asarray(got, np.float32)
     assert np.isfinite(got).all(), f"seed={seed}"
