@@ -25,6 +25,9 @@
 #               tests, then bench/lora.py at 64 / 256 rows (no check, profiled at 64), each its own process: XLA's
 #               terms (the default), kernels with the inline shrink, with every shrink split (INLINE_K=0), with XLA's
 #               shrink (~430 s?). Run 04:01 UTC on an H200: the staged runs failed to compile (shared memory)
+#   lora58      session 58: adapter terms folded into the plain path's skinny_matmul projections (model.LORA_FOLD):
+#               the kernel's compiled lora tests, bench/lora.py's float32 check with it on, then at 64 / 256 rows off
+#               against on, each its own process, profiled (~400 s)
 #   lora57f     session 57, after lora57d's staged runs failed to compile (K tiles of 128 on 3 stages asked the H200
 #               for 240 KiB of shared memory; now 64), with the loops written out too: the staged and unrolled compiled
 #               tests, then at 64 rows (profiled) XLA's terms against the kernels with their loops on 3 stages and
@@ -1036,6 +1039,13 @@ for part in "${parts[@]}"; do
                -k "staged or unrolled" 2>&1 | tail -2 ; \
              lora_settings 80 "--batch 64" "JAXSERVE_LORA_KERNELS=0" "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_STAGES=3" \
                "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_UNROLL=1" ;;
+    lora58) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_skinny_matmul.py \
+              -k lora 2>&1 | tail -3 ; \
+            echo "== check (float32, folded)" ; JAXSERVE_LORA_FOLD=1 timeout 130 python3 bench/lora.py --shape 0.5B \
+              --batch 64 2>&1 | grep "^Check\|^|" ; \
+            for on in 0 1; do echo "== JAXSERVE_LORA_FOLD=$on" ; JAXSERVE_LORA_FOLD=$on timeout 130 python3 bench/lora.py \
+              --shape 0.5B --batch 64 256 --no-check --profile /tmp/lp58 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
+              rm -rf /tmp/lp58 ; done ;;
     lora57c) timeout 90 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py \
                -k xla ; \
              lora() { timeout 110 python3 bench/lora.py --shape 0.5B --batch 64 256 --no-check "$@" 2>&1 \

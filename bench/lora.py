@@ -87,7 +87,8 @@ def main() -> None:
              f"Random-weight Qwen2.5-{args.shape} shape ({dtype}), rank-{args.rank} adapters on every projection, "
              f"{args.prompt_len} prompt / {args.output_len} greedy output tokens a request; `{' '.join(sys.argv)}`; "
              f"adapter rows on the accumulating glue (model.LORA_GLUE): {model_module.LORA_GLUE}; adapter terms as "
-             f"lora_matmul launches (model.LORA_KERNELS): {model_module.LORA_KERNELS}.", "",
+             f"lora_matmul launches (model.LORA_KERNELS): {model_module.LORA_KERNELS}; inside the projections' "
+             f"kernels (model.LORA_FOLD, up to {model_module.LORA_FOLD_ROWS} rows): {model_module.LORA_FOLD}.", "",
              "| batch | rows | tokens/s | vs base |", "|---:|:---|---:|---:|"]
     with engine(4) as eng, engine(0) as base_eng:
         for batch in args.batch:

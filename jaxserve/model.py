@@ -18,7 +18,7 @@ import json
 import math
 import os
 import types
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -468,6 +468,14 @@ LORA_GLUE = os.environ.get("JAXSERVE_LORA_GLUE", "0") == "1"
 # "xla") the kernels run 2.4-5.3 µs, but a reduce launch a shrink appears (likely XLA's split-K sum of that
 # product): a tie (1,743 against 1,710 µs a 64-row step). JAXSERVE_LORA_KERNELS=1; read when a step is traced.
 LORA_KERNELS = os.environ.get("JAXSERVE_LORA_KERNELS", "0") == "1"
+# Decode steps of at most LORA_FOLD_ROWS rows on the plain path add each adapter term inside the projection's own
+# kernel: one launch writes the rows' shrink over every slot (`skinny_matmul.lora_shrink`) and the projection
+# (Triton's `skinny_matmul` with its `lora` term; gate_up with its SwiGLU) selects each row's slot and expands into
+# its sums, where XLA ran a shrink, a select, an expand and an add a projection. The projections leave Mosaic GPU for
+# Triton's path (slower by itself at 64 rows, decode_step.md session 16). Not applied under LORA_KERNELS or to fp8
+# weights. JAXSERVE_LORA_FOLD=1; read when a step is traced.
+LORA_FOLD = os.environ.get("JAXSERVE_LORA_FOLD", "0") == "1"
+LORA_FOLD_ROWS = int(os.environ.get("JAXSERVE_LORA_FOLD_ROWS", "256"))
 
 
 # Greedy steps of GREEDY_HEAD_MIN_ROWS-GREEDY_HEAD_ROWS rows (a multiple of 8) in which no request
@@ -593,7 +601,8 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, fast: bool = False, epilogue: str = "none",
                  tiling: dict[str, int] | None = None, norm: tuple | None = None,
-                 fused: Callable[[jax.Array], Any] | None = None, touch_pages: tuple | None = None):
+                 fused: Callable[[jax.Array], Any] | None = None, touch_pages: tuple | None = None,
+                 lora: tuple | None = None):
         nk = WEIGHT_LAYOUT == "nk"
         shape = (self.features, x.shape[-1]) if nk else (x.shape[-1], self.features)
         # lecun_normal's fan-in is the kernel's second-to-last axis: `[in, out]`'s in.
@@ -619,6 +628,8 @@ class Linear(nn.Module):
             return fused(kernel, bias)
         x = x.astype(self.dtype)
         rows = x.size // x.shape[-1]
+        if lora is not None:  # (a, b, slots): each row's adapter term inside the product (`_lora_folds`)
+            return _folded_lora_projection(x, kernel, bias, epilogue, *lora)
         if norm is not None:  # x is the residual stream; see _fold_norms
             from jaxserve_kernels.skinny_matmul import skinny_matmul_norm
 
@@ -807,10 +818,12 @@ class Attention(nn.Module):
         if norm is not None:
             touch = (kv[0], kv[1], paged.block_tables) if PREFETCH_KV and fold_o else None
             x, qkv = qkv_proj(x, fast, norm=norm, touch_pages=touch)
+        elif _fold(lora, "qkv_proj"):
+            qkv = qkv_proj(x, fast, lora=_fold(lora, "qkv_proj"))
         else:
             qkv = qkv_proj(x, fast, tiling=QKV_SKINNY_TILING)
-        if lora is not None:
-            qkv = _plus_lora(qkv, x.astype(self.dtype), lora, "qkv_proj", fast)
+            if lora is not None:
+                qkv = _plus_lora(qkv, x.astype(self.dtype), lora, "qkv_proj", fast)
         scales = _kv_scales(cfg, self.layer, kv)
         if scales is not None:
             qkv = _scale_qkv(qkv, scales, cfg)
@@ -826,6 +839,8 @@ class Attention(nn.Module):
         else:
             out, kv = _attend(qkv, cos, sin, lengths, kv, paged, cfg)
         out = _unscale(out, scales).reshape(b, s, h * d).astype(self.dtype)
+        if _fold(lora, "o_proj"):
+            return o_proj(out, fast, lora=_fold(lora, "o_proj")), kv
         if lora is not None:
             return _plus_lora(o_proj(out, fast), out, lora, "o_proj", fast), kv
         out = o_proj(out, fast, "partials" if glue else "none", tiling=FOLDED_TILING if norm is not None else None)
@@ -859,6 +874,9 @@ class MLP(nn.Module):
             return x, down(act, fast, "partials", tiling=FOLDED_TILING)
         if glue:
             return down(gate_up(x, fast, "swiglu"), fast, "partials")
+        if _fold(lora, "gate_up_proj"):
+            act = gate_up(x, fast, "swiglu", lora=_fold(lora, "gate_up_proj"))
+            return down(act, fast, lora=_fold(lora, "down_proj"))
         h = gate_up(x, fast)
         if lora is not None and _lora_kernels(h, fast):
             act = _lora_swiglu_kernel(h, x.astype(self.dtype), lora)
@@ -990,13 +1008,16 @@ class Qwen2ForCausalLM(nn.Module):
             accumulate = accumulate and _lora_glue(lora, self.tp_axis, self.quantized)
         if accumulate:
             x = x.astype(jnp.float32)
+        # Adapter terms inside the plain path's projection kernels (LORA_FOLD); the glue adds them itself.
+        fold_lora = lora is not None and not accumulate and not self.quantized and _lora_folds(x, paged)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         new_kv = []
         pending = None
         for i in range(cfg.num_hidden_layers):
             next_kv = None if kv is None or i + 1 == cfg.num_hidden_layers else kv[i + 1]
             x, pending, layer_kv = DecoderLayer(cfg, self.dtype, self.tp_axis, self.quantized, i, name=f"layers_{i}")(
-                x, cos, sin, lengths, None if kv is None else kv[i], paged, pending, _layer_lora(lora, i), next_kv)
+                x, cos, sin, lengths, None if kv is None else kv[i], paged, pending,
+                _layer_lora(lora, i, fold_lora), next_kv)
             new_kv.append(layer_kv)
         final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")
         hidden = None
@@ -1087,6 +1108,45 @@ def _plus_lora(y: jax.Array, x: jax.Array, lora: tuple, projection: str, fast: b
     return y + lora_delta(x, *lora[0][projection], lora[1])
 
 
+class LayerLora(NamedTuple):
+    """A layer's adapters as its sublayers take them (`_layer_lora`): ``{projection: (a, b)}``, the rows' slots,
+    and whether the terms go inside the projections' kernels (`_lora_folds`)."""
+    weights: dict
+    slots: jax.Array
+    fold: bool = False
+
+
+def _lora_folds(x: jax.Array, paged: PagedAttention | None) -> bool:
+    """Whether a plain-path pass over ``x [B, S, hidden]`` adds its adapter terms inside the projections' kernels
+    (LORA_FOLD): decode steps (one token a row) of at most LORA_FOLD_ROWS rows on the Pallas path."""
+    return (LORA_FOLD and not LORA_KERNELS and _fast_kernels(paged) and x.shape[1] == 1
+            and x.shape[0] <= LORA_FOLD_ROWS)
+
+
+def _fold(lora: LayerLora | None, projection: str) -> tuple | None:
+    """``(a, b, slots)`` of ``projection`` for `Linear` where the layer folds its terms (`LayerLora.fold`)."""
+    if lora is None or not lora.fold:
+        return None
+    return (*lora.weights[projection], lora.slots)
+
+
+def _folded_lora_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, epilogue: str,
+                            a: jax.Array, b: jax.Array, slots: jax.Array) -> jax.Array:
+    """``x [B, 1, in] @ kernel (+ bias)`` with each row's adapter term added in the product's kernel (LORA_FOLD):
+    the shrink over every slot (``a [n, R, in]``) in one launch, then `skinny_matmul` with that shrink and the
+    stacked expand (``b [n, R, out]``); ``epilogue`` "none" or "swiglu"."""
+    from jaxserve_kernels.skinny_matmul import LoraTerm, lora_shrink, skinny_matmul
+
+    if kernel.dtype == FP8:
+        raise ValueError("adapter terms fold into bf16 / float32 projections only")
+    n, r, _ = a.shape
+    rows = x.reshape(-1, x.shape[-1])
+    term = LoraTerm(lora_shrink(rows, a.reshape(n * r, -1).astype(x.dtype)), b.reshape(n * r, -1).astype(x.dtype),
+                    slots, r)
+    out = skinny_matmul(rows, kernel, bias, epilogue=epilogue, layout=WEIGHT_LAYOUT, lora=term)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 def _lora_add_kernel(y: jax.Array, x: jax.Array, lora: tuple, projection: str) -> jax.Array:
     """``y [B, 1, N]`` plus each row's adapter term of ``projection`` for input ``x``, by `lora_matmul.lora_add`
     (LORA_KERNELS), in ``y``'s dtype."""
@@ -1105,11 +1165,11 @@ def _lora_swiglu_kernel(h: jax.Array, x: jax.Array, lora: tuple) -> jax.Array:
     return out.reshape(*h.shape[:-1], -1)
 
 
-def _layer_lora(lora: dict | None, layer: int) -> tuple | None:
+def _layer_lora(lora: dict | None, layer: int, fold: bool = False) -> LayerLora | None:
     """Layer ``layer``'s adapter weights and the rows' slots, as the sublayers take them."""
     if lora is None:
         return None
-    return {p: (a[layer], b[layer]) for p, (a, b) in lora["weights"].items()}, lora["slots"]
+    return LayerLora({p: (a[layer], b[layer]) for p, (a, b) in lora["weights"].items()}, lora["slots"], fold)
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> dict:

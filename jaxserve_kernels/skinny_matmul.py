@@ -53,6 +53,7 @@ Backend: Pallas Triton, like the other kernels (`jaxserve_kernels.paged_attentio
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -113,10 +114,11 @@ def _load_weights(ref, mask):
 
 def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int,
             block_m: int, block_n: int, block_k: int, n_out: int, precision, layout: str,
-            gemv: bool, prefetch: bool = False, has_scale: bool = False):
+            gemv: bool, prefetch: bool = False, has_scale: bool = False, lora_rank: int = 0):
     rest = list(rest)
     b_ref = rest.pop(0) if has_bias else None
     s_ref = rest.pop(0) if has_scale else None
+    lora_refs = tuple(rest.pop(0) for _ in range(3)) if lora_rank else None
     (o_ref,) = rest
     # fp8 weights are widened to the activations' dtype in registers: HBM and L2 move one byte a weight.
     compute = x_ref.dtype if jnp.dtype(w_ref.dtype).itemsize == 1 else w_ref.dtype
@@ -161,6 +163,10 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
         return
     zeros = jnp.zeros((block_m, block_n), jnp.float32)
     accs = lax.fori_loop(0, num_iters, body, tuple(zeros for _ in halves))
+    if lora_rank:
+        accs = _lora_term(accs, *lora_refs, rank=lora_rank, row0=row0, row_ok=row_ids < rows, halves=halves,
+                          cols_at=lambda offset: pl.ds(offset + col_block * block_n, block_n), col_ok=col_ok,
+                          first_split=split == 0, compute=compute, precision=precision)
     mask = (row_ids < rows)[:, None] & col_ok[None, :]
     tile = (pl.ds(row0, block_m), cols_at)
     if epilogue == "partials":
@@ -168,6 +174,29 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
         return
     _store_output(accs, o_ref, b_ref, epilogue=epilogue, tile=tile, mask=mask,
                   cols_at=cols_at, col_ok=col_ok, s_ref=s_ref)
+
+
+def _lora_term(accs, t_ref, lb_ref, slot_ref, *, rank: int, row0, row_ok, halves, cols_at, col_ok, first_split,
+               compute, precision) -> tuple:
+    """The program's sums plus its rows' adapter term (`skinny_matmul`'s ``lora``): the shrink's float32 partials
+    summed, every column but the row's slot's ``rank`` zeroed, rounded to the compute dtype (as
+    `jaxserve.lora.lora_delta` rounds), times this program's columns of the stacked ``b``. Only the first K split
+    adds it (the others' loads are masked off and add zeros), so split sums hold it once."""
+    parts, _, width = t_ref.shape
+    block_m = row_ok.shape[0]
+    wide = max(16, compat.next_pow2(width))  # a tensor-core product's K is at least 16
+    lanes = jnp.arange(wide)
+    lane_ok = (lanes < width) & first_split
+    rows_at, lanes_at = pl.ds(row0, block_m), pl.ds(0, wide)
+    t = sum(compat.load(t_ref.at[jnp.int32(p), rows_at, lanes_at], mask=row_ok[:, None] & lane_ok[None, :],
+                        other=0).astype(jnp.float32) for p in range(parts))
+    slot = compat.load(slot_ref.at[rows_at], mask=row_ok, other=-1)
+    t = jnp.where((lanes // rank)[None, :] == slot[:, None], t, 0.0).astype(compute)
+    out = list(accs)
+    for h, offset in enumerate(halves):
+        b = compat.load(lb_ref.at[lanes_at, cols_at(offset)], mask=lane_ok[:, None] & col_ok[None, :], other=0)
+        out[h] += compat.dot(t, b.astype(compute), precision=precision)
+    return tuple(out)
 
 
 def _gemv_rows(x_ref, w_ref, o_ref, bias_ref, s_ref, *, row0, rows: int, halves, k_start, k_end, num_iters,
@@ -282,10 +311,10 @@ def split_count(m: int, k: int, n: int, block_n: int, block_k: int,
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_m", "block_n", "block_k",
                                              "num_splits", "num_warps", "num_stages", "interpret",
-                                             "layout", "gemv", "prefetch"))
-def _skinny(x, w, bias, scale, *, epilogue: str, block_m: int, block_n: int, block_k: int,
+                                             "layout", "gemv", "prefetch", "lora_rank"))
+def _skinny(x, w, bias, scale, lora=None, *, epilogue: str, block_m: int, block_n: int, block_k: int,
             num_splits: int, num_warps: int, num_stages: int, interpret: bool, layout: str,
-            gemv: bool, prefetch: bool = False):
+            gemv: bool, prefetch: bool = False, lora_rank: int = 0):
     m, k = x.shape
     n_total = w.shape[0] if layout == "nk" else w.shape[1]
     n_out = n_total // 2 if epilogue == "swiglu" else n_total
@@ -301,8 +330,8 @@ def _skinny(x, w, bias, scale, *, epilogue: str, block_m: int, block_n: int, blo
                                has_bias=in_kernel_bias, has_scale=in_kernel_scale, k_per_split=k_per_split,
                                block_m=block_m, block_n=block_n, block_k=block_k, n_out=n_out,
                                precision=precision, layout=layout, gemv=gemv,
-                               prefetch=prefetch and gemv)
-    args = [x, w] + ([bias] if in_kernel_bias else []) + ([scale] if in_kernel_scale else [])
+                               prefetch=prefetch and gemv, lora_rank=lora_rank)
+    args = [x, w] + ([bias] if in_kernel_bias else []) + ([scale] if in_kernel_scale else []) + list(lora or ())
     if num_splits > 1 or epilogue == "partials":
         out_shape = jax.ShapeDtypeStruct((num_splits, m, n_out), jnp.float32)
     else:
@@ -328,7 +357,8 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
                   block_n: int | None = None, block_k: int | None = None,
                   num_splits: int | None = None, num_warps: int | None = None,
                   num_stages: int = 3, block_m: int = ROW_BLOCK, layout: str = "kn",
-                  gemv: bool | None = None, prefetch: bool | None = None) -> jax.Array:
+                  gemv: bool | None = None, prefetch: bool | None = None,
+                  lora: LoraTerm | None = None) -> jax.Array:
     """`x @ w (+ bias)` for a few rows of `x`, accumulated in float32.
 
     Args:
@@ -358,6 +388,9 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         prefetch: one-row lane-wise path only: each loop iteration loads the next K block's
             tiles before multiplying its own (a manual software pipeline in registers); None:
             `NK_GEMV_PREFETCH`.
+        lora: each row's LoRA adapter term added into the sums before the epilogue (`LoraTerm`:
+            the rows' shrink from `lora_shrink`, the stacked expand `b [slots * R, N]`, each
+            row's slot, R), so the expand costs no launch of its own; tensor-core path only.
 
     Example:
         >>> x = jnp.ones((2, 256), jnp.bfloat16); w = jnp.ones((256, 384), jnp.bfloat16)
@@ -391,6 +424,13 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
     if gemv and (layout != "nk" or x.shape[0] > NK_GEMV_MAX_ROWS):
         raise ValueError(f"gemv takes the 'nk' layout and at most NK_GEMV_MAX_ROWS={NK_GEMV_MAX_ROWS} rows, got "
                          f"{layout!r} and {x.shape[0]} rows")
+    if lora is not None:
+        if scale is not None:
+            raise ValueError("lora takes unscaled weights: scale must be None")
+        if gemv:
+            raise ValueError("lora takes the tensor-core path: gemv must be None or False")
+        gemv = False
+        _check_lora(lora, x.shape[0], n)
     gemv = (NK_GEMV and x.shape[0] == 1 if gemv is None else gemv) and layout == "nk"
 
     def check_tile(name: str, v: int, least: int = 16) -> None:
@@ -413,14 +453,64 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         num_warps = NK_GEMV_WARPS if gemv else 4
     if scale is not None:
         scale = scale.astype(jnp.float32)
-    return _skinny(x, w, bias, scale, epilogue=epilogue, block_m=block_m, block_n=block_n, block_k=block_k,
+    term = None if lora is None else (_parts(lora.shrink), lora.b, lora.slots.astype(jnp.int32))
+    return _skinny(x, w, bias, scale, term, epilogue=epilogue, block_m=block_m, block_n=block_n, block_k=block_k,
                    num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                    interpret=interpret, layout=layout, gemv=gemv,
-                   prefetch=NK_GEMV_PREFETCH if prefetch is None else prefetch)
+                   prefetch=NK_GEMV_PREFETCH if prefetch is None else prefetch,
+                   lora_rank=0 if lora is None else lora.rank)
+
+
+class LoraTerm(NamedTuple):
+    """Each row's LoRA adapter term for `skinny_matmul` to add: ``(shrink_i masked to slot_i's R columns) @ b``.
+
+    ``shrink``: ``[M, slots * R]`` or float32 partial sums ``[S, M, slots * R]`` (`lora_shrink`) of ``x @ a.T`` over
+    every slot's adapter; ``b``: ``[slots * R, N]``, the slots' expand matrices stacked (for SwiGLU, gate's
+    columns then up's, as the weight's); ``slots``: ``[M]``, each row's slot (-1: no adapter); ``rank``: R.
+    """
+    shrink: jax.Array
+    b: jax.Array
+    slots: jax.Array
+    rank: int
+
+
+def _parts(shrink: jax.Array) -> jax.Array:
+    return (shrink if shrink.ndim == 3 else shrink[None]).astype(jnp.float32)
+
+
+def _check_lora(lora: LoraTerm, m: int, n: int) -> None:
+    width = lora.b.shape[0]
+    if lora.b.ndim != 2 or lora.b.shape[1] != n:
+        raise ValueError(f"lora.b must be [slots * R, {n}], got {lora.b.shape}")
+    if lora.shrink.ndim not in (2, 3) or lora.shrink.shape[-2:] != (m, width):
+        raise ValueError(f"lora.shrink must be [{m}, {width}] or [S, {m}, {width}], got {lora.shrink.shape}")
+    if lora.slots.shape != (m,):
+        raise ValueError(f"lora.slots must be [{m}], got {lora.slots.shape}")
+    if not isinstance(lora.rank, int) or lora.rank < 1 or width % lora.rank:
+        raise ValueError(f"lora.rank must be a positive int dividing {width}, got {lora.rank!r}")
+
+
+# The shrink's K splits at most (`lora_shrink`): every program of the projection's first split sums them.
+LORA_SHRINK_SPLITS = 8
+
+
+def lora_shrink(x: jax.Array, a: jax.Array, *, interpret: bool | None = None) -> jax.Array:
+    """Float32 partial sums ``[S, M, slots * R]`` of ``x @ a.T`` for ``x [M, K]`` and every slot's shrink matrix
+    stacked, ``a [slots * R, K]``: one launch whose few K splits `skinny_matmul`'s ``lora`` sums itself.
+
+    Example:
+        >>> lora_shrink(jnp.ones((2, 256)), jnp.ones((32, 256)), interpret=True).sum(0)[0, :2].tolist()
+        [256.0, 256.0]
+    """
+    block_k = min(128, max(16, compat.next_pow2(x.shape[1])))
+    splits = max(1, min(LORA_SHRINK_SPLITS, pl.cdiv(pl.cdiv(x.shape[1], block_k), 2)))
+    return skinny_matmul(x, a, epilogue="partials", layout="nk", num_splits=splits, block_k=block_k,
+                         interpret=interpret)
 
 
 def skinny_matmul_reference(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
-                            epilogue: str = "none", layout: str = "kn", scale: jax.Array | None = None) -> jax.Array:
+                            epilogue: str = "none", layout: str = "kn", scale: jax.Array | None = None,
+                            lora: LoraTerm | None = None) -> jax.Array:
     """jnp reference: float32 product (HIGHEST precision), with the kernel's roundings.
 
     "partials" comes back as one split (`[1, M, N]`), a valid split of the same sum.
@@ -434,6 +524,11 @@ def skinny_matmul_reference(x: jax.Array, w: jax.Array, bias: jax.Array | None =
     out = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     if scale is not None:
         out = out * scale.astype(jnp.float32)
+    if lora is not None:
+        t = _parts(lora.shrink).sum(0)
+        mine = (jnp.arange(t.shape[1]) // lora.rank)[None, :] == lora.slots[:, None]
+        t = jnp.where(mine, t, 0.0).astype(x.dtype).astype(jnp.float32)
+        out = out + jnp.dot(t, lora.b.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     return apply_epilogue(out, x.dtype, bias, epilogue)
 
 

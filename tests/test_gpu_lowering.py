@@ -206,6 +206,17 @@ def test_decode_step_with_adapters_lowers_for_cuda(compiled_kernels, monkeypatch
     assert ("lora_shrink" in names) == (kernels and shrink != "xla"), names
 
 
+def test_decode_step_with_folded_adapter_terms_lowers_for_cuda(compiled_kernels, monkeypatch):
+    # model.LORA_FOLD: a 64-row adapter step's projections all on Triton's skinny_matmul, each adding its rows'
+    # adapter terms after a shrink launch of its own; no Mosaic GPU projection, no lora_matmul launch.
+    monkeypatch.setattr(importlib.import_module("jaxserve.model"), "LORA_FOLD", True)
+    text = decode_step_text(64, loras=4)
+    assert "custom_call @mosaic_gpu_v2" not in text
+    names = triton_kernel_names(text)
+    assert {"skinny_matmul", "fused_decode_attention"} <= names, names
+    assert not names & {"lora_add", "lora_swiglu", "lora_shrink", "add_rms_norm"}, names
+
+
 def test_decode_step_with_kv_read_ahead_lowers_for_cuda(compiled_kernels, monkeypatch):
     monkeypatch.setattr(importlib.import_module("jaxserve.model"), "KV_TOUCH", "early")
     # The attention takes the read-ahead's output as an operand (XLA's compile drops a kernel whose result nobody

@@ -6,6 +6,7 @@ cached per adapter, every page and slot is free at the end, and bad adapters are
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import re
@@ -348,14 +349,16 @@ def test_preempted_adapter_rows_resume_on_their_adapter(adapters):
         assert_all_pages_free(engine)
 
 
-@pytest.mark.parametrize("glue,kernels", [(True, False), (True, True), (False, True)])
-def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(monkeypatch, glue, kernels):
+@pytest.mark.parametrize("glue,kernels,fold", [(True, False, False), (True, True, False), (False, True, False),
+                                               (False, False, True)])
+def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(monkeypatch, glue, kernels, fold):
     # model.LORA_GLUE: a bf16 decode step of 8 rows (some on each of two adapters, some on none) takes the accumulating
     # glue with the adapters' terms added into its float32 accumulators (off: the plain path, no accumulating
     # product); its logits are the float32 model's (bf16: within 2e-2; 0.7-1.5% in ten seeds, the plain path's
     # bf16 stream 0.8-1.8%). The adapters move the logits far more than that, and base rows keep the base model's.
     # `kernels` (model.LORA_KERNELS): the terms by jaxserve_kernels.lora_matmul's launches, gate_up's with SwiGLU;
-    # without `glue`, on the plain path.
+    # without `glue`, on the plain path. `fold` (model.LORA_FOLD): on the plain path, each term inside its
+    # projection's skinny_matmul after one shrink launch (four a layer), gate_up's before its SwiGLU.
     import jax
     import jax.numpy as jnp
 
@@ -384,12 +387,18 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     assert epilogues and "accumulate" not in epilogues, epilogues
     monkeypatch.setattr(model_module, "LORA_GLUE", glue)
     monkeypatch.setattr(model_module, "LORA_KERNELS", kernels)
+    monkeypatch.setattr(model_module, "LORA_FOLD", fold)
+    sm = importlib.import_module("jaxserve_kernels.skinny_matmul")  # the package exports a function of that name
+    shrinks = []
+    monkeypatch.setattr(sm, "lora_shrink", lambda *a, _f=sm.lora_shrink, **k: shrinks.append(1) or _f(*a, **k))
     epilogues.clear()
     step = jax.jit(lambda: run(lora=lora))
     calls = set(re.findall(r"\blora_(?:add|swiglu)\b", str(jax.make_jaxpr(lambda: run(lora=lora))())))
     assert calls == ({"lora_add", "lora_swiglu"} if kernels else set()), calls
+    assert len(shrinks) == (4 * layers if fold else 0), len(shrinks)
     logits = np.asarray(step()[:, 0], np.float32)
     assert ("accumulate" in epilogues) == glue, epilogues
+    assert not fold or not epilogues, epilogues  # folded: every projection on Triton's skinny_matmul
     exact = np.asarray(jax.jit(lambda: run(lora=lora, reference=True))()[:, 0])
     base = np.asarray(jax.jit(lambda: run(reference=True))()[:, 0])
     assert not np.isnan(logits).any()

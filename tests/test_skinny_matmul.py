@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve_kernels.skinny_matmul import MAX_ROWS, ROW_BLOCK, default_tiling, skinny_matmul, skinny_matmul_norm
+from jaxserve_kernels.skinny_matmul import (MAX_ROWS, ROW_BLOCK, LoraTerm, default_tiling, lora_shrink, skinny_matmul,
+                                            skinny_matmul_norm)
 from jaxserve_kernels.skinny_matmul import skinny_matmul_norm_reference as _norm_reference
 from jaxserve_kernels.skinny_matmul import skinny_matmul_reference as _reference
 from tests.test_kernels import MODES, TOLERANCE, fresh_rng, interpreted_and_compiled, relative_error
@@ -357,6 +358,55 @@ def test_default_tiling_fills_the_gpu_by_splitting_narrow_matrices():
     assert narrow > 1 and wide == 1
     # Row blocks are programs too: four of them (batch 256) need fewer K splits.
     assert default_tiling(4 * ROW_BLOCK, 4864, 896)[2] < narrow
+
+
+# (epilogue, M, K, N, dtype, slots, R, layout, num_splits): small shapes interpreted; compiled, Qwen2.5-0.5B's
+# projections at 64 and 256 rows with 4 adapters of rank 16 (QKV with its bias, gate_up + SwiGLU, down_proj split).
+LORA_INTERPRETED = [("none", 37, 200, 130, jnp.float32, 3, 8, "nk", None),  # ragged rows, K, N and a K split
+                    ("swiglu", 8, 128, 2 * 48, jnp.bfloat16, 2, 16, "nk", None),
+                    ("partials", 5, 300, 64, jnp.float32, 1, 8, "kn", 3),  # slot width 8: the term's K padded to 16
+                    ("none", 1, 256, 96, jnp.float32, 4, 4, "nk", None)]  # one row: the tensor-core path
+LORA_COMPILED = [("none", rows, k, n, jnp.bfloat16, 4, 16, "nk", None) for rows in (64, 256)
+                 for k, n in ((896, 1152), (4864, 896), (896, 896))] + [
+    ("swiglu", rows, 896, 2 * 4864, jnp.bfloat16, 4, 16, "nk", None) for rows in (64, 256)]
+
+
+@pytest.mark.parametrize("interpret,epilogue,m,k,n,dtype,slots,rank,layout,splits",
+                         interpreted_and_compiled(LORA_INTERPRETED, LORA_INTERPRETED + LORA_COMPILED))
+def test_skinny_matmul_adds_each_rows_lora_term(interpret, epilogue, m, k, n, dtype, slots, rank, layout, splits):
+    # `lora`: each row's adapter term (shrink by `lora_shrink` over every slot, its slot's columns kept, expand)
+    # inside the product, against the float32 reference of the same inputs with the shrink computed there too.
+    rng, seed = fresh_rng()
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    w = jnp.asarray(rng.standard_normal((n, k) if layout == "nk" else (k, n)) / np.sqrt(k), dtype)
+    bias = jnp.asarray(rng.standard_normal(n), dtype) if epilogue == "none" and k < 1000 else None
+    a = jnp.asarray(rng.standard_normal((slots * rank, k)) / np.sqrt(k), dtype)
+    b = jnp.asarray(rng.standard_normal((slots * rank, n)), dtype)
+    row_slots = jnp.asarray(np.resize(rng.permutation(np.arange(-1, slots)), m), jnp.int32)  # every slot, -1 too
+    shrink = lora_shrink(x, a, interpret=interpret)
+    out = skinny_matmul(x, w, bias, epilogue=epilogue, layout=layout, num_splits=splits, interpret=interpret,
+                        lora=LoraTerm(shrink, b, row_slots, rank))
+    f32 = [None if v is None else v.astype(jnp.float32) for v in (x, w, bias, a, b)]
+    term = LoraTerm(f32[0] @ f32[3].T, f32[4], row_slots, rank)
+    ref = _reference(*f32[:3], epilogue=epilogue, layout=layout, lora=term)
+    plain = _reference(*f32[:3], epilogue=epilogue, layout=layout)
+    if epilogue == "partials":
+        out, ref, plain = out.sum(axis=0), ref.sum(axis=0), plain.sum(axis=0)
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"NaN in output, seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
+    assert relative_error(plain, ref) > 10 * TOLERANCE[dtype], f"the terms are too small to see, seed={seed}"
+
+
+def test_skinny_matmul_lora_errors_name_the_field():
+    x, w = jnp.zeros((2, 8)), jnp.zeros((8, 4))
+    good = LoraTerm(jnp.zeros((2, 16)), jnp.zeros((16, 4)), jnp.zeros(2, jnp.int32), 8)
+    for bad, field in ((good._replace(b=jnp.zeros((16, 5))), "lora.b"), (good._replace(shrink=jnp.zeros((3, 16))),
+                       "lora.shrink"), (good._replace(slots=jnp.zeros(3, jnp.int32)), "lora.slots"),
+                       (good._replace(rank=5), "lora.rank")):
+        with pytest.raises(ValueError, match=field):
+            skinny_matmul(x, w, lora=bad)
+    with pytest.raises(ValueError, match="gemv"):
+        skinny_matmul(x, w.T, layout="nk", gemv=True, lora=good)
 
 
 def test_skinny_matmul_errors_name_the_field():
