@@ -4,9 +4,9 @@ For each Qwen2.5-0.5B projection at the given row counts, 24 calls (one per laye
 holds no layer's weights for the next) of:
   mgpu      the base model's projection as the step runs it (`skinny_matmul_mgpu`, Mosaic GPU)
   triton    Triton's `skinny_matmul` alone (the path the fold moves the projection to)
-  shrink    `lora_shrink` alone (the fold's first launch)
-  folded    `skinny_matmul` with the rows' `lora` term (the fold's second launch; its shrink precomputed)
-  folded1   the same with the shrink's partial sums added beforehand (one part to load, not `lora_shrink`'s splits)
+  shrink sN `lora_shrink` alone (the fold's first launch) with at most N K splits (`LORA_SHRINK_SPLITS`)
+  folded sN `skinny_matmul` with the rows' `lora` term (the fold's second launch) over that shrink's parts
+  folded1   the same with the shrink's partial sums added beforehand (one part to load)
   xla       the projection on Mosaic GPU plus XLA's adapter term (`lora_delta`) and add, as the plain path does
 Each variant is its own jitted function, profiled (`jax.profiler`): GPU µs a layer (all its launches) and launches
 a layer. `python3 bench/lora_fold.py --rows 64 256`.
@@ -15,6 +15,7 @@ a layer. `python3 bench/lora_fold.py --rows 64 256`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import tempfile
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode_step import gpu_kernel_times  # noqa: E402
 from jaxserve.lora import lora_delta  # noqa: E402
+sm = importlib.import_module("jaxserve_kernels.skinny_matmul")  # the package exports a function of that name
 from jaxserve_kernels.skinny_matmul import LoraTerm, lora_shrink, skinny_matmul  # noqa: E402
 from jaxserve_kernels.skinny_matmul_mgpu import skinny_matmul_mgpu  # noqa: E402
 
@@ -35,12 +37,23 @@ PROJECTIONS = [("qkv", 896, 1152, "none", True), ("o", 896, 896, "none", False),
                ("gate_up", 896, 2 * 4864, "swiglu", False), ("down", 4864, 896, "none", False)]
 
 
+def with_splits(splits: int, fn, *args):
+    """``fn(*args)`` traced with `skinny_matmul.LORA_SHRINK_SPLITS` at ``splits``."""
+    saved, sm.LORA_SHRINK_SPLITS = sm.LORA_SHRINK_SPLITS, splits
+    try:
+        return fn(*args)
+    finally:
+        sm.LORA_SHRINK_SPLITS = saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--shrink-splits", type=int, nargs="+", default=[8, 2, 1],
+                    help="skinny_matmul.LORA_SHRINK_SPLITS values to time (shrink and folded columns each)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     dt = jnp.bfloat16
@@ -50,8 +63,7 @@ def main() -> None:
 
     print(f"# {jax.devices()[0].device_kind}: GPU µs a layer (launches a layer), {args.layers} layers, "
           f"{args.slots} slots of rank {args.rank}")
-    print("| rows | projection | mgpu | triton | shrink | folded | folded1 | xla (mgpu + term) |")
-    print("|---:|:---|---:|---:|---:|---:|---:|---:|")
+    header = True
     for m in args.rows:
         slots = jnp.asarray(rng.integers(-1, args.slots, m), jnp.int32)
         for name, k, n, epilogue, has_bias in PROJECTIONS:
@@ -63,8 +75,8 @@ def main() -> None:
             b = [rand((args.slots, args.rank, n), 0.1) for _ in range(layers)]
             flat_a = [v.reshape(-1, k) for v in a]
             flat_b = [v.reshape(-1, n) for v in b]
-            shrinks = [lora_shrink(x, v) for v in flat_a]
-            summed = [v.sum(0) for v in shrinks]
+            shrinks = {s: [with_splits(s, lora_shrink, x, v) for v in flat_a] for s in args.shrink_splits}
+            summed = [v.sum(0) for v in shrinks[args.shrink_splits[0]]]
             mgpu_epilogue = "swiglu" if epilogue == "swiglu" else "none"
 
             def xla_term(i):
@@ -77,13 +89,21 @@ def main() -> None:
             variants = {
                 "mgpu": lambda i: skinny_matmul_mgpu(x, ws[i], bias, epilogue=mgpu_epilogue),
                 "triton": lambda i: skinny_matmul(x, ws[i], bias, epilogue=epilogue, layout="nk"),
-                "shrink": lambda i: lora_shrink(x, flat_a[i]),
-                "folded": lambda i: skinny_matmul(x, ws[i], bias, epilogue=epilogue, layout="nk",
-                                                  lora=LoraTerm(shrinks[i], flat_b[i], slots, args.rank)),
+            }
+            for s in args.shrink_splits:
+                variants[f"shrink s{s}"] = lambda i, s=s: with_splits(s, lora_shrink, x, flat_a[i])
+                variants[f"folded s{s}"] = lambda i, s=s: skinny_matmul(
+                    x, ws[i], bias, epilogue=epilogue, layout="nk",
+                    lora=LoraTerm(shrinks[s][i], flat_b[i], slots, args.rank))
+            variants |= {
                 "folded1": lambda i: skinny_matmul(x, ws[i], bias, epilogue=epilogue, layout="nk",
                                                    lora=LoraTerm(summed[i], flat_b[i], slots, args.rank)),
             "xla": xla_term,
             }
+            if header:
+                print("| rows | projection | " + " | ".join(variants) + " |")
+                print("|---:|:---|" + "---:|" * len(variants))
+                header = False
             cells = []
             for label, fn in variants.items():
                 run = jax.jit(lambda fn=fn: [fn(i) for i in range(layers)])

@@ -53,6 +53,7 @@ Backend: Pallas Triton, like the other kernels (`jaxserve_kernels.paged_attentio
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -188,8 +189,12 @@ def _lora_term(accs, t_ref, lb_ref, slot_ref, *, rank: int, row0, row_ok, halves
     lanes = jnp.arange(wide)
     lane_ok = (lanes < width) & first_split
     rows_at, lanes_at = pl.ds(row0, block_m), pl.ds(0, wide)
-    t = sum(compat.load(t_ref.at[jnp.int32(p), rows_at, lanes_at], mask=row_ok[:, None] & lane_ok[None, :],
-                        other=0).astype(jnp.float32) for p in range(parts))
+    mask = row_ok[:, None] & lane_ok[None, :]
+
+    def add_part(p, t):  # one part's tile live at a time: all of them at once spilled (bench/lora_fold.py)
+        return t + compat.load(t_ref.at[p, rows_at, lanes_at], mask=mask, other=0).astype(jnp.float32)
+
+    t = lax.fori_loop(0, parts, add_part, jnp.zeros((block_m, wide), jnp.float32))
     slot = compat.load(slot_ref.at[rows_at], mask=row_ok, other=-1)
     t = jnp.where((lanes // rank)[None, :] == slot[:, None], t, 0.0).astype(compute)
     out = list(accs)
@@ -490,8 +495,9 @@ def _check_lora(lora: LoraTerm, m: int, n: int) -> None:
         raise ValueError(f"lora.rank must be a positive int dividing {width}, got {lora.rank!r}")
 
 
-# The shrink's K splits at most (`lora_shrink`): every program of the projection's first split sums them.
-LORA_SHRINK_SPLITS = 8
+# The shrink's K splits at most (`lora_shrink`): every program of the projection's first split sums them. Read at
+# trace time.
+LORA_SHRINK_SPLITS = int(os.environ.get("JAXSERVE_LORA_SHRINK_SPLITS", "8"))
 
 
 def lora_shrink(x: jax.Array, a: jax.Array, *, interpret: bool | None = None) -> jax.Array:
