@@ -31,6 +31,8 @@
 #   lora58b     session 58, after lora58 (the fold lost: every program summed the shrink's 4-8 partial tiles at once):
 #               bench/lora_fold.py at 64 rows (each projection's launches alone), then bench/lora.py at 64 rows with
 #               the fold off, on with 8 and with 2 shrink splits, each its own process, profiled (~420 s)
+#   lora58c     session 58, the term's loads moved before the weight loop, the shrink in 2 / 8 splits: bench/lora.py at
+#               64 rows with the fold on (the float32 check, profiled), then off (~200 s)
 #   lora57f     session 57, after lora57d's staged runs failed to compile (K tiles of 128 on 3 stages asked the H200
 #               for 240 KiB of shared memory; now 64), with the loops written out too: the staged and unrolled compiled
 #               tests, then at 64 rows (profiled) XLA's terms against the kernels with their loops on 3 stages and
@@ -1054,6 +1056,10 @@ for part in "${parts[@]}"; do
                  "JAXSERVE_LORA_FOLD=1 JAXSERVE_LORA_SHRINK_SPLITS=2" ; do echo "== $env" ; env $env timeout 100 \
                python3 bench/lora.py --shape 0.5B --batch 64 --no-check --profile /tmp/lp58b 2>&1 \
                | grep "^|\|GPU busy\|skinny" ; rm -rf /tmp/lp58b ; done ;;
+    lora58c) echo "== JAXSERVE_LORA_FOLD=1" ; JAXSERVE_LORA_FOLD=1 timeout 130 python3 bench/lora.py --shape 0.5B \
+               --batch 64 --profile /tmp/lp58c 2>&1 | grep "^|\|^Check\|GPU busy\|skinny" ; \
+             echo "== JAXSERVE_LORA_FOLD=0" ; JAXSERVE_LORA_FOLD=0 timeout 90 python3 bench/lora.py --shape 0.5B \
+               --batch 64 --no-check 2>&1 | grep "^|" ;;
     lora57c) timeout 90 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_lora_matmul.py \
                -k xla ; \
              lora() { timeout 110 python3 bench/lora.py --shape 0.5B --batch 64 256 --no-check "$@" 2>&1 \

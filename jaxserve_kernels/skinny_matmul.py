@@ -163,11 +163,12 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
                    col_ok=col_ok, cols_at=cols_at, epilogue=epilogue, split=split, prefetch=prefetch)
         return
     zeros = jnp.zeros((block_m, block_n), jnp.float32)
-    accs = lax.fori_loop(0, num_iters, body, tuple(zeros for _ in halves))
-    if lora_rank:
+    accs = tuple(zeros for _ in halves)
+    if lora_rank:  # first, so that its loads overlap the weight stream's first tiles instead of following them
         accs = _lora_term(accs, *lora_refs, rank=lora_rank, row0=row0, row_ok=row_ids < rows, halves=halves,
                           cols_at=lambda offset: pl.ds(offset + col_block * block_n, block_n), col_ok=col_ok,
                           first_split=split == 0, compute=compute, precision=precision)
+    accs = lax.fori_loop(0, num_iters, body, accs)
     mask = (row_ids < rows)[:, None] & col_ok[None, :]
     tile = (pl.ds(row0, block_m), cols_at)
     if epilogue == "partials":
@@ -190,11 +191,10 @@ def _lora_term(accs, t_ref, lb_ref, slot_ref, *, rank: int, row0, row_ok, halves
     lane_ok = (lanes < width) & first_split
     rows_at, lanes_at = pl.ds(row0, block_m), pl.ds(0, wide)
     mask = row_ok[:, None] & lane_ok[None, :]
-
-    def add_part(p, t):  # one part's tile live at a time: all of them at once spilled (bench/lora_fold.py)
-        return t + compat.load(t_ref.at[p, rows_at, lanes_at], mask=mask, other=0).astype(jnp.float32)
-
-    t = lax.fori_loop(0, parts, add_part, jnp.zeros((block_m, wide), jnp.float32))
+    # Every part's load issued before the first add (a loop over them, one load waiting for the sum before it, was
+    # slower: bench/lora_fold.py, H100, session 58).
+    t = sum(compat.load(t_ref.at[jnp.int32(p), rows_at, lanes_at], mask=mask, other=0).astype(jnp.float32)
+            for p in range(parts))
     slot = compat.load(slot_ref.at[rows_at], mask=row_ok, other=-1)
     t = jnp.where((lanes // rank)[None, :] == slot[:, None], t, 0.0).astype(compute)
     out = list(accs)
@@ -498,6 +498,9 @@ def _check_lora(lora: LoraTerm, m: int, n: int) -> None:
 # The shrink's K splits at most (`lora_shrink`): every program of the projection's first split sums them. Read at
 # trace time.
 LORA_SHRINK_SPLITS = int(os.environ.get("JAXSERVE_LORA_SHRINK_SPLITS", "8"))
+# K blocks a shrink split takes at least: Qwen2.5-0.5B's 896-wide inputs in 2 splits (2.6 µs a 64-row launch on the
+# H100, against 2.2 in 4 and 3.3 unsplit), down_proj's 4,864 in 8 (3.0 µs; 6.4 in 2). Read at trace time.
+LORA_SHRINK_BLOCKS = 4
 
 
 def lora_shrink(x: jax.Array, a: jax.Array, *, interpret: bool | None = None) -> jax.Array:
@@ -509,7 +512,7 @@ def lora_shrink(x: jax.Array, a: jax.Array, *, interpret: bool | None = None) ->
         [256.0, 256.0]
     """
     block_k = min(128, max(16, compat.next_pow2(x.shape[1])))
-    splits = max(1, min(LORA_SHRINK_SPLITS, pl.cdiv(pl.cdiv(x.shape[1], block_k), 2)))
+    splits = max(1, min(LORA_SHRINK_SPLITS, pl.cdiv(pl.cdiv(x.shape[1], block_k), LORA_SHRINK_BLOCKS)))
     return skinny_matmul(x, a, epilogue="partials", layout="nk", num_splits=splits, block_k=block_k,
                          interpret=interpret)
 
