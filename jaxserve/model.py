@@ -473,7 +473,9 @@ LORA_KERNELS = os.environ.get("JAXSERVE_LORA_KERNELS", "0") == "1"
 # (Triton's `skinny_matmul` with its `lora` term; gate_up with its SwiGLU) selects each row's slot and expands into
 # its sums, where XLA ran a shrink, a select, an expand and an add a projection. The projections leave Mosaic GPU for
 # Triton's path (slower by itself at 64 rows, decode_step.md session 16). Not applied under LORA_KERNELS or to fp8
-# weights. JAXSERVE_LORA_FOLD=1; read when a step is traced.
+# weights. H100, session 58 (bench/results/lora.md): 240 launches fewer a 64-row adapter step, but 1,905 against
+# 1,844-1,868 µs of GPU time (Triton's projections 0.6-2.7 µs a layer slower than Mosaic GPU's, four shrink launches
+# ~10 µs a layer), so it stays off. JAXSERVE_LORA_FOLD=1; read when a step is traced.
 LORA_FOLD = os.environ.get("JAXSERVE_LORA_FOLD", "0") == "1"
 LORA_FOLD_ROWS = int(os.environ.get("JAXSERVE_LORA_FOLD_ROWS", "256"))
 

@@ -23,9 +23,9 @@ Measured (H100, session 56, bench/results/lora.md): slower than XLA's four launc
 against 13-17 (`bench/lora_kernels.py`), adapter rows 0.36x of the base model against 0.47x: each program's shrink is
 a one-stage chain of dependent L2 loads. With XLA's shrink product before the launch (`SHRINK` "xla"; H200, session
 57) the launches take 2.4-5.3 µs in the step, but a reduce launch a shrink appears (likely XLA's split-K sum): a tie
-with XLA's terms (1,743 against 1,710 µs a 64-row step). Opt-in until that changes (`jaxserve.model.LORA_KERNELS`); the
-kernel's own loops pipelined (`NUM_STAGES`) or written out (`UNROLL`) are the next thing to time (untimed: session 57's
-device time ran out; `bash bench/gpu_checks.sh lora57f`).
+with XLA's terms (1,743 against 1,710 µs a 64-row step). The kernel's own loops pipelined (`NUM_STAGES` 3) or written
+out (`UNROLL`) lose more (H100, session 58: 2,224 and 2,522 against XLA's 1,841 µs a 64-row step). Opt-in
+(`jaxserve.model.LORA_KERNELS`); `skinny_matmul`'s `lora` term (`jaxserve.model.LORA_FOLD`) is the other route tried.
 
 Backend: Pallas Triton, like the other small-row kernels (`jaxserve_kernels.paged_attention` says why).
 """

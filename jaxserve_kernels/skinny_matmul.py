@@ -2,8 +2,11 @@
 
 Owns: the decode step's projections (`x [M, K] @ w + bias` with M, the batch, at most
 `MAX_ROWS`; `w` stored `[N, K]`, the engine's layout, or `[K, N]`), the 1-4-row projection with
-the add + RMSNorm before it folded in (`skinny_matmul_norm`), and their jnp references. Never
-decides when it is used (the model does: decode steps of small batches under "pallas").
+the add + RMSNorm before it folded in (`skinny_matmul_norm`), and their jnp references; on the
+tensor-core path each row's LoRA adapter term added before the epilogue (`lora=LoraTerm(...)`, its
+shrink from `lora_shrink`; opt-in `jaxserve.model.LORA_FOLD`, which measured 2-3% behind XLA's terms
+on the H100, bench/results/lora.md session 58). Never decides when it is used (the model does:
+decode steps of small batches under "pallas").
 
 Why: a decode step reads every weight once and does almost no arithmetic on it, so a
 projection should take its weight's bytes over the HBM bandwidth. XLA does not get there
@@ -472,6 +475,12 @@ class LoraTerm(NamedTuple):
     ``shrink``: ``[M, slots * R]`` or float32 partial sums ``[S, M, slots * R]`` (`lora_shrink`) of ``x @ a.T`` over
     every slot's adapter; ``b``: ``[slots * R, N]``, the slots' expand matrices stacked (for SwiGLU, gate's
     columns then up's, as the weight's); ``slots``: ``[M]``, each row's slot (-1: no adapter); ``rank``: R.
+
+    Example (two slots of rank 4; row 0 on slot 0, row 1 on none):
+        >>> x, w, a, b = jnp.ones((2, 32)), jnp.ones((16, 32)), jnp.ones((8, 32)), jnp.ones((8, 16))
+        >>> term = LoraTerm(lora_shrink(x, a, interpret=True), b, jnp.array([0, -1]), 4)
+        >>> skinny_matmul(x, w, layout="nk", lora=term, interpret=True)[:, 0].tolist()
+        [160.0, 32.0]
     """
     shrink: jax.Array
     b: jax.Array
