@@ -472,11 +472,12 @@ LORA_KERNELS = os.environ.get("JAXSERVE_LORA_KERNELS", "0") == "1"
 # kernel: one launch writes the rows' shrink over every slot (`skinny_matmul.lora_shrink`) and the projection
 # (Triton's `skinny_matmul` with its `lora` term; gate_up with its SwiGLU) selects each row's slot and expands into
 # its sums, where XLA ran a shrink, a select, an expand and an add a projection. The projections leave Mosaic GPU for
-# Triton's path (slower by itself at 64 rows, decode_step.md session 16). Not applied under LORA_KERNELS or to fp8
-# weights. H100, session 58 (bench/results/lora.md): 240 launches fewer a 64-row adapter step, but 1,905 against
-# 1,844-1,868 µs of GPU time (Triton's projections 0.6-2.7 µs a layer slower than Mosaic GPU's, four shrink launches
-# ~10 µs a layer), so it stays off. JAXSERVE_LORA_FOLD=1; read when a step is traced.
+# Triton's path (slower by itself at 64 rows, decode_step.md session 16). Not applied under LORA_KERNELS, tensor
+# parallelism or to fp8 weights. H100, session 58 (bench/results/lora.md): 240 launches fewer a 64-row adapter step,
+# but 1,905 against 1,844-1,868 µs of GPU time (Triton's projections 0.6-2.7 µs a layer slower than Mosaic GPU's, four
+# shrink launches ~10 µs a layer), so it stays off. JAXSERVE_LORA_FOLD=1; read when a step is traced.
 LORA_FOLD = os.environ.get("JAXSERVE_LORA_FOLD", "0") == "1"
+# At 256 rows it lost more (0.49x against 0.55x of the base tokens/s; Triton's gate_up 2.2x Mosaic GPU's there).
 LORA_FOLD_ROWS = int(os.environ.get("JAXSERVE_LORA_FOLD_ROWS", "256"))
 
 
@@ -593,7 +594,8 @@ class Linear(nn.Module):
     ("partials", "swiglu"; see ``jaxserve_kernels.skinny_matmul.skinny_matmul``) is for the fused decode
     glue only, which guarantees the kernel runs; ``tiling`` overrides the kernel's tiling
     (``block_n``, ``block_k``, ``num_splits``, ...). With ``norm`` (_fold_norms) ``touch_pages`` goes to
-    ``skinny_matmul_norm`` (PREFETCH_KV).
+    ``skinny_matmul_norm`` (PREFETCH_KV). ``lora`` (``(a, b, slots)``, LORA_FOLD's decode steps): each row's adapter
+    term added inside the skinny-matmul kernel (`_folded_lora_projection`).
     """
 
     features: int
@@ -1011,7 +1013,8 @@ class Qwen2ForCausalLM(nn.Module):
         if accumulate:
             x = x.astype(jnp.float32)
         # Adapter terms inside the plain path's projection kernels (LORA_FOLD); the glue adds them itself.
-        fold_lora = lora is not None and not accumulate and not self.quantized and _lora_folds(x, paged)
+        fold_lora = (lora is not None and not accumulate and self.tp_axis is None and not self.quantized
+                     and _lora_folds(x, paged))
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         new_kv = []
         pending = None
