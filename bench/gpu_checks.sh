@@ -27,12 +27,14 @@
 #               shrink (~430 s?). Run 04:01 UTC on an H200: the staged runs failed to compile (shared memory)
 #   lora58      session 58: adapter terms folded into the plain path's skinny_matmul projections (model.LORA_FOLD):
 #               the kernel's compiled lora tests, bench/lora.py's float32 check with it on, then at 64 / 256 rows off
-#               against on, each its own process, profiled (~400 s)
+#               against on, each its own process, profiled (~400 s; session 58: 336 s, the fold 0.45x against 0.54x)
 #   lora58b     session 58, after lora58 (the fold lost: every program summed the shrink's 4-8 partial tiles at once):
 #               bench/lora_fold.py at 64 rows (each projection's launches alone), then bench/lora.py at 64 rows with
-#               the fold off, on with 8 and with 2 shrink splits, each its own process, profiled (~420 s)
+#               the fold off, on with 8 and with 2 shrink splits, each its own process, profiled (~420 s; session 58:
+#               317 s, both folds 0.45x against 0.52x)
 #   lora58c     session 58, the term's loads moved before the weight loop, the shrink in 2 / 8 splits: bench/lora.py at
-#               64 rows with the fold on (the float32 check, profiled), then off (~200 s)
+#               64 rows with the fold on (the float32 check, profiled), then off (~200 s; session 58: the fold's run
+#               cut at 130 s before its table, its profile 1,905 µs busy against 1,844-1,868 for XLA's terms)
 #   lora57f     session 57, after lora57d's staged runs failed to compile (K tiles of 128 on 3 stages asked the H200
 #               for 240 KiB of shared memory; now 64), with the loops written out too: the staged and unrolled compiled
 #               tests, then at 64 rows (profiled) XLA's terms against the kernels with their loops on 3 stages and
