@@ -387,6 +387,18 @@ def test_cache_salt_shares_cached_prefixes_only_within_a_salt(live, pages_freed)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_salt"
 
 
+def test_a_body_without_model_asks_for_the_served_model(live, pages_freed):
+    # vLLM's routes default `model` (OpenAI's API requires it): the served base model answers, and says so.
+    completion = post(live, "/v1/completions", {k: v for k, v in GOOD.items() if k != "model"})
+    chat = post(live, "/v1/chat/completions", {k: v for k, v in CHAT_BODY.items() if k != "model"})
+    named = post(live, "/v1/completions", GOOD)
+    for r in (completion, chat):
+        assert r.status_code == 200 and r.json()["model"] == "tiny", r.text
+    assert completion.json()["choices"][0]["text"] == named.json()["choices"][0]["text"]
+    embedded = post(live, "/v1/embeddings", {"input": PROMPT})
+    assert embedded.status_code == 200 and embedded.json()["model"] == "tiny", embedded.text
+
+
 def test_logit_bias_forces_a_token(client, live, pages_freed):
     comp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0,
                                      logit_bias={"17": 100})

@@ -517,7 +517,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         _authorize(request, st)
         body = await _read_body(request, st.config.max_body_bytes)
         rreq = _parse(ResponsesRequest, body)
-        _check_model(rreq.model, st)
+        _served_model(rreq, st)
         store = st.responses
         history = [] if rreq.previous_response_id is None else store.conversation(rreq.previous_response_id)
         try:
@@ -616,20 +616,27 @@ _RESERVED_TEMPLATE_KWARGS = frozenset({
 # ----- request handling ----------------------------------------------------------------------------
 async def _accept(request: Request, schema: type[Schema]) -> tuple[_State, Any]:
     """The checks every generation route makes first: API key, body size, schema, model, n."""
-    st, req = await _accept_plain(request, schema)  # model is required there, so always checked
+    st, req = await _accept_plain(request, schema)
     _check_n(req, st)
     return st, req
 
 
 async def _accept_plain(request: Request, schema: type[Schema]) -> tuple[_State, Any]:
-    """API key, body size, schema, and the model where the body names one (the tokenizer routes, as
-    vLLM's, make it optional; the generation routes' schemas require it)."""
+    """API key, body size, schema, and the model of a schema that has one (`_served_model`)."""
     st = _state(request)
     _authorize(request, st)
     req = _parse(schema, await _read_body(request, st.config.max_body_bytes))
-    if getattr(req, "model", None) is not None:
-        _check_model(req.model, st)
+    if "model" in type(req).model_fields:
+        _served_model(req, st)
     return st, req
+
+
+def _served_model(req: Any, st: _State) -> None:
+    """``req.model`` checked, or where the body named none the served base model (vLLM's: OpenAI's API requires
+    the field, vLLM's routes default it), so that responses always name a model."""
+    if req.model is None:
+        req.model = st.model_name
+    _check_model(req.model, st)
 
 
 def _check_runtime_lora(st: _State) -> None:

@@ -74,7 +74,8 @@ class StreamOptions(Schema):
 
 
 class SamplingFields(Schema):
-    model: str
+    # vLLM's: a body without a model asks for the served base model (app.py fills it in).
+    model: str | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -224,7 +225,7 @@ class DetokenizeRequest(Schema):
 class EmbeddingRequest(Schema):
     """OpenAI's ``/v1/embeddings`` body, with vLLM's ``truncate_prompt_tokens``, ``normalize`` and ``priority``."""
 
-    model: str
+    model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
@@ -238,7 +239,7 @@ class ClassificationRequest(Schema):
     """vLLM's ``/classify`` body (a sequence classifier's): each ``input`` item's labels' probabilities (``activation``
     false: the raw logits)."""
 
-    model: str
+    model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
     user: str | None = None
     truncate_prompt_tokens: int | None = None
@@ -249,7 +250,7 @@ class ClassificationRequest(Schema):
 class ScoreRequest(Schema):
     """vLLM's ``/score`` body: ``text_1`` against ``text_2`` (one against one or each, or two lists item by item)."""
 
-    model: str
+    model: str | None = None
     text_1: str | list[str]
     text_2: str | list[str]
     truncate_prompt_tokens: int | None = None
@@ -260,7 +261,7 @@ class RerankRequest(Schema):
     """vLLM's (Jina's and Cohere's) ``/rerank`` body: ``documents`` ranked by relevance to ``query``, the best
     ``top_n`` (0: all)."""
 
-    model: str
+    model: str | None = None
     query: str
     documents: list[str]
     top_n: int = 0

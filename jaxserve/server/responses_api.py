@@ -33,7 +33,7 @@ class ResponsesRequest(Schema):
     """The fields of OpenAI's ``/v1/responses`` body read here (others pass through to the chat request or are
     ignored, as OpenAI ignores unknown fields)."""
 
-    model: str
+    model: str | None = None  # none: the served base model, as the other routes
     input: str | list[dict[str, Any]]
     instructions: str | None = None
     max_output_tokens: int | None = None
