@@ -772,6 +772,7 @@ def test_routes_answer_503_while_the_engine_is_gone(live, monkeypatch):
 # ----- health, models, metrics ------------------------------------------------------------------------
 def test_health_models_and_metrics(client, live):
     assert httpx.get(live.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(live.url + "/ping").json() == httpx.post(live.url + "/ping").json() == {"status": "ok"}
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
     client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0)

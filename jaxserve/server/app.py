@@ -287,6 +287,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
 
     @app.get("/health")
+    @app.api_route("/ping", methods=["GET", "POST"])  # vLLM's (SageMaker's) name for the same check
     async def health(request: Request) -> JSONResponse:
         alive = _state(request).engine.is_running
         return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
