@@ -163,7 +163,8 @@ def engine_config_from_vllm(**kwargs: Any) -> EngineConfig:
 
 class LLM:
     """vLLM's offline ``LLM``: a model and an engine (`jaxserve.Engine`), with ``generate``, ``chat``, ``embed``,
-    ``classify``, ``score``, ``beam_search``, ``get_tokenizer``, ``sleep`` / ``wake_up``. ``model`` is a checkpoint
+    ``classify``, ``score``, ``beam_search``, ``get_tokenizer``, ``get_default_sampling_params``,
+    ``reset_prefix_cache``, ``sleep`` / ``wake_up``, and ``update_params`` (new weights). ``model`` is a checkpoint
     folder (Hugging Face or converted), a `jaxserve.LoadedModel`, or None for the embedded default model; the other
     keywords are vLLM's engine arguments (`engine_config_from_vllm`), or ``engine_config`` directly.
 
@@ -240,6 +241,26 @@ class LLM:
     def beam_search(self, prompts: Prompt | Sequence[Prompt], params: Any, use_tqdm: bool = True) -> list[dict]:
         """`Engine.beam_search` (each prompt's ``sequences``, best first)."""
         return self.engine.beam_search(_as_list(prompts), params, use_tqdm=use_tqdm)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: the sampling a prompt given none gets (the checkpoint's ``generation_config.json``;
+        `Engine.default_sampling_params`)."""
+        return self.engine.default_sampling_params()
+
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forget every cached prefix (between benchmark runs; new weights do it themselves). True, as
+        vLLM's answers when it could: the pages that running requests hold stay theirs until they finish."""
+        self.engine.clear_prefix_cache()
+        return True
+
+    def update_params(self, params: Any) -> None:
+        """New weights of the same shapes, compiling nothing again (`Engine.update_params`: a training loop's
+        weight sync, what RL frameworks reach through vLLM's model executor).
+
+        Example:
+            >>> llm.update_params(trainer_params)  # doctest: +SKIP
+        """
+        self.engine.update_params(params)
 
     def sleep(self, level: int = 1) -> None:
         self.engine.sleep(level)

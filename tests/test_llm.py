@@ -63,6 +63,30 @@ def test_chat_and_embed(model):
     assert embedded[0].prompt_token_ids == model.tokenizer.encode("import os", add_special_tokens=False)
 
 
+def test_prefix_cache_reset_default_sampling_and_new_weights(model):
+    # vLLM's reset_prefix_cache: the prompt computed again (no cached tokens), the same greedy text; its
+    # get_default_sampling_params: the engine's; update_params: new weights change the text, and back.
+    import jax
+
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    prompt = "def add(a, b):\n    return a + b\n" * 2
+    with LLM(model) as llm:
+        first = llm.generate(prompt, greedy, use_tqdm=False)[0]
+        cached = llm.generate(prompt, greedy, use_tqdm=False)[0]
+        assert llm.reset_prefix_cache() is True
+        again = llm.generate(prompt, greedy, use_tqdm=False)[0]
+        assert cached.num_cached_tokens > 0 and again.num_cached_tokens == 0
+        assert first.outputs[0].token_ids == cached.outputs[0].token_ids == again.outputs[0].token_ids
+        assert llm.get_default_sampling_params() == llm.engine.default_sampling_params()
+        llm.update_params(jax.tree_util.tree_map(lambda w: -w, model.params))
+        flipped = llm.generate(prompt, greedy, use_tqdm=False)[0]
+        llm.update_params(model.params)
+        back = llm.generate(prompt, greedy, use_tqdm=False)[0]
+        assert flipped.outputs[0].token_ids != first.outputs[0].token_ids
+        assert back.outputs[0].token_ids == first.outputs[0].token_ids
+        assert_all_pages_free(llm.engine)
+
+
 def test_classify_and_score(model, tmp_path):
     """A classifier's probabilities and an embedding model's pair scores, as `Engine.classify` / `Engine.score` give
     them, in vLLM's objects."""
