@@ -80,6 +80,8 @@ class SamplingParams:
     text before it unless `include_stop_str_in_output` (vLLM's), and is the result's `stop_reason`.
     `prompt_logprobs=k` (vLLM's): the result's `prompt_logprobs` holds, for every prompt token after
     the first, its log-probability given the tokens before it and the k most likely tokens there.
+    `max_tokens=None` (vLLM's): as many as the model's length leaves after the prompt (`Engine.make_request`
+    sets it).
     `truncate_prompt_tokens=k` (vLLM's): only the prompt's last k tokens are used (a long chat's
     oldest turns dropped instead of the request refused).
     `structured_outputs` (vLLM's; a `jaxserve.structured.StructuredOutputs` or a dict of its fields: a JSON
@@ -110,7 +112,7 @@ class SamplingParams:
         ('yes', 'no')
     """
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -157,7 +159,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in {allowed}, got {value!r}")
             set_(name, value)
 
-        check_int("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an int >= 1")
+        if self.max_tokens is not None:  # None (vLLM's): up to the model's length, set when the request is made
+            check_int("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "None or an int >= 1")
         check_int("n", _is_int(self.n) and 1 <= self.n <= MAX_N, f"an int in [1, {MAX_N}]")
         check_real("temperature", 0.0, math.inf, "[0, inf)")
         check_real("top_p", 0.0, 1.0, "(0, 1]", lo_open=True)
@@ -202,7 +205,8 @@ class SamplingParams:
         if self.truncate_prompt_tokens is not None:
             check_int("truncate_prompt_tokens", _is_int(self.truncate_prompt_tokens) and self.truncate_prompt_tokens >= 1,
                       "None or an int >= 1")
-        check_int("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+        most = math.inf if self.max_tokens is None else self.max_tokens
+        check_int("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= most,
                   f"an int in [0, max_tokens={self.max_tokens}]")
         if self.min_tokens > 0:  # the ids banned until min_tokens are a fixed-width row of the step's batch
             check_banned_ids(self.stop_token_ids, ())

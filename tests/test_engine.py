@@ -977,6 +977,22 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(tiny):
         assert_all_pages_free(engine)
 
 
+def test_max_tokens_none_runs_to_the_model_s_length(tiny):
+    """vLLM's max_tokens=None: as many tokens as max_model_len leaves after the prompt (the greedy tokens of a
+    request asking for exactly that many); a prompt that fills the length is refused naming it."""
+    m, _ = tiny
+    [prompt] = random_prompts(m.config.vocab_size, (20,))
+    with Engine(m, small_config(max_model_len=40)) as engine:
+        out = engine.generate([prompt], SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True),
+                              use_tqdm=False)[0]
+        want = engine.generate([prompt], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+                               use_tqdm=False)[0]
+        assert out["finish_reason"] == "length" and out["token_ids"] == want["token_ids"]
+        with pytest.raises(ValueError, match="max_model_len"):
+            engine.generate([prompt * 2], SamplingParams(max_tokens=None), use_tqdm=False)
+        assert_all_pages_free(engine)
+
+
 def test_new_params_generate_without_compiling_again(tiny):
     """LoadedModel.with_params: a training step's (or a fine-tune's) weights through the same compiled steps; the
     engine uses them (a zero final norm makes every logit 0, so greedy picks token 0); wrong trees are refused."""

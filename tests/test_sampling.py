@@ -90,6 +90,11 @@ def test_every_bad_value_names_its_field(field, value):
         SamplingParams(**{field: value})
 
 
+def test_max_tokens_none_is_vllm_s_up_to_the_model_s_length():
+    assert SamplingParams(max_tokens=None, min_tokens=500).max_tokens is None  # set by Engine.make_request
+    assert SamplingParams.from_dict(SamplingParams(max_tokens=None).to_dict()).max_tokens is None
+
+
 def test_allowed_token_ids_become_each_row_s_packed_mask():
     rng = np.random.default_rng()
     vocab = int(rng.integers(40, 200))
