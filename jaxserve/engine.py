@@ -482,8 +482,10 @@ class Engine:
         ids, embeds = self._prompt_input(prompt, params)
         if embeds is not None and params.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs score the prompt's tokens, and a prompt given as prompt_embeds has none")
-        if params.max_tokens is None:  # vLLM's: what the model's length leaves (none left: refused just below)
-            params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(ids)))
+        if params.max_tokens is None:  # vLLM's: what the model's length leaves (none left: refused just below),
+            # within what the pool holds (a pool smaller than the model's length would abort the request instead)
+            room = min(self.max_model_len, self.scheduler.num_pages * self.config.page_size) - len(ids)
+            params = dataclasses.replace(params, max_tokens=max(1, room))
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"max_model_len ({self.max_model_len})")

@@ -80,8 +80,8 @@ class SamplingParams:
     text before it unless `include_stop_str_in_output` (vLLM's), and is the result's `stop_reason`.
     `prompt_logprobs=k` (vLLM's): the result's `prompt_logprobs` holds, for every prompt token after
     the first, its log-probability given the tokens before it and the k most likely tokens there.
-    `max_tokens=None` (vLLM's): as many as the model's length leaves after the prompt (`Engine.make_request`
-    sets it).
+    `max_tokens=None` (vLLM's): as many as the model's length (or a smaller KV pool) leaves after the prompt
+    (`Engine.make_request` sets it).
     `truncate_prompt_tokens=k` (vLLM's): only the prompt's last k tokens are used (a long chat's
     oldest turns dropped instead of the request refused).
     `structured_outputs` (vLLM's; a `jaxserve.structured.StructuredOutputs` or a dict of its fields: a JSON

@@ -979,7 +979,8 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(tiny):
 
 def test_max_tokens_none_runs_to_the_model_s_length(tiny):
     """vLLM's max_tokens=None: as many tokens as max_model_len leaves after the prompt (the greedy tokens of a
-    request asking for exactly that many); a prompt that fills the length is refused naming it."""
+    request asking for exactly that many), or a smaller pool holds; a prompt that fills the length is refused
+    naming it."""
     m, _ = tiny
     [prompt] = random_prompts(m.config.vocab_size, (20,))
     with Engine(m, small_config(max_model_len=40)) as engine:
@@ -990,6 +991,11 @@ def test_max_tokens_none_runs_to_the_model_s_length(tiny):
         assert out["finish_reason"] == "length" and out["token_ids"] == want["token_ids"]
         with pytest.raises(ValueError, match="max_model_len"):
             engine.generate([prompt * 2], SamplingParams(max_tokens=None), use_tqdm=False)
+        assert_all_pages_free(engine)
+    with Engine(m, small_config(max_model_len=64, num_pages=4)) as engine:  # 32 tokens of pool: what it holds
+        out = engine.generate([prompt], SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True),
+                              use_tqdm=False)[0]
+        assert out["finish_reason"] == "length" and len(out["token_ids"]) == 4 * 8 - 20
         assert_all_pages_free(engine)
 
 
