@@ -317,7 +317,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from jaxserve.server import ServerConfig, serve
     except ImportError as exc:
         raise SystemExit(f"the server needs its extras: pip install 'jaxserve[server]' ({exc})")
-    server_config = ServerConfig(model_name=args.served_model_name, api_key=args.api_key or None,
+    names = args.served_model_name or [None]
+    server_config = ServerConfig(model_name=names[0], model_aliases=tuple(names[1:]), api_key=args.api_key or None,
                                  max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
                                  drain_s=args.drain_s, warmup=args.warmup,
                                  warmup_structured=args.warmup_structured, chat_template=args.chat_template,
@@ -414,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     srv.add_argument("--api-key", default=os.environ.get("JAXSERVE_API_KEY"),
                      help="require 'Authorization: Bearer KEY' on /v1 (default: $JAXSERVE_API_KEY, else none)")
-    srv.add_argument("--served-model-name", default=None, help="model id clients send (default: folder name)")
+    srv.add_argument("--served-model-name", nargs="+", default=None,
+                     help="model id clients send (default: folder name); several, as vLLM's: any of them, "
+                          "responses naming the first")
     srv.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted (default 4096)")
     srv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     srv.add_argument("--drain-s", type=float, default=5.0,

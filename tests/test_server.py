@@ -399,6 +399,20 @@ def test_a_body_without_model_asks_for_the_served_model(live, pages_freed):
     assert embedded.status_code == 200 and embedded.json()["model"] == "tiny", embedded.text
 
 
+def test_several_served_names_answer_as_the_first(model):
+    # vLLM's --served-model-name a b: requests may name either, responses name the first, /v1/models lists both.
+    app = create_app(model, ENGINE_CONFIG, ServerConfig(model_name="tiny", model_aliases=("tiny-alias",),
+                                                        api_key=API_KEY, max_tokens_limit=128))
+    with LiveServer(app) as server:
+        r = post(server, "/v1/completions", {**GOOD, "model": "tiny-alias"})
+        assert r.status_code == 200 and r.json()["model"] == "tiny", r.text
+        listed = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+        assert [m["id"] for m in listed["data"]] == ["tiny", "tiny-alias"]
+        assert post(server, "/v1/completions", {**GOOD, "model": "other"}).status_code == 404
+    with pytest.raises(ValueError, match="model_aliases"):
+        ServerConfig(model_aliases="tiny-alias")
+
+
 def test_logit_bias_forces_a_token(client, live, pages_freed):
     comp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0,
                                      logit_bias={"17": 100})

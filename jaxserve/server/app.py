@@ -86,6 +86,9 @@ class ServerConfig:
     """
 
     model_name: str | None = None
+    # vLLM's --served-model-name with several names: the others, which requests may send too; responses name the
+    # first (model_name).
+    model_aliases: tuple[str, ...] = ()
     api_key: str | None = None
     max_tokens_limit: int = 4096
     max_body_bytes: int = 1 << 20
@@ -144,10 +147,14 @@ class ServerConfig:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS} or None, "
                              f"got {self.reasoning_parser!r}")
+        if isinstance(self.model_aliases, str) or not all(isinstance(v, str) and v for v in self.model_aliases):
+            raise ValueError(f"model_aliases must be a list of non-empty strings, got {self.model_aliases!r}")
+        object.__setattr__(self, "model_aliases", tuple(self.model_aliases))
         modules = tuple((str(n), str(p)) for n, p in (self.lora_modules.items() if isinstance(self.lora_modules, dict)
                                                       else self.lora_modules))
         names = [n for n, _ in modules]
-        if len(set(names)) != len(names) or not all(names) or (self.model_name and self.model_name in names):
+        if (len(set(names)) != len(names) or not all(names) or (self.model_name and self.model_name in names)
+                or set(names) & set(self.model_aliases)):
             raise ValueError(f"lora_modules must have distinct non-empty names, other than the model's, got {names}")
         object.__setattr__(self, "lora_modules", modules)
 
@@ -346,7 +353,9 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     async def models(request: Request) -> JSONResponse:
         st = _state(request)
         _authorize(request, st)
-        return JSONResponse({"object": "list", "data": [_model_card(st)] + [_model_card(st, n) for n in st.loras]})
+        return JSONResponse({"object": "list", "data": [_model_card(st)] + [_model_card(st, alias=a) for a in
+                                                                            st.config.model_aliases]
+                             + [_model_card(st, n) for n in st.loras]})
 
     @app.get("/v1/models/{model_id:path}")
     async def model_card(request: Request, model_id: str) -> JSONResponse:
@@ -354,7 +363,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         st = _state(request)
         _authorize(request, st)
         _check_model(model_id, st)
-        return JSONResponse(_model_card(st, model_id if model_id in st.loras else None))
+        return JSONResponse(_model_card(st, model_id if model_id in st.loras else None,
+                                        model_id if model_id in st.config.model_aliases else None))
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
@@ -371,7 +381,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         more adapter under a name; it is read and checked before the answer."""
         st, req = await _accept_plain(request, LoadLoraRequest)
         _check_runtime_lora(st)
-        if req.lora_name in st.loras or req.lora_name == st.model_name:
+        if req.lora_name in st.loras or req.lora_name == st.model_name or req.lora_name in st.config.model_aliases:
             raise APIError(400, f"The lora adapter '{req.lora_name}' has already been loaded.", param="lora_name")
         try:
             lora = LoRARequest(req.lora_name, max((x.lora_int_id for x in st.loras.values()), default=0) + 1,
@@ -635,7 +645,7 @@ async def _accept_plain(request: Request, schema: type[Schema]) -> tuple[_State,
 def _served_model(req: Any, st: _State) -> None:
     """``req.model`` checked, or where the body named none the served base model (vLLM's: OpenAI's API requires
     the field, vLLM's routes default it), so that responses always name a model."""
-    if req.model is None:
+    if req.model is None or req.model in st.config.model_aliases:
         req.model = st.model_name
     _check_model(req.model, st)
 
@@ -646,12 +656,13 @@ def _check_runtime_lora(st: _State) -> None:
                             "(vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING)", code="not_found")
 
 
-def _model_card(st: _State, lora: str | None = None) -> dict[str, Any]:
-    """The model's card, or with ``lora`` an adapter's (vLLM's: its parent the base model, its root the folder)."""
+def _model_card(st: _State, lora: str | None = None, alias: str | None = None) -> dict[str, Any]:
+    """The model's card (under ``alias``, one of its other names), or with ``lora`` an adapter's (vLLM's: its parent
+    the base model, its root the folder)."""
     if lora is not None:
         return {"id": lora, "object": "model", "created": st.created, "owned_by": "jaxserve",
                 "root": st.loras[lora].lora_path, "parent": st.model_name, "max_model_len": st.max_model_len}
-    return {"id": st.model_name, "object": "model", "created": st.created, "owned_by": "jaxserve",
+    return {"id": alias or st.model_name, "object": "model", "created": st.created, "owned_by": "jaxserve",
             "root": st.model_name, "parent": None, "max_model_len": st.max_model_len}
 
 
@@ -695,8 +706,8 @@ def _parse(schema: type[Schema], body: bytes | dict[str, Any]) -> Any:
 
 
 def _check_model(name: str, st: _State) -> None:
-    if name != st.model_name and name not in st.loras:
-        served = [st.model_name, *st.loras]
+    if name != st.model_name and name not in st.loras and name not in st.config.model_aliases:
+        served = [st.model_name, *st.config.model_aliases, *st.loras]
         raise APIError(404, f"model {name!r} does not exist; this server serves {', '.join(map(repr, served))}",
                        param="model", code="model_not_found")
 
