@@ -353,9 +353,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     async def models(request: Request) -> JSONResponse:
         st = _state(request)
         _authorize(request, st)
-        return JSONResponse({"object": "list", "data": [_model_card(st)] + [_model_card(st, alias=a) for a in
-                                                                            st.config.model_aliases]
-                             + [_model_card(st, n) for n in st.loras]})
+        cards = [_model_card(st)] + [_model_card(st, alias=a) for a in st.config.model_aliases]
+        return JSONResponse({"object": "list", "data": cards + [_model_card(st, n) for n in st.loras]})
 
     @app.get("/v1/models/{model_id:path}")
     async def model_card(request: Request, model_id: str) -> JSONResponse:
