@@ -15,8 +15,8 @@ from jaxserve.lora import LoRARequest
 from jaxserve.pooling import PoolingParams
 from jaxserve.replicas import Replicas
 from jaxserve.sampling import SamplingParams
-from jaxserve.structured import StructuredOutputs
+from jaxserve.structured import GuidedDecodingParams, StructuredOutputs
 
-__all__ = ["BeamSearchParams", "Engine", "EngineConfig", "LLM", "LoRARequest", "LoadedModel", "ModelConfig", "PoolingParams",
-           "Replicas", "SamplingParams", "StructuredOutputs", "beam_search", "chat", "classify", "embed", "generate",
+__all__ = ["BeamSearchParams", "Engine", "EngineConfig", "GuidedDecodingParams", "LLM", "LoRARequest", "LoadedModel",
+           "ModelConfig", "PoolingParams", "Replicas", "SamplingParams", "StructuredOutputs", "beam_search", "chat", "classify", "embed", "generate",
            "load", "score"]

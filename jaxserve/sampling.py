@@ -135,6 +135,8 @@ class SamplingParams:
     structured_outputs: Any = None
     bad_words: tuple[str, ...] = ()
     n: int = 1
+    # vLLM's older name of structured_outputs (until 0.10), for its scripts: moved there, then None.
+    guided_decoding: Any = None
 
     def __post_init__(self) -> None:
         def set_(name: str, value: Any) -> None:
@@ -218,6 +220,11 @@ class SamplingParams:
                 raise ValueError(f"allowed_token_ids must be None or a non-empty list of ints in [0, 2**31 - 1], "
                                  f"got {ids!r}")
             set_("allowed_token_ids", tuple(sorted({int(t) for t in ids})))
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("guided_decoding is vLLM's older name of structured_outputs: give one of them")
+            set_("structured_outputs", self.guided_decoding)
+            set_("guided_decoding", None)
         if self.structured_outputs is not None:
             from jaxserve.structured import StructuredOutputs
 

@@ -157,6 +157,23 @@ class StructuredOutputs:
         return f"structured_outputs.{kind}"
 
 
+# vLLM's GuidedDecodingParams fields with no counterpart here, which change no output this engine gives: the
+# backend it picks (jaxserve has one), and its switch against falling back to another.
+_GUIDED_IGNORED = ("backend", "disable_fallback")
+
+
+def GuidedDecodingParams(**fields: Any) -> StructuredOutputs:  # noqa: N802 (vLLM's class name, for its scripts)
+    """vLLM's older spelling (until 0.10: ``SamplingParams(guided_decoding=GuidedDecodingParams(json=...))``) of
+    `StructuredOutputs`: the same fields, ``backend`` and ``disable_fallback`` taken and ignored (one backend here);
+    any other field this engine lacks is a ValueError naming it.
+
+    Example:
+        >>> GuidedDecodingParams(choice=["yes", "no"], backend="xgrammar").choice
+        ('yes', 'no')
+    """
+    return StructuredOutputs.from_value({k: v for k, v in fields.items() if k not in _GUIDED_IGNORED})
+
+
 def escape(text: str) -> str:
     """``text`` as a regex matching it literally (in the syntax `compile_regex` reads).
 

@@ -90,6 +90,19 @@ def test_every_bad_value_names_its_field(field, value):
         SamplingParams(**{field: value})
 
 
+def test_guided_decoding_is_vllm_s_older_name_of_structured_outputs():
+    from jaxserve import GuidedDecodingParams
+
+    old = SamplingParams(guided_decoding=GuidedDecodingParams(json={"type": "object"}, backend="xgrammar"))
+    new = SamplingParams(structured_outputs={"json": {"type": "object"}})
+    assert old == new and old.guided_decoding is None
+    assert SamplingParams(guided_decoding={"regex": "[0-9]+"}).structured_outputs.regex == "[0-9]+"
+    with pytest.raises(ValueError, match="guided_decoding"):
+        SamplingParams(guided_decoding={"regex": "a"}, structured_outputs={"regex": "b"})
+    with pytest.raises(ValueError, match="disable_any_whitespace"):
+        GuidedDecodingParams(json_object=True, disable_any_whitespace=True)
+
+
 def test_max_tokens_none_is_vllm_s_up_to_the_model_s_length():
     assert SamplingParams(max_tokens=None, min_tokens=500).max_tokens is None  # set by Engine.make_request
     assert SamplingParams.from_dict(SamplingParams(max_tokens=None).to_dict()).max_tokens is None
