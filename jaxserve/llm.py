@@ -38,7 +38,10 @@ _ENGINE_ARGS = {"max_num_seqs": "max_running", "max_num_batched_tokens": "max_to
                 "num_gpu_blocks_override": "num_pages", "kv_cache_dtype": "kv_cache_dtype"}
 # vLLM's arguments that change nothing here (what jaxserve does anyway, or a setting of vLLM's own machinery).
 _NO_OPS = ("trust_remote_code", "enforce_eager", "disable_log_stats", "swap_space", "tokenizer_mode",
-           "disable_custom_all_reduce", "disable_async_output_proc", "compilation_config", "load_format")
+           "disable_custom_all_reduce", "disable_async_output_proc", "compilation_config", "load_format",
+           "distributed_executor_backend", "max_seq_len_to_capture", "download_dir")
+# vLLM's arguments taken at the value that is what jaxserve does (any other is a TypeError naming it).
+_ONLY = {"pipeline_parallel_size": (1,), "cpu_offload_gb": (0,)}
 
 
 @dataclasses.dataclass
@@ -140,7 +143,18 @@ def engine_config_from_vllm(**kwargs: Any) -> EngineConfig:
     for name, value in kwargs.items():
         if name in _NO_OPS:
             continue
-        if name == "enable_lora":
+        if name in _ONLY:
+            if value not in _ONLY[name]:
+                raise TypeError(f"LLM(): jaxserve takes {name!r} only as {_ONLY[name][0]}, got {value!r}")
+        elif name == "enable_chunked_prefill":  # vLLM's chunked prefill: the "mixed" policy (`EngineConfig.policy`)
+            if value:
+                fields["policy"] = "mixed"
+        elif name == "max_logprobs":  # vLLM's cap on a request's logprobs; jaxserve's is fixed
+            from jaxserve.engine import MAX_TOP_LOGPROBS
+
+            if value > MAX_TOP_LOGPROBS:
+                raise TypeError(f"LLM(): 'max_logprobs' above jaxserve's {MAX_TOP_LOGPROBS}, got {value!r}")
+        elif name == "enable_lora":
             fields.setdefault("max_loras", 1 if value else 0)
         elif name == "speculative_config":
             spec = dict(value or {})
