@@ -822,8 +822,8 @@ class Attention(nn.Module):
         if norm is not None:
             touch = (kv[0], kv[1], paged.block_tables) if PREFETCH_KV and fold_o else None
             x, qkv = qkv_proj(x, fast, norm=norm, touch_pages=touch)
-        elif _fold(lora, "qkv_proj"):
-            qkv = qkv_proj(x, fast, lora=_fold(lora, "qkv_proj"))
+        elif (folded := _fold(lora, "qkv_proj")) is not None:
+            qkv = qkv_proj(x, fast, lora=folded)
         else:
             qkv = qkv_proj(x, fast, tiling=QKV_SKINNY_TILING)
             if lora is not None:
@@ -843,8 +843,8 @@ class Attention(nn.Module):
         else:
             out, kv = _attend(qkv, cos, sin, lengths, kv, paged, cfg)
         out = _unscale(out, scales).reshape(b, s, h * d).astype(self.dtype)
-        if _fold(lora, "o_proj"):
-            return o_proj(out, fast, lora=_fold(lora, "o_proj")), kv
+        if (folded := _fold(lora, "o_proj")) is not None:
+            return o_proj(out, fast, lora=folded), kv
         if lora is not None:
             return _plus_lora(o_proj(out, fast), out, lora, "o_proj", fast), kv
         out = o_proj(out, fast, "partials" if glue else "none", tiling=FOLDED_TILING if norm is not None else None)
@@ -878,8 +878,8 @@ class MLP(nn.Module):
             return x, down(act, fast, "partials", tiling=FOLDED_TILING)
         if glue:
             return down(gate_up(x, fast, "swiglu"), fast, "partials")
-        if _fold(lora, "gate_up_proj"):
-            act = gate_up(x, fast, "swiglu", lora=_fold(lora, "gate_up_proj"))
+        if (folded := _fold(lora, "gate_up_proj")) is not None:
+            act = gate_up(x, fast, "swiglu", lora=folded)
             return down(act, fast, lora=_fold(lora, "down_proj"))
         h = gate_up(x, fast)
         if lora is not None and _lora_kernels(h, fast):

@@ -41,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxserve_kernels import pallas_compat as compat
-from jaxserve_kernels.skinny_matmul import swiglu_sums
+from jaxserve_kernels.skinny_matmul import own_slot_columns, swiglu_sums
 
 # Inputs this wide or narrower are shrunk inside every expand program (one launch); wider ones in a launch of
 # their own over K splits. Qwen2.5-0.5B: QKV, o_proj and gate_up (896) inline, down_proj (4,864) split.
@@ -128,9 +128,8 @@ def _expand_kernel(slots_ref, x_ref, a_ref, b_ref, acc_ref, out_ref, *, block_m:
     else:
         t = _shrink(x_ref, a_ref, r0, row_ok, 0, x_ref.shape[1], block_m=block_m, block_k=block_k, cdt=cdt,
                     precision=precision, unroll=unroll)
-    slots = compat.load(slots_ref.at[pl.ds(r0, block_m)], mask=row_ok, other=-1)
     # The select: a row keeps its own slot's R columns (slot -1, no adapter: none), rounded as `lora_delta` rounds.
-    t = jnp.where((nrs // rank)[None, :] == slots[:, None], t, 0.0).astype(cdt)
+    t = own_slot_columns(t, rank, compat.load(slots_ref.at[pl.ds(r0, block_m)], mask=row_ok, other=-1), cdt)
     n_out = out_ref.shape[1]
     c0 = cb * block_n
     col_ok = c0 + jnp.arange(block_n) < n_out
@@ -272,8 +271,7 @@ def lora_term_reference(x, a, b, slots) -> jax.Array:
     n, r, _ = a.shape
     t = jnp.dot(x, a.reshape(n * r, -1).astype(x.dtype).T, preferred_element_type=jnp.float32,
                 precision=lax.Precision.HIGHEST)
-    mine = (jnp.arange(n * r) // r)[None, :] == slots[:, None]
-    t = jnp.where(mine, t, 0.0).astype(x.dtype)
+    t = own_slot_columns(t, r, slots, x.dtype)
     return jnp.dot(t, b.reshape(n * r, -1).astype(x.dtype), preferred_element_type=jnp.float32,
                    precision=lax.Precision.HIGHEST)
 

@@ -181,6 +181,18 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
                   cols_at=cols_at, col_ok=col_ok, s_ref=s_ref)
 
 
+def own_slot_columns(t: jax.Array, rank: int, slots: jax.Array, dtype) -> jax.Array:
+    """A shrink over every slot's adapter, ``t [rows, slots * R]``, with each row keeping only its own slot's R
+    columns (slot -1: none), rounded to ``dtype``: `jaxserve.lora.lora_delta`'s select, inside a kernel or in jnp.
+
+    Example:
+        >>> own_slot_columns(jnp.ones((2, 4)), 2, jnp.array([1, -1]), jnp.float32).tolist()
+        [[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]
+    """
+    mine = (jnp.arange(t.shape[-1]) // rank)[None, :] == slots[:, None]
+    return jnp.where(mine, t, 0.0).astype(dtype)
+
+
 def _lora_term(accs, t_ref, lb_ref, slot_ref, *, rank: int, row0, row_ok, halves, cols_at, col_ok, first_split,
                compute, precision) -> tuple:
     """The program's sums plus its rows' adapter term (`skinny_matmul`'s ``lora``): the shrink's float32 partials
@@ -198,8 +210,7 @@ def _lora_term(accs, t_ref, lb_ref, slot_ref, *, rank: int, row0, row_ok, halves
     # slower: bench/lora_fold.py, H100, session 58).
     t = sum(compat.load(t_ref.at[jnp.int32(p), rows_at, lanes_at], mask=mask, other=0).astype(jnp.float32)
             for p in range(parts))
-    slot = compat.load(slot_ref.at[rows_at], mask=row_ok, other=-1)
-    t = jnp.where((lanes // rank)[None, :] == slot[:, None], t, 0.0).astype(compute)
+    t = own_slot_columns(t, rank, compat.load(slot_ref.at[rows_at], mask=row_ok, other=-1), compute)
     out = list(accs)
     for h, offset in enumerate(halves):
         b = compat.load(lb_ref.at[lanes_at, cols_at(offset)], mask=lane_ok[:, None] & col_ok[None, :], other=0)
@@ -543,9 +554,7 @@ def skinny_matmul_reference(x: jax.Array, w: jax.Array, bias: jax.Array | None =
     if scale is not None:
         out = out * scale.astype(jnp.float32)
     if lora is not None:
-        t = _parts(lora.shrink).sum(0)
-        mine = (jnp.arange(t.shape[1]) // lora.rank)[None, :] == lora.slots[:, None]
-        t = jnp.where(mine, t, 0.0).astype(x.dtype).astype(jnp.float32)
+        t = own_slot_columns(_parts(lora.shrink).sum(0), lora.rank, lora.slots, x.dtype).astype(jnp.float32)
         out = out + jnp.dot(t, lora.b.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     return apply_epilogue(out, x.dtype, bias, epilogue)
 
