@@ -25,6 +25,10 @@
 #               tests, then bench/lora.py at 64 / 256 rows (no check, profiled at 64), each its own process: XLA's
 #               terms (the default), kernels with the inline shrink, with every shrink split (INLINE_K=0), with XLA's
 #               shrink (~430 s?). Run 04:01 UTC on an H200: the staged runs failed to compile (shared memory)
+#   lora59      session 59: adapter terms as the Mosaic GPU projections' extra K steps (model.LORA_FOLD with
+#               LoraSlots' transposed expand stacks): the term's compiled kernel tests (0.5B's four projections at 64
+#               and 256 rows among them), then bench/lora.py at 64 / 256 rows with the fold on (the bf16 check against
+#               merged weights, profiled at 64) and off (profiled), each its own process (~450 s?)
 #   lora58      session 58: adapter terms folded into the plain path's skinny_matmul projections (model.LORA_FOLD):
 #               the kernel's compiled lora tests, bench/lora.py's float32 check with it on, then at 64 / 256 rows off
 #               against on, each its own process, profiled (~400 s; session 58: 336 s, the fold 0.45x against 0.54x)
@@ -1046,6 +1050,14 @@ for part in "${parts[@]}"; do
                -k "staged or unrolled" 2>&1 | tail -2 ; \
              lora_settings 80 "--batch 64" "JAXSERVE_LORA_KERNELS=0" "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_STAGES=3" \
                "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_UNROLL=1" ;;
+    lora59) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_skinny_matmul_mgpu.py \
+              -k term 2>&1 | tail -3 ; \
+            echo "== JAXSERVE_LORA_FOLD=1" ; JAXSERVE_LORA_FOLD=1 timeout 190 python3 bench/lora.py --shape 0.5B \
+              --batch 64 256 --check-dtype bfloat16 --profile /tmp/lp59 --out "$OUT/$part/fold" 2>&1 \
+              | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp59 ; \
+            echo "== JAXSERVE_LORA_FOLD=0" ; JAXSERVE_LORA_FOLD=0 timeout 130 python3 bench/lora.py --shape 0.5B \
+              --batch 64 256 --no-check --profile /tmp/lp59 --out "$OUT/$part/xla" 2>&1 \
+              | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ;;
     lora58) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_skinny_matmul.py \
               -k lora 2>&1 | tail -3 ; \
             echo "== check (float32, folded)" ; JAXSERVE_LORA_FOLD=1 timeout 130 python3 bench/lora.py --shape 0.5B \

@@ -339,7 +339,7 @@ class Engine:
                 raise ValueError(f"LoRA serving takes vocabularies of at most {NAMESPACE_STRIDE} tokens, "
                                  f"got {mcfg.vocab_size}")
             self.lora = LoraSlots(mcfg, self.config.max_loras, self.config.max_lora_rank, target, self.device,
-                                  self.tp)
+                                  self.tp, expand_t=model_module.lora_folds_on_mgpu(target))
         self.scheduler = Scheduler(self.config, num_pages, self.max_model_len, lora=self.lora)
         # The batch a decode call of n rows runs as: the smallest bucket holding model.decode_rows(n) (small steps
         # may run faster padded). A padded width past the largest bucket (max_running under 8 on the GPU) runs as
@@ -556,7 +556,7 @@ class Engine:
             return None
         slots = np.full(batch, -1, np.int32)
         slots[: len(reqs)] = [r.lora_slot for r in reqs]
-        return {"weights": self.lora.weights, "slots": slots}
+        return self.lora.inputs(slots)
 
     def _bad_words(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         if self.tokenizer is None:
@@ -1457,7 +1457,7 @@ class Engine:
             lengths = [n for n in (cfg.prefill_buckets if batch in cfg.batch_buckets else ())
                        if fewest_rows == 1 or fewest_rows * n <= 2 * cfg.max_tokens_per_step]
             # Adapter rows' variants: their inputs (the slots' weights, every row's slot -1) shape the compile alone.
-            loras = [None] + ([{"weights": self.lora.weights, "slots": zeros - 1}] if lora else [])
+            loras = [None] + ([self.lora.inputs(zeros - 1)] if lora else [])
             for (greedy, lps), pool, lo in itertools.product(variants, guided, loras):
                 guides = None if pool is None else (*pool, zeros, zeros)
                 # A prefill's rows with structured outputs take their first token's masks from the host.

@@ -264,7 +264,7 @@ class Runner:
     def _params(self, lora: dict | None):
         if lora is None:
             return self.params
-        return {**self.params, "lora": {"weights": lora["weights"], "slots": _int32(lora["slots"])[0]}}
+        return {**self.params, "lora": {**lora, "slots": _int32(lora["slots"])[0]}}
 
     def decode_fn(self, rows: int):
         """The jitted multi-step decode for a batch of ``rows`` (the wide one past the skinny

@@ -270,7 +270,10 @@ def _out_type(x: jax.Array, n_out: int, epilogue: str, num_splits: int) -> jax.S
 
 def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, num_slots: int, boxes: int,
             rows: int, row_tile: int, steps_per_split: int, k_steps: int, n_out: int, pdl: bool, interpret: bool,
-            exit_read_only: bool, swiglu_approx: bool = False, joint: bool = False, cluster: int = 1):
+            exit_read_only: bool, swiglu_approx: bool = False, joint: bool = False, cluster: int = 1,
+            t_steps: int = 0):
+    # `t_steps`: the term's steps (`term=(t, bt)`), K steps past x's own that read t and bt in x's and w's place.
+    t_ref, bt_ref, refs = (refs[0], refs[1], refs[2:]) if t_steps else (None, None, refs)
     if cluster > 1:  # the cluster's barrier on each slot's reads, last of the scratch
         *refs, consumed = refs
     if epilogue == "argmax":  # two outputs, two row vectors for them
@@ -289,25 +292,39 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
         plgpu.copy_gmem_to_smem(b_ref.at[cols], b_smem, b_bar)
     halves = (0, n_out) if epilogue == "swiglu" else (0,)
     first = split * steps_per_split
-    num_steps = jnp.clip(k_steps - first, 0, steps_per_split)
+    num_steps = jnp.clip(k_steps + t_steps - first, 0, steps_per_split)
 
-    def k_at(step, b):  # a step is `boxes` TMA boxes of 64 K-elements an operand
-        return pl.ds(((first + step) * boxes + b) * _BLOCK_K, _BLOCK_K)
+    def k_at(step, b, base=0):  # a step is `boxes` TMA boxes of 64 K-elements an operand
+        return pl.ds(((first + step - base) * boxes + b) * _BLOCK_K, _BLOCK_K)
 
-    def issue_w(step, slot):
+    def by_source(copy):
+        # `copy(x or t, w or bt, base step)`: steps below k_steps read x and w, the term's steps after them t and bt
+        # into the same slots, so the products and the ring are the same for both.
+        if not t_steps:
+            return lambda step, slot: copy(x_ref, w_ref, 0, step, slot)
+
+        def issue(step, slot):
+            in_x = first + step < k_steps
+            pl.when(in_x)(lambda: copy(x_ref, w_ref, 0, step, slot))
+            pl.when(jnp.logical_not(in_x))(lambda: copy(t_ref, bt_ref, k_steps, step, slot))
+        return issue
+
+    @by_source
+    def issue_w(_, src, base, step, slot):
         for b in range(boxes):
-            at = k_at(step, b)
+            at = k_at(step, b, base)
             for h, offset in enumerate(halves):
                 # joint: both halves' rows side by side in one tile, one product of N = 2 x block_n
                 dst = w_smem.at[slot, 0, b, pl.ds(h * block_n, block_n)] if joint else w_smem.at[slot, h, b]
-                plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(offset + col_block * block_n, block_n), at], dst,
+                plgpu.copy_gmem_to_smem(src.at[pl.ds(offset + col_block * block_n, block_n), at], dst,
                                         bars.at[slot])
 
-    def issue_x(step, slot):
+    @by_source
+    def issue_x(src, _, base, step, slot):
         # In a cluster every CTA holds the same rows and K steps: each copies its share of the tile and
         # multicasts it to all of them, so the cluster reads the activations from L2 once, not once a CTA.
         for b in range(boxes):
-            plgpu.copy_gmem_to_smem(x_ref.at[my_rows, k_at(step, b)], x_smem.at[slot, b, pl.ds(0, rows)],
+            plgpu.copy_gmem_to_smem(src.at[my_rows, k_at(step, b, base)], x_smem.at[slot, b, pl.ds(0, rows)],
                                     bars.at[slot], **({"collective_axes": "cluster"} if cluster > 1 and _CLUSTER_MULTICAST else {}))
 
     def issue(step, slot):
@@ -520,15 +537,16 @@ def argmax_matmul_mgpu(x: jax.Array, w: jax.Array, *, block_n: int | None = None
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "boxes", "block_m", "num_splits",
                                            "pdl", "interpret", "exit_read_only", "swiglu_approx", "joint", "cluster"))
-def _call(x, w, bias, acc, *, epilogue: str, block_n: int, num_slots: int, boxes: int, block_m: int, num_splits: int,
-          pdl: bool, interpret: bool, exit_read_only: bool, swiglu_approx: bool = False, joint: bool = False,
-          cluster: int = 1):
+def _call(x, w, bias, acc, term=None, *, epilogue: str, block_n: int, num_slots: int, boxes: int, block_m: int,
+          num_splits: int, pdl: bool, interpret: bool, exit_read_only: bool, swiglu_approx: bool = False,
+          joint: bool = False, cluster: int = 1):
     m, k = x.shape
     rows, row_tile = min(m, block_m), _row_tile(m, block_m)
     has_bias = bias is not None
     n_out = w.shape[0] // 2 if epilogue == "swiglu" else w.shape[0]
     k_steps = k // (_BLOCK_K * boxes)
-    steps_per_split = pl.cdiv(k_steps, num_splits)
+    t_steps = 0 if term is None else term[0].shape[1] // (_BLOCK_K * boxes)
+    steps_per_split = pl.cdiv(k_steps + t_steps, num_splits)
     halves = 2 if epilogue == "swiglu" else 1
     out_type = _out_type(x, n_out, epilogue, num_splits)
     in_tf = _transforms(_BLOCK_K, x.dtype)
@@ -546,13 +564,13 @@ def _call(x, w, bias, acc, *, epilogue: str, block_n: int, num_slots: int, boxes
                              boxes=boxes, rows=rows, row_tile=row_tile, steps_per_split=steps_per_split,
                              k_steps=k_steps, n_out=n_out, pdl=pdl, interpret=interpret,
                              exit_read_only=exit_read_only, swiglu_approx=swiglu_approx, joint=joint,
-                             cluster=cluster)
+                             cluster=cluster, t_steps=t_steps)
     # Row blocks vary fastest: the programs that stream the same weight rows run side by side, so
     # all but the first read them from L2.
     grid = (m // rows, pl.cdiv(n_out, block_n) // cluster, num_splits)
     clusters = {"cluster": (cluster,), "cluster_names": ("cluster",)} if cluster > 1 else {}
     # Profiles name each projection (Mosaic GPU calls every unnamed kernel "anonymous").
-    name = f"skinny_mgpu_{epilogue}_{w.shape[0]}x{k}"
+    name = f"skinny_mgpu_{epilogue}_{w.shape[0]}x{k}" + (f"_term{term[0].shape[1]}" if term is not None else "")
     if epilogue == "accumulate":
         return _in_place(body, x, w, acc, grid=grid, scratch=scratch, name=name, interpret=interpret, **clusters)
     return plgpu.kernel(
@@ -566,7 +584,7 @@ def _call(x, w, bias, acc, *, epilogue: str, block_n: int, num_slots: int, boxes
         # approx_math: the approximate exp and rsqrt of `SWIGLU_APPROX` (no other math in these kernels).
         **({"compiler_params": plgpu.CompilerParams(approx_math=True)} if swiglu_approx and not interpret else {}),
         **compat.mgpu_interpret_kwargs(interpret),
-    )(x, w, *([bias] if has_bias else []))
+    )(x, w, *(term or ()), *([bias] if has_bias else []))
 
 
 def _in_place(body, x: jax.Array, w: jax.Array, acc: jax.Array, *, grid: tuple[int, ...], scratch: list,
@@ -681,6 +699,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
                        num_slots: int | None = None, num_splits: int | None = None,
                        boxes: int | None = None, block_m: int | None = None, warpgroups: int | None = None,
                        joint: bool | None = None, pdl: bool | None = None, cluster: int | None = None,
+                       term: tuple[jax.Array, jax.Array] | None = None,
                        interpret: bool | None = None) -> jax.Array:
     """`x @ w.T (+ bias)` for 8-256 rows of `x` on Mosaic GPU, float32 accumulation; the same
     contract as `jaxserve_kernels.skinny_matmul.skinny_matmul(..., layout="nk")`.
@@ -712,6 +731,11 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
             tile is copied once into all of them (TMA multicast), so L2 serves it once a cluster. Column
             blocks in whole clusters; one warpgroup, no PDL. The interpreter has no cluster barriers (it runs cluster 1:
             the same products).
+        term: `(t [M, T], bt [N, T])` bf16, T a multiple of 64 x boxes: `t @ bt.T` added to the sums before the
+            epilogue, as K steps after x's that read t and bt in x's and w's place (the product over
+            `concat([x, t], 1)` and `concat([w, bt], 1)`). What LoRA's folded decode steps pass: each row's shrink
+            masked to its adapter's columns and the slots' stacked expand (`jaxserve.model.LORA_FOLD`). Epilogues
+            "none", "partials" and "swiglu" (bt's rows gate's then up's, as w's), one warpgroup, no cluster.
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
 
     Example:
@@ -720,6 +744,9 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         (8, 64)
         >>> skinny_matmul_mgpu(x, w, epilogue="accumulate", acc=jnp.ones((8, 128)))[0, 0].item()
         129.0
+        >>> t, bt = jnp.ones((8, 64), jnp.bfloat16), jnp.full((128, 64), 0.5, jnp.bfloat16)
+        >>> skinny_matmul_mgpu(x, w, term=(t, bt))[0, 0].item()  # 128 + 64 * 0.5
+        160.0
     """
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
@@ -759,14 +786,28 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
                          f"column blocks and 8 rows a CTA; "
                          f"got x {x.shape}, w {w.shape}, {epilogue!r}, block_n {block_n}, num_slots {num_slots}, "
                          f"boxes {boxes}, block_m {block_m}, warpgroups {warpgroups}, cluster {cluster}")
+    width = 0
+    if term is not None:
+        t, bt = term
+        width = t.shape[-1] if t.ndim == 2 else 0
+        if (t.ndim != 2 or t.shape[0] != m or bt.shape != (n, width) or t.dtype != jnp.bfloat16
+                or bt.dtype != jnp.bfloat16 or width == 0 or width % (_BLOCK_K * boxes)):
+            raise ValueError(f"term must be (t [{m}, T], bt [{n}, T]) bfloat16, T a positive multiple of "
+                             f"{_BLOCK_K * boxes} (64 x boxes), got {(t.shape, t.dtype)} and {(bt.shape, bt.dtype)}")
+        if epilogue not in ("none", "partials", "swiglu") or warpgroups != 1 or cluster != 1:
+            raise ValueError(f"term runs with epilogue 'none', 'partials' or 'swiglu', one warpgroup and no cluster, "
+                             f"got {epilogue!r}, warpgroups {warpgroups}, cluster {cluster}")
     row_blocks = pl.cdiv(m, block_m)
     interpret = compat.resolve_interpret(interpret)
     if epilogue == "swiglu" and n_out % block_n and interpret:
         w = _pad_halves(w, 2, block_n)  # the padding's output columns are dropped below
+        if term is not None:
+            term = (term[0], _pad_halves(term[1], 2, block_n))
     if epilogue == "swiglu":
         num_splits = 1
     elif num_splits is None:
-        num_splits = split_count(k, n, block_n, max(1, tile["target_programs"] // row_blocks), boxes)
+        # The term's steps count as K steps: the splits share them as they share x's.
+        num_splits = split_count(k + width, n, block_n, max(1, tile["target_programs"] // row_blocks), boxes)
     if epilogue == "accumulate" and warpgroups == 2:
         raise ValueError(f"epilogue 'accumulate' runs one warpgroup, got warpgroups {warpgroups}")
     if warpgroups == 2:
@@ -782,7 +823,7 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         kernel_epilogue = "partials" if epilogue == "none" and num_splits > 1 else epilogue
         # The bias goes in as float32: a TMA copy moves a multiple of 128 bytes (32 bf16 would be 64).
         kernel_bias = bias.astype(jnp.float32) if kernel_epilogue == "none" and bias is not None else None
-        out = _call(x, w, kernel_bias, acc, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
+        out = _call(x, w, kernel_bias, acc, term, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
                     block_m=block_m, num_splits=num_splits, pdl=pdl,
                     exit_read_only=EXIT_READ_ONLY, swiglu_approx=SWIGLU_APPROX and epilogue == "swiglu",
                     joint=joint, cluster=1 if interpret else cluster, interpret=bool(interpret))

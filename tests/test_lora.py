@@ -17,7 +17,7 @@ import torch
 
 import jaxserve
 from jaxserve import Engine, LoRARequest, SamplingParams
-from jaxserve.lora import PART_GROUPS, TARGETS, load_adapter, lora_delta, peft_prefix, per_layer
+from jaxserve.lora import PART_GROUPS, TARGETS, expand_columns, load_adapter, lora_delta, peft_prefix, per_layer
 from tests.test_engine import assert_all_pages_free, hf_greedy, random_prompts, small_config
 
 def make_adapter(path: str, hf, *, r: int = 4, alpha: float = 8.0, targets=TARGETS, seed: int = 0,
@@ -79,6 +79,35 @@ def test_lora_delta_is_each_rows_own_adapter():
     for i, s in enumerate(slots):
         want = np.zeros((2, 5)) if s < 0 else x[i] @ a[s].T @ b[s]
         np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_slots_keep_the_transposed_expand_stacks_the_folded_terms_read(adapters):
+    # LoraSlots(expand_t=True) (model.LORA_FOLD on Mosaic GPU): every slot write also writes its expand columns into
+    # each layer's [out, T] stack, so the stacks always equal expand_columns of the slots' own b, reloads included.
+    import jax.numpy as jnp
+
+    from jaxserve.lora import LoraSlots
+
+    model, _, paths = adapters
+    slots = LoraSlots(model.config, max_loras=2, max_rank=8, dtype=jnp.bfloat16, expand_t=True)
+    assert LoraSlots(model.config, max_loras=2, max_rank=8, dtype=jnp.bfloat16).expand_t is None
+
+    def check():
+        for p, (_, bs) in slots.weights.items():
+            assert len(slots.expand_t[p]) == len(bs)
+            for b, bt in zip(bs, slots.expand_t[p]):
+                assert bt.shape == (b.shape[2], 128) and bt.dtype == jnp.bfloat16
+                np.testing.assert_array_equal(np.asarray(bt, np.float32), np.asarray(expand_columns(b), np.float32))
+
+    for i, (name, path) in enumerate(paths.items()):
+        slots.register(LoRARequest(name, i + 1, path))
+    held = [slots.acquire(1), slots.acquire(2)]
+    check()
+    assert np.abs(np.asarray(slots.expand_t["o_proj"][0], np.float32)).max() > 0
+    slots.release(held[0])
+    assert slots.acquire(3) == held[0]  # the third adapter into the first's slot
+    check()
+    assert set(slots.inputs(np.array([0, -1]))) == {"weights", "slots", "expand_t"}
 
 
 def test_adapters_match_transformers_with_the_adapter_merged(adapters):
@@ -350,7 +379,7 @@ def test_preempted_adapter_rows_resume_on_their_adapter(adapters):
 
 
 @pytest.mark.parametrize("glue,kernels,fold", [(True, False, False), (True, True, False), (False, True, False),
-                                               (False, False, True)])
+                                               (False, False, True), (False, False, "mgpu")])
 def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(monkeypatch, glue, kernels, fold):
     # model.LORA_GLUE: a bf16 decode step of 8 rows (some on each of two adapters, some on none) takes the accumulating
     # glue with the adapters' terms added into its float32 accumulators (off: the plain path, no accumulating
@@ -358,7 +387,9 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     # bf16 stream 0.8-1.8%). The adapters move the logits far more than that, and base rows keep the base model's.
     # `kernels` (model.LORA_KERNELS): the terms by jaxserve_kernels.lora_matmul's launches, gate_up's with SwiGLU;
     # without `glue`, on the plain path. `fold` (model.LORA_FOLD): on the plain path, each term inside its
-    # projection's skinny_matmul after one shrink launch (four a layer), gate_up's before its SwiGLU.
+    # projection's skinny_matmul after one shrink launch (four a layer), gate_up's before its SwiGLU; "mgpu": with the
+    # transposed expand stacks kept (`LoraSlots(expand_t=True)`), each term as the Mosaic GPU projection's extra K
+    # steps after XLA's masked shrink.
     import jax
     import jax.numpy as jnp
 
@@ -381,24 +412,31 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     slots = rng.permutation([0, 0, 0, 1, 1, 1, -1, -1])
     lora = {"weights": {p: (per_layer(weights((layers, n, r, i))), per_layer(weights((layers, n, r, o))))
                         for p, (i, o) in dims.items()}, "slots": jnp.asarray(slots, jnp.int32)}  # `LoraSlots`' form
+    if fold == "mgpu":
+        lora["expand_t"] = {p: tuple(expand_columns(b) for b in bs) for p, (_, bs) in lora["weights"].items()}
     epilogues = _count_mgpu_calls(monkeypatch, lambda a, k: k.get("epilogue"))
+    terms = _count_mgpu_calls(monkeypatch, lambda a, k: k.get("term") is not None)
     monkeypatch.setattr(model_module, "LORA_GLUE", False)
     jax.eval_shape(lambda: run(lora=lora))  # traced only: which route
     assert epilogues and "accumulate" not in epilogues, epilogues
     monkeypatch.setattr(model_module, "LORA_GLUE", glue)
     monkeypatch.setattr(model_module, "LORA_KERNELS", kernels)
-    monkeypatch.setattr(model_module, "LORA_FOLD", fold)
+    monkeypatch.setattr(model_module, "LORA_FOLD", bool(fold))
     sm = importlib.import_module("jaxserve_kernels.skinny_matmul")  # the package exports a function of that name
     shrinks = []
     monkeypatch.setattr(sm, "lora_shrink", lambda *a, _f=sm.lora_shrink, **k: shrinks.append(1) or _f(*a, **k))
     epilogues.clear()
+    terms.clear()
     step = jax.jit(lambda: run(lora=lora))
     calls = set(re.findall(r"\blora_(?:add|swiglu)\b", str(jax.make_jaxpr(lambda: run(lora=lora))())))
     assert calls == ({"lora_add", "lora_swiglu"} if kernels else set()), calls
-    assert len(shrinks) == (4 * layers if fold else 0), len(shrinks)
+    assert len(shrinks) == (4 * layers if fold is True else 0), len(shrinks)
     logits = np.asarray(step()[:, 0], np.float32)
     assert ("accumulate" in epilogues) == glue, epilogues
-    assert not fold or not epilogues, epilogues  # folded: every projection on Triton's skinny_matmul
+    assert fold is not True or not epilogues, epilogues  # folded: every projection on Triton's skinny_matmul
+    # "mgpu": every projection on Mosaic GPU with its term (and only then a term)
+    # (four projections a layer, once a trace)
+    assert (terms and all(terms) and len(terms) % (4 * layers) == 0) if fold == "mgpu" else not any(terms), terms
     exact = np.asarray(jax.jit(lambda: run(lora=lora, reference=True))()[:, 0])
     base = np.asarray(jax.jit(lambda: run(reference=True))()[:, 0])
     assert not np.isnan(logits).any()

@@ -17,7 +17,7 @@ import pytest
 from jaxserve_kernels.skinny_matmul import skinny_matmul_reference
 import jaxserve_kernels.skinny_matmul_mgpu as skinny_matmul_mgpu_module
 from jaxserve_kernels.skinny_matmul_mgpu import argmax_matmul_mgpu, skinny_matmul_mgpu, split_count, supports
-from tests.test_kernels import MODES, TOLERANCE, fresh_rng, relative_error
+from tests.test_kernels import MODES, TOLERANCE, fresh_rng, interpreted_and_compiled, relative_error
 
 
 def _operands(rng, m, k, n):
@@ -216,6 +216,64 @@ def test_default_tiles_by_rows_and_depth():
     assert out.shape[1:] == (128, 128) and not np.isnan(np.asarray(out)).any(), f"seed={seed}"
     ref = skinny_matmul_reference(x, w, None, epilogue="partials", layout="nk").sum(axis=0)
     assert relative_error(out.sum(axis=0), ref) <= 1e-5, f"seed={seed}"
+
+
+# (epilogue, m, k, n, term width, tiling): the term's K steps after x's (`term=(t, bt)`, LoRA's folded decode steps)
+_TERM_SMALL = [
+    ("none", 24, 256, 128, 64, dict(block_n=32, num_slots=3, num_splits=1)),   # one split, the bias in the kernel
+    ("none", 16, 384, 192, 128, dict(block_n=64, num_slots=4, num_splits=2)),  # split: one split holds the term
+    ("partials", 64, 512, 96, 128, dict(block_n=32, num_slots=3, num_splits=3)),  # 10 steps over 3: the term's two
+                                                                                  # in the last split with x's last
+    ("partials", 64, 256, 64, 256, dict(block_n=32, num_slots=2, num_splits=3)),  # a split of term steps alone
+    ("swiglu", 64, 256, 224, 128, dict(block_n=40, num_slots=3, boxes=2)),     # two-box steps, ragged last block
+    ("swiglu", 8, 128, 128, 128, dict(block_n=32, num_slots=2)),  # the default two-box steps
+    ("partials", 128, 256, 64, 128, dict(block_n=32, num_slots=3, num_splits=2, block_m=64)),  # two row blocks
+]
+# Qwen2.5-0.5B's four projections with 4 rank-16 slots (T: slots x R padded to 128s), default tilings
+_TERM_05B = [("none", rows, 896, 1152, 256, {}) for rows in (64, 256)] + [
+    ("none", rows, 896, 896, 128, {}) for rows in (64, 256)] + [
+    ("swiglu", rows, 896, 9728, 128, {}) for rows in (64, 256)] + [
+    ("none", rows, 4864, 896, 128, {}) for rows in (64, 256)]
+
+
+@pytest.mark.parametrize("interpret,epilogue,m,k,n,width,tiling",
+                         interpreted_and_compiled(_TERM_SMALL, _TERM_SMALL + _TERM_05B))
+def test_term_is_the_product_over_both_operands(interpret, epilogue, m, k, n, width, tiling):
+    # `t @ bt.T` joins the sums before the epilogue (the bias, SwiGLU): the product over x and t side by side.
+    # t's columns are sparse as LoRA's masked shrink is (a row's own slot's columns only), and large enough that
+    # the term moves the output far past the tolerance.
+    rng, seed = fresh_rng()
+    x, w = _operands(rng, m, k, n)
+    slot_cols = rng.integers(0, width // 16, m)[:, None] == np.arange(width)[None, :] // 16
+    t = jnp.asarray(np.where(slot_cols, rng.standard_normal((m, width)) * 4, 0.0), jnp.bfloat16)
+    bt = jnp.asarray(rng.standard_normal((n, width)), jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16) if epilogue == "none" else None
+    out = skinny_matmul_mgpu(x, w, bias, epilogue=epilogue, term=(t, bt), interpret=interpret, **tiling)
+    ref = skinny_matmul_reference(jnp.concatenate([x, t], 1), jnp.concatenate([w, bt], 1), bias, epilogue=epilogue,
+                                  layout="nk")
+    base = skinny_matmul_reference(x, w, bias, epilogue=epilogue, layout="nk")
+    if epilogue == "partials":
+        out, ref, base = out.sum(axis=0), ref.sum(axis=0), base.sum(axis=0)
+    assert out.shape == ref.shape, f"seed={seed}"
+    assert not np.isnan(np.asarray(out, np.float32)).any(), f"seed={seed}"
+    tol = 1e-5 if epilogue == "partials" else TOLERANCE[jnp.bfloat16]
+    assert relative_error(out, ref) <= tol, f"seed={seed}"
+    assert relative_error(base, ref) > 10 * TOLERANCE[jnp.bfloat16], f"the term is too small to see, seed={seed}"
+
+
+def test_term_refuses_what_it_cannot_run():
+    x, w = jnp.zeros((16, 128), jnp.bfloat16), jnp.zeros((128, 128), jnp.bfloat16)
+    t, bt = jnp.zeros((16, 64), jnp.bfloat16), jnp.zeros((128, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="term must be"):  # 48 columns: not whole 64-wide boxes
+        skinny_matmul_mgpu(x, w, term=(t[:, :48], bt[:, :48]))
+    with pytest.raises(ValueError, match="term must be"):
+        skinny_matmul_mgpu(x, w, term=(t, bt[:64]))
+    with pytest.raises(ValueError, match="term must be"):
+        skinny_matmul_mgpu(x, w, term=(t.astype(jnp.float32), bt))
+    with pytest.raises(ValueError, match="term must be"):  # two-box steps want whole 128s
+        skinny_matmul_mgpu(x, w, boxes=2, term=(t, bt))
+    with pytest.raises(ValueError, match="term runs with"):
+        skinny_matmul_mgpu(x, w, epilogue="accumulate", acc=jnp.zeros((16, 128)), term=(t, bt))
 
 
 def test_mgpu_skinny_refuses_what_it_cannot_run():
