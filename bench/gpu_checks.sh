@@ -28,7 +28,7 @@
 #   lora59      session 59: adapter terms as the Mosaic GPU projections' extra K steps (model.LORA_FOLD with
 #               LoraSlots' transposed expand stacks): the term's compiled kernel tests (0.5B's four projections at 64
 #               and 256 rows among them), then bench/lora.py at 64 / 256 rows with the fold on (the bf16 check against
-#               merged weights, profiled at 64) and off (profiled), each its own process (~450 s?)
+#               merged weights, profiled at 64) and off, each its own process (~500 s?)
 #   lora58      session 58: adapter terms folded into the plain path's skinny_matmul projections (model.LORA_FOLD):
 #               the kernel's compiled lora tests, bench/lora.py's float32 check with it on, then at 64 / 256 rows off
 #               against on, each its own process, profiled (~400 s; session 58: 336 s, the fold 0.45x against 0.54x)
@@ -1052,11 +1052,11 @@ for part in "${parts[@]}"; do
                "JAXSERVE_LORA_KERNELS=1 JAXSERVE_LORA_UNROLL=1" ;;
     lora59) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_skinny_matmul_mgpu.py \
               -k term 2>&1 | tail -3 ; \
-            echo "== JAXSERVE_LORA_FOLD=1" ; JAXSERVE_LORA_FOLD=1 timeout 190 python3 bench/lora.py --shape 0.5B \
+            echo "== JAXSERVE_LORA_FOLD=1" ; JAXSERVE_LORA_FOLD=1 timeout 230 python3 bench/lora.py --shape 0.5B \
               --batch 64 256 --check-dtype bfloat16 --profile /tmp/lp59 --out "$OUT/$part/fold" 2>&1 \
               | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp59 ; \
-            echo "== JAXSERVE_LORA_FOLD=0" ; JAXSERVE_LORA_FOLD=0 timeout 130 python3 bench/lora.py --shape 0.5B \
-              --batch 64 256 --no-check --profile /tmp/lp59 --out "$OUT/$part/xla" 2>&1 \
+            echo "== JAXSERVE_LORA_FOLD=0" ; JAXSERVE_LORA_FOLD=0 timeout 120 python3 bench/lora.py --shape 0.5B \
+              --batch 64 256 --no-check --out "$OUT/$part/xla" 2>&1 \
               | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ;;
     lora58) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_skinny_matmul.py \
               -k lora 2>&1 | tail -3 ; \
