@@ -29,6 +29,11 @@
 #               LoraSlots' transposed expand stacks): the term's compiled kernel tests (0.5B's four projections at 64
 #               and 256 rows among them), then bench/lora.py at 64 / 256 rows with the fold on (the bf16 check against
 #               merged weights, profiled at 64) and off, each its own process (~500 s?)
+#   lora59b     session 59, after lora59 (the fold on Mosaic GPU 0.69x / 0.64x against XLA's terms' 0.60x / 0.57x): the
+#               shrink written in bf16 from LoraSlots' padded [T, in] stacks (no pad, no convert); the adapter step
+#               tests on the GPU against the float32 model; bench/lora.py at 64 / 256 rows with the fold (bf16 check,
+#               profiled at 64, 45 kernel groups, the decode HLO's convert fusions), then XLA's terms' bf16 check at 64
+#               rows, the baseline for the fold's (~480 s?)
 #   lora58      session 58: adapter terms folded into the plain path's skinny_matmul projections (model.LORA_FOLD):
 #               the kernel's compiled lora tests, bench/lora.py's float32 check with it on, then at 64 / 256 rows off
 #               against on, each its own process, profiled (~400 s; session 58: 336 s, the fold 0.45x against 0.54x)
@@ -1058,6 +1063,17 @@ for part in "${parts[@]}"; do
             echo "== JAXSERVE_LORA_FOLD=0" ; JAXSERVE_LORA_FOLD=0 timeout 120 python3 bench/lora.py --shape 0.5B \
               --batch 64 256 --no-check --out "$OUT/$part/xla" 2>&1 \
               | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ;;
+    lora59b) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+               tests/test_lora.py -k "float32_models_logits" 2>&1 | tail -3 ; \
+             echo "== JAXSERVE_LORA_FOLD=1" ; rm -rf /tmp/hlo59 ; JAXSERVE_LORA_FOLD=1 \
+               XLA_FLAGS="--xla_dump_to=/tmp/hlo59 --xla_dump_hlo_module_re=.*decode.*" timeout 240 python3 bench/lora.py \
+               --shape 0.5B --batch 64 256 --check-dtype bfloat16 --profile /tmp/lp59b --profile-top 45 \
+               --out "$OUT/$part/fold" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp59b ; \
+             echo "== convert fusions in the decode HLO" ; ls /tmp/hlo59 | grep -c after_optimizations ; \
+             grep -h "convert" /tmp/hlo59/*decode*after_optimizations.txt 2>/dev/null | grep "fusion(" \
+               | sed 's/, metadata=.*//' | cut -c1-260 | sort | uniq -c | sort -rn | head -30 ; \
+             echo "== JAXSERVE_LORA_FOLD=0 (check)" ; JAXSERVE_LORA_FOLD=0 timeout 100 python3 bench/lora.py \
+               --shape 0.5B --batch 64 --check-dtype bfloat16 2>&1 | grep "^|\|^Check" ;;
     lora58) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_skinny_matmul.py \
               -k lora 2>&1 | tail -3 ; \
             echo "== check (float32, folded)" ; JAXSERVE_LORA_FOLD=1 timeout 130 python3 bench/lora.py --shape 0.5B \

@@ -33,6 +33,7 @@ def main() -> None:
                     help="a folder: trace the base and one-adapter runs at --profile-batch there and print GPU time "
                          "per kernel a generated token (which launches the adapters add)")
     ap.add_argument("--profile-batch", type=int, default=64)
+    ap.add_argument("--profile-top", type=int, default=25, help="kernel groups the profile prints")
     ap.add_argument("--no-check", action="store_true", help="skip the check against the merged weights")
     args = ap.parse_args()
     import jax
@@ -72,7 +73,7 @@ def main() -> None:
         steps = args.output_len
         print(f"profile {trace_dir}: GPU busy {sum(t for _, t in times.values()) / steps:.1f} µs a generated token, "
               f"{sum(n for n, _ in times.values()) / steps:.1f} launches", flush=True)
-        for key, (n, t) in grouped_kernel_times(times)[:25]:
+        for key, (n, t) in grouped_kernel_times(times)[:args.profile_top]:
             print(f"   {t / steps:8.1f} µs/tok {n / steps:6.1f} launches/tok  {t / max(n, 1):7.2f} µs each  {key[:90]}",
                   flush=True)
 

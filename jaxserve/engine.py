@@ -339,7 +339,7 @@ class Engine:
                 raise ValueError(f"LoRA serving takes vocabularies of at most {NAMESPACE_STRIDE} tokens, "
                                  f"got {mcfg.vocab_size}")
             self.lora = LoraSlots(mcfg, self.config.max_loras, self.config.max_lora_rank, target, self.device,
-                                  self.tp, expand_t=model_module.lora_folds_on_mgpu(target))
+                                  self.tp, folded=model_module.lora_folds_on_mgpu(target))
         self.scheduler = Scheduler(self.config, num_pages, self.max_model_len, lora=self.lora)
         # The batch a decode call of n rows runs as: the smallest bucket holding model.decode_rows(n) (small steps
         # may run faster padded). A padded width past the largest bucket (max_running under 8 on the GPU) runs as

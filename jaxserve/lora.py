@@ -216,7 +216,7 @@ class LoraSlots:
     """
 
     def __init__(self, config: ModelConfig, max_loras: int, max_rank: int, dtype: Any,
-                 device: jax.Device | None = None, tensor_parallel: Any = None, expand_t: bool = False) -> None:
+                 device: jax.Device | None = None, tensor_parallel: Any = None, folded: bool = False) -> None:
         self.config, self.max_loras, self.max_rank, self.dtype = config, max_loras, max_rank, dtype
         self.device = device
         # A `jaxserve.tensor_parallel.TensorParallel` whose model the adapters join: their stacks split as its weights.
@@ -241,13 +241,13 @@ class LoraSlots:
             for p, (r, fan_in, fan_out) in stack_shapes(config, max_rank).items()}
         if tensor_parallel is not None:
             self.weights = tensor_parallel.shard_lora(self.weights, config)
-        # ``expand_t``: each projection's expand stacks also as ``[out, T]`` a layer (`expand_columns`), the weight
-        # operand of the Mosaic GPU projections' folded terms (`jaxserve.model.LORA_FOLD`), written with each slot so
-        # that no step transposes them. Not under tensor parallelism (the fold does not run there).
-        self.expand_t: dict[str, tuple[jax.Array, ...]] | None = None
-        if expand_t and tensor_parallel is None:
-            self.expand_t = {p: zeros(fan_out, expand_width(max_loras * r))
-                             for p, (r, _, fan_out) in stack_shapes(config, max_rank).items()}
+        # ``folded``: each projection's stacks also as the Mosaic GPU projections' folded terms read them
+        # (`fold_columns`: ``a`` as ``[T, in]``, ``b`` as ``[out, T]``, a layer; `jaxserve.model.LORA_FOLD`), written with
+        # each slot so that no step reshapes, pads or transposes them. Not under tensor parallelism (no fold there).
+        self.folded: dict[str, tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]] | None = None
+        if folded and tensor_parallel is None:
+            self.folded = {p: (zeros(fold_width(max_loras * r), fan_in), zeros(fan_out, fold_width(max_loras * r)))
+                           for p, (r, fan_in, fan_out) in stack_shapes(config, max_rank).items()}
         self._write = jax.jit(_write_slot, donate_argnums=(0, 1))
 
     def register(self, request: LoRARequest) -> int:
@@ -305,14 +305,14 @@ class LoraSlots:
             new = self.tp.shard_lora(new, self.config)
         else:
             new = jax.device_put(new, self.device)
-        self.weights, self.expand_t = self._write(self.weights, self.expand_t, new, jnp.int32(slot))
+        self.weights, self.folded = self._write(self.weights, self.folded, new, jnp.int32(slot))
 
     def inputs(self, slots: Any) -> dict:
         """What a step passes the model for rows in ``slots`` (-1: no adapter): the stacks, the slots, and
-        ``expand_t`` where kept."""
+        ``folded`` where kept."""
         out = {"weights": self.weights, "slots": slots}
-        if self.expand_t is not None:
-            out["expand_t"] = self.expand_t
+        if self.folded is not None:
+            out["folded"] = self.folded
         return out
 
 
@@ -321,34 +321,42 @@ def per_layer(stacked: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(stacked)
 
 
-def expand_width(columns: int) -> int:
-    """The width of a transposed expand stack: its ``slots x R`` columns padded to whole 128s, so that the Mosaic
+def fold_width(columns: int) -> int:
+    """The width of a projection's folded stacks: its ``slots x R`` columns padded to whole 128s, so that the Mosaic
     GPU projection's term runs whole K steps of one or two 64-wide boxes.
 
     Example:
-        >>> expand_width(48), expand_width(192)
+        >>> fold_width(48), fold_width(192)
         (128, 256)
     """
     return -(-columns // 128) * 128
 
 
-def expand_columns(b: jax.Array, width: int | None = None) -> jax.Array:
-    """A layer's expand stack ``b [n, R, out]`` as ``[out, width]``: column ``s * R + r`` is ``b[s, r]``, the rest
-    zeros (width None: `expand_width`). The form `jaxserve_kernels.skinny_matmul_mgpu`'s ``term`` takes.
+def fold_columns(a: jax.Array, b: jax.Array, width: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """A layer's stacks ``a [n, R, in]`` and ``b [n, R, out]`` as the folded term reads them: ``[width, in]`` and
+    ``[out, width]``, column (or row) ``s * R + r`` slot s's part r, the rest zeros (width None: `fold_width`).
+    The shrink ``x @ a_cols.T`` then has the term's columns, and ``bt`` is
+    `jaxserve_kernels.skinny_matmul_mgpu`'s ``term`` weight.
 
     Example:
-        >>> expand_columns(jnp.ones((2, 3, 5))).shape
-        (5, 128)
+        >>> a_cols, bt = fold_columns(jnp.ones((2, 3, 4)), jnp.ones((2, 3, 5)))
+        >>> a_cols.shape, bt.shape
+        ((128, 4), (5, 128))
     """
-    n, r, out = b.shape
-    width = expand_width(n * r) if width is None else width
-    return jnp.pad(b.reshape(n * r, out).T, ((0, 0), (0, width - n * r)))
+    n, r, _ = a.shape
+    width = fold_width(n * r) if width is None else width
+    a_cols = jnp.pad(a.reshape(n * r, -1), ((0, width - n * r), (0, 0)))
+    return a_cols, jnp.pad(b.reshape(n * r, -1).T, ((0, 0), (0, width - n * r)))
 
 
-def _write_slot(weights, expand_t, new, slot):
+def _write_slot(weights, folded, new, slot):
     weights = jax.tree_util.tree_map(lambda w, n: w.at[slot].set(n), weights, new)
-    if expand_t is not None:
-        expand_t = {p: tuple(jax.lax.dynamic_update_slice(bt, nb.T.astype(bt.dtype), (0, slot * nb.shape[0]))
-                             for bt, nb in zip(expand_t[p], new[p][1]))
-                    for p in expand_t}
-    return weights, expand_t
+    if folded is not None:
+        def put(cols, part, axis):  # slot's R rows of a_cols (axis 0) or columns of bt (axis 1)
+            at = (slot * part.shape[axis], 0) if axis == 0 else (0, slot * part.shape[axis])
+            return jax.lax.dynamic_update_slice(cols, part.astype(cols.dtype), at)
+
+        folded = {p: (tuple(put(ac, na, 0) for ac, na in zip(folded[p][0], new[p][0])),
+                      tuple(put(bt, nb.T, 1) for bt, nb in zip(folded[p][1], new[p][1])))
+                  for p in folded}
+    return weights, folded

@@ -594,7 +594,7 @@ class Linear(nn.Module):
     ("partials", "swiglu"; see ``jaxserve_kernels.skinny_matmul.skinny_matmul``) is for the fused decode
     glue only, which guarantees the kernel runs; ``tiling`` overrides the kernel's tiling
     (``block_n``, ``block_k``, ``num_splits``, ...). With ``norm`` (_fold_norms) ``touch_pages`` goes to
-    ``skinny_matmul_norm`` (PREFETCH_KV). ``lora`` (``(a, b, slots, bt)``, LORA_FOLD's decode steps): each row's adapter
+    ``skinny_matmul_norm`` (PREFETCH_KV). ``lora`` (``(a, b, slots, folded)``, LORA_FOLD's decode steps): each row's adapter
     term added inside the skinny-matmul kernel (`_folded_lora_projection`).
     """
 
@@ -632,7 +632,7 @@ class Linear(nn.Module):
             return fused(kernel, bias)
         x = x.astype(self.dtype)
         rows = x.size // x.shape[-1]
-        if lora is not None:  # (a, b, slots, bt): each row's adapter term inside the product (`_lora_folds`)
+        if lora is not None:  # (a, b, slots, folded): each row's adapter term inside the product (`_lora_folds`)
             return _folded_lora_projection(x, kernel, bias, epilogue, *lora)
         if norm is not None:  # x is the residual stream; see _fold_norms
             from jaxserve_kernels.skinny_matmul import skinny_matmul_norm
@@ -1115,17 +1115,18 @@ def _plus_lora(y: jax.Array, x: jax.Array, lora: tuple, projection: str, fast: b
 
 class LayerLora(NamedTuple):
     """A layer's adapters as its sublayers take them (`_layer_lora`): ``{projection: (a, b)}``, the rows' slots,
-    whether the terms go inside the projections' kernels (`_lora_folds`), and ``{projection: bt [out, T]}``, the
-    expand stacks as the Mosaic GPU projections take them (`jaxserve.lora.expand_columns`; None where not kept)."""
+    whether the terms go inside the projections' kernels (`_lora_folds`), and ``{projection: (a_cols [T, in],
+    bt [out, T])}``, the stacks as the Mosaic GPU projections' terms take them (`jaxserve.lora.fold_columns`; None
+    where not kept)."""
     weights: dict
     slots: jax.Array
     fold: bool = False
-    expand_t: dict | None = None
+    folded: dict | None = None
 
 
 def lora_folds_on_mgpu(dtype: Any) -> bool:
     """Whether an engine of this dtype folds its decode steps' adapter terms into the Mosaic GPU projections
-    (LORA_FOLD, where `_mgpu_runs`): its `jaxserve.lora.LoraSlots` then keeps the transposed expand stacks they read."""
+    (LORA_FOLD, where `_mgpu_runs`): its `jaxserve.lora.LoraSlots` then keeps the stacks as they read them."""
     return LORA_FOLD and not LORA_KERNELS and _mgpu_runs(dtype)
 
 
@@ -1137,28 +1138,29 @@ def _lora_folds(x: jax.Array, paged: PagedAttention | None) -> bool:
 
 
 def _fold(lora: LayerLora | None, projection: str) -> tuple | None:
-    """``(a, b, slots, bt)`` of ``projection`` for `Linear` where the layer folds its terms (`LayerLora.fold`;
-    ``bt`` None where the transposed expand is not kept)."""
+    """``(a, b, slots, folded)`` of ``projection`` for `Linear` where the layer folds its terms (`LayerLora.fold`;
+    ``folded`` its `LayerLora.folded` pair, None where not kept)."""
     if lora is None or not lora.fold:
         return None
-    return (*lora.weights[projection], lora.slots, None if lora.expand_t is None else lora.expand_t[projection])
+    return (*lora.weights[projection], lora.slots, None if lora.folded is None else lora.folded[projection])
 
 
-def _lora_shrink_columns(rows: jax.Array, a: jax.Array, slots: jax.Array, width: int) -> jax.Array:
-    """Each row's shrink ``rows [M, in] @ a[slot].T`` in its slot's columns of ``[M, width]``, the other columns
-    zero, rounded to the rows' dtype as `jaxserve.lora.lora_delta` rounds it: the Mosaic GPU term's ``t``."""
-    n, r, _ = a.shape
-    t = jnp.dot(rows, a.reshape(n * r, -1).astype(rows.dtype).T, preferred_element_type=jnp.float32)
-    mine = (jnp.arange(n * r) // r)[None, :] == slots[:, None]
-    t = jnp.where(mine, t, 0.0).astype(rows.dtype)
-    return jnp.pad(t, ((0, 0), (0, width - n * r)))
+def _lora_shrink_columns(rows: jax.Array, a_cols: jax.Array, slots: jax.Array, rank: int) -> jax.Array:
+    """Each row's shrink ``rows [M, in] @ a_cols.T`` (`jaxserve.lora.fold_columns`' ``[T, in]``) kept in its own
+    slot's ``rank`` columns, the others zero: the Mosaic GPU term's ``t``. One product written in the rows' dtype
+    (accumulated in float32 and rounded once, as `jaxserve.lora.lora_delta` rounds its shrink) and one select: a
+    float32 product, its rounding and a pad were three launches more a projection (H100, session 59)."""
+    t = jnp.dot(rows, a_cols.astype(rows.dtype).T, preferred_element_type=rows.dtype)
+    mine = (jnp.arange(a_cols.shape[0]) // rank)[None, :] == slots[:, None]
+    return jnp.where(mine, t, jnp.zeros((), rows.dtype))
 
 
 def _folded_lora_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, epilogue: str,
-                            a: jax.Array, b: jax.Array, slots: jax.Array, bt: jax.Array | None = None) -> jax.Array:
+                            a: jax.Array, b: jax.Array, slots: jax.Array, folded: tuple | None = None) -> jax.Array:
     """``x [B, 1, in] @ kernel (+ bias)`` with each row's adapter term added in the product's kernel (LORA_FOLD);
-    ``epilogue`` "none" or "swiglu". Where the Mosaic GPU projection runs and ``bt`` (the transposed expand) is
-    kept: XLA's shrink, masked and rounded (`_lora_shrink_columns`), as the kernel's extra K steps over ``bt``.
+    ``epilogue`` "none" or "swiglu". Where the Mosaic GPU projection runs and ``folded`` (``(a_cols, bt)``,
+    `jaxserve.lora.fold_columns`) is kept: XLA's shrink, masked (`_lora_shrink_columns`), as the kernel's extra K
+    steps over ``bt``.
     Otherwise the shrink over every slot (``a [n, R, in]``) in one launch, then `skinny_matmul` with that shrink and
     the stacked expand (``b [n, R, out]``)."""
     from jaxserve_kernels.skinny_matmul import LoraTerm, lora_shrink, skinny_matmul
@@ -1167,10 +1169,11 @@ def _folded_lora_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array | N
         raise ValueError("adapter terms fold into bf16 / float32 projections only")
     n, r, _ = a.shape
     rows = x.reshape(-1, x.shape[-1])
-    if bt is not None and _mgpu_projection(x, kernel, epilogue):
+    if folded is not None and _mgpu_projection(x, kernel, epilogue):
         from jaxserve_kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
 
-        t = _lora_shrink_columns(rows, a, slots, bt.shape[1])
+        a_cols, bt = folded
+        t = _lora_shrink_columns(rows, a_cols, slots, r)
         out = skinny_matmul_mgpu(rows, kernel, bias, epilogue=epilogue, term=(t, bt.astype(rows.dtype)))
         return out.reshape(*x.shape[:-1], out.shape[-1])
     term = LoraTerm(lora_shrink(rows, a.reshape(n * r, -1).astype(x.dtype)), b.reshape(n * r, -1).astype(x.dtype),
@@ -1201,9 +1204,9 @@ def _layer_lora(lora: dict | None, layer: int, fold: bool = False) -> LayerLora 
     """Layer ``layer``'s adapter weights and the rows' slots, as the sublayers take them."""
     if lora is None:
         return None
-    expand_t = lora.get("expand_t")
+    folded = lora.get("folded")
     return LayerLora({p: (a[layer], b[layer]) for p, (a, b) in lora["weights"].items()}, lora["slots"], fold,
-                     None if expand_t is None else {p: bt[layer] for p, bt in expand_t.items()})
+                     None if folded is None else {p: (ac[layer], bt[layer]) for p, (ac, bt) in folded.items()})
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> dict:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxserve.config import ModelConfig
-from jaxserve.lora import expand_width
+from jaxserve.lora import fold_width
 from jaxserve.model import PagedAttention, Qwen2ForCausalLM, init_params, new_kv_cache
 from jaxserve_kernels import cache_scatter, paged_attention, paged_prefill_attention
 from jaxserve_kernels.decode_attention import fused_decode_attention_o
@@ -53,9 +53,9 @@ def lower_for_cuda(fn, *args) -> str:
     return exported.mlir_module()
 
 
-def decode_step_text(batch: int, kv_dtype=jnp.bfloat16, loras: int = 0, expand_t: bool = False) -> str:
+def decode_step_text(batch: int, kv_dtype=jnp.bfloat16, loras: int = 0, folded: bool = False) -> str:
     """The StableHLO of a ``batch``-row decode step; with ``loras``, rank-16 adapters in that many slots (and with
-    ``expand_t`` their transposed expand stacks, as `LoraSlots(expand_t=True)` keeps them)."""
+    ``folded`` their stacks as the folded terms read them, as `LoraSlots(folded=True)` keeps them)."""
     model = Qwen2ForCausalLM(CFG, jnp.bfloat16)
     params = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0), jnp.bfloat16))
     kv = jax.eval_shape(lambda: new_kv_cache(CFG, PAGES, PAGE, kv_dtype))
@@ -67,9 +67,11 @@ def decode_step_text(batch: int, kv_dtype=jnp.bfloat16, loras: int = 0, expand_t
     ab = lambda n: tuple(jax.ShapeDtypeStruct((loras, 16, n), jnp.bfloat16)  # noqa: E731  (`LoraSlots`' form)
                          for _ in range(CFG.num_hidden_layers))
     lora = {"weights": {p: (ab(i), ab(o)) for p, (i, o) in dims.items()}, "slots": i32(batch)} if loras else None
-    if loras and expand_t:
-        lora["expand_t"] = {p: tuple(jax.ShapeDtypeStruct((o, expand_width(loras * 16)), jnp.bfloat16)
-                                     for _ in range(CFG.num_hidden_layers)) for p, (_, o) in dims.items()}
+    if loras and folded:
+        cols = lambda *shape: tuple(jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+                                    for _ in range(CFG.num_hidden_layers))
+        lora["folded"] = {p: (cols(fold_width(loras * 16), i), cols(o, fold_width(loras * 16)))
+                          for p, (i, o) in dims.items()}
 
     def step(params, kv, tokens, positions, slots, tables, lengths, lora):
         paged = PagedAttention(slots, tables, lengths, lengths - 1, impl="pallas")
@@ -226,7 +228,7 @@ def test_decode_step_with_adapter_terms_in_the_mgpu_projections_lowers_for_cuda(
     # model.LORA_FOLD with the transposed expand stacks kept: every projection of a 64-row adapter step on Mosaic GPU
     # with its rows' terms as extra K steps (4 a layer), the shrinks XLA's; no Triton projection or LoRA kernel.
     monkeypatch.setattr(importlib.import_module("jaxserve.model"), "LORA_FOLD", True)
-    text = decode_step_text(64, loras=4, expand_t=True)
+    text = decode_step_text(64, loras=4, folded=True)
     # (a jitted kernel is one function however many layers call it)
     terms = {"partials_1152x896", "partials_896x896", "swiglu_9728x896", "partials_896x4864"}
     assert set(re.findall(r"skinny_mgpu_(\w+?)_term128\b", text)) == terms, text.count("mosaic_gpu_v2")

@@ -17,7 +17,7 @@ import torch
 
 import jaxserve
 from jaxserve import Engine, LoRARequest, SamplingParams
-from jaxserve.lora import PART_GROUPS, TARGETS, expand_columns, load_adapter, lora_delta, peft_prefix, per_layer
+from jaxserve.lora import PART_GROUPS, TARGETS, fold_columns, load_adapter, lora_delta, peft_prefix, per_layer
 from tests.test_engine import assert_all_pages_free, hf_greedy, random_prompts, small_config
 
 def make_adapter(path: str, hf, *, r: int = 4, alpha: float = 8.0, targets=TARGETS, seed: int = 0,
@@ -81,33 +81,35 @@ def test_lora_delta_is_each_rows_own_adapter():
         np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5)
 
 
-def test_slots_keep_the_transposed_expand_stacks_the_folded_terms_read(adapters):
-    # LoraSlots(expand_t=True) (model.LORA_FOLD on Mosaic GPU): every slot write also writes its expand columns into
-    # each layer's [out, T] stack, so the stacks always equal expand_columns of the slots' own b, reloads included.
+def test_slots_keep_the_stacks_as_the_folded_terms_read_them(adapters):
+    # LoraSlots(folded=True) (model.LORA_FOLD on Mosaic GPU): every slot write also writes its rows of each layer's
+    # [T, in] shrink and its columns of the [out, T] expand, so they always equal fold_columns of the slots' own
+    # stacks, reloads included.
     import jax.numpy as jnp
 
     from jaxserve.lora import LoraSlots
 
     model, _, paths = adapters
-    slots = LoraSlots(model.config, max_loras=2, max_rank=8, dtype=jnp.bfloat16, expand_t=True)
-    assert LoraSlots(model.config, max_loras=2, max_rank=8, dtype=jnp.bfloat16).expand_t is None
+    slots = LoraSlots(model.config, max_loras=2, max_rank=8, dtype=jnp.bfloat16, folded=True)
+    assert LoraSlots(model.config, max_loras=2, max_rank=8, dtype=jnp.bfloat16).folded is None
 
     def check():
-        for p, (_, bs) in slots.weights.items():
-            assert len(slots.expand_t[p]) == len(bs)
-            for b, bt in zip(bs, slots.expand_t[p]):
-                assert bt.shape == (b.shape[2], 128) and bt.dtype == jnp.bfloat16
-                np.testing.assert_array_equal(np.asarray(bt, np.float32), np.asarray(expand_columns(b), np.float32))
+        for p, (as_, bs) in slots.weights.items():
+            assert len(slots.folded[p][0]) == len(slots.folded[p][1]) == len(bs)
+            for a, b, got in zip(as_, bs, zip(*slots.folded[p])):
+                for want, have in zip(fold_columns(a, b), got):
+                    assert have.shape == want.shape and have.dtype == jnp.bfloat16
+                    np.testing.assert_array_equal(np.asarray(have, np.float32), np.asarray(want, np.float32))
 
     for i, (name, path) in enumerate(paths.items()):
         slots.register(LoRARequest(name, i + 1, path))
     held = [slots.acquire(1), slots.acquire(2)]
     check()
-    assert np.abs(np.asarray(slots.expand_t["o_proj"][0], np.float32)).max() > 0
+    assert all(np.abs(np.asarray(x[0], np.float32)).max() > 0 for x in slots.folded["o_proj"])
     slots.release(held[0])
     assert slots.acquire(3) == held[0]  # the third adapter into the first's slot
     check()
-    assert set(slots.inputs(np.array([0, -1]))) == {"weights", "slots", "expand_t"}
+    assert set(slots.inputs(np.array([0, -1]))) == {"weights", "slots", "folded"}
 
 
 def test_adapters_match_transformers_with_the_adapter_merged(adapters):
@@ -388,7 +390,7 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     # `kernels` (model.LORA_KERNELS): the terms by jaxserve_kernels.lora_matmul's launches, gate_up's with SwiGLU;
     # without `glue`, on the plain path. `fold` (model.LORA_FOLD): on the plain path, each term inside its
     # projection's skinny_matmul after one shrink launch (four a layer), gate_up's before its SwiGLU; "mgpu": with the
-    # transposed expand stacks kept (`LoraSlots(expand_t=True)`), each term as the Mosaic GPU projection's extra K
+    # folded stacks kept (`LoraSlots(folded=True)`), each term as the Mosaic GPU projection's extra K
     # steps after XLA's masked shrink.
     import jax
     import jax.numpy as jnp
@@ -413,7 +415,7 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     lora = {"weights": {p: (per_layer(weights((layers, n, r, i))), per_layer(weights((layers, n, r, o))))
                         for p, (i, o) in dims.items()}, "slots": jnp.asarray(slots, jnp.int32)}  # `LoraSlots`' form
     if fold == "mgpu":
-        lora["expand_t"] = {p: tuple(expand_columns(b) for b in bs) for p, (_, bs) in lora["weights"].items()}
+        lora["folded"] = {p: tuple(zip(*(fold_columns(a, b) for a, b in zip(*ab)))) for p, ab in lora["weights"].items()}
     epilogues = _count_mgpu_calls(monkeypatch, lambda a, k: k.get("epilogue"))
     terms = _count_mgpu_calls(monkeypatch, lambda a, k: k.get("term") is not None)
     monkeypatch.setattr(model_module, "LORA_GLUE", False)
