@@ -34,6 +34,10 @@
 #               tests on the GPU against the float32 model; bench/lora.py at 64 / 256 rows with the fold (bf16 check,
 #               profiled at 64, 45 kernel groups, the decode HLO's convert fusions), then XLA's terms' bf16 check at 64
 #               rows, the baseline for the fold's (~480 s?)
+#   lora59c     session 59, the folded terms on the accumulating glue too (LORA_GLUE + LORA_FOLD: QKV, o and down add
+#               theirs into the float32 accumulators): the term's compiled tests lora59 did not reach (down_proj's depth)
+#               and the accumulate ones, the adapter step tests on the GPU, then bench/lora.py at 64 / 256 rows with
+#               the fold on the glue (profiled at 64) and on the plain path, each its own process (~470 s?)
 #   lora58      session 58: adapter terms folded into the plain path's skinny_matmul projections (model.LORA_FOLD):
 #               the kernel's compiled lora tests, bench/lora.py's float32 check with it on, then at 64 / 256 rows off
 #               against on, each its own process, profiled (~400 s; session 58: 336 s, the fold 0.45x against 0.54x)
@@ -1074,6 +1078,15 @@ for part in "${parts[@]}"; do
                | sed 's/, metadata=.*//' | cut -c1-260 | sort | uniq -c | sort -rn | head -30 ; \
              echo "== JAXSERVE_LORA_FOLD=0 (check)" ; JAXSERVE_LORA_FOLD=0 timeout 100 python3 bench/lora.py \
                --shape 0.5B --batch 64 --check-dtype bfloat16 2>&1 | grep "^|\|^Check" ;;
+    lora59c) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu \
+               tests/test_skinny_matmul_mgpu.py -k "term and (accumulate or 4864)" 2>&1 | tail -3 ; echo ; \
+             timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+               tests/test_lora.py -k "float32_models_logits" 2>&1 | tail -2 ; echo ; \
+             echo "== JAXSERVE_LORA_FOLD=1 JAXSERVE_LORA_GLUE=1" ; JAXSERVE_LORA_FOLD=1 JAXSERVE_LORA_GLUE=1 timeout 150 \
+               python3 bench/lora.py --shape 0.5B --batch 64 256 --no-check --profile /tmp/lp59c --profile-top 30 \
+               --out "$OUT/$part/glue" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp59c ; \
+             echo "== JAXSERVE_LORA_FOLD=1 JAXSERVE_LORA_GLUE=0" ; JAXSERVE_LORA_FOLD=1 JAXSERVE_LORA_GLUE=0 timeout 110 \
+               python3 bench/lora.py --shape 0.5B --batch 64 256 --no-check --out "$OUT/$part/plain" 2>&1 | grep "^|" ;;
     lora58) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_skinny_matmul.py \
               -k lora 2>&1 | tail -3 ; \
             echo "== check (float32, folded)" ; JAXSERVE_LORA_FOLD=1 timeout 130 python3 bench/lora.py --shape 0.5B \

@@ -575,13 +575,19 @@ def _norm_stream(x: jax.Array, norm: tuple, dtype: Any, seed: jax.Array | None =
     return tuple(o.reshape(*x.shape[:-1], -1) for o in out[1:])
 
 
-def _accumulate(x: jax.Array, kernel: jax.Array, acc: jax.Array) -> jax.Array:
-    """``acc + x @ kernel.T`` (float32, in acc's buffer) on Mosaic GPU; ``x [B, 1, K]``, ``acc [B, 1, N]``."""
+def _accumulate(x: jax.Array, kernel: jax.Array, acc: jax.Array, lora: LayerLora | None = None,
+                projection: str = "") -> jax.Array:
+    """``acc + x @ kernel.T`` (float32, in acc's buffer) on Mosaic GPU; ``x [B, 1, K]``, ``acc [B, 1, N]``. With
+    ``lora`` (the accumulating glue's adapters, LORA_GLUE) each row's term of ``projection`` too: inside the kernel
+    where the layer folds its terms with the stacks kept (`_glue_term`), else XLA's (or LORA_KERNELS') added first."""
     from jaxserve_kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
 
     rows = x.shape[0] * x.shape[1]
+    term = _glue_term(x, lora, projection)
+    if term is None:
+        acc = _add_lora(acc, x, lora, projection)
     out = skinny_matmul_mgpu(x.reshape(rows, x.shape[-1]), kernel, epilogue="accumulate",
-                             acc=acc.reshape(rows, acc.shape[-1]))
+                             acc=acc.reshape(rows, acc.shape[-1]), term=term)
     return out.reshape(*acc.shape)
 
 
@@ -806,7 +812,7 @@ class Attention(nn.Module):
         if accumulate is not None:
             def qkv_of(kernel, bias):  # the norm starts QKV's float32 accumulator at the bias
                 normed, acc = _norm_stream(x, accumulate, self.dtype, seed=bias)
-                return _accumulate(normed, kernel, _add_lora(acc, normed, lora, "qkv_proj"))
+                return _accumulate(normed, kernel, acc, lora, "qkv_proj")
 
             scales = _kv_scales(cfg, self.layer, kv)
             if touched is None and KV_TOUCH:  # "layer", or layer 0 under "early"
@@ -817,7 +823,7 @@ class Attention(nn.Module):
             out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg, out_dtype=self.dtype, after=touched)
             out = _unscale(out, scales).reshape(b, s, h * d)
             o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
-            return o_proj(out, fused=lambda kernel, _: _accumulate(out, kernel, _add_lora(x, out, lora, "o_proj"))), kv
+            return o_proj(out, fused=lambda kernel, _: _accumulate(out, kernel, x, lora, "o_proj")), kv
         fold_o = norm is not None and _fold_o_proj(paged, kv)
         if norm is not None:
             touch = (kv[0], kv[1], paged.block_tables) if PREFETCH_KV and fold_o else None
@@ -867,12 +873,14 @@ class MLP(nn.Module):
             (normed,) = _norm_stream(x, accumulate, self.dtype)
             if lora is None:
                 act = gate_up(normed, True, "swiglu")
+            elif _glue_folds(lora):  # the term inside the kernel, before SwiGLU
+                act = gate_up(normed, True, "swiglu", lora=_fold(lora, "gate_up_proj"))
             elif LORA_KERNELS:  # the term, then SwiGLU, in one launch after gate_up's product
                 act = _lora_swiglu_kernel(gate_up(normed, True), normed, lora)
             else:  # the adapters' term goes in before SwiGLU, which the kernel's epilogue would apply first
                 h = gate_up(normed, True) + lora_delta(normed, *lora[0]["gate_up_proj"], lora[1])
                 act = nn.silu(h[..., :inter]) * h[..., inter:]
-            return down(act, fused=lambda kernel, _: _accumulate(act, kernel, _add_lora(x, act, lora, "down_proj")))
+            return down(act, fused=lambda kernel, _: _accumulate(act, kernel, x, lora, "down_proj"))
         if norm is not None:
             x, act = gate_up(x, fast, "swiglu", norm=norm)
             return x, down(act, fast, "partials", tiling=FOLDED_TILING)
@@ -1012,9 +1020,10 @@ class Qwen2ForCausalLM(nn.Module):
             accumulate = accumulate and _lora_glue(lora, self.tp_axis, self.quantized)
         if accumulate:
             x = x.astype(jnp.float32)
-        # Adapter terms inside the plain path's projection kernels (LORA_FOLD); the glue adds them itself.
-        fold_lora = (lora is not None and not accumulate and self.tp_axis is None and not self.quantized
-                     and _lora_folds(x, paged))
+        # Adapter terms inside the projection kernels (LORA_FOLD): the plain path's, or the accumulating glue's where
+        # the folded stacks are kept (its Mosaic GPU projections take no other fold).
+        fold_lora = (lora is not None and self.tp_axis is None and not self.quantized and _lora_folds(x, paged)
+                     and (not accumulate or lora.get("folded") is not None))
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         new_kv = []
         pending = None
@@ -1097,6 +1106,22 @@ def _add_lora(acc: jax.Array, x: jax.Array, lora: tuple | None, projection: str)
     if LORA_KERNELS:
         return _lora_add_kernel(acc, x, lora, projection)
     return acc + lora_delta(x, *lora[0][projection], lora[1], out_dtype=jnp.float32).reshape(acc.shape)
+
+
+def _glue_folds(lora: LayerLora | None) -> bool:
+    """Whether the accumulating glue adds this layer's adapter terms inside its Mosaic GPU projections: the layer
+    folds them (`LayerLora.fold`) and has the stacks as the kernels read them (`LayerLora.folded`)."""
+    return lora is not None and lora.fold and lora.folded is not None
+
+
+def _glue_term(x: jax.Array, lora: LayerLora | None, projection: str) -> tuple[jax.Array, jax.Array] | None:
+    """The accumulating glue's folded term of ``projection`` for input ``x [B, 1, K]``: ``(t, bt)`` for
+    `skinny_matmul_mgpu`'s ``term`` where `_glue_folds`, else None."""
+    if not _glue_folds(lora):
+        return None
+    a_cols, bt = lora.folded[projection]
+    rows = x.reshape(-1, x.shape[-1])
+    return _lora_shrink_columns(rows, a_cols, lora.slots, lora.weights[projection][0].shape[1]), bt.astype(rows.dtype)
 
 
 def _lora_kernels(y: jax.Array, fast: bool) -> bool:

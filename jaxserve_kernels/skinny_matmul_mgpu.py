@@ -572,7 +572,7 @@ def _call(x, w, bias, acc, term=None, *, epilogue: str, block_n: int, num_slots:
     # Profiles name each projection (Mosaic GPU calls every unnamed kernel "anonymous").
     name = f"skinny_mgpu_{epilogue}_{w.shape[0]}x{k}" + (f"_term{term[0].shape[1]}" if term is not None else "")
     if epilogue == "accumulate":
-        return _in_place(body, x, w, acc, grid=grid, scratch=scratch, name=name, interpret=interpret, **clusters)
+        return _in_place(body, x, w, acc, term, grid=grid, scratch=scratch, name=name, interpret=interpret, **clusters)
     return plgpu.kernel(
         body,
         out_type=out_type,
@@ -587,24 +587,22 @@ def _call(x, w, bias, acc, term=None, *, epilogue: str, block_n: int, num_slots:
     )(x, w, *(term or ()), *([bias] if has_bias else []))
 
 
-def _in_place(body, x: jax.Array, w: jax.Array, acc: jax.Array, *, grid: tuple[int, ...], scratch: list,
-              name: str, interpret: bool, cluster: tuple[int, ...] = (), cluster_names: tuple[str, ...] = ()
-              ) -> jax.Array:
-    """`body(x_ref, w_ref, acc_ref, *scratch_refs)` over `grid` with `acc` as its output, updated in
-    place: `plgpu.kernel` allocates a fresh output, while a core_map over refs (discharged by
+def _in_place(body, x: jax.Array, w: jax.Array, acc: jax.Array, term: tuple | None = None, *,
+              grid: tuple[int, ...], scratch: list, name: str, interpret: bool, cluster: tuple[int, ...] = (),
+              cluster_names: tuple[str, ...] = ()) -> jax.Array:
+    """`body(x_ref, w_ref, [t_ref, bt_ref,] acc_ref, *scratch_refs)` over `grid` with `acc` as its output, updated
+    in place: `plgpu.kernel` allocates a fresh output, while a core_map over refs (discharged by
     `pl.run_state`) aliases every ref it writes to its input, so the K splits can add into a
     buffer that already holds the residual stream or a bias."""
     mesh = plgpu.Mesh(grid=grid, grid_names=("rows", "cols", "splits"), cluster=cluster, cluster_names=cluster_names,
                       kernel_name=name)
 
     def stateful(refs):
-        x_ref, w_ref, acc_ref = refs
-
         @pl.core_map(mesh, name=name, **compat.mgpu_interpret_kwargs(interpret))
         def _():
-            pl.run_scoped(functools.partial(body, x_ref, w_ref, acc_ref), *scratch)
+            pl.run_scoped(functools.partial(body, *refs), *scratch)
 
-    return pl.run_state(stateful)((x, w, acc))[2]
+    return pl.run_state(stateful)((x, w, *(term or ()), acc))[-1]
 
 
 def _ws_kernel(x_ref, w_ref, o_ref, o_smem, *, epilogue: str, block_n: int, num_slots: int, block_m: int,
@@ -734,8 +732,8 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         term: `(t [M, T], bt [N, T])` bf16, T a multiple of 64 x boxes: `t @ bt.T` added to the sums before the
             epilogue, as K steps after x's that read t and bt in x's and w's place (the product over
             `concat([x, t], 1)` and `concat([w, bt], 1)`). What LoRA's folded decode steps pass: each row's shrink
-            masked to its adapter's columns and the slots' stacked expand (`jaxserve.model.LORA_FOLD`). Epilogues
-            "none", "partials" and "swiglu" (bt's rows gate's then up's, as w's), one warpgroup, no cluster.
+            masked to its adapter's columns and the slots' stacked expand (`jaxserve.model.LORA_FOLD`). Any epilogue
+            but "argmax" (SwiGLU's bt rows gate's then up's, as w's); one warpgroup, no cluster.
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
 
     Example:
@@ -794,8 +792,8 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
                 or bt.dtype != jnp.bfloat16 or width == 0 or width % (_BLOCK_K * boxes)):
             raise ValueError(f"term must be (t [{m}, T], bt [{n}, T]) bfloat16, T a positive multiple of "
                              f"{_BLOCK_K * boxes} (64 x boxes), got {(t.shape, t.dtype)} and {(bt.shape, bt.dtype)}")
-        if epilogue not in ("none", "partials", "swiglu") or warpgroups != 1 or cluster != 1:
-            raise ValueError(f"term runs with epilogue 'none', 'partials' or 'swiglu', one warpgroup and no cluster, "
+        if warpgroups != 1 or cluster != 1:
+            raise ValueError(f"term runs with one warpgroup and no cluster, "
                              f"got {epilogue!r}, warpgroups {warpgroups}, cluster {cluster}")
     row_blocks = pl.cdiv(m, block_m)
     interpret = compat.resolve_interpret(interpret)

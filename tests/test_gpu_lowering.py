@@ -224,18 +224,23 @@ def test_decode_step_with_folded_adapter_terms_lowers_for_cuda(compiled_kernels,
     assert not names & {"lora_add", "lora_swiglu", "lora_shrink", "add_rms_norm"}, names
 
 
-def test_decode_step_with_adapter_terms_in_the_mgpu_projections_lowers_for_cuda(compiled_kernels, monkeypatch):
-    # model.LORA_FOLD with the transposed expand stacks kept: every projection of a 64-row adapter step on Mosaic GPU
-    # with its rows' terms as extra K steps (4 a layer), the shrinks XLA's; no Triton projection or LoRA kernel.
-    monkeypatch.setattr(importlib.import_module("jaxserve.model"), "LORA_FOLD", True)
+@pytest.mark.parametrize("glue", [False, True])
+def test_decode_step_with_adapter_terms_in_the_mgpu_projections_lowers_for_cuda(compiled_kernels, monkeypatch, glue):
+    # model.LORA_FOLD with the folded stacks kept: every projection of a 64-row adapter step on Mosaic GPU with its
+    # rows' terms as extra K steps (4 a layer), the shrinks XLA's; no Triton projection or LoRA kernel. On the
+    # accumulating glue (LORA_GLUE) QKV, o and down add into their float32 accumulators.
+    model = importlib.import_module("jaxserve.model")
+    monkeypatch.setattr(model, "LORA_FOLD", True)
+    monkeypatch.setattr(model, "LORA_GLUE", glue)
     text = decode_step_text(64, loras=4, folded=True)
     # (a jitted kernel is one function however many layers call it)
-    terms = {"partials_1152x896", "partials_896x896", "swiglu_9728x896", "partials_896x4864"}
+    kind = "accumulate" if glue else "partials"
+    terms = {f"{kind}_1152x896", f"{kind}_896x896", "swiglu_9728x896", f"{kind}_896x4864"}
     assert set(re.findall(r"skinny_mgpu_(\w+?)_term128\b", text)) == terms, text.count("mosaic_gpu_v2")
     assert text.count("custom_call @mosaic_gpu_v2") == len(terms)
     names = triton_kernel_names(text)
-    assert "fused_decode_attention" in names, names
-    assert not names & {"skinny_matmul", "lora_add", "lora_swiglu", "lora_shrink", "add_rms_norm"}, names
+    assert "fused_decode_attention" in names and ("add_rms_norm" in names) == glue, names
+    assert not names & {"skinny_matmul", "lora_add", "lora_swiglu", "lora_shrink"}, names
 
 
 def test_decode_step_with_kv_read_ahead_lowers_for_cuda(compiled_kernels, monkeypatch):

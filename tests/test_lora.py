@@ -381,7 +381,7 @@ def test_preempted_adapter_rows_resume_on_their_adapter(adapters):
 
 
 @pytest.mark.parametrize("glue,kernels,fold", [(True, False, False), (True, True, False), (False, True, False),
-                                               (False, False, True), (False, False, "mgpu")])
+                                               (False, False, True), (False, False, "mgpu"), (True, False, "mgpu")])
 def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(monkeypatch, glue, kernels, fold):
     # model.LORA_GLUE: a bf16 decode step of 8 rows (some on each of two adapters, some on none) takes the accumulating
     # glue with the adapters' terms added into its float32 accumulators (off: the plain path, no accumulating
@@ -391,7 +391,7 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     # without `glue`, on the plain path. `fold` (model.LORA_FOLD): on the plain path, each term inside its
     # projection's skinny_matmul after one shrink launch (four a layer), gate_up's before its SwiGLU; "mgpu": with the
     # folded stacks kept (`LoraSlots(folded=True)`), each term as the Mosaic GPU projection's extra K
-    # steps after XLA's masked shrink.
+    # steps after XLA's masked shrink (on the glue too: into its accumulating products).
     import jax
     import jax.numpy as jnp
 

@@ -228,12 +228,15 @@ _TERM_SMALL = [
     ("swiglu", 64, 256, 224, 128, dict(block_n=40, num_slots=3, boxes=2)),     # two-box steps, ragged last block
     ("swiglu", 8, 128, 128, 128, dict(block_n=32, num_slots=2)),  # the default two-box steps
     ("partials", 128, 256, 64, 128, dict(block_n=32, num_slots=3, num_splits=2, block_m=64)),  # two row blocks
+    ("accumulate", 64, 512, 96, 128, dict(block_n=32, num_slots=3, num_splits=3)),  # each split adds in place
+    ("accumulate", 16, 256, 64, 64, dict(block_n=32, num_slots=2, num_splits=1)),
 ]
 # Qwen2.5-0.5B's four projections with 4 rank-16 slots (T: slots x R padded to 128s), default tilings
 _TERM_05B = [("none", rows, 896, 1152, 256, {}) for rows in (64, 256)] + [
     ("none", rows, 896, 896, 128, {}) for rows in (64, 256)] + [
     ("swiglu", rows, 896, 9728, 128, {}) for rows in (64, 256)] + [
-    ("none", rows, 4864, 896, 128, {}) for rows in (64, 256)]
+    ("none", rows, 4864, 896, 128, {}) for rows in (64, 256)] + [
+    ("accumulate", 64, k, n, width, {}) for k, n, width in ((896, 1152, 256), (896, 896, 128), (4864, 896, 128))]
 
 
 @pytest.mark.parametrize("interpret,epilogue,m,k,n,width,tiling",
@@ -248,15 +251,20 @@ def test_term_is_the_product_over_both_operands(interpret, epilogue, m, k, n, wi
     t = jnp.asarray(np.where(slot_cols, rng.standard_normal((m, width)) * 4, 0.0), jnp.bfloat16)
     bt = jnp.asarray(rng.standard_normal((n, width)), jnp.bfloat16)
     bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16) if epilogue == "none" else None
-    out = skinny_matmul_mgpu(x, w, bias, epilogue=epilogue, term=(t, bt), interpret=interpret, **tiling)
-    ref = skinny_matmul_reference(jnp.concatenate([x, t], 1), jnp.concatenate([w, bt], 1), bias, epilogue=epilogue,
-                                  layout="nk")
-    base = skinny_matmul_reference(x, w, bias, epilogue=epilogue, layout="nk")
-    if epilogue == "partials":
-        out, ref, base = out.sum(axis=0), ref.sum(axis=0), base.sum(axis=0)
+    acc = jnp.asarray(rng.standard_normal((m, n)), jnp.float32) if epilogue == "accumulate" else None
+    out = skinny_matmul_mgpu(x, w, bias, epilogue=epilogue, acc=acc, term=(t, bt), interpret=interpret, **tiling)
+    ref_epilogue = "partials" if epilogue == "accumulate" else epilogue
+    ref = skinny_matmul_reference(jnp.concatenate([x, t], 1), jnp.concatenate([w, bt], 1), bias,
+                                  epilogue=ref_epilogue, layout="nk")
+    base = skinny_matmul_reference(x, w, bias, epilogue=ref_epilogue, layout="nk")
+    if ref_epilogue == "partials":
+        ref, base = ref.sum(axis=0), base.sum(axis=0)
+        out = out.sum(axis=0) if epilogue == "partials" else out
+    if epilogue == "accumulate":
+        ref, base = acc + ref, acc + base
     assert out.shape == ref.shape, f"seed={seed}"
     assert not np.isnan(np.asarray(out, np.float32)).any(), f"seed={seed}"
-    tol = 1e-5 if epilogue == "partials" else TOLERANCE[jnp.bfloat16]
+    tol = 1e-5 if epilogue in ("partials", "accumulate") else TOLERANCE[jnp.bfloat16]
     assert relative_error(out, ref) <= tol, f"seed={seed}"
     assert relative_error(base, ref) > 10 * TOLERANCE[jnp.bfloat16], f"the term is too small to see, seed={seed}"
 
@@ -273,7 +281,7 @@ def test_term_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="term must be"):  # two-box steps want whole 128s
         skinny_matmul_mgpu(x, w, boxes=2, term=(t, bt))
     with pytest.raises(ValueError, match="term runs with"):
-        skinny_matmul_mgpu(x, w, epilogue="accumulate", acc=jnp.zeros((16, 128)), term=(t, bt))
+        skinny_matmul_mgpu(x, w, cluster=2, term=(t, bt))
 
 
 def test_mgpu_skinny_refuses_what_it_cannot_run():
