@@ -38,6 +38,9 @@
 #               theirs into the float32 accumulators): the term's compiled tests lora59 did not reach (down_proj's depth)
 #               and the accumulate ones, the adapter step tests on the GPU, then bench/lora.py at 64 / 256 rows with
 #               the fold on the glue (profiled at 64) and on the plain path, each its own process (~470 s?)
+#   lora59d     session 59, LORA_FOLD and LORA_GLUE on by default: bench/lora.py at 1 / 64 / 256 rows with the
+#               defaults (profiled at 64; the decode HLO's wrapped_convert fusions), then with both off (session 58's
+#               defaults) at 64 / 256, each its own process (~350 s?)
 #   lora58      session 58: adapter terms folded into the plain path's skinny_matmul projections (model.LORA_FOLD):
 #               the kernel's compiled lora tests, bench/lora.py's float32 check with it on, then at 64 / 256 rows off
 #               against on, each its own process, profiled (~400 s; session 58: 336 s, the fold 0.45x against 0.54x)
@@ -1087,6 +1090,14 @@ for part in "${parts[@]}"; do
                --out "$OUT/$part/glue" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp59c ; \
              echo "== JAXSERVE_LORA_FOLD=1 JAXSERVE_LORA_GLUE=0" ; JAXSERVE_LORA_FOLD=1 JAXSERVE_LORA_GLUE=0 timeout 110 \
                python3 bench/lora.py --shape 0.5B --batch 64 256 --no-check --out "$OUT/$part/plain" 2>&1 | grep "^|" ;;
+    lora59d) echo "== defaults" ; rm -rf /tmp/hlo59 ; XLA_FLAGS="--xla_dump_to=/tmp/hlo59 --xla_dump_hlo_module_re=.*decode.*" \
+               timeout 200 python3 bench/lora.py --shape 0.5B --batch 1 64 256 --no-check --profile /tmp/lp59d \
+               --profile-top 30 --out "$OUT/$part/defaults" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
+             rm -rf /tmp/lp59d ; echo "== wrapped_convert in the decode HLO" ; \
+             grep -h "wrapped_convert[.0-9]* = " /tmp/hlo59/*decode*after_optimizations.txt 2>/dev/null \
+               | sed 's/, metadata=.*//' | cut -c1-220 | sort | uniq -c | sort -rn | head -12 ; \
+             echo "== JAXSERVE_LORA_FOLD=0 JAXSERVE_LORA_GLUE=0" ; JAXSERVE_LORA_FOLD=0 JAXSERVE_LORA_GLUE=0 timeout 110 \
+               python3 bench/lora.py --shape 0.5B --batch 64 256 --no-check --out "$OUT/$part/xla" 2>&1 | grep "^|" ;;
     lora58) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_skinny_matmul.py \
               -k lora 2>&1 | tail -3 ; \
             echo "== check (float32, folded)" ; JAXSERVE_LORA_FOLD=1 timeout 130 python3 bench/lora.py --shape 0.5B \

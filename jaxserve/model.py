@@ -455,9 +455,11 @@ if KV_TOUCH not in ("", "layer", "early"):
 # there; gate_up, whose SwiGLU needs the term first, runs without its epilogue and SwiGLU follows in XLA. Off: such
 # steps run the plain path (separate norms and residual adds; H100, session 54, bench/results/lora.md: adapter rows at
 # 0.46-0.50x of the base model's tokens/s). H100, session 55 (lora.md): a tie at 8 / 64 / 256 rows (0.46 / 0.46 / 0.49x
-# either way): the adapters' own products are the cost, so it stays off. JAXSERVE_LORA_GLUE=1; read when a step is
-# traced.
-LORA_GLUE = os.environ.get("JAXSERVE_LORA_GLUE", "0") == "1"
+# either way): the adapters' own products are the cost. With the terms folded into its Mosaic GPU products (LORA_FOLD,
+# whose shrink is then the cost) the glue wins: H100, session 59, a 64-row one-adapter step 1,502 against 1,616 µs of
+# GPU time on the plain path (0.71x / 0.69x of the base tokens/s at 64 / 256 rows against 0.66x / 0.67x), so it is
+# on. JAXSERVE_LORA_GLUE=0 turns it off; read when a step is traced.
+LORA_GLUE = os.environ.get("JAXSERVE_LORA_GLUE", "1") == "1"
 # Adapter terms of decode steps on the Pallas path (the glue's or the plain path's) as one launch each
 # (`jaxserve_kernels.lora_matmul`: shrink, slot select and expand added into the projection's output or float32
 # accumulator in place; down_proj's wider input two), gate_up's with its SwiGLU, where XLA ran a shrink, a select,
@@ -468,15 +470,22 @@ LORA_GLUE = os.environ.get("JAXSERVE_LORA_GLUE", "0") == "1"
 # "xla") the kernels run 2.4-5.3 µs, but a reduce launch a shrink appears (likely XLA's split-K sum of that
 # product): a tie (1,743 against 1,710 µs a 64-row step). JAXSERVE_LORA_KERNELS=1; read when a step is traced.
 LORA_KERNELS = os.environ.get("JAXSERVE_LORA_KERNELS", "0") == "1"
-# Decode steps of at most LORA_FOLD_ROWS rows on the plain path add each adapter term inside the projection's own
-# kernel: one launch writes the rows' shrink over every slot (`skinny_matmul.lora_shrink`) and the projection
-# (Triton's `skinny_matmul` with its `lora` term; gate_up with its SwiGLU) selects each row's slot and expands into
-# its sums, where XLA ran a shrink, a select, an expand and an add a projection. The projections leave Mosaic GPU for
-# Triton's path (slower by itself at 64 rows, decode_step.md session 16). Not applied under LORA_KERNELS, tensor
-# parallelism or to fp8 weights. H100, session 58 (bench/results/lora.md): 240 launches fewer a 64-row adapter step,
-# but 1,905 against 1,844-1,868 µs of GPU time (Triton's projections 0.6-2.7 µs a layer slower than Mosaic GPU's, four
-# shrink launches ~10 µs a layer), so it stays off. JAXSERVE_LORA_FOLD=1; read when a step is traced.
-LORA_FOLD = os.environ.get("JAXSERVE_LORA_FOLD", "0") == "1"
+# Decode steps of at most LORA_FOLD_ROWS rows add each adapter term inside the projection's own kernel, where XLA ran a
+# shrink, a select, an expand and an add a projection. On Mosaic GPU (the engine's `LoraSlots` keep the stacks as the
+# kernel reads them, `jaxserve.lora.fold_columns`): XLA's shrink over every slot's columns, written in bf16, and a
+# select of the row's own, then the projection runs the expand as K steps after its own (`skinny_matmul_mgpu`'s
+# `term`), on the plain path or the accumulating glue (LORA_GLUE). H100, session 59 (bench/results/lora.md), a 64-row
+# one-adapter step: 1,616 µs of GPU time on the plain path and 1,502 on the glue against 1,841-1,868 for XLA's terms
+# (session 58); 0.66-0.71x of the base tokens/s at 64 and 256 rows against 0.55-0.60x. On by default;
+# JAXSERVE_LORA_FOLD=0 turns it off. Not applied under LORA_KERNELS, tensor parallelism or to fp8 weights. Read when a
+# step is traced.
+LORA_FOLD = os.environ.get("JAXSERVE_LORA_FOLD", "1") == "1"
+# Where the stacks are not kept (no Mosaic GPU: another GPU, float32) LORA_FOLD_TRITON folds into Triton's
+# `skinny_matmul` instead: one launch writes the rows' shrink over every slot (`skinny_matmul.lora_shrink`), and the
+# projection selects each row's slot and expands into its sums. H100, session 58: 240 launches fewer a 64-row step, but
+# 1,905 against 1,844-1,868 µs (Triton's projections 0.6-2.7 µs a layer slower than Mosaic GPU's, four shrink launches
+# ~10 µs a layer), so it is off. JAXSERVE_LORA_FOLD_TRITON=1; read when a step is traced.
+LORA_FOLD_TRITON = os.environ.get("JAXSERVE_LORA_FOLD_TRITON", "0") == "1"
 # At 256 rows it lost more (0.49x against 0.55x of the base tokens/s; Triton's gate_up 2.2x Mosaic GPU's there).
 LORA_FOLD_ROWS = int(os.environ.get("JAXSERVE_LORA_FOLD_ROWS", "256"))
 
@@ -1023,7 +1032,7 @@ class Qwen2ForCausalLM(nn.Module):
         # Adapter terms inside the projection kernels (LORA_FOLD): the plain path's, or the accumulating glue's where
         # the folded stacks are kept (its Mosaic GPU projections take no other fold).
         fold_lora = (lora is not None and self.tp_axis is None and not self.quantized and _lora_folds(x, paged)
-                     and (not accumulate or lora.get("folded") is not None))
+                     and (lora.get("folded") is not None or (LORA_FOLD_TRITON and not accumulate)))
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         new_kv = []
         pending = None

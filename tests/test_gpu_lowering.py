@@ -214,9 +214,13 @@ def test_decode_step_with_adapters_lowers_for_cuda(compiled_kernels, monkeypatch
 
 
 def test_decode_step_with_folded_adapter_terms_lowers_for_cuda(compiled_kernels, monkeypatch):
-    # model.LORA_FOLD: a 64-row adapter step's projections all on Triton's skinny_matmul, each adding its rows'
-    # adapter terms after a shrink launch of its own; no Mosaic GPU projection, no lora_matmul launch.
-    monkeypatch.setattr(importlib.import_module("jaxserve.model"), "LORA_FOLD", True)
+    # model.LORA_FOLD_TRITON (no folded stacks kept): a 64-row adapter step's projections all on Triton's
+    # skinny_matmul, each adding its rows' adapter terms after a shrink launch of its own; no Mosaic GPU projection,
+    # no lora_matmul launch.
+    model = importlib.import_module("jaxserve.model")
+    monkeypatch.setattr(model, "LORA_FOLD", True)
+    monkeypatch.setattr(model, "LORA_FOLD_TRITON", True)
+    monkeypatch.setattr(model, "LORA_GLUE", False)
     text = decode_step_text(64, loras=4)
     assert "custom_call @mosaic_gpu_v2" not in text
     names = triton_kernel_names(text)

@@ -388,7 +388,7 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     # product); its logits are the float32 model's (bf16: within 2e-2; 0.7-1.5% in ten seeds, the plain path's
     # bf16 stream 0.8-1.8%). The adapters move the logits far more than that, and base rows keep the base model's.
     # `kernels` (model.LORA_KERNELS): the terms by jaxserve_kernels.lora_matmul's launches, gate_up's with SwiGLU;
-    # without `glue`, on the plain path. `fold` (model.LORA_FOLD): on the plain path, each term inside its
+    # without `glue`, on the plain path. `fold` (model.LORA_FOLD_TRITON): on the plain path, each term inside its
     # projection's skinny_matmul after one shrink launch (four a layer), gate_up's before its SwiGLU; "mgpu": with the
     # folded stacks kept (`LoraSlots(folded=True)`), each term as the Mosaic GPU projection's extra K
     # steps after XLA's masked shrink (on the glue too: into its accumulating products).
@@ -424,6 +424,7 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     monkeypatch.setattr(model_module, "LORA_GLUE", glue)
     monkeypatch.setattr(model_module, "LORA_KERNELS", kernels)
     monkeypatch.setattr(model_module, "LORA_FOLD", bool(fold))
+    monkeypatch.setattr(model_module, "LORA_FOLD_TRITON", fold is True)
     sm = importlib.import_module("jaxserve_kernels.skinny_matmul")  # the package exports a function of that name
     shrinks = []
     monkeypatch.setattr(sm, "lora_shrink", lambda *a, _f=sm.lora_shrink, **k: shrinks.append(1) or _f(*a, **k))
