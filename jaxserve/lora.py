@@ -8,8 +8,9 @@ gate/up) hold their parts' ranks side by side, ``R = parts x max_lora_rank``. A 
 ``((x @ a[slot_i].T) @ b[slot_i])``: one product over every slot's columns, masked to the row's own (`lora_delta`),
 so a batch of several adapters is two dense products a projection, not a gather of weights a row.
 
-Rows with an adapter run the model's plain path (XLA or the skinny-matmul projections, no fused decode glue): a
-batch without any keeps every fast path. A request holds its adapter's slot from admission until it finishes or
+Decode steps with adapter rows fold each term into its projection's Mosaic GPU kernel (`jaxserve.model.LORA_FOLD`,
+on the accumulating glue: `LORA_GLUE`), reading the stacks in the forms `LoraSlots(folded=True)` keeps
+(`fold_columns`); other passes add ``lora_delta`` after the product. A batch without adapters keeps every fast path. A request holds its adapter's slot from admission until it finishes or
 is preempted; a waiting request whose adapter has no slot (all held by running requests) waits while others are
 admitted (`jaxserve.scheduler`). The prefix cache keeps each adapter's prefixes apart: K/V depend on the adapter.
 """

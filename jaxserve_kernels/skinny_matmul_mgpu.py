@@ -2,7 +2,8 @@
 
 Owns: `skinny_matmul_mgpu`, `x [M, K] @ w[N, K].T` for M a multiple of 8 up to 256, with the
 Triton skinny matmul's "partials", "swiglu" and "none" epilogues, and "accumulate" (`acc + x @ w.T`
-in acc's buffer). Its reference is `jaxserve_kernels.skinny_matmul.skinny_matmul_reference` (for
+in acc's buffer); optionally plus `t @ bt.T` as K steps after x's (`term`: LoRA's folded decode terms, H100
+session 59: adapter rows 0.63x -> 0.75x of the base tokens/s at 64 rows, bench/results/lora.md). Its reference is `jaxserve_kernels.skinny_matmul.skinny_matmul_reference` (for
 "accumulate": acc plus its "partials" summed). Never decides when it is used
 (`jaxserve.model.SKINNY_BACKEND`, `MGPU_MIN_ROWS`, `MGPU_MAX_ROWS` and `XLA_GATE_UP_ROWS` do:
 8-256 rows by default).
