@@ -41,6 +41,10 @@
 #   lora59d     session 59, LORA_FOLD and LORA_GLUE on by default: bench/lora.py at 1 / 64 / 256 rows with the
 #               defaults (profiled at 64; the decode HLO's wrapped_convert fusions), then with both off (session 58's
 #               defaults) at 64 / 256, each its own process (~350 s?)
+#   lora59e     session 59, the folded shrinks of 896-wide inputs as one Triton launch keeping each row's own slot
+#               (skinny_matmul own_slot; model.LORA_SHRINK_MAX_K): its compiled tests and the adapter step tests on the
+#               GPU, then bench/lora.py at 64 / 256 rows with it (profiled at 64) and with XLA's product + select
+#               (JAXSERVE_LORA_SHRINK_MAX_K=0), each its own process (~330 s?)
 #   lora58      session 58: adapter terms folded into the plain path's skinny_matmul projections (model.LORA_FOLD):
 #               the kernel's compiled lora tests, bench/lora.py's float32 check with it on, then at 64 / 256 rows off
 #               against on, each its own process, profiled (~400 s; session 58: 336 s, the fold 0.45x against 0.54x)
@@ -1098,6 +1102,13 @@ for part in "${parts[@]}"; do
                | sed 's/, metadata=.*//' | cut -c1-220 | sort | uniq -c | sort -rn | head -12 ; \
              echo "== JAXSERVE_LORA_FOLD=0 JAXSERVE_LORA_GLUE=0" ; JAXSERVE_LORA_FOLD=0 JAXSERVE_LORA_GLUE=0 timeout 110 \
                python3 bench/lora.py --shape 0.5B --batch 64 256 --no-check --out "$OUT/$part/xla" 2>&1 | grep "^|" ;;
+    lora59e) timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+               tests/test_skinny_matmul.py tests/test_lora.py -k "own_slot or float32_models_logits" 2>&1 | tail -2 ; \
+             echo "== defaults (the one-launch shrink)" ; timeout 110 python3 bench/lora.py --shape 0.5B --batch 64 256 \
+               --no-check --profile /tmp/lp59e --profile-top 12 --out "$OUT/$part/kernel" 2>&1 \
+               | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp59e ; \
+             echo "== JAXSERVE_LORA_SHRINK_MAX_K=0" ; JAXSERVE_LORA_SHRINK_MAX_K=0 timeout 100 python3 bench/lora.py \
+               --shape 0.5B --batch 64 256 --no-check --out "$OUT/$part/xla" 2>&1 | grep "^|" ;;
     lora58) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_skinny_matmul.py \
               -k lora 2>&1 | tail -3 ; \
             echo "== check (float32, folded)" ; JAXSERVE_LORA_FOLD=1 timeout 130 python3 bench/lora.py --shape 0.5B \

@@ -1179,11 +1179,23 @@ def _fold(lora: LayerLora | None, projection: str) -> tuple | None:
     return (*lora.weights[projection], lora.slots, None if lora.folded is None else lora.folded[projection])
 
 
+# Folded LoRA shrinks of inputs at most this wide run as one Triton launch that keeps each row's own slot's columns
+# (`skinny_matmul(..., own_slot=...)`), where XLA runs its product and then a select (1.37 µs a launch, 95 a 64-row
+# step of Qwen2.5-0.5B on the H100, session 59); deeper inputs (down_proj's) keep XLA's split product, which the
+# kernel's one K split would trail. 0: XLA's always. JAXSERVE_LORA_SHRINK_MAX_K; read when a step is traced.
+LORA_SHRINK_MAX_K = int(os.environ.get("JAXSERVE_LORA_SHRINK_MAX_K", "1024"))
+
+
 def _lora_shrink_columns(rows: jax.Array, a_cols: jax.Array, slots: jax.Array, rank: int) -> jax.Array:
     """Each row's shrink ``rows [M, in] @ a_cols.T`` (`jaxserve.lora.fold_columns`' ``[T, in]``) kept in its own
-    slot's ``rank`` columns, the others zero: the Mosaic GPU term's ``t``. One product written in the rows' dtype
-    (accumulated in float32 and rounded once, as `jaxserve.lora.lora_delta` rounds its shrink) and one select: a
-    float32 product, its rounding and a pad were three launches more a projection (H100, session 59)."""
+    slot's ``rank`` columns, the others zero: the Mosaic GPU term's ``t``, accumulated in float32 and rounded once to
+    the rows' dtype, as `jaxserve.lora.lora_delta` rounds its shrink. Up to LORA_SHRINK_MAX_K inputs one Triton launch;
+    past it one XLA product written in the rows' dtype and a select (a float32 product, its rounding and a pad were
+    three launches more a projection: H100, session 59)."""
+    if rows.shape[-1] <= LORA_SHRINK_MAX_K:
+        from jaxserve_kernels.skinny_matmul import skinny_matmul
+
+        return skinny_matmul(rows, a_cols.astype(rows.dtype), layout="nk", own_slot=(slots, rank))
     t = jnp.dot(rows, a_cols.astype(rows.dtype).T, preferred_element_type=rows.dtype)
     mine = (jnp.arange(a_cols.shape[0]) // rank)[None, :] == slots[:, None]
     return jnp.where(mine, t, jnp.zeros((), rows.dtype))

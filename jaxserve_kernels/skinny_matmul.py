@@ -118,11 +118,12 @@ def _load_weights(ref, mask):
 
 def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int,
             block_m: int, block_n: int, block_k: int, n_out: int, precision, layout: str,
-            gemv: bool, prefetch: bool = False, has_scale: bool = False, lora_rank: int = 0):
+            gemv: bool, prefetch: bool = False, has_scale: bool = False, lora_rank: int = 0, own_rank: int = 0):
     rest = list(rest)
     b_ref = rest.pop(0) if has_bias else None
     s_ref = rest.pop(0) if has_scale else None
     lora_refs = tuple(rest.pop(0) for _ in range(3)) if lora_rank else None
+    own_ref = rest.pop(0) if own_rank else None  # `own_slot`'s row slots
     (o_ref,) = rest
     # fp8 weights are widened to the activations' dtype in registers: HBM and L2 move one byte a weight.
     compute = x_ref.dtype if jnp.dtype(w_ref.dtype).itemsize == 1 else w_ref.dtype
@@ -172,6 +173,9 @@ def _kernel(x_ref, w_ref, *rest, epilogue: str, has_bias: bool, k_per_split: int
                           cols_at=lambda offset: pl.ds(offset + col_block * block_n, block_n), col_ok=col_ok,
                           first_split=split == 0, compute=compute, precision=precision)
     accs = lax.fori_loop(0, num_iters, body, accs)
+    if own_rank:  # each row keeps its own slot's columns (`own_slot`), the rest zeros
+        row_slot = compat.load(own_ref.at[pl.ds(row0, block_m)], mask=row_ids < rows, other=-1)
+        accs = (jnp.where(row_slot[:, None] == (cols // own_rank)[None, :], accs[0], 0.0),)
     mask = (row_ids < rows)[:, None] & col_ok[None, :]
     tile = (pl.ds(row0, block_m), cols_at)
     if epilogue == "partials":
@@ -330,10 +334,10 @@ def split_count(m: int, k: int, n: int, block_n: int, block_k: int,
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_m", "block_n", "block_k",
                                              "num_splits", "num_warps", "num_stages", "interpret",
-                                             "layout", "gemv", "prefetch", "lora_rank"))
-def _skinny(x, w, bias, scale, lora=None, *, epilogue: str, block_m: int, block_n: int, block_k: int,
+                                             "layout", "gemv", "prefetch", "lora_rank", "own_rank"))
+def _skinny(x, w, bias, scale, lora=None, own_slots=None, *, epilogue: str, block_m: int, block_n: int, block_k: int,
             num_splits: int, num_warps: int, num_stages: int, interpret: bool, layout: str,
-            gemv: bool, prefetch: bool = False, lora_rank: int = 0):
+            gemv: bool, prefetch: bool = False, lora_rank: int = 0, own_rank: int = 0):
     m, k = x.shape
     n_total = w.shape[0] if layout == "nk" else w.shape[1]
     n_out = n_total // 2 if epilogue == "swiglu" else n_total
@@ -349,8 +353,9 @@ def _skinny(x, w, bias, scale, lora=None, *, epilogue: str, block_m: int, block_
                                has_bias=in_kernel_bias, has_scale=in_kernel_scale, k_per_split=k_per_split,
                                block_m=block_m, block_n=block_n, block_k=block_k, n_out=n_out,
                                precision=precision, layout=layout, gemv=gemv,
-                               prefetch=prefetch and gemv, lora_rank=lora_rank)
-    args = [x, w] + ([bias] if in_kernel_bias else []) + ([scale] if in_kernel_scale else []) + list(lora or ())
+                               prefetch=prefetch and gemv, lora_rank=lora_rank, own_rank=own_rank)
+    args = [x, w] + ([bias] if in_kernel_bias else []) + ([scale] if in_kernel_scale else []) + list(lora or ()) + (
+        [own_slots] if own_rank else [])
     if num_splits > 1 or epilogue == "partials":
         out_shape = jax.ShapeDtypeStruct((num_splits, m, n_out), jnp.float32)
     else:
@@ -377,7 +382,7 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
                   num_splits: int | None = None, num_warps: int | None = None,
                   num_stages: int = 3, block_m: int = ROW_BLOCK, layout: str = "kn",
                   gemv: bool | None = None, prefetch: bool | None = None,
-                  lora: LoraTerm | None = None) -> jax.Array:
+                  lora: LoraTerm | None = None, own_slot: tuple[jax.Array, int] | None = None) -> jax.Array:
     """`x @ w (+ bias)` for a few rows of `x`, accumulated in float32.
 
     Args:
@@ -410,6 +415,10 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
         lora: each row's LoRA adapter term added into the sums before the epilogue (`LoraTerm`:
             the rows' shrink from `lora_shrink`, the stacked expand `b [slots * R, N]`, each
             row's slot, R), so the expand costs no launch of its own; tensor-core path only.
+        own_slot: `(slots [M] int32, R)`: row i keeps only columns `slots[i] * R` to `slots[i] * R + R - 1` of the
+            product (the others, and every column of a row whose slot is -1, are zeros): LoRA's shrink over every
+            slot with each row's own adapter's columns kept (`own_slot_columns`), in the launch that makes it.
+            Epilogue "none" in one K split, no bias or scale; tensor-core path only.
 
     Example:
         >>> x = jnp.ones((2, 256), jnp.bfloat16); w = jnp.ones((256, 384), jnp.bfloat16)
@@ -450,6 +459,16 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
             raise ValueError("lora takes the tensor-core path: gemv must be None or False")
         gemv = False
         _check_lora(lora, x.shape[0], n)
+    if own_slot is not None:
+        own_slots, own_rank = own_slot
+        if (epilogue != "none" or num_splits not in (None, 1) or bias is not None or scale is not None or gemv
+                or lora is not None):
+            raise ValueError("own_slot takes epilogue 'none' in one K split, no bias, scale or lora, the tensor-core "
+                             "path")
+        if own_slots.shape != (x.shape[0],) or not isinstance(own_rank, int) or own_rank < 1:
+            raise ValueError(f"own_slot must be (slots [{x.shape[0]}], rank >= 1), got {own_slots.shape} and "
+                             f"{own_rank!r}")
+        gemv, num_splits = False, 1
     gemv = (NK_GEMV and x.shape[0] == 1 if gemv is None else gemv) and layout == "nk"
 
     def check_tile(name: str, v: int, least: int = 16) -> None:
@@ -473,11 +492,12 @@ def skinny_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
     if scale is not None:
         scale = scale.astype(jnp.float32)
     term = None if lora is None else (_parts(lora.shrink), lora.b, lora.slots.astype(jnp.int32))
-    return _skinny(x, w, bias, scale, term, epilogue=epilogue, block_m=block_m, block_n=block_n, block_k=block_k,
-                   num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+    own_slots = None if own_slot is None else own_slot[0].astype(jnp.int32)
+    return _skinny(x, w, bias, scale, term, own_slots, epilogue=epilogue, block_m=block_m, block_n=block_n,
+                   block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                    interpret=interpret, layout=layout, gemv=gemv,
                    prefetch=NK_GEMV_PREFETCH if prefetch is None else prefetch,
-                   lora_rank=0 if lora is None else lora.rank)
+                   lora_rank=0 if lora is None else lora.rank, own_rank=0 if own_slot is None else own_slot[1])
 
 
 class LoraTerm(NamedTuple):

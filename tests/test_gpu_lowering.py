@@ -231,8 +231,9 @@ def test_decode_step_with_folded_adapter_terms_lowers_for_cuda(compiled_kernels,
 @pytest.mark.parametrize("glue", [False, True])
 def test_decode_step_with_adapter_terms_in_the_mgpu_projections_lowers_for_cuda(compiled_kernels, monkeypatch, glue):
     # model.LORA_FOLD with the folded stacks kept: every projection of a 64-row adapter step on Mosaic GPU with its
-    # rows' terms as extra K steps (4 a layer), the shrinks XLA's; no Triton projection or LoRA kernel. On the
-    # accumulating glue (LORA_GLUE) QKV, o and down add into their float32 accumulators.
+    # rows' terms as extra K steps (4 a layer); the shrinks of the 896-wide inputs Triton's skinny_matmul with each
+    # row's own slot kept, down_proj's XLA's; no LoRA kernel. On the accumulating glue (LORA_GLUE) QKV, o and down
+    # add into their float32 accumulators.
     model = importlib.import_module("jaxserve.model")
     monkeypatch.setattr(model, "LORA_FOLD", True)
     monkeypatch.setattr(model, "LORA_GLUE", glue)
@@ -244,7 +245,7 @@ def test_decode_step_with_adapter_terms_in_the_mgpu_projections_lowers_for_cuda(
     assert text.count("custom_call @mosaic_gpu_v2") == len(terms)
     names = triton_kernel_names(text)
     assert "fused_decode_attention" in names and ("add_rms_norm" in names) == glue, names
-    assert not names & {"skinny_matmul", "lora_add", "lora_swiglu", "lora_shrink"}, names
+    assert "skinny_matmul" in names and not names & {"lora_add", "lora_swiglu", "lora_shrink"}, names
 
 
 def test_decode_step_with_kv_read_ahead_lowers_for_cuda(compiled_kernels, monkeypatch):

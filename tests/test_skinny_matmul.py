@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve_kernels.skinny_matmul import (MAX_ROWS, ROW_BLOCK, LoraTerm, default_tiling, lora_shrink, skinny_matmul,
-                                            skinny_matmul_norm)
+from jaxserve_kernels.skinny_matmul import (MAX_ROWS, ROW_BLOCK, LoraTerm, default_tiling, lora_shrink,
+                                            own_slot_columns, skinny_matmul, skinny_matmul_norm)
 from jaxserve_kernels.skinny_matmul import skinny_matmul_norm_reference as _norm_reference
 from jaxserve_kernels.skinny_matmul import skinny_matmul_reference as _reference
 from tests.test_kernels import MODES, TOLERANCE, fresh_rng, interpreted_and_compiled, relative_error
@@ -407,6 +407,42 @@ def test_skinny_matmul_lora_errors_name_the_field():
             skinny_matmul(x, w, lora=bad)
     with pytest.raises(ValueError, match="gemv"):
         skinny_matmul(x, w.T, layout="nk", gemv=True, lora=good)
+
+
+_OWN_SLOT = [(64, 896, 192, 48, jnp.bfloat16), (8, 128, 128, 16, jnp.bfloat16), (24, 256, 64, 16, jnp.float32),
+             (100, 384, 256, 32, jnp.bfloat16)]  # 0.5B's QKV shrink (4 slots of 3 x 16); few rows; float32; 2 row blocks
+
+
+@pytest.mark.parametrize("interpret,m,k,width,rank,dtype", interpreted_and_compiled(
+    _OWN_SLOT, _OWN_SLOT + [(256, 896, 128, 16, jnp.bfloat16), (64, 896, 256, 32, jnp.bfloat16)]))
+def test_own_slot_keeps_each_rows_adapter_columns(interpret, m, k, width, rank, dtype):
+    # own_slot: the product with each row's own slot's columns kept and every other column zero (a row on no slot,
+    # -1, all zeros): the folded LoRA shrink in one launch. The zeros are checked exact, the kept columns against
+    # the float32 product rounded once.
+    rng, seed = fresh_rng()
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    a = jnp.asarray(rng.standard_normal((width, k)) * 0.1, dtype)
+    slots = jnp.asarray(rng.integers(-1, width // rank, m), jnp.int32)
+    out = skinny_matmul(x, a, layout="nk", own_slot=(slots, rank), interpret=interpret)
+    full = jnp.dot(x.astype(jnp.float32), a.astype(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
+    ref = own_slot_columns(full, rank, slots, dtype)
+    assert out.shape == (m, width) and out.dtype == dtype, f"seed={seed}"
+    mine = (np.arange(width) // rank)[None, :] == np.asarray(slots)[:, None]
+    assert (np.asarray(out, np.float32)[~mine] == 0).all(), f"seed={seed}"
+    assert relative_error(out, ref) <= TOLERANCE[dtype], f"seed={seed}"
+    assert mine.any() and np.abs(np.asarray(out, np.float32)[mine]).max() > 0, f"seed={seed}"
+
+
+def test_own_slot_errors_name_the_field():
+    x, a, slots = jnp.zeros((4, 64)), jnp.zeros((32, 64)), jnp.zeros(4, jnp.int32)
+    with pytest.raises(ValueError, match="own_slot must be"):
+        skinny_matmul(x, a, layout="nk", own_slot=(slots[:3], 16))
+    with pytest.raises(ValueError, match="own_slot must be"):
+        skinny_matmul(x, a, layout="nk", own_slot=(slots, 0))
+    with pytest.raises(ValueError, match="own_slot takes"):
+        skinny_matmul(x, a, layout="nk", own_slot=(slots, 16), num_splits=2)
+    with pytest.raises(ValueError, match="own_slot takes"):
+        skinny_matmul(x, a, jnp.zeros(32), layout="nk", own_slot=(slots, 16))
 
 
 def test_skinny_matmul_errors_name_the_field():
