@@ -10,9 +10,9 @@ so a batch of several adapters is two dense products a projection, not a gather 
 
 Decode steps with adapter rows fold each term into its projection's Mosaic GPU kernel (`jaxserve.model.LORA_FOLD`,
 on the accumulating glue: `LORA_GLUE`), reading the stacks in the forms `LoraSlots(folded=True)` keeps
-(`fold_columns`); other passes add ``lora_delta`` after the product. A batch without adapters keeps every fast path. A request holds its adapter's slot from admission until it finishes or
-is preempted; a waiting request whose adapter has no slot (all held by running requests) waits while others are
-admitted (`jaxserve.scheduler`). The prefix cache keeps each adapter's prefixes apart: K/V depend on the adapter.
+(`fold_columns`); other passes add ``lora_delta`` after the product. A batch without adapters keeps every fast path.
+A request holds its adapter's slot from admission until it finishes or is preempted; a waiting request whose adapter
+has no slot (all held by running requests) waits while others are admitted (`jaxserve.scheduler`). The prefix cache keeps each adapter's prefixes apart: K/V depend on the adapter.
 """
 
 from __future__ import annotations
@@ -243,8 +243,8 @@ class LoraSlots:
         if tensor_parallel is not None:
             self.weights = tensor_parallel.shard_lora(self.weights, config)
         # ``folded``: each projection's stacks also as the Mosaic GPU projections' folded terms read them
-        # (`fold_columns`: ``a`` as ``[T, in]``, ``b`` as ``[out, T]``, a layer; `jaxserve.model.LORA_FOLD`), written with
-        # each slot so that no step reshapes, pads or transposes them. Not under tensor parallelism (no fold there).
+        # (`fold_columns`: ``a`` as ``[T, in]``, ``b`` as ``[out, T]``, a layer; `jaxserve.model.LORA_FOLD`), written
+        # with each slot so that no step reshapes, pads or transposes them. Not under tensor parallelism (no fold there).
         self.folded: dict[str, tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]] | None = None
         if folded and tensor_parallel is None:
             self.folded = {p: (zeros(fold_width(max_loras * r), fan_in), zeros(fan_out, fold_width(max_loras * r)))

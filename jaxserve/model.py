@@ -609,8 +609,8 @@ class Linear(nn.Module):
     ("partials", "swiglu"; see ``jaxserve_kernels.skinny_matmul.skinny_matmul``) is for the fused decode
     glue only, which guarantees the kernel runs; ``tiling`` overrides the kernel's tiling
     (``block_n``, ``block_k``, ``num_splits``, ...). With ``norm`` (_fold_norms) ``touch_pages`` goes to
-    ``skinny_matmul_norm`` (PREFETCH_KV). ``lora`` (``(a, b, slots, folded)``, LORA_FOLD's decode steps): each row's adapter
-    term added inside the skinny-matmul kernel (`_folded_lora_projection`).
+    ``skinny_matmul_norm`` (PREFETCH_KV). ``lora`` (``(a, b, slots, folded)``, LORA_FOLD's decode steps): each row's
+    adapter term added inside the projection's kernel (`_folded_lora_projection`).
     """
 
     features: int
@@ -1179,19 +1179,21 @@ def _fold(lora: LayerLora | None, projection: str) -> tuple | None:
     return (*lora.weights[projection], lora.slots, None if lora.folded is None else lora.folded[projection])
 
 
-# Folded LoRA shrinks of inputs at most this wide run as one Triton launch that keeps each row's own slot's columns
-# (`skinny_matmul(..., own_slot=...)`), where XLA runs its product and then a select (1.37 µs a launch, 95 a 64-row
-# step of Qwen2.5-0.5B on the H100, session 59); deeper inputs (down_proj's) keep XLA's split product, which the
-# kernel's one K split would trail. 0: XLA's always. JAXSERVE_LORA_SHRINK_MAX_K; read when a step is traced.
-LORA_SHRINK_MAX_K = int(os.environ.get("JAXSERVE_LORA_SHRINK_MAX_K", "1024"))
+# Folded LoRA shrinks of inputs at most this wide as one Triton launch that keeps each row's own slot's columns
+# (`skinny_matmul(..., own_slot=...)`), in place of XLA's product and a select (1.37 µs a launch, 95 a 64-row step of
+# Qwen2.5-0.5B). H100, session 59 (bench/results/lora.md): the launch takes 5.5 µs where XLA's product takes ~2.5
+# (its one K split is a serial chain of 7 tiles), the 64-row step 1,647 against 1,508 µs of GPU time, so it is off
+# (0: XLA's always). JAXSERVE_LORA_SHRINK_MAX_K=1024 turns it on for 0.5B's 896-wide inputs; read when a step is
+# traced.
+LORA_SHRINK_MAX_K = int(os.environ.get("JAXSERVE_LORA_SHRINK_MAX_K", "0"))
 
 
 def _lora_shrink_columns(rows: jax.Array, a_cols: jax.Array, slots: jax.Array, rank: int) -> jax.Array:
     """Each row's shrink ``rows [M, in] @ a_cols.T`` (`jaxserve.lora.fold_columns`' ``[T, in]``) kept in its own
     slot's ``rank`` columns, the others zero: the Mosaic GPU term's ``t``, accumulated in float32 and rounded once to
-    the rows' dtype, as `jaxserve.lora.lora_delta` rounds its shrink. Up to LORA_SHRINK_MAX_K inputs one Triton launch;
-    past it one XLA product written in the rows' dtype and a select (a float32 product, its rounding and a pad were
-    three launches more a projection: H100, session 59)."""
+    the rows' dtype, as `jaxserve.lora.lora_delta` rounds its shrink: one XLA product written in the rows' dtype and a
+    select (a float32 product, its rounding and a pad were three launches more a projection: H100, session 59), or
+    for inputs up to LORA_SHRINK_MAX_K wide one Triton launch."""
     if rows.shape[-1] <= LORA_SHRINK_MAX_K:
         from jaxserve_kernels.skinny_matmul import skinny_matmul
 

@@ -2,8 +2,9 @@
 
 Owns: `skinny_matmul_mgpu`, `x [M, K] @ w[N, K].T` for M a multiple of 8 up to 256, with the
 Triton skinny matmul's "partials", "swiglu" and "none" epilogues, and "accumulate" (`acc + x @ w.T`
-in acc's buffer); optionally plus `t @ bt.T` as K steps after x's (`term`: LoRA's folded decode terms, H100
-session 59: adapter rows 0.63x -> 0.75x of the base tokens/s at 64 rows, bench/results/lora.md). Its reference is `jaxserve_kernels.skinny_matmul.skinny_matmul_reference` (for
+in acc's buffer); optionally plus `t @ bt.T` as K steps after x's (`term`: LoRA's folded decode
+terms, H100 session 59: adapter rows 0.63x -> 0.75x of the base tokens/s at 64 rows,
+bench/results/lora.md). Its reference is `jaxserve_kernels.skinny_matmul.skinny_matmul_reference` (for
 "accumulate": acc plus its "partials" summed). Never decides when it is used
 (`jaxserve.model.SKINNY_BACKEND`, `MGPU_MIN_ROWS`, `MGPU_MAX_ROWS` and `XLA_GATE_UP_ROWS` do:
 8-256 rows by default).
@@ -822,8 +823,8 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         kernel_epilogue = "partials" if epilogue == "none" and num_splits > 1 else epilogue
         # The bias goes in as float32: a TMA copy moves a multiple of 128 bytes (32 bf16 would be 64).
         kernel_bias = bias.astype(jnp.float32) if kernel_epilogue == "none" and bias is not None else None
-        out = _call(x, w, kernel_bias, acc, term, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots, boxes=boxes,
-                    block_m=block_m, num_splits=num_splits, pdl=pdl,
+        out = _call(x, w, kernel_bias, acc, term, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots,
+                    boxes=boxes, block_m=block_m, num_splits=num_splits, pdl=pdl,
                     exit_read_only=EXIT_READ_ONLY, swiglu_approx=SWIGLU_APPROX and epilogue == "swiglu",
                     joint=joint, cluster=1 if interpret else cluster, interpret=bool(interpret))
     if epilogue != "none" or kernel_epilogue == "none":

@@ -228,15 +228,17 @@ def test_decode_step_with_folded_adapter_terms_lowers_for_cuda(compiled_kernels,
     assert not names & {"lora_add", "lora_swiglu", "lora_shrink", "add_rms_norm"}, names
 
 
-@pytest.mark.parametrize("glue", [False, True])
-def test_decode_step_with_adapter_terms_in_the_mgpu_projections_lowers_for_cuda(compiled_kernels, monkeypatch, glue):
+@pytest.mark.parametrize("glue,shrink_kernel", [(False, False), (True, False), (True, True)])
+def test_decode_step_with_adapter_terms_in_the_mgpu_projections_lowers_for_cuda(compiled_kernels, monkeypatch, glue,
+                                                                               shrink_kernel):
     # model.LORA_FOLD with the folded stacks kept: every projection of a 64-row adapter step on Mosaic GPU with its
-    # rows' terms as extra K steps (4 a layer); the shrinks of the 896-wide inputs Triton's skinny_matmul with each
-    # row's own slot kept, down_proj's XLA's; no LoRA kernel. On the accumulating glue (LORA_GLUE) QKV, o and down
-    # add into their float32 accumulators.
+    # rows' terms as extra K steps (4 a layer); the shrinks XLA's, or with LORA_SHRINK_MAX_K those of the 896-wide
+    # inputs Triton's skinny_matmul with each row's own slot kept; no LoRA kernel. On the accumulating glue
+    # (LORA_GLUE) QKV, o and down add into their float32 accumulators.
     model = importlib.import_module("jaxserve.model")
     monkeypatch.setattr(model, "LORA_FOLD", True)
     monkeypatch.setattr(model, "LORA_GLUE", glue)
+    monkeypatch.setattr(model, "LORA_SHRINK_MAX_K", 1024 if shrink_kernel else 0)
     text = decode_step_text(64, loras=4, folded=True)
     # (a jitted kernel is one function however many layers call it)
     kind = "accumulate" if glue else "partials"
@@ -245,7 +247,7 @@ def test_decode_step_with_adapter_terms_in_the_mgpu_projections_lowers_for_cuda(
     assert text.count("custom_call @mosaic_gpu_v2") == len(terms)
     names = triton_kernel_names(text)
     assert "fused_decode_attention" in names and ("add_rms_norm" in names) == glue, names
-    assert "skinny_matmul" in names and not names & {"lora_add", "lora_swiglu", "lora_shrink"}, names
+    assert ("skinny_matmul" in names) == shrink_kernel and not names & {"lora_add", "lora_swiglu", "lora_shrink"}, names
 
 
 def test_decode_step_with_kv_read_ahead_lowers_for_cuda(compiled_kernels, monkeypatch):
