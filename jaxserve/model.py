@@ -486,7 +486,8 @@ LORA_FOLD = os.environ.get("JAXSERVE_LORA_FOLD", "1") == "1"
 # 1,905 against 1,844-1,868 µs (Triton's projections 0.6-2.7 µs a layer slower than Mosaic GPU's, four shrink launches
 # ~10 µs a layer), so it is off. JAXSERVE_LORA_FOLD_TRITON=1; read when a step is traced.
 LORA_FOLD_TRITON = os.environ.get("JAXSERVE_LORA_FOLD_TRITON", "0") == "1"
-# At 256 rows it lost more (0.49x against 0.55x of the base tokens/s; Triton's gate_up 2.2x Mosaic GPU's there).
+# Wider steps add XLA's terms. (Mosaic GPU's fold wins at 256 rows too, session 59: 0.64x against 0.56x of the base
+# tokens/s; session 58's Triton fold lost more there, 0.49x against 0.55x, Triton's gate_up 2.2x Mosaic GPU's.)
 LORA_FOLD_ROWS = int(os.environ.get("JAXSERVE_LORA_FOLD_ROWS", "256"))
 
 
@@ -1029,10 +1030,11 @@ class Qwen2ForCausalLM(nn.Module):
             accumulate = accumulate and _lora_glue(lora, self.tp_axis, self.quantized)
         if accumulate:
             x = x.astype(jnp.float32)
-        # Adapter terms inside the projection kernels (LORA_FOLD): the plain path's, or the accumulating glue's where
-        # the folded stacks are kept (its Mosaic GPU projections take no other fold).
+        # Adapter terms inside the projection kernels (LORA_FOLD): Mosaic GPU's where the folded stacks are kept and the
+        # step has its rows (the plain path's or the accumulating glue's projections), else Triton's only if asked.
+        mgpu_fold = lora is not None and lora.get("folded") is not None and b >= MGPU_MIN_ROWS
         fold_lora = (lora is not None and self.tp_axis is None and not self.quantized and _lora_folds(x, paged)
-                     and (lora.get("folded") is not None or (LORA_FOLD_TRITON and not accumulate)))
+                     and (mgpu_fold or (LORA_FOLD_TRITON and not accumulate)))
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         new_kv = []
         pending = None
