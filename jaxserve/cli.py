@@ -487,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the checkpoint's generation_config.json gives a request's unset sampling fields")
     vllm.add_argument("--load-format", choices=("auto", "safetensors"), default="auto",
                       help="safetensors checkpoints (Hugging Face's, or jaxserve convert's)")
+    vllm.add_argument("--max-cpu-loras", type=int, default=None, metavar="N",
+                      help="each registered adapter's host copy is kept until it is unloaded")
+    vllm.add_argument("--lora-dtype", choices=("auto",), default="auto", help="adapters are held in the model's dtype")
     _engine_args(srv)
     srv.set_defaults(func=cmd_serve)
 

@@ -37,11 +37,15 @@ _ENGINE_ARGS = {"max_num_seqs": "max_running", "max_num_batched_tokens": "max_to
                 "max_loras": "max_loras", "max_lora_rank": "max_lora_rank", "scheduling_policy": "scheduling_policy",
                 "num_gpu_blocks_override": "num_pages", "kv_cache_dtype": "kv_cache_dtype"}
 # vLLM's arguments that change nothing here (what jaxserve does anyway, or a setting of vLLM's own machinery).
+# max_cpu_loras: vLLM's cap on adapters cached in host memory; jaxserve keeps each registered adapter's host copy
+# until it is unloaded.
 _NO_OPS = ("trust_remote_code", "enforce_eager", "disable_log_stats", "swap_space", "tokenizer_mode",
            "disable_custom_all_reduce", "disable_async_output_proc", "compilation_config", "load_format",
-           "distributed_executor_backend", "max_seq_len_to_capture", "download_dir")
-# vLLM's arguments taken at the value that is what jaxserve does (any other is a TypeError naming it).
-_ONLY = {"pipeline_parallel_size": (1,), "cpu_offload_gb": (0,)}
+           "distributed_executor_backend", "max_seq_len_to_capture", "download_dir", "max_cpu_loras")
+# vLLM's arguments taken at the value that is what jaxserve does (any other is a TypeError naming it). Adapters are
+# held in the model's dtype ("auto"), their products unsharded past tensor parallelism's column split.
+_ONLY = {"pipeline_parallel_size": (1,), "cpu_offload_gb": (0,), "lora_dtype": ("auto", None),
+         "fully_sharded_loras": (False,)}
 
 
 @dataclasses.dataclass

@@ -184,7 +184,7 @@ def test_more_vllm_serve_flags(monkeypatch):
                          "auto", "--pipeline-parallel-size", "1", "--generation-config", "auto",
                          "--allowed-origins", '["https://a.example"]', "--allow-credentials", "--root-path", "/api",
                          "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem", "--uvicorn-log-level", "warning",
-                         "--seed", "3"])
+                         "--seed", "3", "--max-cpu-loras", "8", "--lora-dtype", "auto"])
     cfg = cli.engine_config_from_args(args)
     assert (cfg.policy, cfg.dtype, cfg.seed) == ("mixed", "auto", 3)
     seen = {}
@@ -199,7 +199,8 @@ def test_more_vllm_serve_flags(monkeypatch):
         cli.engine_config_from_args(_parse_serve(["--enable-chunked-prefill", "--policy", "time_share"]))
     with pytest.raises(SystemExit, match="JSON list of strings"):
         cli.cmd_serve(_parse_serve(["--allowed-origins", '"*"']))
-    for bad in (["--kv-cache-dtype", "int8"], ["--pipeline-parallel-size", "2"], ["--dtype", "float16"]):
+    for bad in (["--kv-cache-dtype", "int8"], ["--pipeline-parallel-size", "2"], ["--dtype", "float16"],
+                ["--lora-dtype", "float32"]):
         with pytest.raises(SystemExit):
             _parse_serve(bad)
 

@@ -115,12 +115,14 @@ def test_vllm_engine_arguments_reach_the_engine_config():
                                                       "disable_by_batch_size": 8},
                                   trust_remote_code=True, enforce_eager=True, kv_cache_dtype="fp8",
                                   enable_chunked_prefill=True, pipeline_parallel_size=1, cpu_offload_gb=0,
-                                  max_logprobs=20, distributed_executor_backend="mp")
+                                  max_logprobs=20, distributed_executor_backend="mp", max_cpu_loras=8,
+                                  lora_dtype="auto", fully_sharded_loras=False)
     want = EngineConfig(max_running=8, max_tokens_per_step=256, page_size=32, max_model_len=512, prefix_caching=False,
                         memory_fraction=0.5, seed=3, max_loras=1, speculative_tokens=4,
                         speculative_disable_by_batch_size=8, kv_cache_dtype="fp8", policy="mixed")
     assert cfg == want
-    for bad in ({"pipeline_parallel_size": 2}, {"cpu_offload_gb": 4}, {"max_logprobs": 50}, {"revision": "v2"}):
+    for bad in ({"pipeline_parallel_size": 2}, {"cpu_offload_gb": 4}, {"max_logprobs": 50}, {"revision": "v2"},
+                {"lora_dtype": "float32"}, {"fully_sharded_loras": True}):
         with pytest.raises(TypeError, match=f"'{next(iter(bad))}'"):
             engine_config_from_vllm(**bad)
     with pytest.raises(TypeError, match="only method 'ngram'"):
