@@ -18,5 +18,5 @@ from jaxserve.sampling import SamplingParams
 from jaxserve.structured import GuidedDecodingParams, StructuredOutputs
 
 __all__ = ["BeamSearchParams", "Engine", "EngineConfig", "GuidedDecodingParams", "LLM", "LoRARequest", "LoadedModel",
-           "ModelConfig", "PoolingParams", "Replicas", "SamplingParams", "StructuredOutputs", "beam_search", "chat", "classify", "embed", "generate",
-           "load", "score"]
+           "ModelConfig", "PoolingParams", "Replicas", "SamplingParams", "StructuredOutputs", "beam_search", "chat",
+           "classify", "embed", "generate", "load", "score"]

@@ -12,7 +12,8 @@ Decode steps with adapter rows fold each term into its projection's Mosaic GPU k
 on the accumulating glue: `LORA_GLUE`), reading the stacks in the forms `LoraSlots(folded=True)` keeps
 (`fold_columns`); other passes add ``lora_delta`` after the product. A batch without adapters keeps every fast path.
 A request holds its adapter's slot from admission until it finishes or is preempted; a waiting request whose adapter
-has no slot (all held by running requests) waits while others are admitted (`jaxserve.scheduler`). The prefix cache keeps each adapter's prefixes apart: K/V depend on the adapter.
+has no slot (all held by running requests) waits while others are admitted (`jaxserve.scheduler`). The prefix cache
+keeps each adapter's prefixes apart: K/V depend on the adapter.
 """
 
 from __future__ import annotations

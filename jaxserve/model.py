@@ -1130,9 +1130,8 @@ def _glue_term(x: jax.Array, lora: LayerLora | None, projection: str) -> tuple[j
     `skinny_matmul_mgpu`'s ``term`` where `_glue_folds`, else None."""
     if not _glue_folds(lora):
         return None
-    a_cols, bt = lora.folded[projection]
-    rows = x.reshape(-1, x.shape[-1])
-    return _lora_shrink_columns(rows, a_cols, lora.slots, lora.weights[projection][0].shape[1]), bt.astype(rows.dtype)
+    return _term_operands(x.reshape(-1, x.shape[-1]), lora.folded[projection], lora.slots,
+                          lora.weights[projection][0].shape[1])
 
 
 def _lora_kernels(y: jax.Array, fast: bool) -> bool:
@@ -1196,13 +1195,19 @@ def _lora_shrink_columns(rows: jax.Array, a_cols: jax.Array, slots: jax.Array, r
     the rows' dtype, as `jaxserve.lora.lora_delta` rounds its shrink: one XLA product written in the rows' dtype and a
     select (a float32 product, its rounding and a pad were three launches more a projection: H100, session 59), or
     for inputs up to LORA_SHRINK_MAX_K wide one Triton launch."""
-    if rows.shape[-1] <= LORA_SHRINK_MAX_K:
-        from jaxserve_kernels.skinny_matmul import skinny_matmul
+    from jaxserve_kernels.skinny_matmul import own_slot_columns, skinny_matmul
 
+    if rows.shape[-1] <= LORA_SHRINK_MAX_K:
         return skinny_matmul(rows, a_cols.astype(rows.dtype), layout="nk", own_slot=(slots, rank))
     t = jnp.dot(rows, a_cols.astype(rows.dtype).T, preferred_element_type=rows.dtype)
-    mine = (jnp.arange(a_cols.shape[0]) // rank)[None, :] == slots[:, None]
-    return jnp.where(mine, t, jnp.zeros((), rows.dtype))
+    return own_slot_columns(t, rank, slots, rows.dtype)
+
+
+def _term_operands(rows: jax.Array, folded: tuple, slots: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+    """`skinny_matmul_mgpu`'s ``term`` for ``rows [M, in]`` from a projection's folded stacks ``(a_cols, bt)``: the
+    rows' own-slot shrink (`_lora_shrink_columns`) and the expand in the rows' dtype."""
+    a_cols, bt = folded
+    return _lora_shrink_columns(rows, a_cols, slots, rank), bt.astype(rows.dtype)
 
 
 def _folded_lora_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, epilogue: str,
@@ -1222,9 +1227,7 @@ def _folded_lora_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array | N
     if folded is not None and _mgpu_projection(x, kernel, epilogue):
         from jaxserve_kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
 
-        a_cols, bt = folded
-        t = _lora_shrink_columns(rows, a_cols, slots, r)
-        out = skinny_matmul_mgpu(rows, kernel, bias, epilogue=epilogue, term=(t, bt.astype(rows.dtype)))
+        out = skinny_matmul_mgpu(rows, kernel, bias, epilogue=epilogue, term=_term_operands(rows, folded, slots, r))
         return out.reshape(*x.shape[:-1], out.shape[-1])
     term = LoraTerm(lora_shrink(rows, a.reshape(n * r, -1).astype(x.dtype)), b.reshape(n * r, -1).astype(x.dtype),
                     slots, r)

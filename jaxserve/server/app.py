@@ -380,7 +380,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         more adapter under a name; it is read and checked before the answer."""
         st, req = await _accept_plain(request, LoadLoraRequest)
         _check_runtime_lora(st)
-        if req.lora_name in st.loras or req.lora_name == st.model_name or req.lora_name in st.config.model_aliases:
+        if req.lora_name in st.loras or req.lora_name in _base_names(st):
             raise APIError(400, f"The lora adapter '{req.lora_name}' has already been loaded.", param="lora_name")
         try:
             lora = LoRARequest(req.lora_name, max((x.lora_int_id for x in st.loras.values()), default=0) + 1,
@@ -704,9 +704,14 @@ def _parse(schema: type[Schema], body: bytes | dict[str, Any]) -> Any:
         raise APIError(400, f"{where}: {err['msg']}", param=param) from None
 
 
+def _base_names(st: _State) -> tuple[str, ...]:
+    """The served base model's names: the one responses give, then --served-model-name's others."""
+    return (st.model_name, *st.config.model_aliases)
+
+
 def _check_model(name: str, st: _State) -> None:
-    if name != st.model_name and name not in st.loras and name not in st.config.model_aliases:
-        served = [st.model_name, *st.config.model_aliases, *st.loras]
+    if name not in _base_names(st) and name not in st.loras:
+        served = [*_base_names(st), *st.loras]
         raise APIError(404, f"model {name!r} does not exist; this server serves {', '.join(map(repr, served))}",
                        param="model", code="model_not_found")
 
