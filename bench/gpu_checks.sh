@@ -45,6 +45,10 @@
 #               (skinny_matmul own_slot; model.LORA_SHRINK_MAX_K): its compiled tests and the adapter step tests on the
 #               GPU, then bench/lora.py at 64 / 256 rows with it (profiled at 64) and with XLA's product + select
 #               (JAXSERVE_LORA_SHRINK_MAX_K=0), each its own process (~330 s?)
+#   lora60      session 60: QKV's and gate_up's LoRA shrinks written by the accumulating glue's norm kernels
+#               (model.LORA_NORM_SHRINK; residual_norm.add_rms_norm's shrink): the norm's and the adapter step's tests
+#               on the GPU, then bench/lora.py at 64 / 256 rows with it (bf16 check, profiled at 64), without it
+#               (XLA's shrink + select, session 59's default), and with it again, each its own process (~450 s?)
 #   lora58      session 58: adapter terms folded into the plain path's skinny_matmul projections (model.LORA_FOLD):
 #               the kernel's compiled lora tests, bench/lora.py's float32 check with it on, then at 64 / 256 rows off
 #               against on, each its own process, profiled (~400 s; session 58: 336 s, the fold 0.45x against 0.54x)
@@ -1109,6 +1113,15 @@ for part in "${parts[@]}"; do
                | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp59e ; \
              echo "== JAXSERVE_LORA_SHRINK_MAX_K=0" ; JAXSERVE_LORA_SHRINK_MAX_K=0 timeout 100 python3 bench/lora.py \
                --shape 0.5B --batch 64 256 --no-check --out "$OUT/$part/xla" 2>&1 | grep "^|" ;;
+    lora60) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+              tests/test_residual_norm.py tests/test_lora.py -k "shrink or float32_models_logits" 2>&1 | tail -3 ; \
+            echo "== JAXSERVE_LORA_NORM_SHRINK=1 (default)" ; timeout 150 python3 bench/lora.py --shape 0.5B \
+              --batch 64 256 --check-dtype bfloat16 --profile /tmp/lp60 --profile-top 30 --out "$OUT/$part/norm" 2>&1 \
+              | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp60 ; \
+            echo "== JAXSERVE_LORA_NORM_SHRINK=0" ; JAXSERVE_LORA_NORM_SHRINK=0 timeout 110 python3 bench/lora.py \
+              --shape 0.5B --batch 64 256 --no-check --out "$OUT/$part/xla" 2>&1 | grep "^|" ; \
+            echo "== JAXSERVE_LORA_NORM_SHRINK=1 again" ; timeout 110 python3 bench/lora.py --shape 0.5B \
+              --batch 64 256 --no-check --out "$OUT/$part/norm2" 2>&1 | grep "^|" ;;
     lora58) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_skinny_matmul.py \
               -k lora 2>&1 | tail -3 ; \
             echo "== check (float32, folded)" ; JAXSERVE_LORA_FOLD=1 timeout 130 python3 bench/lora.py --shape 0.5B \

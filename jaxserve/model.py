@@ -574,26 +574,29 @@ def decode_rows(rows: int, cfg: ModelConfig, dtype: Any, impl: str = "pallas") -
     return MGPU_MIN_ROWS if _accumulate_glue(types.SimpleNamespace(impl=impl), stream, cfg, dtype) else rows
 
 
-def _norm_stream(x: jax.Array, norm: tuple, dtype: Any, seed: jax.Array | None = None) -> tuple[jax.Array, ...]:
+def _norm_stream(x: jax.Array, norm: tuple, dtype: Any, seed: jax.Array | None = None,
+                 shrink: tuple | None = None) -> tuple[jax.Array, ...]:
     """The float32 stream ``x [B, S, N]`` normed into ``dtype`` (``norm``: the folded RMSNorm's
     ``(None, scale, eps)``), and with ``seed`` also QKV's float32 accumulator ``[B, S, N2]`` started
-    at it (ACCUMULATE's glue)."""
+    at it (ACCUMULATE's glue); with ``shrink`` (`_norm_shrink`) last the rows' own-slot LoRA shrink ``[B, S, T]``
+    of the normed rows."""
     from jaxserve_kernels.residual_norm import add_rms_norm
 
     _, scale, eps = norm
-    out = add_rms_norm(x.reshape(-1, x.shape[-1]), None, scale, eps=eps, out_dtype=dtype, seed=seed)
+    out = add_rms_norm(x.reshape(-1, x.shape[-1]), None, scale, eps=eps, out_dtype=dtype, seed=seed, shrink=shrink)
     return tuple(o.reshape(*x.shape[:-1], -1) for o in out[1:])
 
 
 def _accumulate(x: jax.Array, kernel: jax.Array, acc: jax.Array, lora: LayerLora | None = None,
-                projection: str = "") -> jax.Array:
+                projection: str = "", shrunk: jax.Array | None = None) -> jax.Array:
     """``acc + x @ kernel.T`` (float32, in acc's buffer) on Mosaic GPU; ``x [B, 1, K]``, ``acc [B, 1, N]``. With
     ``lora`` (the accumulating glue's adapters, LORA_GLUE) each row's term of ``projection`` too: inside the kernel
-    where the layer folds its terms with the stacks kept (`_glue_term`), else XLA's (or LORA_KERNELS') added first."""
+    where the layer folds its terms with the stacks kept (`_glue_term`; ``shrunk``: its shrink, made by the norm
+    before, `_norm_shrink`), else XLA's (or LORA_KERNELS') added first."""
     from jaxserve_kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
 
     rows = x.shape[0] * x.shape[1]
-    term = _glue_term(x, lora, projection)
+    term = _glue_term(x, lora, projection, shrunk)
     if term is None:
         acc = _add_lora(acc, x, lora, projection)
     out = skinny_matmul_mgpu(x.reshape(rows, x.shape[-1]), kernel, epilogue="accumulate",
@@ -610,8 +613,8 @@ class Linear(nn.Module):
     ("partials", "swiglu"; see ``jaxserve_kernels.skinny_matmul.skinny_matmul``) is for the fused decode
     glue only, which guarantees the kernel runs; ``tiling`` overrides the kernel's tiling
     (``block_n``, ``block_k``, ``num_splits``, ...). With ``norm`` (_fold_norms) ``touch_pages`` goes to
-    ``skinny_matmul_norm`` (PREFETCH_KV). ``lora`` (``(a, b, slots, folded)``, LORA_FOLD's decode steps): each row's
-    adapter term added inside the projection's kernel (`_folded_lora_projection`).
+    ``skinny_matmul_norm`` (PREFETCH_KV). ``lora`` (``(a, b, slots, folded, shrunk)``, LORA_FOLD's decode steps): each
+    row's adapter term added inside the projection's kernel (`_folded_lora_projection`).
     """
 
     features: int
@@ -648,7 +651,7 @@ class Linear(nn.Module):
             return fused(kernel, bias)
         x = x.astype(self.dtype)
         rows = x.size // x.shape[-1]
-        if lora is not None:  # (a, b, slots, folded): each row's adapter term inside the product (`_lora_folds`)
+        if lora is not None:  # (a, b, slots, folded, shrunk): each row's term inside the product (`_lora_folds`)
             return _folded_lora_projection(x, kernel, bias, epilogue, *lora)
         if norm is not None:  # x is the residual stream; see _fold_norms
             from jaxserve_kernels.skinny_matmul import skinny_matmul_norm
@@ -821,8 +824,9 @@ class Attention(nn.Module):
         qkv_proj = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")
         if accumulate is not None:
             def qkv_of(kernel, bias):  # the norm starts QKV's float32 accumulator at the bias
-                normed, acc = _norm_stream(x, accumulate, self.dtype, seed=bias)
-                return _accumulate(normed, kernel, acc, lora, "qkv_proj")
+                normed, acc, *shrunk = _norm_stream(x, accumulate, self.dtype, seed=bias,
+                                                    shrink=_norm_shrink(lora, "qkv_proj"))
+                return _accumulate(normed, kernel, acc, lora, "qkv_proj", *shrunk)
 
             scales = _kv_scales(cfg, self.layer, kv)
             if touched is None and KV_TOUCH:  # "layer", or layer 0 under "early"
@@ -880,11 +884,11 @@ class MLP(nn.Module):
         gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")
         down = Linear(self.config.hidden_size, False, self.dtype, name="down_proj")
         if accumulate is not None:
-            (normed,) = _norm_stream(x, accumulate, self.dtype)
+            normed, *shrunk = _norm_stream(x, accumulate, self.dtype, shrink=_norm_shrink(lora, "gate_up_proj"))
             if lora is None:
                 act = gate_up(normed, True, "swiglu")
             elif _glue_folds(lora):  # the term inside the kernel, before SwiGLU
-                act = gate_up(normed, True, "swiglu", lora=_fold(lora, "gate_up_proj"))
+                act = gate_up(normed, True, "swiglu", lora=_fold(lora, "gate_up_proj", *shrunk))
             elif LORA_KERNELS:  # the term, then SwiGLU, in one launch after gate_up's product
                 act = _lora_swiglu_kernel(gate_up(normed, True), normed, lora)
             else:  # the adapters' term goes in before SwiGLU, which the kernel's epilogue would apply first
@@ -1125,13 +1129,14 @@ def _glue_folds(lora: LayerLora | None) -> bool:
     return lora is not None and lora.fold and lora.folded is not None
 
 
-def _glue_term(x: jax.Array, lora: LayerLora | None, projection: str) -> tuple[jax.Array, jax.Array] | None:
+def _glue_term(x: jax.Array, lora: LayerLora | None, projection: str,
+               shrunk: jax.Array | None = None) -> tuple[jax.Array, jax.Array] | None:
     """The accumulating glue's folded term of ``projection`` for input ``x [B, 1, K]``: ``(t, bt)`` for
-    `skinny_matmul_mgpu`'s ``term`` where `_glue_folds`, else None."""
+    `skinny_matmul_mgpu`'s ``term`` where `_glue_folds` (``t`` is ``shrunk`` where the norm made it), else None."""
     if not _glue_folds(lora):
         return None
     return _term_operands(x.reshape(-1, x.shape[-1]), lora.folded[projection], lora.slots,
-                          lora.weights[projection][0].shape[1])
+                          lora.weights[projection][0].shape[1], shrunk)
 
 
 def _lora_kernels(y: jax.Array, fast: bool) -> bool:
@@ -1172,12 +1177,29 @@ def _lora_folds(x: jax.Array, paged: PagedAttention | None) -> bool:
             and x.shape[0] <= LORA_FOLD_ROWS)
 
 
-def _fold(lora: LayerLora | None, projection: str) -> tuple | None:
-    """``(a, b, slots, folded)`` of ``projection`` for `Linear` where the layer folds its terms (`LayerLora.fold`;
-    ``folded`` its `LayerLora.folded` pair, None where not kept)."""
+def _fold(lora: LayerLora | None, projection: str, shrunk: jax.Array | None = None) -> tuple | None:
+    """``(a, b, slots, folded, shrunk)`` of ``projection`` for `Linear` where the layer folds its terms
+    (`LayerLora.fold`; ``folded`` its `LayerLora.folded` pair, None where not kept; ``shrunk`` the rows' shrink where
+    the norm before made it, `_norm_shrink`)."""
     if lora is None or not lora.fold:
         return None
-    return (*lora.weights[projection], lora.slots, None if lora.folded is None else lora.folded[projection])
+    return (*lora.weights[projection], lora.slots, None if lora.folded is None else lora.folded[projection], shrunk)
+
+
+# The accumulating glue's norm kernels also write the next projection's LoRA shrink (QKV's after the input norm,
+# gate_up's after the post-attention norm): each row's program multiplies its normed row by its own slot's rows of
+# the folded stack (`jaxserve_kernels.residual_norm.add_rms_norm`'s ``shrink``), where XLA ran a product over every
+# slot's columns and a select, two launches a projection. JAXSERVE_LORA_NORM_SHRINK=0 turns it off; read when a step
+# is traced.
+LORA_NORM_SHRINK = os.environ.get("JAXSERVE_LORA_NORM_SHRINK", "1") == "1"
+
+
+def _norm_shrink(lora: LayerLora | None, projection: str) -> tuple | None:
+    """``add_rms_norm``'s ``shrink`` for the norm before ``projection`` on the accumulating glue: where the layer
+    folds its terms with the stacks kept (`_glue_folds`) and LORA_NORM_SHRINK, ``(a_cols, slots, R)``; else None."""
+    if not (LORA_NORM_SHRINK and _glue_folds(lora)):
+        return None
+    return lora.folded[projection][0], lora.slots, lora.weights[projection][0].shape[1]
 
 
 # Folded LoRA shrinks of inputs at most this wide as one Triton launch that keeps each row's own slot's columns
@@ -1203,19 +1225,24 @@ def _lora_shrink_columns(rows: jax.Array, a_cols: jax.Array, slots: jax.Array, r
     return own_slot_columns(t, rank, slots, rows.dtype)
 
 
-def _term_operands(rows: jax.Array, folded: tuple, slots: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+def _term_operands(rows: jax.Array, folded: tuple, slots: jax.Array, rank: int,
+                   shrunk: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """`skinny_matmul_mgpu`'s ``term`` for ``rows [M, in]`` from a projection's folded stacks ``(a_cols, bt)``: the
-    rows' own-slot shrink (`_lora_shrink_columns`) and the expand in the rows' dtype."""
+    rows' own-slot shrink (``shrunk`` where the norm made it, else `_lora_shrink_columns`) and the expand in the rows'
+    dtype."""
     a_cols, bt = folded
-    return _lora_shrink_columns(rows, a_cols, slots, rank), bt.astype(rows.dtype)
+    if shrunk is None:
+        return _lora_shrink_columns(rows, a_cols, slots, rank), bt.astype(rows.dtype)
+    return shrunk.reshape(rows.shape[0], -1), bt.astype(rows.dtype)
 
 
 def _folded_lora_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, epilogue: str,
-                            a: jax.Array, b: jax.Array, slots: jax.Array, folded: tuple | None = None) -> jax.Array:
+                            a: jax.Array, b: jax.Array, slots: jax.Array, folded: tuple | None = None,
+                            shrunk: jax.Array | None = None) -> jax.Array:
     """``x [B, 1, in] @ kernel (+ bias)`` with each row's adapter term added in the product's kernel (LORA_FOLD);
     ``epilogue`` "none" or "swiglu". Where the Mosaic GPU projection runs and ``folded`` (``(a_cols, bt)``,
-    `jaxserve.lora.fold_columns`) is kept: XLA's shrink, masked (`_lora_shrink_columns`), as the kernel's extra K
-    steps over ``bt``.
+    `jaxserve.lora.fold_columns`) is kept: XLA's shrink, masked (`_lora_shrink_columns`; or ``shrunk``, the norm's),
+    as the kernel's extra K steps over ``bt``.
     Otherwise the shrink over every slot (``a [n, R, in]``) in one launch, then `skinny_matmul` with that shrink and
     the stacked expand (``b [n, R, out]``)."""
     from jaxserve_kernels.skinny_matmul import LoraTerm, lora_shrink, skinny_matmul
@@ -1227,7 +1254,8 @@ def _folded_lora_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array | N
     if folded is not None and _mgpu_projection(x, kernel, epilogue):
         from jaxserve_kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
 
-        out = skinny_matmul_mgpu(rows, kernel, bias, epilogue=epilogue, term=_term_operands(rows, folded, slots, r))
+        term = _term_operands(rows, folded, slots, r, shrunk)
+        out = skinny_matmul_mgpu(rows, kernel, bias, epilogue=epilogue, term=term)
         return out.reshape(*x.shape[:-1], out.shape[-1])
     term = LoraTerm(lora_shrink(rows, a.reshape(n * r, -1).astype(x.dtype)), b.reshape(n * r, -1).astype(x.dtype),
                     slots, r)

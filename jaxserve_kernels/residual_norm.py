@@ -19,7 +19,10 @@ the mean square in float32 and writes `scale * round(h * rsqrt(ms + eps))` (agai
 order: normalise in float32, round, then the weight multiply). Where the projections add into a
 float32 stream themselves (`jaxserve.model.ACCUMULATE`) there are no partials: the kernel only
 normalises, into the activation dtype, and the input norm also writes the rows of QKV's float32
-accumulator, started at its bias (`seed`), so that start needs no launch of its own.
+accumulator, started at its bias (`seed`), so that start needs no launch of its own. With `shrink` a row's program
+also multiplies its normed row by its own LoRA slot's rows of the next projection's folded shrink stack (the
+`jaxserve.lora.fold_columns` form): the adapter term's `t` for that projection, which would otherwise be an XLA
+product and a select of their own (two launches a projection, `jaxserve.model.LORA_NORM_SHRINK`).
 
 Backend: Pallas Triton, like the other kernels (`jaxserve_kernels.paged_attention` says why).
 """
@@ -55,22 +58,28 @@ SEED_PROGRAMS = True
 # --glue norm_scale_first, one process): at 64 rows 1.64 -> 1.57 and 1.52 -> 1.44 µs a launch, GPU busy
 # 753.8 -> 748.0 µs a step, the step 0.767 -> 0.766 ms. Read when a step is traced.
 SCALE_FIRST = True
+# Rows of a slot's shrink stack a `shrink` program loads and reduces at once: a [16, 1024] float32 product is 64
+# values a thread at 8 warps; a whole rank-48 QKV slot at once would be 192 and spill.
+SHRINK_CHUNK = 16
 
 
 def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: int, seed_programs: bool,
-            scale_first: bool = False):
+            scale_first: bool = False, rank: int = 0):
     rest = list(rest)
     p_ref = rest.pop(0) if num_parts else None
     scale_ref = rest.pop(0)
     seed_ref = rest.pop(0) if seed_block else None  # the next projection's accumulator starts at it
+    a_ref, slot_ref = (rest.pop(0), rest.pop(0)) if rank else (None, None)
     # Without partials the residual is unchanged: returned as is by the wrapper, not copied.
     h_out_ref = rest.pop(0) if num_parts else None
     norm_out_ref = rest.pop(0)
     seed_out_ref = rest.pop(0) if seed_block else None
+    t_ref = rest.pop(0) if rank else None
     pid, m = pl.program_id(0), h_ref.shape[0]
+    shrink = (a_ref, slot_ref, t_ref, rank) if rank else None
     norm = functools.partial(_norm_row, h_ref=h_ref, p_ref=p_ref, scale_ref=scale_ref, h_out_ref=h_out_ref,
                              norm_out_ref=norm_out_ref, num_parts=num_parts, eps=eps, block_n=block_n,
-                             scale_first=scale_first)
+                             scale_first=scale_first, shrink=shrink)
 
     def seed(row):
         seed_ok = jnp.arange(seed_block) < seed_ref.shape[0]
@@ -88,11 +97,13 @@ def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: 
 
 
 def _norm_row(row, *, h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, num_parts: int, eps: float, block_n: int,
-              scale_first: bool = False):
+              scale_first: bool = False, shrink: tuple | None = None):
     n = h_ref.shape[1]
     dtype = h_ref.dtype
     cols = jnp.arange(block_n)
     ok = cols < n
+    if shrink is not None:  # the slot's stack rows depend only on the slot: in flight under the row's own loads
+        stack = _slot_stack(row, shrink, block_n=block_n, ok=ok)
     if scale_first:
         scale = compat.load(scale_ref.at[pl.ds(0, block_n)], mask=ok, other=0)
     h = compat.load(h_ref.at[row, pl.ds(0, block_n)], mask=ok, other=0)
@@ -112,23 +123,63 @@ def _norm_row(row, *, h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, num_part
         scale = compat.load(scale_ref.at[pl.ds(0, block_n)], mask=ok, other=0)
     out = (scale.astype(jnp.float32) * normed.astype(jnp.float32)).astype(norm_out_ref.dtype)
     compat.store(norm_out_ref.at[row, pl.ds(0, block_n)], out, mask=ok)
+    if shrink is not None:
+        _store_shrink(row, out, stack, shrink)
+
+
+def _slot_stack(row, shrink: tuple, *, block_n: int, ok) -> tuple:
+    """The row's slot's rows of the folded shrink stack ``a [T, N]``, as SHRINK_CHUNK-row tiles (none read for
+    slot -1), and the column each tile's rows sum into."""
+    a_ref, slot_ref, _, rank = shrink
+    slot = slot_ref[row]
+    first = jnp.maximum(slot, 0) * rank
+    tiles = []
+    for c in range(-(-rank // SHRINK_CHUNK)):
+        # A chunk that would run past the stack's last row starts earlier instead (its extra rows masked off):
+        # interpret mode clamps such a slice's start, and a slot's own rows always end inside the stack.
+        start = jnp.minimum(first + c * SHRINK_CHUNK, a_ref.shape[0] - SHRINK_CHUNK)
+        at = start + jnp.arange(SHRINK_CHUNK)
+        live = (at >= first + c * SHRINK_CHUNK) & (at < first + rank) & (slot >= 0)
+        tile = compat.load(a_ref.at[pl.ds(start, SHRINK_CHUNK), pl.ds(0, block_n)],
+                           mask=live[:, None] & ok[None, :], other=0)
+        tiles.append((tile, jnp.where(live, at, -1)))
+    return tiles
+
+
+def _store_shrink(row, out, tiles, shrink: tuple) -> None:
+    """``t[row]``: the normed row (as stored, in the activation dtype) times its slot's stack rows, summed in
+    float32 and rounded once, in their columns of the stack; zeros elsewhere (`jaxserve.lora.lora_delta`'s select)."""
+    _, _, t_ref, _ = shrink
+    width = t_ref.shape[1]
+    block_t = compat.next_pow2(width)
+    t_cols = jnp.arange(block_t)
+    x = out.astype(jnp.float32)[None, :]
+    t = jnp.zeros((block_t,), jnp.float32)
+    for tile, at in tiles:
+        sums = jnp.sum(tile.astype(jnp.float32) * x, axis=1)  # [SHRINK_CHUNK]
+        t = t + jnp.sum(jnp.where(at[:, None] == t_cols[None, :], sums[:, None], 0.0), axis=0)
+    compat.store(t_ref.at[row, pl.ds(0, block_t)], t.astype(t_ref.dtype), mask=t_cols < width)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "num_warps", "interpret", "seed_programs",
-                                             "scale_first"))
-def _add_rms_norm(hidden, partials, scale, seed, *, eps: float, out_dtype, num_warps: int, interpret: bool,
-                  seed_programs: bool, scale_first: bool = False):
+                                             "scale_first", "rank"))
+def _add_rms_norm(hidden, partials, scale, seed, a_cols=None, slots=None, *, eps: float, out_dtype, num_warps: int,
+                  interpret: bool, seed_programs: bool, scale_first: bool = False, rank: int = 0):
     m, n = hidden.shape
     num_parts = 0 if partials is None else partials.shape[0]
     seed_block = 0 if seed is None else compat.next_pow2(seed.shape[0])
     seed_programs = seed_programs and bool(seed_block)
     kernel = functools.partial(_kernel, num_parts=num_parts, eps=eps, block_n=compat.next_pow2(n),
-                               seed_block=seed_block, seed_programs=seed_programs, scale_first=scale_first)
+                               seed_block=seed_block, seed_programs=seed_programs, scale_first=scale_first,
+                               rank=rank)
     args = [hidden] + ([partials] if num_parts else []) + [scale] + ([seed] if seed_block else [])
+    args += [a_cols.astype(out_dtype), slots.astype(jnp.int32)] if rank else []
     norm_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
     out_shape = [jax.ShapeDtypeStruct((m, n), hidden.dtype), norm_shape] if num_parts else [norm_shape]
     if seed_block:
         out_shape.append(jax.ShapeDtypeStruct((m, seed.shape[0]), jnp.float32))
+    if rank:
+        out_shape.append(jax.ShapeDtypeStruct((m, a_cols.shape[0]), out_dtype))
     outs = compat.triton_call(kernel, *args, grid=(2 * m if seed_programs else m,), out_shape=out_shape,
                               interpret=interpret, num_warps=num_warps, name="add_rms_norm")
     if not num_parts:  # the residual is unchanged: returned as is, not copied
@@ -138,9 +189,11 @@ def _add_rms_norm(hidden, partials, scale, seed, *, eps: float, out_dtype, num_w
 
 def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array, *,
                  eps: float, out_dtype: Any = None, seed: jax.Array | None = None,
+                 shrink: tuple[jax.Array, jax.Array, int] | None = None,
                  interpret: bool | None = None, num_warps: int | None = None) -> tuple[jax.Array, ...]:
     """`h = hidden + sum(partials)`, then `(h, RMSNorm(h) * scale)`, in hidden's dtype; with
-    `seed`, also `seed` broadcast to every row (float32) as a third output.
+    `seed`, also `seed` broadcast to every row (float32) as a third output; with `shrink`, each row's LoRA shrink
+    of its normed row as the last output.
 
     Args:
         hidden: `[M, N]` residual stream.
@@ -155,6 +208,10 @@ def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array
         seed: `[N2]`, e.g. the next projection's bias: the rows of its float32 accumulator
             (`jaxserve_kernels.skinny_matmul_mgpu`'s "accumulate" epilogue) written here, so that
             start costs no launch of its own.
+        shrink: `(a_cols [T, N], slots [M], R)`: the next projection's folded shrink stack
+            (`jaxserve.lora.fold_columns`: slot s's rows s*R..s*R+R-1) and each row's slot (-1: none); adds
+            `t [M, T]` in the normed output's dtype: row i's normed row times its slot's rows of `a_cols` (float32
+            sums rounded once) in those columns, zeros in the rest.
         interpret: Pallas interpret mode; None picks it on the CPU backend.
         num_warps: Triton warps per program (one program per row); None: `NUM_WARPS`.
 
@@ -171,18 +228,27 @@ def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array
         raise ValueError(f"scale must be [{hidden.shape[1]}], got {scale.shape}")
     if seed is not None and seed.ndim != 1:
         raise ValueError(f"seed must be [N2], got {seed.shape}")
+    a_cols, slots, rank = (None, None, 0) if shrink is None else shrink
+    if shrink is not None:
+        if a_cols.ndim != 2 or a_cols.shape[1] != hidden.shape[1]:
+            raise ValueError(f"shrink's a_cols must be [T, {hidden.shape[1]}], got {a_cols.shape}")
+        if slots.shape != (hidden.shape[0],):
+            raise ValueError(f"shrink's slots must be [{hidden.shape[0]}], got {slots.shape}")
+        if not 1 <= int(rank) <= a_cols.shape[0] or a_cols.shape[0] < SHRINK_CHUNK:
+            raise ValueError(f"shrink's rank {rank} must be 1..T and a_cols' T >= {SHRINK_CHUNK}, "
+                             f"got T = {a_cols.shape[0]}")
     if partials is not None:
         partials = partials.astype(jnp.float32)
-    return _add_rms_norm(hidden, partials, scale, seed, eps=float(eps),
+    return _add_rms_norm(hidden, partials, scale, seed, a_cols, slots, eps=float(eps),
                          out_dtype=jnp.dtype(hidden.dtype if out_dtype is None else out_dtype),
                          num_warps=NUM_WARPS if num_warps is None else num_warps,
                          interpret=compat.resolve_interpret(interpret), seed_programs=SEED_PROGRAMS,
-                         scale_first=SCALE_FIRST)
+                         scale_first=SCALE_FIRST, rank=int(rank))
 
 
 def add_rms_norm_reference(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array, *,
-                           eps: float, out_dtype: Any = None,
-                           seed: jax.Array | None = None) -> tuple[jax.Array, ...]:
+                           eps: float, out_dtype: Any = None, seed: jax.Array | None = None,
+                           shrink: tuple[jax.Array, jax.Array, int] | None = None) -> tuple[jax.Array, ...]:
     """jnp reference of `add_rms_norm`, with the same roundings.
 
     Example:
@@ -200,4 +266,10 @@ def add_rms_norm_reference(hidden: jax.Array, partials: jax.Array | None, scale:
     out = (hidden, (scale.astype(jnp.float32) * normed.astype(jnp.float32)).astype(out_dtype))
     if seed is not None:
         out += (jnp.broadcast_to(seed.astype(jnp.float32), (hidden.shape[0], seed.shape[0])),)
+    if shrink is not None:
+        a_cols, slots, rank = shrink
+        t = jnp.dot(out[1].astype(jnp.float32), a_cols.astype(out_dtype).astype(jnp.float32).T,
+                    precision=lax.Precision.HIGHEST)
+        mine = (jnp.arange(a_cols.shape[0]) // rank)[None, :] == slots[:, None]
+        out += (jnp.where(mine, t, 0.0).astype(out_dtype),)
     return out

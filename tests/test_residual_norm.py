@@ -136,3 +136,49 @@ def test_seeded_float32_stream_on_one_or_two_warps(interpret, num_warps):
     assert np.array_equal(np.asarray(out[0]), np.asarray(hidden))
     assert relative_error(out[1], ref[1]) <= 8e-3, f"seed={seed}"
     np.testing.assert_array_equal(np.asarray(out[2]), np.asarray(ref[2]), err_msg=f"seed={seed}")
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("m,n,slots,rank,seeded", [
+    (64, 896, 4, 48, True),    # Qwen2.5-0.5B's QKV at rank 16 (q, k, v side by side), 4 slots
+    (64, 896, 4, 32, False),   # its gate_up
+    (8, 200, 3, 12, True),     # a rank that is no whole chunk
+    (5, 130, 10, 4, False),    # the last slot's chunk would pass the stack's end: it starts earlier
+    (9, 96, 2, 20, False),     # two chunks, the second partial
+])
+def test_norm_writes_each_rows_own_slot_lora_shrink(interpret, m, n, slots, rank, seeded):
+    # model.LORA_NORM_SHRINK: the accumulating glue's norm also writes the next projection's LoRA shrink, each row's
+    # normed row (as the norm stores it) times its own slot's rows of the folded stack, zeros in every other column
+    # and in rows of no adapter (-1). Slots drawn so every slot (the last one too) and -1 appear.
+    from jaxserve.lora import fold_columns
+
+    rng, seed = fresh_rng()
+    hidden = jnp.asarray(rng.standard_normal((m, n)) * 3, jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.bfloat16)
+    a = jnp.asarray(rng.standard_normal((slots, rank, n)) * 0.1, jnp.bfloat16)
+    a_cols, _ = fold_columns(a, jnp.zeros((slots, rank, 8), jnp.bfloat16))
+    row_slots = jnp.asarray(rng.permutation(np.resize(np.arange(-1, slots), m)), jnp.int32)
+    bias = jnp.asarray(rng.standard_normal(40), jnp.bfloat16) if seeded else None
+    kwargs = dict(eps=1e-6, out_dtype=jnp.bfloat16, seed=bias, shrink=(a_cols, row_slots, rank))
+    out = add_rms_norm(hidden, None, scale, interpret=interpret, **kwargs)
+    ref = add_rms_norm_reference(hidden, None, scale, **kwargs)
+    t, t_ref = np.asarray(out[-1], np.float32), np.asarray(ref[-1], np.float32)
+    assert len(out) == len(ref) == (4 if seeded else 3) and t.shape == (m, a_cols.shape[0])
+    assert out[-1].dtype == jnp.bfloat16 and not np.isnan(t).any(), f"seed={seed}"
+    mine = (np.arange(a_cols.shape[0]) // rank)[None, :] == np.asarray(row_slots)[:, None]
+    assert not t[~mine].any(), f"a column outside the row's slot written, seed={seed}"
+    assert np.abs(t[mine]).min() > 0, f"a slot column left zero, seed={seed}"
+    assert relative_error(t, t_ref) <= 1e-2, f"seed={seed}"
+    assert relative_error(out[1], ref[1]) <= 8e-3, f"seed={seed}"
+    if seeded:
+        np.testing.assert_array_equal(np.asarray(out[2]), np.asarray(ref[2]), err_msg=f"seed={seed}")
+
+
+def test_norm_shrink_errors_name_the_field():
+    h, s = jnp.zeros((2, 32)), jnp.ones(32)
+    with pytest.raises(ValueError, match="a_cols"):
+        add_rms_norm(h, None, s, eps=1e-6, shrink=(jnp.zeros((128, 31)), jnp.zeros(2, jnp.int32), 4))
+    with pytest.raises(ValueError, match="slots"):
+        add_rms_norm(h, None, s, eps=1e-6, shrink=(jnp.zeros((128, 32)), jnp.zeros(3, jnp.int32), 4))
+    with pytest.raises(ValueError, match="rank"):
+        add_rms_norm(h, None, s, eps=1e-6, shrink=(jnp.zeros((128, 32)), jnp.zeros(2, jnp.int32), 0))
