@@ -48,7 +48,8 @@
 #   lora60      session 60: QKV's and gate_up's LoRA shrinks written by the accumulating glue's norm kernels
 #               (model.LORA_NORM_SHRINK; residual_norm.add_rms_norm's shrink): the norm's and the adapter step's tests
 #               on the GPU, then bench/lora.py at 64 / 256 rows with it (bf16 check, profiled at 64), without it
-#               (XLA's shrink + select, session 59's default), and with it again, each its own process (~450 s?)
+#               (XLA's shrink + select, session 59's default; profiled), and with it again, each its own process
+#               (~370 s)
 #   lora58      session 58: adapter terms folded into the plain path's skinny_matmul projections (model.LORA_FOLD):
 #               the kernel's compiled lora tests, bench/lora.py's float32 check with it on, then at 64 / 256 rows off
 #               against on, each its own process, profiled (~400 s; session 58: 336 s, the fold 0.45x against 0.54x)
@@ -1118,8 +1119,9 @@ for part in "${parts[@]}"; do
             echo "== JAXSERVE_LORA_NORM_SHRINK=1 (default)" ; timeout 150 python3 bench/lora.py --shape 0.5B \
               --batch 64 256 --check-dtype bfloat16 --profile /tmp/lp60 --profile-top 30 --out "$OUT/$part/norm" 2>&1 \
               | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp60 ; \
-            echo "== JAXSERVE_LORA_NORM_SHRINK=0" ; JAXSERVE_LORA_NORM_SHRINK=0 timeout 110 python3 bench/lora.py \
-              --shape 0.5B --batch 64 256 --no-check --out "$OUT/$part/xla" 2>&1 | grep "^|" ; \
+            echo "== JAXSERVE_LORA_NORM_SHRINK=0" ; JAXSERVE_LORA_NORM_SHRINK=0 timeout 140 python3 bench/lora.py \
+              --shape 0.5B --batch 64 256 --no-check --profile /tmp/lp60x --profile-top 12 --out "$OUT/$part/xla" \
+              2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp60x ; \
             echo "== JAXSERVE_LORA_NORM_SHRINK=1 again" ; timeout 110 python3 bench/lora.py --shape 0.5B \
               --batch 64 256 --no-check --out "$OUT/$part/norm2" 2>&1 | grep "^|" ;;
     lora58) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_skinny_matmul.py \

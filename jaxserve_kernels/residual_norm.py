@@ -19,10 +19,11 @@ the mean square in float32 and writes `scale * round(h * rsqrt(ms + eps))` (agai
 order: normalise in float32, round, then the weight multiply). Where the projections add into a
 float32 stream themselves (`jaxserve.model.ACCUMULATE`) there are no partials: the kernel only
 normalises, into the activation dtype, and the input norm also writes the rows of QKV's float32
-accumulator, started at its bias (`seed`), so that start needs no launch of its own. With `shrink` a row's program
-also multiplies its normed row by its own LoRA slot's rows of the next projection's folded shrink stack (the
-`jaxserve.lora.fold_columns` form): the adapter term's `t` for that projection, which would otherwise be an XLA
-product and a select of their own (two launches a projection, `jaxserve.model.LORA_NORM_SHRINK`).
+accumulator, started at its bias (`seed`), so that start needs no launch of its own. With `shrink` the same launch
+writes the next projection's LoRA shrink `t` (`jaxserve.model.LORA_NORM_SHRINK`), which would otherwise be an XLA
+product and a select of their own, two launches a projection: programs of their own, one a row and 16 of its slot's
+rows of the folded stack (`jaxserve.lora.fold_columns`), each norm that row again and multiply it by those rows; the
+row's norm program writes the zeros of every other slot's columns.
 
 Backend: Pallas Triton, like the other kernels (`jaxserve_kernels.paged_attention` says why).
 """
@@ -80,20 +81,42 @@ def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: 
     norm = functools.partial(_norm_row, h_ref=h_ref, p_ref=p_ref, scale_ref=scale_ref, h_out_ref=h_out_ref,
                              norm_out_ref=norm_out_ref, num_parts=num_parts, eps=eps, block_n=block_n,
                              scale_first=scale_first, shrink=shrink)
+    # With a shrink, programs m..m+S-1 each make one SHRINK_CHUNK of one row's shrink (norming the row again):
+    # chunks of a row done one after another in its norm's program cost ~1.1 µs each on the H100 (session 60).
+    shrinks = m * -(-rank // SHRINK_CHUNK) if rank else 0
+    first_seed = m + shrinks
 
     def seed(row):
         seed_ok = jnp.arange(seed_block) < seed_ref.shape[0]
         value = compat.load(seed_ref.at[pl.ds(0, seed_block)], mask=seed_ok, other=0)
         compat.store(seed_out_ref.at[row, pl.ds(0, seed_block)], value.astype(jnp.float32), mask=seed_ok)
 
-    if not seed_block:
+    def norm_program():
+        if seed_block and not seed_programs:
+            seed(pid)
         norm(pid)
-    elif seed_programs:  # SEED_PROGRAMS: programs m.. write the seed's rows
-        pl.when(pid >= m)(lambda: seed(pid - m))
-        pl.when(pid < m)(lambda: norm(pid))
-    else:
-        seed(pid)
-        norm(pid)
+
+    if not (shrinks or seed_programs):
+        norm_program()
+        return
+    pl.when(pid < m)(norm_program)
+    if shrinks:
+        pl.when((pid >= m) & (pid < first_seed))(
+            lambda: _shrink_chunk((pid - m) % m, (pid - m) // m, h_ref=h_ref, scale_ref=scale_ref, shrink=shrink,
+                                  eps=eps, block_n=block_n, out_dtype=norm_out_ref.dtype))
+    if seed_programs:  # SEED_PROGRAMS: the last m programs write the seed's rows
+        pl.when(pid >= first_seed)(lambda: seed(pid - first_seed))
+
+
+def _normed(h, *, n: int, eps: float, out_dtype):
+    """RMSNorm of a loaded row ``h`` (masked columns 0), rounded to ``out_dtype`` before the weight (HF's order)."""
+    hf = h.astype(jnp.float32)
+    mean_square = jnp.sum(hf * hf) / n
+    return (hf * lax.rsqrt(mean_square + eps)).astype(out_dtype)
+
+
+def _scaled(normed, scale, out_dtype):
+    return (scale.astype(jnp.float32) * normed.astype(jnp.float32)).astype(out_dtype)
 
 
 def _norm_row(row, *, h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, num_parts: int, eps: float, block_n: int,
@@ -102,8 +125,8 @@ def _norm_row(row, *, h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, num_part
     dtype = h_ref.dtype
     cols = jnp.arange(block_n)
     ok = cols < n
-    if shrink is not None:  # the slot's stack rows depend only on the slot: in flight under the row's own loads
-        stack = _slot_stack(row, shrink, block_n=block_n, ok=ok)
+    if shrink is not None:
+        slot = shrink[1][row]
     if scale_first:
         scale = compat.load(scale_ref.at[pl.ds(0, block_n)], mask=ok, other=0)
     h = compat.load(h_ref.at[row, pl.ds(0, block_n)], mask=ok, other=0)
@@ -116,49 +139,44 @@ def _norm_row(row, *, h_ref, p_ref, scale_ref, h_out_ref, norm_out_ref, num_part
         delta = functools.reduce(jnp.add, parts)
         h = (h.astype(jnp.float32) + delta.astype(dtype).astype(jnp.float32)).astype(dtype)
         compat.store(h_out_ref.at[row, pl.ds(0, block_n)], h, mask=ok)
-    hf = h.astype(jnp.float32)
-    mean_square = jnp.sum(hf * hf) / n  # masked columns loaded as 0
-    normed = (hf * lax.rsqrt(mean_square + eps)).astype(norm_out_ref.dtype)
+    normed = _normed(h, n=n, eps=eps, out_dtype=norm_out_ref.dtype)
     if not scale_first:
         scale = compat.load(scale_ref.at[pl.ds(0, block_n)], mask=ok, other=0)
-    out = (scale.astype(jnp.float32) * normed.astype(jnp.float32)).astype(norm_out_ref.dtype)
+    out = _scaled(normed, scale, norm_out_ref.dtype)
     compat.store(norm_out_ref.at[row, pl.ds(0, block_n)], out, mask=ok)
-    if shrink is not None:
-        _store_shrink(row, out, stack, shrink)
+    if shrink is not None:  # zeros in every column of t but the row's slot's (its chunks' programs write those)
+        _, _, t_ref, rank = shrink
+        width = t_ref.shape[1]
+        t_cols = jnp.arange(compat.next_pow2(width))
+        own = (slot >= 0) & (t_cols >= slot * rank) & (t_cols < (slot + 1) * rank)
+        compat.store(t_ref.at[row, pl.ds(0, t_cols.shape[0])], jnp.zeros(t_cols.shape, t_ref.dtype),
+                     mask=(t_cols < width) & ~own)
 
 
-def _slot_stack(row, shrink: tuple, *, block_n: int, ok) -> tuple:
-    """The row's slot's rows of the folded shrink stack ``a [T, N]``, as SHRINK_CHUNK-row tiles (none read for
-    slot -1), and the column each tile's rows sum into."""
-    a_ref, slot_ref, _, rank = shrink
+def _shrink_chunk(row, chunk, *, h_ref, scale_ref, shrink: tuple, eps: float, block_n: int, out_dtype) -> None:
+    """Chunk ``chunk`` of ``t[row]``'s own-slot columns: the row normed as its norm program norms it (same code, so
+    the same bits), times those SHRINK_CHUNK rows of the folded stack ``a [T, N]``, summed in float32 and rounded
+    once (`jaxserve.lora.lora_delta`'s shrink). Nothing for a row of no adapter (slot -1)."""
+    a_ref, slot_ref, t_ref, rank = shrink
+    n = h_ref.shape[1]
+    ok = jnp.arange(block_n) < n
     slot = slot_ref[row]
-    first = jnp.maximum(slot, 0) * rank
-    tiles = []
-    for c in range(-(-rank // SHRINK_CHUNK)):
+
+    @pl.when(slot >= 0)
+    def _():
+        want = slot * rank + chunk * SHRINK_CHUNK
         # A chunk that would run past the stack's last row starts earlier instead (its extra rows masked off):
         # interpret mode clamps such a slice's start, and a slot's own rows always end inside the stack.
-        start = jnp.minimum(first + c * SHRINK_CHUNK, a_ref.shape[0] - SHRINK_CHUNK)
+        start = jnp.minimum(want, a_ref.shape[0] - SHRINK_CHUNK)
         at = start + jnp.arange(SHRINK_CHUNK)
-        live = (at >= first + c * SHRINK_CHUNK) & (at < first + rank) & (slot >= 0)
+        live = (at >= want) & (at < (slot + 1) * rank)
         tile = compat.load(a_ref.at[pl.ds(start, SHRINK_CHUNK), pl.ds(0, block_n)],
                            mask=live[:, None] & ok[None, :], other=0)
-        tiles.append((tile, jnp.where(live, at, -1)))
-    return tiles
-
-
-def _store_shrink(row, out, tiles, shrink: tuple) -> None:
-    """``t[row]``: the normed row (as stored, in the activation dtype) times its slot's stack rows, summed in
-    float32 and rounded once, in their columns of the stack; zeros elsewhere (`jaxserve.lora.lora_delta`'s select)."""
-    _, _, t_ref, _ = shrink
-    width = t_ref.shape[1]
-    block_t = compat.next_pow2(width)
-    t_cols = jnp.arange(block_t)
-    x = out.astype(jnp.float32)[None, :]
-    t = jnp.zeros((block_t,), jnp.float32)
-    for tile, at in tiles:
-        sums = jnp.sum(tile.astype(jnp.float32) * x, axis=1)  # [SHRINK_CHUNK]
-        t = t + jnp.sum(jnp.where(at[:, None] == t_cols[None, :], sums[:, None], 0.0), axis=0)
-    compat.store(t_ref.at[row, pl.ds(0, block_t)], t.astype(t_ref.dtype), mask=t_cols < width)
+        scale = compat.load(scale_ref.at[pl.ds(0, block_n)], mask=ok, other=0)
+        h = compat.load(h_ref.at[row, pl.ds(0, block_n)], mask=ok, other=0)
+        out = _scaled(_normed(h, n=n, eps=eps, out_dtype=out_dtype), scale, out_dtype)
+        sums = jnp.sum(tile.astype(jnp.float32) * out.astype(jnp.float32)[None, :], axis=1)
+        compat.store(t_ref.at[row, pl.ds(start, SHRINK_CHUNK)], sums.astype(t_ref.dtype), mask=live)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "num_warps", "interpret", "seed_programs",
@@ -180,7 +198,8 @@ def _add_rms_norm(hidden, partials, scale, seed, a_cols=None, slots=None, *, eps
         out_shape.append(jax.ShapeDtypeStruct((m, seed.shape[0]), jnp.float32))
     if rank:
         out_shape.append(jax.ShapeDtypeStruct((m, a_cols.shape[0]), out_dtype))
-    outs = compat.triton_call(kernel, *args, grid=(2 * m if seed_programs else m,), out_shape=out_shape,
+    programs = m + (m * -(-rank // SHRINK_CHUNK) if rank else 0) + (m if seed_programs else 0)
+    outs = compat.triton_call(kernel, *args, grid=(programs,), out_shape=out_shape,
                               interpret=interpret, num_warps=num_warps, name="add_rms_norm")
     if not num_parts:  # the residual is unchanged: returned as is, not copied
         outs = [hidden, *outs]
@@ -230,6 +249,8 @@ def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array
         raise ValueError(f"seed must be [N2], got {seed.shape}")
     a_cols, slots, rank = (None, None, 0) if shrink is None else shrink
     if shrink is not None:
+        if partials is not None:
+            raise ValueError("shrink takes a stream with no partials to add (the accumulating glue's norms)")
         if a_cols.ndim != 2 or a_cols.shape[1] != hidden.shape[1]:
             raise ValueError(f"shrink's a_cols must be [T, {hidden.shape[1]}], got {a_cols.shape}")
         if slots.shape != (hidden.shape[0],):

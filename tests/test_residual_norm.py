@@ -182,3 +182,5 @@ def test_norm_shrink_errors_name_the_field():
         add_rms_norm(h, None, s, eps=1e-6, shrink=(jnp.zeros((128, 32)), jnp.zeros(3, jnp.int32), 4))
     with pytest.raises(ValueError, match="rank"):
         add_rms_norm(h, None, s, eps=1e-6, shrink=(jnp.zeros((128, 32)), jnp.zeros(2, jnp.int32), 0))
+    with pytest.raises(ValueError, match="partials"):
+        add_rms_norm(h, jnp.zeros((1, 2, 32)), s, eps=1e-6, shrink=(jnp.zeros((128, 32)), jnp.zeros(2, jnp.int32), 4))
