@@ -50,6 +50,9 @@
 #               on the GPU, then bench/lora.py at 64 / 256 rows with it (bf16 check, profiled at 64), without it
 #               (XLA's shrink + select, session 59's default; profiled), and with it again, each its own process
 #               (~370 s)
+#   lora60b     session 60, after lora60 (GPU busy a 64-row adapter step 1,512 -> 1,428 µs with the norms' shrinks):
+#               bench/lora.py at 256 rows profiled there, XLA's shrinks against the norms' in 16- and 32-row chunks
+#               (JAXSERVE_NORM_SHRINK_CHUNK), then 32-row chunks at 64 rows profiled, each its own process (~300 s?)
 #   lora58      session 58: adapter terms folded into the plain path's skinny_matmul projections (model.LORA_FOLD):
 #               the kernel's compiled lora tests, bench/lora.py's float32 check with it on, then at 64 / 256 rows off
 #               against on, each its own process, profiled (~400 s; session 58: 336 s, the fold 0.45x against 0.54x)
@@ -1124,6 +1127,15 @@ for part in "${parts[@]}"; do
               2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp60x ; \
             echo "== JAXSERVE_LORA_NORM_SHRINK=1 again" ; timeout 110 python3 bench/lora.py --shape 0.5B \
               --batch 64 256 --no-check --out "$OUT/$part/norm2" 2>&1 | grep "^|" ;;
+    lora60b) JAXSERVE_NORM_SHRINK_CHUNK=32 timeout 60 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu \
+               tests/test_residual_norm.py -k shrink 2>&1 | tail -2 ; \
+             for env in "JAXSERVE_LORA_NORM_SHRINK=0" "JAXSERVE_NORM_SHRINK_CHUNK=16" "JAXSERVE_NORM_SHRINK_CHUNK=32"; do \
+               echo "== $env, 256 rows" ; env $env timeout 110 python3 bench/lora.py --shape 0.5B --batch 256 --no-check \
+                 --profile /tmp/lp60b --profile-batch 256 --profile-top 12 2>&1 \
+                 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp60b ; done ; \
+             echo "== JAXSERVE_NORM_SHRINK_CHUNK=32, 64 rows" ; JAXSERVE_NORM_SHRINK_CHUNK=32 timeout 90 python3 bench/lora.py \
+               --shape 0.5B --batch 64 --no-check --profile /tmp/lp60c --profile-top 12 2>&1 \
+               | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp60c ;;
     lora58) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_skinny_matmul.py \
               -k lora 2>&1 | tail -3 ; \
             echo "== check (float32, folded)" ; JAXSERVE_LORA_FOLD=1 timeout 130 python3 bench/lora.py --shape 0.5B \

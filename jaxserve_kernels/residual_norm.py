@@ -31,6 +31,7 @@ Backend: Pallas Triton, like the other kernels (`jaxserve_kernels.paged_attentio
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import jax
@@ -59,9 +60,9 @@ SEED_PROGRAMS = True
 # --glue norm_scale_first, one process): at 64 rows 1.64 -> 1.57 and 1.52 -> 1.44 µs a launch, GPU busy
 # 753.8 -> 748.0 µs a step, the step 0.767 -> 0.766 ms. Read when a step is traced.
 SCALE_FIRST = True
-# Rows of a slot's shrink stack a `shrink` program loads and reduces at once: a [16, 1024] float32 product is 64
-# values a thread at 8 warps; a whole rank-48 QKV slot at once would be 192 and spill.
-SHRINK_CHUNK = 16
+# Rows of a slot's shrink stack a `shrink` program loads and reduces (a power of two): a [16, 1024] float32 product
+# is 64 values a thread at 8 warps. JAXSERVE_NORM_SHRINK_CHUNK; read when a step is traced.
+SHRINK_CHUNK = int(os.environ.get("JAXSERVE_NORM_SHRINK_CHUNK", "16"))
 
 
 def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: int, seed_programs: bool,
