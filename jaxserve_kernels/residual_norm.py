@@ -233,7 +233,7 @@ def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array
             `t [M, T]` in the normed output's dtype: row i's normed row times its slot's rows of `a_cols` (float32
             sums rounded once) in those columns, zeros in the rest.
         interpret: Pallas interpret mode; None picks it on the CPU backend.
-        num_warps: Triton warps per program (one program per row); None: `NUM_WARPS`.
+        num_warps: Triton warps per program (one a row, and a shrink chunk's or seed's); None: `NUM_WARPS`.
 
     Example:
         >>> h, y = add_rms_norm(jnp.ones((2, 8)), jnp.ones((3, 2, 8)), jnp.ones(8), eps=1e-6)
