@@ -1187,9 +1187,9 @@ def _fold(lora: LayerLora | None, projection: str, shrunk: jax.Array | None = No
 
 
 # The accumulating glue's norm kernels also write the next projection's LoRA shrink (QKV's after the input norm,
-# gate_up's after the post-attention norm): each row's program multiplies its normed row by its own slot's rows of
-# the folded stack (`jaxserve_kernels.residual_norm.add_rms_norm`'s ``shrink``), where XLA ran a product over every
-# slot's columns and a select, two launches a projection. H100, session 60 (bench/results/lora.md, side by side): GPU
+# gate_up's after the post-attention norm): programs beside the norm's, each a row and 16 rows of its own slot's
+# folded stack, norm the row again and multiply (`jaxserve_kernels.residual_norm.add_rms_norm`'s ``shrink``), where
+# XLA ran a product over every slot's columns and a select, two launches a projection. H100, session 60 (bench/results/lora.md, side by side): GPU
 # busy a 64-row adapter step 1,512 -> 1,428 µs (96 launches fewer; the two norms 1.7 µs a launch slower), at 256 rows
 # 2,949 -> 2,864. JAXSERVE_LORA_NORM_SHRINK=0 turns it off; read when a step is traced.
 LORA_NORM_SHRINK = os.environ.get("JAXSERVE_LORA_NORM_SHRINK", "1") == "1"
