@@ -345,12 +345,17 @@ class Engine:
         # may run faster padded). A padded width past the largest bucket (max_running under 8 on the GPU) runs as
         # a decode-only shape of its own: padding rows hold no page and write nothing, so max_running still bounds
         # the sequences and the pool.
+        # A call with adapter rows may pad where one without does not (`decode_rows`' ``adapters``).
         buckets = self.config.batch_buckets
-        self._decode_batch = {}
-        for n in range(1, buckets[-1] + 1):
-            rows = decode_rows(n, mcfg, target, self.runner.attention_impl)
-            self._decode_batch[n] = EngineConfig.bucket(buckets, rows) if rows <= buckets[-1] else rows
-        self.decode_buckets = tuple(sorted(set(self._decode_batch.values())))
+
+        def padded(adapters: bool) -> dict[int, int]:
+            rows = {n: decode_rows(n, mcfg, target, self.runner.attention_impl, adapters)
+                    for n in range(1, buckets[-1] + 1)}
+            return {n: EngineConfig.bucket(buckets, r) if r <= buckets[-1] else r for n, r in rows.items()}
+
+        self._decode_batch = {False: padded(False)}
+        self._decode_batch[True] = padded(True) if self.lora is not None else self._decode_batch[False]
+        self.decode_buckets = tuple(sorted({b for batches in self._decode_batch.values() for b in batches.values()}))
         # (rows, table width) -> the decode kernels' (pages a loop iteration, splits).
         self._tuning = functools.cache(functools.partial(_decode_tuning, self.config.page_size, mcfg.head_dim,
                                                          kv_heads))
@@ -366,13 +371,18 @@ class Engine:
         # Every decode shape a call can take (warm-up compiles them): every decode bucket's widths (a chained call
         # keeps its padded batch), and where padding would cut the rows' attention splits (decode_shape), the
         # padded batch's live-rows calls or, without live rows, the rows' own bucket, at that bucket's widths.
+        # (Those only adapter rows' calls take: warm-up compiles them with the adapters' inputs alone.)
         shapes = {DecodeShape(b, w, b) for b in self.decode_buckets for w in self._decode_widths[b]}
-        for n, padded in self._decode_batch.items():
-            natural = EngineConfig.bucket(buckets, n)
-            if padded != natural:
-                edges = sorted(set(self._decode_widths[natural]) | set(self._decode_widths[padded]))
-                shapes |= {self._decode_shape_for_pages(n, pages) for pages in edges}
-        self._decode_shapes = tuple(sorted(shapes))
+        own = {}
+        for adapters, batches in self._decode_batch.items():
+            own[adapters] = set()
+            for n, wide in batches.items():
+                natural = EngineConfig.bucket(buckets, n)
+                if wide != natural:
+                    edges = sorted(set(self._decode_widths[natural]) | set(self._decode_widths[wide]))
+                    own[adapters] |= {self._decode_shape_for_pages(n, pages, adapters) for pages in edges}
+        self._decode_shapes = tuple(sorted(shapes | own[False]))
+        self._adapter_decode_shapes = tuple(sorted(own[True] - set(self._decode_shapes)))
         eos = set(mcfg.eos_token_ids) | set(generation_eos_ids(model.path))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -550,9 +560,12 @@ class Engine:
         if self.lora is not None:
             self.lora.forget(lora_id)
 
+    def _has_adapters(self, reqs: list[Request]) -> bool:
+        return self.lora is not None and any(r.lora_slot >= 0 for r in reqs)
+
     def _lora_inputs(self, reqs: list[Request], batch: int) -> dict | None:
         """A call's LoRA inputs for the runner: the adapters and each row's slot; None when no row has one."""
-        if self.lora is None or not any(r.lora_slot >= 0 for r in reqs):
+        if not self._has_adapters(reqs):
             return None
         slots = np.full(batch, -1, np.int32)
         slots[: len(reqs)] = [r.lora_slot for r in reqs]
@@ -986,7 +999,7 @@ class Engine:
         # (and before ``after``'s first tokens are: ``owed`` counts that one).
         owed = [int(id(r) in first) for r in reqs]
         row_limits = [min(caps[r.slot], r.computed + r.remaining - o) for r, o in zip(reqs, owed)]
-        shape = self.decode_shape(len(reqs), max(row_limits))
+        shape = self.decode_shape(len(reqs), max(row_limits), self._has_adapters(reqs))
         last = None if chained is None else chained.last
         if chained is not None and chained.shape.batch != shape.batch:
             # Its input tokens are the chained call's, so its batch too (rows that grew past the contexts where
@@ -1147,8 +1160,9 @@ class Engine:
             return None
         # Rows drop out within their bucket (the call keeps its batch: one gather shape a bucket); fewer rows than
         # a smaller bucket holds end the chain, so that the next call runs at the smaller batch.
-        if len(rows) < len(call.reqs) and (not CHAIN_PAST_FINISHES
-                                           or self.decode_batch(len(rows)) != self.decode_batch(len(call.reqs))):
+        if len(rows) < len(call.reqs) and (
+                not CHAIN_PAST_FINISHES or self.decode_batch(len(rows), self._has_adapters(rows))
+                != self.decode_batch(len(call.reqs), self._has_adapters(call.reqs))):
             return None
         if self._speculating(rows):  # the next call may be a verify call, whose drafts need the tokens
             return None
@@ -1360,23 +1374,24 @@ class Engine:
         """
         return run_beam_search(self, prompts, params, use_tqdm)
 
-    def decode_batch(self, rows: int) -> int:
+    def decode_batch(self, rows: int, adapters: bool = False) -> int:
         """The batch a decode call of ``rows`` sequences runs as over short contexts: their batch bucket, or a
         wider one where ``jaxserve.model.decode_rows`` says a small step is faster padded (on the GPU, 8 rows;
-        past the largest bucket too, as a decode-only shape). ``decode_shape`` has the call's actual shape.
+        past the largest bucket too, as a decode-only shape). ``adapters``: the call has adapter rows (on the GPU
+        one such row pads to 8 too). ``decode_shape`` has the call's actual shape.
 
         Example: with the default buckets (1, 2, 4, 8, ...), ``engine.decode_batch(3)`` is 4 on the CPU and 8 on
         an H100 / H200 in bf16.
         """
-        return self._decode_batch[rows]
+        return self._decode_batch[adapters][rows]
 
-    def decode_shape(self, rows: int, max_limit: int) -> DecodeShape:
+    def decode_shape(self, rows: int, max_limit: int, adapters: bool = False) -> DecodeShape:
         """``(batch, block-table width in pages, live rows)`` of a decode call of ``rows`` sequences none of which
         writes at or past position ``max_limit``.
 
-        The batch is ``decode_batch(rows)``. Padded, a call's attention split count is capped by the programs the
-        padded batch wants, so over long contexts eight rows split a table 8x less than one row does and the one
-        real row's keys go to a few programs (H200, 16k keys: 1.5B batch 1 1.89 against 1.71 ms a step unpadded;
+        The batch is ``decode_batch(rows, adapters)``. Padded, a call's attention split count is capped by the
+        programs the padded batch wants, so over long contexts eight rows split a table 8x less than one row does and
+        the one real row's keys go to a few programs (H200, 16k keys: 1.5B batch 1 1.89 against 1.71 ms a step unpadded;
         bench/results/throughput.md run 46). Where padding would leave the rows fewer splits holding keys than
         their own bucket's call, the padded call runs only the real rows' attention, split as their own call
         would be (``live`` < ``batch``, ``model.PAD_LIVE_ROWS``: 1.5B batch 1 at 16k 1.56 ms, 0.5B batch 2 0.86
@@ -1390,10 +1405,10 @@ class Engine:
             >>> engine.decode_shape(1, 16384)   # one row: 128 splits hold keys, padded 16  # doctest: +SKIP
             DecodeShape(batch=8, width=2048, live=1)
         """
-        return self._decode_shape_for_pages(rows, -(-max_limit // self.config.page_size))
+        return self._decode_shape_for_pages(rows, -(-max_limit // self.config.page_size), adapters)
 
-    def _decode_shape_for_pages(self, rows: int, pages: int) -> DecodeShape:
-        padded = self._decode_batch[rows]
+    def _decode_shape_for_pages(self, rows: int, pages: int, adapters: bool = False) -> DecodeShape:
+        padded = self._decode_batch[adapters][rows]
         natural = EngineConfig.bucket(self.config.batch_buckets, rows)
         width = self._width_for_pages(pages, padded)
         if padded != natural:
@@ -1453,6 +1468,7 @@ class Engine:
             # Buckets whose decode calls run padded wider (decode_batch) compile only the shapes of this batch
             # they take (decode_shape), and a decode-only shape past the largest bucket no prefill.
             shapes = [s for s in self._decode_shapes if s.batch == batch]
+            adapter_shapes = [s for s in self._adapter_decode_shapes if s.batch == batch]
             # Prefill widths within the padding bound (the scheduler bounds rows x padded length).
             lengths = [n for n in (cfg.prefill_buckets if batch in cfg.batch_buckets else ())
                        if fewest_rows == 1 or fewest_rows * n <= 2 * cfg.max_tokens_per_step]
@@ -1463,7 +1479,7 @@ class Engine:
                 # A prefill's rows with structured outputs take their first token's masks from the host.
                 prefill_batch = sbatch if pool is None else sbatch.replace(
                     allowed=jnp.full((batch, self._vocabulary_words()), 0xFFFFFFFF, jnp.uint32))
-                for steps, shape in itertools.product(step_counts, shapes):
+                for steps, shape in itertools.product(step_counts, shapes + (adapter_shapes if lo else [])):
                     self.runner.decode(zeros, zeros, zeros, table[:, :shape.width], sbatch, zeros, steps,
                                        greedy=greedy, logprobs=lps, live_rows=shape.live, guides=guides, lora=lo)
                 for length in lengths:

@@ -544,8 +544,11 @@ def _accumulate_glue(paged: PagedAttention | None, x: jax.Array, cfg: ModelConfi
 # 4.141, 24 layers), and at 0.5B than 2 / 4 rows (0.715 vs 0.738 / 0.747 ms at 192 keys, session 38), while
 # 0.5B's one-row step, norms folded, stays ahead (0.594); end to end (throughput.md run 45) -13% a step at 1.5B
 # batch 1, -7 to -8% at 0.5B batch 2 / 4. Over long contexts, where padding would cut its rows' attention splits,
-# a padded call runs its real rows' attention alone (PAD_LIVE_ROWS, run 47). GPU only. JAXSERVE_PAD_SMALL_DECODE=0
-# turns it off; read when an engine is built.
+# a padded call runs its real rows' attention alone (PAD_LIVE_ROWS, run 47). A one-row step with adapter rows pads
+# too where they take the glue with their terms folded (LORA_GLUE, LORA_FOLD): there the terms go inside its
+# projections, where 0.5B's one-row path adds them as XLA's products (H100, session 60, bench/results/lora.md:
+# 1,472 -> 1,062 µs of GPU time a token, one-adapter rows 681 -> 859 tokens/s). GPU only.
+# JAXSERVE_PAD_SMALL_DECODE=0 turns it off; read when an engine is built.
 PAD_SMALL_DECODE = os.environ.get("JAXSERVE_PAD_SMALL_DECODE", "1") == "1"
 # Where padding would cut the rows' attention splits (long contexts), a padded call runs the attention of its real
 # rows alone (their batch bucket's rows, split as their own call would be: `PagedAttention.live_rows`) instead of
@@ -555,9 +558,9 @@ PAD_SMALL_DECODE = os.environ.get("JAXSERVE_PAD_SMALL_DECODE", "1") == "1"
 PAD_LIVE_ROWS = os.environ.get("JAXSERVE_PAD_LIVE_ROWS", "1") == "1"
 
 
-def decode_rows(rows: int, cfg: ModelConfig, dtype: Any, impl: str = "pallas") -> int:
+def decode_rows(rows: int, cfg: ModelConfig, dtype: Any, impl: str = "pallas", adapters: bool = False) -> int:
     """The rows a decode step of ``rows`` sequences should run as (see PAD_SMALL_DECODE): ``rows``, or
-    MGPU_MIN_ROWS where a small step is faster padded to it on the GPU.
+    MGPU_MIN_ROWS where a small step is faster padded to it on the GPU; ``adapters``: a step with adapter rows.
 
     Example:
         >>> cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -568,7 +571,8 @@ def decode_rows(rows: int, cfg: ModelConfig, dtype: Any, impl: str = "pallas") -
     if not (PAD_SMALL_DECODE and impl == "pallas" and 1 <= rows < MGPU_MIN_ROWS
             and jax.default_backend() == "gpu"):
         return rows
-    if rows == 1 and _fold_norms(jax.ShapeDtypeStruct((1, 1, cfg.hidden_size), dtype)):
+    glued_adapters = adapters and LORA_GLUE and lora_folds_on_mgpu(dtype)  # the route session 60 measured
+    if rows == 1 and not glued_adapters and _fold_norms(jax.ShapeDtypeStruct((1, 1, cfg.hidden_size), dtype)):
         return rows
     stream = jax.ShapeDtypeStruct((MGPU_MIN_ROWS, 1, cfg.hidden_size), jnp.float32)
     return MGPU_MIN_ROWS if _accumulate_glue(types.SimpleNamespace(impl=impl), stream, cfg, dtype) else rows
@@ -1189,9 +1193,10 @@ def _fold(lora: LayerLora | None, projection: str, shrunk: jax.Array | None = No
 # The accumulating glue's norm kernels also write the next projection's LoRA shrink (QKV's after the input norm,
 # gate_up's after the post-attention norm): programs beside the norm's, each a row and 16 rows of its own slot's
 # folded stack, norm the row again and multiply (`jaxserve_kernels.residual_norm.add_rms_norm`'s ``shrink``), where
-# XLA ran a product over every slot's columns and a select, two launches a projection. H100, session 60 (bench/results/lora.md, side by side): GPU
-# busy a 64-row adapter step 1,512 -> 1,428 µs (96 launches fewer; the two norms 1.7 µs a launch slower), at 256 rows
-# 2,949 -> 2,864. JAXSERVE_LORA_NORM_SHRINK=0 turns it off; read when a step is traced.
+# XLA ran a product over every slot's columns and a select, two launches a projection. H100, session 60
+# (bench/results/lora.md, side by side): GPU busy a 64-row adapter step 1,512 -> 1,428 µs (96 launches fewer; the two
+# norms 1.7 µs a launch slower), at 256 rows 2,949 -> 2,864. JAXSERVE_LORA_NORM_SHRINK=0 turns it off; read when a
+# step is traced.
 LORA_NORM_SHRINK = os.environ.get("JAXSERVE_LORA_NORM_SHRINK", "1") == "1"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import itertools
 import json
 import os
 import re
@@ -285,6 +286,42 @@ def test_warmup_compiles_the_adapter_variants(adapters):
         assert_all_pages_free(engine)
     with Engine(model, small_config()) as engine, pytest.raises(ValueError, match="max_loras"):
         engine.warmup(lora=True)
+
+
+def test_adapter_rows_run_padded_where_the_model_pads_their_calls(adapters, monkeypatch):
+    # model.decode_rows' ``adapters`` (GPU only: a one-row call with adapter rows pads to 8 rows, onto the accumulating
+    # glue that adds their terms inside its projections, where a base row keeps the one-row path). A stand-in pads
+    # only adapter calls of 1-3 rows to 4 here: an adapter row alone decodes at 4 rows, a base row alone at 1; pages
+    # free (padding rows' tokens: the mixed-batch tests above). Where a GPU would split long tables, such a call runs
+    # shapes no base call takes (its live rows' attention): warm-up compiles those with the adapters' inputs.
+    from jaxserve import engine as engine_module
+    from tests.test_engine import gpu_like_tuning, record_decode_calls
+
+    model, _, paths = adapters
+    lora = LoRARequest("all", 1, paths["all"])
+    prompt = random_prompts(model.config.vocab_size, [7])
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    monkeypatch.setattr(engine_module, "decode_rows",
+                        lambda n, cfg, dtype, impl="pallas", adapters=False: 4 if adapters and n < 4 else n)
+    cfg = small_config(max_loras=2, batch_buckets=(1, 4), prefill_buckets=(16,), max_tokens_per_step=16)
+    with monkeypatch.context() as m:  # a GPU's splits: long tables make live-rows shapes only adapter calls take
+        m.setattr(engine_module, "_decode_tuning", gpu_like_tuning)
+        with Engine(model, small_config(max_loras=2, batch_buckets=(1, 4), attention_impl="pallas")) as engine:
+            for rows, limit in itertools.product((1, 2, 3), (8, 32, 200)):
+                assert engine.decode_shape(rows, limit) in engine._decode_shapes
+                assert engine.decode_shape(rows, limit, adapters=True) in (  # warm-up compiles them all
+                    set(engine._decode_shapes) | set(engine._adapter_decode_shapes))
+            assert engine.decode_shape(1, 200, adapters=True) in engine._adapter_decode_shapes
+    with Engine(model, cfg) as engine:
+        assert (engine.decode_batch(1), engine.decode_batch(1, adapters=True)) == (1, 4)
+        calls = record_decode_calls(engine)
+        outs = {}
+        for lo, batch in ((None, 1), (lora, 4)):
+            calls.clear()
+            outs[lo] = engine.generate(prompt, greedy, use_tqdm=False, lora_request=lo)[0]["token_ids"]
+            assert calls and {b for b, _ in calls} == {batch}, (lo, calls)
+        assert outs[None] != outs[lora] and len(outs[lora]) == 6
+        assert_all_pages_free(engine)
 
 
 def test_server_loads_and_unloads_adapters_at_runtime(adapters):
