@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 
 import jax
@@ -77,6 +78,28 @@ def pytest_configure(config: pytest.Config) -> None:
     from jaxserve.runner import enable_compile_cache
 
     enable_compile_cache(os.environ[_XLA_CACHE_ENV])
+
+
+# Files of few tests that run long (subprocesses over 2-4 CPU devices, bench smoke runs): handed out to the xdist
+# workers first. xdist's own order (files by test count, `--loadscope-reorder`, off in pyproject's addopts) put the
+# 3-test file with the ~130 s four-device check near the end, where one worker ran it alone while the other idled:
+# the 2-core suite took 975 s in one run (session 60) against ~840-870 s.
+_LONG_FILES = ("test_tensor_parallel.py", "test_replicas.py", "test_bench_scripts.py", "test_fp8_kv.py",
+               "test_workload_mix.py", "test_speculative.py", "test_structured_engine.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The same order on every worker (xdist checks the collections agree): _LONG_FILES first, then the rest by test
+    # count as xdist would order them; each file's tests keep their own order.
+    counts = collections.Counter(item.nodeid.split("::")[0] for item in items)
+
+    def rank(item: pytest.Item) -> tuple:
+        path = item.nodeid.split("::")[0]
+        name = os.path.basename(path)
+        first = _LONG_FILES.index(name) if name in _LONG_FILES else len(_LONG_FILES)
+        return first, -counts[path], path
+
+    items.sort(key=rank)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
