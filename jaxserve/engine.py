@@ -373,16 +373,19 @@ class Engine:
         # padded batch's live-rows calls or, without live rows, the rows' own bucket, at that bucket's widths.
         # (Those only adapter rows' calls take: warm-up compiles them with the adapters' inputs alone.)
         shapes = {DecodeShape(b, w, b) for b in self.decode_buckets for w in self._decode_widths[b]}
-        own = {}
-        for adapters, batches in self._decode_batch.items():
-            own[adapters] = set()
-            for n, wide in batches.items():
+
+        def padded_shapes(adapters: bool) -> set[DecodeShape]:
+            out = set()
+            for n, wide in self._decode_batch[adapters].items():
                 natural = EngineConfig.bucket(buckets, n)
                 if wide != natural:
                     edges = sorted(set(self._decode_widths[natural]) | set(self._decode_widths[wide]))
-                    own[adapters] |= {self._decode_shape_for_pages(n, pages, adapters) for pages in edges}
-        self._decode_shapes = tuple(sorted(shapes | own[False]))
-        self._adapter_decode_shapes = tuple(sorted(own[True] - set(self._decode_shapes)))
+                    out |= {self._decode_shape_for_pages(n, pages, adapters) for pages in edges}
+            return out
+
+        self._decode_shapes = tuple(sorted(shapes | padded_shapes(False)))
+        adapter_shapes = padded_shapes(True) if self.lora is not None else set()
+        self._adapter_decode_shapes = tuple(sorted(adapter_shapes - set(self._decode_shapes)))
         eos = set(mcfg.eos_token_ids) | set(generation_eos_ids(model.path))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -1391,8 +1394,8 @@ class Engine:
 
         The batch is ``decode_batch(rows, adapters)``. Padded, a call's attention split count is capped by the
         programs the padded batch wants, so over long contexts eight rows split a table 8x less than one row does and
-        the one real row's keys go to a few programs (H200, 16k keys: 1.5B batch 1 1.89 against 1.71 ms a step unpadded;
-        bench/results/throughput.md run 46). Where padding would leave the rows fewer splits holding keys than
+        the one real row's keys go to a few programs (H200, 16k keys: 1.5B batch 1 1.89 against 1.71 ms a step
+        unpadded; bench/results/throughput.md run 46). Where padding would leave the rows fewer splits holding keys than
         their own bucket's call, the padded call runs only the real rows' attention, split as their own call
         would be (``live`` < ``batch``, ``model.PAD_LIVE_ROWS``: 1.5B batch 1 at 16k 1.56 ms, 0.5B batch 2 0.86
         against 0.88 unpadded; run 47), or, with that off, runs unpadded in their own bucket. Elsewhere the whole

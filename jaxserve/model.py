@@ -1237,9 +1237,8 @@ def _term_operands(rows: jax.Array, folded: tuple, slots: jax.Array, rank: int,
     rows' own-slot shrink (``shrunk`` where the norm made it, else `_lora_shrink_columns`) and the expand in the rows'
     dtype."""
     a_cols, bt = folded
-    if shrunk is None:
-        return _lora_shrink_columns(rows, a_cols, slots, rank), bt.astype(rows.dtype)
-    return shrunk.reshape(rows.shape[0], -1), bt.astype(rows.dtype)
+    t = _lora_shrink_columns(rows, a_cols, slots, rank) if shrunk is None else shrunk.reshape(rows.shape[0], -1)
+    return t, bt.astype(rows.dtype)
 
 
 def _folded_lora_projection(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, epilogue: str,

@@ -289,9 +289,10 @@ def add_rms_norm_reference(hidden: jax.Array, partials: jax.Array | None, scale:
     if seed is not None:
         out += (jnp.broadcast_to(seed.astype(jnp.float32), (hidden.shape[0], seed.shape[0])),)
     if shrink is not None:
+        from jaxserve_kernels.skinny_matmul import own_slot_columns
+
         a_cols, slots, rank = shrink
         t = jnp.dot(out[1].astype(jnp.float32), a_cols.astype(out_dtype).astype(jnp.float32).T,
                     precision=lax.Precision.HIGHEST)
-        mine = (jnp.arange(a_cols.shape[0]) // rank)[None, :] == slots[:, None]
-        out += (jnp.where(mine, t, 0.0).astype(out_dtype),)
+        out += (own_slot_columns(t, rank, slots, out_dtype),)
     return out
