@@ -47,8 +47,9 @@
 #               (JAXSERVE_LORA_SHRINK_MAX_K=0), each its own process (~330 s?)
 #   lora61      session 61: o_proj's and down_proj's LoRA shrinks as one XLA reduce fusion each, the own-slot select
 #               its epilogue (model.LORA_SHRINK_REDUCE_ROWS), where the GEMM fusion runs the select as a launch of its
-#               own: the adapter step's tests on the GPU, then bench/lora.py at 64 / 256 rows with it (profiled at 64),
-#               without it (the default, profiled), with it again, each its own process (~480 s?)
+#               own: the adapter step's tests on the GPU, then bench/lora.py at 64 / 256 rows with it for o_proj
+#               (896-wide inputs), for o_proj and down_proj (REDUCE_MAX_K=8192), and without it (the default), each
+#               its own process, profiled at 64 (~500 s?)
 #   lora60      session 60: QKV's and gate_up's LoRA shrinks written by the accumulating glue's norm kernels
 #               (model.LORA_NORM_SHRINK; residual_norm.add_rms_norm's shrink): the norm's and the adapter step's tests
 #               on the GPU, then bench/lora.py at 64 / 256 rows with it (bf16 check, profiled at 64), without it
@@ -1123,12 +1124,11 @@ for part in "${parts[@]}"; do
                --shape 0.5B --batch 64 256 --no-check --out "$OUT/$part/xla" 2>&1 | grep "^|" ;;
     lora61) timeout 130 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
               tests/test_lora.py -k "float32_models_logits" 2>&1 | tail -3 ; \
-            for env in "JAXSERVE_LORA_SHRINK_REDUCE_ROWS=256" "JAXSERVE_LORA_SHRINK_REDUCE_ROWS=0"; do \
-              echo "== $env" ; env $env timeout 120 python3 bench/lora.py --shape 0.5B --batch 64 256 --no-check \
-                --profile /tmp/lp61 --profile-top 14 --out "$OUT/$part/${env##*=}" 2>&1 \
-                | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp61 ; done ; \
-            echo "== JAXSERVE_LORA_SHRINK_REDUCE_ROWS=256 again" ; JAXSERVE_LORA_SHRINK_REDUCE_ROWS=256 timeout 100 \
-              python3 bench/lora.py --shape 0.5B --batch 64 256 --no-check 2>&1 | grep "^|" ;;
+            for run in o:256:1024 o_down:256:8192 default:0:1024; do IFS=: read label rows maxk <<< "$run"; \
+              echo "== $label: JAXSERVE_LORA_SHRINK_REDUCE_ROWS=$rows JAXSERVE_LORA_SHRINK_REDUCE_MAX_K=$maxk" ; \
+              JAXSERVE_LORA_SHRINK_REDUCE_ROWS=$rows JAXSERVE_LORA_SHRINK_REDUCE_MAX_K=$maxk timeout 115 python3 \
+                bench/lora.py --shape 0.5B --batch 64 256 --no-check --profile /tmp/lp61 --profile-top 14 \
+                --out "$OUT/$part/$label" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp61 ; done ;;
     lora60) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
               tests/test_residual_norm.py tests/test_lora.py -k "shrink or float32_models_logits" 2>&1 | tail -3 ; \
             echo "== JAXSERVE_LORA_NORM_SHRINK=1 (default)" ; timeout 150 python3 bench/lora.py --shape 0.5B \
