@@ -1215,16 +1215,6 @@ def _norm_shrink(lora: LayerLora | None, projection: str) -> tuple | None:
 # (0: XLA's always). JAXSERVE_LORA_SHRINK_MAX_K=1024 turns it on for 0.5B's 896-wide inputs; read when a step is
 # traced.
 LORA_SHRINK_MAX_K = int(os.environ.get("JAXSERVE_LORA_SHRINK_MAX_K", "0"))
-# Experiment (session 61), off (0): folded LoRA shrinks of calls of at most this many rows and inputs at most
-# LORA_SHRINK_REDUCE_MAX_K wide written as a multiply and a sum over K with the own-slot select after it, which XLA
-# emits as one reduce fusion (the select its epilogue), where its GEMM fusion takes no select and runs a launch of its
-# own for it (1.37 µs, 48 a 64-row step of Qwen2.5-0.5B: o_proj's and down_proj's shrinks; QKV's and gate_up's come
-# from the norms, LORA_NORM_SHRINK). A reduce fusion reads a row of the stack for every output, so wide inputs
-# (down_proj's 4,864) read more from L2 than the GEMM. The products are float32 of the bf16 operands, summed in float32
-# and rounded once, as the GEMM's. JAXSERVE_LORA_SHRINK_REDUCE_ROWS=64 turns it on up to 64 rows; both read when a
-# step is traced.
-LORA_SHRINK_REDUCE_ROWS = int(os.environ.get("JAXSERVE_LORA_SHRINK_REDUCE_ROWS", "0"))
-LORA_SHRINK_REDUCE_MAX_K = int(os.environ.get("JAXSERVE_LORA_SHRINK_REDUCE_MAX_K", "1024"))
 
 
 def _lora_shrink_columns(rows: jax.Array, a_cols: jax.Array, slots: jax.Array, rank: int) -> jax.Array:
@@ -1232,15 +1222,12 @@ def _lora_shrink_columns(rows: jax.Array, a_cols: jax.Array, slots: jax.Array, r
     slot's ``rank`` columns, the others zero: the Mosaic GPU term's ``t``, accumulated in float32 and rounded once to
     the rows' dtype, as `jaxserve.lora.lora_delta` rounds its shrink: one XLA product written in the rows' dtype and a
     select (a float32 product, its rounding and a pad were three launches more a projection: H100, session 59), or
-    for inputs up to LORA_SHRINK_MAX_K wide one Triton launch, or for calls of up to LORA_SHRINK_REDUCE_ROWS rows
-    (inputs up to LORA_SHRINK_REDUCE_MAX_K wide) one reduce fusion (a multiply and a sum over K, the select after it)."""
+    for inputs up to LORA_SHRINK_MAX_K wide one Triton launch (XLA's product as a multiply and a sum over K, the
+    select its epilogue, lost too: H100, session 61)."""
     from jaxserve_kernels.skinny_matmul import own_slot_columns, skinny_matmul
 
     if rows.shape[-1] <= LORA_SHRINK_MAX_K:
         return skinny_matmul(rows, a_cols.astype(rows.dtype), layout="nk", own_slot=(slots, rank))
-    if rows.shape[0] <= LORA_SHRINK_REDUCE_ROWS and rows.shape[-1] <= LORA_SHRINK_REDUCE_MAX_K:
-        products = rows.astype(jnp.float32)[:, None, :] * a_cols.astype(rows.dtype).astype(jnp.float32)[None]
-        return own_slot_columns(products.sum(axis=-1), rank, slots, rows.dtype)
     t = jnp.dot(rows, a_cols.astype(rows.dtype).T, preferred_element_type=rows.dtype)
     return own_slot_columns(t, rank, slots, rows.dtype)
 

@@ -419,7 +419,7 @@ def test_preempted_adapter_rows_resume_on_their_adapter(adapters):
 
 @pytest.mark.parametrize("glue,kernels,fold", [(True, False, False), (True, True, False), (False, True, False),
                                                (False, False, True), (False, False, "mgpu"), (True, False, "mgpu"),
-                                               (True, False, "mgpu_xla_shrink"), (True, False, "mgpu_reduce_shrink")])
+                                               (True, False, "mgpu_xla_shrink")])
 def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(monkeypatch, glue, kernels, fold):
     # model.LORA_GLUE: a bf16 decode step of 8 rows (some on each of two adapters, some on none) takes the accumulating
     # glue with the adapters' terms added into its float32 accumulators (off: the plain path, no accumulating
@@ -431,8 +431,7 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     # folded stacks kept (`LoraSlots(folded=True)`), each term as the Mosaic GPU projection's extra K
     # steps after XLA's masked shrink (on the glue too: into its accumulating products, QKV's and gate_up's shrinks
     # made by the norm kernels before them, model.LORA_NORM_SHRINK; "mgpu_xla_shrink": that off, XLA's; the opt-in
-    # one-launch shrink, model.LORA_SHRINK_MAX_K, is checked by its kernel and lowering tests; "mgpu_reduce_shrink":
-    # o_proj's and down_proj's shrinks as a multiply and a sum over K, model.LORA_SHRINK_REDUCE_ROWS).
+    # one-launch shrink, model.LORA_SHRINK_MAX_K, is checked by its kernel and lowering tests).
     import jax
     import jax.numpy as jnp
 
@@ -455,7 +454,7 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     slots = rng.permutation([0, 0, 0, 1, 1, 1, -1, -1])
     lora = {"weights": {p: (per_layer(weights((layers, n, r, i))), per_layer(weights((layers, n, r, o))))
                         for p, (i, o) in dims.items()}, "slots": jnp.asarray(slots, jnp.int32)}  # `LoraSlots`' form
-    mgpu = fold in ("mgpu", "mgpu_xla_shrink", "mgpu_reduce_shrink")
+    mgpu = fold in ("mgpu", "mgpu_xla_shrink")
     if mgpu:
         lora["folded"] = {p: tuple(zip(*(fold_columns(a, b) for a, b in zip(*ab))))
                           for p, ab in lora["weights"].items()}
@@ -468,14 +467,7 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     monkeypatch.setattr(model_module, "LORA_KERNELS", kernels)
     monkeypatch.setattr(model_module, "LORA_FOLD", bool(fold))
     monkeypatch.setattr(model_module, "LORA_FOLD_TRITON", fold is True)
-    monkeypatch.setattr(model_module, "LORA_NORM_SHRINK", fold in ("mgpu", "mgpu_reduce_shrink"))
-    monkeypatch.setattr(model_module, "LORA_SHRINK_REDUCE_ROWS", 0)
-    sums_over_k = re.compile(r"reduce_sum\[axes=\(2,\)")
-    xla_sums = len(sums_over_k.findall(str(jax.make_jaxpr(lambda: run(lora=lora))())))
-    if fold == "mgpu_reduce_shrink":  # o_proj's and down_proj's shrinks, one sum over K each a layer
-        monkeypatch.setattr(model_module, "LORA_SHRINK_REDUCE_ROWS", batch)
-        sums = len(sums_over_k.findall(str(jax.make_jaxpr(lambda: run(lora=lora))())))
-        assert sums - xla_sums == 2 * layers, (sums, xla_sums)
+    monkeypatch.setattr(model_module, "LORA_NORM_SHRINK", fold == "mgpu")
     rn = importlib.import_module("jaxserve_kernels.residual_norm")
     norm_shrinks = []
     monkeypatch.setattr(rn, "add_rms_norm", lambda *a, _f=rn.add_rms_norm, **k: norm_shrinks.append(
@@ -500,8 +492,7 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     assert (terms and all(terms) and len(terms) % (4 * layers) == 0) if mgpu else not any(terms), terms
     assert not any(own), own  # XLA's shrink: the one-launch form is opt-in
     # the norms' shrinks: QKV's and gate_up's, two a layer, on the glue's folded route only (once a trace)
-    assert sum(norm_shrinks) % (2 * layers) == 0 and bool(sum(norm_shrinks)) == (
-        glue and fold in ("mgpu", "mgpu_reduce_shrink")), \
+    assert sum(norm_shrinks) % (2 * layers) == 0 and bool(sum(norm_shrinks)) == (glue and fold == "mgpu"), \
         norm_shrinks
     exact = np.asarray(jax.jit(lambda: run(lora=lora, reference=True))()[:, 0])
     base = np.asarray(jax.jit(lambda: run(reference=True))()[:, 0])
