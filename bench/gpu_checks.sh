@@ -50,6 +50,10 @@
 #               own: the adapter step's tests on the GPU, then bench/lora.py at 64 / 256 rows with it for o_proj
 #               (896-wide inputs), for o_proj and down_proj (REDUCE_MAX_K=8192), and without it (the default), each
 #               its own process, profiled at 64 (~500 s?)
+#   lora61b     session 61: o_proj's LoRA shrink written by the fused attention (model.LORA_ATTENTION_SHRINK: each
+#               program its KV head's part, o's Mosaic GPU term reading the parts over one expand stack): the kernel's
+#               and the term's compiled tests, the adapter step tests on the GPU, then bench/lora.py at 64 / 256 rows
+#               with it (profiled at 64), without it, and with it again, each its own process (~470 s?)
 #   lora60      session 60: QKV's and gate_up's LoRA shrinks written by the accumulating glue's norm kernels
 #               (model.LORA_NORM_SHRINK; residual_norm.add_rms_norm's shrink): the norm's and the adapter step's tests
 #               on the GPU, then bench/lora.py at 64 / 256 rows with it (bf16 check, profiled at 64), without it
@@ -1122,6 +1126,15 @@ for part in "${parts[@]}"; do
                | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp59e ; \
              echo "== JAXSERVE_LORA_SHRINK_MAX_K=0" ; JAXSERVE_LORA_SHRINK_MAX_K=0 timeout 100 python3 bench/lora.py \
                --shape 0.5B --batch 64 256 --no-check --out "$OUT/$part/xla" 2>&1 | grep "^|" ;;
+    lora61b) timeout 170 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+               tests/test_decode_attention.py tests/test_skinny_matmul_mgpu.py tests/test_lora.py \
+               -k "writes_o_projs or shrink_errors or side_by_side or float32_models_logits" 2>&1 | tail -4 ; \
+             for on in 1 0; do echo "== JAXSERVE_LORA_ATTENTION_SHRINK=$on" ; JAXSERVE_LORA_ATTENTION_SHRINK=$on \
+               timeout 115 python3 bench/lora.py --shape 0.5B --batch 64 256 --no-check --profile /tmp/lp61b \
+               --profile-top 16 --out "$OUT/$part/on$on" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
+               rm -rf /tmp/lp61b ; done ; \
+             echo "== JAXSERVE_LORA_ATTENTION_SHRINK=1 again" ; timeout 90 python3 bench/lora.py --shape 0.5B \
+               --batch 64 256 --no-check 2>&1 | grep "^|" ;;
     lora61) timeout 130 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
               tests/test_lora.py -k "float32_models_logits" 2>&1 | tail -3 ; \
             for run in o:256:1024 o_down:256:8192 default:0:1024; do IFS=: read label rows maxk <<< "$run"; \

@@ -719,10 +719,11 @@ class RMSNorm(nn.Module):
 
 
 def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelConfig, wo: jax.Array | None = None,
-                         out_dtype: Any = None, after: jax.Array | None = None):
+                         out_dtype: Any = None, after: jax.Array | None = None, shrink: tuple | None = None):
     """Decode: RoPE, the cache write and attention in one kernel, not six a layer; with ``wo``
     (_fold_o_proj) o_proj too, whose per-KV-head partials ``[kv_heads, B, hidden]`` it returns. ``after``: an
-    array the attention waits for (KV_TOUCH's read-ahead; without o_proj only)."""
+    array the attention waits for (KV_TOUCH's read-ahead; without o_proj only). ``shrink`` (`_attention_shrink`;
+    without o_proj only): o_proj's LoRA shrink too, a third result (None where the kernel cannot make it)."""
     from jaxserve_kernels.decode_attention import fused_decode_attention, fused_decode_attention_o
 
     h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -732,8 +733,11 @@ def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelCon
     if wo is not None:
         out, k_pages, v_pages = fused_decode_attention_o(*args, wo)
     else:
-        out, k_pages, v_pages = fused_decode_attention(*args, combine=SPLIT_COMBINE, out_dtype=out_dtype,
-                                                       live_rows=paged.live_rows, after=after, **ATTENTION_TUNING)
+        out, k_pages, v_pages, *t = fused_decode_attention(
+            *args, combine=SPLIT_COMBINE, out_dtype=out_dtype, live_rows=paged.live_rows, after=after,
+            shrink=shrink, **ATTENTION_TUNING)
+        if shrink is not None:
+            return out, (k_pages, v_pages), t[0]
     return out, (k_pages, v_pages)
 
 
@@ -838,10 +842,13 @@ class Attention(nn.Module):
             qkv = qkv_proj(x, fused=qkv_of)
             if scales is not None:
                 qkv = _scale_qkv(qkv, scales, cfg)
-            out, kv = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg, out_dtype=self.dtype, after=touched)
+            # With scaled pools the kernel's output is scaled after it: the shrink is XLA's, of the unscaled one.
+            shrink = _attention_shrink(lora) if scales is None else None
+            out, kv, *shrunk = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg, out_dtype=self.dtype,
+                                                    after=touched, shrink=shrink)
             out = _unscale(out, scales).reshape(b, s, h * d)
             o_proj = Linear(cfg.hidden_size, False, self.dtype, name="o_proj")
-            return o_proj(out, fused=lambda kernel, _: _accumulate(out, kernel, x, lora, "o_proj")), kv
+            return o_proj(out, fused=lambda kernel, _: _accumulate(out, kernel, x, lora, "o_proj", *shrunk)), kv
         fold_o = norm is not None and _fold_o_proj(paged, kv)
         if norm is not None:
             touch = (kv[0], kv[1], paged.block_tables) if PREFETCH_KV and fold_o else None
@@ -1206,6 +1213,23 @@ def _norm_shrink(lora: LayerLora | None, projection: str) -> tuple | None:
     if not (LORA_NORM_SHRINK and _glue_folds(lora)):
         return None
     return lora.folded[projection][0], lora.slots, lora.weights[projection][0].shape[1]
+
+
+# o_proj's LoRA shrink on the accumulating glue written by the fused attention kernel before it
+# (`fused_decode_attention(..., shrink=...)`): each program multiplies its KV head's query rows by the row's own slot's
+# stack rows and writes that part (zero outside the slot's columns), and o_proj's Mosaic GPU term reads the parts side
+# by side over one expand stack, where XLA ran a product over every slot's columns and a select (two launches a
+# layer). Unsplit attention calls only (split, its rows are merged after the kernel): at 256 rows always, at 64 rows
+# tables of up to 256 keys. JAXSERVE_LORA_ATTENTION_SHRINK=0 turns it off; read when a step is traced.
+LORA_ATTENTION_SHRINK = os.environ.get("JAXSERVE_LORA_ATTENTION_SHRINK", "1") == "1"
+
+
+def _attention_shrink(lora: LayerLora | None) -> tuple | None:
+    """``fused_decode_attention``'s ``shrink`` for o_proj on the accumulating glue: where the layer folds its terms
+    with the stacks kept (`_glue_folds`) and LORA_ATTENTION_SHRINK, ``(a_cols, slots, R)``; else None."""
+    if not (LORA_ATTENTION_SHRINK and _glue_folds(lora)):
+        return None
+    return lora.folded["o_proj"][0], lora.slots, lora.weights["o_proj"][0].shape[1]
 
 
 # Folded LoRA shrinks of inputs at most this wide as one Triton launch that keeps each row's own slot's columns

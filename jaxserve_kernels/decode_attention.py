@@ -76,10 +76,13 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                   precision, act_dtype, merge_in_kernel: bool = False, interpret: bool = False,
                   o_rows: int = 0, prefetch_wo: bool = False, rot_input: bool = False,
                   joint_rope: bool = False, early_gather: bool = False, ftz: bool = False,
-                  lean: bool = False, has_after: bool = False):
+                  lean: bool = False, has_after: bool = False, shrink_rank: int = 0):
     refs = refs[1:] if has_after else refs  # `after`: an ordering operand, never read
     wo_ref, refs = (refs[0], refs[1:]) if o_rows else (None, refs)
     rot_ref, refs = (refs[0], refs[1:]) if rot_input else (None, refs)
+    # `shrink_rank`: o_proj's LoRA shrink of this KV head's share of the output (`shrink`), its stack and the rows'
+    # slots last of the inputs, its output last of all
+    (a_ref, lslot_ref, *refs), t_ref = (refs[:-1], refs[-1]) if shrink_rank else ((None, None, *refs), None)
     (o_ref, lse_ref, out_ref, counter_ref), (k_out_ref, v_out_ref) = split_refs(
         refs, num_splits, merge_in_kernel)
     seq, head = pl.program_id(0), pl.program_id(1)
@@ -207,6 +210,12 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
 
         # Loaded before the attention, the weights are in flight while it runs (registers held).
         wos = [wo_rows(g) for g in range(group)] if prefetch_wo else None
+    if shrink_rank:
+        own_slot = lslot_ref[seq]
+        own_rows = pl.ds(jnp.maximum(own_slot, 0) * shrink_rank, shrink_rank)
+        # The row's own slot's R rows of the stack, this KV head's query heads' columns (a base row, slot -1, reads
+        # slot 0's and writes zeros), in flight while the attention runs.
+        a_heads = [a_ref[own_rows, pl.ds((head * group + g) * head_dim, head_dim)] for g in range(group)]
     carry = (acc0, m0, l0)
     if early_gather:
         has_first = num_iters >= 1
@@ -225,6 +234,8 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         compat.store(o_ref.at[head, seq, pl.ds(chunk * o_rows, o_rows)], jnp.sum(acc, axis=1), mask=o_ok)
         return
     out = out.astype(o_ref.dtype)
+    if shrink_rank:
+        _store_shrink(t_ref, out, a_heads, own_slot, rows, seq=seq, head=head, rank=shrink_rank)
     if num_splits == 1:
         compat.store(o_ref.at[seq, head, pl.ds(0, block_rows), :], out, mask=real_row[:, None])
     elif merge_in_kernel:
@@ -239,14 +250,33 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         compat.store(lse_ref.at[split, seq, head, pl.ds(0, block_rows)], lse, mask=real_row)
 
 
+def _store_shrink(t_ref, out, a_heads, own_slot, rows, *, seq, head, rank: int) -> None:
+    """This KV head's part of o_proj's LoRA shrink for row ``seq``: its query heads' attention rows ``out`` (in the
+    activations' dtype, as o_proj reads them) times ``a_heads`` (each query head's ``[rank, head_dim]`` of the row's
+    own slot's stack rows), summed in float32 and rounded once, in that slot's ``rank`` columns of ``t_ref[seq,
+    head]``; every other column (every one for a row of no slot) zero."""
+    width = t_ref.shape[-1]
+    attn = out.astype(jnp.float32)
+    acc = jnp.zeros((rank, attn.shape[-1]), jnp.float32)
+    for g, a in enumerate(a_heads):
+        row_g = jnp.sum(jnp.where((rows == g)[:, None], attn, 0.0), axis=0)  # query head g's row: [D]
+        acc += a.astype(jnp.float32) * row_g[None, :]
+    part = jnp.sum(acc, axis=1)  # [rank]
+    # Placed in the slot's columns by a select over [width, rank]: a register tile cannot be indexed by a traced
+    # offset.
+    cols = own_slot * rank + jnp.arange(rank)
+    t = jnp.sum(jnp.where(jnp.arange(width)[:, None] == cols[None, :], part[None, :], 0.0), axis=1)
+    t_ref[seq, head, :] = jnp.where(own_slot >= 0, t, 0.0).astype(t_ref.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine", "o_rows",
-    "prefetch_wo", "out_dtype", "rope_joint", "early_gather", "ftz", "lean", "live_rows"))
-def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo=None, after=None, *, scale: float,
-           num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
+    "prefetch_wo", "out_dtype", "rope_joint", "early_gather", "ftz", "lean", "live_rows", "shrink_rank"))
+def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo=None, after=None, shrink=None, *,
+           scale: float, num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
            interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False, out_dtype=None,
            rope_joint: bool = False, early_gather: bool = False, ftz: bool = False, lean: bool = False,
-           live_rows: int | None = None):
+           live_rows: int | None = None, shrink_rank: int = 0):
     out_dtype = qkv.dtype if out_dtype is None else out_dtype
     batch, _, head_dim = qkv.shape
     live = batch if live_rows is None else live_rows  # grid rows: past them, padding nobody reads
@@ -267,7 +297,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         scale=scale, precision=precision, act_dtype=out_dtype, merge_in_kernel=merge_in_kernel,
         interpret=interpret, o_rows=o_rows, prefetch_wo=prefetch_wo, rot_input=rot_input,
         joint_rope=rot_input and group < block_rows, early_gather=early_gather, ftz=ftz, lean=lean,
-        has_after=after is not None)
+        has_after=after is not None, shrink_rank=shrink_rank)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -300,10 +330,19 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         in_specs.append(whole)
         operands.append(counter)
         aliases[len(operands) - 1] = len(out_shape) - 1
+    shrink_out = []
+    if shrink_rank:  # o_proj's LoRA shrink, a part a KV head: `[batch, kv_heads, T]`, after the pools
+        a_cols, lslots = shrink
+        in_specs += [whole, whole]
+        operands += [a_cols.astype(out_dtype), lslots.astype(jnp.int32)]
+        shrink_out = [jax.ShapeDtypeStruct((batch, kv_heads, a_cols.shape[0]), out_dtype)]
     result = compat.triton_call(
-        kernel, *operands, grid=grid, in_specs=in_specs, out_specs=out_specs + [pool_spec, pool_spec],
-        out_shape=out_shape + pool_shapes, input_output_aliases=aliases, interpret=interpret,
-        num_warps=num_warps, num_stages=num_stages, name="fused_decode_attention")
+        kernel, *operands, grid=grid, in_specs=in_specs, out_specs=out_specs + [pool_spec, pool_spec] + [whole] * len(
+            shrink_out), out_shape=out_shape + pool_shapes + shrink_out, input_output_aliases=aliases,
+        interpret=interpret, num_warps=num_warps, num_stages=num_stages, name="fused_decode_attention")
+    if shrink_rank:
+        *result, t = result
+        return result[0].reshape(batch, num_heads, head_dim), result[-2], result[-1], t
     k_pages, v_pages = result[-2], result[-1]
     if o_rows:
         return result[0], k_pages, v_pages
@@ -384,8 +423,8 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                            interpret: bool | None = None, num_splits: int | None = None,
                            pages_per_block: int | None = None, num_warps: int = 4,
                            num_stages: int | None = None, combine: str = "pallas", out_dtype: Any = None,
-                           live_rows: int | None = None, after: jax.Array | None = None
-                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                           live_rows: int | None = None, after: jax.Array | None = None,
+                           shrink: tuple[jax.Array, jax.Array, int] | None = None) -> tuple:
     """One decode token per sequence: RoPE on its q and k, k/v into the pool, attention.
 
     Args:
@@ -413,9 +452,17 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
             launch no program, write nothing to the pool, and their outputs are left undefined, for a caller
             that discards them. None: every row.
         after: any array, never read: the call waits for it (`jaxserve_kernels.kv_touch`'s read-ahead).
+        shrink: `(a_cols [T, num_heads * head_dim], slots [batch], R)`: also o_proj's LoRA shrink of the output,
+            as `jaxserve.lora.fold_columns` lays out the slots' stacks (slot s's R rows from s * R; slot -1: none):
+            each program multiplies its KV head's query rows by the row's own slot's stack rows, so the shrink
+            costs no launch of its own. Only where the call runs unsplit (every row's attention whole in one
+            program), R and T powers of two: elsewhere None comes back in its place.
 
     Returns:
-        `(out [batch, num_heads, head_dim] in out_dtype, k_pages, v_pages)`.
+        `(out [batch, num_heads, head_dim] in out_dtype, k_pages, v_pages)`; with `shrink` also `t [batch,
+        kv_heads * T]` in out_dtype, a part a KV head side by side (each zero outside the row's slot's columns),
+        whose sum over the parts is `out @ a_cols.T` in the row's slot's columns (`attention_shrink_reference`),
+        or None.
 
     Example:
         >>> qkv = jnp.ones((2, 14 + 4, 64), jnp.bfloat16)
@@ -441,13 +488,52 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
         interpret, DECODE_BLOCK_KEYS, head_dim=head_dim, single_pass=True)
     if num_stages is None:
         num_stages = default_num_stages(live, block_tables.shape[1], num_splits, pages_per_block)
-    return _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, after=after,
-                  scale=float(head_dim ** -0.5 if scale is None else scale),
-                  num_splits=num_splits, pages_per_block=pages_per_block,
-                  num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                  combine=combine, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
-                  rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER, ftz=_paged.FTZ_EXP2,
-                  lean=_paged.LEAN_SOFTMAX, live_rows=live)
+    rank = 0
+    if shrink is not None:
+        a_cols, lslots, rank = shrink
+        num_heads = qkv.shape[1] - 2 * kv_heads
+        if a_cols.ndim != 2 or a_cols.shape[1] != num_heads * head_dim:
+            raise ValueError(f"shrink's a_cols must be [T, {num_heads * head_dim}], got {a_cols.shape}")
+        if lslots.shape != (batch,):
+            raise ValueError(f"shrink's slots must be [{batch}], got {lslots.shape}")
+        if not 1 <= rank <= a_cols.shape[0]:
+            raise ValueError(f"shrink's rank must be in [1, T = {a_cols.shape[0]}], got {rank}")
+        pow2 = all(n & (n - 1) == 0 for n in (rank, a_cols.shape[0]))
+        rank = rank if num_splits == 1 and pow2 else 0
+    out = _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, after=after,
+                 shrink=shrink[:2] if rank else None,
+                 scale=float(head_dim ** -0.5 if scale is None else scale),
+                 num_splits=num_splits, pages_per_block=pages_per_block,
+                 num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                 combine=combine, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
+                 rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER, ftz=_paged.FTZ_EXP2,
+                 lean=_paged.LEAN_SOFTMAX, live_rows=live, shrink_rank=rank)
+    if shrink is None:
+        return out
+    if not rank:
+        return (*out, None)
+    *out, t = out
+    return (*out, t.reshape(batch, -1))
+
+
+def attention_shrink_reference(out: jax.Array, a_cols: jax.Array, slots: jax.Array, rank: int,
+                               kv_heads: int) -> jax.Array:
+    """jnp reference of `fused_decode_attention`'s ``shrink``: for `out [batch, num_heads, head_dim]` (in the
+    activations' dtype), each KV head's query heads times their columns of `a_cols [T, num_heads * head_dim]` in
+    float32, kept in the row's slot's `rank` columns, rounded to out's dtype: `[batch, kv_heads * T]`.
+
+    Example:
+        >>> t = attention_shrink_reference(jnp.ones((2, 4, 16)), jnp.ones((32, 64)), jnp.array([1, -1]), 16, 2)
+        >>> t.shape, t[0, 16].item(), t[0, 0].item(), t[1].max().item()
+        ((2, 64), 32.0, 0.0, 0.0)
+    """
+    from jaxserve_kernels.skinny_matmul import own_slot_columns
+
+    batch, num_heads, head_dim = out.shape
+    per_head = out.astype(jnp.float32).reshape(batch, kv_heads, -1)
+    a = a_cols.astype(out.dtype).astype(jnp.float32).reshape(a_cols.shape[0], kv_heads, -1)
+    parts = jnp.einsum("bhk,thk->bht", per_head, a, precision=lax.Precision.HIGHEST)
+    return jax.vmap(lambda p: own_slot_columns(p, rank, slots, out.dtype), 1, 1)(parts).reshape(batch, -1)
 
 
 def default_num_stages(batch: int, table_pages: int, num_splits: int, pages_per_block: int) -> int:

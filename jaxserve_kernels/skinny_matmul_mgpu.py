@@ -296,8 +296,9 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
     first = split * steps_per_split
     num_steps = jnp.clip(k_steps + t_steps - first, 0, steps_per_split)
 
-    def k_at(step, b, base=0):  # a step is `boxes` TMA boxes of 64 K-elements an operand
-        return pl.ds(((first + step - base) * boxes + b) * _BLOCK_K, _BLOCK_K)
+    def k_at(step, b, base=0, wrap=0):  # a step is `boxes` TMA boxes of 64 K-elements an operand
+        at = ((first + step - base) * boxes + b) * _BLOCK_K
+        return pl.ds(at % wrap if wrap else at, _BLOCK_K)
 
     def by_source(copy):
         # `copy(x or t, w or bt, base step)`: steps below k_steps read x and w, the term's steps after them t and bt
@@ -314,7 +315,8 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
     @by_source
     def issue_w(_, src, base, step, slot):
         for b in range(boxes):
-            at = k_at(step, b, base)
+            # t may be several shrinks side by side over one bt (`term`): bt's columns again for each
+            at = k_at(step, b, base, bt_ref.shape[1] if base else 0)
             for h, offset in enumerate(halves):
                 # joint: both halves' rows side by side in one tile, one product of N = 2 x block_n
                 dst = w_smem.at[slot, 0, b, pl.ds(h * block_n, block_n)] if joint else w_smem.at[slot, h, b]
@@ -735,7 +737,9 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
             epilogue, as K steps after x's that read t and bt in x's and w's place (the product over
             `concat([x, t], 1)` and `concat([w, bt], 1)`). What LoRA's folded decode steps pass: each row's shrink
             masked to its adapter's columns and the slots' stacked expand (`jaxserve.model.LORA_FOLD`). Any epilogue
-            but "argmax" (SwiGLU's bt rows gate's then up's, as w's); one warpgroup, no cluster.
+            but "argmax" (SwiGLU's bt rows gate's then up's, as w's); one warpgroup, no cluster. t may also be
+            `[M, k * T]`, k partial shrinks side by side (the fused attention's, one a KV head), each over bt:
+            `t @ concat([bt] * k, 1).T`.
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
 
     Example:
@@ -790,9 +794,10 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
     if term is not None:
         t, bt = term
         width = t.shape[-1] if t.ndim == 2 else 0
-        if (t.ndim != 2 or t.shape[0] != m or bt.shape != (n, width) or t.dtype != jnp.bfloat16
-                or bt.dtype != jnp.bfloat16 or width == 0 or width % (_BLOCK_K * boxes)):
-            raise ValueError(f"term must be (t [{m}, T], bt [{n}, T]) bfloat16, T a positive multiple of "
+        if (t.ndim != 2 or t.shape[0] != m or bt.ndim != 2 or bt.shape[0] != n or t.dtype != jnp.bfloat16
+                or bt.dtype != jnp.bfloat16 or bt.shape[1] == 0 or bt.shape[1] % (_BLOCK_K * boxes)
+                or width % bt.shape[1]):
+            raise ValueError(f"term must be (t [{m}, k * T], bt [{n}, T]) bfloat16, T a positive multiple of "
                              f"{_BLOCK_K * boxes} (64 x boxes), got {(t.shape, t.dtype)} and {(bt.shape, bt.dtype)}")
         if warpgroups != 1 or cluster != 1:
             raise ValueError(f"term runs with one warpgroup and no cluster, "

@@ -126,6 +126,63 @@ def test_fused_decode_live_rows_compute_only_the_rows_before_them(interpret, num
 
 
 @pytest.mark.parametrize("interpret", MODES)
+# Qwen2.5-0.5B's heads with 4 rank-16 slots (T 128), groups of 1 and 8, rank 8 in a wider stack, float32
+@pytest.mark.parametrize("num_heads,kv_heads,head_dim,dtype,rank,width,live", [
+    (14, 2, 64, jnp.bfloat16, 16, 128, None), (14, 2, 64, jnp.bfloat16, 16, 128, 4), (4, 4, 64, jnp.bfloat16, 16, 64,
+                                                                                          None),
+    (16, 2, 128, jnp.bfloat16, 8, 128, None), (8, 2, 64, jnp.float32, 16, 64, None)])
+def test_fused_decode_writes_o_projs_lora_shrink(interpret, num_heads, kv_heads, head_dim, dtype, rank, width, live):
+    """``shrink``: each row's KV-head parts of ``out @ a_cols.T``, in its slot's columns only (rows of no slot: all
+    zero), against the reference on the kernel's own output and on the float32 reference attention's; a split call
+    gives None and the same attention."""
+    rng, seed = fresh_rng()
+    batch = 6
+    args = fused_case(rng, batch=batch, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, page_size=16,
+                      table_pages=5, dtype=dtype)
+    a_cols = jnp.asarray(rng.standard_normal((width, num_heads * head_dim)) * 0.2, dtype)
+    slots = jnp.asarray(rng.permutation([0, width // rank - 1, -1] + list(rng.integers(-1, width // rank, 3))),
+                        jnp.int32)
+    out, k_new, v_new, t = fused_decode_attention(*args, interpret=interpret, num_splits=1, live_rows=live,
+                                                  shrink=(a_cols, slots, rank))
+    rows = batch if live is None else live
+    assert t.shape == (batch, kv_heads * width) and t.dtype == dtype, f"seed={seed}"
+    t = np.asarray(t[:rows], np.float32)
+    ref = np.asarray(decode_attention.attention_shrink_reference(out, a_cols, slots, rank, kv_heads)[:rows],
+                     np.float32)
+    exact_out, _, _ = fused_decode_attention_reference(*args, out_dtype=jnp.float32)
+    exact = decode_attention.attention_shrink_reference(exact_out, a_cols.astype(jnp.float32), slots, rank,
+                                                        kv_heads)[:rows]
+    assert not np.isnan(t).any(), f"seed={seed}"
+    mine = (np.arange(width)[None, :] // rank == np.asarray(slots[:rows])[:, None])
+    mine = np.tile(mine, (1, kv_heads))
+    np.testing.assert_array_equal(t[~mine], 0.0, err_msg=f"a column outside the row's slot, seed={seed}")
+    attended = np.asarray(args[6][:rows])[:, None] >= 1  # a length-0 row's output is zeros, and so its shrink
+    assert (t[mine & attended] != 0).all(), f"seed={seed}"
+    assert relative_error(t, ref) <= TOLERANCE[dtype], f"seed={seed}"
+    assert relative_error(t, exact) <= TOLERANCE[dtype], f"seed={seed}"
+    # The attention and the pool as without it.
+    plain, k_plain, v_plain = fused_decode_attention(*args, interpret=interpret, num_splits=1, live_rows=live)
+    np.testing.assert_array_equal(np.asarray(out[:rows], np.float32), np.asarray(plain[:rows], np.float32))
+    assert_pools_equal(k_new, k_plain, seed)
+    assert_pools_equal(v_new, v_plain, seed)
+    split = fused_decode_attention(*args, interpret=interpret, num_splits=2, shrink=(a_cols, slots, rank))
+    assert split[3] is None and len(split) == 4
+
+
+def test_fused_decode_shrink_errors_name_the_field():
+    rng, _ = fresh_rng()
+    args = fused_case(rng, batch=2, num_heads=4, kv_heads=2, head_dim=64, page_size=16, table_pages=2,
+                      dtype=jnp.bfloat16)
+    a, slots = jnp.zeros((64, 256), jnp.bfloat16), jnp.zeros((2,), jnp.int32)
+    with pytest.raises(ValueError, match="shrink's a_cols"):
+        fused_decode_attention(*args, shrink=(a[:, :128], slots, 16))
+    with pytest.raises(ValueError, match="shrink's slots"):
+        fused_decode_attention(*args, shrink=(a, slots[:1], 16))
+    with pytest.raises(ValueError, match="shrink's rank"):
+        fused_decode_attention(*args, shrink=(a, slots, 0))
+
+
+@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_fused_decode_of_a_float32_accumulator_into_bf16(interpret, num_splits):
     # The accumulating decode glue (model.ACCUMULATE) hands the kernel the QKV projection's float32

@@ -430,8 +430,9 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     # projection's skinny_matmul after one shrink launch (four a layer), gate_up's before its SwiGLU; "mgpu": with the
     # folded stacks kept (`LoraSlots(folded=True)`), each term as the Mosaic GPU projection's extra K
     # steps after XLA's masked shrink (on the glue too: into its accumulating products, QKV's and gate_up's shrinks
-    # made by the norm kernels before them, model.LORA_NORM_SHRINK; "mgpu_xla_shrink": that off, XLA's; the opt-in
-    # one-launch shrink, model.LORA_SHRINK_MAX_K, is checked by its kernel and lowering tests).
+    # made by the norm kernels before them, model.LORA_NORM_SHRINK, o_proj's by the fused attention,
+    # model.LORA_ATTENTION_SHRINK; "mgpu_xla_shrink": those off, XLA's; the opt-in one-launch shrink,
+    # model.LORA_SHRINK_MAX_K, is checked by its kernel and lowering tests).
     import jax
     import jax.numpy as jnp
 
@@ -468,6 +469,11 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     monkeypatch.setattr(model_module, "LORA_FOLD", bool(fold))
     monkeypatch.setattr(model_module, "LORA_FOLD_TRITON", fold is True)
     monkeypatch.setattr(model_module, "LORA_NORM_SHRINK", fold == "mgpu")
+    monkeypatch.setattr(model_module, "LORA_ATTENTION_SHRINK", fold == "mgpu")
+    da = importlib.import_module("jaxserve_kernels.decode_attention")
+    attention_shrinks = []
+    monkeypatch.setattr(da, "fused_decode_attention", lambda *a, _f=da.fused_decode_attention, **k: (
+        lambda out: attention_shrinks.append(k.get("shrink") is not None and out[3] is not None) or out)(_f(*a, **k)))
     rn = importlib.import_module("jaxserve_kernels.residual_norm")
     norm_shrinks = []
     monkeypatch.setattr(rn, "add_rms_norm", lambda *a, _f=rn.add_rms_norm, **k: norm_shrinks.append(
@@ -494,6 +500,9 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     # the norms' shrinks: QKV's and gate_up's, two a layer, on the glue's folded route only (once a trace)
     assert sum(norm_shrinks) % (2 * layers) == 0 and bool(sum(norm_shrinks)) == (glue and fold == "mgpu"), \
         norm_shrinks
+    # ... and o_proj's by the attention, one a layer
+    assert sum(attention_shrinks) % layers == 0 and bool(sum(attention_shrinks)) == (glue and fold == "mgpu"), \
+        attention_shrinks
     exact = np.asarray(jax.jit(lambda: run(lora=lora, reference=True))()[:, 0])
     base = np.asarray(jax.jit(lambda: run(reference=True))()[:, 0])
     assert not np.isnan(logits).any()

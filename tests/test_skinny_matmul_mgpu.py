@@ -245,16 +245,36 @@ def test_term_is_the_product_over_both_operands(interpret, epilogue, m, k, n, wi
     # `t @ bt.T` joins the sums before the epilogue (the bias, SwiGLU): the product over x and t side by side.
     # t's columns are sparse as LoRA's masked shrink is (a row's own slot's columns only), and large enough that
     # the term moves the output far past the tolerance.
+    _check_term(interpret, epilogue, m, k, n, width, tiling)
+
+
+# The same with t two or three shrinks side by side over one bt (the fused attention's, one a KV head): 0.5B's o_proj
+# at 64 and 256 rows, a split count that cuts through the second copy, two-box steps, SwiGLU
+_TERM_REPEATED = [("accumulate", 16, 256, 64, 64, 2, dict(block_n=32, num_slots=2, num_splits=3)),
+                  ("none", 24, 256, 128, 128, 3, dict(block_n=32, num_slots=3, num_splits=1, boxes=2)),
+                  ("swiglu", 8, 128, 128, 128, 2, dict(block_n=32, num_slots=2))]
+_TERM_REPEATED_05B = [("accumulate", rows, 896, 896, 128, 2, {}) for rows in (64, 256)]
+
+
+@pytest.mark.parametrize("interpret,epilogue,m,k,n,width,repeat,tiling",
+                         interpreted_and_compiled(_TERM_REPEATED, _TERM_REPEATED + _TERM_REPEATED_05B))
+def test_term_of_shrinks_side_by_side_reads_bt_for_each(interpret, epilogue, m, k, n, width, repeat, tiling):
+    _check_term(interpret, epilogue, m, k, n, width, tiling, repeat)
+
+
+def _check_term(interpret, epilogue, m, k, n, width, tiling, repeat=1):
     rng, seed = fresh_rng()
     x, w = _operands(rng, m, k, n)
     slot_cols = rng.integers(0, width // 16, m)[:, None] == np.arange(width)[None, :] // 16
-    t = jnp.asarray(np.where(slot_cols, rng.standard_normal((m, width)) * 4, 0.0), jnp.bfloat16)
+    t = jnp.asarray(np.concatenate([np.where(slot_cols, rng.standard_normal((m, width)) * 4, 0.0)
+                                    for _ in range(repeat)], 1), jnp.bfloat16)
     bt = jnp.asarray(rng.standard_normal((n, width)), jnp.bfloat16)
     bias = jnp.asarray(rng.standard_normal(n), jnp.bfloat16) if epilogue == "none" else None
     acc = jnp.asarray(rng.standard_normal((m, n)), jnp.float32) if epilogue == "accumulate" else None
     out = skinny_matmul_mgpu(x, w, bias, epilogue=epilogue, acc=acc, term=(t, bt), interpret=interpret, **tiling)
     ref_epilogue = "partials" if epilogue == "accumulate" else epilogue
-    ref = skinny_matmul_reference(jnp.concatenate([x, t], 1), jnp.concatenate([w, bt], 1), bias,
+    # SwiGLU's bt is gate's rows then up's, as w's: each half repeated on its own rows
+    ref = skinny_matmul_reference(jnp.concatenate([x, t], 1), jnp.concatenate([w] + [bt] * repeat, 1), bias,
                                   epilogue=ref_epilogue, layout="nk")
     base = skinny_matmul_reference(x, w, bias, epilogue=ref_epilogue, layout="nk")
     if ref_epilogue == "partials":
@@ -276,6 +296,8 @@ def test_term_refuses_what_it_cannot_run():
         skinny_matmul_mgpu(x, w, term=(t[:, :48], bt[:, :48]))
     with pytest.raises(ValueError, match="term must be"):
         skinny_matmul_mgpu(x, w, term=(t, bt[:64]))
+    with pytest.raises(ValueError, match="term must be"):  # t not whole copies of bt's width
+        skinny_matmul_mgpu(x, w, term=(jnp.zeros((16, 192), jnp.bfloat16), jnp.zeros((128, 128), jnp.bfloat16)))
     with pytest.raises(ValueError, match="term must be"):
         skinny_matmul_mgpu(x, w, term=(t.astype(jnp.float32), bt))
     with pytest.raises(ValueError, match="term must be"):  # two-box steps want whole 128s
