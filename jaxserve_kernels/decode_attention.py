@@ -76,7 +76,8 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
                   precision, act_dtype, merge_in_kernel: bool = False, interpret: bool = False,
                   o_rows: int = 0, prefetch_wo: bool = False, rot_input: bool = False,
                   joint_rope: bool = False, early_gather: bool = False, ftz: bool = False,
-                  lean: bool = False, has_after: bool = False, shrink_rank: int = 0):
+                  lean: bool = False, has_after: bool = False, shrink_rank: int = 0,
+                  shrink_prefetch: bool = True):
     refs = refs[1:] if has_after else refs  # `after`: an ordering operand, never read
     wo_ref, refs = (refs[0], refs[1:]) if o_rows else (None, refs)
     rot_ref, refs = (refs[0], refs[1:]) if rot_input else (None, refs)
@@ -213,9 +214,13 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
     if shrink_rank:
         own_slot = lslot_ref[seq]
         own_rows = pl.ds(jnp.maximum(own_slot, 0) * shrink_rank, shrink_rank)
-        # The row's own slot's R rows of the stack, this KV head's query heads' columns (a base row, slot -1, reads
-        # slot 0's and writes zeros), in flight while the attention runs.
-        a_heads = [a_ref[own_rows, pl.ds((head * group + g) * head_dim, head_dim)] for g in range(group)]
+
+        def stack_rows():
+            # The row's own slot's R rows of the stack, this KV head's query heads' columns (a base row, slot -1,
+            # reads slot 0's and writes zeros).
+            return [a_ref[own_rows, pl.ds((head * group + g) * head_dim, head_dim)] for g in range(group)]
+
+        a_heads = stack_rows() if shrink_prefetch else None  # in flight while the attention runs (registers held)
     carry = (acc0, m0, l0)
     if early_gather:
         has_first = num_iters >= 1
@@ -235,7 +240,7 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         return
     out = out.astype(o_ref.dtype)
     if shrink_rank:
-        _store_shrink(t_ref, out, a_heads, own_slot, rows, seq=seq, head=head, rank=shrink_rank)
+        _store_shrink(t_ref, out, a_heads or stack_rows(), own_slot, rows, seq=seq, head=head, rank=shrink_rank)
     if num_splits == 1:
         compat.store(o_ref.at[seq, head, pl.ds(0, block_rows), :], out, mask=real_row[:, None])
     elif merge_in_kernel:
@@ -271,12 +276,13 @@ def _store_shrink(t_ref, out, a_heads, own_slot, rows, *, seq, head, rank: int) 
 
 @functools.partial(jax.jit, static_argnames=(
     "scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret", "combine", "o_rows",
-    "prefetch_wo", "out_dtype", "rope_joint", "early_gather", "ftz", "lean", "live_rows", "shrink_rank"))
+    "prefetch_wo", "out_dtype", "rope_joint", "early_gather", "ftz", "lean", "live_rows", "shrink_rank",
+    "shrink_prefetch"))
 def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping, wo=None, after=None, shrink=None, *,
            scale: float, num_splits: int, pages_per_block: int, num_warps: int, num_stages: int,
            interpret: bool, combine: str, o_rows: int = 0, prefetch_wo: bool = False, out_dtype=None,
            rope_joint: bool = False, early_gather: bool = False, ftz: bool = False, lean: bool = False,
-           live_rows: int | None = None, shrink_rank: int = 0):
+           live_rows: int | None = None, shrink_rank: int = 0, shrink_prefetch: bool = True):
     out_dtype = qkv.dtype if out_dtype is None else out_dtype
     batch, _, head_dim = qkv.shape
     live = batch if live_rows is None else live_rows  # grid rows: past them, padding nobody reads
@@ -297,7 +303,7 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         scale=scale, precision=precision, act_dtype=out_dtype, merge_in_kernel=merge_in_kernel,
         interpret=interpret, o_rows=o_rows, prefetch_wo=prefetch_wo, rot_input=rot_input,
         joint_rope=rot_input and group < block_rows, early_gather=early_gather, ftz=ftz, lean=lean,
-        has_after=after is not None, shrink_rank=shrink_rank)
+        has_after=after is not None, shrink_rank=shrink_rank, shrink_prefetch=shrink_prefetch)
     whole = pl.no_block_spec
     pool_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda b, h, s: (h, 0, 0, 0))
     in_specs = [whole, pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -417,6 +423,13 @@ ROPE_JOINT = os.environ.get("JAXSERVE_ROPE_JOINT", "1") == "1"
 EARLY_GATHER = os.environ.get("JAXSERVE_EARLY_GATHER", "1") == "1"
 
 
+# `fused_decode_attention`'s ``shrink``: the stack rows loaded before the attention (in flight while it runs, their
+# registers held through it), or after it. H100, session 61 (bench/results/lora.md): with them loaded first the
+# 64-row adapter step's attention takes 7.82 against 6.87 µs a launch without the shrink. Experiment:
+# JAXSERVE_ATTENTION_SHRINK_PREFETCH=0 loads them after; read when a step is traced.
+SHRINK_PREFETCH = os.environ.get("JAXSERVE_ATTENTION_SHRINK_PREFETCH", "1") == "1"
+
+
 def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
                            v_pages: jax.Array, block_tables: jax.Array, lengths: jax.Array,
                            slot_mapping: jax.Array, *, scale: float | None = None,
@@ -507,7 +520,7 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
                  num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                  combine=combine, out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
                  rope_joint=ROPE_JOINT, early_gather=EARLY_GATHER, ftz=_paged.FTZ_EXP2,
-                 lean=_paged.LEAN_SOFTMAX, live_rows=live, shrink_rank=rank)
+                 lean=_paged.LEAN_SOFTMAX, live_rows=live, shrink_rank=rank, shrink_prefetch=SHRINK_PREFETCH)
     if shrink is None:
         return out
     if not rank:

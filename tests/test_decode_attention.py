@@ -131,11 +131,14 @@ def test_fused_decode_live_rows_compute_only_the_rows_before_them(interpret, num
     (14, 2, 64, jnp.bfloat16, 16, 128, None), (14, 2, 64, jnp.bfloat16, 16, 128, 4), (4, 4, 64, jnp.bfloat16, 16, 64,
                                                                                           None),
     (16, 2, 128, jnp.bfloat16, 8, 128, None), (8, 2, 64, jnp.float32, 16, 64, None)])
-def test_fused_decode_writes_o_projs_lora_shrink(interpret, num_heads, kv_heads, head_dim, dtype, rank, width, live):
+def test_fused_decode_writes_o_projs_lora_shrink(interpret, num_heads, kv_heads, head_dim, dtype, rank, width, live,
+                                                 monkeypatch):
     """``shrink``: each row's KV-head parts of ``out @ a_cols.T``, in its slot's columns only (rows of no slot: all
     zero), against the reference on the kernel's own output and on the float32 reference attention's; a split call
-    gives None and the same attention."""
+    gives None and the same attention. The stack rows loaded before the attention, or after it (the live-rows and
+    float32 cases)."""
     rng, seed = fresh_rng()
+    monkeypatch.setattr(decode_attention, "SHRINK_PREFETCH", live is None and dtype == jnp.bfloat16)
     batch = 6
     args = fused_case(rng, batch=batch, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, page_size=16,
                       table_pages=5, dtype=dtype)
