@@ -55,9 +55,9 @@
 #               and the term's compiled tests, the adapter step tests on the GPU, then bench/lora.py at 64 / 256 rows
 #               with it (profiled at 64), without it, and with it again, each its own process (~470 s?)
 #   lora61c     session 61, after lora61b (the attention's shrink: GPU busy a 64-row adapter step 1,428.9 -> 1,373.5 µs,
-#               the attention 6.87 -> 7.82 µs a launch): the kernel tests compiled, then bench/lora.py at 64 rows with
-#               the stack rows loaded after the attention (JAXSERVE_ATTENTION_SHRINK_PREFETCH=0, profiled), then at
-#               256 rows profiled there with the attention's shrink and without it, each its own process (~350 s?)
+#               the attention 6.87 -> 7.82 µs a launch): bench/lora.py at 256 rows profiled there with the attention's
+#               shrink and without it, then at 64 rows with the stack rows loaded after the attention
+#               (JAXSERVE_ATTENTION_SHRINK_PREFETCH=0, profiled), each its own process (~170 s: the budget's end)
 #   lora60      session 60: QKV's and gate_up's LoRA shrinks written by the accumulating glue's norm kernels
 #               (model.LORA_NORM_SHRINK; residual_norm.add_rms_norm's shrink): the norm's and the adapter step's tests
 #               on the GPU, then bench/lora.py at 64 / 256 rows with it (bf16 check, profiled at 64), without it
@@ -1130,15 +1130,13 @@ for part in "${parts[@]}"; do
                | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp59e ; \
              echo "== JAXSERVE_LORA_SHRINK_MAX_K=0" ; JAXSERVE_LORA_SHRINK_MAX_K=0 timeout 100 python3 bench/lora.py \
                --shape 0.5B --batch 64 256 --no-check --out "$OUT/$part/xla" 2>&1 | grep "^|" ;;
-    lora61c) timeout 80 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-               tests/test_decode_attention.py -k "writes_o_projs" 2>&1 | tail -2 ; \
-             echo "== JAXSERVE_ATTENTION_SHRINK_PREFETCH=0" ; JAXSERVE_ATTENTION_SHRINK_PREFETCH=0 timeout 80 python3 \
-               bench/lora.py --shape 0.5B --batch 64 --no-check --profile /tmp/lp61c --profile-top 8 2>&1 \
-               | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp61c ; \
-             for on in 1 0; do echo "== JAXSERVE_LORA_ATTENTION_SHRINK=$on, 256 rows" ; JAXSERVE_LORA_ATTENTION_SHRINK=$on \
-               timeout 90 python3 bench/lora.py --shape 0.5B --batch 256 --no-check --profile /tmp/lp61c \
+    lora61c) for on in 1 0; do echo "== JAXSERVE_LORA_ATTENTION_SHRINK=$on, 256 rows" ; JAXSERVE_LORA_ATTENTION_SHRINK=$on \
+               timeout 60 python3 bench/lora.py --shape 0.5B --batch 256 --no-check --profile /tmp/lp61c \
                --profile-batch 256 --profile-top 12 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
-               rm -rf /tmp/lp61c ; done ;;
+               rm -rf /tmp/lp61c ; done ; \
+             echo "== JAXSERVE_ATTENTION_SHRINK_PREFETCH=0" ; JAXSERVE_ATTENTION_SHRINK_PREFETCH=0 timeout 50 python3 \
+               bench/lora.py --shape 0.5B --batch 64 --no-check --profile /tmp/lp61c --profile-top 8 2>&1 \
+               | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp61c ;;
     lora61b) timeout 170 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
                tests/test_decode_attention.py tests/test_skinny_matmul_mgpu.py tests/test_lora.py \
                -k "writes_o_projs or shrink_errors or side_by_side or float32_models_logits" 2>&1 | tail -4 ; \
