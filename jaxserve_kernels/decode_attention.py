@@ -474,8 +474,8 @@ def fused_decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pag
     Returns:
         `(out [batch, num_heads, head_dim] in out_dtype, k_pages, v_pages)`; with `shrink` also `t [batch,
         kv_heads * T]` in out_dtype, a part a KV head side by side (each zero outside the row's slot's columns),
-        whose sum over the parts is `out @ a_cols.T` in the row's slot's columns (`attention_shrink_reference`),
-        or None.
+        whose sum over the parts is `out @ a_cols.T` in the row's slot's columns (`attention_shrink_reference`;
+        undefined past `live_rows`, as out is), or None.
 
     Example:
         >>> qkv = jnp.ones((2, 14 + 4, 64), jnp.bfloat16)
