@@ -57,7 +57,8 @@
 #   lora61c     session 61, after lora61b (the attention's shrink: GPU busy a 64-row adapter step 1,428.9 -> 1,373.5 µs,
 #               the attention 6.87 -> 7.82 µs a launch): bench/lora.py at 256 rows profiled there with the attention's
 #               shrink and without it, then at 64 rows with the stack rows loaded after the attention
-#               (JAXSERVE_ATTENTION_SHRINK_PREFETCH=0, profiled), each its own process (~170 s: the budget's end)
+#               (JAXSERVE_ATTENTION_SHRINK_PREFETCH=0, profiled), each its own process (~170 s). Not run: its one try
+#               (14:42 UTC) lost the machine mid-call and the device time was spent
 #   lora60      session 60: QKV's and gate_up's LoRA shrinks written by the accumulating glue's norm kernels
 #               (model.LORA_NORM_SHRINK; residual_norm.add_rms_norm's shrink): the norm's and the adapter step's tests
 #               on the GPU, then bench/lora.py at 64 / 256 rows with it (bf16 check, profiled at 64), without it
