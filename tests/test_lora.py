@@ -471,9 +471,14 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     monkeypatch.setattr(model_module, "LORA_NORM_SHRINK", fold == "mgpu")
     monkeypatch.setattr(model_module, "LORA_ATTENTION_SHRINK", fold == "mgpu")
     da = importlib.import_module("jaxserve_kernels.decode_attention")
-    attention_shrinks = []
-    monkeypatch.setattr(da, "fused_decode_attention", lambda *a, _f=da.fused_decode_attention, **k: (
-        lambda out: attention_shrinks.append(k.get("shrink") is not None and out[3] is not None) or out)(_f(*a, **k)))
+    attention_shrinks = []  # a call each: whether it was asked for o_proj's shrink and made it
+
+    def attention(*a, _f=da.fused_decode_attention, **k):
+        out = _f(*a, **k)
+        attention_shrinks.append(k.get("shrink") is not None and out[3] is not None)
+        return out
+
+    monkeypatch.setattr(da, "fused_decode_attention", attention)
     rn = importlib.import_module("jaxserve_kernels.residual_norm")
     norm_shrinks = []
     monkeypatch.setattr(rn, "add_rms_norm", lambda *a, _f=rn.add_rms_norm, **k: norm_shrinks.append(
