@@ -231,16 +231,13 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         # o_proj's partial sum over this KV head's query heads, rounded as the unfused path rounds
         # the attention output (to the activations' dtype) before the product.
         attn = out.astype(act_dtype).astype(jnp.float32)
-        acc = jnp.zeros((o_rows, head_dim), jnp.float32)
-        for g in range(group):
-            row_g = jnp.sum(jnp.where((rows == g)[:, None], attn, 0.0), axis=0)  # attention row g: [D]
-            w = wos[g] if prefetch_wo else wo_rows(g)
-            acc += w.astype(jnp.float32) * row_g[None, :]
+        acc = _group_product(attn, rows, group, lambda g: wos[g] if prefetch_wo else wo_rows(g))
         compat.store(o_ref.at[head, seq, pl.ds(chunk * o_rows, o_rows)], jnp.sum(acc, axis=1), mask=o_ok)
         return
     out = out.astype(o_ref.dtype)
     if shrink_rank:
-        _store_shrink(t_ref, out, a_heads or stack_rows(), own_slot, rows, seq=seq, head=head, rank=shrink_rank)
+        a_heads = stack_rows() if a_heads is None else a_heads
+        _store_shrink(t_ref, out, a_heads, own_slot, rows, seq=seq, head=head, rank=shrink_rank)
     if num_splits == 1:
         compat.store(o_ref.at[seq, head, pl.ds(0, block_rows), :], out, mask=real_row[:, None])
     elif merge_in_kernel:
@@ -255,18 +252,25 @@ def _fused_kernel(slot_ref, block_table_ref, lengths_ref, qkv_ref, cos_ref, sin_
         compat.store(lse_ref.at[split, seq, head, pl.ds(0, block_rows)], lse, mask=real_row)
 
 
+def _group_product(attn, rows, group: int, tile) -> jax.Array:
+    """The KV group's query rows ``attn [block_rows, D]`` (float32) times weights of their columns: the sum over
+    query heads g < ``group`` of ``tile(g) [n, D]`` times attention row g, in float32 (``[n, D]``; its sum over D is
+    each weight row's product with the group's rows side by side). ``tile(g)`` is called in the loop, so a load
+    there is issued beside the products."""
+    acc = 0.0
+    for g in range(group):
+        row_g = jnp.sum(jnp.where((rows == g)[:, None], attn, 0.0), axis=0)  # attention row g: [D]
+        acc = acc + tile(g).astype(jnp.float32) * row_g[None, :]
+    return acc
+
+
 def _store_shrink(t_ref, out, a_heads, own_slot, rows, *, seq, head, rank: int) -> None:
     """This KV head's part of o_proj's LoRA shrink for row ``seq``: its query heads' attention rows ``out`` (in the
     activations' dtype, as o_proj reads them) times ``a_heads`` (each query head's ``[rank, head_dim]`` of the row's
     own slot's stack rows), summed in float32 and rounded once, in that slot's ``rank`` columns of ``t_ref[seq,
     head]``; every other column (every one for a row of no slot) zero."""
     width = t_ref.shape[-1]
-    attn = out.astype(jnp.float32)
-    acc = jnp.zeros((rank, attn.shape[-1]), jnp.float32)
-    for g, a in enumerate(a_heads):
-        row_g = jnp.sum(jnp.where((rows == g)[:, None], attn, 0.0), axis=0)  # query head g's row: [D]
-        acc += a.astype(jnp.float32) * row_g[None, :]
-    part = jnp.sum(acc, axis=1)  # [rank]
+    part = jnp.sum(_group_product(out.astype(jnp.float32), rows, len(a_heads), a_heads.__getitem__), axis=1)
     # Placed in the slot's columns by a select over [width, rank]: a register tile cannot be indexed by a traced
     # offset.
     cols = own_slot * rank + jnp.arange(rank)
@@ -346,9 +350,8 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         kernel, *operands, grid=grid, in_specs=in_specs, out_specs=out_specs + [pool_spec, pool_spec] + [whole] * len(
             shrink_out), out_shape=out_shape + pool_shapes + shrink_out, input_output_aliases=aliases,
         interpret=interpret, num_warps=num_warps, num_stages=num_stages, name="fused_decode_attention")
-    if shrink_rank:
+    if shrink_rank:  # last of the outputs; the call is unsplit, so the rest is as without it
         *result, t = result
-        return result[0].reshape(batch, num_heads, head_dim), result[-2], result[-1], t
     k_pages, v_pages = result[-2], result[-1]
     if o_rows:
         return result[0], k_pages, v_pages
@@ -358,7 +361,8 @@ def _fused(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping,
         out = result[2]
     else:
         out = merge_splits(result[0], result[1], out_dtype, combine, interpret, live_rows=live)
-    return out.reshape(batch, num_heads, head_dim), k_pages, v_pages
+    out = out.reshape(batch, num_heads, head_dim), k_pages, v_pages
+    return (*out, t) if shrink_rank else out
 
 
 def _check_args(qkv, cos, sin, k_pages, v_pages, block_tables, lengths, slot_mapping) -> None:
