@@ -582,7 +582,7 @@ def _norm_stream(x: jax.Array, norm: tuple, dtype: Any, seed: jax.Array | None =
                  shrink: tuple | None = None) -> tuple[jax.Array, ...]:
     """The float32 stream ``x [B, S, N]`` normed into ``dtype`` (``norm``: the folded RMSNorm's
     ``(None, scale, eps)``), and with ``seed`` also QKV's float32 accumulator ``[B, S, N2]`` started
-    at it (ACCUMULATE's glue); with ``shrink`` (`_norm_shrink`) last the rows' own-slot LoRA shrink ``[B, S, T]``
+    at it (ACCUMULATE's glue); with ``shrink`` (`_kernel_shrink`) last the rows' own-slot LoRA shrink ``[B, S, T]``
     of the normed rows."""
     from jaxserve_kernels.residual_norm import add_rms_norm
 
@@ -596,7 +596,7 @@ def _accumulate(x: jax.Array, kernel: jax.Array, acc: jax.Array, lora: LayerLora
     """``acc + x @ kernel.T`` (float32, in acc's buffer) on Mosaic GPU; ``x [B, 1, K]``, ``acc [B, 1, N]``. With
     ``lora`` (the accumulating glue's adapters, LORA_GLUE) each row's term of ``projection`` too: inside the kernel
     where the layer folds its terms with the stacks kept (`_glue_term`; ``shrunk``: its shrink, made by the norm
-    before, `_norm_shrink`), else XLA's (or LORA_KERNELS') added first."""
+    before, `_kernel_shrink`), else XLA's (or LORA_KERNELS') added first."""
     from jaxserve_kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
 
     rows = x.shape[0] * x.shape[1]
@@ -722,7 +722,7 @@ def _attend_fused_decode(qkv, cos, sin, kv, paged: PagedAttention, cfg: ModelCon
                          out_dtype: Any = None, after: jax.Array | None = None, shrink: tuple | None = None):
     """Decode: RoPE, the cache write and attention in one kernel, not six a layer; with ``wo``
     (_fold_o_proj) o_proj too, whose per-KV-head partials ``[kv_heads, B, hidden]`` it returns. ``after``: an
-    array the attention waits for (KV_TOUCH's read-ahead; without o_proj only). ``shrink`` (`_attention_shrink`;
+    array the attention waits for (KV_TOUCH's read-ahead; without o_proj only). ``shrink`` (`_kernel_shrink`;
     without o_proj only): o_proj's LoRA shrink too, a third result (None where the kernel cannot make it)."""
     from jaxserve_kernels.decode_attention import fused_decode_attention, fused_decode_attention_o
 
@@ -833,7 +833,7 @@ class Attention(nn.Module):
         if accumulate is not None:
             def qkv_of(kernel, bias):  # the norm starts QKV's float32 accumulator at the bias
                 normed, acc, *shrunk = _norm_stream(x, accumulate, self.dtype, seed=bias,
-                                                    shrink=_norm_shrink(lora, "qkv_proj"))
+                                                    shrink=_kernel_shrink(lora, "qkv_proj", LORA_NORM_SHRINK))
                 return _accumulate(normed, kernel, acc, lora, "qkv_proj", *shrunk)
 
             scales = _kv_scales(cfg, self.layer, kv)
@@ -843,7 +843,7 @@ class Attention(nn.Module):
             if scales is not None:
                 qkv = _scale_qkv(qkv, scales, cfg)
             # With scaled pools the kernel's output is scaled after it: the shrink is XLA's, of the unscaled one.
-            shrink = _attention_shrink(lora) if scales is None else None
+            shrink = _kernel_shrink(lora, "o_proj", LORA_ATTENTION_SHRINK) if scales is None else None
             out, kv, *shrunk = _attend_fused_decode(qkv, cos, sin, kv, paged, cfg, out_dtype=self.dtype,
                                                     after=touched, shrink=shrink)
             out = _unscale(out, scales).reshape(b, s, h * d)
@@ -895,7 +895,8 @@ class MLP(nn.Module):
         gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")
         down = Linear(self.config.hidden_size, False, self.dtype, name="down_proj")
         if accumulate is not None:
-            normed, *shrunk = _norm_stream(x, accumulate, self.dtype, shrink=_norm_shrink(lora, "gate_up_proj"))
+            normed, *shrunk = _norm_stream(x, accumulate, self.dtype,
+                                           shrink=_kernel_shrink(lora, "gate_up_proj", LORA_NORM_SHRINK))
             if lora is None:
                 act = gate_up(normed, True, "swiglu")
             elif _glue_folds(lora):  # the term inside the kernel, before SwiGLU
@@ -1191,7 +1192,7 @@ def _lora_folds(x: jax.Array, paged: PagedAttention | None) -> bool:
 def _fold(lora: LayerLora | None, projection: str, shrunk: jax.Array | None = None) -> tuple | None:
     """``(a, b, slots, folded, shrunk)`` of ``projection`` for `Linear` where the layer folds its terms
     (`LayerLora.fold`; ``folded`` its `LayerLora.folded` pair, None where not kept; ``shrunk`` the rows' shrink where
-    the norm before made it, `_norm_shrink`)."""
+    the norm before made it, `_kernel_shrink`)."""
     if lora is None or not lora.fold:
         return None
     return (*lora.weights[projection], lora.slots, None if lora.folded is None else lora.folded[projection], shrunk)
@@ -1207,10 +1208,12 @@ def _fold(lora: LayerLora | None, projection: str, shrunk: jax.Array | None = No
 LORA_NORM_SHRINK = os.environ.get("JAXSERVE_LORA_NORM_SHRINK", "1") == "1"
 
 
-def _norm_shrink(lora: LayerLora | None, projection: str) -> tuple | None:
-    """``add_rms_norm``'s ``shrink`` for the norm before ``projection`` on the accumulating glue: where the layer
-    folds its terms with the stacks kept (`_glue_folds`) and LORA_NORM_SHRINK, ``(a_cols, slots, R)``; else None."""
-    if not (LORA_NORM_SHRINK and _glue_folds(lora)):
+def _kernel_shrink(lora: LayerLora | None, projection: str, on: bool) -> tuple | None:
+    """The ``shrink`` operand of a kernel before ``projection`` on the accumulating glue that writes its LoRA shrink
+    (``add_rms_norm``'s under LORA_NORM_SHRINK, ``fused_decode_attention``'s under LORA_ATTENTION_SHRINK: ``on``):
+    where ``on`` and the layer folds its terms with the stacks kept (`_glue_folds`), ``(a_cols, slots, R)``; else
+    None."""
+    if not (on and _glue_folds(lora)):
         return None
     return lora.folded[projection][0], lora.slots, lora.weights[projection][0].shape[1]
 
@@ -1224,14 +1227,6 @@ def _norm_shrink(lora: LayerLora | None, projection: str) -> tuple | None:
 # 1,428.9 -> 1,373.5 µs (48 launches fewer; the attention 6.87 -> 7.82 µs a launch), one-adapter tokens/s +3%.
 # JAXSERVE_LORA_ATTENTION_SHRINK=0 turns it off; read when a step is traced.
 LORA_ATTENTION_SHRINK = os.environ.get("JAXSERVE_LORA_ATTENTION_SHRINK", "1") == "1"
-
-
-def _attention_shrink(lora: LayerLora | None) -> tuple | None:
-    """``fused_decode_attention``'s ``shrink`` for o_proj on the accumulating glue: where the layer folds its terms
-    with the stacks kept (`_glue_folds`) and LORA_ATTENTION_SHRINK, ``(a_cols, slots, R)``; else None."""
-    if not (LORA_ATTENTION_SHRINK and _glue_folds(lora)):
-        return None
-    return lora.folded["o_proj"][0], lora.slots, lora.weights["o_proj"][0].shape[1]
 
 
 # Folded LoRA shrinks of inputs at most this wide as one Triton launch that keeps each row's own slot's columns

@@ -84,7 +84,7 @@ def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: 
                              scale_first=scale_first, shrink=shrink)
     # With a shrink, programs m..m+S-1 each make one SHRINK_CHUNK of one row's shrink (norming the row again):
     # chunks of a row done one after another in its norm's program cost ~1.1 µs each on the H100 (session 60).
-    shrinks = m * -(-rank // SHRINK_CHUNK) if rank else 0
+    shrinks = _shrink_programs(m, rank)
     first_seed = m + shrinks
 
     def seed(row):
@@ -107,6 +107,11 @@ def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: 
                                   eps=eps, block_n=block_n, out_dtype=norm_out_ref.dtype))
     if seed_programs:  # SEED_PROGRAMS: the last m programs write the seed's rows
         pl.when(pid >= first_seed)(lambda: seed(pid - first_seed))
+
+
+def _shrink_programs(m: int, rank: int) -> int:
+    """The programs that write `m` rows' shrinks of rank `rank` (0: none): a row's SHRINK_CHUNK-row chunks each."""
+    return m * -(-rank // SHRINK_CHUNK)
 
 
 def _normed(h, *, n: int, eps: float, out_dtype):
@@ -199,7 +204,7 @@ def _add_rms_norm(hidden, partials, scale, seed, a_cols=None, slots=None, *, eps
         out_shape.append(jax.ShapeDtypeStruct((m, seed.shape[0]), jnp.float32))
     if rank:
         out_shape.append(jax.ShapeDtypeStruct((m, a_cols.shape[0]), out_dtype))
-    programs = m + (m * -(-rank // SHRINK_CHUNK) if rank else 0) + (m if seed_programs else 0)
+    programs = m + _shrink_programs(m, rank) + (m if seed_programs else 0)
     outs = compat.triton_call(kernel, *args, grid=(programs,), out_shape=out_shape,
                               interpret=interpret, num_warps=num_warps, name="add_rms_norm")
     if not num_parts:  # the residual is unchanged: returned as is, not copied
