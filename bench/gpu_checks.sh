@@ -54,6 +54,9 @@
 #               program its KV head's part, o's Mosaic GPU term reading the parts over one expand stack): the kernel's
 #               and the term's compiled tests, the adapter step tests on the GPU, then bench/lora.py at 64 / 256 rows
 #               with it (profiled at 64), without it, and with it again, each its own process (~470 s?)
+#   s62         session 62: the one-row o_proj fold after session 61's read-through (_group_product, never compiled
+#               since): the fused attention's compiled o-fold / early-gather / shrink tests and the 0.5B one-row step
+#               against the reference, the one-row step timed and profiled (issue 8's 0.6 ms line), then lora61c (~420 s?)
 #   lora61c     session 61, after lora61b (the attention's shrink: GPU busy a 64-row adapter step 1,428.9 -> 1,373.5 µs,
 #               the attention 6.87 -> 7.82 µs a launch): bench/lora.py at 256 rows profiled there with the attention's
 #               shrink and without it, then at 64 rows with the stack rows loaded after the attention
@@ -1131,6 +1134,13 @@ for part in "${parts[@]}"; do
                | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp59e ; \
              echo "== JAXSERVE_LORA_SHRINK_MAX_K=0" ; JAXSERVE_LORA_SHRINK_MAX_K=0 timeout 100 python3 bench/lora.py \
                --shape 0.5B --batch 64 256 --no-check --out "$OUT/$part/xla" 2>&1 | grep "^|" ;;
+    s62) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_decode_attention.py \
+           -k "decode_o or early_gather or one_block or writes_o_projs" 2>&1 | tail -4 ; \
+         timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_qwen_shapes.py \
+           -k "decode_step_matches_reference and 0.5B-None-1" 2>&1 | tail -3 ; \
+         timeout 120 python3 bench/decode_step.py --batches 1 --context 192 --variants default --no-static \
+           --glue kernels --rounds 5 --reps 10 --profile /tmp/p62 ; rm -rf /tmp/p62 ; \
+         bash "$0" lora61c ; cat "$OUT/lora61c/log.txt" ;;
     lora61c) for on in 1 0; do echo "== JAXSERVE_LORA_ATTENTION_SHRINK=$on, 256 rows" ; JAXSERVE_LORA_ATTENTION_SHRINK=$on \
                timeout 60 python3 bench/lora.py --shape 0.5B --batch 256 --no-check --profile /tmp/lp61c \
                --profile-batch 256 --profile-top 12 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
