@@ -56,7 +56,7 @@
 #               with it (profiled at 64), without it, and with it again, each its own process (~470 s?)
 #   s62         session 62: the one-row o_proj fold after session 61's read-through (_group_product, never compiled
 #               since): the fused attention's compiled o-fold / early-gather / shrink tests and the 0.5B one-row step
-#               against the reference, the one-row step timed and profiled (issue 8's 0.6 ms line), then lora61c (~420 s?)
+#               against the reference, the one-row step timed and profiled (issue 8's 0.6 ms line), then lora61c and the 64-row default beside its prefetch-off run (~470 s?)
 #   lora61c     session 61, after lora61b (the attention's shrink: GPU busy a 64-row adapter step 1,428.9 -> 1,373.5 µs,
 #               the attention 6.87 -> 7.82 µs a launch): bench/lora.py at 256 rows profiled there with the attention's
 #               shrink and without it, then at 64 rows with the stack rows loaded after the attention
@@ -1140,7 +1140,10 @@ for part in "${parts[@]}"; do
            -k "decode_step_matches_reference and 0.5B-None-1" 2>&1 | tail -3 ; \
          timeout 120 python3 bench/decode_step.py --batches 1 --context 192 --variants default --no-static \
            --glue kernels --rounds 5 --reps 10 --profile /tmp/p62 ; rm -rf /tmp/p62 ; \
-         bash "$0" lora61c ; cat "$OUT/lora61c/log.txt" ;;
+         bash "$0" lora61c ; cat "$OUT/lora61c/log.txt" ; \
+         echo "== defaults at 64 rows (lora61c's prefetch-off baseline on this machine)" ; timeout 50 python3 \
+           bench/lora.py --shape 0.5B --batch 64 --no-check --profile /tmp/lp62 --profile-top 8 2>&1 \
+           | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp62 ;;
     lora61c) for on in 1 0; do echo "== JAXSERVE_LORA_ATTENTION_SHRINK=$on, 256 rows" ; JAXSERVE_LORA_ATTENTION_SHRINK=$on \
                timeout 60 python3 bench/lora.py --shape 0.5B --batch 256 --no-check --profile /tmp/lp61c \
                --profile-batch 256 --profile-top 12 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
