@@ -54,6 +54,11 @@
 #               program its KV head's part, o's Mosaic GPU term reading the parts over one expand stack): the kernel's
 #               and the term's compiled tests, the adapter step tests on the GPU, then bench/lora.py at 64 / 256 rows
 #               with it (profiled at 64), without it, and with it again, each its own process (~470 s?)
+#   down62      session 62: down_proj's LoRA shrink made by its own kernel (column blocks past its weight's, added into
+#               an accumulator the post-attention norm zeroes) and its expand added by the next norm
+#               (model.LORA_DOWN_SHRINK), in place of XLA's split-K shrink, its reduce and select and down's term steps:
+#               the kernels' compiled tests and the adapter step's routes on the GPU, then bench/lora.py at 64 / 256
+#               rows with it and without it, each its own process, profiled at 64 (~450 s?)
 #   s62         session 62: the one-row o_proj fold after session 61's read-through (_group_product, never compiled
 #               since): the fused attention's compiled o-fold / early-gather / shrink tests and the 0.5B one-row step
 #               against the reference, the one-row step timed and profiled (issue 8's 0.6 ms line), then lora61c and the 64-row default beside its prefetch-off run (~470 s?)
@@ -1134,6 +1139,13 @@ for part in "${parts[@]}"; do
                | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp59e ; \
              echo "== JAXSERVE_LORA_SHRINK_MAX_K=0" ; JAXSERVE_LORA_SHRINK_MAX_K=0 timeout 100 python3 bench/lora.py \
                --shape 0.5B --batch 64 256 --no-check --out "$OUT/$part/xla" 2>&1 | grep "^|" ;;
+    down62) timeout 220 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+              tests/test_skinny_matmul_mgpu.py tests/test_residual_norm.py tests/test_lora.py \
+              -k "lora_shrink_into or shrink_errors or pending or float32_models_logits" 2>&1 | tail -5 ; \
+            for on in 1 0; do echo "== JAXSERVE_LORA_DOWN_SHRINK=$on" ; JAXSERVE_LORA_DOWN_SHRINK=$on \
+              timeout 115 python3 bench/lora.py --shape 0.5B --batch 64 256 --no-check --profile /tmp/lp62 \
+              --profile-top 16 --out "$OUT/$part/on$on" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
+              rm -rf /tmp/lp62 ; done ;;
     s62) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_decode_attention.py \
            -k "decode_o or early_gather or one_block or writes_o_projs" 2>&1 | tail -4 ; \
          timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_qwen_shapes.py \

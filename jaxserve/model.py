@@ -579,27 +579,41 @@ def decode_rows(rows: int, cfg: ModelConfig, dtype: Any, impl: str = "pallas", a
 
 
 def _norm_stream(x: jax.Array, norm: tuple, dtype: Any, seed: jax.Array | None = None,
-                 shrink: tuple | None = None) -> tuple[jax.Array, ...]:
-    """The float32 stream ``x [B, S, N]`` normed into ``dtype`` (``norm``: the folded RMSNorm's
-    ``(None, scale, eps)``), and with ``seed`` also QKV's float32 accumulator ``[B, S, N2]`` started
-    at it (ACCUMULATE's glue); with ``shrink`` (`_kernel_shrink`) last the rows' own-slot LoRA shrink ``[B, S, T]``
-    of the normed rows."""
+                 shrink: tuple | None = None, pending: PendingTerm | None = None,
+                 zeros: int = 0) -> tuple[jax.Array, ...]:
+    """The float32 stream ``x [B, S, N]`` (plus ``pending``, the down_proj term the layer before left: then in a new
+    buffer) and it normed into ``dtype`` (``norm``: the folded RMSNorm's ``(None, scale, eps)``), and with ``seed``
+    also QKV's float32 accumulator ``[B, S, N2]`` started at it (ACCUMULATE's glue); with ``shrink``
+    (`_kernel_shrink`) the rows' own-slot LoRA shrink ``[B, S, T]`` of the normed rows; with ``zeros`` last a float32
+    ``[B * S, zeros]`` of zeros (LORA_DOWN_SHRINK's accumulator)."""
     from jaxserve_kernels.residual_norm import add_rms_norm
 
     _, scale, eps = norm
-    out = add_rms_norm(x.reshape(-1, x.shape[-1]), None, scale, eps=eps, out_dtype=dtype, seed=seed, shrink=shrink)
-    return tuple(o.reshape(*x.shape[:-1], -1) for o in out[1:])
+    out = add_rms_norm(x.reshape(-1, x.shape[-1]), None, scale, eps=eps, out_dtype=dtype, seed=seed, shrink=shrink,
+                       pending=None if pending is None else tuple(pending), zeros=zeros)
+    *out, zeroed = out if zeros else (*out, None)
+    return tuple(o.reshape(*x.shape[:-1], -1) for o in out) + ((zeroed,) if zeros else ())
 
 
 def _accumulate(x: jax.Array, kernel: jax.Array, acc: jax.Array, lora: LayerLora | None = None,
-                projection: str = "", shrunk: jax.Array | None = None) -> jax.Array:
+                projection: str = "", shrunk: jax.Array | None = None,
+                leave: jax.Array | None = None) -> jax.Array | tuple[jax.Array, PendingTerm]:
     """``acc + x @ kernel.T`` (float32, in acc's buffer) on Mosaic GPU; ``x [B, 1, K]``, ``acc [B, 1, N]``. With
     ``lora`` (the accumulating glue's adapters, LORA_GLUE) each row's term of ``projection`` too: inside the kernel
     where the layer folds its terms with the stacks kept (`_glue_term`; ``shrunk``: its shrink, made by the norm
-    before, `_kernel_shrink`), else XLA's (or LORA_KERNELS') added first."""
+    before, `_kernel_shrink`), else XLA's (or LORA_KERNELS') added first. With ``leave`` (LORA_DOWN_SHRINK: a
+    float32 ``[B, T]`` of zeros) the kernel adds only the shrink, into ``leave``, and ``(acc, the PendingTerm
+    for the next norm)`` comes back."""
     from jaxserve_kernels.skinny_matmul_mgpu import skinny_matmul_mgpu
 
     rows = x.shape[0] * x.shape[1]
+    if leave is not None:
+        a, b = lora.weights[projection]
+        columns = a.shape[0] * a.shape[1]
+        out, t = skinny_matmul_mgpu(x.reshape(rows, x.shape[-1]), kernel, epilogue="accumulate",
+                                    acc=acc.reshape(rows, acc.shape[-1]),
+                                    shrink=(lora.folded[projection][0].astype(x.dtype), leave, columns))
+        return out.reshape(*acc.shape), PendingTerm(t, b.reshape(columns, -1).astype(x.dtype), lora.slots, a.shape[1])
     term = _glue_term(x, lora, projection, shrunk)
     if term is None:
         acc = _add_lora(acc, x, lora, projection)
@@ -816,7 +830,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, lengths, kv, paged: PagedAttention | None, glue: bool = False,
                  norm: tuple | None = None, accumulate: tuple | None = None, lora: tuple | None = None,
-                 touched: jax.Array | None = None):
+                 touched: jax.Array | None = None, pending: PendingTerm | None = None):
         """The attention sublayer's output ``[B, S, hidden]``, or with ``glue`` the o_proj's
         K-split partial sums ``[splits, B, hidden]``; and the KV pages. With ``norm`` (the input
         norm's ``(partials, scale, eps)``, _fold_norms) ``x`` is the residual stream before that
@@ -824,7 +838,8 @@ class Attention(nn.Module):
         ``(None, scale, eps)``, _accumulate_glue) ``x`` is the float32 residual stream before the
         norm, and ``(x + attention, kv)`` comes back. ``lora`` (`_layer_lora`; the plain path, or the accumulating
         glue under LORA_GLUE): each row's adapter terms added to QKV's and o_proj's outputs. ``touched``: KV_TOUCH's
-        read-ahead of these pages, made earlier (the accumulating glue's attention waits for it)."""
+        read-ahead of these pages, made earlier (the accumulating glue's attention waits for it). ``pending``: the
+        layer before's down_proj term (LORA_DOWN_SHRINK), added by the input norm."""
         cfg = self.config
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, s, _ = x.shape
@@ -832,8 +847,10 @@ class Attention(nn.Module):
         qkv_proj = Linear((h + 2 * kvh) * d, True, self.dtype, name="qkv_proj")
         if accumulate is not None:
             def qkv_of(kernel, bias):  # the norm starts QKV's float32 accumulator at the bias
-                normed, acc, *shrunk = _norm_stream(x, accumulate, self.dtype, seed=bias,
-                                                    shrink=_kernel_shrink(lora, "qkv_proj", LORA_NORM_SHRINK))
+                nonlocal x  # with a pending term the stream comes back in a new buffer, o_proj's to add into
+                x, normed, acc, *shrunk = _norm_stream(x, accumulate, self.dtype, seed=bias,
+                                                       shrink=_kernel_shrink(lora, "qkv_proj", LORA_NORM_SHRINK),
+                                                       pending=pending)
                 return _accumulate(normed, kernel, acc, lora, "qkv_proj", *shrunk)
 
             scales = _kv_scales(cfg, self.layer, kv)
@@ -890,13 +907,17 @@ class MLP(nn.Module):
     def __call__(self, x, fast: bool = False, glue: bool = False, norm: tuple | None = None,
                  accumulate: tuple | None = None, lora: tuple | None = None):
         """``[B, S, hidden]``, or with ``glue`` the down_proj's K-split partials (see Attention;
-        with ``norm``, ``(new residual, partials)``; with ``accumulate``, ``x + mlp`` in float32)."""
+        with ``norm``, ``(new residual, partials)``; with ``accumulate``, ``x + mlp`` in float32, and where down_proj
+        leaves its adapters' term to the next norm (LORA_DOWN_SHRINK) ``(x + mlp without it, PendingTerm)``)."""
         inter = self.config.intermediate_size
         gate_up = Linear(2 * inter, False, self.dtype, name="gate_up_proj")
         down = Linear(self.config.hidden_size, False, self.dtype, name="down_proj")
         if accumulate is not None:
-            normed, *shrunk = _norm_stream(x, accumulate, self.dtype,
-                                           shrink=_kernel_shrink(lora, "gate_up_proj", LORA_NORM_SHRINK))
+            zeros = lora.folded["down_proj"][0].shape[0] if _leaves_down_term(lora) else 0
+            _, normed, *shrunk = _norm_stream(x, accumulate, self.dtype,
+                                              shrink=_kernel_shrink(lora, "gate_up_proj", LORA_NORM_SHRINK),
+                                              zeros=zeros)
+            leave = shrunk.pop() if zeros else None  # the zeros down_proj's shrink adds into
             if lora is None:
                 act = gate_up(normed, True, "swiglu")
             elif _glue_folds(lora):  # the term inside the kernel, before SwiGLU
@@ -906,7 +927,7 @@ class MLP(nn.Module):
             else:  # the adapters' term goes in before SwiGLU, which the kernel's epilogue would apply first
                 h = gate_up(normed, True) + lora_delta(normed, *lora[0]["gate_up_proj"], lora[1])
                 act = nn.silu(h[..., :inter]) * h[..., inter:]
-            return down(act, fused=lambda kernel, _: _accumulate(act, kernel, x, lora, "down_proj"))
+            return down(act, fused=lambda kernel, _: _accumulate(act, kernel, x, lora, "down_proj", leave=leave))
         if norm is not None:
             x, act = gate_up(x, fast, "swiglu", norm=norm)
             return x, down(act, fast, "partials", tiling=FOLDED_TILING)
@@ -956,12 +977,16 @@ class DecoderLayer(nn.Module):
         # which the glue's deferred adds leave no room for.
         glue = lora is None and self.tp_axis is None and not self.quantized
         if _lora_glue(lora, self.tp_axis, self.quantized) and _accumulate_glue(paged, x, self.config, self.dtype):
-            # x: the float32 stream
-            x, kv = attn(x, cos, sin, lengths, kv, paged, accumulate=input_norm(x, folded=True), touched=pending,
-                         lora=lora)
+            # x: the float32 stream; pending: KV_TOUCH "early"'s read-ahead of these pages, or the layer before's
+            # down_proj term (LORA_DOWN_SHRINK), which the input norm adds
+            term = pending if isinstance(pending, PendingTerm) else None
+            x, kv = attn(x, cos, sin, lengths, kv, paged, accumulate=input_norm(x, folded=True),
+                         touched=None if term is not None else pending, lora=lora, pending=term)
+            x = mlp(x, accumulate=post_norm(x, folded=True), lora=lora)
+            if isinstance(x, tuple):  # down_proj left its term to the next norm
+                return *x, kv
             early = KV_TOUCH == "early" and next_kv is not None
-            return (mlp(x, accumulate=post_norm(x, folded=True), lora=lora),
-                    _touch_kv(x, next_kv, paged) if early else None, kv)
+            return x, _touch_kv(x, next_kv, paged) if early else None, kv
         if glue and _fused_glue(paged, x) and _fold_norms(x):
             partials, kv, x = attn(x, cos, sin, lengths, kv, paged, glue=True,
                                    norm=input_norm(x, pending, folded=True))
@@ -1060,6 +1085,8 @@ class Qwen2ForCausalLM(nn.Module):
                 x, cos, sin, lengths, None if kv is None else kv[i], paged, pending,
                 _layer_lora(lora, i, fold_lora), next_kv)
             new_kv.append(layer_kv)
+        if isinstance(pending, PendingTerm):  # the last down_proj's term (LORA_DOWN_SHRINK)
+            x = add_pending_term(x, pending)
         final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")
         hidden = None
         if fused_glue:  # one token a row: logits_at can only pick it
@@ -1227,6 +1254,42 @@ def _kernel_shrink(lora: LayerLora | None, projection: str, on: bool) -> tuple |
 # 1,428.9 -> 1,373.5 µs (48 launches fewer; the attention 6.87 -> 7.82 µs a launch), one-adapter tokens/s +3%.
 # JAXSERVE_LORA_ATTENTION_SHRINK=0 turns it off; read when a step is traced.
 LORA_ATTENTION_SHRINK = os.environ.get("JAXSERVE_LORA_ATTENTION_SHRINK", "1") == "1"
+
+
+# down_proj's LoRA term on the accumulating glue split across the kernels around it: down_proj's Mosaic GPU kernel
+# also streams the folded shrink stack's rows as column blocks past its weight's and adds each row's shrink (every
+# slot's columns, float32) into an accumulator the post-attention norm zeroed (`skinny_matmul_mgpu`'s ``shrink``), and
+# the next norm adds each row's own slot's columns, rounded, times that slot's expand rows to the stream before it
+# norms it (`add_rms_norm`'s ``pending``; after the last layer XLA adds it before the final norm). In its place XLA
+# ran the shrink over every slot's columns (a split-K product and its reduce, down_proj's input being 4,864 wide) and a
+# select, and down_proj's kernel took the expand as K steps. JAXSERVE_LORA_DOWN_SHRINK=0 turns it off; read when a
+# step is traced.
+LORA_DOWN_SHRINK = os.environ.get("JAXSERVE_LORA_DOWN_SHRINK", "1") == "1"
+
+
+class PendingTerm(NamedTuple):
+    """A projection's LoRA term left for the next norm to add (LORA_DOWN_SHRINK; `add_rms_norm`'s ``pending``):
+    the float32 shrink sums ``t [B, T]`` over every slot's columns, the expand ``b_rows [n * R, out]`` (slot s's rows
+    s*R..s*R+R-1), the rows' slots and R."""
+    t: jax.Array
+    b_rows: jax.Array
+    slots: jax.Array
+    rank: int
+
+
+def _leaves_down_term(lora: LayerLora | None) -> bool:
+    """Whether the accumulating glue's down_proj leaves its adapters' term to the next norm (LORA_DOWN_SHRINK): the
+    layer folds its terms with the stacks kept, and KV_TOUCH's "early" read-ahead (which carries the layers' other
+    pending value) is off."""
+    return LORA_DOWN_SHRINK and KV_TOUCH != "early" and _glue_folds(lora)
+
+
+def add_pending_term(x: jax.Array, pending: PendingTerm) -> jax.Array:
+    """The float32 stream ``x [B, S, N]`` plus ``pending`` (the last layer's down_proj term, before the final norm):
+    `jaxserve_kernels.residual_norm.pending_term_reference`'s arithmetic, in XLA."""
+    from jaxserve_kernels.residual_norm import pending_term_reference
+
+    return x + pending_term_reference(*pending).reshape(x.shape)
 
 
 # Folded LoRA shrinks of inputs at most this wide as one Triton launch that keeps each row's own slot's columns

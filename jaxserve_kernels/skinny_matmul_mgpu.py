@@ -273,9 +273,11 @@ def _out_type(x: jax.Array, n_out: int, epilogue: str, num_splits: int) -> jax.S
 def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, num_slots: int, boxes: int,
             rows: int, row_tile: int, steps_per_split: int, k_steps: int, n_out: int, pdl: bool, interpret: bool,
             exit_read_only: bool, swiglu_approx: bool = False, joint: bool = False, cluster: int = 1,
-            t_steps: int = 0):
+            t_steps: int = 0, s_blocks: int = 0):
     # `t_steps`: the term's steps (`term=(t, bt)`), K steps past x's own that read t and bt in x's and w's place.
     t_ref, bt_ref, refs = (refs[0], refs[1], refs[2:]) if t_steps else (None, None, refs)
+    # `s_blocks`: column blocks past w's that stream the shrink stack's rows (`shrink`) and add into its accumulator.
+    a_ref, refs = (refs[0], refs[1:]) if s_blocks else (None, refs)
     if cluster > 1:  # the cluster's barrier on each slot's reads, last of the scratch
         *refs, consumed = refs
     if epilogue == "argmax":  # two outputs, two row vectors for them
@@ -283,9 +285,12 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
         o_ref = o_smem = None
     elif has_bias:
         b_ref, o_ref, x_smem, w_smem, o_smem, bars, b_smem, b_bar = refs
+    elif s_blocks:
+        o_ref, s_out_ref, x_smem, w_smem, o_smem, bars = refs
     else:
         o_ref, x_smem, w_smem, o_smem, bars = refs
     row_block, col_block, split = lax.axis_index("rows"), lax.axis_index("cols"), lax.axis_index("splits")
+    w_blocks = n_out // block_n  # column blocks of w; those past them (`s_blocks`) are the shrink's
     if cluster > 1:  # the grid counts clusters; a cluster's CTAs take adjacent column blocks
         col_block = col_block * cluster + lax.axis_index("cluster")
     cols = pl.ds(col_block * block_n, block_n)
@@ -312,16 +317,24 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
             pl.when(jnp.logical_not(in_x))(lambda: copy(t_ref, bt_ref, k_steps, step, slot))
         return issue
 
-    @by_source
-    def issue_w(_, src, base, step, slot):
+    def copy_w(src, base, step, slot, block):
         for b in range(boxes):
             # t may be several shrinks side by side over one bt (`term`): bt's columns again for each
             at = k_at(step, b, base, bt_ref.shape[1] if base else 0)
             for h, offset in enumerate(halves):
                 # joint: both halves' rows side by side in one tile, one product of N = 2 x block_n
                 dst = w_smem.at[slot, 0, b, pl.ds(h * block_n, block_n)] if joint else w_smem.at[slot, h, b]
-                plgpu.copy_gmem_to_smem(src.at[pl.ds(offset + col_block * block_n, block_n), at], dst,
+                plgpu.copy_gmem_to_smem(src.at[pl.ds(offset + block * block_n, block_n), at], dst,
                                         bars.at[slot])
+
+    @by_source
+    def issue_w(_, src, base, step, slot):
+        if not s_blocks:
+            copy_w(src, base, step, slot, col_block)
+            return
+        in_w = col_block < w_blocks
+        pl.when(in_w)(lambda: copy_w(src, base, step, slot, col_block))
+        pl.when(jnp.logical_not(in_w))(lambda: copy_w(a_ref, base, step, slot, col_block - w_blocks))
 
     @by_source
     def issue_x(src, _, base, step, slot):
@@ -391,6 +404,20 @@ def _kernel(x_ref, w_ref, *refs, epilogue: str, has_bias: bool, block_n: int, nu
     if epilogue == "argmax":
         _argmax_epilogue(accs[0], max_ref, idx_ref, max_smem, idx_smem, x_ref.dtype, col_block=col_block,
                          block_n=block_n, n_out=n_out, rows=my_rows, count=rows, interpret=interpret)
+    elif epilogue == "accumulate" and s_blocks:  # w's blocks add into acc, the shrink's into its accumulator
+        def add_into(ref, block):
+            at = pl.ds(block * block_n, block_n)
+            if interpret:
+                ref[my_rows, at] = ref[my_rows, at] + accs[0][:rows]
+            else:
+                plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], ref.at[my_rows, at], reduction_op="add")
+
+        if not interpret:
+            o_smem[...] = accs[0]
+            plgpu.commit_smem()
+        in_w = col_block < w_blocks
+        pl.when(in_w)(lambda: add_into(o_ref, col_block))
+        pl.when(jnp.logical_not(in_w))(lambda: add_into(s_out_ref, col_block - w_blocks))
     elif epilogue == "accumulate" and interpret:
         # The interpreter has no TMA reductions; it runs the programs one at a time.
         o_ref[my_rows, cols] = o_ref[my_rows, cols] + accs[0][:rows]
@@ -540,16 +567,19 @@ def argmax_matmul_mgpu(x: jax.Array, w: jax.Array, *, block_n: int | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("epilogue", "block_n", "num_slots", "boxes", "block_m", "num_splits",
-                                           "pdl", "interpret", "exit_read_only", "swiglu_approx", "joint", "cluster"))
-def _call(x, w, bias, acc, term=None, *, epilogue: str, block_n: int, num_slots: int, boxes: int, block_m: int,
-          num_splits: int, pdl: bool, interpret: bool, exit_read_only: bool, swiglu_approx: bool = False,
-          joint: bool = False, cluster: int = 1):
+                                           "pdl", "interpret", "exit_read_only", "swiglu_approx", "joint", "cluster",
+                                           "shrink_cols"))
+def _call(x, w, bias, acc, term=None, shrink=None, *, epilogue: str, block_n: int, num_slots: int, boxes: int,
+          block_m: int, num_splits: int, pdl: bool, interpret: bool, exit_read_only: bool,
+          swiglu_approx: bool = False, joint: bool = False, cluster: int = 1, shrink_cols: int = 0):
+    # shrink: (a_cols, s), its `shrink_cols` columns (whole blocks) streamed past w's
     m, k = x.shape
     rows, row_tile = min(m, block_m), _row_tile(m, block_m)
     has_bias = bias is not None
     n_out = w.shape[0] // 2 if epilogue == "swiglu" else w.shape[0]
     k_steps = k // (_BLOCK_K * boxes)
     t_steps = 0 if term is None else term[0].shape[1] // (_BLOCK_K * boxes)
+    s_blocks = shrink_cols // block_n
     steps_per_split = pl.cdiv(k_steps + t_steps, num_splits)
     halves = 2 if epilogue == "swiglu" else 1
     out_type = _out_type(x, n_out, epilogue, num_splits)
@@ -568,15 +598,17 @@ def _call(x, w, bias, acc, term=None, *, epilogue: str, block_n: int, num_slots:
                              boxes=boxes, rows=rows, row_tile=row_tile, steps_per_split=steps_per_split,
                              k_steps=k_steps, n_out=n_out, pdl=pdl, interpret=interpret,
                              exit_read_only=exit_read_only, swiglu_approx=swiglu_approx, joint=joint,
-                             cluster=cluster, t_steps=t_steps)
+                             cluster=cluster, t_steps=t_steps, s_blocks=s_blocks)
     # Row blocks vary fastest: the programs that stream the same weight rows run side by side, so
     # all but the first read them from L2.
-    grid = (m // rows, pl.cdiv(n_out, block_n) // cluster, num_splits)
+    grid = (m // rows, (pl.cdiv(n_out, block_n) + s_blocks) // cluster, num_splits)
     clusters = {"cluster": (cluster,), "cluster_names": ("cluster",)} if cluster > 1 else {}
     # Profiles name each projection (Mosaic GPU calls every unnamed kernel "anonymous").
-    name = f"skinny_mgpu_{epilogue}_{w.shape[0]}x{k}" + (f"_term{term[0].shape[1]}" if term is not None else "")
+    name = (f"skinny_mgpu_{epilogue}_{w.shape[0]}x{k}" + (f"_term{term[0].shape[1]}" if term is not None else "")
+            + (f"_shrink{shrink_cols}" if shrink is not None else ""))
     if epilogue == "accumulate":
-        return _in_place(body, x, w, acc, term, grid=grid, scratch=scratch, name=name, interpret=interpret, **clusters)
+        return _in_place(body, x, w, acc, term, shrink, grid=grid, scratch=scratch, name=name, interpret=interpret,
+                         **clusters)
     return plgpu.kernel(
         body,
         out_type=out_type,
@@ -591,13 +623,13 @@ def _call(x, w, bias, acc, term=None, *, epilogue: str, block_n: int, num_slots:
     )(x, w, *(term or ()), *([bias] if has_bias else []))
 
 
-def _in_place(body, x: jax.Array, w: jax.Array, acc: jax.Array, term: tuple | None = None, *,
-              grid: tuple[int, ...], scratch: list, name: str, interpret: bool, cluster: tuple[int, ...] = (),
-              cluster_names: tuple[str, ...] = ()) -> jax.Array:
-    """`body(x_ref, w_ref, [t_ref, bt_ref,] acc_ref, *scratch_refs)` over `grid` with `acc` as its output, updated
-    in place: `plgpu.kernel` allocates a fresh output, while a core_map over refs (discharged by
-    `pl.run_state`) aliases every ref it writes to its input, so the K splits can add into a
-    buffer that already holds the residual stream or a bias."""
+def _in_place(body, x: jax.Array, w: jax.Array, acc: jax.Array, term: tuple | None = None,
+              shrink: tuple | None = None, *, grid: tuple[int, ...], scratch: list, name: str, interpret: bool,
+              cluster: tuple[int, ...] = (), cluster_names: tuple[str, ...] = ()) -> jax.Array | tuple:
+    """`body(x_ref, w_ref, [t_ref, bt_ref,] [a_ref,] acc_ref, [s_ref,] *scratch_refs)` over `grid` with `acc` (and
+    the shrink's accumulator, then both come back) as its output, updated in place: `plgpu.kernel` allocates a fresh
+    output, while a core_map over refs (discharged by `pl.run_state`) aliases every ref it writes to its input, so
+    the K splits can add into a buffer that already holds the residual stream or a bias."""
     mesh = plgpu.Mesh(grid=grid, grid_names=("rows", "cols", "splits"), cluster=cluster, cluster_names=cluster_names,
                       kernel_name=name)
 
@@ -606,7 +638,9 @@ def _in_place(body, x: jax.Array, w: jax.Array, acc: jax.Array, term: tuple | No
         def _():
             pl.run_scoped(functools.partial(body, *refs), *scratch)
 
-    return pl.run_state(stateful)((x, w, *(term or ()), acc))[-1]
+    if shrink is None:
+        return pl.run_state(stateful)((x, w, *(term or ()), acc))[-1]
+    return tuple(pl.run_state(stateful)((x, w, *(term or ()), shrink[0], acc, shrink[1]))[-2:])
 
 
 def _ws_kernel(x_ref, w_ref, o_ref, o_smem, *, epilogue: str, block_n: int, num_slots: int, block_m: int,
@@ -702,7 +736,8 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
                        boxes: int | None = None, block_m: int | None = None, warpgroups: int | None = None,
                        joint: bool | None = None, pdl: bool | None = None, cluster: int | None = None,
                        term: tuple[jax.Array, jax.Array] | None = None,
-                       interpret: bool | None = None) -> jax.Array:
+                       shrink: tuple[jax.Array, jax.Array, int] | None = None,
+                       interpret: bool | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """`x @ w.T (+ bias)` for 8-256 rows of `x` on Mosaic GPU, float32 accumulation; the same
     contract as `jaxserve_kernels.skinny_matmul.skinny_matmul(..., layout="nk")`.
 
@@ -740,6 +775,12 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
             but "argmax" (SwiGLU's bt rows gate's then up's, as w's); one warpgroup, no cluster. t may also be
             `[M, k * T]`, k partial shrinks side by side (the fused attention's, one a KV head), each over bt:
             `t @ concat([bt] * k, 1).T`.
+        shrink: `(a_cols [T, K] bf16, s [M, T] float32, C)`, epilogue "accumulate" only, no term: also
+            `s[:, :C] + x @ a_cols[:C].T`, the product's LoRA shrink over every slot's columns (C = slots x R),
+            streamed as ceil(C / block_n) column blocks past w's and added into s in place (columns past those blocks
+            unchanged); then `(acc, s)` come back. What the accumulating glue's down_proj does under
+            `jaxserve.model.LORA_DOWN_SHRINK`, its expand left to the next norm (`residual_norm.add_rms_norm`'s
+            ``pending``). T at least those blocks' columns.
         interpret: Mosaic GPU's interpreter; None picks it on the CPU backend.
 
     Example:
@@ -802,6 +843,23 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         if warpgroups != 1 or cluster != 1:
             raise ValueError(f"term runs with one warpgroup and no cluster, "
                              f"got {epilogue!r}, warpgroups {warpgroups}, cluster {cluster}")
+    s_cols = 0
+    if shrink is not None:
+        a_cols, s_acc, s_cols = shrink
+        s_width = pl.cdiv(s_cols, block_n) * block_n if isinstance(s_cols, int) and s_cols > 0 else 0
+        if epilogue != "accumulate" or term is not None:
+            raise ValueError(f"shrink runs with epilogue 'accumulate' and no term, got {epilogue!r}"
+                             f"{' and a term' if term is not None else ''}")
+        if not s_width or a_cols.ndim != 2 or a_cols.shape[1] != k or a_cols.shape[0] < s_width or (
+                a_cols.dtype != jnp.bfloat16):
+            raise ValueError(f"shrink's a_cols must be a bfloat16 [T, {k}] of at least C = {s_cols!r} rounded up "
+                             f"to block_n ({block_n}) rows, C a positive int, got {(a_cols.shape, a_cols.dtype)}")
+        if s_acc.ndim != 2 or s_acc.shape[0] != m or s_acc.shape[1] < s_width or s_acc.dtype != jnp.float32:
+            raise ValueError(f"shrink's s must be a float32 [{m}, >= {s_width}], got {(s_acc.shape, s_acc.dtype)}")
+        if warpgroups != 1 or cluster != 1:
+            raise ValueError(f"shrink runs with one warpgroup and no cluster, got warpgroups {warpgroups}, "
+                             f"cluster {cluster}")
+        s_cols = s_width
     row_blocks = pl.cdiv(m, block_m)
     interpret = compat.resolve_interpret(interpret)
     if epilogue == "swiglu" and n_out % block_n and interpret:
@@ -812,7 +870,8 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         num_splits = 1
     elif num_splits is None:
         # The term's steps count as K steps: the splits share them as they share x's.
-        num_splits = split_count(k + width, n, block_n, max(1, tile["target_programs"] // row_blocks), boxes)
+        num_splits = split_count(k + width, n + s_cols, block_n, max(1, tile["target_programs"] // row_blocks),
+                                 boxes)
     if epilogue == "accumulate" and warpgroups == 2:
         raise ValueError(f"epilogue 'accumulate' runs one warpgroup, got warpgroups {warpgroups}")
     if warpgroups == 2:
@@ -828,8 +887,8 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         kernel_epilogue = "partials" if epilogue == "none" and num_splits > 1 else epilogue
         # The bias goes in as float32: a TMA copy moves a multiple of 128 bytes (32 bf16 would be 64).
         kernel_bias = bias.astype(jnp.float32) if kernel_epilogue == "none" and bias is not None else None
-        out = _call(x, w, kernel_bias, acc, term, epilogue=kernel_epilogue, block_n=block_n, num_slots=num_slots,
-                    boxes=boxes, block_m=block_m, num_splits=num_splits, pdl=pdl,
+        out = _call(x, w, kernel_bias, acc, term, None if shrink is None else shrink[:2], epilogue=kernel_epilogue,
+                    block_n=block_n, num_slots=num_slots, boxes=boxes, shrink_cols=s_cols, block_m=block_m, num_splits=num_splits, pdl=pdl,
                     exit_read_only=EXIT_READ_ONLY, swiglu_approx=SWIGLU_APPROX and epilogue == "swiglu",
                     joint=joint, cluster=1 if interpret else cluster, interpret=bool(interpret))
     if epilogue != "none" or kernel_epilogue == "none":

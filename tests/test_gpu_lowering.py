@@ -228,38 +228,42 @@ def test_decode_step_with_folded_adapter_terms_lowers_for_cuda(compiled_kernels,
     assert not names & {"lora_add", "lora_swiglu", "lora_shrink", "add_rms_norm"}, names
 
 
-@pytest.mark.parametrize("glue,shrink_kernel,norm_shrink,attention_shrink", [
-    (False, False, True, True), (True, False, False, False), (True, True, False, False), (True, False, True, False),
-    (True, False, True, True)])
+@pytest.mark.parametrize("glue,shrink_kernel,norm_shrink,attention_shrink,down_shrink", [
+    (False, False, True, True, True), (True, False, False, False, False), (True, True, False, False, False),
+    (True, False, True, False, False), (True, False, True, True, False), (True, False, True, True, True)])
 def test_decode_step_with_adapter_terms_in_the_mgpu_projections_lowers_for_cuda(compiled_kernels, monkeypatch, glue,
                                                                                shrink_kernel, norm_shrink,
-                                                                               attention_shrink):
+                                                                               attention_shrink, down_shrink):
     # model.LORA_FOLD with the folded stacks kept: every projection of a 64-row adapter step on Mosaic GPU with its
     # rows' terms as extra K steps (4 a layer); the shrinks XLA's, or with LORA_SHRINK_MAX_K those of the 896-wide
     # inputs Triton's skinny_matmul with each row's own slot kept; no LoRA kernel. On the accumulating glue
     # (LORA_GLUE) QKV, o and down add into their float32 accumulators, with LORA_NORM_SHRINK the norms write QKV's
     # and gate_up's shrinks, and with LORA_ATTENTION_SHRINK the fused attention (unsplit at this table) o_proj's,
-    # a part a KV head, which o's term reads over one expand stack (256 columns over 128); the plain path has none.
+    # a part a KV head, which o's term reads over one expand stack (256 columns over 128), and with LORA_DOWN_SHRINK
+    # down_proj's kernel its own shrink (no term: the next norm adds its expand); the plain path has none.
     model = importlib.import_module("jaxserve.model")
     monkeypatch.setattr(model, "LORA_FOLD", True)
     monkeypatch.setattr(model, "LORA_GLUE", glue)
     monkeypatch.setattr(model, "LORA_SHRINK_MAX_K", 1024 if shrink_kernel else 0)
     monkeypatch.setattr(model, "LORA_NORM_SHRINK", norm_shrink)
     monkeypatch.setattr(model, "LORA_ATTENTION_SHRINK", attention_shrink)
+    monkeypatch.setattr(model, "LORA_DOWN_SHRINK", down_shrink)
     text = decode_step_text(64, loras=4, folded=True)
-    in_attention = glue and attention_shrink
+    in_attention, in_down = glue and attention_shrink, glue and down_shrink
     if not shrink_kernel:  # XLA's shrink products (a [64, 128] result): four a layer, fewer under the kernels' own
         shrinks = len(re.findall(r"dot_general.*-> tensor<64x128xbf16>", text))
-        made = (2 if glue and norm_shrink else 0) + in_attention
+        made = (2 if glue and norm_shrink else 0) + in_attention + in_down
         assert shrinks == (4 - made) * CFG.num_hidden_layers, shrinks
     # (a jitted kernel is one function however many layers call it)
     kind = "accumulate" if glue else "partials"
-    terms = {f"{kind}_1152x896", f"{kind}_896x896" + ("_term256" if in_attention else ""), "swiglu_9728x896",
-             f"{kind}_896x4864"}
+    terms = {f"{kind}_1152x896", f"{kind}_896x896" + ("_term256" if in_attention else ""), "swiglu_9728x896"}
+    terms |= set() if in_down else {f"{kind}_896x4864"}
     found = {name + ("" if width == "128" else f"_term{width}")
              for name, width in re.findall(r"skinny_mgpu_(\w+?)_term(\d+)\b", text)}
     assert found == terms, (found, text.count("mosaic_gpu_v2"))
-    assert text.count("custom_call @mosaic_gpu_v2") == len(terms)
+    # down_proj's shrink: 4 slots of rank 16, 64 columns past its weight's
+    assert ("skinny_mgpu_accumulate_896x4864_shrink64" in text) == in_down
+    assert text.count("custom_call @mosaic_gpu_v2") == len(terms) + in_down
     names = triton_kernel_names(text)
     assert "fused_decode_attention" in names and ("add_rms_norm" in names) == glue, names
     assert ("skinny_matmul" in names) == shrink_kernel and not names & {"lora_add", "lora_swiglu", "lora_shrink"}, names

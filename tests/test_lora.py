@@ -431,7 +431,8 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     # folded stacks kept (`LoraSlots(folded=True)`), each term as the Mosaic GPU projection's extra K
     # steps after XLA's masked shrink (on the glue too: into its accumulating products, QKV's and gate_up's shrinks
     # made by the norm kernels before them, model.LORA_NORM_SHRINK, o_proj's by the fused attention,
-    # model.LORA_ATTENTION_SHRINK; "mgpu_xla_shrink": those off, XLA's; the opt-in one-launch shrink,
+    # model.LORA_ATTENTION_SHRINK, down_proj's by its own kernel into an accumulator with its expand left to the next
+    # norm, model.LORA_DOWN_SHRINK; "mgpu_xla_shrink": those off, XLA's; the opt-in one-launch shrink,
     # model.LORA_SHRINK_MAX_K, is checked by its kernel and lowering tests).
     import jax
     import jax.numpy as jnp
@@ -461,6 +462,7 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
                           for p, ab in lora["weights"].items()}
     epilogues = _count_mgpu_calls(monkeypatch, lambda a, k: k.get("epilogue"))
     terms = _count_mgpu_calls(monkeypatch, lambda a, k: k.get("term") is not None)
+    leaves = _count_mgpu_calls(monkeypatch, lambda a, k: k.get("shrink") is not None)
     monkeypatch.setattr(model_module, "LORA_GLUE", False)
     jax.eval_shape(lambda: run(lora=lora))  # traced only: which route
     assert epilogues and "accumulate" not in epilogues, epilogues
@@ -470,6 +472,7 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     monkeypatch.setattr(model_module, "LORA_FOLD_TRITON", fold is True)
     monkeypatch.setattr(model_module, "LORA_NORM_SHRINK", fold == "mgpu")
     monkeypatch.setattr(model_module, "LORA_ATTENTION_SHRINK", fold == "mgpu")
+    monkeypatch.setattr(model_module, "LORA_DOWN_SHRINK", fold == "mgpu")
     da = importlib.import_module("jaxserve_kernels.decode_attention")
     attention_shrinks = []  # a call each: whether it was asked for o_proj's shrink and made it
 
@@ -480,9 +483,9 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
 
     monkeypatch.setattr(da, "fused_decode_attention", attention)
     rn = importlib.import_module("jaxserve_kernels.residual_norm")
-    norm_shrinks = []
+    norm_shrinks, norm_pending = [], []
     monkeypatch.setattr(rn, "add_rms_norm", lambda *a, _f=rn.add_rms_norm, **k: norm_shrinks.append(
-        k.get("shrink") is not None) or _f(*a, **k))
+        k.get("shrink") is not None) or norm_pending.append(k.get("pending") is not None) or _f(*a, **k))
     sm = importlib.import_module("jaxserve_kernels.skinny_matmul")  # the package exports a function of that name
     shrinks = []
     monkeypatch.setattr(sm, "lora_shrink", lambda *a, _f=sm.lora_shrink, **k: shrinks.append(1) or _f(*a, **k))
@@ -491,6 +494,7 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
                         lambda *a, _f=sm.skinny_matmul, **k: own.append("own_slot" in k) or _f(*a, **k))
     epilogues.clear()
     terms.clear()
+    leaves.clear()
     step = jax.jit(lambda: run(lora=lora))
     calls = set(re.findall(r"\blora_(?:add|swiglu)\b", str(jax.make_jaxpr(lambda: run(lora=lora))())))
     assert calls == ({"lora_add", "lora_swiglu"} if kernels else set()), calls
@@ -498,9 +502,14 @@ def test_adapter_rows_on_the_accumulating_glue_give_the_float32_models_logits(mo
     logits = np.asarray(step()[:, 0], np.float32)
     assert ("accumulate" in epilogues) == glue, epilogues
     assert fold is not True or not epilogues, epilogues  # folded: every projection on Triton's skinny_matmul
-    # "mgpu": every projection on Mosaic GPU with its term (and only then a term)
-    # (four projections a layer, once a trace)
-    assert (terms and all(terms) and len(terms) % (4 * layers) == 0) if mgpu else not any(terms), terms
+    # "mgpu": every projection on Mosaic GPU with its term (and only then a term), but on the glue's folded route
+    # down_proj, which makes its shrink instead and leaves its expand to the next norm (the last one's to XLA) (four
+    # projections a layer, once a trace)
+    down_left = glue and fold == "mgpu"
+    assert (terms and len(terms) % (4 * layers) == 0 and 4 * sum(terms) == (3 if down_left else 4) * len(terms)
+            if mgpu else not any(terms)), terms
+    assert sum(leaves) % layers == 0 and bool(sum(leaves)) == down_left, leaves
+    assert sum(norm_pending) % (layers - 1) == 0 and bool(sum(norm_pending)) == down_left, norm_pending
     assert not any(own), own  # XLA's shrink: the one-launch form is opt-in
     # the norms' shrinks: QKV's and gate_up's, two a layer, on the glue's folded route only (once a trace)
     assert sum(norm_shrinks) % (2 * layers) == 0 and bool(sum(norm_shrinks)) == (glue and fold == "mgpu"), \

@@ -184,3 +184,59 @@ def test_norm_shrink_errors_name_the_field():
         add_rms_norm(h, None, s, eps=1e-6, shrink=(jnp.zeros((128, 32)), jnp.zeros(2, jnp.int32), 0))
     with pytest.raises(ValueError, match="partials"):
         add_rms_norm(h, jnp.zeros((1, 2, 32)), s, eps=1e-6, shrink=(jnp.zeros((128, 32)), jnp.zeros(2, jnp.int32), 4))
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("m,n,slots,rank,with_shrink", [
+    (64, 896, 4, 16, True),    # Qwen2.5-0.5B's input norm: down_proj's term pending, QKV's shrink (R = 48) written
+    (8, 200, 3, 12, False),    # a rank of no power of two
+    (5, 130, 1, 12, True),     # one slot narrower than its power-of-two tile: the stack padded
+    (9, 96, 16, 12, False),    # the last slot's tile would pass the stack's end: it starts earlier
+])
+def test_norm_adds_the_pending_lora_term_before_norming(interpret, m, n, slots, rank, with_shrink):
+    # model.LORA_DOWN_SHRINK: down_proj leaves its adapters' float32 shrink sums; the next norm adds each row's term
+    # (own slot's columns rounded to bf16, times that slot's expand rows) to the stream, writes the new stream and
+    # norms it, its shrink programs norming the same row. Every other column of t holds garbage the kernel must not
+    # read; slots drawn so every slot and -1 appear.
+    from jaxserve.lora import fold_columns, fold_width
+    from jaxserve_kernels.residual_norm import pending_term_reference
+
+    rng, seed = fresh_rng()
+    hidden = jnp.asarray(rng.standard_normal((m, n)) * 3, jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.bfloat16)
+    width = fold_width(slots * rank)
+    t = jnp.asarray(rng.standard_normal((m, width)) * 2, jnp.float32)
+    b_rows = jnp.asarray(rng.standard_normal((slots * rank, n)) * 0.1, jnp.bfloat16)
+    row_slots = jnp.asarray(rng.permutation(np.resize(np.arange(-1, slots), m)), jnp.int32)
+    shrink = None
+    if with_shrink:
+        a = jnp.asarray(rng.standard_normal((slots, 3 * rank, n)) * 0.1, jnp.bfloat16)
+        shrink = (fold_columns(a, jnp.zeros((slots, 3 * rank, 8), jnp.bfloat16))[0], row_slots, 3 * rank)
+    kwargs = dict(eps=1e-6, out_dtype=jnp.bfloat16, shrink=shrink, pending=(t, b_rows, row_slots, rank), zeros=width)
+    out = add_rms_norm(hidden, None, scale, interpret=interpret, **kwargs)
+    ref = add_rms_norm_reference(hidden, None, scale, **kwargs)
+    assert len(out) == len(ref) == (4 if with_shrink else 3), f"seed={seed}"
+    term = np.asarray(pending_term_reference(t, b_rows, row_slots, rank))
+    assert not term[np.asarray(row_slots) < 0].any() and np.abs(term[np.asarray(row_slots) >= 0]).max() > 0
+    assert relative_error(out[0], ref[0]) <= 1e-5, f"the new stream, seed={seed}"
+    assert relative_error(out[1], ref[1]) <= 8e-3, f"seed={seed}"
+    if with_shrink:
+        assert relative_error(out[2], ref[2]) <= 1e-2, f"the shrink of the same normed rows, seed={seed}"
+    np.testing.assert_array_equal(np.asarray(out[-1]), np.zeros((m, width), np.float32), err_msg=f"seed={seed}")
+
+
+def test_norm_pending_errors_name_the_field():
+    h, s, slots = jnp.zeros((2, 32)), jnp.ones(32), jnp.zeros(2, jnp.int32)
+    t, b = jnp.zeros((2, 128)), jnp.zeros((64, 32), jnp.bfloat16)
+    with pytest.raises(ValueError, match="float32 stream"):
+        add_rms_norm(h.astype(jnp.bfloat16), None, s, eps=1e-6, pending=(t, b, slots, 16))
+    with pytest.raises(ValueError, match="pending's t"):
+        add_rms_norm(h, None, s, eps=1e-6, pending=(t[:1], b, slots, 16))
+    with pytest.raises(ValueError, match="b_rows"):
+        add_rms_norm(h, None, s, eps=1e-6, pending=(t, b[:, :31], slots, 16))
+    with pytest.raises(ValueError, match="pending's slots"):
+        add_rms_norm(h, None, s, eps=1e-6, pending=(t, b, slots[:1], 16))
+    with pytest.raises(ValueError, match="rank"):
+        add_rms_norm(h, None, s, eps=1e-6, pending=(t, b, slots, 0))
+    with pytest.raises(ValueError, match="zeros"):
+        add_rms_norm(h, None, s, eps=1e-6, zeros=-1)

@@ -133,6 +133,59 @@ def test_accumulate_adds_into_its_input_in_place(interpret, m, k, n, tiling, mon
     assert relative_error(out, ref) <= 1e-5, f"seed={seed}"
 
 
+_SHRINK_SMALL = [  # (m, k, n, shrink columns C, tiling)
+    (64, 1024, 128, 64, dict(block_n=32, num_slots=3, boxes=2)),  # the deep tile's steps, 2 shrink blocks
+    (8, 256, 64, 48, dict(block_n=32, num_slots=2)),      # C not whole blocks: 2 blocks, columns 64.. untouched
+    (128, 512, 128, 64, {}),                              # two row blocks of 64 (WIDE_TILES), one 64-wide block
+]
+_SHRINK_FULL = [
+    (64, 4864, 896, 64, {}),    # Qwen2.5-0.5B's down_proj at 64 rows, 4 slots of rank 16: 28 + 2 column blocks
+    (256, 4864, 896, 64, {}),   # at 256 rows (WIDEST_TILES["deep"]: 128-row programs, 64 columns a block)
+    (24, 4864, 896, 48, {}),    # 24 rows, 3 slots of rank 16
+] + _SHRINK_SMALL
+
+
+@pytest.mark.parametrize("interpret,m,k,n,cols,tiling", interpreted_and_compiled(_SHRINK_SMALL, _SHRINK_FULL))
+def test_accumulate_adds_its_lora_shrink_into_a_second_buffer(interpret, m, k, n, cols, tiling):
+    # shrink (model.LORA_DOWN_SHRINK): column blocks past w's stream the shrink stack's rows and add into their own
+    # float32 accumulator, in place like acc; columns past the blocks' are left as they were.
+    rng, seed = fresh_rng()
+    x, w = _operands(rng, m, k, n)
+    width = 128
+    a_cols = jnp.asarray(rng.standard_normal((width, k)) * 0.1, jnp.bfloat16)
+    acc = jnp.asarray(rng.standard_normal((m, n)) * 4, jnp.float32)
+    s = jnp.asarray(rng.standard_normal((m, width)), jnp.float32)
+    block_n = tiling.get("block_n") or skinny_matmul_mgpu_module.tile_for(m, k, "accumulate")["block_n"]
+    live = -(-cols // block_n) * block_n
+    ref_acc = acc + skinny_matmul_reference(x, w, None, epilogue="partials", layout="nk").sum(axis=0)
+    ref_s = s.at[:, :live].add(skinny_matmul_reference(x, a_cols[:live], None, epilogue="partials",
+                                                        layout="nk").sum(axis=0))
+    step = jax.jit(lambda x, w, a, acc, s: skinny_matmul_mgpu(x, w, epilogue="accumulate", acc=acc,
+                                                              shrink=(a, s, cols), interpret=interpret, **tiling),
+                   donate_argnums=(3, 4))
+    acc, s = jnp.array(acc), jnp.array(s)
+    pointers = acc.unsafe_buffer_pointer(), s.unsafe_buffer_pointer()
+    out_acc, out_s = step(x, w, a_cols, acc, s)
+    assert (out_acc.unsafe_buffer_pointer(), out_s.unsafe_buffer_pointer()) == pointers, "an accumulator was copied"
+    assert not np.isnan(np.asarray(out_acc)).any() and not np.isnan(np.asarray(out_s)).any(), f"seed={seed}"
+    assert relative_error(out_acc, ref_acc) <= 1e-5, f"seed={seed}"
+    assert relative_error(out_s[:, :live], ref_s[:, :live]) <= 1e-5, f"seed={seed}"
+    np.testing.assert_array_equal(np.asarray(out_s[:, live:]), np.asarray(ref_s[:, live:]), err_msg=f"seed={seed}")
+
+
+def test_shrink_errors_name_the_field():
+    x, w = jnp.ones((8, 128), jnp.bfloat16), jnp.ones((64, 128), jnp.bfloat16)
+    acc, s, a = jnp.zeros((8, 64)), jnp.zeros((8, 128)), jnp.ones((128, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="epilogue 'accumulate' and no term"):
+        skinny_matmul_mgpu(x, w, shrink=(a, s, 64))
+    with pytest.raises(ValueError, match="a_cols"):
+        skinny_matmul_mgpu(x, w, epilogue="accumulate", acc=acc, shrink=(a[:, :64], s, 64))
+    with pytest.raises(ValueError, match="a_cols"):
+        skinny_matmul_mgpu(x, w, epilogue="accumulate", acc=acc, shrink=(a, s, 0))
+    with pytest.raises(ValueError, match="shrink's s"):
+        skinny_matmul_mgpu(x, w, epilogue="accumulate", acc=acc, shrink=(a, s[:, :32], 64))
+
+
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("m,k,n,tile", [
     (8, 128, 1000, dict(block_n=128)),                          # 8 rows; the last block 104 of 128 columns
