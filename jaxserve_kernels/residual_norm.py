@@ -23,7 +23,10 @@ accumulator, started at its bias (`seed`), so that start needs no launch of its 
 writes the next projection's LoRA shrink `t` (`jaxserve.model.LORA_NORM_SHRINK`), which would otherwise be an XLA
 product and a select of their own, two launches a projection: programs of their own, one a row and 16 of its slot's
 rows of the folded stack (`jaxserve.lora.fold_columns`), each norm that row again and multiply it by those rows; the
-row's norm program writes the zeros of every other slot's columns.
+row's norm program writes the zeros of every other slot's columns. With `pending` (`jaxserve.model.LORA_DOWN_SHRINK`)
+every program that norms a row first adds the LoRA term down_proj left for it (its own slot's shrink sums, rounded,
+times that slot's expand rows), and the row's program writes the new stream; with `zeros` it also starts the next
+down_proj's shrink accumulator at zero.
 
 Backend: Pallas Triton, like the other kernels (`jaxserve_kernels.paged_attention` says why).
 """

@@ -4,8 +4,10 @@ Owns: `skinny_matmul_mgpu`, `x [M, K] @ w[N, K].T` for M a multiple of 8 up to 2
 Triton skinny matmul's "partials", "swiglu" and "none" epilogues, and "accumulate" (`acc + x @ w.T`
 in acc's buffer); optionally plus `t @ bt.T` as K steps after x's (`term`: LoRA's folded decode
 terms, H100 session 59: adapter rows 0.63x -> 0.75x of the base tokens/s at 64 rows,
-bench/results/lora.md). Its reference is `jaxserve_kernels.skinny_matmul.skinny_matmul_reference` (for
-"accumulate": acc plus its "partials" summed). Never decides when it is used
+bench/results/lora.md), or ("accumulate", `shrink`) a second product, of the LoRA shrink stack, in column
+blocks past w's that add into an accumulator of their own. Its reference is
+`jaxserve_kernels.skinny_matmul.skinny_matmul_reference` (for "accumulate": acc plus its "partials" summed).
+Never decides when it is used
 (`jaxserve.model.SKINNY_BACKEND`, `MGPU_MIN_ROWS`, `MGPU_MAX_ROWS` and `XLA_GATE_UP_ROWS` do:
 8-256 rows by default).
 
