@@ -1143,10 +1143,10 @@ for part in "${parts[@]}"; do
     d62) bash "$0" down62 ; cat "$OUT/down62/log.txt" ; \
          timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_decode_attention.py \
            tests/test_qwen_shapes.py -k "decode_o or early_gather or one_block or writes_o_projs or \
-           (decode_step_matches_reference and 0.5B-None-1)" 2>&1 | tail -4 ;;
+           (decode_step_matches_reference and 0.5B-None-1)" 2>&1 | tail -4 ; nvidia-smi --query-gpu=name --format=csv ;;
     down62) timeout 220 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
               tests/test_skinny_matmul_mgpu.py tests/test_residual_norm.py tests/test_lora.py \
-              -k "lora_shrink_into or shrink_errors or pending or float32_models_logits" 2>&1 | tail -5 ; \
+              -k "lora_shrink_into or shrink_errors or pending or (float32_models_logits and mgpu)" 2>&1 | tail -5 ; \
             for on in 1 0; do echo "== JAXSERVE_LORA_DOWN_SHRINK=$on" ; JAXSERVE_LORA_DOWN_SHRINK=$on \
               timeout 115 python3 bench/lora.py --shape 0.5B --batch 64 256 --no-check --profile /tmp/lp62 \
               --profile-top 16 --out "$OUT/$part/on$on" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
