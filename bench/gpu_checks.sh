@@ -54,6 +54,7 @@
 #               program its KV head's part, o's Mosaic GPU term reading the parts over one expand stack): the kernel's
 #               and the term's compiled tests, the adapter step tests on the GPU, then bench/lora.py at 64 / 256 rows
 #               with it (profiled at 64), without it, and with it again, each its own process (~470 s?)
+#   down62s     session 62, down62 in less device time: its tests, then the two processes at 64 rows only (~330 s?)
 #   d62         session 62, one call: down62, then s62's compiled o-fold tests and the 0.5B one-row step's (~550 s?)
 #   down62      session 62: down_proj's LoRA shrink made by its own kernel (column blocks past its weight's, added into
 #               an accumulator the post-attention norm zeroes) and its expand added by the next norm
@@ -1140,6 +1141,13 @@ for part in "${parts[@]}"; do
                | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp59e ; \
              echo "== JAXSERVE_LORA_SHRINK_MAX_K=0" ; JAXSERVE_LORA_SHRINK_MAX_K=0 timeout 100 python3 bench/lora.py \
                --shape 0.5B --batch 64 256 --no-check --out "$OUT/$part/xla" 2>&1 | grep "^|" ;;
+    down62s) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+               tests/test_skinny_matmul_mgpu.py tests/test_residual_norm.py tests/test_lora.py \
+               -k "lora_shrink_into or shrink_errors or pending or (float32_models_logits and mgpu)" 2>&1 | tail -5 ; \
+             for on in 1 0; do echo "== JAXSERVE_LORA_DOWN_SHRINK=$on" ; JAXSERVE_LORA_DOWN_SHRINK=$on \
+               timeout 90 python3 bench/lora.py --shape 0.5B --batch 64 --no-check --profile /tmp/lp62 \
+               --profile-top 16 --out "$OUT/$part/on$on" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
+               rm -rf /tmp/lp62 ; done ; nvidia-smi --query-gpu=name --format=csv ;;
     d62) bash "$0" down62 ; cat "$OUT/down62/log.txt" ; \
          timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_decode_attention.py \
            tests/test_qwen_shapes.py -k "decode_o or early_gather or one_block or writes_o_projs or \
