@@ -1263,7 +1263,7 @@ LORA_ATTENTION_SHRINK = os.environ.get("JAXSERVE_LORA_ATTENTION_SHRINK", "1") ==
 # norms it (`add_rms_norm`'s ``pending``; after the last layer XLA adds it before the final norm). In its place XLA
 # ran the shrink over every slot's columns (a split-K product and its reduce, down_proj's input being 4,864 wide) and a
 # select, and down_proj's kernel took the expand as K steps. H100, session 62 (bench/results/lora.md, side by side):
-# GPU busy a 64-row adapter step 1,362.7 -> 1,248.7 µs (70 launches fewer: XLA's 24 products, 26 reduces and 24
+# GPU busy a 64-row adapter step 1,362.7 -> 1,248.7 µs (70 launches fewer: XLA's 24 products, their reduces and
 # selects; the two norms 3.3 -> 4.06 µs a launch, down_proj 5.44 -> 5.55). JAXSERVE_LORA_DOWN_SHRINK=0 turns it off;
 # read when a step is traced.
 LORA_DOWN_SHRINK = os.environ.get("JAXSERVE_LORA_DOWN_SHRINK", "1") == "1"
