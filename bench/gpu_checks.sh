@@ -435,6 +435,20 @@ lora_settings() {
   done
 }
 
+# Session 62's down_proj shrink (model.LORA_DOWN_SHRINK), with and without: its compiled tests, then bench/lora.py at
+# the given batches, each setting its own process, profiled at 64 rows: down_shrink_ab TEST_LIMIT LORA_LIMIT "BATCHES".
+down_shrink_ab() {
+  timeout "$1" python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
+    tests/test_skinny_matmul_mgpu.py tests/test_residual_norm.py tests/test_lora.py \
+    -k "lora_shrink_into or shrink_errors or pending or (float32_models_logits and mgpu)" 2>&1 | tail -5
+  for on in 1 0; do echo "== JAXSERVE_LORA_DOWN_SHRINK=$on"
+    # shellcheck disable=SC2086  # the batches are words
+    JAXSERVE_LORA_DOWN_SHRINK=$on timeout "$2" python3 bench/lora.py --shape 0.5B --batch $3 --no-check \
+      --profile /tmp/lp62 --profile-top 16 --out "$OUT/$part/on$on" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing"
+    rm -rf /tmp/lp62
+  done
+}
+
 for part in "${parts[@]}"; do
   mkdir -p "$OUT/$part"
   start=$(date +%s)
@@ -1141,24 +1155,12 @@ for part in "${parts[@]}"; do
                | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp59e ; \
              echo "== JAXSERVE_LORA_SHRINK_MAX_K=0" ; JAXSERVE_LORA_SHRINK_MAX_K=0 timeout 100 python3 bench/lora.py \
                --shape 0.5B --batch 64 256 --no-check --out "$OUT/$part/xla" 2>&1 | grep "^|" ;;
-    down62s) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-               tests/test_skinny_matmul_mgpu.py tests/test_residual_norm.py tests/test_lora.py \
-               -k "lora_shrink_into or shrink_errors or pending or (float32_models_logits and mgpu)" 2>&1 | tail -5 ; \
-             for on in 1 0; do echo "== JAXSERVE_LORA_DOWN_SHRINK=$on" ; JAXSERVE_LORA_DOWN_SHRINK=$on \
-               timeout 90 python3 bench/lora.py --shape 0.5B --batch 64 --no-check --profile /tmp/lp62 \
-               --profile-top 16 --out "$OUT/$part/on$on" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
-               rm -rf /tmp/lp62 ; done ; nvidia-smi --query-gpu=name --format=csv ;;
+    down62s) down_shrink_ab 150 90 "64" ; nvidia-smi --query-gpu=name --format=csv ;;
     d62) bash "$0" down62 ; cat "$OUT/down62/log.txt" ; \
          timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_decode_attention.py \
            tests/test_qwen_shapes.py -k "decode_o or early_gather or one_block or writes_o_projs or \
            (decode_step_matches_reference and 0.5B-None-1)" 2>&1 | tail -4 ; nvidia-smi --query-gpu=name --format=csv ;;
-    down62) timeout 220 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
-              tests/test_skinny_matmul_mgpu.py tests/test_residual_norm.py tests/test_lora.py \
-              -k "lora_shrink_into or shrink_errors or pending or (float32_models_logits and mgpu)" 2>&1 | tail -5 ; \
-            for on in 1 0; do echo "== JAXSERVE_LORA_DOWN_SHRINK=$on" ; JAXSERVE_LORA_DOWN_SHRINK=$on \
-              timeout 115 python3 bench/lora.py --shape 0.5B --batch 64 256 --no-check --profile /tmp/lp62 \
-              --profile-top 16 --out "$OUT/$part/on$on" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
-              rm -rf /tmp/lp62 ; done ;;
+    down62) down_shrink_ab 220 115 "64 256" ;;
     s62) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_decode_attention.py \
            -k "decode_o or early_gather or one_block or writes_o_projs" 2>&1 | tail -4 ; \
          timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_qwen_shapes.py \
