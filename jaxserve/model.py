@@ -589,10 +589,10 @@ def _norm_stream(x: jax.Array, norm: tuple, dtype: Any, seed: jax.Array | None =
     from jaxserve_kernels.residual_norm import add_rms_norm
 
     _, scale, eps = norm
-    out = add_rms_norm(x.reshape(-1, x.shape[-1]), None, scale, eps=eps, out_dtype=dtype, seed=seed, shrink=shrink,
-                       pending=None if pending is None else tuple(pending), zeros=zeros)
-    *out, zeroed = out if zeros else (*out, None)
-    return tuple(o.reshape(*x.shape[:-1], -1) for o in out) + ((zeroed,) if zeros else ())
+    out = list(add_rms_norm(x.reshape(-1, x.shape[-1]), None, scale, eps=eps, out_dtype=dtype, seed=seed,
+                            shrink=shrink, pending=None if pending is None else tuple(pending), zeros=zeros))
+    zeroed = [out.pop()] if zeros else []  # rows as the down_proj kernel takes them
+    return (*(o.reshape(*x.shape[:-1], -1) for o in out), *zeroed)
 
 
 def _accumulate(x: jax.Array, kernel: jax.Array, acc: jax.Array, lora: LayerLora | None = None,
