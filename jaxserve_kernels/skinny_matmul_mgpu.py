@@ -890,7 +890,8 @@ def skinny_matmul_mgpu(x: jax.Array, w: jax.Array, bias: jax.Array | None = None
         # The bias goes in as float32: a TMA copy moves a multiple of 128 bytes (32 bf16 would be 64).
         kernel_bias = bias.astype(jnp.float32) if kernel_epilogue == "none" and bias is not None else None
         out = _call(x, w, kernel_bias, acc, term, None if shrink is None else shrink[:2], epilogue=kernel_epilogue,
-                    block_n=block_n, num_slots=num_slots, boxes=boxes, shrink_cols=s_cols, block_m=block_m, num_splits=num_splits, pdl=pdl,
+                    block_n=block_n, num_slots=num_slots, boxes=boxes, shrink_cols=s_cols, block_m=block_m,
+                    num_splits=num_splits, pdl=pdl,
                     exit_read_only=EXIT_READ_ONLY, swiglu_approx=SWIGLU_APPROX and epilogue == "swiglu",
                     joint=joint, cluster=1 if interpret else cluster, interpret=bool(interpret))
     if epilogue != "none" or kernel_epilogue == "none":
