@@ -382,7 +382,10 @@ def test_skinny_matmul_adds_each_rows_lora_term(interpret, epilogue, m, k, n, dt
     bias = jnp.asarray(rng.standard_normal(n), dtype) if epilogue == "none" and k < 1000 else None
     a = jnp.asarray(rng.standard_normal((slots * rank, k)) / np.sqrt(k), dtype)
     b = jnp.asarray(rng.standard_normal((slots * rank, n)), dtype)
-    row_slots = jnp.asarray(np.resize(rng.permutation(np.arange(-1, slots)), m), jnp.int32)  # every slot, -1 too
+    order = rng.permutation(np.arange(-1, slots))  # every slot, -1 too, where the rows are enough for them all
+    if m < order.size:  # too few: the first row takes an adapter, or one row of no adapter would show no term
+        order = np.roll(order, -int(np.argmax(order >= 0)))
+    row_slots = jnp.asarray(np.resize(order, m), jnp.int32)
     shrink = lora_shrink(x, a, interpret=interpret)
     out = skinny_matmul(x, w, bias, epilogue=epilogue, layout=layout, num_splits=splits, interpret=interpret,
                         lora=LoraTerm(shrink, b, row_slots, rank))
