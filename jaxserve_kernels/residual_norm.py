@@ -132,6 +132,16 @@ def _scaled(normed, scale, out_dtype):
     return (scale.astype(jnp.float32) * normed.astype(jnp.float32)).astype(out_dtype)
 
 
+def _stack_window(want, end, width: int, stack_rows: int) -> tuple[jax.Array, jax.Array]:
+    """Rows ``want..end-1`` of a stack of ``stack_rows`` rows, loaded as a tile of ``width`` rows: the tile's start
+    and which of its rows are wanted. A tile that would run past the stack's last row starts earlier instead (its
+    extra rows masked off): interpret mode clamps such a slice's start, and a slot's own rows always end inside the
+    stack."""
+    start = jnp.clip(want, 0, stack_rows - width)
+    at = start + jnp.arange(width)
+    return start, (at >= want) & (at < end)
+
+
 def _pending_term(row, h, pending: tuple, *, block_n: int, n: int):
     """``h`` (a float32 row of the stream) plus the row's pending LoRA term of the projection before (`add_rms_norm`'s
     ``pending``): its own slot's R shrink columns of ``t`` rounded to the expand's dtype, times that slot's R rows of
@@ -140,12 +150,8 @@ def _pending_term(row, h, pending: tuple, *, block_n: int, n: int):
     t_ref, b_ref, slot_ref, rank = pending
     slot = slot_ref[row]
     width = compat.next_pow2(rank)
-    want = slot * rank
-    # A slot whose padded width would pass the stack's last row starts earlier (its extra rows masked off), as a
-    # shrink chunk does: interpret mode clamps such a slice's start.
-    start = jnp.clip(want, 0, b_ref.shape[0] - width)
-    at = start + jnp.arange(width)
-    live = (slot >= 0) & (at >= want) & (at < want + rank)
+    start, live = _stack_window(slot * rank, (slot + 1) * rank, width, b_ref.shape[0])
+    live = live & (slot >= 0)
     ok = jnp.arange(block_n) < n
     t = compat.load(t_ref.at[row, pl.ds(start, width)], mask=live, other=0)
     t = t.astype(b_ref.dtype).astype(jnp.float32)
@@ -207,11 +213,7 @@ def _shrink_chunk(row, chunk, *, h_ref, scale_ref, shrink: tuple, eps: float, bl
     @pl.when(slot >= 0)
     def _():
         want = slot * rank + chunk * SHRINK_CHUNK
-        # A chunk that would run past the stack's last row starts earlier instead (its extra rows masked off):
-        # interpret mode clamps such a slice's start, and a slot's own rows always end inside the stack.
-        start = jnp.minimum(want, a_ref.shape[0] - SHRINK_CHUNK)
-        at = start + jnp.arange(SHRINK_CHUNK)
-        live = (at >= want) & (at < (slot + 1) * rank)
+        start, live = _stack_window(want, (slot + 1) * rank, SHRINK_CHUNK, a_ref.shape[0])
         tile = compat.load(a_ref.at[pl.ds(start, SHRINK_CHUNK), pl.ds(0, block_n)],
                            mask=live[:, None] & ok[None, :], other=0)
         scale = compat.load(scale_ref.at[pl.ds(0, block_n)], mask=ok, other=0)
