@@ -1172,10 +1172,10 @@ for part in "${parts[@]}"; do
            bench/lora.py --shape 0.5B --batch 64 --no-check --profile /tmp/lp62 --profile-top 8 2>&1 \
            | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp62 ;;
     lora61c) for on in 1 0; do echo "== JAXSERVE_LORA_ATTENTION_SHRINK=$on, 256 rows" ; JAXSERVE_LORA_ATTENTION_SHRINK=$on \
-               timeout 60 python3 bench/lora.py --shape 0.5B --batch 256 --no-check --profile /tmp/lp61c \
+               timeout 130 python3 bench/lora.py --shape 0.5B --batch 256 --no-check --profile /tmp/lp61c \
                --profile-batch 256 --profile-top 12 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
                rm -rf /tmp/lp61c ; done ; \
-             echo "== JAXSERVE_ATTENTION_SHRINK_PREFETCH=0" ; JAXSERVE_ATTENTION_SHRINK_PREFETCH=0 timeout 50 python3 \
+             echo "== JAXSERVE_ATTENTION_SHRINK_PREFETCH=0" ; JAXSERVE_ATTENTION_SHRINK_PREFETCH=0 timeout 100 python3 \
                bench/lora.py --shape 0.5B --batch 64 --no-check --profile /tmp/lp61c --profile-top 8 2>&1 \
                | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp61c ;;
     lora61b) timeout 170 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
