@@ -169,12 +169,14 @@ def main() -> None:
     print("lora: ok")
 
     # The interpreted Pallas kernels on each device's heads: the fused decode attention, the scatter, prefill.
+    # Against one device's jnp references (which the interpreted kernels match: tests/test_engine.py), since an
+    # interpreted step compiles ~8x slower than the references' step.
     short = SamplingParams(max_tokens=5, temperature=0, logprobs=0)
-    same(run(model, 1, prompts[:2], short, attention_impl="pallas"),
-         run(model, 4, prompts[:2], short, attention_impl="pallas"), "pallas")
+    same(run(model, 1, prompts[:2], short), run(model, 4, prompts[:2], short, attention_impl="pallas"), "pallas")
     print("pallas: ok")
 
-    # An untied LM head (its vocabulary split) and as many KV heads as q heads, split 2 and 4 ways.
+    # An untied LM head (its vocabulary split) and as many KV heads as q heads, split 4 ways: one KV head a device
+    # (a 2-way split, two a device, is the same code with another count; left out for the suite's time).
     cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False, eos_token_id=0)
     untied = LoadedModel.from_params(init_params(cfg, jax.random.key(3)), cfg)
@@ -182,14 +184,13 @@ def main() -> None:
     ids = [rng.integers(1, 512, size=n).tolist() for n in (5, 19, 40)]
     params = SamplingParams(max_tokens=8, temperature=0, logprobs=2, ignore_eos=True)
     expect = run(untied, 1, ids, params)
-    same(expect, run(untied, 2, ids, params, check=shares(2, 2)), "untied tp 2")
     same(expect, run(untied, 4, ids, params, check=shares(4, 1)), "untied tp 4")
     # The greedy pick from each device's slice (no logits gathered): ties go to the lowest id, as one argmax's. Every
     # column of the head the same, so every token ties: the pick is token 0 on one device and split.
     flat = dict(untied.params, lm_head={"kernel": jnp.tile(untied.params["lm_head"]["kernel"][:, :1], (1, 512))})
     ties = LoadedModel.from_params(flat, cfg)
     pick = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    for tp in (1, 2, 4):
+    for tp in (1, 4):
         assert [o["token_ids"] for o in run(ties, tp, ids, pick)] == [[0] * 4] * 3, tp
     same(run(untied, 1, ids, pick), run(untied, 4, ids, pick), "untied greedy pick")
     same(run(model, 1, prompts, pick), run(model, 2, prompts, pick), "greedy pick")
