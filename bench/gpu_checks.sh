@@ -64,6 +64,7 @@
 #   s62         session 62: the one-row o_proj fold after session 61's read-through (_group_product, never compiled
 #               since): the fused attention's compiled o-fold / early-gather / shrink tests and the 0.5B one-row step
 #               against the reference, the one-row step timed and profiled (issue 8's 0.6 ms line), then lora61c and the 64-row default beside its prefetch-off run (~470 s?)
+#   down63      session 63: bench/lora.py at 256 rows profiled there, with and without LORA_DOWN_SHRINK (~160 s)
 #   lora61c     session 61, after lora61b (the attention's shrink: GPU busy a 64-row adapter step 1,428.9 -> 1,373.5 µs,
 #               the attention 6.87 -> 7.82 µs a launch): bench/lora.py at 256 rows profiled there with the attention's
 #               shrink and without it, then at 64 rows with the stack rows loaded after the attention
@@ -1161,6 +1162,10 @@ for part in "${parts[@]}"; do
            tests/test_qwen_shapes.py -k "decode_o or early_gather or one_block or writes_o_projs or \
            (decode_step_matches_reference and 0.5B-None-1)" 2>&1 | tail -4 ; nvidia-smi --query-gpu=name --format=csv ;;
     down62) down_shrink_ab 220 115 "64 256" ;;
+    down63) for on in 1 0; do echo "== JAXSERVE_LORA_DOWN_SHRINK=$on, 256 rows" ; JAXSERVE_LORA_DOWN_SHRINK=$on \
+              timeout 140 python3 bench/lora.py --shape 0.5B --batch 256 --no-check --profile /tmp/lp63 \
+              --profile-batch 256 --profile-top 18 --out "$OUT/$part/on$on" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
+              rm -rf /tmp/lp63 ; done ;;
     s62) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_decode_attention.py \
            -k "decode_o or early_gather or one_block or writes_o_projs" 2>&1 | tail -4 ; \
          timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_qwen_shapes.py \
