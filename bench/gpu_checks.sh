@@ -436,18 +436,25 @@ lora_settings() {
   done
 }
 
+# bench/lora.py with a knob on, then off, each its own process, its top kernels printed from a profile and its table
+# in $OUT/<part>/on1 and on0: lora_ab VAR LIMIT TOP "BENCH ARGS" (--profile-batch among them picks the profiled rows).
+lora_ab() {
+  local var=$1 limit=$2 top=$3 args=$4
+  for on in 1 0; do echo "== $var=$on"
+    # shellcheck disable=SC2086  # the bench arguments are words
+    env "$var=$on" timeout "$limit" python3 bench/lora.py --shape 0.5B $args --no-check --profile /tmp/lp_ab \
+      --profile-top "$top" --out "$OUT/$part/on$on" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing"
+    rm -rf /tmp/lp_ab
+  done
+}
+
 # Session 62's down_proj shrink (model.LORA_DOWN_SHRINK), with and without: its compiled tests, then bench/lora.py at
-# the given batches, each setting its own process, profiled at 64 rows: down_shrink_ab TEST_LIMIT LORA_LIMIT "BATCHES".
+# the given batches, profiled at 64 rows: down_shrink_ab TEST_LIMIT LORA_LIMIT "BATCHES".
 down_shrink_ab() {
   timeout "$1" python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m "gpu or not gpu" \
     tests/test_skinny_matmul_mgpu.py tests/test_residual_norm.py tests/test_lora.py \
     -k "lora_shrink_into or shrink_errors or pending or (float32_models_logits and mgpu)" 2>&1 | tail -5
-  for on in 1 0; do echo "== JAXSERVE_LORA_DOWN_SHRINK=$on"
-    # shellcheck disable=SC2086  # the batches are words
-    JAXSERVE_LORA_DOWN_SHRINK=$on timeout "$2" python3 bench/lora.py --shape 0.5B --batch $3 --no-check \
-      --profile /tmp/lp62 --profile-top 16 --out "$OUT/$part/on$on" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing"
-    rm -rf /tmp/lp62
-  done
+  lora_ab JAXSERVE_LORA_DOWN_SHRINK "$2" 16 "--batch $3"
 }
 
 for part in "${parts[@]}"; do
@@ -1162,10 +1169,7 @@ for part in "${parts[@]}"; do
            tests/test_qwen_shapes.py -k "decode_o or early_gather or one_block or writes_o_projs or \
            (decode_step_matches_reference and 0.5B-None-1)" 2>&1 | tail -4 ; nvidia-smi --query-gpu=name --format=csv ;;
     down62) down_shrink_ab 220 115 "64 256" ;;
-    down63) for on in 1 0; do echo "== JAXSERVE_LORA_DOWN_SHRINK=$on, 256 rows" ; JAXSERVE_LORA_DOWN_SHRINK=$on \
-              timeout 140 python3 bench/lora.py --shape 0.5B --batch 256 --no-check --profile /tmp/lp63 \
-              --profile-batch 256 --profile-top 18 --out "$OUT/$part/on$on" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
-              rm -rf /tmp/lp63 ; done ;;
+    down63) lora_ab JAXSERVE_LORA_DOWN_SHRINK 140 18 "--batch 256 --profile-batch 256" ;;
     s62) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_decode_attention.py \
            -k "decode_o or early_gather or one_block or writes_o_projs" 2>&1 | tail -4 ; \
          timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_qwen_shapes.py \
@@ -1176,10 +1180,7 @@ for part in "${parts[@]}"; do
          echo "== defaults at 64 rows (lora61c's prefetch-off baseline on this machine)" ; timeout 50 python3 \
            bench/lora.py --shape 0.5B --batch 64 --no-check --profile /tmp/lp62 --profile-top 8 2>&1 \
            | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp62 ;;
-    lora61c) for on in 1 0; do echo "== JAXSERVE_LORA_ATTENTION_SHRINK=$on, 256 rows" ; JAXSERVE_LORA_ATTENTION_SHRINK=$on \
-               timeout 130 python3 bench/lora.py --shape 0.5B --batch 256 --no-check --profile /tmp/lp61c \
-               --profile-batch 256 --profile-top 12 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
-               rm -rf /tmp/lp61c ; done ; \
+    lora61c) lora_ab JAXSERVE_LORA_ATTENTION_SHRINK 130 12 "--batch 256 --profile-batch 256" ; \
              echo "== JAXSERVE_ATTENTION_SHRINK_PREFETCH=0" ; JAXSERVE_ATTENTION_SHRINK_PREFETCH=0 timeout 100 python3 \
                bench/lora.py --shape 0.5B --batch 64 --no-check --profile /tmp/lp61c --profile-top 8 2>&1 \
                | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp61c ;;
