@@ -689,13 +689,14 @@ def default_attention_impl() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "reference"
 
 
-def enable_compile_cache(path: str | os.PathLike) -> None:
+def enable_compile_cache(path: str | os.PathLike, min_compile_time_s: float = 0.0) -> None:
     """Keep every compiled step in a persistent cache at ``path`` (process-wide, JAX's own cache).
 
     A restarted engine then loads its step shapes instead of compiling them: on the CPU a
     warm-up of 50 shapes took 33 s with the cache filled against 113 s without (the tracing
-    and lowering remain; bench/results/warmup_cpu.md). Entries are kept whatever their compile time, because every step
-    shape of a server counts, not only the slow ones.
+    and lowering remain; bench/results/warmup_cpu.md). Entries are kept whatever their compile time by default,
+    because every step shape of a server counts, not only the slow ones; ``min_compile_time_s`` keeps only the
+    programs that took at least that long (the test suite's many tiny programs load no faster than they compile).
 
     Example:
         >>> enable_compile_cache("/tmp/jaxserve-xla-cache")  # doctest: +SKIP
@@ -703,7 +704,7 @@ def enable_compile_cache(path: str | os.PathLike) -> None:
     from jax.experimental.compilation_cache import compilation_cache
 
     os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.config.update("jax_compilation_cache_dir", os.fspath(path))
     # Whatever compiled earlier in the process (loading the weights does) initialized the

@@ -90,8 +90,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config._jaxserve_xla_cache = os.environ[_XLA_CACHE_ENV]
     from jaxserve.runner import enable_compile_cache
 
-    enable_compile_cache(os.environ[_XLA_CACHE_ENV])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", _CACHE_MIN_COMPILE_S)
+    enable_compile_cache(os.environ[_XLA_CACHE_ENV], min_compile_time_s=_CACHE_MIN_COMPILE_S)
 
 
 # Files of few tests that run long (subprocesses over 2-4 CPU devices, bench smoke runs): handed out to the xdist
