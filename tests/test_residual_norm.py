@@ -240,3 +240,68 @@ def test_norm_pending_errors_name_the_field():
         add_rms_norm(h, None, s, eps=1e-6, pending=(t, b, slots, 0))
     with pytest.raises(ValueError, match="zeros"):
         add_rms_norm(h, None, s, eps=1e-6, zeros=-1)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("m,n,slots,rank,with_pending,seeded", [
+    (256, 896, 4, 16, True, True),   # Qwen2.5-0.5B's input norm at 256 rows: down's term pending, QKV's shrink (48)
+    (64, 896, 1, 16, False, False),  # its post-attention norm, one adapter: gate_up's shrink (32), down's zeros
+    (37, 200, 3, 12, True, False),   # rows and columns that end inside a block
+    (5, 130, 10, 4, True, True),     # fewer rows than a block
+])
+def test_adapter_norm_in_row_blocks_matches_reference(interpret, m, n, slots, rank, with_pending, seeded):
+    # residual_norm.BLOCK_MIN_ROWS: an adapter norm of many rows as programs of BLOCK_ROWS rows whose pending terms
+    # and shrinks are tensor-core products. The same outputs as the per-row programs': garbage in t's columns no row
+    # owns, slots drawn so every slot and -1 appear.
+    from jaxserve.lora import fold_columns, fold_width
+
+    rng, seed = fresh_rng()
+    hidden = jnp.asarray(rng.standard_normal((m, n)) * 3, jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.bfloat16)
+    width = fold_width(slots * rank)
+    row_slots = jnp.asarray(rng.permutation(np.resize(np.arange(-1, slots), m)), jnp.int32)
+    a = jnp.asarray(rng.standard_normal((slots, 2 * rank, n)) * 0.1, jnp.bfloat16)
+    shrink = (fold_columns(a, jnp.zeros((slots, 2 * rank, 8), jnp.bfloat16))[0], row_slots, 2 * rank)
+    pending = None
+    if with_pending:
+        t = jnp.asarray(rng.standard_normal((m, width)) * 2, jnp.float32)
+        pending = (t, jnp.asarray(rng.standard_normal((slots * rank, n)) * 0.1, jnp.bfloat16), row_slots, rank)
+    bias = jnp.asarray(rng.standard_normal(40), jnp.bfloat16) if seeded else None
+    kwargs = dict(eps=1e-6, out_dtype=jnp.bfloat16, seed=bias, shrink=shrink, pending=pending, zeros=width)
+    out = add_rms_norm(hidden, None, scale, interpret=interpret, blocked=True, **kwargs)
+    rows = add_rms_norm(hidden, None, scale, interpret=interpret, blocked=False, **kwargs)
+    ref = add_rms_norm_reference(hidden, None, scale, **kwargs)
+    assert len(out) == len(ref) == 4 + seeded, f"seed={seed}"
+    if with_pending:
+        assert relative_error(out[0], ref[0]) <= 1e-5, f"the new stream, seed={seed}"
+    else:
+        np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(hidden), err_msg=f"seed={seed}")
+    assert relative_error(out[1], ref[1]) <= 8e-3 and relative_error(out[1], rows[1]) <= 8e-3, f"seed={seed}"
+    if seeded:
+        np.testing.assert_array_equal(np.asarray(out[2]), np.asarray(ref[2]), err_msg=f"seed={seed}")
+    t_out, t_ref = np.asarray(out[-2], np.float32), np.asarray(ref[-2], np.float32)
+    mine = (np.arange(t_out.shape[1]) // (2 * rank))[None, :] == np.asarray(row_slots)[:, None]
+    assert not t_out[~mine].any(), f"a column outside the row's slot written, seed={seed}"
+    assert np.abs(t_out[mine]).min() > 0, f"a slot column left zero, seed={seed}"
+    assert relative_error(t_out, t_ref) <= 1e-2, f"seed={seed}"
+    np.testing.assert_array_equal(np.asarray(out[-1]), np.zeros((m, width), np.float32), err_msg=f"seed={seed}")
+
+
+def test_adapter_norms_take_row_blocks_from_their_row_count(monkeypatch):
+    # blocked=None: row blocks from BLOCK_MIN_ROWS rows on, where the shrink's width is whole groups; True where it is
+    # not is an error naming the field.
+    from jaxserve_kernels import residual_norm
+
+    rng, seed = fresh_rng()
+    h, s = jnp.asarray(rng.standard_normal((9, 64)), jnp.float32), jnp.ones(64, jnp.bfloat16)
+    slots = jnp.asarray(rng.integers(-1, 2, 9), jnp.int32)
+    shrink = (jnp.asarray(rng.standard_normal((128, 64)), jnp.bfloat16), slots, 16)
+    kwargs = dict(eps=1e-6, out_dtype=jnp.bfloat16, shrink=shrink, interpret=True)
+    monkeypatch.setattr(residual_norm, "BLOCK_MIN_ROWS", 9)
+    auto, blocks = add_rms_norm(h, None, s, **kwargs), add_rms_norm(h, None, s, blocked=True, **kwargs)
+    for x, y in zip(auto, blocks):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32), err_msg=f"seed={seed}")
+    with pytest.raises(ValueError, match="blocked.*a_cols"):
+        add_rms_norm(h, None, s, blocked=True, **{**kwargs, "shrink": (shrink[0][:96], slots, 16)})
+    with pytest.raises(ValueError, match="blocked"):
+        add_rms_norm(h, None, s, eps=1e-6, blocked=True)
