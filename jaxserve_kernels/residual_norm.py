@@ -76,6 +76,19 @@ BLOCK_ROWS = 16  # rows a program: the tensor cores' least M
 BLOCK_COLS = 128  # the stream's columns a step of a block's two walks along its rows
 BLOCK_GROUP = 64  # shrink columns a program writes (a row block's norm is recomputed by each group that has work)
 BLOCK_WARPS = int(os.environ.get("JAXSERVE_NORM_BLOCK_WARPS", "4"))
+# Triton's software pipeline over the two walks (1: none), or the walks written out (their trip counts are static), so
+# that a block's column loads need not each wait for the step before. Read at call time.
+BLOCK_STAGES = int(os.environ.get("JAXSERVE_NORM_BLOCK_STAGES", "1"))
+BLOCK_UNROLL = os.environ.get("JAXSERVE_NORM_BLOCK_UNROLL", "0") == "1"
+
+
+def _walk(n: int, body, init, unroll: bool):
+    """``lax.fori_loop(0, n, body, init)``, or its ``n`` steps written out."""
+    if not unroll:
+        return lax.fori_loop(0, n, body, init)
+    for i in range(n):
+        init = body(jnp.int32(i), init)
+    return init
 
 
 def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: int, seed_programs: bool,
@@ -236,7 +249,7 @@ def _shrink_chunk(row, chunk, *, h_ref, scale_ref, shrink: tuple, eps: float, bl
 
 
 def _block_kernel(h_ref, scale_ref, *rest, eps: float, seed_block: int, rank: int, in_rank: int, zeros: int,
-                  groups: int):
+                  groups: int, unroll: bool):
     """`_kernel`'s adapter norms (no partials) a block of BLOCK_ROWS rows a program: program (row block, group g) norms
     its rows in two walks of BLOCK_COLS columns (the mean square, then the normed rows), adding the pending term to
     each column block as a tensor-core product of the rows' own-slot shrink sums and the expand stack's rows; it writes
@@ -301,7 +314,7 @@ def _block_kernel(h_ref, scale_ref, *rest, eps: float, seed_block: int, rank: in
                     mask=row_ok[:, None] & col_ok[None, :]))
             return ss + jnp.sum(h * h, axis=1)
 
-        inv = lax.rsqrt(lax.fori_loop(0, steps, square, jnp.zeros((BLOCK_ROWS,), jnp.float32)) / n + eps)[:, None]
+        inv = lax.rsqrt(_walk(steps, square, jnp.zeros((BLOCK_ROWS,), jnp.float32), unroll) / n + eps)[:, None]
 
         def normed(i, acc):
             c0 = i * BLOCK_COLS
@@ -316,7 +329,7 @@ def _block_kernel(h_ref, scale_ref, *rest, eps: float, seed_block: int, rank: in
                             mask=a_used[:, None] & col_ok[None, :], other=0)
             return acc + compat.dot(out, a.astype(out_dtype), trans_b=True, precision=precision)
 
-        acc = lax.fori_loop(0, steps, normed, jnp.zeros((BLOCK_ROWS, BLOCK_GROUP if rank else 1), jnp.float32))
+        acc = _walk(steps, normed, jnp.zeros((BLOCK_ROWS, BLOCK_GROUP if rank else 1), jnp.float32), unroll)
         if rank:
             compat.store(t_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(g * BLOCK_GROUP, BLOCK_GROUP)],
                          jnp.where(own, acc, 0).astype(t_ref.dtype), mask=row_ok[:, None])
@@ -360,11 +373,11 @@ def _block_fits(a_cols: jax.Array | None, t_in: jax.Array | None, b_rows: jax.Ar
                                              "scale_first", "rank", "in_rank", "zeros", "blocked"))
 def _add_rms_norm(hidden, partials, scale, seed, a_cols=None, slots=None, t_in=None, b_rows=None, *, eps: float,
                   out_dtype, num_warps: int, interpret: bool, seed_programs: bool, scale_first: bool = False,
-                  rank: int = 0, in_rank: int = 0, zeros: int = 0, blocked: bool = False):
+                  rank: int = 0, in_rank: int = 0, zeros: int = 0, blocked: tuple = ()):
     m, n = hidden.shape
-    if blocked:
+    if blocked:  # (warps, stages, unroll)
         return _add_rms_norm_blocked(hidden, scale, seed, a_cols, slots, t_in, b_rows, eps=eps, out_dtype=out_dtype,
-                                     interpret=interpret, rank=rank, in_rank=in_rank, zeros=zeros)
+                                     interpret=interpret, rank=rank, in_rank=in_rank, zeros=zeros, launch=blocked)
     num_parts = 0 if partials is None else partials.shape[0]
     seed_block = 0 if seed is None else compat.next_pow2(seed.shape[0])
     seed_programs = seed_programs and bool(seed_block)
@@ -395,12 +408,13 @@ def _add_rms_norm(hidden, partials, scale, seed, a_cols=None, slots=None, t_in=N
 
 
 def _add_rms_norm_blocked(hidden, scale, seed, a_cols, slots, t_in, b_rows, *, eps: float, out_dtype,
-                          interpret: bool, rank: int, in_rank: int, zeros: int):
+                          interpret: bool, rank: int, in_rank: int, zeros: int, launch: tuple):
     m, n = hidden.shape
+    warps, stages, unroll = launch
     seed_block = 0 if seed is None else compat.next_pow2(seed.shape[0])
     groups = a_cols.shape[0] // BLOCK_GROUP if rank else 1
     kernel = functools.partial(_block_kernel, eps=eps, seed_block=seed_block, rank=rank, in_rank=in_rank, zeros=zeros,
-                               groups=groups)
+                               groups=groups, unroll=unroll)
     args = [hidden, scale] + ([seed] if seed_block else []) + ([a_cols.astype(out_dtype)] if rank else [])
     args += [slots.astype(jnp.int32)]
     if in_rank:  # the expand's rows padded to the product's power-of-two K
@@ -415,7 +429,7 @@ def _add_rms_norm_blocked(hidden, scale, seed, a_cols, slots, t_in, b_rows, *, e
     if zeros:
         out_shape.append(jax.ShapeDtypeStruct((m, zeros), jnp.float32))
     outs = compat.triton_call(kernel, *args, grid=(pl.cdiv(m, BLOCK_ROWS) * groups,), out_shape=out_shape,
-                              interpret=interpret, num_warps=BLOCK_WARPS, name="add_rms_norm_blocks")
+                              interpret=interpret, num_warps=warps, num_stages=stages, name="add_rms_norm_blocks")
     if not in_rank:  # the residual is unchanged: returned as is, not copied
         outs = [hidden, *outs]
     return tuple(outs)
@@ -514,7 +528,7 @@ def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array
                          num_warps=NUM_WARPS if num_warps is None else num_warps,
                          interpret=compat.resolve_interpret(interpret), seed_programs=SEED_PROGRAMS,
                          scale_first=SCALE_FIRST, rank=int(rank), in_rank=int(in_rank), zeros=zeros,
-                         blocked=bool(blocked))
+                         blocked=(BLOCK_WARPS, BLOCK_STAGES, BLOCK_UNROLL) if blocked else ())
 
 
 def add_rms_norm_reference(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array, *,
