@@ -26,7 +26,8 @@ rows of the folded stack (`jaxserve.lora.fold_columns`), each norm that row agai
 row's norm program writes the zeros of every other slot's columns. With `pending` (`jaxserve.model.LORA_DOWN_SHRINK`)
 every program that norms a row first adds the LoRA term down_proj left for it (its own slot's shrink sums, rounded,
 times that slot's expand rows), and the row's program writes the new stream; with `zeros` it also starts the next
-down_proj's shrink accumulator at zero.
+down_proj's shrink accumulator at zero. Adapter norms of many rows (`BLOCK_MIN_ROWS`) run as programs of 16 rows
+instead (`_block_kernel`), whose pending terms and shrinks are tensor-core products over the rows' slots' stack rows.
 
 Backend: Pallas Triton, like the other kernels (`jaxserve_kernels.paged_attention` says why).
 """
