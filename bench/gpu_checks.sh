@@ -16,10 +16,6 @@
 #   arrivals55  session 55: prompts arriving mid-decode prefilled behind the decode call in flight
 #               (engine.PREFILL_BEHIND_DECODE) and not: the policies run (bf16, 96 requests at 64/s) with it off and
 #               on, each its own process; prefill_first's TTFT / TPOT rows are the ones it moves (~300 s?)
-#   blocks64    session 64: the adapter norms as row blocks (residual_norm.BLOCK_MIN_ROWS): their compiled tests, the
-#               8-row adapter step with every norm in blocks, then bench/norm_blocks.py (the two norms of 24 layers,
-#               per-row programs against block variants, 256 / 64 / 128 rows) (~450 s?); blocks64b: bench/lora.py at
-#               256 / 64 rows with blocks at every row count (1) and never (0), profiled at 256 (~280 s?)
 #   lora57      session 57: adapter stacks a layer each (LoraSlots.weights; the stacked [layers, ...] form copied a
 #               slice a projection out a step): bench/lora.py at 64 / 256 / 1 rows profiled at 64, with the check
 #               against merged weights; then the same in old_tree/ (a `git archive` of the commit before, untracked:
@@ -1174,12 +1170,6 @@ for part in "${parts[@]}"; do
            (decode_step_matches_reference and 0.5B-None-1)" 2>&1 | tail -4 ; nvidia-smi --query-gpu=name --format=csv ;;
     down62) down_shrink_ab 220 115 "64 256" ;;
     down63) lora_ab JAXSERVE_LORA_DOWN_SHRINK 140 18 "--batch 256 --profile-batch 256" ;;
-    blocks64) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_residual_norm.py \
-                -k "row_blocks or pending or shrink" 2>&1 | tail -4 ; \
-              JAXSERVE_NORM_BLOCK_MIN_ROWS=1 timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" \
-                -m "gpu or not gpu" tests/test_lora.py -k "float32_models_logits and mgpu" 2>&1 | tail -3 ; \
-              timeout 300 python3 bench/norm_blocks.py --rows 256 64 128 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" ;;
-    blocks64b) lora_ab JAXSERVE_NORM_BLOCK_MIN_ROWS 140 18 "--batch 256 64 --profile-batch 256" ;;
     s62) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_decode_attention.py \
            -k "decode_o or early_gather or one_block or writes_o_projs" 2>&1 | tail -4 ; \
          timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_qwen_shapes.py \

@@ -26,8 +26,7 @@ rows of the folded stack (`jaxserve.lora.fold_columns`), each norm that row agai
 row's norm program writes the zeros of every other slot's columns. With `pending` (`jaxserve.model.LORA_DOWN_SHRINK`)
 every program that norms a row first adds the LoRA term down_proj left for it (its own slot's shrink sums, rounded,
 times that slot's expand rows), and the row's program writes the new stream; with `zeros` it also starts the next
-down_proj's shrink accumulator at zero. Adapter norms of many rows (`BLOCK_MIN_ROWS`) run as programs of 16 rows
-instead (`_block_kernel`), whose pending terms and shrinks are tensor-core products over the rows' slots' stack rows.
+down_proj's shrink accumulator at zero.
 
 Backend: Pallas Triton, like the other kernels (`jaxserve_kernels.paged_attention` says why).
 """
@@ -67,29 +66,10 @@ SCALE_FIRST = True
 # Rows of a slot's shrink stack a `shrink` program loads and reduces (a power of two): a [16, 1024] float32 product
 # is 64 values a thread at 8 warps. JAXSERVE_NORM_SHRINK_CHUNK; read when a step is traced.
 SHRINK_CHUNK = int(os.environ.get("JAXSERVE_NORM_SHRINK_CHUNK", "16"))
-# The adapter norms (a `shrink` or a `pending` term) of this many rows or more run as blocks of BLOCK_ROWS rows
-# (`_block_kernel`): the per-row programs above load their slot's stack tiles once a row, and twice more a shrink chunk
-# (the pending term again), ~50 MB of L2 traffic a 256-row input norm of Qwen2.5-0.5B at rank 16 (9.78 µs a launch on
-# the H100, bench/results/lora.md session 63); a block loads each tile once for its rows, and only the stack rows of
-# slots its rows use. 0: never. JAXSERVE_NORM_BLOCK_MIN_ROWS; read when a step is traced.
-BLOCK_MIN_ROWS = int(os.environ.get("JAXSERVE_NORM_BLOCK_MIN_ROWS", "0"))
-BLOCK_ROWS = 16  # rows a program: the tensor cores' least M
-BLOCK_COLS = 128  # the stream's columns a step of a block's two walks along its rows
-BLOCK_GROUP = 64  # shrink columns a program writes (a row block's norm is recomputed by each group that has work)
-BLOCK_WARPS = int(os.environ.get("JAXSERVE_NORM_BLOCK_WARPS", "4"))
-# Triton's software pipeline over the two walks (1: none), or the walks written out (their trip counts are static), so
-# that a block's column loads need not each wait for the step before. Read at call time.
-BLOCK_STAGES = int(os.environ.get("JAXSERVE_NORM_BLOCK_STAGES", "1"))
-BLOCK_UNROLL = os.environ.get("JAXSERVE_NORM_BLOCK_UNROLL", "0") == "1"
-
-
-def _walk(n: int, body, init, unroll: bool):
-    """``lax.fori_loop(0, n, body, init)``, or its ``n`` steps written out."""
-    if not unroll:
-        return lax.fori_loop(0, n, body, init)
-    for i in range(n):
-        init = body(jnp.int32(i), init)
-    return init
+# Not blocks of rows: programs of 16 rows whose pending terms and shrinks were tensor-core products (each stack tile
+# loaded once a block, not once a row) took 13.3-15.4 µs a launch at 64 and 256 rows alike on the H100, against these
+# per-row programs' 4.0 / 9.7: a block walks its rows' columns twice, 14 dependent steps, where the per-row programs
+# run side by side (bench/results/lora.md, session 64; the kernel is in commit 30c03fb).
 
 
 def _kernel(h_ref, *rest, num_parts: int, eps: float, block_n: int, seed_block: int, seed_programs: bool,
@@ -249,136 +229,12 @@ def _shrink_chunk(row, chunk, *, h_ref, scale_ref, shrink: tuple, eps: float, bl
         compat.store(t_ref.at[row, pl.ds(start, SHRINK_CHUNK)], sums.astype(t_ref.dtype), mask=live)
 
 
-def _block_kernel(h_ref, scale_ref, *rest, eps: float, seed_block: int, rank: int, in_rank: int, zeros: int,
-                  groups: int, unroll: bool):
-    """`_kernel`'s adapter norms (no partials) a block of BLOCK_ROWS rows a program: program (row block, group g) norms
-    its rows in two walks of BLOCK_COLS columns (the mean square, then the normed rows), adding the pending term to
-    each column block as a tensor-core product of the rows' own-slot shrink sums and the expand stack's rows; it writes
-    shrink columns g*BLOCK_GROUP.. (each column block's normed rows times the folded stack's rows, summed on the tensor
-    cores), the last of them only where its rows' slots own them. Group 0 also writes the new stream, the normed rows,
-    the seed's and the zeros' rows; a group none of whose columns its rows own writes zeros and nothing else. Stack
-    rows of slots no row of the block uses are masked off their loads (no memory traffic). Each group norms its rows
-    with the same code, so with the same bits."""
-    rest = list(rest)
-    seed_ref = rest.pop(0) if seed_block else None
-    a_ref = rest.pop(0) if rank else None
-    slot_ref = rest.pop(0)
-    t_in_ref, b_ref = (rest.pop(0), rest.pop(0)) if in_rank else (None, None)
-    h_out_ref = rest.pop(0) if in_rank else None
-    norm_out_ref = rest.pop(0)
-    seed_out_ref = rest.pop(0) if seed_block else None
-    t_ref = rest.pop(0) if rank else None
-    zeros_ref = rest.pop(0) if zeros else None
-    m, n = h_ref.shape
-    out_dtype = norm_out_ref.dtype
-    # A float32 engine's products in float32, not TF32 (bf16 operands multiply exactly either way).
-    precision = lax.Precision.HIGHEST if out_dtype == jnp.float32 else None
-    pid = pl.program_id(0)
-    g = pid % groups
-    r0 = (pid // groups) * BLOCK_ROWS
-    row_ok = r0 + jnp.arange(BLOCK_ROWS) < m
-    slots = compat.load(slot_ref.at[pl.ds(r0, BLOCK_ROWS)], mask=row_ok, other=-1)[:, None]
-    live = (slots >= 0) & row_ok[:, None]
-    steps = pl.cdiv(n, BLOCK_COLS)
-
-    if in_rank:  # each row's own-slot shrink sums of the projection before, rounded as `lora_delta` rounds them
-        tp = b_ref.shape[0]
-        p = jnp.arange(tp)[None, :]
-        own_in = live & (p >= slots * in_rank) & (p < (slots + 1) * in_rank)
-        t_in = compat.load(t_in_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(0, tp)], mask=own_in, other=0).astype(b_ref.dtype)
-        b_used = jnp.max(own_in.astype(jnp.int32), axis=0) > 0
-
-    def stream(c0):
-        """The block's stream in columns c0.. (plus the pending term), float32, and which columns are real."""
-        col_ok = c0 + jnp.arange(BLOCK_COLS) < n
-        h = compat.load(h_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, BLOCK_COLS)], mask=row_ok[:, None] & col_ok[None, :],
-                        other=0).astype(jnp.float32)
-        if in_rank:
-            b = compat.load(b_ref.at[pl.ds(0, tp), pl.ds(c0, BLOCK_COLS)], mask=b_used[:, None] & col_ok[None, :],
-                            other=0)
-            h = h + compat.dot(t_in, b, precision=lax.Precision.HIGHEST if b_ref.dtype == jnp.float32 else None)
-        return h, col_ok
-
-    if rank:
-        cols = g * BLOCK_GROUP + jnp.arange(BLOCK_GROUP)[None, :]
-        own = live & (cols >= slots * rank) & (cols < (slots + 1) * rank)
-        a_used = jnp.max(own.astype(jnp.int32), axis=0) > 0
-        has_work = (g == 0) | (jnp.max(a_used.astype(jnp.int32)) > 0)
-    first = g == 0
-
-    def norm_block():
-        def square(i, ss):
-            h, col_ok = stream(i * BLOCK_COLS)
-            if in_rank:
-                pl.when(first)(lambda: compat.store(
-                    h_out_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(i * BLOCK_COLS, BLOCK_COLS)], h,
-                    mask=row_ok[:, None] & col_ok[None, :]))
-            return ss + jnp.sum(h * h, axis=1)
-
-        inv = lax.rsqrt(_walk(steps, square, jnp.zeros((BLOCK_ROWS,), jnp.float32), unroll) / n + eps)[:, None]
-
-        def normed(i, acc):
-            c0 = i * BLOCK_COLS
-            h, col_ok = stream(c0)
-            scale = compat.load(scale_ref.at[pl.ds(c0, BLOCK_COLS)], mask=col_ok, other=0)
-            out = _scaled((h * inv).astype(out_dtype), scale[None, :], out_dtype)
-            pl.when(first)(lambda: compat.store(norm_out_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(c0, BLOCK_COLS)], out,
-                                                mask=row_ok[:, None] & col_ok[None, :]))
-            if not rank:
-                return acc
-            a = compat.load(a_ref.at[pl.ds(g * BLOCK_GROUP, BLOCK_GROUP), pl.ds(c0, BLOCK_COLS)],
-                            mask=a_used[:, None] & col_ok[None, :], other=0)
-            return acc + compat.dot(out, a.astype(out_dtype), trans_b=True, precision=precision)
-
-        acc = _walk(steps, normed, jnp.zeros((BLOCK_ROWS, BLOCK_GROUP if rank else 1), jnp.float32), unroll)
-        if rank:
-            compat.store(t_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(g * BLOCK_GROUP, BLOCK_GROUP)],
-                         jnp.where(own, acc, 0).astype(t_ref.dtype), mask=row_ok[:, None])
-
-    def group_zero_rows():
-        if seed_block:
-            seed_ok = jnp.arange(seed_block) < seed_ref.shape[0]
-            value = compat.load(seed_ref.at[pl.ds(0, seed_block)], mask=seed_ok, other=0).astype(jnp.float32)
-            compat.store(seed_out_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(0, seed_block)],
-                         jnp.broadcast_to(value[None, :], (BLOCK_ROWS, seed_block)),
-                         mask=row_ok[:, None] & seed_ok[None, :])
-        if zeros:
-            width = compat.next_pow2(zeros)
-            zero_ok = jnp.arange(width) < zeros
-            compat.store(zeros_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(0, width)],
-                         jnp.zeros((BLOCK_ROWS, width), jnp.float32), mask=row_ok[:, None] & zero_ok[None, :])
-
-    if rank:
-        pl.when(has_work)(norm_block)
-        pl.when(~has_work)(lambda: compat.store(
-            t_ref.at[pl.ds(r0, BLOCK_ROWS), pl.ds(g * BLOCK_GROUP, BLOCK_GROUP)],
-            jnp.zeros((BLOCK_ROWS, BLOCK_GROUP), t_ref.dtype), mask=row_ok[:, None]))
-    else:
-        norm_block()
-    if seed_block or zeros:
-        pl.when(first)(group_zero_rows)
-
-
-def _block_fits(a_cols: jax.Array | None, t_in: jax.Array | None, b_rows: jax.Array | None) -> str | None:
-    """Why an adapter norm cannot run as row blocks (`_block_kernel`), or None: a shrink of whole BLOCK_GROUPs, an
-    expand stack whose rows (padded to a power of two of at least 16, the tensor cores' least K) fit the pending
-    shrink sums' width."""
-    if a_cols is not None and a_cols.shape[0] % BLOCK_GROUP:
-        return f"shrink's a_cols must have a multiple of {BLOCK_GROUP} rows, got {a_cols.shape[0]}"
-    if b_rows is not None and compat.next_pow2(max(16, b_rows.shape[0])) > t_in.shape[1]:
-        return f"pending's b_rows ({b_rows.shape[0]} rows) padded to a power of two >= 16 must fit t's {t_in.shape[1]}"
-    return None
-
-
 @functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "num_warps", "interpret", "seed_programs",
-                                             "scale_first", "rank", "in_rank", "zeros", "blocked"))
+                                             "scale_first", "rank", "in_rank", "zeros"))
 def _add_rms_norm(hidden, partials, scale, seed, a_cols=None, slots=None, t_in=None, b_rows=None, *, eps: float,
                   out_dtype, num_warps: int, interpret: bool, seed_programs: bool, scale_first: bool = False,
-                  rank: int = 0, in_rank: int = 0, zeros: int = 0, blocked: tuple = ()):
+                  rank: int = 0, in_rank: int = 0, zeros: int = 0):
     m, n = hidden.shape
-    if blocked:  # (warps, stages, unroll)
-        return _add_rms_norm_blocked(hidden, scale, seed, a_cols, slots, t_in, b_rows, eps=eps, out_dtype=out_dtype,
-                                     interpret=interpret, rank=rank, in_rank=in_rank, zeros=zeros, launch=blocked)
     num_parts = 0 if partials is None else partials.shape[0]
     seed_block = 0 if seed is None else compat.next_pow2(seed.shape[0])
     seed_programs = seed_programs and bool(seed_block)
@@ -408,40 +264,11 @@ def _add_rms_norm(hidden, partials, scale, seed, a_cols=None, slots=None, t_in=N
     return tuple(outs)
 
 
-def _add_rms_norm_blocked(hidden, scale, seed, a_cols, slots, t_in, b_rows, *, eps: float, out_dtype,
-                          interpret: bool, rank: int, in_rank: int, zeros: int, launch: tuple):
-    m, n = hidden.shape
-    warps, stages, unroll = launch
-    seed_block = 0 if seed is None else compat.next_pow2(seed.shape[0])
-    groups = a_cols.shape[0] // BLOCK_GROUP if rank else 1
-    kernel = functools.partial(_block_kernel, eps=eps, seed_block=seed_block, rank=rank, in_rank=in_rank, zeros=zeros,
-                               groups=groups, unroll=unroll)
-    args = [hidden, scale] + ([seed] if seed_block else []) + ([a_cols.astype(out_dtype)] if rank else [])
-    args += [slots.astype(jnp.int32)]
-    if in_rank:  # the expand's rows padded to the product's power-of-two K
-        short = compat.next_pow2(max(16, b_rows.shape[0])) - b_rows.shape[0]
-        args += [t_in, jnp.pad(b_rows, ((0, short), (0, 0))) if short > 0 else b_rows]
-    out_shape = [jax.ShapeDtypeStruct((m, n), hidden.dtype)] if in_rank else []
-    out_shape.append(jax.ShapeDtypeStruct((m, n), out_dtype))
-    if seed_block:
-        out_shape.append(jax.ShapeDtypeStruct((m, seed.shape[0]), jnp.float32))
-    if rank:
-        out_shape.append(jax.ShapeDtypeStruct((m, a_cols.shape[0]), out_dtype))
-    if zeros:
-        out_shape.append(jax.ShapeDtypeStruct((m, zeros), jnp.float32))
-    outs = compat.triton_call(kernel, *args, grid=(pl.cdiv(m, BLOCK_ROWS) * groups,), out_shape=out_shape,
-                              interpret=interpret, num_warps=warps, num_stages=stages, name="add_rms_norm_blocks")
-    if not in_rank:  # the residual is unchanged: returned as is, not copied
-        outs = [hidden, *outs]
-    return tuple(outs)
-
-
 def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array, *,
                  eps: float, out_dtype: Any = None, seed: jax.Array | None = None,
                  shrink: tuple[jax.Array, jax.Array, int] | None = None,
                  pending: tuple[jax.Array, jax.Array, jax.Array, int] | None = None, zeros: int = 0,
-                 interpret: bool | None = None, num_warps: int | None = None,
-                 blocked: bool | None = None) -> tuple[jax.Array, ...]:
+                 interpret: bool | None = None, num_warps: int | None = None) -> tuple[jax.Array, ...]:
     """`h = hidden + sum(partials)` (or plus a pending LoRA term), then `(h, RMSNorm(h) * scale)`, in hidden's dtype;
     with `seed`, also `seed` broadcast to every row (float32) as a third output; with `shrink`, each row's LoRA shrink
     of its normed row next; with `zeros`, a float32 `[M, zeros]` of zeros last.
@@ -473,8 +300,6 @@ def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array
             into, `skinny_matmul_mgpu`'s ``shrink``), so that start costs no launch of its own.
         interpret: Pallas interpret mode; None picks it on the CPU backend.
         num_warps: Triton warps per program (one a row, and a shrink chunk's or seed's); None: `NUM_WARPS`.
-        blocked: with a shrink or a pending term, programs of BLOCK_ROWS rows (`_block_kernel`; True where they
-            cannot run is a ValueError); None: at BLOCK_MIN_ROWS rows or more where they can.
 
     Example:
         >>> h, y = add_rms_norm(jnp.ones((2, 8)), jnp.ones((3, 2, 8)), jnp.ones(8), eps=1e-6)
@@ -517,19 +342,13 @@ def add_rms_norm(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array
         slots = pending_slots if slots is None else slots  # the same rows' slots: the kernel reads one array
     if not (isinstance(zeros, int) and zeros >= 0):
         raise ValueError(f"zeros must be a width >= 0, got {zeros!r}")
-    why_not = _block_fits(a_cols, t_in, b_rows) if rank or in_rank else "blocked takes a shrink or a pending term"
-    if blocked and why_not:
-        raise ValueError(f"blocked: {why_not}")
-    if blocked is None:
-        blocked = why_not is None and 0 < BLOCK_MIN_ROWS <= hidden.shape[0]
     if partials is not None:
         partials = partials.astype(jnp.float32)
     return _add_rms_norm(hidden, partials, scale, seed, a_cols, slots, t_in, b_rows, eps=float(eps),
                          out_dtype=jnp.dtype(hidden.dtype if out_dtype is None else out_dtype),
                          num_warps=NUM_WARPS if num_warps is None else num_warps,
                          interpret=compat.resolve_interpret(interpret), seed_programs=SEED_PROGRAMS,
-                         scale_first=SCALE_FIRST, rank=int(rank), in_rank=int(in_rank), zeros=zeros,
-                         blocked=(BLOCK_WARPS, BLOCK_STAGES, BLOCK_UNROLL) if blocked else ())
+                         scale_first=SCALE_FIRST, rank=int(rank), in_rank=int(in_rank), zeros=zeros)
 
 
 def add_rms_norm_reference(hidden: jax.Array, partials: jax.Array | None, scale: jax.Array, *,
