@@ -16,6 +16,9 @@
 #   arrivals55  session 55: prompts arriving mid-decode prefilled behind the decode call in flight
 #               (engine.PREFILL_BEHIND_DECODE) and not: the policies run (bf16, 96 requests at 64/s) with it off and
 #               on, each its own process; prefill_first's TTFT / TPOT rows are the ones it moves (~300 s?)
+#   delta64     session 64: lora_delta's expand written in bf16 (no convert launch after it): the adapter tests on the
+#               GPU, then bench/lora.py at 256 rows profiled, in this tree and in old_tree/ (`git archive` of the commit
+#               before, untracked) (~380 s?)
 #   lora57      session 57: adapter stacks a layer each (LoraSlots.weights; the stacked [layers, ...] form copied a
 #               slice a projection out a step): bench/lora.py at 64 / 256 / 1 rows profiled at 64, with the check
 #               against merged weights; then the same in old_tree/ (a `git archive` of the commit before, untracked:
@@ -1180,6 +1183,13 @@ for part in "${parts[@]}"; do
          echo "== defaults at 64 rows (lora61c's prefetch-off baseline on this machine)" ; timeout 50 python3 \
            bench/lora.py --shape 0.5B --batch 64 --no-check --profile /tmp/lp62 --profile-top 8 2>&1 \
            | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp62 ;;
+    delta64) timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_lora.py \
+               -k "transformers_with_the_adapter_merged or (float32_models_logits and mgpu)" 2>&1 | tail -3 ; \
+             lora() { timeout 150 python3 bench/lora.py --shape 0.5B --batch 256 --no-check --profile /tmp/ld \
+               --profile-batch 256 --profile-top 14 "$@" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
+               rm -rf /tmp/ld ; } ; \
+             echo "== this tree" ; lora --out "$OUT/$part/new" ; \
+             if [ -d old_tree ]; then echo "== old_tree" ; (cd old_tree && lora --out "$OUT/$part/old") ; fi ;;
     lora61c) lora_ab JAXSERVE_LORA_ATTENTION_SHRINK 130 12 "--batch 256 --profile-batch 256" ; \
              echo "== JAXSERVE_ATTENTION_SHRINK_PREFETCH=0" ; JAXSERVE_ATTENTION_SHRINK_PREFETCH=0 timeout 100 python3 \
                bench/lora.py --shape 0.5B --batch 64 --no-check --profile /tmp/lp61c --profile-top 8 2>&1 \

@@ -193,8 +193,11 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, out_d
     t = jnp.einsum("bsi,ni->bsn", x, a.reshape(n * r, -1).astype(x.dtype), preferred_element_type=jnp.float32)
     mine = (jnp.arange(n * r) // r)[None, :] == slots[:, None]
     t = jnp.where(mine[:, None, :], t, 0.0).astype(x.dtype)
+    # The expand's product written in the output dtype itself (float32 sums rounded once, as a float32 product
+    # converted would be): a bf16 term converted from a float32 product took a convert launch of its own on the GPU
+    # (`wrapped_convert`, the projection's GEMM adding the term as its addend), one a projection a layer in prefill.
     return jnp.einsum("bsn,no->bso", t, b.reshape(n * r, -1).astype(x.dtype),
-                      preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)
+                      preferred_element_type=jnp.dtype(out_dtype or x.dtype))
 
 
 # Adapters an engine can keep apart in its prefix index: `Request.index_ids` moves an adapter's first token to
