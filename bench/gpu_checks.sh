@@ -19,6 +19,8 @@
 #   delta64     session 64: lora_delta's expand written in bf16 (no convert launch after it): the adapter tests on the
 #               GPU, then bench/lora.py at 256 rows profiled, in this tree and in old_tree/ (`git archive` of the commit
 #               before, untracked) (~380 s?)
+#   merged64    session 64: test_adapters_match_transformers_with_the_adapter_merged (a float32 engine with adapters
+#               against transformers) on the GPU, in this tree and in old_tree/ when it is there, its errors shown (~150 s?)
 #   lora57      session 57: adapter stacks a layer each (LoraSlots.weights; the stacked [layers, ...] form copied a
 #               slice a projection out a step): bench/lora.py at 64 / 256 / 1 rows profiled at 64, with the check
 #               against merged weights; then the same in old_tree/ (a `git archive` of the commit before, untracked:
@@ -1190,6 +1192,9 @@ for part in "${parts[@]}"; do
                rm -rf /tmp/ld ; } ; \
              echo "== this tree" ; lora --out "$OUT/$part/new" ; \
              if [ -d old_tree ]; then echo "== old_tree" ; (cd old_tree && lora --out "$OUT/$part/old") ; fi ;;
+    merged64) for d in . old_tree; do [ -d "$d" ] || continue; echo "== $d"; (cd "$d" && timeout 100 python3 -m pytest \
+                -q -rf -p no:cacheprovider -o addopts="" tests/test_lora.py -k "transformers_with_the_adapter_merged" \
+                2>&1 | grep -E "^E |^tests/|passed|failed" | head -30); done ;;
     lora61c) lora_ab JAXSERVE_LORA_ATTENTION_SHRINK 130 12 "--batch 256 --profile-batch 256" ; \
              echo "== JAXSERVE_ATTENTION_SHRINK_PREFETCH=0" ; JAXSERVE_ATTENTION_SHRINK_PREFETCH=0 timeout 100 python3 \
                bench/lora.py --shape 0.5B --batch 64 --no-check --profile /tmp/lp61c --profile-top 8 2>&1 \
