@@ -453,6 +453,22 @@ lora_ab() {
   done
 }
 
+# bench/lora.py in this tree, then in old_tree/ (a `git archive` of an earlier commit, untracked: the baseline in the
+# same call) when it is there, each its own process, tables in $OUT/<part>/new and old: lora_trees LIMIT "BENCH ARGS"
+# (a --profile among them goes to /tmp/lp_trees, emptied after each run).
+lora_trees() {
+  local limit=$1 args=$2 dir name
+  for dir in . old_tree; do
+    [ -d "$dir" ] || continue
+    name=new; [ "$dir" = . ] || name=old
+    echo "== $name ($dir)"
+    # shellcheck disable=SC2086  # the bench arguments are words
+    (cd "$dir" && timeout "$limit" python3 bench/lora.py --shape 0.5B $args --out "$OUT/$part/$name" 2>&1 \
+      | grep -v "^WARNING\|^I0000\|^W0000\|Writing")
+    rm -rf /tmp/lp_trees
+  done
+}
+
 # Session 62's down_proj shrink (model.LORA_DOWN_SHRINK), with and without: its compiled tests, then bench/lora.py at
 # the given batches, profiled at 64 rows: down_shrink_ab TEST_LIMIT LORA_LIMIT "BATCHES".
 down_shrink_ab() {
@@ -1187,11 +1203,7 @@ for part in "${parts[@]}"; do
            | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; rm -rf /tmp/lp62 ;;
     delta64) timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_lora.py \
                -k "transformers_with_the_adapter_merged or (float32_models_logits and mgpu)" 2>&1 | tail -3 ; \
-             lora() { timeout 150 python3 bench/lora.py --shape 0.5B --batch 256 --no-check --profile /tmp/ld \
-               --profile-batch 256 --profile-top 14 "$@" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
-               rm -rf /tmp/ld ; } ; \
-             echo "== this tree" ; lora --out "$OUT/$part/new" ; \
-             if [ -d old_tree ]; then echo "== old_tree" ; (cd old_tree && lora --out "$OUT/$part/old") ; fi ;;
+             lora_trees 150 "--batch 256 --no-check --profile /tmp/lp_trees --profile-batch 256 --profile-top 14" ;;
     merged64) for d in . old_tree; do [ -d "$d" ] || continue; echo "== $d"; (cd "$d" && timeout 100 python3 -m pytest \
                 -q -rf -p no:cacheprovider -o addopts="" tests/test_lora.py -k "transformers_with_the_adapter_merged" \
                 2>&1 | grep -E "^E |^tests/|passed|failed" | head -30); done ;;
