@@ -19,6 +19,9 @@
 #   delta64     session 64: lora_delta's expand written in bf16 (no convert launch after it): the adapter tests on the
 #               GPU, then bench/lora.py at 256 rows profiled, in this tree and in old_tree/ (`git archive` of the commit
 #               before, untracked) (~380 s?)
+#   merged65    session 65, after merged64 failed on an H200: that float32 adapter test with its full errors, then with
+#               the decode glue in XLA, the projections in XLA, the adapters' glue off, each its own process; the
+#               float32 engine's transformers tests without adapters beside it (~450 s?)
 #   merged64    session 64: test_adapters_match_transformers_with_the_adapter_merged (a float32 engine with adapters
 #               against transformers) on the GPU, in this tree and in old_tree/ when it is there, its errors shown (~150 s?)
 #   lora57      session 57: adapter stacks a layer each (LoraSlots.weights; the stacked [layers, ...] form copied a
@@ -1204,6 +1207,13 @@ for part in "${parts[@]}"; do
     delta64) timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_lora.py \
                -k "transformers_with_the_adapter_merged or (float32_models_logits and mgpu)" 2>&1 | tail -3 ; \
              lora_trees 150 "--batch 256 --no-check --profile /tmp/lp_trees --profile-batch 256 --profile-top 14" ;;
+    merged65) echo "== base engine: float32 against transformers, no adapters"; timeout 110 python3 -m pytest -q -rf \
+                -p no:cacheprovider -o addopts="" tests/test_engine.py -k "matches_transformers_and_running_alone or \
+                prompt_logprobs_match_transformers" 2>&1 | grep -E "^E |passed|failed" | head -20 ; \
+              for env in JAXSERVE_NONE=1 JAXSERVE_DECODE_GLUE=xla JAXSERVE_DECODE_PROJECTIONS=xla JAXSERVE_LORA_GLUE=0; do \
+                echo "== $env"; env "$env" timeout 100 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" \
+                  --tb=short tests/test_lora.py -k "transformers_with_the_adapter_merged" 2>&1 \
+                  | grep -E "^E |^tests/|^[a-z_]+\.py:[0-9]+|passed|failed" | head -40; done ;;
     merged64) for d in . old_tree; do [ -d "$d" ] || continue; echo "== $d"; (cd "$d" && timeout 100 python3 -m pytest \
                 -q -rf -p no:cacheprovider -o addopts="" tests/test_lora.py -k "transformers_with_the_adapter_merged" \
                 2>&1 | grep -E "^E |^tests/|passed|failed" | head -30); done ;;
