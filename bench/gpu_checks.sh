@@ -19,6 +19,10 @@
 #   delta64     session 64: lora_delta's expand written in bf16 (no convert launch after it): the adapter tests on the
 #               GPU, then bench/lora.py at 256 rows profiled, in this tree and in old_tree/ (`git archive` of the commit
 #               before, untracked) (~380 s?)
+#   parity65    session 65, after merged65 (the float32 engine off transformers on the GPU with or without adapters):
+#               bench/f32_parity.py on the GPU and on its CPU (XLA's float32 product under each precision, the dense
+#               model, the engine with the reference attention and the Pallas kernels, with and without an adapter),
+#               then the dense model's transformers tests compiled (~150 s?)
 #   merged65    session 65, after merged64 failed on an H200: that float32 adapter test with its full errors, then with
 #               the decode glue in XLA, the projections in XLA, the adapters' glue off, each its own process; the
 #               float32 engine's transformers tests without adapters beside it (~450 s?)
@@ -1207,6 +1211,10 @@ for part in "${parts[@]}"; do
     delta64) timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_lora.py \
                -k "transformers_with_the_adapter_merged or (float32_models_logits and mgpu)" 2>&1 | tail -3 ; \
              lora_trees 150 "--batch 256 --no-check --profile /tmp/lp_trees --profile-batch 256 --profile-top 14" ;;
+    parity65) timeout 150 python3 bench/f32_parity.py 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
+              echo "== JAX_PLATFORMS=cpu"; JAX_PLATFORMS=cpu timeout 100 python3 bench/f32_parity.py 2>&1 | grep "^|\|^backend" ; \
+              timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_model_parity.py \
+                -k "logits_and_greedy or bfloat16_load" 2>&1 | grep -E "^E |passed|failed" | head -20 ;;
     merged65) echo "== base engine: float32 against transformers, no adapters"; timeout 110 python3 -m pytest -q -rf \
                 -p no:cacheprovider -o addopts="" tests/test_engine.py -k "matches_transformers_and_running_alone or \
                 prompt_logprobs_match_transformers" 2>&1 | grep -E "^E |passed|failed" | head -20 ; \
