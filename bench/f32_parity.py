@@ -35,6 +35,19 @@ def product_errors() -> dict[str, float]:
         out[f"jnp.dot under {name}"] = float(np.abs(got - want).max() / scale)
     got = np.asarray(jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST))(a, b), np.float64)
     out["jnp.dot precision=HIGHEST"] = float(np.abs(got - want).max() / scale)
+    if jax.default_backend() == "gpu":
+        # The engine's prefill and wide decode steps compile with XLA's Triton GEMMs off (runner.PREFILL_OPTIONS,
+        # WIDE_DECODE_OPTIONS): cuBLAS takes their products.
+        for precision in (jax.lax.Precision.HIGHEST, None):
+            f = jax.jit(lambda x, y, p=precision: jnp.dot(x, y, precision=p),
+                        compiler_options={"xla_gpu_enable_triton_gemm": False})
+            with jax.default_matmul_precision("highest"):
+                got = np.asarray(f(a, b), np.float64)
+                gemm = [line.strip()[:400] for line in f.lower(a, b).compile().as_text().splitlines()
+                        if "custom_call_target" in line or "algorithm" in line]
+            out[f"jnp.dot precision={precision}, triton GEMMs off, under highest"] = float(
+                np.abs(got - want).max() / scale)
+            print("\n".join(gemm[:3]))
     return out
 
 
