@@ -66,31 +66,6 @@ def test_greedy_batch_matches_transformers_and_running_alone(tiny, policy):
         assert_all_pages_free(engine)
 
 
-def test_float32_steps_compile_with_xlas_triton_gemms(monkeypatch):
-    # The prefill / verify / wide decode steps' option that hands their GEMMs to cuBLAS (a bf16 speed choice) made
-    # float32 products TF32-precise on the H100 (bench/results/f32_parity.md): float32 steps go without it.
-    from jaxserve.config import ModelConfig
-    from jaxserve.runner import Steps
-
-    off = {"xla_gpu_enable_triton_gemm": False}
-    seen: dict = {}
-    real_jit = jax.jit
-
-    def spy(fun, **kw):
-        seen.setdefault(getattr(fun, "__name__", ""), []).append(kw.get("compiler_options"))
-        return real_jit(fun, **kw)
-
-    monkeypatch.setattr(jax, "jit", spy)
-    monkeypatch.setattr("jaxserve.runner.WIDE_DECODE_OPTIONS", off)
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1)
-    for dtype, want in ((jnp.float32, None), (jnp.bfloat16, off)):
-        seen.clear()
-        Steps(cfg, dtype, 8, "reference", dict(off))
-        assert seen["_prefill_impl"] == seen["_verify_impl"] == [want], (dtype, seen)
-        assert want in seen["_decode_impl"], (dtype, seen)  # the wide decode step's
-
-
 def test_yarn_checkpoint_serves_transformers_greedy_tokens_past_its_original_window(tmp_path):
     """A long-context checkpoint (YaRN rope_scaling, as the Qwen2.5 model cards add past 32k) through the paged
     engine: prompts crossing its original 32-position window decode as transformers does."""
