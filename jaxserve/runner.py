@@ -75,22 +75,6 @@ PREFILL_OPTIONS: dict[str, Any] = json.loads(
     os.environ.get("JAXSERVE_PREFILL_OPTIONS", '{"xla_gpu_enable_triton_gemm": false}'))
 
 
-def options_for_dtype(options: dict[str, Any], dtype: Any) -> dict[str, Any]:
-    """``options`` (PREFILL_OPTIONS, WIDE_DECODE_OPTIONS) for steps in ``dtype``: float32 steps keep XLA's Triton
-    GEMMs. Why: with them off on the GPU (jax 0.11.2, H100, session 65, bench/f32_parity.py) XLA's cuBLAS
-    products of float32 ran at TF32's precision even under ``jax_default_matmul_precision="highest"``: a float32
-    engine's log-probabilities 2e-3 off transformers' (the dense model, on XLA's default options, 6e-7). The
-    options are a 16-bit speed choice; a float32 model is chosen for its numbers.
-
-    Example:
-        >>> options_for_dtype({"xla_gpu_enable_triton_gemm": False}, jnp.float32)
-        {}
-    """
-    if jnp.dtype(dtype) != jnp.float32:
-        return options
-    return {k: v for k, v in options.items() if k != "xla_gpu_enable_triton_gemm"}
-
-
 # How a greedy step picks its tokens under the "pallas" impl: "kernel" (`jaxserve_kernels.greedy_pick`:
 # argmax and the token's log-probability in one pass over the bf16 logits) or "xla" (jnp argmax
 # and log-softmax: several XLA reductions, each reading all the logits), the kernel only for
@@ -348,7 +332,6 @@ class Steps:
                                                 quantized)
         self.page_size = page_size
         self.attention_impl = attention_impl
-        prefill_options = options_for_dtype(prefill_options, dtype)
         self.prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), static_argnames=("num_top", "greedy", "logprobs", "prompt_top"),
                                compiler_options=prefill_options or None)
         self.verify = jax.jit(self._verify_impl, donate_argnums=(1,), static_argnames=("num_top", "logprobs"),
@@ -374,7 +357,7 @@ class Steps:
         self.pick_kernel = attention_impl == "pallas" and GREEDY_PICK == "kernel" and not config.num_labels
         self.pick_min_rows = GREEDY_PICK_MIN_ROWS
         self.decode_wide = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=decode_static,
-                                   compiler_options=options_for_dtype(WIDE_DECODE_OPTIONS, dtype) or None)
+                                   compiler_options=WIDE_DECODE_OPTIONS or None)
 
     def decode_fn(self, rows: int):
         wide = rows > self.skinny_rows or 0 < self.xla_gate_up_rows < rows
