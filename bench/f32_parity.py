@@ -6,7 +6,8 @@ same tiny random checkpoint the tests use and reports, against transformers' flo
 logits on the CPU, the largest log-probability error of: XLA's float32 product under each precision setting (a
 512-wide random product against numpy's float64), the dense model (`Qwen2ForCausalLM.apply`, the whole sequence,
 XLA only), and the engine's prompt log-probabilities and generated tokens' log-probabilities with the jnp reference
-attention and with the Pallas kernels, without and with a LoRA adapter (against transformers with it merged).
+attention and with the Pallas kernels, without and with a LoRA adapter (against transformers with it merged). The
+engines run in float32 (``--dtype``; EngineConfig's "auto" is bfloat16 on a GPU).
 
     python bench/f32_parity.py            # the default backend (the GPU where there is one)
     JAX_PLATFORMS=cpu python bench/f32_parity.py
@@ -55,6 +56,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precision", default="highest", help="jax_default_matmul_precision for the model runs "
                                                                 "(the test suite's conftest sets 'highest')")
+    parser.add_argument("--dtype", default="float32", help="the engine's EngineConfig.dtype ('auto' is bfloat16 on a "
+                                                           "GPU, float32 on the CPU)")
     args = parser.parse_args()
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
           f"default_matmul_precision before: {jax.config.jax_default_matmul_precision!r}")
@@ -94,7 +97,8 @@ def main() -> None:
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0, prompt_logprobs=0)
     for impl, adapter in (("reference", None), ("pallas", None), ("reference", lora), ("pallas", lora)):
         cfg = EngineConfig(num_pages=96, page_size=8, max_running=4, max_tokens_per_step=64, decode_steps=4,
-                           batch_buckets=(4,), prefill_buckets=(16, 64), attention_impl=impl, max_loras=1)
+                           batch_buckets=(4,), prefill_buckets=(16, 64), attention_impl=impl, max_loras=1,
+                           dtype=args.dtype)
         with Engine(model, cfg) as engine:
             outs = engine.generate(prompts, greedy, use_tqdm=False, lora_request=adapter)
         prompt_err = gen_err = 0.0

@@ -24,8 +24,10 @@
 #               model, the engine with the reference attention and the Pallas kernels, with and without an adapter),
 #               then the dense model's transformers tests compiled (~150 s?)
 #   parity65b   session 65, after parity65 (the engine 2e-3 off, the dense model 6e-7, on the GPU): XLA's float32 product
-#               with Triton GEMMs off (the prefill / wide decode steps' options) and its cuBLAS call; f32_parity.py with
-#               those options and with XLA's defaults (JAXSERVE_PREFILL_OPTIONS / _WIDE_DECODE_OPTIONS = {}) (~120 s?)
+#               with Triton GEMMs off (the prefill steps' options) and its cuBLAS call; f32_parity.py's engines in
+#               float32 (EngineConfig.dtype; "auto" is bfloat16 on a GPU) and in "auto"; the float32 transformers
+#               tests (merged65's) with small_config's dtype float32 (~200 s?). Run first at 18de799 (engines in "auto",
+#               float32 steps without the Triton-GEMM-off option: no change, reverted)
 #   merged65    session 65, after merged64 failed on an H200: that float32 adapter test with its full errors, then with
 #               the decode glue in XLA, the projections in XLA, the adapters' glue off, each its own process; the
 #               float32 engine's transformers tests without adapters beside it (~450 s?)
@@ -1219,8 +1221,10 @@ for part in "${parts[@]}"; do
               timeout 120 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_model_parity.py \
                 -k "logits_and_greedy or bfloat16_load" 2>&1 | grep -E "^E |passed|failed" | head -20 ;;
     parity65b) timeout 150 python3 bench/f32_parity.py 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|Writing" ; \
-               echo "== PREFILL_OPTIONS and WIDE_DECODE_OPTIONS {}"; JAXSERVE_PREFILL_OPTIONS={} \
-                 JAXSERVE_WIDE_DECODE_OPTIONS={} timeout 150 python3 bench/f32_parity.py 2>&1 | grep "^| engine" ;;
+               echo "== --dtype auto"; timeout 150 python3 bench/f32_parity.py --dtype auto 2>&1 | grep "^| engine" ; \
+               timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_engine.py \
+                 tests/test_lora.py -k "matches_transformers_and_running_alone or prompt_logprobs_match_transformers \
+                 or transformers_with_the_adapter_merged" 2>&1 | grep -E "^E |passed|failed" | head -30 ;;
     merged65) echo "== base engine: float32 against transformers, no adapters"; timeout 110 python3 -m pytest -q -rf \
                 -p no:cacheprovider -o addopts="" tests/test_engine.py -k "matches_transformers_and_running_alone or \
                 prompt_logprobs_match_transformers" 2>&1 | grep -E "^E |passed|failed" | head -20 ; \

@@ -32,8 +32,10 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
 
 
 def small_config(**kw) -> EngineConfig:
+    # float32 on every backend: the tests hold it to transformers' float32 numbers ("auto" is float32 on the CPU
+    # alone; on a GPU it is bfloat16, which failed them there, bench/results/f32_parity.md).
     base = dict(num_pages=96, page_size=8, max_running=4, max_tokens_per_step=64, decode_steps=4,
-                batch_buckets=(4,), prefill_buckets=(16, 64))
+                batch_buckets=(4,), prefill_buckets=(16, 64), dtype="float32")
     base.update(kw)
     return EngineConfig(**base)
 
@@ -60,7 +62,9 @@ def test_greedy_batch_matches_transformers_and_running_alone(tiny, policy):
             assert o["finish_reason"] == "length" and o["prompt_tokens"] == len(p)
         alone = engine.generate(prompts[3], GREEDY, use_tqdm=False)[0]
         assert alone["token_ids"] == outs[3]["token_ids"]
-        assert engine.stats()["compilations"] <= 4
+        # Bounded by the planned shapes: two prefill buckets and the decode shapes (two table widths of the 4-row
+        # bucket on the CPU; a GPU may run small calls padded to 8 rows, shapes of their own).
+        assert engine.stats()["compilations"] <= len(engine.config.prefill_buckets) + len(engine._decode_shapes)
         assert_all_pages_free(engine)
 
 
