@@ -27,10 +27,11 @@
 #               with Triton GEMMs off (the prefill steps' options) and its cuBLAS call; f32_parity.py's engines in
 #               float32 (EngineConfig.dtype; "auto" is bfloat16 on a GPU) and in "auto"; the float32 transformers
 #               tests (merged65's) with small_config's dtype float32 (~200 s?). Run first at 18de799 (engines in "auto",
-#               float32 steps without the Triton-GEMM-off option: no change, reverted)
+#               float32 steps without the Triton-GEMM-off option: no change, reverted); as now written, not run yet
 #   merged65    session 65, after merged64 failed on an H200: that float32 adapter test with its full errors, then with
 #               the decode glue in XLA, the projections in XLA, the adapters' glue off, each its own process; the
-#               float32 engine's transformers tests without adapters beside it (~450 s?)
+#               float32 engine's transformers tests without adapters beside it (~140 s). Run 00:38 UTC on an H100: all
+#               failed (the engines were bfloat16: EngineConfig "auto"; bench/results/f32_parity.md)
 #   merged64    session 64: test_adapters_match_transformers_with_the_adapter_merged (a float32 engine with adapters
 #               against transformers) on the GPU, in this tree and in old_tree/ when it is there, its errors shown (~150 s?)
 #   lora57      session 57: adapter stacks a layer each (LoraSlots.weights; the stacked [layers, ...] form copied a
