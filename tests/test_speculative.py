@@ -290,7 +290,9 @@ def test_a_guided_row_ends_at_its_complete_match_within_a_verify_call(model):
 
 
 def test_warmup_compiles_the_verify_calls(model):
-    config = small_config(speculative_tokens=3, batch_buckets=(1, 4))
+    # One prefill bucket and a short model length (one decode table width): warm-up compiles every shape, and only
+    # the verify calls' are this test's.
+    config = small_config(speculative_tokens=3, batch_buckets=(1, 4), prefill_buckets=(64,), max_model_len=128)
     params = [GREEDY, SamplingParams(max_tokens=37, temperature=0.7, seed=1, ignore_eos=True)]
     with Engine(model, config) as engine:
         engine.warmup()
