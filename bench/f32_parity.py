@@ -1,7 +1,8 @@
 """Where a float32 engine departs from transformers on this machine's default backend.
 
 The engine's transformers tests (tests/test_engine.py, tests/test_lora.py) hold float32 log-probabilities to 1e-4;
-on the GPU they failed (session 65: 3e-3 with adapters, greedy tokens flipped without). This script takes the
+on the GPU they failed in session 65 because there EngineConfig's "auto" dtype is bfloat16 (their engines were not
+float32; bench/results/f32_parity.md), which this script found by elimination. It takes the
 same tiny random checkpoint the tests use and reports, against transformers' float64 log-softmax of its float32
 logits on the CPU, the largest log-probability error of: XLA's float32 product under each precision setting (a
 512-wide random product against numpy's float64), the dense model (`Qwen2ForCausalLM.apply`, the whole sequence,
@@ -48,7 +49,7 @@ def product_errors() -> dict[str, float]:
                         if "custom_call_target" in line or "algorithm" in line]
             out[f"jnp.dot precision={precision}, triton GEMMs off, under highest"] = float(
                 np.abs(got - want).max() / scale)
-            print("\n".join(gemm[:3]))
+            print("the GEMM XLA compiled:", "\n".join(gemm[:3]))
     return out
 
 
