@@ -69,16 +69,15 @@ def main() -> None:
     import torch
 
     import jaxserve
-    from jaxserve import Engine, EngineConfig, SamplingParams
+    from jaxserve import Engine, SamplingParams
     from jaxserve.model import Qwen2ForCausalLM
-    from tests.conftest import make_hf_checkpoint
+    from tests.conftest import TINY_CHECKPOINT, make_hf_checkpoint
 
     path = tempfile.mkdtemp()
-    hf = make_hf_checkpoint(path, vocab_size=320, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            hidden_size=64)
+    hf = make_hf_checkpoint(path, **TINY_CHECKPOINT)
     model = jaxserve.load(path)
     rng = np.random.default_rng(1)
-    prompts = [rng.integers(3, 320, size=n).tolist() for n in (5, 23, 41)]
+    prompts = [rng.integers(3, model.config.vocab_size, size=n).tolist() for n in (5, 23, 41)]
 
     def hf_logprobs(ids: list[int], torch_model=hf) -> np.ndarray:
         with torch.no_grad():
@@ -90,6 +89,7 @@ def main() -> None:
               for p in prompts)
     print(f"| dense model (XLA), every position | max |logprob error| {err:.2e} |")
 
+    from tests.test_engine import small_config
     from tests.test_lora import make_adapter, merged
 
     make_adapter(f"{path}/lora", hf, seed=1)
@@ -97,10 +97,8 @@ def main() -> None:
     with_adapter = merged(hf, f"{path}/lora")
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0, prompt_logprobs=0)
     for impl, adapter in (("reference", None), ("pallas", None), ("reference", lora), ("pallas", lora)):
-        cfg = EngineConfig(num_pages=96, page_size=8, max_running=4, max_tokens_per_step=64, decode_steps=4,
-                           batch_buckets=(4,), prefill_buckets=(16, 64), attention_impl=impl, max_loras=1,
-                           dtype=args.dtype)
-        with Engine(model, cfg) as engine:
+        # The engine tests' config (tests/test_engine.py), in this run's dtype.
+        with Engine(model, small_config(attention_impl=impl, max_loras=1, dtype=args.dtype)) as engine:
             outs = engine.generate(prompts, greedy, use_tqdm=False, lora_request=adapter)
         prompt_err = gen_err = 0.0
         flips = 0
@@ -111,8 +109,8 @@ def main() -> None:
             for j, (t, lp) in enumerate(zip(o["token_ids"], o["logprobs"])):
                 gen_err = max(gen_err, abs(lp - ref[len(p) - 1 + j, t]))
                 flips += int(t != int(np.argmax(ref[len(p) - 1 + j])))
-        print(f"| engine, attention {impl}{', adapter' if adapter else ''} | prompt logprobs {prompt_err:.2e} | generated {gen_err:.2e} | "
-              f"tokens not transformers' argmax given the same prefix: {flips} |")
+        print(f"| engine, attention {impl}{', adapter' if adapter else ''} | prompt logprobs {prompt_err:.2e} | "
+              f"generated {gen_err:.2e} | tokens not transformers' argmax given the same prefix: {flips} |")
 
 
 if __name__ == "__main__":

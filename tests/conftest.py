@@ -193,12 +193,16 @@ def _drop_compiled_programs_after_each_file():
     gc.collect()
 
 
+# The `tiny_checkpoint` fixture's shape (bench/f32_parity.py builds the same).
+TINY_CHECKPOINT = dict(vocab_size=320, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       hidden_size=64)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A small untied GQA checkpoint shared by the engine and server tests: (path, torch model)."""
     path = str(tmp_path_factory.mktemp("tiny"))
-    model = make_hf_checkpoint(path, vocab_size=320, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, hidden_size=64)
+    model = make_hf_checkpoint(path, **TINY_CHECKPOINT)
     return path, model
 
 
