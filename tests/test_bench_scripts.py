@@ -168,8 +168,8 @@ def test_structured_bench_smoke_runs_on_the_cpu(tmp_path):
 
     root = pathlib.Path(__file__).parent.parent
     done = subprocess.run([sys.executable, str(root / "bench" / "structured.py"), "--tiny", "--batches", "2",
-                           "--output-len", "12", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
-                          cwd=root)
+                           "--output-len", "12", "--repeats", "2", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, cwd=root)
     assert done.returncode == 0, done.stderr[-2000:]
     table = (tmp_path / "structured.md").read_text()
     assert [line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| 2 |")] == [
