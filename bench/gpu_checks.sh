@@ -404,7 +404,7 @@
 #               =1, each its own process (regex rows' tokens/s against unconstrained: 86% / 89% in session 45's
 #               run 4 with the XLA select + argmax); flip runner.MASKED_PICK's default if =1 wins (~420 s). Run
 #               session 54 and 66 (03:34 UTC, H100, tree 4e2c020, one timed run a row: json's rows moved 2x between
-#               runs of the same setting); since 18:xx structured.py's rows are medians of 5 timed runs (~240 s)
+#               runs of the same setting); since 5b02300 structured.py's rows are medians of 5 timed runs (~240 s)
 #   dp46        session 46, on a 2-GPU machine (run's kind nvidia-h200-x2): data-parallel replicas, one engine
 #               against jaxserve.Replicas over both GPUs driven by one host thread, 1024 requests of 128 + 128
 #               tokens at 256 rows a replica, then with a shared prefix (bench/replicas.py; ~300 s)
