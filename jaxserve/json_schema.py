@@ -38,6 +38,13 @@ __all__ = ["JSON_VALUE_DEPTH", "integer_range_regex", "json_object_regex", "json
 
 # Four levels of free-form nesting cover typical json_object replies; the regex grows ~4x per level.
 JSON_VALUE_DEPTH = 4
+# The longest regex a schema may become. Nesting repeats a subschema's regex (an array's item twice a level, a
+# `$ref` wherever it is used), so a schema of a few hundred bytes (30 nested arrays) asked for gigabytes of text
+# before the DFA's state limits saw any of it, and a server took them. json_object's default regex is ~31k.
+MAX_REGEX_CHARS = 1 << 20
+# Digits a numeric bound may spell out: a bounded number is written digit by digit (`number_range_regex`, one
+# recursion a digit), so 1e-300 asked for a 300-level recursion.
+MAX_BOUND_DIGITS = 40
 
 # One space at most by default: unbounded whitespace lets a model loop on spaces/newlines (outlines).
 _DEFAULT_WS = r"[ ]?"
@@ -219,6 +226,13 @@ class _Converter:
 
     def convert(self, schema: dict | bool, nesting: int) -> str | None:
         """Regex for `schema` at `nesting` levels of objects/arrays; None when it admits nothing."""
+        regex = self._convert(schema, nesting)
+        if regex is not None and len(regex) > MAX_REGEX_CHARS:
+            raise _err(f"the schema's regex passes {MAX_REGEX_CHARS:,} characters (subschemas nested or "
+                       "referenced too many times)")
+        return regex
+
+    def _convert(self, schema: dict | bool, nesting: int) -> str | None:
         if schema is True:
             return _any_value(self.max_depth - nesting, self.ws)
         if schema is False:
@@ -409,8 +423,12 @@ def _bound_value(schema: dict, key: str) -> int | float | None:
     value = schema.get(key)
     if value is None or isinstance(value, bool):
         return None
+    if isinstance(value, int) and abs(value) >= 10**MAX_BOUND_DIGITS:
+        raise _err(f"{key!r} has more than {MAX_BOUND_DIGITS} digits")
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise _err(f"{key!r} must be a finite number, got {value!r}")
+    if isinstance(value, float) and value and not -MAX_BOUND_DIGITS < math.log10(abs(value)) < MAX_BOUND_DIGITS:
+        raise _err(f"{key!r} {value!r} would be written with more than {MAX_BOUND_DIGITS} digits")
     return value
 
 
@@ -630,7 +648,14 @@ def schema_to_regex(schema: dict | bool | str, whitespace_pattern: str | None = 
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
             raise _err(f"schema is not valid JSON: {e}") from None
-    regex = _Converter(schema, _ws(whitespace_pattern), max_depth).convert(schema, 0)
+    try:
+        regex = _Converter(schema, _ws(whitespace_pattern), max_depth).convert(schema, 0)
+    except RecursionError:
+        raise _err("the schema nests too deeply") from None
+    except (TypeError, AttributeError, KeyError, IndexError, OverflowError) as e:
+        # A keyword of the wrong JSON type ('properties': 5, 'required': [[1]], 'allOf': [5]) fails where it is
+        # used; said as the schema's fault, not the server's.
+        raise _err(f"malformed schema ({type(e).__name__}: {e})") from None
     if regex is None:
         raise _err("the schema admits no value (false schema, empty enum, or $ref recursion past max_depth)")
     return regex

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -94,6 +95,12 @@ class StructuredOutputs:
             object.__setattr__(self, "choice", tuple(self.choice))
         if self.whitespace_pattern is not None and not isinstance(self.whitespace_pattern, str):
             raise ValueError(f"structured_outputs.whitespace_pattern must be a string, got {self.whitespace_pattern!r}")
+        if self.whitespace_pattern:
+            try:  # spliced into the schema's regex between every token: an unbalanced one would unbalance all of it
+                re.compile(self.whitespace_pattern)
+            except re.error as e:
+                raise ValueError(f"structured_outputs.whitespace_pattern {self.whitespace_pattern!r} is not a regex: "
+                                 f"{e}") from None
         if self.after is not None and (not isinstance(self.after, str) or not self.after):
             raise ValueError(f"structured_outputs.after must be a non-empty string, got {self.after!r}")
 
@@ -510,7 +517,10 @@ def compile_regex(pattern: str) -> DFA:
         (True, False)
     """
     nfa = _NFA()
-    start, accept = nfa.build(_Parser(pattern).parse())
+    try:
+        start, accept = nfa.build(_Parser(pattern).parse())
+    except RecursionError:  # the parser and the NFA's builder recurse once a group
+        raise ValueError("the regex nests its groups too deeply") from None
     # Byte classes: bytes no edge tells apart move every NFA state alike, so the subset construction runs
     # once per class instead of once per byte.
     masks = sorted({m for edges in nfa.edges for m, _ in edges})
@@ -587,19 +597,40 @@ def compile_regex(pattern: str) -> DFA:
     return DFA(table=np.ascontiguousarray(compact[:, class_of]), accepting=accepting)
 
 
+# Rounds of Moore's refinement before `_minimize` leaves a DFA as built: a round tells apart states one more
+# character from a difference, so a literal of n characters takes n rounds (a 3,000-character tool name took 6.5 s
+# of rounds, quadratic in n). The DFA it leaves is as correct, only with states that could have been merged. Typical
+# constraints converge well under it (json_object 11, bench/structured.py's schema with a 32-character string 36).
+MINIMIZE_ROUNDS = 256
+_ROW_HASH = np.random.default_rng(0).integers(1, 1 << 62, size=4096, dtype=np.int64).astype(np.uint64) | np.uint64(1)
+
+
+def _row_classes(keys: np.ndarray) -> np.ndarray:
+    """Ids ``[n]`` of the rows of ``keys`` (equal ids for equal rows and only for them), from a hash of each row;
+    a collision, checked row by row, falls back to sorting the rows themselves (``np.unique(axis=0)``, ~10x
+    slower: json_object's rounds took 0.2 s each that way)."""
+    if keys.shape[1] <= len(_ROW_HASH):
+        h = (keys.astype(np.uint64) * _ROW_HASH[:keys.shape[1]]).sum(axis=1)
+        _, first, ids = np.unique(h, return_index=True, return_inverse=True)
+        ids = ids.reshape(-1)
+        if np.array_equal(keys, keys[first[ids]]):
+            return ids
+    return np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)
+
+
 def _minimize(table: np.ndarray, accepting: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Moore's partition refinement of a DFA whose last state is the sink: equivalent states merged (the
     subset construction leaves copies, e.g. one per unrolled repeat), so fewer masks are computed. Keeps
-    state 0 the start and the sink last."""
+    state 0 the start and the sink last. Past `MINIMIZE_ROUNDS` rounds the DFA is returned as it came."""
     block = accepting.astype(np.int64)
     block[-1] = 2  # the sink apart from every live state, so it stays the only state with no way out
-    while True:
-        keys = np.concatenate([block[:, None], block[table]], axis=1)
-        _, new = np.unique(keys, axis=0, return_inverse=True)
-        new = new.reshape(-1)
+    for _ in range(MINIMIZE_ROUNDS):
+        new = _row_classes(np.concatenate([block[:, None], block[table]], axis=1))
         if new.max() == block.max() and len(np.unique(new)) == len(np.unique(block)):
             break
         block = new
+    else:
+        return table.astype(np.int32), accepting
     # Number blocks by first appearance: the start's block is 0, the sink's (alone) the last.
     _, first = np.unique(block, return_index=True)
     order = np.argsort(first)

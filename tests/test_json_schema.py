@@ -3,6 +3,7 @@ the schema (compact, or with one space after `,` / `:`), and the regexes stay in
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
@@ -394,6 +395,22 @@ def test_tuples_hold_in_the_regex_as_jsonschema_checks_them(schema):
     (False, "admits no value"),
     ({"enum": []}, "admits no value"),
     ("{not json", "not valid JSON"),
+    # Keywords of the wrong JSON type fail where they are used: said as the schema's fault (a server's 400).
+    ({"type": "object", "properties": 5}, "malformed schema"),
+    ({"type": "object", "required": [[1]]}, "malformed schema"),
+    ({"type": 5}, "malformed schema"),
+    ({"format": {}}, "malformed schema"),
+    ({"allOf": [5], "type": "object"}, "malformed schema"),
+    ({"$ref": "#/$defs/a", "$defs": {"a": 5}}, "malformed schema"),
+    # Bounds written with hundreds of digits (one recursion a digit), and regexes that would take gigabytes:
+    # nesting repeats a subschema (30 arrays; a $ref used twice a level, 25 levels).
+    ({"type": "integer", "minimum": 10**400}, "digits"),
+    ({"type": "number", "minimum": 1e-300, "maximum": 1e-299}, "digits"),
+    ({"type": "number", "minimum": 5e-324, "maximum": 1e308}, "digits"),
+    (functools.reduce(lambda s, _: {"type": "array", "items": s}, range(30), {"type": "integer"}), "characters"),
+    ({"$ref": "#/$defs/d0", "$defs": {**{f"d{i}": {"type": "object", "properties": {
+        "x": {"$ref": f"#/$defs/d{i + 1}"}, "y": {"$ref": f"#/$defs/d{i + 1}"}}} for i in range(25)},
+        "d25": {"type": "integer"}}}, "characters"),
 ])
 def test_unsupported_raise(schema, name):
     with pytest.raises(ValueError, match=r"^structured_outputs\.json:") as info:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import re
 import signal
@@ -621,6 +622,21 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
     ("/v1/completions", {**GOOD, "guided_choice": []}, 400, "guided_choice", None),
     ("/v1/completions", {**GOOD, "guided_json": {"type": "object", "patternProperties": {}}}, 400, "guided_json",
      None),
+    # Malformed schemas (a keyword of the wrong JSON type, a bound past its digits, a regex of gigabytes: 30 nested
+    # arrays) and a regex nesting past the parser's recursion: 400s, not 500s, the last without eating the memory.
+    ("/v1/completions", {**GOOD, "guided_json": {"type": "object", "properties": 5}}, 400, "guided_json", None),
+    ("/v1/completions", {**GOOD, "guided_json": {"allOf": [5], "type": "object"}}, 400, "guided_json", None),
+    ("/v1/completions", {**GOOD, "guided_json": {"type": "number", "minimum": 1e-300, "maximum": 1e-299}}, 400,
+     "guided_json", None),
+    ("/v1/completions", {**GOOD, "guided_json": functools.reduce(lambda s, _: {"type": "array", "items": s},
+                                                                 range(30), {"type": "integer"})},
+     400, "guided_json", None),
+    ("/v1/completions", {**GOOD, "guided_regex": "(" * 300 + "a" + ")" * 300}, 400, "guided_regex", None),
+    ("/v1/completions", {**GOOD, "structured_outputs": {"json_object": True, "whitespace_pattern": "("}}, 400,
+     "structured_outputs", None),
+    ("/v1/chat/completions", {**CHAT_BODY, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": [[1]]}}}]},
+     400, "tools", None),
     ("/v1/completions", {**GOOD, "structured_outputs": {"regex": "a", "choice": ["b"]}}, 400, "structured_outputs",
      None),
     ("/v1/chat/completions", {**CHAT_BODY, "response_format": {"type": "json_object"}, "guided_regex": "a+"}, 400,
@@ -1677,6 +1693,8 @@ def test_stored_responses_continue_under_previous_response_id(client, live, page
     ({"model": "tiny", "input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": 5}}}, 400,
      "text"),
     ({"model": "tiny", "input": "hi", "temperature": -1}, 400, "temperature"),
+    ({"model": "tiny", "input": "hi", "text": {"format": "json_object"}}, 400, "text"),
+    ({"model": "tiny", "input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]}, 400, "input"),
 ])
 def test_bad_responses_requests_get_openai_errors(live, body, status, param):
     r = post(live, "/v1/responses", body)

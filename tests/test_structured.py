@@ -72,6 +72,37 @@ def test_unsupported_or_bad_regex_is_refused_naming_it(pattern, what):
         compile_regex(pattern)
 
 
+def test_minimized_dfas_are_the_same_through_the_row_hash_and_the_row_sort(monkeypatch):
+    """`_minimize` tells rows apart by a hash, checked row by row; the slow path sorts the rows themselves. Both give
+    the same DFA; a literal longer than `MINIMIZE_ROUNDS` (one round a character) is left as built, and right."""
+    from jaxserve import structured
+    from jaxserve.json_schema import json_object_regex, schema_to_regex
+
+    patterns = [r"x{2,4}", r"(?:ab|cd)*e?[0-9]{1,3}", json_object_regex(2),
+                schema_to_regex({"type": "object", "properties": {"a": {"type": "string", "maxLength": 12},
+                                                                  "b": {"enum": [1, 2, "x"]}}})]
+    hashed = [compile_regex(p) for p in patterns]
+    monkeypatch.setattr(structured, "_ROW_HASH", structured._ROW_HASH[:0])  # every row set past the hash's width
+    for pattern, dfa in zip(patterns, hashed):
+        slow = compile_regex(pattern)
+        assert np.array_equal(dfa.table, slow.table) and np.array_equal(dfa.accepting, slow.accepting), pattern
+    n = structured.MINIMIZE_ROUNDS + 44
+    pattern = "ab" * (n // 2) + "(?:c|d)"
+    dfa = compile_regex(pattern)
+    # n + 1 states along the literal, one past "c" and one past "d" (as built; merged they are one), the sink.
+    assert dfa.table.shape[0] == n + 4
+    assert dfa.fullmatch("ab" * (n // 2) + "d") and not dfa.fullmatch("ab" * (n // 2))
+    monkeypatch.setattr(structured, "MINIMIZE_ROUNDS", n + 8)
+    assert compile_regex(pattern).table.shape[0] == n + 3
+
+
+def test_groups_nested_past_the_parser_s_recursion_are_refused():
+    with pytest.raises(ValueError, match="nests its groups too deeply"):
+        compile_regex("(" * 2000 + "a" + ")" * 2000)
+    with pytest.raises(ValueError, match="structured_outputs.whitespace_pattern"):
+        StructuredOutputs(json_object=True, whitespace_pattern="(")
+
+
 def test_masks_allow_exactly_the_tokens_that_keep_a_match_reachable():
     rng = np.random.default_rng()
     pieces = [bytes(rng.choice(list(b"ab{}\":, 0123x"), size=rng.integers(1, 5))) for _ in range(300)]

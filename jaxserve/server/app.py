@@ -1034,7 +1034,9 @@ async def _structured_outputs(req: SamplingFields, st: _State) -> StructuredOutp
     if guided:
         sources.append((f"guided_{next(iter(guided))}", guided))
     if isinstance(req, ChatRequest):
-        tools = _tool_call_regex(req)
+        # On the constraint thread, as the guide's compile below: a tool's schema can take seconds to write out, and
+        # the event loop serves every other request meanwhile.
+        tools = await asyncio.get_running_loop().run_in_executor(st.constraint_thread, _tool_call_regex, req)
         if tools is not None:
             sources.append(("tool_choice", {"regex": tools}))
     if len(sources) > 1:

@@ -123,6 +123,9 @@ def chat_body(req: ResponsesRequest, raw: dict[str, Any],
     elif req.tool_choice is not None:
         body["tool_choice"] = req.tool_choice
     fmt = (req.text or {}).get("format") or {"type": "text"}
+    if not isinstance(fmt, dict):
+        raise APIError(400, f"text.format must be an object such as {{'type': 'json_object'}}, got {fmt!r}",
+                       param="text")
     if fmt.get("type") == "json_schema":
         body["response_format"] = {"type": "json_schema", "json_schema": {
             k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}}
@@ -181,7 +184,10 @@ def _text(content: Any, where: str) -> Any:
         if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise APIError(400, f"{where}: part type {kind!r} is not supported (text parts only)", param="input")
-        texts.append(part.get("text") or "")
+        text = part.get("text") or ""
+        if not isinstance(text, str):
+            raise APIError(400, f"{where}: a text part's text must be a string, got {text!r}", param="input")
+        texts.append(text)
     return "".join(texts)
 
 
