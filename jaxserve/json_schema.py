@@ -23,6 +23,9 @@ Limits (where the regex accepts fewer texts than the schema allows, or, as marke
   * ``integer`` has no fraction or exponent; ``const``/``enum`` numbers must be written as json.dumps does.
   * Tuples hold: draft 2020's ``prefixItems`` (further items under ``items``) and drafts 4-7's list ``items``
     (further items under ``additionalItems``), with ``minItems``/``maxItems``; ``uniqueItems`` is refused.
+  * Refused (ValueError) where the regex would pass ``MAX_REGEX_CHARS`` characters (deep nesting, a ``$ref`` used
+    many times over) or a numeric bound needs more than ``MAX_BOUND_DIGITS`` digits; keywords of the wrong JSON
+    type are refused as a malformed schema.
 """
 
 from __future__ import annotations
