@@ -35,7 +35,7 @@ from jaxserve.quantization import cast_params, quantize_params
 from jaxserve.request import Request, Status, cache_salt_keys
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
 from jaxserve.sampling import (SamplingParams, allowed_masks, check_bad_word_ids, check_banned_ids, make_batch,
-                               needs_history, needs_penalties, needs_sampling, recent_tokens)
+                               needs_history, needs_penalties, needs_sampling, recent_tokens, sample_seed)
 from jaxserve.scheduler import Scheduler
 from jaxserve.speculative import accepted_tokens, ngram_draft
 from jaxserve.structured import GuideState, StructuredOutputs, TokenGuide, Vocabulary, compile_guide
@@ -525,8 +525,9 @@ class Engine:
 
     def _new_request_id(self, request_id: str | None) -> str:
         """``request_id``, or a fresh one where it is None; ValueError if it is already in use."""
-        request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self.requests:
+        if not request_id:  # skip ids a caller chose for requests of their own ("req-2"), still running
+            request_id = next(rid for rid in (f"req-{i}" for i in self._ids) if rid not in self.requests)
+        elif request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         return request_id
 
@@ -1323,6 +1324,10 @@ class Engine:
             >>> float(out[0]["embedding"] @ out[1]["embedding"])                    # doctest: +SKIP
             0.83
         """
+        if isinstance(pooling_params, SamplingParams) or (
+                isinstance(pooling_params, Sequence) and any(isinstance(p, SamplingParams) for p in pooling_params)):
+            raise ValueError("pooling_params must be PoolingParams (or a list of them), got SamplingParams: an "
+                             "embedding samples nothing")
         return run_to_completion(self, prompts, pooling_params or PoolingParams(), use_tqdm, priority, lora_request)
 
     def classify(self, prompts: Prompt | Sequence[Prompt],
@@ -1567,6 +1572,8 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
                       lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[dict[str, Any]]:
     """`Engine.generate`'s loop over any ``driver`` with the Engine's batch API (an `Engine`, or
     `jaxserve.replicas.Replicas`): make (validate) every request, queue them, step until each finished."""
+    if isinstance(prompts, np.ndarray):  # token ids as an array: one prompt [T] or a batch [B, T]
+        prompts = prompts.tolist()
     if isinstance(prompts, (str, Mapping)) or (prompts and isinstance(prompts[0], (int, np.integer))):
         prompts = [prompts]
     prompts = list(prompts)
@@ -1632,11 +1639,10 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
 
 def _samples(params: SamplingParams | PoolingParams | None) -> list[SamplingParams | PoolingParams | None]:
     """One prompt's requests: ``params.n`` of them, n = 1 each, a seeded one's sample i seeded ``seed + i``
-    (as the server's ``n`` does)."""
+    (as the server's ``n`` does; ``seed - i`` for a negative seed, whose count up would reach -1, "no seed")."""
     if not isinstance(params, SamplingParams) or params.n == 1:
         return [params]
-    return [dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
-            for i in range(params.n)]
+    return [dataclasses.replace(params, n=1, seed=sample_seed(params.seed, i)) for i in range(params.n)]
 
 
 def run_chat(driver: Any, messages: Conversation | Sequence[Conversation],

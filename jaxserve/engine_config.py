@@ -18,6 +18,10 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 ATTENTION_IMPLS = ("auto", "pallas", "pallas-unfused", "reference")
 DTYPES = ("auto", "float32", "bfloat16")
 # vLLM's ``--kv-cache-dtype`` values this engine stores (its "fp8" is e4m3): the pool's dtype for each.
+# Bounds past which a config is a typo, not a choice: a page larger than any context (2**20 tokens a page asked a
+# prefill for 36 GB), and decode calls so long that a short request waits for thousands of steps it does not use.
+MAX_PAGE_SIZE = 4096
+MAX_DECODE_STEPS = 1024
 KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
 
@@ -133,8 +137,11 @@ class EngineConfig:
         for name in ("num_pages", "max_model_len", "index_capacity"):
             if getattr(self, name) is not None:
                 positive(name)
-        if self.page_size & (self.page_size - 1):
-            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if self.page_size & (self.page_size - 1) or self.page_size > MAX_PAGE_SIZE:
+            raise ValueError(f"page_size must be a power of two up to {MAX_PAGE_SIZE}, got {self.page_size}")
+        if self.decode_steps > MAX_DECODE_STEPS:
+            # A decode call runs all its steps whatever its rows' max_tokens: 100,000 held a 6-token request.
+            raise ValueError(f"decode_steps must be at most {MAX_DECODE_STEPS}, got {self.decode_steps}")
         if not 0.0 < self.memory_fraction <= 0.95:
             raise ValueError(f"memory_fraction must be in (0, 0.95], got {self.memory_fraction}")
         if self.policy not in POLICIES:

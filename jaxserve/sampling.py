@@ -96,7 +96,7 @@ class SamplingParams:
     tokens, though the model may still spell it another way (in other pieces).
     `n` (vLLM's): `generate` and `chat` run that many samples of the prompt (the prompt's pages computed once
     and shared, `jaxserve.scheduler`) and return them in the result's ``outputs``; sample i of a seeded
-    request uses ``seed + i``. `Engine.add_request` queues one sample (n must be 1 there).
+    request uses ``sample_seed(seed, i)`` (``seed + i``). `Engine.add_request` queues one sample (n must be 1 there).
 
     Example:
         >>> p = SamplingParams(temperature=0.7, top_p=0.9, stop="\\n", seed=0)
@@ -383,6 +383,20 @@ def allowed_masks(params: Sequence[SamplingParams | None], batch_size: int, voca
             allowed[[t for t in p.allowed_token_ids if t < vocab_size]] = True
             masks[i] = pack_mask(allowed)
     return masks
+
+
+
+def sample_seed(seed: int | None, i: int) -> int | None:
+    """The seed of sample ``i`` of a request seeded ``seed`` with n > 1 (vLLM's rule, ``seed + i``), counting down
+    from a negative seed: counting up from -2 reached -1, "no seed", and left that sample unseeded.
+
+    Example:
+        >>> [sample_seed(7, i) for i in range(3)], [sample_seed(-2, i) for i in range(3)], sample_seed(None, 1)
+        ([7, 8, 9], [-2, -3, -4], None)
+    """
+    if seed is None:
+        return None
+    return seed + i if seed >= 0 else seed - i
 
 
 def make_batch(

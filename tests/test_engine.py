@@ -497,6 +497,11 @@ def test_engine_config_validates_and_round_trips():
         EngineConfig(policy="fastest")
     with pytest.raises(ValueError, match="page_size must be a power of two"):
         EngineConfig(page_size=12)
+    # Typos, not choices: a page of 2**20 tokens (a prefill asked for 36 GB), 100,000 steps a decode call.
+    with pytest.raises(ValueError, match="page_size must be a power of two up to"):
+        EngineConfig(page_size=2**20)
+    with pytest.raises(ValueError, match="decode_steps must be at most"):
+        EngineConfig(decode_steps=100_000)
     with pytest.raises(ValueError, match="compile_cache_dir"):
         EngineConfig(compile_cache_dir="")
     cached = EngineConfig(compile_cache_dir="/tmp/xla-cache")
@@ -1402,3 +1407,28 @@ def test_a_params_tree_of_one_s_own_runs_through_loaded_model_from_params(tiny):
         jaxserve.generate(own, "text needs a tokenizer", use_tqdm=False)
     with pytest.raises(ValueError, match="layers_2"):  # a tree of 2 layers is not one of 3
         jaxserve.LoadedModel.from_params(m.params, dataclasses.replace(m.config, num_hidden_layers=3))
+
+
+def test_caller_ids_numpy_prompts_negative_seeds_and_embed_params(tiny):
+    """Found by fuzzing the API: generate's own ids skip ones a caller chose ("req-1"), token ids come as numpy
+    arrays ([T] one prompt, [B, T] a batch), a negative seed's n samples all seeded (seed + i would reach -1, "no
+    seed"), and embed refuses SamplingParams before running anything."""
+    engine = Engine(tiny[0], small_config())
+    mine = [engine.add_request([5, 6, 7], SamplingParams(max_tokens=2), request_id=f"req-{i}") for i in range(3)]
+    outs = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert outs[0]["finish_reason"] == "length" and mine == ["req-0", "req-1", "req-2"]
+    ids = engine.generate(np.array([[1, 2, 3], [4, 5, 6]]), SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
+    assert [o["token_ids"] for o in ids] == [o["token_ids"] for o in engine.generate(
+        [[1, 2, 3], [4, 5, 6]], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)]
+    assert len(engine.generate(np.array([1, 2, 3]), SamplingParams(max_tokens=1), use_tqdm=False)) == 1
+    seeded = SamplingParams(max_tokens=4, temperature=1.0, seed=-2, n=3)
+    runs = [[s["token_ids"] for s in engine.generate([[1, 2, 3]], seeded, use_tqdm=False)[0]["outputs"]]
+            for _ in range(2)]
+    alone = [engine.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=1.0, seed=-2 - i),
+                             use_tqdm=False)[0]["token_ids"] for i in range(3)]
+    assert runs[0] == runs[1] == alone
+    with pytest.raises(ValueError, match="pooling_params must be PoolingParams"):
+        engine.embed([[1, 2, 3]], SamplingParams())
+    while engine.has_unfinished():
+        engine.step()
+    assert_all_pages_free(engine)

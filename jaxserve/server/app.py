@@ -44,7 +44,7 @@ from jaxserve.lora import LoRARequest
 from jaxserve.metrics import CONTENT_TYPE, ServingMetrics
 from jaxserve.pooling import POOLING_TYPES, PoolingParams, pair_scores, score_pairs
 from jaxserve.replicas import Replicas
-from jaxserve.sampling import MAX_LOGPROBS, SamplingParams
+from jaxserve.sampling import MAX_LOGPROBS, SamplingParams, sample_seed
 from jaxserve.server.protocol import (APIError, ChatRequest, ClassificationRequest, CompletionRequest,
                                       DetokenizeRequest, EmbeddingRequest,
                                       LoadLoraRequest, RerankRequest, SamplingFields, Schema, ScoreRequest,
@@ -994,11 +994,12 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
              "skip_special_tokens": req.skip_special_tokens, "bad_words": req.bad_words}
     kwargs = {**st.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}
     try:
-        # n > 1 with a seed: sample j of every prompt uses seed + j (vLLM's rule), so a prompt's
+        # n > 1 with a seed: sample j of every prompt uses seed + j (vLLM's rule; `sample_seed`), so a prompt's
         # choices differ, yet each is what the same prompt gets when sent alone or with others.
         # -1 is vLLM's "no seed" for every choice, not seeds -1, 0, 1...
         return [SamplingParams(max_tokens=max_tokens, stop=stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                               structured_outputs=structured, seed=None if req.seed in (None, -1) else req.seed + i % req.n, **kwargs)
+                               structured_outputs=structured,
+                               seed=None if req.seed in (None, -1) else sample_seed(req.seed, i % req.n), **kwargs)
                 for i in range(count)]
     except ValueError as exc:
         raise bad_params(exc) from None
