@@ -17,11 +17,11 @@ POLICIES = ("prefill_first", "time_share", "mixed")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 ATTENTION_IMPLS = ("auto", "pallas", "pallas-unfused", "reference")
 DTYPES = ("auto", "float32", "bfloat16")
-# vLLM's ``--kv-cache-dtype`` values this engine stores (its "fp8" is e4m3): the pool's dtype for each.
 # Bounds past which a config is a typo, not a choice: a page larger than any context (2**20 tokens a page asked a
 # prefill for 36 GB), and decode calls so long that a short request waits for thousands of steps it does not use.
 MAX_PAGE_SIZE = 4096
 MAX_DECODE_STEPS = 1024
+# vLLM's ``--kv-cache-dtype`` values this engine stores (its "fp8" is e4m3): the pool's dtype for each.
 KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
 
