@@ -14,7 +14,8 @@ on which pieces it holds). For each batch every request generates exactly ``--ou
 Reported per batch and constraint, after a warm run, over ``--repeats`` timed runs: the median run's output tokens/s
 (with the range), mean TPOT and the engine's decode-call and host seconds; for the constraints the compile time and
 the DFA states whose masks were computed, and the step shapes the timed runs had to compile (0 unless their outputs
-differed from the warm run's); every constrained output of every timed run is checked against its regex (complete matches must fully match, cut ones must still be a live prefix).
+differed from the warm run's); every constrained output of every timed run is checked against its regex (complete
+matches must fully match, cut ones must still be a live prefix).
 
     python bench/structured.py --batches 1 64 256 --output-len 128
     python bench/structured.py --tiny --batches 2 --output-len 16      # CPU smoke run

@@ -29,7 +29,7 @@ from jaxserve.loading import LoadedModel, generation_eos_ids, generation_samplin
 from jaxserve.lora import NAMESPACE_STRIDE, LoRARequest, LoraSlots
 from jaxserve import model as model_module
 from jaxserve.model import decode_rows
-from jaxserve.pooling import (PoolingParams, classify_params, cross_encoder_prompt, finish_classification,
+from jaxserve.pooling import (PoolingParams, classify_params, cross_encoder_prompt, embed_params, finish_classification,
                               finish_embedding, pair_scores, score_pairs, text_key)
 from jaxserve.quantization import cast_params, quantize_params
 from jaxserve.request import Request, Status, cache_salt_keys
@@ -1324,11 +1324,7 @@ class Engine:
             >>> float(out[0]["embedding"] @ out[1]["embedding"])                    # doctest: +SKIP
             0.83
         """
-        if isinstance(pooling_params, SamplingParams) or (
-                isinstance(pooling_params, Sequence) and any(isinstance(p, SamplingParams) for p in pooling_params)):
-            raise ValueError("pooling_params must be PoolingParams (or a list of them), got SamplingParams: an "
-                             "embedding samples nothing")
-        return run_to_completion(self, prompts, pooling_params or PoolingParams(), use_tqdm, priority, lora_request)
+        return run_to_completion(self, prompts, embed_params(pooling_params), use_tqdm, priority, lora_request)
 
     def classify(self, prompts: Prompt | Sequence[Prompt],
                  pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, use_tqdm: bool = True,

@@ -141,8 +141,25 @@ def score_pairs(text_1: Any, text_2: Any) -> list[tuple[Any, Any]]:
     return list(zip(first, second))
 
 
+def check_pooling_params(params: Any) -> None:
+    """ValueError unless ``params`` is None, a `PoolingParams` or a list of them (None entries: the defaults). A
+    `SamplingParams` here ran a generation and answered it as an embedding (found by fuzzing the API)."""
+    items = params if isinstance(params, Sequence) and not isinstance(params, str) else [params]
+    bad = [p for p in items if p is not None and not isinstance(p, PoolingParams)]
+    if bad:
+        raise ValueError(f"pooling_params must be PoolingParams (or a list of them), got {type(bad[0]).__name__}: "
+                         "pooling samples nothing")
+
+
+def embed_params(params: "PoolingParams | Sequence[PoolingParams] | None") -> Any:
+    """``params`` (one, a list, or None: the defaults), checked: what ``embed`` runs."""
+    check_pooling_params(params)
+    return params or PoolingParams()
+
+
 def classify_params(params: "PoolingParams | Sequence[PoolingParams] | None") -> Any:
-    """``params`` (one, a list, or None: the defaults) with ``task="classify"``: what ``classify`` runs."""
+    """``params`` (one, a list, or None: the defaults), checked, with ``task="classify"``: what ``classify`` runs."""
+    check_pooling_params(params)
     if params is None:
         return PoolingParams(task="classify")
     if isinstance(params, PoolingParams):

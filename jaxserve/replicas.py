@@ -26,7 +26,7 @@ import jax
 from jaxserve.engine import Engine, Prompt, check_priority, run_chat, run_score, run_to_completion
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
-from jaxserve.pooling import PoolingParams, classify_params
+from jaxserve.pooling import PoolingParams, classify_params, embed_params
 from jaxserve.request import Request
 from jaxserve.sampling import SamplingParams
 from jaxserve.structured import StructuredOutputs, TokenGuide
@@ -262,7 +262,7 @@ class Replicas:
               use_tqdm: bool = True, priority: Sequence[int] | None = None,
               lora_request: Any = None) -> list[dict[str, Any]]:
         """`Engine.embed` over the replicas."""
-        return run_to_completion(self, prompts, pooling_params or PoolingParams(), use_tqdm, priority, lora_request)
+        return run_to_completion(self, prompts, embed_params(pooling_params), use_tqdm, priority, lora_request)
 
     def classify(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None,
                  use_tqdm: bool = True, priority: Sequence[int] | None = None,

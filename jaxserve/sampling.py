@@ -385,7 +385,6 @@ def allowed_masks(params: Sequence[SamplingParams | None], batch_size: int, voca
     return masks
 
 
-
 def sample_seed(seed: int | None, i: int) -> int | None:
     """The seed of sample ``i`` of a request seeded ``seed`` with n > 1 (vLLM's rule, ``seed + i``), counting down
     from a negative seed: counting up from -2 reached -1, "no seed", and left that sample unseeded.

@@ -1429,6 +1429,8 @@ def test_caller_ids_numpy_prompts_negative_seeds_and_embed_params(tiny):
     assert runs[0] == runs[1] == alone
     with pytest.raises(ValueError, match="pooling_params must be PoolingParams"):
         engine.embed([[1, 2, 3]], SamplingParams())
+    with pytest.raises(ValueError, match="pooling_params must be PoolingParams"):
+        engine.classify([[1, 2, 3]], [SamplingParams()])
     while engine.has_unfinished():
         engine.step()
     assert_all_pages_free(engine)
