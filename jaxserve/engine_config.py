@@ -7,6 +7,7 @@ policy. It never holds state; the engine reads it and trusts it.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import yaml
@@ -142,7 +143,14 @@ class EngineConfig:
         if self.decode_steps > MAX_DECODE_STEPS:
             # A decode call runs all its steps whatever its rows' max_tokens: 100,000 held a 6-token request.
             raise ValueError(f"decode_steps must be at most {MAX_DECODE_STEPS}, got {self.decode_steps}")
-        if not 0.0 < self.memory_fraction <= 0.95:
+        for name in ("prefix_caching", "overlap"):
+            if not isinstance(getattr(self, name), bool):  # the string "false" would read as on
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("policy", "scheduling_policy", "attention_impl", "dtype", "kv_cache_dtype"):
+            if not isinstance(getattr(self, name), str):  # a list is unhashable in the lookups below
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if (not isinstance(self.memory_fraction, numbers.Real) or isinstance(self.memory_fraction, bool)
+                or not 0.0 < self.memory_fraction <= 0.95):
             raise ValueError(f"memory_fraction must be in (0, 0.95], got {self.memory_fraction}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
@@ -169,6 +177,10 @@ class EngineConfig:
                               ("prefill_buckets", _pow2_buckets(min(16, self.max_tokens_per_step),
                                                                 self.max_tokens_per_step))):
             buckets = getattr(self, name)
+            if buckets is not None and (isinstance(buckets, (str, bytes)) or not hasattr(buckets, "__iter__")
+                                        or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in buckets)):
+                # "16" would iterate as (1, 6); 16.5 would round down.
+                raise ValueError(f"{name} must be a sequence of positive integers, got {buckets!r}")
             buckets = default if buckets is None else tuple(sorted(set(int(b) for b in buckets)))
             if not buckets or buckets[0] < 1:
                 raise ValueError(f"{name} must be positive integers, got {getattr(self, name)!r}")

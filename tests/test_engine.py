@@ -508,6 +508,13 @@ def test_engine_config_validates_and_round_trips():
     assert EngineConfig.from_yaml(cached.to_yaml()) == cached
     with pytest.raises(ValueError, match="memory_fraction"):
         EngineConfig(memory_fraction=2.0)
+    # Wrong types name their field rather than failing inside a comparison (or, for "false", reading as on).
+    for field, value in (("memory_fraction", "0.5"), ("kv_cache_dtype", []), ("batch_buckets", 5),
+                         ("batch_buckets", "16"), ("prefill_buckets", (16.5, 32)), ("prefix_caching", "false"),
+                         ("overlap", None), ("policy", ["mixed"])):
+        with pytest.raises(ValueError, match=field):
+            EngineConfig(**{field: value})
+    assert EngineConfig(batch_buckets=[np.int64(64)], memory_fraction=np.float32(0.5)).batch_buckets == (64,)
     # "auto" (the default) computes in bfloat16 on an accelerator, float32 on the CPU.
     assert cfg.dtype == "auto" and cfg.compute_dtype() == ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     assert EngineConfig(dtype="bfloat16").compute_dtype() == "bfloat16"
@@ -1431,6 +1438,14 @@ def test_caller_ids_numpy_prompts_negative_seeds_and_embed_params(tiny):
         engine.embed([[1, 2, 3]], SamplingParams())
     with pytest.raises(ValueError, match="pooling_params must be PoolingParams"):
         engine.classify([[1, 2, 3]], [SamplingParams()])
+    # Ids that only int() would take (1.7, "3") and a dict of sampling parameters (iterated, its keys) are refused.
+    for bad in ([1.7, 2], ["3", 4], [None]):
+        with pytest.raises(ValueError, match="integer token ids"):
+            engine.generate([bad], SamplingParams(max_tokens=1), use_tqdm=False)
+    with pytest.raises(ValueError, match="sampling_params must be a SamplingParams"):
+        engine.generate([[1, 2]], {"max_tokens": 1}, use_tqdm=False)
+    with pytest.raises(ValueError, match="entries must be SamplingParams"):
+        engine.generate([[1, 2]], ["max_tokens"], use_tqdm=False)
     while engine.has_unfinished():
         engine.step()
     assert_all_pages_free(engine)
