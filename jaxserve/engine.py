@@ -14,6 +14,7 @@ import itertools
 import logging
 import operator
 import os
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -395,6 +396,8 @@ class Engine:
         self.sampling_defaults = generation_sampling_defaults(model.path)
         self._sampling_cache: tuple | None = None
         self._vocabulary: Vocabulary | None = None  # token bytes for structured outputs, built at the first use
+        # A server compiles constraints on several threads: one vocabulary (compile_guide's cache keys on it).
+        self._vocabulary_lock = threading.Lock()
         # Structured outputs followed on the device (`_guide_tables`): every guide's tables at an offset of one
         # pair of arrays, allocated at the first constrained decode call.
         self.guide_pool = GuidePool(mcfg.vocab_size, self.eos_ids, DEVICE_GUIDE_BYTES)
@@ -679,10 +682,11 @@ class Engine:
             >>> engine.structured_guide(StructuredOutputs(regex="[0-9]+")).dfa.fullmatch("42")  # doctest: +SKIP
             True
         """
-        if self._vocabulary is None:
-            if self.tokenizer is None:
-                raise ValueError("structured_outputs need a tokenizer (the tokens' bytes), and this engine has none")
-            self._vocabulary = Vocabulary(vocabulary_bytes(self.tokenizer, self.model.config.vocab_size))
+        if self.tokenizer is None:
+            raise ValueError("structured_outputs need a tokenizer (the tokens' bytes), and this engine has none")
+        with self._vocabulary_lock:
+            if self._vocabulary is None:
+                self._vocabulary = Vocabulary(vocabulary_bytes(self.tokenizer, self.model.config.vocab_size))
         guide = compile_guide(spec, self._vocabulary, self.eos_ids)
         if self.guide_pool.fits([guide]):
             # The host's copy of its tables here (a server's tokenizer thread), not in the engine's next decode

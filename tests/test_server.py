@@ -762,14 +762,16 @@ def test_tokenizer_work_leaves_the_server_answering(live, monkeypatch, method, p
 
 def test_a_slow_constraint_compile_leaves_other_requests_answered(live, monkeypatch):
     """A large schema or grammar compiles for seconds; it runs on a thread of its own, so a plain request
-    tokenizes, runs and answers while a constrained one is still compiling."""
+    tokenizes, runs and answers while a constrained one is still compiling, and so does another constrained one
+    (the constraint threads are several)."""
     engine = live.app.state.jaxserve.engine.engine
     real = engine.structured_guide
     entered, release = threading.Event(), threading.Event()
 
     def held(spec):
-        entered.set()
-        release.wait(30)
+        if spec.regex == "[0-9]{2}":
+            entered.set()
+            release.wait(30)
         return real(spec)
 
     monkeypatch.setattr(engine, "structured_guide", held)
@@ -778,10 +780,12 @@ def test_a_slow_constraint_compile_leaves_other_requests_answered(live, monkeypa
         assert entered.wait(10)
         try:
             plain = post(live, "/v1/completions", {**GOOD, "max_tokens": 4}, timeout=10)
+            other = post(live, "/v1/completions", {**GOOD, "max_tokens": 3, "guided_regex": "[a-z]{3}"}, timeout=10)
             assert not slow.done()  # answered while the constraint still compiles
         finally:
             release.set()
         assert plain.status_code == 200
+        assert other.status_code == 200 and re.fullmatch("[a-z]{3}", other.json()["choices"][0]["text"])
         answer = slow.result()
         assert answer.status_code == 200 and re.fullmatch("[0-9]{2}", answer.json()["choices"][0]["text"])
 

@@ -243,7 +243,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             engine=AsyncEngine(engine, metrics=metrics), metrics=metrics,
             tokenizer=tokenizer,
             tokenizer_thread=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-tokenizer"),
-            constraint_thread=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-constraints"),
+            constraint_thread=concurrent.futures.ThreadPoolExecutor(CONSTRAINT_THREADS,
+                                                                    thread_name_prefix="jaxserve-constraints"),
             sampling_defaults={k: v for k, v in engine.sampling_defaults.items() if k != "max_tokens"},
             model_name=server_config.model_name or loaded.name,
             max_model_len=engine.max_model_len, hidden_size=loaded.config.hidden_size,
@@ -617,6 +618,11 @@ def resolve_chat_template(value: str | None) -> str | None:
 
 
 # Arguments of transformers' apply_chat_template that a request's chat_template_kwargs must not set.
+# Threads compiling requests' constraints (schemas to regexes to DFAs, in Python): with one, a schema of thousands of
+# tool names (seconds) held every other constrained request behind it; several share the interpreter's lock, so a
+# small schema's compile ends in about twice its own time beside a large one.
+CONSTRAINT_THREADS = 4
+
 _RESERVED_TEMPLATE_KWARGS = frozenset({
     "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
     "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
