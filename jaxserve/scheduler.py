@@ -47,6 +47,10 @@ class Plan:
     decode_steps: int
 
 
+_create_pool = jax.jit(kv_pool.create, static_argnums=(0, 1, 2, 3))
+_create_index = jax.jit(radix_index.create, static_argnums=(0, 1))
+
+
 class _HostState:
     """The pool and the index, with their pure functions jitted once for the CPU backend."""
 
@@ -55,9 +59,10 @@ class _HostState:
         with jax.default_device(self.cpu):
             # Committed to the CPU like every later state (outputs of the jitted updates): an
             # uncommitted first state made each function compile twice, the second time in the
-            # middle of serving.
-            self.pool = jax.device_put(kv_pool.create(num_pages, page_size, max_seqs, max_pages_per_seq), self.cpu)
-            self.index = jax.device_put(radix_index.create(capacity, page_size), self.cpu)
+            # middle of serving. Built by one jitted call each: run eagerly, their ~40 small ops each
+            # compiled on its own for every new pool shape (~1 s an engine of a test suite's many).
+            self.pool = jax.device_put(_create_pool(num_pages, page_size, max_seqs, max_pages_per_seq), self.cpu)
+            self.index = jax.device_put(_create_index(capacity, page_size), self.cpu)
         # Donated, so each update reuses the state's buffers instead of copying them (about 4x
         # cheaper per request on the CPU: bench/results/prefix_index.md).
         self._allocate = jax.jit(kv_pool.allocate, donate_argnums=0)
@@ -72,6 +77,9 @@ class _HostState:
         self._evict = jax.jit(radix_index.evict, donate_argnums=(0, 1))
         self._clear = jax.jit(radix_index.clear, donate_argnums=(0, 1))
         self._deepest = jax.jit(radix_index.deepest_node)
+        # One call for `Engine.stats()` (a server's /metrics polls it), not ~30 eager ops.
+        self._pool_stats = jax.jit(kv_pool.stats)
+        self._index_stats = jax.jit(radix_index.stats)
 
     def put(self, x) -> jax.Array:
         return jax.device_put(x, self.cpu)
@@ -479,8 +487,8 @@ class Scheduler:
     # ----- accounting ----------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
         st = self.state
-        pool_stats = {k: float(v) for k, v in kv_pool.stats(st.pool).items()}
-        index_stats = {k: int(v) for k, v in radix_index.stats(st.index).items()}
+        pool_stats = {k: float(v) for k, v in st._pool_stats(st.pool).items()}
+        index_stats = {k: int(v) for k, v in st._index_stats(st.index).items()}
         queried = max(index_stats["queried_tokens"], 1)
         return {
             "running": len(self.running),
