@@ -290,15 +290,15 @@ def test_a_guided_row_ends_at_its_complete_match_within_a_verify_call(model):
 
 
 def test_warmup_compiles_the_verify_calls(model):
-    # One prefill bucket and a short model length (one decode table width): warm-up compiles every shape, and only
-    # the verify calls' are this test's.
-    config = small_config(speculative_tokens=3, batch_buckets=(1, 4), prefill_buckets=(64,), max_model_len=128)
+    # One batch bucket, one prefill bucket and a short model length (one decode table width): warm-up compiles every
+    # shape, and only the verify calls' are this test's (tests/test_engine.py's warm-up test has several buckets).
+    config = small_config(speculative_tokens=3, batch_buckets=(4,), prefill_buckets=(64,), max_model_len=128)
     params = [GREEDY, SamplingParams(max_tokens=37, temperature=0.7, seed=1, ignore_eos=True)]
     with Engine(model, config) as engine:
         engine.warmup()
         compiled = {s for s in engine.runner.compiled_shapes if s[0] == "verify"}
-        assert {s[1][0] for s in compiled} == {1, 4} and {s[5] for s in compiled} == {False, True}  # batch given
-        engine.generate(PROMPTS[:1], GREEDY, use_tqdm=False)  # batch 1, greedy
+        assert {s[1][0] for s in compiled} == {4} and {s[5] for s in compiled} == {False, True}  # batch given
+        engine.generate(PROMPTS[:1], GREEDY, use_tqdm=False)  # one row, greedy
         engine.generate(PROMPTS, params * 2, use_tqdm=False)  # batch 4, rows that sample
         assert engine.stats()["spec_verify_calls"] > 0
         assert {s for s in engine.runner.compiled_shapes if s[0] == "verify"} == compiled
