@@ -398,8 +398,8 @@
 #   mixes46     session 46: the guide pool on the GPU: test_guide_pool + the engine's constrained tests compiled, then
 #               bench/structured.py --mixes 8 at batch 64 (0.5B shape, 151k vocabulary): each round's wall time and
 #               the guided decode shapes compiled (one a pool size; before the pool, one a size of a mix's tables);
-#               run the same at 4f20920 for the before (~300 s). Run session 67 (H100): one shape over 16 rounds, but the
-#               tests took past 260 s (9 passed when cut): give them more time or drop the engine's file
+#               run the same at 4f20920 for the before (~300 s). Run session 67 (H100): one shape over 16 rounds; the
+#               tests alone took 237 s (18 passed), so their limit is 300 s now (~360 s in all)
 #   masked46    session 46: the masked greedy pick (allowed-token masks read inside jaxserve_kernels.greedy_pick):
 #               its compiled kernel tests, then bench/structured.py at 64 / 256 rows with JAXSERVE_MASKED_PICK=0 and
 #               =1, each its own process (regex rows' tokens/s against unconstrained: 86% / 89% in session 45's
@@ -1078,7 +1078,7 @@ for part in "${parts[@]}"; do
     loop44) timeout 400 python3 bench/kernel_floor.py --chains stream --sizes-mb 2 8.7 17.4 35 --rounds 5 --loop p132r2s1w4 p264r2s1w4 p528r2s1w4 p1056r2s1w4 p528r2s3w4 p528r2s1w4f p1056r2s1w4f p264r8s1w8 ;;
     struct45) timeout 240 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_structured_engine.py ; \
               timeout 330 python3 bench/structured.py --batches 1 64 256 --output-len 128 --out "$OUT/$part" ;;
-    mixes46) timeout 260 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_guide_pool.py \
+    mixes46) timeout 300 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_guide_pool.py \
                tests/test_structured_engine.py ; \
              timeout 300 python3 bench/structured.py --mixes 8 --rounds 16 --batches 64 --output-len 32 --out "$OUT/$part" ;;
     masked46) timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu tests/test_greedy_pick.py ; \
