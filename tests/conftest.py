@@ -19,8 +19,10 @@ _XLA_CACHE_ENV = "JAXSERVE_TEST_XLA_CACHE"
 # same HLO at IEEE semantics (no fast math either way), and the tests that compare two programs bit for
 # bit compile both under the same flags. The suite's CPU time went 779 -> 399 s on a 2-core machine.
 # Only where XLA compiles for the CPU alone (no accelerator plugin installed): a GPU's programs keep
-# XLA's defaults. JAXSERVE_TEST_XLA_DEFAULTS=1 runs the suite under XLA's defaults.
-_FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+# XLA's defaults. JAXSERVE_TEST_XLA_DEFAULTS=1 runs the suite under XLA's defaults. One codegen thread a
+# compile: two xdist workers fill both cores already (a step's compile + run 5.2 -> 5.0 s, session 67).
+_FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
+                       "--xla_cpu_parallel_codegen_split_count=1")
 _FLAGS_CHECKED_ENV = "JAXSERVE_TEST_XLA_FLAGS_CHECKED"
 
 
