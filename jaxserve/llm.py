@@ -137,7 +137,7 @@ class ScoringRequestOutput:
 
 def engine_config_from_vllm(**kwargs: Any) -> EngineConfig:
     """vLLM's ``LLM`` / ``EngineArgs`` keyword arguments as an `EngineConfig` (`TypeError` naming any jaxserve has no
-    counterpart for; `EngineConfig`'s own checks for bad values).
+    counterpart for; `EngineConfig`'s own checks for bad values, their `ValueError` led by vLLM's name of the argument).
 
     Example:
         >>> engine_config_from_vllm(max_num_seqs=32, block_size=32, enable_prefix_caching=False).max_running
@@ -176,7 +176,15 @@ def engine_config_from_vllm(**kwargs: Any) -> EngineConfig:
                 fields[_ENGINE_ARGS[name]] = value
         else:
             raise TypeError(f"LLM() got an argument jaxserve has no counterpart for: {name!r}")
-    return EngineConfig(**fields)
+    try:
+        return EngineConfig(**fields)
+    except ValueError as exc:
+        # EngineConfig names its own field ("memory_fraction ..."); a vLLM script knows it by vLLM's name.
+        message = str(exc)
+        for vllm_name, field in _ENGINE_ARGS.items():
+            if vllm_name in kwargs and vllm_name != field and message.startswith(field + " "):
+                raise ValueError(f"{vllm_name}: jaxserve's {message}") from None
+        raise
 
 
 class LLM:

@@ -127,7 +127,11 @@ def test_vllm_engine_arguments_reach_the_engine_config():
             engine_config_from_vllm(**bad)
     with pytest.raises(TypeError, match="only method 'ngram'"):
         engine_config_from_vllm(speculative_config={"method": "eagle"})
-    with pytest.raises(ValueError, match="memory_fraction"):
+    with pytest.raises(ValueError, match=r"^gpu_memory_utilization: jaxserve's memory_fraction must be in"):
         engine_config_from_vllm(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match=r"^enable_prefix_caching: jaxserve's prefix_caching must be True or False"):
+        engine_config_from_vllm(enable_prefix_caching="yes")
+    with pytest.raises(ValueError, match=r"^seed must be"):  # the same name in both
+        engine_config_from_vllm(seed=-1)
     with pytest.raises(TypeError, match="not both"):
         LLM(None, engine_config=EngineConfig(), max_num_seqs=4)
