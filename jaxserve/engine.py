@@ -445,9 +445,13 @@ class Engine:
             _check_prompt_dict(prompt)
             if "prompt_embeds" in prompt:  # placeholders: the embeddings stand for these positions' tokens
                 return [0] * len(prompt_embeds_array(prompt["prompt_embeds"], self.model.config.hidden_size))
+            if "prompt_token_ids" in prompt and isinstance(prompt["prompt_token_ids"], (str, bytes)):
+                raise ValueError(f"prompt_token_ids must be token ids, got {prompt['prompt_token_ids']!r:.200}")
             prompt = prompt.get("prompt", prompt.get("prompt_token_ids"))
             if prompt is None or (not isinstance(prompt, str) and isinstance(prompt, Mapping)):
                 raise ValueError(f"prompt must be a string or token ids, got {prompt!r}")
+        if isinstance(prompt, (bytes, bytearray)):  # its bytes would read as token ids
+            raise ValueError(f"prompt must be a string or integer token ids, got {prompt!r:.200}")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt is text but this engine has no tokenizer; pass token ids")
@@ -1578,6 +1582,8 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
     `jaxserve.replicas.Replicas`): make (validate) every request, queue them, step until each finished."""
     if isinstance(prompts, np.ndarray):  # token ids as an array: one prompt [T] or a batch [B, T]
         prompts = prompts.tolist()
+    if prompts is None or not hasattr(prompts, "__iter__") or isinstance(prompts, (bytes, bytearray)):
+        raise ValueError(f"prompts must be a string, token ids, a prompt dict or a list of them, got {prompts!r:.200}")
     if isinstance(prompts, (str, Mapping)) or (prompts and isinstance(prompts[0], (int, np.integer))):
         prompts = [prompts]
     prompts = list(prompts)

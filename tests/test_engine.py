@@ -1439,9 +1439,14 @@ def test_caller_ids_numpy_prompts_negative_seeds_and_embed_params(tiny):
     with pytest.raises(ValueError, match="pooling_params must be PoolingParams"):
         engine.classify([[1, 2, 3]], [SamplingParams()])
     # Ids that only int() would take (1.7, "3") and a dict of sampling parameters (iterated, its keys) are refused.
-    for bad in ([1.7, 2], ["3", 4], [None]):
+    for bad in ([1.7, 2], ["3", 4], [None], b"\x01\x02"):
         with pytest.raises(ValueError, match="integer token ids"):
             engine.generate([bad], SamplingParams(max_tokens=1), use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt_token_ids must be token ids"):  # not a text prompt
+        engine.generate([{"prompt_token_ids": "abc"}], SamplingParams(max_tokens=1), use_tqdm=False)
+    for bad in (None, 5):
+        with pytest.raises(ValueError, match="prompts must be"):
+            engine.generate(bad, SamplingParams(max_tokens=1), use_tqdm=False)
     with pytest.raises(ValueError, match="sampling_params must be a SamplingParams"):
         engine.generate([[1, 2]], {"max_tokens": 1}, use_tqdm=False)
     with pytest.raises(ValueError, match="entries must be SamplingParams"):
