@@ -617,12 +617,12 @@ def resolve_chat_template(value: str | None) -> str | None:
     raise ValueError(f"chat_template {value!r} is neither a file nor a Jinja template")
 
 
-# Arguments of transformers' apply_chat_template that a request's chat_template_kwargs must not set.
 # Threads compiling requests' constraints (schemas to regexes to DFAs, in Python): with one, a schema of thousands of
 # tool names (seconds) held every other constrained request behind it; several share the interpreter's lock, so a
 # small schema's compile ends in about twice its own time beside a large one.
 CONSTRAINT_THREADS = 4
 
+# Arguments of transformers' apply_chat_template that a request's chat_template_kwargs must not set.
 _RESERVED_TEMPLATE_KWARGS = frozenset({
     "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
     "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
