@@ -47,7 +47,8 @@ class StubRunner:
         return SampleOutput(tokens=self.rng.integers(3, self.vocab_size, size=shape, dtype=np.int32),
                             logprobs=np.zeros(shape, np.float32),
                             top_ids=np.zeros((*shape, num_top), np.int32),
-                            top_logprobs=np.zeros((*shape, num_top), np.float32))
+                            top_logprobs=np.zeros((*shape, num_top), np.float32),
+                            ranks=np.ones(shape, np.int32))
 
     def prefill(self, tokens, q_start, lengths, block_tables, batch, steps, counts=None, seen=None, num_top=0,
                 greedy=False, logprobs=True, **options):

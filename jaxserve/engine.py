@@ -989,10 +989,10 @@ class Engine:
                 for t, v in zip(top_ids, top_lps):
                     entry.setdefault(t, v)
                 r.prompt_lps[p] = entry
-        tokens_out, logprobs_out = out.tokens.tolist(), out.logprobs.tolist()
+        tokens_out, logprobs_out, ranks_out = out.tokens.tolist(), out.logprobs.tolist(), out.ranks.tolist()
         for i, (r, _, e) in enumerate(call.rows):
             if e == r.prefill_end and r.finish_reason is None:
-                r.append(tokens_out[i], logprobs_out[i], self._top(r, out, (i,)))
+                r.append(tokens_out[i], logprobs_out[i], self._top(r, out, (i,)), ranks_out[i])
                 self.generated_tokens += 1
                 done.append(r)
         return done
@@ -1068,13 +1068,17 @@ class Engine:
         # Python lists once per call: indexing numpy arrays per token cost ~10 µs a token, most of
         # the host's time per decode call at batch 256.
         tokens, logprobs = out.tokens.T.tolist(), out.logprobs.T.tolist()
+        ranks = None  # read only when some row asked for log-probabilities
         for i, r in enumerate(call.reqs):
             # Rows that finished (or were aborted) earlier produced padding tokens: skipped.
             n = max(0, min(call.num_steps, int(call.limits[i] - call.positions[i])))
             if r.guide is not None and r.finish_reason is None:  # the device ran on past a complete match
                 n = r.guide.until_final(r.output_ids, tokens[i][:n])
             tops = [self._top(r, out, (k, i)) for k in range(n)] if r.params.logprobs else None
-            taken = r.extend(tokens[i][:n], logprobs[i][:n], tops)
+            if r.params.logprobs is not None and ranks is None:
+                ranks = out.ranks.T.tolist()
+            taken = r.extend(tokens[i][:n], logprobs[i][:n], tops,
+                             ranks[i][:n] if r.params.logprobs is not None else None)
             r.computed += taken
             self.generated_tokens += taken
 
@@ -1138,7 +1142,7 @@ class Engine:
                                                        lora=self._lora_inputs(reqs, batch), **sampled))
         self.time_s["decode"] += time.perf_counter() - start
         self.spec["verify_calls"] += 1
-        picks, logprobs = out.tokens.tolist(), out.logprobs.tolist()
+        picks, logprobs, ranks = out.tokens.tolist(), out.logprobs.tolist(), out.ranks.tolist()
         for i, (r, d) in enumerate(zip(reqs, drafts)):
             # Every emitted token is the one chosen at its position (greedy: an accepted draft token is the pick).
             if count is None:
@@ -1148,7 +1152,7 @@ class Engine:
             if r.guide is not None:  # the device ran on past a complete match (an EOS-only state): cut there
                 emitted = emitted[: r.guide.until_final(r.output_ids, emitted)]
             tops = [self._top(r, out, (i, j)) for j in range(len(emitted))] if r.params.logprobs else None
-            taken = r.extend(emitted, logprobs[i][:len(emitted)], tops)
+            taken = r.extend(emitted, logprobs[i][:len(emitted)], tops, ranks[i][:len(emitted)])
             r.computed += taken  # the K/V of the row's last token and of the accepted drafts
             self.generated_tokens += taken
             self.spec["draft_tokens"] += len(d)

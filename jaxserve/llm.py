@@ -319,11 +319,13 @@ def _completion_output(index: int, result: dict[str, Any], decode: Any) -> Compl
     logprobs = None
     if chosen is not None:
         tops = result.get("top_logprobs") or [{} for _ in chosen]
+        ranks = result.get("logprob_ranks") or [None] * len(chosen)
         logprobs = []
-        for token, lp, top in zip(result["token_ids"], chosen, tops):
-            entry = {t: Logprob(v, k + 1, decode(t)) for k, (t, v) in enumerate(best_first(top))}
-            if token not in entry:  # vLLM always returns the sampled token's own
-                entry[token] = Logprob(lp, None, decode(token))
+        for token, lp, top, rank in zip(result["token_ids"], chosen, tops, ranks):
+            entry = {t: Logprob(v, rank if t == token and rank else k + 1, decode(t))
+                     for k, (t, v) in enumerate(best_first(top))}
+            if token not in entry:  # vLLM always returns the sampled token's own, with its rank
+                entry[token] = Logprob(lp, rank, decode(token))
             logprobs.append(entry)
     return CompletionOutput(index=index, text=result["text"], token_ids=list(result["token_ids"]),
                             cumulative_logprob=None if chosen is None else float(sum(chosen)),

@@ -71,6 +71,8 @@ class Request:
     priority: int = 0  # lower runs first where EngineConfig.scheduling_policy is "priority" (vLLM's order)
     output_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
+    # Each output token's rank among the vocabulary, kept where log-probabilities were asked for.
+    output_ranks: list[int | None] = dataclasses.field(default_factory=list)
     top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
     text: str = ""
     status: Status = Status.WAITING
@@ -176,14 +178,17 @@ class Request:
     def remaining(self) -> int:
         return self.params.max_tokens - len(self.output_ids)
 
-    def append(self, token: int, logprob: float, top: dict[int, float] | None) -> None:
-        """Add one sampled token and apply the stop rules; sets ``finish_reason`` when done."""
+    def append(self, token: int, logprob: float, top: dict[int, float] | None, rank: int | None = None) -> None:
+        """Add one sampled token and apply the stop rules; sets ``finish_reason`` when done. ``rank``: the
+        token's rank among the vocabulary (None or 0: not computed)."""
         if self.finish_reason is not None:
             return
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
         self.output_ids.append(token)
         self.output_logprobs.append(logprob)
+        if self.params.logprobs is not None:
+            self.output_ranks.append(rank or None)
         if top is not None:
             self.top_logprobs.append(top)
         self.new_token_count += 1
@@ -203,10 +208,10 @@ class Request:
                 self.finish("length")
 
     def extend(self, tokens: list[int], logprobs: list[float],
-               tops: list[dict[int, float]] | None = None) -> int:
+               tops: list[dict[int, float]] | None = None, ranks: list[int] | None = None) -> int:
         """``append`` for a run of tokens, in order (``tops``: each one's top log-probabilities,
-        if asked); returns how many were taken (the rest come after the token that finished the
-        request).
+        if asked; ``ranks``: each one's rank, 0 where not computed); returns how many were taken (the rest
+        come after the token that finished the request).
 
         Without stop strings or top log-probabilities nothing is needed per token, so the stop
         rules reduce to the first stop id past ``min_tokens`` and ``max_tokens``: a set test and
@@ -215,10 +220,11 @@ class Request:
         """
         if self.params.stop or tops is not None:
             taken = 0
-            for token, logprob, top in zip(tokens, logprobs, tops or [None] * len(tokens)):
+            for token, logprob, top, rank in zip(tokens, logprobs, tops or [None] * len(tokens),
+                                                 ranks or [None] * len(tokens)):
                 if self.finish_reason is not None:
                     break
-                self.append(token, logprob, top)
+                self.append(token, logprob, top, rank)
                 taken += 1
             return taken
         if self.finish_reason is not None or not tokens:
@@ -237,6 +243,8 @@ class Request:
                     break
         self.output_ids.extend(tokens[:take])
         self.output_logprobs.extend(logprobs[:take])
+        if self.params.logprobs is not None:
+            self.output_ranks.extend([k or None for k in ranks[:take]] if ranks is not None else [None] * take)
         self.new_token_count += take
         if reason == "stop":
             self._stop_on_id(tokens[take - 1])
@@ -341,6 +349,7 @@ class Request:
         }
         if self.params.logprobs is not None:
             out["logprobs"] = list(self.output_logprobs)
+            out["logprob_ranks"] = list(self.output_ranks)
             if self.params.logprobs > 0:
                 out["top_logprobs"] = list(self.top_logprobs)
         if self.params.prompt_logprobs is not None:

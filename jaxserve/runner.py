@@ -32,7 +32,7 @@ from jaxserve.model import (KVCache, PagedAttention, Qwen2ForCausalLM, check_wei
 from jaxserve.pooling import pool_hidden
 from jaxserve.quantization import is_quantized
 from jaxserve.sampling import (PromptLogprobs, SampleOutput, SamplingBatch, ban_bad_words, no_logprobs,
-                               processed_logits, push_recent, row_keys, sample, target_logprobs, token_logprobs,
+                               processed_logits, push_recent, row_keys, sample, scored, target_logprobs,
                                unpack_allowed, update_counts)
 from jaxserve.speculative import draft_history, draft_recent, draft_states, rejection_sample
 from jaxserve.tensor_parallel import AXIS, TensorParallel
@@ -118,14 +118,14 @@ def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, cou
 
         tokens, chosen = greedy_pick(logits, batch.allowed if masked else None, logprobs=logprobs)
         out = no_logprobs(tokens)  # no top tokens either way
-        return out if chosen is None else out.replace(logprobs=chosen)
+        # With log-probabilities no row is masked, so each token is its row's argmax: rank 1.
+        return out if chosen is None else out.replace(logprobs=chosen, ranks=jnp.ones_like(tokens))
     picked = jnp.where(unpack_allowed(batch.allowed, logits.shape[-1]), logits, -jnp.inf) if masked else logits
     picked = ban_bad_words(picked, batch)
     tokens = jnp.argmax(picked, axis=-1).astype(jnp.int32)
     if not logprobs and num_top == 0:
         return no_logprobs(tokens)
-    chosen, top_ids, top_lps = token_logprobs(logits, tokens, num_top)
-    return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lps)
+    return scored(logits, tokens, num_top)
 
 
 class Runner:
@@ -428,11 +428,9 @@ class Steps:
                 pooled = pool_hidden(hidden, positions, pool_from, lengths, logits_at)
             if prompt_top >= 0:
                 flat = logits.reshape(b * s, -1)
-                chosen, top_ids, top_lps = token_logprobs(flat, targets.reshape(-1), prompt_top)
-                target_logits = jnp.take_along_axis(flat, targets.reshape(-1, 1), axis=-1)
-                ranks = 1 + jnp.sum(flat > target_logits, axis=-1, dtype=jnp.int32)
-                prompt = PromptLogprobs(chosen.reshape(b, s), top_ids.reshape(b, s, -1), top_lps.reshape(b, s, -1),
-                                        ranks.reshape(b, s))
+                per = scored(flat, targets.reshape(-1), prompt_top)
+                prompt = PromptLogprobs(per.logprobs.reshape(b, s), per.top_ids.reshape(b, s, -1),
+                                        per.top_logprobs.reshape(b, s, -1), per.ranks.reshape(b, s))
                 logits = jnp.take_along_axis(logits, logits_at[:, None, None], axis=1)
             return kv, (choose_tokens(logits[:, 0], batch, steps, counts, seen, num_top=num_top, greedy=greedy,
                                       logprobs=logprobs), prompt, pooled)
@@ -469,9 +467,8 @@ class Steps:
             picks, count = rejection_sample(logp, tokens, lengths - q_start - 1, keys)
         if not logprobs and num_top == 0:
             return kv, (no_logprobs(picks), count)
-        chosen, top_ids, top_lps = token_logprobs(flat, picks.reshape(-1), num_top)
-        return kv, (SampleOutput(picks, chosen.reshape(b, s), top_ids.reshape(b, s, -1), top_lps.reshape(b, s, -1)),
-                    count)
+        out = scored(flat, picks.reshape(-1), num_top)
+        return kv, (jax.tree.map(lambda a: a.reshape(b, s, *a.shape[1:]), out), count)
 
     def _decode_impl(self, params, kv, tokens, positions, limits, block_tables, batch: SamplingBatch, steps,
                      counts, seen, guide_masks=None, guide_next=None, guide_states=None, guide_advance=None, *,

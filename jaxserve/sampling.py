@@ -342,12 +342,16 @@ class SamplingBatch:
 @flax.struct.dataclass
 class SampleOutput:
     """tokens: i32 [B]; logprobs: f32 [B], log-softmax of the unmodified logits at the token;
-    top_ids: i32 [B, K] and top_logprobs: f32 [B, K], the K most likely tokens (K = num_top_logprobs)."""
+    top_ids: i32 [B, K] and top_logprobs: f32 [B, K], the K most likely tokens (K = num_top_logprobs);
+    ranks: i32 [B], the token's rank among the vocabulary (1 + the tokens with higher logits: vLLM's
+    ``Logprob.rank`` of a sampled token, which may lie outside the top K), 0 where log-probabilities were
+    not computed."""
 
     tokens: jax.Array
     logprobs: jax.Array
     top_ids: jax.Array
     top_logprobs: jax.Array
+    ranks: jax.Array
 
 
 @flax.struct.dataclass
@@ -662,6 +666,33 @@ def token_logprobs(
     return chosen, top_ids.astype(jnp.int32), top_vals - lse[:, None]
 
 
+def token_ranks(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Each row's rank of its token in `logits` ([N, V], tokens [N]): 1 + the tokens with strictly higher
+    logits, so ties share the better rank (vLLM's ``Logprob.rank``).
+
+    Example:
+        >>> token_ranks(jnp.array([[0.1, 0.7, 0.2], [0.5, 0.5, 0.0]]), jnp.array([0, 1])).tolist()
+        [3, 1]
+    """
+    at = jnp.take_along_axis(logits, tokens[:, None], axis=-1)
+    return 1 + jnp.sum(logits > at, axis=-1, dtype=jnp.int32)
+
+
+def scored(logits: jax.Array, tokens: jax.Array, num_top_logprobs: int = 0) -> SampleOutput:
+    """The chosen `tokens` ([N]) as a `SampleOutput` with their log-probabilities, ranks and the
+    `num_top_logprobs` best tokens of `logits` ([N, V]): what a step returns when a request asked for
+    log-probabilities.
+
+    Example:
+        >>> out = scored(jnp.log(jnp.array([[0.25, 0.75]])), jnp.array([0]), 1)
+        >>> round(float(jnp.exp(out.logprobs[0])), 3), out.ranks.tolist(), out.top_ids.tolist()
+        (0.25, [2], [[1]])
+    """
+    chosen, top_ids, top_lps = token_logprobs(logits, tokens, num_top_logprobs)
+    return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lps,
+                        ranks=token_ranks(logits, tokens))
+
+
 def _thresholds(
     x: jax.Array, sorted_vals: jax.Array, top_k: jax.Array, top_p: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -803,8 +834,7 @@ def sample(
     tokens = jax.lax.cond(jnp.all(greedy_rows), lambda x: greedy_tokens, draw, x)
     if not logprobs and num_top_logprobs == 0:
         return no_logprobs(tokens)
-    chosen, top_ids, top_lps = token_logprobs(logits, tokens, num_top_logprobs)
-    return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lps)
+    return scored(logits, tokens, num_top_logprobs)
 
 
 def _truncated(x: jax.Array, batch: SamplingBatch, top_candidates: int) -> jax.Array:
@@ -859,4 +889,5 @@ def no_logprobs(tokens: jax.Array) -> SampleOutput:
     """
     shape = tokens.shape
     return SampleOutput(tokens=tokens, logprobs=jnp.full(shape, jnp.nan, jnp.float32),
-                        top_ids=jnp.zeros(shape + (0,), jnp.int32), top_logprobs=jnp.zeros(shape + (0,), jnp.float32))
+                        top_ids=jnp.zeros(shape + (0,), jnp.int32), top_logprobs=jnp.zeros(shape + (0,), jnp.float32),
+                        ranks=jnp.zeros(shape, jnp.int32))

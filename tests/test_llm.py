@@ -29,6 +29,7 @@ def test_generate_gives_jaxserve_s_results_as_vllm_s_objects(model):
         assert_all_pages_free(llm.engine)
     assert all(isinstance(o, RequestOutput) for o in got) and [o.prompt for o in got] == [
         "def add(a, b):", "import os\n", "class A:"]
+    outside = 0  # sampled tokens ranked past the top three
     for out, ref in zip(got, want):
         assert out.prompt_token_ids == model.tokenizer.encode(out.prompt, add_special_tokens=False)
         assert len(out.outputs) == 2 and [o.index for o in out.outputs] == [0, 1]
@@ -36,15 +37,20 @@ def test_generate_gives_jaxserve_s_results_as_vllm_s_objects(model):
             assert (sample.text, sample.token_ids, sample.finish_reason) == (
                 ref_sample["text"], ref_sample["token_ids"], ref_sample["finish_reason"])
             assert sample.cumulative_logprob == pytest.approx(sum(ref_sample["logprobs"]))
-            for token, lp, entry in zip(sample.token_ids, ref_sample["logprobs"], sample.logprobs):
+            for token, lp, rank, entry in zip(sample.token_ids, ref_sample["logprobs"], ref_sample["logprob_ranks"],
+                                              sample.logprobs):
                 assert entry[token].logprob == pytest.approx(lp) and len(entry) in (3, 4)
                 ranked = sorted(entry.values(), key=lambda e: -e.logprob)
-                assert [e.rank for e in ranked if e.rank is not None] == list(range(1, 4))
+                # The top three ranked 1-3; the sampled token at its own rank, past 3 where outside them (vLLM's).
+                assert [e.rank for e in ranked] == list(range(1, len(entry) + 1))[:3] + [rank] * (len(entry) == 4)
+                assert entry[token].rank == rank and (rank > 3) == (len(entry) == 4)
+                outside += rank > 3
                 assert entry[token].decoded_token == model.tokenizer.decode([token])
         assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(out.prompt_token_ids)
         for token, entry, rank in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:],
                                       ref["prompt_logprob_ranks"][1:]):
             assert entry[token].rank == rank
+    assert outside > 0
 
 
 def test_chat_and_embed(model):

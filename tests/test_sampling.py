@@ -11,8 +11,8 @@ import pytest
 
 from jaxserve import sampling
 from jaxserve.sampling import (
-    SamplingParams, apply_penalties, make_batch, needs_sampling, sample, seen_from_prompts,
-    token_logprobs, update_counts,
+    SamplingParams, apply_penalties, make_batch, needs_sampling, no_logprobs, sample, seen_from_prompts,
+    token_logprobs, token_ranks, update_counts,
 )
 
 
@@ -414,6 +414,19 @@ def test_logprobs_are_log_softmax_of_the_unmodified_logits():
     np.testing.assert_allclose(out.top_logprobs, -np.sort(-log_softmax, -1)[:, :k], rtol=1e-5, atol=1e-5)
     lp, ids, top = token_logprobs(logits, out.tokens)
     assert ids.shape == (b, 0) and top.shape == (b, 0)
+    # vLLM's rank of each sampled token (the temperature-0.5 and top-p rows may draw past the top four).
+    chosen = log_softmax[np.arange(b), np.asarray(out.tokens)]
+    np.testing.assert_array_equal(out.ranks, 1 + (log_softmax > chosen[:, None]).sum(-1))
+
+
+def test_token_ranks_count_strictly_higher_logits():
+    logits = jnp.round(jax.random.normal(jax.random.key(11), (64, 50)), 1)  # rounded: many ties
+    tokens = jax.random.randint(jax.random.key(12), (64,), 0, 50)
+    x, t = np.asarray(logits), np.asarray(tokens)
+    want = 1 + (x > x[np.arange(64), t][:, None]).sum(-1)
+    np.testing.assert_array_equal(token_ranks(logits, tokens), want)
+    assert (want > 1).any() and (token_ranks(logits, jnp.argmax(logits, -1)) == 1).all()
+    np.testing.assert_array_equal(no_logprobs(tokens).ranks, np.zeros(64))
 
 
 def test_logprobs_off_gives_the_same_tokens_and_nan():

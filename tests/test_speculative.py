@@ -222,8 +222,10 @@ def test_rows_that_sample_speculate_and_greedy_rows_beside_them_keep_greedy_toke
         assert len(o["token_ids"]) == 37 and o["finish_reason"] == "length"
     # top_k=5: every token the row emitted (drafts kept or drawn) is one of the 5 most likely there, which its
     # top log-probabilities list.
-    for token, lp, top in zip(outs[3]["token_ids"], outs[3]["logprobs"], outs[3]["top_logprobs"]):
+    for token, lp, top, rank in zip(outs[3]["token_ids"], outs[3]["logprobs"], outs[3]["top_logprobs"],
+                                    outs[3]["logprob_ranks"]):
         assert token in top and top[token] == pytest.approx(lp, abs=1e-5)
+        assert rank == 1 + sum(v > top[token] for v in top.values())  # its rank from the verify call
 
 
 def test_speculation_settings_are_checked():
@@ -243,6 +245,7 @@ def test_greedy_rows_with_log_probabilities_speculate_and_keep_them(model):
     for o, p in zip(outs, plain):
         assert o["token_ids"] == p["token_ids"]
         assert o["logprobs"] == pytest.approx(p["logprobs"], abs=1e-4)
+        assert o["logprob_ranks"] == p["logprob_ranks"] == [1] * 37  # greedy: each token its step's likeliest
         for got, want in zip(o.get("top_logprobs", []), p.get("top_logprobs", [])):
             assert got.keys() == want.keys() and list(got.values()) == pytest.approx(list(want.values()), abs=1e-4)
 
