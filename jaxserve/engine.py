@@ -461,6 +461,9 @@ class Engine:
                 ids = list(map(operator.index, prompt))  # ~20% under a comprehension: 32k ids a batch-256 run
             except TypeError:
                 raise ValueError(f"prompt must be a string or integer token ids, got {prompt!r:.200}") from None
+            # operator.index takes True as 1; a set of the element types is ~1 µs per 100 ids.
+            if isinstance(prompt, (list, tuple)) and bool in set(map(type, prompt)):
+                raise ValueError(f"prompt token ids must be ints, not bools, got {prompt!r:.200}")
             _check_in_vocab(ids, self.model.config.vocab_size, "prompt token ids must be")
         if not ids:
             raise ValueError("prompt must not be empty")

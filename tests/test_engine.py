@@ -1442,6 +1442,9 @@ def test_caller_ids_numpy_prompts_negative_seeds_and_embed_params(tiny):
     for bad in ([1.7, 2], ["3", 4], [None], b"\x01\x02"):
         with pytest.raises(ValueError, match="integer token ids"):
             engine.generate([bad], SamplingParams(max_tokens=1), use_tqdm=False)
+    for bad in ([True, 2], ({"prompt_token_ids": (3, False)})):  # bools pass operator.index
+        with pytest.raises(ValueError, match="ints, not bools"):
+            engine.generate([bad], SamplingParams(max_tokens=1), use_tqdm=False)
     with pytest.raises(ValueError, match="prompt_token_ids must be token ids"):  # not a text prompt
         engine.generate([{"prompt_token_ids": "abc"}], SamplingParams(max_tokens=1), use_tqdm=False)
     for bad in (None, 5):
