@@ -146,6 +146,24 @@ def test_the_runner_s_masked_greedy_pick_takes_the_same_tokens_through_the_kerne
     np.testing.assert_array_equal(picked[True], np.asarray(greedy_pick_reference(logits, allowed)[0]))
 
 
+def test_the_runner_s_greedy_pick_with_logprobs_ranks_its_tokens_first():
+    """The kernel path of `runner.choose_tokens` with log-probabilities: the tokens, log-probabilities and vLLM
+    ranks (1: each token its row's maximum) of XLA's path, on the same logits with ties."""
+    from jaxserve import runner
+    from jaxserve.sampling import make_batch, token_ranks
+
+    rng, seed = fresh_rng()
+    rows, vocab = 8, 1000
+    logits = jnp.asarray(np.round(rng.standard_normal((rows, vocab)) * 3), jnp.bfloat16)  # rounded: tied maxima
+    batch = make_batch([], rows)
+    outs = [runner.choose_tokens(logits, batch, jnp.zeros(rows, jnp.int32), None, None, num_top=0, greedy=True,
+                                 pick_kernel=kernel, logprobs=True) for kernel in (False, True)]
+    np.testing.assert_array_equal(outs[1].tokens, outs[0].tokens, err_msg=f"seed={seed}")
+    np.testing.assert_allclose(outs[1].logprobs, outs[0].logprobs, rtol=1e-5, atol=1e-5, err_msg=f"seed={seed}")
+    np.testing.assert_array_equal(outs[1].ranks, np.ones(rows))
+    np.testing.assert_array_equal(outs[0].ranks, token_ranks(logits, outs[1].tokens))
+
+
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="allowed"):
         greedy_pick(jnp.zeros((2, 40)), jnp.zeros((2, 1), jnp.uint32), logprobs=False)
