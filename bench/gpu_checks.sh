@@ -440,6 +440,9 @@
 #               on the H200 (~520 s)
 #   long52      session 52: three pipeline stages for long decode loops at head_dim 128 (LONG_LOOP_BLOCKS): its
 #               compiled test, two stages beside it at every shape it changes, then the full bandwidth table (~500 s)
+#   ranks68     session 68: sampled tokens' vocabulary ranks (SampleOutput.ranks): the greedy pick's and the sampler's
+#               compiled tests with log-probabilities, the LLM / speculative / engine log-probability tests on the GPU,
+#               then bench/logprob_cost.py (what log-probabilities and their ranks cost a step at 1 / 64 / 256 rows) (~400 s?)
 #   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -1337,6 +1340,11 @@ for part in "${parts[@]}"; do
                 --output-len 128 --long-prompt 0 --runs 3 --kv-cache-dtypes auto fp8 --out "$OUT/$part/long" ; \
               timeout 190 python3 bench/throughput.py --no-static --no-hf --batches 256 --long-prompt 0 --runs 3 \
                 --kv-cache-dtypes auto fp8 --out "$OUT/$part/short" ;;
+    ranks68) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_greedy_pick.py \
+               tests/test_sampling.py -k "runner or logprobs or ranks" ; \
+             timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_llm.py \
+               tests/test_speculative.py tests/test_engine.py -k "vllm_s_objects or probabilities or rows_that_sample or logprob" ; \
+             timeout 150 python3 bench/logprob_cost.py --rows 1 64 256 ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;
