@@ -443,6 +443,9 @@
 #   ranks68     session 68: sampled tokens' vocabulary ranks (SampleOutput.ranks): the greedy pick's and the sampler's
 #               compiled tests with log-probabilities, the LLM / speculative / engine log-probability tests on the GPU,
 #               then bench/logprob_cost.py (what log-probabilities and their ranks cost a step at 1 / 64 / 256 rows) (~400 s?)
+#   sampler68   session 68: the LLM log-probability test that failed in ranks68 on a 1e-6 difference (now 1e-5), then
+#               bench/sampler_cost.py: the sampler by setting (greedy, temperature, top-p, top-k, min-p) and top-k
+#               selection (lax.top_k against two stages) at 1 / 64 / 256 rows (~400 s?)
 #   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -1345,6 +1348,9 @@ for part in "${parts[@]}"; do
              timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_llm.py \
                tests/test_speculative.py tests/test_engine.py -k "vllm_s_objects or probabilities or rows_that_sample or logprob" ; \
              timeout 150 python3 bench/logprob_cost.py --rows 1 64 256 ;;
+    sampler68) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_llm.py \
+                 -k vllm_s_objects ; \
+               timeout 400 python3 bench/sampler_cost.py --rows 1 64 256 ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;
