@@ -93,7 +93,10 @@ def step_params(params: BeamSearchParams) -> SamplingParams:
 
 def best_next(result: dict[str, Any], k: int) -> dict[int, float]:
     """A step request's ``k`` best next tokens: the chosen token's log-probability is listed beside the k best
-    (vLLM's rule), so keep the k best."""
+    (vLLM's rule), so keep the k best. ValueError with the engine's reason where the step was refused (a beam that
+    outgrew the KV pool)."""
+    if not result.get("top_logprobs"):
+        raise ValueError(f"beam search step not run: {result.get('error') or result.get('finish_reason')}")
     return dict(heapq.nlargest(k, result["top_logprobs"][0].items(), key=lambda kv: kv[1]))
 
 
@@ -136,12 +139,11 @@ def run_beam_search(driver: Any, prompts: Any, params: BeamSearchParams, use_tqd
     dict a prompt, ``{"sequences": [...]}``, its beams best first, each with ``text``, ``token_ids`` (generated),
     ``logprobs`` (each token's), ``cum_logprob``, ``score`` and ``finish_reason`` (``stop`` at EOS, else
     ``length``). Every prompt is checked before anything runs: ValueError naming what is wrong."""
-    from jaxserve.engine import run_to_completion
+    from jaxserve.engine import prompt_list, run_to_completion
 
     if not isinstance(params, BeamSearchParams):
         raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
-    if isinstance(prompts, (str, Mapping)) or (prompts and isinstance(prompts[0], (int, np.integer))):
-        prompts = [prompts]
+    prompts = prompt_list(prompts)
     if any(isinstance(p, Mapping) and "prompt_embeds" in p for p in prompts):
         # Each step's beams are prompts of token ids attaching their parent's cached pages: embeddings have neither.
         raise ValueError("prompt_embeds: beam search takes prompts of text or token ids")

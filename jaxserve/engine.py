@@ -1581,19 +1581,33 @@ def check_priority(priority: Any, scheduling_policy: str) -> None:
         raise ValueError(f"priority must be 0 unless the engine's scheduling_policy is 'priority', got {priority}")
 
 
+def prompt_list(prompts: Any) -> list[Any]:
+    """One prompt (text, a prompt dict, token ids) or any iterable of them (a generator too), as a list of prompts;
+    ValueError for what is neither.
+
+    Example:
+        >>> prompt_list("hi"), prompt_list([1, 2]), prompt_list(p for p in ["a", "b"])
+        (['hi'], [[1, 2]], ['a', 'b'])
+    """
+    if isinstance(prompts, np.ndarray):  # token ids as an array: one prompt [T] or a batch [B, T]
+        prompts = prompts.tolist()
+    if prompts is None or not hasattr(prompts, "__iter__") or isinstance(prompts, (bytes, bytearray)):
+        raise ValueError(f"prompts must be a string, token ids, a prompt dict or a list of them, got {prompts!r:.200}")
+    if isinstance(prompts, (str, Mapping)):
+        return [prompts]
+    prompts = list(prompts)  # before looking at the first: a generator has no [0]
+    if prompts and isinstance(prompts[0], (int, np.integer)):
+        return [prompts]
+    return prompts
+
+
 def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
                       sampling_params: SamplingParams | Sequence[SamplingParams] | None, use_tqdm: bool,
                       priority: Sequence[int] | None = None,
                       lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[dict[str, Any]]:
     """`Engine.generate`'s loop over any ``driver`` with the Engine's batch API (an `Engine`, or
     `jaxserve.replicas.Replicas`): make (validate) every request, queue them, step until each finished."""
-    if isinstance(prompts, np.ndarray):  # token ids as an array: one prompt [T] or a batch [B, T]
-        prompts = prompts.tolist()
-    if prompts is None or not hasattr(prompts, "__iter__") or isinstance(prompts, (bytes, bytearray)):
-        raise ValueError(f"prompts must be a string, token ids, a prompt dict or a list of them, got {prompts!r:.200}")
-    if isinstance(prompts, (str, Mapping)) or (prompts and isinstance(prompts[0], (int, np.integer))):
-        prompts = [prompts]
-    prompts = list(prompts)
+    prompts = prompt_list(prompts)
     if isinstance(sampling_params, (SamplingParams, PoolingParams)) or sampling_params is None:
         params_list = [sampling_params] * len(prompts)
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -114,6 +115,11 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # numpy integers (a size computed with numpy) as the ints they are
+            v = getattr(self, f.name)
+            if isinstance(v, numbers.Integral) and not isinstance(v, (int, bool)):
+                object.__setattr__(self, f.name, int(v))
+
         def positive(name: str) -> None:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -151,7 +157,7 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
         if (not isinstance(self.memory_fraction, numbers.Real) or isinstance(self.memory_fraction, bool)
                 or not 0.0 < self.memory_fraction <= 0.95):
-            raise ValueError(f"memory_fraction must be in (0, 0.95], got {self.memory_fraction}")
+            raise ValueError(f"memory_fraction must be in (0, 0.95], got {self.memory_fraction!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
@@ -237,14 +243,12 @@ class EngineConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EngineConfig":
+        if not isinstance(d, Mapping):  # a YAML document of one scalar, say
+            raise ValueError(f"an EngineConfig must be given as a mapping of its fields, got {d!r:.200}")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown EngineConfig field(s): {sorted(unknown)}")
-        d = dict(d)
-        for name in ("batch_buckets", "prefill_buckets"):
-            if d.get(name) is not None:
-                d[name] = tuple(d[name])
-        return cls(**d)
+        return cls(**d)  # it checks each field's type and value (a YAML list of buckets becomes a tuple there)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

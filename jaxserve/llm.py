@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 import os
+from collections.abc import Mapping
 from typing import Any, Sequence
 
-from jaxserve.engine import Engine, Prompt
+from jaxserve.engine import Engine, Prompt, prompt_list
 from jaxserve.engine_config import EngineConfig
 from jaxserve.lora import LoRARequest
 from jaxserve.pooling import PoolingParams
@@ -156,11 +156,15 @@ def engine_config_from_vllm(**kwargs: Any) -> EngineConfig:
         elif name == "max_logprobs":  # vLLM's cap on a request's logprobs; jaxserve's is fixed
             from jaxserve.engine import MAX_TOP_LOGPROBS
 
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"max_logprobs must be an int, got {value!r}")
             if value > MAX_TOP_LOGPROBS:
                 raise TypeError(f"LLM(): 'max_logprobs' above jaxserve's {MAX_TOP_LOGPROBS}, got {value!r}")
         elif name == "enable_lora":
             fields.setdefault("max_loras", 1 if value else 0)
         elif name == "speculative_config":
+            if value is not None and not isinstance(value, Mapping):
+                raise ValueError(f"speculative_config must be a dict (vLLM's), got {value!r}")
             spec = dict(value or {})
             if spec.pop("method", "ngram") != "ngram":
                 raise TypeError("speculative_config: only method 'ngram' is served")
@@ -308,10 +312,8 @@ class LLM:
 
 
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """One prompt (text, a prompt dict, token ids) or a list of them, as a list."""
-    if isinstance(prompts, (str, dict)) or (len(prompts) and isinstance(prompts[0], numbers.Integral)):
-        return [prompts]
-    return list(prompts)
+    """One prompt (text, a prompt dict, token ids) or an iterable of them, as a list (ValueError for neither)."""
+    return prompt_list(prompts)
 
 
 def _completion_output(index: int, result: dict[str, Any], decode: Any) -> CompletionOutput:

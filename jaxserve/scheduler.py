@@ -487,15 +487,15 @@ class Scheduler:
     # ----- accounting ----------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
         st = self.state
-        pool_stats = {k: float(v) for k, v in st._pool_stats(st.pool).items()}
+        pool_stats = st._pool_stats(st.pool)
         index_stats = {k: int(v) for k, v in st._index_stats(st.index).items()}
         queried = max(index_stats["queried_tokens"], 1)
         return {
             "running": len(self.running),
             "waiting": len(self.waiting),
             "pages_total": self.num_pages,
-            "pages_used": pool_stats["pages_used"],
-            "pages_free": pool_stats["pages_free"],
+            "pages_used": int(pool_stats["pages_used"]),  # counts, not the float they were once read as
+            "pages_free": int(pool_stats["pages_free"]),
             "pages_cached": index_stats["nodes"],
             "prefix_hit_rate": index_stats["hit_tokens"] / queried,
             "prefix_hit_tokens": index_stats["hit_tokens"],

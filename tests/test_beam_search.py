@@ -151,7 +151,17 @@ def test_bad_prompts_are_refused_before_anything_runs():
             engine.beam_search([""], BeamSearchParams(beam_width=2, max_tokens=8), use_tqdm=False)
         with pytest.raises(ValueError, match="BeamSearchParams"):
             engine.beam_search(["x"], jaxserve.SamplingParams(), use_tqdm=False)
+        with pytest.raises(ValueError, match="prompts must be"):
+            engine.beam_search(None, BeamSearchParams(beam_width=2, max_tokens=8), use_tqdm=False)
         assert engine.stats()["waiting"] == 0 and engine.stats()["generated_tokens"] == 0
+        # A generator of prompts is a list of them.
+        got = engine.beam_search((p for p in ["x", "y"]), BeamSearchParams(beam_width=2, max_tokens=2), use_tqdm=False)
+        assert len(got) == 2
+    # Beams that outgrow a small KV pool: the engine's reason as a ValueError, every page free again.
+    with Engine(jaxserve.load(), small_config(num_pages=2, page_size=8)) as engine:
+        with pytest.raises(ValueError, match="needs more KV pages"):
+            engine.beam_search([[5] * 14], BeamSearchParams(beam_width=2, max_tokens=4), use_tqdm=False)
+        assert_all_pages_free(engine)
 
 
 def test_server_use_beam_search_gives_the_n_best_beams_as_choices(tiny_checkpoint):
@@ -182,5 +192,17 @@ def test_server_use_beam_search_gives_the_n_best_beams_as_choices(tiny_checkpoin
             assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
         r = post("/v1/completions", {**body, "n": 11})
         assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+        # A forced tool call would constrain the beams, which beam search cannot follow: refused by name too.
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        r = post("/v1/chat/completions", {**chat, "tools": tools, "tool_choice": "required"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+        # cache_salt holds for the beams' steps: a one-step search of a prompt cached without the salt hits nothing.
+        assert post("/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 1}).status_code == 200
+        hits = live.engine_call(lambda e: e.stats())["prefix_hit_tokens"]
+        r = post("/v1/completions", {**body, "max_tokens": 1, "cache_salt": "other tenant"})
+        assert r.status_code == 200, r.text
+        assert live.engine_call(lambda e: e.stats())["prefix_hit_tokens"] == hits
+        r = post("/v1/completions", {**body, "max_tokens": 1})  # the same without the salt: a hit
+        assert live.engine_call(lambda e: e.stats())["prefix_hit_tokens"] > hits
         stats = live.engine_call(lambda e: e.stats())
         assert stats["running"] == 0 and stats["waiting"] == 0

@@ -522,6 +522,15 @@ def test_engine_config_validates_and_round_trips():
         EngineConfig(dtype="float16")
     with pytest.raises(ValueError, match="unknown EngineConfig field"):
         EngineConfig.from_dict({"pages": 3})
+    # A dict's or YAML's wrong types name their field as the constructor does; a document that is no mapping is refused.
+    for source, field in ((lambda: EngineConfig.from_dict({"batch_buckets": 64}), "batch_buckets"),
+                          (lambda: EngineConfig.from_yaml("prefill_buckets: 2048"), "prefill_buckets"),
+                          (lambda: EngineConfig.from_yaml("memory_fraction: 5e-1"), "memory_fraction"),
+                          (lambda: EngineConfig.from_yaml("5"), "mapping of its fields")):
+        with pytest.raises(ValueError, match=field):
+            source()
+    assert EngineConfig.from_yaml("batch_buckets: [4, 8]\nmax_running: 8").batch_buckets == (4, 8)
+    assert EngineConfig(num_pages=np.int64(5), max_running=np.int32(4)) == EngineConfig(num_pages=5, max_running=4)
 
 
 def test_warmup_compiles_every_shape_the_scheduler_uses(tiny):

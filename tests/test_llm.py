@@ -142,3 +142,19 @@ def test_vllm_engine_arguments_reach_the_engine_config():
         engine_config_from_vllm(seed=-1)
     with pytest.raises(TypeError, match="not both"):
         LLM(None, engine_config=EngineConfig(), max_num_seqs=4)
+    for bad in ({"max_logprobs": "5"}, {"max_logprobs": None}, {"speculative_config": "ngram"},
+                {"speculative_config": [1]}):
+        with pytest.raises(ValueError, match=f"^{next(iter(bad))} must be"):
+            engine_config_from_vllm(**bad)
+
+
+def test_prompts_that_are_not_prompts_are_refused_and_a_generator_is_a_list(model):
+    with LLM(model) as llm:
+        for bad in (None, 5):
+            with pytest.raises(ValueError, match="prompts must be"):
+                llm.generate(bad, SamplingParams(max_tokens=1), use_tqdm=False)
+        greedy = SamplingParams(max_tokens=3, temperature=0)
+        got = llm.generate((p for p in ["import os\n", "class A:"]), greedy, use_tqdm=False)
+        want = llm.generate(["import os\n", "class A:"], greedy, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+        assert_all_pages_free(llm.engine)

@@ -26,13 +26,16 @@ ANSWER = "two and two</think>The answer is 4"
     ("cut short", ("cut short", None)),
     ("", (None, None)),
     ("a</think>b</think>c", ("a", "b</think>c")),
+    ("a <think> b</think>c", ("a <think> b", "c")),  # only a leading <think> opens the thinking
+    ("4.</think>Wrap notes in <think> tags.", ("4.", "Wrap notes in <think> tags.")),
 ])
 def test_split_whole_texts(text, want):
     assert split_reasoning(text) == want
 
 
 @pytest.mark.parametrize("text", ["a</think>b", "<think>a</think>b", "x</th</think>y", "<thin", "a</thin", "<think>",
-                                  "no tags at all", "r</think>c</think>d", "</think>"])
+                                  "no tags at all", "r</think>c</think>d", "</think>", "a<think>b</think>c<think>d",
+                                  "<think><think>a</think>"])
 def test_a_stream_split_at_every_point_gives_the_whole_text_s_parts(text):
     want_r, want_c = split_reasoning(text)
     for cut in range(len(text) + 1):

@@ -550,6 +550,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
     ("/v1/completions", {**GOOD, "prompt": 5}, 400, "prompt", None),
     ("/v1/completions", {**GOOD, "n": 1.5}, 400, "n", None),
     ("/v1/completions", {**GOOD, "stream": "yes"}, 400, "stream", None),
+    ("/v1/completions", {**GOOD, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
     ("/v1/completions", {k: v for k, v in GOOD.items() if k != "prompt"}, 400, "prompt", None),
     ("/v1/completions", {**GOOD, "top_p": 1.5}, 400, "top_p", None),
     ("/v1/completions", {**GOOD, "temperature": -1}, 400, "temperature", None),
@@ -1038,6 +1039,23 @@ def test_non_streaming_client_disconnect_aborts(live, pages_freed, monkeypatch):
         post(live, "/v1/completions", {**GOOD, "max_tokens": 128, "ignore_eos": True},
              timeout=httpx.Timeout(60, read=0.3))
     seconds_until_aborted(live, before, time.time())
+
+
+def finished_count(live) -> float:
+    return sum(float(line.split()[-1]) for line in httpx.get(live.url + "/metrics").text.splitlines()
+               if line.startswith("jaxserve_requests_total{"))
+
+
+def test_beam_search_stops_when_its_client_disconnects(live, pages_freed):
+    # Each beam step is a set of one-token requests that ends well inside the disconnect poll's period: the
+    # search must check its client between steps, or it runs to the end unobserved (~100 steps here).
+    body = {**GOOD, "max_tokens": 100, "n": 4, "use_beam_search": True, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        post(live, "/v1/completions", body, timeout=httpx.Timeout(60, read=0.3))
+    time.sleep(1.5)
+    settled = finished_count(live)
+    time.sleep(1.5)
+    assert finished_count(live) == settled
 
 
 def test_streaming_client_disconnect_aborts_before_the_next_token(live, pages_freed, monkeypatch):

@@ -985,6 +985,8 @@ def _check_n(req: SamplingFields, st: _State) -> None:
 def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, count: int,
                      st: _State, prompt_logprobs: int | None = None,
                      structured: StructuredOutputs | None = None) -> list[SamplingParams]:
+    if req.stream_options is not None and not req.stream:  # vLLM's and OpenAI's 400
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if len(stop) > st.config.max_stop:
         raise APIError(400, f"stop must hold at most {st.config.max_stop} strings, got {len(stop)}", param="stop")
@@ -1151,10 +1153,7 @@ async def _merge(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, dict[
 
 async def _serve(request: Request, st: _State, req: SamplingFields, prompts: list[Any],
                  params: list[SamplingParams], fmt: CompletionFormat | ChatFormat) -> Response:
-    if req.cache_salt is not None:  # the engine refuses a bad one (`request.cache_salt_keys`)
-        prompts = [{**(p if isinstance(p, dict) else {"prompt_token_ids": p}), "cache_salt": req.cache_salt}
-                   for p in prompts]
-    handles = await _submit_all(st, prompts, params, fmt.id, req.priority, st.loras.get(req.model))
+    handles = await _submit_all(st, _salted(prompts, req), params, fmt.id, req.priority, st.loras.get(req.model))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = include_usage and req.stream_options.continuous_usage_stats
@@ -1166,6 +1165,14 @@ async def _serve(request: Request, st: _State, req: SamplingFields, prompts: lis
                                  background=BackgroundTask(_abort_all, handles))
     results = await _results_unless_disconnected(request, handles)
     return await _on_tokenizer_thread(st, lambda: JSONResponse(fmt.response(results)))
+
+
+def _salted(prompts: list[Any], req: SamplingFields) -> list[Any]:
+    """The prompts under the request's ``cache_salt`` (vLLM's: they share cached prefixes only with prompts of the
+    same salt); as they are without one. The engine refuses a bad salt (`request.cache_salt_keys`)."""
+    if req.cache_salt is None:
+        return prompts
+    return [{**(p if isinstance(p, dict) else {"prompt_token_ids": p}), "cache_salt": req.cache_salt} for p in prompts]
 
 
 # Fields a beam search request may not set (vLLM's beam search takes n, max_tokens, ignore_eos, length_penalty).
@@ -1181,6 +1188,9 @@ async def _beam_search(request: Request, st: _State, req: SamplingFields, prompt
     for name in _NOT_WITH_BEAM_SEARCH:
         if getattr(req, name, None) not in (None, False, [], {}):
             raise APIError(400, f"{name} is not supported with use_beam_search", param=name)
+    if getattr(req, "tool_choice", None) not in (None, "auto", "none"):  # a forced call constrains the output
+        raise APIError(400, "tool_choice other than 'auto' or 'none' is not supported with use_beam_search",
+                       param="tool_choice")
     try:
         params = BeamSearchParams(beam_width=req.n, max_tokens=max_tokens, ignore_eos=bool(req.ignore_eos),
                                   length_penalty=req.length_penalty)
@@ -1194,12 +1204,19 @@ async def _beam_search(request: Request, st: _State, req: SamplingFields, prompt
 
     def next_logprobs(seqs: list[list[int]], k: int) -> list[dict[int, float]]:
         async def run() -> list[dict[str, Any]]:
-            handles = await _submit_all(st, seqs, [step] * len(seqs), f"{fmt.id}-beam", req.priority, lora)
+            # A step ends well inside `_results_unless_disconnected`'s poll: the client is checked before each.
+            if await request.is_disconnected():
+                raise APIError(499, "client disconnected", code="client_closed_request")
+            handles = await _submit_all(st, _salted(seqs, req), [step] * len(seqs), f"{fmt.id}-beam", req.priority,
+                                        lora)
             return await _results_unless_disconnected(request, handles)
 
         return [best_next(o, k) for o in asyncio.run_coroutine_threadsafe(run(), loop).result()]
 
-    found = await asyncio.to_thread(search, next_logprobs, prompts, params, st.engine.engine.eos_ids)
+    try:
+        found = await asyncio.to_thread(search, next_logprobs, prompts, params, st.engine.engine.eos_ids)
+    except ValueError as exc:  # a step the engine refused (`best_next`): beams longer than the KV pool holds
+        raise APIError(400, str(exc), param="max_tokens") from None
 
     def results() -> list[dict[str, Any]]:
         out = []

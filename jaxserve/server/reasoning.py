@@ -24,8 +24,9 @@ def split_reasoning(text: str) -> tuple[str | None, str | None]:
         >>> split_reasoning("<think>still thinking")
         ('still thinking', None)
     """
-    _, start, rest = text.partition(THINK_START)
-    text = rest if start else text
+    # Only a leading <think> is the model opening its thinking: one written later is text (as `ReasoningStream`).
+    if text.startswith(THINK_START):
+        text = text[len(THINK_START):]
     reasoning, end, content = text.partition(THINK_END)
     if not end:
         return text or None, None
