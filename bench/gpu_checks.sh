@@ -446,6 +446,9 @@
 #   sampler68   session 68: the LLM log-probability test that failed in ranks68 on a 1e-6 difference (now 1e-5), then
 #               bench/sampler_cost.py: the sampler by setting (greedy, temperature, top-p, top-k, min-p) and top-k
 #               selection (lax.top_k against two stages) at 1 / 64 / 256 rows (~400 s?)
+#   chunks68    session 68: top-k / top-p cut-offs from the chunks with the largest maxima (sampling.CANDIDATE_CHUNKS)
+#               against XLA's top-k of 1,024 (JAXSERVE_CANDIDATE_CHUNKS=0), bench/sampler_cost.py's sampler rows at 1 /
+#               64 / 256 rows, each its own process; then test_sampling.py on the GPU (~450 s?)
 #   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -1351,6 +1354,10 @@ for part in "${parts[@]}"; do
     sampler68) timeout 150 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_llm.py \
                  -k vllm_s_objects ; \
                timeout 400 python3 bench/sampler_cost.py --rows 1 64 256 ;;
+    chunks68) for c in 0 64; do echo "== ab JAXSERVE_CANDIDATE_CHUNKS=$c"; \
+                JAXSERVE_CANDIDATE_CHUNKS=$c timeout 150 python3 bench/sampler_cost.py --rows 1 64 256 --top-k \
+                ; done ; \
+              timeout 250 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_sampling.py ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;

@@ -113,12 +113,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    ap.add_argument("--top-k", type=int, nargs="+", default=[5, 20, 1024])
+    ap.add_argument("--top-k", type=int, nargs="*", default=[5, 20, 1024], help="none: no top-k table")
     ap.add_argument("--chunks", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--buffers", type=int, default=4)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    from jaxserve import sampling
+
+    print(f"sampling.CANDIDATE_CHUNKS {sampling.CANDIDATE_CHUNKS} x CHUNK_TOKENS {sampling.CHUNK_TOKENS}")
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; vocab {VOCAB}, bf16 logits, "
           f"{args.buffers} buffers, {args.reps} calls a loop, median of {args.rounds} loops; µs a call")
     print("\n| rows | " + " | ".join(args.settings) + " |")
@@ -129,6 +132,8 @@ def main() -> None:
         pools[rows] = jnp.stack([lm_like_logits(k, rows) for k in keys])
         t = [_timed(sampler_body(s, rows), pools[rows], rows, args.reps, args.rounds) for s in args.settings]
         print(f"| {rows} | " + " | ".join(f"{v:.1f}" for v in t) + " |", flush=True)
+    if not args.top_k:
+        return
     forms = [("lax.top_k", None)] + [(f"two-stage {c}", c) for c in args.chunks]
     print("\n| rows | k | " + " | ".join(name for name, _ in forms) + " | same values |")
     print("|---|---|" + "---|" * len(forms) + "---|")

@@ -347,6 +347,41 @@ def test_top_k_top_p_cutoff_is_exact_with_or_without_the_candidate_shortcut(cand
         np.testing.assert_array_equal(np.isfinite(np.asarray(got[b])), ref_distribution(x[b], p) > 0)
 
 
+def test_chunk_candidate_cutoffs_are_exact_and_fall_back_where_undecided(monkeypatch):
+    """The first tier of `_top_k_top_p` (the tokens of the chunks with the largest maxima, `_chunk_candidates`), at
+    chunks small enough for a 1,003-token vocabulary: every row's cut-off equals the numpy reference's, on peaked rows
+    (the tier decides them) and flat rows with tied values (it does not, and the top-k and sort tiers answer)."""
+    monkeypatch.setattr(sampling, "CANDIDATE_CHUNKS", 6)
+    monkeypatch.setattr(sampling, "CHUNK_TOKENS", 16)
+    rng = np.random.default_rng()
+    b, v = 24, 1003  # not a whole number of chunks: the last one padded
+    x = rng.normal(size=(b, v)).astype(np.float32)
+    x[::2] *= 0.2  # flat rows, rounded to ties
+    x[::2] = np.round(x[::2], 1)
+    for r in range(1, b, 2):  # peaked rows: a decaying boost on random tokens, on every 4th row crowded into a
+        # few chunks, whose other large entries lie below the bound (a nucleus there must not be taken from them)
+        at = rng.permutation(v)[:40] if r % 4 == 1 else rng.permutation(64)[:40]
+        x[r, at] += 12.0 - 1.0 * np.log1p(np.arange(40))
+    top_k = rng.choice([-1, 1, 3, 10, 40, 500], size=b).astype(np.int32)
+    top_p = rng.choice([1.0, 0.5, 0.9, 0.99], size=b).astype(np.float32)
+    top_p[top_k == -1] = np.minimum(top_p[top_k == -1], 0.9)  # every row cuts somewhere
+    values, ids, bound = sampling._chunk_candidates(jnp.asarray(x))
+    real = np.isfinite(np.asarray(values))  # the padding past the vocabulary is -inf (its ids clipped to the last)
+    assert (~real).sum(-1).max() <= 6 * 16 - v % 16
+    np.testing.assert_array_equal(np.asarray(values)[real], x[np.arange(b)[:, None], np.asarray(ids)][real])
+    outside = np.ones((b, v), bool)
+    outside[np.arange(b)[:, None], np.asarray(ids)] = False
+    np.testing.assert_array_equal(np.asarray(bound), np.where(outside, x, -np.inf).max(-1))
+    _, decided = sampling._thresholds(jnp.asarray(x), -jnp.sort(-values, axis=-1), jnp.asarray(top_k),
+                                      jnp.asarray(top_p), bound)
+    assert np.asarray(decided).any() and not np.asarray(decided).all()  # both ways taken
+    for rows in (np.flatnonzero(np.asarray(decided)), np.arange(b)):  # the tier alone, then with the fallbacks
+        got = sampling._top_k_top_p(jnp.asarray(x[rows]), jnp.asarray(top_k[rows]), jnp.asarray(top_p[rows]), 64)
+        for i, r in enumerate(rows):
+            want = ref_distribution(x[r], SamplingParams(top_k=int(top_k[r]), top_p=float(top_p[r]))) > 0
+            np.testing.assert_array_equal(np.isfinite(np.asarray(got[i])), want, err_msg=f"row {r}")
+
+
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=0.7, seed=5),
     SamplingParams(temperature=1.3, top_k=12, top_p=0.9, min_p=0.02, seed=6),
