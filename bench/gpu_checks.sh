@@ -449,6 +449,8 @@
 #   chunks68    session 68: top-k / top-p cut-offs from the chunks with the largest maxima (sampling.CANDIDATE_CHUNKS)
 #               against XLA's top-k of 1,024 (JAXSERVE_CANDIDATE_CHUNKS=0), bench/sampler_cost.py's sampler rows at 1 /
 #               64 / 256 rows, each its own process; then test_sampling.py on the GPU (~450 s?)
+#   chunks68b   session 68: chunks68 with top log-probabilities from the chunks too (sampling.top_k_exact), at 0 / 16 /
+#               32 / 64 candidate chunks, each its own process; bench/logprob_cost.py; test_sampling.py (~400 s?)
 #   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -1358,6 +1360,11 @@ for part in "${parts[@]}"; do
                 JAXSERVE_CANDIDATE_CHUNKS=$c timeout 150 python3 bench/sampler_cost.py --rows 1 64 256 --top-k \
                 ; done ; \
               timeout 250 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_sampling.py ;;
+    chunks68b) for c in 0 16 32 64; do echo "== ab JAXSERVE_CANDIDATE_CHUNKS=$c"; \
+                 JAXSERVE_CANDIDATE_CHUNKS=$c timeout 150 python3 bench/sampler_cost.py --rows 1 64 256 --top-k \
+                 ; done ; \
+               timeout 150 python3 bench/logprob_cost.py --rows 1 64 256 ; \
+               timeout 250 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_sampling.py ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;

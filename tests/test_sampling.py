@@ -347,6 +347,18 @@ def test_top_k_top_p_cutoff_is_exact_with_or_without_the_candidate_shortcut(cand
         np.testing.assert_array_equal(np.isfinite(np.asarray(got[b])), ref_distribution(x[b], p) > 0)
 
 
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_top_k_from_chunks_is_lax_top_k(monkeypatch, k):
+    # Top log-probabilities from the k chunks with the largest maxima: lax.top_k's values and ids, ties included.
+    monkeypatch.setattr(sampling, "CHUNK_TOKENS", 16)
+    rng = np.random.default_rng()
+    x = rng.normal(size=(16, 1003)).astype(np.float32)
+    x[::2] = np.round(x[::2], 1)
+    got, want = sampling.top_k_exact(jnp.asarray(x), k), jax.lax.top_k(jnp.asarray(x), k)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_chunk_candidate_cutoffs_are_exact_and_fall_back_where_undecided(monkeypatch):
     """The first tier of `_top_k_top_p` (the tokens of the chunks with the largest maxima, `_chunk_candidates`), at
     chunks small enough for a 1,003-token vocabulary: every row's cut-off equals the numpy reference's, on peaked rows
