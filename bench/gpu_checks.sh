@@ -451,6 +451,9 @@
 #               64 / 256 rows, each its own process; then test_sampling.py on the GPU (~450 s?)
 #   chunks68b   session 68: chunks68 with top log-probabilities from the chunks too (sampling.top_k_exact), at 0 / 16 /
 #               32 / 64 candidate chunks, each its own process; bench/logprob_cost.py; test_sampling.py (~400 s?)
+#   chunks68c   session 68: the sampler's cut-offs as per-row floors (no [B, V] cond results written out), at 0 and 64
+#               candidate chunks, each its own process, profiled per kernel at 256 rows; test_sampling + test_speculative
+#               on the GPU (~400 s?)
 #   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -1365,6 +1368,11 @@ for part in "${parts[@]}"; do
                  ; done ; \
                timeout 150 python3 bench/logprob_cost.py --rows 1 64 256 ; \
                timeout 250 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_sampling.py ;;
+    chunks68c) for c in 0 64; do echo "== ab JAXSERVE_CANDIDATE_CHUNKS=$c"; \
+                 JAXSERVE_CANDIDATE_CHUNKS=$c timeout 200 python3 bench/sampler_cost.py --rows 1 64 256 --top-k \
+                   --profile /tmp/sc$c ; done ; \
+               timeout 250 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_sampling.py \
+                 tests/test_speculative.py -k "not greedy_rows_keep or not bf16" ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;

@@ -67,7 +67,7 @@ def two_stage_top_k(x: jax.Array, k: int, chunk: int) -> tuple[jax.Array, jax.Ar
     return vals, jnp.take_along_axis(idx.reshape(b, -1), at, axis=-1)
 
 
-def _timed(body, pool: jax.Array, rows: int, reps: int, rounds: int) -> float:
+def _timed(body, pool: jax.Array, rows: int, reps: int, rounds: int, profile: str | None = None) -> float:
     buffers = pool.shape[0]
 
     @jax.jit
@@ -84,6 +84,13 @@ def _timed(body, pool: jax.Array, rows: int, reps: int, rounds: int) -> float:
         start = time.perf_counter()
         loop(pool).block_until_ready()
         times.append((time.perf_counter() - start) / reps * 1e6)
+    if profile:  # GPU time per kernel of one loop, per call, biggest first
+        from bench.decode_step import gpu_kernel_times, grouped_kernel_times
+
+        with jax.profiler.trace(profile, create_perfetto_trace=True):
+            loop(pool).block_until_ready()
+        for name, (n, t) in grouped_kernel_times(gpu_kernel_times(profile))[:12]:
+            print(f"   {t / reps:8.1f} µs/call {n / reps:5.1f} launches/call  {name[:90]}", flush=True)
     return float(np.median(times))
 
 
@@ -115,6 +122,7 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--top-k", type=int, nargs="*", default=[5, 20, 1024], help="none: no top-k table")
     ap.add_argument("--chunks", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--profile", default=None, help="trace each setting at the largest row count here, print per kernel")
     ap.add_argument("--buffers", type=int, default=4)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
@@ -130,7 +138,9 @@ def main() -> None:
     for rows in args.rows:
         keys = jax.random.split(jax.random.key(rows), args.buffers)
         pools[rows] = jnp.stack([lm_like_logits(k, rows) for k in keys])
-        t = [_timed(sampler_body(s, rows), pools[rows], rows, args.reps, args.rounds) for s in args.settings]
+        t = [_timed(sampler_body(s, rows), pools[rows], rows, args.reps, args.rounds,
+                    os.path.join(args.profile, f"{s}_{rows}") if args.profile and rows == max(args.rows) else None)
+             for s in args.settings]
         print(f"| {rows} | " + " | ".join(f"{v:.1f}" for v in t) + " |", flush=True)
     if not args.top_k:
         return
