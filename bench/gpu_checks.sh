@@ -454,6 +454,8 @@
 #   chunks68c   session 68: the sampler's cut-offs as per-row floors (no [B, V] cond results written out), at 0 and 64
 #               candidate chunks, each its own process, profiled per kernel at 256 rows; test_sampling + test_speculative
 #               on the GPU (~400 s?)
+#   chunks68d   session 68: candidate chunks of 128 / 64 / 32 tokens (JAXSERVE_CHUNK_TOKENS; 64 chunks each), the
+#               top-p / top-k / top-5 log-probability rows at 64 / 256, each its own process; test_sampling (~350 s?)
 #   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -1373,6 +1375,10 @@ for part in "${parts[@]}"; do
                    --profile /tmp/sc$c ; done ; \
                timeout 250 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_sampling.py \
                  tests/test_speculative.py -k "not greedy_rows_keep or not bf16" ;;
+    chunks68d) for t in 128 64 32; do echo "== ab JAXSERVE_CHUNK_TOKENS=$t"; \
+                 JAXSERVE_CHUNK_TOKENS=$t timeout 150 python3 bench/sampler_cost.py --rows 64 256 --top-k \
+                   --settings top_p top_k top_p+logprobs5 ; done ; \
+               timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_sampling.py ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;

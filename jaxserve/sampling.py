@@ -63,7 +63,7 @@ DEFAULT_TOP_CANDIDATES = 1024
 # cut lies above that value, as it does for top-k up to ~CANDIDATE_CHUNKS and the nucleus of a peaked distribution.
 # XLA's top-k of 1,024 over a 151,936-token vocabulary cost ~1.5 ms a step at 256 rows on an H100, the whole
 # sampler 1.9 ms (bench/results/sampler.md).
-CHUNK_TOKENS = 128
+CHUNK_TOKENS = int(os.environ.get("JAXSERVE_CHUNK_TOKENS", "128"))
 CANDIDATE_CHUNKS = int(os.environ.get("JAXSERVE_CANDIDATE_CHUNKS", "64"))  # 0: this tier off (A/B runs)
 
 
