@@ -60,10 +60,11 @@ MAX_N = 1024
 DEFAULT_TOP_CANDIDATES = 1024
 # Before those, the tokens of the CANDIDATE_CHUNKS chunks of CHUNK_TOKENS tokens with the largest maxima (sorted: a
 # few thousand values a row), which hold every token above the largest value outside them: exact wherever a row's
-# cut lies above that value, as it does for top-k up to ~CANDIDATE_CHUNKS and the nucleus of a peaked distribution.
+# cut lies above that value, as it does for top-k up to CANDIDATE_CHUNKS and the nucleus of a peaked distribution.
 # XLA's top-k of 1,024 over a 151,936-token vocabulary cost ~1.5 ms a step at 256 rows on an H100, the whole
-# sampler 1.9 ms (bench/results/sampler.md).
-CHUNK_TOKENS = int(os.environ.get("JAXSERVE_CHUNK_TOKENS", "128"))
+# sampler 1.9 ms; with this tier 0.77 ms (chunks of 64 tokens: 9-13% under 128 or 32 at 256 rows, a tie at 64;
+# bench/results/sampler.md).
+CHUNK_TOKENS = int(os.environ.get("JAXSERVE_CHUNK_TOKENS", "64"))
 CANDIDATE_CHUNKS = int(os.environ.get("JAXSERVE_CANDIDATE_CHUNKS", "64"))  # 0: this tier off (A/B runs)
 
 

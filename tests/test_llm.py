@@ -4,6 +4,7 @@ engine arguments reach the `EngineConfig`, and one jaxserve has no counterpart f
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -29,6 +30,9 @@ def test_generate_gives_jaxserve_s_results_as_vllm_s_objects(model):
         assert_all_pages_free(llm.engine)
     assert all(isinstance(o, RequestOutput) for o in got) and [o.prompt for o in got] == [
         "def add(a, b):", "import os\n", "class A:"]
+    # Two runs of the same requests: on the CPU their log-probabilities agree to float32 rounding; on a GPU the
+    # default model computes in bfloat16 ("auto"), where two runs differed by 3e-5 (session 68, H100).
+    tol = 1e-5 if jax.default_backend() == "cpu" else 1e-3
     outside = 0  # sampled tokens ranked past the top three
     for out, ref in zip(got, want):
         assert out.prompt_token_ids == model.tokenizer.encode(out.prompt, add_special_tokens=False)
@@ -36,11 +40,10 @@ def test_generate_gives_jaxserve_s_results_as_vllm_s_objects(model):
         for sample, ref_sample in zip(out.outputs, ref["outputs"]):
             assert (sample.text, sample.token_ids, sample.finish_reason) == (
                 ref_sample["text"], ref_sample["token_ids"], ref_sample["finish_reason"])
-            # Two runs of the same requests: on a GPU their float32 log-probabilities differ by ~1e-6.
-            assert sample.cumulative_logprob == pytest.approx(sum(ref_sample["logprobs"]), rel=1e-5, abs=1e-5)
+            assert sample.cumulative_logprob == pytest.approx(sum(ref_sample["logprobs"]), rel=tol, abs=tol)
             for token, lp, rank, entry in zip(sample.token_ids, ref_sample["logprobs"], ref_sample["logprob_ranks"],
                                               sample.logprobs):
-                assert entry[token].logprob == pytest.approx(lp, rel=1e-5, abs=1e-5) and len(entry) in (3, 4)
+                assert entry[token].logprob == pytest.approx(lp, rel=tol, abs=tol) and len(entry) in (3, 4)
                 ranked = sorted(entry.values(), key=lambda e: -e.logprob)
                 # The top three ranked 1-3; the sampled token at its own rank, past 3 where outside them (vLLM's).
                 assert [e.rank for e in ranked] == list(range(1, len(entry) + 1))[:3] + [rank] * (len(entry) == 4)
