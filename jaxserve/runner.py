@@ -32,7 +32,7 @@ from jaxserve.model import (KVCache, PagedAttention, Qwen2ForCausalLM, check_wei
 from jaxserve.pooling import pool_hidden
 from jaxserve.quantization import is_quantized
 from jaxserve.sampling import (PromptLogprobs, SampleOutput, SamplingBatch, ban_bad_words, no_logprobs,
-                               processed_logits, push_recent, row_keys, sample, scored, target_logprobs,
+                               processed_logits, push_recent, row_keys, sample, scored, target_logprobs, token_ranks,
                                unpack_allowed, update_counts)
 from jaxserve.speculative import draft_history, draft_recent, draft_states, rejection_sample
 from jaxserve.tensor_parallel import AXIS, TensorParallel
@@ -118,8 +118,8 @@ def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, cou
 
         tokens, chosen = greedy_pick(logits, batch.allowed if masked else None, logprobs=logprobs)
         out = no_logprobs(tokens)  # no top tokens either way
-        # With log-probabilities no row is masked, so each token is its row's argmax: rank 1.
-        return out if chosen is None else out.replace(logprobs=chosen, ranks=jnp.ones_like(tokens))
+        # vLLM's rank of an argmax is 1 but for ties: counted as the sampler's path does.
+        return out if chosen is None else out.replace(logprobs=chosen, ranks=token_ranks(logits, tokens))
     picked = jnp.where(unpack_allowed(batch.allowed, logits.shape[-1]), logits, -jnp.inf) if masked else logits
     picked = ban_bad_words(picked, batch)
     tokens = jnp.argmax(picked, axis=-1).astype(jnp.int32)

@@ -352,9 +352,8 @@ class SamplingBatch:
 class SampleOutput:
     """tokens: i32 [B]; logprobs: f32 [B], log-softmax of the unmodified logits at the token;
     top_ids: i32 [B, K] and top_logprobs: f32 [B, K], the K most likely tokens (K = num_top_logprobs);
-    ranks: i32 [B], the token's rank among the vocabulary (1 + the tokens with higher logits: vLLM's
-    ``Logprob.rank`` of a sampled token, which may lie outside the top K), 0 where log-probabilities were
-    not computed."""
+    ranks: i32 [B], the token's rank among the vocabulary (`token_ranks`: vLLM's ``Logprob.rank`` of a sampled
+    token, which may lie outside the top K), 0 where log-probabilities were not computed."""
 
     tokens: jax.Array
     logprobs: jax.Array
@@ -368,7 +367,7 @@ class PromptLogprobs:
     """A prefill chunk's prompt log-probabilities: logprobs f32 [B, S], log-softmax of the raw logits
     at each position, taken at the token that follows it; top_ids i32 [B, S, K] and top_logprobs
     f32 [B, S, K], each position's K most likely next tokens; ranks i32 [B, S], the following token's rank
-    among the vocabulary there (1 + the tokens with higher logits: vLLM's ``Logprob.rank``)."""
+    among the vocabulary there (`token_ranks`: vLLM's ``Logprob.rank``)."""
 
     logprobs: jax.Array
     top_ids: jax.Array
@@ -692,15 +691,15 @@ def top_k_exact(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def token_ranks(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """Each row's rank of its token in `logits` ([N, V], tokens [N]): 1 + the tokens with strictly higher
-    logits, so ties share the better rank (vLLM's ``Logprob.rank``).
+    """Each row's rank of its token in `logits` ([N, V], tokens [N]): the tokens whose logits are at least its own,
+    itself included, so a tie takes the worse rank (vLLM's ``Logprob.rank``, its ``(x >= value).sum(-1)``).
 
     Example:
-        >>> token_ranks(jnp.array([[0.1, 0.7, 0.2], [0.5, 0.5, 0.0]]), jnp.array([0, 1])).tolist()
-        [3, 1]
+        >>> token_ranks(jnp.array([[0.1, 0.7, 0.2], [0.5, 0.5, 0.0]]), jnp.array([0, 0])).tolist()
+        [3, 2]
     """
     at = jnp.take_along_axis(logits, tokens[:, None], axis=-1)
-    return 1 + jnp.sum(logits > at, axis=-1, dtype=jnp.int32)
+    return jnp.sum(logits >= at, axis=-1, dtype=jnp.int32)
 
 
 def scored(logits: jax.Array, tokens: jax.Array, num_top_logprobs: int = 0) -> SampleOutput:

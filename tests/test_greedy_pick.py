@@ -148,7 +148,7 @@ def test_the_runner_s_masked_greedy_pick_takes_the_same_tokens_through_the_kerne
 
 def test_the_runner_s_greedy_pick_with_logprobs_ranks_its_tokens_first():
     """The kernel path of `runner.choose_tokens` with log-probabilities: the tokens, log-probabilities and vLLM
-    ranks (1: each token its row's maximum) of XLA's path, on the same logits with ties."""
+    ranks (each token its row's maximum: 1, or its ties' count) of XLA's path, on the same logits with ties."""
     from jaxserve import runner
     from jaxserve.sampling import make_batch, token_ranks
 
@@ -160,7 +160,9 @@ def test_the_runner_s_greedy_pick_with_logprobs_ranks_its_tokens_first():
                                  pick_kernel=kernel, logprobs=True) for kernel in (False, True)]
     np.testing.assert_array_equal(outs[1].tokens, outs[0].tokens, err_msg=f"seed={seed}")
     np.testing.assert_allclose(outs[1].logprobs, outs[0].logprobs, rtol=1e-5, atol=1e-5, err_msg=f"seed={seed}")
-    np.testing.assert_array_equal(outs[1].ranks, np.ones(rows))
+    np.testing.assert_array_equal(outs[1].ranks, outs[0].ranks)
+    x = np.asarray(logits, np.float32)
+    np.testing.assert_array_equal(outs[1].ranks, (x == x.max(-1, keepdims=True)).sum(-1))
     np.testing.assert_array_equal(outs[0].ranks, token_ranks(logits, outs[1].tokens))
 
 

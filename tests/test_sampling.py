@@ -463,16 +463,18 @@ def test_logprobs_are_log_softmax_of_the_unmodified_logits():
     assert ids.shape == (b, 0) and top.shape == (b, 0)
     # vLLM's rank of each sampled token (the temperature-0.5 and top-p rows may draw past the top four).
     chosen = log_softmax[np.arange(b), np.asarray(out.tokens)]
-    np.testing.assert_array_equal(out.ranks, 1 + (log_softmax > chosen[:, None]).sum(-1))
+    np.testing.assert_array_equal(out.ranks, (log_softmax >= chosen[:, None]).sum(-1))
 
 
-def test_token_ranks_count_strictly_higher_logits():
+def test_token_ranks_are_vllm_s_count_of_logits_at_least_the_token_s():
     logits = jnp.round(jax.random.normal(jax.random.key(11), (64, 50)), 1)  # rounded: many ties
     tokens = jax.random.randint(jax.random.key(12), (64,), 0, 50)
     x, t = np.asarray(logits), np.asarray(tokens)
-    want = 1 + (x > x[np.arange(64), t][:, None]).sum(-1)
+    want = (x >= x[np.arange(64), t][:, None]).sum(-1)  # vLLM's batched_count_greater_than
     np.testing.assert_array_equal(token_ranks(logits, tokens), want)
-    assert (want > 1).any() and (token_ranks(logits, jnp.argmax(logits, -1)) == 1).all()
+    tops = np.asarray(token_ranks(logits, jnp.argmax(logits, -1)))  # a row's maximum: 1, or the count of its ties
+    np.testing.assert_array_equal(tops, (x == x.max(-1, keepdims=True)).sum(-1))
+    assert (want > 1).any() and (tops == 1).any()
     np.testing.assert_array_equal(no_logprobs(tokens).ranks, np.zeros(64))
 
 
