@@ -456,6 +456,8 @@
 #               on the GPU (~400 s?)
 #   chunks68d   session 68: candidate chunks of 128 / 64 / 32 tokens (JAXSERVE_CHUNK_TOKENS; 64 chunks each), the
 #               top-p / top-k / top-5 log-probability rows at 64 / 256, each its own process; test_sampling (~350 s?)
+#   noise68     session 68: the draw's Gumbel noise from a hash of (row key, token id) (sampling.HASH_NOISE) against
+#               jax.random.gumbel's threefry, temp / top_p rows at 64 / 256, each its own process (~90 s)
 #   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -1379,6 +1381,9 @@ for part in "${parts[@]}"; do
                  JAXSERVE_CHUNK_TOKENS=$t timeout 150 python3 bench/sampler_cost.py --rows 64 256 --top-k \
                    --settings top_p top_k top_p+logprobs5 ; done ; \
                timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" tests/test_sampling.py ;;
+    noise68) for h in 0 1; do echo "== ab JAXSERVE_HASH_NOISE=$h"; \
+               JAXSERVE_HASH_NOISE=$h timeout 100 python3 bench/sampler_cost.py --rows 64 256 --top-k \
+                 --settings temp top_p ; done ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;

@@ -359,6 +359,18 @@ def test_top_k_from_chunks_is_lax_top_k(monkeypatch, k):
     np.testing.assert_array_equal(got[1], want[1])
 
 
+def test_token_gumbel_is_gumbel_noise_indexed_by_token():
+    seeds = np.random.default_rng().integers(0, 2**32, size=(3, 2), dtype=np.uint32)
+    keys = sampling.row_keys(jnp.asarray(seeds), jnp.array([0, 1, 0], jnp.int32))
+    g = np.asarray(sampling.token_gumbel(keys, jnp.arange(200_000)))
+    # Gumbel(0, 1): mean Euler's gamma, sd pi / sqrt(6); 200k draws a row put both within ~0.01.
+    np.testing.assert_allclose(g.mean(-1), 0.5772, atol=0.02)
+    np.testing.assert_allclose(g.std(-1), np.pi / np.sqrt(6), atol=0.02)
+    assert abs(np.corrcoef(g[0, :-1], g[0, 1:])[0, 1]) < 0.02 and abs(np.corrcoef(g[0], g[1])[0, 1]) < 0.02
+    ids = jnp.asarray(np.random.default_rng().integers(0, 200_000, size=(3, 50)))
+    np.testing.assert_array_equal(sampling.token_gumbel(keys, ids), np.take_along_axis(g, np.asarray(ids), -1))
+
+
 def test_chunk_candidate_cutoffs_are_exact_and_fall_back_where_undecided(monkeypatch):
     """The first tier of `_top_k_top_p` (the tokens of the chunks with the largest maxima, `_chunk_candidates`), at
     chunks small enough for a 1,003-token vocabulary: every row's cut-off equals the numpy reference's, on peaked rows
