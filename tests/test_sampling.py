@@ -406,11 +406,20 @@ def test_chunk_candidate_cutoffs_are_exact_and_fall_back_where_undecided(monkeyp
             np.testing.assert_array_equal(np.isfinite(np.asarray(got[i])), want, err_msg=f"row {r}")
 
 
+@pytest.fixture(params=[False, True], ids=["threefry", "hash_noise"])
+def noise(request, monkeypatch):
+    """Both noise sources of the draw (`sampling.HASH_NOISE`); `sample` traced again under each."""
+    monkeypatch.setattr(sampling, "HASH_NOISE", request.param)
+    sample.clear_cache()
+    yield request.param
+    sample.clear_cache()
+
+
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=0.7, seed=5),
     SamplingParams(temperature=1.3, top_k=12, top_p=0.9, min_p=0.02, seed=6),
 ])
-def test_empirical_distribution_matches_the_reference(params):
+def test_empirical_distribution_matches_the_reference(params, noise):
     logits = np.random.default_rng(4).normal(size=30).astype(np.float32) * 1.5
     n = 20000
     stat, dof = chi_square(draws(logits, params, n), ref_distribution(logits, params))
