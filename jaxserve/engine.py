@@ -325,7 +325,11 @@ class Engine:
         target = jnp.dtype(self.config.compute_dtype())
         params = self._prepared(model.params, on_host)
         self.sleeping = 0  # `sleep`'s level while asleep
-        self.max_model_len = min(self.config.max_model_len or mcfg.context_length, mcfg.context_length)
+        if self.config.max_model_len is not None and self.config.max_model_len > mcfg.context_length:
+            # vLLM refuses it too: positions past the model's own length were never trained (and RoPE tables end).
+            raise ValueError(f"max_model_len ({self.config.max_model_len}) is larger than the model's context length "
+                             f"({mcfg.context_length})")
+        self.max_model_len = self.config.max_model_len or mcfg.context_length
         # A page's bytes on each device: its share of the KV heads under tensor parallelism.
         kv_heads = (mcfg if self.tp is None else self.tp.local_config(mcfg)).num_key_value_heads
         bytes_per_page = (2 * mcfg.num_hidden_layers * kv_heads * self.config.page_size * mcfg.head_dim

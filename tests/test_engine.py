@@ -1008,6 +1008,8 @@ def test_max_tokens_none_runs_to_the_model_s_length(tiny):
     naming it."""
     m, _ = tiny
     [prompt] = random_prompts(m.config.vocab_size, (20,))
+    with pytest.raises(ValueError, match=r"max_model_len \(100000\) is larger than the model's context length"):
+        Engine(m, small_config(max_model_len=100_000))  # vLLM refuses it too (it was cut to the model's silently)
     with Engine(m, small_config(max_model_len=40)) as engine:
         out = engine.generate([prompt], SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True),
                               use_tqdm=False)[0]
