@@ -23,16 +23,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench.sampler_cost import timed_loop  # noqa: E402
 from jaxserve.sampling import scored, token_logprobs  # noqa: E402
 
 VOCAB = 151936
@@ -60,24 +59,7 @@ def time_variant(name: str, rows: int, buffers: int, reps: int, rounds: int, see
     keys = jax.random.split(jax.random.key(seed), buffers)
     pool = jnp.stack([jax.random.normal(k, (rows, VOCAB), jnp.float32).astype(jnp.bfloat16) for k in keys])
     body = _variant(name)
-
-    @jax.jit
-    def loop(pool):
-        def step(i, acc):
-            # Which buffer depends on the call before (its result times zero), so calls neither hoist nor merge;
-            # the logits are read in place, as a step reads the LM head's output.
-            at = (i + (acc[0] * 0).astype(jnp.int32)) % buffers
-            return acc + body(jax.lax.dynamic_index_in_dim(pool, at, keepdims=False))
-
-        return jax.lax.fori_loop(0, reps, step, jnp.zeros((rows,), jnp.float32))
-
-    loop(pool).block_until_ready()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        loop(pool).block_until_ready()
-        times.append((time.perf_counter() - start) / reps * 1e6)
-    return float(np.median(times))
+    return timed_loop(lambda logits, i: body(logits), pool, rows, reps, rounds)
 
 
 def main() -> None:

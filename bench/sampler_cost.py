@@ -67,7 +67,11 @@ def two_stage_top_k(x: jax.Array, k: int, chunk: int) -> tuple[jax.Array, jax.Ar
     return vals, jnp.take_along_axis(idx.reshape(b, -1), at, axis=-1)
 
 
-def _timed(body, pool: jax.Array, rows: int, reps: int, rounds: int, profile: str | None = None) -> float:
+def timed_loop(body, pool: jax.Array, rows: int, reps: int, rounds: int, profile: str | None = None) -> float:
+    """Median µs a call of ``body(logits, i) -> f32 [rows]`` over ``reps`` calls in one jitted loop, each call's buffer
+    of ``pool`` ([buffers, rows, V]) picked through the call before's result (times zero), so that calls neither
+    hoist nor merge and the logits are read in place, as a step reads the LM head's output; ``profile``: also
+    trace one loop there and print its GPU time per kernel."""
     buffers = pool.shape[0]
 
     @jax.jit
@@ -138,7 +142,7 @@ def main() -> None:
     for rows in args.rows:
         keys = jax.random.split(jax.random.key(rows), args.buffers)
         pools[rows] = jnp.stack([lm_like_logits(k, rows) for k in keys])
-        t = [_timed(sampler_body(s, rows), pools[rows], rows, args.reps, args.rounds,
+        t = [timed_loop(sampler_body(s, rows), pools[rows], rows, args.reps, args.rounds,
                     os.path.join(args.profile, f"{s}_{rows}") if args.profile and rows == max(args.rows) else None)
              for s in args.settings]
         print(f"| {rows} | " + " | ".join(f"{v:.1f}" for v in t) + " |", flush=True)
@@ -150,7 +154,7 @@ def main() -> None:
     for rows in args.rows:
         for k in args.top_k:
             # A chunk no wider than k selects nothing in its first stage: not timed.
-            t = [_timed(top_k_body(k, c), pools[rows], rows, args.reps, args.rounds) if c is None or c > k else None
+            t = [timed_loop(top_k_body(k, c), pools[rows], rows, args.reps, args.rounds) if c is None or c > k else None
                  for _, c in forms]
             x = pools[rows][0]
             want = jax.lax.top_k(x, k)[0]
