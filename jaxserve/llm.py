@@ -324,8 +324,8 @@ def _completion_output(index: int, result: dict[str, Any], decode: Any) -> Compl
         ranks = result.get("logprob_ranks") or [None] * len(chosen)
         logprobs = []
         for token, lp, top, rank in zip(result["token_ids"], chosen, tops, ranks):
-            entry = {t: Logprob(v, rank if t == token and rank else k + 1, decode(t))
-                     for k, (t, v) in enumerate(best_first(top))}
+            # vLLM's dict: a top token's rank is its place in the list (the sampled one's too, where it is there).
+            entry = {t: Logprob(v, k + 1, decode(t)) for k, (t, v) in enumerate(best_first(top))}
             if token not in entry:  # vLLM always returns the sampled token's own, with its rank
                 entry[token] = Logprob(lp, rank, decode(token))
             logprobs.append(entry)

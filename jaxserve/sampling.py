@@ -829,8 +829,9 @@ def token_gumbel(keys: jax.Array, ids: jax.Array) -> jax.Array:
     """Gumbel noise ``[B, N]`` for each row's key (``[B]``, `row_keys`) at token ids (``[N]`` or ``[B, N]``): a hash
     of (key, token id) alone, so a token's noise is the same whichever tokens are drawn beside it, and ~10 integer
     operations a token where `jax.random.gumbel`'s threefry over the vocabulary took ~0.29 ms a step at 256 rows
-    of 151,936 on an H100 (bench/results/sampler.md). Uniforms of 24 bits: the noise is cut at ~17.3, which a
-    Gumbel variable passes with probability 3e-8.
+    of 151,936 on an H100 (bench/results/sampler.md). Uniforms of 23 bits, the largest 1 - 2**-24 (24 bits' top
+    one rounds to 1.0 in float32: +inf noise, which drew masked tokens): the noise is cut at ~16.6, which a Gumbel
+    variable passes with probability 6e-8.
 
     Example:
         >>> keys = row_keys(jnp.array([[0, 7]], jnp.uint32), jnp.array([3]))
@@ -843,8 +844,12 @@ def token_gumbel(keys: jax.Array, ids: jax.Array) -> jax.Array:
     ids = ids[None, :] if ids.ndim == 1 else ids
     h = _fmix32(ids * jnp.uint32(0x9E3779B9) + data[:, :1])
     h = _fmix32(h ^ data[:, -1:])
-    u = ((h >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
-    return -jnp.log(-jnp.log(u))
+    return -jnp.log(-jnp.log(_unit(h)))
+
+
+def _unit(h: jax.Array) -> jax.Array:
+    """uint32 hashes as uniforms in (0, 1): 23 bits, exact in float32 at both ends."""
+    return ((h >> 9).astype(jnp.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def row_keys(seeds: jax.Array, step: jax.Array) -> jax.Array:

@@ -369,6 +369,9 @@ def test_token_gumbel_is_gumbel_noise_indexed_by_token():
     assert abs(np.corrcoef(g[0, :-1], g[0, 1:])[0, 1]) < 0.02 and abs(np.corrcoef(g[0], g[1])[0, 1]) < 0.02
     ids = jnp.asarray(np.random.default_rng().integers(0, 200_000, size=(3, 50)))
     np.testing.assert_array_equal(sampling.token_gumbel(keys, ids), np.take_along_axis(g, np.asarray(ids), -1))
+    # The extreme hashes stay inside (0, 1): a uniform of 1.0 was +inf noise, and -inf + inf a NaN argmax picked.
+    ends = np.asarray(sampling._unit(jnp.array([0, 0xFFFFFFFF], jnp.uint32)))
+    assert 0.0 < ends[0] and ends[1] < 1.0 and np.isfinite(-np.log(-np.log(ends))).all()
 
 
 def test_chunk_candidate_cutoffs_are_exact_and_fall_back_where_undecided(monkeypatch):
