@@ -279,10 +279,10 @@ class _Parser:
         end = self.p.find("}", self.i)
         body = self.p[self.i + 1:end] if end > 0 else ""
         lo, comma, hi = body.partition(",")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
-            return None  # Python reads such a brace as a literal
+        if not (lo.isdigit() or (comma and not lo)) or (hi and not hi.isdigit()):
+            return None  # Python reads such a brace as a literal ("{}", "{x}")
         self.i = end + 1
-        lo_n = int(lo)
+        lo_n = int(lo) if lo else 0  # "{,n}" and "{,}" start at none, as in Python's re
         hi_n = None if comma and not hi else int(hi) if hi else lo_n
         if hi_n is not None and hi_n < lo_n:
             raise self.error(f"repeat {{{body}}} has max < min")

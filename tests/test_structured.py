@@ -19,8 +19,8 @@ from jaxserve.structured import (GuideState, StructuredOutputs, TokenGuide, Voca
 
 PATTERNS = [r"(?:yes|no)!?", r"[a-z]+@[a-z]+\.com", r"\d{3}-\d{4}", r'[^"]*', r"(ab|cd)*e?", r".{2,4}",
             r"[à-ü]+x", r"[^a-c\d]{1,3}", r"\w+\s\S", r"a{0,3}b{2,}", r"", r"a|", r"x{2}y{1,}?", r"[\u4e00-\u9fff]+",
-            r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?$", r"[\]\-a]+", r"(?:\.|[^.])c"]
-ALPHABET = "abcdexy@.com0123-! \"\n]éü中文\\"
+            r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?$", r"[\]\-a]+", r"(?:\.|[^.])c", r"a{,2}b", r"c{,}x{}"]
+ALPHABET = "abcdexy@.com0123-! \"\n]éü中文\\{},"
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
