@@ -196,10 +196,11 @@ class CompletionFormat:
         return len(self.prompts[self._prompt_index(i)])
 
 
-def _reason_with_calls(reason: str) -> str:
+def _reason_with_calls(reason: str, tool_choice: Any = None) -> str:
     """A choice's finish reason once its text held tool calls: "tool_calls" where it stopped, the
-    reason itself otherwise ("length": the text was cut)."""
-    return "tool_calls" if reason == "stop" else reason
+    reason itself otherwise ("length": the text was cut). A call forced by name stays "stop", as OpenAI and vLLM
+    answer it ("tool_calls" is theirs for calls the model chose: auto, required)."""
+    return "tool_calls" if reason == "stop" and not isinstance(tool_choice, dict) else reason
 
 
 class ChatFormat:
@@ -263,7 +264,7 @@ class ChatFormat:
         if not calls:
             return message, result["finish_reason"]
         message["tool_calls"] = calls
-        return message, _reason_with_calls(result["finish_reason"])
+        return message, _reason_with_calls(result["finish_reason"], self.req.tool_choice)
 
     def response(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         choices = []
@@ -357,7 +358,7 @@ class ChatFormat:
         events.append(self._chunk([{"index": i, "delta": {"tool_calls": deltas}, "logprobs": None,
                                     "finish_reason": None, "stop_reason": None}], include_usage))
         events.append(self._chunk([{"index": i, "delta": {}, "logprobs": None,
-                                    "finish_reason": _reason_with_calls(reason),
+                                    "finish_reason": _reason_with_calls(reason, self.req.tool_choice),
                                     "stop_reason": stop_reason}], include_usage))
         return events
 
