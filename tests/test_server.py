@@ -1280,6 +1280,11 @@ def test_tool_call_blocks_parse_into_openai_tool_calls():
     # The model may stop (EOS) right after the JSON, before the end tag.
     content, calls = parse_tool_calls('<tool_call>\n{"name": "get_time", "arguments": {}}\n')
     assert content is None and calls[0]["function"] == {"name": "get_time", "arguments": "{}"}
+    # The arguments as written (OpenAI's): parsed and dumped again, 1e999 came back as Infinity (not JSON).
+    _, calls = parse_tool_calls('<tool_call>{"name": "f", "arguments": {"x": 1e999, "y": 0.10}}</tool_call>')
+    assert calls[0]["function"]["arguments"] == '{"x": 1e999, "y": 0.10}'
+    _, calls = parse_tool_calls('<tool_call>{"name": "\\"arguments\\": 5", "arguments": {"q": 3}}</tool_call>')
+    assert calls[0]["function"]["arguments"] == '{"q": 3}'
 
 
 @pytest.mark.parametrize("text", [
@@ -1289,6 +1294,7 @@ def test_tool_call_blocks_parse_into_openai_tool_calls():
     '<tool_call>\n{"arguments": {}}\n</tool_call>',  # no name
     '<tool_call>\n["get_weather"]\n</tool_call>',
     'Hmm <tool_call>not json</tool_call> done',
+    '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>',  # Python's json takes it; JSON does not
 ])
 def test_text_without_a_parsable_tool_call_stays_content(text):
     from jaxserve.server.tool_calls import parse_tool_calls
@@ -1513,6 +1519,18 @@ def test_structured_outputs_hold_the_text_to_the_schema_regex_or_choices(client,
                                        extra_body={"bad_words": [word]})
     assert word not in banned.choices[0].logprobs.tokens, (word, banned.choices[0].logprobs.tokens)
     assert banned.choices[0].text != free.choices[0].text
+
+
+def test_forced_tool_arguments_are_an_object_whatever_the_schema_leaves_open():
+    # OpenAI's arguments are a JSON object: a tool of no parameters schema, {}, or properties without a type
+    # (which alone allow any value: 'true' came back) is held to an object.
+    from jaxserve.server.app import _arguments_regex
+
+    for parameters in (None, {}, {"properties": {"a": {"type": "integer"}}}):
+        pattern = _arguments_regex(parameters)
+        assert re.fullmatch(pattern, '{"a": 1}') and re.fullmatch(pattern, "{}")
+        assert not any(re.fullmatch(pattern, v) for v in ("true", "Infinity", '"hello"', "[1]", "3"))
+    assert not re.fullmatch(_arguments_regex({"properties": {"a": {"type": "integer"}}}), '{"a": "x"}')
 
 
 def test_tool_choice_required_or_named_makes_the_model_call_a_tool(client, live, monkeypatch, pages_freed):

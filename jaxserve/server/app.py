@@ -1071,12 +1071,22 @@ async def _structured_outputs(req: SamplingFields, st: _State) -> StructuredOutp
     return spec
 
 
+def _arguments_regex(parameters: dict[str, Any] | None) -> str:
+    """The regex of a tool's arguments: a JSON object, held to ``parameters`` where it says what one holds. OpenAI's
+    arguments are an object; a schema of no type (``{}``, or properties alone) would otherwise allow any value."""
+    from jaxserve.json_schema import json_object_regex, schema_to_regex
+
+    if not parameters or (parameters.get("type") is None and "properties" not in parameters):
+        return json_object_regex()
+    if parameters.get("type") is None:
+        parameters = {**parameters, "type": "object"}
+    return schema_to_regex(parameters)
+
+
 def _tool_call_regex(req: ChatRequest) -> str | None:
     """With ``tool_choice`` "required" (one call or more, of any tool) or a named function (one call of it),
     the regex of the Hermes blocks Qwen2.5's chat template asks for (``<tool_call>\n{"name": ..., "arguments":
     ...}\n</tool_call>``), the arguments held to the tool's ``parameters`` schema; None otherwise, as vLLM's."""
-    from jaxserve.json_schema import json_object_regex, schema_to_regex
-
     choice = req.tool_choice
     if choice in (None, "auto", "none"):
         return None
@@ -1096,8 +1106,7 @@ def _tool_call_regex(req: ChatRequest) -> str | None:
         raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
     try:
         calls = [escape(f'{TOOL_CALL_START}\n{{"name": {json.dumps(name)}, "arguments": ')
-                 + (json_object_regex() if tools[name] is None else schema_to_regex(tools[name]))
-                 + escape(f"}}\n{TOOL_CALL_END}") for name in names]
+                 + _arguments_regex(tools[name]) + escape(f"}}\n{TOOL_CALL_END}") for name in names]
     except ValueError as exc:
         raise APIError(400, f"tools: {exc}", param="tools") from None
     one = "(?:" + "|".join(calls) + ")"

@@ -21,9 +21,13 @@ _BLOCK = re.compile(re.escape(TOOL_CALL_START) + r"(.*?)" + re.escape(TOOL_CALL_
                     + re.escape(TOOL_CALL_START) + r"(.*)\Z", re.DOTALL)
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _tool_call(body: str) -> dict[str, Any] | None:
-    try:
-        call = json.loads(body)
+    try:  # strict JSON: Python's parser also takes NaN and Infinity, which no client's JSON parser does
+        call = json.loads(body, parse_constant=_not_json)
     except ValueError:
         return None
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
@@ -32,9 +36,27 @@ def _tool_call(body: str) -> dict[str, Any] | None:
     # OpenAI's `arguments` is a JSON string. A model that wrote the arguments as a string already
     # (the JSON of an object, usually) meant that string; dumping it again would quote it twice.
     if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
+        arguments = _raw_arguments(body, arguments)
     return {"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
             "function": {"name": call["name"], "arguments": arguments}}
+
+
+_ARGUMENTS_KEY = re.compile(r'"arguments"\s*:\s*')
+
+
+def _raw_arguments(body: str, parsed: Any) -> str:
+    """The arguments' JSON as the model wrote it in ``body``, as OpenAI returns it: dumping the parsed value again
+    rewrites numbers (``1e999`` came back as ``Infinity``, not JSON; ``0.10`` as ``0.1``). Dumped only where no
+    ``"arguments":`` in the text decodes to the parsed value."""
+    decoder = json.JSONDecoder(parse_constant=_not_json)
+    for m in _ARGUMENTS_KEY.finditer(body):
+        try:
+            value, end = decoder.raw_decode(body, m.end())
+        except ValueError:
+            continue
+        if value == parsed:
+            return body[m.end():end]
+    return json.dumps(parsed, ensure_ascii=False)
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
