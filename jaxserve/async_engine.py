@@ -30,6 +30,11 @@ from jaxserve.sampling import SamplingParams
 log = logging.getLogger("jaxserve.async_engine")
 
 
+class RequestError(ValueError):
+    """A request ended by its own parameters partway (its structured output constraint left no token by its other
+    rules): the caller's to fix, where `EngineDeadError` is the engine's failure."""
+
+
 class EngineDeadError(RuntimeError):
     """A request failed because a step raised (the message says why) or the engine stopped."""
 
@@ -346,8 +351,9 @@ class AsyncEngine:
                     self.metrics.observe_finished(chunk["result"])
                 except Exception:
                     log.exception("metrics observer raised")
-            if request.error:  # a failed step: the caller gets the error, not a normal-looking end
-                output.loop.call_soon_threadsafe(output.queue.put_nowait, EngineDeadError(request.error))
+            if request.error:  # a failed step or a request that could not go on: the error, not a normal end
+                error = RequestError(request.error) if request.client_error else EngineDeadError(request.error)
+                output.loop.call_soon_threadsafe(output.queue.put_nowait, error)
                 return
         output.loop.call_soon_threadsafe(output.queue.put_nowait, chunk)
 

@@ -854,8 +854,10 @@ class Engine:
             if r.guide is None or r.finish_reason is not None:
                 continue
             r.guide.advance(r.output_ids)
-            if r.guide.broken:
-                r.finish("abort", "a sampled token broke the structured output constraint")
+            if r.guide.broken:  # the sampler masks every step, so the request's other rules must have left no token
+                r.finish("abort", "a sampled token broke the structured output constraint: the request's other token "
+                                  "rules (allowed_token_ids, bad_words, logit_bias, min_tokens) left it no allowed "
+                                  "token", client_error=True)
             elif r.guide.final:
                 r.finish("stop")
 

@@ -85,6 +85,7 @@ class Request:
     # What stopped it (vLLM's `stop_reason`): the stop string or the stop id; None for EOS or any other finish.
     stop_reason: str | int | None = None
     error: str | None = None
+    client_error: bool = False  # the error came from the request's own parameters (`finish`)
     first_token_time: float | None = None
     finish_time: float | None = None
     prefill_end: int = 0  # prefill runs until this many tokens have K/V (set at each admission)
@@ -298,10 +299,12 @@ class Request:
                 self.finish("stop")
                 self.stop_reason = stop
 
-    def finish(self, reason: str, error: str | None = None) -> None:
+    def finish(self, reason: str, error: str | None = None, client_error: bool = False) -> None:
+        """``client_error``: the error is the request's own doing (a server answers it with a 400, not a 500)."""
         if self.finish_reason is None:
             self.finish_reason = reason
             self.error = error
+            self.client_error = client_error
             self.finish_time = time.perf_counter()
         self.status = Status.FINISHED
 

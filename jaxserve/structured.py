@@ -889,10 +889,8 @@ class GuideState:
             return 0
         for k, token in enumerate(new_tokens):
             self._take(token)
-            if self.broken:
-                self.consumed += len(new_tokens) - k - 1  # the rest follow the token that broke it, ignored
-                return len(new_tokens)
-            if self.final:  # a complete match, or EOS taken where it was one
+            if self.final or self.broken:  # a complete match, an EOS taken where it was one, or a token off the
+                # constraint (`_end_guided` aborts the request there: an EOS after it must not finish it as "stop")
                 return k + 1
         return len(new_tokens)
 

@@ -1500,6 +1500,17 @@ def test_structured_outputs_hold_the_text_to_the_schema_regex_or_choices(client,
     choice = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=1.0, n=4,
                                        extra_body={"guided_choice": ["red", "green", "blue"]})
     assert {c.text for c in choice.choices} <= {"red", "green", "blue"}
+    # The request's own rules leaving its constraint no token: a 400 (was a 500), or with bad_words banning the
+    # one choice's last token an EOS after the break finished it "stop" with 'ab'.
+    tok = live.app.state.jaxserve.tokenizer
+    for extra in ({"guided_choice": ["red", "green"], "allowed_token_ids": tok.encode("zz", add_special_tokens=False)},
+                  {"guided_choice": ["abc"], "bad_words": ["abc"]}):
+        for stream in (False, True):
+            r = post(live, "/v1/completions", {**GOOD, "max_tokens": 8, "stream": stream, **extra})
+            if not stream:
+                assert r.status_code == 400 and "structured output constraint" in r.json()["error"]["message"], r.text
+            else:
+                assert '"code": 400' in r.text.replace('"code":400', '"code": 400') or "invalid_request" in r.text
     regex = post(live, "/v1/completions", {**GOOD, "max_tokens": 12, "structured_outputs": {"regex": "[0-9]{4}"}})
     assert regex.status_code == 200 and re.fullmatch("[0-9]{4}", regex.json()["choices"][0]["text"])
     stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stream=True,

@@ -35,7 +35,7 @@ from starlette.background import BackgroundTask
 from starlette.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jaxserve.async_engine import AsyncEngine, EngineDeadError, RequestHandle
+from jaxserve.async_engine import AsyncEngine, EngineDeadError, RequestError, RequestHandle
 from jaxserve.beam_search import BeamSearchParams, best_next, search, step_params
 from jaxserve.engine import Engine, prompt_embeds_array
 from jaxserve.engine_config import EngineConfig
@@ -1255,6 +1255,8 @@ async def _results_unless_disconnected(request: Request, handles: list[RequestHa
                 return task.result()
             if await request.is_disconnected():
                 raise APIError(499, "client disconnected", code="client_closed_request")
+    except RequestError as exc:
+        raise APIError(400, str(exc)) from None
     except EngineDeadError as exc:
         raise APIError(500, str(exc), "server_error", code="engine_error") from None
     finally:
@@ -1293,8 +1295,9 @@ async def _sse(handles: list[RequestHandle], fmt: CompletionFormat | ChatFormat,
                 results[i] = chunk["result"]
         if include_usage:
             yield _event(fmt.usage_chunk([results[i] for i in sorted(results)]))
-    except EngineDeadError as exc:
-        error = APIError(500, str(exc), "server_error", code="engine_error")
+    except (RequestError, EngineDeadError) as exc:
+        error = (APIError(400, str(exc)) if isinstance(exc, RequestError)
+                 else APIError(500, str(exc), "server_error", code="engine_error"))
         yield _event({"type": "error", "code": error.code, "message": error.message, "param": None} if typed
                      else error.body(), typed)
     finally:
