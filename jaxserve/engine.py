@@ -570,6 +570,8 @@ class Engine:
             raise ValueError(f"lora_request must be a jaxserve.LoRARequest or None, got {type(lora_request).__name__}")
         if self.lora is None:
             raise ValueError("lora_request needs an engine that serves adapters: EngineConfig(max_loras=...) > 0")
+        if self.lora.retired:  # forgotten adapters' host copies, dropped once their last requests are gone
+            self._purge_adapters()
         return self.lora.register(lora_request)
 
     def register_lora(self, lora_request: LoRARequest) -> None:
@@ -578,9 +580,16 @@ class Engine:
         self._lora_namespace(lora_request)
 
     def forget_lora(self, lora_id: int) -> None:
-        """`jaxserve.lora.LoraSlots.forget` (vLLM's unload); nothing where the engine serves no adapters."""
+        """`jaxserve.lora.LoraSlots.forget` (vLLM's unload): requests made with the adapter before still finish with
+        it; nothing where the engine serves no adapters."""
         if self.lora is not None:
             self.lora.forget(lora_id)
+            self._purge_adapters()
+
+    def _purge_adapters(self) -> None:
+        """Free forgotten adapters that no queued or running request needs any more."""
+        sched = self.scheduler
+        self.lora.purge({r.lora_namespace for r in (*sched.waiting, *sched.running) if r.lora_id})
 
     def _has_adapters(self, reqs: list[Request]) -> bool:
         return self.lora is not None and any(r.lora_slot >= 0 for r in reqs)

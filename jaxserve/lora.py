@@ -216,8 +216,8 @@ class LoraSlots:
 
     Example:
         >>> slots = LoraSlots(model.config, max_loras=4, max_rank=16, dtype=jnp.bfloat16)  # doctest: +SKIP
-        >>> slots.register(LoRARequest("sql", 1, "/adapters/sql"))  # doctest: +SKIP
-        >>> slots.acquire(1)  # doctest: +SKIP
+        >>> namespace = slots.register(LoRARequest("sql", 1, "/adapters/sql"))  # doctest: +SKIP
+        >>> slots.acquire(namespace)  # doctest: +SKIP
         0
     """
 
@@ -227,10 +227,13 @@ class LoraSlots:
         self.device = device
         # A `jaxserve.tensor_parallel.TensorParallel` whose model the adapters join: their stacks split as its weights.
         self.tp = tensor_parallel
+        # Host copies, slots and residents are keyed by namespace, one a registration, not by adapter id: an id
+        # forgotten and registered again with another folder is another adapter, and requests made before keep theirs.
         self.host: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self.requests: dict[int, LoRARequest] = {}
         self.namespace: dict[int, int] = {}  # adapter id -> small int keeping its prefixes apart in the index
         self._namespaces = 0  # given out so far: a forgotten adapter's is never given again
+        self.retired: set[int] = set()  # namespaces of forgotten adapters whose host copies requests may still need
         self.slot_of: dict[int, int] = {}
         self.held = [0] * max_loras
         self.resident: list[int | None] = [None] * max_loras
@@ -267,36 +270,46 @@ class LoraSlots:
         if self._namespaces + 1 >= MAX_NAMESPACES:
             raise ValueError(f"this engine has seen {self._namespaces} adapters, the most it can keep apart "
                              f"in its prefix cache; start a new engine")
-        self.host[request.lora_int_id] = load_adapter(request.lora_path, self.config, self.max_rank)
-        self.requests[request.lora_int_id] = request
+        adapter = load_adapter(request.lora_path, self.config, self.max_rank)
         self._namespaces += 1
+        self.host[self._namespaces] = adapter
+        self.requests[request.lora_int_id] = request
         self.namespace[request.lora_int_id] = self._namespaces
         return self._namespaces
 
     def forget(self, lora_id: int) -> None:
-        """Drop an adapter's host copy and id (vLLM's unload): requests running with it finish on its slot, which is
-        then free for others; the id may come back with another folder, under a prefix namespace of its own."""
-        self.host.pop(lora_id, None)
+        """Drop an adapter's id (vLLM's unload): new requests cannot name it, while those made before (queued,
+        running, preempted) keep its weights until `purge` finds none left; the id may come back with another
+        folder, under a prefix namespace of its own."""
         self.requests.pop(lora_id, None)
-        self.namespace.pop(lora_id, None)
-        slot = self.slot_of.pop(lora_id, None)
-        if slot is not None:
-            self.resident[slot] = None
+        namespace = self.namespace.pop(lora_id, None)
+        if namespace is not None:
+            self.retired.add(namespace)
 
-    def can_acquire(self, lora_id: int) -> bool:
-        return lora_id in self.slot_of or any(h == 0 for h in self.held)
+    def purge(self, in_use: set[int]) -> None:
+        """Free forgotten adapters' host copies and slots that no request (by namespace, ``in_use``) needs."""
+        for namespace in self.retired - in_use:
+            self.retired.discard(namespace)
+            self.host.pop(namespace, None)
+            slot = self.slot_of.pop(namespace, None)
+            if slot is not None:
+                self.resident[slot] = None
 
-    def acquire(self, lora_id: int) -> int:
-        """A slot holding the adapter, held by one more request (call `can_acquire` first)."""
+    def can_acquire(self, namespace: int) -> bool:
+        return namespace in self.slot_of or any(h == 0 for h in self.held)
+
+    def acquire(self, namespace: int) -> int:
+        """A slot holding the adapter registered as ``namespace``, held by one more request (call `can_acquire`
+        first)."""
         self._clock += 1
-        slot = self.slot_of.get(lora_id)
+        slot = self.slot_of.get(namespace)
         if slot is None:
             free = [s for s in range(self.max_loras) if self.held[s] == 0]
             slot = min(free, key=lambda s: (self.resident[s] is not None, self.last_use[s]))
+            self._load(slot, namespace)  # first: a failure leaves the slot as it was
             if self.resident[slot] is not None:
                 del self.slot_of[self.resident[slot]]
-            self._load(slot, lora_id)
-            self.resident[slot], self.slot_of[lora_id] = lora_id, slot
+            self.resident[slot], self.slot_of[namespace] = namespace, slot
         self.held[slot] += 1
         self.last_use[slot] = self._clock
         return slot
@@ -304,9 +317,9 @@ class LoraSlots:
     def release(self, slot: int) -> None:
         self.held[slot] -= 1
 
-    def _load(self, slot: int, lora_id: int) -> None:
+    def _load(self, slot: int, namespace: int) -> None:
         new = {p: (per_layer(a.astype(self.dtype)), per_layer(b.astype(self.dtype)))
-               for p, (a, b) in self.host[lora_id].items()}
+               for p, (a, b) in self.host[namespace].items()}
         if self.tp is not None:
             new = self.tp.shard_lora(new, self.config)
         else:

@@ -266,10 +266,10 @@ class Scheduler:
         of a step's admissions in one batched allocation (`_allocate_claimed`)."""
         st = self.state
         tokens = request.index_ids
+        if request.lora_id:  # first: an adapter that fails to load takes no sequence slot with it
+            request.lora_slot = self.lora.acquire(request.lora_namespace)
         slot = self.free_slots.pop()
         request.slot, request.node, cached = slot, -1, 0
-        if request.lora_id:
-            request.lora_slot = self.lora.acquire(request.lora_id)
         # A request still owed prompt log-probabilities computes its whole prompt (vLLM v1's rule):
         # cached positions have no logits (nor hidden states, for a mean-pooling request). Its pages are indexed
         # after it all the same.
@@ -349,14 +349,22 @@ class Scheduler:
             gets its pages at once, evicting cached prefixes if needed, and admission stops at
             the first that cannot. Requests that share a prompt being prefilled (`_PrefillSharing`), or
             whose adapter finds every LoRA slot held, are passed over and keep their place in the queue."""
-            nonlocal budget
             claimed: list[Request] = []
             held: list[Request] = []
             sharing = _PrefillSharing(self.page_size, [x for x in self.running if x.is_prefilling])
+            try:
+                admit_from_queue(batched, claimed, held, sharing)
+            finally:  # back at the front, ahead of any request `_unclaim` put there: they were ahead of it in the queue
+                self.waiting.extendleft(reversed(held))
+            return claimed
+
+        def admit_from_queue(batched: bool, claimed: list[Request], held: list[Request],
+                             sharing: _PrefillSharing) -> None:
+            nonlocal budget
             while self.waiting and budget > 0 and self.free_slots and len(rows) < max_rows:
                 r = self.waiting[0]
                 if (self.config.prefix_caching and sharing.holds(r)) or (
-                        r.lora_id and not self.lora.can_acquire(r.lora_id)):  # every adapter slot held
+                        r.lora_id and not self.lora.can_acquire(r.lora_namespace)):  # every adapter slot held
                     if len(held) >= _MAX_HELD:
                         break
                     held.append(self.waiting.popleft())
@@ -375,9 +383,6 @@ class Scheduler:
                 chunk = min(r.prefill_end - r.computed, budget)
                 rows.append((r, r.computed, r.computed + chunk))
                 budget -= chunk
-            # Back at the front, ahead of any request `_unclaim` put there: they were ahead of it in the queue.
-            self.waiting.extendleft(reversed(held))
-            return claimed
 
         claimed = admit(batched=True)
         if claimed:

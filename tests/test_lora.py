@@ -417,6 +417,37 @@ def test_preempted_adapter_rows_resume_on_their_adapter(adapters):
         assert_all_pages_free(engine)
 
 
+def test_an_unloaded_adapter_s_queued_requests_finish_with_it_and_its_id_can_name_another(adapters):
+    """vLLM's unload drops a name, not the requests made with it: a request queued behind a full batch when its
+    adapter was forgotten, and one preempted after, finish with that adapter's weights (a KeyError in `step` had
+    failed the whole batch and leaked sequence slots), even once the same id names another folder; then the
+    forgotten adapter's host copy and slot are freed."""
+    model, _, paths = adapters
+    prompts = random_prompts(model.config.vocab_size, [20, 18, 22, 19, 21])
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    first, second = LoRARequest("all", 1, paths["all"]), LoRARequest("mlp", 1, paths["mlp"])
+    with Engine(model, small_config(max_loras=2)) as engine:
+        want = [engine.generate([p], greedy, use_tqdm=False, lora_request=first)[0]["token_ids"] for p in prompts]
+        engine.forget_lora(1)
+        want_second = engine.generate([prompts[0]], greedy, use_tqdm=False, lora_request=second)[0]["token_ids"]
+    assert want_second != want[0]
+    with Engine(model, small_config(max_loras=2, num_pages=14, prefix_caching=False)) as engine:
+        ids = [engine.add_request(p, greedy, lora_request=first) for p in prompts]  # 4 run, 1 waits
+        engine.step()
+        engine.forget_lora(1)
+        engine.register_lora(second)
+        ids.append(engine.add_request(prompts[0], greedy, lora_request=second))
+        while engine.has_unfinished():
+            engine.step()
+        outs = [engine.requests[i].result()["token_ids"] for i in ids]
+        assert engine.stats()["preemptions"] > 0
+        assert outs == want + [want_second]
+        assert engine.lora.held == [0, 0] and len(engine.scheduler.free_slots) == 4
+        engine.forget_lora(1)
+        assert engine.lora.host == {} and engine.lora.slot_of == {}
+        assert_all_pages_free(engine)
+
+
 @pytest.mark.parametrize("glue,kernels,fold", [(True, False, False), (True, True, False), (False, True, False),
                                                (False, False, True), (False, False, "mgpu"), (True, False, "mgpu"),
                                                (True, False, "mgpu_xla_shrink")])

@@ -185,6 +185,7 @@ class _State:
     config: ServerConfig
     created: int
     loras: dict[str, LoRARequest] = dataclasses.field(default_factory=dict)  # served adapters by name
+    last_lora_id: int = 0  # ids only grow (vLLM's counter): an unloaded adapter's id is never another's
     # Finished /v1/responses, for previous_response_id.
     responses: ResponseStore = dataclasses.field(default_factory=lambda: ResponseStore(0))
     # The weights read again from the checkpoint, for /wake_up after a level-2 /sleep; None where the model was
@@ -384,8 +385,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         if req.lora_name in st.loras or req.lora_name in _base_names(st):
             raise APIError(400, f"The lora adapter '{req.lora_name}' has already been loaded.", param="lora_name")
         try:
-            lora = LoRARequest(req.lora_name, max((x.lora_int_id for x in st.loras.values()), default=0) + 1,
-                               req.lora_path)
+            st.last_lora_id = max([st.last_lora_id, *(x.lora_int_id for x in st.loras.values())]) + 1
+            lora = LoRARequest(req.lora_name, st.last_lora_id, req.lora_path)
             await st.engine.register_lora(lora)
         except ValueError as exc:
             raise APIError(400, str(exc), param="lora_path") from None
