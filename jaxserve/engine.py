@@ -1274,8 +1274,11 @@ class Engine:
             elif (call := self._prefill_behind(pending)) is not None:
                 self._pending_prefill = call
                 self.prefill_calls_behind_decode += 1
+            # Rows that finished before this call was read (in the collection of the call it was chained to) were
+            # handed back then: again, a caller reusing the id would have got the old request's end for its new one.
+            live = [r for r in pending.reqs if r.finish_reason is None]
             self._collect_decode(pending)
-            touched.update((r.request_id, r) for r in pending.reqs)
+            touched.update((r.request_id, r) for r in live)
         else:
             previous, self._pending_prefill = self._pending_prefill, None
             plan = None

@@ -533,6 +533,36 @@ def test_engine_config_validates_and_round_trips():
     assert EngineConfig(num_pages=np.int64(5), max_running=np.int32(4)) == EngineConfig(num_pages=5, max_running=4)
 
 
+def test_step_hands_back_each_finished_request_once_and_a_reused_id_gets_its_own(tiny):
+    """Overlapped decode calls chain over rows that finished in the call before: step() hands a finished request
+    back once (again, an AsyncEngine consumer who reused the id got the old request's end)."""
+    m, _ = tiny
+    prompts = random_prompts(m.config.vocab_size, (9, 12, 7, 10))
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    with Engine(m, small_config()) as engine:
+        # A stop id the host cannot foresee (a length it can: such rows leave the chain): a token of a prompt's
+        # greedy output, from its 3rd on, not seen before it.
+        outs = [o["token_ids"] for o in engine.generate(prompts, greedy, use_tqdm=False)]
+        row, stop = next((i, t) for i, out in enumerate(outs) for k, t in enumerate(out) if k >= 2 and t not in out[:k])
+        prompts.insert(0, prompts.pop(row))
+        ragged = [SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, stop_token_ids=[stop])] + [
+            SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (6, 9, 30)]
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, ragged)]
+        handed: dict[int, int] = {}
+        reused = None
+        while engine.has_unfinished():
+            for r in engine.step():
+                if r.finish_reason is not None:
+                    handed[id(r)] = handed.get(id(r), 0) + 1
+                    if r.request_id == ids[0] and reused is None:  # free the id and use it again at once
+                        engine.release(r.request_id)
+                        reused = engine.add_request(prompts[2], SamplingParams(max_tokens=4, temperature=0.0),
+                                                    request_id=ids[0])
+        assert engine.chained_calls > 0 and sorted(handed.values()) == [1] * 5
+        assert engine.requests[ids[0]].prompt_ids == prompts[2] and len(engine.requests[ids[0]].output_ids) == 4
+        assert_all_pages_free(engine)
+
+
 def test_warmup_compiles_every_shape_the_scheduler_uses(tiny):
     m, _ = tiny
     cfg = small_config(batch_buckets=(1, 2, 4), prefill_buckets=(16, 32, 64), max_tokens_per_step=64)
