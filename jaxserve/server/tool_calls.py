@@ -63,14 +63,15 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     """A choice's ``(content, tool_calls)``.
 
     With at least one block that parses (JSON with a string ``name``), content is the text before
-    the first block, stripped, or None where that is empty; blocks that do not parse are dropped.
+    the first block as it is (vLLM's hermes parser's; a stream has sent it so, whitespace and all), or None where
+    that is empty; blocks that do not parse are dropped.
     With none, the whole text is the content and there are no tool calls.
 
     Example:
         >>> text = 'Let me look.\\n<tool_call>\\n{"name": "f", "arguments": {"x": 1}}\\n</tool_call>'
         >>> content, calls = parse_tool_calls(text)
         >>> content, calls[0]["function"]
-        ('Let me look.', {'name': 'f', 'arguments': '{"x": 1}'})
+        ('Let me look.\\n', {'name': 'f', 'arguments': '{"x": 1}'})
     """
     start = text.find(TOOL_CALL_START)
     if start < 0:
@@ -79,7 +80,7 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
              if (call := _tool_call((m.group(1) if m.group(1) is not None else m.group(2)).strip()))]
     if not calls:
         return text, []
-    return text[:start].strip() or None, calls
+    return text[:start] or None, calls
 
 
 def content_prefix_len(text: str, start: int = 0) -> int:
