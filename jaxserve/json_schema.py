@@ -10,8 +10,10 @@ Limits (where the regex accepts fewer texts than the schema allows, or, as marke
     and ``number`` (`number_range_regex`: a bounded number is written without an exponent, compared as the exact
     decimal it spells with the bound's shortest decimal form); more: ``multipleOf`` is ignored.
   * ``pattern`` must fully match the string's JSON-escaped content as-is (leading ``^`` / trailing
-    ``$`` stripped), as in outlines, rather than be searched in the decoded string; more: a pattern
-    that admits ``"`` or a raw control character can yield invalid JSON.
+    ``$`` stripped), as in outlines, rather than be searched in the decoded string. Its ``.``, negated classes
+    and ``\\S`` / ``\\D`` / ``\\W`` leave out ``"``, ``\\`` and control characters, ``\\s`` is a space or a
+    whitespace escape (`_json_safe`); a literal or a positive class that names ``"`` or a control character can
+    still yield invalid JSON.
   * More: ``oneOf`` is ``anyOf`` (exclusivity unchecked); ``enum``/``const`` ignore a sibling ``type``.
   * Objects with ``properties`` never get keys beyond them (whatever ``additionalProperties`` says), in
     the schema's order; keys in ``required`` but not in ``properties`` are appended as any-value keys.
@@ -76,7 +78,9 @@ _IGNORED = {"$schema", "$id", "$defs", "definitions", "$comment", "title", "desc
             "examples", "readOnly", "writeOnly", "deprecated",
             "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}  # bounds hold on integer / number
 # Escapes the DFA understands, after a backslash, in a user's `pattern`.
-_PATTERN_ESCAPES = set("\\.*+?()[]{}|^$/\"-ntrdwsu")
+_PATTERN_ESCAPES = set("\\.*+?()[]{}|^$/\"-ntrdwsuDWS")
+# What a JSON string may not hold raw (`_CHAR`): a pattern's "any character" forms leave these out (`_json_safe`).
+_NOT_RAW = r'"\\\u0000-\u001f'
 
 
 def _err(msg: str) -> ValueError:
@@ -220,6 +224,41 @@ def _check_pattern(pattern: str) -> None:
         elif c == "(" and pattern.startswith("(?", i) and not pattern.startswith("(?:", i):
             raise _err(f"unsupported group syntax in 'pattern' {pattern!r}")
         i += 1
+
+
+def _json_safe(pattern: str) -> str:
+    r"""``pattern`` (checked by `_check_pattern`) with its "any character" forms kept to what a JSON string holds
+    raw: ``.``, negated classes and ``\S`` / ``\D`` / ``\W`` leave out ``"``, ``\`` and control characters (they
+    had let a model write a string no JSON parser reads); ``\s`` is a space or a whitespace escape (``\t``, ``\n``,
+    ``\r``, ``\f``: the string's own whitespace once read). Literals and positive classes are the user's.
+
+    Example:
+        >>> print(_json_safe(r"[^@]+@.\S"))
+        [^@"\\\u0000-\u001f]+@[^"\\\u0000-\u001f][^\s"\\\u0000-\u001f]
+    """
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            e = pattern[i + 1]
+            out.append({"S": rf"[^\s{_NOT_RAW}]", "D": rf"[^\d{_NOT_RAW}]", "W": rf"[^\w{_NOT_RAW}]",
+                        "s": r"(?: |\\[tnrf])"}.get(e, c + e))
+            i += 2
+        elif c == ".":
+            out.append(f"[^{_NOT_RAW}]")
+            i += 1
+        elif c == "[":
+            j = i + 1 + pattern.startswith("^", i + 1)
+            j += pattern.startswith("]", j)  # a leading ] belongs to the class
+            while pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            negated = pattern.startswith("[^", i)
+            out.append(pattern[i:j] + (_NOT_RAW if negated else "") + "]")
+            i = j + 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
 
 
 class _Converter:
@@ -408,7 +447,7 @@ def _string(schema: dict) -> str | None:
         if body.endswith("$") and not body.endswith("\\$"):
             body = body[:-1]
         _check_pattern(body)
-        return f'"(?:{body})"'
+        return f'"(?:{_json_safe(body)})"'
     if fmt is not None:
         return f'"{_FORMATS[fmt]}"'
     if hi is not None and lo > hi:

@@ -224,6 +224,16 @@ def test_strings_lengths_patterns_formats():
         "uuid": ("123e4567-e89b-12d3-a456-426614174000", "123e4567e89b12d3a456426614174000"),
         "email": ("a.b+c@ex-ample.co.uk", "not-an-email"),
     }
+    # A pattern's "any character" forms stay inside what a JSON string holds raw: a negated class or "." had let a
+    # model write raw quotes and control characters (no JSON parser reads those strings); \S \D \W are taken.
+    email = to_regex({"type": "string", "pattern": "^[^@]{1,6}@[^@.]{1,6}$"})
+    assert accepts(email, "ab@cd") and accepts(email, "a.b@cd")
+    for raw in ('"a"b@cd"', '"a\x19b@cd"', '"ab@c\\d"', '"a\nb@cd"'):
+        assert re.fullmatch(email, raw) is None, raw
+    assert re.fullmatch(to_regex({"type": "string", "pattern": "^.+$"}), '"a\x01"') is None
+    shorthands = to_regex({"type": "string", "pattern": r"^\S+@\D{2}\W\s$"})
+    assert accepts(shorthands, "x@ab! ") and accepts(shorthands, "x@ab!\t") and not accepts(shorthands, "x@a1! ")
+    assert re.fullmatch(shorthands, '"x"@ab! "') is None
     for fmt, (good, bad) in formats.items():
         regex = to_regex({"type": "string", "format": fmt})
         assert accepts(regex, good) and not accepts(regex, bad), fmt
