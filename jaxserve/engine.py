@@ -505,8 +505,6 @@ class Engine:
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams or PoolingParams, got {type(params).__name__}")
-        if params.seed is None and self._seeds is not None:  # EngineConfig.seed: drawn in the order requests come
-            params = dataclasses.replace(params, seed=int(self._seeds.integers(0, 1 << 62)))
         if params.n != 1:
             raise ValueError(f"n must be 1 for one request (generate and chat run n samples; here add n requests, "
                              f"each its own seed), got {params.n}")
@@ -532,8 +530,11 @@ class Engine:
         bad_words = self._bad_words(params.bad_words) if params.bad_words else ()
         if params.logprobs is not None and params.logprobs > MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.logprobs}")
-        request_id = self._new_request_id(request_id)
         guide = self._guide(params) if params.structured_outputs is not None else None
+        request_id = self._new_request_id(request_id)
+        if params.seed is None and self._seeds is not None:  # EngineConfig.seed: drawn in the order requests come,
+            # once nothing can refuse the request (a refused one must not move the seeds of those after it)
+            params = dataclasses.replace(params, seed=int(self._seeds.integers(0, 1 << 62)))
         # The detokenizer opens on the prompt's last tokens (a split character's bytes); placeholders are no text.
         detok = (IncrementalDetokenizer(self.tokenizer, ids if embeds is None else (), params.skip_special_tokens)
                  if self.tokenizer is not None else None)
@@ -1656,8 +1657,15 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
     samples = [_samples(sp) for sp in params_list]
     order = ([(i, 0) for i in range(len(prompts))]
              + [(i, j) for i in range(len(prompts)) for j in range(1, len(samples[i]))])
-    made = {(i, j): driver.make_request(prompts[i], samples[i][j], priority=priorities[i], lora_request=loras[i])
-            for i, j in order}
+    seeds = getattr(driver, "_seeds", None)  # EngineConfig.seed's draws: a refused batch gives back its own
+    drawn = None if seeds is None else seeds.bit_generator.state
+    try:
+        made = {(i, j): driver.make_request(prompts[i], samples[i][j], priority=priorities[i], lora_request=loras[i])
+                for i, j in order}
+    except BaseException:
+        if drawn is not None:
+            seeds.bit_generator.state = drawn
+        raise
     requests = [made[key] for key in order]
     for r in requests:
         driver._queue(r)

@@ -197,15 +197,18 @@ def test_an_engine_seed_makes_unseeded_sampling_repeat_run_to_run(tiny):
     free = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
     own = SamplingParams(max_tokens=12, temperature=1.0, seed=99, ignore_eos=True)
 
-    def run(seed):
+    def run(seed, refused=False):
         with Engine(m, small_config(seed=seed)) as engine:
             first = [o["token_ids"] for o in engine.generate(prompts, free, use_tqdm=False)]
+            if refused:  # a batch refused at its last prompt moves no seed of the requests after it
+                with pytest.raises(ValueError, match="prompt must not be empty"):
+                    engine.generate(prompts + [[]], free, use_tqdm=False)
             second = [o["token_ids"] for o in engine.generate(prompts, free, use_tqdm=False)]
             mine = engine.generate(prompts[0], own, use_tqdm=False)[0]["token_ids"]
             assert_all_pages_free(engine)
         return first, second, mine
 
-    a, b = run(7), run(7)
+    a, b = run(7), run(7, refused=True)
     assert a == b
     assert a[0] != a[1]  # later requests draw later seeds
     assert run(8)[0] != a[0]
