@@ -1640,12 +1640,17 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
         for sp in params_list:
             if not isinstance(sp, (SamplingParams, PoolingParams)) and sp is not None:
                 raise ValueError(f"sampling_params entries must be SamplingParams or None, got {type(sp).__name__}")
+    if priority is not None and (isinstance(priority, (str, bytes)) or not hasattr(priority, "__iter__")):
+        raise ValueError(f"priority must be a list of ints, one a prompt (vLLM's), got {priority!r:.100}")
     priorities = [0] * len(prompts) if priority is None else list(priority)
     if len(priorities) != len(prompts):
         raise ValueError(f"priority has {len(priorities)} entries for {len(prompts)} prompts")
     if lora_request is None or isinstance(lora_request, LoRARequest):
         loras = [lora_request] * len(prompts)
     else:
+        if isinstance(lora_request, (str, bytes)) or not hasattr(lora_request, "__iter__"):
+            raise ValueError(f"lora_request must be a jaxserve.LoRARequest, a list of them (one a prompt) or None, "
+                             f"got {lora_request!r:.100}")
         loras = list(lora_request)
         if len(loras) != len(prompts):
             raise ValueError(f"lora_request has {len(loras)} entries for {len(prompts)} prompts")

@@ -131,6 +131,10 @@ def score_pairs(text_1: Any, text_2: Any) -> list[tuple[Any, Any]]:
             return [value]
         if not isinstance(value, (list, tuple)) or not value:
             raise ValueError(f"{name} must be a non-empty string, list of token ids, or list of those, got {value!r}")
+        for item in value:  # each a text or token ids: a None or a dict failed deep in the engine
+            if not isinstance(item, str) and not (isinstance(item, (list, tuple)) and item and all(
+                    isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in item)):
+                raise ValueError(f"{name}'s items must be strings or lists of token ids, got {item!r:.100}")
         return list(value)
 
     first, second = items(text_1, "text_1"), items(text_2, "text_2")

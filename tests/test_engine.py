@@ -1499,6 +1499,9 @@ def test_caller_ids_numpy_prompts_negative_seeds_and_embed_params(tiny):
         engine.generate([[1, 2]], {"max_tokens": 1}, use_tqdm=False)
     with pytest.raises(ValueError, match="entries must be SamplingParams"):
         engine.generate([[1, 2]], ["max_tokens"], use_tqdm=False)
+    for field, value in (("priority", 5), ("lora_request", 5)):  # were TypeErrors from list(5)
+        with pytest.raises(ValueError, match=f"{field} must be"):
+            engine.generate([[1, 2]], SamplingParams(max_tokens=1), use_tqdm=False, **{field: value})
     while engine.has_unfinished():
         engine.step()
     assert_all_pages_free(engine)

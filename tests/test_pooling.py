@@ -161,3 +161,6 @@ def test_score_is_the_cosine_of_each_pair_s_embeddings(tiny):  # noqa: F811
     assert one_to_many[1]["prompt_tokens"] == len(a) + len(b)
     with pytest.raises(ValueError, match="text_1"):
         jaxserve.score(m, [a, b], [c, c, c], use_tqdm=False)
+    for bad in ([None], [{"prompt": "x"}], [[1.7, 2.0]]):  # were a TypeError / an int() error from the engine
+        with pytest.raises(ValueError, match="text_2's items must be"):
+            jaxserve.score(m, a, bad, use_tqdm=False)
