@@ -76,9 +76,14 @@ def _salt_keys(prompt: Prompt, lora_namespace: int, vocab_size: int) -> tuple[in
 def prompt_embeds_array(value: Any, hidden: int) -> np.ndarray:
     """``prompt_embeds`` as float32 ``[n, hidden]`` (any array: numpy, JAX, torch); ValueError naming it if bad."""
     if hasattr(value, "detach"):  # a torch tensor (bfloat16 ones have no numpy twin)
+        if value.is_complex():
+            raise ValueError(f"prompt_embeds must be real numbers, got {value.dtype}")
         value = value.detach().float().cpu().numpy()
+    if np.iscomplexobj(value):  # the cast below would drop the imaginary part with a warning
+        raise ValueError(f"prompt_embeds must be real numbers, got {np.asarray(value).dtype}")
     try:
-        embeds = np.asarray(value, np.float32)
+        with np.errstate(over="ignore"):  # a float64 past float32's range: refused as not finite just below
+            embeds = np.asarray(value, np.float32)
     except (TypeError, ValueError):
         raise ValueError(f"prompt_embeds must be an array of shape [tokens, {hidden}], got {type(value).__name__}")
     if embeds.ndim != 2 or embeds.shape[1] != hidden or not embeds.shape[0]:

@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from transformers import PreTrainedTokenizerBase
 
 from jaxserve.config import ModelConfig, RopeScaling
@@ -77,6 +78,11 @@ class LoadedModel:
             if tuple(have[path].shape) != tuple(getattr(got[path], "shape", ())):
                 raise ValueError(f"params: {name} has shape {tuple(getattr(got[path], 'shape', ()))}, "
                                  f"the model's is {tuple(have[path].shape)}")
+            dtype = getattr(got[path], "dtype", None)
+            if jnp.issubdtype(have[path].dtype, jnp.floating) and not (dtype is not None
+                                                                        and jnp.issubdtype(dtype, jnp.floating)):
+                # the engine's cast would truncate integer weights to whole numbers without a word
+                raise ValueError(f"params: {name} must be floating point, got {dtype}")
         return dataclasses.replace(self, params=params)
 
 

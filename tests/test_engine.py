@@ -1081,6 +1081,11 @@ def test_new_params_generate_without_compiling_again(tiny):
         m.with_params({**m.params, "norm": {"scale": jnp.zeros(3)}})
     with pytest.raises(ValueError, match=r"params: \['norm'\]\['scale'\] is missing"):
         m.with_params({**m.params, "norm": {}})
+    scale = m.params["norm"]["scale"]  # integer weights: the engine's cast truncated them without a word
+    with pytest.raises(ValueError, match=r"params: \['norm'\]\['scale'\] must be floating point, got int32"):
+        m.with_params({**m.params, "norm": {"scale": jnp.zeros(scale.shape, jnp.int32)}})
+    assert m.with_params({**m.params, "norm": {"scale": scale.astype(jnp.bfloat16)}}).params["norm"]["scale"].dtype \
+        == jnp.bfloat16
 
 
 def hf_prompt_logprobs(hf, prompt: list[int]) -> np.ndarray:

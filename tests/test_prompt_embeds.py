@@ -118,6 +118,8 @@ def test_embeddings_of_embeddings_and_bad_inputs(tiny):  # noqa: F811
         for bad, match in (({"prompt_embeds": np.zeros((3, hidden + 1))}, "prompt_embeds must be an array of shape"),
                            ({"prompt_embeds": np.zeros((0, hidden))}, "prompt_embeds must be an array of shape"),
                            ({"prompt_embeds": np.full((2, hidden), np.nan)}, "prompt_embeds must be finite"),
+                           ({"prompt_embeds": np.full((2, hidden), 1e300)}, "prompt_embeds must be finite"),
+                           ({"prompt_embeds": np.zeros((2, hidden), np.complex64)}, "prompt_embeds must be real"),
                            ({"prompt_embeds": "x"}, "prompt_embeds must be an array"),
                            ({"prompt": "a", "prompt_token_ids": [1]}, "exactly one of"),
                            ({"text": "a"}, "exactly one of")):
