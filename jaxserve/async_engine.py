@@ -167,9 +167,11 @@ class AsyncEngine:
         return RequestHandle(self, request_id, output)
 
     async def stream(self, prompt: Prompt, params: SamplingParams | None = None,
-                     request_id: str | None = None, priority: int = 0) -> AsyncIterator[dict[str, Any]]:
-        """Chunks of one request as they are produced; leaving the loop early aborts it."""
-        handle = await self.submit(prompt, params, request_id, priority)
+                     request_id: str | None = None, priority: int = 0,
+                     lora_request: Any = None) -> AsyncIterator[dict[str, Any]]:
+        """Chunks of one request as they are produced; leaving the loop early aborts it. ``lora_request``: the
+        adapter it runs with (vLLM's ``AsyncLLM.generate`` takes one too)."""
+        handle = await self.submit(prompt, params, request_id, priority, lora_request)
         try:
             async for chunk in handle:
                 yield chunk
@@ -177,9 +179,10 @@ class AsyncEngine:
             handle.abort()
 
     async def generate_async(self, prompt: Prompt, params: SamplingParams | None = None,
-                             request_id: str | None = None, priority: int = 0) -> dict[str, Any]:
-        """Run one request to the end; the ``Request.result()`` dict."""
-        handle = await self.submit(prompt, params, request_id, priority)
+                             request_id: str | None = None, priority: int = 0,
+                             lora_request: Any = None) -> dict[str, Any]:
+        """Run one request to the end; the ``Request.result()`` dict (``lora_request``: as `stream`'s)."""
+        handle = await self.submit(prompt, params, request_id, priority, lora_request)
         try:
             return await handle.result()
         finally:

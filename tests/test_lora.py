@@ -417,6 +417,35 @@ def test_preempted_adapter_rows_resume_on_their_adapter(adapters):
         assert_all_pages_free(engine)
 
 
+def test_async_engine_streams_and_runs_adapter_requests(adapters):
+    """vLLM's AsyncLLM.generate takes a lora_request: AsyncEngine's stream and generate_async do too."""
+    import asyncio
+
+    from jaxserve.async_engine import AsyncEngine
+
+    model, _, paths = adapters
+    lora = LoRARequest("all", 1, paths["all"])
+    [prompt] = random_prompts(model.config.vocab_size, [12])
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    with Engine(model, small_config(max_loras=1)) as engine:
+        want = engine.generate([prompt], greedy, use_tqdm=False, lora_request=lora)[0]["token_ids"]
+        base = engine.generate([prompt], greedy, use_tqdm=False)[0]["token_ids"]
+    assert want != base
+
+    async def run():
+        engine = AsyncEngine(Engine(model, small_config(max_loras=1)))
+        try:
+            whole = await engine.generate_async(prompt, greedy, lora_request=lora)
+            streamed = [t async for chunk in engine.stream(prompt, greedy, lora_request=lora)
+                        for t in chunk["token_ids"]]
+            return whole["token_ids"], streamed
+        finally:
+            await engine.shutdown()
+
+    whole, streamed = asyncio.run(run())
+    assert whole == streamed == want
+
+
 def test_an_unloaded_adapter_s_queued_requests_finish_with_it_and_its_id_can_name_another(adapters):
     """vLLM's unload drops a name, not the requests made with it: a request queued behind a full batch when its
     adapter was forgotten, and one preempted after, finish with that adapter's weights (a KeyError in `step` had
