@@ -1532,6 +1532,18 @@ def test_structured_outputs_hold_the_text_to_the_schema_regex_or_choices(client,
     assert banned.choices[0].text != free.choices[0].text
 
 
+def test_required_tool_calls_are_one_call_without_parallel_tool_calls():
+    from jaxserve.server.app import _tool_call_regex
+    from jaxserve.server.protocol import ChatRequest
+
+    call = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "tool_choice": "required"}
+    many = _tool_call_regex(ChatRequest.model_validate(body))
+    one = _tool_call_regex(ChatRequest.model_validate({**body, "parallel_tool_calls": False}))
+    assert re.fullmatch(many, call) and re.fullmatch(many, call + "\n" + call)
+    assert re.fullmatch(one, call) and not re.fullmatch(one, call + "\n" + call)
+
+
 def test_forced_tool_arguments_are_an_object_whatever_the_schema_leaves_open():
     # OpenAI's arguments are a JSON object: a tool of no parameters schema, {}, or properties without a type
     # (which alone allow any value: 'true' came back) is held to an object.

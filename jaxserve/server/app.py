@@ -1111,7 +1111,9 @@ def _tool_call_regex(req: ChatRequest) -> str | None:
     except ValueError as exc:
         raise APIError(400, f"tools: {exc}", param="tools") from None
     one = "(?:" + "|".join(calls) + ")"
-    return one if choice != "required" else f"{one}(?:\n{one})*"
+    # "required" allows several calls, unless the request asked for one at most (parallel_tool_calls false: the
+    # further calls were generated, then dropped, and could end a one-call answer at "length").
+    return one if choice != "required" or req.parallel_tool_calls is False else f"{one}(?:\n{one})*"
 
 
 async def _submit_all(st: _State, prompts: list[list[int]], params: list[SamplingParams],
