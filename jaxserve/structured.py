@@ -111,6 +111,16 @@ class StructuredOutputs:
             return value
         if not isinstance(value, dict):
             raise ValueError(f"structured_outputs must be a StructuredOutputs or a dict, got {value!r}")
+        value = dict(value)
+        # vLLM's switches: disable_any_whitespace is JSON without whitespace; the others already hold here (one
+        # backend, so nothing to fall back to; object keys never go beyond a schema's properties).
+        for flag in ("disable_fallback", "disable_any_whitespace", "disable_additional_properties"):
+            if flag in value and not isinstance(value[flag], bool):
+                raise ValueError(f"{flag} must be true or false, got {value[flag]!r}")
+        value.pop("disable_fallback", None)
+        value.pop("disable_additional_properties", None)
+        if value.pop("disable_any_whitespace", False) and value.get("whitespace_pattern") is None:
+            value["whitespace_pattern"] = ""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - names)
         if unknown:

@@ -174,9 +174,15 @@ def test_structured_outputs_params_validate_and_round_trip():
     for bad, field in [({"regex": "a", "choice": ["b"]}, "exactly one"), ({}, "exactly one"),
                        ({"choice": []}, "structured_outputs.choice"), ({"json": "{bad"}, "structured_outputs.json"),
                        ({"grammar": 5}, "structured_outputs.grammar"), ({"grammars": "x"}, "unknown structured_outputs"),
-                       ("a", "structured_outputs must be")]:
+                       ("a", "structured_outputs must be"),
+                       ({"json_object": True, "disable_fallback": "yes"}, "disable_fallback must be true or false")]:
         with pytest.raises(ValueError, match=field):
             SamplingParams(structured_outputs=bad)
+    # vLLM's switches: disable_any_whitespace is JSON without whitespace; the other two hold here already.
+    tight = StructuredOutputs.from_value({"json": {"type": "object"}, "disable_any_whitespace": True,
+                                          "disable_fallback": True, "disable_additional_properties": True})
+    assert tight == StructuredOutputs(json={"type": "object"}, whitespace_pattern="")
+    assert StructuredOutputs.from_value({"json_object": True, "disable_any_whitespace": False}).whitespace_pattern is None
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=2, structured_outputs={"regex": "a+"})
     assert escape('a.b"c') == 'a\\.b\\"c' and compile_regex(escape("1+1=2?")).fullmatch("1+1=2?")
