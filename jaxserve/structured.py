@@ -174,15 +174,15 @@ class StructuredOutputs:
         return f"structured_outputs.{kind}"
 
 
-# vLLM's GuidedDecodingParams fields with no counterpart here, which change no output this engine gives: the
-# backend it picks (jaxserve has one), and its switch against falling back to another.
-_GUIDED_IGNORED = ("backend", "disable_fallback")
+# vLLM's GuidedDecodingParams field with no counterpart here, which changes no output this engine gives: the backend
+# it picks (jaxserve has one). Its disable_* switches are `StructuredOutputs.from_value`'s.
+_GUIDED_IGNORED = ("backend",)
 
 
 def GuidedDecodingParams(**fields: Any) -> StructuredOutputs:  # noqa: N802 (vLLM's class name, for its scripts)
     """vLLM's older spelling (until 0.10: ``SamplingParams(guided_decoding=GuidedDecodingParams(json=...))``) of
-    `StructuredOutputs`: the same fields, ``backend`` and ``disable_fallback`` taken and ignored (one backend here);
-    any other field this engine lacks is a ValueError naming it.
+    `StructuredOutputs`: the same fields, ``backend`` taken and ignored (one backend here), the ``disable_*`` switches
+    as `StructuredOutputs.from_value` reads them; any other field this engine lacks is a ValueError naming it.
 
     Example:
         >>> GuidedDecodingParams(choice=["yes", "no"], backend="xgrammar").choice

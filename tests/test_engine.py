@@ -540,13 +540,17 @@ def test_step_hands_back_each_finished_request_once_and_a_reused_id_gets_its_own
     """Overlapped decode calls chain over rows that finished in the call before: step() hands a finished request
     back once (again, an AsyncEngine consumer who reused the id got the old request's end)."""
     m, _ = tiny
-    prompts = random_prompts(m.config.vocab_size, (9, 12, 7, 10))
     greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     with Engine(m, small_config()) as engine:
         # A stop id the host cannot foresee (a length it can: such rows leave the chain): a token of a prompt's
-        # greedy output, from its 3rd on, not seen before it.
-        outs = [o["token_ids"] for o in engine.generate(prompts, greedy, use_tqdm=False)]
-        row, stop = next((i, t) for i, out in enumerate(outs) for k, t in enumerate(out) if k >= 2 and t not in out[:k])
+        # greedy output, from its 2nd on (a decode call's), not seen before it; fresh prompts until one has one.
+        for _ in range(20):
+            prompts = random_prompts(m.config.vocab_size, (9, 12, 7, 10))
+            outs = [o["token_ids"] for o in engine.generate(prompts, greedy, use_tqdm=False)]
+            found = [(i, t) for i, out in enumerate(outs) for k, t in enumerate(out) if k >= 1 and t not in out[:k]]
+            if found:
+                break
+        row, stop = found[0]
         prompts.insert(0, prompts.pop(row))
         ragged = [SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, stop_token_ids=[stop])] + [
             SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (6, 9, 30)]

@@ -99,8 +99,9 @@ def test_guided_decoding_is_vllm_s_older_name_of_structured_outputs():
     assert SamplingParams(guided_decoding={"regex": "[0-9]+"}).structured_outputs.regex == "[0-9]+"
     with pytest.raises(ValueError, match="guided_decoding"):
         SamplingParams(guided_decoding={"regex": "a"}, structured_outputs={"regex": "b"})
-    with pytest.raises(ValueError, match="disable_any_whitespace"):
-        GuidedDecodingParams(json_object=True, disable_any_whitespace=True)
+    assert GuidedDecodingParams(json_object=True, disable_any_whitespace=True).whitespace_pattern == ""
+    with pytest.raises(ValueError, match="whitespace_flavor"):  # a field this engine lacks
+        GuidedDecodingParams(json_object=True, whitespace_flavor="x")
 
 
 def test_max_tokens_none_is_vllm_s_up_to_the_model_s_length():
