@@ -392,6 +392,7 @@ def test_chunk_candidate_cutoffs_are_exact_and_fall_back_where_undecided(monkeyp
         x[r, at] += 12.0 - 1.0 * np.log1p(np.arange(40))
     top_k = rng.choice([-1, 1, 3, 10, 40, 500], size=b).astype(np.int32)
     top_p = rng.choice([1.0, 0.5, 0.9, 0.99], size=b).astype(np.float32)
+    top_k[0], top_k[1] = -1, 3  # a flat row the tier cannot decide, a peaked one it can: both ways, every run
     top_p[top_k == -1] = np.minimum(top_p[top_k == -1], 0.9)  # every row cuts somewhere
     values, ids, bound = sampling._chunk_candidates(jnp.asarray(x))
     real = np.isfinite(np.asarray(values))  # the padding past the vocabulary is -inf (its ids clipped to the last)
