@@ -1625,6 +1625,20 @@ def prompt_list(prompts: Any) -> list[Any]:
     return prompts
 
 
+def _one_a_prompt(value: Any, name: str, count: int, single: tuple[type, ...], expected: str) -> list[Any]:
+    """``value`` for each of ``count`` prompts: one for all (None, or an instance of ``single``) or a list of them,
+    one a prompt; ValueError naming ``name`` otherwise (a dict, iterated, would have been its keys; an int, a
+    TypeError from list())."""
+    if value is None or isinstance(value, single):
+        return [value] * count
+    if isinstance(value, (Mapping, str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be {expected}, got {type(value).__name__}")
+    values = list(value)
+    if len(values) != count:
+        raise ValueError(f"{name} has {len(values)} entries for {count} prompts")
+    return values
+
+
 def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
                       sampling_params: SamplingParams | Sequence[SamplingParams] | None, use_tqdm: bool,
                       priority: Sequence[int] | None = None,
@@ -1632,33 +1646,15 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
     """`Engine.generate`'s loop over any ``driver`` with the Engine's batch API (an `Engine`, or
     `jaxserve.replicas.Replicas`): make (validate) every request, queue them, step until each finished."""
     prompts = prompt_list(prompts)
-    if isinstance(sampling_params, (SamplingParams, PoolingParams)) or sampling_params is None:
-        params_list = [sampling_params] * len(prompts)
-    else:
-        if isinstance(sampling_params, (Mapping, str)) or not hasattr(sampling_params, "__iter__"):
-            # A dict would iterate as its keys.
-            raise ValueError(f"sampling_params must be a SamplingParams, a list of them (one a prompt) or None, "
-                             f"got {type(sampling_params).__name__} (a dict: SamplingParams(**d))")
-        params_list = list(sampling_params)
-        if len(params_list) != len(prompts):
-            raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts")
-        for sp in params_list:
-            if not isinstance(sp, (SamplingParams, PoolingParams)) and sp is not None:
-                raise ValueError(f"sampling_params entries must be SamplingParams or None, got {type(sp).__name__}")
-    if priority is not None and (isinstance(priority, (str, bytes)) or not hasattr(priority, "__iter__")):
-        raise ValueError(f"priority must be a list of ints, one a prompt (vLLM's), got {priority!r:.100}")
-    priorities = [0] * len(prompts) if priority is None else list(priority)
-    if len(priorities) != len(prompts):
-        raise ValueError(f"priority has {len(priorities)} entries for {len(prompts)} prompts")
-    if lora_request is None or isinstance(lora_request, LoRARequest):
-        loras = [lora_request] * len(prompts)
-    else:
-        if isinstance(lora_request, (str, bytes)) or not hasattr(lora_request, "__iter__"):
-            raise ValueError(f"lora_request must be a jaxserve.LoRARequest, a list of them (one a prompt) or None, "
-                             f"got {lora_request!r:.100}")
-        loras = list(lora_request)
-        if len(loras) != len(prompts):
-            raise ValueError(f"lora_request has {len(loras)} entries for {len(prompts)} prompts")
+    params_list = _one_a_prompt(sampling_params, "sampling_params", len(prompts), (SamplingParams, PoolingParams),
+                                "a SamplingParams, a list of them (one a prompt) or None (a dict: SamplingParams(**d))")
+    for sp in params_list:
+        if not isinstance(sp, (SamplingParams, PoolingParams)) and sp is not None:
+            raise ValueError(f"sampling_params entries must be SamplingParams or None, got {type(sp).__name__}")
+    priorities = [0] * len(prompts) if priority is None else _one_a_prompt(
+        priority, "priority", len(prompts), (), "a list of ints, one a prompt (vLLM's)")
+    loras = _one_a_prompt(lora_request, "lora_request", len(prompts), (LoRARequest,),
+                          "a jaxserve.LoRARequest, a list of them (one a prompt) or None")
     if driver.closed:
         raise RuntimeError("engine is closed")
     # A prompt's n samples are n requests. Every prompt's first sample is queued ahead of the others' so the

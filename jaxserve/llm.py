@@ -230,7 +230,7 @@ class LLM:
                  lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
                  priority: Sequence[int] | None = None) -> list[RequestOutput]:
         """vLLM's ``LLM.generate``: one `RequestOutput` a prompt, in order (`Engine.generate` underneath)."""
-        prompts = _as_list(prompts)
+        prompts = prompt_list(prompts)
         results = self.engine.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority,
                                        lora_request=lora_request)
         return [self._request_output(p, r) for p, r in zip(prompts, results)]
@@ -247,7 +247,7 @@ class LLM:
     def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None,
               use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
         """vLLM's ``LLM.embed``: ``outputs.embedding`` a prompt (`Engine.embed`)."""
-        prompts = _as_list(prompts)
+        prompts = prompt_list(prompts)
         results = self.engine.embed(prompts, pooling_params, use_tqdm=use_tqdm)
         return [EmbeddingRequestOutput(r["request_id"], self.engine.request_ids(p, pooling_params or PoolingParams()),
                                        EmbeddingOutput([float(x) for x in r["embedding"]]))
@@ -256,7 +256,7 @@ class LLM:
     def classify(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None,
                  use_tqdm: bool = True) -> list[ClassificationRequestOutput]:
         """vLLM's ``LLM.classify`` (a sequence classifier's checkpoint): ``outputs.probs`` a prompt (`Engine.classify`)."""
-        prompts = _as_list(prompts)
+        prompts = prompt_list(prompts)
         results = self.engine.classify(prompts, pooling_params, use_tqdm=use_tqdm)
         return [ClassificationRequestOutput(r["request_id"], self.engine.request_ids(p, PoolingParams()),
                                             ClassificationOutput([float(x) for x in r["probs"]]))
@@ -270,7 +270,7 @@ class LLM:
 
     def beam_search(self, prompts: Prompt | Sequence[Prompt], params: Any, use_tqdm: bool = True) -> list[dict]:
         """`Engine.beam_search` (each prompt's ``sequences``, best first)."""
-        return self.engine.beam_search(_as_list(prompts), params, use_tqdm=use_tqdm)
+        return self.engine.beam_search(prompt_list(prompts), params, use_tqdm=use_tqdm)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's: the sampling a prompt given none gets (the checkpoint's ``generation_config.json``;
@@ -309,11 +309,6 @@ class LLM:
             prompt_logprobs=_prompt_logprobs(first, prompt_ids, decode),
             outputs=[_completion_output(i, s, decode) for i, s in enumerate(samples)],
             num_cached_tokens=first["cached_tokens"])
-
-
-def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """One prompt (text, a prompt dict, token ids) or an iterable of them, as a list (ValueError for neither)."""
-    return prompt_list(prompts)
 
 
 def _completion_output(index: int, result: dict[str, Any], decode: Any) -> CompletionOutput:

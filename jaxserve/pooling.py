@@ -125,15 +125,17 @@ def score_pairs(text_1: Any, text_2: Any) -> list[tuple[Any, Any]]:
         >>> score_pairs("q", ["a", "b"])
         [('q', 'a'), ('q', 'b')]
     """
+    def one(value: Any) -> bool:  # a text or a non-empty list of token ids
+        return isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value) and all(
+            isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in value))
+
     def items(value: Any, name: str) -> list:
-        if isinstance(value, str) or (isinstance(value, (list, tuple)) and value
-                                      and all(isinstance(t, (int, np.integer)) for t in value)):
+        if one(value):
             return [value]
         if not isinstance(value, (list, tuple)) or not value:
             raise ValueError(f"{name} must be a non-empty string, list of token ids, or list of those, got {value!r}")
-        for item in value:  # each a text or token ids: a None or a dict failed deep in the engine
-            if not isinstance(item, str) and not (isinstance(item, (list, tuple)) and item and all(
-                    isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in item)):
+        for item in value:  # a None or a dict failed deep in the engine
+            if not one(item):
                 raise ValueError(f"{name}'s items must be strings or lists of token ids, got {item!r:.100}")
         return list(value)
 

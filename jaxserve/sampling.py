@@ -65,10 +65,10 @@ DEFAULT_TOP_CANDIDATES = 1024
 # sampler 1.9 ms; with this tier 0.77 ms (chunks of 64 tokens: 9-13% under 128 or 32 at 256 rows, a tie at 64;
 # bench/results/sampler.md).
 CHUNK_TOKENS = int(os.environ.get("JAXSERVE_CHUNK_TOKENS", "64"))
+CANDIDATE_CHUNKS = int(os.environ.get("JAXSERVE_CANDIDATE_CHUNKS", "64"))  # 0: this tier off (A/B runs)
 # The draw's Gumbel noise from a hash of (row key, token id) (`token_gumbel`) rather than jax.random.gumbel's threefry.
 # Off until timed on a GPU (bench/gpu_checks.sh noise68): its draws are tested here, its speed not yet measured.
 HASH_NOISE = os.environ.get("JAXSERVE_HASH_NOISE", "0") == "1"
-CANDIDATE_CHUNKS = int(os.environ.get("JAXSERVE_CANDIDATE_CHUNKS", "64"))  # 0: this tier off (A/B runs)
 
 
 def _is_int(x: Any) -> bool:

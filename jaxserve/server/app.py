@@ -1249,6 +1249,14 @@ async def _abort_all(handles: list[RequestHandle]) -> None:
         h.abort()
 
 
+def _ended_with_error(exc: RequestError | EngineDeadError) -> APIError:
+    """A request the engine ended with an error: a 400 where its own parameters caused it, a 500 where the engine
+    failed."""
+    if isinstance(exc, RequestError):
+        return APIError(400, str(exc))
+    return APIError(500, str(exc), "server_error", code="engine_error")
+
+
 async def _results_unless_disconnected(request: Request, handles: list[RequestHandle]) -> list[dict[str, Any]]:
     task = asyncio.ensure_future(asyncio.gather(*(h.result() for h in handles)))
     try:
@@ -1258,10 +1266,8 @@ async def _results_unless_disconnected(request: Request, handles: list[RequestHa
                 return task.result()
             if await request.is_disconnected():
                 raise APIError(499, "client disconnected", code="client_closed_request")
-    except RequestError as exc:
-        raise APIError(400, str(exc)) from None
-    except EngineDeadError as exc:
-        raise APIError(500, str(exc), "server_error", code="engine_error") from None
+    except (RequestError, EngineDeadError) as exc:
+        raise _ended_with_error(exc) from None
     finally:
         task.cancel()
         for h in handles:
@@ -1299,8 +1305,7 @@ async def _sse(handles: list[RequestHandle], fmt: CompletionFormat | ChatFormat,
         if include_usage:
             yield _event(fmt.usage_chunk([results[i] for i in sorted(results)]))
     except (RequestError, EngineDeadError) as exc:
-        error = (APIError(400, str(exc)) if isinstance(exc, RequestError)
-                 else APIError(500, str(exc), "server_error", code="engine_error"))
+        error = _ended_with_error(exc)
         yield _event({"type": "error", "code": error.code, "message": error.message, "param": None} if typed
                      else error.body(), typed)
     finally:
