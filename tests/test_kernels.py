@@ -30,6 +30,9 @@ cache_scatter_reference = jax.jit(jaxserve_kernels.cache_scatter_reference)
 MODES = [pytest.param(None, id="interpret-on-cpu"),
          pytest.param(False, id="compiled", marks=pytest.mark.gpu)]
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+# A whole bf16 decode step (two layers, each rounding its activations to bf16) against the float32 model: the
+# roundings compound past one kernel's 2e-2 (tests/test_lora.py's step: 0.6-1.9% in 100 seeds, 2.07% once in CI).
+STEP_TOLERANCE_BF16 = 3e-2
 
 
 def interpreted_and_compiled(interpreted: list[tuple], compiled: list[tuple] | None = None) -> list:
