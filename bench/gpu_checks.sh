@@ -458,6 +458,9 @@
 #               top-p / top-k / top-5 log-probability rows at 64 / 256, each its own process; test_sampling (~350 s?)
 #   noise68     session 68: the draw's Gumbel noise from a hash of (row key, token id) (sampling.HASH_NOISE) against
 #               jax.random.gumbel's threefry, temp / top_p rows at 64 / 256, each its own process (~90 s)
+#   noise69     session 69: noise68's A/B with the top-k rows and a third arm, hash noise drawn over the vocabulary
+#               (JAXSERVE_CANDIDATE_DRAW=0) against the candidates alone (the default under hash noise); then
+#               test_sampling compiled under hash noise (~200 s?)
 #   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -1384,6 +1387,11 @@ for part in "${parts[@]}"; do
     noise68) for h in 0 1; do echo "== ab JAXSERVE_HASH_NOISE=$h"; \
                JAXSERVE_HASH_NOISE=$h timeout 100 python3 bench/sampler_cost.py --rows 64 256 --top-k \
                  --settings temp top_p ; done ;;
+    noise69) for arm in "0 1" "1 0" "1 1"; do set -- $arm; echo "== ab JAXSERVE_HASH_NOISE=$1 CANDIDATE_DRAW=$2"; \
+               JAXSERVE_HASH_NOISE=$1 JAXSERVE_CANDIDATE_DRAW=$2 timeout 100 python3 bench/sampler_cost.py \
+                 --rows 64 256 --settings temp top_p top_k ; done ; \
+             JAXSERVE_HASH_NOISE=1 timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" \
+               tests/test_sampling.py ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
               tests/test_qwen_shapes.py -k "yarn or (0.5B-None-1)" ;;
     *) echo "unknown part: $part" >&2; continue ;;

@@ -26,7 +26,7 @@ import dataclasses
 import math
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -69,6 +69,11 @@ CANDIDATE_CHUNKS = int(os.environ.get("JAXSERVE_CANDIDATE_CHUNKS", "64"))  # 0: 
 # The draw's Gumbel noise from a hash of (row key, token id) (`token_gumbel`) rather than jax.random.gumbel's threefry.
 # Off until timed on a GPU (bench/gpu_checks.sh noise68): its draws are tested here, its speed not yet measured.
 HASH_NOISE = os.environ.get("JAXSERVE_HASH_NOISE", "0") == "1"
+# With HASH_NOISE a draw whose every row cuts above the chunk tier's bound (top-k, a peaked nucleus, a strong min-p)
+# takes noise for the chunks' candidates alone: a token's noise is its own whichever tokens beside it get noise, so
+# the argmax over the candidates is the vocabulary's, token for token; no pass over the vocabulary draws. Off: every
+# draw over the vocabulary (A/B runs).
+CANDIDATE_DRAW = os.environ.get("JAXSERVE_CANDIDATE_DRAW", "1") == "1"
 
 
 def _is_int(x: Any) -> bool:
@@ -788,8 +793,14 @@ def _top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array, candidates: i
     return jnp.where(x >= _top_k_top_p_floor(x, top_k, top_p, candidates)[:, None], x, -jnp.inf)
 
 
-def _top_k_top_p_floor(x: jax.Array, top_k: jax.Array, top_p: jax.Array, candidates: int) -> jax.Array:
-    """Each row's least value kept by top-k then top-p (ties with it kept), through the tiers above."""
+def _chunk_tier_on(v: int) -> bool:
+    return 0 < CANDIDATE_CHUNKS * CHUNK_TOKENS < v
+
+
+def _top_k_top_p_floor(x: jax.Array, top_k: jax.Array, top_p: jax.Array, candidates: int,
+                       chunked: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Each row's least value kept by top-k then top-p (ties with it kept), through the tiers above. ``chunked``:
+    `_chunk_candidates`' values and bound of ``x`` where the caller has them (else made here when the tier is on)."""
     v = x.shape[-1]
 
     def full_sort() -> jax.Array:
@@ -802,18 +813,13 @@ def _top_k_top_p_floor(x: jax.Array, top_k: jax.Array, top_p: jax.Array, candida
             thresh, decided = _thresholds(x, jax.lax.top_k(x, candidates)[0], top_k, top_p)
             return jax.lax.cond(jnp.all(decided), lambda: thresh, full_sort)
 
-        if 0 < CANDIDATE_CHUNKS * CHUNK_TOKENS < v:
-            values, _, bound = _chunk_candidates(x)
+        if _chunk_tier_on(v):
+            values, _, bound = _chunk_candidates(x) if chunked is None else (chunked[0], None, chunked[1])
             fast, decided = _thresholds(x, -jnp.sort(-values, axis=-1), top_k, top_p, bound)
             thresh = jax.lax.cond(jnp.all(decided), lambda: fast, partial_sort)
         else:
             thresh = partial_sort()
     return thresh
-
-
-def _min_p_floor(x: jax.Array, min_p: jax.Array) -> jax.Array:
-    # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p); no softmax needed (log(0) = -inf: no cut).
-    return jnp.max(x, axis=-1) + jnp.log(min_p)
 
 
 def _fmix32(h: jax.Array) -> jax.Array:
@@ -937,13 +943,22 @@ def sample(
     greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
 
     def draw(x: jax.Array) -> jax.Array:
-        x = _truncated(x, batch, top_candidates)
+        x = _scaled(x, batch)
         keys = row_keys(batch.seeds, step)
-        if HASH_NOISE:
-            gumbel = token_gumbel(keys, jnp.arange(v, dtype=jnp.uint32))
+
+        def over_vocab(floor: jax.Array) -> jax.Array:
+            if HASH_NOISE:
+                gumbel = token_gumbel(keys, jnp.arange(v, dtype=jnp.uint32))
+            else:
+                gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)
+            return jnp.argmax(jnp.where(x >= floor[:, None], x, -jnp.inf) + gumbel, axis=-1).astype(jnp.int32)
+
+        if HASH_NOISE and CANDIDATE_DRAW and _chunk_tier_on(v):
+            drawn = jax.lax.cond(_cuts(batch, v), lambda: _candidate_draw(x, batch, top_candidates, keys, greedy_rows,
+                                                                          over_vocab),
+                                 lambda: over_vocab(jnp.full((b,), -jnp.inf, x.dtype)))
         else:
-            gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)
-        drawn = jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
+            drawn = over_vocab(_floor(x, batch, top_candidates))
         return jnp.where(greedy_rows, greedy_tokens, drawn)
 
     tokens = jax.lax.cond(jnp.all(greedy_rows), lambda x: greedy_tokens, draw, x)
@@ -955,16 +970,54 @@ def sample(
 def _truncated(x: jax.Array, batch: SamplingBatch, top_candidates: int) -> jax.Array:
     """Float32 logits ``x`` (penalised) divided by each row's temperature (greedy rows' left as they are), then
     min-p, top-k and top-p: -inf outside what a row may draw. What `sample` draws from."""
-    v = x.shape[-1]
-    x = x / jnp.where(batch.temperature == 0.0, 1.0, batch.temperature)[:, None]
-    # The branches give per-row floors, not cut copies of x: a [B, V] result of a cond is written out whole
-    # (~0.1 ms a cut at 256 rows of 151,936), where the one `where` below fuses into what reads it (the draw).
+    x = _scaled(x, batch)
+    return jnp.where(x >= _floor(x, batch, top_candidates)[:, None], x, -jnp.inf)
+
+
+def _scaled(x: jax.Array, batch: SamplingBatch) -> jax.Array:
+    return x / jnp.where(batch.temperature == 0.0, 1.0, batch.temperature)[:, None]
+
+
+def _cuts(batch: SamplingBatch, v: int) -> jax.Array:
+    """Whether some row cuts by top-k or top-p."""
+    return jnp.any(((batch.top_k > 0) & (batch.top_k < v)) | (batch.top_p < 1.0))
+
+
+def _floor(x: jax.Array, batch: SamplingBatch, top_candidates: int,
+           chunked: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Each row's least value of scaled logits ``x`` kept by min-p, top-k and top-p (-inf: no cut). ``chunked``:
+    `_chunk_candidates`' values and bound of ``x``, where the caller has them."""
+    # Per-row floors, not cut copies of x: a [B, V] result of a cond is written out whole (~0.1 ms a cut at 256
+    # rows of 151,936), where the one `where` of the caller fuses into what reads it (the draw).
     no_floor = jnp.full(x.shape[:1], -jnp.inf, x.dtype)
-    floor = jax.lax.cond(jnp.any(batch.min_p > 0.0), lambda: _min_p_floor(x, batch.min_p), lambda: no_floor)
-    needs_cut = jnp.any(((batch.top_k > 0) & (batch.top_k < v)) | (batch.top_p < 1.0))
-    floor = jax.lax.cond(needs_cut, lambda: jnp.maximum(floor, _top_k_top_p_floor(
-        jnp.where(x >= floor[:, None], x, -jnp.inf), batch.top_k, batch.top_p, top_candidates)), lambda: floor)
-    return jnp.where(x >= floor[:, None], x, -jnp.inf)
+    # The row's largest value is among the chunk candidates (its chunk has the largest maximum).
+    top = (lambda: jnp.max(x, axis=-1)) if chunked is None else (lambda: jnp.max(chunked[0], axis=-1))
+    # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p); no softmax needed (log(0) = -inf: no cut).
+    floor = jax.lax.cond(jnp.any(batch.min_p > 0.0), lambda: top() + jnp.log(batch.min_p), lambda: no_floor)
+
+    def cut() -> jax.Array:
+        kept = None if chunked is None else (jnp.where(chunked[0] >= floor[:, None], chunked[0], -jnp.inf),
+                                             jnp.where(chunked[1] >= floor, chunked[1], -jnp.inf))
+        return jnp.maximum(floor, _top_k_top_p_floor(jnp.where(x >= floor[:, None], x, -jnp.inf), batch.top_k,
+                                                     batch.top_p, top_candidates, kept))
+
+    return jax.lax.cond(_cuts(batch, x.shape[-1]), cut, lambda: floor)
+
+
+def _candidate_draw(x: jax.Array, batch: SamplingBatch, top_candidates: int, keys: jax.Array,
+                    greedy_rows: jax.Array, over_vocab: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """`sample`'s drawn tokens from scaled logits ``x`` under hash noise: over the chunk tier's candidates alone where
+    every drawing row's floor lies above its bound (no token outside them is kept), else ``over_vocab(floor)``."""
+    values, ids, bound = _chunk_candidates(x)
+    floor = _floor(x, batch, top_candidates, (values, bound))
+
+    def over_candidates() -> jax.Array:
+        # Candidates run in token order, so a tie takes the lower id, as the argmax over the vocabulary does.
+        noisy = jnp.where(values >= floor[:, None], values, -jnp.inf) + token_gumbel(keys, ids)
+        return jnp.take_along_axis(ids, jnp.argmax(noisy, axis=-1)[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    inside = jnp.all(greedy_rows | (floor > bound))
+    return jax.lax.cond(inside, over_candidates, lambda: over_vocab(floor))
 
 
 def target_logprobs(logits: jax.Array, batch: SamplingBatch,
