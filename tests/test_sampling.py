@@ -447,7 +447,9 @@ def test_candidate_draw_is_the_vocabulary_draw_token_for_token(monkeypatch):
         sample.clear_cache()
         return np.asarray(sample(jnp.asarray(x), batch, steps, logprobs=False).tokens)
 
-    for params, inside in ((peaked, True), (flat, False), ([SamplingParams(temperature=0.9)] * b, False)):
+    min_p_only = [SamplingParams(min_p=0.3, seed=int(rng.integers(1 << 30))) for _ in range(b)]  # no top-k / top-p
+    for params, inside in ((peaked, True), (flat, False), ([SamplingParams(temperature=0.9)] * b, False),
+                           (min_p_only, True)):
         batch = make_batch(params, b)  # once: an unseeded row's seed is drawn here
         got, want = tokens(batch, True), tokens(batch, False)
         np.testing.assert_array_equal(got, want)
