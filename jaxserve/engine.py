@@ -639,7 +639,8 @@ class Engine:
     def update_params(self, params: Any) -> None:
         """New weights for this engine (the same tree and shapes: a training step's, as `LoadedModel.with_params`
         checks them; vLLM's weight update), compiling nothing again. The prefix cache is emptied (its pages hold
-        keys of the old weights); running requests go on with the new weights from their next step.
+        keys of the old weights), prefixes running requests hold included; running requests go on with the new
+        weights from their next step, and what they computed is never cached.
 
         Example:
             >>> engine.update_params(jax.tree_util.tree_map(lambda w: w * 1.01, engine.model.params))  # doctest: +SKIP
@@ -651,7 +652,7 @@ class Engine:
     def _take_params(self, params: Any) -> None:
         self.model = self.model.with_params(params)
         self.runner.set_params(self._prepared(self.model.params))
-        self.scheduler.clear_index()
+        self.scheduler.clear_index(new_weights=True)
 
     @_on_device
     def sleep(self, level: int = 1) -> None:

@@ -456,20 +456,23 @@ def evict(index: RadixIndex, pool: PagePool, num_pages: int | Array) -> tuple[Ra
     return index, pool, freed
 
 
-def clear(index: RadixIndex, pool: PagePool) -> tuple[RadixIndex, PagePool]:
-    """Drop every unlocked node, releasing its page reference; locked paths stay.
+def clear(index: RadixIndex, pool: PagePool, locked: bool = False) -> tuple[RadixIndex, PagePool]:
+    """Drop every unlocked node, releasing its page reference; locked paths stay. ``locked`` (static): drop those
+    too (new weights: every cached page holds keys of the old ones); their holders keep their pages through their
+    slots' own references, and must not unlock the dropped nodes (`Scheduler.clear_index`).
 
     >>> index, pool = clear(create(8, 2), kv_pool.create(8, 2, 2, 4))
     """
     n = index.capacity + 1
     ids = jnp.arange(n)
-    drop = index.in_use & (index.lock_count == 0) & (ids != ROOT)
+    drop = index.in_use & ((index.lock_count == 0) | locked) & (ids != ROOT)
     pool = kv_pool.release(pool, index.page, drop)
     keep = index.in_use & ~drop
     free_nodes, free_count = _free_node_stack(~keep)
     index = index.replace(
         parent=jnp.where(keep, index.parent, -1),
         in_use=keep,
+        lock_count=jnp.where(keep, index.lock_count, 0),
         num_children=jnp.zeros(n, jnp.int32).at[jnp.where(keep & (ids != ROOT), index.parent, n)].add(1, mode="drop"),
         free_nodes=free_nodes,
         free_node_count=free_count,

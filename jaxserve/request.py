@@ -78,6 +78,8 @@ class Request:
     status: Status = Status.WAITING
     slot: int = -1
     node: int = -1  # deepest radix node locked for this request (-1: none)
+    # Its pages hold K/V of weights since replaced (`Engine.update_params` while it ran): never indexed.
+    stale_kv: bool = False
     computed: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix index at (first) admission
     num_preemptions: int = 0

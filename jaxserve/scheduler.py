@@ -75,7 +75,7 @@ class _HostState:
         self._lock = jax.jit(radix_index.lock, donate_argnums=0)
         self._unlock = jax.jit(radix_index.unlock, donate_argnums=0)
         self._evict = jax.jit(radix_index.evict, donate_argnums=(0, 1))
-        self._clear = jax.jit(radix_index.clear, donate_argnums=(0, 1))
+        self._clear = jax.jit(radix_index.clear, donate_argnums=(0, 1), static_argnames="locked")
         self._deepest = jax.jit(radix_index.deepest_node)
         # One call for `Engine.stats()` (a server's /metrics polls it), not ~30 eager ops.
         self._pool_stats = jax.jit(kv_pool.stats)
@@ -226,7 +226,8 @@ class Scheduler:
         return np.array(self.state.pool.seq_lens)
 
     def _insert(self, request: Request) -> None:
-        if not self.config.prefix_caching or request.computed < self.page_size or not request.indexes_prefix:
+        if (not self.config.prefix_caching or request.computed < self.page_size or not request.indexes_prefix
+                or request.stale_kv):
             return
         start = time.perf_counter()
         st = self.state
@@ -246,7 +247,7 @@ class Scheduler:
             self._insert(request)
         if request.node > 0:
             st.index = st._unlock(st.index, request.node)
-        request.node = -1
+        request.node, request.stale_kv = -1, False
         if request.lora_slot >= 0:
             self.lora.release(request.lora_slot)
             request.lora_slot = -1
@@ -255,10 +256,15 @@ class Scheduler:
             self.free_slots.append(request.slot)
             request.slot = -1
 
-    def clear_index(self) -> None:
-        """Drop every unlocked cached prefix (their pages return to the pool)."""
+    def clear_index(self, new_weights: bool = False) -> None:
+        """Drop every unlocked cached prefix (their pages return to the pool). ``new_weights``: every prefix, the
+        ones running requests hold too, and what those requests computed so far is never indexed (K/V of the old
+        weights: a later request attaching them would decode from keys the new weights never made)."""
         st = self.state
-        st.index, st.pool = st._clear(st.index, st.pool)
+        if new_weights:
+            for request in self.running:
+                request.node, request.stale_kv = -1, True  # its slot keeps its own references to its pages
+        st.index, st.pool = st._clear(st.index, st.pool, locked=new_weights)
 
     # ----- admission -----------------------------------------------------------------------
     def _claim(self, request: Request) -> None:
@@ -534,7 +540,7 @@ class _PrefillSharing:
             self.add(r)
 
     def add(self, request: Request) -> None:
-        if request.prefill_end >= self.page_size and request.indexes_prefix:
+        if request.prefill_end >= self.page_size and request.indexes_prefix and not request.stale_kv:
             self.groups.setdefault(tuple(request.index_ids[: self.page_size]), []).append(request)
 
     def holds(self, request: Request) -> bool:

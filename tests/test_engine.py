@@ -218,6 +218,36 @@ def test_an_engine_seed_makes_unseeded_sampling_repeat_run_to_run(tiny):
         EngineConfig(seed=-1)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_update_params_while_requests_run_caches_nothing_of_the_old_weights(tiny, overlap):
+    """update_params with requests running (an RL loop's weight sync mid-generation): the cached prefix a running
+    request holds leaves the cache with the rest, and what running requests computed is never cached, so a later
+    request sharing their prompt decodes a fresh engine's tokens on the new weights (it attached the old weights'
+    keys and decoded others); after it, the new weights' pages are cached again."""
+    m, _ = tiny
+    prompt = random_prompts(m.config.vocab_size, (33,))[0]  # four pages of 8 and one token
+    later = prompt + [5, 6]
+    tuned = jax.tree_util.tree_map(lambda w: w * 1.3, m.params)
+    config = small_config(overlap=overlap)
+    with Engine(m, config) as engine:
+        engine.generate([prompt], GREEDY, use_tqdm=False)  # the prompt's pages cached, of the old weights
+        holder = engine.add_request(prompt, GREEDY)  # attaches them: locked while it runs
+        engine.add_request(prompt[:25] + [7] * 12, GREEDY)  # shares three of them, its own pages computed next
+        engine.step()
+        engine.step()
+        assert engine.requests[holder].cached_tokens == 32 and engine.has_unfinished()
+        engine.update_params(tuned)
+        while engine.has_unfinished():
+            engine.step()
+        got = engine.generate([later], GREEDY, use_tqdm=False)[0]
+        again = engine.generate([later], GREEDY, use_tqdm=False)[0]
+        assert_all_pages_free(engine)
+    with Engine(m.with_params(tuned), config) as fresh:
+        want = fresh.generate([later], GREEDY, use_tqdm=False)[0]
+    assert got["cached_tokens"] == 0 and got["token_ids"] == want["token_ids"]
+    assert again["cached_tokens"] == 32 and again["token_ids"] == want["token_ids"]
+
+
 def test_sleep_frees_the_pool_and_wake_up_serves_as_before(tiny):
     """Engine.sleep / wake_up / update_params (vLLM's LLM.sleep, wake_up and weight updates, for a training loop
     beside a long-lived engine): asleep, the pool's (level 2: and the weights') arrays are deleted and requests are

@@ -91,8 +91,8 @@ class RefIndex:
             freed += returned
         return freed
 
-    def clear(self, pool: RefPool) -> None:
-        for path in [p for p, node in self.nodes.items() if node["lock"] == 0]:
+    def clear(self, pool: RefPool, locked: bool = False) -> None:
+        for path in [p for p, node in self.nodes.items() if node["lock"] == 0 or locked]:
             pool.release([self.nodes.pop(path)["page"]])
 
     def lock(self, path: tuple, delta: int) -> None:
@@ -297,12 +297,16 @@ class PoolAndIndex(RuleBasedStateMachine):
         self.index, self.pool, freed = run("evict", self.index, self.pool, num_pages)
         assert int(freed) == self.ref_index.evict(self.ref_pool, num_pages)
 
-    @rule(now=st.integers(0, 3))
-    def clear(self, now):
+    @rule(now=st.integers(0, 3), locked=st.booleans())
+    def clear(self, now, locked):
         if now:  # clear wipes the index: keep it rare so the index gets to fill up
             return
-        self.index, self.pool = run("clear", self.index, self.pool)
-        self.ref_index.clear(self.ref_pool)
+        # locked (new weights): the locked paths go too, and their holders forget their locks (never unlock the
+        # dropped nodes, whose ids the index may give out again), keeping their pages by their own references.
+        self.index, self.pool = run("clear", self.index, self.pool, locked)
+        self.ref_index.clear(self.ref_pool, locked)
+        if locked:
+            self.locks = [[] for _ in range(MAX_SEQS)]
 
     @invariant()
     def state_agrees_with_reference(self):
