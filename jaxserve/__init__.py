@@ -14,9 +14,10 @@ from jaxserve.loading import LoadedModel, load
 from jaxserve.lora import LoRARequest
 from jaxserve.pooling import PoolingParams
 from jaxserve.replicas import Replicas
-from jaxserve.sampling import SamplingParams
-from jaxserve.structured import GuidedDecodingParams, StructuredOutputs
+from jaxserve.sampling import RequestOutputKind, SamplingParams
+from jaxserve.structured import GuidedDecodingParams, StructuredOutputs, StructuredOutputsParams
 
 __all__ = ["BeamSearchParams", "Engine", "EngineConfig", "GuidedDecodingParams", "LLM", "LoRARequest", "LoadedModel",
-           "ModelConfig", "PoolingParams", "Replicas", "SamplingParams", "StructuredOutputs", "beam_search", "chat",
+           "ModelConfig", "PoolingParams", "Replicas", "RequestOutputKind", "SamplingParams", "StructuredOutputs",
+           "StructuredOutputsParams", "beam_search", "chat",
            "classify", "embed", "generate", "load", "score"]

@@ -34,7 +34,9 @@ class BeamSearchParams:
 
     ``beam_width`` beams a prompt (at most 10), ``max_tokens`` new tokens at most, ``ignore_eos`` (EOS is a token
     like any other, no beam finishes early), ``length_penalty`` (the score divides the cumulative log-probability by
-    the length to this power: above 1 favours longer sequences, 0 ranks by log-probability alone).
+    the length to this power: above 1 favours longer sequences, 0 ranks by log-probability alone). Taken for vLLM's
+    scripts and changing nothing here: ``temperature`` (vLLM v1 scores beams by raw log-probabilities, before
+    temperature, as here) and ``include_stop_str_in_output`` (beams stop at EOS alone, no stop strings).
 
     Example:
         >>> BeamSearchParams(beam_width=4, max_tokens=16).length_penalty
@@ -45,6 +47,8 @@ class BeamSearchParams:
     max_tokens: int
     ignore_eos: bool = False
     length_penalty: float = 1.0
+    temperature: float = 0.0
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         def is_int(x: Any) -> bool:
@@ -54,8 +58,13 @@ class BeamSearchParams:
             raise ValueError(f"beam_width must be an int in [1, {MAX_BEAM_WIDTH}], got {self.beam_width!r}")
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if not isinstance(self.ignore_eos, (bool, np.bool_)):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        t = self.temperature
+        if (not isinstance(t, (int, float, np.integer, np.floating)) or isinstance(t, (bool, np.bool_))
+                or not math.isfinite(t) or t < 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
         lp = self.length_penalty
         if (not isinstance(lp, (int, float, np.integer, np.floating)) or isinstance(lp, (bool, np.bool_))
                 or not math.isfinite(lp)):
@@ -177,5 +186,5 @@ def run_beam_search(driver: Any, prompts: Any, params: BeamSearchParams, use_tqd
                          "token_ids": new, "logprobs": b.logprobs, "cum_logprob": b.cum_logprob,
                          "score": beam_score(b.tokens, b.cum_logprob, driver.eos_ids, params.length_penalty),
                          "finish_reason": "stop" if b.finished else "length"})
-        results.append({"prompt_tokens": len(prompt), "sequences": seqs})
+        results.append({"prompt_tokens": len(prompt), "prompt_token_ids": list(prompt), "sequences": seqs})
     return results

@@ -434,8 +434,17 @@ class Engine:
         to its last ``params.truncate_prompt_tokens`` (a chat's newest turns are its end). ValueError if bad."""
         ids = self._prompt_ids(prompt)
         if params.truncate_prompt_tokens is not None:
-            ids = ids[-params.truncate_prompt_tokens:]
+            ids = ids[-self._truncation(params):]
         return ids
+
+    def _truncation(self, params: SamplingParams | PoolingParams) -> int:
+        if params.truncate_prompt_tokens != -1:
+            return params.truncate_prompt_tokens
+        # vLLM's -1, the model's length: here the longest prompt the request can run with, room left for its
+        # max_tokens (vLLM's cut to max_model_len itself leaves none, and refuses the request); an embedding runs
+        # as a one-token request (`_pooling_request`).
+        tokens = params.max_tokens if isinstance(params, SamplingParams) and params.max_tokens else 1
+        return max(1, self.max_model_len - tokens)
 
     def _prompt_input(self, prompt: Prompt, params: SamplingParams | PoolingParams) -> tuple[list[int], Any]:
         """`request_ids`, and for a ``{"prompt_embeds": ...}`` prompt its embeddings as the engine keeps them (float32
@@ -446,7 +455,7 @@ class Engine:
         _check_prompt_dict(prompt)
         embeds = prompt_embeds_array(prompt["prompt_embeds"], self.model.config.hidden_size)
         if params.truncate_prompt_tokens is not None:
-            embeds = embeds[-params.truncate_prompt_tokens:]
+            embeds = embeds[-self._truncation(params):]
         return [0] * len(embeds), embeds
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
@@ -510,6 +519,7 @@ class Engine:
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams or PoolingParams, got {type(params).__name__}")
+        params = params.clone()  # the caller's may be changed later (vLLM's are mutable), never this request's
         if params.n != 1:
             raise ValueError(f"n must be 1 for one request (generate and chat run n samples; here add n requests, "
                              f"each its own seed), got {params.n}")
@@ -542,7 +552,7 @@ class Engine:
             params = dataclasses.replace(params, seed=int(self._seeds.integers(0, 1 << 62)))
         # The detokenizer opens on the prompt's last tokens (a split character's bytes); placeholders are no text.
         detok = (IncrementalDetokenizer(self.tokenizer, ids if embeds is None else (), params.skip_special_tokens)
-                 if self.tokenizer is not None else None)
+                 if self.tokenizer is not None and params.detokenize else None)
         return Request(request_id, ids, params, detok, self.eos_ids, guide=guide, bad_word_ids=bad_words,
                        priority=int(priority), lora_id=lora_id, lora_namespace=namespace, prompt_embeds=embeds,
                        salt_keys=_salt_keys(prompt, namespace, self.model.config.vocab_size))

@@ -39,13 +39,23 @@ _ENGINE_ARGS = {"max_num_seqs": "max_running", "max_num_batched_tokens": "max_to
 # vLLM's arguments that change nothing here (what jaxserve does anyway, or a setting of vLLM's own machinery).
 # max_cpu_loras: vLLM's cap on adapters cached in host memory; jaxserve keeps each registered adapter's host copy
 # until it is unloaded.
+# enable_sleep_mode / enable_prompt_embeds: jaxserve's engines always sleep and take prompt embeddings.
 _NO_OPS = ("trust_remote_code", "enforce_eager", "disable_log_stats", "swap_space", "tokenizer_mode",
            "disable_custom_all_reduce", "disable_async_output_proc", "compilation_config", "load_format",
-           "distributed_executor_backend", "max_seq_len_to_capture", "download_dir", "max_cpu_loras")
+           "distributed_executor_backend", "max_seq_len_to_capture", "download_dir", "max_cpu_loras",
+           "enable_sleep_mode", "enable_prompt_embeds")
 # vLLM's arguments taken at the value that is what jaxserve does (any other is a TypeError naming it). Adapters are
 # held in the model's dtype ("auto"), their products unsharded past tensor parallelism's column split.
+# generation_config "auto": the checkpoint's generation_config.json defaults, which jaxserve always reads. task /
+# runner: what the checkpoint is decides here (a causal LM generates and embeds, a classifier classifies), so vLLM's
+# values for those are taken; its other runners and converters are not.
 _ONLY = {"pipeline_parallel_size": (1,), "cpu_offload_gb": (0,), "lora_dtype": ("auto", None),
-         "fully_sharded_loras": (False,)}
+         "fully_sharded_loras": (False,), "data_parallel_size": (1,), "generation_config": ("auto",),
+         "tokenizer": (None,), "revision": (None,), "tokenizer_revision": (None,), "code_revision": (None,),
+         "hf_overrides": (None, {}), "logits_processors": (None, [], ()),
+         "task": ("auto", "generate", "embed", "classify", "score"), "runner": ("auto", "generate", "pooling")}
+# vLLM's dtype spellings that are torch's names of jaxserve's.
+_DTYPE_ALIASES = {"float": "float32", "bf16": "bfloat16"}
 
 
 @dataclasses.dataclass
@@ -69,6 +79,7 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None
     stop_reason: int | str | None = None
+    lora_request: LoRARequest | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -85,6 +96,34 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     num_cached_tokens: int = 0
+    lora_request: LoRARequest | None = None
+    # vLLM's fields of what jaxserve does not run (encoder-decoder models, disaggregated prefill, its v0 metrics
+    # object: the result dicts' ttft / tpot are the timings here): always None.
+    metrics: Any = None
+    encoder_prompt: str | None = None
+    encoder_prompt_token_ids: list[int] | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+@dataclasses.dataclass
+class BeamSearchSequence:
+    """vLLM's: one beam, ``tokens`` the prompt's and the generated ones, ``text`` all of them decoded (as vLLM's),
+    ``logprobs`` each generated token's ``{token: Logprob}``."""
+
+    tokens: list[int]
+    logprobs: list[dict[int, Logprob]]
+    lora_request: LoRARequest | None = None
+    cum_logprob: float = 0.0
+    text: str | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclasses.dataclass
+class BeamSearchOutput:
+    """vLLM's ``LLM.beam_search`` result: a prompt's beams, best first."""
+
+    sequences: list[BeamSearchSequence]
 
 
 @dataclasses.dataclass
@@ -176,6 +215,11 @@ def engine_config_from_vllm(**kwargs: Any) -> EngineConfig:
                 raise TypeError(f"speculative_config: unknown keys {sorted(unknown)}")
             fields.update({keys[k]: v for k, v in spec.items()})
         elif name in _ENGINE_ARGS:
+            if name == "dtype" and isinstance(value, str):
+                if value in ("half", "float16"):
+                    raise ValueError(f"dtype: jaxserve computes in float32 or bfloat16 (Qwen2's own), not float16, "
+                                     f"got {value!r}")
+                value = _DTYPE_ALIASES.get(value, value)
             if value is not None or name in ("quantization", "seed", "max_model_len"):
                 fields[_ENGINE_ARGS[name]] = value
         else:
@@ -207,6 +251,8 @@ class LLM:
                  **engine_args: Any) -> None:
         if engine_config is not None and engine_args:
             raise TypeError("give engine_config or vLLM's engine arguments, not both")
+        # vLLM's default seed (0 since v0.9's v1 engine): a script's unseeded sampling repeats from run to run.
+        engine_args.setdefault("seed", 0)
         self.engine = Engine(model, engine_config or engine_config_from_vllm(**engine_args))
         tokenizer = self.engine.tokenizer
         # Each logprob dict names its tokens' text: n samples' top-k over a run repeat few distinct tokens.
@@ -233,7 +279,8 @@ class LLM:
         prompts = prompt_list(prompts)
         results = self.engine.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority,
                                        lora_request=lora_request)
-        return [self._request_output(p, r) for p, r in zip(prompts, results)]
+        loras = _per_prompt(lora_request, len(prompts))
+        return [self._request_output(p, r, lora) for p, r, lora in zip(prompts, results, loras)]
 
     def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, **template_options: Any) -> list[RequestOutput]:
@@ -242,13 +289,24 @@ class LLM:
         ``lora_request``)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         results = self.engine.chat(conversations, sampling_params, use_tqdm=use_tqdm, **template_options)
-        return [self._request_output(None, r) for r in results]
+        loras = _per_prompt(template_options.get("lora_request"), len(conversations))
+        # vLLM's prompt of a chat is the rendered template, which its examples print
+        tokenizer = self.engine.tokenizer
+        return [self._request_output(None if tokenizer is None else tokenizer.decode(
+                    r.get("prompt_token_ids") or []), r, lora) for r, lora in zip(results, loras)]
 
     def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None,
-              use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
-        """vLLM's ``LLM.embed``: ``outputs.embedding`` a prompt (`Engine.embed`)."""
+              use_tqdm: bool = True, truncate_prompt_tokens: int | None = None,
+              lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[EmbeddingRequestOutput]:
+        """vLLM's ``LLM.embed``: ``outputs.embedding`` a prompt (`Engine.embed`); ``truncate_prompt_tokens`` as
+        `PoolingParams`' (one or the other)."""
         prompts = prompt_list(prompts)
-        results = self.engine.embed(prompts, pooling_params, use_tqdm=use_tqdm)
+        if truncate_prompt_tokens is not None:
+            if pooling_params is not None and pooling_params.truncate_prompt_tokens is not None:
+                raise ValueError("truncate_prompt_tokens: give it here or in pooling_params, not both")
+            pooling_params = dataclasses.replace(pooling_params or PoolingParams(),
+                                                 truncate_prompt_tokens=truncate_prompt_tokens)
+        results = self.engine.embed(prompts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request)
         return [EmbeddingRequestOutput(r["request_id"], self.engine.request_ids(p, pooling_params or PoolingParams()),
                                        EmbeddingOutput([float(x) for x in r["embedding"]]))
                 for p, r in zip(prompts, results)]
@@ -268,9 +326,29 @@ class LLM:
         results = self.engine.score(text_1, text_2, use_tqdm=use_tqdm)
         return [ScoringRequestOutput(f"score-{i}", ScoringOutput(r["score"])) for i, r in enumerate(results)]
 
-    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: Any, use_tqdm: bool = True) -> list[dict]:
-        """`Engine.beam_search` (each prompt's ``sequences``, best first)."""
-        return self.engine.beam_search(prompt_list(prompts), params, use_tqdm=use_tqdm)
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: Any,
+                    use_tqdm: bool = True) -> list[BeamSearchOutput]:
+        """vLLM's ``LLM.beam_search``: a `BeamSearchOutput` a prompt, its ``sequences`` best first
+        (`Engine.beam_search`).
+
+        Example:
+            >>> out = llm.beam_search(["import os"], BeamSearchParams(beam_width=4, max_tokens=8))  # doctest: +SKIP
+            >>> out[0].sequences[0].text  # doctest: +SKIP
+        """
+        results = self.engine.beam_search(prompt_list(prompts), params, use_tqdm=use_tqdm)
+        tokenizer = self.engine.tokenizer
+        outputs = []
+        for result in results:
+            beams = []
+            for seq in result["sequences"]:
+                tokens = result["prompt_token_ids"] + list(seq["token_ids"])
+                beams.append(BeamSearchSequence(
+                    tokens=tokens, logprobs=[{t: Logprob(lp, None, self._decode(t))}
+                                             for t, lp in zip(seq["token_ids"], seq["logprobs"])],
+                    cum_logprob=seq["cum_logprob"], text=None if tokenizer is None else tokenizer.decode(tokens),
+                    finish_reason=seq["finish_reason"]))
+            outputs.append(BeamSearchOutput(beams))
+        return outputs
 
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's: the sampling a prompt given none gets (the checkpoint's ``generation_config.json``;
@@ -295,20 +373,35 @@ class LLM:
     def sleep(self, level: int = 1) -> None:
         self.engine.sleep(level)
 
-    def wake_up(self, params: Any = None) -> None:
+    def wake_up(self, tags: Sequence[str] | None = None, params: Any = None) -> None:
+        """vLLM's: the engine back from `sleep`. ``tags`` (vLLM's "weights" / "kv_cache", to wake one part first):
+        checked and taken as a whole wake-up, since jaxserve wakes both in one call; after ``sleep(level=2)`` the
+        weights come as ``params``."""
+        if tags is not None and not (isinstance(tags, (list, tuple)) and all(isinstance(t, str) for t in tags)):
+            tags, params = None, tags  # jaxserve's wake_up(params), before vLLM's tags came first
+        if tags is not None and not set(tags) <= {"weights", "kv_cache"}:
+            raise ValueError(f"tags must be a list of 'weights' / 'kv_cache', got {tags!r}")
         self.engine.wake_up(params)
 
-    def _request_output(self, prompt: Prompt | None, result: dict[str, Any]) -> RequestOutput:
+    def _request_output(self, prompt: Prompt | None, result: dict[str, Any],
+                        lora: LoRARequest | None = None) -> RequestOutput:
         samples = result.get("outputs", [result])
         decode = self._decode
         first = samples[0]
         prompt_ids = first.get("prompt_token_ids")
         text = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
+        outputs = [_completion_output(i, s, decode) for i, s in enumerate(samples)]
+        for out in outputs:
+            out.lora_request = lora
         return RequestOutput(
             request_id=first["request_id"], prompt=text, prompt_token_ids=prompt_ids or [],
-            prompt_logprobs=_prompt_logprobs(first, prompt_ids, decode),
-            outputs=[_completion_output(i, s, decode) for i, s in enumerate(samples)],
-            num_cached_tokens=first["cached_tokens"])
+            prompt_logprobs=_prompt_logprobs(first, prompt_ids, decode), outputs=outputs,
+            num_cached_tokens=first["cached_tokens"], lora_request=lora)
+
+
+def _per_prompt(value: Any, n: int) -> list[Any]:
+    """A per-prompt argument (one for all, or a list of one a prompt, as `Engine.generate` takes it) as a list."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
 def _completion_output(index: int, result: dict[str, Any], decode: Any) -> CompletionOutput:

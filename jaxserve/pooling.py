@@ -62,8 +62,8 @@ class PoolingParams:
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         k = self.truncate_prompt_tokens
-        if k is not None and (not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1):
-            raise ValueError(f"truncate_prompt_tokens must be an int >= 1 or None, got {k!r}")
+        if k is not None and (not isinstance(k, (int, np.integer)) or isinstance(k, bool) or (k < 1 and k != -1)):
+            raise ValueError(f"truncate_prompt_tokens must be None, -1 (the model's length) or an int >= 1, got {k!r}")
 
 
 def pool_hidden(hidden: jax.Array, positions: jax.Array, pool_from: jax.Array, lengths: jax.Array,

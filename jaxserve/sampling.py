@@ -23,6 +23,7 @@ from softmax(logits) without normalising or a cumulative sum over the vocabulary
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import os
 import secrets
@@ -84,9 +85,19 @@ def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
-@dataclasses.dataclass(frozen=True)
+class RequestOutputKind(enum.IntEnum):
+    """vLLM's: what each output of a streamed request holds. Taken by `SamplingParams` for vLLM's scripts; the
+    offline API answers once a request ends (vLLM's FINAL_ONLY) and `Engine.step` hands out deltas whatever it says."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
+@dataclasses.dataclass
 class SamplingParams:
-    """vLLM-like per-request sampling parameters, validated at construction.
+    """vLLM-like per-request sampling parameters, validated at construction and at every assignment (vLLM's scripts
+    set fields of ``llm.get_default_sampling_params()``; a bad value raises and leaves the object as it was).
 
     Every bad value raises ValueError naming the field and its allowed range. `stop` accepts
     a string or a list of strings and `stop_token_ids` a list; both are stored as tuples.
@@ -114,6 +125,11 @@ class SamplingParams:
     `n` (vLLM's): `generate` and `chat` run that many samples of the prompt (the prompt's pages computed once
     and shared, `jaxserve.scheduler`) and return them in the result's ``outputs``; sample i of a seeded
     request uses ``sample_seed(seed, i)`` (``seed + i``). `Engine.add_request` queues one sample (n must be 1 there).
+    `detokenize=False` (vLLM's): no text, token ids alone (stop strings need the text, so they are refused with it).
+    `truncate_prompt_tokens=-1` (vLLM's "the model's length"): the longest end of the prompt that leaves room for
+    max_tokens within max_model_len.
+    Taken for vLLM's scripts and changing nothing here: `spaces_between_special_tokens` (Qwen2's fast tokenizer
+    decodes the same either way), `output_kind` (`RequestOutputKind`), `extra_args` (vLLM's plugins' arguments; kept).
 
     Example:
         >>> p = SamplingParams(temperature=0.7, top_p=0.9, stop="\\n", seed=0)
@@ -154,8 +170,41 @@ class SamplingParams:
     n: int = 1
     # vLLM's older name of structured_outputs (until 0.10), for its scripts: moved there, then None.
     guided_decoding: Any = None
+    detokenize: bool = True
+    spaces_between_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    extra_args: dict[str, Any] | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_checked" not in self.__dict__:  # the constructor's own assignments, checked by __post_init__
+            object.__setattr__(self, name, value)
+            return
+        if name not in self.__dataclass_fields__:
+            raise AttributeError(f"SamplingParams has no field {name!r}")
+        # Checked as the constructor checks (on a copy: a bad value leaves this one as it was), and normalized the
+        # same way (a stop string becomes a tuple of one).
+        checked = dataclasses.replace(self, **{name: value})
+        self.__dict__.update({f: getattr(checked, f) for f in self.__dataclass_fields__})
+
+    def clone(self) -> SamplingParams:
+        """vLLM's: an independent copy (fields a request may change, such as a drawn seed, stay this one's)."""
+        return dataclasses.replace(self)
+
+    @classmethod
+    def from_optional(cls, **fields: Any) -> SamplingParams:
+        """vLLM's: the fields given as None take their defaults.
+
+        Example:
+            >>> SamplingParams.from_optional(temperature=None, max_tokens=4).temperature
+            1.0
+        """
+        return cls(**{name: value for name, value in fields.items() if value is not None})
 
     def __post_init__(self) -> None:
+        self._check()
+        object.__setattr__(self, "_checked", True)
+
+    def _check(self) -> None:
         def set_(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
@@ -213,7 +262,8 @@ class SamplingParams:
         ):
             raise ValueError(f"stop_token_ids must be a list of ints in [0, 2**31 - 1], got {self.stop_token_ids!r}")
         set_("stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize",
+                     "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
             set_(name, bool(getattr(self, name)))
@@ -222,8 +272,18 @@ class SamplingParams:
                 check_int(name, _is_int(getattr(self, name)) and 0 <= getattr(self, name) <= MAX_LOGPROBS,
                           f"None or an int in [0, {MAX_LOGPROBS}]")
         if self.truncate_prompt_tokens is not None:
-            check_int("truncate_prompt_tokens", _is_int(self.truncate_prompt_tokens) and self.truncate_prompt_tokens >= 1,
-                      "None or an int >= 1")
+            check_int("truncate_prompt_tokens", _is_int(self.truncate_prompt_tokens)
+                      and (self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1),
+                      "None, -1 (the model's length) or an int >= 1")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings are matched in the text, and detokenize=False makes none: use "
+                             "stop_token_ids")
+        try:
+            set_("output_kind", RequestOutputKind(self.output_kind))
+        except ValueError:
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}") from None
+        if self.extra_args is not None and not isinstance(self.extra_args, Mapping):
+            raise ValueError(f"extra_args must be None or a dict, got {self.extra_args!r}")
         most = math.inf if self.max_tokens is None else self.max_tokens
         check_int("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= most,
                   f"an int in [0, max_tokens={self.max_tokens}]")
@@ -263,6 +323,7 @@ class SamplingParams:
         out = {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
                for f in dataclasses.fields(self)}
         out["logit_bias"] = dict(self.logit_bias)
+        out["output_kind"] = int(self.output_kind)
         if self.structured_outputs is not None:
             out["structured_outputs"] = self.structured_outputs.to_dict()
         return out

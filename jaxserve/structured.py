@@ -191,6 +191,17 @@ def GuidedDecodingParams(**fields: Any) -> StructuredOutputs:  # noqa: N802 (vLL
     return StructuredOutputs.from_value({k: v for k, v in fields.items() if k not in _GUIDED_IGNORED})
 
 
+def StructuredOutputsParams(**fields: Any) -> StructuredOutputs:  # noqa: N802 (vLLM's class name, for its scripts)
+    """vLLM's name (``from vllm.sampling_params import StructuredOutputsParams``) of `StructuredOutputs`, with its
+    ``disable_*`` switches and ``backend`` taken as `GuidedDecodingParams` takes them.
+
+    Example:
+        >>> StructuredOutputsParams(regex="[0-9]+", disable_any_whitespace=True).regex
+        '[0-9]+'
+    """
+    return GuidedDecodingParams(**fields)
+
+
 def escape(text: str) -> str:
     """``text`` as a regex matching it literally (in the syntax `compile_regex` reads).
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import jaxserve
-from jaxserve import Engine, EngineConfig, SamplingParams
+from jaxserve import Engine, EngineConfig, PoolingParams, SamplingParams
 from tests.conftest import drive_random_workload
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -1066,6 +1066,14 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(tiny):
         assert long["prompt_tokens"] == 8 and long["token_ids"] == out["token_ids"]
         with pytest.raises(ValueError, match="exceeds max_model_len"):
             engine.generate([prompt * 3], GREEDY, use_tqdm=False)
+        # vLLM's -1, the model's length: here the prompt's end that leaves room for max_tokens (54 of 64 for 10)
+        longest = engine.generate([prompt * 3], dataclasses.replace(cut, truncate_prompt_tokens=-1),
+                                  use_tqdm=False)[0]
+        assert longest["prompt_tokens"] == 54 and longest["token_ids"] == hf_greedy(hf, (prompt * 3)[-54:], 10)
+        whole = engine.embed([prompt * 3], PoolingParams(truncate_prompt_tokens=-1), use_tqdm=False)[0]
+        end = engine.embed([(prompt * 3)[-63:]], use_tqdm=False)[0]
+        assert whole["prompt_tokens"] == 63
+        np.testing.assert_allclose(whole["embedding"], end["embedding"], rtol=1e-5, atol=1e-6)
         assert_all_pages_free(engine)
 
 

@@ -69,7 +69,9 @@ def test_chat_and_embed(model):
         embedded = llm.embed("import os", use_tqdm=False)
         assert llm.get_tokenizer() is llm.engine.tokenizer
     assert len(chat) == 1 and chat[0].outputs[0].token_ids == want_chat["token_ids"]
-    assert chat[0].prompt is None and chat[0].outputs[0].logprobs is None and chat[0].outputs[0].cumulative_logprob is None
+    # vLLM's prompt of a chat: the rendered template
+    assert chat[0].prompt == model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat[0].outputs[0].logprobs is None and chat[0].outputs[0].cumulative_logprob is None
     np.testing.assert_allclose(embedded[0].outputs.embedding, want_embedding, rtol=1e-6)
     assert embedded[0].prompt_token_ids == model.tokenizer.encode("import os", add_special_tokens=False)
 
@@ -132,8 +134,17 @@ def test_vllm_engine_arguments_reach_the_engine_config():
                         memory_fraction=0.5, seed=3, max_loras=1, speculative_tokens=4,
                         speculative_disable_by_batch_size=8, kv_cache_dtype="fp8", policy="mixed")
     assert cfg == want
+    # vLLM's arguments at the values that are what jaxserve does (its examples pass them): taken, changing nothing
+    assert engine_config_from_vllm(generation_config="auto", enable_sleep_mode=True, enable_prompt_embeds=True,
+                                   tokenizer=None, revision=None, hf_overrides={}, task="generate", runner="auto",
+                                   data_parallel_size=1, logits_processors=None) == EngineConfig()
+    assert engine_config_from_vllm(dtype="float").dtype == "float32"
+    with pytest.raises(ValueError, match="^dtype: jaxserve computes in float32 or bfloat16"):
+        engine_config_from_vllm(dtype="half")
     for bad in ({"pipeline_parallel_size": 2}, {"cpu_offload_gb": 4}, {"max_logprobs": 50}, {"revision": "v2"},
-                {"lora_dtype": "float32"}, {"fully_sharded_loras": True}):
+                {"lora_dtype": "float32"}, {"fully_sharded_loras": True}, {"generation_config": "vllm"},
+                {"tokenizer": "/elsewhere"}, {"hf_overrides": {"rope_scaling": None}}, {"runner": "draft"},
+                {"logits_processors": [print]}, {"data_parallel_size": 2}):
         with pytest.raises(TypeError, match=f"'{next(iter(bad))}'"):
             engine_config_from_vllm(**bad)
     with pytest.raises(TypeError, match="only method 'ngram'"):
@@ -162,3 +173,56 @@ def test_prompts_that_are_not_prompts_are_refused_and_a_generator_is_a_list(mode
         want = llm.generate(["import os\n", "class A:"], greedy, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
         assert_all_pages_free(llm.engine)
+
+
+def test_a_vllm_script_s_calls(model):
+    """What vLLM's examples do past generate: set fields of the default sampling parameters (vLLM's are mutable;
+    a request keeps what it was given), beam search's objects, sleep and wake_up(tags), seed 0 by default (unseeded
+    sampling repeats from one LLM to the next), embed's truncate_prompt_tokens, detokenize=False, and vLLM's
+    sampling_params module."""
+    from jaxserve.beam_search import BeamSearchParams
+    from jaxserve.llm import BeamSearchOutput
+    from jaxserve.sampling_params import SamplingParams as VllmSamplingParams
+    from jaxserve.sampling_params import StructuredOutputsParams
+
+    assert VllmSamplingParams is SamplingParams
+    prompt = "def add(a, b):"
+    with LLM(model) as llm:
+        # the first requests of an LLM (each later one draws its seed from the engine's generator in turn)
+        sampled = [o.outputs[0].token_ids for o in llm.generate([prompt] * 2, SamplingParams(max_tokens=8),
+                                                                  use_tqdm=False)]
+        params = llm.get_default_sampling_params()
+        params.max_tokens, params.temperature = 6, 0.0
+        queued = llm.engine.add_request(prompt, params)
+        params.max_tokens = 2  # after the request was made: not its concern
+        while llm.engine.has_unfinished():
+            llm.engine.step()
+        assert len(llm.engine.requests[queued].output_ids) == 6
+        bare = llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0, detokenize=False), use_tqdm=False)[0]
+        greedy = llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0), use_tqdm=False)[0]
+        assert bare.outputs[0].text == "" and bare.outputs[0].token_ids == greedy.outputs[0].token_ids
+        choice = llm.generate(prompt, SamplingParams(max_tokens=6, structured_outputs=StructuredOutputsParams(
+            choice=["yes", "no"])), use_tqdm=False)[0]
+        assert choice.outputs[0].text in ("yes", "no")
+        beams = llm.beam_search([prompt], BeamSearchParams(beam_width=2, max_tokens=4, temperature=0.0))
+        want = llm.engine.beam_search([prompt], BeamSearchParams(beam_width=2, max_tokens=4), use_tqdm=False)[0]
+        ids = model.tokenizer.encode(prompt, add_special_tokens=False)
+        assert isinstance(beams[0], BeamSearchOutput) and len(beams[0].sequences) == 2
+        for seq, ref in zip(beams[0].sequences, want["sequences"]):
+            assert seq.tokens == ids + ref["token_ids"] and seq.text == model.tokenizer.decode(seq.tokens)
+            assert seq.cum_logprob == ref["cum_logprob"] and seq.finish_reason == ref["finish_reason"]
+            assert [next(iter(d)) for d in seq.logprobs] == ref["token_ids"]
+        llm.sleep()
+        with pytest.raises(ValueError, match="tags must be"):
+            llm.wake_up(tags=["everything"])
+        llm.wake_up(tags=["weights"])
+        llm.wake_up(tags=["kv_cache"])  # awake already: nothing to do
+        short = llm.embed("import os import sys", truncate_prompt_tokens=2, use_tqdm=False)[0]
+        want_short = llm.embed("import os import sys", jaxserve.PoolingParams(truncate_prompt_tokens=2),
+                               use_tqdm=False)[0]
+        assert len(short.prompt_token_ids) == 2
+        np.testing.assert_array_equal(short.outputs.embedding, want_short.outputs.embedding)
+        assert_all_pages_free(llm.engine)
+    with LLM(model) as again:
+        assert [o.outputs[0].token_ids for o in again.generate([prompt] * 2, SamplingParams(max_tokens=8),
+                                                               use_tqdm=False)] == sampled

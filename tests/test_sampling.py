@@ -83,11 +83,37 @@ def chi_square(tokens, probs):
     ("logit_bias", {i: 1.0 for i in range(sampling.MAX_LOGIT_BIAS + 1)}),
     ("allowed_token_ids", []), ("allowed_token_ids", [-1]), ("allowed_token_ids", 3), ("allowed_token_ids", [1.0]),
     ("allowed_token_ids", [True]), ("bad_words", [""]), ("bad_words", ["  "]), ("bad_words", [3]),
-    ("bad_words", 3), ("bad_words", ["w"] * (sampling.MAX_BAD_WORDS + 1)),
+    ("bad_words", 3), ("bad_words", ["w"] * (sampling.MAX_BAD_WORDS + 1)), ("truncate_prompt_tokens", -2),
+    ("detokenize", 1), ("spaces_between_special_tokens", None), ("output_kind", 3), ("extra_args", [1]),
 ])
 def test_every_bad_value_names_its_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+    # ... and set later (vLLM's SamplingParams is mutable): refused the same, the object left as it was
+    params = SamplingParams()
+    with pytest.raises(ValueError, match=field):
+        setattr(params, field, value)
+    assert params == SamplingParams()
+
+
+def test_fields_set_after_construction_are_checked_and_normalized_as_given_to_it():
+    params = SamplingParams(max_tokens=8)
+    params.temperature, params.stop, params.top_k = 0.5, "\n", 0
+    assert params == SamplingParams(max_tokens=8, temperature=0.5, stop="\n", top_k=0) and params.stop == ("\n",)
+    assert params.top_k == -1
+    with pytest.raises(AttributeError, match="no field 'temprature'"):
+        params.temprature = 0.1
+    with pytest.raises(ValueError, match="min_tokens"):  # checked against the fields beside it
+        params.min_tokens = 9
+    twin = params.clone()
+    twin.seed = 3
+    assert params.seed is None and twin.seed == 3
+    assert SamplingParams.from_optional(temperature=None, max_tokens=4) == SamplingParams(max_tokens=4)
+    with pytest.raises(ValueError, match="detokenize=False"):
+        SamplingParams(stop=["x"], detokenize=False)
+    vllm_kind = SamplingParams(output_kind=2, extra_args={"plugin": 1}, truncate_prompt_tokens=-1)
+    assert vllm_kind.output_kind is sampling.RequestOutputKind.FINAL_ONLY
+    assert SamplingParams.from_dict(vllm_kind.to_dict()) == vllm_kind
 
 
 def test_guided_decoding_is_vllm_s_older_name_of_structured_outputs():
