@@ -427,6 +427,9 @@ class Engine:
         # Wall time split: device calls (dispatch to results on the host) vs everything else in step().
         self.time_s = {"prefill": 0.0, "decode": 0.0, "step": 0.0}
         self.closed = False
+        # True: a request whose max_tokens would pass max_model_len runs up to it ("length"), as vLLM's offline
+        # engine does (`jaxserve.LLM` sets it); False (jaxserve's and vLLM's server's rule): refused naming both.
+        self.cap_max_tokens = False
 
     # ----- requests ------------------------------------------------------------------------
     def request_ids(self, prompt: Prompt, params: SamplingParams | PoolingParams) -> list[int]:
@@ -531,8 +534,11 @@ class Engine:
             room = min(self.max_model_len, self.scheduler.num_pages * self.config.page_size) - len(ids)
             params = dataclasses.replace(params, max_tokens=max(1, room))
         if len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                             f"max_model_len ({self.max_model_len})")
+            if not self.cap_max_tokens or len(ids) >= self.max_model_len:
+                raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                                 f"max_model_len ({self.max_model_len})")
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids),
+                                         min_tokens=min(params.min_tokens, self.max_model_len - len(ids)))
         _check_in_vocab([t for t, _ in params.logit_bias], self.model.config.vocab_size,
                         "logit_bias keys must be token ids")
         _check_in_vocab(params.allowed_token_ids or [], self.model.config.vocab_size,

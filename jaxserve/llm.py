@@ -254,6 +254,8 @@ class LLM:
         # vLLM's default seed (0 since v0.9's v1 engine): a script's unseeded sampling repeats from run to run.
         engine_args.setdefault("seed", 0)
         self.engine = Engine(model, engine_config or engine_config_from_vllm(**engine_args))
+        # vLLM's offline engine ends a request at max_model_len ("length") where its max_tokens would pass it.
+        self.engine.cap_max_tokens = True
         tokenizer = self.engine.tokenizer
         # Each logprob dict names its tokens' text: n samples' top-k over a run repeat few distinct tokens.
         self._decode = (functools.cache(lambda t: tokenizer.decode([t])) if tokenizer is not None
@@ -287,6 +289,12 @@ class LLM:
         """vLLM's ``LLM.chat``: one conversation or a list of them (`Engine.chat`'s template options:
         ``chat_template``, ``add_generation_prompt``, ``continue_final_message``, ``tools``, ``chat_template_kwargs``,
         ``lora_request``)."""
+        # vLLM's "string" is how the messages reach the template here (text parts joined); "auto" picks it for
+        # Qwen2's template, which reads a message's content as a string.
+        content_format = template_options.pop("chat_template_content_format", "auto")
+        if content_format not in ("auto", "string"):
+            raise ValueError(f"chat_template_content_format must be 'auto' or 'string' (Qwen2's templates read "
+                             f"text), got {content_format!r}")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         results = self.engine.chat(conversations, sampling_params, use_tqdm=use_tqdm, **template_options)
         loras = _per_prompt(template_options.get("lora_request"), len(conversations))
@@ -372,6 +380,26 @@ class LLM:
 
     def sleep(self, level: int = 1) -> None:
         self.engine.sleep(level)
+
+    def start_profile(self, trace_dir: str | os.PathLike | None = None) -> None:
+        """vLLM's: start a profile of everything the engine runs until `stop_profile`, as JAX's profiler trace
+        (TensorBoard / Perfetto: device kernels, host work) in ``trace_dir``, else ``$JAXSERVE_PROFILE_DIR``, else
+        vLLM's ``$VLLM_TORCH_PROFILER_DIR``, else ``./jaxserve_profile``.
+
+        Example:
+            >>> llm.start_profile(); llm.generate(prompts); llm.stop_profile()  # doctest: +SKIP
+        """
+        import jax
+
+        trace_dir = trace_dir or os.environ.get("JAXSERVE_PROFILE_DIR") or os.environ.get(
+            "VLLM_TORCH_PROFILER_DIR") or "jaxserve_profile"
+        jax.profiler.start_trace(os.fspath(trace_dir))
+
+    def stop_profile(self) -> None:
+        """vLLM's: end the profile `start_profile` began and write it out."""
+        import jax
+
+        jax.profiler.stop_trace()
 
     def wake_up(self, tags: Sequence[str] | None = None, params: Any = None) -> None:
         """vLLM's: the engine back from `sleep`. ``tags`` (vLLM's "weights" / "kv_cache", to wake one part first):

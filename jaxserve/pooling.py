@@ -52,8 +52,15 @@ class PoolingParams:
     truncate_prompt_tokens: int | None = None
     task: str = "embed"
     activation: bool = True
+    # vLLM's newer name of `activation` (None: not given).
+    use_activation: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.use_activation is not None:
+            if not isinstance(self.use_activation, (bool, np.bool_)):
+                raise ValueError(f"use_activation must be a bool, got {self.use_activation!r}")
+            object.__setattr__(self, "activation", bool(self.use_activation))
+            object.__setattr__(self, "use_activation", None)
         if self.pooling_type not in POOLING_TYPES:
             raise ValueError(f"pooling_type must be one of {POOLING_TYPES}, got {self.pooling_type!r}")
         if self.task not in TASKS:

@@ -177,7 +177,8 @@ def test_prompts_that_are_not_prompts_are_refused_and_a_generator_is_a_list(mode
 
 def test_a_vllm_script_s_calls(model):
     """What vLLM's examples do past generate: set fields of the default sampling parameters (vLLM's are mutable;
-    a request keeps what it was given), beam search's objects, sleep and wake_up(tags), seed 0 by default (unseeded
+    a request keeps what it was given), beam search's objects, chat_template_content_format, sleep and wake_up(tags),
+    seed 0 by default (unseeded
     sampling repeats from one LLM to the next), embed's truncate_prompt_tokens, detokenize=False, and vLLM's
     sampling_params module."""
     from jaxserve.beam_search import BeamSearchParams
@@ -212,6 +213,10 @@ def test_a_vllm_script_s_calls(model):
             assert seq.tokens == ids + ref["token_ids"] and seq.text == model.tokenizer.decode(seq.tokens)
             assert seq.cum_logprob == ref["cum_logprob"] and seq.finish_reason == ref["finish_reason"]
             assert [next(iter(d)) for d in seq.logprobs] == ref["token_ids"]
+        with pytest.raises(ValueError, match="chat_template_content_format"):
+            llm.chat([{"role": "user", "content": "hi"}], chat_template_content_format="openai", use_tqdm=False)
+        assert llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=1),
+                        chat_template_content_format="string", use_tqdm=False)[0].outputs[0].token_ids
         llm.sleep()
         with pytest.raises(ValueError, match="tags must be"):
             llm.wake_up(tags=["everything"])
@@ -226,3 +231,24 @@ def test_a_vllm_script_s_calls(model):
     with LLM(model) as again:
         assert [o.outputs[0].token_ids for o in again.generate([prompt] * 2, SamplingParams(max_tokens=8),
                                                                use_tqdm=False)] == sampled
+
+
+def test_max_tokens_past_the_model_s_length_ends_there_and_a_profile_is_written(model, tmp_path):
+    """vLLM's offline engine runs a request whose max_tokens passes max_model_len up to it ("length"), where
+    jaxserve's engine (and vLLM's server) refuse it; start_profile / stop_profile write JAX's trace; vLLM's newer
+    PoolingParams(use_activation) is taken."""
+    prompt = "def add(a, b):"
+    n = len(model.tokenizer.encode(prompt, add_special_tokens=False))
+    with LLM(model, max_model_len=n + 4) as llm:
+        llm.start_profile(tmp_path)
+        out = llm.generate(prompt, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+        llm.stop_profile()
+        assert len(out.outputs[0].token_ids) == 4 and out.outputs[0].finish_reason == "length"
+        with pytest.raises(ValueError, match="exceeds max_model_len"):  # a prompt that fills it leaves nothing
+            llm.generate("x " * (n + 8), SamplingParams(max_tokens=1), use_tqdm=False)
+        assert_all_pages_free(llm.engine)
+    assert any(path.is_file() for path in tmp_path.rglob("*"))
+    with jaxserve.Engine(model, EngineConfig(max_model_len=n + 4)) as engine:
+        with pytest.raises(ValueError, match="exceeds max_model_len"):
+            engine.generate([prompt], SamplingParams(max_tokens=50), use_tqdm=False)
+    assert jaxserve.PoolingParams(use_activation=False) == jaxserve.PoolingParams(activation=False)
