@@ -532,6 +532,26 @@ def test_score_and_rerank_are_the_embeddings_cosines(live, model, pages_freed):
     assert r.json()["usage"]["total_tokens"] > 0
 
 
+def test_score_takes_vllm_s_newer_names_of_its_two_sides(live, pages_freed):
+    """vLLM's current /score spells text_1 / text_2 as data_1 / data_2 (its cross-encoder example), queries /
+    documents or queries / items: the same scores; two spellings of one side, or of two pairs, are a 400 naming them."""
+    docs = ["The quick brown fox", "the lazy dog"]
+    want = post(live, "/score", {"model": "tiny", "text_1": PROMPT, "text_2": docs}).json()["data"]
+    for first, second in (("data_1", "data_2"), ("queries", "documents"), ("queries", "items")):
+        r = post(live, "/score", {"model": "tiny", first: PROMPT, second: docs})
+        assert r.status_code == 200, r.text
+        assert [d["score"] for d in r.json()["data"]] == pytest.approx([d["score"] for d in want])
+    for body, param in (({"text_1": PROMPT, "data_1": PROMPT, "text_2": docs}, "data_1"),
+                        ({"data_1": PROMPT, "data_2": docs, "text_2": docs}, "text_2"),
+                        ({"data_1": PROMPT, "text_2": docs}, "text_2"), ({"data_1": PROMPT}, "data_2"),
+                        ({"data_2": docs}, "text_1"), ({"data_1": [], "data_2": docs}, "data_1"),
+                        ({"data_1": ["a", "b"], "data_2": ["c"]}, "data_1")):
+        r = post(live, "/score", {"model": "tiny", **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    rerank = post(live, "/rerank", {"model": "tiny", "query": PROMPT, "documents": docs}).json()
+    assert rerank["usage"]["prompt_tokens"] == rerank["usage"]["total_tokens"] > 0  # vLLM's RerankUsage
+
+
 # ----- bad input ---------------------------------------------------------------------------------------
 GOOD = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
 CHAT_BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}

@@ -489,12 +489,14 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     @app.post("/v1/score")
     async def score(request: Request) -> Response:
         st, req = await _accept_plain(request, ScoreRequest)
+        (name_1, text_1), (name_2, text_2) = req.sides()
         try:
-            pairs = score_pairs(req.text_1, req.text_2)
-        except ValueError as exc:
-            raise bad_params(exc, also=("text_1", "text_2")) from None
+            pairs = score_pairs(text_1, text_2)
+        except ValueError as exc:  # pooling names the sides text_1 / text_2: here the request's own names
+            message = str(exc).replace("text_1", name_1).replace("text_2", name_2)
+            raise APIError(400, message, param=name_1 if message.startswith(name_1) else name_2) from None
         base_id = f"score-{uuid.uuid4().hex}"
-        scored = await _score(request, st, pairs, ("text_1", "text_2"), req, base_id)
+        scored = await _score(request, st, pairs, (name_1, name_2), req, base_id)
         data = [{"index": i, "object": "score", "score": s["score"]} for i, s in enumerate(scored)]
         used = sum(s["prompt_tokens"] for s in scored)
         return JSONResponse({"id": base_id, "object": "list", "created": int(time.time()), "model": req.model,
@@ -515,7 +517,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         results = sorted(({"index": i, "document": {"text": d}, "relevance_score": s["score"]}
                           for i, (d, s) in enumerate(zip(req.documents, scored))), key=lambda r: -r["relevance_score"])
         used = sum(s["prompt_tokens"] for s in scored)
-        return JSONResponse({"id": base_id, "model": req.model, "usage": {"total_tokens": used},
+        return JSONResponse({"id": base_id, "model": req.model, "usage": {"prompt_tokens": used, "total_tokens": used},
                              "results": results[: req.top_n or None]})
 
     @app.post("/v1/chat/completions")

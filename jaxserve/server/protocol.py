@@ -247,14 +247,47 @@ class ClassificationRequest(Schema):
     priority: int = 0
 
 
+# vLLM's spellings of /score's two sides, each first field with the second fields it goes with: its older text_1 /
+# text_2, and its current data_1 / data_2, queries / documents and queries / items (the same meaning).
+SCORE_FIELDS = {"text_1": ("text_2",), "data_1": ("data_2",), "queries": ("documents", "items")}
+
+
 class ScoreRequest(Schema):
-    """vLLM's ``/score`` body: ``text_1`` against ``text_2`` (one against one or each, or two lists item by item)."""
+    """vLLM's ``/score`` body: ``text_1`` against ``text_2`` (one against one or each, or two lists item by item),
+    or the same under vLLM's other names (`SCORE_FIELDS`); `sides` says which were given.
+
+    Example:
+        >>> ScoreRequest(data_1="q", data_2=["a", "b"]).sides()
+        (('data_1', 'q'), ('data_2', ['a', 'b']))
+    """
 
     model: str | None = None
-    text_1: str | list[str]
-    text_2: str | list[str]
+    text_1: str | list[str] | None = None
+    text_2: str | list[str] | None = None
+    data_1: str | list[str] | None = None
+    data_2: str | list[str] | None = None
+    queries: str | list[str] | None = None
+    documents: str | list[str] | None = None
+    items: str | list[str] | None = None
     truncate_prompt_tokens: int | None = None
     priority: int = 0
+
+    def sides(self) -> tuple[tuple[str, Any], tuple[str, Any]]:
+        """The two sides as ``(field, value)``: exactly one spelling of each, and of one pair (APIError 400 naming
+        the fields otherwise)."""
+        firsts = [name for name in SCORE_FIELDS if getattr(self, name) is not None]
+        seconds = [name for pair in SCORE_FIELDS.values() for name in pair if getattr(self, name) is not None]
+        if not firsts:
+            raise APIError(400, "text_1: Field required (or vLLM's data_1, queries)", param="text_1")
+        if len(firsts) > 1:
+            raise APIError(400, f"give one of {firsts}, not several (they are one field)", param=firsts[1])
+        first, allowed = firsts[0], SCORE_FIELDS[firsts[0]]
+        if not seconds:
+            raise APIError(400, f"{allowed[0]}: Field required (with {first})", param=allowed[0])
+        if len(seconds) > 1 or seconds[0] not in allowed:
+            raise APIError(400, f"{first} goes with {' or '.join(allowed)} alone, got {seconds}",
+                           param=next((n for n in seconds if n not in allowed), seconds[-1]))
+        return (first, getattr(self, first)), (seconds[0], getattr(self, seconds[0]))
 
 
 class RerankRequest(Schema):
