@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from jaxserve.engine_config import ATTENTION_IMPLS, DTYPES, KV_CACHE_DTYPES, POLICIES, SCHEDULING_POLICIES
 from jaxserve.pooling import POOLING_TYPES
 from jaxserve.quantization import QUANTIZATIONS
+from jaxserve.sampling import MAX_LOGPROBS
 
 # CPU defaults keep the first run quick (few pages to allocate, few batch shapes to compile);
 # on an accelerator the pool is sized from free memory instead.
@@ -122,6 +123,88 @@ def _checkpoint_scheme(args: argparse.Namespace) -> None:
                          f"holds {held or 'no quantized weights'}")
 
 
+# vLLM's --task and --runner values jaxserve takes (any other is refused by argparse or `_check_task`).
+TASKS = ("auto", "generate", "embed", "embedding", "classify", "score")
+RUNNERS = ("auto", "generate", "pooling")
+
+
+def _check_task(args: argparse.Namespace) -> None:
+    """``--task`` / ``--runner`` checked against the checkpoint: a causal LM generates, embeds and scores (its
+    embeddings' cosines); a sequence classifier classifies, embeds and, with one label, scores, and never generates."""
+    task, runner = args.task, args.runner
+    if task == "auto" and runner == "auto":
+        return
+    if runner == "generate" and task not in ("auto", "generate") or runner == "pooling" and task == "generate":
+        raise SystemExit(f"error: --task {task} is not of --runner {runner}")
+    from jaxserve.config import ModelConfig
+    from jaxserve.loading import resolve_model_path
+
+    labels = ModelConfig.from_pretrained(resolve_model_path(args.model)[0]).labels
+    kind = f"a sequence classifier of {len(labels)} labels" if labels else "a causal LM"
+    model = args.model or "(embedded default)"
+    if labels and "generate" in (task, runner):
+        raise SystemExit(f"error: --{'task' if task == 'generate' else 'runner'} generate: the checkpoint {model} is "
+                         f"{kind} (no language-model head); it classifies and embeds (--task classify or embed)")
+    if task == "classify" and not labels:
+        raise SystemExit(f"error: --task classify: the checkpoint {model} is {kind}, not a "
+                         f"Qwen2ForSequenceClassification; it generates, embeds and scores (--task generate, embed or "
+                         f"score)")
+    if task == "score" and len(labels) > 1:
+        raise SystemExit(f"error: --task score: the checkpoint {model} is {kind}; scores need an embedding model or "
+                         f"a classifier of one label (a cross-encoder)")
+
+
+def _hf_overrides(args: argparse.Namespace) -> None:
+    """vLLM's ``--hf-overrides`` JSON: nothing, or ``rope_scaling`` (onto ``--rope-scaling``); any other key of
+    config.json is refused, naming the flag (jaxserve reads its architecture from the checkpoint alone)."""
+    value = getattr(args, "hf_overrides", None)
+    if value is None or not value.strip():
+        return
+    try:
+        overrides = json.loads(value)
+    except ValueError as exc:
+        raise SystemExit(f"error: --hf-overrides is not JSON: {exc}")
+    if not isinstance(overrides, dict):
+        raise SystemExit(f"error: --hf-overrides must be a JSON object, got {value!r}")
+    unknown = sorted(set(overrides) - {"rope_scaling"})
+    if unknown:
+        raise SystemExit(f"error: --hf-overrides: jaxserve overrides no config.json key but rope_scaling (as "
+                         f"--rope-scaling), got {unknown}")
+    if "rope_scaling" in overrides:
+        if args.rope_scaling is not None and json.loads(args.rope_scaling) != overrides["rope_scaling"]:
+            raise SystemExit("error: --hf-overrides' rope_scaling and --rope-scaling differ")
+        args.rope_scaling = json.dumps(overrides["rope_scaling"])
+
+
+# vLLM's --structured-outputs-config backends jaxserve answers to: "auto" (vLLM's default) and its own.
+STRUCTURED_BACKENDS = ("auto", "jaxserve")
+
+
+def _structured_outputs_config(args: argparse.Namespace) -> None:
+    """vLLM's ``--structured-outputs-config`` JSON, checked: the backend "auto" or jaxserve's own (the one here), the
+    switches that hold already; anything that would change the output is refused, naming the flag."""
+    value = getattr(args, "structured_outputs_config", None)
+    if value is None or not value.strip():
+        return
+    try:
+        config = json.loads(value)
+    except ValueError as exc:
+        raise SystemExit(f"error: --structured-outputs-config is not JSON: {exc}")
+    if not isinstance(config, dict):
+        raise SystemExit(f"error: --structured-outputs-config must be a JSON object, got {value!r}")
+    backend = config.pop("backend", "auto")
+    if backend not in STRUCTURED_BACKENDS:
+        raise SystemExit(f"error: --structured-outputs-config: backend {backend!r} is not served; jaxserve compiles "
+                         f"constraints with its own (backend one of {list(STRUCTURED_BACKENDS)})")
+    # No fallback backend to turn off, and object keys never go beyond a schema's properties here.
+    for flag in ("disable_fallback", "disable_additional_properties"):
+        if not isinstance(config.pop(flag, False), bool):
+            raise SystemExit(f"error: --structured-outputs-config: {flag} must be true or false")
+    if config:
+        raise SystemExit(f"error: --structured-outputs-config: keys jaxserve does not take {sorted(config)} (a "
+                         f"request's structured_outputs.disable_any_whitespace is per request)")
+
+
 def _policy(args: argparse.Namespace) -> str:
     if args.enable_chunked_prefill and args.policy not in (None, "mixed"):
         raise SystemExit(f"error: --enable-chunked-prefill is --policy mixed, not {args.policy!r}")
@@ -136,6 +219,7 @@ def engine_config_from_args(args: argparse.Namespace) -> "Any":
 
     cpu = jax.default_backend() == "cpu"
     _speculative_config(args)
+    _hf_overrides(args)
     _checkpoint_scheme(args)
     max_running = args.max_running or (CPU_MAX_RUNNING if cpu else 64)
     per_step = args.max_tokens_per_step or (CPU_MAX_TOKENS_PER_STEP if cpu else 2048)
@@ -308,6 +392,19 @@ def _strings(value: Any, flag: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _log_to_stderr(level: str) -> None:
+    """jaxserve's own log lines (the pool it sized, --enable-log-requests') on stderr beside uvicorn's, at its
+    level: without a handler Python showed only warnings."""
+    import logging
+
+    logger = logging.getLogger("jaxserve")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if level == "trace" else level.upper())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.model_tag is not None:
         if args.model is not None and args.model != args.model_tag:
@@ -317,6 +414,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from jaxserve.server import ServerConfig, serve
     except ImportError as exc:
         raise SystemExit(f"the server needs its extras: pip install 'jaxserve[server]' ({exc})")
+    if not 0 <= args.max_logprobs <= MAX_LOGPROBS:
+        raise SystemExit(f"error: --max-logprobs {args.max_logprobs}: jaxserve returns at most {MAX_LOGPROBS} "
+                         f"log-probabilities a token (vLLM's -1, the whole vocabulary, is not served)")
+    if args.stream_interval < 1:
+        raise SystemExit(f"error: --stream-interval must be >= 1, got {args.stream_interval}")
+    _structured_outputs_config(args)
+    _check_task(args)
+    _log_to_stderr(args.log_level)
     names = args.served_model_name or [None]
     server_config = ServerConfig(model_name=names[0], model_aliases=tuple(names[1:]), api_key=args.api_key or None,
                                  max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
@@ -334,7 +439,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  allowed_headers=_strings(args.allowed_headers, "--allowed-headers"),
                                  allow_credentials=args.allow_credentials, root_path=args.root_path,
                                  max_stored_responses=args.max_stored_responses,
-                                 ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+                                 ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                                 max_logprobs=args.max_logprobs, log_requests=args.log_requests,
+                                 tokenizer=args.tokenizer, stream_interval=args.stream_interval)
     engine_config = engine_config_from_args(args)
     serve(_model_from_args(args, engine_config), engine_config, server_config, host=args.host, port=args.port,
           log_level=args.log_level)
@@ -418,7 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", nargs="+", default=None,
                      help="model id clients send (default: folder name); several, as vLLM's: any of them, "
                           "responses naming the first")
-    srv.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted (default 4096)")
+    srv.add_argument("--max-tokens-limit", type=int, default=None, metavar="N",
+                     help="largest max_tokens a request may ask (default: none beyond the context, as vLLM's: "
+                          "max_model_len minus the prompt)")
     srv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     srv.add_argument("--drain-s", type=float, default=5.0,
                      help="on shutdown, seconds running requests get to finish before they are aborted (default 5)")
@@ -474,7 +583,6 @@ def build_parser() -> argparse.ArgumentParser:
     vllm.add_argument("--trust-remote-code", action="store_true", help="Qwen2 checkpoints need no remote code")
     vllm.add_argument("--enforce-eager", action="store_true",
                       help="no CUDA graphs to turn off: XLA compiles each step shape once (warm-up: --warmup)")
-    vllm.add_argument("--disable-log-requests", action="store_true", help="requests are not logged")
     vllm.add_argument("--disable-log-stats", action="store_true", help="stats are served on /metrics, not logged")
     vllm.add_argument("--disable-frontend-multiprocessing", action="store_true",
                       help="the HTTP server and the engine share one process (their own threads)")
@@ -490,6 +598,36 @@ def build_parser() -> argparse.ArgumentParser:
     vllm.add_argument("--max-cpu-loras", type=int, default=None, metavar="N",
                       help="each registered adapter's host copy is kept until it is unloaded")
     vllm.add_argument("--lora-dtype", choices=("auto",), default="auto", help="adapters are held in the model's dtype")
+    vllm.add_argument("--enable-sleep-mode", action="store_true",
+                      help="POST /sleep, /wake_up and GET /is_sleeping are always served (vLLM needs this flag and "
+                           "VLLM_SERVER_DEV_MODE for them)")
+    vllm.add_argument("--hf-overrides", default=None, metavar="JSON",
+                      help="'{}', or '{\"rope_scaling\": {...}}' (as --rope-scaling); other config.json overrides "
+                           "are refused")
+    vllm.add_argument("--structured-outputs-config", default=None, metavar="JSON",
+                      help="'{\"backend\": \"auto\"}' (or \"jaxserve\": its own, the one backend); "
+                           "disable_fallback and disable_additional_properties hold already")
+    checked = srv.add_argument_group("vLLM flags checked against what jaxserve serves")
+    checked.add_argument("--max-logprobs", type=int, default=MAX_LOGPROBS, metavar="N",
+                         help=f"most logprobs / top_logprobs / prompt_logprobs a request may ask (default and most: "
+                              f"{MAX_LOGPROBS})")
+    checked.add_argument("--enable-log-requests", action="store_true", dest="log_requests",
+                         help="log each request's id, sampling params and adapter at INFO (the prompt's length at "
+                              "DEBUG; never its text)")
+    checked.add_argument("--disable-log-requests", action="store_false", dest="log_requests",
+                         help="requests are not logged (the default)")
+    checked.add_argument("--tokenizer", default=None, metavar="PATH",
+                         help="a tokenizer folder other than the model's, for the engine and the routes")
+    checked.add_argument("--task", choices=TASKS, default="auto",
+                         help="auto / generate (a causal LM), embed / embedding / score (any model here), classify "
+                              "(a Qwen2ForSequenceClassification): every route is served whatever the task; the "
+                              "flag is checked against the checkpoint")
+    checked.add_argument("--runner", choices=RUNNERS, default="auto",
+                         help="auto, generate (a causal LM) or pooling (any model: embeddings; a classifier's "
+                              "classes): checked as --task")
+    checked.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                         help="tokens per streamed chunk (vLLM's; default 1: one chunk a token); a device call's "
+                              "tokens are never held for the next call's")
     _engine_args(srv)
     srv.set_defaults(func=cmd_serve)
 

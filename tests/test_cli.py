@@ -205,6 +205,58 @@ def test_more_vllm_serve_flags(monkeypatch):
             _parse_serve(bad)
 
 
+def test_vllm_serve_flags_checked_against_what_jaxserve_serves(tiny_checkpoint, tmp_path, monkeypatch):
+    """vLLM's --max-logprobs, --enable-log-requests, --tokenizer, --stream-interval reach the server; --task /
+    --runner, --hf-overrides and --structured-outputs-config are taken where they say what jaxserve does and refused,
+    naming the flag, where they do not; --enable-sleep-mode is taken (the sleep routes are always served)."""
+    path = tiny_checkpoint[0]
+    seen = {}
+    monkeypatch.setattr("jaxserve.server.serve", lambda model, e, s, **kw: seen.update(model=model, server=s))
+    args = _parse_serve([path, "--max-logprobs", "5", "--enable-log-requests", "--tokenizer", path,
+                         "--stream-interval", "4", "--task", "generate", "--runner", "generate",
+                         "--enable-sleep-mode", "--hf-overrides", "{}",
+                         "--structured-outputs-config", '{"backend": "auto", "disable_fallback": true}'])
+    assert cli.cmd_serve(args) == 0
+    server = seen["server"]
+    assert (server.max_logprobs, server.log_requests, server.tokenizer, server.stream_interval) == (5, True, path, 4)
+    assert server.max_tokens_limit is None  # vLLM's: only the context bounds max_tokens
+    assert not _parse_serve(["--enable-log-requests", "--disable-log-requests"]).log_requests
+    for flags in (["--task", "embed"], ["--task", "embedding"], ["--task", "score"], ["--runner", "pooling"],
+                  ["--structured-outputs-config", '{"backend": "jaxserve"}'], ["--hf-overrides", ""]):
+        assert cli.cmd_serve(_parse_serve([path, *flags])) == 0, flags
+    # A classifier's config: it classifies and never generates.
+    classifier = tmp_path / "classifier"
+    classifier.mkdir()
+    config = json.loads(open(f"{path}/config.json").read())
+    config.update(architectures=["Qwen2ForSequenceClassification"], id2label={"0": "neg", "1": "pos"})
+    (classifier / "config.json").write_text(json.dumps(config))
+    assert cli.cmd_serve(_parse_serve([str(classifier), "--task", "classify", "--runner", "pooling"])) == 0
+    refused = [([path, "--max-logprobs", "21"], "--max-logprobs 21"),
+               ([path, "--max-logprobs", "-1"], "--max-logprobs"),
+               ([path, "--task", "classify"], "--task classify"),
+               ([path, "--task", "embed", "--runner", "generate"], "--task embed is not of --runner generate"),
+               ([str(classifier), "--task", "generate"], "--task generate"),
+               ([str(classifier), "--runner", "generate"], "--runner generate"),
+               ([str(classifier), "--task", "score"], "--task score"),
+               ([path, "--hf-overrides", '{"architectures": ["X"]}'], "--hf-overrides"),
+               ([path, "--hf-overrides", "[1]"], "--hf-overrides"),
+               ([path, "--structured-outputs-config", '{"backend": "xgrammar"}'], "--structured-outputs-config"),
+               ([path, "--structured-outputs-config", '{"disable_any_whitespace": true}'],
+                "--structured-outputs-config"),
+               ([path, "--stream-interval", "0"], "--stream-interval")]
+    for flags, message in refused:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            cli.cmd_serve(_parse_serve(flags))
+    for flags in (["--task", "reward"], ["--runner", "draft"]):
+        with pytest.raises(SystemExit):
+            _parse_serve(flags)
+    # --hf-overrides' rope_scaling is --rope-scaling's.
+    scaling = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128}
+    args = _parse_serve([path, "--hf-overrides", json.dumps({"rope_scaling": scaling})])
+    cli.engine_config_from_args(args)
+    assert json.loads(args.rope_scaling) == scaling
+
+
 def test_a_hugging_face_repo_id_loads_from_the_local_cache(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     """`jaxserve generate --model org/name` (as vLLM takes models) reads the snapshot in the Hugging Face cache, named
     by the id; an id that is not cached is an error saying so (nothing is downloaded)."""

@@ -119,6 +119,80 @@ def test_completion_stream_equals_non_stream_for_greedy(client, pages_freed):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
 
 
+def test_streams_send_one_token_a_chunk_with_its_own_logprobs(client, pages_freed):
+    """vLLM streams a chunk a token (--stream-interval 1), though the engine decodes 4 tokens a call here: each chunk
+    holds one token and its logprobs, and the chunks add up to the whole answer, completions and chat alike."""
+    full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, logprobs=1,
+                                     extra_body={"ignore_eos": True})
+    chunks = [c.choices[0] for c in client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0,
+                                                              logprobs=1, stream=True, extra_body={"ignore_eos": True})]
+    assert len(chunks) == 12 and all(len(c.logprobs.tokens) == 1 for c in chunks)
+    assert "".join(c.text for c in chunks) == full.choices[0].text
+    assert [c.logprobs.tokens[0] for c in chunks] == full.choices[0].logprobs.tokens
+    assert [c.logprobs.token_logprobs[0] for c in chunks] == pytest.approx(full.choices[0].logprobs.token_logprobs)
+    assert [c.logprobs.text_offset[0] for c in chunks] == full.choices[0].logprobs.text_offset
+    messages = [{"role": "user", "content": "Hello world!"}]
+    full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, logprobs=True,
+                                          top_logprobs=2, extra_body={"ignore_eos": True})
+    chunks = [c.choices[0] for c in client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2, stream=True,
+        extra_body={"ignore_eos": True})][1:]  # the first: the role
+    assert len(chunks) == 10 and all(len(c.logprobs.content) == 1 for c in chunks)
+    assert "".join(c.delta.content or "" for c in chunks) == full.choices[0].message.content
+    assert [c.logprobs.content[0].token for c in chunks] == [t.token for t in full.choices[0].logprobs.content]
+    assert [len(c.logprobs.content[0].top_logprobs) for c in chunks] == [2] * 10
+
+
+def test_token_chunks_cut_the_engine_s_text_as_one_token_at_a_time_would(model):
+    """`TokenChunks` splits a device call's chunk by its tokens' bytes: each token's piece is its own complete
+    characters, no later than the detokenizer sends them a token at a time (a character split over tokens goes with
+    the one completing it), held-back text with a later token, special tokens no text; a text that is not its
+    tokens' passes whole."""
+    from jaxserve.tokenizer import token_bytes
+
+    from jaxserve.server.token_chunks import TokenChunks
+    from jaxserve.tokenizer import IncrementalDetokenizer
+
+    tok = model.tokenizer
+    text = "Hello world! Ünïcödé ☃ text — 日本語."
+    ids = tok.encode(text)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = ids[:5] + [eos] + ids[5:]
+    one_by_one = IncrementalDetokenizer(tok)
+    want = [one_by_one.push(t) for t in ids]
+    for run, interval in ((4, 1), (3, 1), (7, 2), (4, 4)):
+        detok, pieces, got = IncrementalDetokenizer(tok), TokenChunks(tok, interval), []
+        for a in range(0, len(ids), run):
+            run_ids = ids[a:a + run]
+            chunk = {"text": detok.push_many(run_ids), "token_ids": run_ids, "logprobs": [float(t) for t in run_ids],
+                     "top_logprobs": None, "finish_reason": None, "stop_reason": None}
+            got += pieces.split(0, chunk)
+        assert all(len(c["token_ids"]) <= interval and c["logprobs"] == [float(t) for t in c["token_ids"]]
+                   for c in got)
+        assert [t for c in got for t in c["token_ids"]] == ids
+        if interval == 1:
+            for j in range(len(ids)):
+                sent = "".join(c["text"] for c in got[:j + 1])
+                made = b"".join(token_bytes(tok, t) for t in ids[:j + 1] if t != eos)
+                assert "".join(want[:j + 1]) <= sent and made.startswith(sent.encode())  # never later, never ahead
+        assert "".join(c["text"] for c in got) == text
+    # Text held back (a stop string may begin there) goes out with a later token; the last piece ends the choice.
+    pieces = TokenChunks(tok, 1)
+    first = pieces.split(0, {"text": "Hello", "token_ids": tok.encode("Hello world"), "finish_reason": None,
+                             "stop_reason": None})
+    last = pieces.split(0, {"text": " wor", "token_ids": tok.encode("!"), "finish_reason": "stop",
+                            "stop_reason": "ld!", "result": {}})
+    assert "".join(c["text"] for c in first) == "Hello" and [c["text"] for c in last] == [" wor"]
+    assert last[-1]["finish_reason"] == "stop" and "result" in last[-1]
+    assert all(c["finish_reason"] is None and "result" not in c for c in first)
+    # A text that is not its tokens' (a character the prompt began): whole, then and after.
+    pieces = TokenChunks(tok, 1)
+    odd = {"text": "xyz", "token_ids": tok.encode("Hello world"), "finish_reason": None, "stop_reason": None}
+    assert pieces.split(0, odd) == [odd]
+    again = {**odd, "text": " world"}
+    assert pieces.split(0, again) == [again]
+
+
 def test_continuous_usage_stats_count_each_choice_s_tokens_so_far(client, pages_freed):
     """vLLM's stream_options.continuous_usage_stats: every chunk carries its choice's usage so far, growing to the
     final count; the usage-only chunk at the end stays the request's."""
@@ -550,6 +624,55 @@ def test_score_takes_vllm_s_newer_names_of_its_two_sides(live, pages_freed):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
     rerank = post(live, "/rerank", {"model": "tiny", "query": PROMPT, "documents": docs}).json()
     assert rerank["usage"]["prompt_tokens"] == rerank["usage"]["total_tokens"] > 0  # vLLM's RerankUsage
+
+
+def test_vllm_serve_options_reach_the_routes(model, tiny_checkpoint, tmp_path, caplog):
+    """A server as `vllm serve` starts by default has no max_tokens cap but the context (a chat without max_tokens
+    runs to it); --max-logprobs bounds every logprobs field; --enable-log-requests logs each request's id and params,
+    never the prompt; --tokenizer's folder is the one the routes use; --stream-interval 3 streams 3 tokens a chunk."""
+    import logging
+    import shutil
+
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(tiny_checkpoint[0], tokenizer, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    template = "{% for m in messages %}{{ m['content'] }}!{% endfor %}"
+    config = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(config))
+    if (tokenizer / "chat_template.jinja").exists():  # newer transformers keep the template there
+        (tokenizer / "chat_template.jinja").write_text(template)
+    caplog.set_level(logging.INFO, logger="jaxserve.server")
+    app = create_app(model, ENGINE_CONFIG, ServerConfig(model_name="tiny", api_key=API_KEY, max_logprobs=3,
+                                                        log_requests=True, tokenizer=str(tokenizer),
+                                                        stream_interval=3))
+    with LiveServer(app) as server:
+        ids = post(server, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]}).json()["tokens"]
+        assert ids == model.tokenizer.encode("hi!")  # --tokenizer's template
+        long = post(server, "/v1/completions", {**GOOD, "prompt": "fox", "max_tokens": 200, "ignore_eos": True})
+        assert long.status_code == 200 and long.json()["usage"]["completion_tokens"] == 200, long.text
+        chat = post(server, "/v1/chat/completions", {**CHAT_BODY, "max_tokens": None, "ignore_eos": True})
+        usage = chat.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == MAX_MODEL_LEN, chat.text
+        assert post(server, "/v1/completions", {**GOOD, "max_tokens": None}).json()["usage"]["completion_tokens"] <= 16
+        for path, body, param in (("/v1/completions", {**GOOD, "logprobs": 4}, "logprobs"),
+                                  ("/v1/completions", {**GOOD, "prompt_logprobs": 4}, "prompt_logprobs"),
+                                  ("/v1/chat/completions", {**CHAT_BODY, "logprobs": True, "top_logprobs": 4},
+                                   "top_logprobs")):
+            r = post(server, path, body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+            assert "--max-logprobs" in r.json()["error"]["message"]
+        assert post(server, "/v1/completions", {**GOOD, "logprobs": 3}).status_code == 200
+        with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={**GOOD, "max_tokens": 7, "logprobs": 0, "stream": True, "ignore_eos": True}) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        # The prefill's token, a 4-token call's cut at 3, the last call's 2.
+        assert [len(e["choices"][0]["logprobs"]["tokens"]) for e in events] == [1, 3, 1, 2]
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Received request")]
+    assert any(line.startswith("Received request cmpl-") and "params: SamplingParams(max_tokens=200" in line
+               for line in logged), logged
+    assert PROMPT not in caplog.text and "hi!" not in caplog.text
+    with pytest.raises(ValueError, match="max_logprobs"):
+        ServerConfig(max_logprobs=21)
 
 
 # ----- bad input ---------------------------------------------------------------------------------------

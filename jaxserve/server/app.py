@@ -53,6 +53,7 @@ from jaxserve.server.reasoning import REASONING_PARSERS, THINK_END
 from jaxserve.server.responses import ChatFormat, CompletionFormat
 from jaxserve.server.responses_api import (ResponsesFormat, ResponsesRequest, ResponseStore, chat_body,
                                            input_messages, output_messages)
+from jaxserve.server.token_chunks import TokenChunks
 from jaxserve.server.tool_calls import TOOL_CALL_END, TOOL_CALL_START
 from jaxserve.structured import StructuredOutputs, escape
 from jaxserve.tokenizer import chat_prompts, load_tokenizer
@@ -69,7 +70,8 @@ except importlib.metadata.PackageNotFoundError:  # run from a source tree that w
 class ServerConfig:
     """HTTP-side limits and identity.
 
-    ``max_tokens_limit`` bounds ``max_tokens`` per choice, ``max_body_bytes`` the request body
+    ``max_tokens_limit`` bounds ``max_tokens`` per choice (None, the default: only the context bounds it, as in
+    vLLM), ``max_body_bytes`` the request body
     (413 above it), ``max_choices`` the prompts x ``n`` of one request; ``drain_s`` is how long
     shutdown lets running requests finish before aborting them; ``warmup`` compiles every step
     shape before the server answers (``Engine.warmup``; embeddings' prefills too), so no request waits on the
@@ -90,7 +92,7 @@ class ServerConfig:
     # first (model_name).
     model_aliases: tuple[str, ...] = ()
     api_key: str | None = None
-    max_tokens_limit: int = 4096
+    max_tokens_limit: int | None = None
     max_body_bytes: int = 1 << 20
     max_choices: int = 64
     max_stop: int = 16
@@ -128,9 +130,27 @@ class ServerConfig:
     max_stored_responses: int = 1024
     ssl_keyfile: str | None = None
     ssl_certfile: str | None = None
+    # vLLM's --max-logprobs: the most logprobs / top_logprobs / prompt_logprobs a request may ask (the engine's
+    # MAX_LOGPROBS at most: its steps compute that many).
+    max_logprobs: int = MAX_LOGPROBS
+    # vLLM's --enable-log-requests: each request's id, params and adapter logged at INFO (its prompt's length at DEBUG,
+    # never the text: prompts hold users' data).
+    log_requests: bool = False
+    # vLLM's --tokenizer: a tokenizer folder other than the model's, for the engine and the server alike.
+    tokenizer: str | None = None
+    # vLLM's --stream-interval: tokens per streamed chunk (1: one chunk a token, vLLM's default); a device call's
+    # tokens are split, never held for the next call's.
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_stop", "data_parallel_size"):
+        if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) or not (
+                0 <= self.max_logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"max_logprobs must be an int in [0, {MAX_LOGPROBS}] (the most the engine computes), "
+                             f"got {self.max_logprobs!r}")
+        for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_stop", "data_parallel_size",
+                     "stream_interval"):
+            if name == "max_tokens_limit" and self.max_tokens_limit is None:
+                continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if self.drain_s < 0:
@@ -217,6 +237,10 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     async def lifespan(app: FastAPI):
         loaded = model if isinstance(model, LoadedModel) else await asyncio.to_thread(
             load, model, engine_config.compute_dtype())
+        if server_config.tokenizer is not None:
+            # The engine's too (stop strings, detokenizing), as vLLM's; a missing folder stops the start.
+            loaded = dataclasses.replace(loaded, tokenizer=await asyncio.to_thread(load_tokenizer,
+                                                                                   server_config.tokenizer))
         if server_config.data_parallel_size > 1:
             engine = await asyncio.to_thread(Replicas, loaded, engine_config, server_config.data_parallel_size)
         else:
@@ -232,7 +256,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         if not loaded.path and loaded.tokenizer is None:
             raise ValueError("model: the server needs a tokenizer; give LoadedModel.from_params one")
         # Its own copy (the engine thread's is never shared): read again, or copied where the model was given as params.
-        tokenizer = load_tokenizer(loaded.path) if loaded.path else copy.deepcopy(loaded.tokenizer)
+        tokenizer = (load_tokenizer(server_config.tokenizer or loaded.path) if server_config.tokenizer or loaded.path
+                     else copy.deepcopy(loaded.tokenizer))
         reload_params = None
         if loaded.path:
             path, on_host = loaded.path, engine_config.loads_on_host
@@ -582,9 +607,9 @@ async def _chat(request: Request, st: _State, req: ChatRequest,
     ids = _truncated(await _on_tokenizer_thread(st, _chat_prompt, req, st), req)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    if requested is None:  # OpenAI's default: as much as the context leaves (bounded here)
+    if requested is None:  # OpenAI's and vLLM's default: as much as the context leaves (or the server's cap)
         _check_context(len(ids), 1, "messages", st)
-        requested = min(st.config.max_tokens_limit, st.max_model_len - len(ids))
+        requested = min(st.config.max_tokens_limit or st.max_model_len, st.max_model_len - len(ids))
     max_tokens = _max_tokens(requested, name, st)
     _check_context(len(ids), max_tokens, "messages", st)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -942,9 +967,11 @@ def _templated_call(call: ToolCall) -> dict[str, Any]:
 
 
 def _max_tokens(value: int | None, name: str, st: _State) -> int:
+    """``value`` checked against the server's cap, where it has one; the context is checked apart
+    (`_check_context`), with vLLM's message."""
     limit = st.config.max_tokens_limit
-    if value is None or not 1 <= value <= limit:
-        raise APIError(400, f"{name} must be in [1, {limit}], got {value}", param=name)
+    if value is None or value < 1 or (limit is not None and value > limit):
+        raise APIError(400, f"{name} must be in [1, {limit or 'the context'}], got {value}", param=name)
     return value
 
 
@@ -978,9 +1005,10 @@ def _check_n(req: SamplingFields, st: _State) -> None:
     if not 1 <= req.n <= st.config.max_choices:
         raise APIError(400, f"n must be in [1, {st.config.max_choices}], got {req.n}", param="n")
     if req.prompt_logprobs is not None:
-        if not 0 <= req.prompt_logprobs <= MAX_LOGPROBS:  # vLLM's -1 (the whole vocabulary) too
-            raise APIError(400, f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {req.prompt_logprobs}",
-                           param="prompt_logprobs")
+        most = st.config.max_logprobs
+        if not 0 <= req.prompt_logprobs <= most:  # vLLM's -1 (the whole vocabulary) too
+            raise APIError(400, f"prompt_logprobs must be in [0, {most}] (the server's --max-logprobs), got "
+                                f"{req.prompt_logprobs}", param="prompt_logprobs")
         if req.stream:  # they come with the whole result (vLLM's rule too)
             raise APIError(400, "prompt_logprobs are not available with stream", param="prompt_logprobs")
 
@@ -993,9 +1021,10 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
     stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if len(stop) > st.config.max_stop:
         raise APIError(400, f"stop must hold at most {st.config.max_stop} strings, got {len(stop)}", param="stop")
-    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+    if logprobs is not None and not 0 <= logprobs <= st.config.max_logprobs:
         name = "top_logprobs" if isinstance(req, ChatRequest) else "logprobs"
-        raise APIError(400, f"{name} must be in [0, {MAX_LOGPROBS}], got {logprobs}", param=name)
+        raise APIError(400, f"{name} must be in [0, {st.config.max_logprobs}] (the server's --max-logprobs), got "
+                            f"{logprobs}", param=name)
     given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
              "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
              "repetition_penalty": req.repetition_penalty, "min_tokens": req.min_tokens,
@@ -1119,10 +1148,15 @@ def _tool_call_regex(req: ChatRequest) -> str | None:
 
 
 async def _submit_all(st: _State, prompts: list[list[int]], params: list[SamplingParams],
-                      base_id: str, priority: int = 0, lora: LoRARequest | None = None) -> list[RequestHandle]:
+                      base_id: str, priority: int = 0, lora: LoRARequest | None = None,
+                      logged: bool = True) -> list[RequestHandle]:
+    """Each prompt submitted with its params as ``{base_id}-{i}``, logged where the server logs requests (``logged``
+    false: a beam search's steps, logged once as the search)."""
     handles: list[RequestHandle] = []
     try:
         for i, (ids, p) in enumerate(zip(prompts, params)):
+            if logged and st.config.log_requests:
+                _log_request(f"{base_id}-{i}", ids, p, lora)
             handles.append(await st.engine.submit(ids, p, f"{base_id}-{i}", priority, lora))
     except ValueError as exc:
         raise bad_params(exc) from None
@@ -1131,6 +1165,18 @@ async def _submit_all(st: _State, prompts: list[list[int]], params: list[Samplin
             for h in handles:
                 h.abort()
     return handles
+
+
+def _log_request(request_id: str, prompt: Any, params: Any, lora: LoRARequest | None) -> None:
+    """vLLM's --enable-log-requests line: the id, params and adapter at INFO; the prompt's length at DEBUG. Never the
+    prompt's text (vLLM's DEBUG line holds it; prompts are users' data)."""
+    log.info("Received request %s: params: %s, lora_request: %s.", request_id, params,
+             None if lora is None else lora.lora_name)
+    if log.isEnabledFor(logging.DEBUG):
+        embeds = prompt.get("prompt_embeds") if isinstance(prompt, dict) else None
+        ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else prompt
+        log.debug("Request %s details: prompt_token_ids_len: %s, prompt_embeds shape: %s.", request_id,
+                  None if ids is None else len(ids), None if embeds is None else tuple(np.shape(embeds)))
 
 
 async def _merge(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
@@ -1174,7 +1220,9 @@ async def _serve(request: Request, st: _State, req: SamplingFields, prompts: lis
         # Starlette runs the background task however the response ends. A client gone before the
         # stream's first step cancels the generator before its body runs, so its `finally` never
         # aborts the requests: this does (a no-op for requests already finished).
-        return StreamingResponse(_sse(handles, fmt, include_usage, continuous), media_type="text/event-stream",
+        # A device call's tokens come as one engine chunk; vLLM streams each token (--stream-interval 1) as its own.
+        pieces = TokenChunks(st.tokenizer, st.config.stream_interval, req.skip_special_tokens is not False)
+        return StreamingResponse(_sse(handles, fmt, include_usage, continuous, pieces), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                  background=BackgroundTask(_abort_all, handles))
     results = await _results_unless_disconnected(request, handles)
@@ -1215,6 +1263,9 @@ async def _beam_search(request: Request, st: _State, req: SamplingFields, prompt
     loop = asyncio.get_running_loop()
     lora = st.loras.get(req.model)
     step = step_params(params)
+    if st.config.log_requests:
+        for i, prompt in enumerate(prompts):
+            _log_request(f"{fmt.id}-{i}", prompt, params, lora)
 
     def next_logprobs(seqs: list[list[int]], k: int) -> list[dict[int, float]]:
         async def run() -> list[dict[str, Any]]:
@@ -1222,7 +1273,7 @@ async def _beam_search(request: Request, st: _State, req: SamplingFields, prompt
             if await request.is_disconnected():
                 raise APIError(499, "client disconnected", code="client_closed_request")
             handles = await _submit_all(st, _salted(seqs, req), [step] * len(seqs), f"{fmt.id}-beam", req.priority,
-                                        lora)
+                                        lora, logged=False)
             return await _results_unless_disconnected(request, handles)
 
         return [best_next(o, k) for o in asyncio.run_coroutine_threadsafe(run(), loop).result()]
@@ -1277,7 +1328,9 @@ async def _results_unless_disconnected(request: Request, handles: list[RequestHa
 
 
 async def _sse(handles: list[RequestHandle], fmt: CompletionFormat | ChatFormat,
-               include_usage: bool, continuous: bool = False) -> AsyncIterator[str]:
+               include_usage: bool, continuous: bool = False,
+               pieces: TokenChunks | None = None) -> AsyncIterator[str]:
+    """The SSE events of a streamed request: each engine chunk as ``pieces`` splits it (`TokenChunks`; None: whole)."""
     # By choice index, not in finishing order: usage counts a prompt's cached tokens once over its
     # n neighbouring choices, and sampled choices finish in any order.
     results: dict[int, dict[str, Any]] = {}
@@ -1297,13 +1350,14 @@ async def _sse(handles: list[RequestHandle], fmt: CompletionFormat | ChatFormat,
         for i in range(len(handles)):
             for event in fmt.stream_start(i, include_usage):
                 yield _event(counted(event, i), typed)
-        async for i, chunk in _merge(handles):
-            # echo with max_tokens 0 shows no token of the one the engine ran (CompletionFormat.prompt_only)
-            generated[i] += 0 if getattr(fmt, "prompt_only", False) else len(chunk["token_ids"])
-            for event in fmt.stream_chunk(i, chunk, include_usage):
-                yield _event(counted(event, i), typed)
-            if chunk["finish_reason"] is not None:
-                results[i] = chunk["result"]
+        async for i, whole in _merge(handles):
+            for chunk in [whole] if pieces is None else pieces.split(i, whole):
+                # echo with max_tokens 0 shows no token of the one the engine ran (CompletionFormat.prompt_only)
+                generated[i] += 0 if getattr(fmt, "prompt_only", False) else len(chunk["token_ids"])
+                for event in fmt.stream_chunk(i, chunk, include_usage):
+                    yield _event(counted(event, i), typed)
+                if chunk["finish_reason"] is not None:
+                    results[i] = chunk["result"]
         if include_usage:
             yield _event(fmt.usage_chunk([results[i] for i in sorted(results)]))
     except (RequestError, EngineDeadError) as exc:
