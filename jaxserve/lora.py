@@ -64,9 +64,20 @@ class LoRARequest:
 
     lora_name: str
     lora_int_id: int
-    lora_path: str
+    lora_path: str = ""
+    # vLLM's older name of lora_path (its scripts still pass it), moved there, then None.
+    lora_local_path: str | None = dataclasses.field(default=None, compare=False)
+    # vLLM's note of the model an adapter was trained on; jaxserve checks the adapter's shapes against its model.
+    base_model_name: str | None = None
 
     def __post_init__(self) -> None:
+        if self.lora_local_path is not None:
+            if self.lora_path:
+                raise ValueError("lora_local_path is vLLM's older name of lora_path: give one of them")
+            object.__setattr__(self, "lora_path", self.lora_local_path)
+            object.__setattr__(self, "lora_local_path", None)
+        if not self.lora_path:
+            raise ValueError("lora_path must name the adapter's folder")
         if not isinstance(self.lora_name, str) or not self.lora_name:
             raise ValueError(f"lora_name must be a non-empty string, got {self.lora_name!r}")
         if not isinstance(self.lora_int_id, (int, np.integer)) or isinstance(self.lora_int_id, bool) \
