@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 import jaxserve
 from jaxserve import Engine, EngineConfig, SamplingParams
 from jaxserve.speculative import accepted_tokens, ngram_draft, rejection_sample
-from tests.test_sampling import chi_square
+from tests.test_sampling import chi_square, chi_square_limit
 from tests.test_engine import assert_all_pages_free, small_config
 
 PROMPTS = ["import os\nimport sys\nimport os\nimport sys\n",
@@ -192,7 +192,7 @@ def test_rejection_sampling_draws_every_emitted_token_from_the_target_distributi
                       [0.25, 0.25, 0.0, 0.5, 0.0, 0.0], [0.0, 0.1, 0.2, 0.3, 0.4, 0.0]])
     n = 20000
     emitted, count = _rejection_draws(probs, [0, 2, 3, 4], n)
-    limit = lambda dof: dof + 6 * np.sqrt(2 * dof)
+    limit = chi_square_limit
     stat, dof = chi_square(emitted[:, 0], probs[0])
     assert stat < limit(dof), (stat, dof)
     after = emitted[:, 0] == 2  # the first draft token kept: the second token follows position 1's target
