@@ -91,7 +91,7 @@ class RequestOutput:
 
     request_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int] | None  # None for a prompt given as embeddings
     prompt_logprobs: list[dict[int, Logprob] | None] | None
     outputs: list[CompletionOutput]
     finished: bool = True
@@ -417,12 +417,13 @@ class LLM:
         decode = self._decode
         first = samples[0]
         prompt_ids = first.get("prompt_token_ids")
+        embedded = isinstance(prompt, Mapping) and "prompt_embeds" in prompt  # its ids are placeholders (0): vLLM's None
         text = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
         outputs = [_completion_output(i, s, decode) for i, s in enumerate(samples)]
         for out in outputs:
             out.lora_request = lora
         return RequestOutput(
-            request_id=first["request_id"], prompt=text, prompt_token_ids=prompt_ids or [],
+            request_id=first["request_id"], prompt=text, prompt_token_ids=None if embedded else prompt_ids or [],
             prompt_logprobs=_prompt_logprobs(first, prompt_ids, decode), outputs=outputs,
             num_cached_tokens=first["cached_tokens"], lora_request=lora)
 

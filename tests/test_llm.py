@@ -202,6 +202,9 @@ def test_a_vllm_script_s_calls(model):
         bare = llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0, detokenize=False), use_tqdm=False)[0]
         greedy = llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0), use_tqdm=False)[0]
         assert bare.outputs[0].text == "" and bare.outputs[0].token_ids == greedy.outputs[0].token_ids
+        embedded = llm.generate({"prompt_embeds": np.random.default_rng().normal(
+            size=(3, model.config.hidden_size)).astype(np.float32)}, SamplingParams(max_tokens=2), use_tqdm=False)[0]
+        assert embedded.prompt_token_ids is None and len(embedded.outputs[0].token_ids) == 2  # vLLM's None
         choice = llm.generate(prompt, SamplingParams(max_tokens=6, structured_outputs=StructuredOutputsParams(
             choice=["yes", "no"])), use_tqdm=False)[0]
         assert choice.outputs[0].text in ("yes", "no")
