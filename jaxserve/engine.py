@@ -444,9 +444,12 @@ class Engine:
         if params.truncate_prompt_tokens != -1:
             return params.truncate_prompt_tokens
         # vLLM's -1, the model's length: here the longest prompt the request can run with, room left for its
-        # max_tokens (vLLM's cut to max_model_len itself leaves none, and refuses the request); an embedding runs
-        # as a one-token request (`_pooling_request`).
-        tokens = params.max_tokens if isinstance(params, SamplingParams) and params.max_tokens else 1
+        # max_tokens (vLLM's cut to max_model_len itself leaves none, and refuses the request), or for one token
+        # where max_tokens is cut to what is left (`cap_max_tokens`); an embedding runs as a one-token request
+        # (`_pooling_request`).
+        tokens = 1
+        if isinstance(params, SamplingParams) and params.max_tokens and not self.cap_max_tokens:
+            tokens = params.max_tokens
         return max(1, self.max_model_len - tokens)
 
     def _prompt_input(self, prompt: Prompt, params: SamplingParams | PoolingParams) -> tuple[list[int], Any]:

@@ -247,6 +247,10 @@ def test_max_tokens_past_the_model_s_length_ends_there_and_a_profile_is_written(
         out = llm.generate(prompt, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True), use_tqdm=False)[0]
         llm.stop_profile()
         assert len(out.outputs[0].token_ids) == 4 and out.outputs[0].finish_reason == "length"
+        # truncate_prompt_tokens=-1 cuts only what does not fit beside one token, then max_tokens is capped
+        cut = llm.generate(prompt, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True,
+                                                  truncate_prompt_tokens=-1), use_tqdm=False)[0]
+        assert len(cut.prompt_token_ids) == n and cut.outputs[0].token_ids == out.outputs[0].token_ids
         with pytest.raises(ValueError, match="exceeds max_model_len"):  # a prompt that fills it leaves nothing
             llm.generate("x " * (n + 8), SamplingParams(max_tokens=1), use_tqdm=False)
         assert_all_pages_free(llm.engine)

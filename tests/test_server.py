@@ -1012,6 +1012,17 @@ def test_truncate_prompt_tokens_serves_a_prompt_past_the_context(live, pages_fre
     assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == 4
     bad = post(live, "/v1/completions", {**body, "truncate_prompt_tokens": 0})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "truncate_prompt_tokens"
+    # vLLM's -1 (the model's length): a short prompt whole (its first token was once cut), a long one's end that
+    # leaves room for max_tokens; an embedding's up to one token short of the context
+    short = post(live, "/v1/completions", {**body, "prompt": ids[:8], "truncate_prompt_tokens": -1, "echo": True,
+                                           "logprobs": 0}).json()
+    assert short["usage"]["prompt_tokens"] == 8 and len(short["choices"][0]["logprobs"]["tokens"]) == 10
+    whole = post(live, "/v1/completions", {**body, "truncate_prompt_tokens": -1})
+    assert whole.status_code == 200 and whole.json()["usage"]["prompt_tokens"] == MAX_MODEL_LEN - 2, whole.text
+    embedded = post(live, "/v1/embeddings", {"model": "tiny", "input": ids, "truncate_prompt_tokens": -1}).json()
+    assert embedded["usage"]["prompt_tokens"] == MAX_MODEL_LEN - 1
+    assert post(live, "/v1/embeddings", {"model": "tiny", "input": ids[:8], "truncate_prompt_tokens": -1}).json()[
+        "usage"]["prompt_tokens"] == 8
 
 
 def test_continue_final_message_leaves_the_assistant_turn_open(client, live, pages_freed):

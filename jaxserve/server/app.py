@@ -453,7 +453,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             raise APIError(400, "best_of other than n is not supported", param="best_of")
         embeds = await _on_tokenizer_thread(st, _prompt_embeds, req, st)
         prompts = [] if req.prompt is None and embeds else [
-            _truncated(ids, req) for ids in await _on_tokenizer_thread(st, _completion_prompts, req, st)]
+            _truncated(ids, req, st) for ids in await _on_tokenizer_thread(st, _completion_prompts, req, st)]
         # Prompts given as embeddings come first (vLLM's order); the answer counts their placeholder ids.
         engine_prompts = [{"prompt_embeds": e} for e in embeds] + prompts
         prompts = [[0] * len(e) for e in embeds] + prompts
@@ -604,7 +604,7 @@ async def _chat(request: Request, st: _State, req: ChatRequest,
     from, and what to call with the finished response) as a Responses API ``response``."""
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-    ids = _truncated(await _on_tokenizer_thread(st, _chat_prompt, req, st), req)
+    ids = _truncated(await _on_tokenizer_thread(st, _chat_prompt, req, st), req, st)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     if requested is None:  # OpenAI's and vLLM's default: as much as the context leaves (or the server's cap)
@@ -812,7 +812,7 @@ def _prompt_embeds(req: CompletionRequest, st: _State) -> list[np.ndarray]:
         except ValueError as exc:
             raise APIError(400, str(exc), param="prompt_embeds") from None
         if req.truncate_prompt_tokens is not None:
-            embeds = embeds[-req.truncate_prompt_tokens:]
+            embeds = embeds[-_truncation(req.truncate_prompt_tokens, req, st):]
         out.append(embeds)
     return out
 
@@ -887,7 +887,7 @@ def _pooling_prompts(items: list, field: str | list[str], req: Any, st: _State) 
     if not items or len(items) > st.config.max_choices:
         name = names[0] if names else field
         raise APIError(400, f"{name} must hold 1 to {st.config.max_choices} items, got {len(items)}", param=name)
-    out = [_truncated(ids, req) for ids in _token_ids(items, names, st)]
+    out = [_truncated(ids, req, st) for ids in _token_ids(items, names, st)]
     for ids, name in zip(out, names):
         _check_context(len(ids), 1, name, st)
     return out
@@ -975,7 +975,8 @@ def _max_tokens(value: int | None, name: str, st: _State) -> int:
     return value
 
 
-def _truncated(ids: list[int], req: SamplingFields | EmbeddingRequest | ScoreRequest | RerankRequest) -> list[int]:
+def _truncated(ids: list[int], req: SamplingFields | EmbeddingRequest | ScoreRequest | RerankRequest,
+               st: _State) -> list[int]:
     """The prompt tokens the engine uses: all, or the last ``truncate_prompt_tokens`` (vLLM's). Cut here,
     before the context check, the usage counts and echo, so that all of them see what the model sees."""
     k = req.truncate_prompt_tokens
@@ -985,7 +986,17 @@ def _truncated(ids: list[int], req: SamplingFields | EmbeddingRequest | ScoreReq
         SamplingParams(truncate_prompt_tokens=k)  # its rule for k, refused here before any cut
     except ValueError as exc:
         raise bad_params(exc) from None
-    return ids[-k:]
+    return ids[-_truncation(k, req, st):]
+
+
+def _truncation(k: int, req: Any, st: _State) -> int:
+    """How many prompt tokens ``truncate_prompt_tokens=k`` keeps: k, or for vLLM's -1 (the model's length) what
+    the context leaves beside the request's max_tokens (one token where it has none), the engine's rule
+    (`Engine._truncation`)."""
+    if k != -1:
+        return k
+    max_tokens = getattr(req, "max_tokens", None) or getattr(req, "max_completion_tokens", None)
+    return max(1, st.max_model_len - (max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 1))
 
 
 def _check_context(prompt_len: int, max_tokens: int, param: str, st: _State) -> None:
