@@ -173,7 +173,8 @@ def _hf_overrides(args: argparse.Namespace) -> None:
     if "rope_scaling" in overrides:
         if args.rope_scaling is not None and json.loads(args.rope_scaling) != overrides["rope_scaling"]:
             raise SystemExit("error: --hf-overrides' rope_scaling and --rope-scaling differ")
-        args.rope_scaling = json.dumps(overrides["rope_scaling"])
+        # null: the checkpoint's own (no --rope-scaling), not the JSON text "null"
+        args.rope_scaling = None if overrides["rope_scaling"] is None else json.dumps(overrides["rope_scaling"])
 
 
 # vLLM's --structured-outputs-config backends jaxserve answers to: "auto" (vLLM's default) and its own.

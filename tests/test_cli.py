@@ -222,8 +222,10 @@ def test_vllm_serve_flags_checked_against_what_jaxserve_serves(tiny_checkpoint, 
     assert server.max_tokens_limit is None  # vLLM's: only the context bounds max_tokens
     assert not _parse_serve(["--enable-log-requests", "--disable-log-requests"]).log_requests
     for flags in (["--task", "embed"], ["--task", "embedding"], ["--task", "score"], ["--runner", "pooling"],
-                  ["--structured-outputs-config", '{"backend": "jaxserve"}'], ["--hf-overrides", ""]):
+                  ["--structured-outputs-config", '{"backend": "jaxserve"}'], ["--hf-overrides", ""],
+                  ["--hf-overrides", '{"rope_scaling": null}']):
         assert cli.cmd_serve(_parse_serve([path, *flags])) == 0, flags
+    assert seen["model"] == path  # rope_scaling null: the checkpoint's own (no override loaded), not the text "null"
     # A classifier's config: it classifies and never generates.
     classifier = tmp_path / "classifier"
     classifier.mkdir()
