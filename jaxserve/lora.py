@@ -72,9 +72,8 @@ class LoRARequest:
 
     def __post_init__(self) -> None:
         if self.lora_local_path is not None:
-            if self.lora_path:
-                raise ValueError("lora_local_path is vLLM's older name of lora_path: give one of them")
-            object.__setattr__(self, "lora_path", self.lora_local_path)
+            if not self.lora_path:  # vLLM's rule: lora_path first where both are given
+                object.__setattr__(self, "lora_path", self.lora_local_path)
             object.__setattr__(self, "lora_local_path", None)
         if not self.lora_path:
             raise ValueError("lora_path must name the adapter's folder")

@@ -191,8 +191,7 @@ def test_bad_adapters_and_requests_are_refused_by_name(adapters, tmp_path):
         LoRARequest("x", 0, paths["all"])
     with pytest.raises(ValueError, match="^lora_path must name"):
         LoRARequest("x", 1)
-    with pytest.raises(ValueError, match="^lora_local_path is vLLM's older name"):
-        LoRARequest("x", 1, paths["all"], lora_local_path=paths["all"])
+    assert LoRARequest("x", 1, paths["all"], lora_local_path="/elsewhere").lora_path == paths["all"]  # vLLM's
     # vLLM's older keyword and its note of the base model
     assert LoRARequest("x", 1, lora_local_path=paths["all"], base_model_name="Qwen/Qwen2.5-0.5B").lora_path == \
         paths["all"]
