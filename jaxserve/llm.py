@@ -174,6 +174,28 @@ class ScoringRequestOutput:
     finished: bool = True
 
 
+@dataclasses.dataclass
+class Metric:
+    """vLLM's ``vllm.v1.metrics.reader.Metric``: a metric's name (vLLM's ``vllm:`` names) and labels."""
+
+    name: str
+    labels: dict[str, str]
+
+
+@dataclasses.dataclass
+class Counter(Metric):
+    """A count that only grows (vLLM's reader's ``Counter``)."""
+
+    value: int
+
+
+@dataclasses.dataclass
+class Gauge(Metric):
+    """A level (vLLM's reader's ``Gauge``)."""
+
+    value: float
+
+
 def engine_config_from_vllm(**kwargs: Any) -> EngineConfig:
     """vLLM's ``LLM`` / ``EngineArgs`` keyword arguments as an `EngineConfig` (`TypeError` naming any jaxserve has no
     counterpart for; `EngineConfig`'s own checks for bad values, their `ValueError` led by vLLM's name of the argument).
@@ -256,6 +278,8 @@ class LLM:
         self.engine = Engine(model, engine_config or engine_config_from_vllm(**engine_args))
         # vLLM's offline engine ends a request at max_model_len ("length") where its max_tokens would pass it.
         self.engine.cap_max_tokens = True
+        # `get_metrics`' counts of what this LLM answered: prompt and generated tokens, requests by finish reason.
+        self._counts: dict[str, Any] = {"prompt": 0, "generation": 0, "finished": {}}
         tokenizer = self.engine.tokenizer
         # Each logprob dict names its tokens' text: n samples' top-k over a run repeat few distinct tokens.
         self._decode = (functools.cache(lambda t: tokenizer.decode([t])) if tokenizer is not None
@@ -381,6 +405,27 @@ class LLM:
     def sleep(self, level: int = 1) -> None:
         self.engine.sleep(level)
 
+    def get_metrics(self) -> list[Metric]:
+        """vLLM's: the engine's gauges and what this LLM has answered, under vLLM's metric names (its example
+        prints them by type: `Counter` / `Gauge`).
+
+        Example:
+            >>> {m.name: m.value for m in llm.get_metrics()}["vllm:num_requests_running"]  # doctest: +SKIP
+            0
+        """
+        stats = self.engine.stats()
+        counts = self._counts
+        out: list[Metric] = [
+            Gauge("vllm:num_requests_running", {}, float(stats["running"])),
+            Gauge("vllm:num_requests_waiting", {}, float(stats["waiting"])),
+            Gauge("vllm:kv_cache_usage_perc", {}, stats["pages_used"] / max(stats["pages_total"], 1)),
+            Counter("vllm:num_preemptions", {}, int(stats["preemptions"])),
+            Counter("vllm:prompt_tokens", {}, counts["prompt"]),
+            Counter("vllm:generation_tokens", {}, counts["generation"])]
+        out += [Counter("vllm:request_success", {"finished_reason": reason}, n)
+                for reason, n in sorted(counts["finished"].items())]
+        return out
+
     def start_profile(self, trace_dir: str | os.PathLike | None = None) -> None:
         """vLLM's: start a profile of everything the engine runs until `stop_profile`, as JAX's profiler trace
         (TensorBoard / Perfetto: device kernels, host work) in ``trace_dir``, else ``$JAXSERVE_PROFILE_DIR``, else
@@ -420,8 +465,12 @@ class LLM:
         embedded = isinstance(prompt, Mapping) and "prompt_embeds" in prompt  # its ids are placeholders (0): vLLM's None
         text = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
         outputs = [_completion_output(i, s, decode) for i, s in enumerate(samples)]
+        counts = self._counts
+        counts["prompt"] += len(prompt_ids or ())
         for out in outputs:
             out.lora_request = lora
+            counts["generation"] += len(out.token_ids)
+            counts["finished"][out.finish_reason] = counts["finished"].get(out.finish_reason, 0) + 1
         return RequestOutput(
             request_id=first["request_id"], prompt=text, prompt_token_ids=None if embedded else prompt_ids or [],
             prompt_logprobs=_prompt_logprobs(first, prompt_ids, decode), outputs=outputs,

@@ -230,6 +230,9 @@ def test_a_vllm_script_s_calls(model):
                                use_tqdm=False)[0]
         assert len(short.prompt_token_ids) == 2
         np.testing.assert_array_equal(short.outputs.embedding, want_short.outputs.embedding)
+        metrics = {(m.name, tuple(m.labels.items())): m.value for m in llm.get_metrics()}
+        assert metrics[("vllm:num_requests_running", ())] == 0 and metrics[("vllm:generation_tokens", ())] > 0
+        assert metrics[("vllm:request_success", (("finished_reason", "length"),))] >= 4
         assert_all_pages_free(llm.engine)
     with LLM(model) as again:
         assert [o.outputs[0].token_ids for o in again.generate([prompt] * 2, SamplingParams(max_tokens=8),
