@@ -1362,13 +1362,17 @@ async def _sse(handles: list[RequestHandle], fmt: CompletionFormat | ChatFormat,
             for event in fmt.stream_start(i, include_usage):
                 yield _event(counted(event, i), typed)
         async for i, whole in _merge(handles):
+            # One write for an engine chunk's events (a token each): they reach the client together anyway (one
+            # device call's tokens), and a send per event multiplied the server's per-write cost by the call's steps.
+            events = []
             for chunk in [whole] if pieces is None else pieces.split(i, whole):
                 # echo with max_tokens 0 shows no token of the one the engine ran (CompletionFormat.prompt_only)
                 generated[i] += 0 if getattr(fmt, "prompt_only", False) else len(chunk["token_ids"])
-                for event in fmt.stream_chunk(i, chunk, include_usage):
-                    yield _event(counted(event, i), typed)
+                events += [_event(counted(event, i), typed) for event in fmt.stream_chunk(i, chunk, include_usage)]
                 if chunk["finish_reason"] is not None:
                     results[i] = chunk["result"]
+            if events:
+                yield "".join(events)
         if include_usage:
             yield _event(fmt.usage_chunk([results[i] for i in sorted(results)]))
     except (RequestError, EngineDeadError) as exc:
