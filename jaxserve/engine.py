@@ -655,18 +655,37 @@ class Engine:
         return params
 
     @_on_device
-    def update_params(self, params: Any) -> None:
+    def update_params(self, params: Any, copy: bool = False) -> None:
         """New weights for this engine (the same tree and shapes: a training step's, as `LoadedModel.with_params`
         checks them; vLLM's weight update), compiling nothing again. The prefix cache is emptied (its pages hold
         keys of the old weights), prefixes running requests hold included; running requests go on with the new
         weights from their next step, and what they computed is never cached.
+
+        Arrays already in the engine's dtype and on its device are run as they are, not copied (no second copy of
+        the weights in device memory): a train step jitted with ``donate_argnums`` over them gives their buffers
+        away, and the next `generate` refuses to run on them (ValueError naming params). ``copy=True``: the engine
+        keeps copies of its own (vLLM's weight update copies), at the price of that memory.
 
         Example:
             >>> engine.update_params(jax.tree_util.tree_map(lambda w: w * 1.01, engine.model.params))  # doctest: +SKIP
         """
         if self.sleeping == 2:
             raise ValueError("params: this engine's weights were freed by sleep(level=2); pass them to wake_up")
+        if copy:
+            params = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True) if isinstance(a, jax.Array) else a,
+                                            params)
         self._take_params(params)
+
+    def check_params_alive(self) -> None:
+        """ValueError naming params where an array the engine runs was deleted or donated since it was given (a
+        train step jitted with ``donate_argnums``): XLA's own error came from inside a step, naming no cause."""
+        params = getattr(self.runner, "params", None)
+        if params is not None and any(isinstance(a, jax.Array) and a.is_deleted()
+                                      for a in jax.tree_util.tree_leaves(params)):
+            raise ValueError("params: an array this engine runs was deleted or donated since update_params (a "
+                             "train step jitted with donate_argnums gives its inputs' buffers away; the engine runs "
+                             "the arrays it is given without copying them): give it live arrays again, or "
+                             "update_params(params, copy=True)")
 
     def _take_params(self, params: Any) -> None:
         self.model = self.model.with_params(params)
@@ -1677,6 +1696,8 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
                           "a jaxserve.LoRARequest, a list of them (one a prompt) or None")
     if driver.closed:
         raise RuntimeError("engine is closed")
+    if hasattr(driver, "check_params_alive"):
+        driver.check_params_alive()
     # A prompt's n samples are n requests. Every prompt's first sample is queued ahead of the others' so the
     # prompts are prefilled together; the other samples then attach the first's indexed pages (the scheduler
     # holds them back while it prefills).

@@ -393,14 +393,15 @@ class LLM:
         self.engine.clear_prefix_cache()
         return True
 
-    def update_params(self, params: Any) -> None:
+    def update_params(self, params: Any, copy: bool = False) -> None:
         """New weights of the same shapes, compiling nothing again (`Engine.update_params`: a training loop's
-        weight sync, what RL frameworks reach through vLLM's model executor).
+        weight sync, what RL frameworks reach through vLLM's model executor; ``copy=True`` where the train step
+        donates its params).
 
         Example:
             >>> llm.update_params(trainer_params)  # doctest: +SKIP
         """
-        self.engine.update_params(params)
+        self.engine.update_params(params, copy=copy)
 
     def sleep(self, level: int = 1) -> None:
         self.engine.sleep(level)

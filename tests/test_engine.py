@@ -218,6 +218,28 @@ def test_an_engine_seed_makes_unseeded_sampling_repeat_run_to_run(tiny):
         EngineConfig(seed=-1)
 
 
+def test_params_a_train_step_donated_are_named_and_copy_keeps_the_engine_s_own(tiny):
+    """The engine runs update_params' arrays as they are: a train step jitted with donate_argnums then gives their
+    buffers away, and generate says so naming params (XLA's error came from inside a step); copy=True keeps copies
+    of the engine's own, which a donating step leaves alone."""
+    m, _ = tiny
+    train_step = jax.jit(lambda p: jax.tree_util.tree_map(lambda w: w * 0.99, p), donate_argnums=0)
+    prompts = random_prompts(m.config.vocab_size, (6,))
+    with Engine(m, small_config()) as engine:
+        params = jax.tree_util.tree_map(jnp.copy, m.params)
+        engine.update_params(params)
+        want = engine.generate(prompts, GREEDY, use_tqdm=False)[0]["token_ids"]
+        stepped = train_step(params)
+        with pytest.raises(ValueError, match="^params: an array this engine runs was deleted or donated"):
+            engine.generate(prompts, GREEDY, use_tqdm=False)
+        fresh = jax.tree_util.tree_map(jnp.copy, m.params)
+        engine.update_params(fresh, copy=True)
+        train_step(fresh)
+        assert all(a.is_deleted() for a in jax.tree_util.tree_leaves(fresh))  # given away, the engine's copies kept
+        assert engine.generate(prompts, GREEDY, use_tqdm=False)[0]["token_ids"] == want
+        assert_all_pages_free(engine)
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_update_params_while_requests_run_caches_nothing_of_the_old_weights(tiny, overlap):
     """update_params with requests running (an RL loop's weight sync mid-generation): the cached prefix a running
