@@ -458,6 +458,9 @@
 #               top-p / top-k / top-5 log-probability rows at 64 / 256, each its own process; test_sampling (~350 s?)
 #   noise68     session 68: the draw's Gumbel noise from a hash of (row key, token id) (sampling.HASH_NOISE) against
 #               jax.random.gumbel's threefry, temp / top_p rows at 64 / 256, each its own process (~90 s)
+#   stream69    session 69: the server streams a token a chunk since this session (--stream-interval 1, vLLM's);
+#               bench/serving.py at 256 running requests arriving at once, interval 1 against 8 (the old
+#               granularity), random 0.5B (~400 s?)
 #   noise69     session 69: noise68's A/B with the top-k rows and a third arm, hash noise drawn over the vocabulary
 #               (JAXSERVE_CANDIDATE_DRAW=0) against the candidates alone (the default under hash noise); then
 #               test_sampling compiled under hash noise (~200 s?)
@@ -1387,6 +1390,10 @@ for part in "${parts[@]}"; do
     noise68) for h in 0 1; do echo "== ab JAXSERVE_HASH_NOISE=$h"; \
                JAXSERVE_HASH_NOISE=$h timeout 100 python3 bench/sampler_cost.py --rows 64 256 --top-k \
                  --settings temp top_p ; done ;;
+    stream69) for interval in 1 8; do echo "== ab stream_interval=$interval"; \
+                timeout 250 python3 bench/serving.py --random-model qwen2.5-0.5b --model /tmp/q05 --num-requests 512 \
+                  --rate inf --input-len 128 --output-len 256 --max-running 256 --decode-steps 8 \
+                  --batch-buckets 1 8 64 256 --warmup 256 --stream-interval $interval ; done ;;
     noise69) for arm in "0 1" "1 0" "1 1"; do set -- $arm; echo "== ab JAXSERVE_HASH_NOISE=$1 CANDIDATE_DRAW=$2"; \
                JAXSERVE_HASH_NOISE=$1 JAXSERVE_CANDIDATE_DRAW=$2 timeout 100 python3 bench/sampler_cost.py \
                  --rows 64 256 --settings temp top_p top_k ; done ; \

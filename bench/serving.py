@@ -251,7 +251,8 @@ def server_config(args: argparse.Namespace):
     from jaxserve.server import ServerConfig
 
     # drain_s=0: a stopped benchmark server has nothing worth finishing.
-    return ServerConfig(model_name="bench", max_tokens_limit=max(4096, 2 * args.output_len), drain_s=0.0)
+    return ServerConfig(model_name="bench", max_tokens_limit=max(4096, 2 * args.output_len), drain_s=0.0,
+                        stream_interval=args.stream_interval)
 
 
 def _use_compilation_cache(folder: str) -> None:
@@ -624,6 +625,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--max-tokens-per-step", type=int, default=2048)
     e.add_argument("--max-model-len", type=int, default=4096)
     e.add_argument("--decode-steps", type=int, default=4)
+    e.add_argument("--stream-interval", type=int, default=1,
+                   help="tokens a streamed chunk (the server's --stream-interval; 1: vLLM's one a chunk)")
     e.add_argument("--policy", default="prefill_first", choices=("prefill_first", "time_share", "mixed"))
     e.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
     e.add_argument("--batch-buckets", type=int, nargs="+", default=None)
