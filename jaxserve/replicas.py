@@ -313,12 +313,17 @@ class Replicas:
         for pages in self._pages:
             pages.clear()
 
-    def update_params(self, params: Any) -> None:
-        """`Engine.update_params` on every replica (each device its own copy); the router forgets its prefixes, as
-        the replicas' caches do."""
+    def update_params(self, params: Any, copy: bool = False) -> None:
+        """`Engine.update_params` on every replica (each device its own copy; ``copy`` as the engine's); the router
+        forgets its prefixes, as the replicas' caches do."""
         for engine in self.engines:
-            engine.update_params(params)
+            engine.update_params(params, copy=copy)
         self._forget_routes()
+
+    def check_params_alive(self) -> None:
+        """`Engine.check_params_alive` on every replica."""
+        for engine in self.engines:
+            engine.check_params_alive()
 
     def sleep(self, level: int = 1) -> None:
         """`Engine.sleep` on every replica, refused before any sleeps while one has unfinished requests."""
