@@ -194,6 +194,10 @@ def test_server_classifies_and_refuses_what_a_classifier_cannot_do(classifier):
         assert body["usage"]["prompt_tokens"] == sum(w["prompt_tokens"] for w in want)
         r = post(live, "/v1/classify", {"model": "clf", "input": texts[0], "activation": False}, key=None)
         assert r.json()["data"][0]["probs"] == pytest.approx(raw[0]["probs"].tolist(), abs=1e-5)
+        pooled = post(live, "/pooling", {"model": "clf", "input": texts}, key=None).json()  # vLLM's: the probs
+        assert [d["object"] for d in pooled["data"]] == ["pooling"] * 2
+        for d, w in zip(pooled["data"], want):
+            assert d["data"] == pytest.approx(w["probs"].tolist(), abs=1e-6)
         for path, body, param in (("/v1/completions", {"model": "clf", "prompt": "hi", "max_tokens": 2}, None),
                                   ("/score", {"model": "clf", "text_1": "a", "text_2": "b"}, "model"),
                                   ("/classify", {"model": "clf", "input": []}, "input"),

@@ -583,6 +583,15 @@ def test_embeddings_are_the_engine_s_as_floats_and_as_base64(client, live, model
                           use_tqdm=False)[0]["embedding"]
     np.testing.assert_allclose(item["embedding"], want, rtol=1e-5, atol=1e-6)
     assert abs(np.linalg.norm(item["embedding"]) - 1) > 1e-3  # not normalized, as asked
+    # vLLM's /pooling (its openai_pooling_client example): a causal LM's pooled output is its embedding
+    pooled = post(live, "/pooling", {"model": "tiny", "input": [PROMPT, "jumps"]}).json()
+    assert [(d["index"], d["object"]) for d in pooled["data"]] == [(0, "pooling"), (1, "pooling")]
+    for d, w in zip(pooled["data"], [o["embedding"] for o in jaxserve.embed(model, [PROMPT, "jumps"],
+                                                                           use_tqdm=False)]):
+        np.testing.assert_allclose(d["data"], w, rtol=1e-5, atol=1e-6)
+    assert pooled["usage"]["prompt_tokens"] == sum(len(model.tokenizer.encode(t)) for t in (PROMPT, "jumps"))
+    bad = post(live, "/pooling", {"model": "tiny", "input": "x", "dimensions": 3})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "dimensions"
 
 
 def test_score_and_rerank_are_the_embeddings_cosines(live, model, pages_freed):

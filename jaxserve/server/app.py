@@ -492,6 +492,32 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         results = await _embed(request, st, _items(req.input), "input", req, base_id, normalize=req.normalize)
         return await _on_tokenizer_thread(st, _embedding_response, req, base_id, results)
 
+    @app.post("/pooling")
+    async def pooling(request: Request) -> Response:
+        """vLLM's generic pooling route: each input's pooled output, a causal LM's embedding (as /v1/embeddings
+        gives it) or a classifier's label probabilities (as /classify), in vLLM's ``PoolingResponse``."""
+        st, req = await _accept_plain(request, EmbeddingRequest)
+        if req.dimensions is not None and req.dimensions != st.hidden_size:
+            raise APIError(400, f"dimensions must be the model's {st.hidden_size} (this model has no matryoshka "
+                                f"representation to cut), got {req.dimensions}", param="dimensions")
+        base_id = f"pool-{uuid.uuid4().hex}"
+        if st.labels:
+            params = _pooling_params("last", truncate_prompt_tokens=req.truncate_prompt_tokens, task="classify")
+            results = await _pool(request, st, _items(req.input), "input", req, base_id, params)
+            vectors = [r["probs"] for r in results]
+        else:
+            results = await _embed(request, st, _items(req.input), "input", req, base_id, normalize=req.normalize)
+            vectors = [r["embedding"] for r in results]
+        data = []
+        for i, vector in enumerate(vectors):
+            vector = np.asarray(vector, "<f4")
+            value = base64.b64encode(vector.tobytes()).decode() if req.encoding_format == "base64" else vector.tolist()
+            data.append({"index": i, "object": "pooling", "data": value})
+        used = sum(r["prompt_tokens"] for r in results)
+        return JSONResponse({"id": base_id, "object": "list", "created": int(time.time()), "model": req.model,
+                             "data": data, "usage": {"prompt_tokens": used, "total_tokens": used,
+                                                     "completion_tokens": 0}})
+
     @app.post("/classify")
     @app.post("/v1/classify")
     async def classify(request: Request) -> Response:
