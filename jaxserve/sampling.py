@@ -1015,9 +1015,10 @@ def sample(
             return jnp.argmax(jnp.where(x >= floor[:, None], x, -jnp.inf) + gumbel, axis=-1).astype(jnp.int32)
 
         if HASH_NOISE and CANDIDATE_DRAW and _chunk_tier_on(v):
-            drawn = jax.lax.cond(_cuts(batch, v) | jnp.any(batch.min_p > 0.0), lambda: _candidate_draw(x, batch, top_candidates, keys, greedy_rows,
-                                                                          over_vocab),
-                                 lambda: over_vocab(jnp.full((b,), -jnp.inf, x.dtype)))
+            some_cut = _cuts(batch, v) | jnp.any(batch.min_p > 0.0)
+            drawn = jax.lax.cond(
+                some_cut, lambda: _candidate_draw(x, batch, top_candidates, keys, greedy_rows, over_vocab),
+                lambda: over_vocab(jnp.full((b,), -jnp.inf, x.dtype)))
         else:
             drawn = over_vocab(_floor(x, batch, top_candidates))
         return jnp.where(greedy_rows, greedy_tokens, drawn)
