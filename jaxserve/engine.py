@@ -578,6 +578,9 @@ class Engine:
                          lora_id: int, namespace: int) -> Request:
         """`make_request` for an embedding: a prompt prefilled and never decoded (`jaxserve.pooling`). It runs as a
         one-token greedy request whose token is never taken: the prefill that ends its prompt finishes it."""
+        if pooling.dimensions is not None and pooling.dimensions != self.model.config.hidden_size:
+            raise ValueError(f"dimensions must be the model's {self.model.config.hidden_size} (this model has no "
+                             f"matryoshka representation to cut), got {pooling.dimensions}")
         if pooling.task == "classify" and self.classify_head is None:
             raise ValueError(f"task 'classify' needs a sequence classifier (config.json's architectures {CLASSIFIER}); "
                              f"this model is a causal LM: embed it, or generate")

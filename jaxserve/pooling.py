@@ -54,6 +54,9 @@ class PoolingParams:
     activation: bool = True
     # vLLM's newer name of `activation` (None: not given).
     use_activation: bool | None = None
+    # vLLM's matryoshka cut: only the model's own width here (Qwen2's hidden states have no shorter prefix that means
+    # anything), checked against it when the request is made (`Engine._pooling_request`), as vLLM refuses it.
+    dimensions: int | None = None
 
     def __post_init__(self) -> None:
         if self.use_activation is not None:
@@ -68,6 +71,9 @@ class PoolingParams:
         for name in ("normalize", "activation"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.dimensions is not None and (not isinstance(self.dimensions, (int, np.integer))
+                                            or isinstance(self.dimensions, bool) or self.dimensions < 1):
+            raise ValueError(f"dimensions must be None or an int >= 1, got {self.dimensions!r}")
         k = self.truncate_prompt_tokens
         if k is not None and (not isinstance(k, (int, np.integer)) or isinstance(k, bool) or (k < 1 and k != -1)):
             raise ValueError(f"truncate_prompt_tokens must be None, -1 (the model's length) or an int >= 1, got {k!r}")

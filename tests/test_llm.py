@@ -262,3 +262,10 @@ def test_max_tokens_past_the_model_s_length_ends_there_and_a_profile_is_written(
         with pytest.raises(ValueError, match="exceeds max_model_len"):
             engine.generate([prompt], SamplingParams(max_tokens=50), use_tqdm=False)
     assert jaxserve.PoolingParams(use_activation=False) == jaxserve.PoolingParams(activation=False)
+    with jaxserve.Engine(model) as engine:  # vLLM's matryoshka cut: the model's own width only, as vLLM refuses it
+        width = engine.embed(["x"], jaxserve.PoolingParams(dimensions=model.config.hidden_size), use_tqdm=False)
+        assert len(width[0]["embedding"]) == model.config.hidden_size
+        with pytest.raises(ValueError, match="^dimensions must be the model's"):
+            engine.embed(["x"], jaxserve.PoolingParams(dimensions=8), use_tqdm=False)
+    with pytest.raises(ValueError, match="^dimensions must be None or an int"):
+        jaxserve.PoolingParams(dimensions=0)
