@@ -430,6 +430,8 @@ class Engine:
         # True: a request whose max_tokens would pass max_model_len runs up to it ("length"), as vLLM's offline
         # engine does (`jaxserve.LLM` sets it); False (jaxserve's and vLLM's server's rule): refused naming both.
         self.cap_max_tokens = False
+        # What the engine's own request ids start with ("req-0", ...); `jaxserve.LLM` numbers them bare, as vLLM's.
+        self.request_id_prefix = "req-"
 
     # ----- requests ------------------------------------------------------------------------
     def request_ids(self, prompt: Prompt, params: SamplingParams | PoolingParams) -> list[int]:
@@ -569,7 +571,8 @@ class Engine:
     def _new_request_id(self, request_id: str | None) -> str:
         """``request_id``, or a fresh one where it is None; ValueError if it is already in use."""
         if not request_id:  # skip ids a caller chose for requests of their own ("req-2"), still running
-            request_id = next(rid for rid in (f"req-{i}" for i in self._ids) if rid not in self.requests)
+            request_id = next(rid for rid in (f"{self.request_id_prefix}{i}" for i in self._ids)
+                              if rid not in self.requests)
         elif request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         return request_id

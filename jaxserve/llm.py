@@ -278,6 +278,7 @@ class LLM:
         self.engine = Engine(model, engine_config or engine_config_from_vllm(**engine_args))
         # vLLM's offline engine ends a request at max_model_len ("length") where its max_tokens would pass it.
         self.engine.cap_max_tokens = True
+        self.engine.request_id_prefix = ""  # vLLM's LLM numbers its requests "0", "1", ...
         # `get_metrics`' counts of what this LLM answered: prompt and generated tokens, requests by finish reason.
         self._counts: dict[str, Any] = {"prompt": 0, "generation": 0, "finished": {}}
         tokenizer = self.engine.tokenizer

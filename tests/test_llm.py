@@ -190,8 +190,9 @@ def test_a_vllm_script_s_calls(model):
     prompt = "def add(a, b):"
     with LLM(model) as llm:
         # the first requests of an LLM (each later one draws its seed from the engine's generator in turn)
-        sampled = [o.outputs[0].token_ids for o in llm.generate([prompt] * 2, SamplingParams(max_tokens=8),
-                                                                  use_tqdm=False)]
+        first = llm.generate([prompt] * 2, SamplingParams(max_tokens=8), use_tqdm=False)
+        assert [o.request_id for o in first] == ["0", "1"]  # vLLM's numbering
+        sampled = [o.outputs[0].token_ids for o in first]
         params = llm.get_default_sampling_params()
         params.max_tokens, params.temperature = 6, 0.0
         queued = llm.engine.add_request(prompt, params)
