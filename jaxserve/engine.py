@@ -430,6 +430,7 @@ class Engine:
         # True: a request whose max_tokens would pass max_model_len runs up to it ("length"), as vLLM's offline
         # engine does (`jaxserve.LLM` sets it); False (jaxserve's and vLLM's server's rule): refused naming both.
         self.cap_max_tokens = False
+        self._refused: list[Request] = []  # ended when added (`_queue`), until a step hands them out
         # What the engine's own request ids start with ("req-0", ...); `jaxserve.LLM` numbers them bare, as vLLM's.
         self.request_id_prefix = "req-"
 
@@ -712,7 +713,7 @@ class Engine:
         """
         if level not in (1, 2):
             raise ValueError(f"level must be 1 (the KV pool) or 2 (the weights too), got {level!r}")
-        if self.has_unfinished():
+        if self.scheduler.has_work():
             counts = self.scheduler.stats()
             raise ValueError(f"sleep needs an idle engine: {counts['running']} request(s) running and "
                              f"{counts['waiting']} waiting (let them finish or abort them)")
@@ -780,6 +781,7 @@ class Engine:
         if self.scheduler.never_fits(request):
             request.finish("abort", f"prompt + max_tokens needs more KV pages than the pool holds "
                                     f"({self.scheduler.num_pages} pages of {self.config.page_size})")
+            self._refused.append(request)  # handed out by the next step, as every other end is
         else:
             self.scheduler.add(request)
         return request.request_id
@@ -811,7 +813,12 @@ class Engine:
         return request
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        """Work left for `step`: requests queued or running, or ended when added and not yet handed out."""
+        return self.scheduler.has_work() or bool(self._ended_at_add())
+
+    def _ended_at_add(self) -> list[Request]:
+        # Still registered: a caller that read the end at once and released the request (AsyncEngine) is done.
+        return [r for r in self._refused if self.requests.get(r.request_id) is r]
 
     def failed_step_requests(self) -> list[Request]:
         """The requests a step that raised may have touched: those running, and those it took off the queue to
@@ -1300,7 +1307,8 @@ class Engine:
 
     @_on_device
     def step(self) -> list[Request]:
-        """Run one scheduled step; returns the requests that got new tokens or finished.
+        """Run one scheduled step; returns the requests that got new tokens or finished (those `add_request`
+        ended at once too, whose prompt + max_tokens no pool of this size holds).
 
         With ``EngineConfig.overlap`` a decode or prefill call may still run on the device when
         step() returns; its tokens come back from the next step(), which first chains the
@@ -1309,7 +1317,8 @@ class Engine:
         the device does not wait for the host.
         """
         start = time.perf_counter()
-        touched: dict[str, Request] = {}
+        touched: dict[str, Request] = {r.request_id: r for r in self._ended_at_add()}
+        self._refused.clear()
         pending, self._pending = self._pending, None
         if pending is not None and pending.after is not None:
             # A decode call that started from a prefill's first tokens on the device: read those
@@ -1345,7 +1354,7 @@ class Engine:
                     self._pending = self._dispatch_decode(rows, self.config.decode_steps, after=previous)
                     self.decode_calls_after_prefill += 1
                     self.time_s["step"] += time.perf_counter() - start
-                    return []
+                    return list(touched.values())
                 touched.update((r.request_id, r) for r in self._collect_prefill(previous))
             if plan is None or not plan.prefill:
                 plan = self.scheduler.schedule()

@@ -218,6 +218,28 @@ def test_an_engine_seed_makes_unseeded_sampling_repeat_run_to_run(tiny):
         EngineConfig(seed=-1)
 
 
+def test_a_request_no_pool_could_hold_ends_at_once_and_the_next_step_hands_it_out(tiny):
+    """A request whose prompt + max_tokens needs more pages than the pool has ends at add_request ("abort", saying
+    why); a driver that only reads step() gets it from the next step, once, beside the others' tokens (it never
+    came back from step before, a fuzzing pass found), and the engine still sleeps."""
+    m, _ = tiny
+    prompts = random_prompts(m.config.vocab_size, (5, 6))
+    with Engine(m, small_config(num_pages=8, page_size=8)) as engine:  # 64 tokens at most
+        fits = engine.add_request(prompts[0], GREEDY)
+        huge = engine.add_request(prompts[1], SamplingParams(max_tokens=100, ignore_eos=True))
+        assert engine.requests[huge].finish_reason == "abort" and "pool holds" in engine.requests[huge].error
+        ends = []
+        while engine.has_unfinished():
+            ends += [r.request_id for r in engine.step() if r.finish_reason is not None]
+        assert sorted(ends) == sorted([fits, huge])
+        assert engine.step() == [] and not engine.has_unfinished()
+        late = engine.add_request(prompts[1], SamplingParams(max_tokens=100, ignore_eos=True))
+        engine.sleep()  # an ended request is no work
+        engine.wake_up()
+        assert [r.request_id for r in engine.step()] == [late]
+        assert_all_pages_free(engine)
+
+
 def test_params_a_train_step_donated_are_named_and_copy_keeps_the_engine_s_own(tiny):
     """The engine runs update_params' arrays as they are: a train step jitted with donate_argnums then gives their
     buffers away, and generate says so naming params (XLA's error came from inside a step); copy=True keeps copies
