@@ -22,6 +22,8 @@ import os
 from collections.abc import Mapping
 from typing import Any, Sequence
 
+import numpy as np
+
 from jaxserve.engine import Engine, Prompt, prompt_list
 from jaxserve.engine_config import EngineConfig
 from jaxserve.lora import LoRARequest
@@ -138,6 +140,23 @@ class EmbeddingRequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     outputs: EmbeddingOutput
+    finished: bool = True
+
+
+@dataclasses.dataclass
+class PoolingOutput:
+    """vLLM's: a prompt's pooled output (a float32 array where vLLM's is a torch tensor)."""
+
+    data: Any
+
+
+@dataclasses.dataclass
+class PoolingRequestOutput:
+    """vLLM's ``LLM.encode`` result: ``outputs.data`` a prompt."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: PoolingOutput
     finished: bool = True
 
 
@@ -342,6 +361,30 @@ class LLM:
         results = self.engine.embed(prompts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request)
         return [EmbeddingRequestOutput(r["request_id"], self.engine.request_ids(p, pooling_params or PoolingParams()),
                                        EmbeddingOutput([float(x) for x in r["embedding"]]))
+                for p, r in zip(prompts, results)]
+
+    def encode(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None,
+               use_tqdm: bool = True, lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+               pooling_task: str | None = None) -> list[PoolingRequestOutput]:
+        """vLLM's ``LLM.encode``: each prompt's pooled output as ``outputs.data``, what the checkpoint pools (a causal
+        LM's embedding, as `embed`; a classifier's label probabilities, as `classify`); ``pooling_task`` (vLLM's
+        "embed" / "classify") must be that, where given.
+
+        Example:
+            >>> llm.encode(["import os"])[0].outputs.data.shape  # doctest: +SKIP
+            (896,)
+        """
+        task = "classify" if self.engine.classify_head is not None else "embed"
+        if pooling_task not in (None, task):
+            raise ValueError(f"pooling_task: this checkpoint pools for {task!r}, got {pooling_task!r}")
+        prompts = prompt_list(prompts)
+        if task == "classify":
+            results = self.engine.classify(prompts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+        else:
+            results = self.engine.embed(prompts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+        key = "probs" if task == "classify" else "embedding"
+        return [PoolingRequestOutput(r["request_id"], self.engine.request_ids(p, pooling_params or PoolingParams()),
+                                     PoolingOutput(np.asarray(r[key], np.float32)))
                 for p, r in zip(prompts, results)]
 
     def classify(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None,

@@ -111,6 +111,11 @@ def test_classify_and_score(model, tmp_path):
         want = engine.classify(["great movie", "awful plot"], use_tqdm=False)
     with LLM(classifier) as llm:
         got = llm.classify(["great movie", "awful plot"], use_tqdm=False)
+        encoded = llm.encode(["great movie", "awful plot"], use_tqdm=False, pooling_task="classify")
+        with pytest.raises(ValueError, match="^pooling_task: this checkpoint pools for 'classify'"):
+            llm.encode("great movie", pooling_task="embed", use_tqdm=False)
+    for out, ref in zip(encoded, want):  # vLLM's LLM.encode: what the checkpoint pools
+        np.testing.assert_allclose(out.outputs.data, ref["probs"], rtol=1e-6)
     for out, ref in zip(got, want):
         np.testing.assert_allclose(out.outputs.probs, ref["probs"], rtol=1e-6)
         assert out.outputs.num_classes == len(LABELS)
@@ -118,6 +123,11 @@ def test_classify_and_score(model, tmp_path):
         want_scores = [r["score"] for r in engine.score("import os", ["import sys", "x = 1"], use_tqdm=False)]
     with LLM(model) as llm:
         scores = llm.score("import os", ["import sys", "x = 1"], use_tqdm=False)
+        (encoded,) = llm.encode("import os", use_tqdm=False)
+    with jaxserve.Engine(model) as engine:
+        np.testing.assert_allclose(encoded.outputs.data, engine.embed(["import os"], use_tqdm=False)[0]["embedding"],
+                                   rtol=1e-6)
+    assert encoded.prompt_token_ids == model.tokenizer.encode("import os", add_special_tokens=False)
     assert [s.outputs.score for s in scores] == pytest.approx(want_scores)
 
 
