@@ -154,18 +154,26 @@ def _check_task(args: argparse.Namespace) -> None:
                          f"a classifier of one label (a cross-encoder)")
 
 
+def _json_object_flag(value: str | None, flag: str) -> dict | None:
+    """A flag's JSON object (vLLM's config flags), None where the flag is absent or blank; anything else stops the
+    start naming the flag."""
+    if value is None or not value.strip():
+        return None
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise SystemExit(f"error: {flag} is not JSON: {exc}")
+    if not isinstance(parsed, dict):
+        raise SystemExit(f"error: {flag} must be a JSON object, got {value!r}")
+    return parsed
+
+
 def _hf_overrides(args: argparse.Namespace) -> None:
     """vLLM's ``--hf-overrides`` JSON: nothing, or ``rope_scaling`` (onto ``--rope-scaling``); any other key of
     config.json is refused, naming the flag (jaxserve reads its architecture from the checkpoint alone)."""
-    value = getattr(args, "hf_overrides", None)
-    if value is None or not value.strip():
+    overrides = _json_object_flag(getattr(args, "hf_overrides", None), "--hf-overrides")
+    if overrides is None:
         return
-    try:
-        overrides = json.loads(value)
-    except ValueError as exc:
-        raise SystemExit(f"error: --hf-overrides is not JSON: {exc}")
-    if not isinstance(overrides, dict):
-        raise SystemExit(f"error: --hf-overrides must be a JSON object, got {value!r}")
     unknown = sorted(set(overrides) - {"rope_scaling"})
     if unknown:
         raise SystemExit(f"error: --hf-overrides: jaxserve overrides no config.json key but rope_scaling (as "
@@ -184,15 +192,9 @@ STRUCTURED_BACKENDS = ("auto", "jaxserve")
 def _structured_outputs_config(args: argparse.Namespace) -> None:
     """vLLM's ``--structured-outputs-config`` JSON, checked: the backend "auto" or jaxserve's own (the one here), the
     switches that hold already; anything that would change the output is refused, naming the flag."""
-    value = getattr(args, "structured_outputs_config", None)
-    if value is None or not value.strip():
+    config = _json_object_flag(getattr(args, "structured_outputs_config", None), "--structured-outputs-config")
+    if config is None:
         return
-    try:
-        config = json.loads(value)
-    except ValueError as exc:
-        raise SystemExit(f"error: --structured-outputs-config is not JSON: {exc}")
-    if not isinstance(config, dict):
-        raise SystemExit(f"error: --structured-outputs-config must be a JSON object, got {value!r}")
     backend = config.pop("backend", "auto")
     if backend not in STRUCTURED_BACKENDS:
         raise SystemExit(f"error: --structured-outputs-config: backend {backend!r} is not served; jaxserve compiles "
