@@ -444,16 +444,10 @@ class Engine:
         return ids
 
     def _truncation(self, params: SamplingParams | PoolingParams) -> int:
-        if params.truncate_prompt_tokens != -1:
-            return params.truncate_prompt_tokens
-        # vLLM's -1, the model's length: here the longest prompt the request can run with, room left for its
-        # max_tokens (vLLM's cut to max_model_len itself leaves none, and refuses the request), or for one token
-        # where max_tokens is cut to what is left (`cap_max_tokens`); an embedding runs as a one-token request
-        # (`_pooling_request`).
-        tokens = 1
-        if isinstance(params, SamplingParams) and params.max_tokens and not self.cap_max_tokens:
-            tokens = params.max_tokens
-        return max(1, self.max_model_len - tokens)
+        # Under `cap_max_tokens` max_tokens is cut to what the prompt leaves, so the prompt keeps all but one; an
+        # embedding runs as a one-token request (`_pooling_request`).
+        reserve = params.max_tokens if isinstance(params, SamplingParams) and not self.cap_max_tokens else None
+        return truncation(params.truncate_prompt_tokens, self.max_model_len, reserve)
 
     def _prompt_input(self, prompt: Prompt, params: SamplingParams | PoolingParams) -> tuple[list[int], Any]:
         """`request_ids`, and for a ``{"prompt_embeds": ...}`` prompt its embeddings as the engine keeps them (float32
@@ -1693,6 +1687,27 @@ def _one_a_prompt(value: Any, name: str, count: int, single: tuple[type, ...], e
     return values
 
 
+def truncation(truncate_prompt_tokens: int, max_model_len: int, max_tokens: int | None) -> int:
+    """How many of a prompt's last tokens ``truncate_prompt_tokens`` keeps: itself, or for vLLM's -1 (the model's
+    length) the longest prompt that leaves room for ``max_tokens`` (one token where None): vLLM's cut to
+    max_model_len itself leaves none, and refuses the request. The engine's rule and the server's.
+
+    Example:
+        >>> truncation(-1, 64, 10), truncation(8, 64, 10), truncation(-1, 64, None)
+        (54, 8, 63)
+    """
+    if truncate_prompt_tokens != -1:
+        return truncate_prompt_tokens
+    return max(1, max_model_len - (max_tokens if max_tokens and max_tokens > 0 else 1))
+
+
+def loras_per_prompt(lora_request: LoRARequest | Sequence[LoRARequest | None] | None,
+                     count: int) -> list[LoRARequest | None]:
+    """Each of ``count`` prompts' adapter from ``generate``'s ``lora_request`` (one for all, or one a prompt)."""
+    return _one_a_prompt(lora_request, "lora_request", count, (LoRARequest,),
+                         "a jaxserve.LoRARequest, a list of them (one a prompt) or None")
+
+
 def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
                       sampling_params: SamplingParams | Sequence[SamplingParams] | None, use_tqdm: bool,
                       priority: Sequence[int] | None = None,
@@ -1707,8 +1722,7 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
             raise ValueError(f"sampling_params entries must be SamplingParams or None, got {type(sp).__name__}")
     priorities = [0] * len(prompts) if priority is None else _one_a_prompt(
         priority, "priority", len(prompts), (), "a list of ints, one a prompt (vLLM's)")
-    loras = _one_a_prompt(lora_request, "lora_request", len(prompts), (LoRARequest,),
-                          "a jaxserve.LoRARequest, a list of them (one a prompt) or None")
+    loras = loras_per_prompt(lora_request, len(prompts))
     if driver.closed:
         raise RuntimeError("engine is closed")
     if hasattr(driver, "check_params_alive"):

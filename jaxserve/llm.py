@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jaxserve.engine import Engine, Prompt, prompt_list
+from jaxserve.engine import Engine, Prompt, loras_per_prompt, prompt_list
 from jaxserve.engine_config import EngineConfig
 from jaxserve.lora import LoRARequest
 from jaxserve.pooling import PoolingParams
@@ -325,7 +325,7 @@ class LLM:
         prompts = prompt_list(prompts)
         results = self.engine.generate(prompts, sampling_params, use_tqdm=use_tqdm, priority=priority,
                                        lora_request=lora_request)
-        loras = _per_prompt(lora_request, len(prompts))
+        loras = loras_per_prompt(lora_request, len(prompts))
         return [self._request_output(p, r, lora) for p, r, lora in zip(prompts, results, loras)]
 
     def chat(self, messages: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -341,7 +341,7 @@ class LLM:
                              f"text), got {content_format!r}")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         results = self.engine.chat(conversations, sampling_params, use_tqdm=use_tqdm, **template_options)
-        loras = _per_prompt(template_options.get("lora_request"), len(conversations))
+        loras = loras_per_prompt(template_options.get("lora_request"), len(conversations))
         # vLLM's prompt of a chat is the rendered template, which its examples print
         tokenizer = self.engine.tokenizer
         return [self._request_output(None if tokenizer is None else tokenizer.decode(
@@ -520,11 +520,6 @@ class LLM:
             request_id=first["request_id"], prompt=text, prompt_token_ids=None if embedded else prompt_ids or [],
             prompt_logprobs=_prompt_logprobs(first, prompt_ids, decode), outputs=outputs,
             num_cached_tokens=first["cached_tokens"], lora_request=lora)
-
-
-def _per_prompt(value: Any, n: int) -> list[Any]:
-    """A per-prompt argument (one for all, or a list of one a prompt, as `Engine.generate` takes it) as a list."""
-    return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
 def _completion_output(index: int, result: dict[str, Any], decode: Any) -> CompletionOutput:

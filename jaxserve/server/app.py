@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxserve.async_engine import AsyncEngine, EngineDeadError, RequestError, RequestHandle
 from jaxserve.beam_search import BeamSearchParams, best_next, search, step_params
-from jaxserve.engine import Engine, prompt_embeds_array
+from jaxserve.engine import Engine, prompt_embeds_array, truncation
 from jaxserve.engine_config import EngineConfig
 from jaxserve.loading import LoadedModel, load
 from jaxserve.lora import LoRARequest
@@ -1016,13 +1016,9 @@ def _truncated(ids: list[int], req: SamplingFields | EmbeddingRequest | ScoreReq
 
 
 def _truncation(k: int, req: Any, st: _State) -> int:
-    """How many prompt tokens ``truncate_prompt_tokens=k`` keeps: k, or for vLLM's -1 (the model's length) what
-    the context leaves beside the request's max_tokens (one token where it has none), the engine's rule
-    (`Engine._truncation`)."""
-    if k != -1:
-        return k
+    """`jaxserve.engine.truncation` of ``truncate_prompt_tokens=k`` beside the request's max_tokens (either name)."""
     max_tokens = getattr(req, "max_tokens", None) or getattr(req, "max_completion_tokens", None)
-    return max(1, st.max_model_len - (max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 1))
+    return truncation(k, st.max_model_len, max_tokens if isinstance(max_tokens, int) else None)
 
 
 def _check_context(prompt_len: int, max_tokens: int, param: str, st: _State) -> None:
