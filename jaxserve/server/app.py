@@ -484,10 +484,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         st, req = await _accept_plain(request, EmbeddingRequest)
-        if req.dimensions is not None and req.dimensions != st.hidden_size:
-            # vLLM's answer too: only matryoshka models may be cut, and Qwen2's hidden states are not one.
-            raise APIError(400, f"dimensions must be the model's {st.hidden_size} (this model has no matryoshka "
-                                f"representation to cut), got {req.dimensions}", param="dimensions")
+        _check_dimensions(req, st)
         base_id = f"embd-{uuid.uuid4().hex}"
         results = await _embed(request, st, _items(req.input), "input", req, base_id, normalize=req.normalize)
         return await _on_tokenizer_thread(st, _embedding_response, req, base_id, results)
@@ -497,9 +494,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         """vLLM's generic pooling route: each input's pooled output, a causal LM's embedding (as /v1/embeddings
         gives it) or a classifier's label probabilities (as /classify), in vLLM's ``PoolingResponse``."""
         st, req = await _accept_plain(request, EmbeddingRequest)
-        if req.dimensions is not None and req.dimensions != st.hidden_size:
-            raise APIError(400, f"dimensions must be the model's {st.hidden_size} (this model has no matryoshka "
-                                f"representation to cut), got {req.dimensions}", param="dimensions")
+        _check_dimensions(req, st)
         base_id = f"pool-{uuid.uuid4().hex}"
         if st.labels:
             params = _pooling_params("last", truncate_prompt_tokens=req.truncate_prompt_tokens, task="classify")
@@ -508,11 +503,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         else:
             results = await _embed(request, st, _items(req.input), "input", req, base_id, normalize=req.normalize)
             vectors = [r["embedding"] for r in results]
-        data = []
-        for i, vector in enumerate(vectors):
-            vector = np.asarray(vector, "<f4")
-            value = base64.b64encode(vector.tobytes()).decode() if req.encoding_format == "base64" else vector.tolist()
-            data.append({"index": i, "object": "pooling", "data": value})
+        data = [{"index": i, "object": "pooling", "data": _encoded(vector, req.encoding_format)}
+                for i, vector in enumerate(vectors)]
         used = sum(r["prompt_tokens"] for r in results)
         return JSONResponse({"id": base_id, "object": "list", "created": int(time.time()), "model": req.model,
                              "data": data, "usage": {"prompt_tokens": used, "total_tokens": used,
@@ -919,13 +911,24 @@ def _pooling_prompts(items: list, field: str | list[str], req: Any, st: _State) 
     return out
 
 
+def _check_dimensions(req: EmbeddingRequest, st: _State) -> None:
+    if req.dimensions is not None and req.dimensions != st.hidden_size:
+        # vLLM's answer too: only matryoshka models may be cut, and Qwen2's hidden states are not one.
+        raise APIError(400, f"dimensions must be the model's {st.hidden_size} (this model has no matryoshka "
+                            f"representation to cut), got {req.dimensions}", param="dimensions")
+
+
+def _encoded(vector: Any, encoding_format: str) -> list[float] | str:
+    """A vector as a response carries it: floats, or ``base64`` of its little-endian float32 bytes (what the openai
+    client reads)."""
+    vector = np.asarray(vector, "<f4")
+    return base64.b64encode(vector.tobytes()).decode() if encoding_format == "base64" else vector.tolist()
+
+
 def _embedding_response(req: EmbeddingRequest, base_id: str, results: list[dict[str, Any]]) -> Response:
-    """OpenAI's embeddings list; ``base64``: each vector's little-endian float32 bytes, as the openai client reads."""
-    data = []
-    for i, r in enumerate(results):
-        vector = np.asarray(r["embedding"], "<f4")
-        value = base64.b64encode(vector.tobytes()).decode() if req.encoding_format == "base64" else vector.tolist()
-        data.append({"object": "embedding", "index": i, "embedding": value})
+    """OpenAI's embeddings list (`_encoded` vectors)."""
+    data = [{"object": "embedding", "index": i, "embedding": _encoded(r["embedding"], req.encoding_format)}
+            for i, r in enumerate(results)]
     used = sum(r["prompt_tokens"] for r in results)
     return JSONResponse({"id": base_id, "object": "list", "created": int(time.time()), "model": req.model,
                          "data": data, "usage": {"prompt_tokens": used, "total_tokens": used}})
