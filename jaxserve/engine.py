@@ -8,6 +8,7 @@ thread-safe: one thread (the async engine's loop, or the caller) drives it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import itertools
@@ -522,7 +523,9 @@ class Engine:
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams or PoolingParams, got {type(params).__name__}")
-        params = params.clone()  # the caller's may be changed later (vLLM's are mutable), never this request's
+        # The caller's may be changed later (vLLM's are mutable), never this request's; a shallow copy, its fields
+        # already checked (every one immutable but extra_args, which nothing here reads).
+        params = copy.copy(params)
         if params.n != 1:
             raise ValueError(f"n must be 1 for one request (generate and chat run n samples; here add n requests, "
                              f"each its own seed), got {params.n}")
