@@ -185,12 +185,18 @@ def test_token_chunks_cut_the_engine_s_text_as_one_token_at_a_time_would(model):
     assert "".join(c["text"] for c in first) == "Hello" and [c["text"] for c in last] == [" wor"]
     assert last[-1]["finish_reason"] == "stop" and "result" in last[-1]
     assert all(c["finish_reason"] is None and "result" not in c for c in first)
-    # A text that is not its tokens' (a character the prompt began): whole, then and after.
+    # A text that is not its tokens' (a character the prompt began, U+FFFD for invalid bytes): whole, and after it
+    # until a chunk's text is exactly its tokens' bytes, which is split again.
     pieces = TokenChunks(tok, 1)
     odd = {"text": "xyz", "token_ids": tok.encode("Hello world"), "finish_reason": None, "stop_reason": None}
     assert pieces.split(0, odd) == [odd]
     again = {**odd, "text": " world"}
     assert pieces.split(0, again) == [again]
+    ids = tok.encode(" the quick fox")
+    synced = pieces.split(0, {**odd, "text": " the quick fox", "token_ids": ids})
+    assert [c["token_ids"] for c in synced] == [[t] for t in ids] and "".join(c["text"] for c in synced) == " the quick fox"
+    held = pieces.split(0, {**odd, "text": "Hel", "token_ids": tok.encode("Hello")})  # "lo" held back: in step
+    assert "".join(c["text"] for c in held) == "Hel"
 
 
 def test_continuous_usage_stats_count_each_choice_s_tokens_so_far(client, pages_freed):

@@ -13,7 +13,9 @@ So a chunk's text is the bytes held back from earlier tokens, then a prefix of i
 share ends where its bytes end, moved back to the character's start where that is inside one (a character split over
 tokens goes with the one that completes it, as the detokenizer sends it). Where a chunk's text is not such a prefix
 (a character the prompt began, a tokenizer that is not byte-level or cleans up spaces, an invalid byte shown as
-U+FFFD) the choice's chunks go out whole from then on: never a wrong split, at worst the old granularity.
+U+FFFD) the choice's chunks go out whole: never a wrong split, at worst the old granularity. They are split again
+from the first later chunk whose text is exactly its tokens' bytes: nothing held back before or after it, so the
+count of held bytes is known again (zero).
 """
 
 from __future__ import annotations
@@ -42,16 +44,19 @@ class TokenChunks:
         skipped = {i for i, t in added.items() if t.special} if skip_special_tokens else set()
         self._bytes = functools.cache(lambda t: b"" if t in skipped else token_bytes(tokenizer, t))
         self._held: dict[int, int] = {}  # by choice: bytes of tokens already sent whose text is still held back
-        self._whole: set[int] = set()  # choices whose text stopped lining up with their tokens
+        self._whole: set[int] = set()  # choices whose text stopped lining up with their tokens, until it does again
 
     def split(self, i: int, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         """Choice ``i``'s engine chunk as chunks of at most ``interval`` tokens (itself where it has no more), in
         order; the finish reason, stop reason and result on the last."""
         tokens = chunk["token_ids"]
-        if i in self._whole:
-            return [chunk]
         text = chunk["text"].encode()
         parts = [self._bytes(int(t)) for t in tokens]
+        if i in self._whole:
+            if text != b"".join(parts):
+                return [chunk]
+            self._whole.discard(i)
+            self._held[i] = 0
         held = self._held.get(i, 0)
         own = text[held:]
         made = b"".join(parts)
