@@ -194,7 +194,8 @@ def test_token_chunks_cut_the_engine_s_text_as_one_token_at_a_time_would(model):
     assert pieces.split(0, again) == [again]
     ids = tok.encode(" the quick fox")
     synced = pieces.split(0, {**odd, "text": " the quick fox", "token_ids": ids})
-    assert [c["token_ids"] for c in synced] == [[t] for t in ids] and "".join(c["text"] for c in synced) == " the quick fox"
+    assert [c["token_ids"] for c in synced] == [[t] for t in ids]
+    assert "".join(c["text"] for c in synced) == " the quick fox"
     held = pieces.split(0, {**odd, "text": "Hel", "token_ids": tok.encode("Hello")})  # "lo" held back: in step
     assert "".join(c["text"] for c in held) == "Hel"
 
