@@ -849,11 +849,6 @@ def _chunk_candidates(x: jax.Array, chunks: int | None = None,
     return values, jnp.minimum(ids, v - 1), bound
 
 
-def _top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array, candidates: int) -> jax.Array:
-    """``x`` cut to each row's top-k then top-p tokens (-inf elsewhere)."""
-    return jnp.where(x >= _top_k_top_p_floor(x, top_k, top_p, candidates)[:, None], x, -jnp.inf)
-
-
 def _chunk_tier_on(v: int) -> bool:
     return 0 < CANDIDATE_CHUNKS * CHUNK_TOKENS < v
 

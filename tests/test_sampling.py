@@ -367,6 +367,11 @@ def test_min_p_cuts_before_top_p_as_in_vllm_v1():
     assert set(tokens.tolist()) == {0, 1}
 
 
+def _top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array, candidates: int) -> jax.Array:
+    """``x`` cut to each row's top-k then top-p tokens (-inf elsewhere): the floor the draw applies, as a mask."""
+    return jnp.where(x >= sampling._top_k_top_p_floor(x, top_k, top_p, candidates)[:, None], x, -jnp.inf)
+
+
 @pytest.mark.parametrize("candidates", [8, 1024])
 @pytest.mark.parametrize("scale,top_k,top_p", [
     (6.0, -1, 0.9),   # peaked: the nucleus lies inside 8 candidates
@@ -377,7 +382,7 @@ def test_min_p_cuts_before_top_p_as_in_vllm_v1():
 def test_top_k_top_p_cutoff_is_exact_with_or_without_the_candidate_shortcut(candidates, scale, top_k, top_p):
     v = 300
     x = np.random.default_rng(3).normal(size=(4, v)).astype(np.float32) * scale
-    got = sampling._top_k_top_p(jnp.asarray(x), jnp.full(4, top_k, jnp.int32), jnp.full(4, top_p, jnp.float32),
+    got = _top_k_top_p(jnp.asarray(x), jnp.full(4, top_k, jnp.int32), jnp.full(4, top_p, jnp.float32),
                                 candidates)
     p = SamplingParams(top_k=top_k, top_p=top_p)
     for b in range(4):
@@ -441,7 +446,7 @@ def test_chunk_candidate_cutoffs_are_exact_and_fall_back_where_undecided(monkeyp
                                       jnp.asarray(top_p), bound)
     assert np.asarray(decided).any() and not np.asarray(decided).all()  # both ways taken
     for rows in (np.flatnonzero(np.asarray(decided)), np.arange(b)):  # the tier alone, then with the fallbacks
-        got = sampling._top_k_top_p(jnp.asarray(x[rows]), jnp.asarray(top_k[rows]), jnp.asarray(top_p[rows]), 64)
+        got = _top_k_top_p(jnp.asarray(x[rows]), jnp.asarray(top_k[rows]), jnp.asarray(top_p[rows]), 64)
         for i, r in enumerate(rows):
             want = ref_distribution(x[r], SamplingParams(top_k=int(top_k[r]), top_p=float(top_p[r]))) > 0
             np.testing.assert_array_equal(np.isfinite(np.asarray(got[i])), want, err_msg=f"row {r}")
