@@ -1733,7 +1733,7 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
     # A prompt's n samples are n requests. Every prompt's first sample is queued ahead of the others' so the
     # prompts are prefilled together; the other samples then attach the first's indexed pages (the scheduler
     # holds them back while it prefills).
-    samples = [_samples(sp) for sp in params_list]
+    samples = [sample_requests(sp) for sp in params_list]
     order = ([(i, 0) for i in range(len(prompts))]
              + [(i, j) for i in range(len(prompts)) for j in range(1, len(samples[i]))])
     seeds = getattr(driver, "_seeds", None)  # EngineConfig.seed's draws: a refused batch gives back its own
@@ -1780,7 +1780,7 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
     return out
 
 
-def _samples(params: SamplingParams | PoolingParams | None) -> list[SamplingParams | PoolingParams | None]:
+def sample_requests(params: SamplingParams | PoolingParams | None) -> list[SamplingParams | PoolingParams | None]:
     """One prompt's requests: ``params.n`` of them, n = 1 each, a seeded one's sample i seeded ``seed + i``
     (as the server's ``n`` does; ``seed - i`` for a negative seed, whose count up would reach -1, "no seed")."""
     if not isinstance(params, SamplingParams) or params.n == 1:

@@ -20,16 +20,16 @@ import dataclasses
 import functools
 import os
 from collections.abc import Mapping
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jaxserve.engine import Engine, Prompt, loras_per_prompt, prompt_list
+from jaxserve.engine import Engine, Prompt, loras_per_prompt, prompt_list, sample_requests
 from jaxserve.engine_config import EngineConfig
 from jaxserve.lora import LoRARequest
 from jaxserve.pooling import PoolingParams
 from jaxserve.request import best_first
-from jaxserve.sampling import SamplingParams
+from jaxserve.sampling import RequestOutputKind, SamplingParams
 
 # vLLM's engine arguments -> EngineConfig fields (the same meaning; vLLM's names).
 _ENGINE_ARGS = {"max_num_seqs": "max_running", "max_num_batched_tokens": "max_tokens_per_step",
@@ -426,6 +426,30 @@ class LLM:
             outputs.append(BeamSearchOutput(beams))
         return outputs
 
+    @functools.cached_property
+    def llm_engine(self) -> "LLMEngine":
+        """vLLM's ``llm.llm_engine``: this LLM's engine stepped by hand (`LLMEngine`)."""
+        return LLMEngine(self)
+
+    def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None,
+                       args: tuple = (), kwargs: dict[str, Any] | None = None) -> list[Any]:
+        """vLLM's: call ``method`` on every worker and return their answers, one a worker. jaxserve's one worker is
+        the `Engine` (a process drives all its devices): a callable is called with it first, a name is its method
+        (``"update_params"``, ``"stats"``, ...). ``timeout`` is vLLM's and checked only for its type.
+
+        Example:
+            >>> llm.collective_rpc(lambda engine: engine.stats()["pages_total"])  # doctest: +SKIP
+            [1024]
+        """
+        if timeout is not None and not isinstance(timeout, (int, float)):
+            raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+        if isinstance(method, str):
+            call = getattr(self.engine, method, None)
+            if call is None or method.startswith("_") or not callable(call):
+                raise ValueError(f"method: the engine has no public method {method!r}")
+            return [call(*args, **(kwargs or {}))]
+        return [method(self.engine, *args, **(kwargs or {}))]
+
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's: the sampling a prompt given none gets (the checkpoint's ``generation_config.json``;
         `Engine.default_sampling_params`)."""
@@ -501,6 +525,14 @@ class LLM:
             raise ValueError(f"tags must be a list of 'weights' / 'kv_cache', got {tags!r}")
         self.engine.wake_up(params)
 
+    def _count(self, prompt_ids: list[int] | None, outputs: list[CompletionOutput]) -> None:
+        """`get_metrics`' counts: a prompt answered (counted once, with its first sample) and its finished samples."""
+        counts = self._counts
+        counts["prompt"] += len(prompt_ids or ())
+        for out in outputs:
+            counts["generation"] += len(out.token_ids)
+            counts["finished"][out.finish_reason] = counts["finished"].get(out.finish_reason, 0) + 1
+
     def _request_output(self, prompt: Prompt | None, result: dict[str, Any],
                         lora: LoRARequest | None = None) -> RequestOutput:
         samples = result.get("outputs", [result])
@@ -510,16 +542,169 @@ class LLM:
         embedded = isinstance(prompt, Mapping) and "prompt_embeds" in prompt  # its ids are placeholders (0): vLLM's None
         text = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
         outputs = [_completion_output(i, s, decode) for i, s in enumerate(samples)]
-        counts = self._counts
-        counts["prompt"] += len(prompt_ids or ())
+        self._count(prompt_ids, outputs)
         for out in outputs:
             out.lora_request = lora
-            counts["generation"] += len(out.token_ids)
-            counts["finished"][out.finish_reason] = counts["finished"].get(out.finish_reason, 0) + 1
         return RequestOutput(
             request_id=first["request_id"], prompt=text, prompt_token_ids=None if embedded else prompt_ids or [],
             prompt_logprobs=_prompt_logprobs(first, prompt_ids, decode), outputs=outputs,
             num_cached_tokens=first["cached_tokens"], lora_request=lora)
+
+
+class EngineArgs:
+    """vLLM's ``EngineArgs`` as `LLMEngine.from_engine_args` takes them: the checkpoint and vLLM's engine arguments
+    (`LLM`'s).
+
+    Example:
+        >>> engine = LLMEngine.from_engine_args(EngineArgs(max_model_len=1024))  # doctest: +SKIP
+    """
+
+    def __init__(self, model: str | os.PathLike | Any | None = None, **engine_args: Any) -> None:
+        self.model = model
+        self.engine_args = engine_args
+
+
+@dataclasses.dataclass
+class _Parent:
+    """One `LLMEngine` request: its ``n`` samples' engine requests and what has gone out of each."""
+
+    prompt: Prompt
+    params: SamplingParams | PoolingParams
+    lora: LoRARequest | None
+    children: list[str]  # engine request ids, by sample index
+    texts: list[str]  # each sample's text sent so far (a stop string's possible start held back)
+    tokens: list[int]  # each sample's tokens sent so far
+    finals: dict[int, CompletionOutput] = dataclasses.field(default_factory=dict)  # samples ended
+
+
+class LLMEngine:
+    """vLLM's ``LLMEngine``, for scripts that step the engine themselves: `add_request`, `step`,
+    `has_unfinished_requests`, `abort_request` over an `LLM`'s `Engine`, each step's news as vLLM's `RequestOutput`
+    (a pooling request's `PoolingRequestOutput` when it ends). What a step returns follows the request's
+    ``SamplingParams.output_kind``, as vLLM's: CUMULATIVE (the default) the text and tokens so far, DELTA those new
+    since the last output, FINAL_ONLY nothing until the request ends. A prompt's ``n`` samples run as n engine
+    requests; as vLLM's, a streamed output holds the sample that moved (its ``index``), a FINAL_ONLY one all n once
+    the last ends; ``finished`` is True once every sample has.
+
+    Example:
+        >>> engine = LLMEngine.from_engine_args(EngineArgs(max_model_len=1024))                # doctest: +SKIP
+        >>> engine.add_request("0", "def add(a, b):", SamplingParams(max_tokens=8))          # doctest: +SKIP
+        >>> while engine.has_unfinished_requests():                                         # doctest: +SKIP
+        ...     for out in engine.step():
+        ...         if out.finished:
+        ...             print(out.outputs[0].text)
+    """
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        self.engine = llm.engine
+        self._parents: dict[str, _Parent] = {}
+        self._child: dict[str, tuple[str, int]] = {}  # engine request id -> (its parent's id, its sample index)
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
+        return LLM(engine_args.model, **engine_args.engine_args).llm_engine
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | PoolingParams | None = None,
+                    arrival_time: float | None = None, lora_request: LoRARequest | None = None,
+                    tokenization_kwargs: dict[str, Any] | None = None, trace_headers: Any = None,
+                    priority: int = 0) -> None:
+        """Queue a prompt (text, token ids, or vLLM's prompt dicts) as ``request_id``; ``params`` None is the
+        checkpoint's default sampling. A bad request raises ``ValueError`` and queues nothing. ``arrival_time``,
+        ``tokenization_kwargs`` and ``trace_headers`` (vLLM's) change nothing here."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self._parents:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = params if params is not None else self.engine.default_sampling_params()
+        samples = sample_requests(params)
+        ids = [request_id] if len(samples) == 1 else [f"{j}_{request_id}" for j in range(len(samples))]
+        # Every sample checked before any is queued, so a refusal leaves nothing behind.
+        made = [self.engine.make_request(prompt, p, rid, priority, lora_request) for p, rid in zip(samples, ids)]
+        for j, request in enumerate(made):
+            self.engine._queue(request)
+            self._child[request.request_id] = (request_id, j)
+        self._parents[request_id] = _Parent(prompt, params, lora_request, [r.request_id for r in made],
+                                            [""] * len(made), [0] * len(made))
+
+    def abort_request(self, request_id: str | Sequence[str]) -> None:
+        """End requests now, their pages freed; no output follows (vLLM's). Unknown or ended ids are skipped."""
+        for rid in [request_id] if isinstance(request_id, str) else request_id:
+            parent = self._parents.pop(rid, None)
+            for child in parent.children if parent is not None else ():
+                self.engine.abort(child)
+                self.engine.release(child)
+                self._child.pop(child, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._parents)
+
+    def step(self) -> list[RequestOutput | PoolingRequestOutput]:
+        """One engine step; the outputs it made, in the order the engine reports its requests."""
+        moved = [r.request_id for r in self.engine.step() if r.request_id in self._child]
+        # A request may also have ended in steps something else ran (an `LLM.generate` in between): not lost.
+        seen = set(moved)
+        moved += [c for c in self._child if c not in seen and self.engine.requests[c].finish_reason is not None]
+        outputs = []
+        for child in moved:
+            out = self._output(child)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _output(self, child: str) -> RequestOutput | PoolingRequestOutput | None:
+        parent_id, j = self._child[child]
+        parent = self._parents[parent_id]
+        request = self.engine.requests[child]
+        ended = request.finish_reason is not None
+        if ended:
+            self.engine.release(child)
+            del self._child[child]
+        if isinstance(parent.params, PoolingParams):
+            del self._parents[parent_id]
+            result = request.result()
+            data = result["probs"] if "probs" in result else result["embedding"]
+            return PoolingRequestOutput(parent_id, list(request.prompt_ids), PoolingOutput(np.asarray(data, np.float32)))
+        delta, _ = request.take_delta()
+        parent.texts[j] += delta
+        result = request.result()
+        sample = _completion_output(j, {**result, "text": parent.texts[j]}, self.llm._decode)
+        sample.lora_request = parent.lora
+        kind = parent.params.output_kind
+        sent, parent.tokens[j] = parent.tokens[j], len(sample.token_ids)
+        if ended:
+            parent.finals[j] = sample
+            self.llm._count(result["prompt_token_ids"] if j == 0 else None, [sample])
+        finished = len(parent.finals) == len(parent.children)
+        if finished:
+            del self._parents[parent_id]
+        if kind == RequestOutputKind.FINAL_ONLY:
+            if not finished:
+                return None
+            samples = [parent.finals[i] for i in range(len(parent.children))]
+        else:
+            if kind == RequestOutputKind.DELTA:
+                if not delta and len(sample.token_ids) == sent and not ended:
+                    return None
+                sample.text, sample.token_ids = delta, sample.token_ids[sent:]
+                sample.logprobs = None if sample.logprobs is None else sample.logprobs[sent:]
+            samples = [sample]
+        embedded = isinstance(parent.prompt, Mapping) and "prompt_embeds" in parent.prompt
+        prompt_ids = None if embedded else result["prompt_token_ids"]
+        # vLLM's DELTA outputs carry the prompt's log-probabilities once, with a sample's first tokens.
+        scored = kind != RequestOutputKind.DELTA or sent == 0
+        text = parent.prompt if isinstance(parent.prompt, str) else (
+            parent.prompt.get("prompt") if isinstance(parent.prompt, dict) else None)
+        return RequestOutput(
+            request_id=parent_id, prompt=text, prompt_token_ids=prompt_ids,
+            prompt_logprobs=_prompt_logprobs(result, prompt_ids, self.llm._decode) if scored else None,
+            outputs=samples, finished=finished, num_cached_tokens=result["cached_tokens"], lora_request=parent.lora)
 
 
 def _completion_output(index: int, result: dict[str, Any], decode: Any) -> CompletionOutput:

@@ -280,3 +280,71 @@ def test_max_tokens_past_the_model_s_length_ends_there_and_a_profile_is_written(
             engine.embed(["x"], jaxserve.PoolingParams(dimensions=8), use_tqdm=False)
     with pytest.raises(ValueError, match="^dimensions must be None or an int"):
         jaxserve.PoolingParams(dimensions=0)
+
+
+def test_llm_engine_steps_give_vllm_s_outputs_by_output_kind(model):
+    """vLLM's ``LLMEngine`` loop (its llm_engine_example.py): requests added between steps, each step's news as
+    RequestOutputs by the request's output_kind (CUMULATIVE the text so far, DELTA what is new, FINAL_ONLY once),
+    n samples' streamed outputs one sample each, an embedding request's PoolingRequestOutput, an abort that says
+    nothing more; the finished texts are LLM.generate's. Also collective_rpc on the one worker, the Engine."""
+    from jaxserve import EngineArgs, LLMEngine, RequestOutputKind
+    from jaxserve.llm import PoolingRequestOutput
+
+    greedy = dict(max_tokens=7, temperature=0, logprobs=1)
+    kinds = {"cum": RequestOutputKind.CUMULATIVE, "delta": RequestOutputKind.DELTA,
+             "final": RequestOutputKind.FINAL_ONLY}
+    with LLM(model) as llm:
+        want = llm.generate("def add(a, b):", SamplingParams(**greedy), use_tqdm=False)[0].outputs[0]
+        sampled = llm.generate("import os\n", SamplingParams(max_tokens=5, temperature=1.0, seed=4, n=2),
+                               use_tqdm=False)[0].outputs
+        engine = llm.llm_engine
+        assert isinstance(engine, LLMEngine) and engine is llm.llm_engine and engine.get_tokenizer() is model.tokenizer
+        queue = [(name, "def add(a, b):", SamplingParams(**greedy, output_kind=kind)) for name, kind in kinds.items()]
+        queue += [("n2", "import os\n", SamplingParams(max_tokens=5, temperature=1.0, seed=4, n=2)),
+                  ("emb", "import os\n", jaxserve.PoolingParams()),
+                  ("gone", "class A:", SamplingParams(max_tokens=50))]
+        seen: dict[str, list] = {}
+        steps = 0
+        while queue or engine.has_unfinished_requests():
+            if queue:
+                engine.add_request(*queue.pop(0))
+                if not queue:
+                    with pytest.raises(ValueError, match="request_id"):
+                        engine.add_request("cum", "x", SamplingParams())  # still running
+            for out in engine.step():
+                seen.setdefault(out.request_id, []).append(out)
+            steps += 1
+            if steps == 8:
+                engine.abort_request(["gone"])
+                assert engine.get_num_unfinished_requests() == len({"cum", "delta", "final", "n2"} - {
+                    rid for rid, outs in seen.items() if outs[-1].finished})
+        assert "gone" not in seen or not seen["gone"][-1].finished
+        cum, delta, final = seen["cum"], seen["delta"], seen["final"]
+        assert len(cum) > 1 and all(o.finished == (i == len(cum) - 1) for i, o in enumerate(cum))
+        texts = [o.outputs[0].text for o in cum]
+        assert all(a == b[:len(a)] for a, b in zip(texts, texts[1:]))  # each the one before, grown
+        for outs in (cum[-1:], final):
+            assert len(outs) == 1 or outs is cum[-1:]
+            sample = outs[-1].outputs[0]
+            assert (sample.text, sample.token_ids, sample.finish_reason) == (want.text, want.token_ids, "length")
+            assert [list(d) for d in sample.logprobs] == [list(d) for d in want.logprobs]
+        assert len(final) == 1 and final[0].finished
+        assert "".join(o.outputs[0].text for o in delta) == want.text and delta[-1].finished
+        assert [t for o in delta for t in o.outputs[0].token_ids] == want.token_ids
+        assert sum(len(o.outputs[0].logprobs) for o in delta) == len(want.token_ids)
+        assert delta[0].prompt_logprobs is None and delta[0].prompt_token_ids == cum[0].prompt_token_ids
+        n2 = seen["n2"]
+        assert all(len(o.outputs) == 1 for o in n2) and n2[-1].finished and not any(o.finished for o in n2[:-1])
+        last = {o.outputs[0].index: o.outputs[0] for o in n2 if o.outputs[0].finished()}
+        assert [(last[i].text, last[i].token_ids) for i in (0, 1)] == [(s.text, s.token_ids) for s in sampled]
+        (emb,) = seen["emb"]
+        assert isinstance(emb, PoolingRequestOutput) and emb.outputs.data.shape == (model.config.hidden_size,)
+        with pytest.raises(ValueError, match="temperature"):
+            engine.add_request("bad", "x", SamplingParams(temperature=-1))
+        assert not engine.has_unfinished_requests() and engine.step() == []
+        assert llm.collective_rpc("stats")[0]["running"] == 0
+        assert llm.collective_rpc(lambda e, k: e.config.page_size * k, args=(2,)) == [2 * llm.engine.config.page_size]
+        with pytest.raises(ValueError, match="method"):
+            llm.collective_rpc("_queue")
+        assert_all_pages_free(llm.engine)
+    assert isinstance(LLMEngine.from_engine_args(EngineArgs(model, max_model_len=256)).llm, LLM)
