@@ -615,6 +615,8 @@ class LLMEngine:
         """Queue a prompt (text, token ids, or vLLM's prompt dicts) as ``request_id``; ``params`` None is the
         checkpoint's default sampling. A bad request raises ``ValueError`` and queues nothing. ``arrival_time``,
         ``tokenization_kwargs`` and ``trace_headers`` (vLLM's) change nothing here."""
+        if self.engine.closed:
+            raise RuntimeError("engine is closed")
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self._parents:
@@ -667,6 +669,8 @@ class LLMEngine:
             self.engine.release(child)
             del self._child[child]
         if isinstance(parent.params, PoolingParams):
+            if not ended:  # a chunk of a long prompt: the embedding comes with the last
+                return None
             del self._parents[parent_id]
             result = request.result()
             data = result["probs"] if "probs" in result else result["embedding"]
