@@ -247,7 +247,8 @@ _CHAR_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "0": "\0
 
 class _Parser:
     """Recursive descent over Python `re` syntax's regular subset; nodes are tuples:
-    ("set", ranges) one character, ("cat", [nodes]), ("alt", [nodes]), ("rep", node, lo, hi or None)."""
+    ("set", ranges) one character, ("cat", [nodes]), ("alt", [nodes]), ("rep", node, lo, hi or None),
+    ("look", node) a positive lookahead."""
 
     def __init__(self, pattern: str) -> None:
         self.p, self.i = pattern, 0
@@ -313,15 +314,16 @@ class _Parser:
         c = self.p[self.i]
         self.i += 1
         if c == "(":
-            if self.p.startswith("?:", self.i):
+            look = self.p.startswith("?=", self.i)
+            if self.p.startswith("?:", self.i) or look:
                 self.i += 2
             elif self.peek() == "?":
-                raise self.error("only (...) and (?:...) groups are supported")
+                raise self.error("only (...), (?:...) and (?=...) groups are supported")
             node = self.alt()
             if self.peek() != ")":
                 raise self.error("missing ')'")
             self.i += 1
-            return node
+            return ("look", node) if look else node
         if c == "[":
             return ("set", self.char_class())
         if c == ".":
@@ -433,21 +435,29 @@ def _byte_mask(lo: int, hi: int) -> int:
 
 
 class _NFA:
-    """Thompson NFA over bytes: per state its epsilon targets and (256-bit byte mask, target) edges."""
+    """Thompson NFA over bytes: per state its epsilon targets and (256-bit byte mask, target) edges, and its open
+    lookaheads: (k, x, target), an epsilon move that leaves owed a lookahead whose DFA, ``lookaheads[k]``, has read
+    the text so far up to state ``x`` and must still reach an accepting state on the text that follows."""
 
     def __init__(self) -> None:
         self.eps: list[list[int]] = []
         self.edges: list[list[tuple[int, int]]] = []
+        self.looks: list[list[tuple[int, int, int]]] = []
+        self.lookaheads: list[DFA] = []
 
     def new(self) -> int:
         if len(self.eps) >= MAX_NFA_STATES:
             raise ValueError(f"too complex (over {MAX_NFA_STATES} NFA states)")
         self.eps.append([])
         self.edges.append([])
+        self.looks.append([])
         return len(self.eps) - 1
 
-    def build(self, node: tuple) -> tuple[int, int]:
+    def build(self, node: tuple, at_end: bool = False) -> tuple[int, int]:
+        """``node``'s fragment, (start, end) states; ``at_end``: nothing can follow its match (the text ends)."""
         kind = node[0]
+        if kind == "look":  # alone (not in a sequence): it reads only what follows its group
+            return self.lookahead(node[1], ("cat", []), at_end)
         if kind == "set":
             s, e = self.new(), self.new()
             ascii_mask = 0
@@ -466,15 +476,19 @@ class _NFA:
             return s, e
         if kind == "cat":
             s = cur = self.new()
-            for item in node[1]:
-                a, b = self.build(item)
+            for i, item in enumerate(node[1]):
+                if item[0] == "look":  # it reads the rest of the sequence: one fragment with it
+                    a, b = self.lookahead(item[1], ("cat", node[1][i + 1:]), at_end)
+                    self.eps[cur].append(a)
+                    return s, b
+                a, b = self.build(item, at_end and i == len(node[1]) - 1)
                 self.eps[cur].append(a)
                 cur = b
             return s, cur
         if kind == "alt":
             s, e = self.new(), self.new()
             for item in node[1]:
-                a, b = self.build(item)
+                a, b = self.build(item, at_end)
                 self.eps[s].append(a)
                 self.eps[b].append(e)
             return s, e
@@ -497,6 +511,48 @@ class _NFA:
             self.eps[cur] += [a, e]
             cur = b
         self.eps[cur].append(e)
+        return s, e
+
+    def lookahead(self, body: tuple, rest: tuple, at_end: bool) -> tuple[int, int]:
+        """``(?=body)`` and then ``rest``, as one fragment: the product of the minimal DFAs of ``body`` (as
+        ``body[\\s\\S]*``: once it accepts, the lookahead holds) and of ``rest``, each reading the same text. Minimal
+        first: a string's 28-state pattern times its maxLength 300 (`jaxserve.json_schema`) is 14k pairs, where
+        the lookahead owed through the subset construction met the pattern's unminimized subsets and passed
+        `MAX_DFA_STATES`. Where ``rest`` ends with the lookahead's DFA still open (it looks past its group), the end
+        leaves the lookahead owed from there (`looks`); ``at_end``, it is no match there."""
+        look = _compile(("cat", [body, ("rep", ("set", ((0, MAX_UNICODE),)), 0, None)]), None)
+        then = _compile(rest, None, continued=not at_end)
+        s, e = self.new(), self.new()
+        if not look.sink or not then.sink:  # either matches nothing: nor does the fragment
+            return s, e
+        done = -1  # the lookahead's state once it holds
+        start = (0, done if look.accepting[0] else 0)
+        ids, todo, k = {start: s}, [start], None
+        while todo:
+            a, b = pair = todo.pop()
+            q = ids[pair]
+            if then.accepting[a]:
+                if b == done:
+                    self.eps[q].append(e)
+                elif not at_end:
+                    if k is None:
+                        k = len(self.lookaheads)
+                        self.lookaheads.append(look)
+                    self.looks[q].append((k, b, e))
+            nxt_a = then.table[a].astype(np.int64)
+            nxt_b = np.full(256, done, np.int64) if b == done else look.table[b].astype(np.int64)
+            alive = (nxt_a != then.sink) & (nxt_b != look.sink)
+            nxt_b[look.accepting[np.maximum(nxt_b, 0)] & (nxt_b >= 0)] = done
+            keys = nxt_a * (look.sink + 2) + nxt_b + 1
+            for key in np.unique(keys[alive]).tolist():
+                target = (key // (look.sink + 2), key % (look.sink + 2) - 1)
+                if target not in ids:
+                    if len(ids) >= MAX_DFA_STATES:
+                        raise ValueError(f"too complex (over {MAX_DFA_STATES} DFA states in a lookahead's product)")
+                    ids[target] = self.new()
+                    todo.append(target)
+                mask = int.from_bytes(np.packbits(alive & (keys == key), bitorder="little").tobytes(), "little")
+                self.edges[q].append((mask, ids[target]))
         return s, e
 
 
@@ -528,57 +584,127 @@ class DFA:
 
 def compile_regex(pattern: str) -> DFA:
     """A `DFA` of ``pattern`` (Python `re`'s regular subset: classes, ``.``, escapes ``\\d\\w\\s`` and their
-    negations, ``\\uXXXX``, groups, ``|``, ``* + ? {m,n}``; anchors only at the ends), matching the UTF-8 of the
-    strings it fully matches. ``\\w`` and ``\\d`` are ASCII. ValueError on other syntax or a pattern that
-    matches nothing.
+    negations, ``\\uXXXX``, groups, ``|``, ``* + ? {m,n}``, positive lookahead ``(?=...)``; anchors only at the
+    ends), matching the UTF-8 of the strings it fully matches. ``\\w`` and ``\\d`` are ASCII. ValueError on other
+    syntax or a pattern that matches nothing.
+
+    A lookahead means what it means to `re`: the text from there to the end (past the group it sits in) starts with
+    a match of it. So ``(?=X")(?:Y)"`` is the texts of ``Y`` that are also texts of ``X``, where ``"`` ends both and
+    neither holds one: an intersection, which `jaxserve.json_schema` writes for a string's ``pattern`` and lengths.
 
     Example:
         >>> dfa = compile_regex(r"(?:yes|no)!?")
         >>> dfa.fullmatch("no!"), dfa.fullmatch("nope")
         (True, False)
+        >>> both = compile_regex(r'(?=[a-z]{2,3}")[a-c]+"')
+        >>> [t for t in ('a"', 'ab"', 'abc"', 'abcd"', 'ad"') if both.fullmatch(t)]
+        ['ab"', 'abc"']
     """
-    nfa = _NFA()
     try:
-        start, accept = nfa.build(_Parser(pattern).parse())
+        return _compile(_Parser(pattern).parse(), f"regex {pattern!r}")
     except RecursionError:  # the parser and the NFA's builder recurse once a group
         raise ValueError("the regex nests its groups too deeply") from None
-    # Byte classes: bytes no edge tells apart move every NFA state alike, so the subset construction runs
-    # once per class instead of once per byte.
+
+
+_NOTHING_OWED: frozenset[tuple[int, int]] = frozenset()
+
+
+def _compile(node: tuple, what: str | None, continued: bool = False) -> DFA:
+    """The minimal live-state `DFA` of a parsed regex; where it matches nothing, a ValueError naming ``what`` or, with
+    ``what`` None, a DFA of the sink alone (a lookahead no text satisfies). ``continued``: text follows
+    the match (a lookahead's group, `_NFA.lookahead`), so a lookahead in it still owed at its end is refused: a DFA
+    has no way to hand it on.
+
+    The subset construction's items are NFA states (ints) or, past an open lookahead (`_NFA.looks`), ``(state,
+    owed)``: ``owed`` the lookaheads still to be matched, each ``(k, state of lookaheads[k])``. An owed lookahead is
+    dropped once its DFA accepts (the text has started with one of its matches) and kills the item where its DFA
+    reaches its sink; an item accepts only with nothing owed. Without open lookaheads every item is an int."""
+    nfa = _NFA()
+    start, accept = nfa.build(node, at_end=not continued)
+    # Byte classes: bytes no edge tells apart (nor any lookahead's DFA) move every NFA state alike, so the subset
+    # construction runs once per class instead of once per byte.
     masks = sorted({m for edges in nfa.edges for m, _ in edges})
     signature = [0] * 256
     for j, m in enumerate(masks):
         for b in range(256):
             if m >> b & 1:
                 signature[b] |= 1 << j
-    class_ids: dict[int, int] = {}
-    class_of = np.array([class_ids.setdefault(sig, len(class_ids)) for sig in signature], np.int32)
+    look_columns = [np.unique(d.table.T, axis=0, return_inverse=True)[1].reshape(-1).tolist() for d in nfa.lookaheads]
+    class_ids: dict[tuple[int, ...], int] = {}
+    class_of = np.array([class_ids.setdefault(key, len(class_ids)) for key in zip(signature, *look_columns)], np.int32)
     reps = [int(np.argmax(class_of == c)) for c in range(len(class_ids))]
     classes_of_mask = {m: [c for c, r in enumerate(reps) if m >> r & 1] for m in masks}
 
-    closures: dict[int, frozenset[int]] = {}
+    closures: dict[int, frozenset] = {}
+    plain = not nfa.lookaheads  # every item an int: no type checks on the way (~5% of a long string's compile)
 
-    def closure(states) -> frozenset[int]:
-        out: set[int] = set()
-        for q in states:
-            if q not in closures:
-                seen, todo = {q}, [q]
-                while todo:
-                    for t in nfa.eps[todo.pop()]:
-                        if t not in seen:
-                            seen.add(t)
-                            todo.append(t)
-                closures[q] = frozenset(seen)
-            out |= closures[q]
+    def reach(q: int) -> frozenset:
+        """What ``q`` reaches by epsilon moves, with the lookaheads passed on the way as owed."""
+        if q in closures:
+            return closures[q]
+        if plain:  # ints alone: pairs here cost ~10% of json_object's compile
+            seen_q, todo_q = {q}, [q]
+            while todo_q:
+                for t in nfa.eps[todo_q.pop()]:
+                    if t not in seen_q:
+                        seen_q.add(t)
+                        todo_q.append(t)
+            closures[q] = frozenset(seen_q)
+            return closures[q]
+        seen, todo = {(q, _NOTHING_OWED)}, [(q, _NOTHING_OWED)]
+        while todo:
+            s, owed = todo.pop()
+            for move in [(t, owed) for t in nfa.eps[s]] + [(t, owed | {(k, x)}) for k, x, t in nfa.looks[s]]:
+                if move not in seen:
+                    seen.add(move)
+                    todo.append(move)
+        closures[q] = frozenset(s if not owed else (s, owed) for s, owed in seen)
+        return closures[q]
+
+    def closure(items) -> frozenset:
+        out: set = set()
+        for item in items:
+            if plain or type(item) is int:
+                out |= reach(item)
+            else:
+                q, owed = item
+                out.update((r, owed) if type(r) is int else (r[0], owed | r[1]) for r in reach(q))
         return frozenset(out)
+
+    advanced: dict[tuple[frozenset, int], frozenset | None] = {}
+
+    def advance(owed: frozenset, c: int) -> frozenset | None:
+        """``owed`` after a byte of class ``c``; None where a lookahead can no longer match."""
+        key = (owed, c)
+        if key not in advanced:
+            left: set[tuple[int, int]] | None = set()
+            for k, x in owed:
+                look = nfa.lookaheads[k]
+                y = int(look.table[x, reps[c]])
+                if y == look.sink:
+                    left = None
+                    break
+                if not look.accepting[y]:
+                    left.add((k, y))
+            advanced[key] = None if left is None else frozenset(left)
+        return advanced[key]
 
     first = closure([start])
     ids, sets, rows = {first: 0}, [first], []
     while len(rows) < len(sets):
-        targets: list[set[int]] = [set() for _ in reps]
-        for q in sets[len(rows)]:
+        targets: list[set] = [set() for _ in reps]
+        for item in sets[len(rows)]:
+            if plain or type(item) is int:
+                for m, t in nfa.edges[item]:
+                    for c in classes_of_mask[m]:
+                        targets[c].add(t)
+                continue
+            q, owed = item
             for m, t in nfa.edges[q]:
                 for c in classes_of_mask[m]:
-                    targets[c].add(t)
+                    left = advance(owed, c)
+                    if left is not None:
+                        targets[c].add((t, left) if left else t)
         row = []
         for tset in targets:
             if not tset:
@@ -592,8 +718,10 @@ def compile_regex(pattern: str) -> DFA:
                 sets.append(key)
             row.append(ids[key])
         rows.append(row)
+    if continued and not plain and any(type(i) is tuple and i[0] == accept for items in sets for i in items):
+        raise ValueError("a lookahead that looks past the end of another lookahead's group is not supported")
     by_class = np.array(rows, np.int32)
-    accepting = np.array([accept in s for s in sets])
+    accepting = np.array([accept in s for s in sets])  # the int: the end with nothing owed
     # Live states: those from which an accepting state is reachable; the rest collapse into the sink, so
     # a mask never lets a token into a state with no way out.
     live = accepting.copy()
@@ -608,7 +736,9 @@ def compile_regex(pattern: str) -> DFA:
                 live[s] = True
                 todo.append(s)
     if not live[0]:
-        raise ValueError(f"regex {pattern!r} matches nothing")
+        if what is None:
+            return DFA(table=np.zeros((1, 256), np.int32), accepting=np.zeros(1, bool))
+        raise ValueError(f"{what} matches nothing")
     n = int(live.sum())
     renum = np.full(len(sets) + 1, n, np.int32)  # index -1 (no edge) and dead states -> the sink
     renum[np.flatnonzero(live)] = np.arange(n, dtype=np.int32)

@@ -778,7 +778,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
     ("/rerank", {"model": "tiny", "query": "fox", "documents": []}, 400, "documents", None),
     ("/v1/rerank", {"model": "tiny", "query": "", "documents": ["a"]}, 400, "query", None),
     ("/v2/rerank", {"model": "tiny", "query": "fox", "documents": ["a"], "top_n": -1}, 400, "top_n", None),
-    ("/v1/completions", {**GOOD, "guided_regex": "(?=a)b"}, 400, "guided_regex", None),
+    ("/v1/completions", {**GOOD, "guided_regex": "(?<=a)b"}, 400, "guided_regex", None),
     ("/v1/completions", {**GOOD, "guided_choice": []}, 400, "guided_choice", None),
     ("/v1/completions", {**GOOD, "guided_json": {"type": "object", "patternProperties": {}}}, 400, "guided_json",
      None),

@@ -19,7 +19,11 @@ from jaxserve.structured import (GuideState, StructuredOutputs, TokenGuide, Voca
 
 PATTERNS = [r"(?:yes|no)!?", r"[a-z]+@[a-z]+\.com", r"\d{3}-\d{4}", r'[^"]*', r"(ab|cd)*e?", r".{2,4}",
             r"[à-ü]+x", r"[^a-c\d]{1,3}", r"\w+\s\S", r"a{0,3}b{2,}", r"", r"a|", r"x{2}y{1,}?", r"[\u4e00-\u9fff]+",
-            r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?$", r"[\]\-a]+", r"(?:\.|[^.])c", r"a{,2}b", r"c{,}x{}"]
+            r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?$", r"[\]\-a]+", r"(?:\.|[^.])c", r"a{,2}b", r"c{,}x{}",
+            # Lookaheads: decided within their group (a product with it), past it (owed on), at the text's end,
+            # nested, repeated, in alternatives.
+            r'"(?=[a-e]{1,3}")[a-c]+"x?', r"(?=\w*\d)\w{2,4}", r"(?:(?=ab)a|(?=a.c)ab)c", r"(?:(?=ab)a)b",
+            r"x(?=.*y)(?:.*c)?.*", r"(?=.*\d)(?=.*[a-e]).{2,5}", r"(?=a(?=bc))ab.", r"(?:a|(?=b)..)+", r"a(?=)b"]
 ALPHABET = "abcdexy@.com0123-! \"\n]éü中文\\{},"
 
 
@@ -63,8 +67,10 @@ def test_utf8_sequences_match_exactly_the_ranges_characters(lo, span):
         assert hits == (1 if lo <= cp <= hi else 0), (hex(cp), seqs)
 
 
-@pytest.mark.parametrize("pattern, what", [(r"(?=a)b", "groups"), (r"(a)\1", "escape"), (r"(?P<n>a)", "groups"),
-                                           (r"a{3,1}", "max < min"), (r"(ab", "missing ')'"), (r"ab)", "unbalanced"),
+@pytest.mark.parametrize("pattern, what", [(r"(?!a)b", "groups"), (r"(?<=a)b", "groups"), (r"(?P<n>a)", "groups"),
+                                           (r"(?=a)b", "matches nothing"), (r"(?:(?=x)x(?=b))b", "looks past"),
+                                           (r"(a)\1", "escape"), (r"a{3,1}", "max < min"), (r"(ab", "missing ')'"),
+                                           (r"ab)", "unbalanced"),
                                            (r"[ab", "missing ']'"), (r"*a", "nothing to repeat"),
                                            (r"a^b", "anchor"), (r"[^\s\S]", "matches nothing")])
 def test_unsupported_or_bad_regex_is_refused_naming_it(pattern, what):

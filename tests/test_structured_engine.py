@@ -131,7 +131,7 @@ def test_constrained_requests_survive_preemption_and_prefix_hits(model):
 def test_a_bad_constraint_is_refused_before_anything_runs(model):
     with Engine(model, small_config()) as engine:
         with pytest.raises(ValueError, match=r"structured_outputs\.regex.*lookaround|structured_outputs\.regex"):
-            engine.add_request("x", SamplingParams(structured_outputs={"regex": "(?=a)"}))
+            engine.add_request("x", SamplingParams(structured_outputs={"regex": "(?<=a)b"}))
         with pytest.raises(ValueError, match=r"structured_outputs\.json"):
             engine.add_request("x", SamplingParams(structured_outputs={"json": {"type": "object",
                                                                                  "patternProperties": {}}}))
