@@ -2,7 +2,8 @@
 
 The regex's full matches are JSON texts valid under the schema; it is compiled to a byte-level DFA
 that understands only a small regex subset (literals, a fixed set of escapes, ``.``, classes, groups,
-alternation, quantifiers), so everything here is written in that subset and is also valid for ``re``.
+alternation, quantifiers, positive lookahead), so everything here is written in that subset and is also valid for
+``re``.
 
 Limits (where the regex accepts fewer texts than the schema allows, or, as marked, more):
   * Whitespace is ``whitespace_pattern`` (default ``[ ]?``), only after ``{ [ , :`` and before ``} ]``.
@@ -14,6 +15,12 @@ Limits (where the regex accepts fewer texts than the schema allows, or, as marke
     and ``\\S`` / ``\\D`` / ``\\W`` leave out ``"``, ``\\`` and control characters, ``\\s`` is a space or a
     whitespace escape (`_json_safe`); a literal or a positive class that names ``"`` or a control character can
     still yield invalid JSON.
+  * A string's ``pattern``, supported ``format`` and ``minLength``/``maxLength`` hold together (`_string`: all but
+    one as lookaheads). A length counts the decoded string's characters (an escape such as ``\\n`` is one), except
+    that a character past U+FFFF written as two ``\\u`` escapes (a surrogate pair) counts two (fewer texts under
+    ``maxLength``; more, as marked, under ``minLength``). Lengths are unrolled in the DFA, a pattern's states once a
+    character of length: a product past `jaxserve.structured.MAX_DFA_STATES` (``maxLength`` ~2,000 alone, less
+    with a pattern) is refused when compiled.
   * More: ``oneOf`` is ``anyOf`` (exclusivity unchecked); ``enum``/``const`` ignore a sibling ``type``.
   * Objects with ``properties`` never get keys beyond them (whatever ``additionalProperties`` says), in
     the schema's order; keys in ``required`` but not in ``properties`` are appended as any-value keys.
@@ -199,7 +206,8 @@ def json_object_regex(depth: int = JSON_VALUE_DEPTH, whitespace_pattern: str | N
 
 
 def _check_pattern(pattern: str) -> None:
-    """Refuse constructs outside the DFA's subset: anchors, lookaround, backreferences, flags."""
+    """Refuse constructs outside the DFA's subset: anchors, lookaround, backreferences, flags. (The DFA takes a
+    lookahead, but one in a pattern would look past the string's closing quote, into the rest of the document.)"""
     try:
         re.compile(pattern)
     except re.error as e:
@@ -435,11 +443,28 @@ def _bound(schema: dict, key: str, default: int | None) -> int | None:
 
 
 def _string(schema: dict) -> str | None:
+    """A string's regex: its content matches each of the lengths, a supported ``format`` and ``pattern`` given (all
+    of them; with none, any content). One is written as the content, the others as lookaheads up to the closing
+    quote, ``"(?=X")Y"``: `re` and `jaxserve.structured.compile_regex` both read that as content in ``Y`` and in
+    ``X``, an intersection the regex subset has no other way to say (Pydantic writes ``Field(pattern=...,
+    max_length=...)`` as both). X (lengths, a format) matches JSON string content only, so the quote it ends with
+    is Y's closing one, where Y's text is JSON string content too (a pattern that names a raw ``"`` or ends on a
+    lone ``\\`` makes invalid JSON, with lengths or without). A length counts ``_CHAR``s, the decoded string's
+    characters (``\\n`` is one).
+
+    Example:
+        >>> r = _string({"pattern": "^[a-z]+$", "maxLength": 3})
+        >>> [t for t in ('"ab"', '"abc"', '"abcd"', '"a1"') if re.fullmatch(r, t)]
+        ['"ab"', '"abc"']
+    """
     lo, hi = _bound(schema, "minLength", 0), _bound(schema, "maxLength", None)
     fmt = schema.get("format") if schema.get("format") in _FORMATS else None
     pattern = schema.get("pattern")
-    if sum(x is not None for x in (pattern, fmt)) + (lo > 0 or hi is not None) > 1:
-        raise _err("at most one of 'pattern', a supported 'format', 'minLength'/'maxLength' per string")
+    contents = []  # the last, the most particular, is the content; the others lookaheads
+    if lo > 0 or hi is not None or (pattern is None and fmt is None):
+        contents.append(_quantified(_CHAR, lo, hi))
+    if fmt is not None:
+        contents.append(_FORMATS[fmt])
     if pattern is not None:
         if not isinstance(pattern, str):
             raise _err(f"'pattern' must be a string, got {pattern!r}")
@@ -447,12 +472,11 @@ def _string(schema: dict) -> str | None:
         if body.endswith("$") and not body.endswith("\\$"):
             body = body[:-1]
         _check_pattern(body)
-        return f'"(?:{_json_safe(body)})"'
-    if fmt is not None:
-        return f'"{_FORMATS[fmt]}"'
+        contents.append(f"(?:{_json_safe(body)})")  # grouped: its own top-level '|' stays inside the quotes
     if hi is not None and lo > hi:
         return None
-    return f'"{_quantified(_CHAR, lo, hi)}"'
+    *looks, content = contents
+    return '"' + "".join(f'(?={look}")' for look in looks) + content + '"'
 
 
 _INT_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")

@@ -21,7 +21,7 @@ _DFA_ESCAPES = set("\\.*+?()[]{}|^$/\"-ntrdws")
 
 
 def in_dfa_subset(regex: str) -> bool:
-    """Independent check of the DFA's subset: known escapes only, (?: as the only (? group, no anchors."""
+    """Independent check of the DFA's subset: known escapes only, (?: and (?= as the only (? groups, no anchors."""
     i, in_class = 0, False
     while i < len(regex):
         c = regex[i]
@@ -40,7 +40,7 @@ def in_dfa_subset(regex: str) -> bool:
             in_class = True
             i += 1 + regex.startswith("^", i + 1)
             continue
-        elif c in "^$" or (regex.startswith("(?", i) and not regex.startswith("(?:", i)):
+        elif c in "^$" or (regex.startswith("(?", i) and not regex.startswith(("(?:", "(?="), i)):
             return False
         i += 1
     re.compile(regex)
@@ -240,6 +240,73 @@ def test_strings_lengths_patterns_formats():
     assert accepts(to_regex({"type": "string", "format": "hostname"}), "anything")
 
 
+# Pydantic's Field(pattern=..., max_length=...): the pattern, on the JSON-escaped content as it is alone, and the
+# lengths, in decoded characters, hold together. A top-level '|', an escaped '"' and a raw 'é' among them.
+_PATTERNS_WITH_LENGTHS = [r"^[ab]*$", r"a[ab\-]*b", r"(?:ab|-|é)+", r'^(?:[ab]|\\")*$', r"[ab]{2,4}|-+"]
+_SHORT_STRINGS = ["".join(chars) for n in range(6) for chars in itertools.product('ab-"é', repeat=n)]
+
+
+@pytest.mark.parametrize("pattern", _PATTERNS_WITH_LENGTHS)
+@settings(max_examples=8, deadline=None, database=None)
+@given(lo=st.integers(0, 3), span=st.none() | st.integers(0, 2))
+def test_a_pattern_with_lengths_takes_exactly_the_strings_that_meet_both(pattern, lo, span):
+    """Every string of up to 5 characters over a small alphabet: through the regex (`re`) and the compiled DFA,
+    accepted exactly where the pattern fully matches its escaped content and its length is within the bounds."""
+    from jaxserve.structured import compile_regex
+
+    hi = None if span is None else lo + span
+    regex = to_regex({"type": "string", "pattern": pattern, "minLength": lo, **({"maxLength": hi} if span is not None
+                                                                                 else {})})
+    try:
+        dfa = compile_regex(regex)
+    except ValueError as e:  # the pattern's strings are all too long (or short): then no string below is taken
+        assert "matches nothing" in str(e) and hi is not None
+        dfa = None
+    body = pattern.removeprefix("^").removesuffix("$")
+    for s in _SHORT_STRINGS:
+        text = json.dumps(s, ensure_ascii=False)
+        want = re.fullmatch(body, text[1:-1]) is not None and lo <= len(s) and (hi is None or len(s) <= hi)
+        assert (re.fullmatch(regex, text) is not None) == want, (pattern, lo, hi, text)
+        assert (dfa is not None and dfa.fullmatch(text)) == want, (pattern, lo, hi, text)
+
+
+def test_lengths_beside_a_pattern_or_format_count_decoded_characters():
+    # An escape is one character: \s is a space or a whitespace escape, and \u00e9 is é.
+    spaced = to_regex({"type": "string", "pattern": r"^\S\s\S$", "maxLength": 3})
+    assert accepts(spaced, "a\tb") and accepts(spaced, "a b") and not accepts(spaced, "ab")
+    newlines = to_regex({"type": "string", "pattern": r"^(?:\w|\\n)+$", "minLength": 2, "maxLength": 2})
+    assert accepts(newlines, "a\n") and accepts(newlines, "\n\n")
+    assert not accepts(newlines, "ab\n") and not accepts(newlines, "\n")
+    accents = to_regex({"type": "string", "pattern": r"^(?:é|\\u00e9)+$", "maxLength": 2})
+    assert accepts(accents, "éé") and not accepts(accents, "ééé")
+    stamp = to_regex({"type": "string", "format": "date-time", "maxLength": 20})
+    assert accepts(stamp, "2024-02-29T23:59:59Z") and not accepts(stamp, "2024-02-29T23:59:59.5Z")
+    assert not accepts(stamp, "2024-02-29T23:59Z")  # short, but not a date-time
+    email = to_regex({"type": "string", "format": "email", "minLength": 8})
+    assert accepts(email, "ab@cd.ef") and not accepts(email, "a@b.cd")
+    both = to_regex({"type": "string", "format": "email", "pattern": r"^.*@example\.com$", "maxLength": 16})
+    assert accepts(both, "ann@example.com") and not accepts(both, "ann@example.org")
+    assert not accepts(both, "annabel@example.com") and not accepts(both, "a b@example.com")
+    # Bounds no string meets: an optional property is left out, as with lengths alone.
+    never = to_regex({"type": "object", "properties": {
+        "a": {"type": "string", "pattern": "a+", "minLength": 3, "maxLength": 2}, "b": {"type": "integer"}}})
+    assert accepts(never, {"b": 1}) and not accepts(never, {"a": "aaa"})
+
+
+def test_a_pattern_times_a_length_past_the_dfa_limit_is_refused(monkeypatch):
+    """The product of a pattern's DFA (here ~2^7 states: the 7th character from the end is remembered) and the
+    length's is bounded by the DFA's state limit, lowered here so that it trips at a small length: a ValueError, not
+    a compile without end (a schema of the size that trips the real limit is refused within seconds)."""
+    from jaxserve import structured
+
+    regex = to_regex({"type": "string", "pattern": r"^[ab]*a[ab]{6}$", "maxLength": 20})
+    dfa = structured.compile_regex(regex)
+    assert dfa.fullmatch('"' + "b" * 13 + 'abbbbbb"') and not dfa.fullmatch('"' + "b" * 14 + 'abbbbbb"')
+    monkeypatch.setattr(structured, "MAX_DFA_STATES", 1000)
+    with pytest.raises(ValueError, match="too complex .* lookahead's product"):
+        structured.compile_regex(regex)
+
+
 def test_free_form_values_and_json_object():
     value = json_value_regex(2)
     obj = json_object_regex(2)
@@ -399,7 +466,7 @@ def test_tuples_hold_in_the_regex_as_jsonschema_checks_them(schema):
     ({"type": "decimal"}, "decimal"),
     ({"type": "string", "pattern": "(?=a)b"}, "pattern"),
     ({"type": "string", "pattern": r"\bx"}, "pattern"),
-    ({"type": "string", "pattern": "a", "maxLength": 3}, "pattern"),
+    ({"type": "string", "pattern": "a", "minLength": 3, "maxLength": 2}, "admits no value"),
     ({"type": "integer", "anyOf": [{"type": "string"}]}, "type"),
     ({"type": "string", "minLength": -1}, "minLength"),
     (False, "admits no value"),

@@ -128,6 +128,24 @@ def test_constrained_requests_survive_preemption_and_prefix_hits(model):
         assert_all_pages_free(tight)
 
 
+def test_a_pattern_with_lengths_holds_through_the_engine(model):
+    """A string under both a pattern and lengths (Pydantic's ``Field(pattern=..., max_length=...)``, written as a
+    lookahead that the DFA compiles to a product): greedy and sampled outputs are JSON whose string meets both."""
+    code = {"type": "string", "pattern": "^[a-z]+(?:-[a-z]+)*$", "minLength": 3, "maxLength": 7}
+    schema = {"type": "object", "properties": {"code": code, "ok": {"type": "boolean"}}, "required": ["code", "ok"]}
+    prompts = ["import os", "x = ", "def main():", "# config\n"]
+    params = [SamplingParams(max_tokens=40, temperature=t, seed=i, structured_outputs={"json": schema})
+              for i, t in enumerate((0.0, 1.0, 1.0, 1.0))]
+    with Engine(model, small_config()) as engine:
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        for o in outs:
+            assert o["finish_reason"] == "stop", o
+            value = json.loads(o["text"])
+            assert re.fullmatch(code["pattern"], value["code"]) and 3 <= len(value["code"]) <= 7, o["text"]
+            assert isinstance(value["ok"], bool), o["text"]
+        assert_all_pages_free(engine)
+
+
 def test_a_bad_constraint_is_refused_before_anything_runs(model):
     with Engine(model, small_config()) as engine:
         with pytest.raises(ValueError, match=r"structured_outputs\.regex.*lookaround|structured_outputs\.regex"):
