@@ -547,7 +547,7 @@ class Engine:
         _check_in_vocab(params.allowed_token_ids or [], self.model.config.vocab_size,
                         "allowed_token_ids must be token ids")
         if params.min_tokens > 0:  # refused here, not by the step that would carry them
-            check_banned_ids(params.stop_token_ids, () if params.ignore_eos else self.eos_ids)
+            check_banned_ids(params.stop_token_ids, self.eos_ids)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to match the text, and this engine has none; "
                              "use stop_token_ids")

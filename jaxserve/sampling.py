@@ -339,8 +339,9 @@ class SamplingParams:
 
 
 def check_banned_ids(stop_token_ids: Sequence[int], eos_token_ids: Sequence[int]) -> list[int]:
-    """The ids a row bans until its ``min_tokens``: its stop ids and (unless ``ignore_eos``) the
-    model's EOS ids, distinct, in order. ValueError naming ``stop_token_ids`` past MAX_BANNED_IDS,
+    """The ids a row bans until its ``min_tokens``: its stop ids and the model's EOS ids, ``ignore_eos`` or
+    not (vLLM's ``all_stop_token_ids``: min_tokens keeps EOS out of the first tokens even where EOS would not end
+    the request), distinct, in order. ValueError naming ``stop_token_ids`` past MAX_BANNED_IDS,
     so that a request is refused where it is made, never in the middle of a step.
 
     Example:
@@ -488,7 +489,7 @@ def make_batch(
     `None` entries and padding rows past `len(params)` are greedy with no penalties.
     Unseeded requests draw a 64-bit seed from the OS here. `eos_token_ids` are banned,
     together with the request's `stop_token_ids`, while it has produced fewer than
-    `min_tokens` tokens (unless `ignore_eos`). `allowed`: uint32 ``[batch_size, ceil(V / 32)]`` packed token
+    `min_tokens` tokens (`ignore_eos` too, as vLLM's). `allowed`: uint32 ``[batch_size, ceil(V / 32)]`` packed token
     masks (`SamplingBatch.allowed`: `allowed_masks`, and the engine's structured-output rows), None for none.
     `bad_words`: each row's banned token sequences (`jaxserve.tokenizer.bad_words_token_ids`), None for none;
     the batch's `recent` tokens start empty (`recent_tokens` fills them).
@@ -526,7 +527,7 @@ def make_batch(
         seed = (p.seed if p.seed is not None else secrets.randbits(64)) % (1 << 64)
         seeds[i] = (seed >> 32, seed & 0xFFFFFFFF)
         if p.min_tokens > 0:
-            ids = check_banned_ids(p.stop_token_ids, () if p.ignore_eos else eos_token_ids)
+            ids = check_banned_ids(p.stop_token_ids, eos_token_ids)
             min_tokens[i] = p.min_tokens
             banned[i, : len(ids)] = ids
         if p.logit_bias:

@@ -393,6 +393,24 @@ def test_bad_inputs_raise_clear_errors_and_engine_keeps_serving(tiny):
         assert_all_pages_free(engine)
 
 
+def test_min_tokens_keeps_eos_out_of_the_first_tokens_with_ignore_eos_too(tiny):
+    # vLLM's min_tokens bans its all_stop_token_ids, which hold EOS whatever ignore_eos says: a run that ignores
+    # EOS and asks for min_tokens gets no EOS among those first tokens, only after them.
+    m, _ = tiny
+    with Engine(m, small_config()) as engine:
+        (eos,) = engine.eos_ids
+        params = SamplingParams(max_tokens=8, min_tokens=5, temperature=0, ignore_eos=True, logit_bias={eos: 50.0})
+        (out,) = engine.generate([[7, 8, 9]], params, use_tqdm=False)
+        assert eos not in out["token_ids"][:5] and out["token_ids"][5:] == [eos] * 3
+        assert out["finish_reason"] == "length"
+        # The ids it bans count EOS with ignore_eos too: 16 stop ids plus EOS are refused when the request is made.
+        stop_ids = [i for i in range(40) if i != eos][:16]
+        with pytest.raises(ValueError, match="stop_token_ids"):
+            engine.generate([7, 8, 9], SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=stop_ids,
+                                                      ignore_eos=True), use_tqdm=False)
+        assert_all_pages_free(engine)
+
+
 def test_stop_strings_on_an_engine_without_a_tokenizer_are_refused(tiny):
     # With no tokenizer there is no text to search: the stop strings would silently never match.
     m, _ = tiny
