@@ -196,7 +196,12 @@ class Request:
             self.top_logprobs.append(top)
         self.new_token_count += 1
         if token in self._stop_ids() and len(self.output_ids) > self.params.min_tokens:
-            self._stop_on_id(token)
+            if self.params.stop and self.params.include_stop_str_in_output and self.detokenizer is not None:
+                # vLLM's: the stop token's own text is the output's with include_stop_str_in_output (none where
+                # skip_special_tokens drops it), and a stop string it completes is the stop_reason.
+                self._add_text(self.detokenizer.push(token))
+            if self.finish_reason is None:
+                self._stop_on_id(token)
             return
         if not self.params.stop:
             if len(self.output_ids) >= self.params.max_tokens:
@@ -273,9 +278,11 @@ class Request:
         """Bring ``text`` up to date with the tokens so far (requests without stop strings)."""
         if self.detokenizer is None or self.params.stop:
             return
-        # Without stop strings, "stop" ends on a stop id, which makes no text, or on the token that completed
-        # a structured output's match, which does.
-        stop_id = self.finish_reason == "stop" and bool(self.output_ids) and self.output_ids[-1] in self._stop_ids()
+        # Without stop strings, "stop" ends on a stop id, which makes no text unless include_stop_str_in_output
+        # (vLLM's detokenizer skips the stop token's text only without it), or on the token that completed a
+        # structured output's match, which does.
+        stop_id = (self.finish_reason == "stop" and not self.params.include_stop_str_in_output
+                   and bool(self.output_ids) and self.output_ids[-1] in self._stop_ids())
         text_tokens = len(self.output_ids) - stop_id
         if self.detok_pushed < text_tokens:
             self.text += self.detokenizer.push_many(self.output_ids[self.detok_pushed:text_tokens])

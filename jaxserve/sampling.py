@@ -105,7 +105,8 @@ class SamplingParams:
     [-100, 100] added to their logits before penalties and sampling (OpenAI's and vLLM's meaning);
     it is stored as sorted `(id, bias)` pairs. Unseeded requests (`seed` None, or -1 as in vLLM)
     get a fresh random seed in `make_batch`, so they differ from each other. A stop string ends the
-    text before it unless `include_stop_str_in_output` (vLLM's), and is the result's `stop_reason`.
+    text before it unless `include_stop_str_in_output` (vLLM's), and is the result's `stop_reason`; so does the
+    text of a stop id or EOS that ends the request (with it, theirs is there unless `skip_special_tokens` drops it).
     `prompt_logprobs=k` (vLLM's): the result's `prompt_logprobs` holds, for every prompt token after
     the first, its log-probability given the tokens before it and the k most likely tokens there.
     `max_tokens=None` (vLLM's): as many as the model's length (or a smaller KV pool) leaves after the prompt

@@ -105,3 +105,29 @@ def test_include_stop_str_in_output_keeps_the_stop_string_and_nothing_after_it()
     r = Request("r", [1], params, _CharDetokenizer("abcdef"), eos_ids=(9,))
     r.extend([0, 1, 2, 3, 4], [0.0] * 5)
     assert (r.text, r.finish_reason, r.stop_reason) == ("abcd", "stop", "cd")
+
+
+class _CharDetokenizerMany(_CharDetokenizer):
+    """`_CharDetokenizer` with the batch call requests without stop strings make (`Request.sync_text`)."""
+
+    def push_many(self, tokens: list[int]) -> str:
+        return "".join(self.chars[t] for t in tokens)
+
+
+def test_include_stop_str_in_output_keeps_the_stop_token_s_text_too():
+    # vLLM's detokenizer leaves out the text of the token that stopped the request (a stop id or EOS) only without
+    # include_stop_str_in_output; with it the text is there (a special token's none, under skip_special_tokens).
+    for stop in ([], ["zz"]):  # the batch path (text when read) and the per-token one (stop strings)
+        for include, text in ((False, "abc"), (True, "abcd")):
+            params = SamplingParams(max_tokens=9, stop=stop, stop_token_ids=[3], include_stop_str_in_output=include)
+            r = Request("r", [1], params, _CharDetokenizerMany("abcdef"), eos_ids=(4,))
+            r.extend([0, 1, 2, 3, 5], [0.0] * 5)
+            assert (r.result()["text"], r.finish_reason, r.stop_reason) == (text, "stop", 3)
+            r = Request("r", [1], params, _CharDetokenizerMany("abcdef"), eos_ids=(4,))
+            r.extend([0, 1, 4, 5], [0.0] * 4)  # EOS: no stop_reason, its text as a stop id's
+            assert (r.result()["text"], r.stop_reason) == (text[:2] + "e" * include, None)
+    # A stop string the stop token's text completes is the stop_reason (vLLM checks the text after the token).
+    params = SamplingParams(max_tokens=9, stop=["cd"], stop_token_ids=[3], include_stop_str_in_output=True)
+    r = Request("r", [1], params, _CharDetokenizerMany("abcdef"), eos_ids=(4,))
+    r.extend([0, 1, 2, 3, 5], [0.0] * 5)
+    assert (r.result()["text"], r.finish_reason, r.stop_reason) == ("abcd", "stop", "cd")
