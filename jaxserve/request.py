@@ -321,11 +321,13 @@ class Request:
         """Text and token count produced since the last call (for streaming).
 
         While running, the last ``len(longest stop string) - 1`` characters are held back: they
-        could turn out to be the start of a stop string, which is never returned.
+        could turn out to be the start of a stop string, which is never returned. With
+        ``include_stop_str_in_output`` nothing is (vLLM's): a stop string stays in the text, and the text
+        is cut at its end, past everything already handed out.
         """
         self.sync_text()
         end = len(self.text)
-        if self.finish_reason is None and self.params.stop:
+        if self.finish_reason is None and self.params.stop and not self.params.include_stop_str_in_output:
             end = max(self.emitted_chars, end - max(len(s) for s in self.params.stop) + 1)
         delta, n = self.text[self.emitted_chars:end], self.new_token_count
         self.emitted_chars, self.new_token_count = end, 0

@@ -131,3 +131,15 @@ def test_include_stop_str_in_output_keeps_the_stop_token_s_text_too():
     r = Request("r", [1], params, _CharDetokenizerMany("abcdef"), eos_ids=(4,))
     r.extend([0, 1, 2, 3, 5], [0.0] * 5)
     assert (r.result()["text"], r.finish_reason, r.stop_reason) == ("abcd", "stop", "cd")
+
+
+def test_a_stream_holds_back_a_possible_stop_string_s_start_only_where_it_would_be_cut():
+    # vLLM's stop_buffer_length: len(longest stop) - 1 characters held back while running, none with
+    # include_stop_str_in_output (the stop string is then output, so nothing streamed can turn out to be cut).
+    for include, first in ((False, ""), (True, "ab")):
+        params = SamplingParams(max_tokens=9, stop=["xyz"], include_stop_str_in_output=include)
+        r = Request("r", [1], params, _CharDetokenizer("abxyzf"), eos_ids=(9,))
+        r.extend([0, 1], [0.0] * 2)
+        assert r.take_delta() == (first, 2)
+        r.extend([2, 3, 4, 5], [0.0] * 4)
+        assert (first + r.take_delta()[0], r.finish_reason) == ("abxyz" if include else "ab", "stop")
