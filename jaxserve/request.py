@@ -303,7 +303,9 @@ class Request:
             found = ((self.text.find(s, max(0, before - len(s) + 1)), s) for s in self.params.stop)
             hits = [(i, s) for i, s in found if i >= 0]
             if hits:
-                at, stop = min(hits, key=lambda hit: hit[0])
+                # vLLM's choice among several in one delta: the one that ends first, ties to the first listed (as
+                # the text coming a character at a time would have stopped), not the one that starts first.
+                at, stop = min(hits, key=lambda hit: hit[0] + len(hit[1]))
                 self.text = self.text[:at + len(stop) if self.params.include_stop_str_in_output else at]
                 self.finish("stop")
                 self.stop_reason = stop

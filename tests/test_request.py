@@ -143,3 +143,17 @@ def test_a_stream_holds_back_a_possible_stop_string_s_start_only_where_it_would_
         assert r.take_delta() == (first, 2)
         r.extend([2, 3, 4, 5], [0.0] * 4)
         assert (first + r.take_delta()[0], r.finish_reason) == ("abxyz" if include else "ab", "stop")
+
+
+def test_of_stop_strings_a_token_s_text_completes_the_one_that_ends_first_stops_it():
+    # vLLM's check_stop_strings: the match that completes earliest in the text, ties to the first listed; as if the
+    # text had come a character at a time (a starts-first rule took "abc" here and cut the "a" as well).
+    for stop, text, reason in ((["abc", "b"], "a", "b"), (["b", "abc"], "a", "b"), (["ab", "a"], "", "a"),
+                               (["a", "xa"], "", "a"), (["bc", "abc"], "a", "bc")):
+        r = Request("r", [1], SamplingParams(max_tokens=4, stop=stop), _CharDetokenizer(["abc", "d"]), eos_ids=(9,))
+        r.extend([0, 1], [0.0] * 2)
+        assert (r.text, r.finish_reason, r.stop_reason) == (text, "stop", reason), stop
+    r = Request("r", [1], SamplingParams(max_tokens=4, stop=["abc", "b"], include_stop_str_in_output=True),
+                _CharDetokenizer(["abc", "d"]), eos_ids=(9,))
+    r.extend([0, 1], [0.0] * 2)
+    assert (r.text, r.stop_reason) == ("ab", "b")
