@@ -402,6 +402,10 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = tuple(sorted(eos))
+        # vLLM's EOS is the tokenizer's: it ends a request with no stop_reason, and the model's other EOS ids
+        # (generation_config.json's) are stop ids there, named (`Request.named_eos`); with no tokenizer, all are.
+        primary_eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        self._named_eos = frozenset(self.eos_ids) - {primary_eos}
         # The checkpoint's own sampling (generation_config.json), for requests that bring none.
         self.sampling_defaults = generation_sampling_defaults(model.path)
         self._sampling_cache: tuple | None = None
@@ -562,8 +566,9 @@ class Engine:
         # The detokenizer opens on the prompt's last tokens (a split character's bytes); placeholders are no text.
         detok = (IncrementalDetokenizer(self.tokenizer, ids if embeds is None else (), params.skip_special_tokens)
                  if self.tokenizer is not None and params.detokenize else None)
-        return Request(request_id, ids, params, detok, self.eos_ids, guide=guide, bad_word_ids=bad_words,
-                       priority=int(priority), lora_id=lora_id, lora_namespace=namespace, prompt_embeds=embeds,
+        return Request(request_id, ids, params, detok, self.eos_ids, named_eos=self._named_eos, guide=guide,
+                       bad_word_ids=bad_words, priority=int(priority), lora_id=lora_id, lora_namespace=namespace,
+                       prompt_embeds=embeds,
                        salt_keys=_salt_keys(prompt, namespace, self.model.config.vocab_size))
 
     def _new_request_id(self, request_id: str | None) -> str:

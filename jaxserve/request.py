@@ -84,8 +84,13 @@ class Request:
     cached_tokens: int = 0  # prompt tokens served from the prefix index at (first) admission
     num_preemptions: int = 0
     finish_reason: str | None = None
-    # What stopped it (vLLM's `stop_reason`): the stop string or the stop id; None for EOS or any other finish.
+    # What stopped it (vLLM's `stop_reason`): the stop string or the stop id; None for EOS (but `named_eos`) or any
+    # other finish.
     stop_reason: str | int | None = None
+    # The EOS ids vLLM stops on as stop ids, naming them as stop_reason: the model's EOS ids but the tokenizer's
+    # (vLLM's eos_token_id, the only one it reports as plain EOS; generation_config.json's others join the stop ids).
+    # Empty: every EOS id ends a request unnamed.
+    named_eos: frozenset[int] = frozenset()
     error: str | None = None
     client_error: bool = False  # the error came from the request's own parameters (`finish`)
     first_token_time: float | None = None
@@ -261,10 +266,12 @@ class Request:
         return take
 
     def _stop_on_id(self, token: int) -> None:
-        # EOS is the model's own ending (vLLM reports no stop_reason for it); a stop id the request
-        # asked for is named, as vLLM does, even when it is also an EOS id.
+        # vLLM's check_stop: its EOS (the tokenizer's, unless ignore_eos) is tested first and names no stop_reason,
+        # even where the request lists it among its stop ids; every other id that stops a request is a stop id
+        # there (the model's other EOS ids are added to them) and is named.
         self.finish("stop")
-        if token in self.params.stop_token_ids:
+        plain_eos = not self.params.ignore_eos and token in self.eos_ids and token not in self.named_eos
+        if not plain_eos:
             self.stop_reason = token
 
     def _stop_ids(self) -> frozenset[int]:

@@ -498,7 +498,8 @@ def test_request_larger_than_pool_aborts_with_reason(tiny):
 
 def test_generation_config_eos_ids_end_requests_too(tiny, tmp_path):
     """Qwen2.5-Instruct's config.json names one EOS id (<|im_end|>) and its generation_config.json two
-    (<|endoftext|> too); transformers and vLLM stop at either, so the engine must as well."""
+    (<|endoftext|> too); transformers and vLLM stop at either, so the engine must as well. vLLM names the one that
+    is not the tokenizer's EOS as stop_reason (it joins the stop ids), and the tokenizer's not."""
     import json
 
     m, hf = tiny
@@ -512,6 +513,12 @@ def test_generation_config_eos_ids_end_requests_too(tiny, tmp_path):
         assert extra in engine.eos_ids
         out = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=0.0), use_tqdm=False)[0]
         assert out["finish_reason"] == "stop" and out["token_ids"] == ref[: ref.index(extra) + 1]
+        assert out["stop_reason"] == extra
+        (eos,) = m.config.eos_token_ids
+        assert m.tokenizer.eos_token_id == eos
+        out = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=0.0, logit_bias={eos: 100.0},
+                                                     stop_token_ids=[eos]), use_tqdm=False)[0]
+        assert (out["token_ids"], out["finish_reason"], out["stop_reason"]) == ([eos], "stop", None)
         out = engine.generate(prompt, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True),
                               use_tqdm=False)[0]
         assert out["finish_reason"] == "length" and out["token_ids"] == ref

@@ -157,3 +157,20 @@ def test_of_stop_strings_a_token_s_text_completes_the_one_that_ends_first_stops_
                 _CharDetokenizer(["abc", "d"]), eos_ids=(9,))
     r.extend([0, 1], [0.0] * 2)
     assert (r.text, r.stop_reason) == ("ab", "b")
+
+
+def test_only_the_tokenizer_s_eos_ends_a_request_unnamed():
+    # vLLM's check_stop tests its EOS (the tokenizer's) before the stop ids: no stop_reason for it even where the
+    # request lists it; the model's other EOS ids (generation_config.json's) are stop ids there, named.
+    def run(params: SamplingParams, token: int) -> Request:
+        r = Request("r", [1], params, None, eos_ids=(0, 5), named_eos=frozenset({5}))
+        r.extend([3, token], [0.0, 0.0])
+        return r
+
+    assert run(SamplingParams(max_tokens=9), 0).stop_reason is None
+    assert run(SamplingParams(max_tokens=9, stop_token_ids=[0]), 0).stop_reason is None
+    assert run(SamplingParams(max_tokens=9), 5).stop_reason == 5
+    # With ignore_eos no id is vLLM's EOS: a listed one is a stop id like any other, the others stop nothing.
+    r = run(SamplingParams(max_tokens=9, stop_token_ids=[0], ignore_eos=True), 0)
+    assert (r.finish_reason, r.stop_reason) == ("stop", 0)
+    assert run(SamplingParams(max_tokens=9, ignore_eos=True), 5).finish_reason is None

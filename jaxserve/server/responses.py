@@ -128,7 +128,7 @@ class CompletionFormat:
                  "finish_reason": "length", "stop_reason": None} for r in results]
 
     def response(self, results: list[dict[str, Any]]) -> dict[str, Any]:
-        # stop_reason: vLLM's extension, the stop string or id that ended the choice (None for EOS).
+        # stop_reason: vLLM's extension, the stop string or id that ended the choice (None for the tokenizer's EOS).
         results = self._shown(results)
         echo = self.echo_texts is not None
         choices = [{"index": i, "text": (self.echo_texts[self._prompt_index(i)] if echo else "") + r["text"],
