@@ -719,11 +719,10 @@ def _completion_output(index: int, result: dict[str, Any], decode: Any) -> Compl
         ranks = result.get("logprob_ranks") or [None] * len(chosen)
         logprobs = []
         for token, lp, top, rank in zip(result["token_ids"], chosen, tops, ranks):
-            # vLLM's dict: a top token's rank is its place in the list (the sampled one's too, where it is there).
-            entry = {t: Logprob(v, k + 1, decode(t)) for k, (t, v) in enumerate(best_first(top))}
-            if token not in entry:  # vLLM always returns the sampled token's own, with its rank
-                entry[token] = Logprob(lp, rank, decode(token))
-            logprobs.append(entry)
+            # vLLM's dict: the sampled token first (scripts read it as the dict's first entry), with its rank, then
+            # the top ones best first, each ranked by its place (the sampled one's too, where it is among them).
+            ranked = {t: Logprob(v, k + 1, decode(t)) for k, (t, v) in enumerate(best_first(top))}
+            logprobs.append({token: ranked.get(token) or Logprob(lp, rank, decode(token)), **ranked})
     return CompletionOutput(index=index, text=result["text"], token_ids=list(result["token_ids"]),
                             cumulative_logprob=None if chosen is None else float(sum(chosen)),
                             logprobs=logprobs, finish_reason=result["finish_reason"],
@@ -741,6 +740,8 @@ def _prompt_logprobs(result: dict[str, Any], prompt_ids: list[int] | None,
         if entry is None:
             out.append(None)
             continue
-        out.append({t: Logprob(v, rank if t == token else k + 1, decode(t))
-                    for k, (t, v) in enumerate(best_first(entry))})
+        # vLLM's order: the prompt token first (at its own rank), then the top ones best first.
+        ranked = {t: Logprob(v, rank if t == token else k + 1, decode(t))
+                  for k, (t, v) in enumerate(best_first(entry))}
+        out.append({token: ranked[token], **ranked})
     return out

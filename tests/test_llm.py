@@ -44,17 +44,21 @@ def test_generate_gives_jaxserve_s_results_as_vllm_s_objects(model):
             for token, lp, rank, entry in zip(sample.token_ids, ref_sample["logprobs"], ref_sample["logprob_ranks"],
                                               sample.logprobs):
                 assert entry[token].logprob == pytest.approx(lp, rel=tol, abs=tol) and len(entry) in (3, 4)
-                # The top three ranked 1-3 by their places (vLLM's dict); a sampled token outside them at its own
-                # rank (vLLM's count of the tokens at least as likely), which is then past 3.
-                tops = [e.rank for e in entry.values()][:3]
-                assert tops == [1, 2, 3]
+                # vLLM's dict: the sampled token first, then the top three ranked 1-3 by their places (the sampled
+                # one's place too, where it is among them); a sampled token outside them at its own rank (vLLM's
+                # count of the tokens at least as likely), which is then past 3.
+                ranks = [e.rank for e in entry.values()]
+                assert next(iter(entry)) == token and ranks[1:] == sorted(ranks[1:])
+                assert sorted(ranks[1:] if len(entry) == 4 else ranks) == [1, 2, 3]
                 assert len(entry) == 3 or (entry[token].rank == rank and rank > 3)
                 outside += len(entry) == 4
                 assert entry[token].decoded_token == model.tokenizer.decode([token])
         assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(out.prompt_token_ids)
         for token, entry, rank in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:],
                                       ref["prompt_logprob_ranks"][1:]):
-            assert entry[token].rank == rank
+            assert entry[token].rank == rank and next(iter(entry)) == token  # vLLM's order: the prompt token first
+            others = [e.logprob for t, e in entry.items() if t != token]
+            assert others == sorted(others, reverse=True)
     assert outside > 0
 
 
