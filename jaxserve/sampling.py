@@ -269,6 +269,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
             set_(name, bool(getattr(self, name)))
         for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is True:  # vLLM's: True asks for one top token, as OpenAI's boolean logprobs
+                set_(name, 1)
             if getattr(self, name) is not None:
                 check_int(name, _is_int(getattr(self, name)) and 0 <= getattr(self, name) <= MAX_LOGPROBS,
                           f"None or an int in [0, {MAX_LOGPROBS}]")

@@ -1268,7 +1268,7 @@ def test_prompt_logprobs_survive_preemption_once_and_leave_other_requests_alone(
         np.testing.assert_allclose(got, [ref[p - 1, prompts[i][p]] for p in range(1, len(prompts[i]))], atol=1e-4)
 
 
-@pytest.mark.parametrize("bad", [-1, 21, 1.5, True])
+@pytest.mark.parametrize("bad", [-1, 21, 1.5, False])  # True is vLLM's 1 (`test_logprobs_true_asks_for_one_as_vllm_s`)
 def test_bad_prompt_logprobs_are_refused_naming_the_field(bad):
     with pytest.raises(ValueError, match="^prompt_logprobs must be"):
         SamplingParams(prompt_logprobs=bad)

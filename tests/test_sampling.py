@@ -76,6 +76,13 @@ def chi_square(tokens, probs):
 
 # ---------------------------------------------------------------- parameters
 
+def test_logprobs_true_asks_for_one_as_vllm_s():
+    assert (SamplingParams(logprobs=True).logprobs, SamplingParams(prompt_logprobs=True).prompt_logprobs) == (1, 1)
+    params = SamplingParams()
+    params.logprobs = True
+    assert params.logprobs == 1
+
+
 @pytest.mark.parametrize("field,value", [
     ("max_tokens", 0), ("max_tokens", 1.5), ("max_tokens", True),
     ("temperature", -0.1), ("temperature", float("nan")), ("temperature", "hot"), ("temperature", float("inf")),
