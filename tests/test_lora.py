@@ -233,14 +233,22 @@ def test_server_serves_adapters_by_model_name(adapters, tiny_checkpoint):
     with LiveServer(app) as live:
         cards = httpx.get(live.url + "/v1/models").json()["data"]
         assert [(c["id"], c["parent"]) for c in cards] == [("tiny", None), ("sql", "tiny")]
+        by_name = {}
         for name, ref in (("sql", merged(hf, paths["all"])), ("tiny", hf)):
             r = httpx.post(live.url + "/v1/completions", json={"model": name, "prompt": prompt, "max_tokens": 6,
                                                              "temperature": 0, "ignore_eos": True, "logprobs": 0,
                                                              "return_tokens_as_token_ids": True}, timeout=60)
             assert r.status_code == 200, r.text
             assert r.json()["model"] == name
-            tokens = r.json()["choices"][0]["logprobs"]["tokens"]
+            tokens = by_name[name] = r.json()["choices"][0]["logprobs"]["tokens"]
             assert [int(t.removeprefix("token_id:")) for t in tokens] == hf_greedy(ref, prompt, 6)
+        # SGLang's /generate names the adapter by lora_path: its name, or its folder.
+        for lora_path in ("sql", paths["all"]):
+            greedy = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+            r = httpx.post(live.url + "/generate", json={"input_ids": prompt, "lora_path": lora_path,
+                                                         "sampling_params": greedy}, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["output_ids"] == [int(t.removeprefix("token_id:")) for t in by_name["sql"]]
         r = httpx.post(live.url + "/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=60)
         assert r.status_code == 404 and r.json()["error"]["param"] == "model"
         assert "jaxserve_lora_adapters_loaded 1.0" in httpx.get(live.url + "/metrics").text

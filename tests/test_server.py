@@ -517,6 +517,135 @@ def test_token_id_prompts_and_prompt_lists(client, live, pages_freed):
     assert [c.index for c in both.choices] == [0, 1]
 
 
+# ----- SGLang's /generate ----------------------------------------------------------------------------
+GREEDY_12 = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+
+def generate_events(live, body) -> list[dict]:
+    """A streamed /generate's events, checked to end with SGLang's ``data: [DONE]``."""
+    with httpx.stream("POST", live.url + "/generate", json={**body, "stream": True}, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def test_generate_answers_what_completions_answer_for_text_and_input_ids(client, live, pages_freed):
+    full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True, "return_token_ids": True}).model_dump()
+    r = post(live, "/generate", {"text": PROMPT, "sampling_params": GREEDY_12, "rid": "mine"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["text"] == full["choices"][0]["text"] and out["output_ids"] == full["choices"][0]["token_ids"]
+    meta = out["meta_info"]
+    assert meta["id"] == "mine" and meta["finish_reason"] == {"type": "length", "length": 12}
+    assert meta["prompt_tokens"] == full["usage"]["prompt_tokens"] and meta["completion_tokens"] == 12
+    assert 0 <= meta["cached_tokens"] <= meta["prompt_tokens"] and meta["e2e_latency"] > 0
+    ids = live.app.state.jaxserve.tokenizer.encode(PROMPT, add_special_tokens=False)
+    by_ids = post(live, "/generate", {"input_ids": ids, "sampling_params": GREEDY_12}).json()
+    assert by_ids["text"] == out["text"] and by_ids["output_ids"] == out["output_ids"]
+    # SGLang's default of 128 new tokens, past what the context leaves after a long prompt: cut, not refused.
+    long = post(live, "/generate", {"text": "fox " * 150, "sampling_params": {"ignore_eos": True}}).json()["meta_info"]
+    assert long["prompt_tokens"] + 128 > MAX_MODEL_LEN
+    assert long["finish_reason"] == {"type": "length", "length": MAX_MODEL_LEN - long["prompt_tokens"]}
+
+
+def test_generate_batches_answer_a_list_in_order(client, live, pages_freed):
+    """A batch answers each prompt as sent alone, in order, each with its own sampling_params and rid; n samples
+    of a prompt sit side by side, seeded as the completions route seeds them."""
+    alone = [post(live, "/generate", {"text": t, "sampling_params": {**GREEDY_12, "max_new_tokens": k}}).json()
+             for t, k in ((PROMPT, 6), ("Hello", 3))]
+    batch = post(live, "/generate", {"text": [PROMPT, "Hello"], "rid": "b", "sampling_params": [
+        {**GREEDY_12, "max_new_tokens": 6}, {**GREEDY_12, "max_new_tokens": 3}]}).json()
+    assert [b["text"] for b in batch] == [a["text"] for a in alone]
+    assert [b["meta_info"]["completion_tokens"] for b in batch] == [6, 3]
+    assert [b["meta_info"]["id"] for b in batch] == ["b_0", "b_1"]
+    sampled = post(live, "/generate", {"text": PROMPT, "sampling_params": {"max_new_tokens": 5, "temperature": 0.8,
+                                                                           "n": 2, "sampling_seed": 3}}).json()
+    comp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0.8, seed=3, n=2)
+    assert [s["text"] for s in sampled] == [c.text for c in comp.choices]
+
+
+def test_generate_streams_what_it_answers_whole(live, pages_freed):
+    """SGLang streams each sample's text, ids and logprobs so far (not deltas), a token a chunk here, ending with
+    the unstreamed answer; a batch's events carry their sample's index."""
+    body = {"text": PROMPT, "sampling_params": GREEDY_12, "return_logprob": True, "top_logprobs_num": 2}
+    whole = post(live, "/generate", body).json()
+    events = generate_events(live, body)
+    assert [e["meta_info"]["completion_tokens"] for e in events] == list(range(1, 13))
+    assert all(b["text"].startswith(a["text"]) and b["output_ids"][:-1] == a["output_ids"]
+               for a, b in zip(events, events[1:]))
+    assert all(e["meta_info"]["finish_reason"] is None for e in events[:-1])
+    last = events[-1]
+    assert last["text"] == whole["text"] and last["output_ids"] == whole["output_ids"]
+    assert last["meta_info"]["finish_reason"] == whole["meta_info"]["finish_reason"]
+    for key in ("output_token_logprobs", "output_top_logprobs", "input_token_logprobs"):
+        assert json.dumps(last["meta_info"][key]) == json.dumps(whole["meta_info"][key]), key
+    batch = {"text": [PROMPT, "Hello"], "sampling_params": GREEDY_12}
+    answers = post(live, "/generate", batch).json()
+    finals = {e["index"]: e for e in generate_events(live, batch) if e["meta_info"]["finish_reason"]}
+    assert [finals[i]["text"] for i in range(2)] == [a["text"] for a in answers]
+
+
+def test_generate_finish_reasons_take_sglang_s_forms(live, pages_freed):
+    full = post(live, "/generate", {"text": PROMPT, "sampling_params": GREEDY_12}).json()
+    stop_id = full["output_ids"][3]
+    by_id = post(live, "/generate", {"text": PROMPT, "sampling_params": {**GREEDY_12, "stop_token_ids": [stop_id]}})
+    at = full["output_ids"].index(stop_id)
+    assert by_id.json()["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_id}
+    assert by_id.json()["output_ids"] == full["output_ids"][:at + 1]
+    stop = full["text"][3:5]
+    if stop.strip("\ufffd"):
+        by_str = post(live, "/generate", {"text": PROMPT, "sampling_params": {**GREEDY_12, "stop": [stop]}}).json()
+        assert by_str["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+        assert by_str["text"] == full["text"][:full["text"].index(stop)]
+        kept = post(live, "/generate", {"text": PROMPT, "sampling_params": {**GREEDY_12, "stop": stop,
+                                                                            "no_stop_trim": True}}).json()
+        assert kept["text"] == by_str["text"] + stop
+    # max_new_tokens 0: the prompt alone (scored where logprobs are asked), no token shown.
+    none = post(live, "/generate", {"text": PROMPT, "sampling_params": {"max_new_tokens": 0}}).json()
+    assert (none["text"], none["output_ids"]) == ("", [])
+    assert none["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
+    assert none["meta_info"]["completion_tokens"] == 0
+
+
+def test_generate_logprobs_are_the_completions_route_s(client, live, pages_freed):
+    """SGLang's [logprob, token id, text or null] triples hold the completions route's numbers: the output's, the k
+    best at each position, and from logprob_start_len the prompt's (the first null, as SGLang pads it)."""
+    tok = live.app.state.jaxserve.tokenizer
+    ids = tok.encode(PROMPT, add_special_tokens=False)
+    comp = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2,
+                                     extra_body={"ignore_eos": True, "prompt_logprobs": 2,
+                                                 "return_token_ids": True}).model_dump()["choices"][0]
+    body = {"text": PROMPT, "sampling_params": {**GREEDY_12, "max_new_tokens": 6}, "return_logprob": True,
+            "top_logprobs_num": 2, "return_text_in_logprobs": True}
+    meta = post(live, "/generate", body).json()["meta_info"]
+    out = meta["output_token_logprobs"]
+    assert [t for _, t, _ in out] == comp["token_ids"] and [s for _, _, s in out] == comp["logprobs"]["tokens"]
+    assert [v for v, _, _ in out] == pytest.approx(comp["logprobs"]["token_logprobs"])
+    assert meta["input_token_logprobs"] == [[None, ids[-1], tok.decode([ids[-1]])]]
+    assert meta["input_top_logprobs"] == [None]
+    for tops, want in zip(meta["output_top_logprobs"], comp["logprobs"]["top_logprobs"]):
+        assert {s: v for v, _, s in tops} == pytest.approx(dict(list(want.items())[:2]))
+    scored = post(live, "/generate", {**body, "logprob_start_len": 0, "return_text_in_logprobs": False,
+                                      "sampling_params": {"max_new_tokens": 0}}).json()["meta_info"]
+    assert [t for _, t, _ in scored["input_token_logprobs"]] == ids and scored["output_token_logprobs"] == []
+    assert scored["input_token_logprobs"][0] == [None, ids[0], None] and scored["input_top_logprobs"][0] is None
+    want = [p[str(t)]["logprob"] for p, t in zip(comp["prompt_logprobs"][1:], ids[1:])]
+    assert [v for v, _, _ in scored["input_token_logprobs"][1:]] == pytest.approx(want)
+    assert all(len(t) == 2 for t in scored["input_top_logprobs"][1:])
+
+
+def test_generate_client_disconnect_aborts(live, pages_freed, monkeypatch):
+    slow_decodes(live, monkeypatch, 0.05)  # keeps the request running well past the client's timeout
+    before = abort_count(live)
+    with pytest.raises(httpx.ReadTimeout):
+        post(live, "/generate", {"text": PROMPT, "sampling_params": {"max_new_tokens": 128, "ignore_eos": True}},
+             timeout=httpx.Timeout(60, read=0.3))
+    seconds_until_aborted(live, before, time.time())
+
+
 # ----- concurrency and cancellation ------------------------------------------------------------------
 def test_32_concurrent_streams_match_their_solo_runs(client, live, pages_freed):
     prompts = [f"{PROMPT} {i}" for i in range(32)]
@@ -808,6 +937,30 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
     ("/v1/chat/completions", {**CHAT_BODY, "messages": [
         {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"arguments": "{}"}}]}]},
      400, "messages", None),
+    # SGLang's /generate: errors name its own fields.
+    ("/generate", {"sampling_params": {}}, 400, "text", None),
+    ("/generate", {"text": PROMPT, "sampling_params": {"temperature": "hot"}}, 400, "sampling_params.temperature",
+     None),
+    ("/generate", {"text": PROMPT, "sampling_params": {"top_p": 1.5}}, 400, "sampling_params.top_p", None),
+    ("/generate", {"text": PROMPT, "sampling_params": {"max_new_tokens": -1}}, 400, "sampling_params.max_new_tokens",
+     None),
+    ("/generate", {"text": PROMPT, "sampling_params": {"max_new_tokens": 129}}, 400,
+     "sampling_params.max_new_tokens", None),
+    ("/generate", {"text": PROMPT, "sampling_params": {"max_tokens": 5}}, 400, "sampling_params.max_tokens", None),
+    ("/generate", {"text": PROMPT, "sampling_params": {"regex": "(?=a)b"}}, 400, "sampling_params.regex", None),
+    ("/generate", {"text": [PROMPT, "a"], "sampling_params": [{}]}, 400, "sampling_params", None),
+    ("/generate", {"text": [PROMPT, "a"], "sampling_params": [{"n": 2}, {}]}, 400, "sampling_params.n", None),
+    ("/generate", {"input_ids": [1, 2, 99999]}, 400, "input_ids", None),
+    ("/generate", {"input_ids": []}, 400, "input_ids", None),
+    ("/generate", {"text": "fox " * 300}, 400, "text", "context_length_exceeded"),
+    ("/generate", {"text": PROMPT, "return_logprob": True, "top_logprobs_num": 21}, 400, "top_logprobs_num", None),
+    ("/generate", {"text": PROMPT, "return_logprob": True, "logprob_start_len": 99}, 400, "logprob_start_len", None),
+    ("/generate", {"text": PROMPT, "return_logprob": True, "logprob_start_len": 0, "stream": True}, 400,
+     "logprob_start_len", None),
+    ("/generate", {"text": [PROMPT, "a"], "return_logprob": [True]}, 400, "return_logprob", None),
+    ("/generate", {"text": [PROMPT, "a"], "rid": ["x", "x"]}, 400, "rid", None),
+    ("/generate", {"text": PROMPT, "lora_path": "nope"}, 400, "lora_path", None),
+    ("/generate", {"text": PROMPT, "image_data": "cat.png"}, 400, "image_data", None),
 ])
 def test_bad_request_gets_openai_error_and_server_keeps_serving(live, path, body, status, param, code):
     r = post(live, path, body)

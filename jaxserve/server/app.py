@@ -3,9 +3,9 @@
 Owns the HTTP surface: authentication, body-size, ``n`` and ``max_tokens`` bounds, prompt
 rendering (chat template, tools included) and tokenization with the server's own tokenizer copy
 (on a thread of its own, off the event loop), submitting to the async engine, SSE streaming,
-client-disconnect aborts, ``/v1/embeddings``, ``/score`` and ``/rerank`` (vLLM's, by the embeddings' cosine),
-``/health``, ``/version``, ``/v1/models``, ``/tokenize`` and
-``/detokenize`` (vLLM's), ``/metrics`` and the draining shutdown. It
+client-disconnect aborts, SGLang's ``/generate``,
+``/v1/embeddings``, ``/score`` and ``/rerank`` (vLLM's, by the embeddings' cosine), ``/health``, ``/version``,
+``/v1/models``, ``/tokenize`` and ``/detokenize`` (vLLM's), ``/metrics`` and the draining shutdown. It
 never schedules or runs the model: the async engine's thread alone drives the ``Engine``.
 """
 
@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -46,11 +47,11 @@ from jaxserve.pooling import POOLING_TYPES, PoolingParams, pair_scores, score_pa
 from jaxserve.replicas import Replicas
 from jaxserve.sampling import MAX_LOGPROBS, SamplingParams, sample_seed
 from jaxserve.server.protocol import (APIError, ChatRequest, ClassificationRequest, CompletionRequest,
-                                      DetokenizeRequest, EmbeddingRequest,
+                                      DetokenizeRequest, EmbeddingRequest, GenerateRequest,
                                       LoadLoraRequest, RerankRequest, SamplingFields, Schema, ScoreRequest,
                                       TokenizeRequest, ToolCall, UnloadLoraRequest, bad_params)
 from jaxserve.server.reasoning import REASONING_PARSERS, THINK_END
-from jaxserve.server.responses import ChatFormat, CompletionFormat
+from jaxserve.server.responses import ChatFormat, CompletionFormat, GenerateFormat
 from jaxserve.server.responses_api import (ResponsesFormat, ResponsesRequest, ResponseStore, chat_body,
                                            input_messages, output_messages)
 from jaxserve.server.token_chunks import TokenChunks
@@ -481,6 +482,14 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
                                token_ids_as_names=_ids_as_names(req, st))
         return await _serve(request, st, req, [p for p in engine_prompts for _ in range(req.n)], params, fmt)
 
+    @app.api_route("/generate", methods=["POST", "PUT"])
+    async def generate(request: Request) -> Response:
+        """SGLang's native route (its RL frameworks' rollouts and ``bench_serving --backend sglang`` use it): ``text``
+        or ``input_ids``, one or a batch, with SGLang's ``sampling_params``, answered as SGLang answers
+        (`GenerateFormat`); run as ``/v1/completions`` runs its prompts (`_generate`)."""
+        st, req = await _accept_plain(request, GenerateRequest)
+        return await _generate(request, st, req)
+
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         st, req = await _accept_plain(request, EmbeddingRequest)
@@ -845,6 +854,169 @@ def _completion_prompts(req: CompletionRequest, st: _State) -> list[list[int]]:
         raise APIError(400, f"prompts x n must be in [1, {st.config.max_choices}], got {len(prompts) * req.n}",
                        param="n")
     return _token_ids(prompts, ["prompt"] * len(prompts), st)
+
+
+# SGLang's sampling_params, each by the completion request field it is (app.py runs /generate as completions).
+_SGLANG_SAMPLING = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "no_stop_trim":
+                    "include_stop_str_in_output", "sampling_seed": "seed", "json_schema": "guided_json",
+                    "regex": "guided_regex", "ebnf": "guided_grammar",
+                    **{name: name for name in ("temperature", "top_p", "top_k", "min_p", "frequency_penalty",
+                                               "presence_penalty", "repetition_penalty", "stop", "stop_token_ids",
+                                               "ignore_eos", "skip_special_tokens", "n", "logit_bias")}}
+# Taken and changing nothing: Qwen2's tokenizer decodes the same either way; streamed chunks follow the server's
+# --stream-interval; custom_params only reach a custom logit processor, which is refused.
+_SGLANG_IGNORED = frozenset({"spaces_between_special_tokens", "stream_interval", "custom_params"})
+# SGLang's request fields this server cannot serve: refused by name where set (ignored, they would change the
+# answer unseen).
+_SGLANG_UNSERVED = ("input_embeds", "image_data", "video_data", "audio_data", "session_params",
+                    "custom_logit_processor", "token_ids_logprob", "return_hidden_states", "return_routed_experts")
+
+
+async def _generate(request: Request, st: _State, gen: GenerateRequest) -> Response:
+    """SGLang's ``/generate``: each prompt's ``sampling_params`` as a completion request (`_generate_requests`), so
+    the completions route's checks, sampling params, structured outputs, adapter and disconnect aborts (`_serve`)
+    all hold; errors name SGLang's fields (`_sglang_named`)."""
+    prompt_field = "input_ids" if gen.input_ids is not None else "text"
+    try:
+        reqs, single = _generate_requests(gen, st, prompt_field)
+        n = reqs[0].n
+        prompts = await _on_tokenizer_thread(st, lambda: [_completion_prompts(r, st)[0] for r in reqs])
+        logprobs = list(zip(*(_per_prompt(getattr(gen, name), len(reqs), name)
+                              for name in ("return_logprob", "logprob_start_len", "top_logprobs_num"))))
+        params, asked, prompt_only = [], [], []
+        for req, ids, (wanted, start, k) in zip(reqs, prompts, logprobs):
+            _check_n(req, st)
+            max_tokens, shown = _generate_max_tokens(req, ids, st)
+            prompt_only.append(not shown)
+            asked.append(_generate_logprobs(ids, start, k) if wanted else None)
+            # Logprobs of prompt tokens before the last come with the engine's whole result (prompt_logprobs).
+            prompt_logprobs = k if wanted and asked[-1][0] < len(ids) - 1 else None
+            if prompt_logprobs is not None and gen.stream:
+                raise APIError(400, "logprob_start_len other than -1 or the prompt's last token is not available "
+                                    "with stream (the prompt's logprobs come with the whole result)",
+                               param="logprob_start_len")
+            params += _sampling_params(req, max_tokens, k if wanted else None, n, st, prompt_logprobs,
+                                       await _structured_outputs(req, st))
+        rids = _generate_rids(gen, len(prompts), n, single)
+        fmt = GenerateFormat(st.tokenizer, prompts, n, rids, single and n == 1, asked, gen.return_text_in_logprobs,
+                             prompt_only)
+        return await _serve(request, st, reqs[0], [ids for ids in prompts for _ in range(n)], params, fmt)
+    except APIError as exc:
+        raise _sglang_named(exc, prompt_field) from None
+
+
+def _generate_requests(gen: GenerateRequest, st: _State, prompt_field: str) -> tuple[list[CompletionRequest], bool]:
+    """One completion request a prompt of ``gen`` (its sampling_params under the completion fields' names), and
+    whether ``gen`` holds a single prompt (SGLang answers it with an object, a batch with a list)."""
+    for name in _SGLANG_UNSERVED:
+        if (gen.model_extra or {}).get(name):
+            raise APIError(400, f"{name} is not supported by this server", param=name)
+    # Both given, SGLang's tokenizer manager takes the ids.
+    given = gen.input_ids if gen.input_ids is not None else gen.text
+    if given is None:
+        raise APIError(400, "text or input_ids is required", param="text")
+    single = isinstance(given, str) or (bool(given) and all(isinstance(t, int) for t in given))
+    items = _items(given)
+    if not items:
+        raise APIError(400, f"{prompt_field} must not be empty", param=prompt_field)
+    if isinstance(gen.sampling_params, list):
+        if single or len(gen.sampling_params) != len(items):
+            raise APIError(400, f"sampling_params must be one object, or a list of one a prompt ({len(items)})",
+                           param="sampling_params")
+        given_params = gen.sampling_params
+    else:
+        given_params = [gen.sampling_params or {}] * len(items)
+    lora = _generate_lora(gen, st)
+    reqs = []
+    for item, sampling in zip(items, given_params):
+        body = {"prompt": item, "stream": gen.stream, "model": lora, "max_tokens": 128}  # SGLang's default
+        for key, value in sampling.items():
+            if key in _SGLANG_SAMPLING:
+                body[_SGLANG_SAMPLING[key]] = value
+            elif key not in _SGLANG_IGNORED and value is not None:
+                raise APIError(400, f"sampling_params.{key} is not supported by this server",
+                               param=f"sampling_params.{key}")
+        req = _parse(CompletionRequest, body)
+        if "max_new_tokens" in sampling and sampling["max_new_tokens"] is None:
+            req.max_tokens = None  # the schema reads null as its default (16): here it is SGLang's "no limit"
+        reqs.append(req)
+    if len({r.n for r in reqs}) > 1:  # SGLang's rule: the answer is prompt-major, n a prompt
+        raise APIError(400, "sampling_params.n must be the same for every prompt", param="sampling_params.n")
+    if len(reqs) * reqs[0].n > st.config.max_choices:
+        raise APIError(400, f"prompts x n must be in [1, {st.config.max_choices}], got {len(reqs) * reqs[0].n}",
+                       param=prompt_field)
+    return reqs, single
+
+
+def _generate_max_tokens(req: CompletionRequest, ids: list[int], st: _State) -> tuple[int, bool]:
+    """The max_tokens a /generate prompt runs with, and whether its tokens are shown: SGLang cuts max_new_tokens to
+    what the context leaves (null: all of it) rather than refusing it, and takes 0 (the prompt scored alone: the
+    engine runs one token, which the answer leaves out)."""
+    _check_context(len(ids), 1, "prompt", st)
+    room = st.max_model_len - len(ids)
+    requested = req.max_tokens
+    if requested is None:
+        requested = min(st.config.max_tokens_limit or room, room)
+    if requested < 0:
+        raise APIError(400, f"sampling_params.max_new_tokens must be >= 0, got {requested}",
+                       param="sampling_params.max_new_tokens")
+    return min(_max_tokens(max(requested, 1), "max_tokens", st), room), requested > 0
+
+
+def _generate_logprobs(ids: list[int], start: int, k: int) -> tuple[int, int]:
+    """A /generate prompt's ``(logprob_start_len, top_logprobs_num)``, -1 read as the prompt's last token."""
+    start = len(ids) - 1 if start == -1 else start
+    if not 0 <= start < len(ids):
+        raise APIError(400, f"logprob_start_len must be -1 (the prompt's last token) or in [0, {len(ids)}) (the "
+                            f"prompt's tokens), got {start}", param="logprob_start_len")
+    return start, k
+
+
+def _per_prompt(value: Any, count: int, name: str) -> list[Any]:
+    """A /generate field given once or a prompt, as one value a prompt."""
+    if not isinstance(value, list):
+        return [value] * count
+    if len(value) != count:
+        raise APIError(400, f"{name} must be one value, or a list of one a prompt ({count}), got {len(value)}",
+                       param=name)
+    return value
+
+
+def _generate_lora(gen: GenerateRequest, st: _State) -> str | None:
+    """The served adapter ``lora_path`` names (by its name or its folder), as the completion request's model."""
+    paths = set(gen.lora_path) if isinstance(gen.lora_path, list) else {gen.lora_path}
+    if len(paths) > 1:
+        raise APIError(400, "lora_path must name one adapter for the whole request", param="lora_path")
+    path = next(iter(paths), None)
+    if path is None or path in st.loras:
+        return path
+    name = next((name for name, lora in st.loras.items() if lora.lora_path == path), None)
+    if name is None:
+        raise APIError(400, f"lora_path {path!r} is not an adapter this server serves (by name or folder: "
+                            f"{sorted(st.loras)})", param="lora_path")
+    return name
+
+
+def _generate_rids(gen: GenerateRequest, count: int, n: int, single: bool) -> list[str]:
+    """Each sample's ``meta_info.id``: SGLang's (the request's ``rid``; a batch's ``{rid}_{i}`` or its list; fresh
+    ids for ``n`` > 1 samples, as SGLang gives them)."""
+    if n > 1 or gen.rid is None:
+        return [uuid.uuid4().hex for _ in range(count * n)]
+    if isinstance(gen.rid, str):
+        return [gen.rid] if single else [f"{gen.rid}_{i}" for i in range(count)]
+    if single or len(gen.rid) != count or len(set(gen.rid)) != count:
+        raise APIError(400, f"rid must be a string, or a list of {count} distinct ones (one a prompt)", param="rid")
+    return list(gen.rid)
+
+
+def _sglang_named(exc: APIError, prompt_field: str) -> APIError:
+    """An error of the completion request a /generate request ran as, naming the field as SGLang's body does."""
+    names = {**{ours: f"sampling_params.{theirs}" for theirs, ours in _SGLANG_SAMPLING.items()},
+             "logprobs": "top_logprobs_num", "prompt_logprobs": "top_logprobs_num", "prompt": prompt_field}
+    if exc.param in names:
+        exc.message = re.sub(rf"\b{exc.param}\b", names[exc.param], exc.message)
+        exc.param = names[exc.param]
+    return exc
 
 
 async def _embed(request: Request, st: _State, items: list, field: str | list[str], req: Any, base_id: str,
@@ -1248,7 +1420,7 @@ async def _merge(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, dict[
 
 
 async def _serve(request: Request, st: _State, req: SamplingFields, prompts: list[Any],
-                 params: list[SamplingParams], fmt: CompletionFormat | ChatFormat) -> Response:
+                 params: list[SamplingParams], fmt: CompletionFormat | ChatFormat | GenerateFormat) -> Response:
     handles = await _submit_all(st, _salted(prompts, req), params, fmt.id, req.priority, st.loras.get(req.model))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -1363,7 +1535,7 @@ async def _results_unless_disconnected(request: Request, handles: list[RequestHa
             h.abort()
 
 
-async def _sse(handles: list[RequestHandle], fmt: CompletionFormat | ChatFormat,
+async def _sse(handles: list[RequestHandle], fmt: CompletionFormat | ChatFormat | GenerateFormat,
                include_usage: bool, continuous: bool = False,
                pieces: TokenChunks | None = None) -> AsyncIterator[str]:
     """The SSE events of a streamed request: each engine chunk as ``pieces`` splits it (`TokenChunks`; None: whole)."""

@@ -1,8 +1,8 @@
 """The OpenAI wire format coming in: request schemas and the error body.
 
 Owns the pydantic models of ``/v1/completions``, ``/v1/chat/completions``, ``/v1/embeddings``, ``/score``,
-``/rerank``, ``/tokenize`` and ``/detokenize`` requests (strict types, unknown fields ignored as OpenAI does)
-and ``APIError``, answered as
+``/rerank``, ``/tokenize`` and ``/detokenize`` requests and SGLang's ``/generate`` (strict types, unknown fields
+ignored as OpenAI does) and ``APIError``, answered as
 ``{"error": {"message", "type", "param", "code"}}``. It never reads the engine or formats a
 successful response (``responses.py``).
 """
@@ -313,3 +313,31 @@ class UnloadLoraRequest(Schema):
     """vLLM's ``/v1/unload_lora_adapter`` body."""
 
     lora_name: str
+
+
+class GenerateRequest(Schema):
+    """SGLang's ``/generate`` body (its ``GenerateReqInput``): ``text`` or ``input_ids`` (one prompt, or a batch),
+    ``sampling_params`` in SGLang's names (one dict, or one per prompt; app.py translates them to a completion
+    request's), and per prompt or for all, ``return_logprob``, ``top_logprobs_num`` and ``logprob_start_len`` (-1:
+    from the prompt's last token).
+
+    Example:
+        >>> GenerateRequest(text=["a", "b"], sampling_params={"max_new_tokens": 8}).top_logprobs_num
+        0
+    """
+
+    # Fields SGLang takes that this server does not serve are kept, so that one set is refused by name instead of
+    # ignored (app.py `_SGLANG_UNSERVED`).
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: int | list[int] = -1
+    top_logprobs_num: int | list[int] = 0
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+    rid: str | list[str] | None = None
+    # An adapter the server serves, by its name or its folder; one for the whole request.
+    lora_path: str | list[str | None] | None = None

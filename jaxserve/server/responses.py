@@ -1,8 +1,8 @@
 """The OpenAI wire format going out: response bodies, stream chunks, usage, logprobs.
 
 Owns turning the async engine's results and chunks into ``text_completion`` /
-``chat.completion`` bodies and their ``*.chunk`` stream events. It never talks to the engine
-or reads HTTP: the app hands it results and writes what it returns.
+``chat.completion`` bodies and their ``*.chunk`` stream events, and into SGLang's ``/generate`` answers. It
+never talks to the engine or reads HTTP: the app hands it results and writes what it returns.
 """
 
 from __future__ import annotations
@@ -371,3 +371,103 @@ class ChatFormat:
         return self.prompt_tokens
 
 
+
+
+class GenerateFormat:
+    """SGLang's ``/generate`` answers: a ``{"text", "output_ids", "meta_info"}`` object a sample, or a list of them
+    for a batch or ``n`` > 1 (prompt ``i``'s ``n`` samples side by side), as SGLang answers. Streamed, each event
+    holds its sample's text, ids and logprobs so far, not a delta (SGLang's default), and in a list-answer its
+    ``index``. ``logprobs[i]`` is prompt ``i``'s ``(logprob_start_len, top_logprobs_num)``, None where it asked for
+    none; ``prompt_only[i]``: its ``max_new_tokens`` was 0, so the one token the engine ran is not shown.
+
+    Example:
+        >>> fmt = GenerateFormat(tokenizer, [[9707, 11]], 1, ["r1"], single=True, logprobs=[(1, 0)])  # doctest: +SKIP
+        >>> fmt.response([result])["meta_info"]["output_token_logprobs"][0]                           # doctest: +SKIP
+        [-0.31, 1879, None]
+    """
+
+    def __init__(self, tokenizer: Any, prompts: list[list[int]], n: int, rids: list[str], single: bool,
+                 logprobs: list[tuple[int, int] | None], text_in_logprobs: bool = False,
+                 prompt_only: list[bool] | None = None) -> None:
+        self.id = f"generate-{uuid.uuid4().hex}"
+        self.prompts, self.n, self.rids, self.single = prompts, n, rids, single
+        self.logprobs, self.text_in_logprobs = logprobs, text_in_logprobs
+        self.prompt_only = prompt_only or [False] * len(prompts)
+        self._decode = functools.cache(lambda t: tokenizer.decode([t]))
+        self._so_far: dict[int, dict[str, Any]] = {}  # streamed samples' text, ids and logprobs so far
+
+    def response(self, results: list[dict[str, Any]]) -> dict[str, Any] | list[dict[str, Any]]:
+        out = [self._answer(i, r["text"], r["token_ids"], r.get("logprobs"), r.get("top_logprobs"), r)
+               for i, r in enumerate(results)]
+        return out[0] if self.single else out
+
+    def stream_start(self, i: int, include_usage: bool) -> list[dict[str, Any]]:
+        return []
+
+    def stream_chunk(self, i: int, chunk: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+        """Sample ``i``'s answer so far, with this chunk."""
+        done = chunk["finish_reason"] is not None
+        if self.prompt_only[i // self.n] and not done:
+            return []
+        so_far = self._so_far.setdefault(i, {"text": "", "ids": [], "logprobs": [], "tops": []})
+        so_far["text"] += chunk["text"]
+        so_far["ids"] += chunk["token_ids"]
+        so_far["logprobs"] += chunk.get("logprobs") or []
+        so_far["tops"] += chunk.get("top_logprobs") or []
+        out = self._answer(i, so_far["text"], so_far["ids"], so_far["logprobs"], so_far["tops"],
+                           chunk["result"] if done else None)
+        if not self.single:
+            out["index"] = i
+        return [out]
+
+    def _answer(self, i: int, text: str, ids: list[int], logprobs: list[float] | None,
+                tops: list[dict[int, float]] | None, result: dict[str, Any] | None) -> dict[str, Any]:
+        """Sample ``i``'s object; ``result`` the engine's once it ended (None while it runs)."""
+        p = i // self.n
+        prompt = self.prompts[p]
+        if self.prompt_only[p]:
+            text, ids, logprobs, tops = "", [], [], []
+        meta: dict[str, Any] = {"id": self.rids[i], "finish_reason": None, "prompt_tokens": len(prompt),
+                                "completion_tokens": len(ids), "weight_version": "default"}
+        if result is not None:
+            meta["finish_reason"] = ({"type": "length", "length": 0} if self.prompt_only[p]
+                                     else _sglang_finish_reason(result, ids))
+            meta["cached_tokens"] = result["cached_tokens"]
+            meta["e2e_latency"] = result["total_time"]
+        if self.logprobs[p] is not None:
+            meta.update(self._logprob_info(prompt, *self.logprobs[p], ids, logprobs or [], tops or [], result))
+        return {"text": text, "output_ids": list(ids), "meta_info": meta}
+
+    def _logprob_info(self, prompt: list[int], start: int, k: int, ids: list[int], logprobs: list[float],
+                      tops: list[dict[int, float]], result: dict[str, Any] | None) -> dict[str, Any]:
+        """SGLang's logprob fields: ``[logprob, token id, text or None]`` triples, the input's from the prompt token
+        at ``start`` (whose logprob is always null there, as SGLang pads it), with the ``k`` best at each position."""
+        def triple(logprob: float | None, token: int) -> list[Any]:
+            return [None if logprob is None else _finite(logprob), token,
+                    self._decode(token) if self.text_in_logprobs else None]
+
+        def best(entry: dict[int, float]) -> list[list[Any]]:
+            return [triple(v, t) for t, v in best_first(entry, k)]
+
+        # The prompt's logprobs past `start`: computed (prompt_logprobs) only where there are any, and never
+        # streamed (app.py refuses that), so the result holds them.
+        scored = list(zip(prompt[start + 1:], result["prompt_logprobs"][start + 1:])) if start + 1 < len(prompt) else []
+        info = {"input_token_logprobs": [triple(None, prompt[start])] + [triple(e[t], t) for t, e in scored],
+                "output_token_logprobs": [triple(v, t) for v, t in zip(logprobs, ids)]}
+        if k > 0:
+            info["input_top_logprobs"] = [None] + [best(e) for _, e in scored]
+            info["output_top_logprobs"] = [best(e) for e in tops]
+        return info
+
+
+def _sglang_finish_reason(result: dict[str, Any], ids: list[int]) -> dict[str, Any]:
+    """SGLang's finish reason of an ended request: ``length`` with the tokens made, ``stop`` with what ``matched``
+    (the stop string or stop id; otherwise the last token: the EOS id, as SGLang names it, or the token that
+    completed a structured output, where SGLang's grammar would go on to EOS), or ``abort``."""
+    reason = result["finish_reason"]
+    if reason == "length":
+        return {"type": "length", "length": len(ids)}
+    if reason == "stop":
+        matched = result.get("stop_reason")
+        return {"type": "stop", "matched": matched if matched is not None else (ids[-1] if ids else None)}
+    return {"type": "abort", "message": result.get("error") or "aborted"}
