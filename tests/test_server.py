@@ -646,6 +646,20 @@ def test_generate_client_disconnect_aborts(live, pages_freed, monkeypatch):
     seconds_until_aborted(live, before, time.time())
 
 
+def test_sglang_model_info_and_health_generate(live, pages_freed):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for path in ("/get_model_info", "/model_info"):
+        info = httpx.get(live.url + path, headers=headers).json()
+        assert info["model_path"] == "tiny" and info["is_generation"] is True
+        assert httpx.get(live.url + path).status_code == 401
+    assert httpx.get(live.url + "/health_generate").json() == {"status": "ok"}  # open, as /health is
+    assert httpx.post(live.url + "/sleep?level=1", headers=headers).json() == {"status": "ok"}
+    try:  # an engine that cannot generate: 503, where /health still answers 200
+        assert httpx.get(live.url + "/health_generate").status_code == 503
+    finally:
+        assert httpx.post(live.url + "/wake_up", headers=headers).json() == {"status": "ok"}
+
+
 # ----- concurrency and cancellation ------------------------------------------------------------------
 def test_32_concurrent_streams_match_their_solo_runs(client, live, pages_freed):
     prompts = [f"{PROMPT} {i}" for i in range(32)]

@@ -3,7 +3,7 @@
 Owns the HTTP surface: authentication, body-size, ``n`` and ``max_tokens`` bounds, prompt
 rendering (chat template, tools included) and tokenization with the server's own tokenizer copy
 (on a thread of its own, off the event loop), submitting to the async engine, SSE streaming,
-client-disconnect aborts, SGLang's ``/generate``,
+client-disconnect aborts, SGLang's ``/generate`` (with ``/get_model_info`` and ``/health_generate``),
 ``/v1/embeddings``, ``/score`` and ``/rerank`` (vLLM's, by the embeddings' cosine), ``/health``, ``/version``,
 ``/v1/models``, ``/tokenize`` and ``/detokenize`` (vLLM's), ``/metrics`` and the draining shutdown. It
 never schedules or runs the model: the async engine's thread alone drives the ``Engine``.
@@ -490,6 +490,29 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         st, req = await _accept_plain(request, GenerateRequest)
         return await _generate(request, st, req)
 
+    @app.get("/get_model_info")
+    @app.get("/model_info")  # SGLang's newer name
+    async def model_info(request: Request) -> JSONResponse:
+        st = _state(request)
+        _authorize(request, st)
+        return JSONResponse({"model_path": st.model_name, "tokenizer_path": st.config.tokenizer or st.model_name,
+                             "is_generation": not st.labels, "preferred_sampling_params": None,
+                             "weight_version": "default", "has_image_understanding": False,
+                             "has_audio_understanding": False})
+
+    @app.get("/health_generate")
+    async def health_generate(request: Request) -> JSONResponse:
+        """SGLang's deeper health check: 200 once a one-token request runs through the engine, 503 where it fails or
+        takes over ``HEALTH_GENERATE_S``. Open without the API key, as /health (and SGLang's /health*) are."""
+        st = _state(request)
+        try:
+            handles = await _submit_all(st, [[0]], [SamplingParams(max_tokens=1, temperature=0)],
+                                        f"health-{uuid.uuid4().hex}", logged=False)
+            await asyncio.wait_for(_results_unless_disconnected(request, handles), HEALTH_GENERATE_S)
+        except (APIError, EngineDeadError, asyncio.TimeoutError) as exc:
+            return JSONResponse({"status": f"generation failed: {exc}"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         st, req = await _accept_plain(request, EmbeddingRequest)
@@ -855,6 +878,9 @@ def _completion_prompts(req: CompletionRequest, st: _State) -> list[list[int]]:
                        param="n")
     return _token_ids(prompts, ["prompt"] * len(prompts), st)
 
+
+# How long /health_generate waits for its one token (SGLang's HEALTH_CHECK_TIMEOUT).
+HEALTH_GENERATE_S = 20.0
 
 # SGLang's sampling_params, each by the completion request field it is (app.py runs /generate as completions).
 _SGLANG_SAMPLING = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "no_stop_trim":
