@@ -1781,7 +1781,10 @@ def run_to_completion(driver: Any, prompts: Prompt | Sequence[Prompt],
     out = []
     for i, group in enumerate(samples):
         first = results[(i, 0)]
-        out.append(first if len(group) == 1 else {**first, "outputs": [results[(i, j)] for j in range(len(group))]})
+        # Every generation result lists its samples (one where n is 1), so code reading ``outputs`` runs whatever n
+        # is, as vLLM's RequestOutput.outputs; an embedding has none.
+        pooled = isinstance(group[0], PoolingParams)
+        out.append(first if pooled else {**first, "outputs": [results[(i, j)] for j in range(len(group))]})
     return out
 
 

@@ -115,7 +115,7 @@ def test_chat_n_and_per_prompt_n(model):
     with Engine(model, small_config()) as engine:
         outs = engine.chat([[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Bye"}]],
                            [SamplingParams(max_tokens=4, n=2), SamplingParams(max_tokens=4)], use_tqdm=False)
-        assert len(outs[0]["outputs"]) == 2 and "outputs" not in outs[1]
+        assert len(outs[0]["outputs"]) == 2 and [o["token_ids"] for o in outs[1]["outputs"]] == [outs[1]["token_ids"]]
         assert all(o["completion_tokens"] >= 1 for o in outs[0]["outputs"])
         assert_all_pages_free(engine)
 
