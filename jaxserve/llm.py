@@ -636,7 +636,11 @@ class LLMEngine:
         """End requests now, their pages freed; no output follows (vLLM's). Unknown or ended ids are skipped."""
         for rid in [request_id] if isinstance(request_id, str) else request_id:
             parent = self._parents.pop(rid, None)
-            for child in parent.children if parent is not None else ():
+            for j, child in enumerate(parent.children if parent is not None else ()):
+                if self._child.get(child) != (rid, j):
+                    # This sample ended and was released: its engine id ("0_x") may since name another request,
+                    # which aborting here would end unreported, its own entry left unfinished for good.
+                    continue
                 self.engine.abort(child)
                 self.engine.release(child)
                 self._child.pop(child, None)

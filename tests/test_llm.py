@@ -352,3 +352,26 @@ def test_llm_engine_steps_give_vllm_s_outputs_by_output_kind(model):
             llm.collective_rpc("_queue")
         assert_all_pages_free(llm.engine)
     assert isinstance(LLMEngine.from_engine_args(EngineArgs(model, max_model_len=256)).llm, LLM)
+
+
+def test_llm_engine_abort_spares_a_request_added_under_an_ended_sample_s_id(model):
+    """An n-sample request's sample that ended frees its engine id ("1_z"); a request added under that id afterwards
+    is not the parent's: aborting the parent neither ends it unreported nor leaves it unfinished for good."""
+    long = dict(max_tokens=12, temperature=0, ignore_eos=True)
+    with LLM(model) as llm:
+        engine = llm.llm_engine
+        engine.add_request("z", "import os\n", SamplingParams(**long, n=2))
+        engine.step()
+        llm.engine.abort("1_z")  # sample 1 ends (by hand here; a stop string ends one sample before the other)
+        assert [o.outputs[0].finish_reason for o in engine.step() if o.request_id == "z"][-1:] == ["abort"]
+        engine.add_request("1_z", "import os\n", SamplingParams(**long))
+        engine.abort_request("z")
+        outs = []
+        for _ in range(100):
+            if not engine.has_unfinished_requests():
+                break
+            outs += engine.step()
+        assert not engine.has_unfinished_requests()
+        assert [(o.outputs[0].finish_reason, len(o.outputs[0].token_ids)) for o in outs
+                if o.request_id == "1_z" and o.finished] == [("length", 12)]
+        assert_all_pages_free(llm.engine)
