@@ -637,6 +637,16 @@ def test_generate_logprobs_are_the_completions_route_s(client, live, pages_freed
     assert all(len(t) == 2 for t in scored["input_top_logprobs"][1:])
 
 
+def test_generate_errors_rename_the_field_but_not_a_server_flag():
+    from jaxserve.server.app import _sglang_named
+    from jaxserve.server.protocol import APIError
+
+    exc = _sglang_named(APIError(400, "logprobs must be in [0, 20] (the server's --max-logprobs), got -1",
+                                 param="logprobs"), "text")
+    assert exc.param == "top_logprobs_num"
+    assert exc.message == "top_logprobs_num must be in [0, 20] (the server's --max-logprobs), got -1"
+
+
 def test_generate_client_disconnect_aborts(live, pages_freed, monkeypatch):
     slow_decodes(live, monkeypatch, 0.05)  # keeps the request running well past the client's timeout
     before = abort_count(live)

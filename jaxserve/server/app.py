@@ -1040,7 +1040,8 @@ def _sglang_named(exc: APIError, prompt_field: str) -> APIError:
     names = {**{ours: f"sampling_params.{theirs}" for theirs, ours in _SGLANG_SAMPLING.items()},
              "logprobs": "top_logprobs_num", "prompt_logprobs": "top_logprobs_num", "prompt": prompt_field}
     if exc.param in names:
-        exc.message = re.sub(rf"\b{exc.param}\b", names[exc.param], exc.message)
+        # Not inside a flag's name: "--max-logprobs" stays the server's flag.
+        exc.message = re.sub(rf"(?<![\w-]){re.escape(exc.param)}\b", names[exc.param], exc.message)
         exc.param = names[exc.param]
     return exc
 
