@@ -358,7 +358,7 @@ class LLM:
                 raise ValueError("truncate_prompt_tokens: give it here or in pooling_params, not both")
             pooling_params = dataclasses.replace(pooling_params or PoolingParams(),
                                                  truncate_prompt_tokens=truncate_prompt_tokens)
-        results = self.engine.embed(prompts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+        results = _pooled(self.engine.embed(prompts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request))
         return [EmbeddingRequestOutput(r["request_id"], self.engine.request_ids(p, pooling_params or PoolingParams()),
                                        EmbeddingOutput([float(x) for x in r["embedding"]]))
                 for p, r in zip(prompts, results)]
@@ -382,6 +382,7 @@ class LLM:
             results = self.engine.classify(prompts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request)
         else:
             results = self.engine.embed(prompts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+        results = _pooled(results)
         key = "probs" if task == "classify" else "embedding"
         return [PoolingRequestOutput(r["request_id"], self.engine.request_ids(p, pooling_params or PoolingParams()),
                                      PoolingOutput(np.asarray(r[key], np.float32)))
@@ -391,7 +392,7 @@ class LLM:
                  use_tqdm: bool = True) -> list[ClassificationRequestOutput]:
         """vLLM's ``LLM.classify`` (a sequence classifier's checkpoint): ``outputs.probs`` a prompt (`Engine.classify`)."""
         prompts = prompt_list(prompts)
-        results = self.engine.classify(prompts, pooling_params, use_tqdm=use_tqdm)
+        results = _pooled(self.engine.classify(prompts, pooling_params, use_tqdm=use_tqdm))
         return [ClassificationRequestOutput(r["request_id"], self.engine.request_ids(p, PoolingParams()),
                                             ClassificationOutput([float(x) for x in r["probs"]]))
                 for p, r in zip(prompts, results)]
@@ -678,7 +679,9 @@ class LLMEngine:
             del self._parents[parent_id]
             result = request.result()
             data = result["probs"] if "probs" in result else result["embedding"]
-            return PoolingRequestOutput(parent_id, list(request.prompt_ids), PoolingOutput(np.asarray(data, np.float32)))
+            # None where it ended unpooled (`result`'s "error" says why; the engine's request keeps it)
+            return PoolingRequestOutput(parent_id, list(request.prompt_ids),
+                                        PoolingOutput(None if data is None else np.asarray(data, np.float32)))
         delta, _ = request.take_delta()
         parent.texts[j] += delta
         result = request.result()
@@ -713,6 +716,15 @@ class LLMEngine:
             request_id=parent_id, prompt=text, prompt_token_ids=prompt_ids,
             prompt_logprobs=_prompt_logprobs(result, prompt_ids, self.llm._decode) if scored else None,
             outputs=samples, finished=finished, num_cached_tokens=result["cached_tokens"], lora_request=parent.lora)
+
+
+def _pooled(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``results`` of `Engine.embed` / `classify`, or a ValueError naming the first prompt that was not pooled (a
+    prompt the KV pool can never hold): vLLM's pooling outputs have no place for an abort."""
+    for i, r in enumerate(results):
+        if r.get("embedding", r.get("probs")) is None:
+            raise ValueError(f"prompt {i} was not pooled ({r['finish_reason']}): {r.get('error') or 'no reason given'}")
+    return results
 
 
 def _completion_output(index: int, result: dict[str, Any], decode: Any) -> CompletionOutput:

@@ -349,6 +349,8 @@ class Request:
             out = {"request_id": self.request_id, "finish_reason": self.finish_reason,
                    "prompt_tokens": len(self.prompt_ids), "cached_tokens": self.cached_tokens,
                    "total_time": end - self.arrival}
+            if self.error:  # ended without pooling (never fits the pool, a failed step): None below, and why
+                out["error"] = self.error
             if self.pooling.task == "classify":
                 return {**out, "probs": self.embedding, "label": self.label}
             return {**out, "embedding": self.embedding}

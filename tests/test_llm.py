@@ -375,3 +375,23 @@ def test_llm_engine_abort_spares_a_request_added_under_an_ended_sample_s_id(mode
         assert [(o.outputs[0].finish_reason, len(o.outputs[0].token_ids)) for o in outs
                 if o.request_id == "1_z" and o.finished] == [("length", 12)]
         assert_all_pages_free(llm.engine)
+
+
+def test_a_prompt_the_pool_never_holds_is_named_by_embed_and_ends_unpooled_in_llm_engine(model):
+    """A pooling request that can never fit the KV pool ends unpooled: `Engine.embed`'s result says why, LLM.embed
+    raises a ValueError naming the prompt (vLLM's outputs have no place for an abort), LLMEngine's output has no
+    data (not a NaN array); the engine serves on."""
+    long = "import os " * 30
+    with LLM(model, num_gpu_blocks_override=4, block_size=8, max_num_seqs=2, max_model_len=256) as llm:
+        (result,) = llm.engine.embed([long], use_tqdm=False)
+        assert result["embedding"] is None and "pages" in result["error"]
+        with pytest.raises(ValueError, match="prompt 1 was not pooled"):
+            llm.embed(["import os", long], use_tqdm=False)
+        engine = llm.llm_engine
+        engine.add_request("long", long, jaxserve.PoolingParams())
+        outs = []
+        while engine.has_unfinished_requests():
+            outs += engine.step()
+        assert [(o.request_id, o.outputs.data) for o in outs] == [("long", None)]
+        assert llm.embed(["import os"], use_tqdm=False)[0].outputs.embedding
+        assert_all_pages_free(llm.engine)

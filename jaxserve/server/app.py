@@ -909,11 +909,11 @@ async def _generate(request: Request, st: _State, gen: GenerateRequest) -> Respo
         prompts = await _on_tokenizer_thread(st, lambda: [_completion_prompts(r, st)[0] for r in reqs])
         logprobs = list(zip(*(_per_prompt(getattr(gen, name), len(reqs), name)
                               for name in ("return_logprob", "logprob_start_len", "top_logprobs_num"))))
-        params, asked, prompt_only = [], [], []
+        params, asked, scored_only = [], [], []
         for req, ids, (wanted, start, k) in zip(reqs, prompts, logprobs):
             _check_n(req, st)
             max_tokens, shown = _generate_max_tokens(req, ids, st)
-            prompt_only.append(not shown)
+            scored_only.append(not shown)
             asked.append(_generate_logprobs(ids, start, k) if wanted else None)
             # Logprobs of prompt tokens before the last come with the engine's whole result (prompt_logprobs).
             prompt_logprobs = k if wanted and asked[-1][0] < len(ids) - 1 else None
@@ -925,7 +925,7 @@ async def _generate(request: Request, st: _State, gen: GenerateRequest) -> Respo
                                        await _structured_outputs(req, st))
         rids = _generate_rids(gen, len(prompts), n, single)
         fmt = GenerateFormat(st.tokenizer, prompts, n, rids, single and n == 1, asked, gen.return_text_in_logprobs,
-                             prompt_only)
+                             scored_only)
         return await _serve(request, st, reqs[0], [ids for ids in prompts for _ in range(n)], params, fmt)
     except APIError as exc:
         raise _sglang_named(exc, prompt_field) from None
@@ -1558,6 +1558,9 @@ async def _results_unless_disconnected(request: Request, handles: list[RequestHa
         raise _ended_with_error(exc) from None
     finally:
         task.cancel()
+        # An abort may end the gather with the requests' error before the cancel lands: read it, or asyncio logs
+        # "exception was never retrieved" for every client that went away.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         for h in handles:
             h.abort()
 

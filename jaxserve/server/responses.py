@@ -378,7 +378,7 @@ class GenerateFormat:
     for a batch or ``n`` > 1 (prompt ``i``'s ``n`` samples side by side), as SGLang answers. Streamed, each event
     holds its sample's text, ids and logprobs so far, not a delta (SGLang's default), and in a list-answer its
     ``index``. ``logprobs[i]`` is prompt ``i``'s ``(logprob_start_len, top_logprobs_num)``, None where it asked for
-    none; ``prompt_only[i]``: its ``max_new_tokens`` was 0, so the one token the engine ran is not shown.
+    none; ``scored_only[i]``: its ``max_new_tokens`` was 0, so the one token the engine ran is not shown.
 
     Example:
         >>> fmt = GenerateFormat(tokenizer, [[9707, 11]], 1, ["r1"], single=True, logprobs=[(1, 0)])  # doctest: +SKIP
@@ -388,11 +388,11 @@ class GenerateFormat:
 
     def __init__(self, tokenizer: Any, prompts: list[list[int]], n: int, rids: list[str], single: bool,
                  logprobs: list[tuple[int, int] | None], text_in_logprobs: bool = False,
-                 prompt_only: list[bool] | None = None) -> None:
+                 scored_only: list[bool] | None = None) -> None:
         self.id = f"generate-{uuid.uuid4().hex}"
         self.prompts, self.n, self.rids, self.single = prompts, n, rids, single
         self.logprobs, self.text_in_logprobs = logprobs, text_in_logprobs
-        self.prompt_only = prompt_only or [False] * len(prompts)
+        self.scored_only = scored_only or [False] * len(prompts)
         self._decode = functools.cache(lambda t: tokenizer.decode([t]))
         self._so_far: dict[int, dict[str, Any]] = {}  # streamed samples' text, ids and logprobs so far
 
@@ -407,7 +407,7 @@ class GenerateFormat:
     def stream_chunk(self, i: int, chunk: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
         """Sample ``i``'s answer so far, with this chunk."""
         done = chunk["finish_reason"] is not None
-        if self.prompt_only[i // self.n] and not done:
+        if self.scored_only[i // self.n] and not done:
             return []
         so_far = self._so_far.setdefault(i, {"text": "", "ids": [], "logprobs": [], "tops": []})
         so_far["text"] += chunk["text"]
@@ -425,12 +425,12 @@ class GenerateFormat:
         """Sample ``i``'s object; ``result`` the engine's once it ended (None while it runs)."""
         p = i // self.n
         prompt = self.prompts[p]
-        if self.prompt_only[p]:
+        if self.scored_only[p]:
             text, ids, logprobs, tops = "", [], [], []
         meta: dict[str, Any] = {"id": self.rids[i], "finish_reason": None, "prompt_tokens": len(prompt),
                                 "completion_tokens": len(ids), "weight_version": "default"}
         if result is not None:
-            meta["finish_reason"] = ({"type": "length", "length": 0} if self.prompt_only[p]
+            meta["finish_reason"] = ({"type": "length", "length": 0} if self.scored_only[p]
                                      else _sglang_finish_reason(result, ids))
             meta["cached_tokens"] = result["cached_tokens"]
             meta["e2e_latency"] = result["total_time"]
