@@ -464,6 +464,10 @@
 #   noise69     session 69: noise68's A/B with the top-k rows and a third arm, hash noise drawn over the vocabulary
 #               (JAXSERVE_CANDIDATE_DRAW=0) against the candidates alone (the default under hash noise); then
 #               test_sampling compiled under hash noise (~200 s?)
+#   first70     session 70 (no device came): noise69's three arms and a shorter stream69 in one call (~450 s), for a
+#               session whose device time allows one call: sampler_cost.py's temp / top_p / top_k rows under threefry,
+#               hash noise over the vocabulary and over the candidates, then serving.py at 256 running requests, a
+#               token a chunk against 8 (384 requests of 128 + 128 tokens)
 #   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -1394,6 +1398,13 @@ for part in "${parts[@]}"; do
                 timeout 250 python3 bench/serving.py --random-model qwen2.5-0.5b --model /tmp/q05 --num-requests 512 \
                   --rate inf --input-len 128 --output-len 256 --max-running 256 --decode-steps 8 \
                   --batch-buckets 1 8 64 256 --warmup 256 --stream-interval $interval ; done ;;
+    first70) for arm in "0 1" "1 0" "1 1"; do set -- $arm; echo "== ab JAXSERVE_HASH_NOISE=$1 CANDIDATE_DRAW=$2"; \
+               JAXSERVE_HASH_NOISE=$1 JAXSERVE_CANDIDATE_DRAW=$2 timeout 80 python3 bench/sampler_cost.py \
+                 --rows 64 256 --settings temp top_p top_k ; done ; \
+             for interval in 1 8; do echo "== ab stream_interval=$interval"; \
+               timeout 150 python3 bench/serving.py --random-model qwen2.5-0.5b --model /tmp/q05 --num-requests 384 \
+                 --rate inf --input-len 128 --output-len 128 --max-running 256 --decode-steps 8 \
+                 --batch-buckets 1 8 64 256 --warmup 256 --stream-interval $interval ; done ;;
     noise69) for arm in "0 1" "1 0" "1 1"; do set -- $arm; echo "== ab JAXSERVE_HASH_NOISE=$1 CANDIDATE_DRAW=$2"; \
                JAXSERVE_HASH_NOISE=$1 JAXSERVE_CANDIDATE_DRAW=$2 timeout 100 python3 bench/sampler_cost.py \
                  --rows 64 256 --settings temp top_p top_k ; done ; \
