@@ -663,6 +663,12 @@ def test_sglang_model_info_and_health_generate(live, pages_freed):
         assert info["model_path"] == "tiny" and info["is_generation"] is True
         assert httpx.get(live.url + path).status_code == 401
     assert httpx.get(live.url + "/health_generate").json() == {"status": "ok"}  # open, as /health is
+    for path in ("/get_server_info", "/server_info"):
+        info = httpx.get(live.url + path, headers=headers).json()
+        assert info["model_path"] == "tiny" and info["context_length"] > 0 and info["max_running_requests"] > 0
+        assert info["max_total_num_tokens"] == info["internal_states"][0]["memory_usage"]["kv_pages_total"] * info[
+            "page_size"] > 0
+        assert httpx.get(live.url + path).status_code == 401
     assert httpx.post(live.url + "/sleep?level=1", headers=headers).json() == {"status": "ok"}
     try:  # an engine that cannot generate: 503, where /health still answers 200
         assert httpx.get(live.url + "/health_generate").status_code == 503

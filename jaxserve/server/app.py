@@ -3,7 +3,8 @@
 Owns the HTTP surface: authentication, body-size, ``n`` and ``max_tokens`` bounds, prompt
 rendering (chat template, tools included) and tokenization with the server's own tokenizer copy
 (on a thread of its own, off the event loop), submitting to the async engine, SSE streaming,
-client-disconnect aborts, SGLang's ``/generate`` (with ``/get_model_info`` and ``/health_generate``),
+client-disconnect aborts, SGLang's ``/generate`` (with ``/get_model_info``, ``/get_server_info`` and
+``/health_generate``),
 ``/v1/embeddings``, ``/score`` and ``/rerank`` (vLLM's, by the embeddings' cosine), ``/health``, ``/version``,
 ``/v1/models``, ``/tokenize`` and ``/detokenize`` (vLLM's), ``/metrics`` and the draining shutdown. It
 never schedules or runs the model: the async engine's thread alone drives the ``Engine``.
@@ -499,6 +500,28 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
                              "is_generation": not st.labels, "preferred_sampling_params": None,
                              "weight_version": "default", "has_image_understanding": False,
                              "has_audio_understanding": False})
+
+    @app.get("/get_server_info")
+    @app.get("/server_info")  # SGLang's newer name
+    async def server_info(request: Request) -> JSONResponse:
+        """SGLang's: the settings its routers and benchmark scripts read, under SGLang's names (the model, the
+        context, the KV pool's tokens, the running cap), and the engine's state as ``internal_states`` (one a
+        server: data-parallel replicas report together)."""
+        st = _state(request)
+        _authorize(request, st)
+        stats = await st.engine.stats() if st.engine.is_running else {}
+        state = {"last_gen_throughput": stats.get("tokens_per_s", 0.0),
+                 "memory_usage": {"kv_pages_used": stats.get("pages_used", 0),
+                                  "kv_pages_total": stats.get("pages_total", 0)}}
+        if stats.get("spec_verify_calls"):  # tokens a verify call adds, as SGLang's accept length counts them
+            state["avg_spec_accept_length"] = 1 + stats["spec_accepted_tokens"] / stats["spec_verify_calls"]
+        return JSONResponse({
+            "model_path": st.model_name, "tokenizer_path": st.config.tokenizer or st.model_name,
+            "served_model_name": st.model_name, "context_length": st.max_model_len,
+            "page_size": engine_config.page_size, "max_running_requests": engine_config.max_running,
+            "max_total_num_tokens": stats.get("pages_total", 0) * engine_config.page_size,
+            "dp_size": server_config.data_parallel_size, "tp_size": engine_config.tensor_parallel_size,
+            "version": _VERSION, "internal_states": [state]})
 
     @app.get("/health_generate")
     async def health_generate(request: Request) -> JSONResponse:
