@@ -524,6 +524,25 @@ down_shrink_ab() {
   lora_ab JAXSERVE_LORA_DOWN_SHRINK "$2" 16 "--batch $3"
 }
 
+# The sampler's noise A/B (sessions 69-70), each arm its own process: threefry, hash noise over the vocabulary, hash
+# noise over the candidates alone; temp / top_p / top_k rows at 64 / 256. noise_arms LIMIT.
+noise_arms() {
+  for arm in "0 1" "1 0" "1 1"; do set -- "$1" $arm; echo "== ab JAXSERVE_HASH_NOISE=$2 CANDIDATE_DRAW=$3"
+    JAXSERVE_HASH_NOISE=$2 JAXSERVE_CANDIDATE_DRAW=$3 timeout "$1" python3 bench/sampler_cost.py \
+      --rows 64 256 --settings temp top_p top_k
+  done
+}
+
+# The server's stream granularity A/B (sessions 69-70): bench/serving.py at 256 running requests arriving at once, a
+# token a chunk against 8, random 0.5B. stream_ab LIMIT REQUESTS OUTPUT_LEN.
+stream_ab() {
+  for interval in 1 8; do echo "== ab stream_interval=$interval"
+    timeout "$1" python3 bench/serving.py --random-model qwen2.5-0.5b --model /tmp/q05 --num-requests "$2" \
+      --rate inf --input-len 128 --output-len "$3" --max-running 256 --decode-steps 8 \
+      --batch-buckets 1 8 64 256 --warmup 256 --stream-interval $interval
+  done
+}
+
 for part in "${parts[@]}"; do
   mkdir -p "$OUT/$part"
   start=$(date +%s)
@@ -1394,20 +1413,9 @@ for part in "${parts[@]}"; do
     noise68) for h in 0 1; do echo "== ab JAXSERVE_HASH_NOISE=$h"; \
                JAXSERVE_HASH_NOISE=$h timeout 100 python3 bench/sampler_cost.py --rows 64 256 --top-k \
                  --settings temp top_p ; done ;;
-    stream69) for interval in 1 8; do echo "== ab stream_interval=$interval"; \
-                timeout 250 python3 bench/serving.py --random-model qwen2.5-0.5b --model /tmp/q05 --num-requests 512 \
-                  --rate inf --input-len 128 --output-len 256 --max-running 256 --decode-steps 8 \
-                  --batch-buckets 1 8 64 256 --warmup 256 --stream-interval $interval ; done ;;
-    first70) for arm in "0 1" "1 0" "1 1"; do set -- $arm; echo "== ab JAXSERVE_HASH_NOISE=$1 CANDIDATE_DRAW=$2"; \
-               JAXSERVE_HASH_NOISE=$1 JAXSERVE_CANDIDATE_DRAW=$2 timeout 80 python3 bench/sampler_cost.py \
-                 --rows 64 256 --settings temp top_p top_k ; done ; \
-             for interval in 1 8; do echo "== ab stream_interval=$interval"; \
-               timeout 150 python3 bench/serving.py --random-model qwen2.5-0.5b --model /tmp/q05 --num-requests 384 \
-                 --rate inf --input-len 128 --output-len 128 --max-running 256 --decode-steps 8 \
-                 --batch-buckets 1 8 64 256 --warmup 256 --stream-interval $interval ; done ;;
-    noise69) for arm in "0 1" "1 0" "1 1"; do set -- $arm; echo "== ab JAXSERVE_HASH_NOISE=$1 CANDIDATE_DRAW=$2"; \
-               JAXSERVE_HASH_NOISE=$1 JAXSERVE_CANDIDATE_DRAW=$2 timeout 100 python3 bench/sampler_cost.py \
-                 --rows 64 256 --settings temp top_p top_k ; done ; \
+    stream69) stream_ab 250 512 256 ;;
+    first70) noise_arms 80; stream_ab 150 384 128 ;;
+    noise69) noise_arms 100; \
              JAXSERVE_HASH_NOISE=1 timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" \
                tests/test_sampling.py ;;
     yarn44) timeout 400 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" -m gpu --timeout 200 \
