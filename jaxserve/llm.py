@@ -383,9 +383,8 @@ class LLM:
         else:
             results = self.engine.embed(prompts, pooling_params, use_tqdm=use_tqdm, lora_request=lora_request)
         results = _pooled(results)
-        key = "probs" if task == "classify" else "embedding"
         return [PoolingRequestOutput(r["request_id"], self.engine.request_ids(p, pooling_params or PoolingParams()),
-                                     PoolingOutput(np.asarray(r[key], np.float32)))
+                                     PoolingOutput(np.asarray(_pooled_data(r), np.float32)))
                 for p, r in zip(prompts, results)]
 
     def classify(self, prompts: Prompt | Sequence[Prompt], pooling_params: PoolingParams | None = None,
@@ -540,14 +539,13 @@ class LLM:
         decode = self._decode
         first = samples[0]
         prompt_ids = first.get("prompt_token_ids")
-        embedded = isinstance(prompt, Mapping) and "prompt_embeds" in prompt  # its ids are placeholders (0): vLLM's None
-        text = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
+        text, shown_ids = _shown_prompt(prompt, prompt_ids)
         outputs = [_completion_output(i, s, decode) for i, s in enumerate(samples)]
         self._count(prompt_ids, outputs)
         for out in outputs:
             out.lora_request = lora
         return RequestOutput(
-            request_id=first["request_id"], prompt=text, prompt_token_ids=None if embedded else prompt_ids or [],
+            request_id=first["request_id"], prompt=text, prompt_token_ids=shown_ids,
             prompt_logprobs=_prompt_logprobs(first, prompt_ids, decode), outputs=outputs,
             num_cached_tokens=first["cached_tokens"], lora_request=lora)
 
@@ -677,8 +675,7 @@ class LLMEngine:
             if not ended:  # a chunk of a long prompt: the embedding comes with the last
                 return None
             del self._parents[parent_id]
-            result = request.result()
-            data = result["probs"] if "probs" in result else result["embedding"]
+            data = _pooled_data(request.result())
             # None where it ended unpooled (`result`'s "error" says why; the engine's request keeps it)
             return PoolingRequestOutput(parent_id, list(request.prompt_ids),
                                         PoolingOutput(None if data is None else np.asarray(data, np.float32)))
@@ -706,12 +703,9 @@ class LLMEngine:
                 sample.text, sample.token_ids = delta, sample.token_ids[sent:]
                 sample.logprobs = None if sample.logprobs is None else sample.logprobs[sent:]
             samples = [sample]
-        embedded = isinstance(parent.prompt, Mapping) and "prompt_embeds" in parent.prompt
-        prompt_ids = None if embedded else result["prompt_token_ids"]
+        text, prompt_ids = _shown_prompt(parent.prompt, result["prompt_token_ids"])
         # vLLM's DELTA outputs carry the prompt's log-probabilities once, with a sample's first tokens.
         scored = kind != RequestOutputKind.DELTA or sent == 0
-        text = parent.prompt if isinstance(parent.prompt, str) else (
-            parent.prompt.get("prompt") if isinstance(parent.prompt, dict) else None)
         return RequestOutput(
             request_id=parent_id, prompt=text, prompt_token_ids=prompt_ids,
             prompt_logprobs=_prompt_logprobs(result, prompt_ids, self.llm._decode) if scored else None,
@@ -722,9 +716,22 @@ def _pooled(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``results`` of `Engine.embed` / `classify`, or a ValueError naming the first prompt that was not pooled (a
     prompt the KV pool can never hold): vLLM's pooling outputs have no place for an abort."""
     for i, r in enumerate(results):
-        if r.get("embedding", r.get("probs")) is None:
+        if _pooled_data(r) is None:
             raise ValueError(f"prompt {i} was not pooled ({r['finish_reason']}): {r.get('error') or 'no reason given'}")
     return results
+
+
+def _pooled_data(result: dict[str, Any]) -> Any:
+    """A pooling result's output: a classifier's label probabilities, else the embedding (None where unpooled)."""
+    return result["probs"] if "probs" in result else result["embedding"]
+
+
+def _shown_prompt(prompt: Prompt | None, prompt_ids: list[int] | None) -> tuple[str | None, list[int] | None]:
+    """A `RequestOutput`'s prompt text (where given as text) and token ids as vLLM's show them: None for a prompt given
+    as embeddings, whose ids are placeholders (0)."""
+    text = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
+    embedded = isinstance(prompt, Mapping) and "prompt_embeds" in prompt
+    return text, None if embedded else prompt_ids or []
 
 
 def _completion_output(index: int, result: dict[str, Any], decode: Any) -> CompletionOutput:
