@@ -18,6 +18,6 @@ from jaxserve.sampling import RequestOutputKind, SamplingParams
 from jaxserve.structured import GuidedDecodingParams, StructuredOutputs, StructuredOutputsParams
 
 __all__ = ["BeamSearchParams", "Engine", "EngineArgs", "EngineConfig", "GuidedDecodingParams", "LLM", "LLMEngine",
-           "LoRARequest", "LoadedModel", "ModelConfig", "PoolingParams", "Replicas", "RequestOutputKind", "SamplingParams", "StructuredOutputs",
-           "StructuredOutputsParams", "beam_search", "chat",
-           "classify", "embed", "generate", "load", "score"]
+           "LoRARequest", "LoadedModel", "ModelConfig", "PoolingParams", "Replicas", "RequestOutputKind",
+           "SamplingParams", "StructuredOutputs", "StructuredOutputsParams", "beam_search", "chat", "classify", "embed",
+           "generate", "load", "score"]

@@ -86,8 +86,9 @@ def _is_real(x: Any) -> bool:
 
 
 class RequestOutputKind(enum.IntEnum):
-    """vLLM's: what each output of a streamed request holds. Taken by `SamplingParams` for vLLM's scripts; the
-    offline API answers once a request ends (vLLM's FINAL_ONLY) and `Engine.step` hands out deltas whatever it says."""
+    """vLLM's: what each output of a streamed request holds, as `jaxserve.LLMEngine.step` gives them (CUMULATIVE: all
+    so far, DELTA: what is new, FINAL_ONLY: the end alone). `LLM.generate` answers once a request ends, and
+    `Engine.step` hands out deltas, whatever it says."""
 
     CUMULATIVE = 0
     DELTA = 1
@@ -129,8 +130,9 @@ class SamplingParams:
     `detokenize=False` (vLLM's): no text, token ids alone (stop strings need the text, so they are refused with it).
     `truncate_prompt_tokens=-1` (vLLM's "the model's length"): the longest end of the prompt that leaves room for
     max_tokens within max_model_len.
-    Taken for vLLM's scripts and changing nothing here: `spaces_between_special_tokens` (Qwen2's fast tokenizer
-    decodes the same either way), `output_kind` (`RequestOutputKind`), `extra_args` (vLLM's plugins' arguments; kept).
+    `output_kind` (`RequestOutputKind`): what `jaxserve.LLMEngine.step` outputs. Taken for vLLM's scripts and
+    changing nothing here: `spaces_between_special_tokens` (Qwen2's fast tokenizer decodes the same either way),
+    `extra_args` (vLLM's plugins' arguments; kept).
 
     Example:
         >>> p = SamplingParams(temperature=0.7, top_p=0.9, stop="\\n", seed=0)

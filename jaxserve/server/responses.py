@@ -371,8 +371,6 @@ class ChatFormat:
         return self.prompt_tokens
 
 
-
-
 class GenerateFormat:
     """SGLang's ``/generate`` answers: a ``{"text", "output_ids", "meta_info"}`` object a sample, or a list of them
     for a batch or ``n`` > 1 (prompt ``i``'s ``n`` samples side by side), as SGLang answers. Streamed, each event

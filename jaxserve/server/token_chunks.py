@@ -52,14 +52,14 @@ class TokenChunks:
         tokens = chunk["token_ids"]
         text = chunk["text"].encode()
         parts = [self._bytes(int(t)) for t in tokens]
+        made = b"".join(parts)
         if i in self._whole:
-            if text != b"".join(parts):
+            if text != made:
                 return [chunk]
             self._whole.discard(i)
             self._held[i] = 0
         held = self._held.get(i, 0)
         own = text[held:]
-        made = b"".join(parts)
         if not made.startswith(own):
             self._whole.add(i)
             return [chunk]
