@@ -463,7 +463,8 @@
 #               granularity), random 0.5B (~400 s?)
 #   noise69     session 69: noise68's A/B with the top-k rows and a third arm, hash noise drawn over the vocabulary
 #               (JAXSERVE_CANDIDATE_DRAW=0) against the candidates alone (the default under hash noise); then
-#               test_sampling compiled under hash noise (~200 s?)
+#               test_sampling compiled under hash noise (~200 s?). Run in session 71 (first70): hash noise won, the
+#               candidates-alone draw lost to it and is gone; noise_arms times threefry against hash noise now
 #   first70     session 70 (no device came): noise69's three arms and a shorter stream69 in one call (~450 s), for a
 #               session whose device time allows one call: sampler_cost.py's temp / top_p / top_k rows under threefry,
 #               hash noise over the vocabulary and over the candidates, then serving.py at 256 running requests, a
@@ -524,18 +525,22 @@ down_shrink_ab() {
   lora_ab JAXSERVE_LORA_DOWN_SHRINK "$2" 16 "--batch $3"
 }
 
-# The sampler's noise A/B (sessions 69-70), each arm its own process: threefry, hash noise over the vocabulary, hash
-# noise over the candidates alone; temp / top_p / top_k rows at 64 / 256. noise_arms LIMIT.
+# The sampler's noise A/B (sessions 69-71), each arm its own process: threefry against hash noise (the default since
+# session 71); temp / top_p / top_k rows at 64 / 256. noise_arms LIMIT.
 noise_arms() {
-  for arm in "0 1" "1 0" "1 1"; do set -- "$1" $arm; echo "== ab JAXSERVE_HASH_NOISE=$2 CANDIDATE_DRAW=$3"
-    JAXSERVE_HASH_NOISE=$2 JAXSERVE_CANDIDATE_DRAW=$3 timeout "$1" python3 bench/sampler_cost.py \
-      --rows 64 256 --settings temp top_p top_k
+  for h in 0 1; do echo "== ab JAXSERVE_HASH_NOISE=$h"
+    JAXSERVE_HASH_NOISE=$h timeout "$1" python3 bench/sampler_cost.py --rows 64 256 --settings temp top_p top_k
   done
 }
 
 # The server's stream granularity A/B (sessions 69-70): bench/serving.py at 256 running requests arriving at once, a
 # token a chunk against 8, random 0.5B. stream_ab LIMIT REQUESTS OUTPUT_LEN.
 stream_ab() {
+  # The device has no server stack: wheels fetched here (`pip download --only-binary=:all: --python-version 3.12
+  # --platform manylinux2014_x86_64 -d .whl fastapi uvicorn prometheus-client httpx`) travel with `carry: [".whl"]`.
+  if ! python3 -c "import fastapi, uvicorn, httpx" 2>/dev/null; then
+    python3 -m pip install -q --no-index --find-links .whl fastapi uvicorn prometheus-client httpx || return 1
+  fi
   for interval in 1 8; do echo "== ab stream_interval=$interval"
     timeout "$1" python3 bench/serving.py --random-model qwen2.5-0.5b --model /tmp/q05 --num-requests "$2" \
       --rate inf --input-len 128 --output-len "$3" --max-running 256 --decode-steps 8 \

@@ -27,7 +27,7 @@ import enum
 import math
 import os
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -67,14 +67,11 @@ DEFAULT_TOP_CANDIDATES = 1024
 # bench/results/sampler.md).
 CHUNK_TOKENS = int(os.environ.get("JAXSERVE_CHUNK_TOKENS", "64"))
 CANDIDATE_CHUNKS = int(os.environ.get("JAXSERVE_CANDIDATE_CHUNKS", "64"))  # 0: this tier off (A/B runs)
-# The draw's Gumbel noise from a hash of (row key, token id) (`token_gumbel`) rather than jax.random.gumbel's threefry.
-# Off until timed on a GPU (bench/gpu_checks.sh noise68): its draws are tested here, its speed not yet measured.
-HASH_NOISE = os.environ.get("JAXSERVE_HASH_NOISE", "0") == "1"
-# With HASH_NOISE a draw whose every row cuts above the chunk tier's bound (top-k, a peaked nucleus, a strong min-p)
-# takes noise for the chunks' candidates alone: a token's noise is its own whichever tokens beside it get noise, so
-# the argmax over the candidates is the vocabulary's, token for token; no pass over the vocabulary draws. Off: every
-# draw over the vocabulary (A/B runs).
-CANDIDATE_DRAW = os.environ.get("JAXSERVE_CANDIDATE_DRAW", "1") == "1"
+# The draw's Gumbel noise from a hash of (row key, token id) (`token_gumbel`) rather than jax.random.gumbel's threefry:
+# on an H100 the temperature-only sampler 86 µs instead of 109 at 64 rows, 251 instead of 394 at 256; top-p 640
+# instead of 758 at 256 rows (bench/results/sampler.md, session 71). JAXSERVE_HASH_NOISE=0 draws threefry's noise
+# (another stream of draws for a seed, as jaxserve drew before session 71).
+HASH_NOISE = os.environ.get("JAXSERVE_HASH_NOISE", "1") == "1"
 
 
 def _is_int(x: Any) -> bool:
@@ -859,10 +856,8 @@ def _chunk_tier_on(v: int) -> bool:
     return 0 < CANDIDATE_CHUNKS * CHUNK_TOKENS < v
 
 
-def _top_k_top_p_floor(x: jax.Array, top_k: jax.Array, top_p: jax.Array, candidates: int,
-                       chunked: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-    """Each row's least value kept by top-k then top-p (ties with it kept), through the tiers above. ``chunked``:
-    `_chunk_candidates`' values and bound of ``x`` where the caller has them (else made here when the tier is on)."""
+def _top_k_top_p_floor(x: jax.Array, top_k: jax.Array, top_p: jax.Array, candidates: int) -> jax.Array:
+    """Each row's least value kept by top-k then top-p (ties with it kept), through the tiers above."""
     v = x.shape[-1]
 
     def full_sort() -> jax.Array:
@@ -876,7 +871,7 @@ def _top_k_top_p_floor(x: jax.Array, top_k: jax.Array, top_p: jax.Array, candida
             return jax.lax.cond(jnp.all(decided), lambda: thresh, full_sort)
 
         if _chunk_tier_on(v):
-            values, _, bound = _chunk_candidates(x) if chunked is None else (chunked[0], None, chunked[1])
+            values, _, bound = _chunk_candidates(x)
             fast, decided = _thresholds(x, -jnp.sort(-values, axis=-1), top_k, top_p, bound)
             thresh = jax.lax.cond(jnp.all(decided), lambda: fast, partial_sort)
         else:
@@ -999,7 +994,7 @@ def sample(
         raise ValueError(f"num_top_logprobs must be >= 0, got {num_top_logprobs}")
     if top_candidates < 1:
         raise ValueError(f"top_candidates must be >= 1, got {top_candidates}")
-    b, v = logits.shape
+    v = logits.shape[-1]
     x = processed_logits(logits, batch, step, counts, seen)
     greedy_rows = batch.temperature == 0.0
     greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
@@ -1007,21 +1002,12 @@ def sample(
     def draw(x: jax.Array) -> jax.Array:
         x = _scaled(x, batch)
         keys = row_keys(batch.seeds, step)
-
-        def over_vocab(floor: jax.Array) -> jax.Array:
-            if HASH_NOISE:
-                gumbel = token_gumbel(keys, jnp.arange(v, dtype=jnp.uint32))
-            else:
-                gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)
-            return jnp.argmax(jnp.where(x >= floor[:, None], x, -jnp.inf) + gumbel, axis=-1).astype(jnp.int32)
-
-        if HASH_NOISE and CANDIDATE_DRAW and _chunk_tier_on(v):
-            some_cut = _cuts(batch, v) | jnp.any(batch.min_p > 0.0)
-            drawn = jax.lax.cond(
-                some_cut, lambda: _candidate_draw(x, batch, top_candidates, keys, greedy_rows, over_vocab),
-                lambda: over_vocab(jnp.full((b,), -jnp.inf, x.dtype)))
+        if HASH_NOISE:
+            gumbel = token_gumbel(keys, jnp.arange(v, dtype=jnp.uint32))
         else:
-            drawn = over_vocab(_floor(x, batch, top_candidates))
+            gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)
+        floor = _floor(x, batch, top_candidates)
+        drawn = jnp.argmax(jnp.where(x >= floor[:, None], x, -jnp.inf) + gumbel, axis=-1).astype(jnp.int32)
         return jnp.where(greedy_rows, greedy_tokens, drawn)
 
     tokens = jax.lax.cond(jnp.all(greedy_rows), lambda x: greedy_tokens, draw, x)
@@ -1046,41 +1032,20 @@ def _cuts(batch: SamplingBatch, v: int) -> jax.Array:
     return jnp.any(((batch.top_k > 0) & (batch.top_k < v)) | (batch.top_p < 1.0))
 
 
-def _floor(x: jax.Array, batch: SamplingBatch, top_candidates: int,
-           chunked: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-    """Each row's least value of scaled logits ``x`` kept by min-p, top-k and top-p (-inf: no cut). ``chunked``:
-    `_chunk_candidates`' values and bound of ``x``, where the caller has them."""
+def _floor(x: jax.Array, batch: SamplingBatch, top_candidates: int) -> jax.Array:
+    """Each row's least value of scaled logits ``x`` kept by min-p, top-k and top-p (-inf: no cut)."""
     # Per-row floors, not cut copies of x: a [B, V] result of a cond is written out whole (~0.1 ms a cut at 256
     # rows of 151,936), where the one `where` of the caller fuses into what reads it (the draw).
     no_floor = jnp.full(x.shape[:1], -jnp.inf, x.dtype)
-    # The row's largest value is among the chunk candidates (its chunk has the largest maximum).
-    top = (lambda: jnp.max(x, axis=-1)) if chunked is None else (lambda: jnp.max(chunked[0], axis=-1))
     # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p); no softmax needed (log(0) = -inf: no cut).
-    floor = jax.lax.cond(jnp.any(batch.min_p > 0.0), lambda: top() + jnp.log(batch.min_p), lambda: no_floor)
+    floor = jax.lax.cond(jnp.any(batch.min_p > 0.0), lambda: jnp.max(x, axis=-1) + jnp.log(batch.min_p),
+                         lambda: no_floor)
 
     def cut() -> jax.Array:
-        kept = None if chunked is None else (jnp.where(chunked[0] >= floor[:, None], chunked[0], -jnp.inf),
-                                             jnp.where(chunked[1] >= floor, chunked[1], -jnp.inf))
         return jnp.maximum(floor, _top_k_top_p_floor(jnp.where(x >= floor[:, None], x, -jnp.inf), batch.top_k,
-                                                     batch.top_p, top_candidates, kept))
+                                                     batch.top_p, top_candidates))
 
     return jax.lax.cond(_cuts(batch, x.shape[-1]), cut, lambda: floor)
-
-
-def _candidate_draw(x: jax.Array, batch: SamplingBatch, top_candidates: int, keys: jax.Array,
-                    greedy_rows: jax.Array, over_vocab: Callable[[jax.Array], jax.Array]) -> jax.Array:
-    """`sample`'s drawn tokens from scaled logits ``x`` under hash noise: over the chunk tier's candidates alone where
-    every drawing row's floor lies above its bound (no token outside them is kept), else ``over_vocab(floor)``."""
-    values, ids, bound = _chunk_candidates(x)
-    floor = _floor(x, batch, top_candidates, (values, bound))
-
-    def over_candidates() -> jax.Array:
-        # Candidates run in token order, so a tie takes the lower id, as the argmax over the vocabulary does.
-        noisy = jnp.where(values >= floor[:, None], values, -jnp.inf) + token_gumbel(keys, ids)
-        return jnp.take_along_axis(ids, jnp.argmax(noisy, axis=-1)[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-    inside = jnp.all(greedy_rows | (floor > bound))
-    return jax.lax.cond(inside, over_candidates, lambda: over_vocab(floor))
 
 
 def target_logprobs(logits: jax.Array, batch: SamplingBatch,

@@ -468,48 +468,6 @@ def noise(request, monkeypatch):
     sample.clear_cache()
 
 
-def test_candidate_draw_is_the_vocabulary_draw_token_for_token(monkeypatch):
-    """`sampling.CANDIDATE_DRAW`: under hash noise a draw whose every drawing row cuts above the chunk tier's bound
-    takes noise for the candidates alone, and draws the tokens the draw over the whole vocabulary does, one for one
-    (the noise of a token is its own); a batch with a row cut below its bound, or none cut, draws over the vocabulary.
-    Chunks small enough for a 1,003-token vocabulary; seeded and unseeded rows, greedy rows beside them."""
-    monkeypatch.setattr(sampling, "HASH_NOISE", True)
-    monkeypatch.setattr(sampling, "CANDIDATE_CHUNKS", 6)
-    monkeypatch.setattr(sampling, "CHUNK_TOKENS", 16)
-    rng = np.random.default_rng()
-    b, v = 48, 1003
-    x = rng.normal(size=(b, v)).astype(np.float32)
-    for r in range(b):  # peaked rows: a decaying boost on 30 random tokens of 5 random chunks of 16
-        chunks = rng.permutation(v // 16)[:5]
-        x[r, rng.permutation((chunks[:, None] * 16 + np.arange(16)).ravel())[:30]] += 12.0 - 0.2 * np.arange(30)
-    settings = [dict(top_k=5), dict(top_k=20, top_p=0.95), dict(top_p=0.8), dict(min_p=0.05),
-                dict(top_k=3, temperature=2.0), dict(temperature=0.0)]
-    peaked = [SamplingParams(**settings[r % len(settings)], seed=None if r % 3 else int(rng.integers(1 << 30)))
-              for r in range(b)]
-    flat = list(peaked)
-    flat[7] = SamplingParams(top_p=0.99, temperature=5.0)  # a nucleus down among the tokens outside the candidates
-    steps = jnp.asarray(rng.integers(0, 1000, b), jnp.int32)
-
-    def tokens(batch, candidate_draw: bool):
-        monkeypatch.setattr(sampling, "CANDIDATE_DRAW", candidate_draw)
-        sample.clear_cache()
-        return np.asarray(sample(jnp.asarray(x), batch, steps, logprobs=False).tokens)
-
-    min_p_only = [SamplingParams(min_p=0.3, seed=int(rng.integers(1 << 30))) for _ in range(b)]  # no top-k / top-p
-    for params, inside in ((peaked, True), (flat, False), ([SamplingParams(temperature=0.9)] * b, False),
-                           (min_p_only, True)):
-        batch = make_batch(params, b)  # once: an unseeded row's seed is drawn here
-        got, want = tokens(batch, True), tokens(batch, False)
-        np.testing.assert_array_equal(got, want)
-        # which way it went: every drawing row's floor above its bound, or not
-        scaled = sampling._scaled(jnp.asarray(x), batch)
-        values, _, bound = sampling._chunk_candidates(scaled)
-        floor = sampling._floor(scaled, batch, sampling.DEFAULT_TOP_CANDIDATES, (values, bound))
-        assert bool(jnp.all((batch.temperature == 0.0) | (floor > bound))) == inside
-        assert (got != x.argmax(-1))[np.asarray(batch.temperature) > 0].any()  # draws, not the argmax
-    sample.clear_cache()
-
-
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=0.7, seed=5),
     SamplingParams(temperature=1.3, top_k=12, top_p=0.9, min_p=0.02, seed=6),
