@@ -192,6 +192,16 @@ class AsyncEngine:
         """Abort a request (thread-safe, returns at once; unknown or finished ids are ignored)."""
         self._commands.put(("abort", request_id))
 
+    def abort_all(self) -> None:
+        """Abort every request submitted so far and not yet finished (SGLang's ``abort_all``: an RL trainer stops
+        its rollouts before it updates the weights). Each caller gets its request's end, finish reason ``abort``;
+        the engine keeps serving. Thread-safe, returns at once.
+
+        Example:
+            >>> engine.abort_all()  # doctest: +SKIP
+        """
+        self._commands.put(("abort_all",))
+
     async def stats(self) -> dict[str, Any]:
         """``Engine.stats()`` taken on the engine thread between steps."""
         return await self._call(self.engine.stats)
@@ -277,15 +287,21 @@ class AsyncEngine:
                     value, error = None, exc
                 loop.call_soon_threadsafe(_settle, fut, value, error)
             elif kind == "abort":
-                request = self.engine.requests.get(cmd[1])
-                if self.engine.abort(cmd[1]) and request is not None:
-                    self._publish(request)
+                self._abort(cmd[1])
+            elif kind == "abort_all":
+                for request_id in list(self.engine.requests):
+                    self._abort(request_id)
             elif kind == "stop":
                 stop = cmd[1]
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return stop
+
+    def _abort(self, request_id: str) -> None:
+        request = self.engine.requests.get(request_id)
+        if self.engine.abort(request_id) and request is not None:
+            self._publish(request)
 
     def _add(self, prompt: Prompt, params: SamplingParams | None, request_id: str, output: _Output,
              priority: int = 0, lora_request: Any = None) -> None:

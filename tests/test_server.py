@@ -656,6 +656,58 @@ def test_generate_client_disconnect_aborts(live, pages_freed, monkeypatch):
     seconds_until_aborted(live, before, time.time())
 
 
+def test_abort_request_ends_a_generate_request_by_rid_and_abort_all_ends_every_one(live, pages_freed, monkeypatch):
+    """SGLang's /abort_request: the /generate request of a rid ends with finish reason abort, its answer still given
+    (whole, or as the stream's last event) and its pages freed; a rid in flight is refused to a second request;
+    an unknown rid is a no-op; abort_all ends every running request, /v1 ones included, and the server goes on."""
+    slow_decodes(live, monkeypatch, 0.05)  # keeps requests running while the abort comes
+    long = {"max_new_tokens": 128, "ignore_eos": True, "temperature": 0}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    def generating() -> dict:
+        return live.app.state.jaxserve.generating
+
+    def wait_for(rids) -> None:
+        deadline = time.time() + 30
+        while not all(generating().get(r) is not None for r in rids) and time.time() < deadline:
+            time.sleep(0.02)
+        assert all(generating().get(r) is not None for r in rids)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        whole = pool.submit(post, live, "/generate", {"text": PROMPT, "sampling_params": long, "rid": "whole-1"})
+        streamed = pool.submit(generate_events, live, {"text": PROMPT, "sampling_params": long, "rid": "stream-1"})
+        wait_for(["whole-1", "stream-1"])
+        dup = post(live, "/generate", {"text": PROMPT, "sampling_params": long, "rid": "whole-1"})
+        assert dup.status_code == 400 and dup.json()["error"]["param"] == "rid"
+        assert httpx.post(live.url + "/abort_request", json={"rid": "nobody"}, headers=headers).status_code == 200
+        for rid in ("whole-1", "stream-1"):
+            r = httpx.post(live.url + "/abort_request", json={"rid": rid}, headers=headers)
+            assert r.status_code == 200 and r.content == b""
+        answer = whole.result(timeout=60).json()
+        events = streamed.result(timeout=60)
+    for meta, rid in ((answer["meta_info"], "whole-1"), (events[-1]["meta_info"], "stream-1")):
+        assert meta["id"] == rid and meta["finish_reason"]["type"] == "abort"
+        assert meta["completion_tokens"] < 128
+    assert not generating()
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        batch = pool.submit(post, live, "/generate", {"text": [PROMPT, "Hello"], "sampling_params": long, "rid": "b"})
+        completion = pool.submit(post, live, "/v1/completions", {**GOOD, "max_tokens": 128, "ignore_eos": True})
+        wait_for(["b_0", "b_1"])
+        deadline = time.time() + 30
+        while live.engine_call(lambda e: e.stats())["running"] < 3 and time.time() < deadline:
+            time.sleep(0.02)
+        r = httpx.post(live.url + "/abort_request", json={"abort_all": True}, headers=headers)
+        assert r.status_code == 200
+        assert [a["meta_info"]["finish_reason"]["type"] for a in batch.result(timeout=60).json()] == ["abort"] * 2
+        assert completion.result(timeout=60).json()["choices"][0]["finish_reason"] == "abort"
+    assert not generating()
+    monkeypatch.undo()
+    again = post(live, "/generate", {"text": PROMPT, "sampling_params": GREEDY_12, "rid": "whole-1"}).json()
+    assert again["meta_info"]["finish_reason"]["type"] == "length"  # the rid is free again, the engine serves
+    assert httpx.post(live.url + "/abort_request", json={"rid": "x"}).status_code == 401  # behind the API key
+
+
 def test_sglang_model_info_and_health_generate(live, pages_freed):
     headers = {"Authorization": f"Bearer {API_KEY}"}
     for path in ("/get_model_info", "/model_info"):

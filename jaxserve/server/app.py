@@ -47,7 +47,7 @@ from jaxserve.metrics import CONTENT_TYPE, ServingMetrics
 from jaxserve.pooling import POOLING_TYPES, PoolingParams, pair_scores, score_pairs
 from jaxserve.replicas import Replicas
 from jaxserve.sampling import MAX_LOGPROBS, SamplingParams, sample_seed
-from jaxserve.server.protocol import (APIError, ChatRequest, ClassificationRequest, CompletionRequest,
+from jaxserve.server.protocol import (AbortRequest, APIError, ChatRequest, ClassificationRequest, CompletionRequest,
                                       DetokenizeRequest, EmbeddingRequest, GenerateRequest,
                                       LoadLoraRequest, RerankRequest, SamplingFields, Schema, ScoreRequest,
                                       TokenizeRequest, ToolCall, UnloadLoraRequest, bad_params)
@@ -213,6 +213,8 @@ class _State:
     # The weights read again from the checkpoint, for /wake_up after a level-2 /sleep; None where the model was
     # given as params (no checkpoint to read).
     reload_params: Callable[[], Any] | None = None
+    # /generate's requests in flight by rid (its meta_info.id), for /abort_request.
+    generating: dict[str, RequestHandle | None] = dataclasses.field(default_factory=dict)
 
 
 def _state(request: Request) -> _State:
@@ -490,6 +492,20 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         (`GenerateFormat`); run as ``/v1/completions`` runs its prompts (`_generate`)."""
         st, req = await _accept_plain(request, GenerateRequest)
         return await _generate(request, st, req)
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request) -> Response:
+        """SGLang's: end the ``/generate`` request of ``rid`` now (its answer, streamed or not, ends with finish
+        reason ``abort``; its pages are freed), or with ``abort_all`` every request the server runs. 200 with an
+        empty body either way, an unknown or finished rid included, as SGLang answers."""
+        st, req = await _accept_plain(request, AbortRequest)
+        if req.abort_all:
+            st.engine.abort_all()
+        elif (handle := st.generating.get(req.rid)) is not None:
+            # Through the engine, not the handle: a handle's abort ends its answer at once with no last chunk,
+            # where the engine's publishes the request's end (finish reason abort) to the client still reading.
+            st.engine.abort(handle.request_id)
+        return Response(status_code=200)
 
     @app.get("/get_model_info")
     @app.get("/model_info")  # SGLang's newer name
@@ -949,7 +965,7 @@ async def _generate(request: Request, st: _State, gen: GenerateRequest) -> Respo
         rids = _generate_rids(gen, len(prompts), n, single)
         fmt = GenerateFormat(st.tokenizer, prompts, n, rids, single and n == 1, asked, gen.return_text_in_logprobs,
                              scored_only)
-        return await _serve(request, st, reqs[0], [ids for ids in prompts for _ in range(n)], params, fmt)
+        return await _serve(request, st, reqs[0], [ids for ids in prompts for _ in range(n)], params, fmt, rids)
     except APIError as exc:
         raise _sglang_named(exc, prompt_field) from None
 
@@ -1470,8 +1486,18 @@ async def _merge(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, dict[
 
 
 async def _serve(request: Request, st: _State, req: SamplingFields, prompts: list[Any],
-                 params: list[SamplingParams], fmt: CompletionFormat | ChatFormat | GenerateFormat) -> Response:
-    handles = await _submit_all(st, _salted(prompts, req), params, fmt.id, req.priority, st.loras.get(req.model))
+                 params: list[SamplingParams], fmt: CompletionFormat | ChatFormat | GenerateFormat,
+                 rids: list[str] | None = None) -> Response:
+    """Submit the prompts and answer in ``fmt``, streamed or whole; ``rids``: a /generate request's, under which
+    /abort_request finds its handles while they run (`_track`)."""
+    rids = rids or []
+    _reserve(st, rids)
+    try:
+        handles = await _submit_all(st, _salted(prompts, req), params, fmt.id, req.priority, st.loras.get(req.model))
+    except BaseException:
+        _forget(st, rids)
+        raise
+    st.generating.update(zip(rids, handles))
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = include_usage and req.stream_options.continuous_usage_stats
@@ -1480,11 +1506,35 @@ async def _serve(request: Request, st: _State, req: SamplingFields, prompts: lis
         # aborts the requests: this does (a no-op for requests already finished).
         # A device call's tokens come as one engine chunk; vLLM streams each token (--stream-interval 1) as its own.
         pieces = TokenChunks(st.tokenizer, st.config.stream_interval, req.skip_special_tokens is not False)
+
+        async def end() -> None:
+            _forget(st, rids)
+            await _abort_all(handles)
+
         return StreamingResponse(_sse(handles, fmt, include_usage, continuous, pieces), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                                 background=BackgroundTask(_abort_all, handles))
-    results = await _results_unless_disconnected(request, handles)
+                                 background=BackgroundTask(end))
+    try:
+        results = await _results_unless_disconnected(request, handles)
+    finally:
+        _forget(st, rids)
     return await _on_tokenizer_thread(st, lambda: JSONResponse(fmt.response(results)))
+
+
+def _reserve(st: _State, rids: list[str]) -> None:
+    """Hold ``rids`` in `_State.generating` before their requests are submitted, so that a second request naming a
+    rid in flight is refused (SGLang refuses a duplicate rid); the handles replace the reservations once submitted."""
+    taken = sorted(set(rids) & st.generating.keys())
+    if taken or len(set(rids)) != len(rids):
+        raise APIError(400, f"rid {taken[0] if taken else 'list'} is already in use by a request in flight",
+                       param="rid")
+    st.generating.update(dict.fromkeys(rids))
+
+
+def _forget(st: _State, rids: list[str]) -> None:
+    # Reserved rids are refused to every other request, so each entry under one of them is this request's.
+    for rid in rids:
+        st.generating.pop(rid, None)
 
 
 def _salted(prompts: list[Any], req: SamplingFields) -> list[Any]:

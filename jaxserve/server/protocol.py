@@ -341,3 +341,17 @@ class GenerateRequest(Schema):
     rid: str | list[str] | None = None
     # An adapter the server serves, by its name or its folder; one for the whole request.
     lora_path: str | list[str | None] | None = None
+
+
+class AbortRequest(Schema):
+    """SGLang's ``/abort_request`` body (its ``AbortReq``): the ``rid`` of a ``/generate`` request in flight (one of a
+    batch's rids, or the request's own), or ``abort_all`` for every request the server runs.
+
+    Example:
+        >>> AbortRequest(rid="r1").abort_all
+        False
+    """
+
+    rid: str = ""
+    abort_all: bool = False
+
