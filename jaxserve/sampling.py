@@ -308,9 +308,6 @@ class SamplingParams:
             from jaxserve.structured import StructuredOutputs
 
             set_("structured_outputs", StructuredOutputs.from_value(self.structured_outputs))
-            if self.min_tokens > 0:
-                # min_tokens bans EOS where the constraint may allow nothing else (a complete match).
-                raise ValueError("min_tokens cannot be combined with structured_outputs")
 
     @property
     def greedy(self) -> bool:
@@ -930,7 +927,10 @@ def _ban_until_min_tokens(x: jax.Array, batch: SamplingBatch, step: jax.Array) -
     b, v = x.shape
     active = (step < batch.min_tokens)[:, None] & (batch.banned_ids >= 0)
     ids = jnp.where(active, batch.banned_ids, v)  # out of bounds: dropped
-    return x.at[jnp.arange(b)[:, None], ids].set(-jnp.inf, mode="drop")
+    banned = x.at[jnp.arange(b)[:, None], ids].set(-jnp.inf, mode="drop")
+    # A row whose masks left only stop ids (a structured output's complete match, allowed_token_ids of EOS alone)
+    # keeps them: its constraint outranks min_tokens, where vLLM would draw from a row of -inf (token 0).
+    return jnp.where(jnp.any(banned > -jnp.inf, axis=-1, keepdims=True), banned, x)
 
 
 def processed_logits(logits: jax.Array, batch: SamplingBatch, step: jax.Array, counts: jax.Array | None = None,

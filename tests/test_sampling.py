@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxserve import sampling
+from jaxserve.structured import pack_mask
 from jaxserve.sampling import (
     SamplingParams, apply_penalties, make_batch, needs_sampling, no_logprobs, sample, seen_from_prompts,
     token_logprobs, token_ranks, update_counts,
@@ -521,6 +522,21 @@ def test_min_tokens_bans_eos_and_stop_ids_until_reached():
     after = sample(logits, batch, jnp.array([2, 2, 0], jnp.int32)).tokens
     np.testing.assert_array_equal(before, [3, 3, 1])
     np.testing.assert_array_equal(after, [1, 1, 1])
+
+
+def test_min_tokens_leave_a_row_its_stop_ids_where_its_masks_allow_nothing_else(noise):
+    """A row whose allowed tokens are all stop ids (a structured output's complete match, allowed_token_ids of EOS
+    alone) keeps them under min_tokens, greedy or drawn: the constraint outranks min_tokens. A row with another
+    allowed token still has the stop ids banned."""
+    logits = jnp.array([[9.0, 5.0, 4.0, 3.0, 1.0]] * 4)
+    params = [SamplingParams(temperature=t, min_tokens=3, stop_token_ids=[2], seed=7) for t in (0.0, 1.0)] * 2
+    allowed = np.zeros((4, 5), bool)
+    allowed[:2, [1, 2]] = True  # EOS (1) and the stop id alone
+    allowed[2:, [1, 2, 3]] = True  # and token 3
+    batch = make_batch(params, 4, eos_token_ids=[1], allowed=np.stack([pack_mask(row) for row in allowed]))
+    tokens = np.asarray(sample(logits, batch, jnp.zeros(4, jnp.int32)).tokens)
+    assert tokens[0] == 1 and tokens[1] in (1, 2)
+    np.testing.assert_array_equal(tokens[2:], [3, 3])
 
 
 def test_logprobs_are_log_softmax_of_the_unmodified_logits():
