@@ -1489,7 +1489,7 @@ async def _serve(request: Request, st: _State, req: SamplingFields, prompts: lis
                  params: list[SamplingParams], fmt: CompletionFormat | ChatFormat | GenerateFormat,
                  rids: list[str] | None = None) -> Response:
     """Submit the prompts and answer in ``fmt``, streamed or whole; ``rids``: a /generate request's, under which
-    /abort_request finds its handles while they run (`_track`)."""
+    /abort_request finds its handles while they run (`_reserve`)."""
     rids = rids or []
     _reserve(st, rids)
     try:
@@ -1524,10 +1524,9 @@ async def _serve(request: Request, st: _State, req: SamplingFields, prompts: lis
 def _reserve(st: _State, rids: list[str]) -> None:
     """Hold ``rids`` in `_State.generating` before their requests are submitted, so that a second request naming a
     rid in flight is refused (SGLang refuses a duplicate rid); the handles replace the reservations once submitted."""
-    taken = sorted(set(rids) & st.generating.keys())
-    if taken or len(set(rids)) != len(rids):
-        raise APIError(400, f"rid {taken[0] if taken else 'list'} is already in use by a request in flight",
-                       param="rid")
+    taken = sorted(set(rids) & st.generating.keys())  # a request's own rids are distinct (`_generate_rids`)
+    if taken:
+        raise APIError(400, f"rid {taken[0]} is already in use by a request in flight", param="rid")
     st.generating.update(dict.fromkeys(rids))
 
 
