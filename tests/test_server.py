@@ -905,7 +905,8 @@ def test_vllm_serve_options_reach_the_routes(model, tiny_checkpoint, tmp_path, c
 # ----- bad input ---------------------------------------------------------------------------------------
 GOOD = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
 CHAT_BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
-CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+# A bounded string: a tiny random model sampling a free one may run to max_tokens before the call closes.
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}}}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
                                            "parameters": CITY}},
          {"type": "function", "function": {"name": "get_time"}}]
