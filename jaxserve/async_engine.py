@@ -4,7 +4,7 @@ Owns the engine thread, the command queue into it and the per-request output que
 it. Exactly one thread, the engine thread, ever touches the ``Engine`` (and so the scheduler,
 the pool and the tokenizer's streaming state): callers only post commands (submit, abort,
 stats, clear, stop) on a thread-safe queue and read chunks from their request's
-``asyncio.Queue``, filled with ``loop.call_soon_threadsafe``. It never speaks HTTP and never
+``asyncio.Queue``, filled by one ``loop.call_soon_threadsafe`` per event loop and engine step (`AsyncEngine._flush`). It never speaks HTTP and never
 formats OpenAI responses (``server.py`` does).
 
 A chunk is a dict: ``text`` (new text, never half a character, stop strings held back),
@@ -125,6 +125,8 @@ class AsyncEngine:
         self.idle_poll_s = idle_poll_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._outputs: dict[str, _Output] = {}  # engine thread only
+        # Chunks published since the last flush, by the loop they go to (engine thread only).
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
         self._ids = itertools.count()
         self._accepting = True
         # Calls are queued and refused under one lock, so none is queued after the engine thread's
@@ -254,9 +256,12 @@ class AsyncEngine:
                 except Exception as exc:  # a bug outside the step: fail what runs, keep serving
                     log.exception("engine loop error")
                     self._fail_running(f"engine loop error: {type(exc).__name__}: {exc}")
+                finally:
+                    self._flush()
         finally:
             self._accepting = False
             self._abort_all("the engine is shutting down")
+            self._flush()
             self._refuse_pending_calls()
             self.engine.close()
 
@@ -341,7 +346,7 @@ class AsyncEngine:
                     request.finish("abort", message)
             self._publish(request)
         for output in self._outputs.values():  # nothing should be left; never leave a caller waiting
-            output.loop.call_soon_threadsafe(output.queue.put_nowait, EngineDeadError(message))
+            self._post(output, EngineDeadError(message))
         self._outputs.clear()
 
     def _publish(self, request: Request) -> None:
@@ -372,9 +377,28 @@ class AsyncEngine:
                     log.exception("metrics observer raised")
             if request.error:  # a failed step or a request that could not go on: the error, not a normal end
                 error = RequestError(request.error) if request.client_error else EngineDeadError(request.error)
-                output.loop.call_soon_threadsafe(output.queue.put_nowait, error)
+                self._post(output, error)
                 return
-        output.loop.call_soon_threadsafe(output.queue.put_nowait, chunk)
+        self._post(output, chunk)
+
+    def _post(self, output: _Output, item: Any) -> None:
+        self._outbox.setdefault(output.loop, []).append((output.queue, item))
+
+    def _flush(self) -> None:
+        """Hand each event loop what was published for it, in one wakeup. A wakeup per chunk cost the engine thread
+        a self-pipe write each (asyncio's releases the GIL: at 256 running requests the event loop took it back 256
+        times a step, and the engine thread waited for it at each) and the loop as many callbacks."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: its callers are gone, the other loops' are not
+                log.warning("dropped %d chunks for a closed event loop", len(items))
+
+
+def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 def _settle(fut: asyncio.Future, value: Any, error: BaseException | None) -> None:
