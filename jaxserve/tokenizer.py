@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
+import weakref
 from typing import Any, Sequence
 
 from tokenizers import decoders
@@ -152,6 +154,61 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes:
         if data is not None:
             return data
     return tokenizer.decode([int(token_id)]).encode("utf-8")
+
+
+class TokenSpellings:
+    """One tokenizer's single tokens spelled out: as text (``decode([id])``) and as bytes (`token_bytes`), each
+    worked out once a process (`token_spellings` hands out the tokenizer's one instance).
+
+    A streamed response names every token it sends (logprobs' tokens and text offsets, `TokenChunks`'s cuts); a
+    cache per response missed on most of them, at ~6 µs a miss each, on the event loop every request shares.
+    At most one entry a vocabulary id in each table.
+
+    Example:
+        >>> spell = token_spellings(tok)                           # doctest: +SKIP
+        >>> spell.text(tok.convert_tokens_to_ids("Ġthe")), spell.bytes(tok.convert_tokens_to_ids("Ġthe"))  # doctest: +SKIP
+        (' the', b' the')
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        # Weak: the instance lives in a table keyed by the tokenizer, which a strong reference would keep forever.
+        self._tokenizer = weakref.ref(tokenizer)
+        self._texts: dict[int, str] = {}
+        self._bytes: dict[int, bytes] = {}
+
+    def text(self, token_id: int) -> str:
+        """``decode([token_id])``."""
+        try:
+            return self._texts[token_id]
+        except KeyError:
+            text = self._texts[token_id] = self._tokenizer().decode([int(token_id)])
+            return text
+
+    def bytes(self, token_id: int) -> bytes:
+        """`token_bytes` of ``token_id``."""
+        try:
+            return self._bytes[token_id]
+        except KeyError:
+            data = self._bytes[token_id] = token_bytes(self._tokenizer(), token_id)
+            return data
+
+
+_SPELLINGS: "weakref.WeakKeyDictionary[Any, TokenSpellings]" = weakref.WeakKeyDictionary()
+_SPELLINGS_LOCK = threading.Lock()
+
+
+def token_spellings(tokenizer: PreTrainedTokenizerBase) -> TokenSpellings:
+    """The tokenizer's `TokenSpellings`, shared by every caller in the process.
+
+    Example:
+        >>> token_spellings(tok) is token_spellings(tok)  # doctest: +SKIP
+        True
+    """
+    with _SPELLINGS_LOCK:  # requests start on several threads (the event loop, the tokenizer thread)
+        spellings = _SPELLINGS.get(tokenizer)
+        if spellings is None:
+            spellings = _SPELLINGS[tokenizer] = TokenSpellings(tokenizer)
+        return spellings
 
 
 def _piece_bytes(piece: Any, chars: dict[str, int]) -> bytes | None:

@@ -17,7 +17,7 @@ from jaxserve.request import best_first
 from jaxserve.server.protocol import ChatRequest, CompletionRequest
 from jaxserve.server.reasoning import ReasoningStream, split_reasoning
 from jaxserve.server.tool_calls import ToolCallStream, parse_tool_calls
-from jaxserve.tokenizer import token_bytes
+from jaxserve.tokenizer import token_spellings
 
 
 def _finite(logprob: float) -> float:
@@ -67,8 +67,9 @@ class CompletionFormat:
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.offsets: dict[int, int] = {}
         self._prompt_ids_sent: set[int] = set()  # streamed choices whose prompt's ids went out (return_token_ids)
-        # 64 choices' top-20 logprobs spell out ~170k tokens, far fewer of them distinct.
-        self._decode = functools.cache(lambda t: tokenizer.decode([t]))
+        # 64 choices' top-20 logprobs spell out ~170k tokens, far fewer of them distinct; and streamed responses
+        # spell out every token they send: looked up once a process (`token_spellings`), not once a response.
+        self._decode = token_spellings(tokenizer).text
         # How logprobs name a token (vLLM's return_tokens_as_token_ids: "token_id:<id>"); text offsets still
         # count the text's characters.
         self._name = (lambda t: f"token_id:{t}") if token_ids_as_names else self._decode
@@ -226,7 +227,8 @@ class ChatFormat:
         self._reasoning_streams: dict[int, ReasoningStream] = {}
         self._prompt_ids_sent = False  # return_token_ids, streamed: the prompt's ids go out once, first
         # 64 choices' top-20 logprobs spell out ~170k tokens, far fewer of them distinct.
-        self._spell = functools.cache(lambda t: (tokenizer.decode([t]), list(token_bytes(tokenizer, t))))
+        spellings = token_spellings(tokenizer)
+        self._spell = functools.cache(lambda t: (spellings.text(t), list(spellings.bytes(t))))
         self._name = ((lambda t: (f"token_id:{t}", list(f"token_id:{t}".encode()))) if token_ids_as_names
                       else self._spell)
 
@@ -391,7 +393,7 @@ class GenerateFormat:
         self.prompts, self.n, self.rids, self.single = prompts, n, rids, single
         self.logprobs, self.text_in_logprobs = logprobs, text_in_logprobs
         self.scored_only = scored_only or [False] * len(prompts)
-        self._decode = functools.cache(lambda t: tokenizer.decode([t]))
+        self._decode = token_spellings(tokenizer).text
         self._so_far: dict[int, dict[str, Any]] = {}  # streamed samples' text, ids and logprobs so far
 
     def response(self, results: list[dict[str, Any]]) -> dict[str, Any] | list[dict[str, Any]]:

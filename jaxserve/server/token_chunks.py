@@ -20,10 +20,9 @@ count of held bytes is known again (zero).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-from jaxserve.tokenizer import token_bytes
+from jaxserve.tokenizer import token_spellings
 
 
 class TokenChunks:
@@ -42,7 +41,8 @@ class TokenChunks:
         self.interval = interval
         added = getattr(tokenizer, "added_tokens_decoder", {})
         skipped = {i for i, t in added.items() if t.special} if skip_special_tokens else set()
-        self._bytes = functools.cache(lambda t: b"" if t in skipped else token_bytes(tokenizer, t))
+        spell = token_spellings(tokenizer).bytes
+        self._bytes = (lambda t: b"" if t in skipped else spell(t)) if skipped else spell
         self._held: dict[int, int] = {}  # by choice: bytes of tokens already sent whose text is still held back
         self._whole: set[int] = set()  # choices whose text stopped lining up with their tokens, until it does again
 
