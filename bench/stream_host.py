@@ -167,6 +167,23 @@ def client_main(spec_path: str) -> None:
     print(json.dumps({"counts": out, "wall_s": time.perf_counter() - start}), flush=True)
 
 
+class GcTimer:
+    """Wall time in the cyclic garbage collector, by generation (whichever thread's allocation set it off: it stops
+    every thread, holding the GIL)."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self.counts = [0, 0, 0]
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds[info["generation"]] += time.perf_counter() - self._start
+            self.counts[info["generation"]] += 1
+
+
 def thread_cpu(thread: threading.Thread) -> float:
     return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
 
@@ -226,6 +243,8 @@ async def measure(model: LoadedModel, args: argparse.Namespace, interval: int) -
         profiler = cProfile.Profile() if args.profile else None
         if args.profile == "engine":
             await st.engine._call(profiler.enable)
+        gc_timer = GcTimer()
+        gc.callbacks.append(gc_timer)
         loop0, engine0, wall0 = time.thread_time(), thread_cpu(engine_thread), time.perf_counter()
         if args.profile == "loop":
             profiler.enable()
@@ -234,6 +253,7 @@ async def measure(model: LoadedModel, args: argparse.Namespace, interval: int) -
             profiler.disable()
         wall, loop_s, engine_s = (sent.get("wall_s", time.perf_counter() - wall0), time.thread_time() - loop0,
                                   thread_cpu(engine_thread) - engine0)
+        gc.callbacks.remove(gc_timer)
         if args.profile == "engine":
             await st.engine._call(profiler.disable)
         stats = await st.engine.stats()
@@ -245,6 +265,7 @@ async def measure(model: LoadedModel, args: argparse.Namespace, interval: int) -
     tokens = args.num_requests * args.output_len
     return dict(interval=interval, tokens=tokens, events=sent["events"], wall_s=wall, loop_cpu_s=loop_s,
                 engine_cpu_s=engine_s, tok_per_s=tokens / wall, bytes=sent["bytes"],
+                gc_s=sum(gc_timer.seconds), gc_counts="/".join(map(str, gc_timer.counts)),
                 engine_host_s=stats["host_s"] - before["host_s"],
                 prefix_index_s=stats.get("prefix_index_s", 0.0) - before.get("prefix_index_s", 0.0))
 
@@ -288,8 +309,8 @@ def main() -> None:
           f"emulated decode call {args.decode_ms} ms, GIL switch interval {sys.getswitchinterval() * 1e3:.2f} ms, "
           f"{'uvicorn + a client process' if args.http else 'ASGI calls'}, {args.loop} loop")
     print("| interval | events | wall s | tok/s | loop CPU s | engine CPU s | engine host s | loop µs/event "
-          "| engine µs/token |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| engine µs/token | gc s (collections by generation) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for interval in args.stream_interval:
         if args.loop == "uvloop":
             import uvloop
@@ -299,7 +320,7 @@ def main() -> None:
             r = asyncio.run(measure(model, args, interval))
         print(f"| {r['interval']} | {r['events']} | {r['wall_s']:.2f} | {r['tok_per_s']:.0f} | {r['loop_cpu_s']:.2f} "
               f"| {r['engine_cpu_s']:.2f} | {r['engine_host_s']:.2f} | {r['loop_cpu_s'] / r['events'] * 1e6:.1f} "
-              f"| {r['engine_cpu_s'] / r['tokens'] * 1e6:.1f} |", flush=True)
+              f"| {r['engine_cpu_s'] / r['tokens'] * 1e6:.1f} | {r['gc_s']:.2f} ({r['gc_counts']}) |", flush=True)
 
 
 if __name__ == "__main__":
