@@ -172,7 +172,7 @@ class TokenSpellings:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         # Weak: the instance lives in a table keyed by the tokenizer, which a strong reference would keep forever.
-        self._tokenizer = weakref.ref(tokenizer)
+        self._tokenizer = weakref.ref(tokenizer) if tokenizer is not None else (lambda: None)
         self._texts: dict[int, str] = {}
         self._bytes: dict[int, bytes] = {}
 
@@ -204,6 +204,8 @@ def token_spellings(tokenizer: PreTrainedTokenizerBase) -> TokenSpellings:
         >>> token_spellings(tok) is token_spellings(tok)  # doctest: +SKIP
         True
     """
+    if tokenizer is None:  # a format built without one (token ids in, token ids out) spells no token
+        return TokenSpellings(None)
     with _SPELLINGS_LOCK:  # requests start on several threads (the event loop, the tokenizer thread)
         spellings = _SPELLINGS.get(tokenizer)
         if spellings is None:

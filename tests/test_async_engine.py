@@ -249,3 +249,30 @@ def test_shutdown_drains_then_aborts_and_refuses_new_requests(model):
     short, long = asyncio.run(run())
     assert short["finish_reason"] == "length"  # finished within the drain time
     assert long["finish_reason"] == "abort" and long["completion_tokens"] < 240
+
+
+def test_one_wakeup_per_engine_step_carries_every_request_chunk(engine, loop, expected):
+    """The engine thread hands the loop a step's chunks in one call_soon_threadsafe, not one per request."""
+    deliveries = []
+    real = loop.call_soon_threadsafe
+
+    def counting(callback, *args, **kwargs):
+        if getattr(callback, "__name__", "") == "_deliver":
+            deliveries.append(len(args[0]))
+        return real(callback, *args, **kwargs)
+
+    async def run():
+        handles = [await engine.submit(p, GREEDY) for p in PROMPTS[:6]]  # all queued before they run
+        return await asyncio.gather(*(h.result() for h in handles))
+
+    loop.call_soon_threadsafe = counting
+    try:
+        results = loop.run_until_complete(run())
+    finally:
+        del loop.call_soon_threadsafe
+    for p, r in zip(PROMPTS[:6], results):
+        assert r["token_ids"] == expected[p]["token_ids"]
+    # Every request's chunks came in these wakeups (12 tokens in calls of 4: at least 3 chunks a request), and the
+    # requests that ran side by side shared them.
+    assert sum(deliveries) >= 6 * 3 and max(deliveries) > 1, deliveries
+    assert_pages_free(engine, loop)

@@ -21,6 +21,7 @@ openai = pytest.importorskip("openai")
 from jaxserve import EngineConfig, load
 from jaxserve.async_engine import EngineDeadError
 from jaxserve.server import ServerConfig, build_server, create_app
+from jaxserve.tokenizer import token_spellings
 
 API_KEY = "test-key"
 MAX_MODEL_LEN = 256
@@ -1145,6 +1146,8 @@ def test_tokenizer_work_leaves_the_server_answering(live, monkeypatch, method, p
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tok, method, held)
+    # Tokens earlier tests spelled out are read from the process's table (token_spellings) without decoding.
+    monkeypatch.setattr(token_spellings(tok), "_texts", {})
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         slow = pool.submit(post, live, path, body)
         assert entered.wait(10)

@@ -146,3 +146,19 @@ def test_vocabulary_bytes_give_plain_added_tokens_their_text_and_special_ones_no
     assert table[-3:] == [None] * 3
     ids = tokenizer.encode("def f(x): return 'é'", add_special_tokens=False)
     assert b"".join(table[t] for t in ids) == "def f(x): return 'é'".encode()
+
+
+def test_token_spellings_are_one_table_a_tokenizer_matching_decode_and_token_bytes():
+    from jaxserve.tokenizer import token_spellings
+
+    tokenizer = load().tokenizer
+    spellings = token_spellings(tokenizer)
+    assert token_spellings(tokenizer) is spellings
+    # Another tokenizer object (the server's copy) gets its own table, never the first one's entries.
+    other = load().tokenizer
+    assert token_spellings(other) is not spellings
+    ids = tokenizer.encode("naïve café — 東京 🙂", add_special_tokens=False) + [tokenizer.eos_token_id]
+    for t in ids * 2:  # the second pass reads the table
+        assert spellings.text(t) == tokenizer.decode([t])
+        assert spellings.bytes(t) == token_bytes(tokenizer, t)
+    assert b"".join(spellings.bytes(t) for t in ids[:-1]).decode() == "naïve café — 東京 🙂"
