@@ -236,7 +236,8 @@ async def measure(model: LoadedModel, args: argparse.Namespace, interval: int) -
         runner = st.engine.engine.runner
         st.engine.engine.runner = (DeviceStub(runner, model.config.vocab_size, args.decode_ms) if args.decode_ms
                                    else StubRunner(runner, model.config.vocab_size))
-        await run_once(app, args, seed=0, port=port)  # the same batch shapes once first: their compiles stay out of the timing
+        # The same batch shapes once first: their compiles stay out of the timing.
+        await run_once(app, args, seed=0, port=port)
         gc.collect()
         before = await st.engine.stats()
         engine_thread = st.engine._thread

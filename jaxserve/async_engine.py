@@ -4,8 +4,8 @@ Owns the engine thread, the command queue into it and the per-request output que
 it. Exactly one thread, the engine thread, ever touches the ``Engine`` (and so the scheduler,
 the pool and the tokenizer's streaming state): callers only post commands (submit, abort,
 stats, clear, stop) on a thread-safe queue and read chunks from their request's
-``asyncio.Queue``, filled by one ``loop.call_soon_threadsafe`` per event loop and engine step (`AsyncEngine._flush`). It never speaks HTTP and never
-formats OpenAI responses (``server.py`` does).
+``asyncio.Queue``, filled by one ``loop.call_soon_threadsafe`` per event loop and engine step
+(`AsyncEngine._flush`). It never speaks HTTP and never formats OpenAI responses (``server.py`` does).
 
 A chunk is a dict: ``text`` (new text, never half a character, stop strings held back),
 ``token_ids``, ``logprobs`` / ``top_logprobs`` (when asked), ``finish_reason`` (None until

@@ -165,8 +165,8 @@ class TokenSpellings:
     At most one entry a vocabulary id in each table.
 
     Example:
-        >>> spell = token_spellings(tok)                           # doctest: +SKIP
-        >>> spell.text(tok.convert_tokens_to_ids("Ġthe")), spell.bytes(tok.convert_tokens_to_ids("Ġthe"))  # doctest: +SKIP
+        >>> spell, the = token_spellings(tok), tok.convert_tokens_to_ids("Ġthe")  # doctest: +SKIP
+        >>> spell.text(the), spell.bytes(the)                                     # doctest: +SKIP
         (' the', b' the')
     """
 
