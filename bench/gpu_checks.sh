@@ -544,7 +544,7 @@ stream_ab() {
   for interval in 1 8; do echo "== ab stream_interval=$interval"
     timeout "$1" python3 bench/serving.py --random-model qwen2.5-0.5b --model /tmp/q05 --num-requests "$2" \
       --rate inf --input-len 128 --output-len "$3" --max-running 256 --decode-steps 8 \
-      --batch-buckets 1 8 64 256 --warmup 256 --stream-interval $interval
+      --batch-buckets 1 8 64 256 --stream-interval $interval ${STREAM_AB_ARGS:---warmup 256}
   done
 }
 
@@ -1419,6 +1419,7 @@ for part in "${parts[@]}"; do
                JAXSERVE_HASH_NOISE=$h timeout 100 python3 bench/sampler_cost.py --rows 64 256 --top-k \
                  --settings temp top_p ; done ;;
     stream69) stream_ab 250 512 256 ;;
+    stream71) STREAM_AB_ARGS="--warmup 512" stream_ab 135 512 256 ;;
     first70) noise_arms 80; stream_ab 150 384 128 ;;
     noise69) noise_arms 100; \
              JAXSERVE_HASH_NOISE=1 timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" \

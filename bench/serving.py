@@ -252,7 +252,7 @@ def server_config(args: argparse.Namespace):
 
     # drain_s=0: a stopped benchmark server has nothing worth finishing.
     return ServerConfig(model_name="bench", max_tokens_limit=max(4096, 2 * args.output_len), drain_s=0.0,
-                        stream_interval=args.stream_interval)
+                        stream_interval=args.stream_interval, warmup=args.server_warmup)
 
 
 def _use_compilation_cache(folder: str) -> None:
@@ -617,6 +617,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --compare-prefix-caching: on, off, then on again (shows what run order costs)")
     e.add_argument("--no-prefix-caching", action="store_true")
     e.add_argument("--warmup", type=int, default=64, help="requests of the warm-up burst (compiles the shapes)")
+    # A burst can miss a shape the measured run then compiles (H100, session 71: a step shape or two compiled inside
+    # a 512-request run, seconds each, in the run's host time and latencies).
+    e.add_argument("--server-warmup", action="store_true",
+                   help="the server compiles every step shape before it answers (`jaxserve serve --warmup`)")
     e.add_argument("--compilation-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "jaxserve-bench-xla"),
                    help="persistent XLA compilation cache folder ('' to disable)")
     e.add_argument("--num-pages", type=int, default=None)
