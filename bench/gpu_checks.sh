@@ -469,6 +469,8 @@
 #               session whose device time allows one call: sampler_cost.py's temp / top_p / top_k rows under threefry,
 #               hash noise over the vocabulary and over the candidates, then serving.py at 256 running requests, a
 #               token a chunk against 8 (384 requests of 128 + 128 tokens)
+#   stream71    session 71: stream69 with a warm-up burst of 512 requests, as large as the measured run (stream69's
+#               second run compiled step shapes inside its run; serving_stream_h100.md), each arm 135 s (~290 s)
 #   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
