@@ -147,6 +147,35 @@ def test_decode_growth_evicts_a_cached_page_that_a_running_request_s_pages_hang_
     assert pages_held(s) == 0 and sorted(s.free_slots) == list(range(8))
 
 
+def test_decode_rows_short_of_pages_take_them_from_cached_prefixes_in_one_eviction(monkeypatch):
+    # A server's steady state: finished prompts' pages fill the pool, cached, and every decode call's rows that
+    # cross a page boundary need one. One eviction for all of them, then one batched allocation; the one-by-one
+    # path (`_grow`: a pool query, an eviction and an allocation a row) is left for rows that still find none.
+    rng = np.random.default_rng()
+    s = make_scheduler(num_pages=24, prefix_caching=True)
+    cached = [request(f"c{i}", rng.integers(3, 100, size=32).tolist()) for i in range(3)]  # 4 full pages each
+    running = [request(f"r{i}", rng.integers(3, 100, size=24).tolist()) for i in range(4)]  # 3 full pages each
+    for group in (cached, running):
+        for r in group:
+            s.add(r)
+        assert len(s.schedule().prefill) == len(group)
+        for r in group:
+            r.computed = r.prefill_end
+            s.after_prefill(r)
+    for r in cached:
+        s.remove(r)
+    assert s._free_pages() == 0 and pages_held(s) == 24  # 12 cached, 12 running
+    grows = []
+    monkeypatch.setattr(s, "_grow", lambda *args: grows.append(args) or False)
+    plan = s.schedule()  # four decode steps: a fourth page for each running request
+    assert plan.decode == running and not grows and s.num_preemptions == 0
+    assert pages_held(s) == 24  # the running requests' 16, and 8 of the cached pages
+    for r in running:
+        s.remove(r)
+    s.clear_index()
+    assert pages_held(s) == 0 and sorted(s.free_slots) == list(range(8))
+
+
 def test_waiting_prompts_shorten_decode_calls_only_while_one_could_start():
     # mixed / time_share run one-step decode calls while prompts wait, so a prompt starts as soon as
     # it can; with every slot taken none can until a running request ends, and full calls are run
