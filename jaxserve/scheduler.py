@@ -215,25 +215,21 @@ class Scheduler:
         return tuple(out)
 
     def _allocate_rows(self, slots: np.ndarray, need: np.ndarray, evict: bool = False) -> np.ndarray:
-        """`kv_pool.allocate_batch` over ``slots`` (in order), padded (`_pow2_rows`); ok per row. ``evict``: rows
-        short of pages try again once after one eviction of cached prefixes for all of them.
+        """`kv_pool.allocate_batch` over ``slots`` (in order), padded (`_pow2_rows`); ok per row. ``evict``: first
+        evict as many cached prefixes' pages as the rows need beyond the free ones, in one call.
 
         Once cached prefixes fill the pool (a server's steady state), a step's rows crossing a page boundary found
-        no free page every step; one by one (`_grow`: a pool query, an eviction and an allocation a row, each a
-        jitted call) that cost ~0.5 ms a row of the engine thread's time on the host CPU."""
+        no free page every step: the batched allocation failed (its one-row-at-a-time scan) and each row went one by
+        one (`_grow`: a pool query, an eviction and an allocation a row, each a jitted call), ~0.5 ms a row of the
+        engine thread's time on the host CPU."""
         st = self.state
+        if evict and self.config.prefix_caching:
+            have = self.capacities()[slots]
+            pages = -(-(have + need) // self.page_size) - -(-have // self.page_size)
+            self._evict(int(pages.sum()) - self._free_pages())
         padded_slots, padded_need = self._pow2_rows(slots, need)
         st.pool, ok = st._allocate_batch(st.pool, st.put(padded_slots), st.put(padded_need))
-        ok = np.array(ok)[: len(slots)]
-        if evict and self.config.prefix_caching and not ok.all():
-            short = ~ok
-            have = self.capacities()[slots[short]]
-            pages = -(-(have + need[short]) // self.page_size) - -(-have // self.page_size)
-            self._evict(int(pages.sum()) - self._free_pages())
-            padded_slots, padded_need = self._pow2_rows(slots[short], need[short])
-            st.pool, again = st._allocate_batch(st.pool, st.put(padded_slots), st.put(padded_need))
-            ok[short] = np.asarray(again)[: int(short.sum())]
-        return ok
+        return np.asarray(ok)[: len(slots)]
 
     def capacities(self) -> np.ndarray:
         """Tokens each slot has room for (one host copy, not one transfer per request)."""
