@@ -971,8 +971,7 @@ class Engine:
         for r, s, e in rows:
             r.computed = e
             self.prefill_tokens += e - s
-            if e == r.prefill_end:
-                self.scheduler.after_prefill(r)
+        self.scheduler.after_prefill(*(r for r, _, e in rows if e == r.prefill_end))
         if targets is None and pool_from is None:
             return _Prefill(rows, out)
         return _Prefill(rows, out[0], prompt_rows, out[1], pool_rows, out[2])

@@ -391,6 +391,29 @@ def insert(index: RadixIndex, pool: PagePool, tokens: Array, length: int | Array
     return index, kv_pool.retain(pool, pages, new)
 
 
+def insert_many(index: RadixIndex, pool: PagePool, tokens: Array, lengths: Array,
+                pages: Array) -> tuple[RadixIndex, PagePool]:
+    """`insert` for several sequences in one call, in row order: ``tokens`` [R, L], ``lengths`` [R] (0: a padding
+    row, skipped), ``pages`` [R, P] (each sequence's page-table row). The same index and pool as R `insert` calls.
+
+    One call a step's sequences rather than one a sequence: on the host CPU a jitted `insert` of a 384-token
+    sequence cost ~130 µs, nearly all of it the call itself, where eight in one call cost ~23 µs each.
+
+    >>> pool, _ = kv_pool.allocate_batch(kv_pool.create(8, 2, 2, 4), jnp.array([0, 1]), jnp.array([4, 2]))
+    >>> tokens = jnp.array([[1, 2, 3, 4], [1, 2, 0, 0]])
+    >>> index, pool = insert_many(create(8, 2), pool, tokens, jnp.array([4, 2]), pool.page_table)
+    >>> int(match(index, jnp.array([1, 2, 3, 4]), 4)[1]), pool.refcount[:3].tolist()
+    (4, [2, 2, 1])
+    """
+    def one(state: tuple[RadixIndex, PagePool], row: tuple[Array, Array, Array]):
+        idx, pl = state
+        t, length, p = row
+        return jax.lax.cond(length > 0, lambda: insert(idx, pl, t, length, p), lambda: (idx, pl)), None
+
+    (index, pool), _ = jax.lax.scan(one, (index, pool), (tokens, jnp.asarray(lengths, jnp.int32), pages))
+    return index, pool
+
+
 def _add_lock(index: RadixIndex, node: int | Array, delta: int) -> RadixIndex:
     node = jnp.asarray(node, jnp.int32)
     valid = (node > ROOT) & (node <= index.capacity)

@@ -471,6 +471,37 @@ def test_state_can_be_donated_to_jitted_calls():
     assert int(n) == 4 and int(radix_index.stats(index)["nodes"]) == 2
 
 
+def test_insert_many_is_the_inserts_one_by_one():
+    # Random sequences sharing prefixes, some longer than the index has nodes for (so inserting evicts), and
+    # padding rows between them: the index and the pool after one `insert_many` equal those after the inserts in
+    # row order, array for array.
+    rng = np.random.default_rng()
+    ps, rows, width = 4, 8, 32
+    pool = kv_pool.create(64, ps, rows, width // ps)
+    prefixes = [rng.integers(1, 50, size=12).tolist() for _ in range(2)]
+    tokens = np.zeros((rows, width), np.int32)
+    lengths = np.zeros(rows, np.int32)
+    for r in range(rows):
+        if r % 3 == 2:
+            continue  # a padding row
+        own = rng.integers(1, 50, size=int(rng.integers(1, width - 11))).tolist()
+        seq = (prefixes[r % 2] + own)[:width] if rng.random() < 0.7 else rng.integers(1, 50, size=width).tolist()
+        tokens[r, : len(seq)], lengths[r] = seq, len(seq)
+        pool, _ = kv_pool.allocate(pool, r, len(seq))
+    index = radix_index.create(12, ps)  # fewer nodes than the sequences' pages: later inserts evict
+    want_index, want_pool = index, pool
+    for r in range(rows):
+        if lengths[r]:
+            want_index, want_pool = radix_index.insert(want_index, want_pool, jnp.asarray(tokens[r]), int(lengths[r]),
+                                                       want_pool.page_table[r])
+    got_index, got_pool = jax.jit(radix_index.insert_many)(index, pool, jnp.asarray(tokens), jnp.asarray(lengths),
+                                                           pool.page_table)
+    for got, want in ((got_index, want_index), (got_pool, want_pool)):
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(jnp.sum(got_index.in_use)) > 1  # something was indexed
+
+
 def test_create_rejects_table_not_larger_than_capacity():
     with pytest.raises(ValueError, match=r"table_size must be an int > capacity \(8\), got 8"):
         radix_index.create(8, 2, table_size=8)
