@@ -443,6 +443,14 @@ def unlock(index: RadixIndex, node: int | Array) -> RadixIndex:
     return _add_lock(index, node, -1)
 
 
+def unlock_many(index: RadixIndex, nodes: Array) -> RadixIndex:
+    """`unlock` of each of ``nodes`` [R] in one call (ROOT or -1: padding, no-op).
+
+    >>> index = unlock_many(create(8, 2), jnp.array([ROOT, -1]))
+    """
+    return jax.lax.scan(lambda idx, node: (unlock(idx, node), None), index, jnp.asarray(nodes, jnp.int32))[0]
+
+
 def evict(index: RadixIndex, pool: PagePool, num_pages: int | Array) -> tuple[RadixIndex, PagePool, Array]:
     """Free up to `num_pages` pages by evicting LRU unlocked leaves, repeatedly (parents become leaves).
 

@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxserve import kv_pool, radix_index
@@ -48,8 +49,20 @@ class Plan:
 
 
 _create_pool = jax.jit(kv_pool.create, static_argnums=(0, 1, 2, 3))
-# Sequences a host-side index insert takes (`radix_index.insert_many`); fewer in a call are padding rows.
-_INSERT_ROWS = 8
+# Sequences a host-side index call takes (`radix_index.insert_many`, `unlock_many`); fewer are padding rows.
+_INDEX_ROWS = 8
+
+
+def _claim_prefix(index: radix_index.RadixIndex, pool: kv_pool.PagePool, tokens: jax.Array, length: jax.Array,
+                  slot: jax.Array) -> tuple[radix_index.RadixIndex, kv_pool.PagePool, jax.Array]:
+    """A waiting request's cached prefix in one call: match ``tokens[:length]``, attach the matched pages to the
+    (empty) ``slot`` and lock the path. Returns ``[cached tokens, locked node or -1]``: one read-back, where match,
+    attach, the path's last node and lock were four jitted calls and two read-backs (~0.1 ms each on the host)."""
+    index, n, pages, nodes = radix_index.match(index, tokens, length)
+    node = radix_index.deepest_node(nodes)
+    pool, index = jax.lax.cond(n > 0, lambda: (kv_pool.attach(pool, slot, pages, n), radix_index.lock(index, node)),
+                               lambda: (pool, index))
+    return index, pool, jnp.stack([n, jnp.where(n > 0, node, -1)])
 _create_index = jax.jit(radix_index.create, static_argnums=(0, 1))
 
 
@@ -71,14 +84,12 @@ class _HostState:
         self._allocate_batch = jax.jit(kv_pool.allocate_batch, donate_argnums=0)
         self._free = jax.jit(kv_pool.free, donate_argnums=0)
         self._free_batch = jax.jit(kv_pool.free_batch, donate_argnums=0)
-        self._attach = jax.jit(kv_pool.attach, donate_argnums=0)
-        self._match = jax.jit(radix_index.match, donate_argnums=0)
+        self._claim_prefix = jax.jit(_claim_prefix, donate_argnums=(0, 1))
         self._insert_many = jax.jit(radix_index.insert_many, donate_argnums=(0, 1))
-        self._lock = jax.jit(radix_index.lock, donate_argnums=0)
         self._unlock = jax.jit(radix_index.unlock, donate_argnums=0)
+        self._unlock_many = jax.jit(radix_index.unlock_many, donate_argnums=0)
         self._evict = jax.jit(radix_index.evict, donate_argnums=(0, 1))
         self._clear = jax.jit(radix_index.clear, donate_argnums=(0, 1), static_argnames="locked")
-        self._deepest = jax.jit(radix_index.deepest_node)
         # One call for `Engine.stats()` (a server's /metrics polls it), not ~30 eager ops.
         self._pool_stats = jax.jit(kv_pool.stats)
         self._index_stats = jax.jit(radix_index.stats)
@@ -150,7 +161,16 @@ class Scheduler:
         finishes 256 requests in one step; one jitted `free` each cost ~13 ms of host time there on
         the dev machine's CPU, with nothing on the device to hide it)."""
         freed: list[Request] = []
-        self._insert([r for r in requests if r in self.running])  # in one call, before their prefixes unlock
+        ending = [r for r in requests if r in self.running]
+        self._insert(ending)  # in one call, then their prefixes' locks in one
+        nodes = [r.node for r in ending if r.node > 0]
+        st = self.state
+        for at in range(0, len(nodes), _INDEX_ROWS):
+            chunk = np.full(_INDEX_ROWS, -1, np.int32)
+            chunk[: len(nodes[at: at + _INDEX_ROWS])] = nodes[at: at + _INDEX_ROWS]
+            st.index = st._unlock_many(st.index, st.put(chunk))
+        for r in ending:
+            r.node = -1
         for request in requests:
             if request in self.waiting:
                 self.waiting.remove(request)
@@ -163,7 +183,6 @@ class Scheduler:
                 # and not running, it would keep its slot, prefix lock and pages for good.
                 self._release(request, index_tokens=False)
         if freed:
-            st = self.state
             (slots,) = self._pow2_rows([r.slot for r in freed])
             st.pool = st._free_batch(st.pool, st.put(slots))
             for r in freed:
@@ -239,7 +258,7 @@ class Scheduler:
         return np.array(self.state.pool.seq_lens)
 
     def _insert(self, requests: list[Request]) -> None:
-        """Index what each request computed, in order, _INSERT_ROWS sequences a call (`radix_index.insert_many`:
+        """Index what each request computed, in order, _INDEX_ROWS sequences a call (`radix_index.insert_many`:
         one jitted insert a request was ~130 µs of host time, nearly all of it the call)."""
         rows = [r for r in requests if self.config.prefix_caching and r.computed >= self.page_size
                 and r.indexes_prefix and not r.stale_kv]
@@ -249,11 +268,11 @@ class Scheduler:
         st = self.state
         table = self.page_table()
         width = self._token_bucket(max(r.computed for r in rows))  # one compile a bucket, as `_padded`'s
-        for at in range(0, len(rows), _INSERT_ROWS):
-            tokens = np.zeros((_INSERT_ROWS, width), np.int32)
-            lengths = np.zeros(_INSERT_ROWS, np.int32)
-            pages = np.zeros((_INSERT_ROWS, width // self.page_size), np.int32)
-            for i, r in enumerate(rows[at: at + _INSERT_ROWS]):
+        for at in range(0, len(rows), _INDEX_ROWS):
+            tokens = np.zeros((_INDEX_ROWS, width), np.int32)
+            lengths = np.zeros(_INDEX_ROWS, np.int32)
+            pages = np.zeros((_INDEX_ROWS, width // self.page_size), np.int32)
+            for i, r in enumerate(rows[at: at + _INDEX_ROWS]):
                 ids = r.index_ids[: min(r.computed, width)]
                 tokens[i, : len(ids)], lengths[i], pages[i] = ids, len(ids), table[r.slot][: pages.shape[1]]
             st.index, st.pool = st._insert_many(st.index, st.pool, st.put(tokens), st.put(lengths), st.put(pages))
@@ -304,12 +323,8 @@ class Scheduler:
         if self.config.prefix_caching and not request.computes_whole_prompt:
             start = time.perf_counter()
             # Match all but the last token: the last one must be computed to produce logits.
-            st.index, n, pages, nodes = st._match(st.index, self._padded(tokens), len(tokens) - 1)
-            cached = int(n)
-            if cached:
-                st.pool = st._attach(st.pool, slot, pages, cached)
-                request.node = int(st._deepest(nodes))
-                st.index = st._lock(st.index, request.node)
+            st.index, st.pool, found = st._claim_prefix(st.index, st.pool, self._padded(tokens), len(tokens) - 1, slot)
+            cached, request.node = (int(x) for x in np.asarray(found))
             self.index_s += time.perf_counter() - start
         request.computed, request.prefill_end = cached, len(tokens)
         request.prefill_start = cached
