@@ -49,6 +49,7 @@ class Plan:
 
 
 _create_pool = jax.jit(kv_pool.create, static_argnums=(0, 1, 2, 3))
+_create_index = jax.jit(radix_index.create, static_argnums=(0, 1))
 # Sequences a host-side index call takes (`radix_index.insert_many`, `unlock_many`); fewer are padding rows.
 _INDEX_ROWS = 8
 
@@ -63,7 +64,6 @@ def _claim_prefix(index: radix_index.RadixIndex, pool: kv_pool.PagePool, tokens:
     pool, index = jax.lax.cond(n > 0, lambda: (kv_pool.attach(pool, slot, pages, n), radix_index.lock(index, node)),
                                lambda: (pool, index))
     return index, pool, jnp.stack([n, jnp.where(n > 0, node, -1)])
-_create_index = jax.jit(radix_index.create, static_argnums=(0, 1))
 
 
 class _HostState:
