@@ -79,7 +79,10 @@ class _HostState:
             self.pool = jax.device_put(_create_pool(num_pages, page_size, max_seqs, max_pages_per_seq), self.cpu)
             self.index = jax.device_put(_create_index(capacity, page_size), self.cpu)
         # Donated, so each update reuses the state's buffers instead of copying them (about 4x
-        # cheaper per request on the CPU: bench/results/prefix_index.md).
+        # cheaper per request on the CPU: bench/results/prefix_index.md). They take host arrays (numpy) as they
+        # are: a call whose state is committed to the CPU runs there and moves its uncommitted arguments along,
+        # where a `jax.device_put` each first cost ~0.1 ms of the engine thread (tests/test_scheduler.py checks
+        # that the state stays on the CPU beside another default device).
         self._allocate = jax.jit(kv_pool.allocate, donate_argnums=0)
         self._allocate_batch = jax.jit(kv_pool.allocate_batch, donate_argnums=0)
         self._free = jax.jit(kv_pool.free, donate_argnums=0)
@@ -93,9 +96,6 @@ class _HostState:
         # One call for `Engine.stats()` (a server's /metrics polls it), not ~30 eager ops.
         self._pool_stats = jax.jit(kv_pool.stats)
         self._index_stats = jax.jit(radix_index.stats)
-
-    def put(self, x) -> jax.Array:
-        return jax.device_put(x, self.cpu)
 
 
 class Scheduler:
@@ -168,7 +168,7 @@ class Scheduler:
         for at in range(0, len(nodes), _INDEX_ROWS):
             chunk = np.full(_INDEX_ROWS, -1, np.int32)
             chunk[: len(nodes[at: at + _INDEX_ROWS])] = nodes[at: at + _INDEX_ROWS]
-            st.index = st._unlock_many(st.index, st.put(chunk))
+            st.index = st._unlock_many(st.index, chunk)
         for r in ending:
             r.node = -1
         for request in requests:
@@ -184,7 +184,7 @@ class Scheduler:
                 self._release(request, index_tokens=False)
         if freed:
             (slots,) = self._pow2_rows([r.slot for r in freed])
-            st.pool = st._free_batch(st.pool, st.put(slots))
+            st.pool = st._free_batch(st.pool, slots)
             for r in freed:
                 self.free_slots.append(r.slot)
                 r.slot = -1
@@ -196,10 +196,10 @@ class Scheduler:
     def _token_bucket(self, n: int) -> int:
         return min(max(self.page_size, 1 << max(n - 1, 0).bit_length()), self.max_pages_per_seq * self.page_size)
 
-    def _padded(self, tokens: list[int]) -> jax.Array:
+    def _padded(self, tokens: list[int]) -> np.ndarray:
         out = np.zeros(self._token_bucket(len(tokens)), np.int32)
         out[: len(tokens)] = tokens[: out.size]
-        return self.state.put(out)
+        return out
 
     def page_table(self) -> np.ndarray:
         # A copy: the pool's buffers are donated to the next update and may be reused.
@@ -250,7 +250,7 @@ class Scheduler:
             pages = -(-(have + need) // self.page_size) - -(-have // self.page_size)
             self._evict(int(pages.sum()) - self._free_pages())
         padded_slots, padded_need = self._pow2_rows(slots, need)
-        st.pool, ok = st._allocate_batch(st.pool, st.put(padded_slots), st.put(padded_need))
+        st.pool, ok = st._allocate_batch(st.pool, padded_slots, padded_need)
         return np.asarray(ok)[: len(slots)]
 
     def capacities(self) -> np.ndarray:
@@ -275,7 +275,7 @@ class Scheduler:
             for i, r in enumerate(rows[at: at + _INDEX_ROWS]):
                 ids = r.index_ids[: min(r.computed, width)]
                 tokens[i, : len(ids)], lengths[i], pages[i] = ids, len(ids), table[r.slot][: pages.shape[1]]
-            st.index, st.pool = st._insert_many(st.index, st.pool, st.put(tokens), st.put(lengths), st.put(pages))
+            st.index, st.pool = st._insert_many(st.index, st.pool, tokens, lengths, pages)
         # Not blocked on: the insert runs on the CPU's own stream while the step goes on, and the
         # engine thread's time (what this counts) is what prefix caching costs the step.
         self.index_s += time.perf_counter() - start

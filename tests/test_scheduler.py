@@ -5,6 +5,10 @@ every page accounted for."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 
 from jaxserve.engine_config import EngineConfig
@@ -237,3 +241,36 @@ def test_priority_scheduling_preempts_the_lowest_priority_where_fcfs_preempts_th
         for r in list(s.running) + list(s.waiting):
             s.remove(r)
         assert pages_held(s) == 0
+
+
+def test_the_host_state_stays_on_its_cpu_beside_another_default_device():
+    # The scheduler's jitted updates take numpy arguments without a device_put: the committed pool and index decide
+    # where they run. With another default device (an accelerator on a GPU machine; a second CPU device here) every
+    # update must still run on, and leave the state on, the scheduler's CPU device.
+    code = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax, numpy as np
+from tests.test_scheduler import make_scheduler, request, pages_held
+s = make_scheduler(num_pages=8, prefix_caching=True)
+home = s.state.cpu
+rng = np.random.default_rng()
+with jax.default_device(jax.devices("cpu")[1]):
+    first = request("a", rng.integers(3, 100, size=48).tolist())
+    s.add(first)
+    s.schedule()
+    first.computed = first.prefill_end
+    s.after_prefill(first)
+    s.remove(first)
+    second = request("b", rng.integers(3, 100, size=40).tolist())
+    s.add(second)
+    s.schedule()
+    s.remove(second)
+leaves = jax.tree_util.tree_leaves((s.state.pool, s.state.index))
+assert all(x.devices() == {home} for x in leaves), {d for x in leaves for d in x.devices()}
+assert home != jax.devices("cpu")[1]
+print("ok", pages_held(s))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
