@@ -661,7 +661,7 @@ def test_abort_request_ends_a_generate_request_by_rid_and_abort_all_ends_every_o
     """SGLang's /abort_request: the /generate request of a rid ends with finish reason abort, its answer still given
     (whole, or as the stream's last event) and its pages freed; a rid in flight is refused to a second request;
     an unknown rid is a no-op; abort_all ends every running request, /v1 ones included, and the server goes on."""
-    slow_decodes(live, monkeypatch, 0.05)  # keeps requests running while the abort comes
+    slow_decodes(live, monkeypatch, 0.1)  # keeps requests running (seconds) while the abort comes
     long = {"max_new_tokens": 128, "ignore_eos": True, "temperature": 0}
     headers = {"Authorization": f"Bearer {API_KEY}"}
 
