@@ -471,6 +471,9 @@
 #               token a chunk against 8 (384 requests of 128 + 128 tokens)
 #   stream71    session 71: stream69 with a warm-up burst of 512 requests, as large as the measured run (stream69's
 #               second run compiled step shapes inside its run; serving_stream_h100.md), each arm 135 s (~290 s)
+#   steady71    session 71: stream71 on a pool full of the warm-up's cached prefixes (8,192 pages, the cache kept:
+#               a long-running server's state, where each page a request grows into is evicted from the cache;
+#               host_overhead.md session 71), to set beside stream71's fresh pool (~290 s)
 #   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -1422,6 +1425,7 @@ for part in "${parts[@]}"; do
                  --settings temp top_p ; done ;;
     stream69) stream_ab 250 512 256 ;;
     stream71) STREAM_AB_ARGS="--warmup 512" stream_ab 135 512 256 ;;
+    steady71) STREAM_AB_ARGS="--warmup 512 --num-pages 8192 --keep-warm-cache" stream_ab 135 512 256 ;;
     first70) noise_arms 80; stream_ab 150 384 128 ;;
     noise69) noise_arms 100; \
              JAXSERVE_HASH_NOISE=1 timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" \

@@ -412,6 +412,8 @@ ENGINE_SAMPLES = {
     "compilations": "jaxserve_compiled_step_shapes",
     "preemptions": "jaxserve_preemptions",
     "prefix_hit_rate": "jaxserve_prefix_cache_hit_rate",
+    "pages_used": "jaxserve_kv_pages_used",
+    "pages_total": "jaxserve_kv_pages_total",
 }
 
 
@@ -485,12 +487,15 @@ def run_served(args: argparse.Namespace, prefix_caching: bool, vocab: int) -> tu
     with server:
         t = time.perf_counter()
         warm_up(server.url, args, server.engine_config["batch_buckets"], vocab)
-        cleared = server.clear_prefix_cache()
+        cleared = False if args.keep_warm_cache else server.clear_prefix_cache()
         before = scrape_engine(server.url)
         if before is None:
             raise RuntimeError(f"{server.url}/metrics lacks the engine series {sorted(ENGINE_SAMPLES.values())}")
         print(f"warm-up: {time.perf_counter() - t:.1f}s, {before['compilations']:.0f} compiled step shapes, "
               f"prefix cache {'emptied' if cleared else 'kept (the measured run uses other prefixes)'}", flush=True)
+        if args.keep_warm_cache:
+            print(f"KV pages used after the warm-up (cached prefixes): {before['pages_used']:.0f} of "
+                  f"{before['pages_total']:.0f}", flush=True)
         items = make_workload(args, vocab, args.seed)
         outcomes, duration = asyncio.run(run_load(server.url, "bench", items, args.rate, None, args.seed,
                                                   args.timeout))
@@ -619,6 +624,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--warmup", type=int, default=64, help="requests of the warm-up burst (compiles the shapes)")
     # A burst can miss a shape the measured run then compiles (H100, session 71: a step shape or two compiled inside
     # a 512-request run, seconds each, in the run's host time and latencies).
+    # A long-running server's pool is full of cached prefixes: every page a running request grows into is taken
+    # from them (Scheduler._allocate_rows' eviction), where a fresh server's pool is free.
+    e.add_argument("--keep-warm-cache", action="store_true",
+                   help="keep the warm-up's cached prefixes (with --num-pages small enough: a full pool, as a "
+                        "long-running server's), instead of emptying the cache before the measured run")
     e.add_argument("--server-warmup", action="store_true",
                    help="the server compiles every step shape before it answers (`jaxserve serve --warmup`)")
     e.add_argument("--compilation-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "jaxserve-bench-xla"),
