@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import jaxserve
-from jaxserve import Engine, EngineConfig, SamplingParams
+from jaxserve import Engine, EngineConfig, SamplingParams, sampling
 from jaxserve.speculative import accepted_tokens, ngram_draft, rejection_sample
 from tests.test_sampling import chi_square, chi_square_limit
 from tests.test_engine import assert_all_pages_free, small_config
@@ -180,14 +180,18 @@ def _rejection_draws(probs, tokens, n):
     s = probs.shape[0]
     logp = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (n, *probs.shape))
     keys = jax.random.split(jax.random.key(np.random.default_rng().integers(2**31)), n * s).reshape(n, s)
-    emitted, count = jax.jit(rejection_sample)(logp, jnp.broadcast_to(jnp.asarray(tokens), (n, s)),
-                                               jnp.full(n, s - 1), keys)
+    # A fresh function each call, so that a changed noise source (`sampling.HASH_NOISE`) is traced again.
+    emitted, count = jax.jit(lambda *args: rejection_sample(*args))(
+        logp, jnp.broadcast_to(jnp.asarray(tokens), (n, s)), jnp.full(n, s - 1), keys)
     return np.asarray(emitted), np.asarray(count)
 
 
-def test_rejection_sampling_draws_every_emitted_token_from_the_target_distribution():
+@pytest.mark.parametrize("hash_noise", [False, True], ids=["threefry", "hash_noise"])
+def test_rejection_sampling_draws_every_emitted_token_from_the_target_distribution(hash_noise, monkeypatch):
     # The draft's tokens are likely (2), unlikely (3) and impossible (4) at their positions: each emitted token
-    # must still follow the target given the tokens before it, whatever the draft proposed.
+    # must still follow the target given the tokens before it, whatever the draft proposed; under either source
+    # of the drawn token's noise (`sampling.HASH_NOISE`).
+    monkeypatch.setattr(sampling, "HASH_NOISE", hash_noise)
     probs = np.array([[0.1, 0.2, 0.5, 0.2, 0.0, 0.0], [0.3, 0.0, 0.1, 0.05, 0.0, 0.55],
                       [0.25, 0.25, 0.0, 0.5, 0.0, 0.0], [0.0, 0.1, 0.2, 0.3, 0.4, 0.0]])
     n = 20000
