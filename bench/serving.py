@@ -622,13 +622,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --compare-prefix-caching: on, off, then on again (shows what run order costs)")
     e.add_argument("--no-prefix-caching", action="store_true")
     e.add_argument("--warmup", type=int, default=64, help="requests of the warm-up burst (compiles the shapes)")
-    # A burst can miss a shape the measured run then compiles (H100, session 71: a step shape or two compiled inside
-    # a 512-request run, seconds each, in the run's host time and latencies).
     # A long-running server's pool is full of cached prefixes: every page a running request grows into is taken
     # from them (Scheduler._allocate_rows' eviction), where a fresh server's pool is free.
     e.add_argument("--keep-warm-cache", action="store_true",
                    help="keep the warm-up's cached prefixes (with --num-pages small enough: a full pool, as a "
                         "long-running server's), instead of emptying the cache before the measured run")
+    # A burst can miss a shape the measured run then compiles (H100, session 71: a step shape or two compiled inside
+    # a 512-request run, seconds each, in the run's host time and latencies).
     e.add_argument("--server-warmup", action="store_true",
                    help="the server compiles every step shape before it answers (`jaxserve serve --warmup`)")
     e.add_argument("--compilation-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "jaxserve-bench-xla"),

@@ -354,4 +354,3 @@ class AbortRequest(Schema):
 
     rid: str = ""
     abort_all: bool = False
-
