@@ -907,6 +907,19 @@ def token_gumbel(keys: jax.Array, ids: jax.Array) -> jax.Array:
     return -jnp.log(-jnp.log(_unit(h)))
 
 
+def vocab_gumbel(keys: jax.Array, vocab_size: int) -> jax.Array:
+    """Gumbel noise ``[B, vocab_size]`` for each row's key: from `token_gumbel` (`HASH_NOISE`, the default) or
+    `jax.random.gumbel`'s threefry; what every draw over the vocabulary adds to its logits before the argmax.
+
+    Example:
+        >>> vocab_gumbel(row_keys(jnp.array([[0, 7]], jnp.uint32), jnp.array([3])), 5).shape
+        (1, 5)
+    """
+    if HASH_NOISE:
+        return token_gumbel(keys, jnp.arange(vocab_size, dtype=jnp.uint32))
+    return jax.vmap(lambda k: jax.random.gumbel(k, (vocab_size,), jnp.float32))(keys)
+
+
 def _unit(h: jax.Array) -> jax.Array:
     """uint32 hashes as uniforms in (0, 1): 23 bits, exact in float32 at both ends."""
     return ((h >> 9).astype(jnp.float32) + 0.5) * (1.0 / (1 << 23))
@@ -1002,12 +1015,9 @@ def sample(
     def draw(x: jax.Array) -> jax.Array:
         x = _scaled(x, batch)
         keys = row_keys(batch.seeds, step)
-        if HASH_NOISE:
-            gumbel = token_gumbel(keys, jnp.arange(v, dtype=jnp.uint32))
-        else:
-            gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)
         floor = _floor(x, batch, top_candidates)
-        drawn = jnp.argmax(jnp.where(x >= floor[:, None], x, -jnp.inf) + gumbel, axis=-1).astype(jnp.int32)
+        drawn = jnp.argmax(jnp.where(x >= floor[:, None], x, -jnp.inf) + vocab_gumbel(keys, v), axis=-1)
+        drawn = drawn.astype(jnp.int32)
         return jnp.where(greedy_rows, greedy_tokens, drawn)
 
     tokens = jax.lax.cond(jnp.all(greedy_rows), lambda x: greedy_tokens, draw, x)

@@ -111,11 +111,7 @@ def rejection_sample(logp: jax.Array, tokens: jax.Array, draft_lens: jax.Array,
     refused_token = jnp.take_along_axis(tokens, jnp.minimum(accepted + 1, s - 1)[:, None], axis=1)[:, 0]
     at_logp = jnp.where(refused[:, None] & (jnp.arange(v)[None, :] == refused_token[:, None]), -jnp.inf, at_logp)
     at_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys[rows, accepted])
-    if sampling.HASH_NOISE:  # the sampler's noise source (the cheaper one on an H100: bench/results/sampler.md)
-        gumbel = sampling.token_gumbel(at_keys, jnp.arange(v, dtype=jnp.uint32))
-    else:
-        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(at_keys)
-    nxt = jnp.argmax(at_logp + gumbel, axis=-1).astype(jnp.int32)
+    nxt = jnp.argmax(at_logp + sampling.vocab_gumbel(at_keys, v), axis=-1).astype(jnp.int32)
     full = jnp.arange(s)[None, :]
     shifted = jnp.concatenate([draft, jnp.zeros((b, 1), draft.dtype)], axis=1)
     emitted = jnp.where(full < accepted[:, None], shifted, jnp.where(full == accepted[:, None], nxt[:, None], 0))
