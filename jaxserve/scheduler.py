@@ -236,17 +236,17 @@ class Scheduler:
             padded[:n] = values
         return tuple(out)
 
-    def _allocate_rows(self, slots: np.ndarray, need: np.ndarray, evict: bool = False) -> np.ndarray:
-        """`kv_pool.allocate_batch` over ``slots`` (in order), padded (`_pow2_rows`); ok per row. ``evict``: first
-        evict as many cached prefixes' pages as the rows need beyond the free ones, in one call.
+    def _allocate_rows(self, slots: np.ndarray, need: np.ndarray, have: np.ndarray | None = None) -> np.ndarray:
+        """`kv_pool.allocate_batch` over ``slots`` (in order), padded (`_pow2_rows`); ok per row. ``have``: the slots'
+        `capacities`, given where cached prefixes' pages may be evicted first, in one call, for what the rows need
+        beyond the free ones.
 
         Once cached prefixes fill the pool (a server's steady state), a step's rows crossing a page boundary found
         no free page every step: the batched allocation failed (its one-row-at-a-time scan) and each row went one by
         one (`_grow`: a pool query, an eviction and an allocation a row, each a jitted call), ~0.5 ms a row of the
         engine thread's time on the host CPU."""
         st = self.state
-        if evict and self.config.prefix_caching:
-            have = self.capacities()[slots]
+        if have is not None and self.config.prefix_caching:
             pages = -(-(have + need) // self.page_size) - -(-have // self.page_size)
             self._evict(int(pages.sum()) - self._free_pages())
         padded_slots, padded_need = self._pow2_rows(slots, need)
@@ -353,7 +353,7 @@ class Scheduler:
         """
         slots = np.array([r.slot for r in claimed], np.int32)
         need = np.array([r.prefill_end - r.computed for r in claimed], np.int32)
-        ok = self._allocate_rows(slots, need, evict=True)
+        ok = self._allocate_rows(slots, need, self.capacities()[slots])
         kept = len(claimed) if ok.all() else int(np.argmin(ok))
         for r in reversed(claimed[kept:]):
             self._unclaim(r)
@@ -453,7 +453,7 @@ class Scheduler:
         want = np.array([min(steps, r.remaining, self.max_model_len - r.computed) for r in decoding], np.int32)
         need = np.maximum(np.array([r.computed for r in decoding], np.int32) + want - caps[slots], 0)
         if need.any():
-            ok = self._allocate_rows(slots, need, evict=True)
+            ok = self._allocate_rows(slots, need, caps[slots])  # the capacities `need` was worked out from
             for r, n, row_ok in zip(decoding, need, ok):
                 if row_ok or r.status is not Status.RUNNING:
                     continue
