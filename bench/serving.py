@@ -232,12 +232,19 @@ def make_random_checkpoint(kind: str, path: str) -> None:
 
 
 def engine_config(args: argparse.Namespace, prefix_caching: bool):
-    """The served ``EngineConfig``; call it in the process that runs the engine (it asks JAX for the backend)."""
+    """The served ``EngineConfig``; call it in the process that runs the engine (it asks JAX for the backend), or with
+    --engine-process in the server's (it only looks for a GPU plugin: the backend started here would take the GPU
+    memory the engine's process needs)."""
     from jaxserve.engine_config import EngineConfig
 
-    import jax
+    if args.engine_process:
+        import importlib.util
 
-    cpu = jax.default_backend() == "cpu"
+        cpu = not any(importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    else:
+        import jax
+
+        cpu = jax.default_backend() == "cpu"
     return EngineConfig(
         num_pages=args.num_pages or (512 if cpu else None), page_size=args.page_size,
         max_running=args.max_running, max_tokens_per_step=args.max_tokens_per_step,
@@ -252,16 +259,20 @@ def server_config(args: argparse.Namespace):
 
     # drain_s=0: a stopped benchmark server has nothing worth finishing.
     return ServerConfig(model_name="bench", max_tokens_limit=max(4096, 2 * args.output_len), drain_s=0.0,
-                        stream_interval=args.stream_interval, warmup=args.server_warmup)
+                        stream_interval=args.stream_interval, warmup=args.server_warmup,
+                        engine_process=args.engine_process)
 
 
 def _use_compilation_cache(folder: str) -> None:
     import jax
 
     if folder:
-        # Every mode's fresh engine compiles the same steps: later ones (and later runs) reuse them.
+        # Every mode's fresh engine compiles the same steps: later ones (and later runs) reuse them. The environment
+        # too: an engine in its own process (--engine-process) reads it at its start.
         jax.config.update("jax_compilation_cache_dir", folder)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
 def _free_port() -> int:
@@ -360,7 +371,7 @@ def serve_child(spec_path: str) -> None:
 
     cfg = engine_config(args, spec["prefix_caching"])
     with open(spec["info"], "w") as f:
-        json.dump({"device": device_name(), "engine_config": cfg.to_dict()}, f)
+        json.dump({"device": device_name(args.engine_process), "engine_config": cfg.to_dict()}, f)
     serve(args.model, cfg, server_config(args), host="127.0.0.1", port=spec["port"], log_level="warning")
 
 
@@ -372,7 +383,7 @@ class InProcessServer:
 
         _use_compilation_cache(args.compilation_cache)
         cfg = engine_config(args, prefix_caching)
-        self.device, self.engine_config = device_name(), cfg.to_dict()
+        self.device, self.engine_config = device_name(args.engine_process), cfg.to_dict()
         self.app = create_app(args.model, cfg, server_config(args))
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -540,7 +551,14 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def device_name() -> str:
+def device_name(engine_process: bool = False) -> str:
+    if engine_process:  # JAX here would take the GPU the engine's process needs: ask the driver instead
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=30)
+            return f"gpu: {out.stdout.splitlines()[0].strip()} (nvidia-smi; engine in its own process)"
+        except Exception:
+            return "cpu (engine in its own process)"
     try:
         import jax
 
@@ -631,6 +649,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # a 512-request run, seconds each, in the run's host time and latencies).
     e.add_argument("--server-warmup", action="store_true",
                    help="the server compiles every step shape before it answers (`jaxserve serve --warmup`)")
+    e.add_argument("--engine-process", action="store_true",
+                   help="the server's engine in a process of its own (`jaxserve serve --engine-process`)")
     e.add_argument("--compilation-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "jaxserve-bench-xla"),
                    help="persistent XLA compilation cache folder ('' to disable)")
     e.add_argument("--num-pages", type=int, default=None)

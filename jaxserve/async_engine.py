@@ -15,7 +15,9 @@ the last chunk), and on the last chunk ``result``, the dict ``Request.result()``
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import logging
 import queue
@@ -105,11 +107,174 @@ class RequestHandle:
             self.engine.abort(self.request_id)
 
 
-class AsyncEngine:
+class EngineLoop:
+    """The engine side of a driver: one thread owns the ``Engine`` and runs this loop (commands between steps,
+    a step, each progressed request's chunk handed out). `AsyncEngine` runs it on a thread beside the caller's
+    event loop; `jaxserve.engine_process` runs it in a child process, its commands and chunks crossing pipes.
+    A transport gives the four methods below.
+
+    Commands are tuples: ``("call", fn, reply)`` (``reply(value, error)`` is called on this thread with what ``fn()``
+    gave), ``("abort", request_id)``, ``("abort_all",)``, ``("stop", _Stop)``.
+    """
+
+    def __init__(self, engine: Engine, metrics: Any = None, idle_poll_s: float = 1.0) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.idle_poll_s = idle_poll_s
+        self._outputs: dict[str, Any] = {}  # request_id -> its transport's output (with sent_tokens); loop only
+
+    # ----- the transport's -------------------------------------------------------------------
+    def _next_command(self, block: bool) -> tuple | None:
+        """The next command; None when there is none (after ``idle_poll_s`` where ``block``)."""
+        raise NotImplementedError
+
+    def _post(self, output: Any, item: Any) -> None:
+        """Queue a chunk (or the exception a request ends with) for ``output``'s caller until `_flush`."""
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        """Hand over what `_post` queued since the last flush: once a step, for every request at once."""
+        raise NotImplementedError
+
+    def _refuse_pending_calls(self) -> None:
+        """The loop has ended: answer the calls still queued with `EngineDeadError`."""
+        raise NotImplementedError
+
+    # ----- the loop ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        stop: _Stop | None = None
+        try:
+            while True:
+                try:
+                    busy = self.engine.has_unfinished()
+                    stop = self._drain_commands(block=not busy and stop is None) or stop
+                    if stop is not None and (not self.engine.has_unfinished()
+                                             or time.monotonic() >= stop.deadline):
+                        break
+                    if self.engine.has_unfinished():
+                        self._step()
+                except Exception as exc:  # a bug outside the step: fail what runs, keep serving
+                    log.exception("engine loop error")
+                    self._fail_running(f"engine loop error: {type(exc).__name__}: {exc}")
+                finally:
+                    self._flush()
+        finally:
+            self._closing()
+            self._abort_all("the engine is shutting down")
+            self._flush()
+            self._refuse_pending_calls()
+            self.engine.close()
+
+    def _closing(self) -> None:
+        """The loop is about to end (no more requests may be added)."""
+
+    def _drain_commands(self, block: bool) -> _Stop | None:
+        stop = None
+        cmd = self._next_command(block)
+        while cmd is not None:
+            kind = cmd[0]
+            if kind == "call":
+                _, fn, reply = cmd
+                try:
+                    value, error = fn(), None
+                except Exception as exc:  # bad input must reach the caller, never kill the loop
+                    value, error = None, exc
+                reply(value, error)
+            elif kind == "abort":
+                self._abort(cmd[1])
+            elif kind == "abort_all":
+                for request_id in list(self.engine.requests):
+                    self._abort(request_id)
+            elif kind == "stop":
+                stop = cmd[1]
+            cmd = self._next_command(False)
+        return stop
+
+    def _abort(self, request_id: str) -> None:
+        request = self.engine.requests.get(request_id)
+        if self.engine.abort(request_id) and request is not None:
+            self._publish(request)
+
+    def _add(self, prompt: Prompt, params: SamplingParams | None, request_id: str, output: Any,
+             priority: int = 0, lora_request: Any = None) -> None:
+        self.engine.add_request(prompt, params, request_id, priority, lora_request)
+        request = self.engine.requests[request_id]
+        if request.finish_reason is not None:  # refused at once (it could never fit the pool)
+            self.engine.release(request_id)
+            raise ValueError(request.error or f"request {request_id} was refused")
+        self._outputs[request_id] = output
+
+    def _step(self) -> None:
+        try:
+            progressed = self.engine.step()
+        except Exception as exc:
+            log.exception("engine step failed; failing the running requests")
+            self._fail_running(f"engine step failed: {type(exc).__name__}: {exc}")
+            return
+        for request in progressed:
+            self._publish(request)
+
+    def _fail_running(self, message: str) -> None:
+        """Requests a failed step may have touched end with an error instead of hanging: those running,
+        and those it took off the queue to admit (still waiting, but no longer queued: no step would
+        ever reach them)."""
+        for request in self.engine.failed_step_requests():
+            self.engine.abort_after_failure(request)
+            request.error = message
+            self._publish(request)
+
+    def _abort_all(self, message: str) -> None:
+        for request in list(self.engine.requests.values()):
+            if request.status is not Status.FINISHED:
+                try:
+                    self.engine.abort(request.request_id)
+                except Exception:
+                    log.exception("abort during shutdown raised")
+                    request.finish("abort", message)
+            self._publish(request)
+        for output in self._outputs.values():  # nothing should be left; never leave a caller waiting
+            self._post(output, EngineDeadError(message))
+        self._outputs.clear()
+
+    def _publish(self, request: Request) -> None:
+        """Hand a request's new text and tokens to its caller; on finish, the result, then forget it."""
+        output = self._outputs.get(request.request_id)
+        if output is None:
+            return
+        text, _ = request.take_delta()
+        start, end = output.sent_tokens, len(request.output_ids)
+        output.sent_tokens = end
+        finished = request.finish_reason is not None
+        if not text and start == end and not finished:
+            return
+        chunk: dict[str, Any] = {"request_id": request.request_id, "text": text,
+                                 "token_ids": request.output_ids[start:end], "finish_reason": request.finish_reason,
+                                 "stop_reason": request.stop_reason}
+        if request.params.logprobs is not None:
+            chunk["logprobs"] = request.output_logprobs[start:end]
+            chunk["top_logprobs"] = request.top_logprobs[start:end] if request.params.logprobs > 0 else None
+        if finished:
+            chunk["result"] = request.result()
+            del self._outputs[request.request_id]
+            self.engine.release(request.request_id)
+            if self.metrics is not None:
+                try:
+                    self.metrics.observe_finished(chunk["result"])
+                except Exception:
+                    log.exception("metrics observer raised")
+            if request.error:  # a failed step or a request that could not go on: the error, not a normal end
+                error = RequestError(request.error) if request.client_error else EngineDeadError(request.error)
+                self._post(output, error)
+                return
+        self._post(output, chunk)
+
+
+class AsyncEngine(EngineLoop):
     """Continuous batching for many concurrent asyncio callers.
 
     ``metrics``, if given, gets ``observe_finished(result)`` for every request that ends (from
-    the engine thread); the server passes its Prometheus collectors here.
+    the engine thread); the server passes its Prometheus collectors here. ``reload_params``: the weights read
+    again (from the checkpoint) for a `wake_up` after a level-2 `sleep` that was given none.
 
     Example:
         >>> engine = AsyncEngine(Engine(jaxserve.load(), EngineConfig(max_running=8)))  # doctest: +SKIP
@@ -119,12 +284,11 @@ class AsyncEngine:
         >>> await engine.shutdown()                                                    # doctest: +SKIP
     """
 
-    def __init__(self, engine: Engine, metrics: Any = None, idle_poll_s: float = 1.0) -> None:
-        self.engine = engine
-        self.metrics = metrics
-        self.idle_poll_s = idle_poll_s
+    def __init__(self, engine: Engine, metrics: Any = None, idle_poll_s: float = 1.0,
+                 reload_params: Callable[[], Any] | None = None) -> None:
+        super().__init__(engine, metrics, idle_poll_s)
+        self.reload_params = reload_params
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._outputs: dict[str, _Output] = {}  # engine thread only
         # Chunks published since the last flush, by the loop they go to (engine thread only).
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
         self._ids = itertools.count()
@@ -141,6 +305,11 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The model's end-of-sequence token ids."""
+        return self.engine.eos_ids
+
     async def _call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine thread between steps and return its result here."""
         loop = asyncio.get_running_loop()
@@ -148,7 +317,7 @@ class AsyncEngine:
         with self._calls_lock:
             if self._calls_closed or not self.is_running:
                 raise EngineDeadError("the engine thread is not running")
-            self._commands.put(("call", fn, loop, fut))
+            self._commands.put(("call", fn, functools.partial(_reply_to, loop, fut)))
         return await fut
 
     async def submit(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -225,8 +394,21 @@ class AsyncEngine:
         await self._call(lambda: self.engine.sleep(level))
 
     async def wake_up(self, params: Any = None) -> None:
-        """`Engine.wake_up` on the engine thread (``params``: the weights, after a level-2 sleep)."""
+        """`Engine.wake_up` on the engine thread (``params``: the weights, after a level-2 sleep; where none are
+        given, ``reload_params``' are read, off the event loop)."""
+        if params is None and self.reload_params is not None and self.engine.sleeping == 2:
+            params = await asyncio.to_thread(self.reload_params)
         await self._call(lambda: self.engine.wake_up(params))
+
+    @property
+    def can_reload_weights(self) -> bool:
+        """Whether a level-2 `sleep` may be woken without weights (``reload_params`` reads them again)."""
+        return self.reload_params is not None
+
+    async def structured_guide(self, spec: Any, executor: concurrent.futures.Executor | None = None) -> Any:
+        """`Engine.structured_guide` on ``executor`` (a compile takes up to seconds: off the event loop and off the
+        engine thread); ValueError naming the spec's field where it cannot be compiled."""
+        return await asyncio.get_running_loop().run_in_executor(executor, self.engine.structured_guide, spec)
 
     async def sleep_level(self) -> int:
         """0 awake, else the level the engine sleeps at (`Engine.sleep`)."""
@@ -240,30 +422,15 @@ class AsyncEngine:
             self._commands.put(("stop", _Stop(drain_s)))
             await asyncio.to_thread(self._thread.join)
 
-    # ----- engine thread -----------------------------------------------------------------------
-    def _run(self) -> None:
-        stop: _Stop | None = None
+    # ----- engine thread: the transport ---------------------------------------------------------
+    def _closing(self) -> None:
+        self._accepting = False
+
+    def _next_command(self, block: bool) -> tuple | None:
         try:
-            while True:
-                try:
-                    busy = self.engine.has_unfinished()
-                    stop = self._drain_commands(block=not busy and stop is None) or stop
-                    if stop is not None and (not self.engine.has_unfinished()
-                                             or time.monotonic() >= stop.deadline):
-                        break
-                    if self.engine.has_unfinished():
-                        self._step()
-                except Exception as exc:  # a bug outside the step: fail what runs, keep serving
-                    log.exception("engine loop error")
-                    self._fail_running(f"engine loop error: {type(exc).__name__}: {exc}")
-                finally:
-                    self._flush()
-        finally:
-            self._accepting = False
-            self._abort_all("the engine is shutting down")
-            self._flush()
-            self._refuse_pending_calls()
-            self.engine.close()
+            return self._commands.get(timeout=self.idle_poll_s) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return None
 
     def _refuse_pending_calls(self) -> None:
         with self._calls_lock:
@@ -274,112 +441,7 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "call":
-                cmd[2].call_soon_threadsafe(_settle, cmd[3], None, EngineDeadError("the engine has stopped"))
-
-    def _drain_commands(self, block: bool) -> _Stop | None:
-        stop = None
-        try:
-            cmd = self._commands.get(timeout=self.idle_poll_s) if block else self._commands.get_nowait()
-        except queue.Empty:
-            return None
-        while True:
-            kind = cmd[0]
-            if kind == "call":
-                _, fn, loop, fut = cmd
-                try:
-                    value, error = fn(), None
-                except Exception as exc:  # bad input must reach the caller, never kill the loop
-                    value, error = None, exc
-                loop.call_soon_threadsafe(_settle, fut, value, error)
-            elif kind == "abort":
-                self._abort(cmd[1])
-            elif kind == "abort_all":
-                for request_id in list(self.engine.requests):
-                    self._abort(request_id)
-            elif kind == "stop":
-                stop = cmd[1]
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                return stop
-
-    def _abort(self, request_id: str) -> None:
-        request = self.engine.requests.get(request_id)
-        if self.engine.abort(request_id) and request is not None:
-            self._publish(request)
-
-    def _add(self, prompt: Prompt, params: SamplingParams | None, request_id: str, output: _Output,
-             priority: int = 0, lora_request: Any = None) -> None:
-        self.engine.add_request(prompt, params, request_id, priority, lora_request)
-        request = self.engine.requests[request_id]
-        if request.finish_reason is not None:  # refused at once (it could never fit the pool)
-            self.engine.release(request_id)
-            raise ValueError(request.error or f"request {request_id} was refused")
-        self._outputs[request_id] = output
-
-    def _step(self) -> None:
-        try:
-            progressed = self.engine.step()
-        except Exception as exc:
-            log.exception("engine step failed; failing the running requests")
-            self._fail_running(f"engine step failed: {type(exc).__name__}: {exc}")
-            return
-        for request in progressed:
-            self._publish(request)
-
-    def _fail_running(self, message: str) -> None:
-        """Requests a failed step may have touched end with an error instead of hanging: those running,
-        and those it took off the queue to admit (still waiting, but no longer queued: no step would
-        ever reach them)."""
-        for request in self.engine.failed_step_requests():
-            self.engine.abort_after_failure(request)
-            request.error = message
-            self._publish(request)
-
-    def _abort_all(self, message: str) -> None:
-        for request in list(self.engine.requests.values()):
-            if request.status is not Status.FINISHED:
-                try:
-                    self.engine.abort(request.request_id)
-                except Exception:
-                    log.exception("abort during shutdown raised")
-                    request.finish("abort", message)
-            self._publish(request)
-        for output in self._outputs.values():  # nothing should be left; never leave a caller waiting
-            self._post(output, EngineDeadError(message))
-        self._outputs.clear()
-
-    def _publish(self, request: Request) -> None:
-        """Hand a request's new text and tokens to its caller; on finish, the result, then forget it."""
-        output = self._outputs.get(request.request_id)
-        if output is None:
-            return
-        text, _ = request.take_delta()
-        start, end = output.sent_tokens, len(request.output_ids)
-        output.sent_tokens = end
-        finished = request.finish_reason is not None
-        if not text and start == end and not finished:
-            return
-        chunk: dict[str, Any] = {"request_id": request.request_id, "text": text,
-                                 "token_ids": request.output_ids[start:end], "finish_reason": request.finish_reason,
-                                 "stop_reason": request.stop_reason}
-        if request.params.logprobs is not None:
-            chunk["logprobs"] = request.output_logprobs[start:end]
-            chunk["top_logprobs"] = request.top_logprobs[start:end] if request.params.logprobs > 0 else None
-        if finished:
-            chunk["result"] = request.result()
-            del self._outputs[request.request_id]
-            self.engine.release(request.request_id)
-            if self.metrics is not None:
-                try:
-                    self.metrics.observe_finished(chunk["result"])
-                except Exception:
-                    log.exception("metrics observer raised")
-            if request.error:  # a failed step or a request that could not go on: the error, not a normal end
-                error = RequestError(request.error) if request.client_error else EngineDeadError(request.error)
-                self._post(output, error)
-                return
-        self._post(output, chunk)
+                cmd[2](None, EngineDeadError("the engine has stopped"))
 
     def _post(self, output: _Output, item: Any) -> None:
         self._outbox.setdefault(output.loop, []).append((output.queue, item))
@@ -399,6 +461,10 @@ class AsyncEngine:
 def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
     for q, item in items:
         q.put_nowait(item)
+
+
+def _reply_to(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value: Any, error: BaseException | None) -> None:
+    loop.call_soon_threadsafe(_settle, fut, value, error)
 
 
 def _settle(fut: asyncio.Future, value: Any, error: BaseException | None) -> None:

@@ -444,7 +444,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  max_stored_responses=args.max_stored_responses,
                                  ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
                                  max_logprobs=args.max_logprobs, log_requests=args.log_requests,
-                                 tokenizer=args.tokenizer, stream_interval=args.stream_interval)
+                                 tokenizer=args.tokenizer, stream_interval=args.stream_interval,
+                                 engine_process=args.engine_process)
+    if args.engine_process and args.rope_scaling is not None:
+        raise SystemExit("error: --engine-process loads the checkpoint in the engine's process as it is; "
+                         "--rope-scaling needs it loaded here (leave one of them out)")
     engine_config = engine_config_from_args(args)
     serve(_model_from_args(args, engine_config), engine_config, server_config, host=args.host, port=args.port,
           log_level=args.log_level)
@@ -539,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
                      help="serve N engines on N devices (N x --tensor-parallel-size) behind a prefix-aware router "
                           "(default 1)")
+    srv.add_argument("--engine-process", action="store_true",
+                     help="run the engine in a process of its own (vLLM V1's engine core): its host work no longer "
+                          "shares the HTTP side's GIL, which bounds streamed serving at many requests")
     srv.add_argument("--warmup-structured", action="store_true",
                      help="--warmup, and the steps of requests with structured outputs (response_format, "
                           "guided_*) too")

@@ -7,7 +7,8 @@ client-disconnect aborts, SGLang's ``/generate`` (with ``/get_model_info``, ``/g
 ``/health_generate``),
 ``/v1/embeddings``, ``/score`` and ``/rerank`` (vLLM's, by the embeddings' cosine), ``/health``, ``/version``,
 ``/v1/models``, ``/tokenize`` and ``/detokenize`` (vLLM's), ``/metrics`` and the draining shutdown. It
-never schedules or runs the model: the async engine's thread alone drives the ``Engine``.
+never schedules or runs the model: the async engine's thread (with ``engine_process``, the engine's own process) alone
+drives the ``Engine``.
 """
 
 from __future__ import annotations
@@ -39,13 +40,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxserve.async_engine import AsyncEngine, EngineDeadError, RequestError, RequestHandle
 from jaxserve.beam_search import BeamSearchParams, best_next, search, step_params
-from jaxserve.engine import Engine, prompt_embeds_array, truncation
+from jaxserve.engine import prompt_embeds_array, truncation
 from jaxserve.engine_config import EngineConfig
+from jaxserve.engine_process import EngineProcess, EngineSpec, build_engine, engine_info, keep_off_accelerators
 from jaxserve.loading import LoadedModel, load
 from jaxserve.lora import LoRARequest
 from jaxserve.metrics import CONTENT_TYPE, ServingMetrics
 from jaxserve.pooling import POOLING_TYPES, PoolingParams, pair_scores, score_pairs
-from jaxserve.replicas import Replicas
 from jaxserve.sampling import MAX_LOGPROBS, SamplingParams, sample_seed
 from jaxserve.server.protocol import (AbortRequest, APIError, ChatRequest, ClassificationRequest, CompletionRequest,
                                       DetokenizeRequest, EmbeddingRequest, GenerateRequest,
@@ -143,6 +144,12 @@ class ServerConfig:
     # vLLM's --stream-interval: tokens per streamed chunk (1: one chunk a token, vLLM's default); a device call's
     # tokens are split, never held for the next call's.
     stream_interval: int = 1
+    # The engine in a process of its own (vLLM V1's EngineCore; `jaxserve.engine_process`): its host work no longer
+    # takes turns with the HTTP side's on one GIL. Needs a checkpoint folder (weights do not cross processes).
+    engine_process: bool = False
+    # With engine_process: "module:function" the child calls with its built engine before serving (a benchmark's
+    # stub device, a test's fault); None in production.
+    engine_setup: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) or not (
@@ -185,7 +192,7 @@ class ServerConfig:
 # ----- app state ---------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _State:
-    engine: AsyncEngine
+    engine: AsyncEngine | EngineProcess
     metrics: ServingMetrics
     tokenizer: Any  # the server's own copy: the engine thread's tokenizer is never shared
     # Where the tokenizer works, off the event loop: tokenizing a megabyte of prompt text, or spelling
@@ -210,9 +217,6 @@ class _State:
     last_lora_id: int = 0  # ids only grow (vLLM's counter): an unloaded adapter's id is never another's
     # Finished /v1/responses, for previous_response_id.
     responses: ResponseStore = dataclasses.field(default_factory=lambda: ResponseStore(0))
-    # The weights read again from the checkpoint, for /wake_up after a level-2 /sleep; None where the model was
-    # given as params (no checkpoint to read).
-    reload_params: Callable[[], Any] | None = None
     # /generate's requests in flight by rid (its meta_info.id), for /abort_request.
     generating: dict[str, RequestHandle | None] = dataclasses.field(default_factory=dict)
 
@@ -239,55 +243,55 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        loaded = model if isinstance(model, LoadedModel) else await asyncio.to_thread(
-            load, model, engine_config.compute_dtype())
-        if server_config.tokenizer is not None:
-            # The engine's too (stop strings, detokenizing), as vLLM's; a missing folder stops the start.
-            loaded = dataclasses.replace(loaded, tokenizer=await asyncio.to_thread(load_tokenizer,
-                                                                                   server_config.tokenizer))
-        if server_config.data_parallel_size > 1:
-            engine = await asyncio.to_thread(Replicas, loaded, engine_config, server_config.data_parallel_size)
-        else:
-            engine = await asyncio.to_thread(Engine, loaded, engine_config)
-        for lora in loras.values():  # a bad adapter stops the start, not a request
-            await asyncio.to_thread(engine.register_lora, lora)
-        if server_config.warmup or server_config.warmup_structured:
-            # Clients ask for log-probabilities per request: both step variants, warm.
-            shapes = await asyncio.to_thread(engine.warmup, sampling=True, logprobs=True,
-                                             structured=server_config.warmup_structured, pooling=True)
-            log.info("warm-up compiled %d step shapes", shapes)
         metrics = ServingMetrics()
-        if not loaded.path and loaded.tokenizer is None:
-            raise ValueError("model: the server needs a tokenizer; give LoadedModel.from_params one")
-        # Its own copy (the engine thread's is never shared): read again, or copied where the model was given as params.
-        tokenizer = (load_tokenizer(server_config.tokenizer or loaded.path) if server_config.tokenizer or loaded.path
-                     else copy.deepcopy(loaded.tokenizer))
-        reload_params = None
-        if loaded.path:
-            path, on_host = loaded.path, engine_config.loads_on_host
-            reload_params = lambda: load(path, engine_config.compute_dtype(),  # noqa: E731
-                                         device="cpu" if on_host else None).params
+        engine: AsyncEngine | EngineProcess
+        if server_config.engine_process:
+            if isinstance(model, LoadedModel):  # its arrays (or a config overridden at load) cannot cross
+                raise ValueError("engine_process: the engine's process loads its model itself, from a checkpoint "
+                                 "folder; give the folder, not a LoadedModel (or serve it with engine_process off)")
+            spec = EngineSpec(None if model is None else os.fspath(model), engine_config, server_config.tokenizer, server_config.data_parallel_size,
+                              tuple(loras.values()), server_config.warmup, server_config.warmup_structured,
+                              server_config.engine_setup)
+            keep_off_accelerators()
+            engine = await asyncio.to_thread(EngineProcess, spec, metrics)
+            info = engine.info
+            tokenizer = await asyncio.to_thread(load_tokenizer, server_config.tokenizer or info["path"])
+        else:
+            built, loaded = await asyncio.to_thread(
+                build_engine, model, engine_config, server_config.tokenizer, server_config.data_parallel_size,
+                tuple(loras.values()), server_config.warmup, server_config.warmup_structured)
+            if not loaded.path and loaded.tokenizer is None:
+                raise ValueError("model: the server needs a tokenizer; give LoadedModel.from_params one")
+            info = engine_info(built, loaded)
+            # Its own copy (the engine thread's is never shared): read again, or copied where the model was given
+            # as params.
+            tokenizer = (load_tokenizer(server_config.tokenizer or loaded.path)
+                         if server_config.tokenizer or loaded.path else copy.deepcopy(loaded.tokenizer))
+            reload_params = None
+            if loaded.path:
+                path, on_host = loaded.path, engine_config.loads_on_host
+                reload_params = lambda: load(path, engine_config.compute_dtype(),  # noqa: E731
+                                             device="cpu" if on_host else None).params
+            engine = AsyncEngine(built, metrics=metrics, reload_params=reload_params)
+            del loaded, built  # a level-2 sleep frees the weights only if nothing here holds them
         if chat_template is not None:
             tokenizer.chat_template = chat_template
         app.state.jaxserve = _State(
-            engine=AsyncEngine(engine, metrics=metrics), metrics=metrics,
+            engine=engine, metrics=metrics,
             tokenizer=tokenizer,
             tokenizer_thread=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-tokenizer"),
             constraint_thread=concurrent.futures.ThreadPoolExecutor(CONSTRAINT_THREADS,
                                                                     thread_name_prefix="jaxserve-constraints"),
-            sampling_defaults={k: v for k, v in engine.sampling_defaults.items() if k != "max_tokens"},
-            model_name=server_config.model_name or loaded.name,
-            max_model_len=engine.max_model_len, hidden_size=loaded.config.hidden_size,
-            labels=loaded.config.labels, config=server_config,
-            created=int(time.time()), loras=loras, responses=ResponseStore(server_config.max_stored_responses),
-            reload_params=reload_params)
+            sampling_defaults={k: v for k, v in info["sampling_defaults"].items() if k != "max_tokens"},
+            model_name=server_config.model_name or info["name"],
+            max_model_len=info["max_model_len"], hidden_size=info["hidden_size"],
+            labels=info["labels"], config=server_config,
+            created=int(time.time()), loras=loras, responses=ResponseStore(server_config.max_stored_responses))
         # As vLLM logs its KV blocks: what the pool holds (a replica's, under data parallelism: each holds as much).
-        runner = (engine.engines[0] if isinstance(engine, Replicas) else engine).runner
-        pool = runner.kv[0][0]  # [kv_heads, pages, page_size, head_dim]: every layer's K and V alike
-        log.info("serving %s (max_model_len %d; KV pool %d pages of %d tokens in %s, %.2f GiB, %d tokens in all)",
-                 app.state.jaxserve.model_name, engine.max_model_len, pool.shape[1], pool.shape[2], pool.dtype,
-                 2 * len(runner.kv) * pool.nbytes / 2**30, pool.shape[1] * pool.shape[2])
-        del loaded  # a level-2 sleep frees the weights only if nothing here holds them
+        log.info("serving %s (max_model_len %d; KV pool %d pages of %d tokens in %s, %.2f GiB, %d tokens in all%s)",
+                 app.state.jaxserve.model_name, info["max_model_len"], info["pool_pages"], info["page_size"],
+                 info["pool_dtype"], info["pool_gib"], info["pool_pages"] * info["page_size"],
+                 "; the engine in its own process" if server_config.engine_process else "")
         try:
             yield
         finally:
@@ -348,7 +352,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         level = request.query_params.get("level", "1")
         if level not in ("1", "2"):
             raise APIError(400, f"level must be 1 (the KV pool) or 2 (the weights too), got {level!r}", param="level")
-        if level == "2" and st.reload_params is None:
+        if level == "2" and not st.engine.can_reload_weights:
             raise APIError(400, "level 2 frees the weights, and this server has no checkpoint to read them again "
                                 "from (its model was given as params)", param="level")
         return await _engine_command(st.engine.sleep(int(level)))
@@ -357,10 +361,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     async def wake_up(request: Request) -> JSONResponse:
         st = _state(request)
         _authorize(request, st)
-        params = None
-        if await st.engine.sleep_level() == 2:  # the weights went too: read from the checkpoint, off the loop
-            params = await asyncio.to_thread(st.reload_params)
-        return await _engine_command(st.engine.wake_up(params))
+        # After a level-2 sleep the weights are read again from the checkpoint, off the loop (`AsyncEngine.wake_up`).
+        return await _engine_command(st.engine.wake_up())
 
     @app.get("/is_sleeping")
     async def is_sleeping(request: Request) -> JSONResponse:
@@ -1370,8 +1372,7 @@ async def _structured_outputs(req: SamplingFields, st: _State) -> StructuredOutp
         fields.setdefault("after", THINK_END)
     try:
         spec = StructuredOutputs.from_value(fields)
-        await asyncio.get_running_loop().run_in_executor(st.constraint_thread, st.engine.engine.structured_guide,
-                                                         spec)
+        await st.engine.structured_guide(spec, st.constraint_thread)
     except ValueError as exc:
         raise APIError(400, str(exc), param=param) from None
     return spec
@@ -1586,7 +1587,7 @@ async def _beam_search(request: Request, st: _State, req: SamplingFields, prompt
         return [best_next(o, k) for o in asyncio.run_coroutine_threadsafe(run(), loop).result()]
 
     try:
-        found = await asyncio.to_thread(search, next_logprobs, prompts, params, st.engine.engine.eos_ids)
+        found = await asyncio.to_thread(search, next_logprobs, prompts, params, st.engine.eos_ids)
     except ValueError as exc:  # a step the engine refused (`best_next`): beams longer than the KV pool holds
         raise APIError(400, str(exc), param="max_tokens") from None
 

@@ -1,0 +1,574 @@
+"""``EngineProcess``: the engine in a child process of its own, driven from asyncio (vLLM V1's EngineCore).
+
+Why: with the engine on a thread of the server process (`jaxserve.async_engine.AsyncEngine`), the engine thread and
+the event loop take turns on one GIL, so a streamed token costs the sum of both sides' Python (on an H100 the 0.5B
+model served 7.6k tok/s a token an SSE event against 13.6k at eight a event, on the same ~1 s of device calls:
+bench/results/serving_stream_h100.md). In a child, the engine's host work (scheduling, sampling's host side,
+detokenizing, stop strings) runs beside the HTTP side's instead of between its turns.
+
+What crosses: the parent sends commands down one pipe (add, abort, abort_all, a named call, stop) and a reader
+thread takes the child's messages off another: once a step, every request's new chunks (text already detokenized
+and held back at stop strings, engine-side, as `AsyncEngine`'s), and each call's reply. The child builds the engine
+itself from an `EngineSpec` (a checkpoint path, not arrays: weights do not cross), so a `LoadedModel` given as params
+cannot be served this way.
+
+The parent's API is `AsyncEngine`'s (submit, stream, generate_async, abort, abort_all, stats, sleep, wake_up, LoRA,
+clear_prefix_cache, structured_guide, shutdown), so the server takes either.
+
+Example:
+    >>> engine = EngineProcess(EngineSpec("/models/Qwen2.5-0.5B-Instruct", EngineConfig()))  # doctest: +SKIP
+    >>> out = await engine.generate_async([1, 2, 3], SamplingParams(max_tokens=8))          # doctest: +SKIP
+    >>> await engine.shutdown()                                                             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import importlib
+import itertools
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection
+from typing import Any, AsyncIterator, Callable
+
+from jaxserve.async_engine import (EngineDeadError, EngineLoop, RequestHandle, _deliver, _Output, _settle,
+                                   _Stop)
+from jaxserve.engine_config import EngineConfig
+from jaxserve.sampling import SamplingParams
+
+log = logging.getLogger("jaxserve.engine_process")
+
+# The calls the parent may name, each a method of `_ChildLoop` run between steps (never an arbitrary attribute: the
+# names come down a pipe).
+_CALLS = frozenset({"stats", "register_lora", "forget_lora", "clear_prefix_cache", "sleep", "wake_up",
+                    "sleep_level"})
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """What the child builds its engine from (picklable: it crosses into a spawned process).
+
+    ``model``: a checkpoint folder; ``tokenizer``: another tokenizer folder (vLLM's --tokenizer);
+    ``data_parallel_size`` > 1 builds `jaxserve.replicas.Replicas`; ``loras``: adapters registered before it
+    serves; ``warmup`` / ``warmup_structured``: `Engine.warmup` before it serves; ``setup``: ``"module:function"``
+    called with the built engine in the child before it serves (a benchmark's stub device, a test's fault).
+    """
+
+    model: str
+    engine_config: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    tokenizer: str | None = None
+    data_parallel_size: int = 1
+    loras: tuple[Any, ...] = ()
+    warmup: bool = False
+    warmup_structured: bool = False
+    setup: str | None = None
+
+
+def build_engine(model: Any, engine_config: EngineConfig, tokenizer: str | None = None,
+                 data_parallel_size: int = 1, loras: tuple[Any, ...] = (), warmup: bool = False,
+                 warmup_structured: bool = False) -> tuple[Any, Any]:
+    """The server's engine (``Engine``, or ``Replicas`` for data parallelism) and its `LoadedModel`: loaded, LoRA
+    adapters registered, warmed up where asked. ``model``: a `LoadedModel` or a checkpoint path.
+
+    Example:
+        >>> engine, loaded = build_engine("/models/Qwen2.5-0.5B-Instruct", EngineConfig())  # doctest: +SKIP
+    """
+    from jaxserve.engine import Engine
+    from jaxserve.loading import LoadedModel, load
+    from jaxserve.replicas import Replicas
+    from jaxserve.tokenizer import load_tokenizer
+
+    loaded = model if isinstance(model, LoadedModel) else load(model, engine_config.compute_dtype())
+    if tokenizer is not None:
+        # The engine's too (stop strings, detokenizing), as vLLM's; a missing folder stops the start.
+        loaded = dataclasses.replace(loaded, tokenizer=load_tokenizer(tokenizer))
+    engine = Replicas(loaded, engine_config, data_parallel_size) if data_parallel_size > 1 else Engine(loaded,
+                                                                                                         engine_config)
+    for lora in loras:  # a bad adapter stops the start, not a request
+        engine.register_lora(lora)
+    if warmup or warmup_structured:
+        # Clients ask for log-probabilities per request: both step variants, warm.
+        shapes = engine.warmup(sampling=True, logprobs=True, structured=warmup_structured, pooling=True)
+        log.info("warm-up compiled %d step shapes", shapes)
+    return engine, loaded
+
+
+def engine_info(engine: Any, loaded: Any) -> dict[str, Any]:
+    """What the server reads of its engine and model at start (the same for a thread's engine and a child's)."""
+    runner = (engine.engines[0] if hasattr(engine, "engines") else engine).runner
+    pool = runner.kv[0][0]  # [kv_heads, pages, page_size, head_dim]: every layer's K and V alike
+    return dict(name=loaded.name, path=loaded.path, hidden_size=loaded.config.hidden_size,
+                labels=tuple(loaded.config.labels), max_model_len=engine.max_model_len,
+                sampling_defaults=dict(engine.sampling_defaults), eos_ids=tuple(engine.eos_ids),
+                has_tokenizer=loaded.tokenizer is not None, pool_pages=int(pool.shape[1]),
+                page_size=int(pool.shape[2]), pool_dtype=str(pool.dtype),
+                pool_gib=2 * len(runner.kv) * pool.nbytes / 2**30)
+
+
+def keep_off_accelerators() -> None:
+    """JAX in this process (a server whose engine is a child's) runs on the CPU, so it never takes the accelerator
+    memory the child's engine needs: JAX preallocates most of a GPU's memory at its first use there. A warning where
+    it is too late (this process already used the accelerator)."""
+    import jax
+
+    try:
+        from jax._src import xla_bridge
+
+        initialized = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):  # a JAX without it: leave the platform be
+        return
+    if not initialized:
+        jax.config.update("jax_platforms", "cpu")
+    elif jax.default_backend() != "cpu":
+        log.warning("this process already uses the %s (JAX preallocates its memory there): the engine's process "
+                    "may find too little; start the server before anything here computes with JAX",
+                    jax.default_backend())
+
+
+# ----- the child ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _ChildOutput:
+    request_id: str
+    sent_tokens: int = 0
+
+
+class _Forward:
+    """The child's metrics: each finished result goes up with the step's chunks, to the parent's collectors."""
+
+    def __init__(self) -> None:
+        self.results: list[dict[str, Any]] = []
+
+    def observe_finished(self, result: dict[str, Any]) -> None:
+        self.results.append(result)
+
+
+class _ChildLoop(EngineLoop):
+    """`EngineLoop` over pipes: commands from the parent, one message of chunks a step back."""
+
+    def __init__(self, engine: Any, spec: EngineSpec, commands: Connection, outputs: Connection) -> None:
+        super().__init__(engine, _Forward())
+        self.spec = spec
+        self._commands = commands
+        self._outputs_conn = outputs
+        self._send_lock = threading.Lock()  # the guide thread replies beside the loop's sends
+        self._chunks: list[tuple[str, Any]] = []
+        # Structured outputs compile here, off the loop, as the server's constraint thread does in its own process.
+        self._guides = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-constraints")
+        self._parent_gone = False
+
+    def _send(self, message: tuple) -> None:
+        try:
+            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # an unpicklable reply (an exotic exception): its words still reach the caller
+            if message[0] != "reply":
+                raise
+            error = message[3]
+            kind = ValueError if isinstance(error, ValueError) else EngineDeadError
+            data = pickle.dumps(("reply", message[1], None, kind(f"{type(error).__name__}: {error}")))
+            log.debug("reply not picklable: %s", exc)
+        with self._send_lock:
+            self._outputs_conn.send_bytes(data)
+
+    def _reply(self, call_id: int) -> Callable[[Any, BaseException | None], None]:
+        return lambda value, error: self._send(("reply", call_id, value, error))
+
+    def _next_command(self, block: bool) -> tuple | None:
+        while True:
+            if self._parent_gone:
+                return None
+            try:
+                if not self._commands.poll(self.idle_poll_s if block else 0):
+                    return None
+                message = self._commands.recv()
+            except (EOFError, OSError):  # the parent is gone: nobody to serve
+                self._parent_gone = True
+                return ("stop", _Stop(0.0))
+            command = self._command(message)
+            if command is not None:
+                return command
+
+    def _command(self, message: tuple) -> tuple | None:
+        kind = message[0]
+        if kind == "add":
+            _, call_id, prompt, params, request_id, priority, lora = message
+            return ("call", lambda: self._add(prompt, params, request_id, _ChildOutput(request_id), priority, lora),
+                    self._reply(call_id))
+        if kind == "call":
+            _, call_id, name, args = message
+            if name not in _CALLS:
+                self._send(("reply", call_id, None, EngineDeadError(f"unknown engine call {name!r}")))
+                return None
+            return ("call", lambda: getattr(self, "_call_" + name)(*args), self._reply(call_id))
+        if kind == "guide":
+            _, call_id, spec = message
+            reply = self._reply(call_id)
+
+            def compile_guide() -> None:
+                try:
+                    self.engine.structured_guide(spec)
+                except Exception as exc:
+                    reply(None, exc)
+                else:
+                    reply(None, None)
+            self._guides.submit(compile_guide)
+            return None
+        if kind == "stop":
+            return ("stop", _Stop(message[1]))
+        return message  # abort, abort_all
+
+    def _post(self, output: _ChildOutput, item: Any) -> None:
+        self._chunks.append((output.request_id, item))
+
+    def _flush(self) -> None:
+        if not self._chunks and not self.metrics.results:
+            return
+        chunks, self._chunks = self._chunks, []
+        results, self.metrics.results = self.metrics.results, []
+        if not self._parent_gone:
+            try:
+                self._send(("chunks", chunks, results))
+            except (BrokenPipeError, OSError):
+                self._parent_gone = True
+
+    def _refuse_pending_calls(self) -> None:
+        self._guides.shutdown(wait=True)
+        while not self._parent_gone:
+            try:
+                if not self._commands.poll(0):
+                    return
+                message = self._commands.recv()
+            except (EOFError, OSError):
+                return
+            if message[0] in ("add", "call", "guide"):
+                self._send(("reply", message[1], None, EngineDeadError("the engine has stopped")))
+
+    # the calls the parent may name (_CALLS)
+    def _call_stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    def _call_register_lora(self, lora: Any) -> None:
+        self.engine.register_lora(lora)
+
+    def _call_forget_lora(self, lora_id: int) -> None:
+        self.engine.forget_lora(lora_id)
+
+    def _call_clear_prefix_cache(self) -> None:
+        self.engine.clear_prefix_cache()
+
+    def _call_sleep(self, level: int) -> None:
+        self.engine.sleep(level)
+
+    def _call_wake_up(self) -> None:
+        params = None
+        if self.engine.sleeping == 2:  # the weights went too: read from the checkpoint (asleep: nothing waits)
+            from jaxserve.loading import load
+
+            config = self.spec.engine_config
+            params = load(self.spec.model, config.compute_dtype(),
+                          device="cpu" if config.loads_on_host else None).params
+        self.engine.wake_up(params)
+
+    def _call_sleep_level(self) -> int:
+        return int(self.engine.sleeping)
+
+
+def _child_entry(commands_fd: int, outputs_fd: int) -> None:
+    """The child's start (``python -c``, not multiprocessing's spawn, which runs the parent's ``__main__`` again: a
+    script without a main guard would start a server in its engine)."""
+    commands = Connection(commands_fd, writable=False)
+    outputs = Connection(outputs_fd, readable=False)
+    sys.path[:] = commands.recv()  # first, so the spec's classes and a setup hook import as in the parent
+    spec, log_level = commands.recv()
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine] %(message)s")
+    try:
+        engine, loaded = build_engine(spec.model, spec.engine_config, spec.tokenizer, spec.data_parallel_size,
+                                      spec.loras, spec.warmup, spec.warmup_structured)
+        if spec.setup is not None:
+            module, _, name = spec.setup.partition(":")
+            getattr(importlib.import_module(module), name)(engine)
+        info = engine_info(engine, loaded)
+        del loaded  # a level-2 sleep frees the weights only if nothing here holds them
+    except BaseException as exc:  # the parent's start fails with this message
+        log.exception("the engine process could not start")
+        outputs.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    outputs.send(("ready", info))
+    _ChildLoop(engine, spec, commands, outputs)._run()
+
+
+# ----- the parent ---------------------------------------------------------------------------------------------------
+class EngineProcess:
+    """`AsyncEngine`'s API over an engine in a child process (module docstring: why). Building it starts the child and
+    blocks until its engine is built (and warmed up, where the spec asks): run it off the event loop.
+
+    ``metrics``, if given, gets ``observe_finished(result)`` for every request that ends (on the parent's reader
+    thread). ``info``: what the child reports of its engine (`engine_info`).
+
+    Example:
+        >>> engine = await asyncio.to_thread(EngineProcess, EngineSpec("/models/qwen"))   # doctest: +SKIP
+        >>> async for chunk in engine.stream([1, 2, 3], SamplingParams(max_tokens=8)):   # doctest: +SKIP
+        ...     print(chunk["token_ids"])
+        >>> await engine.shutdown()                                                      # doctest: +SKIP
+    """
+
+    def __init__(self, spec: EngineSpec, metrics: Any = None) -> None:
+        self.spec = spec
+        self.metrics = metrics
+        # A fresh interpreter, never a fork: the parent may hold JAX's (and the GPU driver's) threads and state.
+        child_commands, commands = os.pipe()
+        replies, child_outputs = os.pipe()
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", f"from jaxserve.engine_process import _child_entry; "
+                                   f"_child_entry({child_commands}, {child_outputs})"],
+            pass_fds=(child_commands, child_outputs))
+        # The parent's copies of the child's ends closed, so a dead child reads as EOF here.
+        os.close(child_commands)
+        os.close(child_outputs)
+        self._commands = Connection(commands, readable=False)
+        self._replies = Connection(replies, writable=False)
+        try:
+            self._commands.send(list(sys.path))
+            self._commands.send((spec, logging.getLogger().getEffectiveLevel()))
+            message = self._replies.recv()
+        except (EOFError, OSError):
+            code = self._process.wait()
+            raise RuntimeError(f"the engine process exited (code {code}) before it was ready; "
+                               "its log above says why") from None
+        if message[0] != "ready":
+            self._process.wait(30)
+            raise RuntimeError(f"the engine process could not start: {message[1]}")
+        self.info: dict[str, Any] = message[1]
+        self._lock = threading.Lock()  # _outputs, _calls, _dead and the command pipe's writes
+        self._outputs: dict[str, _Output] = {}
+        self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._call_ids = itertools.count()
+        self._ids = itertools.count()
+        self._accepting = True
+        self._dead: str | None = None
+        self._sleeping = 0
+        self._reader = threading.Thread(target=self._read, name="jaxserve-engine-reader", daemon=True)
+        self._reader.start()
+
+    # ----- what the server reads --------------------------------------------------------------------------------
+    @property
+    def is_running(self) -> bool:
+        return self._dead is None and self._process.poll() is None
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return tuple(self.info["eos_ids"])
+
+    @property
+    def can_reload_weights(self) -> bool:
+        """The child reads its checkpoint again after a level-2 sleep."""
+        return True
+
+    # ----- commands -----------------------------------------------------------------------------------------------
+    def _send(self, message: tuple) -> None:
+        """Under ``_lock``."""
+        try:
+            self._commands.send(message)
+        except (BrokenPipeError, OSError) as exc:
+            raise EngineDeadError(f"the engine process is gone ({exc})") from None
+
+    async def _request(self, message: Callable[[int], tuple]) -> Any:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError(self._dead)
+            call_id = next(self._call_ids)
+            self._calls[call_id] = (loop, fut)
+            try:
+                self._send(message(call_id))
+            except BaseException:
+                del self._calls[call_id]
+                raise
+        return await fut
+
+    async def _call(self, name: str, *args: Any) -> Any:
+        return await self._request(lambda call_id: ("call", call_id, name, args))
+
+    async def submit(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None,
+                     priority: int = 0, lora_request: Any = None) -> RequestHandle:
+        """`AsyncEngine.submit`'s: queue a request, ValueError for bad input (checked in the child)."""
+        if not self._accepting:
+            raise EngineDeadError("the engine is shutting down and accepts no new requests")
+        loop = asyncio.get_running_loop()
+        output = _Output(loop, asyncio.Queue())
+        request_id = request_id or f"async-{next(self._ids)}"
+        with self._lock:
+            # Registered before the child hears of it: its first chunks may come before the reply is read here.
+            if request_id in self._outputs:
+                raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
+            self._outputs[request_id] = output
+        try:
+            await self._request(lambda call_id: ("add", call_id, prompt, params, request_id, priority, lora_request))
+        except BaseException:
+            with self._lock:
+                self._outputs.pop(request_id, None)
+            self.abort(request_id)  # a caller that left while the child was adding it
+            raise
+        return RequestHandle(self, request_id, output)  # type: ignore[arg-type]
+
+    async def stream(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None,
+                     priority: int = 0, lora_request: Any = None) -> AsyncIterator[dict[str, Any]]:
+        """`AsyncEngine.stream`'s."""
+        handle = await self.submit(prompt, params, request_id, priority, lora_request)
+        try:
+            async for chunk in handle:
+                yield chunk
+        finally:
+            handle.abort()
+
+    async def generate_async(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None,
+                             priority: int = 0, lora_request: Any = None) -> dict[str, Any]:
+        """`AsyncEngine.generate_async`'s."""
+        handle = await self.submit(prompt, params, request_id, priority, lora_request)
+        try:
+            return await handle.result()
+        finally:
+            handle.abort()
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (thread-safe, returns at once; unknown or finished ids are ignored)."""
+        with self._lock:
+            if self._dead is None:
+                try:
+                    self._send(("abort", request_id))
+                except EngineDeadError:
+                    pass
+
+    def abort_all(self) -> None:
+        """`AsyncEngine.abort_all`'s."""
+        with self._lock:
+            if self._dead is None:
+                try:
+                    self._send(("abort_all",))
+                except EngineDeadError:
+                    pass
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._call("stats")
+
+    async def register_lora(self, lora_request: Any) -> None:
+        await self._call("register_lora", lora_request)
+
+    async def forget_lora(self, lora_id: int) -> None:
+        await self._call("forget_lora", lora_id)
+
+    async def clear_prefix_cache(self) -> None:
+        await self._call("clear_prefix_cache")
+
+    async def sleep(self, level: int = 1) -> None:
+        await self._call("sleep", level)
+
+    async def wake_up(self, params: Any = None) -> None:
+        """`AsyncEngine.wake_up`'s; the child reads its checkpoint after a level-2 sleep (weights do not cross)."""
+        if params is not None:
+            raise ValueError("params: an engine process reads its own checkpoint again; it takes no weights")
+        await self._call("wake_up")
+
+    async def sleep_level(self) -> int:
+        return await self._call("sleep_level")
+
+    async def structured_guide(self, spec: Any, executor: concurrent.futures.Executor | None = None) -> None:
+        """Compile ``spec``'s constraint in the child, off its engine loop (``executor`` is the parent's, unused):
+        ValueError naming the spec's field where it cannot be compiled. The child's cache then holds it, so the
+        request that carries it compiles nothing between steps."""
+        await self._request(lambda call_id: ("guide", call_id, spec))
+
+    async def shutdown(self, drain_s: float = 0.0) -> None:
+        """`AsyncEngine.shutdown`'s: drain, abort the rest, and wait for the child to exit."""
+        self._accepting = False
+        with self._lock:
+            if self._dead is None:
+                try:
+                    self._send(("stop", drain_s))
+                except EngineDeadError:
+                    pass
+        try:
+            await asyncio.to_thread(self._process.wait, drain_s + 60)
+        except subprocess.TimeoutExpired:
+            log.warning("the engine process did not stop; killing it")
+            self._process.kill()
+            await asyncio.to_thread(self._process.wait)
+        await asyncio.to_thread(self._reader.join, 10)
+
+    # ----- the reader thread --------------------------------------------------------------------------------------
+    def _read(self) -> None:
+        reason = "the engine process has stopped"
+        try:
+            while True:
+                message = self._replies.recv()
+                if message[0] == "chunks":
+                    self._deliver(message[1], message[2])
+                elif message[0] == "reply":
+                    with self._lock:
+                        waiting = self._calls.pop(message[1], None)
+                    if waiting is not None:
+                        loop, fut = waiting
+                        _settle_from_thread(loop, fut, message[2], message[3])
+        except (EOFError, OSError):
+            pass
+        except Exception as exc:  # a message it could not read: nothing after it can be trusted
+            log.exception("engine process reader failed")
+            reason = f"the engine process's messages could not be read: {type(exc).__name__}: {exc}"
+        try:
+            code = self._process.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
+        if code not in (0, None):
+            reason = f"the engine process exited with code {code}"
+        self._fail_all(reason)
+
+    def _deliver(self, chunks: list[tuple[str, Any]], results: list[dict[str, Any]]) -> None:
+        if self.metrics is not None:
+            for result in results:
+                try:
+                    self.metrics.observe_finished(result)
+                except Exception:
+                    log.exception("metrics observer raised")
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        with self._lock:
+            for request_id, item in chunks:
+                output = self._outputs.get(request_id)
+                if output is None:
+                    continue
+                if isinstance(item, BaseException) or item["finish_reason"] is not None:
+                    del self._outputs[request_id]
+                by_loop.setdefault(output.loop, []).append((output.queue, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: its callers are gone
+                log.warning("dropped %d chunks for a closed event loop", len(items))
+
+    def _fail_all(self, reason: str) -> None:
+        """The child is gone: every caller still waiting gets `EngineDeadError`, never a hang."""
+        with self._lock:
+            self._dead = reason
+            self._accepting = False
+            outputs, self._outputs = self._outputs, {}
+            calls, self._calls = self._calls, {}
+        for output in outputs.values():
+            try:
+                output.loop.call_soon_threadsafe(_deliver, [(output.queue, EngineDeadError(reason))])
+            except RuntimeError:
+                pass
+        for loop, fut in calls.values():
+            _settle_from_thread(loop, fut, None, EngineDeadError(reason))
+
+
+def _settle_from_thread(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value: Any,
+                        error: BaseException | None) -> None:
+    try:
+        loop.call_soon_threadsafe(_settle, fut, value, error)
+    except RuntimeError:  # the caller's loop is closed
+        pass

@@ -1,0 +1,176 @@
+"""The engine in a process of its own (`jaxserve.engine_process`, the server's ``engine_process``): the same answers as
+the engine thread's, errors that reach callers, nothing leaked, and a dead child that fails requests instead of
+hanging them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from jaxserve import EngineConfig, SamplingParams, load
+from jaxserve.async_engine import EngineDeadError
+from jaxserve.engine import Engine
+from jaxserve.engine_process import EngineProcess, EngineSpec
+from jaxserve.server import ServerConfig, create_app
+from tests.test_server import API_KEY, ENGINE_CONFIG, LiveServer, post
+
+PROMPTS = ["The quick brown fox", "def add(a, b):", "lazy dog"]
+
+
+@pytest.fixture(scope="module")
+def live(tiny_checkpoint):
+    app = create_app(tiny_checkpoint[0], ENGINE_CONFIG,
+                     ServerConfig(model_name="tiny", api_key=API_KEY, engine_process=True))
+    with LiveServer(app) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_checkpoint):
+    """Each prompt's greedy continuation from an engine in this process."""
+    with Engine(load(tiny_checkpoint[0]), ENGINE_CONFIG) as engine:
+        return [r["token_ids"] for r in engine.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0))]
+
+
+def engine_stats(live) -> dict:
+    async def settled(engine):
+        for _ in range(100):  # an abort is a command the child runs between steps
+            await engine.clear_prefix_cache()
+            stats = await engine.stats()
+            if stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        return stats
+
+    return live.engine_call(settled)
+
+
+def assert_pages_free(live) -> None:
+    stats = engine_stats(live)
+    assert stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0, stats
+
+
+def completion(prompt: str, **fields) -> dict:
+    return {"model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 0, "return_token_ids": True,
+            **fields}
+
+
+def streamed_ids(live, body: dict) -> list[int]:
+    ids = []
+    with httpx.stream("POST", live.url + "/v1/completions", json={**body, "stream": True},
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                ids += json.loads(line[6:])["choices"][0].get("token_ids") or []
+    return ids
+
+
+def test_answers_equal_the_engine_thread_s_streamed_or_not(live, expected):
+    """Greedy ids from the child, whole and streamed, equal an in-process engine's for each prompt; every page is
+    free afterwards."""
+    for prompt, ids in zip(PROMPTS, expected):
+        whole = post(live, "/v1/completions", completion(prompt)).json()
+        assert whole["choices"][0]["token_ids"] == ids
+        assert streamed_ids(live, completion(prompt)) == ids
+    assert_pages_free(live)
+
+
+def test_concurrent_requests_each_get_their_own_answer(live, expected):
+    async def run():
+        async with httpx.AsyncClient(base_url=live.url, headers={"Authorization": f"Bearer {API_KEY}"},
+                                     timeout=60) as client:
+            replies = await asyncio.gather(*(client.post("/v1/completions", json=completion(p))
+                                             for p in PROMPTS * 4))
+        return [r.json()["choices"][0]["token_ids"] for r in replies]
+
+    assert asyncio.run(run()) == expected * 4
+    assert_pages_free(live)
+
+
+def test_bad_input_is_a_400_and_the_child_keeps_serving(live, expected):
+    """A token id outside the vocabulary is refused by the child's engine (its ValueError crosses the pipe as a 400);
+    an impossible regex by the child's constraint compiler; the next request is served."""
+    r = post(live, "/v1/completions", completion([1, 10**6]))
+    assert r.status_code == 400 and "[0, 320)" in r.json()["error"]["message"], r.text
+    r = post(live, "/v1/completions", completion("x", structured_outputs={"regex": "(unclosed"}))
+    assert r.status_code == 400, r.text
+    assert post(live, "/v1/completions", completion(PROMPTS[0])).json()["choices"][0]["token_ids"] == expected[0]
+    assert_pages_free(live)
+
+
+def test_structured_outputs_compile_in_the_child(live):
+    r = post(live, "/v1/completions", completion("The answer:", max_tokens=12,
+                                                 structured_outputs={"regex": "[0-9]{3}"}))
+    assert r.status_code == 200, r.text
+    text = r.json()["choices"][0]["text"]
+    assert len(text) == 3 and text.isdigit(), text
+    assert_pages_free(live)
+
+
+def test_a_closed_stream_aborts_its_request_in_the_child(live):
+    body = {**completion(PROMPTS[1], max_tokens=200, ignore_eos=True), "stream": True}
+    with httpx.stream("POST", live.url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # leave after the first event
+    assert_pages_free(live)
+
+
+def test_metrics_and_sleep_cross_the_pipe(live, expected):
+    """/metrics counts requests the child finished; a level-2 sleep frees the child's weights and /wake_up has the
+    child read its checkpoint again (weights never cross): the same greedy answer after."""
+    post(live, "/v1/completions", completion(PROMPTS[0]))
+    text = httpx.get(live.url + "/metrics").text
+    finished = [line for line in text.splitlines() if line.startswith("jaxserve_requests_total{")]
+    assert finished and sum(float(line.split()[-1]) for line in finished) >= 1, finished
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    assert httpx.post(live.url + "/sleep?level=2", headers=auth).json() == {"status": "ok"}
+    assert httpx.get(live.url + "/is_sleeping").json() == {"is_sleeping": True}
+    assert post(live, "/v1/completions", completion(PROMPTS[0])).status_code == 400
+    assert httpx.post(live.url + "/wake_up", headers=auth).json() == {"status": "ok"}
+    assert post(live, "/v1/completions", completion(PROMPTS[0])).json()["choices"][0]["token_ids"] == expected[0]
+
+
+def test_a_loaded_model_is_refused_by_name(tiny_checkpoint):
+    app = create_app(load(tiny_checkpoint[0]), ENGINE_CONFIG, ServerConfig(engine_process=True))
+    with pytest.raises(ValueError, match="engine_process.*checkpoint folder"):
+        asyncio.run(app.router.lifespan_context(app).__aenter__())
+
+
+def test_a_child_that_cannot_start_says_why(tiny_checkpoint):
+    spec = EngineSpec(tiny_checkpoint[0], ENGINE_CONFIG, setup="jaxserve.no_such_module:setup")
+    with pytest.raises(RuntimeError, match="could not start: ModuleNotFoundError.*no_such_module"):
+        EngineProcess(spec)
+
+
+def test_a_killed_child_fails_its_requests_instead_of_hanging(tiny_checkpoint):
+    """The child dies mid-request (SIGKILL: no goodbye): the open request ends with EngineDeadError, later calls are
+    refused at once, and the driver reports it is not running."""
+    config = EngineConfig(num_pages=128, max_running=8, max_tokens_per_step=64, batch_buckets=(8,),
+                          prefill_buckets=(64,), decode_steps=1, max_model_len=256)
+    engine = EngineProcess(EngineSpec(tiny_checkpoint[0], config))
+
+    async def run():
+        handle = await engine.submit([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True))
+        first = await anext(aiter(handle))
+        assert first["finish_reason"] is None
+        os.kill(engine._process.pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError, match="exited with code"):
+            async for _ in handle:
+                pass
+        assert time.monotonic() - start < 30
+        with pytest.raises(EngineDeadError):
+            await engine.stats()
+        assert not engine.is_running
+        await engine.shutdown()
+
+    asyncio.run(run())
