@@ -474,6 +474,8 @@
 #   steady71    session 71: stream71 on a pool full of the warm-up's cached prefixes (8,192 pages, the cache kept:
 #               a long-running server's state, where each page a request grows into is evicted from the cache;
 #               host_overhead.md session 71), to set beside stream71's fresh pool (~290 s)
+#   proc72      session 72: stream71's workload with the engine in its own process (--engine-process) at stream
+#               intervals 1 and 8, and the engine thread's at 1 beside them (each arm <= 170 s; ~450 s)
 #   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -546,7 +548,9 @@ stream_ab() {
   if ! python3 -c "import fastapi, uvicorn, httpx" 2>/dev/null; then
     python3 -m pip install -q --no-index --find-links .whl fastapi uvicorn prometheus-client httpx || return 1
   fi
-  for interval in 1 8; do echo "== ab stream_interval=$interval"
+  local intervals=("${@:4}")
+  [ ${#intervals[@]} -eq 0 ] && intervals=(1 8)
+  for interval in "${intervals[@]}"; do echo "== ab stream_interval=$interval ${STREAM_AB_ARGS:-}"
     timeout "$1" python3 bench/serving.py --random-model qwen2.5-0.5b --model /tmp/q05 --num-requests "$2" \
       --rate inf --input-len 128 --output-len "$3" --max-running 256 --decode-steps 8 \
       --batch-buckets 1 8 64 256 --stream-interval $interval ${STREAM_AB_ARGS:---warmup 256}
@@ -1425,6 +1429,10 @@ for part in "${parts[@]}"; do
                  --settings temp top_p ; done ;;
     stream69) stream_ab 250 512 256 ;;
     stream71) STREAM_AB_ARGS="--warmup 512" stream_ab 135 512 256 ;;
+    proc72) (for i in 1 2 3 4 5 6; do sleep 45; echo "== gpu memory by process: $(nvidia-smi \
+               --query-compute-apps=pid,used_memory --format=csv,noheader | tr '\n' ';')"; done) &
+            STREAM_AB_ARGS="--warmup 512 --engine-process" stream_ab 170 512 256 1 8; \
+            STREAM_AB_ARGS="--warmup 512" stream_ab 170 512 256 1 ;;
     steady71) STREAM_AB_ARGS="--warmup 512 --num-pages 8192 --keep-warm-cache" stream_ab 135 512 256 ;;
     first70) noise_arms 80; stream_ab 150 384 128 ;;
     noise69) noise_arms 100; \
