@@ -553,7 +553,7 @@ stream_ab() {
   for interval in "${intervals[@]}"; do echo "== ab stream_interval=$interval ${STREAM_AB_ARGS:-}"
     timeout "$1" python3 bench/serving.py --random-model qwen2.5-0.5b --model /tmp/q05 --num-requests "$2" \
       --rate inf --input-len 128 --output-len "$3" --max-running 256 --decode-steps 8 \
-      --batch-buckets 1 8 64 256 --stream-interval $interval ${STREAM_AB_ARGS:---warmup 256}
+      --batch-buckets 1 8 64 256 --stream-interval $interval ${STREAM_AB_ARGS:---warmup 256 --no-engine-process}
   done
 }
 
@@ -1428,12 +1428,13 @@ for part in "${parts[@]}"; do
                JAXSERVE_HASH_NOISE=$h timeout 100 python3 bench/sampler_cost.py --rows 64 256 --top-k \
                  --settings temp top_p ; done ;;
     stream69) stream_ab 250 512 256 ;;
-    stream71) STREAM_AB_ARGS="--warmup 512" stream_ab 135 512 256 ;;
+    stream71) STREAM_AB_ARGS="--warmup 512 --no-engine-process" stream_ab 135 512 256 ;;
     proc72) (for i in 1 2 3 4 5 6; do sleep 45; echo "== gpu memory by process: $(nvidia-smi \
                --query-compute-apps=pid,used_memory --format=csv,noheader | tr '\n' ';')"; done) &
             STREAM_AB_ARGS="--warmup 512 --engine-process" stream_ab 170 512 256 1 8; \
-            STREAM_AB_ARGS="--warmup 512" stream_ab 170 512 256 1 ;;
-    steady71) STREAM_AB_ARGS="--warmup 512 --num-pages 8192 --keep-warm-cache" stream_ab 135 512 256 ;;
+            STREAM_AB_ARGS="--warmup 512 --no-engine-process" stream_ab 170 512 256 1 ;;
+    steady71) STREAM_AB_ARGS="--warmup 512 --num-pages 8192 --keep-warm-cache --no-engine-process" \
+                stream_ab 135 512 256 ;;
     first70) noise_arms 80; stream_ab 150 384 128 ;;
     noise69) noise_arms 100; \
              JAXSERVE_HASH_NOISE=1 timeout 200 python3 -m pytest -q -rf -p no:cacheprovider -o addopts="" \

@@ -233,11 +233,11 @@ def make_random_checkpoint(kind: str, path: str) -> None:
 
 def engine_config(args: argparse.Namespace, prefix_caching: bool):
     """The served ``EngineConfig``; call it in the process that runs the engine (it asks JAX for the backend), or with
-    --engine-process in the server's (it only looks for a GPU plugin: the backend started here would take the GPU
-    memory the engine's process needs)."""
+    with the engine in its own process (the server's default) in the server's (it only looks for a GPU plugin: the
+    backend started here would take the GPU memory the engine's process needs)."""
     from jaxserve.engine_config import EngineConfig
 
-    if args.engine_process:
+    if args.engine_process is not False:
         import importlib.util
 
         cpu = not any(importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
@@ -371,7 +371,7 @@ def serve_child(spec_path: str) -> None:
 
     cfg = engine_config(args, spec["prefix_caching"])
     with open(spec["info"], "w") as f:
-        json.dump({"device": device_name(args.engine_process), "engine_config": cfg.to_dict()}, f)
+        json.dump({"device": device_name(args.engine_process is not False), "engine_config": cfg.to_dict()}, f)
     serve(args.model, cfg, server_config(args), host="127.0.0.1", port=spec["port"], log_level="warning")
 
 
@@ -383,7 +383,7 @@ class InProcessServer:
 
         _use_compilation_cache(args.compilation_cache)
         cfg = engine_config(args, prefix_caching)
-        self.device, self.engine_config = device_name(args.engine_process), cfg.to_dict()
+        self.device, self.engine_config = device_name(args.engine_process is not False), cfg.to_dict()
         self.app = create_app(args.model, cfg, server_config(args))
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -649,8 +649,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # a 512-request run, seconds each, in the run's host time and latencies).
     e.add_argument("--server-warmup", action="store_true",
                    help="the server compiles every step shape before it answers (`jaxserve serve --warmup`)")
-    e.add_argument("--engine-process", action="store_true",
-                   help="the server's engine in a process of its own (`jaxserve serve --engine-process`)")
+    e.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="the server's engine in a process of its own (the server's default; --no-engine-process: "
+                        "the engine thread, `jaxserve serve --no-engine-process`)")
     e.add_argument("--compilation-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "jaxserve-bench-xla"),
                    help="persistent XLA compilation cache folder ('' to disable)")
     e.add_argument("--num-pages", type=int, default=None)

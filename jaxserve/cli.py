@@ -446,7 +446,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  max_logprobs=args.max_logprobs, log_requests=args.log_requests,
                                  tokenizer=args.tokenizer, stream_interval=args.stream_interval,
                                  engine_process=args.engine_process)
-    if args.engine_process and args.rope_scaling is not None:
+    if args.engine_process and args.rope_scaling is not None:  # (unset, the engine thread serves the model loaded here)
         raise SystemExit("error: --engine-process loads the checkpoint in the engine's process as it is; "
                          "--rope-scaling needs it loaded here (leave one of them out)")
     engine_config = engine_config_from_args(args)
@@ -543,9 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
                      help="serve N engines on N devices (N x --tensor-parallel-size) behind a prefix-aware router "
                           "(default 1)")
-    srv.add_argument("--engine-process", action="store_true",
-                     help="run the engine in a process of its own (vLLM V1's engine core): its host work no longer "
-                          "shares the HTTP side's GIL, which bounds streamed serving at many requests")
+    srv.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                     help="the engine in a process of its own (vLLM V1's engine core; the default, but where "
+                          "--rope-scaling loads the model here): its host work no longer shares the HTTP side's "
+                          "GIL, which bounds streamed serving at many requests; --no-engine-process: a thread of "
+                          "the server's process")
     srv.add_argument("--warmup-structured", action="store_true",
                      help="--warmup, and the steps of requests with structured outputs (response_format, "
                           "guided_*) too")

@@ -220,6 +220,10 @@ def test_vllm_serve_flags_checked_against_what_jaxserve_serves(tiny_checkpoint, 
     server = seen["server"]
     assert (server.max_logprobs, server.log_requests, server.tokenizer, server.stream_interval) == (5, True, path, 4)
     assert server.max_tokens_limit is None  # vLLM's: only the context bounds max_tokens
+    # The engine's own process: unset (None) the server decides (a process for a folder), or forced either way.
+    assert server.engine_process is None
+    for flag, value in (("--engine-process", True), ("--no-engine-process", False)):
+        assert cli.cmd_serve(_parse_serve([path, flag])) == 0 and seen["server"].engine_process is value
     assert not _parse_serve(["--enable-log-requests", "--disable-log-requests"]).log_requests
     for flags in (["--task", "embed"], ["--task", "embedding"], ["--task", "score"], ["--runner", "pooling"],
                   ["--structured-outputs-config", '{"backend": "jaxserve"}'], ["--hf-overrides", ""],
@@ -245,7 +249,9 @@ def test_vllm_serve_flags_checked_against_what_jaxserve_serves(tiny_checkpoint, 
                ([path, "--structured-outputs-config", '{"backend": "xgrammar"}'], "--structured-outputs-config"),
                ([path, "--structured-outputs-config", '{"disable_any_whitespace": true}'],
                 "--structured-outputs-config"),
-               ([path, "--stream-interval", "0"], "--stream-interval")]
+               ([path, "--stream-interval", "0"], "--stream-interval"),
+               ([path, "--engine-process", "--rope-scaling", '{"rope_type": "dynamic", "factor": 2.0}'],
+                "--rope-scaling")]
     for flags, message in refused:
         with pytest.raises(SystemExit, match=re.escape(message)):
             cli.cmd_serve(_parse_serve(flags))

@@ -5,6 +5,7 @@ hanging them."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -174,3 +175,59 @@ def test_a_killed_child_fails_its_requests_instead_of_hanging(tiny_checkpoint):
         await engine.shutdown()
 
     asyncio.run(run())
+
+
+def test_pooling_beam_search_and_logprobs_cross_the_pipe(live):
+    """The routes that are not one plain completion: an embedding (PoolingParams crosses), a beam search (its steps are
+    requests to the child; eos ids come from the child's start report) and logprobs."""
+    embedded = post(live, "/v1/embeddings", {"model": "tiny", "input": PROMPTS[0]})
+    assert embedded.status_code == 200, embedded.text
+    assert len(embedded.json()["data"][0]["embedding"]) == 64  # the tiny checkpoint's hidden size
+    beams = post(live, "/v1/completions", completion(PROMPTS[0], max_tokens=4, n=2, use_beam_search=True))
+    assert beams.status_code == 200 and len(beams.json()["choices"]) == 2, beams.text
+    scored = post(live, "/v1/completions", completion(PROMPTS[0], max_tokens=4, logprobs=2)).json()["choices"][0]
+    assert len(scored["logprobs"]["token_logprobs"]) == 4
+    assert all(len(top) >= 1 for top in scored["logprobs"]["top_logprobs"])
+    assert_pages_free(live)
+
+
+def slow_decodes(engine) -> None:
+    """An engine setup hook (`EngineSpec.setup`, run in the child): each decode call takes 50 ms more, so requests stay
+    running while a test acts on them."""
+    real = engine.runner.decode
+
+    def slow(*args, **kwargs):
+        time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    engine.runner.decode = slow
+
+
+def test_abort_all_and_shutdown_reach_requests_in_the_child(tiny_checkpoint):
+    """SGLang's abort_all ends every running request (finish reason abort, answers still given); a shutdown with
+    requests running aborts them after its drain, and each caller gets its end."""
+    app = create_app(tiny_checkpoint[0], ENGINE_CONFIG,
+                     ServerConfig(model_name="tiny", engine_process=True, drain_s=0.0,
+                                  engine_setup="tests.test_engine_process:slow_decodes"))
+    long = completion(PROMPTS[0], max_tokens=200, ignore_eos=True)
+    with LiveServer(app) as server, concurrent.futures.ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(post, server, "/v1/completions", long) for _ in range(3)]
+        deadline = time.time() + 60
+        while engine_stats_now(server)["running"] < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        assert httpx.post(server.url + "/abort_request", json={"abort_all": True}).status_code == 200
+        for r in running:
+            assert r.result(timeout=60).json()["choices"][0]["finish_reason"] == "abort"
+        assert_pages_free(server)
+        last = pool.submit(post, server, "/v1/completions", long)
+        while engine_stats_now(server)["running"] < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        engine = app.state.jaxserve.engine
+        server.server.should_exit = True  # uvicorn's shutdown: the lifespan's EngineProcess.shutdown(drain_s=0)
+        reply = last.result(timeout=60)
+        assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "abort", reply.text
+    assert not engine.is_running and engine._process.returncode == 0
+
+
+def engine_stats_now(live) -> dict:
+    return live.engine_call(lambda engine: engine.stats())

@@ -145,8 +145,11 @@ class ServerConfig:
     # tokens are split, never held for the next call's.
     stream_interval: int = 1
     # The engine in a process of its own (vLLM V1's EngineCore; `jaxserve.engine_process`): its host work no longer
-    # takes turns with the HTTP side's on one GIL. Needs a checkpoint folder (weights do not cross processes).
-    engine_process: bool = False
+    # takes turns with the HTTP side's on one GIL (H100, 256 streams: 1.9x the output rate of the engine thread;
+    # bench/results/serving_stream_h100.md). Needs a checkpoint folder (weights do not cross processes). None (the
+    # default): a process where the model is a checkpoint folder (or the default model), the engine thread where it
+    # is a `LoadedModel` (given as params, say); False: always the thread.
+    engine_process: bool | None = None
     # With engine_process: "module:function" the child calls with its built engine before serving (a benchmark's
     # stub device, a test's fault); None in production.
     engine_setup: str | None = None
@@ -245,7 +248,9 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     async def lifespan(app: FastAPI):
         metrics = ServingMetrics()
         engine: AsyncEngine | EngineProcess
-        if server_config.engine_process:
+        in_process = (server_config.engine_process if server_config.engine_process is not None
+                      else not isinstance(model, LoadedModel))
+        if in_process:
             if isinstance(model, LoadedModel):  # its arrays (or a config overridden at load) cannot cross
                 raise ValueError("engine_process: the engine's process loads its model itself, from a checkpoint "
                                  "folder; give the folder, not a LoadedModel (or serve it with engine_process off)")
@@ -291,7 +296,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         log.info("serving %s (max_model_len %d; KV pool %d pages of %d tokens in %s, %.2f GiB, %d tokens in all%s)",
                  app.state.jaxserve.model_name, info["max_model_len"], info["pool_pages"], info["page_size"],
                  info["pool_dtype"], info["pool_gib"], info["pool_pages"] * info["page_size"],
-                 "; the engine in its own process" if server_config.engine_process else "")
+                 "; the engine in its own process" if in_process else "")
         try:
             yield
         finally:
