@@ -31,6 +31,7 @@ import itertools
 import logging
 import os
 import pickle
+import queue
 import subprocess
 import sys
 import threading
@@ -344,7 +345,7 @@ class EngineProcess:
             self._process.wait(30)
             raise RuntimeError(f"the engine process could not start: {message[1]}")
         self.info: dict[str, Any] = message[1]
-        self._lock = threading.Lock()  # _outputs, _calls, _dead and the command pipe's writes
+        self._lock = threading.Lock()  # _outputs, _calls and _dead
         self._outputs: dict[str, _Output] = {}
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._call_ids = itertools.count()
@@ -352,6 +353,11 @@ class EngineProcess:
         self._accepting = True
         self._dead: str | None = None
         self._sleeping = 0
+        # Commands are written by a thread of their own: a write blocks once the pipe is full (a burst of prompts,
+        # while the child is in a step and reads nothing), and the event loop must not block with it.
+        self._unsent: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, name="jaxserve-engine-writer", daemon=True)
+        self._writer.start()
         self._reader = threading.Thread(target=self._read, name="jaxserve-engine-reader", daemon=True)
         self._reader.start()
 
@@ -371,11 +377,16 @@ class EngineProcess:
 
     # ----- commands -----------------------------------------------------------------------------------------------
     def _send(self, message: tuple) -> None:
-        """Under ``_lock``."""
-        try:
-            self._commands.send(message)
-        except (BrokenPipeError, OSError) as exc:
-            raise EngineDeadError(f"the engine process is gone ({exc})") from None
+        """Queue a command for the writer thread (in order; a dead child's are dropped, its callers failed by
+        `_fail_all`)."""
+        self._unsent.put(message)
+
+    def _write(self) -> None:
+        while (message := self._unsent.get()) is not None:
+            try:
+                self._commands.send(message)
+            except (BrokenPipeError, OSError):  # the child is gone: the reader sees its end and fails the callers
+                return
 
     async def _request(self, message: Callable[[int], tuple]) -> Any:
         loop = asyncio.get_running_loop()
@@ -385,11 +396,7 @@ class EngineProcess:
                 raise EngineDeadError(self._dead)
             call_id = next(self._call_ids)
             self._calls[call_id] = (loop, fut)
-            try:
-                self._send(message(call_id))
-            except BaseException:
-                del self._calls[call_id]
-                raise
+            self._send(message(call_id))
         return await fut
 
     async def _call(self, name: str, *args: Any) -> Any:
@@ -438,21 +445,13 @@ class EngineProcess:
 
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe, returns at once; unknown or finished ids are ignored)."""
-        with self._lock:
-            if self._dead is None:
-                try:
-                    self._send(("abort", request_id))
-                except EngineDeadError:
-                    pass
+        if self._dead is None:
+            self._send(("abort", request_id))
 
     def abort_all(self) -> None:
         """`AsyncEngine.abort_all`'s."""
-        with self._lock:
-            if self._dead is None:
-                try:
-                    self._send(("abort_all",))
-                except EngineDeadError:
-                    pass
+        if self._dead is None:
+            self._send(("abort_all",))
 
     async def stats(self) -> dict[str, Any]:
         return await self._call("stats")
@@ -487,18 +486,15 @@ class EngineProcess:
     async def shutdown(self, drain_s: float = 0.0) -> None:
         """`AsyncEngine.shutdown`'s: drain, abort the rest, and wait for the child to exit."""
         self._accepting = False
-        with self._lock:
-            if self._dead is None:
-                try:
-                    self._send(("stop", drain_s))
-                except EngineDeadError:
-                    pass
+        if self._dead is None:
+            self._send(("stop", drain_s))
         try:
             await asyncio.to_thread(self._process.wait, drain_s + 60)
         except subprocess.TimeoutExpired:
             log.warning("the engine process did not stop; killing it")
             self._process.kill()
             await asyncio.to_thread(self._process.wait)
+        self._unsent.put(None)
         await asyncio.to_thread(self._reader.join, 10)
 
     # ----- the reader thread --------------------------------------------------------------------------------------
@@ -557,6 +553,7 @@ class EngineProcess:
             self._accepting = False
             outputs, self._outputs = self._outputs, {}
             calls, self._calls = self._calls, {}
+        self._unsent.put(None)  # the writer's end
         for output in outputs.values():
             try:
                 output.loop.call_soon_threadsafe(_deliver, [(output.queue, EngineDeadError(reason))])

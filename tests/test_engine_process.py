@@ -231,3 +231,16 @@ def test_abort_all_and_shutdown_reach_requests_in_the_child(tiny_checkpoint):
 
 def engine_stats_now(live) -> dict:
     return live.engine_call(lambda engine: engine.stats())
+
+
+def test_a_burst_larger_than_the_pipe_is_served_whole(live):
+    """200 prompts of 200 tokens (~120 kB of commands, past a pipe's 64 kB) submitted at once: the writer thread
+    feeds them as the child reads, and every one is answered."""
+    async def burst(engine):
+        prompts = [[3 + (i + j) % 300 for j in range(200)] for i in range(200)]
+        return await asyncio.gather(*(engine.generate_async(p, SamplingParams(max_tokens=2, temperature=0))
+                                      for p in prompts))
+
+    results = live.engine_call(burst)
+    assert len(results) == 200 and all(len(r["token_ids"]) == 2 for r in results)
+    assert_pages_free(live)
