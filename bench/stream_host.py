@@ -215,12 +215,29 @@ async def run_once(app: Any, args: argparse.Namespace, seed: int, port: int | No
     return {"events": sum(c.events for c in out), "bytes": sum(c.bytes for c in out)}
 
 
-async def measure(model: LoadedModel, args: argparse.Namespace, interval: int) -> dict[str, Any]:
+def install_stub(engine: Any) -> None:
+    """`EngineSpec.setup` hook for ``--engine-process``: the child's runner replaced as the in-process run's is (the
+    emulated call's length from ``JAXSERVE_STUB_DECODE_MS``, set by the parent before it starts the child)."""
+    decode_ms = float(os.environ.get("JAXSERVE_STUB_DECODE_MS", "0"))
+    vocab = engine.model.config.vocab_size
+    engine.runner = DeviceStub(engine.runner, vocab, decode_ms) if decode_ms else StubRunner(engine.runner, vocab)
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process (the engine's child), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(model: LoadedModel | str, args: argparse.Namespace, interval: int) -> dict[str, Any]:
     cfg = EngineConfig(page_size=16, max_running=args.max_running, decode_steps=args.decode_steps,
                        max_tokens_per_step=2048, max_model_len=args.input_len + args.output_len + 16,
                        num_pages=args.max_running * ((args.input_len + args.output_len) // 16 + 2) + 64,
                        batch_buckets=tuple(args.batch_buckets))
-    app = create_app(model, cfg, ServerConfig(stream_interval=interval, model_name="stub"))
+    app = create_app(model, cfg, ServerConfig(stream_interval=interval, model_name="stub",
+                                              engine_process=args.engine_process,
+                                              engine_setup="bench.stream_host:install_stub"))
     async with app.router.lifespan_context(app):
         port, server, serving = None, None, None
         if args.http:  # uvicorn as `jaxserve serve` runs it, in this loop; the client in another process
@@ -233,27 +250,30 @@ async def measure(model: LoadedModel, args: argparse.Namespace, interval: int) -
             while not server.started:
                 await asyncio.sleep(0.01)
         st = app.state.jaxserve
-        runner = st.engine.engine.runner
-        st.engine.engine.runner = (DeviceStub(runner, model.config.vocab_size, args.decode_ms) if args.decode_ms
-                                   else StubRunner(runner, model.config.vocab_size))
+        if args.engine_process:  # the child installed the stub itself (install_stub); its CPU is a process's
+            pid = st.engine._process.pid
+            engine_cpu = lambda: process_cpu(pid)  # noqa: E731
+        else:
+            install_stub(st.engine.engine)
+            engine_thread = st.engine._thread
+            engine_cpu = lambda: thread_cpu(engine_thread)  # noqa: E731
         # The same batch shapes once first: their compiles stay out of the timing.
         await run_once(app, args, seed=0, port=port)
         gc.collect()
         before = await st.engine.stats()
-        engine_thread = st.engine._thread
         profiler = cProfile.Profile() if args.profile else None
         if args.profile == "engine":
             await st.engine._call(profiler.enable)
         gc_timer = GcTimer()
         gc.callbacks.append(gc_timer)
-        loop0, engine0, wall0 = time.thread_time(), thread_cpu(engine_thread), time.perf_counter()
+        loop0, engine0, wall0 = time.thread_time(), engine_cpu(), time.perf_counter()
         if args.profile == "loop":
             profiler.enable()
         sent = await run_once(app, args, seed=interval, port=port)
         if args.profile == "loop":
             profiler.disable()
         wall, loop_s, engine_s = (sent.get("wall_s", time.perf_counter() - wall0), time.thread_time() - loop0,
-                                  thread_cpu(engine_thread) - engine0)
+                                  engine_cpu() - engine0)
         gc.callbacks.remove(gc_timer)
         if args.profile == "engine":
             await st.engine._call(profiler.disable)
@@ -298,13 +318,27 @@ def main() -> None:
                     help="serve through uvicorn on a local port, read by a raw-socket client in another process "
                          "(otherwise each request is an ASGI call in this process)")
     ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the server's event loop")
+    ap.add_argument("--engine-process", action="store_true",
+                    help="the engine in a process of its own (the server's default for a checkpoint folder): the stub "
+                         "model is saved to a temporary folder the child loads, and its runner replaced there; "
+                         "'engine CPU' is then the child's whole process")
     ap.add_argument("--profile", choices=("loop", "engine"), default=None)
     ap.add_argument("--sort", default="tottime")
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
     if args.switch_interval_ms is not None:
         sys.setswitchinterval(args.switch_interval_ms / 1e3)
-    model = stub_model()
+    if args.engine_process and args.profile == "engine":
+        ap.error("--profile engine profiles the engine thread; with --engine-process the engine is another process")
+    model: LoadedModel | str = stub_model()
+    if args.engine_process:
+        from jaxserve.weights import save_hf_checkpoint
+
+        folder = tempfile.mkdtemp(prefix="stream_host_")
+        save_hf_checkpoint(model.params, model.config, folder)
+        model.tokenizer.save_pretrained(folder)
+        model = folder
+        os.environ["JAXSERVE_STUB_DECODE_MS"] = str(args.decode_ms)
     print(f"host: {os.cpu_count()} cpus; {args.num_requests} streamed requests x {args.output_len} tokens, "
           f"{args.max_running} running, {args.decode_steps} decode steps a call, logprobs={args.logprobs}, "
           f"emulated decode call {args.decode_ms} ms, GIL switch interval {sys.getswitchinterval() * 1e3:.2f} ms, "
