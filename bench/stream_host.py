@@ -12,6 +12,7 @@ of the engine thread, per streamed event; the difference between two stream inte
     python bench/stream_host.py --stream-interval 1 8                 # µs per event, per thread
     python bench/stream_host.py --stream-interval 1 --profile loop    # cProfile of the event-loop thread
     python bench/stream_host.py --stream-interval 1 --profile engine  # ... of the engine thread
+    python bench/stream_host.py --http --decode-ms 12 --engine-process  # the engine in its own process
 """
 
 from __future__ import annotations
