@@ -7,6 +7,9 @@ stats, clear, stop) on a thread-safe queue and read chunks from their request's
 ``asyncio.Queue``, filled by one ``loop.call_soon_threadsafe`` per event loop and engine step
 (`AsyncEngine._flush`). It never speaks HTTP and never formats OpenAI responses (``server.py`` does).
 
+`EngineLoop` is the engine side alone (commands, steps, chunks), over a transport: `AsyncEngine`'s thread and queues
+here, `jaxserve.engine_process`'s pipes to a child process (the server's default for a checkpoint folder).
+
 A chunk is a dict: ``text`` (new text, never half a character, stop strings held back),
 ``token_ids``, ``logprobs`` / ``top_logprobs`` (when asked), ``finish_reason`` (None until
 the last chunk), and on the last chunk ``result``, the dict ``Request.result()`` returns.
