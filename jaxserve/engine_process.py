@@ -405,6 +405,8 @@ class EngineProcess:
     async def submit(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None,
                      priority: int = 0, lora_request: Any = None) -> RequestHandle:
         """`AsyncEngine.submit`'s: queue a request, ValueError for bad input (checked in the child)."""
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
         if not self._accepting:
             raise EngineDeadError("the engine is shutting down and accepts no new requests")
         loop = asyncio.get_running_loop()

@@ -703,6 +703,15 @@ def test_abort_request_ends_a_generate_request_by_rid_and_abort_all_ends_every_o
         assert [a["meta_info"]["finish_reason"]["type"] for a in batch.result(timeout=60).json()] == ["abort"] * 2
         assert completion.result(timeout=60).json()["choices"][0]["finish_reason"] == "abort"
     assert not generating()
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # a batch's rid ends each of its requests (a prefix)
+        batch = pool.submit(post, live, "/generate", {"text": [PROMPT, "Hello"], "sampling_params": long, "rid": "p"})
+        other = pool.submit(post, live, "/generate", {"text": PROMPT, "sampling_params": GREEDY_12, "rid": "q"})
+        wait_for(["p_0", "p_1"])
+        assert httpx.post(live.url + "/abort_request", json={"rid": "p"}, headers=headers).status_code == 200
+        assert [a["meta_info"]["finish_reason"]["type"] for a in batch.result(timeout=60).json()] == ["abort"] * 2
+        assert other.result(timeout=60).json()["meta_info"]["finish_reason"]["type"] == "length"
+    assert not generating()
     monkeypatch.undo()
     again = post(live, "/generate", {"text": PROMPT, "sampling_params": GREEDY_12, "rid": "whole-1"}).json()
     assert again["meta_info"]["finish_reason"]["type"] == "length"  # the rid is free again, the engine serves

@@ -502,16 +502,19 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> Response:
-        """SGLang's: end the ``/generate`` request of ``rid`` now (its answer, streamed or not, ends with finish
-        reason ``abort``; its pages are freed), or with ``abort_all`` every request the server runs. 200 with an
-        empty body either way, an unknown or finished rid included, as SGLang answers."""
+        """SGLang's: end the ``/generate`` requests whose rid starts with ``rid`` now (SGLang's scheduler matches
+        the prefix: a batch's ``rid_0``, ``rid_1``, ... by the batch's ``rid``; each answer, streamed or not, ends with
+        finish reason ``abort``; its pages are freed), or with ``abort_all`` every request the server runs. 200 with
+        an empty body either way, an unknown or finished rid included, as SGLang answers."""
         st, req = await _accept_plain(request, AbortRequest)
         if req.abort_all:
             st.engine.abort_all()
-        elif (handle := st.generating.get(req.rid)) is not None:
-            # Through the engine, not the handle: a handle's abort ends its answer at once with no last chunk,
-            # where the engine's publishes the request's end (finish reason abort) to the client still reading.
-            st.engine.abort(handle.request_id)
+        elif req.rid:
+            for rid, handle in list(st.generating.items()):
+                if handle is not None and rid.startswith(req.rid):
+                    # Through the engine, not the handle: a handle's abort ends its answer at once with no last
+                    # chunk, where the engine's publishes the request's end (finish reason abort) to the client.
+                    st.engine.abort(handle.request_id)
         return Response(status_code=200)
 
     @app.get("/get_model_info")

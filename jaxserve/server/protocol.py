@@ -344,8 +344,9 @@ class GenerateRequest(Schema):
 
 
 class AbortRequest(Schema):
-    """SGLang's ``/abort_request`` body (its ``AbortReq``): the ``rid`` of a ``/generate`` request in flight (one of a
-    batch's rids, or the request's own), or ``abort_all`` for every request the server runs.
+    """SGLang's ``/abort_request`` body (its ``AbortReq``): a ``rid`` prefix of the ``/generate`` requests in flight to
+    end (one request's rid, or a batch's, which ends its ``rid_0``, ``rid_1``, ...), or ``abort_all`` for every
+    request the server runs.
 
     Example:
         >>> AbortRequest(rid="r1").abort_all
