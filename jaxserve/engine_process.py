@@ -32,6 +32,7 @@ import logging
 import os
 import pickle
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -282,6 +283,9 @@ class _ChildLoop(EngineLoop):
 def _child_entry(commands_fd: int, outputs_fd: int) -> None:
     """The child's start (``python -c``, not multiprocessing's spawn, which runs the parent's ``__main__`` again: a
     script without a main guard would start a server in its engine)."""
+    # Ctrl-C in a terminal reaches the whole process group: the server drains and then stops this child (a stop
+    # command, or its pipe's end if the server dies), where an interrupt here would cut the drain's requests off.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     commands = Connection(commands_fd, writable=False)
     outputs = Connection(outputs_fd, readable=False)
     sys.path[:] = commands.recv()  # first, so the spec's classes and a setup hook import as in the parent

@@ -153,20 +153,25 @@ def test_a_child_that_cannot_start_says_why(tiny_checkpoint):
 
 
 def test_a_killed_child_fails_its_requests_instead_of_hanging(tiny_checkpoint):
-    """The child dies mid-request (SIGKILL: no goodbye): the open request ends with EngineDeadError, later calls are
-    refused at once, and the driver reports it is not running."""
+    """SIGINT leaves the child serving; then it dies mid-request (SIGKILL: no goodbye): the open request ends with
+    EngineDeadError, later calls are refused at once, and the driver reports it is not running."""
     config = EngineConfig(num_pages=128, max_running=8, max_tokens_per_step=64, batch_buckets=(8,),
                           prefill_buckets=(64,), decode_steps=1, max_model_len=256)
     engine = EngineProcess(EngineSpec(tiny_checkpoint[0], config))
 
     async def run():
         handle = await engine.submit([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True))
-        first = await anext(aiter(handle))
+        chunks = aiter(handle)
+        first = await anext(chunks)
         assert first["finish_reason"] is None
+        # A terminal's Ctrl-C reaches the child too, which leaves its end to the server (a drain): it goes on.
+        os.kill(engine._process.pid, signal.SIGINT)
+        await asyncio.sleep(0.5)
+        assert (await anext(chunks))["finish_reason"] is None and engine.is_running
         os.kill(engine._process.pid, signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(EngineDeadError, match="exited with code"):
-            async for _ in handle:
+            async for _ in chunks:
                 pass
         assert time.monotonic() - start < 30
         with pytest.raises(EngineDeadError):
