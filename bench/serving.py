@@ -3,7 +3,8 @@
 Owns the workload (random token-id prompts of mixed lengths, an optional shared prefix that a
 given share of requests start with, mixed output lengths with ignore_eos so lengths are
 exact), the load generator (httpx async streaming, one task per request, started on a Poisson
-clock that never waits for answers) and the report (throughput, TTFT / TPOT / latency
+clock that never waits for answers; spread over --client-procs processes, one per four CPUs by default, since one
+event loop parsing every SSE event can itself bound the rate) and the report (throughput, TTFT / TPOT / latency
 p50/p90/p99, success rate, prefix-cache hits, and the engine's time split read from the
 server's /metrics). It never changes the server's behaviour.
 
@@ -178,6 +179,62 @@ async def run_load(url: str, model: str, items: list[Item], rate: float, api_key
                 next_at += rng.exponential(1.0 / rate)
         outcomes = await asyncio.gather(*tasks)
         return list(outcomes), time.perf_counter() - start
+
+
+def _client_worker(url: str, model: str, items: list[Item], offsets: list[float], api_key: str | None,
+                   timeout_s: float, t0: float) -> tuple[list[Outcome], float, float, float]:
+    """One load-generator process: its share of the requests, each sent at ``t0`` (wall clock, shared by the
+    processes) + its offset. Returns the outcomes, the wall time its last answer ended, its CPU seconds, and how late
+    its first request went out."""
+    import httpx
+
+    async def run() -> tuple[list[Outcome], float]:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
+            tasks, late = [], None
+            for item, offset in zip(items, offsets):
+                delay = t0 + offset - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if late is None:
+                    late = max(0.0, time.time() - t0 - offset)
+                tasks.append(asyncio.ensure_future(one_request(client, url, model, item, headers)))
+            return list(await asyncio.gather(*tasks)), late or 0.0
+
+    cpu0 = time.process_time()
+    outcomes, late = asyncio.run(run())
+    return outcomes, time.time(), time.process_time() - cpu0, late
+
+
+def run_load_procs(url: str, model: str, items: list[Item], rate: float, api_key: str | None, seed: int,
+                   timeout_s: float, procs: int) -> tuple[list[Outcome], float, float]:
+    """`run_load`'s open loop spread over ``procs`` processes (request i to process i mod procs, on one arrival
+    clock): one event loop parsing every SSE event of hundreds of streams can itself bound the rate measured.
+    Returns the outcomes (in the items' order), the run's duration and the busiest client process's CPU share."""
+    import concurrent.futures
+    import multiprocessing
+
+    rng = np.random.default_rng(seed)
+    offsets, at = [], 0.0
+    for _ in items:
+        offsets.append(at)
+        if math.isfinite(rate):
+            at += rng.exponential(1.0 / rate)
+    with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(time.sleep, [0.5] * procs))  # every worker started (and idle) before the clock starts
+        t0 = time.time() + 0.5
+        futures = [pool.submit(_client_worker, url, model, items[i::procs], offsets[i::procs], api_key, timeout_s, t0)
+                   for i in range(procs)]
+        results = [f.result() for f in futures]
+    late = max(r[3] for r in results)
+    if late > 0.1:
+        print(f"warning: a client process sent its first request {late:.2f} s late", flush=True)
+    duration = max(r[1] for r in results) - t0
+    outcomes: list[Outcome] = [None] * len(items)  # type: ignore[list-item]
+    for i, r in enumerate(results):
+        outcomes[i::procs] = r[0]
+    return outcomes, duration, max(r[2] for r in results) / duration
 
 
 def summarize(outcomes: list[Outcome], duration: float) -> dict[str, Any]:
@@ -508,19 +565,25 @@ def run_served(args: argparse.Namespace, prefix_caching: bool, vocab: int) -> tu
             print(f"KV pages used after the warm-up (cached prefixes): {before['pages_used']:.0f} of "
                   f"{before['pages_total']:.0f}", flush=True)
         items = make_workload(args, vocab, args.seed)
-        # This process's CPU over the run: the load generator's alone where the server is another process. Near the
-        # run's duration, the client (one event loop parsing every SSE event) is what bounds the rate, not the server.
-        cpu0 = time.process_time()
-        outcomes, duration = asyncio.run(run_load(server.url, "bench", items, args.rate, None, args.seed,
-                                                  args.timeout))
-        client_cpu_s = time.process_time() - cpu0
+        procs = client_procs(args)
+        if procs > 1:
+            outcomes, duration, client_share = run_load_procs(server.url, "bench", items, args.rate, None, args.seed,
+                                                              args.timeout, procs)
+        else:
+            # This process's CPU over the run: the load generator's alone where the server is another process. Near
+            # the run's duration, the client (one event loop parsing every SSE event) bounds the rate, not the server.
+            cpu0 = time.process_time()
+            outcomes, duration = asyncio.run(run_load(server.url, "bench", items, args.rate, None, args.seed,
+                                                      args.timeout))
+            client_share = (time.process_time() - cpu0) / duration
         after = scrape_engine(server.url)
         if after is None:
             raise RuntimeError(f"{server.url}/metrics stopped answering during the run")
     row = summarize(outcomes, duration)
     row.update(prefix_caching=prefix_caching, **engine_fields(before, after))
     if not args.in_process:
-        row["client_cpu_share"] = client_cpu_s / duration
+        row["client_cpu_share"] = client_share
+        row["client_procs"] = procs
     return row, server.device
 
 
@@ -540,7 +603,14 @@ COLUMNS = [("prefix_caching", "prefix cache"), ("success_rate", "success"), ("re
            ("cached_prompt_share", "cached prompt share"), ("compiled_during_run", "compiles in run"),
            ("preemptions", "preemptions"), ("prefill_call_s", "prefill calls s"),
            ("decode_call_s", "decode calls s"), ("host_s", "engine host s"), ("prefix_index_s", "of which index s"),
-           ("client_cpu_share", "client CPU / run")]
+           ("client_procs", "client processes"), ("client_cpu_share", "client CPU / run (busiest)")]
+
+
+def client_procs(args: argparse.Namespace) -> int:
+    """--client-procs, where 0 is a process per four CPUs (at most 8): 16 on the GPU machine make 4, 2 here 1."""
+    if args.in_process:
+        return 1
+    return args.client_procs or max(1, min(8, (os.cpu_count() or 1) // 4))
 
 
 def fmt(v: Any) -> str:
@@ -656,6 +726,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # a 512-request run, seconds each, in the run's host time and latencies).
     e.add_argument("--server-warmup", action="store_true",
                    help="the server compiles every step shape before it answers (`jaxserve serve --warmup`)")
+    w.add_argument("--client-procs", type=int, default=0,
+                   help="load-generator processes sharing the arrival clock (0: one per four CPUs, at most 8); one "
+                        "event loop parsing every SSE event can bound what is measured")
     e.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="the server's engine in a process of its own (the server's default; --no-engine-process: "
                         "the engine thread, `jaxserve serve --no-engine-process`)")
@@ -699,10 +772,17 @@ def main(argv: list[str] | None = None) -> int:
         model_id = args.model or models[0]["id"]
         items = make_workload(args, vocab=300, seed=args.seed)  # ids every Qwen vocabulary holds
         before = scrape_engine(args.url)
-        outcomes, duration = asyncio.run(run_load(args.url, model_id, items, args.rate, args.api_key, args.seed,
-                                                  args.timeout))
+        procs = client_procs(args)
+        if procs > 1:
+            outcomes, duration, share = run_load_procs(args.url, model_id, items, args.rate, args.api_key, args.seed,
+                                                       args.timeout, procs)
+        else:
+            outcomes, duration = asyncio.run(run_load(args.url, model_id, items, args.rate, args.api_key, args.seed,
+                                                      args.timeout))
         after = scrape_engine(args.url) if before is not None else None
         row = summarize(outcomes, duration)
+        if procs > 1:
+            row.update(client_procs=procs, client_cpu_share=share)
         if after is not None:
             row.update(engine_fields(before, after))
         rows, device = [row], f"remote server {args.url}"
