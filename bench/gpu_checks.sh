@@ -476,6 +476,10 @@
 #               host_overhead.md session 71), to set beside stream71's fresh pool (~290 s)
 #   proc72      session 72: stream71's workload with the engine in its own process (--engine-process) at stream
 #               intervals 1 and 8, and the engine thread's at 1 beside them (each arm <= 170 s; ~450 s)
+#   proc73a     session 72's follow-up: the engine's process against the thread at a token an event, each twice,
+#               alternating, with the load generator over 4 processes (bench/serving.py --client-procs, auto), so
+#               a compile inside one run has a twin without (each arm <= 150 s; ~450 s)
+#   proc73b     the same at eight tokens an event (~400 s)
 #   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -1428,6 +1432,9 @@ for part in "${parts[@]}"; do
                JAXSERVE_HASH_NOISE=$h timeout 100 python3 bench/sampler_cost.py --rows 64 256 --top-k \
                  --settings temp top_p ; done ;;
     stream69) stream_ab 250 512 256 ;;
+    proc73a|proc73b) interval=$([ "$part" = proc73a ] && echo 1 || echo 8)
+            for round in 1 2; do for mode in --engine-process --no-engine-process; do
+              STREAM_AB_ARGS="--warmup 512 $mode" stream_ab 150 512 256 "$interval"; done; done ;;
     stream71) STREAM_AB_ARGS="--warmup 512 --no-engine-process" stream_ab 135 512 256 ;;
     proc72) (for i in 1 2 3 4 5 6; do sleep 45; echo "== gpu memory by process: $(nvidia-smi \
                --query-compute-apps=pid,used_memory --format=csv,noheader | tr '\n' ';')"; done) &
