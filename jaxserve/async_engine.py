@@ -163,7 +163,7 @@ class EngineLoop:
                     self._flush()
         finally:
             self._closing()
-            self._abort_all("the engine is shutting down")
+            self._end_all("the engine is shutting down")
             self._flush()
             self._refuse_pending_calls()
             self.engine.close()
@@ -226,7 +226,8 @@ class EngineLoop:
             request.error = message
             self._publish(request)
 
-    def _abort_all(self, message: str) -> None:
+    def _end_all(self, message: str) -> None:
+        """Shutdown: every unfinished request aborted with ``message``, and every caller still waiting answered."""
         for request in list(self.engine.requests.values()):
             if request.status is not Status.FINISHED:
                 try:
