@@ -1,10 +1,10 @@
 """``EngineProcess``: the engine in a child process of its own, driven from asyncio (vLLM V1's EngineCore).
 
 Why: with the engine on a thread of the server process (`jaxserve.async_engine.AsyncEngine`), the engine thread and
-the event loop take turns on one GIL, so a streamed token costs the sum of both sides' Python (on an H100 the 0.5B
-model served 7.6k tok/s a token an SSE event against 13.6k at eight a event, on the same ~1 s of device calls:
-bench/results/serving_stream_h100.md). In a child, the engine's host work (scheduling, sampling's host side,
-detokenizing, stop strings) runs beside the HTTP side's instead of between its turns.
+the event loop take turns on one GIL, so a streamed token costs the sum of both sides' Python. In a child, the
+engine's host work (scheduling, sampling's host side, detokenizing, stop strings) runs beside the HTTP side's instead
+of between its turns: on an H100, 256 streams of the 0.5B model at a token an SSE event went from 11.0k to 20.8k
+output tok/s on the same ~1.1 s of device calls (bench/results/serving_stream_h100.md, session 72).
 
 What crosses: the parent sends commands down one pipe (add, abort, abort_all, a named call, stop) and a reader
 thread takes the child's messages off another: once a step, every request's new chunks (text already detokenized
@@ -56,13 +56,18 @@ _CALLS = frozenset({"stats", "register_lora", "forget_lora", "clear_prefix_cache
 class EngineSpec:
     """What the child builds its engine from (picklable: it crosses into a spawned process).
 
-    ``model``: a checkpoint folder; ``tokenizer``: another tokenizer folder (vLLM's --tokenizer);
+    ``model``: a checkpoint folder (or a Hugging Face repo id in the local cache; None: the embedded default model);
+    ``tokenizer``: another tokenizer folder (vLLM's --tokenizer);
     ``data_parallel_size`` > 1 builds `jaxserve.replicas.Replicas`; ``loras``: adapters registered before it
     serves; ``warmup`` / ``warmup_structured``: `Engine.warmup` before it serves; ``setup``: ``"module:function"``
     called with the built engine in the child before it serves (a benchmark's stub device, a test's fault).
+
+    Example:
+        >>> EngineSpec("/models/qwen", EngineConfig(max_running=64), warmup=True).warmup
+        True
     """
 
-    model: str
+    model: str | None
     engine_config: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     tokenizer: str | None = None
     data_parallel_size: int = 1
@@ -102,13 +107,19 @@ def build_engine(model: Any, engine_config: EngineConfig, tokenizer: str | None 
 
 
 def engine_info(engine: Any, loaded: Any) -> dict[str, Any]:
-    """What the server reads of its engine and model at start (the same for a thread's engine and a child's)."""
+    """What the server reads of its engine and model at start (the same for a thread's engine and a child's, where
+    this dict is what crosses the pipe).
+
+    Example:
+        >>> engine_info(*build_engine(None, EngineConfig()))["max_model_len"]  # doctest: +SKIP
+        32768
+    """
     runner = (engine.engines[0] if hasattr(engine, "engines") else engine).runner
     pool = runner.kv[0][0]  # [kv_heads, pages, page_size, head_dim]: every layer's K and V alike
     return dict(name=loaded.name, path=loaded.path, hidden_size=loaded.config.hidden_size,
                 labels=tuple(loaded.config.labels), max_model_len=engine.max_model_len,
                 sampling_defaults=dict(engine.sampling_defaults), eos_ids=tuple(engine.eos_ids),
-                has_tokenizer=loaded.tokenizer is not None, pool_pages=int(pool.shape[1]),
+                pool_pages=int(pool.shape[1]),
                 page_size=int(pool.shape[2]), pool_dtype=str(pool.dtype),
                 pool_gib=2 * len(runner.kv) * pool.nbytes / 2**30)
 
@@ -116,7 +127,11 @@ def engine_info(engine: Any, loaded: Any) -> dict[str, Any]:
 def keep_off_accelerators() -> None:
     """JAX in this process (a server whose engine is a child's) runs on the CPU, so it never takes the accelerator
     memory the child's engine needs: JAX preallocates most of a GPU's memory at its first use there. A warning where
-    it is too late (this process already used the accelerator)."""
+    it is too late (this process already used the accelerator).
+
+    Example:
+        >>> keep_off_accelerators(); engine = EngineProcess(EngineSpec("/models/qwen"))  # doctest: +SKIP
+    """
     import jax
 
     try:
@@ -162,7 +177,8 @@ class _ChildLoop(EngineLoop):
         self._chunks: list[tuple[str, Any]] = []
         # Structured outputs compile here, off the loop, as the server's constraint thread does in its own process.
         self._guides = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-constraints")
-        self._parent_gone = False
+        self._parent_gone = False  # a pipe to the parent broke: stop (once) and send nothing more
+        self._stopped = False
 
     def _send(self, message: tuple) -> None:
         try:
@@ -175,22 +191,30 @@ class _ChildLoop(EngineLoop):
             data = pickle.dumps(("reply", message[1], None, kind(f"{type(error).__name__}: {error}")))
             log.debug("reply not picklable: %s", exc)
         with self._send_lock:
-            self._outputs_conn.send_bytes(data)
+            if self._parent_gone:
+                return
+            try:
+                self._outputs_conn.send_bytes(data)
+            except OSError:  # the parent is gone (BrokenPipeError): the loop stops at its next look for commands
+                self._parent_gone = True
 
     def _reply(self, call_id: int) -> Callable[[Any, BaseException | None], None]:
         return lambda value, error: self._send(("reply", call_id, value, error))
 
     def _next_command(self, block: bool) -> tuple | None:
         while True:
-            if self._parent_gone:
-                return None
+            if self._parent_gone:  # nobody to serve: one stop (abort what runs, leave the loop), then nothing
+                if self._stopped:
+                    return None
+                self._stopped = True
+                return ("stop", _Stop(0.0))
             try:
                 if not self._commands.poll(self.idle_poll_s if block else 0):
                     return None
                 message = self._commands.recv()
-            except (EOFError, OSError):  # the parent is gone: nobody to serve
+            except (EOFError, OSError):
                 self._parent_gone = True
-                return ("stop", _Stop(0.0))
+                continue
             command = self._command(message)
             if command is not None:
                 return command
@@ -232,11 +256,7 @@ class _ChildLoop(EngineLoop):
             return
         chunks, self._chunks = self._chunks, []
         results, self.metrics.results = self.metrics.results, []
-        if not self._parent_gone:
-            try:
-                self._send(("chunks", chunks, results))
-            except (BrokenPipeError, OSError):
-                self._parent_gone = True
+        self._send(("chunks", chunks, results))
 
     def _refuse_pending_calls(self) -> None:
         self._guides.shutdown(wait=True)

@@ -9,6 +9,8 @@ import concurrent.futures
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -249,3 +251,33 @@ def test_a_burst_larger_than_the_pipe_is_served_whole(live):
     results = live.engine_call(burst)
     assert len(results) == 200 and all(len(r["token_ids"]) == 2 for r in results)
     assert_pages_free(live)
+
+
+def test_the_child_exits_when_its_server_is_killed(tiny_checkpoint):
+    """A server killed outright (SIGKILL: no shutdown) leaves no engine behind: the child reads its pipe's end, aborts
+    what it runs and exits."""
+    script = ("import sys, time\n"
+              "from jaxserve import EngineConfig\n"
+              "from jaxserve.engine_process import EngineProcess, EngineSpec\n"
+              f"engine = EngineProcess(EngineSpec({tiny_checkpoint[0]!r}, EngineConfig(num_pages=64, max_running=2)))\n"
+              "print(engine._process.pid, flush=True)\n"
+              "time.sleep(600)\n")
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(server.stdout.readline())
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.1)
+        assert not _alive(child), "the engine's process outlived its server"
+    finally:
+        server.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited (its parent is gone)
+    except FileNotFoundError:
+        return False
