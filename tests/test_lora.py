@@ -338,10 +338,11 @@ def test_adapter_rows_run_padded_where_the_model_pads_their_calls(adapters, monk
         assert_all_pages_free(engine)
 
 
-def test_server_loads_and_unloads_adapters_at_runtime(adapters):
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+def test_server_loads_and_unloads_adapters_at_runtime(adapters, tiny_checkpoint, engine_process):
     """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (VLLM_ALLOW_RUNTIME_LORA_UPDATING): off by default
     (404); on, an adapter loaded under a name serves requests naming it, a bad folder or a taken name is 400, an
-    unloaded name is 404 again."""
+    unloaded name is 404 again. The same with the engine in its own process (the adapters cross the pipe)."""
     import httpx
 
     from jaxserve.server import ServerConfig, create_app
@@ -351,10 +352,12 @@ def test_server_loads_and_unloads_adapters_at_runtime(adapters):
     prompt = random_prompts(model.config.vocab_size, [7])[0]
     body = {"model": "mlp", "prompt": prompt, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "logprobs": 0,
             "return_tokens_as_token_ids": True}
-    with LiveServer(create_app(model, small_config(), ServerConfig(model_name="tiny"))) as live:
-        r = httpx.post(live.url + "/v1/load_lora_adapter", json={"lora_name": "mlp", "lora_path": paths["mlp"]})
-        assert r.status_code == 404
-    app = create_app(model, small_config(), ServerConfig(model_name="tiny", allow_runtime_lora_updating=True))
+    if not engine_process:
+        with LiveServer(create_app(model, small_config(), ServerConfig(model_name="tiny"))) as live:
+            r = httpx.post(live.url + "/v1/load_lora_adapter", json={"lora_name": "mlp", "lora_path": paths["mlp"]})
+            assert r.status_code == 404
+    app = create_app(tiny_checkpoint[0] if engine_process else model, small_config(),
+                     ServerConfig(model_name="tiny", allow_runtime_lora_updating=True, engine_process=engine_process))
     with LiveServer(app) as live:
         post = lambda path, json: httpx.post(live.url + path, json=json, timeout=60)
         assert post("/v1/completions", body).status_code == 404
