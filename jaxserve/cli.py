@@ -445,7 +445,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
                                  max_logprobs=args.max_logprobs, log_requests=args.log_requests,
                                  tokenizer=args.tokenizer, stream_interval=args.stream_interval,
-                                 engine_process=args.engine_process)
+                                 engine_process=args.engine_process,
+                                 enable_request_id_headers=args.enable_request_id_headers)
     if args.engine_process and args.rope_scaling is not None:  # (unset, the engine thread serves the model loaded here)
         raise SystemExit("error: --engine-process loads the checkpoint in the engine's process as it is; "
                          "--rope-scaling needs it loaded here (leave one of them out)")
@@ -543,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
                      help="serve N engines on N devices (N x --tensor-parallel-size) behind a prefix-aware router "
                           "(default 1)")
+    srv.add_argument("--enable-request-id-headers", action="store_true",
+                     help="every answer carries an X-Request-Id header (the request's own, or a new one), as vLLM's")
     srv.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                      help="the engine in a process of its own (vLLM V1's engine core; the default, but where "
                           "--rope-scaling loads the model here): its host work no longer shares the HTTP side's "

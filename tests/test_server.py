@@ -1117,6 +1117,32 @@ def test_a_server_of_params_refuses_a_level_2_sleep(tiny_checkpoint):
         assert httpx.post(server.url + "/wake_up").json() == {"status": "ok"}
 
 
+def test_request_ids_name_the_answer_as_vllm_s_do(live, model, pages_freed):
+    """vLLM's request ids: the body's request_id names the answer ("cmpl-<id>", "chatcmpl-<id>", streamed events
+    too), an X-Request-Id header outranks it, two requests in flight may share one; --enable-request-id-headers puts
+    X-Request-Id on every answer (the request's, or a new one)."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    assert post(live, "/v1/completions", {**GOOD, "request_id": "job-7"}).json()["id"] == "cmpl-job-7"
+    assert post(live, "/v1/chat/completions", {**CHAT_BODY, "request_id": "job-8"}).json()["id"] == "chatcmpl-job-8"
+    r = httpx.post(live.url + "/v1/completions", json={**GOOD, "request_id": "body"},
+                   headers={**auth, "X-Request-Id": "header"}, timeout=60)
+    assert r.json()["id"] == "cmpl-header" and "x-request-id" not in r.headers  # the flag is off here
+    with httpx.stream("POST", live.url + "/v1/completions", json={**GOOD, "request_id": "s1", "stream": True},
+                      headers=auth, timeout=60) as r:
+        ids = {json.loads(line[6:])["id"] for line in r.iter_lines() if line.startswith("data: {")}
+    assert ids == {"cmpl-s1"}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        same = list(pool.map(lambda _: post(live, "/v1/completions", {**GOOD, "max_tokens": 8, "request_id": "dup"}),
+                             range(4)))
+    assert [r.status_code for r in same] == [200] * 4 and {r.json()["id"] for r in same} == {"cmpl-dup"}
+    assert post(live, "/v1/completions", {**GOOD, "request_id": 7}).status_code == 400  # a string, as vLLM's
+    app = create_app(model, ENGINE_CONFIG, ServerConfig(model_name="tiny", enable_request_id_headers=True))
+    with LiveServer(app) as server:
+        r = httpx.post(server.url + "/v1/completions", json=GOOD, headers={"X-Request-Id": "abc"}, timeout=60)
+        assert r.headers["x-request-id"] == "abc" and r.json()["id"] == "cmpl-abc"
+        assert len(httpx.get(server.url + "/health").headers["x-request-id"]) == 32  # a new one
+
+
 def test_cors_preflights_are_answered_as_vllm_answers_them(live):
     """vLLM's default CORS (any origin, method and header): a browser's preflight gets its allow headers, and a
     cross-origin request its allow-origin."""

@@ -141,6 +141,9 @@ class ServerConfig:
     log_requests: bool = False
     # vLLM's --tokenizer: a tokenizer folder other than the model's, for the engine and the server alike.
     tokenizer: str | None = None
+    # vLLM's --enable-request-id-headers: every HTTP answer carries an X-Request-Id header (the request's own, or a
+    # new one).
+    enable_request_id_headers: bool = False
     # vLLM's --stream-interval: tokens per streamed chunk (1: one chunk a token, vLLM's default); a device call's
     # tokens are split, never held for the next call's.
     stream_interval: int = 1
@@ -190,6 +193,28 @@ class ServerConfig:
             raise ValueError(f"lora_modules must have distinct non-empty names, other than the model's, got {names}")
         object.__setattr__(self, "lora_modules", modules)
 
+
+
+class _RequestIdHeader:
+    """vLLM's ``--enable-request-id-headers``: each HTTP answer carries ``X-Request-Id``, the request's own header or a
+    new id. Plain ASGI, so a stream's events pass through untouched (Starlette's BaseHTTPMiddleware wraps each
+    answer in a task and a queue)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = next((v for k, v in scope["headers"] if k == b"x-request-id"), None) or uuid.uuid4().hex.encode()
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", rid)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 # ----- app state ---------------------------------------------------------------------------------
@@ -254,9 +279,9 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             if isinstance(model, LoadedModel):  # its arrays (or a config overridden at load) cannot cross
                 raise ValueError("engine_process: the engine's process loads its model itself, from a checkpoint "
                                  "folder; give the folder, not a LoadedModel (or serve it with engine_process off)")
-            spec = EngineSpec(None if model is None else os.fspath(model), engine_config, server_config.tokenizer, server_config.data_parallel_size,
-                              tuple(loras.values()), server_config.warmup, server_config.warmup_structured,
-                              server_config.engine_setup)
+            spec = EngineSpec(None if model is None else os.fspath(model), engine_config, server_config.tokenizer,
+                              server_config.data_parallel_size, tuple(loras.values()), server_config.warmup,
+                              server_config.warmup_structured, server_config.engine_setup)
             keep_off_accelerators()
             engine = await asyncio.to_thread(EngineProcess, spec, metrics)
             info = engine.info
@@ -307,6 +332,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
     app = FastAPI(title="jaxserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   root_path=server_config.root_path)
     app.state.jaxserve_config = server_config
+    if server_config.enable_request_id_headers:
+        app.add_middleware(_RequestIdHeader)
     if server_config.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(server_config.allowed_origins),
                            allow_methods=list(server_config.allowed_methods),
@@ -479,6 +506,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         # Echoed log-probabilities score the prompt too: the engine computes the more of the two asked for.
         if req.use_beam_search:
             fmt = CompletionFormat(req.model or st.model_name, st.tokenizer, req, prompts)
+            _name_answer(fmt, request, req)
             return await _beam_search(request, st, req, prompts, max_tokens, fmt)
         asked = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
         prompt_logprobs = max(asked) if asked else None
@@ -490,6 +518,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             echo_texts = await _on_tokenizer_thread(st, _echo_texts, req, prompts, st)
         fmt = CompletionFormat(req.model or st.model_name, st.tokenizer, req, prompts, echo_texts, prompt_only=prompt_only,
                                token_ids_as_names=_ids_as_names(req, st))
+        _name_answer(fmt, request, req)
         return await _serve(request, st, req, [p for p in engine_prompts for _ in range(req.n)], params, fmt)
 
     @app.api_route("/generate", methods=["POST", "PUT"])
@@ -719,6 +748,7 @@ async def _chat(request: Request, st: _State, req: ChatRequest,
     else:
         fmt = ChatFormat(req.model or st.model_name, st.tokenizer, req, ids,
                          token_ids_as_names=_ids_as_names(req, st), reasoning=reasoning)
+        _name_answer(fmt, request, req)
     if req.use_beam_search:
         return await _beam_search(request, st, req, [ids], max_tokens, fmt)
     structured = await _structured_outputs(req, st)
@@ -1450,6 +1480,21 @@ async def _submit_all(st: _State, prompts: list[list[int]], params: list[Samplin
     return handles
 
 
+def _name_answer(fmt: Any, request: Request, req: Any) -> None:
+    """vLLM's request ids: the answer's id takes the client's (the X-Request-Id header, else the body's
+    ``request_id``) after its kind's prefix. The engine's requests then get ids of their own beside it
+    (`_engine_id`): two clients may send the same id while both run."""
+    client_id = request.headers.get("x-request-id") or req.request_id
+    if client_id:
+        fmt.engine_id = fmt.id  # the random one
+        fmt.id = f"{fmt.id.split('-', 1)[0]}-{client_id}"
+
+
+def _engine_id(fmt: Any) -> str:
+    """The base of the engine's request ids for an answer (its id, unless the client named it: `_name_answer`)."""
+    return getattr(fmt, "engine_id", fmt.id)
+
+
 def _log_request(request_id: str, prompt: Any, params: Any, lora: LoRARequest | None) -> None:
     """vLLM's --enable-log-requests line: the id, params and adapter at INFO; the prompt's length at DEBUG. Never the
     prompt's text (vLLM's DEBUG line holds it; prompts are users' data)."""
@@ -1502,7 +1547,8 @@ async def _serve(request: Request, st: _State, req: SamplingFields, prompts: lis
     rids = rids or []
     _reserve(st, rids)
     try:
-        handles = await _submit_all(st, _salted(prompts, req), params, fmt.id, req.priority, st.loras.get(req.model))
+        handles = await _submit_all(st, _salted(prompts, req), params, _engine_id(fmt), req.priority,
+                                    st.loras.get(req.model))
     except BaseException:
         _forget(st, rids)
         raise
@@ -1581,15 +1627,15 @@ async def _beam_search(request: Request, st: _State, req: SamplingFields, prompt
     step = step_params(params)
     if st.config.log_requests:
         for i, prompt in enumerate(prompts):
-            _log_request(f"{fmt.id}-{i}", prompt, params, lora)
+            _log_request(f"{_engine_id(fmt)}-{i}", prompt, params, lora)
 
     def next_logprobs(seqs: list[list[int]], k: int) -> list[dict[int, float]]:
         async def run() -> list[dict[str, Any]]:
             # A step ends well inside `_results_unless_disconnected`'s poll: the client is checked before each.
             if await request.is_disconnected():
                 raise APIError(499, "client disconnected", code="client_closed_request")
-            handles = await _submit_all(st, _salted(seqs, req), [step] * len(seqs), f"{fmt.id}-beam", req.priority,
-                                        lora, logged=False)
+            handles = await _submit_all(st, _salted(seqs, req), [step] * len(seqs), f"{_engine_id(fmt)}-beam",
+                                        req.priority, lora, logged=False)
             return await _results_unless_disconnected(request, handles)
 
         return [best_next(o, k) for o in asyncio.run_coroutine_threadsafe(run(), loop).result()]

@@ -103,6 +103,9 @@ class SamplingFields(Schema):
     prompt_logprobs: int | None = None
     # vLLM's: lower runs first where the server runs with --scheduling-policy priority (elsewhere only 0).
     priority: int = 0
+    # vLLM's: the answer's id is "cmpl-<request_id>" ("chatcmpl-" for a chat) where given (an X-Request-Id header
+    # outranks it, as in vLLM); requests in flight may share one.
+    request_id: str | None = None
     # vLLM's beam search: the n best beams of width n become the n choices (`jaxserve.beam_search`).
     use_beam_search: bool = False
     length_penalty: float = 1.0
