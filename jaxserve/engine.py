@@ -35,7 +35,7 @@ from jaxserve.model import decode_rows
 from jaxserve.pooling import (PoolingParams, classify_params, cross_encoder_prompt, embed_params, finish_classification,
                               finish_embedding, pair_scores, score_pairs, text_key)
 from jaxserve.quantization import cast_params, quantize_params
-from jaxserve.request import Request, Status, cache_salt_keys
+from jaxserve.request import THINK_END, THINK_START, Request, Status, ThinkBudget, cache_salt_keys
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
 from jaxserve.sampling import (SamplingParams, allowed_masks, check_bad_word_ids, check_banned_ids, make_batch,
                                needs_history, needs_penalties, needs_sampling, recent_tokens, sample_seed)
@@ -559,6 +559,9 @@ class Engine:
         if params.logprobs is not None and params.logprobs > MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.logprobs}")
         guide = self._guide(params) if params.structured_outputs is not None else None
+        think = None
+        if params.thinking_token_budget is not None:
+            think = ThinkBudget.from_prompt(params.thinking_token_budget, *self._think_markers(), ids)
         request_id = self._new_request_id(request_id)
         if params.seed is None and self._seeds is not None:  # EngineConfig.seed: drawn in the order requests come,
             # once nothing can refuse the request (a refused one must not move the seeds of those after it)
@@ -567,9 +570,18 @@ class Engine:
         detok = (IncrementalDetokenizer(self.tokenizer, ids if embeds is None else (), params.skip_special_tokens)
                  if self.tokenizer is not None and params.detokenize else None)
         return Request(request_id, ids, params, detok, self.eos_ids, named_eos=self._named_eos, guide=guide,
-                       bad_word_ids=bad_words, priority=int(priority), lora_id=lora_id, lora_namespace=namespace,
+                       bad_word_ids=bad_words, think=think, priority=int(priority), lora_id=lora_id, lora_namespace=namespace,
                        prompt_embeds=embeds,
                        salt_keys=_salt_keys(prompt, namespace, self.model.config.vocab_size))
+
+    def _think_markers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The token ids of ``<think>`` and ``</think>`` (Qwen's reasoning models', QwQ's and DeepSeek-R1's
+        distills': one added token each), for `SamplingParams.thinking_token_budget`."""
+        if self.tokenizer is None:
+            raise ValueError("thinking_token_budget needs a tokenizer (the <think> markers' tokens), and this "
+                             "engine has none")
+        start, end = (tuple(self.tokenizer.encode(m, add_special_tokens=False)) for m in (THINK_START, THINK_END))
+        return start, end
 
     def _new_request_id(self, request_id: str | None) -> str:
         """``request_id``, or a fresh one where it is None; ValueError if it is already in use."""
@@ -850,15 +862,21 @@ class Engine:
         _, sbatch, static, num_top, sampled, penalties, logprobs, history = self._sampling_cache
         if history:  # the bad words' bans read each row's last tokens
             sbatch = sbatch.replace(recent=jax.device_put(recent_tokens([r.output_ids for r in reqs], batch)))
-        if host_masks and any(r.guide is not None for r in reqs):
+        forced = [None if r.think is None else r.think.forced() for r in reqs]
+        if host_masks and (any(r.guide is not None for r in reqs) or any(f is not None for f in forced)):
             # Each row's next-token mask depends on the tokens so far: built for every call, which is then
-            # one token long (a prefill's, or a decode step's where `_guide_tables` cannot serve the batch).
+            # one token long (a prefill's, or a decode step's where `_guide_tables` cannot serve the batch, or
+            # where a row's thinking budget forces its next token).
             allowed = (np.full((batch, self._vocabulary_words()), 0xFFFFFFFF, np.uint32) if static is None
                        else static.copy())
             for i, r in enumerate(reqs):
                 if r.guide is not None:
                     r.guide.advance(r.output_ids)
                     allowed[i] &= r.guide.mask()
+                if forced[i] is not None:
+                    only = np.zeros(allowed.shape[1], np.uint32)
+                    only[forced[i] // 32] = np.uint32(1 << (forced[i] % 32))
+                    allowed[i] &= only
             sbatch = sbatch.replace(allowed=jax.device_put(allowed))
         steps = np.zeros(batch, np.int32)
         steps[: len(reqs)] = [len(r.output_ids) for r in reqs]
@@ -878,6 +896,18 @@ class Engine:
         """Whether some row's bad words are longer than a token: its call's bans then read its last tokens,
         which the host sends (`sampling.recent_tokens`), so the call cannot start before the host has them."""
         return any(needs_history(r.bad_word_ids) for r in reqs)
+
+    @staticmethod
+    def _forcing(reqs: Sequence[Request]) -> bool:
+        """Whether some row's thinking budget forces its next token (`ThinkBudget.forced`): a one-step call whose
+        masks come from the host."""
+        return any(r.think is not None and r.think.pending for r in reqs)
+
+    @staticmethod
+    def _near_think_budget(reqs: Sequence[Request], tokens: int) -> bool:
+        """Whether some row may spend its thinking budget within ``tokens`` more tokens: a call may then not be
+        dispatched before the host reads the one before it (the forcing mask needs those tokens)."""
+        return any(r.think is not None and (room := r.think.room()) is not None and room <= tokens for r in reqs)
 
     def _place_guides(self, reqs: Sequence[Request]) -> dict[TokenGuide, int] | None:
         """The pool offsets of the rows' guides (`GuidePool.place`), or None where they cannot all be on the
@@ -1069,6 +1099,8 @@ class Engine:
         tokens_out, logprobs_out, ranks_out = out.tokens.tolist(), out.logprobs.tolist(), out.ranks.tolist()
         for i, (r, _, e) in enumerate(call.rows):
             if e == r.prefill_end and r.finish_reason is None:
+                if r.think is not None:  # a forced token where the budget is spent: the prefill sampled under its mask
+                    r.think.take([tokens_out[i]])
                 r.append(tokens_out[i], logprobs_out[i], self._top(r, out, (i,)), ranks_out[i])
                 self.generated_tokens += 1
                 done.append(r)
@@ -1116,7 +1148,9 @@ class Engine:
         for i, r in enumerate(reqs):
             block_tables[i] = table[r.slot, :width]
         guides = None
-        if self._guided(reqs):
+        if self._forcing(reqs):
+            num_steps = 1  # the forced token's mask from the host (the guided rows' too, this call)
+        elif self._guided(reqs):
             guides = self._guide_tables(reqs, batch, last[1] if chained is not None else None, owed)
             if guides is None:
                 num_steps = 1  # each token's mask from the host
@@ -1151,6 +1185,8 @@ class Engine:
             n = max(0, min(call.num_steps, int(call.limits[i] - call.positions[i])))
             if r.guide is not None and r.finish_reason is None:  # the device ran on past a complete match
                 n = r.guide.until_final(r.output_ids, tokens[i][:n])
+            if r.think is not None and r.finish_reason is None:  # the device ran on past a thinking budget
+                n = r.think.take(tokens[i][:n])
             tops = [self._top(r, out, (k, i)) for k in range(n)] if r.params.logprobs else None
             if r.params.logprobs is not None and ranks is None:
                 ranks = out.ranks.T.tolist()
@@ -1175,7 +1211,7 @@ class Engine:
         """Each decoding row's draft (`speculative.ngram_draft` over its text, cut where its length or the model's
         ends), or None where no verify call should run: speculation off or not for these rows, no row has a draft,
         or the pages for the drafts cannot be had without preempting."""
-        if not self._speculating(reqs):
+        if not self._speculating(reqs) or self._forcing(reqs):  # a forced token is a one-step call's
             return None
         cfg = self.config
         drafts = []
@@ -1228,6 +1264,8 @@ class Engine:
                 emitted, accepted = picks[i][:int(count[i])], int(count[i]) - 1
             if r.guide is not None:  # the device ran on past a complete match (an EOS-only state): cut there
                 emitted = emitted[: r.guide.until_final(r.output_ids, emitted)]
+            if r.think is not None:  # drafts accepted past a thinking budget
+                emitted = emitted[: r.think.take(emitted)]
             tops = [self._top(r, out, (i, j)) for j in range(len(emitted))] if r.params.logprobs else None
             taken = r.extend(emitted, logprobs[i][:len(emitted)], tops, ranks[i][:len(emitted)])
             r.computed += taken  # the K/V of the row's last token and of the accepted drafts
@@ -1265,6 +1303,8 @@ class Engine:
             return None
         if self._guided(rows) and not call.guided:  # masks from the host need its tokens first
             return None
+        if self._near_think_budget(rows, 2 * call.num_steps):  # the forcing mask needs the tokens first
+            return None
         want = [min(r.computed + r.remaining, self.max_model_len, r.computed + 2 * call.num_steps) for r in rows]
         return rows if self.scheduler.reserve(rows, want) else None
 
@@ -1298,6 +1338,8 @@ class Engine:
             return None
         if self._guided(rows) and self._place_guides(rows) is None:
             return None  # masks from the host need the first tokens there
+        if self._near_think_budget(rows, 1 + self.config.decode_steps):
+            return None
         first = call.finishing()
         # Rows whose first token is on the device owe it: it is not in ``remaining`` yet.
         want = [min(r.computed + r.remaining - (id(r) in first), self.max_model_len,

@@ -49,6 +49,88 @@ def best_first(entry: dict[int, float], k: int | None = None) -> list[tuple[int,
     return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
 
 
+# The markers of a thinking section (Qwen's reasoning models, QwQ-32B, DeepSeek-R1's Qwen distills): the server's
+# reasoning parser splits at them and `ThinkBudget` counts between them.
+THINK_START = "<think>"
+THINK_END = "</think>"
+
+
+@dataclasses.dataclass(eq=False)
+class ThinkBudget:
+    """`SamplingParams.thinking_token_budget` on the host (vLLM's thinking-budget logits processor): inside a thinking
+    section (opened by ``start``'s tokens, in the prompt or the output) at most ``budget`` tokens are taken; the
+    engine then forces ``end``'s tokens, one a step (`forced`, as an allowed-token mask; what a call of several steps
+    sampled past the budget is cut), after which the output goes on freely.
+
+    Example:
+        >>> b = ThinkBudget.from_prompt(2, (7,), (8,), [1, 7])  # the prompt opened a section: 2 tokens in it
+        >>> b.take([5, 6, 5]), b.forced(), b.take([8, 4]), b.forced()
+        (2, 8, 2, None)
+    """
+
+    budget: int
+    start: tuple[int, ...]
+    end: tuple[int, ...]
+    thinking: bool = False
+    spent: int = 0  # tokens taken in the open section
+    pending: list[int] = dataclasses.field(default_factory=list)  # ``end``'s tokens still to force
+    tail: list[int] = dataclasses.field(default_factory=list)  # the last tokens, where a marker may end
+
+    @classmethod
+    def from_prompt(cls, budget: int, start: tuple[int, ...], end: tuple[int, ...],
+                    prompt: list[int]) -> "ThinkBudget":
+        """The state after ``prompt``: thinking where its last ``start`` comes after its last ``end``."""
+        state = cls(budget, tuple(start), tuple(end), thinking=_last_at(prompt, start) > _last_at(prompt, end))
+        state.tail = list(prompt[-max(len(start), len(end)):])
+        state._close_if_spent()
+        return state
+
+    def forced(self) -> int | None:
+        """The token the next step must take (the next of ``end``'s), or None."""
+        return self.pending[0] if self.pending else None
+
+    def take(self, tokens: list[int]) -> int:
+        """How many of ``tokens`` (sampled in order from the state now) stand; the state moves past them. A cut
+        (the budget spent inside a section) leaves ``end``'s tokens to force."""
+        for i, token in enumerate(tokens):
+            if self.pending:
+                if token != self.pending[0]:  # sampled without the forcing mask (past the budget): cut here
+                    return i
+                self.pending.pop(0)
+            elif self.thinking:
+                self.spent += 1
+            self.tail = (self.tail + [token])[-max(len(self.start), len(self.end)):]
+            if _ends_with(self.tail, self.end):
+                self.thinking, self.pending = False, []
+            elif _ends_with(self.tail, self.start):
+                self.thinking, self.spent = True, 0
+            self._close_if_spent()
+        return len(tokens)
+
+    def _close_if_spent(self) -> None:
+        if self.thinking and not self.pending and self.spent >= self.budget:
+            self.pending = list(self.end)
+
+    def room(self) -> int | None:
+        """Tokens that may still be sampled freely before a cut (None: no limit now, outside a section)."""
+        if self.pending:
+            return 0
+        return self.budget - self.spent if self.thinking else None
+
+
+def _last_at(ids: list[int], marker: tuple[int, ...]) -> int:
+    """Where the last occurrence of ``marker`` in ``ids`` ends (-1: none)."""
+    n = len(marker)
+    for i in range(len(ids) - n, -1, -1):
+        if tuple(ids[i:i + n]) == marker:
+            return i + n
+    return -1
+
+
+def _ends_with(ids: list[int], marker: tuple[int, ...]) -> bool:
+    return len(ids) >= len(marker) and tuple(ids[-len(marker):]) == marker
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -115,6 +197,8 @@ class Request:
     guide: Any = dataclasses.field(default=None, repr=False)
     # `params.bad_words` as the token sequences they ban (`jaxserve.tokenizer.bad_words_token_ids`).
     bad_word_ids: tuple[tuple[int, ...], ...] = ()
+    # `params.thinking_token_budget`'s state (`ThinkBudget`); None without one.
+    think: ThinkBudget | None = dataclasses.field(default=None, repr=False)
     # LoRA (`jaxserve.lora`): the adapter's id (0: the base model), its prefix-cache namespace and, while admitted,
     # the device slot holding it (-1: none).
     lora_id: int = 0

@@ -127,6 +127,9 @@ class SamplingParams:
     `detokenize=False` (vLLM's): no text, token ids alone (stop strings need the text, so they are refused with it).
     `truncate_prompt_tokens=-1` (vLLM's "the model's length"): the longest end of the prompt that leaves room for
     max_tokens within max_model_len.
+    `thinking_token_budget=k` (vLLM's): at most k tokens inside a ``<think>`` section (one the prompt opened, as a
+    reasoning model's chat template does, or one the model opens); the k+1st is ``</think>``, forced
+    (`jaxserve.request.ThinkBudget`).
     `output_kind` (`RequestOutputKind`): what `jaxserve.LLMEngine.step` outputs. Taken for vLLM's scripts and
     changing nothing here: `spaces_between_special_tokens` (Qwen2's fast tokenizer decodes the same either way),
     `extra_args` (vLLM's plugins' arguments; kept).
@@ -174,6 +177,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict[str, Any] | None = None
+    thinking_token_budget: int | None = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         if "_checked" not in self.__dict__:  # the constructor's own assignments, checked by __post_init__
@@ -287,6 +291,9 @@ class SamplingParams:
         if self.extra_args is not None and not isinstance(self.extra_args, Mapping):
             raise ValueError(f"extra_args must be None or a dict, got {self.extra_args!r}")
         most = math.inf if self.max_tokens is None else self.max_tokens
+        if self.thinking_token_budget is not None:
+            check_int("thinking_token_budget", _is_int(self.thinking_token_budget) and self.thinking_token_budget >= 0,
+                      "None or an int >= 0")
         check_int("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= most,
                   f"an int in [0, max_tokens={self.max_tokens}]")
         if self.min_tokens > 0:  # the ids banned until min_tokens are a fixed-width row of the step's batch

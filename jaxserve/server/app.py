@@ -1345,7 +1345,8 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
              "ignore_eos": req.ignore_eos, "stop_token_ids": req.stop_token_ids, "logit_bias": req.logit_bias,
              "include_stop_str_in_output": req.include_stop_str_in_output,
              "truncate_prompt_tokens": req.truncate_prompt_tokens, "allowed_token_ids": req.allowed_token_ids,
-             "skip_special_tokens": req.skip_special_tokens, "bad_words": req.bad_words}
+             "skip_special_tokens": req.skip_special_tokens, "bad_words": req.bad_words,
+             "thinking_token_budget": req.thinking_token_budget}
     kwargs = {**st.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}
     try:
         # n > 1 with a seed: sample j of every prompt uses seed + j (vLLM's rule; `sample_seed`), so a prompt's

@@ -103,6 +103,9 @@ class SamplingFields(Schema):
     prompt_logprobs: int | None = None
     # vLLM's: lower runs first where the server runs with --scheduling-policy priority (elsewhere only 0).
     priority: int = 0
+    # vLLM's: at most this many tokens inside a <think> section (one a reasoning model's chat template opens), then
+    # </think> is forced (`SamplingParams.thinking_token_budget`).
+    thinking_token_budget: int | None = None
     # vLLM's: the answer's id is "cmpl-<request_id>" ("chatcmpl-" for a chat) where given (an X-Request-Id header
     # outranks it, as in vLLM); requests in flight may share one.
     request_id: str | None = None

@@ -10,9 +10,9 @@ closes its thinking (cut by max_tokens) is all reasoning. It never reads HTTP or
 
 from __future__ import annotations
 
+from jaxserve.request import THINK_END, THINK_START  # noqa: F401  (the markers, the engine's too)
+
 REASONING_PARSERS = ("deepseek_r1",)
-THINK_START = "<think>"
-THINK_END = "</think>"
 
 
 def split_reasoning(text: str) -> tuple[str | None, str | None]:
