@@ -110,6 +110,36 @@ class RequestHandle:
             self.engine.abort(self.request_id)
 
 
+class Submitting:
+    """`stream` and `generate_async` over a driver's ``submit`` (`AsyncEngine`'s, `jaxserve.engine_process`'s)."""
+
+    async def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                     priority: int = 0, lora_request: Any = None) -> RequestHandle:
+        raise NotImplementedError
+
+    async def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+                     request_id: str | None = None, priority: int = 0,
+                     lora_request: Any = None) -> AsyncIterator[dict[str, Any]]:
+        """Chunks of one request as they are produced; leaving the loop early aborts it. ``lora_request``: the
+        adapter it runs with (vLLM's ``AsyncLLM.generate`` takes one too)."""
+        handle = await self.submit(prompt, params, request_id, priority, lora_request)
+        try:
+            async for chunk in handle:
+                yield chunk
+        finally:  # an early exit must not wait for the inner generator's garbage collection
+            handle.abort()
+
+    async def generate_async(self, prompt: Prompt, params: SamplingParams | None = None,
+                             request_id: str | None = None, priority: int = 0,
+                             lora_request: Any = None) -> dict[str, Any]:
+        """Run one request to the end; the ``Request.result()`` dict (``lora_request``: as `stream`'s)."""
+        handle = await self.submit(prompt, params, request_id, priority, lora_request)
+        try:
+            return await handle.result()
+        finally:
+            handle.abort()
+
+
 class EngineLoop:
     """The engine side of a driver: one thread owns the ``Engine`` and runs this loop (commands between steps,
     a step, each progressed request's chunk handed out). `AsyncEngine` runs it on a thread beside the caller's
@@ -273,7 +303,7 @@ class EngineLoop:
         self._post(output, chunk)
 
 
-class AsyncEngine(EngineLoop):
+class AsyncEngine(EngineLoop, Submitting):
     """Continuous batching for many concurrent asyncio callers.
 
     ``metrics``, if given, gets ``observe_finished(result)`` for every request that ends (from
@@ -340,28 +370,6 @@ class AsyncEngine(EngineLoop):
             self.abort(request_id)
             raise
         return RequestHandle(self, request_id, output)
-
-    async def stream(self, prompt: Prompt, params: SamplingParams | None = None,
-                     request_id: str | None = None, priority: int = 0,
-                     lora_request: Any = None) -> AsyncIterator[dict[str, Any]]:
-        """Chunks of one request as they are produced; leaving the loop early aborts it. ``lora_request``: the
-        adapter it runs with (vLLM's ``AsyncLLM.generate`` takes one too)."""
-        handle = await self.submit(prompt, params, request_id, priority, lora_request)
-        try:
-            async for chunk in handle:
-                yield chunk
-        finally:  # an early exit must not wait for the inner generator's garbage collection
-            handle.abort()
-
-    async def generate_async(self, prompt: Prompt, params: SamplingParams | None = None,
-                             request_id: str | None = None, priority: int = 0,
-                             lora_request: Any = None) -> dict[str, Any]:
-        """Run one request to the end; the ``Request.result()`` dict (``lora_request``: as `stream`'s)."""
-        handle = await self.submit(prompt, params, request_id, priority, lora_request)
-        try:
-            return await handle.result()
-        finally:
-            handle.abort()
 
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe, returns at once; unknown or finished ids are ignored)."""

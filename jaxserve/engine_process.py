@@ -37,10 +37,10 @@ import subprocess
 import sys
 import threading
 from multiprocessing.connection import Connection
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
-from jaxserve.async_engine import (EngineDeadError, EngineLoop, RequestHandle, _deliver, _Output, _settle,
-                                   _Stop)
+from jaxserve.async_engine import (EngineDeadError, EngineLoop, RequestHandle, Submitting, _deliver, _Output,
+                                   _settle, _Stop)
 from jaxserve.engine_config import EngineConfig
 from jaxserve.sampling import SamplingParams
 
@@ -328,7 +328,7 @@ def _child_entry(commands_fd: int, outputs_fd: int) -> None:
 
 
 # ----- the parent ---------------------------------------------------------------------------------------------------
-class EngineProcess:
+class EngineProcess(Submitting):
     """`AsyncEngine`'s API over an engine in a child process (module docstring: why). Building it starts the child and
     blocks until its engine is built (and warmed up, where the spec asks): run it off the event loop.
 
@@ -449,25 +449,6 @@ class EngineProcess:
             self.abort(request_id)  # a caller that left while the child was adding it
             raise
         return RequestHandle(self, request_id, output)  # type: ignore[arg-type]
-
-    async def stream(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None,
-                     priority: int = 0, lora_request: Any = None) -> AsyncIterator[dict[str, Any]]:
-        """`AsyncEngine.stream`'s."""
-        handle = await self.submit(prompt, params, request_id, priority, lora_request)
-        try:
-            async for chunk in handle:
-                yield chunk
-        finally:
-            handle.abort()
-
-    async def generate_async(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None,
-                             priority: int = 0, lora_request: Any = None) -> dict[str, Any]:
-        """`AsyncEngine.generate_async`'s."""
-        handle = await self.submit(prompt, params, request_id, priority, lora_request)
-        try:
-            return await handle.result()
-        finally:
-            handle.abort()
 
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe, returns at once; unknown or finished ids are ignored)."""
