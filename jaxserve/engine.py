@@ -570,8 +570,8 @@ class Engine:
         detok = (IncrementalDetokenizer(self.tokenizer, ids if embeds is None else (), params.skip_special_tokens)
                  if self.tokenizer is not None and params.detokenize else None)
         return Request(request_id, ids, params, detok, self.eos_ids, named_eos=self._named_eos, guide=guide,
-                       bad_word_ids=bad_words, think=think, priority=int(priority), lora_id=lora_id, lora_namespace=namespace,
-                       prompt_embeds=embeds,
+                       bad_word_ids=bad_words, think=think, priority=int(priority), lora_id=lora_id,
+                       lora_namespace=namespace, prompt_embeds=embeds,
                        salt_keys=_salt_keys(prompt, namespace, self.model.config.vocab_size))
 
     def _think_markers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
