@@ -142,6 +142,7 @@ def keep_off_accelerators() -> None:
         return
     if not initialized:
         jax.config.update("jax_platforms", "cpu")
+        log.info("JAX in this process (the server's) runs on the CPU; the engine's process has the accelerator")
     elif jax.default_backend() != "cpu":
         log.warning("this process already uses the %s (JAX preallocates its memory there): the engine's process "
                     "may find too little; start the server before anything here computes with JAX",
