@@ -367,7 +367,10 @@ class EngineProcess(Submitting):
             raise RuntimeError(f"the engine process exited (code {code}) before it was ready; "
                                "its log above says why") from None
         if message[0] != "ready":
-            self._process.wait(30)
+            try:
+                self._process.wait(30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
             raise RuntimeError(f"the engine process could not start: {message[1]}")
         self.info: dict[str, Any] = message[1]
         self._lock = threading.Lock()  # _outputs, _calls and _dead
@@ -377,7 +380,6 @@ class EngineProcess(Submitting):
         self._ids = itertools.count()
         self._accepting = True
         self._dead: str | None = None
-        self._sleeping = 0
         # Commands are written by a thread of their own: a write blocks once the pipe is full (a burst of prompts,
         # while the child is in a step and reads nothing), and the event loop must not block with it.
         self._unsent: queue.SimpleQueue = queue.SimpleQueue()
