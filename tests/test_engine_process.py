@@ -240,16 +240,23 @@ def engine_stats_now(live) -> dict:
     return live.engine_call(lambda engine: engine.stats())
 
 
-def test_a_burst_larger_than_the_pipe_is_served_whole(live):
-    """200 prompts of 200 tokens (~120 kB of commands, past a pipe's 64 kB) submitted at once: the writer thread
-    feeds them as the child reads, and every one is answered."""
+def test_a_burst_larger_than_the_pipe_is_answered_whole(live):
+    """200 prompts of 300 tokens (~120 kB of commands, past a pipe's 64 kB; each longer than the model's 256, so the
+    child refuses it without computing) and 8 short ones, submitted at once: the writer thread feeds them as the
+    child reads, and every caller gets its answer, a refusal or a result."""
     async def burst(engine):
-        prompts = [[3 + (i + j) % 300 for j in range(200)] for i in range(200)]
-        return await asyncio.gather(*(engine.generate_async(p, SamplingParams(max_tokens=2, temperature=0))
-                                      for p in prompts))
+        async def one(prompt):
+            try:
+                return await engine.generate_async(prompt, SamplingParams(max_tokens=2, temperature=0))
+            except ValueError as exc:
+                return exc
 
-    results = live.engine_call(burst)
-    assert len(results) == 200 and all(len(r["token_ids"]) == 2 for r in results)
+        long = [[3 + (i + j) % 300 for j in range(300)] for i in range(200)]
+        return await asyncio.gather(*(one(p) for p in long + [[5, 6, 7]] * 8))
+
+    answers = live.engine_call(burst)
+    assert all(isinstance(a, ValueError) and "max_model_len" in str(a) for a in answers[:200]), answers[0]
+    assert all(len(a["token_ids"]) == 2 for a in answers[200:])
     assert_pages_free(live)
 
 
