@@ -873,10 +873,9 @@ class Engine:
                 if r.guide is not None:
                     r.guide.advance(r.output_ids)
                     allowed[i] &= r.guide.mask()
-                if forced[i] is not None:
-                    only = np.zeros(allowed.shape[1], np.uint32)
-                    only[forced[i] // 32] = np.uint32(1 << (forced[i] % 32))
-                    allowed[i] &= only
+                if forced[i] is not None:  # the budget outranks the row's other masks (it asked for both)
+                    allowed[i] = 0
+                    allowed[i, forced[i] // 32] = np.uint32(1 << (forced[i] % 32))
             sbatch = sbatch.replace(allowed=jax.device_put(allowed))
         steps = np.zeros(batch, np.int32)
         steps[: len(reqs)] = [len(r.output_ids) for r in reqs]

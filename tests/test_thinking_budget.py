@@ -118,3 +118,19 @@ def test_the_server_takes_the_budget_from_a_request(tiny_checkpoint, tiny):
         assert r.json()["choices"][0]["token_ids"] == expected(hf, prompt, 3, body["max_tokens"], end)
         r = httpx.post(live.url + "/v1/completions", json={**body, "thinking_token_budget": -2}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "thinking_token_budget", r.text
+
+
+def test_the_forced_marker_outranks_allowed_token_ids(tiny):
+    """A request whose allowed_token_ids leave out the marker still gets it at its budget (it asked for both), and
+    only allowed tokens elsewhere."""
+    m, _ = tiny
+    with Engine(m, small_config()) as engine:
+        start, end = markers(engine)
+        allowed = [5, 6, 7]
+        (out,) = engine.generate([random_prompts(m.config.vocab_size, [6])[0] + start], SamplingParams(
+            max_tokens=2 + len(end) + 3, temperature=0, ignore_eos=True, thinking_token_budget=2,
+            allowed_token_ids=allowed), use_tqdm=False)
+        ids = out["token_ids"]
+        assert ids[2:2 + len(end)] == end
+        assert set(ids[:2] + ids[2 + len(end):]) <= set(allowed)
+        assert_all_pages_free(engine)
