@@ -13,6 +13,8 @@ import hashlib
 import time
 from typing import Any
 
+import numpy as np
+
 from jaxserve.lora import MAX_NAMESPACES, NAMESPACE_STRIDE
 from jaxserve.sampling import SamplingParams
 from jaxserve.tokenizer import IncrementalDetokenizer
@@ -121,7 +123,11 @@ class ThinkBudget:
 def _last_at(ids: list[int], marker: tuple[int, ...]) -> int:
     """Where the last occurrence of ``marker`` in ``ids`` ends (-1: none)."""
     n = len(marker)
-    for i in range(len(ids) - n, -1, -1):
+    if not n or len(ids) < n:
+        return -1
+    # Candidates by the marker's first token, found with numpy: a 32k-token prompt scanned in Python took ~10 ms.
+    starts = np.flatnonzero(np.asarray(ids[:len(ids) - n + 1]) == marker[0])
+    for i in starts[::-1].tolist():
         if tuple(ids[i:i + n]) == marker:
             return i + n
     return -1
