@@ -158,82 +158,82 @@ async def one_request(client, url: str, model: str, item: Item, headers: dict[st
                    usage["prompt_tokens"], cached)
 
 
-async def run_load(url: str, model: str, items: list[Item], rate: float, api_key: str | None,
-                   seed: int, timeout_s: float) -> tuple[list[Outcome], float]:
+def arrival_offsets(n: int, rate: float, seed: int) -> list[float]:
+    """Seconds from the start at which each of ``n`` requests is sent: a Poisson clock of ``rate`` a second (all at
+    0 for an infinite rate)."""
+    rng = np.random.default_rng(seed)
+    offsets, at = [], 0.0
+    for _ in range(n):
+        offsets.append(at)
+        if math.isfinite(rate):
+            at += rng.exponential(1.0 / rate)
+    return offsets
+
+
+async def _send(url: str, model: str, items: list[Item], offsets: list[float], api_key: str | None,
+                timeout_s: float, t0: float) -> tuple[list[Outcome], float]:
+    """Each item sent at ``t0`` (wall clock) + its offset, whatever is still in flight (an open loop); the outcomes
+    and how late the first request went out."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    rng = np.random.default_rng(seed)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
-        tasks = []
-        start = time.perf_counter()
-        next_at = start
-        for item in items:
-            # Open loop: the next arrival is on the Poisson clock, whatever is still in flight.
-            delay = next_at - time.perf_counter()
+        tasks, late = [], None
+        for item, offset in zip(items, offsets):
+            delay = t0 + offset - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if late is None:
+                late = max(0.0, time.time() - t0 - offset)
             tasks.append(asyncio.ensure_future(one_request(client, url, model, item, headers)))
-            if math.isfinite(rate):
-                next_at += rng.exponential(1.0 / rate)
-        outcomes = await asyncio.gather(*tasks)
-        return list(outcomes), time.perf_counter() - start
+        return list(await asyncio.gather(*tasks)), late or 0.0
+
+
+async def run_load(url: str, model: str, items: list[Item], rate: float, api_key: str | None,
+                   seed: int, timeout_s: float) -> tuple[list[Outcome], float]:
+    """The items on `arrival_offsets`' clock from this event loop: the outcomes and the run's duration."""
+    t0 = time.time()
+    outcomes, _ = await _send(url, model, items, arrival_offsets(len(items), rate, seed), api_key, timeout_s, t0)
+    return outcomes, time.time() - t0
 
 
 def _client_worker(url: str, model: str, items: list[Item], offsets: list[float], api_key: str | None,
                    timeout_s: float, t0: float) -> tuple[list[Outcome], float, float, float]:
-    """One load-generator process: its share of the requests, each sent at ``t0`` (wall clock, shared by the
-    processes) + its offset. Returns the outcomes, the wall time its last answer ended, its CPU seconds, and how late
-    its first request went out."""
-    import httpx
-
-    async def run() -> tuple[list[Outcome], float]:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
-            tasks, late = [], None
-            for item, offset in zip(items, offsets):
-                delay = t0 + offset - time.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                if late is None:
-                    late = max(0.0, time.time() - t0 - offset)
-                tasks.append(asyncio.ensure_future(one_request(client, url, model, item, headers)))
-            return list(await asyncio.gather(*tasks)), late or 0.0
-
+    """One load-generator process: its share of the requests (`_send`). Returns the outcomes, the wall time its last
+    answer ended, its CPU seconds, and how late its first request went out."""
     cpu0 = time.process_time()
-    outcomes, late = asyncio.run(run())
+    outcomes, late = asyncio.run(_send(url, model, items, offsets, api_key, timeout_s, t0))
     return outcomes, time.time(), time.process_time() - cpu0, late
 
 
 def run_load_procs(url: str, model: str, items: list[Item], rate: float, api_key: str | None, seed: int,
                    timeout_s: float, procs: int) -> tuple[list[Outcome], float, float]:
     """`run_load`'s open loop spread over ``procs`` processes (request i to process i mod procs, on one arrival
-    clock): one event loop parsing every SSE event of hundreds of streams can itself bound the rate measured.
-    Returns the outcomes (in the items' order), the run's duration and the busiest client process's CPU share."""
+    clock; one: this process): one event loop parsing every SSE event of hundreds of streams can itself bound the
+    rate measured. Returns the outcomes (in the items' order), the run's duration and the busiest client process's
+    CPU share (this process's whole CPU where it is the only one)."""
     import concurrent.futures
     import multiprocessing
 
-    rng = np.random.default_rng(seed)
-    offsets, at = [], 0.0
-    for _ in items:
-        offsets.append(at)
-        if math.isfinite(rate):
-            at += rng.exponential(1.0 / rate)
-    with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(time.sleep, [0.5] * procs))  # every worker started (and idle) before the clock starts
-        t0 = time.time() + 0.5
-        futures = [pool.submit(_client_worker, url, model, items[i::procs], offsets[i::procs], api_key, timeout_s, t0)
-                   for i in range(procs)]
-        results = [f.result() for f in futures]
+    offsets = arrival_offsets(len(items), rate, seed)
+    if procs <= 1:
+        t0 = time.time()
+        results = [_client_worker(url, model, items, offsets, api_key, timeout_s, t0)]
+    else:
+        with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(time.sleep, [0.5] * procs))  # every worker started (and idle) before the clock starts
+            t0 = time.time() + 0.5
+            futures = [pool.submit(_client_worker, url, model, items[i::procs], offsets[i::procs], api_key,
+                                   timeout_s, t0) for i in range(procs)]
+            results = [f.result() for f in futures]
     late = max(r[3] for r in results)
     if late > 0.1:
         print(f"warning: a client process sent its first request {late:.2f} s late", flush=True)
     duration = max(r[1] for r in results) - t0
     outcomes: list[Outcome] = [None] * len(items)  # type: ignore[list-item]
     for i, r in enumerate(results):
-        outcomes[i::procs] = r[0]
+        outcomes[i::len(results)] = r[0]
     return outcomes, duration, max(r[2] for r in results) / duration
 
 
@@ -565,17 +565,11 @@ def run_served(args: argparse.Namespace, prefix_caching: bool, vocab: int) -> tu
             print(f"KV pages used after the warm-up (cached prefixes): {before['pages_used']:.0f} of "
                   f"{before['pages_total']:.0f}", flush=True)
         items = make_workload(args, vocab, args.seed)
+        # The client's CPU share of the run (the load generator's alone where the server is another process): near
+        # 1, the client (an event loop parsing every SSE event) bounds the rate, not the server.
         procs = client_procs(args)
-        if procs > 1:
-            outcomes, duration, client_share = run_load_procs(server.url, "bench", items, args.rate, None, args.seed,
-                                                              args.timeout, procs)
-        else:
-            # This process's CPU over the run: the load generator's alone where the server is another process. Near
-            # the run's duration, the client (one event loop parsing every SSE event) bounds the rate, not the server.
-            cpu0 = time.process_time()
-            outcomes, duration = asyncio.run(run_load(server.url, "bench", items, args.rate, None, args.seed,
-                                                      args.timeout))
-            client_share = (time.process_time() - cpu0) / duration
+        outcomes, duration, client_share = run_load_procs(server.url, "bench", items, args.rate, None, args.seed,
+                                                          args.timeout, procs)
         after = scrape_engine(server.url)
         if after is None:
             raise RuntimeError(f"{server.url}/metrics stopped answering during the run")
@@ -773,12 +767,8 @@ def main(argv: list[str] | None = None) -> int:
         items = make_workload(args, vocab=300, seed=args.seed)  # ids every Qwen vocabulary holds
         before = scrape_engine(args.url)
         procs = client_procs(args)
-        if procs > 1:
-            outcomes, duration, share = run_load_procs(args.url, model_id, items, args.rate, args.api_key, args.seed,
-                                                       args.timeout, procs)
-        else:
-            outcomes, duration = asyncio.run(run_load(args.url, model_id, items, args.rate, args.api_key, args.seed,
-                                                      args.timeout))
+        outcomes, duration, share = run_load_procs(args.url, model_id, items, args.rate, args.api_key, args.seed,
+                                                   args.timeout, procs)
         after = scrape_engine(args.url) if before is not None else None
         row = summarize(outcomes, duration)
         if procs > 1:
