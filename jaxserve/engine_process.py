@@ -106,6 +106,17 @@ def build_engine(model: Any, engine_config: EngineConfig, tokenizer: str | None 
     return engine, loaded
 
 
+def reload_weights(model: str | None, engine_config: EngineConfig) -> Any:
+    """The checkpoint's weights read again, as the engine first loaded them (`Engine.wake_up` after a level-2 sleep).
+
+    Example:
+        >>> engine.wake_up(reload_weights("/models/qwen", engine.config))  # doctest: +SKIP
+    """
+    from jaxserve.loading import load
+
+    return load(model, engine_config.compute_dtype(), device="cpu" if engine_config.loads_on_host else None).params
+
+
 def engine_info(engine: Any, loaded: Any) -> dict[str, Any]:
     """What the server reads of its engine and model at start (the same for a thread's engine and a child's, where
     this dict is what crosses the pipe).
@@ -288,13 +299,8 @@ class _ChildLoop(EngineLoop):
         self.engine.sleep(level)
 
     def _call_wake_up(self) -> None:
-        params = None
-        if self.engine.sleeping == 2:  # the weights went too: read from the checkpoint (asleep: nothing waits)
-            from jaxserve.loading import load
-
-            config = self.spec.engine_config
-            params = load(self.spec.model, config.compute_dtype(),
-                          device="cpu" if config.loads_on_host else None).params
+        # After a level-2 sleep the weights went too: read from the checkpoint (asleep: nothing waits).
+        params = reload_weights(self.spec.model, self.spec.engine_config) if self.engine.sleeping == 2 else None
         self.engine.wake_up(params)
 
     def _call_sleep_level(self) -> int:

@@ -19,6 +19,7 @@ import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import functools
 import hmac
 import importlib.metadata
 import io
@@ -42,8 +43,9 @@ from jaxserve.async_engine import AsyncEngine, EngineDeadError, RequestError, Re
 from jaxserve.beam_search import BeamSearchParams, best_next, search, step_params
 from jaxserve.engine import prompt_embeds_array, truncation
 from jaxserve.engine_config import EngineConfig
-from jaxserve.engine_process import EngineProcess, EngineSpec, build_engine, engine_info, keep_off_accelerators
-from jaxserve.loading import LoadedModel, load
+from jaxserve.engine_process import (EngineProcess, EngineSpec, build_engine, engine_info, keep_off_accelerators,
+                                     reload_weights)
+from jaxserve.loading import LoadedModel
 from jaxserve.lora import LoRARequest
 from jaxserve.metrics import CONTENT_TYPE, ServingMetrics
 from jaxserve.pooling import POOLING_TYPES, PoolingParams, pair_scores, score_pairs
@@ -297,11 +299,7 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
             # as params.
             tokenizer = (load_tokenizer(server_config.tokenizer or loaded.path)
                          if server_config.tokenizer or loaded.path else copy.deepcopy(loaded.tokenizer))
-            reload_params = None
-            if loaded.path:
-                path, on_host = loaded.path, engine_config.loads_on_host
-                reload_params = lambda: load(path, engine_config.compute_dtype(),  # noqa: E731
-                                             device="cpu" if on_host else None).params
+            reload_params = functools.partial(reload_weights, loaded.path, engine_config) if loaded.path else None
             engine = AsyncEngine(built, metrics=metrics, reload_params=reload_params)
             del loaded, built  # a level-2 sleep frees the weights only if nothing here holds them
         if chat_template is not None:
