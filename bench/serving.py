@@ -332,6 +332,43 @@ def _use_compilation_cache(folder: str) -> None:
         os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc (0.0 where it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (the server's engine process), from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+    return out
+
+
+def server_cpu(server: Any) -> dict[str, float]:
+    """CPU seconds so far of the server's process and of its engine process (where there is one); empty for a
+    server inside this process."""
+    proc = getattr(server, "proc", None)
+    if proc is None or not os.path.isdir("/proc"):
+        return {}
+    out = {"server": process_cpu(proc.pid)}
+    children = child_pids(proc.pid)
+    if children:
+        out["engine"] = sum(process_cpu(c) for c in children)
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -568,8 +605,10 @@ def run_served(args: argparse.Namespace, prefix_caching: bool, vocab: int) -> tu
         # The client's CPU share of the run (the load generator's alone where the server is another process): near
         # 1, the client (an event loop parsing every SSE event) bounds the rate, not the server.
         procs = client_procs(args)
+        cpu_before = server_cpu(server)
         outcomes, duration, client_share = run_load_procs(server.url, "bench", items, args.rate, None, args.seed,
                                                           args.timeout, procs)
+        cpu_after = server_cpu(server)
         after = scrape_engine(server.url)
         if after is None:
             raise RuntimeError(f"{server.url}/metrics stopped answering during the run")
@@ -578,6 +617,10 @@ def run_served(args: argparse.Namespace, prefix_caching: bool, vocab: int) -> tu
     if not args.in_process:
         row["client_cpu_share"] = client_share
         row["client_procs"] = procs
+        # Near 1, that process's Python bounds the rate: the HTTP side's (with the engine on its thread, both sides')
+        # or the engine process's.
+        for side in cpu_after:
+            row[f"{side}_cpu_share"] = (cpu_after[side] - cpu_before.get(side, 0.0)) / duration
     return row, server.device
 
 
@@ -597,7 +640,8 @@ COLUMNS = [("prefix_caching", "prefix cache"), ("success_rate", "success"), ("re
            ("cached_prompt_share", "cached prompt share"), ("compiled_during_run", "compiles in run"),
            ("preemptions", "preemptions"), ("prefill_call_s", "prefill calls s"),
            ("decode_call_s", "decode calls s"), ("host_s", "engine host s"), ("prefix_index_s", "of which index s"),
-           ("client_procs", "client processes"), ("client_cpu_share", "client CPU / run (busiest)")]
+           ("client_procs", "client processes"), ("client_cpu_share", "client CPU / run (busiest)"),
+           ("server_cpu_share", "server process CPU / run"), ("engine_cpu_share", "engine process CPU / run")]
 
 
 def client_procs(args: argparse.Namespace) -> int:

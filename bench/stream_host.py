@@ -38,6 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.host_overhead import StubRunner  # noqa: E402
+from bench.serving import process_cpu  # noqa: E402
 from jaxserve import EngineConfig  # noqa: E402
 from jaxserve.config import ModelConfig  # noqa: E402
 from jaxserve.loading import LoadedModel, load  # noqa: E402
@@ -222,13 +223,6 @@ def install_stub(engine: Any) -> None:
     decode_ms = float(os.environ.get("JAXSERVE_STUB_DECODE_MS", "0"))
     vocab = engine.model.config.vocab_size
     engine.runner = DeviceStub(engine.runner, vocab, decode_ms) if decode_ms else StubRunner(engine.runner, vocab)
-
-
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process (the engine's child), from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def measure(model: LoadedModel | str, args: argparse.Namespace, interval: int) -> dict[str, Any]:
