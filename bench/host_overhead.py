@@ -48,7 +48,8 @@ class StubRunner:
                             logprobs=np.zeros(shape, np.float32),
                             top_ids=np.zeros((*shape, num_top), np.int32),
                             top_logprobs=np.zeros((*shape, num_top), np.float32),
-                            ranks=np.ones(shape, np.int32))
+                            ranks=np.ones(shape, np.int32), id_logprobs=np.zeros((*shape, 0), np.float32),
+                            id_ranks=np.zeros((*shape, 0), np.int32))
 
     def prefill(self, tokens, q_start, lengths, block_tables, batch, steps, counts=None, seen=None, num_top=0,
                 greedy=False, logprobs=True, **options):

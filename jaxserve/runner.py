@@ -113,7 +113,8 @@ def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, cou
                       logprobs=logprobs)
     masked = bool(batch.allowed.shape[1])
     banning = bool(batch.bad_words.shape[1])
-    if pick_kernel and num_top == 0 and not banning and (not masked or (MASKED_PICK and not logprobs)):
+    named = bool(batch.logprob_ids.shape[1])  # some row's logprob_token_ids: scored below, as top tokens are
+    if pick_kernel and num_top == 0 and not banning and not named and (not masked or (MASKED_PICK and not logprobs)):
         from jaxserve_kernels.greedy_pick import greedy_pick
 
         tokens, chosen = greedy_pick(logits, batch.allowed if masked else None, logprobs=logprobs)
@@ -125,7 +126,7 @@ def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, cou
     tokens = jnp.argmax(picked, axis=-1).astype(jnp.int32)
     if not logprobs and num_top == 0:
         return no_logprobs(tokens)
-    return scored(logits, tokens, num_top)
+    return scored(logits, tokens, num_top, batch.logprob_ids)
 
 
 class Runner:
@@ -193,6 +194,7 @@ class Runner:
         self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, batch.bias_ids.shape[1],
                                   batch.allowed.shape[1], num_top, counts is not None, greedy, logprobs)
                                  + ((prompt,) if prompt >= 0 else ()) + _bad_words_key(batch) + _lora_key(lora)
+                                 + _logprob_ids_key(batch.logprob_ids)
                                  + (("pool",) if pool_from is not None else ()) + (("embeds",) if embeds else ()))
         targets = None if prompt_targets is None else _int32(prompt_targets)[0]
         pool = None if pool_from is None else _int32(pool_from)[0]
@@ -204,7 +206,8 @@ class Runner:
     def verify(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
                num_top: int = 0, logprobs: bool = False, batch: SamplingBatch | None = None,
                steps: np.ndarray | None = None, lora: dict | None = None, counts: jax.Array | None = None,
-               seen: jax.Array | None = None, guides: tuple | None = None) -> tuple[SampleOutput, jax.Array | None]:
+               seen: jax.Array | None = None, guides: tuple | None = None,
+               logprob_ids: np.ndarray | None = None) -> tuple[SampleOutput, jax.Array | None]:
         """A speculative decoding verify call (`jaxserve.speculative`): ``tokens [B, S]`` at positions
         ``q_start[b]..`` (each row's last token, then its draft; positions from ``lengths[b]`` on are padding),
         their K/V written as a prefill chunk's. Returns ``(out, count)`` on the device. Without ``batch`` (every
@@ -218,7 +221,9 @@ class Runner:
         (`speculative.draft_history`), and bad words with the drafts shifted into the tokens they read
         (`speculative.draft_recent`), as a decode step would (`sampling.processed_logits`). ``guides`` (with
         ``batch``; `decode`'s ``(masks, next, states)``): structured outputs, position j of a row taking the mask of
-        its guide's state after the first j draft tokens (`speculative.draft_states`).
+        its guide's state after the first j draft tokens (`speculative.draft_states`). ``logprob_ids [B, W]`` (rows'
+        `logprob_token_ids`, `sampling.logprob_id_array`; given apart from ``batch``, which greedy calls go without):
+        ``out.id_logprobs`` / ``id_ranks`` score them at every position.
 
         Example:
             >>> out, _ = runner.verify(tokens, q_start, lengths, block_tables)  # doctest: +SKIP
@@ -228,11 +233,13 @@ class Runner:
         self.compiled_shapes.add(("verify", tokens.shape, block_tables.shape, num_top, logprobs, batch is not None,
                                   counts is not None) + _lora_key(lora)
                                  + (_bad_words_key(batch) if batch is not None else ())
-                                 + (("guides", guides[0].shape[0]) if guides else ()))
+                                 + (("guides", guides[0].shape[0]) if guides else ())
+                                 + _logprob_ids_key(logprob_ids))
         guided = (None,) * 3 if guides is None else (guides[0], guides[1], *_int32(guides[2]))
         sampled = () if batch is None else (batch, *_int32(steps), counts, seen, *guided)
+        named = None if logprob_ids is None or not logprob_ids.shape[1] else _int32(logprob_ids)[0]
         self.kv, out = self.compiled.verify(self._params(lora), self.kv, *_int32(tokens, q_start, lengths, block_tables),
-                                            *sampled, num_top=num_top, logprobs=logprobs)
+                                            *sampled, logprob_ids=named, num_top=num_top, logprobs=logprobs)
         return out
 
     def set_params(self, params: Any) -> None:
@@ -296,7 +303,7 @@ class Runner:
         self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, batch.bias_ids.shape[1],
                                   batch.allowed.shape[1], num_steps, num_top, penalties, greedy, logprobs)
                                  + ((live_rows,) if live_rows else ()) + (("guides", guide_rows) if guides else ())
-                                 + _bad_words_key(batch) + _lora_key(lora))
+                                 + _bad_words_key(batch) + _lora_key(lora) + _logprob_ids_key(batch.logprob_ids))
         masks, nxt, states, advance = (None,) * 4 if guides is None else (guides[0], guides[1],
                                                                          *_int32(guides[2], guides[3]))
         self.kv, out, last = self.decode_fn(tokens.shape[0])(
@@ -443,7 +450,8 @@ class Steps:
                                  pick_kernel=self._pick_kernel(logits))
 
     def _verify_impl(self, params, kv, tokens, q_start, lengths, block_tables, batch=None, steps=None, counts=None,
-                     seen=None, guide_masks=None, guide_next=None, guide_states=None, *, num_top: int, logprobs: bool):
+                     seen=None, guide_masks=None, guide_next=None, guide_states=None, logprob_ids=None, *, num_top: int,
+                     logprobs: bool):
         # A prefill chunk whose every position is scored.
         b, s = tokens.shape
         positions, paged = self._chunk_attention(s, q_start, lengths, block_tables)
@@ -467,7 +475,8 @@ class Steps:
             picks, count = rejection_sample(logp, tokens, lengths - q_start - 1, keys)
         if not logprobs and num_top == 0:
             return kv, (no_logprobs(picks), count)
-        out = scored(flat, picks.reshape(-1), num_top)
+        named = None if logprob_ids is None else jnp.repeat(logprob_ids, s, axis=0)  # a row's ids at each position
+        out = scored(flat, picks.reshape(-1), num_top, named)
         return kv, (jax.tree.map(lambda a: a.reshape(b, s, *a.shape[1:]), out), count)
 
     def _decode_impl(self, params, kv, tokens, positions, limits, block_tables, batch: SamplingBatch, steps,
@@ -665,6 +674,12 @@ def _guide_allowed(guide_masks: jax.Array, states: jax.Array, allowed: jax.Array
 
 def _lora_key(lora: dict | None) -> tuple:
     return () if lora is None else (("lora", lora["weights"]["o_proj"][0][0].shape[0]),)  # slots (`LoraSlots`)
+
+
+def _logprob_ids_key(logprob_ids: np.ndarray | jax.Array | None) -> tuple:
+    """A compiled shape's mark for calls whose rows name tokens to score (`SamplingBatch.logprob_ids`: a variant a
+    width); none without."""
+    return () if logprob_ids is None or not logprob_ids.shape[1] else (("logprob_ids", logprob_ids.shape[1]),)
 
 
 def _bad_words_key(batch: SamplingBatch) -> tuple:

@@ -56,6 +56,12 @@ MAX_BAD_WORDS = 64
 MAX_BAD_WORD_TOKENS = 8
 # Samples of one prompt (`n`): each is a request of its own, and a bound keeps one prompt from queueing millions.
 MAX_N = 1024
+# logprob_token_ids (vLLM's, and its bound): the tokens whose log-probabilities a request gets in place of its top-k.
+# A batch in which some row names tokens carries [B, W] of them, W the first of these widths that holds the longest
+# row's (none: width 0), so the step compiles for four widths at most. Each named token's rank is a count over its
+# row's logits, a pass over the vocabulary a column: a label set of a few tokens (yes / no, A-D) pays four, not 128.
+MAX_LOGPROB_TOKEN_IDS = 128
+LOGPROB_ID_WIDTHS = (4, 16, MAX_LOGPROB_TOKEN_IDS)
 # Top-k/top-p first look at this many best tokens per row (one partial sort) and fall back
 # to a full sort only when some row's answer is not decided inside them; both paths are exact.
 DEFAULT_TOP_CANDIDATES = 1024
@@ -130,6 +136,11 @@ class SamplingParams:
     `thinking_token_budget=k` (vLLM's): at most k tokens inside a ``<think>`` section (one the prompt opened, as a
     reasoning model's chat template does, or one the model opens); the k+1st is ``</think>``, forced
     (`jaxserve.request.ThinkBudget`).
+    `logprob_token_ids` (vLLM's): each generated token's log-probabilities of exactly these tokens (at most
+    `MAX_LOGPROB_TOKEN_IDS`, kept in the order given, repeats dropped), in place of the `logprobs` best ones, with
+    their ranks; scoring a fixed label set without asking for the whole vocabulary. It needs `logprobs` set (any
+    value: the ids replace its top-k, as in vLLM), leaves `prompt_logprobs` as they are (the k best), and the values
+    are those of the raw model output, as every log-probability here.
     `output_kind` (`RequestOutputKind`): what `jaxserve.LLMEngine.step` outputs. Taken for vLLM's scripts and
     changing nothing here: `spaces_between_special_tokens` (Qwen2's fast tokenizer decodes the same either way),
     `extra_args` (vLLM's plugins' arguments; kept).
@@ -146,6 +157,8 @@ class SamplingParams:
         1
         >>> SamplingParams(structured_outputs={"choice": ["yes", "no"]}).structured_outputs.choice
         ('yes', 'no')
+        >>> SamplingParams(logprobs=0, logprob_token_ids=[9454, 2753, 9454]).logprob_token_ids
+        (9454, 2753)
     """
 
     max_tokens: int | None = 16
@@ -178,6 +191,7 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict[str, Any] | None = None
     thinking_token_budget: int | None = None
+    logprob_token_ids: tuple[int, ...] | None = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         if "_checked" not in self.__dict__:  # the constructor's own assignments, checked by __post_init__
@@ -277,6 +291,8 @@ class SamplingParams:
             if getattr(self, name) is not None:
                 check_int(name, _is_int(getattr(self, name)) and 0 <= getattr(self, name) <= MAX_LOGPROBS,
                           f"None or an int in [0, {MAX_LOGPROBS}]")
+        if self.logprob_token_ids is not None:
+            set_("logprob_token_ids", _logprob_token_ids(self.logprob_token_ids, self.logprobs))
         if self.truncate_prompt_tokens is not None:
             check_int("truncate_prompt_tokens", _is_int(self.truncate_prompt_tokens)
                       and (self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1),
@@ -324,6 +340,18 @@ class SamplingParams:
         in float32, where they neither overflow nor give NaN."""
         return self.temperature < _GREEDY_TEMPERATURE or self.top_k == 1
 
+    @property
+    def top_logprob_count(self) -> int:
+        """How many most likely tokens a step finds for this request: ``logprobs``, none where `logprob_token_ids`
+        name its tokens instead."""
+        return 0 if self.logprob_token_ids is not None else self.logprobs or 0
+
+    @property
+    def has_top_logprobs(self) -> bool:
+        """Whether each generated token's result has a ``top_logprobs`` entry: its ``logprobs`` best tokens (k > 0)
+        or its `logprob_token_ids`."""
+        return self.top_logprob_count > 0 or self.logprob_token_ids is not None
+
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-ready dict (tuples become lists, `logit_bias` a dict); `from_dict` inverts it."""
         out = {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
@@ -359,6 +387,21 @@ def check_banned_ids(stop_token_ids: Sequence[int], eos_token_ids: Sequence[int]
         raise ValueError(f"stop_token_ids plus the model's EOS ids must number at most {MAX_BANNED_IDS} "
                          f"when min_tokens > 0, got {len(ids)}")
     return ids
+
+
+def _logprob_token_ids(ids: Any, logprobs: int | None) -> tuple[int, ...]:
+    """`logprob_token_ids` as distinct ids in the order given; ValueError naming it (the engine checks the ids against
+    the vocabulary)."""
+    if (not isinstance(ids, (list, tuple)) or not ids
+            or not all(_is_int(t) and 0 <= t <= _INT32_MAX for t in ids)):
+        raise ValueError(f"logprob_token_ids must be None or a non-empty list of token ids (ints >= 0), got {ids!r}")
+    if len(ids) > MAX_LOGPROB_TOKEN_IDS:
+        raise ValueError(f"logprob_token_ids must hold at most {MAX_LOGPROB_TOKEN_IDS} ids, got {len(ids)}")
+    if logprobs is None:
+        # vLLM's server refuses it without logprobs too: nothing would return the log-probabilities.
+        raise ValueError(f"logprob_token_ids needs logprobs set (any of 0..{MAX_LOGPROBS}: these ids replace its top-k "
+                         f"tokens)")
+    return tuple(dict.fromkeys(int(t) for t in ids))
 
 
 def _logit_bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
@@ -404,7 +447,9 @@ class SamplingBatch:
     `bad_words` token sequences right-aligned in L = MAX_BAD_WORD_TOKENS columns, -1 before a sequence and in
     unused entries (W = MAX_BAD_WORDS when some row has one, else 0); recent: i32 [B, L - 1] (width 0 with
     W), each row's last generated tokens right-aligned, -1 where it has fewer: a sequence's last token is banned
-    where the tokens before it end `recent` (`bad_word_bans`). Build it with `make_batch`.
+    where the tokens before it end `recent` (`bad_word_bans`); logprob_ids: i32 [B, W], each row's
+    `logprob_token_ids` left-aligned, 0 after them (W from `LOGPROB_ID_WIDTHS` when some row has them, else 0: a
+    step without them computes nothing for them). Build it with `make_batch`.
     """
 
     temperature: jax.Array
@@ -422,6 +467,7 @@ class SamplingBatch:
     allowed: jax.Array
     bad_words: jax.Array
     recent: jax.Array
+    logprob_ids: jax.Array
 
 
 @flax.struct.dataclass
@@ -429,13 +475,17 @@ class SampleOutput:
     """tokens: i32 [B]; logprobs: f32 [B], log-softmax of the unmodified logits at the token;
     top_ids: i32 [B, K] and top_logprobs: f32 [B, K], the K most likely tokens (K = num_top_logprobs);
     ranks: i32 [B], the token's rank among the vocabulary (`token_ranks`: vLLM's ``Logprob.rank`` of a sampled
-    token, which may lie outside the top K), 0 where log-probabilities were not computed."""
+    token, which may lie outside the top K), 0 where log-probabilities were not computed; id_logprobs: f32 [B, W]
+    and id_ranks: i32 [B, W], the same two at each row's `SamplingBatch.logprob_ids` (W = 0 where no row names
+    any)."""
 
     tokens: jax.Array
     logprobs: jax.Array
     top_ids: jax.Array
     top_logprobs: jax.Array
     ranks: jax.Array
+    id_logprobs: jax.Array
+    id_ranks: jax.Array
 
 
 @flax.struct.dataclass
@@ -547,7 +597,27 @@ def make_batch(
         allowed=np.zeros((batch_size, 0), np.uint32) if allowed is None else np.asarray(allowed, np.uint32),
         bad_words=banned_words, recent=np.full((batch_size, (MAX_BAD_WORD_TOKENS - 1) * bool(banned_words.shape[1])),
                                                -1, np.int32),
+        logprob_ids=logprob_id_array(params, batch_size),
     ))
+
+
+def logprob_id_array(params: Sequence[SamplingParams | None], batch_size: int) -> np.ndarray:
+    """`SamplingBatch.logprob_ids` of these rows: each row's `logprob_token_ids` left-aligned in the first width of
+    `LOGPROB_ID_WIDTHS` that holds the longest, 0 padded (columns past a row's own ids are never read); width 0 where
+    no row has any.
+
+    Example:
+        >>> logprob_id_array([SamplingParams(logprobs=0, logprob_token_ids=[7, 3]), None], 2).tolist()
+        [[7, 3, 0, 0], [0, 0, 0, 0]]
+    """
+    longest = max((len(p.logprob_token_ids) for p in params if p is not None and p.logprob_token_ids is not None),
+                  default=0)
+    width = next((w for w in LOGPROB_ID_WIDTHS if w >= longest), longest) if longest else 0
+    out = np.zeros((batch_size, width), np.int32)
+    for i, p in enumerate(params):
+        if p is not None and p.logprob_token_ids is not None:
+            out[i, : len(p.logprob_token_ids)] = p.logprob_token_ids
+    return out
 
 
 def check_bad_word_ids(seqs: Sequence[Sequence[int]]) -> None:
@@ -731,9 +801,10 @@ def apply_penalties(
 
 
 def token_logprobs(
-    logits: jax.Array, tokens: jax.Array, num_top_logprobs: int = 0
+    logits: jax.Array, tokens: jax.Array, num_top_logprobs: int = 0, lse: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Log-softmax of `logits` at `tokens` ([B]) and the `num_top_logprobs` best (ids, logprobs).
+    """Log-softmax of `logits` at `tokens` ([B]) and the `num_top_logprobs` best (ids, logprobs); ``lse`` ([B]):
+    the rows' log-sum-exp where the caller has it.
 
     Example:
         >>> lp, ids, top = token_logprobs(jnp.log(jnp.array([[0.25, 0.75]])), jnp.array([0]), 1)
@@ -741,7 +812,7 @@ def token_logprobs(
         (0.25, [[1]])
     """
     x = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(x, axis=-1)
+    lse = jax.nn.logsumexp(x, axis=-1) if lse is None else lse
     chosen = jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0] - lse
     if num_top_logprobs == 0:
         b = x.shape[0]
@@ -778,19 +849,49 @@ def token_ranks(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.sum(logits >= at, axis=-1, dtype=jnp.int32)
 
 
-def scored(logits: jax.Array, tokens: jax.Array, num_top_logprobs: int = 0) -> SampleOutput:
+def scored(logits: jax.Array, tokens: jax.Array, num_top_logprobs: int = 0,
+           logprob_ids: jax.Array | None = None) -> SampleOutput:
     """The chosen `tokens` ([N]) as a `SampleOutput` with their log-probabilities, ranks and the
-    `num_top_logprobs` best tokens of `logits` ([N, V]): what a step returns when a request asked for
+    `num_top_logprobs` best tokens of `logits` ([N, V]), and those of each row's `logprob_ids` ([N, W],
+    `SamplingBatch.logprob_ids`; None or width 0: none): what a step returns when a request asked for
     log-probabilities.
 
     Example:
-        >>> out = scored(jnp.log(jnp.array([[0.25, 0.75]])), jnp.array([0]), 1)
+        >>> out = scored(jnp.log(jnp.array([[0.25, 0.75]])), jnp.array([0]), 1, jnp.array([[1, 0]]))
         >>> round(float(jnp.exp(out.logprobs[0])), 3), out.ranks.tolist(), out.top_ids.tolist()
         (0.25, [2], [[1]])
+        >>> np.round(np.exp(out.id_logprobs), 3).tolist(), out.id_ranks.tolist()
+        ([[0.75, 0.25]], [[1, 2]])
     """
-    chosen, top_ids, top_lps = token_logprobs(logits, tokens, num_top_logprobs)
+    n = tokens.shape[0]
+    if logprob_ids is None or not logprob_ids.shape[1]:
+        chosen, top_ids, top_lps = token_logprobs(logits, tokens, num_top_logprobs)
+        id_lps, id_ranks = jnp.zeros((n, 0), jnp.float32), jnp.zeros((n, 0), jnp.int32)
+    else:  # one log-sum-exp for both (XLA computed it twice, a pass over the logits each)
+        lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+        chosen, top_ids, top_lps = token_logprobs(logits, tokens, num_top_logprobs, lse)
+        id_lps, id_ranks = named_logprobs(logits, logprob_ids, lse)
     return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lps,
-                        ranks=token_ranks(logits, tokens))
+                        ranks=token_ranks(logits, tokens), id_logprobs=id_lps, id_ranks=id_ranks)
+
+
+def named_logprobs(logits: jax.Array, ids: jax.Array,
+                   lse: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Log-softmax of each row of ``logits`` ([N, V], any float dtype; float32 here) at its ``ids`` ([N, W]), and
+    each one's rank there (`token_ranks`' count: the tokens at least as likely, itself included); ``lse`` ([N]): the
+    rows' log-sum-exp where the caller has it. A gather, and a count over the row a column for the ranks: no
+    ``[N, V]`` log-probabilities are written.
+
+    Example:
+        >>> lps, ranks = named_logprobs(jnp.log(jnp.array([[0.125, 0.5, 0.375]])), jnp.array([[2, 0]]))
+        >>> np.round(np.exp(lps), 3).tolist(), ranks.tolist()
+        ([[0.375, 0.125]], [[2, 3]])
+    """
+    x = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(x, axis=-1) if lse is None else lse
+    at = jnp.take_along_axis(x, ids, axis=-1)
+    ranks = jnp.sum(x[:, None, :] >= at[:, :, None], axis=-1, dtype=jnp.int32)
+    return at - lse[:, None], ranks
 
 
 def _thresholds(
@@ -1030,7 +1131,7 @@ def sample(
     tokens = jax.lax.cond(jnp.all(greedy_rows), lambda x: greedy_tokens, draw, x)
     if not logprobs and num_top_logprobs == 0:
         return no_logprobs(tokens)
-    return scored(logits, tokens, num_top_logprobs)
+    return scored(logits, tokens, num_top_logprobs, batch.logprob_ids)
 
 
 def _truncated(x: jax.Array, batch: SamplingBatch, top_candidates: int) -> jax.Array:
@@ -1107,4 +1208,5 @@ def no_logprobs(tokens: jax.Array) -> SampleOutput:
     shape = tokens.shape
     return SampleOutput(tokens=tokens, logprobs=jnp.full(shape, jnp.nan, jnp.float32),
                         top_ids=jnp.zeros(shape + (0,), jnp.int32), top_logprobs=jnp.zeros(shape + (0,), jnp.float32),
-                        ranks=jnp.zeros(shape, jnp.int32))
+                        ranks=jnp.zeros(shape, jnp.int32), id_logprobs=jnp.zeros(shape + (0,), jnp.float32),
+                        id_ranks=jnp.zeros(shape + (0,), jnp.int32))

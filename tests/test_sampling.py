@@ -3,6 +3,7 @@ plain-numpy reference of vLLM's semantics, penalties, log-probs and jit use."""
 
 import dataclasses
 import json
+import pickle
 
 import numpy as np
 import jax
@@ -103,6 +104,10 @@ def test_logprobs_true_asks_for_one_as_vllm_s():
     ("allowed_token_ids", [True]), ("bad_words", [""]), ("bad_words", ["  "]), ("bad_words", [3]),
     ("bad_words", 3), ("bad_words", ["w"] * (sampling.MAX_BAD_WORDS + 1)), ("truncate_prompt_tokens", -2),
     ("detokenize", 1), ("spaces_between_special_tokens", None), ("output_kind", 3), ("extra_args", [1]),
+    ("logprob_token_ids", []), ("logprob_token_ids", [-1]), ("logprob_token_ids", [1.0]), ("logprob_token_ids", 3),
+    ("logprob_token_ids", [True]), ("logprob_token_ids", [2**31]),
+    ("logprob_token_ids", list(range(sampling.MAX_LOGPROB_TOKEN_IDS + 1))),
+    ("logprob_token_ids", [5]),  # without logprobs, which nothing would return them in
 ])
 def test_every_bad_value_names_its_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -555,6 +560,70 @@ def test_logprobs_are_log_softmax_of_the_unmodified_logits():
     # vLLM's rank of each sampled token (the temperature-0.5 and top-p rows may draw past the top four).
     chosen = log_softmax[np.arange(b), np.asarray(out.tokens)]
     np.testing.assert_array_equal(out.ranks, (log_softmax >= chosen[:, None]).sum(-1))
+
+
+def test_logprob_token_ids_are_kept_in_order_without_repeats_and_round_trip():
+    p = SamplingParams(logprobs=5, logprob_token_ids=[9, 3, 9, np.int64(7)])
+    assert p.logprob_token_ids == (9, 3, 7) and all(type(t) is int for t in p.logprob_token_ids)
+    assert p.top_logprob_count == 0 and p.has_top_logprobs  # the ids replace the top-k (vLLM's)
+    assert SamplingParams(logprobs=5).top_logprob_count == 5 and not SamplingParams(logprobs=0).has_top_logprobs
+    assert SamplingParams.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    assert pickle.loads(pickle.dumps(p)) == p  # what crosses the engine process's pipe
+    q = SamplingParams(logprobs=0)
+    q.logprob_token_ids = [4, 4]
+    assert q.logprob_token_ids == (4,)
+    with pytest.raises(ValueError, match="^logprob_token_ids needs logprobs"):
+        q.logprobs = None  # checked against the field beside it, as set later
+
+
+@pytest.mark.parametrize("named,width", [(1, 4), (4, 4), (5, 16), (17, 128), (128, 128)])
+def test_logprob_token_ids_pad_to_a_few_widths_and_rows_without_them_to_none(named, width):
+    params = [SamplingParams(logprobs=0, logprob_token_ids=list(range(1, named + 1))), SamplingParams(logprobs=3)]
+    ids = sampling.logprob_id_array(params, 4)
+    assert ids.shape == (4, width) and ids[0, :named].tolist() == list(range(1, named + 1))
+    assert not ids[0, named:].any() and not ids[1:].any()
+    assert make_batch(params[1:], 4).logprob_ids.shape == (4, 0)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_logprob_token_ids_score_the_raw_logits_at_vllm_s_ranks_beside_rows_with_top_k(greedy):
+    """Rows naming tokens get exactly those tokens' float64 log-softmax of the unmodified logits (before the row's
+    temperature, penalties and bias) and their rank among the vocabulary; rows beside them keep their top-k; the
+    sampled token keeps its own log-probability and rank."""
+    from jaxserve.runner import choose_tokens
+
+    b, v = 4, 300
+    logits = jnp.round(jax.random.normal(jax.random.key(13), (b, v)) * 3, 1)  # rounded: ties among the ranks
+    temperature = 0.0 if greedy else 0.8
+    named = [[5, 17, 299, 5], [2, 250, 31, 40, 41, 42]]
+    # The engine's greedy path (`choose_tokens` with greedy) serves rows without bias or penalties alone.
+    moved = {} if greedy else dict(logit_bias={5: 50.0}, repetition_penalty=1.5)
+    params = [SamplingParams(temperature=temperature, seed=1, logprobs=2, logprob_token_ids=named[0], **moved),
+              SamplingParams(temperature=temperature, seed=2, logprobs=3),
+              SamplingParams(temperature=temperature, seed=3, logprobs=0, logprob_token_ids=named[1]),
+              None]
+    batch = make_batch(params, b)
+    assert batch.logprob_ids.shape == (b, 16)
+    step, seen = jnp.zeros(b, jnp.int32), jnp.ones((b, v), bool)
+    if greedy:  # the engine's path for all-greedy batches; the pick kernel would score no named token
+        out = choose_tokens(logits, batch, step, None, seen, num_top=3, greedy=True, pick_kernel=True)
+    else:
+        out = sample(logits, batch, step, seen=seen, num_top_logprobs=3)
+    x = np.asarray(logits, np.float64)
+    ref = x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+    tokens = np.asarray(out.tokens)
+    if greedy:
+        np.testing.assert_array_equal(tokens, np.argmax(x, -1))
+    else:
+        assert tokens[0] == 5  # the bias moved the draw, never the log-probabilities
+    np.testing.assert_allclose(out.logprobs, ref[np.arange(b), tokens], atol=1e-5)
+    for row, ids in ((0, [5, 17, 299]), (2, named[1])):
+        n = len(ids)
+        np.testing.assert_allclose(out.id_logprobs[row, :n], ref[row, ids], atol=1e-5)
+        want = (x[row][None, :] >= x[row, ids][:, None]).sum(-1)  # vLLM's count: ties take the worse rank
+        np.testing.assert_array_equal(out.id_ranks[row, :n], want)
+    np.testing.assert_array_equal(out.top_ids[1], np.argsort(-x[1], kind="stable")[:3])
+    assert (np.asarray(out.id_ranks[:, :3]) > 1).any()
 
 
 def test_token_ranks_are_vllm_s_count_of_logits_at_least_the_token_s():
