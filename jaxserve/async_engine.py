@@ -286,7 +286,7 @@ class EngineLoop:
                                  "stop_reason": request.stop_reason}
         if request.params.logprobs is not None:
             chunk["logprobs"] = request.output_logprobs[start:end]
-            chunk["top_logprobs"] = request.top_logprobs[start:end] if request.params.logprobs > 0 else None
+            chunk["top_logprobs"] = request.top_logprobs[start:end] if request.params.has_top_logprobs else None
         if finished:
             chunk["result"] = request.result()
             del self._outputs[request.request_id]

@@ -37,8 +37,8 @@ from jaxserve.pooling import (PoolingParams, classify_params, cross_encoder_prom
 from jaxserve.quantization import cast_params, quantize_params
 from jaxserve.request import THINK_END, THINK_START, Request, Status, ThinkBudget, cache_salt_keys
 from jaxserve.runner import Runner, default_attention_impl, enable_compile_cache
-from jaxserve.sampling import (SamplingParams, allowed_masks, check_bad_word_ids, check_banned_ids, make_batch,
-                               needs_history, needs_penalties, needs_sampling, recent_tokens, sample_seed)
+from jaxserve.sampling import (SamplingParams, allowed_masks, check_bad_word_ids, check_banned_ids, logprob_id_array,
+                               make_batch, needs_history, needs_penalties, needs_sampling, recent_tokens, sample_seed)
 from jaxserve.scheduler import Scheduler
 from jaxserve.speculative import accepted_tokens, ngram_draft
 from jaxserve.structured import GuideState, StructuredOutputs, TokenGuide, Vocabulary, compile_guide
@@ -550,6 +550,8 @@ class Engine:
                         "logit_bias keys must be token ids")
         _check_in_vocab(params.allowed_token_ids or [], self.model.config.vocab_size,
                         "allowed_token_ids must be token ids")
+        _check_in_vocab(params.logprob_token_ids or [], self.model.config.vocab_size,
+                        "logprob_token_ids must be token ids")
         if params.min_tokens > 0:  # refused here, not by the step that would carry them
             check_banned_ids(params.stop_token_ids, self.eos_ids)
         if params.stop and self.tokenizer is None:
@@ -854,7 +856,7 @@ class Engine:
             static = allowed_masks(params, batch, self.model.config.vocab_size)
             self._sampling_cache = (key, make_batch(params, batch, eos_token_ids=self.eos_ids, allowed=static,
                                                     bad_words=[r.bad_word_ids for r in reqs]), static,
-                                    MAX_TOP_LOGPROBS if any((p.logprobs or 0) > 0 for p in params) else 0,
+                                    MAX_TOP_LOGPROBS if any(p.top_logprob_count > 0 for p in params) else 0,
                                     sampled, needs_penalties(params),
                                     # Log-probabilities only when some row asks (vLLM's rule too): the
                                     # greedy pick is then an argmax without an exponential an element.
@@ -961,11 +963,23 @@ class Engine:
 
     @staticmethod
     def _top(request: Request, out, index: tuple) -> dict[int, float] | None:
-        """The request's top tokens at ``out.top_ids/top_logprobs[index]``; None if it asked for none."""
+        """The request's top tokens at ``out.top_ids/top_logprobs[index]``, or its `logprob_token_ids` at
+        ``out.id_logprobs[index]`` (in the order asked); None if it asked for neither."""
+        named = request.params.logprob_token_ids
+        if named is not None:
+            return dict(zip(named, out.id_logprobs[index][:len(named)].tolist()))
         n = request.params.logprobs
         if not n:
             return None
         return dict(zip(out.top_ids[index][:n].tolist(), out.top_logprobs[index][:n].tolist()))
+
+    @staticmethod
+    def _named_ranks(request: Request, out, index: tuple) -> dict[int, int] | None:
+        """The ranks of the request's `logprob_token_ids` at ``out.id_ranks[index]``; None without them."""
+        named = request.params.logprob_token_ids
+        if named is None:
+            return None
+        return dict(zip(named, out.id_ranks[index][:len(named)].tolist()))
 
     def _dispatch_prefill(self, rows: list[tuple[Request, int, int]]) -> _Prefill:
         """Start a prefill call without waiting for it; the rows' progress and prefix-index
@@ -1100,7 +1114,8 @@ class Engine:
             if e == r.prefill_end and r.finish_reason is None:
                 if r.think is not None:  # a forced token where the budget is spent: the prefill sampled under its mask
                     r.think.take([tokens_out[i]])
-                r.append(tokens_out[i], logprobs_out[i], self._top(r, out, (i,)), ranks_out[i])
+                r.append(tokens_out[i], logprobs_out[i], self._top(r, out, (i,)), ranks_out[i],
+                         self._named_ranks(r, out, (i,)))
                 self.generated_tokens += 1
                 done.append(r)
         return done
@@ -1186,11 +1201,13 @@ class Engine:
                 n = r.guide.until_final(r.output_ids, tokens[i][:n])
             if r.think is not None and r.finish_reason is None:  # the device ran on past a thinking budget
                 n = r.think.take(tokens[i][:n])
-            tops = [self._top(r, out, (k, i)) for k in range(n)] if r.params.logprobs else None
+            tops = [self._top(r, out, (k, i)) for k in range(n)] if r.params.has_top_logprobs else None
+            named = ([self._named_ranks(r, out, (k, i)) for k in range(n)] if r.params.logprob_token_ids is not None
+                     else None)
             if r.params.logprobs is not None and ranks is None:
                 ranks = out.ranks.T.tolist()
             taken = r.extend(tokens[i][:n], logprobs[i][:n], tops,
-                             ranks[i][:n] if r.params.logprobs is not None else None)
+                             ranks[i][:n] if r.params.logprobs is not None else None, named)
             r.computed += taken
             self.generated_tokens += taken
 
@@ -1237,7 +1254,7 @@ class Engine:
             tokens[i, : 1 + len(d)] = [r.output_ids[-1], *d]
             q_start[i], lengths[i] = r.computed, r.computed + 1 + len(d)
             block_tables[i] = table[r.slot]
-        num_top = MAX_TOP_LOGPROBS if any((r.params.logprobs or 0) > 0 for r in reqs) else 0
+        num_top = MAX_TOP_LOGPROBS if any(r.params.top_logprob_count > 0 for r in reqs) else 0
         sampled = {}
         params = [r.params for r in reqs]
         guided = self._guided(reqs)
@@ -1251,7 +1268,8 @@ class Engine:
         start = time.perf_counter()
         out, count = jax.device_get(self.runner.verify(tokens, q_start, lengths, block_tables, num_top=num_top,
                                                        logprobs=any(r.params.logprobs is not None for r in reqs),
-                                                       lora=self._lora_inputs(reqs, batch), **sampled))
+                                                       lora=self._lora_inputs(reqs, batch),
+                                                       logprob_ids=logprob_id_array(params, batch), **sampled))
         self.time_s["decode"] += time.perf_counter() - start
         self.spec["verify_calls"] += 1
         picks, logprobs, ranks = out.tokens.tolist(), out.logprobs.tolist(), out.ranks.tolist()
@@ -1265,8 +1283,10 @@ class Engine:
                 emitted = emitted[: r.guide.until_final(r.output_ids, emitted)]
             if r.think is not None:  # drafts accepted past a thinking budget
                 emitted = emitted[: r.think.take(emitted)]
-            tops = [self._top(r, out, (i, j)) for j in range(len(emitted))] if r.params.logprobs else None
-            taken = r.extend(emitted, logprobs[i][:len(emitted)], tops, ranks[i][:len(emitted)])
+            tops = [self._top(r, out, (i, j)) for j in range(len(emitted))] if r.params.has_top_logprobs else None
+            named = ([self._named_ranks(r, out, (i, j)) for j in range(len(emitted))]
+                     if r.params.logprob_token_ids is not None else None)
+            taken = r.extend(emitted, logprobs[i][:len(emitted)], tops, ranks[i][:len(emitted)], named)
             r.computed += taken  # the K/V of the row's last token and of the accepted drafts
             self.generated_tokens += taken
             self.spec["draft_tokens"] += len(d)

@@ -740,11 +740,16 @@ def _completion_output(index: int, result: dict[str, Any], decode: Any) -> Compl
     if chosen is not None:
         tops = result.get("top_logprobs") or [{} for _ in chosen]
         ranks = result.get("logprob_ranks") or [None] * len(chosen)
+        named = result.get("top_logprob_ranks") or [None] * len(chosen)
         logprobs = []
-        for token, lp, top, rank in zip(result["token_ids"], chosen, tops, ranks):
+        for token, lp, top, rank, named_ranks in zip(result["token_ids"], chosen, tops, ranks, named):
             # vLLM's dict: the sampled token first (scripts read it as the dict's first entry), with its rank, then
-            # the top ones best first, each ranked by its place (the sampled one's too, where it is among them).
-            ranked = {t: Logprob(v, k + 1, decode(t)) for k, (t, v) in enumerate(best_first(top))}
+            # the top ones best first, each ranked by its place (the sampled one's too, where it is among them);
+            # logprob_token_ids in the order asked, each at its rank among the vocabulary.
+            if named_ranks is not None:
+                ranked = {t: Logprob(v, named_ranks[t], decode(t)) for t, v in top.items()}
+            else:
+                ranked = {t: Logprob(v, k + 1, decode(t)) for k, (t, v) in enumerate(best_first(top))}
             logprobs.append({token: ranked.get(token) or Logprob(lp, rank, decode(token)), **ranked})
     return CompletionOutput(index=index, text=result["text"], token_ids=list(result["token_ids"]),
                             cumulative_logprob=None if chosen is None else float(sum(chosen)),

@@ -162,6 +162,8 @@ class Request:
     # Each output token's rank among the vocabulary, kept where log-probabilities were asked for.
     output_ranks: list[int | None] = dataclasses.field(default_factory=list)
     top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    # Each output token's ranks of `params.logprob_token_ids` (its ``top_logprobs`` entry's tokens), where asked.
+    named_ranks: list[dict[int, int]] = dataclasses.field(default_factory=list)
     text: str = ""
     status: Status = Status.WAITING
     slot: int = -1
@@ -276,9 +278,11 @@ class Request:
     def remaining(self) -> int:
         return self.params.max_tokens - len(self.output_ids)
 
-    def append(self, token: int, logprob: float, top: dict[int, float] | None, rank: int | None = None) -> None:
+    def append(self, token: int, logprob: float, top: dict[int, float] | None, rank: int | None = None,
+               named_ranks: dict[int, int] | None = None) -> None:
         """Add one sampled token and apply the stop rules; sets ``finish_reason`` when done. ``rank``: the
-        token's rank among the vocabulary (None or 0: not computed)."""
+        token's rank among the vocabulary (None or 0: not computed); ``named_ranks``: those of its
+        `logprob_token_ids`, where asked."""
         if self.finish_reason is not None:
             return
         if self.first_token_time is None:
@@ -289,6 +293,8 @@ class Request:
             self.output_ranks.append(rank or None)
         if top is not None:
             self.top_logprobs.append(top)
+        if named_ranks is not None:
+            self.named_ranks.append(named_ranks)
         self.new_token_count += 1
         if token in self._stop_ids() and len(self.output_ids) > self.params.min_tokens:
             if self.params.stop and self.params.include_stop_str_in_output and self.detokenizer is not None:
@@ -311,10 +317,12 @@ class Request:
                 self.finish("length")
 
     def extend(self, tokens: list[int], logprobs: list[float],
-               tops: list[dict[int, float]] | None = None, ranks: list[int] | None = None) -> int:
+               tops: list[dict[int, float]] | None = None, ranks: list[int] | None = None,
+               named_ranks: list[dict[int, int]] | None = None) -> int:
         """``append`` for a run of tokens, in order (``tops``: each one's top log-probabilities,
-        if asked; ``ranks``: each one's rank, 0 where not computed); returns how many were taken (the rest
-        come after the token that finished the request).
+        if asked; ``ranks``: each one's rank, 0 where not computed; ``named_ranks``: each one's ranks of its
+        `logprob_token_ids`, if asked); returns how many were taken (the rest come after the token that finished the
+        request).
 
         Without stop strings or top log-probabilities nothing is needed per token, so the stop
         rules reduce to the first stop id past ``min_tokens`` and ``max_tokens``: a set test and
@@ -323,11 +331,12 @@ class Request:
         """
         if self.params.stop or tops is not None:
             taken = 0
-            for token, logprob, top, rank in zip(tokens, logprobs, tops or [None] * len(tokens),
-                                                 ranks or [None] * len(tokens)):
+            for token, logprob, top, rank, named in zip(tokens, logprobs, tops or [None] * len(tokens),
+                                                        ranks or [None] * len(tokens),
+                                                        named_ranks or [None] * len(tokens)):
                 if self.finish_reason is not None:
                     break
-                self.append(token, logprob, top, rank)
+                self.append(token, logprob, top, rank, named)
                 taken += 1
             return taken
         if self.finish_reason is not None or not tokens:
@@ -465,8 +474,10 @@ class Request:
         if self.params.logprobs is not None:
             out["logprobs"] = list(self.output_logprobs)
             out["logprob_ranks"] = list(self.output_ranks)
-            if self.params.logprobs > 0:
+            if self.params.has_top_logprobs:
                 out["top_logprobs"] = list(self.top_logprobs)
+            if self.params.logprob_token_ids is not None:
+                out["top_logprob_ranks"] = list(self.named_ranks)
         if self.params.prompt_logprobs is not None:
             out["prompt_logprobs"] = list(self.prompt_lps) or [None] * len(self.prompt_ids)
             out["prompt_logprob_ranks"] = list(self.prompt_ranks) or [None] * len(self.prompt_ids)

@@ -1268,6 +1268,72 @@ def test_prompt_logprobs_survive_preemption_once_and_leave_other_requests_alone(
         np.testing.assert_allclose(got, [ref[p - 1, prompts[i][p]] for p in range(1, len(prompts[i]))], atol=1e-4)
 
 
+def hf_log_softmax64(hf, ids: list[int]) -> np.ndarray:
+    """float64 log_softmax of Hugging Face's logits over ``ids``: row p scores the token after position p."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits, dim=-1).numpy()
+
+
+def assert_named_logprobs(out: dict, prompt: list[int], named: list[int], ref: np.ndarray) -> None:
+    """``out``'s every generated position holds exactly ``named`` (in order, repeats dropped) at ``ref``'s values
+    (`hf_log_softmax64` of prompt + output) and vLLM's ranks, beside the sampled token's own."""
+    named = list(dict.fromkeys(named))
+    n = len(out["token_ids"])
+    assert len(out["top_logprobs"]) == len(out["top_logprob_ranks"]) == len(out["logprob_ranks"]) == n
+    for k, (token, lp, top, ranks) in enumerate(zip(out["token_ids"], out["logprobs"], out["top_logprobs"],
+                                                    out["top_logprob_ranks"])):
+        want = ref[len(prompt) - 1 + k]
+        assert list(top) == list(ranks) == named
+        assert lp == pytest.approx(want[token], abs=1e-4)
+        for t in named:
+            assert top[t] == pytest.approx(want[t], abs=1e-4), (k, t)
+            # vLLM's rank, the tokens at least as likely; ties within float error of it may fall either way.
+            gap = want - want[t]
+            above, near = np.sum(gap > 1e-4), np.sum(np.abs(gap) <= 1e-4)
+            assert above + 1 <= ranks[t] <= above + near, (k, t, ranks[t], above, near)
+        if token in top:  # the sampled token named too: one value, one rank
+            assert top[token] == lp and ranks[token] == out["logprob_ranks"][k]
+
+
+def test_logprob_token_ids_match_transformers_beside_rows_without_them(tiny):
+    """Rows naming tokens (greedy, and n = 2 seeded samples) get transformers' float64 log-softmax of those tokens
+    at every generated position, through the prefill's first token and multi-step decode calls; a row asking for
+    top-k beside them keeps its k best and a row asking for nothing gets none."""
+    m, hf = tiny
+    prompts = random_prompts(m.config.vocab_size, (5, 12, 20))
+    named = [319, 0, 5, 77, 5]
+    params = [SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True, logprobs=3, logprob_token_ids=named),
+              SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True, logprobs=2),
+              SamplingParams(max_tokens=7, temperature=0.9, seed=4, n=2, ignore_eos=True, logprobs=0,
+                             logprob_token_ids=list(range(40, 60))),
+              GREEDY]
+    with Engine(m, small_config(max_running=8, batch_buckets=(8,))) as engine:
+        outs = engine.generate(prompts + [prompts[0]], params, use_tqdm=False)
+        widths = {mark for shape in engine.runner.compiled_shapes for mark in shape
+                  if isinstance(mark, tuple) and mark[:1] == ("logprob_ids",)}
+        # 4 ids in one row, 20 in two: a call is padded to its widest row's width
+        assert ("logprob_ids", 128) in widths and widths <= {("logprob_ids", 4), ("logprob_ids", 128)}
+        assert_all_pages_free(engine)
+    assert outs[0]["token_ids"] == hf_greedy(hf, prompts[0], 7) == outs[3]["token_ids"][:7]
+    assert_named_logprobs(outs[0], prompts[0], named, hf_log_softmax64(hf, prompts[0] + outs[0]["token_ids"]))
+    for sample in outs[2]["outputs"]:
+        ref = hf_log_softmax64(hf, prompts[2] + sample["token_ids"])
+        assert_named_logprobs(sample, prompts[2], list(range(40, 60)), ref)
+    assert outs[2]["outputs"][0]["token_ids"] != outs[2]["outputs"][1]["token_ids"]
+    assert all(len(top) == 2 for top in outs[1]["top_logprobs"]) and "top_logprob_ranks" not in outs[1]
+    assert "logprobs" not in outs[3] and "top_logprobs" not in outs[3]
+
+
+def test_logprob_token_ids_outside_the_vocabulary_are_refused_naming_the_field(tiny):
+    m, hf = tiny
+    with Engine(m, small_config()) as engine:
+        with pytest.raises(ValueError, match=r"^logprob_token_ids must be token ids in \[0, 320\), got \[320\]"):
+            engine.generate([7, 8], SamplingParams(logprobs=0, logprob_token_ids=[3, 320]), use_tqdm=False)
+        assert engine.generate([7, 8], GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(hf, [7, 8], 10)
+        assert_all_pages_free(engine)
+
+
 @pytest.mark.parametrize("bad", [-1, 21, 1.5, False])  # True is vLLM's 1 (`test_logprobs_true_asks_for_one_as_vllm_s`)
 def test_bad_prompt_logprobs_are_refused_naming_the_field(bad):
     with pytest.raises(ValueError, match="^prompt_logprobs must be"):

@@ -62,6 +62,26 @@ def test_generate_gives_jaxserve_s_results_as_vllm_s_objects(model):
     assert outside > 0
 
 
+def test_logprob_token_ids_come_as_vllm_s_logprob_dicts_after_the_sampled_token(model):
+    """vLLM's dict with logprob_token_ids: the sampled token first, then the named ones in the order asked, each at
+    its rank among the vocabulary (the engine's), in place of the top-k."""
+    named = model.tokenizer.encode(" yes no maybe", add_special_tokens=False)
+    params = SamplingParams(max_tokens=4, temperature=0.8, seed=3, logprobs=5, logprob_token_ids=named)
+    with jaxserve.Engine(model) as engine:
+        want = engine.generate("Answer yes or no:", params, use_tqdm=False)[0]
+    with LLM(model) as llm:
+        sample = llm.generate("Answer yes or no:", params, use_tqdm=False)[0].outputs[0]
+    assert sample.token_ids == want["token_ids"]
+    for token, lp, rank, top, named_ranks, entry in zip(
+            want["token_ids"], want["logprobs"], want["logprob_ranks"], want["top_logprobs"],
+            want["top_logprob_ranks"], sample.logprobs):
+        assert list(entry) == [token] + [t for t in named if t != token]
+        assert entry[token].logprob == pytest.approx(lp, abs=1e-5) and entry[token].rank == rank
+        for t in named:
+            assert (entry[t].logprob, entry[t].rank) == (pytest.approx(top[t], abs=1e-5), named_ranks[t])
+            assert entry[t].decoded_token == model.tokenizer.decode([t])
+
+
 def test_chat_and_embed(model):
     messages = [{"role": "user", "content": "def add(a, b):"}]
     greedy = SamplingParams(max_tokens=5, temperature=0)

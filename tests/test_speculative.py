@@ -254,6 +254,30 @@ def test_greedy_rows_with_log_probabilities_speculate_and_keep_them(model):
             assert got.keys() == want.keys() and list(got.values()) == pytest.approx(list(want.values()), abs=1e-4)
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_rows_with_logprob_token_ids_speculate_and_score_them_as_transformers(model, sampled):
+    """A verify call scores each row's logprob_token_ids at every position it emits (greedy calls take them apart
+    from the sampling batch they go without): transformers' float64 log-softmax, as without speculation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxserve.loading import DEFAULT_MODEL_DIR
+    from tests.test_engine import assert_named_logprobs, hf_log_softmax64
+
+    named = model.tokenizer.encode(" os sys self x = 1", add_special_tokens=False)
+    asks = SamplingParams(max_tokens=37, temperature=0, ignore_eos=True, logprobs=1, logprob_token_ids=named)
+    draws = SamplingParams(max_tokens=37, temperature=0.8, seed=5, ignore_eos=True, logprobs=0,
+                           logprob_token_ids=named[::-1])
+    params = [asks, GREEDY, draws if sampled else asks, SamplingParams(max_tokens=37, temperature=0, logprobs=2)]
+    outs, stats = _run(model, small_config(speculative_tokens=4), PROMPTS, params)
+    assert stats["spec_accepted_tokens"] > 0
+    hf = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).eval()
+    for out, p in zip(outs[:3:2], params[:3:2]):
+        ids = out["prompt_token_ids"] + out["token_ids"]
+        assert_named_logprobs(out, out["prompt_token_ids"], list(p.logprob_token_ids), hf_log_softmax64(hf, ids))
+    assert all(len(top) == 2 for top in outs[3]["top_logprobs"]) and "top_logprobs" not in outs[1]
+
+
 def test_greedy_rows_with_bad_words_speculate_and_keep_their_tokens(model):
     """A bad word's ban reads the tokens before each verified position, the drafts before it shifted in
     (`speculative.draft_recent`): texts that would repeat a banned phrase come out as without speculation."""
