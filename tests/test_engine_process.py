@@ -198,6 +198,23 @@ def test_pooling_beam_search_and_logprobs_cross_the_pipe(live):
     assert_pages_free(live)
 
 
+def test_logprob_token_ids_cross_the_pipe(live, tiny_checkpoint):
+    """A request's logprob_token_ids reach the child inside its pickled SamplingParams, and each position's values
+    come back: transformers' log-softmax of the named tokens, after the sampled one's."""
+    from tests.test_engine import hf_log_softmax64
+
+    r = post(live, "/v1/completions", completion(PROMPTS[1], max_tokens=3, logprobs=0, logprob_token_ids=[9, 4],
+                                                 return_tokens_as_token_ids=True))
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    prompt = choice["prompt_token_ids"]
+    ref = hf_log_softmax64(tiny_checkpoint[1], prompt + choice["token_ids"])[len(prompt) - 1:]
+    for k, (token, top) in enumerate(zip(choice["token_ids"], choice["logprobs"]["top_logprobs"])):
+        assert list(top) == list(dict.fromkeys([f"token_id:{token}", "token_id:9", "token_id:4"]))
+        assert [top["token_id:9"], top["token_id:4"]] == pytest.approx(ref[k, [9, 4]].tolist(), abs=1e-4)
+    assert_pages_free(live)
+
+
 def slow_decodes(engine) -> None:
     """An engine setup hook (`EngineSpec.setup`, run in the child): each decode call takes 50 ms more, so requests stay
     running while a test acts on them."""

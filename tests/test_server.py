@@ -375,6 +375,46 @@ def test_return_tokens_as_token_ids_names_every_logprob_token_by_its_id(client, 
                                                                   for t in c["top_logprobs"]) for c in content)
 
 
+def test_logprob_token_ids_replace_the_top_logprobs_on_both_routes_as_vllm_s(live, tiny_checkpoint, pages_freed):
+    """vLLM's logprob_token_ids: each position's top logprobs are the sampled token's, then the named tokens' in the
+    order asked (whatever logprobs / top_logprobs say), transformers' log-softmax; streamed chunks carry the same."""
+    from tests.test_engine import hf_log_softmax64
+
+    hf = tiny_checkpoint[1]
+    named = [300, 5, 7, 5]
+    names = ["token_id:300", "token_id:5", "token_id:7"]
+    body = dict(GOOD, max_tokens=4, logprobs=0, logprob_token_ids=named, return_tokens_as_token_ids=True,
+                return_token_ids=True)
+    r = post(live, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    ref = hf_log_softmax64(hf, choice["prompt_token_ids"] + choice["token_ids"])[len(choice["prompt_token_ids"]) - 1:]
+    lp = choice["logprobs"]
+    for k, (token, top) in enumerate(zip(choice["token_ids"], lp["top_logprobs"])):
+        sampled = f"token_id:{token}"
+        assert list(top) == [sampled] + [n for n in names if n != sampled]
+        assert top[sampled] == pytest.approx(lp["token_logprobs"][k]) == pytest.approx(ref[k, token], abs=1e-4)
+        assert [top[n] for n in names] == pytest.approx(ref[k, [300, 5, 7]].tolist(), abs=1e-4)
+    with httpx.stream("POST", live.url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={**body, "stream": True}) as streamed:
+        chunks = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
+    tops = [t for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+            for t in c["choices"][0]["logprobs"]["top_logprobs"]]
+    assert [list(t) for t in tops] == [list(t) for t in lp["top_logprobs"]]
+    assert [v for t in tops for v in t.values()] == pytest.approx([v for t in lp["top_logprobs"] for v in t.values()])
+    chat = post(live, "/v1/chat/completions", dict(CHAT_BODY, logprobs=True, logprob_token_ids=named,
+                                                   return_tokens_as_token_ids=True, return_token_ids=True))
+    assert chat.status_code == 200, chat.text
+    answer = chat.json()
+    ids = answer["prompt_token_ids"] + answer["choices"][0]["token_ids"]
+    ref = hf_log_softmax64(hf, ids)[len(answer["prompt_token_ids"]) - 1:]
+    for k, item in enumerate(answer["choices"][0]["logprobs"]["content"]):
+        shown = {t["token"]: t["logprob"] for t in item["top_logprobs"]}
+        assert list(shown) == [item["token"]] + [n for n in names if n != item["token"]]
+        for name, value in shown.items():
+            assert value == pytest.approx(ref[k, int(name.removeprefix("token_id:"))], abs=1e-4)
+
+
 def test_echo_with_logprobs_scores_the_prompt_as_offline_prompt_logprobs(client, live, model, pages_freed):
     """lm-evaluation-harness's loglikelihood request: echo, logprobs=1, max_tokens 0 or 1."""
     from jaxserve import SamplingParams
@@ -981,6 +1021,16 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
     ("/v1/completions", {**GOOD, "guided_grammar": "root ::= item"}, 400, "guided_grammar", None),
     ("/v1/completions", {**GOOD, "allowed_token_ids": [10**7]}, 400, "allowed_token_ids", None),
     ("/v1/completions", {**GOOD, "allowed_token_ids": []}, 400, "allowed_token_ids", None),
+    # logprob_token_ids: without logprobs (a chat's false), more than 128, past the vocabulary, none, bools, beams.
+    ("/v1/completions", {**GOOD, "logprob_token_ids": [5]}, 400, "logprob_token_ids", None),
+    ("/v1/chat/completions", {**CHAT_BODY, "logprob_token_ids": [5]}, 400, "logprob_token_ids", None),
+    ("/v1/completions", {**GOOD, "logprobs": 0, "logprob_token_ids": list(range(129))}, 400, "logprob_token_ids",
+     None),
+    ("/v1/completions", {**GOOD, "logprobs": 0, "logprob_token_ids": [5, 320]}, 400, "logprob_token_ids", None),
+    ("/v1/completions", {**GOOD, "logprobs": 0, "logprob_token_ids": []}, 400, "logprob_token_ids", None),
+    ("/v1/completions", {**GOOD, "logprobs": 0, "logprob_token_ids": [True]}, 400, "logprob_token_ids", None),
+    ("/v1/completions", {**GOOD, "n": 2, "use_beam_search": True, "logprob_token_ids": [5]}, 400,
+     "logprob_token_ids", None),
     ("/v1/completions", {**GOOD, "bad_words": [" "]}, 400, "bad_words", None),
     ("/v1/completions", {**GOOD, "priority": 3}, 400, "priority", None),  # the server runs fcfs
     ("/v1/chat/completions", {**CHAT_BODY, "bad_words": ["abcdefghij" * 10]}, 400, "bad_words", None),

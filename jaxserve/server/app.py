@@ -1337,6 +1337,9 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
         name = "top_logprobs" if isinstance(req, ChatRequest) else "logprobs"
         raise APIError(400, f"{name} must be in [0, {st.config.max_logprobs}] (the server's --max-logprobs), got "
                             f"{logprobs}", param=name)
+    if req.logprob_token_ids is not None and logprobs is None:  # vLLM's rule: nothing else would return them
+        needs = "logprobs to be true" if isinstance(req, ChatRequest) else "logprobs to be set"
+        raise APIError(400, f"logprob_token_ids requires {needs}", param="logprob_token_ids")
     given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
              "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
              "repetition_penalty": req.repetition_penalty, "min_tokens": req.min_tokens,
@@ -1344,7 +1347,7 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
              "include_stop_str_in_output": req.include_stop_str_in_output,
              "truncate_prompt_tokens": req.truncate_prompt_tokens, "allowed_token_ids": req.allowed_token_ids,
              "skip_special_tokens": req.skip_special_tokens, "bad_words": req.bad_words,
-             "thinking_token_budget": req.thinking_token_budget}
+             "thinking_token_budget": req.thinking_token_budget, "logprob_token_ids": req.logprob_token_ids}
     kwargs = {**st.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}
     try:
         # n > 1 with a seed: sample j of every prompt uses seed + j (vLLM's rule; `sample_seed`), so a prompt's
@@ -1599,9 +1602,10 @@ def _salted(prompts: list[Any], req: SamplingFields) -> list[Any]:
 
 
 # Fields a beam search request may not set (vLLM's beam search takes n, max_tokens, ignore_eos, length_penalty).
-_NOT_WITH_BEAM_SEARCH = ("stream", "logprobs", "top_logprobs", "echo", "stop", "stop_token_ids", "logit_bias",
-                         "bad_words", "allowed_token_ids", "min_tokens", "prompt_logprobs", "response_format",
-                         "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+_NOT_WITH_BEAM_SEARCH = ("stream", "logprobs", "top_logprobs", "logprob_token_ids", "echo", "stop", "stop_token_ids",
+                         "logit_bias", "bad_words", "allowed_token_ids", "min_tokens", "prompt_logprobs",
+                         "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                         "guided_grammar")
 
 
 async def _beam_search(request: Request, st: _State, req: SamplingFields, prompts: list[list[int]],

@@ -101,6 +101,9 @@ class SamplingFields(Schema):
     bad_words: list[str] | None = None
     # vLLM's: each prompt token's log-probability and rank, with the k best tokens at its position.
     prompt_logprobs: int | None = None
+    # vLLM's: each generated token's top logprobs are these tokens' (at most 128), in place of the k best; needs
+    # logprobs (a chat's logprobs true).
+    logprob_token_ids: list[int] | None = None
     # vLLM's: lower runs first where the server runs with --scheduling-policy priority (elsewhere only 0).
     priority: int = 0
     # vLLM's: at most this many tokens inside a <think> section (one a reasoning model's chat template opens), then

@@ -104,16 +104,19 @@ class CompletionFormat:
             offsets.append(self.offsets.get(i, 0))
             self.offsets[i] = offsets[-1] + len(self._decode(t))
         top = None
-        if self.req.logprobs > 0 and tops is not None:
+        named = self.req.logprob_token_ids is not None
+        if (self.req.logprobs > 0 or named) and tops is not None:
             top = []
             for tok, lp, t in zip(tokens, logprobs or [], tops):
                 if t is None:  # an echoed prompt's first token
                     top.append(None)
                     continue
                 entry: dict[str, float] = {}
-                # Best first, and a text's first (best) logprob kept: the byte tokens of a split
-                # character all decode to U+FFFD, and a later one must not overwrite it.
-                for k, v in best_first(t):
+                if named:  # vLLM's: the sampled token, then logprob_token_ids in the order asked
+                    entry[tok] = _finite(lp)
+                # Best first (or as asked), and a text's first logprob kept: the byte tokens of a split character
+                # all decode to U+FFFD, and a later one must not overwrite it.
+                for k, v in (t.items() if named else best_first(t)):
                     entry.setdefault(decode(k), _finite(v))
                 # OpenAI: "the API will always return the logprob of the sampled token".
                 entry.setdefault(tok, _finite(lp))
@@ -242,11 +245,16 @@ class ChatFormat:
             tok, raw = self._name(tid)
             return {"token": tok, "logprob": _finite(lp), "bytes": raw}
 
+        named = self.req.logprob_token_ids is not None
         content = []
         for k, (tid, lp) in enumerate(zip(token_ids, logprobs or [])):
             item = entry(tid, lp)
             top = tops[k] if tops else {}
-            item["top_logprobs"] = [entry(t, v) for t, v in best_first(top)]
+            if named:  # vLLM's: the sampled token, then logprob_token_ids in the order asked
+                shown = [(tid, lp)] + [(t, v) for t, v in top.items() if t != tid]
+            else:
+                shown = best_first(top)
+            item["top_logprobs"] = [entry(t, v) for t, v in shown]
             content.append(item)
         return {"content": content}
 
