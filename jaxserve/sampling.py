@@ -4,7 +4,7 @@ This module owns how one next token per row is chosen from a `[B, V]` logits arr
 `SamplingParams` (one request's knobs, validated once), `SamplingBatch` (the same knobs as
 per-row device arrays), `sample` (penalties -> temperature -> min-p -> top-k -> top-p ->
 draw), the token-history arrays the penalties read (`seen_from_prompts`, `update_counts`)
-and log-probabilities of the chosen tokens.
+and log-probabilities of the chosen tokens (and of the tokens a request names, `logprob_token_ids`).
 
 It never decides when a request stops (stop strings, EOS, `max_tokens` are the scheduler's
 business; only `min_tokens`, which changes which token may be drawn, is enforced here),
