@@ -13,6 +13,7 @@ of the engine thread, per streamed event; the difference between two stream inte
     python bench/stream_host.py --stream-interval 1 --profile loop    # cProfile of the event-loop thread
     python bench/stream_host.py --stream-interval 1 --profile engine  # ... of the engine thread
     python bench/stream_host.py --http --decode-ms 12 --engine-process  # the engine in its own process
+    python bench/stream_host.py --engine-process --profile child         # cProfile of that process's loop
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import gc
 import json
 import os
 import pstats
+import signal
 import socket
 import sys
 import tempfile
@@ -223,12 +225,26 @@ def install_stub(engine: Any) -> None:
     decode_ms = float(os.environ.get("JAXSERVE_STUB_DECODE_MS", "0"))
     vocab = engine.model.config.vocab_size
     engine.runner = DeviceStub(engine.runner, vocab, decode_ms) if decode_ms else StubRunner(engine.runner, vocab)
+    path = os.environ.get("JAXSERVE_STUB_PROFILE")
+    if path:  # --profile child: SIGUSR1 starts cProfile on the child's engine loop (its main thread), the next stops
+        # it and writes the stats to ``path`` (a handler runs between the loop's bytecodes, as a call would)
+        profiler, on = cProfile.Profile(), [False]
+
+        def toggle(signum: int, frame: Any) -> None:
+            if on[0]:
+                profiler.disable()
+                profiler.dump_stats(path)
+            else:
+                profiler.enable()
+            on[0] = not on[0]
+
+        signal.signal(signal.SIGUSR1, toggle)
 
 
 async def measure(model: LoadedModel | str, args: argparse.Namespace, interval: int) -> dict[str, Any]:
     cfg = EngineConfig(page_size=16, max_running=args.max_running, decode_steps=args.decode_steps,
                        max_tokens_per_step=2048, max_model_len=args.input_len + args.output_len + 16,
-                       num_pages=args.max_running * ((args.input_len + args.output_len) // 16 + 2) + 64,
+                       num_pages=args.num_pages or args.max_running * ((args.input_len + args.output_len) // 16 + 2) + 64,
                        batch_buckets=tuple(args.batch_buckets))
     app = create_app(model, cfg, ServerConfig(stream_interval=interval, model_name="stub",
                                               engine_process=args.engine_process,
@@ -256,7 +272,9 @@ async def measure(model: LoadedModel | str, args: argparse.Namespace, interval: 
         await run_once(app, args, seed=0, port=port)
         gc.collect()
         before = await st.engine.stats()
-        profiler = cProfile.Profile() if args.profile else None
+        profiler = cProfile.Profile() if args.profile in ("loop", "engine") else None
+        if args.profile == "child":
+            os.kill(pid, signal.SIGUSR1)
         if args.profile == "engine":
             await st.engine._call(profiler.enable)
         gc_timer = GcTimer()
@@ -272,12 +290,16 @@ async def measure(model: LoadedModel | str, args: argparse.Namespace, interval: 
         gc.callbacks.remove(gc_timer)
         if args.profile == "engine":
             await st.engine._call(profiler.disable)
-        stats = await st.engine.stats()
+        if args.profile == "child":
+            os.kill(pid, signal.SIGUSR1)
+        stats = await st.engine.stats()  # answered after the child's loop ran the handler: its stats are written
         if server is not None:
             server.should_exit = True
             await serving
     if profiler is not None:
         pstats.Stats(profiler).sort_stats(args.sort).print_stats(args.top)
+    if args.profile == "child":
+        pstats.Stats(os.environ["JAXSERVE_STUB_PROFILE"]).sort_stats(args.sort).print_stats(args.top)
     tokens = args.num_requests * args.output_len
     return dict(interval=interval, tokens=tokens, events=sent["events"], wall_s=wall, loop_cpu_s=loop_s,
                 engine_cpu_s=engine_s, tok_per_s=tokens / wall, bytes=sent["bytes"],
@@ -304,6 +326,9 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--batch-buckets", type=int, nargs="+", default=[1, 8, 64, 256])
+    ap.add_argument("--num-pages", type=int, default=0,
+                    help="the KV pool's pages (0: the running requests' need, so the measured run evicts the warm-up "
+                         "run's cached prefixes; a larger pool leaves eviction out)")
     ap.add_argument("--logprobs", type=int, default=0, help="the request's logprobs (bench/serving.py sends 0)")
     ap.add_argument("--decode-ms", type=float, default=0.0,
                     help="emulate a device whose decode call takes this long (GIL released while the host waits); "
@@ -317,14 +342,19 @@ def main() -> None:
                     help="the engine in a process of its own (the server's default for a checkpoint folder): the stub "
                          "model is saved to a temporary folder the child loads, and its runner replaced there; "
                          "'engine CPU' is then the child's whole process")
-    ap.add_argument("--profile", choices=("loop", "engine"), default=None)
+    ap.add_argument("--profile", choices=("loop", "engine", "child"), default=None,
+                    help="cProfile of the measured run's event-loop thread, engine thread, or (--engine-process) the "
+                         "engine process's loop")
     ap.add_argument("--sort", default="tottime")
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
     if args.switch_interval_ms is not None:
         sys.setswitchinterval(args.switch_interval_ms / 1e3)
     if args.engine_process and args.profile == "engine":
-        ap.error("--profile engine profiles the engine thread; with --engine-process the engine is another process")
+        ap.error("--profile engine profiles the engine thread; with --engine-process the engine is another process "
+                 "(--profile child)")
+    if args.profile == "child" and not args.engine_process:
+        ap.error("--profile child needs --engine-process")
     model: LoadedModel | str = stub_model()
     if args.engine_process:
         from jaxserve.weights import save_hf_checkpoint
@@ -334,6 +364,8 @@ def main() -> None:
         model.tokenizer.save_pretrained(folder)
         model = folder
         os.environ["JAXSERVE_STUB_DECODE_MS"] = str(args.decode_ms)
+        if args.profile == "child":
+            os.environ["JAXSERVE_STUB_PROFILE"] = os.path.join(folder, "child.prof")
     print(f"host: {os.cpu_count()} cpus; {args.num_requests} streamed requests x {args.output_len} tokens, "
           f"{args.max_running} running, {args.decode_steps} decode steps a call, logprobs={args.logprobs}, "
           f"emulated decode call {args.decode_ms} ms, GIL switch interval {sys.getswitchinterval() * 1e3:.2f} ms, "
