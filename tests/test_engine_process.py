@@ -159,7 +159,9 @@ def test_a_killed_child_fails_its_requests_instead_of_hanging(tiny_checkpoint):
     EngineDeadError, later calls are refused at once, and the driver reports it is not running."""
     config = EngineConfig(num_pages=128, max_running=8, max_tokens_per_step=64, batch_buckets=(8,),
                           prefill_buckets=(64,), decode_steps=1, max_model_len=256)
-    engine = EngineProcess(EngineSpec(tiny_checkpoint[0], config))
+    # Slowed decodes keep the request running past the signals (at full speed its 200 tokens took under the 0.5 s
+    # below, and it finished before the SIGKILL).
+    engine = EngineProcess(EngineSpec(tiny_checkpoint[0], config, setup="tests.test_engine_process:slow_decodes"))
 
     async def run():
         handle = await engine.submit([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True))
