@@ -310,9 +310,12 @@ class _ChildLoop(EngineLoop):
 def _child_entry(commands_fd: int, outputs_fd: int) -> None:
     """The child's start (``python -c``, not multiprocessing's spawn, which runs the parent's ``__main__`` again: a
     script without a main guard would start a server in its engine)."""
-    # Ctrl-C in a terminal reaches the whole process group: the server drains and then stops this child (a stop
-    # command, or its pipe's end if the server dies), where an interrupt here would cut the drain's requests off.
+    # Ctrl-C in a terminal reaches the whole process group, and a service manager's stop (systemd's default
+    # KillMode=control-group) sends SIGTERM to every process of the server's: the server drains and then stops this
+    # child (a stop command, or its pipe's end if the server dies), where either signal here would cut the drain's
+    # requests off (SIGTERM had them end in a 500, "the engine process exited with code -15").
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     commands = Connection(commands_fd, writable=False)
     outputs = Connection(outputs_fd, readable=False)
     sys.path[:] = commands.recv()  # first, so the spec's classes and a setup hook import as in the parent

@@ -155,8 +155,9 @@ def test_a_child_that_cannot_start_says_why(tiny_checkpoint):
 
 
 def test_a_killed_child_fails_its_requests_instead_of_hanging(tiny_checkpoint):
-    """SIGINT leaves the child serving; then it dies mid-request (SIGKILL: no goodbye): the open request ends with
-    EngineDeadError, later calls are refused at once, and the driver reports it is not running."""
+    """SIGINT and SIGTERM leave the child serving (a terminal's Ctrl-C and a service manager's stop reach the whole
+    process group: the server drains, then stops the child); then it dies mid-request (SIGKILL: no goodbye): the open
+    request ends with EngineDeadError, later calls are refused at once, and the driver reports it is not running."""
     config = EngineConfig(num_pages=128, max_running=8, max_tokens_per_step=64, batch_buckets=(8,),
                           prefill_buckets=(64,), decode_steps=1, max_model_len=256)
     # Slowed decodes keep the request running past the signals (at full speed its 200 tokens took under the 0.5 s
@@ -168,10 +169,12 @@ def test_a_killed_child_fails_its_requests_instead_of_hanging(tiny_checkpoint):
         chunks = aiter(handle)
         first = await anext(chunks)
         assert first["finish_reason"] is None
-        # A terminal's Ctrl-C reaches the child too, which leaves its end to the server (a drain): it goes on.
-        os.kill(engine._process.pid, signal.SIGINT)
-        await asyncio.sleep(0.5)
-        assert (await anext(chunks))["finish_reason"] is None and engine.is_running
+        # A terminal's Ctrl-C, or systemd's stop, reaches the child too, which leaves its end to the server (a
+        # drain): it goes on.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            os.kill(engine._process.pid, sig)
+            await asyncio.sleep(0.5)
+            assert (await anext(chunks))["finish_reason"] is None and engine.is_running, sig
         os.kill(engine._process.pid, signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(EngineDeadError, match="exited with code"):
