@@ -307,18 +307,27 @@ class _ChildLoop(EngineLoop):
         return int(self.engine.sleeping)
 
 
-def _child_entry(commands_fd: int, outputs_fd: int) -> None:
-    """The child's start (``python -c``, not multiprocessing's spawn, which runs the parent's ``__main__`` again: a
-    script without a main guard would start a server in its engine)."""
+# The child's first lines (``python -c``), before any import of jaxserve: the parent's sys.path, so the child runs the
+# jaxserve the parent runs (and the spec's classes and a setup hook import as there). Imported first, jaxserve came
+# from the child's own path: another installed copy (an editable install of another checkout: the child ran that
+# tree's code beside the parent's), or none ("No module named 'jaxserve'") where the parent found it on a path it
+# added (a bench script's sys.path.insert) and was started from another folder.
+_BOOTSTRAP = ("import sys; from multiprocessing.connection import Connection; "
+              "commands = Connection({commands}, writable=False); sys.path[:] = commands.recv(); "
+              "from jaxserve.engine_process import _child_entry; _child_entry(commands, {outputs})")
+
+
+def _child_entry(commands: Connection, outputs_fd: int) -> None:
+    """The child's start, after `_BOOTSTRAP` took the parent's sys.path off ``commands`` (``python -c``, not
+    multiprocessing's spawn, which runs the parent's ``__main__`` again: a script without a main guard would start a
+    server in its engine)."""
     # Ctrl-C in a terminal reaches the whole process group, and a service manager's stop (systemd's default
     # KillMode=control-group) sends SIGTERM to every process of the server's: the server drains and then stops this
     # child (a stop command, or its pipe's end if the server dies), where either signal here would cut the drain's
     # requests off (SIGTERM had them end in a 500, "the engine process exited with code -15").
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    commands = Connection(commands_fd, writable=False)
     outputs = Connection(outputs_fd, readable=False)
-    sys.path[:] = commands.recv()  # first, so the spec's classes and a setup hook import as in the parent
     spec, log_level = commands.recv()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine] %(message)s")
     try:
@@ -359,8 +368,7 @@ class EngineProcess(Submitting):
         child_commands, commands = os.pipe()
         replies, child_outputs = os.pipe()
         self._process = subprocess.Popen(
-            [sys.executable, "-c", f"from jaxserve.engine_process import _child_entry; "
-                                   f"_child_entry({child_commands}, {child_outputs})"],
+            [sys.executable, "-c", _BOOTSTRAP.format(commands=child_commands, outputs=child_outputs)],
             pass_fds=(child_commands, child_outputs))
         # The parent's copies of the child's ends closed, so a dead child reads as EOF here.
         os.close(child_commands)
@@ -368,7 +376,7 @@ class EngineProcess(Submitting):
         self._commands = Connection(commands, readable=False)
         self._replies = Connection(replies, writable=False)
         try:
-            self._commands.send(list(sys.path))
+            self._commands.send(list(sys.path))  # `_BOOTSTRAP`'s
             self._commands.send((spec, logging.getLogger().getEffectiveLevel()))
             message = self._replies.recv()
         except (EOFError, OSError):

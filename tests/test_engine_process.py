@@ -310,3 +310,32 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited (its parent is gone)
     except FileNotFoundError:
         return False
+
+
+def test_the_child_runs_the_jaxserve_its_parent_runs(tiny_checkpoint, tmp_path):
+    """A parent that found jaxserve on a path it added (a bench script's sys.path.insert), started from another folder:
+    the child imports jaxserve from the same place (it came from the child's own path: another installed checkout's
+    code, or none at all)."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "jaxserve").symlink_to(os.path.join(os.path.dirname(os.path.dirname(__file__)), "jaxserve"))
+    # A setup hook that reports where the child's jaxserve came from, as its start's failure.
+    (tree / "where_hook.py").write_text("def setup(engine):\n"
+                                        "    import jaxserve\n"
+                                        "    raise RuntimeError('jaxserve at ' + jaxserve.__file__)\n")
+    script = (f"import sys\n"
+              f"sys.path.insert(0, {str(tree)!r})\n"
+              "import jaxserve\n"
+              "from jaxserve.engine_process import EngineProcess, EngineSpec\n"
+              "print('parent', jaxserve.__file__, flush=True)\n"
+              "try:\n"
+              f"    EngineProcess(EngineSpec({tiny_checkpoint[0]!r}, jaxserve.EngineConfig(num_pages=64, max_running=2),"
+              " setup='where_hook:setup'))\n"
+              "except RuntimeError as exc:\n"
+              "    print(exc, flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert f"parent {tree}/jaxserve/__init__.py" in out.stdout, out.stdout + out.stderr
+    assert f"could not start: RuntimeError: jaxserve at {tree}/jaxserve/__init__.py" in out.stdout, (
+        out.stdout + out.stderr[-2000:])
