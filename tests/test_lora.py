@@ -380,6 +380,33 @@ def test_server_loads_and_unloads_adapters_at_runtime(adapters, tiny_checkpoint,
         assert [int(t.removeprefix("token_id:")) for t in tokens] == hf_greedy(merged(hf, paths["all"]), prompt, 5)
 
 
+def test_concurrent_loads_of_one_name_register_one_adapter(adapters):
+    """Loads of one name at once: one succeeds, the others are 400 (the name is taken), and the engine holds the one
+    adapter, which the unload frees. Each load had passed the name check before any registered: all answered
+    success, and the engine kept adapters that no name served and no unload could free."""
+    import asyncio
+
+    import httpx
+
+    from jaxserve.server import ServerConfig, create_app
+    from tests.test_server import LiveServer
+
+    model, _, paths = adapters
+    app = create_app(model, small_config(), ServerConfig(model_name="tiny", allow_runtime_lora_updating=True))
+    with LiveServer(app) as live:
+        async def loads():
+            async with httpx.AsyncClient(base_url=live.url, timeout=60) as client:
+                return await asyncio.gather(*(client.post("/v1/load_lora_adapter", json={
+                    "lora_name": "x", "lora_path": paths["mlp"]}) for _ in range(4)))
+
+        codes = sorted(r.status_code for r in asyncio.run(loads()))
+        assert codes == [200, 400, 400, 400], codes
+        slots = app.state.jaxserve.engine.engine.lora
+        assert len(slots.requests) == 1 and len(slots.host) == 1, slots.requests
+        assert httpx.post(live.url + "/v1/unload_lora_adapter", json={"lora_name": "x"}).status_code == 200
+        assert not slots.requests and not slots.host
+
+
 def test_chat_with_an_adapter(adapters, tiny_checkpoint):
     model, hf, paths = adapters
     lora = LoRARequest("all", 1, paths["all"])

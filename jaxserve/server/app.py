@@ -245,6 +245,10 @@ class _State:
     created: int
     loras: dict[str, LoRARequest] = dataclasses.field(default_factory=dict)  # served adapters by name
     last_lora_id: int = 0  # ids only grow (vLLM's counter): an unloaded adapter's id is never another's
+    # /v1/load_lora_adapter and /v1/unload_lora_adapter one at a time: a load checks its name is free, then waits for
+    # the engine to read the adapter; two loads of one name both passed the check, both answered success, and the
+    # engine kept the first's adapter, which no name served and no unload could free.
+    lora_updates: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     # Finished /v1/responses, for previous_response_id.
     responses: ResponseStore = dataclasses.field(default_factory=lambda: ResponseStore(0))
     # /generate's requests in flight by rid (its meta_info.id), for /abort_request.
@@ -443,15 +447,16 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         more adapter under a name; it is read and checked before the answer."""
         st, req = await _accept_plain(request, LoadLoraRequest)
         _check_runtime_lora(st)
-        if req.lora_name in st.loras or req.lora_name in _base_names(st):
-            raise APIError(400, f"The lora adapter '{req.lora_name}' has already been loaded.", param="lora_name")
-        try:
-            st.last_lora_id = max([st.last_lora_id, *(x.lora_int_id for x in st.loras.values())]) + 1
-            lora = LoRARequest(req.lora_name, st.last_lora_id, req.lora_path)
-            await st.engine.register_lora(lora)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="lora_path") from None
-        st.loras[req.lora_name] = lora
+        async with st.lora_updates:
+            if req.lora_name in st.loras or req.lora_name in _base_names(st):
+                raise APIError(400, f"The lora adapter '{req.lora_name}' has already been loaded.", param="lora_name")
+            try:
+                st.last_lora_id = max([st.last_lora_id, *(x.lora_int_id for x in st.loras.values())]) + 1
+                lora = LoRARequest(req.lora_name, st.last_lora_id, req.lora_path)
+                await st.engine.register_lora(lora)
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="lora_path") from None
+            st.loras[req.lora_name] = lora
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
@@ -459,11 +464,12 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         """vLLM's route: stop serving an adapter's name (requests already running with it finish)."""
         st, req = await _accept_plain(request, UnloadLoraRequest)
         _check_runtime_lora(st)
-        lora = st.loras.pop(req.lora_name, None)
-        if lora is None:
-            raise APIError(404, f"The lora adapter '{req.lora_name}' cannot be found.", param="lora_name",
-                           code="model_not_found")
-        await st.engine.forget_lora(lora.lora_int_id)
+        async with st.lora_updates:  # after a load of the name in progress
+            lora = st.loras.pop(req.lora_name, None)
+            if lora is None:
+                raise APIError(404, f"The lora adapter '{req.lora_name}' cannot be found.", param="lora_name",
+                               code="model_not_found")
+            await st.engine.forget_lora(lora.lora_int_id)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
     @app.post("/detokenize")
