@@ -758,6 +758,35 @@ def test_abort_request_ends_a_generate_request_by_rid_and_abort_all_ends_every_o
     assert httpx.post(live.url + "/abort_request", json={"rid": "x"}).status_code == 401  # behind the API key
 
 
+def test_abort_request_reaches_a_batch_still_being_submitted(live, pages_freed, monkeypatch):
+    """An /abort_request for a rid whose batch is still being submitted (each submit waits for the engine's next
+    look at its commands: a step, in an engine process) ends each of its requests once submitted. It was dropped
+    (the rid held no handle yet), and the batch ran to its end."""
+    engine = live.app.state.jaxserve.engine
+    submitting, go_on = threading.Event(), threading.Event()
+    real_submit = engine.submit
+
+    async def held_submit(*args, **kwargs):
+        handle = await real_submit(*args, **kwargs)
+        submitting.set()  # the batch's first request is in, the second not yet
+        await asyncio.to_thread(go_on.wait, 30)
+        return handle
+
+    monkeypatch.setattr(engine, "submit", held_submit)
+    slow_decodes(live, monkeypatch, 0.05)  # the first request runs 128 tokens in seconds, well past the abort
+    long = {"max_new_tokens": 128, "ignore_eos": True, "temperature": 0}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        batch = pool.submit(post, live, "/generate", {"text": [PROMPT, "Hello"], "sampling_params": long, "rid": "s"})
+        assert submitting.wait(30)
+        r = httpx.post(live.url + "/abort_request", json={"rid": "s"}, headers={"Authorization": f"Bearer {API_KEY}"})
+        assert r.status_code == 200
+        go_on.set()
+        metas = [a["meta_info"] for a in batch.result(timeout=60).json()]
+    assert [m["finish_reason"]["type"] for m in metas] == ["abort"] * 2, metas
+    assert all(m["completion_tokens"] < 128 for m in metas)
+    assert not live.app.state.jaxserve.generating and not live.app.state.jaxserve.aborted
+
+
 def test_sglang_model_info_and_health_generate(live, pages_freed):
     headers = {"Authorization": f"Bearer {API_KEY}"}
     for path in ("/get_model_info", "/model_info"):

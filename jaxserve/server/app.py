@@ -253,6 +253,9 @@ class _State:
     responses: ResponseStore = dataclasses.field(default_factory=lambda: ResponseStore(0))
     # /generate's requests in flight by rid (its meta_info.id), for /abort_request.
     generating: dict[str, RequestHandle | None] = dataclasses.field(default_factory=dict)
+    # Reserved rids (their requests' submits in flight) that /abort_request named: aborted once submitted (`_serve`).
+    # Dropped, such an abort had left the request to run to its end.
+    aborted: set[str] = dataclasses.field(default_factory=set)
 
 
 def _state(request: Request) -> _State:
@@ -542,12 +545,15 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         st, req = await _accept_plain(request, AbortRequest)
         if req.abort_all:
             st.engine.abort_all()
-        elif req.rid:
+        if req.abort_all or req.rid:
             for rid, handle in list(st.generating.items()):
-                if handle is not None and rid.startswith(req.rid):
-                    # Through the engine, not the handle: a handle's abort ends its answer at once with no last
-                    # chunk, where the engine's publishes the request's end (finish reason abort) to the client.
-                    st.engine.abort(handle.request_id)
+                if req.abort_all or rid.startswith(req.rid):
+                    if handle is None:  # reserved, its submit in flight (a step's wait, in an engine process)
+                        st.aborted.add(rid)
+                    elif not req.abort_all:
+                        # Through the engine, not the handle: a handle's abort ends its answer at once with no last
+                        # chunk, where the engine's publishes the request's end (finish reason abort) to the client.
+                        st.engine.abort(handle.request_id)
         return Response(status_code=200)
 
     @app.get("/get_model_info")
@@ -1561,6 +1567,9 @@ async def _serve(request: Request, st: _State, req: SamplingFields, prompts: lis
         _forget(st, rids)
         raise
     st.generating.update(zip(rids, handles))
+    for rid, handle in zip(rids, handles):
+        if rid in st.aborted:  # /abort_request named it while it was being submitted
+            st.engine.abort(handle.request_id)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = include_usage and req.stream_options.continuous_usage_stats
@@ -1597,6 +1606,7 @@ def _forget(st: _State, rids: list[str]) -> None:
     # Reserved rids are refused to every other request, so each entry under one of them is this request's.
     for rid in rids:
         st.generating.pop(rid, None)
+        st.aborted.discard(rid)
 
 
 def _salted(prompts: list[Any], req: SamplingFields) -> list[Any]:
