@@ -787,6 +787,36 @@ def test_abort_request_reaches_a_batch_still_being_submitted(live, pages_freed, 
     assert not live.app.state.jaxserve.generating and not live.app.state.jaxserve.aborted
 
 
+def test_a_request_s_choices_are_submitted_together(live, pages_freed, monkeypatch):
+    """A request's n choices go to the engine at once, not one engine step after another (each submit waits for the
+    engine's next look at its commands); one refused still fails the request, whose other choices are aborted."""
+    engine = live.app.state.jaxserve.engine
+    real_submit = engine.submit
+    waiting, most = 0, 0
+
+    async def counted_submit(*args, **kwargs):
+        nonlocal waiting, most
+        waiting += 1
+        most = max(most, waiting)
+        try:
+            return await real_submit(*args, **kwargs)
+        finally:
+            waiting -= 1
+
+    monkeypatch.setattr(engine, "submit", counted_submit)
+    r = post(live, "/v1/completions", {**GOOD, "n": 4, "temperature": 0.8, "seed": 1})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4, r.text
+    assert most == 4
+    before = abort_count(live)
+    r = post(live, "/v1/completions", {**GOOD, "prompt": [[5, 6], [5, 10**6], [7]], "max_tokens": 100,
+                                       "ignore_eos": True})
+    assert r.status_code == 400 and "[0, 320)" in r.json()["error"]["message"], r.text
+    deadline = time.time() + 30
+    while abort_count(live) < before + 2 and time.time() < deadline:  # the two accepted prompts, aborted
+        time.sleep(0.05)
+    assert abort_count(live) == before + 2
+
+
 def test_sglang_model_info_and_health_generate(live, pages_freed):
     headers = {"Authorization": f"Bearer {API_KEY}"}
     for path in ("/get_model_info", "/model_info"):
