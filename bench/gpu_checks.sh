@@ -480,6 +480,9 @@
 #               alternating, with the load generator over 4 processes (bench/serving.py --client-procs, auto), so
 #               a compile inside one run has a twin without (each arm <= 150 s; ~450 s)
 #   proc73b     the same at eight tokens an event (~400 s)
+#   evict73     session 73: steady71's pool full of cached prefixes (8,192 pages, the warm-up's prefixes kept) with
+#               the engine's process at eight tokens an event, the radix index's eviction as of 2b52de7 (a pass over
+#               every node an evicted page) against the two-level minimum, alternating (each arm <= 140 s; ~400 s)
 #   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -1435,6 +1438,11 @@ for part in "${parts[@]}"; do
     proc73a|proc73b) interval=$([ "$part" = proc73a ] && echo 1 || echo 8)
             for round in 1 2; do for mode in --engine-process --no-engine-process; do
               STREAM_AB_ARGS="--warmup 512 $mode" stream_ab 150 512 256 "$interval"; done; done ;;
+    evict73) git show 2b52de7:jaxserve/radix_index.py > /tmp/ri_old.py && cp jaxserve/radix_index.py /tmp/ri_new.py \
+               || continue
+             for v in new old new; do echo "== evict73: $v eviction"; cp /tmp/ri_$v.py jaxserve/radix_index.py
+               STREAM_AB_ARGS="--warmup 512 --num-pages 8192 --keep-warm-cache --engine-process" stream_ab 140 512 256 8
+             done; cp /tmp/ri_new.py jaxserve/radix_index.py ;;
     stream71) STREAM_AB_ARGS="--warmup 512 --no-engine-process" stream_ab 135 512 256 ;;
     proc72) (for i in 1 2 3 4 5 6; do sleep 45; echo "== gpu memory by process: $(nvidia-smi \
                --query-compute-apps=pid,used_memory --format=csv,noheader | tr '\n' ';')"; done) &
