@@ -6,6 +6,7 @@ the cached pages and allocate the rest (pool ops, timed apart), insert (timed), 
 pool are donated to every call so updates are in place; `--no-donate` shows what copying them costs.
 
     python bench/prefix_index.py            # writes bench/results/prefix_index.md
+    python bench/prefix_index.py --evict-pages 16384 65536   # evict's cost from a full index (printed)
 """
 
 from __future__ import annotations
@@ -102,6 +103,42 @@ def run(args: argparse.Namespace, donate: bool) -> dict[str, object]:
     }
 
 
+def evict_costs(index_pages: list[int], counts: list[int], page_size: int, rounds: int = 5) -> str:
+    """`radix_index.evict` from a full index (every page cached, the index its only holder: a server whose cached
+    prefixes fill its pool) of each size, jitted and donated as the scheduler calls it: the median wall time of
+    ``rounds`` calls a page count. A markdown table."""
+    seq_pages, rows = 64, 8
+    ins = jax.jit(radix_index.insert_many, donate_argnums=(0, 1))
+    alloc = jax.jit(kv_pool.allocate, donate_argnums=(0,))
+    free = jax.jit(kv_pool.free, donate_argnums=(0,))
+    evict = jax.jit(radix_index.evict, donate_argnums=(0, 1))
+    lines = ["| index = pool pages | " + " | ".join(f"evict {k} ms" for k in counts) + " |",
+             "|" + "---|" * (len(counts) + 1)]
+    rng = np.random.default_rng(0)
+    for n in index_pages:
+        pool, index = kv_pool.create(n, page_size, rows, seq_pages), radix_index.create(n, page_size)
+        for _ in range(n // (seq_pages * rows)):
+            for r in range(rows):
+                pool, _ = alloc(pool, r, seq_pages * page_size)
+            tokens = rng.integers(100, 150_000, size=(rows, seq_pages * page_size), dtype=np.int32)
+            index, pool = ins(index, pool, tokens, np.full(rows, seq_pages * page_size, np.int32),
+                              np.asarray(pool.page_table)[:, :seq_pages])
+            for r in range(rows):
+                pool = free(pool, r)
+        index, pool, _ = evict(index, pool, 1)  # the compile
+        cells = []
+        for k in counts:
+            times = []
+            for _ in range(rounds):
+                t = time.perf_counter()
+                index, pool, freed = evict(index, pool, k)
+                freed.block_until_ready()
+                times.append(time.perf_counter() - t)
+            cells.append(f"{1e3 * float(np.median(times)):.2f}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def commit() -> str:
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout
@@ -120,7 +157,14 @@ def main() -> None:
     parser.add_argument("--no-donate", action="store_true", help="also run without donating index and pool")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                        "prefix_index.md"))
+    parser.add_argument("--evict-pages", type=int, nargs="+", default=None,
+                        help="instead: evict's cost from a full index of these many pages (printed, not written)")
+    parser.add_argument("--evict-counts", type=int, nargs="+", default=[16, 128, 512])
     args = parser.parse_args()
+    if args.evict_pages:
+        print(f"commit {commit()}, {os.cpu_count()} cores, jax {jax.__version__}")
+        print(evict_costs(args.evict_pages, args.evict_counts, args.page_size))
+        return
     if args.prompt_len % args.page_size or not 0 <= args.prefix_len <= args.prompt_len:
         raise ValueError(f"prompt_len must be a multiple of page_size ({args.page_size}) and >= prefix_len "
                          f"({args.prefix_len}), got {args.prompt_len}")
