@@ -514,8 +514,12 @@ def test_batched_lru_eviction_is_the_one_at_a_time_loop(monkeypatch, block):
     # locked. `evict`'s first phase (`_evict_index_only`, blocks of `block` nodes) must evict exactly what
     # `_evict_one(index_only=True)` repeated evicts, in the same order (the free stack's), for every count asked.
     monkeypatch.setattr(radix_index, "_EVICT_BLOCK", block)
+    one = jax.jit(functools.partial(radix_index._evict_one, exclude=jnp.asarray(-1, jnp.int32), index_only=True))
+    batched = jax.jit(radix_index._evict_index_only)
+    insert, match = jax.jit(radix_index.insert), jax.jit(radix_index.match)
     rng = np.random.default_rng()
     ps, rows, width = 2, 12, 16
+    evicted_total = 0
     for _ in range(3):
         pool = kv_pool.create(96, ps, rows, width // ps)
         index = radix_index.create(95, ps)
@@ -523,8 +527,8 @@ def test_batched_lru_eviction_is_the_one_at_a_time_loop(monkeypatch, block):
         for r in range(rows):
             seq = (prefixes[r % 3] + rng.integers(1, 4, size=int(rng.integers(0, width))).tolist())[:width]
             pool, _ = kv_pool.allocate(pool, r, len(seq))
-            index, pool = radix_index.insert(index, pool, pad_to(seq, width), len(seq), pool.page_table[r])
-            index, _, _, nodes = radix_index.match(index, pad_to(seq, width), len(seq))  # restamps the path
+            index, pool = insert(index, pool, pad_to(seq, width), len(seq), pool.page_table[r])
+            index, _, _, nodes = match(index, pad_to(seq, width), len(seq))  # restamps the path
             if rng.random() < 0.2:
                 index = radix_index.lock(index, radix_index.deepest_node(nodes))
         for r in range(rows):
@@ -533,16 +537,17 @@ def test_batched_lru_eviction_is_the_one_at_a_time_loop(monkeypatch, block):
         for wanted in (1, 3, 10, 100):
             want_index, want_pool, want_freed = index, pool, 0
             while want_freed < wanted:
-                want_index, want_pool, evicted, returned = radix_index._evict_one(
-                    want_index, want_pool, jnp.asarray(-1, jnp.int32), index_only=True)
+                want_index, want_pool, evicted, returned = one(want_index, want_pool)
                 if not bool(evicted):
                     break
                 want_freed += int(returned)
-            got_index, got_pool, got_freed = jax.jit(radix_index._evict_index_only)(index, pool, wanted)
+            got_index, got_pool, got_freed = batched(index, pool, wanted)
             assert int(got_freed) == want_freed
+            evicted_total += want_freed
             for got, want in ((got_index, want_index), (got_pool, want_pool)):
                 for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
                     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert evicted_total > 0
 
 
 def pad_to(tokens: list[int], width: int) -> jax.Array:
