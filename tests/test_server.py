@@ -14,6 +14,7 @@ import time
 
 import httpx
 import pytest
+from hypothesis import given, settings, strategies as st
 
 # The GPU machine has no openai client; there the server tests are skipped, not a collection error.
 openai = pytest.importorskip("openai")
@@ -2317,3 +2318,18 @@ def test_bad_responses_requests_get_openai_errors(live, body, status, param):
     r = post(live, "/v1/responses", body)
     assert r.status_code == status and r.json()["error"]["param"] == param, r.text
     assert post(live, "/v1/responses", {"model": "tiny", "input": "hi", "max_output_tokens": 2}).status_code == 200
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
+
+
+@given(_json_values)
+@settings(max_examples=300, deadline=None)
+def test_sse_events_encode_as_json_dumps_does(value):
+    # The events' one encoder (made once, for its cost a streamed token) writes what json.dumps(ensure_ascii=False)
+    # writes: NaN / Infinity, unicode, escapes, nesting.
+    from jaxserve.server.app import _dumps
+
+    assert _dumps(value) == json.dumps(value, ensure_ascii=False)

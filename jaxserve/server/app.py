@@ -1772,11 +1772,25 @@ async def _sse(handles: list[RequestHandle], fmt: CompletionFormat | ChatFormat 
         yield "data: [DONE]\n\n"
 
 
+def _json_encoder() -> Callable[[Any], str]:
+    """``json.dumps(obj, ensure_ascii=False)`` as one encoder made once: dumps builds a JSONEncoder and its C encoder
+    every call, half of its ~4.4 µs for a one-token SSE chunk, and a streamed token is one such call on the server's
+    event loop (the process a streaming server is bound by). The same text; no circular-reference check (an event is a
+    fresh tree of plain values). Python's pure encoder where the C one is missing."""
+    c_encoder = getattr(json.encoder, "c_make_encoder", None)
+    plain = json.JSONEncoder(ensure_ascii=False)
+    if c_encoder is None:
+        return plain.encode
+    encode = c_encoder(None, plain.default, json.encoder.encode_basestring, None, ": ", ", ", False, False, True)
+    return lambda obj: "".join(encode(obj, 0))
+
+
+_dumps = _json_encoder()
+
+
 def _event(obj: dict[str, Any], typed: bool = False) -> str:
     head = f"event: {obj['type']}\n" if typed else ""
-    return f"{head}data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
+    return f"{head}data: {_dumps(obj)}\n\n"
 
 
 # ----- running it ------------------------------------------------------------------------------------
