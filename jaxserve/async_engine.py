@@ -286,7 +286,9 @@ class EngineLoop:
                                  "stop_reason": request.stop_reason}
         if request.params.logprobs is not None:
             chunk["logprobs"] = request.output_logprobs[start:end]
-            chunk["top_logprobs"] = request.top_logprobs[start:end] if request.params.has_top_logprobs else None
+            # `has_top_logprobs` read as its two fields: a chunk a step for every such request (logprobs=0 is common).
+            top = request.params.logprobs or request.params.logprob_token_ids is not None
+            chunk["top_logprobs"] = request.top_logprobs[start:end] if top else None
         if finished:
             chunk["result"] = request.result()
             del self._outputs[request.request_id]
