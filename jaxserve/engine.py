@@ -1615,6 +1615,13 @@ class Engine:
         embedding's are); a classifier's warm-up compiles those alone. Returns the number of shapes compiled.
         """
         self._check_awake()
+        self.runner.compiled_shapes.quiet = True
+        try:
+            return self._warmup(sampling, logprobs, structured, lora, pooling)
+        finally:
+            self.runner.compiled_shapes.quiet = False
+
+    def _warmup(self, sampling: bool, logprobs: bool, structured: bool, lora: bool | None, pooling: bool) -> int:
         cfg = self.config
         before = len(self.runner.compiled_shapes)
         lora = self.lora is not None if lora is None else lora

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import logging
 import os
 import pkgutil
 import threading
@@ -129,6 +130,30 @@ def choose_tokens(logits: jax.Array, batch: SamplingBatch, steps: jax.Array, cou
     return scored(logits, tokens, num_top, batch.logprob_ids)
 
 
+log = logging.getLogger("jaxserve.runner")
+
+
+class StepShapes(set):
+    """The step shapes a `Runner` has called, each compiled on its first call (or read from the compile cache).
+
+    A shape seen for the first time is logged: at INFO, since a compile while serving holds every running stream
+    for seconds and the line says which shape the warm-up did not cover; at DEBUG inside `Engine.warmup`
+    (``quiet``), which compiles them on purpose and logs their count.
+
+    Example:
+        >>> shapes = StepShapes(); shapes.add(("decode", (8, 1))); len(shapes)
+        1
+    """
+
+    quiet = False
+
+    def add(self, key: tuple) -> None:
+        if key not in self:
+            log.log(logging.DEBUG if self.quiet else logging.INFO, "new step shape (%d so far): %s", len(self) + 1,
+                    key)
+        super().add(key)
+
+
 class Runner:
     """Runs prefill chunks and decode steps of the model over the paged KV cache: its own KV pages,
     the compiled steps (`Steps`) shared with every runner alike in the process. With ``tensor_parallel`` the params
@@ -157,7 +182,7 @@ class Runner:
         self.set_params(params)
         self.kv: KVCache | None = None
         self.new_kv()
-        self.compiled_shapes: set[tuple] = set()
+        self.compiled_shapes = StepShapes()
         # Made once: a jnp.zeros a call would be one more dispatch (and a kernel) on the host's path.
         self._no_counts = jnp.zeros((1, 1), jnp.int32)
         prefill_options = PREFILL_OPTIONS if prefill_options is None else prefill_options

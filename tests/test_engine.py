@@ -1687,3 +1687,22 @@ def test_caller_ids_numpy_prompts_negative_seeds_and_embed_params(tiny):
     while engine.has_unfinished():
         engine.step()
     assert_all_pages_free(engine)
+
+
+def test_new_step_shapes_are_logged_once_and_quietly_inside_warmup(caplog):
+    # A compile while serving stalls every stream: its shape is named at INFO; a shape seen again is not; inside
+    # Engine.warmup (quiet) at DEBUG only.
+    import logging
+
+    from jaxserve.runner import StepShapes
+
+    shapes = StepShapes()
+    with caplog.at_level(logging.DEBUG, logger="jaxserve.runner"):
+        shapes.add(("decode", (8, 1)))
+        shapes.add(("decode", (8, 1)))
+        shapes.quiet = True
+        shapes.add(("prefill", (1, 256)))
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, "new step shape (1 so far): ('decode', (8, 1))"),
+        (logging.DEBUG, "new step shape (2 so far): ('prefill', (1, 256))")]
+    assert len(shapes) == 2
