@@ -244,7 +244,8 @@ def install_stub(engine: Any) -> None:
 async def measure(model: LoadedModel | str, args: argparse.Namespace, interval: int) -> dict[str, Any]:
     cfg = EngineConfig(page_size=16, max_running=args.max_running, decode_steps=args.decode_steps,
                        max_tokens_per_step=2048, max_model_len=args.input_len + args.output_len + 16,
-                       num_pages=args.num_pages or args.max_running * ((args.input_len + args.output_len) // 16 + 2) + 64,
+                       num_pages=(args.num_pages
+                                  or args.max_running * ((args.input_len + args.output_len) // 16 + 2) + 64),
                        batch_buckets=tuple(args.batch_buckets))
     app = create_app(model, cfg, ServerConfig(stream_interval=interval, model_name="stub",
                                               engine_process=args.engine_process,

@@ -1609,10 +1609,11 @@ class Engine:
         set; the top log-probabilities' variants still compile on first use); ``structured=True``
         also those where a row follows a structured output (decode calls at the guide pool's first
         size, `GuidePool`, and prefills with masks; a pool grown past it compiles again). Steps of batches
-        with a `logit_bias`, `bad_words` or `logprob_token_ids` compile on first use. ``lora`` (default: where the engine serves
-        adapters, ``max_loras`` > 0) also the steps of batches with adapter rows (`jaxserve.lora`), each shape
-        once more. ``pooling=True`` also the prefills of embedding requests (`jaxserve.pooling`; greedy rows, as an
-        embedding's are); a classifier's warm-up compiles those alone. Returns the number of shapes compiled.
+        with a `logit_bias`, `bad_words` or `logprob_token_ids` compile on first use. ``lora`` (default: where the
+        engine serves adapters, ``max_loras`` > 0) also the steps of batches with adapter rows (`jaxserve.lora`),
+        each shape once more. ``pooling=True`` also the prefills of embedding requests (`jaxserve.pooling`; greedy
+        rows, as an embedding's are); a classifier's warm-up compiles those alone. Returns the number of shapes
+        compiled.
         """
         self._check_awake()
         self.runner.compiled_shapes.quiet = True

@@ -41,9 +41,10 @@ _INT32_MAX = 2**31 - 1
 class RadixIndex:
     """Radix index state (a pytree; sizes are static). N = capacity + 1 nodes, node 0 the root.
 
-    parent: [N] int32 (-1 for the root and nodes never used; an evicted node keeps its last: `in_use` tells); page: [N] int32 physical page;
-    tokens: [N, page_size] int32 the page's tokens; prefix_hash: [N] uint32 hash of the prefix up to and
-    including the node's page (the node's hash-table key); last_use: [N] int32; lock_count: [N] int32;
+    parent: [N] int32 (-1 for the root and nodes never used; an evicted node keeps its last: `in_use` tells);
+    page: [N] int32 physical page; tokens: [N, page_size] int32 the page's tokens; prefix_hash: [N] uint32 hash
+    of the prefix up to and including the node's page (the node's hash-table key); last_use: [N] int32;
+    lock_count: [N] int32;
     num_children: [N] int32; in_use: [N] bool; free_nodes/free_node_count: stack of unused node ids;
     table: [table_size] int32 node ids, -1 empty; clock, hits, misses, hit_tokens, queried_tokens: [] int32.
     """
