@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -339,7 +340,7 @@ def test_adapter_rows_run_padded_where_the_model_pads_their_calls(adapters, monk
 
 
 @pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
-def test_server_loads_and_unloads_adapters_at_runtime(adapters, tiny_checkpoint, engine_process):
+def test_server_loads_and_unloads_adapters_at_runtime(adapters, tiny_checkpoint, engine_process, tmp_path):
     """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (VLLM_ALLOW_RUNTIME_LORA_UPDATING): off by default
     (404); on, an adapter loaded under a name serves requests naming it, a bad folder or a taken name is 400, an
     unloaded name is 404 again. The same with the engine in its own process (the adapters cross the pipe)."""
@@ -371,6 +372,13 @@ def test_server_loads_and_unloads_adapters_at_runtime(adapters, tiny_checkpoint,
         assert post("/v1/load_lora_adapter", {"lora_name": "mlp", "lora_path": paths["all"]}).status_code == 400
         r = post("/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": "/no/such/folder"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
+        # A folder whose weights file is not safetensors: a 400 naming the path, as vLLM's (was a 500).
+        corrupt = tmp_path / "corrupt"
+        corrupt.mkdir()
+        shutil.copy(os.path.join(paths["mlp"], "adapter_config.json"), corrupt)
+        (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+        r = post("/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(corrupt)})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", r.text
         assert post("/v1/unload_lora_adapter", {"lora_name": "mlp"}).status_code == 200
         assert post("/v1/completions", body).status_code == 404
         assert post("/v1/unload_lora_adapter", {"lora_name": "mlp"}).status_code == 404

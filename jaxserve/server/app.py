@@ -457,8 +457,12 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
                 st.last_lora_id = max([st.last_lora_id, *(x.lora_int_id for x in st.loras.values())]) + 1
                 lora = LoRARequest(req.lora_name, st.last_lora_id, req.lora_path)
                 await st.engine.register_lora(lora)
-            except ValueError as exc:
-                raise APIError(400, str(exc), param="lora_path") from None
+            except EngineDeadError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (vLLM's: an adapter that does not load is the request's 400)
+                # A ValueError names what is wrong; a file the readers refuse (a corrupt safetensors) says what it is.
+                message = str(exc) if isinstance(exc, ValueError) else f"could not load the adapter: {exc!r}"
+                raise APIError(400, message, param="lora_path") from None
             st.loras[req.lora_name] = lora
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
