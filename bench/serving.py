@@ -332,28 +332,25 @@ def _use_compilation_cache(folder: str) -> None:
         os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc (0.0 where it is gone)."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command's name (which may hold spaces); None where it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc (0.0 where it is gone)."""
+    fields = _proc_stat(pid)
+    return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def child_pids(pid: int) -> list[int]:
     """The live processes whose parent is ``pid`` (the server's engine process), from /proc."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue  # gone meanwhile
-    return out
+    return [int(entry) for entry in os.listdir("/proc")
+            if entry.isdigit() and (fields := _proc_stat(int(entry))) is not None and int(fields[1]) == pid]
 
 
 def server_cpu(server: Any) -> dict[str, float]:

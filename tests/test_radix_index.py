@@ -166,7 +166,11 @@ def run(name: str, *args):
 
 
 def pad(tokens: list[int]) -> jax.Array:
-    return jnp.array(tokens + [0] * (BUCKET - len(tokens)), jnp.int32)
+    return pad_to(tokens, BUCKET)
+
+
+def pad_to(tokens: list[int], width: int) -> jax.Array:
+    return jnp.array(tokens + [0] * (width - len(tokens)), jnp.int32)
 
 
 seqs = st.integers(0, MAX_SEQS - 1)
@@ -548,7 +552,3 @@ def test_batched_lru_eviction_is_the_one_at_a_time_loop(monkeypatch, block):
                 for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
                     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert evicted_total > 0
-
-
-def pad_to(tokens: list[int], width: int) -> jax.Array:
-    return jnp.array(tokens + [0] * (width - len(tokens)), jnp.int32)
