@@ -483,6 +483,10 @@
 #   evict73     session 73: steady71's pool full of cached prefixes (8,192 pages, the warm-up's prefixes kept) with
 #               the engine's process at eight tokens an event, the radix index's eviction as of 2b52de7 (a pass over
 #               every node an evicted page) against the two-level minimum, alternating (each arm <= 140 s; ~400 s)
+#   warm74      session 74: Engine.warmup with its compiles on 8 threads against one after the other (bench/warmup.py
+#               --threads, the 0.5B shape at the serving buckets, greedy + sampling steps), each a fresh process, then
+#               generate twice (compiles left, tokens/s); then proc73a's engine-process arm at a token an event with
+#               the served engine at INFO (the step shapes the 512-request burst missed are logged; ~520 s)
 #   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -1435,6 +1439,12 @@ for part in "${parts[@]}"; do
                JAXSERVE_HASH_NOISE=$h timeout 100 python3 bench/sampler_cost.py --rows 64 256 --top-k \
                  --settings temp top_p ; done ;;
     stream69) stream_ab 250 512 256 ;;
+    warm74) python3 -c "from bench.serving import make_random_checkpoint as m; m('qwen2.5-0.5b', '/tmp/q05')" \
+              || continue
+            for threads in 8 1; do timeout 200 python3 bench/warmup.py --model /tmp/q05 --threads $threads \
+              --batch-buckets 1 8 64 256 --max-running 256 --max-tokens-per-step 2048 --num-pages 16384 \
+              --decode-steps 8 --prompts 256 --max-tokens 64; done
+            STREAM_AB_ARGS="--warmup 512 --engine-process" stream_ab 150 512 256 1 ;;
     proc73a|proc73b) interval=$([ "$part" = proc73a ] && echo 1 || echo 8)
             for round in 1 2; do for mode in --engine-process --no-engine-process; do
               STREAM_AB_ARGS="--warmup 512 $mode" stream_ab 150 512 256 "$interval"; done; done ;;

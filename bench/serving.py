@@ -41,6 +41,7 @@ import asyncio
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import os
 import platform
@@ -458,6 +459,9 @@ def serve_child(spec_path: str) -> None:
         spec = json.load(f)
     args = argparse.Namespace(**spec["args"])
     _use_compilation_cache(args.compilation_cache)
+    # INFO reaches the engine (its process takes this level): a step shape compiled after the warm-up is logged there
+    # with its key, the line that says which shape a burst missed. uvicorn's access lines stay at its own level.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from jaxserve.server import serve
 
     cfg = engine_config(args, spec["prefix_caching"])

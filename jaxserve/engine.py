@@ -1599,7 +1599,7 @@ class Engine:
 
     @_on_device
     def warmup(self, sampling: bool = True, logprobs: bool = False, structured: bool = False,
-               lora: bool | None = None, pooling: bool = False) -> int:
+               lora: bool | None = None, pooling: bool = False, compile_threads: int | None = None) -> int:
         """Compile every step shape the buckets allow, so no request waits on the compiler.
 
         Runs padding-only batches (length 0: nothing is written, no page is touched) for each
@@ -1612,19 +1612,33 @@ class Engine:
         with a `logit_bias`, `bad_words` or `logprob_token_ids` compile on first use. ``lora`` (default: where the
         engine serves adapters, ``max_loras`` > 0) also the steps of batches with adapter rows (`jaxserve.lora`),
         each shape once more. ``pooling=True`` also the prefills of embedding requests (`jaxserve.pooling`; greedy
-        rows, as an embedding's are); a classifier's warm-up compiles those alone. Returns the number of shapes
-        compiled.
+        rows, as an embedding's are); a classifier's warm-up compiles those alone. ``compile_threads``: compiles
+        run side by side on this many threads (default: one per two CPUs, at most 8; 1: one after the other), then
+        every shape runs once. Returns the number of shapes compiled.
+
+        Example:
+            >>> engine.warmup(logprobs=True)   # doctest: +SKIP
+            96
         """
         self._check_awake()
+        threads = compile_threads if compile_threads is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
+        if threads < 1:
+            raise ValueError(f"compile_threads must be >= 1, got {threads}")
         self.runner.compiled_shapes.quiet = True
         try:
-            return self._warmup(sampling, logprobs, structured, lora, pooling)
+            before = len(self.runner.compiled_shapes)
+            if threads > 1:
+                # Traced here, compiled on the threads; the pass below then runs every shape from JAX's cache (and
+                # compiles whatever the first pass could not reach: the outputs it fed on were zeros).
+                with self.runner.compiling_ahead(threads):
+                    self._warmup(sampling, logprobs, structured, lora, pooling)
+            self._warmup(sampling, logprobs, structured, lora, pooling)
+            return len(self.runner.compiled_shapes) - before
         finally:
             self.runner.compiled_shapes.quiet = False
 
-    def _warmup(self, sampling: bool, logprobs: bool, structured: bool, lora: bool | None, pooling: bool) -> int:
+    def _warmup(self, sampling: bool, logprobs: bool, structured: bool, lora: bool | None, pooling: bool) -> None:
         cfg = self.config
-        before = len(self.runner.compiled_shapes)
         lora = self.lora is not None if lora is None else lora
         if lora and self.lora is None:
             raise ValueError("warmup(lora=True) needs an engine that serves adapters: EngineConfig(max_loras=...) > 0")
@@ -1681,7 +1695,6 @@ class Engine:
                 for tree in (last, (last, last)) if len(guided) > 1 else (last,):
                     _gather_rows(tree, zeros)
         jax.block_until_ready(self.runner.kv)
-        return len(self.runner.compiled_shapes) - before
 
     @_on_device
     def stats(self) -> dict[str, Any]:

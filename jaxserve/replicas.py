@@ -298,10 +298,10 @@ class Replicas:
         return {**out, "replicas": per, "routed": list(self._load)}
 
     def warmup(self, sampling: bool = True, logprobs: bool = False, structured: bool = False,
-               lora: bool | None = None, pooling: bool = False) -> int:
+               lora: bool | None = None, pooling: bool = False, compile_threads: int | None = None) -> int:
         """`Engine.warmup` on every replica (each device compiles its own programs); the shapes compiled."""
-        return sum(e.warmup(sampling=sampling, logprobs=logprobs, structured=structured, lora=lora, pooling=pooling)
-                   for e in self.engines)
+        return sum(e.warmup(sampling=sampling, logprobs=logprobs, structured=structured, lora=lora, pooling=pooling,
+                            compile_threads=compile_threads) for e in self.engines)
 
     def clear_prefix_cache(self) -> None:
         for engine in self.engines:

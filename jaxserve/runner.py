@@ -10,6 +10,8 @@ lengths.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -154,6 +156,34 @@ class StepShapes(set):
         super().add(key)
 
 
+class _Ahead:
+    """The compiles `Runner.compiling_ahead` started: at most twice ``threads`` lowered steps wait (each holds its
+    module), and a compile keeps no executable of its own (JAX's cache does)."""
+
+    def __init__(self, threads: int) -> None:
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jaxserve-compile")
+        self.slots = threading.BoundedSemaphore(2 * threads)
+        self.futures: list[concurrent.futures.Future] = []
+
+    def compile(self, lowered: Any) -> None:
+        self.slots.acquire()
+
+        def run() -> None:
+            try:
+                lowered.compile()
+            finally:
+                self.slots.release()
+
+        self.futures.append(self.pool.submit(run))
+
+    def wait(self) -> None:
+        for future in self.futures:
+            future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class Runner:
     """Runs prefill chunks and decode steps of the model over the paged KV cache: its own KV pages,
     the compiled steps (`Steps`) shared with every runner alike in the process. With ``tensor_parallel`` the params
@@ -183,6 +213,7 @@ class Runner:
         self.kv: KVCache | None = None
         self.new_kv()
         self.compiled_shapes = StepShapes()
+        self._ahead: _Ahead | None = None  # set inside `compiling_ahead`
         # Made once: a jnp.zeros a call would be one more dispatch (and a kernel) on the host's path.
         self._no_counts = jnp.zeros((1, 1), jnp.int32)
         prefill_options = PREFILL_OPTIONS if prefill_options is None else prefill_options
@@ -223,8 +254,8 @@ class Runner:
                                  + (("pool",) if pool_from is not None else ()) + (("embeds",) if embeds else ()))
         targets = None if prompt_targets is None else _int32(prompt_targets)[0]
         pool = None if pool_from is None else _int32(pool_from)[0]
-        self.kv, out = self.compiled.prefill(
-            self._params(lora), self.kv, *_int32(tokens, q_start, lengths, block_tables), batch, *_int32(steps), counts,
+        self.kv, out = self._run(
+            self.compiled.prefill, self._params(lora), self.kv, *_int32(tokens, q_start, lengths, block_tables), batch, *_int32(steps), counts,
             seen, targets, pool, embeds, num_top=num_top, greedy=greedy, logprobs=logprobs, prompt_top=prompt)
         return out
 
@@ -263,9 +294,44 @@ class Runner:
         guided = (None,) * 3 if guides is None else (guides[0], guides[1], *_int32(guides[2]))
         sampled = () if batch is None else (batch, *_int32(steps), counts, seen, *guided)
         named = None if logprob_ids is None or not logprob_ids.shape[1] else _int32(logprob_ids)[0]
-        self.kv, out = self.compiled.verify(self._params(lora), self.kv, *_int32(tokens, q_start, lengths, block_tables),
-                                            *sampled, logprob_ids=named, num_top=num_top, logprobs=logprobs)
+        self.kv, out = self._run(self.compiled.verify, self._params(lora), self.kv,
+                                 *_int32(tokens, q_start, lengths, block_tables), *sampled, logprob_ids=named,
+                                 num_top=num_top, logprobs=logprobs)
         return out
+
+    @contextlib.contextmanager
+    def compiling_ahead(self, threads: int):
+        """Inside, step calls only trace: each step's compile goes to one of ``threads`` threads and the call returns
+        zeros of its outputs' shapes, the KV pool untouched. Leaving waits for every compile (and raises the first
+        compile error). A later call of a step compiled here finds it in JAX's cache.
+
+        Why: a warm-up of a server's ~100 step shapes compiled one after the other took minutes on an H100 (~3 s a
+        shape, bench/results/serving_stream_h100.md, session 73), while XLA's compile, the larger part, runs without
+        the GIL: on a host of 16 cores, several at once.
+
+        Example:
+            >>> with runner.compiling_ahead(8):                       # doctest: +SKIP
+            ...     runner.decode(tokens, positions, limits, tables, batch, steps, 8)
+            >>> runner.decode(tokens, positions, limits, tables, batch, steps, 8)  # no compile   # doctest: +SKIP
+        """
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        kv, ahead = self.kv, _Ahead(threads)
+        self._ahead = ahead
+        try:
+            yield
+            ahead.wait()
+        finally:
+            self._ahead, self.kv = None, kv
+            ahead.close()
+
+    def _run(self, fn, *args, **static):
+        if self._ahead is None:
+            return fn(*args, **static)
+        lowered = fn.lower(*args, **static)
+        self._ahead.compile(lowered)
+        _, *outs = lowered.out_info  # the pool is the first; the caller keeps the real one
+        return (self.kv, *jax.tree.map(lambda o: np.zeros(o.shape, o.dtype), outs))  # host zeros: no compile each
 
     def set_params(self, params: Any) -> None:
         """The weights the steps run with (the model's tree and dtypes: the compiled steps stay valid); split over
@@ -331,8 +397,8 @@ class Runner:
                                  + _bad_words_key(batch) + _lora_key(lora) + _logprob_ids_key(batch.logprob_ids))
         masks, nxt, states, advance = (None,) * 4 if guides is None else (guides[0], guides[1],
                                                                          *_int32(guides[2], guides[3]))
-        self.kv, out, last = self.decode_fn(tokens.shape[0])(
-            self._params(lora), self.kv, *_int32(tokens, positions, limits, block_tables), batch,
+        self.kv, out, last = self._run(
+            self.decode_fn(tokens.shape[0]), self._params(lora), self.kv, *_int32(tokens, positions, limits, block_tables), batch,
             *_int32(steps), counts, seen, masks, nxt, states, advance, num_steps=num_steps, num_top=num_top,
             penalties=penalties, greedy=greedy, logprobs=logprobs, live_rows=live_rows)
         return (out, last) if return_last else out

@@ -690,6 +690,50 @@ def test_warmup_compiles_every_shape_the_scheduler_uses(tiny):
         assert_all_pages_free(engine)
 
 
+def test_warmup_compiles_on_threads_and_requests_then_run_from_the_cache(tiny):
+    import logging
+    import threading
+
+    import jax.monitoring
+
+    m, hf = tiny
+    # Prefill buckets no other test here compiles (the steps are shared within the process): some shapes are new.
+    cfg = small_config(max_running=3, batch_buckets=(1, 3), prefill_buckets=(24, 48), max_tokens_per_step=48)
+    compiled_on: list[str] = []  # the thread of every XLA compile
+    lowered: list[str] = []  # the steps traced and lowered: a call JAX's cache did not answer
+
+    def on_event(name: str, _secs: float, **_kw) -> None:
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiled_on.append(threading.current_thread().name)
+
+    class Lowerings(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message.startswith(("Compiling jit(_decode_impl)", "Compiling jit(_prefill_impl)")):
+                lowered.append(message[:30])
+
+    handler = Lowerings()
+    logging.getLogger("jax").addHandler(handler)
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        with jax.log_compiles(True), Engine(m, cfg) as engine:
+            shapes = engine.warmup(sampling=False, compile_threads=2)
+            ahead = [name for name in compiled_on if name.startswith("jaxserve-compile")]
+            # Each shape new to the process lowered once (the second pass found them all), compiled on the threads.
+            assert shapes == len(engine.runner.compiled_shapes) and len(lowered) == len(ahead) >= 4
+            lowered.clear()
+            prompts = random_prompts(m.config.vocab_size, (3, 30, 47))
+            outs = engine.generate(prompts, GREEDY, use_tqdm=False)
+            assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 10) for p in prompts]
+            assert lowered == [] and engine.stats()["compilations"] == shapes
+            with pytest.raises(ValueError, match="compile_threads"):
+                engine.warmup(compile_threads=0)
+            assert_all_pages_free(engine)
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+        jax.monitoring.unregister_event_duration_listener(on_event)
+
+
 @pytest.mark.parametrize("policy", ["prefill_first", "mixed"])
 def test_long_prompts_are_prefilled_in_chunks_with_the_same_tokens(tiny, policy):
     m, hf = tiny
