@@ -24,11 +24,13 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import importlib
 import itertools
 import logging
+import multiprocessing.connection
 import os
 import pickle
 import queue
@@ -36,6 +38,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
@@ -164,11 +167,12 @@ def keep_off_accelerators() -> None:
 @dataclasses.dataclass
 class _ChildOutput:
     request_id: str
+    client: int  # the index of the client that added it (its chunks go there alone)
     sent_tokens: int = 0
 
 
 class _Forward:
-    """The child's metrics: each finished result goes up with the step's chunks, to the parent's collectors."""
+    """The child's metrics: each finished result goes up with the step's chunks, to every client's collectors."""
 
     def __init__(self) -> None:
         self.results: list[dict[str, Any]] = []
@@ -177,22 +181,41 @@ class _Forward:
         self.results.append(result)
 
 
-class _ChildLoop(EngineLoop):
-    """`EngineLoop` over pipes: commands from the parent, one message of chunks a step back."""
+@dataclasses.dataclass
+class _Client:
+    """One server process's pipes in the child (client 0: the process that started the engine)."""
 
-    def __init__(self, engine: Any, spec: EngineSpec, commands: Connection, outputs: Connection) -> None:
+    index: int
+    commands: Connection
+    outputs: Connection
+    send_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # the guide thread replies too
+    chunks: list[tuple[str, Any]] = dataclasses.field(default_factory=list)
+    requests: int = 0  # added so far (stats' api_server_requests)
+    broken: bool = False  # a send or a read failed: the loop drops it at its next look for commands
+    gone: bool = False  # dropped: its requests aborted, nothing more sent
+
+
+class _ChildLoop(EngineLoop):
+    """`EngineLoop` over pipes: commands from each client, one message of chunks a step back to each.
+
+    Several clients (`EngineProcess`'s ``clients``: the API server processes of ``--api-server-count``) share the
+    engine: each request's chunks and each call's reply go to the client that sent it; every finished request's
+    result goes to all of them (each process's /metrics counts every request). The engine's lifetime is client 0's
+    (the process that started it): its stop, or its pipe's end, stops the child; another client's pipe end (its
+    process died or detached) aborts that client's requests alone, and its abort of a request id only reaches its own
+    requests (abort_all reaches every request: SGLang's abort_all is the server's).
+    """
+
+    def __init__(self, engine: Any, spec: EngineSpec, clients: list[tuple[Connection, Connection]]) -> None:
         super().__init__(engine, _Forward())
         self.spec = spec
-        self._commands = commands
-        self._outputs_conn = outputs
-        self._send_lock = threading.Lock()  # the guide thread replies beside the loop's sends
-        self._chunks: list[tuple[str, Any]] = []
+        self._clients = [_Client(i, commands, outputs) for i, (commands, outputs) in enumerate(clients)]
+        self._pending: collections.deque[tuple[_Client, tuple]] = collections.deque()
         # Structured outputs compile here, off the loop, as the server's constraint thread does in its own process.
         self._guides = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-constraints")
-        self._parent_gone = False  # a pipe to the parent broke: stop (once) and send nothing more
         self._stopped = False
 
-    def _send(self, message: tuple) -> None:
+    def _send(self, client: _Client, message: tuple) -> None:
         try:
             data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # an unpicklable reply (an exotic exception): its words still reach the caller
@@ -202,50 +225,77 @@ class _ChildLoop(EngineLoop):
             kind = ValueError if isinstance(error, ValueError) else EngineDeadError
             data = pickle.dumps(("reply", message[1], None, kind(f"{type(error).__name__}: {error}")))
             log.debug("reply not picklable: %s", exc)
-        with self._send_lock:
-            if self._parent_gone:
+        with client.send_lock:
+            if client.broken or client.gone:
                 return
             try:
-                self._outputs_conn.send_bytes(data)
-            except OSError:  # the parent is gone (BrokenPipeError): the loop stops at its next look for commands
-                self._parent_gone = True
+                client.outputs.send_bytes(data)
+            except OSError:  # its process is gone (BrokenPipeError): dropped at the loop's next look for commands
+                client.broken = True
 
-    def _reply(self, call_id: int) -> Callable[[Any, BaseException | None], None]:
-        return lambda value, error: self._send(("reply", call_id, value, error))
+    def _reply(self, client: _Client, call_id: int) -> Callable[[Any, BaseException | None], None]:
+        return lambda value, error: self._send(client, ("reply", call_id, value, error))
+
+    def _drop(self, client: _Client) -> None:
+        """A client whose pipe broke (or that detached): its requests aborted (their pages freed), its pipes closed."""
+        with client.send_lock:
+            client.gone = True
+            for conn in (client.commands, client.outputs):
+                conn.close()
+        client.chunks.clear()
+        if client.index:
+            log.info("API server %d left the engine; its requests are aborted", client.index)
+        for request_id in [r for r, output in self._outputs.items() if output.client == client.index]:
+            self._abort(request_id)
 
     def _next_command(self, block: bool) -> tuple | None:
         while True:
-            if self._parent_gone:  # nobody to serve: one stop (abort what runs, leave the loop), then nothing
+            for client in self._clients:
+                if client.broken and not client.gone:
+                    self._drop(client)
+            if self._clients[0].gone:  # the engine's owner is gone: one stop (abort what runs, leave the loop)
                 if self._stopped:
                     return None
                 self._stopped = True
                 return ("stop", _Stop(0.0))
-            try:
-                if not self._commands.poll(self.idle_poll_s if block else 0):
-                    return None
-                message = self._commands.recv()
-            except (EOFError, OSError):
-                self._parent_gone = True
+            if self._pending:
+                client, message = self._pending.popleft()
+                if not client.gone:
+                    command = self._command(client, message)
+                    if command is not None:
+                        return command
                 continue
-            command = self._command(message)
-            if command is not None:
-                return command
+            live = {client.commands: client for client in self._clients if not client.gone}
+            for conn in multiprocessing.connection.wait(list(live), self.idle_poll_s if block else 0):
+                client = live[conn]
+                try:
+                    while True:  # what this client sent so far, in its order
+                        self._pending.append((client, conn.recv()))
+                        if not conn.poll(0):
+                            break
+                except (EOFError, OSError):
+                    client.broken = True
+            if not self._pending and not any(client.broken and not client.gone for client in self._clients):
+                return None
 
-    def _command(self, message: tuple) -> tuple | None:
+    def _command(self, client: _Client, message: tuple) -> tuple | None:
         kind = message[0]
         if kind == "add":
             _, call_id, prompt, params, request_id, priority, lora = message
-            return ("call", lambda: self._add(prompt, params, request_id, _ChildOutput(request_id), priority, lora),
-                    self._reply(call_id))
+
+            def add() -> None:
+                self._add(prompt, params, request_id, _ChildOutput(request_id, client.index), priority, lora)
+                client.requests += 1
+            return ("call", add, self._reply(client, call_id))
         if kind == "call":
             _, call_id, name, args = message
             if name not in _CALLS:
-                self._send(("reply", call_id, None, EngineDeadError(f"unknown engine call {name!r}")))
+                self._send(client, ("reply", call_id, None, EngineDeadError(f"unknown engine call {name!r}")))
                 return None
-            return ("call", lambda: getattr(self, "_call_" + name)(*args), self._reply(call_id))
+            return ("call", lambda: getattr(self, "_call_" + name)(*args), self._reply(client, call_id))
         if kind == "guide":
             _, call_id, spec = message
-            reply = self._reply(call_id)
+            reply = self._reply(client, call_id)
 
             def compile_guide() -> None:
                 try:
@@ -257,34 +307,51 @@ class _ChildLoop(EngineLoop):
             self._guides.submit(compile_guide)
             return None
         if kind == "stop":
+            if client.index:  # only the owner stops the engine; another client's stop is its leaving
+                client.broken = True
+                return None
             return ("stop", _Stop(message[1]))
-        return message  # abort, abort_all
+        if kind == "abort":
+            output = self._outputs.get(message[1])
+            # Another client's request of that id is not this one's to end (a refused add of an id in use aborts it).
+            return message if output is not None and output.client == client.index else None
+        return message  # abort_all
 
     def _post(self, output: _ChildOutput, item: Any) -> None:
-        self._chunks.append((output.request_id, item))
+        client = self._clients[output.client]
+        if not client.gone:
+            client.chunks.append((output.request_id, item))
 
     def _flush(self) -> None:
-        if not self._chunks and not self.metrics.results:
-            return
-        chunks, self._chunks = self._chunks, []
         results, self.metrics.results = self.metrics.results, []
-        self._send(("chunks", chunks, results))
+        for client in self._clients:
+            if client.chunks or (results and not client.gone):
+                chunks, client.chunks = client.chunks, []
+                self._send(client, ("chunks", chunks, results))
 
     def _refuse_pending_calls(self) -> None:
         self._guides.shutdown(wait=True)
-        while not self._parent_gone:
-            try:
-                if not self._commands.poll(0):
-                    return
-                message = self._commands.recv()
-            except (EOFError, OSError):
-                return
+        for client, message in self._pending:
             if message[0] in ("add", "call", "guide"):
-                self._send(("reply", message[1], None, EngineDeadError("the engine has stopped")))
+                self._send(client, ("reply", message[1], None, EngineDeadError("the engine has stopped")))
+        self._pending.clear()
+        for client in self._clients:
+            while not (client.gone or client.broken):
+                try:
+                    if not client.commands.poll(0):
+                        break
+                    message = client.commands.recv()
+                except (EOFError, OSError):
+                    break
+                if message[0] in ("add", "call", "guide"):
+                    self._send(client, ("reply", message[1], None, EngineDeadError("the engine has stopped")))
 
-    # the calls the parent may name (_CALLS)
+    # the calls a client may name (_CALLS)
     def _call_stats(self) -> dict[str, Any]:
-        return self.engine.stats()
+        # Each API server's share of the requests (--api-server-count; server 0 started the engine) and how many
+        # still talk to it.
+        return {**self.engine.stats(), "api_servers": sum(not client.gone for client in self._clients),
+                "api_server_requests": [client.requests for client in self._clients]}
 
     def _call_register_lora(self, lora: Any) -> None:
         self.engine.register_lora(lora)
@@ -307,28 +374,54 @@ class _ChildLoop(EngineLoop):
         return int(self.engine.sleeping)
 
 
-# The child's first lines (``python -c``), before any import of jaxserve: the parent's sys.path, so the child runs the
-# jaxserve the parent runs (and the spec's classes and a setup hook import as there). Imported first, jaxserve came
-# from the child's own path: another installed copy (an editable install of another checkout: the child ran that
-# tree's code beside the parent's), or none ("No module named 'jaxserve'") where the parent found it on a path it
-# added (a bench script's sys.path.insert) and was started from another folder.
+# A started interpreter's first lines (``python -c``), before any import of jaxserve: the parent's sys.path, so the
+# child runs the jaxserve the parent runs (and the spec's classes and a setup hook import as there). Imported first,
+# jaxserve came from the child's own path: another installed copy (an editable install of another checkout: the child
+# ran that tree's code beside the parent's), or none ("No module named 'jaxserve'") where the parent found it on a path
+# it added (a bench script's sys.path.insert) and was started from another folder.
 _BOOTSTRAP = ("import sys; from multiprocessing.connection import Connection; "
-              "commands = Connection({commands}, writable=False); sys.path[:] = commands.recv(); "
-              "from jaxserve.engine_process import _child_entry; _child_entry(commands, {outputs})")
+              "setup = Connection({setup}, writable=False); sys.path[:] = setup.recv(); "
+              "from {module} import {function} as entry; entry(setup, *{fds!r})")
 
 
-def _child_entry(commands: Connection, outputs_fd: int) -> None:
-    """The child's start, after `_BOOTSTRAP` took the parent's sys.path off ``commands`` (``python -c``, not
-    multiprocessing's spawn, which runs the parent's ``__main__`` again: a script without a main guard would start a
-    server in its engine)."""
+def start_interpreter(entry: str, fds: tuple[int, ...] = (),
+                      env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Connection]:
+    """A fresh Python running ``entry`` (``"module:function"``), called with a `Connection` that reads what the
+    returned one sends (this process's sys.path first, taken by `_BOOTSTRAP`) and with ``fds``, which it inherits.
+    A fresh interpreter, never a fork: this process may hold JAX's (and the GPU driver's) threads and state; and not
+    multiprocessing's spawn, which runs the parent's ``__main__`` again (a script without a main guard would start a
+    server in its engine).
+
+    Example:
+        >>> process, setup = start_interpreter("jaxserve.engine_process:_child_entry", (3, 4))  # doctest: +SKIP
+    """
+    module, _, function = entry.partition(":")
+    read, write = os.pipe()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _BOOTSTRAP.format(setup=read, module=module, function=function, fds=tuple(fds))],
+            pass_fds=(read, *fds), env=env)
+    finally:
+        os.close(read)
+    setup = Connection(write, readable=False)
+    setup.send(list(sys.path))
+    return process, setup
+
+
+def _child_entry(setup: Connection, *fds: int) -> None:
+    """The engine process's start (`start_interpreter`); ``fds``: each client's commands and outputs pipe ends, in
+    turn (client 0, the process that started it, first)."""
     # Ctrl-C in a terminal reaches the whole process group, and a service manager's stop (systemd's default
     # KillMode=control-group) sends SIGTERM to every process of the server's: the server drains and then stops this
     # child (a stop command, or its pipe's end if the server dies), where either signal here would cut the drain's
     # requests off (SIGTERM had them end in a 500, "the engine process exited with code -15").
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    outputs = Connection(outputs_fd, readable=False)
-    spec, log_level = commands.recv()
+    clients = [(Connection(fds[i], writable=False), Connection(fds[i + 1], readable=False))
+               for i in range(0, len(fds), 2)]
+    outputs = clients[0][1]
+    spec, log_level = setup.recv()
+    setup.close()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine] %(message)s")
     try:
         engine, loaded = build_engine(spec.model, spec.engine_config, spec.tokenizer, spec.data_parallel_size,
@@ -343,7 +436,7 @@ def _child_entry(commands: Connection, outputs_fd: int) -> None:
         outputs.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     outputs.send(("ready", info))
-    _ChildLoop(engine, spec, commands, outputs)._run()
+    _ChildLoop(engine, spec, clients)._run()
 
 
 # ----- the parent ---------------------------------------------------------------------------------------------------
@@ -361,39 +454,68 @@ class EngineProcess(Submitting):
         >>> await engine.shutdown()                                                      # doctest: +SKIP
     """
 
-    def __init__(self, spec: EngineSpec, metrics: Any = None) -> None:
+    def __init__(self, spec: EngineSpec, metrics: Any = None, clients: int = 1) -> None:
+        if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
+            raise ValueError(f"clients must be an int >= 1, got {clients!r}")
         self.spec = spec
-        self.metrics = metrics
-        # A fresh interpreter, never a fork: the parent may hold JAX's (and the GPU driver's) threads and state.
-        child_commands, commands = os.pipe()
-        replies, child_outputs = os.pipe()
-        self._process = subprocess.Popen(
-            [sys.executable, "-c", _BOOTSTRAP.format(commands=child_commands, outputs=child_outputs)],
-            pass_fds=(child_commands, child_outputs))
-        # The parent's copies of the child's ends closed, so a dead child reads as EOF here.
-        os.close(child_commands)
-        os.close(child_outputs)
-        self._commands = Connection(commands, readable=False)
-        self._replies = Connection(replies, writable=False)
+        pipes = [(*os.pipe(), *os.pipe()) for _ in range(clients)]  # (child's commands, ours, ours, child's outputs)
+        process, setup = start_interpreter("jaxserve.engine_process:_child_entry",
+                                           tuple(fd for p in pipes for fd in (p[0], p[3])))
+        # Our copies of the child's ends closed, so a dead child reads as EOF here (and in the other clients).
+        for child_commands, _, _, child_outputs in pipes:
+            os.close(child_commands)
+            os.close(child_outputs)
+        # The other clients' ends (`take_client_fds`): another process's to `attach`.
+        self._client_fds = [(commands, replies) for _, commands, replies, _ in pipes[1:]]
+        commands = Connection(pipes[0][1], readable=False)
+        replies = Connection(pipes[0][2], writable=False)
         try:
-            self._commands.send(list(sys.path))  # `_BOOTSTRAP`'s
-            self._commands.send((spec, logging.getLogger().getEffectiveLevel()))
-            message = self._replies.recv()
+            setup.send((spec, logging.getLogger().getEffectiveLevel()))
+            setup.close()
+            message = replies.recv()
         except (EOFError, OSError):
-            code = self._process.wait()
+            self._close_client_fds()
+            code = process.wait()
             raise RuntimeError(f"the engine process exited (code {code}) before it was ready; "
                                "its log above says why") from None
         if message[0] != "ready":
+            self._close_client_fds()
             try:
-                self._process.wait(30)
+                process.wait(30)
             except subprocess.TimeoutExpired:
-                self._process.kill()
+                process.kill()
             raise RuntimeError(f"the engine process could not start: {message[1]}")
-        self.info: dict[str, Any] = message[1]
+        self._connect(process, commands, replies, message[1], metrics)
+
+    @classmethod
+    def attach(cls, commands_fd: int, outputs_fd: int, info: dict[str, Any], metrics: Any = None) -> "EngineProcess":
+        """A client of an engine process another process started (one of its `take_client_fds` pairs, inherited):
+        the same API, but it does not own the engine. Its `shutdown` drains and aborts its own requests and leaves;
+        the engine goes on serving the others (the API server workers of ``--api-server-count``).
+
+        Example:
+            >>> engine = EngineProcess.attach(5, 6, info, metrics)  # doctest: +SKIP
+        """
+        self = cls.__new__(cls)
+        self.spec = None
+        self._client_fds = []
+        self._connect(None, Connection(commands_fd, readable=False), Connection(outputs_fd, writable=False), info,
+                      metrics)
+        return self
+
+    def _connect(self, process: subprocess.Popen | None, commands: Connection, replies: Connection,
+                 info: dict[str, Any], metrics: Any) -> None:
+        self._process = process
+        self._commands = commands
+        self._replies = replies
+        self.info: dict[str, Any] = info
+        self.metrics = metrics
         self._lock = threading.Lock()  # _outputs, _calls and _dead
         self._outputs: dict[str, _Output] = {}
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._call_ids = itertools.count()
+        # Ids unique across the engine's clients (each a process of its own).
+        self._id_prefix = f"async-{os.getpid()}-"
         self._ids = itertools.count()
         self._accepting = True
         self._dead: str | None = None
@@ -405,10 +527,25 @@ class EngineProcess(Submitting):
         self._reader = threading.Thread(target=self._read, name="jaxserve-engine-reader", daemon=True)
         self._reader.start()
 
+    def take_client_fds(self) -> list[tuple[int, int]]:
+        """The other clients' (commands, outputs) pipe ends, for the processes that will `attach` them (the caller
+        closes its copies once they are passed on); each client's requests are its own, and the engine aborts them
+        when its pipe closes.
+
+        Example:
+            >>> [(commands, outputs)] = EngineProcess(spec, clients=2).take_client_fds()  # doctest: +SKIP
+        """
+        fds, self._client_fds = self._client_fds, []
+        return fds
+
+    def _close_client_fds(self) -> None:
+        for fd in (fd for pair in self.take_client_fds() for fd in pair):
+            os.close(fd)
+
     # ----- what the server reads --------------------------------------------------------------------------------
     @property
     def is_running(self) -> bool:
-        return self._dead is None and self._process.poll() is None
+        return self._dead is None and (self._process is None or self._process.poll() is None)
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -455,7 +592,7 @@ class EngineProcess(Submitting):
             raise EngineDeadError("the engine is shutting down and accepts no new requests")
         loop = asyncio.get_running_loop()
         output = _Output(loop, asyncio.Queue())
-        request_id = request_id or f"async-{next(self._ids)}"
+        request_id = request_id or f"{self._id_prefix}{next(self._ids)}"
         with self._lock:
             # Registered before the child hears of it: its first chunks may come before the reply is read here.
             if request_id in self._outputs:
@@ -510,18 +647,43 @@ class EngineProcess(Submitting):
         request that carries it compiles nothing between steps."""
         await self._request(lambda call_id: ("guide", call_id, spec))
 
-    async def shutdown(self, drain_s: float = 0.0) -> None:
-        """`AsyncEngine.shutdown`'s: drain, abort the rest, and wait for the child to exit."""
+    def stop_accepting(self) -> None:
+        """New requests are refused (`EngineDeadError`, a 503 at the server) from now on; those running go on."""
         self._accepting = False
+
+    async def shutdown(self, drain_s: float = 0.0) -> None:
+        """`AsyncEngine.shutdown`'s: drain, abort the rest, and wait for the child to exit. An attached client
+        (`attach`) drains and aborts its own requests alone and leaves the engine to the others."""
+        self._accepting = False
+        if self._process is None:
+            await self._leave(drain_s)
+            return
+        self._close_client_fds()  # never handed to a process: the child sees those clients leave
         if self._dead is None:
             self._send(("stop", drain_s))
         try:
-            await asyncio.to_thread(self._process.wait, drain_s + 60)
+            code = await asyncio.to_thread(self._process.wait, drain_s + 60)
         except subprocess.TimeoutExpired:
             log.warning("the engine process did not stop; killing it")
             self._process.kill()
-            await asyncio.to_thread(self._process.wait)
+            code = await asyncio.to_thread(self._process.wait)
+        if code != 0:
+            log.warning("the engine process exited with code %s", code)
         self._unsent.put(None)
+        await asyncio.to_thread(self._reader.join, 10)
+
+    async def _leave(self, drain_s: float) -> None:
+        deadline = time.monotonic() + drain_s
+        for give_up in (deadline, deadline + 10):  # the drain; then the aborted requests' last chunks
+            while self._outputs and self._dead is None and time.monotonic() < give_up:
+                await asyncio.sleep(0.02)
+            with self._lock:
+                left = list(self._outputs)
+            for request_id in left:
+                self.abort(request_id)
+        self._unsent.put(None)
+        await asyncio.to_thread(self._writer.join, 10)
+        self._commands.close()  # the child drops this client (aborting what it still runs) and closes our replies
         await asyncio.to_thread(self._reader.join, 10)
 
     # ----- the reader thread --------------------------------------------------------------------------------------
@@ -544,7 +706,7 @@ class EngineProcess(Submitting):
             log.exception("engine process reader failed")
             reason = f"the engine process's messages could not be read: {type(exc).__name__}: {exc}"
         try:
-            code = self._process.wait(5)
+            code = self._process.wait(5) if self._process is not None else None
         except subprocess.TimeoutExpired:
             code = None
         if code not in (0, None):

@@ -339,3 +339,88 @@ def test_the_child_runs_the_jaxserve_its_parent_runs(tiny_checkpoint, tmp_path):
     assert f"parent {tree}/jaxserve/__init__.py" in out.stdout, out.stdout + out.stderr
     assert f"could not start: RuntimeError: jaxserve at {tree}/jaxserve/__init__.py" in out.stdout, (
         out.stdout + out.stderr[-2000:])
+
+
+class _Results:
+    """A metrics observer that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.results: list[dict] = []
+
+    def observe_finished(self, result: dict) -> None:
+        self.results.append(result)
+
+
+def test_clients_of_one_engine_process_get_their_own_chunks(tiny_checkpoint):
+    """Three clients of one child (`--api-server-count`'s server processes): each gets its own requests' chunks
+    (never another's) and every finished result (each process's /metrics counts all); another client's abort of an id,
+    and its add of an id in use, leave the owner's request running; a client whose pipe closes gets its requests
+    aborted (pages freed) while the others go on; a killed child fails every client's open request."""
+    config = EngineConfig(num_pages=128, max_running=8, max_tokens_per_step=64, batch_buckets=(8,),
+                          prefill_buckets=(64,), decode_steps=1, max_model_len=256)
+    seen = [_Results() for _ in range(3)]
+    owner = EngineProcess(EngineSpec(tiny_checkpoint[0], config, setup="tests.test_engine_process:slow_decodes"),
+                          seen[0], clients=3)
+    clients = [owner] + [EngineProcess.attach(commands, outputs, owner.info, metrics)
+                         for (commands, outputs), metrics in zip(owner.take_client_fds(), seen[1:])]
+    delivered: list[set] = []
+    for client in clients:  # the request ids each client's reader was handed chunks of
+        ids: set = set()
+        delivered.append(ids)
+        client._deliver = (lambda real, ids: lambda chunks, results: (ids.update(r for r, _ in chunks),
+                                                                      real(chunks, results)))(client._deliver, ids)
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    long = SamplingParams(max_tokens=200, ignore_eos=True)
+
+    async def settled() -> dict:
+        for _ in range(200):
+            await owner.clear_prefix_cache()
+            stats = await owner.stats()
+            if stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        return stats
+
+    async def run():
+        prompts = [[5, 6, 7], [8, 9, 10], [11, 12]]
+        together = await asyncio.gather(*(c.generate_async(p, greedy, f"mine-{i}") for i, (c, p) in
+                                          enumerate(zip(clients, prompts))))
+        alone = [await owner.generate_async(p, greedy) for p in prompts]
+        assert [r["token_ids"] for r in together] == [r["token_ids"] for r in alone]
+        assert [{i for i in ids if i.startswith("mine-")} for ids in delivered] == [{"mine-0"}, {"mine-1"},
+                                                                                     {"mine-2"}]
+        # Another client's abort of the id, then its add of the same id (refused: in use) leave the request running.
+        mine = await owner.submit([5, 6, 7], long, request_id="shared")
+        chunks = aiter(mine)
+        clients[1].abort("shared")
+        with pytest.raises(ValueError, match="already in use"):
+            await clients[1].submit([1, 2], long, request_id="shared")
+        for _ in range(5):
+            assert (await asyncio.wait_for(anext(chunks), 30))["finish_reason"] is None
+        mine.abort()
+        # A client whose pipe closes (its process died): its running request is aborted, its pages freed.
+        theirs = aiter(await clients[1].submit([8, 9, 10], long))
+        await anext(theirs)
+        assert (await owner.stats())["api_servers"] == 3
+        clients[1]._commands.close()
+        with pytest.raises(EngineDeadError):  # its own pipe's end: the child dropped it
+            async for _ in theirs:
+                pass
+        stats = await settled()
+        assert stats["pages_used"] == 0 and stats["running"] == 0 and stats["api_servers"] == 2, stats
+        assert stats["api_server_requests"] == [5, 2, 1]
+        # Every finished request reached every client's metrics while it was there (the refused add never ran).
+        assert len(seen[0].results) == len(seen[2].results) == 8 and len(seen[1].results) >= 6
+        # The child killed: every client's open request fails, and none reports it runs.
+        open_one = aiter(await clients[2].submit([11, 12], long))
+        await anext(open_one)
+        os.kill(owner._process.pid, signal.SIGKILL)
+        with pytest.raises(EngineDeadError):
+            async for _ in open_one:
+                pass
+        await owner.shutdown()
+        for client in clients[1:]:
+            await client.shutdown()
+        assert not any(client.is_running for client in clients)
+
+    asyncio.run(run())
