@@ -422,6 +422,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          f"log-probabilities a token (vLLM's -1, the whole vocabulary, is not served)")
     if args.stream_interval < 1:
         raise SystemExit(f"error: --stream-interval must be >= 1, got {args.stream_interval}")
+    if args.api_server_count < 1:
+        raise SystemExit(f"error: --api-server-count must be >= 1, got {args.api_server_count}")
+    if args.api_server_count > 1 and (args.engine_process is False or args.rope_scaling is not None):
+        raise SystemExit("error: --api-server-count > 1 needs the engine in its own process, which the server "
+                         "processes share; " + ("--no-engine-process" if args.engine_process is False else
+                                                "--rope-scaling (it loads the model here)") + " runs it on a thread here")
     _structured_outputs_config(args)
     _check_task(args)
     _log_to_stderr(args.log_level)
@@ -445,7 +451,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
                                  max_logprobs=args.max_logprobs, log_requests=args.log_requests,
                                  tokenizer=args.tokenizer, stream_interval=args.stream_interval,
-                                 engine_process=args.engine_process,
+                                 engine_process=args.engine_process, api_server_count=args.api_server_count,
                                  enable_request_id_headers=args.enable_request_id_headers)
     if args.engine_process and args.rope_scaling is not None:  # (unset, the engine thread serves the model loaded here)
         raise SystemExit("error: --engine-process loads the checkpoint in the engine's process as it is; "
@@ -551,6 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "--rope-scaling loads the model here): its host work no longer shares the HTTP side's "
                           "GIL, which bounds streamed serving at many requests; --no-engine-process: a thread of "
                           "the server's process")
+    srv.add_argument("--api-server-count", type=int, default=1, metavar="N",
+                     help="N HTTP server processes on the one socket, over the one engine process (vLLM's; default 1): "
+                          "when one process's event loop bounds streamed serving. Needs the engine process; runtime "
+                          "LoRA loading is refused")
     srv.add_argument("--warmup-structured", action="store_true",
                      help="--warmup, and the steps of requests with structured outputs (response_format, "
                           "guided_*) too")

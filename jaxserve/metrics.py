@@ -82,6 +82,15 @@ class _EngineTotals(Collector):
                           ("lora_slots_held", "LoRA slots held by running requests.")):
             if key in st:
                 yield GaugeMetricFamily(f"jaxserve_{key}", what, value=float(st[key]))
+        if "api_servers" in st:  # an engine process's: its server processes (--api-server-count), each one's share
+            yield GaugeMetricFamily("jaxserve_api_servers", "Server processes the engine serves (--api-server-count; "
+                                    "one whose process died no longer counts).", value=float(st["api_servers"]))
+            shares = CounterMetricFamily("jaxserve_api_server_requests",
+                                         "Requests each server process submitted to the engine (server 0: the process "
+                                         "that started it; --api-server-count).", labels=["server"])
+            for server, count in enumerate(st["api_server_requests"]):
+                shares.add_metric([str(server)], float(count))
+            yield shares
         # A gauge: the number of distinct step shapes compiled so far, a level rather than a flow.
         yield GaugeMetricFamily("jaxserve_compiled_step_shapes",
                                 "Distinct step shapes the engine has run (each compiled once a process: engines "
@@ -90,7 +99,9 @@ class _EngineTotals(Collector):
 
 
 class ServingMetrics:
-    """The ``jaxserve_*`` metrics.
+    """The ``jaxserve_*`` metrics. With several server processes over one engine (``--api-server-count``), each
+    process's collectors see every finished request (the engine's process sends each result to all of them), so a
+    scrape of any one process counts all requests.
 
     Example:
         >>> m = ServingMetrics()

@@ -54,6 +54,7 @@ from jaxserve.server.protocol import (AbortRequest, APIError, ChatRequest, Class
                                       DetokenizeRequest, EmbeddingRequest, GenerateRequest,
                                       LoadLoraRequest, RerankRequest, SamplingFields, Schema, ScoreRequest,
                                       TokenizeRequest, ToolCall, UnloadLoraRequest, bad_params)
+from jaxserve.server.api_servers import ApiServers
 from jaxserve.server.reasoning import REASONING_PARSERS, THINK_END
 from jaxserve.server.responses import ChatFormat, CompletionFormat, GenerateFormat
 from jaxserve.server.responses_api import (ResponsesFormat, ResponsesRequest, ResponseStore, chat_body,
@@ -158,6 +159,12 @@ class ServerConfig:
     # With engine_process: "module:function" the child calls with its built engine before serving (a benchmark's
     # stub device, a test's fault); None in production.
     engine_setup: str | None = None
+    # vLLM's --api-server-count: this many HTTP server processes on one listening socket, all over the one engine
+    # process (`serve` starts the others: `jaxserve.server.api_servers`), when one process's event loop bounds streamed
+    # serving. Needs the engine in its own process. Each process keeps its own /v1/responses store and /generate rids
+    # (a previous_response_id or an /abort_request rid reaches only the process that served it); runtime LoRA
+    # loading is refused (an adapter loaded in one process would be unknown to the others).
+    api_server_count: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) or not (
@@ -165,7 +172,7 @@ class ServerConfig:
             raise ValueError(f"max_logprobs must be an int in [0, {MAX_LOGPROBS}] (the most the engine computes), "
                              f"got {self.max_logprobs!r}")
         for name in ("max_tokens_limit", "max_body_bytes", "max_choices", "max_stop", "data_parallel_size",
-                     "stream_interval"):
+                     "stream_interval", "api_server_count"):
             if name == "max_tokens_limit" and self.max_tokens_limit is None:
                 continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -194,6 +201,9 @@ class ServerConfig:
                 or set(names) & set(self.model_aliases)):
             raise ValueError(f"lora_modules must have distinct non-empty names, other than the model's, got {names}")
         object.__setattr__(self, "lora_modules", modules)
+        if self.api_server_count > 1 and self.engine_process is False:
+            raise ValueError("api_server_count > 1 needs the engine in its own process (engine_process), which the "
+                             "server processes share; engine_process is False")
 
 
 
@@ -263,8 +273,12 @@ def _state(request: Request) -> _State:
 
 
 def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: EngineConfig | None = None,
-               server_config: ServerConfig | None = None) -> FastAPI:
+               server_config: ServerConfig | None = None, *,
+               attach: tuple[int, int, dict[str, Any]] | None = None) -> FastAPI:
     """The FastAPI app; the model loads and the engine thread starts in the lifespan startup.
+
+    ``attach``: (commands fd, outputs fd, engine info) of an engine process another server process started
+    (`EngineProcess.attach`: an API server worker of ``api_server_count``); the app serves over it and loads no weights.
 
     Example:
         >>> app = create_app("/models/Qwen2.5-0.5B-Instruct", EngineConfig(dtype="bfloat16"))  # doctest: +SKIP
@@ -284,15 +298,21 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         engine: AsyncEngine | EngineProcess
         in_process = (server_config.engine_process if server_config.engine_process is not None
                       else not isinstance(model, LoadedModel))
+        if server_config.api_server_count > 1 and not in_process:
+            raise ValueError("api_server_count > 1 needs the engine in its own process, which the server processes "
+                             "share: give a checkpoint folder, not a LoadedModel")
         if in_process:
-            if isinstance(model, LoadedModel):  # its arrays (or a config overridden at load) cannot cross
+            keep_off_accelerators()
+            if attach is not None:
+                engine = EngineProcess.attach(*attach, metrics=metrics)
+            elif isinstance(model, LoadedModel):  # its arrays (or a config overridden at load) cannot cross
                 raise ValueError("engine_process: the engine's process loads its model itself, from a checkpoint "
                                  "folder; give the folder, not a LoadedModel (or serve it with engine_process off)")
-            spec = EngineSpec(None if model is None else os.fspath(model), engine_config, server_config.tokenizer,
-                              server_config.data_parallel_size, tuple(loras.values()), server_config.warmup,
-                              server_config.warmup_structured, server_config.engine_setup)
-            keep_off_accelerators()
-            engine = await asyncio.to_thread(EngineProcess, spec, metrics)
+            else:
+                spec = EngineSpec(None if model is None else os.fspath(model), engine_config, server_config.tokenizer,
+                                  server_config.data_parallel_size, tuple(loras.values()), server_config.warmup,
+                                  server_config.warmup_structured, server_config.engine_setup)
+                engine = await asyncio.to_thread(EngineProcess, spec, metrics, server_config.api_server_count)
             info = engine.info
             tokenizer = await asyncio.to_thread(load_tokenizer, server_config.tokenizer or info["path"])
         else:
@@ -373,6 +393,8 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
+        """Prometheus's scrape. With ``api_server_count`` > 1 any one process's answer counts every request: each
+        finished request reaches every process's collectors, and the engine's gauges come from the engine's process."""
         st = _state(request)
         if st.engine.is_running:
             st.metrics.set_engine_stats(await st.engine.stats())
@@ -830,6 +852,10 @@ def _check_runtime_lora(st: _State) -> None:
     if not st.config.allow_runtime_lora_updating:
         raise APIError(404, "runtime LoRA updating is off: start the server with --allow-runtime-lora-updating "
                             "(vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING)", code="not_found")
+    if st.config.api_server_count > 1:
+        # The served names live in each server process: an adapter loaded through one would be unknown to the others.
+        raise APIError(400, "runtime LoRA updating is not supported with --api-server-count > 1 (each server process "
+                            "holds its own adapter names); give the adapters at start with --lora-modules")
 
 
 def _model_card(st: _State, lora: str | None = None, alias: str | None = None) -> dict[str, Any]:
@@ -1804,15 +1830,34 @@ def build_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_le
     Plain uvicorn waits for open responses and only then runs the lifespan shutdown, so a long
     stream would be cut when its graceful timeout expires. Here SIGINT/SIGTERM first stops the
     engine (new requests get 503, running ones finish within ``drain_s`` or end with
-    finish_reason "abort" and ``[DONE]``), so the connections close on their own.
+    finish_reason "abort" and ``[DONE]``), so the connections close on their own. With ``api_servers`` set (`serve`
+    with ``api_server_count`` > 1) it starts them once its app is up, and its shutdown stops them (each drains)
+    before the engine's.
+
+    Example:
+        >>> build_server(create_app("/models/qwen"), port=8000).run()  # doctest: +SKIP
     """
     import uvicorn
 
     class _Server(uvicorn.Server):
+        api_servers: ApiServers | None = None
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            st = getattr(app.state, "jaxserve", None)
+            if self.api_servers is not None and st is not None and not self.should_exit:
+                self.api_servers.start(st.engine, sockets[0])
+
         async def shutdown(self, sockets=None) -> None:
             st = getattr(app.state, "jaxserve", None)
             if st is not None:
-                await st.engine.shutdown(drain_s=st.config.drain_s)
+                drain_s = st.config.drain_s
+                if self.api_servers is not None:  # the engine serves the workers' drains, then this one's rest
+                    start = time.monotonic()
+                    st.engine.stop_accepting()
+                    await self.api_servers.stop(drain_s)
+                    drain_s = max(0.0, drain_s - (time.monotonic() - start))
+                await st.engine.shutdown(drain_s=drain_s)
             await super().shutdown(sockets=sockets)
 
     config = getattr(app.state, "jaxserve_config", None) or ServerConfig()
@@ -1824,9 +1869,16 @@ def build_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_le
 def serve(model: LoadedModel | str | os.PathLike | None, engine_config: EngineConfig | None = None,
           server_config: ServerConfig | None = None, host: str = "127.0.0.1", port: int = 8000,
           log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM (see ``build_server`` for the shutdown order).
+    """Serve until SIGINT/SIGTERM (see ``build_server`` for the shutdown order). With ``api_server_count`` > 1 this
+    process binds the socket and serves it beside the workers it starts (`jaxserve.server.api_servers`).
 
     Example:
         >>> serve("/models/Qwen2.5-0.5B-Instruct", EngineConfig(dtype="bfloat16"), port=8000)  # doctest: +SKIP
     """
-    build_server(create_app(model, engine_config, server_config), host, port, log_level).run()
+    server_config = server_config or ServerConfig()
+    server = build_server(create_app(model, engine_config, server_config), host, port, log_level)
+    if server_config.api_server_count == 1:
+        server.run()
+        return
+    server.api_servers = ApiServers(model, engine_config or EngineConfig(), server_config, log_level)
+    server.run(sockets=[server.config.bind_socket()])
