@@ -425,9 +425,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.api_server_count < 1:
         raise SystemExit(f"error: --api-server-count must be >= 1, got {args.api_server_count}")
     if args.api_server_count > 1 and (args.engine_process is False or args.rope_scaling is not None):
-        raise SystemExit("error: --api-server-count > 1 needs the engine in its own process, which the server "
-                         "processes share; " + ("--no-engine-process" if args.engine_process is False else
-                                                "--rope-scaling (it loads the model here)") + " runs it on a thread here")
+        thread = "--no-engine-process" if args.engine_process is False else "--rope-scaling (it loads the model here)"
+        raise SystemExit(f"error: --api-server-count > 1 needs the engine in its own process, which the server "
+                         f"processes share; {thread} runs it on a thread here")
     _structured_outputs_config(args)
     _check_task(args)
     _log_to_stderr(args.log_level)

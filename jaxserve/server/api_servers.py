@@ -59,7 +59,7 @@ class ApiServers:
     """The main server process's workers (``ServerConfig.api_server_count`` - 1 of them).
 
     Example:
-        >>> workers = ApiServers("/models/qwen", EngineConfig(), ServerConfig(api_server_count=2), "info")  # doctest: +SKIP
+        >>> workers = ApiServers("/models/qwen", EngineConfig(), ServerConfig(api_server_count=2))  # doctest: +SKIP
         >>> workers.start(engine, sock)       # doctest: +SKIP
         >>> await workers.stop(drain_s=5.0)   # doctest: +SKIP
     """

@@ -567,7 +567,9 @@ def create_app(model: LoadedModel | str | os.PathLike | None, engine_config: Eng
         """SGLang's: end the ``/generate`` requests whose rid starts with ``rid`` now (SGLang's scheduler matches
         the prefix: a batch's ``rid_0``, ``rid_1``, ... by the batch's ``rid``; each answer, streamed or not, ends with
         finish reason ``abort``; its pages are freed), or with ``abort_all`` every request the server runs. 200 with
-        an empty body either way, an unknown or finished rid included, as SGLang answers."""
+        an empty body either way, an unknown or finished rid included, as SGLang answers. With ``api_server_count`` >
+        1 a rid reaches only the requests of the process that answers this call (each keeps its own rids); abort_all
+        reaches every process's."""
         st, req = await _accept_plain(request, AbortRequest)
         if req.abort_all:
             st.engine.abort_all()
