@@ -41,16 +41,18 @@ def expected(tiny_checkpoint):
         return [r["token_ids"] for r in engine.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0))]
 
 
-def engine_stats(live) -> dict:
-    async def settled(engine):
-        for _ in range(100):  # an abort is a command the child runs between steps
-            await engine.clear_prefix_cache()
-            stats = await engine.stats()
-            if stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0:
-                break
-            await asyncio.sleep(0.05)
-        return stats
+async def settled(engine) -> dict:
+    """The engine's stats once nothing runs or waits and no page is used (the prefix cache dropped), or after 5 s."""
+    for _ in range(100):  # an abort is a command the child runs between steps
+        await engine.clear_prefix_cache()
+        stats = await engine.stats()
+        if stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    return stats
 
+
+def engine_stats(live) -> dict:
     return live.engine_call(settled)
 
 
@@ -372,15 +374,6 @@ def test_clients_of_one_engine_process_get_their_own_chunks(tiny_checkpoint):
     greedy = SamplingParams(max_tokens=6, temperature=0)
     long = SamplingParams(max_tokens=200, ignore_eos=True)
 
-    async def settled() -> dict:
-        for _ in range(200):
-            await owner.clear_prefix_cache()
-            stats = await owner.stats()
-            if stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0:
-                break
-            await asyncio.sleep(0.05)
-        return stats
-
     async def run():
         prompts = [[5, 6, 7], [8, 9, 10], [11, 12]]
         together = await asyncio.gather(*(c.generate_async(p, greedy, f"mine-{i}") for i, (c, p) in
@@ -406,7 +399,7 @@ def test_clients_of_one_engine_process_get_their_own_chunks(tiny_checkpoint):
         with pytest.raises(EngineDeadError):  # its own pipe's end: the child dropped it
             async for _ in theirs:
                 pass
-        stats = await settled()
+        stats = await settled(owner)
         assert stats["pages_used"] == 0 and stats["running"] == 0 and stats["api_servers"] == 2, stats
         assert stats["api_server_requests"] == [5, 2, 1]
         # Every finished request reached every client's metrics while it was there (the refused add never ran).
