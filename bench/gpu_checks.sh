@@ -487,6 +487,8 @@
 #               --threads, the 0.5B shape at the serving buckets, greedy + sampling steps), each a fresh process, then
 #               generate twice (compiles left, tokens/s); then proc73a's engine-process arm at a token an event with
 #               the served engine at INFO (the step shapes the 512-request burst missed are logged; ~520 s)
+#   api74       session 74: warm74's warm-up A/B on the greedy steps alone (both arms within the call), then proc73a's
+#               engine-process arm at a token an event with --api-server-count 1 and 4 (each <= 140 s; ~480 s)
 #   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -1445,6 +1447,13 @@ for part in "${parts[@]}"; do
               --batch-buckets 1 8 64 256 --max-running 256 --max-tokens-per-step 2048 --num-pages 16384 \
               --decode-steps 8 --prompts 256 --max-tokens 64; done
             STREAM_AB_ARGS="--warmup 512 --engine-process" stream_ab 150 512 256 1 ;;
+    api74) python3 -c "from bench.serving import make_random_checkpoint as m; m('qwen2.5-0.5b', '/tmp/q05')" \
+              || continue
+           timeout 170 python3 bench/warmup.py --model /tmp/q05 --threads 8 1 --greedy-only --batch-buckets 1 8 64 256 \
+             --max-running 256 --max-tokens-per-step 2048 --num-pages 16384 --decode-steps 8 --prompts 256 \
+             --max-tokens 64
+           for n in 1 4; do STREAM_AB_ARGS="--warmup 512 --engine-process --api-server-count $n" \
+             stream_ab 140 512 256 1; done ;;
     proc73a|proc73b) interval=$([ "$part" = proc73a ] && echo 1 || echo 8)
             for round in 1 2; do for mode in --engine-process --no-engine-process; do
               STREAM_AB_ARGS="--warmup 512 $mode" stream_ab 150 512 256 "$interval"; done; done ;;

@@ -318,7 +318,7 @@ def server_config(args: argparse.Namespace):
     # drain_s=0: a stopped benchmark server has nothing worth finishing.
     return ServerConfig(model_name="bench", max_tokens_limit=max(4096, 2 * args.output_len), drain_s=0.0,
                         stream_interval=args.stream_interval, warmup=args.server_warmup,
-                        engine_process=args.engine_process)
+                        engine_process=args.engine_process, api_server_count=args.api_server_count)
 
 
 def _use_compilation_cache(folder: str) -> None:
@@ -355,15 +355,21 @@ def child_pids(pid: int) -> list[int]:
 
 
 def server_cpu(server: Any) -> dict[str, float]:
-    """CPU seconds so far of the server's process and of its engine process (where there is one); empty for a
-    server inside this process."""
+    """CPU seconds so far of the server's process (``server``), of each of its other HTTP processes (``http <pid>``:
+    ``--api-server-count``'s workers) and of its engine process (``engine``, where there is one); empty for a server
+    inside this process."""
     proc = getattr(server, "proc", None)
     if proc is None or not os.path.isdir("/proc"):
         return {}
     out = {"server": process_cpu(proc.pid)}
-    children = child_pids(proc.pid)
-    if children:
-        out["engine"] = sum(process_cpu(c) for c in children)
+    for child in child_pids(proc.pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                worker = b"jaxserve.server.api_servers" in f.read()
+        except OSError:
+            continue
+        key = f"http {child}" if worker else "engine"
+        out[key] = out.get(key, 0.0) + process_cpu(child)
     return out
 
 
@@ -620,8 +626,12 @@ def run_served(args: argparse.Namespace, prefix_caching: bool, vocab: int) -> tu
         row["client_procs"] = procs
         # Near 1, that process's Python bounds the rate: the HTTP side's (with the engine on its thread, both sides')
         # or the engine process's.
-        for side in cpu_after:
-            row[f"{side}_cpu_share"] = (cpu_after[side] - cpu_before.get(side, 0.0)) / duration
+        shares = {side: (cpu_after[side] - cpu_before.get(side, 0.0)) / duration for side in cpu_after}
+        http = [v for side, v in shares.items() if side == "server" or side.startswith("http ")]
+        if http:  # with --api-server-count N: the busiest of the N HTTP processes, and all of them together
+            row["server_cpu_share"], row["http_cpu_share"] = max(http), sum(http)
+        if "engine" in shares:
+            row["engine_cpu_share"] = shares["engine"]
     return row, server.device
 
 
@@ -642,7 +652,8 @@ COLUMNS = [("prefix_caching", "prefix cache"), ("success_rate", "success"), ("re
            ("preemptions", "preemptions"), ("prefill_call_s", "prefill calls s"),
            ("decode_call_s", "decode calls s"), ("host_s", "engine host s"), ("prefix_index_s", "of which index s"),
            ("client_procs", "client processes"), ("client_cpu_share", "client CPU / run (busiest)"),
-           ("server_cpu_share", "server process CPU / run"), ("engine_cpu_share", "engine process CPU / run")]
+           ("server_cpu_share", "server process CPU / run (busiest)"), ("http_cpu_share", "all server processes CPU"),
+           ("engine_cpu_share", "engine process CPU / run")]
 
 
 def client_procs(args: argparse.Namespace) -> int:
@@ -771,6 +782,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="the server's engine in a process of its own (the server's default; --no-engine-process: "
                         "the engine thread, `jaxserve serve --no-engine-process`)")
+    e.add_argument("--api-server-count", type=int, default=1,
+                   help="HTTP server processes over the one engine process (jaxserve serve --api-server-count)")
     e.add_argument("--compilation-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "jaxserve-bench-xla"),
                    help="persistent XLA compilation cache folder ('' to disable)")
     e.add_argument("--num-pages", type=int, default=None)
