@@ -489,6 +489,9 @@
 #               the served engine at INFO (the step shapes the 512-request burst missed are logged; ~520 s)
 #   api74       session 74: warm74's warm-up A/B on the greedy steps alone (both arms within the call), then proc73a's
 #               engine-process arm at a token an event with --api-server-count 1 and 4 (each <= 140 s; ~480 s)
+#   swarm74     session 74: the server's whole warm-up (--server-warmup: every step shape, log-probability variants
+#               too) with its compiles on 8 threads (JAXSERVE_COMPILE_THREADS), session 73's call 3 that did not finish
+#               its warm-up in 280 s one compile after another; then its measured run free of compiles (<= 400 s)
 #   fp8test_52  session 52: the fp8 skinny matmul's compiled tests alone (fp8_51's first command; ~60 s?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -1454,6 +1457,8 @@ for part in "${parts[@]}"; do
              --max-tokens 64
            for n in 1 4; do STREAM_AB_ARGS="--warmup 512 --engine-process --api-server-count $n" \
              stream_ab 140 512 256 1; done ;;
+    swarm74) JAXSERVE_COMPILE_THREADS=8 STREAM_AB_ARGS="--server-warmup --warmup 64 --engine-process" \
+               stream_ab 400 512 256 1 ;;
     proc73a|proc73b) interval=$([ "$part" = proc73a ] && echo 1 || echo 8)
             for round in 1 2; do for mode in --engine-process --no-engine-process; do
               STREAM_AB_ARGS="--warmup 512 $mode" stream_ab 150 512 256 "$interval"; done; done ;;

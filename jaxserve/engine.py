@@ -157,6 +157,11 @@ CHAIN_PAST_FINISHES = os.environ.get("JAXSERVE_CHAIN_PAST_FINISHES", "1") == "1"
 # session 55 (bench/results/policies_h200.md, 96 requests at 64/s): TTFT p50 203 -> 5.6 ms, 1,530 -> 1,812 tokens/s.
 # JAXSERVE_PREFILL_BEHIND_DECODE=0 turns it off.
 PREFILL_BEHIND_DECODE = os.environ.get("JAXSERVE_PREFILL_BEHIND_DECODE", "1") == "1"
+# `Engine.warmup`'s default compile threads. A server's ~100 step shapes compiled one after the other took minutes on
+# an H100 (~3 s a shape; bench/results/serving_stream_h100.md, session 73), while XLA's compile runs without the GIL;
+# on the 2-core CPU threads gained nothing (bench/warmup.py --threads, session 74), and the GPU run that decides the
+# default (gpu_checks.sh warm74) has not run. Read when the module loads.
+COMPILE_THREADS = int(os.environ.get("JAXSERVE_COMPILE_THREADS", "1"))
 
 
 @jax.jit
@@ -1612,16 +1617,18 @@ class Engine:
         with a `logit_bias`, `bad_words` or `logprob_token_ids` compile on first use. ``lora`` (default: where the
         engine serves adapters, ``max_loras`` > 0) also the steps of batches with adapter rows (`jaxserve.lora`),
         each shape once more. ``pooling=True`` also the prefills of embedding requests (`jaxserve.pooling`; greedy
-        rows, as an embedding's are); a classifier's warm-up compiles those alone. ``compile_threads``: compiles
-        run side by side on this many threads (default: one per two CPUs, at most 8; 1: one after the other), then
-        every shape runs once. Returns the number of shapes compiled.
+        rows, as an embedding's are); a classifier's warm-up compiles those alone. ``compile_threads`` > 1: XLA's
+        compiles run side by side on that many threads (`Runner.compiling_ahead`), then every shape runs once;
+        default ``$JAXSERVE_COMPILE_THREADS``, else 1 (one after the other: threads gain nothing on a 2-core CPU, and
+        on a GPU their speed, memory and XLA's autotuning beside other compiles are not measured yet). Returns the
+        number of shapes compiled.
 
         Example:
             >>> engine.warmup(logprobs=True)   # doctest: +SKIP
             96
         """
         self._check_awake()
-        threads = compile_threads if compile_threads is not None else min(8, max(1, (os.cpu_count() or 2) // 2))
+        threads = compile_threads if compile_threads is not None else COMPILE_THREADS
         if threads < 1:
             raise ValueError(f"compile_threads must be >= 1, got {threads}")
         self.runner.compiled_shapes.quiet = True

@@ -1,4 +1,4 @@
-"""``--api-server-count N``: N HTTP server processes on one listening socket, all over one engine process (vLLM's
+"""``--api-server-count N``: N HTTP server processes on one port, all over one engine process (vLLM's
 API server scale-out).
 
 Why: with the engine in its own process, streamed serving at many requests is bound by the one server process's
@@ -8,8 +8,9 @@ the engine's 0.82; bench/results/serving_stream_h100.md, session 73). More serve
 How: the main process (`serve`) binds the socket, starts the engine process with N clients
 (`EngineProcess(..., clients=N)`) and, once its app is up, N - 1 workers (`ApiServers.start`): fresh interpreters
 that inherit the socket and one client's pipes, build the same app over the attached engine
-(`create_app(..., attach=...)`: no weights, JAX kept off the accelerators) and serve the socket beside the main
-process, the kernel handing each connection to one of them. Each request's chunks go to the process that submitted
+(`create_app(..., attach=...)`: no weights, JAX kept off the accelerators) and serve the port beside the main
+process, each on a socket of its own in the port's SO_REUSEPORT group (`listening_socket`), the kernel handing each
+connection to one of them. Each request's chunks go to the process that submitted
 it; every finished request is counted by every process's /metrics. SIGTERM or SIGINT to the main process: the
 workers get SIGTERM and drain (``drain_s``), then the main process drains and stops the engine. A worker that dies is
 logged, and the engine aborts its requests; the others go on.
@@ -120,6 +121,52 @@ class ApiServers:
                     process.pid, code)
 
 
+def listening_socket(host: str, port: int, exclusive_check: bool = True) -> socket.socket:
+    """A TCP socket listening on ``host:port`` with SO_REUSEPORT where the OS has it: each server process then listens
+    on a socket of its own in the port's group and the kernel spreads new connections over them by a hash of each.
+    With one socket shared by every process the split is whichever accept loop wins (asyncio accepts all that wait,
+    up to the backlog, at one wake-up): in the tests 12 connections opened at once often went to one process.
+``exclusive_check`` (the main process's socket): refused (OSError) where another process listens on the port.
+
+    Example:
+        >>> sock = listening_socket("127.0.0.1", 0); sock.getsockname()[1] > 0
+        True
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if not exclusive_check:
+        return _bound(family, host, port, hasattr(socket, "SO_REUSEPORT"))
+    # First bound without SO_REUSEPORT, which fails while any other process listens there (another server started with
+    # this flag included: it would otherwise join the group and take a share of the connections).
+    probe = _bound(family, host, port, False)
+    port = probe.getsockname()[1]
+    probe.close()
+    return _bound(family, host, port, hasattr(socket, "SO_REUSEPORT"))
+
+
+def _bound(family: int, host: str, port: int, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's backlog
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _own_socket(inherited: socket.socket) -> socket.socket:
+    """A worker's socket: its own in the port's SO_REUSEPORT group (`listening_socket`), else the inherited one."""
+    if not hasattr(socket, "SO_REUSEPORT") or not inherited.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+        return inherited
+    own = listening_socket(*inherited.getsockname()[:2], exclusive_check=False)
+    inherited.close()  # this process's descriptor alone: the main process's socket goes on listening
+    return own
+
+
 def _worker_entry(setup: Connection, sock_fd: int, commands_fd: int, outputs_fd: int) -> None:
     """A worker's start (`start_interpreter`): the app over the attached engine, serving the inherited socket until
     SIGTERM (or its main process is gone)."""
@@ -140,7 +187,7 @@ def _worker_entry(setup: Connection, sock_fd: int, commands_fd: int, outputs_fd:
 
     app = create_app(args.model, args.engine_config, args.server_config,
                      attach=(commands_fd, outputs_fd, args.info))
-    build_server(app, log_level=args.log_level).run(sockets=[socket.socket(fileno=sock_fd)])
+    build_server(app, log_level=args.log_level).run(sockets=[_own_socket(socket.socket(fileno=sock_fd))])
 
 
 def _stop_without(parent: int) -> None:

@@ -54,7 +54,7 @@ from jaxserve.server.protocol import (AbortRequest, APIError, ChatRequest, Class
                                       DetokenizeRequest, EmbeddingRequest, GenerateRequest,
                                       LoadLoraRequest, RerankRequest, SamplingFields, Schema, ScoreRequest,
                                       TokenizeRequest, ToolCall, UnloadLoraRequest, bad_params)
-from jaxserve.server.api_servers import ApiServers
+from jaxserve.server.api_servers import ApiServers, listening_socket
 from jaxserve.server.reasoning import REASONING_PARSERS, THINK_END
 from jaxserve.server.responses import ChatFormat, CompletionFormat, GenerateFormat
 from jaxserve.server.responses_api import (ResponsesFormat, ResponsesRequest, ResponseStore, chat_body,
@@ -1883,4 +1883,4 @@ def serve(model: LoadedModel | str | os.PathLike | None, engine_config: EngineCo
         server.run()
         return
     server.api_servers = ApiServers(model, engine_config or EngineConfig(), server_config, log_level)
-    server.run(sockets=[server.config.bind_socket()])
+    server.run(sockets=[listening_socket(host, port)])
