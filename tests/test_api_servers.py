@@ -285,3 +285,22 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_listening_sockets_share_a_port_but_refuse_one_held_elsewhere():
+    from jaxserve.server.api_servers import listening_socket
+
+    main = listening_socket("127.0.0.1", 0)
+    port = main.getsockname()[1]
+    worker = listening_socket("127.0.0.1", port, exclusive_check=False)  # joins the main socket's group
+    try:
+        with pytest.raises(OSError):  # a second server on the port: refused, not a member of the group
+            listening_socket("127.0.0.1", port)
+    finally:
+        worker.close()
+        main.close()
+    with socket.socket() as other:  # a port another program listens on
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        with pytest.raises(OSError):
+            listening_socket("127.0.0.1", other.getsockname()[1])
