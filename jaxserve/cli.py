@@ -558,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "GIL, which bounds streamed serving at many requests; --no-engine-process: a thread of "
                           "the server's process")
     srv.add_argument("--api-server-count", type=int, default=1, metavar="N",
-                     help="N HTTP server processes on the one socket, over the one engine process (vLLM's; default 1): "
+                     help="N HTTP server processes on the one port, over the one engine process (vLLM's; default 1): "
                           "when one process's event loop bounds streamed serving. Needs the engine process; runtime "
                           "LoRA loading is refused")
     srv.add_argument("--warmup-structured", action="store_true",
