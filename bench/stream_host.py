@@ -27,7 +27,6 @@ import json
 import os
 import pstats
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -40,7 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.host_overhead import StubRunner  # noqa: E402
-from bench.serving import process_cpu  # noqa: E402
+from bench.serving import _free_port, process_cpu  # noqa: E402
 from jaxserve import EngineConfig  # noqa: E402
 from jaxserve.config import ModelConfig  # noqa: E402
 from jaxserve.loading import LoadedModel, load  # noqa: E402
@@ -307,12 +306,6 @@ async def measure(model: LoadedModel | str, args: argparse.Namespace, interval: 
                 gc_s=sum(gc_timer.seconds), gc_counts="/".join(map(str, gc_timer.counts)),
                 engine_host_s=stats["host_s"] - before["host_s"],
                 prefix_index_s=stats.get("prefix_index_s", 0.0) - before.get("prefix_index_s", 0.0))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -135,9 +135,9 @@ def main() -> None:
                 print(f"| {threads} | failed: {done.stderr.strip().splitlines()[-1:]} |", flush=True)
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"| {threads} | {r['warmup_s']:.1f} | {r['shapes']} | {r['warm_compiles']} ({r['warm_compile_s']:.0f}) "
-                  f"| {r['gen_s'][0]:.2f} / {r['gen_s'][1]:.2f} | {r['gen_compiles'][0]} / {r['gen_compiles'][1]} | "
-                  f"{r['tokens'] / r['gen_s'][1]:,.0f} |", flush=True)
+            print(f"| {threads} | {r['warmup_s']:.1f} | {r['shapes']} | {r['warm_compiles']} "
+                  f"({r['warm_compile_s']:.0f}) | {r['gen_s'][0]:.2f} / {r['gen_s'][1]:.2f} | "
+                  f"{r['gen_compiles'][0]} / {r['gen_compiles'][1]} | {r['tokens'] / r['gen_s'][1]:,.0f} |", flush=True)
         return
     cache = tempfile.mkdtemp(prefix="jaxserve-xla-")
     print("| run | engine s | warm-up s | shapes |\n|---|---|---|---|")

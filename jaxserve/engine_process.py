@@ -267,16 +267,17 @@ class _ChildLoop(EngineLoop):
                 continue
             live = {client.commands: client for client in self._clients if not client.gone}
             for conn in multiprocessing.connection.wait(list(live), self.idle_poll_s if block else 0):
-                client = live[conn]
-                try:
-                    while True:  # what this client sent so far, in its order
-                        self._pending.append((client, conn.recv()))
-                        if not conn.poll(0):
-                            break
-                except (EOFError, OSError):
-                    client.broken = True
+                self._take(live[conn])
             if not self._pending and not any(client.broken and not client.gone for client in self._clients):
                 return None
+
+    def _take(self, client: _Client) -> None:
+        """Queue what ``client`` has sent so far, in its order; a pipe that ended marks it broken."""
+        try:
+            while client.commands.poll(0):
+                self._pending.append((client, client.commands.recv()))
+        except (EOFError, OSError):
+            client.broken = True
 
     def _command(self, client: _Client, message: tuple) -> tuple | None:
         kind = message[0]
@@ -331,20 +332,13 @@ class _ChildLoop(EngineLoop):
 
     def _refuse_pending_calls(self) -> None:
         self._guides.shutdown(wait=True)
+        for client in self._clients:
+            if not (client.gone or client.broken):
+                self._take(client)
         for client, message in self._pending:
             if message[0] in ("add", "call", "guide"):
                 self._send(client, ("reply", message[1], None, EngineDeadError("the engine has stopped")))
         self._pending.clear()
-        for client in self._clients:
-            while not (client.gone or client.broken):
-                try:
-                    if not client.commands.poll(0):
-                        break
-                    message = client.commands.recv()
-                except (EOFError, OSError):
-                    break
-                if message[0] in ("add", "call", "guide"):
-                    self._send(client, ("reply", message[1], None, EngineDeadError("the engine has stopped")))
 
     # the calls a client may name (_CALLS)
     def _call_stats(self) -> dict[str, Any]:

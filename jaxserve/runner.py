@@ -255,8 +255,9 @@ class Runner:
         targets = None if prompt_targets is None else _int32(prompt_targets)[0]
         pool = None if pool_from is None else _int32(pool_from)[0]
         self.kv, out = self._run(
-            self.compiled.prefill, self._params(lora), self.kv, *_int32(tokens, q_start, lengths, block_tables), batch, *_int32(steps), counts,
-            seen, targets, pool, embeds, num_top=num_top, greedy=greedy, logprobs=logprobs, prompt_top=prompt)
+            self.compiled.prefill, self._params(lora), self.kv, *_int32(tokens, q_start, lengths, block_tables), batch,
+            *_int32(steps), counts, seen, targets, pool, embeds, num_top=num_top, greedy=greedy, logprobs=logprobs,
+            prompt_top=prompt)
         return out
 
     def verify(self, tokens: np.ndarray, q_start: np.ndarray, lengths: np.ndarray, block_tables: np.ndarray,
@@ -398,9 +399,10 @@ class Runner:
         masks, nxt, states, advance = (None,) * 4 if guides is None else (guides[0], guides[1],
                                                                          *_int32(guides[2], guides[3]))
         self.kv, out, last = self._run(
-            self.decode_fn(tokens.shape[0]), self._params(lora), self.kv, *_int32(tokens, positions, limits, block_tables), batch,
-            *_int32(steps), counts, seen, masks, nxt, states, advance, num_steps=num_steps, num_top=num_top,
-            penalties=penalties, greedy=greedy, logprobs=logprobs, live_rows=live_rows)
+            self.decode_fn(tokens.shape[0]), self._params(lora), self.kv,
+            *_int32(tokens, positions, limits, block_tables), batch, *_int32(steps), counts, seen, masks, nxt, states,
+            advance, num_steps=num_steps, num_top=num_top, penalties=penalties, greedy=greedy, logprobs=logprobs,
+            live_rows=live_rows)
         return (out, last) if return_last else out
 
 

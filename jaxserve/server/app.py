@@ -159,7 +159,7 @@ class ServerConfig:
     # With engine_process: "module:function" the child calls with its built engine before serving (a benchmark's
     # stub device, a test's fault); None in production.
     engine_setup: str | None = None
-    # vLLM's --api-server-count: this many HTTP server processes on one listening socket, all over the one engine
+    # vLLM's --api-server-count: this many HTTP server processes on one port, all over the one engine
     # process (`serve` starts the others: `jaxserve.server.api_servers`), when one process's event loop bounds streamed
     # serving. Needs the engine in its own process. Each process keeps its own /v1/responses store and /generate rids
     # (a previous_response_id or an /abort_request rid reaches only the process that served it); runtime LoRA
